@@ -1,0 +1,75 @@
+"""The forward contract between the engine and the decoder model.
+
+One engine step runs one model forward over the flattened tokens of many sequences:
+
+    logits = model(input_ids, meta, kv_caches)
+
+input_ids int64 [T]. Tokens are ordered: first ``num_decode`` decode tokens (one per
+decoding sequence), then the prefill chunks of ``P`` sequences back to back.
+kv_caches: one (k_cache, v_cache) pair per layer, each
+[num_blocks, block_size, num_kv_heads, head_dim] (the model's dtype), or None for a
+cache-less forward (all tokens are whole prompts: plain varlen causal attention).
+
+Each layer writes the new tokens' K/V into the cache (write_kv_cache with slot_mapping)
+before attending, so attention always reads the whole context from the cache:
+decode tokens through paged_decode_attention, prefill chunks through flash_attention with
+block_table (a chunk attends to its cached prefix, bottom-right causal).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class AttentionMetadata:
+    """Per-step batch description (all tensors on the model's device).
+
+    positions:            int64 [T], each token's position in its sequence.
+    slot_mapping:         int64 [T], cache slot of each token (-1 = padding, not written);
+                          None with kv_caches=None.
+    num_decode:           the first num_decode tokens are single decode tokens.
+    decode_block_table:   int32 [num_decode, max_blocks] (None when num_decode == 0).
+    decode_seq_lens:      int32 [num_decode], context length incl. the new token.
+    cu_seqlens_q:         int32 [P + 1] over the prefill tokens (offsets relative to
+                          token num_decode).
+    cu_seqlens_k:         int32 [P + 1], cumulative context lengths (cached prefix + chunk).
+    max_seqlen_q/k:       upper bounds of the prefill chunk / context lengths.
+    prefill_block_table:  int32 [P, max_blocks] (None for a cache-less forward).
+    logits_indices:       int64 [R], rows of the T tokens whose logits are returned
+                          (None = all T rows).
+    """
+
+    positions: Tensor
+    slot_mapping: Tensor | None = None
+    num_decode: int = 0
+    decode_block_table: Tensor | None = None
+    decode_seq_lens: Tensor | None = None
+    cu_seqlens_q: Tensor | None = None
+    cu_seqlens_k: Tensor | None = None
+    max_seqlen_q: int = 0
+    max_seqlen_k: int = 0
+    prefill_block_table: Tensor | None = None
+    logits_indices: Tensor | None = None
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.positions.shape[0])
+
+    @staticmethod
+    def for_prompts(lengths: list[int], device: torch.device | str = "cpu",
+                    last_only: bool = False) -> "AttentionMetadata":
+        """Cache-less metadata for whole prompts of the given lengths (tests, scoring)."""
+        cu = torch.zeros(len(lengths) + 1, dtype=torch.int32)
+        if lengths:
+            cu[1:] = torch.cumsum(torch.tensor(lengths, dtype=torch.int32), 0)
+        positions = torch.cat([torch.arange(n, dtype=torch.int64) for n in lengths]) \
+            if lengths else torch.zeros(0, dtype=torch.int64)
+        logits_indices = (cu[1:].long() - 1) if last_only else None
+        return AttentionMetadata(
+            positions=positions.to(device), cu_seqlens_q=cu.to(device),
+            cu_seqlens_k=cu.to(device), max_seqlen_q=max(lengths, default=0),
+            max_seqlen_k=max(lengths, default=0),
+            logits_indices=logits_indices.to(device) if logits_indices is not None else None)

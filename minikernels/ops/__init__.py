@@ -1,0 +1,25 @@
+"""minikernels ops: the public op contract (one module per op family).
+
+Each op is a torch.library custom op in namespace ``minikernels`` with a fake
+implementation (torch.compile, CUDA graphs and opcheck work). The plain-PyTorch spec of
+every op lives in :mod:`minikernels.ops.reference`.
+"""
+from . import reference
+from .activation import silu_and_mul
+from .attention import flash_attention
+from .int4 import int4_matmul
+from .kv_cache import paged_decode_attention, write_kv_cache
+from .norm import rms_norm
+from .rotary import build_rope_cache, rotary_embedding
+
+__all__ = [
+    "build_rope_cache",
+    "flash_attention",
+    "int4_matmul",
+    "paged_decode_attention",
+    "reference",
+    "rms_norm",
+    "rotary_embedding",
+    "silu_and_mul",
+    "write_kv_cache",
+]

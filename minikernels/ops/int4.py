@@ -1,0 +1,73 @@
+"""Op family: int4 weight-only matmul (W4A16). Op: ``minikernels::int4_matmul``.
+
+Weight layout: see :mod:`minikernels.ops.reference` (qweight int32 [N, K/8] packed along K,
+lowest nibble first; scales/zeros [N, K/G] fp16/bf16). Backends: reference; the Triton
+and CUDA kernels plug in here.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .. import backend as _backend
+from .._validation import HALF_DTYPES, check_last_dim_contiguous, check_shape, check_tensor
+from . import reference
+
+
+@torch.library.custom_op("minikernels::int4_matmul", mutates_args=())
+def _int4_matmul(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, group_size: int,
+                 bias: Tensor | None) -> Tensor:
+    _backend.resolve("int4_matmul", x.device)
+    return reference.int4_matmul(x, qweight, scales, zeros, group_size, bias)
+
+
+@_int4_matmul.register_fake
+def _(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, group_size: int,
+      bias: Tensor | None) -> Tensor:
+    return x.new_empty((x.shape[0], qweight.shape[0]))
+
+
+def check_int4_weight(qweight: Tensor, scales: Tensor, zeros: Tensor, group_size: int,
+                      device: torch.device | None = None) -> tuple[int, int, int]:
+    """Validate an int4 weight; returns (N, K, groups)."""
+    check_tensor("qweight", qweight, dtypes=(torch.int32,), ndim=2, device=device)
+    n, k = qweight.shape[0], qweight.shape[1] * 8
+    if not isinstance(group_size, int) or isinstance(group_size, bool):
+        raise TypeError(f"group_size must be an int, got {type(group_size).__name__}")
+    if group_size == -1:
+        groups = 1
+    elif group_size <= 0 or group_size % 8:
+        raise ValueError(f"group_size must be -1 (per channel) or a positive multiple of 8, "
+                         f"got {group_size}")
+    elif k % group_size:
+        raise ValueError(f"K ({k}) must be a multiple of group_size ({group_size})")
+    else:
+        groups = k // group_size
+    check_tensor("scales", scales, dtypes=HALF_DTYPES, ndim=2, device=qweight.device)
+    check_shape("scales", scales, [n, groups])
+    check_tensor("zeros", zeros, dtypes=(scales.dtype,), ndim=2, device=qweight.device)
+    check_shape("zeros", zeros, [n, groups])
+    return n, k, groups
+
+
+def int4_matmul(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, group_size: int,
+                bias: Tensor | None = None) -> Tensor:
+    """y = x @ W.T (+ bias) with W [N, K] stored as int4 (see module docstring).
+
+    x [..., K] fp16/bf16 (last dim contiguous); qweight int32 [N, K/8]; scales and zeros
+    [N, K/G] in x's dtype family (fp16 or bf16); group_size in {32, 64, 128, ...} or -1;
+    bias [N] or None. Returns [..., N] in x.dtype (fp32 accumulation). M = 0 rows is fine.
+    """
+    check_tensor("x", x, dtypes=HALF_DTYPES, min_ndim=1)
+    n, k, _ = check_int4_weight(qweight, scales, zeros, group_size, device=x.device)
+    if x.shape[-1] != k:
+        raise ValueError(f"x last dim ({x.shape[-1]}) must equal K = 8 * qweight.shape[1] ({k})")
+    if bias is not None:
+        check_tensor("bias", bias, dtypes=(x.dtype, scales.dtype, torch.float32), ndim=1,
+                     device=x.device)
+        check_shape("bias", bias, [n])
+    check_last_dim_contiguous("x", x)
+    x2 = x.reshape(-1, k)
+    y = torch.ops.minikernels.int4_matmul(x2, qweight.contiguous(), scales.contiguous(),
+                                          zeros.contiguous(), group_size, bias)
+    return y.view(*x.shape[:-1], n)

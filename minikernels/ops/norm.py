@@ -1,0 +1,92 @@
+"""Op family: RMSNorm, optionally fused with a residual add.
+
+Ops: ``minikernels::rms_norm`` and ``minikernels::fused_add_rms_norm``.
+Backends: reference, triton, cuda (csrc/rms_norm.cu; auto prefers it on CUDA).
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .. import backend as _backend
+from .._validation import (FLOAT_DTYPES, check_last_dim_contiguous, check_positive_float,
+                           check_same_dtype, check_shape, check_tensor)
+from . import _alloc, reference
+
+
+def _cuda_ok(x: Tensor, weight: Tensor) -> bool:
+    return x.dtype in (torch.float16, torch.bfloat16, torch.float32) and weight.dtype == x.dtype
+
+
+def _run_cuda(x: Tensor, weight: Tensor, eps: float,
+              residual: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    ext = _backend.cuda_extension()
+    n = x.shape[-1]
+    y = _alloc.empty(x.shape, x.dtype, x.device)
+    h = _alloc.empty(x.shape, x.dtype, x.device) if residual is not None else None
+    ext.rms_norm(y.view(-1, n), x.reshape(-1, n), weight, float(eps),
+                 residual.reshape(-1, n) if residual is not None else None,
+                 h.view(-1, n) if h is not None else None,
+                 torch.cuda.current_stream(x.device).cuda_stream)
+    return y, h
+
+
+@torch.library.custom_op("minikernels::rms_norm", mutates_args=())
+def _rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    which = _backend.resolve("rms_norm", x.device, cuda_ok=lambda: _cuda_ok(x, weight),
+                             prefer_cuda=True)
+    if which == "cuda":
+        return _run_cuda(x, weight, eps, None)[0]
+    if which == "triton":
+        from .triton import norm
+        return norm.rms_norm(x, weight, eps)
+    return reference.rms_norm(x, weight, eps).contiguous()
+
+
+@_rms_norm.register_fake
+def _(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device)
+
+
+@torch.library.custom_op("minikernels::fused_add_rms_norm", mutates_args=())
+def _fused_add_rms_norm(x: Tensor, residual: Tensor, weight: Tensor,
+                        eps: float) -> tuple[Tensor, Tensor]:
+    which = _backend.resolve("rms_norm", x.device, cuda_ok=lambda: _cuda_ok(x, weight),
+                             prefer_cuda=True)
+    if which == "cuda":
+        y, h = _run_cuda(x, weight, eps, residual)
+        return y, h  # type: ignore[return-value]
+    if which == "triton":
+        from .triton import norm
+        return norm.fused_add_rms_norm(x, residual, weight, eps)
+    y, h = reference.fused_add_rms_norm(x, residual, weight, eps)
+    return y.contiguous(), h.contiguous()
+
+
+@_fused_add_rms_norm.register_fake
+def _(x: Tensor, residual: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    return (torch.empty(x.shape, dtype=x.dtype, device=x.device),
+            torch.empty(x.shape, dtype=x.dtype, device=x.device))
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float = 1e-6,
+             residual: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor]:
+    """RMSNorm over the last dim, optionally after adding a residual.
+
+    x [..., H] fp16/bf16/fp32 (last dim contiguous); weight [H] (any float dtype);
+    residual: like x or None. Returns y [..., H] in x.dtype, or with a residual the pair
+    (rms_norm(x + residual), x + residual), the sum rounded to x.dtype (the next residual).
+    """
+    check_tensor("x", x, dtypes=FLOAT_DTYPES, min_ndim=1)
+    check_tensor("weight", weight, dtypes=FLOAT_DTYPES, ndim=1, device=x.device)
+    check_shape("weight", weight, [x.shape[-1]])
+    check_last_dim_contiguous("x", x)
+    weight = weight.contiguous()
+    eps = check_positive_float("eps", eps)
+    if residual is None:
+        return torch.ops.minikernels.rms_norm(x, weight, eps)
+    check_tensor("residual", residual, device=x.device)
+    check_same_dtype(("x", "residual"), (x, residual))
+    check_shape("residual", residual, list(x.shape))
+    check_last_dim_contiguous("residual", residual)
+    return torch.ops.minikernels.fused_add_rms_norm(x, residual, weight, eps)

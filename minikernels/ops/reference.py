@@ -1,0 +1,217 @@
+"""The spec: every minikernels op in plain PyTorch with fp32 math.
+
+Kernels are tested against these functions, and they are the CPU path (backend
+``reference``). Each returns a fresh tensor in the input's dtype (except where stated)
+and never mutates its inputs, except ``write_kv_cache`` which writes the caches.
+
+Layouts (FlashAttention / vLLM conventions):
+    varlen tokens      [total_tokens, heads, head_dim], int32 cu_seqlens [batch + 1]
+    paged KV cache     [num_blocks, block_size, kv_heads, head_dim]
+    block_table        int32 [batch, max_blocks_per_seq]
+    slot_mapping       slot = block * block_size + offset; -1 = skip
+    int4 weight        qweight int32 [N, K // 8]: nibble j (bits 4j..4j+3) of word w holds
+                       column k = 8 * w + j of W [N, K] as an unsigned 0..15 integer;
+                       scales, zeros [N, K // G] fp16/bf16 (zeros hold integer zero-points);
+                       W[n, k] = (q[n, k] - zeros[n, k // G]) * scales[n, k // G].
+                       group_size = -1 means one group per row (G = K).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+# --------------------------------------------------------------------------- norms
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """y = x / sqrt(mean(x^2, -1) + eps) * weight, over the last dim. x [..., H], weight [H]."""
+    xf = x.float()
+    inv = torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + eps)
+    return (xf * inv * weight.float()).to(x.dtype)
+
+
+def fused_add_rms_norm(x: Tensor, residual: Tensor, weight: Tensor,
+                       eps: float) -> tuple[Tensor, Tensor]:
+    """h = x + residual (rounded to x.dtype); returns (rms_norm(h), h)."""
+    h = (x.float() + residual.float()).to(x.dtype)
+    return rms_norm(h, weight, eps), h
+
+
+# ----------------------------------------------------------------------- activations
+
+
+def silu_and_mul(x: Tensor) -> Tensor:
+    """x [..., 2I] -> silu(x[..., :I]) * x[..., I:]  ([..., I])."""
+    d = x.shape[-1] // 2
+    xf = x.float()
+    return (torch.nn.functional.silu(xf[..., :d]) * xf[..., d:]).to(x.dtype)
+
+
+# ---------------------------------------------------------------------------- rotary
+
+
+def rotary_embedding(q: Tensor, k: Tensor, positions: Tensor,
+                     cos_sin_cache: Tensor) -> tuple[Tensor, Tensor]:
+    """Neox-style rotary embedding on the first ``rot_dim`` dims of each head.
+
+    q [..., Hq, D], k [..., Hkv, D], positions [...] (int32/int64, same leading shape),
+    cos_sin_cache [max_position, rot_dim] (first half cos, second half sin), rot_dim <= D, even.
+    For x = head[:rot_dim] split into halves (x1, x2) and (cos, sin) = cache[pos]:
+        out1 = x1 * cos - x2 * sin;  out2 = x2 * cos + x1 * sin;  head[rot_dim:] unchanged.
+    """
+    rot = cos_sin_cache.shape[-1]
+    half = rot // 2
+    cs = cos_sin_cache.float()[positions.long()]          # [..., rot]
+    cos = cs[..., :half].unsqueeze(-2)                     # [..., 1, half]
+    sin = cs[..., half:].unsqueeze(-2)
+
+    def apply(t: Tensor) -> Tensor:
+        tf = t.float()
+        x1, x2 = tf[..., :half], tf[..., half:rot]
+        out = tf.clone()
+        out[..., :half] = x1 * cos - x2 * sin
+        out[..., half:rot] = x2 * cos + x1 * sin
+        return out.to(t.dtype)
+
+    return apply(q), apply(k)
+
+
+# ------------------------------------------------------------------------------ int4
+
+
+def dequantize_int4(qweight: Tensor, scales: Tensor, zeros: Tensor, group_size: int) -> Tensor:
+    """Unpack the canonical int4 layout (module docstring) to W [N, K] in fp32."""
+    n, kw = qweight.shape
+    k = kw * 8
+    shifts = torch.arange(0, 32, 4, device=qweight.device, dtype=torch.int32)
+    q = (qweight.unsqueeze(-1) >> shifts) & 0xF                # [N, K/8, 8]
+    q = q.reshape(n, k).float()
+    g = k if group_size == -1 else group_size
+    s = scales.float().repeat_interleave(g, dim=1)[:, :k]
+    z = zeros.float().repeat_interleave(g, dim=1)[:, :k]
+    return (q - z) * s
+
+
+def int4_matmul(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, group_size: int,
+                bias: Tensor | None = None) -> Tensor:
+    """y = x @ W.T (+ bias): x [..., K] fp16/bf16 -> [..., N] in x.dtype, fp32 accumulation."""
+    w = dequantize_int4(qweight, scales, zeros, group_size)
+    y = x.float() @ w.t()
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype)
+
+
+# ------------------------------------------------------------------------- attention
+
+
+def _attend(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool, window_left: int,
+            softcap: float) -> tuple[Tensor, Tensor]:
+    """One sequence. q [Lq, Hq, D], k/v [Lk, Hkv, D] -> (out [Lq, Hq, D] fp32, lse [Hq, Lq]).
+
+    Query i sits at absolute position i + Lk - Lq (bottom-right alignment). It sees key j
+    when j <= i + Lk - Lq (causal) and j >= i + Lk - Lq - window_left (window_left >= 0).
+    A query that sees no key gets output 0 and lse -inf.
+    """
+    lq, hq, d = q.shape
+    lk, hkv, _ = k.shape
+    group = hq // hkv
+    qf = q.float().transpose(0, 1)                                   # [Hq, Lq, D]
+    kf = k.float().transpose(0, 1).repeat_interleave(group, dim=0)   # [Hq, Lk, D]
+    vf = v.float().transpose(0, 1).repeat_interleave(group, dim=0)
+    s = (qf @ kf.transpose(1, 2)) * scale                            # [Hq, Lq, Lk]
+    if softcap > 0:
+        s = softcap * torch.tanh(s / softcap)
+    qpos = torch.arange(lq, device=q.device).unsqueeze(1) + (lk - lq)
+    kpos = torch.arange(lk, device=q.device).unsqueeze(0)
+    visible = torch.ones(lq, lk, dtype=torch.bool, device=q.device)
+    if causal:
+        visible &= kpos <= qpos
+    if window_left >= 0:
+        visible &= kpos >= qpos - window_left
+    s = s.masked_fill(~visible, float("-inf"))
+    lse = torch.logsumexp(s, dim=-1)                                 # [Hq, Lq]
+    p = torch.exp(s - lse.unsqueeze(-1).clamp_min(-1e30))
+    p = torch.where(visible, p, torch.zeros((), device=q.device))
+    p = torch.nan_to_num(p, nan=0.0)
+    out = (p @ vf).transpose(0, 1)                                   # [Lq, Hq, D]
+    return out, lse
+
+
+def gather_paged(cache: Tensor, block_row: Tensor, length: int) -> Tensor:
+    """Read tokens 0..length-1 of one sequence from a paged cache -> [length, Hkv, D]."""
+    block_size = cache.shape[1]
+    pos = torch.arange(length, device=cache.device)
+    blocks = block_row.long()[pos // block_size]
+    return cache[blocks, pos % block_size]
+
+
+def flash_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
+                    max_seqlen_q: int, max_seqlen_k: int, causal: bool = True,
+                    softmax_scale: float | None = None, window_left: int = -1,
+                    softcap: float = 0.0, block_table: Tensor | None = None
+                    ) -> tuple[Tensor, Tensor]:
+    """Varlen attention -> (out [total_q, Hq, D] in q.dtype, lse [Hq, total_q] fp32).
+
+    Without block_table: k, v [total_k, Hkv, D] with sequence b at rows
+    cu_seqlens_k[b]:cu_seqlens_k[b+1]. With block_table [B, max_blocks]: k, v are paged
+    caches [num_blocks, block_size, Hkv, D] and sequence b's keys are its first
+    cu_seqlens_k[b+1] - cu_seqlens_k[b] cached tokens. max_seqlen_* are upper bounds only.
+    """
+    d = q.shape[-1]
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(d)
+    out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+    lse = torch.full((q.shape[1], q.shape[0]), float("-inf"), dtype=torch.float32,
+                     device=q.device)
+    cq = cu_seqlens_q.tolist()
+    ck = cu_seqlens_k.tolist()
+    for b in range(len(cq) - 1):
+        q0, q1 = cq[b], cq[b + 1]
+        lk = ck[b + 1] - ck[b]
+        if q1 == q0:
+            continue
+        if block_table is None:
+            kb, vb = k[ck[b]:ck[b + 1]], v[ck[b]:ck[b + 1]]
+        else:
+            kb = gather_paged(k, block_table[b], lk)
+            vb = gather_paged(v, block_table[b], lk)
+        o, l = _attend(q[q0:q1], kb, vb, scale, causal, window_left, softcap)
+        out[q0:q1] = o
+        lse[:, q0:q1] = l
+    return out.to(q.dtype), lse
+
+
+# -------------------------------------------------------------------------- paged KV
+
+
+def write_kv_cache(k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor,
+                   slot_mapping: Tensor) -> None:
+    """k_cache.view(-1, Hkv, D)[slot] = k[t] for each token t with slot_mapping[t] >= 0."""
+    keep = slot_mapping >= 0
+    slots = slot_mapping[keep].long()
+    hkv, d = k_cache.shape[2], k_cache.shape[3]
+    k_cache.view(-1, hkv, d)[slots] = k[keep].to(k_cache.dtype)
+    v_cache.view(-1, hkv, d)[slots] = v[keep].to(v_cache.dtype)
+
+
+def paged_decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_table: Tensor,
+                           seq_lens: Tensor, softmax_scale: float | None = None,
+                           window_left: int = -1, softcap: float = 0.0) -> Tensor:
+    """One new query per sequence over its paged context -> [B, Hq, D] in q.dtype.
+
+    q [B, Hq, D]; sequence b attends to its cached tokens 0..seq_lens[b]-1 (its own new
+    token included: the engine writes it first). seq_lens[b] == 0 gives zeros.
+    """
+    b, hq, d = q.shape
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(d)
+    out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+    for i, length in enumerate(seq_lens.tolist()):
+        if length == 0:
+            continue
+        kb = gather_paged(k_cache, block_table[i], length)
+        vb = gather_paged(v_cache, block_table[i], length)
+        o, _ = _attend(q[i:i + 1], kb, vb, scale, True, window_left, softcap)
+        out[i] = o[0]
+    return out.to(q.dtype)

@@ -1,0 +1,54 @@
+"""Registry of every Triton kernel with representative compile signatures.
+
+Each kernel module calls :func:`register` at import. Tests compile every entry ahead of
+time for sm_80 and sm_90a (``triton.compile`` with a ``GPUTarget``), with no GPU present,
+and check for register spills and, for tensor-core kernels, ``wgmma`` on sm_90a.
+"""
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class KernelSpec:
+    """One kernel configuration to compile ahead of time.
+
+    name:        unique, e.g. "rms_norm[bf16,H=4096]".
+    fn:          the @triton.jit function.
+    signature:   argument name -> Triton type ("*fp16", "i32", "fp32", "constexpr", ...).
+    constexprs:  values of the constexpr arguments.
+    tensor_core: the kernel uses tl.dot; its sm_90a PTX must contain wgmma
+                 (unless wgmma_expected is False, e.g. for tiny-M GEMV tiles).
+    """
+
+    name: str
+    fn: Any
+    signature: dict[str, str]
+    constexprs: dict[str, Any] = field(default_factory=dict)
+    num_warps: int = 4
+    num_stages: int = 3
+    tensor_core: bool = False
+    wgmma_expected: bool = True
+
+
+_REGISTRY: dict[str, KernelSpec] = {}
+
+
+def register(spec: KernelSpec) -> KernelSpec:
+    if spec.name in _REGISTRY:
+        raise ValueError(f"kernel spec {spec.name!r} registered twice")
+    _REGISTRY[spec.name] = spec
+    return spec
+
+
+def all_kernels() -> list[KernelSpec]:
+    """Import every kernel module in this package and return all registered specs."""
+    import minikernels.ops.triton as pkg
+
+    for info in pkgutil.iter_modules(pkg.__path__):
+        if info.name != "registry":
+            importlib.import_module(f"{pkg.__name__}.{info.name}")
+    return list(_REGISTRY.values())

@@ -1,0 +1,59 @@
+"""Build script: pure Python always; the CUDA extension ``minikernels._C`` when possible.
+
+MINIKERNELS_BUILD_CUDA=0 skips the extension, =1 forces it (and fails loudly if it
+cannot be built), unset builds it only when an importable CUDA build of torch and
+nvcc (CUDA_HOME) are present. Archs come from TORCH_CUDA_ARCH_LIST (default "8.0;9.0a").
+With a CPU-only torch, or inside pip's isolated build env (torch absent), the build
+prints one line saying the extension was skipped.
+"""
+from __future__ import annotations
+
+import glob
+import os
+import sys
+
+from setuptools import setup
+
+
+def _skip(reason: str) -> dict:
+    print(f"minikernels: CUDA extension skipped ({reason}); Triton and reference backends only.",
+          file=sys.stderr)
+    return {}
+
+
+def _cuda_extension_kwargs() -> dict:
+    flag = os.environ.get("MINIKERNELS_BUILD_CUDA", "").strip()
+    if flag == "0":
+        return _skip("MINIKERNELS_BUILD_CUDA=0")
+    try:
+        import torch
+        from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CUDAExtension
+    except ImportError as exc:
+        if flag == "1":
+            raise RuntimeError("MINIKERNELS_BUILD_CUDA=1 but torch is not importable "
+                               "(build with --no-build-isolation)") from exc
+        return _skip("torch not importable in the build environment")
+    if torch.version.cuda is None or CUDA_HOME is None:
+        if flag == "1":
+            raise RuntimeError("MINIKERNELS_BUILD_CUDA=1 but torch has no CUDA "
+                               f"(torch.version.cuda={torch.version.cuda}) or nvcc is missing "
+                               f"(CUDA_HOME={CUDA_HOME})")
+        return _skip("no CUDA build of torch or no nvcc")
+
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0a")
+    here = os.path.dirname(os.path.abspath(__file__))
+    sources = sorted(glob.glob(os.path.join("csrc", "*.cu"))) + ["csrc/bindings.cpp"]
+    ext = CUDAExtension(
+        name="minikernels._C",
+        sources=sources,
+        include_dirs=[os.path.join(here, "csrc")],
+        extra_compile_args={
+            "cxx": ["-O3", "-std=c++20"],
+            "nvcc": ["-O3", "-std=c++20", "--use_fast_math", "-lineinfo",
+                     "--expt-relaxed-constexpr"],
+        },
+    )
+    return {"ext_modules": [ext], "cmdclass": {"build_ext": BuildExtension}}
+
+
+setup(**_cuda_extension_kwargs())

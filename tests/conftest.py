@@ -1,0 +1,59 @@
+"""Shared test setup.
+
+- Without a CUDA device, Triton kernels run on CPU tensors under the Triton interpreter
+  (TRITON_INTERPRET=1 is set here, before anything imports triton).
+- ``device`` is "cuda" when a GPU is present, else "cpu": the same tests run on both.
+- Kernel outputs are poisoned (NaN-filled) before kernels write them.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+import torch  # noqa: E402
+
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+
+from hypothesis import HealthCheck, settings  # noqa: E402
+
+settings.register_profile(
+    "default", deadline=None, max_examples=12, derandomize=False,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture,
+                           HealthCheck.data_too_large])
+settings.register_profile(
+    "ci", deadline=None, max_examples=10, derandomize=True, print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture,
+                           HealthCheck.data_too_large])
+settings.load_profile("ci" if os.environ.get("CI") else
+                      os.environ.get("HYPOTHESIS_PROFILE", "default"))
+
+
+@pytest.fixture(scope="session")
+def device() -> str:
+    """Where kernel tests run: the GPU when present, else the CPU (Triton interpreter)."""
+    return "cuda" if HAS_CUDA else "cpu"
+
+
+@pytest.fixture(autouse=True)
+def _poison_outputs():
+    from minikernels.ops import _alloc
+
+    _alloc.set_poison(True)
+    yield
+    _alloc.set_poison(False)
+
+
+def kernel_backends() -> list:
+    """Backends to test kernels on: triton always (interpreter on CPU); cuda on a GPU."""
+    return ["triton", pytest.param("cuda", marks=pytest.mark.skipif(
+        not HAS_CUDA, reason="CUDA C++ kernels run only on a GPU"))]
+
+
+requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
