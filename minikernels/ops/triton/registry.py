@@ -49,6 +49,6 @@ def all_kernels() -> list[KernelSpec]:
     import minikernels.ops.triton as pkg
 
     for info in pkgutil.iter_modules(pkg.__path__):
-        if info.name != "registry":
+        if info.name not in ("registry", "aot"):
             importlib.import_module(f"{pkg.__name__}.{info.name}")
     return list(_REGISTRY.values())

@@ -1,0 +1,154 @@
+"""rms_norm, silu_and_mul and rotary_embedding kernels against the fp32 reference.
+
+On CPU the Triton kernels run under the interpreter; on a GPU the same tests run on cuda
+(plus the CUDA C++ rms_norm kernel).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import kernel_backends
+from helpers import DTYPES, assert_close
+from hypothesis import given
+from hypothesis import strategies as st
+
+import minikernels as mk
+from minikernels.ops import reference as ref
+
+ROWS = st.sampled_from([0, 1, 2, 3, 7, 16])
+HIDDEN = st.sampled_from([1, 8, 33, 64, 100, 128, 257, 1000])
+dtypes = st.sampled_from(DTYPES)
+
+
+# ----------------------------------------------------------------------------- rms_norm
+@pytest.mark.parametrize("backend", kernel_backends())
+@given(rows=ROWS, hidden=HIDDEN, dtype=dtypes, with_residual=st.booleans(),
+       lead3d=st.booleans(), seed=st.integers(0, 2**31))
+def test_rms_norm_matches_reference(device, backend, rows, hidden, dtype, with_residual,
+                                    lead3d, seed):
+    g = torch.Generator().manual_seed(seed)
+    shape = (rows, 2, hidden) if lead3d else (rows, hidden)
+    x = torch.randn(shape, generator=g).to(device, dtype)
+    w = (torch.rand(hidden, generator=g) + 0.5).to(device, dtype)
+    r = torch.randn(shape, generator=g).to(device, dtype) if with_residual else None
+    with mk.use_backend(backend):
+        out = mk.ops.rms_norm(x, w, eps=1e-5, residual=r)
+    if r is None:
+        assert_close(out, ref.rms_norm(x, w, 1e-5))
+    else:
+        y_ref, h_ref = ref.fused_add_rms_norm(x, r, w, 1e-5)
+        assert_close(out[0], y_ref)
+        assert_close(out[1], h_ref, atol=0, rtol=0)  # the sum is rounded the same way
+
+
+@pytest.mark.parametrize("backend", kernel_backends())
+def test_rms_norm_long_rows_and_strided_input(device, backend):
+    # rows longer than the single-pass block stream in chunks; x rows strided (a view)
+    big = torch.randn(3, 2 * 9000, device=device, dtype=torch.float16)
+    x = big[:, :9000]
+    assert not x.is_contiguous()
+    w = torch.rand(9000, device=device, dtype=torch.float16) + 0.5
+    r = torch.randn(3, 9000, device=device, dtype=torch.float16)
+    with mk.use_backend(backend):
+        y = mk.ops.rms_norm(x, w)
+        y2, h = mk.ops.rms_norm(x, w, residual=r)
+    assert_close(y, ref.rms_norm(x, w, 1e-6))
+    y2_ref, h_ref = ref.fused_add_rms_norm(x, r, w, 1e-6)
+    assert_close(y2, y2_ref)
+    assert_close(h, h_ref)
+
+
+# -------------------------------------------------------------------------- silu_and_mul
+@given(rows=ROWS, inter=HIDDEN, dtype=dtypes, seed=st.integers(0, 2**31))
+def test_silu_and_mul_matches_reference(device, rows, inter, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = (3 * torch.randn(rows, 2 * inter, generator=g)).to(device, dtype)
+    with mk.use_backend("triton"):
+        y = mk.ops.silu_and_mul(x)
+    assert y.shape == (rows, inter)
+    assert_close(y, ref.silu_and_mul(x))
+
+
+def test_silu_and_mul_strided_rows(device):
+    big = torch.randn(4, 3, 64, device=device, dtype=torch.bfloat16)
+    x = big[:, 1, :]  # rows strided by 192
+    with mk.use_backend("triton"):
+        assert_close(mk.ops.silu_and_mul(x), ref.silu_and_mul(x))
+
+
+# ---------------------------------------------------------------------------------- rotary
+HEAD_DIMS = st.sampled_from([(16, 16), (64, 64), (64, 32), (80, 80), (96, 64), (128, 128),
+                             (256, 256)])
+
+
+@given(tokens=st.sampled_from([0, 1, 3, 17]), heads=st.sampled_from([(1, 1), (4, 2), (8, 1),
+                                                                     (20, 4)]),
+       dims=HEAD_DIMS, dtype=dtypes, pos_dtype=st.sampled_from([torch.int32, torch.int64]),
+       seed=st.integers(0, 2**31))
+def test_rotary_matches_reference(device, tokens, heads, dims, dtype, pos_dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    (hq, hkv), (d, rot) = heads, dims
+    q = torch.randn(tokens, hq, d, generator=g).to(device, dtype)
+    k = torch.randn(tokens, hkv, d, generator=g).to(device, dtype)
+    cache = mk.ops.build_rope_cache(rot, 4096, base=10000.0).to(device)
+    pos = torch.randint(0, 4096, (tokens,), generator=g).to(device, pos_dtype)
+    with mk.use_backend("triton"):
+        qo, ko = mk.ops.rotary_embedding(q, k, pos, cache)
+    rq, rk = ref.rotary_embedding(q, k, pos, cache)
+    assert_close(qo, rq)
+    assert_close(ko, rk)
+
+
+def test_rotary_on_strided_views_of_fused_qkv(device):
+    # q and k are views into a fused qkv projection output: token stride != heads * D
+    t, hq, hkv, d = 5, 4, 2, 32
+    qkv = torch.randn(t, (hq + 2 * hkv) * d, device=device, dtype=torch.float16)
+    q = qkv[:, : hq * d].view(t, hq, d)
+    k = qkv[:, hq * d: (hq + hkv) * d].view(t, hkv, d)
+    pos = torch.arange(t, device=device)
+    cache = mk.ops.build_rope_cache(d, 64).to(device)
+    with mk.use_backend("triton"):
+        qo, ko = mk.ops.rotary_embedding(q, k, pos, cache)
+    rq, rk = ref.rotary_embedding(q, k, pos, cache)
+    assert_close(qo, rq)
+    assert_close(ko, rk)
+
+
+def test_rotary_batched_leading_dims():
+    q = torch.randn(2, 3, 4, 16)
+    k = torch.randn(2, 3, 2, 16)
+    pos = torch.arange(6).view(2, 3)
+    cache = mk.ops.build_rope_cache(16, 16)
+    qo, ko = mk.ops.rotary_embedding(q, k, pos, cache)
+    rq, rk = ref.rotary_embedding(q, k, pos, cache)
+    assert qo.shape == q.shape and ko.shape == k.shape
+    assert_close(qo, rq)
+    assert_close(ko, rk)
+
+
+def test_rotary_matches_transformers_llama3_scaling():
+    transformers = pytest.importorskip("transformers")
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
+
+    scaling = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+    cfg = transformers.LlamaConfig(hidden_size=256, num_attention_heads=4, rope_theta=500000.0,
+                                   rope_scaling=scaling, max_position_embeddings=131072)
+    rope = LlamaRotaryEmbedding(cfg)
+    pos = torch.tensor([[0, 1, 5, 1000, 9000, 70000]])
+    x = torch.randn(1, 6, 64)
+    cos, sin = rope(x, pos)
+    q = torch.randn(1, 4, 6, 64)
+    k = torch.randn(1, 2, 6, 64)
+    q_hf, k_hf = apply_rotary_pos_emb(q, k, cos, sin)
+    cache = mk.ops.build_rope_cache(64, 131072, base=500000.0, rope_scaling=scaling)
+    qo, ko = mk.ops.rotary_embedding(q[0].transpose(0, 1), k[0].transpose(0, 1), pos[0], cache)
+    torch.testing.assert_close(qo, q_hf[0].transpose(0, 1), atol=2e-4, rtol=1e-4)
+    torch.testing.assert_close(ko, k_hf[0].transpose(0, 1), atol=2e-4, rtol=1e-4)
+
+
+def test_build_rope_cache_rejects_unknown_scaling():
+    with pytest.raises(ValueError, match="rope_scaling"):
+        mk.ops.build_rope_cache(64, 128, rope_scaling={"rope_type": "yarn", "factor": 4.0})
+    with pytest.raises(ValueError, match="rotary_dim"):
+        mk.ops.build_rope_cache(63, 128)

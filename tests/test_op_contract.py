@@ -1,0 +1,189 @@
+"""The op contract: custom ops with fake impls (opcheck), torch.compile, backend selection,
+and clear errors for bad input."""
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+import minikernels as mk
+from minikernels import backend as mk_backend
+
+OPS_WITH_SAMPLES = {}
+
+
+def _samples(device: str):
+    """Small valid inputs for every public op (args for torch.ops.minikernels.*)."""
+    torch.manual_seed(0)
+    x = torch.randn(3, 64, device=device)
+    w = torch.rand(64, device=device) + 0.5
+    q = torch.randn(5, 4, 16, device=device)
+    k = torch.randn(5, 2, 16, device=device)
+    cache = mk.ops.build_rope_cache(16, 32).to(device)
+    pos = torch.tensor([0, 1, 2, 0, 1], device=device)
+    cu = torch.tensor([0, 3, 5], dtype=torch.int32, device=device)
+    kc = torch.randn(4, 8, 2, 16, device=device)
+    vc = torch.randn(4, 8, 2, 16, device=device)
+    bt = torch.tensor([[1, 3], [0, 2]], dtype=torch.int32, device=device)
+    sl = torch.tensor([9, 4], dtype=torch.int32, device=device)
+    slots = torch.tensor([0, 9, -1, 17, 30], device=device)
+    qw = torch.randint(-2**31, 2**31 - 1, (16, 8), dtype=torch.int32, device=device)
+    sc = (torch.rand(16, 2, device=device) / 10).half()
+    zr = torch.randint(0, 16, (16, 2), device=device).half()
+    xh = torch.randn(3, 64, device=device).half()
+    return {
+        "rms_norm": (x, w, 1e-6),
+        "fused_add_rms_norm": (x, torch.randn_like(x), w, 1e-6),
+        "silu_and_mul": (x,),
+        "rotary_embedding": (q, k, pos, cache),
+        "int4_matmul": (xh, qw, sc, zr, 32, None),
+        "flash_attention": (q, k, k.clone(), cu, cu, 3, 3, True, 0.25, -1, 0.0, None),
+        "write_kv_cache": (k, k.clone(), kc, vc, slots),
+        "paged_decode_attention": (q[:2], kc, vc, bt, sl, 0.25, -1, 0.0, 0),
+    }
+
+
+def test_every_op_has_samples():
+    registered = {name for name in dir(torch.ops.minikernels)
+                  if isinstance(getattr(torch.ops.minikernels, name),
+                                torch._ops.OpOverloadPacket)}
+    missing = registered - set(_samples("cpu"))
+    assert not missing, f"ops without opcheck samples: {missing}"
+
+
+@pytest.mark.parametrize("name", list(_samples("cpu")))
+def test_opcheck(name, device):
+    args = _samples(device)[name]
+    op = getattr(torch.ops.minikernels, name)
+    torch.library.opcheck(op, args)
+
+
+def test_torch_compile_fullgraph_over_ops():
+    def block(x, residual, w, q, k, pos, cache):
+        y, h = mk.ops.rms_norm(x, w, residual=residual)
+        gated = mk.ops.silu_and_mul(torch.cat([y, y], dim=-1))
+        q2, k2 = mk.ops.rotary_embedding(q, k, pos, cache)
+        return gated, h, q2, k2
+
+    torch._dynamo.reset()
+    compiled = torch.compile(block, fullgraph=True, backend="aot_eager")
+    args = (torch.randn(4, 32), torch.randn(4, 32), torch.rand(32) + 0.5, torch.randn(4, 2, 16),
+            torch.randn(4, 1, 16), torch.arange(4), mk.ops.build_rope_cache(16, 8))
+    for got, want in zip(compiled(*args), block(*args)):
+        torch.testing.assert_close(got, want)
+
+
+# -------------------------------------------------------------------- backend selection
+def test_use_backend_nests_and_restores(monkeypatch):
+    monkeypatch.delenv("MINIKERNELS_BACKEND", raising=False)
+    assert mk.current_backend() == "auto"
+    with mk.use_backend("reference"):
+        assert mk.current_backend() == "reference"
+        with mk.use_backend("triton"):
+            assert mk.current_backend() == "triton"
+        assert mk.current_backend() == "reference"
+    assert mk.current_backend() == "auto"
+
+
+def test_env_var_selects_backend(monkeypatch):
+    monkeypatch.setenv("MINIKERNELS_BACKEND", "reference")
+    assert mk.current_backend() == "reference"
+    monkeypatch.setenv("MINIKERNELS_BACKEND", "bogus")
+    with pytest.raises(ValueError, match="MINIKERNELS_BACKEND"):
+        mk.current_backend()
+
+
+def test_unknown_backend_name_is_rejected():
+    with pytest.raises(ValueError, match="unknown backend"):
+        with mk.use_backend("tpu"):
+            pass
+
+
+def test_auto_on_cpu_is_reference(monkeypatch):
+    monkeypatch.delenv("MINIKERNELS_BACKEND", raising=False)
+    assert mk_backend.resolve("rms_norm", torch.device("cpu")) == "reference"
+
+
+def test_cuda_backend_on_cpu_tensors_errors():
+    with mk.use_backend("cuda"), pytest.raises(RuntimeError, match="needs CUDA tensors"):
+        mk.ops.rms_norm(torch.randn(2, 8), torch.ones(8))
+
+
+def test_triton_on_cpu_without_interpreter_errors(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with mk.use_backend("triton"), pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
+        mk_backend.resolve("rms_norm", torch.device("cpu"))
+
+
+def test_missing_extension_falls_back_to_triton_with_one_log_line(monkeypatch, caplog):
+    monkeypatch.setattr(mk_backend, "_cuda_ext", None)
+    monkeypatch.setattr(mk_backend, "_logged", set())
+    monkeypatch.setattr(mk_backend, "triton_available", lambda: True)
+    dev = torch.device("cuda")
+    with caplog.at_level(logging.WARNING, logger="minikernels"), mk.use_backend("cuda"):
+        for _ in range(3):
+            assert mk_backend.resolve("rms_norm", dev, cuda_ok=True) == "triton"
+    lines = [r for r in caplog.records if "falling back to Triton" in r.getMessage()]
+    assert len(lines) == 1
+    with mk.use_backend("auto"):
+        assert mk_backend.resolve("rms_norm", dev, cuda_ok=True, prefer_cuda=True) == "triton"
+
+
+def test_auto_prefers_cuda_kernel_when_extension_present(monkeypatch):
+    monkeypatch.setattr(mk_backend, "_cuda_ext", object())
+    monkeypatch.setattr(mk_backend, "triton_available", lambda: True)
+    dev = torch.device("cuda")
+    with mk.use_backend("auto"):
+        assert mk_backend.resolve("int4_matmul", dev, cuda_ok=True, prefer_cuda=True) == "cuda"
+        assert mk_backend.resolve("int4_matmul", dev, cuda_ok=True, prefer_cuda=False) == "triton"
+        assert mk_backend.resolve("int4_matmul", dev, cuda_ok=False) == "triton"
+
+
+# ---------------------------------------------------------------------------- bad input
+def test_rms_norm_bad_inputs():
+    x = torch.randn(4, 16)
+    w = torch.ones(16)
+    with pytest.raises(TypeError, match="x must have dtype"):
+        mk.ops.rms_norm(x.int(), w)
+    with pytest.raises(TypeError, match="x must be a torch.Tensor"):
+        mk.ops.rms_norm([1.0, 2.0], w)
+    with pytest.raises(ValueError, match="weight must have shape"):
+        mk.ops.rms_norm(x, torch.ones(15))
+    with pytest.raises(ValueError, match="weight must be 1-D"):
+        mk.ops.rms_norm(x, torch.ones(1, 16))
+    with pytest.raises(ValueError, match="residual must have shape"):
+        mk.ops.rms_norm(x, w, residual=torch.randn(4, 15))
+    with pytest.raises(TypeError, match="residual must have the same dtype"):
+        mk.ops.rms_norm(x, w, residual=torch.randn(4, 16).half())
+    with pytest.raises(ValueError, match="x must be contiguous in its last dim"):
+        mk.ops.rms_norm(torch.randn(16, 4).t(), w)
+    with pytest.raises(ValueError, match="eps must be > 0"):
+        mk.ops.rms_norm(x, w, eps=-1.0)
+    with pytest.raises(ValueError, match="weight must be on meta"):
+        mk.ops.rms_norm(torch.randn(4, 16, device="meta"), w)
+
+
+def test_silu_and_mul_bad_inputs():
+    with pytest.raises(ValueError, match="even"):
+        mk.ops.silu_and_mul(torch.randn(2, 7))
+    with pytest.raises(TypeError, match="dtype"):
+        mk.ops.silu_and_mul(torch.ones(2, 8, dtype=torch.int64))
+
+
+def test_rotary_bad_inputs():
+    q, k = torch.randn(3, 4, 16), torch.randn(3, 2, 16)
+    cache = mk.ops.build_rope_cache(16, 8)
+    pos = torch.arange(3)
+    with pytest.raises(TypeError, match="positions must have dtype"):
+        mk.ops.rotary_embedding(q, k, pos.float(), cache)
+    with pytest.raises(ValueError, match="positions must have shape"):
+        mk.ops.rotary_embedding(q, k, torch.arange(4), cache)
+    with pytest.raises(ValueError, match="k must have shape"):
+        mk.ops.rotary_embedding(q, torch.randn(3, 2, 8), pos, cache)
+    with pytest.raises(TypeError, match="k must have dtype"):
+        mk.ops.rotary_embedding(q, k.half(), pos, cache)
+    with pytest.raises(ValueError, match="rot_dim"):
+        mk.ops.rotary_embedding(q, k, pos, mk.ops.build_rope_cache(32, 8))
+    with pytest.raises(ValueError, match=r"positions values must be in \[0, 8\)"):
+        mk.ops.rotary_embedding(q, k, torch.tensor([0, 1, 8]), cache)
