@@ -1,0 +1,133 @@
+"""`minikernels bench ops`: time every op on each backend of the present device.
+
+On a GPU: backends triton and cuda (where an op has a CUDA kernel) beside a plain-PyTorch
+peer, each as a fraction of the run's measured copy bandwidth (memory-bound ops) or bf16
+matmul ceiling (attention prefill, int4 GEMM). On the CPU: the reference backend on
+downsized shapes (a smoke run; CPU timings say nothing about GPU speed). Prints a table
+and writes bench/results/<device>/ops.{json,md}.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from . import benchmarking as B
+from . import ops
+from .backend import cuda_extension, use_backend
+
+
+@dataclass
+class Case:
+    op: str
+    shape: str
+    run: Callable[[], object]
+    nbytes: float
+    flops: float
+    backends: tuple[str, ...]
+    peer: Callable[[], object] | None = None
+
+
+def _cases(device: str, dtype: torch.dtype, small: bool) -> list[Case]:
+    s = 16 if small else 1
+    t, h, inter = 4096 // s, 4096 // s, 14336 // s
+    es = torch.finfo(dtype).bits // 8
+    x = torch.randn(t, h, device=device, dtype=dtype)
+    res = torch.randn_like(x)
+    w = torch.rand(h, device=device, dtype=dtype) + 0.5
+    gu = torch.randn(t, 2 * inter, device=device, dtype=dtype)
+    hq, hkv, d = 32 // (2 if small else 1), 8 // (2 if small else 1), 128
+    q = torch.randn(t, hq, d, device=device, dtype=dtype)
+    k = torch.randn(t, hkv, d, device=device, dtype=dtype)
+    pos = torch.arange(t, device=device)
+    cache = ops.build_rope_cache(d, t).to(device)
+    cases = [
+        Case("rms_norm+residual", f"{t}x{h}", lambda: ops.rms_norm(x, w, residual=res),
+             4 * t * h * es, 0, ("triton", "cuda"),
+             lambda: torch.nn.functional.rms_norm(x + res, (h,), w, 1e-6)),
+        Case("silu_and_mul", f"{t}x{2 * inter}", lambda: ops.silu_and_mul(gu),
+             3 * t * inter * es, 0, ("triton",),
+             lambda: torch.nn.functional.silu(gu[:, :inter]) * gu[:, inter:]),
+        Case("rotary_embedding", f"{t}tok {hq}/{hkv}h d{d}",
+             lambda: ops.rotary_embedding(q, k, pos, cache), 2 * t * (hq + hkv) * d * es, 0,
+             ("triton",)),
+    ]
+    n = k_dim = 4096 // s
+    from .ops.reference import dequantize_int4  # noqa: F401  (layout documented there)
+    qweight = torch.randint(-2**31, 2**31 - 1, (n, k_dim // 8), dtype=torch.int32, device=device)
+    scales = (torch.rand(n, k_dim // 128, device=device) / 50).to(dtype)
+    zeros = torch.full((n, k_dim // 128), 8.0, device=device, dtype=dtype)
+    wdense = torch.randn(n, k_dim, device=device, dtype=dtype)
+    for m in (1, 256 // s):
+        xm = torch.randn(m, k_dim, device=device, dtype=dtype)
+        cases.append(Case("int4_matmul g128", f"M={m} {n}x{k_dim}",
+                          lambda xm=xm: ops.int4_matmul(xm, qweight, scales, zeros, 128),
+                          n * k_dim / 2 + n * k_dim / 128 * 4 + m * (n + k_dim) * es,
+                          2 * m * n * k_dim, ("triton", "cuda"), lambda xm=xm: xm @ wdense.t()))
+    seq = 2048 // s
+    qa = torch.randn(seq, hq, d, device=device, dtype=dtype)
+    ka = torch.randn(seq, hkv, d, device=device, dtype=dtype)
+    cu = torch.tensor([0, seq], dtype=torch.int32, device=device)
+    cases.append(Case("flash_attention causal", f"1x{seq} {hq}/{hkv}h d{d}",
+                      lambda: ops.flash_attention(qa, ka, ka, cu, cu, seq, seq),
+                      3 * seq * (hq + 2 * hkv) * d * es, 2 * seq * seq * hq * d, ("triton",)))
+    bsz, ctx, bs = 64 // s, 2048 // s, 16
+    nblk = bsz * ctx // bs
+    kc = torch.randn(nblk, bs, hkv, d, device=device, dtype=dtype)
+    bt = torch.randperm(nblk, device=device).to(torch.int32).view(bsz, ctx // bs)
+    sl = torch.full((bsz,), ctx, dtype=torch.int32, device=device)
+    qd = torch.randn(bsz, hq, d, device=device, dtype=dtype)
+    cases.append(Case("paged_decode_attention", f"{bsz}x{ctx} {hq}/{hkv}h d{d}",
+                      lambda: ops.paged_decode_attention(qd, kc, kc, bt, sl),
+                      2 * bsz * ctx * hkv * d * es, 4 * bsz * ctx * hq * d, ("triton", "cuda")))
+    return cases
+
+
+def run(args: argparse.Namespace) -> int:
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = getattr(torch, args.dtype)
+    on_gpu = device.startswith("cuda")
+    ceil = B.ceilings(device)
+    rows = []
+    for case in _cases(device, dtype, small=not on_gpu):
+        if on_gpu:
+            have_cuda = cuda_extension() is not None
+            backends = [b for b in case.backends if b != "cuda" or have_cuda]
+        else:
+            backends = ["reference"]
+        runs = [(b, case.run) for b in backends]
+        if case.peer is not None and on_gpu:
+            runs.append(("torch", case.peer))
+        for name, fn in runs:
+            with use_backend(name if name != "torch" else "auto"):
+                sec = B.time_fn(fn, warmup=2 if on_gpu else 1, rep=args.rep if on_gpu else 3,
+                                device=device)
+            row = {"op": case.op, "shape": case.shape, "backend": name, "us": sec * 1e6,
+                   "GB/s": case.nbytes / sec / 1e9,
+                   "TFLOP/s": case.flops / sec / 1e12 if case.flops else None}
+            if ceil["copy_bytes_per_s"]:
+                row["frac_bw"] = case.nbytes / sec / ceil["copy_bytes_per_s"]
+                row["frac_mma"] = (case.flops / sec / ceil["bf16_matmul_flops"]
+                                   if case.flops else None)
+            rows.append(row)
+    cols = ["op", "shape", "backend", "us", "GB/s", "TFLOP/s", "frac_bw", "frac_mma"]
+    print(B.markdown_table(rows, [c for c in cols if any(c in r for r in rows)]))
+    if not args.no_write:
+        paths = B.write_results("ops", rows, {"ceilings": ceil, "dtype": args.dtype,
+                                              "downsized": not on_gpu},
+                                title="minikernels op benchmark", out_dir=args.out)
+        print(f"wrote {paths['json']} and {paths['md']}")
+    if not math.isfinite(sum(r["us"] for r in rows)):
+        return 1
+    return 0
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda if present)")
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
+    parser.add_argument("--rep", type=int, default=50, help="timed repetitions per case (GPU)")
+    parser.add_argument("--out", default=None, help="output folder (default bench/results/<dev>)")
+    parser.add_argument("--no-write", action="store_true", help="print only")
