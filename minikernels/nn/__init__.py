@@ -1,0 +1,1 @@
+from .layers import PagedAttention, RMSNorm, RotaryEmbedding  # noqa: F401  (models helper)

@@ -1,0 +1,204 @@
+"""The decoder: one implementation for Llama 2/3/3.x, Mistral, Qwen2/2.5 and Qwen3.
+
+    h = embed(ids)
+    for each layer:                      # pre-norm, residual fused into rms_norm
+        x, res = rms_norm(h, res)        # first layer: res = h
+        qkv = x @ Wqkv.T (+ b)           # fused q/k/v
+        q, k = [rms_norm per head]       # Qwen3 only
+        q, k = rotary(q, k, positions)
+        o = attention(q, k, v, meta, kv_cache) @ Wo.T
+        x, res = rms_norm(o, res)
+        h = silu_and_mul(x @ Wgate_up.T) @ Wdown.T
+    logits = rms_norm(h, res)[logits_indices] @ Wlm.T     (fp32)
+
+Forward contract: :class:`minikernels.models.AttentionMetadata`.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from .. import ops
+from ..nn.layers import PagedAttention, RMSNorm, RotaryEmbedding
+from .config import DecoderConfig
+from .linear import FusedLinear
+from .metadata import AttentionMetadata
+
+KVCache = tuple[Tensor, Tensor]
+
+
+class Attention(nn.Module):
+    def __init__(self, config: DecoderConfig, layer: int, rotary: RotaryEmbedding,
+                 dtype: torch.dtype, device: torch.device | str | None, dense: bool) -> None:
+        super().__init__()
+        c = config
+        self.num_heads, self.num_kv_heads, self.head_dim = c.num_heads, c.num_kv_heads, \
+            c.head_dim
+        self.q_size, self.kv_size = c.q_size, c.kv_size
+        self.qkv_proj = FusedLinear(c.hidden_size, [c.q_size, c.kv_size, c.kv_size],
+                                    bias=c.qkv_bias, dtype=dtype, device=device, dense=dense)
+        self.o_proj = FusedLinear(c.q_size, c.hidden_size, bias=c.o_bias, dtype=dtype,
+                                  device=device, dense=dense)
+        self.q_norm = self.k_norm = None
+        if c.qk_norm:
+            self.q_norm = RMSNorm(c.head_dim, c.rms_norm_eps, dtype=dtype, device=device)
+            self.k_norm = RMSNorm(c.head_dim, c.rms_norm_eps, dtype=dtype, device=device)
+        # Shared across layers; a plain attribute (not a submodule) so it is stored once.
+        self.__dict__["rotary"] = rotary
+        self.attn = PagedAttention(c.num_heads, c.num_kv_heads, c.head_dim,
+                                   window_left=c.window_left(layer))
+
+    def forward(self, x: Tensor, meta: AttentionMetadata, kv_cache: KVCache | None) -> Tensor:
+        t = x.shape[0]
+        qkv = self.qkv_proj(x)
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.reshape(t, self.num_heads, self.head_dim)
+        k = k.reshape(t, self.num_kv_heads, self.head_dim)
+        v = v.reshape(t, self.num_kv_heads, self.head_dim).contiguous()
+        if self.q_norm is not None:
+            q = self.q_norm(q.contiguous())
+            k = self.k_norm(k.contiguous())
+        q, k = self.rotary(q, k, meta.positions)
+        o = self.attn(q, k, v, meta, kv_cache)
+        return self.o_proj(o.reshape(t, self.q_size))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: DecoderConfig, dtype: torch.dtype,
+                 device: torch.device | str | None, dense: bool) -> None:
+        super().__init__()
+        c = config
+        self.gate_up_proj = FusedLinear(c.hidden_size, [c.intermediate_size] * 2,
+                                        bias=c.mlp_bias, dtype=dtype, device=device,
+                                        dense=dense)
+        self.down_proj = FusedLinear(c.intermediate_size, c.hidden_size, bias=c.mlp_bias,
+                                     dtype=dtype, device=device, dense=dense)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(ops.silu_and_mul(self.gate_up_proj(x)))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: DecoderConfig, layer: int, rotary: RotaryEmbedding,
+                 dtype: torch.dtype, device: torch.device | str | None, dense: bool) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype,
+                                       device=device)
+        self.self_attn = Attention(config, layer, rotary, dtype, device, dense)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps,
+                                                dtype=dtype, device=device)
+        self.mlp = MLP(config, dtype, device, dense)
+
+    def forward(self, h: Tensor, residual: Tensor | None, meta: AttentionMetadata,
+                kv_cache: KVCache | None) -> tuple[Tensor, Tensor]:
+        if residual is None:
+            residual = h
+            x = self.input_layernorm(h)
+        else:
+            x, residual = self.input_layernorm(h, residual)
+        x = self.self_attn(x, meta, kv_cache)
+        x, residual = self.post_attention_layernorm(x, residual)
+        return self.mlp(x), residual
+
+
+class CausalLM(nn.Module):
+    """Decoder-only LM on minikernels ops.
+
+    forward(input_ids int64 [T], meta: AttentionMetadata, kv_caches) -> logits fp32 [R, vocab]
+    for the rows meta.logits_indices (all T rows when None). kv_caches: one (k, v) cache
+    pair per layer from :meth:`allocate_kv_caches`, or None for a cache-less varlen prefill.
+
+    ``dense=False`` builds the linear layers without dense weights (GPTQ/AWQ loading fills
+    them with int4 parts).
+    """
+
+    def __init__(self, config: DecoderConfig, dtype: torch.dtype = torch.bfloat16,
+                 device: torch.device | str | None = None, dense: bool = True) -> None:
+        super().__init__()
+        self.config = config
+        device = torch.device(device) if device is not None else torch.device("cpu")
+        c = config
+        self.rotary = RotaryEmbedding(c.head_dim, c.max_position_embeddings, c.rope_theta,
+                                      c.rope_scaling, device=device)
+        self.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size, dtype=dtype,
+                                         device=device)
+        self.embed_tokens.weight.requires_grad_(False)
+        self.layers = nn.ModuleList(DecoderLayer(c, i, self.rotary, dtype, device, dense)
+                                    for i in range(c.num_layers))
+        self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps, dtype=dtype, device=device)
+        # lm_head stays dense unless quantized explicitly (lm_head opt-in).
+        self.lm_head = FusedLinear(c.hidden_size, c.vocab_size, dtype=dtype, device=device,
+                                   dense=not c.tie_word_embeddings)
+        if c.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self._dtype = dtype
+
+    # --------------------------------------------------------------- properties
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed_tokens.weight.device
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, input_ids: Tensor, meta: AttentionMetadata,
+                kv_caches: list[KVCache] | None = None) -> Tensor:
+        if input_ids.dim() != 1:
+            raise ValueError(f"input_ids must be 1-D [T] (flattened tokens), got shape "
+                             f"{list(input_ids.shape)}")
+        if meta.positions.shape != input_ids.shape:
+            raise ValueError(f"meta.positions must have shape {list(input_ids.shape)}, got "
+                             f"{list(meta.positions.shape)}")
+        if kv_caches is not None and len(kv_caches) != len(self.layers):
+            raise ValueError(f"kv_caches must hold one (k, v) pair per layer "
+                             f"({len(self.layers)}), got {len(kv_caches)}")
+        h = self.embed_tokens(input_ids)
+        residual: Tensor | None = None
+        for i, layer in enumerate(self.layers):
+            h, residual = layer(h, residual, meta, None if kv_caches is None else kv_caches[i])
+        if meta.logits_indices is not None:
+            h = h.index_select(0, meta.logits_indices)
+            residual = residual.index_select(0, meta.logits_indices) \
+                if residual is not None else None
+        h = self.norm(h) if residual is None else self.norm(h, residual)[0]
+        return self.lm_head(h).float()
+
+    # ----------------------------------------------------------------- KV cache
+    def kv_cache_shape(self, num_blocks: int, block_size: int) -> tuple[int, int, int, int]:
+        """Shape of one layer's K (or V) cache: [num_blocks, block_size, Hkv, head_dim]."""
+        return (int(num_blocks), int(block_size), self.config.num_kv_heads,
+                self.config.head_dim)
+
+    def allocate_kv_caches(self, num_blocks: int, block_size: int,
+                           dtype: torch.dtype | None = None) -> list[KVCache]:
+        """Zeroed (k_cache, v_cache) per layer on the model's device, in the model's dtype."""
+        if block_size < 8 or block_size > 256 or block_size & (block_size - 1):
+            raise ValueError(f"block_size must be a power of two in [8, 256], got {block_size}")
+        shape = self.kv_cache_shape(num_blocks, block_size)
+        dt = dtype or self.dtype
+        return [(torch.zeros(shape, dtype=dt, device=self.device),
+                 torch.zeros(shape, dtype=dt, device=self.device))
+                for _ in range(self.config.num_layers)]
+
+    def kv_bytes_per_token(self, dtype: torch.dtype | None = None) -> int:
+        """Bytes of K and V cache one token takes over all layers."""
+        elem = torch.empty((), dtype=dtype or self.dtype).element_size()
+        c = self.config
+        return 2 * c.num_layers * c.num_kv_heads * c.head_dim * elem
+
+    def weight_bytes(self) -> int:
+        """Bytes of all weights (tied embeddings counted once; the rope cache excluded)."""
+        seen: set[int] = set()
+        total = 0
+        for t in list(self.parameters()) + [b for n, b in self.named_buffers()
+                                            if not n.endswith("cos_sin_cache")]:
+            if t is None or id(t) in seen:
+                continue
+            seen.add(id(t))
+            total += t.numel() * t.element_size()
+        return total
+
+    def linear_layers(self) -> list[tuple[str, FusedLinear]]:
+        return [(n, m) for n, m in self.named_modules() if isinstance(m, FusedLinear)]

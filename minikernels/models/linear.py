@@ -1,0 +1,211 @@
+"""The decoder's linear layer: a dense weight or int4 weights, fused along the output dim.
+
+``FusedLinear(in_features, [n_q, n_k, n_v])`` holds one weight [sum(n), K] so q/k/v (and
+gate/up) run as one matmul; checkpoints load each part (shard) into its rows.
+
+Int4: :meth:`FusedLinear.quantize_` (RTN on load) or :meth:`set_int4_shard` (GPTQ/AWQ
+imports) replace the dense weight by int4 parts run through ``minikernels.ops.int4_matmul``.
+Parts with the same input permutation (GPTQ act-order) are merged into one matmul;
+otherwise each part runs on its own and the outputs are concatenated.
+
+An int4 weight is anything with ``qweight [N, K/8] int32, scales/zeros [N, K/G],
+group_size`` and optionally ``perm`` (int64 [K]: the stored column j multiplies input
+column perm[j]) — :class:`minikernels.quant.Int4Weight` and plain namespaces alike.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .. import ops
+
+
+def _perm_of(w: Any) -> Tensor | None:
+    for name in ("perm", "act_order_perm", "g_perm"):
+        p = getattr(w, name, None)
+        if p is not None:
+            return p
+    return None
+
+
+class Int4Part(nn.Module):
+    """One int4 matmul: y = x[..., perm] @ W.T with W [N, K] as int4 (see ops.reference)."""
+
+    def __init__(self, qweight: Tensor, scales: Tensor, zeros: Tensor, group_size: int,
+                 perm: Tensor | None = None) -> None:
+        super().__init__()
+        self.group_size = int(group_size)
+        self.register_buffer("qweight", qweight.contiguous())
+        self.register_buffer("scales", scales.contiguous())
+        self.register_buffer("zeros", zeros.contiguous())
+        self.register_buffer("perm", None if perm is None else perm.long().contiguous())
+
+    @property
+    def out_features(self) -> int:
+        return int(self.qweight.shape[0])
+
+    @property
+    def in_features(self) -> int:
+        return int(self.qweight.shape[1]) * 8
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.perm is not None:
+            x = x.index_select(-1, self.perm)
+        # int4_matmul takes fp16/bf16 activations; an fp32 model rounds them to the scales'
+        # dtype for the matmul (accumulation is fp32 either way).
+        xin = x if x.dtype in (torch.float16, torch.bfloat16) else x.to(self.scales.dtype)
+        y = ops.int4_matmul(xin.contiguous(), self.qweight, self.scales, self.zeros,
+                            self.group_size)
+        return y.to(x.dtype)
+
+    def dequantize(self) -> Tensor:
+        """W [N, K] fp32 in the input's column order (perm undone)."""
+        w = ops.reference.dequantize_int4(self.qweight, self.scales, self.zeros,
+                                          self.group_size)
+        if self.perm is None:
+            return w
+        out = torch.empty_like(w)
+        out[:, self.perm] = w
+        return out
+
+    def extra_repr(self) -> str:
+        return (f"in={self.in_features}, out={self.out_features}, group_size={self.group_size}, "
+                f"act_order={self.perm is not None}")
+
+
+class FusedLinear(nn.Module):
+    """y = x @ W.T (+ b), W [sum(output_sizes), in_features], dense or int4.
+
+    output_sizes: the parts fused along N (one entry for an ordinary linear).
+    """
+
+    def __init__(self, in_features: int, output_sizes: int | Sequence[int], bias: bool = False,
+                 dtype: torch.dtype | None = None, device: torch.device | str | None = None,
+                 dense: bool = True) -> None:
+        super().__init__()
+        self.in_features = int(in_features)
+        self.output_sizes = [int(output_sizes)] if isinstance(output_sizes, int) \
+            else [int(n) for n in output_sizes]
+        self.out_features = sum(self.output_sizes)
+        self.dtype = dtype
+        self.weight: nn.Parameter | None = None
+        if dense:
+            self.weight = nn.Parameter(torch.empty(self.out_features, self.in_features,
+                                                   dtype=dtype, device=device),
+                                       requires_grad=False)
+        self.bias = nn.Parameter(torch.zeros(self.out_features, dtype=dtype, device=device),
+                                 requires_grad=False) if bias else None
+        self.int4_parts = nn.ModuleList()
+        self._pending: dict[int, Any] = {}   # shard -> int4 weight, until all shards arrive
+
+    # ------------------------------------------------------------------ loading
+    def shard_rows(self, shard: int) -> tuple[int, int]:
+        if not 0 <= shard < len(self.output_sizes):
+            raise IndexError(f"shard {shard} out of range for {len(self.output_sizes)} parts")
+        start = sum(self.output_sizes[:shard])
+        return start, start + self.output_sizes[shard]
+
+    def load_shard(self, shard: int, name: str, tensor: Tensor) -> None:
+        """Copy a checkpoint tensor ('weight' [n, K] or 'bias' [n]) into part ``shard``."""
+        start, stop = self.shard_rows(shard)
+        if name == "weight":
+            if self.weight is None:
+                raise ValueError("this layer holds int4 weights; a dense weight cannot load")
+            expected = (stop - start, self.in_features)
+            dst = self.weight
+        elif name == "bias":
+            if self.bias is None:
+                raise ValueError("this layer has no bias")
+            expected = (stop - start,)
+            dst = self.bias
+        else:
+            raise ValueError(f"unknown linear tensor {name!r}")
+        if tuple(tensor.shape) != expected:
+            raise ValueError(f"shape mismatch: expected {list(expected)}, got "
+                             f"{list(tensor.shape)}")
+        with torch.no_grad():
+            dst[start:stop].copy_(tensor)
+
+    def set_int4_shard(self, shard: int, w: Any) -> None:
+        """Give part ``shard`` an int4 weight (GPTQ/AWQ import); merged once all parts have one."""
+        start, stop = self.shard_rows(shard)
+        n, k = int(w.qweight.shape[0]), int(w.qweight.shape[1]) * 8
+        if (n, k) != (stop - start, self.in_features):
+            raise ValueError(f"shape mismatch: int4 weight is [{n}, {k}], expected "
+                             f"[{stop - start}, {self.in_features}]")
+        self.weight = None
+        self._pending[shard] = w
+        if len(self._pending) == len(self.output_sizes):
+            self._merge_pending()
+
+    def _merge_pending(self) -> None:
+        parts = [self._pending[i] for i in range(len(self.output_sizes))]
+        self._pending = {}
+        self.int4_parts = nn.ModuleList()
+        groups: list[list[Any]] = []
+        for w in parts:  # merge neighbours with identical perm and group size
+            if groups:
+                prev = groups[-1][-1]
+                pa, pb = _perm_of(prev), _perm_of(w)
+                same_perm = (pa is None and pb is None) or (
+                    pa is not None and pb is not None and torch.equal(pa, pb))
+                if same_perm and int(prev.group_size) == int(w.group_size) and \
+                        prev.scales.dtype == w.scales.dtype:
+                    groups[-1].append(w)
+                    continue
+            groups.append([w])
+        for g in groups:
+            self.int4_parts.append(Int4Part(
+                torch.cat([w.qweight for w in g]), torch.cat([w.scales for w in g]),
+                torch.cat([w.zeros for w in g]), int(g[0].group_size), _perm_of(g[0])))
+
+    @property
+    def is_int4(self) -> bool:
+        return self.weight is None
+
+    @property
+    def is_ready(self) -> bool:
+        return self.weight is not None or (len(self.int4_parts) > 0 and not self._pending)
+
+    def quantize_(self, group_size: int = 128, symmetric: bool = False) -> None:
+        """Replace the dense weight by RTN int4 (minikernels.quant.quantize_int4)."""
+        if self.weight is None:
+            return
+        from ..quant import quantize_int4
+
+        w = quantize_int4(self.weight.data, group_size=group_size, symmetric=symmetric)
+        self.weight = None
+        self.int4_parts = nn.ModuleList([Int4Part(w.qweight, w.scales, w.zeros,
+                                                  int(w.group_size), _perm_of(w))])
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, x: Tensor) -> Tensor:
+        if self.weight is not None:
+            return nn.functional.linear(x, self.weight, self.bias)
+        if self._pending or not len(self.int4_parts):
+            raise RuntimeError("int4 linear is missing parts (checkpoint incomplete)")
+        if len(self.int4_parts) == 1:
+            y = self.int4_parts[0](x)
+        else:
+            y = torch.cat([p(x) for p in self.int4_parts], dim=-1)
+        if self.bias is not None:
+            y = y + self.bias
+        return y
+
+    def dense_weight(self) -> Tensor:
+        """W [N, K] (dequantized fp32 for int4): for tests and debugging."""
+        if self.weight is not None:
+            return self.weight.detach()
+        return torch.cat([p.dequantize() for p in self.int4_parts])
+
+    def weight_bytes(self) -> int:
+        total = sum(t.numel() * t.element_size() for t in self.buffers())
+        total += sum(p.numel() * p.element_size() for p in self.parameters())
+        return total
+
+    def extra_repr(self) -> str:
+        return (f"in={self.in_features}, out={self.output_sizes}, bias={self.bias is not None}, "
+                f"int4={self.is_int4}")

@@ -1,0 +1,447 @@
+"""load_model: a CausalLM from a local HF checkpoint directory or a built-in name.
+
+HF directory: config.json (+ generation_config.json), weights in ``model.safetensors`` or
+shards listed by ``model.safetensors.index.json`` (pickle ``*.bin`` only with
+allow_pickle=True). HF tensor names map onto the fused layers:
+
+    model.layers.{i}.self_attn.{q,k,v}_proj.*   -> layers.{i}.self_attn.qkv_proj  parts 0, 1, 2
+    model.layers.{i}.mlp.{gate,up}_proj.*       -> layers.{i}.mlp.gate_up_proj    parts 0, 1
+    everything else keeps its name without the ``model.`` prefix
+
+Quantization:
+    quantization=None     dense, unless config.json has a GPTQ/AWQ quantization_config
+                          (then its int4 weights load onto the int4 kernels)
+    quantization="int4"   RTN int4 (group 128, asymmetric) of every linear layer on load;
+                          lm_head too only with quantize_lm_head=True. A GPTQ/AWQ
+                          checkpoint loads as is.
+    "gptq" / "awq"        insist that the checkpoint is in that format.
+"""
+from __future__ import annotations
+
+import glob
+import json
+import logging
+import os
+import re
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .config import DecoderConfig, UnsupportedModelError, builtin_config, list_models
+from .decoder import CausalLM
+from .linear import FusedLinear
+
+logger = logging.getLogger("minikernels")
+
+_DTYPES = {
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+}
+QUANTIZATIONS = (None, "int4", "gptq", "awq")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory is unusable: missing files, tensors, or wrong shapes."""
+
+
+def parse_dtype(dtype: str | torch.dtype, config: DecoderConfig | None = None,
+                device: torch.device | None = None) -> torch.dtype:
+    """'bfloat16' | 'float16' | 'float32' (and short forms) | 'auto' | a torch.dtype."""
+    if isinstance(dtype, torch.dtype):
+        if dtype not in (torch.bfloat16, torch.float16, torch.float32):
+            raise ValueError(f"dtype must be bfloat16, float16 or float32, got {dtype}")
+        return dtype
+    key = str(dtype).lower().replace("torch.", "")
+    if key == "auto":
+        stored = _DTYPES.get(str(config.torch_dtype).lower().replace("torch.", "")) \
+            if config is not None and config.torch_dtype else None
+        if stored in (torch.bfloat16, torch.float16):
+            return stored
+        return torch.float32 if device is not None and device.type == "cpu" else torch.bfloat16
+    if key not in _DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; expected bfloat16, float16, float32 or auto")
+    return _DTYPES[key]
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+# --------------------------------------------------------------------- name mapping
+_LAYER_RE = re.compile(r"^layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.(\w+)$")
+_NORM_RE = re.compile(r"^layers\.(\d+)\.(input_layernorm|post_attention_layernorm)\.weight$")
+_SHARDS = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
+           "o_proj": ("o_proj", 0), "gate_proj": ("gate_up_proj", 0),
+           "up_proj": ("gate_up_proj", 1), "down_proj": ("down_proj", 0)}
+_QUANT_TENSORS = ("qweight", "qzeros", "scales", "g_idx")
+_IGNORED = re.compile(r"(rotary_emb\.inv_freq|\.bias_correction|\.wf_?\w*)$")
+
+
+def map_name(name: str) -> tuple[str, int | None, str] | None:
+    """HF tensor name -> (our module path, part index or None, tensor kind); None = unknown.
+
+    kind: 'weight' | 'bias' (dense) or 'qweight' | 'qzeros' | 'scales' | 'g_idx' (int4).
+    """
+    n = name[len("model."):] if name.startswith("model.") else name
+    if n in ("embed_tokens.weight", "norm.weight"):
+        return n.rsplit(".", 1)[0], None, "weight"
+    if name.startswith("lm_head."):
+        kind = name.split(".", 1)[1]
+        return "lm_head", 0, kind
+    m = _NORM_RE.match(n)
+    if m:
+        return f"layers.{m.group(1)}.{m.group(2)}", None, "weight"
+    m = _LAYER_RE.match(n)
+    if m:
+        layer, block, proj, kind = m.groups()
+        if proj in ("q_norm", "k_norm") and kind == "weight":
+            return f"layers.{layer}.self_attn.{proj}", None, "weight"
+        if proj in _SHARDS:
+            target, shard = _SHARDS[proj]
+            return f"layers.{layer}.{block}.{target}", shard, kind
+    return None
+
+
+# ------------------------------------------------------------------- checkpoint I/O
+def _read_json(path: str) -> dict[str, Any]:
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def checkpoint_files(model_dir: str, allow_pickle: bool = False) -> list[str]:
+    """The weight files of a HF directory, safetensors preferred."""
+    index = os.path.join(model_dir, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        weight_map = _read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise CheckpointError(f"{index} has no weight_map")
+        files = sorted(set(weight_map.values()))
+        missing = [f for f in files if not os.path.isfile(os.path.join(model_dir, f))]
+        if missing:
+            raise CheckpointError(f"shards listed in {index} are missing: {missing}")
+        return [os.path.join(model_dir, f) for f in files]
+    files = sorted(glob.glob(os.path.join(model_dir, "*.safetensors")))
+    if files:
+        return files
+    pickles = sorted(glob.glob(os.path.join(model_dir, "*.bin")) +
+                     glob.glob(os.path.join(model_dir, "*.pt")) +
+                     glob.glob(os.path.join(model_dir, "*.pth")))
+    if pickles:
+        if not allow_pickle:
+            raise CheckpointError(
+                f"{model_dir} holds only pickle weights ({os.path.basename(pickles[0])}, ...). "
+                "Pickle files can run arbitrary code when loaded; convert the checkpoint to "
+                "safetensors, or pass allow_pickle=True if you trust its source.")
+        return pickles
+    raise CheckpointError(f"no weights found in {model_dir} (expected model.safetensors, a "
+                          "model.safetensors.index.json with shards, or *.bin with "
+                          "allow_pickle=True)")
+
+
+def _iter_file(path: str) -> Iterator[tuple[str, Tensor]]:
+    if path.endswith(".safetensors"):
+        from safetensors import safe_open
+
+        with safe_open(path, framework="pt") as f:
+            for key in f.keys():
+                yield key, f.get_tensor(key)
+    else:
+        # weights_only: tensors and plain containers only, no arbitrary objects.
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        if not isinstance(state, dict):
+            raise CheckpointError(f"{path} does not hold a state dict")
+        yield from state.items()
+
+
+def _count_tensors(files: list[str]) -> int | None:
+    total = 0
+    for path in files:
+        if not path.endswith(".safetensors"):
+            return None
+        from safetensors import safe_open
+
+        with safe_open(path, framework="pt") as f:
+            total += len(list(f.keys()))
+    return total
+
+
+# --------------------------------------------------------------------- quantization
+def _checkpoint_quant(config: DecoderConfig) -> dict[str, Any] | None:
+    """Validated GPTQ/AWQ settings from config.quantization_config (None for dense)."""
+    qc = config.quantization_config
+    if not qc:
+        return None
+    method = str(qc.get("quant_method", "")).lower()
+    if method not in ("gptq", "awq"):
+        raise UnsupportedModelError(f"quantization_config.quant_method {method!r} is not "
+                                    "supported (supported: gptq, awq with 4 bits)")
+    bits = int(qc.get("bits", qc.get("w_bit", 4)))
+    if bits != 4:
+        raise UnsupportedModelError(f"{method} with {bits} bits is not supported (only 4)")
+    group = int(qc.get("group_size", qc.get("q_group_size", 128)))
+    out = {"method": method, "group_size": group}
+    if method == "gptq":
+        fmt = str(qc.get("checkpoint_format", "gptq")).lower()
+        if fmt not in ("gptq", "gptq_v2"):
+            raise UnsupportedModelError(f"GPTQ checkpoint_format {fmt!r} is not supported "
+                                        "(supported: gptq, gptq_v2)")
+        out["checkpoint_format"] = fmt
+    else:
+        version = str(qc.get("version", "gemm")).lower()
+        if version != "gemm":
+            raise UnsupportedModelError(f"AWQ version {version!r} is not supported (only gemm)")
+        if not qc.get("zero_point", True):
+            raise UnsupportedModelError("AWQ without zero_point is not supported")
+    return out
+
+
+def _pick_group_size(k: int, group_size: int) -> int:
+    """group_size if it divides K, else the largest power-of-two divisor >= 32, else -1."""
+    if group_size == -1 or k % group_size == 0:
+        return group_size
+    g = group_size
+    while g >= 32:
+        if k % g == 0:
+            return g
+        g //= 2
+    return -1
+
+
+def quantize_linears(model: CausalLM, group_size: int = 128, symmetric: bool = False,
+                     quantize_lm_head: bool = False) -> None:
+    """RTN-quantize the model's dense linear layers in place (int4, canonical layout)."""
+    for name, lin in model.linear_layers():
+        if lin.is_int4 or (name == "lm_head" and not quantize_lm_head):
+            continue
+        g = _pick_group_size(lin.in_features, group_size)
+        if g != group_size:
+            logger.info("minikernels: %s has K=%d, not a multiple of %d; using group_size %d",
+                        name, lin.in_features, group_size, g)
+        if name == "lm_head" and model.config.tie_word_embeddings:
+            # Tied: the embedding keeps the dense table; lm_head gets its own int4 copy.
+            from ..quant import quantize_int4
+
+            w = quantize_int4(lin.weight.data, group_size=g, symmetric=symmetric)
+            lin.weight = None
+            lin._pending = {0: w}
+            lin._merge_pending()
+            continue
+        lin.quantize_(g, symmetric)
+
+
+# --------------------------------------------------------------------------- loading
+def _load_hf(model_dir: str, dtype: str | torch.dtype, device: torch.device,
+             quantization: str | None, allow_pickle: bool, group_size: int,
+             quantize_lm_head: bool) -> CausalLM:
+    cfg_path = os.path.join(model_dir, "config.json")
+    if not os.path.isfile(cfg_path):
+        raise CheckpointError(f"{model_dir} has no config.json (not a HF model directory)")
+    hf = _read_json(cfg_path)
+    gen_path = os.path.join(model_dir, "generation_config.json")
+    gen = _read_json(gen_path) if os.path.isfile(gen_path) else None
+    config = DecoderConfig.from_hf(hf, gen)
+    files = checkpoint_files(model_dir, allow_pickle)
+    torch_dtype = parse_dtype(dtype, config, device)
+
+    ckpt_quant = _checkpoint_quant(config)
+    if quantization in ("gptq", "awq") and (ckpt_quant is None or
+                                            ckpt_quant["method"] != quantization):
+        found = ckpt_quant["method"] if ckpt_quant else "a dense checkpoint"
+        raise CheckpointError(f"quantization={quantization!r} but {model_dir} is {found}")
+
+    model = CausalLM(config, dtype=torch_dtype, device=device, dense=ckpt_quant is None)
+    modules = dict(model.named_modules())
+    params = {n: p for n, p in model.named_parameters()}
+
+    # What must arrive: every dense tensor, every int4 part.
+    expected: set[tuple[str, int | None, str]] = set()
+    for name, mod in modules.items():
+        if isinstance(mod, FusedLinear):
+            if name == "lm_head" and config.tie_word_embeddings:
+                continue
+            for s in range(len(mod.output_sizes)):
+                if mod.weight is not None:
+                    expected.add((name, s, "weight"))
+                else:
+                    expected.add((name, s, "qweight"))
+                if mod.bias is not None:
+                    expected.add((name, s, "bias"))
+        elif name and hasattr(mod, "weight") and isinstance(getattr(mod, "weight"),
+                                                            torch.nn.Parameter):
+            expected.add((name, None, "weight"))
+
+    pending_q: dict[tuple[str, int], dict[str, Tensor]] = {}
+    seen: set[tuple[str, int | None, str]] = set()
+    unexpected: list[str] = []
+    total = _count_tensors(files)
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total, desc=f"Loading {os.path.basename(os.path.normpath(model_dir))}",
+               unit="tensor", disable=os.environ.get("MINIKERNELS_NO_PROGRESS") == "1")
+    try:
+        for path in files:
+            for hf_name, tensor in _iter_file(path):
+                bar.update(1)
+                target = map_name(hf_name)
+                if target is None:
+                    if not _IGNORED.search(hf_name):
+                        unexpected.append(hf_name)
+                    continue
+                mod_name, shard, kind = target
+                if mod_name == "lm_head" and config.tie_word_embeddings:
+                    continue  # tied: lm_head is the embedding table
+                mod = modules.get(mod_name)
+                if mod is None:
+                    unexpected.append(hf_name)
+                    continue
+                where = f"{hf_name} (in {os.path.basename(path)})"
+                if isinstance(mod, FusedLinear):
+                    if kind in _QUANT_TENSORS:
+                        if ckpt_quant is None:
+                            raise CheckpointError(f"{where} is a quantized tensor but "
+                                                  "config.json has no quantization_config")
+                        pending_q.setdefault((mod_name, shard), {})[kind] = tensor.to(device)
+                        seen.add((mod_name, shard, "qweight" if kind == "qweight" else kind))
+                        continue
+                    if kind == "weight" and mod.weight is None and not mod.int4_parts and \
+                            not mod._pending:
+                        # A layer the quantizer left dense (e.g. modules_to_not_convert).
+                        mod.weight = torch.nn.Parameter(torch.empty(
+                            mod.out_features, mod.in_features, dtype=torch_dtype,
+                            device=device), requires_grad=False)
+                        for s in range(len(mod.output_sizes)):
+                            expected.discard((mod_name, s, "qweight"))
+                            expected.add((mod_name, s, "weight"))
+                    try:
+                        mod.load_shard(shard, kind, tensor.to(device=device, dtype=torch_dtype))
+                    except ValueError as exc:
+                        raise CheckpointError(f"{where}: {exc}") from None
+                    seen.add((mod_name, shard, kind))
+                else:
+                    param = params.get(f"{mod_name}.{kind}")
+                    if param is None:
+                        unexpected.append(hf_name)
+                        continue
+                    if tuple(tensor.shape) != tuple(param.shape):
+                        raise CheckpointError(f"{where}: shape mismatch: expected "
+                                              f"{list(param.shape)}, got {list(tensor.shape)}")
+                    with torch.no_grad():
+                        param.copy_(tensor.to(device=device, dtype=torch_dtype))
+                    seen.add((mod_name, None, kind))
+    finally:
+        bar.close()
+
+    missing = sorted(expected - seen, key=str)
+    if missing:
+        names = [_hf_name(*m) for m in missing]
+        more = f" (and {len(names) - 10} more)" if len(names) > 10 else ""
+        raise CheckpointError(f"{model_dir}: missing tensors: {names[:10]}{more}")
+    if unexpected:
+        logger.warning("minikernels: ignored %d unexpected tensors in %s: %s",
+                       len(unexpected), model_dir, unexpected[:5])
+
+    if pending_q:
+        _import_int4(model, modules, pending_q, ckpt_quant, torch_dtype)
+    if quantization == "int4" or (quantize_lm_head and ckpt_quant is not None):
+        quantize_linears(model, group_size, quantize_lm_head=quantize_lm_head)
+    return model
+
+
+def _hf_name(module: str, shard: int | None, kind: str) -> str:
+    if module in ("embed_tokens", "norm"):
+        return f"model.{module}.{kind}"
+    if module == "lm_head":
+        return f"lm_head.{kind}"
+    back = {v: k for k, v in _SHARDS.items()}
+    for fused in ("qkv_proj", "gate_up_proj", "o_proj", "down_proj"):
+        if module.endswith("." + fused):
+            return f"model.{module[:-len(fused)]}{back[(fused, shard)]}.{kind}"
+    return f"model.{module}.{kind}"
+
+
+def _import_int4(model: CausalLM, modules: dict[str, Any],
+                 pending: dict[tuple[str, int], dict[str, Tensor]], quant: dict[str, Any],
+                 torch_dtype: torch.dtype) -> None:
+    """Turn GPTQ/AWQ tensors into int4 parts of the fused layers."""
+    from .. import quant as mkq
+
+    scale_dtype = torch_dtype if torch_dtype in (torch.float16, torch.bfloat16) \
+        else torch.float16
+    for (mod_name, shard), t in sorted(pending.items()):
+        name = _hf_name(mod_name, shard, "*")
+        missing = [k for k in ("qweight", "qzeros", "scales") if k not in t]
+        if missing:
+            raise CheckpointError(f"{name}: missing {missing}")
+        try:
+            if quant["method"] == "gptq":
+                w = mkq.from_gptq(t["qweight"], t["qzeros"], t["scales"], t.get("g_idx"),
+                                  checkpoint_format=quant["checkpoint_format"])
+            else:
+                w = mkq.from_awq(t["qweight"], t["qzeros"], t["scales"])
+            w = w.to(dtype=scale_dtype)
+            modules[mod_name].set_int4_shard(shard, w)
+        except (ValueError, TypeError) as exc:
+            raise CheckpointError(f"{name}: {exc}") from None
+    for mod_name, mod in modules.items():
+        if isinstance(mod, FusedLinear) and not mod.is_ready:
+            raise CheckpointError(f"{mod_name}: int4 parts incomplete")
+
+
+def _init_dummy(model: CausalLM, seed: int) -> None:
+    """Deterministic random weights (by seed, per device): N(0, 0.02) matrices, unit norms."""
+    gen = torch.Generator(device=model.device)
+    gen.manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0.0, 0.02, generator=gen)
+            elif p.dim() == 1:
+                p.fill_(1.0)
+            else:
+                p.normal_(0.0, 0.02, generator=gen)
+
+
+def load_model(model: str, dtype: str | torch.dtype = "bfloat16",
+               device: str | torch.device | None = None, quantization: str | None = None,
+               allow_pickle: bool = False, seed: int = 0, *, group_size: int = 128,
+               quantize_lm_head: bool = False) -> CausalLM:
+    """Load a :class:`CausalLM` from a local HF directory or a built-in name.
+
+    model:        path of a HF checkpoint directory (config.json + safetensors), or a name
+                  from :func:`list_models` (random weights, deterministic by ``seed``).
+    dtype:        'bfloat16' | 'float16' | 'float32' | 'auto' (the checkpoint's) or a dtype.
+    device:       default cuda when available, else cpu.
+    quantization: None | 'int4' (RTN on load) | 'gptq' | 'awq' (see module docstring).
+    allow_pickle: accept pickle ``*.bin`` weights (only from trusted sources).
+    group_size, quantize_lm_head: RTN settings for quantization='int4'.
+    """
+    if quantization is not None:
+        quantization = str(quantization).lower()
+    if quantization not in QUANTIZATIONS:
+        raise ValueError(f"quantization must be one of {QUANTIZATIONS}, got {quantization!r}")
+    dev = torch.device(device) if device is not None else default_device()
+    if os.path.isdir(model):
+        m = _load_hf(model, dtype, dev, quantization, allow_pickle, group_size,
+                     quantize_lm_head)
+    elif model.lower() in list_models():
+        if quantization in ("gptq", "awq"):
+            raise ValueError(f"built-in model {model!r} has dummy dense weights; "
+                             "use quantization='int4' to quantize them")
+        config = builtin_config(model)
+        m = CausalLM(config, dtype=parse_dtype(dtype, config, dev), device=dev)
+        _init_dummy(m, seed)
+        if quantization == "int4":
+            quantize_linears(m, group_size, quantize_lm_head=quantize_lm_head)
+    elif os.path.exists(model):
+        raise CheckpointError(f"{model} is not a directory (expected a HF model directory)")
+    else:
+        raise FileNotFoundError(f"{model!r} is neither a local HF model directory nor a "
+                                f"built-in model name ({', '.join(list_models())})")
+    m.eval()
+    m.name_or_path = model
+    m.quantization = quantization if quantization else (
+        m.config.quantization_config or {}).get("quant_method")
+    return m

@@ -1,0 +1,132 @@
+"""Drop-in nn.Modules over minikernels ops: RMSNorm, RotaryEmbedding, PagedAttention.
+
+Each module is a thin shell: its parameters/buffers, and one call into ``minikernels.ops``.
+They are what :mod:`minikernels.models` builds its decoder from, and can be dropped into
+other models that use the same layouts (varlen tokens ``[T, heads, head_dim]``).
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .. import ops
+
+
+class RMSNorm(nn.Module):
+    """y = x / rms(x) * weight over the last dim, optionally fused with a residual add.
+
+    forward(x) -> y; forward(x, residual) -> (rms_norm(x + residual), x + residual),
+    the sum rounded to x.dtype (it is the next residual). x [..., H]; weight [H].
+    """
+
+    def __init__(self, hidden_size: int, eps: float = 1e-6, dtype: torch.dtype | None = None,
+                 device: torch.device | str | None = None) -> None:
+        super().__init__()
+        self.eps = float(eps)
+        self.weight = nn.Parameter(torch.ones(hidden_size, dtype=dtype, device=device))
+
+    def forward(self, x: Tensor, residual: Tensor | None = None
+                ) -> Tensor | tuple[Tensor, Tensor]:
+        return ops.rms_norm(x, self.weight, self.eps, residual=residual)
+
+    def extra_repr(self) -> str:
+        return f"{self.weight.shape[0]}, eps={self.eps}"
+
+
+class RotaryEmbedding(nn.Module):
+    """Neox-style rotary embedding with a precomputed fp32 cos/sin cache.
+
+    forward(q [T, Hq, D], k [T, Hkv, D], positions [T]) -> rotated (q, k), contiguous.
+    ``rope_scaling`` is a HF config dict (default / linear / llama3).
+    """
+
+    def __init__(self, rotary_dim: int, max_position: int, base: float = 10000.0,
+                 rope_scaling: Mapping[str, Any] | None = None,
+                 device: torch.device | str | None = None) -> None:
+        super().__init__()
+        self.rotary_dim = rotary_dim
+        self.max_position = max_position
+        cache = ops.build_rope_cache(rotary_dim, max_position, base, rope_scaling, device=device)
+        # Not persistent: rebuilt from the config, never read from a checkpoint.
+        self.register_buffer("cos_sin_cache", cache, persistent=False)
+
+    def forward(self, q: Tensor, k: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
+        return ops.rotary_embedding(q, k, positions, self.cos_sin_cache)
+
+    def extra_repr(self) -> str:
+        return f"rotary_dim={self.rotary_dim}, max_position={self.max_position}"
+
+
+class PagedAttention(nn.Module):
+    """Attention over a batch laid out by :class:`minikernels.models.AttentionMetadata`.
+
+    forward(q [T, Hq, D], k [T, Hkv, D], v [T, Hkv, D], meta, kv_cache) -> [T, Hq, D].
+
+    - kv_cache None: cache-less varlen causal attention over whole prompts
+      (flash_attention on the contiguous k/v, cu_seqlens_k = meta.cu_seqlens_k).
+    - kv_cache (k_cache, v_cache) [num_blocks, block_size, Hkv, D]: the new tokens' K/V are
+      written first (write_kv_cache with meta.slot_mapping); then the first
+      meta.num_decode tokens attend through paged_decode_attention and the prefill chunks
+      after them through flash_attention with meta.prefill_block_table (bottom-right
+      causal, so a chunk sees its cached prefix).
+    """
+
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int,
+                 softmax_scale: float | None = None, window_left: int = -1,
+                 softcap: float = 0.0) -> None:
+        super().__init__()
+        if num_heads % num_kv_heads:
+            raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads "
+                             f"({num_kv_heads})")
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.softmax_scale = softmax_scale if softmax_scale is not None else head_dim ** -0.5
+        self.window_left = int(window_left)
+        self.softcap = float(softcap)
+
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, meta: Any,
+                kv_cache: tuple[Tensor, Tensor] | None) -> Tensor:
+        num_tokens = q.shape[0]
+        if kv_cache is None:
+            if meta.cu_seqlens_q is None:
+                raise ValueError("a cache-less forward needs meta.cu_seqlens_q/cu_seqlens_k")
+            cu_k = meta.cu_seqlens_k if meta.cu_seqlens_k is not None else meta.cu_seqlens_q
+            return ops.flash_attention(
+                q, k, v, meta.cu_seqlens_q, cu_k, meta.max_seqlen_q,
+                max(meta.max_seqlen_k, meta.max_seqlen_q), causal=True,
+                softmax_scale=self.softmax_scale, window_left=self.window_left,
+                softcap=self.softcap)
+
+        k_cache, v_cache = kv_cache
+        if meta.slot_mapping is None:
+            raise ValueError("a forward with kv_caches needs meta.slot_mapping")
+        ops.write_kv_cache(k, v, k_cache, v_cache, meta.slot_mapping)
+        nd = int(meta.num_decode)
+        if nd == num_tokens:  # decode-only step: no copy into a shared output
+            return ops.paged_decode_attention(
+                q, k_cache, v_cache, meta.decode_block_table, meta.decode_seq_lens,
+                softmax_scale=self.softmax_scale, window_left=self.window_left,
+                softcap=self.softcap)
+        if meta.cu_seqlens_q is None or meta.prefill_block_table is None:
+            raise ValueError("prefill tokens need meta.cu_seqlens_q, cu_seqlens_k and "
+                             "prefill_block_table")
+        prefill = ops.flash_attention(
+            q[nd:], k_cache, v_cache, meta.cu_seqlens_q, meta.cu_seqlens_k, meta.max_seqlen_q,
+            meta.max_seqlen_k, causal=True, softmax_scale=self.softmax_scale,
+            window_left=self.window_left, softcap=self.softcap,
+            block_table=meta.prefill_block_table)
+        if nd == 0:
+            return prefill
+        decode = ops.paged_decode_attention(
+            q[:nd], k_cache, v_cache, meta.decode_block_table, meta.decode_seq_lens,
+            softmax_scale=self.softmax_scale, window_left=self.window_left,
+            softcap=self.softcap)
+        return torch.cat([decode, prefill], dim=0)
+
+    def extra_repr(self) -> str:
+        return (f"heads={self.num_heads}, kv_heads={self.num_kv_heads}, "
+                f"head_dim={self.head_dim}, window_left={self.window_left}")
