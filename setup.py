@@ -16,6 +16,9 @@ from setuptools import setup
 
 
 def _skip(reason: str) -> dict:
+    # PEP 517 runs setup.py once per hook; say it once, in the build step, not metadata.
+    if any(cmd in sys.argv for cmd in ("egg_info", "dist_info")):
+        return {}
     print(f"minikernels: CUDA extension skipped ({reason}); Triton and reference backends only.",
           file=sys.stderr)
     return {}
