@@ -441,6 +441,7 @@ def load_model(model: str, dtype: str | torch.dtype = "bfloat16",
         raise FileNotFoundError(f"{model!r} is neither a local HF model directory nor a "
                                 f"built-in model name ({', '.join(list_models())})")
     m.eval()
+    m.requires_grad_(False)
     m.name_or_path = model
     m.quantization = quantization if quantization else (
         m.config.quantization_config or {}).get("quant_method")

@@ -1,0 +1,143 @@
+"""The decoder against transformers: tiny random Llama / Qwen2 / Qwen3 / Mistral models
+saved with save_pretrained, loaded with minikernels.models.load_model (fp32, CPU reference
+ops), must give transformers' logits (relative error <= 1e-4) on varlen batches through
+every path of the forward contract, and the same greedy continuation."""
+from __future__ import annotations
+
+import pytest
+import torch
+from test_model_support import CASES, hf_dirs, hf_logits, random_tokens, rel_err, run_schedule
+
+from minikernels.models import AttentionMetadata, load_model
+from minikernels.models.generate import generate_tokens
+
+__all__ = ["hf_dirs"]  # the fixture, re-exported for pytest
+
+TOL = 1e-4
+KINDS = list(CASES)
+LENGTHS = [7, 12, 3]
+
+
+def _seqs(vocab: int, lengths=LENGTHS, seed: int = 0) -> list[list[int]]:
+    return [random_tokens(n, vocab, seed + i) for i, n in enumerate(lengths)]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_cacheless_varlen_matches_transformers(hf_dirs, kind):
+    hf, path = hf_dirs[kind]
+    model = load_model(path, dtype="float32", device="cpu")
+    seqs = _seqs(hf.config.vocab_size)
+    ids = torch.tensor([t for s in seqs for t in s])
+    logits = model(ids, AttentionMetadata.for_prompts([len(s) for s in seqs]), None)
+    assert logits.dtype == torch.float32 and logits.shape == (len(ids), hf.config.vocab_size)
+    ref = torch.cat([hf_logits(hf, s) for s in seqs])
+    assert rel_err(logits, ref) <= TOL
+
+    # logits_indices: only the last row of each prompt.
+    last = model(ids, AttentionMetadata.for_prompts([len(s) for s in seqs], last_only=True),
+                 None)
+    assert last.shape == (len(seqs), hf.config.vocab_size)
+    assert rel_err(last, torch.stack([hf_logits(hf, s)[-1] for s in seqs])) <= TOL
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_paged_prefill_decode_and_chunked_prefill(hf_dirs, kind):
+    """Whole-prompt prefill, decode steps, chunked prefill and mixed decode+prefill steps
+    over a paged cache with shuffled blocks give transformers' logits row for row."""
+    hf, path = hf_dirs[kind]
+    model = load_model(path, dtype="float32", device="cpu")
+    seqs = _seqs(hf.config.vocab_size, lengths=[14, 19, 9], seed=10)
+    refs = [hf_logits(hf, s) for s in seqs]
+    plan = [
+        [("p", 0, 11), ("p", 1, 5)],                  # a prompt and a first chunk
+        [("d", 0), ("p", 1, 6), ("p", 2, 4)],          # mixed: a decode + chunks
+        [("d", 0), ("p", 1, 8), ("p", 2, 3)],          # seq 1's prompt completes
+        [("d", 0), ("d", 2)],                          # decode-only steps
+        [("d", 2)],
+    ]
+    rows = run_schedule(model, seqs, plan, block_size=8)
+    covered = sorted((i, p) for i, p, _ in rows)
+    assert covered == [(i, p) for i, s in enumerate(seqs) for p in range(len(s))]
+    got = torch.stack([r for _, _, r in rows])
+    ref = torch.stack([refs[i][p] for i, p, _ in rows])
+    assert rel_err(got, ref) <= TOL
+
+
+@pytest.mark.parametrize("kind", ["llama3-rope-tied", "qwen2-tied", "qwen3", "mistral-window"])
+def test_greedy_generation_matches_transformers(hf_dirs, kind):
+    hf, path = hf_dirs[kind]
+    model = load_model(path, dtype="float32", device="cpu")
+    prompts = _seqs(hf.config.vocab_size, lengths=[5, 9], seed=3)
+    eos = model.config.eos_token_ids
+    ours = generate_tokens(model, prompts, max_new_tokens=10, eos_token_ids=eos, block_size=8)
+    for p, out in zip(prompts, ours):
+        ref = hf.generate(torch.tensor([p]), max_new_tokens=10, do_sample=False,
+                          eos_token_id=eos, pad_token_id=0)[0, len(p):].tolist()
+        assert out == ref
+
+
+def test_chunked_generation_equals_whole_prefill(hf_dirs):
+    hf, path = hf_dirs["qwen3"]
+    model = load_model(path, dtype="float32", device="cpu")
+    prompts = _seqs(hf.config.vocab_size, lengths=[13, 6], seed=5)
+    whole = generate_tokens(model, prompts, max_new_tokens=6, block_size=8)
+    chunked = generate_tokens(model, prompts, max_new_tokens=6, block_size=16, prefill_chunk=4)
+    assert whole == chunked
+
+
+def test_config_fields(hf_dirs):
+    _, path = hf_dirs["llama3-rope-tied"]
+    model = load_model(path, dtype="float32", device="cpu")
+    c = model.config
+    assert (c.architecture, c.vocab_size, c.hidden_size, c.num_layers, c.num_heads,
+            c.num_kv_heads, c.head_dim) == ("llama", 300, 64, 2, 4, 2, 16)
+    assert c.rope_scaling["rope_type"] == "llama3" and c.rope_theta == 500000.0
+    assert c.tie_word_embeddings and c.eos_token_ids == [2] and c.bos_token_id == 1
+    assert model.lm_head.weight is model.embed_tokens.weight
+    assert model.dtype == torch.float32 and model.device.type == "cpu"
+    _, qpath = hf_dirs["qwen2-window"]
+    q = load_model(qpath, dtype="float32", device="cpu").config
+    assert q.qkv_bias and not q.o_bias and q.sliding_window == 6
+    assert [q.window_left(i) for i in range(2)] == [-1, 5]
+    _, mpath = hf_dirs["mistral-window"]
+    assert load_model(mpath, dtype="float32", device="cpu").config.window_left(0) == 5
+
+
+def test_kv_cache_api_and_sizes(hf_dirs):
+    _, path = hf_dirs["qwen3"]
+    model = load_model(path, dtype="float32", device="cpu")
+    c = model.config
+    assert model.kv_cache_shape(10, 16) == (10, 16, c.num_kv_heads, c.head_dim)
+    caches = model.allocate_kv_caches(10, 16)
+    assert len(caches) == c.num_layers
+    assert caches[0][0].shape == (10, 16, 2, 32) and caches[0][0].dtype == torch.float32
+    assert model.kv_bytes_per_token() == 2 * c.num_layers * c.num_kv_heads * c.head_dim * 4
+    n_params = sum(p.numel() for p in model.parameters())
+    assert model.weight_bytes() == n_params * 4
+    with pytest.raises(ValueError, match="block_size"):
+        model.allocate_kv_caches(4, 12)
+
+
+def test_forward_input_errors(hf_dirs):
+    _, path = hf_dirs["llama"]
+    model = load_model(path, dtype="float32", device="cpu")
+    meta = AttentionMetadata.for_prompts([4])
+    with pytest.raises(ValueError, match="input_ids"):
+        model(torch.zeros(1, 4, dtype=torch.int64), meta, None)
+    with pytest.raises(ValueError, match="positions"):
+        model(torch.zeros(5, dtype=torch.int64), meta, None)
+    with pytest.raises(ValueError, match="one \\(k, v\\) pair per layer"):
+        model(torch.zeros(4, dtype=torch.int64), meta, model.allocate_kv_caches(2, 8)[:1])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_close_to_fp32(hf_dirs, dtype):
+    hf, path = hf_dirs["qwen2-tied"]
+    model = load_model(path, dtype=dtype, device="cpu")
+    assert model.embed_tokens.weight.dtype == dtype and model.dtype == dtype
+    seqs = _seqs(hf.config.vocab_size)
+    ids = torch.tensor([t for s in seqs for t in s])
+    logits = model(ids, AttentionMetadata.for_prompts([len(s) for s in seqs]), None)
+    assert logits.dtype == torch.float32
+    ref = torch.cat([hf_logits(hf, s) for s in seqs])
+    assert rel_err(logits, ref) <= (0.05 if dtype == torch.bfloat16 else 0.01)

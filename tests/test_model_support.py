@@ -1,0 +1,229 @@
+"""Shared helpers for the model / loader / generate tests: tiny transformers models saved
+with save_pretrained, a paged-cache schedule runner, and GPTQ/AWQ packers written from
+the published formats (independently of minikernels.quant)."""
+from __future__ import annotations
+
+import json
+import os
+import random
+from collections.abc import Sequence
+from typing import Any
+
+import pytest
+import torch
+
+from minikernels.models.generate import build_step_metadata
+
+# name -> (transformers class name, config kwargs)
+BASE = dict(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+            rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2)
+CASES: dict[str, tuple[str, dict[str, Any]]] = {
+    "llama": ("Llama", dict(tie_word_embeddings=False)),
+    "llama3-rope-tied": ("Llama", dict(
+        tie_word_embeddings=True, rope_theta=500000.0,
+        rope_scaling={"rope_type": "llama3", "factor": 4.0, "low_freq_factor": 1.0,
+                      "high_freq_factor": 4.0, "original_max_position_embeddings": 16})),
+    "llama-bias-linear-rope": ("Llama", dict(attention_bias=True, mlp_bias=True,
+                                             rope_scaling={"rope_type": "linear",
+                                                           "factor": 2.0})),
+    "qwen2-tied": ("Qwen2", dict(tie_word_embeddings=True, rope_theta=1e6)),
+    "qwen2-window": ("Qwen2", dict(use_sliding_window=True, sliding_window=6,
+                                   max_window_layers=1)),
+    "qwen3": ("Qwen3", dict(head_dim=32, tie_word_embeddings=False)),
+    "qwen3-tied": ("Qwen3", dict(head_dim=16, tie_word_embeddings=True)),
+    "mistral-window": ("Mistral", dict(sliding_window=6, head_dim=16,
+                                       tie_word_embeddings=False)),
+}
+
+
+def make_hf_model(kind: str, seed: int = 0, **overrides: Any) -> torch.nn.Module:
+    """A tiny transformers CausalLM with random (non-trivial) weights, fp32, eager attention."""
+    import transformers
+
+    family, extra = CASES[kind]
+    cfg_cls = getattr(transformers, f"{family}Config")
+    model_cls = getattr(transformers, f"{family}ForCausalLM")
+    kwargs = {**BASE, **extra, **overrides}
+    config = cfg_cls(**kwargs)
+    config._attn_implementation = "eager"
+    torch.manual_seed(seed)
+    model = model_cls(config).float().eval()
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(torch.rand(p.shape, generator=g) + 0.5)
+            elif name.endswith("bias"):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+            else:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.08)
+    return model
+
+
+def save_hf(model: torch.nn.Module, path: str, **kwargs: Any) -> str:
+    model.save_pretrained(path, **kwargs)
+    return path
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """max |a - b| / max |b|."""
+    return float((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-12))
+
+
+@torch.no_grad()
+def hf_logits(hf: torch.nn.Module, ids: Sequence[int]) -> torch.Tensor:
+    return hf(torch.tensor([list(ids)])).logits[0].float()
+
+
+def random_tokens(n: int, vocab: int, seed: int) -> list[int]:
+    r = random.Random(seed)
+    return [r.randrange(3, vocab) for _ in range(n)]
+
+
+@torch.no_grad()
+def run_schedule(model: Any, seqs: Sequence[Sequence[int]],
+                 plan: Sequence[Sequence[tuple]], block_size: int = 8, seed: int = 0
+                 ) -> list[tuple[int, int, torch.Tensor]]:
+    """Run steps over a paged cache; returns (seq, position, logits row) for every token.
+
+    plan: steps, each a list of ("d", seq) decode items and ("p", seq, n) prefill chunks
+    (decodes are placed first, as the contract says). Blocks are assigned shuffled so the
+    block tables are not contiguous.
+    """
+    needed = [-(-len(s) // block_size) for s in seqs]
+    ids = list(range(sum(needed) + 3))
+    random.Random(seed).shuffle(ids)
+    rows, k = [], 0
+    for n in needed:
+        rows.append(ids[k:k + n])
+        k += n
+    kv = model.allocate_kv_caches(len(ids), block_size)
+    done = [0] * len(seqs)
+    out = []
+    for step in plan:
+        dec = [it for it in step if it[0] == "d"]
+        pre = [it for it in step if it[0] == "p"]
+        d_items, p_items, toks, who = [], [], [], []
+        for _, i in dec:
+            d_items.append((rows[i], done[i] + 1))
+            toks.append(seqs[i][done[i]])
+            who.append((i, done[i]))
+            done[i] += 1
+        for _, i, n in pre:
+            p_items.append((rows[i], done[i], n))
+            toks.extend(seqs[i][done[i]:done[i] + n])
+            who.extend((i, p) for p in range(done[i], done[i] + n))
+            done[i] += n
+        meta = build_step_metadata(d_items, p_items, block_size, model.device, all_logits=True)
+        logits = model(torch.tensor(toks, dtype=torch.int64, device=model.device), meta, kv)
+        out.extend((i, p, logits[j]) for j, (i, p) in enumerate(who))
+    return out
+
+
+# ------------------------------------------------------------------ int4 formats
+def _to_int32(words: torch.Tensor) -> torch.Tensor:
+    words = words.to(torch.int64) & 0xFFFFFFFF
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+
+
+def pack_rows_of_8(q: torch.Tensor, order: Sequence[int] = tuple(range(8))) -> torch.Tensor:
+    """Pack q [..., 8m] (0..15) along the last dim: slot i of word c holds q[..., 8c+order[i]]."""
+    *lead, n = q.shape
+    q = q.to(torch.int64).reshape(*lead, n // 8, 8)
+    word = torch.zeros(*lead, n // 8, dtype=torch.int64)
+    for slot, src in enumerate(order):
+        word |= q[..., src] << (4 * slot)
+    return _to_int32(word)
+
+
+def gptq_tensors(q: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor,
+                 g_idx: torch.Tensor, v1: bool = True) -> dict[str, torch.Tensor]:
+    """GPTQ layer from integers q [N, K], zeros [N, groups] (per group index), scales
+    [N, groups]: qweight [K/8, N] packed along K, qzeros [groups, N/8] packed along N
+    (v1 stores zero - 1), scales [groups, N], g_idx [K]."""
+    qweight = pack_rows_of_8(q).t().contiguous()                  # pack along K -> [K/8, N]
+    z = zeros.t().contiguous() - (1 if v1 else 0)                  # [groups, N]
+    return {"qweight": qweight, "qzeros": pack_rows_of_8(z), "scales": scales.t().contiguous(),
+            "g_idx": g_idx.to(torch.int32)}
+
+
+AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
+
+
+def awq_tensors(q: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor
+                ) -> dict[str, torch.Tensor]:
+    """AWQ GEMM layer: qweight [K, N/8] (interleaved order), qzeros [groups, N/8], scales
+    [groups, N]."""
+    return {"qweight": pack_rows_of_8(q.t().contiguous(), AWQ_ORDER),
+            "qzeros": pack_rows_of_8(zeros.t().contiguous(), AWQ_ORDER),
+            "scales": scales.t().contiguous()}
+
+
+def write_quantized_checkpoint(hf: torch.nn.Module, path: str, method: str, group: int,
+                               act_order: bool = False, seed: int = 0,
+                               checkpoint_format: str = "gptq") -> dict[str, torch.Tensor]:
+    """Save ``hf`` as a GPTQ/AWQ checkpoint with known random integers in every linear layer
+    of the decoder blocks; the dense model ``hf`` gets the dequantized weights (so it is the
+    reference). Returns {hf linear name: dequantized W}."""
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(seed)
+    state = {k: v.detach().clone() for k, v in hf.state_dict().items()}
+    tensors: dict[str, torch.Tensor] = {}
+    dense: dict[str, torch.Tensor] = {}
+    for name, w in state.items():
+        if ".layers." not in name or not name.endswith("_proj.weight"):
+            tensors[name] = w.contiguous()
+            continue
+        n, k = w.shape
+        groups = k // group
+        q = torch.randint(0, 16, (n, k), generator=g)
+        lo = 1 if (method == "gptq" and checkpoint_format == "gptq") else 0
+        zeros = torch.randint(lo, 16, (n, groups), generator=g)
+        scales = (torch.rand(n, groups, generator=g) * 0.02 + 0.005).half()
+        if act_order:
+            g_idx = torch.randperm(k, generator=g) % groups
+        else:
+            g_idx = torch.arange(k) // group
+        gi = g_idx.long()
+        wdq = (q.float() - zeros.float()[:, gi]) * scales.float()[:, gi]
+        base = name[:-len(".weight")]
+        if method == "gptq":
+            parts = gptq_tensors(q, zeros, scales, g_idx, v1=checkpoint_format == "gptq")
+        else:
+            parts = awq_tensors(q, zeros, scales)
+        for kname, t in parts.items():
+            tensors[f"{base}.{kname}"] = t
+        dense[name] = wdq
+        with torch.no_grad():
+            hf.get_parameter(name).copy_(wdq)
+    if hf.config.tie_word_embeddings:
+        tensors.pop("lm_head.weight", None)
+    os.makedirs(path, exist_ok=True)
+    save_file(tensors, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+    cfg = hf.config.to_dict()
+    qc: dict[str, Any] = {"quant_method": method, "bits": 4, "group_size": group}
+    if method == "gptq":
+        qc.update(desc_act=act_order, sym=False, checkpoint_format=checkpoint_format)
+    else:
+        qc.update(version="gemm", zero_point=True)
+    cfg["quantization_config"] = qc
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(cfg, f)
+    return dense
+
+
+@pytest.fixture(scope="module")
+def hf_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Any, str]]:
+    """Every case in CASES as (transformers model, saved directory), built lazily."""
+    cache: dict[str, tuple[Any, str]] = {}
+
+    class Lazy(dict):
+        def __missing__(self, kind: str) -> tuple[Any, str]:
+            model = make_hf_model(kind)
+            path = save_hf(model, str(tmp_path_factory.mktemp(kind)))
+            self[kind] = (model, path)
+            return self[kind]
+
+    return Lazy(cache)
