@@ -1,0 +1,20 @@
+"""Batched serving engine: continuous batching over a paged KV cache.
+
+    import minikernels as mk
+    llm = mk.LLM("tiny")                                   # or a HF dir, or "qwen2.5-0.5b"
+    outs = llm.generate(["Hello"], mk.SamplingParams(max_tokens=32))
+    outs[0].outputs[0].text
+
+Modules: sampling_params (SamplingParams), outputs (RequestOutput, CompletionOutput),
+sequence (Request, Sequence), block_manager (KV blocks + prefix cache), scheduler
+(continuous batching, chunked prefill, preemption), model_runner (metadata, CUDA graphs,
+KV pool), sampler (batched sampling), llm_engine (LLMEngine, LLM), async_llm (AsyncLLM).
+See docs/engine.md.
+"""
+from .async_llm import AsyncLLM, EngineOverloaded
+from .llm_engine import LLM, LLMEngine
+from .outputs import CompletionOutput, Logprob, RequestOutput
+from .sampling_params import SamplingParams
+
+__all__ = ["AsyncLLM", "CompletionOutput", "EngineOverloaded", "LLM", "LLMEngine", "Logprob",
+           "RequestOutput", "SamplingParams"]

@@ -1,0 +1,446 @@
+"""LLMEngine (add requests, step, abort) and LLM (offline batched generation).
+
+One engine step::
+
+    batch = scheduler.schedule()                 # which tokens run (may preempt)
+    logits, rows = runner.execute(batch)         # one forward over all of them
+    tokens = sampler(logits, seqs[rows])         # one token per sequence at its end
+    scheduler.advance(batch); append tokens; finish stopped sequences (frees blocks)
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from collections import deque
+from collections.abc import Sequence as Seq
+from typing import Any
+
+import torch
+
+from .block_manager import BlockManager
+from .model_runner import ModelRunner
+from .outputs import Logprob, RequestOutput
+from .sampler import Sampler
+from .sampling_params import SamplingParams
+from .scheduler import Scheduler
+from .sequence import IncrementalDetokenizer, Request, Sequence, SequenceStatus
+
+logger = logging.getLogger("minikernels.engine")
+
+
+def _load_tokenizer(model: str) -> Any:
+    """The model's tokenizer, or None when it has none (token-id prompts only)."""
+    try:
+        from ..models import load_tokenizer
+    except ImportError:  # pragma: no cover - models layer without tokenizers
+        return None
+    try:
+        return load_tokenizer(model)
+    except Exception as exc:  # noqa: BLE001 - any failure means "no tokenizer"
+        logger.warning("no tokenizer for %s (%s); prompts must be token ids and outputs "
+                       "have no text", model, exc)
+        return None
+
+
+def _check_int(name: str, value: Any, low: int) -> int:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} ({value!r})")
+    if value < low:
+        raise ValueError(f"{name} must be >= {low}, got {value}")
+    return value
+
+
+class LLMEngine:
+    """The serving engine: requests in, one batched step at a time, outputs out.
+
+    Not thread-safe: one thread (the caller of LLM.generate, or AsyncLLM's engine
+    thread) drives it. Arguments: see :class:`LLM`.
+    """
+
+    def __init__(self, model: str | torch.nn.Module, dtype: str | torch.dtype = "bfloat16",
+                 quantization: str | None = None, block_size: int = 16,
+                 num_kv_blocks: int | None = None, gpu_memory_utilization: float = 0.9,
+                 max_num_seqs: int = 256, max_num_batched_tokens: int = 8192,
+                 enable_prefix_caching: bool = True, enforce_eager: bool = False,
+                 device: str | torch.device | None = None, max_model_len: int | None = None,
+                 seed: int = 0, tokenizer: Any = "auto") -> None:
+        _check_int("block_size", block_size, 1)
+        _check_int("max_num_seqs", max_num_seqs, 1)
+        _check_int("max_num_batched_tokens", max_num_batched_tokens, 1)
+        if max_model_len is not None:
+            _check_int("max_model_len", max_model_len, 1)
+        _check_int("seed", seed, 0)
+        if isinstance(model, torch.nn.Module):
+            self.model = model
+            self.model_name = getattr(model, "name_or_path", type(model).__name__)
+        elif isinstance(model, str):
+            from ..models.loader import load_model
+            self.model = load_model(model, dtype=dtype, device=device,
+                                    quantization=quantization, seed=seed)
+            self.model_name = model
+        else:
+            raise TypeError(f"model must be a HF directory / built-in name (str) or a "
+                            f"CausalLM, got {type(model).__name__}")
+        if tokenizer == "auto":
+            tokenizer = _load_tokenizer(self.model_name) if isinstance(model, str) else None
+        self.tokenizer = tokenizer
+        self.config = self.model.config
+        self.vocab_size = int(self.config.vocab_size)
+        self.eos_token_ids = set(int(t) for t in (self.config.eos_token_ids or []))
+        if tokenizer is not None and getattr(tokenizer, "eos_token_ids", None):
+            self.eos_token_ids |= set(int(t) for t in tokenizer.eos_token_ids)
+        self.runner = ModelRunner(self.model, block_size, num_kv_blocks,
+                                  gpu_memory_utilization, max_num_seqs,
+                                  max_num_batched_tokens, max_model_len, enforce_eager)
+        self.device = self.runner.device
+        self.max_model_len = self.runner.max_model_len
+        self.block_manager = BlockManager(self.runner.num_blocks, block_size,
+                                          enable_prefix_caching)
+        self.scheduler = Scheduler(self.block_manager, max_num_seqs, max_num_batched_tokens)
+        self.sampler = Sampler(self.vocab_size, self.device, seed)
+        self.requests: dict[str, Request] = {}
+        self._seq_ids = itertools.count()
+        # Counters for stats().
+        self.prompt_tokens_total = 0
+        self.generation_tokens_total = 0
+        self.computed_tokens_total = 0
+        self.num_steps = 0
+        self._recent: deque[tuple[float, int]] = deque()
+
+    # ------------------------------------------------------------------ requests
+    def tokenize(self, prompt: str | list[int]) -> tuple[str | None, list[int]]:
+        """Validate a prompt -> (text or None, token ids)."""
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError(f"model {self.model_name!r} has no tokenizer: pass the "
+                                 f"prompt as a list of token ids")
+            ids = list(self.tokenizer.encode(prompt))
+            text: str | None = prompt
+        elif isinstance(prompt, (list, tuple)):
+            ids = list(prompt)
+            text = None
+            for t in ids:
+                if not isinstance(t, int) or isinstance(t, bool):
+                    raise TypeError(f"prompt token ids must be ints, got {type(t).__name__}")
+                if not 0 <= t < self.vocab_size:
+                    raise ValueError(f"prompt token id {t} is outside the vocabulary "
+                                     f"[0, {self.vocab_size})")
+        else:
+            raise TypeError(f"prompt must be a str or a list of token ids, got "
+                            f"{type(prompt).__name__}")
+        if not ids:
+            raise ValueError("prompt must not be empty")
+        return text, ids
+
+    def validate(self, prompt_len: int, params: SamplingParams) -> None:
+        """ValueError unless prompt + max_tokens fits max_model_len."""
+        max_tokens = params.max_tokens if params.max_tokens is not None else 1
+        if prompt_len + max_tokens > self.max_model_len:
+            raise ValueError(
+                f"prompt ({prompt_len} tokens) + max_tokens ({max_tokens}) = "
+                f"{prompt_len + max_tokens} exceeds max_model_len ({self.max_model_len})")
+
+    def add_request(self, request_id: str, prompt: str | list[int],
+                    params: SamplingParams | None = None, arrival_time: float | None = None,
+                    stream: bool = False,
+                    prompt_token_ids: list[int] | None = None) -> Request:
+        """Queue a request. stream=True detokenizes incrementally (for streaming text).
+
+        prompt_token_ids: the already validated tokens of ``prompt`` (skips tokenizing).
+        """
+        if not isinstance(request_id, str) or not request_id:
+            raise TypeError(f"request_id must be a non-empty str, got {request_id!r}")
+        if request_id in self.requests:
+            raise ValueError(f"request_id {request_id!r} is already in use")
+        params = SamplingParams() if params is None else params
+        if not isinstance(params, SamplingParams):
+            raise TypeError(f"sampling params must be a SamplingParams, got "
+                            f"{type(params).__name__}")
+        if prompt_token_ids is not None:
+            text, ids = (prompt if isinstance(prompt, str) else None), list(prompt_token_ids)
+        else:
+            text, ids = self.tokenize(prompt)
+        self.validate(len(ids), params)
+        req = Request(request_id, text, ids, params, self.tokenizer, arrival_time)
+        incremental = self.tokenizer is not None and (stream or bool(params.stop_strings))
+        hold = max((len(s) for s in params.stop_strings), default=1) - 1
+        for i in range(params.n):
+            gen = (self.sampler.make_generator(params.seed + i)
+                   if params.seed is not None and not params.greedy else None)
+            seq = Sequence(next(self._seq_ids), req, i, gen)
+            if incremental:
+                seq.detokenizer = IncrementalDetokenizer(self.tokenizer, ids,
+                                                         params.skip_special_tokens)
+                seq.stop_hold = hold if params.stop_strings else 0
+            req.seqs.append(seq)
+            self.scheduler.add(seq)
+        self.requests[request_id] = req
+        self.prompt_tokens_total += len(ids)
+        return req
+
+    def abort_request(self, request_id: str) -> Request | None:
+        """Stop a request now (finish_reason "abort"), freeing its blocks. None if unknown."""
+        req = self.requests.pop(request_id, None)
+        if req is None:
+            return None
+        for seq in req.seqs:
+            if not seq.is_finished:
+                self.scheduler.finish(seq, "abort")
+                seq.finalize_text()
+        req.finish_time = time.perf_counter()
+        return req
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # ------------------------------------------------------------------ step
+    def step(self) -> list[Request]:
+        """Run one batched forward; return the requests that got new tokens or finished."""
+        batch = self.scheduler.schedule()
+        if batch.is_empty:
+            return []
+        logits, rows = self.runner.execute(batch)
+        sample_seqs = [batch.seqs[r] for r in rows]
+        out = self.sampler(logits, sample_seqs, sorted(self.eos_token_ids)) \
+            if sample_seqs else None
+        self.scheduler.advance(batch)
+        self.computed_tokens_total += batch.num_tokens
+        self.num_steps += 1
+        now = time.perf_counter()
+        touched: dict[str, Request] = {}
+        for j, seq in enumerate(sample_seqs):
+            token = out.token_ids[j]
+            seq.token_ids.append(token)
+            if out.logprobs is not None and seq.logprobs is not None:
+                self._record_logprobs(seq, token, out.logprobs[j])
+            req = seq.request
+            if req.first_token_time is None:
+                req.first_token_time = now
+            self._check_stop(seq, token)
+            touched[req.request_id] = req
+        self.generation_tokens_total += len(sample_seqs)
+        self._recent.append((now, len(sample_seqs)))
+        while self._recent and now - self._recent[0][0] > 10.0:
+            self._recent.popleft()
+        for req in touched.values():
+            if req.finished:
+                req.finish_time = now
+                self.requests.pop(req.request_id, None)
+        return list(touched.values())
+
+    def _record_logprobs(self, seq: Sequence, token: int,
+                         lp: tuple[float, int, list[int], list[float]] | None) -> None:
+        if lp is None:
+            return
+        chosen, rank, top_ids, top_lps = lp
+        seq.cumulative_logprob += chosen
+        tok = self.tokenizer
+
+        def text(t: int) -> str | None:
+            return tok.decode([t], skip_special_tokens=False) if tok is not None else None
+
+        entry = {token: Logprob(chosen, rank, text(token))}
+        for r, (t, v) in enumerate(zip(top_ids, top_lps), start=1):
+            if t not in entry:
+                entry[t] = Logprob(v, r, text(t))
+        seq.logprobs.append(entry)
+
+    def _check_stop(self, seq: Sequence, token: int) -> None:
+        p = seq.params
+        n_out = seq.num_output_tokens
+        delta = seq.detokenizer.append([token]) if seq.detokenizer is not None else ""
+        reason: str | None = None
+        stop_reason: str | int | None = None
+        if n_out >= p.min_tokens:
+            if not p.ignore_eos and token in self.eos_token_ids:
+                reason = "stop"
+            elif token in p.stop_token_ids:
+                reason, stop_reason = "stop", token
+            elif p.stop_strings and delta and seq.detokenizer is not None:
+                hit = self._find_stop(seq.detokenizer.text, len(delta), p.stop_strings)
+                if hit is not None:
+                    idx, s = hit
+                    keep = idx + len(s) if p.include_stop_str_in_output else idx
+                    seq.detokenizer.text = seq.detokenizer.text[:keep]
+                    reason, stop_reason = "stop", s
+        if reason is None and p.max_tokens is not None and n_out >= p.max_tokens:
+            reason = "length"
+        if reason is None and seq.num_tokens >= self.max_model_len:
+            reason = "length"
+        if reason is not None:
+            self.scheduler.finish(seq, reason, stop_reason)
+            seq.finalize_text()
+
+    @staticmethod
+    def _find_stop(text: str, delta_len: int, stops: list[str]) -> tuple[int, str] | None:
+        """Earliest stop string that ends inside the new text, as (start index, string)."""
+        best: tuple[int, str] | None = None
+        for s in stops:
+            start = max(0, len(text) - delta_len - len(s) + 1)
+            idx = text.find(s, start)
+            if idx != -1 and (best is None or idx < best[0]):
+                best = (idx, s)
+        return best
+
+    # ------------------------------------------------------------------ stats
+    def stats(self) -> dict[str, Any]:
+        bm = self.block_manager
+        now = time.perf_counter()
+        recent = [(t, n) for t, n in self._recent if now - t <= 10.0]
+        if len(recent) >= 2:
+            span = max(now - recent[0][0], 1e-6)
+            tps = sum(n for _, n in recent) / span
+        else:
+            tps = 0.0
+        return {
+            "num_running": self.scheduler.num_running,
+            "num_waiting": self.scheduler.num_waiting,
+            "kv_usage": bm.usage,
+            "kv_blocks_free": bm.num_free_blocks,
+            "kv_blocks_total": bm.num_blocks,
+            "prompt_tokens_total": self.prompt_tokens_total,
+            "generation_tokens_total": self.generation_tokens_total,
+            "computed_tokens_total": self.computed_tokens_total,
+            "prefix_cache_hit_tokens": bm.num_hit_tokens,
+            "prefix_cache_hit_rate": bm.num_hit_tokens / max(1, bm.num_queried_tokens),
+            "num_preemptions": self.scheduler.num_preemptions,
+            "num_steps": self.num_steps,
+            "tokens_per_s": tps,
+        }
+
+    def check_no_leaks(self) -> None:
+        """AssertionError unless the block accounting is consistent (tests, debugging)."""
+        live = [s for r in self.requests.values() for s in r.seqs if s.block_table]
+        live += [s for s in self.scheduler.running if s not in live]
+        self.block_manager.check_invariants(live)
+
+
+class LLM:
+    """Offline batched generation (vLLM-style).
+
+    Args:
+        model: HF checkpoint directory, built-in name (dummy weights; see
+            minikernels.models.list_models) or an already built CausalLM.
+        dtype: "bfloat16" | "float16" | "float32" | "auto".
+        quantization: None | "int4" | "gptq" | "awq".
+        block_size: KV block size in tokens (a power of two in [8, 256]).
+        num_kv_blocks: KV pool size in blocks (None = from gpu_memory_utilization on a
+            GPU, or 1 GiB / 4096 blocks at most on the CPU).
+        gpu_memory_utilization: fraction of GPU memory for weights + activations + KV.
+        max_num_seqs: most sequences in one step.
+        max_num_batched_tokens: token budget of one step (chunked prefill splits longer
+            prompts).
+        enable_prefix_caching: share K/V of equal prompt prefixes.
+        enforce_eager: never use CUDA graphs.
+        device: default cuda when available.
+        max_model_len: longest prompt + output (default: model limit, capped by the pool).
+        seed: dummy-weight seed and the seed of unseeded sampling.
+        tokenizer: "auto" (load the model's), None, or an object with encode/decode.
+    """
+
+    def __init__(self, model: str | torch.nn.Module, dtype: str | torch.dtype = "bfloat16",
+                 quantization: str | None = None, block_size: int = 16,
+                 num_kv_blocks: int | None = None, gpu_memory_utilization: float = 0.9,
+                 max_num_seqs: int = 256, max_num_batched_tokens: int = 8192,
+                 enable_prefix_caching: bool = True, enforce_eager: bool = False,
+                 device: str | torch.device | None = None, max_model_len: int | None = None,
+                 seed: int = 0, tokenizer: Any = "auto") -> None:
+        self.llm_engine = LLMEngine(
+            model, dtype=dtype, quantization=quantization, block_size=block_size,
+            num_kv_blocks=num_kv_blocks, gpu_memory_utilization=gpu_memory_utilization,
+            max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
+            enable_prefix_caching=enable_prefix_caching, enforce_eager=enforce_eager,
+            device=device, max_model_len=max_model_len, seed=seed, tokenizer=tokenizer)
+        self._counter = itertools.count()
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.llm_engine.tokenizer
+
+    def get_tokenizer(self) -> Any:
+        return self.llm_engine.tokenizer
+
+    @property
+    def max_model_len(self) -> int:
+        return self.llm_engine.max_model_len
+
+    @property
+    def model_name(self) -> str:
+        return self.llm_engine.model_name
+
+    def stats(self) -> dict[str, Any]:
+        return self.llm_engine.stats()
+
+    @staticmethod
+    def _normalize_prompts(prompts: Any) -> list[str | list[int]]:
+        if isinstance(prompts, str):
+            return [prompts]
+        if isinstance(prompts, (list, tuple)):
+            if prompts and all(isinstance(p, int) and not isinstance(p, bool) for p in prompts):
+                return [list(prompts)]  # one prompt given as token ids
+            return list(prompts)
+        raise TypeError(f"prompts must be a str, a list of str, a list of token ids or a "
+                        f"list of token-id lists, got {type(prompts).__name__}")
+
+    def generate(self, prompts: str | list[int] | Seq[str | list[int]],
+                 sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
+                 use_tqdm: bool = True) -> list[RequestOutput]:
+        """Generate completions for all prompts; outputs come back in prompt order.
+
+        prompts: a string, a list of token ids, or a list of either.
+        sampling_params: one SamplingParams for all prompts, or one per prompt
+            (default SamplingParams()).
+        """
+        plist = self._normalize_prompts(prompts)
+        if sampling_params is None:
+            params = [SamplingParams()] * len(plist)
+        elif isinstance(sampling_params, SamplingParams):
+            params = [sampling_params] * len(plist)
+        elif isinstance(sampling_params, (list, tuple)):
+            if len(sampling_params) != len(plist):
+                raise ValueError(f"got {len(sampling_params)} sampling_params for "
+                                 f"{len(plist)} prompts (give one, or one per prompt)")
+            params = list(sampling_params)
+        else:
+            raise TypeError(f"sampling_params must be a SamplingParams or a list of them, "
+                            f"got {type(sampling_params).__name__}")
+        engine = self.llm_engine
+        # Validate everything before queuing anything.
+        for p, sp in zip(plist, params):
+            if not isinstance(sp, SamplingParams):
+                raise TypeError(f"sampling_params must hold SamplingParams, got "
+                                f"{type(sp).__name__}")
+            engine.validate(len(engine.tokenize(p)[1]), sp)
+        ids = [f"gen-{next(self._counter)}" for _ in plist]
+        results: dict[str, RequestOutput] = {}
+        bar = None
+        if use_tqdm:
+            from tqdm.auto import tqdm
+            bar = tqdm(total=len(plist), desc="Generating", dynamic_ncols=True)
+        try:
+            for rid, p, sp in zip(ids, plist, params):
+                engine.add_request(rid, p, sp)
+            t0 = time.perf_counter()
+            gen0 = engine.generation_tokens_total
+            while len(results) < len(ids):
+                for req in engine.step():
+                    if req.finished:
+                        results[req.request_id] = req.to_output()
+                        if bar is not None:
+                            bar.update(1)
+                if bar is not None:
+                    dt = max(time.perf_counter() - t0, 1e-9)
+                    bar.set_postfix(out_tok_s=f"{(engine.generation_tokens_total - gen0) / dt:.0f}",
+                                    refresh=False)
+                if not engine.has_unfinished() and len(results) < len(ids):
+                    raise RuntimeError("engine went idle with unfinished requests")
+        except BaseException:
+            for rid in ids:
+                if rid not in results:
+                    engine.abort_request(rid)
+            raise
+        finally:
+            if bar is not None:
+                bar.close()
+        return [results[rid] for rid in ids]

@@ -1,0 +1,199 @@
+"""Batched sampler: one call turns the step's logits [B, V] into B next tokens, on device.
+
+Per row (its request's SamplingParams), in this order:
+    1. penalties   repetition (tokens in prompt or output), presence and frequency
+                   (tokens in output); skipped when no row uses them.
+    2. min_tokens  EOS / stop tokens masked until the row has min_tokens outputs.
+    3. greedy      rows with temperature 0 take the argmax here.
+    4. temperature logits / T.
+    5. top-k, top-p, min-p  masks (each skipped when no row uses it).
+    6. sampling    Exponential race: argmax(probs / q) with q ~ Exp(1), which samples
+                   from probs exactly. A row with a seed draws its q from its own
+                   torch.Generator, so its tokens do not depend on the rest of the batch.
+Logprobs (when any row asks) come from the raw model logits, like vLLM's default.
+Only one device->host copy per step (the chosen tokens, plus logprobs when asked).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+
+if TYPE_CHECKING:
+    from .sequence import Sequence
+
+
+@dataclass
+class SamplerOutput:
+    """token_ids[i] is row i's next token. With logprobs asked by any row:
+    logprobs[i] = (sampled logprob, sampled rank, top ids, top logprobs) else None."""
+
+    token_ids: list[int]
+    logprobs: list[tuple[float, int, list[int], list[float]] | None] | None = None
+
+
+class Sampler:
+    """Samples the next token of each row (see the module docstring).
+
+    Args:
+        vocab_size: V (logits may have more columns, e.g. a padded lm_head: extra ones
+            are ignored).
+        device: where the logits live.
+        seed: seeds the shared generator used by rows without their own seed.
+    """
+
+    def __init__(self, vocab_size: int, device: torch.device | str = "cpu",
+                 seed: int = 0) -> None:
+        self.vocab_size = vocab_size
+        self.device = torch.device(device)
+        self.generator = torch.Generator(device=self.device)
+        self.generator.manual_seed(seed)
+
+    def make_generator(self, seed: int) -> torch.Generator:
+        g = torch.Generator(device=self.device)
+        g.manual_seed(seed)
+        return g
+
+    def _tensor(self, values: list, dtype: torch.dtype) -> Tensor:
+        return torch.tensor(values, dtype=dtype, device="cpu").to(self.device, non_blocking=True)
+
+    # ------------------------------------------------------------------ pieces
+    def _apply_penalties(self, logits: Tensor, seqs: list["Sequence"]) -> Tensor:
+        B, V = logits.shape
+        rep = [s.params.repetition_penalty for s in seqs]
+        pres = [s.params.presence_penalty for s in seqs]
+        freq = [s.params.frequency_penalty for s in seqs]
+        outs = [s.output_token_ids for s in seqs]
+        max_out = max((len(o) for o in outs), default=0)
+        if max_out:
+            pad = torch.full((B, max_out), V, dtype=torch.int64)
+            for i, o in enumerate(outs):
+                if o:
+                    pad[i, :len(o)] = torch.tensor(o, dtype=torch.int64)
+            counts = torch.zeros(B, V + 1, dtype=logits.dtype, device=self.device)
+            counts.scatter_add_(1, pad.to(self.device), torch.ones(pad.shape, dtype=logits.dtype,
+                                                                   device=self.device))
+            counts = counts[:, :V]
+        else:
+            counts = torch.zeros(B, V, dtype=logits.dtype, device=self.device)
+        if any(r != 1.0 for r in rep):
+            prompts = [s.token_ids[:s.num_prompt_tokens] for s in seqs]
+            max_p = max(len(p) for p in prompts)
+            ppad = torch.full((B, max_p), V, dtype=torch.int64)
+            for i, p in enumerate(prompts):
+                ppad[i, :len(p)] = torch.tensor(p, dtype=torch.int64)
+            seen = torch.zeros(B, V + 1, dtype=torch.bool, device=self.device)
+            seen.scatter_(1, ppad.to(self.device), True)
+            seen = seen[:, :V] | (counts > 0)
+            r = self._tensor(rep, logits.dtype)[:, None]
+            penalized = torch.where(logits > 0, logits / r, logits * r)
+            logits = torch.where(seen, penalized, logits)
+        if any(p != 0.0 for p in pres) or any(f != 0.0 for f in freq):
+            logits = (logits - self._tensor(freq, logits.dtype)[:, None] * counts
+                      - self._tensor(pres, logits.dtype)[:, None] * (counts > 0).to(logits.dtype))
+        return logits
+
+    @staticmethod
+    def _top_k_mask(logits: Tensor, top_k: Tensor, use: Tensor) -> Tensor:
+        kmax = int(top_k.max().item()) if top_k.numel() else 0
+        kmax = max(1, min(kmax, logits.shape[1]))
+        vals = torch.topk(logits, kmax, dim=1).values
+        kth = vals.gather(1, (top_k.clamp(1, kmax) - 1).long()[:, None])
+        return logits.masked_fill(use[:, None] & (logits < kth), float("-inf"))
+
+    @staticmethod
+    def _top_p_min_p_mask(logits: Tensor, top_p: Tensor | None, min_p: Tensor | None) -> Tensor:
+        probs = torch.softmax(logits, dim=1)
+        if min_p is not None:
+            thresh = probs.max(dim=1, keepdim=True).values * min_p[:, None]
+            logits = logits.masked_fill(probs < thresh, float("-inf"))
+            probs = torch.softmax(logits, dim=1)
+        if top_p is not None:
+            sorted_p, idx = torch.sort(probs, dim=1, descending=True)
+            cum = torch.cumsum(sorted_p, dim=1)
+            # Drop a token when the tokens before it already reach top_p (first one kept).
+            drop_sorted = (cum - sorted_p) >= top_p[:, None]
+            drop = torch.zeros_like(drop_sorted).scatter_(1, idx, drop_sorted)
+            logits = logits.masked_fill(drop, float("-inf"))
+        return logits
+
+    # ------------------------------------------------------------------ main
+    def __call__(self, logits: Tensor, seqs: list["Sequence"],
+                 eos_token_ids: list[int] = ()) -> SamplerOutput:
+        """Sample one token per row. logits fp32 [B, >=V] on self.device; seqs [B]."""
+        if logits.shape[0] != len(seqs):
+            raise ValueError(f"logits has {logits.shape[0]} rows but {len(seqs)} sequences")
+        logits = logits[:, :self.vocab_size].float()
+        B = len(seqs)
+        params = [s.params for s in seqs]
+        want_lp = [p.logprobs for p in params]
+        raw_logprobs = (torch.log_softmax(logits, dim=1)
+                        if any(n is not None for n in want_lp) else None)
+
+        if any(p.uses_penalties for p in params):
+            logits = self._apply_penalties(logits, seqs)
+        suppress = [(i, s) for i, s in enumerate(seqs)
+                    if s.num_output_tokens < s.params.min_tokens]
+        if suppress:
+            logits = logits.clone()
+            for i, s in suppress:
+                ids = list(s.params.stop_token_ids) + ([] if s.params.ignore_eos
+                                                       else list(eos_token_ids))
+                ids = [t for t in ids if t < self.vocab_size]
+                if ids:
+                    logits[i, ids] = float("-inf")
+
+        greedy = [p.greedy for p in params]
+        if all(greedy):
+            tokens = logits.argmax(dim=1)
+        else:
+            temps = self._tensor([1.0 if g else p.temperature for g, p in zip(greedy, params)],
+                                 logits.dtype)
+            scaled = logits / temps[:, None]
+            if any(p.uses_top_k for p in params):
+                top_k = self._tensor([p.top_k if p.uses_top_k else 1 for p in params],
+                                     torch.int64)
+                use = self._tensor([p.uses_top_k for p in params], torch.bool)
+                scaled = self._top_k_mask(scaled, top_k, use)
+            need_p = any(p.uses_top_p for p in params)
+            need_min = any(p.uses_min_p for p in params)
+            if need_p or need_min:
+                scaled = self._top_p_min_p_mask(
+                    scaled,
+                    self._tensor([p.top_p if p.uses_top_p else 1.0 for p in params],
+                                 logits.dtype) if need_p else None,
+                    self._tensor([p.min_p if p.uses_min_p else 0.0 for p in params],
+                                 logits.dtype) if need_min else None)
+            probs = torch.softmax(scaled, dim=1)
+            q = torch.empty_like(probs)
+            seeded = [i for i, s in enumerate(seqs) if s.generator is not None and not greedy[i]]
+            if len(seeded) < B:
+                q.exponential_(generator=self.generator)
+            for i in seeded:
+                q[i].exponential_(generator=seqs[i].generator)
+            sampled = (probs / q.clamp_min_(1e-30)).argmax(dim=1)
+            if any(greedy):
+                g = self._tensor(greedy, torch.bool)
+                tokens = torch.where(g, logits.argmax(dim=1), sampled)
+            else:
+                tokens = sampled
+
+        if raw_logprobs is None:
+            return SamplerOutput(token_ids=tokens.tolist())
+        n_top = max(n for n in want_lp if n is not None)
+        chosen = raw_logprobs.gather(1, tokens[:, None])
+        ranks = (raw_logprobs > chosen).sum(dim=1) + 1
+        if n_top > 0:
+            top_lp, top_ids = torch.topk(raw_logprobs, n_top, dim=1)
+            top_lp, top_ids = top_lp.tolist(), top_ids.tolist()
+        token_list, chosen_l, ranks_l = tokens.tolist(), chosen[:, 0].tolist(), ranks.tolist()
+        lps: list[tuple[float, int, list[int], list[float]] | None] = []
+        for i, n in enumerate(want_lp):
+            if n is None:
+                lps.append(None)
+            else:
+                lps.append((chosen_l[i], ranks_l[i], top_ids[i][:n] if n else [],
+                            top_lp[i][:n] if n else []))
+        return SamplerOutput(token_ids=token_list, logprobs=lps)

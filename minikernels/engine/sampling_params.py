@@ -1,0 +1,172 @@
+"""SamplingParams: how one request is sampled and when it stops (vLLM's field names).
+
+Every field is validated when the object is built; an error names the field and what was
+expected, e.g. ``ValueError: SamplingParams.top_p must be in (0, 1], got 1.5``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+_EPS = 1e-5  # temperatures below this are greedy
+
+
+def _is_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v: object) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+@dataclass
+class SamplingParams:
+    """Sampling and stopping parameters of one request.
+
+    Sampling (applied in this order to the fp32 logits of the last position):
+        repetition_penalty  > 0; 1 = off. Logits of tokens seen in the prompt or output
+                            are divided by it (positive) or multiplied (negative).
+        presence_penalty    in [-2, 2]; subtracted once from tokens present in the output.
+        frequency_penalty   in [-2, 2]; subtracted per occurrence in the output.
+        temperature         >= 0; 0 = greedy (argmax).
+        top_k               -1 (or 0) = off, else keep the k most likely tokens.
+        top_p               in (0, 1]; keep the smallest set with cumulative prob >= top_p.
+        min_p               in [0, 1]; drop tokens with prob < min_p * max prob.
+        seed                int or None; a per-request generator makes sampling reproducible
+                            whatever else is in the batch.
+    Stopping:
+        max_tokens          >= 1 new tokens at most (None = up to the model's max length).
+        min_tokens          >= 0; EOS and stop_token_ids are suppressed before this many.
+        stop                str or list of str; the output text is cut before the first
+                            match (kept with include_stop_str_in_output=True).
+        stop_token_ids      list of token ids that end the request (kept in token_ids).
+        ignore_eos          do not stop at the model's EOS tokens.
+    Output:
+        n                   >= 1 independent completions of the prompt.
+        logprobs            None, or >= 0: return the sampled token's logprob plus the top
+                            ``logprobs`` alternatives per step (from the raw model logits).
+        skip_special_tokens drop special tokens from the output text.
+    """
+
+    n: int = 1
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    min_p: float = 0.0
+    seed: int | None = None
+    max_tokens: int | None = 16
+    min_tokens: int = 0
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool = False
+    logprobs: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    skip_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
+    # Filled in by __post_init__: stop normalised to a list.
+    stop_strings: list[str] = field(default_factory=list, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self._check_int("n", self.n, low=1)
+        self._check_num("temperature", self.temperature, low=0.0)
+        self._check_num("top_p", self.top_p)
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"SamplingParams.top_p must be in (0, 1], got {self.top_p}")
+        self._check_int("top_k", self.top_k)
+        if self.top_k < -1:
+            raise ValueError(f"SamplingParams.top_k must be -1 (off), 0 (off) or >= 1, got "
+                             f"{self.top_k}")
+        self._check_num("min_p", self.min_p)
+        if not 0.0 <= self.min_p <= 1.0:
+            raise ValueError(f"SamplingParams.min_p must be in [0, 1], got {self.min_p}")
+        if self.seed is not None:
+            self._check_int("seed", self.seed)
+        if self.max_tokens is not None:
+            self._check_int("max_tokens", self.max_tokens, low=1)
+        self._check_int("min_tokens", self.min_tokens, low=0)
+        if self.max_tokens is not None and self.min_tokens > self.max_tokens:
+            raise ValueError(f"SamplingParams.min_tokens ({self.min_tokens}) must be <= "
+                             f"max_tokens ({self.max_tokens})")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            self._check_num(name, value)
+            if not -2.0 <= value <= 2.0:
+                raise ValueError(f"SamplingParams.{name} must be in [-2, 2], got {value}")
+        self._check_num("repetition_penalty", self.repetition_penalty)
+        if not self.repetition_penalty > 0.0:
+            raise ValueError(f"SamplingParams.repetition_penalty must be > 0, got "
+                             f"{self.repetition_penalty}")
+        if self.logprobs is not None:
+            self._check_int("logprobs", self.logprobs, low=0)
+        for name in ("ignore_eos", "skip_special_tokens", "include_stop_str_in_output"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"SamplingParams.{name} must be a bool, got "
+                                f"{type(getattr(self, name)).__name__}")
+        if self.stop is None:
+            stops: list[str] = []
+        elif isinstance(self.stop, str):
+            stops = [self.stop]
+        elif isinstance(self.stop, (list, tuple)):
+            stops = list(self.stop)
+        else:
+            raise TypeError(f"SamplingParams.stop must be a str or a list of str, got "
+                            f"{type(self.stop).__name__}")
+        for s in stops:
+            if not isinstance(s, str):
+                raise TypeError(f"SamplingParams.stop must hold only str, got "
+                                f"{type(s).__name__}")
+            if not s:
+                raise ValueError("SamplingParams.stop must not contain an empty string")
+        self.stop_strings = stops
+        if self.stop_token_ids is None:
+            self.stop_token_ids = []
+        elif not isinstance(self.stop_token_ids, (list, tuple)):
+            raise TypeError(f"SamplingParams.stop_token_ids must be a list of int, got "
+                            f"{type(self.stop_token_ids).__name__}")
+        else:
+            for t in self.stop_token_ids:
+                if not _is_int(t) or t < 0:
+                    raise ValueError(f"SamplingParams.stop_token_ids must hold ints >= 0, "
+                                     f"got {t!r}")
+            self.stop_token_ids = list(self.stop_token_ids)
+
+    @staticmethod
+    def _check_int(name: str, value: object, low: int | None = None) -> None:
+        if not _is_int(value):
+            raise TypeError(f"SamplingParams.{name} must be an int, got "
+                            f"{type(value).__name__} ({value!r})")
+        if low is not None and value < low:  # type: ignore[operator]
+            raise ValueError(f"SamplingParams.{name} must be >= {low}, got {value}")
+
+    @staticmethod
+    def _check_num(name: str, value: object, low: float | None = None) -> None:
+        if not _is_num(value):
+            raise TypeError(f"SamplingParams.{name} must be a number, got "
+                            f"{type(value).__name__} ({value!r})")
+        if value != value:  # NaN
+            raise ValueError(f"SamplingParams.{name} must not be NaN")
+        if low is not None and value < low:  # type: ignore[operator]
+            raise ValueError(f"SamplingParams.{name} must be >= {low}, got {value}")
+
+    # ------------------------------------------------------------------ derived flags
+    @property
+    def greedy(self) -> bool:
+        return self.temperature < _EPS
+
+    @property
+    def uses_top_k(self) -> bool:
+        return self.top_k > 0 and not self.greedy
+
+    @property
+    def uses_top_p(self) -> bool:
+        return self.top_p < 1.0 and not self.greedy
+
+    @property
+    def uses_min_p(self) -> bool:
+        return self.min_p > 0.0 and not self.greedy
+
+    @property
+    def uses_penalties(self) -> bool:
+        return (self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+                or self.repetition_penalty != 1.0)

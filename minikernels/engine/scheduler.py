@@ -1,0 +1,177 @@
+"""Continuous-batching scheduler: which tokens of which sequences run in the next step.
+
+One step has a token budget (``max_num_batched_tokens``) and a sequence cap
+(``max_num_seqs``). Scheduling, in order:
+
+1. Running sequences, oldest first. Each gets all its uncomputed tokens up to the
+   remaining budget: 1 for a decoding sequence, a chunk for one still in (chunked)
+   prefill. When the pool has no block for it, the newest running sequence that is not
+   yet scheduled in this step is preempted (blocks freed, back to the front of the
+   waiting queue, recomputed later; its generated tokens are kept so its output does
+   not change); if none is left, the sequence preempts itself.
+2. Waiting sequences, first come first served, while budget and seats remain and no
+   preemption happened in this step. Each first takes its prefix-cache hits, then a
+   prompt chunk as large as the budget allows (chunked prefill); a new sequence is
+   admitted only if a small watermark of blocks stays free.
+
+The step's batch lists the sequences with one new token first (decode tokens; they go
+through paged decode attention), then the multi-token chunks (prefill).
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from .block_manager import BlockManager
+from .sequence import Sequence, SequenceStatus
+
+
+@dataclass
+class ScheduledBatch:
+    """One step's work: ``seqs[i]`` computes ``num_new_tokens[i]`` tokens.
+
+    The first ``num_decode`` entries have exactly one new token.
+    """
+
+    seqs: list[Sequence] = field(default_factory=list)
+    num_new_tokens: list[int] = field(default_factory=list)
+    num_decode: int = 0
+    preempted: list[Sequence] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(self.num_new_tokens)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.seqs
+
+    def samples(self, i: int) -> bool:
+        """Whether seqs[i] reaches its last token in this step (so it samples a new one)."""
+        seq = self.seqs[i]
+        return seq.num_computed_tokens + self.num_new_tokens[i] == seq.num_tokens
+
+
+class Scheduler:
+    """Waiting and running queues over a BlockManager (see the module docstring).
+
+    Args:
+        block_manager: the KV pool.
+        max_num_seqs: most sequences running at once (>= 1).
+        max_num_batched_tokens: token budget of one step (>= 1).
+        watermark: fraction of blocks kept free when admitting new sequences.
+    """
+
+    def __init__(self, block_manager: BlockManager, max_num_seqs: int = 256,
+                 max_num_batched_tokens: int = 8192, watermark: float = 0.01) -> None:
+        for name, value in (("max_num_seqs", max_num_seqs),
+                            ("max_num_batched_tokens", max_num_batched_tokens)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        self.bm = block_manager
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.watermark_blocks = int(watermark * block_manager.num_blocks)
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+
+    # ------------------------------------------------------------------ queues
+    def add(self, seq: Sequence) -> None:
+        seq.status = SequenceStatus.WAITING
+        self.waiting.append(seq)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.bm.free_seq(seq)
+        seq.status = SequenceStatus.WAITING
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(seq)
+
+    def finish(self, seq: Sequence, reason: str, stop_reason: str | int | None = None) -> None:
+        """Mark seq finished and free its blocks (it leaves whichever queue holds it)."""
+        if seq.status is SequenceStatus.RUNNING:
+            self.running.remove(seq)
+        elif seq.status is SequenceStatus.WAITING:
+            try:
+                self.waiting.remove(seq)
+            except ValueError:
+                pass  # not queued yet
+        self.bm.free_seq(seq)
+        seq.status = SequenceStatus.FINISHED
+        seq.finish_reason = reason
+        seq.stop_reason = stop_reason
+
+    # ------------------------------------------------------------------ scheduling
+    def schedule(self) -> ScheduledBatch:
+        """Pick this step's work (see the module docstring). May preempt sequences."""
+        budget = self.max_num_batched_tokens
+        chosen: list[tuple[Sequence, int]] = []
+        preempted: list[Sequence] = []
+        running = self.running
+
+        i = 0
+        while i < len(running) and budget > 0:
+            seq = running[i]
+            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            if n <= 0:  # pragma: no cover - a finished-but-not-removed sequence
+                i += 1
+                continue
+            while not self.bm.allocate(seq, n):
+                victim = running.pop()  # newest; not scheduled yet in this step
+                self._preempt(victim)
+                preempted.append(victim)
+                if victim is seq:
+                    break
+            else:
+                chosen.append((seq, n))
+                budget -= n
+                i += 1
+
+        if not preempted:
+            while self.waiting and budget > 0 and len(running) < self.max_num_seqs:
+                seq = self.waiting[0]
+                hits = self.bm.lookup_prefix(seq) if not seq.block_table else []
+                computed = len(hits) * self.bm.block_size if hits else seq.num_computed_tokens
+                n = min(seq.num_tokens - computed, budget)
+                if not self.bm.allocate(seq, n, hits, reserve_blocks=self.watermark_blocks):
+                    if not running and not chosen:
+                        # Nothing else holds blocks: the watermark must not block it.
+                        if not self.bm.allocate(seq, n, hits):
+                            raise RuntimeError(
+                                f"{seq} cannot fit in an empty KV pool of "
+                                f"{self.bm.num_blocks} blocks (requests are validated "
+                                f"against the pool size, so this is a bug)")
+                    else:
+                        break
+                if seq.num_preemptions == 0:
+                    seq.num_cached_tokens = seq.num_computed_tokens
+                self.waiting.popleft()
+                seq.status = SequenceStatus.RUNNING
+                running.append(seq)
+                chosen.append((seq, n))
+                budget -= n
+
+        # Decode tokens (one new token) first, then prefill chunks; stable otherwise.
+        chosen.sort(key=lambda sn: sn[1] != 1)
+        batch = ScheduledBatch(seqs=[s for s, _ in chosen], num_new_tokens=[n for _, n in chosen],
+                               preempted=preempted)
+        batch.num_decode = sum(1 for n in batch.num_new_tokens if n == 1)
+        return batch
+
+    def advance(self, batch: ScheduledBatch) -> None:
+        """After the forward: the scheduled tokens of each sequence are now computed."""
+        for seq, n in zip(batch.seqs, batch.num_new_tokens):
+            if seq.status is SequenceStatus.RUNNING:
+                seq.num_computed_tokens += n

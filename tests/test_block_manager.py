@@ -1,0 +1,147 @@
+"""BlockManager: ref counts, free list, prefix caching by chained block hashes."""
+from __future__ import annotations
+
+import pytest
+
+from minikernels.engine.block_manager import BlockManager
+from minikernels.engine.sampling_params import SamplingParams
+from minikernels.engine.sequence import Request, Sequence
+
+_ids = iter(range(10**9))
+
+
+def make_seq(tokens: list[int]) -> Sequence:
+    req = Request(f"r{next(_ids)}", None, tokens, SamplingParams())
+    seq = Sequence(next(_ids), req, 0)
+    req.seqs.append(seq)
+    return seq
+
+
+def admit(bm: BlockManager, seq: Sequence, n: int | None = None) -> bool:
+    hits = bm.lookup_prefix(seq)
+    computed = len(hits) * bm.block_size
+    return bm.allocate(seq, (seq.num_tokens - computed) if n is None else n, hits)
+
+
+def test_allocate_and_free_accounting():
+    bm = BlockManager(8, 4)
+    a, b = make_seq(list(range(10))), make_seq(list(range(100, 105)))
+    assert admit(bm, a) and admit(bm, b)
+    assert len(a.block_table) == 3 and len(b.block_table) == 2
+    assert bm.num_free_blocks == 3
+    bm.check_invariants([a, b])
+    bm.free_seq(a)
+    bm.free_seq(b)
+    assert bm.num_free_blocks == 8 and a.block_table == [] and a.num_computed_tokens == 0
+    bm.check_invariants([])
+
+
+def test_allocate_failure_changes_nothing():
+    bm = BlockManager(2, 4, enable_prefix_caching=False)
+    a = make_seq(list(range(12)))  # needs 3 blocks
+    assert not admit(bm, a)
+    assert bm.num_free_blocks == 2 and a.block_table == []
+    bm.check_invariants([])
+
+
+def test_incremental_allocation_grows_table():
+    bm = BlockManager(8, 4, enable_prefix_caching=False)
+    s = make_seq(list(range(4)))
+    assert bm.allocate(s, 4)
+    s.num_computed_tokens = 4
+    s.token_ids.append(7)
+    assert bm.allocate(s, 1)
+    assert len(s.block_table) == 2
+    bm.free_seq(s)
+    bm.check_invariants([])
+
+
+def test_shared_prefix_is_shared_and_ref_counted():
+    bm = BlockManager(16, 4)
+    prefix = list(range(1, 9))                      # two full blocks
+    a = make_seq(prefix + [50, 51, 52])
+    b = make_seq(prefix + [60])
+    assert admit(bm, a)
+    assert admit(bm, b)
+    assert b.block_table[:2] == a.block_table[:2]
+    assert b.num_computed_tokens == 8 and b.num_cached_tokens == 0  # set by the scheduler
+    assert bm.blocks[a.block_table[0]].ref_count == 2
+    assert bm.num_hit_tokens == 8
+    bm.check_invariants([a, b])
+    bm.free_seq(a)
+    assert bm.blocks[b.block_table[0]].ref_count == 1
+    bm.free_seq(b)
+    bm.check_invariants([])
+    assert bm.num_free_blocks == 16
+    # Freed but still cached: a new sequence hits the blocks from the free list.
+    c = make_seq(prefix + [70, 71])
+    hits = bm.lookup_prefix(c)
+    assert len(hits) == 2
+    assert bm.allocate(c, c.num_tokens - 8, hits)
+    assert bm.num_free_blocks == 16 - 3
+    bm.free_seq(c)
+    bm.check_invariants([])
+
+
+def test_last_token_is_never_served_from_cache():
+    bm = BlockManager(8, 4)
+    tokens = list(range(1, 9))  # exactly two blocks
+    a = make_seq(tokens)
+    assert admit(bm, a)
+    b = make_seq(list(tokens))
+    hits = bm.lookup_prefix(b)
+    assert len(hits) == 1       # block 2 holds the last token: recomputed
+    assert bm.allocate(b, 4, hits)
+    assert b.num_computed_tokens == 4
+    for s in (a, b):
+        bm.free_seq(s)
+    bm.check_invariants([])
+
+
+def test_eviction_drops_hash_and_lru_order():
+    bm = BlockManager(3, 2)
+    a = make_seq([1, 2, 3, 4, 5])
+    assert admit(bm, a)
+    bm.free_seq(a)
+    assert len(bm.cached) == 2
+    # A different 6-token prompt takes all 3 blocks: every cached block is evicted.
+    b = make_seq([9, 9, 9, 9, 9, 9])
+    assert admit(bm, b)
+    assert all(bm.cached.get(h) != blk for h, blk in bm.cached.items()
+               if bm.blocks[blk].token_ids != (9, 9))
+    c = make_seq([1, 2, 3, 4, 5])
+    assert bm.lookup_prefix(c) == []
+    bm.free_seq(b)
+    bm.check_invariants([])
+
+
+def test_hash_collision_is_not_served(monkeypatch):
+    bm = BlockManager(8, 2)
+    a = make_seq([1, 2, 3])
+    assert admit(bm, a)
+    # Corrupt the stored tokens as a colliding block would look.
+    blk = bm.blocks[a.block_table[0]]
+    blk.token_ids = (7, 7)
+    b = make_seq([1, 2, 3])
+    assert bm.lookup_prefix(b) == []
+    bm.free_seq(a)
+    bm.check_invariants([])
+
+
+def test_prefix_caching_disabled_shares_nothing():
+    bm = BlockManager(8, 2, enable_prefix_caching=False)
+    a, b = make_seq([1, 2, 3, 4, 5]), make_seq([1, 2, 3, 4, 5])
+    assert admit(bm, a) and admit(bm, b)
+    assert set(a.block_table).isdisjoint(b.block_table)
+    assert not bm.cached
+    for s in (a, b):
+        bm.free_seq(s)
+    bm.check_invariants([])
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, True])
+def test_bad_sizes(bad):
+    with pytest.raises(ValueError, match="num_blocks"):
+        BlockManager(bad, 16)
+    with pytest.raises(ValueError, match="block_size"):
+        BlockManager(4, bad)
