@@ -3,28 +3,101 @@
 Ops: ``minikernels::write_kv_cache`` (mutates the caches) and
 ``minikernels::paged_decode_attention``. Cache layout per layer: k_cache, v_cache
 [num_blocks, block_size, Hkv, D]; slot = block * block_size + offset (vLLM's slot_mapping),
-slot -1 skips a token (padding rows of a captured CUDA graph). Backends: reference; the
-Triton and CUDA kernels plug in here.
+slot -1 skips a token (padding rows of a captured CUDA graph).
+
+Backends:
+    write_kv_cache          reference; triton (ops/triton/kv_cache.py); cuda
+                            (csrc/kv_cache.cu, a dtype-agnostic row copy; auto prefers it).
+    paged_decode_attention  reference; triton (ops/triton/paged_attention.py, tensor cores,
+                            fp16/bf16; auto's choice on CUDA); cuda
+                            (csrc/paged_attention.cu, fp16/bf16, GQA group <= 8,
+                            D in {64, 128, 256}; opt in with use_backend("cuda")).
+                            fp32 on a GPU runs the reference (fp32 is for CPU model
+                            tests); on CPU the Triton interpreter runs fp32 too.
+
+Split-KV: a sequence's tokens are cut into splits processed by separate programs and
+merged by their LSE. ``num_splits=0`` picks the count from the SM count, batch, kv heads
+and the block table's capacity (fast, but a sequence's result may change bitwise with the
+batch). ``num_splits=N > 0`` or ``split_size=S > 0`` (tokens per split, rounded up to the
+kernel tile; overrides num_splits) cut each sequence by its own length only, so its output
+is bitwise the same in any batch, at any position, with any block-table width
+(batch-invariant mode, per backend and device).
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
 from torch import Tensor
 
 from .. import backend as _backend
-from .._validation import (FLOAT_DTYPES, check_index_range, check_last_dim_contiguous,
-                           check_positive_float, check_shape, check_tensor)
-from . import reference
+from .._validation import (FLOAT_DTYPES, HALF_DTYPES, check_index_range,
+                           check_last_dim_contiguous, check_positive_float, check_shape,
+                           check_tensor)
+from . import _alloc, reference
 from .attention import check_block_table, check_head_dim, check_paged_cache
+
+#: Split-KV heuristic: aim for this many programs per SM, no split shorter than this.
+_PROGRAMS_PER_SM = 8
+_MIN_SPLIT_TOKENS = 512
+_MAX_SPLITS = 128
+#: Head dims and GQA group sizes the CUDA C++ decode kernel is built for.
+_CUDA_HEAD_DIMS = (64, 128, 256)
+_CUDA_MAX_GROUP = 8
+
+
+def _stream(device: torch.device) -> int:
+    return torch.cuda.current_stream(device).cuda_stream
+
+
+def tile_tokens(head_dim: int) -> int:
+    """KV tokens per kernel tile (both backends); splits are multiples of it."""
+    return 32 if head_dim > 128 else 64
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 132  # CPU (Triton interpreter): plan as for an H100/H200
+
+
+def plan_splits(batch: int, kv_heads: int, max_tokens: int, head_dim: int, num_splits: int,
+                split_size: int, device: torch.device) -> tuple[int, int, int, bool]:
+    """Decide the split-KV launch from host-side shapes only (no device sync, graph-safe).
+
+    max_tokens: block-table capacity (max_blocks * block_size), an upper bound on seq_lens.
+    Returns (grid_splits, num_splits, split_size, use_split): programs per (sequence, kv
+    head); the per-sequence rule the kernels apply (split_size > 0: that many tokens per
+    split, else cdiv(len, num_splits) rounded up to the tile); whether partials are merged.
+    """
+    tile = tile_tokens(head_dim)
+    if split_size > 0:
+        size = -(-split_size // tile) * tile
+        return max(1, -(-max_tokens // size)), 1, size, True
+    if num_splits > 0:
+        return num_splits, num_splits, 0, num_splits > 1
+    programs = max(1, batch * kv_heads)
+    want = -(-(_PROGRAMS_PER_SM * _sm_count(device)) // programs)
+    by_len = max(1, max_tokens // _MIN_SPLIT_TOKENS)
+    n = max(1, min(want, by_len, _MAX_SPLITS))
+    return n, n, 0, n > 1
 
 
 @torch.library.custom_op("minikernels::write_kv_cache", mutates_args=("k_cache", "v_cache"))
 def _write_kv_cache(k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor,
                     slot_mapping: Tensor) -> None:
-    _backend.resolve("write_kv_cache", k.device)
-    reference.write_kv_cache(k, v, k_cache, v_cache, slot_mapping)
+    which = _backend.resolve("write_kv_cache", k.device, cuda_ok=True, prefer_cuda=True)
+    if which == "cuda":
+        if k.shape[0] > 0:
+            _backend.cuda_extension().write_kv_cache(k, v, k_cache, v_cache, slot_mapping,
+                                                     _stream(k.device))
+    elif which == "triton":
+        from .triton import kv_cache as triton_kv
+        triton_kv.write_kv_cache(k, v, k_cache, v_cache, slot_mapping)
+    else:
+        reference.write_kv_cache(k, v, k_cache, v_cache, slot_mapping)
 
 
 @_write_kv_cache.register_fake
@@ -35,15 +108,59 @@ def _(k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, slot_mapping: Tens
 @torch.library.custom_op("minikernels::paged_decode_attention", mutates_args=())
 def _paged_decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_table: Tensor,
                             seq_lens: Tensor, softmax_scale: float, window_left: int,
-                            softcap: float, num_splits: int) -> Tensor:
-    _backend.resolve("paged_decode_attention", q.device)
-    return reference.paged_decode_attention(q, k_cache, v_cache, block_table, seq_lens,
-                                            softmax_scale, window_left, softcap)
+                            softcap: float, num_splits: int, split_size: int = 0) -> Tensor:
+    d, hkv = q.shape[2], k_cache.shape[2]
+
+    def cuda_ok() -> bool:
+        return (q.dtype in HALF_DTYPES and d in _CUDA_HEAD_DIMS
+                and q.shape[1] // hkv <= _CUDA_MAX_GROUP)
+
+    which = _backend.resolve("paged_decode_attention", q.device, cuda_ok=cuda_ok,
+                             prefer_cuda=False)
+    if which != "reference" and q.is_cuda and (
+            q.dtype == torch.float32 or k_cache.data_ptr() % 16 or v_cache.data_ptr() % 16):
+        which = "reference"  # kernels: fp16/bf16 caches with 16-byte aligned rows
+    if which == "reference":
+        return reference.paged_decode_attention(q, k_cache, v_cache, block_table, seq_lens,
+                                                softmax_scale, window_left,
+                                                softcap).contiguous()
+    grid_splits, n_rule, size_rule, use_split = plan_splits(
+        q.shape[0], hkv, block_table.shape[1] * k_cache.shape[1], d, num_splits, split_size,
+        q.device)
+    if which == "cuda":
+        return _paged_decode_cuda(q, k_cache, v_cache, block_table, seq_lens, softmax_scale,
+                                  window_left, softcap, grid_splits, n_rule, size_rule,
+                                  use_split)
+    from .triton import paged_attention as triton_paged
+    return triton_paged.paged_decode_attention(
+        q, k_cache, v_cache, block_table, seq_lens, softmax_scale, window_left, softcap,
+        grid_splits, n_rule, size_rule, use_split)
+
+
+def _paged_decode_cuda(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_table: Tensor,
+                       seq_lens: Tensor, scale: float, window_left: int, softcap: float,
+                       grid_splits: int, num_splits: int, split_size: int,
+                       use_split: bool) -> Tensor:
+    bsz, hq, d = q.shape
+    out = _alloc.empty((bsz, hq, d), q.dtype, q.device)
+    if bsz == 0:
+        return out
+    if use_split:
+        opart = _alloc.empty((bsz, hq, grid_splits, d), torch.float32, q.device)
+        lse = _alloc.empty((bsz, hq, grid_splits), torch.float32, q.device)
+    else:
+        opart = lse = None
+    _backend.cuda_extension().paged_decode_attention(
+        out, q, k_cache, v_cache, block_table, seq_lens, opart, lse, float(scale),
+        float(softcap), int(window_left), int(num_splits), int(split_size), int(grid_splits),
+        _stream(q.device))
+    return out
 
 
 @_paged_decode_attention.register_fake
 def _(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_table: Tensor, seq_lens: Tensor,
-      softmax_scale: float, window_left: int, softcap: float, num_splits: int) -> Tensor:
+      softmax_scale: float, window_left: int, softcap: float, num_splits: int,
+      split_size: int = 0) -> Tensor:
     return torch.empty(q.shape, dtype=q.dtype, device=q.device)
 
 
@@ -75,13 +192,18 @@ def write_kv_cache(k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor,
 def paged_decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_table: Tensor,
                            seq_lens: Tensor, softmax_scale: float | None = None,
                            window_left: int = -1, softcap: float = 0.0,
-                           num_splits: int = 0) -> Tensor:
+                           num_splits: int = 0, *, split_size: int = 0) -> Tensor:
     """Decode attention: one query per sequence over its paged KV cache.
 
     q [B, Hq, D]; k_cache, v_cache [num_blocks, block_size, Hkv, D] (q's dtype);
     block_table int32 [B, max_blocks]; seq_lens int32 [B] (cached tokens, the new one
-    included). num_splits: 0 = heuristic split-KV, > 0 = that many KV splits. Returns
-    [B, Hq, D] in q.dtype; a sequence with seq_len 0 gets zeros.
+    included). num_splits: 0 = heuristic split-KV, > 0 = that many KV splits per sequence.
+    split_size (keyword): > 0 = fixed tokens per split (rounded up to the kernel tile,
+    overrides num_splits). With num_splits > 0 or split_size > 0 a sequence's output is
+    bitwise independent of the batch it is in (batch-invariant mode). softcap > 0 applies
+    softcap * tanh(s / softcap) to the scaled scores; window_left >= 0 keeps the last
+    window_left + 1 tokens. Returns [B, Hq, D] in q.dtype (contiguous); a sequence with
+    seq_len 0 gets zeros.
     """
     check_tensor("q", q, dtypes=FLOAT_DTYPES, ndim=3)
     d = q.shape[2]
@@ -96,12 +218,16 @@ def paged_decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_ta
     check_index_range("seq_lens", seq_lens, 0, 2**31 - 1)
     check_block_table(block_table, q.shape[0], seq_lens, k_cache.shape[0], k_cache.shape[1],
                       q.device)
-    if not isinstance(num_splits, int) or num_splits < 0:
+    if not isinstance(num_splits, int) or isinstance(num_splits, bool) or num_splits < 0:
         raise ValueError(f"num_splits must be an int >= 0, got {num_splits!r}")
+    if not isinstance(split_size, int) or isinstance(split_size, bool) or split_size < 0:
+        raise ValueError(f"split_size must be an int >= 0 (tokens per split), got "
+                         f"{split_size!r}")
     if not isinstance(window_left, int) or window_left < -1:
         raise ValueError(f"window_left must be -1 (no window) or >= 0, got {window_left!r}")
     softcap = check_positive_float("softcap", softcap, allow_zero=True)
     scale = (1.0 / math.sqrt(d) if softmax_scale is None
              else check_positive_float("softmax_scale", softmax_scale))
     return torch.ops.minikernels.paged_decode_attention(
-        q, k_cache, v_cache, block_table, seq_lens, scale, window_left, softcap, num_splits)
+        q, k_cache, v_cache, block_table, seq_lens, scale, window_left, softcap, num_splits,
+        split_size)

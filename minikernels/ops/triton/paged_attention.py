@@ -1,0 +1,256 @@
+"""Paged decode attention (one query token per sequence) with split-KV, in Triton.
+
+Algorithm (flash-decoding over a paged cache, GQA-aware):
+  grid = (batch, kv_heads, splits). A program owns one sequence, one KV head and one
+  contiguous range of that sequence's tokens (a *split*). It loads the GROUP query heads
+  that share the KV head as one [GROUP_PAD >= 16, D] tile, so every K/V page is read once
+  and QK^T / PV run on tensor cores (tl.dot). It walks its range BLOCK_N tokens at a time:
+  token t lives at page block_table[b, t // block_size], row t % block_size; scores are
+  scaled (and soft-capped), masked outside [window start, seq_len), and folded into an
+  online softmax in base 2 (running max m, sum l, accumulator acc).
+  One split (SPLIT=False): the program writes acc / l to the output.
+  Several splits: it writes acc / l (fp32) and its base-2 LSE m + log2(l); a second kernel
+  (paged_merge_kernel, grid (batch, q_heads)) combines the splits of each row:
+  out = sum_i 2^(lse_i - M) o_i / sum_i 2^(lse_i - M), M = max_i lse_i.
+
+Split ranges depend only on the sequence's own length (see _split_plan), never on the
+batch: with a fixed num_splits or a fixed split_size a sequence's output is bitwise the
+same whatever batch it is in. Splits are multiples of BLOCK_N, which depends only on the
+head dim.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .. import _alloc
+from .registry import KernelSpec, register
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _split_plan(seq_len, window_left, num_splits, split_size, BLOCK_N: tl.constexpr):
+    """-> (first visible token, tile-aligned start, tokens per split, valid splits)."""
+    win_lo = seq_len * 0
+    if window_left >= 0:
+        win_lo = tl.maximum(seq_len - 1 - window_left, 0)
+    lo = (win_lo // BLOCK_N) * BLOCK_N
+    span = seq_len - lo
+    if split_size > 0:
+        chunk = split_size
+    else:
+        chunk = tl.cdiv(tl.cdiv(span, num_splits), BLOCK_N) * BLOCK_N
+    chunk = tl.maximum(chunk, BLOCK_N)
+    n_valid = tl.cdiv(span, chunk)
+    return win_lo, lo, chunk, n_valid
+
+
+@triton.jit
+def _tanh(x):
+    # 1 - 2 / (e^{2x} + 1): exact limits at +-inf, no libdevice dependency.
+    return 1.0 - 2.0 / (tl.exp2(x * 2.8853900817779268) + 1.0)
+
+
+@triton.jit
+def paged_decode_kernel(
+        q_ptr, k_ptr, v_ptr, bt_ptr, lens_ptr, out_ptr, opart_ptr, lse_ptr,
+        scale, softcap, window_left, num_splits, split_size, max_splits,
+        stride_qb, stride_qh, stride_cb, stride_ct, stride_ch, stride_bt,
+        stride_ob, stride_oh,
+        GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
+        D_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
+        SOFTCAP: tl.constexpr, SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    b = tl.program_id(0)
+    kvh = tl.program_id(1)
+    split = tl.program_id(2)
+    seq_len = tl.load(lens_ptr + b)
+    win_lo, lo, chunk, n_valid = _split_plan(seq_len, window_left, num_splits, split_size,
+                                             BLOCK_N)
+    start = lo + split * chunk
+    end = tl.minimum(start + chunk, seq_len)
+
+    rows = tl.arange(0, GROUP_PAD)
+    d = tl.arange(0, D_PAD)
+    row_mask = rows < GROUP
+    d_mask = d < HEAD_DIM
+    heads = kvh * GROUP + rows
+    q = tl.load(q_ptr + b.to(tl.int64) * stride_qb + heads[:, None] * stride_qh + d[None, :],
+                mask=row_mask[:, None] & d_mask[None, :], other=0.0)
+
+    m_i = tl.full([GROUP_PAD], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([GROUP_PAD], dtype=tl.float32)
+    acc = tl.zeros([GROUP_PAD, D_PAD], dtype=tl.float32)
+    bt_row = bt_ptr + b.to(tl.int64) * stride_bt
+    head_off = kvh.to(tl.int64) * stride_ch
+    for t0 in range(start, end, BLOCK_N):
+        offs = t0 + tl.arange(0, BLOCK_N)
+        in_seq = offs < end
+        visible = in_seq & (offs >= win_lo)
+        page = tl.load(bt_row + offs // BLOCK_SIZE, mask=in_seq, other=0).to(tl.int64)
+        row_off = page * stride_cb + (offs % BLOCK_SIZE).to(tl.int64) * stride_ct + head_off
+        kv_mask = visible[:, None] & d_mask[None, :]
+        # Rows start 16-byte aligned (torch allocations; strides are multiples of D, D % 8
+        # == 0). The JIT infers this; the hint keeps ahead-of-time builds vectorized too.
+        k_ptrs = tl.multiple_of(k_ptr + row_off[:, None] + d[None, :], [1, 16])
+        v_ptrs = tl.multiple_of(v_ptr + row_off[:, None] + d[None, :], [1, 16])
+        k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)        # [GROUP_PAD, BLOCK_N]
+        if SOFTCAP:
+            s = softcap * _tanh(s * (scale / softcap)) * 1.4426950408889634
+        else:
+            s = s * (scale * 1.4426950408889634)
+        s = tl.where(visible[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+
+    has = l_i > 0
+    o = acc / tl.where(has, l_i, 1.0)[:, None]
+    out_mask = row_mask[:, None] & d_mask[None, :]
+    if SPLIT:
+        # partials: o [B, Hq, max_splits, D] fp32, lse [B, Hq, max_splits] (base 2)
+        prow = (b.to(tl.int64) * (GROUP * tl.num_programs(1)) + heads) * max_splits + split
+        rows_valid = row_mask & ((rows * 0 + split) < n_valid)   # programs past n_valid idle
+        tl.store(opart_ptr + prow[:, None] * HEAD_DIM + d[None, :], o,
+                 mask=rows_valid[:, None] & d_mask[None, :])
+        lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))
+        tl.store(lse_ptr + prow, lse, mask=rows_valid)
+    else:
+        tl.store(out_ptr + b.to(tl.int64) * stride_ob + heads[:, None] * stride_oh + d[None, :],
+                 o.to(out_ptr.dtype.element_ty), mask=out_mask)
+
+
+@triton.jit
+def paged_merge_kernel(opart_ptr, lse_ptr, lens_ptr, out_ptr, window_left, num_splits,
+                       split_size, max_splits, n_q_heads, stride_ob, stride_oh,
+                       HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr):
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    seq_len = tl.load(lens_ptr + b)
+    win_lo, lo, chunk, n_valid = _split_plan(seq_len, window_left, num_splits, split_size,
+                                             BLOCK_N)
+    row = (b.to(tl.int64) * n_q_heads + h) * max_splits
+    d = tl.arange(0, D_PAD)
+    d_mask = d < HEAD_DIM
+    m = float("-inf")
+    for i in range(0, n_valid):
+        m = tl.maximum(m, tl.load(lse_ptr + row + i))
+    acc = tl.zeros([D_PAD], dtype=tl.float32)
+    total = 0.0
+    for i in range(0, n_valid):
+        w = tl.exp2(tl.load(lse_ptr + row + i) - m)
+        acc += w * tl.load(opart_ptr + (row + i) * HEAD_DIM + d, mask=d_mask, other=0.0)
+        total += w
+    o = acc / tl.where(total > 0, total, 1.0)
+    tl.store(out_ptr + b.to(tl.int64) * stride_ob + h * stride_oh + d,
+             o.to(out_ptr.dtype.element_ty), mask=d_mask)
+
+
+def block_n(head_dim: int) -> int:
+    """Tokens per tile: depends on the head dim only (batch invariance relies on it)."""
+    return 32 if head_dim > 128 else 64  # = kv_cache.tile_tokens
+
+
+def _group_pad(group: int) -> int:
+    return max(16, triton.next_power_of_2(group))
+
+
+def _num_warps(head_dim: int, group_pad: int) -> int:
+    return 8 if head_dim * group_pad >= 256 * 32 else 4
+
+
+NUM_STAGES = 3  # cp.async pipeline depth over KV tiles (~55 KB smem at D=128)
+
+
+def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                           block_table: torch.Tensor, seq_lens: torch.Tensor, scale: float,
+                           window_left: int, softcap: float, grid_splits: int,
+                           num_splits: int, split_size: int, use_split: bool) -> torch.Tensor:
+    """Launch (see module doc). grid_splits: programs per (seq, kv head); num_splits /
+    split_size: the per-sequence split rule; use_split: write partials and merge."""
+    bsz, hq, d = q.shape
+    hkv = k_cache.shape[2]
+    group = hq // hkv
+    bn = block_n(d)
+    gp = _group_pad(group)
+    d_pad = triton.next_power_of_2(d)
+    out = _alloc.empty((bsz, hq, d), q.dtype, q.device)
+    if bsz == 0 or hq == 0:
+        return out
+    prec = "ieee" if q.dtype == torch.float32 else "tf32"
+    if use_split:
+        opart = _alloc.empty((bsz, hq, grid_splits, d), torch.float32, q.device)
+        lse = _alloc.empty((bsz, hq, grid_splits), torch.float32, q.device)
+    else:
+        opart = lse = out  # unused
+    paged_decode_kernel[(bsz, hkv, grid_splits)](
+        q, k_cache, v_cache, block_table, seq_lens, out, opart, lse,
+        scale, softcap if softcap > 0 else 1.0, window_left, num_splits, split_size,
+        grid_splits, q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1),
+        k_cache.stride(2), block_table.stride(0), out.stride(0), out.stride(1),
+        GROUP=group, GROUP_PAD=gp, HEAD_DIM=d, D_PAD=d_pad, BLOCK_SIZE=k_cache.shape[1],
+        BLOCK_N=bn, SOFTCAP=softcap > 0, SPLIT=use_split, DOT_PRECISION=prec,
+        num_warps=_num_warps(d, gp), num_stages=NUM_STAGES)
+    if use_split:
+        paged_merge_kernel[(bsz, hq)](
+            opart, lse, seq_lens, out, window_left, num_splits, split_size, grid_splits, hq,
+            out.stride(0), out.stride(1), HEAD_DIM=d, D_PAD=d_pad, BLOCK_N=bn, num_warps=1)
+    return out
+
+
+def _register() -> None:
+    # fp32 runs on GPUs through the reference (kv_cache.py); the interpreter runs it here.
+    for dt in ("fp16", "bf16"):
+        prec = "tf32"
+        shapes = ((4, 128, 16), (8, 128, 16), (1, 64, 16), (4, 256, 16), (7, 128, 32),
+                  (16, 128, 16))
+        for group, d, bs in shapes:
+            for split in (False, True):
+                for softcap in (False, True):
+                    if softcap and (split or d != 128 or group != 4):
+                        continue
+                    gp = _group_pad(group)
+                    register(KernelSpec(
+                        name=f"paged_decode[{dt},G={group},D={d},bs={bs},split={split},"
+                             f"softcap={softcap}]",
+                        fn=paged_decode_kernel,
+                        signature={
+                            "q_ptr": f"*{dt}", "k_ptr": f"*{dt}", "v_ptr": f"*{dt}",
+                            "bt_ptr": "*i32", "lens_ptr": "*i32", "out_ptr": f"*{dt}",
+                            "opart_ptr": "*fp32", "lse_ptr": "*fp32", "scale": "fp32",
+                            "softcap": "fp32", "window_left": "i32", "num_splits": "i32",
+                            "split_size": "i32", "max_splits": "i32", "stride_qb": "i64",
+                            "stride_qh": "i64", "stride_cb": "i64", "stride_ct": "i64",
+                            "stride_ch": "i64", "stride_bt": "i64", "stride_ob": "i64",
+                            "stride_oh": "i64", "GROUP": "constexpr",
+                            "GROUP_PAD": "constexpr", "HEAD_DIM": "constexpr",
+                            "D_PAD": "constexpr", "BLOCK_SIZE": "constexpr",
+                            "BLOCK_N": "constexpr", "SOFTCAP": "constexpr",
+                            "SPLIT": "constexpr", "DOT_PRECISION": "constexpr"},
+                        constexprs={"GROUP": group, "GROUP_PAD": gp, "HEAD_DIM": d,
+                                    "D_PAD": triton.next_power_of_2(d), "BLOCK_SIZE": bs,
+                                    "BLOCK_N": block_n(d), "SOFTCAP": softcap,
+                                    "SPLIT": split, "DOT_PRECISION": prec},
+                        num_warps=_num_warps(d, gp), num_stages=NUM_STAGES,
+                        tensor_core=True,
+                        # M = GROUP_PAD = 16 rows: Triton may pick mma.sync over wgmma.
+                        wgmma_expected=False))
+        for d in (64, 128, 256):
+            register(KernelSpec(
+                name=f"paged_merge[{dt},D={d}]", fn=paged_merge_kernel,
+                signature={"opart_ptr": "*fp32", "lse_ptr": "*fp32", "lens_ptr": "*i32",
+                           "out_ptr": f"*{dt}", "window_left": "i32", "num_splits": "i32",
+                           "split_size": "i32", "max_splits": "i32", "n_q_heads": "i32",
+                           "stride_ob": "i64", "stride_oh": "i64", "HEAD_DIM": "constexpr",
+                           "D_PAD": "constexpr", "BLOCK_N": "constexpr"},
+                constexprs={"HEAD_DIM": d, "D_PAD": d, "BLOCK_N": block_n(d)},
+                num_warps=1, num_stages=1))
+
+
+_register()
