@@ -19,7 +19,7 @@ from .config import BUILTIN_CONFIGS, list_models
 class ByteTokenizer:
     """Bytes 0..255 are ids 0..255 (UTF-8); specials follow: 256 <bos>, 257 <eos>,
     258 <|im_start|>, 259 <|im_end|>. Ids past 259 (a dummy model's larger vocab) decode to
-    nothing. Chat template: ``<|im_start|>{role}\\n{content}<|im_end|>\\n`` per message."""
+    ``<id>`` so a dummy model's output stays visible. Chat template: ``<|im_start|>{role}\\n{content}<|im_end|>\\n`` per message."""
 
     BOS, EOS, IM_START, IM_END = 256, 257, 258, 259
     SPECIALS = {"<bos>": 256, "<eos>": 257, "<|im_start|>": 258, "<|im_end|>": 259}
@@ -51,8 +51,11 @@ class ByteTokenizer:
             i = int(i)
             if 0 <= i < 256:
                 out.extend(bytes([i]))
-            elif not skip_special_tokens and i in names:
-                out.extend(names[i].encode())
+            elif i in names:
+                if not skip_special_tokens:
+                    out.extend(names[i].encode())
+            else:
+                out.extend(f"<{i}>".encode())
         return out.decode("utf-8", errors="replace")
 
     def apply_chat_template(self, messages: list[dict[str, Any]],
