@@ -88,8 +88,11 @@ class LLMEngine:
         self.config = self.model.config
         self.vocab_size = int(self.config.vocab_size)
         self.eos_token_ids = set(int(t) for t in (self.config.eos_token_ids or []))
-        if tokenizer is not None and getattr(tokenizer, "eos_token_ids", None):
-            self.eos_token_ids |= set(int(t) for t in tokenizer.eos_token_ids)
+        if (not self.eos_token_ids and tokenizer is not None
+                and getattr(tokenizer, "eos_token_ids", None)):
+            # The model config's EOS ids win; the tokenizer's are a fallback only (a
+            # dummy model's byte tokenizer has EOS ids that are ordinary tokens there).
+            self.eos_token_ids = set(int(t) for t in tokenizer.eos_token_ids)
         self.runner = ModelRunner(self.model, block_size, num_kv_blocks,
                                   gpu_memory_utilization, max_num_seqs,
                                   max_num_batched_tokens, max_model_len, enforce_eager)

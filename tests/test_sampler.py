@@ -1,0 +1,173 @@
+"""SamplingParams validation and the batched Sampler (greedy, temperature, top-k/p, min-p,
+penalties, seeds, min_tokens, logprobs)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from minikernels.engine.sampler import Sampler
+from minikernels.engine.sampling_params import SamplingParams
+from minikernels.engine.sequence import Request, Sequence
+
+V = 32
+_ids = iter(range(10**9))
+
+
+def seq_for(params: SamplingParams, prompt=(1, 2, 3), output=(), sampler: Sampler | None = None,
+            index: int = 0) -> Sequence:
+    req = Request(f"r{next(_ids)}", None, list(prompt), params)
+    gen = None
+    if params.seed is not None and sampler is not None:
+        gen = sampler.make_generator(params.seed + index)
+    s = Sequence(next(_ids), req, index, gen)
+    s.token_ids.extend(output)
+    return s
+
+
+# ---------------------------------------------------------------- SamplingParams
+@pytest.mark.parametrize("kwargs, exc, field", [
+    (dict(temperature=-0.1), ValueError, "temperature"),
+    (dict(temperature="hot"), TypeError, "temperature"),
+    (dict(top_p=0.0), ValueError, "top_p"),
+    (dict(top_p=1.5), ValueError, "top_p"),
+    (dict(top_k=-2), ValueError, "top_k"),
+    (dict(top_k=2.5), TypeError, "top_k"),
+    (dict(min_p=1.1), ValueError, "min_p"),
+    (dict(max_tokens=0), ValueError, "max_tokens"),
+    (dict(max_tokens=1.0), TypeError, "max_tokens"),
+    (dict(min_tokens=5, max_tokens=2), ValueError, "min_tokens"),
+    (dict(n=0), ValueError, "n"),
+    (dict(seed="x"), TypeError, "seed"),
+    (dict(presence_penalty=3.0), ValueError, "presence_penalty"),
+    (dict(frequency_penalty=-2.5), ValueError, "frequency_penalty"),
+    (dict(repetition_penalty=0.0), ValueError, "repetition_penalty"),
+    (dict(logprobs=-1), ValueError, "logprobs"),
+    (dict(stop=[""]), ValueError, "stop"),
+    (dict(stop=5), TypeError, "stop"),
+    (dict(stop_token_ids=[-1]), ValueError, "stop_token_ids"),
+    (dict(ignore_eos=1), TypeError, "ignore_eos"),
+    (dict(temperature=float("nan")), ValueError, "temperature"),
+])
+def test_bad_sampling_params_name_the_field(kwargs, exc, field):
+    with pytest.raises(exc, match=rf"SamplingParams\.{field}"):
+        SamplingParams(**kwargs)
+
+
+def test_sampling_params_normalises_stop():
+    p = SamplingParams(stop="###", stop_token_ids=(5, 6))
+    assert p.stop_strings == ["###"] and p.stop_token_ids == [5, 6]
+    assert SamplingParams(temperature=0).greedy and not SamplingParams().greedy
+
+
+# ---------------------------------------------------------------- Sampler
+def logits_batch(b: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(b, V, generator=g) * 3
+
+
+def test_greedy_is_argmax_and_top_k_1_or_tiny_top_p_is_greedy():
+    s = Sampler(V)
+    logits = logits_batch(4)
+    want = logits.argmax(1).tolist()
+    assert s(logits, [seq_for(SamplingParams(temperature=0))] * 4).token_ids == want
+    assert s(logits, [seq_for(SamplingParams(top_k=1))] * 4).token_ids == want
+    assert s(logits, [seq_for(SamplingParams(top_p=1e-6))] * 4).token_ids == want
+    assert s(logits, [seq_for(SamplingParams(min_p=1.0))] * 4).token_ids == want
+
+
+def test_sampling_follows_the_distribution():
+    s = Sampler(V, seed=1)
+    row = torch.randn(V) * 1.5
+    n = 4000
+    params = SamplingParams(temperature=0.7)
+    toks = s(row.expand(n, V).clone(), [seq_for(params)] * n).token_ids
+    freq = torch.bincount(torch.tensor(toks), minlength=V).float() / n
+    probs = torch.softmax(row / 0.7, 0)
+    assert (freq - probs).abs().max() < 0.03
+
+
+def test_top_k_and_top_p_restrict_support():
+    s = Sampler(V, seed=2)
+    row = torch.linspace(0, 3, V)          # token V-1 most likely
+    n = 500
+    toks = s(row.expand(n, V).clone(), [seq_for(SamplingParams(top_k=3))] * n).token_ids
+    assert set(toks) <= {V - 1, V - 2, V - 3} and len(set(toks)) == 3
+    probs = torch.softmax(row, 0)
+    order = probs.argsort(descending=True)
+    keep = int((probs[order].cumsum(0) < 0.5).sum()) + 1
+    toks = s(row.expand(n, V).clone(), [seq_for(SamplingParams(top_p=0.5))] * n).token_ids
+    assert set(toks) <= set(order[:keep].tolist())
+    toks = s(row.expand(n, V).clone(), [seq_for(SamplingParams(min_p=0.5))] * n).token_ids
+    allowed = set(torch.nonzero(probs >= 0.5 * probs.max()).flatten().tolist())
+    assert set(toks) <= allowed
+
+
+def test_seeded_rows_do_not_depend_on_the_batch():
+    s = Sampler(V, seed=3)
+    logits = logits_batch(6, seed=4)
+    p = SamplingParams(temperature=1.0, seed=1234)
+    alone = [s(logits[2:3].clone(), [seq_for(p, sampler=s)]).token_ids[0] for _ in range(8)]
+    mixed = []
+    for _ in range(8):
+        seqs = [seq_for(SamplingParams(temperature=1.0)) for _ in range(6)]
+        seqs[2] = seq_for(p, sampler=s)
+        mixed.append(s(logits.clone(), seqs).token_ids[2])
+    assert alone == mixed
+    # The same generator continues: successive draws differ in general.
+    g_seq = seq_for(p, sampler=s)
+    draws = [s(logits[2:3].clone(), [g_seq]).token_ids[0] for _ in range(20)]
+    assert len(set(draws)) > 1
+
+
+def test_penalties_match_their_formulas():
+    s = Sampler(V)
+    logits = logits_batch(1, seed=5)
+    prompt, out = (1, 2), (3, 3, 4)
+    rep = SamplingParams(temperature=0, repetition_penalty=2.0)
+    got = s._apply_penalties(logits.clone(), [seq_for(rep, prompt, out)])
+    want = logits.clone()
+    for t in {1, 2, 3, 4}:
+        want[0, t] = want[0, t] / 2 if want[0, t] > 0 else want[0, t] * 2
+    torch.testing.assert_close(got, want)
+    pf = SamplingParams(temperature=0, presence_penalty=0.5, frequency_penalty=0.25)
+    got = s._apply_penalties(logits.clone(), [seq_for(pf, prompt, out)])
+    want = logits.clone()
+    want[0, 3] -= 0.5 + 2 * 0.25
+    want[0, 4] -= 0.5 + 0.25
+    torch.testing.assert_close(got, want)
+    # A huge frequency penalty steers greedy away from a repeated argmax.
+    top = int(logits.argmax())
+    p = SamplingParams(temperature=0, frequency_penalty=2.0)
+    assert s(logits.clone() * 0.1, [seq_for(p, output=(top,) * 5)]).token_ids[0] != top
+
+
+def test_min_tokens_suppresses_eos_and_stop_ids():
+    s = Sampler(V)
+    logits = torch.zeros(1, V)
+    logits[0, 7] = 10.0
+    logits[0, 9] = 9.0
+    logits[0, 11] = 8.0
+    p = SamplingParams(temperature=0, min_tokens=2, stop_token_ids=[9])
+    assert s(logits, [seq_for(p)], eos_token_ids=[7]).token_ids == [11]
+    assert s(logits, [seq_for(p, output=(1, 1))], eos_token_ids=[7]).token_ids == [7]
+
+
+def test_logprobs_are_raw_log_softmax_with_ranks():
+    s = Sampler(V)
+    logits = logits_batch(2, seed=6)
+    seqs = [seq_for(SamplingParams(temperature=0, logprobs=3)),
+            seq_for(SamplingParams(temperature=0))]
+    out = s(logits, seqs)
+    lp = torch.log_softmax(logits, 1)
+    chosen, rank, top_ids, top_lps = out.logprobs[0]
+    assert rank == 1 and abs(chosen - float(lp[0].max())) < 1e-5
+    assert top_ids == lp[0].topk(3).indices.tolist()
+    assert out.logprobs[1] is None
+
+
+def test_extra_logit_columns_are_ignored():
+    s = Sampler(V)
+    logits = torch.zeros(2, V + 8)
+    logits[:, V + 1] = 100.0   # padded vocab column must never be picked
+    logits[:, 5] = 1.0
+    assert s(logits, [seq_for(SamplingParams(temperature=0))] * 2).token_ids == [5, 5]
