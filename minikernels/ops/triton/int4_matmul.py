@@ -1,0 +1,376 @@
+"""int4 weight-only matmul (W4A16) in Triton: a tensor-core GEMM and a split-K GEMV.
+
+Weight layout (canonical, see minikernels.ops.reference): qweight int32 [N, K/8], nibble j
+of word w = q[n, 8w + j]; scales/zeros [N, K/G]; W = (q - z) * s. y = x @ W^T (+ bias).
+
+GEMM (larger M) — algorithm, per program one [BLOCK_M, BLOCK_N] tile of y:
+    for each K tile: load x [BM, BK]; load the packed words [BN, BK/8]; unpack the 8 nibbles
+    of each word with shifts into [BN, BK]; dequantize (q - z) * s in fp32 (one scale/zero
+    per row when the tile sits in one group, else a gathered [BN, BK] scale); round to x's
+    dtype; acc += x @ W^T on tensor cores (wgmma on sm_90, mma.sync on sm_80); fp32 acc.
+    Epilogue: + bias, cast, masked store.
+GEMV / split-K (M <= 16, decode) — per program BLOCK_N outputs and one slice of K:
+    M == 1: CUDA-core FMAs, acc[n] += s * sum_k (q - z) x (the scale applied once per tile);
+    2 <= M <= 16: "swap AB": acc[BN, 16] += W [BN, BK] @ x^T [BK, 16] so the wide weight
+    tile is the MMA's M side (wgmma m64n16 on sm_90) and the padded M is the narrow side.
+    With SPLIT > 1 the partial sums go to an fp32 workspace [SPLIT, M, N] and a small
+    kernel adds them (+ bias) in a fixed order (deterministic).
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from ... import backend as _backend
+from .. import _alloc
+from .registry import KernelSpec, register
+
+
+@triton.jit
+def _unpack_nibbles(words, ROWS: tl.constexpr, COLS: tl.constexpr):
+    """int32 words [ROWS, COLS / 8] -> nibbles [ROWS, COLS], column 8w + j = nibble j of w.
+
+    Built with joins (each adds a trailing in-thread axis), so every thread unpacks the
+    words it loaded and the final reshape moves no data between threads.
+    """
+    n0 = words & 0xF
+    n1 = (words >> 4) & 0xF
+    n2 = (words >> 8) & 0xF
+    n3 = (words >> 12) & 0xF
+    n4 = (words >> 16) & 0xF
+    n5 = (words >> 20) & 0xF
+    n6 = (words >> 24) & 0xF
+    n7 = (words >> 28) & 0xF
+    # j = 4a + 2b + c: the first join picks a (slowest), the last picks c (fastest)
+    r0 = tl.join(tl.join(n0, n4), tl.join(n2, n6))      # [.., a, b] = n(4a + 2b)
+    r1 = tl.join(tl.join(n1, n5), tl.join(n3, n7))      # [.., a, b] = n(4a + 2b + 1)
+    return tl.reshape(tl.join(r0, r1), (ROWS, COLS))
+
+
+@triton.jit
+def _dequant_tile(qw_ptr, s_ptr, z_ptr, rn, k0, K, group, num_groups,
+                  BLOCK_K: tl.constexpr, SCALE_PER_TILE: tl.constexpr, EVEN_K: tl.constexpr):
+    """Rows rn [BN] x columns k0..k0+BK of W in the scales' dtype [BN, BK] (0 beyond K).
+
+    (q - z) * s is exact in fp32 (5-bit integer times an fp16/bf16 scale), so the one
+    rounding is the final cast: the same W as the reference's, rounded to x's dtype.
+    """
+    dt = s_ptr.dtype.element_ty
+    rw = k0 // 8 + tl.arange(0, BLOCK_K // 8)
+    w_ptrs = qw_ptr + rn[:, None].to(tl.int64) * (K // 8) + rw[None, :]
+    if EVEN_K:
+        words = tl.load(w_ptrs)
+    else:
+        words = tl.load(w_ptrs, mask=rw[None, :] < K // 8, other=0)
+    q = _unpack_nibbles(words, rn.shape[0], BLOCK_K).to(tl.float32)
+    if SCALE_PER_TILE:
+        g = k0 // group
+        s = tl.load(s_ptr + rn * num_groups + g).to(tl.float32)
+        z = tl.load(z_ptr + rn * num_groups + g).to(tl.float32)
+        w = (q - z[:, None]) * s[:, None]
+    else:
+        rk = k0 + tl.arange(0, BLOCK_K)
+        g = tl.minimum(rk // group, num_groups - 1)
+        idx = rn[:, None] * num_groups + g[None, :]
+        s = tl.load(s_ptr + idx).to(tl.float32)
+        z = tl.load(z_ptr + idx).to(tl.float32)
+        w = (q - z) * s
+    return w.to(dt)
+
+
+@triton.jit
+def int4_gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, y_ptr, M, N, K, stride_xm,
+                     group, num_groups, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
+                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+                     SCALE_PER_TILE: tl.constexpr, EVEN_K: tl.constexpr,
+                     DOT_F32: tl.constexpr = False):
+    pid = tl.program_id(0)
+    grid_m = tl.cdiv(M, BLOCK_M)
+    grid_n = tl.cdiv(N, BLOCK_N)
+    # grouped ordering: GROUP_M row tiles share each weight tile while it is in L2
+    width = GROUP_M * grid_n
+    first_m = (pid // width) * GROUP_M
+    size_m = tl.minimum(grid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % width) % size_m
+    pid_n = (pid % width) // size_m
+
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rm_l = rm % M           # clamp rows for loads; stores are masked
+    rn_l = rn % N
+    rk = tl.arange(0, BLOCK_K)
+    x_ptrs = x_ptr + rm_l[:, None].to(tl.int64) * stride_xm + rk[None, :]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        if EVEN_K:
+            x = tl.load(x_ptrs)
+        else:
+            x = tl.load(x_ptrs, mask=(k0 + rk)[None, :] < K, other=0.0)
+        w = _dequant_tile(qw_ptr, s_ptr, z_ptr, rn_l, k0, K, group, num_groups,
+                          BLOCK_K, SCALE_PER_TILE, EVEN_K)
+        if DOT_F32:   # interpreter workaround: its bf16 tl.dot is wrong; same values in fp32
+            acc = tl.dot(x.to(tl.float32), tl.trans(w.to(x.dtype).to(tl.float32)), acc,
+                         input_precision="ieee")
+        else:
+            acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc)
+        x_ptrs += BLOCK_K
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + rn_l).to(tl.float32)[None, :]
+    y_ptrs = y_ptr + rm[:, None].to(tl.int64) * N + rn[None, :]
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=(rm[:, None] < M) & (rn[None, :] < N))
+
+
+@triton.jit
+def int4_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, y_ptr, ws_ptr, M, N, K,
+                     stride_xm, group, num_groups, k_tiles_per_split,
+                     HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                     BLOCK_K: tl.constexpr, SCALE_PER_TILE: tl.constexpr,
+                     EVEN_K: tl.constexpr, SPLIT: tl.constexpr, DOT_F32: tl.constexpr = False):
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rn_l = rn % N
+    rk = tl.arange(0, BLOCK_K)
+    k_begin = pid_k * k_tiles_per_split * BLOCK_K
+    k_end = tl.minimum(K, k_begin + k_tiles_per_split * BLOCK_K)
+    if BLOCK_M == 1:
+        acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        for k0 in range(k_begin, k_end, BLOCK_K):
+            if EVEN_K:
+                x = tl.load(x_ptr + k0 + rk).to(tl.float32)
+            else:
+                x = tl.load(x_ptr + k0 + rk, mask=k0 + rk < K, other=0.0).to(tl.float32)
+            rw = k0 // 8 + tl.arange(0, BLOCK_K // 8)
+            w_ptrs = qw_ptr + rn_l[:, None].to(tl.int64) * (K // 8) + rw[None, :]
+            if EVEN_K:
+                words = tl.load(w_ptrs)
+            else:
+                words = tl.load(w_ptrs, mask=rw[None, :] < K // 8, other=0)
+            q = _unpack_nibbles(words, BLOCK_N, BLOCK_K).to(tl.float32)
+            if SCALE_PER_TILE:
+                # sum_k (q - z) s x = s * (sum_k q x - z sum_k x): one scale per tile
+                g = k0 // group
+                s = tl.load(s_ptr + rn_l * num_groups + g).to(tl.float32)
+                z = tl.load(z_ptr + rn_l * num_groups + g).to(tl.float32)
+                acc += s * (tl.sum(q * x[None, :], axis=1) - z * tl.sum(x, axis=0))
+            else:
+                g = tl.minimum((k0 + rk) // group, num_groups - 1)
+                idx = rn_l[:, None] * num_groups + g[None, :]
+                s = tl.load(s_ptr + idx).to(tl.float32)
+                z = tl.load(z_ptr + idx).to(tl.float32)
+                acc += tl.sum((q - z) * s * x[None, :], axis=1)
+        out = acc[:, None]                                     # [BN, 1]
+    else:
+        rm = tl.arange(0, BLOCK_M)
+        x_ptrs = x_ptr + (rm % M)[:, None].to(tl.int64) * stride_xm + rk[None, :]
+        acc2 = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+        for k0 in range(k_begin, k_end, BLOCK_K):
+            if EVEN_K:
+                x = tl.load(x_ptrs + k0, mask=rm[:, None] < M, other=0.0)
+            else:
+                x = tl.load(x_ptrs + k0, mask=(rm[:, None] < M) & ((k0 + rk)[None, :] < K),
+                            other=0.0)
+            w = _dequant_tile(qw_ptr, s_ptr, z_ptr, rn_l, k0, K, group, num_groups,
+                              BLOCK_K, SCALE_PER_TILE, EVEN_K)
+            if DOT_F32:
+                acc2 = tl.dot(w.to(x.dtype).to(tl.float32), tl.trans(x.to(tl.float32)), acc2,
+                              input_precision="ieee")
+            else:
+                acc2 = tl.dot(w.to(x.dtype), tl.trans(x), acc2)   # [BN, BM]
+        out = acc2
+    rm_o = tl.arange(0, BLOCK_M)
+    mask = (rn[:, None] < N) & (rm_o[None, :] < M)
+    offs = rm_o[None, :].to(tl.int64) * N + rn[:, None]
+    if SPLIT == 1:
+        if HAS_BIAS:
+            out += tl.load(bias_ptr + rn_l).to(tl.float32)[:, None]
+        tl.store(y_ptr + offs, out.to(y_ptr.dtype.element_ty), mask=mask)
+    else:
+        tl.store(ws_ptr + pid_k.to(tl.int64) * M * N + offs, out, mask=mask)
+
+
+@triton.jit
+def int4_splitk_reduce_kernel(ws_ptr, bias_ptr, y_ptr, MN, N, HAS_BIAS: tl.constexpr,
+                              SPLIT: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < MN
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for s in tl.static_range(SPLIT):
+        acc += tl.load(ws_ptr + s * MN + offs, mask=mask, other=0.0)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs % N, mask=mask, other=0.0).to(tl.float32)
+    tl.store(y_ptr + offs, acc.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+# ----------------------------------------------------------------------------- configs
+
+GEMV_MAX_M = 16
+
+
+@functools.lru_cache(maxsize=None)
+def _arch_and_sms(device_index: int | None) -> tuple[int, int]:
+    if device_index is None or not torch.cuda.is_available():
+        return 90, 132      # the interpreter: pretend H100/H200 so split-K paths get used
+    major, minor = torch.cuda.get_device_capability(device_index)
+    return major * 10 + minor, torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _block_k(cfg_bk: int, group: int, k: int) -> tuple[int, bool]:
+    """BLOCK_K and whether each K tile lies inside one group (one scale per row)."""
+    bk = cfg_bk
+    while bk > 16 and group % bk:
+        bk //= 2
+    if group % bk == 0:
+        return bk, True
+    return cfg_bk, False
+
+
+def gemm_config(m: int, n: int, k: int, group: int, arch: int) -> dict:
+    """Tile config for the GEMM path. sm_90: BM >= 64 with 4/8 warps -> wgmma."""
+    # BLOCK_K = 32: BK = 64 tiles spill registers on sm_80 with the unpacked weight tile
+    if arch >= 90:
+        if m <= 64:
+            bm, bn, bk, warps, stages = 64, 128, 32, 4, 4
+        else:
+            bm, bn, bk, warps, stages = 128, 128, 32, 8, 4
+    else:
+        if m <= 32:
+            bm, bn, bk, warps, stages = 32, 128, 64, 4, 4
+        elif m <= 64:
+            bm, bn, bk, warps, stages = 64, 128, 32, 4, 4
+        else:
+            bm, bn, bk, warps, stages = 128, 128, 32, 8, 4
+    bk, per_tile = _block_k(bk, group, k)
+    return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SCALE_PER_TILE=per_tile,
+                num_warps=warps, num_stages=stages, GROUP_M=8)
+
+
+def gemv_config(m: int, n: int, k: int, group: int, sms: int, split_k: int | None) -> dict:
+    bm = 1 if m == 1 else 16
+    bn = 64 if bm == 1 else 64
+    bk = 256 if bm == 1 else 128
+    bk, per_tile = _block_k(bk, group, k)
+    k_tiles = triton.cdiv(k, bk)
+    n_tiles = triton.cdiv(n, bn)
+    if split_k is None:
+        split_k = max(1, min(k_tiles, (4 * sms) // max(1, n_tiles), 16))
+    split_k = max(1, min(int(split_k), k_tiles))
+    per_split = triton.cdiv(k_tiles, split_k)
+    split_k = triton.cdiv(k_tiles, per_split)
+    return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SCALE_PER_TILE=per_tile, SPLIT=split_k,
+                k_tiles_per_split=per_split, num_warps=4, num_stages=4)
+
+
+# ----------------------------------------------------------------------------- launch
+
+def int4_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
+                zeros: torch.Tensor, group_size: int, bias: torch.Tensor | None,
+                path: str = "auto", split_k: int | None = None) -> torch.Tensor:
+    """x [M, K] (last dim contiguous) -> y [M, N] in x.dtype. Inputs validated by the op.
+
+    path: "auto" (M <= 16 -> gemv, else gemm), "gemm" or "gemv"; split_k forces the GEMV
+    split count (tests).
+    """
+    m, k = x.shape
+    n = qweight.shape[0]
+    y = _alloc.empty((m, n), x.dtype, x.device)
+    if m == 0 or n == 0:
+        return y
+    if k == 0:
+        y.zero_()
+        if bias is not None:
+            y += bias.to(y.dtype)
+        return y
+    group = k if group_size == -1 else group_size
+    num_groups = k // group
+    if scales.dtype != x.dtype:
+        scales, zeros = scales.to(x.dtype), zeros.to(x.dtype)
+    if bias is not None:
+        bias = bias.contiguous()
+    bias_arg = bias if bias is not None else scales
+    dev_index = x.device.index if x.is_cuda else None
+    if x.is_cuda and dev_index is None:
+        dev_index = torch.cuda.current_device()
+    arch, sms = _arch_and_sms(dev_index)
+    # Triton's interpreter computes bf16 tl.dot wrongly (triton 3.9): run those dots in
+    # fp32 on the same bf16-rounded operands there. Never set on a GPU.
+    dot_f32 = not x.is_cuda and x.dtype == torch.bfloat16
+    if path == "auto":
+        path = "gemv" if m <= GEMV_MAX_M else "gemm"
+    if path == "gemv" and m > GEMV_MAX_M:
+        raise ValueError(f"the GEMV path handles M <= {GEMV_MAX_M}, got M = {m}")
+    if path == "gemm":
+        cfg = gemm_config(m, n, k, group, arch)
+        grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
+        int4_gemm_kernel[grid](
+            x, qweight, scales, zeros, bias_arg, y, m, n, k, x.stride(0), group, num_groups,
+            HAS_BIAS=bias is not None, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+            BLOCK_K=cfg["BLOCK_K"], GROUP_M=cfg["GROUP_M"],
+            SCALE_PER_TILE=cfg["SCALE_PER_TILE"], EVEN_K=k % cfg["BLOCK_K"] == 0,
+            DOT_F32=dot_f32, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        return y
+    cfg = gemv_config(m, n, k, group, sms, split_k)
+    split = cfg["SPLIT"]
+    ws = _alloc.empty((split, m, n), torch.float32, x.device) if split > 1 else y
+    grid = (triton.cdiv(n, cfg["BLOCK_N"]), split)
+    int4_gemv_kernel[grid](
+        x, qweight, scales, zeros, bias_arg, y, ws, m, n, k, x.stride(0), group, num_groups,
+        cfg["k_tiles_per_split"], HAS_BIAS=bias is not None, BLOCK_M=cfg["BLOCK_M"],
+        BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], SCALE_PER_TILE=cfg["SCALE_PER_TILE"],
+        EVEN_K=k % cfg["BLOCK_K"] == 0, SPLIT=split, DOT_F32=dot_f32,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    if split > 1:
+        block = 1024
+        int4_splitk_reduce_kernel[(triton.cdiv(m * n, block),)](
+            ws, bias_arg, y, m * n, n, HAS_BIAS=bias is not None, SPLIT=split, BLOCK=block,
+            num_warps=4)
+    return y
+
+
+# --------------------------------------------------------------------------- registry
+
+def _sig(fn, dt: str, names: list[str], extra: dict[str, str]) -> dict[str, str]:
+    """Signature in the kernel's argument order."""
+    sig = {"x_ptr": f"*{dt}", "qw_ptr": "*i32", "s_ptr": f"*{dt}", "z_ptr": f"*{dt}",
+           "bias_ptr": f"*{dt}", "y_ptr": f"*{dt}"}
+    sig.update(extra)
+    sig.update({n: "constexpr" for n in names})
+    return {a: sig[a] for a in fn.arg_names}
+
+
+_INTS = {"M": "i32", "N": "i32", "K": "i32", "stride_xm": "i64", "group": "i32",
+         "num_groups": "i32"}
+
+for _dt in ("fp16", "bf16"):
+    for _arch, _m in ((90, 64), (90, 4096), (80, 32), (80, 4096)):
+        for _g in (128, 32):
+            _cfg = gemm_config(_m, 4096, 4096, _g, _arch)
+            _const = {"HAS_BIAS": False, "BLOCK_M": _cfg["BLOCK_M"], "BLOCK_N": _cfg["BLOCK_N"],
+                      "BLOCK_K": _cfg["BLOCK_K"], "GROUP_M": 8,
+                      "SCALE_PER_TILE": _cfg["SCALE_PER_TILE"], "EVEN_K": True, "DOT_F32": False}
+            register(KernelSpec(
+                name=f"int4_gemm[{_dt},sm{_arch}cfg,M={_m},g={_g}]", fn=int4_gemm_kernel,
+                signature=_sig(int4_gemm_kernel, _dt, list(_const), _INTS), constexprs=_const,
+                num_warps=_cfg["num_warps"], num_stages=_cfg["num_stages"],
+                tensor_core=True, wgmma_expected=_arch >= 90))
+    for _m in (1, 16):
+        for _g in (128, 32):
+            _cfg = gemv_config(_m, 4096, 4096, _g, 132, None)
+            _const = {"HAS_BIAS": True, "BLOCK_M": _cfg["BLOCK_M"], "BLOCK_N": _cfg["BLOCK_N"],
+                      "BLOCK_K": _cfg["BLOCK_K"], "SCALE_PER_TILE": _cfg["SCALE_PER_TILE"],
+                      "EVEN_K": True, "SPLIT": _cfg["SPLIT"], "DOT_F32": False}
+            register(KernelSpec(
+                name=f"int4_gemv[{_dt},M={_m},g={_g}]", fn=int4_gemv_kernel,
+                signature=_sig(int4_gemv_kernel, _dt, list(_const), {**_INTS, "ws_ptr": "*fp32",
+                                                   "k_tiles_per_split": "i32"}),
+                constexprs=_const, num_warps=_cfg["num_warps"], num_stages=_cfg["num_stages"],
+                tensor_core=_m > 1, wgmma_expected=True))
+    register(KernelSpec(
+        name=f"int4_splitk_reduce[{_dt}]", fn=int4_splitk_reduce_kernel,
+        signature={"ws_ptr": "*fp32", "bias_ptr": f"*{_dt}", "y_ptr": f"*{_dt}", "MN": "i32",
+                   "N": "i32", "HAS_BIAS": "constexpr", "SPLIT": "constexpr",
+                   "BLOCK": "constexpr"},
+        constexprs={"HAS_BIAS": True, "SPLIT": 4, "BLOCK": 1024}, num_warps=4, num_stages=1))

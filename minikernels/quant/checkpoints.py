@@ -1,0 +1,143 @@
+"""Lossless import of GPTQ and AWQ (GEMM) checkpoints into the canonical int4 layout.
+
+Both formats store W [N, K] transposed (K first, like the math x @ W^T); the published
+packing rules are:
+
+GPTQ (AutoGPTQ / GPTQModel, ``checkpoint_format`` "gptq" = v1 or "gptq_v2"):
+    qweight int32 [K / 8, N]     word r, slot j (bits 4j..) = q[k = 8r + j, n]
+    qzeros  int32 [K / G, N / 8] word c, slot j = zero[g, n = 8c + j]; v1 stores zero - 1
+    scales  [K / G, N]
+    g_idx   int32 [K] (optional): group of each input column; act-order checkpoints
+            permute it. We sort K by g_idx (stable) so groups are contiguous and keep the
+            permutation: Int4Weight.perm, applied to x's last dim by the layer.
+AWQ GEMM (AutoAWQ):
+    qweight int32 [K, N / 8]     word c, slot i = q[k, n = 8c + ORDER[i]], ORDER 0,2,4,6,1,3,5,7
+    qzeros  int32 [K / G, N / 8] same order; the zero is stored as is
+    scales  [K / G, N]
+Dequantized: W[n, k] = (q - zero) * scale, as in the canonical format.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .._validation import HALF_DTYPES, check_tensor
+from .int4 import Int4Weight
+from .packing import pack_nibbles, unpack_nibbles
+
+AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
+
+
+def _group_size(k: int, groups: int) -> int:
+    if groups <= 0 or k % groups:
+        raise ValueError(f"scales has {groups} groups, which does not divide K = {k}")
+    g = k // groups
+    return -1 if groups == 1 else g
+
+
+def from_gptq(qweight: Tensor, qzeros: Tensor, scales: Tensor, g_idx: Tensor | None = None,
+              checkpoint_format: str = "gptq") -> Int4Weight:
+    """Convert a 4-bit GPTQ layer (module docstring) to an :class:`Int4Weight`, losslessly.
+
+    checkpoint_format: "gptq" (v1: stored zero = zero - 1) or "gptq_v2" (zero as stored).
+    g_idx: None or int [K]; an act-order g_idx yields a weight with ``perm`` set.
+    """
+    if checkpoint_format not in ("gptq", "gptq_v2"):
+        raise ValueError(f"checkpoint_format must be 'gptq' or 'gptq_v2', got "
+                         f"{checkpoint_format!r}")
+    check_tensor("qweight", qweight, dtypes=(torch.int32,), ndim=2)
+    check_tensor("qzeros", qzeros, dtypes=(torch.int32,), ndim=2, device=qweight.device)
+    check_tensor("scales", scales, dtypes=HALF_DTYPES + (torch.float32,), ndim=2,
+                 device=qweight.device)
+    k, n = qweight.shape[0] * 8, qweight.shape[1]
+    groups = scales.shape[0]
+    if scales.shape[1] != n:
+        raise ValueError(f"scales must have shape [groups, N = {n}], got {list(scales.shape)}")
+    if n % 8 or list(qzeros.shape) != [groups, n // 8]:
+        raise ValueError(f"qzeros must have shape [{groups}, N / 8 = {n / 8:g}] (N multiple "
+                         f"of 8), got {list(qzeros.shape)}")
+    if scales.dtype == torch.float32:
+        scales = scales.half()
+    g = _group_size(k, groups)
+    gs = k // groups
+    zeros = unpack_nibbles(qzeros)                                   # [groups, N]
+    if checkpoint_format == "gptq":
+        zeros = zeros + 1
+    q = unpack_nibbles(qweight.t().contiguous())                     # [N, K]
+    perm = None
+    if g_idx is not None:
+        check_tensor("g_idx", g_idx, dtypes=(torch.int32, torch.int64), ndim=1,
+                     device=qweight.device)
+        if g_idx.shape[0] != k:
+            raise ValueError(f"g_idx must have shape [K = {k}], got {list(g_idx.shape)}")
+        g_idx = g_idx.to(torch.int64)
+        order = torch.argsort(g_idx, stable=True)
+        sorted_g = g_idx[order]
+        expected = torch.arange(k, device=g_idx.device) // gs
+        if not torch.equal(sorted_g, expected):
+            raise ValueError(f"g_idx must assign exactly K / groups = {gs} columns to each of "
+                             f"the {groups} groups")
+        if not torch.equal(order, torch.arange(k, device=order.device)):
+            perm = order
+            q = q[:, order]
+    return Int4Weight(pack_nibbles(q), scales.t().contiguous(),
+                      zeros.t().to(scales.dtype).contiguous(), g, perm)
+
+
+def from_awq(qweight: Tensor, qzeros: Tensor, scales: Tensor) -> Int4Weight:
+    """Convert a 4-bit AWQ GEMM layer (module docstring) to an :class:`Int4Weight`."""
+    check_tensor("qweight", qweight, dtypes=(torch.int32,), ndim=2)
+    check_tensor("qzeros", qzeros, dtypes=(torch.int32,), ndim=2, device=qweight.device)
+    check_tensor("scales", scales, dtypes=HALF_DTYPES + (torch.float32,), ndim=2,
+                 device=qweight.device)
+    k, n = qweight.shape[0], qweight.shape[1] * 8
+    groups = scales.shape[0]
+    if scales.shape[1] != n:
+        raise ValueError(f"scales must have shape [groups, N = {n}], got {list(scales.shape)}")
+    if list(qzeros.shape) != [groups, n // 8]:
+        raise ValueError(f"qzeros must have shape [{groups}, {n // 8}], got "
+                         f"{list(qzeros.shape)}")
+    if k % 8:
+        raise ValueError(f"K ({k}) must be a multiple of 8")
+    if scales.dtype == torch.float32:
+        scales = scales.half()
+    g = _group_size(k, groups)
+    q = unpack_nibbles(qweight, AWQ_ORDER)                           # [K, N]
+    zeros = unpack_nibbles(qzeros, AWQ_ORDER)                        # [groups, N]
+    return Int4Weight(pack_nibbles(q.t().contiguous()), scales.t().contiguous(),
+                      zeros.t().to(scales.dtype).contiguous(), g)
+
+
+def to_gptq(weight: Int4Weight, checkpoint_format: str = "gptq") -> dict[str, Tensor]:
+    """Export to GPTQ tensors (qweight, qzeros, scales, g_idx); inverse of from_gptq.
+
+    v1 cannot store a zero of 0 (stored as -1); such weights need "gptq_v2".
+    """
+    q = weight.unpack()                                              # [N, K] (permuted)
+    n, k = q.shape
+    gs = weight.effective_group_size
+    zeros = weight.zeros.float().round().to(torch.int64)             # [N, groups]
+    if checkpoint_format == "gptq":
+        zeros = zeros - 1
+        if (zeros < 0).any():
+            raise ValueError("a zero-point of 0 cannot be stored in GPTQ v1; use gptq_v2")
+    g_idx = torch.arange(k, device=q.device) // gs
+    if weight.perm is not None:
+        inv = torch.empty_like(weight.perm)
+        inv[weight.perm] = torch.arange(k, device=q.device)
+        q = q[:, inv]
+        g_idx = g_idx[inv]
+    return {"qweight": pack_nibbles(q.t().contiguous()),
+            "qzeros": pack_nibbles(zeros.t().contiguous()),
+            "scales": weight.scales.t().contiguous(), "g_idx": g_idx.to(torch.int32)}
+
+
+def to_awq(weight: Int4Weight) -> dict[str, Tensor]:
+    """Export to AWQ GEMM tensors (qweight, qzeros, scales); inverse of from_awq."""
+    if weight.perm is not None:
+        raise ValueError("AWQ has no act-order permutation; this weight has perm set")
+    q = weight.unpack()
+    zeros = weight.zeros.float().round().to(torch.int64)
+    return {"qweight": pack_nibbles(q.t().contiguous(), AWQ_ORDER),
+            "qzeros": pack_nibbles(zeros.t().contiguous(), AWQ_ORDER),
+            "scales": weight.scales.t().contiguous()}
