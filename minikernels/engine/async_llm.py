@@ -198,6 +198,7 @@ class AsyncLLM:
             elif kind == "abort":
                 _, rid, fut = cmd
                 req = self.engine.abort_request(rid)
+                self._stats = self.engine.stats()  # before anyone is told it is done
                 stream = self._engine_streams.pop(rid, None)
                 if req is not None and stream is not None:
                     stream.post(req.to_output())
@@ -215,6 +216,7 @@ class AsyncLLM:
                     self._wakeup.clear()
                     continue
                 updated = engine.step()
+                self._stats = engine.stats()  # before posting: a final output sees it
                 for req in updated:
                     stream = self._engine_streams.get(req.request_id)
                     if stream is None:
@@ -224,7 +226,6 @@ class AsyncLLM:
                         stream.post(req.to_output())
                     elif stream.taken:  # skip snapshots the consumer would not see
                         stream.post(req.to_output())
-                self._stats = engine.stats()
         except BaseException as exc:  # noqa: BLE001 - the loop must report, not vanish
             logger.exception("engine loop died")
             self._dead = exc

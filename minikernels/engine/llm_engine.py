@@ -272,6 +272,8 @@ class LLMEngine:
         if reason is None and seq.num_tokens >= self.max_model_len:
             reason = "length"
         if reason is not None:
+            if seq.detokenizer is not None and not isinstance(stop_reason, str):
+                seq.detokenizer.flush()
             self.scheduler.finish(seq, reason, stop_reason)
             seq.finalize_text()
 

@@ -68,6 +68,16 @@ class IncrementalDetokenizer:
             return delta
         return ""
 
+    def flush(self) -> str:
+        """At the end: take the held-back tail too (an incomplete character decodes to
+        U+FFFD, as a one-shot decode of the whole output would)."""
+        prefix = self._decode(self.ids[self.prefix_offset:self.read_offset])
+        full = self._decode(self.ids[self.prefix_offset:])
+        delta = full[len(prefix):] if len(full) > len(prefix) else ""
+        self.prefix_offset = self.read_offset = len(self.ids)
+        self.text += delta
+        return delta
+
 
 class Sequence:
     """One completion being generated (see the module docstring)."""
