@@ -38,6 +38,12 @@ class Int4Part(nn.Module):
                  perm: Tensor | None = None) -> None:
         super().__init__()
         self.group_size = int(group_size)
+        self.n_out = int(qweight.shape[0])
+        pad = -self.n_out % 8
+        if pad:  # int4_matmul wants N % 8 == 0 (e.g. a vocab of 300): zero rows, sliced off
+            qweight = torch.cat([qweight, qweight.new_zeros(pad, qweight.shape[1])])
+            scales = torch.cat([scales, scales.new_ones(pad, scales.shape[1])])
+            zeros = torch.cat([zeros, zeros.new_zeros(pad, zeros.shape[1])])
         self.register_buffer("qweight", qweight.contiguous())
         self.register_buffer("scales", scales.contiguous())
         self.register_buffer("zeros", zeros.contiguous())
@@ -45,7 +51,7 @@ class Int4Part(nn.Module):
 
     @property
     def out_features(self) -> int:
-        return int(self.qweight.shape[0])
+        return self.n_out
 
     @property
     def in_features(self) -> int:
@@ -59,12 +65,14 @@ class Int4Part(nn.Module):
         xin = x if x.dtype in (torch.float16, torch.bfloat16) else x.to(self.scales.dtype)
         y = ops.int4_matmul(xin.contiguous(), self.qweight, self.scales, self.zeros,
                             self.group_size)
+        if y.shape[-1] != self.n_out:
+            y = y[..., :self.n_out]
         return y.to(x.dtype)
 
     def dequantize(self) -> Tensor:
         """W [N, K] fp32 in the input's column order (perm undone)."""
         w = ops.reference.dequantize_int4(self.qweight, self.scales, self.zeros,
-                                          self.group_size)
+                                          self.group_size)[:self.n_out]
         if self.perm is None:
             return w
         out = torch.empty_like(w)
