@@ -23,7 +23,7 @@ def write_kv_cache_kernel(k_ptr, v_ptr, kc_ptr, vc_ptr, slot_ptr, n_heads, head_
     d = tl.arange(0, BLOCK_D)
     slot = tl.load(slot_ptr + tok).to(tl.int64)
     mask = (heads[:, None] < n_heads) & (d[None, :] < head_dim)
-    src_mask = mask & (slot >= 0)
+    src_mask = mask & ((heads * 0 + slot) >= 0)[:, None]   # slot -1: nothing to write
     row = slot * n_heads * head_dim + heads[:, None] * head_dim + d[None, :]
     k = tl.load(k_ptr + tok * k_tok_stride + heads[:, None] * k_head_stride + d[None, :],
                 mask=src_mask, other=0.0)

@@ -61,7 +61,8 @@ def paged_decode_kernel(
         stride_ob, stride_oh,
         GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
         D_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
-        SOFTCAP: tl.constexpr, SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr):
+        SOFTCAP: tl.constexpr, SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+        DOT_F32: tl.constexpr):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -96,7 +97,10 @@ def paged_decode_kernel(
         k_ptrs = tl.multiple_of(k_ptr + row_off[:, None] + d[None, :], [1, 16])
         v_ptrs = tl.multiple_of(v_ptr + row_off[:, None] + d[None, :], [1, 16])
         k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)        # [GROUP_PAD, BLOCK_N]
+        if DOT_F32:  # interpreter only: its bf16 tl.dot is wrong; same values in fp32
+            s = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee")
+        else:
+            s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)    # [GROUP_PAD, BLOCK_N]
         if SOFTCAP:
             s = softcap * _tanh(s * (scale / softcap)) * 1.4426950408889634
         else:
@@ -107,7 +111,11 @@ def paged_decode_kernel(
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
         v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        if DOT_F32:
+            pv = tl.dot(p.to(v.dtype).to(tl.float32), v.to(tl.float32), input_precision="ieee")
+        else:
+            pv = tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        acc = acc * alpha[:, None] + pv
         m_i = m_new
 
     has = l_i > 0
@@ -196,6 +204,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         k_cache.stride(2), block_table.stride(0), out.stride(0), out.stride(1),
         GROUP=group, GROUP_PAD=gp, HEAD_DIM=d, D_PAD=d_pad, BLOCK_SIZE=k_cache.shape[1],
         BLOCK_N=bn, SOFTCAP=softcap > 0, SPLIT=use_split, DOT_PRECISION=prec,
+        DOT_F32=not q.is_cuda and q.dtype == torch.bfloat16,
         num_warps=_num_warps(d, gp), num_stages=NUM_STAGES)
     if use_split:
         paged_merge_kernel[(bsz, hq)](
@@ -232,11 +241,13 @@ def _register() -> None:
                             "GROUP_PAD": "constexpr", "HEAD_DIM": "constexpr",
                             "D_PAD": "constexpr", "BLOCK_SIZE": "constexpr",
                             "BLOCK_N": "constexpr", "SOFTCAP": "constexpr",
-                            "SPLIT": "constexpr", "DOT_PRECISION": "constexpr"},
+                            "SPLIT": "constexpr", "DOT_PRECISION": "constexpr",
+                            "DOT_F32": "constexpr"},
                         constexprs={"GROUP": group, "GROUP_PAD": gp, "HEAD_DIM": d,
                                     "D_PAD": triton.next_power_of_2(d), "BLOCK_SIZE": bs,
                                     "BLOCK_N": block_n(d), "SOFTCAP": softcap,
-                                    "SPLIT": split, "DOT_PRECISION": prec},
+                                    "SPLIT": split, "DOT_PRECISION": prec,
+                                    "DOT_F32": False},
                         num_warps=_num_warps(d, gp), num_stages=NUM_STAGES,
                         tensor_core=True,
                         # M = GROUP_PAD = 16 rows: Triton may pick mma.sync over wgmma.

@@ -1,0 +1,285 @@
+"""paged_decode_attention: kernels against the reference, split-KV, batch invariance, errors.
+
+Block tables are shuffled (pages scattered over the pool, not in order), seq_lens start at 1
+and are rarely multiples of the block size. On the CPU the Triton kernel runs in the
+interpreter, so shapes stay small.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import kernel_backends, requires_cuda
+from helpers import assert_close
+from hypothesis import given
+from hypothesis import strategies as st
+
+import minikernels as mk
+from minikernels.ops import kv_cache, reference
+
+# (Hq, Hkv, D): GQA ratios 1, 4, 8 and 7 (Qwen2.5); head dims 64, 128, 256
+HEADS = [(2, 2, 64), (8, 2, 128), (8, 1, 256), (7, 1, 64)]
+
+
+def make_case(lens, hq, hkv, d, block_size=16, dtype=torch.float16, device="cpu",
+              extra_blocks=3, table_width=None, seed=0):
+    """Random q and caches; block tables are random disjoint pages of a shuffled pool."""
+    g = torch.Generator().manual_seed(seed)
+    need = [-(-n // block_size) for n in lens]
+    width = table_width or max(1, max(need))
+    num_blocks = sum(need) + extra_blocks
+    pool = torch.randperm(num_blocks, generator=g)
+    table = torch.randint(0, num_blocks, (len(lens), width), generator=g, dtype=torch.int32)
+    at = 0
+    for b, n in enumerate(need):
+        table[b, :n] = pool[at:at + n].int()
+        at += n
+    q = torch.randn(len(lens), hq, d, generator=g).to(dtype)
+    kc = torch.randn(num_blocks, block_size, hkv, d, generator=g).to(dtype)
+    vc = torch.randn(num_blocks, block_size, hkv, d, generator=g).to(dtype)
+    sl = torch.tensor(lens, dtype=torch.int32)
+    return [t.to(device) for t in (q, kc, vc, table, sl)]
+
+
+def run(backend, q, kc, vc, bt, sl, **kw):
+    with mk.use_backend(backend):
+        return mk.ops.paged_decode_attention(q, kc, vc, bt, sl, **kw)
+
+
+def ref(q, kc, vc, bt, sl, softmax_scale=None, window_left=-1, softcap=0.0, **_):
+    return reference.paged_decode_attention(q, kc, vc, bt, sl, softmax_scale, window_left,
+                                            softcap)
+
+
+@pytest.mark.parametrize("backend", kernel_backends())
+@pytest.mark.parametrize("hq,hkv,d", HEADS)
+def test_matches_reference(backend, device, hq, hkv, d):
+    if backend == "cuda" and d not in (64, 128, 256):
+        pytest.skip("CUDA kernel head dims")
+    lens = [1, 37, 100, 16]
+    case = make_case(lens, hq, hkv, d, device=device, dtype=torch.bfloat16)
+    out = run(backend, *case)
+    assert out.is_contiguous()
+    assert_close(out, ref(*case))
+
+
+@pytest.mark.parametrize("backend", kernel_backends())
+@given(data=st.data())
+def test_random_configs(backend, device, data):
+    """Window, softcap, scale, block size, splits and dtype drawn together."""
+    hq, hkv, d = data.draw(st.sampled_from(HEADS))
+    dtype = data.draw(st.sampled_from(
+        [torch.float16, torch.bfloat16] + ([] if device == "cuda" else [torch.float32])))
+    block_size = data.draw(st.sampled_from([8, 16, 32, 64]))
+    lens = data.draw(st.lists(st.integers(0, 200), min_size=1, max_size=3))
+    window = data.draw(st.sampled_from([-1, 0, 5, 40]))
+    softcap = data.draw(st.sampled_from([0.0, 2.0, 30.0]))
+    scale = data.draw(st.sampled_from([None, 0.3]))
+    num_splits = data.draw(st.sampled_from([0, 1, 3]))
+    split_size = data.draw(st.sampled_from([0, 0, 64, 100]))
+    case = make_case(lens, hq, hkv, d, block_size=block_size, dtype=dtype, device=device,
+                     seed=data.draw(st.integers(0, 1000)))
+    kw = dict(softmax_scale=scale, window_left=window, softcap=softcap,
+              num_splits=num_splits, split_size=split_size)
+    if backend == "cuda" and (dtype == torch.float32 or d not in (64, 128, 256)):
+        pytest.skip("outside the CUDA kernel's support")
+    assert_close(run(backend, *case, **kw), ref(*case, **kw), scale=2.0)
+
+
+@pytest.mark.parametrize("backend", kernel_backends())
+@pytest.mark.parametrize("num_splits,split_size", [(1, 0), (2, 0), (7, 0), (0, 64), (0, 96)])
+def test_splits_match_reference(backend, device, num_splits, split_size):
+    lens = [300, 1, 129, 64]
+    case = make_case(lens, 8, 2, 64, block_size=16, device=device)
+    out = run(backend, *case, num_splits=num_splits, split_size=split_size)
+    assert_close(out, ref(*case))
+
+
+@pytest.mark.parametrize("backend", kernel_backends())
+def test_zero_length_gives_zeros(backend, device):
+    case = make_case([0, 5, 0], 4, 2, 64, device=device)
+    for kw in (dict(num_splits=1), dict(num_splits=3), dict(split_size=64)):
+        out = run(backend, *case, **kw)
+        assert torch.equal(out[0], torch.zeros_like(out[0]))
+        assert torch.equal(out[2], torch.zeros_like(out[2]))
+        assert_close(out, ref(*case))
+
+
+@pytest.mark.parametrize("backend", kernel_backends())
+def test_fully_windowed_and_long_window(backend, device):
+    """window_left=0: only the newest token (output = its V); a window longer than the
+    sequence changes nothing."""
+    case = make_case([1, 77, 200], 8, 2, 64, device=device, dtype=torch.float32
+                     if device == "cpu" else torch.float16)
+    q, kc, vc, bt, sl = case
+    out = run(backend, *case, window_left=0, num_splits=2)
+    assert_close(out, ref(*case, window_left=0))
+    last = torch.stack([reference.gather_paged(vc, bt[b], int(sl[b]))[-1] for b in range(3)])
+    assert_close(out, last.repeat_interleave(4, dim=1))
+    assert_close(run(backend, *case, window_left=10_000), ref(*case))
+
+
+# ------------------------------------------------------------------- batch invariance
+
+
+def _embed(case, other, position):
+    """Put sequence 0 of ``case`` at ``position`` in a batch with the sequences of ``other``
+    (same cache pool appended), with a wider block table."""
+    q, kc, vc, bt, sl = case
+    q2, kc2, vc2, bt2, sl2 = other
+    nb = kc.shape[0]
+    width = max(bt.shape[1], bt2.shape[1]) + 2
+    rows = []
+    for b in range(bt2.shape[0]):
+        r = torch.zeros(width, dtype=torch.int32, device=bt.device)
+        r[:bt2.shape[1]] = bt2[b] + nb
+        rows.append(r)
+    mine = torch.zeros(width, dtype=torch.int32, device=bt.device)
+    mine[:bt.shape[1]] = bt[0]
+    rows.insert(position, mine)
+    qs = list(q2.unbind(0))
+    qs.insert(position, q[0])
+    lens = list(sl2.unbind(0))
+    lens.insert(position, sl[0])
+    return (torch.stack(qs), torch.cat([kc, kc2]), torch.cat([vc, vc2]), torch.stack(rows),
+            torch.stack(lens))
+
+
+@pytest.mark.parametrize("backend", kernel_backends())
+@pytest.mark.parametrize("kw", [dict(split_size=64), dict(num_splits=3), dict(num_splits=1)],
+                         ids=["split_size", "num_splits3", "num_splits1"])
+def test_batch_invariance_bitwise(backend, device, kw):
+    hq, hkv, d = 8, 2, 128
+    alone = make_case([173], hq, hkv, d, device=device, dtype=torch.bfloat16, seed=1)
+    base = run(backend, *alone, **kw)[0]
+    for position, other_lens, seed in ((0, [5, 300], 2), (2, [250, 1, 64, 90], 3),
+                                       (1, [1], 4)):
+        other = make_case(other_lens, hq, hkv, d, device=device, dtype=torch.bfloat16,
+                          seed=seed)
+        batch = _embed(alone, other, position)
+        out = run(backend, *batch, **kw)
+        assert torch.equal(out[position], base), f"differs at position {position}"
+
+
+@pytest.mark.parametrize("backend", kernel_backends())
+def test_split_size_ignores_num_splits(backend, device):
+    """With a fixed split_size the result is bitwise the same for any num_splits; and a
+    sequence shorter than one split gives the same bits in direct (1 split) and merged
+    (several splits) launches."""
+    case = make_case([150, 40], 8, 2, 64, device=device, dtype=torch.float16, seed=5)
+    outs = [run(backend, *case, split_size=64, num_splits=n) for n in (0, 1, 4)]
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
+    short = make_case([50, 3], 8, 2, 64, device=device, dtype=torch.float16, seed=6)
+    one = run(backend, *short, num_splits=1)
+    assert torch.equal(one, run(backend, *short, num_splits=4))
+    assert torch.equal(one, run(backend, *short, split_size=64))
+
+
+# ------------------------------------------------------------------------ heuristics
+
+
+def test_plan_splits():
+    dev = torch.device("cpu")  # plans as for 132 SMs
+    assert kv_cache.plan_splits(256, 8, 4096, 128, 0, 0, dev) == (1, 1, 0, False)
+    n, _, _, split = kv_cache.plan_splits(1, 8, 32768, 128, 0, 0, dev)
+    assert split and 32 <= n <= 128
+    assert kv_cache.plan_splits(1, 8, 512, 128, 0, 0, dev)[0] == 1    # too short to split
+    assert kv_cache.plan_splits(4, 8, 4096, 128, 5, 0, dev) == (5, 5, 0, True)
+    assert kv_cache.plan_splits(4, 8, 4096, 128, 1, 0, dev) == (1, 1, 0, False)
+    # split_size rounds up to the tile and overrides num_splits
+    assert kv_cache.plan_splits(4, 8, 4096, 128, 3, 100, dev) == (32, 1, 128, True)
+    assert kv_cache.plan_splits(4, 8, 4096, 256, 0, 20, dev) == (128, 1, 32, True)
+
+
+def test_tile_matches_triton_kernel():
+    from minikernels.ops.triton import paged_attention
+    for d in (64, 80, 128, 256):
+        assert paged_attention.block_n(d) == kv_cache.tile_tokens(d)
+
+
+# ---------------------------------------------------------------------------- errors
+
+
+def test_errors(device):
+    q, kc, vc, bt, sl = make_case([20, 33], 4, 2, 64, device=device)
+    f = mk.ops.paged_decode_attention
+    with pytest.raises(ValueError, match="block_table \\(used entries\\) values must be in"):
+        bad = bt.clone()
+        bad[1, 0] = kc.shape[0]
+        f(q, kc, vc, bad, sl)
+    with pytest.raises(ValueError, match="exceeds block_table capacity"):
+        f(q, kc, vc, bt, torch.tensor([20, bt.shape[1] * 16 + 1], dtype=torch.int32,
+                                      device=device))
+    with pytest.raises(ValueError, match="seq_lens values must be in"):
+        f(q, kc, vc, bt, torch.tensor([20, -1], dtype=torch.int32, device=device))
+    with pytest.raises(TypeError, match="block_table must have dtype"):
+        f(q, kc, vc, bt.long(), sl)
+    with pytest.raises(TypeError, match="seq_lens must have dtype"):
+        f(q, kc, vc, bt, sl.long())
+    with pytest.raises(TypeError, match="k_cache must have dtype"):
+        f(q, kc.bfloat16(), vc.bfloat16(), bt, sl)
+    with pytest.raises(ValueError, match="multiple of cache kv heads"):
+        f(q[:, :3], kc, vc, bt, sl)
+    with pytest.raises(ValueError, match="head dim"):
+        f(q[..., :32], kc, vc, bt, sl)
+    with pytest.raises(ValueError, match="block_table must have 2 rows"):
+        f(q, kc, vc, bt[:1], sl)
+    with pytest.raises(ValueError, match="num_splits"):
+        f(q, kc, vc, bt, sl, num_splits=-1)
+    with pytest.raises(ValueError, match="split_size"):
+        f(q, kc, vc, bt, sl, split_size=-5)
+    with pytest.raises(ValueError, match="window_left"):
+        f(q, kc, vc, bt, sl, window_left=-2)
+    with pytest.raises(ValueError, match="softcap"):
+        f(q, kc, vc, bt, sl, softcap=-1.0)
+    with pytest.raises(ValueError, match="softmax_scale"):
+        f(q, kc, vc, bt, sl, softmax_scale=0.0)
+
+
+@pytest.mark.parametrize("backend", ["reference", *kernel_backends()])
+def test_opcheck(backend, device):
+    q, kc, vc, bt, sl = make_case([9, 40], 4, 2, 64, device=device)
+    with mk.use_backend(backend):
+        for splits, size in ((1, 0), (2, 0), (0, 64)):
+            torch.library.opcheck(torch.ops.minikernels.paged_decode_attention,
+                                  (q, kc, vc, bt, sl, 0.125, -1, 0.0, splits, size))
+
+
+# ----------------------------------------------------------------------- GPU only
+
+
+@requires_cuda
+@pytest.mark.parametrize("backend", kernel_backends())
+def test_gpu_long_context_bf16(backend):
+    """Realistic shapes: Hq=32, Hkv=8, D=128, block 16, contexts up to 8k, every split mode."""
+    lens = [8000, 1, 4097, 513, 2048, 17]
+    case = make_case(lens, 32, 8, 128, dtype=torch.bfloat16, device="cuda")
+    expect = ref(*case)
+    for kw in (dict(), dict(num_splits=1), dict(num_splits=16), dict(split_size=512)):
+        assert_close(run(backend, *case, **kw), expect)
+
+
+@requires_cuda
+@pytest.mark.parametrize("backend", kernel_backends())
+def test_gpu_cuda_graph_capture(backend):
+    """The op captures into a CUDA graph (no host sync) and replays with new seq_lens."""
+    case = make_case([300, 1000], 32, 8, 128, dtype=torch.bfloat16, device="cuda",
+                     table_width=80)
+    q, kc, vc, bt, sl = case
+    with mk.use_backend(backend):
+        mk.ops.paged_decode_attention(q, kc, vc, bt, sl)   # warm up (compile)
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = mk.ops.paged_decode_attention(q, kc, vc, bt, sl)
+    sl.copy_(torch.tensor([299, 1001], dtype=torch.int32))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert_close(out, ref(q, kc, vc, bt, sl))
+
+
+@requires_cuda
+def test_gpu_backends_agree():
+    """Triton and CUDA C++ kernels agree with each other at the bf16 tolerance."""
+    case = make_case([3000, 77, 1024], 32, 8, 128, dtype=torch.bfloat16, device="cuda")
+    assert_close(run("cuda", *case), run("triton", *case))
+
