@@ -6,7 +6,7 @@ every op lives in :mod:`minikernels.ops.reference`.
 """
 from . import reference
 from .activation import silu_and_mul
-from .attention import flash_attention
+from .attention import flash_attention, flash_attention_bshd
 from .int4 import int4_matmul
 from .kv_cache import paged_decode_attention, write_kv_cache
 from .norm import rms_norm

@@ -1,8 +1,11 @@
 """Op family: flash-style attention over varlen batches (prefill, chunked prefill, paged prefix).
 
-Op: ``minikernels::flash_attention``. Backends: reference; the Triton kernel plugs in here.
+Op: ``minikernels::flash_attention``. Backends: reference (CPU, fp32 math) and triton
+(minikernels/ops/triton/flash_attn.py: FlashAttention-2 forward on tensor cores, fp16/bf16/fp32).
 Conventions follow FlashAttention: varlen [total_tokens, heads, head_dim] with int32
 cu_seqlens, causal masks aligned bottom-right, GQA when Hq is a multiple of Hkv.
+``flash_attention_bshd`` is the padded-batch convenience form [B, S, H, D].
+Tests: tests/test_flash_attention*.py. Benchmark: ``python -m bench.bench_attention``.
 """
 from __future__ import annotations
 
@@ -24,7 +27,11 @@ def _flash_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor,
                      cu_seqlens_k: Tensor, max_seqlen_q: int, max_seqlen_k: int, causal: bool,
                      softmax_scale: float, window_left: int, softcap: float,
                      block_table: Tensor | None) -> tuple[Tensor, Tensor]:
-    _backend.resolve("flash_attention", q.device)
+    if _backend.resolve("flash_attention", q.device) != "reference":  # no CUDA C++ kernel
+        from .triton import flash_attn
+        return flash_attn.flash_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                          max_seqlen_k, causal, softmax_scale, window_left,
+                                          softcap, block_table)
     return reference.flash_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                                      max_seqlen_k, causal, softmax_scale, window_left, softcap,
                                      block_table)
@@ -170,3 +177,35 @@ def flash_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_se
         q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, bool(causal), scale,
         window_left, softcap, block_table)
     return (out, lse) if return_lse else out
+
+
+def flash_attention_bshd(q: Tensor, k: Tensor, v: Tensor, causal: bool = True,
+                         softmax_scale: float | None = None, window_left: int = -1,
+                         softcap: float = 0.0,
+                         return_lse: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+    """Attention over a padded batch, FlashAttention's ``flash_attn_func`` layout.
+
+    q [B, Sq, Hq, D]; k, v [B, Sk, Hkv, D] (same dtype and device, Hq a multiple of Hkv).
+    Every sequence has Sq queries and Sk keys; causal is aligned bottom-right (needs
+    Sq <= Sk). Returns out [B, Sq, Hq, D] in q.dtype, and with return_lse the natural-log
+    LSE [B, Hq, Sq] fp32. Other arguments as in :func:`flash_attention`.
+    """
+    check_tensor("q", q, dtypes=FLOAT_DTYPES, ndim=4)
+    check_tensor("k", k, dtypes=(q.dtype,), ndim=4, device=q.device)
+    check_tensor("v", v, dtypes=(q.dtype,), ndim=4, device=q.device)
+    b, sq, hq, d = q.shape
+    sk = k.shape[1]
+    if k.shape[0] != b:
+        raise ValueError(f"k must have batch {b} (like q), got shape {list(k.shape)}")
+    if v.shape != k.shape:
+        raise ValueError(f"v must have the shape of k {list(k.shape)}, got {list(v.shape)}")
+    cu_q = torch.arange(b + 1, dtype=torch.int32, device=q.device) * sq
+    cu_k = torch.arange(b + 1, dtype=torch.int32, device=q.device) * sk
+    res = flash_attention(q.reshape(b * sq, hq, d), k.reshape(b * sk, k.shape[2], k.shape[3]),
+                          v.reshape(b * sk, v.shape[2], v.shape[3]), cu_q, cu_k, sq, sk,
+                          causal=causal, softmax_scale=softmax_scale, window_left=window_left,
+                          softcap=softcap, return_lse=return_lse)
+    if not return_lse:
+        return res.view(b, sq, hq, d)  # type: ignore[union-attr]
+    out, lse = res
+    return out.view(b, sq, hq, d), lse.view(hq, b, sq).transpose(0, 1).contiguous()

@@ -1,0 +1,393 @@
+"""Flash attention forward (prefill) over varlen batches, optionally over a paged KV cache.
+
+Algorithm (FlashAttention-2 forward, one program per (query tile, q head, sequence)):
+  1. Load the BLOCK_M x D tile of queries once; find the key range [lo, hi) any of its rows
+     can see (bottom-right causal: query i of Lq sits at position i + Lk - Lq and sees keys
+     j <= position; a window keeps j >= position - window_left). Keys outside are never read.
+  2. Walk that range in BLOCK_N key tiles, in three loops: a masked loop over the window's
+     left edge, an unmasked loop over tiles every row sees fully, and a masked loop over the
+     diagonal and the end of the sequence (only these pay for the mask).
+  3. Per tile: s = q k^T (tensor cores, fp32 accumulate), scaled into the log2 domain
+     (optional softcap * tanh(s / softcap) first); online softmax with exp2: keep the row max
+     m and the row sum l, rescale the fp32 accumulator by exp2(m_old - m_new), acc += p v.
+  4. out = acc / l, lse = (m + log2 l) * ln 2. A row that saw no key has l == 0: it gets
+     output 0 and lse -inf (m starts finite, so no inf - inf ever makes a NaN).
+GQA: q head h reads kv head h // (Hq // Hkv). Paged mode: key j of sequence b lives in
+cache block block_table[b, j // PAGE_SIZE], slot j % PAGE_SIZE (gathered per key row, so any
+power-of-two page size works with any BLOCK_N). Heavy (late) query tiles are launched first.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from .. import _alloc
+from .registry import KernelSpec, register
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+
+@triton.jit
+def _kv_rows(offs_n, seqlen_k, bt_row, stride_tok, stride_blk, PAGED: tl.constexpr,
+             PAGE_SIZE: tl.constexpr, MASK_N: tl.constexpr):
+    """Element offsets of key rows offs_n of one sequence (relative to its kv-head base)."""
+    if PAGED:
+        if MASK_N:
+            blk = tl.load(bt_row + offs_n // PAGE_SIZE, mask=offs_n < seqlen_k, other=0)
+        else:
+            blk = tl.load(bt_row + offs_n // PAGE_SIZE)
+        return blk.to(tl.int64) * stride_blk + (offs_n % PAGE_SIZE) * stride_tok
+    else:
+        return offs_n * stride_tok
+
+
+@triton.jit
+def _attn_tiles(acc, l_i, m_i, q, k_base, v_base, bt_row, start, end, seqlen_k, q_pos, offs_d,
+                stride_kt, stride_kb, stride_vt, stride_vb, qk_scale, cap_in, cap_out,
+                window_left, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
+                HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, PAGED: tl.constexpr,
+                PAGE_SIZE: tl.constexpr, EVEN_D: tl.constexpr, HEAD_DIM: tl.constexpr,
+                BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """Accumulate key tiles [start, end) into (acc, l_i, m_i); masks only when MASKED."""
+    offs_n0 = tl.arange(0, BLOCK_N)
+    d_ok = offs_d[None, :] < HEAD_DIM
+    for start_n in range(start, end, BLOCK_N):
+        offs_n = start_n + offs_n0
+        k_rows = _kv_rows(offs_n, seqlen_k, bt_row, stride_kt, stride_kb, PAGED, PAGE_SIZE,
+                          MASKED)
+        v_rows = _kv_rows(offs_n, seqlen_k, bt_row, stride_vt, stride_vb, PAGED, PAGE_SIZE,
+                          MASKED)
+        # 16-byte aligned rows (the launcher guarantees it): vectorized / async copies
+        k_ptrs = tl.multiple_of(k_base + k_rows[:, None] + offs_d[None, :], [1, 16])
+        v_ptrs = tl.multiple_of(v_base + v_rows[:, None] + offs_d[None, :], [1, 16])
+        if MASKED:
+            kv_mask = offs_n[:, None] < seqlen_k
+            if not EVEN_D:
+                kv_mask = kv_mask & d_ok
+            k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
+        elif EVEN_D:
+            k = tl.load(k_ptrs)
+        else:
+            k = tl.load(k_ptrs, mask=d_ok, other=0.0)
+        if UPCAST:
+            k = k.to(tl.float32)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+        if HAS_SOFTCAP:
+            # softcap * tanh(scale * s / softcap), with tanh(x) = 1 - 2 / (exp(2x) + 1)
+            x = s * cap_in
+            s = (1.0 - 2.0 / (tl.math.exp2(x * 2.8853900817779268) + 1.0)) * cap_out
+        else:
+            s = s * qk_scale
+        if MASKED:
+            visible = offs_n[None, :] < seqlen_k
+            if CAUSAL:
+                visible = visible & (offs_n[None, :] <= q_pos[:, None])
+            if HAS_WINDOW:
+                visible = visible & (offs_n[None, :] >= q_pos[:, None] - window_left)
+            s = tl.where(visible, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.math.exp2(s - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        if MASKED:
+            v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
+        elif EVEN_D:
+            v = tl.load(v_ptrs)
+        else:
+            v = tl.load(v_ptrs, mask=d_ok, other=0.0)
+        if UPCAST:
+            v = v.to(tl.float32)
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def flash_attn_fwd_kernel(
+        q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, cu_q_ptr, cu_k_ptr, bt_ptr,
+        stride_qt, stride_qh, stride_kt, stride_kh, stride_kb, stride_vt, stride_vh, stride_vb,
+        stride_ot, stride_oh, stride_lse, stride_bt, group, qk_scale, cap_in, cap_out,
+        window_left,
+        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+        HAS_SOFTCAP: tl.constexpr, PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr,
+        DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    # heavy query tiles (late in the sequence: more keys under causal) go first
+    start_m = tl.num_programs(0) - 1 - tl.program_id(0)
+    head = tl.program_id(1)
+    seq = tl.program_id(2)
+    q_start = tl.load(cu_q_ptr + seq)
+    seqlen_q = tl.load(cu_q_ptr + seq + 1) - q_start
+    if start_m * BLOCK_M >= seqlen_q:
+        return
+    k_start = tl.load(cu_k_ptr + seq)
+    seqlen_k = tl.load(cu_k_ptr + seq + 1) - k_start
+    kv_head = head // group
+    EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
+
+    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    q_base = q_ptr + q_start.to(tl.int64) * stride_qt + head * stride_qh
+    q_ptrs = tl.multiple_of(q_base + offs_m[:, None] * stride_qt + offs_d[None, :], [1, 16])
+    q_mask = offs_m[:, None] < seqlen_q
+    if not EVEN_D:
+        q_mask = q_mask & (offs_d[None, :] < HEAD_DIM)
+    q = tl.load(q_ptrs, mask=q_mask, other=0.0)
+    if UPCAST:  # interpreter only: its tl.dot multiplies bf16 as raw uint16 bits
+        q = q.to(tl.float32)
+
+    if PAGED:
+        k_base = k_ptr + kv_head * stride_kh
+        v_base = v_ptr + kv_head * stride_vh
+        bt_row = bt_ptr + seq.to(tl.int64) * stride_bt
+    else:
+        k_base = k_ptr + k_start.to(tl.int64) * stride_kt + kv_head * stride_kh
+        v_base = v_ptr + k_start.to(tl.int64) * stride_vt + kv_head * stride_vh
+        bt_row = bt_ptr
+
+    # key positions: row i sits at i + Lk - Lq; [lo, hi) = keys some row sees,
+    # [full_lo, full_hi) = keys every row sees (no mask needed there)
+    q_pos = offs_m + (seqlen_k - seqlen_q)
+    pos_first = start_m * BLOCK_M + (seqlen_k - seqlen_q)
+    pos_last = tl.minimum(start_m * BLOCK_M + BLOCK_M, seqlen_q) - 1 + (seqlen_k - seqlen_q)
+    hi = seqlen_k
+    full_hi = seqlen_k
+    if CAUSAL:
+        hi = tl.minimum(hi, pos_last + 1)
+        full_hi = tl.minimum(full_hi, pos_first + 1)
+    lo = 0
+    full_lo = 0
+    if HAS_WINDOW:
+        lo = tl.maximum(pos_first - window_left, 0)
+        full_lo = tl.maximum(pos_last - window_left, 0)
+    lo_al = (lo // BLOCK_N) * BLOCK_N
+    mid_lo = tl.cdiv(full_lo, BLOCK_N) * BLOCK_N
+    mid_hi = (full_hi // BLOCK_N) * BLOCK_N
+    no_full = (mid_hi <= mid_lo) | (hi <= lo)
+    mid_lo = tl.where(no_full, lo_al, mid_lo)
+    mid_hi = tl.where(no_full, lo_al, mid_hi)
+
+    m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)  # finite: no inf - inf on empty rows
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    if HAS_WINDOW:  # left window edge: masked
+        acc, l_i, m_i = _attn_tiles(
+            acc, l_i, m_i, q, k_base, v_base, bt_row, lo_al, mid_lo, seqlen_k, q_pos, offs_d,
+            stride_kt, stride_kb, stride_vt, stride_vb, qk_scale, cap_in, cap_out, window_left,
+            True, CAUSAL, HAS_WINDOW, HAS_SOFTCAP, PAGED, PAGE_SIZE, EVEN_D, HEAD_DIM, BLOCK_N,
+            DOT_PRECISION, UPCAST)
+    acc, l_i, m_i = _attn_tiles(  # interior: every row sees every key
+        acc, l_i, m_i, q, k_base, v_base, bt_row, mid_lo, mid_hi, seqlen_k, q_pos, offs_d,
+        stride_kt, stride_kb, stride_vt, stride_vb, qk_scale, cap_in, cap_out, window_left,
+        False, CAUSAL, HAS_WINDOW, HAS_SOFTCAP, PAGED, PAGE_SIZE, EVEN_D, HEAD_DIM, BLOCK_N,
+        DOT_PRECISION, UPCAST)
+    acc, l_i, m_i = _attn_tiles(  # diagonal and sequence end: masked
+        acc, l_i, m_i, q, k_base, v_base, bt_row, mid_hi, hi, seqlen_k, q_pos, offs_d,
+        stride_kt, stride_kb, stride_vt, stride_vb, qk_scale, cap_in, cap_out, window_left,
+        True, CAUSAL, HAS_WINDOW, HAS_SOFTCAP, PAGED, PAGE_SIZE, EVEN_D, HEAD_DIM, BLOCK_N,
+        DOT_PRECISION, UPCAST)
+
+    empty = l_i == 0.0
+    inv_l = 1.0 / tl.where(empty, 1.0, l_i)
+    out = acc * inv_l[:, None]
+    log_l = tl.math.log2(tl.where(empty, 1.0, l_i))
+    lse = tl.where(empty, float("-inf"), (m_i + log_l) * 0.6931471805599453)  # ln 2
+    o_base = o_ptr + q_start.to(tl.int64) * stride_ot + head * stride_oh
+    o_ptrs = tl.multiple_of(o_base + offs_m[:, None] * stride_ot + offs_d[None, :], [1, 16])
+    tl.store(o_ptrs,
+             out.to(o_ptr.dtype.element_ty), mask=q_mask)
+    tl.store(lse_ptr + head.to(tl.int64) * stride_lse + q_start + offs_m, lse,
+             mask=offs_m < seqlen_q)
+
+
+# --------------------------------------------------------------------------- configs
+
+
+@dataclass(frozen=True)
+class FlashConfig:
+    """Tile shape and launch options of one kernel instance."""
+
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+
+# Per-arch tables keyed by padded head dim (BLOCK_D). Every entry compiles without register
+# spills for both sm_80 and sm_90a (the AOT test compiles each registered spec for both).
+# Starting points, to be swept on the GPU: ``python -m bench.bench_attention --sweep``
+# (bench/NOTES.md, "attention"). E.g. sm_90 d128 128x128/8 warps/2 stages fits sm_90a
+# (244 regs) but spills 16 B on sm_80, so it is a sweep candidate, not the default.
+SM90_CONFIGS = {
+    16: FlashConfig(128, 128, 8, 3),
+    32: FlashConfig(128, 128, 8, 3),
+    64: FlashConfig(128, 128, 8, 3),
+    128: FlashConfig(128, 64, 8, 3),
+    256: FlashConfig(64, 32, 8, 2),
+}
+SM80_CONFIGS = {
+    16: FlashConfig(128, 64, 8, 3),
+    32: FlashConfig(128, 64, 8, 3),
+    64: FlashConfig(128, 64, 8, 3),
+    128: FlashConfig(128, 64, 8, 3),
+    256: FlashConfig(64, 32, 8, 2),
+}
+INTERPRETER_CONFIG = FlashConfig(16, 16, 1, 1)  # CPU interpreter: small tiles, many programs
+
+
+def block_d(head_dim: int) -> int:
+    return max(16, triton.next_power_of_2(head_dim))
+
+
+def _smem_bytes(cfg: FlashConfig, bd: int, elem: int) -> int:
+    return (cfg.block_m * bd + 2 * cfg.num_stages * cfg.block_n * bd) * elem
+
+
+def _env_config() -> FlashConfig | None:
+    """MINIKERNELS_FLASH_CONFIG="BLOCK_M,BLOCK_N,num_warps,num_stages" (tuning override)."""
+    raw = os.environ.get("MINIKERNELS_FLASH_CONFIG", "").strip()
+    if not raw:
+        return None
+    try:
+        bm, bn, w, s = (int(x) for x in raw.split(","))
+    except ValueError as exc:
+        raise ValueError("MINIKERNELS_FLASH_CONFIG must be 'BLOCK_M,BLOCK_N,num_warps,"
+                         f"num_stages', got {raw!r}") from exc
+    return FlashConfig(bm, bn, w, s)
+
+
+def pick_config(head_dim: int, dtype: torch.dtype, device: torch.device) -> FlashConfig:
+    """The tile config for this head dim / dtype on this device."""
+    if device.type != "cuda":
+        return INTERPRETER_CONFIG
+    override = _env_config()
+    if override is not None:
+        return override
+    bd = block_d(head_dim)
+    major, _ = torch.cuda.get_device_capability(device)
+    cfg = (SM90_CONFIGS if major >= 9 else SM80_CONFIGS)[bd]
+    elem = torch.finfo(dtype).bits // 8
+    if dtype == torch.float32:  # ieee fp32 dots: no tensor cores, halve the tiles
+        cfg = FlashConfig(min(cfg.block_m, 64), min(cfg.block_n, 32), 4, 2)
+    smem = torch.cuda.get_device_properties(device).shared_memory_per_block_optin
+    while cfg.num_stages > 1 and _smem_bytes(cfg, bd, elem) > smem:  # e.g. sm_86/sm_89
+        cfg = FlashConfig(cfg.block_m, cfg.block_n, cfg.num_warps, cfg.num_stages - 1)
+    while cfg.block_n > 16 and _smem_bytes(cfg, bd, elem) > smem:
+        cfg = FlashConfig(cfg.block_m, cfg.block_n // 2, cfg.num_warps, cfg.num_stages)
+    return cfg
+
+
+# --------------------------------------------------------------------------- launcher
+
+
+def _aligned(t: torch.Tensor) -> torch.Tensor:
+    """t itself when 16-byte aligned with row strides that are multiples of 8 elements (what
+    the kernel's vector-load hints promise), else a fresh contiguous copy (head dims are
+    multiples of 8, so a fresh tensor always qualifies)."""
+    ok = t.data_ptr() % 16 == 0 and all(s % 8 == 0 for s in t.stride()[:-1])
+    return t if ok else t.clone(memory_format=torch.contiguous_format)
+
+
+def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                    cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int,
+                    causal: bool, softmax_scale: float, window_left: int, softcap: float,
+                    block_table: torch.Tensor | None, config: FlashConfig | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Validated inputs (see minikernels.ops.attention.flash_attention) -> (out, lse).
+
+    q [total_q, Hq, D]; k, v [total_k, Hkv, D] or paged [num_blocks, block_size, Hkv, D];
+    last dims contiguous. out [total_q, Hq, D] in q.dtype (contiguous), lse [Hq, total_q] fp32.
+    """
+    total_q, hq, d = q.shape
+    hkv = k.shape[-2]
+    out = _alloc.empty((total_q, hq, d), q.dtype, q.device)
+    lse = _alloc.empty((hq, total_q), torch.float32, q.device)
+    batch = cu_seqlens_q.shape[0] - 1
+    if total_q == 0 or batch <= 0 or hq == 0 or max_seqlen_q <= 0:
+        return out, lse
+    cfg = config or pick_config(d, q.dtype, q.device)
+    paged = block_table is not None
+    q, k, v = _aligned(q), _aligned(k), _aligned(v)
+    cu_q = cu_seqlens_q.contiguous()
+    cu_k = cu_seqlens_k.contiguous()
+    if paged:
+        bt = block_table if block_table.stride(-1) == 1 else block_table.contiguous()
+        stride_kt, stride_kh, stride_kb = k.stride(1), k.stride(2), k.stride(0)
+        stride_vt, stride_vh, stride_vb = v.stride(1), v.stride(2), v.stride(0)
+        page_size, stride_bt = k.shape[1], bt.stride(0)
+    else:
+        bt = cu_k  # unused placeholder pointer
+        stride_kt, stride_kh, stride_kb = k.stride(0), k.stride(1), 0
+        stride_vt, stride_vh, stride_vb = v.stride(0), v.stride(1), 0
+        page_size, stride_bt = 1, 0
+    has_softcap = softcap > 0
+    upcast = q.device.type != "cuda" and q.dtype == torch.bfloat16
+    grid = (triton.cdiv(max_seqlen_q, cfg.block_m), hq, batch)
+    flash_attn_fwd_kernel[grid](
+        q, k, v, out, lse, cu_q, cu_k, bt,
+        q.stride(0), q.stride(1), stride_kt, stride_kh, stride_kb, stride_vt, stride_vh,
+        stride_vb, out.stride(0), out.stride(1), lse.stride(0), stride_bt, hq // hkv,
+        softmax_scale * LOG2E, softmax_scale / softcap if has_softcap else 1.0,
+        softcap * LOG2E if has_softcap else 1.0, max(window_left, 0),
+        HEAD_DIM=d, BLOCK_D=block_d(d), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+        CAUSAL=bool(causal), HAS_WINDOW=window_left >= 0, HAS_SOFTCAP=has_softcap,
+        PAGED=paged, PAGE_SIZE=page_size,
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 or upcast else "tf32", UPCAST=upcast,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return out, lse
+
+
+# --------------------------------------------------------------------------- registry
+
+
+def _signature(dt: str) -> dict[str, str]:
+    sig = {name: f"*{dt}" for name in ("q_ptr", "k_ptr", "v_ptr", "o_ptr")}
+    sig.update({"lse_ptr": "*fp32", "cu_q_ptr": "*i32", "cu_k_ptr": "*i32", "bt_ptr": "*i32"})
+    for name in ("stride_qt", "stride_qh", "stride_kt", "stride_kh", "stride_kb", "stride_vt",
+                 "stride_vh", "stride_vb", "stride_ot", "stride_oh", "stride_lse", "stride_bt",
+                 "group"):
+        sig[name] = "i32"
+    sig.update({"qk_scale": "fp32", "cap_in": "fp32", "cap_out": "fp32", "window_left": "i32"})
+    for name in ("HEAD_DIM", "BLOCK_D", "BLOCK_M", "BLOCK_N", "CAUSAL", "HAS_WINDOW",
+                 "HAS_SOFTCAP", "PAGED", "PAGE_SIZE", "DOT_PRECISION", "UPCAST"):
+        sig[name] = "constexpr"
+    return sig
+
+
+_registered: set[tuple] = set()
+
+
+def _register(dt: str, head_dim: int, cfg: FlashConfig, *, causal: bool = True,
+              window: bool = False, softcap: bool = False, page_size: int = 0) -> None:
+    key = (dt, head_dim, cfg, causal, window, softcap, page_size)
+    if key in _registered:  # sm_80 and sm_90 tables share some entries
+        return
+    _registered.add(key)
+    flags = "".join(f",{f}" for f, on in (("causal", causal), ("window", window),
+                                           ("softcap", softcap)) if on)
+    paged = f",paged{page_size}" if page_size else ""
+    register(KernelSpec(
+        name=(f"flash_attn[{dt},d{head_dim},m{cfg.block_m}n{cfg.block_n}"
+              f"w{cfg.num_warps}s{cfg.num_stages}{flags}{paged}]"),
+        fn=flash_attn_fwd_kernel, signature=_signature(dt),
+        constexprs={"HEAD_DIM": head_dim, "BLOCK_D": block_d(head_dim),
+                    "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "CAUSAL": causal,
+                    "HAS_WINDOW": window, "HAS_SOFTCAP": softcap, "PAGED": bool(page_size),
+                    "PAGE_SIZE": page_size or 1, "DOT_PRECISION": "tf32", "UPCAST": False},
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, tensor_core=True))
+
+
+for _table in (SM90_CONFIGS, SM80_CONFIGS):
+    for _d in (64, 128, 256):
+        _register("bf16", _d, _table[_d])
+_register("bf16", 128, SM90_CONFIGS[128], causal=False)
+_register("fp16", 128, SM90_CONFIGS[128], window=True, softcap=True, page_size=16)
+_register("fp16", 64, SM90_CONFIGS[64], window=True, softcap=True, page_size=16)
+_register("bf16", 80, SM90_CONFIGS[128])
+_register("fp16", 96, SM80_CONFIGS[128], page_size=32)
