@@ -38,6 +38,20 @@ void rms_norm(at::Tensor y, const at::Tensor& x, const at::Tensor& weight, doubl
         "rms_norm");
 }
 
+// ---- int4 (owner: int4 issue #3) ---------------------------------------------------------
+// y: contiguous [m, n]; x: [m, k] with 16-byte aligned rows; qweight int32 [n, k/8];
+// scales/zeros [n, k/group] in x's dtype; bias [n] in x's dtype or None.
+void int4_gemv(at::Tensor y, const at::Tensor& x, const at::Tensor& qweight,
+               const at::Tensor& scales, const at::Tensor& zeros,
+               const c10::optional<at::Tensor>& bias, int64_t group_size, int64_t stream) {
+  check(minikernels::launch_int4_gemv(
+            y.data_ptr(), x.data_ptr(), qweight.data_ptr(), scales.data_ptr(),
+            zeros.data_ptr(), bias.has_value() ? bias->data_ptr() : nullptr, x.size(0),
+            qweight.size(0), x.size(1), x.stride(0), group_size, dtype_code(x),
+            as_stream(stream)),
+        "int4_gemv");
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -45,4 +59,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rms_norm", &rms_norm, "fused (residual add +) RMSNorm", py::arg("y"), py::arg("x"),
         py::arg("weight"), py::arg("eps"), py::arg("residual"), py::arg("residual_out"),
         py::arg("stream"));
+  // int4 (owner: int4 issue #3)
+  m.def("int4_gemv", &int4_gemv, "int4 weight-only decode matmul, M <= 16", py::arg("y"),
+        py::arg("x"), py::arg("qweight"), py::arg("scales"), py::arg("zeros"), py::arg("bias"),
+        py::arg("group_size"), py::arg("stream"));
 }

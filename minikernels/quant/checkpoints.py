@@ -127,7 +127,7 @@ def to_gptq(weight: Int4Weight, checkpoint_format: str = "gptq") -> dict[str, Te
         inv[weight.perm] = torch.arange(k, device=q.device)
         q = q[:, inv]
         g_idx = g_idx[inv]
-    return {"qweight": pack_nibbles(q.t().contiguous()),
+    return {"qweight": pack_nibbles(q).t().contiguous(),
             "qzeros": pack_nibbles(zeros.t().contiguous()),
             "scales": weight.scales.t().contiguous(), "g_idx": g_idx.to(torch.int32)}
 

@@ -74,6 +74,7 @@ class Int4Weight:
            dtype: torch.dtype | None = None) -> Int4Weight:
         """Move to ``device``; ``dtype`` (fp16/bf16) converts scales and zeros."""
         sd = dtype or self.scales.dtype
+        device = self.qweight.device if device is None else torch.device(device)
         return Int4Weight(self.qweight.to(device), self.scales.to(device, sd),
                           self.zeros.to(device, sd), self.group_size,
                           None if self.perm is None else self.perm.to(device))
