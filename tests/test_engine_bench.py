@@ -1,0 +1,50 @@
+"""The serving benchmarks run on CPU: `minikernels bench serve` (downsized) and
+bench/bench_serve.py --smoke (engine vs transformers side by side)."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+
+from minikernels.engine.bench_serve import make_workload
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_workload_is_fixed_by_seed():
+    a = make_workload(8, (100, 1024), (100, 1024), 151936, seed=0)
+    assert a == make_workload(8, (100, 1024), (100, 1024), 151936, seed=0)
+    assert all(100 <= len(p) <= 1024 and 100 <= o <= 1024 for p, o in a)
+    assert a != make_workload(8, (100, 1024), (100, 1024), 151936, seed=1)
+
+
+def test_cli_bench_serve_small(tmp_path, capsys):
+    from minikernels.cli import main
+
+    out = tmp_path / "serve.json"
+    rc = main(["bench", "serve", "--num-requests", "4", "--min-input-len", "8",
+               "--max-input-len", "16", "--min-output-len", "4", "--max-output-len", "8",
+               "--decode-tokens", "6", "--no-save", "--output", str(out)])
+    assert rc == 0
+    data = json.loads(out.read_text())
+    phases = {r["phase"]: r for r in data["rows"]}
+    assert set(phases) == {"offline", "latency", "decode-b1"}
+    assert phases["offline"]["output_tok_s"] > 0
+    assert phases["latency"]["ttft_p50_ms"] > 0 and phases["latency"]["tpot_p99_ms"] > 0
+    assert data["meta"]["model"] == "tiny"
+    assert "output_tok_s" in capsys.readouterr().out
+
+
+def test_bench_serve_vs_hf_smoke(tmp_path):
+    spec = importlib.util.spec_from_file_location("bench_serve_script",
+                                                  os.path.join(ROOT, "bench", "bench_serve.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.main(["--smoke", "--out-dir", str(tmp_path)]) == 0
+    data = json.loads((tmp_path / "serve_vs_hf.json").read_text())
+    systems = {(r["system"], r["phase"]) for r in data["rows"]}
+    assert {("minikernels", "offline"), ("minikernels", "latency"),
+            ("minikernels", "decode-b1"), ("hf-static", "offline"),
+            ("hf-b1", "decode-b1")} <= systems
+    assert (tmp_path / "serve_vs_hf.md").exists()
+    assert data["meta"]["speedup_vs_best_hf_offline"] > 0
