@@ -86,6 +86,8 @@ class FakeEngine:
 
     async def generate(self, prompt, params: SamplingParams, request_id: str):
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        if any(not 0 <= t < self.tokenizer.vocab_size for t in ids):
+            raise ValueError("prompt token id outside the vocabulary")
         if len(self.blocks) >= self.max_queue:
             raise EngineOverloaded(f"queue full ({self.max_queue})")
         if len(ids) + (params.max_tokens or 0) > self.max_model_len:

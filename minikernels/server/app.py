@@ -66,11 +66,15 @@ def _engine_error_to_api(exc: BaseException) -> APIError:
         return APIError(f"server overloaded: {exc}" if str(exc) else "server overloaded, "
                         "retry later", status=429, type="rate_limit_error",
                         code="rate_limit_exceeded")
+    if any(c.__name__ == "EngineDeadError" for c in type(exc).__mro__):
+        return APIError(f"engine unavailable: {exc}", status=503, type="server_error",
+                        code="engine_dead")
     if isinstance(exc, (ValueError, TypeError)):
         msg = str(exc) or type(exc).__name__
         low = msg.lower()
-        param = "max_tokens" if ("max_model_len" in low or "max_tokens" in low
-                                 or "too long" in low) else None
+        param = ("max_tokens" if ("max_model_len" in low or "max_tokens" in low
+                                  or "too long" in low) else
+                 "prompt" if "prompt" in low else None)
         return APIError(msg, param=param, code="invalid_value")
     logger.error("engine error", exc_info=exc)
     return APIError(f"internal engine error: {type(exc).__name__}", status=500,
@@ -463,21 +467,6 @@ def create_app(engine: Any, api_key: Optional[str] = None,
         value = getattr(engine, "max_model_len", None)
         return int(value) if value else None
 
-    def vocab_size() -> Optional[int]:
-        for obj, attr in ((engine, "vocab_size"), (engine.tokenizer, "vocab_size")):
-            value = getattr(obj, attr, None)
-            if isinstance(value, int) and value > 0:
-                try:
-                    return max(value, len(engine.tokenizer))
-                except TypeError:
-                    return value
-        return None
-
-    def check_token_ids(ids: list[int], param: str) -> None:
-        vs = vocab_size()
-        if vs is not None and any(t >= vs for t in ids):
-            raise APIError(f"token id out of range (vocab size {vs})", param=param)
-
     def make_params(req: Any, max_tokens: int, logprobs: Optional[int],
                     seed: Optional[int]) -> Any:
         kwargs: dict[str, Any] = dict(max_tokens=max_tokens, n=1, ignore_eos=req.ignore_eos)
@@ -490,8 +479,6 @@ def create_app(engine: Any, api_key: Optional[str] = None,
             kwargs["seed"] = seed
         if logprobs is not None:
             kwargs["logprobs"] = logprobs
-        if req.stop_token_ids:
-            check_token_ids(req.stop_token_ids, "stop_token_ids")
         try:
             return _sampling_params_cls()(**kwargs)
         except (ValueError, TypeError) as exc:
@@ -674,10 +661,7 @@ def create_app(engine: Any, api_key: Optional[str] = None,
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
         req: CompletionRequest = await parse(request, CompletionRequest)
-        prompts = req.prompts()
-        for p in prompts:
-            if isinstance(p, list):
-                check_token_ids(p, "prompt")
+        prompts = req.prompts()   # token ids are range-checked by the engine
         max_tokens = req.max_tokens if req.max_tokens is not None else 16
         rid = f"cmpl-{uuid.uuid4().hex}"
         choices = []

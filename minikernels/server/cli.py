@@ -65,15 +65,10 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def build_engine(args: argparse.Namespace) -> Any:
+    """The AsyncLLM for ``args`` (loads the model)."""
     from minikernels.engine import AsyncLLM
 
-    try:
-        return AsyncLLM.from_args(args.model, max_queue=args.max_queue, **engine_kwargs(args))
-    except TypeError:
-        # from_args without max_queue: build the LLM, then wrap it
-        from minikernels.engine import LLM
-
-        return AsyncLLM(LLM(args.model, **engine_kwargs(args)), max_queue=args.max_queue)
+    return AsyncLLM.from_args(args.model, max_queue=args.max_queue, **engine_kwargs(args))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -93,5 +88,8 @@ def run(args: argparse.Namespace) -> int:
                 args.host, args.port)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                             timeout_graceful_shutdown=5, access_log=args.log_level == "debug")
-    uvicorn.Server(config).run()
+    try:
+        uvicorn.Server(config).run()
+    except KeyboardInterrupt:   # uvicorn re-raises the SIGINT it handled: a clean stop
+        pass
     return 0

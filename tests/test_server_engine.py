@@ -1,0 +1,413 @@
+"""The OpenAI-compatible server on the real engine: a tiny random Llama saved as a HF
+checkpoint (with a byte-level BPE tokenizer and a chat template), AsyncLLM on CPU,
+uvicorn on 127.0.0.1, driven by the official ``openai`` client and raw httpx.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import httpx
+import openai
+import pytest
+
+pytest.importorskip("transformers")
+pytest.importorskip("tokenizers")
+
+from minikernels.engine import AsyncLLM, SamplingParams  # noqa: E402
+from minikernels.server import create_app  # noqa: E402
+from minikernels.server.testing import LiveServer, free_port  # noqa: E402
+
+API_KEY = "engine-test-key"
+MODEL = "tiny-llama"
+MAX_LEN = 256
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def make_tiny_model(path: str) -> str:
+    """A 2-layer random Llama + a byte-level BPE tokenizer with a chat template."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    specials = ["<s>", "</s>", "<|im_start|>", "<|im_end|>"]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    # Printable-ASCII alphabet only (byte-level names: space is "Ġ", newline "Ċ"): a random
+    # model then never emits a partial UTF-8 character, so streamed and offline text agree.
+    alphabet = [chr(b) for b in range(33, 127)] + ["\u0120", "\u010a"]
+    trainer = trainers.BpeTrainer(vocab_size=200, special_tokens=specials,
+                                  initial_alphabet=alphabet, show_progress=False)
+    tok.train_from_iterator(["hello world, the quick brown fox jumps over the lazy dog",
+                             "user assistant system: say hi. 0123456789"] * 20, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                                   additional_special_tokens=specials[2:])
+    fast.chat_template = CHAT_TEMPLATE
+    fast.save_pretrained(path)
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(fast), hidden_size=64, intermediate_size=128,
+                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                      max_position_embeddings=MAX_LEN, bos_token_id=0, eos_token_id=1,
+                      tie_word_embeddings=False)
+    LlamaForCausalLM(cfg).save_pretrained(path)
+    return path
+
+
+ENGINE_KW = dict(dtype="float32", device="cpu", enforce_eager=True, max_model_len=MAX_LEN,
+                 block_size=16, num_kv_blocks=96, max_num_seqs=64)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return make_tiny_model(str(tmp_path_factory.mktemp("tiny_llama")))
+
+
+@pytest.fixture(scope="module")
+def engine(model_dir):
+    eng = AsyncLLM.from_args(model_dir, max_queue=256, **ENGINE_KW)
+    yield eng
+
+
+@pytest.fixture(scope="module")
+def reference(engine):
+    """Greedy outputs from the offline LLM.generate, taken before the async loop starts."""
+    chat_ids = engine.tokenizer.apply_chat_template(
+        [{"role": "user", "content": "say hi"}], add_generation_prompt=True)
+    p = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    outs = engine.llm.generate(["hello world", list(chat_ids)], p)
+    return {"completion": outs[0], "chat": outs[1], "chat_ids": list(chat_ids)}
+
+
+@pytest.fixture(scope="module")
+def server(engine, reference):
+    with LiveServer(create_app(engine, api_key=API_KEY, served_model_name=MODEL)) as srv:
+        yield srv
+
+
+@pytest.fixture()
+def client(server):
+    return openai.OpenAI(base_url=server.base_url + "/v1", api_key=API_KEY, max_retries=0,
+                         timeout=60)
+
+
+def _auth() -> dict:
+    return {"Authorization": f"Bearer {API_KEY}"}
+
+
+def _wait_all_free(engine, timeout: float = 20.0) -> dict:
+    """Poll stats until nothing runs or waits and every KV block is free."""
+    deadline = time.monotonic() + timeout
+    while True:
+        s = engine.stats()
+        if (s["num_running"] == 0 and s["num_waiting"] == 0
+                and s["kv_blocks_free"] == s["kv_blocks_total"]):
+            return s
+        if time.monotonic() > deadline:
+            raise AssertionError(f"engine not idle / blocks still allocated: {s}")
+        time.sleep(0.02)
+
+
+GREEDY = dict(temperature=0, extra_body={"ignore_eos": True})
+
+
+def test_completion_matches_offline(client, reference):
+    r = client.completions.create(model=MODEL, prompt="hello world", max_tokens=12, **GREEDY)
+    ref = reference["completion"]
+    assert r.choices[0].text == ref.outputs[0].text
+    assert r.choices[0].finish_reason == "length"
+    assert r.usage.prompt_tokens == len(ref.prompt_token_ids)
+    assert r.usage.completion_tokens == 12
+
+
+def test_chat_matches_offline(client, reference):
+    r = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "say hi"}], max_tokens=12,
+        **GREEDY)
+    ref = reference["chat"]
+    assert r.choices[0].message.role == "assistant"
+    assert r.choices[0].message.content == ref.outputs[0].text
+    assert r.usage.prompt_tokens == len(reference["chat_ids"])
+    assert r.usage.completion_tokens == 12
+
+
+def test_streams_equal_non_streaming(client, server, reference):
+    stream = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "say hi"}], max_tokens=12,
+        stream=True, stream_options={"include_usage": True}, **GREEDY)
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == reference["chat"].outputs[0].text
+    assert chunks[-1].choices == []
+    assert chunks[-1].usage.completion_tokens == 12
+    assert chunks[-1].usage.prompt_tokens == len(reference["chat_ids"])
+    r = httpx.post(server.base_url + "/v1/completions", headers=_auth(), timeout=60,
+                   json={"model": MODEL, "prompt": "hello world", "max_tokens": 12,
+                         "temperature": 0, "ignore_eos": True, "stream": True,
+                         "stream_options": {"include_usage": True}})
+    lines = [ln[6:] for ln in r.text.split("\n") if ln.startswith("data: ")]
+    assert lines[-1] == "[DONE]"
+    events = [json.loads(x) for x in lines[:-1]]
+    assert "".join(e["choices"][0]["text"] for e in events if e["choices"]) == \
+        reference["completion"].outputs[0].text
+    assert events[-1]["usage"]["total_tokens"] == \
+        len(reference["completion"].prompt_token_ids) + 12
+
+
+def test_stop_string(client, reference):
+    full = reference["completion"].outputs[0].text
+    # a stop string that first occurs after some output: cut right before it
+    stop = next(full[i:i + 2] for i in range(2, len(full) - 2)
+                if full[i:i + 2].strip() and full.find(full[i:i + 2]) == i)
+    cut = full[:full.index(stop)]
+    r = client.completions.create(model=MODEL, prompt="hello world", max_tokens=12,
+                                  stop=[stop], **GREEDY)
+    assert r.choices[0].text == cut and r.choices[0].finish_reason == "stop"
+    stream = client.completions.create(model=MODEL, prompt="hello world", max_tokens=12,
+                                       stop=stop, stream=True, **GREEDY)
+    chunks = list(stream)
+    assert "".join(c.choices[0].text for c in chunks) == cut
+    assert chunks[-1].choices[0].finish_reason == "stop"
+
+
+def test_sampling_seed_logprobs_n(client):
+    kw = dict(model=MODEL, prompt="the quick", max_tokens=6, temperature=1.0, seed=123,
+              extra_body={"ignore_eos": True})
+    a = client.completions.create(n=2, **kw)
+    b = client.completions.create(n=2, **kw)
+    assert [c.text for c in a.choices] == [c.text for c in b.choices]   # seeded
+    assert a.usage.completion_tokens == 12
+    r = client.completions.create(model=MODEL, prompt="the quick", max_tokens=4, logprobs=3,
+                                  **GREEDY)
+    lp = r.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == 4
+    assert all(x <= 0 for x in lp.token_logprobs)
+    assert "".join(lp.tokens) == r.choices[0].text
+    for top, chosen in zip(lp.top_logprobs, lp.token_logprobs):
+        assert len(top) >= 3 and max(top.values()) == pytest.approx(chosen, abs=1e-4)
+
+
+def test_errors_then_still_serving(client, server, engine):
+    long_prompt = "hello world " * 200
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(model=MODEL, prompt=long_prompt, max_tokens=10)
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(model=MODEL, prompt="hi", max_tokens=MAX_LEN, stream=True)
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": long_prompt}])
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(model=MODEL, prompt=[1, 2, 10 ** 6], max_tokens=2)
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(model="gpt-4", prompt="hi")
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(model=MODEL, prompt="hi", top_p=1.5)
+    r = httpx.post(server.base_url + "/v1/chat/completions", headers=_auth(), content=b"{x")
+    assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
+    r = httpx.post(server.base_url + "/v1/completions", json={"model": MODEL, "prompt": "x"})
+    assert r.status_code == 401
+    assert client.completions.create(model=MODEL, prompt="hi", max_tokens=2).choices
+    _wait_all_free(engine)
+
+
+def test_overload_429(server, engine):
+    saved = engine.max_queue
+    engine.max_queue = 1
+
+    async def main():
+        async with httpx.AsyncClient(base_url=server.base_url, headers=_auth(),
+                                     timeout=60) as http:
+            return await asyncio.gather(*(
+                http.post("/v1/completions", json={"model": MODEL, "prompt": "hello",
+                                                   "max_tokens": 4})
+                for _ in range(16)))
+
+    try:
+        results = asyncio.run(main())
+    finally:
+        engine.max_queue = saved
+    codes = [r.status_code for r in results]
+    assert set(codes) <= {200, 429} and 200 in codes and 429 in codes, codes
+    err = next(r for r in results if r.status_code == 429).json()["error"]
+    assert err["code"] == "rate_limit_exceeded"
+    _wait_all_free(engine)
+
+
+def test_64_concurrent_streams(server, engine):
+    async def one(client: openai.AsyncOpenAI, i: int):
+        n_tok = 3 + i % 10
+        chat = i % 2 == 1
+        if chat:
+            stream = await client.chat.completions.create(
+                model=MODEL, messages=[{"role": "user", "content": f"hi {i}"}],
+                max_tokens=n_tok, stream=True, stream_options={"include_usage": True},
+                logprobs=True, extra_body={"ignore_eos": True})
+        else:
+            stream = await client.completions.create(
+                model=MODEL, prompt="the lazy dog " * (1 + i % 4), max_tokens=n_tok,
+                stream=True, stream_options={"include_usage": True}, logprobs=0,
+                extra_body={"ignore_eos": True})
+        text, tokens, usage, finish = "", [], None, None
+        async for chunk in stream:
+            for ch in chunk.choices:
+                text += (ch.delta.content or "") if chat else ch.text
+                if ch.logprobs is not None:
+                    tokens += ([t.token for t in ch.logprobs.content or []] if chat
+                               else ch.logprobs.tokens)
+                finish = ch.finish_reason or finish
+            if chunk.usage:
+                usage = chunk.usage
+        return n_tok, text, tokens, usage, finish
+
+    async def main():
+        client = openai.AsyncOpenAI(base_url=server.base_url + "/v1", api_key=API_KEY,
+                                    max_retries=0, timeout=120)
+        try:
+            return await asyncio.gather(*(one(client, i) for i in range(64)))
+        finally:
+            await client.close()
+
+    results = asyncio.run(main())
+    for n_tok, text, tokens, usage, finish in results:
+        assert usage.completion_tokens == n_tok and finish == "length"
+        assert usage.prompt_tokens > 0
+        assert usage.total_tokens == usage.prompt_tokens + n_tok
+        assert len(tokens) == n_tok            # every generated token streamed once
+        assert "".join(tokens) == text
+    _wait_all_free(engine)
+
+
+def test_disconnects_free_kv_blocks(server, engine):
+    for path, body, n_events in [
+        ("/v1/completions", {"prompt": "hello world " * 10, "max_tokens": 200}, 3),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}],
+                                  "max_tokens": 200, "n": 2}, 4),
+    ]:
+        before = engine.stats()["generation_tokens_total"]
+        with httpx.Client(base_url=server.base_url, headers=_auth(), timeout=60) as http:
+            with http.stream("POST", path, json={"model": MODEL, "stream": True,
+                                                 "ignore_eos": True, **body}) as r:
+                assert r.status_code == 200
+                got = 0
+                for line in r.iter_lines():
+                    if line.startswith("data: "):
+                        got += 1
+                        if got >= n_events:
+                            break
+        s = _wait_all_free(engine)
+        # aborted early: far fewer tokens generated than asked for
+        assert s["generation_tokens_total"] - before < 200 * body.get("n", 1) // 2, s
+    # a non-streaming client that gives up
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(server.base_url + "/v1/completions", headers=_auth(), timeout=0.5,
+                   json={"model": MODEL, "prompt": "x", "max_tokens": 240,
+                         "ignore_eos": True})
+    s = _wait_all_free(engine)
+    assert s["generation_tokens_total"] > 0
+
+
+def test_bad_requests_mixed_with_good(server, engine):
+    bad = [
+        {"model": MODEL, "prompt": "hello world " * 200, "max_tokens": 8},     # too long
+        {"model": "nope", "prompt": "x"},
+        {"model": MODEL, "prompt": "x", "temperature": -1},
+        {"model": MODEL, "prompt": [5, 10 ** 7]},                              # vocab
+        {"model": MODEL, "prompt": "x", "max_tokens": 1000, "stream": True},
+    ]
+
+    async def good(http, i):
+        r = await http.post("/v1/completions", json={
+            "model": MODEL, "prompt": "hello", "max_tokens": 2 + i % 6, "ignore_eos": True,
+            "temperature": 0})
+        return r.status_code, r.json()
+
+    async def bad_one(http, i):
+        r = await http.post("/v1/completions", json=bad[i % len(bad)])
+        return r.status_code, r.json()
+
+    async def main():
+        async with httpx.AsyncClient(base_url=server.base_url, headers=_auth(),
+                                     timeout=120) as http:
+            return await asyncio.gather(*(f(http, i) for i in range(20)
+                                          for f in (good, bad_one)))
+
+    results = asyncio.run(main())
+    texts = set()
+    for i in range(20):
+        code, body = results[2 * i]
+        assert code == 200, body
+        assert body["usage"]["completion_tokens"] == 2 + i % 6
+        texts.add(body["choices"][0]["text"][:1])
+        code, body = results[2 * i + 1]
+        assert code == 400 and body["error"]["type"] == "invalid_request_error", body
+    _wait_all_free(engine)
+
+
+def test_metrics_and_health(server, engine):
+    assert httpx.get(server.base_url + "/health").json() == {"status": "ok"}
+    text = httpx.get(server.base_url + "/metrics").text
+    values = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name_labels, value = line.rsplit(" ", 1)
+            values[name_labels.split("{")[0]] = float(value)
+    s = engine.stats()
+    assert values["minikernels_kv_blocks_total"] == s["kv_blocks_total"]
+    assert values["minikernels_generation_tokens_total"] > 0
+    for key in ("minikernels_num_requests_running", "minikernels_num_requests_waiting",
+                "minikernels_kv_cache_usage_ratio", "minikernels_tokens_per_second",
+                "minikernels_http_requests_total", "minikernels_requests_finished_total"):
+        assert key in values
+
+
+def test_cli_serve_subprocess(model_dir):
+    """`python -m minikernels serve` end to end: start, answer, stop on SIGINT."""
+    port = free_port()
+    env = {**os.environ, "MINIKERNELS_API_KEY": "cli-key"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "minikernels", "serve", model_dir, "--port", str(port),
+         "--served-model-name", "cli-model", "--dtype", "float32", "--device", "cpu",
+         "--enforce-eager", "--max-model-len", "128", "--num-kv-blocks", "32",
+         "--log-level", "warning"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert proc.poll() is None, proc.stdout.read().decode()
+            assert time.monotonic() < deadline, "server did not come up"
+            time.sleep(0.25)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="cli-key",
+                               max_retries=0, timeout=60)
+        assert client.models.list().data[0].id == "cli-model"
+        r = client.chat.completions.create(model="cli-model", max_tokens=3,
+                                           messages=[{"role": "user", "content": "hi"}],
+                                           extra_body={"ignore_eos": True})
+        assert r.usage.completion_tokens == 3
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="wrong",
+                          max_retries=0).models.list()
+        client.close()
+    finally:
+        proc.send_signal(signal.SIGINT)
+        t0 = time.monotonic()
+        try:
+            rc = proc.wait(timeout=30)
+            print(f"server stopped {time.monotonic() - t0:.2f}s after SIGINT")
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            raise AssertionError("server did not stop on SIGINT")
+    assert rc == 0
