@@ -1,0 +1,225 @@
+"""int4_matmul: every kernel vs dequantize-then-matmul on random shapes, errors, opcheck."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from conftest import HAS_CUDA, kernel_backends, requires_cuda
+from hypothesis import given
+from hypothesis import strategies as st
+
+import minikernels as mk
+from minikernels.ops import int4 as int4_op
+
+HALF = [torch.float16, torch.bfloat16]
+EPS = {torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}
+
+
+def make_case(m, n, k, group_size, dtype, device, bias=True, seed=0, lead=None):
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randint(0, 16, (n, k), generator=gen)
+    g = k if group_size == -1 else group_size
+    scales = (torch.rand(n, k // g, generator=gen) * 0.02 + 0.005).to(dtype)
+    zeros = torch.randint(0, 16, (n, k // g), generator=gen).to(dtype)
+    w4 = mk.quant.pack_int4(q, scales, zeros, group_size)
+    shape = (*(lead or ()), m, k) if lead else (m, k)
+    x = torch.randn(shape, generator=gen).to(dtype)
+    b = torch.randn(n, generator=gen).to(dtype) if bias else None
+    to = (lambda t: None if t is None else t.to(device))
+    return to(x), to(w4.qweight), to(w4.scales), to(w4.zeros), to(b)
+
+
+def check_against_dequant(y, x, qweight, scales, zeros, group_size, bias):
+    """Kernel = x @ W^T with W rounded to x.dtype, fp32 accumulation, one final rounding.
+
+    Bound: 2 eps * (|x| @ |W|^T + |b|), covering W's rounding to the activation dtype,
+    the output's rounding and any fp32 summation order.
+    """
+    w = mk.ops.reference.dequantize_int4(qweight, scales, zeros, group_size)
+    wd = w.to(x.dtype).float()
+    ref = x.float() @ wd.t()
+    mag = x.float().abs() @ w.abs().t()
+    if bias is not None:
+        ref = ref + bias.float()
+        mag = mag + bias.float().abs()
+    assert y.shape == ref.shape and y.dtype == x.dtype
+    assert not torch.isnan(y).any(), "NaN in output (unwritten element?)"
+    err = (y.float() - ref).abs()
+    bound = 2 * EPS[x.dtype] * mag + 1e-6
+    assert torch.all(err <= bound), f"max err {err.max():.3g}, worst ratio " \
+        f"{(err / bound).max():.3g}"
+
+
+def run_backend(backend, *args, path=None, split_k=None):
+    if backend == "triton" and path is not None:
+        from minikernels.ops.triton import int4_matmul as tri
+        x, qw, s, z, gs, b = args
+        return tri.int4_matmul(x, qw, s, z, gs, b, path=path, split_k=split_k)
+    with mk.use_backend(backend):
+        return mk.ops.int4_matmul(*args)
+
+
+# ----------------------------------------------------------------------- kernels
+
+@pytest.mark.parametrize("path", ["gemm", "gemv"])
+@given(m=st.integers(1, 16), n8=st.integers(1, 6), groups=st.integers(1, 3),
+       g=st.sampled_from([32, 64, 128, -1]), dtype=st.sampled_from(HALF),
+       bias=st.booleans(), split=st.sampled_from([None, 1, 2, 3]))
+def test_triton_paths_small_m(device, path, m, n8, groups, g, dtype, bias, split):
+    k = (g if g != -1 else 64) * groups
+    args = make_case(m, 8 * n8, k, g, dtype, device, bias, seed=m * 31 + n8)
+    y = run_backend("triton", *args[:4], g, args[4], path=path, split_k=split)
+    check_against_dequant(y, *args[:4], g, args[4])
+
+
+@given(m=st.integers(17, 80), n8=st.integers(1, 20), k8=st.integers(1, 24),
+       dtype=st.sampled_from(HALF), bias=st.booleans())
+def test_triton_gemm_odd_shapes(device, m, n8, k8, dtype, bias):
+    # odd K (multiple of 8 only) with group size 8 * something that divides it: per channel
+    k = 8 * k8
+    args = make_case(m, 8 * n8, k, -1, dtype, device, bias, seed=m + k)
+    y = run_backend("triton", *args[:4], -1, args[4])
+    check_against_dequant(y, *args[:4], -1, args[4])
+
+
+@pytest.mark.parametrize("backend", kernel_backends())
+@pytest.mark.parametrize("dtype", HALF)
+@pytest.mark.parametrize("m,n,k,g", [(1, 64, 256, 128), (3, 40, 96, 32), (8, 24, 64, -1),
+                                     (16, 136, 256, 64), (9, 16, 96, 48), (1, 8, 8, 8)])
+def test_int4_matmul_backends(device, backend, dtype, m, n, k, g):
+    if backend == "cuda" and k % 32:
+        pytest.skip("the CUDA kernel needs K % 32 == 0 (falls back to Triton otherwise)")
+    args = make_case(m, n, k, g, dtype, device)
+    y = run_backend(backend, *args[:4], g, args[4])
+    check_against_dequant(y, *args[:4], g, args[4])
+
+
+@pytest.mark.parametrize("backend", ["reference"] + kernel_backends())
+def test_leading_dims_and_empty(device, backend):
+    x, qw, s, z, b = make_case(3, 16, 64, 32, torch.float16, device, lead=(2,))
+    with mk.use_backend(backend):
+        y = mk.ops.int4_matmul(x, qw, s, z, 32, b)
+        assert y.shape == (2, 3, 16)
+        check_against_dequant(y.reshape(6, 16), x.reshape(6, 64), qw, s, z, 32, b)
+        y0 = mk.ops.int4_matmul(x[:, :0], qw, s, z, 32, b)
+        assert y0.shape == (2, 0, 16)
+        # strided rows (last dim contiguous)
+        xs = torch.randn(5, 128, dtype=torch.float16, device=device)[:, :64]
+        ys = mk.ops.int4_matmul(xs, qw, s, z, 32)
+        check_against_dequant(ys, xs, qw, s, z, 32, None)
+
+
+def test_reference_backend_matches_spec(device):
+    x, qw, s, z, b = make_case(4, 16, 64, 32, torch.bfloat16, device)
+    with mk.use_backend("reference"):
+        y = mk.ops.int4_matmul(x, qw, s, z, 32, b)
+    assert torch.equal(y, mk.ops.reference.int4_matmul(x, qw, s, z, 32, b))
+
+
+# ------------------------------------------------------------------------ errors
+
+def test_bad_inputs_raise_clear_errors():
+    x, qw, s, z, b = make_case(2, 16, 64, 32, torch.float16, "cpu")
+    op = mk.ops.int4_matmul
+    with pytest.raises(TypeError, match="x"):
+        op(x.float(), qw, s, z, 32)
+    with pytest.raises(TypeError, match="qweight"):
+        op(x, qw.to(torch.int64), s, z, 32)
+    with pytest.raises(ValueError, match="x last dim"):
+        op(x[:, :32], qw, s, z, 32)
+    with pytest.raises(ValueError, match="group_size"):
+        op(x, qw, s, z, 24)
+    with pytest.raises(TypeError, match="group_size"):
+        op(x, qw, s, z, "32")
+    with pytest.raises(ValueError, match="scales"):
+        op(x, qw, s[:, :1], z, 32)
+    with pytest.raises(TypeError, match="zeros"):
+        op(x, qw, s, z.to(torch.bfloat16), 32)
+    with pytest.raises(ValueError, match="bias"):
+        op(x, qw, s, z, 32, bias=b[:8])
+    with pytest.raises(ValueError, match="N .*multiple of 8"):
+        op(x, qw[:12], s[:12], z[:12], 32)
+    with pytest.raises(ValueError, match="x must be contiguous in its last dim"):
+        op(x.t().contiguous().t(), qw, s, z, 32)
+    with pytest.raises(TypeError, match="x must be a torch.Tensor"):
+        op(x.tolist(), qw, s, z, 32)
+
+
+def test_opcheck():
+    x, qw, s, z, b = make_case(3, 16, 64, 32, torch.float16, "cpu")
+    torch.library.opcheck(torch.ops.minikernels.int4_matmul, (x, qw, s, z, 32, b))
+    torch.library.opcheck(torch.ops.minikernels.int4_matmul, (x, qw, s, z, -1, None))
+
+
+def test_dispatch_policy():
+    """auto on CUDA: M <= 16 -> cuda kernel when built, larger M -> Triton."""
+    x, qw, s, z, _ = make_case(4, 16, 64, 32, torch.float16, "cpu")
+    assert int4_op._cuda_ok(x, qw, s, 32)
+    assert not int4_op._cuda_ok(torch.randn(17, 64).half(), qw, s, 32)
+    assert not int4_op._cuda_ok(torch.randn(4, 40).half(), qw[:, :5], s, 8)  # K % 32
+
+
+# ------------------------------------------------------------------- AOT / GPU only
+
+_AOT_SCRIPT = """
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from minikernels.ops.triton.registry import all_kernels
+spec = next(s for s in all_kernels() if s.name.startswith("int4_gemm[bf16,sm90cfg,M=4096"))
+k = triton.compile(ASTSource(spec.fn, spec.signature, spec.constexprs),
+                   target=GPUTarget("cuda", 90, 32),
+                   options={"num_warps": spec.num_warps, "num_stages": spec.num_stages})
+print("WGMMA" if "wgmma" in k.asm["ptx"] else "NO-WGMMA")
+"""
+
+
+def test_gemm_kernel_emits_wgmma_on_sm90a():
+    """The large-M GEMM config compiles to wgmma for sm_90a (subprocess: no interpreter)."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", _AOT_SCRIPT], capture_output=True,
+                          text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "WGMMA" in proc.stdout.split()
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", HALF)
+@pytest.mark.parametrize("m", [1, 2, 5, 8, 9, 16])
+@pytest.mark.parametrize("n,k,g", [(4096, 4096, 128), (136, 8192, 32), (264, 1056, -1),
+                                   (128, 96, 32)])
+def test_cuda_kernel_large_shapes(dtype, m, n, k, g):
+    if mk.backend.cuda_extension() is None:
+        pytest.skip("minikernels._C not built")
+    args = make_case(m, n, k, g, dtype, "cuda", seed=m)
+    for backend in ("cuda", "triton"):
+        y = run_backend(backend, *args[:4], g, args[4])
+        check_against_dequant(y.cpu(), *(a.cpu() for a in args[:4]), g, args[4].cpu())
+
+
+@requires_cuda
+@pytest.mark.parametrize("m", [1, 16, 17, 64, 300])
+def test_triton_large_shapes_gpu(m):
+    args = make_case(m, 1024, 2048, 128, torch.bfloat16, "cuda", seed=m)
+    y = run_backend("triton", *args[:4], 128, args[4])
+    check_against_dequant(y.cpu(), *(a.cpu() for a in args[:4]), 128, args[4].cpu())
+
+
+@requires_cuda
+def test_cuda_graph_capture():
+    args = make_case(1, 256, 512, 128, torch.float16, "cuda")
+    y = mk.ops.int4_matmul(*args[:4], 128, args[4])
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        yg = mk.ops.int4_matmul(*args[:4], 128, args[4])
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(y, yg)
+
+
+_ = HAS_CUDA
