@@ -203,7 +203,9 @@ def main(argv: list[str] | None = None) -> int:
               max_num_seqs=args.max_num_seqs,
               max_num_batched_tokens=args.max_num_batched_tokens or (8192 if gpu else 256),
               enforce_eager=args.enforce_eager, seed=args.seed,
-              num_kv_blocks=None if gpu else 64)
+              num_kv_blocks=None if gpu else 64,
+              max_model_len=-(-max(in_len[1] + out_len[1],
+                                   min(128, in_len[1]) + decode_tokens) // 16) * 16)
     eng = llm.llm_engine
     work = make_workload(n, in_len, out_len, eng.vocab_size, args.seed)
     ceil = common.ceilings(device)

@@ -169,6 +169,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     e.add_argument("--device", default=None)
     e.add_argument("--block-size", type=int, default=16)
     e.add_argument("--num-kv-blocks", type=int, default=None)
+    e.add_argument("--max-model-len", type=int, default=None,
+                   help="default: max input + max output (a tight CUDA-graph block table)")
     e.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     e.add_argument("--max-num-seqs", type=int, default=256)
     e.add_argument("--max-num-batched-tokens", type=int, default=8192 if on_gpu else 1024)
@@ -188,6 +190,10 @@ def _defaults(args: argparse.Namespace) -> tuple[str, str, str]:
     return dev, model, dtype
 
 
+def _round_up(n: int, m: int) -> int:
+    return -(-n // m) * m
+
+
 def run(args: argparse.Namespace) -> int:
     from .. import benchmarking as bm
 
@@ -204,7 +210,10 @@ def run(args: argparse.Namespace) -> int:
               max_num_seqs=args.max_num_seqs,
               max_num_batched_tokens=args.max_num_batched_tokens,
               enable_prefix_caching=not args.no_prefix_caching,
-              enforce_eager=args.enforce_eager, seed=args.seed)
+              enforce_eager=args.enforce_eager, seed=args.seed,
+              max_model_len=args.max_model_len or _round_up(
+                  max(args.max_input_len + args.max_output_len,
+                      min(128, args.max_input_len) + args.decode_tokens), args.block_size))
     build_s = time.perf_counter() - t_build
     eng = llm.llm_engine
     need = args.max_input_len + args.max_output_len
