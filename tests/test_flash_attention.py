@@ -1,0 +1,421 @@
+"""flash_attention (varlen / paged prefill): the Triton kernel against the fp32 reference and
+torch SDPA, every feature (bottom-right causal, GQA/MQA, window, softcap, LSE, paged prefix,
+head dims, dtypes), rows that see no key, input validation, opcheck, and sm_90a wgmma.
+
+Without a GPU the kernel runs under the Triton interpreter with 16x16 tiles (plus other tile
+shapes patched in), so sequences of a few dozen tokens already cross many tiles.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import subprocess
+import sys
+from unittest import mock
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import assert_close
+from hypothesis import given
+from hypothesis import strategies as st
+
+import minikernels as mk
+from minikernels import _validation
+from minikernels.ops import reference
+from minikernels.ops.triton import flash_attn as fa
+
+HAS_CUDA = torch.cuda.is_available()
+PRIMES = [2, 3, 5, 7, 11, 13, 17, 19, 23, 29, 31, 37, 41, 43, 47]
+
+
+# ------------------------------------------------------------------------------ helpers
+
+
+def cu(lens: list[int], device) -> torch.Tensor:
+    out = [0]
+    for n in lens:
+        out.append(out[-1] + n)
+    return torch.tensor(out, dtype=torch.int32, device=device)
+
+
+def make_batch(lens_q, lens_k, hq, hkv, d, dtype, device, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(sum(lens_q), hq, d, generator=g).to(dtype).to(device)
+    k = torch.randn(sum(lens_k), hkv, d, generator=g).to(dtype).to(device)
+    v = torch.randn(sum(lens_k), hkv, d, generator=g).to(dtype).to(device)
+    return q, k, v, cu(lens_q, device), cu(lens_k, device)
+
+
+def to_paged(k, v, lens_k, block_size, seed=0, spare_blocks=3):
+    """Scatter each sequence's keys into shuffled cache blocks; NaN everywhere unused (a
+    kernel that reads an unused slot or block then produces NaN)."""
+    g = torch.Generator().manual_seed(seed)
+    per_seq = [max(1, math.ceil(n / block_size)) for n in lens_k]
+    num_blocks = sum(per_seq) + spare_blocks
+    perm = torch.randperm(num_blocks, generator=g).tolist()
+    hkv, d = k.shape[1], k.shape[2]
+    kc = torch.full((num_blocks, block_size, hkv, d), float("nan"), dtype=k.dtype,
+                    device=k.device)
+    vc = torch.full_like(kc, float("nan"))
+    table = torch.full((len(lens_k), max(per_seq) + 1), 0, dtype=torch.int32)
+    start = 0
+    for b, n in enumerate(lens_k):
+        blocks = [perm.pop() for _ in range(per_seq[b])]
+        table[b, :len(blocks)] = torch.tensor(blocks, dtype=torch.int32)
+        for t in range(n):
+            kc[blocks[t // block_size], t % block_size] = k[start + t]
+            vc[blocks[t // block_size], t % block_size] = v[start + t]
+        start += n
+    return kc, vc, table.to(k.device)
+
+
+def expected(q, k, v, cu_q, cu_k, causal=True, scale=None, window_left=-1, softcap=0.0):
+    """fp32 reference on the same (rounded) inputs -> (out in q.dtype, lse)."""
+    scale = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    out, lse = reference.flash_attention(q.float(), k.float(), v.float(), cu_q, cu_k, 0, 0,
+                                         causal, scale, window_left, softcap, None)
+    return out.to(q.dtype), lse
+
+
+def run_triton(*args, **kwargs):
+    with mk.use_backend("triton"):
+        return mk.ops.flash_attention(*args, return_lse=True, **kwargs)
+
+
+def check(out, lse, ref_out, ref_lse, scale=2.0):
+    assert_close(out, ref_out, scale=scale)
+    assert not torch.isnan(lse).any(), "NaN in LSE (unwritten element?)"
+    torch.testing.assert_close(lse, ref_lse, atol=2e-3, rtol=1e-3)
+
+
+@contextlib.contextmanager
+def tiles(block_m: int, block_n: int):
+    """Interpreter tile shape (the GPU path keeps its per-arch tables)."""
+    with mock.patch.object(fa, "INTERPRETER_CONFIG", fa.FlashConfig(block_m, block_n, 4, 1)):
+        yield
+
+
+@contextlib.contextmanager
+def no_index_checks():
+    _validation.set_index_checks(False)
+    try:
+        yield
+    finally:
+        _validation.set_index_checks(True)
+
+
+# ------------------------------------------------------------------- random varlen batches
+
+LENGTHS = st.sampled_from([0, 1, 2, 3, 5, 16, 17, 31, 32, 33, 47, 64])
+
+
+@st.composite
+def varlen_case(draw):
+    causal = draw(st.booleans())
+    batch = draw(st.integers(1, 3))
+    lens_k, lens_q = [], []
+    for _ in range(batch):
+        lk = draw(LENGTHS)
+        lq = draw(st.integers(0, lk)) if causal else draw(LENGTHS)
+        lens_k.append(lk)
+        lens_q.append(lq)
+    hq, hkv = draw(st.sampled_from([(1, 1), (2, 2), (4, 2), (4, 1), (3, 1)]))
+    return dict(
+        lens_q=lens_q, lens_k=lens_k, hq=hq, hkv=hkv, causal=causal,
+        d=draw(st.sampled_from([16, 32, 64, 40])),
+        dtype=draw(st.sampled_from([torch.float16, torch.bfloat16, torch.float32])),
+        window_left=draw(st.sampled_from([-1, -1, 0, 6, 19])),
+        softcap=draw(st.sampled_from([0.0, 0.0, 2.5])),
+        paged=draw(st.sampled_from([0, 0, 8, 16, 32])),
+        tile=draw(st.sampled_from([(16, 16), (32, 16), (16, 32)])),
+        seed=draw(st.integers(0, 2**16)))
+
+
+@given(case=varlen_case())
+def test_random_varlen_matches_reference(device, case):
+    c = case
+    q, k, v, cu_q, cu_k = make_batch(c["lens_q"], c["lens_k"], c["hq"], c["hkv"], c["d"],
+                                     c["dtype"], device, c["seed"])
+    ref_out, ref_lse = expected(q, k, v, cu_q, cu_k, c["causal"], None, c["window_left"],
+                                c["softcap"])
+    kw = dict(causal=c["causal"], window_left=c["window_left"], softcap=c["softcap"])
+    kk, vv, table = k, v, None
+    if c["paged"]:
+        kk, vv, table = to_paged(k, v, c["lens_k"], c["paged"], c["seed"])
+    with tiles(*c["tile"]):
+        out, lse = run_triton(q, kk, vv, cu_q, cu_k, max(c["lens_q"]), max(c["lens_k"]),
+                              block_table=table, **kw)
+    check(out, lse, ref_out, ref_lse)
+
+
+# ------------------------------------------------------------------------ each feature
+
+
+@pytest.mark.parametrize("d", [64, 80, 96, 128, 256])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_head_dims(device, d, dtype):
+    lens_q, lens_k = [1, 19], [13, 37]
+    q, k, v, cu_q, cu_k = make_batch(lens_q, lens_k, 4, 2, d, dtype, device, seed=d)
+    out, lse = run_triton(q, k, v, cu_q, cu_k, 19, 37)
+    check(out, lse, *expected(q, k, v, cu_q, cu_k))
+
+
+@pytest.mark.parametrize("d", [8, 24])
+def test_small_unpadded_head_dims(device, d):
+    q, k, v, cu_q, cu_k = make_batch([7, 23], [7, 29], 2, 1, d, torch.float16, device)
+    out, lse = run_triton(q, k, v, cu_q, cu_k, 23, 29)
+    check(out, lse, *expected(q, k, v, cu_q, cu_k))
+
+
+@pytest.mark.parametrize("hq,hkv", [(8, 1), (8, 2), (6, 6)], ids=["mqa", "gqa4", "mha"])
+def test_gqa_matches_sdpa(device, hq, hkv):
+    """Independent check: torch SDPA (enable_gqa) with a bottom-right causal mask, fp32."""
+    lens_q, lens_k = [1, 11, 29], [5, 11, 53]
+    q, k, v, cu_q, cu_k = make_batch(lens_q, lens_k, hq, hkv, 64, torch.bfloat16, device)
+    out = run_triton(q, k, v, cu_q, cu_k, 29, 53)[0]
+    for b in range(3):
+        qs, ks = slice(int(cu_q[b]), int(cu_q[b + 1])), slice(int(cu_k[b]), int(cu_k[b + 1]))
+        lq, lk = lens_q[b], lens_k[b]
+        mask = (torch.arange(lk, device=device)[None, :]
+                <= torch.arange(lq, device=device)[:, None] + (lk - lq))
+        ref = F.scaled_dot_product_attention(
+            q[qs].float().transpose(0, 1)[None], k[ks].float().transpose(0, 1)[None],
+            v[ks].float().transpose(0, 1)[None], attn_mask=mask, enable_gqa=True)
+        assert_close(out[qs], ref[0].transpose(0, 1).to(q.dtype), scale=2.0)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_bshd_matches_sdpa(device, causal):
+    b, s, hq, hkv, d = 2, 37, 4, 2, 32
+    g = torch.Generator().manual_seed(1)
+    q = torch.randn(b, s, hq, d, generator=g).half().to(device)
+    k = torch.randn(b, s, hkv, d, generator=g).half().to(device)
+    v = torch.randn(b, s, hkv, d, generator=g).half().to(device)
+    with mk.use_backend("triton"):
+        out, lse = mk.ops.flash_attention_bshd(q, k, v, causal=causal, return_lse=True)
+    ref = F.scaled_dot_product_attention(q.float().transpose(1, 2), k.float().transpose(1, 2),
+                                         v.float().transpose(1, 2), is_causal=causal,
+                                         enable_gqa=True).transpose(1, 2)
+    assert out.shape == (b, s, hq, d) and lse.shape == (b, hq, s)
+    assert_close(out, ref.half(), scale=2.0)
+    qv, kv, vv = (t.reshape(-1, t.shape[2], d) for t in (q, k, v))
+    ref_lse = expected(qv, kv, vv, cu([s] * b, device), cu([s] * b, device), causal)[1]
+    torch.testing.assert_close(lse, ref_lse.view(hq, b, s).transpose(0, 1), atol=2e-3,
+                               rtol=1e-3)
+
+
+@pytest.mark.parametrize("window_left", [0, 1, 15, 16, 40])
+@pytest.mark.parametrize("causal", [True, False])
+def test_sliding_window(device, window_left, causal):
+    lens_q, lens_k = [33, 64], ([50, 70] if causal else [21, 70])
+    q, k, v, cu_q, cu_k = make_batch(lens_q, lens_k, 2, 1, 32, torch.float16, device)
+    with tiles(32, 16):
+        out, lse = run_triton(q, k, v, cu_q, cu_k, 64, 70, causal=causal,
+                              window_left=window_left)
+    check(out, lse, *expected(q, k, v, cu_q, cu_k, causal, None, window_left))
+
+
+@pytest.mark.parametrize("softcap", [1.0, 30.0])
+def test_softcap_and_scale(device, softcap):
+    q, k, v, cu_q, cu_k = make_batch([17, 40], [29, 40], 4, 2, 64, torch.bfloat16, device)
+    q = q * 4  # large scores: the cap matters
+    out, lse = run_triton(q, k, v, cu_q, cu_k, 40, 40, softmax_scale=0.3, softcap=softcap)
+    check(out, lse, *expected(q, k, v, cu_q, cu_k, True, 0.3, -1, softcap))
+
+
+def test_fp32(device):
+    q, k, v, cu_q, cu_k = make_batch([5, 31], [9, 31], 4, 1, 64, torch.float32, device)
+    out, lse = run_triton(q, k, v, cu_q, cu_k, 31, 31, window_left=7, softcap=5.0)
+    ref_out, ref_lse = expected(q, k, v, cu_q, cu_k, True, None, 7, 5.0)
+    assert_close(out, ref_out)
+    torch.testing.assert_close(lse, ref_lse, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("block_size", [8, 16, 64])
+def test_paged_prefix_chunked_prefill(device, block_size):
+    """Prefill of new tokens over a cached prefix: the cache holds prefix + new tokens (the
+    engine writes new K/V first); paged result == contiguous result == reference."""
+    prefix, new = [0, 21, 40, 3], [9, 14, 1, 30]
+    lens_k = [p + n for p, n in zip(prefix, new)]
+    q, k, v, cu_q, cu_k = make_batch(new, lens_k, 4, 2, 64, torch.bfloat16, device, seed=5)
+    kc, vc, table = to_paged(k, v, lens_k, block_size, seed=block_size)
+    with tiles(16, 32):
+        out_p, lse_p = run_triton(q, kc, vc, cu_q, cu_k, 30, 61, block_table=table)
+        out_c, lse_c = run_triton(q, k, v, cu_q, cu_k, 30, 61)
+    check(out_p, lse_p, *expected(q, k, v, cu_q, cu_k))
+    torch.testing.assert_close(out_p, out_c, atol=0, rtol=0)
+    torch.testing.assert_close(lse_p, lse_c, atol=0, rtol=0)
+
+
+def test_paged_window_softcap(device):
+    lens_q, lens_k = [4, 25], [50, 25]
+    q, k, v, cu_q, cu_k = make_batch(lens_q, lens_k, 2, 2, 32, torch.float16, device, seed=9)
+    kc, vc, table = to_paged(k, v, lens_k, 8, seed=3)
+    out, lse = run_triton(q, kc, vc, cu_q, cu_k, 25, 50, block_table=table, window_left=10,
+                          softcap=4.0)
+    check(out, lse, *expected(q, k, v, cu_q, cu_k, True, None, 10, 4.0))
+
+
+def test_strided_and_misaligned_inputs(device):
+    """q/k/v as views of one fused qkv projection, and a view at an odd element offset."""
+    t, hq, hkv, d = 45, 4, 2, 32
+    g = torch.Generator().manual_seed(3)
+    qkv = torch.randn(t, (hq + 2 * hkv) * d, generator=g).half().to(device)
+    q = qkv[:, :hq * d].view(t, hq, d)
+    k = qkv[:, hq * d:(hq + hkv) * d].view(t, hkv, d)
+    v = qkv[:, (hq + hkv) * d:].view(t, hkv, d)
+    cu_q = cu_k = cu([20, 25], device)
+    out, lse = run_triton(q, k, v, cu_q, cu_k, 25, 25)
+    check(out, lse, *expected(q, k, v, cu_q, cu_k))
+    flat = torch.randn(t * hq * d + 1, generator=g).half().to(device)
+    q_odd = flat[1:].view(t, hq, d)  # data_ptr 2 bytes off alignment
+    out2, lse2 = run_triton(q_odd, k, v, cu_q, cu_k, 25, 25)
+    check(out2, lse2, *expected(q_odd, k, v, cu_q, cu_k))
+
+
+# ------------------------------------------------------------ rows with no visible key
+
+
+def test_no_visible_key_rows(device):
+    """Lk = 0 (non-causal) and, with index checks off, causal Lq > Lk: out 0, LSE -inf."""
+    lens_q, lens_k = [5, 0, 7], [0, 0, 12]
+    q, k, v, cu_q, cu_k = make_batch(lens_q, lens_k, 2, 1, 32, torch.float16, device)
+    out, lse = run_triton(q, k, v, cu_q, cu_k, 7, 12, causal=False)
+    ref_out, ref_lse = expected(q, k, v, cu_q, cu_k, causal=False)
+    check(out, lse, ref_out, ref_lse)
+    assert (out[:5] == 0).all() and torch.isneginf(lse[:, :5]).all()
+
+    lens_q, lens_k = [20, 3], [6, 3]  # causal, Lq > Lk: queries 0..13 see nothing
+    q, k, v, cu_q, cu_k = make_batch(lens_q, lens_k, 2, 1, 32, torch.bfloat16, device)
+    with no_index_checks():
+        out, lse = run_triton(q, k, v, cu_q, cu_k, 20, 6)
+    check(out, lse, *expected(q, k, v, cu_q, cu_k))
+    assert (out[:14] == 0).all() and torch.isneginf(lse[:, :14]).all()
+    assert torch.isfinite(lse[:, 14:]).all()
+
+
+def test_empty_batch(device):
+    q = torch.empty(0, 2, 64, dtype=torch.float16, device=device)
+    k = v = torch.empty(0, 1, 64, dtype=torch.float16, device=device)
+    z = torch.zeros(1, dtype=torch.int32, device=device)
+    out, lse = run_triton(q, k, v, z, z, 0, 0)
+    assert out.shape == (0, 2, 64) and lse.shape == (2, 0)
+
+
+# ------------------------------------------------------------------------- validation
+
+
+def _bad_cases(device):
+    q, k, v, cu_q, cu_k = make_batch([4, 6], [4, 6], 4, 2, 64, torch.float16, device)
+    kc, vc, table = to_paged(k, v, [4, 6], 8)
+
+    def call(**over):
+        a = dict(q=q, k=k, v=v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=6,
+                 max_seqlen_k=6)
+        a.update(over)
+        return lambda: mk.ops.flash_attention(**a)
+
+    return [
+        ("cu_q int64", call(cu_seqlens_q=cu_q.long()), TypeError, "cu_seqlens_q"),
+        ("cu_k float", call(cu_seqlens_k=cu_k.float()), TypeError, "cu_seqlens_k"),
+        ("cu_q not monotone", call(cu_seqlens_q=torch.tensor([0, 7, 10], dtype=torch.int32,
+                                                              device=device)[[0, 2, 1]]),
+         ValueError, "non-decreasing"),
+        ("cu_q[0] != 0", call(cu_seqlens_q=cu_q + 1), ValueError, r"cu_seqlens_q\[0\]"),
+        ("cu_q total", call(cu_seqlens_q=cu([4, 5], device)), ValueError, "total_q"),
+        ("heads", call(k=k[:, :1].expand(-1, 3, -1).contiguous(),
+                       v=v[:, :1].expand(-1, 3, -1).contiguous()), ValueError,
+         "multiple of k/v heads"),
+        ("head dim 12", call(q=q[..., :12], k=k[..., :12], v=v[..., :12]), ValueError,
+         "head dim"),
+        ("head dim 264", call(q=torch.zeros(10, 4, 264, dtype=q.dtype, device=device)),
+         ValueError, "head dim"),
+        ("k bf16", call(k=k.bfloat16()), TypeError, "k must have dtype"),
+        ("v fp32", call(v=v.float()), TypeError, "v must have dtype"),
+        ("q int", call(q=q.to(torch.int32)), TypeError, "q must have dtype"),
+        ("k/v head dim", call(k=k[..., :32], v=v[..., :32]), ValueError, "head dim"),
+        ("max_seqlen_q small", call(max_seqlen_q=5), ValueError, "max_seqlen_q"),
+        ("causal Lq > Lk", call(cu_seqlens_k=cu([3, 7], device), max_seqlen_k=7), ValueError,
+         "Lq <= Lk"),
+        ("window", call(window_left=-2), ValueError, "window_left"),
+        ("softcap", call(softcap=-1.0), ValueError, "softcap"),
+        ("block_table int64", call(k=kc, v=vc, block_table=table.long()), TypeError,
+         "block_table"),
+        ("block_table rows", call(k=kc, v=vc, block_table=table[:1]), ValueError,
+         "block_table"),
+        ("block_table range", call(k=kc, v=vc, block_table=table + 100), ValueError,
+         "block_table"),
+        ("paged k 3-D", call(block_table=table), ValueError, "k must be 4-D"),
+        ("q 2-D", call(q=q[:, 0]), ValueError, "q must be 3-D"),
+        ("q last dim strided", call(q=q.transpose(1, 2).contiguous().transpose(1, 2)),
+         ValueError, "contiguous in its last dim"),
+    ]
+
+
+def test_bad_inputs_raise_clear_errors(device):
+    failures = []
+    for name, fn, exc, pattern in _bad_cases(device):
+        try:
+            fn()
+            failures.append(f"{name}: no error")
+        except exc as e:
+            import re
+            if not re.search(pattern, str(e)):
+                failures.append(f"{name}: message {str(e)!r} lacks {pattern!r}")
+        except Exception as e:  # noqa: BLE001
+            failures.append(f"{name}: {type(e).__name__}: {e}")
+    assert not failures, "\n".join(failures)
+
+
+def test_bshd_validation(device):
+    q = torch.zeros(2, 5, 4, 32, dtype=torch.float16, device=device)
+    with pytest.raises(ValueError, match="batch"):
+        mk.ops.flash_attention_bshd(q, q[:1], q[:1])
+    with pytest.raises(ValueError, match="4-D"):
+        mk.ops.flash_attention_bshd(q[0], q[0], q[0])
+
+
+# ------------------------------------------------------------------ op contract, AOT
+
+
+def test_opcheck(device):
+    q, k, v, cu_q, cu_k = make_batch([3, 18], [5, 18], 4, 2, 32, torch.float16, device)
+    kc, vc, table = to_paged(k, v, [5, 18], 8)
+    kc, vc = kc.nan_to_num(), vc.nan_to_num()
+    with mk.use_backend("triton"):
+        for args in ((q, k, v, cu_q, cu_k, 18, 18, True, 0.2, -1, 0.0, None),
+                     (q, kc, vc, cu_q, cu_k, 18, 18, True, 0.2, 4, 3.0, table)):
+            torch.library.opcheck(torch.ops.minikernels.flash_attention.default, args)
+
+
+def test_auto_backend_on_cpu_is_reference():
+    q, k, v, cu_q, cu_k = make_batch([3], [3], 1, 1, 16, torch.float32, "cpu")
+    with mock.patch.object(fa, "flash_attention", side_effect=AssertionError("triton ran")):
+        out = mk.ops.flash_attention(q, k, v, cu_q, cu_k, 3, 3)
+    assert_close(out, expected(q, k, v, cu_q, cu_k)[0])
+
+
+def test_sm90_d128_kernel_uses_wgmma(tmp_path):
+    """The d128 tile config compiles for sm_90a with wgmma and without spills (no GPU)."""
+    cfg = fa.SM90_CONFIGS[128]
+    name = (f"flash_attn[bf16,d128,m{cfg.block_m}n{cfg.block_n}w{cfg.num_warps}"
+            f"s{cfg.num_stages},causal]")
+    out = tmp_path / "aot.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-m", "minikernels.ops.triton.aot", "--filter",
+                           name, "--json", str(out)], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert out.exists(), proc.stderr[-3000:]
+    results = {r["arch"]: r for r in json.loads(out.read_text())}
+    assert set(results) == {"sm_80", "sm_90a"}, results
+    sm90 = results["sm_90a"]
+    assert "error" not in sm90, sm90
+    assert sm90["wgmma"], "no wgmma in the sm_90a PTX of the d128 flash kernel"
+    assert results["sm_80"]["mma_sync"]
+    for r in results.values():
+        usage = r.get("usage") or {}
+        assert usage.get("STACK", 0) == 0 and usage.get("LOCAL", 0) == 0, r
+
