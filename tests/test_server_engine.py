@@ -184,6 +184,7 @@ def test_sampling_seed_logprobs_n(client):
     a = client.completions.create(n=2, **kw)
     b = client.completions.create(n=2, **kw)
     assert [c.text for c in a.choices] == [c.text for c in b.choices]   # seeded
+    assert a.choices[0].text != a.choices[1].text     # choice i samples with seed + i
     assert a.usage.completion_tokens == 12
     r = client.completions.create(model=MODEL, prompt="the quick", max_tokens=4, logprobs=3,
                                   **GREEDY)

@@ -96,47 +96,52 @@ class FakeEngine:
         self.seen_params[request_id] = params
         self.prompt_tokens += len(ids)
         self.blocks[request_id] = math.ceil(len(ids) / BLOCK)
-        offset = (params.seed or 0) % 26 if params.temperature > 0 else 0
-        out_ids: list[int] = []
-        lps: list[dict] = []
-        text = ""
-        reason = None
+        n = params.n
+        offsets = [((params.seed or 0) + i) % 26 if params.temperature > 0 else 0
+                   for i in range(n)]
+        out_ids: list[list[int]] = [[] for _ in range(n)]
+        lps: list[list[dict]] = [[] for _ in range(n)]
+        texts = [""] * n
+        reasons: list = [None] * n
+
+        def snapshot() -> RequestOutput:
+            outs = [CompletionOutput(i, texts[i], list(out_ids[i]), None,
+                                     list(lps[i]) if params.logprobs is not None else None,
+                                     reasons[i]) for i in range(n)]
+            return RequestOutput(request_id, prompt if isinstance(prompt, str) else None,
+                                 ids, outs, all(r is not None for r in reasons))
+
         try:
-            while reason is None:
+            while any(r is None for r in reasons):
                 await asyncio.sleep(self.step_s)
                 if request_id in self.aborted:
-                    reason = "abort"
+                    reasons = [r or "abort" for r in reasons]
+                    yield snapshot()
                     break
-                tok = ord("a") + (len(out_ids) + offset) % 26
-                out_ids.append(tok)
-                self.gen_tokens += 1
-                self.blocks[request_id] = math.ceil((len(ids) + len(out_ids)) / BLOCK)
-                if params.logprobs is not None:
-                    d = {tok: Logprob(-0.25, 1, chr(tok))}
-                    for r in range(params.logprobs):
-                        alt = ord("A") + r
-                        d.setdefault(alt, Logprob(-2.0 - r, r + 2, chr(alt)))
-                    lps.append(d)
-                text = self.tokenizer.decode(out_ids)
-                for s in params.stop_strings:
-                    if s in text:
-                        text = text[:text.index(s)]
-                        reason = "stop"
-                if reason is None and len(out_ids) >= params.max_tokens:
-                    reason = "length"
-                yield RequestOutput(
-                    request_id=request_id, prompt=prompt if isinstance(prompt, str) else None,
-                    prompt_token_ids=ids,
-                    outputs=[CompletionOutput(0, text, list(out_ids), None,
-                                              list(lps) if params.logprobs is not None else None,
-                                              reason)],
-                    finished=reason is not None)
-            if reason == "abort":
-                yield RequestOutput(request_id, None, ids,
-                                    [CompletionOutput(0, text, list(out_ids), None, None,
-                                                      "abort")], True)
+                for i in range(n):
+                    if reasons[i] is not None:
+                        continue
+                    tok = ord("a") + (len(out_ids[i]) + offsets[i]) % 26
+                    out_ids[i].append(tok)
+                    self.gen_tokens += 1
+                    if params.logprobs is not None:
+                        d = {tok: Logprob(-0.25, 1, chr(tok))}
+                        for r in range(params.logprobs):
+                            alt = ord("A") + r
+                            d.setdefault(alt, Logprob(-2.0 - r, r + 2, chr(alt)))
+                        lps[i].append(d)
+                    texts[i] = self.tokenizer.decode(out_ids[i])
+                    for stop in params.stop_strings:
+                        if stop in texts[i]:
+                            texts[i] = texts[i][:texts[i].index(stop)]
+                            reasons[i] = "stop"
+                    if reasons[i] is None and len(out_ids[i]) >= params.max_tokens:
+                        reasons[i] = "length"
+                self.blocks[request_id] = math.ceil(
+                    (len(ids) + sum(len(o) for o in out_ids)) / BLOCK)
+                yield snapshot()
         finally:
-            self.finished[request_id] = reason or "abort"
+            self.finished[request_id] = ",".join(r or "abort" for r in reasons)
             self.blocks.pop(request_id, None)
 
 
@@ -453,7 +458,7 @@ def _disconnect_case(server, engine, path, body, read_events):
                         break
     _wait_idle(engine)
     new = engine.aborted - before
-    assert len(new) == body.get("n", 1), new
+    assert len(new) == 1, new   # one engine request (n samples)
 
 
 def test_disconnects_free_blocks(server, engine):

@@ -8,11 +8,12 @@ Routes: ``GET /v1/models``, ``POST /v1/completions``, ``POST /v1/chat/completion
 
 How one HTTP request runs:
   1. Parse and validate the JSON body (-> 400 in OpenAI's error shape on any problem).
-  2. Build one engine request per choice (``n`` choices x prompts) and start a *pump*
-     task per choice that copies the engine's cumulative snapshots into a
-     :class:`_Group`. Snapshots are cumulative, so a slow client never queues them: it
-     reads the latest one.
-  3. Wait until every choice produced its first output, watching for a client
+  2. Build one engine request per prompt (its ``n`` samples are the engine's
+     ``SamplingParams.n``; choice ``i`` of a seeded request uses ``seed + i``) and start
+     a *pump* task per engine request that copies the engine's cumulative snapshots into
+     a :class:`_Group`. Snapshots are cumulative, so a slow client never queues them:
+     it reads the latest one.
+  3. Wait until every engine request produced its first output, watching for a client
      disconnect meanwhile. Engine errors surface here, before any byte is sent, so
      overload -> 429 and too-long prompts -> 400 also hold for streaming requests.
   4. Non-streaming: wait for all choices to finish (still watching for disconnect) and
@@ -75,7 +76,8 @@ def _engine_error_to_api(exc: BaseException) -> APIError:
         param = ("max_tokens" if ("max_model_len" in low or "max_tokens" in low
                                   or "too long" in low) else
                  "prompt" if "prompt" in low else None)
-        return APIError(msg, param=param, code="invalid_value")
+        code = "context_length_exceeded" if "max_model_len" in low else "invalid_value"
+        return APIError(msg, param=param, code=code)
     logger.error("engine error", exc_info=exc)
     return APIError(f"internal engine error: {type(exc).__name__}", status=500,
                     type="server_error", code="internal_error")
@@ -139,44 +141,74 @@ async def _until_disconnect(request: Request, awaitable: Awaitable[Any]) -> Any:
 
 
 @dataclass
-class _Choice:
-    """One engine request: choice ``index`` of the response."""
+class _EngineRequest:
+    """One engine request (one prompt, ``params.n`` samples); fed by one pump task."""
 
-    index: int
     request_id: str
     prompt: Union[str, list[int]]
     params: Any
-    prompt_index: int = 0
     latest: Any = None              # latest cumulative RequestOutput
     done: bool = False              # pump ended (finished, error, or cancelled)
+
+    @property
+    def finished(self) -> bool:
+        return self.latest is not None and bool(self.latest.finished)
+
+
+@dataclass
+class _Choice:
+    """Choice ``index`` of the response: sample ``sample`` of engine request ``req``."""
+
+    index: int
+    req: _EngineRequest
+    sample: int = 0
     sent_text: int = 0              # characters of text already streamed
     sent_tokens: int = 0            # tokens whose logprobs were already streamed
     started: bool = False           # first stream chunk (role / echo) sent
     reported_finish: bool = False
 
     @property
+    def prompt(self) -> Union[str, list[int]]:
+        return self.req.prompt
+
+    @property
     def output(self) -> Any:
-        return self.latest.outputs[0] if self.latest is not None else None
+        latest = self.req.latest
+        if latest is None:
+            return None
+        outs = latest.outputs
+        if self.sample < len(outs) and getattr(outs[self.sample], "index", self.sample) \
+                == self.sample:
+            return outs[self.sample]
+        return next((o for o in outs if o.index == self.sample), None)
 
     @property
     def finished(self) -> bool:
-        return self.latest is not None and bool(self.latest.finished)
+        out = self.output
+        return self.req.finished or (out is not None and out.finish_reason is not None)
+
+    @property
+    def ended(self) -> bool:
+        """Finished, or its engine request stopped (error / cancel) without finishing."""
+        return self.finished or self.req.done
 
     @property
     def finish_reason(self) -> Optional[str]:
         out = self.output
         reason = getattr(out, "finish_reason", None) if out is not None else None
-        if reason is None and self.done:
-            return "abort"
-        return reason
+        return reason if reason is not None else ("abort" if self.ended else None)
 
 
 class _Group:
-    """The engine requests behind one HTTP request, pumped by one task each."""
+    """The engine requests behind one HTTP request and the response choices they feed."""
 
-    def __init__(self, engine: Any, choices: list[_Choice]) -> None:
+    def __init__(self, engine: Any, requests: list[_EngineRequest]) -> None:
         self.engine = engine
-        self.choices = choices
+        self.requests = requests
+        self.choices: list[_Choice] = []
+        for req in requests:
+            for j in range(req.params.n):
+                self.choices.append(_Choice(index=len(self.choices), req=req, sample=j))
         self.error: Optional[BaseException] = None
         self.changed = asyncio.Event()
         self.t_start = time.monotonic()
@@ -185,12 +217,12 @@ class _Group:
         self._closed = False
 
     def start(self) -> None:
-        self._tasks = [asyncio.ensure_future(self._pump(c)) for c in self.choices]
+        self._tasks = [asyncio.ensure_future(self._pump(r)) for r in self.requests]
 
-    async def _pump(self, c: _Choice) -> None:
+    async def _pump(self, req: _EngineRequest) -> None:
         try:
-            async for out in self.engine.generate(c.prompt, c.params, c.request_id):
-                c.latest = out
+            async for out in self.engine.generate(req.prompt, req.params, req.request_id):
+                req.latest = out
                 if self.t_first is None:
                     self.t_first = time.monotonic()
                 self.changed.set()
@@ -200,7 +232,7 @@ class _Group:
             if self.error is None:
                 self.error = exc
         finally:
-            c.done = True
+            req.done = True
             self.changed.set()
 
     async def _wait_for(self, ready: Callable[[], bool]) -> None:
@@ -214,10 +246,10 @@ class _Group:
 
     async def wait_primed(self) -> None:
         """Every choice has its first output (raises the first engine error)."""
-        await self._wait_for(lambda: all(c.latest is not None or c.done for c in self.choices))
+        await self._wait_for(lambda: all(r.latest is not None or r.done for r in self.requests))
 
     async def wait_finished(self) -> None:
-        await self._wait_for(lambda: all(c.done or c.finished for c in self.choices))
+        await self._wait_for(lambda: all(r.done or r.finished for r in self.requests))
 
     async def next_update(self) -> None:
         """Wait for any change since the last call (raises engine errors)."""
@@ -229,27 +261,23 @@ class _Group:
         if self.error is not None:
             raise self.error
 
-    @property
-    def all_done(self) -> bool:
-        return all(c.done or c.finished for c in self.choices)
-
     async def close(self) -> None:
         """Cancel pumps and abort every unfinished engine request (idempotent)."""
         if self._closed:
             return
         self._closed = True
-        pending = [c for c in self.choices if not c.finished]
+        pending = [r for r in self.requests if not r.finished]
         for t in self._tasks:
             if not t.done():
                 t.cancel()
         for t in self._tasks:
             with suppress(BaseException):
                 await t
-        for c in pending:
+        for r in pending:
             try:
-                await self.engine.abort(c.request_id)
+                await self.engine.abort(r.request_id)
             except Exception:  # noqa: BLE001 - abort must never mask the real outcome
-                logger.warning("abort of %s failed", c.request_id, exc_info=True)
+                logger.warning("abort of %s failed", r.request_id, exc_info=True)
 
     async def close_shielded(self) -> None:
         """:meth:`close` that completes even when the caller is being cancelled."""
@@ -262,14 +290,10 @@ class _Group:
             raise
 
     def usage(self) -> dict[str, int]:
-        seen: dict[int, int] = {}
-        completion = 0
-        for c in self.choices:
-            if c.latest is None:
-                continue
-            seen[c.prompt_index] = len(c.latest.prompt_token_ids or [])
-            completion += len(c.output.token_ids or [])
-        prompt = sum(seen.values())
+        prompt = sum(len(r.latest.prompt_token_ids or []) for r in self.requests
+                     if r.latest is not None)
+        completion = sum(len(c.output.token_ids or []) for c in self.choices
+                         if c.output is not None)
         return {"prompt_tokens": prompt, "completion_tokens": completion,
                 "total_tokens": prompt + completion}
 
@@ -467,26 +491,22 @@ def create_app(engine: Any, api_key: Optional[str] = None,
         value = getattr(engine, "max_model_len", None)
         return int(value) if value else None
 
-    def make_params(req: Any, max_tokens: int, logprobs: Optional[int],
-                    seed: Optional[int]) -> Any:
-        kwargs: dict[str, Any] = dict(max_tokens=max_tokens, n=1, ignore_eos=req.ignore_eos)
-        for name in ("temperature", "top_p", "top_k", "min_p", "presence_penalty",
+    def make_params(req: Any, max_tokens: int, logprobs: Optional[int]) -> Any:
+        """SamplingParams for one prompt; the engine samples ``n`` choices of it, choice
+        ``i`` seeded with ``seed + i``."""
+        kwargs: dict[str, Any] = dict(max_tokens=max_tokens, n=req.n,
+                                      ignore_eos=req.ignore_eos)
+        for name in ("temperature", "top_p", "top_k", "min_p", "seed", "presence_penalty",
                      "frequency_penalty", "repetition_penalty", "stop", "stop_token_ids"):
             value = getattr(req, name)
             if value is not None:
                 kwargs[name] = value
-        if seed is not None:
-            kwargs["seed"] = seed
         if logprobs is not None:
             kwargs["logprobs"] = logprobs
         try:
             return _sampling_params_cls()(**kwargs)
         except (ValueError, TypeError) as exc:
             raise APIError(f"invalid sampling parameters: {exc}") from None
-
-    def choice_seed(req: Any, i: int) -> Optional[int]:
-        # Distinct seeds per choice so n > 1 with a seed gives n different samples.
-        return None if req.seed is None else (req.seed + i) % (2 ** 63)
 
     def token_str(tid: int) -> str:
         try:
@@ -582,7 +602,7 @@ def create_app(engine: Any, api_key: Optional[str] = None,
         try:
             while True:
                 for c in group.choices:
-                    final = (c.finished or c.done) and not c.reported_finish
+                    final = c.ended and not c.reported_finish
                     chunks = make_chunk(c, final)
                     if final:
                         c.reported_finish = True
@@ -664,14 +684,9 @@ def create_app(engine: Any, api_key: Optional[str] = None,
         prompts = req.prompts()   # token ids are range-checked by the engine
         max_tokens = req.max_tokens if req.max_tokens is not None else 16
         rid = f"cmpl-{uuid.uuid4().hex}"
-        choices = []
-        for pi, prompt in enumerate(prompts):
-            for j in range(req.n):
-                idx = pi * req.n + j
-                params = make_params(req, max_tokens, req.logprobs, choice_seed(req, j))
-                choices.append(_Choice(index=idx, request_id=f"{rid}-{idx}", prompt=prompt,
-                                       params=params, prompt_index=pi))
-        group = _Group(engine, choices)
+        params = make_params(req, max_tokens, req.logprobs)
+        group = _Group(engine, [_EngineRequest(f"{rid}-{i}", prompt, params)
+                                for i, prompt in enumerate(prompts)])
         try:
             await run_group(request, group, req.stream)
         except _ClientGone:
@@ -752,12 +767,8 @@ def create_app(engine: Any, api_key: Optional[str] = None,
                            code="context_length_exceeded")
         top_k = (req.top_logprobs or 0) if req.logprobs else None
         rid = f"chatcmpl-{uuid.uuid4().hex}"
-        choices = [
-            _Choice(index=j, request_id=f"{rid}-{j}", prompt=ids,
-                    params=make_params(req, wanted, top_k, choice_seed(req, j)))
-            for j in range(req.n)
-        ]
-        group = _Group(engine, choices)
+        group = _Group(engine, [_EngineRequest(f"{rid}-0", ids,
+                                               make_params(req, wanted, top_k))])
         try:
             await run_group(request, group, req.stream)
         except _ClientGone:
