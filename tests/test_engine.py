@@ -268,3 +268,17 @@ def test_bad_engine_args():
         LLM("tiny", dtype="float32", device="cpu", num_kv_blocks=0)
     with pytest.raises(TypeError, match="model"):
         LLM(42)
+
+
+def test_seeded_sampling_survives_preemption(hf_dir):
+    path, prompts, _ = hf_dir
+    params = [SamplingParams(temperature=0.8, seed=100 + i, max_tokens=10, ignore_eos=True)
+              for i in range(len(prompts))]
+    big = make_llm(path)
+    want = tokens(big.generate(prompts, params, use_tqdm=False))
+    small = make_llm(path, num_kv_blocks=8, enable_prefix_caching=False)
+    got = tokens(small.generate(prompts, params, use_tqdm=False))
+    assert small.stats()["num_preemptions"] > 0
+    assert got == want
+    assert_all_free(big)
+    assert_all_free(small)

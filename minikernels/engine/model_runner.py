@@ -19,6 +19,7 @@ import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -105,8 +106,12 @@ def build_step_inputs(batch: ScheduledBatch, block_size: int, num_blocks: int,
                                f"{len(table)} blocks of {block_size}")
         ids.extend(seq.token_ids[c:end])
         pos.extend(range(c, end))
-        slots.extend(table[p // block_size] * block_size + p % block_size
-                     for p in range(c, end))
+        if n == 1:
+            slots.append(table[c // block_size] * block_size + c % block_size)
+        else:
+            p = np.arange(c, end)
+            slots.extend((np.asarray(table)[p // block_size] * block_size
+                          + p % block_size).tolist())
         tables.append(table)
         if i < nd:
             seq_lens.append(end)
@@ -121,17 +126,25 @@ def build_step_inputs(batch: ScheduledBatch, block_size: int, num_blocks: int,
     width = max((len(tb) for tb in tables), default=1)
     if block_table_width is not None:
         width = max(width, block_table_width)
-    flat = [b for tb in tables for b in tb]
-    if flat and (min(flat) < 0 or max(flat) >= num_blocks):
-        raise RuntimeError(f"block table holds ids outside [0, {num_blocks})")
-    padded = [tb + [0] * (width - len(tb)) for tb in tables]
-    # One flat int64 host tensor -> one host-to-device copy; views are sliced from it.
+    # One flat int64 host buffer (numpy fills it without per-element Python objects)
+    # -> one host-to-device copy; the metadata tensors are views of it.
     num_prefill = len(seqs) - nd
     parts = [ids, pos, slots, logits_idx, seq_lens, cu_q if num_prefill else [],
-             cu_k if num_prefill else [], [b for row in padded for b in row]]
-    flat_host = torch.tensor([v for part in parts for v in part], dtype=torch.int64)
+             cu_k if num_prefill else []]
+    sizes = [len(p) for p in parts] + [len(seqs) * width]
+    host = np.zeros(sum(sizes), dtype=np.int64)
+    o = 0
+    for part in parts:
+        host[o:o + len(part)] = part
+        o += len(part)
+    tab = host[o:].reshape(len(seqs), width)
+    for r, tb in enumerate(tables):
+        tab[r, :len(tb)] = tb
+    if tables and (tab.min() < 0 or tab.max() >= num_blocks):
+        raise RuntimeError(f"block table holds ids outside [0, {num_blocks})")
+    flat_host = torch.from_numpy(host)
     flat = upload(flat_host) if upload is not None else flat_host.to(device)
-    views = list(torch.split(flat, [len(p) for p in parts]))
+    views = list(torch.split(flat, sizes))
     ids_t, pos_t, slots_t, lidx_t, lens_t, cuq_t, cuk_t, tab_t = views
     tab_t = tab_t.to(torch.int32).reshape(len(seqs), width)
     meta = AttentionMetadata(
