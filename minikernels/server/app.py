@@ -511,23 +511,31 @@ def create_app(engine: Any, api_key: Optional[str] = None,
     def token_str(tid: int) -> str:
         try:
             return engine.tokenizer.decode([tid])
-        except Exception:  # noqa: BLE001
+        except Exception:  # noqa: BLE001 - a token without text is shown as ""
             return ""
 
-    def token_logprobs(out: Any, start: int, end: int) -> list[tuple[int, float, list]]:
-        """Per generated token [start, end): (token id, logprob, [(top id, logprob)])."""
+    def token_logprobs(out: Any, start: int, end: int, k: int) -> list[tuple]:
+        """Generated tokens [start, end) as (text, logprob, [(text, logprob)] * k).
+
+        ``out.logprobs[i]`` is ``{token_id: Logprob}`` holding the sampled token and the
+        engine's top alternatives; the top list is the k most likely (k = 0: the sampled
+        token alone, like vLLM).
+        """
         entries = getattr(out, "logprobs", None) or []
         ids = list(out.token_ids or [])
         rows = []
         for i in range(start, min(end, len(ids), len(entries))):
             tid, entry = ids[i], entries[i]
-            if isinstance(entry, dict):
-                items = [(int(k), float(getattr(v, "logprob", v))) for k, v in entry.items()]
-            else:                     # (token logprob, {id: logprob}) or similar
-                items = []
-            lp = dict(items).get(tid, -math.inf)
-            top = sorted(items, key=lambda kv: -kv[1])
-            rows.append((tid, lp, top))
+            items = []
+            for key, v in (entry.items() if isinstance(entry, dict) else ()):
+                text = getattr(v, "decoded_token", None)
+                items.append((int(key), float(getattr(v, "logprob", v)),
+                              text if text is not None else token_str(int(key))))
+            by_id = {t: (lp, text) for t, lp, text in items}
+            lp, text = by_id.get(tid, (-math.inf, token_str(tid)))
+            top = sorted(items, key=lambda x: -x[1])[:k] if k > 0 else [(tid, lp, text)]
+            rows.append((text, _finite(lp), [(t_text, _finite(t_lp))
+                                             for _, t_lp, t_text in top]))
         return rows
 
     def _finite(x: float) -> float:
@@ -535,28 +543,24 @@ def create_app(engine: Any, api_key: Optional[str] = None,
 
     def completion_logprobs(c: _Choice, start: int, end: int, k: int,
                             text_offset: int) -> dict:
-        rows = token_logprobs(c.output, start, end)
         tokens, lps, tops, offsets = [], [], [], []
         pos = text_offset
-        for tid, lp, top in rows:
-            s = token_str(tid)
-            tokens.append(s)
-            lps.append(_finite(lp))
-            tops.append({token_str(t): _finite(v) for t, v in top[:max(k, 1)]})
+        for text, lp, top in token_logprobs(c.output, start, end, k):
+            tokens.append(text)
+            lps.append(lp)
+            tops.append(dict(top))
             offsets.append(pos)
-            pos += len(s)
+            pos += len(text)
         return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops,
                 "text_offset": offsets}
 
     def chat_logprobs(c: _Choice, start: int, end: int, k: int) -> dict:
         content = []
-        for tid, lp, top in token_logprobs(c.output, start, end):
-            s = token_str(tid)
+        for text, lp, top in token_logprobs(c.output, start, end, k):
             content.append({
-                "token": s, "logprob": _finite(lp), "bytes": list(s.encode("utf-8")),
-                "top_logprobs": [{"token": token_str(t), "logprob": _finite(v),
-                                  "bytes": list(token_str(t).encode("utf-8"))}
-                                 for t, v in top[:k]],
+                "token": text, "logprob": lp, "bytes": list(text.encode("utf-8")),
+                "top_logprobs": [{"token": t, "logprob": v, "bytes": list(t.encode("utf-8"))}
+                                 for t, v in top] if k > 0 else [],
             })
         return {"content": content}
 
