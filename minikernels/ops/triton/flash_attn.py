@@ -14,7 +14,8 @@ Algorithm (FlashAttention-2 forward, one program per (query tile, q head, sequen
      output 0 and lse -inf (m starts finite, so no inf - inf ever makes a NaN).
 GQA: q head h reads kv head h // (Hq // Hkv). Paged mode: key j of sequence b lives in
 cache block block_table[b, j // PAGE_SIZE], slot j % PAGE_SIZE (gathered per key row, so any
-power-of-two page size works with any BLOCK_N). Heavy (late) query tiles are launched first.
+power-of-two page size works with any BLOCK_N). Grid (Hq, B, query tiles), heavy (late)
+query tiles first.
 """
 from __future__ import annotations
 
@@ -118,10 +119,12 @@ def flash_attn_fwd_kernel(
         BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
         HAS_SOFTCAP: tl.constexpr, PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr,
         DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    # heavy query tiles (late in the sequence: more keys under causal) go first
-    start_m = tl.num_programs(0) - 1 - tl.program_id(0)
-    head = tl.program_id(1)
-    seq = tl.program_id(2)
+    # grid (Hq, B, query tiles), launched x-fastest: every head and sequence of one tile row
+    # runs together (GQA heads share K/V in L2) and the heavy tiles (late in the sequence:
+    # more keys under causal) are launched first, so the light ones fill the last wave
+    head = tl.program_id(0)
+    seq = tl.program_id(1)
+    start_m = tl.num_programs(2) - 1 - tl.program_id(2)
     q_start = tl.load(cu_q_ptr + seq)
     seqlen_q = tl.load(cu_q_ptr + seq + 1) - q_start
     if start_m * BLOCK_M >= seqlen_q:
@@ -328,7 +331,7 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlen
         page_size, stride_bt = 1, 0
     has_softcap = softcap > 0
     upcast = q.device.type != "cuda" and q.dtype == torch.bfloat16
-    grid = (triton.cdiv(max_seqlen_q, cfg.block_m), hq, batch)
+    grid = (hq, batch, triton.cdiv(max_seqlen_q, cfg.block_m))
     flash_attn_fwd_kernel[grid](
         q, k, v, out, lse, cu_q, cu_k, bt,
         q.stride(0), q.stride(1), stride_kt, stride_kh, stride_kb, stride_vt, stride_vh,
