@@ -75,7 +75,7 @@ def compile_all(names: list[str] | None = None, jobs: int | None = None) -> list
     from .registry import all_kernels
 
     work = [(s.name, arch) for s in all_kernels() if names is None or s.name in names
-            for arch in ARCHS]
+            for arch in s.archs]
     jobs = jobs or min(4, os.cpu_count() or 1)
     with ProcessPoolExecutor(max_workers=jobs) as pool:
         return list(pool.map(compile_one, *zip(*work)))

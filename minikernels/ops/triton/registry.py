@@ -22,6 +22,8 @@ class KernelSpec:
     constexprs:  values of the constexpr arguments.
     tensor_core: the kernel uses tl.dot; its sm_90a PTX must contain wgmma
                  (unless wgmma_expected is False, e.g. for tiny-M GEMV tiles).
+    archs:       compute capabilities this config is dispatched on (80 -> sm_80,
+                 90 -> sm_90a); an sm_90-only tile need not fit sm_80's registers.
     """
 
     name: str
@@ -32,6 +34,7 @@ class KernelSpec:
     num_stages: int = 3
     tensor_core: bool = False
     wgmma_expected: bool = True
+    archs: tuple[int, ...] = (80, 90)
 
 
 _REGISTRY: dict[str, KernelSpec] = {}
