@@ -570,3 +570,13 @@ def test_cli_arguments(monkeypatch):
     state = served["app"].state.server
     assert state.api_key == "from-env" and state.served_name == "some/model"
     assert (served["host"], served["port"]) == ("127.0.0.1", 9001)
+
+
+def test_cli_bad_model_exits_2():
+    import argparse
+
+    from minikernels.server import cli
+
+    parser = argparse.ArgumentParser()
+    cli.add_arguments(parser)
+    assert cli.run(parser.parse_args(["/nonexistent/model", "--device", "cpu"])) == 2

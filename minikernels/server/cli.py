@@ -36,7 +36,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     eng = parser.add_argument_group("engine")
     eng.add_argument("--dtype", default="bfloat16",
                      choices=["bfloat16", "float16", "float32", "auto"])
-    eng.add_argument("--quantization", default=None, help="e.g. int4 (RTN), gptq, awq")
+    eng.add_argument("--quantization", default=None, choices=["int4", "gptq", "awq"],
+                     help="int4: RTN-quantize the weights at load; gptq / awq: load an "
+                          "int4 checkpoint")
     eng.add_argument("--device", default=None, help="cuda / cpu (default: cuda if present)")
     eng.add_argument("--max-model-len", type=int, default=None)
     eng.add_argument("--block-size", type=int, default=16)
@@ -48,6 +50,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      action=argparse.BooleanOptionalAction, default=True)
     eng.add_argument("--enforce-eager", action="store_true",
                      help="no CUDA graphs / torch.compile")
+    eng.add_argument("--seed", type=int, default=0,
+                     help="seed of unseeded sampling (and of a built-in model's weights)")
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
@@ -56,7 +60,8 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         dtype=args.dtype, quantization=args.quantization, block_size=args.block_size,
         num_kv_blocks=args.num_kv_blocks, gpu_memory_utilization=args.gpu_memory_utilization,
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-        enable_prefix_caching=args.enable_prefix_caching, enforce_eager=args.enforce_eager)
+        enable_prefix_caching=args.enable_prefix_caching, enforce_eager=args.enforce_eager,
+        seed=args.seed)
     if args.device is not None:
         kwargs["device"] = args.device
     if args.max_model_len is not None:
@@ -80,7 +85,11 @@ def run(args: argparse.Namespace) -> int:
     api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
     if api_key is None and args.host not in ("127.0.0.1", "localhost", "::1"):
         logger.warning("serving on %s without an API key", args.host)
-    engine = build_engine(args)
+    try:
+        engine = build_engine(args)
+    except (FileNotFoundError, ValueError, TypeError, OSError) as exc:
+        logger.error("cannot load %s: %s", args.model, exc)
+        return 2
     app = create_app(engine, api_key=api_key,
                      served_model_name=args.served_model_name or args.model,
                      shutdown_engine=True)
