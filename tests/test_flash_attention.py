@@ -419,3 +419,28 @@ def test_sm90_d128_kernel_uses_wgmma(tmp_path):
         usage = r.get("usage") or {}
         assert usage.get("STACK", 0) == 0 and usage.get("LOCAL", 0) == 0, r
 
+
+
+class _Props:
+    def __init__(self, smem: int):
+        self.shared_memory_per_block_optin = smem
+
+
+@pytest.mark.parametrize("cap,smem", [((9, 0), 232448), ((8, 0), 166912), ((8, 6), 101376),
+                                      ((8, 9), 101376)])
+@pytest.mark.parametrize("d", [64, 80, 128, 256])
+def test_pick_config_fits_shared_memory(cap, smem, d):
+    dev = torch.device("cuda", 0)
+    with mock.patch.object(torch.cuda, "get_device_capability", return_value=cap), \
+            mock.patch.object(torch.cuda, "get_device_properties", return_value=_Props(smem)):
+        for dtype in (torch.bfloat16, torch.float32):
+            cfg = fa.pick_config(d, dtype, dev)
+            elem = 4 if dtype == torch.float32 else 2
+            assert fa._smem_bytes(cfg, fa.block_d(d), elem) <= smem, (cfg, cap, d)
+        if cap == (9, 0):
+            assert fa.pick_config(d, torch.bfloat16, dev) == fa.SM90_CONFIGS[fa.block_d(d)]
+        with mock.patch.dict(os.environ, {"MINIKERNELS_FLASH_CONFIG": "64,32,4,2"}):
+            assert fa.pick_config(d, torch.bfloat16, dev) == fa.FlashConfig(64, 32, 4, 2)
+        with mock.patch.dict(os.environ, {"MINIKERNELS_FLASH_CONFIG": "64,32"}):
+            with pytest.raises(ValueError, match="MINIKERNELS_FLASH_CONFIG"):
+                fa.pick_config(d, torch.bfloat16, dev)

@@ -276,8 +276,8 @@ def pick_config(head_dim: int, dtype: torch.dtype, device: torch.device) -> Flas
     major, _ = torch.cuda.get_device_capability(device)
     cfg = (SM90_CONFIGS if major >= 9 else SM80_CONFIGS)[bd]
     elem = torch.finfo(dtype).bits // 8
-    if dtype == torch.float32:  # ieee fp32 dots: no tensor cores, halve the tiles
-        cfg = FlashConfig(min(cfg.block_m, 64), min(cfg.block_n, 32), 4, 2)
+    if dtype == torch.float32:  # exact fp32 dots run on FMA units: small tiles
+        cfg = FlashConfig(64 if bd <= 64 else 32, 32, 4, 2)
     smem = torch.cuda.get_device_properties(device).shared_memory_per_block_optin
     while cfg.num_stages > 1 and _smem_bytes(cfg, bd, elem) > smem:  # e.g. sm_86/sm_89
         cfg = FlashConfig(cfg.block_m, cfg.block_n, cfg.num_warps, cfg.num_stages - 1)
