@@ -47,6 +47,13 @@ _CUDA_HEAD_DIMS = (64, 128, 256)
 _CUDA_MAX_GROUP = 8
 
 
+def _kernel_ok(q: Tensor, k_cache: Tensor, v_cache: Tensor) -> bool:
+    """GPU kernels read cache rows as 16-byte vectors: fp16/bf16, aligned rows."""
+    return (q.dtype in HALF_DTYPES
+            and all(c.data_ptr() % 16 == 0 and all(s % 8 == 0 for s in c.stride()[:3])
+                    for c in (k_cache, v_cache)))
+
+
 def _stream(device: torch.device) -> int:
     return torch.cuda.current_stream(device).cuda_stream
 
@@ -117,8 +124,7 @@ def _paged_decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_t
 
     which = _backend.resolve("paged_decode_attention", q.device, cuda_ok=cuda_ok,
                              prefer_cuda=False)
-    if which != "reference" and q.is_cuda and (
-            q.dtype == torch.float32 or k_cache.data_ptr() % 16 or v_cache.data_ptr() % 16):
+    if which != "reference" and q.is_cuda and not _kernel_ok(q, k_cache, v_cache):
         which = "reference"  # kernels: fp16/bf16 caches with 16-byte aligned rows
     if which == "reference":
         return reference.paged_decode_attention(q, k_cache, v_cache, block_table, seq_lens,
