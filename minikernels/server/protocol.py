@@ -13,7 +13,8 @@ from __future__ import annotations
 
 from typing import Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (BaseModel, ConfigDict, Field, StrictInt, ValidationError,
+                      field_validator)
 
 MAX_N = 64            # choices per request (each one is an engine request)
 MAX_TOP_LOGPROBS = 20
@@ -67,7 +68,7 @@ class _SamplingFields(BaseModel):
     temperature: Optional[float] = Field(None, ge=0.0, le=2.0)
     top_p: Optional[float] = Field(None, gt=0.0, le=1.0)
     stop: Optional[Union[str, list[str]]] = None
-    seed: Optional[int] = Field(None, ge=-(2 ** 63), lt=2 ** 64)
+    seed: Optional[int] = Field(None, ge=-(2 ** 63), lt=2 ** 63)
     presence_penalty: Optional[float] = Field(None, ge=-2.0, le=2.0)
     frequency_penalty: Optional[float] = Field(None, ge=-2.0, le=2.0)
     logit_bias: Optional[dict[str, float]] = None
@@ -77,7 +78,7 @@ class _SamplingFields(BaseModel):
     min_p: Optional[float] = Field(None, ge=0.0, le=1.0)
     repetition_penalty: Optional[float] = Field(None, gt=0.0, le=10.0)
     ignore_eos: bool = False
-    stop_token_ids: Optional[list[int]] = None
+    stop_token_ids: Optional[list[StrictInt]] = None
 
     @field_validator("stop")
     @classmethod
@@ -108,7 +109,8 @@ class _SamplingFields(BaseModel):
                            code="unsupported_parameter")
 
 
-PromptType = Union[str, list[str], list[int], list[list[int]]]
+# Strict ints: JSON true/false or 1.0 are not token ids.
+PromptType = Union[str, list[str], list[StrictInt], list[list[StrictInt]]]
 
 
 class CompletionRequest(_SamplingFields):
@@ -164,9 +166,12 @@ class ChatMessage(BaseModel):
             return c
         parts = []
         for part in c:
-            if part.get("type") != "text" or not isinstance(part.get("text"), str):
+            if part.get("type") != "text":
                 raise APIError(f"content part of type {part.get('type')!r} is not supported "
                                "(text only)", param="messages", code="unsupported_parameter")
+            if not isinstance(part.get("text"), str):
+                raise APIError("a text content part needs a string 'text' field",
+                               param="messages")
             parts.append(part["text"])
         return "".join(parts)
 
