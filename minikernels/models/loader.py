@@ -150,7 +150,10 @@ def _iter_file(path: str) -> Iterator[tuple[str, Tensor]]:
                 yield key, f.get_tensor(key)
     else:
         # weights_only: tensors and plain containers only, no arbitrary objects.
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError:  # legacy (non-zip) serialization cannot be memory-mapped
+            state = torch.load(path, map_location="cpu", weights_only=True)
         if not isinstance(state, dict):
             raise CheckpointError(f"{path} does not hold a state dict")
         yield from state.items()
