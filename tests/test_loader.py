@@ -291,6 +291,30 @@ def test_gptq_awq_checkpoints(tmp_path, method, act_order, fmt):
     assert rel_err(_logits(mb, seqs), ref) <= 0.05
 
 
+def test_gptq_zero_biases_are_accepted(tmp_path):
+    """AutoGPTQ saves a bias for every quantized layer, zeros where the model has none;
+    a nonzero one is loaded (the layer gains a bias)."""
+    hf = make_hf_model("llama", seed=6)
+    d = str(tmp_path / "g")
+    write_quantized_checkpoint(hf, d, "gptq", group=32)
+    f = os.path.join(d, "model.safetensors")
+    t = load_file(f)
+    for name in list(t):
+        if name.endswith(".qweight"):
+            t[name.replace(".qweight", ".bias")] = torch.zeros(t[name].shape[1],
+                                                               dtype=torch.float16)
+    t["model.layers.0.mlp.down_proj.bias"] = torch.full((64,), 0.5, dtype=torch.float16)
+    save_file(t, f, metadata={"format": "pt"})
+    m = load_model(d, dtype="float32", device="cpu")
+    assert m.layers[0].self_attn.qkv_proj.bias is None
+    assert torch.equal(m.layers[0].mlp.down_proj.bias, torch.full((64,), 0.5))
+    with torch.no_grad():
+        hf.model.layers[0].mlp.down_proj.bias = torch.nn.Parameter(torch.full((64,), 0.5))
+    seqs = _seqs()
+    ref = torch.cat([hf_logits(hf, s) for s in seqs])
+    assert rel_err(_logits(m, seqs), ref) <= 2e-3
+
+
 def test_gptq_checkpoint_errors(tmp_path):
     hf = make_hf_model("llama", seed=5)
     d = str(tmp_path / "g")

@@ -318,6 +318,13 @@ def _load_hf(model_dir: str, dtype: str | torch.dtype, device: torch.device,
                         for s in range(len(mod.output_sizes)):
                             expected.discard((mod_name, s, "qweight"))
                             expected.add((mod_name, s, "weight"))
+                    if kind == "bias" and mod.bias is None:
+                        # GPTQ exporters save a (zero) bias for every quantized layer.
+                        if not bool(tensor.any()):
+                            continue
+                        mod.bias = torch.nn.Parameter(torch.zeros(
+                            mod.out_features, dtype=torch_dtype, device=device),
+                            requires_grad=False)
                     try:
                         mod.load_shard(shard, kind, tensor.to(device=device, dtype=torch_dtype))
                     except ValueError as exc:
