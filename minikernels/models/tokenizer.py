@@ -19,7 +19,8 @@ from .config import BUILTIN_CONFIGS, list_models
 class ByteTokenizer:
     """Bytes 0..255 are ids 0..255 (UTF-8); specials follow: 256 <bos>, 257 <eos>,
     258 <|im_start|>, 259 <|im_end|>. Ids past 259 (a dummy model's larger vocab) decode to
-    ``<id>`` so a dummy model's output stays visible. Chat template: ``<|im_start|>{role}\\n{content}<|im_end|>\\n`` per message."""
+    ``<id>`` so a dummy model's output stays visible. Chat template, per message:
+    ``<|im_start|>{role}\\n{content}<|im_end|>\\n``."""
 
     BOS, EOS, IM_START, IM_END = 256, 257, 258, 259
     SPECIALS = {"<bos>": 256, "<eos>": 257, "<|im_start|>": 258, "<|im_end|>": 259}
