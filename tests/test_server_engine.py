@@ -325,6 +325,38 @@ def test_disconnects_free_kv_blocks(server, engine):
     assert s["generation_tokens_total"] > 0
 
 
+def test_disconnects_mixed_with_good_streams(server, engine):
+    """Half the streams hang up after a few events; the others all finish intact."""
+
+    async def one(http: httpx.AsyncClient, i: int):
+        quit_after = 2 + i % 3 if i % 2 else None
+        body = {"model": MODEL, "prompt": f"hello {i}", "max_tokens": 60 if quit_after else
+                4 + i % 5, "ignore_eos": True, "stream": True,
+                "stream_options": {"include_usage": True}}
+        events = []
+        async with http.stream("POST", "/v1/completions", json=body) as r:
+            assert r.status_code == 200
+            async for line in r.aiter_lines():
+                if line.startswith("data: "):
+                    events.append(line[6:])
+                    if quit_after and len(events) >= quit_after:
+                        break
+        return i, quit_after, events
+
+    async def main():
+        async with httpx.AsyncClient(base_url=server.base_url, headers=_auth(),
+                                     timeout=120) as http:
+            return await asyncio.gather(*(one(http, i) for i in range(24)))
+
+    for i, quit_after, events in asyncio.run(main()):
+        if quit_after:
+            continue
+        assert events[-1] == "[DONE]"
+        usage = json.loads(events[-2])["usage"]
+        assert usage["completion_tokens"] == 4 + i % 5
+    _wait_all_free(engine)
+
+
 def test_bad_requests_mixed_with_good(server, engine):
     bad = [
         {"model": MODEL, "prompt": "hello world " * 200, "max_tokens": 8},     # too long

@@ -583,3 +583,17 @@ def test_cli_bad_model_exits_2():
     parser = argparse.ArgumentParser()
     cli.add_arguments(parser)
     assert cli.run(parser.parse_args(["/nonexistent/model", "--device", "cpu"])) == 2
+
+
+def test_disconnect_before_first_token():
+    """A client gone while its request waits for the first token is aborted too."""
+    engine = FakeEngine(step_s=0.4)
+    with LiveServer(create_app(engine, served_model_name=MODEL)) as srv:
+        for stream in (False, True):
+            with pytest.raises(httpx.ReadTimeout):
+                httpx.post(srv.base_url + "/v1/completions", timeout=0.15,
+                           json={"model": MODEL, "prompt": "x", "max_tokens": 50,
+                                 "stream": stream})
+        _wait_idle(engine)
+        assert len(engine.aborted) == 2
+        assert all(r == "abort" for r in engine.finished.values())
