@@ -75,7 +75,7 @@ def test_run_generate_hf_dir_matches_transformers(tiny_hf_dir, capsys):
     ids = tok.encode("the cat sat")
     ref = hf.generate(torch.tensor([ids]), max_new_tokens=6, do_sample=False,
                       eos_token_id=2, pad_token_id=0)[0, len(ids):].tolist()
-    assert printed == tok.decode(ref).strip()
+    assert printed and printed == tok.decode(ref).strip()
 
 
 def test_run_generate_chat_and_sampling(tiny_hf_dir, capsys):
