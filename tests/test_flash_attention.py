@@ -11,6 +11,7 @@ import contextlib
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from unittest import mock
@@ -26,9 +27,6 @@ import minikernels as mk
 from minikernels import _validation
 from minikernels.ops import reference
 from minikernels.ops.triton import flash_attn as fa
-
-HAS_CUDA = torch.cuda.is_available()
-PRIMES = [2, 3, 5, 7, 11, 13, 17, 19, 23, 29, 31, 37, 41, 43, 47]
 
 
 # ------------------------------------------------------------------------------ helpers
@@ -109,7 +107,7 @@ def no_index_checks():
 
 # ------------------------------------------------------------------- random varlen batches
 
-LENGTHS = st.sampled_from([0, 1, 2, 3, 5, 16, 17, 31, 32, 33, 47, 64])
+LENGTHS = st.sampled_from([0, 1, 2, 3, 5, 16, 17, 31, 32, 33, 47, 64])  # primes, tile +-1
 
 
 @st.composite
@@ -363,7 +361,6 @@ def test_bad_inputs_raise_clear_errors(device):
             fn()
             failures.append(f"{name}: no error")
         except exc as e:
-            import re
             if not re.search(pattern, str(e)):
                 failures.append(f"{name}: message {str(e)!r} lacks {pattern!r}")
         except Exception as e:  # noqa: BLE001
