@@ -16,18 +16,14 @@ import httpx
 import openai
 import pytest
 
-from minikernels.engine.outputs import CompletionOutput, Logprob, RequestOutput
-from minikernels.engine.sampling_params import SamplingParams
+from minikernels.engine import (CompletionOutput, EngineOverloaded, Logprob, RequestOutput,
+                                SamplingParams)
 from minikernels.server import create_app
 from minikernels.server.testing import LiveServer
 
 API_KEY = "test-key"
 MODEL = "fake-model"
 BLOCK = 4
-
-
-class EngineOverloaded(RuntimeError):
-    """Same name as the engine's exception: the server matches it by name."""
 
 
 class CharTokenizer:

@@ -41,6 +41,8 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ..engine import EngineOverloaded, SamplingParams
+from ..engine.async_llm import EngineDeadError
 from .metrics import CONTENT_TYPE, ServerMetrics
 from .protocol import (APIError, ChatCompletionRequest, CompletionRequest,
                        validation_to_api_error)
@@ -55,19 +57,15 @@ _KNOWN_PATHS = {"/v1/models", "/v1/completions", "/v1/chat/completions", "/healt
 # --------------------------------------------------------------------------- helpers
 
 
-def _is_overloaded(exc: BaseException) -> bool:
-    return any(c.__name__ == "EngineOverloaded" for c in type(exc).__mro__)
-
-
 def _engine_error_to_api(exc: BaseException) -> APIError:
     """Map an exception raised by the engine for one request to an HTTP error."""
     if isinstance(exc, APIError):
         return exc
-    if _is_overloaded(exc):
+    if isinstance(exc, EngineOverloaded):
         return APIError(f"server overloaded: {exc}" if str(exc) else "server overloaded, "
                         "retry later", status=429, type="rate_limit_error",
                         code="rate_limit_exceeded")
-    if any(c.__name__ == "EngineDeadError" for c in type(exc).__mro__):
+    if isinstance(exc, EngineDeadError):
         return APIError(f"engine unavailable: {exc}", status=503, type="server_error",
                         code="engine_dead")
     if isinstance(exc, (ValueError, TypeError)):
@@ -86,14 +84,6 @@ def _engine_error_to_api(exc: BaseException) -> APIError:
 def _error_response(err: APIError) -> JSONResponse:
     headers = {"Retry-After": "1"} if err.status == 429 else None
     return JSONResponse(err.body(), status_code=err.status, headers=headers)
-
-
-def _sampling_params_cls() -> type:
-    try:
-        from minikernels.engine import SamplingParams
-    except ImportError:   # engine package without its re-exports
-        from minikernels.engine.sampling_params import SamplingParams
-    return SamplingParams
 
 
 def _to_token_list(result: Any) -> list[int]:
@@ -504,7 +494,7 @@ def create_app(engine: Any, api_key: Optional[str] = None,
         if logprobs is not None:
             kwargs["logprobs"] = logprobs
         try:
-            return _sampling_params_cls()(**kwargs)
+            return SamplingParams(**kwargs)
         except (ValueError, TypeError) as exc:
             raise APIError(f"invalid sampling parameters: {exc}") from None
 
