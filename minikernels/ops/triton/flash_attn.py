@@ -203,8 +203,7 @@ def flash_attn_fwd_kernel(
     lse = tl.where(empty, float("-inf"), (m_i + log_l) * 0.6931471805599453)  # ln 2
     o_base = o_ptr + q_start.to(tl.int64) * stride_ot + head * stride_oh
     o_ptrs = tl.multiple_of(o_base + offs_m[:, None] * stride_ot + offs_d[None, :], [1, 16])
-    tl.store(o_ptrs,
-             out.to(o_ptr.dtype.element_ty), mask=q_mask)
+    tl.store(o_ptrs, out.to(o_ptr.dtype.element_ty), mask=q_mask)
     tl.store(lse_ptr + head.to(tl.int64) * stride_lse + q_start + offs_m, lse,
              mask=offs_m < seqlen_q)
 
