@@ -300,6 +300,7 @@ paged_decode_kernel(const Params p) {
     __syncthreads();  // the next iteration's load overwrites this stage
   }
 
+  __syncthreads();  // l_s / m_s visible to all (also when there was no tile at all)
   // Sum token slots (shared memory reuses the K/V stages: all cp.async groups are done).
   float* red = reinterpret_cast<float*>(smem);   // [TS][GP][D]
   if constexpr (TS > 1) {
@@ -327,7 +328,7 @@ paged_decode_kernel(const Params p) {
     const float l = l_s[g];
     const float inv = l > 0.f ? 1.f / l : 0.f;
     if (!partial) {
-      T o[8];
+      alignas(16) T o[8];
 #pragma unroll
       for (int e = 0; e < 8; ++e) o[e] = from_f32<T>(acc[j][e] * inv);
       T* dst = static_cast<T*>(p.out) + (static_cast<int64_t>(b) * p.num_q_heads + h) * D + c3 * 8;

@@ -69,7 +69,7 @@ def test_random_configs(backend, device, data):
     hq, hkv, d = data.draw(st.sampled_from(HEADS))
     dtype = data.draw(st.sampled_from(
         [torch.float16, torch.bfloat16] + ([] if device == "cuda" else [torch.float32])))
-    block_size = data.draw(st.sampled_from([8, 16, 32, 64]))
+    block_size = data.draw(st.sampled_from([8, 16, 32, 64, 256]))
     lens = data.draw(st.lists(st.integers(0, 200), min_size=1, max_size=3))
     window = data.draw(st.sampled_from([-1, 0, 5, 40]))
     softcap = data.draw(st.sampled_from([0.0, 2.0, 30.0]))

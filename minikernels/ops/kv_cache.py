@@ -54,6 +54,12 @@ def _kernel_ok(q: Tensor, k_cache: Tensor, v_cache: Tensor) -> bool:
                     for c in (k_cache, v_cache)))
 
 
+def _ext_has(name: str) -> bool:
+    """The compiled extension exists and was built with this kernel (else: Triton)."""
+    ext = _backend.cuda_extension()
+    return ext is None or hasattr(ext, name)  # None: resolve() logs and picks Triton
+
+
 def _stream(device: torch.device) -> int:
     return torch.cuda.current_stream(device).cuda_stream
 
@@ -95,7 +101,8 @@ def plan_splits(batch: int, kv_heads: int, max_tokens: int, head_dim: int, num_s
 @torch.library.custom_op("minikernels::write_kv_cache", mutates_args=("k_cache", "v_cache"))
 def _write_kv_cache(k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor,
                     slot_mapping: Tensor) -> None:
-    which = _backend.resolve("write_kv_cache", k.device, cuda_ok=True, prefer_cuda=True)
+    which = _backend.resolve("write_kv_cache", k.device,
+                             cuda_ok=lambda: _ext_has("write_kv_cache"), prefer_cuda=True)
     if which == "cuda":
         if k.shape[0] > 0:
             _backend.cuda_extension().write_kv_cache(k, v, k_cache, v_cache, slot_mapping,
@@ -120,7 +127,8 @@ def _paged_decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_t
 
     def cuda_ok() -> bool:
         return (q.dtype in HALF_DTYPES and d in _CUDA_HEAD_DIMS
-                and q.shape[1] // hkv <= _CUDA_MAX_GROUP)
+                and q.shape[1] // hkv <= _CUDA_MAX_GROUP
+                and _ext_has("paged_decode_attention"))
 
     which = _backend.resolve("paged_decode_attention", q.device, cuda_ok=cuda_ok,
                              prefer_cuda=False)
