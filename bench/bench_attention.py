@@ -212,7 +212,12 @@ def main(argv: list[str] | None = None) -> dict[str, Path]:
     device = torch.device("cuda" if cuda else "cpu")
     from minikernels import _validation
 
-    _validation.set_index_checks(False)  # as a serving engine runs it: no host syncs
+    with _validation.index_checks(False):  # as a serving engine runs it: no host syncs
+        return _run(args, device)
+
+
+def _run(args: argparse.Namespace, device: torch.device) -> dict[str, Path]:
+    cuda = device.type == "cuda"
     tokens = args.tokens or (64 if args.smoke else 16384)
     seqlens = args.seqlens or ([32] if args.smoke else [512, 1024, 2048, 4096, 8192, 16384])
     head_dims = args.head_dims or ([64] if args.smoke else [64, 128])

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from . import ops
-from ._validation import set_index_checks
+from ._validation import index_checks, set_index_checks
 from .backend import current_backend, use_backend
 
 __version__ = "0.1.0"
@@ -39,4 +39,4 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'minikernels' has no attribute {name!r}")
 
 
-__all__ = ["ops", "use_backend", "current_backend", "set_index_checks", *_LAZY]
+__all__ = ["ops", "use_backend", "current_backend", "set_index_checks", "index_checks", *_LAZY]

@@ -4,7 +4,9 @@ Kernels assume their inputs passed these checks.
 """
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import contextlib
+import threading
+from collections.abc import Iterable, Iterator, Sequence
 
 import torch
 
@@ -73,21 +75,39 @@ def check_positive_float(name: str, value: float, allow_zero: bool = False) -> f
 
 
 _index_checks = True
+_local = threading.local()
 
 
 def set_index_checks(enabled: bool) -> None:
-    """Turn the data-dependent index checks (block ids, positions, slots) on or off.
+    """Turn the data-dependent index checks (block ids, positions, slots) on or off globally.
 
-    They read values back from the device (a sync), so a serving engine that already
-    validated its metadata on the host turns them off. They are skipped automatically
-    during CUDA-graph capture and torch.compile tracing.
+    They read values back from the device (a sync). Prefer the thread-local
+    :func:`index_checks` context manager for a scoped change (what the engine uses around
+    its forward after validating its metadata on the host). Checks are skipped
+    automatically during CUDA-graph capture and torch.compile tracing.
     """
     global _index_checks
     _index_checks = bool(enabled)
 
 
+@contextlib.contextmanager
+def index_checks(enabled: bool) -> Iterator[None]:
+    """Turn index checks on or off inside the block, for this thread only."""
+    prev = getattr(_local, "override", None)
+    _local.override = bool(enabled)
+    try:
+        yield
+    finally:
+        _local.override = prev
+
+
+def index_checks_enabled() -> bool:
+    override = getattr(_local, "override", None)
+    return _index_checks if override is None else override
+
+
 def index_checks_active(t: torch.Tensor) -> bool:
-    if not _index_checks or t.numel() == 0:
+    if not index_checks_enabled() or t.numel() == 0:
         return False
     if torch.compiler.is_compiling():
         return False

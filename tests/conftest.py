@@ -42,12 +42,17 @@ def device() -> str:
 
 
 @pytest.fixture(autouse=True)
-def _poison_outputs():
+def _poison_outputs_and_check_state():
+    """Poison kernel outputs; fail a test that leaves index checks globally disabled."""
+    from minikernels import _validation
     from minikernels.ops import _alloc
 
     _alloc.set_poison(True)
     yield
     _alloc.set_poison(False)
+    leaked = not _validation._index_checks
+    _validation.set_index_checks(True)
+    assert not leaked, "test left minikernels index checks disabled (use index_checks())"
 
 
 def kernel_backends() -> list:

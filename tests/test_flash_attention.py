@@ -98,11 +98,8 @@ def tiles(block_m: int, block_n: int):
 
 @contextlib.contextmanager
 def no_index_checks():
-    _validation.set_index_checks(False)
-    try:
+    with _validation.index_checks(False):
         yield
-    finally:
-        _validation.set_index_checks(True)
 
 
 # ------------------------------------------------------------------- random varlen batches

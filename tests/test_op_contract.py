@@ -187,3 +187,27 @@ def test_rotary_bad_inputs():
         mk.ops.rotary_embedding(q, k, pos, mk.ops.build_rope_cache(32, 8))
     with pytest.raises(ValueError, match=r"positions values must be in \[0, 8\)"):
         mk.ops.rotary_embedding(q, k, torch.tensor([0, 1, 8]), cache)
+
+
+def test_index_checks_context_is_thread_local():
+    import threading
+
+    from minikernels import _validation
+
+    seen = {}
+    with mk.index_checks(False):
+        assert not _validation.index_checks_enabled()
+        t = threading.Thread(target=lambda: seen.setdefault("other", _validation.index_checks_enabled()))
+        t.start()
+        t.join()
+        # a disabled check lets a bad slot through to the (reference) kernel
+        with pytest.raises(IndexError):
+            mk.ops.write_kv_cache(torch.randn(1, 1, 8), torch.randn(1, 1, 8),
+                                  torch.zeros(1, 8, 1, 8), torch.zeros(1, 8, 1, 8),
+                                  torch.tensor([99]))
+    assert seen["other"] is True
+    assert _validation.index_checks_enabled()
+    with pytest.raises(ValueError, match="slot_mapping values"):
+        mk.ops.write_kv_cache(torch.randn(1, 1, 8), torch.randn(1, 1, 8),
+                              torch.zeros(1, 8, 1, 8), torch.zeros(1, 8, 1, 8),
+                              torch.tensor([99]))

@@ -36,13 +36,9 @@ MAX_GRAPH_BATCH = 512
 
 @contextlib.contextmanager
 def index_checks_off() -> Iterator[None]:
-    """Disable the ops' device-syncing index checks inside the block (restored after)."""
-    prev = _validation._index_checks
-    _validation.set_index_checks(False)
-    try:
+    """Disable the ops' device-syncing index checks inside the block, for this thread."""
+    with _validation.index_checks(False):
         yield
-    finally:
-        _validation.set_index_checks(prev)
 
 
 def graph_batch_sizes(max_num_seqs: int, limit: int = MAX_GRAPH_BATCH) -> list[int]:
