@@ -131,3 +131,75 @@ def test_torch_compile_fullgraph():
     eager = model(x)
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
     torch.testing.assert_close(compiled(x), eager)
+
+
+# ------------------------------------------------- quantize_model on minikernels' CausalLM
+def _lm_logits(model, seqs):
+    from minikernels.models import AttentionMetadata
+
+    ids = torch.tensor([t for s in seqs for t in s])
+    return model(ids, AttentionMetadata.for_prompts([len(s) for s in seqs]), None)
+
+
+def test_quantize_model_on_causal_lm_matches_int4_on_load():
+    """FusedLinear exposes the duck-typed hook quantize_int4_, so mk.quantize_model works on
+    minikernels' own CausalLM (it used to be a no-op: no nn.Linear inside) and gives the
+    same int4 weights as load_model(quantization="int4"), incl. its group fallback
+    (hidden 64: group 128 -> 64)."""
+    from minikernels.models import load_model
+
+    seqs = [[256, 72, 105, 33, 9], [256, 1, 2]]
+    dense = load_model("tiny", dtype="float32", device="cpu", seed=5)
+    d_logits = _lm_logits(dense, seqs)
+    dense_bytes = dense.weight_bytes()
+    assert mk.quantize_model(dense) is dense
+    linears = dict(dense.linear_layers())
+    assert all(lin.is_int4 for n, lin in linears.items() if n != "lm_head")
+    assert not linears["lm_head"].is_int4                     # skip=("lm_head",)
+    assert linears["layers.0.mlp.down_proj"].int4_parts[0].group_size == 128  # K = 128
+    assert linears["layers.0.self_attn.qkv_proj"].int4_parts[0].group_size == 64  # K = 64
+    assert not any(isinstance(m, Int4Linear) for m in dense.modules())
+    assert dense.weight_bytes() < dense_bytes
+    ref = load_model("tiny", dtype="float32", device="cpu", seed=5, quantization="int4")
+    q_logits = _lm_logits(dense, seqs)
+    assert torch.equal(q_logits, _lm_logits(ref, seqs))
+    assert not torch.equal(q_logits, d_logits)
+    # Quantizing again is a no-op; int4 layers keep their weights.
+    mk.quantize_model(dense, skip=())
+    assert dense.lm_head.is_int4
+    assert torch.equal(dense.layers[1].mlp.gate_up_proj.int4_parts[0].qweight,
+                       ref.layers[1].mlp.gate_up_proj.int4_parts[0].qweight)
+
+
+def test_quantize_model_hook_honours_skip_and_owns_its_children():
+    from minikernels.models import load_model
+
+    m = load_model("tiny-qwen3", dtype="bfloat16", device="cpu")
+    mk.quantize_model(m, group_size=32, symmetric=True,
+                      skip=("lm_head", "down_proj", "layers.1.self_attn"))
+    lin = dict(m.linear_layers())
+    assert lin["layers.0.self_attn.qkv_proj"].is_int4
+    assert lin["layers.0.mlp.gate_up_proj"].is_int4
+    assert not lin["layers.0.mlp.down_proj"].is_int4 and not lin["layers.1.mlp.down_proj"].is_int4
+    assert not lin["layers.1.self_attn.qkv_proj"].is_int4
+    assert not lin["layers.1.self_attn.o_proj"].is_int4
+    assert not lin["lm_head"].is_int4 and m.lm_head.weight is m.embed_tokens.weight
+    part = lin["layers.0.self_attn.qkv_proj"].int4_parts[0]
+    assert part.group_size == 32 and part.scales.dtype == torch.bfloat16
+    assert bool((part.zeros == 8).all())                        # symmetric
+
+    class SelfQuantizing(nn.Module):        # any module with the hook; its nn.Linear is its own
+        def __init__(self):
+            super().__init__()
+            self.inner = nn.Linear(64, 64)
+            self.calls = []
+
+        def quantize_int4_(self, group_size, symmetric):
+            self.calls.append((group_size, symmetric))
+            return True
+
+    model = nn.Sequential(SelfQuantizing(), nn.Linear(64, 64), SelfQuantizing())
+    mk.quantize_model(model, group_size=32, skip=("2",))
+    assert model[0].calls == [(32, False)] and type(model[0].inner) is nn.Linear
+    assert isinstance(model[1], Int4Linear)
+    assert model[2].calls == []                                  # skipped by name

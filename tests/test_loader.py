@@ -348,3 +348,140 @@ def test_quant_module_roundtrip_matches_known_packing():
     w = mk.quant.from_gptq(ours["qweight"], ours["qzeros"], ours["scales"], ours["g_idx"])
     assert torch.equal(w.unpack(), q.to(torch.int32))
     assert torch.equal(w.zeros.float(), z.float())
+
+
+# ------------------------------------------------------- int4 on load: streaming peak
+def _linear_shapes(cfg) -> set[tuple[int, int]]:
+    """[N, K] of every decoder linear: the parts (q, k, v, o, gate, up, down) and fused."""
+    h, i, q, kv = cfg.hidden_size, cfg.intermediate_size, cfg.q_size, cfg.kv_size
+    return {(q, h), (kv, h), (h, q), (i, h), (h, i), (q + 2 * kv, h), (2 * i, h)}
+
+
+def _layer_dense_bytes(cfg, elem: int = 4) -> int:
+    h, i, q, kv = cfg.hidden_size, cfg.intermediate_size, cfg.q_size, cfg.kv_size
+    return elem * ((q + 2 * kv) * h + h * q + 2 * i * h + h * i)
+
+
+class _DenseCensus:
+    """Live bytes of dense tensors shaped like a decoder linear weight (parts or fused),
+    counted over every tensor object the garbage collector tracks (so local variables and
+    containers inside the loader count too), each storage once, above a baseline."""
+
+    def __init__(self, shapes):
+        self.shapes = shapes
+        self.base = self._live()
+        self.peak = 0
+        self.samples = 0
+
+    def _live(self) -> int:
+        import gc
+
+        storages: dict[int, int] = {}
+        kinds = (torch.Tensor, torch.nn.Parameter)
+        for obj in gc.get_objects():  # type(), not isinstance: fast, no lazy attributes
+            if type(obj) in kinds and obj.dim() == 2 and obj.is_floating_point() and \
+                    tuple(obj.shape) in self.shapes:
+                st = obj.untyped_storage()
+                storages[st.data_ptr()] = st.nbytes()
+        return sum(storages.values())
+
+    def sample(self) -> None:
+        self.samples += 1
+        self.peak = max(self.peak, self._live() - self.base)
+
+
+def _census_rtn(monkeypatch, shapes) -> _DenseCensus:
+    """Sample on entry to every RTN call: its input is alive then, and so is whatever dense
+    weight the loader still holds (a loader that accumulated parts or layers before
+    quantizing, or the old dense-then-quantize path, shows them all at its next call)."""
+    from minikernels.models import linear as mk_linear
+
+    census = _DenseCensus(shapes)
+    rtn = mk_linear.rtn_int4
+
+    def rtn_sampled(weight, *args, **kwargs):
+        census.sample()
+        return rtn(weight, *args, **kwargs)
+
+    monkeypatch.setattr(mk_linear, "rtn_int4", rtn_sampled)
+    return census
+
+
+def test_int4_on_load_streams_with_bounded_peak(tmp_path, monkeypatch):
+    """quantization="int4" never holds more than one layer's dense linear weights (in fact
+    one tensor: each part is quantized as it is read), while a dense load followed by
+    quantization holds all of them; the logits are bit-identical to that old path, for a
+    sharded checkpoint whose parts arrive out of order across shards."""
+    hf = make_hf_model("llama", hidden_size=128, intermediate_size=384, head_dim=32,
+                       num_hidden_layers=3)
+    path = save_hf(hf, str(tmp_path / "dense"), max_shard_size="100KB")
+    del hf
+    # Reverse every shard's tensor order too: down/up before gate, v before q, ...
+    files = mk.models.loader.checkpoint_files(path)
+    assert len(files) > 3
+    for f in files:
+        t = load_file(f)
+        save_file(dict(reversed(list(t.items()))), f, metadata={"format": "pt"})
+
+    seqs = _seqs()
+    with open(os.path.join(path, "config.json")) as fh:
+        cfg = mk.models.DecoderConfig.from_hf(json.load(fh))
+    shapes, layer = _linear_shapes(cfg), _layer_dense_bytes(cfg)
+
+    census = _census_rtn(monkeypatch, shapes)        # the old path: dense, then quantize
+    old = mk.quantize_model(load_model(path, dtype="float32", device="cpu"))
+    old_peak = census.peak
+    want = _logits(old, seqs)
+    del old
+
+    census = _census_rtn(monkeypatch, shapes)
+    m = load_model(path, dtype="float32", device="cpu", quantization="int4")
+    assert census.samples == 7 * cfg.num_layers     # q k v o gate up down, one at a time
+    stream_peak = census.peak
+    assert all(lin.is_int4 for n, lin in m.linear_layers() if n != "lm_head")
+    assert torch.equal(_logits(m, seqs), want)
+
+    print(f"\ndense linear bytes: one layer {layer}, streaming peak {stream_peak}, "
+          f"dense-then-quantize peak {old_peak}")
+    assert stream_peak <= layer                      # one layer's worth at most
+    assert stream_peak <= 384 * 128 * 4              # in fact one tensor (gate or up)
+    assert old_peak >= cfg.num_layers * layer        # the old path held every layer
+
+
+def test_int4_builtin_streams_per_layer(monkeypatch):
+    """Built-in names with quantization="int4": random init one layer at a time, each
+    quantized before the next is drawn; identical to the dense model of the same seed
+    quantized afterwards (mk.quantize_model on the CausalLM), lm_head opt-in included."""
+    from minikernels.models import builtin_config
+
+    cfg = builtin_config("tiny")
+    census = _census_rtn(monkeypatch, _linear_shapes(cfg))
+    m = load_model("tiny", dtype="float32", device="cpu", quantization="int4", seed=3)
+    assert census.samples == 4 * cfg.num_layers   # qkv, o, gate_up, down: one draw each
+    assert census.peak <= 2 * cfg.intermediate_size * cfg.hidden_size * 4  # one gate_up
+    monkeypatch.undo()
+    seqs = [[256, 72, 105, 33], [256, 1, 2]]
+    ref = mk.quantize_model(load_model("tiny", dtype="float32", device="cpu", seed=3))
+    assert torch.equal(_logits(m, seqs), _logits(ref, seqs))
+    for name in ("tiny", "tiny-qwen3"):                     # untied and tied lm_head
+        a = load_model(name, dtype="float32", device="cpu", quantization="int4",
+                       quantize_lm_head=True)
+        b = mk.quantize_model(load_model(name, dtype="float32", device="cpu"), skip=())
+        assert a.lm_head.is_int4 and b.lm_head.is_int4
+        assert a.embed_tokens.weight.dtype == torch.float32
+        assert torch.equal(_logits(a, seqs), _logits(b, seqs))
+        assert a.weight_bytes() == b.weight_bytes()
+
+
+def test_int4_on_load_errors_name_the_tensor(hf_dirs, tmp_path):
+    """Streaming RTN keeps the dense path's errors: a missing part, a mis-shaped part."""
+    d = _copy(hf_dirs["llama"][1], tmp_path / "m")
+    _rewrite(d, lambda t: t.pop("model.layers.1.self_attn.v_proj.weight"))
+    with pytest.raises(CheckpointError, match=r"model\.layers\.1\.self_attn\.v_proj\.weight"):
+        load_model(d, dtype="float32", device="cpu", quantization="int4")
+    d2 = _copy(hf_dirs["llama"][1], tmp_path / "m2")
+    _rewrite(d2, lambda t: t.__setitem__("model.layers.0.mlp.up_proj.weight",
+                                         torch.zeros(96, 64)))
+    with pytest.raises(CheckpointError, match=r"up_proj\.weight.*expected \[128, 64\], "
+                                              r"got \[96, 64\]"):
+        load_model(d2, dtype="float32", device="cpu", quantization="int4")

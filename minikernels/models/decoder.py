@@ -108,12 +108,14 @@ class CausalLM(nn.Module):
     for the rows meta.logits_indices (all T rows when None). kv_caches: one (k, v) cache
     pair per layer from :meth:`allocate_kv_caches`, or None for a cache-less varlen prefill.
 
-    ``dense=False`` builds the linear layers without dense weights (GPTQ/AWQ loading fills
-    them with int4 parts).
+    ``dense=False`` builds the decoder's linear layers without dense weights (GPTQ/AWQ
+    loading or RTN int4 on load fills them with int4 parts). An untied lm_head is dense
+    unless ``dense_lm_head=False`` (a tied one shares the embedding table).
     """
 
     def __init__(self, config: DecoderConfig, dtype: torch.dtype = torch.bfloat16,
-                 device: torch.device | str | None = None, dense: bool = True) -> None:
+                 device: torch.device | str | None = None, dense: bool = True,
+                 *, dense_lm_head: bool = True) -> None:
         super().__init__()
         self.config = config
         device = torch.device(device) if device is not None else torch.device("cpu")
@@ -128,7 +130,7 @@ class CausalLM(nn.Module):
         self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps, dtype=dtype, device=device)
         # lm_head stays dense unless quantized explicitly (lm_head opt-in).
         self.lm_head = FusedLinear(c.hidden_size, c.vocab_size, dtype=dtype, device=device,
-                                   dense=not c.tie_word_embeddings)
+                                   dense=dense_lm_head and not c.tie_word_embeddings)
         if c.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self._dtype = dtype

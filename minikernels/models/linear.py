@@ -3,8 +3,12 @@
 ``FusedLinear(in_features, [n_q, n_k, n_v])`` holds one weight [sum(n), K] so q/k/v (and
 gate/up) run as one matmul; checkpoints load each part (shard) into its rows.
 
-Int4: :meth:`FusedLinear.quantize_` (RTN on load) or :meth:`set_int4_shard` (GPTQ/AWQ
-imports) replace the dense weight by int4 parts run through ``minikernels.ops.int4_matmul``.
+Int4: :meth:`FusedLinear.quantize_int4_` (RTN of the dense weight in place; the hook
+``mk.quantize_model`` calls), :meth:`quantize_shard_` (RTN of one checkpoint part as it is
+read, so no dense weight is ever allocated) or :meth:`set_int4_shard` (GPTQ/AWQ imports)
+replace the dense weight by int4 parts run through ``minikernels.ops.int4_matmul``.
+RTN groups run along K within a row, so quantizing q, k and v apart and concatenating
+them is bit-identical to quantizing the fused weight.
 Parts with the same input permutation (GPTQ act-order) are merged into one matmul;
 otherwise each part runs on its own and the outputs are concatenated.
 
@@ -14,6 +18,7 @@ column perm[j]) — :class:`minikernels.quant.Int4Weight` and plain namespaces a
 """
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from typing import Any
 
@@ -21,6 +26,40 @@ import torch
 from torch import Tensor, nn
 
 from .. import ops
+
+logger = logging.getLogger("minikernels")
+
+# Rows per quantize_int4 call: bounds its fp32 temporaries (~20 bytes per element) to a few
+# hundred MB even for a 128k-row lm_head. Rows are independent, so chunking is exact.
+_RTN_CHUNK_ELEMENTS = 1 << 24
+
+
+def pick_group_size(k: int, group_size: int) -> int:
+    """group_size if it divides K, else the largest power-of-two divisor >= 32, else -1."""
+    if group_size == -1 or k % group_size == 0:
+        return group_size
+    g = group_size
+    while g >= 32:
+        if k % g == 0:
+            return g
+        g //= 2
+    return -1
+
+
+def rtn_int4(weight: Tensor, group_size: int, symmetric: bool = False) -> Any:
+    """RTN int4 of ``weight`` [N, K] (``minikernels.quant.quantize_int4``) in row chunks,
+    on the weight's device; bit-identical to one call on the whole weight."""
+    from ..quant import Int4Weight, quantize_int4
+
+    n, k = weight.shape
+    rows = max(1, _RTN_CHUNK_ELEMENTS // max(k, 1))
+    if n <= rows:
+        return quantize_int4(weight, group_size=group_size, symmetric=symmetric)
+    chunks = [quantize_int4(weight[i:i + rows], group_size=group_size, symmetric=symmetric)
+              for i in range(0, n, rows)]
+    return Int4Weight(torch.cat([c.qweight for c in chunks]),
+                      torch.cat([c.scales for c in chunks]),
+                      torch.cat([c.zeros for c in chunks]), chunks[0].group_size)
 
 
 def _perm_of(w: Any) -> Tensor | None:
@@ -179,15 +218,58 @@ class FusedLinear(nn.Module):
         return self.weight is not None or (len(self.int4_parts) > 0 and not self._pending)
 
     def quantize_(self, group_size: int = 128, symmetric: bool = False) -> None:
-        """Replace the dense weight by RTN int4 (minikernels.quant.quantize_int4)."""
+        """Replace the dense weight by RTN int4 with exactly ``group_size`` (it must divide K)."""
         if self.weight is None:
             return
-        from ..quant import quantize_int4
-
-        w = quantize_int4(self.weight.data, group_size=group_size, symmetric=symmetric)
-        self.weight = None
+        w = rtn_int4(self.weight.detach(), group_size, symmetric)
+        self.weight = None  # a tied lm_head drops only its reference; the embedding keeps it
+        self._pending = {}
         self.int4_parts = nn.ModuleList([Int4Part(w.qweight, w.scales, w.zeros,
                                                   int(w.group_size), _perm_of(w))])
+
+    def quantize_int4_(self, group_size: int = 128, symmetric: bool = False) -> bool:
+        """RTN-quantize the dense weight in place; the duck-typed hook of ``mk.quantize_model``.
+
+        A K that ``group_size`` does not divide uses the largest power-of-two divisor >= 32,
+        else per-channel groups (as ``load_model(quantization="int4")``). Returns True when
+        the layer was quantized; False when it holds no dense weight or K % 8 != 0.
+        """
+        if self.weight is None:
+            return False
+        if self.in_features % 8:
+            logger.info("minikernels: linear with K=%d left dense (int4 needs K %% 8 == 0)",
+                        self.in_features)
+            return False
+        self.quantize_(pick_group_size(self.in_features, group_size), symmetric)
+        return True
+
+    def quantize_shard_(self, shard: int | None, tensor: Tensor, group_size: int = 128,
+                        symmetric: bool = False) -> None:
+        """RTN-quantize a dense checkpoint part ([n, K] of part ``shard``; None = the whole
+        [out_features, K] weight) straight into int4, without a dense weight in the layer.
+
+        Quantization runs on ``tensor``'s device; the caller drops ``tensor`` afterwards, so
+        a streaming loader holds one dense tensor at a time. ``group_size`` is used as
+        given (pick it with :func:`pick_group_size`). Parts may arrive in any order; the
+        layer is ready once all have.
+        """
+        if self.weight is not None:
+            raise ValueError("this layer holds a dense weight; load it with load_shard")
+        if shard is None:
+            expected = (self.out_features, self.in_features)
+        else:
+            start, stop = self.shard_rows(shard)
+            expected = (stop - start, self.in_features)
+        if tuple(tensor.shape) != expected:
+            raise ValueError(f"shape mismatch: expected {list(expected)}, got "
+                             f"{list(tensor.shape)}")
+        w = rtn_int4(tensor.detach(), group_size, symmetric)
+        if shard is None:
+            self._pending = {}
+            self.int4_parts = nn.ModuleList([Int4Part(w.qweight, w.scales, w.zeros,
+                                                      int(w.group_size), _perm_of(w))])
+        else:
+            self.set_int4_shard(shard, w)
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: Tensor) -> Tensor:

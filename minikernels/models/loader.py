@@ -13,7 +13,11 @@ Quantization:
                           (then its int4 weights load onto the int4 kernels)
     quantization="int4"   RTN int4 (group 128, asymmetric) of every linear layer on load;
                           lm_head too only with quantize_lm_head=True. A GPTQ/AWQ
-                          checkpoint loads as is.
+                          checkpoint loads as is. Streaming: the linear layers are built
+                          without dense weights and each checkpoint tensor is quantized on
+                          the target device as soon as it is read, then dropped, so the
+                          peak is the int4 model plus one dense tensor (built-in names:
+                          one random dense layer at a time).
     "gptq" / "awq"        insist that the checkpoint is in that format.
 """
 from __future__ import annotations
@@ -31,7 +35,7 @@ from torch import Tensor
 
 from .config import DecoderConfig, UnsupportedModelError, builtin_config, list_models
 from .decoder import CausalLM
-from .linear import FusedLinear
+from .linear import FusedLinear, pick_group_size
 
 logger = logging.getLogger("minikernels")
 
@@ -201,38 +205,35 @@ def _checkpoint_quant(config: DecoderConfig) -> dict[str, Any] | None:
     return out
 
 
-def _pick_group_size(k: int, group_size: int) -> int:
-    """group_size if it divides K, else the largest power-of-two divisor >= 32, else -1."""
-    if group_size == -1 or k % group_size == 0:
-        return group_size
-    g = group_size
-    while g >= 32:
-        if k % g == 0:
-            return g
-        g //= 2
-    return -1
+_pick_group_size = pick_group_size  # the name this module used before
+
+
+def _rtn_group(name: str, k: int, group_size: int) -> int:
+    g = pick_group_size(k, group_size)
+    if g != group_size:
+        logger.info("minikernels: %s has K=%d, not a multiple of %d; using group_size %d",
+                    name, k, group_size, g)
+    return g
 
 
 def quantize_linears(model: CausalLM, group_size: int = 128, symmetric: bool = False,
                      quantize_lm_head: bool = False) -> None:
-    """RTN-quantize the model's dense linear layers in place (int4, canonical layout)."""
-    for name, lin in model.linear_layers():
-        if lin.is_int4 or (name == "lm_head" and not quantize_lm_head):
-            continue
-        g = _pick_group_size(lin.in_features, group_size)
-        if g != group_size:
-            logger.info("minikernels: %s has K=%d, not a multiple of %d; using group_size %d",
-                        name, lin.in_features, group_size, g)
-        if name == "lm_head" and model.config.tie_word_embeddings:
-            # Tied: the embedding keeps the dense table; lm_head gets its own int4 copy.
-            from ..quant import quantize_int4
+    """RTN-quantize the model's dense linear layers in place (int4, canonical layout).
 
-            w = quantize_int4(lin.weight.data, group_size=g, symmetric=symmetric)
-            lin.weight = None
-            lin._pending = {0: w}
-            lin._merge_pending()
+    A tied lm_head gets its own int4 copy; the embedding keeps the dense table.
+    """
+    for name, lin in model.linear_layers():
+        if lin.weight is None or (name == "lm_head" and not quantize_lm_head):
             continue
-        lin.quantize_(g, symmetric)
+        _rtn_group(name, lin.in_features, group_size)  # logs a fallback
+        lin.quantize_int4_(group_size, symmetric)
+
+
+def _streams_rtn(name: str, config: DecoderConfig, quantize_lm_head: bool) -> bool:
+    """Whether RTN-on-load quantizes this linear as its tensors arrive."""
+    if name != "lm_head":
+        return True
+    return quantize_lm_head and not config.tie_word_embeddings
 
 
 # --------------------------------------------------------------------------- loading
@@ -255,8 +256,15 @@ def _load_hf(model_dir: str, dtype: str | torch.dtype, device: torch.device,
         found = ckpt_quant["method"] if ckpt_quant else "a dense checkpoint"
         raise CheckpointError(f"quantization={quantization!r} but {model_dir} is {found}")
 
-    model = CausalLM(config, dtype=torch_dtype, device=device, dense=ckpt_quant is None)
+    # RTN on load streams: no dense weight is allocated for the linears it quantizes.
+    rtn = quantization == "int4" and ckpt_quant is None
+    model = CausalLM(config, dtype=torch_dtype, device=device,
+                     dense=ckpt_quant is None and not rtn,
+                     dense_lm_head=not (rtn and quantize_lm_head))
     modules = dict(model.named_modules())
+    stream = {name for name, mod in modules.items() if isinstance(mod, FusedLinear) and rtn
+              and _streams_rtn(name, config, quantize_lm_head)}
+    groups: dict[str, int] = {}
     params = {n: p for n, p in model.named_parameters()}
 
     # What must arrive: every dense tensor, every int4 part.
@@ -266,7 +274,7 @@ def _load_hf(model_dir: str, dtype: str | torch.dtype, device: torch.device,
             if name == "lm_head" and config.tie_word_embeddings:
                 continue
             for s in range(len(mod.output_sizes)):
-                if mod.weight is not None:
+                if mod.weight is not None or name in stream:
                     expected.add((name, s, "weight"))
                 else:
                     expected.add((name, s, "qweight"))
@@ -308,6 +316,21 @@ def _load_hf(model_dir: str, dtype: str | torch.dtype, device: torch.device,
                                                   "config.json has no quantization_config")
                         pending_q.setdefault((mod_name, shard), {})[kind] = tensor.to(device)
                         seen.add((mod_name, shard, "qweight" if kind == "qweight" else kind))
+                        continue
+                    if kind == "weight" and mod_name in stream:
+                        # RTN on load: quantize this part on the device, drop the dense copy.
+                        g = groups.get(mod_name)
+                        if g is None:
+                            g = groups[mod_name] = _rtn_group(mod_name, mod.in_features,
+                                                              group_size)
+                        dense = tensor.to(device=device, dtype=torch_dtype)
+                        del tensor
+                        try:
+                            mod.quantize_shard_(shard, dense, g)
+                        except ValueError as exc:
+                            raise CheckpointError(f"{where}: {exc}") from None
+                        del dense
+                        seen.add((mod_name, shard, kind))
                         continue
                     if kind == "weight" and mod.weight is None and not mod.int4_parts and \
                             not mod._pending:
@@ -400,18 +423,38 @@ def _import_int4(model: CausalLM, modules: dict[str, Any],
             raise CheckpointError(f"{mod_name}: int4 parts incomplete")
 
 
-def _init_dummy(model: CausalLM, seed: int) -> None:
-    """Deterministic random weights (by seed, per device): N(0, 0.02) matrices, unit norms."""
+def _init_dummy(model: CausalLM, seed: int, group_size: int | None = None,
+                symmetric: bool = False) -> None:
+    """Deterministic random weights (by seed, per device): N(0, 0.02) matrices, unit norms.
+
+    A linear built without a dense weight (RTN int4 on load; ``group_size`` given) draws its
+    dense weight into a temporary, quantizes it and drops it, one layer at a time. The
+    draws follow ``named_parameters()`` order of the dense model, so the int4 model equals
+    the dense model of the same seed quantized afterwards.
+    """
     gen = torch.Generator(device=model.device)
     gen.manual_seed(seed)
+    seen: set[int] = set()
     with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("bias"):
-                p.normal_(0.0, 0.02, generator=gen)
-            elif p.dim() == 1:
-                p.fill_(1.0)
-            else:
-                p.normal_(0.0, 0.02, generator=gen)
+        for mod_name, mod in model.named_modules():
+            if isinstance(mod, FusedLinear) and mod.weight is None and not mod.is_ready:
+                if group_size is None:
+                    raise ValueError(f"{mod_name} has no dense weight to initialize")
+                w = torch.empty(mod.out_features, mod.in_features, dtype=model.dtype,
+                                device=model.device).normal_(0.0, 0.02, generator=gen)
+                mod.quantize_shard_(None, w, _rtn_group(mod_name, mod.in_features,
+                                                        group_size), symmetric)
+                del w
+            for p_name, p in mod.named_parameters(recurse=False):
+                if id(p) in seen:
+                    continue
+                seen.add(id(p))
+                if p_name.endswith("bias"):
+                    p.normal_(0.0, 0.02, generator=gen)
+                elif p.dim() == 1:
+                    p.fill_(1.0)
+                else:
+                    p.normal_(0.0, 0.02, generator=gen)
 
 
 def load_model(model: str, dtype: str | torch.dtype = "bfloat16",
@@ -441,9 +484,11 @@ def load_model(model: str, dtype: str | torch.dtype = "bfloat16",
             raise ValueError(f"built-in model {model!r} has dummy dense weights; "
                              "use quantization='int4' to quantize them")
         config = builtin_config(model)
-        m = CausalLM(config, dtype=parse_dtype(dtype, config, dev), device=dev)
-        _init_dummy(m, seed)
-        if quantization == "int4":
+        rtn = quantization == "int4"
+        m = CausalLM(config, dtype=parse_dtype(dtype, config, dev), device=dev, dense=not rtn,
+                     dense_lm_head=not (rtn and quantize_lm_head))
+        _init_dummy(m, seed, group_size if rtn else None)
+        if rtn:  # what did not stream: a tied lm_head (quantize_lm_head)
             quantize_linears(m, group_size, quantize_lm_head=quantize_lm_head)
     elif os.path.exists(model):
         raise CheckpointError(f"{model} is not a directory (expected a HF model directory)")
