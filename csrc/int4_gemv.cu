@@ -155,10 +155,12 @@ int4_gemv_kernel(T* __restrict__ y, const T* __restrict__ x, const uint32_t* __r
           xv[u][mt][j] = (valid[u] && m < M) ? ldg16(xp + 8 * j) : make_uint4(0, 0, 0, 0);
       }
     }
-    // ---- dequantize and multiply
+    // ---- dequantize and multiply. mma.sync is warp-collective: skip only whole chunks
+    // (warp-uniform). In a K tail chunk (K % 128 != 0) lanes with k >= K still join the
+    // MMAs, with a = 0 (zero words, scale 0, zero-point 0: no scale/zero read) and b = 0.
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
-      if (!valid[u]) continue;
+      if (c0 + u >= chunks) continue;
       const int k = (c0 + u) * kChunkK + 32 * t;
       const uint32_t wa_w[4] = {wa[u].x, wa[u].y, wa[u].z, wa[u].w};
       const uint32_t wb_w[4] = {wb[u].x, wb[u].y, wb[u].z, wb[u].w};
@@ -166,11 +168,16 @@ int4_gemv_kernel(T* __restrict__ y, const T* __restrict__ x, const uint32_t* __r
 #pragma unroll
       for (int j = 0; j < 4; ++j) {
         if (j == 0 || !kGroup32) {
-          const int grp = (k + 8 * j) / group;
-          sa = Tr::from_raw(sa_row[grp]);
-          sb = Tr::from_raw(sb_row[grp]);
-          mza = Tr::pair(Tr::kMagicValue + Tr::to_float(za_row[grp]));
-          mzb = Tr::pair(Tr::kMagicValue + Tr::to_float(zb_row[grp]));
+          if (valid[u]) {
+            const int grp = (k + 8 * j) / group;
+            sa = Tr::from_raw(sa_row[grp]);
+            sb = Tr::from_raw(sb_row[grp]);
+            mza = Tr::pair(Tr::kMagicValue + Tr::to_float(za_row[grp]));
+            mzb = Tr::pair(Tr::kMagicValue + Tr::to_float(zb_row[grp]));
+          } else {
+            sa = sb = Tr::pair(0.f);
+            mza = mzb = Tr::pair(Tr::kMagicValue);
+          }
         }
 #pragma unroll
         for (int step = 0; step < 2; ++step) {

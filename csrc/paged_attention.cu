@@ -20,6 +20,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <atomic>
 #include <cstdint>
 
 #include "launchers.h"
@@ -374,12 +375,18 @@ cudaError_t launch_decode(const Params& p, int batch, int kv_heads, cudaStream_t
   auto kernel = paged_decode_kernel<T, D, GP>;
   constexpr size_t smem = L::kBytes;
   if constexpr (smem > 48 * 1024) {
-    static bool configured = false;  // once per instantiation (the attribute is per device;
-    if (!configured) {               // multi-GPU processes set it on first use of each)
-      const cudaError_t err = cudaFuncSetAttribute(
-          kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+    // The attribute is per device (context): remember it per device, not per process (a
+    // single static flag left every device but the first unconfigured -> launch failure).
+    static std::atomic<uint64_t> configured{0};  // bit d: set on device d (d < 64)
+    int dev = 0;
+    cudaError_t err = cudaGetDevice(&dev);
+    if (err != cudaSuccess) return err;
+    const uint64_t bit = dev < 64 ? (uint64_t{1} << dev) : 0;
+    if (bit == 0 || !(configured.load(std::memory_order_relaxed) & bit)) {
+      err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                 static_cast<int>(smem));
       if (err != cudaSuccess) return err;
-      configured = true;
+      configured.fetch_or(bit, std::memory_order_relaxed);
     }
   }
   const dim3 grid(static_cast<unsigned>(batch), static_cast<unsigned>(kv_heads),

@@ -192,7 +192,7 @@ def test_gemm_kernel_emits_wgmma_on_sm90a():
 @pytest.mark.parametrize("dtype", HALF)
 @pytest.mark.parametrize("m", [1, 2, 5, 8, 9, 16])
 @pytest.mark.parametrize("n,k,g", [(4096, 4096, 128), (136, 8192, 32), (264, 1056, -1),
-                                   (128, 96, 32)])
+                                   (128, 96, 32), (40, 4192, 32), (24, 160, 40)])
 def test_cuda_kernel_large_shapes(dtype, m, n, k, g):
     if mk.backend.cuda_extension() is None:
         pytest.skip("minikernels._C not built")

@@ -85,6 +85,21 @@ def test_write_all_skipped_and_empty(backend, device):
     assert torch.equal(kc, before)
 
 
+@pytest.mark.parametrize("backend", kernel_backends())
+def test_write_strided_slot_mapping(backend, device):
+    """A slot_mapping view with stride 2 (the kernels index it flat)."""
+    kc, vc = _caches(4, 8, 2, 64, torch.float16, device)
+    kc_ref, vc_ref = kc.clone(), vc.clone()
+    k, v = _tokens(4, 2, 64, torch.float16, device, strided=False)
+    both = torch.tensor([[3, 30], [9, 31], [-1, 0], [17, 1]], device=device)
+    slots = both[:, 0]
+    assert slots.stride() == (2,)
+    reference.write_kv_cache(k, v, kc_ref, vc_ref, slots)
+    with mk.use_backend(backend):
+        mk.ops.write_kv_cache(k, v, kc, vc, slots)
+    assert torch.equal(kc, kc_ref) and torch.equal(vc, vc_ref)
+
+
 def test_write_errors(device):
     kc, vc = _caches(2, 8, 2, 64, torch.float16, device)
     k, v = _tokens(3, 2, 64, torch.float16, device, strided=False)

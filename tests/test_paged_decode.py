@@ -95,6 +95,18 @@ def test_splits_match_reference(backend, device, num_splits, split_size):
 
 
 @pytest.mark.parametrize("backend", kernel_backends())
+def test_strided_seq_lens_and_block_table(backend, device):
+    """seq_lens / block_table views with non-unit inner strides (the kernels index them flat)."""
+    q, kc, vc, bt, sl = make_case([37, 100, 5], 8, 2, 64, device=device)
+    sl_view = torch.stack([sl, torch.zeros_like(sl)], dim=1)[:, 0]          # stride (2,)
+    bt_view = bt.t().contiguous().t()                                        # stride (1, B)
+    assert sl_view.stride() == (2,) and bt_view.stride(1) != 1
+    for kw in (dict(num_splits=1), dict(num_splits=3)):
+        out = run(backend, q, kc, vc, bt_view, sl_view, **kw)
+        assert_close(out, ref(q, kc, vc, bt, sl))
+
+
+@pytest.mark.parametrize("backend", kernel_backends())
 def test_zero_length_gives_zeros(backend, device):
     case = make_case([0, 5, 0], 4, 2, 64, device=device)
     for kw in (dict(num_splits=1), dict(num_splits=3), dict(split_size=64)):

@@ -36,8 +36,8 @@ def _run_cuda(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, group_s
         return y
     if scales.dtype != x.dtype:
         scales, zeros = scales.to(x.dtype), zeros.to(x.dtype)
-    if bias is not None and bias.dtype != x.dtype:
-        bias = bias.to(x.dtype)
+    if bias is not None:
+        bias = bias.to(x.dtype).contiguous()  # the kernel reads bias[n]
     ext.int4_gemv(y, x, qweight, scales, zeros, bias, k if group_size == -1 else group_size,
                   torch.cuda.current_stream(x.device).cuda_stream)
     return y

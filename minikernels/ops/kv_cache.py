@@ -103,6 +103,8 @@ def _write_kv_cache(k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor,
                     slot_mapping: Tensor) -> None:
     which = _backend.resolve("write_kv_cache", k.device,
                              cuda_ok=lambda: _ext_has("write_kv_cache"), prefer_cuda=True)
+    if which != "reference":
+        slot_mapping = slot_mapping.contiguous()  # the kernels index slot_ptr + token
     if which == "cuda":
         if k.shape[0] > 0:
             _backend.cuda_extension().write_kv_cache(k, v, k_cache, v_cache, slot_mapping,
@@ -138,6 +140,10 @@ def _paged_decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_t
         return reference.paged_decode_attention(q, k_cache, v_cache, block_table, seq_lens,
                                                 softmax_scale, window_left,
                                                 softcap).contiguous()
+    # The kernels read seq_lens[b] and block_table[b * stride(0) + i]: unit inner strides.
+    seq_lens = seq_lens.contiguous()
+    if block_table.shape[1] > 1 and block_table.stride(1) != 1:
+        block_table = block_table.contiguous()
     grid_splits, n_rule, size_rule, use_split = plan_splits(
         q.shape[0], hkv, block_table.shape[1] * k_cache.shape[1], d, num_splits, split_size,
         q.device)
@@ -166,7 +172,8 @@ def _paged_decode_cuda(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_table:
         opart = lse = None
     _backend.cuda_extension().paged_decode_attention(
         out, q, k_cache, v_cache, block_table, seq_lens, opart, lse, float(scale),
-        float(softcap), int(window_left), int(num_splits), int(split_size), int(grid_splits),
+        float(softcap), min(int(window_left), 2**31 - 1), int(num_splits),
+        min(int(split_size), 2**30), int(grid_splits),
         _stream(q.device))
     return out
 
