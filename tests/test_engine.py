@@ -282,3 +282,31 @@ def test_seeded_sampling_survives_preemption(hf_dir):
     assert got == want
     assert_all_free(big)
     assert_all_free(small)
+
+
+def test_interrupted_step_leaves_no_unwritten_blocks_in_the_prefix_cache():
+    # Blocks are offered to the prefix cache when scheduled, before the forward writes
+    # their K/V. A forward that dies (Ctrl-C in a notebook) must not leave them cached:
+    # the next generate with the same prefix would attend over garbage.
+    llm = LLM("tiny", dtype="float32", device="cpu", num_kv_blocks=64, block_size=8)
+    eng = llm.llm_engine
+    prompt = list(range(10, 50))                       # 5 full blocks
+    greedy = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True)
+    want = llm.generate([prompt + [7]], greedy, use_tqdm=False)[0].outputs[0].token_ids
+    eng.block_manager.reset_prefix_cache()
+    real_execute = eng.runner.execute
+
+    def dies_mid_forward(batch):
+        for k_cache, v_cache in eng.runner.kv_caches:  # some layers' writes landed...
+            k_cache.fill_(float("nan"))
+            v_cache.fill_(float("nan"))
+        raise KeyboardInterrupt                        # ... then the user hit Ctrl-C
+
+    eng.runner.execute = dies_mid_forward
+    with pytest.raises(KeyboardInterrupt):
+        llm.generate([prompt + [9]], greedy, use_tqdm=False)
+    eng.runner.execute = real_execute
+    assert_all_free(llm)
+    out = llm.generate([prompt + [7]], greedy, use_tqdm=False)[0]
+    assert out.outputs[0].token_ids == want
+    assert_all_free(llm)

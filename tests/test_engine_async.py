@@ -154,3 +154,65 @@ def test_from_args_and_properties():
     for key in ("num_running", "num_waiting", "kv_usage", "kv_blocks_free", "kv_blocks_total",
                 "prompt_tokens_total", "generation_tokens_total", "tokens_per_s"):
         assert key in s
+
+
+def test_engine_error_reaches_every_stream_and_frees_blocks():
+    # A step that raises kills the loop: every waiting consumer (running, or still queued
+    # as an "add") gets EngineDeadError instead of hanging; blocks are freed; later calls
+    # fail fast.
+    from minikernels.engine.async_llm import EngineDeadError
+
+    llm = LLM("tiny", dtype="float32", device="cpu", num_kv_blocks=64, block_size=16)
+    eng = llm.llm_engine
+    real_step, calls = eng.step, []
+
+    def step():
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("boom")
+        return real_step()
+
+    eng.step = step
+
+    async def consume(engine, rid):
+        try:
+            await asyncio.wait_for(collect(engine, [1, 2, 3], SamplingParams(
+                max_tokens=50, **GREEDY), rid), timeout=20)
+        except EngineDeadError as exc:
+            return exc
+        return None
+
+    async def main():
+        engine = AsyncLLM(llm)
+        errs = await asyncio.gather(*(consume(engine, f"r{i}") for i in range(4)))
+        assert engine.errored and not engine.is_running
+        with pytest.raises(EngineDeadError):
+            await collect(engine, [1], SamplingParams(max_tokens=2), "late")
+        await engine.abort("r0")       # returns (nothing to do), never hangs
+        await engine.shutdown()
+        return errs, engine.stats()
+
+    errs, stats = run(main())
+    assert all(isinstance(e, EngineDeadError) for e in errs), errs
+    assert stats["kv_blocks_free"] == stats["kv_blocks_total"]
+    eng.check_no_leaks()
+
+
+def test_commands_racing_the_end_of_the_loop_are_answered(llm):
+    # generate / abort check that the loop is alive, then send; if the loop ends in
+    # between, the command must still be answered (it used to sit in the queue forever).
+    async def main():
+        engine = AsyncLLM(llm)
+        await collect(engine, [1, 2], SamplingParams(max_tokens=2, **GREEDY), "warm")
+        thread = engine._thread
+        await engine.shutdown()
+        assert not thread.is_alive()
+        engine._ensure_started = lambda: None        # the check passed just before the end
+        with pytest.raises(RuntimeError, match="stopped"):
+            await asyncio.wait_for(collect(engine, [3, 4], SamplingParams(max_tokens=2),
+                                           "late"), timeout=10)
+        thread.is_alive = lambda: True               # likewise for abort's check
+        await asyncio.wait_for(engine.abort("late"), timeout=10)
+        return engine.num_waiting()
+
+    assert run(main()) == 0

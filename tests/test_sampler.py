@@ -38,6 +38,9 @@ def seq_for(params: SamplingParams, prompt=(1, 2, 3), output=(), sampler: Sample
     (dict(min_tokens=5, max_tokens=2), ValueError, "min_tokens"),
     (dict(n=0), ValueError, "n"),
     (dict(seed="x"), TypeError, "seed"),
+    (dict(seed=2**64), ValueError, "seed"),
+    (dict(seed=2**64 - 1, n=2), ValueError, "seed"),
+    (dict(seed=-2**63 - 1), ValueError, "seed"),
     (dict(presence_penalty=3.0), ValueError, "presence_penalty"),
     (dict(frequency_penalty=-2.5), ValueError, "frequency_penalty"),
     (dict(repetition_penalty=0.0), ValueError, "repetition_penalty"),
@@ -47,6 +50,8 @@ def seq_for(params: SamplingParams, prompt=(1, 2, 3), output=(), sampler: Sample
     (dict(stop_token_ids=[-1]), ValueError, "stop_token_ids"),
     (dict(ignore_eos=1), TypeError, "ignore_eos"),
     (dict(temperature=float("nan")), ValueError, "temperature"),
+    (dict(temperature=float("inf")), ValueError, "temperature"),
+    (dict(repetition_penalty=float("inf")), ValueError, "repetition_penalty"),
 ])
 def test_bad_sampling_params_name_the_field(kwargs, exc, field):
     with pytest.raises(exc, match=rf"SamplingParams\.{field}"):
@@ -171,3 +176,21 @@ def test_extra_logit_columns_are_ignored():
     logits[:, V + 1] = 100.0   # padded vocab column must never be picked
     logits[:, 5] = 1.0
     assert s(logits, [seq_for(SamplingParams(temperature=0))] * 2).token_ids == [5, 5]
+
+
+def test_out_of_range_top_k_top_p_and_logprobs_do_not_break_the_batch():
+    # A huge top_k (HTTP allows any int) must mean "all tokens", not overflow the int64
+    # tensor and kill the step; a top_p that rounds to 0 in fp32 must keep the argmax
+    # (not mask every token -> NaN -> token 0); logprobs > vocab returns the whole vocab.
+    s = Sampler(V)
+    logits = logits_batch(3, seed=7)
+    seqs = [seq_for(SamplingParams(temperature=1.0, top_k=2**70, seed=1), sampler=s),
+            seq_for(SamplingParams(temperature=1.0, top_p=1e-300)),
+            seq_for(SamplingParams(temperature=0, logprobs=10 * V))]
+    out = s(logits, seqs)
+    ref = s(logits[:1], [seq_for(SamplingParams(temperature=1.0, seed=1), sampler=s)])
+    assert out.token_ids[0] == ref.token_ids[0]
+    assert out.token_ids[1] == int(logits[1].argmax())
+    assert out.token_ids[2] == int(logits[2].argmax())
+    _, rank, top_ids, top_lps = out.logprobs[2]
+    assert rank == 1 and len(top_ids) == len(top_lps) == V

@@ -1,6 +1,7 @@
 """Scheduler: token budget, chunked prefill mixed with decode, preemption; step metadata."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 from minikernels.engine.block_manager import BlockManager
@@ -134,3 +135,21 @@ def test_graph_buckets():
     assert pick_graph_size(3, sizes) == 4
     assert pick_graph_size(17, sizes) == 32
     assert pick_graph_size(257, sizes) is None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_pinned_upload_is_not_overwritten_before_the_device_reads_it():
+    # A step of non-final prefill chunks samples nothing, so nothing syncs the device
+    # before the next step refills the pinned staging buffer: the uploader must wait for
+    # its previous (asynchronous) copy first.
+    from minikernels.engine.model_runner import _PinnedUploader
+
+    up = _PinnedUploader(torch.device("cuda"))
+    a = torch.arange(4096, dtype=torch.int64)
+    up(a)
+    torch.cuda.synchronize()
+    torch.cuda._sleep(500_000_000)      # keep the stream busy: the next copy is queued
+    first = up(a)
+    second = up(a + 1)                  # refills the staging buffer
+    torch.cuda.synchronize()
+    assert torch.equal(first.cpu(), a) and torch.equal(second.cpu(), a + 1)

@@ -226,6 +226,23 @@ def test_errors_then_still_serving(client, server, engine):
     _wait_all_free(engine)
 
 
+def test_extreme_sampling_values_do_not_kill_the_engine(client, engine):
+    # top_k has no upper bound in the API and top_p only > 0: a huge top_k used to
+    # overflow the sampler's int64 tensor (killing the engine thread: every later request
+    # 503), a top_p that rounds to 0 in fp32 masked every token (garbage token 0).
+    r = client.completions.create(model=MODEL, prompt="hello world", max_tokens=4,
+                                  temperature=0.8, seed=1, extra_body={"top_k": 2 ** 70})
+    assert r.choices[0].finish_reason in ("stop", "length")
+    greedy = client.completions.create(model=MODEL, prompt="hello world", max_tokens=4,
+                                       **GREEDY)
+    r = client.completions.create(model=MODEL, prompt="hello world", max_tokens=4,
+                                  temperature=1.0, top_p=1e-300,
+                                  extra_body={"ignore_eos": True})
+    assert r.choices[0].text == greedy.choices[0].text
+    assert not engine.errored
+    _wait_all_free(engine)
+
+
 def test_overload_429(server, engine):
     saved = engine.max_queue
     engine.max_queue = 1

@@ -377,6 +377,28 @@ def test_bad_chat_requests_400(server, body):
     assert r.json()["error"]["type"] == "invalid_request_error"
 
 
+def test_null_fields_mean_default_and_errors_name_stream_fields(server):
+    # OpenAI's optional fields are nullable; clients that send null must get the default.
+    nulls = {"n": None, "stream": None, "echo": None, "logprobs": None, "max_tokens": None,
+             "stop": None, "ignore_eos": None, "stream_options": None}
+    r = httpx.post(server.base_url + "/v1/completions", headers=_auth(),
+                   json={"model": MODEL, "prompt": "x", **nulls})
+    assert r.status_code == 200, r.text
+    assert len(r.json()["choices"]) == 1 and r.json()["choices"][0]["text"]
+    r = httpx.post(server.base_url + "/v1/chat/completions", headers=_auth(),
+                   json={"model": MODEL, "messages": [{"role": "user", "content": "x"}],
+                         "n": None, "stream": None, "logprobs": None, "max_tokens": 3,
+                         "add_generation_prompt": None, "response_format": None})
+    assert r.status_code == 200, r.text
+    # pydantic's union labels are dropped from the error path, field names never are
+    for body, param in (({"stream": "maybe"}, "stream"),
+                        ({"stream": True, "stream_options": {"include_usage": "x"}},
+                         "stream_options.include_usage")):
+        r = httpx.post(server.base_url + "/v1/completions", headers=_auth(),
+                       json={"model": MODEL, "prompt": "x", **body})
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+
+
 def test_malformed_json_and_unknown_route(server, client):
     for raw in (b"{not json", b"[1, 2]", b"\xff\xfe", b""):
         r = httpx.post(server.base_url + "/v1/chat/completions", content=raw,

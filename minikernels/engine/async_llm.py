@@ -120,6 +120,10 @@ class AsyncLLM:
         self._pending_lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._stopping = False
+        # Set (under _send_lock) when the engine loop stops taking commands; a command
+        # sent after that is answered at once instead of waiting forever.
+        self._closed = False
+        self._send_lock = threading.Lock()
         self._dead: BaseException | None = None
         self._stats: dict[str, Any] = self.engine.stats()
 
@@ -175,8 +179,23 @@ class AsyncLLM:
             self._thread.start()
 
     def _send(self, cmd: tuple) -> None:
-        self._cmds.put(cmd)
-        self._wakeup.set()
+        with self._send_lock:
+            if not self._closed:
+                self._cmds.put(cmd)
+                self._wakeup.set()
+                return
+        self._refuse(cmd)  # the loop already ended (e.g. right after our liveness check)
+
+    def _refuse(self, cmd: tuple) -> None:
+        """Answer a command the engine loop will never run."""
+        if cmd[0] == "add":
+            with self._pending_lock:
+                self._pending -= 1
+            cmd[5].post(error=EngineDeadError(
+                f"the engine loop stopped on an error: {self._dead!r}"
+                if self._dead is not None else "the engine stopped"))
+        elif cmd[0] == "abort" and cmd[2] is not None and not cmd[2].done():
+            cmd[2].set_result(False)
 
     def _drain(self) -> None:
         while True:
@@ -234,22 +253,35 @@ class AsyncLLM:
                 stream.post(error=err)
             self._engine_streams.clear()
         finally:
-            # Shut down (or died): finish every request and answer pending commands.
+            # Shut down (or died): finish every request, then answer pending (and later)
+            # commands. Each abort is guarded: after an error the engine state may be
+            # broken, and nobody may be left waiting because of that.
             for rid in list(engine.requests):
-                req = engine.abort_request(rid)
                 stream = self._engine_streams.pop(rid, None)
-                if stream is not None and req is not None:
-                    stream.post(req.to_output())
+                try:
+                    req = engine.abort_request(rid)
+                    if stream is not None and req is not None:
+                        stream.post(req.to_output())
+                        stream = None
+                except Exception:  # noqa: BLE001
+                    logger.exception("abort of %s failed while stopping", rid)
+                if stream is not None:
+                    stream.post(error=EngineDeadError("the engine stopped"))
+            for stream in self._engine_streams.values():
+                stream.post(error=EngineDeadError("the engine stopped"))
+            self._engine_streams.clear()
+            with self._send_lock:
+                self._closed = True
             while True:
                 try:
                     cmd = self._cmds.get_nowait()
                 except queue.Empty:
                     break
-                if cmd[0] == "add":
-                    cmd[5].post(error=EngineDeadError("the engine stopped"))
-                elif cmd[0] == "abort" and cmd[2] is not None and not cmd[2].done():
-                    cmd[2].set_result(False)
-            self._stats = engine.stats()
+                self._refuse(cmd)
+            try:
+                self._stats = engine.stats()
+            except Exception:  # noqa: BLE001
+                pass
 
     # ------------------------------------------------------------------ public API
     async def generate(self, prompt: str | list[int], params: SamplingParams,

@@ -177,6 +177,8 @@ class LLMEngine:
                                                          params.skip_special_tokens)
                 seq.stop_hold = hold if params.stop_strings else 0
             req.seqs.append(seq)
+        # Queue only once every sequence is built: a failure above queues nothing.
+        for seq in req.seqs:
             self.scheduler.add(seq)
         self.requests[request_id] = req
         self.prompt_tokens_total += len(ids)
@@ -203,7 +205,14 @@ class LLMEngine:
         batch = self.scheduler.schedule()
         if batch.is_empty:
             return []
-        logits, rows = self.runner.execute(batch)
+        try:
+            logits, rows = self.runner.execute(batch)
+        except BaseException:
+            # schedule() offered this step's full blocks to the prefix cache before the
+            # forward wrote their K/V; a forward that did not finish (error, Ctrl-C) must
+            # not leave them there for later requests to hit.
+            self.block_manager.reset_prefix_cache()
+            raise
         sample_seqs = [batch.seqs[r] for r in rows]
         out = self.sampler(logits, sample_seqs, sorted(self.eos_token_ids)) \
             if sample_seqs else None

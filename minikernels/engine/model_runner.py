@@ -159,22 +159,32 @@ def build_step_inputs(batch: ScheduledBatch, block_size: int, num_blocks: int,
 class _PinnedUploader:
     """Host->device copies through one reusable pinned buffer (grown on demand).
 
-    Reuse is safe because every engine step ends with a device->host sync (the sampled
-    tokens), after which the previous upload has completed.
+    The copy is asynchronous, so before the buffer is overwritten we wait for the event
+    recorded after the previous copy. Usually that is already done (a step that samples
+    ends with a device->host sync), but a step of non-final prefill chunks samples
+    nothing and does not sync: without the wait, the next step could overwrite inputs the
+    device has not read yet.
     """
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self.buf = torch.empty(0, dtype=torch.int64)
+        self.copied: torch.cuda.Event | None = None   # recorded after the last copy
 
     def __call__(self, host: Tensor) -> Tensor:
         n = host.numel()
+        if self.copied is not None:
+            self.copied.synchronize()
         if self.buf.numel() < n:
             self.buf = torch.empty(max(n, 2 * self.buf.numel(), 1 << 16), dtype=torch.int64,
                                    pin_memory=True)
         staged = self.buf[:n]
         staged.copy_(host)
-        return staged.to(self.device, non_blocking=True)
+        out = staged.to(self.device, non_blocking=True)
+        if self.copied is None:
+            self.copied = torch.cuda.Event()
+        self.copied.record(torch.cuda.current_stream(self.device))
+        return out
 
 
 class _DecodeGraphs:

@@ -115,6 +115,7 @@ class Sampler:
             cum = torch.cumsum(sorted_p, dim=1)
             # Drop a token when the tokens before it already reach top_p (first one kept).
             drop_sorted = (cum - sorted_p) >= top_p[:, None]
+            drop_sorted[:, 0] = False  # also when top_p rounds to 0 in fp32 (e.g. 1e-300)
             drop = torch.zeros_like(drop_sorted).scatter_(1, idx, drop_sorted)
             logits = logits.masked_fill(drop, float("-inf"))
         return logits
@@ -153,7 +154,9 @@ class Sampler:
                                  logits.dtype)
             scaled = logits / temps[:, None]
             if any(p.uses_top_k for p in params):
-                top_k = self._tensor([p.top_k if p.uses_top_k else 1 for p in params],
+                # Clamped on the host: top_k > vocab means "all" (and must not overflow).
+                V = scaled.shape[1]
+                top_k = self._tensor([min(p.top_k, V) if p.uses_top_k else 1 for p in params],
                                      torch.int64)
                 use = self._tensor([p.uses_top_k for p in params], torch.bool)
                 scaled = self._top_k_mask(scaled, top_k, use)
@@ -182,7 +185,7 @@ class Sampler:
 
         if raw_logprobs is None:
             return SamplerOutput(token_ids=tokens.tolist())
-        n_top = max(n for n in want_lp if n is not None)
+        n_top = min(max(n for n in want_lp if n is not None), raw_logprobs.shape[1])
         chosen = raw_logprobs.gather(1, tokens[:, None])
         ranks = (raw_logprobs > chosen).sum(dim=1) + 1
         if n_top > 0:

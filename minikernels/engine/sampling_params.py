@@ -82,6 +82,10 @@ class SamplingParams:
             raise ValueError(f"SamplingParams.min_p must be in [0, 1], got {self.min_p}")
         if self.seed is not None:
             self._check_int("seed", self.seed)
+            # Sample i uses seed + i; torch generators take [-2**63, 2**64 - 1].
+            if not -2 ** 63 <= self.seed <= 2 ** 64 - self.n:
+                raise ValueError(f"SamplingParams.seed must be in [-2**63, 2**64 - n], got "
+                                 f"{self.seed}")
         if self.max_tokens is not None:
             self._check_int("max_tokens", self.max_tokens, low=1)
         self._check_int("min_tokens", self.min_tokens, low=0)
@@ -146,6 +150,8 @@ class SamplingParams:
                             f"{type(value).__name__} ({value!r})")
         if value != value:  # NaN
             raise ValueError(f"SamplingParams.{name} must not be NaN")
+        if value in (float("inf"), float("-inf")):  # e.g. -inf logits / inf temperature = NaN
+            raise ValueError(f"SamplingParams.{name} must be finite, got {value}")
         if low is not None and value < low:  # type: ignore[operator]
             raise ValueError(f"SamplingParams.{name} must be >= {low}, got {value}")
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 from typing import Any, Literal, Optional, Union
 
 from pydantic import (BaseModel, ConfigDict, Field, StrictInt, ValidationError,
-                      field_validator)
+                      field_validator, model_validator)
 
 MAX_N = 64            # choices per request (each one is an engine request)
 MAX_TOP_LOGPROBS = 20
@@ -43,7 +43,8 @@ def validation_to_api_error(exc: ValidationError) -> APIError:
     err = exc.errors()[0]
     # drop pydantic's union-branch labels such as "str" / "list[int]" from the path
     loc = [str(p) for p in err.get("loc", ())
-           if not str(p).startswith(("list[", "str", "int", "function-", "dict["))]
+           if str(p) not in ("str", "int") and not str(p).startswith(
+               ("list[", "function-", "dict["))]   # (not "stream"/"stream_options")
     param = ".".join(loc) if loc else None
     msg = err.get("msg", "invalid request")
     return APIError(f"{param}: {msg}" if param else msg, param=param,
@@ -59,6 +60,15 @@ class _SamplingFields(BaseModel):
     """Fields shared by /v1/completions and /v1/chat/completions."""
 
     model_config = ConfigDict(extra="ignore")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_default(cls, data: Any) -> Any:
+        """OpenAI's optional fields are nullable (``"n": null``, ``"stream": null``):
+        null means the default, not an error."""
+        if isinstance(data, dict):
+            return {k: v for k, v in data.items() if v is not None}
+        return data
 
     model: Optional[str] = None
     n: int = Field(1, ge=1, le=MAX_N)
