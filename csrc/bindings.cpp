@@ -3,6 +3,7 @@
 // Python op layer. The CUDA stream comes from Python (torch.cuda.current_stream()
 // .cuda_stream) so this file needs no ATen/cuda headers and syntax-checks without a CUDA
 // build of torch.
+#include <c10/core/DeviceGuard.h>
 #include <torch/extension.h>
 
 #include "launchers.h"
@@ -29,6 +30,7 @@ void check(cudaError_t err, const char* what) {
 void rms_norm(at::Tensor y, const at::Tensor& x, const at::Tensor& weight, double eps,
               const c10::optional<at::Tensor>& residual,
               const c10::optional<at::Tensor>& residual_out, int64_t stream) {
+  const c10::DeviceGuard device_guard(x.device());  // launch on the tensors' GPU
   const bool has_res = residual.has_value();
   check(minikernels::launch_rms_norm(
             y.data_ptr(), has_res ? residual_out->data_ptr() : nullptr, x.data_ptr(),
@@ -44,6 +46,7 @@ void rms_norm(at::Tensor y, const at::Tensor& x, const at::Tensor& weight, doubl
 void int4_gemv(at::Tensor y, const at::Tensor& x, const at::Tensor& qweight,
                const at::Tensor& scales, const at::Tensor& zeros,
                const c10::optional<at::Tensor>& bias, int64_t group_size, int64_t stream) {
+  const c10::DeviceGuard device_guard(x.device());  // launch on the tensors' GPU
   check(minikernels::launch_int4_gemv(
             y.data_ptr(), x.data_ptr(), qweight.data_ptr(), scales.data_ptr(),
             zeros.data_ptr(), bias.has_value() ? bias->data_ptr() : nullptr, x.size(0),
@@ -57,6 +60,7 @@ void int4_gemv(at::Tensor y, const at::Tensor& x, const at::Tensor& qweight,
 // slot_mapping int32/int64 [T].
 void write_kv_cache(const at::Tensor& k, const at::Tensor& v, at::Tensor k_cache,
                     at::Tensor v_cache, const at::Tensor& slot_mapping, int64_t stream) {
+  const c10::DeviceGuard device_guard(k.device());  // launch on the tensors' GPU
   check(minikernels::launch_write_kv_cache(
             k.data_ptr(), v.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
             slot_mapping.data_ptr(), slot_mapping.scalar_type() == at::kLong, k.size(0),
@@ -75,6 +79,7 @@ void paged_decode_attention(at::Tensor out, const at::Tensor& q, const at::Tenso
                             const c10::optional<at::Tensor>& lse, double scale, double softcap,
                             int64_t window_left, int64_t num_splits, int64_t split_size,
                             int64_t grid_splits, int64_t stream) {
+  const c10::DeviceGuard device_guard(q.device());  // launch on the tensors' GPU
   check(minikernels::launch_paged_decode_attention(
             out.data_ptr(), q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
             block_table.data_ptr<int32_t>(), seq_lens.data_ptr<int32_t>(),

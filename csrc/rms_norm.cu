@@ -1,7 +1,7 @@
 // Fused (residual add +) RMSNorm.
 //
 // Algorithm: one thread block per row. Pass 1: each thread walks the row with stride
-// blockDim (8-byte or 16-byte vector loads when the row is aligned), adds the residual,
+// blockDim (scalar, coalesced loads across the block), adds the residual,
 // rounds the sum to the activation dtype, writes it as the new residual and accumulates
 // sum(h^2) in fp32. A warp-shuffle + shared-memory reduction gives rsqrt(mean + eps).
 // Pass 2: the same thread re-reads the elements it wrote (no sync needed for them),
