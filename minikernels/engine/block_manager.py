@@ -11,8 +11,9 @@ under its hash. A new sequence first looks up its prompt's full blocks: each hit
 shared (ref_count + 1) instead of recomputed. A block whose ref_count drops to 0 goes to
 the free list but keeps its hash and contents, so a later request can still hit it; it
 is evicted (hash dropped) only when the free list hands it out again, least recently
-freed first. Hits are verified against the stored token ids, so a hash collision can
-never serve wrong K/V.
+freed first. Hits are verified against the block's stored token ids, so a collision on
+a block's own tokens never serves wrong K/V; the tokens before the block are trusted to
+the chained (64-bit, non-cryptographic) hash.
 
 Accounting: every block is either in the free list (ref_count 0) or referenced by
 ``ref_count`` block-table entries of live sequences. ``check_invariants`` asserts it.
