@@ -145,3 +145,15 @@ def test_bad_sizes(bad):
         BlockManager(bad, 16)
     with pytest.raises(ValueError, match="block_size"):
         BlockManager(4, bad)
+
+
+def test_chain_hash_is_cryptographic_and_chained():
+    from minikernels.engine.block_manager import chain_hash
+
+    a = chain_hash(None, (1, 2, 3, 4))
+    assert isinstance(a, bytes) and len(a) == 32
+    assert chain_hash(None, (1, 2, 3, 4)) == a                       # deterministic
+    assert chain_hash(a, (5, 6, 7, 8)) != chain_hash(None, (5, 6, 7, 8))  # depends on prefix
+    assert chain_hash(None, (1, 2, 3, 5)) != a
+    # Python's hash(-1) == hash(-2): a tuple hash would confuse these, SHA-256 does not
+    assert chain_hash(None, (-1,)) != chain_hash(None, (-2,))

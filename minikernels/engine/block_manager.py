@@ -5,31 +5,39 @@ block table (block ids in token order); token ``t`` lives in slot
 ``block_table[t // block_size] * block_size + t % block_size``.
 
 Prefix caching. A *full* block is identified by a chained hash
-``h_i = hash((h_{i-1}, tokens of block i))``, so equal hashes mean equal whole prefixes.
+``h_i = SHA-256(h_{i-1} || tokens of block i as int64)``, so equal hashes mean equal whole
+prefixes.
 When a sequence's tokens covering a full block are scheduled, the block is registered
 under its hash. A new sequence first looks up its prompt's full blocks: each hit is
 shared (ref_count + 1) instead of recomputed. A block whose ref_count drops to 0 goes to
 the free list but keeps its hash and contents, so a later request can still hit it; it
 is evicted (hash dropped) only when the free list hands it out again, least recently
-freed first. Hits are verified against the block's stored token ids, so a collision on
-a block's own tokens never serves wrong K/V; the tokens before the block are trusted to
-the chained (64-bit, non-cryptographic) hash.
+freed first. Hits are also verified against the block's stored token ids. The tokens
+before the block are trusted to the chained hash, which is cryptographic: a predictable
+hash (Python's ``hash``) would let a crafted prompt collide with another user's prefix
+and be served its K/V.
 
 Accounting: every block is either in the free list (ref_count 0) or referenced by
 ``ref_count`` block-table entries of live sequences. ``check_invariants`` asserts it.
 """
 from __future__ import annotations
 
+import hashlib
 from collections import OrderedDict
 from typing import TYPE_CHECKING
+
+import numpy as np
 
 if TYPE_CHECKING:
     from .sequence import Sequence
 
 
-def chain_hash(prev_hash: int | None, token_ids: tuple[int, ...]) -> int:
-    """Hash of a full block given the hash of the block before it (None for the first)."""
-    return hash((prev_hash if prev_hash is not None else -1, token_ids))
+def chain_hash(prev_hash: bytes | None, token_ids: tuple[int, ...]) -> bytes:
+    """SHA-256 digest of a full block, chained to the digest of the block before it
+    (None for the first block)."""
+    h = hashlib.sha256(prev_hash if prev_hash is not None else b"\x00" * 32)
+    h.update(np.asarray(token_ids, dtype=np.int64).tobytes())
+    return h.digest()
 
 
 class Block:
@@ -38,7 +46,7 @@ class Block:
     def __init__(self, block_id: int) -> None:
         self.block_id = block_id
         self.ref_count = 0
-        self.hash: int | None = None
+        self.hash: bytes | None = None
         self.token_ids: tuple[int, ...] | None = None
 
     def __repr__(self) -> str:
@@ -65,7 +73,7 @@ class BlockManager:
         self.enable_prefix_caching = bool(enable_prefix_caching)
         self.blocks = [Block(i) for i in range(num_blocks)]
         self.free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
-        self.cached: dict[int, int] = {}  # block hash -> block id
+        self.cached: dict[bytes, int] = {}  # block hash -> block id
         # Counters (prefix-cache efficiency).
         self.num_hit_tokens = 0
         self.num_queried_tokens = 0
@@ -83,7 +91,7 @@ class BlockManager:
     def blocks_needed(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 
-    def _seq_hashes(self, seq: "Sequence", num_full_blocks: int) -> list[int]:
+    def _seq_hashes(self, seq: "Sequence", num_full_blocks: int) -> list[bytes]:
         """Extend seq.block_hashes to cover its first ``num_full_blocks`` full blocks."""
         hashes, bs = seq.block_hashes, self.block_size
         while len(hashes) < num_full_blocks:

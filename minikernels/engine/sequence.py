@@ -94,7 +94,7 @@ class Sequence:
         self.block_table: list[int] = []
         # Chained hashes of this sequence's full blocks (by content; survive preemption)
         # and how many of its current blocks were offered to the prefix cache.
-        self.block_hashes: list[int] = []
+        self.block_hashes: list[bytes] = []  # chained SHA-256 of full blocks
         self.num_registered_blocks = 0
         self.num_cached_tokens = 0       # prompt tokens served by the prefix cache
         self.status = SequenceStatus.WAITING
