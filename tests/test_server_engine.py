@@ -313,13 +313,23 @@ def test_64_concurrent_streams(server, engine):
     _wait_all_free(engine)
 
 
+def _disconnect_aborts(server) -> float:
+    text = httpx.get(server.base_url + "/metrics", timeout=10).text
+    line = next(ln for ln in text.splitlines()
+                if ln.startswith("minikernels_requests_aborted_disconnect_total"))
+    return float(line.split()[-1])
+
+
 def test_disconnects_free_kv_blocks(server, engine):
+    # Checks do not race the model's speed: a disconnect must be counted as an abort, the
+    # request must not have run to max_tokens, and every block must come back.
     for path, body, n_events in [
         ("/v1/completions", {"prompt": "hello world " * 10, "max_tokens": 200}, 3),
         ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}],
                                   "max_tokens": 200, "n": 2}, 4),
     ]:
         before = engine.stats()["generation_tokens_total"]
+        aborts = _disconnect_aborts(server)
         with httpx.Client(base_url=server.base_url, headers=_auth(), timeout=60) as http:
             with http.stream("POST", path, json={"model": MODEL, "stream": True,
                                                  "ignore_eos": True, **body}) as r:
@@ -331,14 +341,16 @@ def test_disconnects_free_kv_blocks(server, engine):
                         if got >= n_events:
                             break
         s = _wait_all_free(engine)
-        # aborted early: far fewer tokens generated than asked for
-        assert s["generation_tokens_total"] - before < 200 * body.get("n", 1) // 2, s
-    # a non-streaming client that gives up
+        assert _disconnect_aborts(server) == aborts + 1
+        assert s["generation_tokens_total"] - before < 200 * body.get("n", 1), s
+    # a non-streaming client that gives up long before 240 tokens could be generated
+    aborts = _disconnect_aborts(server)
     with pytest.raises(httpx.ReadTimeout):
-        httpx.post(server.base_url + "/v1/completions", headers=_auth(), timeout=0.5,
+        httpx.post(server.base_url + "/v1/completions", headers=_auth(), timeout=0.1,
                    json={"model": MODEL, "prompt": "x", "max_tokens": 240,
                          "ignore_eos": True})
     s = _wait_all_free(engine)
+    assert _disconnect_aborts(server) == aborts + 1
     assert s["generation_tokens_total"] > 0
 
 
