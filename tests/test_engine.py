@@ -294,18 +294,17 @@ def test_interrupted_step_leaves_no_unwritten_blocks_in_the_prefix_cache():
     greedy = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True)
     want = llm.generate([prompt + [7]], greedy, use_tqdm=False)[0].outputs[0].token_ids
     eng.block_manager.reset_prefix_cache()
-    real_execute = eng.runner.execute
 
-    def dies_mid_forward(batch):
+    def dies_mid_forward(inputs, prev_tokens=None):
         for k_cache, v_cache in eng.runner.kv_caches:  # some layers' writes landed...
             k_cache.fill_(float("nan"))
             v_cache.fill_(float("nan"))
         raise KeyboardInterrupt                        # ... then the user hit Ctrl-C
 
-    eng.runner.execute = dies_mid_forward
+    eng.runner.forward = dies_mid_forward
     with pytest.raises(KeyboardInterrupt):
         llm.generate([prompt + [9]], greedy, use_tqdm=False)
-    eng.runner.execute = real_execute
+    del eng.runner.forward                                 # back to the class method
     assert_all_free(llm)
     out = llm.generate([prompt + [7]], greedy, use_tqdm=False)[0]
     assert out.outputs[0].token_ids == want

@@ -1,30 +1,42 @@
 """LLMEngine (add requests, step, abort) and LLM (offline batched generation).
 
-One engine step::
+One engine step (``async_scheduling=False``)::
 
-    batch = scheduler.schedule()                 # which tokens run (may preempt)
-    logits, rows = runner.execute(batch)         # one forward over all of them
-    tokens = sampler(logits, seqs[rows])         # one token per sequence at its end
-    scheduler.advance(batch); append tokens; finish stopped sequences (frees blocks)
+    batch = scheduler.schedule()                  # which tokens run (may preempt)
+    step = launch(batch)                          # forward + sampling, on the device
+    finish(step)                                  # tokens to the host; stops, text; free
+
+With ``async_scheduling=True`` (overlap) the host does not wait for its own step::
+
+    batch = scheduler.schedule()                  # counts the in-flight step's tokens
+    step, in_flight = in_flight, launch(batch)    # inputs still on the device are read there
+    finish(step)                                  # the previous step, while this one runs
+
+so scheduling, input building, stop checks and detokenization of one step overlap the
+device's work on the next. See docs/engine.md ("Overlap").
 """
 from __future__ import annotations
 
+import atexit
+import gc
 import itertools
 import logging
 import time
 from collections import deque
 from collections.abc import Sequence as Seq
+from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch import Tensor
 
 from .block_manager import BlockManager
 from .model_runner import ModelRunner
 from .outputs import Logprob, RequestOutput
-from .sampler import Sampler
+from .sampler import DeviceSample, Sampler, SamplerOutput
 from .sampling_params import SamplingParams
-from .scheduler import Scheduler
-from .sequence import IncrementalDetokenizer, Request, Sequence, SequenceStatus
+from .scheduler import ScheduledBatch, Scheduler
+from .sequence import Request, Sequence, SequenceStatus
 
 logger = logging.getLogger("minikernels.engine")
 
@@ -51,6 +63,72 @@ def _check_int(name: str, value: Any, low: int) -> int:
     return value
 
 
+_unfreeze_registered = False
+
+
+def _freeze_gc_heap() -> None:
+    """gc.freeze() what exists now; unfrozen at exit so interpreter teardown still frees
+    it (extension modules check for leaks there)."""
+    global _unfreeze_registered
+    gc.collect()
+    gc.freeze()
+    if not _unfreeze_registered:
+        atexit.register(gc.unfreeze)
+        _unfreeze_registered = True
+
+
+@dataclass
+class LaunchedStep:
+    """A step whose forward and sampling were launched on the device.
+
+    seqs[i] sampled row i of ``sample``; ``host`` are the device->host copies of its
+    tensors (started, maybe not finished), ``event`` completes when they are.
+    needs_host_tokens: a sampled sequence needs its new token on the host before it can
+    be scheduled again (penalties read the output tokens), so the next step waits.
+    """
+
+    batch: ScheduledBatch
+    seqs: list[Sequence]
+    sample: DeviceSample | None
+    host: list[Tensor | None]
+    event: Any
+    needs_host_tokens: bool
+
+    def result(self) -> SamplerOutput:
+        """Wait for the device, then the sampled tokens (and logprobs) as lists."""
+        self.event.synchronize()
+        if self.sample is None:
+            return SamplerOutput(token_ids=[])
+        tokens, chosen, ranks, top_lp, top_ids = self.host
+        return DeviceSample(tokens, self.sample.want_lp, chosen, ranks, top_lp,
+                            top_ids).to_host()
+
+
+class _Throughput:
+    """Generated tokens per second over the last ``window`` seconds, O(1) per step
+    (one counter per whole second)."""
+
+    def __init__(self, window: float = 10.0) -> None:
+        self.window = window
+        self.buckets: deque[list[float]] = deque()   # [second, tokens]
+
+    def add(self, now: float, n: int) -> None:
+        sec = int(now)
+        b = self.buckets
+        if b and b[-1][0] == sec:
+            b[-1][1] += n
+        else:
+            b.append([sec, n])
+            while b and now - b[0][0] > self.window + 1:
+                b.popleft()
+
+    def rate(self, now: float) -> float:
+        recent = [(t, n) for t, n in list(self.buckets) if now - t <= self.window]
+        if len(recent) < 2:
+            return 0.0
+        return sum(n for _, n in recent) / max(now - recent[0][0], 1e-6)
+
+
 class LLMEngine:
     """The serving engine: requests in, one batched step at a time, outputs out.
 
@@ -64,13 +142,17 @@ class LLMEngine:
                  max_num_seqs: int = 256, max_num_batched_tokens: int = 8192,
                  enable_prefix_caching: bool = True, enforce_eager: bool = False,
                  device: str | torch.device | None = None, max_model_len: int | None = None,
-                 seed: int = 0, tokenizer: Any = "auto") -> None:
+                 seed: int = 0, tokenizer: Any = "auto",
+                 async_scheduling: bool | None = None) -> None:
         _check_int("block_size", block_size, 1)
         _check_int("max_num_seqs", max_num_seqs, 1)
         _check_int("max_num_batched_tokens", max_num_batched_tokens, 1)
         if max_model_len is not None:
             _check_int("max_model_len", max_model_len, 1)
         _check_int("seed", seed, 0)
+        if async_scheduling is not None and not isinstance(async_scheduling, bool):
+            raise TypeError(f"async_scheduling must be a bool or None, got "
+                            f"{type(async_scheduling).__name__}")
         if isinstance(model, torch.nn.Module):
             self.model = model
             self.model_name = getattr(model, "name_or_path", type(model).__name__)
@@ -93,15 +175,21 @@ class LLMEngine:
             # The model config's EOS ids win; the tokenizer's are a fallback only (a
             # dummy model's byte tokenizer has EOS ids that are ordinary tokens there).
             self.eos_token_ids = set(int(t) for t in tokenizer.eos_token_ids)
+        self._eos_list = sorted(self.eos_token_ids)
         self.runner = ModelRunner(self.model, block_size, num_kv_blocks,
                                   gpu_memory_utilization, max_num_seqs,
                                   max_num_batched_tokens, max_model_len, enforce_eager)
         self.device = self.runner.device
         self.max_model_len = self.runner.max_model_len
         self.block_manager = BlockManager(self.runner.num_blocks, block_size,
-                                          enable_prefix_caching)
+                                          enable_prefix_caching,
+                                          self.runner.max_blocks_per_seq)
         self.scheduler = Scheduler(self.block_manager, max_num_seqs, max_num_batched_tokens)
         self.sampler = Sampler(self.vocab_size, self.device, seed)
+        # Overlap is exact (same tokens as without it) and on by default; the flag turns
+        # it off (e.g. to measure it).
+        self.async_scheduling = True if async_scheduling is None else async_scheduling
+        self._in_flight: LaunchedStep | None = None
         self.requests: dict[str, Request] = {}
         self._seq_ids = itertools.count()
         # Counters for stats().
@@ -109,7 +197,11 @@ class LLMEngine:
         self.generation_tokens_total = 0
         self.computed_tokens_total = 0
         self.num_steps = 0
-        self._recent: deque[tuple[float, int]] = deque()
+        self._throughput = _Throughput()
+        # What exists now (weights, modules, imports) lives as long as the engine: move it
+        # out of the cyclic GC's sight so a full collection scans only per-request state
+        # (vLLM does the same). Without it a full collection pauses ~100+ ms.
+        _freeze_gc_heap()
 
     # ------------------------------------------------------------------ requests
     def tokenize(self, prompt: str | list[int]) -> tuple[str | None, list[int]]:
@@ -123,12 +215,13 @@ class LLMEngine:
         elif isinstance(prompt, (list, tuple)):
             ids = list(prompt)
             text = None
+            vocab = self.vocab_size
             for t in ids:
                 if not isinstance(t, int) or isinstance(t, bool):
                     raise TypeError(f"prompt token ids must be ints, got {type(t).__name__}")
-                if not 0 <= t < self.vocab_size:
+                if not 0 <= t < vocab:
                     raise ValueError(f"prompt token id {t} is outside the vocabulary "
-                                     f"[0, {self.vocab_size})")
+                                     f"[0, {vocab})")
         else:
             raise TypeError(f"prompt must be a str or a list of token ids, got "
                             f"{type(prompt).__name__}")
@@ -151,6 +244,7 @@ class LLMEngine:
         """Queue a request. stream=True detokenizes incrementally (for streaming text).
 
         prompt_token_ids: the already validated tokens of ``prompt`` (skips tokenizing).
+        The prompt's prefix-cache block hashes are computed here, once.
         """
         if not isinstance(request_id, str) or not request_id:
             raise TypeError(f"request_id must be a non-empty str, got {request_id!r}")
@@ -171,11 +265,13 @@ class LLMEngine:
         for i in range(params.n):
             gen = (self.sampler.make_generator(params.seed + i)
                    if params.seed is not None and not params.greedy else None)
-            seq = Sequence(next(self._seq_ids), req, i, gen)
+            seq = Sequence(next(self._seq_ids), req, i, gen, self.max_model_len)
             if incremental:
-                seq.detokenizer = IncrementalDetokenizer(self.tokenizer, ids,
-                                                         params.skip_special_tokens)
-                seq.stop_hold = hold if params.stop_strings else 0
+                seq.start_detokenizer(self.tokenizer, hold if params.stop_strings else 0)
+            if i == 0:
+                self.block_manager.hash_prompt(seq)
+            else:
+                seq.block_hashes = list(req.seqs[0].block_hashes)
             req.seqs.append(seq)
         # Queue only once every sequence is built: a failure above queues nothing.
         for seq in req.seqs:
@@ -185,7 +281,10 @@ class LLMEngine:
         return req
 
     def abort_request(self, request_id: str) -> Request | None:
-        """Stop a request now (finish_reason "abort"), freeing its blocks. None if unknown."""
+        """Stop a request now (finish_reason "abort"), freeing its blocks. None if unknown.
+
+        A step in flight may have sampled one more token for it: that token is dropped.
+        """
         req = self.requests.pop(request_id, None)
         if req is None:
             return None
@@ -197,48 +296,89 @@ class LLMEngine:
         return req
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished()
+        return self.scheduler.has_unfinished() or self._in_flight is not None
 
     # ------------------------------------------------------------------ step
     def step(self) -> list[Request]:
-        """Run one batched forward; return the requests that got new tokens or finished."""
+        """One engine step; returns the requests that got new tokens or finished.
+
+        Without overlap the step's own tokens are read back at its end. With
+        ``async_scheduling`` the step is launched, then the *previous* step's tokens are
+        read back and processed while the device computes this one.
+        """
+        if self._in_flight is not None and self._in_flight.needs_host_tokens:
+            return self._finish(self._take_in_flight())   # its tokens feed the sampler
         batch = self.scheduler.schedule()
-        if batch.is_empty:
-            return []
+        step = self._launch(batch) if not batch.is_empty else None
+        if self.async_scheduling:
+            step, self._in_flight = self._in_flight, step
+        updated = self._finish(step) if step is not None else []
+        if self._in_flight is not None and not self.scheduler.has_unfinished():
+            self._finish(self._take_in_flight())   # only finished sequences' dropped tokens
+        return updated
+
+    def _take_in_flight(self) -> LaunchedStep:
+        step, self._in_flight = self._in_flight, None
+        return step
+
+    def _launch(self, batch: ScheduledBatch) -> LaunchedStep:
+        """Build the inputs, launch forward + sampling, start copying the tokens back."""
+        runner, bm = self.runner, self.block_manager
+        prev = self._in_flight.sample.tokens \
+            if self._in_flight is not None and self._in_flight.sample is not None else None
+        inputs = runner.prepare(batch, bm.table, bm.row_blocks)
+        seqs = [batch.seqs[r] for r in inputs.sample_rows]
         try:
-            logits, rows = self.runner.execute(batch)
+            logits = runner.forward(inputs, prev)
+            sample = self.sampler.sample(logits, seqs, self._eos_list) if seqs else None
         except BaseException:
             # schedule() offered this step's full blocks to the prefix cache before the
             # forward wrote their K/V; a forward that did not finish (error, Ctrl-C) must
             # not leave them there for later requests to hit.
-            self.block_manager.reset_prefix_cache()
+            bm.reset_prefix_cache()
             raise
-        sample_seqs = [batch.seqs[r] for r in rows]
-        out = self.sampler(logits, sample_seqs, sorted(self.eos_token_ids)) \
-            if sample_seqs else None
         self.scheduler.advance(batch)
+        for row, seq in enumerate(seqs):
+            seq.num_pending += 1
+            seq.pending_row = row
+        host: list[Tensor | None] = [None] * 5
+        if sample is not None:
+            host = runner.to_host_async([sample.tokens, sample.chosen, sample.ranks,
+                                         sample.top_lp, sample.top_ids])
         self.computed_tokens_total += batch.num_tokens
         self.num_steps += 1
+        needs = any(p.uses_penalties for p in {id(s.params): s.params for s in seqs}.values())
+        return LaunchedStep(batch, seqs, sample, host, runner.completion_event(), needs)
+
+    def _finish(self, step: LaunchedStep) -> list[Request]:
+        """Read back a launched step's tokens; append them, check stops, free finished."""
+        out = step.result()
         now = time.perf_counter()
         touched: dict[str, Request] = {}
-        for j, seq in enumerate(sample_seqs):
+        check_stop = self._check_stop
+        logprobs = out.logprobs
+        n_new = 0
+        for j, seq in enumerate(step.seqs):
+            seq.num_pending -= 1
+            if seq.status is SequenceStatus.FINISHED:
+                continue      # stopped or aborted while this step ran: its token is dropped
             token = out.token_ids[j]
             seq.token_ids.append(token)
-            if out.logprobs is not None and seq.logprobs is not None:
-                self._record_logprobs(seq, token, out.logprobs[j])
+            n_new += 1
+            if logprobs is not None and seq.logprobs is not None:
+                self._record_logprobs(seq, token, logprobs[j])
             req = seq.request
             if req.first_token_time is None:
                 req.first_token_time = now
-            self._check_stop(seq, token)
+            check_stop(seq, token)
             touched[req.request_id] = req
-        self.generation_tokens_total += len(sample_seqs)
-        self._recent.append((now, len(sample_seqs)))
-        while self._recent and now - self._recent[0][0] > 10.0:
-            self._recent.popleft()
+        self.generation_tokens_total += n_new
+        self._throughput.add(now, n_new)
+        requests = self.requests
         for req in touched.values():
-            if req.finished:
+            if req.finish_time is None and req.finished:
                 req.finish_time = now
-                self.requests.pop(req.request_id, None)
+                requests.pop(req.request_id, None)
         return list(touched.values())
 
     def _record_logprobs(self, seq: Sequence, token: int,
@@ -260,53 +400,50 @@ class LLMEngine:
 
     def _check_stop(self, seq: Sequence, token: int) -> None:
         p = seq.params
-        n_out = seq.num_output_tokens
-        delta = seq.detokenizer.append([token]) if seq.detokenizer is not None else ""
+        det = seq.detokenizer
+        delta = det.append([token]) if det is not None else ""
+        if delta:
+            seq.add_text(delta)
         reason: str | None = None
         stop_reason: str | int | None = None
-        if n_out >= p.min_tokens:
-            if not p.ignore_eos and token in self.eos_token_ids:
+        if p.min_tokens == 0 or seq.num_output_tokens >= p.min_tokens:
+            if token in self.eos_token_ids and not p.ignore_eos:
                 reason = "stop"
-            elif token in p.stop_token_ids:
+            elif p.stop_token_ids and token in p.stop_token_ids:
                 reason, stop_reason = "stop", token
-            elif p.stop_strings and delta and seq.detokenizer is not None:
-                hit = self._find_stop(seq.detokenizer.text, len(delta), p.stop_strings)
+            elif p.stop_strings and delta and det is not None:
+                hit = self._find_stop(det, len(delta), p.stop_strings)
                 if hit is not None:
                     idx, s = hit
-                    keep = idx + len(s) if p.include_stop_str_in_output else idx
-                    seq.detokenizer.text = seq.detokenizer.text[:keep]
+                    seq.cut_text(idx + len(s) if p.include_stop_str_in_output else idx)
                     reason, stop_reason = "stop", s
-        if reason is None and p.max_tokens is not None and n_out >= p.max_tokens:
-            reason = "length"
-        if reason is None and seq.num_tokens >= self.max_model_len:
+        if reason is None and len(seq.token_ids) >= seq.max_total_tokens:
             reason = "length"
         if reason is not None:
-            if seq.detokenizer is not None and not isinstance(stop_reason, str):
-                seq.detokenizer.flush()
+            if det is not None and not isinstance(stop_reason, str):
+                seq.add_text(det.flush())
             self.scheduler.finish(seq, reason, stop_reason)
             seq.finalize_text()
 
     @staticmethod
-    def _find_stop(text: str, delta_len: int, stops: list[str]) -> tuple[int, str] | None:
-        """Earliest stop string that ends inside the new text, as (start index, string)."""
+    def _find_stop(det: Any, delta_len: int, stops: list[str]) -> tuple[int, str] | None:
+        """Earliest stop string that ends inside the new text, as (start index in the
+        whole text, string). Looks only at the tail that can hold such a match."""
+        longest = max(len(s) for s in stops)
+        tail = det.tail(delta_len + longest - 1)
+        base = det.num_chars - len(tail)
         best: tuple[int, str] | None = None
         for s in stops:
-            start = max(0, len(text) - delta_len - len(s) + 1)
-            idx = text.find(s, start)
+            start = max(0, len(tail) - delta_len - len(s) + 1)
+            idx = tail.find(s, start)
             if idx != -1 and (best is None or idx < best[0]):
                 best = (idx, s)
-        return best
+        return (base + best[0], best[1]) if best is not None else None
 
     # ------------------------------------------------------------------ stats
     def stats(self) -> dict[str, Any]:
+        """Counters (O(1)): queues, KV usage, token totals, prefix-cache hits, rate."""
         bm = self.block_manager
-        now = time.perf_counter()
-        recent = [(t, n) for t, n in self._recent if now - t <= 10.0]
-        if len(recent) >= 2:
-            span = max(now - recent[0][0], 1e-6)
-            tps = sum(n for _, n in recent) / span
-        else:
-            tps = 0.0
         return {
             "num_running": self.scheduler.num_running,
             "num_waiting": self.scheduler.num_waiting,
@@ -320,7 +457,7 @@ class LLMEngine:
             "prefix_cache_hit_rate": bm.num_hit_tokens / max(1, bm.num_queried_tokens),
             "num_preemptions": self.scheduler.num_preemptions,
             "num_steps": self.num_steps,
-            "tokens_per_s": tps,
+            "tokens_per_s": self._throughput.rate(time.perf_counter()),
         }
 
     def check_no_leaks(self) -> None:
@@ -351,6 +488,8 @@ class LLM:
         max_model_len: longest prompt + output (default: model limit, capped by the pool).
         seed: dummy-weight seed and the seed of unseeded sampling.
         tokenizer: "auto" (load the model's), None, or an object with encode/decode.
+        async_scheduling: overlap the host's work for step N+1 with the device's step N
+            (None = on; outputs are the same either way, see docs/engine.md).
     """
 
     def __init__(self, model: str | torch.nn.Module, dtype: str | torch.dtype = "bfloat16",
@@ -359,13 +498,15 @@ class LLM:
                  max_num_seqs: int = 256, max_num_batched_tokens: int = 8192,
                  enable_prefix_caching: bool = True, enforce_eager: bool = False,
                  device: str | torch.device | None = None, max_model_len: int | None = None,
-                 seed: int = 0, tokenizer: Any = "auto") -> None:
+                 seed: int = 0, tokenizer: Any = "auto",
+                 async_scheduling: bool | None = None) -> None:
         self.llm_engine = LLMEngine(
             model, dtype=dtype, quantization=quantization, block_size=block_size,
             num_kv_blocks=num_kv_blocks, gpu_memory_utilization=gpu_memory_utilization,
             max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
             enable_prefix_caching=enable_prefix_caching, enforce_eager=enforce_eager,
-            device=device, max_model_len=max_model_len, seed=seed, tokenizer=tokenizer)
+            device=device, max_model_len=max_model_len, seed=seed, tokenizer=tokenizer,
+            async_scheduling=async_scheduling)
         self._counter = itertools.count()
 
     @property

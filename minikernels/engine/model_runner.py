@@ -18,6 +18,7 @@ import contextlib
 import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -26,6 +27,9 @@ from torch import Tensor
 from .. import _validation
 from ..models.metadata import AttentionMetadata
 from .scheduler import ScheduledBatch
+
+if TYPE_CHECKING:
+    from .sequence import Sequence
 
 logger = logging.getLogger("minikernels.engine")
 
@@ -62,86 +66,125 @@ class StepInputs:
 
     sample_rows: for each logits row, the index into batch.seqs of the sequence it
     belongs to (sequences that reach their last token this step).
+    pending_dst / pending_src: input tokens still on the device (async scheduling):
+    ``input_ids[pending_dst] = previous step's sampled tokens[pending_src]`` (None: none).
     """
 
     input_ids: Tensor
     meta: AttentionMetadata
     sample_rows: list[int]
     decode_only: bool
+    pending_dst: Tensor | None = None
+    pending_src: Tensor | None = None
+
+
+def _tables_from_lists(seqs: list["Sequence"]) -> tuple[np.ndarray, np.ndarray, list[int]]:
+    """A block-table array built from the sequences' lists (callers without a mirror)."""
+    width = max((len(s.block_table) for s in seqs), default=1) or 1
+    table = np.zeros((max(1, len(seqs)), width), dtype=np.int32)
+    for r, s in enumerate(seqs):
+        table[r, :len(s.block_table)] = s.block_table
+    return table, np.array([len(s.block_table) for s in seqs] or [0]), list(range(len(seqs)))
 
 
 def build_step_inputs(batch: ScheduledBatch, block_size: int, num_blocks: int,
                       device: torch.device | str = "cpu",
                       block_table_width: int | None = None,
-                      upload: Callable[[Tensor], Tensor] | None = None) -> StepInputs:
+                      upload: Callable[[Tensor], Tensor] | None = None,
+                      table: np.ndarray | None = None,
+                      row_blocks: np.ndarray | None = None) -> StepInputs:
     """Flatten a scheduled batch into (input_ids, AttentionMetadata) for one forward.
 
     Decode entries (one new token each) come first, then prefill chunks; the batch is
-    already ordered that way by the scheduler. Raises RuntimeError if a block table does
-    not cover its tokens or holds an id outside the pool (an engine bug, caught on the
-    host before the device sees it).
+    already ordered that way by the scheduler. Decode rows are built column-wise (one
+    list comprehension per field, numpy for slots and block tables), so their cost per
+    row is a few attribute reads. table / row_blocks: the block manager's block-table
+    mirror (row ``seq.block_row``); None builds one from the sequences' lists.
+    Raises RuntimeError if a block table does not cover its tokens or holds an id
+    outside the pool (an engine bug, caught on the host before the device sees it).
     """
     nd = batch.num_decode
     seqs, counts = batch.seqs, batch.num_new_tokens
-    ids: list[int] = []
-    pos: list[int] = []
-    slots: list[int] = []
-    tables: list[list[int]] = []
-    logits_idx: list[int] = []
-    sample_rows: list[int] = []
-    seq_lens: list[int] = []
+    if table is None or row_blocks is None:
+        table, row_blocks, rows = _tables_from_lists(seqs)
+    else:
+        rows = [s.block_row for s in seqs]
+    dec = seqs[:nd]
+    # ---- decode rows: input position = num_computed_tokens
+    dpos = np.array([s.num_computed_tokens for s in dec], dtype=np.int64)
+    ids: list[int] = [s.token_ids[-1] for s in dec]      # pending rows are patched below
+    pend_dst = [j for j, s in enumerate(dec) if s.num_pending]
+    pend_src = [dec[j].pending_row for j in pend_dst]
+    drows = np.array(rows[:nd], dtype=np.int64)
+    dslots = table[drows, dpos // block_size].astype(np.int64) * block_size \
+        + dpos % block_size
+    prefill_ends: list[int] = []
+    parts_pos = [dpos]
+    parts_slots = [dslots]
+    # ---- prefill chunks
+    logits_idx: list[int] = list(range(nd))
+    sample_rows: list[int] = list(range(nd))
     cu_q, cu_k = [0], [0]
     max_q = max_k = 0
-    t = 0
-    for i, (seq, n) in enumerate(zip(seqs, counts)):
+    t = nd
+    pend_flat: list[int] = []
+    for i in range(nd, len(seqs)):
+        seq, n = seqs[i], counts[i]
         c = seq.num_computed_tokens
         end = c + n
-        table = seq.block_table
-        if len(table) * block_size < end or n < 1 or end > seq.num_tokens:
-            raise RuntimeError(f"{seq}: {n} new tokens after {c} computed do not fit its "
-                               f"{len(table)} blocks of {block_size}")
-        ids.extend(seq.token_ids[c:end])
-        pos.extend(range(c, end))
-        if n == 1:
-            slots.append(table[c // block_size] * block_size + c % block_size)
-        else:
-            p = np.arange(c, end)
-            slots.extend((np.asarray(table)[p // block_size] * block_size
-                          + p % block_size).tolist())
-        tables.append(table)
-        if i < nd:
-            seq_lens.append(end)
-        else:
-            cu_q.append(cu_q[-1] + n)
-            cu_k.append(cu_k[-1] + end)
-            max_q, max_k = max(max_q, n), max(max_k, end)
+        known = len(seq.token_ids)
+        if n < 1 or end > known + seq.num_pending:
+            raise RuntimeError(f"{seq}: {n} new tokens after {c} computed exceed its tokens")
+        ids.extend(seq.token_ids[c:min(end, known)])
+        if end > known:      # its last token is still on the device
+            ids.append(0)
+            pend_flat.append(t + n - 1)
+            pend_src.append(seq.pending_row)
+        p = np.arange(c, end, dtype=np.int64)
+        parts_pos.append(p)
+        parts_slots.append(table[rows[i], p // block_size].astype(np.int64) * block_size
+                           + p % block_size)
+        cu_q.append(cu_q[-1] + n)
+        cu_k.append(cu_k[-1] + end)
+        max_q, max_k = max(max_q, n), max(max_k, end)
         t += n
-        if end == seq.num_tokens:
+        if end == known + seq.num_pending:
             logits_idx.append(t - 1)
             sample_rows.append(i)
-    width = max((len(tb) for tb in tables), default=1)
+        prefill_ends.append(end)
+    ends = np.concatenate([dpos + 1, np.array(prefill_ends, dtype=np.int64)])
+    all_rows = np.array(rows, dtype=np.int64)
+    if len(seqs):
+        if (row_blocks[all_rows] * block_size < ends).any():
+            bad = int(np.argmax(row_blocks[all_rows] * block_size < ends))
+            raise RuntimeError(f"{seqs[bad]}: its {len(seqs[bad].block_table)} blocks of "
+                               f"{block_size} do not cover its scheduled tokens")
+    width = int(-(-int(ends.max()) // block_size)) if len(seqs) else 1
     if block_table_width is not None:
         width = max(width, block_table_width)
-    # One flat int64 host buffer (numpy fills it without per-element Python objects)
-    # -> one host-to-device copy; the metadata tensors are views of it.
+    tab = table[all_rows, :width] if width <= table.shape[1] else np.pad(
+        table[all_rows], ((0, 0), (0, width - table.shape[1])))
+    if len(seqs) and (tab.min() < 0 or tab.max() >= num_blocks):
+        raise RuntimeError(f"block table holds ids outside [0, {num_blocks})")
+    # One flat int64 host buffer -> one host-to-device copy; the metadata tensors are
+    # views of it.
     num_prefill = len(seqs) - nd
-    parts = [ids, pos, slots, logits_idx, seq_lens, cu_q if num_prefill else [],
-             cu_k if num_prefill else []]
-    sizes = [len(p) for p in parts] + [len(seqs) * width]
-    host = np.zeros(sum(sizes), dtype=np.int64)
+    pend_dst = pend_dst + pend_flat
+    pos_all = np.concatenate(parts_pos) if len(parts_pos) > 1 else parts_pos[0]
+    slots_all = np.concatenate(parts_slots) if len(parts_slots) > 1 else parts_slots[0]
+    parts = [ids, pos_all, slots_all, logits_idx, ends[:nd], cu_q if num_prefill else [],
+             cu_k if num_prefill else [], pend_dst, pend_src]
+    sizes = [len(p) for p in parts] + [tab.size]
+    host = np.empty(sum(sizes), dtype=np.int64)
     o = 0
     for part in parts:
         host[o:o + len(part)] = part
         o += len(part)
-    tab = host[o:].reshape(len(seqs), width)
-    for r, tb in enumerate(tables):
-        tab[r, :len(tb)] = tb
-    if tables and (tab.min() < 0 or tab.max() >= num_blocks):
-        raise RuntimeError(f"block table holds ids outside [0, {num_blocks})")
+    host[o:] = tab.reshape(-1)
     flat_host = torch.from_numpy(host)
     flat = upload(flat_host) if upload is not None else flat_host.to(device)
-    views = list(torch.split(flat, sizes))
-    ids_t, pos_t, slots_t, lidx_t, lens_t, cuq_t, cuk_t, tab_t = views
+    ids_t, pos_t, slots_t, lidx_t, lens_t, cuq_t, cuk_t, pdst_t, psrc_t, tab_t = \
+        torch.split(flat, sizes)
     tab_t = tab_t.to(torch.int32).reshape(len(seqs), width)
     meta = AttentionMetadata(
         positions=pos_t, slot_mapping=slots_t, num_decode=nd,
@@ -153,38 +196,54 @@ def build_step_inputs(batch: ScheduledBatch, block_size: int, num_blocks: int,
         prefill_block_table=tab_t[nd:] if num_prefill else None,
         logits_indices=lidx_t)
     return StepInputs(input_ids=ids_t, meta=meta, sample_rows=sample_rows,
-                      decode_only=(nd == len(seqs)))
+                      decode_only=(nd == len(seqs)),
+                      pending_dst=pdst_t if pend_dst else None,
+                      pending_src=psrc_t if pend_dst else None)
 
 
 class _PinnedUploader:
-    """Host->device copies through one reusable pinned buffer (grown on demand).
+    """Host->device copies through two pinned buffers used in turn (grown on demand).
 
-    The copy is asynchronous, so before the buffer is overwritten we wait for the event
-    recorded after the previous copy. Usually that is already done (a step that samples
-    ends with a device->host sync), but a step of non-final prefill chunks samples
-    nothing and does not sync: without the wait, the next step could overwrite inputs the
-    device has not read yet.
+    A copy is asynchronous: before a buffer is overwritten we wait for the event
+    recorded after its previous copy. With two buffers that copy is two steps old, so
+    with async scheduling (step N+1 prepared while step N runs) the wait is free.
     """
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
-        self.buf = torch.empty(0, dtype=torch.int64)
-        self.copied: torch.cuda.Event | None = None   # recorded after the last copy
+        self.bufs = [torch.empty(0, dtype=torch.int64), torch.empty(0, dtype=torch.int64)]
+        self.copied: list[torch.cuda.Event | None] = [None, None]
+        self.turn = 0
 
     def __call__(self, host: Tensor) -> Tensor:
+        i = self.turn
+        self.turn ^= 1
         n = host.numel()
-        if self.copied is not None:
-            self.copied.synchronize()
-        if self.buf.numel() < n:
-            self.buf = torch.empty(max(n, 2 * self.buf.numel(), 1 << 16), dtype=torch.int64,
-                                   pin_memory=True)
-        staged = self.buf[:n]
+        if self.copied[i] is not None:
+            self.copied[i].synchronize()
+        if self.bufs[i].numel() < n:
+            self.bufs[i] = torch.empty(max(n, 2 * self.bufs[i].numel(), 1 << 16),
+                                       dtype=torch.int64, pin_memory=True)
+        staged = self.bufs[i][:n]
         staged.copy_(host)
         out = staged.to(self.device, non_blocking=True)
-        if self.copied is None:
-            self.copied = torch.cuda.Event()
-        self.copied.record(torch.cuda.current_stream(self.device))
+        if self.copied[i] is None:
+            self.copied[i] = torch.cuda.Event()
+        self.copied[i].record(torch.cuda.current_stream(self.device))
         return out
+
+
+class _Done:
+    """The completion event of work that already finished (CPU forwards run inline)."""
+
+    def synchronize(self) -> None:
+        return None
+
+    def query(self) -> bool:
+        return True
+
+
+_DONE = _Done()
 
 
 class _DecodeGraphs:
@@ -283,7 +342,7 @@ class ModelRunner:
                              f"lower max_model_len")
         self.max_model_len = int(max_model_len)
         self.max_blocks_per_seq = -(-self.max_model_len // block_size)
-        self.kv_caches = model.allocate_kv_caches(self.num_blocks, block_size)
+        self.kv_caches = self._allocate_kv_pool()
         self._upload = _PinnedUploader(self.device) if self.device.type == "cuda" else None
         self.graphs: _DecodeGraphs | None = None
         self.enforce_eager = bool(enforce_eager) or self.device.type != "cuda"
@@ -292,7 +351,12 @@ class ModelRunner:
                                         graph_batch_sizes(max_num_seqs),
                                         self.max_blocks_per_seq, self.config.vocab_size)
 
-    # ------------------------------------------------------------------ KV pool size
+    # ------------------------------------------------------------------ KV pool
+    def _allocate_kv_pool(self) -> list:
+        """The paged KV cache: per layer (k_cache, v_cache), each
+        ``[num_blocks, block_size, kv_heads, head_dim]`` in the model's dtype."""
+        return self.model.allocate_kv_caches(self.num_blocks, self.block_size)
+
     def _pick_num_blocks(self, num_kv_blocks: int | None, util: float) -> int:
         if num_kv_blocks is not None:
             if (not isinstance(num_kv_blocks, int) or isinstance(num_kv_blocks, bool)
@@ -338,18 +402,55 @@ class ModelRunner:
         return int(peak)
 
     # ------------------------------------------------------------------ run
-    def prepare(self, batch: ScheduledBatch) -> StepInputs:
+    def prepare(self, batch: ScheduledBatch, table: np.ndarray | None = None,
+                row_blocks: np.ndarray | None = None) -> StepInputs:
         return build_step_inputs(batch, self.block_size, self.num_blocks, self.device,
-                                 upload=self._upload)
+                                 upload=self._upload, table=table, row_blocks=row_blocks)
 
     @torch.inference_mode()
-    def execute(self, batch: ScheduledBatch) -> tuple[Tensor, list[int]]:
-        """One forward over the batch -> (fp32 logits of sampling rows, their seq indices)."""
-        inputs = self.prepare(batch)
+    def forward(self, inputs: StepInputs, prev_tokens: Tensor | None = None) -> Tensor:
+        """Launch one forward -> fp32 logits of the sampling rows (on the device; no sync).
+
+        prev_tokens: the previous step's sampled tokens (device), for input tokens that
+        are still only there (inputs.pending_*).
+        """
+        if inputs.pending_dst is not None:
+            if prev_tokens is None:
+                raise RuntimeError("step inputs need the previous step's sampled tokens")
+            inputs.input_ids.index_copy_(0, inputs.pending_dst,
+                                         prev_tokens.index_select(0, inputs.pending_src))
         logits = None
         with index_checks_off():
             if self.graphs is not None and inputs.decode_only:
                 logits = self.graphs.run(inputs)
             if logits is None:
                 logits = self.model(inputs.input_ids, inputs.meta, self.kv_caches)
-        return logits, inputs.sample_rows
+        return logits
+
+    @torch.inference_mode()
+    def execute(self, batch: ScheduledBatch) -> tuple[Tensor, list[int]]:
+        """Prepare + forward in one call (no pending inputs): (logits, their seq indices)."""
+        inputs = self.prepare(batch)
+        return self.forward(inputs), inputs.sample_rows
+
+    def to_host_async(self, tensors: list[Tensor | None]) -> list[Tensor | None]:
+        """Start device->host copies (pinned, non-blocking on CUDA; as is elsewhere)."""
+        if self.device.type != "cuda":
+            return tensors
+        return [t.to("cpu", non_blocking=True) if t is not None else None for t in tensors]
+
+    def completion_event(self) -> Any:
+        """An event that completes when the work launched so far is done.
+
+        ``synchronize()`` waits for it. CUDA: an event on the current stream. A model may
+        provide ``completion_event()`` itself (the engine benchmark's simulated GPU);
+        otherwise work on the CPU is already done.
+        """
+        own = getattr(self.model, "completion_event", None)
+        if own is not None:
+            return own()
+        if self.device.type == "cuda":
+            ev = torch.cuda.Event()
+            ev.record(torch.cuda.current_stream(self.device))
+            return ev
+        return _DONE

@@ -11,7 +11,12 @@ Per row (its request's SamplingParams), in this order:
                    from probs exactly. A row with a seed draws its q from its own
                    torch.Generator, so its tokens do not depend on the rest of the batch.
 Logprobs (when any row asks) come from the raw model logits, like vLLM's default.
-Only one device->host copy per step (the chosen tokens, plus logprobs when asked).
+
+``sample()`` never synchronizes with the device: it returns a ``DeviceSample`` whose
+tensors stay on the device (the next step's forward can read its tokens there: async
+scheduling); ``DeviceSample.to_host()`` is the one device->host copy. When every row
+shares one SamplingParams (the common case) the parameters are scalars, not per-row
+tensors, and the per-row Python work is a single pass.
 """
 from __future__ import annotations
 
@@ -22,6 +27,7 @@ import torch
 from torch import Tensor
 
 if TYPE_CHECKING:
+    from .sampling_params import SamplingParams
     from .sequence import Sequence
 
 
@@ -32,6 +38,39 @@ class SamplerOutput:
 
     token_ids: list[int]
     logprobs: list[tuple[float, int, list[int], list[float]] | None] | None = None
+
+
+@dataclass
+class DeviceSample:
+    """The sampled tokens of one step, still on the device (no sync yet).
+
+    tokens: int64 [B]. With logprobs: chosen [B], ranks [B], top_lp / top_ids [B, k]
+    (k = the largest number asked) and want_lp[i] = row i's ``logprobs`` (None = none).
+    """
+
+    tokens: Tensor
+    want_lp: list[int | None] | None = None
+    chosen: Tensor | None = None
+    ranks: Tensor | None = None
+    top_lp: Tensor | None = None
+    top_ids: Tensor | None = None
+
+    def to_host(self) -> SamplerOutput:
+        """Copy to the host (waits for the device to finish computing them)."""
+        token_list = self.tokens.tolist()
+        if self.want_lp is None:
+            return SamplerOutput(token_ids=token_list)
+        chosen_l, ranks_l = self.chosen.tolist(), self.ranks.tolist()
+        top_lp = self.top_lp.tolist() if self.top_lp is not None else None
+        top_ids = self.top_ids.tolist() if self.top_ids is not None else None
+        lps: list[tuple[float, int, list[int], list[float]] | None] = []
+        for i, n in enumerate(self.want_lp):
+            if n is None:
+                lps.append(None)
+            else:
+                lps.append((chosen_l[i], ranks_l[i], top_ids[i][:n] if n else [],
+                            top_lp[i][:n] if n else []))
+        return SamplerOutput(token_ids=token_list, logprobs=lps)
 
 
 class Sampler:
@@ -96,18 +135,32 @@ class Sampler:
         return logits
 
     @staticmethod
-    def _top_k_mask(logits: Tensor, top_k: Tensor, use: Tensor) -> Tensor:
-        kmax = int(top_k.max().item()) if top_k.numel() else 0
+    def _top_k_mask(logits: Tensor, top_k: Tensor | int, use: Tensor | None,
+                    kmax: int) -> Tensor:
+        """Mask all but each row's top_k logits (top_k a tensor [B] or one int for all;
+        use: which rows apply it, None = all). kmax: max(top_k), known on the host."""
         kmax = max(1, min(kmax, logits.shape[1]))
         vals = torch.topk(logits, kmax, dim=1).values
-        kth = vals.gather(1, (top_k.clamp(1, kmax) - 1).long()[:, None])
-        return logits.masked_fill(use[:, None] & (logits < kth), float("-inf"))
+        if isinstance(top_k, int):
+            kth = vals[:, min(top_k, kmax) - 1:min(top_k, kmax)]
+        else:
+            kth = vals.gather(1, (top_k.clamp(1, kmax) - 1).long()[:, None])
+        drop = logits < kth
+        if use is not None:
+            drop &= use[:, None]
+        return logits.masked_fill(drop, float("-inf"))
 
     @staticmethod
-    def _top_p_min_p_mask(logits: Tensor, top_p: Tensor | None, min_p: Tensor | None) -> Tensor:
+    def _top_p_min_p_mask(logits: Tensor, top_p: Tensor | float | None,
+                          min_p: Tensor | float | None) -> Tensor:
+        """top_p / min_p: a tensor [B] or one float for all rows (None = off)."""
         probs = torch.softmax(logits, dim=1)
+        if isinstance(top_p, float):
+            top_p = torch.full((logits.shape[0],), top_p, dtype=logits.dtype,
+                               device=logits.device)
         if min_p is not None:
-            thresh = probs.max(dim=1, keepdim=True).values * min_p[:, None]
+            mp = min_p if isinstance(min_p, float) else min_p[:, None]
+            thresh = probs.max(dim=1, keepdim=True).values * mp
             logits = logits.masked_fill(probs < thresh, float("-inf"))
             probs = torch.softmax(logits, dim=1)
         if top_p is not None:
@@ -123,80 +176,109 @@ class Sampler:
     # ------------------------------------------------------------------ main
     def __call__(self, logits: Tensor, seqs: list["Sequence"],
                  eos_token_ids: list[int] = ()) -> SamplerOutput:
-        """Sample one token per row. logits fp32 [B, >=V] on self.device; seqs [B]."""
+        """Sample one token per row and copy them to the host (see :meth:`sample`)."""
+        return self.sample(logits, seqs, eos_token_ids).to_host()
+
+    def sample(self, logits: Tensor, seqs: list["Sequence"],
+               eos_token_ids: list[int] = ()) -> DeviceSample:
+        """Sample one token per row, on the device. logits fp32 [B, >=V]; seqs [B]."""
         if logits.shape[0] != len(seqs):
             raise ValueError(f"logits has {logits.shape[0]} rows but {len(seqs)} sequences")
         logits = logits[:, :self.vocab_size].float()
-        B = len(seqs)
         params = [s.params for s in seqs]
-        want_lp = [p.logprobs for p in params]
-        raw_logprobs = (torch.log_softmax(logits, dim=1)
-                        if any(n is not None for n in want_lp) else None)
+        distinct = list({id(p): p for p in params}.values())
+        any_lp = any(p.logprobs is not None for p in distinct)
+        raw_logprobs = torch.log_softmax(logits, dim=1) if any_lp else None
 
-        if any(p.uses_penalties for p in params):
+        if any(p.uses_penalties for p in distinct):
             logits = self._apply_penalties(logits, seqs)
-        suppress = [(i, s) for i, s in enumerate(seqs)
-                    if s.num_output_tokens < s.params.min_tokens]
-        if suppress:
-            logits = logits.clone()
-            for i, s in suppress:
-                ids = list(s.params.stop_token_ids) + ([] if s.params.ignore_eos
-                                                       else list(eos_token_ids))
-                ids = [t for t in ids if t < self.vocab_size]
-                if ids:
-                    logits[i, ids] = float("-inf")
+        if any(p.min_tokens for p in distinct):
+            logits = self._apply_min_tokens(logits, seqs, eos_token_ids)
 
-        greedy = [p.greedy for p in params]
-        if all(greedy):
-            tokens = logits.argmax(dim=1)
+        if len(distinct) == 1:
+            tokens = self._sample_uniform(logits, distinct[0], seqs)
         else:
-            temps = self._tensor([1.0 if g else p.temperature for g, p in zip(greedy, params)],
-                                 logits.dtype)
-            scaled = logits / temps[:, None]
-            if any(p.uses_top_k for p in params):
-                # Clamped on the host: top_k > vocab means "all" (and must not overflow).
-                V = scaled.shape[1]
-                top_k = self._tensor([min(p.top_k, V) if p.uses_top_k else 1 for p in params],
-                                     torch.int64)
-                use = self._tensor([p.uses_top_k for p in params], torch.bool)
-                scaled = self._top_k_mask(scaled, top_k, use)
-            need_p = any(p.uses_top_p for p in params)
-            need_min = any(p.uses_min_p for p in params)
-            if need_p or need_min:
-                scaled = self._top_p_min_p_mask(
-                    scaled,
-                    self._tensor([p.top_p if p.uses_top_p else 1.0 for p in params],
-                                 logits.dtype) if need_p else None,
-                    self._tensor([p.min_p if p.uses_min_p else 0.0 for p in params],
-                                 logits.dtype) if need_min else None)
-            probs = torch.softmax(scaled, dim=1)
-            q = torch.empty_like(probs)
-            seeded = [i for i, s in enumerate(seqs) if s.generator is not None and not greedy[i]]
-            if len(seeded) < B:
-                q.exponential_(generator=self.generator)
-            for i in seeded:
-                q[i].exponential_(generator=seqs[i].generator)
-            sampled = (probs / q.clamp_min_(1e-30)).argmax(dim=1)
-            if any(greedy):
-                g = self._tensor(greedy, torch.bool)
-                tokens = torch.where(g, logits.argmax(dim=1), sampled)
-            else:
-                tokens = sampled
+            tokens = self._sample_mixed(logits, params, seqs)
 
         if raw_logprobs is None:
-            return SamplerOutput(token_ids=tokens.tolist())
+            return DeviceSample(tokens=tokens)
+        want_lp = [p.logprobs for p in params]
         n_top = min(max(n for n in want_lp if n is not None), raw_logprobs.shape[1])
         chosen = raw_logprobs.gather(1, tokens[:, None])
-        ranks = (raw_logprobs > chosen).sum(dim=1) + 1
+        out = DeviceSample(tokens=tokens, want_lp=want_lp, chosen=chosen[:, 0],
+                           ranks=(raw_logprobs > chosen).sum(dim=1) + 1)
         if n_top > 0:
-            top_lp, top_ids = torch.topk(raw_logprobs, n_top, dim=1)
-            top_lp, top_ids = top_lp.tolist(), top_ids.tolist()
-        token_list, chosen_l, ranks_l = tokens.tolist(), chosen[:, 0].tolist(), ranks.tolist()
-        lps: list[tuple[float, int, list[int], list[float]] | None] = []
-        for i, n in enumerate(want_lp):
-            if n is None:
-                lps.append(None)
-            else:
-                lps.append((chosen_l[i], ranks_l[i], top_ids[i][:n] if n else [],
-                            top_lp[i][:n] if n else []))
-        return SamplerOutput(token_ids=token_list, logprobs=lps)
+            out.top_lp, out.top_ids = torch.topk(raw_logprobs, n_top, dim=1)
+        return out
+
+    def _apply_min_tokens(self, logits: Tensor, seqs: list["Sequence"],
+                          eos_token_ids: list[int]) -> Tensor:
+        """Mask EOS / stop ids of rows with fewer than min_tokens outputs (counting a
+        token still on the device)."""
+        suppress = [(i, s) for i, s in enumerate(seqs)
+                    if s.num_output_tokens + s.num_pending < s.params.min_tokens]
+        if not suppress:
+            return logits
+        logits = logits.clone()
+        for i, s in suppress:
+            ids = list(s.params.stop_token_ids) + ([] if s.params.ignore_eos
+                                                   else list(eos_token_ids))
+            ids = [t for t in ids if t < self.vocab_size]
+            if ids:
+                logits[i, ids] = float("-inf")
+        return logits
+
+    def _race(self, probs: Tensor, seqs: list["Sequence"], seeded: list[int]) -> Tensor:
+        """argmax(probs / q), q ~ Exp(1): seeded rows draw q from their own generator."""
+        q = torch.empty_like(probs)
+        if len(seeded) < probs.shape[0]:
+            q.exponential_(generator=self.generator)
+        for i in seeded:
+            q[i].exponential_(generator=seqs[i].generator)
+        return (probs / q.clamp_min_(1e-30)).argmax(dim=1)
+
+    def _sample_uniform(self, logits: Tensor, p: "SamplingParams",
+                        seqs: list["Sequence"]) -> Tensor:
+        """Every row has the same SamplingParams: scalar parameters."""
+        if p.greedy:
+            return logits.argmax(dim=1)
+        scaled = logits / p.temperature
+        if p.uses_top_k:
+            k = min(p.top_k, scaled.shape[1])
+            scaled = self._top_k_mask(scaled, k, None, k)
+        if p.uses_top_p or p.uses_min_p:
+            scaled = self._top_p_min_p_mask(scaled, float(p.top_p) if p.uses_top_p else None,
+                                            float(p.min_p) if p.uses_min_p else None)
+        seeded = [i for i, s in enumerate(seqs) if s.generator is not None] \
+            if p.seed is not None else []
+        return self._race(torch.softmax(scaled, dim=1), seqs, seeded)
+
+    def _sample_mixed(self, logits: Tensor, params: list["SamplingParams"],
+                      seqs: list["Sequence"]) -> Tensor:
+        """Rows with different SamplingParams: per-row parameter tensors."""
+        greedy = [p.greedy for p in params]
+        if all(greedy):
+            return logits.argmax(dim=1)
+        temps = self._tensor([1.0 if g else p.temperature for g, p in zip(greedy, params)],
+                             logits.dtype)
+        scaled = logits / temps[:, None]
+        if any(p.uses_top_k for p in params):
+            # Clamped on the host: top_k > vocab means "all" (and must not overflow).
+            V = scaled.shape[1]
+            ks = [min(p.top_k, V) if p.uses_top_k else 1 for p in params]
+            use = self._tensor([p.uses_top_k for p in params], torch.bool)
+            scaled = self._top_k_mask(scaled, self._tensor(ks, torch.int64), use, max(ks))
+        need_p = any(p.uses_top_p for p in params)
+        need_min = any(p.uses_min_p for p in params)
+        if need_p or need_min:
+            scaled = self._top_p_min_p_mask(
+                scaled,
+                self._tensor([p.top_p if p.uses_top_p else 1.0 for p in params],
+                             logits.dtype) if need_p else None,
+                self._tensor([p.min_p if p.uses_min_p else 0.0 for p in params],
+                             logits.dtype) if need_min else None)
+        seeded = [i for i, s in enumerate(seqs) if s.generator is not None and not greedy[i]]
+        sampled = self._race(torch.softmax(scaled, dim=1), seqs, seeded)
+        if any(greedy):
+            return torch.where(self._tensor(greedy, torch.bool), logits.argmax(dim=1), sampled)
+        return sampled

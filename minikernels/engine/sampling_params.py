@@ -5,9 +5,26 @@ expected, e.g. ``ValueError: SamplingParams.top_p must be in (0, 1], got 1.5``.
 """
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass, field
 
 _EPS = 1e-5  # temperatures below this are greedy
+
+
+class RequestOutputKind(enum.IntEnum):
+    """What AsyncLLM.generate yields for a request (vLLM's names).
+
+    CUMULATIVE: each output holds everything so far (token_ids, text, logprobs), plus
+        delta_token_ids / delta_text since the previous yield. The lists are the stream's
+        own and keep growing on later iterations (copy them to keep a snapshot).
+    DELTA:      each output holds only what is new since the previous yield (token_ids,
+        text and logprobs are the delta; cheapest for streaming servers).
+    FINAL_ONLY: one output, when the request finishes.
+    """
+
+    CUMULATIVE = 0
+    DELTA = 1
+    FINAL_ONLY = 2
 
 
 def _is_int(v: object) -> bool:
@@ -45,6 +62,8 @@ class SamplingParams:
         logprobs            None, or >= 0: return the sampled token's logprob plus the top
                             ``logprobs`` alternatives per step (from the raw model logits).
         skip_special_tokens drop special tokens from the output text.
+        output_kind         RequestOutputKind: what AsyncLLM.generate yields (CUMULATIVE,
+                            DELTA or FINAL_ONLY); LLM.generate always returns final outputs.
     """
 
     n: int = 1
@@ -64,6 +83,7 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
     # Filled in by __post_init__: stop normalised to a list.
     stop_strings: list[str] = field(default_factory=list, init=False, repr=False)
 
@@ -123,6 +143,12 @@ class SamplingParams:
             if not s:
                 raise ValueError("SamplingParams.stop must not contain an empty string")
         self.stop_strings = stops
+        if not isinstance(self.output_kind, RequestOutputKind):
+            try:
+                self.output_kind = RequestOutputKind(self.output_kind)
+            except ValueError:
+                raise ValueError(f"SamplingParams.output_kind must be a RequestOutputKind, "
+                                 f"got {self.output_kind!r}") from None
         if self.stop_token_ids is None:
             self.stop_token_ids = []
         elif not isinstance(self.stop_token_ids, (list, tuple)):

@@ -115,43 +115,65 @@ class Scheduler:
 
     # ------------------------------------------------------------------ scheduling
     def schedule(self) -> ScheduledBatch:
-        """Pick this step's work (see the module docstring). May preempt sequences."""
+        """Pick this step's work (see the module docstring). May preempt sequences.
+
+        A sequence's work is its tokens not yet computed, counting a token still on the
+        device (async scheduling: the step in flight sampled it; its id reaches the
+        forward on the device). A sequence the in-flight step brings to its length limit
+        is left out: it finishes when that step is read back.
+        """
         budget = self.max_num_batched_tokens
-        chosen: list[tuple[Sequence, int]] = []
+        decode: list[Sequence] = []
+        chunks: list[tuple[Sequence, int]] = []
         preempted: list[Sequence] = []
         running = self.running
+        bm = self.bm
+        bs = bm.block_size
+        caching = bm.enable_prefix_caching
 
         i = 0
         while i < len(running) and budget > 0:
             seq = running[i]
-            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
-            if n <= 0:  # pragma: no cover - a finished-but-not-removed sequence
-                i += 1
+            total = seq.num_tokens + seq.num_pending
+            c = seq.num_computed_tokens
+            n = min(total - c, budget)
+            if n <= 0 or (seq.num_pending and total >= seq.max_total_tokens):
+                i += 1  # finishing in the step in flight (or nothing to compute)
                 continue
-            while not self.bm.allocate(seq, n):
-                victim = running.pop()  # newest; not scheduled yet in this step
-                self._preempt(victim)
-                preempted.append(victim)
-                if victim is seq:
-                    break
+            if c + n > len(seq.block_table) * bs:   # needs a new block
+                while not bm.allocate(seq, n):
+                    victim = running.pop()  # newest; not scheduled yet in this step
+                    self._preempt(victim)
+                    preempted.append(victim)
+                    if victim is seq:
+                        break
+                else:
+                    self._take(seq, n, decode, chunks)
+                    budget -= n
+                    i += 1
+                continue
+            if caching and (c + n) // bs > seq.num_registered_blocks:
+                bm.register_full_blocks(seq, c + n)
+            if n == 1:
+                decode.append(seq)
             else:
-                chosen.append((seq, n))
-                budget -= n
-                i += 1
+                chunks.append((seq, n))
+            budget -= n
+            i += 1
 
         if not preempted:
             while self.waiting and budget > 0 and len(running) < self.max_num_seqs:
                 seq = self.waiting[0]
-                hits = self.bm.lookup_prefix(seq) if not seq.block_table else []
-                computed = len(hits) * self.bm.block_size if hits else seq.num_computed_tokens
-                n = min(seq.num_tokens - computed, budget)
-                if not self.bm.allocate(seq, n, hits, reserve_blocks=self.watermark_blocks):
-                    if not running and not chosen:
+                hits = bm.lookup_prefix(seq) if not seq.block_table else []
+                computed = len(hits) * bs if hits else seq.num_computed_tokens
+                n = min(seq.num_tokens + seq.num_pending - computed, budget)
+                if not bm.allocate(seq, n, hits, reserve_blocks=self.watermark_blocks):
+                    if not running and not decode and not chunks:
                         # Nothing else holds blocks: the watermark must not block it.
-                        if not self.bm.allocate(seq, n, hits):
+                        if not bm.allocate(seq, n, hits):
                             raise RuntimeError(
                                 f"{seq} cannot fit in an empty KV pool of "
-                                f"{self.bm.num_blocks} blocks (requests are validated "
+                                f"{bm.num_blocks} blocks (requests are validated "
                                 f"against the pool size, so this is a bug)")
                     else:
                         break
@@ -160,18 +182,24 @@ class Scheduler:
                 self.waiting.popleft()
                 seq.status = SequenceStatus.RUNNING
                 running.append(seq)
-                chosen.append((seq, n))
+                self._take(seq, n, decode, chunks)
                 budget -= n
 
-        # Decode tokens (one new token) first, then prefill chunks; stable otherwise.
-        chosen.sort(key=lambda sn: sn[1] != 1)
-        batch = ScheduledBatch(seqs=[s for s, _ in chosen], num_new_tokens=[n for _, n in chosen],
-                               preempted=preempted)
-        batch.num_decode = sum(1 for n in batch.num_new_tokens if n == 1)
-        return batch
+        # Decode tokens (one new token) first, then prefill chunks.
+        return ScheduledBatch(seqs=decode + [s for s, _ in chunks],
+                              num_new_tokens=[1] * len(decode) + [n for _, n in chunks],
+                              num_decode=len(decode), preempted=preempted)
+
+    @staticmethod
+    def _take(seq: Sequence, n: int, decode: list[Sequence],
+              chunks: list[tuple[Sequence, int]]) -> None:
+        if n == 1:
+            decode.append(seq)
+        else:
+            chunks.append((seq, n))
 
     def advance(self, batch: ScheduledBatch) -> None:
-        """After the forward: the scheduled tokens of each sequence are now computed."""
+        """Once the step is launched: its scheduled tokens count as computed."""
         for seq, n in zip(batch.seqs, batch.num_new_tokens):
             if seq.status is SequenceStatus.RUNNING:
                 seq.num_computed_tokens += n

@@ -4,10 +4,16 @@ A Request is what a user submitted (one prompt, one SamplingParams); it owns ``n
 Sequences, one per completion. The scheduler, block manager and model runner work on
 Sequences only.
 
-A Sequence's tokens are ``token_ids = prompt + output``. ``num_computed_tokens`` of them
-have their K/V in the cache (in the blocks of ``block_table``); the rest are computed by
-the next steps. A preempted sequence drops its blocks and sets num_computed_tokens to 0;
-its generated tokens stay, so it resumes by recomputing them as a longer prompt.
+A Sequence's known tokens are ``token_ids = prompt + output``. ``num_computed_tokens``
+of them have their K/V in the cache (in the blocks of ``block_table``) or are being
+computed by a launched step. With async scheduling, ``num_pending`` (0 or 1) more tokens
+were sampled by the step in flight and are still on the device (row ``pending_row`` of
+that step's sampled tokens); they count for scheduling but not in ``token_ids`` yet.
+A preempted sequence drops its blocks and sets num_computed_tokens to 0; its generated
+tokens stay, so it resumes by recomputing them as a longer prompt.
+
+Streaming: ``take_delta()`` hands out what is new since its last call (token ids, text,
+logprobs) in O(new), so a step costs the same at token 10 and token 10,000.
 """
 from __future__ import annotations
 
@@ -15,11 +21,17 @@ import enum
 import time
 from typing import TYPE_CHECKING, Any
 
+from .detokenizer import WindowDetokenizer, make_detokenizer
 from .outputs import CompletionOutput, Logprob, RequestOutput
 from .sampling_params import SamplingParams
 
 if TYPE_CHECKING:
     import torch
+
+    from .detokenizer import _BaseDetokenizer
+
+# Kept for callers of the old name: the generic (any tokenizer) incremental detokenizer.
+IncrementalDetokenizer = WindowDetokenizer
 
 
 class SequenceStatus(enum.Enum):
@@ -28,62 +40,23 @@ class SequenceStatus(enum.Enum):
     FINISHED = "finished"
 
 
-class IncrementalDetokenizer:
-    """Turns a growing list of output token ids into text, a few tokens at a time.
+class Sequence:
+    """One completion being generated (see the module docstring).
 
-    Decodes only a short window (the last ``prefix_offset`` .. end tokens) per step, so the
-    cost per token is O(1) rather than re-decoding the whole output. A step whose text
-    ends in an incomplete UTF-8 character (U+FFFD) waits for the next token. The window
-    starts on the last few prompt tokens so the first output token gets its leading space
-    right (SentencePiece-style tokenizers).
+    ``max_total_tokens``: prompt + max_tokens capped by max_model_len; reaching it ends
+    the sequence with finish_reason "length" (so the scheduler knows it in advance).
     """
 
-    _PROMPT_CONTEXT = 4
-
-    def __init__(self, tokenizer: Any, prompt_token_ids: list[int],
-                 skip_special_tokens: bool = True) -> None:
-        self.tokenizer = tokenizer
-        self.skip_special_tokens = skip_special_tokens
-        tail = list(prompt_token_ids[-self._PROMPT_CONTEXT:])
-        self.ids: list[int] = tail
-        self.prefix_offset = 0
-        self.read_offset = len(tail)
-        self.text = ""
-
-    def _decode(self, ids: list[int]) -> str:
-        if not ids:
-            return ""
-        return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
-
-    def append(self, token_ids: list[int]) -> str:
-        """Add new output tokens; return the text they complete (may be "")."""
-        self.ids.extend(token_ids)
-        prefix = self._decode(self.ids[self.prefix_offset:self.read_offset])
-        full = self._decode(self.ids[self.prefix_offset:])
-        if len(full) > len(prefix) and not full.endswith("\ufffd"):
-            delta = full[len(prefix):]
-            self.prefix_offset = self.read_offset
-            self.read_offset = len(self.ids)
-            self.text += delta
-            return delta
-        return ""
-
-    def flush(self) -> str:
-        """At the end: take the held-back tail too (an incomplete character decodes to
-        U+FFFD, as a one-shot decode of the whole output would)."""
-        prefix = self._decode(self.ids[self.prefix_offset:self.read_offset])
-        full = self._decode(self.ids[self.prefix_offset:])
-        delta = full[len(prefix):] if len(full) > len(prefix) else ""
-        self.prefix_offset = self.read_offset = len(self.ids)
-        self.text += delta
-        return delta
-
-
-class Sequence:
-    """One completion being generated (see the module docstring)."""
+    __slots__ = ("seq_id", "request", "index", "params", "token_ids", "num_prompt_tokens",
+                 "num_computed_tokens", "num_pending", "pending_row", "max_total_tokens",
+                 "block_table", "block_row", "block_hashes", "num_registered_blocks",
+                 "num_cached_tokens", "status", "generator", "finish_reason", "stop_reason",
+                 "cumulative_logprob", "logprobs", "num_preemptions", "detokenizer",
+                 "_final_text", "stop_hold", "unsent_text", "num_emitted_tokens")
 
     def __init__(self, seq_id: int, request: "Request", index: int,
-                 generator: "torch.Generator | None" = None) -> None:
+                 generator: "torch.Generator | None" = None,
+                 max_model_len: int | None = None) -> None:
         self.seq_id = seq_id
         self.request = request
         self.index = index
@@ -91,10 +64,17 @@ class Sequence:
         self.token_ids: list[int] = list(request.prompt_token_ids)
         self.num_prompt_tokens = len(self.token_ids)
         self.num_computed_tokens = 0
+        self.num_pending = 0          # sampled on the device, not yet in token_ids
+        self.pending_row = -1         # their row in the in-flight step's sampled tokens
+        limit = max_model_len if max_model_len is not None else 1 << 62
+        if self.params.max_tokens is not None:
+            limit = min(limit, self.num_prompt_tokens + self.params.max_tokens)
+        self.max_total_tokens = limit
         self.block_table: list[int] = []
+        self.block_row = -1           # this sequence's row in the block manager's table
         # Chained hashes of this sequence's full blocks (by content; survive preemption)
         # and how many of its current blocks were offered to the prefix cache.
-        self.block_hashes: list[bytes] = []  # chained SHA-256 of full blocks
+        self.block_hashes: list[bytes] = []
         self.num_registered_blocks = 0
         self.num_cached_tokens = 0       # prompt tokens served by the prefix cache
         self.status = SequenceStatus.WAITING
@@ -106,9 +86,17 @@ class Sequence:
             [] if self.params.logprobs is not None else None)
         self.num_preemptions = 0
         # Text: incremental (streaming or stop strings) or decoded once at the end.
-        self.detokenizer: IncrementalDetokenizer | None = None
+        self.detokenizer: _BaseDetokenizer | None = None
         self._final_text: str | None = None
-        self.stop_hold = 0  # chars held back while they could start a stop string
+        self.stop_hold = 0         # chars held back while they could start a stop string
+        self.unsent_text = ""      # text not yet handed out by take_delta
+        self.num_emitted_tokens = 0
+
+    def start_detokenizer(self, tokenizer: Any, stop_hold: int = 0) -> None:
+        """Decode incrementally from now on (streaming or stop strings)."""
+        self.detokenizer = make_detokenizer(tokenizer, self.token_ids[:self.num_prompt_tokens],
+                                            self.params.skip_special_tokens)
+        self.stop_hold = stop_hold
 
     # ---------------------------------------------------------------- token views
     @property
@@ -128,6 +116,20 @@ class Sequence:
         return self.status is SequenceStatus.FINISHED
 
     # ---------------------------------------------------------------- text
+    def add_text(self, delta: str) -> None:
+        """Record newly decoded text (the engine's stop check calls this)."""
+        if delta:
+            self.unsent_text += delta
+
+    def cut_text(self, keep_chars: int) -> None:
+        """A stop string matched: keep only the first keep_chars characters of the text.
+        The cut part was never handed out (stop_hold keeps it back)."""
+        det = self.detokenizer
+        drop = det.num_chars - keep_chars
+        det.cut(keep_chars)
+        if drop > 0:
+            self.unsent_text = self.unsent_text[:max(0, len(self.unsent_text) - drop)]
+
     def text(self) -> str:
         """Output text so far (without a partial stop string at the end)."""
         if self.detokenizer is not None:
@@ -149,6 +151,30 @@ class Sequence:
             tok = self.request.tokenizer
             self._final_text = "" if tok is None else tok.decode(
                 self.output_token_ids, skip_special_tokens=self.params.skip_special_tokens)
+            self.unsent_text = self._final_text
+
+    def take_delta(self) -> tuple[list[int], str, list[dict[int, Logprob]] | None]:
+        """(new token ids, new text, new logprobs) since the previous call.
+
+        Text that could still start a stop string stays back until it is resolved, so
+        the concatenated deltas never retract. Without the incremental detokenizer the
+        whole text comes in the delta taken after the sequence finishes.
+        """
+        start = self.num_prompt_tokens + self.num_emitted_tokens
+        ids = self.token_ids[start:]
+        lps = None
+        if self.logprobs is not None:
+            lps = self.logprobs[self.num_emitted_tokens:]
+        self.num_emitted_tokens += len(ids)
+        text = self.unsent_text
+        hold = self.stop_hold if not self.is_finished else 0
+        if hold and text:
+            cut = max(0, len(text) - hold)
+            self.unsent_text = text[cut:]
+            text = text[:cut]
+        else:
+            self.unsent_text = ""
+        return ids, text, lps
 
     def __repr__(self) -> str:
         return (f"Sequence(id={self.seq_id}, request={self.request.request_id!r}, "
@@ -159,55 +185,51 @@ class Sequence:
 class Request:
     """A submitted prompt with its SamplingParams and its ``n`` Sequences."""
 
+    __slots__ = ("request_id", "prompt", "prompt_token_ids", "params", "tokenizer", "seqs",
+                 "arrival_time", "first_token_time", "finish_time", "num_finished")
+
     def __init__(self, request_id: str, prompt: str | None, prompt_token_ids: list[int],
                  params: SamplingParams, tokenizer: Any = None,
                  arrival_time: float | None = None) -> None:
         self.request_id = request_id
         self.prompt = prompt
-        self.prompt_token_ids = list(prompt_token_ids)
+        self.prompt_token_ids = prompt_token_ids
         self.params = params
         self.tokenizer = tokenizer
         self.seqs: list[Sequence] = []
         self.arrival_time = time.perf_counter() if arrival_time is None else arrival_time
         self.first_token_time: float | None = None
         self.finish_time: float | None = None
-        # Lengths already delivered to a streaming consumer (for delta fields).
-        self._sent_text: list[int] = []
-        self._sent_tokens: list[int] = []
+        self.num_finished = 0
 
     @property
     def finished(self) -> bool:
         return all(s.is_finished for s in self.seqs)
 
-    def to_output(self, delta: bool = False) -> RequestOutput:
-        """A snapshot of this request (copies; safe to hand to another thread).
+    @property
+    def num_cached_tokens(self) -> int:
+        return max((s.num_cached_tokens for s in self.seqs), default=0)
 
-        delta=True fills delta_text/delta_token_ids with what is new since the previous
-        delta snapshot (and remembers the new lengths).
-        """
-        if len(self._sent_text) != len(self.seqs):
-            self._sent_text = [0] * len(self.seqs)
-            self._sent_tokens = [0] * len(self.seqs)
+    @property
+    def metrics(self) -> dict[str, Any]:
+        return {"arrival_time": self.arrival_time, "first_token_time": self.first_token_time,
+                "finished_time": self.finish_time,
+                "num_preemptions": sum(s.num_preemptions for s in self.seqs)}
+
+    def to_output(self) -> RequestOutput:
+        """A full (cumulative) snapshot of this request; the lists are copies."""
         outs = []
-        for i, s in enumerate(self.seqs):
+        for s in self.seqs:
             text = s.text()
             ids = s.output_token_ids
-            if delta:
-                d_text, d_ids = text[self._sent_text[i]:], ids[self._sent_tokens[i]:]
-                self._sent_text[i], self._sent_tokens[i] = len(text), len(ids)
-            else:
-                d_text, d_ids = text, ids
             want_lp = s.params.logprobs is not None
             outs.append(CompletionOutput(
                 index=s.index, text=text, token_ids=ids,
                 cumulative_logprob=s.cumulative_logprob if want_lp else None,
                 logprobs=list(s.logprobs) if s.logprobs is not None else None,
                 finish_reason=s.finish_reason, stop_reason=s.stop_reason,
-                delta_text=d_text, delta_token_ids=d_ids))
-        metrics = {"arrival_time": self.arrival_time, "first_token_time": self.first_token_time,
-                   "finished_time": self.finish_time,
-                   "num_preemptions": sum(s.num_preemptions for s in self.seqs)}
-        cached = max((s.num_cached_tokens for s in self.seqs), default=0)
+                delta_text=text, delta_token_ids=ids))
         return RequestOutput(request_id=self.request_id, prompt=self.prompt,
                              prompt_token_ids=list(self.prompt_token_ids), outputs=outs,
-                             finished=self.finished, metrics=metrics, num_cached_tokens=cached)
+                             finished=self.finished, metrics=self.metrics,
+                             num_cached_tokens=self.num_cached_tokens)
