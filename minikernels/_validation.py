@@ -60,6 +60,14 @@ def check_last_dim_contiguous(name: str, t: torch.Tensor) -> None:
                          f"{tuple(t.stride())}")
 
 
+def last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
+    """A read-only input whose last dim is strided -> a compact copy (kernels read rows with
+    unit stride); any other view passes through with its own strides."""
+    if t.numel() > 0 and t.dim() > 0 and t.shape[-1] > 1 and t.stride(-1) != 1:
+        return t.contiguous()
+    return t
+
+
 def check_contiguous(name: str, t: torch.Tensor) -> None:
     if not t.is_contiguous():
         raise ValueError(f"{name} must be contiguous, got shape {tuple(t.shape)} with strides "

@@ -70,11 +70,13 @@ def to_paged(k, v, lens_k, block_size, seed=0, spare_blocks=3):
     return kc, vc, table.to(k.device)
 
 
-def expected(q, k, v, cu_q, cu_k, causal=True, scale=None, window_left=-1, softcap=0.0):
+def expected(q, k, v, cu_q, cu_k, causal=True, scale=None, window_left=-1, softcap=0.0,
+             window_right=-1):
     """fp32 reference on the same (rounded) inputs -> (out in q.dtype, lse)."""
     scale = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
     out, lse = reference.flash_attention(q.float(), k.float(), v.float(), cu_q, cu_k, 0, 0,
-                                         causal, scale, window_left, softcap, None)
+                                         causal, scale, window_left, softcap, None,
+                                         window_right)
     return out.to(q.dtype), lse
 
 
@@ -114,7 +116,7 @@ def varlen_case(draw):
     lens_k, lens_q = [], []
     for _ in range(batch):
         lk = draw(LENGTHS)
-        lq = draw(st.integers(0, lk)) if causal else draw(LENGTHS)
+        lq = draw(LENGTHS)  # causal with Lq > Lk too (FlashAttention >= 2.1)
         lens_k.append(lk)
         lens_q.append(lq)
     hq, hkv = draw(st.sampled_from([(1, 1), (2, 2), (4, 2), (4, 1), (3, 1)]))
@@ -123,8 +125,9 @@ def varlen_case(draw):
         d=draw(st.sampled_from([16, 32, 64, 40])),
         dtype=draw(st.sampled_from([torch.float16, torch.bfloat16, torch.float32])),
         window_left=draw(st.sampled_from([-1, -1, 0, 6, 19])),
+        window_right=draw(st.sampled_from([-1, -1, 0, 3, 20])),
         softcap=draw(st.sampled_from([0.0, 0.0, 2.5])),
-        paged=draw(st.sampled_from([0, 0, 8, 16, 32])),
+        paged=draw(st.sampled_from([0, 0, 1, 5, 8, 12, 16, 32])),
         tile=draw(st.sampled_from([(16, 16), (32, 16), (16, 32)])),
         seed=draw(st.integers(0, 2**16)))
 
@@ -136,8 +139,9 @@ def test_random_varlen_matches_reference(device, case):
     q, k, v, cu_q, cu_k = make_batch(c["lens_q"], c["lens_k"], c["hq"], c["hkv"], c["d"],
                                      c["dtype"], device, c["seed"])
     ref_out, ref_lse = expected(q, k, v, cu_q, cu_k, c["causal"], None, c["window_left"],
-                                c["softcap"])
-    kw = dict(causal=c["causal"], window_left=c["window_left"], softcap=c["softcap"])
+                                c["softcap"], c["window_right"])
+    kw = dict(causal=c["causal"], window_left=c["window_left"], softcap=c["softcap"],
+              window_right=c["window_right"])
     kk, vv, table = k, v, None
     if c["paged"]:
         kk, vv, table = to_paged(k, v, c["lens_k"], c["paged"], c["seed"])
@@ -334,9 +338,16 @@ def _bad_cases(device):
         ("q int", call(q=q.to(torch.int32)), TypeError, "q must have dtype"),
         ("k/v head dim", call(k=k[..., :32], v=v[..., :32]), ValueError, "head dim"),
         ("max_seqlen_q small", call(max_seqlen_q=5), ValueError, "max_seqlen_q"),
-        ("causal Lq > Lk", call(cu_seqlens_k=cu([3, 7], device), max_seqlen_k=7), ValueError,
-         "Lq <= Lk"),
         ("window", call(window_left=-2), ValueError, "window_left"),
+        ("window_right", call(window_right=-3), ValueError, "window_right"),
+        ("window_right type", call(window_right=1.5), TypeError, "window_right"),
+        ("block_size 300", call(k=torch.zeros(2, 300, 2, 64, dtype=q.dtype, device=device),
+                                v=torch.zeros(2, 300, 2, 64, dtype=q.dtype, device=device),
+                                block_table=table[:, :1]), ValueError, "block_size"),
+        ("k_scale unpaged", call(k_scale=1.0, v_scale=1.0), ValueError, "fp8 paged"),
+        ("fp8 unpaged", call(k=k.to(torch.float8_e4m3fn)), TypeError, "k must have dtype"),
+        ("fp8 no scale", call(k=kc.to(torch.float8_e4m3fn), v=vc.to(torch.float8_e4m3fn),
+                              block_table=table), ValueError, "k_scale is required"),
         ("softcap", call(softcap=-1.0), ValueError, "softcap"),
         ("block_table int64", call(k=kc, v=vc, block_table=table.long()), TypeError,
          "block_table"),
@@ -346,7 +357,8 @@ def _bad_cases(device):
          "block_table"),
         ("paged k 3-D", call(block_table=table), ValueError, "k must be 4-D"),
         ("q 2-D", call(q=q[:, 0]), ValueError, "q must be 3-D"),
-        ("q last dim strided", call(q=q.transpose(1, 2).contiguous().transpose(1, 2)),
+        ("paged k last dim strided", call(k=kc.transpose(2, 3).contiguous().transpose(2, 3),
+                                          v=vc, block_table=table),
          ValueError, "contiguous in its last dim"),
     ]
 

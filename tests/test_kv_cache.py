@@ -28,7 +28,7 @@ def _tokens(t: int, hkv: int, d: int, dtype, device, strided: bool):
 @given(data=st.data())
 def test_write_matches_reference(backend, device, data):
     dtype = data.draw(st.sampled_from([torch.float16, torch.bfloat16, torch.float32]))
-    block_size = data.draw(st.sampled_from([8, 16, 32]))
+    block_size = data.draw(st.sampled_from([1, 5, 8, 16, 24, 32]))
     hkv = data.draw(st.sampled_from([1, 2, 3]))
     d = data.draw(st.sampled_from([64, 80, 128]))
     num_blocks = data.draw(st.integers(2, 6))
@@ -119,11 +119,26 @@ def test_write_errors(device):
     with pytest.raises(ValueError, match="slot_mapping must have shape"):
         mk.ops.write_kv_cache(k, v, kc, vc, ok[:2])
     with pytest.raises(ValueError, match="block_size"):
-        bad = torch.zeros(2, 12, 2, 64, dtype=torch.float16, device=device)
+        bad = torch.zeros(1, 257, 2, 64, dtype=torch.float16, device=device)
         mk.ops.write_kv_cache(k, v, bad, bad.clone(), ok)
-    with pytest.raises(ValueError, match="contiguous"):
-        wide = torch.zeros(2, 8, 4, 64, dtype=torch.float16, device=device)
-        mk.ops.write_kv_cache(k, v, wide[:, :, :2], wide[:, :, 2:], ok)
+    with pytest.raises(ValueError, match="k_cache must be contiguous in its last dim"):
+        wide = torch.zeros(2, 8, 2, 128, dtype=torch.float16, device=device)
+        mk.ops.write_kv_cache(k, v, wide[..., ::2], vc, ok)
+    with pytest.raises(ValueError, match="k_scale is only for fp8 caches"):
+        mk.ops.write_kv_cache(k, v, kc, vc, ok, k_scale=1.0, v_scale=1.0)
+    f8 = kc.to(torch.float8_e4m3fn)
+    with pytest.raises(ValueError, match="k_scale is required"):
+        mk.ops.write_kv_cache(k, v, f8, f8.clone(), ok)
+    with pytest.raises(ValueError, match="v_scale must have 1 .* or 2"):
+        mk.ops.write_kv_cache(k, v, f8, f8.clone(), ok, k_scale=1.0,
+                              v_scale=torch.ones(3, device=device))
+    with pytest.raises(TypeError, match="k_scale must have dtype"):
+        mk.ops.write_kv_cache(k, v, f8, f8.clone(), ok, v_scale=1.0,
+                              k_scale=torch.ones(2, dtype=torch.float16, device=device))
+    with pytest.raises(ValueError, match="k_scale must be finite and > 0"):
+        mk.ops.write_kv_cache(k, v, f8, f8.clone(), ok, k_scale=0.0, v_scale=1.0)
+    with pytest.raises(TypeError, match="v_cache must have the dtype of k_cache"):
+        mk.ops.write_kv_cache(k, v, f8, vc, ok, k_scale=1.0, v_scale=1.0)
 
 
 @pytest.mark.parametrize("backend", ["reference", *kernel_backends()])

@@ -8,7 +8,7 @@ from . import reference
 from .activation import silu_and_mul
 from .attention import flash_attention, flash_attention_bshd
 from .int4 import int4_matmul
-from .kv_cache import paged_decode_attention, write_kv_cache
+from .kv_cache import merge_attn_states, paged_decode_attention, write_kv_cache
 from .norm import rms_norm
 from .rotary import build_rope_cache, rotary_embedding
 
@@ -16,6 +16,7 @@ __all__ = [
     "build_rope_cache",
     "flash_attention",
     "int4_matmul",
+    "merge_attn_states",
     "paged_decode_attention",
     "reference",
     "rms_norm",

@@ -5,7 +5,7 @@ import torch
 from torch import Tensor
 
 from .. import backend as _backend
-from .._validation import FLOAT_DTYPES, check_last_dim_contiguous, check_tensor
+from .._validation import FLOAT_DTYPES, check_tensor, last_dim_contiguous
 from . import reference
 
 
@@ -27,5 +27,5 @@ def silu_and_mul(x: Tensor) -> Tensor:
     check_tensor("x", x, dtypes=FLOAT_DTYPES, min_ndim=1)
     if x.shape[-1] % 2:
         raise ValueError(f"x last dim must be even (gate and up halves), got {x.shape[-1]}")
-    check_last_dim_contiguous("x", x)
+    x = last_dim_contiguous(x)
     return torch.ops.minikernels.silu_and_mul(x)

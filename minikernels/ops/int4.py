@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from .. import backend as _backend
-from .._validation import HALF_DTYPES, check_last_dim_contiguous, check_shape, check_tensor
+from .._validation import HALF_DTYPES, check_shape, check_tensor, last_dim_contiguous
 from . import _alloc, reference
 
 CUDA_MAX_M = 16     # the CUDA decode kernel handles M <= 16 (two n8 MMA tiles)
@@ -90,7 +90,7 @@ def int4_matmul(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, group
                 bias: Tensor | None = None) -> Tensor:
     """y = x @ W.T (+ bias) with W [N, K] stored as int4 (see module docstring).
 
-    x [..., K] fp16/bf16 (last dim contiguous); qweight int32 [N, K/8]; scales and zeros
+    x [..., K] fp16/bf16 (any strides); qweight int32 [N, K/8]; scales and zeros
     [N, K/G] fp16 or bf16 (converted to x.dtype by the kernels); group_size a positive
     multiple of 8 dividing K (32, 64, 128 typical) or -1 (per channel); N a multiple of 8;
     bias [N] or None. Returns [..., N] in x.dtype (fp32 accumulation). M = 0 rows is fine.
@@ -105,7 +105,7 @@ def int4_matmul(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, group
         check_tensor("bias", bias, dtypes=(x.dtype, scales.dtype, torch.float32), ndim=1,
                      device=x.device)
         check_shape("bias", bias, [n])
-    check_last_dim_contiguous("x", x)
+    x = last_dim_contiguous(x)
     x2 = x.reshape(-1, k)
     if x2.shape[0] > 1 and x2.stride(0) < k:    # e.g. expanded rows: give the kernels real rows
         x2 = x2.contiguous()

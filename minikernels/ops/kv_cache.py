@@ -2,12 +2,20 @@
 
 Ops: ``minikernels::write_kv_cache`` (mutates the caches) and
 ``minikernels::paged_decode_attention``. Cache layout per layer: k_cache, v_cache
-[num_blocks, block_size, Hkv, D]; slot = block * block_size + offset (vLLM's slot_mapping),
-slot -1 skips a token (padding rows of a captured CUDA graph).
+[num_blocks, block_size, Hkv, D], block_size any size in [1, 256], each cache with its own
+strides (last dim contiguous: e.g. the k and v views of vLLM's [num_blocks, 2, block_size,
+Hkv, D]); slot = block * block_size + offset (vLLM's slot_mapping), slot -1 skips a token
+(padding rows of a captured CUDA graph).
+
+FP8 KV cache: caches of dtype float8_e4m3fn with float32 ``k_scale`` / ``v_scale`` (1
+element per tensor, or Hkv per kv head), vLLM's convention: stored * scale ~= original.
+write_kv_cache stores fp8(clamp(x / scale, +-448)) (round to nearest even, saturating); the
+attention kernels dequantize on the fly. Half the bytes of bf16: twice the tokens.
 
 Backends:
     write_kv_cache          reference; triton (ops/triton/kv_cache.py); cuda
-                            (csrc/kv_cache.cu, a dtype-agnostic row copy; auto prefers it).
+                            (csrc/kv_cache.cu, a row copy, or fp8 quantization; opt in
+                            with use_backend("cuda") until validated on a GPU).
     paged_decode_attention  reference; triton (ops/triton/paged_attention.py, tensor cores,
                             fp16/bf16; auto's choice on CUDA); cuda
                             (csrc/paged_attention.cu, fp16/bf16, GQA group <= 8,
@@ -33,10 +41,11 @@ from torch import Tensor
 
 from .. import backend as _backend
 from .._validation import (FLOAT_DTYPES, HALF_DTYPES, check_index_range,
-                           check_last_dim_contiguous, check_positive_float, check_shape,
+                           check_positive_float, check_shape, last_dim_contiguous,
                            check_tensor)
 from . import _alloc, reference
-from .attention import check_block_table, check_head_dim, check_paged_cache
+from .attention import (check_block_table, check_head_dim, check_kv_scales,
+                        check_paged_cache)
 
 #: Split-KV heuristic: aim for this many programs per SM, no split shorter than this.
 _PROGRAMS_PER_SM = 8
@@ -48,9 +57,10 @@ _CUDA_MAX_GROUP = 8
 
 
 def _kernel_ok(q: Tensor, k_cache: Tensor, v_cache: Tensor) -> bool:
-    """GPU kernels read cache rows as 16-byte vectors: fp16/bf16, aligned rows."""
+    """GPU kernels read cache rows as 16-byte vectors: fp16/bf16 q, 16-byte aligned rows."""
     return (q.dtype in HALF_DTYPES
-            and all(c.data_ptr() % 16 == 0 and all(s % 8 == 0 for s in c.stride()[:3])
+            and all(c.data_ptr() % 16 == 0
+                    and all(s * c.element_size() % 16 == 0 for s in c.stride()[:3])
                     for c in (k_cache, v_cache)))
 
 
@@ -100,31 +110,36 @@ def plan_splits(batch: int, kv_heads: int, max_tokens: int, head_dim: int, num_s
 
 @torch.library.custom_op("minikernels::write_kv_cache", mutates_args=("k_cache", "v_cache"))
 def _write_kv_cache(k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor,
-                    slot_mapping: Tensor) -> None:
+                    slot_mapping: Tensor, k_scale: Tensor | None = None,
+                    v_scale: Tensor | None = None) -> None:
+    # Triton is auto's choice until a GPU run validates the CUDA kernel (opt in: "cuda").
     which = _backend.resolve("write_kv_cache", k.device,
-                             cuda_ok=lambda: _ext_has("write_kv_cache"), prefer_cuda=True)
+                             cuda_ok=lambda: _ext_has("write_kv_cache"), prefer_cuda=False)
     if which != "reference":
         slot_mapping = slot_mapping.contiguous()  # the kernels index slot_ptr + token
     if which == "cuda":
         if k.shape[0] > 0:
             _backend.cuda_extension().write_kv_cache(k, v, k_cache, v_cache, slot_mapping,
-                                                     _stream(k.device))
+                                                     k_scale, v_scale, _stream(k.device))
     elif which == "triton":
         from .triton import kv_cache as triton_kv
-        triton_kv.write_kv_cache(k, v, k_cache, v_cache, slot_mapping)
+        triton_kv.write_kv_cache(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale)
     else:
-        reference.write_kv_cache(k, v, k_cache, v_cache, slot_mapping)
+        reference.write_kv_cache(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale)
 
 
 @_write_kv_cache.register_fake
-def _(k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, slot_mapping: Tensor) -> None:
+def _(k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, slot_mapping: Tensor,
+      k_scale: Tensor | None = None, v_scale: Tensor | None = None) -> None:
     return None
 
 
 @torch.library.custom_op("minikernels::paged_decode_attention", mutates_args=())
 def _paged_decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_table: Tensor,
                             seq_lens: Tensor, softmax_scale: float, window_left: int,
-                            softcap: float, num_splits: int, split_size: int = 0) -> Tensor:
+                            softcap: float, num_splits: int, split_size: int = 0,
+                            k_scale: Tensor | None = None,
+                            v_scale: Tensor | None = None) -> tuple[Tensor, Tensor]:
     d, hkv = q.shape[2], k_cache.shape[2]
 
     def cuda_ok() -> bool:
@@ -135,11 +150,12 @@ def _paged_decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_t
     which = _backend.resolve("paged_decode_attention", q.device, cuda_ok=cuda_ok,
                              prefer_cuda=False)
     if which != "reference" and q.is_cuda and not _kernel_ok(q, k_cache, v_cache):
-        which = "reference"  # kernels: fp16/bf16 caches with 16-byte aligned rows
+        which = "reference"  # kernels: fp16/bf16 q, caches with 16-byte aligned rows
     if which == "reference":
-        return reference.paged_decode_attention(q, k_cache, v_cache, block_table, seq_lens,
-                                                softmax_scale, window_left,
-                                                softcap).contiguous()
+        out, lse = reference.paged_decode_attention(q, k_cache, v_cache, block_table, seq_lens,
+                                                    softmax_scale, window_left, softcap,
+                                                    k_scale, v_scale)
+        return out.contiguous(), lse
     # The kernels read seq_lens[b] and block_table[b * stride(0) + i]: unit inner strides.
     seq_lens = seq_lens.contiguous()
     if block_table.shape[1] > 1 and block_table.stride(1) != 1:
@@ -150,47 +166,54 @@ def _paged_decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_t
     if which == "cuda":
         return _paged_decode_cuda(q, k_cache, v_cache, block_table, seq_lens, softmax_scale,
                                   window_left, softcap, grid_splits, n_rule, size_rule,
-                                  use_split)
+                                  use_split, k_scale, v_scale)
     from .triton import paged_attention as triton_paged
     return triton_paged.paged_decode_attention(
         q, k_cache, v_cache, block_table, seq_lens, softmax_scale, window_left, softcap,
-        grid_splits, n_rule, size_rule, use_split)
+        grid_splits, n_rule, size_rule, use_split, k_scale, v_scale)
 
 
 def _paged_decode_cuda(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_table: Tensor,
                        seq_lens: Tensor, scale: float, window_left: int, softcap: float,
-                       grid_splits: int, num_splits: int, split_size: int,
-                       use_split: bool) -> Tensor:
+                       grid_splits: int, num_splits: int, split_size: int, use_split: bool,
+                       k_scale: Tensor | None, v_scale: Tensor | None
+                       ) -> tuple[Tensor, Tensor]:
     bsz, hq, d = q.shape
     out = _alloc.empty((bsz, hq, d), q.dtype, q.device)
+    lse = _alloc.empty((bsz, hq), torch.float32, q.device)
     if bsz == 0:
-        return out
+        return out, lse
     if use_split:
         opart = _alloc.empty((bsz, hq, grid_splits, d), torch.float32, q.device)
-        lse = _alloc.empty((bsz, hq, grid_splits), torch.float32, q.device)
+        lse_part = _alloc.empty((bsz, hq, grid_splits), torch.float32, q.device)
     else:
-        opart = lse = None
+        opart = lse_part = None
     _backend.cuda_extension().paged_decode_attention(
-        out, q, k_cache, v_cache, block_table, seq_lens, opart, lse, float(scale),
-        float(softcap), min(int(window_left), 2**31 - 1), int(num_splits),
-        min(int(split_size), 2**30), int(grid_splits),
-        _stream(q.device))
-    return out
+        out, lse, q, k_cache, v_cache, block_table, seq_lens, opart, lse_part, k_scale,
+        v_scale, float(scale), float(softcap), min(int(window_left), 2**31 - 1),
+        int(num_splits), min(int(split_size), 2**30), int(grid_splits), _stream(q.device))
+    return out, lse
 
 
 @_paged_decode_attention.register_fake
 def _(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_table: Tensor, seq_lens: Tensor,
       softmax_scale: float, window_left: int, softcap: float, num_splits: int,
-      split_size: int = 0) -> Tensor:
-    return torch.empty(q.shape, dtype=q.dtype, device=q.device)
+      split_size: int = 0, k_scale: Tensor | None = None,
+      v_scale: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    return (torch.empty(q.shape, dtype=q.dtype, device=q.device),
+            torch.empty((q.shape[0], q.shape[1]), dtype=torch.float32, device=q.device))
 
 
 def write_kv_cache(k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor,
-                   slot_mapping: Tensor) -> None:
+                   slot_mapping: Tensor, k_scale: Tensor | float | None = None,
+                   v_scale: Tensor | float | None = None) -> None:
     """Write each token's K/V into its cache slot, in place.
 
-    k, v [T, Hkv, D]; k_cache, v_cache [num_blocks, block_size, Hkv, D] (same dtype as k);
-    slot_mapping int32/int64 [T] with slot = block * block_size + offset, -1 = skip.
+    k, v [T, Hkv, D] (any strides); k_cache, v_cache [num_blocks, block_size, Hkv, D]
+    (block_size 1..256, each with its own strides, last dim contiguous) of k's dtype, or
+    float8_e4m3fn with float32 k_scale / v_scale (1 or Hkv elements): the caches then hold
+    fp8(clamp(k / k_scale, +-448)). slot_mapping int32/int64 [T] with
+    slot = block * block_size + offset, -1 = skip.
     """
     check_tensor("k", k, dtypes=FLOAT_DTYPES, ndim=3)
     check_tensor("v", v, dtypes=(k.dtype,), ndim=3, device=k.device)
@@ -198,33 +221,37 @@ def write_kv_cache(k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor,
     check_paged_cache(("k_cache", "v_cache"), k_cache, v_cache, k.dtype, k.device, k.shape[2])
     if k_cache.shape[2] != k.shape[1]:
         raise ValueError(f"k has {k.shape[1]} heads but k_cache has {k_cache.shape[2]}")
-    for name, c in (("k_cache", k_cache), ("v_cache", v_cache)):
-        if not c.is_contiguous():
-            raise ValueError(f"{name} must be contiguous")
+    k_scale, v_scale = check_kv_scales(("k_cache", "v_cache"), k_cache, k_scale, v_scale)
     check_tensor("slot_mapping", slot_mapping, dtypes=(torch.int32, torch.int64), ndim=1,
                  device=k.device)
     check_shape("slot_mapping", slot_mapping, [k.shape[0]])
-    check_last_dim_contiguous("k", k)
-    check_last_dim_contiguous("v", v)
+    k, v = last_dim_contiguous(k), last_dim_contiguous(v)
     check_index_range("slot_mapping", slot_mapping, -1, k_cache.shape[0] * k_cache.shape[1])
-    torch.ops.minikernels.write_kv_cache(k, v, k_cache, v_cache, slot_mapping)
+    torch.ops.minikernels.write_kv_cache(k, v, k_cache, v_cache, slot_mapping, k_scale,
+                                         v_scale)
 
 
 def paged_decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_table: Tensor,
                            seq_lens: Tensor, softmax_scale: float | None = None,
                            window_left: int = -1, softcap: float = 0.0,
-                           num_splits: int = 0, *, split_size: int = 0) -> Tensor:
+                           num_splits: int = 0, *, split_size: int = 0,
+                           return_lse: bool = False, k_scale: Tensor | float | None = None,
+                           v_scale: Tensor | float | None = None
+                           ) -> Tensor | tuple[Tensor, Tensor]:
     """Decode attention: one query per sequence over its paged KV cache.
 
-    q [B, Hq, D]; k_cache, v_cache [num_blocks, block_size, Hkv, D] (q's dtype);
+    q [B, Hq, D]; k_cache, v_cache [num_blocks, block_size, Hkv, D] (block_size 1..256,
+    each with its own strides, last dim contiguous) of q's dtype, or float8_e4m3fn with
+    float32 k_scale / v_scale (1 or Hkv elements; keys are k_cache * k_scale);
     block_table int32 [B, max_blocks]; seq_lens int32 [B] (cached tokens, the new one
     included). num_splits: 0 = heuristic split-KV, > 0 = that many KV splits per sequence.
     split_size (keyword): > 0 = fixed tokens per split (rounded up to the kernel tile,
     overrides num_splits). With num_splits > 0 or split_size > 0 a sequence's output is
     bitwise independent of the batch it is in (batch-invariant mode). softcap > 0 applies
     softcap * tanh(s / softcap) to the scaled scores; window_left >= 0 keeps the last
-    window_left + 1 tokens. Returns [B, Hq, D] in q.dtype (contiguous); a sequence with
-    seq_len 0 gets zeros.
+    window_left + 1 tokens. Returns out [B, Hq, D] in q.dtype (contiguous); a sequence with
+    seq_len 0 gets zeros. With return_lse also the natural-log LSE [B, Hq] fp32 of each
+    row's scores (-inf for seq_len 0), so partial states merge (:func:`merge_attn_states`).
     """
     check_tensor("q", q, dtypes=FLOAT_DTYPES, ndim=3)
     d = q.shape[2]
@@ -233,7 +260,8 @@ def paged_decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_ta
     hq, hkv = q.shape[1], k_cache.shape[2]
     if hq % hkv:
         raise ValueError(f"q heads ({hq}) must be a multiple of cache kv heads ({hkv})")
-    check_last_dim_contiguous("q", q)
+    k_scale, v_scale = check_kv_scales(("k_cache", "v_cache"), k_cache, k_scale, v_scale)
+    q = last_dim_contiguous(q)
     check_tensor("seq_lens", seq_lens, dtypes=(torch.int32,), ndim=1, device=q.device)
     check_shape("seq_lens", seq_lens, [q.shape[0]])
     check_index_range("seq_lens", seq_lens, 0, 2**31 - 1)
@@ -244,11 +272,29 @@ def paged_decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_ta
     if not isinstance(split_size, int) or isinstance(split_size, bool) or split_size < 0:
         raise ValueError(f"split_size must be an int >= 0 (tokens per split), got "
                          f"{split_size!r}")
-    if not isinstance(window_left, int) or window_left < -1:
+    if not isinstance(window_left, int) or isinstance(window_left, bool) or window_left < -1:
         raise ValueError(f"window_left must be -1 (no window) or >= 0, got {window_left!r}")
     softcap = check_positive_float("softcap", softcap, allow_zero=True)
     scale = (1.0 / math.sqrt(d) if softmax_scale is None
              else check_positive_float("softmax_scale", softmax_scale))
-    return torch.ops.minikernels.paged_decode_attention(
+    out, lse = torch.ops.minikernels.paged_decode_attention(
         q, k_cache, v_cache, block_table, seq_lens, scale, window_left, softcap, num_splits,
-        split_size)
+        split_size, k_scale, v_scale)
+    return (out, lse) if return_lse else out
+
+
+def merge_attn_states(out_a: Tensor, lse_a: Tensor, out_b: Tensor,
+                      lse_b: Tensor) -> tuple[Tensor, Tensor]:
+    """Merge two attention states over disjoint key sets (cascade / split attention).
+
+    out_* [..., H, D], lse_* [..., H] natural-log fp32 (as paged_decode_attention and,
+    transposed, flash_attention return them). Returns (out, lse) of attention over both key
+    sets; a state with lse -inf (no keys) contributes nothing. Plain PyTorch (fp32 math).
+    """
+    check_tensor("out_a", out_a, dtypes=FLOAT_DTYPES, min_ndim=2)
+    check_tensor("out_b", out_b, dtypes=(out_a.dtype,), device=out_a.device)
+    check_shape("out_b", out_b, list(out_a.shape))
+    for name, lse in (("lse_a", lse_a), ("lse_b", lse_b)):
+        check_tensor(name, lse, dtypes=(torch.float32,), device=out_a.device)
+        check_shape(name, lse, list(out_a.shape[:-1]))
+    return reference.merge_attention_states(out_a, lse_a, out_b, lse_b)

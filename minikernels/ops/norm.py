@@ -9,8 +9,8 @@ import torch
 from torch import Tensor
 
 from .. import backend as _backend
-from .._validation import (FLOAT_DTYPES, check_last_dim_contiguous, check_positive_float,
-                           check_same_dtype, check_shape, check_tensor)
+from .._validation import (FLOAT_DTYPES, check_positive_float, check_same_dtype,
+                           check_shape, check_tensor, last_dim_contiguous)
 from . import _alloc, reference
 
 
@@ -73,14 +73,14 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float = 1e-6,
              residual: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor]:
     """RMSNorm over the last dim, optionally after adding a residual.
 
-    x [..., H] fp16/bf16/fp32 (last dim contiguous); weight [H] (any float dtype);
+    x [..., H] fp16/bf16/fp32 (any strides); weight [H] (any float dtype);
     residual: like x or None. Returns y [..., H] in x.dtype, or with a residual the pair
     (rms_norm(x + residual), x + residual), the sum rounded to x.dtype (the next residual).
     """
     check_tensor("x", x, dtypes=FLOAT_DTYPES, min_ndim=1)
     check_tensor("weight", weight, dtypes=FLOAT_DTYPES, ndim=1, device=x.device)
     check_shape("weight", weight, [x.shape[-1]])
-    check_last_dim_contiguous("x", x)
+    x = last_dim_contiguous(x)
     weight = weight.contiguous()
     eps = check_positive_float("eps", eps)
     if residual is None:
@@ -88,5 +88,5 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float = 1e-6,
     check_tensor("residual", residual, device=x.device)
     check_same_dtype(("x", "residual"), (x, residual))
     check_shape("residual", residual, list(x.shape))
-    check_last_dim_contiguous("residual", residual)
+    residual = last_dim_contiguous(residual)
     return torch.ops.minikernels.fused_add_rms_norm(x, residual, weight, eps)

@@ -6,7 +6,11 @@ and never mutates its inputs, except ``write_kv_cache`` which writes the caches.
 
 Layouts (FlashAttention / vLLM conventions):
     varlen tokens      [total_tokens, heads, head_dim], int32 cu_seqlens [batch + 1]
-    paged KV cache     [num_blocks, block_size, kv_heads, head_dim]
+    paged KV cache     [num_blocks, block_size, kv_heads, head_dim], any strides (last dim
+                       contiguous), block_size 1..256; fp16/bf16/fp32, or float8_e4m3fn
+                       with float32 scales k_scale / v_scale of numel 1 (per tensor) or
+                       kv_heads (per head): stored * scale ~= original (vLLM's convention);
+                       writing quantizes with saturation: fp8(clamp(x / scale, +-448))
     block_table        int32 [batch, max_blocks_per_seq]
     slot_mapping       slot = block * block_size + offset; -1 = skip
     int4 weight        qweight int32 [N, K // 8]: nibble j (bits 4j..4j+3) of word w holds
@@ -108,11 +112,13 @@ def int4_matmul(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, group
 
 
 def _attend(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool, window_left: int,
-            softcap: float) -> tuple[Tensor, Tensor]:
+            softcap: float, window_right: int = -1) -> tuple[Tensor, Tensor]:
     """One sequence. q [Lq, Hq, D], k/v [Lk, Hkv, D] -> (out [Lq, Hq, D] fp32, lse [Hq, Lq]).
 
-    Query i sits at absolute position i + Lk - Lq (bottom-right alignment). It sees key j
-    when j <= i + Lk - Lq (causal) and j >= i + Lk - Lq - window_left (window_left >= 0).
+    Query i sits at absolute position p = i + Lk - Lq (bottom-right alignment; with Lq > Lk
+    the first Lq - Lk queries sit before every key). It sees key j when j <= p (causal),
+    j >= p - window_left (window_left >= 0) and j <= p + window_right (window_right >= 0;
+    causal is window_right = 0 and takes precedence, as in FlashAttention).
     A query that sees no key gets output 0 and lse -inf.
     """
     lq, hq, d = q.shape
@@ -129,6 +135,8 @@ def _attend(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool, window_
     visible = torch.ones(lq, lk, dtype=torch.bool, device=q.device)
     if causal:
         visible &= kpos <= qpos
+    elif window_right >= 0:
+        visible &= kpos <= qpos + window_right
     if window_left >= 0:
         visible &= kpos >= qpos - window_left
     s = s.masked_fill(~visible, float("-inf"))
@@ -140,25 +148,39 @@ def _attend(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool, window_
     return out, lse
 
 
-def gather_paged(cache: Tensor, block_row: Tensor, length: int) -> Tensor:
-    """Read tokens 0..length-1 of one sequence from a paged cache -> [length, Hkv, D]."""
+def dequantize_kv(rows: Tensor, scale: Tensor | None) -> Tensor:
+    """Cache rows [..., Hkv, D] -> fp32; fp8 rows times their (per-tensor or per-head) scale."""
+    if scale is None:
+        return rows.float()
+    return rows.float() * scale.float().reshape(-1, 1)   # [1 or Hkv, 1] broadcasts over D
+
+
+def gather_paged(cache: Tensor, block_row: Tensor, length: int,
+                 scale: Tensor | None = None) -> Tensor:
+    """Read tokens 0..length-1 of one sequence from a paged cache -> [length, Hkv, D].
+
+    With ``scale`` (an fp8 cache) the rows come back dequantized in fp32.
+    """
     block_size = cache.shape[1]
     pos = torch.arange(length, device=cache.device)
     blocks = block_row.long()[pos // block_size]
-    return cache[blocks, pos % block_size]
+    rows = cache[blocks, pos % block_size]
+    return rows if scale is None else dequantize_kv(rows, scale)
 
 
 def flash_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
                     max_seqlen_q: int, max_seqlen_k: int, causal: bool = True,
                     softmax_scale: float | None = None, window_left: int = -1,
-                    softcap: float = 0.0, block_table: Tensor | None = None
-                    ) -> tuple[Tensor, Tensor]:
+                    softcap: float = 0.0, block_table: Tensor | None = None,
+                    window_right: int = -1, k_scale: Tensor | None = None,
+                    v_scale: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Varlen attention -> (out [total_q, Hq, D] in q.dtype, lse [Hq, total_q] fp32).
 
     Without block_table: k, v [total_k, Hkv, D] with sequence b at rows
     cu_seqlens_k[b]:cu_seqlens_k[b+1]. With block_table [B, max_blocks]: k, v are paged
     caches [num_blocks, block_size, Hkv, D] and sequence b's keys are its first
-    cu_seqlens_k[b+1] - cu_seqlens_k[b] cached tokens. max_seqlen_* are upper bounds only.
+    cu_seqlens_k[b+1] - cu_seqlens_k[b] cached tokens (fp8 caches are dequantized with
+    k_scale / v_scale). max_seqlen_* are upper bounds only. Masks: see :func:`_attend`.
     """
     d = q.shape[-1]
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(d)
@@ -175,9 +197,9 @@ def flash_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_se
         if block_table is None:
             kb, vb = k[ck[b]:ck[b + 1]], v[ck[b]:ck[b + 1]]
         else:
-            kb = gather_paged(k, block_table[b], lk)
-            vb = gather_paged(v, block_table[b], lk)
-        o, l = _attend(q[q0:q1], kb, vb, scale, causal, window_left, softcap)
+            kb = gather_paged(k, block_table[b], lk, k_scale)
+            vb = gather_paged(v, block_table[b], lk, v_scale)
+        o, l = _attend(q[q0:q1], kb, vb, scale, causal, window_left, softcap, window_right)
         out[q0:q1] = o
         lse[:, q0:q1] = l
     return out.to(q.dtype), lse
@@ -186,32 +208,69 @@ def flash_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_se
 # -------------------------------------------------------------------------- paged KV
 
 
+FP8_E4M3_MAX = 448.0
+
+
+def quantize_kv(x: Tensor, scale: Tensor, dtype: torch.dtype) -> Tensor:
+    """Rows [..., Hkv, D] -> fp8 ``dtype``: round-to-nearest-even of x / scale, saturated."""
+    q = x.float() / scale.float().reshape(-1, 1)
+    return q.clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(dtype)
+
+
 def write_kv_cache(k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor,
-                   slot_mapping: Tensor) -> None:
-    """k_cache.view(-1, Hkv, D)[slot] = k[t] for each token t with slot_mapping[t] >= 0."""
+                   slot_mapping: Tensor, k_scale: Tensor | None = None,
+                   v_scale: Tensor | None = None) -> None:
+    """k_cache[slot // bs, slot % bs] = k[t] (same for v) for each t with slot_mapping[t] >= 0.
+
+    Same-dtype caches get a plain copy; fp8 caches get quantize_kv(k, k_scale).
+    """
     keep = slot_mapping >= 0
     slots = slot_mapping[keep].long()
-    hkv, d = k_cache.shape[2], k_cache.shape[3]
-    k_cache.view(-1, hkv, d)[slots] = k[keep].to(k_cache.dtype)
-    v_cache.view(-1, hkv, d)[slots] = v[keep].to(v_cache.dtype)
+    bs = k_cache.shape[1]
+    blocks, offsets = slots // bs, slots % bs
+    for src, cache, scale in ((k, k_cache, k_scale), (v, v_cache, v_scale)):
+        rows = src[keep]
+        rows = rows.to(cache.dtype) if scale is None else quantize_kv(rows, scale, cache.dtype)
+        cache[blocks, offsets] = rows
 
 
 def paged_decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_table: Tensor,
                            seq_lens: Tensor, softmax_scale: float | None = None,
-                           window_left: int = -1, softcap: float = 0.0) -> Tensor:
-    """One new query per sequence over its paged context -> [B, Hq, D] in q.dtype.
+                           window_left: int = -1, softcap: float = 0.0,
+                           k_scale: Tensor | None = None, v_scale: Tensor | None = None
+                           ) -> tuple[Tensor, Tensor]:
+    """One new query per sequence over its paged context -> (out [B, Hq, D] in q.dtype,
+    lse [B, Hq] fp32, natural log).
 
     q [B, Hq, D]; sequence b attends to its cached tokens 0..seq_lens[b]-1 (its own new
-    token included: the engine writes it first). seq_lens[b] == 0 gives zeros.
+    token included: the engine writes it first). seq_lens[b] == 0 gives zeros and lse -inf.
+    fp8 caches are dequantized with k_scale / v_scale.
     """
     b, hq, d = q.shape
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(d)
     out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+    lse = torch.full((b, hq), float("-inf"), dtype=torch.float32, device=q.device)
     for i, length in enumerate(seq_lens.tolist()):
         if length == 0:
             continue
-        kb = gather_paged(k_cache, block_table[i], length)
-        vb = gather_paged(v_cache, block_table[i], length)
-        o, _ = _attend(q[i:i + 1], kb, vb, scale, True, window_left, softcap)
+        kb = gather_paged(k_cache, block_table[i], length, k_scale)
+        vb = gather_paged(v_cache, block_table[i], length, v_scale)
+        o, l = _attend(q[i:i + 1], kb, vb, scale, True, window_left, softcap)
         out[i] = o[0]
-    return out.to(q.dtype)
+        lse[i] = l[:, 0]
+    return out.to(q.dtype), lse
+
+
+def merge_attention_states(out_a: Tensor, lse_a: Tensor, out_b: Tensor,
+                           lse_b: Tensor) -> tuple[Tensor, Tensor]:
+    """Attention over keys A and B from attention over each: out [..., H, D], lse [..., H].
+
+    out = (e^{lse_a} out_a + e^{lse_b} out_b) / (e^{lse_a} + e^{lse_b}), lse = log of the
+    denominator; a state with lse -inf (no key) contributes nothing.
+    """
+    lse = torch.logaddexp(lse_a.float(), lse_b.float())
+    safe = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)
+    wa = torch.exp(lse_a.float() - safe).nan_to_num(0.0).unsqueeze(-1)
+    wb = torch.exp(lse_b.float() - safe).nan_to_num(0.0).unsqueeze(-1)
+    out = wa * out_a.float() + wb * out_b.float()
+    return out.to(out_a.dtype), lse

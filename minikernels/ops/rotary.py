@@ -12,8 +12,8 @@ import torch
 from torch import Tensor
 
 from .. import backend as _backend
-from .._validation import (FLOAT_DTYPES, check_index_range, check_last_dim_contiguous,
-                           check_tensor)
+from .._validation import (FLOAT_DTYPES, check_index_range, check_tensor,
+                           last_dim_contiguous)
 from . import reference
 
 
@@ -70,7 +70,8 @@ def _rotary_embedding(q: Tensor, k: Tensor, positions: Tensor,
                       cos_sin_cache: Tensor) -> tuple[Tensor, Tensor]:
     if _backend.resolve("rotary_embedding", q.device) == "triton":
         from .triton import rotary
-        return rotary.rotary_embedding(q, k, positions, cos_sin_cache)
+        # the kernel reads positions[token] flat: a strided view gets a compact copy
+        return rotary.rotary_embedding(q, k, positions.contiguous(), cos_sin_cache)
     qo, ko = reference.rotary_embedding(q, k, positions, cos_sin_cache)
     return qo.contiguous(), ko.contiguous()
 
@@ -85,7 +86,7 @@ def rotary_embedding(q: Tensor, k: Tensor, positions: Tensor,
                      cos_sin_cache: Tensor) -> tuple[Tensor, Tensor]:
     """Apply neox-style rotary embedding to q and k; returns new (q, k).
 
-    q [..., Hq, D], k [..., Hkv, D] (fp16/bf16/fp32, same dtype, last dim contiguous);
+    q [..., Hq, D], k [..., Hkv, D] (fp16/bf16/fp32, same dtype, any strides);
     positions int32/int64 with shape q.shape[:-2]; cos_sin_cache [max_position, rot_dim]
     (see :func:`build_rope_cache`), rot_dim even and <= D: the first rot_dim dims of each
     head are rotated, the rest pass through. Outputs are contiguous, shaped like q and k.
@@ -105,8 +106,8 @@ def rotary_embedding(q: Tensor, k: Tensor, positions: Tensor,
     if rot % 2 or rot > q.shape[-1] or rot == 0:
         raise ValueError(f"cos_sin_cache last dim (rot_dim) must be even and <= head dim "
                          f"{q.shape[-1]}, got {rot}")
-    check_last_dim_contiguous("q", q)
-    check_last_dim_contiguous("k", k)
+    q = last_dim_contiguous(q)
+    k = last_dim_contiguous(k)
     check_index_range("positions", positions, 0, cos_sin_cache.shape[0])
     cos_sin_cache = cos_sin_cache.contiguous()
     q3 = q.reshape(-1, *q.shape[-2:])

@@ -2,8 +2,10 @@
 
 Algorithm (FlashAttention-2 forward, one program per (query tile, q head, sequence)):
   1. Load the BLOCK_M x D tile of queries once; find the key range [lo, hi) any of its rows
-     can see (bottom-right causal: query i of Lq sits at position i + Lk - Lq and sees keys
-     j <= position; a window keeps j >= position - window_left). Keys outside are never read.
+     can see (query i of Lq sits at position p = i + Lk - Lq, bottom-right aligned, so with
+     Lq > Lk the first rows sit before every key; a right bound keeps j <= p + window_right,
+     causal being window_right = 0; a left window keeps j >= p - window_left). Keys
+     outside are never read.
   2. Walk that range in BLOCK_N key tiles, in three loops: a masked loop over the window's
      left edge, an unmasked loop over tiles every row sees fully, and a masked loop over the
      diagonal and the end of the sequence (only these pay for the mask).
@@ -14,8 +16,9 @@ Algorithm (FlashAttention-2 forward, one program per (query tile, q head, sequen
      output 0 and lse -inf (m starts finite, so no inf - inf ever makes a NaN).
 GQA: q head h reads kv head h // (Hq // Hkv). Paged mode: key j of sequence b lives in
 cache block block_table[b, j // PAGE_SIZE], slot j % PAGE_SIZE (gathered per key row, so any
-power-of-two page size works with any BLOCK_N). Grid (Hq, B, query tiles), heavy (late)
-query tiles first.
+page size works with any BLOCK_N). FP8 paged caches (KV_SCALE): tiles convert exactly to q's
+dtype; the kv head's k_scale folds into the score scale, its v_scale multiplies acc / l.
+Grid (Hq, B, query tiles), heavy (late) query tiles first.
 """
 from __future__ import annotations
 
@@ -50,10 +53,11 @@ def _kv_rows(offs_n, seqlen_k, bt_row, stride_tok, stride_blk, PAGED: tl.constex
 @triton.jit
 def _attn_tiles(acc, l_i, m_i, q, k_base, v_base, bt_row, start, end, seqlen_k, q_pos, offs_d,
                 stride_kt, stride_kb, stride_vt, stride_vb, qk_scale, cap_in, cap_out,
-                window_left, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
+                window_left, window_right, MASKED: tl.constexpr, RIGHT_BOUND: tl.constexpr,
                 HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, PAGED: tl.constexpr,
                 PAGE_SIZE: tl.constexpr, EVEN_D: tl.constexpr, HEAD_DIM: tl.constexpr,
-                BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+                BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+                KV_SCALE: tl.constexpr):
     """Accumulate key tiles [start, end) into (acc, l_i, m_i); masks only when MASKED."""
     offs_n0 = tl.arange(0, BLOCK_N)
     d_ok = offs_d[None, :] < HEAD_DIM
@@ -75,8 +79,8 @@ def _attn_tiles(acc, l_i, m_i, q, k_base, v_base, bt_row, start, end, seqlen_k, 
             k = tl.load(k_ptrs)
         else:
             k = tl.load(k_ptrs, mask=d_ok, other=0.0)
-        if UPCAST:
-            k = k.to(tl.float32)
+        if KV_SCALE or UPCAST:  # fp8 -> q's dtype is exact; interpreter: fp32
+            k = k.to(q.dtype)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
         if HAS_SOFTCAP:
             # softcap * tanh(scale * s / softcap), with tanh(x) = 1 - 2 / (exp(2x) + 1)
@@ -86,8 +90,8 @@ def _attn_tiles(acc, l_i, m_i, q, k_base, v_base, bt_row, start, end, seqlen_k, 
             s = s * qk_scale
         if MASKED:
             visible = offs_n[None, :] < seqlen_k
-            if CAUSAL:
-                visible = visible & (offs_n[None, :] <= q_pos[:, None])
+            if RIGHT_BOUND:
+                visible = visible & (offs_n[None, :] <= q_pos[:, None] + window_right)
             if HAS_WINDOW:
                 visible = visible & (offs_n[None, :] >= q_pos[:, None] - window_left)
             s = tl.where(visible, s, float("-inf"))
@@ -102,8 +106,8 @@ def _attn_tiles(acc, l_i, m_i, q, k_base, v_base, bt_row, start, end, seqlen_k, 
             v = tl.load(v_ptrs)
         else:
             v = tl.load(v_ptrs, mask=d_ok, other=0.0)
-        if UPCAST:
-            v = v.to(tl.float32)
+        if KV_SCALE or UPCAST:
+            v = v.to(q.dtype)
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
         m_i = m_new
     return acc, l_i, m_i
@@ -114,11 +118,12 @@ def flash_attn_fwd_kernel(
         q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, cu_q_ptr, cu_k_ptr, bt_ptr,
         stride_qt, stride_qh, stride_kt, stride_kh, stride_kb, stride_vt, stride_vh, stride_vb,
         stride_ot, stride_oh, stride_lse, stride_bt, group, qk_scale, cap_in, cap_out,
-        window_left,
+        window_left, window_right, ks_ptr, vs_ptr,
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
-        BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+        BLOCK_N: tl.constexpr, RIGHT_BOUND: tl.constexpr, HAS_WINDOW: tl.constexpr,
         HAS_SOFTCAP: tl.constexpr, PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr,
-        DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+        DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, KV_SCALE: tl.constexpr,
+        SCALE_PER_HEAD: tl.constexpr):
     # grid (Hq, B, query tiles), launched x-fastest: every head and sequence of one tile row
     # runs together (GQA heads share K/V in L2) and the heavy tiles (late in the sequence:
     # more keys under causal) are launched first, so the light ones fill the last wave
@@ -161,9 +166,9 @@ def flash_attn_fwd_kernel(
     pos_last = tl.minimum(start_m * BLOCK_M + BLOCK_M, seqlen_q) - 1 + (seqlen_k - seqlen_q)
     hi = seqlen_k
     full_hi = seqlen_k
-    if CAUSAL:
-        hi = tl.minimum(hi, pos_last + 1)
-        full_hi = tl.minimum(full_hi, pos_first + 1)
+    if RIGHT_BOUND:  # >= 0: rows before every key (Lq > Lk) see nothing
+        hi = tl.maximum(tl.minimum(hi, pos_last + window_right + 1), 0)
+        full_hi = tl.maximum(tl.minimum(full_hi, pos_first + window_right + 1), 0)
     lo = 0
     full_lo = 0
     if HAS_WINDOW:
@@ -176,6 +181,17 @@ def flash_attn_fwd_kernel(
     mid_lo = tl.where(no_full, lo_al, mid_lo)
     mid_hi = tl.where(no_full, lo_al, mid_hi)
 
+    v_scale = 1.0
+    if KV_SCALE:  # fp8 cache: fold the kv head's scales (see module doc)
+        if SCALE_PER_HEAD:
+            k_scale = tl.load(ks_ptr + kv_head)
+            v_scale = tl.load(vs_ptr + kv_head)
+        else:
+            k_scale = tl.load(ks_ptr)
+            v_scale = tl.load(vs_ptr)
+        qk_scale = qk_scale * k_scale
+        cap_in = cap_in * k_scale
+
     m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)  # finite: no inf - inf on empty rows
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
@@ -183,21 +199,21 @@ def flash_attn_fwd_kernel(
         acc, l_i, m_i = _attn_tiles(
             acc, l_i, m_i, q, k_base, v_base, bt_row, lo_al, mid_lo, seqlen_k, q_pos, offs_d,
             stride_kt, stride_kb, stride_vt, stride_vb, qk_scale, cap_in, cap_out, window_left,
-            True, CAUSAL, HAS_WINDOW, HAS_SOFTCAP, PAGED, PAGE_SIZE, EVEN_D, HEAD_DIM, BLOCK_N,
-            DOT_PRECISION, UPCAST)
+            window_right, True, RIGHT_BOUND, HAS_WINDOW, HAS_SOFTCAP, PAGED, PAGE_SIZE, EVEN_D,
+            HEAD_DIM, BLOCK_N, DOT_PRECISION, UPCAST, KV_SCALE)
     acc, l_i, m_i = _attn_tiles(  # interior: every row sees every key
         acc, l_i, m_i, q, k_base, v_base, bt_row, mid_lo, mid_hi, seqlen_k, q_pos, offs_d,
         stride_kt, stride_kb, stride_vt, stride_vb, qk_scale, cap_in, cap_out, window_left,
-        False, CAUSAL, HAS_WINDOW, HAS_SOFTCAP, PAGED, PAGE_SIZE, EVEN_D, HEAD_DIM, BLOCK_N,
-        DOT_PRECISION, UPCAST)
+        window_right, False, RIGHT_BOUND, HAS_WINDOW, HAS_SOFTCAP, PAGED, PAGE_SIZE, EVEN_D,
+        HEAD_DIM, BLOCK_N, DOT_PRECISION, UPCAST, KV_SCALE)
     acc, l_i, m_i = _attn_tiles(  # diagonal and sequence end: masked
         acc, l_i, m_i, q, k_base, v_base, bt_row, mid_hi, hi, seqlen_k, q_pos, offs_d,
         stride_kt, stride_kb, stride_vt, stride_vb, qk_scale, cap_in, cap_out, window_left,
-        True, CAUSAL, HAS_WINDOW, HAS_SOFTCAP, PAGED, PAGE_SIZE, EVEN_D, HEAD_DIM, BLOCK_N,
-        DOT_PRECISION, UPCAST)
+        window_right, True, RIGHT_BOUND, HAS_WINDOW, HAS_SOFTCAP, PAGED, PAGE_SIZE, EVEN_D,
+        HEAD_DIM, BLOCK_N, DOT_PRECISION, UPCAST, KV_SCALE)
 
     empty = l_i == 0.0
-    inv_l = 1.0 / tl.where(empty, 1.0, l_i)
+    inv_l = v_scale / tl.where(empty, 1.0, l_i)
     out = acc * inv_l[:, None]
     log_l = tl.math.log2(tl.where(empty, 1.0, l_i))
     lse = tl.where(empty, float("-inf"), (m_i + log_l) * 0.6931471805599453)  # ln 2
@@ -289,22 +305,26 @@ def pick_config(head_dim: int, dtype: torch.dtype, device: torch.device) -> Flas
 
 
 def _aligned(t: torch.Tensor) -> torch.Tensor:
-    """t itself when 16-byte aligned with row strides that are multiples of 8 elements (what
-    the kernel's vector-load hints promise), else a fresh contiguous copy (head dims are
-    multiples of 8, so a fresh tensor always qualifies)."""
-    ok = t.data_ptr() % 16 == 0 and all(s % 8 == 0 for s in t.stride()[:-1])
+    """t itself when 16-byte aligned with row strides that are multiples of 16 bytes (what
+    the kernel's vector-load hints promise), else a fresh contiguous copy (rows of 16-bit
+    elements: head dims are multiples of 8, so a fresh tensor always qualifies)."""
+    e = t.element_size()
+    ok = t.data_ptr() % 16 == 0 and all(s * e % 16 == 0 for s in t.stride()[:-1])
     return t if ok else t.clone(memory_format=torch.contiguous_format)
 
 
 def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
                     cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int,
                     causal: bool, softmax_scale: float, window_left: int, softcap: float,
-                    block_table: torch.Tensor | None, config: FlashConfig | None = None
+                    block_table: torch.Tensor | None, config: FlashConfig | None = None,
+                    window_right: int = -1, k_scale: torch.Tensor | None = None,
+                    v_scale: torch.Tensor | None = None
                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """Validated inputs (see minikernels.ops.attention.flash_attention) -> (out, lse).
 
-    q [total_q, Hq, D]; k, v [total_k, Hkv, D] or paged [num_blocks, block_size, Hkv, D];
-    last dims contiguous. out [total_q, Hq, D] in q.dtype (contiguous), lse [Hq, total_q] fp32.
+    q [total_q, Hq, D]; k, v [total_k, Hkv, D] or paged [num_blocks, block_size, Hkv, D]
+    (fp8 paged caches with k_scale / v_scale fp32, numel 1 or Hkv); last dims contiguous.
+    out [total_q, Hq, D] in q.dtype (contiguous), lse [Hq, total_q] fp32.
     """
     total_q, hq, d = q.shape
     hkv = k.shape[-2]
@@ -330,6 +350,9 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlen
         page_size, stride_bt = 1, 0
     has_softcap = softcap > 0
     upcast = q.device.type != "cuda" and q.dtype == torch.bfloat16
+    # causal = a right bound at the diagonal (FlashAttention: causal overrides window_right)
+    right_bound = bool(causal) or window_right >= 0
+    kv_scale = k_scale is not None
     grid = (hq, batch, triton.cdiv(max_seqlen_q, cfg.block_m))
     flash_attn_fwd_kernel[grid](
         q, k, v, out, lse, cu_q, cu_k, bt,
@@ -337,10 +360,13 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlen
         stride_vb, out.stride(0), out.stride(1), lse.stride(0), stride_bt, hq // hkv,
         softmax_scale * LOG2E, softmax_scale / softcap if has_softcap else 1.0,
         softcap * LOG2E if has_softcap else 1.0, max(window_left, 0),
+        0 if causal else max(window_right, 0), k_scale if kv_scale else lse,
+        v_scale if kv_scale else lse,
         HEAD_DIM=d, BLOCK_D=block_d(d), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-        CAUSAL=bool(causal), HAS_WINDOW=window_left >= 0, HAS_SOFTCAP=has_softcap,
+        RIGHT_BOUND=right_bound, HAS_WINDOW=window_left >= 0, HAS_SOFTCAP=has_softcap,
         PAGED=paged, PAGE_SIZE=page_size,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 or upcast else "tf32", UPCAST=upcast,
+        KV_SCALE=kv_scale, SCALE_PER_HEAD=kv_scale and k_scale.numel() > 1,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out, lse
 
@@ -348,16 +374,18 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlen
 # --------------------------------------------------------------------------- registry
 
 
-def _signature(dt: str) -> dict[str, str]:
-    sig = {name: f"*{dt}" for name in ("q_ptr", "k_ptr", "v_ptr", "o_ptr")}
+def _signature(dt: str, kv_dt: str) -> dict[str, str]:
+    sig = {"q_ptr": f"*{dt}", "k_ptr": f"*{kv_dt}", "v_ptr": f"*{kv_dt}", "o_ptr": f"*{dt}"}
     sig.update({"lse_ptr": "*fp32", "cu_q_ptr": "*i32", "cu_k_ptr": "*i32", "bt_ptr": "*i32"})
     for name in ("stride_qt", "stride_qh", "stride_kt", "stride_kh", "stride_kb", "stride_vt",
                  "stride_vh", "stride_vb", "stride_ot", "stride_oh", "stride_lse", "stride_bt",
                  "group"):
         sig[name] = "i32"
-    sig.update({"qk_scale": "fp32", "cap_in": "fp32", "cap_out": "fp32", "window_left": "i32"})
-    for name in ("HEAD_DIM", "BLOCK_D", "BLOCK_M", "BLOCK_N", "CAUSAL", "HAS_WINDOW",
-                 "HAS_SOFTCAP", "PAGED", "PAGE_SIZE", "DOT_PRECISION", "UPCAST"):
+    sig.update({"qk_scale": "fp32", "cap_in": "fp32", "cap_out": "fp32", "window_left": "i32",
+                "window_right": "i32", "ks_ptr": "*fp32", "vs_ptr": "*fp32"})
+    for name in ("HEAD_DIM", "BLOCK_D", "BLOCK_M", "BLOCK_N", "RIGHT_BOUND", "HAS_WINDOW",
+                 "HAS_SOFTCAP", "PAGED", "PAGE_SIZE", "DOT_PRECISION", "UPCAST", "KV_SCALE",
+                 "SCALE_PER_HEAD"):
         sig[name] = "constexpr"
     return sig
 
@@ -366,23 +394,26 @@ _registered: set[tuple] = set()
 
 
 def _register(dt: str, head_dim: int, cfg: FlashConfig, *, causal: bool = True,
-              window: bool = False, softcap: bool = False, page_size: int = 0) -> None:
-    key = (dt, head_dim, cfg, causal, window, softcap, page_size)
+              window: bool = False, softcap: bool = False, page_size: int = 0,
+              fp8_kv: bool = False, archs: tuple[int, ...] = (80, 90)) -> None:
+    """causal: a right bound (causal, or window_right >= 0); fp8_kv: fp8 paged caches."""
+    key = (dt, head_dim, cfg, causal, window, softcap, page_size, fp8_kv)
     if key in _registered:  # sm_80 and sm_90 tables share some entries
         return
     _registered.add(key)
     flags = "".join(f",{f}" for f, on in (("causal", causal), ("window", window),
-                                           ("softcap", softcap)) if on)
+                                           ("softcap", softcap), ("kv=fp8", fp8_kv)) if on)
     paged = f",paged{page_size}" if page_size else ""
     register(KernelSpec(
         name=(f"flash_attn[{dt},d{head_dim},m{cfg.block_m}n{cfg.block_n}"
               f"w{cfg.num_warps}s{cfg.num_stages}{flags}{paged}]"),
-        fn=flash_attn_fwd_kernel, signature=_signature(dt),
+        fn=flash_attn_fwd_kernel, signature=_signature(dt, "fp8e4nv" if fp8_kv else dt),
         constexprs={"HEAD_DIM": head_dim, "BLOCK_D": block_d(head_dim),
-                    "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "CAUSAL": causal,
+                    "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "RIGHT_BOUND": causal,
                     "HAS_WINDOW": window, "HAS_SOFTCAP": softcap, "PAGED": bool(page_size),
-                    "PAGE_SIZE": page_size or 1, "DOT_PRECISION": "tf32", "UPCAST": False},
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages, tensor_core=True))
+                    "PAGE_SIZE": page_size or 1, "DOT_PRECISION": "tf32", "UPCAST": False,
+                    "KV_SCALE": fp8_kv, "SCALE_PER_HEAD": fp8_kv},
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, tensor_core=True, archs=archs))
 
 
 for _table in (SM90_CONFIGS, SM80_CONFIGS):
@@ -393,3 +424,9 @@ _register("fp16", 128, SM90_CONFIGS[128], window=True, softcap=True, page_size=1
 _register("fp16", 64, SM90_CONFIGS[64], window=True, softcap=True, page_size=16)
 _register("bf16", 80, SM90_CONFIGS[128])
 _register("fp16", 96, SM80_CONFIGS[128], page_size=32)
+_register("bf16", 128, SM90_CONFIGS[128], window=True, page_size=24)  # any page size
+# fp8 KV cache: prefill over an fp8 paged prefix (sm_90a: e4m3 converts natively there)
+_register("bf16", 128, SM90_CONFIGS[128], page_size=16, fp8_kv=True, archs=(90,))
+_register("bf16", 64, SM90_CONFIGS[64], page_size=16, fp8_kv=True, archs=(90,))
+_register("fp16", 128, SM90_CONFIGS[128], window=True, softcap=True, page_size=16,
+          fp8_kv=True, archs=(90,))

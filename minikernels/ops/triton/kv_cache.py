@@ -2,8 +2,11 @@
 
 Algorithm: a grid over (token, kv-head block). Each program loads the token's slot
 (slot = block * block_size + offset; -1 = skip, every store masked off) and copies a
-[BLOCK_H, D] tile of k and of v into row ``slot`` of the flattened caches
-[num_blocks * block_size, Hkv, D]. A pure copy: the caches share k's dtype.
+[BLOCK_H, D] tile of k and of v into cache block slot // block_size, row slot % block_size.
+Every tensor has its own strides (a vLLM-style [num_blocks, 2, block, Hkv, D] cache split
+into k and v views works), and block_size may be any size. Same-dtype caches get a plain
+copy; fp8 caches (QUANT) get fp8(clamp(x / scale, +-448)) with a per-tensor or per-head
+float32 scale, rounded to nearest even.
 """
 from __future__ import annotations
 
@@ -13,24 +16,67 @@ import triton.language as tl
 
 from .registry import KernelSpec, register
 
+FP8_MAX = 448.0
+
 
 @triton.jit
-def write_kv_cache_kernel(k_ptr, v_ptr, kc_ptr, vc_ptr, slot_ptr, n_heads, head_dim,
-                          k_tok_stride, k_head_stride, v_tok_stride, v_head_stride,
-                          BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
+def _round_fp8_e4m3(x):
+    """x (fp32, |x| <= 448) rounded to the nearest e4m3 value, ties to even, still fp32.
+
+    Only the Triton interpreter needs this: its fp32 -> fp8 cast mis-rounds when rounding
+    carries into the next binade (31.6 -> 16). A value that is already an e4m3 number
+    converts exactly. e4m3: 3 mantissa bits, normal exponents from -6, subnormal step 2^-9.
+    """
+    ax = tl.abs(x)
+    e = tl.floor(tl.math.log2(tl.maximum(ax, 1e-30)))
+    e = tl.maximum(e, -6.0)
+    step = tl.math.exp2(e - 3.0)
+    y = ax / step                       # exact: step is a power of two
+    r = tl.floor(y + 0.5)
+    tie_to_odd = ((r - y) == 0.5) & ((r - 2.0 * tl.floor(r * 0.5)) == 1.0)
+    r = tl.where(tie_to_odd, r - 1.0, r)
+    return tl.where(x < 0, -r * step, r * step)
+
+
+@triton.jit
+def write_kv_cache_kernel(k_ptr, v_ptr, kc_ptr, vc_ptr, slot_ptr, ks_ptr, vs_ptr, n_heads,
+                          head_dim, block_size, k_tok_stride, k_head_stride, v_tok_stride,
+                          v_head_stride, kc_blk_stride, kc_tok_stride, kc_head_stride,
+                          vc_blk_stride, vc_tok_stride, vc_head_stride,
+                          BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, QUANT: tl.constexpr,
+                          SCALE_PER_HEAD: tl.constexpr, EXACT_ROUND: tl.constexpr):
     tok = tl.program_id(0).to(tl.int64)
     heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     d = tl.arange(0, BLOCK_D)
     slot = tl.load(slot_ptr + tok).to(tl.int64)
     mask = (heads[:, None] < n_heads) & (d[None, :] < head_dim)
-    src_mask = mask & ((heads * 0 + slot) >= 0)[:, None]   # slot -1: nothing to write
-    row = slot * n_heads * head_dim + heads[:, None] * head_dim + d[None, :]
+    mask = mask & ((heads * 0 + slot) >= 0)[:, None]   # slot -1: nothing to write
+    safe = tl.maximum(slot, 0)
+    blk = safe // block_size
+    off = safe % block_size
+    kc = kc_ptr + blk * kc_blk_stride + off * kc_tok_stride
+    vc = vc_ptr + blk * vc_blk_stride + off * vc_tok_stride
     k = tl.load(k_ptr + tok * k_tok_stride + heads[:, None] * k_head_stride + d[None, :],
-                mask=src_mask, other=0.0)
-    tl.store(kc_ptr + row, k.to(kc_ptr.dtype.element_ty), mask=src_mask)
+                mask=mask, other=0.0)
     v = tl.load(v_ptr + tok * v_tok_stride + heads[:, None] * v_head_stride + d[None, :],
-                mask=src_mask, other=0.0)
-    tl.store(vc_ptr + row, v.to(vc_ptr.dtype.element_ty), mask=src_mask)
+                mask=mask, other=0.0)
+    if QUANT:
+        if SCALE_PER_HEAD:
+            ks = tl.load(ks_ptr + heads, mask=heads < n_heads, other=1.0)[:, None]
+            vs = tl.load(vs_ptr + heads, mask=heads < n_heads, other=1.0)[:, None]
+        else:
+            ks = tl.load(ks_ptr)
+            vs = tl.load(vs_ptr)
+        # an IEEE division (div_rn), as the reference's: the fp8 rounding sees the same value
+        k = tl.clamp(tl.math.div_rn(k.to(tl.float32), ks), -FP8_MAX, FP8_MAX)
+        v = tl.clamp(tl.math.div_rn(v.to(tl.float32), vs), -FP8_MAX, FP8_MAX)
+        if EXACT_ROUND:
+            k = _round_fp8_e4m3(k)
+            v = _round_fp8_e4m3(v)
+    tl.store(kc + heads[:, None] * kc_head_stride + d[None, :],
+             k.to(kc_ptr.dtype.element_ty), mask=mask)
+    tl.store(vc + heads[:, None] * vc_head_stride + d[None, :],
+             v.to(vc_ptr.dtype.element_ty), mask=mask)
 
 
 def _blocks(n_heads: int, head_dim: int) -> tuple[int, int]:
@@ -40,28 +86,55 @@ def _blocks(n_heads: int, head_dim: int) -> tuple[int, int]:
 
 
 def write_kv_cache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
-                   v_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
-    """k, v [T, Hkv, D] (last dim contiguous); caches contiguous [NB, BS, Hkv, D]."""
+                   v_cache: torch.Tensor, slot_mapping: torch.Tensor,
+                   k_scale: torch.Tensor | None = None,
+                   v_scale: torch.Tensor | None = None) -> None:
+    """k, v [T, Hkv, D] and caches [NB, BS, Hkv, D]: last dims contiguous, other strides
+    free; slot_mapping contiguous; k_scale / v_scale fp32 (numel 1 or Hkv) for fp8 caches."""
     t, hkv, d = k.shape
     if t == 0:
         return
+    quant = k_scale is not None
     block_h, block_d = _blocks(hkv, d)
     grid = (t, triton.cdiv(hkv, block_h))
     write_kv_cache_kernel[grid](
-        k, v, k_cache, v_cache, slot_mapping, hkv, d, k.stride(0), k.stride(1), v.stride(0),
-        v.stride(1), BLOCK_H=block_h, BLOCK_D=block_d, num_warps=4)
+        k, v, k_cache, v_cache, slot_mapping,
+        k_scale if quant else slot_mapping, v_scale if quant else slot_mapping,
+        hkv, d, k_cache.shape[1], k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        BLOCK_H=block_h, BLOCK_D=block_d, QUANT=quant,
+        SCALE_PER_HEAD=quant and k_scale.numel() > 1,
+        EXACT_ROUND=quant and not k.is_cuda, num_warps=4)
 
 
-for _dt in ("fp16", "bf16", "fp32"):
-    for _idx in ("i32", "i64"):
-        for _hkv, _d in ((8, 128), (2, 64), (4, 256)):
-            _bh, _bd = _blocks(_hkv, _d)
-            register(KernelSpec(
-                name=f"write_kv_cache[{_dt},slot={_idx},Hkv={_hkv},D={_d}]",
-                fn=write_kv_cache_kernel,
-                signature={"k_ptr": f"*{_dt}", "v_ptr": f"*{_dt}", "kc_ptr": f"*{_dt}",
-                           "vc_ptr": f"*{_dt}", "slot_ptr": f"*{_idx}", "n_heads": "i32",
-                           "head_dim": "i32", "k_tok_stride": "i64", "k_head_stride": "i64",
-                           "v_tok_stride": "i64", "v_head_stride": "i64",
-                           "BLOCK_H": "constexpr", "BLOCK_D": "constexpr"},
-                constexprs={"BLOCK_H": _bh, "BLOCK_D": _bd}, num_warps=4, num_stages=1))
+def _register() -> None:
+    strides = {name: "i64" for name in (
+        "k_tok_stride", "k_head_stride", "v_tok_stride", "v_head_stride", "kc_blk_stride",
+        "kc_tok_stride", "kc_head_stride", "vc_blk_stride", "vc_tok_stride", "vc_head_stride")}
+    consts = ("BLOCK_H", "BLOCK_D", "QUANT", "SCALE_PER_HEAD", "EXACT_ROUND")
+    # (input dtype, cache dtype, archs): fp8 caches are built for sm_90a only
+    combos = [(dt, dt, (80, 90)) for dt in ("fp16", "bf16", "fp32")]
+    combos += [(dt, "fp8e4nv", (90,)) for dt in ("fp16", "bf16")]
+    for dt, cdt, archs in combos:
+        quant = cdt != dt
+        for idx in ("i32", "i64"):
+            for hkv, d in ((8, 128), (2, 64), (4, 256)):
+                for per_head in ((False, True) if quant else (False,)):
+                    bh, bd = _blocks(hkv, d)
+                    sig = {"k_ptr": f"*{dt}", "v_ptr": f"*{dt}", "kc_ptr": f"*{cdt}",
+                           "vc_ptr": f"*{cdt}", "slot_ptr": f"*{idx}",
+                           "ks_ptr": "*fp32" if quant else f"*{idx}",
+                           "vs_ptr": "*fp32" if quant else f"*{idx}",
+                           "n_heads": "i32", "head_dim": "i32", "block_size": "i32",
+                           **strides, **{c: "constexpr" for c in consts}}
+                    scale = ",per_head" if per_head else ""
+                    register(KernelSpec(
+                        name=f"write_kv_cache[{dt}->{cdt}{scale},slot={idx},Hkv={hkv},D={d}]",
+                        fn=write_kv_cache_kernel, signature=sig,
+                        constexprs={"BLOCK_H": bh, "BLOCK_D": bd, "QUANT": quant,
+                                    "SCALE_PER_HEAD": per_head, "EXACT_ROUND": False},
+                        num_warps=4, num_stages=1, archs=archs))
+
+
+_register()

@@ -8,10 +8,15 @@ Algorithm (flash-decoding over a paged cache, GQA-aware):
   token t lives at page block_table[b, t // block_size], row t % block_size; scores are
   scaled (and soft-capped), masked outside [window start, seq_len), and folded into an
   online softmax in base 2 (running max m, sum l, accumulator acc).
-  One split (SPLIT=False): the program writes acc / l to the output.
+  One split (SPLIT=False): the program writes acc / l to the output and ln-LSE to lse.
   Several splits: it writes acc / l (fp32) and its base-2 LSE m + log2(l); a second kernel
   (paged_merge_kernel, grid (batch, q_heads)) combines the splits of each row:
-  out = sum_i 2^(lse_i - M) o_i / sum_i 2^(lse_i - M), M = max_i lse_i.
+  out = sum_i 2^(lse_i - M) o_i / sum_i 2^(lse_i - M), M = max_i lse_i, and the row's
+  LSE ln 2 * (M + log2 sum_i 2^(lse_i - M)).
+FP8 caches (float8_e4m3fn, KV_SCALE): tiles are converted to q's dtype (exact: every e4m3
+value is an fp16 / bf16 value); the kv head's k_scale folds into the score scale and its
+v_scale multiplies acc / l, so the result is attention over k * k_scale, v * v_scale.
+K and V have their own strides; block_size is any size (page = t // block_size).
 
 Split ranges depend only on the sequence's own length (see _split_plan), never on the
 batch: with a fixed num_splits or a fixed split_size a sequence's output is bitwise the
@@ -55,14 +60,14 @@ def _tanh(x):
 
 @triton.jit
 def paged_decode_kernel(
-        q_ptr, k_ptr, v_ptr, bt_ptr, lens_ptr, out_ptr, opart_ptr, lse_ptr,
-        scale, softcap, window_left, num_splits, split_size, max_splits,
-        stride_qb, stride_qh, stride_cb, stride_ct, stride_ch, stride_bt,
-        stride_ob, stride_oh,
+        q_ptr, k_ptr, v_ptr, bt_ptr, lens_ptr, out_ptr, opart_ptr, lse_ptr, lse_out_ptr,
+        ks_ptr, vs_ptr, scale, softcap, window_left, num_splits, split_size, max_splits,
+        stride_qb, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt,
+        stride_vh, stride_bt, stride_ob, stride_oh,
         GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
         D_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
         SOFTCAP: tl.constexpr, SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr,
-        DOT_F32: tl.constexpr):
+        DOT_F32: tl.constexpr, KV_SCALE: tl.constexpr, SCALE_PER_HEAD: tl.constexpr):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -80,37 +85,54 @@ def paged_decode_kernel(
     q = tl.load(q_ptr + b.to(tl.int64) * stride_qb + heads[:, None] * stride_qh + d[None, :],
                 mask=row_mask[:, None] & d_mask[None, :], other=0.0)
 
+    qk_scale = scale
+    v_scale = 1.0
+    if KV_SCALE:  # fp8 cache: dequantize by folding the scales (see module doc)
+        if SCALE_PER_HEAD:
+            qk_scale = scale * tl.load(ks_ptr + kvh)
+            v_scale = tl.load(vs_ptr + kvh)
+        else:
+            qk_scale = scale * tl.load(ks_ptr)
+            v_scale = tl.load(vs_ptr)
+
     m_i = tl.full([GROUP_PAD], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([GROUP_PAD], dtype=tl.float32)
     acc = tl.zeros([GROUP_PAD, D_PAD], dtype=tl.float32)
     bt_row = bt_ptr + b.to(tl.int64) * stride_bt
-    head_off = kvh.to(tl.int64) * stride_ch
+    k_head = kvh.to(tl.int64) * stride_kh
+    v_head = kvh.to(tl.int64) * stride_vh
     for t0 in range(start, end, BLOCK_N):
         offs = t0 + tl.arange(0, BLOCK_N)
         in_seq = offs < end
         visible = in_seq & (offs >= win_lo)
         page = tl.load(bt_row + offs // BLOCK_SIZE, mask=in_seq, other=0).to(tl.int64)
-        row_off = page * stride_cb + (offs % BLOCK_SIZE).to(tl.int64) * stride_ct + head_off
+        in_page = (offs % BLOCK_SIZE).to(tl.int64)
+        k_off = page * stride_kb + in_page * stride_kt + k_head
+        v_off = page * stride_vb + in_page * stride_vt + v_head
         kv_mask = visible[:, None] & d_mask[None, :]
-        # Rows start 16-byte aligned (torch allocations; strides are multiples of D, D % 8
-        # == 0). The JIT infers this; the hint keeps ahead-of-time builds vectorized too.
-        k_ptrs = tl.multiple_of(k_ptr + row_off[:, None] + d[None, :], [1, 16])
-        v_ptrs = tl.multiple_of(v_ptr + row_off[:, None] + d[None, :], [1, 16])
+        # Rows start 16-byte aligned (the launcher checks: strides are multiples of 16
+        # bytes). The JIT infers this; the hint keeps ahead-of-time builds vectorized too.
+        k_ptrs = tl.multiple_of(k_ptr + k_off[:, None] + d[None, :], [1, 16])
+        v_ptrs = tl.multiple_of(v_ptr + v_off[:, None] + d[None, :], [1, 16])
         k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
+        if KV_SCALE:
+            k = k.to(q_ptr.dtype.element_ty)
         if DOT_F32:  # interpreter only: its bf16 tl.dot is wrong; same values in fp32
             s = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee")
         else:
             s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)    # [GROUP_PAD, BLOCK_N]
         if SOFTCAP:
-            s = softcap * _tanh(s * (scale / softcap)) * 1.4426950408889634
+            s = softcap * _tanh(s * (qk_scale / softcap)) * 1.4426950408889634
         else:
-            s = s * (scale * 1.4426950408889634)
+            s = s * (qk_scale * 1.4426950408889634)
         s = tl.where(visible[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
         v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
+        if KV_SCALE:
+            v = v.to(q_ptr.dtype.element_ty)
         if DOT_F32:
             pv = tl.dot(p.to(v.dtype).to(tl.float32), v.to(tl.float32), input_precision="ieee")
         else:
@@ -119,7 +141,7 @@ def paged_decode_kernel(
         m_i = m_new
 
     has = l_i > 0
-    o = acc / tl.where(has, l_i, 1.0)[:, None]
+    o = acc * (v_scale / tl.where(has, l_i, 1.0))[:, None]
     out_mask = row_mask[:, None] & d_mask[None, :]
     if SPLIT:
         # partials: o [B, Hq, max_splits, D] fp32, lse [B, Hq, max_splits] (base 2)
@@ -132,11 +154,15 @@ def paged_decode_kernel(
     else:
         tl.store(out_ptr + b.to(tl.int64) * stride_ob + heads[:, None] * stride_oh + d[None, :],
                  o.to(out_ptr.dtype.element_ty), mask=out_mask)
+        lse = tl.where(has, (m_i + tl.log2(tl.where(has, l_i, 1.0))) * 0.6931471805599453,
+                       float("-inf"))  # natural log; lse_out [B, Hq] contiguous
+        tl.store(lse_out_ptr + b.to(tl.int64) * (GROUP * tl.num_programs(1)) + heads, lse,
+                 mask=row_mask)
 
 
 @triton.jit
-def paged_merge_kernel(opart_ptr, lse_ptr, lens_ptr, out_ptr, window_left, num_splits,
-                       split_size, max_splits, n_q_heads, stride_ob, stride_oh,
+def paged_merge_kernel(opart_ptr, lse_ptr, lens_ptr, out_ptr, lse_out_ptr, window_left,
+                       num_splits, split_size, max_splits, n_q_heads, stride_ob, stride_oh,
                        HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr):
     b = tl.program_id(0)
     h = tl.program_id(1)
@@ -158,6 +184,9 @@ def paged_merge_kernel(opart_ptr, lse_ptr, lens_ptr, out_ptr, window_left, num_s
     o = acc / tl.where(total > 0, total, 1.0)
     tl.store(out_ptr + b.to(tl.int64) * stride_ob + h * stride_oh + d,
              o.to(out_ptr.dtype.element_ty), mask=d_mask)
+    lse = tl.where(total > 0, (m + tl.log2(tl.where(total > 0, total, 1.0)))
+                   * 0.6931471805599453, float("-inf"))
+    tl.store(lse_out_ptr + b.to(tl.int64) * n_q_heads + h, lse)
 
 
 def block_n(head_dim: int) -> int:
@@ -179,9 +208,16 @@ NUM_STAGES = 3  # cp.async pipeline depth over KV tiles (~55 KB smem at D=128)
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            block_table: torch.Tensor, seq_lens: torch.Tensor, scale: float,
                            window_left: int, softcap: float, grid_splits: int,
-                           num_splits: int, split_size: int, use_split: bool) -> torch.Tensor:
-    """Launch (see module doc). grid_splits: programs per (seq, kv head); num_splits /
-    split_size: the per-sequence split rule; use_split: write partials and merge."""
+                           num_splits: int, split_size: int, use_split: bool,
+                           k_scale: torch.Tensor | None = None,
+                           v_scale: torch.Tensor | None = None
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launch (see module doc) -> (out [B, Hq, D] q.dtype, lse [B, Hq] fp32 natural log).
+
+    grid_splits: programs per (seq, kv head); num_splits / split_size: the per-sequence
+    split rule; use_split: write partials and merge. Caches: own strides each (rows 16-byte
+    aligned); fp8 caches with k_scale / v_scale fp32 (numel 1 or Hkv).
+    """
     bsz, hq, d = q.shape
     hkv = k_cache.shape[2]
     group = hq // hkv
@@ -189,77 +225,94 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     gp = _group_pad(group)
     d_pad = triton.next_power_of_2(d)
     out = _alloc.empty((bsz, hq, d), q.dtype, q.device)
+    lse_out = _alloc.empty((bsz, hq), torch.float32, q.device)
     if bsz == 0 or hq == 0:
-        return out
+        return out, lse_out
     prec = "ieee" if q.dtype == torch.float32 else "tf32"
     if use_split:
         opart = _alloc.empty((bsz, hq, grid_splits, d), torch.float32, q.device)
         lse = _alloc.empty((bsz, hq, grid_splits), torch.float32, q.device)
     else:
-        opart = lse = out  # unused
+        opart = lse = lse_out  # unused
+    kv_scale = k_scale is not None
     paged_decode_kernel[(bsz, hkv, grid_splits)](
-        q, k_cache, v_cache, block_table, seq_lens, out, opart, lse,
+        q, k_cache, v_cache, block_table, seq_lens, out, opart, lse, lse_out,
+        k_scale if kv_scale else lse_out, v_scale if kv_scale else lse_out,
         scale, softcap if softcap > 0 else 1.0, window_left, num_splits, split_size,
         grid_splits, q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1),
-        k_cache.stride(2), block_table.stride(0), out.stride(0), out.stride(1),
+        k_cache.stride(2), v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        block_table.stride(0), out.stride(0), out.stride(1),
         GROUP=group, GROUP_PAD=gp, HEAD_DIM=d, D_PAD=d_pad, BLOCK_SIZE=k_cache.shape[1],
         BLOCK_N=bn, SOFTCAP=softcap > 0, SPLIT=use_split, DOT_PRECISION=prec,
-        DOT_F32=not q.is_cuda and q.dtype == torch.bfloat16,
+        DOT_F32=not q.is_cuda and q.dtype == torch.bfloat16, KV_SCALE=kv_scale,
+        SCALE_PER_HEAD=kv_scale and k_scale.numel() > 1,
         num_warps=_num_warps(d, gp), num_stages=NUM_STAGES)
     if use_split:
         paged_merge_kernel[(bsz, hq)](
-            opart, lse, seq_lens, out, window_left, num_splits, split_size, grid_splits, hq,
-            out.stride(0), out.stride(1), HEAD_DIM=d, D_PAD=d_pad, BLOCK_N=bn, num_warps=1)
-    return out
+            opart, lse, seq_lens, out, lse_out, window_left, num_splits, split_size,
+            grid_splits, hq, out.stride(0), out.stride(1), HEAD_DIM=d, D_PAD=d_pad, BLOCK_N=bn,
+            num_warps=1)
+    return out, lse_out
+
+
+def _decode_signature(dt: str, cache_dt: str) -> dict[str, str]:
+    sig = {"q_ptr": f"*{dt}", "k_ptr": f"*{cache_dt}", "v_ptr": f"*{cache_dt}",
+           "bt_ptr": "*i32", "lens_ptr": "*i32", "out_ptr": f"*{dt}", "opart_ptr": "*fp32",
+           "lse_ptr": "*fp32", "lse_out_ptr": "*fp32", "ks_ptr": "*fp32", "vs_ptr": "*fp32",
+           "scale": "fp32", "softcap": "fp32"}
+    for name in ("window_left", "num_splits", "split_size", "max_splits"):
+        sig[name] = "i32"
+    for name in ("stride_qb", "stride_qh", "stride_kb", "stride_kt", "stride_kh", "stride_vb",
+                 "stride_vt", "stride_vh", "stride_bt", "stride_ob", "stride_oh"):
+        sig[name] = "i64"
+    for name in ("GROUP", "GROUP_PAD", "HEAD_DIM", "D_PAD", "BLOCK_SIZE", "BLOCK_N", "SOFTCAP",
+                 "SPLIT", "DOT_PRECISION", "DOT_F32", "KV_SCALE", "SCALE_PER_HEAD"):
+        sig[name] = "constexpr"
+    return sig
 
 
 def _register() -> None:
     # fp32 runs on GPUs through the reference (kv_cache.py); the interpreter runs it here.
-    for dt in ("fp16", "bf16"):
-        prec = "tf32"
-        shapes = ((4, 128, 16), (8, 128, 16), (1, 64, 16), (4, 256, 16), (7, 128, 32),
-                  (16, 128, 16))
+    # (q dtype, cache dtype, archs): fp8 caches are built for sm_90a only.
+    combos = [("fp16", "fp16", (80, 90)), ("bf16", "bf16", (80, 90)),
+              ("bf16", "fp8e4nv", (90,)), ("fp16", "fp8e4nv", (90,))]
+    shapes = ((4, 128, 16), (8, 128, 16), (1, 64, 16), (4, 256, 16), (7, 128, 32),
+              (16, 128, 16), (4, 128, 24))
+    for dt, cdt, archs in combos:
+        fp8 = cdt != dt
         for group, d, bs in shapes:
             for split in (False, True):
                 for softcap in (False, True):
                     if softcap and (split or d != 128 or group != 4):
                         continue
+                    if fp8 and (bs == 24 or group in (7, 16) or (softcap and dt == "fp16")):
+                        continue
                     gp = _group_pad(group)
+                    kv = f"{dt}" if not fp8 else f"{dt},kv={cdt}"
                     register(KernelSpec(
-                        name=f"paged_decode[{dt},G={group},D={d},bs={bs},split={split},"
+                        name=f"paged_decode[{kv},G={group},D={d},bs={bs},split={split},"
                              f"softcap={softcap}]",
-                        fn=paged_decode_kernel,
-                        signature={
-                            "q_ptr": f"*{dt}", "k_ptr": f"*{dt}", "v_ptr": f"*{dt}",
-                            "bt_ptr": "*i32", "lens_ptr": "*i32", "out_ptr": f"*{dt}",
-                            "opart_ptr": "*fp32", "lse_ptr": "*fp32", "scale": "fp32",
-                            "softcap": "fp32", "window_left": "i32", "num_splits": "i32",
-                            "split_size": "i32", "max_splits": "i32", "stride_qb": "i64",
-                            "stride_qh": "i64", "stride_cb": "i64", "stride_ct": "i64",
-                            "stride_ch": "i64", "stride_bt": "i64", "stride_ob": "i64",
-                            "stride_oh": "i64", "GROUP": "constexpr",
-                            "GROUP_PAD": "constexpr", "HEAD_DIM": "constexpr",
-                            "D_PAD": "constexpr", "BLOCK_SIZE": "constexpr",
-                            "BLOCK_N": "constexpr", "SOFTCAP": "constexpr",
-                            "SPLIT": "constexpr", "DOT_PRECISION": "constexpr",
-                            "DOT_F32": "constexpr"},
+                        fn=paged_decode_kernel, signature=_decode_signature(dt, cdt),
                         constexprs={"GROUP": group, "GROUP_PAD": gp, "HEAD_DIM": d,
                                     "D_PAD": triton.next_power_of_2(d), "BLOCK_SIZE": bs,
                                     "BLOCK_N": block_n(d), "SOFTCAP": softcap,
-                                    "SPLIT": split, "DOT_PRECISION": prec,
-                                    "DOT_F32": False},
+                                    "SPLIT": split, "DOT_PRECISION": "tf32",
+                                    "DOT_F32": False, "KV_SCALE": fp8,
+                                    "SCALE_PER_HEAD": fp8 and group == 4},
                         num_warps=_num_warps(d, gp), num_stages=NUM_STAGES,
-                        tensor_core=True,
+                        tensor_core=True, archs=archs,
                         # M = GROUP_PAD = 16 rows: Triton may pick mma.sync over wgmma.
                         wgmma_expected=False))
+    for dt in ("fp16", "bf16"):
         for d in (64, 128, 256):
             register(KernelSpec(
                 name=f"paged_merge[{dt},D={d}]", fn=paged_merge_kernel,
                 signature={"opart_ptr": "*fp32", "lse_ptr": "*fp32", "lens_ptr": "*i32",
-                           "out_ptr": f"*{dt}", "window_left": "i32", "num_splits": "i32",
-                           "split_size": "i32", "max_splits": "i32", "n_q_heads": "i32",
-                           "stride_ob": "i64", "stride_oh": "i64", "HEAD_DIM": "constexpr",
-                           "D_PAD": "constexpr", "BLOCK_N": "constexpr"},
+                           "out_ptr": f"*{dt}", "lse_out_ptr": "*fp32", "window_left": "i32",
+                           "num_splits": "i32", "split_size": "i32", "max_splits": "i32",
+                           "n_q_heads": "i32", "stride_ob": "i64", "stride_oh": "i64",
+                           "HEAD_DIM": "constexpr", "D_PAD": "constexpr",
+                           "BLOCK_N": "constexpr"},
                 constexprs={"HEAD_DIM": d, "D_PAD": d, "BLOCK_N": block_n(d)},
                 num_warps=1, num_stages=1))
 
