@@ -15,6 +15,7 @@ int dtype_code(const at::Tensor& t) {
     case at::kFloat: return minikernels::kFloat32;
     case at::kHalf: return minikernels::kFloat16;
     case at::kBFloat16: return minikernels::kBFloat16;
+    case at::kFloat8_e4m3fn: return minikernels::kFloat8E4M3;
     default: TORCH_CHECK(false, "minikernels._C: unsupported dtype ", t.scalar_type());
   }
   return -1;
@@ -56,41 +57,60 @@ void int4_gemv(at::Tensor y, const at::Tensor& x, const at::Tensor& qweight,
 }
 
 // ---- paged KV cache (owner: paged-KV issue #5) -------------------------------------------
-// k, v [T, Hkv, D] (last dim contiguous); caches contiguous [NB, BS, Hkv, D], k's dtype;
-// slot_mapping int32/int64 [T].
+const float* opt_f32(const c10::optional<at::Tensor>& t) {
+  return t.has_value() ? t->data_ptr<float>() : nullptr;
+}
+int64_t opt_numel(const c10::optional<at::Tensor>& t) { return t.has_value() ? t->numel() : 0; }
+
+// k, v [T, Hkv, D] (last dim contiguous, own strides); k_cache, v_cache [NB, BS, Hkv, D]
+// (last dim contiguous, own strides) of k's dtype or float8_e4m3fn; slot_mapping int32/int64
+// [T]; k_scale, v_scale fp32 (numel 1 or Hkv) iff the cache is fp8.
 void write_kv_cache(const at::Tensor& k, const at::Tensor& v, at::Tensor k_cache,
-                    at::Tensor v_cache, const at::Tensor& slot_mapping, int64_t stream) {
+                    at::Tensor v_cache, const at::Tensor& slot_mapping,
+                    const c10::optional<at::Tensor>& k_scale,
+                    const c10::optional<at::Tensor>& v_scale, int64_t stream) {
   const c10::DeviceGuard device_guard(k.device());  // launch on the tensors' GPU
   check(minikernels::launch_write_kv_cache(
             k.data_ptr(), v.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
             slot_mapping.data_ptr(), slot_mapping.scalar_type() == at::kLong, k.size(0),
             static_cast<int>(k.size(1)), static_cast<int>(k.size(2)),
-            static_cast<int>(k.element_size()), k.stride(0), k.stride(1), v.stride(0),
-            v.stride(1), as_stream(stream)),
+            static_cast<int>(k_cache.size(1)), k.stride(0), k.stride(1), v.stride(0),
+            v.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+            v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), opt_f32(k_scale),
+            opt_f32(v_scale), opt_numel(k_scale), opt_numel(v_scale), dtype_code(k),
+            dtype_code(k_cache), as_stream(stream)),
         "write_kv_cache");
 }
 
-// out contiguous [B, Hq, D]; q [B, Hq, D] (last dim contiguous); caches [NB, BS, Hkv, D];
-// block_table int32 [B, max_blocks]; seq_lens int32 [B]; o_partial fp32
-// [B, Hq, grid_splits, D] and lse fp32 [B, Hq, grid_splits], or None for one split.
-void paged_decode_attention(at::Tensor out, const at::Tensor& q, const at::Tensor& k_cache,
-                            const at::Tensor& v_cache, const at::Tensor& block_table,
-                            const at::Tensor& seq_lens, const c10::optional<at::Tensor>& o_partial,
-                            const c10::optional<at::Tensor>& lse, double scale, double softcap,
-                            int64_t window_left, int64_t num_splits, int64_t split_size,
-                            int64_t grid_splits, int64_t stream) {
+// out contiguous [B, Hq, D] (q's dtype); lse contiguous fp32 [B, Hq]; q [B, Hq, D] (last dim
+// contiguous); k_cache, v_cache [NB, BS, Hkv, D] (own strides) of q's dtype or
+// float8_e4m3fn; block_table int32 [B, max_blocks] (inner stride 1); seq_lens int32 [B];
+// o_partial fp32 [B, Hq, grid_splits, D] and lse_partial fp32 [B, Hq, grid_splits], or None
+// for one split; k_scale, v_scale fp32 (numel 1 or Hkv) iff the caches are fp8.
+void paged_decode_attention(at::Tensor out, at::Tensor lse, const at::Tensor& q,
+                            const at::Tensor& k_cache, const at::Tensor& v_cache,
+                            const at::Tensor& block_table, const at::Tensor& seq_lens,
+                            const c10::optional<at::Tensor>& o_partial,
+                            const c10::optional<at::Tensor>& lse_partial,
+                            const c10::optional<at::Tensor>& k_scale,
+                            const c10::optional<at::Tensor>& v_scale, double scale,
+                            double softcap, int64_t window_left, int64_t num_splits,
+                            int64_t split_size, int64_t grid_splits, int64_t stream) {
   const c10::DeviceGuard device_guard(q.device());  // launch on the tensors' GPU
   check(minikernels::launch_paged_decode_attention(
-            out.data_ptr(), q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
-            block_table.data_ptr<int32_t>(), seq_lens.data_ptr<int32_t>(),
+            out.data_ptr(), lse.data_ptr<float>(), q.data_ptr(), k_cache.data_ptr(),
+            v_cache.data_ptr(), block_table.data_ptr<int32_t>(), seq_lens.data_ptr<int32_t>(),
             o_partial.has_value() ? o_partial->data_ptr<float>() : nullptr,
-            lse.has_value() ? lse->data_ptr<float>() : nullptr, static_cast<int>(q.size(0)),
-            static_cast<int>(q.size(1)), static_cast<int>(k_cache.size(2)),
-            static_cast<int>(q.size(2)), static_cast<int>(k_cache.size(1)), q.stride(0),
-            q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-            block_table.stride(0), static_cast<float>(scale), static_cast<float>(softcap),
-            static_cast<int>(window_left), static_cast<int>(num_splits),
-            static_cast<int>(split_size), static_cast<int>(grid_splits), dtype_code(q),
+            lse_partial.has_value() ? lse_partial->data_ptr<float>() : nullptr,
+            opt_f32(k_scale), opt_f32(v_scale), opt_numel(k_scale), opt_numel(v_scale),
+            static_cast<int>(q.size(0)), static_cast<int>(q.size(1)),
+            static_cast<int>(k_cache.size(2)), static_cast<int>(q.size(2)),
+            static_cast<int>(k_cache.size(1)), q.stride(0), q.stride(1), k_cache.stride(0),
+            k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1),
+            v_cache.stride(2), block_table.stride(0), static_cast<float>(scale),
+            static_cast<float>(softcap), static_cast<int>(window_left),
+            static_cast<int>(num_splits), static_cast<int>(split_size),
+            static_cast<int>(grid_splits), dtype_code(q), dtype_code(k_cache),
             as_stream(stream)),
         "paged_decode_attention");
 }
@@ -107,13 +127,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("x"), py::arg("qweight"), py::arg("scales"), py::arg("zeros"), py::arg("bias"),
         py::arg("group_size"), py::arg("stream"));
   // paged KV cache (owner: paged-KV issue #5)
-  m.def("write_kv_cache", &write_kv_cache, "paged KV-cache write (slot -1 = skip)",
+  m.def("write_kv_cache", &write_kv_cache,
+        "paged KV-cache write (slot -1 = skip; fp8 cache: quantize by k/v scale)",
         py::arg("k"), py::arg("v"), py::arg("k_cache"), py::arg("v_cache"),
-        py::arg("slot_mapping"), py::arg("stream"));
+        py::arg("slot_mapping"), py::arg("k_scale"), py::arg("v_scale"), py::arg("stream"));
   m.def("paged_decode_attention", &paged_decode_attention,
-        "paged decode attention with split-KV", py::arg("out"), py::arg("q"),
-        py::arg("k_cache"), py::arg("v_cache"), py::arg("block_table"), py::arg("seq_lens"),
-        py::arg("o_partial"), py::arg("lse"), py::arg("scale"), py::arg("softcap"),
-        py::arg("window_left"), py::arg("num_splits"), py::arg("split_size"),
-        py::arg("grid_splits"), py::arg("stream"));
+        "paged decode attention with split-KV (16-bit or fp8 cache), writes out and lse",
+        py::arg("out"), py::arg("lse"), py::arg("q"), py::arg("k_cache"), py::arg("v_cache"),
+        py::arg("block_table"), py::arg("seq_lens"), py::arg("o_partial"),
+        py::arg("lse_partial"), py::arg("k_scale"), py::arg("v_scale"), py::arg("scale"),
+        py::arg("softcap"), py::arg("window_left"), py::arg("num_splits"),
+        py::arg("split_size"), py::arg("grid_splits"), py::arg("stream"));
 }
