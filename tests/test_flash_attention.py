@@ -290,11 +290,89 @@ def test_no_visible_key_rows(device):
 
     lens_q, lens_k = [20, 3], [6, 3]  # causal, Lq > Lk: queries 0..13 see nothing
     q, k, v, cu_q, cu_k = make_batch(lens_q, lens_k, 2, 1, 32, torch.bfloat16, device)
-    with no_index_checks():
-        out, lse = run_triton(q, k, v, cu_q, cu_k, 20, 6)
+    out, lse = run_triton(q, k, v, cu_q, cu_k, 20, 6)
     check(out, lse, *expected(q, k, v, cu_q, cu_k))
     assert (out[:14] == 0).all() and torch.isneginf(lse[:, :14]).all()
     assert torch.isfinite(lse[:, 14:]).all()
+
+
+@pytest.mark.parametrize("paged", [0, 7])
+def test_causal_more_queries_than_keys_matches_sdpa(device, paged):
+    """FlashAttention >= 2.1: causal aligned bottom-right with Lq > Lk (and Lk = 0); checked
+    against an explicit SDPA mask, rows that see nothing give 0 / LSE -inf."""
+    lens_q, lens_k = [40, 9, 5], [17, 9, 0]
+    q, k, v, cu_q, cu_k = make_batch(lens_q, lens_k, 4, 2, 32, torch.float16, device, seed=4)
+    kk, vv, table = (k, v, None) if not paged else to_paged(k, v, lens_k, paged)
+    with tiles(16, 16):
+        out, lse = run_triton(q, kk, vv, cu_q, cu_k, 40, 17, block_table=table)
+    check(out, lse, *expected(q, k, v, cu_q, cu_k))
+    qs, ks = slice(0, 40), slice(0, 17)
+    mask = torch.arange(17, device=device)[None, :] <= torch.arange(40, device=device)[:, None] - 23
+    ref = F.scaled_dot_product_attention(
+        q[qs].float().transpose(0, 1)[None], k[ks].float().transpose(0, 1)[None],
+        v[ks].float().transpose(0, 1)[None], attn_mask=mask, enable_gqa=True)[0]
+    seen = mask.any(1)
+    assert_close(out[qs][seen], ref.transpose(0, 1)[seen].half(), scale=2.0)
+    assert (out[qs][~seen] == 0).all() and torch.isneginf(lse[:, qs][:, ~seen]).all()
+    assert (out[49:] == 0).all()   # Lk = 0
+
+
+@pytest.mark.parametrize("window_left,window_right", [(-1, 0), (-1, 5), (3, 3), (0, 0),
+                                                      (10, -1), (4, 40)])
+def test_two_sided_window_matches_sdpa(device, window_left, window_right):
+    """Non-causal local attention, FlashAttention's window_size=(left, right): key j is
+    visible to query i (at p = i + Lk - Lq) when p - left <= j <= p + right."""
+    lens_q, lens_k = [33, 20], [50, 20]
+    q, k, v, cu_q, cu_k = make_batch(lens_q, lens_k, 2, 1, 32, torch.bfloat16, device, seed=8)
+    with tiles(16, 16):
+        out, lse = run_triton(q, k, v, cu_q, cu_k, 33, 50, causal=False,
+                              window_left=window_left, window_right=window_right)
+    check(out, lse, *expected(q, k, v, cu_q, cu_k, False, None, window_left, 0.0,
+                              window_right))
+    for b in range(2):
+        qs, ks = slice(int(cu_q[b]), int(cu_q[b + 1])), slice(int(cu_k[b]), int(cu_k[b + 1]))
+        lq, lk = lens_q[b], lens_k[b]
+        p = torch.arange(lq, device=device)[:, None] + (lk - lq)
+        j = torch.arange(lk, device=device)[None, :]
+        mask = torch.ones(lq, lk, dtype=torch.bool, device=device)
+        if window_left >= 0:
+            mask &= j >= p - window_left
+        if window_right >= 0:
+            mask &= j <= p + window_right
+        ref = F.scaled_dot_product_attention(
+            q[qs].float().transpose(0, 1)[None], k[ks].float().transpose(0, 1)[None],
+            v[ks].float().transpose(0, 1)[None], attn_mask=mask, enable_gqa=True)[0]
+        assert_close(out[qs], ref.transpose(0, 1).to(q.dtype), scale=2.0)
+    # causal wins over window_right (FlashAttention sets the right window to 0)
+    with tiles(16, 16):
+        a = run_triton(q, k, v, cu_q, cu_k, 33, 50, causal=True, window_right=7)[0]
+        b = run_triton(q, k, v, cu_q, cu_k, 33, 50, causal=True)[0]
+    assert torch.equal(a, b)
+
+
+def test_bshd_window_right(device):
+    g = torch.Generator().manual_seed(2)
+    q = torch.randn(2, 9, 2, 32, generator=g).half().to(device)
+    k = torch.randn(2, 13, 2, 32, generator=g).half().to(device)
+    with mk.use_backend("triton"):
+        out = mk.ops.flash_attention_bshd(q, k, k, causal=False, window_left=2, window_right=1)
+    qv, kv = q.reshape(-1, 2, 32), k.reshape(-1, 2, 32)
+    ref = expected(qv, kv, kv, cu([9, 9], device), cu([13, 13], device), False, None, 2, 0.0,
+                   1)[0]
+    assert_close(out.reshape(-1, 2, 32), ref, scale=2.0)
+
+
+@pytest.mark.parametrize("block_size", [1, 3, 24, 100, 256])
+def test_paged_any_block_size(device, block_size):
+    """Block (page) sizes that are not powers of two (FlashInfer / FA3 accept any)."""
+    prefix, new = [0, 21, 130], [9, 14, 3]
+    lens_k = [p + n for p, n in zip(prefix, new)]
+    q, k, v, cu_q, cu_k = make_batch(new, lens_k, 4, 2, 32, torch.float16, device, seed=6)
+    kc, vc, table = to_paged(k, v, lens_k, block_size, seed=block_size)
+    with tiles(16, 32):
+        out, lse = run_triton(q, kc, vc, cu_q, cu_k, 14, 133, block_table=table,
+                              window_left=50)
+    check(out, lse, *expected(q, k, v, cu_q, cu_k, True, None, 50))
 
 
 def test_empty_batch(device):

@@ -295,3 +295,71 @@ def test_gpu_backends_agree():
     case = make_case([3000, 77, 1024], 32, 8, 128, dtype=torch.bfloat16, device="cuda")
     assert_close(run("cuda", *case), run("triton", *case))
 
+
+
+# ------------------------------------------------------ LSE, merging, any block size
+
+
+@pytest.mark.parametrize("backend", kernel_backends())
+@pytest.mark.parametrize("kw", [dict(num_splits=1), dict(num_splits=3), dict(split_size=64),
+                                dict(window_left=30, num_splits=2),
+                                dict(softcap=5.0, num_splits=1)],
+                         ids=["one_split", "three_splits", "split_size", "window", "softcap"])
+def test_return_lse_matches_reference(backend, device, kw):
+    case = make_case([0, 1, 77, 200], 8, 2, 64, device=device, dtype=torch.bfloat16, seed=9)
+    out, lse = run(backend, *case, return_lse=True, **kw)
+    ref_kw = {k: v for k, v in kw.items() if k in ("window_left", "softcap")}
+    ref_out, ref_lse = reference.paged_decode_attention(*case, None, **ref_kw)
+    assert lse.shape == (4, 8) and lse.dtype == torch.float32 and lse.is_contiguous()
+    assert_close(out, ref_out)
+    assert torch.isneginf(lse[0]).all() and torch.isfinite(lse[1:]).all()
+    torch.testing.assert_close(lse, ref_lse, atol=2e-3, rtol=1e-3)
+    # the same output with and without the LSE
+    assert torch.equal(out, run(backend, *case, **kw))
+
+
+@pytest.mark.parametrize("backend", kernel_backends())
+def test_merge_split_context_equals_whole(backend, device):
+    """Cascade attention: a shared prefix and per-sequence suffixes attended separately and
+    merged by their LSEs give attention over the whole context."""
+    q, kc, vc, bt, sl = make_case([96, 150, 40], 8, 2, 64, block_size=16, device=device,
+                                  dtype=torch.float16, seed=12)
+    cut = torch.tensor([32, 64, 16], dtype=torch.int32, device=device)  # block multiples
+    prefix_bt = bt
+    suffix_bt = torch.zeros_like(bt)
+    for b in range(3):
+        nb = int(cut[b]) // 16
+        suffix_bt[b, :bt.shape[1] - nb] = bt[b, nb:]
+    with mk.use_backend(backend):
+        o1, l1 = mk.ops.paged_decode_attention(q, kc, vc, prefix_bt, cut, num_splits=1,
+                                               return_lse=True)
+        o2, l2 = mk.ops.paged_decode_attention(q, kc, vc, suffix_bt, sl - cut, num_splits=2,
+                                               return_lse=True)
+    merged, lse = mk.ops.merge_attn_states(o1, l1, o2, l2)
+    whole_out, whole_lse = reference.paged_decode_attention(q, kc, vc, bt, sl)
+    assert_close(merged, whole_out, scale=2.0)
+    torch.testing.assert_close(lse, whole_lse, atol=2e-3, rtol=1e-3)
+    # a state over no keys (lse -inf) changes nothing
+    empty_o, empty_l = torch.zeros_like(o1), torch.full_like(l1, float("-inf"))
+    same, same_l = mk.ops.merge_attn_states(o1, l1, empty_o, empty_l)
+    assert torch.equal(same, o1) and torch.equal(same_l, l1)
+
+
+@pytest.mark.parametrize("backend", kernel_backends())
+@pytest.mark.parametrize("block_size", [1, 3, 24, 100, 256])
+def test_any_block_size(backend, device, block_size):
+    case = make_case([1, 77, 260], 8, 2, 128, block_size=block_size, device=device,
+                     dtype=torch.bfloat16, seed=block_size)
+    for kw in (dict(num_splits=1), dict(num_splits=3), dict(split_size=64, window_left=100)):
+        ref_kw = {k: v for k, v in kw.items() if k == "window_left"}
+        assert_close(run(backend, *case, **kw), ref(*case, **ref_kw))
+
+
+def test_merge_attn_states_errors():
+    o, lse = torch.zeros(2, 4, 8), torch.zeros(2, 4)
+    with pytest.raises(ValueError, match="lse_b must have shape"):
+        mk.ops.merge_attn_states(o, lse, o, lse[:1])
+    with pytest.raises(TypeError, match="lse_a must have dtype"):
+        mk.ops.merge_attn_states(o, lse.half(), o, lse)
+    with pytest.raises(ValueError, match="out_b must have shape"):
+        mk.ops.merge_attn_states(o, lse, o[:1], lse)

@@ -35,7 +35,7 @@ def _round_fp8_e4m3(x):
     r = tl.floor(y + 0.5)
     tie_to_odd = ((r - y) == 0.5) & ((r - 2.0 * tl.floor(r * 0.5)) == 1.0)
     r = tl.where(tie_to_odd, r - 1.0, r)
-    return tl.where(x < 0, -r * step, r * step)
+    return tl.where(ax == 0, x, tl.where(x < 0, -r * step, r * step))   # keeps -0
 
 
 @triton.jit
