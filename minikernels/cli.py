@@ -1,4 +1,4 @@
-"""Command line: ``minikernels generate | serve | bench [ops|serve]`` (also ``python -m minikernels``).
+"""Command line: ``minikernels generate | serve | bench [ops|serve|engine]`` (also ``python -m minikernels``).
 
 Each subcommand's arguments and runner live beside the code they drive and are imported
 only when that subcommand is used.
@@ -21,6 +21,8 @@ BENCHES = {
             "time every op on each backend of this device (default)"),
     "serve": ("minikernels.engine.bench_serve", "add_arguments", "run",
               "end-to-end serving throughput and latency (the main job)"),
+    "engine": ("minikernels.engine.bench_engine", "add_arguments", "run",
+               "engine host overhead per step (stub forward), overlap, block sizes"),
 }
 
 
@@ -38,7 +40,7 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
         if argv[:1] == [name]:
             _attach(p, spec)
     bench = sub.add_parser("bench", help="benchmarks: ops (default) or serve")
-    bench_sub = bench.add_subparsers(dest="bench", metavar="{ops,serve}")
+    bench_sub = bench.add_subparsers(dest="bench", metavar="{ops,serve,engine}")
     chosen = argv[1] if len(argv) > 1 and argv[0] == "bench" else None
     for name, spec in BENCHES.items():
         p = bench_sub.add_parser(name, help=spec[3])

@@ -6,15 +6,15 @@
     outs[0].outputs[0].text
 
 Modules: sampling_params (SamplingParams), outputs (RequestOutput, CompletionOutput),
-sequence (Request, Sequence), block_manager (KV blocks + prefix cache), scheduler
+sequence (Request, Sequence), detokenizer (incremental text), block_manager (KV blocks + prefix cache), scheduler
 (continuous batching, chunked prefill, preemption), model_runner (metadata, CUDA graphs,
-KV pool), sampler (batched sampling), llm_engine (LLMEngine, LLM), async_llm (AsyncLLM).
+KV pool), sampler (batched sampling), llm_engine (LLMEngine, LLM), async_llm (AsyncLLM), bench_serve / bench_engine (benchmarks).
 See docs/engine.md.
 """
 from .async_llm import AsyncLLM, EngineOverloaded
 from .llm_engine import LLM, LLMEngine
 from .outputs import CompletionOutput, Logprob, RequestOutput
-from .sampling_params import SamplingParams
+from .sampling_params import RequestOutputKind, SamplingParams
 
 __all__ = ["AsyncLLM", "CompletionOutput", "EngineOverloaded", "LLM", "LLMEngine", "Logprob",
-           "RequestOutput", "SamplingParams"]
+           "RequestOutput", "RequestOutputKind", "SamplingParams"]

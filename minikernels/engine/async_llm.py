@@ -1,27 +1,35 @@
 """AsyncLLM: the streaming interface a server drives (asyncio front, one engine thread).
 
     llm = AsyncLLM.from_args("qwen2.5-0.5b", max_num_seqs=128)
-    async for out in llm.generate("Hello", SamplingParams(max_tokens=64), "req-1"):
-        print(out.outputs[0].delta_text, end="")
+    params = SamplingParams(max_tokens=64, output_kind=RequestOutputKind.DELTA)
+    async for out in llm.generate("Hello", params, "req-1"):
+        print(out.outputs[0].text, end="")   # DELTA: only the new text
     await llm.abort("req-2")                 # frees its KV blocks; its stream ends "abort"
     llm.stats()                              # queue lengths, KV usage, throughput
     await llm.shutdown()
 
 Threading model. One background thread owns the LLMEngine and is the only code that
-touches it: it drains a command queue (add / abort), runs engine steps while requests
-are unfinished, and posts each updated request's cumulative RequestOutput to that
-request's stream via ``loop.call_soon_threadsafe``. The forward therefore never blocks
-the event loop. A consumer slower than the engine sees snapshots coalesced (only the
-newest is kept); ``delta_text`` / ``delta_token_ids`` of each yielded snapshot are
-computed against the previous snapshot *yielded*, so concatenating deltas always gives
-the full output. Streamed text never retracts: a tail that could still become a stop
-string is held back until it is resolved.
+touches it: it drains a command queue (add / abort) and runs engine steps while requests
+are unfinished. After each step it takes every updated request's *delta* (new token ids,
+new text, new logprobs: O(new), never a copy of the whole output) and hands the step's
+deltas to each event loop with one ``loop.call_soon_threadsafe`` (not one per request).
+On the loop, each request's stream queues its deltas; its consumer, when it next
+iterates, merges what is queued into one output (so a consumer slower than the engine
+sees outputs coalesced) shaped by ``SamplingParams.output_kind``:
+
+- CUMULATIVE (default, vLLM's): text / token_ids / logprobs so far (copies), plus
+  delta_text / delta_token_ids since the previous yield;
+- DELTA: text / token_ids / logprobs hold only what is new (delta_* equal them) -- the
+  cheapest, what a streaming server wants;
+- FINAL_ONLY: one output when the request finishes.
+
+Concatenating the deltas always gives the full output. Streamed text never retracts: a
+tail that could still become a stop string is held back until it is resolved.
 """
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import dataclasses
 import logging
 import queue
 import threading
@@ -30,10 +38,14 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from .llm_engine import LLM, LLMEngine
-from .outputs import RequestOutput
-from .sampling_params import SamplingParams
+from .outputs import CompletionOutput, Logprob, RequestOutput
+from .sampling_params import RequestOutputKind, SamplingParams
+from .sequence import Request
 
 logger = logging.getLogger("minikernels.engine")
+
+_CUMULATIVE, _DELTA, _FINAL = (RequestOutputKind.CUMULATIVE, RequestOutputKind.DELTA,
+                               RequestOutputKind.FINAL_ONLY)
 
 
 class EngineOverloaded(RuntimeError):
@@ -44,55 +56,138 @@ class EngineDeadError(RuntimeError):
     """The engine loop stopped on an error; no request can be served any more."""
 
 
+class RequestDelta:
+    """What one engine step added to one request (built on the engine thread).
+
+    samples: per sequence (index, new token ids, new text, new logprobs or None,
+    finish_reason, stop_reason, cumulative_logprob).
+    """
+
+    __slots__ = ("samples", "finished", "first_token_time", "finish_time", "num_cached_tokens",
+                 "num_preemptions", "final")
+
+    def __init__(self, req: Request) -> None:
+        self.samples = []
+        for s in req.seqs:
+            ids, text, lps = s.take_delta()
+            self.samples.append((s.index, ids, text, lps, s.finish_reason, s.stop_reason,
+                                 s.cumulative_logprob))
+        self.finished = req.finished
+        self.first_token_time = req.first_token_time
+        self.finish_time = req.finish_time
+        self.num_cached_tokens = req.num_cached_tokens if self.finished or \
+            req.first_token_time is not None else 0
+        self.num_preemptions = sum(s.num_preemptions for s in req.seqs) if self.finished else 0
+        self.final: RequestOutput | None = None
+
+
 class _Stream:
-    """One request's mailbox between the engine thread and its asyncio consumer."""
+    """One request's mailbox on its event loop: queued deltas, merged on the next yield."""
 
-    __slots__ = ("loop", "event", "latest", "error", "taken", "sent_text", "sent_tokens")
+    __slots__ = ("loop", "request_id", "prompt", "prompt_token_ids", "params", "kind",
+                 "arrival_time", "queued", "waiter", "error", "acc_ids", "acc_text",
+                 "acc_lps")
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, request_id: str,
+                 prompt: str | None, prompt_token_ids: list[int], params: SamplingParams,
+                 arrival_time: float) -> None:
         self.loop = loop
-        self.event = asyncio.Event()
-        self.latest: RequestOutput | None = None
+        self.request_id = request_id
+        self.prompt = prompt
+        self.prompt_token_ids = prompt_token_ids
+        self.params = params
+        self.kind = params.output_kind
+        self.arrival_time = arrival_time
+        self.queued: list[RequestDelta] = []
+        self.waiter: asyncio.Future | None = None
         self.error: BaseException | None = None
-        self.taken = True  # the consumer has taken the latest snapshot
-        self.sent_text: dict[int, int] = {}
-        self.sent_tokens: dict[int, int] = {}
+        # CUMULATIVE: everything so far, per sample index.
+        self.acc_ids: dict[int, list[int]] = {}
+        self.acc_text: dict[int, str] = {}
+        self.acc_lps: dict[int, list[dict[int, Logprob]]] = {}
 
-    # -- called on the event loop (scheduled by the engine thread)
-    def _put(self, out: RequestOutput | None, error: BaseException | None) -> None:
+    # -- on the event loop
+    def push(self, delta: RequestDelta | None, error: BaseException | None = None) -> None:
         if error is not None:
             self.error = error
-        if out is not None:
-            self.latest = out
-        self.event.set()
+        if delta is not None:
+            self.queued.append(delta)
+        w = self.waiter
+        if w is not None and not w.done():
+            w.set_result(None)
 
-    def post(self, out: RequestOutput | None = None, error: BaseException | None = None) -> None:
-        """From the engine thread: deliver a snapshot (or an error)."""
-        self.taken = False
+    def post(self, delta: RequestDelta | None = None,
+             error: BaseException | None = None) -> None:
+        """From the engine thread, for one stream (errors, aborts)."""
         try:
-            self.loop.call_soon_threadsafe(self._put, out, error)
+            self.loop.call_soon_threadsafe(self.push, delta, error)
         except RuntimeError:  # the consumer's loop is closed: nobody listens any more
             pass
 
     async def next(self) -> RequestOutput:
+        """The merged output of everything queued (waits for the first delta)."""
         while True:
-            if self.latest is not None:
-                out, self.latest = self.latest, None
-                self.taken = True
-                return self._with_deltas(out)
+            if self.queued:
+                deltas, self.queued = self.queued, []
+                return self._merge(deltas)
             if self.error is not None:
                 raise self.error
-            self.event.clear()
-            await self.event.wait()
+            self.waiter = self.loop.create_future()
+            await self.waiter
+            self.waiter = None
 
-    def _with_deltas(self, out: RequestOutput) -> RequestOutput:
+    def _merge(self, deltas: list[RequestDelta]) -> RequestOutput:
+        last = deltas[-1]
+        if last.final is not None:    # FINAL_ONLY (or an abort): a full snapshot
+            return last.final
+        cumulative = self.kind is _CUMULATIVE
         outs = []
-        for c in out.outputs:
-            t0, n0 = self.sent_text.get(c.index, 0), self.sent_tokens.get(c.index, 0)
-            outs.append(dataclasses.replace(c, delta_text=c.text[t0:],
-                                            delta_token_ids=c.token_ids[n0:]))
-            self.sent_text[c.index], self.sent_tokens[c.index] = len(c.text), len(c.token_ids)
-        return dataclasses.replace(out, outputs=outs)
+        for j, (index, ids, text, lps, reason, stop, cum_lp) in enumerate(last.samples):
+            if len(deltas) > 1:
+                ids = [t for d in deltas for t in d.samples[j][1]]
+                text = "".join(d.samples[j][2] for d in deltas)
+                if lps is not None:
+                    lps = [x for d in deltas for x in d.samples[j][3]]
+            want_lp = lps is not None
+            if cumulative:
+                acc = self.acc_ids.setdefault(index, [])
+                acc += ids
+                full_text = self.acc_text.get(index, "") + text
+                self.acc_text[index] = full_text
+                if want_lp:
+                    acc_lps = self.acc_lps.setdefault(index, [])
+                    acc_lps += lps
+                    lps = list(acc_lps)
+                outs.append(CompletionOutput(
+                    index=index, text=full_text, token_ids=list(acc),
+                    cumulative_logprob=cum_lp if want_lp else None, logprobs=lps,
+                    finish_reason=reason, stop_reason=stop, delta_text=text,
+                    delta_token_ids=ids))
+            else:
+                outs.append(CompletionOutput(
+                    index=index, text=text, token_ids=ids,
+                    cumulative_logprob=cum_lp if want_lp else None, logprobs=lps,
+                    finish_reason=reason, stop_reason=stop, delta_text=text,
+                    delta_token_ids=ids))
+        metrics = {"arrival_time": self.arrival_time, "first_token_time": last.first_token_time,
+                   "finished_time": last.finish_time, "num_preemptions": last.num_preemptions}
+        return RequestOutput(request_id=self.request_id, prompt=self.prompt,
+                             prompt_token_ids=self.prompt_token_ids, outputs=outs,
+                             finished=last.finished, metrics=metrics,
+                             num_cached_tokens=last.num_cached_tokens)
+
+
+def _deliver(items: list[tuple[_Stream, RequestDelta]]) -> None:
+    """On an event loop: hand one engine step's deltas to their streams."""
+    for stream, delta in items:
+        stream.push(delta)
+
+
+def _final_delta(req: Request) -> RequestDelta:
+    """A finished request's delta carrying its full snapshot (FINAL_ONLY and aborts)."""
+    d = RequestDelta(req)
+    d.final = req.to_output()
+    return d
 
 
 class AsyncLLM:
@@ -197,6 +292,12 @@ class AsyncLLM:
         elif cmd[0] == "abort" and cmd[2] is not None and not cmd[2].done():
             cmd[2].set_result(False)
 
+    def _delta(self, req: Request, stream: _Stream) -> RequestDelta | None:
+        """The delta to post for an updated request (None: nothing for this consumer)."""
+        if stream.kind is _FINAL:
+            return _final_delta(req) if req.finished else None
+        return RequestDelta(req)
+
     def _drain(self) -> None:
         while True:
             try:
@@ -210,7 +311,8 @@ class AsyncLLM:
                     self._pending -= 1
                 try:
                     self.engine.add_request(rid, prompt, params, arrival_time=arrival,
-                                            stream=True, prompt_token_ids=ids)
+                                            stream=params.output_kind is not _FINAL,
+                                            prompt_token_ids=ids)
                     self._engine_streams[rid] = stream
                 except Exception as exc:  # noqa: BLE001 - reported to that request only
                     stream.post(error=exc)
@@ -220,9 +322,31 @@ class AsyncLLM:
                 self._stats = self.engine.stats()  # before anyone is told it is done
                 stream = self._engine_streams.pop(rid, None)
                 if req is not None and stream is not None:
-                    stream.post(req.to_output())
+                    stream.post(self._delta(req, stream))
                 if fut is not None and not fut.done():
                     fut.set_result(req is not None)
+
+    def _post_step(self, updated: list[Request]) -> None:
+        """Post one step's deltas: one call_soon_threadsafe per event loop."""
+        streams = self._engine_streams
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Stream, RequestDelta]]] = {}
+        for req in updated:
+            stream = streams.get(req.request_id)
+            if stream is None:
+                continue
+            if req.finished:
+                del streams[req.request_id]
+            delta = self._delta(req, stream)
+            if delta is not None:
+                items = by_loop.get(stream.loop)
+                if items is None:
+                    items = by_loop[stream.loop] = []
+                items.append((stream, delta))
+        for loop, items in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_deliver, items)
+            except RuntimeError:  # that loop is closed: nobody listens any more
+                pass
 
     def _loop(self) -> None:
         engine = self.engine
@@ -236,15 +360,7 @@ class AsyncLLM:
                     continue
                 updated = engine.step()
                 self._stats = engine.stats()  # before posting: a final output sees it
-                for req in updated:
-                    stream = self._engine_streams.get(req.request_id)
-                    if stream is None:
-                        continue
-                    if req.finished:
-                        del self._engine_streams[req.request_id]
-                        stream.post(req.to_output())
-                    elif stream.taken:  # skip snapshots the consumer would not see
-                        stream.post(req.to_output())
+                self._post_step(updated)
         except BaseException as exc:  # noqa: BLE001 - the loop must report, not vanish
             logger.exception("engine loop died")
             self._dead = exc
@@ -261,7 +377,7 @@ class AsyncLLM:
                 try:
                     req = engine.abort_request(rid)
                     if stream is not None and req is not None:
-                        stream.post(req.to_output())
+                        stream.post(self._delta(req, stream))
                         stream = None
                 except Exception:  # noqa: BLE001
                     logger.exception("abort of %s failed while stopping", rid)
@@ -286,11 +402,12 @@ class AsyncLLM:
     # ------------------------------------------------------------------ public API
     async def generate(self, prompt: str | list[int], params: SamplingParams,
                        request_id: str) -> AsyncIterator[RequestOutput]:
-        """Stream cumulative RequestOutput snapshots of one request.
+        """Stream the outputs of one request, shaped by ``params.output_kind`` (see the
+        module docstring: CUMULATIVE snapshots, DELTA outputs, or FINAL_ONLY).
 
-        Every snapshot carries the text and token_ids so far, and delta_text /
-        delta_token_ids since the previous one yielded; the last has finished=True and
-        a finish_reason ("stop", "length" or "abort"). Validation errors (ValueError /
+        Every output carries delta_text / delta_token_ids since the previous one
+        yielded; the last has finished=True and a finish_reason ("stop", "length" or
+        "abort"). Validation errors (ValueError /
         TypeError: bad prompt, prompt + max_tokens > max_model_len, duplicate id) and
         EngineOverloaded are raised on the first iteration, before anything is queued.
         Leaving the iteration early (break + aclose, or cancellation) aborts the request.
@@ -307,11 +424,12 @@ class AsyncLLM:
         if self.num_waiting() >= self.max_queue:
             raise EngineOverloaded(f"{self.num_waiting()} requests are waiting (max_queue="
                                    f"{self.max_queue}); retry later")
-        stream = _Stream(asyncio.get_running_loop())
+        arrival = time.perf_counter()
+        stream = _Stream(asyncio.get_running_loop(), request_id, text, ids, params, arrival)
         self._streams[request_id] = stream
         with self._pending_lock:
             self._pending += 1
-        self._send(("add", request_id, prompt, ids, params, stream, time.perf_counter()))
+        self._send(("add", request_id, prompt, ids, params, stream, arrival))
         finished = False
         try:
             while True:

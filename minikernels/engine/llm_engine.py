@@ -355,14 +355,14 @@ class LLMEngine:
         out = step.result()
         now = time.perf_counter()
         touched: dict[str, Request] = {}
-        check_stop = self._check_stop
-        logprobs = out.logprobs
+        tokens, logprobs = out.token_ids, out.logprobs
+        eos = self.eos_token_ids
         n_new = 0
         for j, seq in enumerate(step.seqs):
             seq.num_pending -= 1
             if seq.status is SequenceStatus.FINISHED:
                 continue      # stopped or aborted while this step ran: its token is dropped
-            token = out.token_ids[j]
+            token = tokens[j]
             seq.token_ids.append(token)
             n_new += 1
             if logprobs is not None and seq.logprobs is not None:
@@ -370,8 +370,13 @@ class LLMEngine:
             req = seq.request
             if req.first_token_time is None:
                 req.first_token_time = now
-            check_stop(seq, token)
             touched[req.request_id] = req
+            p = seq.params
+            # Fast path: no text to decode, no stop strings / ids -> EOS and length only.
+            if seq.detokenizer is not None or not p.simple_stop or (
+                    token in eos and not p.ignore_eos) or \
+                    len(seq.token_ids) >= seq.max_total_tokens:
+                self._check_stop(seq, token)
         self.generation_tokens_total += n_new
         self._throughput.add(now, n_new)
         requests = self.requests

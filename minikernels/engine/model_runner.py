@@ -105,16 +105,26 @@ def build_step_inputs(batch: ScheduledBatch, block_size: int, num_blocks: int,
     """
     nd = batch.num_decode
     seqs, counts = batch.seqs, batch.num_new_tokens
-    if table is None or row_blocks is None:
+    from_lists = table is None or row_blocks is None
+    if from_lists:
         table, row_blocks, rows = _tables_from_lists(seqs)
     else:
         rows = [s.block_row for s in seqs]
     dec = seqs[:nd]
     # ---- decode rows: input position = num_computed_tokens
     dpos = np.array([s.num_computed_tokens for s in dec], dtype=np.int64)
-    ids: list[int] = [s.token_ids[-1] for s in dec]      # pending rows are patched below
-    pend_dst = [j for j, s in enumerate(dec) if s.num_pending]
-    pend_src = [dec[j].pending_row for j in pend_dst]
+    # Input token: the last known one, or (async scheduling) the in-flight step's sample
+    # for that row, patched in on the device.
+    prow = np.array([s.pending_row if s.num_pending else -1 for s in dec], dtype=np.int64)
+    pending = prow >= 0
+    if nd and pending.all():
+        ids: list[int] | np.ndarray = np.zeros(nd, dtype=np.int64)
+        pend_dst: list[int] | np.ndarray = np.arange(nd)
+        pend_src: list[int] | np.ndarray = prow
+    else:
+        ids = [s.token_ids[-1] for s in dec]
+        pend_dst = np.flatnonzero(pending)
+        pend_src = prow[pending]
     drows = np.array(rows[:nd], dtype=np.int64)
     dslots = table[drows, dpos // block_size].astype(np.int64) * block_size \
         + dpos % block_size
@@ -128,6 +138,9 @@ def build_step_inputs(batch: ScheduledBatch, block_size: int, num_blocks: int,
     max_q = max_k = 0
     t = nd
     pend_flat: list[int] = []
+    pend_flat_src: list[int] = []
+    if len(seqs) > nd:
+        ids = list(ids)
     for i in range(nd, len(seqs)):
         seq, n = seqs[i], counts[i]
         c = seq.num_computed_tokens
@@ -139,7 +152,7 @@ def build_step_inputs(batch: ScheduledBatch, block_size: int, num_blocks: int,
         if end > known:      # its last token is still on the device
             ids.append(0)
             pend_flat.append(t + n - 1)
-            pend_src.append(seq.pending_row)
+            pend_flat_src.append(seq.pending_row)
         p = np.arange(c, end, dtype=np.int64)
         parts_pos.append(p)
         parts_slots.append(table[rows[i], p // block_size].astype(np.int64) * block_size
@@ -164,12 +177,15 @@ def build_step_inputs(batch: ScheduledBatch, block_size: int, num_blocks: int,
         width = max(width, block_table_width)
     tab = table[all_rows, :width] if width <= table.shape[1] else np.pad(
         table[all_rows], ((0, 0), (0, width - table.shape[1])))
-    if len(seqs) and (tab.min() < 0 or tab.max() >= num_blocks):
+    # (The block manager's mirror holds only ids it took from its own pool.)
+    if from_lists and len(seqs) and (tab.min() < 0 or tab.max() >= num_blocks):
         raise RuntimeError(f"block table holds ids outside [0, {num_blocks})")
     # One flat int64 host buffer -> one host-to-device copy; the metadata tensors are
     # views of it.
     num_prefill = len(seqs) - nd
-    pend_dst = pend_dst + pend_flat
+    if pend_flat:
+        pend_dst = np.concatenate([pend_dst, np.array(pend_flat, dtype=np.int64)])
+        pend_src = np.concatenate([pend_src, np.array(pend_flat_src, dtype=np.int64)])
     pos_all = np.concatenate(parts_pos) if len(parts_pos) > 1 else parts_pos[0]
     slots_all = np.concatenate(parts_slots) if len(parts_slots) > 1 else parts_slots[0]
     parts = [ids, pos_all, slots_all, logits_idx, ends[:nd], cu_q if num_prefill else [],
@@ -197,8 +213,8 @@ def build_step_inputs(batch: ScheduledBatch, block_size: int, num_blocks: int,
         logits_indices=lidx_t)
     return StepInputs(input_ids=ids_t, meta=meta, sample_rows=sample_rows,
                       decode_only=(nd == len(seqs)),
-                      pending_dst=pdst_t if pend_dst else None,
-                      pending_src=psrc_t if pend_dst else None)
+                      pending_dst=pdst_t if len(pend_dst) else None,
+                      pending_src=psrc_t if len(pend_dst) else None)
 
 
 class _PinnedUploader:

@@ -15,7 +15,8 @@ Logprobs (when any row asks) come from the raw model logits, like vLLM's default
 ``sample()`` never synchronizes with the device: it returns a ``DeviceSample`` whose
 tensors stay on the device (the next step's forward can read its tokens there: async
 scheduling); ``DeviceSample.to_host()`` is the one device->host copy. When every row
-shares one SamplingParams (the common case) the parameters are scalars, not per-row
+samples alike (one SamplingParams, or equal sampling fields: ``sampling_key``) the
+parameters are scalars, not per-row
 tensors, and the per-row Python work is a single pass.
 """
 from __future__ import annotations
@@ -195,7 +196,7 @@ class Sampler:
         if any(p.min_tokens for p in distinct):
             logits = self._apply_min_tokens(logits, seqs, eos_token_ids)
 
-        if len(distinct) == 1:
+        if len(distinct) == 1 or len({p.sampling_key for p in distinct}) == 1:
             tokens = self._sample_uniform(logits, distinct[0], seqs)
         else:
             tokens = self._sample_mixed(logits, params, seqs)

@@ -86,6 +86,8 @@ class SamplingParams:
     output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
     # Filled in by __post_init__: stop normalised to a list.
     stop_strings: list[str] = field(default_factory=list, init=False, repr=False)
+    sampling_key: tuple = field(default=(), init=False, repr=False, compare=False)
+    simple_stop: bool = field(default=True, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         self._check_int("n", self.n, low=1)
@@ -143,6 +145,12 @@ class SamplingParams:
             if not s:
                 raise ValueError("SamplingParams.stop must not contain an empty string")
         self.stop_strings = stops
+        # What the sampler needs to know to treat rows alike (params are read-only once
+        # built); and whether the stop check is only EOS + length.
+        self.sampling_key = (self.greedy, self.temperature, self.top_p, self.top_k,
+                             self.min_p, self.seed is not None, self.presence_penalty,
+                             self.frequency_penalty, self.repetition_penalty)
+        self.simple_stop = not stops and not self.stop_token_ids and self.min_tokens == 0
         if not isinstance(self.output_kind, RequestOutputKind):
             try:
                 self.output_kind = RequestOutputKind(self.output_kind)

@@ -110,6 +110,7 @@ class Scheduler:
                 pass  # not queued yet
         self.bm.free_seq(seq)
         seq.status = SequenceStatus.FINISHED
+        seq.request.num_finished += 1
         seq.finish_reason = reason
         seq.stop_reason = stop_reason
 
@@ -134,32 +135,34 @@ class Scheduler:
         i = 0
         while i < len(running) and budget > 0:
             seq = running[i]
-            total = seq.num_tokens + seq.num_pending
             c = seq.num_computed_tokens
-            n = min(total - c, budget)
+            total = len(seq.token_ids) + seq.num_pending
+            n = total - c
+            if n == 1 and c < len(seq.block_table) * bs:
+                # Steady decode: its block has room; register a block it just filled.
+                if seq.num_pending and total >= seq.max_total_tokens:
+                    i += 1    # finishes by length when the step in flight is read back
+                    continue
+                if caching and total // bs > seq.num_registered_blocks:
+                    bm.register_full_blocks(seq, total)
+                decode.append(seq)
+                budget -= 1
+                i += 1
+                continue
+            n = min(n, budget)
             if n <= 0 or (seq.num_pending and total >= seq.max_total_tokens):
                 i += 1  # finishing in the step in flight (or nothing to compute)
                 continue
-            if c + n > len(seq.block_table) * bs:   # needs a new block
-                while not bm.allocate(seq, n):
-                    victim = running.pop()  # newest; not scheduled yet in this step
-                    self._preempt(victim)
-                    preempted.append(victim)
-                    if victim is seq:
-                        break
-                else:
-                    self._take(seq, n, decode, chunks)
-                    budget -= n
-                    i += 1
-                continue
-            if caching and (c + n) // bs > seq.num_registered_blocks:
-                bm.register_full_blocks(seq, c + n)
-            if n == 1:
-                decode.append(seq)
+            while not bm.allocate(seq, n):
+                victim = running.pop()  # newest; not scheduled yet in this step
+                self._preempt(victim)
+                preempted.append(victim)
+                if victim is seq:
+                    break
             else:
-                chunks.append((seq, n))
-            budget -= n
-            i += 1
+                self._take(seq, n, decode, chunks)
+                budget -= n
+                i += 1
 
         if not preempted:
             while self.waiting and budget > 0 and len(running) < self.max_num_seqs:

@@ -204,7 +204,7 @@ class Request:
 
     @property
     def finished(self) -> bool:
-        return all(s.is_finished for s in self.seqs)
+        return self.num_finished == len(self.seqs)
 
     @property
     def num_cached_tokens(self) -> int:
