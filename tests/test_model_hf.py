@@ -114,8 +114,14 @@ def test_kv_cache_api_and_sizes(hf_dirs):
     assert model.kv_bytes_per_token() == 2 * c.num_layers * c.num_kv_heads * c.head_dim * 4
     n_params = sum(p.numel() for p in model.parameters())
     assert model.weight_bytes() == n_params * 4
+    assert model.allocate_kv_caches(4, 12)[0][0].shape[1] == 12   # any size in [1, 256]
     with pytest.raises(ValueError, match="block_size"):
-        model.allocate_kv_caches(4, 12)
+        model.allocate_kv_caches(4, 257)
+    fp8 = model.allocate_kv_caches(10, 16, dtype=torch.float8_e4m3fn)
+    assert fp8[0][1].dtype == torch.float8_e4m3fn
+    assert model.kv_bytes_per_token(torch.float8_e4m3fn) * 4 == model.kv_bytes_per_token()
+    with pytest.raises(ValueError, match="KV cache dtype"):
+        model.allocate_kv_caches(4, 16, dtype=torch.float16)
 
 
 def test_forward_input_errors(hf_dirs):

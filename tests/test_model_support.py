@@ -83,8 +83,8 @@ def random_tokens(n: int, vocab: int, seed: int) -> list[int]:
 
 @torch.no_grad()
 def run_schedule(model: Any, seqs: Sequence[Sequence[int]],
-                 plan: Sequence[Sequence[tuple]], block_size: int = 8, seed: int = 0
-                 ) -> list[tuple[int, int, torch.Tensor]]:
+                 plan: Sequence[Sequence[tuple]], block_size: int = 8, seed: int = 0,
+                 kv_dtype: torch.dtype | None = None) -> list[tuple[int, int, torch.Tensor]]:
     """Run steps over a paged cache; returns (seq, position, logits row) for every token.
 
     plan: steps, each a list of ("d", seq) decode items and ("p", seq, n) prefill chunks
@@ -98,7 +98,7 @@ def run_schedule(model: Any, seqs: Sequence[Sequence[int]],
     for n in needed:
         rows.append(ids[k:k + n])
         k += n
-    kv = model.allocate_kv_caches(len(ids), block_size)
+    kv = model.allocate_kv_caches(len(ids), block_size, dtype=kv_dtype)
     done = [0] * len(seqs)
     out = []
     for step in plan:

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from .. import ops
 from ..nn.layers import PagedAttention, RMSNorm, RotaryEmbedding
+from ..ops.attention import FP8_KV_DTYPES
 from .config import DecoderConfig
 from .linear import FusedLinear
 from .metadata import AttentionMetadata
@@ -175,11 +176,16 @@ class CausalLM(nn.Module):
 
     def allocate_kv_caches(self, num_blocks: int, block_size: int,
                            dtype: torch.dtype | None = None) -> list[KVCache]:
-        """Zeroed (k_cache, v_cache) per layer on the model's device, in the model's dtype."""
-        if block_size < 8 or block_size > 256 or block_size & (block_size - 1):
-            raise ValueError(f"block_size must be a power of two in [8, 256], got {block_size}")
-        shape = self.kv_cache_shape(num_blocks, block_size)
+        """Zeroed (k_cache, v_cache) per layer on the model's device, in the model's dtype
+        or ``dtype`` (torch.float8_e4m3fn: an fp8 cache, dequantized with each attention
+        layer's k_scale / v_scale)."""
+        if not 1 <= block_size <= 256:
+            raise ValueError(f"block_size must be in [1, 256], got {block_size}")
         dt = dtype or self.dtype
+        if dt != self.dtype and dt not in FP8_KV_DTYPES:
+            raise ValueError(f"KV cache dtype must be the model's ({self.dtype}) or "
+                             f"float8_e4m3fn, got {dt}")
+        shape = self.kv_cache_shape(num_blocks, block_size)
         return [(torch.zeros(shape, dtype=dt, device=self.device),
                  torch.zeros(shape, dtype=dt, device=self.device))
                 for _ in range(self.config.num_layers)]
@@ -191,11 +197,13 @@ class CausalLM(nn.Module):
         return 2 * c.num_layers * c.num_kv_heads * c.head_dim * elem
 
     def weight_bytes(self) -> int:
-        """Bytes of all weights (tied embeddings counted once; the rope cache excluded)."""
+        """Bytes of all weights (tied embeddings counted once; the rope cache and the fp8
+        KV-cache scales excluded)."""
         seen: set[int] = set()
         total = 0
         for t in list(self.parameters()) + [b for n, b in self.named_buffers()
-                                            if not n.endswith("cos_sin_cache")]:
+                                            if not n.endswith(("cos_sin_cache", "k_scale",
+                                                               "v_scale"))]:
             if t is None or id(t) in seen:
                 continue
             seen.add(id(t))

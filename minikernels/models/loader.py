@@ -81,13 +81,16 @@ _SHARDS = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv
            "o_proj": ("o_proj", 0), "gate_proj": ("gate_up_proj", 0),
            "up_proj": ("gate_up_proj", 1), "down_proj": ("down_proj", 0)}
 _QUANT_TENSORS = ("qweight", "qzeros", "scales", "g_idx")
+#: fp8 KV-cache scales as vLLM's fp8 checkpoints store them (one per layer, or per kv head)
+_KV_SCALE_RE = re.compile(r"^layers\.(\d+)\.self_attn\.(k_scale|v_scale)$")
 _IGNORED = re.compile(r"(rotary_emb\.inv_freq|\.bias_correction|\.wf_?\w*)$")
 
 
 def map_name(name: str) -> tuple[str, int | None, str] | None:
     """HF tensor name -> (our module path, part index or None, tensor kind); None = unknown.
 
-    kind: 'weight' | 'bias' (dense) or 'qweight' | 'qzeros' | 'scales' | 'g_idx' (int4).
+    kind: 'weight' | 'bias' (dense), 'qweight' | 'qzeros' | 'scales' | 'g_idx' (int4), or
+    'k_scale' | 'v_scale' (fp8 KV-cache scales of layer N's attention).
     """
     n = name[len("model."):] if name.startswith("model.") else name
     if n in ("embed_tokens.weight", "norm.weight"):
@@ -98,6 +101,9 @@ def map_name(name: str) -> tuple[str, int | None, str] | None:
     m = _NORM_RE.match(n)
     if m:
         return f"layers.{m.group(1)}.{m.group(2)}", None, "weight"
+    m = _KV_SCALE_RE.match(n)
+    if m:
+        return f"layers.{m.group(1)}.self_attn.attn", None, m.group(2)
     m = _LAYER_RE.match(n)
     if m:
         layer, block, proj, kind = m.groups()
@@ -107,6 +113,18 @@ def map_name(name: str) -> tuple[str, int | None, str] | None:
             target, shard = _SHARDS[proj]
             return f"layers.{layer}.{block}.{target}", shard, kind
     return None
+
+
+def _load_kv_scale(buffer: Tensor, tensor: Tensor, where: str) -> None:
+    """An fp8 KV-cache scale from a checkpoint: one value (per layer) or one per kv head."""
+    values = tensor.float().reshape(-1)
+    if values.numel() not in (1, buffer.numel()):
+        raise CheckpointError(f"{where}: expected 1 or {buffer.numel()} values, got "
+                              f"{values.numel()}")
+    if not bool(torch.isfinite(values).all() & (values > 0).all()):
+        raise CheckpointError(f"{where}: KV-cache scales must be finite and > 0")
+    with torch.no_grad():
+        buffer.copy_(values.to(buffer.device).expand(buffer.numel()))
 
 
 # ------------------------------------------------------------------- checkpoint I/O
@@ -309,6 +327,9 @@ def _load_hf(model_dir: str, dtype: str | torch.dtype, device: torch.device,
                     unexpected.append(hf_name)
                     continue
                 where = f"{hf_name} (in {os.path.basename(path)})"
+                if kind in ("k_scale", "v_scale"):
+                    _load_kv_scale(getattr(mod, kind), tensor, where)
+                    continue
                 if isinstance(mod, FusedLinear):
                     if kind in _QUANT_TENSORS:
                         if ckpt_quant is None:

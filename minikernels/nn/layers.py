@@ -72,6 +72,9 @@ class PagedAttention(nn.Module):
       meta.num_decode tokens attend through paged_decode_attention and the prefill chunks
       after them through flash_attention with meta.prefill_block_table (bottom-right
       causal, so a chunk sees its cached prefix).
+    - FP8 caches (float8_e4m3fn): K/V are stored as fp8(x / scale) with this layer's
+      float32 buffers ``k_scale`` / ``v_scale`` [Hkv] (1.0 unless a checkpoint provides
+      them; vLLM's convention) and dequantized inside the attention kernels.
     """
 
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int,
@@ -87,6 +90,12 @@ class PagedAttention(nn.Module):
         self.softmax_scale = softmax_scale if softmax_scale is not None else head_dim ** -0.5
         self.window_left = int(window_left)
         self.softcap = float(softcap)
+        # fp8 KV-cache scales per kv head (stored value * scale ~= K/V); not in state_dict
+        # unless a checkpoint carries them (the loader fills them from *.k_scale / *.v_scale)
+        self.register_buffer("k_scale", torch.ones(num_kv_heads, dtype=torch.float32),
+                             persistent=False)
+        self.register_buffer("v_scale", torch.ones(num_kv_heads, dtype=torch.float32),
+                             persistent=False)
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, meta: Any,
                 kv_cache: tuple[Tensor, Tensor] | None) -> Tensor:
@@ -104,13 +113,16 @@ class PagedAttention(nn.Module):
         k_cache, v_cache = kv_cache
         if meta.slot_mapping is None:
             raise ValueError("a forward with kv_caches needs meta.slot_mapping")
-        ops.write_kv_cache(k, v, k_cache, v_cache, meta.slot_mapping)
+        scales = {}
+        if k_cache.dtype in ops.attention.FP8_KV_DTYPES:
+            scales = dict(k_scale=self.k_scale, v_scale=self.v_scale)
+        ops.write_kv_cache(k, v, k_cache, v_cache, meta.slot_mapping, **scales)
         nd = int(meta.num_decode)
         if nd == num_tokens:  # decode-only step: no copy into a shared output
             return ops.paged_decode_attention(
                 q, k_cache, v_cache, meta.decode_block_table, meta.decode_seq_lens,
                 softmax_scale=self.softmax_scale, window_left=self.window_left,
-                softcap=self.softcap)
+                softcap=self.softcap, **scales)
         if meta.cu_seqlens_q is None or meta.prefill_block_table is None:
             raise ValueError("prefill tokens need meta.cu_seqlens_q, cu_seqlens_k and "
                              "prefill_block_table")
@@ -118,13 +130,13 @@ class PagedAttention(nn.Module):
             q[nd:], k_cache, v_cache, meta.cu_seqlens_q, meta.cu_seqlens_k, meta.max_seqlen_q,
             meta.max_seqlen_k, causal=True, softmax_scale=self.softmax_scale,
             window_left=self.window_left, softcap=self.softcap,
-            block_table=meta.prefill_block_table)
+            block_table=meta.prefill_block_table, **scales)
         if nd == 0:
             return prefill
         decode = ops.paged_decode_attention(
             q[:nd], k_cache, v_cache, meta.decode_block_table, meta.decode_seq_lens,
             softmax_scale=self.softmax_scale, window_left=self.window_left,
-            softcap=self.softcap)
+            softcap=self.softcap, **scales)
         return torch.cat([decode, prefill], dim=0)
 
     def extra_repr(self) -> str:

@@ -198,7 +198,10 @@ def _group_pad(group: int) -> int:
     return max(16, triton.next_power_of_2(group))
 
 
-def _num_warps(head_dim: int, group_pad: int) -> int:
+def _num_warps(head_dim: int, group_pad: int, fp8_kv: bool = False) -> int:
+    # fp8 tiles convert to 16-bit in registers: at D >= 128 four warps spill (sm_90a, 3 stages)
+    if fp8_kv and head_dim * group_pad >= 128 * 16:
+        return 8
     return 8 if head_dim * group_pad >= 256 * 32 else 4
 
 
@@ -246,7 +249,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         BLOCK_N=bn, SOFTCAP=softcap > 0, SPLIT=use_split, DOT_PRECISION=prec,
         DOT_F32=not q.is_cuda and q.dtype == torch.bfloat16, KV_SCALE=kv_scale,
         SCALE_PER_HEAD=kv_scale and k_scale.numel() > 1,
-        num_warps=_num_warps(d, gp), num_stages=NUM_STAGES)
+        num_warps=_num_warps(d, gp, kv_scale), num_stages=NUM_STAGES)
     if use_split:
         paged_merge_kernel[(bsz, hq)](
             opart, lse, seq_lens, out, lse_out, window_left, num_splits, split_size,
@@ -299,7 +302,7 @@ def _register() -> None:
                                     "SPLIT": split, "DOT_PRECISION": "tf32",
                                     "DOT_F32": False, "KV_SCALE": fp8,
                                     "SCALE_PER_HEAD": fp8 and group == 4},
-                        num_warps=_num_warps(d, gp), num_stages=NUM_STAGES,
+                        num_warps=_num_warps(d, gp, fp8), num_stages=NUM_STAGES,
                         tensor_core=True, archs=archs,
                         # M = GROUP_PAD = 16 rows: Triton may pick mma.sync over wgmma.
                         wgmma_expected=False))
