@@ -10,7 +10,9 @@ split_size=512; CUDA C++ when the extension is built), gather + SDPA (pages gath
 contiguous [B, Hkv, ctx, D] copy, then SDPA with enable_gqa: what a framework without a
 paged kernel does), SDPA over already-contiguous KV (the upper reference: no paging cost),
 and flex_attention (compiled) over the whole page pool with a block mask built from the
-block table, where it runs. Minimum bytes = the K and V pages read once (+ q, out); every
+block table, where it runs. Beside them, ours over an fp8 (e4m3) KV cache quantized from the
+same K/V with per-head scales (``*_fp8kv`` rows: half the bytes; checked against SDPA over
+the dequantized cache). Minimum bytes = the K and V pages read once (+ q, out); every
 time is reported as GB/s and as a fraction of the copy bandwidth measured in the same run
 (L2 flushed before each call). Our output is checked against SDPA on the same inputs.
 Results: bench/results/<device>/paged_decode.{json,md,png}.
@@ -57,6 +59,19 @@ def make_inputs(batch: int, ctx: int, hq: int, hkv: int, d: int, block: int,
                      dtype=torch.float32).to(dtype)
     lens = torch.full((batch,), ctx, dtype=torch.int32, device=device)
     return dict(q=q, k_cache=kc, v_cache=vc, block_table=table, seq_lens=lens)
+
+
+def quantize_caches(inp: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """fp8 e4m3 copies of the caches with per-kv-head scales amax / 448 (no saturation)."""
+    from minikernels.ops import reference
+
+    out = {}
+    for name in ("k", "v"):
+        cache = inp[f"{name}_cache"]
+        scale = (cache.float().abs().amax(dim=(0, 1, 3)) / 448.0).clamp_min(1e-8)
+        out[f"{name}_cache"] = reference.quantize_kv(cache, scale, torch.float8_e4m3fn)
+        out[f"{name}_scale"] = scale
+    return out
 
 
 def gather_kv(cache: torch.Tensor, table: torch.Tensor, ctx: int) -> torch.Tensor:
@@ -125,15 +140,29 @@ def bench_shape(batch: int, ctx: int, *, hq: int, hkv: int, d: int, block: int,
                                                      inp["block_table"], inp["seq_lens"], **kw)
         return fn
 
+    fp8 = quantize_caches(inp)
+
+    def ours_fp8(backend: str) -> Callable[[], torch.Tensor]:
+        def fn() -> torch.Tensor:
+            with mk.use_backend(backend):
+                return mk.ops.paged_decode_attention(
+                    inp["q"], fp8["k_cache"], fp8["v_cache"], inp["block_table"],
+                    inp["seq_lens"], k_scale=fp8["k_scale"], v_scale=fp8["v_scale"])
+        return fn
+
     impls["minikernels_triton"] = ours("triton")
     impls["minikernels_triton_invariant"] = ours("triton", split_size=512)
+    impls["minikernels_triton_fp8kv"] = ours_fp8("triton")
     if device == "cuda":
         from minikernels import backend as _backend
         if _backend.cuda_extension() is not None and \
                 hasattr(_backend.cuda_extension(), "paged_decode_attention"):
             impls["minikernels_cuda"] = ours("cuda")
+            impls["minikernels_cuda_fp8kv"] = ours_fp8("cuda")
     else:
         impls["reference"] = ours("reference")
+        impls["reference_fp8kv"] = ours_fp8("reference")
+    fp8_bytes = kv_bytes // esize + (min_bytes - kv_bytes)   # one byte per K/V element
     # peers
     skipped: dict[str, str] = {}
     if 3 * kv_bytes < 0.8 * free:
@@ -159,32 +188,41 @@ def bench_shape(batch: int, ctx: int, *, hq: int, hkv: int, d: int, block: int,
 
     # correctness on these inputs: against SDPA over the same (gathered) K/V
     kr = k_contig if k_contig is not None else None
-    expect = None
+    expect = expect_fp8 = None
     if kr is not None:
         expect = _sdpa(inp["q"].float(), kr.float(), v_contig.float())
+        deq = {n: (gather_kv(fp8[f"{n}_cache"].view(torch.uint8), inp["block_table"], ctx)
+                   .view(torch.float8_e4m3fn).float()
+                   * fp8[f"{n}_scale"].view(1, -1, 1, 1)) for n in ("k", "v")}
+        expect_fp8 = _sdpa(inp["q"].float(), deq["k"], deq["v"])
+        del deq
     rows: list[dict[str, Any]] = []
     base_time = None
     results: dict[str, float] = {}
     for name, fn in impls.items():
+        is_fp8 = name.endswith("_fp8kv")
+        want = expect_fp8 if is_fp8 else expect
         try:
             out = fn()
-            err = (float((out.float() - expect).abs().max()) if expect is not None else None)
+            err = (float((out.float() - want).abs().max()) if want is not None else None)
             seconds = time_fn(fn, warmup=1 if smoke else 5, rep=2 if smoke else 30,
                               flush_l2=device == "cuda", device=device)
         except Exception as exc:  # noqa: BLE001
             skipped[name] = f"{type(exc).__name__}: {str(exc)[:120]}"
             continue
         results[name] = seconds
-        rows.append(dict(batch=batch, context=ctx, impl=name, us=seconds * 1e6,
-                         gb_per_s=min_bytes / seconds / 1e9,
-                         frac_copy_bw=(min_bytes / seconds / copy_bw) if copy_bw else None,
+        nbytes = fp8_bytes if is_fp8 else min_bytes
+        rows.append(dict(batch=batch, context=ctx, impl=name,
+                         kv_dtype="fp8_e4m3" if is_fp8 else str(inp["q"].dtype)[6:],
+                         us=seconds * 1e6, gb_per_s=nbytes / seconds / 1e9,
+                         frac_copy_bw=(nbytes / seconds / copy_bw) if copy_bw else None,
                          max_abs_err=err))
     base_time = results.get("gather_sdpa")
     for r in rows:
         r["speedup_vs_gather_sdpa"] = (base_time / (r["us"] / 1e6)) if base_time else None
     for name, why in skipped.items():
         rows.append(dict(batch=batch, context=ctx, impl=name, skipped=why))
-    del inp, k_contig, v_contig
+    del inp, k_contig, v_contig, fp8
     if device == "cuda":
         torch.cuda.empty_cache()
     return rows
@@ -247,8 +285,9 @@ def main(argv: list[str] | None = None, out_dir: str | Path | None = None) -> di
     meta = dict(shapes=f"Hq={cfg['hq']}, Hkv={cfg['hkv']}, D={cfg['d']}, block={cfg['block']}",
                 dtype="bf16" if device == "cuda" else "fp32 (CPU smoke)",
                 ceilings=ceil, smoke=args.smoke,
-                bytes="2 * B * ctx * Hkv * D * 2 (K and V read once) + q + out + block_table")
-    columns = ["batch", "context", "impl", "us", "gb_per_s", "frac_copy_bw",
+                bytes="2 * B * ctx * Hkv * D * elem (K and V read once; elem 2, or 1 for "
+                      "fp8 KV) + q + out + block_table")
+    columns = ["batch", "context", "impl", "kv_dtype", "us", "gb_per_s", "frac_copy_bw",
                "speedup_vs_gather_sdpa", "max_abs_err", "skipped"]
     return write_results("paged_decode", rows, meta, columns=columns,
                          title="Paged decode attention", plot=lambda p: _plot(rows, p),
