@@ -16,7 +16,7 @@ import triton.language as tl
 
 from .registry import KernelSpec, register
 
-FP8_MAX = 448.0
+FP8_MAX = tl.constexpr(448.0)  # largest finite e4m3 value
 
 
 @triton.jit
