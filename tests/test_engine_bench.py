@@ -48,3 +48,22 @@ def test_bench_serve_vs_hf_smoke(tmp_path):
             ("hf-b1", "decode-b1")} <= systems
     assert (tmp_path / "serve_vs_hf.md").exists()
     assert data["meta"]["speedup_vs_best_hf_offline"] > 0
+
+
+def test_cli_bench_engine_small(tmp_path):
+    """`minikernels bench engine` end to end on a shrunken workload (JSON fields)."""
+    from minikernels.cli import main
+
+    out = tmp_path / "engine.json"
+    rc = main(["bench", "engine", "--scale", "0.04", "--gpu-ms", "2", "--block-sizes", "16,64",
+               "--no-save", "--output", str(out)])
+    assert rc == 0
+    rows = json.loads(out.read_text())["rows"]
+    kinds = {(r["workload"], r["path"], r.get("gpu_ms"), r["async"]) for r in rows}
+    assert ("steady", "generate", None, True) in kinds and ("steady", "stream", None, True) in kinds
+    assert ("steady", "generate", 2.0, False) in kinds
+    for r in rows:
+        assert r["steps"] > 0 and r["host_ms_median"] > 0
+    sweep = [r for r in rows if r["workload"] == "block-sweep"]
+    assert [r["block_size"] for r in sweep] == [16, 64]
+    assert all(0 < r["hit_rate"] <= 1 and r["add_us"] > 0 for r in sweep)

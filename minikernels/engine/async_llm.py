@@ -67,17 +67,22 @@ class RequestDelta:
                  "num_preemptions", "final")
 
     def __init__(self, req: Request) -> None:
-        self.samples = []
+        samples = []
         for s in req.seqs:
             ids, text, lps = s.take_delta()
-            self.samples.append((s.index, ids, text, lps, s.finish_reason, s.stop_reason,
-                                 s.cumulative_logprob))
-        self.finished = req.finished
+            samples.append((s.index, ids, text, lps, s.finish_reason, s.stop_reason,
+                            s.cumulative_logprob))
+        self.samples = samples
+        self.finished = finished = req.num_finished == len(samples)
         self.first_token_time = req.first_token_time
         self.finish_time = req.finish_time
-        self.num_cached_tokens = req.num_cached_tokens if self.finished or \
-            req.first_token_time is not None else 0
-        self.num_preemptions = sum(s.num_preemptions for s in req.seqs) if self.finished else 0
+        seq0 = req.seqs[0]
+        if finished or len(samples) > 1:
+            self.num_cached_tokens = req.num_cached_tokens
+            self.num_preemptions = sum(s.num_preemptions for s in req.seqs)
+        else:
+            self.num_cached_tokens = seq0.num_cached_tokens
+            self.num_preemptions = seq0.num_preemptions
         self.final: RequestOutput | None = None
 
 

@@ -359,8 +359,9 @@ def _fields(sp: SamplingParams) -> dict[str, Any]:
 
 
 def admission_cost(block_size: int, prompt_len: int = 2048, reps: int = 200) -> dict[str, float]:
-    """Median thread CPU (us) of add_request (hashing; no tokenization: token ids) and of
-    the schedule() call that admits it on a prefix hit, for a prompt_len-token prompt."""
+    """Median thread CPU (us) of add_request (block hashing and request objects; the ids
+    come pre-validated, as from AsyncLLM, so no tokenization) and of the schedule() call
+    that admits it on a prefix hit, for a prompt_len-token prompt."""
     llm = _build(block_size, max_len=prompt_len + 64, num_blocks=4 * -(-prompt_len // block_size)
                  + 64)
     eng = llm.llm_engine
@@ -373,7 +374,8 @@ def admission_cost(block_size: int, prompt_len: int = 2048, reps: int = 200) -> 
     adds, scheds = [], []
     for i in range(reps):
         t0 = time.thread_time()
-        eng.add_request(f"a{i}", prefix + [i % (VOCAB - 1)], sp)
+        ids = prefix + [i % (VOCAB - 1)]
+        eng.add_request(f"a{i}", ids, sp, prompt_token_ids=ids)    # validated, as AsyncLLM
         t1 = time.thread_time()
         eng.scheduler.schedule()
         t2 = time.thread_time()
@@ -383,15 +385,15 @@ def admission_cost(block_size: int, prompt_len: int = 2048, reps: int = 200) -> 
     return {"add_us": 1e6 * statistics.median(adds), "admit_us": 1e6 * statistics.median(scheds)}
 
 
-def hit_rate(block_size: int, seed: int = 0) -> float:
-    """Prefix-cache hit rate (hit tokens / prompt tokens) on 512 requests that share one
-    of 16 system prompts (100..1500 tokens) followed by 20..200 own tokens."""
+def hit_rate(block_size: int, seed: int = 0, num_requests: int = 512) -> float:
+    """Prefix-cache hit rate (hit tokens / prompt tokens) on num_requests requests that
+    share one of 16 system prompts (100..1500 tokens) followed by 20..200 own tokens."""
     rng = random.Random(seed)
     systems = [[rng.randrange(VOCAB - 1) for _ in range(rng.randint(100, 1500))]
                for _ in range(16)]
     prompts = [rng.choice(systems) + [rng.randrange(VOCAB - 1)
                                       for _ in range(rng.randint(20, 200))]
-               for _ in range(512)]
+               for _ in range(num_requests)]
     llm = _build(block_size, max_len=1760)
     eng = llm.llm_engine
     sp = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
@@ -462,8 +464,8 @@ def run(args: argparse.Namespace) -> int:
     for b in [int(x) for x in args.block_sizes.split(",") if x]:
         r = run_generate("steady", b, scale=min(args.scale, 0.25), tokenizer=tok)
         r["workload"] = "block-sweep"
-        r.update(admission_cost(b))
-        r["hit_rate"] = hit_rate(b)
+        r.update(admission_cost(b, reps=max(20, int(200 * args.scale))))
+        r["hit_rate"] = hit_rate(b, num_requests=max(32, int(512 * args.scale)))
         show(r)
     meta = {"default_block_size": bs, "stub_vocab": VOCAB, "scale": args.scale,
             "cpu_threads": torch.get_num_threads(),

@@ -167,7 +167,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     e.add_argument("--dtype", default=None, help="default bfloat16 on a GPU, float32 on CPU")
     e.add_argument("--quantization", default=None, choices=[None, "int4", "gptq", "awq"])
     e.add_argument("--device", default=None)
-    e.add_argument("--block-size", type=int, default=16)
+    e.add_argument("--block-size", type=int, default=64)
     e.add_argument("--num-kv-blocks", type=int, default=None)
     e.add_argument("--max-model-len", type=int, default=None,
                    help="default: max input + max output (a tight CUDA-graph block table)")

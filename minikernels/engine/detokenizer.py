@@ -96,6 +96,10 @@ class _BaseDetokenizer:
         self.buf.add(delta)
         return delta
 
+    def step(self, token_id: int) -> str:
+        """Add one output token (the per-step hot path); return the text it completes."""
+        return self.append([token_id])
+
     def flush(self) -> str:
         """At the end: emit held-back bytes too (an incomplete character -> U+FFFD)."""
         delta = self._flush()
@@ -166,6 +170,21 @@ class StreamDetokenizer(_BaseDetokenizer):
         self.stream = DecodeStream(ids=context, skip_special_tokens=skip_special_tokens)
         self.held: list[int] = []        # tokens whose text is not out yet
         self.context = context[-2:]      # tokens before ``held`` (for the flush decode)
+
+    def step(self, token_id: int) -> str:
+        s = self.stream.step(self.tok, token_id)
+        if s is None:
+            self.held.append(token_id)
+            return ""
+        if self.held:
+            self.context = (self.held + [token_id])[-2:]
+            self.held = []
+        else:
+            self.context = [self.context[-1], token_id] if self.context else [token_id]
+        buf = self.buf
+        buf._chunks.append(s)
+        buf.num_chars += len(s)
+        return s
 
     def _step(self, token_ids: list[int]) -> str:
         out = []

@@ -137,7 +137,7 @@ class LLMEngine:
     """
 
     def __init__(self, model: str | torch.nn.Module, dtype: str | torch.dtype = "bfloat16",
-                 quantization: str | None = None, block_size: int = 16,
+                 quantization: str | None = None, block_size: int = 64,
                  num_kv_blocks: int | None = None, gpu_memory_utilization: float = 0.9,
                  max_num_seqs: int = 256, max_num_batched_tokens: int = 8192,
                  enable_prefix_caching: bool = True, enforce_eager: bool = False,
@@ -372,11 +372,16 @@ class LLMEngine:
                 req.first_token_time = now
             touched[req.request_id] = req
             p = seq.params
-            # Fast path: no text to decode, no stop strings / ids -> EOS and length only.
-            if seq.detokenizer is not None or not p.simple_stop or (
-                    token in eos and not p.ignore_eos) or \
+            det = seq.detokenizer
+            delta = ""
+            if det is not None:
+                delta = det.step(token)
+                if delta:
+                    seq.unsent_text += delta
+            # Fast path: no stop strings / ids, no min_tokens -> EOS and length only.
+            if not p.simple_stop or (token in eos and not p.ignore_eos) or \
                     len(seq.token_ids) >= seq.max_total_tokens:
-                self._check_stop(seq, token)
+                self._check_stop(seq, token, delta)
         self.generation_tokens_total += n_new
         self._throughput.add(now, n_new)
         requests = self.requests
@@ -403,12 +408,10 @@ class LLMEngine:
                 entry[t] = Logprob(v, r, text(t))
         seq.logprobs.append(entry)
 
-    def _check_stop(self, seq: Sequence, token: int) -> None:
+    def _check_stop(self, seq: Sequence, token: int, delta: str) -> None:
+        """Finish seq if ``token`` (already appended and decoded into ``delta``) stops it."""
         p = seq.params
         det = seq.detokenizer
-        delta = det.append([token]) if det is not None else ""
-        if delta:
-            seq.add_text(delta)
         reason: str | None = None
         stop_reason: str | int | None = None
         if p.min_tokens == 0 or seq.num_output_tokens >= p.min_tokens:
@@ -480,7 +483,8 @@ class LLM:
             minikernels.models.list_models) or an already built CausalLM.
         dtype: "bfloat16" | "float16" | "float32" | "auto".
         quantization: None | "int4" | "gptq" | "awq".
-        block_size: KV block size in tokens (a power of two in [8, 256]).
+        block_size: KV block size in tokens (a power of two in [8, 256]; default 64, chosen
+            by ``minikernels bench engine``: see docs/engine.md, "Block size").
         num_kv_blocks: KV pool size in blocks (None = from gpu_memory_utilization on a
             GPU, or 1 GiB / 4096 blocks at most on the CPU).
         gpu_memory_utilization: fraction of GPU memory for weights + activations + KV.
@@ -498,7 +502,7 @@ class LLM:
     """
 
     def __init__(self, model: str | torch.nn.Module, dtype: str | torch.dtype = "bfloat16",
-                 quantization: str | None = None, block_size: int = 16,
+                 quantization: str | None = None, block_size: int = 64,
                  num_kv_blocks: int | None = None, gpu_memory_utilization: float = 0.9,
                  max_num_seqs: int = 256, max_num_batched_tokens: int = 8192,
                  enable_prefix_caching: bool = True, enforce_eager: bool = False,
