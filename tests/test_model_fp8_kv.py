@@ -1,5 +1,8 @@
 """The decoder over an fp8 (e4m3) KV cache: logits stay close to the full-precision cache's,
-and fp8 KV-cache scales load from a checkpoint (vLLM's ``self_attn.k_scale`` names)."""
+and fp8 KV-cache scales load from a checkpoint (vLLM's ``self_attn.k_scale`` names).
+
+``python tests/test_model_fp8_kv.py`` prints the logit-error table of docs/models.md.
+"""
 from __future__ import annotations
 
 import os
@@ -61,3 +64,34 @@ def test_kv_scales_load_from_checkpoint(hf_dirs, tmp_path):  # noqa: F811
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
     with pytest.raises(CheckpointError, match="finite and > 0"):
         load_model(str(out), dtype="float32", device="cpu")
+
+
+def _measure() -> None:
+    """Print fp8-vs-own-dtype logit error per tiny model (the docs/models.md table)."""
+    import tempfile
+
+    from test_model_support import make_hf_model, save_hf
+
+    for kind in ("llama", "qwen2-window", "qwen3", "mistral-window"):
+        hf = make_hf_model(kind)
+        path = save_hf(hf, tempfile.mkdtemp())
+        seqs = _seqs(hf.config.vocab_size)
+        cells, fulls = [], []
+        for dtype in (torch.float32, torch.bfloat16):
+            model = load_model(path, dtype=dtype, device="cpu")
+            full = torch.stack([r for *_, r in run_schedule(model, seqs, PLAN, 8)])
+            fp8 = torch.stack([r for *_, r in run_schedule(model, seqs, PLAN, 8,
+                                                            kv_dtype=FP8)])
+            top1 = float((fp8.argmax(-1) == full.argmax(-1)).float().mean())
+            cells.append(f"{dtype}: rel {rel_err(fp8, full):.3f}, top-1 {top1:.0%}")
+            fulls.append(full)
+        cells.append(f"bf16 model vs fp32: rel {rel_err(fulls[1], fulls[0]):.3f}")
+        print(kind, "|", " | ".join(cells), flush=True)
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    os.environ.setdefault("MINIKERNELS_NO_PROGRESS", "1")
+    _measure()
