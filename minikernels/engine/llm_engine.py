@@ -143,7 +143,7 @@ class LLMEngine:
                  enable_prefix_caching: bool = True, enforce_eager: bool = False,
                  device: str | torch.device | None = None, max_model_len: int | None = None,
                  seed: int = 0, tokenizer: Any = "auto",
-                 async_scheduling: bool | None = None) -> None:
+                 async_scheduling: bool | None = None, kv_cache_dtype: str = "auto") -> None:
         _check_int("block_size", block_size, 1)
         _check_int("max_num_seqs", max_num_seqs, 1)
         _check_int("max_num_batched_tokens", max_num_batched_tokens, 1)
@@ -178,7 +178,8 @@ class LLMEngine:
         self._eos_list = sorted(self.eos_token_ids)
         self.runner = ModelRunner(self.model, block_size, num_kv_blocks,
                                   gpu_memory_utilization, max_num_seqs,
-                                  max_num_batched_tokens, max_model_len, enforce_eager)
+                                  max_num_batched_tokens, max_model_len, enforce_eager,
+                                  kv_cache_dtype)
         self.device = self.runner.device
         self.max_model_len = self.runner.max_model_len
         self.block_manager = BlockManager(self.runner.num_blocks, block_size,
@@ -483,7 +484,7 @@ class LLM:
             minikernels.models.list_models) or an already built CausalLM.
         dtype: "bfloat16" | "float16" | "float32" | "auto".
         quantization: None | "int4" | "gptq" | "awq".
-        block_size: KV block size in tokens (a power of two in [8, 256]; default 64, chosen
+        block_size: KV block size in tokens (any size in [1, 256]; default 64, chosen
             by ``minikernels bench engine``: see docs/engine.md, "Block size").
         num_kv_blocks: KV pool size in blocks (None = from gpu_memory_utilization on a
             GPU, or 1 GiB / 4096 blocks at most on the CPU).
@@ -499,6 +500,9 @@ class LLM:
         tokenizer: "auto" (load the model's), None, or an object with encode/decode.
         async_scheduling: overlap the host's work for step N+1 with the device's step N
             (None = on; outputs are the same either way, see docs/engine.md).
+        kv_cache_dtype: "auto" (the model's dtype) or "fp8" / "fp8_e4m3": an e4m3 KV
+            cache (twice the tokens of bf16 in the same memory; docs/models.md states the
+            measured logit error).
     """
 
     def __init__(self, model: str | torch.nn.Module, dtype: str | torch.dtype = "bfloat16",
@@ -508,14 +512,14 @@ class LLM:
                  enable_prefix_caching: bool = True, enforce_eager: bool = False,
                  device: str | torch.device | None = None, max_model_len: int | None = None,
                  seed: int = 0, tokenizer: Any = "auto",
-                 async_scheduling: bool | None = None) -> None:
+                 async_scheduling: bool | None = None, kv_cache_dtype: str = "auto") -> None:
         self.llm_engine = LLMEngine(
             model, dtype=dtype, quantization=quantization, block_size=block_size,
             num_kv_blocks=num_kv_blocks, gpu_memory_utilization=gpu_memory_utilization,
             max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
             enable_prefix_caching=enable_prefix_caching, enforce_eager=enforce_eager,
             device=device, max_model_len=max_model_len, seed=seed, tokenizer=tokenizer,
-            async_scheduling=async_scheduling)
+            async_scheduling=async_scheduling, kv_cache_dtype=kv_cache_dtype)
         self._counter = itertools.count()
 
     @property

@@ -45,6 +45,19 @@ def index_checks_off() -> Iterator[None]:
         yield
 
 
+#: kv_cache_dtype names (vLLM's) -> the cache dtype; "auto" = the model's dtype.
+KV_CACHE_DTYPES: dict[str, torch.dtype | None] = {
+    "auto": None, "fp8": torch.float8_e4m3fn, "fp8_e4m3": torch.float8_e4m3fn}
+
+
+def resolve_kv_cache_dtype(name: object) -> torch.dtype | None:
+    """"auto" -> None (the model's dtype); "fp8" / "fp8_e4m3" -> torch.float8_e4m3fn."""
+    if not isinstance(name, str) or name.lower() not in KV_CACHE_DTYPES:
+        raise ValueError(f"kv_cache_dtype must be one of {sorted(KV_CACHE_DTYPES)}, got "
+                         f"{name!r}")
+    return KV_CACHE_DTYPES[name.lower()]
+
+
 def graph_batch_sizes(max_num_seqs: int, limit: int = MAX_GRAPH_BATCH) -> list[int]:
     """Decode batch sizes to capture: 1, 2, 4, 8, then every 16 up to max_num_seqs."""
     top = max(1, min(max_num_seqs, limit))
@@ -331,16 +344,20 @@ class ModelRunner:
             for the CUDA-graph buckets).
         max_model_len: longest sequence; None = min(model max positions, pool tokens).
         enforce_eager: never capture CUDA graphs.
+        kv_cache_dtype: "auto" (the model's dtype) or "fp8" / "fp8_e4m3" (e4m3 with the
+            attention layers' k_scale / v_scale: half the bytes of bf16 per token).
     """
 
     def __init__(self, model: torch.nn.Module, block_size: int = 16,
                  num_kv_blocks: int | None = None, gpu_memory_utilization: float = 0.9,
                  max_num_seqs: int = 256, max_num_batched_tokens: int = 8192,
-                 max_model_len: int | None = None, enforce_eager: bool = False) -> None:
+                 max_model_len: int | None = None, enforce_eager: bool = False,
+                 kv_cache_dtype: str = "auto") -> None:
         self.model = model
         self.config = model.config
         self.device = torch.device(model.device)
         self.block_size = block_size
+        self.kv_cache_dtype = resolve_kv_cache_dtype(kv_cache_dtype)
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.num_blocks = self._pick_num_blocks(num_kv_blocks, gpu_memory_utilization)
@@ -370,8 +387,11 @@ class ModelRunner:
     # ------------------------------------------------------------------ KV pool
     def _allocate_kv_pool(self) -> list:
         """The paged KV cache: per layer (k_cache, v_cache), each
-        ``[num_blocks, block_size, kv_heads, head_dim]`` in the model's dtype."""
-        return self.model.allocate_kv_caches(self.num_blocks, self.block_size)
+        ``[num_blocks, block_size, kv_heads, head_dim]`` in the model's dtype or fp8."""
+        if self.kv_cache_dtype is None:
+            return self.model.allocate_kv_caches(self.num_blocks, self.block_size)
+        return self.model.allocate_kv_caches(self.num_blocks, self.block_size,
+                                             dtype=self.kv_cache_dtype)
 
     def _pick_num_blocks(self, num_kv_blocks: int | None, util: float) -> int:
         if num_kv_blocks is not None:
@@ -381,7 +401,7 @@ class ModelRunner:
             return num_kv_blocks
         if not isinstance(util, (int, float)) or not 0.0 < util <= 1.0:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {util!r}")
-        bytes_per_block = self.model.kv_bytes_per_token() * self.block_size
+        bytes_per_block = self.model.kv_bytes_per_token(self.kv_cache_dtype) * self.block_size
         if self.device.type != "cuda":
             return max(16, min(CPU_MAX_BLOCKS, CPU_KV_POOL_BYTES // bytes_per_block))
         peak = self._profile_peak_bytes()
