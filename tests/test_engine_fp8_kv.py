@@ -54,3 +54,21 @@ def test_fp8_greedy_mostly_matches_transformers(tmp_path):
 def test_bad_kv_cache_dtype(bad):
     with pytest.raises(ValueError, match="kv_cache_dtype must be one of"):
         _llm("tiny", dtype="float32", kv_cache_dtype=bad)
+
+
+def test_generate_cli_and_loop_fp8(monkeypatch):
+    from minikernels.models import generate, load_model
+
+    model = load_model("tiny", dtype="float32", device="cpu")
+    seen = []
+    real = model.allocate_kv_caches
+    monkeypatch.setattr(model, "allocate_kv_caches",
+                        lambda n, bs, dtype=None: seen.append(dtype) or real(n, bs, dtype))
+    out = generate.generate_tokens(model, [[5, 6, 7], [9]], max_new_tokens=4,
+                                   kv_cache_dtype="fp8")
+    assert seen == [torch.float8_e4m3fn] and [len(o) for o in out] == [4, 4]
+    with pytest.raises(ValueError, match="kv_cache_dtype must be one of"):
+        generate.generate_tokens(model, [[5]], kv_cache_dtype="fp16")
+    assert generate.main(["--model", "tiny", "--prompt", "hello", "--max-tokens", "3",
+                          "--kv-cache-dtype", "fp8", "--dtype", "float32",
+                          "--device", "cpu"]) == 0

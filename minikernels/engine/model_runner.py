@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from .. import _validation
+from ..models.kv_cache_dtype import resolve_kv_cache_dtype
 from ..models.metadata import AttentionMetadata
 from .scheduler import ScheduledBatch
 
@@ -43,19 +44,6 @@ def index_checks_off() -> Iterator[None]:
     """Disable the ops' device-syncing index checks inside the block, for this thread."""
     with _validation.index_checks(False):
         yield
-
-
-#: kv_cache_dtype names (vLLM's) -> the cache dtype; "auto" = the model's dtype.
-KV_CACHE_DTYPES: dict[str, torch.dtype | None] = {
-    "auto": None, "fp8": torch.float8_e4m3fn, "fp8_e4m3": torch.float8_e4m3fn}
-
-
-def resolve_kv_cache_dtype(name: object) -> torch.dtype | None:
-    """"auto" -> None (the model's dtype); "fp8" / "fp8_e4m3" -> torch.float8_e4m3fn."""
-    if not isinstance(name, str) or name.lower() not in KV_CACHE_DTYPES:
-        raise ValueError(f"kv_cache_dtype must be one of {sorted(KV_CACHE_DTYPES)}, got "
-                         f"{name!r}")
-    return KV_CACHE_DTYPES[name.lower()]
 
 
 def graph_batch_sizes(max_num_seqs: int, limit: int = MAX_GRAPH_BATCH) -> list[int]:

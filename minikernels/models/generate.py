@@ -18,6 +18,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from .kv_cache_dtype import KV_CACHE_DTYPES, resolve_kv_cache_dtype
 from .metadata import AttentionMetadata
 
 __all__ = ["add_generate_arguments", "build_step_metadata", "generate_tokens", "run_generate",
@@ -100,9 +101,12 @@ def sample_next(logits: Tensor, temperature: float = 0.0, top_p: float = 1.0,
 def generate_tokens(model: torch.nn.Module, prompts: Sequence[Sequence[int]],
                     max_new_tokens: int = 16, temperature: float = 0.0, top_p: float = 1.0,
                     eos_token_ids: Sequence[int] = (), seed: int = 0, block_size: int = 16,
-                    prefill_chunk: int | None = None) -> list[list[int]]:
+                    prefill_chunk: int | None = None,
+                    kv_cache_dtype: str = "auto") -> list[list[int]]:
     """Generate up to max_new_tokens per prompt; returns the new ids of each (eos included
-    when hit). The caches are allocated for exactly these prompts."""
+    when hit). The caches are allocated for exactly these prompts, in the model's dtype or
+    fp8 (kv_cache_dtype "fp8")."""
+    kv_dtype = resolve_kv_cache_dtype(kv_cache_dtype)
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
     limit = model.config.max_position_embeddings
@@ -117,7 +121,7 @@ def generate_tokens(model: torch.nn.Module, prompts: Sequence[Sequence[int]],
         n = math.ceil((len(p) + max_new_tokens) / block_size)
         rows.append(list(range(next_block, next_block + n)))
         next_block += n
-    kv = model.allocate_kv_caches(next_block, block_size)
+    kv = model.allocate_kv_caches(next_block, block_size, dtype=kv_dtype)
     gen = torch.Generator(device=device)
     gen.manual_seed(seed)
     eos = set(int(e) for e in eos_token_ids)
@@ -183,6 +187,8 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
     parser.add_argument("--allow-pickle", action="store_true",
                         help="accept pickle *.bin weights (trusted sources only)")
     parser.add_argument("--block-size", type=int, default=16, help="KV cache block size")
+    parser.add_argument("--kv-cache-dtype", default="auto", choices=sorted(KV_CACHE_DTYPES),
+                        help="auto = the model's dtype; fp8 = e4m3 (half the bytes)")
     return parser
 
 
@@ -219,7 +225,8 @@ def run_generate(args: argparse.Namespace) -> int:
             return 2
         out = generate_tokens(model, [ids], max_new_tokens=max_new,
                               temperature=args.temperature, top_p=args.top_p,
-                              eos_token_ids=eos, seed=args.seed, block_size=args.block_size)
+                              eos_token_ids=eos, seed=args.seed, block_size=args.block_size,
+                              kv_cache_dtype=getattr(args, "kv_cache_dtype", "auto"))
     except (FileNotFoundError, ValueError, KeyError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
