@@ -214,11 +214,12 @@ def test_errors_then_still_serving(client, server, engine):
             model=MODEL, messages=[{"role": "user", "content": long_prompt}])
     with pytest.raises(openai.BadRequestError):
         client.completions.create(model=MODEL, prompt=[1, 2, 10 ** 6], max_tokens=2)
-    with pytest.raises(openai.BadRequestError):
+    with pytest.raises(openai.NotFoundError):
         client.completions.create(model="gpt-4", prompt="hi")
     with pytest.raises(openai.BadRequestError):
         client.completions.create(model=MODEL, prompt="hi", top_p=1.5)
-    r = httpx.post(server.base_url + "/v1/chat/completions", headers=_auth(), content=b"{x")
+    r = httpx.post(server.base_url + "/v1/chat/completions", content=b"{x",
+                   headers={**_auth(), "Content-Type": "application/json"})
     assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
     r = httpx.post(server.base_url + "/v1/completions", json={"model": MODEL, "prompt": "x"})
     assert r.status_code == 401
@@ -389,7 +390,7 @@ def test_disconnects_mixed_with_good_streams(server, engine):
 def test_bad_requests_mixed_with_good(server, engine):
     bad = [
         {"model": MODEL, "prompt": "hello world " * 200, "max_tokens": 8},     # too long
-        {"model": "nope", "prompt": "x"},
+        {"model": MODEL, "prompt": "x", "top_p": 0},
         {"model": MODEL, "prompt": "x", "temperature": -1},
         {"model": MODEL, "prompt": [5, 10 ** 7]},                              # vocab
         {"model": MODEL, "prompt": "x", "max_tokens": 1000, "stream": True},

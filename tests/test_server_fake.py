@@ -332,7 +332,6 @@ def test_chat_n_stream(client):
 
 
 @pytest.mark.parametrize("body,param", [
-    ({"model": "nope", "prompt": "x"}, "model"),
     ({"model": MODEL, "prompt": "x", "temperature": 5}, "temperature"),
     ({"model": MODEL, "prompt": "x", "top_p": 0}, "top_p"),
     ({"model": MODEL, "prompt": "x", "max_tokens": 0}, "max_tokens"),
@@ -408,7 +407,7 @@ def test_malformed_json_and_unknown_route(server, client):
     assert r.status_code == 404 and r.json()["error"]["type"] == "not_found_error"
     r = httpx.get(server.base_url + "/v1/completions", headers=_auth())
     assert r.status_code == 405 and "error" in r.json()
-    with pytest.raises(openai.BadRequestError) as info:
+    with pytest.raises(openai.NotFoundError) as info:    # OpenAI: 404 model_not_found
         client.completions.create(model="other", prompt="x")
     assert info.value.code == "model_not_found"
     # still serving
@@ -503,7 +502,7 @@ def test_disconnects_free_blocks(server, engine):
 
 def test_bad_requests_mixed_with_good(server, engine):
     bad_bodies = [
-        {"model": "nope", "prompt": "x"},
+        {"model": MODEL, "prompt": "x", "top_p": 0},
         {"model": MODEL, "prompt": "x", "temperature": -1},
         {"model": MODEL, "prompt": "x", "max_tokens": 100000, "stream": True},
         {"model": MODEL, "messages": [{"role": "user"}], "prompt": 3},
@@ -516,7 +515,8 @@ def test_bad_requests_mixed_with_good(server, engine):
 
     async def bad(http: httpx.AsyncClient, i: int):
         if i % 5 == 4:
-            r = await http.post("/v1/chat/completions", content=b"{oops")
+            r = await http.post("/v1/chat/completions", content=b"{oops",
+                                headers={"Content-Type": "application/json"})
         else:
             r = await http.post("/v1/completions", json=bad_bodies[i % 4])
         return r.status_code, r.json()
@@ -584,12 +584,16 @@ def test_cli_arguments(monkeypatch):
 
     monkeypatch.setenv("MINIKERNELS_API_KEY", "from-env")
     monkeypatch.setattr(cli, "build_engine", lambda a: FakeEngine())
-    import uvicorn
 
-    monkeypatch.setattr(uvicorn, "Server", FakeServer)
+    def fake_build_server(app, host, port, **kw):
+        served["app"], served["host"], served["port"] = app, host, port
+        return FakeServer.__new__(FakeServer)
+
+    monkeypatch.setattr(cli, "build_server", fake_build_server)
     assert cli.run(args) == 0
     state = served["app"].state.server
-    assert state.api_key == "from-env" and state.served_name == "some/model"
+    assert state.keys.check("Bearer from-env") is not None
+    assert state.served_name == "some/model"
     assert (served["host"], served["port"]) == ("127.0.0.1", 9001)
 
 

@@ -2,19 +2,38 @@
 
     minikernels serve ./my-hf-model --port 8000 --api-key secret --dtype bfloat16
 
-The API key may also come from the ``MINIKERNELS_API_KEY`` environment variable (the
-flag wins). Engine options are mk.LLM's keyword arguments.
+API keys: ``--api-key`` (repeatable), ``--api-key-file`` (one per line), else the
+``MINIKERNELS_API_KEY`` environment variable. Engine options are mk.LLM's keyword
+arguments. SIGTERM / SIGINT drain the server (see :mod:`.http`) and exit 0.
 """
 from __future__ import annotations
 
 import argparse
 import logging
 import os
-from typing import Any
+import signal
+from typing import Any, Optional
 
-from .app import API_KEY_ENV, create_app
+from .app import create_app, engine_supports_cache_salt
+from .auth import API_KEY_ENV, collect_keys
+from .http import build_server
+from .limits import ServerLimits, default_allowed_hosts
 
 logger = logging.getLogger("minikernels.server")
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {text}")
+    return value
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -24,15 +43,40 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     http.add_argument("--host", default="127.0.0.1",
                       help="interface to bind (default 127.0.0.1; 0.0.0.0 exposes it)")
     http.add_argument("--port", type=int, default=8000)
-    http.add_argument("--api-key", default=None,
-                      help=f"require 'Authorization: Bearer KEY' on /v1/* (default: "
-                           f"${API_KEY_ENV}, else no auth)")
+    http.add_argument("--api-key", action="append", default=None,
+                      help=f"accept 'Authorization: Bearer KEY' on /v1/*; repeat for several "
+                           f"keys (default: ${API_KEY_ENV}, else no auth)")
+    http.add_argument("--api-key-file", default=None,
+                      help="file with one API key per line (# comments allowed)")
+    http.add_argument("--shared-prefix-cache", action="store_true",
+                      help="let different API keys share prefix-cache entries (by default "
+                           "each key's cache is kept apart)")
+    http.add_argument("--allowed-hosts", default=None,
+                      help="comma-separated Host header values to accept ('*' = any, "
+                           "'*.example.com' = subdomains); default: the bound address and "
+                           "localhost (no check when bound to 0.0.0.0 / ::)")
     http.add_argument("--served-model-name", default=None,
-                      help="model id clients use (default: MODEL as given)")
+                      help="model id clients use (default: MODEL's directory name)")
     http.add_argument("--max-queue", type=int, default=1024,
                       help="requests queued beyond this get HTTP 429")
+    http.add_argument("--max-request-bytes", type=_positive_int,
+                      default=ServerLimits.max_body_bytes, help="largest request body (413)")
+    http.add_argument("--max-prompts-per-request", type=_positive_int,
+                      default=ServerLimits.max_prompts,
+                      help="most prompts in one completions request (400)")
+    http.add_argument("--request-header-timeout", type=_positive_float,
+                      default=ServerLimits.header_timeout_s,
+                      help="seconds a client has to send its request headers")
+    http.add_argument("--request-body-timeout", type=_positive_float,
+                      default=ServerLimits.body_timeout_s,
+                      help="seconds a client has to send its request body (408)")
+    http.add_argument("--shutdown-grace", type=float, default=5.0,
+                      help="on SIGTERM, seconds in-flight requests get to finish before "
+                           "they are aborted (each stream still ends with [DONE])")
     http.add_argument("--log-level", default="info",
                       choices=["critical", "error", "warning", "info", "debug"])
+    http.add_argument("--no-access-log", dest="access_log", action="store_false",
+                      help="no access log line per request")
     eng = parser.add_argument_group("engine")
     eng.add_argument("--dtype", default="bfloat16",
                      choices=["bfloat16", "float16", "float32", "auto"])
@@ -76,29 +120,95 @@ def build_engine(args: argparse.Namespace) -> Any:
     return AsyncLLM.from_args(args.model, max_queue=args.max_queue, **engine_kwargs(args))
 
 
-def run(args: argparse.Namespace) -> int:
-    """Load the model, then serve until interrupted. Returns the exit code."""
-    import uvicorn
+def served_name(args: argparse.Namespace) -> str:
+    """``--served-model-name``, else MODEL's directory name (never a filesystem path)."""
+    if args.served_model_name:
+        return args.served_model_name
+    if os.path.isdir(args.model):
+        return os.path.basename(os.path.normpath(os.path.abspath(args.model)))
+    return args.model
 
+
+def describe_engine(engine: Any, args: argparse.Namespace) -> str:
+    """The startup line's engine facts: dtype, device, KV capacity, max_model_len."""
+    inner = getattr(engine, "engine", None)
+    device = getattr(inner, "device", None) or args.device or "?"
+    dtype = getattr(inner, "dtype", None)
+    if dtype is None:
+        model = getattr(inner, "model", None)
+        param = next(iter(model.parameters()), None) if hasattr(model, "parameters") else None
+        dtype = getattr(param, "dtype", None) or args.dtype
+    try:
+        stats = engine.stats()
+    except Exception:  # noqa: BLE001 - the log line must not stop the server
+        stats = {}
+    block = getattr(getattr(inner, "block_manager", None), "block_size", None) \
+        or args.block_size
+    blocks = stats.get("kv_blocks_total")
+    kv = f"{int(blocks) * int(block)} tokens ({blocks} blocks of {block})" \
+        if isinstance(blocks, int) else "unknown"
+    return (f"dtype {str(dtype).replace('torch.', '')}, device {device}, KV cache {kv}, "
+            f"max_model_len {getattr(engine, 'max_model_len', '?')}")
+
+
+def _limits(args: argparse.Namespace) -> ServerLimits:
+    return ServerLimits(max_body_bytes=args.max_request_bytes,
+                        body_timeout_s=args.request_body_timeout,
+                        header_timeout_s=args.request_header_timeout,
+                        max_prompts=args.max_prompts_per_request)
+
+
+def _allowed_hosts(args: argparse.Namespace) -> Optional[tuple[str, ...]]:
+    if args.allowed_hosts:
+        return tuple(h.strip().lower() for h in args.allowed_hosts.split(",") if h.strip())
+    return default_allowed_hosts(args.host)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Load the model, then serve until SIGTERM / SIGINT. Returns the exit code."""
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
-    if api_key is None and args.host not in ("127.0.0.1", "localhost", "::1"):
+    logging.getLogger("minikernels.access").setLevel(
+        logging.INFO if args.access_log else logging.WARNING)
+    try:
+        keys = collect_keys(args.api_key, args.api_key_file)
+    except (OSError, ValueError) as exc:
+        logger.error("cannot read API keys: %s", exc)
+        return 2
+    if not keys and args.host not in ("127.0.0.1", "localhost", "::1"):
         logger.warning("serving on %s without an API key", args.host)
+    if len(keys) > 1 and args.enable_prefix_caching and not args.shared_prefix_cache \
+            and not engine_supports_cache_salt():
+        logger.error("several API keys would share the prefix cache (a timing side channel "
+                     "between users) and this engine cannot keep them apart yet: pass "
+                     "--shared-prefix-cache to allow it, or --no-enable-prefix-caching")
+        return 2
     try:
         engine = build_engine(args)
     except (FileNotFoundError, ValueError, TypeError, OSError) as exc:
         logger.error("cannot load %s: %s", args.model, exc)
         return 2
-    app = create_app(engine, api_key=api_key,
-                     served_model_name=args.served_model_name or args.model,
-                     shutdown_engine=True)
-    logger.info("serving %s on http://%s:%d/v1", args.served_model_name or args.model,
-                args.host, args.port)
-    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
-                            timeout_graceful_shutdown=5, access_log=args.log_level == "debug")
+    name = served_name(args)
     try:
-        uvicorn.Server(config).run()
+        app = create_app(engine, api_key=keys, served_model_name=name, shutdown_engine=True,
+                         limits=_limits(args), allowed_hosts=_allowed_hosts(args),
+                         shared_prefix_cache=args.shared_prefix_cache,
+                         model_aliases=[args.model])
+    except ValueError as exc:
+        logger.error("%s", exc)
+        return 2
+    logger.info("serving %s on http://%s:%d/v1: %s; %d API key(s)", name, args.host,
+                args.port, describe_engine(engine, args), len(keys))
+    server = build_server(app, args.host, args.port, log_level=args.log_level,
+                          header_timeout_s=args.request_header_timeout,
+                          drain_s=args.shutdown_grace)
+    # uvicorn re-raises the signal it handled once it has shut down; a no-op SIGTERM
+    # handler makes that a clean exit 0 instead of a kill by the default handler.
+    previous = signal.signal(signal.SIGTERM, lambda *_: None)
+    try:
+        server.run()
     except KeyboardInterrupt:   # uvicorn re-raises the SIGINT it handled: a clean stop
         pass
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     return 0

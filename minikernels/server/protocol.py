@@ -1,13 +1,19 @@
-"""OpenAI request bodies (the subset we serve) and the OpenAI error shape.
+"""OpenAI request bodies (the subset we serve) and their validation.
 
-Requests are parsed with pydantic into the models below; anything that fails parsing or
-range checks becomes an :class:`APIError` with HTTP 400 and OpenAI's JSON shape::
+Bodies are decoded by :mod:`.jsonbody`, then validated by the pydantic models below in
+**strict** mode, like OpenAI's API: ``"max_tokens": "4"``, ``"stream": "true"``,
+``"n": true`` and ``"max_tokens": 4.0`` are refused, not coerced. ``null`` for an
+optional field means its default. Every field is either honoured or refused with a 400
+naming it; an unknown field is refused (``Unrecognized request argument supplied``), never
+silently dropped.
 
-    {"error": {"message": "...", "type": "invalid_request_error", "param": "top_p", "code": null}}
-
-Field names and ranges follow OpenAI's API; vLLM's extra sampling fields (``top_k``,
-``min_p``, ``repetition_penalty``, ``ignore_eos``, ``stop_token_ids``) are accepted too.
-Unknown fields are ignored, like OpenAI's own server does for forward compatibility.
+Field names and ranges follow OpenAI's API; vLLM's extra fields are accepted where the
+server or engine honours them (``top_k``, ``min_p``, ``repetition_penalty``,
+``ignore_eos``, ``stop_token_ids``, ``min_tokens``, ``include_stop_str_in_output``,
+``skip_special_tokens``, ``truncate_prompt_tokens``, ``chat_template_kwargs``,
+``add_generation_prompt``, chat ``echo``), and refused with a 400 where the engine has no
+support yet (``priority`` other than 0, ``cache_salt`` on engines without salted prefix
+caching, completions ``echo`` with ``logprobs``).
 """
 from __future__ import annotations
 
@@ -16,59 +22,63 @@ from typing import Any, Literal, Optional, Union
 from pydantic import (BaseModel, ConfigDict, Field, StrictInt, ValidationError,
                       field_validator, model_validator)
 
-MAX_N = 64            # choices per request (each one is an engine request)
+from .errors import APIError, unsupported
+from .jsonbody import format_path
+
+MAX_N = 64            # choices per request (each one is an engine sample)
 MAX_TOP_LOGPROBS = 20
 MAX_STOP = 16
 
+# chat_template_kwargs may not override what the server itself passes to the template.
+RESERVED_TEMPLATE_KWARGS = frozenset({
+    "messages", "conversation", "add_generation_prompt", "tokenize", "tools", "documents",
+    "chat_template", "return_dict", "continue_final_message", "return_tensors", "padding",
+    "truncation", "max_length", "tokenizer_kwargs", "return_assistant_tokens_mask",
+    "sanitize_control_tokens"})
 
-class APIError(Exception):
-    """An error the client caused (or overload); rendered as OpenAI's error JSON."""
-
-    def __init__(self, message: str, status: int = 400, type: str = "invalid_request_error",
-                 param: Optional[str] = None, code: Optional[str] = None) -> None:
-        super().__init__(message)
-        self.message = message
-        self.status = status
-        self.type = type
-        self.param = param
-        self.code = code
-
-    def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type,
-                          "param": self.param, "code": self.code}}
+_UNION_LABELS = ("str", "int", "bool", "float")
 
 
 def validation_to_api_error(exc: ValidationError) -> APIError:
     """First pydantic error -> 400 naming the offending field (``param``)."""
     err = exc.errors()[0]
-    # drop pydantic's union-branch labels such as "str" / "list[int]" from the path
-    loc = [str(p) for p in err.get("loc", ())
-           if str(p) not in ("str", "int") and not str(p).startswith(
-               ("list[", "function-", "dict["))]   # (not "stream"/"stream_options")
-    param = ".".join(loc) if loc else None
-    msg = err.get("msg", "invalid request")
-    return APIError(f"{param}: {msg}" if param else msg, param=param,
-                    code="invalid_value" if param else None)
+    loc = tuple(p for p in err.get("loc", ())
+                if not (isinstance(p, str) and (p in _UNION_LABELS or p.startswith(
+                    ("list[", "function-", "dict[", "literal[", "nullable[")))))
+    param = format_path(loc) or None
+    kind = err.get("type", "")
+    if kind == "extra_forbidden":
+        return APIError(f"Unrecognized request argument supplied: {param}", param=param,
+                        code="unknown_parameter")
+    msg = err.get("msg", "invalid value")
+    if kind in ("int_type", "bool_type", "float_type", "string_type", "list_type",
+                "dict_type", "model_type", "int_from_float"):
+        got = type(err.get("input")).__name__
+        got = {"str": "a string", "bool": "a boolean", "float": "a number", "int": "an "
+               "integer", "list": "an array", "dict": "an object"}.get(got, got)
+        msg = f"{msg} (got {got}; JSON types are not coerced)"
+    return APIError(f"{param}: {msg}" if param else msg, param=param, code="invalid_value")
 
 
-class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    include_usage: bool = False
+class _Strict(BaseModel):
+    """Strict JSON types, unknown fields refused, ``null`` = the field's default."""
 
-
-class _SamplingFields(BaseModel):
-    """Fields shared by /v1/completions and /v1/chat/completions."""
-
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(strict=True, extra="forbid")
 
     @model_validator(mode="before")
     @classmethod
     def _null_is_default(cls, data: Any) -> Any:
-        """OpenAI's optional fields are nullable (``"n": null``, ``"stream": null``):
-        null means the default, not an error."""
         if isinstance(data, dict):
             return {k: v for k, v in data.items() if v is not None}
         return data
+
+
+class StreamOptions(_Strict):
+    include_usage: bool = False
+
+
+class _SamplingFields(_Strict):
+    """Fields shared by /v1/completions and /v1/chat/completions."""
 
     model: Optional[str] = None
     n: int = Field(1, ge=1, le=MAX_N)
@@ -82,13 +92,20 @@ class _SamplingFields(BaseModel):
     presence_penalty: Optional[float] = Field(None, ge=-2.0, le=2.0)
     frequency_penalty: Optional[float] = Field(None, ge=-2.0, le=2.0)
     logit_bias: Optional[dict[str, float]] = None
-    user: Optional[str] = None
+    user: Optional[str] = None          # OpenAI's end-user id: no effect on the output
     # vLLM extensions (sent by the openai client via extra_body)
     top_k: Optional[int] = Field(None, ge=-1)   # -1 or 0 = off
     min_p: Optional[float] = Field(None, ge=0.0, le=1.0)
-    repetition_penalty: Optional[float] = Field(None, gt=0.0, le=10.0)
+    # Below 0.01 the fp32 logits / penalty overflow and the probabilities become NaN.
+    repetition_penalty: Optional[float] = Field(None, ge=0.01, le=10.0)
     ignore_eos: bool = False
     stop_token_ids: Optional[list[StrictInt]] = None
+    min_tokens: int = Field(0, ge=0)
+    include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True
+    truncate_prompt_tokens: Optional[int] = Field(None, ge=-1)
+    priority: int = 0
+    cache_salt: Optional[str] = Field(None, min_length=1, max_length=1024)
 
     @field_validator("stop")
     @classmethod
@@ -109,14 +126,26 @@ class _SamplingFields(BaseModel):
             raise ValueError("token ids must be >= 0")
         return v
 
+    @field_validator("truncate_prompt_tokens")
+    @classmethod
+    def _check_truncate(cls, v: Optional[int]) -> Optional[int]:
+        if v == 0:
+            raise ValueError("must be -1 (the model's context length) or >= 1")
+        return v
+
     def check_common(self) -> None:
         """Cross-field checks pydantic field validators cannot express."""
         if self.stream_options is not None and not self.stream:
             raise APIError("stream_options is only allowed when stream is true",
                            param="stream_options")
         if self.logit_bias:
-            raise APIError("logit_bias is not supported", param="logit_bias",
-                           code="unsupported_parameter")
+            raise unsupported("logit_bias")
+        if self.priority != 0:
+            raise unsupported("priority", "priority scheduling is not supported by this "
+                              "server's engine yet (priority must be 0)")
+        if self.max_tokens is not None and self.min_tokens > self.max_tokens:
+            raise APIError(f"min_tokens ({self.min_tokens}) must be <= max_tokens "
+                           f"({self.max_tokens})", param="min_tokens", code="invalid_value")
 
 
 # Strict ints: JSON true/false or 1.0 are not token ids.
@@ -133,14 +162,12 @@ class CompletionRequest(_SamplingFields):
     def check(self) -> None:
         self.check_common()
         if self.suffix:
-            raise APIError("suffix is not supported", param="suffix",
-                           code="unsupported_parameter")
+            raise unsupported("suffix")
         if self.best_of is not None and self.best_of != self.n:
-            raise APIError("best_of != n is not supported", param="best_of",
-                           code="unsupported_parameter")
+            raise unsupported("best_of", "best_of != n is not supported")
         if self.echo and self.logprobs is not None:
-            raise APIError("echo together with logprobs is not supported", param="echo",
-                           code="unsupported_parameter")
+            raise unsupported("echo", "echo together with logprobs (prompt logprobs) is not "
+                              "supported by this server's engine yet")
 
     def prompts(self) -> list[Union[str, list[int]]]:
         """The prompt field as a list of prompts (strings or token-id lists)."""
@@ -161,13 +188,14 @@ class CompletionRequest(_SamplingFields):
         return out
 
 
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="allow")
+class ChatMessage(_Strict):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Optional[Union[str, list[dict[str, Any]]]] = None
     name: Optional[str] = None
+    tool_calls: Optional[list[Any]] = None
+    tool_call_id: Optional[str] = None
 
-    def text(self) -> str:
+    def text(self, param: str) -> str:
         """Content as plain text; multi-part content must be all text parts."""
         c = self.content
         if c is None:
@@ -175,13 +203,20 @@ class ChatMessage(BaseModel):
         if isinstance(c, str):
             return c
         parts = []
-        for part in c:
-            if part.get("type") != "text":
-                raise APIError(f"content part of type {part.get('type')!r} is not supported "
-                               "(text only)", param="messages", code="unsupported_parameter")
+        for j, part in enumerate(c):
+            kind = part.get("type")
+            if kind != "text":
+                raise unsupported(f"{param}.content[{j}].type",
+                                  f"content part of type {kind!r} is not supported (text "
+                                  "only)")
             if not isinstance(part.get("text"), str):
                 raise APIError("a text content part needs a string 'text' field",
-                               param="messages")
+                               param=f"{param}.content[{j}].text")
+            extra = sorted(set(part) - {"type", "text"})
+            if extra:
+                raise APIError(f"Unrecognized content part field: {extra[0]}",
+                               param=f"{param}.content[{j}].{extra[0]}",
+                               code="unknown_parameter")
             parts.append(part["text"])
         return "".join(parts)
 
@@ -194,23 +229,60 @@ class ChatCompletionRequest(_SamplingFields):
     response_format: Optional[dict[str, Any]] = None
     tools: Optional[list[Any]] = None
     tool_choice: Optional[Any] = None
+    functions: Optional[list[Any]] = None
+    function_call: Optional[Any] = None
+    parallel_tool_calls: Optional[bool] = None
     add_generation_prompt: bool = True    # vLLM extension
     chat_template_kwargs: Optional[dict[str, Any]] = None
+    echo: bool = False                    # vLLM: prefix the last assistant message
 
     def check(self) -> None:
         self.check_common()
         if self.top_logprobs is not None and not self.logprobs:
             raise APIError("top_logprobs requires logprobs=true", param="top_logprobs")
-        if self.response_format and self.response_format.get("type", "text") != "text":
-            raise APIError("only response_format type 'text' is supported",
-                           param="response_format", code="unsupported_parameter")
-        if self.tools:
-            raise APIError("tools are not supported", param="tools",
-                           code="unsupported_parameter")
+        if self.response_format is not None:
+            kind = self.response_format.get("type")
+            if kind is None:
+                raise APIError("response_format.type is required", param="response_format.type")
+            if kind != "text":
+                raise unsupported("response_format.type", f"response_format type {kind!r} "
+                                  "is not supported (only 'text')")
+            extra = sorted(set(self.response_format) - {"type"})
+            if extra:
+                raise APIError(f"Unrecognized request argument supplied: response_format."
+                               f"{extra[0]}", param=f"response_format.{extra[0]}",
+                               code="unknown_parameter")
+        for name in ("tools", "functions"):
+            if getattr(self, name):
+                raise unsupported(name, f"{name} are not supported by this server")
+        if self.tool_choice is not None and self.tool_choice != "none":
+            raise unsupported("tool_choice", "tool_choice is not supported (no tools)")
+        if self.function_call is not None and self.function_call != "none":
+            raise unsupported("function_call", "function_call is not supported (no tools)")
+        if self.parallel_tool_calls is not None:
+            raise unsupported("parallel_tool_calls",
+                              "parallel_tool_calls is only allowed together with tools")
+        for i, m in enumerate(self.messages):
+            if m.role == "tool":
+                raise unsupported(f"messages[{i}].role", "tool messages are not supported "
+                                  "(this server does not support tools)")
+            if m.tool_calls:
+                raise unsupported(f"messages[{i}].tool_calls", "assistant tool_calls are "
+                                  "not supported (this server does not support tools)")
+            if m.tool_call_id is not None:
+                raise unsupported(f"messages[{i}].tool_call_id")
+        for key in self.chat_template_kwargs or {}:
+            if key in RESERVED_TEMPLATE_KWARGS or not key.isidentifier():
+                raise APIError(f"chat_template_kwargs may not set {key!r}",
+                               param=f"chat_template_kwargs.{key}", code="invalid_value")
         if (self.max_tokens is not None and self.max_completion_tokens is not None
                 and self.max_tokens != self.max_completion_tokens):
             raise APIError("max_tokens and max_completion_tokens disagree",
                            param="max_completion_tokens")
+        wanted = self.wanted_max_tokens()
+        if wanted is not None and self.min_tokens > wanted:
+            raise APIError(f"min_tokens ({self.min_tokens}) must be <= max_tokens ({wanted})",
+                           param="min_tokens", code="invalid_value")
 
     def wanted_max_tokens(self) -> Optional[int]:
         return self.max_completion_tokens if self.max_completion_tokens is not None \
@@ -219,9 +291,9 @@ class ChatCompletionRequest(_SamplingFields):
     def template_messages(self) -> list[dict[str, str]]:
         """Messages as the plain dicts HF chat templates expect."""
         out = []
-        for m in self.messages:
+        for i, m in enumerate(self.messages):
             role = "system" if m.role == "developer" else m.role
-            d = {"role": role, "content": m.text()}
+            d = {"role": role, "content": m.text(f"messages[{i}]")}
             if m.name:
                 d["name"] = m.name
             out.append(d)

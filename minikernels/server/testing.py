@@ -18,17 +18,20 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 class LiveServer:
-    """uvicorn serving ``app`` on ``host:port`` in a daemon thread; a context manager."""
+    """uvicorn serving ``app`` on ``host:port`` in a daemon thread; a context manager.
+
+    It runs the same server as ``minikernels serve`` (header timeout, graceful drain on
+    :meth:`stop`)."""
 
     def __init__(self, app: Any, host: str = "127.0.0.1", port: Optional[int] = None,
-                 log_level: str = "warning") -> None:
-        import uvicorn
+                 log_level: str = "warning", header_timeout_s: float = 10.0,
+                 drain_s: float = 2.0) -> None:
+        from .http import build_server
 
         self.host = host
         self.port = port or free_port(host)
-        config = uvicorn.Config(app, host=host, port=self.port, log_level=log_level,
-                                lifespan="on", timeout_graceful_shutdown=2)
-        self.server = uvicorn.Server(config)
+        self.server = build_server(app, host, self.port, log_level=log_level,
+                                   header_timeout_s=header_timeout_s, drain_s=drain_s)
         self.thread = threading.Thread(target=self.server.run, name="uvicorn", daemon=True)
 
     @property

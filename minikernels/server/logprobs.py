@@ -1,0 +1,150 @@
+"""Per-token logprobs in OpenAI's two shapes (completions and chat), with real bytes.
+
+A token may hold part of a UTF-8 character (byte-level BPE splits "é" into two tokens).
+Its text then decodes to U+FFFD, but OpenAI's ``bytes`` field must carry the token's own
+bytes so a client can join them back; :class:`TokenText` finds them from the vocabulary
+(byte-level BPE, SentencePiece ``<0xNN>`` byte fallback, or the byte tokenizer's ids).
+"""
+from __future__ import annotations
+
+import math
+import re
+from functools import lru_cache
+from typing import Any, Optional
+
+from ..models.tokenizer import ByteTokenizer
+
+_BYTE_FALLBACK = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
+
+
+@lru_cache(maxsize=1)
+def _byte_level_decoder() -> dict[str, int]:
+    """GPT-2's byte <-> printable-character table, inverted (character -> byte)."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) \
+        + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return {chr(c): b for b, c in zip(bs, cs)}
+
+
+def _is_byte_level(hf: Any) -> bool:
+    backend = getattr(hf, "backend_tokenizer", None)
+    decoder = getattr(backend, "decoder", None)
+    return decoder is not None and ("ByteLevel" in type(decoder).__name__
+                                    or "ByteLevel" in repr(decoder))
+
+
+class TokenText:
+    """Text and bytes of single token ids for one tokenizer (cached)."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        hf = getattr(tokenizer, "tokenizer", None)
+        self._hf = hf if hf is not None and hasattr(hf, "convert_ids_to_tokens") else None
+        self._byte_level = self._hf is not None and _is_byte_level(self._hf)
+        self._cache: dict[int, bytes] = {}
+
+    def text(self, tid: int) -> str:
+        try:
+            return self.tokenizer.decode([tid])
+        except Exception:  # noqa: BLE001 - a token without text is shown as ""
+            return ""
+
+    def bytes_of(self, tid: int, text: Optional[str] = None) -> bytes:
+        """The token's own bytes (not those of its U+FFFD rendering)."""
+        cached = self._cache.get(tid)
+        if cached is not None:
+            return cached
+        out = self._lookup(tid)
+        if out is None:
+            out = (text if text is not None else self.text(tid)).encode("utf-8")
+        if len(self._cache) < 1 << 18:
+            self._cache[tid] = out
+        return out
+
+    def _lookup(self, tid: int) -> Optional[bytes]:
+        if isinstance(self.tokenizer, ByteTokenizer):
+            if 0 <= tid < 256:
+                return bytes([tid])
+            return None
+        if self._hf is None:
+            return None
+        try:
+            piece = self._hf.convert_ids_to_tokens(tid)
+        except Exception:  # noqa: BLE001
+            return None
+        if not isinstance(piece, str):
+            return None
+        if getattr(self._hf, "added_tokens_decoder", {}).get(tid) is not None:
+            return piece.encode("utf-8")
+        m = _BYTE_FALLBACK.match(piece)
+        if m:
+            return bytes([int(m.group(1), 16)])
+        if self._byte_level:
+            table = _byte_level_decoder()
+            if all(ch in table for ch in piece):
+                return bytes(table[ch] for ch in piece)
+        return piece.replace("\u2581", " ").encode("utf-8")
+
+
+def finite(x: float) -> float:
+    """OpenAI sends -9999.0 for a probability that underflows to zero."""
+    return x if math.isfinite(x) else -9999.0
+
+
+def token_rows(tt: TokenText, out: Any, start: int, end: int,
+               k: int) -> list[tuple[int, str, float, list[tuple[int, str, float]]]]:
+    """Generated tokens [start, end) as (id, text, logprob, top k [(id, text, logprob)]).
+
+    ``out.logprobs[i]`` is ``{token_id: Logprob}`` holding the sampled token and the
+    engine's top alternatives; k = 0 lists the sampled token alone, like vLLM.
+    """
+    entries = getattr(out, "logprobs", None) or []
+    ids = list(out.token_ids or [])
+    rows = []
+    for i in range(start, min(end, len(ids), len(entries))):
+        tid, entry = ids[i], entries[i]
+        items = []
+        for key, v in (entry.items() if isinstance(entry, dict) else ()):
+            text = getattr(v, "decoded_token", None)
+            items.append((int(key), float(getattr(v, "logprob", v)),
+                          text if text is not None else tt.text(int(key))))
+        by_id = {t: (lp, text) for t, lp, text in items}
+        lp, text = by_id.get(tid, (-math.inf, tt.text(tid)))
+        top = sorted(items, key=lambda x: -x[1])[:k] if k > 0 else [(tid, lp, text)]
+        rows.append((tid, text, finite(lp), [(t, t_text, finite(t_lp))
+                                             for t, t_lp, t_text in top]))
+    return rows
+
+
+def completion_logprobs(tt: TokenText, out: Any, start: int, end: int, k: int,
+                        text_offset: int) -> dict:
+    """Completions' ``logprobs`` object for generated tokens [start, end)."""
+    tokens, lps, tops, offsets = [], [], [], []
+    pos = text_offset
+    for _, text, lp, top in token_rows(tt, out, start, end, k):
+        tokens.append(text)
+        lps.append(lp)
+        tops.append({t_text: t_lp for _, t_text, t_lp in top})
+        offsets.append(pos)
+        pos += len(text)
+    return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops,
+            "text_offset": offsets}
+
+
+def chat_logprobs(tt: TokenText, out: Any, start: int, end: int, k: int) -> dict:
+    """Chat's ``logprobs`` object (``content`` list) for generated tokens [start, end)."""
+    content = []
+    for tid, text, lp, top in token_rows(tt, out, start, end, k):
+        content.append({
+            "token": text, "logprob": lp, "bytes": list(tt.bytes_of(tid, text)),
+            "top_logprobs": [{"token": t_text, "logprob": t_lp,
+                              "bytes": list(tt.bytes_of(t, t_text))}
+                             for t, t_text, t_lp in top] if k > 0 else [],
+        })
+    return {"content": content}

@@ -1,0 +1,333 @@
+"""The HTTP routes: models, completions, chat completions, health, metrics, version.
+
+Each generation route: authenticate, decode + validate the body (:mod:`.protocol`),
+tokenize off the event loop with the length checks first (:mod:`.prompts`), build the
+engine requests, then answer once or stream (:mod:`.streaming`). Response shapes follow
+OpenAI's; usage carries ``prompt_tokens_details.cached_tokens`` (prompt tokens served
+from the prefix cache).
+"""
+from __future__ import annotations
+
+import time
+import uuid
+from typing import TYPE_CHECKING, Any, Optional
+
+from fastapi import FastAPI, Request
+from fastapi.responses import Response
+from pydantic import ValidationError
+from starlette.requests import ClientDisconnect
+
+from ..engine import SamplingParams
+from .errors import APIError, JSONBody, engine_error_to_api, unsupported
+from .jsonbody import parse_json_object
+from .logprobs import chat_logprobs, completion_logprobs
+from .metrics import CONTENT_TYPE
+from .protocol import ChatCompletionRequest, CompletionRequest, validation_to_api_error
+from .streaming import (Choice, ClientGone, EngineRequest, Group, SSEResponse, stream_events,
+                        until_disconnect)
+
+if TYPE_CHECKING:
+    from .app import ServerState
+
+
+def register_routes(app: FastAPI, state: "ServerState") -> None:
+    """Add every route to ``app``; they share ``state``."""
+    engine = state.engine
+    tt = state.token_text
+
+    # ------------------------------------------------------------------ helpers
+    def authenticate(request: Request) -> Optional[str]:
+        return state.keys.check(request.headers.get("authorization", ""))
+
+    def refuse_if_draining() -> None:
+        if state.draining:
+            raise APIError("the server is shutting down", status=503, type="server_error",
+                           code="shutting_down", headers={"Connection": "close"})
+
+    async def parse(request: Request, model_cls: type) -> tuple[Any, Optional[str]]:
+        """(validated request, caller's key id) or an APIError / ClientGone."""
+        kid = authenticate(request)
+        refuse_if_draining()
+        try:
+            raw = await request.body()
+        except ClientDisconnect:
+            raise ClientGone() from None
+        data = parse_json_object(raw, state.limits.max_json_depth)
+        try:
+            req = model_cls.model_validate(data)
+        except ValidationError as exc:
+            raise validation_to_api_error(exc) from None
+        if req.model is not None and req.model not in state.model_names \
+                and req.model not in state.aliases:
+            raise APIError(f"the model '{req.model}' does not exist; this server serves "
+                           f"'{state.served_name}'", param="model", code="model_not_found",
+                           status=404, type="invalid_request_error")
+        req.check()
+        if req.cache_salt is not None and not state.cache_salt_supported:
+            raise unsupported("cache_salt", "cache_salt is not supported by this server's "
+                              "engine yet (no salted prefix cache)")
+        return req, kid
+
+    def make_params(req: Any, max_tokens: int, logprobs: Optional[int],
+                    kid: Optional[str]) -> SamplingParams:
+        """SamplingParams for one prompt; the engine samples ``n`` choices of it, choice
+        ``i`` seeded with ``seed + i``."""
+        kwargs: dict[str, Any] = dict(
+            max_tokens=max_tokens, n=req.n, ignore_eos=req.ignore_eos,
+            min_tokens=req.min_tokens, skip_special_tokens=req.skip_special_tokens,
+            include_stop_str_in_output=req.include_stop_str_in_output)
+        for name in ("temperature", "top_p", "top_k", "min_p", "seed", "presence_penalty",
+                     "frequency_penalty", "repetition_penalty", "stop", "stop_token_ids"):
+            value = getattr(req, name)
+            if value is not None:
+                kwargs[name] = value
+        if logprobs is not None:
+            kwargs["logprobs"] = logprobs
+        if state.cache_salt_supported:
+            # Each API key gets its own prefix cache unless the operator shares it.
+            parts = [] if (state.shared_prefix_cache or len(state.keys) < 2 or kid is None) \
+                else [kid]
+            if req.cache_salt is not None:
+                parts.append(req.cache_salt)
+            if parts:
+                kwargs["cache_salt"] = "/".join(parts)
+        try:
+            return SamplingParams(**kwargs)
+        except (ValueError, TypeError) as exc:
+            raise APIError(f"invalid sampling parameters: {exc}") from None
+
+    def finish(group: Group) -> None:
+        state.metrics.observe_e2e(time.monotonic() - group.t_start)
+        for c in group.choices:
+            state.metrics.count_finished(c.finish_reason)
+
+    async def run_group(request: Request, group: Group, stream: bool) -> None:
+        """Start the engine requests and wait for their first outputs (all of them for
+        a non-streaming request); engine errors become HTTP errors here."""
+        refuse_if_draining()
+        state.track(group)
+        group.start()
+        try:
+            await until_disconnect(request, group.wait_primed())
+        except ClientGone:
+            state.metrics.count_disconnect()
+            await group.close_shielded()
+            raise
+        except BaseException as exc:
+            await group.close_shielded()
+            if isinstance(exc, Exception):
+                raise engine_error_to_api(exc) from None
+            raise
+        if group.t_first is not None:
+            state.metrics.observe_ttft(group.t_first - group.t_start)
+        if stream:
+            return
+        try:
+            await until_disconnect(request, group.wait_finished())
+        except ClientGone:
+            state.metrics.count_disconnect()
+            raise
+        except Exception as exc:
+            raise engine_error_to_api(exc) from None
+        finally:
+            await group.close_shielded()
+        finish(group)
+
+    def gone_response() -> Response:
+        return Response(status_code=499)
+
+    def sse_response(group: Group, make_chunks: Any, base: dict, req: Any) -> Response:
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        return SSEResponse(stream_events(group, make_chunks, base, include_usage, finish),
+                           on_close=group.close_shielded,
+                           on_disconnect=state.metrics.count_disconnect)
+
+    def check_prompt_count(n_prompts: int) -> None:
+        cap = state.limits.max_prompts
+        queue = getattr(engine, "max_queue", None)
+        if isinstance(queue, int) and queue < cap:
+            cap = queue
+        if n_prompts > cap:
+            raise APIError(f"{n_prompts} prompts in one request; this server takes at most "
+                           f"{cap} (a request the queue can never hold is not retried)",
+                           param="prompt", code="too_many_prompts")
+
+    # ------------------------------------------------------------------ small routes
+    @app.get("/health")
+    async def health() -> Response:
+        errored = getattr(engine, "errored", False)
+        if callable(errored):
+            errored = errored()
+        if errored:
+            return JSONBody({"status": "error"}, status_code=503)
+        if state.draining:
+            return JSONBody({"status": "draining"}, status_code=503)
+        return JSONBody({"status": "ok"})
+
+    @app.get("/version")
+    async def version() -> Response:
+        from minikernels import __version__
+
+        return JSONBody({"version": __version__})
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        try:
+            stats = dict(engine.stats())
+        except Exception:  # noqa: BLE001 - metrics must not fail the scrape
+            stats = {}
+        return Response(state.metrics.render(state.served_name, stats),
+                        media_type=CONTENT_TYPE)
+
+    def model_card(name: str) -> dict:
+        return {"id": name, "object": "model", "created": state.created,
+                "owned_by": "minikernels", "root": name, "parent": None,
+                "max_model_len": state.max_model_len}
+
+    @app.get("/v1/models")
+    async def list_models(request: Request) -> Response:
+        authenticate(request)
+        return JSONBody({"object": "list", "data": [model_card(state.served_name)]})
+
+    @app.get("/v1/models/{model_id:path}")
+    async def get_model(model_id: str, request: Request) -> Response:
+        authenticate(request)
+        if model_id not in state.model_names:
+            raise APIError(f"the model '{model_id}' does not exist", status=404,
+                           type="invalid_request_error", param="model",
+                           code="model_not_found")
+        return JSONBody(model_card(model_id))
+
+    # ------------------------------------------------------------------ completions
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        try:
+            req, kid = await parse(request, CompletionRequest)
+        except ClientGone:
+            return gone_response()
+        prompts = req.prompts()
+        check_prompt_count(len(prompts))
+        keep = state.prompts.resolve_truncation(req.truncate_prompt_tokens)
+        max_tokens = req.max_tokens if req.max_tokens is not None else 16
+        engine_reqs = []
+        rid = f"cmpl-{uuid.uuid4().hex}"
+        params = None
+        for i, prompt in enumerate(prompts):
+            ids = await state.prompts.completion_prompt(prompt, keep)
+            state.prompts.max_tokens_for(len(ids), max_tokens, "prompt")
+            if params is None:
+                params = make_params(req, max_tokens, req.logprobs, kid)
+            text = prompt if isinstance(prompt, str) and keep is None else None
+            engine_reqs.append(EngineRequest(f"{rid}-{i}", ids, params, prompt_text=text))
+        group = Group(engine, engine_reqs)
+        try:
+            await run_group(request, group, req.stream)
+        except ClientGone:
+            return gone_response()
+        model = req.model or state.served_name
+        created = int(time.time())
+
+        def echo_text(c: Choice) -> str:
+            if not req.echo:
+                return ""
+            if c.req.prompt_text is not None:
+                return c.req.prompt_text
+            return tt.tokenizer.decode(c.req.prompt_ids)
+
+        if not req.stream:
+            out_choices = []
+            for c in group.choices:
+                lp = None
+                if req.logprobs is not None:
+                    lp = completion_logprobs(tt, c.output, 0, c.num_tokens, req.logprobs, 0)
+                out_choices.append({"index": c.index, "text": echo_text(c) + c.text,
+                                    "logprobs": lp, "finish_reason": c.finish_reason})
+            return JSONBody({"id": rid, "object": "text_completion", "created": created,
+                             "model": model, "choices": out_choices, "usage": group.usage()})
+
+        base = {"id": rid, "object": "text_completion", "created": created, "model": model}
+
+        def make_chunks(c: Choice, final: bool) -> list[dict]:
+            prefix = ""
+            if not c.started:
+                c.started = True
+                prefix = echo_text(c)
+            delta, t0, t1 = c.new_delta()
+            # Tokens without new text (a partial UTF-8 character, a held-back stop-string
+            # prefix) wait for the chunk that carries their text: no empty chunks.
+            if not (prefix or delta or final):
+                return []
+            lp = None
+            if req.logprobs is not None:
+                lp = completion_logprobs(tt, c.output, t0, t1, req.logprobs, c.sent_text)
+            c.sent_text += len(delta)
+            c.sent_tokens = t1
+            return [{"index": c.index, "text": prefix + delta, "logprobs": lp,
+                     "finish_reason": c.finish_reason if final else None}]
+
+        return sse_response(group, make_chunks, base, req)
+
+    # ------------------------------------------------------------------ chat
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        try:
+            req, kid = await parse(request, ChatCompletionRequest)
+        except ClientGone:
+            return gone_response()
+        messages = req.template_messages()
+        keep = state.prompts.resolve_truncation(req.truncate_prompt_tokens)
+        ids = await state.prompts.chat_prompt(messages, req.add_generation_prompt,
+                                              req.chat_template_kwargs, keep)
+        wanted = state.prompts.max_tokens_for(len(ids), req.wanted_max_tokens(), "messages")
+        if req.min_tokens > wanted:
+            raise APIError(f"min_tokens ({req.min_tokens}) must be <= max_tokens ({wanted})",
+                           param="min_tokens", code="invalid_value")
+        top_k = (req.top_logprobs or 0) if req.logprobs else None
+        rid = f"chatcmpl-{uuid.uuid4().hex}"
+        group = Group(engine, [EngineRequest(f"{rid}-0", ids,
+                                             make_params(req, wanted, top_k, kid))])
+        try:
+            await run_group(request, group, req.stream)
+        except ClientGone:
+            return gone_response()
+        model = req.model or state.served_name
+        created = int(time.time())
+        # vLLM's chat echo: the reply continues the last message when it is the
+        # assistant's own (add_generation_prompt=false), so prefix it.
+        echo = messages[-1]["content"] if req.echo and messages[-1]["role"] == "assistant" \
+            else ""
+
+        if not req.stream:
+            out_choices = []
+            for c in group.choices:
+                lp = chat_logprobs(tt, c.output, 0, c.num_tokens, top_k or 0) \
+                    if req.logprobs else None
+                out_choices.append({"index": c.index,
+                                    "message": {"role": "assistant",
+                                                "content": echo + c.text},
+                                    "logprobs": lp, "finish_reason": c.finish_reason})
+            return JSONBody({"id": rid, "object": "chat.completion", "created": created,
+                             "model": model, "choices": out_choices, "usage": group.usage()})
+
+        base = {"id": rid, "object": "chat.completion.chunk", "created": created,
+                "model": model}
+
+        def make_chunks(c: Choice, final: bool) -> list[dict]:
+            chunks = []
+            if not c.started:
+                c.started = True
+                chunks.append({"index": c.index, "delta": {"role": "assistant",
+                                                           "content": echo},
+                               "logprobs": None, "finish_reason": None})
+            delta, t0, t1 = c.new_delta()
+            if delta or final:   # no empty deltas while text is held back
+                lp = chat_logprobs(tt, c.output, t0, t1, top_k or 0) if req.logprobs else None
+                c.sent_text += len(delta)
+                c.sent_tokens = t1
+                chunks.append({"index": c.index, "delta": {"content": delta} if delta else {},
+                               "logprobs": lp,
+                               "finish_reason": c.finish_reason if final else None})
+            return chunks
+
+        return sse_response(group, make_chunks, base, req)
+
