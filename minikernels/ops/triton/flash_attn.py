@@ -51,14 +51,18 @@ def _kv_rows(offs_n, seqlen_k, bt_row, stride_tok, stride_blk, PAGED: tl.constex
 
 
 @triton.jit
-def _attn_tiles(acc, l_i, m_i, q, k_base, v_base, bt_row, start, end, seqlen_k, q_pos, offs_d,
+def _attn_tiles(acc, l_i, m_i, q, k_base, v_base, bt_row, start, end, seqlen_k, q_hi, offs_d,
                 stride_kt, stride_kb, stride_vt, stride_vb, qk_scale, cap_in, cap_out,
-                window_left, window_right, MASKED: tl.constexpr, RIGHT_BOUND: tl.constexpr,
+                window_span, MASKED: tl.constexpr, RIGHT_BOUND: tl.constexpr,
                 HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, PAGED: tl.constexpr,
                 PAGE_SIZE: tl.constexpr, EVEN_D: tl.constexpr, HEAD_DIM: tl.constexpr,
                 BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
                 KV_SCALE: tl.constexpr):
-    """Accumulate key tiles [start, end) into (acc, l_i, m_i); masks only when MASKED."""
+    """Accumulate key tiles [start, end) into (acc, l_i, m_i); masks only when MASKED.
+
+    Row r sees keys q_hi[r] - window_span <= j <= q_hi[r] (q_hi = position + window_right,
+    window_span = window_left + window_right): one vector of bounds, like plain causal.
+    """
     offs_n0 = tl.arange(0, BLOCK_N)
     d_ok = offs_d[None, :] < HEAD_DIM
     for start_n in range(start, end, BLOCK_N):
@@ -91,9 +95,9 @@ def _attn_tiles(acc, l_i, m_i, q, k_base, v_base, bt_row, start, end, seqlen_k, 
         if MASKED:
             visible = offs_n[None, :] < seqlen_k
             if RIGHT_BOUND:
-                visible = visible & (offs_n[None, :] <= q_pos[:, None] + window_right)
+                visible = visible & (offs_n[None, :] <= q_hi[:, None])
             if HAS_WINDOW:
-                visible = visible & (offs_n[None, :] >= q_pos[:, None] - window_left)
+                visible = visible & (offs_n[None, :] >= q_hi[:, None] - window_span)
             s = tl.where(visible, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         p = tl.math.exp2(s - m_new[:, None])
@@ -161,14 +165,15 @@ def flash_attn_fwd_kernel(
 
     # key positions: row i sits at i + Lk - Lq; [lo, hi) = keys some row sees,
     # [full_lo, full_hi) = keys every row sees (no mask needed there)
-    q_pos = offs_m + (seqlen_k - seqlen_q)
+    q_hi = offs_m + (seqlen_k - seqlen_q + window_right)   # last key each row may see
+    window_span = window_left + window_right
     pos_first = start_m * BLOCK_M + (seqlen_k - seqlen_q)
     pos_last = tl.minimum(start_m * BLOCK_M + BLOCK_M, seqlen_q) - 1 + (seqlen_k - seqlen_q)
     hi = seqlen_k
     full_hi = seqlen_k
-    if RIGHT_BOUND:  # >= 0: rows before every key (Lq > Lk) see nothing
-        hi = tl.maximum(tl.minimum(hi, pos_last + window_right + 1), 0)
-        full_hi = tl.maximum(tl.minimum(full_hi, pos_first + window_right + 1), 0)
+    if RIGHT_BOUND:  # may be <= 0 (Lq > Lk: rows before every key): loops run empty
+        hi = tl.minimum(hi, pos_last + window_right + 1)
+        full_hi = tl.minimum(full_hi, pos_first + window_right + 1)
     lo = 0
     full_lo = 0
     if HAS_WINDOW:
@@ -197,19 +202,19 @@ def flash_attn_fwd_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     if HAS_WINDOW:  # left window edge: masked
         acc, l_i, m_i = _attn_tiles(
-            acc, l_i, m_i, q, k_base, v_base, bt_row, lo_al, mid_lo, seqlen_k, q_pos, offs_d,
-            stride_kt, stride_kb, stride_vt, stride_vb, qk_scale, cap_in, cap_out, window_left,
-            window_right, True, RIGHT_BOUND, HAS_WINDOW, HAS_SOFTCAP, PAGED, PAGE_SIZE, EVEN_D,
+            acc, l_i, m_i, q, k_base, v_base, bt_row, lo_al, mid_lo, seqlen_k, q_hi, offs_d,
+            stride_kt, stride_kb, stride_vt, stride_vb, qk_scale, cap_in, cap_out, window_span,
+            True, RIGHT_BOUND, HAS_WINDOW, HAS_SOFTCAP, PAGED, PAGE_SIZE, EVEN_D,
             HEAD_DIM, BLOCK_N, DOT_PRECISION, UPCAST, KV_SCALE)
     acc, l_i, m_i = _attn_tiles(  # interior: every row sees every key
-        acc, l_i, m_i, q, k_base, v_base, bt_row, mid_lo, mid_hi, seqlen_k, q_pos, offs_d,
-        stride_kt, stride_kb, stride_vt, stride_vb, qk_scale, cap_in, cap_out, window_left,
-        window_right, False, RIGHT_BOUND, HAS_WINDOW, HAS_SOFTCAP, PAGED, PAGE_SIZE, EVEN_D,
+        acc, l_i, m_i, q, k_base, v_base, bt_row, mid_lo, mid_hi, seqlen_k, q_hi, offs_d,
+        stride_kt, stride_kb, stride_vt, stride_vb, qk_scale, cap_in, cap_out, window_span,
+        False, RIGHT_BOUND, HAS_WINDOW, HAS_SOFTCAP, PAGED, PAGE_SIZE, EVEN_D,
         HEAD_DIM, BLOCK_N, DOT_PRECISION, UPCAST, KV_SCALE)
     acc, l_i, m_i = _attn_tiles(  # diagonal and sequence end: masked
-        acc, l_i, m_i, q, k_base, v_base, bt_row, mid_hi, hi, seqlen_k, q_pos, offs_d,
-        stride_kt, stride_kb, stride_vt, stride_vb, qk_scale, cap_in, cap_out, window_left,
-        window_right, True, RIGHT_BOUND, HAS_WINDOW, HAS_SOFTCAP, PAGED, PAGE_SIZE, EVEN_D,
+        acc, l_i, m_i, q, k_base, v_base, bt_row, mid_hi, hi, seqlen_k, q_hi, offs_d,
+        stride_kt, stride_kb, stride_vt, stride_vb, qk_scale, cap_in, cap_out, window_span,
+        True, RIGHT_BOUND, HAS_WINDOW, HAS_SOFTCAP, PAGED, PAGE_SIZE, EVEN_D,
         HEAD_DIM, BLOCK_N, DOT_PRECISION, UPCAST, KV_SCALE)
 
     empty = l_i == 0.0
