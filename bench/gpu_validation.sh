@@ -22,7 +22,8 @@ export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0a}"
 
 # The CUDA kernels' tests (cuda backend params and GPU-only checks).
 CUDA_TESTS=(tests/test_int4_matmul.py tests/test_kv_cache.py tests/test_paged_decode.py
-            tests/test_norm_activation_rotary.py)
+            tests/test_norm_activation_rotary.py tests/test_fp8_kv_cache.py
+            tests/test_strided_views.py)
 
 server_ignores() {
   python - <<'EOF'
@@ -65,6 +66,8 @@ stage_bench() {
 
 stage_serve() {
   python -m minikernels bench serve --output "$OUT/results/serve_main.json" || echo "bench serve failed"
+  python -m minikernels bench serve --kv-cache-dtype fp8 --skip-latency --no-save \
+    --output "$OUT/results/serve_fp8kv.json" || echo "bench serve (fp8 KV) failed"
   python bench/bench_serve.py || echo "bench_serve (vs transformers) failed"
 }
 

@@ -168,6 +168,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     e.add_argument("--quantization", default=None, choices=[None, "int4", "gptq", "awq"])
     e.add_argument("--device", default=None)
     e.add_argument("--block-size", type=int, default=64)
+    e.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8", "fp8_e4m3"],
+                   help="auto = the model's dtype; fp8 = e4m3 KV cache")
     e.add_argument("--num-kv-blocks", type=int, default=None)
     e.add_argument("--max-model-len", type=int, default=None,
                    help="default: max input + max output (a tight CUDA-graph block table)")
@@ -206,6 +208,7 @@ def run(args: argparse.Namespace) -> int:
     t_build = time.perf_counter()
     llm = LLM(model, dtype=dtype, quantization=args.quantization, device=dev,
               block_size=args.block_size, num_kv_blocks=args.num_kv_blocks,
+              kv_cache_dtype=args.kv_cache_dtype,
               gpu_memory_utilization=args.gpu_memory_utilization,
               max_num_seqs=args.max_num_seqs,
               max_num_batched_tokens=args.max_num_batched_tokens,
@@ -243,7 +246,8 @@ def run(args: argparse.Namespace) -> int:
     stats = eng.stats()
     meta = {"model": model, "dtype": dtype, "quantization": args.quantization,
             "device": bm.device_name(dev), "num_kv_blocks": eng.runner.num_blocks,
-            "block_size": args.block_size, "max_num_seqs": args.max_num_seqs,
+            "block_size": args.block_size, "kv_cache_dtype": args.kv_cache_dtype,
+            "max_num_seqs": args.max_num_seqs,
             "max_num_batched_tokens": args.max_num_batched_tokens,
             "cuda_graphs": eng.runner.graphs is not None,
             "prefix_caching": not args.no_prefix_caching,
