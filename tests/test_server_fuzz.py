@@ -1,0 +1,108 @@
+"""Property test: whatever a client sends to any route, the server never answers 5xx,
+every error is OpenAI-shaped, and it keeps serving (fake engine, bounded examples)."""
+from __future__ import annotations
+
+import json
+
+import httpx
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from minikernels.server import create_app
+from minikernels.server.testing import LiveServer
+from test_server_fake import API_KEY, MODEL, FakeEngine
+
+ROUTES = ["/v1/completions", "/v1/chat/completions", "/v1/models", f"/v1/models/{MODEL}",
+          "/v1/models/nope", "/health", "/metrics", "/version", "/v1/nothing", "/"]
+METHODS = ["POST", "POST", "POST", "GET", "PUT", "DELETE", "OPTIONS", "PATCH", "FOO"]
+FIELDS = ["model", "prompt", "messages", "max_tokens", "max_completion_tokens", "n",
+          "stream", "stream_options", "temperature", "top_p", "top_k", "min_p", "stop",
+          "seed", "logprobs", "top_logprobs", "echo", "presence_penalty",
+          "frequency_penalty", "repetition_penalty", "ignore_eos", "stop_token_ids",
+          "min_tokens", "include_stop_str_in_output", "skip_special_tokens",
+          "truncate_prompt_tokens", "priority", "cache_salt", "response_format", "tools",
+          "tool_choice", "chat_template_kwargs", "add_generation_prompt", "best_of",
+          "suffix", "logit_bias", "user", "unknown_field"]
+
+scalars = st.one_of(
+    st.none(), st.booleans(), st.integers(-3, 70), st.integers(-2 ** 70, 2 ** 70),
+    st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=12),
+    st.sampled_from(["\ud800", "a\udfffb", "<|im_end|>", MODEL, "true", "4", "text"]))
+json_values = st.recursive(scalars, lambda inner: st.one_of(
+    st.lists(inner, max_size=4), st.dictionaries(st.text(max_size=8), inner, max_size=4)),
+    max_leaves=12)
+messages = st.lists(st.fixed_dictionaries(
+    {"role": st.sampled_from(["user", "system", "assistant", "tool", "developer", "x"])},
+    optional={"content": st.one_of(st.text(max_size=20), json_values),
+              "name": st.text(max_size=5), "tool_calls": json_values}), max_size=3)
+plausible = {
+    "model": st.sampled_from([MODEL, MODEL, "nope", "\ud800", "m\udc00"]),
+    "prompt": st.one_of(st.text(max_size=20), st.lists(st.integers(-1, 200), max_size=5),
+                        st.lists(st.text(max_size=5), max_size=3)),
+    "messages": messages,
+    "max_tokens": st.integers(-1, 40), "n": st.integers(0, 3), "stream": st.booleans(),
+    "stream_options": st.fixed_dictionaries({}, optional={"include_usage": json_values}),
+    "logprobs": st.one_of(st.booleans(), st.integers(-1, 25)),
+}
+bodies = st.fixed_dictionaries({}, optional={
+    f: st.one_of(plausible.get(f, json_values), json_values) for f in FIELDS})
+
+
+@pytest.fixture(scope="module")
+def server():
+    engine = FakeEngine(max_model_len=64, step_s=0.0)
+    with LiveServer(create_app(engine, api_key=API_KEY, served_model_name=MODEL)) as srv:
+        yield srv
+
+
+@st.composite
+def requests(draw):
+    if draw(st.integers(0, 9)) < 8:      # mostly well-formed calls to the generation routes
+        method = "POST"
+        path = draw(st.sampled_from(ROUTES[:2]))
+        headers = {"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"}
+    else:
+        method = draw(st.sampled_from(METHODS))
+        path = draw(st.sampled_from(ROUTES))
+        headers = {"Authorization": f"Bearer {draw(st.sampled_from([API_KEY, 'no']))}",
+                   "Content-Type": draw(st.sampled_from(
+                       ["application/json", "application/json; charset=utf-8",
+                        "text/plain", "application/x-www-form-urlencoded"]))}
+    kind = draw(st.sampled_from(["json", "json", "json", "raw", "any", "deep"]))
+    if kind == "deep":
+        depth = draw(st.sampled_from([1, 8, 40, 1000, 5000]))
+        content = (b'{"model": "%s", "prompt": ' % MODEL.encode() + b"[" * depth
+                   + b"]" * depth + b"}")
+    elif kind == "json":
+        content = json.dumps(draw(bodies)).encode()
+    elif kind == "any":
+        content = json.dumps(draw(json_values)).encode()
+    else:
+        content = draw(st.binary(max_size=64))
+    return method, path, headers, content
+
+
+def _check(r: httpx.Response) -> None:
+    assert r.status_code < 500, (r.status_code, r.text[:500])
+    if r.status_code >= 400 and r.request.method != "HEAD":
+        err = r.json()["error"]
+        assert set(err) == {"message", "type", "param", "code"}
+        assert isinstance(err["message"], str) and err["message"]
+
+
+@settings(max_examples=150, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(req=requests())
+def test_no_route_answers_5xx(server, req):
+    method, path, headers, content = req
+    r = httpx.request(method, server.base_url + path, headers=headers, content=content,
+                      timeout=30)
+    _check(r)
+
+
+def test_still_serving_after_fuzzing(server):
+    r = httpx.post(server.base_url + "/v1/completions", timeout=30,
+                   headers={"Authorization": f"Bearer {API_KEY}"},
+                   json={"model": MODEL, "prompt": "x", "max_tokens": 2})
+    assert r.status_code == 200 and r.json()["choices"][0]["text"] == "ab"
