@@ -441,15 +441,57 @@ def test_metrics_and_health(server, engine):
         assert key in values
 
 
+def test_cached_tokens_min_tokens_and_stop_str(client, server, reference):
+    # the same 3-block prompt twice: the second is served from the prefix cache
+    prompt = [5 + (i * 7) % 60 for i in range(40)]
+    first = client.completions.create(model=MODEL, prompt=prompt, max_tokens=2, **GREEDY)
+    second = client.completions.create(model=MODEL, prompt=prompt, max_tokens=2, **GREEDY)
+    assert first.usage.prompt_tokens >= 32
+    assert second.usage.prompt_tokens_details.cached_tokens >= 16
+    assert second.usage.prompt_tokens_details.cached_tokens < second.usage.prompt_tokens
+    text = httpx.get(server.base_url + "/metrics").text
+    hits = next(ln for ln in text.splitlines()
+                if ln.startswith("minikernels_prefix_cache_hits_tokens_total"))
+    assert float(hits.split()[-1]) >= 16
+    # min_tokens holds back a stop token the greedy model emits at once
+    first_tok = reference["completion"].outputs[0].token_ids[0]
+    r = client.completions.create(model=MODEL, prompt="hello world", max_tokens=8,
+                                  temperature=0, extra_body={"stop_token_ids": [first_tok]})
+    assert r.usage.completion_tokens == 1 and r.choices[0].finish_reason == "stop"
+    r = client.completions.create(model=MODEL, prompt="hello world", max_tokens=8,
+                                  temperature=0, extra_body={"stop_token_ids": [first_tok],
+                                                             "min_tokens": 4})
+    assert r.usage.completion_tokens >= 4
+    # include_stop_str_in_output keeps the matched stop string
+    full = reference["completion"].outputs[0].text
+    stop = next(full[i:i + 2] for i in range(2, len(full) - 2)
+                if full[i:i + 2].strip() and full.find(full[i:i + 2]) == i)
+    r = client.completions.create(model=MODEL, prompt="hello world", max_tokens=12,
+                                  stop=[stop], extra_body={"ignore_eos": True,
+                                                           "include_stop_str_in_output": True},
+                                  temperature=0)
+    assert r.choices[0].text == full[:full.index(stop) + len(stop)]
+
+
+def test_prompt_far_beyond_the_context_is_refused_at_once(client, server):
+    t0 = time.monotonic()
+    with pytest.raises(openai.BadRequestError) as info:
+        client.completions.create(model=MODEL, prompt="hello world " * 300000, max_tokens=2)
+    assert info.value.code == "context_length_exceeded"
+    assert time.monotonic() - t0 < 2.0
+    assert client.completions.create(model=MODEL, prompt="hi", max_tokens=2).choices
+
+
 def test_cli_serve_subprocess(model_dir):
-    """`python -m minikernels serve` end to end: start, answer, stop on SIGINT."""
+    """`python -m minikernels serve` end to end: start, answer, log, and on SIGTERM end
+    an open stream with a final chunk and [DONE], then exit 0 without a traceback."""
     port = free_port()
     env = {**os.environ, "MINIKERNELS_API_KEY": "cli-key"}
     proc = subprocess.Popen(
         [sys.executable, "-m", "minikernels", "serve", model_dir, "--port", str(port),
          "--served-model-name", "cli-model", "--dtype", "float32", "--device", "cpu",
          "--enforce-eager", "--max-model-len", "128", "--num-kv-blocks", "32",
-         "--log-level", "warning"],
+         "--log-level", "info", "--shutdown-grace", "0.5"],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 90
@@ -473,14 +515,35 @@ def test_cli_serve_subprocess(model_dir):
             openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="wrong",
                           max_retries=0).models.list()
         client.close()
+        lines: list[str] = []
+        with httpx.stream("POST", f"http://127.0.0.1:{port}/v1/completions", timeout=60,
+                          headers={"Authorization": "Bearer cli-key"},
+                          json={"model": "cli-model", "prompt": "hi", "max_tokens": 120,
+                                "ignore_eos": True, "stream": True,
+                                "stream_options": {"include_usage": True}}) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: "):
+                    lines.append(line[6:])
+                    if len(lines) == 2:
+                        proc.send_signal(signal.SIGTERM)
     finally:
-        proc.send_signal(signal.SIGINT)
+        if proc.poll() is None and not lines:
+            proc.send_signal(signal.SIGTERM)
         t0 = time.monotonic()
         try:
             rc = proc.wait(timeout=30)
-            print(f"server stopped {time.monotonic() - t0:.2f}s after SIGINT")
+            print(f"server stopped {time.monotonic() - t0:.2f}s after SIGTERM")
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
-            raise AssertionError("server did not stop on SIGINT")
-    assert rc == 0
+            raise AssertionError("server did not stop on SIGTERM")
+    log = proc.stdout.read().decode()
+    assert rc == 0, log
+    assert lines[-1] == "[DONE]", lines[-3:]
+    events = [json.loads(x) for x in lines[:-1]]
+    assert [e["choices"][0]["finish_reason"] for e in events if e["choices"]][-1] \
+        in ("abort", "length")
+    assert "usage" in events[-1]
+    assert "Traceback" not in log, log
+    assert "max_model_len 128" in log and "KV cache 512 tokens" in log, log
+    assert '"POST /v1/chat/completions" 200' in log, log
