@@ -209,6 +209,9 @@ def register_routes(app: FastAPI, state: "ServerState") -> None:
         check_prompt_count(len(prompts))
         keep = state.prompts.resolve_truncation(req.truncate_prompt_tokens)
         max_tokens = req.max_tokens if req.max_tokens is not None else 16
+        if req.min_tokens > max_tokens:
+            raise APIError(f"min_tokens ({req.min_tokens}) must be <= max_tokens "
+                           f"({max_tokens})", param="min_tokens", code="invalid_value")
         engine_reqs = []
         rid = f"cmpl-{uuid.uuid4().hex}"
         params = None
