@@ -571,6 +571,12 @@ def test_cli_arguments(monkeypatch):
     kw = cli.engine_kwargs(args)
     assert kw["dtype"] == "float32" and kw["enable_prefix_caching"] is False
     assert kw["max_model_len"] == 512 and "device" not in kw
+    assert kw["kv_cache_dtype"] == "auto" and kw["block_size"] == 64
+    fp8 = parser.parse_args(["some/model", "--kv-cache-dtype", "fp8", "--block-size", "24"])
+    assert cli.engine_kwargs(fp8)["kv_cache_dtype"] == "fp8"
+    assert cli.engine_kwargs(fp8)["block_size"] == 24
+    with pytest.raises(SystemExit):
+        parser.parse_args(["some/model", "--kv-cache-dtype", "int8"])
 
     served = {}
 

@@ -14,6 +14,7 @@ import os
 import signal
 from typing import Any, Optional
 
+from ..models.kv_cache_dtype import KV_CACHE_DTYPES
 from .app import create_app, engine_supports_cache_salt
 from .auth import API_KEY_ENV, collect_keys
 from .http import build_server
@@ -85,7 +86,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                           "int4 checkpoint")
     eng.add_argument("--device", default=None, help="cuda / cpu (default: cuda if present)")
     eng.add_argument("--max-model-len", type=int, default=None)
-    eng.add_argument("--block-size", type=int, default=16)
+    eng.add_argument("--block-size", type=int, default=64,
+                     help="KV block size in tokens, 1..256 (default 64: docs/engine.md)")
+    eng.add_argument("--kv-cache-dtype", default="auto", choices=sorted(KV_CACHE_DTYPES),
+                     help="auto = the model's dtype; fp8 = e4m3 KV cache (twice the tokens "
+                          "of bf16; logit error in docs/models.md)")
     eng.add_argument("--num-kv-blocks", type=int, default=None)
     eng.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     eng.add_argument("--max-num-seqs", type=int, default=256)
@@ -105,7 +110,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         num_kv_blocks=args.num_kv_blocks, gpu_memory_utilization=args.gpu_memory_utilization,
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
         enable_prefix_caching=args.enable_prefix_caching, enforce_eager=args.enforce_eager,
-        seed=args.seed)
+        seed=args.seed, kv_cache_dtype=args.kv_cache_dtype)
     if args.device is not None:
         kwargs["device"] = args.device
     if args.max_model_len is not None:
