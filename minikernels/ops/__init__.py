@@ -6,6 +6,7 @@ every op lives in :mod:`minikernels.ops.reference`.
 """
 from . import reference
 from .activation import silu_and_mul
+from .bitmask import apply_token_bitmask
 from .attention import flash_attention, flash_attention_bshd
 from .int4 import int4_matmul
 from .kv_cache import merge_attn_states, paged_decode_attention, write_kv_cache
@@ -13,6 +14,7 @@ from .norm import rms_norm
 from .rotary import build_rope_cache, rotary_embedding
 
 __all__ = [
+    "apply_token_bitmask",
     "build_rope_cache",
     "flash_attention",
     "int4_matmul",

@@ -274,3 +274,36 @@ def merge_attention_states(out_a: Tensor, lse_a: Tensor, out_b: Tensor,
     wb = torch.exp(lse_b.float() - safe).nan_to_num(0.0).unsqueeze(-1)
     out = wa * out_a.float() + wb * out_b.float()
     return out.to(out_a.dtype), lse
+
+
+# ----------------------------------------------------------------- structured outputs
+
+
+def unpack_token_bitmask(bitmask: Tensor, vocab_size: int) -> Tensor:
+    """bitmask int32 [..., W] -> bool [..., vocab_size]: bit t % 32 of word t // 32 (1 =
+    allowed; xgrammar's packing). Tokens past 32 * W count as disallowed."""
+    shifts = torch.arange(32, device=bitmask.device, dtype=torch.int32)
+    bits = (bitmask.unsqueeze(-1) >> shifts) & 1                     # [..., W, 32]
+    allowed = bits.reshape(*bitmask.shape[:-1], -1).bool()
+    if allowed.shape[-1] < vocab_size:
+        pad = torch.zeros(*allowed.shape[:-1], vocab_size - allowed.shape[-1],
+                          dtype=torch.bool, device=bitmask.device)
+        allowed = torch.cat([allowed, pad], dim=-1)
+    return allowed[..., :vocab_size]
+
+
+def apply_token_bitmask(logits: Tensor, bitmask: Tensor, indices: Tensor | None = None,
+                        vocab_size: int | None = None) -> None:
+    """In place: logits[r, t] = -inf where bit t of bitmask[r] is 0, for t < vocab_size and
+    each row r in ``indices`` (every row when None). logits [B, V]; bitmask int32
+    [B, ceil(V / 32)] (row r masks logits row r); vocab_size defaults to
+    min(V, 32 * bitmask.shape[1]); columns from vocab_size on are left alone."""
+    v = logits.shape[-1] if vocab_size is None else vocab_size
+    v = min(v, logits.shape[-1], 32 * bitmask.shape[-1])
+    rows = (torch.arange(logits.shape[0], device=logits.device) if indices is None
+            else indices.long())
+    if rows.numel() == 0 or v == 0:
+        return
+    allowed = unpack_token_bitmask(bitmask[rows], v)
+    block = logits[rows, :v]
+    logits[rows, :v] = block.masked_fill(~allowed, float("-inf"))
