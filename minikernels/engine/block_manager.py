@@ -9,6 +9,11 @@ Prefix caching. A *full* block is identified by a chained hash
 mean equal whole prefixes (SHA-256 is cryptographic on purpose: with a predictable hash a
 crafted prompt could collide with another user's prefix and be served its K/V; with
 SHA-256 an equal digest is an equal prefix, so hits are not re-compared token by token).
+A request's ``SamplingParams.cache_salt`` replaces ``h_{-1}`` (zeros) by
+``SHA-256("minikernels-cache-salt" || salt)``, so requests with different salts never
+share a block (a server salts per API key: no cross-user timing probe of the cache).
+A request that asks for ``prompt_logprobs`` never reads the cache (its prompt tokens'
+logits must be computed) but still offers its blocks to it.
 A prompt's block hashes are computed once, when its request is added
 (:meth:`BlockManager.hash_prompt`), outside the scheduling step. When a sequence's tokens
 covering a full block are scheduled (and known on the host), the block is registered
@@ -47,6 +52,16 @@ def chain_hash(prev_hash: bytes | None, token_ids: Seq[int]) -> bytes:
     (None for the first block)."""
     data = struct.pack(f"<{len(token_ids)}q", *token_ids)
     return hashlib.sha256((prev_hash if prev_hash is not None else _ZERO_HASH) + data).digest()
+
+
+def salt_root(salt: str | None) -> bytes | None:
+    """The chain's root for a cache salt (``h_{-1}``; None = unsalted, zeros).
+
+    Domain-separated from block hashes; equal roots mean equal salts (SHA-256)."""
+    if salt is None:
+        return None
+    return hashlib.sha256(b"minikernels-cache-salt\0"
+                          + salt.encode("utf-8", "surrogatepass")).digest()
 
 
 def hash_blocks(token_ids: Seq[int], block_size: int, first_block: int, num_blocks: int,
@@ -108,7 +123,8 @@ class BlockManager:
         self.table = np.zeros((16, max(1, max_blocks_per_seq or 16)), dtype=np.int32)
         self.row_blocks = np.zeros(16, dtype=np.int64)   # len(block_table) per row
         self._free_rows: list[int] = list(range(15, -1, -1))
-        # Counters (prefix-cache efficiency).
+        # Counters (prefix-cache efficiency, in tokens): looked up when a sequence is
+        # admitted (with prefix caching on) and served from the cache.
         self.num_hit_tokens = 0
         self.num_queried_tokens = 0
 
@@ -135,17 +151,19 @@ class BlockManager:
         hashes = seq.block_hashes
         have = len(hashes)
         if have < num_full_blocks:
+            prev = hashes[-1] if hashes else salt_root(seq.params.cache_salt)
             hashes += hash_blocks(seq.token_ids, self.block_size, have, num_full_blocks - have,
-                                  hashes[-1] if hashes else None)
+                                  prev)
         return hashes
 
     def lookup_prefix(self, seq: "Sequence") -> list[int]:
         """Block ids caching the longest prefix of ``seq``'s full blocks (no refs taken).
 
         At least one token is always left to compute (the last one gives the logits), so
-        hits stop at block ``(num_tokens - 1) // block_size``.
+        hits stop at block ``(num_tokens - 1) // block_size``. A sequence asking for
+        prompt logprobs gets no hits (those tokens' logits must be computed).
         """
-        if not self.enable_prefix_caching:
+        if not self.enable_prefix_caching or seq.params.prompt_logprobs is not None:
             return []
         max_blocks = min((seq.num_tokens + seq.num_pending - 1) // self.block_size,
                          seq.num_tokens // self.block_size)
@@ -219,7 +237,8 @@ class BlockManager:
             if cached_blocks else 0
         if need + hits_in_free + reserve_blocks > len(self.free):
             return False
-        if not seq.block_table:
+        if not seq.block_table and self.enable_prefix_caching \
+                and seq.params.prompt_logprobs is None:
             self.num_queried_tokens += seq.num_tokens
         new: list[int] = []
         if cached_blocks:

@@ -462,6 +462,7 @@ class LLMEngine:
             "prompt_tokens_total": self.prompt_tokens_total,
             "generation_tokens_total": self.generation_tokens_total,
             "computed_tokens_total": self.computed_tokens_total,
+            "prefix_cache_queried_tokens": bm.num_queried_tokens,
             "prefix_cache_hit_tokens": bm.num_hit_tokens,
             "prefix_cache_hit_rate": bm.num_hit_tokens / max(1, bm.num_queried_tokens),
             "num_preemptions": self.scheduler.num_preemptions,

@@ -128,7 +128,9 @@ class Sampler:
             seen.scatter_(1, ppad.to(self.device), True)
             seen = seen[:, :V] | (counts > 0)
             r = self._tensor(rep, logits.dtype)[:, None]
-            penalized = torch.where(logits > 0, logits / r, logits * r)
+            # Clamped so an extreme (but valid) penalty cannot make a logit infinite (and
+            # the probabilities NaN), even after dividing by a small temperature.
+            penalized = torch.where(logits > 0, logits / r, logits * r).clamp_(-1e30, 1e30)
             logits = torch.where(seen, penalized, logits)
         if any(p != 0.0 for p in pres) or any(f != 0.0 for f in freq):
             logits = (logits - self._tensor(freq, logits.dtype)[:, None] * counts

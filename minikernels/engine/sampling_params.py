@@ -6,9 +6,13 @@ expected, e.g. ``ValueError: SamplingParams.top_p must be in (0, 1], got 1.5``.
 from __future__ import annotations
 
 import enum
+import math
+import struct
 from dataclasses import dataclass, field
 
 _EPS = 1e-5  # temperatures below this are greedy
+_FP32_TINY = 1.1754943508222875e-38  # smallest normal float32
+MAX_CACHE_SALT_CHARS = 4096
 
 
 class RequestOutputKind(enum.IntEnum):
@@ -33,6 +37,14 @@ def _is_int(v: object) -> bool:
 
 def _is_num(v: object) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _to_float32(v: float) -> float:
+    """``v`` rounded to float32 (inf when it overflows float32's range)."""
+    try:
+        return struct.unpack("<f", struct.pack("<f", float(v)))[0]
+    except OverflowError:
+        return math.copysign(math.inf, v)
 
 
 @dataclass
@@ -62,8 +74,22 @@ class SamplingParams:
         logprobs            None, or >= 0: return the sampled token's logprob plus the top
                             ``logprobs`` alternatives per step (from the raw model logits).
         skip_special_tokens drop special tokens from the output text.
+        prompt_logprobs     None, or >= 0: also return, for every prompt token after the
+                            first, its logprob given the tokens before it plus the top
+                            ``prompt_logprobs`` alternatives (``RequestOutput.prompt_logprobs``;
+                            vLLM's shape, None for the first token). Such a request never
+                            reads the prefix cache (every prompt token is computed).
         output_kind         RequestOutputKind: what AsyncLLM.generate yields (CUMULATIVE,
                             DELTA or FINAL_ONLY); LLM.generate always returns final outputs.
+    Scheduling and caching:
+        priority            int; lower runs first (ties: the earlier request). Waiting
+                            requests are admitted in (priority, arrival) order and, when
+                            KV blocks run out, the running sequence with the highest
+                            (priority, arrival) is preempted first (vLLM's
+                            scheduling_policy="priority"; all 0 = first come first served).
+        cache_salt          None or a non-empty str mixed into the prefix-cache hash of the
+                            first block: requests with different salts never share cached
+                            KV blocks (separates users; a server salts per API key).
     """
 
     n: int = 1
@@ -83,6 +109,9 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    prompt_logprobs: int | None = None
+    priority: int = 0
+    cache_salt: str | None = None
     output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
     # Filled in by __post_init__: stop normalised to a list.
     stop_strings: list[str] = field(default_factory=list, init=False, repr=False)
@@ -123,8 +152,28 @@ class SamplingParams:
         if not self.repetition_penalty > 0.0:
             raise ValueError(f"SamplingParams.repetition_penalty must be > 0, got "
                              f"{self.repetition_penalty}")
+        # The sampler divides fp32 logits by it: its fp32 value must be a normal, finite
+        # number (1e-50 rounds to 0 and 1e39 to inf in fp32: NaN probabilities).
+        rp32 = _to_float32(self.repetition_penalty)
+        if not (math.isfinite(rp32) and rp32 >= _FP32_TINY):
+            raise ValueError(f"SamplingParams.repetition_penalty must be a positive number "
+                             f"whose float32 value is finite and normal (in [1.2e-38, "
+                             f"3.4e38]), got {self.repetition_penalty}")
         if self.logprobs is not None:
             self._check_int("logprobs", self.logprobs, low=0)
+        if self.prompt_logprobs is not None:
+            self._check_int("prompt_logprobs", self.prompt_logprobs, low=0)
+        self._check_int("priority", self.priority)
+        if self.cache_salt is not None:
+            if not isinstance(self.cache_salt, str):
+                raise TypeError(f"SamplingParams.cache_salt must be a str or None, got "
+                                f"{type(self.cache_salt).__name__}")
+            if not self.cache_salt:
+                raise ValueError("SamplingParams.cache_salt must be a non-empty str (or None)")
+            if len(self.cache_salt) > MAX_CACHE_SALT_CHARS:
+                raise ValueError(f"SamplingParams.cache_salt must be at most "
+                                 f"{MAX_CACHE_SALT_CHARS} characters, got "
+                                 f"{len(self.cache_salt)}")
         for name in ("ignore_eos", "skip_special_tokens", "include_stop_str_in_output"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"SamplingParams.{name} must be a bool, got "

@@ -3,22 +3,30 @@
 One step has a token budget (``max_num_batched_tokens``) and a sequence cap
 (``max_num_seqs``). Scheduling, in order:
 
-1. Running sequences, oldest first. Each gets all its uncomputed tokens up to the
-   remaining budget: 1 for a decoding sequence, a chunk for one still in (chunked)
-   prefill. When the pool has no block for it, the newest running sequence that is not
-   yet scheduled in this step is preempted (blocks freed, back to the front of the
-   waiting queue, recomputed later; its generated tokens are kept so its output does
-   not change); if none is left, the sequence preempts itself.
-2. Waiting sequences, first come first served, while budget and seats remain and no
-   preemption happened in this step. Each first takes its prefix-cache hits, then a
-   prompt chunk as large as the budget allows (chunked prefill); a new sequence is
-   admitted only if a small watermark of blocks stays free.
+Both queues are ordered by ``(SamplingParams.priority, arrival)`` (lower priority
+value first; arrival = the order requests were added, i.e. the sequence id), like vLLM's
+``scheduling_policy="priority"``; with every priority 0 this is first come first served.
 
-The step's batch lists the sequences with one new token first (decode tokens; they go
-through paged decode attention), then the multi-token chunks (prefill).
+1. Running sequences, in that order. Each gets all its uncomputed tokens up to the
+   remaining budget: 1 for a decoding sequence, a chunk for one still in (chunked)
+   prefill. When the pool has no block for it, the last running sequence (the lowest
+   priority, then the latest arrival; never one already scheduled in this step) is
+   preempted (blocks freed, back to the waiting queue, recomputed later; its generated
+   tokens are kept so its output does not change); if none is left, the sequence
+   preempts itself.
+2. Waiting sequences, in order, while budget and seats remain and no preemption
+   happened in this step. Each first takes its prefix-cache hits, then a prompt chunk as
+   large as the budget allows (chunked prefill); a new sequence is admitted only if a
+   small watermark of blocks stays free. Admission stops at the first sequence that does
+   not fit (no lower-priority request overtakes it).
+
+The step's batch lists the sequences whose one new token is their last known token
+first (decode tokens; they go through paged decode attention), then the chunks
+(prefill; a chunk may be a single prompt token when the budget leaves only one).
 """
 from __future__ import annotations
 
+from bisect import bisect_right
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -77,9 +85,29 @@ class Scheduler:
         self.num_preemptions = 0
 
     # ------------------------------------------------------------------ queues
+    @staticmethod
+    def order_key(seq: Sequence) -> tuple[int, int]:
+        """Queue order: (priority, arrival); lower first. Sequence ids follow arrival."""
+        return seq.params.priority, seq.seq_id
+
+    @staticmethod
+    def _insert(queue: "deque[Sequence] | list[Sequence]", seq: Sequence) -> None:
+        """Insert seq in queue (sorted by order_key); O(1) at either end."""
+        key = Scheduler.order_key
+        k = key(seq)
+        if not queue or k > key(queue[-1]):
+            queue.append(seq)
+        elif k < key(queue[0]):
+            if isinstance(queue, deque):
+                queue.appendleft(seq)
+            else:
+                queue.insert(0, seq)
+        else:
+            queue.insert(bisect_right(queue, k, key=key), seq)
+
     def add(self, seq: Sequence) -> None:
         seq.status = SequenceStatus.WAITING
-        self.waiting.append(seq)
+        self._insert(self.waiting, seq)
 
     @property
     def num_waiting(self) -> int:
@@ -97,7 +125,7 @@ class Scheduler:
         seq.status = SequenceStatus.WAITING
         seq.num_preemptions += 1
         self.num_preemptions += 1
-        self.waiting.appendleft(seq)
+        self._insert(self.waiting, seq)
 
     def finish(self, seq: Sequence, reason: str, stop_reason: str | int | None = None) -> None:
         """Mark seq finished and free its blocks (it leaves whichever queue holds it)."""
@@ -154,7 +182,8 @@ class Scheduler:
                 i += 1  # finishing in the step in flight (or nothing to compute)
                 continue
             while not bm.allocate(seq, n):
-                victim = running.pop()  # newest; not scheduled yet in this step
+                # Lowest priority, latest arrival; not scheduled yet in this step.
+                victim = running.pop()
                 self._preempt(victim)
                 preempted.append(victim)
                 if victim is seq:
@@ -184,7 +213,7 @@ class Scheduler:
                     seq.num_cached_tokens = seq.num_computed_tokens
                 self.waiting.popleft()
                 seq.status = SequenceStatus.RUNNING
-                running.append(seq)
+                self._insert(running, seq)
                 self._take(seq, n, decode, chunks)
                 budget -= n
 
@@ -196,7 +225,9 @@ class Scheduler:
     @staticmethod
     def _take(seq: Sequence, n: int, decode: list[Sequence],
               chunks: list[tuple[Sequence, int]]) -> None:
-        if n == 1:
+        # A decode row's input is its last token: one token in the middle of a prompt
+        # (the budget left only one) is a one-token prefill chunk.
+        if n == 1 and seq.num_computed_tokens + 1 == len(seq.token_ids) + seq.num_pending:
             decode.append(seq)
         else:
             chunks.append((seq, n))
