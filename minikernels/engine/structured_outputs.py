@@ -1,0 +1,260 @@
+"""Structured outputs: constraints compiled by xgrammar, per-sequence matchers, bitmasks.
+
+A request's ``SamplingParams.structured_outputs`` (vLLM's :class:`StructuredOutputsParams`:
+json schema, json_object, regex, choice or EBNF grammar) is compiled once per distinct
+constraint by :class:`StructuredOutputManager` on a worker thread (xgrammar's compiler;
+results cached by the constraint's canonical key), so a new schema never stalls the engine
+thread. Each constrained sequence owns a ``GrammarMatcher``: before sampling, the matcher
+fills its row of a packed int32 bitmask (1 bit per token, 1 = allowed) that
+``minikernels.ops.apply_token_bitmask`` applies to the logits; after sampling, the matcher
+accepts the token. A sequence whose grammar is complete and allows nothing more (only a
+stop token) is finished by the engine.
+
+Layouts: bitmask int32 [rows, ceil(vocab_size / 32)] (xgrammar's), vocab_size the model's
+(the lm_head may be wider than the tokenizer: extra ids are never allowed).
+"""
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+#: JSON-string control characters (U+0000..U+001F) must be escaped; grammar engines may
+#: let them through as raw bytes inside strings, which strict JSON parsers reject. Tokens
+#: holding them are masked inside JSON constraints (whitespace \t \n \r between tokens
+#: goes too: any_whitespace still allows spaces).
+_CONTROL_BYTES = frozenset(range(0x20))
+
+
+@dataclass
+class StructuredOutputsParams:
+    """One output constraint (vLLM's names). Exactly one of json, json_object, regex, choice,
+    grammar is set.
+
+    json: a JSON schema (dict or JSON text); json_object: any JSON object; regex: a regular
+    expression the whole output matches; choice: the output is exactly one of these strings;
+    grammar: an EBNF grammar (GBNF syntax, root rule ``root``). disable_any_whitespace:
+    compact JSON (no free whitespace between tokens).
+    """
+
+    json: dict[str, Any] | str | None = None
+    json_object: bool | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    disable_any_whitespace: bool = False
+
+    def __post_init__(self) -> None:
+        set_fields = [n for n in ("json", "json_object", "regex", "choice", "grammar")
+                      if getattr(self, n) not in (None, False)]
+        if len(set_fields) != 1:
+            raise ValueError("structured_outputs needs exactly one of json, json_object, "
+                             f"regex, choice, grammar; got {set_fields or 'none'}")
+        if self.json is not None and not isinstance(self.json, (dict, str)):
+            raise TypeError(f"structured_outputs.json must be a dict or JSON text, got "
+                            f"{type(self.json).__name__}")
+        if isinstance(self.json, str):
+            try:
+                json.loads(self.json)
+            except ValueError as exc:
+                raise ValueError(f"structured_outputs.json is not valid JSON: {exc}") from None
+        if self.choice is not None:
+            if (not isinstance(self.choice, list) or not self.choice
+                    or not all(isinstance(c, str) and c for c in self.choice)):
+                raise ValueError("structured_outputs.choice must be a non-empty list of "
+                                 "non-empty strings")
+        for name in ("regex", "grammar"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value):
+                raise ValueError(f"structured_outputs.{name} must be a non-empty string")
+
+    @property
+    def kind(self) -> str:
+        for name in ("json", "json_object", "regex", "choice", "grammar"):
+            if getattr(self, name) not in (None, False):
+                return name
+        raise AssertionError("validated in __post_init__")
+
+    def key(self) -> tuple[str, str, bool]:
+        """Canonical cache key: equal constraints share one compiled grammar."""
+        kind = self.kind
+        if kind == "json":
+            spec = (self.json if isinstance(self.json, str)
+                    else json.dumps(self.json, sort_keys=True, separators=(",", ":")))
+            spec = json.dumps(json.loads(spec), sort_keys=True, separators=(",", ":"))
+        elif kind == "choice":
+            spec = json.dumps(self.choice)
+        elif kind == "json_object":
+            spec = ""
+        else:
+            spec = getattr(self, kind)
+        return kind, spec, bool(self.disable_any_whitespace)
+
+
+def _choice_regex(choices: Sequence[str]) -> str:
+    """A regex matching exactly one of the strings (each escaped)."""
+    import re
+
+    return "(" + "|".join(re.escape(c) for c in choices) + ")"
+
+
+@dataclass
+class CompiledConstraint:
+    """A compiled grammar plus what the matcher needs to start."""
+
+    grammar: Any                     # xgrammar.CompiledGrammar
+    mask_control_chars: bool         # JSON: never emit raw control characters
+
+
+class StructuredOutputManager:
+    """Compiles constraints off the engine thread (cached) and builds matchers.
+
+    tokenizer: the engine's tokenizer (an HF tokenizer wrapper with ``.tokenizer``, or the
+    built-in byte tokenizer); vocab_size: the model's logits width; eos_token_ids: stop ids.
+    """
+
+    def __init__(self, tokenizer: Any, vocab_size: int, eos_token_ids: Sequence[int]) -> None:
+        try:
+            import xgrammar as xgr
+        except ImportError as exc:  # pragma: no cover - a declared dependency
+            raise ImportError("structured outputs need xgrammar: pip install xgrammar") \
+                from exc
+        self._xgr = xgr
+        self.vocab_size = int(vocab_size)
+        self.info = _tokenizer_info(xgr, tokenizer, self.vocab_size, list(eos_token_ids))
+        self.compiler = xgr.GrammarCompiler(self.info, max_threads=2)
+        self._executor = ThreadPoolExecutor(max_workers=1,
+                                            thread_name_prefix="minikernels-grammar")
+        self._lock = threading.Lock()
+        self._cache: dict[tuple[str, str, bool], Future[CompiledConstraint]] = {}
+        self.words = (self.vocab_size + 31) // 32
+        self._packed_rows: dict[str, torch.Tensor] = {}
+
+    # ---------------------------------------------------------------- compilation
+    def submit(self, params: StructuredOutputsParams) -> Future[CompiledConstraint]:
+        """The compiled constraint, compiling it on the worker thread when not cached."""
+        key = params.key()
+        with self._lock:
+            fut = self._cache.get(key)
+            if fut is None or (fut.done() and fut.exception() is not None):
+                fut = self._executor.submit(self._compile, params)
+                self._cache[key] = fut
+            return fut
+
+    def compile(self, params: StructuredOutputsParams) -> CompiledConstraint:
+        """Blocking compile (cached); raises ValueError for an unsupported constraint."""
+        return self.submit(params).result()
+
+    def _compile(self, params: StructuredOutputsParams) -> CompiledConstraint:
+        c, kind = self.compiler, params.kind
+        compact = params.disable_any_whitespace
+        try:
+            if kind == "json":
+                schema = params.json if isinstance(params.json, str) else json.dumps(params.json)
+                grammar = c.compile_json_schema(schema, any_whitespace=not compact,
+                                                strict_mode=True)
+            elif kind == "json_object":
+                grammar = c.compile_json_schema('{"type": "object"}',
+                                                any_whitespace=not compact, strict_mode=False)
+            elif kind == "regex":
+                grammar = c.compile_regex(params.regex)
+            elif kind == "choice":
+                grammar = c.compile_regex(_choice_regex(params.choice or []))
+            else:
+                grammar = c.compile_grammar(params.grammar)
+        except Exception as exc:  # noqa: BLE001 - xgrammar raises RuntimeError / its own
+            raise ValueError(f"structured_outputs.{kind} is not supported: "
+                             f"{str(exc).strip().splitlines()[0][:300]}") from None
+        return CompiledConstraint(grammar, mask_control_chars=kind in ("json", "json_object"))
+
+    def shutdown(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    # ------------------------------------------------------------------- matching
+    def new_matcher(self, compiled: CompiledConstraint) -> "SequenceGrammar":
+        matcher = self._xgr.GrammarMatcher(compiled.grammar)
+        return SequenceGrammar(matcher, compiled.mask_control_chars)
+
+    def allocate_bitmask(self, rows: int) -> torch.Tensor:
+        """Host int32 bitmask [rows, ceil(vocab / 32)], all tokens allowed."""
+        return torch.full((rows, self.words), -1, dtype=torch.int32)
+
+    def fill_bitmask(self, grammars: Sequence["SequenceGrammar"],
+                     bitmask: torch.Tensor) -> torch.Tensor:
+        """Row i of ``bitmask`` <- the tokens grammars[i] allows next (host tensors).
+
+        Returns bool [len(grammars)]: rows whose grammar allows nothing but a stop token
+        (complete, nothing can follow: the engine finishes them without sampling).
+        """
+        for i, g in enumerate(grammars):
+            g.matcher.fill_next_token_bitmask(bitmask, i)
+        rows = bitmask[:len(grammars)]
+        json_rows = [i for i, g in enumerate(grammars) if g.mask_control_chars]
+        if json_rows:
+            rows[json_rows] &= self._packed(self._control_free)
+        return ((rows & ~self._packed(self._stop_ids)) == 0).all(dim=1)
+
+    def _packed(self, which: Any) -> torch.Tensor:
+        """Packed row for a token set (cached): see _control_free / _stop_ids."""
+        cached = self._packed_rows.get(which.__name__)
+        if cached is None:
+            allowed = torch.zeros(self.words * 32, dtype=torch.bool)
+            allowed[which()] = True
+            bits = allowed.view(self.words, 32).to(torch.int64)
+            packed = (bits << torch.arange(32, dtype=torch.int64)).sum(-1)
+            cached = torch.where(packed >= 2**31, packed - 2**32, packed).to(torch.int32)
+            self._packed_rows[which.__name__] = cached
+        return cached
+
+    def _control_free(self) -> list[int]:
+        """Token ids whose bytes hold no raw control character."""
+        vocab = self.info.decoded_vocab
+        return [t for t in range(self.vocab_size)
+                if t >= len(vocab) or not any(b in _CONTROL_BYTES for b in vocab[t])]
+
+    def _stop_ids(self) -> list[int]:
+        return [t for t in self.info.stop_token_ids if t < self.vocab_size]
+
+
+@dataclass
+class SequenceGrammar:
+    """One sequence's matcher state (lives on the Sequence, so it survives preemption)."""
+
+    matcher: Any                     # xgrammar.GrammarMatcher
+    mask_control_chars: bool
+
+    def accept(self, token: int) -> bool:
+        """Advance by a sampled token; False when the grammar refuses it."""
+        return bool(self.matcher.accept_token(int(token)))
+
+    @property
+    def terminated(self) -> bool:
+        """The grammar accepted a stop token: nothing may follow."""
+        return bool(self.matcher.is_terminated())
+
+
+def _tokenizer_info(xgr: Any, tokenizer: Any, vocab_size: int, eos: list[int]) -> Any:
+    """xgrammar's TokenizerInfo for an HF tokenizer wrapper or the built-in byte tokenizer."""
+    hf = getattr(tokenizer, "tokenizer", None)
+    if hf is not None:
+        return xgr.TokenizerInfo.from_huggingface(hf, vocab_size=vocab_size,
+                                                  stop_token_ids=eos or None)
+    if tokenizer is not None and type(tokenizer).__name__ == "ByteTokenizer":
+        specials = set(tokenizer.SPECIALS.values())
+        vocab: list[bytes] = []
+        for i in range(vocab_size):
+            if i < 256:
+                vocab.append(bytes([i]))
+            elif i in specials:
+                vocab.append(b"")          # special: only as a stop token
+            else:
+                vocab.append(f"<{i}>".encode())
+        return xgr.TokenizerInfo(vocab, xgr.VocabType.RAW, vocab_size=vocab_size,
+                                 stop_token_ids=eos or None)
+    raise ValueError("structured outputs need the model's tokenizer (got "
+                     f"{type(tokenizer).__name__})")
