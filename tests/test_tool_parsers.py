@@ -1,0 +1,73 @@
+"""Tool-call parsers (Hermes / Qwen2.5 tags, Llama 3.x JSON): whole-output parsing, and
+streaming in every split of the text gives the same calls and content."""
+from __future__ import annotations
+
+import json
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from minikernels.server.tool_parsers import get_parser
+
+HERMES = ('Let me check.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", '
+          '"unit": "c"}}\n</tool_call>\n<tool_call>{"name": "time", "arguments": {}}'
+          '</tool_call>')
+LLAMA = ('<|python_tag|>{"name": "get_weather", "parameters": {"city": "Paris"}}; '
+         '{"name": "time", "parameters": {}}')
+
+
+def _calls(calls):
+    return [(c.name, json.loads(c.arguments)) for c in calls]
+
+
+def test_hermes_whole():
+    content, calls = get_parser("hermes").parse(HERMES)
+    assert content == "Let me check."
+    assert _calls(calls) == [("get_weather", {"city": "Paris", "unit": "c"}), ("time", {})]
+    assert all(c.id.startswith("call_") for c in calls) and calls[0].id != calls[1].id
+    assert calls[0].to_openai()["type"] == "function"
+    # no call, broken JSON, unterminated tag: all content, nothing dropped
+    assert get_parser("hermes").parse("plain answer") == ("plain answer", [])
+    broken = "x <tool_call>{not json}</tool_call> y"
+    assert get_parser("hermes").parse(broken) == (broken, [])
+    open_tag = "a <tool_call>{\"name\": \"f\""
+    assert get_parser("hermes").parse(open_tag) == (open_tag, [])
+
+
+def test_llama3_whole():
+    content, calls = get_parser("llama3_json").parse(LLAMA)
+    assert content is None
+    assert _calls(calls) == [("get_weather", {"city": "Paris"}), ("time", {})]
+    assert get_parser("llama3_json").parse("The answer is 4.") == ("The answer is 4.", [])
+    assert get_parser("llama3_json").parse('{"not": "a call"}') == ('{"not": "a call"}', [])
+    _, args_text = get_parser("llama3_json").parse(
+        '{"name": "f", "parameters": "{\\"a\\": 1}"}')
+    assert _calls(args_text) == [("f", {"a": 1})]
+
+
+@settings(max_examples=40, deadline=None)
+@given(data=st.data())
+@pytest.mark.parametrize("name,text", [("hermes", HERMES), ("llama3_json", LLAMA),
+                                       ("hermes", "no <tool_ call here> <tool"),
+                                       ("llama3_json", "plain text {not json")])
+def test_streaming_equals_whole(name, text, data):
+    cuts = sorted(data.draw(st.lists(st.integers(0, len(text)), max_size=12)))
+    pieces = [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)])]
+    parser = get_parser(name)
+    content, calls = "", []
+    for i, piece in enumerate(pieces):
+        c, done = parser.stream(piece, final=i == len(pieces) - 1)
+        content += c
+        calls += done
+    whole_content, whole_calls = get_parser(name).parse(text)
+    assert _calls(calls) == _calls(whole_calls)
+    if whole_calls:
+        assert content.strip() == (whole_content or "")
+    else:
+        assert content == text
+
+
+def test_unknown_parser():
+    with pytest.raises(ValueError, match="unknown tool call parser 'x'"):
+        get_parser("x")
