@@ -152,8 +152,9 @@ def test_wrong_json_types_are_refused_not_coerced(server, field, value):
 
 
 @pytest.mark.parametrize("body,param", [
-    ({"priority": 1}, "priority"),
-    ({"cache_salt": "abc"}, "cache_salt"),
+    ({"priority": 2 ** 63}, "priority"),
+    ({"priority": 1.5}, "priority"),
+    ({"cache_salt": ""}, "cache_salt"),
     ({"tool_choice": "auto"}, "tool_choice"),
     ({"functions": [{"name": "f"}]}, "functions"),
     ({"function_call": "auto"}, "function_call"),
@@ -181,7 +182,7 @@ def test_unsupported_chat_parameters_refused_by_name(server, body, param):
 
 
 @pytest.mark.parametrize("body,param", [
-    ({"suffix": "x"}, "suffix"), ({"echo": True, "logprobs": 1}, "echo"),
+    ({"suffix": "x"}, "suffix"),
     ({"truncate_prompt_tokens": 0}, "truncate_prompt_tokens"),
     ({"truncate_prompt_tokens": 100000}, "truncate_prompt_tokens"),
     ({"stream_options": {"include_usage": True, "continuous": 1}, "stream": True},
@@ -210,6 +211,50 @@ def test_vllm_parameters_reach_the_engine(server, engine):
         "chat_template_kwargs": {"enable_thinking": False}})
     assert r.status_code == 200, r.text
     assert engine.tokenizer.template_kwargs[-1] == {"enable_thinking": False}
+
+
+def test_priority_cache_salt_and_prompt_logprobs_reach_the_engine(server, engine):
+    from minikernels.engine.sampling_params import RequestOutputKind
+    from minikernels.server.auth import key_id
+
+    salts = {}
+    for key in (API_KEY, "second-key"):
+        for client_salt in (None, "s1"):
+            body = {"model": MODEL, "prompt": "abcdefgh", "max_tokens": 2, "priority": -3}
+            if client_salt is not None:
+                body["cache_salt"] = client_salt
+            r = post(server, "/v1/completions", body,
+                     headers={"Authorization": f"Bearer {key}"})
+            assert r.status_code == 200, r.text
+            p = engine.seen_params[r.json()["id"] + "-0"]
+            assert p.priority == -3 and p.prompt_logprobs is None
+            salts[key, client_salt] = p.cache_salt
+    # Two keys: each key's prefix cache is salted apart; a client salt salts further.
+    assert len(set(salts.values())) == 4 and None not in salts.values()
+    assert key_id(API_KEY) in salts[API_KEY, None]
+    # echo + logprobs asks the engine for prompt logprobs (taken from the final output)
+    r = post(server, "/v1/completions", {"model": MODEL, "prompt": "abc", "max_tokens": 2,
+                                         "echo": True, "logprobs": 2})
+    assert r.status_code == 200, r.text
+    p = engine.seen_params[r.json()["id"] + "-0"]
+    assert p.prompt_logprobs == 2 and p.output_kind is RequestOutputKind.FINAL_ONLY
+    lp = r.json()["choices"][0]["logprobs"]
+    assert lp["tokens"][:3] == ["a", "b", "c"] and lp["token_logprobs"][0] is None
+    assert lp["text_offset"] == [0, 1, 2, 3, 4] and r.json()["choices"][0]["text"] == "abcab"
+
+
+def test_one_key_no_salt_unless_the_client_sends_one():
+    eng = FakeEngine()
+    app = create_app(eng, api_key=API_KEY, served_model_name=MODEL)
+    with LiveServer(app) as srv:
+        ids = []
+        for body in ({}, {"cache_salt": "mine"}):
+            r = post(srv, "/v1/completions", {"model": MODEL, "prompt": "x",
+                                              "max_tokens": 1, **body})
+            assert r.status_code == 200, r.text
+            ids.append(r.json()["id"] + "-0")
+    assert eng.seen_params[ids[0]].cache_salt is None
+    assert "mine" in eng.seen_params[ids[1]].cache_salt
 
 
 def test_chat_echo_prefixes_the_last_assistant_message(server):

@@ -85,6 +85,8 @@ class LaunchedStep:
     tensors (started, maybe not finished), ``event`` completes when they are.
     needs_host_tokens: a sampled sequence needs its new token on the host before it can
     be scheduled again (penalties read the output tokens), so the next step waits.
+    prompt_lp: (sequence, first prompt position, count, top-k) per prompt-logprob slice,
+    in the row order of ``prompt_lp_host`` (chosen, ranks, top_lp, top_ids copies).
     """
 
     batch: ScheduledBatch
@@ -93,6 +95,8 @@ class LaunchedStep:
     host: list[Tensor | None]
     event: Any
     needs_host_tokens: bool
+    prompt_lp: list[tuple[Sequence, int, int, int]] | None = None
+    prompt_lp_host: list[Tensor | None] | None = None
 
     def result(self) -> SamplerOutput:
         """Wait for the device, then the sampled tokens (and logprobs) as lists."""
@@ -329,8 +333,16 @@ class LLMEngine:
             if self._in_flight is not None and self._in_flight.sample is not None else None
         inputs = runner.prepare(batch, bm.table, bm.row_blocks)
         seqs = [batch.seqs[r] for r in inputs.sample_rows]
+        plp = plp_dev = None
         try:
             logits = runner.forward(inputs, prev)
+            if inputs.prompt_lp is not None:
+                ns = len(seqs)
+                plp = [(batch.seqs[i], first, count, batch.seqs[i].params.prompt_logprobs)
+                       for i, first, count in inputs.prompt_lp]
+                plp_dev = self.sampler.prompt_logprobs(
+                    logits[ns:], inputs.prompt_lp_targets, max(e[3] for e in plp))
+                logits = logits[:ns]
             sample = self.sampler.sample(logits, seqs, self._eos_list) if seqs else None
         except BaseException:
             # schedule() offered this step's full blocks to the prefix cache before the
@@ -346,14 +358,22 @@ class LLMEngine:
         if sample is not None:
             host = runner.to_host_async([sample.tokens, sample.chosen, sample.ranks,
                                          sample.top_lp, sample.top_ids])
+        plp_host = None
+        if plp is not None:
+            plp_host = runner.to_host_async(list(plp_dev))
+            for seq, first, count, _ in plp:      # a recompute does not repeat them
+                seq.prompt_lp_next = first + count
         self.computed_tokens_total += batch.num_tokens
         self.num_steps += 1
         needs = any(p.uses_penalties for p in {id(s.params): s.params for s in seqs}.values())
-        return LaunchedStep(batch, seqs, sample, host, runner.completion_event(), needs)
+        return LaunchedStep(batch, seqs, sample, host, runner.completion_event(), needs,
+                            plp, plp_host)
 
     def _finish(self, step: LaunchedStep) -> list[Request]:
         """Read back a launched step's tokens; append them, check stops, free finished."""
         out = step.result()
+        if step.prompt_lp is not None:
+            self._record_prompt_logprobs(step)
         now = time.perf_counter()
         touched: dict[str, Request] = {}
         tokens, logprobs = out.token_ids, out.logprobs
@@ -391,6 +411,39 @@ class LLMEngine:
                 req.finish_time = now
                 requests.pop(req.request_id, None)
         return list(touched.values())
+
+    def _record_prompt_logprobs(self, step: LaunchedStep) -> None:
+        """Append a finished step's prompt-token logprobs to their requests (in order:
+        a prompt's chunks are launched, and finished, one step after another)."""
+        chosen, ranks, top_lp, top_ids = (t.tolist() if t is not None else None
+                                          for t in step.prompt_lp_host)
+        tok = self.tokenizer
+        texts: dict[int, str | None] = {}
+
+        def text(t: int) -> str | None:
+            if tok is None:
+                return None
+            s = texts.get(t)
+            if s is None:
+                s = texts[t] = tok.decode([t], skip_special_tokens=False)
+            return s
+
+        row = 0
+        for seq, first, count, k in step.prompt_lp:
+            lps = seq.request.prompt_logprobs
+            if seq.is_finished or lps is None or len(lps) != first + 1:
+                row += count      # aborted meanwhile (or already recorded): dropped
+                continue
+            prompt = seq.token_ids
+            for j in range(row, row + count):
+                token = prompt[first + 1 + j - row]
+                entry = {token: Logprob(chosen[j], ranks[j], text(token))}
+                if k:
+                    for r, (t, v) in enumerate(zip(top_ids[j][:k], top_lp[j][:k]), start=1):
+                        if t not in entry:
+                            entry[t] = Logprob(v, r, text(t))
+                lps.append(entry)
+            row += count
 
     def _record_logprobs(self, seq: Sequence, token: int,
                          lp: tuple[float, int, list[int], list[float]] | None) -> None:

@@ -69,6 +69,10 @@ class StepInputs:
     belongs to (sequences that reach their last token this step).
     pending_dst / pending_src: input tokens still on the device (async scheduling):
     ``input_ids[pending_dst] = previous step's sampled tokens[pending_src]`` (None: none).
+    prompt_lp: prompt-logprob rows, after the sampling rows in the logits: per entry
+    (index into batch.seqs, first position, count): the logits at positions
+    ``[first, first + count)`` of that prompt, whose next tokens (``prompt_lp_targets``,
+    in the same order) are prompt tokens.
     """
 
     input_ids: Tensor
@@ -77,6 +81,8 @@ class StepInputs:
     decode_only: bool
     pending_dst: Tensor | None = None
     pending_src: Tensor | None = None
+    prompt_lp: list[tuple[int, int, int]] | None = None
+    prompt_lp_targets: Tensor | None = None
 
 
 def _tables_from_lists(seqs: list["Sequence"]) -> tuple[np.ndarray, np.ndarray, list[int]]:
@@ -101,6 +107,9 @@ def build_step_inputs(batch: ScheduledBatch, block_size: int, num_blocks: int,
     list comprehension per field, numpy for slots and block tables), so their cost per
     row is a few attribute reads. table / row_blocks: the block manager's block-table
     mirror (row ``seq.block_row``); None builds one from the sequences' lists.
+    A sequence asking for prompt logprobs (``Sequence.wants_prompt_logprobs``) adds the
+    logits rows of its chunk's prompt positions not launched before
+    (``seq.prompt_lp_next``) after the sampling rows (``StepInputs.prompt_lp``).
     Raises RuntimeError if a block table does not cover its tokens or holds an id
     outside the pool (an engine bug, caught on the host before the device sees it).
     """
@@ -140,6 +149,9 @@ def build_step_inputs(batch: ScheduledBatch, block_size: int, num_blocks: int,
     t = nd
     pend_flat: list[int] = []
     pend_flat_src: list[int] = []
+    plp: list[tuple[int, int, int]] = []
+    plp_idx: list[int] = []
+    plp_targets: list[int] = []
     if len(seqs) > nd:
         ids = list(ids)
     for i in range(nd, len(seqs)):
@@ -149,6 +161,13 @@ def build_step_inputs(batch: ScheduledBatch, block_size: int, num_blocks: int,
         known = len(seq.token_ids)
         if n < 1 or end > known + seq.num_pending:
             raise RuntimeError(f"{seq}: {n} new tokens after {c} computed exceed its tokens")
+        if seq.index == 0 and seq.params.prompt_logprobs is not None:
+            # Logits at prompt positions [lo, hi) score prompt tokens lo+1 .. hi.
+            lo, hi = max(c, seq.prompt_lp_next), min(end, seq.num_prompt_tokens - 1)
+            if hi > lo:
+                plp.append((i, lo, hi - lo))
+                plp_idx.extend(range(t + lo - c, t + hi - c))
+                plp_targets.extend(seq.token_ids[lo + 1:hi + 1])
         ids.extend(seq.token_ids[c:min(end, known)])
         if end > known:      # its last token is still on the device
             ids.append(0)
@@ -189,8 +208,10 @@ def build_step_inputs(batch: ScheduledBatch, block_size: int, num_blocks: int,
         pend_src = np.concatenate([pend_src, np.array(pend_flat_src, dtype=np.int64)])
     pos_all = np.concatenate(parts_pos) if len(parts_pos) > 1 else parts_pos[0]
     slots_all = np.concatenate(parts_slots) if len(parts_slots) > 1 else parts_slots[0]
+    if plp:
+        logits_idx = logits_idx + plp_idx
     parts = [ids, pos_all, slots_all, logits_idx, ends[:nd], cu_q if num_prefill else [],
-             cu_k if num_prefill else [], pend_dst, pend_src]
+             cu_k if num_prefill else [], pend_dst, pend_src, plp_targets]
     sizes = [len(p) for p in parts] + [tab.size]
     host = np.empty(sum(sizes), dtype=np.int64)
     o = 0
@@ -200,7 +221,7 @@ def build_step_inputs(batch: ScheduledBatch, block_size: int, num_blocks: int,
     host[o:] = tab.reshape(-1)
     flat_host = torch.from_numpy(host)
     flat = upload(flat_host) if upload is not None else flat_host.to(device)
-    ids_t, pos_t, slots_t, lidx_t, lens_t, cuq_t, cuk_t, pdst_t, psrc_t, tab_t = \
+    ids_t, pos_t, slots_t, lidx_t, lens_t, cuq_t, cuk_t, pdst_t, psrc_t, plpt_t, tab_t = \
         torch.split(flat, sizes)
     tab_t = tab_t.to(torch.int32).reshape(len(seqs), width)
     meta = AttentionMetadata(
@@ -215,7 +236,8 @@ def build_step_inputs(batch: ScheduledBatch, block_size: int, num_blocks: int,
     return StepInputs(input_ids=ids_t, meta=meta, sample_rows=sample_rows,
                       decode_only=(nd == len(seqs)),
                       pending_dst=pdst_t if len(pend_dst) else None,
-                      pending_src=psrc_t if len(pend_dst) else None)
+                      pending_src=psrc_t if len(pend_dst) else None,
+                      prompt_lp=plp or None, prompt_lp_targets=plpt_t if plp else None)
 
 
 class _PinnedUploader:

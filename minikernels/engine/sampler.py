@@ -214,6 +214,24 @@ class Sampler:
             out.top_lp, out.top_ids = torch.topk(raw_logprobs, n_top, dim=1)
         return out
 
+    def prompt_logprobs(self, logits: Tensor, targets: Tensor,
+                        k: int) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+        """Logprobs of prompt tokens from the raw logits of the positions before them.
+
+        logits [N, >=V] fp32 (row j: the position before ``targets[j]``); k: top
+        alternatives wanted (the largest of the rows' ``prompt_logprobs``). Returns
+        (chosen [N]: log p(target), ranks [N] (1 = most likely), top_lp [N, k],
+        top_ids [N, k]; None when k is 0), all on the device (no sync).
+        """
+        lp = torch.log_softmax(logits[:, :self.vocab_size].float(), dim=1)
+        chosen = lp.gather(1, targets[:, None])
+        ranks = (lp > chosen).sum(dim=1) + 1
+        k = min(k, lp.shape[1])
+        top_lp = top_ids = None
+        if k > 0:
+            top_lp, top_ids = torch.topk(lp, k, dim=1)
+        return chosen[:, 0], ranks, top_lp, top_ids
+
     def _apply_min_tokens(self, logits: Tensor, seqs: list["Sequence"],
                           eos_token_ids: list[int]) -> Tensor:
         """Mask EOS / stop ids of rows with fewer than min_tokens outputs (counting a

@@ -52,7 +52,8 @@ class Sequence:
                  "block_table", "block_row", "block_hashes", "num_registered_blocks",
                  "num_cached_tokens", "status", "generator", "finish_reason", "stop_reason",
                  "cumulative_logprob", "logprobs", "num_preemptions", "detokenizer",
-                 "_final_text", "stop_hold", "unsent_text", "num_emitted_tokens")
+                 "_final_text", "stop_hold", "unsent_text", "num_emitted_tokens",
+                 "prompt_lp_next")
 
     def __init__(self, seq_id: int, request: "Request", index: int,
                  generator: "torch.Generator | None" = None,
@@ -91,6 +92,14 @@ class Sequence:
         self.stop_hold = 0         # chars held back while they could start a stop string
         self.unsent_text = ""      # text not yet handed out by take_delta
         self.num_emitted_tokens = 0
+        # Prompt logprobs (sample 0 of a request asking for them): positions below this
+        # one had their logits rows launched (a recompute after preemption skips them).
+        self.prompt_lp_next = 0
+
+    @property
+    def wants_prompt_logprobs(self) -> bool:
+        """Whether this sequence computes its request's prompt logprobs (sample 0 only)."""
+        return self.index == 0 and self.params.prompt_logprobs is not None
 
     def start_detokenizer(self, tokenizer: Any, stop_hold: int = 0) -> None:
         """Decode incrementally from now on (streaming or stop strings)."""
@@ -186,7 +195,8 @@ class Request:
     """A submitted prompt with its SamplingParams and its ``n`` Sequences."""
 
     __slots__ = ("request_id", "prompt", "prompt_token_ids", "params", "tokenizer", "seqs",
-                 "arrival_time", "first_token_time", "finish_time", "num_finished")
+                 "arrival_time", "first_token_time", "finish_time", "num_finished",
+                 "prompt_logprobs")
 
     def __init__(self, request_id: str, prompt: str | None, prompt_token_ids: list[int],
                  params: SamplingParams, tokenizer: Any = None,
@@ -201,6 +211,11 @@ class Request:
         self.first_token_time: float | None = None
         self.finish_time: float | None = None
         self.num_finished = 0
+        # vLLM's shape: None for the first prompt token, then {token_id: Logprob} (the
+        # prompt token and the top alternatives) per prompt token, filled as the prompt's
+        # chunks are computed; None unless params.prompt_logprobs is set.
+        self.prompt_logprobs: list[dict[int, Logprob] | None] | None = (
+            [None] if params.prompt_logprobs is not None else None)
 
     @property
     def finished(self) -> bool:
@@ -229,7 +244,12 @@ class Request:
                 logprobs=list(s.logprobs) if s.logprobs is not None else None,
                 finish_reason=s.finish_reason, stop_reason=s.stop_reason,
                 delta_text=text, delta_token_ids=ids))
-        return RequestOutput(request_id=self.request_id, prompt=self.prompt,
-                             prompt_token_ids=list(self.prompt_token_ids), outputs=outs,
-                             finished=self.finished, metrics=self.metrics,
-                             num_cached_tokens=self.num_cached_tokens)
+        out = RequestOutput(request_id=self.request_id, prompt=self.prompt,
+                            prompt_token_ids=list(self.prompt_token_ids), outputs=outs,
+                            finished=self.finished, metrics=self.metrics,
+                            num_cached_tokens=self.num_cached_tokens)
+        # vLLM's RequestOutput.prompt_logprobs (set as an attribute: outputs.py declares
+        # the field once AsyncLLM's streaming outputs carry it too).
+        out.prompt_logprobs = (list(self.prompt_logprobs)
+                               if self.prompt_logprobs is not None else None)
+        return out

@@ -148,3 +148,48 @@ def chat_logprobs(tt: TokenText, out: Any, start: int, end: int, k: int) -> dict
                              for t, t_text, t_lp in top] if k > 0 else [],
         })
     return {"content": content}
+
+
+def prompt_completion_logprobs(tt: TokenText, prompt_ids: list[int],
+                               prompt_logprobs: Optional[list], k: int) -> dict:
+    """Completions' ``logprobs`` object for the echoed prompt tokens (``echo`` + ``logprobs``).
+
+    ``prompt_logprobs`` is the engine's (vLLM's shape): None for the first prompt token,
+    then ``{token_id: Logprob}`` holding the prompt token and the top alternatives. The
+    first token has ``null`` logprob and top logprobs (nothing precedes it), as in
+    OpenAI's legacy completions and vLLM; ``text_offset`` counts from the prompt start.
+    """
+    tokens: list[str] = []
+    lps: list[Optional[float]] = []
+    tops: list[Optional[dict]] = []
+    offsets: list[int] = []
+    entries = prompt_logprobs or []
+    pos = 0
+    for i, tid in enumerate(prompt_ids):
+        text = tt.text(int(tid))
+        tokens.append(text)
+        offsets.append(pos)
+        pos += len(text)
+        entry = entries[i] if i < len(entries) else None
+        if not isinstance(entry, dict):
+            lps.append(None)
+            tops.append(None)
+            continue
+        items = []
+        for key, v in entry.items():
+            t_text = getattr(v, "decoded_token", None)
+            items.append((int(key), float(getattr(v, "logprob", v)),
+                          t_text if t_text is not None else tt.text(int(key))))
+        by_id = {t: lp for t, lp, _ in items}
+        lp = by_id.get(int(tid), -math.inf)
+        lps.append(finite(lp))
+        top = sorted(items, key=lambda x: -x[1])[:k] if k > 0 else [(int(tid), lp, text)]
+        tops.append({t_text: finite(t_lp) for _, t_lp, t_text in top})
+    return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops,
+            "text_offset": offsets}
+
+
+def join_completion_logprobs(first: dict, second: dict) -> dict:
+    """Two completions ``logprobs`` objects, one after the other (prompt, then output)."""
+    return {key: list(first[key]) + list(second[key])
+            for key in ("tokens", "token_logprobs", "top_logprobs", "text_offset")}

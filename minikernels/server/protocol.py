@@ -11,9 +11,10 @@ Field names and ranges follow OpenAI's API; vLLM's extra fields are accepted whe
 server or engine honours them (``top_k``, ``min_p``, ``repetition_penalty``,
 ``ignore_eos``, ``stop_token_ids``, ``min_tokens``, ``include_stop_str_in_output``,
 ``skip_special_tokens``, ``truncate_prompt_tokens``, ``chat_template_kwargs``,
-``add_generation_prompt``, chat ``echo``), and refused with a 400 where the engine has no
-support yet (``priority`` other than 0, ``cache_salt`` on engines without salted prefix
-caching, completions ``echo`` with ``logprobs``).
+``add_generation_prompt``, chat ``echo``, ``priority``, ``cache_salt``; completions
+``echo`` with ``logprobs`` returns the prompt tokens' logprobs), and refused with a 400
+where the engine has no support (``cache_salt`` on an engine without salted prefix
+caching).
 """
 from __future__ import annotations
 
@@ -104,7 +105,7 @@ class _SamplingFields(_Strict):
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
     truncate_prompt_tokens: Optional[int] = Field(None, ge=-1)
-    priority: int = 0
+    priority: int = Field(0, ge=-(2 ** 63), lt=2 ** 63)   # lower runs first (vLLM's)
     cache_salt: Optional[str] = Field(None, min_length=1, max_length=1024)
 
     @field_validator("stop")
@@ -140,9 +141,6 @@ class _SamplingFields(_Strict):
                            param="stream_options")
         if self.logit_bias:
             raise unsupported("logit_bias")
-        if self.priority != 0:
-            raise unsupported("priority", "priority scheduling is not supported by this "
-                              "server's engine yet (priority must be 0)")
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
             raise APIError(f"min_tokens ({self.min_tokens}) must be <= max_tokens "
                            f"({self.max_tokens})", param="min_tokens", code="invalid_value")
@@ -165,9 +163,6 @@ class CompletionRequest(_SamplingFields):
             raise unsupported("suffix")
         if self.best_of is not None and self.best_of != self.n:
             raise unsupported("best_of", "best_of != n is not supported")
-        if self.echo and self.logprobs is not None:
-            raise unsupported("echo", "echo together with logprobs (prompt logprobs) is not "
-                              "supported by this server's engine yet")
 
     def prompts(self) -> list[Union[str, list[int]]]:
         """The prompt field as a list of prompts (strings or token-id lists)."""

@@ -18,9 +18,11 @@ from pydantic import ValidationError
 from starlette.requests import ClientDisconnect
 
 from ..engine import SamplingParams
+from ..engine.sampling_params import RequestOutputKind
 from .errors import APIError, JSONBody, engine_error_to_api, unsupported
 from .jsonbody import parse_json_object
-from .logprobs import chat_logprobs, completion_logprobs
+from .logprobs import (chat_logprobs, completion_logprobs, join_completion_logprobs,
+                       prompt_completion_logprobs)
 from .metrics import CONTENT_TYPE
 from .protocol import ChatCompletionRequest, CompletionRequest, validation_to_api_error
 from .streaming import (Choice, ClientGone, EngineRequest, Group, SSEResponse, stream_events,
@@ -69,13 +71,23 @@ def register_routes(app: FastAPI, state: "ServerState") -> None:
         return req, kid
 
     def make_params(req: Any, max_tokens: int, logprobs: Optional[int],
-                    kid: Optional[str]) -> SamplingParams:
+                    kid: Optional[str], prompt_logprobs: Optional[int] = None) -> SamplingParams:
         """SamplingParams for one prompt; the engine samples ``n`` choices of it, choice
-        ``i`` seeded with ``seed + i``."""
+        ``i`` seeded with ``seed + i``.
+
+        prompt_logprobs (completions ``echo`` + ``logprobs``): the engine also scores the
+        prompt tokens; the output is taken when the request finishes (FINAL_ONLY: the
+        snapshot that carries ``RequestOutput.prompt_logprobs``).
+        """
         kwargs: dict[str, Any] = dict(
             max_tokens=max_tokens, n=req.n, ignore_eos=req.ignore_eos,
             min_tokens=req.min_tokens, skip_special_tokens=req.skip_special_tokens,
             include_stop_str_in_output=req.include_stop_str_in_output)
+        if req.priority:
+            kwargs["priority"] = req.priority
+        if prompt_logprobs is not None:
+            kwargs["prompt_logprobs"] = prompt_logprobs
+            kwargs["output_kind"] = RequestOutputKind.FINAL_ONLY
         for name in ("temperature", "top_p", "top_k", "min_p", "seed", "presence_penalty",
                      "frequency_penalty", "repetition_penalty", "stop", "stop_token_ids"):
             value = getattr(req, name)
@@ -84,17 +96,25 @@ def register_routes(app: FastAPI, state: "ServerState") -> None:
         if logprobs is not None:
             kwargs["logprobs"] = logprobs
         if state.cache_salt_supported:
-            # Each API key gets its own prefix cache unless the operator shares it.
-            parts = [] if (state.shared_prefix_cache or len(state.keys) < 2 or kid is None) \
-                else [kid]
-            if req.cache_salt is not None:
-                parts.append(req.cache_salt)
-            if parts:
-                kwargs["cache_salt"] = "/".join(parts)
+            salt = prefix_cache_salt(kid, req.cache_salt)
+            if salt is not None:
+                kwargs["cache_salt"] = salt
         try:
             return SamplingParams(**kwargs)
         except (ValueError, TypeError) as exc:
             raise APIError(f"invalid sampling parameters: {exc}") from None
+
+    def prefix_cache_salt(kid: Optional[str], client_salt: Optional[str]) -> Optional[str]:
+        """The engine's cache salt: the caller's key id (several keys, unless the
+        operator shares the cache) and the client's ``cache_salt``, each length-prefixed
+        so no (key, salt) pair can spell another's."""
+        parts = [] if (state.shared_prefix_cache or len(state.keys) < 2 or kid is None) \
+            else [("key", kid)]
+        if client_salt is not None:
+            parts.append(("salt", client_salt))
+        if not parts:
+            return None
+        return "".join(f"{name}:{len(value)}:{value};" for name, value in parts)
 
     def finish(group: Group) -> None:
         state.metrics.observe_e2e(time.monotonic() - group.t_start)
@@ -215,11 +235,13 @@ def register_routes(app: FastAPI, state: "ServerState") -> None:
         engine_reqs = []
         rid = f"cmpl-{uuid.uuid4().hex}"
         params = None
+        # echo + logprobs: the prompt tokens' logprobs too (lm-eval-harness loglikelihood).
+        prompt_lp = req.logprobs if req.echo and req.logprobs is not None else None
         for i, prompt in enumerate(prompts):
             ids = await state.prompts.completion_prompt(prompt, keep)
             state.prompts.max_tokens_for(len(ids), max_tokens, "prompt")
             if params is None:
-                params = make_params(req, max_tokens, req.logprobs, kid)
+                params = make_params(req, max_tokens, req.logprobs, kid, prompt_lp)
             text = prompt if isinstance(prompt, str) and keep is None else None
             engine_reqs.append(EngineRequest(f"{rid}-{i}", ids, params, prompt_text=text))
         group = Group(engine, engine_reqs)
@@ -237,24 +259,39 @@ def register_routes(app: FastAPI, state: "ServerState") -> None:
                 return c.req.prompt_text
             return tt.tokenizer.decode(c.req.prompt_ids)
 
+        def prompt_lps(c: Choice) -> dict:
+            """The echoed prompt's logprobs object (echo + logprobs)."""
+            latest = c.req.latest
+            ids = list(getattr(latest, "prompt_token_ids", None) or c.req.prompt_ids)
+            return prompt_completion_logprobs(
+                tt, ids, getattr(latest, "prompt_logprobs", None), req.logprobs)
+
         if not req.stream:
             out_choices = []
             for c in group.choices:
                 lp = None
+                echo = echo_text(c)
                 if req.logprobs is not None:
-                    lp = completion_logprobs(tt, c.output, 0, c.num_tokens, req.logprobs, 0)
-                out_choices.append({"index": c.index, "text": echo_text(c) + c.text,
+                    lp = completion_logprobs(tt, c.output, 0, c.num_tokens, req.logprobs,
+                                             len(echo))
+                    if prompt_lp is not None:
+                        lp = join_completion_logprobs(prompt_lps(c), lp)
+                out_choices.append({"index": c.index, "text": echo + c.text,
                                     "logprobs": lp, "finish_reason": c.finish_reason})
             return JSONBody({"id": rid, "object": "text_completion", "created": created,
                              "model": model, "choices": out_choices, "usage": group.usage()})
 
         base = {"id": rid, "object": "text_completion", "created": created, "model": model}
 
+        echo_lens: dict[int, int] = {}
+
         def make_chunks(c: Choice, final: bool) -> list[dict]:
             prefix = ""
-            if not c.started:
+            first = not c.started
+            if first:
                 c.started = True
                 prefix = echo_text(c)
+                echo_lens[c.index] = len(prefix)
             delta, t0, t1 = c.new_delta()
             # Tokens without new text (a partial UTF-8 character, a held-back stop-string
             # prefix) wait for the chunk that carries their text: no empty chunks.
@@ -262,7 +299,10 @@ def register_routes(app: FastAPI, state: "ServerState") -> None:
                 return []
             lp = None
             if req.logprobs is not None:
-                lp = completion_logprobs(tt, c.output, t0, t1, req.logprobs, c.sent_text)
+                lp = completion_logprobs(tt, c.output, t0, t1, req.logprobs,
+                                         echo_lens.get(c.index, 0) + c.sent_text)
+                if first and prompt_lp is not None:
+                    lp = join_completion_logprobs(prompt_lps(c), lp)
             c.sent_text += len(delta)
             c.sent_tokens = t1
             return [{"index": c.index, "text": prefix + delta, "logprobs": lp,
