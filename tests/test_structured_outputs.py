@@ -184,3 +184,18 @@ def test_hf_tokenizer(tmp_path):
     allowed = reference.unpack_token_bitmask(bm, vocab)[0]
     assert not allowed[len(hf):].any()      # ids past the tokenizer are never allowed
     assert bm.dtype == torch.int32
+
+
+def test_mask_logits_rows(byte_manager):
+    manager, tok = byte_manager
+    g1 = manager.new_matcher(manager.compile(StructuredOutputsParams(choice=["ab", "b"])))
+    g2 = manager.new_matcher(manager.compile(StructuredOutputsParams(regex="[0-9]+")))
+    logits = torch.randn(4, VOCAB + 6)          # lm_head wider than the vocab
+    before = logits.clone()
+    manager.mask_logits(logits, [3, 1], [g1, g2])
+    ok3 = torch.isfinite(logits[3]).nonzero().flatten().tolist()
+    ok1 = torch.isfinite(logits[1]).nonzero().flatten().tolist()
+    assert ok3 == [ord("a"), ord("b")]
+    assert ok1 == list(range(ord("0"), ord("9") + 1))
+    assert torch.equal(logits[0], before[0]) and torch.equal(logits[2], before[2])
+    torch.testing.assert_close(logits[3, ok3], before[3, ok3])

@@ -199,6 +199,29 @@ class StructuredOutputManager:
             rows[json_rows] &= self._packed(self._control_free)
         return ((rows & ~self._packed(self._stop_ids)) == 0).all(dim=1)
 
+    def mask_logits(self, logits: torch.Tensor, rows: Sequence[int],
+                    grammars: Sequence["SequenceGrammar"]) -> None:
+        """Disallowed tokens of each constrained row -> -inf, in place.
+
+        logits [B, V] on the device; rows[i] is the logits row of grammars[i]. The bitmask is
+        filled on the host (xgrammar), copied once, applied by the Triton kernel.
+        """
+        if not grammars:
+            return
+        from ..ops import apply_token_bitmask
+
+        host = self.allocate_bitmask(len(grammars))
+        self.fill_bitmask(grammars, host)
+        dev = logits.device
+        bitmask = host.to(dev, non_blocking=True) if dev.type == "cuda" else host
+        index = torch.tensor(list(rows), dtype=torch.int32)
+        index = index.to(dev, non_blocking=True) if dev.type == "cuda" else index
+        # a padded lm_head's extra columns are disallowed too (never sampled)
+        apply_token_bitmask(logits, _full_rows(bitmask, logits.shape[0], index),
+                            index, vocab_size=min(self.vocab_size, logits.shape[1]))
+        if logits.shape[1] > self.vocab_size:
+            logits[index.long(), self.vocab_size:] = float("-inf")
+
     def _packed(self, which: Any) -> torch.Tensor:
         """Packed row for a token set (cached): see _control_free / _stop_ids."""
         cached = self._packed_rows.get(which.__name__)
@@ -236,6 +259,14 @@ class SequenceGrammar:
     def terminated(self) -> bool:
         """The grammar accepted a stop token: nothing may follow."""
         return bool(self.matcher.is_terminated())
+
+
+def _full_rows(bitmask: torch.Tensor, batch: int, index: torch.Tensor) -> torch.Tensor:
+    """The op takes one bitmask row per logits row: scatter the constrained rows' masks."""
+    full = torch.full((batch, bitmask.shape[1]), -1, dtype=torch.int32,
+                      device=bitmask.device)
+    full[index.long()] = bitmask
+    return full
 
 
 def _tokenizer_info(xgr: Any, tokenizer: Any, vocab_size: int, eos: list[int]) -> Any:
