@@ -132,6 +132,7 @@ class StructuredOutputManager:
                                             thread_name_prefix="minikernels-grammar")
         self._lock = threading.Lock()
         self._cache: dict[tuple[str, str, bool], Future[CompiledConstraint]] = {}
+        self._batch = xgr.BatchGrammarMatcher(max_threads="auto")
         self.words = (self.vocab_size + 31) // 32
         self._packed_rows: dict[str, torch.Tensor] = {}
 
@@ -191,8 +192,10 @@ class StructuredOutputManager:
         Returns bool [len(grammars)]: rows whose grammar allows nothing but a stop token
         (complete, nothing can follow: the engine finishes them without sampling).
         """
-        for i, g in enumerate(grammars):
-            g.matcher.fill_next_token_bitmask(bitmask, i)
+        if len(grammars) == 1:
+            grammars[0].matcher.fill_next_token_bitmask(bitmask, 0)
+        else:   # xgrammar fills rows on its own threads (the GIL released)
+            self._batch.batch_fill_next_token_bitmask([g.matcher for g in grammars], bitmask)
         rows = bitmask[:len(grammars)]
         json_rows = [i for i, g in enumerate(grammars) if g.mask_control_chars]
         if json_rows:
