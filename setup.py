@@ -15,6 +15,14 @@ import sys
 from setuptools import setup
 
 
+def cuda_sources(root: str = ".") -> list[str]:
+    """The files ``minikernels._C`` compiles, relative to ``root``: every csrc/*.cu, then
+    csrc/bindings.cpp. (MANIFEST.in ships csrc/ in the sdist; tests/test_packaging.py checks
+    that an unpacked sdist has each of these and every header they include.)"""
+    cus = sorted(os.path.relpath(p, root) for p in glob.glob(os.path.join(root, "csrc", "*.cu")))
+    return [p.replace(os.sep, "/") for p in cus] + ["csrc/bindings.cpp"]
+
+
 def _skip(reason: str) -> dict:
     # PEP 517 runs setup.py once per hook; say it once, in the build step, not metadata.
     if any(cmd in sys.argv for cmd in ("egg_info", "dist_info")):
@@ -45,7 +53,7 @@ def _cuda_extension_kwargs() -> dict:
 
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0a")
     here = os.path.dirname(os.path.abspath(__file__))
-    sources = sorted(glob.glob(os.path.join("csrc", "*.cu"))) + ["csrc/bindings.cpp"]
+    sources = cuda_sources(here)
     ext = CUDAExtension(
         name="minikernels._C",
         sources=sources,
@@ -59,4 +67,5 @@ def _cuda_extension_kwargs() -> dict:
     return {"ext_modules": [ext], "cmdclass": {"build_ext": BuildExtension}}
 
 
-setup(**_cuda_extension_kwargs())
+if __name__ == "__main__":   # pip / build run this file as __main__; tests import it
+    setup(**_cuda_extension_kwargs())

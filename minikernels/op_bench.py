@@ -31,7 +31,8 @@ class Case:
     peer: Callable[[], object] | None = None
 
 
-def _cases(device: str, dtype: torch.dtype, small: bool) -> list[Case]:
+def op_cases(device: str, dtype: torch.dtype, small: bool) -> list[Case]:
+    """Every op's benchmark case on ``device`` (``small``: shapes / 16, for the CPU)."""
     s = 16 if small else 1
     t, h, inter = 4096 // s, 4096 // s, 14336 // s
     es = torch.finfo(dtype).bits // 8
@@ -92,7 +93,7 @@ def run(args: argparse.Namespace) -> int:
     on_gpu = device.startswith("cuda")
     ceil = B.ceilings(device)
     rows = []
-    for case in _cases(device, dtype, small=not on_gpu):
+    for case in op_cases(device, dtype, small=not on_gpu):
         if on_gpu:
             have_cuda = cuda_extension() is not None
             backends = [b for b in case.backends if b != "cuda" or have_cuda]

@@ -171,16 +171,22 @@ def generate_tokens(model: torch.nn.Module, prompts: Sequence[Sequence[int]],
 def add_generate_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Arguments of ``minikernels generate``."""
     parser.add_argument("--model", required=True,
-                        help="HF model directory, or a built-in name (random weights)")
+                        help="hub id (org/name), HF model directory, or a built-in name "
+                             "(random weights)")
+    parser.add_argument("--revision", default=None,
+                        help="hub branch, tag or commit (hub ids; default: main)")
     parser.add_argument("--prompt", required=True, help="prompt text ('-' reads stdin)")
     parser.add_argument("--max-tokens", type=int, default=64, help="new tokens at most")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    parser.add_argument("--top-p", type=float, default=1.0)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass")
+    parser.add_argument("--seed", type=int, default=0, help="sampling (and dummy weights) seed")
     parser.add_argument("--dtype", default="auto",
-                        help="bfloat16 | float16 | float32 | auto (the checkpoint's)")
-    parser.add_argument("--device", default=None, help="cuda (default when present) or cpu")
-    parser.add_argument("--quantization", default=None, choices=["int4", "gptq", "awq"])
+                        choices=["auto", "bfloat16", "float16", "float32"],
+                        help="weights and activations; auto = the checkpoint's")
+    parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda if present)")
+    parser.add_argument("--quantization", default=None, choices=["int4", "gptq", "awq"],
+                        help="int4: RTN-quantize the weights at load; gptq / awq: an int4 "
+                             "checkpoint (default: none, or the checkpoint's own)")
     parser.add_argument("--chat", action="store_true",
                         help="wrap the prompt as a user message with the chat template")
     parser.add_argument("--system", default=None, help="system message (with --chat)")
@@ -193,7 +199,11 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
 
 
 def run_generate(args: argparse.Namespace) -> int:
-    """Run ``minikernels generate``: print the completion of --prompt; returns an exit code."""
+    """Run ``minikernels generate``: print the completion of --prompt; returns an exit code.
+
+    The model loads first (it says what is wrong with a path or id), then its tokenizer."""
+    from .._extras import missing_extra_message
+    from .hub import resolve_model
     from .loader import load_model
     from .tokenizer import load_tokenizer
 
@@ -202,11 +212,12 @@ def run_generate(args: argparse.Namespace) -> int:
         print("error: --max-tokens must be >= 1", file=sys.stderr)
         return 2
     try:
-        tokenizer = load_tokenizer(args.model)
-        model = load_model(args.model, dtype=args.dtype, device=args.device,
+        path = resolve_model(args.model, getattr(args, "revision", None))
+        model = load_model(path, dtype=args.dtype, device=args.device,
                            quantization=args.quantization,
                            allow_pickle=getattr(args, "allow_pickle", False),
                            seed=getattr(args, "seed", 0))
+        tokenizer = load_tokenizer(path)
         if args.chat:
             messages = ([{"role": "system", "content": args.system}] if args.system else [])
             messages.append({"role": "user", "content": prompt})
@@ -227,7 +238,13 @@ def run_generate(args: argparse.Namespace) -> int:
                               temperature=args.temperature, top_p=args.top_p,
                               eos_token_ids=eos, seed=args.seed, block_size=args.block_size,
                               kv_cache_dtype=getattr(args, "kv_cache_dtype", "auto"))
-    except (FileNotFoundError, ValueError, KeyError) as exc:
+    except ImportError as exc:
+        message = missing_extra_message(exc, "minikernels generate")
+        if message is None:
+            raise
+        print(f"error: {message}", file=sys.stderr)
+        return 2
+    except (OSError, ValueError, KeyError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     new = out[0]

@@ -1,4 +1,7 @@
-"""load_model: a CausalLM from a local HF checkpoint directory or a built-in name.
+"""load_model: a CausalLM from a local HF checkpoint directory, a hub id or a built-in name.
+
+Hub ids ("Qwen/Qwen2.5-0.5B-Instruct") resolve to a snapshot in the Hugging Face cache
+(:mod:`.hub`: HF_HOME, HF_HUB_OFFLINE, revision, HF_TOKEN; safetensors only).
 
 HF directory: config.json (+ generation_config.json), weights in ``model.safetensors`` or
 shards listed by ``model.safetensors.index.json`` (pickle ``*.bin`` only with
@@ -35,6 +38,7 @@ from torch import Tensor
 
 from .config import DecoderConfig, UnsupportedModelError, builtin_config, list_models
 from .decoder import CausalLM
+from .hub import resolve_model
 from .linear import FusedLinear, pick_group_size
 
 logger = logging.getLogger("minikernels")
@@ -72,6 +76,15 @@ def parse_dtype(dtype: str | torch.dtype, config: DecoderConfig | None = None,
 
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def no_cuda_message(device: str = "cuda") -> str:
+    """One line for device='cuda' where torch cannot use a GPU (a CPU build, or no GPU)."""
+    if torch.version.cuda is None:
+        return (f"device {device!r} asked for, but this torch ({torch.__version__}) is a "
+                "CPU-only build: install a CUDA build of torch, or use --device cpu")
+    return (f"device {device!r} asked for, but torch {torch.__version__} sees no CUDA GPU "
+            "(check the driver and CUDA_VISIBLE_DEVICES), or use --device cpu")
 
 
 # --------------------------------------------------------------------- name mapping
@@ -481,11 +494,13 @@ def _init_dummy(model: CausalLM, seed: int, group_size: int | None = None,
 def load_model(model: str, dtype: str | torch.dtype = "bfloat16",
                device: str | torch.device | None = None, quantization: str | None = None,
                allow_pickle: bool = False, seed: int = 0, *, group_size: int = 128,
-               quantize_lm_head: bool = False) -> CausalLM:
-    """Load a :class:`CausalLM` from a local HF directory or a built-in name.
+               quantize_lm_head: bool = False, revision: str | None = None) -> CausalLM:
+    """Load a :class:`CausalLM` from a local HF directory, a hub id or a built-in name.
 
-    model:        path of a HF checkpoint directory (config.json + safetensors), or a name
-                  from :func:`list_models` (random weights, deterministic by ``seed``).
+    model:        path of a HF checkpoint directory (config.json + safetensors), a Hugging
+                  Face hub id ("org/name": downloaded into / read from the HF cache), or a
+                  name from :func:`list_models` (random weights, deterministic by ``seed``).
+    revision:     hub branch, tag or commit (hub ids only; default the main branch).
     dtype:        'bfloat16' | 'float16' | 'float32' | 'auto' (the checkpoint's) or a dtype.
     device:       default cuda when available, else cpu.
     quantization: None | 'int4' (RTN on load) | 'gptq' | 'awq' (see module docstring).
@@ -497,6 +512,10 @@ def load_model(model: str, dtype: str | torch.dtype = "bfloat16",
     if quantization not in QUANTIZATIONS:
         raise ValueError(f"quantization must be one of {QUANTIZATIONS}, got {quantization!r}")
     dev = torch.device(device) if device is not None else default_device()
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(no_cuda_message(str(device)))
+    name = model
+    model = resolve_model(model, revision)
     if os.path.isdir(model):
         m = _load_hf(model, dtype, dev, quantization, allow_pickle, group_size,
                      quantize_lm_head)
@@ -514,11 +533,12 @@ def load_model(model: str, dtype: str | torch.dtype = "bfloat16",
     elif os.path.exists(model):
         raise CheckpointError(f"{model} is not a directory (expected a HF model directory)")
     else:
-        raise FileNotFoundError(f"{model!r} is neither a local HF model directory nor a "
-                                f"built-in model name ({', '.join(list_models())})")
+        raise FileNotFoundError(f"{model!r} is not a local HF model directory, a hub id "
+                                f"(org/name) or a built-in model name "
+                                f"({', '.join(list_models())})")
     m.eval()
     m.requires_grad_(False)
-    m.name_or_path = model
+    m.name_or_path = name
     m.quantization = quantization if quantization else (
         m.config.quantization_config or {}).get("quant_method")
     return m

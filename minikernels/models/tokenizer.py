@@ -13,7 +13,9 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
+from .._extras import MissingExtraError
 from .config import BUILTIN_CONFIGS, list_models
+from .hub import resolve_model
 
 
 class ByteTokenizer:
@@ -120,11 +122,17 @@ def _eos_from_dir(model_dir: str) -> list[int]:
     return eos
 
 
-def load_tokenizer(model: str) -> ByteTokenizer | HFTokenizer:
-    """The tokenizer for ``model``: a HF directory's own, or the byte-level one for a
-    built-in name (its eos ids included when they are byte-tokenizer ids)."""
+def load_tokenizer(model: str, revision: str | None = None) -> ByteTokenizer | HFTokenizer:
+    """The tokenizer for ``model``: a HF directory's (or hub id's, see :mod:`.hub`) own, or
+    the byte-level one for a built-in name (its eos ids included when they are
+    byte-tokenizer ids). A HF tokenizer needs the ``[hf]`` extra (transformers)."""
+    model = resolve_model(model, revision)
     if os.path.isdir(model):
-        from transformers import AutoTokenizer
+        try:
+            from transformers import AutoTokenizer
+        except ImportError:
+            raise MissingExtraError("transformers", "hf",
+                                    f"the tokenizer of {model}") from None
 
         try:
             tok = AutoTokenizer.from_pretrained(model)
@@ -136,5 +144,5 @@ def load_tokenizer(model: str) -> ByteTokenizer | HFTokenizer:
         cfg = BUILTIN_CONFIGS[key]
         eos = [e for e in cfg.get("eos_token_ids", []) if 256 <= e < 260]
         return ByteTokenizer(vocab_size=max(260, int(cfg["vocab_size"])), eos_token_ids=eos)
-    raise FileNotFoundError(f"{model!r} is neither a local HF model directory nor a built-in "
-                            f"model name ({', '.join(list_models())})")
+    raise FileNotFoundError(f"{model!r} is not a local HF model directory, a hub id (org/name) "
+                            f"or a built-in model name ({', '.join(list_models())})")

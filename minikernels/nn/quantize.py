@@ -9,7 +9,9 @@ not import models: the hook is how it reaches their layers.
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 from torch import nn
 
@@ -30,13 +32,50 @@ def _has_hook(module: nn.Module) -> bool:
     return callable(getattr(module, HOOK, None))
 
 
+def pick_group_size(k: int, group_size: int) -> int:
+    """group_size if it divides K, else the largest power-of-two divisor >= 32 below it, else
+    -1 (one group per row) when K is a multiple of 8, as ``FusedLinear`` and
+    ``load_model(quantization="int4")`` choose."""
+    if group_size == -1 or k % group_size == 0:
+        return group_size
+    g = group_size
+    while g >= 32:
+        if k % g == 0:
+            return g
+        g //= 2
+    return -1
+
+
+@dataclass
+class QuantizeSummary:
+    """What :func:`quantize_model` did: converted layers (name -> group size) and layers
+    kept dense (name -> reason). Set as ``model.quantization_summary``."""
+
+    converted: dict[str, int] = field(default_factory=dict)
+    kept_dense: dict[str, str] = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        groups = sorted(set(self.converted.values()), reverse=True)
+        text = (f"quantize_model: {len(self.converted)} linear layers to int4 (group size "
+                f"{', '.join(str(g) for g in groups) or '-'}), {len(self.kept_dense)} kept dense")
+        if self.kept_dense:
+            names = list(self.kept_dense)
+            text += ": " + ", ".join(names[:8]) + (f" (+{len(names) - 8} more)"
+                                                   if len(names) > 8 else "")
+        return text
+
+
 def quantize_model(model: nn.Module, group_size: int = 128, symmetric: bool = False,
                    skip: Sequence[str] = ("lm_head",)) -> nn.Module:
     """Quantize ``model`` in place to RTN int4 and return it.
 
-    - each ``nn.Linear`` becomes an :class:`Int4Linear`. Linears the int4 kernels cannot
-      take (in/out features not multiples of 8, in_features not a multiple of group_size)
-      stay dense with one log line each.
+    - each ``nn.Linear`` becomes an :class:`Int4Linear`. When in_features is not a multiple
+      of group_size the largest power-of-two group >= 32 that divides it is used (else one
+      group per row), as ``FusedLinear`` does. Linears the int4 kernels cannot take at all
+      (in/out features not multiples of 8) stay dense, with a warning naming them.
+    - the summary (converted, kept dense) is logged at INFO, attached as
+      ``model.quantization_summary`` (:class:`QuantizeSummary`), and when a layer stayed
+      dense for a reason other than ``skip`` it is also issued as a ``UserWarning``.
     - each module with a ``quantize_int4_(group_size, symmetric)`` method (minikernels'
       ``FusedLinear``) is quantized by that hook, in place; its submodules are its own.
       ``FusedLinear`` picks a smaller group when K is not a multiple of group_size, as
@@ -48,6 +87,7 @@ def quantize_model(model: nn.Module, group_size: int = 128, symmetric: bool = Fa
     """
     if isinstance(skip, str):
         skip = (skip,)
+    summary = QuantizeSummary()
     hooked: list[tuple[str, nn.Module]] = []
     targets = []
     for name, module in model.named_modules():
@@ -61,18 +101,37 @@ def quantize_model(model: nn.Module, group_size: int = 128, symmetric: bool = Fa
                 continue
             full = f"{name}.{child_name}" if name else child_name
             if _skipped(full, skip):
+                summary.kept_dense[full] = "skip"
                 continue
             k, n = child.in_features, child.out_features
-            if k % 8 or n % 8 or (group_size != -1 and k % group_size):
-                logger.info("quantize_model: %s (%d -> %d) left dense: int4 needs in/out "
-                            "features multiples of 8 and of group_size %d", full, k, n,
-                            group_size)
+            if k % 8 or n % 8:
+                summary.kept_dense[full] = (f"{k} -> {n}: int4 needs in and out features "
+                                            "that are multiples of 8")
                 continue
-            targets.append((module, child_name, child))
+            targets.append((full, module, child_name, child, pick_group_size(k, group_size)))
     for name, module in hooked:
         if name and _skipped(name, skip):
+            summary.kept_dense[name] = "skip"
             continue
-        getattr(module, HOOK)(group_size, symmetric)
-    for parent, child_name, child in targets:
-        setattr(parent, child_name, Int4Linear.from_linear(child, group_size, symmetric))
+        k = getattr(module, "in_features", None)
+        if getattr(module, HOOK)(group_size, symmetric) is not False:
+            summary.converted[name] = pick_group_size(k, group_size) if k else group_size
+        elif getattr(module, "weight", None) is not None:
+            summary.kept_dense[name] = f"in_features {k}: int4 needs a multiple of 8"
+    for full, parent, child_name, child, g in targets:
+        setattr(parent, child_name, Int4Linear.from_linear(child, g, symmetric))
+        summary.converted[full] = g
+    smaller = sorted({g for g in summary.converted.values() if g != group_size})
+    if smaller:
+        logger.info("quantize_model: group size %s where in_features is not a multiple of %d",
+                    ", ".join(map(str, smaller)), group_size)
+    dense = {k: v for k, v in summary.kept_dense.items() if v != "skip"}
+    if dense:
+        warnings.warn("quantize_model: kept dense (int4 cannot take them): " + "; ".join(
+            f"{k} ({v})" for k, v in dense.items()), UserWarning, stacklevel=2)
+    logger.info("%s", summary)
+    try:
+        model.quantization_summary = summary
+    except AttributeError:  # pragma: no cover - a model that refuses new attributes
+        pass
     return model
