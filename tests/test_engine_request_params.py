@@ -1,0 +1,231 @@
+"""Per-request engine parameters: prompt_logprobs, priority, cache_salt (issue 15).
+
+prompt_logprobs are checked against transformers' log-softmax on a tiny HF model, with
+chunked prefill, preemption, a warm prefix cache, n > 1, and overlap on and off. Priority
+scheduling is checked by finishing order; cache salts by cached prompt tokens (not by
+timing). Every test compares overlap on and off and leaves every KV block free.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from minikernels.engine import LLM, SamplingParams
+from test_engine import _make_hf, assert_all_free, make_llm, prompts_of
+
+LENGTHS = [1, 2, 9, 23, 37]
+
+
+@pytest.fixture(scope="module")
+def hf(tmp_path_factory):
+    model = _make_hf("llama", seed=3)
+    path = tmp_path_factory.mktemp("llama_plp")
+    model.save_pretrained(str(path))
+    prompts = prompts_of(LENGTHS, seed=9)
+    with torch.no_grad():
+        ref = [torch.log_softmax(model(torch.tensor([p])).logits[0].float(), dim=-1)
+               for p in prompts]
+    return str(path), prompts, ref
+
+
+def check_prompt_logprobs(outs, prompts, ref, k: int) -> None:
+    """Each output's prompt_logprobs equals transformers' log-softmax (vLLM's shape)."""
+    for o, p, r in zip(outs, prompts, ref):
+        pl = o.prompt_logprobs
+        assert len(pl) == len(p) and pl[0] is None
+        for i in range(1, len(p)):
+            entry, row = pl[i], r[i - 1]
+            assert p[i] in entry
+            assert entry[p[i]].logprob == pytest.approx(row[p[i]].item(), abs=2e-4)
+            assert entry[p[i]].rank == int((row > row[p[i]]).sum()) + 1
+            top = torch.topk(row, k)
+            by_rank = {lp.rank: t for t, lp in entry.items() if lp.rank <= k}
+            assert [by_rank[j] for j in range(1, k + 1)] == top.indices.tolist()
+            assert len(entry) <= k + 1
+
+
+@pytest.mark.parametrize("kw,num_prompts", [
+    (dict(), 5),                                                   # whole prompts
+    (dict(max_num_batched_tokens=2, max_num_seqs=3), 3),           # 1- and 2-token chunks
+    (dict(max_num_batched_tokens=7, max_num_seqs=4), 5),           # chunked prefill
+    (dict(num_kv_blocks=8, enable_prefix_caching=False, max_num_batched_tokens=16), 5),
+])
+def test_prompt_logprobs_match_transformers(hf, kw, num_prompts):
+    path, prompts, ref = hf
+    prompts, ref = prompts[:num_prompts], ref[:num_prompts]
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, prompt_logprobs=3,
+                            n=2)
+    results = []
+    for overlap in (True, False):
+        llm = make_llm(path, async_scheduling=overlap, **kw)
+        # Warm the prefix cache with the same prompts: prompt_logprobs must not hit it.
+        plain = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=6,
+                                                     ignore_eos=True), use_tqdm=False)
+        assert all(o.prompt_logprobs is None for o in plain)
+        outs = llm.generate(prompts, params, use_tqdm=False)
+        check_prompt_logprobs(outs, prompts, ref, 3)
+        assert all(o.num_cached_tokens == 0 for o in outs)
+        # The sampled tokens do not change.
+        assert [o.outputs[0].token_ids for o in outs] == [o.outputs[0].token_ids
+                                                          for o in plain]
+        results.append(outs)
+        if "num_kv_blocks" in kw:
+            assert llm.stats()["num_preemptions"] > 0
+        assert_all_free(llm)
+    # Overlap on = off: the same tokens, the same prompt logprobs (up to the float noise
+    # of different batch shapes when preemption differs).
+    for a, b in zip(*results):
+        assert [c.token_ids for c in a.outputs] == [c.token_ids for c in b.outputs]
+        assert a.prompt_logprobs[0] is None and b.prompt_logprobs[0] is None
+        for ea, eb in zip(a.prompt_logprobs[1:], b.prompt_logprobs[1:]):
+            assert sorted(ea) == sorted(eb)
+            assert all(ea[t].logprob == pytest.approx(eb[t].logprob, abs=1e-5) for t in ea)
+
+
+def test_prompt_logprobs_zero_gives_the_prompt_token_only_and_skips_the_cache(hf):
+    path, prompts, ref = hf
+    llm = make_llm(path)
+    greedy = SamplingParams(temperature=0, max_tokens=2, ignore_eos=True)
+    llm.generate(prompts[-1:], greedy, use_tqdm=False)
+    before = llm.stats()
+    out = llm.generate(prompts[-1:], SamplingParams(temperature=0, max_tokens=2,
+                                                    ignore_eos=True, prompt_logprobs=0),
+                       use_tqdm=False)
+    check_prompt_logprobs(out, prompts[-1:], ref[-1:], 0)
+    assert all(len(e) == 1 for e in out[0].prompt_logprobs[1:])
+    after = llm.stats()
+    # Not a prefix-cache query (and no hit) ...
+    assert after["prefix_cache_queried_tokens"] == before["prefix_cache_queried_tokens"]
+    assert after["prefix_cache_hit_tokens"] == before["prefix_cache_hit_tokens"]
+    # ... but a plain request still hits the blocks it computed.
+    again = llm.generate(prompts[-1:], greedy, use_tqdm=False)
+    assert again[0].num_cached_tokens > 0
+    assert llm.stats()["prefix_cache_queried_tokens"] == \
+        after["prefix_cache_queried_tokens"] + len(prompts[-1])
+    assert_all_free(llm)
+
+
+def test_one_token_chunk_mid_prompt_is_a_prefill_chunk(hf):
+    # With a budget of 2 a decode row and a one-token prompt chunk share a step; that
+    # chunk is not the prompt's last token, so it must not be treated as a decode row.
+    path, prompts, _ = hf
+    prompts = prompts[:3]
+    greedy = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True)
+    want = [o.outputs[0].token_ids for o in make_llm(path).generate(prompts, greedy,
+                                                                     use_tqdm=False)]
+    for overlap in (True, False):
+        llm = make_llm(path, max_num_batched_tokens=2, max_num_seqs=4,
+                       async_scheduling=overlap)
+        got = [o.outputs[0].token_ids for o in llm.generate(prompts, greedy, use_tqdm=False)]
+        assert got == want
+        assert_all_free(llm)
+
+
+# ---------------------------------------------------------------------------- priority
+def finish_order(llm: LLM, requests: list[tuple[str, list[int], SamplingParams]]) -> list[str]:
+    eng = llm.llm_engine
+    for rid, prompt, params in requests:
+        eng.add_request(rid, prompt, params)
+    order = []
+    while eng.has_unfinished():
+        for req in eng.step():
+            if req.finished:
+                order.append(req.request_id)
+    return order
+
+
+def test_priority_orders_admission_ties_by_arrival():
+    prompts = prompts_of([5, 6, 7, 8, 9], seed=2)
+    prios = [3, 0, 3, -1, 0]
+    orders = []
+    for overlap in (True, False):
+        llm = LLM("tiny", dtype="float32", device="cpu", num_kv_blocks=64, block_size=8,
+                  max_num_seqs=1, async_scheduling=overlap)
+        reqs = [(f"r{i}", p, SamplingParams(temperature=0, max_tokens=3, ignore_eos=True,
+                                            priority=pr))
+                for i, (p, pr) in enumerate(zip(prompts, prios))]
+        orders.append(finish_order(llm, reqs))
+        assert_all_free(llm)
+    assert orders[0] == orders[1] == ["r3", "r1", "r4", "r0", "r2"]
+
+
+def test_preemption_takes_the_lowest_priority_first():
+    # Three long requests in a pool too small for all: the lowest priority (largest
+    # value) is preempted, not the newest arrival.
+    prompts = prompts_of([20, 20, 20], seed=4)
+    for overlap in (True, False):
+        llm = LLM("tiny", dtype="float32", device="cpu", num_kv_blocks=9, block_size=8,
+                  async_scheduling=overlap, enable_prefix_caching=False)
+        eng = llm.llm_engine
+        prios = [0, 5, -2]      # r1 is the lowest priority; r2 (newest) the highest
+        reqs = [eng.add_request(f"r{i}", p, SamplingParams(temperature=0, max_tokens=30,
+                                                           ignore_eos=True, priority=pr))
+                for i, (p, pr) in enumerate(zip(prompts, prios))]
+        while eng.has_unfinished():
+            eng.step()
+        pre = [r.metrics["num_preemptions"] for r in reqs]
+        assert pre[1] > 0 and pre[2] == 0, pre
+        assert_all_free(llm)
+
+
+def test_priority_outputs_equal_fcfs_outputs():
+    prompts = prompts_of([3, 17, 40, 9, 25], seed=6)
+    base = [SamplingParams(temperature=0.8, seed=i, max_tokens=12, ignore_eos=True)
+            for i in range(5)]
+    prio = [SamplingParams(temperature=0.8, seed=i, max_tokens=12, ignore_eos=True,
+                           priority=(7 * i) % 3) for i in range(5)]
+    outs = []
+    for params in (base, prio):
+        for overlap in (True, False):
+            llm = LLM("tiny", dtype="float32", device="cpu", num_kv_blocks=10, block_size=8,
+                      max_num_seqs=3, async_scheduling=overlap)
+            outs.append([o.outputs[0].token_ids for o in llm.generate(prompts, params,
+                                                                       use_tqdm=False)])
+            assert_all_free(llm)
+    assert outs[0] == outs[1] == outs[2] == outs[3]
+
+
+# ---------------------------------------------------------------------------- cache salt
+def test_cache_salt_keeps_prefix_caches_apart():
+    prompt = prompts_of([41], seed=8)[0]           # 5 full blocks of 8
+    for overlap in (True, False):
+        llm = LLM("tiny", dtype="float32", device="cpu", num_kv_blocks=64, block_size=8,
+                  async_scheduling=overlap)
+
+        def run(salt):
+            return llm.generate([prompt], SamplingParams(temperature=0, max_tokens=4,
+                                                         ignore_eos=True, cache_salt=salt),
+                                use_tqdm=False)[0]
+
+        first = run("alice")
+        assert first.num_cached_tokens == 0
+        assert run("bob").num_cached_tokens == 0          # another salt: no hit
+        assert run(None).num_cached_tokens == 0           # unsalted: no hit either
+        hit = run("alice")
+        assert hit.num_cached_tokens == 40                # same salt: its blocks
+        assert run(None).num_cached_tokens == 40          # unsalted shares with unsalted
+        assert hit.outputs[0].token_ids == first.outputs[0].token_ids
+        st = llm.stats()
+        assert st["prefix_cache_hit_tokens"] == 80
+        assert st["prefix_cache_queried_tokens"] == 5 * 41
+        assert_all_free(llm)
+
+
+def test_bad_new_params_are_refused_by_name():
+    with pytest.raises(TypeError, match="priority"):
+        SamplingParams(priority=1.5)
+    with pytest.raises(TypeError, match="priority"):
+        SamplingParams(priority=True)
+    with pytest.raises(ValueError, match="cache_salt"):
+        SamplingParams(cache_salt="")
+    with pytest.raises(TypeError, match="cache_salt"):
+        SamplingParams(cache_salt=b"x")
+    with pytest.raises(ValueError, match="prompt_logprobs"):
+        SamplingParams(prompt_logprobs=-1)
+    with pytest.raises(TypeError, match="prompt_logprobs"):
+        SamplingParams(prompt_logprobs=1.0)
+    for bad in (1e-50, 1e-40, 1e39, 0.0, -1.0, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="repetition_penalty"):
+            SamplingParams(repetition_penalty=bad)
+    SamplingParams(repetition_penalty=0.01, priority=-(2 ** 70), cache_salt="x",
+                   prompt_logprobs=0)
