@@ -209,3 +209,42 @@ def test_chain_hash_is_cryptographic_and_chained():
     assert chain_hash(None, (1, 2, 3, 5)) != a
     # Python's hash(-1) == hash(-2): a tuple hash would confuse these, SHA-256 does not
     assert chain_hash(None, (-1,)) != chain_hash(None, (-2,))
+
+
+def test_cache_salt_changes_every_hash_and_separates_hits():
+    def salted(tokens: list[int], salt) -> Sequence:
+        req = Request(f"r{next(_ids)}", None, tokens, SamplingParams(cache_salt=salt))
+        seq = Sequence(next(_ids), req, 0)
+        req.seqs.append(seq)
+        return seq
+
+    bm = BlockManager(32, 4)
+    tokens = list(range(13))                     # 3 full blocks
+    seqs = {salt: salted(tokens, salt) for salt in (None, "a", "b")}
+    for s in seqs.values():
+        bm.hash_prompt(s)
+    hashes = {salt: s.block_hashes for salt, s in seqs.items()}
+    assert all(len(h) == 3 for h in hashes.values())
+    for i in range(3):      # every block's hash differs between the salts
+        assert len({h[i] for h in hashes.values()}) == 3
+    twin = salted(tokens, "a")
+    bm.hash_prompt(twin)
+    assert twin.block_hashes == hashes["a"]
+    assert admit(bm, seqs["a"])
+    assert bm.lookup_prefix(salted(tokens, "b")) == []
+    assert bm.lookup_prefix(salted(tokens, None)) == []
+    assert bm.lookup_prefix(twin) == seqs["a"].block_table[:3]
+    assert bm.num_queried_tokens == 13
+
+
+def test_prompt_logprobs_sequence_never_reads_the_cache():
+    bm = BlockManager(32, 4)
+    a = make_seq(list(range(13)))
+    assert admit(bm, a)
+    req = Request("plp", None, list(range(13)), SamplingParams(prompt_logprobs=1))
+    b = Sequence(next(_ids), req, 0)
+    req.seqs.append(b)
+    assert bm.lookup_prefix(b) == []
+    assert admit(bm, b)
+    assert bm.num_hit_tokens == 0 and bm.num_queried_tokens == 13
+    bm.check_invariants([a, b])

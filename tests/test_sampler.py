@@ -194,3 +194,32 @@ def test_out_of_range_top_k_top_p_and_logprobs_do_not_break_the_batch():
     assert out.token_ids[2] == int(logits[2].argmax())
     _, rank, top_ids, top_lps = out.logprobs[2]
     assert rank == 1 and len(top_ids) == len(top_lps) == V
+
+
+def test_extreme_repetition_penalty_never_gives_nan():
+    # 2e-38 is a valid (normal, finite) fp32 penalty: logits / 2e-38 would overflow to
+    # inf (NaN probabilities) without the clamp; with a small temperature too.
+    s = Sampler(V)
+    logits = logits_batch(2, seed=3) * 10
+    for rp in (2e-38, 3e38):
+        for temp in (0.0, 1e-4, 1.0):
+            p = SamplingParams(temperature=temp, repetition_penalty=rp, seed=0, logprobs=1)
+            seqs = [seq_for(p, prompt=(1, 2, 3, 4), output=(5, 6)) for _ in range(2)]
+            out = s(logits.clone(), seqs)
+            assert all(0 <= t < V for t in out.token_ids)
+            penalized = s._apply_penalties(logits.clone(), seqs)
+            assert torch.isfinite(penalized).all()
+            assert not torch.softmax(penalized / 1e-5, dim=1).isnan().any()
+
+
+def test_prompt_logprobs_are_log_softmax_of_the_previous_position():
+    s = Sampler(V)
+    logits = logits_batch(4, seed=7)
+    targets = torch.tensor([3, 0, V - 1, 5])
+    chosen, ranks, top_lp, top_ids = s.prompt_logprobs(logits, targets, 3)
+    ref = torch.log_softmax(logits[:, :V], dim=1)
+    torch.testing.assert_close(chosen, ref.gather(1, targets[:, None])[:, 0])
+    assert ranks.tolist() == [int((ref[i] > ref[i, t]).sum()) + 1
+                              for i, t in enumerate(targets.tolist())]
+    torch.testing.assert_close(top_lp, ref.topk(3, dim=1).values)
+    assert s.prompt_logprobs(logits, targets, 0)[2] is None

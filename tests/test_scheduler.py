@@ -153,3 +153,45 @@ def test_pinned_upload_is_not_overwritten_before_the_device_reads_it():
     second = up(a + 1)                  # refills the staging buffer
     torch.cuda.synchronize()
     assert torch.equal(first.cpu(), a) and torch.equal(second.cpu(), a + 1)
+
+
+def make_prio_seq(n_tokens: int, priority: int, start: int = 0) -> Sequence:
+    req = Request(f"r{next(_ids)}", None, list(range(start, start + n_tokens)),
+                  SamplingParams(priority=priority))
+    seq = Sequence(next(_ids), req, 0)
+    req.seqs.append(seq)
+    return seq
+
+
+def test_waiting_and_running_are_ordered_by_priority_then_arrival():
+    bm = BlockManager(64, 4)
+    sched = Scheduler(bm, max_num_seqs=2, max_num_batched_tokens=100, watermark=0.0)
+    seqs = [make_prio_seq(3, p, 10 * i) for i, p in enumerate([2, 0, 2, -1, 0])]
+    for s in seqs:
+        sched.add(s)
+    assert list(sched.waiting) == [seqs[3], seqs[1], seqs[4], seqs[0], seqs[2]]
+    batch = run_step(sched)
+    assert batch.seqs == [seqs[3], seqs[1]] and sched.running == [seqs[3], seqs[1]]
+    sched.finish(seqs[1], "length")
+    batch = run_step(sched)           # seqs[4] admitted behind the running seqs[3]
+    assert sched.running == [seqs[3], seqs[4]]
+    for s in list(sched.running) + list(sched.waiting):
+        sched.finish(s, "abort")
+    bm.check_invariants([])
+
+
+def test_preemption_takes_lowest_priority_even_if_older():
+    bm = BlockManager(4, 4, enable_prefix_caching=False)
+    sched = Scheduler(bm, max_num_seqs=4, max_num_batched_tokens=64, watermark=0.0)
+    low, high = make_prio_seq(7, 1), make_prio_seq(7, 0, 50)   # low arrived first
+    sched.add(low)
+    sched.add(high)
+    run_step(sched)
+    run_step(sched)
+    batch = sched.schedule()          # the pool is full: one of them must go
+    assert batch.preempted == [low] and batch.seqs == [high]
+    assert sched.waiting[0] is low
+    sched.advance(batch)
+    for s in (high, low):
+        sched.finish(s, "abort")
+    bm.check_invariants([])
