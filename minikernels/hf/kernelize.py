@@ -1,0 +1,320 @@
+"""``kernelize(model)``: swap a transformers model's norms and MLPs for minikernels' fused ops.
+
+In place, inference only:
+
+- RMSNorm: every leaf module with a 1-D ``weight`` and an ``eps`` / ``variance_epsilon``
+  whose output equals ``x / rms(x) * weight`` (checked numerically on a probe, so Llama /
+  Qwen2 / Qwen3 / Mistral norms, Qwen3's q_norm / k_norm and any look-alike qualify, and
+  Gemma's ``(1 + weight)`` norm does not) becomes :class:`RMSNorm` on ``mk.ops.rms_norm``,
+  sharing the same weight Parameter.
+- Residual add: a decoder layer whose forward is transformers' Llama-style pre-norm block
+  (Llama, Qwen2, Qwen3, Mistral; checked against the installed source, not the class name)
+  gets a forward where ``post_attention_layernorm`` takes the residual:
+  ``rms_norm(attn, w, eps, residual=h)`` returns (norm(attn + h), attn + h) in one kernel.
+  Other layer classes keep their forward (listed in the summary).
+- MLP: a module with ``gate_proj`` / ``up_proj`` / ``down_proj`` Linears, a SiLU ``act_fn``
+  and the forward ``down(act(gate(x)) * up(x))`` becomes :class:`GateUpMLP`: one
+  ``gate_up_proj`` Linear [2I, H] (gate rows, then up rows) and ``mk.ops.silu_and_mul``.
+- ``quantize="int4"``: ``minikernels.quantize_model`` afterwards (the fused gate_up Linear
+  quantizes row by row, so its int4 weights are exactly those of gate and up apart).
+"""
+from __future__ import annotations
+
+import inspect
+import logging
+import re
+import types
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .. import ops
+
+logger = logging.getLogger("minikernels")
+
+
+class RMSNorm(nn.Module):
+    """Drop-in for transformers' RMSNorm modules on ``mk.ops.rms_norm``.
+
+    forward(x) -> y; forward(x, residual) -> (rms_norm(x + residual), x + residual). The
+    output dtype follows transformers (``weight * x_normed``: promoted with the weight's
+    dtype). ``weight`` is the replaced module's Parameter (shared, not copied).
+    """
+
+    def __init__(self, weight: nn.Parameter, eps: float) -> None:
+        super().__init__()
+        self.weight = weight
+        self.variance_epsilon = float(eps)
+
+    @property
+    def eps(self) -> float:
+        return self.variance_epsilon
+
+    def forward(self, x: Tensor, residual: Tensor | None = None
+                ) -> Tensor | tuple[Tensor, Tensor]:
+        out_dtype = torch.promote_types(x.dtype, self.weight.dtype)
+        if residual is None:
+            y = ops.rms_norm(x, self.weight, self.variance_epsilon)
+            return y if y.dtype == out_dtype else y.to(out_dtype)
+        y, h = ops.rms_norm(x, self.weight, self.variance_epsilon, residual=residual)
+        return (y if y.dtype == out_dtype else y.to(out_dtype)), h
+
+    def extra_repr(self) -> str:
+        return f"{tuple(self.weight.shape)}, eps={self.variance_epsilon}"
+
+
+class GateUpMLP(nn.Module):
+    """down_proj(silu(gate(x)) * up(x)) with gate and up fused into one Linear."""
+
+    def __init__(self, gate_up_proj: nn.Linear, down_proj: nn.Module) -> None:
+        super().__init__()
+        self.gate_up_proj = gate_up_proj
+        self.down_proj = down_proj
+
+    @classmethod
+    @torch.no_grad()
+    def from_mlp(cls, mlp: nn.Module) -> GateUpMLP:
+        gate, up = mlp.gate_proj, mlp.up_proj
+        fused = nn.Linear(gate.in_features, gate.out_features + up.out_features,
+                          bias=gate.bias is not None, device=gate.weight.device,
+                          dtype=gate.weight.dtype)
+        fused.weight.copy_(torch.cat([gate.weight, up.weight], dim=0))
+        if gate.bias is not None:
+            fused.bias.copy_(torch.cat([gate.bias, up.bias], dim=0))
+        fused.requires_grad_(False)
+        return cls(fused, mlp.down_proj)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(ops.silu_and_mul(self.gate_up_proj(x)))
+
+
+# ------------------------------------------------------------------ source contracts
+
+
+def _body(fn: Any) -> str:
+    """A function's body with comments, blank space and the signature removed."""
+    try:
+        src = inspect.getsource(inspect.unwrap(fn))
+    except (OSError, TypeError):
+        return ""
+    src = re.sub(r"#[^\n]*", "", src)
+    m = re.search(r"\)\s*(->[^:]*)?:\s*\n", src)   # end of the signature
+    body = src[m.end():] if m else src
+    body = re.sub(r'"""(.|\n)*?"""', "", body)
+    return re.sub(r"\s+", "", body)
+
+
+_LAYER_BODY = re.sub(r"\s+", "", """
+    residual = hidden_states
+    hidden_states = self.input_layernorm(hidden_states)
+    hidden_states, _ = self.self_attn(
+        hidden_states=hidden_states,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        cache=cache,
+        use_cache=use_cache,
+        position_embeddings=position_embeddings,
+        **kwargs,
+    )
+    hidden_states = residual + hidden_states
+    residual = hidden_states
+    hidden_states = self.post_attention_layernorm(hidden_states)
+    hidden_states = self.mlp(hidden_states)
+    hidden_states = residual + hidden_states
+    return hidden_states
+""")
+_LAYER_PARAMS = ["self", "hidden_states", "attention_mask", "position_ids", "cache",
+                 "use_cache", "position_embeddings", "kwargs"]
+_MLP_BODY = re.sub(r"\s+", "", """
+    down_proj = self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+    return down_proj
+""")
+
+
+def _layer_contract(layer: nn.Module) -> str | None:
+    """None when ``layer``'s forward is the Llama-style block we mirror, else why not."""
+    fwd = type(layer).forward
+    try:
+        params = list(inspect.signature(inspect.unwrap(fwd)).parameters)
+    except (TypeError, ValueError):
+        params = []
+    if params != _LAYER_PARAMS or _body(fwd) != _LAYER_BODY:
+        return (f"{type(layer).__name__}.forward is not the Llama-style pre-norm block "
+                "(residual add left unfused)")
+    return None
+
+
+def _fused_layer_forward(self: nn.Module, hidden_states: Tensor,
+                         attention_mask: Tensor | None = None,
+                         position_ids: Tensor | None = None, cache: Any = None,
+                         use_cache: bool | None = False,
+                         position_embeddings: tuple[Tensor, Tensor] | None = None,
+                         **kwargs: Any) -> Tensor:
+    """The Llama-style decoder layer with the post-attention residual add fused into the
+    post_attention_layernorm (same arguments and return as transformers' forward)."""
+    if cache is None and "past_key_values" in kwargs:   # the deprecated name
+        cache = kwargs.pop("past_key_values")
+    residual = hidden_states
+    hidden_states = self.input_layernorm(hidden_states)
+    hidden_states, _ = self.self_attn(
+        hidden_states=hidden_states, attention_mask=attention_mask, position_ids=position_ids,
+        cache=cache, use_cache=use_cache, position_embeddings=position_embeddings, **kwargs)
+    hidden_states, residual = self.post_attention_layernorm(hidden_states, residual)
+    hidden_states = self.mlp(hidden_states)
+    return residual + hidden_states
+
+
+# ----------------------------------------------------------------------- detection
+
+
+def _eps_of(module: nn.Module) -> float | None:
+    for name in ("variance_epsilon", "eps", "epsilon"):
+        val = getattr(module, name, None)
+        if isinstance(val, (int, float)) and not isinstance(val, bool):
+            return float(val)
+    return None
+
+
+@torch.no_grad()
+def _is_rms_norm(module: nn.Module) -> bool:
+    """A leaf with weight [H] and eps computing x / rms(x) * weight (numerical probe)."""
+    if isinstance(module, RMSNorm) or any(True for _ in module.children()):
+        return False
+    w = getattr(module, "weight", None)
+    eps = _eps_of(module)
+    if not isinstance(w, nn.Parameter) or w.ndim != 1 or eps is None or w.is_meta:
+        return False
+    if getattr(module, "bias", None) is not None:
+        return False
+    g = torch.Generator(device="cpu").manual_seed(0)
+    x = (torch.randn(3, w.shape[0], generator=g) * 3 + 0.5).to(w.device)
+    try:
+        got = module(x)
+    except Exception:  # noqa: BLE001 - a module that does not take [N, H]: not a norm
+        return False
+    if not isinstance(got, Tensor) or got.shape != x.shape:
+        return False
+    want = ops.reference.rms_norm(x, w.float(), eps)
+    return bool(torch.allclose(got.float(), want, rtol=1e-3, atol=1e-4))
+
+
+def _is_silu(act: Any) -> bool:
+    return isinstance(act, nn.SiLU) or type(act).__name__ in ("SiLUActivation", "SiLU") \
+        or act is torch.nn.functional.silu
+
+
+def _mlp_contract(mlp: nn.Module) -> str | None:
+    if not all(isinstance(getattr(mlp, n, None), nn.Linear)
+               for n in ("gate_proj", "up_proj", "down_proj")):
+        return "no gate_proj / up_proj / down_proj Linears"
+    if not _is_silu(getattr(mlp, "act_fn", None)):
+        return f"activation {type(getattr(mlp, 'act_fn', None)).__name__} is not SiLU"
+    if _body(type(mlp).forward) != _MLP_BODY:
+        return f"{type(mlp).__name__}.forward is not down(act(gate(x)) * up(x))"
+    g, u = mlp.gate_proj, mlp.up_proj
+    if g.in_features != u.in_features or g.out_features != u.out_features or \
+            (g.bias is None) != (u.bias is None) or g.weight.dtype != u.weight.dtype:
+        return "gate_proj and up_proj differ in shape, bias or dtype"
+    return None
+
+
+# ------------------------------------------------------------------------- summary
+
+
+@dataclass
+class KernelizeSummary:
+    """What :func:`kernelize` did. ``rms_norm`` / ``fused_residual`` / ``mlp``: module
+    names replaced or patched; ``skipped``: module name -> why it was left alone;
+    ``quantization``: quantize_model's summary when quantize="int4"."""
+
+    rms_norm: list[str] = field(default_factory=list)
+    fused_residual: list[str] = field(default_factory=list)
+    mlp: list[str] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)
+    quantization: Any = None
+
+    def __str__(self) -> str:
+        text = (f"kernelize: {len(self.rms_norm)} RMSNorm -> mk.ops.rms_norm, "
+                f"{len(self.fused_residual)} decoder layers with the residual add fused, "
+                f"{len(self.mlp)} MLPs -> gate_up + silu_and_mul")
+        if self.quantization is not None:
+            text += f"; {self.quantization}"
+        if self.skipped:
+            items = [f"{k}: {v}" for k, v in self.skipped.items()]
+            text += "; skipped " + "; ".join(items[:6]) + (
+                f" (+{len(items) - 6} more)" if len(items) > 6 else "")
+        return text
+
+
+def _check_inference(model: nn.Module) -> None:
+    training = [n for n, m in model.named_modules() if m.training]
+    grads = any(p.requires_grad for p in model.parameters())
+    if training and grads:
+        raise RuntimeError(
+            "minikernels.hf.kernelize is for inference only: the model is in training mode "
+            f"({training[0] or type(model).__name__!r} has training=True) and has parameters "
+            "that require grad, and the fused ops have no backward. Call model.eval() first "
+            "(and model.requires_grad_(False) if you do not train it).")
+
+
+def _set(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+
+
+def kernelize(model: nn.Module, rms_norm: bool = True, mlp: bool = True,
+              quantize: str | None = None, group_size: int = 128) -> KernelizeSummary:
+    """Swap ``model``'s RMSNorms, residual adds and SiLU MLPs for minikernels' fused ops, in
+    place; optionally quantize its Linears to int4. Returns (and sets as
+    ``model.kernelize_summary``) a :class:`KernelizeSummary`.
+
+    Inference only: raises RuntimeError on a model in training mode with parameters that
+    require grad. Attention is chosen separately (``attn_implementation="minikernels"``).
+    quantize: None or "int4" (RTN, ``minikernels.quantize_model(model, group_size)``,
+    lm_head kept dense).
+    """
+    if quantize not in (None, "int4"):
+        raise ValueError(f"quantize must be None or 'int4', got {quantize!r}")
+    _check_inference(model)
+    summary = KernelizeSummary()
+    if rms_norm:
+        for name, module in list(model.named_modules()):
+            if _is_rms_norm(module):
+                _set(model, name, RMSNorm(module.weight, _eps_of(module)))
+                summary.rms_norm.append(name)
+        for name, module in list(model.named_modules()):
+            if not isinstance(getattr(module, "post_attention_layernorm", None), nn.Module) \
+                    or not hasattr(module, "self_attn"):
+                continue
+            if not isinstance(module.post_attention_layernorm, RMSNorm):
+                summary.skipped[name] = "post_attention_layernorm is not an RMSNorm"
+                continue
+            why = _layer_contract(module)
+            if why:
+                summary.skipped[name] = why
+                continue
+            module.forward = types.MethodType(_fused_layer_forward, module)
+            summary.fused_residual.append(name)
+    if mlp:
+        for name, module in list(model.named_modules()):
+            if not hasattr(module, "gate_proj") or not hasattr(module, "up_proj"):
+                continue
+            why = _mlp_contract(module)
+            if why:
+                summary.skipped[name] = why
+                continue
+            _set(model, name, GateUpMLP.from_mlp(module))
+            summary.mlp.append(name)
+    if quantize == "int4":
+        from ..nn import quantize_model
+
+        quantize_model(model, group_size=group_size)
+        summary.quantization = getattr(model, "quantization_summary", None)
+    logger.info("%s", summary)
+    try:
+        model.kernelize_summary = summary
+    except AttributeError:  # pragma: no cover
+        pass
+    return summary
