@@ -37,6 +37,7 @@ from .sampler import DeviceSample, Sampler, SamplerOutput
 from .sampling_params import SamplingParams
 from .scheduler import ScheduledBatch, Scheduler
 from .sequence import Request, Sequence, SequenceStatus
+from .structured_outputs import StructuredOutputManager
 
 logger = logging.getLogger("minikernels.engine")
 
@@ -195,6 +196,7 @@ class LLMEngine:
         # it off (e.g. to measure it).
         self.async_scheduling = True if async_scheduling is None else async_scheduling
         self._in_flight: LaunchedStep | None = None
+        self.structured: StructuredOutputManager | None = None   # on first constraint
         self.requests: dict[str, Request] = {}
         self._seq_ids = itertools.count()
         # Counters for stats().
@@ -264,6 +266,9 @@ class LLMEngine:
         else:
             text, ids = self.tokenize(prompt)
         self.validate(len(ids), params)
+        compiled = None
+        if params.structured_outputs is not None:   # cached; the server compiles ahead
+            compiled = self._structured_manager().compile(params.structured_outputs)
         req = Request(request_id, text, ids, params, self.tokenizer, arrival_time)
         incremental = self.tokenizer is not None and (stream or bool(params.stop_strings))
         hold = max((len(s) for s in params.stop_strings), default=1) - 1
@@ -271,6 +276,8 @@ class LLMEngine:
             gen = (self.sampler.make_generator(params.seed + i)
                    if params.seed is not None and not params.greedy else None)
             seq = Sequence(next(self._seq_ids), req, i, gen, self.max_model_len)
+            if compiled is not None:
+                seq.grammar = self.structured.new_matcher(compiled)
             if incremental:
                 seq.start_detokenizer(self.tokenizer, hold if params.stop_strings else 0)
             if i == 0:
@@ -343,6 +350,10 @@ class LLMEngine:
                 plp_dev = self.sampler.prompt_logprobs(
                     logits[ns:], inputs.prompt_lp_targets, max(e[3] for e in plp))
                 logits = logits[:ns]
+            grammar_rows = [r for r, s in enumerate(seqs) if s.grammar is not None]
+            if grammar_rows:   # structured outputs: disallowed tokens -> -inf
+                self.structured.mask_logits(logits, grammar_rows,
+                                            [seqs[r].grammar for r in grammar_rows])
             sample = self.sampler.sample(logits, seqs, self._eos_list) if seqs else None
         except BaseException:
             # schedule() offered this step's full blocks to the prefix cache before the
@@ -365,7 +376,9 @@ class LLMEngine:
                 seq.prompt_lp_next = first + count
         self.computed_tokens_total += batch.num_tokens
         self.num_steps += 1
-        needs = any(p.uses_penalties for p in {id(s.params): s.params for s in seqs}.values())
+        # penalties and grammars need this step's tokens on the host before the next launch
+        needs = any(p.uses_penalties or p.uses_grammar
+                    for p in {id(s.params): s.params for s in seqs}.values())
         return LaunchedStep(batch, seqs, sample, host, runner.completion_event(), needs,
                             plp, plp_host)
 
@@ -399,10 +412,13 @@ class LLMEngine:
                 delta = det.step(token)
                 if delta:
                     seq.unsent_text += delta
+            grammar_done = seq.grammar is not None and self._advance_grammar(seq, token)
             # Fast path: no stop strings / ids, no min_tokens -> EOS and length only.
             if not p.simple_stop or (token in eos and not p.ignore_eos) or \
                     len(seq.token_ids) >= seq.max_total_tokens:
                 self._check_stop(seq, token, delta)
+            if grammar_done and seq.status is not SequenceStatus.FINISHED:
+                self._finish_constrained(seq)
         self.generation_tokens_total += n_new
         self._throughput.add(now, n_new)
         requests = self.requests
@@ -461,6 +477,33 @@ class LLMEngine:
             if t not in entry:
                 entry[t] = Logprob(v, r, text(t))
         seq.logprobs.append(entry)
+
+    def _advance_grammar(self, seq: Sequence, token: int) -> bool:
+        """Feed the sampled token to the sequence's matcher; True when the constraint is
+        over (it accepted a stop token, or - never expected, the mask forbids it - refused
+        the token)."""
+        if not seq.grammar.accept(token):
+            logger.warning("structured outputs: the grammar refused sampled token %d of "
+                           "request %s; finishing it", token, seq.request.request_id)
+            return True
+        return seq.grammar.terminated
+
+    def _finish_constrained(self, seq: Sequence) -> None:
+        """The constraint is complete and nothing may follow (e.g. under ignore_eos)."""
+        if seq.detokenizer is not None:
+            seq.add_text(seq.detokenizer.flush())
+        self.scheduler.finish(seq, "stop")
+        seq.finalize_text()
+
+    def _structured_manager(self) -> StructuredOutputManager:
+        """The grammar compiler / matcher factory, built on first use (needs xgrammar)."""
+        if self.structured is None:
+            if self.tokenizer is None:
+                raise ValueError("structured_outputs needs the model's tokenizer (this "
+                                 "engine was built with tokenizer=None)")
+            self.structured = StructuredOutputManager(self.tokenizer, self.vocab_size,
+                                                      self._eos_list)
+        return self.structured
 
     def _check_stop(self, seq: Sequence, token: int, delta: str) -> None:
         """Finish seq if ``token`` (already appended and decoded into ``delta``) stops it."""

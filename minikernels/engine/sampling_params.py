@@ -10,6 +10,8 @@ import math
 import struct
 from dataclasses import dataclass, field
 
+from .structured_outputs import StructuredOutputsParams
+
 _EPS = 1e-5  # temperatures below this are greedy
 _FP32_TINY = 1.1754943508222875e-38  # smallest normal float32
 MAX_CACHE_SALT_CHARS = 4096
@@ -90,6 +92,10 @@ class SamplingParams:
         cache_salt          None or a non-empty str mixed into the prefix-cache hash of the
                             first block: requests with different salts never share cached
                             KV blocks (separates users; a server salts per API key).
+        structured_outputs  None or a StructuredOutputsParams (or a dict of its fields):
+                            the output must match a JSON schema / any JSON object / a regex
+                            / one of some choices / an EBNF grammar (xgrammar). The request
+                            ends when the constraint is complete and nothing can follow.
     """
 
     n: int = 1
@@ -112,6 +118,7 @@ class SamplingParams:
     prompt_logprobs: int | None = None
     priority: int = 0
     cache_salt: str | None = None
+    structured_outputs: StructuredOutputsParams | None = None
     output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
     # Filled in by __post_init__: stop normalised to a list.
     stop_strings: list[str] = field(default_factory=list, init=False, repr=False)
@@ -174,6 +181,13 @@ class SamplingParams:
                 raise ValueError(f"SamplingParams.cache_salt must be at most "
                                  f"{MAX_CACHE_SALT_CHARS} characters, got "
                                  f"{len(self.cache_salt)}")
+        if isinstance(self.structured_outputs, dict):
+            self.structured_outputs = StructuredOutputsParams(**self.structured_outputs)
+        elif self.structured_outputs is not None and \
+                not isinstance(self.structured_outputs, StructuredOutputsParams):
+            raise TypeError(f"SamplingParams.structured_outputs must be a "
+                            f"StructuredOutputsParams, a dict or None, got "
+                            f"{type(self.structured_outputs).__name__}")
         for name in ("ignore_eos", "skip_special_tokens", "include_stop_str_in_output"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"SamplingParams.{name} must be a bool, got "
@@ -254,6 +268,11 @@ class SamplingParams:
     @property
     def uses_min_p(self) -> bool:
         return self.min_p > 0.0 and not self.greedy
+
+    @property
+    def uses_grammar(self) -> bool:
+        """A structured-output constraint: each step's mask needs the previous token."""
+        return self.structured_outputs is not None
 
     @property
     def uses_penalties(self) -> bool:

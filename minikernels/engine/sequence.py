@@ -53,7 +53,7 @@ class Sequence:
                  "num_cached_tokens", "status", "generator", "finish_reason", "stop_reason",
                  "cumulative_logprob", "logprobs", "num_preemptions", "detokenizer",
                  "_final_text", "stop_hold", "unsent_text", "num_emitted_tokens",
-                 "prompt_lp_next")
+                 "prompt_lp_next", "grammar")
 
     def __init__(self, seq_id: int, request: "Request", index: int,
                  generator: "torch.Generator | None" = None,
@@ -95,6 +95,9 @@ class Sequence:
         # Prompt logprobs (sample 0 of a request asking for them): positions below this
         # one had their logits rows launched (a recompute after preemption skips them).
         self.prompt_lp_next = 0
+        # Structured outputs: this sample's grammar matcher (engine/structured_outputs.py);
+        # it lives here, so it survives preemption (a recompute replays no output token).
+        self.grammar: Any = None
 
     @property
     def wants_prompt_logprobs(self) -> bool:

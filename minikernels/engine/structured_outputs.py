@@ -219,11 +219,11 @@ class StructuredOutputManager:
         bitmask = host.to(dev, non_blocking=True) if dev.type == "cuda" else host
         index = torch.tensor(list(rows), dtype=torch.int32)
         index = index.to(dev, non_blocking=True) if dev.type == "cuda" else index
-        # a padded lm_head's extra columns are disallowed too (never sampled)
-        apply_token_bitmask(logits, _full_rows(bitmask, logits.shape[0], index),
-                            index, vocab_size=min(self.vocab_size, logits.shape[1]))
-        if logits.shape[1] > self.vocab_size:
-            logits[index.long(), self.vocab_size:] = float("-inf")
+        with torch.inference_mode():   # logits come from an inference-mode forward
+            apply_token_bitmask(logits, _full_rows(bitmask, logits.shape[0], index),
+                                index, vocab_size=min(self.vocab_size, logits.shape[1]))
+            if logits.shape[1] > self.vocab_size:   # a padded lm_head's extra columns
+                logits[index.long(), self.vocab_size:] = float("-inf")
 
     def _packed(self, which: Any) -> torch.Tensor:
         """Packed row for a token set (cached): see _control_free / _stop_ids."""

@@ -1,0 +1,127 @@
+"""Structured outputs through the engine (tiny dummy model, byte tokenizer and a HF BPE
+tokenizer): every constrained output parses with strict json.loads and validates, batched
+with unconstrained requests; n > 1, seeds, overlap on/off, preemption and chunked prefill
+give the same outputs; regex / choice / grammar; ignore_eos; clear errors."""
+from __future__ import annotations
+
+import json
+import re
+
+import jsonschema
+import pytest
+from test_structured_outputs import schemas
+
+from minikernels.engine import LLM, SamplingParams
+
+SCHEMA = {"type": "object", "properties": {
+    "name": {"type": "string", "maxLength": 6}, "n": {"type": "integer"},
+    "tags": {"type": "array", "items": {"enum": ["a", "b"]}, "maxItems": 2}},
+    "required": ["name", "n"], "additionalProperties": False}
+
+
+def _llm(**kw) -> LLM:
+    kw.setdefault("block_size", 16)
+    return LLM("tiny", dtype="float32", device="cpu", **kw)
+
+
+def _constrained(max_tokens=120, **so):
+    return SamplingParams(temperature=1.0, seed=7, n=2, max_tokens=max_tokens,
+                          structured_outputs=so or {"json": SCHEMA})
+
+
+def _texts(outs):
+    return [[c.text for c in o.outputs] for o in outs]
+
+
+@pytest.fixture(scope="module")
+def llm() -> LLM:
+    return _llm()
+
+
+def test_json_schema_batched_with_free_requests(llm):
+    free = SamplingParams(temperature=1.0, seed=3, max_tokens=12, ignore_eos=True)
+    prompts = ["Give me JSON", [5, 6, 7], "x" * 40, "Another"]
+    params = [_constrained(), free, _constrained(), free]
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    for o, p in zip(outs, params):
+        for c in o.outputs:
+            if p.structured_outputs is None:
+                assert len(c.token_ids) == 12
+                continue
+            assert c.finish_reason == "stop", c
+            jsonschema.validate(json.loads(c.text), SCHEMA)
+    llm.llm_engine.check_no_leaks()
+
+
+def test_same_outputs_with_overlap_preemption_and_chunking(llm):
+    prompts = ["a" * 20, "b" * 30, "c"]
+    params = [_constrained(), _constrained(regex=r"[a-z]{3,8}@[a-z]{2,5}\.(com|org)"),
+              _constrained(choice=["alpha", "beta", "gamma"])]
+    base = _texts(llm.generate(prompts, params, use_tqdm=False))
+    for kw in (dict(async_scheduling=False), dict(num_kv_blocks=10, enable_prefix_caching=False),
+               dict(max_num_batched_tokens=16, max_num_seqs=2)):
+        other = _llm(**kw)
+        assert _texts(other.generate(prompts, params, use_tqdm=False)) == base, kw
+        other.llm_engine.check_no_leaks()
+    assert all(re.fullmatch(r"[a-z]{3,8}@[a-z]{2,5}\.(com|org)", t) for t in base[1])
+    assert all(t in ("alpha", "beta", "gamma") for t in base[2])
+
+
+def test_random_schemas(llm):
+    from hypothesis import HealthCheck, given, settings
+
+    @settings(max_examples=5, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(schema=schemas())
+    def check(schema):
+        out = llm.generate(["json please"], _constrained(max_tokens=300, json=schema),
+                           use_tqdm=False)[0]
+        for c in out.outputs:
+            if c.finish_reason == "stop":
+                jsonschema.validate(json.loads(c.text), schema)
+
+    check()
+
+
+def test_grammar_and_ignore_eos(llm):
+    sp = SamplingParams(temperature=1.0, seed=1, max_tokens=100, ignore_eos=True,
+                        structured_outputs={"grammar": 'root ::= "(" [0-9] ("+" [0-9])? ")"'})
+    out = llm.generate(["sum"], sp, use_tqdm=False)[0].outputs[0]
+    assert re.fullmatch(r"\(\d(\+\d)?\)", out.text) and out.finish_reason == "stop"
+
+
+def test_errors(llm):
+    with pytest.raises(ValueError, match="structured_outputs.regex is not supported"):
+        llm.generate(["x"], SamplingParams(structured_outputs={"regex": "(open"}),
+                     use_tqdm=False)
+    with pytest.raises(ValueError, match="exactly one of"):
+        SamplingParams(structured_outputs={})
+    with pytest.raises(TypeError, match="structured_outputs must be"):
+        SamplingParams(structured_outputs="json")
+    no_tok = LLM("tiny", dtype="float32", device="cpu", tokenizer=None)
+    with pytest.raises(ValueError, match="needs the model's tokenizer"):
+        no_tok.generate([[1, 2]], SamplingParams(structured_outputs={"regex": "a"}),
+                        use_tqdm=False)
+    llm.llm_engine.check_no_leaks()
+
+
+def test_hf_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from minikernels.models.tokenizer import HFTokenizer
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    # "<eos>" gets id 257: the dummy model's EOS (the engine stops on the model's ids)
+    specials = [f"<unused{i}>" for i in range(257)] + ["<eos>"]
+    bpe.train_from_iterator(['{"name": "ab", "n": 12}'] * 20, trainers.BpeTrainer(
+        vocab_size=500, special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok = HFTokenizer(PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<eos>"))
+    assert tok.eos_token_ids == [257]
+    llm = _llm(tokenizer=tok)
+    outs = llm.generate(["hi"], _constrained(), use_tqdm=False)
+    for c in outs[0].outputs:
+        assert c.finish_reason == "stop"
+        jsonschema.validate(json.loads(c.text), SCHEMA)
