@@ -547,3 +547,106 @@ def test_cli_serve_subprocess(model_dir):
     assert "Traceback" not in log, log
     assert "max_model_len 128" in log and "KV cache 512 tokens" in log, log
     assert '"POST /v1/chat/completions" 200' in log, log
+
+
+def _cached(client, prompt, **extra) -> int:
+    r = client.completions.create(model=MODEL, prompt=prompt, max_tokens=1, temperature=0,
+                                  extra_body={"ignore_eos": True, **extra})
+    return r.usage.prompt_tokens_details.cached_tokens
+
+
+def test_api_keys_and_cache_salt_keep_prefix_caches_apart(engine, server):
+    # Proof by cached prompt tokens, not timing: a key never hits another key's blocks.
+    keys = ["key-alice", "key-bob"]
+    with LiveServer(create_app(engine, api_key=keys, served_model_name=MODEL)) as srv:
+        alice, bob = (openai.OpenAI(base_url=srv.base_url + "/v1", api_key=k, max_retries=0,
+                                    timeout=60) for k in keys)
+        prompt = [7 + (i * 11) % 90 for i in range(40)]          # 2 full blocks of 16
+        assert _cached(alice, prompt) == 0
+        assert _cached(alice, prompt) == 32                     # within a key: hits
+        assert _cached(bob, prompt) == 0                        # across keys: none
+        assert _cached(bob, prompt) == 32
+        assert _cached(alice, prompt, cache_salt="tenant-1") == 0     # the client's salt
+        assert _cached(alice, prompt, cache_salt="tenant-1") == 32
+        assert _cached(bob, prompt, cache_salt="tenant-1") == 0       # same salt, other key
+        # The single-key server (module fixture) has its own, unsalted, cache.
+        single = openai.OpenAI(base_url=server.base_url + "/v1", api_key=API_KEY,
+                               max_retries=0, timeout=60)
+        assert _cached(single, prompt) == 0
+    # --shared-prefix-cache: keys share entries on purpose.
+    with LiveServer(create_app(engine, api_key=keys, served_model_name=MODEL,
+                               shared_prefix_cache=True)) as srv:
+        alice, bob = (openai.OpenAI(base_url=srv.base_url + "/v1", api_key=k, max_retries=0,
+                                    timeout=60) for k in keys)
+        prompt = [9 + (i * 13) % 90 for i in range(40)]
+        assert _cached(alice, prompt) == 0
+        assert _cached(bob, prompt) == 32
+    text = httpx.get(server.base_url + "/metrics").text
+    values = {ln.split("{")[0]: float(ln.split()[-1]) for ln in text.splitlines()
+              if ln and not ln.startswith("#")}
+    assert values["minikernels_prefix_cache_queries_tokens_total"] >= 7 * 40
+    assert values["minikernels_prefix_cache_queries_tokens_total"] >= \
+        values["minikernels_prefix_cache_hits_tokens_total"] > 0
+    _wait_all_free(engine)
+
+
+def test_echo_with_logprobs_returns_prompt_logprobs(client, model_dir, engine):
+    # What lm-eval-harness's loglikelihood reads: tokens, token_logprobs (null first),
+    # top_logprobs, text_offset over prompt + output; checked against transformers.
+    import torch
+    from transformers import LlamaForCausalLM
+
+    tok = engine.tokenizer
+    text = "hello world, the quick brown fox"
+    ids = list(tok.encode(text))
+    hf = LlamaForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32).eval()
+    with torch.no_grad():
+        ref = torch.log_softmax(hf(torch.tensor([ids])).logits[0].float(), dim=-1)
+    # Warm the prefix cache: prompt logprobs must still be computed for every token.
+    client.completions.create(model=MODEL, prompt=ids, max_tokens=1, temperature=0)
+    bodies = []
+    for stream in (False, True):
+        r = httpx.post(server_url(client) + "/completions", headers=_auth(), timeout=60,
+                       json={"model": MODEL, "prompt": ids, "max_tokens": 1, "echo": True,
+                             "logprobs": 2, "temperature": 0, "stream": stream})
+        assert r.status_code == 200, r.text
+        if stream:
+            chunks = [json.loads(ln[6:]) for ln in r.text.splitlines()
+                      if ln.startswith("data: {")]
+            lp = {k: [] for k in ("tokens", "token_logprobs", "top_logprobs", "text_offset")}
+            out_text = ""
+            for ch in chunks:
+                for c in ch["choices"]:
+                    out_text += c["text"]
+                    for k in lp:
+                        lp[k] += (c["logprobs"] or {}).get(k, [])
+            bodies.append((out_text, lp))
+        else:
+            c = r.json()["choices"][0]
+            bodies.append((c["text"], c["logprobs"]))
+    assert bodies[0] == bodies[1]
+    out_text, lp = bodies[0]
+    n = len(ids)
+    assert len(lp["tokens"]) == n + 1 and lp["tokens"][:n] == [tok.decode([t]) for t in ids]
+    assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+    for i in range(1, n):
+        assert lp["token_logprobs"][i] == pytest.approx(ref[i - 1, ids[i]].item(), abs=1e-4)
+        top = torch.topk(ref[i - 1], 2)
+        assert sorted(lp["top_logprobs"][i].values(), reverse=True) == \
+            pytest.approx(top.values.tolist(), abs=1e-4)
+    # text_offset runs over the echoed prompt, then the generated token
+    assert lp["text_offset"][0] == 0 and lp["text_offset"] == sorted(lp["text_offset"])
+    assert lp["text_offset"][n] == len(out_text) - len(lp["tokens"][n])
+    assert lp["token_logprobs"][n] == pytest.approx(ref[n - 1].max().item(), abs=1e-4)
+    _wait_all_free(engine)
+
+
+def server_url(client) -> str:
+    return str(client.base_url).rstrip("/")
+
+
+def test_priority_is_accepted(client):
+    for priority in (-5, 0, 7):
+        r = client.completions.create(model=MODEL, prompt="hello", max_tokens=2,
+                                      extra_body={"priority": priority})
+        assert r.choices[0].finish_reason in ("stop", "length")
