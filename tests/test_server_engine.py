@@ -491,7 +491,7 @@ def test_cli_serve_subprocess(model_dir):
         [sys.executable, "-m", "minikernels", "serve", model_dir, "--port", str(port),
          "--served-model-name", "cli-model", "--dtype", "float32", "--device", "cpu",
          "--enforce-eager", "--max-model-len", "128", "--num-kv-blocks", "32",
-         "--log-level", "info", "--shutdown-grace", "0.5"],
+         "--block-size", "16", "--log-level", "info", "--shutdown-grace", "0.5"],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 90
