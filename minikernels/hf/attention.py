@@ -76,8 +76,16 @@ def _warn_once(reason: str) -> None:
 # ------------------------------------------------------------------------------ mask
 
 
-def _closure_values(fn: Callable) -> list[Any]:
-    return [c.cell_contents for c in (getattr(fn, "__closure__", None) or ())]
+def _noop(*args: Any) -> bool:
+    return True
+
+
+def _codes() -> tuple[Any, Any]:
+    from transformers import masking_utils as mu
+    return mu.and_masks(_noop).__code__, mu.sliding_window_overlay(1).__code__
+
+
+_AND_CODE, _SLIDING_CODE = _codes()
 
 
 def mask_kind(mask_function: Callable) -> str | None:
@@ -90,10 +98,17 @@ def mask_kind(mask_function: Callable) -> str | None:
         return "causal"
     if mask_function is mu.bidirectional_mask_function:
         return "bidirectional"
-    if getattr(mask_function, "__name__", "") == "and_mask":
-        fns = next((v for v in _closure_values(mask_function) if isinstance(v, tuple)), ())
-        if (len(fns) == 2 and fns[1] is mu.causal_mask_function and
-                getattr(fns[0], "__qualname__", "").startswith("sliding_window_overlay.")):
+    # sliding_window_causal_mask_function(w) = and_masks(sliding_window_overlay(w), causal).
+    # Code objects are compared (dynamo does not trace __qualname__ of closures faithfully);
+    # while compiling, a closure made inside the traced region has no readable __closure__:
+    # it is reported unknown (its exact 4-D mask is used).
+    if getattr(mask_function, "__code__", None) is not _AND_CODE or _compiling():
+        return None
+    closure = mask_function.__closure__
+    if closure is not None and len(closure) == 1:
+        fns = closure[0].cell_contents
+        if (isinstance(fns, tuple) and len(fns) == 2 and fns[1] is mu.causal_mask_function
+                and getattr(fns[0], "__code__", None) is _SLIDING_CODE):
             return "sliding"
     return None
 
@@ -155,7 +170,8 @@ def _unsupported(module: torch.nn.Module, query: Tensor, key: Tensor, value: Ten
     if torch.is_grad_enabled() and (query.requires_grad or key.requires_grad
                                     or value.requires_grad):
         return "inputs require grad (the ops are forward-only)"
-    if mask is not None and (not isinstance(mask, Tensor) or mask.ndim != 2):
+    if mask is not None and not (isinstance(mask, Tensor) and
+                                 (mask.ndim == 2 or _row_mask_4d(mask, query))):
         return "a 4-D (or non-tensor) attention mask: its pattern is used as given"
     d, dv = query.shape[-1], value.shape[-1]
     if d != dv or d % 8 or d > MAX_HEAD_DIM or key.shape[-1] != d:
@@ -169,6 +185,13 @@ def _unsupported(module: torch.nn.Module, query: Tensor, key: Tensor, value: Ten
     if sliding_window is not None and not causal:
         return "a bidirectional sliding window"
     return None
+
+
+def _row_mask_4d(mask: Tensor, query: Tensor) -> bool:
+    """A 4-D boolean mask with one query row shared by all heads ([B or 1, 1, 1, Sk]): for a
+    single query it is just the set of keys to read, so the decode kernel takes it exactly."""
+    return (mask.ndim == 4 and mask.dtype == torch.bool and query.shape[2] == 1 and
+            mask.shape[1] == 1 and mask.shape[2] == 1 and mask.shape[0] in (1, query.shape[0]))
 
 
 def _key_mask(mask: Tensor, sk: int) -> tuple[Tensor, int]:
@@ -377,6 +400,9 @@ def attention_forward(module: torch.nn.Module, query: Tensor, key: Tensor, value
                                        softmax_scale=scale, window_left=window_left,
                                        softcap=cap)
         return out, None
+    if attention_mask.ndim == 4:   # [B | 1, 1, 1, Sk] bool: the keys to read, exactly
+        keys = attention_mask[:, 0, 0, :].expand(b, attention_mask.shape[-1])
+        return _decode_compacted(query, key, value, keys, scale, False, None, cap), None
     if sq == 1:
         return _decode_compacted(query, key, value, attention_mask, scale, causal,
                                  sliding_window if causal else None, cap), None
