@@ -274,7 +274,14 @@ def _full_rows(bitmask: torch.Tensor, batch: int, index: torch.Tensor) -> torch.
 
 def _tokenizer_info(xgr: Any, tokenizer: Any, vocab_size: int, eos: list[int]) -> Any:
     """xgrammar's TokenizerInfo for an HF tokenizer wrapper or the built-in byte tokenizer."""
-    hf = getattr(tokenizer, "tokenizer", None)
+    hf = getattr(tokenizer, "tokenizer", None)          # our HFTokenizer wrapper
+    if hf is None and hasattr(tokenizer, "apply_chat_template") and \
+            hasattr(tokenizer, "backend_tokenizer"):          # a transformers tokenizer
+        hf = tokenizer
+    if hf is None and hasattr(tokenizer, "backend_tokenizer"):   # a bare `tokenizers` one
+        from transformers import PreTrainedTokenizerFast
+
+        hf = PreTrainedTokenizerFast(tokenizer_object=tokenizer.backend_tokenizer)
     if hf is not None:
         return xgr.TokenizerInfo.from_huggingface(hf, vocab_size=vocab_size,
                                                   stop_token_ids=eos or None)
