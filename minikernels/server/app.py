@@ -43,6 +43,7 @@ from .metrics import ServerMetrics
 from .prompts import PromptTokenizer
 from .routes import register_routes
 from .streaming import Group
+from .tool_parsers import get_parser
 
 logger = logging.getLogger("minikernels.server")
 
@@ -71,6 +72,7 @@ class ServerState:
     groups: set = field(default_factory=set)
     draining: bool = False
     cache_salt_supported: bool = field(default_factory=engine_supports_cache_salt)
+    tool_call_parser: Optional[str] = None    # --tool-call-parser: tool_choice "auto"
 
     @property
     def served_name(self) -> str:
@@ -107,7 +109,8 @@ def create_app(engine: Any, api_key: Union[None, str, Sequence[str]] = None,
                shutdown_engine: bool = False, *, limits: Optional[ServerLimits] = None,
                allowed_hosts: Optional[Sequence[str]] = LOOPBACK_HOSTS,
                shared_prefix_cache: bool = False,
-               model_aliases: Sequence[str] = ()) -> FastAPI:
+               model_aliases: Sequence[str] = (),
+               tool_call_parser: Optional[str] = None) -> FastAPI:
     """Build the FastAPI app serving ``engine`` (an AsyncLLM or anything with its API).
 
     Args:
@@ -127,7 +130,12 @@ def create_app(engine: Any, api_key: Union[None, str, Sequence[str]] = None,
             (otherwise each key's cache is salted apart when the engine supports it).
         model_aliases: extra ids accepted in ``"model"`` but never listed (e.g. the
             checkpoint path the server was started with).
+        tool_call_parser: how model output is parsed into ``tool_calls`` for
+            ``tool_choice="auto"`` (``"hermes"``, ``"llama3_json"``); None: "auto" tool
+            choice is refused ("required" and named functions work without one).
     """
+    if tool_call_parser is not None:
+        get_parser(tool_call_parser)          # ValueError naming the choices
     if served_model_name is None:
         names = [str(getattr(engine, "model_name", "model"))]
     elif isinstance(served_model_name, str):
@@ -141,7 +149,8 @@ def create_app(engine: Any, api_key: Union[None, str, Sequence[str]] = None,
         aliases=[a for a in model_aliases if a not in names], keys=APIKeys(api_key),
         limits=limits or ServerLimits(),
         prompts=PromptTokenizer(tokenizer, int(max_len) if max_len else None),
-        token_text=TokenText(tokenizer), shared_prefix_cache=shared_prefix_cache)
+        token_text=TokenText(tokenizer), shared_prefix_cache=shared_prefix_cache,
+        tool_call_parser=tool_call_parser)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI):

@@ -15,10 +15,18 @@ forge a system turn. :func:`render_chat` therefore:
 
 Tokenizers without a Hugging Face chat template (the byte-level tokenizer of built-in
 models) encode content as plain bytes already and are called directly.
+
+Tools: a HF template gets ``tools=`` (OpenAI's tool objects) and the messages' assistant
+``tool_calls`` / tool ``tool_call_id`` as they are; the template renders them. Tool
+definitions, tool-call names / arguments and tool_call ids are template text, not content,
+so special-token text in them is refused (400) rather than isolated. Without a HF
+template (the byte tokenizer), :func:`flatten_tools` writes the tools into the system
+turn and the calls into the assistant's content, Hermes / Qwen2.5 style.
 """
 from __future__ import annotations
 
 import inspect
+import json
 import secrets
 from typing import Any, Optional
 
@@ -65,8 +73,71 @@ def _accepts_kwargs(fn: Any) -> bool:
     return any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
 
 
-def render_chat(tokenizer: Any, messages: list[dict[str, str]], add_generation_prompt: bool,
-                template_kwargs: Optional[dict[str, Any]] = None) -> list[int]:
+TOOLS_PROMPT = (
+    "# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
+    "You are provided with function signatures within <tools></tools> XML tags:\n<tools>\n"
+    "{tools}\n</tools>\n\nFor each function call, return a json object with function name "
+    "and arguments within <tool_call></tool_call> XML tags:\n<tool_call>\n"
+    '{{"name": <function-name>, "arguments": <args-json-object>}}\n</tool_call>')
+
+
+def _dumps(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=False)
+
+
+def flatten_tools(messages: list[dict[str, Any]],
+                  tools: Optional[list[dict[str, Any]]]) -> list[dict[str, str]]:
+    """Tools and tool calls as plain {role, content} messages (templates without tools).
+
+    The tool list goes into the system turn (one is added first when there is none);
+    each assistant tool call is appended to its content as ``<tool_call>{json}</tool_call>``
+    (what the ``hermes`` parser reads); tool messages keep role ``tool``.
+    """
+    out: list[dict[str, str]] = []
+    for m in messages:
+        content = m.get("content") or ""
+        for call in m.get("tool_calls") or []:
+            fn = call["function"]
+            body = _dumps({"name": fn["name"], "arguments": fn["arguments"]})
+            content += ("\n" if content else "") + f"<tool_call>\n{body}\n</tool_call>"
+        d = {"role": m["role"], "content": content}
+        if m.get("name"):
+            d["name"] = m["name"]
+        out.append(d)
+    if tools:
+        block = TOOLS_PROMPT.format(tools="\n".join(_dumps(t) for t in tools))
+        if out and out[0]["role"] == "system":
+            out[0] = {**out[0], "content": (out[0]["content"] + "\n\n" + block).lstrip()}
+        else:
+            out.insert(0, {"role": "system", "content": block})
+    return out
+
+
+def _check_tool_text(hf: Any, messages: list[dict[str, Any]],
+                     tools: Optional[list[dict[str, Any]]]) -> None:
+    """Special-token text in template-rendered tool fields -> 400 naming the field."""
+    specials = special_token_strings(hf)
+    if not specials:
+        return
+    fields: list[tuple[str, str]] = []
+    for i, m in enumerate(messages):
+        fields.append((f"messages[{i}].name", m.get("name") or ""))
+        for j, call in enumerate(m.get("tool_calls") or []):
+            fields.append((f"messages[{i}].tool_calls[{j}]", _dumps(call)))
+        if m.get("tool_call_id") is not None:
+            fields.append((f"messages[{i}].tool_call_id", str(m["tool_call_id"])))
+    for i, tool in enumerate(tools or []):
+        fields.append((f"tools[{i}]", _dumps(tool)))
+    for param, text in fields:
+        hit = next((s for s in specials if s in text), None)
+        if hit is not None:
+            raise APIError(f"{param} may not contain special-token text ({hit!r})",
+                           param=param, code="invalid_value")
+
+
+def render_chat(tokenizer: Any, messages: list[dict[str, Any]], add_generation_prompt: bool,
+                template_kwargs: Optional[dict[str, Any]] = None,
+                tools: Optional[list[dict[str, Any]]] = None) -> list[int]:
     """Token ids of ``messages`` rendered with the model's chat template (see above).
 
     Runs the template and the tokenizer: call it off the event loop.
@@ -74,6 +145,9 @@ def render_chat(tokenizer: Any, messages: list[dict[str, str]], add_generation_p
     kwargs = dict(template_kwargs or {})
     hf = _hf_tokenizer(tokenizer)
     if hf is None:
+        if tools or any(m.get("tool_calls") or m.get("tool_call_id") is not None
+                        for m in messages):
+            messages = flatten_tools(messages, tools)
         fn = tokenizer.apply_chat_template
         extra = kwargs if kwargs and _accepts_kwargs(fn) else {}
         # Without **kwargs the template takes no variables: extra ones change nothing,
@@ -85,10 +159,12 @@ def render_chat(tokenizer: Any, messages: list[dict[str, str]], add_generation_p
             raise
         except Exception as exc:  # noqa: BLE001 - template errors are the client's
             raise _template_error(exc) from None
+    if tools is not None:
+        kwargs["tools"] = tools
     return _render_hf(hf, messages, add_generation_prompt, kwargs)
 
 
-def _render_text(hf: Any, messages: list[dict[str, str]], add_generation_prompt: bool,
+def _render_text(hf: Any, messages: list[dict[str, Any]], add_generation_prompt: bool,
                  kwargs: dict[str, Any]) -> str:
     try:
         text = hf.apply_chat_template(messages, tokenize=False,
@@ -100,27 +176,26 @@ def _render_text(hf: Any, messages: list[dict[str, str]], add_generation_prompt:
     return text
 
 
-def _render_hf(hf: Any, messages: list[dict[str, str]], add_generation_prompt: bool,
+def _render_hf(hf: Any, messages: list[dict[str, Any]], add_generation_prompt: bool,
                kwargs: dict[str, Any]) -> list[int]:
+    _check_tool_text(hf, messages, kwargs.get("tools"))
     text = _render_text(hf, messages, add_generation_prompt, kwargs)
     specials = special_token_strings(hf)
-    for i, m in enumerate(messages):
-        name = m.get("name") or ""
-        hit = next((s for s in specials if s in name), None)
-        if hit is not None:
-            raise APIError(f"a message name may not contain special-token text ({hit!r})",
-                           param=f"messages[{i}].name", code="invalid_value")
-    contents = [m["content"] for m in messages]
+    contents = [m.get("content") or "" for m in messages]
     if not any(s in c for c in contents for s in specials):
         return list(hf.encode(text, add_special_tokens=False))
 
     nonce = secrets.token_hex(8)
-    sentinels = [f"\ue000mk{nonce}.{i}\ue001" for i in range(len(messages))]
-    masked = [{**m, "content": s} for m, s in zip(messages, sentinels)]
+    # Empty contents stay empty: a template may render an empty content differently (an
+    # assistant turn holding only tool calls), and there is nothing in them to isolate.
+    sentinels = [f"\ue000mk{nonce}.{i}\ue001" if c else "" for i, c in enumerate(contents)]
+    masked = [{**m, "content": s} if s else m for m, s in zip(messages, sentinels)]
     masked_text = _render_text(hf, masked, add_generation_prompt, kwargs)
     pieces: list[tuple[bool, str]] = []    # (is_content, text)
     pos = 0
     for content, sentinel in zip(contents, sentinels):
+        if not sentinel:
+            continue
         count = masked_text.count(sentinel)
         if count == 0:                      # the template does not render this message
             continue

@@ -74,6 +74,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     http.add_argument("--shutdown-grace", type=float, default=5.0,
                       help="on SIGTERM, seconds in-flight requests get to finish before "
                            "they are aborted (each stream still ends with [DONE])")
+    http.add_argument("--tool-call-parser", default=None, choices=["hermes", "llama3_json"],
+                      help="parse tool calls out of the output for tool_choice 'auto' "
+                           "(hermes: <tool_call> tags, Qwen2.5; llama3_json: Llama 3.x)")
     http.add_argument("--log-level", default="info",
                       choices=["critical", "error", "warning", "info", "debug"])
     http.add_argument("--no-access-log", dest="access_log", action="store_false",
@@ -198,7 +201,8 @@ def run(args: argparse.Namespace) -> int:
         app = create_app(engine, api_key=keys, served_model_name=name, shutdown_engine=True,
                          limits=_limits(args), allowed_hosts=_allowed_hosts(args),
                          shared_prefix_cache=args.shared_prefix_cache,
-                         model_aliases=[args.model])
+                         model_aliases=[args.model],
+                         tool_call_parser=getattr(args, "tool_call_parser", None))
     except ValueError as exc:
         logger.error("%s", exc)
         return 2

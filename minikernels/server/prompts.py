@@ -16,6 +16,7 @@ The engine then gets token ids, so it never tokenizes on the event loop either.
 from __future__ import annotations
 
 import asyncio
+import json
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Optional, TypeVar, Union
 
@@ -111,18 +112,24 @@ class PromptTokenizer:
             ids = ids[-keep:]
         return ids
 
-    async def chat_prompt(self, messages: list[dict[str, str]], add_generation_prompt: bool,
+    async def chat_prompt(self, messages: list[dict[str, Any]], add_generation_prompt: bool,
                           template_kwargs: Optional[dict[str, Any]],
-                          keep: Optional[int]) -> list[int]:
-        """Token ids of the rendered chat, truncated to its last ``keep`` tokens."""
+                          keep: Optional[int],
+                          tools: Optional[list[dict[str, Any]]] = None) -> list[int]:
+        """Token ids of the rendered chat (with ``tools`` for the template), truncated to
+        its last ``keep`` tokens."""
         limit = self._char_limit()
-        chars = sum(len(m["content"]) + len(m.get("name") or "") for m in messages)
+        chars = sum(len(m.get("content") or "") + len(m.get("name") or "")
+                    + (len(json.dumps(m["tool_calls"])) if m.get("tool_calls") else 0)
+                    for m in messages)
+        if tools:
+            chars += len(json.dumps(tools))
         if keep is None and limit is not None and chars > limit:
             raise APIError(f"the messages ({chars} characters) cannot fit the maximum "
                            f"context length of {self.max_model_len} tokens",
                            param="messages", code="context_length_exceeded")
         ids = await self._off_loop(render_chat, self.tokenizer, messages,
-                                   add_generation_prompt, template_kwargs)
+                                   add_generation_prompt, template_kwargs, tools)
         if not ids:
             raise APIError("messages produced an empty prompt", param="messages")
         if keep is not None:

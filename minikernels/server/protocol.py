@@ -11,13 +11,19 @@ Field names and ranges follow OpenAI's API; vLLM's extra fields are accepted whe
 server or engine honours them (``top_k``, ``min_p``, ``repetition_penalty``,
 ``ignore_eos``, ``stop_token_ids``, ``min_tokens``, ``include_stop_str_in_output``,
 ``skip_special_tokens``, ``truncate_prompt_tokens``, ``chat_template_kwargs``,
-``add_generation_prompt``, chat ``echo``, ``priority``, ``cache_salt``; completions
-``echo`` with ``logprobs`` returns the prompt tokens' logprobs), and refused with a 400
-where the engine has no support (``cache_salt`` on an engine without salted prefix
-caching).
+``add_generation_prompt``, chat ``echo``, ``priority``, ``cache_salt``,
+``structured_outputs``; completions ``echo`` with ``logprobs`` returns the prompt tokens'
+logprobs), and refused with a 400 where the engine has no support (``cache_salt`` on an
+engine without salted prefix caching).
+
+Output constraints (:mod:`.structured`): ``response_format`` (``json_object`` /
+``json_schema``) and vLLM's ``structured_outputs`` on both routes; chat ``tools`` with
+``tool_choice`` ``"required"`` or a named function constrain the output to the functions'
+schemas. At most one constraint per request.
 """
 from __future__ import annotations
 
+import json
 from typing import Any, Literal, Optional, Union
 
 from pydantic import (BaseModel, ConfigDict, Field, StrictInt, ValidationError,
@@ -25,6 +31,8 @@ from pydantic import (BaseModel, ConfigDict, Field, StrictInt, ValidationError,
 
 from .errors import APIError, unsupported
 from .jsonbody import format_path
+from .structured import (ConstraintError, StructuredOutputsParams, forced_tool_constraint,
+                         from_response_format, from_structured_outputs, function_specs)
 
 MAX_N = 64            # choices per request (each one is an engine sample)
 MAX_TOP_LOGPROBS = 20
@@ -107,6 +115,10 @@ class _SamplingFields(_Strict):
     truncate_prompt_tokens: Optional[int] = Field(None, ge=-1)
     priority: int = Field(0, ge=-(2 ** 63), lt=2 ** 63)   # lower runs first (vLLM's)
     cache_salt: Optional[str] = Field(None, min_length=1, max_length=1024)
+    # Output constraints: OpenAI's response_format (vLLM takes it on completions too) and
+    # vLLM's structured_outputs; checked by .structured (400 naming the field).
+    response_format: Optional[dict[str, Any]] = None
+    structured_outputs: Optional[dict[str, Any]] = None
 
     @field_validator("stop")
     @classmethod
@@ -144,6 +156,26 @@ class _SamplingFields(_Strict):
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
             raise APIError(f"min_tokens ({self.min_tokens}) must be <= max_tokens "
                            f"({self.max_tokens})", param="min_tokens", code="invalid_value")
+        self.constraint()
+
+    def constraint(self) -> Optional["Constraint"]:
+        """The request's output constraint (None: free text); APIError naming the field."""
+        try:
+            rf = from_response_format(self.response_format)
+            so = from_structured_outputs(self.structured_outputs)
+        except ConstraintError as exc:
+            raise constraint_error(exc) from None
+        if rf is not None and so is not None:
+            raise APIError("response_format and structured_outputs cannot both constrain "
+                           "the output; send one of them", param="structured_outputs",
+                           code="invalid_value")
+        if rf is not None:
+            param = "response_format.json_schema.schema" if rf.json is not None \
+                else "response_format"
+            return Constraint(rf, param)
+        if so is not None:
+            return Constraint(so, f"structured_outputs.{so.kind}")
+        return None
 
 
 # Strict ints: JSON true/false or 1.0 are not token ids.
@@ -183,11 +215,42 @@ class CompletionRequest(_SamplingFields):
         return out
 
 
+class Constraint:
+    """An output constraint and the request field a compile error is blamed on.
+
+    forced: tool_choice "required" / a named function (``tool_name``; None = "required"):
+    the output is the calls' JSON (see :func:`.structured.calls_from_forced_output`).
+    """
+
+    def __init__(self, params: StructuredOutputsParams, param: str, forced: bool = False,
+                 tool_name: Optional[str] = None) -> None:
+        self.params = params
+        self.param = param
+        self.forced = forced
+        self.tool_name = tool_name
+
+
+def constraint_error(exc: ConstraintError) -> APIError:
+    return APIError(f"{exc.param}: {exc}" if not str(exc).startswith(exc.param) else str(exc),
+                    param=exc.param, code="invalid_value")
+
+
+class FunctionCall(_Strict):
+    name: str = Field(..., min_length=1)
+    arguments: str
+
+
+class ToolCallItem(_Strict):
+    id: str = Field(..., min_length=1)
+    type: Literal["function"]
+    function: FunctionCall
+
+
 class ChatMessage(_Strict):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Optional[Union[str, list[dict[str, Any]]]] = None
     name: Optional[str] = None
-    tool_calls: Optional[list[Any]] = None
+    tool_calls: Optional[list[ToolCallItem]] = None
     tool_call_id: Optional[str] = None
 
     def text(self, param: str) -> str:
@@ -221,7 +284,6 @@ class ChatCompletionRequest(_SamplingFields):
     max_completion_tokens: Optional[int] = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: Optional[int] = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
-    response_format: Optional[dict[str, Any]] = None
     tools: Optional[list[Any]] = None
     tool_choice: Optional[Any] = None
     functions: Optional[list[Any]] = None
@@ -232,40 +294,15 @@ class ChatCompletionRequest(_SamplingFields):
     echo: bool = False                    # vLLM: prefix the last assistant message
 
     def check(self) -> None:
-        self.check_common()
         if self.top_logprobs is not None and not self.logprobs:
             raise APIError("top_logprobs requires logprobs=true", param="top_logprobs")
-        if self.response_format is not None:
-            kind = self.response_format.get("type")
-            if kind is None:
-                raise APIError("response_format.type is required", param="response_format.type")
-            if kind != "text":
-                raise unsupported("response_format.type", f"response_format type {kind!r} "
-                                  "is not supported (only 'text')")
-            extra = sorted(set(self.response_format) - {"type"})
-            if extra:
-                raise APIError(f"Unrecognized request argument supplied: response_format."
-                               f"{extra[0]}", param=f"response_format.{extra[0]}",
-                               code="unknown_parameter")
-        for name in ("tools", "functions"):
-            if getattr(self, name):
-                raise unsupported(name, f"{name} are not supported by this server")
-        if self.tool_choice is not None and self.tool_choice != "none":
-            raise unsupported("tool_choice", "tool_choice is not supported (no tools)")
-        if self.function_call is not None and self.function_call != "none":
-            raise unsupported("function_call", "function_call is not supported (no tools)")
-        if self.parallel_tool_calls is not None:
-            raise unsupported("parallel_tool_calls",
-                              "parallel_tool_calls is only allowed together with tools")
-        for i, m in enumerate(self.messages):
-            if m.role == "tool":
-                raise unsupported(f"messages[{i}].role", "tool messages are not supported "
-                                  "(this server does not support tools)")
-            if m.tool_calls:
-                raise unsupported(f"messages[{i}].tool_calls", "assistant tool_calls are "
-                                  "not supported (this server does not support tools)")
-            if m.tool_call_id is not None:
-                raise unsupported(f"messages[{i}].tool_call_id")
+        for name in ("functions", "function_call"):
+            if getattr(self, name) is not None:
+                raise unsupported(name, f"{name} is deprecated and not supported by this "
+                                  "server: use tools / tool_choice")
+        self._check_tools()
+        self._check_messages()
+        self.check_common()        # (after the tools: the constraint needs them checked)
         for key in self.chat_template_kwargs or {}:
             if key in RESERVED_TEMPLATE_KWARGS or not key.isidentifier():
                 raise APIError(f"chat_template_kwargs may not set {key!r}",
@@ -279,17 +316,130 @@ class ChatCompletionRequest(_SamplingFields):
             raise APIError(f"min_tokens ({self.min_tokens}) must be <= max_tokens ({wanted})",
                            param="min_tokens", code="invalid_value")
 
+    # ------------------------------------------------------------------ tools
+    def _check_tools(self) -> None:
+        if self.tools is not None:
+            try:
+                function_specs(self.tools)
+            except ConstraintError as exc:
+                raise constraint_error(exc) from None
+            for i, tool in enumerate(self.tools):
+                fn = tool["function"]
+                unknown = sorted(set(tool) - {"type", "function"}) or \
+                    sorted(set(fn) - {"name", "description", "parameters", "strict"})
+                if unknown:
+                    where = f"tools[{i}]" if set(tool) - {"type", "function"} \
+                        else f"tools[{i}].function"
+                    raise APIError(f"Unrecognized request argument supplied: "
+                                   f"{where}.{unknown[0]}", param=f"{where}.{unknown[0]}",
+                                   code="unknown_parameter")
+                if "description" in fn and not isinstance(fn["description"], str):
+                    raise APIError("a function description must be a string",
+                                   param=f"tools[{i}].function.description")
+                if "strict" in fn and not isinstance(fn["strict"], (bool, type(None))):
+                    raise APIError("function strict must be a boolean",
+                                   param=f"tools[{i}].function.strict")
+        choice = self.tool_choice
+        if choice is None:
+            pass
+        elif isinstance(choice, str):
+            if choice not in ("none", "auto", "required"):
+                raise APIError(f'tool_choice must be "none", "auto", "required" or '
+                               f'{{"type": "function", "function": {{"name": ...}}}}, got '
+                               f'{choice!r}', param="tool_choice", code="invalid_value")
+        elif not (isinstance(choice, dict) and choice.get("type") == "function"
+                  and isinstance(choice.get("function"), dict)
+                  and isinstance(choice["function"].get("name"), str)
+                  and set(choice) == {"type", "function"}
+                  and set(choice["function"]) == {"name"}):
+            raise APIError('tool_choice must be "none", "auto", "required" or '
+                           '{"type": "function", "function": {"name": ...}}',
+                           param="tool_choice", code="invalid_value")
+        if not self.tools:
+            if choice not in (None, "none"):
+                raise APIError("tool_choice is only allowed when tools are specified",
+                               param="tool_choice", code="invalid_value")
+            if self.parallel_tool_calls is not None:
+                raise APIError("parallel_tool_calls is only allowed when tools are "
+                               "specified", param="parallel_tool_calls", code="invalid_value")
+
+    @property
+    def effective_tool_choice(self) -> Any:
+        """OpenAI's default: "auto" when tools are given, else "none"."""
+        if self.tool_choice is not None:
+            return self.tool_choice
+        return "auto" if self.tools else "none"
+
+    def constraint(self) -> Optional[Constraint]:
+        base = super().constraint()
+        choice = self.effective_tool_choice
+        if not self.tools or choice in ("none", "auto"):
+            return base
+        try:
+            forced = forced_tool_constraint(self.tools, choice,
+                                            self.parallel_tool_calls is not False)
+        except ConstraintError as exc:
+            raise constraint_error(exc) from None
+        assert forced is not None
+        if base is not None:
+            field = "response_format" if self.response_format is not None and \
+                self.response_format.get("type") != "text" else "structured_outputs"
+            what = '"required"' if choice == "required" else "(a named function)"
+            raise APIError(f"tool_choice {what} constrains the output to the tool calls; "
+                           f"it cannot be combined with {field}", param=field,
+                           code="invalid_value")
+        params, name = forced
+        names = [t["function"]["name"] for t in self.tools]
+        param = "tools" if name is None else f"tools[{names.index(name)}].function.parameters"
+        return Constraint(params, param, forced=True, tool_name=name)
+
+    def _check_messages(self) -> None:
+        for i, m in enumerate(self.messages):
+            if m.tool_calls is not None and m.role != "assistant":
+                raise APIError("only assistant messages may carry tool_calls",
+                               param=f"messages[{i}].tool_calls", code="invalid_value")
+            if m.role == "tool":
+                if m.tool_call_id is None:
+                    raise APIError("a tool message needs the tool_call_id it answers",
+                                   param=f"messages[{i}].tool_call_id", code="invalid_value")
+            elif m.tool_call_id is not None:
+                raise APIError("only tool messages may carry a tool_call_id",
+                               param=f"messages[{i}].tool_call_id", code="invalid_value")
+            for j, call in enumerate(m.tool_calls or []):
+                try:
+                    args = json.loads(call.function.arguments)
+                except ValueError:
+                    args = None
+                if not isinstance(args, dict):
+                    raise APIError("tool call arguments must be the JSON text of an object",
+                                   param=f"messages[{i}].tool_calls[{j}].function.arguments",
+                                   code="invalid_value")
+            m.text(f"messages[{i}]")      # content parts checked here, not mid-render
+
     def wanted_max_tokens(self) -> Optional[int]:
         return self.max_completion_tokens if self.max_completion_tokens is not None \
             else self.max_tokens
 
-    def template_messages(self) -> list[dict[str, str]]:
-        """Messages as the plain dicts HF chat templates expect."""
+    def template_messages(self) -> list[dict[str, Any]]:
+        """Messages as the plain dicts HF chat templates expect.
+
+        Assistant tool calls carry their arguments as a dict (what chat templates
+        render with ``tojson``; vLLM does the same), tool messages their
+        ``tool_call_id``.
+        """
         out = []
         for i, m in enumerate(self.messages):
             role = "system" if m.role == "developer" else m.role
-            d = {"role": role, "content": m.text(f"messages[{i}]")}
+            d: dict[str, Any] = {"role": role, "content": m.text(f"messages[{i}]")}
             if m.name:
                 d["name"] = m.name
+            if m.tool_calls:
+                d["tool_calls"] = [
+                    {"id": c.id, "type": "function",
+                     "function": {"name": c.function.name,
+                                  "arguments": json.loads(c.function.arguments)}}
+                    for c in m.tool_calls]
+            if m.tool_call_id is not None:
+                d["tool_call_id"] = m.tool_call_id
             out.append(d)
         return out

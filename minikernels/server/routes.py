@@ -24,9 +24,12 @@ from .jsonbody import parse_json_object
 from .logprobs import (chat_logprobs, completion_logprobs, join_completion_logprobs,
                        prompt_completion_logprobs)
 from .metrics import CONTENT_TYPE
-from .protocol import ChatCompletionRequest, CompletionRequest, validation_to_api_error
+from .protocol import (ChatCompletionRequest, CompletionRequest, Constraint, constraint_error,
+                       validation_to_api_error)
 from .streaming import (Choice, ClientGone, EngineRequest, Group, SSEResponse, stream_events,
                         until_disconnect)
+from .structured import ConstraintCompiler, ConstraintError, calls_from_forced_output
+from .tool_parsers import ToolCall, get_parser
 
 if TYPE_CHECKING:
     from .app import ServerState
@@ -36,6 +39,7 @@ def register_routes(app: FastAPI, state: "ServerState") -> None:
     """Add every route to ``app``; they share ``state``."""
     engine = state.engine
     tt = state.token_text
+    compiler = ConstraintCompiler(engine)
 
     # ------------------------------------------------------------------ helpers
     def authenticate(request: Request) -> Optional[str]:
@@ -70,8 +74,19 @@ def register_routes(app: FastAPI, state: "ServerState") -> None:
                               "engine yet (no salted prefix cache)")
         return req, kid
 
+    async def precompile(constraint: Optional[Constraint]) -> None:
+        """Compile the request's constraint before it is admitted (off the event loop;
+        cached, so the engine's own compile is a hit): a bad one is a 400 naming it."""
+        if constraint is None:
+            return
+        try:
+            await compiler.compile(constraint.params, constraint.param)
+        except ConstraintError as exc:
+            raise constraint_error(exc) from None
+
     def make_params(req: Any, max_tokens: int, logprobs: Optional[int],
-                    kid: Optional[str], prompt_logprobs: Optional[int] = None) -> SamplingParams:
+                    kid: Optional[str], prompt_logprobs: Optional[int] = None,
+                    constraint: Optional[Constraint] = None) -> SamplingParams:
         """SamplingParams for one prompt; the engine samples ``n`` choices of it, choice
         ``i`` seeded with ``seed + i``.
 
@@ -95,6 +110,8 @@ def register_routes(app: FastAPI, state: "ServerState") -> None:
                 kwargs[name] = value
         if logprobs is not None:
             kwargs["logprobs"] = logprobs
+        if constraint is not None:
+            kwargs["structured_outputs"] = constraint.params
         if state.cache_salt_supported:
             salt = prefix_cache_salt(kid, req.cache_salt)
             if salt is not None:
@@ -227,6 +244,8 @@ def register_routes(app: FastAPI, state: "ServerState") -> None:
             return gone_response()
         prompts = req.prompts()
         check_prompt_count(len(prompts))
+        constraint = req.constraint()
+        await precompile(constraint)
         keep = state.prompts.resolve_truncation(req.truncate_prompt_tokens)
         max_tokens = req.max_tokens if req.max_tokens is not None else 16
         if req.min_tokens > max_tokens:
@@ -241,7 +260,8 @@ def register_routes(app: FastAPI, state: "ServerState") -> None:
             ids = await state.prompts.completion_prompt(prompt, keep)
             state.prompts.max_tokens_for(len(ids), max_tokens, "prompt")
             if params is None:
-                params = make_params(req, max_tokens, req.logprobs, kid, prompt_lp)
+                params = make_params(req, max_tokens, req.logprobs, kid, prompt_lp,
+                                     constraint)
             text = prompt if isinstance(prompt, str) and keep is None else None
             engine_reqs.append(EngineRequest(f"{rid}-{i}", ids, params, prompt_text=text))
         group = Group(engine, engine_reqs)
@@ -318,9 +338,13 @@ def register_routes(app: FastAPI, state: "ServerState") -> None:
         except ClientGone:
             return gone_response()
         messages = req.template_messages()
+        tools = ToolMode.of(req, state.tool_call_parser)
+        constraint = req.constraint()
+        await precompile(constraint)
         keep = state.prompts.resolve_truncation(req.truncate_prompt_tokens)
         ids = await state.prompts.chat_prompt(messages, req.add_generation_prompt,
-                                              req.chat_template_kwargs, keep)
+                                              req.chat_template_kwargs, keep,
+                                              req.tools or None)
         wanted = state.prompts.max_tokens_for(len(ids), req.wanted_max_tokens(), "messages")
         if req.min_tokens > wanted:
             raise APIError(f"min_tokens ({req.min_tokens}) must be <= max_tokens ({wanted})",
@@ -328,7 +352,8 @@ def register_routes(app: FastAPI, state: "ServerState") -> None:
         top_k = (req.top_logprobs or 0) if req.logprobs else None
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         group = Group(engine, [EngineRequest(f"{rid}-0", ids,
-                                             make_params(req, wanted, top_k, kid))])
+                                             make_params(req, wanted, top_k, kid,
+                                                         constraint=constraint))])
         try:
             await run_group(request, group, req.stream)
         except ClientGone:
@@ -345,10 +370,15 @@ def register_routes(app: FastAPI, state: "ServerState") -> None:
             for c in group.choices:
                 lp = chat_logprobs(tt, c.output, 0, c.num_tokens, top_k or 0) \
                     if req.logprobs else None
-                out_choices.append({"index": c.index,
-                                    "message": {"role": "assistant",
-                                                "content": echo + c.text},
-                                    "logprobs": lp, "finish_reason": c.finish_reason})
+                content, calls = tools.split(c.text)
+                message: dict[str, Any] = {"role": "assistant", "content": content}
+                if content is not None and echo:
+                    message["content"] = echo + content
+                if calls:
+                    message["tool_calls"] = [call.to_openai() for call in calls]
+                out_choices.append({"index": c.index, "message": message, "logprobs": lp,
+                                    "finish_reason": tools.finish_reason(c.finish_reason,
+                                                                         calls)})
             return JSONBody({"id": rid, "object": "chat.completion", "created": created,
                              "model": model, "choices": out_choices, "usage": group.usage()})
 
@@ -374,3 +404,56 @@ def register_routes(app: FastAPI, state: "ServerState") -> None:
 
         return sse_response(group, make_chunks, base, req)
 
+
+
+class ToolMode:
+    """How a chat request's output becomes ``content`` and ``tool_calls``.
+
+    - no tools, or tool_choice "none": all content;
+    - "auto": the server's ``--tool-call-parser`` splits content from calls;
+    - "required" / a named function: the output was constrained to the calls' JSON
+      (:func:`.structured.forced_tool_constraint`), read back with
+      :func:`.structured.calls_from_forced_output` (a truncated output stays content).
+    """
+
+    def __init__(self, kind: str, parser: Optional[str] = None,
+                 tool_name: Optional[str] = None, parallel: bool = True) -> None:
+        self.kind = kind            # "none" | "auto" | "forced"
+        self.parser = parser
+        self.tool_name = tool_name
+        self.parallel = parallel
+
+    @classmethod
+    def of(cls, req: ChatCompletionRequest, parser: Optional[str]) -> "ToolMode":
+        choice = req.effective_tool_choice
+        parallel = req.parallel_tool_calls is not False
+        if not req.tools or choice == "none":
+            return cls("none")
+        if choice == "auto":
+            if parser is None:
+                raise APIError('tool_choice "auto" needs a tool-call parser: this server was '
+                               'started without --tool-call-parser (use "required", a named '
+                               'function, or "none")', param="tool_choice",
+                               code="invalid_value")
+            return cls("auto", parser=parser, parallel=parallel)
+        name = choice["function"]["name"] if isinstance(choice, dict) else None
+        return cls("forced", tool_name=name, parallel=parallel)
+
+    def split(self, text: str) -> tuple[Optional[str], list[ToolCall]]:
+        """A whole output -> (content or None, tool calls)."""
+        if self.kind == "none":
+            return text, []
+        if self.kind == "forced":
+            calls = calls_from_forced_output(text, self.tool_name)
+            content: Optional[str] = None if calls else text
+        else:
+            content, calls = get_parser(self.parser or "").parse(text)
+            if content is None and not calls:
+                content = text
+        if not self.parallel:
+            calls = calls[:1]
+        return content, calls
+
+    @staticmethod
+    def finish_reason(reason: Optional[str], calls: list[ToolCall]) -> Optional[str]:
+        return "tool_calls" if calls and reason == "stop" else reason

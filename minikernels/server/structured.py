@@ -11,11 +11,19 @@
   {"name", "parameters"} objects (one item unless parallel tool calls are allowed).
 
 Every problem raises :class:`ConstraintError` naming the offending field (a 400).
+
+:class:`ConstraintCompiler` compiles a request's constraint on the engine's grammar
+compiler (its worker thread, cached by constraint) before the request is admitted: a bad
+schema is a 400 naming the field, and a new schema never stalls the event loop or the
+engine step (the engine's own compile in ``add_request`` is then a cache hit).
 """
 from __future__ import annotations
 
+import asyncio
 import json
-from typing import Any
+import re
+import threading
+from typing import Any, Optional
 
 from ..engine.structured_outputs import StructuredOutputsParams
 from .tool_parsers import ToolCall
@@ -155,3 +163,43 @@ def calls_from_forced_output(text: str, name: str | None) -> list[ToolCall]:
             calls.append(ToolCall(item["name"],
                                   json.dumps(item.get("parameters", {}), ensure_ascii=False)))
     return calls
+
+
+class ConstraintCompiler:
+    """Precompiles constraints on an :class:`~minikernels.engine.AsyncLLM`'s engine.
+
+    ``engine.engine`` (the LLMEngine) must have ``_structured_manager()``; an engine
+    without it (a test double) does not support constraints: :meth:`compile` raises
+    ConstraintError naming the field.
+    """
+
+    _PREFIX = re.compile(r"^structured_outputs\.\w+ is not supported: "
+                         r"(\[[\d:]+\] \S+:\d+: )?")    # xgrammar's log-line prefix
+
+    def __init__(self, engine: Any) -> None:
+        self._inner = getattr(engine, "engine", None)
+        self._lock = threading.Lock()
+
+    @property
+    def supported(self) -> bool:
+        return callable(getattr(self._inner, "_structured_manager", None))
+
+    def _manager(self) -> Any:
+        with self._lock:            # built once (it reads the whole vocabulary)
+            return self._inner._structured_manager()
+
+    async def compile(self, params: StructuredOutputsParams, param: str,
+                      executor: Optional[Any] = None) -> None:
+        """Compile ``params`` (cached); ConstraintError(param, why) when it cannot be."""
+        if not self.supported:
+            raise ConstraintError(param, f"{param}: structured outputs are not supported by "
+                                  "this server's engine")
+        manager = getattr(self._inner, "structured", None)
+        try:
+            if manager is None:
+                manager = await asyncio.get_running_loop().run_in_executor(
+                    executor, self._manager)
+            await asyncio.wrap_future(manager.submit(params))
+        except ValueError as exc:
+            detail = self._PREFIX.sub("", str(exc))
+            raise ConstraintError(param, f"{param} is not supported: {detail}") from None
