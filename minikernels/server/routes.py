@@ -28,8 +28,8 @@ from .protocol import (ChatCompletionRequest, CompletionRequest, Constraint, con
                        validation_to_api_error)
 from .streaming import (Choice, ClientGone, EngineRequest, Group, SSEResponse, stream_events,
                         until_disconnect)
-from .structured import ConstraintCompiler, ConstraintError, calls_from_forced_output
-from .tool_parsers import ToolCall, get_parser
+from .structured import ConstraintCompiler, ConstraintError
+from .tools import ToolMode
 
 if TYPE_CHECKING:
     from .app import ServerState
@@ -378,12 +378,14 @@ def register_routes(app: FastAPI, state: "ServerState") -> None:
                     message["tool_calls"] = [call.to_openai() for call in calls]
                 out_choices.append({"index": c.index, "message": message, "logprobs": lp,
                                     "finish_reason": tools.finish_reason(c.finish_reason,
-                                                                         calls)})
+                                                                         bool(calls))})
             return JSONBody({"id": rid, "object": "chat.completion", "created": created,
                              "model": model, "choices": out_choices, "usage": group.usage()})
 
         base = {"id": rid, "object": "chat.completion.chunk", "created": created,
                 "model": model}
+
+        tool_streams = {c.index: tools.stream() for c in group.choices}
 
         def make_chunks(c: Choice, final: bool) -> list[dict]:
             chunks = []
@@ -393,67 +395,30 @@ def register_routes(app: FastAPI, state: "ServerState") -> None:
                                                            "content": echo},
                                "logprobs": None, "finish_reason": None})
             delta, t0, t1 = c.new_delta()
-            if delta or final:   # no empty deltas while text is held back
-                lp = chat_logprobs(tt, c.output, t0, t1, top_k or 0) if req.logprobs else None
-                c.sent_text += len(delta)
+            c.sent_text += len(delta)
+            # Text that may be a tool call is held back (its tokens' logprobs go with
+            # the next chunk); tool calls go out as OpenAI's tool_calls deltas.
+            ts = tool_streams[c.index]
+            content, calls = ts.feed(delta, final)
+            out: list[dict] = []
+            if content:
+                out.append({"content": content})
+            out += [{"tool_calls": [d]} for d in calls]
+            if final and not out:
+                out.append({})
+            for k, d in enumerate(out):
+                lp = None
+                if k == 0 and req.logprobs:
+                    lp = chat_logprobs(tt, c.output, t0, t1, top_k or 0)
+                    c.sent_tokens = t1
+                last = final and k == len(out) - 1
+                chunks.append({"index": c.index, "delta": d, "logprobs": lp,
+                               "finish_reason": ts.mode.finish_reason(
+                                   c.finish_reason, ts.has_calls) if last else None})
+            if not req.logprobs:
                 c.sent_tokens = t1
-                chunks.append({"index": c.index, "delta": {"content": delta} if delta else {},
-                               "logprobs": lp,
-                               "finish_reason": c.finish_reason if final else None})
             return chunks
 
         return sse_response(group, make_chunks, base, req)
 
 
-
-class ToolMode:
-    """How a chat request's output becomes ``content`` and ``tool_calls``.
-
-    - no tools, or tool_choice "none": all content;
-    - "auto": the server's ``--tool-call-parser`` splits content from calls;
-    - "required" / a named function: the output was constrained to the calls' JSON
-      (:func:`.structured.forced_tool_constraint`), read back with
-      :func:`.structured.calls_from_forced_output` (a truncated output stays content).
-    """
-
-    def __init__(self, kind: str, parser: Optional[str] = None,
-                 tool_name: Optional[str] = None, parallel: bool = True) -> None:
-        self.kind = kind            # "none" | "auto" | "forced"
-        self.parser = parser
-        self.tool_name = tool_name
-        self.parallel = parallel
-
-    @classmethod
-    def of(cls, req: ChatCompletionRequest, parser: Optional[str]) -> "ToolMode":
-        choice = req.effective_tool_choice
-        parallel = req.parallel_tool_calls is not False
-        if not req.tools or choice == "none":
-            return cls("none")
-        if choice == "auto":
-            if parser is None:
-                raise APIError('tool_choice "auto" needs a tool-call parser: this server was '
-                               'started without --tool-call-parser (use "required", a named '
-                               'function, or "none")', param="tool_choice",
-                               code="invalid_value")
-            return cls("auto", parser=parser, parallel=parallel)
-        name = choice["function"]["name"] if isinstance(choice, dict) else None
-        return cls("forced", tool_name=name, parallel=parallel)
-
-    def split(self, text: str) -> tuple[Optional[str], list[ToolCall]]:
-        """A whole output -> (content or None, tool calls)."""
-        if self.kind == "none":
-            return text, []
-        if self.kind == "forced":
-            calls = calls_from_forced_output(text, self.tool_name)
-            content: Optional[str] = None if calls else text
-        else:
-            content, calls = get_parser(self.parser or "").parse(text)
-            if content is None and not calls:
-                content = text
-        if not self.parallel:
-            calls = calls[:1]
-        return content, calls
-
-    @staticmethod
-    def finish_reason(reason: Optional[str], calls: list[ToolCall]) -> Optional[str]:
-        return "tool_calls" if calls and reason == "stop" else reason
