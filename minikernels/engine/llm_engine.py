@@ -486,7 +486,8 @@ class LLMEngine:
             logger.warning("structured outputs: the grammar refused sampled token %d of "
                            "request %s; finishing it", token, seq.request.request_id)
             return True
-        return seq.grammar.terminated
+        # only a stop token can end a grammar (the matcher's stop ids are the engine's EOS)
+        return token in self.eos_token_ids and seq.grammar.terminated
 
     def _finish_constrained(self, seq: Sequence) -> None:
         """The constraint is complete and nothing may follow (e.g. under ignore_eos)."""
