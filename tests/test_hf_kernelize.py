@@ -8,9 +8,10 @@ from torch import nn
 
 pytest.importorskip("transformers")
 
-import minikernels.hf as mkhf  # noqa: E402
-from minikernels.nn import Int4Linear, quantize_model  # noqa: E402
-from test_model_support import make_hf_model  # noqa: E402
+from test_model_support import make_hf_model
+
+import minikernels.hf as mkhf
+from minikernels.nn import Int4Linear, quantize_model
 
 KINDS = ["llama", "qwen2-window", "qwen3", "mistral-window"]
 TOL = dict(atol=3e-5, rtol=3e-5)

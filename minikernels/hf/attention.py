@@ -228,7 +228,7 @@ def _fallback(module: torch.nn.Module, query: Tensor, key: Tensor, value: Tensor
               mask: Any, dropout: float, scaling: float | None, causal: bool,
               sliding_window: int | None, softcap: float | None,
               kwargs: dict[str, Any]) -> tuple[Tensor, Tensor | None]:
-    b, hq, sq, _ = query.shape
+    b, _, sq, _ = query.shape
     sk = key.shape[2]
     ours = mask is None or (isinstance(mask, Tensor) and mask.ndim == 2)
     # ours: the exact pattern of a None / 2-D mask; else the caller's 4-D mask, as given
@@ -275,7 +275,7 @@ def _eager(query: Tensor, key: Tensor, value: Tensor, mask4: Tensor | None, scal
 def _decode_compacted(query: Tensor, key: Tensor, value: Tensor, mask: Tensor, scale: float,
                       causal: bool, sliding_window: int | None, softcap: float) -> Tensor:
     """One query per row, any 2-D mask: valid keys gathered to the front, paged decode."""
-    b, hq, _, d = query.shape
+    b, _, _, d = query.shape
     hkv, sk = key.shape[1], key.shape[2]
     valid, m = _key_mask(mask, sk)
     slots = torch.arange(sk, device=query.device)
