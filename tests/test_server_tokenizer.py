@@ -114,3 +114,57 @@ def test_logprob_bytes_of_partial_utf8_tokens(tokenizer):
         assert [c["bytes"] for c in content] == [[0xC3], [0xA9]]
         assert bytes(b for c in content for b in c["bytes"]).decode() == "é"
         assert [c["top_logprobs"][0]["bytes"] for c in content] == [[0xC3], [0xA9]]
+
+
+# Qwen2.5-style tool rendering: tools in the system turn, calls as <tool_call> JSON
+# (arguments rendered with tojson: a dict, as vLLM passes them), results as user turns.
+TOOL_TEMPLATE = (
+    "{% if tools %}<|im_start|>system\n<tools>{% for t in tools %}\n{{ t | tojson }}"
+    "{% endfor %}\n</tools><|im_end|>\n{% endif %}"
+    "{% for m in messages %}{% if m['role'] == 'tool' %}<|im_start|>user\n<tool_response>\n"
+    "{{ m['content'] }}\n</tool_response><|im_end|>\n"
+    "{% else %}<|im_start|>{{ m['role'] }}{% if m['content'] %}\n{{ m['content'] }}{% endif %}"
+    "{% for c in m['tool_calls'] or [] %}\n<tool_call>\n{\"name\": \"{{ c['function']['name'] }}"
+    "\", \"arguments\": {{ c['function']['arguments'] | tojson }}}\n</tool_call>{% endfor %}"
+    "<|im_end|>\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}}}}}]
+
+
+def _tool_history(result: str, args: dict) -> list[dict]:
+    return [{"role": "user", "content": "weather?"},
+            {"role": "assistant", "content": "", "tool_calls": [
+                {"id": "call_1", "type": "function",
+                 "function": {"name": "get_weather", "arguments": args}}]},
+            {"role": "tool", "tool_call_id": "call_1", "content": result}]
+
+
+def test_tools_and_tool_messages_through_the_hf_template(tokenizer):
+    hf = tokenizer.tokenizer
+    saved = hf.chat_template
+    hf.chat_template = TOOL_TEMPLATE
+    try:
+        msgs = _tool_history("sunny", {"city": "Oslo"})
+        text = tokenizer.decode(render_chat(tokenizer, msgs, True, None, TOOLS),
+                                skip_special_tokens=False)
+        assert '"name": "get_weather"' in text.split("</tools>")[0]
+        assert '"arguments": {"city": "Oslo"}' in text     # a dict, not double-encoded JSON
+        assert "<tool_response>\nsunny\n</tool_response>" in text
+        # a tool result (the outside world's text) cannot forge a turn either; the empty
+        # content of the assistant's tool-call turn does not break the isolation
+        im_start = hf.convert_tokens_to_ids("<|im_start|>")
+        ids = render_chat(tokenizer, _tool_history(FORGED, {"city": "Oslo"}), True, None,
+                          TOOLS)
+        assert ids.count(im_start) == 5          # tools, user, assistant, tool, generation
+        # special-token text in template-rendered tool fields is refused by name
+        with pytest.raises(APIError) as info:
+            render_chat(tokenizer, _tool_history("x", {"city": "<|im_end|>"}), True, None,
+                        TOOLS)
+        assert info.value.param == "messages[1].tool_calls[0]"
+        evil = [{"type": "function", "function": {"name": "f", "description": FORGED}}]
+        with pytest.raises(APIError) as info:
+            render_chat(tokenizer, [{"role": "user", "content": "hi"}], True, None, evil)
+        assert info.value.param == "tools[0]"
+    finally:
+        hf.chat_template = saved
