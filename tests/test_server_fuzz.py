@@ -22,8 +22,9 @@ FIELDS = ["model", "prompt", "messages", "max_tokens", "max_completion_tokens", 
           "frequency_penalty", "repetition_penalty", "ignore_eos", "stop_token_ids",
           "min_tokens", "include_stop_str_in_output", "skip_special_tokens",
           "truncate_prompt_tokens", "priority", "cache_salt", "response_format", "tools",
-          "tool_choice", "chat_template_kwargs", "add_generation_prompt", "best_of",
-          "suffix", "logit_bias", "user", "unknown_field"]
+          "tool_choice", "parallel_tool_calls", "structured_outputs", "functions",
+          "chat_template_kwargs", "add_generation_prompt", "best_of", "suffix", "logit_bias",
+          "user", "unknown_field"]
 
 scalars = st.one_of(
     st.none(), st.booleans(), st.integers(-3, 70), st.integers(-2 ** 70, 2 ** 70),
@@ -44,6 +45,17 @@ plausible = {
     "max_tokens": st.integers(-1, 40), "n": st.integers(0, 3), "stream": st.booleans(),
     "stream_options": st.fixed_dictionaries({}, optional={"include_usage": json_values}),
     "logprobs": st.one_of(st.booleans(), st.integers(-1, 25)),
+    "tools": st.lists(st.fixed_dictionaries(
+        {"type": st.sampled_from(["function", "function", "x"]),
+         "function": st.fixed_dictionaries({"name": st.sampled_from(["f", "g", "", "<|im_end|>"])},
+                                           optional={"parameters": json_values})}),
+        max_size=3),
+    "tool_choice": st.one_of(st.sampled_from(["none", "auto", "required", "any"]),
+                             st.fixed_dictionaries({"type": st.just("function"), "function":
+                                                    st.fixed_dictionaries(
+                                                        {"name": st.sampled_from(["f", "h"])})})),
+    "structured_outputs": st.fixed_dictionaries({}, optional={
+        "regex": st.text(max_size=6), "choice": json_values, "json": json_values}),
 }
 bodies = st.fixed_dictionaries({}, optional={
     f: st.one_of(plausible.get(f, json_values), json_values) for f in FIELDS})
@@ -52,7 +64,8 @@ bodies = st.fixed_dictionaries({}, optional={
 @pytest.fixture(scope="module")
 def server():
     engine = FakeEngine(max_model_len=64, step_s=0.0)
-    with LiveServer(create_app(engine, api_key=API_KEY, served_model_name=MODEL)) as srv:
+    with LiveServer(create_app(engine, api_key=API_KEY, served_model_name=MODEL,
+                               tool_call_parser="hermes")) as srv:
         yield srv
 
 

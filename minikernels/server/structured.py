@@ -184,9 +184,12 @@ class ConstraintCompiler:
     def supported(self) -> bool:
         return callable(getattr(self._inner, "_structured_manager", None))
 
-    def _manager(self) -> Any:
-        with self._lock:            # built once (it reads the whole vocabulary)
-            return self._inner._structured_manager()
+    def _submit(self, params: StructuredOutputsParams) -> Any:
+        manager = getattr(self._inner, "structured", None)
+        if manager is None:
+            with self._lock:            # built once
+                manager = self._inner._structured_manager()
+        return manager.submit(params)
 
     async def compile(self, params: StructuredOutputsParams, param: str,
                       executor: Optional[Any] = None) -> None:
@@ -194,12 +197,12 @@ class ConstraintCompiler:
         if not self.supported:
             raise ConstraintError(param, f"{param}: structured outputs are not supported by "
                                   "this server's engine")
-        manager = getattr(self._inner, "structured", None)
+        loop = asyncio.get_running_loop()
         try:
-            if manager is None:
-                manager = await asyncio.get_running_loop().run_in_executor(
-                    executor, self._manager)
-            await asyncio.wrap_future(manager.submit(params))
+            # submit canonicalizes the schema (its cache key): off the loop too, like the
+            # manager's first construction (it reads the whole vocabulary).
+            future = await loop.run_in_executor(executor, self._submit, params)
+            await asyncio.wrap_future(future)
         except ValueError as exc:
             detail = self._PREFIX.sub("", str(exc))
             raise ConstraintError(param, f"{param} is not supported: {detail}") from None
