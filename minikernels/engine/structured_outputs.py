@@ -185,43 +185,45 @@ class StructuredOutputManager:
         """Host int32 bitmask [rows, ceil(vocab / 32)], all tokens allowed."""
         return torch.full((rows, self.words), -1, dtype=torch.int32)
 
-    def fill_bitmask(self, grammars: Sequence["SequenceGrammar"],
-                     bitmask: torch.Tensor) -> torch.Tensor:
-        """Row i of ``bitmask`` <- the tokens grammars[i] allows next (host tensors).
-
-        Returns bool [len(grammars)]: rows whose grammar allows nothing but a stop token
-        (complete, nothing can follow: the engine finishes them without sampling).
-        """
+    def fill_bitmask(self, grammars: Sequence["SequenceGrammar"], bitmask: torch.Tensor,
+                     rows: Sequence[int] | None = None) -> torch.Tensor:
+        """Row rows[i] (default i) of the host ``bitmask`` <- the tokens grammars[i] allows
+        next. Returns bool [len(grammars)]: the grammar allows nothing but a stop token
+        (it is complete and nothing can follow)."""
+        rows = list(range(len(grammars))) if rows is None else list(rows)
         if len(grammars) == 1:
-            grammars[0].matcher.fill_next_token_bitmask(bitmask, 0)
+            grammars[0].matcher.fill_next_token_bitmask(bitmask, rows[0])
         else:   # xgrammar fills rows on its own threads (the GIL released)
-            self._batch.batch_fill_next_token_bitmask([g.matcher for g in grammars], bitmask)
-        rows = bitmask[:len(grammars)]
-        json_rows = [i for i, g in enumerate(grammars) if g.mask_control_chars]
+            self._batch.batch_fill_next_token_bitmask([g.matcher for g in grammars], bitmask,
+                                                      rows)
+        json_rows = [r for r, g in zip(rows, grammars) if g.mask_control_chars]
         if json_rows:
-            rows[json_rows] &= self._packed(self._control_free)
-        return ((rows & ~self._packed(self._stop_ids)) == 0).all(dim=1)
+            bitmask[json_rows] &= self._packed(self._control_free)
+        return ((bitmask[rows] & ~self._packed(self._stop_ids)) == 0).all(dim=1)
 
     def mask_logits(self, logits: torch.Tensor, rows: Sequence[int],
                     grammars: Sequence["SequenceGrammar"]) -> None:
         """Disallowed tokens of each constrained row -> -inf, in place.
 
-        logits [B, V] on the device; rows[i] is the logits row of grammars[i]. The bitmask is
-        filled on the host (xgrammar), copied once, applied by the Triton kernel.
+        logits [B, V] on the device; rows[i] is the logits row of grammars[i]. The bitmask
+        [B, words] is filled on the host (xgrammar; unconstrained rows stay all-allowed and
+        are skipped by the kernel), copied once, applied by the Triton kernel.
         """
         if not grammars:
             return
         from ..ops import apply_token_bitmask
 
-        host = self.allocate_bitmask(len(grammars))
-        self.fill_bitmask(grammars, host)
         dev = logits.device
-        bitmask = host.to(dev, non_blocking=True) if dev.type == "cuda" else host
-        index = torch.tensor(list(rows), dtype=torch.int32)
-        index = index.to(dev, non_blocking=True) if dev.type == "cuda" else index
+        pinned = dev.type == "cuda"    # page-locked: the copies below run asynchronously
+        host = torch.full((logits.shape[0], self.words), -1, dtype=torch.int32,
+                          pin_memory=pinned)
+        self.fill_bitmask(grammars, host, rows)
+        index = torch.tensor(list(rows), dtype=torch.int32, pin_memory=pinned)
+        if pinned:
+            host, index = host.to(dev, non_blocking=True), index.to(dev, non_blocking=True)
         with torch.inference_mode():   # logits come from an inference-mode forward
-            apply_token_bitmask(logits, _full_rows(bitmask, logits.shape[0], index),
-                                index, vocab_size=min(self.vocab_size, logits.shape[1]))
+            apply_token_bitmask(logits, host, index,
+                                vocab_size=min(self.vocab_size, logits.shape[1]))
             if logits.shape[1] > self.vocab_size:   # a padded lm_head's extra columns
                 logits[index.long(), self.vocab_size:] = float("-inf")
 
@@ -262,14 +264,6 @@ class SequenceGrammar:
     def terminated(self) -> bool:
         """The grammar accepted a stop token: nothing may follow."""
         return bool(self.matcher.is_terminated())
-
-
-def _full_rows(bitmask: torch.Tensor, batch: int, index: torch.Tensor) -> torch.Tensor:
-    """The op takes one bitmask row per logits row: scatter the constrained rows' masks."""
-    full = torch.full((batch, bitmask.shape[1]), -1, dtype=torch.int32,
-                      device=bitmask.device)
-    full[index.long()] = bitmask
-    return full
 
 
 def _tokenizer_info(xgr: Any, tokenizer: Any, vocab_size: int, eos: list[int]) -> Any:
