@@ -601,6 +601,11 @@ def test_cli_arguments(monkeypatch):
     assert state.keys.check("Bearer from-env") is not None
     assert state.served_name == "some/model"
     assert (served["host"], served["port"]) == ("127.0.0.1", 9001)
+    assert state.tool_call_parser is None
+    assert cli.run(parser.parse_args(["some/model", "--tool-call-parser", "hermes"])) == 0
+    assert served["app"].state.server.tool_call_parser == "hermes"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["some/model", "--tool-call-parser", "mistral"])
 
 
 def test_cli_bad_model_exits_2():
