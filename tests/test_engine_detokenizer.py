@@ -5,8 +5,9 @@ import random
 
 import pytest
 
-from minikernels.engine.detokenizer import (ByteDetokenizer, StreamDetokenizer,
-                                            WindowDetokenizer, make_detokenizer)
+from minikernels.engine.detokenizer import (ByteDetokenizer, ByteLevelDetokenizer,
+                                            StreamDetokenizer, WindowDetokenizer,
+                                            byte_level_table, make_detokenizer)
 from minikernels.models.tokenizer import ByteTokenizer
 
 
@@ -22,18 +23,67 @@ def stream(det, ids):
     return out + det.flush()
 
 
-def test_decode_stream_matches_full_decode(bpe):
+@pytest.mark.parametrize("kind", ["byte-level", "decode-stream"])
+def test_incremental_matches_full_decode(bpe, kind):
     rng = random.Random(0)
     text = "Héllo wörld — 你好, 世界 🙂 def f(x): return x ** 2  # ok\n" * 3
     ids = bpe.encode(text)
     prompt = bpe.encode("The prompt says")
-    det = make_detokenizer(bpe, prompt, skip_special_tokens=True)
-    assert isinstance(det, StreamDetokenizer)
+
+    def make(skip=True):
+        if kind == "decode-stream":
+            return StreamDetokenizer(bpe.backend_tokenizer, prompt, skip)
+        det = make_detokenizer(bpe, prompt, skip_special_tokens=skip)
+        assert isinstance(det, ByteLevelDetokenizer)      # the default for byte-level BPE
+        return det
+
+    det = make()
     assert stream(det, ids) == bpe.decode(ids) == det.text
-    for _ in range(20):                      # random ids: partial UTF-8 sequences included
+    for _ in range(40):                      # random ids: partial UTF-8 sequences included
         ids = [rng.randrange(bpe.vocab_size) for _ in range(rng.randint(1, 40))]
-        det = make_detokenizer(bpe, prompt)
-        assert stream(det, ids) == bpe.decode(ids)
+        for skip in (True, False):
+            det = make(skip)
+            assert stream(det, ids) == bpe.decode(ids, skip_special_tokens=skip) == det.text
+
+
+def test_byte_level_added_tokens_match_tokenizers():
+    # Added tokens (special or not, non-ASCII content) between partial UTF-8 bytes: the
+    # table-driven detokenizer must decode exactly as tokenizers' own decode does.
+    from minikernels.engine.bench_engine import BenchTokenizer
+
+    tok = BenchTokenizer(vocab=300)
+    rust = tok.backend_tokenizer
+    rust.add_special_tokens(["<|im_end|>"])
+    rust.add_tokens(["ñandú", "<tool>"])
+    end, nandu, tool = (rust.token_to_id(t) for t in ("<|im_end|>", "ñandú", "<tool>"))
+    tables = byte_level_table(rust)
+    assert tables is not None
+    rng = random.Random(3)
+    vocab = rust.get_vocab_size(with_added_tokens=True)
+    e_acute = tok.encode("é")                # may be 1 or 2 tokens
+    cases = [[e_acute[0], end, *e_acute], [nandu, tool, end], e_acute[:1] + [nandu]]
+    cases += [[rng.choice([end, nandu, tool, rng.randrange(vocab)]) for _ in range(20)]
+              for _ in range(60)]
+    for ids in cases:
+        for skip in (True, False):
+            det = make_detokenizer(tok, [], skip_special_tokens=skip)
+            assert isinstance(det, ByteLevelDetokenizer)
+            assert stream(det, ids) == rust.decode(ids, skip_special_tokens=skip), ids
+
+
+def test_non_byte_level_tokenizer_uses_decode_stream():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    tok.train_from_iterator(["hello world, héllo wörld"] * 10,
+                            trainers.BpeTrainer(vocab_size=80, show_progress=False))
+    assert byte_level_table(tok) is None
+    ids = tok.encode("héllo world").ids
+    det = make_detokenizer(tok, [])
+    assert isinstance(det, StreamDetokenizer)
+    assert stream(det, ids) == tok.decode(ids)
 
 
 def test_byte_detokenizer_matches_byte_tokenizer():

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import gc
 import logging
 import queue
 import threading
@@ -37,6 +38,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
+from .detokenizer import make_detokenizer
 from .llm_engine import LLM, LLMEngine
 from .outputs import CompletionOutput, Logprob, RequestOutput
 from .sampling_params import RequestOutputKind, SamplingParams
@@ -56,143 +58,333 @@ class EngineDeadError(RuntimeError):
     """The engine loop stopped on an error; no request can be served any more."""
 
 
-class RequestDelta:
-    """What one engine step added to one request (built on the engine thread).
+# One step's news for one request, built on the engine thread: a flat tuple
+#   (mailbox, samples, finished, first_token_time, finish_time, num_cached_tokens,
+#    num_preemptions, prompt_logprobs or None)
+# with samples a tuple of (index, new token ids, new text, new logprobs or None,
+# finish_reason, stop_reason, cumulative_logprob) per sequence. Tuples, not objects:
+# a step at batch 256 builds 256 of them, and everything here is allocation-bound.
+_P_SAMPLES, _P_FINISHED, _P_FIRST, _P_FINISH_T, _P_CACHED, _P_PREEMPT, _P_PLP = range(1, 8)
 
-    samples: per sequence (index, new token ids, new text, new logprobs or None,
-    finish_reason, stop_reason, cumulative_logprob).
+
+def _payload(req: Request, box: "_Mailbox") -> tuple:
+    """The delta of ``req`` since the previous payload for ``box`` (engine thread)."""
+    seqs = req.seqs
+    if len(seqs) == 1:
+        s = seqs[0]
+        ids, text, lps = s.take_delta()
+        samples: tuple = ((s.index, ids, text, lps, s.finish_reason, s.stop_reason,
+                           s.cumulative_logprob),)
+        cached, preempt = s.num_cached_tokens, s.num_preemptions
+    else:
+        out = []
+        for s in seqs:
+            ids, text, lps = s.take_delta()
+            out.append((s.index, ids, text, lps, s.finish_reason, s.stop_reason,
+                        s.cumulative_logprob))
+        samples = tuple(out)
+        cached = req.num_cached_tokens
+        preempt = sum(s.num_preemptions for s in seqs)
+    finished = req.num_finished == len(seqs)
+    plp = None
+    if box.wants_plp and (req.first_token_time is not None or finished):
+        plp = req.prompt_logprobs
+        if plp is not None:
+            plp = list(plp)
+            if box.kind is not _CUMULATIVE:
+                box.wants_plp = False          # DELTA: once, with the first tokens
+    return (box, samples, finished, req.first_token_time, req.finish_time, cached, preempt,
+            plp)
+
+
+def _final_payload(req: Request, box: "_Mailbox") -> tuple:
+    """A finished request's full snapshot (FINAL_ONLY, and aborts of FINAL_ONLY)."""
+    return (box, None, True, req.to_output())
+
+
+class _Mailbox:
+    """One request's inbox on its event loop (see the module docstring).
+
+    The engine thread holds it while the request runs; the consumer's handle
+    (:class:`RequestStream`) holds it too. ``waiter`` is the future the consumer awaits
+    (one per iteration that has to wait); a delivery resolves it with the output itself,
+    so a waiting consumer costs one future and one task wake-up per step.
     """
 
-    __slots__ = ("samples", "finished", "first_token_time", "finish_time", "num_cached_tokens",
-                 "num_preemptions", "final")
-
-    def __init__(self, req: Request) -> None:
-        samples = []
-        for s in req.seqs:
-            ids, text, lps = s.take_delta()
-            samples.append((s.index, ids, text, lps, s.finish_reason, s.stop_reason,
-                            s.cumulative_logprob))
-        self.samples = samples
-        self.finished = finished = req.num_finished == len(samples)
-        self.first_token_time = req.first_token_time
-        self.finish_time = req.finish_time
-        seq0 = req.seqs[0]
-        if finished or len(samples) > 1:
-            self.num_cached_tokens = req.num_cached_tokens
-            self.num_preemptions = sum(s.num_preemptions for s in req.seqs)
-        else:
-            self.num_cached_tokens = seq0.num_cached_tokens
-            self.num_preemptions = seq0.num_preemptions
-        self.final: RequestOutput | None = None
-
-
-class _Stream:
-    """One request's mailbox on its event loop: queued deltas, merged on the next yield."""
-
     __slots__ = ("loop", "request_id", "prompt", "prompt_token_ids", "params", "kind",
-                 "arrival_time", "queued", "waiter", "error", "acc_ids", "acc_text",
-                 "acc_lps")
+                 "arrival_time", "queued", "waiter", "error", "done", "abandoned",
+                 "acc_ids", "acc_text", "acc_lps", "acc_plp", "wants_plp", "registry")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, request_id: str,
                  prompt: str | None, prompt_token_ids: list[int], params: SamplingParams,
-                 arrival_time: float) -> None:
+                 arrival_time: float, registry: dict[str, "_Mailbox"]) -> None:
         self.loop = loop
+        self.registry = registry           # AsyncLLM._streams: ids in use (loop side)
         self.request_id = request_id
         self.prompt = prompt
         self.prompt_token_ids = prompt_token_ids
         self.params = params
         self.kind = params.output_kind
         self.arrival_time = arrival_time
-        self.queued: list[RequestDelta] = []
+        self.queued: list[tuple] = []      # payloads not handed out yet
         self.waiter: asyncio.Future | None = None
         self.error: BaseException | None = None
+        self.done = False                  # the finished output was handed out
+        self.abandoned = False             # the consumer went away (abort sent)
         # CUMULATIVE: everything so far, per sample index.
         self.acc_ids: dict[int, list[int]] = {}
         self.acc_text: dict[int, str] = {}
         self.acc_lps: dict[int, list[dict[int, Logprob]]] = {}
+        self.acc_plp: list | None = None
+        # Engine thread only: prompt logprobs still to send (DELTA: with the first tokens).
+        self.wants_plp = getattr(params, "prompt_logprobs", None) is not None
 
-    # -- on the event loop
-    def push(self, delta: RequestDelta | None, error: BaseException | None = None) -> None:
-        if error is not None:
-            self.error = error
-        if delta is not None:
-            self.queued.append(delta)
-        w = self.waiter
-        if w is not None and not w.done():
-            w.set_result(None)
-
-    def post(self, delta: RequestDelta | None = None,
-             error: BaseException | None = None) -> None:
-        """From the engine thread, for one stream (errors, aborts)."""
+    # -- engine thread
+    def post(self, payload: tuple | None = None, error: BaseException | None = None) -> None:
+        """From the engine thread, for this one stream (errors, aborts)."""
         try:
-            self.loop.call_soon_threadsafe(self.push, delta, error)
+            self.loop.call_soon_threadsafe(self.push, payload, error)
         except RuntimeError:  # the consumer's loop is closed: nobody listens any more
             pass
 
-    async def next(self) -> RequestOutput:
-        """The merged output of everything queued (waits for the first delta)."""
-        while True:
-            if self.queued:
-                deltas, self.queued = self.queued, []
-                return self._merge(deltas)
-            if self.error is not None:
-                raise self.error
-            self.waiter = self.loop.create_future()
-            await self.waiter
+    # -- event loop
+    def push(self, payload: tuple | None, error: BaseException | None = None) -> None:
+        if error is not None:
+            self.error = error
+        if payload is not None:
+            self.queued.append(payload)
+        if self.error is not None and self.registry.get(self.request_id) is self:
+            del self.registry[self.request_id]
+        w = self.waiter
+        if w is not None:
             self.waiter = None
+            if not w.done():
+                if self.queued:
+                    queued, self.queued = self.queued, []
+                    w.set_result(self.merge(queued))
+                elif self.error is not None:
+                    w.set_exception(self.error)
 
-    def _merge(self, deltas: list[RequestDelta]) -> RequestOutput:
-        last = deltas[-1]
-        if last.final is not None:    # FINAL_ONLY (or an abort): a full snapshot
-            return last.final
-        cumulative = self.kind is _CUMULATIVE
-        outs = []
-        for j, (index, ids, text, lps, reason, stop, cum_lp) in enumerate(last.samples):
-            if len(deltas) > 1:
-                ids = [t for d in deltas for t in d.samples[j][1]]
-                text = "".join(d.samples[j][2] for d in deltas)
+    def merge(self, payloads: list[tuple]) -> RequestOutput:
+        """One output from one or more payloads (a slow consumer gets them coalesced)."""
+        last = payloads[-1]
+        if last[_P_SAMPLES] is None:          # a full snapshot (FINAL_ONLY)
+            self._done()
+            return last[3]
+        samples = last[_P_SAMPLES]
+        plp = last[_P_PLP]
+        if len(payloads) > 1:
+            merged = []
+            for j, (index, ids, text, lps, reason, stop, cum_lp) in enumerate(samples):
+                ids = [t for p in payloads for t in p[_P_SAMPLES][j][1]]
+                text = "".join([p[_P_SAMPLES][j][2] for p in payloads])
                 if lps is not None:
-                    lps = [x for d in deltas for x in d.samples[j][3]]
-            want_lp = lps is not None
-            if cumulative:
-                acc = self.acc_ids.setdefault(index, [])
-                acc += ids
-                full_text = self.acc_text.get(index, "") + text
-                self.acc_text[index] = full_text
-                if want_lp:
-                    acc_lps = self.acc_lps.setdefault(index, [])
-                    acc_lps += lps
-                    lps = list(acc_lps)
-                outs.append(CompletionOutput(
-                    index=index, text=full_text, token_ids=list(acc),
-                    cumulative_logprob=cum_lp if want_lp else None, logprobs=lps,
-                    finish_reason=reason, stop_reason=stop, delta_text=text,
-                    delta_token_ids=ids))
-            else:
-                outs.append(CompletionOutput(
-                    index=index, text=text, token_ids=ids,
-                    cumulative_logprob=cum_lp if want_lp else None, logprobs=lps,
-                    finish_reason=reason, stop_reason=stop, delta_text=text,
-                    delta_token_ids=ids))
-        metrics = {"arrival_time": self.arrival_time, "first_token_time": last.first_token_time,
-                   "finished_time": last.finish_time, "num_preemptions": last.num_preemptions}
-        return RequestOutput(request_id=self.request_id, prompt=self.prompt,
-                             prompt_token_ids=self.prompt_token_ids, outputs=outs,
-                             finished=last.finished, metrics=metrics,
-                             num_cached_tokens=last.num_cached_tokens)
+                    lps = [x for p in payloads for x in p[_P_SAMPLES][j][3]]
+                merged.append((index, ids, text, lps, reason, stop, cum_lp))
+            samples = merged
+            if plp is None:
+                plp = next((p[_P_PLP] for p in payloads if p[_P_PLP] is not None), None)
+        finished = last[_P_FINISHED]
+        if finished:
+            self._done()
+        if self.kind is _CUMULATIVE:
+            outs = self._cumulative(samples)
+            if plp is not None:
+                self.acc_plp = plp
+            plp = self.acc_plp
+        else:
+            outs = [CompletionOutput(index, text, ids, cum_lp if lps is not None else None,
+                                     lps, reason, stop, text, ids)
+                    for index, ids, text, lps, reason, stop, cum_lp in samples]
+        return RequestOutput(self.request_id, self.prompt, self.prompt_token_ids, outs,
+                             finished,
+                             {"arrival_time": self.arrival_time,
+                              "first_token_time": last[_P_FIRST],
+                              "finished_time": last[_P_FINISH_T],
+                              "num_preemptions": last[_P_PREEMPT]},
+                             last[_P_CACHED], plp)
+
+    def _done(self) -> None:
+        self.done = True
+        if self.registry.get(self.request_id) is self:
+            del self.registry[self.request_id]
+
+    def _cumulative(self, samples: Any) -> list[CompletionOutput]:
+        outs = []
+        for index, ids, text, lps, reason, stop, cum_lp in samples:
+            acc = self.acc_ids.setdefault(index, [])
+            acc += ids
+            full_text = self.acc_text.get(index, "") + text
+            self.acc_text[index] = full_text
+            if lps is not None:
+                acc_lps = self.acc_lps.setdefault(index, [])
+                acc_lps += lps
+                lps = list(acc_lps)
+            outs.append(CompletionOutput(index, full_text, list(acc),
+                                         cum_lp if lps is not None else None, lps, reason,
+                                         stop, text, ids))
+        return outs
 
 
-def _deliver(items: list[tuple[_Stream, RequestDelta]]) -> None:
-    """On an event loop: hand one engine step's deltas to their streams."""
-    for stream, delta in items:
-        stream.push(delta)
+def _deliver(items: list[tuple]) -> None:
+    """On an event loop: hand one engine step's payloads to their mailboxes.
+
+    The hot path of streaming: a consumer already waiting gets its output built and its
+    future resolved here; any other payload is queued for its next iteration.
+    """
+    for p in items:
+        box = p[0]
+        w = box.waiter
+        if w is not None and not box.queued:
+            box.waiter = None
+            if not w.done():                  # not cancelled
+                try:
+                    w.set_result(box.merge((p,)))
+                except Exception as exc:  # noqa: BLE001 - that consumer fails, not all
+                    w.set_exception(exc)
+                continue
+        box.queued.append(p)
 
 
-def _final_delta(req: Request) -> RequestDelta:
-    """A finished request's delta carrying its full snapshot (FINAL_ONLY and aborts)."""
-    d = RequestDelta(req)
-    d.final = req.to_output()
-    return d
+class RequestStream:
+    """What :meth:`AsyncLLM.generate` returns: an async iterator of one request's outputs.
+
+    The request is validated and queued on the first iteration. Leaving early
+    (``aclose()``, or dropping the iterator, e.g. when the consuming task is cancelled)
+    aborts the request.
+    """
+
+    __slots__ = ("_engine", "_args", "_box", "_closed", "__weakref__")
+
+    def __init__(self, engine: "AsyncLLM", args: tuple) -> None:
+        self._engine = engine
+        self._args = args
+        self._box: _Mailbox | None = None
+        self._closed = False
+
+    def __aiter__(self) -> "RequestStream":
+        return self
+
+    def __anext__(self) -> Any:
+        box = self._box
+        if box is None:
+            if self._closed:
+                raise StopAsyncIteration
+            self._closed = True             # a failed start ends the stream
+            box = self._box = self._engine._start(*self._args)
+            self._closed = False
+        if box.queued:
+            queued, box.queued = box.queued, []
+            fut = box.loop.create_future()
+            fut.set_result(box.merge(queued))
+            return fut
+        if box.done or self._closed:
+            self._finish()
+            raise StopAsyncIteration
+        if box.error is not None:
+            self._finish()
+            raise box.error
+        box.waiter = fut = box.loop.create_future()
+        return fut
+
+    def _finish(self) -> None:
+        """The consumer is done with this stream (finished, failed or left)."""
+        box = self._box
+        if box is None or self._closed:
+            self._closed = True
+            return
+        self._closed = True
+        eng = self._engine
+        if box.registry.get(box.request_id) is box:
+            del box.registry[box.request_id]
+        if not box.done and box.error is None and not box.abandoned and eng._dead is None:
+            box.abandoned = True
+            eng._send(("abort", box.request_id, None))
+
+    async def aclose(self) -> None:
+        """Stop iterating; an unfinished request is aborted."""
+        self._finish()
+
+    def __del__(self) -> None:
+        # Dropped without finishing (e.g. its task was cancelled): abort. SimpleQueue.put
+        # is safe here (reentrant); the engine loop drains it within a step / 50 ms.
+        box = self._box
+        if box is not None and not self._closed and not box.done and not box.abandoned \
+                and box.error is None:
+            box.abandoned = True
+            eng = self._engine
+            if box.registry.get(box.request_id) is box:
+                box.registry.pop(box.request_id, None)
+            if eng._dead is None and not eng._closed:
+                eng._cmds.put(("abort", box.request_id, None))
+
+
+class _BusyGC:
+    """Garbage collection while engines are busy (process-wide, reference-counted).
+
+    A decode step at batch 256 allocates a few thousand short-lived objects (outputs,
+    futures, tuples); with CPython's default gen-0 threshold (700) that is one young
+    collection per step, each scanning every object alive at that moment (~0.3 ms).
+    And a full collection traverses every token list of every running sequence (~10 ms
+    at 256 x 1k tokens). So while any engine has work: the gen-0 threshold is raised to
+    ``YOUNG`` (young collections every ~10 steps instead of every step; they still run,
+    so cyclic garbage never piles up in the young generations) and automatic full
+    collections are off. Full collections then run on the engine thread at chosen
+    points: when the last busy engine goes idle, and under continuous load after
+    ``FULL_EVERY_FINISHED`` finished requests or ``FULL_EVERY_S`` seconds (whichever
+    comes later), so the cycles of finished requests are still freed. The thresholds
+    in force before are restored when no engine is busy.
+    """
+
+    YOUNG = 20_000
+    FULL_EVERY_FINISHED = 1024
+    FULL_EVERY_S = 30.0
+    _lock = threading.Lock()
+    _busy = 0
+    _saved: tuple[int, ...] | None = None
+
+    def __init__(self) -> None:
+        self.active = False
+        self.finished = 0            # requests finished since the last full collection
+        self.last_full = time.monotonic()
+
+    def busy(self) -> None:
+        if self.active:
+            return
+        self.active = True
+        cls = type(self)
+        with cls._lock:
+            if cls._busy == 0:
+                cls._saved = gc.get_threshold()
+                t0, t1 = cls._saved[0], cls._saved[1] if len(cls._saved) > 1 else 10
+                if t0 > 0:                  # 0: the user disabled automatic collection
+                    gc.set_threshold(max(t0, cls.YOUNG), t1, 1 << 30)
+            cls._busy += 1
+
+    def on_finished(self, n: int) -> None:
+        self.finished += n
+        if self.finished >= self.FULL_EVERY_FINISHED and \
+                time.monotonic() - self.last_full >= self.FULL_EVERY_S:
+            self.collect()
+
+    def collect(self) -> None:
+        gc.collect()
+        self.finished = 0
+        self.last_full = time.monotonic()
+
+    def idle(self) -> None:
+        if not self.active:
+            return
+        self.active = False
+        cls = type(self)
+        with cls._lock:
+            cls._busy -= 1
+            last = cls._busy == 0
+            if last and cls._saved is not None:
+                gc.set_threshold(*cls._saved)
+                cls._saved = None
+        if self.finished and last:
+            self.collect()
 
 
 class AsyncLLM:
@@ -202,9 +394,12 @@ class AsyncLLM:
         llm: the LLM whose engine this drives (do not call llm.generate concurrently).
         max_queue: most requests waiting for admission; beyond it generate raises
             EngineOverloaded.
+        tune_gc: while the engine is busy, raise the gen-0 GC threshold and run full
+            collections on the engine thread at chosen points instead of automatically
+            (see ``_BusyGC``; process-wide, restored when idle).
     """
 
-    def __init__(self, llm: LLM, max_queue: int = 1024) -> None:
+    def __init__(self, llm: LLM, max_queue: int = 1024, tune_gc: bool = True) -> None:
         if not isinstance(llm, LLM):
             raise TypeError(f"llm must be a minikernels LLM, got {type(llm).__name__}")
         if not isinstance(max_queue, int) or isinstance(max_queue, bool) or max_queue < 1:
@@ -214,8 +409,8 @@ class AsyncLLM:
         self.max_queue = max_queue
         self._cmds: queue.SimpleQueue = queue.SimpleQueue()
         self._wakeup = threading.Event()
-        self._streams: dict[str, _Stream] = {}          # event-loop side
-        self._engine_streams: dict[str, _Stream] = {}   # engine-thread side
+        self._streams: dict[str, _Mailbox] = {}          # event-loop side (ids in use)
+        self._engine_streams: dict[str, _Mailbox] = {}   # engine-thread side
         self._pending = 0                                # adds not yet seen by the engine
         self._pending_lock = threading.Lock()
         self._thread: threading.Thread | None = None
@@ -226,6 +421,14 @@ class AsyncLLM:
         self._send_lock = threading.Lock()
         self._dead: BaseException | None = None
         self._stats: dict[str, Any] = self.engine.stats()
+        self._stats_time = 0.0
+        self._gc: _BusyGC | None = _BusyGC() if tune_gc else None
+        if self.engine.tokenizer is not None:
+            # Build the detokenizer's per-tokenizer tables now, not on the first request.
+            try:
+                make_detokenizer(self.engine.tokenizer, [])
+            except Exception:  # noqa: BLE001 - the first request will report it
+                pass
 
     @classmethod
     def from_args(cls, model: str, max_queue: int = 1024, **llm_kwargs: Any) -> "AsyncLLM":
@@ -297,75 +500,102 @@ class AsyncLLM:
         elif cmd[0] == "abort" and cmd[2] is not None and not cmd[2].done():
             cmd[2].set_result(False)
 
-    def _delta(self, req: Request, stream: _Stream) -> RequestDelta | None:
-        """The delta to post for an updated request (None: nothing for this consumer)."""
-        if stream.kind is _FINAL:
-            return _final_delta(req) if req.finished else None
-        return RequestDelta(req)
+    def _payload(self, req: Request, box: _Mailbox) -> tuple | None:
+        """The payload to post for an updated request (None: nothing for this consumer)."""
+        if box.kind is _FINAL:
+            return _final_payload(req, box) if req.finished else None
+        return _payload(req, box)
 
     def _drain(self) -> None:
-        while True:
+        cmds = self._cmds
+        while not cmds.empty():
             try:
-                cmd = self._cmds.get_nowait()
+                cmd = cmds.get_nowait()
             except queue.Empty:
                 return
             kind = cmd[0]
             if kind == "add":
-                _, rid, prompt, ids, params, stream, arrival = cmd
+                _, rid, prompt, ids, params, box, arrival = cmd
                 with self._pending_lock:
                     self._pending -= 1
                 try:
                     self.engine.add_request(rid, prompt, params, arrival_time=arrival,
                                             stream=params.output_kind is not _FINAL,
                                             prompt_token_ids=ids)
-                    self._engine_streams[rid] = stream
+                    self._engine_streams[rid] = box
                 except Exception as exc:  # noqa: BLE001 - reported to that request only
-                    stream.post(error=exc)
+                    box.post(error=exc)
             elif kind == "abort":
                 _, rid, fut = cmd
                 req = self.engine.abort_request(rid)
                 self._stats = self.engine.stats()  # before anyone is told it is done
-                stream = self._engine_streams.pop(rid, None)
-                if req is not None and stream is not None:
-                    stream.post(self._delta(req, stream))
+                self._stats_time = time.perf_counter()
+                box = self._engine_streams.pop(rid, None)
+                if req is not None and box is not None:
+                    box.post(self._payload(req, box))
                 if fut is not None and not fut.done():
                     fut.set_result(req is not None)
 
-    def _post_step(self, updated: list[Request]) -> None:
-        """Post one step's deltas: one call_soon_threadsafe per event loop."""
+    def _post_step(self, updated: list[Request]) -> int:
+        """Post one step's payloads: one call_soon_threadsafe per event loop. Returns
+        the number of requests that finished."""
         streams = self._engine_streams
-        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Stream, RequestDelta]]] = {}
+        items: list[tuple] = []
+        loop = None
+        other: dict[asyncio.AbstractEventLoop, list[tuple]] | None = None
+        num_finished = 0
         for req in updated:
-            stream = streams.get(req.request_id)
-            if stream is None:
+            box = streams.get(req.request_id)
+            if box is None:
                 continue
-            if req.finished:
+            if req.num_finished == len(req.seqs):
                 del streams[req.request_id]
-            delta = self._delta(req, stream)
-            if delta is not None:
-                items = by_loop.get(stream.loop)
-                if items is None:
-                    items = by_loop[stream.loop] = []
-                items.append((stream, delta))
-        for loop, items in by_loop.items():
+                num_finished += 1
+            if box.kind is _FINAL:
+                if not req.finished:
+                    continue
+                p = _final_payload(req, box)
+            else:
+                p = _payload(req, box)
+            if box.loop is loop or loop is None:
+                loop = box.loop
+                items.append(p)
+            else:                                  # consumers on several event loops
+                if other is None:
+                    other = {}
+                other.setdefault(box.loop, []).append(p)
+        if num_finished or time.perf_counter() - self._stats_time > 0.02:
+            # Before posting: a consumer that sees its final output sees these counters.
+            self._stats = self.engine.stats()
+            self._stats_time = time.perf_counter()
+        posts = [(loop, items)] if loop is not None else []
+        if other:
+            posts += list(other.items())
+        for lp, its in posts:
             try:
-                loop.call_soon_threadsafe(_deliver, items)
+                lp.call_soon_threadsafe(_deliver, its)
             except RuntimeError:  # that loop is closed: nobody listens any more
                 pass
+        return num_finished
 
     def _loop(self) -> None:
         engine = self.engine
+        gcp = self._gc
         try:
             while not self._stopping:
                 self._drain()
                 if not engine.has_unfinished():
                     self._stats = engine.stats()
+                    if gcp is not None:
+                        gcp.idle()
                     self._wakeup.wait(0.05)
                     self._wakeup.clear()
                     continue
-                updated = engine.step()
-                self._stats = engine.stats()  # before posting: a final output sees it
-                self._post_step(updated)
+                if gcp is not None:
+                    gcp.busy()
+                n = self._post_step(engine.step())
+                if n and gcp is not None:
+                    gcp.on_finished(n)
         except BaseException as exc:  # noqa: BLE001 - the loop must report, not vanish
             logger.exception("engine loop died")
             self._dead = exc
@@ -374,6 +604,8 @@ class AsyncLLM:
                 stream.post(error=err)
             self._engine_streams.clear()
         finally:
+            if gcp is not None:
+                gcp.idle()
             # Shut down (or died): finish every request, then answer pending (and later)
             # commands. Each abort is guarded: after an error the engine state may be
             # broken, and nobody may be left waiting because of that.
@@ -382,7 +614,7 @@ class AsyncLLM:
                 try:
                     req = engine.abort_request(rid)
                     if stream is not None and req is not None:
-                        stream.post(self._delta(req, stream))
+                        stream.post(self._payload(req, stream))
                         stream = None
                 except Exception:  # noqa: BLE001
                     logger.exception("abort of %s failed while stopping", rid)
@@ -405,18 +637,25 @@ class AsyncLLM:
                 pass
 
     # ------------------------------------------------------------------ public API
-    async def generate(self, prompt: str | list[int], params: SamplingParams,
-                       request_id: str) -> AsyncIterator[RequestOutput]:
-        """Stream the outputs of one request, shaped by ``params.output_kind`` (see the
-        module docstring: CUMULATIVE snapshots, DELTA outputs, or FINAL_ONLY).
+    def generate(self, prompt: str | list[int], params: SamplingParams,
+                 request_id: str) -> RequestStream:
+        """Stream the outputs of one request (``async for out in engine.generate(...)``),
+        shaped by ``params.output_kind`` (see the module docstring: CUMULATIVE snapshots,
+        DELTA outputs, or FINAL_ONLY).
 
         Every output carries delta_text / delta_token_ids since the previous one
         yielded; the last has finished=True and a finish_reason ("stop", "length" or
         "abort"). Validation errors (ValueError /
         TypeError: bad prompt, prompt + max_tokens > max_model_len, duplicate id) and
         EngineOverloaded are raised on the first iteration, before anything is queued.
-        Leaving the iteration early (break + aclose, or cancellation) aborts the request.
+        Leaving the iteration early (``aclose()``, or dropping the iterator, e.g. on
+        cancellation) aborts the request.
         """
+        return RequestStream(self, (prompt, params, request_id))
+
+    def _start(self, prompt: str | list[int], params: SamplingParams,
+               request_id: str) -> _Mailbox:
+        """Validate and queue a request (on the first iteration of its stream)."""
         if not isinstance(request_id, str) or not request_id:
             raise TypeError(f"request_id must be a non-empty str, got {request_id!r}")
         if not isinstance(params, SamplingParams):
@@ -430,23 +669,13 @@ class AsyncLLM:
             raise EngineOverloaded(f"{self.num_waiting()} requests are waiting (max_queue="
                                    f"{self.max_queue}); retry later")
         arrival = time.perf_counter()
-        stream = _Stream(asyncio.get_running_loop(), request_id, text, ids, params, arrival)
-        self._streams[request_id] = stream
+        box = _Mailbox(asyncio.get_running_loop(), request_id, text, ids, params, arrival,
+                       self._streams)
+        self._streams[request_id] = box
         with self._pending_lock:
             self._pending += 1
-        self._send(("add", request_id, prompt, ids, params, stream, arrival))
-        finished = False
-        try:
-            while True:
-                out = await stream.next()
-                finished = out.finished
-                yield out
-                if finished:
-                    return
-        finally:
-            self._streams.pop(request_id, None)
-            if not finished and self._dead is None:
-                self._send(("abort", request_id, None))
+        self._send(("add", request_id, prompt, ids, params, box, arrival))
+        return box
 
     async def abort(self, request_id: str) -> None:
         """Abort a request: its stream ends with finish_reason "abort" and its KV blocks

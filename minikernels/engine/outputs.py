@@ -1,10 +1,14 @@
-"""Request results in vLLM's shape: RequestOutput holds one CompletionOutput per sample."""
+"""Request results in vLLM's shape: RequestOutput holds one CompletionOutput per sample.
+
+The classes use ``__slots__`` (a streaming server builds one RequestOutput and one
+CompletionOutput per request per engine step); fields are positional in this order.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
 
-@dataclass
+@dataclass(slots=True)
 class Logprob:
     """Log-probability of one token at one step (from the raw model logits).
 
@@ -16,7 +20,7 @@ class Logprob:
     decoded_token: str | None = None
 
 
-@dataclass
+@dataclass(slots=True)
 class CompletionOutput:
     """One completion of a prompt.
 
@@ -47,13 +51,16 @@ class CompletionOutput:
         return self.finish_reason is not None
 
 
-@dataclass
+@dataclass(slots=True)
 class RequestOutput:
     """The state of one request: its prompt and its ``n`` completions so far.
 
     finished is True once every completion has a finish_reason. metrics holds timing in
     seconds (arrival, first_token, finished; perf_counter clock) and num_cached_tokens
-    (prompt tokens served from the prefix cache).
+    (prompt tokens served from the prefix cache). prompt_logprobs (vLLM's shape, when
+    ``SamplingParams.prompt_logprobs`` is set): None for the first prompt token, then
+    {token_id: Logprob} per prompt token; a DELTA stream carries it on the first output
+    with tokens only.
     """
 
     request_id: str
@@ -63,3 +70,4 @@ class RequestOutput:
     finished: bool
     metrics: dict = field(default_factory=dict)
     num_cached_tokens: int = 0
+    prompt_logprobs: list | None = None
