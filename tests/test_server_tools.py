@@ -366,3 +366,20 @@ def test_auto_needs_a_parser(engine):
         assert r.status_code == 200 and "tool_calls" not in r.json()["choices"][0]["message"]
     with pytest.raises(ValueError, match="unknown tool call parser"):
         create_app(engine, tool_call_parser="bogus")
+
+
+def test_llama3_json_parser(engine):
+    call = (r'\{"name": "get_time", "parameters": \{"tz": "(UTC|CET)"\}\}')
+    so = {"structured_outputs": {"regex": call + "; " + call}}
+    app = create_app(engine, api_key=KEY, served_model_name=MODEL,
+                     tool_call_parser="llama3_json")
+    with LiveServer(app) as srv:
+        client = openai.OpenAI(base_url=srv.base_url + "/v1", api_key=KEY, max_retries=0)
+        for stream in (False, True):
+            content, calls, finish = _ask(client, stream, extra_body=so, max_tokens=200)
+            assert not content and finish == "tool_calls"
+            assert [c["name"] for c in calls] == ["get_time", "get_time"]
+            for c in calls:
+                jsonschema.validate(strict_json(c["arguments"]), SCHEMA_OF["get_time"])
+            content, calls, finish = _ask(client, stream, max_tokens=6)   # plain text
+            assert not calls and content
