@@ -199,7 +199,10 @@ def main(argv: list[str] | None = None) -> dict[str, Path]:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="tiny shapes, runs on the CPU")
     parser.add_argument("--sweep", action="store_true", help="also time all tile configs")
-    parser.add_argument("--out-dir", default=None, help="default bench/results/<device>")
+    parser.add_argument("--result-dir", dest="out_dir", default=None,
+                        help="output folder (default: bench/results/<device>; "
+                             "$MINIKERNELS_BENCH_OUT overrides)")
+    parser.add_argument("--out-dir", dest="out_dir", help=argparse.SUPPRESS)
     parser.add_argument("--tokens", type=int, default=None, help="batch x seqlen")
     parser.add_argument("--seqlens", type=int, nargs="*", default=None)
     parser.add_argument("--head-dims", type=int, nargs="*", default=None)

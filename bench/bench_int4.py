@@ -159,7 +159,10 @@ def run(smoke: bool = False, out_dir: str | os.PathLike | None = None,
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU (CI check)")
-    p.add_argument("--out-dir", default=None, help="output folder (or MINIKERNELS_BENCH_OUT)")
+    p.add_argument("--result-dir", dest="out_dir", default=None,
+                   help="output folder (default: bench/results/<device>; "
+                        "$MINIKERNELS_BENCH_OUT overrides)")
+    p.add_argument("--out-dir", dest="out_dir", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     paths = run(smoke=args.smoke, out_dir=args.out_dir)
     for kind, path in paths.items():

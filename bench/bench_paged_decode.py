@@ -262,7 +262,10 @@ def main(argv: list[str] | None = None, out_dir: str | Path | None = None) -> di
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU")
     parser.add_argument("--batches", type=int, nargs="*")
     parser.add_argument("--contexts", type=int, nargs="*")
-    parser.add_argument("--out-dir", default=None)
+    parser.add_argument("--result-dir", dest="out_dir", default=None,
+                        help="output folder (default: bench/results/<device>; "
+                             "$MINIKERNELS_BENCH_OUT overrides)")
+    parser.add_argument("--out-dir", dest="out_dir", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() and not args.smoke else "cpu"
     if args.smoke:

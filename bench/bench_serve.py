@@ -17,7 +17,7 @@ Rows (one per system and phase):
     hf-b1         transformers batch-1 decode tok/s (and fraction of the same floor).
 Built-in names run on dummy weights in both systems (HF: the same architecture built from
 the equivalent transformers config, random init), so speeds compare; outputs do not.
-Writes bench/results/<device>/serve_vs_hf.{json,md} (or --out-dir).
+Writes serve_vs_hf.{json,md,png} under bench/results/<device> (or --result-dir).
 """
 from __future__ import annotations
 
@@ -185,7 +185,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-num-batched-tokens", type=int, default=None)
     p.add_argument("--enforce-eager", action="store_true")
     p.add_argument("--decode-tokens", type=int, default=None)
-    p.add_argument("--out-dir", default=None)
+    common.add_result_arguments(p, "serve_vs_hf")
     return p.parse_args(argv)
 
 
@@ -247,12 +247,35 @@ def main(argv: list[str] | None = None) -> int:
                "ttft_p50_ms", "ttft_p99_ms", "tpot_p50_ms", "tpot_p99_ms", "decode_tok_s",
                "fraction_of_floor", "error"]
     print(common.markdown_table(rows, columns))
-    print(f"speed-up vs best transformers offline: {speedup}")
-    paths = common.write_results("serve_vs_hf", rows, meta, columns=columns,
-                                 title="Serving: minikernels vs transformers",
-                                 out_dir=args.out_dir)
-    print(f"wrote {paths['json']} and {paths['md']}")
+    print("speed-up vs best transformers offline: " +
+          (f"{speedup:.2f}x" if speedup is not None else "n/a"))
+    if device == "cpu":
+        print(f"note: {common.CPU_NOTE}.")
+    if not args.no_save:
+        paths = common.write_results("serve_vs_hf", rows, meta, columns=columns,
+                                     title="Serving: minikernels vs transformers",
+                                     out_dir=args.result_dir,
+                                     plot=lambda path: plot_vs_hf(rows, path))
+        print("wrote " + ", ".join(str(p) for p in paths.values()))
+    if args.output_json:
+        common.write_json(args.output_json, rows, meta)
+        print(f"wrote {args.output_json}")
     return 0
+
+
+def plot_vs_hf(rows: list[dict[str, Any]], path: Any) -> None:
+    """Offline output tok/s and batch-1 decode tok/s per system."""
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    off = [r for r in rows if r["phase"] == "offline" and r.get("output_tok_s")]
+    ax1.bar([r["system"] for r in off], [r["output_tok_s"] for r in off], color="tab:blue")
+    ax1.set_ylabel("offline output tok/s")
+    b1 = [r for r in rows if r["phase"] == "decode-b1" and r.get("decode_tok_s")]
+    ax2.bar([r["system"] for r in b1], [r["decode_tok_s"] for r in b1], color="tab:green")
+    ax2.set_ylabel("batch-1 decode tok/s")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
 
 
 if __name__ == "__main__":

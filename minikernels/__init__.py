@@ -8,14 +8,17 @@ from __future__ import annotations
 
 from typing import Any
 
-from . import ops
-from ._validation import index_checks, set_index_checks
-from .backend import current_backend, use_backend
-
 __version__ = "0.1.0"
 
-# Heavier layers load on first use so `import minikernels` stays cheap.
+# Everything loads on first use, so `import minikernels` (and `minikernels --help`) does
+# not import torch. The custom ops register with torch.library when minikernels.ops is
+# first imported (mk.ops.<op>, `from minikernels import ops`, or any layer above).
 _LAZY = {
+    "ops": ("minikernels.ops", None),
+    "use_backend": ("minikernels.backend", "use_backend"),
+    "current_backend": ("minikernels.backend", "current_backend"),
+    "set_index_checks": ("minikernels._validation", "set_index_checks"),
+    "index_checks": ("minikernels._validation", "index_checks"),
     "quant": ("minikernels.quant", None),
     "nn": ("minikernels.nn", None),
     "models": ("minikernels.models", None),
@@ -39,4 +42,4 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'minikernels' has no attribute {name!r}")
 
 
-__all__ = ["ops", "use_backend", "current_backend", "set_index_checks", "index_checks", *_LAZY]
+__all__ = list(_LAZY)

@@ -1,8 +1,11 @@
-"""Benchmark plumbing shared by `minikernels bench` and the scripts in bench/: device naming, ceilings, timing and result files.
+"""Benchmark plumbing shared by `minikernels bench` and the scripts in bench/: device naming,
+ceilings, timing (with the spread of repeated runs) and result files.
 
 Every benchmark measures its peers side by side in one process, re-measures the machine's
 ceilings (copy bandwidth, dense bf16 matmul) in the same run, reports each result as a
-fraction of them, and writes bench/results/<device>/<name>.{json,md,png}.
+fraction of them, and writes <results>/<device>/<name>.{json,md,png}: <results> is
+bench/results in a checkout, ./bench/results under the current directory when installed
+from a wheel, or $MINIKERNELS_BENCH_OUT / --result-dir.
 """
 from __future__ import annotations
 
@@ -12,16 +15,21 @@ import platform
 import statistics
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 _REPO_ROOT = Path(__file__).resolve().parents[1]
-# In a checkout results go to bench/results/<device>; an installed package writes to the cwd.
+# In a checkout results go to bench/results/<device>; installed from a wheel, to
+# ./bench/results/<device> under the current directory (the same relative path).
 RESULTS_DIR = (_REPO_ROOT / "bench" / "results" if (_REPO_ROOT / "bench").is_dir()
-               else Path.cwd() / "bench_results")
+               else Path("bench") / "results")
+RESULTS_ENV = "MINIKERNELS_BENCH_OUT"
 L2_FLUSH_BYTES = 64 << 20  # larger than any current L2 (H100/H200: 50 MB)
+CPU_NOTE = ("CPU timings swing with machine load (often 10x or more on a shared machine): "
+            "read the spread column, and compare rows of one run only")
 
 
 def device_name(device: torch.device | str | None = None) -> str:
@@ -38,10 +46,81 @@ def device_name(device: torch.device | str | None = None) -> str:
     return name.replace(" ", "-")
 
 
+def results_dir(device: torch.device | str | None = None,
+                out_dir: Path | str | None = None) -> Path:
+    """Where result files go: out_dir, else $MINIKERNELS_BENCH_OUT, else
+    bench/results/<device> (in the checkout, or under the current directory)."""
+    return Path(out_dir or os.environ.get(RESULTS_ENV) or RESULTS_DIR / device_name(device))
+
+
+def _shown(path: Path) -> str:
+    try:
+        return os.path.relpath(path.resolve()) if not path.is_absolute() or \
+            path.resolve().is_relative_to(Path.cwd()) else str(path)
+    except ValueError:  # pragma: no cover - another drive
+        return str(path)
+
+
+def add_result_arguments(parser: Any, name: str) -> None:
+    """--result-dir, --output-json, --no-save (the same in every benchmark; old spellings
+    --out, --out-dir and --output stay as hidden aliases). The help shows the real default."""
+    import argparse
+
+    where = _shown(results_dir())
+    parser.add_argument("--result-dir", dest="result_dir", default=None,
+                        help=f"folder for {name}.json, {name}.md and {name}.png (default: "
+                             f"{where}; ${RESULTS_ENV} overrides)")
+    parser.add_argument("--out", "--out-dir", dest="result_dir", help=argparse.SUPPRESS)
+    parser.add_argument("--output-json", dest="output_json", default=None,
+                        help="also write the JSON results to this file")
+    parser.add_argument("--output", dest="output_json", help=argparse.SUPPRESS)
+    parser.add_argument("--no-save", action="store_true",
+                        help=f"write no {name}.* files (print only)")
+
+
+@dataclass
+class Timing:
+    """Seconds per call over repeated runs: median and the spread around it."""
+
+    median: float
+    p10: float
+    p90: float
+    min: float
+    max: float
+    runs: int
+
+    @property
+    def spread(self) -> float:
+        """(p90 - p10) / median: 0.05 = a tight 5% band; > 1 = load noise dominates."""
+        return (self.p90 - self.p10) / self.median if self.median > 0 else float("nan")
+
+    @classmethod
+    def of(cls, samples: Sequence[float]) -> "Timing":
+        v = sorted(samples)
+        return cls(statistics.median(v), percentile(v, 10), percentile(v, 90), v[0], v[-1],
+                   len(v))
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """Linear-interpolated q-th percentile (nan for no values)."""
+    if not values:
+        return float("nan")
+    v = sorted(values)
+    k = (len(v) - 1) * q / 100
+    lo, hi = int(k), min(int(k) + 1, len(v) - 1)
+    return v[lo] + (v[hi] - v[lo]) * (k - lo)
+
+
 def time_fn(fn: Callable[[], Any], *, warmup: int = 5, rep: int = 50,
             flush_l2: bool = False, device: torch.device | str | None = None) -> float:
     """Median seconds per call. CUDA events on a GPU (optionally flushing L2 before each
     call, outside the timed region); perf_counter on the CPU."""
+    return time_stats(fn, warmup=warmup, rep=rep, flush_l2=flush_l2, device=device).median
+
+
+def time_stats(fn: Callable[[], Any], *, warmup: int = 5, rep: int = 50,
+               flush_l2: bool = False, device: torch.device | str | None = None) -> Timing:
+    """:func:`time_fn` with the spread of the ``rep`` runs (:class:`Timing`)."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     for _ in range(warmup):
         fn()
@@ -51,7 +130,7 @@ def time_fn(fn: Callable[[], Any], *, warmup: int = 5, rep: int = 50,
             t0 = time.perf_counter()
             fn()
             times.append(time.perf_counter() - t0)
-        return statistics.median(times)
+        return Timing.of(times)
     flush = torch.empty(L2_FLUSH_BYTES, dtype=torch.int8, device=device) if flush_l2 else None
     torch.cuda.synchronize(device)
     starts = [torch.cuda.Event(enable_timing=True) for _ in range(rep)]
@@ -63,7 +142,7 @@ def time_fn(fn: Callable[[], Any], *, warmup: int = 5, rep: int = 50,
         fn()
         ends[i].record()
     torch.cuda.synchronize(device)
-    return statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends)) / 1e3
+    return Timing.of([s.elapsed_time(e) / 1e3 for s, e in zip(starts, ends)])
 
 
 def measure_copy_bandwidth(device: torch.device | str = "cuda", nbytes: int = 1 << 30) -> float:
@@ -120,17 +199,26 @@ def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None
     return "\n".join(lines) + "\n"
 
 
+def write_json(path: Path | str, rows: Sequence[dict[str, Any]], meta: dict[str, Any]) -> Path:
+    """The results JSON ({"meta": {environment, ...}, "rows": [...]}) at ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"meta": {"environment": environment(), **meta},
+                                "rows": list(rows)}, indent=2, default=str))
+    return path
+
+
 def write_results(name: str, rows: Sequence[dict[str, Any]], meta: dict[str, Any],
                   columns: Sequence[str] | None = None, title: str | None = None,
                   plot: Callable[[Path], None] | None = None,
                   out_dir: Path | str | None = None) -> dict[str, Path]:
-    """Write <out_dir or bench/results/<device>>/<name>.json, .md and (if plot) .png.
+    """Write <out_dir or results_dir()>/<name>.json, .md and (if plot) .png.
 
-    plot(path) draws the figure and saves it to ``path`` (matplotlib, Agg backend).
+    plot(path) draws the figure and saves it to ``path`` (matplotlib, Agg backend; without
+    matplotlib, i.e. without the [bench] extra, the plot is skipped with one line).
     MINIKERNELS_BENCH_OUT overrides the output folder (e.g. $OUT on the device machine).
     """
-    base = Path(out_dir or os.environ.get("MINIKERNELS_BENCH_OUT") or
-                RESULTS_DIR / device_name())
+    base = results_dir(None, out_dir)
     base.mkdir(parents=True, exist_ok=True)
     meta = {"environment": environment(), **meta}
     paths = {"json": base / f"{name}.json", "md": base / f"{name}.md"}
@@ -141,8 +229,15 @@ def write_results(name: str, rows: Sequence[dict[str, Any]], meta: dict[str, Any
     header += f"- environment: {meta['environment']}\n\n"
     paths["md"].write_text(header + markdown_table(rows, columns))
     if plot is not None:
-        import matplotlib
+        try:
+            import matplotlib
+        except ImportError:
+            print("no plot: matplotlib is missing (pip install -e '.[bench]')")
+            return paths
         matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
         paths["png"] = base / f"{name}.png"
         plot(paths["png"])
+        plt.close("all")
     return paths

@@ -3,8 +3,10 @@
 On a GPU: backends triton and cuda (where an op has a CUDA kernel) beside a plain-PyTorch
 peer, each as a fraction of the run's measured copy bandwidth (memory-bound ops) or bf16
 matmul ceiling (attention prefill, int4 GEMM). On the CPU: the reference backend on
-downsized shapes (a smoke run; CPU timings say nothing about GPU speed). Prints a table
-and writes bench/results/<device>/ops.{json,md}.
+downsized shapes (a smoke run; CPU timings say nothing about GPU speed). Each row has the
+spread of its repeated runs ((p90 - p10) / median). Prints a table and writes
+ops.{json,md,png} (see --result-dir). The same cases run under pytest-benchmark:
+``pytest bench/ --benchmark-only``.
 """
 from __future__ import annotations
 
@@ -91,6 +93,7 @@ def run(args: argparse.Namespace) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, args.dtype)
     on_gpu = device.startswith("cuda")
+    rep = args.rep or (50 if on_gpu else 10)
     ceil = B.ceilings(device)
     rows = []
     for case in op_cases(device, dtype, small=not on_gpu):
@@ -104,31 +107,61 @@ def run(args: argparse.Namespace) -> int:
             runs.append(("torch", case.peer))
         for name, fn in runs:
             with use_backend(name if name != "torch" else "auto"):
-                sec = B.time_fn(fn, warmup=2 if on_gpu else 1, rep=args.rep if on_gpu else 3,
-                                device=device)
+                t = B.time_stats(fn, warmup=2, rep=rep, device=device)
+            sec = t.median
             row = {"op": case.op, "shape": case.shape, "backend": name, "us": sec * 1e6,
-                   "GB/s": case.nbytes / sec / 1e9,
+                   "spread": t.spread, "p10_us": t.p10 * 1e6, "p90_us": t.p90 * 1e6,
+                   "runs": t.runs, "GB/s": case.nbytes / sec / 1e9,
                    "TFLOP/s": case.flops / sec / 1e12 if case.flops else None}
             if ceil["copy_bytes_per_s"]:
                 row["frac_bw"] = case.nbytes / sec / ceil["copy_bytes_per_s"]
                 row["frac_mma"] = (case.flops / sec / ceil["bf16_matmul_flops"]
                                    if case.flops else None)
             rows.append(row)
-    cols = ["op", "shape", "backend", "us", "GB/s", "TFLOP/s", "frac_bw", "frac_mma"]
+    cols = ["op", "shape", "backend", "us", "spread", "GB/s", "TFLOP/s", "frac_bw",
+            "frac_mma"]
     print(B.markdown_table(rows, [c for c in cols if any(c in r for r in rows)]))
-    if not args.no_write:
-        paths = B.write_results("ops", rows, {"ceilings": ceil, "dtype": args.dtype,
-                                              "downsized": not on_gpu},
-                                title="minikernels op benchmark", out_dir=args.out)
-        print(f"wrote {paths['json']} and {paths['md']}")
+    print(f"spread = (p90 - p10) / median over {rep} runs per row.")
+    if not on_gpu:
+        print(f"note: {B.CPU_NOTE}.")
+    meta = {"ceilings": ceil, "dtype": args.dtype, "downsized": not on_gpu, "runs": rep}
+    if not args.no_save:
+        paths = B.write_results("ops", rows, meta, title="minikernels op benchmark",
+                                columns=[c for c in cols if any(c in r for r in rows)],
+                                plot=lambda path: plot_ops(rows, path), out_dir=args.result_dir)
+        print("wrote " + ", ".join(str(p) for p in paths.values()))
+    if args.output_json:
+        B.write_json(args.output_json, rows, meta)
+        print(f"wrote {args.output_json}")
     if not math.isfinite(sum(r["us"] for r in rows)):
         return 1
     return 0
 
 
+def plot_ops(rows: list[dict], path) -> None:
+    """Microseconds per op and backend (log scale), p10..p90 as error bars."""
+    import matplotlib.pyplot as plt
+
+    labels = [f"{r['op']} [{r['shape']}] {r['backend']}" for r in rows]
+    fig, ax = plt.subplots(figsize=(9, 0.35 * len(rows) + 1.5))
+    y = list(range(len(rows)))
+    err = [[r["us"] - r["p10_us"] for r in rows], [r["p90_us"] - r["us"] for r in rows]]
+    colors = {"reference": "tab:gray", "triton": "tab:blue", "cuda": "tab:green",
+              "torch": "tab:orange"}
+    ax.barh(y, [r["us"] for r in rows], xerr=err, capsize=2,
+            color=[colors.get(r["backend"], "tab:purple") for r in rows])
+    ax.set_yticks(y, labels, fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xscale("log")
+    ax.set_xlabel("microseconds per call (median; bars p10..p90)")
+    ax.set_title("minikernels ops on " + B.device_name())
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda if present)")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
-    parser.add_argument("--rep", type=int, default=50, help="timed repetitions per case (GPU)")
-    parser.add_argument("--out", default=None, help="output folder (default bench/results/<dev>)")
-    parser.add_argument("--no-write", action="store_true", help="print only")
+    parser.add_argument("--rep", type=int, default=None,
+                        help="timed repetitions per case (default: 50 on a GPU, 10 on CPU)")
+    B.add_result_arguments(parser, "ops")

@@ -417,8 +417,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--block-sizes", default="16,32,64,128,256",
                    help="block sizes to sweep ('' to skip)")
     p.add_argument("--scale", type=float, default=1.0, help="shrink the workloads (< 1)")
-    p.add_argument("--output", default=None, help="also write the JSON here")
-    p.add_argument("--no-save", action="store_true", help="do not write bench/results files")
+    from ..benchmarking import add_result_arguments
+
+    add_result_arguments(p, "engine")
 
 
 def _default_block_size() -> int:
@@ -471,11 +472,11 @@ def run(args: argparse.Namespace) -> int:
             "cpu_threads": torch.get_num_threads(),
             "command": "minikernels bench engine " + " ".join(
                 f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
-                if k not in ("output", "no_save", "_run") and v is not None
+                if k not in ("output_json", "result_dir", "no_save", "_run") and v is not None
                 and not isinstance(v, bool))}
-    if args.output:
-        Path(args.output).write_text(json.dumps({"meta": meta, "rows": rows}, indent=2,
-                                                default=str))
+    if args.output_json:
+        Path(args.output_json).write_text(json.dumps({"meta": meta, "rows": rows}, indent=2,
+                                                     default=str))
     if not args.no_save:
         from ..benchmarking import write_results
         cols = ["workload", "path", "block_size", "async", "gpu_ms", "steps", "host_ms_median",
@@ -484,7 +485,8 @@ def run(args: argparse.Namespace) -> int:
                 "of_ceiling", "gc_max_ms", "add_us", "admit_us", "hit_rate"]
         paths_out = write_results("engine", rows, meta, columns=cols,
                                   title="Engine host overhead per step (stub forward)",
-                                  plot=lambda path: _plot(rows, path))
+                                  plot=lambda path: _plot(rows, path),
+                                  out_dir=args.result_dir)
         print("wrote", ", ".join(str(p) for p in paths_out.values()))
     return 0
 

@@ -12,12 +12,12 @@ Phases (each reported as one row of the table and of the JSON):
               bandwidth).
 GPU defaults: qwen2.5-0.5b (dummy weights), 256 requests, lengths 100..1024. CPU defaults
 are downsized to finish in well under 2 minutes on 2 cores: "tiny", 16 requests, lengths
-16..48.
+16..48, and the offline phase runs 3 times (--repeat) so the table shows the spread that
+machine load causes. Writes serve.{json,md,png} (see --result-dir).
 """
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import random
 import statistics
@@ -144,52 +144,82 @@ def run_decode_b1(llm: LLM, prompt_len: int, num_tokens: int,
 
 
 # ---------------------------------------------------------------------------- CLI
+# (GPU default, CPU default) of the options whose default depends on the device.
+DEVICE_DEFAULTS = {"model": ("qwen2.5-0.5b", "tiny"), "dtype": ("bfloat16", "float32"),
+                   "num_requests": (256, 16), "min_input_len": (100, 16),
+                   "max_input_len": (1024, 48), "min_output_len": (100, 16),
+                   "max_output_len": (1024, 48), "decode_tokens": (256, 32),
+                   "max_num_batched_tokens": (8192, 1024), "repeat": (1, 3)}
+
+
+def _by_device(name: str) -> str:
+    gpu, cpu = DEVICE_DEFAULTS[name]
+    return f"default: {gpu} on a GPU, {cpu} on CPU"
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    on_gpu = torch.cuda.is_available()
+    """``minikernels bench serve``'s arguments (vLLM's names; defaults by device at run)."""
+    from .. import benchmarking as bm
+
+    hidden = argparse.SUPPRESS
     g = parser.add_argument_group("workload")
     g.add_argument("--model", default=None,
-                   help="HF dir or built-in name (default: qwen2.5-0.5b on a GPU, tiny on CPU)")
-    g.add_argument("--num-requests", type=int, default=256 if on_gpu else 16)
-    g.add_argument("--min-input-len", type=int, default=100 if on_gpu else 16)
-    g.add_argument("--max-input-len", type=int, default=1024 if on_gpu else 48)
-    g.add_argument("--min-output-len", type=int, default=100 if on_gpu else 16)
-    g.add_argument("--max-output-len", type=int, default=1024 if on_gpu else 48)
-    g.add_argument("--temperature", type=float, default=0.6)
-    g.add_argument("--seed", type=int, default=0)
+                   help=f"hub id, HF dir or built-in name ({_by_device('model')})")
+    g.add_argument("--num-prompts", dest="num_requests", type=int, default=None,
+                   help=f"requests in the offline phase ({_by_device('num_requests')})")
+    g.add_argument("--num-requests", dest="num_requests", type=int, help=hidden)
+    for name in ("min_input_len", "max_input_len", "min_output_len", "max_output_len"):
+        g.add_argument("--" + name.replace("_", "-"), type=int, default=None,
+                       help=f"tokens ({_by_device(name)})")
+    g.add_argument("--temperature", type=float, default=0.6, help="sampling temperature")
+    g.add_argument("--seed", type=int, default=0, help="workload and dummy-weight seed")
     g.add_argument("--request-rate", type=float, default=None,
                    help="latency phase arrival rate in req/s (default: half the offline rate)")
     g.add_argument("--latency-requests", type=int, default=None,
-                   help="requests in the latency phase (default: --num-requests // 2)")
-    g.add_argument("--decode-tokens", type=int, default=256 if on_gpu else 32)
-    g.add_argument("--skip-latency", action="store_true")
-    g.add_argument("--skip-decode", action="store_true")
+                   help="requests in the latency phase (default: --num-prompts // 2)")
+    g.add_argument("--decode-tokens", type=int, default=None,
+                   help=f"batch-1 decode length ({_by_device('decode_tokens')})")
+    g.add_argument("--repeat", type=int, default=None,
+                   help="runs of the offline phase; the table shows their median and "
+                        f"spread ({_by_device('repeat')})")
+    g.add_argument("--skip-latency", action="store_true", help="no latency phase")
+    g.add_argument("--skip-decode", action="store_true", help="no batch-1 decode phase")
     e = parser.add_argument_group("engine")
-    e.add_argument("--dtype", default=None, help="default bfloat16 on a GPU, float32 on CPU")
-    e.add_argument("--quantization", default=None, choices=[None, "int4", "gptq", "awq"])
-    e.add_argument("--device", default=None)
-    e.add_argument("--block-size", type=int, default=64)
+    e.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32", "auto"],
+                   help=_by_device("dtype"))
+    e.add_argument("--quantization", default=None, choices=["int4", "gptq", "awq"],
+                   help="int4: RTN-quantize at load; gptq / awq: an int4 checkpoint "
+                        "(default: none)")
+    e.add_argument("--device", default=None, help="cuda or cpu (default: cuda if present)")
+    e.add_argument("--block-size", type=int, default=64, help="KV block size in tokens")
     e.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8", "fp8_e4m3"],
                    help="auto = the model's dtype; fp8 = e4m3 KV cache")
-    e.add_argument("--num-kv-blocks", type=int, default=None)
+    e.add_argument("--num-kv-blocks", type=int, default=None,
+                   help="KV pool size in blocks (default: sized from memory)")
     e.add_argument("--max-model-len", type=int, default=None,
                    help="default: max input + max output (a tight CUDA-graph block table)")
-    e.add_argument("--gpu-memory-utilization", type=float, default=0.9)
-    e.add_argument("--max-num-seqs", type=int, default=256)
-    e.add_argument("--max-num-batched-tokens", type=int, default=8192 if on_gpu else 1024)
-    e.add_argument("--no-prefix-caching", action="store_true")
-    e.add_argument("--enforce-eager", action="store_true")
-    parser.add_argument("--output", default=None,
-                        help="also write the JSON to this path (default: only "
-                             "bench/results/<device>/serve.{json,md})")
-    parser.add_argument("--no-save", action="store_true",
-                        help="do not write bench/results/<device>/serve.*")
+    e.add_argument("--gpu-memory-utilization", type=float, default=0.9,
+                   help="fraction of GPU memory for weights + KV pool")
+    e.add_argument("--max-num-seqs", type=int, default=256, help="sequences per step at most")
+    e.add_argument("--max-num-batched-tokens", type=int, default=None,
+                   help=f"tokens per step at most ({_by_device('max_num_batched_tokens')})")
+    e.add_argument("--enable-prefix-caching", dest="enable_prefix_caching",
+                   action=argparse.BooleanOptionalAction, default=True,
+                   help="reuse KV blocks of shared prompt prefixes (default: on)")
+    e.add_argument("--no-prefix-caching", dest="enable_prefix_caching",
+                   action="store_false", help=hidden)
+    e.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
+    bm.add_result_arguments(parser, "serve")
 
 
 def _defaults(args: argparse.Namespace) -> tuple[str, str, str]:
+    """Fill the device-dependent defaults into ``args``; returns (device, model, dtype)."""
     dev = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = args.model or ("qwen2.5-0.5b" if dev.startswith("cuda") else "tiny")
-    dtype = args.dtype or ("bfloat16" if dev.startswith("cuda") else "float32")
-    return dev, model, dtype
+    col = 0 if dev.startswith("cuda") else 1
+    for name, pair in DEVICE_DEFAULTS.items():
+        if getattr(args, name, None) is None:
+            setattr(args, name, pair[col])
+    return dev, args.model, args.dtype
 
 
 def _round_up(n: int, m: int) -> int:
@@ -200,6 +230,8 @@ def run(args: argparse.Namespace) -> int:
     from .. import benchmarking as bm
 
     dev, model, dtype = _defaults(args)
+    if args.repeat < 1:
+        raise SystemExit("--repeat must be >= 1")
     for name in ("num_requests", "min_input_len", "min_output_len", "decode_tokens"):
         if getattr(args, name) < 1:
             raise SystemExit(f"--{name.replace('_', '-')} must be >= 1")
@@ -212,7 +244,7 @@ def run(args: argparse.Namespace) -> int:
               gpu_memory_utilization=args.gpu_memory_utilization,
               max_num_seqs=args.max_num_seqs,
               max_num_batched_tokens=args.max_num_batched_tokens,
-              enable_prefix_caching=not args.no_prefix_caching,
+              enable_prefix_caching=args.enable_prefix_caching,
               enforce_eager=args.enforce_eager, seed=args.seed,
               max_model_len=args.max_model_len or _round_up(
                   max(args.max_input_len + args.max_output_len,
@@ -230,7 +262,13 @@ def run(args: argparse.Namespace) -> int:
     rows = []
     work = make_workload(args.num_requests, (args.min_input_len, args.max_input_len),
                          (args.min_output_len, args.max_output_len), vocab, args.seed)
-    offline = run_offline(llm, work, args.temperature)
+    runs = [run_offline(llm, work, args.temperature, tag=f"off{i}") for i in range(args.repeat)]
+    offline = dict(runs[0])
+    rates = sorted(r["output_tok_s"] for r in runs)
+    for key in ("seconds", "output_tok_s", "total_tok_s", "requests_per_s"):
+        offline[key] = statistics.median(r[key] for r in runs)
+    offline.update(runs=len(runs), output_tok_s_min=rates[0], output_tok_s_max=rates[-1],
+                   spread=(rates[-1] - rates[0]) / offline["output_tok_s"])
     rows.append(offline)
     if not args.skip_latency:
         n_lat = args.latency_requests or max(1, args.num_requests // 2)
@@ -250,30 +288,60 @@ def run(args: argparse.Namespace) -> int:
             "max_num_seqs": args.max_num_seqs,
             "max_num_batched_tokens": args.max_num_batched_tokens,
             "cuda_graphs": eng.runner.graphs is not None,
-            "prefix_caching": not args.no_prefix_caching,
+            "prefix_caching": args.enable_prefix_caching, "offline_runs": args.repeat,
             "input_len": [args.min_input_len, args.max_input_len],
             "output_len": [args.min_output_len, args.max_output_len],
             "seed": args.seed, "copy_bytes_per_s": copy_bw, "engine_build_s": build_s,
             "num_preemptions": stats["num_preemptions"],
             "weight_bytes": eng.model.weight_bytes(),
             "kv_bytes_per_token": eng.model.kv_bytes_per_token()}
-    columns = ["phase", "requests", "seconds", "output_tok_s", "total_tok_s", "request_rate",
-               "ttft_p50_ms", "ttft_p99_ms", "tpot_p50_ms", "tpot_p99_ms", "decode_tok_s",
-               "fraction_of_floor"]
+    columns = ["phase", "requests", "seconds", "output_tok_s", "spread", "total_tok_s",
+               "request_rate", "ttft_p50_ms", "ttft_p99_ms", "tpot_p50_ms", "tpot_p99_ms",
+               "decode_tok_s", "fraction_of_floor"]
     print(f"minikernels bench serve: {model} ({dtype}) on {meta['device']}, "
           f"{eng.runner.num_blocks} KV blocks, graphs={meta['cuda_graphs']}")
     print(bm.markdown_table(rows, columns))
+    if args.repeat > 1:
+        print(f"offline: median of {args.repeat} runs; spread = (max - min) / median = "
+              f"{offline['spread']:.0%} (output tok/s {offline['output_tok_s_min']:.1f} .. "
+              f"{offline['output_tok_s_max']:.1f})")
+    if not dev.startswith("cuda"):
+        print(f"note: {bm.CPU_NOTE}.")
     if not args.no_save:
         paths = bm.write_results("serve", rows, meta, columns=columns,
-                                 title="minikernels bench serve")
-        print(f"wrote {paths['json']}")
-    if args.output:
-        with open(args.output, "w") as f:
-            json.dump({"meta": {"environment": bm.environment(), **meta}, "rows": rows}, f,
-                      indent=2, default=str)
-        print(f"wrote {args.output}")
+                                 title="minikernels bench serve", out_dir=args.result_dir,
+                                 plot=lambda path: plot_serve(rows, meta, path))
+        print("wrote " + ", ".join(str(p) for p in paths.values()))
+    if args.output_json:
+        bm.write_json(args.output_json, rows, meta)
+        print(f"wrote {args.output_json}")
     eng.check_no_leaks()
     return 0
+
+
+def plot_serve(rows: list[dict[str, Any]], meta: dict[str, Any], path: Any) -> None:
+    """Throughput by phase (offline: min..max of its runs) and latency percentiles."""
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    tput = [r for r in rows if r.get("output_tok_s") or r.get("decode_tok_s")]
+    vals = [r.get("output_tok_s") or r.get("decode_tok_s") for r in tput]
+    lo = [v - r.get("output_tok_s_min", v) for v, r in zip(vals, tput)]
+    hi = [r.get("output_tok_s_max", v) - v for v, r in zip(vals, tput)]
+    ax1.bar([r["phase"] for r in tput], vals, yerr=[lo, hi], capsize=4, color="tab:blue")
+    ax1.set_ylabel("output tok/s (decode-b1: decode tok/s)")
+    ax1.set_title(f"{meta['model']} ({meta['dtype']}) on {meta['device']}")
+    lat = next((r for r in rows if r["phase"] == "latency"), None)
+    if lat:
+        keys = ["ttft_p50_ms", "ttft_p99_ms", "tpot_p50_ms", "tpot_p99_ms"]
+        ax2.bar([k.replace("_ms", "") for k in keys], [lat[k] for k in keys],
+                color=["tab:orange", "tab:orange", "tab:green", "tab:green"])
+        ax2.set_ylabel("ms")
+        ax2.set_title(f"latency at {lat['request_rate']:.2f} req/s (Poisson)")
+    else:
+        ax2.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
 
 
 def main(argv: list[str] | None = None) -> int:  # python -m minikernels.engine.bench_serve
@@ -287,4 +355,4 @@ if __name__ == "__main__":
 
 
 __all__ = ["add_arguments", "run", "make_workload", "run_offline", "run_latency",
-           "run_decode_b1", "bandwidth_floor_tok_s", "statistics"]
+           "run_decode_b1", "bandwidth_floor_tok_s", "plot_serve"]

@@ -39,7 +39,10 @@ def _positive_int(text: str) -> int:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add ``serve``'s arguments to ``parser``."""
-    parser.add_argument("model", help="HF checkpoint directory or built-in model name")
+    parser.add_argument("model", help="hub id (org/name), HF checkpoint directory or "
+                                      "built-in model name (dummy weights)")
+    parser.add_argument("--revision", default=None,
+                        help="hub branch, tag or commit of a hub id (default: main)")
     http = parser.add_argument_group("HTTP")
     http.add_argument("--host", default="127.0.0.1",
                       help="interface to bind (default 127.0.0.1; 0.0.0.0 exposes it)")
@@ -124,8 +127,10 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 def build_engine(args: argparse.Namespace) -> Any:
     """The AsyncLLM for ``args`` (loads the model)."""
     from minikernels.engine import AsyncLLM
+    from minikernels.models.hub import resolve_model
 
-    return AsyncLLM.from_args(args.model, max_queue=args.max_queue, **engine_kwargs(args))
+    path = resolve_model(args.model, getattr(args, "revision", None))
+    return AsyncLLM.from_args(path, max_queue=args.max_queue, **engine_kwargs(args))
 
 
 def served_name(args: argparse.Namespace) -> str:
