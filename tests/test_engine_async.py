@@ -216,3 +216,140 @@ def test_commands_racing_the_end_of_the_loop_are_answered(llm):
         return engine.num_waiting()
 
     assert run(main()) == 0
+
+
+def _concat(outs, j=0):
+    """Concatenate DELTA outputs of sample j: (token ids, text, logprobs)."""
+    ids, text, lps = [], "", []
+    for o in outs:
+        c = next(c for c in o.outputs if c.index == j)
+        ids += c.token_ids
+        text += c.text
+        lps += c.logprobs or []
+    return ids, text, lps
+
+
+def test_delta_outputs_concatenate_to_the_cumulative_output(llm):
+    # n=2 seeded sampling with logprobs and a stop string: DELTA outputs (the server's
+    # kind) concatenate to exactly what CUMULATIVE and FINAL_ONLY report.
+    from minikernels.engine.sampling_params import RequestOutputKind as K
+
+    base = dict(max_tokens=24, temperature=0.8, seed=7, n=2, logprobs=2, ignore_eos=True)
+    probe = llm.generate([[5, 6, 7]], SamplingParams(**base), use_tqdm=False)[0]
+    text0 = probe.outputs[0].text
+    stop = text0[6:8] if len(text0) > 8 and text0.find(text0[6:8]) == 6 else None
+    assert stop is not None
+    kw = dict(base, stop=[stop] if stop else None, include_stop_str_in_output=True)
+
+    async def main():
+        engine = AsyncLLM(llm)
+        try:
+            res = {}
+            for kind in (K.DELTA, K.CUMULATIVE, K.FINAL_ONLY):
+                res[kind] = await collect(engine, [5, 6, 7],
+                                          SamplingParams(output_kind=kind, **kw), kind.name)
+            return res
+        finally:
+            await engine.shutdown()
+
+    res = run(main())
+    final = res[K.FINAL_ONLY]
+    assert len(final) == 1 and final[0].finished
+    cum = res[K.CUMULATIVE][-1]
+    for j in range(2):
+        ids, text, lps = _concat(res[K.DELTA], j)
+        want = next(c for c in cum.outputs if c.index == j)
+        fin = next(c for c in final[0].outputs if c.index == j)
+        assert ids == want.token_ids == fin.token_ids
+        assert text == want.text == fin.text
+        assert len(lps) == len(ids) and lps == want.logprobs
+        last = next(c for c in res[K.DELTA][-1].outputs if c.index == j)
+        assert last.finish_reason == want.finish_reason == fin.finish_reason
+        assert last.stop_reason == want.stop_reason
+    assert all(not o.finished for o in res[K.DELTA][:-1]) and res[K.DELTA][-1].finished
+
+
+def test_cancelled_consumer_aborts_and_gc_thresholds_are_restored(llm):
+    import gc
+
+    before = gc.get_threshold()
+
+    async def main():
+        engine = AsyncLLM(llm)
+        seen = []
+
+        async def consume():
+            async for out in engine.generate([1, 2, 3], SamplingParams(
+                    max_tokens=1500, **GREEDY), "cancel-me"):
+                seen.append(out)
+        task = asyncio.create_task(consume())
+        while len(seen) < 3:
+            await asyncio.sleep(0.01)
+        busy_thresholds = gc.get_threshold()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        for _ in range(500):
+            s = engine.stats()
+            if s["num_running"] == 0 and s["kv_blocks_free"] == s["kv_blocks_total"]:
+                break
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.2)           # the engine loop goes idle
+        idle_thresholds = gc.get_threshold()
+        # The id is free again once the stream is gone.
+        outs = await collect(engine, [4], SamplingParams(max_tokens=2, **GREEDY), "cancel-me")
+        await engine.shutdown()
+        return s, busy_thresholds, idle_thresholds, outs
+
+    s, busy, idle, outs = run(main())
+    assert s["num_running"] == 0 and s["kv_blocks_free"] == s["kv_blocks_total"]
+    assert busy[0] >= 20_000 and idle == before == gc.get_threshold()
+    assert outs[-1].finished and len(outs[-1].outputs[0].token_ids) == 2
+    llm.llm_engine.check_no_leaks()
+
+
+def test_server_streams_delta_outputs_equal_to_the_whole_response():
+    # The HTTP server asks AsyncLLM for DELTA outputs: streamed choices (n=2, logprobs,
+    # stop strings with and without include_stop_str_in_output) must join to the
+    # non-streamed response, with the same finish reasons and usage.
+    import json
+
+    import httpx
+
+    pytest.importorskip("fastapi")
+    from minikernels.server import create_app
+    from minikernels.server.testing import LiveServer
+
+    engine = AsyncLLM.from_args("tiny", dtype="float32", device="cpu", num_kv_blocks=64,
+                                block_size=16)
+    assert engine.honors_output_kind
+    base = {"model": "tiny", "prompt": "hello there", "max_tokens": 20, "n": 2,
+            "temperature": 0.9, "seed": 11, "logprobs": 2, "ignore_eos": True}
+    with LiveServer(create_app(engine, served_model_name="tiny")) as srv:
+        url = srv.base_url + "/v1/completions"
+        probe = httpx.post(url, json=base, timeout=60).json()
+        t0 = probe["choices"][0]["text"]
+        stop = next((t0[i:i + 2] for i in range(3, len(t0) - 2)
+                     if t0.find(t0[i:i + 2]) == i), None)
+        assert stop is not None
+        bodies = [base, {**base, "stop": [stop]} if stop else base,
+                  {**base, "stop": [stop], "include_stop_str_in_output": True}
+                  if stop else base]
+        for body in bodies:
+            whole = httpx.post(url, json=body, timeout=60).json()
+            r = httpx.post(url, json={**body, "stream": True,
+                                      "stream_options": {"include_usage": True}}, timeout=60)
+            lines = [ln[6:] for ln in r.text.split("\n") if ln.startswith("data: ")]
+            assert lines[-1] == "[DONE]"
+            events = [json.loads(x) for x in lines[:-1]]
+            assert events[-1]["usage"] == whole["usage"]
+            for ch in whole["choices"]:
+                parts = [c for e in events for c in e["choices"] if c["index"] == ch["index"]]
+                assert "".join(c["text"] for c in parts) == ch["text"]
+                assert [c["finish_reason"] for c in parts if c["finish_reason"]] == \
+                    [ch["finish_reason"]]
+                toks = [t for c in parts if c["logprobs"] for t in c["logprobs"]["tokens"]]
+                lps = [x for c in parts if c["logprobs"]
+                       for x in c["logprobs"]["token_logprobs"]]
+                assert toks == ch["logprobs"]["tokens"]
+                assert lps == pytest.approx(ch["logprobs"]["token_logprobs"], abs=1e-5)

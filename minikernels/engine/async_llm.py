@@ -399,6 +399,10 @@ class AsyncLLM:
             (see ``_BusyGC``; process-wide, restored when idle).
     """
 
+    # generate() yields what SamplingParams.output_kind asks for (the server relies on
+    # it to stream DELTA outputs).
+    honors_output_kind = True
+
     def __init__(self, llm: LLM, max_queue: int = 1024, tune_gc: bool = True) -> None:
         if not isinstance(llm, LLM):
             raise TypeError(f"llm must be a minikernels LLM, got {type(llm).__name__}")

@@ -2,8 +2,13 @@
 
 A :class:`Group` holds one engine request per prompt (its ``n`` samples are the engine's
 ``SamplingParams.n``) and the response :class:`Choice` objects they feed. A *pump* task
-per engine request copies the engine's cumulative snapshots into the group; snapshots
-are cumulative, so a slow client never queues them: it reads the latest one.
+per engine request reads the engine's outputs into per-sample accumulators
+(:class:`Sample`). An engine that honours ``SamplingParams.output_kind`` (``AsyncLLM``
+says so with ``honors_output_kind``) is asked for DELTA outputs: each carries only the
+new token ids, text and logprobs, so a step costs O(new) here and in the engine however
+long the output is, and a slow client never queues outputs (the engine coalesces what a
+slow consumer has not taken yet). Other engines send cumulative snapshots; the latest
+one is kept.
 
 :class:`SSEResponse` sends server-sent events while a watcher listens for the client
 going away, and always runs the group's close (which aborts unfinished engine requests,
@@ -19,12 +24,13 @@ import json
 import logging
 import time
 from contextlib import suppress
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any, AsyncIterator, Awaitable, Callable, Optional
 
 from fastapi import Request
 from fastapi.responses import StreamingResponse
 
+from ..engine.sampling_params import RequestOutputKind
 from .errors import engine_error_to_api
 
 logger = logging.getLogger("minikernels.server")
@@ -61,6 +67,66 @@ async def until_disconnect(request: Request, awaitable: Awaitable[Any]) -> Any:
     raise ClientGone()
 
 
+class Sample:
+    """Everything one sample (one ``CompletionOutput.index``) produced so far, read from
+    DELTA outputs (appended, O(new) per output) or cumulative snapshots (replaced). It
+    has the attributes of a ``CompletionOutput`` the routes read: ``index``,
+    ``token_ids``, ``logprobs``, ``text``, ``finish_reason``, ``stop_reason``,
+    ``cumulative_logprob``."""
+
+    __slots__ = ("index", "token_ids", "logprobs", "chunks", "num_chars", "version",
+                 "_joined", "_joined_key", "finish_reason", "stop_reason",
+                 "cumulative_logprob")
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+        self.token_ids: list[int] = []
+        self.logprobs: Optional[list] = None
+        self.chunks: list[str] = []         # the text, as received (never rewritten)
+        self.num_chars = 0
+        self.version = 0                    # bumped when a snapshot replaces everything
+        self._joined = ""
+        self._joined_key = (0, 0)
+        self.finish_reason: Optional[str] = None
+        self.stop_reason: Any = None
+        self.cumulative_logprob: Optional[float] = None
+
+    def add(self, out: Any) -> None:
+        """A DELTA output: append what is new."""
+        self.token_ids += out.token_ids
+        if out.logprobs is not None:
+            if self.logprobs is None:
+                self.logprobs = []
+            self.logprobs += out.logprobs
+        text = out.text
+        if text:
+            self.chunks.append(text)
+            self.num_chars += len(text)
+        self.finish_reason = out.finish_reason
+        self.stop_reason = out.stop_reason
+        self.cumulative_logprob = out.cumulative_logprob
+
+    def replace(self, out: Any) -> None:
+        """A cumulative snapshot: it is the whole output so far."""
+        self.token_ids = list(out.token_ids or [])
+        self.logprobs = out.logprobs
+        text = out.text or ""
+        self.chunks = [text] if text else []
+        self.num_chars = len(text)
+        self.version += 1
+        self.finish_reason = out.finish_reason
+        self.stop_reason = out.stop_reason
+        self.cumulative_logprob = out.cumulative_logprob
+
+    @property
+    def text(self) -> str:
+        key = (self.version, len(self.chunks))
+        if key != self._joined_key:
+            self._joined = "".join(self.chunks)
+            self._joined_key = key
+        return self._joined
+
+
 @dataclass
 class EngineRequest:
     """One engine request (one prompt, ``params.n`` samples); fed by one pump task."""
@@ -69,12 +135,40 @@ class EngineRequest:
     prompt_ids: list[int]
     params: Any
     prompt_text: Optional[str] = None   # the text prompt (for echo), if it was text
-    latest: Any = None              # latest cumulative RequestOutput
+    latest: Any = None              # latest RequestOutput (prompt-level fields)
     done: bool = False              # pump ended (finished, error, or cancelled)
+    samples: dict = field(default_factory=dict)   # index -> Sample
+    prompt_logprobs: Any = None     # kept from the output that carried them
 
     @property
     def finished(self) -> bool:
         return self.latest is not None and bool(self.latest.finished)
+
+    def sample(self, index: int) -> Sample:
+        s = self.samples.get(index)
+        if s is None:
+            s = self.samples[index] = Sample(index)
+        return s
+
+    def take(self, out: Any, delta: bool) -> None:
+        """Record one engine output (a DELTA output or a cumulative snapshot)."""
+        for o in out.outputs:
+            sample = self.samples.get(o.index)
+            if sample is None:
+                sample = self.sample(o.index)
+            if delta:
+                sample.add(o)
+            else:
+                sample.replace(o)
+        plp = getattr(out, "prompt_logprobs", None)
+        if plp is not None:
+            self.prompt_logprobs = plp
+        elif self.prompt_logprobs is not None:
+            try:    # a DELTA stream sends them once; the routes read them from latest
+                out.prompt_logprobs = self.prompt_logprobs
+            except AttributeError:
+                pass
+        self.latest = out
 
 
 @dataclass
@@ -88,27 +182,22 @@ class Choice:
     sent_tokens: int = 0            # tokens whose logprobs were already streamed
     started: bool = False           # first stream chunk (role / echo) sent
     reported_finish: bool = False
+    _read: tuple = (0, 0, 0)        # (sample version, chunks, chars) already in a delta
 
     @property
-    def output(self) -> Any:
-        latest = self.req.latest
-        if latest is None:
-            return None
-        outs = latest.outputs
-        if self.sample < len(outs) and getattr(outs[self.sample], "index", self.sample) \
-                == self.sample:
-            return outs[self.sample]
-        return next((o for o in outs if o.index == self.sample), None)
+    def output(self) -> Optional[Sample]:
+        """Everything this choice's sample produced so far (None before any output)."""
+        return self.req.samples.get(self.sample) if self.req.latest is not None else None
 
     @property
     def text(self) -> str:
         out = self.output
-        return (out.text or "") if out is not None else ""
+        return out.text if out is not None else ""
 
     @property
     def num_tokens(self) -> int:
         out = self.output
-        return len(out.token_ids or []) if out is not None else 0
+        return len(out.token_ids) if out is not None else 0
 
     @property
     def finished(self) -> bool:
@@ -123,14 +212,27 @@ class Choice:
     @property
     def finish_reason(self) -> Optional[str]:
         out = self.output
-        reason = getattr(out, "finish_reason", None) if out is not None else None
+        reason = out.finish_reason if out is not None else None
         return reason if reason is not None else ("abort" if self.ended else None)
 
     def new_delta(self) -> tuple[str, int, int]:
-        """(new text, token start, token end) since this choice's last chunk."""
-        text = self.text
-        delta = text[self.sent_text:] if len(text) > self.sent_text else ""
-        return delta, self.sent_tokens, max(self.sent_tokens, self.num_tokens)
+        """(new text, token start, token end) since this choice's last chunk; the caller
+        adds len(text) to sent_text. O(new) for DELTA outputs."""
+        out = self.output
+        if out is None:
+            return "", self.sent_tokens, self.sent_tokens
+        end = max(self.sent_tokens, len(out.token_ids))
+        if out.num_chars <= self.sent_text:
+            return "", self.sent_tokens, end
+        version, n_read, chars = self._read
+        chunks = out.chunks
+        if version == out.version and chars == self.sent_text:
+            rest = len(chunks) - n_read
+            delta = chunks[n_read] if rest == 1 else "".join(chunks[n_read:])
+        else:                   # a new snapshot, or the caller skipped text: by characters
+            delta = out.text[self.sent_text:]
+        self._read = (out.version, len(chunks), out.num_chars)
+        return delta, self.sent_tokens, end
 
 
 class Group:
@@ -139,6 +241,16 @@ class Group:
     def __init__(self, engine: Any, requests: list[EngineRequest]) -> None:
         self.engine = engine
         self.requests = requests
+        # Ask for DELTA outputs where the engine honours SamplingParams.output_kind.
+        self.delta = getattr(engine, "honors_output_kind", False) is True
+        if self.delta:
+            kinds: dict[int, Any] = {}
+            for r in requests:
+                p = r.params
+                if getattr(p, "output_kind", None) is not RequestOutputKind.DELTA:
+                    if id(p) not in kinds:
+                        kinds[id(p)] = replace(p, output_kind=RequestOutputKind.DELTA)
+                    r.params = kinds[id(p)]
         self.choices: list[Choice] = []
         for req in requests:
             for j in range(req.params.n):
@@ -156,8 +268,9 @@ class Group:
 
     async def _pump(self, req: EngineRequest) -> None:
         try:
+            delta = self.delta
             async for out in self.engine.generate(req.prompt_ids, req.params, req.request_id):
-                req.latest = out
+                req.take(out, delta)
                 if self.t_first is None:
                     self.t_first = time.monotonic()
                 self.changed.set()
