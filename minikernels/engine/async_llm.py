@@ -230,19 +230,35 @@ def _deliver(items: list[tuple]) -> None:
     """On an event loop: hand one engine step's payloads to their mailboxes.
 
     The hot path of streaming: a consumer already waiting gets its output built and its
-    future resolved here; any other payload is queued for its next iteration.
+    future resolved here; any other payload is queued for its next iteration. A DELTA
+    output of a one-sample request is built inline (the common case of a server).
     """
     for p in items:
         box = p[0]
         w = box.waiter
         if w is not None and not box.queued:
             box.waiter = None
-            if not w.done():                  # not cancelled
-                try:
-                    w.set_result(box.merge((p,)))
-                except Exception as exc:  # noqa: BLE001 - that consumer fails, not all
-                    w.set_exception(exc)
+            if w.done():                      # cancelled: queue it (abort is on its way)
+                box.queued.append(p)
                 continue
+            samples = p[1]
+            try:
+                if box.kind is _DELTA and len(samples) == 1 and not p[2]:
+                    index, ids, text, lps, reason, stop, cum = samples[0]
+                    out = RequestOutput(
+                        box.request_id, box.prompt, box.prompt_token_ids,
+                        [CompletionOutput(index, text, ids,
+                                          cum if lps is not None else None, lps, reason,
+                                          stop, text, ids)],
+                        False, {"arrival_time": box.arrival_time, "first_token_time": p[3],
+                                "finished_time": p[4], "num_preemptions": p[6]},
+                        p[5], p[7])
+                else:
+                    out = box.merge((p,))
+                w.set_result(out)
+            except Exception as exc:  # noqa: BLE001 - that consumer fails, not all
+                w.set_exception(exc)
+            continue
         box.queued.append(p)
 
 
