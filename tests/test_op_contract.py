@@ -41,6 +41,12 @@ def _samples(device: str):
         "flash_attention": (q, k, k.clone(), cu, cu, 3, 3, True, 0.25, -1, 0.0, None),
         "write_kv_cache": (k, k.clone(), kc, vc, slots),
         "paged_decode_attention": (q[:2], kc, vc, bt, sl, 0.25, -1, 0.0, 0),
+        "rejection_sample": (torch.tensor([[1, 2], [3, 0]], device=device),
+                             torch.tensor([2, 1], dtype=torch.int32, device=device),
+                             torch.softmax(torch.randn(2, 3, 5, device=device), -1), None,
+                             torch.rand(2, 2, device=device),
+                             torch.rand(2, 5, device=device) + 0.1,
+                             torch.tensor([False, True], device=device)),
     }
 
 

@@ -11,6 +11,7 @@ from .attention import flash_attention, flash_attention_bshd
 from .int4 import int4_matmul
 from .kv_cache import merge_attn_states, paged_decode_attention, write_kv_cache
 from .norm import rms_norm
+from .rejection_sampler import rejection_sample
 from .rotary import build_rope_cache, rotary_embedding
 
 __all__ = [
@@ -21,6 +22,7 @@ __all__ = [
     "merge_attn_states",
     "paged_decode_attention",
     "reference",
+    "rejection_sample",
     "rms_norm",
     "rotary_embedding",
     "silu_and_mul",

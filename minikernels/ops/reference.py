@@ -307,3 +307,72 @@ def apply_token_bitmask(logits: Tensor, bitmask: Tensor, indices: Tensor | None 
     allowed = unpack_token_bitmask(bitmask[rows], v)
     block = logits[rows, :v]
     logits[rows, :v] = block.masked_fill(~allowed, float("-inf"))
+
+
+# --------------------------------------------------------------------------- speculative decoding
+def rejection_sample(draft_token_ids: Tensor, num_draft_tokens: Tensor, target_probs: Tensor,
+                     draft_probs: Tensor | None, uniform: Tensor, exp_q: Tensor,
+                     is_greedy: Tensor) -> Tensor:
+    """Speculative-decoding verification (Leviathan et al. / vLLM's rejection sampler).
+
+    Row b has ``n = num_draft_tokens[b]`` draft tokens ``x_j = draft_token_ids[b, j]``
+    (j < n) and target distributions ``p_j = target_probs[b, j]`` (j <= n; p_n gives the
+    bonus token). ``q_j = draft_probs[b, j]``, or a point mass on x_j when draft_probs is
+    None (n-gram drafts). Walking j = 0, 1, ...:
+
+    * random rows: accept x_j iff ``uniform[b, j] * q_j(x_j) < p_j(x_j)`` (probability
+      min(1, p/q)); at the first rejection emit a token from normalize(max(0, p_j - q_j))
+      (p_j when that is all zero) and stop;
+    * greedy rows (``is_greedy[b]``): accept iff x_j == argmax p_j (first index on ties);
+      at the first mismatch emit argmax p_j and stop. Only the argmax of a greedy row's
+      target_probs is used (raw logits may be passed);
+    * when all n are accepted, emit the bonus token: argmax p_n (greedy) or a sample of p_n.
+
+    Sampling from a distribution r uses the exponential race ``argmax(r / exp_q[b])``
+    (exp_q ~ Exp(1), one vector per row: a row samples at most one such token).
+
+    draft_token_ids int64 [B, K]; num_draft_tokens int32/int64 [B] in [0, K];
+    target_probs fp32 [B, K + 1, V]; draft_probs fp32 [B, K, V] or None; uniform fp32
+    [B, K] in [0, 1); exp_q fp32 [B, V] > 0; is_greedy bool [B].
+    Returns int64 [B, K + 1]: the accepted drafts, then the recovered / bonus token, then
+    -1 (vLLM's placeholder). Row b holds between 1 and n + 1 tokens.
+    """
+    B, K = draft_token_ids.shape
+    V = target_probs.shape[-1]
+    dev = target_probs.device
+    out = torch.full((B, K + 1), -1, dtype=torch.int64, device=dev)
+    if B == 0:
+        return out
+    p = target_probs.float()
+    x = draft_token_ids.long()
+    n = num_draft_tokens.long()
+    greedy = is_greedy.bool()
+    j = torch.arange(K, device=dev)
+    valid = j[None, :] < n[:, None]                                      # [B, K]
+    xs = x.clamp(0, V - 1)
+    p_x = p[:, :K].gather(2, xs[..., None])[..., 0]                      # [B, K]
+    if draft_probs is None:
+        q = torch.nn.functional.one_hot(xs, V).float()                    # point masses
+    else:
+        q = draft_probs.float()
+    q_x = q.gather(2, xs[..., None])[..., 0]
+    target_argmax = p.argmax(dim=2)                                       # [B, K + 1]
+    accept = torch.where(greedy[:, None], xs == target_argmax[:, :K],
+                         uniform.float() * q_x < p_x) & valid
+    # Number of accepted drafts: the first j that is not accepted.
+    num_acc = torch.cumprod(accept.long(), dim=1).sum(dim=1)              # [B]
+    # Token emitted after them: recovered (num_acc < n) or bonus (num_acc == n).
+    rows = torch.arange(B, device=dev)
+    p_at = p[rows, num_acc]                                               # [B, V]
+    q_at = torch.zeros_like(p_at)
+    has_q = num_acc < n
+    if has_q.any():
+        q_at[has_q] = q[rows[has_q], num_acc[has_q]]
+    resid = (p_at - q_at).clamp_min(0.0)
+    resid = torch.where((resid > 0).any(dim=1, keepdim=True), resid, p_at)
+    sampled = (resid / exp_q.float()).argmax(dim=1)
+    final = torch.where(greedy, target_argmax[rows, num_acc], sampled)
+    keep = j[None, :] < num_acc[:, None]
+    out[:, :K] = torch.where(keep, x, out[:, :K])
+    out[rows, num_acc] = final
+    return out
