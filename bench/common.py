@@ -1,5 +1,8 @@
-"""Benchmark plumbing for the scripts in bench/: re-exported from minikernels.benchmarking."""
-from minikernels.benchmarking import *  # noqa: F401,F403
-from minikernels.benchmarking import (L2_FLUSH_BYTES, RESULTS_DIR, ceilings, device_name,  # noqa: F401
-                                      environment, markdown_table, measure_copy_bandwidth,
-                                      measure_matmul_flops, time_fn, write_results)
+"""Benchmark plumbing for scripts in bench/: re-exported from minikernels.benchmarks.plumbing."""
+from minikernels.benchmarks.plumbing import *  # noqa: F401,F403
+from minikernels.benchmarks.plumbing import (CPU_NOTE, L2_FLUSH_BYTES, RESULTS_DIR,  # noqa: F401
+                                             Timing, add_result_arguments, ceilings,
+                                             device_name, environment, markdown_table,
+                                             measure_copy_bandwidth, measure_matmul_flops,
+                                             percentile, results_dir, time_fn, time_stats,
+                                             write_json, write_results)

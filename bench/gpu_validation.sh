@@ -10,7 +10,9 @@
 #             missing on the machine); log -> $OUT/pytest_cuda.log
 #   sanitize  compute-sanitizer memcheck and racecheck over the CUDA C++ kernels' tests
 #   bench     ceilings + every benchmark with its peers -> $OUT/results/ (JSON, md, png)
-#   serve     the end-to-end engine benchmark (bench/bench_serve.py) -> $OUT/results/
+#   serve     the end-to-end engine benchmark (minikernels bench serve, + fp8 KV) and
+#             bench/bench_serve.py (beside transformers) -> $OUT/results/
+# The benchmarks live in minikernels/benchmarks/; bench/*.py are thin scripts over them.
 #
 # Results: copy $OUT/results/* into bench/results/h200/ here and commit them.
 set -uo pipefail
@@ -58,20 +60,20 @@ stage_sanitize() {
 }
 
 stage_bench() {
-  python -m minikernels bench --out "$OUT/results" || echo "op bench failed"
+  python -m minikernels bench --result-dir "$OUT/results" || echo "op bench failed"
   python -m bench.bench_int4 || echo "int4 bench failed"
   python -m bench.bench_paged_decode || echo "paged decode bench failed"
   python -m bench.bench_attention || echo "attention bench failed"
 }
 
 stage_serve() {
-  python -m minikernels bench serve --output "$OUT/results/serve_main.json" || echo "bench serve failed"
+  python -m minikernels bench serve --output-json "$OUT/results/serve_main.json" || echo "bench serve failed"
   python -m minikernels bench serve --kv-cache-dtype fp8 --skip-latency --no-save \
-    --output "$OUT/results/serve_fp8kv.json" || echo "bench serve (fp8 KV) failed"
+    --output-json "$OUT/results/serve_fp8kv.json" || echo "bench serve (fp8 KV) failed"
   python bench/bench_serve.py || echo "bench_serve (vs transformers) failed"
 }
 
-[ $# -gt 0 ] || { sed -n 2,16p "$0"; exit 2; }
+[ $# -gt 0 ] || { sed -n 2,17p "$0"; exit 2; }
 for stage in "$@"; do
   echo "=== $stage ==="
   "stage_$stage"

@@ -15,7 +15,7 @@ import torch
 pytest.importorskip("pytest_benchmark")
 
 from minikernels.backend import cuda_extension, use_backend  # noqa: E402
-from minikernels.op_bench import op_cases  # noqa: E402
+from minikernels.benchmarks.ops import op_cases  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 CASES = op_cases(DEVICE, torch.bfloat16, small=DEVICE == "cpu")

@@ -29,11 +29,11 @@ COMMANDS = {
               "OpenAI-compatible HTTP server"),
 }
 BENCHES = {
-    "ops": ("minikernels.op_bench", "add_arguments", "run",
+    "ops": ("minikernels.benchmarks.ops", "add_arguments", "run",
             "time every op on each backend of this device (default)"),
-    "serve": ("minikernels.engine.bench_serve", "add_arguments", "run",
+    "serve": ("minikernels.benchmarks.serve", "add_arguments", "run",
               "end-to-end serving throughput and latency (the main job)"),
-    "engine": ("minikernels.engine.bench_engine", "add_arguments", "run",
+    "engine": ("minikernels.benchmarks.engine", "add_arguments", "run",
                "engine host overhead per step (stub forward), overlap, block sizes"),
 }
 

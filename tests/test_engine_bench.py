@@ -6,7 +6,7 @@ import importlib.util
 import json
 import os
 
-from minikernels.engine.bench_serve import make_workload
+from minikernels.benchmarks.serve import make_workload
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -22,11 +22,17 @@ def test_cli_bench_serve_small(tmp_path, capsys):
     from minikernels.cli import main
 
     out = tmp_path / "serve.json"
-    rc = main(["bench", "serve", "--num-requests", "4", "--min-input-len", "8",
+    rc = main(["bench", "serve", "--num-prompts", "4", "--min-input-len", "8",
                "--max-input-len", "16", "--min-output-len", "4", "--max-output-len", "8",
-               "--decode-tokens", "6", "--no-save", "--output", str(out)])
+               "--decode-tokens", "6", "--repeat", "2", "--result-dir", str(tmp_path),
+               "--output-json", str(out)])
     assert rc == 0
+    for ext in ("json", "md", "png"):
+        assert (tmp_path / f"serve.{ext}").exists()
     data = json.loads(out.read_text())
+    off = data["rows"][0]
+    assert off["runs"] == 2 and off["output_tok_s_min"] <= off["output_tok_s"] <= \
+        off["output_tok_s_max"] and off["spread"] >= 0
     phases = {r["phase"]: r for r in data["rows"]}
     assert set(phases) == {"offline", "latency", "decode-b1"}
     assert phases["offline"]["output_tok_s"] > 0
@@ -35,7 +41,7 @@ def test_cli_bench_serve_small(tmp_path, capsys):
     assert "output_tok_s" in capsys.readouterr().out
 
 
-def test_bench_serve_vs_hf_smoke(tmp_path):
+def test_bench_serve_vs_hf_smoke(tmp_path, capsys):
     spec = importlib.util.spec_from_file_location("bench_serve_script",
                                                   os.path.join(ROOT, "bench", "bench_serve.py"))
     mod = importlib.util.module_from_spec(spec)
@@ -46,8 +52,13 @@ def test_bench_serve_vs_hf_smoke(tmp_path):
     assert {("minikernels", "offline"), ("minikernels", "latency"),
             ("minikernels", "decode-b1"), ("hf-static", "offline"),
             ("hf-b1", "decode-b1")} <= systems
-    assert (tmp_path / "serve_vs_hf.md").exists()
+    assert (tmp_path / "serve_vs_hf.md").exists() and (tmp_path / "serve_vs_hf.png").exists()
     assert data["meta"]["speedup_vs_best_hf_offline"] > 0
+    out = capsys.readouterr().out
+    assert out.count("| system | phase |") == 1                 # the table, printed once
+    import re
+    (ratio,) = re.findall(r"speed-up vs best transformers offline: (\S+)", out)
+    assert re.fullmatch(r"\d+\.\d\dx", ratio), ratio           # rounded: "1.02x"
 
 
 def test_cli_bench_engine_small(tmp_path):

@@ -13,7 +13,7 @@ from minikernels.models.tokenizer import ByteTokenizer
 
 @pytest.fixture(scope="module")
 def bpe():
-    from minikernels.engine.bench_engine import BenchTokenizer
+    from minikernels.benchmarks.engine import BenchTokenizer
 
     return BenchTokenizer(vocab=400)
 
@@ -49,7 +49,7 @@ def test_incremental_matches_full_decode(bpe, kind):
 def test_byte_level_added_tokens_match_tokenizers():
     # Added tokens (special or not, non-ASCII content) between partial UTF-8 bytes: the
     # table-driven detokenizer must decode exactly as tokenizers' own decode does.
-    from minikernels.engine.bench_engine import BenchTokenizer
+    from minikernels.benchmarks.engine import BenchTokenizer
 
     tok = BenchTokenizer(vocab=300)
     rust = tok.backend_tokenizer

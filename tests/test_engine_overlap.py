@@ -10,7 +10,7 @@ import random
 import pytest
 
 from minikernels.engine import LLM, SamplingParams
-from minikernels.engine.bench_engine import StubModel
+from minikernels.benchmarks.engine import StubModel
 
 
 def pair(**kw) -> tuple[LLM, LLM]:

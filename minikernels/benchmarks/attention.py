@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from bench.common import ceilings, device_name, time_fn, write_results
+from .plumbing import ceilings, device_name, time_fn, write_results
 
 PEERS = ("sdpa_flash", "sdpa_cudnn", "sdpa_efficient", "flex_attention")
 

@@ -38,8 +38,8 @@ from typing import Any
 
 import torch
 
-from .llm_engine import LLM
-from .sampling_params import RequestOutputKind, SamplingParams
+from ..engine.llm_engine import LLM
+from ..engine.sampling_params import RequestOutputKind, SamplingParams
 
 VOCAB = 512
 
@@ -297,7 +297,7 @@ def run_stream(workload: str, block_size: int = 16, async_scheduling: bool = Tru
     """AsyncLLM with one asyncio consumer per request (what a server does). CPU per step
     counts the engine thread and the event loop, over the steady window (from the step
     after the last admission to the first finish)."""
-    from .async_llm import AsyncLLM
+    from ..engine.async_llm import AsyncLLM
 
     prompts, params = make_requests(workload, scale=scale)
     params = [SamplingParams(**{**_fields(sp), "output_kind": kind}) for sp in params]
@@ -417,7 +417,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--block-sizes", default="16,32,64,128,256",
                    help="block sizes to sweep ('' to skip)")
     p.add_argument("--scale", type=float, default=1.0, help="shrink the workloads (< 1)")
-    from ..benchmarking import add_result_arguments
+    from .plumbing import add_result_arguments
 
     add_result_arguments(p, "engine")
 
@@ -478,7 +478,7 @@ def run(args: argparse.Namespace) -> int:
         Path(args.output_json).write_text(json.dumps({"meta": meta, "rows": rows}, indent=2,
                                                      default=str))
     if not args.no_save:
-        from ..benchmarking import write_results
+        from .plumbing import write_results
         cols = ["workload", "path", "block_size", "async", "gpu_ms", "steps", "host_ms_median",
                 "host_ms_p99", "host_ms_max", "schedule_ms", "prepare_ms", "sample_ms",
                 "finish_ms", "post_ms", "loop_ms_per_step", "total_cpu_ms_per_step", "tok_s",

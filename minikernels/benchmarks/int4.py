@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from bench import common
+from . import plumbing as common
 
 M_VALUES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 1024, 4096)
 SHAPES = ((4096, 6144), (4096, 4096), (4096, 28672), (14336, 4096), (8192, 8192))  # (K, N)

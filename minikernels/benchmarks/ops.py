@@ -15,11 +15,12 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import torch
+from typing import TYPE_CHECKING
 
-from . import benchmarking as B
-from . import ops
-from .backend import cuda_extension, use_backend
+from . import plumbing as B
+
+if TYPE_CHECKING:  # torch and the ops load when the benchmark runs, not for --help
+    import torch
 
 
 @dataclass
@@ -35,6 +36,9 @@ class Case:
 
 def op_cases(device: str, dtype: torch.dtype, small: bool) -> list[Case]:
     """Every op's benchmark case on ``device`` (``small``: shapes / 16, for the CPU)."""
+    import torch
+
+    from .. import ops
     s = 16 if small else 1
     t, h, inter = 4096 // s, 4096 // s, 14336 // s
     es = torch.finfo(dtype).bits // 8
@@ -59,7 +63,7 @@ def op_cases(device: str, dtype: torch.dtype, small: bool) -> list[Case]:
              ("triton",)),
     ]
     n = k_dim = 4096 // s
-    from .ops.reference import dequantize_int4  # noqa: F401  (layout documented there)
+    from ..ops.reference import dequantize_int4  # noqa: F401  (layout documented there)
     qweight = torch.randint(-2**31, 2**31 - 1, (n, k_dim // 8), dtype=torch.int32, device=device)
     scales = (torch.rand(n, k_dim // 128, device=device) / 50).to(dtype)
     zeros = torch.full((n, k_dim // 128), 8.0, device=device, dtype=dtype)
@@ -90,6 +94,10 @@ def op_cases(device: str, dtype: torch.dtype, small: bool) -> list[Case]:
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from ..backend import cuda_extension, use_backend
+
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, args.dtype)
     on_gpu = device.startswith("cuda")

@@ -37,7 +37,7 @@ if "--smoke" in sys.argv and os.environ.get("CUDA_VISIBLE_DEVICES", None) != "":
 
 import torch
 
-from bench.common import ceilings, device_name, time_fn, write_results
+from .plumbing import ceilings, device_name, time_fn, write_results
 
 BATCHES = (1, 8, 64, 256)
 CONTEXTS = (512, 4096, 32768)

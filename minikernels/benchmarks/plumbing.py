@@ -6,6 +6,8 @@ ceilings (copy bandwidth, dense bf16 matmul) in the same run, reports each resul
 fraction of them, and writes <results>/<device>/<name>.{json,md,png}: <results> is
 bench/results in a checkout, ./bench/results under the current directory when installed
 from a wheel, or $MINIKERNELS_BENCH_OUT / --result-dir.
+
+torch is imported inside the functions that use it, so a benchmark's --help stays quick.
 """
 from __future__ import annotations
 
@@ -17,11 +19,13 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
-_REPO_ROOT = Path(__file__).resolve().parents[1]
+
+_REPO_ROOT = Path(__file__).resolve().parents[2]  # minikernels/benchmarks/plumbing.py -> the checkout
 # In a checkout results go to bench/results/<device>; installed from a wheel, to
 # ./bench/results/<device> under the current directory (the same relative path).
 RESULTS_DIR = (_REPO_ROOT / "bench" / "results" if (_REPO_ROOT / "bench").is_dir()
@@ -34,6 +38,8 @@ CPU_NOTE = ("CPU timings swing with machine load (often 10x or more on a shared 
 
 def device_name(device: torch.device | str | None = None) -> str:
     """Short lower-case name of the device, e.g. "h200", "a100-sxm4-80gb", "cpu"."""
+    import torch
+
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(device)
@@ -66,7 +72,8 @@ def add_result_arguments(parser: Any, name: str) -> None:
     --out, --out-dir and --output stay as hidden aliases). The help shows the real default."""
     import argparse
 
-    where = _shown(results_dir())
+    where = (f"{_shown(Path(os.environ[RESULTS_ENV]))}" if os.environ.get(RESULTS_ENV)
+             else f"{_shown(RESULTS_DIR)}/<device>")
     parser.add_argument("--result-dir", dest="result_dir", default=None,
                         help=f"folder for {name}.json, {name}.md and {name}.png (default: "
                              f"{where}; ${RESULTS_ENV} overrides)")
@@ -121,6 +128,8 @@ def time_fn(fn: Callable[[], Any], *, warmup: int = 5, rep: int = 50,
 def time_stats(fn: Callable[[], Any], *, warmup: int = 5, rep: int = 50,
                flush_l2: bool = False, device: torch.device | str | None = None) -> Timing:
     """:func:`time_fn` with the spread of the ``rep`` runs (:class:`Timing`)."""
+    import torch
+
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     for _ in range(warmup):
         fn()
@@ -147,6 +156,8 @@ def time_stats(fn: Callable[[], Any], *, warmup: int = 5, rep: int = 50,
 
 def measure_copy_bandwidth(device: torch.device | str = "cuda", nbytes: int = 1 << 30) -> float:
     """Device-to-device copy bandwidth in bytes/s, counting bytes read + written."""
+    import torch
+
     src = torch.empty(nbytes // 2, dtype=torch.uint8, device=device).random_()
     dst = torch.empty_like(src)
     seconds = time_fn(lambda: dst.copy_(src), warmup=3, rep=20, device=device)
@@ -154,8 +165,11 @@ def measure_copy_bandwidth(device: torch.device | str = "cuda", nbytes: int = 1 
 
 
 def measure_matmul_flops(device: torch.device | str = "cuda", n: int = 8192,
-                         dtype: torch.dtype = torch.bfloat16) -> float:
-    """Dense matmul throughput (FLOP/s) of torch.matmul on random n x n x n inputs."""
+                         dtype: torch.dtype | None = None) -> float:
+    """Dense matmul throughput (FLOP/s) of torch.matmul on random n x n x n inputs (bf16)."""
+    import torch
+
+    dtype = dtype or torch.bfloat16
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     seconds = time_fn(lambda: a @ b, warmup=3, rep=20, device=device)
@@ -164,6 +178,8 @@ def measure_matmul_flops(device: torch.device | str = "cuda", n: int = 8192,
 
 def ceilings(device: torch.device | str = "cuda") -> dict[str, float]:
     """The run's ceilings: {"copy_bytes_per_s", "bf16_matmul_flops"} (0 on the CPU)."""
+    import torch
+
     if torch.device(device).type != "cuda":
         return {"copy_bytes_per_s": 0.0, "bf16_matmul_flops": 0.0}
     return {"copy_bytes_per_s": measure_copy_bandwidth(device),
@@ -171,6 +187,8 @@ def ceilings(device: torch.device | str = "cuda") -> dict[str, float]:
 
 
 def environment() -> dict[str, Any]:
+    import torch
+
     env: dict[str, Any] = {"torch": torch.__version__, "python": platform.python_version(),
                            "device": device_name()}
     try:

@@ -24,10 +24,11 @@ import statistics
 import time
 from typing import Any
 
-import torch
+from typing import TYPE_CHECKING
 
-from .llm_engine import LLM
-from .sampling_params import SamplingParams
+if TYPE_CHECKING:  # torch and the engine load when a benchmark runs, not for --help
+    from ..engine.llm_engine import LLM
+    from ..engine.sampling_params import SamplingParams
 
 Workload = list[tuple[list[int], int]]
 
@@ -42,6 +43,8 @@ def make_workload(num_requests: int, input_len: tuple[int, int], output_len: tup
 
 
 def _params(max_tokens: int, temperature: float) -> SamplingParams:
+    from ..engine.sampling_params import SamplingParams
+
     return SamplingParams(temperature=temperature, max_tokens=max_tokens, ignore_eos=True)
 
 
@@ -55,6 +58,8 @@ def _percentile(values: list[float], q: float) -> float:
 
 
 def _sync(llm: LLM) -> None:
+    import torch
+
     if llm.llm_engine.device.type == "cuda":
         torch.cuda.synchronize(llm.llm_engine.device)
 
@@ -159,7 +164,7 @@ def _by_device(name: str) -> str:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """``minikernels bench serve``'s arguments (vLLM's names; defaults by device at run)."""
-    from .. import benchmarking as bm
+    from . import plumbing as bm
 
     hidden = argparse.SUPPRESS
     g = parser.add_argument_group("workload")
@@ -214,6 +219,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _defaults(args: argparse.Namespace) -> tuple[str, str, str]:
     """Fill the device-dependent defaults into ``args``; returns (device, model, dtype)."""
+    import torch
+
     dev = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     col = 0 if dev.startswith("cuda") else 1
     for name, pair in DEVICE_DEFAULTS.items():
@@ -227,7 +234,8 @@ def _round_up(n: int, m: int) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .. import benchmarking as bm
+    from ..engine.llm_engine import LLM
+    from . import plumbing as bm
 
     dev, model, dtype = _defaults(args)
     if args.repeat < 1:
@@ -344,7 +352,7 @@ def plot_serve(rows: list[dict[str, Any]], meta: dict[str, Any], path: Any) -> N
     fig.savefig(path, dpi=110)
 
 
-def main(argv: list[str] | None = None) -> int:  # python -m minikernels.engine.bench_serve
+def main(argv: list[str] | None = None) -> int:  # python -m minikernels.benchmarks.serve
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_arguments(parser)
     return run(parser.parse_args(argv))

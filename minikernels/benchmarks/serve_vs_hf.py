@@ -8,7 +8,7 @@ Rows (one per system and phase):
     minikernels   offline throughput (all requests at once), latency under a Poisson
                   request rate (TTFT/TPOT p50/p99), batch-1 decode tok/s and its fraction
                   of the bandwidth floor ((weight + KV bytes per token) / measured copy
-                  bandwidth, bench.common.ceilings).
+                  bandwidth, plumbing.ceilings).
     hf-static     transformers generate() on static batches (left padded, sorted by
                   length, --hf-batch-size rows); useful output tokens only are counted.
                   TTFT = the batch's first-token time; TPOT = (batch time - TTFT) / steps.
@@ -23,17 +23,14 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
 from typing import Any
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from bench import common  # noqa: E402
-from minikernels.engine import LLM  # noqa: E402
-from minikernels.engine.bench_serve import (make_workload, run_decode_b1, run_latency,  # noqa: E402
+from . import plumbing as common
+from ..engine import LLM
+from .serve import (make_workload, run_decode_b1, run_latency,
                                             run_offline)
 
 
@@ -110,7 +107,7 @@ def hf_static(hf: Any, workload: list, batch_size: int, temperature: float,
         ttfts += [ttft * 1e3] * len(idx)
         tpots += [max(t2 - t1 - ttft, 0.0) / max(max_new - 1, 1) * 1e3] * len(idx)
     out_tokens = sum(o for _, o in workload)
-    from minikernels.engine.bench_serve import _percentile
+    from .plumbing import percentile as _percentile
     return {"system": "hf-static", "phase": "offline", "requests": len(workload),
             "seconds": full_time, "output_tok_s": out_tokens / full_time,
             "ttft_p50_ms": _percentile(ttfts, 50), "ttft_p99_ms": _percentile(ttfts, 99),

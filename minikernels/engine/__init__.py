@@ -8,7 +8,7 @@
 Modules: sampling_params (SamplingParams), outputs (RequestOutput, CompletionOutput),
 sequence (Request, Sequence), detokenizer (incremental text), block_manager (KV blocks + prefix cache), scheduler
 (continuous batching, chunked prefill, preemption), model_runner (metadata, CUDA graphs,
-KV pool), sampler (batched sampling), llm_engine (LLMEngine, LLM), async_llm (AsyncLLM), bench_serve / bench_engine (benchmarks).
+KV pool), sampler (batched sampling), llm_engine (LLMEngine, LLM), async_llm (AsyncLLM); the engine benchmarks live in minikernels.benchmarks.
 See docs/engine.md.
 """
 from .async_llm import AsyncLLM, EngineOverloaded

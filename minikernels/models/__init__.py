@@ -5,20 +5,35 @@
     logits = model(input_ids, meta, kv_caches)      # the contract: AttentionMetadata
 
 Modules: config (DecoderConfig, built-in names), decoder (CausalLM), linear (dense/int4
-fused linear), loader (load_model), tokenizer (load_tokenizer), generate (a plain
+fused linear), loader (load_model), hub (hub ids -> the HF cache), tokenizer (load_tokenizer), generate (a plain
 generation loop and the ``minikernels generate`` CLI).
 """
-from .config import (BUILTIN_CONFIGS, SUPPORTED_ARCHITECTURES, DecoderConfig,
-                     UnsupportedModelError, builtin_config, list_models)
-from .decoder import CausalLM
-from .linear import FusedLinear, Int4Part
-from .loader import CheckpointError, load_model, quantize_linears
-from .metadata import AttentionMetadata
-from .tokenizer import ByteTokenizer, HFTokenizer, load_tokenizer
+from typing import Any
+
+# Loaded on first use (PEP 562), so `minikernels generate --help` does not import torch.
+_EXPORTS = {
+    "BUILTIN_CONFIGS": "config", "SUPPORTED_ARCHITECTURES": "config", "DecoderConfig": "config",
+    "UnsupportedModelError": "config", "builtin_config": "config", "list_models": "config",
+    "CausalLM": "decoder", "FusedLinear": "linear", "Int4Part": "linear",
+    "CheckpointError": "loader", "load_model": "loader", "quantize_linears": "loader",
+    "AttentionMetadata": "metadata", "ByteTokenizer": "tokenizer", "HFTokenizer": "tokenizer",
+    "load_tokenizer": "tokenizer", "resolve_model": "hub",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        import importlib
+
+        value = getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "AttentionMetadata", "BUILTIN_CONFIGS", "ByteTokenizer", "CausalLM", "CheckpointError",
     "DecoderConfig", "FusedLinear", "HFTokenizer", "Int4Part", "SUPPORTED_ARCHITECTURES",
     "UnsupportedModelError", "builtin_config", "list_models", "load_model", "load_tokenizer",
-    "quantize_linears",
+    "quantize_linears", "resolve_model",
 ]

@@ -14,12 +14,16 @@ import argparse
 import math
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
-import torch
-from torch import Tensor
+if TYPE_CHECKING:  # torch loads when generation runs, so `generate --help` stays quick
+    import torch
+    from torch import Tensor
 
-from .kv_cache_dtype import KV_CACHE_DTYPES, resolve_kv_cache_dtype
-from .metadata import AttentionMetadata
+    from .metadata import AttentionMetadata
+
+#: kv_cache_dtype names (models/kv_cache_dtype.py, which imports torch; a test keeps them equal)
+KV_CACHE_DTYPE_NAMES = ("auto", "fp8", "fp8_e4m3")
 
 __all__ = ["add_generate_arguments", "build_step_metadata", "generate_tokens", "run_generate",
            "sample_next"]
@@ -37,6 +41,10 @@ def build_step_metadata(decode: Sequence[tuple[Sequence[int], int]],
              num_cached .. num_cached + chunk_len - 1, attending to the cached prefix.
     Logits rows: each decode token and each chunk's last token (all rows if all_logits).
     """
+    import torch
+
+    from .metadata import AttentionMetadata
+
     positions: list[int] = []
     slots: list[int] = []
 
@@ -86,6 +94,8 @@ def build_step_metadata(decode: Sequence[tuple[Sequence[int], int]],
 def sample_next(logits: Tensor, temperature: float = 0.0, top_p: float = 1.0,
                 generator: torch.Generator | None = None) -> Tensor:
     """logits fp32 [B, V] -> next ids int64 [B]: greedy at temperature 0, else top-p sampling."""
+    import torch
+
     if temperature <= 0:
         return logits.argmax(dim=-1)
     probs = torch.softmax(logits / temperature, dim=-1)
@@ -97,7 +107,6 @@ def sample_next(logits: Tensor, temperature: float = 0.0, top_p: float = 1.0,
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
-@torch.inference_mode()
 def generate_tokens(model: torch.nn.Module, prompts: Sequence[Sequence[int]],
                     max_new_tokens: int = 16, temperature: float = 0.0, top_p: float = 1.0,
                     eos_token_ids: Sequence[int] = (), seed: int = 0, block_size: int = 16,
@@ -106,6 +115,21 @@ def generate_tokens(model: torch.nn.Module, prompts: Sequence[Sequence[int]],
     """Generate up to max_new_tokens per prompt; returns the new ids of each (eos included
     when hit). The caches are allocated for exactly these prompts, in the model's dtype or
     fp8 (kv_cache_dtype "fp8")."""
+    import torch
+
+    with torch.inference_mode():
+        return _generate(model, prompts, max_new_tokens, temperature, top_p, eos_token_ids,
+                         seed, block_size, prefill_chunk, kv_cache_dtype)
+
+
+def _generate(model: torch.nn.Module, prompts: Sequence[Sequence[int]], max_new_tokens: int,
+              temperature: float, top_p: float, eos_token_ids: Sequence[int], seed: int,
+              block_size: int, prefill_chunk: int | None, kv_cache_dtype: str
+              ) -> list[list[int]]:
+    import torch
+
+    from .kv_cache_dtype import resolve_kv_cache_dtype
+
     kv_dtype = resolve_kv_cache_dtype(kv_cache_dtype)
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
@@ -193,7 +217,7 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
     parser.add_argument("--allow-pickle", action="store_true",
                         help="accept pickle *.bin weights (trusted sources only)")
     parser.add_argument("--block-size", type=int, default=16, help="KV cache block size")
-    parser.add_argument("--kv-cache-dtype", default="auto", choices=sorted(KV_CACHE_DTYPES),
+    parser.add_argument("--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPE_NAMES,
                         help="auto = the model's dtype; fp8 = e4m3 (half the bytes)")
     return parser
 

@@ -1,0 +1,16 @@
+"""Thin script: the benchmark lives in minikernels/benchmarks/int4.py (see its docstring).
+
+    python -m bench.bench_int4 [--smoke] [--result-dir DIR]      (or: python bench/bench_int4.py ...)
+"""
+import os
+import sys
+
+if __package__ in (None, ""):  # run as a file: make the checkout importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from minikernels.benchmarks.int4 import *  # noqa: E402,F401,F403
+from minikernels.benchmarks.int4 import main  # noqa: E402
+
+if __name__ == "__main__":
+    result = main()
+    sys.exit(result if isinstance(result, int) else 0)
