@@ -73,6 +73,14 @@ def test_hub_id_resolves_from_the_cache_offline(offline_hub):
     assert tok.encode("hello world") == [1, 4, 5]
 
 
+def test_llm_with_a_hub_id_offline(offline_hub):
+    llm = mk.LLM(REPO, dtype="float32", device="cpu", enforce_eager=True, num_kv_blocks=32,
+                 max_model_len=64)
+    out = llm.generate(["the cat"], mk.SamplingParams(temperature=0.0, max_tokens=3))
+    assert len(out[0].outputs[0].token_ids) >= 1 and isinstance(out[0].outputs[0].text, str)
+    assert llm.llm_engine.tokenizer is not None          # the snapshot's own tokenizer
+
+
 def test_hub_id_not_cached_offline_is_one_line(offline_hub):
     with pytest.raises(FileNotFoundError) as info:
         resolve_model("acme/not-downloaded")

@@ -151,7 +151,7 @@ def plot_ops(rows: list[dict], path) -> None:
     import matplotlib.pyplot as plt
 
     labels = [f"{r['op']} [{r['shape']}] {r['backend']}" for r in rows]
-    fig, ax = plt.subplots(figsize=(9, 0.35 * len(rows) + 1.5))
+    fig, ax = plt.subplots(figsize=(11, 0.35 * len(rows) + 1.5))
     y = list(range(len(rows)))
     err = [[r["us"] - r["p10_us"] for r in rows], [r["p90_us"] - r["us"] for r in rows]]
     colors = {"reference": "tab:gray", "triton": "tab:blue", "cuda": "tab:green",
