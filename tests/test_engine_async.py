@@ -353,3 +353,25 @@ def test_server_streams_delta_outputs_equal_to_the_whole_response():
                        for x in c["logprobs"]["token_logprobs"]]
                 assert toks == ch["logprobs"]["tokens"]
                 assert lps == pytest.approx(ch["logprobs"]["token_logprobs"], abs=1e-5)
+
+
+def test_stream_interval_posts_every_kth_step_with_the_same_output(llm):
+    from minikernels.engine.sampling_params import RequestOutputKind as K
+
+    params = SamplingParams(max_tokens=17, output_kind=K.DELTA, **GREEDY)
+
+    async def main(interval):
+        engine = AsyncLLM(llm, stream_interval=interval)
+        try:
+            return await collect(engine, [9, 8, 7], params, "iv")
+        finally:
+            await engine.shutdown()
+
+    every = run(main(1))
+    fourth = run(main(4))
+    assert _concat(every)[:2] == _concat(fourth)[:2]
+    assert len(_concat(every)[0]) == 17
+    assert len(fourth) <= 6                 # first token at once, then every 4th step
+    assert len(fourth[0].outputs[0].token_ids) == 1 and fourth[-1].finished
+    with pytest.raises(ValueError, match="stream_interval"):
+        AsyncLLM(llm, stream_interval=0)
