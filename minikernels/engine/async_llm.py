@@ -13,9 +13,12 @@ touches it: it drains a command queue (add / abort) and runs engine steps while 
 are unfinished. After each step it takes every updated request's *delta* (new token ids,
 new text, new logprobs: O(new), never a copy of the whole output) and hands the step's
 deltas to each event loop with one ``loop.call_soon_threadsafe`` (not one per request).
-On the loop, each request's stream queues its deltas; its consumer, when it next
-iterates, merges what is queued into one output (so a consumer slower than the engine
-sees outputs coalesced) shaped by ``SamplingParams.output_kind``:
+On the loop, a consumer already waiting gets its output at once: ``generate`` returns a
+:class:`RequestStream` whose waiting iteration is a single future, resolved with the
+output by that per-step callback (one future and one task wake-up per request per step).
+Otherwise the delta is queued, and the consumer's next iteration merges what is queued
+into one output (so a consumer slower than the engine sees outputs coalesced). Outputs
+are shaped by ``SamplingParams.output_kind``:
 
 - CUMULATIVE (default, vLLM's): text / token_ids / logprobs so far (copies), plus
   delta_text / delta_token_ids since the previous yield;
@@ -25,6 +28,9 @@ sees outputs coalesced) shaped by ``SamplingParams.output_kind``:
 
 Concatenating the deltas always gives the full output. Streamed text never retracts: a
 tail that could still become a stop string is held back until it is resolved.
+
+Host cost: see docs/engine.md ("Streaming, step by step"): flat tuple payloads, slotted
+outputs, ``stream_interval``, and the garbage-collection policy while busy (_BusyGC).
 """
 from __future__ import annotations
 
@@ -35,7 +41,6 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import AsyncIterator
 from typing import Any
 
 from .detokenizer import make_detokenizer
@@ -114,13 +119,15 @@ class _Mailbox:
     __slots__ = ("loop", "request_id", "prompt", "prompt_token_ids", "params", "kind",
                  "arrival_time", "queued", "waiter", "error", "done", "abandoned",
                  "acc_ids", "acc_text", "acc_lps", "acc_plp", "wants_plp", "registry",
-                 "skipped")
+                 "skipped", "send")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, request_id: str,
                  prompt: str | None, prompt_token_ids: list[int], params: SamplingParams,
-                 arrival_time: float, registry: dict[str, "_Mailbox"]) -> None:
+                 arrival_time: float, registry: dict[str, "_Mailbox"],
+                 send: Any = None) -> None:
         self.loop = loop
         self.registry = registry           # AsyncLLM._streams: ids in use (loop side)
+        self.send = send                   # AsyncLLM._send (aborts)
         self.request_id = request_id
         self.prompt = prompt
         self.prompt_token_ids = prompt_token_ids
@@ -207,6 +214,14 @@ class _Mailbox:
                               "num_preemptions": last[_P_PREEMPT]},
                              last[_P_CACHED], plp)
 
+    def abandon(self) -> None:
+        """The consumer went away (cancelled while waiting): abort the request."""
+        if not self.abandoned and not self.done and self.error is None:
+            self.abandoned = True
+            if self.registry.get(self.request_id) is self:
+                del self.registry[self.request_id]
+            self.send(("abort", self.request_id, None))
+
     def _done(self) -> None:
         self.done = True
         if self.registry.get(self.request_id) is self:
@@ -241,8 +256,9 @@ def _deliver(items: list[tuple]) -> None:
         w = box.waiter
         if w is not None and not box.queued:
             box.waiter = None
-            if w.done():                      # cancelled: queue it (abort is on its way)
+            if w.done():                      # its consumer was cancelled: abort
                 box.queued.append(p)
+                box.abandon()
                 continue
             samples = p[1]
             try:
@@ -708,7 +724,7 @@ class AsyncLLM:
                                    f"{self.max_queue}); retry later")
         arrival = time.perf_counter()
         box = _Mailbox(asyncio.get_running_loop(), request_id, text, ids, params, arrival,
-                       self._streams)
+                       self._streams, self._send)
         self._streams[request_id] = box
         with self._pending_lock:
             self._pending += 1
