@@ -24,21 +24,24 @@ from ..ops.attention import FP8_KV_DTYPES
 from .config import DecoderConfig
 from .linear import FusedLinear
 from .metadata import AttentionMetadata
+from .parallel import TensorParallel, VocabParallelEmbedding, attention_shard, check_config
 
 KVCache = tuple[Tensor, Tensor]
 
 
 class Attention(nn.Module):
     def __init__(self, config: DecoderConfig, layer: int, rotary: RotaryEmbedding,
-                 dtype: torch.dtype, device: torch.device | str | None, dense: bool) -> None:
+                 dtype: torch.dtype, device: torch.device | str | None, dense: bool,
+                 tp: TensorParallel | None = None) -> None:
         super().__init__()
         c = config
-        self.num_heads, self.num_kv_heads, self.head_dim = c.num_heads, c.num_kv_heads, \
-            c.head_dim
-        self.q_size, self.kv_size = c.q_size, c.kv_size
-        self.qkv_proj = FusedLinear(c.hidden_size, [c.q_size, c.kv_size, c.kv_size],
+        shard = attention_shard(c, tp)   # all heads unless tensor-parallel
+        self.num_heads, self.num_kv_heads, self.head_dim = shard.nq, shard.nkv, c.head_dim
+        self.q_size, self.kv_size = shard.nq * c.head_dim, shard.nkv * c.head_dim
+        self.__dict__["tp"] = tp
+        self.qkv_proj = FusedLinear(c.hidden_size, [self.q_size, self.kv_size, self.kv_size],
                                     bias=c.qkv_bias, dtype=dtype, device=device, dense=dense)
-        self.o_proj = FusedLinear(c.q_size, c.hidden_size, bias=c.o_bias, dtype=dtype,
+        self.o_proj = FusedLinear(self.q_size, c.hidden_size, bias=c.o_bias, dtype=dtype,
                                   device=device, dense=dense)
         self.q_norm = self.k_norm = None
         if c.qk_norm:
@@ -46,7 +49,7 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(c.head_dim, c.rms_norm_eps, dtype=dtype, device=device)
         # Shared across layers; a plain attribute (not a submodule) so it is stored once.
         self.__dict__["rotary"] = rotary
-        self.attn = PagedAttention(c.num_heads, c.num_kv_heads, c.head_dim,
+        self.attn = PagedAttention(self.num_heads, self.num_kv_heads, c.head_dim,
                                    window_left=c.window_left(layer))
 
     def forward(self, x: Tensor, meta: AttentionMetadata, kv_cache: KVCache | None) -> Tensor:
@@ -61,34 +64,40 @@ class Attention(nn.Module):
             k = self.k_norm(k.contiguous())
         q, k = self.rotary(q, k, meta.positions)
         o = self.attn(q, k, v, meta, kv_cache)
-        return self.o_proj(o.reshape(t, self.q_size))
+        o = self.o_proj(o.reshape(t, self.q_size))
+        return o if self.tp is None else self.tp.all_reduce(o)   # row-parallel o_proj
 
 
 class MLP(nn.Module):
     def __init__(self, config: DecoderConfig, dtype: torch.dtype,
-                 device: torch.device | str | None, dense: bool) -> None:
+                 device: torch.device | str | None, dense: bool,
+                 tp: TensorParallel | None = None) -> None:
         super().__init__()
         c = config
-        self.gate_up_proj = FusedLinear(c.hidden_size, [c.intermediate_size] * 2,
+        inter = c.intermediate_size // (tp.size if tp is not None else 1)
+        self.__dict__["tp"] = tp
+        self.gate_up_proj = FusedLinear(c.hidden_size, [inter] * 2,
                                         bias=c.mlp_bias, dtype=dtype, device=device,
                                         dense=dense)
-        self.down_proj = FusedLinear(c.intermediate_size, c.hidden_size, bias=c.mlp_bias,
+        self.down_proj = FusedLinear(inter, c.hidden_size, bias=c.mlp_bias,
                                      dtype=dtype, device=device, dense=dense)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.down_proj(ops.silu_and_mul(self.gate_up_proj(x)))
+        y = self.down_proj(ops.silu_and_mul(self.gate_up_proj(x)))
+        return y if self.tp is None else self.tp.all_reduce(y)   # row-parallel down_proj
 
 
 class DecoderLayer(nn.Module):
     def __init__(self, config: DecoderConfig, layer: int, rotary: RotaryEmbedding,
-                 dtype: torch.dtype, device: torch.device | str | None, dense: bool) -> None:
+                 dtype: torch.dtype, device: torch.device | str | None, dense: bool,
+                 tp: TensorParallel | None = None) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype,
                                        device=device)
-        self.self_attn = Attention(config, layer, rotary, dtype, device, dense)
+        self.self_attn = Attention(config, layer, rotary, dtype, device, dense, tp)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps,
                                                 dtype=dtype, device=device)
-        self.mlp = MLP(config, dtype, device, dense)
+        self.mlp = MLP(config, dtype, device, dense, tp)
 
     def forward(self, h: Tensor, residual: Tensor | None, meta: AttentionMetadata,
                 kv_cache: KVCache | None) -> tuple[Tensor, Tensor]:
@@ -112,25 +121,40 @@ class CausalLM(nn.Module):
     ``dense=False`` builds the decoder's linear layers without dense weights (GPTQ/AWQ
     loading or RTN int4 on load fills them with int4 parts). An untied lm_head is dense
     unless ``dense_lm_head=False`` (a tied one shares the embedding table).
+
+    ``tp``: a :class:`~minikernels.models.parallel.TensorParallel` builds this rank's
+    shard (Megatron-style; see :mod:`minikernels.models.parallel`); logits are still the
+    full vocab on every rank.
     """
 
     def __init__(self, config: DecoderConfig, dtype: torch.dtype = torch.bfloat16,
                  device: torch.device | str | None = None, dense: bool = True,
-                 *, dense_lm_head: bool = True) -> None:
+                 *, dense_lm_head: bool = True, tp: TensorParallel | None = None) -> None:
         super().__init__()
         self.config = config
         device = torch.device(device) if device is not None else torch.device("cpu")
         c = config
+        if tp is not None and tp.size == 1:
+            tp = None
+        if tp is not None:
+            check_config(c, tp)
+        self.tp = tp
+        self.num_local_kv_heads = attention_shard(c, tp).nkv
         self.rotary = RotaryEmbedding(c.head_dim, c.max_position_embeddings, c.rope_theta,
                                       c.rope_scaling, device=device)
-        self.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size, dtype=dtype,
-                                         device=device)
+        if tp is None:
+            self.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size, dtype=dtype,
+                                             device=device)
+        else:
+            self.embed_tokens = VocabParallelEmbedding(c.vocab_size, c.hidden_size, tp, dtype,
+                                                       device)
         self.embed_tokens.weight.requires_grad_(False)
-        self.layers = nn.ModuleList(DecoderLayer(c, i, self.rotary, dtype, device, dense)
+        self.layers = nn.ModuleList(DecoderLayer(c, i, self.rotary, dtype, device, dense, tp)
                                     for i in range(c.num_layers))
         self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps, dtype=dtype, device=device)
         # lm_head stays dense unless quantized explicitly (lm_head opt-in).
-        self.lm_head = FusedLinear(c.hidden_size, c.vocab_size, dtype=dtype, device=device,
+        vocab = c.vocab_size if tp is None else tp.vocab_range(c.vocab_size)[2]
+        self.lm_head = FusedLinear(c.hidden_size, vocab, dtype=dtype, device=device,
                                    dense=dense_lm_head and not c.tie_word_embeddings)
         if c.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
@@ -166,12 +190,14 @@ class CausalLM(nn.Module):
             residual = residual.index_select(0, meta.logits_indices) \
                 if residual is not None else None
         h = self.norm(h) if residual is None else self.norm(h, residual)[0]
+        if self.tp is not None:   # vocab-parallel lm_head: gather the logits once
+            return self.tp.all_gather_last(self.lm_head(h))[..., :self.config.vocab_size].float()
         return self.lm_head(h).float()
 
     # ----------------------------------------------------------------- KV cache
     def kv_cache_shape(self, num_blocks: int, block_size: int) -> tuple[int, int, int, int]:
         """Shape of one layer's K (or V) cache: [num_blocks, block_size, Hkv, head_dim]."""
-        return (int(num_blocks), int(block_size), self.config.num_kv_heads,
+        return (int(num_blocks), int(block_size), self.num_local_kv_heads,
                 self.config.head_dim)
 
     def allocate_kv_caches(self, num_blocks: int, block_size: int,
@@ -194,7 +220,7 @@ class CausalLM(nn.Module):
         """Bytes of K and V cache one token takes over all layers."""
         elem = torch.empty((), dtype=dtype or self.dtype).element_size()
         c = self.config
-        return 2 * c.num_layers * c.num_kv_heads * c.head_dim * elem
+        return 2 * c.num_layers * self.num_local_kv_heads * c.head_dim * elem
 
     def weight_bytes(self) -> int:
         """Bytes of all weights (tied embeddings counted once; the rope cache and the fp8

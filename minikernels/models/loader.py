@@ -40,6 +40,7 @@ from .config import DecoderConfig, UnsupportedModelError, builtin_config, list_m
 from .decoder import CausalLM
 from .hub import resolve_model
 from .linear import FusedLinear, pick_group_size
+from .parallel import TensorParallel, row_parallel_group_size, shard_tensor
 
 logger = logging.getLogger("minikernels")
 
@@ -176,13 +177,14 @@ def checkpoint_files(model_dir: str, allow_pickle: bool = False) -> list[str]:
                           "allow_pickle=True)")
 
 
-def _iter_file(path: str) -> Iterator[tuple[str, Tensor]]:
+def _iter_file(path: str, lazy: bool = False) -> Iterator[tuple[str, Any]]:
+    """(name, tensor) of a weight file; lazy: safetensors slices (read on indexing)."""
     if path.endswith(".safetensors"):
         from safetensors import safe_open
 
         with safe_open(path, framework="pt") as f:
             for key in f.keys():
-                yield key, f.get_tensor(key)
+                yield key, (f.get_slice(key) if lazy else f.get_tensor(key))
     else:
         # weights_only: tensors and plain containers only, no arbitrary objects.
         try:
@@ -270,7 +272,7 @@ def _streams_rtn(name: str, config: DecoderConfig, quantize_lm_head: bool) -> bo
 # --------------------------------------------------------------------------- loading
 def _load_hf(model_dir: str, dtype: str | torch.dtype, device: torch.device,
              quantization: str | None, allow_pickle: bool, group_size: int,
-             quantize_lm_head: bool) -> CausalLM:
+             quantize_lm_head: bool, tp: TensorParallel | None = None) -> CausalLM:
     cfg_path = os.path.join(model_dir, "config.json")
     if not os.path.isfile(cfg_path):
         raise CheckpointError(f"{model_dir} has no config.json (not a HF model directory)")
@@ -287,11 +289,16 @@ def _load_hf(model_dir: str, dtype: str | torch.dtype, device: torch.device,
         found = ckpt_quant["method"] if ckpt_quant else "a dense checkpoint"
         raise CheckpointError(f"quantization={quantization!r} but {model_dir} is {found}")
 
+    if tp is not None and ckpt_quant is not None:
+        raise UnsupportedModelError(f"{ckpt_quant['method']} checkpoints with "
+                                    "tensor_parallel_size > 1 are not supported yet (dense "
+                                    "checkpoints, optionally quantization='int4', are)")
+
     # RTN on load streams: no dense weight is allocated for the linears it quantizes.
     rtn = quantization == "int4" and ckpt_quant is None
     model = CausalLM(config, dtype=torch_dtype, device=device,
                      dense=ckpt_quant is None and not rtn,
-                     dense_lm_head=not (rtn and quantize_lm_head))
+                     dense_lm_head=not (rtn and quantize_lm_head), tp=tp)
     modules = dict(model.named_modules())
     stream = {name for name, mod in modules.items() if isinstance(mod, FusedLinear) and rtn
               and _streams_rtn(name, config, quantize_lm_head)}
@@ -325,7 +332,7 @@ def _load_hf(model_dir: str, dtype: str | torch.dtype, device: torch.device,
                unit="tensor", disable=os.environ.get("MINIKERNELS_NO_PROGRESS") == "1")
     try:
         for path in files:
-            for hf_name, tensor in _iter_file(path):
+            for hf_name, tensor in _iter_file(path, lazy=tp is not None):
                 bar.update(1)
                 target = map_name(hf_name)
                 if target is None:
@@ -340,6 +347,8 @@ def _load_hf(model_dir: str, dtype: str | torch.dtype, device: torch.device,
                     unexpected.append(hf_name)
                     continue
                 where = f"{hf_name} (in {os.path.basename(path)})"
+                if tp is not None:   # read only this rank's rows / columns
+                    tensor = shard_tensor(config, tp, mod_name, shard, kind, tensor)
                 if kind in ("k_scale", "v_scale"):
                     _load_kv_scale(getattr(mod, kind), tensor, where)
                     continue
@@ -354,6 +363,12 @@ def _load_hf(model_dir: str, dtype: str | torch.dtype, device: torch.device,
                     if kind == "weight" and mod_name in stream:
                         # RTN on load: quantize this part on the device, drop the dense copy.
                         g = groups.get(mod_name)
+                        if g is None and tp is not None and \
+                                mod_name.endswith(("o_proj", "down_proj")):
+                            k_full = config.q_size if mod_name.endswith("o_proj") \
+                                else config.intermediate_size
+                            g = groups[mod_name] = row_parallel_group_size(
+                                mod_name, k_full, mod.in_features, group_size)
                         if g is None:
                             g = groups[mod_name] = _rtn_group(mod_name, mod.in_features,
                                                               group_size)
@@ -494,7 +509,8 @@ def _init_dummy(model: CausalLM, seed: int, group_size: int | None = None,
 def load_model(model: str, dtype: str | torch.dtype = "bfloat16",
                device: str | torch.device | None = None, quantization: str | None = None,
                allow_pickle: bool = False, seed: int = 0, *, group_size: int = 128,
-               quantize_lm_head: bool = False, revision: str | None = None) -> CausalLM:
+               quantize_lm_head: bool = False, revision: str | None = None,
+               tensor_parallel: TensorParallel | None = None) -> CausalLM:
     """Load a :class:`CausalLM` from a local HF directory, a hub id or a built-in name.
 
     model:        path of a HF checkpoint directory (config.json + safetensors), a Hugging
@@ -506,6 +522,8 @@ def load_model(model: str, dtype: str | torch.dtype = "bfloat16",
     quantization: None | 'int4' (RTN on load) | 'gptq' | 'awq' (see module docstring).
     allow_pickle: accept pickle ``*.bin`` weights (only from trusted sources).
     group_size, quantize_lm_head: RTN settings for quantization='int4'.
+    tensor_parallel: build and read only this rank's shard (minikernels.models.parallel;
+                  built-in names: each rank draws its own dummy shard).
     """
     if quantization is not None:
         quantization = str(quantization).lower()
@@ -518,7 +536,7 @@ def load_model(model: str, dtype: str | torch.dtype = "bfloat16",
     model = resolve_model(model, revision)
     if os.path.isdir(model):
         m = _load_hf(model, dtype, dev, quantization, allow_pickle, group_size,
-                     quantize_lm_head)
+                     quantize_lm_head, tensor_parallel)
     elif model.lower() in list_models():
         if quantization in ("gptq", "awq"):
             raise ValueError(f"built-in model {model!r} has dummy dense weights; "
@@ -526,7 +544,7 @@ def load_model(model: str, dtype: str | torch.dtype = "bfloat16",
         config = builtin_config(model)
         rtn = quantization == "int4"
         m = CausalLM(config, dtype=parse_dtype(dtype, config, dev), device=dev, dense=not rtn,
-                     dense_lm_head=not (rtn and quantize_lm_head))
+                     dense_lm_head=not (rtn and quantize_lm_head), tp=tensor_parallel)
         _init_dummy(m, seed, group_size if rtn else None)
         if rtn:  # what did not stream: a tied lm_head (quantize_lm_head)
             quantize_linears(m, group_size, quantize_lm_head=quantize_lm_head)

@@ -1,0 +1,226 @@
+"""Tensor parallelism for the decoder (Megatron-style) on torch.distributed.
+
+A :class:`TensorParallel` (rank, world size, process group) given to ``CausalLM(tp=...)``
+/ ``load_model(tensor_parallel=...)`` builds this rank's shard of the model:
+
+    embed_tokens   vocab-parallel: rank r holds rows [r*Vp, (r+1)*Vp) (Vp = ceil(V/P),
+                   zero rows past V); ids outside the range look up zeros; one all-reduce
+    qkv_proj       column-parallel: this rank's q heads and kv heads (+ bias rows)
+    o_proj         row-parallel: input columns of this rank's q heads; one all-reduce
+    gate_up_proj   column-parallel: intermediate rows [r*I/P, (r+1)*I/P) of gate and of up
+    down_proj      row-parallel: the same intermediate columns; one all-reduce
+    lm_head        vocab-parallel rows (a tied one shares the embedding shard); the local
+                   logits are all-gathered once and cut back to V
+    norms, q/k_norm, rotary   replicated
+
+KV heads: with Hkv >= P each rank holds Hkv/P of them (its KV cache too); with Hkv < P
+(P a multiple of Hkv) each kv head is replicated on P/Hkv ranks, whose q heads all belong
+to it. A row-parallel bias is loaded on rank 0 only (zeros elsewhere), so the all-reduce
+adds it once.
+
+Int4 (RTN on load): column-parallel parts quantize their own rows (exactly the rows of
+the unsharded quantization); row-parallel layers quantize their K slice with the group
+size of the unsharded layer when it divides the slice (then bit-identical to slicing the
+unsharded int4 weight), else the largest power-of-two divisor of the slice (logged).
+
+Checkpoint tensors are read as slices (safetensors ``get_slice``): each rank reads only
+its rows / columns. :func:`shard_tensor` says which.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from .config import DecoderConfig
+
+logger = logging.getLogger("minikernels")
+
+
+@dataclass
+class TensorParallel:
+    """This process's place in a tensor-parallel group (torch.distributed).
+
+    group None = the default process group. ``size == 1`` is a no-op (for tests).
+    """
+
+    rank: int
+    size: int
+    group: Any = None
+
+    @classmethod
+    def from_default_group(cls) -> "TensorParallel":
+        if not dist.is_available() or not dist.is_initialized():
+            raise RuntimeError("torch.distributed is not initialized "
+                               "(init_process_group first, or use LLM(tensor_parallel_size=N))")
+        return cls(dist.get_rank(), dist.get_world_size(), None)
+
+    # ---------------------------------------------------------------- collectives
+    def all_reduce(self, x: Tensor) -> Tensor:
+        if self.size > 1:
+            dist.all_reduce(x, group=self.group)
+        return x
+
+    def all_gather_last(self, x: Tensor) -> Tensor:
+        """Concatenate every rank's ``x`` along the last dim (rank order)."""
+        if self.size == 1:
+            return x
+        x = x.contiguous()
+        parts = [torch.empty_like(x) for _ in range(self.size)]
+        dist.all_gather(parts, x, group=self.group)
+        return torch.cat(parts, dim=-1)
+
+    # ---------------------------------------------------------------- partitions
+    def split(self, n: int, what: str) -> tuple[int, int]:
+        """[start, stop) of this rank's equal share of ``n`` (P must divide n)."""
+        if n % self.size:
+            raise ValueError(f"tensor_parallel_size {self.size} does not divide {what} ({n})")
+        k = n // self.size
+        return self.rank * k, (self.rank + 1) * k
+
+    def vocab_range(self, vocab: int) -> tuple[int, int, int]:
+        """(start, stop, padded local size) of this rank's vocab rows."""
+        per = -(-vocab // self.size)
+        start = min(self.rank * per, vocab)
+        return start, min(start + per, vocab), per
+
+
+def check_config(config: DecoderConfig, tp: TensorParallel) -> None:
+    """Refuse shapes this sharding cannot split, naming the numbers."""
+    p = tp.size
+    if config.num_heads % p:
+        raise ValueError(f"tensor_parallel_size {p} must divide num_attention_heads "
+                         f"({config.num_heads})")
+    kv = config.num_kv_heads
+    if (kv >= p and kv % p) or (kv < p and p % kv):
+        raise ValueError(f"tensor_parallel_size {p} and num_key_value_heads ({kv}): one "
+                         "must divide the other")
+    if config.intermediate_size % p:
+        raise ValueError(f"tensor_parallel_size {p} must divide intermediate_size "
+                         f"({config.intermediate_size})")
+
+
+@dataclass(frozen=True)
+class AttentionShard:
+    """This rank's heads: q heads [q0, q0+nq), kv heads [kv0, kv0+nkv)."""
+
+    q0: int
+    nq: int
+    kv0: int
+    nkv: int
+
+
+def attention_shard(config: DecoderConfig, tp: TensorParallel | None) -> AttentionShard:
+    c = config
+    if tp is None or tp.size == 1:
+        return AttentionShard(0, c.num_heads, 0, c.num_kv_heads)
+    nq = c.num_heads // tp.size
+    if c.num_kv_heads >= tp.size:
+        nkv = c.num_kv_heads // tp.size
+        return AttentionShard(tp.rank * nq, nq, tp.rank * nkv, nkv)
+    replicas = tp.size // c.num_kv_heads      # ranks sharing one kv head
+    return AttentionShard(tp.rank * nq, nq, tp.rank // replicas, 1)
+
+
+class VocabParallelEmbedding(nn.Module):
+    """This rank's rows of the embedding table; forward all-reduces over the group.
+
+    ``weight`` [Vp, H] holds vocab rows [start, start + Vp) (zeros past the vocab).
+    """
+
+    def __init__(self, vocab: int, hidden: int, tp: TensorParallel, dtype: torch.dtype,
+                 device: torch.device) -> None:
+        super().__init__()
+        self.start, self.stop, per = tp.vocab_range(vocab)
+        self.weight = nn.Parameter(torch.zeros(per, hidden, dtype=dtype, device=device),
+                                   requires_grad=False)
+        self.__dict__["tp"] = tp
+
+    def forward(self, ids: Tensor) -> Tensor:
+        local = ids - self.start
+        outside = (ids < self.start) | (ids >= self.stop)
+        h = nn.functional.embedding(local.masked_fill(outside, 0), self.weight)
+        h = h.masked_fill(outside.unsqueeze(-1), 0)
+        return self.tp.all_reduce(h)
+
+
+# ------------------------------------------------------------------- checkpoint shards
+_COLUMN = ("qkv_proj", "gate_up_proj")
+_ROW = ("o_proj", "down_proj")
+
+
+def _rows(obj: Any, start: int, stop: int) -> Tensor:
+    return obj[start:stop]
+
+
+def _read(src: Any) -> Tensor:
+    """The whole tensor of a safetensors slice (or a tensor as is)."""
+    return src if isinstance(src, Tensor) else src[...]
+
+
+def _pad_rows(t: Tensor, rows: int) -> Tensor:
+    if t.shape[0] == rows:
+        return t
+    pad = t.new_zeros((rows - t.shape[0],) + tuple(t.shape[1:]))
+    return torch.cat([t, pad])
+
+
+def shard_tensor(config: DecoderConfig, tp: TensorParallel, module: str, shard: int | None,
+                 kind: str, src: Any) -> Tensor:
+    """This rank's piece of a checkpoint tensor, read from ``src``.
+
+    src: a safetensors slice (``safe_open(...).get_slice(name)``: only the indexed rows /
+    columns are read) or a tensor. module / shard / kind: as :func:`loader.map_name`
+    returns them. Unknown or replicated tensors are read whole.
+    """
+    leaf = module.rsplit(".", 1)[-1]
+    c = config
+    if kind in ("weight", "bias") and leaf in ("embed_tokens", "lm_head"):
+        start, stop, per = tp.vocab_range(c.vocab_size)
+        return _pad_rows(_rows(src, start, stop), per)
+    if kind in ("k_scale", "v_scale"):
+        t = _read(src)
+        if t.numel() == c.num_kv_heads and t.numel() > 1:
+            a = attention_shard(c, tp)
+            return t.reshape(-1)[a.kv0:a.kv0 + a.nkv]
+        return t
+    if kind not in ("weight", "bias"):
+        raise ValueError(f"{module}: int4 checkpoint tensors ({kind}) cannot be sharded "
+                         "yet (GPTQ / AWQ with tensor_parallel_size > 1 is not supported)")
+    if leaf in _COLUMN:
+        if leaf == "qkv_proj":
+            a = attention_shard(c, tp)
+            first, n = (a.q0, a.nq) if shard == 0 else (a.kv0, a.nkv)
+            start, stop = first * c.head_dim, (first + n) * c.head_dim
+        else:
+            start, stop = tp.split(c.intermediate_size, "intermediate_size")
+        return _rows(src, start, stop)
+    if leaf in _ROW:
+        if kind == "bias":    # added once: rank 0 holds it, the others zeros
+            t = _read(src)
+            return t if tp.rank == 0 else torch.zeros_like(t)
+        if leaf == "o_proj":
+            a = attention_shard(c, tp)
+            start, stop = a.q0 * c.head_dim, (a.q0 + a.nq) * c.head_dim
+        else:
+            start, stop = tp.split(c.intermediate_size, "intermediate_size")
+        return src[:, start:stop]
+    return _read(src)
+
+
+def row_parallel_group_size(module: str, k_full: int, k_local: int, group_size: int) -> int:
+    """RTN group size of a row-parallel shard: the unsharded layer's when it divides the
+    shard's K (then the shard equals a slice of the unsharded int4 weight)."""
+    from .linear import pick_group_size
+
+    g = pick_group_size(k_full, group_size)
+    if g == -1 or k_local % g:
+        g2 = pick_group_size(k_local, g if g != -1 else group_size)
+        logger.info("minikernels: %s: int4 group %d does not divide the per-rank K=%d; "
+                    "using group_size %d", module, g, k_local, g2)
+        return g2
+    return g
