@@ -123,3 +123,29 @@ def test_shard_math_without_processes():
     with pytest.raises(ValueError, match="tensor_parallel_size 3"):
         load_model("tiny", dtype="float32", device="cpu",
                    tensor_parallel=TensorParallel(0, 3))
+
+
+def test_llm_generate_tp2_token_identical(tp_dirs):
+    """LLM(tensor_parallel_size=2): the scheduler here (rank 0), one spawned worker; greedy
+    tokens equal TP=1 through chunked prefill, prefix caching and batched decode."""
+    import minikernels as mk
+    from minikernels.distributed import TensorParallelModel
+
+    path = tp_dirs["qwen2-tied-kv1"]
+    prompts = [random_tokens(n, 300, 10 + n) for n in (5, 23, 12)]
+    prompts.append(prompts[1][:17] + [7, 8])           # shares a cached prefix
+    params = mk.SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+    kw = dict(dtype="float32", device="cpu", tokenizer=None, block_size=4, num_kv_blocks=64,
+              max_num_batched_tokens=16, max_num_seqs=3)
+    want = [o.outputs[0].token_ids for o in mk.LLM(path, **kw).generate(prompts, params)]
+    llm = mk.LLM(path, tensor_parallel_size=2, **kw)
+    try:
+        model = llm.llm_engine.model
+        assert isinstance(model, TensorParallelModel) and model.tensor_parallel_size == 2
+        got = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
+        assert got == want
+    finally:
+        llm.llm_engine.model.close()
+    assert not torch.distributed.is_initialized()
+    with pytest.raises(RuntimeError, match="stopped"):
+        model(torch.zeros(1, dtype=torch.int64), AttentionMetadata.for_prompts([1]))

@@ -147,7 +147,7 @@ class LLMEngine:
                  max_num_seqs: int = 256, max_num_batched_tokens: int = 8192,
                  enable_prefix_caching: bool = True, enforce_eager: bool = False,
                  device: str | torch.device | None = None, max_model_len: int | None = None,
-                 seed: int = 0, tokenizer: Any = "auto",
+                 seed: int = 0, tokenizer: Any = "auto", tensor_parallel_size: int = 1,
                  async_scheduling: bool | None = None, kv_cache_dtype: str = "auto") -> None:
         _check_int("block_size", block_size, 1)
         _check_int("max_num_seqs", max_num_seqs, 1)
@@ -158,7 +158,18 @@ class LLMEngine:
         if async_scheduling is not None and not isinstance(async_scheduling, bool):
             raise TypeError(f"async_scheduling must be a bool or None, got "
                             f"{type(async_scheduling).__name__}")
-        if isinstance(model, torch.nn.Module):
+        _check_int("tensor_parallel_size", tensor_parallel_size, 1)
+        if tensor_parallel_size > 1 and not isinstance(model, str):
+            raise TypeError("tensor_parallel_size > 1 needs a model name or directory (each "
+                            "rank loads its own shard), not a built model")
+        if tensor_parallel_size > 1:
+            from ..distributed import launch_tensor_parallel
+            self.model = launch_tensor_parallel(model, tensor_parallel_size, device=device,
+                                                dtype=dtype, quantization=quantization,
+                                                seed=seed)
+            self.model_name = model
+            enforce_eager = True   # CUDA graphs do not capture the step RPC (parallel.md)
+        elif isinstance(model, torch.nn.Module):
             self.model = model
             self.model_name = getattr(model, "name_or_path", type(model).__name__)
         elif isinstance(model, str):
@@ -601,6 +612,8 @@ class LLM:
         kv_cache_dtype: "auto" (the model's dtype) or "fp8" / "fp8_e4m3": an e4m3 KV
             cache (twice the tokens of bf16 in the same memory; docs/models.md states the
             measured logit error).
+        tensor_parallel_size: shard the model over this many processes / GPUs
+            (torch.distributed; docs/parallel.md). The scheduler stays here, in rank 0.
     """
 
     def __init__(self, model: str | torch.nn.Module, dtype: str | torch.dtype = "bfloat16",
@@ -609,7 +622,7 @@ class LLM:
                  max_num_seqs: int = 256, max_num_batched_tokens: int = 8192,
                  enable_prefix_caching: bool = True, enforce_eager: bool = False,
                  device: str | torch.device | None = None, max_model_len: int | None = None,
-                 seed: int = 0, tokenizer: Any = "auto",
+                 seed: int = 0, tokenizer: Any = "auto", tensor_parallel_size: int = 1,
                  async_scheduling: bool | None = None, kv_cache_dtype: str = "auto") -> None:
         self.llm_engine = LLMEngine(
             model, dtype=dtype, quantization=quantization, block_size=block_size,
@@ -617,6 +630,7 @@ class LLM:
             max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
             enable_prefix_caching=enable_prefix_caching, enforce_eager=enforce_eager,
             device=device, max_model_len=max_model_len, seed=seed, tokenizer=tokenizer,
+            tensor_parallel_size=tensor_parallel_size,
             async_scheduling=async_scheduling, kv_cache_dtype=kv_cache_dtype)
         self._counter = itertools.count()
 
