@@ -149,3 +149,15 @@ def test_llm_generate_tp2_token_identical(tp_dirs):
     assert not torch.distributed.is_initialized()
     with pytest.raises(RuntimeError, match="stopped"):
         model(torch.zeros(1, dtype=torch.int64), AttentionMetadata.for_prompts([1]))
+
+
+def test_serve_flag_reaches_the_engine_kwargs():
+    import argparse
+
+    from minikernels.server.cli import add_arguments, engine_kwargs
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(["tiny", "--tensor-parallel-size", "2"])
+    assert engine_kwargs(args)["tensor_parallel_size"] == 2
+    assert "tensor_parallel_size" not in engine_kwargs(parser.parse_args(["tiny"]))

@@ -107,6 +107,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      help="no CUDA graphs / torch.compile")
     eng.add_argument("--seed", type=int, default=0,
                      help="seed of unseeded sampling (and of a built-in model's weights)")
+    eng.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
+                     help="shard the model over this many GPUs / processes "
+                          "(torch.distributed; docs/parallel.md)")
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
@@ -121,6 +124,8 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         kwargs["device"] = args.device
     if args.max_model_len is not None:
         kwargs["max_model_len"] = args.max_model_len
+    if getattr(args, "tensor_parallel_size", 1) != 1:
+        kwargs["tensor_parallel_size"] = args.tensor_parallel_size
     return kwargs
 
 
