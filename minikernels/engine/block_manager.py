@@ -300,6 +300,24 @@ class BlockManager:
         seq.num_computed_tokens = 0
         seq.num_registered_blocks = 0
 
+    def trim(self, seq: "Sequence", num_tokens: int) -> None:
+        """Release seq's blocks past those holding its first ``num_tokens`` tokens (the
+        slots of rejected draft tokens; they were never offered to the prefix cache, whose
+        blocks hold known tokens only). Freed blocks go to the tail of the free list."""
+        keep = max(self.blocks_needed(num_tokens), seq.num_registered_blocks)
+        extra = seq.block_table[keep:]
+        if not extra:
+            return
+        blocks, free = self.blocks, self.free
+        for block_id in reversed(extra):
+            block = blocks[block_id]
+            block.ref_count -= 1
+            if block.ref_count == 0:
+                free[block_id] = None
+        del seq.block_table[keep:]
+        self.table[seq.block_row, keep:keep + len(extra)] = 0
+        self.row_blocks[seq.block_row] = keep
+
     def reset_prefix_cache(self) -> None:
         """Forget all cached hashes (blocks in use keep their contents)."""
         for block in self.blocks:

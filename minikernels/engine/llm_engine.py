@@ -37,6 +37,7 @@ from .sampler import DeviceSample, Sampler, SamplerOutput
 from .sampling_params import SamplingParams
 from .scheduler import ScheduledBatch, Scheduler
 from .sequence import Request, Sequence, SequenceStatus
+from .spec_decode import SpeculativeConfig, make_proposer
 from .structured_outputs import StructuredOutputManager
 
 logger = logging.getLogger("minikernels.engine")
@@ -98,6 +99,8 @@ class LaunchedStep:
     needs_host_tokens: bool
     prompt_lp: list[tuple[Sequence, int, int, int]] | None = None
     prompt_lp_host: list[Tensor | None] | None = None
+    spec_seqs: list[Sequence] | None = None     # speculative rows (not in ``seqs``)
+    spec_host: list[Tensor | None] | None = None  # their [B, K + 1] tokens (-1 padded)
 
     def result(self) -> SamplerOutput:
         """Wait for the device, then the sampled tokens (and logprobs) as lists."""
@@ -148,8 +151,10 @@ class LLMEngine:
                  enable_prefix_caching: bool = True, enforce_eager: bool = False,
                  device: str | torch.device | None = None, max_model_len: int | None = None,
                  seed: int = 0, tokenizer: Any = "auto", tensor_parallel_size: int = 1,
-                 async_scheduling: bool | None = None, kv_cache_dtype: str = "auto") -> None:
+                 async_scheduling: bool | None = None, kv_cache_dtype: str = "auto",
+                 speculative_config: dict[str, Any] | None = None) -> None:
         _check_int("block_size", block_size, 1)
+        self.spec_config = SpeculativeConfig.from_dict(speculative_config)
         _check_int("max_num_seqs", max_num_seqs, 1)
         _check_int("max_num_batched_tokens", max_num_batched_tokens, 1)
         if max_model_len is not None:
@@ -216,6 +221,10 @@ class LLMEngine:
         self.computed_tokens_total = 0
         self.num_steps = 0
         self._throughput = _Throughput()
+        self.proposer = make_proposer(self.spec_config) if self.spec_config else None
+        self.spec_draft_tokens_total = 0
+        self.spec_accepted_tokens_total = 0
+        self.spec_verify_rows_total = 0
         # What exists now (weights, modules, imports) lives as long as the engine: move it
         # out of the cyclic GC's sight so a full collection scans only per-request state
         # (vLLM does the same). Without it a full collection pauses ~100+ ms.
@@ -331,7 +340,13 @@ class LLMEngine:
         """
         if self._in_flight is not None and self._in_flight.needs_host_tokens:
             return self._finish(self._take_in_flight())   # its tokens feed the sampler
+        drafted = self._propose() if self.proposer is not None else None
         batch = self.scheduler.schedule()
+        if drafted:     # drafts of sequences not scheduled as speculative rows: dropped
+            spec_rows = {id(s) for s, n in zip(batch.seqs, batch.num_new_tokens) if n > 1}
+            for s in drafted:
+                if id(s) not in spec_rows:
+                    s.spec_token_ids = []
         step = self._launch(batch) if not batch.is_empty else None
         if self.async_scheduling:
             step, self._in_flight = self._in_flight, step
@@ -339,6 +354,69 @@ class LLMEngine:
         if self._in_flight is not None and not self.scheduler.has_unfinished():
             self._finish(self._take_in_flight())   # only finished sequences' dropped tokens
         return updated
+
+    def _spec_on(self) -> bool:
+        """Whether this step may draft: speculation configured and the batch is small."""
+        return (self.proposer is not None and
+                self.scheduler.num_running <= self.spec_config.disable_by_batch_size)
+
+    def _propose(self) -> list[Sequence]:
+        """Draft tokens for the running sequences that can take them (steady decode, last
+        token on the host, no penalties / grammar / logprobs, min_tokens reached, room
+        before max_tokens); sets ``seq.spec_token_ids``; returns those sequences."""
+        if not self._spec_on():
+            return []
+        cands, room = [], []
+        for s in self.scheduler.running:
+            p = s.params
+            n = len(s.token_ids)
+            left = s.max_total_tokens - n - 1      # the target's own token always comes
+            if (left > 0 and not s.num_pending and s.num_computed_tokens == n - 1
+                    and p.logprobs is None and not p.uses_penalties and not p.uses_grammar
+                    and s.num_output_tokens >= p.min_tokens):
+                cands.append(s)
+                room.append(left)
+        if not cands:
+            return []
+        drafts, _ = self.proposer.propose(cands, room)
+        out = []
+        for s, d in zip(cands, drafts):
+            if d:
+                s.spec_token_ids = list(d)
+                out.append(s)
+        return out
+
+    def _verify(self, logits: Tensor, spec_logits: Tensor, spec: list[tuple[int, int]],
+                seqs: list[Sequence]) -> Tensor:
+        """Rejection-sample the speculative rows: logits [B, V'] (each row's last
+        position), spec_logits [sum k, V'] (the draft positions, in order) -> int64
+        [B, K + 1] tokens on the device (-1 after each row's last token)."""
+        from .. import ops
+
+        B = len(seqs)
+        ks = [k for _, k in spec]
+        K = max(ks)
+        nspec = spec_logits.shape[0]
+        idx, off = [], 0
+        for b, k in enumerate(ks):
+            idx.extend(range(off, off + k))
+            idx.extend([nspec + b] * (K + 1 - k))
+            off += k
+        V = self.vocab_size
+        allrows = torch.cat([spec_logits, logits])[:, :V].float()
+        index = torch.tensor(idx, dtype=torch.int64).to(allrows.device, non_blocking=True)
+        params = [s.params for s in seqs for _ in range(K + 1)]
+        probs = self.sampler.target_probs(allrows.index_select(0, index), params)
+        draft = torch.zeros(B, K, dtype=torch.int64)
+        for b, s in enumerate(seqs):
+            draft[b, :ks[b]] = torch.tensor(s.spec_token_ids, dtype=torch.int64)
+        dev = allrows.device
+        u, q = self.sampler.spec_randoms(seqs, K, V, self.spec_config.num_speculative_tokens)
+        return ops.rejection_sample(
+            draft.to(dev, non_blocking=True),
+            torch.tensor(ks, dtype=torch.int32).to(dev, non_blocking=True),
+            probs.view(B, K + 1, V), None, u, q,
+            torch.tensor([s.params.greedy for s in seqs]).to(dev, non_blocking=True))
 
     def _take_in_flight(self) -> LaunchedStep:
         step, self._in_flight = self._in_flight, None
@@ -352,8 +430,22 @@ class LLMEngine:
         inputs = runner.prepare(batch, bm.table, bm.row_blocks)
         seqs = [batch.seqs[r] for r in inputs.sample_rows]
         plp = plp_dev = None
+        spec_seqs = spec_dev = None
         try:
             logits = runner.forward(inputs, prev)
+            if inputs.spec is not None:   # speculative rows: verified, not sampled
+                ns = len(seqs)
+                nspec = sum(k for _, k in inputs.spec)
+                spec_b = {i for i, _ in inputs.spec}
+                srows = [r for r, i in enumerate(inputs.sample_rows) if i in spec_b]
+                keep = [r for r, i in enumerate(inputs.sample_rows) if i not in spec_b]
+                spec_seqs = [seqs[r] for r in srows]
+                spec_dev = self._verify(logits[srows], logits[ns:ns + nspec], inputs.spec,
+                                        spec_seqs)
+                rest = logits[ns + nspec:]
+                logits = logits[keep] if keep else logits[:0]
+                seqs = [seqs[r] for r in keep]
+                logits = torch.cat([logits, rest]) if rest.shape[0] else logits
             if inputs.prompt_lp is not None:
                 ns = len(seqs)
                 plp = [(batch.seqs[i], first, count, batch.seqs[i].params.prompt_logprobs)
@@ -385,13 +477,22 @@ class LLMEngine:
             plp_host = runner.to_host_async(list(plp_dev))
             for seq, first, count, _ in plp:      # a recompute does not repeat them
                 seq.prompt_lp_next = first + count
+        spec_host = None
+        if spec_seqs:
+            for seq in spec_seqs:
+                seq.num_pending += 1      # one or more tokens; read back before scheduling
+                seq.pending_row = -1
+            spec_host = runner.to_host_async([spec_dev])
         self.computed_tokens_total += batch.num_tokens
         self.num_steps += 1
-        # penalties and grammars need this step's tokens on the host before the next launch
-        needs = any(p.uses_penalties or p.uses_grammar
-                    for p in {id(s.params): s.params for s in seqs}.values())
+        # penalties and grammars need this step's tokens on the host before the next launch;
+        # so do drafts (proposed from the tokens on the host), whenever this batch is small
+        # enough to draft for
+        needs = bool(spec_seqs) or (self.proposer is not None and self._spec_on()) or any(
+            p.uses_penalties or p.uses_grammar
+            for p in {id(s.params): s.params for s in seqs}.values())
         return LaunchedStep(batch, seqs, sample, host, runner.completion_event(), needs,
-                            plp, plp_host)
+                            plp, plp_host, spec_seqs, spec_host)
 
     def _finish(self, step: LaunchedStep) -> list[Request]:
         """Read back a launched step's tokens; append them, check stops, free finished."""
@@ -430,6 +531,8 @@ class LLMEngine:
                 self._check_stop(seq, token, delta)
             if grammar_done and seq.status is not SequenceStatus.FINISHED:
                 self._finish_constrained(seq)
+        if step.spec_seqs:
+            n_new += self._finish_spec(step, now, touched)
         self.generation_tokens_total += n_new
         self._throughput.add(now, n_new)
         requests = self.requests
@@ -438,6 +541,54 @@ class LLMEngine:
                 req.finish_time = now
                 requests.pop(req.request_id, None)
         return list(touched.values())
+
+    def _finish_spec(self, step: LaunchedStep, now: float,
+                     touched: dict[str, Request]) -> int:
+        """Append the verified tokens of the speculative rows (stops checked after each
+        token, exactly as one token per step would), roll back the K/V of rejected drafts
+        (num_computed_tokens, and blocks past the last token are freed). Returns the
+        number of tokens appended."""
+        rows = step.spec_host[0].tolist()
+        eos = self.eos_token_ids
+        n_new = 0
+        for seq, row in zip(step.spec_seqs, rows):
+            seq.num_pending -= 1
+            k = len(seq.spec_token_ids)
+            seq.spec_token_ids = []
+            if seq.status is SequenceStatus.FINISHED:
+                continue      # aborted while this step ran
+            toks = [t for t in row if t >= 0]
+            seq.num_draft_tokens += k
+            seq.num_accepted_tokens += len(toks) - 1
+            seq.num_spec_steps += 1
+            self.spec_draft_tokens_total += k
+            self.spec_accepted_tokens_total += len(toks) - 1
+            self.spec_verify_rows_total += 1
+            req = seq.request
+            if req.first_token_time is None:
+                req.first_token_time = now
+            touched[req.request_id] = req
+            p = seq.params
+            det = seq.detokenizer
+            for token in toks:
+                seq.token_ids.append(token)
+                n_new += 1
+                delta = ""
+                if det is not None:
+                    delta = det.step(token)
+                    if delta:
+                        seq.unsent_text += delta
+                if not p.simple_stop or (token in eos and not p.ignore_eos) or \
+                        len(seq.token_ids) >= seq.max_total_tokens:
+                    self._check_stop(seq, token, delta)
+                if seq.status is SequenceStatus.FINISHED:
+                    break         # later tokens are dropped (blocks already freed)
+            if seq.status is not SequenceStatus.FINISHED:
+                # K/V is valid up to the token before the last one (the target's own
+                # token is computed by the next step); rejected drafts' slots are reused.
+                seq.num_computed_tokens = len(seq.token_ids) - 1
+                self.block_manager.trim(seq, len(seq.token_ids))
+        return n_new
 
     def _record_prompt_logprobs(self, step: LaunchedStep) -> None:
         """Append a finished step's prompt-token logprobs to their requests (in order:
@@ -574,6 +725,11 @@ class LLMEngine:
             "prefix_cache_hit_tokens": bm.num_hit_tokens,
             "prefix_cache_hit_rate": bm.num_hit_tokens / max(1, bm.num_queried_tokens),
             "num_preemptions": self.scheduler.num_preemptions,
+            "spec_num_draft_tokens": self.spec_draft_tokens_total,
+            "spec_num_accepted_tokens": self.spec_accepted_tokens_total,
+            "spec_mean_acceptance_length": (
+                (self.spec_accepted_tokens_total + self.spec_verify_rows_total)
+                / self.spec_verify_rows_total if self.spec_verify_rows_total else 0.0),
             "num_steps": self.num_steps,
             "tokens_per_s": self._throughput.rate(time.perf_counter()),
         }
@@ -614,6 +770,9 @@ class LLM:
             measured logit error).
         tensor_parallel_size: shard the model over this many processes / GPUs
             (torch.distributed; docs/parallel.md). The scheduler stays here, in rank 0.
+        speculative_config: None, or {"method": "ngram", "num_speculative_tokens": k,
+            "prompt_lookup_min": 1, "prompt_lookup_max": 4, "disable_by_batch_size": 32}
+            (vLLM's keys; exact: see docs/engine.md, "Speculative decoding").
     """
 
     def __init__(self, model: str | torch.nn.Module, dtype: str | torch.dtype = "bfloat16",
@@ -623,7 +782,8 @@ class LLM:
                  enable_prefix_caching: bool = True, enforce_eager: bool = False,
                  device: str | torch.device | None = None, max_model_len: int | None = None,
                  seed: int = 0, tokenizer: Any = "auto", tensor_parallel_size: int = 1,
-                 async_scheduling: bool | None = None, kv_cache_dtype: str = "auto") -> None:
+                 async_scheduling: bool | None = None, kv_cache_dtype: str = "auto",
+                 speculative_config: dict[str, Any] | None = None) -> None:
         self.llm_engine = LLMEngine(
             model, dtype=dtype, quantization=quantization, block_size=block_size,
             num_kv_blocks=num_kv_blocks, gpu_memory_utilization=gpu_memory_utilization,
@@ -631,7 +791,8 @@ class LLM:
             enable_prefix_caching=enable_prefix_caching, enforce_eager=enforce_eager,
             device=device, max_model_len=max_model_len, seed=seed, tokenizer=tokenizer,
             tensor_parallel_size=tensor_parallel_size,
-            async_scheduling=async_scheduling, kv_cache_dtype=kv_cache_dtype)
+            async_scheduling=async_scheduling, kv_cache_dtype=kv_cache_dtype,
+            speculative_config=speculative_config)
         self._counter = itertools.count()
 
     @property

@@ -73,6 +73,9 @@ class StepInputs:
     (index into batch.seqs, first position, count): the logits at positions
     ``[first, first + count)`` of that prompt, whose next tokens (``prompt_lp_targets``,
     in the same order) are prompt tokens.
+    spec: speculative rows, per entry (index into batch.seqs, k drafts): their first k
+    positions' logits rows follow the sampling rows (before the prompt-logprob rows), in
+    this order; the last position's row is the sequence's sampling row.
     """
 
     input_ids: Tensor
@@ -83,6 +86,7 @@ class StepInputs:
     pending_src: Tensor | None = None
     prompt_lp: list[tuple[int, int, int]] | None = None
     prompt_lp_targets: Tensor | None = None
+    spec: list[tuple[int, int]] | None = None
 
 
 def _tables_from_lists(seqs: list["Sequence"]) -> tuple[np.ndarray, np.ndarray, list[int]]:
@@ -152,6 +156,8 @@ def build_step_inputs(batch: ScheduledBatch, block_size: int, num_blocks: int,
     plp: list[tuple[int, int, int]] = []
     plp_idx: list[int] = []
     plp_targets: list[int] = []
+    spec: list[tuple[int, int]] = []
+    spec_idx: list[int] = []
     if len(seqs) > nd:
         ids = list(ids)
     for i in range(nd, len(seqs)):
@@ -159,6 +165,27 @@ def build_step_inputs(batch: ScheduledBatch, block_size: int, num_blocks: int,
         c = seq.num_computed_tokens
         end = c + n
         known = len(seq.token_ids)
+        drafts = seq.spec_token_ids
+        if drafts:     # speculative row: the last token, then the drafts
+            if seq.num_pending or c != known - 1 or n != 1 + len(drafts):
+                raise RuntimeError(f"{seq}: bad speculative row ({n} tokens, "
+                                   f"{len(drafts)} drafts)")
+            ids.append(seq.token_ids[-1])
+            ids.extend(drafts)
+            p = np.arange(c, end, dtype=np.int64)
+            parts_pos.append(p)
+            parts_slots.append(table[rows[i], p // block_size].astype(np.int64) * block_size
+                               + p % block_size)
+            cu_q.append(cu_q[-1] + n)
+            cu_k.append(cu_k[-1] + end)
+            max_q, max_k = max(max_q, n), max(max_k, end)
+            spec_idx.extend(range(t, t + n - 1))
+            spec.append((i, n - 1))
+            t += n
+            logits_idx.append(t - 1)
+            sample_rows.append(i)
+            prefill_ends.append(end)
+            continue
         if n < 1 or end > known + seq.num_pending:
             raise RuntimeError(f"{seq}: {n} new tokens after {c} computed exceed its tokens")
         if seq.index == 0 and seq.params.prompt_logprobs is not None:
@@ -208,6 +235,8 @@ def build_step_inputs(batch: ScheduledBatch, block_size: int, num_blocks: int,
         pend_src = np.concatenate([pend_src, np.array(pend_flat_src, dtype=np.int64)])
     pos_all = np.concatenate(parts_pos) if len(parts_pos) > 1 else parts_pos[0]
     slots_all = np.concatenate(parts_slots) if len(parts_slots) > 1 else parts_slots[0]
+    if spec:
+        logits_idx = logits_idx + spec_idx
     if plp:
         logits_idx = logits_idx + plp_idx
     parts = [ids, pos_all, slots_all, logits_idx, ends[:nd], cu_q if num_prefill else [],
@@ -237,7 +266,8 @@ def build_step_inputs(batch: ScheduledBatch, block_size: int, num_blocks: int,
                       decode_only=(nd == len(seqs)),
                       pending_dst=pdst_t if len(pend_dst) else None,
                       pending_src=psrc_t if len(pend_dst) else None,
-                      prompt_lp=plp or None, prompt_lp_targets=plpt_t if plp else None)
+                      prompt_lp=plp or None, prompt_lp_targets=plpt_t if plp else None,
+                      spec=spec or None)
 
 
 class _PinnedUploader:

@@ -232,6 +232,56 @@ class Sampler:
             top_lp, top_ids = torch.topk(lp, k, dim=1)
         return chosen[:, 0], ranks, top_lp, top_ids
 
+    def target_probs(self, logits: Tensor, params: list["SamplingParams"]) -> Tensor:
+        """Speculative decoding: each row's distribution after temperature, top-k, top-p
+        and min-p (what ``sample`` draws from), fp32 [N, V]; greedy rows keep their raw
+        logits (only their argmax is used). Rows using penalties or min_tokens masking are
+        not drafted for (the engine's choice), so neither is applied here."""
+        logits = logits[:, :self.vocab_size].float()
+        greedy = [p.greedy for p in params]
+        if all(greedy):
+            return logits
+        temps = self._tensor([1.0 if g else p.temperature for g, p in zip(greedy, params)],
+                             logits.dtype)
+        scaled = logits / temps[:, None]
+        if any(p.uses_top_k for p in params):
+            V = scaled.shape[1]
+            ks = [min(p.top_k, V) if p.uses_top_k else 1 for p in params]
+            use = self._tensor([p.uses_top_k for p in params], torch.bool)
+            scaled = self._top_k_mask(scaled, self._tensor(ks, torch.int64), use, max(ks))
+        need_p = any(p.uses_top_p for p in params)
+        need_min = any(p.uses_min_p for p in params)
+        if need_p or need_min:
+            scaled = self._top_p_min_p_mask(
+                scaled,
+                self._tensor([p.top_p if p.uses_top_p else 1.0 for p in params],
+                             logits.dtype) if need_p else None,
+                self._tensor([p.min_p if p.uses_min_p else 0.0 for p in params],
+                             logits.dtype) if need_min else None)
+        probs = torch.softmax(scaled, dim=1)
+        if any(greedy):
+            probs = torch.where(self._tensor(greedy, torch.bool)[:, None], logits, probs)
+        return probs
+
+    def spec_randoms(self, seqs: list["Sequence"], k: int, vocab: int, k_draw: int
+                     ) -> tuple[Tensor, Tensor]:
+        """Randoms of one verification per row: uniform [B, k] (acceptance) and Exp(1)
+        [B, vocab] (the recovered / bonus token). Rows with a seed draw from their own
+        generator k_draw (>= k, fixed per engine) uniforms, then vocab exponentials, so
+        their tokens depend neither on the batch nor on other rows' draft counts."""
+        B = len(seqs)
+        u = torch.empty(B, k, device=self.device)
+        q = torch.empty(B, vocab, device=self.device)
+        shared = [i for i, s in enumerate(seqs) if s.generator is None]
+        if shared:
+            u.uniform_(generator=self.generator)
+            q.exponential_(generator=self.generator)
+        for i, s in enumerate(seqs):
+            if s.generator is not None:
+                u[i] = torch.rand(k_draw, generator=s.generator, device=self.device)[:k]
+                q[i].exponential_(generator=s.generator)
+        return u, q.clamp_min_(1e-30)
+
     def _apply_min_tokens(self, logits: Tensor, seqs: list["Sequence"],
                           eos_token_ids: list[int]) -> Tensor:
         """Mask EOS / stop ids of rows with fewer than min_tokens outputs (counting a

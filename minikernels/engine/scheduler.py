@@ -23,6 +23,9 @@ value first; arrival = the order requests were added, i.e. the sequence id), lik
 The step's batch lists the sequences whose one new token is their last known token
 first (decode tokens; they go through paged decode attention), then the chunks
 (prefill; a chunk may be a single prompt token when the budget leaves only one).
+A running sequence with draft tokens (``seq.spec_token_ids``, set by the engine's
+speculative decoding) is a chunk of 1 + k tokens (its last token and the drafts; the
+drafts are cut to the budget, or dropped when no block is free for them).
 """
 from __future__ import annotations
 
@@ -166,6 +169,17 @@ class Scheduler:
             c = seq.num_computed_tokens
             total = len(seq.token_ids) + seq.num_pending
             n = total - c
+            if seq.spec_token_ids:
+                # Speculative decoding: last token + drafts as one multi-token row (the
+                # engine drafts only for steady-decode rows with no token in flight).
+                k = min(len(seq.spec_token_ids), budget - 1)
+                if n == 1 and k > 0 and bm.allocate(seq, 1 + k):
+                    del seq.spec_token_ids[k:]
+                    chunks.append((seq, 1 + k))
+                    budget -= 1 + k
+                    i += 1
+                    continue
+                seq.spec_token_ids = []      # no room: a plain decode row
             if n == 1 and c < len(seq.block_table) * bs:
                 # Steady decode: its block has room; register a block it just filled.
                 if seq.num_pending and total >= seq.max_total_tokens:

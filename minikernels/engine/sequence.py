@@ -53,7 +53,8 @@ class Sequence:
                  "num_cached_tokens", "status", "generator", "finish_reason", "stop_reason",
                  "cumulative_logprob", "logprobs", "num_preemptions", "detokenizer",
                  "_final_text", "stop_hold", "unsent_text", "num_emitted_tokens",
-                 "prompt_lp_next", "grammar")
+                 "prompt_lp_next", "grammar", "spec_token_ids", "num_draft_tokens",
+                 "num_accepted_tokens", "num_spec_steps")
 
     def __init__(self, seq_id: int, request: "Request", index: int,
                  generator: "torch.Generator | None" = None,
@@ -98,6 +99,12 @@ class Sequence:
         # Structured outputs: this sample's grammar matcher (engine/structured_outputs.py);
         # it lives here, so it survives preemption (a recompute replays no output token).
         self.grammar: Any = None
+        # Speculative decoding (engine/spec_decode.py): the draft tokens scheduled in this
+        # step (verified by the step's forward; [] otherwise) and counters.
+        self.spec_token_ids: list[int] = []
+        self.num_draft_tokens = 0        # drafts verified
+        self.num_accepted_tokens = 0     # of them accepted
+        self.num_spec_steps = 0          # verification rows (steps with drafts)
 
     @property
     def wants_prompt_logprobs(self) -> bool:
@@ -230,9 +237,16 @@ class Request:
 
     @property
     def metrics(self) -> dict[str, Any]:
+        drafts = sum(s.num_draft_tokens for s in self.seqs)
+        accepted = sum(s.num_accepted_tokens for s in self.seqs)
+        rows = sum(s.num_spec_steps for s in self.seqs)
         return {"arrival_time": self.arrival_time, "first_token_time": self.first_token_time,
                 "finished_time": self.finish_time,
-                "num_preemptions": sum(s.num_preemptions for s in self.seqs)}
+                "num_preemptions": sum(s.num_preemptions for s in self.seqs),
+                # speculative decoding: drafts verified / accepted; tokens emitted per
+                # verification (accepted + the target's own token), 0 without drafts
+                "spec_num_draft_tokens": drafts, "spec_num_accepted_tokens": accepted,
+                "spec_mean_acceptance_length": (accepted + rows) / rows if rows else 0.0}
 
     def to_output(self) -> RequestOutput:
         """A full (cumulative) snapshot of this request; the lists are copies."""

@@ -63,7 +63,7 @@ def rejection_sample_kernel(out_ptr, draft_ptr, num_draft_ptr, target_ptr, dprob
     greedy = tl.load(greedy_ptr + b) != 0
     eq_row = expq_ptr + b * V
     pos = n               # where the final (recovered / bonus) token goes
-    for j in range(0, K):
+    for j in range(K):
         if j < pos:       # j < n and nothing rejected yet
             x = tl.load(draft_ptr + b * K + j)
             p_row = target_ptr + (b * (K + 1) + j) * V
@@ -88,7 +88,7 @@ def rejection_sample_kernel(out_ptr, draft_ptr, num_draft_ptr, target_ptr, dprob
     qscale = tl.where(pos < n, 1.0, 0.0)
     t = _race(p_row, q_row, eq_row, x, V, qscale, greedy, HAS_DRAFT, BLOCK_V)
     tl.store(out_ptr + b * (K + 1) + pos, t)
-    for j in range(0, K + 1):
+    for j in range(K + 1):
         if j > pos:
             tl.store(out_ptr + b * (K + 1) + j, -1)
 

@@ -1,0 +1,206 @@
+"""Speculative decoding (n-gram) in the engine: greedy outputs token-identical with and
+without speculation over many prompts (repetitive and random; overlap on and off; tiny
+pool with preemption; chunked prefill; prefix caching; mixed batches with sequences that
+cannot draft), stops land exactly as without speculation (EOS, stop ids, stop strings,
+max_tokens, min_tokens), seeded sampling reproduces run to run, aborts and the batch-size
+threshold; every test leaves every KV block free. CPU, tiny models (as test_engine.py)."""
+from __future__ import annotations
+
+import random
+
+import pytest
+from test_engine import _make_hf, assert_all_free, tokens
+
+from minikernels.engine import LLM, SamplingParams
+from minikernels.engine.spec_decode import NgramProposer, SpeculativeConfig
+
+NGRAM = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 1,
+         "prompt_lookup_max": 4}
+
+
+def repetitive_prompts(n: int, seed: int = 0) -> list[list[int]]:
+    """Prompts that repeat a short random phrase (n-gram drafts get accepted) and plain
+    random prompts (drafts mostly rejected)."""
+    r = random.Random(seed)
+    out = []
+    for i in range(n):
+        if i % 3 == 2:
+            out.append([r.randrange(3, 300) for _ in range(r.randrange(1, 30))])
+        else:
+            phrase = [r.randrange(3, 300) for _ in range(r.randrange(2, 9))]
+            out.append((phrase * 8)[:r.randrange(4, 45)])
+    return out
+
+
+@pytest.fixture(scope="module")
+def path(tmp_path_factory):
+    p = tmp_path_factory.mktemp("spec_llama")
+    _make_hf("llama").save_pretrained(str(p))
+    return str(p)
+
+
+def make(path, spec=None, **kw):
+    kw.setdefault("block_size", 8)
+    return LLM(path, dtype="float32", device="cpu", tokenizer=None, speculative_config=spec,
+               **kw)
+
+
+GREEDY = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def baseline(path):
+    prompts = repetitive_prompts(8)
+    return prompts, tokens(make(path).generate(prompts, GREEDY, use_tqdm=False))
+
+
+@pytest.mark.parametrize("kw", [
+    {"async_scheduling": True},
+    {"num_kv_blocks": 7, "enable_prefix_caching": False},     # preemption
+    {"max_num_batched_tokens": 8, "max_num_seqs": 4},          # chunked prefill, cut drafts
+], ids=["overlap", "preempt", "chunked"])
+def test_greedy_identical_with_speculation(path, baseline, kw):
+    prompts, want = baseline
+    llm = make(path, NGRAM, **kw)
+    outs = llm.generate(prompts, GREEDY, use_tqdm=False)
+    assert tokens(outs) == want
+    st = llm.stats()
+    assert st["spec_num_draft_tokens"] > 0 and st["spec_num_accepted_tokens"] > 0
+    assert 1.0 < st["spec_mean_acceptance_length"] <= 4.0
+    if "num_kv_blocks" in kw:
+        assert st["num_preemptions"] > 0
+    m = [o.metrics for o in outs]
+    assert sum(x["spec_num_draft_tokens"] for x in m) == st["spec_num_draft_tokens"]
+    assert sum(x["spec_num_accepted_tokens"] for x in m) == st["spec_num_accepted_tokens"]
+    assert_all_free(llm)
+
+
+def test_prefix_cache_hits_with_speculation(path):
+    base = repetitive_prompts(1, seed=4)[0] * 2
+    prompts = [base + [5, 6, 7], base + [9], base]
+    want = tokens(make(path).generate(prompts, GREEDY, use_tqdm=False))
+    llm = make(path, NGRAM)
+    assert tokens(llm.generate(prompts, GREEDY, use_tqdm=False)) == want
+    # again: hits blocks written by speculative steps (only known tokens are cached)
+    assert tokens(llm.generate(prompts, GREEDY, use_tqdm=False)) == want
+    assert llm.stats()["prefix_cache_hit_tokens"] > 0
+    assert_all_free(llm)
+
+
+def test_mixed_batch_and_stops_land_exactly(path):
+    """Rows that cannot draft (penalties, logprobs) next to drafting ones; stop ids,
+    max_tokens, min_tokens and EOS stop at the same token as without speculation."""
+    prompts = repetitive_prompts(9, seed=2)
+    ref = tokens(make(path).generate(prompts, GREEDY, use_tqdm=False))
+    stop_ids = [ref[0][5], ref[1][9]]
+    params = [
+        SamplingParams(temperature=0, max_tokens=24, stop_token_ids=stop_ids, ignore_eos=True),
+        SamplingParams(temperature=0, max_tokens=7, ignore_eos=True),
+        SamplingParams(temperature=0, max_tokens=20, repetition_penalty=1.3, ignore_eos=True),
+        SamplingParams(temperature=0, max_tokens=20, logprobs=2, ignore_eos=True),
+        SamplingParams(temperature=0, max_tokens=20, min_tokens=6, stop_token_ids=stop_ids),
+        SamplingParams(temperature=0, max_tokens=20),                       # EOS (id 2)
+        SamplingParams(temperature=0, max_tokens=1, ignore_eos=True),
+        SamplingParams(temperature=0, max_tokens=24, stop_token_ids=[ref[7][3]]),
+        SamplingParams(temperature=0, max_tokens=24, ignore_eos=True),
+    ]
+    for async_scheduling in (True, False):
+        want = make(path, async_scheduling=async_scheduling).generate(prompts, params,
+                                                                      use_tqdm=False)
+        llm = make(path, NGRAM, async_scheduling=async_scheduling)
+        got = llm.generate(prompts, params, use_tqdm=False)
+        assert tokens(got) == tokens(want)
+        assert [o.outputs[0].finish_reason for o in got] == \
+            [o.outputs[0].finish_reason for o in want]
+        assert [o.outputs[0].stop_reason for o in got] == \
+            [o.outputs[0].stop_reason for o in want]
+        assert got[3].outputs[0].logprobs == want[3].outputs[0].logprobs
+        assert got[2].metrics["spec_num_draft_tokens"] == 0     # penalties: never drafted
+        assert llm.stats()["spec_num_accepted_tokens"] > 0
+        assert_all_free(llm)
+
+
+def test_stop_strings_land_exactly():
+    prompts = ["abcabcabcabc", "hello hello hello hello", "xyz"]
+    sp = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    plain = LLM("tiny", dtype="float32", device="cpu", num_kv_blocks=128)
+    text = [o.outputs[0].text for o in plain.generate(prompts, sp, use_tqdm=False)]
+    stops = [t[len(t) // 2:len(t) // 2 + 2] for t in text if len(t) >= 4] or ["zz"]
+    sp = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True, stop=stops)
+    want = plain.generate(prompts, sp, use_tqdm=False)
+    spec = LLM("tiny", dtype="float32", device="cpu", num_kv_blocks=128,
+               speculative_config=NGRAM)
+    got = spec.generate(prompts, sp, use_tqdm=False)
+    assert [(o.outputs[0].text, o.outputs[0].token_ids, o.outputs[0].stop_reason)
+            for o in got] == [(o.outputs[0].text, o.outputs[0].token_ids,
+                               o.outputs[0].stop_reason) for o in want]
+    assert_all_free(spec)
+
+
+def test_seeded_sampling_reproducible_and_unseeded_runs(path):
+    prompts = repetitive_prompts(6, seed=3)
+    sp = [SamplingParams(temperature=0.8, top_k=20, top_p=0.9, seed=i, max_tokens=20,
+                         ignore_eos=True) for i in range(6)]
+    runs = []
+    for _ in range(2):
+        llm = make(path, NGRAM)
+        runs.append(tokens(llm.generate(prompts, sp, use_tqdm=False)))
+        assert llm.stats()["spec_num_draft_tokens"] > 0
+        assert_all_free(llm)
+    assert runs[0] == runs[1]
+    # A seeded request's output does not depend on the rest of the batch.
+    alone = tokens(make(path, NGRAM).generate(prompts[:1], sp[:1], use_tqdm=False))
+    assert alone[0] == runs[0][0]
+    llm = make(path, NGRAM)
+    outs = llm.generate(prompts, SamplingParams(temperature=1.0, max_tokens=16,
+                                                ignore_eos=True), use_tqdm=False)
+    assert all(len(t) == 16 for t in tokens(outs))
+    assert_all_free(llm)
+
+
+def test_abort_mid_generation_frees_blocks(path):
+    llm = make(path, NGRAM)
+    eng = llm.llm_engine
+    for i, p in enumerate(repetitive_prompts(4, seed=5)):
+        eng.add_request(f"r{i}", p, SamplingParams(temperature=0, max_tokens=40,
+                                                   ignore_eos=True))
+    for _ in range(12):
+        eng.step()
+        if eng.spec_draft_tokens_total:
+            break
+    assert eng.spec_draft_tokens_total > 0
+    eng.abort_request("r0")
+    eng.abort_request("r1")
+    while eng.has_unfinished():
+        eng.step()
+    assert_all_free(llm)
+
+
+def test_batch_size_threshold_disables_drafts(path):
+    prompts = repetitive_prompts(4, seed=6)
+    params = [GREEDY] * 3 + [SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)]
+    want = tokens(make(path).generate(prompts, params, use_tqdm=False))
+    counts = []
+    for limit in (1, 32):
+        llm = make(path, {**NGRAM, "disable_by_batch_size": limit})
+        assert tokens(llm.generate(prompts, params, use_tqdm=False)) == want
+        counts.append(llm.stats()["spec_num_draft_tokens"])
+        assert_all_free(llm)
+    # limit 1: drafts only once the long request runs alone
+    assert 0 < counts[0] < counts[1]
+
+
+def test_ngram_proposer_and_config():
+    p = NgramProposer(SpeculativeConfig.from_dict(NGRAM))
+    assert p.lookup([1, 2, 3, 4, 1, 2], 3) == [3, 4, 1]        # longest suffix [1, 2]
+    assert p.lookup([1, 2, 3, 1, 2, 3, 1, 2], 3) == [3, 1, 2]  # latest earlier match
+    assert p.lookup([7, 8, 9], 3) == []
+    assert p.lookup([5, 5], 3) == [5]
+    assert p.lookup([1, 2, 1, 2], 0) == []
+    for bad, msg in (({"method": "eagle"}, "method"), ({"num_speculative_tokens": 0},
+                     "num_speculative_tokens"), ({"prompt_lookup_min": 3,
+                     "prompt_lookup_max": 2}, "prompt_lookup_min"), ({"foo": 1}, "foo")):
+        with pytest.raises(ValueError, match=msg):
+            SpeculativeConfig.from_dict(bad)
+    with pytest.raises(TypeError):
+        SpeculativeConfig.from_dict("ngram")
