@@ -204,3 +204,25 @@ def test_ngram_proposer_and_config():
             SpeculativeConfig.from_dict(bad)
     with pytest.raises(TypeError):
         SpeculativeConfig.from_dict("ngram")
+
+
+def test_serve_flag_and_metrics_lines():
+    import argparse
+
+    from minikernels.server.cli import add_arguments, engine_kwargs
+    from minikernels.server.metrics import ServerMetrics
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(["tiny", "--speculative-config",
+                              '{"method": "ngram", "num_speculative_tokens": 2}'])
+    assert engine_kwargs(args)["speculative_config"] == {"method": "ngram",
+                                                         "num_speculative_tokens": 2}
+    assert "speculative_config" not in engine_kwargs(parser.parse_args(["tiny"]))
+    with pytest.raises(SystemExit):
+        parser.parse_args(["tiny", "--speculative-config", "[1]"])
+    text = ServerMetrics().render("m", {"spec_num_draft_tokens": 10,
+                                        "spec_num_accepted_tokens": 6,
+                                        "spec_mean_acceptance_length": 2.5})
+    assert "minikernels_spec_decode_num_accepted_tokens_total" in text
+    assert "minikernels_spec_decode_mean_acceptance_length" in text

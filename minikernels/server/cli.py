@@ -105,11 +105,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      action=argparse.BooleanOptionalAction, default=True)
     eng.add_argument("--enforce-eager", action="store_true",
                      help="no CUDA graphs / torch.compile")
+    eng.add_argument("--speculative-config", type=_json_dict, default=None,
+                     help='speculative decoding, as JSON (vLLM\'s flag), e.g. '
+                          '\'{"method": "ngram", "num_speculative_tokens": 4}\' '
+                          '(docs/engine.md, "Speculative decoding")')
     eng.add_argument("--seed", type=int, default=0,
                      help="seed of unseeded sampling (and of a built-in model's weights)")
     eng.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
                      help="shard the model over this many GPUs / processes "
                           "(torch.distributed; docs/parallel.md)")
+
+
+def _json_dict(text: str) -> dict[str, Any]:
+    """argparse type: a JSON object."""
+    import json
+
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"not valid JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("must be a JSON object")
+    return value
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
@@ -124,6 +141,8 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         kwargs["device"] = args.device
     if args.max_model_len is not None:
         kwargs["max_model_len"] = args.max_model_len
+    if getattr(args, "speculative_config", None) is not None:
+        kwargs["speculative_config"] = args.speculative_config
     if getattr(args, "tensor_parallel_size", 1) != 1:
         kwargs["tensor_parallel_size"] = args.tensor_parallel_size
     return kwargs

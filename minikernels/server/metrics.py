@@ -36,6 +36,12 @@ _ENGINE_METRICS = [
      "Prefix-cache hits / queries, in tokens (0..1)."),
     ("num_preemptions", "minikernels_num_preemptions_total", "counter",
      "Sequences preempted for lack of KV blocks."),
+    ("spec_num_draft_tokens", "minikernels_spec_decode_num_draft_tokens_total", "counter",
+     "Speculative decoding: draft tokens verified by the target model."),
+    ("spec_num_accepted_tokens", "minikernels_spec_decode_num_accepted_tokens_total",
+     "counter", "Speculative decoding: draft tokens accepted."),
+    ("spec_mean_acceptance_length", "minikernels_spec_decode_mean_acceptance_length", "gauge",
+     "Speculative decoding: tokens emitted per verification (accepted + 1; 0 = none yet)."),
 ]
 
 # HTTP methods get their own label value; anything else is counted as "other", so made-up
