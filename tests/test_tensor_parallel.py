@@ -44,7 +44,8 @@ def _logits(model: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
     return whole, torch.stack([row for _, _, row in steps])
 
 
-def _rank_main(rank: int, world: int, port: int, dirs: dict[str, str], out: str) -> None:
+def _rank_main(rank: int, world: int, port: int, dirs: dict[str, str], out: str,
+               qdirs: dict[str, str]) -> None:
     import torch.distributed as dist
 
     torch.set_num_threads(1)
@@ -58,6 +59,9 @@ def _rank_main(rank: int, world: int, port: int, dirs: dict[str, str], out: str)
                 m = load_model(path, dtype="float32", device="cpu", quantization=q,
                                group_size=GROUP, tensor_parallel=tp)
                 res[(name, q)] = _logits(m)
+        for name, path in qdirs.items():   # GPTQ / AWQ checkpoints
+            m = load_model(path, dtype="float32", device="cpu", tensor_parallel=tp)
+            res[(name, "ckpt")] = _logits(m)
         torch.save(res, os.path.join(out, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -77,9 +81,30 @@ def tp_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     return dirs
 
 
-def test_tp2_logits_equal_tp1(tp_dirs, tmp_path):
-    mp.spawn(_rank_main, args=(2, _free_port(), tp_dirs, str(tmp_path)), nprocs=2, join=True)
+@pytest.fixture(scope="module")
+def quant_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """GPTQ (act-order too: its column-parallel layers shard, row-parallel ones must not
+    be act-order, so only q/k/v/gate/up get a shuffled g_idx) and AWQ, group 32."""
+    from test_model_support import write_quantized_checkpoint
+
+    dirs = {}
+    for name, method, act in (("gptq", "gptq", False), ("awq", "awq", False)):
+        d = str(tmp_path_factory.mktemp(name))
+        write_quantized_checkpoint(make_hf_model("llama", seed=5), d, method, group=32,
+                                   act_order=act)
+        dirs[name] = d
+    return dirs
+
+
+def test_tp2_logits_equal_tp1(tp_dirs, quant_dirs, tmp_path):
+    mp.spawn(_rank_main, args=(2, _free_port(), tp_dirs, str(tmp_path), quant_dirs), nprocs=2,
+             join=True)
     ranks = [torch.load(os.path.join(tmp_path, f"rank{r}.pt")) for r in range(2)]
+    for name, path in quant_dirs.items():
+        ref = _logits(load_model(path, dtype="float32", device="cpu"))
+        for r, res in enumerate(ranks):
+            for got, want in zip(res[(name, "ckpt")], ref):
+                assert rel_err(got, want) < 3e-3, (name, r, rel_err(got, want))
     for name, path in tp_dirs.items():
         refs = {q: _logits(load_model(path, dtype="float32", device="cpu", quantization=q,
                                       group_size=GROUP)) for q in QUANT}
@@ -92,7 +117,7 @@ def test_tp2_logits_equal_tp1(tp_dirs, tmp_path):
                     assert got.shape == want.shape, (name, q, r)
                     if q is None:   # fp32 end to end: only the reduction order differs
                         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4,
-                                                   msg=lambda m: f"{name} rank {r}: {m}")
+                                                   msg=f"{name} rank {r}")
                     else:
                         # Same int4 weights (GROUP divides each shard), but int4_matmul
                         # returns fp16: a row-parallel layer rounds each rank's partial
@@ -161,3 +186,20 @@ def test_serve_flag_reaches_the_engine_kwargs():
     args = parser.parse_args(["tiny", "--tensor-parallel-size", "2"])
     assert engine_kwargs(args)["tensor_parallel_size"] == 2
     assert "tensor_parallel_size" not in engine_kwargs(parser.parse_args(["tiny"]))
+
+
+def test_int4_checkpoint_shards_refuse_what_they_cannot_split():
+    """GPTQ act-order on a row-parallel layer, and K slices off group boundaries."""
+    from minikernels.models.config import builtin_config
+
+    c = builtin_config("tiny")     # intermediate 128, q_size 64
+    c.quantization_config = {"quant_method": "gptq", "group_size": 32, "bits": 4}
+    tp = TensorParallel(1, 2)
+    g_idx = torch.arange(128, dtype=torch.int32) // 32
+    got = shard_tensor(c, tp, "layers.0.mlp.down_proj", 0, "g_idx", g_idx)
+    assert torch.equal(got, torch.arange(64, dtype=torch.int32) // 32)
+    with pytest.raises(ValueError, match="act-order"):
+        shard_tensor(c, tp, "layers.0.mlp.down_proj", 0, "g_idx", g_idx.flip(0))
+    c.quantization_config["group_size"] = 128
+    with pytest.raises(ValueError, match="group boundaries"):
+        shard_tensor(c, tp, "layers.0.mlp.down_proj", 0, "scales", torch.ones(1, 64))

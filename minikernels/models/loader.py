@@ -289,11 +289,6 @@ def _load_hf(model_dir: str, dtype: str | torch.dtype, device: torch.device,
         found = ckpt_quant["method"] if ckpt_quant else "a dense checkpoint"
         raise CheckpointError(f"quantization={quantization!r} but {model_dir} is {found}")
 
-    if tp is not None and ckpt_quant is not None:
-        raise UnsupportedModelError(f"{ckpt_quant['method']} checkpoints with "
-                                    "tensor_parallel_size > 1 are not supported yet (dense "
-                                    "checkpoints, optionally quantization='int4', are)")
-
     # RTN on load streams: no dense weight is allocated for the linears it quantizes.
     rtn = quantization == "int4" and ckpt_quant is None
     model = CausalLM(config, dtype=torch_dtype, device=device,
@@ -348,7 +343,10 @@ def _load_hf(model_dir: str, dtype: str | torch.dtype, device: torch.device,
                     continue
                 where = f"{hf_name} (in {os.path.basename(path)})"
                 if tp is not None:   # read only this rank's rows / columns
-                    tensor = shard_tensor(config, tp, mod_name, shard, kind, tensor)
+                    try:
+                        tensor = shard_tensor(config, tp, mod_name, shard, kind, tensor)
+                    except ValueError as exc:
+                        raise CheckpointError(f"{where}: {exc}") from None
                 if kind in ("k_scale", "v_scale"):
                     _load_kv_scale(getattr(mod, kind), tensor, where)
                     continue

@@ -18,6 +18,9 @@ KV heads: with Hkv >= P each rank holds Hkv/P of them (its KV cache too); with H
 to it. A row-parallel bias is loaded on rank 0 only (zeros elsewhere), so the all-reduce
 adds it once.
 
+Int4 GPTQ / AWQ checkpoints: column-parallel parts slice their output columns (act-order
+included); row-parallel layers slice K at group boundaries (GPTQ act-order refused there).
+
 Int4 (RTN on load): column-parallel parts quantize their own rows (exactly the rows of
 the unsharded quantization); row-parallel layers quantize their K slice with the group
 size of the unsharded layer when it divides the slice (then bit-identical to slicing the
@@ -188,9 +191,6 @@ def shard_tensor(config: DecoderConfig, tp: TensorParallel, module: str, shard: 
             a = attention_shard(c, tp)
             return t.reshape(-1)[a.kv0:a.kv0 + a.nkv]
         return t
-    if kind not in ("weight", "bias"):
-        raise ValueError(f"{module}: int4 checkpoint tensors ({kind}) cannot be sharded "
-                         "yet (GPTQ / AWQ with tensor_parallel_size > 1 is not supported)")
     if leaf in _COLUMN:
         if leaf == "qkv_proj":
             a = attention_shard(c, tp)
@@ -198,7 +198,18 @@ def shard_tensor(config: DecoderConfig, tp: TensorParallel, module: str, shard: 
             start, stop = first * c.head_dim, (first + n) * c.head_dim
         else:
             start, stop = tp.split(c.intermediate_size, "intermediate_size")
+        if kind not in ("weight", "bias"):
+            return _int4_columns(c, module, kind, src, start, stop)
         return _rows(src, start, stop)
+    if leaf in _ROW and kind not in ("weight", "bias"):
+        if leaf == "o_proj":
+            a = attention_shard(c, tp)
+            start, stop = a.q0 * c.head_dim, (a.q0 + a.nq) * c.head_dim
+        else:
+            start, stop = tp.split(c.intermediate_size, "intermediate_size")
+        return _int4_k_slice(c, module, kind, src, start, stop)
+    if kind not in ("weight", "bias"):
+        raise ValueError(f"{module}: int4 tensor {kind} cannot be sharded")
     if leaf in _ROW:
         if kind == "bias":    # added once: rank 0 holds it, the others zeros
             t = _read(src)
@@ -210,6 +221,54 @@ def shard_tensor(config: DecoderConfig, tp: TensorParallel, module: str, shard: 
             start, stop = tp.split(c.intermediate_size, "intermediate_size")
         return src[:, start:stop]
     return _read(src)
+
+
+# GPTQ: qweight [K/8, N], qzeros [K/G, N/8], scales [K/G, N], g_idx [K]
+# AWQ:  qweight [K, N/8],  qzeros [K/G, N/8], scales [K/G, N]
+def _quant(config: DecoderConfig, module: str) -> tuple[str, int]:
+    qc = config.quantization_config or {}
+    method = str(qc.get("quant_method", "")).lower()
+    group = int(qc.get("group_size", qc.get("q_group_size", 128)))
+    if method not in ("gptq", "awq") or group <= 0:
+        raise ValueError(f"{module}: int4 tensors with tensor parallel need a GPTQ / AWQ "
+                         "quantization_config with a positive group_size")
+    return method, group
+
+
+def _int4_columns(config: DecoderConfig, module: str, kind: str, src: Any, n0: int,
+                  n1: int) -> Tensor:
+    """Output rows [n0, n1) of a column-parallel GPTQ / AWQ part (all of K)."""
+    method, _ = _quant(config, module)
+    if n0 % 8 or n1 % 8:
+        raise ValueError(f"{module}: int4 shard [{n0}, {n1}) is not a multiple of 8 outputs")
+    if kind == "g_idx":
+        return _read(src)
+    packed_n = kind == "qzeros" or (kind == "qweight" and method == "awq")
+    a, b = (n0 // 8, n1 // 8) if packed_n else (n0, n1)
+    return src[:, a:b]
+
+
+def _int4_k_slice(config: DecoderConfig, module: str, kind: str, src: Any, k0: int,
+                  k1: int) -> Tensor:
+    """Input columns [k0, k1) of a row-parallel GPTQ / AWQ layer, cut at group boundaries
+    (GPTQ act-order is refused: its groups are not contiguous in K)."""
+    method, g = _quant(config, module)
+    if k0 % g or k1 % g or k0 % 8:
+        raise ValueError(f"{module}: the per-rank K slice [{k0}, {k1}) does not fall on "
+                         f"int4 group boundaries (group_size {g}); use a smaller "
+                         "tensor_parallel_size")
+    if kind == "g_idx":
+        t = src[k0:k1]
+        want = torch.arange(k0, k1, dtype=torch.int64) // g
+        if not torch.equal(t.long(), want):
+            raise ValueError(f"{module}: GPTQ act-order (desc_act) on a row-parallel layer "
+                             "is not supported with tensor parallel")
+        return t - k0 // g
+    if kind in ("qzeros", "scales"):
+        return src[k0 // g:k1 // g]
+    if method == "gptq":          # qweight packed along K
+        return src[k0 // 8:k1 // 8]
+    return src[k0:k1]
 
 
 def row_parallel_group_size(module: str, k_full: int, k_local: int, group_size: int) -> int:
