@@ -226,3 +226,19 @@ def test_serve_flag_and_metrics_lines():
                                         "spec_mean_acceptance_length": 2.5})
     assert "minikernels_spec_decode_num_accepted_tokens_total" in text
     assert "minikernels_spec_decode_mean_acceptance_length" in text
+
+
+def test_benchmark_smoke_copying_needs_half_the_forwards():
+    import argparse
+    import importlib.util
+    import pathlib
+
+    spec = importlib.util.spec_from_file_location(
+        "bench_spec_decode", pathlib.Path(__file__).parent.parent / "bench" /
+        "bench_spec_decode.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    res = mod.run(argparse.Namespace(k=4, tokens=48, requests=1))
+    assert res["copy"]["reduction"] >= 2.0 and res["code-edit"]["reduction"] >= 2.0
+    assert res["free-text"]["off"]["forwards_per_token"] == pytest.approx(
+        res["free-text"]["off"]["forwards"] / res["free-text"]["off"]["tokens"])
