@@ -114,6 +114,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     eng.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
                      help="shard the model over this many GPUs / processes "
                           "(torch.distributed; docs/parallel.md)")
+    eng.add_argument("--data-parallel-size", "-dp", type=int, default=1,
+                     help="engine replicas behind this server (replica i on GPU i), "
+                          "routed by fewest outstanding tokens or a cached prefix")
 
 
 def _json_dict(text: str) -> dict[str, Any]:
@@ -154,6 +157,11 @@ def build_engine(args: argparse.Namespace) -> Any:
     from minikernels.models.hub import resolve_model
 
     path = resolve_model(args.model, getattr(args, "revision", None))
+    if getattr(args, "data_parallel_size", 1) != 1:
+        from .data_parallel import DataParallelEngine
+
+        return DataParallelEngine.from_args(path, args.data_parallel_size,
+                                            max_queue=args.max_queue, **engine_kwargs(args))
     return AsyncLLM.from_args(path, max_queue=args.max_queue, **engine_kwargs(args))
 
 

@@ -115,9 +115,13 @@ class ServerMetrics:
             for labels, value in samples:
                 lines.append(f"{name}{_labels({**base, **labels})} {_num(value)}")
 
+        replicas = engine_stats.get("replicas")   # data parallel: one series per replica
+        replicas = replicas if isinstance(replicas, list) else []
         for key, name, kind, help_ in _ENGINE_METRICS:
             if isinstance(engine_stats.get(key), (int, float)):
-                emit(name, kind, help_, [({}, engine_stats[key])])
+                emit(name, kind, help_, [({}, engine_stats[key])] + [
+                    ({"replica": str(i)}, r[key]) for i, r in enumerate(replicas)
+                    if isinstance(r, dict) and isinstance(r.get(key), (int, float))])
         with self._lock:
             http = sorted(self.http_requests.items())
             finished = sorted(self.finished.items())
