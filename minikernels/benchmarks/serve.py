@@ -214,6 +214,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     e.add_argument("--no-prefix-caching", dest="enable_prefix_caching",
                    action="store_false", help=hidden)
     e.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
+    e.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
+                   help="shard the model over this many GPUs / processes (docs/parallel.md)")
     bm.add_result_arguments(parser, "serve")
 
 
@@ -254,6 +256,7 @@ def run(args: argparse.Namespace) -> int:
               max_num_batched_tokens=args.max_num_batched_tokens,
               enable_prefix_caching=args.enable_prefix_caching,
               enforce_eager=args.enforce_eager, seed=args.seed,
+              tensor_parallel_size=args.tensor_parallel_size,
               max_model_len=args.max_model_len or _round_up(
                   max(args.max_input_len + args.max_output_len,
                       min(128, args.max_input_len) + args.decode_tokens), args.block_size))
