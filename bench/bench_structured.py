@@ -11,8 +11,9 @@ matchers accepting tokens, and the read-back that constrained steps need before 
 launch. Thread CPU time of the engine thread per decode round (one token for every
 request; a constrained step takes two engine.step() calls, launch and read-back) over the
 steady window (every request running), repeated runs; the overhead is reported against
-the unconstrained run of the same repetition. On a CPU the mask op is the fp32 reference (a GPU runs the Triton
-kernel), and timings on shared cores are noisy: read the ratios and their spread.
+the unconstrained run of the same repetition. Greedy sampling keeps the sampler's math
+(which a GPU does) small; on a CPU the mask op is the fp32 reference (a GPU runs the Triton kernel), and timings on
+shared cores are noisy: read the ratios and their spread.
 Results: bench/results/<device>/structured.{json,md,png}.
 """
 from __future__ import annotations
@@ -51,7 +52,7 @@ def run_once(batch: int, fraction: float, constraint: str, steps: int,
     n_constrained = int(round(batch * fraction))
     so = CONSTRAINTS[constraint]
     for i in range(batch):
-        sp = SamplingParams(temperature=1.0, max_tokens=max_tokens, ignore_eos=True,
+        sp = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True,
                             structured_outputs=so if i < n_constrained else None)
         eng.add_request(f"r{i}", list(range(3, 3 + prompt_len)), sp)
     # A constrained step is read back before the next launch, so engine.step() calls are
