@@ -246,7 +246,8 @@ def test_help_is_clean_and_shows_defaults(argv, capsys):
 
 
 @pytest.mark.parametrize("argv", [["--help"], ["bench", "--help"], ["generate", "--help"],
-                                  ["bench", "serve", "--help"], ["bench", "ops", "--help"]],
+                                  ["bench", "serve", "--help"], ["bench", "ops", "--help"],
+                                  ["serve", "--help"]],
                          ids=lambda a: " ".join(a))
 def test_help_does_not_import_torch(argv):
     """--help is quick (0.1-0.3 s, was 2-3 s): torch (1.4 s to import here) stays unloaded."""
@@ -264,11 +265,13 @@ def test_help_does_not_import_torch(argv):
     assert out.stdout.strip() == "False"
 
 
-def test_generate_kv_cache_dtype_names_match_the_model_layer():
-    from minikernels.models.generate import KV_CACHE_DTYPE_NAMES
-    from minikernels.models.kv_cache_dtype import KV_CACHE_DTYPES
+def test_kv_cache_dtype_names_resolve():
+    import torch
 
-    assert sorted(KV_CACHE_DTYPE_NAMES) == sorted(KV_CACHE_DTYPES)
+    from minikernels.models.kv_cache_dtype import KV_CACHE_DTYPE_NAMES, resolve_kv_cache_dtype
+
+    assert [resolve_kv_cache_dtype(n) for n in KV_CACHE_DTYPE_NAMES] == [
+        None, torch.float8_e4m3fn, torch.float8_e4m3fn]
 
 
 def test_flag_names_match_across_commands():

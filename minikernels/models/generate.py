@@ -16,14 +16,13 @@ import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+from .kv_cache_dtype import KV_CACHE_DTYPE_NAMES
+
 if TYPE_CHECKING:  # torch loads when generation runs, so `generate --help` stays quick
     import torch
     from torch import Tensor
 
     from .metadata import AttentionMetadata
-
-#: kv_cache_dtype names (models/kv_cache_dtype.py, which imports torch; a test keeps them equal)
-KV_CACHE_DTYPE_NAMES = ("auto", "fp8", "fp8_e4m3")
 
 __all__ = ["add_generate_arguments", "build_step_metadata", "generate_tokens", "run_generate",
            "sample_next"]

@@ -5,6 +5,14 @@
 
 ``minikernels serve MODEL`` runs it from the command line (see :mod:`.cli`).
 """
-from .app import create_app
+from typing import Any
 
 __all__ = ["create_app"]
+
+
+def __getattr__(name: str) -> Any:
+    # lazy: `minikernels serve --help` imports .cli without fastapi / torch
+    if name == "create_app":
+        from .app import create_app
+        return create_app
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

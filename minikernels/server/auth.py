@@ -14,8 +14,8 @@ import secrets
 from typing import Iterable, Optional, Sequence, Union
 
 from .errors import APIError
+from .settings import API_KEY_ENV
 
-API_KEY_ENV = "MINIKERNELS_API_KEY"
 
 
 def key_id(key: str) -> str:

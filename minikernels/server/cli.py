@@ -14,11 +14,10 @@ import os
 import signal
 from typing import Any, Optional
 
-from ..models.kv_cache_dtype import KV_CACHE_DTYPES
-from .app import create_app, engine_supports_cache_salt
-from .auth import API_KEY_ENV, collect_keys
-from .http import build_server
-from .limits import ServerLimits, default_allowed_hosts
+from ..models.kv_cache_dtype import KV_CACHE_DTYPE_NAMES
+from .settings import API_KEY_ENV, ServerLimits
+
+# The app, uvicorn glue, auth and limits (fastapi, torch) load in run(), so --help is quick.
 
 logger = logging.getLogger("minikernels.server")
 
@@ -94,7 +93,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     eng.add_argument("--max-model-len", type=int, default=None)
     eng.add_argument("--block-size", type=int, default=64,
                      help="KV block size in tokens, 1..256 (default 64: docs/engine.md)")
-    eng.add_argument("--kv-cache-dtype", default="auto", choices=sorted(KV_CACHE_DTYPES),
+    eng.add_argument("--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPE_NAMES,
                      help="auto = the model's dtype; fp8 = e4m3 KV cache (twice the tokens "
                           "of bf16; logit error in docs/models.md)")
     eng.add_argument("--num-kv-blocks", type=int, default=None)
@@ -196,6 +195,13 @@ def describe_engine(engine: Any, args: argparse.Namespace) -> str:
             f"max_model_len {getattr(engine, 'max_model_len', '?')}")
 
 
+def build_server(app: Any, host: str, port: int, **kw: Any) -> Any:
+    """The uvicorn server for ``app`` (minikernels.server.http; imported on first use)."""
+    from .http import build_server as build
+
+    return build(app, host, port, **kw)
+
+
 def _limits(args: argparse.Namespace) -> ServerLimits:
     return ServerLimits(max_body_bytes=args.max_request_bytes,
                         body_timeout_s=args.request_body_timeout,
@@ -204,6 +210,8 @@ def _limits(args: argparse.Namespace) -> ServerLimits:
 
 
 def _allowed_hosts(args: argparse.Namespace) -> Optional[tuple[str, ...]]:
+    from .limits import default_allowed_hosts
+
     if args.allowed_hosts:
         return tuple(h.strip().lower() for h in args.allowed_hosts.split(",") if h.strip())
     return default_allowed_hosts(args.host)
@@ -211,6 +219,9 @@ def _allowed_hosts(args: argparse.Namespace) -> Optional[tuple[str, ...]]:
 
 def run(args: argparse.Namespace) -> int:
     """Load the model, then serve until SIGTERM / SIGINT. Returns the exit code."""
+    from .app import create_app, engine_supports_cache_salt
+    from .auth import collect_keys
+
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("minikernels.access").setLevel(

@@ -23,28 +23,10 @@ from typing import Any, Callable, Optional
 from urllib.parse import urlsplit
 
 from .errors import APIError, error_response
+from .settings import ServerLimits
 
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 _BODY_METHODS = {"POST", "PUT", "PATCH"}
-
-
-@dataclass(frozen=True)
-class ServerLimits:
-    """Bounds on one HTTP request.
-
-    max_body_bytes:   largest request body accepted (413 beyond).
-    body_timeout_s:   the whole body must arrive within this many seconds (408 after).
-    header_timeout_s: the request line and headers must arrive within this many seconds of
-                      the connection becoming ready for a request (closed after).
-    max_prompts:      most prompts in one completions request (400 beyond).
-    max_json_depth:   deepest JSON nesting accepted (400 beyond).
-    """
-
-    max_body_bytes: int = 8 * 1024 * 1024
-    body_timeout_s: float = 30.0
-    header_timeout_s: float = 10.0
-    max_prompts: int = 256
-    max_json_depth: int = 32
 
 
 def host_of(value: str) -> str:
