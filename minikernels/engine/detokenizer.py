@@ -23,6 +23,7 @@ so appending is O(delta) amortized however long the output grows.
 from __future__ import annotations
 
 import codecs
+import functools
 from typing import Any, Protocol
 
 
@@ -218,7 +219,8 @@ class StreamDetokenizer(_BaseDetokenizer):
 _BYTE_TABLES: dict[int, tuple[Any, list, dict, bool]] = {}
 
 
-def _gpt2_char_to_byte() -> dict[str, int]:
+@functools.lru_cache(maxsize=1)
+def gpt2_char_to_byte() -> dict[str, int]:
     """GPT-2's byte-level alphabet inverted: printable character -> byte."""
     bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("\xa1"), ord("\xac") + 1)) \
         + list(range(ord("\xae"), ord("\xff") + 1))
@@ -253,7 +255,7 @@ def byte_level_table(rust_tok: Any) -> tuple[list, dict] | None:
 
 
 def _build_byte_table(tok: Any) -> tuple[list, dict]:
-    c2b = _gpt2_char_to_byte()
+    c2b = gpt2_char_to_byte()
     decoder = tok.get_added_tokens_decoder()
     # Special tokens are emitted as they are (pending bytes flushed first); other added
     # tokens go through the ByteLevel decoder like model tokens (tokenizers 0.2x).

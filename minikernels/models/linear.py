@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import ops
+from ..nn.quantize import pick_group_size  # noqa: F401 - also this module's public name
 
 logger = logging.getLogger("minikernels")
 
@@ -34,16 +35,6 @@ logger = logging.getLogger("minikernels")
 _RTN_CHUNK_ELEMENTS = 1 << 24
 
 
-def pick_group_size(k: int, group_size: int) -> int:
-    """group_size if it divides K, else the largest power-of-two divisor >= 32, else -1."""
-    if group_size == -1 or k % group_size == 0:
-        return group_size
-    g = group_size
-    while g >= 32:
-        if k % g == 0:
-            return g
-        g //= 2
-    return -1
 
 
 def rtn_int4(weight: Tensor, group_size: int, symmetric: bool = False) -> Any:

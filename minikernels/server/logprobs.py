@@ -9,27 +9,17 @@ from __future__ import annotations
 
 import math
 import re
-from functools import lru_cache
 from typing import Any, Optional
 
+from ..engine.detokenizer import gpt2_char_to_byte
 from ..models.tokenizer import ByteTokenizer
 
 _BYTE_FALLBACK = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
 
 
-@lru_cache(maxsize=1)
 def _byte_level_decoder() -> dict[str, int]:
     """GPT-2's byte <-> printable-character table, inverted (character -> byte)."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) \
-        + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return {chr(c): b for b, c in zip(bs, cs)}
+    return gpt2_char_to_byte()
 
 
 def _is_byte_level(hf: Any) -> bool:
