@@ -375,3 +375,40 @@ def test_stream_interval_posts_every_kth_step_with_the_same_output(llm):
     assert len(fourth[0].outputs[0].token_ids) == 1 and fourth[-1].finished
     with pytest.raises(ValueError, match="stream_interval"):
         AsyncLLM(llm, stream_interval=0)
+
+
+def test_busy_gc_policy_collects_at_chosen_points(monkeypatch):
+    # While busy: gen-0 threshold raised, no automatic full collections; a full one after
+    # FULL_EVERY_FINISHED finished requests (and FULL_EVERY_S), and when going idle.
+    import gc
+
+    from minikernels.engine.async_llm import _BusyGC
+
+    monkeypatch.setattr(_BusyGC, "FULL_EVERY_S", 0.0)
+    monkeypatch.setattr(_BusyGC, "FULL_EVERY_FINISHED", 3)
+    full = []
+
+    def cb(phase, info):
+        if phase == "stop" and info["generation"] == 2:
+            full.append(1)
+    before = gc.get_threshold()
+    a, b = _BusyGC(), _BusyGC()
+    gc.callbacks.append(cb)
+    try:
+        a.busy()
+        b.busy()                        # two busy engines: one saved state
+        assert gc.get_threshold()[0] >= _BusyGC.YOUNG and gc.get_threshold()[2] >= 1 << 20
+        a.on_finished(2)
+        assert not full
+        a.on_finished(1)
+        assert len(full) == 1 and a.finished == 0
+        a.idle()                        # b still busy: thresholds stay raised
+        assert gc.get_threshold()[0] >= _BusyGC.YOUNG
+        b.on_finished(1)
+        b.idle()                        # the last one: restore, and collect its garbage
+        assert gc.get_threshold() == before and len(full) == 2
+    finally:
+        gc.callbacks.remove(cb)
+        a.idle()
+        b.idle()
+    assert gc.get_threshold() == before
