@@ -180,3 +180,54 @@ def test_simulated_gpu_overlap_reaches_the_ceiling():
     ceiling = 64 / 4e-3
     assert rates[True] > 0.85 * ceiling
     assert rates[True] > rates[False]
+
+
+def test_streamed_delta_outputs_match_with_overlap_on_and_off():
+    # The streaming path (AsyncLLM, DELTA outputs: what the server asks for) gives the
+    # same concatenated outputs with overlap on and off, with stop strings, seeds and n.
+    import asyncio
+
+    from minikernels.engine import AsyncLLM
+    from minikernels.engine.sampling_params import RequestOutputKind
+
+    on, off = pair(num_kv_blocks=64)
+    prompts = prompts_of([12, 30, 7, 19], seed=9)
+    probe = on.generate([prompts[0]], SamplingParams(temperature=0, max_tokens=24,
+                                                     ignore_eos=True), use_tqdm=False)[0]
+    text = probe.outputs[0].text
+    stop = next((text[i:i + 2] for i in range(3, len(text) - 2)
+                 if text[i:i + 2].isprintable() and "\ufffd" not in text[i:i + 2]), "zz")
+    kind = RequestOutputKind.DELTA
+    params = [SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, stop=[stop],
+                             output_kind=kind),
+              SamplingParams(temperature=0.9, seed=4, n=2, max_tokens=40, ignore_eos=True,
+                             output_kind=kind),
+              SamplingParams(temperature=0, max_tokens=33, ignore_eos=True, stop=[stop],
+                             include_stop_str_in_output=True, output_kind=kind),
+              SamplingParams(temperature=0.7, seed=1, max_tokens=50, logprobs=1,
+                             output_kind=kind)]
+
+    def streamed(llm):
+        async def one(engine, i):
+            acc: dict = {}
+            async for out in engine.generate(prompts[i], params[i], f"s{i}"):
+                for c in out.outputs:
+                    ids, txt, lps, _ = acc.get(c.index, ([], "", [], None))
+                    acc[c.index] = (ids + c.token_ids, txt + c.text, lps + (c.logprobs or []),
+                                    (c.finish_reason, c.stop_reason))
+            return [(ids, txt, [sorted(d) for d in lps], fin)
+                    for _, (ids, txt, lps, fin) in sorted(acc.items())]
+
+        async def main():
+            engine = AsyncLLM(llm)
+            try:
+                return await asyncio.gather(*(one(engine, i) for i in range(len(prompts))))
+            finally:
+                await engine.shutdown()
+        return asyncio.run(main())
+
+    a, b = streamed(on), streamed(off)
+    assert a == b
+    assert a[0][0][3] == ("stop", stop) and a[2][0][1].endswith(stop)
+    for llm in (on, off):
+        llm.llm_engine.check_no_leaks()
