@@ -311,11 +311,12 @@ def run_stream(workload: str, block_size: int = 16, async_scheduling: bool = Tru
         engine = AsyncLLM(llm, max_queue=len(prompts) + 1)
         real_post = engine._post_step
 
-        def timed_post(updated: list) -> None:
+        def timed_post(updated: list) -> Any:
             t0 = time.thread_time()
-            real_post(updated)
+            result = real_post(updated)   # the finished-request count the GC policy uses
             if timer.enabled:
                 eng_post[0] += time.thread_time() - t0
+            return result
         engine._post_step = timed_post
         done = [0]
         text_chars = [0]
