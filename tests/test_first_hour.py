@@ -79,6 +79,12 @@ def test_llm_with_a_hub_id_offline(offline_hub):
     out = llm.generate(["the cat"], mk.SamplingParams(temperature=0.0, max_tokens=3))
     assert len(out[0].outputs[0].token_ids) >= 1 and isinstance(out[0].outputs[0].text, str)
     assert llm.llm_engine.tokenizer is not None          # the snapshot's own tokenizer
+    assert llm.model_name == REPO
+    pinned = mk.LLM(REPO, revision=REV2, dtype="float32", device="cpu", num_kv_blocks=32,
+                    max_model_len=64)
+    assert str(pinned.llm_engine.model.name_or_path).endswith(REV2)   # that snapshot
+    with pytest.raises(TypeError, match="revision must be a str"):
+        mk.LLM(REPO, revision=3)
 
 
 def test_hub_id_not_cached_offline_is_one_line(offline_hub):

@@ -152,8 +152,16 @@ class LLMEngine:
                  device: str | torch.device | None = None, max_model_len: int | None = None,
                  seed: int = 0, tokenizer: Any = "auto", tensor_parallel_size: int = 1,
                  async_scheduling: bool | None = None, kv_cache_dtype: str = "auto",
-                 speculative_config: dict[str, Any] | None = None) -> None:
+                 speculative_config: dict[str, Any] | None = None,
+                 revision: str | None = None) -> None:
         _check_int("block_size", block_size, 1)
+        if revision is not None and not isinstance(revision, str):
+            raise TypeError(f"revision must be a str or None, got {type(revision).__name__}")
+        if isinstance(model, str):
+            # a hub id -> its snapshot in the hub cache (HF_HOME, HF_HUB_OFFLINE, HF_TOKEN);
+            # directories and built-in names pass through; the id stays the model's name
+            from ..models.hub import resolve_model
+            name, model = model, resolve_model(model, revision)
         self.spec_config = SpeculativeConfig.from_dict(speculative_config)
         _check_int("max_num_seqs", max_num_seqs, 1)
         _check_int("max_num_batched_tokens", max_num_batched_tokens, 1)
@@ -172,7 +180,7 @@ class LLMEngine:
             self.model = launch_tensor_parallel(model, tensor_parallel_size, device=device,
                                                 dtype=dtype, quantization=quantization,
                                                 seed=seed)
-            self.model_name = model
+            self.model_name = name
             enforce_eager = True   # CUDA graphs do not capture the step RPC (parallel.md)
         elif isinstance(model, torch.nn.Module):
             self.model = model
@@ -181,12 +189,12 @@ class LLMEngine:
             from ..models.loader import load_model
             self.model = load_model(model, dtype=dtype, device=device,
                                     quantization=quantization, seed=seed)
-            self.model_name = model
+            self.model_name = name
         else:
             raise TypeError(f"model must be a HF directory / built-in name (str) or a "
                             f"CausalLM, got {type(model).__name__}")
         if tokenizer == "auto":
-            tokenizer = _load_tokenizer(self.model_name) if isinstance(model, str) else None
+            tokenizer = _load_tokenizer(model) if isinstance(model, str) else None
         self.tokenizer = tokenizer
         self.config = self.model.config
         self.vocab_size = int(self.config.vocab_size)
@@ -773,6 +781,7 @@ class LLM:
         speculative_config: None, or {"method": "ngram", "num_speculative_tokens": k,
             "prompt_lookup_min": 1, "prompt_lookup_max": 4, "disable_by_batch_size": 32}
             (vLLM's keys; exact: see docs/engine.md, "Speculative decoding").
+        revision: hub branch, tag or commit when ``model`` is a hub id (default: main).
     """
 
     def __init__(self, model: str | torch.nn.Module, dtype: str | torch.dtype = "bfloat16",
@@ -783,7 +792,8 @@ class LLM:
                  device: str | torch.device | None = None, max_model_len: int | None = None,
                  seed: int = 0, tokenizer: Any = "auto", tensor_parallel_size: int = 1,
                  async_scheduling: bool | None = None, kv_cache_dtype: str = "auto",
-                 speculative_config: dict[str, Any] | None = None) -> None:
+                 speculative_config: dict[str, Any] | None = None,
+                 revision: str | None = None) -> None:
         self.llm_engine = LLMEngine(
             model, dtype=dtype, quantization=quantization, block_size=block_size,
             num_kv_blocks=num_kv_blocks, gpu_memory_utilization=gpu_memory_utilization,
@@ -792,7 +802,7 @@ class LLM:
             device=device, max_model_len=max_model_len, seed=seed, tokenizer=tokenizer,
             tensor_parallel_size=tensor_parallel_size,
             async_scheduling=async_scheduling, kv_cache_dtype=kv_cache_dtype,
-            speculative_config=speculative_config)
+            speculative_config=speculative_config, revision=revision)
         self._counter = itertools.count()
 
     @property
