@@ -33,7 +33,7 @@ BENCHES = {
             "time every op on each backend of this device (default)"),
     "serve": ("minikernels.benchmarks.serve", "add_arguments", "run",
               "end-to-end serving throughput and latency (the main job)"),
-    "engine": ("minikernels.benchmarks.engine", "add_arguments", "run",
+    "engine": ("minikernels.benchmarks.engine_cli", "add_arguments", "run",
                "engine host overhead per step (stub forward), overlap, block sizes"),
 }
 

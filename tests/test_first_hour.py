@@ -253,7 +253,7 @@ def test_help_is_clean_and_shows_defaults(argv, capsys):
 
 @pytest.mark.parametrize("argv", [["--help"], ["bench", "--help"], ["generate", "--help"],
                                   ["bench", "serve", "--help"], ["bench", "ops", "--help"],
-                                  ["serve", "--help"]],
+                                  ["serve", "--help"], ["bench", "engine", "--help"]],
                          ids=lambda a: " ".join(a))
 def test_help_does_not_import_torch(argv):
     """--help is quick (0.1-0.3 s, was 2-3 s): torch (1.4 s to import here) stays unloaded."""

@@ -40,6 +40,7 @@ import torch
 
 from ..engine.llm_engine import LLM
 from ..engine.sampling_params import RequestOutputKind, SamplingParams
+from .engine_cli import add_arguments  # noqa: F401 - the CLI's options (no torch)
 
 VOCAB = 512
 
@@ -407,22 +408,6 @@ def hit_rate(block_size: int, seed: int = 0, num_requests: int = 512) -> float:
 
 
 # ---------------------------------------------------------------------------- CLI
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--workloads", default="steady,nanovllm,prefix",
-                   help="comma-separated: steady, nanovllm, prefix")
-    p.add_argument("--paths", default="generate,stream", help="generate, stream")
-    p.add_argument("--block-size", type=int, default=None,
-                   help="KV block size (default: the engine's default)")
-    p.add_argument("--gpu-ms", type=float, default=5.0,
-                   help="simulated GPU step for the overlap run (0: skip it)")
-    p.add_argument("--block-sizes", default="16,32,64,128,256",
-                   help="block sizes to sweep ('' to skip)")
-    p.add_argument("--scale", type=float, default=1.0, help="shrink the workloads (< 1)")
-    from .plumbing import add_result_arguments
-
-    add_result_arguments(p, "engine")
-
-
 def _default_block_size() -> int:
     import inspect
 
