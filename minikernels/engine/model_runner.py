@@ -386,13 +386,17 @@ class ModelRunner:
         enforce_eager: never capture CUDA graphs.
         kv_cache_dtype: "auto" (the model's dtype) or "fp8" / "fp8_e4m3" (e4m3 with the
             attention layers' k_scale / v_scale: half the bytes of bf16 per token).
+        extra_kv_bytes_per_token: KV bytes per token of another pool sized with this one
+            (a speculative draft model's, engine/draft_model.py): automatic sizing divides
+            the budget by (this model's + these) bytes, so both pools get ``num_blocks``
+            blocks out of the same memory. 0 = none.
     """
 
     def __init__(self, model: torch.nn.Module, block_size: int = 16,
                  num_kv_blocks: int | None = None, gpu_memory_utilization: float = 0.9,
                  max_num_seqs: int = 256, max_num_batched_tokens: int = 8192,
                  max_model_len: int | None = None, enforce_eager: bool = False,
-                 kv_cache_dtype: str = "auto") -> None:
+                 kv_cache_dtype: str = "auto", extra_kv_bytes_per_token: int = 0) -> None:
         self.model = model
         self.config = model.config
         self.device = torch.device(model.device)
@@ -400,6 +404,7 @@ class ModelRunner:
         self.kv_cache_dtype = resolve_kv_cache_dtype(kv_cache_dtype)
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
+        self.extra_kv_bytes_per_token = int(extra_kv_bytes_per_token)
         self.num_blocks = self._pick_num_blocks(num_kv_blocks, gpu_memory_utilization)
         pool_tokens = self.num_blocks * block_size
         max_pos = int(self.config.max_position_embeddings)
@@ -441,7 +446,8 @@ class ModelRunner:
             return num_kv_blocks
         if not isinstance(util, (int, float)) or not 0.0 < util <= 1.0:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {util!r}")
-        bytes_per_block = self.model.kv_bytes_per_token(self.kv_cache_dtype) * self.block_size
+        bytes_per_block = (self.model.kv_bytes_per_token(self.kv_cache_dtype)
+                           + self.extra_kv_bytes_per_token) * self.block_size
         if self.device.type != "cuda":
             return max(16, min(CPU_MAX_BLOCKS, CPU_KV_POOL_BYTES // bytes_per_block))
         peak = self._profile_peak_bytes()
