@@ -75,6 +75,11 @@ def test_cli_bench_engine_small(tmp_path):
     assert ("steady", "generate", 2.0, False) in kinds
     for r in rows:
         assert r["steps"] > 0 and r["host_ms_median"] > 0
+        # The stub's sampling math (an argmax on the CPU) is split out, never negative.
+        assert 0 < r["host_ms_excl_stand_in"] <= r["host_ms_median"] + 1e-9
+        assert r["stand_in_ms"] > 0
+    stream = [r for r in rows if r["path"] == "stream"]
+    assert all(0 < r["loop_floor_ms"] for r in stream)
     sweep = [r for r in rows if r["workload"] == "block-sweep"]
     assert [r["block_size"] for r in sweep] == [16, 64]
     assert all(0 < r["hit_rate"] <= 1 and r["add_us"] > 0 for r in sweep)

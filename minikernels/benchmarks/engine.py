@@ -170,7 +170,7 @@ class PhaseTimer:
     """Thread CPU time per engine phase, by wrapping the engine's methods (no engine code
     changes; ~0.3 us per wrapped call)."""
 
-    PHASES = ("schedule", "prepare", "forward", "sample", "finish")
+    PHASES = ("schedule", "prepare", "forward", "sample", "finish", "stand_in")
 
     def __init__(self, llm: LLM) -> None:
         eng = llm.llm_engine
@@ -178,18 +178,28 @@ class PhaseTimer:
         self.steps: list[float] = []       # thread CPU seconds per engine.step()
         self.walls: list[float] = []
         self.enabled = False
+        # The sampler's tensor math when every row samples alike (greedy: one argmax over
+        # [batch, vocab]; temperature: softmax + exponential race): device work that runs
+        # on the CPU here only because the stub has no GPU (on a GPU: a few kernel
+        # launches). steps_excl: each step's CPU time without it.
+        self.steps_excl: list[float] = []
+        self._stand_in = 0.0
         self._wrap(eng.scheduler, "schedule", "schedule")
         self._wrap(eng.runner, "prepare", "prepare")
         self._wrap(eng.runner, "forward", "forward")
         self._wrap(eng.sampler, "sample", "sample")
         self._wrap(eng, "_finish", "finish")
+        self._wrap(eng.sampler, "_sample_uniform", "stand_in")
         step = eng.step
 
         def timed_step() -> Any:
+            self._stand_in = 0.0
             t0, w0 = time.thread_time(), time.perf_counter()
             out = step()
             if self.enabled:
-                self.steps.append(time.thread_time() - t0)
+                dt = time.thread_time() - t0
+                self.steps.append(dt)
+                self.steps_excl.append(dt - self._stand_in)
                 self.walls.append(time.perf_counter() - w0)
             return out
         eng.step = timed_step
@@ -203,13 +213,17 @@ class PhaseTimer:
             try:
                 return fn(*a, **k)
             finally:
-                totals[phase] += time.thread_time() - t0
+                dt = time.thread_time() - t0
+                totals[phase] += dt
+                if phase == "stand_in":
+                    self._stand_in += dt
         setattr(obj, name, wrapped)
 
     def reset(self) -> None:
         for k in self.totals:
             self.totals[k] = 0.0
         self.steps.clear()
+        self.steps_excl.clear()
         self.walls.clear()
 
 
@@ -258,6 +272,8 @@ def _row(workload: str, path: str, llm: LLM, timer: PhaseTimer, extra_cpu_s: flo
            "gc_max_ms": 1e3 * gcp.max_s}
     for k, v in timer.totals.items():
         row[f"{k}_ms"] = 1e3 * v / n
+    if timer.steps_excl:
+        row["host_ms_excl_stand_in"] = 1e3 * statistics.median(timer.steps_excl)
     row.update(kw)
     return row
 
@@ -353,7 +369,50 @@ def run_stream(workload: str, block_size: int = 16, async_scheduling: bool = Tru
     row["post_ms"] = 1e3 * eng_post[0] / n
     row["total_cpu_ms_per_step"] = (row["host_ms_median"] or 0.0) + row["post_ms"] + \
         (row["loop_ms_per_step"] or 0.0)
+    row["loop_floor_ms"] = asyncio_floor_ms(len(prompts))
     return row
+
+
+def asyncio_floor_ms(consumers: int, rounds: int = 500) -> float:
+    """Event-loop CPU (ms) per round of the least a stream of one task per request can
+    cost: every consumer is an ``async for`` over an iterator whose ``__anext__`` returns
+    a fresh future, and each round one callback resolves all of them (one future and one
+    task wake-up per consumer, no output built). The streaming path's loop time per step
+    cannot go below this with one asyncio task per request."""
+    async def main() -> float:
+        loop = asyncio.get_running_loop()
+        waiters: list[Any] = [None] * consumers
+
+        class Stream:
+            def __init__(self, i: int) -> None:
+                self.i = i
+
+            def __aiter__(self) -> "Stream":
+                return self
+
+            def __anext__(self) -> Any:
+                fut = waiters[self.i] = loop.create_future()
+                return fut
+
+        async def consume(i: int) -> None:
+            async for item in Stream(i):
+                if item is None:
+                    return
+        tasks = [asyncio.ensure_future(consume(i)) for i in range(consumers)]
+        await asyncio.sleep(0)
+        times = []
+        for _ in range(rounds):
+            t0 = time.thread_time()
+            for fut in waiters:
+                fut.set_result(1)
+            await asyncio.sleep(0)        # the consumers run
+            times.append(time.thread_time() - t0)
+            await asyncio.sleep(0)
+        for fut in waiters:
+            fut.set_result(None)
+        await asyncio.gather(*tasks)
+        return 1e3 * statistics.median(times)
+    return asyncio.run(main())
 
 
 def _fields(sp: SamplingParams) -> dict[str, Any]:
@@ -423,7 +482,8 @@ def run(args: argparse.Namespace) -> int:
     def show(r: dict[str, Any]) -> None:
         rows.append(r)
         keys = ("workload", "path", "block_size", "async", "gpu_ms", "host_ms_median",
-                "host_ms_p99", "host_ms_max", "loop_ms_per_step", "total_cpu_ms_per_step",
+                "host_ms_excl_stand_in", "host_ms_p99", "host_ms_max", "loop_ms_per_step",
+                "loop_floor_ms", "total_cpu_ms_per_step",
                 "tok_s", "gc_max_ms", "add_us", "admit_us", "hit_rate")
         print({k: (round(v, 4) if isinstance(v, float) else v) for k in keys
                if (v := r.get(k)) is not None}, flush=True)
@@ -466,8 +526,10 @@ def run(args: argparse.Namespace) -> int:
     if not args.no_save:
         from .plumbing import write_results
         cols = ["workload", "path", "block_size", "async", "gpu_ms", "steps", "host_ms_median",
-                "host_ms_p99", "host_ms_max", "schedule_ms", "prepare_ms", "sample_ms",
-                "finish_ms", "post_ms", "loop_ms_per_step", "total_cpu_ms_per_step", "tok_s",
+                "stand_in_ms", "host_ms_excl_stand_in", "host_ms_p99", "host_ms_max",
+                "schedule_ms", "prepare_ms", "sample_ms",
+                "finish_ms", "post_ms", "loop_ms_per_step", "loop_floor_ms",
+                "total_cpu_ms_per_step", "tok_s",
                 "of_ceiling", "gc_max_ms", "add_us", "admit_us", "hit_rate"]
         paths_out = write_results("engine", rows, meta, columns=cols,
                                   title="Engine host overhead per step (stub forward)",
