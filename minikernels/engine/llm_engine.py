@@ -33,7 +33,7 @@ from torch import Tensor
 from .block_manager import BlockManager
 from .model_runner import ModelRunner
 from .outputs import Logprob, RequestOutput
-from .sampler import DeviceSample, Sampler, SamplerOutput
+from .sampler import DeviceSample, Sampler, SamplerOutput, distinct_params
 from .sampling_params import SamplingParams
 from .scheduler import ScheduledBatch, Scheduler
 from .sequence import Request, Sequence, SequenceStatus
@@ -498,7 +498,7 @@ class LLMEngine:
         # enough to draft for
         needs = bool(spec_seqs) or (self.proposer is not None and self._spec_on()) or any(
             p.uses_penalties or p.uses_grammar
-            for p in {id(s.params): s.params for s in seqs}.values())
+            for p in distinct_params([s.params for s in seqs]))
         return LaunchedStep(batch, seqs, sample, host, runner.completion_event(), needs,
                             plp, plp_host, spec_seqs, spec_host)
 
@@ -545,7 +545,7 @@ class LLMEngine:
         self._throughput.add(now, n_new)
         requests = self.requests
         for req in touched.values():
-            if req.finish_time is None and req.finished:
+            if req.num_finished == len(req.seqs) and req.finish_time is None:
                 req.finish_time = now
                 requests.pop(req.request_id, None)
         return list(touched.values())

@@ -32,6 +32,18 @@ if TYPE_CHECKING:
     from .sequence import Sequence
 
 
+def distinct_params(params: list["SamplingParams"]) -> list["SamplingParams"]:
+    """The distinct SamplingParams objects of a batch (by identity, first-seen order).
+
+    The common batch shares one object (LLM.generate with one SamplingParams): a set of
+    ids (C loops) says so without a Python loop over the rows."""
+    if not params:
+        return []
+    if len(set(map(id, params))) == 1:
+        return [params[0]]
+    return list({id(p): p for p in params}.values())
+
+
 @dataclass
 class SamplerOutput:
     """token_ids[i] is row i's next token. With logprobs asked by any row:
@@ -189,7 +201,7 @@ class Sampler:
             raise ValueError(f"logits has {logits.shape[0]} rows but {len(seqs)} sequences")
         logits = logits[:, :self.vocab_size].float()
         params = [s.params for s in seqs]
-        distinct = list({id(p): p for p in params}.values())
+        distinct = distinct_params(params)
         any_lp = any(p.logprobs is not None for p in distinct)
         raw_logprobs = torch.log_softmax(logits, dim=1) if any_lp else None
 

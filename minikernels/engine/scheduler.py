@@ -247,7 +247,15 @@ class Scheduler:
             chunks.append((seq, n))
 
     def advance(self, batch: ScheduledBatch) -> None:
-        """Once the step is launched: its scheduled tokens count as computed."""
-        for seq, n in zip(batch.seqs, batch.num_new_tokens):
-            if seq.status is SequenceStatus.RUNNING:
+        """Once the step is launched: its scheduled tokens count as computed.
+
+        Nothing finishes or is preempted between ``schedule`` and this call (the same
+        thread launches the batch it scheduled), so every sequence in it is running.
+        Decode rows (the first ``num_decode``) advance by one token each."""
+        seqs = batch.seqs
+        nd = batch.num_decode
+        for seq in seqs[:nd] if nd < len(seqs) else seqs:
+            seq.num_computed_tokens += 1
+        if nd < len(seqs):
+            for seq, n in zip(seqs[nd:], batch.num_new_tokens[nd:]):
                 seq.num_computed_tokens += n
