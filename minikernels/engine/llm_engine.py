@@ -30,14 +30,17 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..models.kv_cache_dtype import resolve_kv_cache_dtype
 from .block_manager import BlockManager
+from .draft_model import (DraftModelProposer, check_vocab, load_draft_model,
+                          load_draft_tokenizer)
 from .model_runner import ModelRunner
 from .outputs import Logprob, RequestOutput
 from .sampler import DeviceSample, Sampler, SamplerOutput, distinct_params
 from .sampling_params import SamplingParams
 from .scheduler import ScheduledBatch, Scheduler
 from .sequence import Request, Sequence, SequenceStatus
-from .spec_decode import SpeculativeConfig, make_proposer
+from .spec_decode import Proposer, SpeculativeConfig, make_proposer
 from .structured_outputs import StructuredOutputManager
 
 logger = logging.getLogger("minikernels.engine")
@@ -205,10 +208,16 @@ class LLMEngine:
             # dummy model's byte tokenizer has EOS ids that are ordinary tokens there).
             self.eos_token_ids = set(int(t) for t in tokenizer.eos_token_ids)
         self._eos_list = sorted(self.eos_token_ids)
+        draft_model, draft_kv_bytes = None, 0
+        if self.spec_config is not None and self.spec_config.method == "draft_model":
+            draft_model, common_vocab = self._load_draft(tensor_parallel_size, dtype,
+                                                         quantization, seed)
+            draft_kv_bytes = draft_model.kv_bytes_per_token(
+                resolve_kv_cache_dtype(kv_cache_dtype))
         self.runner = ModelRunner(self.model, block_size, num_kv_blocks,
                                   gpu_memory_utilization, max_num_seqs,
                                   max_num_batched_tokens, max_model_len, enforce_eager,
-                                  kv_cache_dtype)
+                                  kv_cache_dtype, extra_kv_bytes_per_token=draft_kv_bytes)
         self.device = self.runner.device
         self.max_model_len = self.runner.max_model_len
         self.block_manager = BlockManager(self.runner.num_blocks, block_size,
@@ -229,7 +238,23 @@ class LLMEngine:
         self.computed_tokens_total = 0
         self.num_steps = 0
         self._throughput = _Throughput()
-        self.proposer = make_proposer(self.spec_config) if self.spec_config else None
+        self.proposer: Proposer | None = None
+        if draft_model is not None:
+            # Its own pool, as many blocks as the target's (automatic sizing above split
+            # one budget between the two: docs/engine.md, "Speculative decoding").
+            self.proposer = DraftModelProposer(
+                self.spec_config, draft_model, vocab_size=self.vocab_size,
+                common_vocab=common_vocab, block_size=block_size,
+                num_blocks=self.runner.num_blocks, max_model_len=self.max_model_len,
+                max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
+                enforce_eager=self.runner.enforce_eager, kv_cache_dtype=kv_cache_dtype,
+                seed=seed)
+        elif self.spec_config is not None:
+            self.proposer = make_proposer(self.spec_config)
+        # draft probabilities of this step's proposals (draft model; None = point masses)
+        # and each proposing sequence's row in them
+        self._draft_probs: Tensor | None = None
+        self._draft_rows: dict[int, int] = {}
         self.spec_draft_tokens_total = 0
         self.spec_accepted_tokens_total = 0
         self.spec_verify_rows_total = 0
@@ -332,6 +357,8 @@ class LLMEngine:
             if not seq.is_finished:
                 self.scheduler.finish(seq, "abort")
                 seq.finalize_text()
+            if self.proposer is not None:
+                self.proposer.release(seq)
         req.finish_time = time.perf_counter()
         return req
 
@@ -350,6 +377,9 @@ class LLMEngine:
             return self._finish(self._take_in_flight())   # its tokens feed the sampler
         drafted = self._propose() if self.proposer is not None else None
         batch = self.scheduler.schedule()
+        if batch.preempted and self.proposer is not None:
+            for s in batch.preempted:       # a draft model's pool drops them too
+                self.proposer.release(s)
         if drafted:     # drafts of sequences not scheduled as speculative rows: dropped
             spec_rows = {id(s) for s, n in zip(batch.seqs, batch.num_new_tokens) if n > 1}
             for s in drafted:
@@ -362,6 +392,19 @@ class LLMEngine:
         if self._in_flight is not None and not self.scheduler.has_unfinished():
             self._finish(self._take_in_flight())   # only finished sequences' dropped tokens
         return updated
+
+    def _load_draft(self, tensor_parallel_size: int, dtype: Any, quantization: str | None,
+                    seed: int) -> tuple[torch.nn.Module, int]:
+        """speculative_config "draft_model": (the draft CausalLM, ids both models score)."""
+        cfg = self.spec_config
+        if tensor_parallel_size > 1:
+            raise ValueError("speculative_config.method 'draft_model' is not supported with "
+                             "tensor_parallel_size > 1 yet (use 'ngram')")
+        draft = load_draft_model(cfg, self.model, dtype, quantization, seed)
+        draft_tok = load_draft_tokenizer(cfg) if self.tokenizer is not None else None
+        common = check_vocab(self.vocab_size, int(draft.config.vocab_size), self.tokenizer,
+                             draft_tok)
+        return draft, common
 
     def _spec_on(self) -> bool:
         """Whether this step may draft: speculation configured and the batch is small."""
@@ -386,7 +429,10 @@ class LLMEngine:
                 room.append(left)
         if not cands:
             return []
-        drafts, _ = self.proposer.propose(cands, room)
+        drafts, probs = self.proposer.propose(cands, room)
+        self._draft_probs = probs
+        self._draft_rows = {s.seq_id: i for i, s in enumerate(cands)} if probs is not None \
+            else {}
         out = []
         for s, d in zip(cands, drafts):
             if d:
@@ -420,10 +466,14 @@ class LLMEngine:
             draft[b, :ks[b]] = torch.tensor(s.spec_token_ids, dtype=torch.int64)
         dev = allrows.device
         u, q = self.sampler.spec_randoms(seqs, K, V, self.spec_config.num_speculative_tokens)
+        draft_probs = None
+        if self._draft_probs is not None:     # [proposing seqs, k, V] -> [B, K, V]
+            rows = torch.tensor([self._draft_rows[s.seq_id] for s in seqs], dtype=torch.int64)
+            draft_probs = self._draft_probs.index_select(0, rows.to(dev))[:, :K]
         return ops.rejection_sample(
             draft.to(dev, non_blocking=True),
             torch.tensor(ks, dtype=torch.int32).to(dev, non_blocking=True),
-            probs.view(B, K + 1, V), None, u, q,
+            probs.view(B, K + 1, V), draft_probs, u, q,
             torch.tensor([s.params.greedy for s in seqs]).to(dev, non_blocking=True))
 
     def _take_in_flight(self) -> LaunchedStep:
@@ -548,6 +598,9 @@ class LLMEngine:
             if req.num_finished == len(req.seqs) and req.finish_time is None:
                 req.finish_time = now
                 requests.pop(req.request_id, None)
+                if self.proposer is not None:
+                    for s in req.seqs:
+                        self.proposer.release(s)
         return list(touched.values())
 
     def _finish_spec(self, step: LaunchedStep, now: float,
@@ -747,6 +800,8 @@ class LLMEngine:
         live = [s for r in self.requests.values() for s in r.seqs if s.block_table]
         live += [s for s in self.scheduler.running if s not in live]
         self.block_manager.check_invariants(live)
+        if self.proposer is not None:
+            self.proposer.check_invariants()
 
 
 class LLM:

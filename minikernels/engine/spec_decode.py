@@ -1,17 +1,20 @@
 """Speculative decoding: configuration and draft proposers.
 
 ``LLM(..., speculative_config={"method": "ngram", "num_speculative_tokens": k,
-"prompt_lookup_min": 1, "prompt_lookup_max": 4})``. Each step, a running sequence in
-steady decode gets up to k draft tokens from a :class:`Proposer`; the target model scores
-its last token plus the drafts in one forward (a prefill-style row with 1 + k query
-tokens over its paged prefix), and ``ops.rejection_sample`` keeps the accepted prefix
-plus one token from the target (the recovered or bonus token), so the output follows the
-target distribution exactly (greedy: the tokens are identical to decoding without
-speculation). See docs/engine.md, "Speculative decoding".
+"prompt_lookup_min": 1, "prompt_lookup_max": 4})`` or ``{"method": "draft_model",
+"model": <HF dir, hub id or built-in name>, "num_speculative_tokens": k}``. Each step, a
+running sequence in steady decode gets up to k draft tokens from a :class:`Proposer`;
+the target model scores its last token plus the drafts in one forward (a prefill-style
+row with 1 + k query tokens over its paged prefix), and ``ops.rejection_sample`` keeps
+the accepted prefix plus one token from the target (the recovered or bonus token), so
+the output follows the target distribution exactly (greedy: the tokens are identical to
+decoding without speculation). See docs/engine.md, "Speculative decoding".
 
-A proposer only sees sequences (``propose(seqs) -> drafts``): an n-gram lookup here; a
-draft model or an EAGLE-style head implements the same interface (a proposer that also
-returns draft probabilities passes them to the rejection sampler; None = point masses).
+A proposer only sees sequences (``propose(seqs, max_tokens) -> (drafts, draft_probs)``):
+an n-gram lookup here (point masses: draft_probs None); a draft model
+(engine/draft_model.py: its own paged KV pool, returns the probabilities it sampled
+from) or an EAGLE-style head implement the same interface. ``release(seq)`` drops
+per-sequence state (finished, aborted, preempted).
 """
 from __future__ import annotations
 
@@ -26,16 +29,29 @@ if TYPE_CHECKING:
 
     from .sequence import Sequence
 
-METHODS = ("ngram",)
+METHODS = ("ngram", "draft_model")
+_COMMON_KEYS = ("method", "num_speculative_tokens", "disable_by_batch_size")
+_METHOD_KEYS = {"ngram": ("prompt_lookup_min", "prompt_lookup_max"),
+                "draft_model": ("model", "quantization", "revision")}
+_QUANTIZATIONS = ("auto", None, "int4", "gptq", "awq")  # "auto" + loader.QUANTIZATIONS
 
 
 @dataclass(frozen=True)
 class SpeculativeConfig:
     """Validated ``speculative_config`` (vLLM's keys).
 
-    method: "ngram" (prompt lookup over the sequence's own tokens).
+    method: "ngram" (prompt lookup over the sequence's own tokens) or "draft_model" (a
+        smaller CausalLM with the target's vocabulary). Default: "draft_model" when
+        ``model`` is given, else "ngram" (vLLM's inference).
     num_speculative_tokens: k, drafts per sequence and step (>= 1).
-    prompt_lookup_min / prompt_lookup_max: n-gram sizes tried, longest first.
+    prompt_lookup_min / prompt_lookup_max (ngram): n-gram sizes tried, longest first.
+    model (draft_model, required): a HF checkpoint directory, a hub id or a built-in
+        name (loaded like the target: same dtype and device), or an already built
+        CausalLM.
+    quantization (draft_model): the draft's quantization: None | "int4" | "gptq" |
+        "awq", or "auto" (default): "int4" when the target was quantized with "int4"
+        (RTN on load), else None (a GPTQ / AWQ checkpoint declares its own).
+    revision (draft_model): hub branch, tag or commit of ``model``.
     disable_by_batch_size: no drafts in a step when more than this many sequences are
         running (a large batch is compute-bound: verifying drafts costs more than it
         saves; it also keeps the overlap scheduler for such batches). Default 32.
@@ -46,6 +62,9 @@ class SpeculativeConfig:
     prompt_lookup_min: int = 1
     prompt_lookup_max: int = 4
     disable_by_batch_size: int = 32
+    model: Any = None
+    quantization: str | None = "auto"
+    revision: str | None = None
 
     @classmethod
     def from_dict(cls, cfg: "dict[str, Any] | SpeculativeConfig | None"
@@ -54,27 +73,56 @@ class SpeculativeConfig:
             return cfg
         if not isinstance(cfg, dict):
             raise TypeError(f"speculative_config must be a dict, got {type(cfg).__name__}")
-        known = {"method", "num_speculative_tokens", "prompt_lookup_min",
-                 "prompt_lookup_max", "disable_by_batch_size"}
+        known = set(_COMMON_KEYS).union(*_METHOD_KEYS.values())
         extra = set(cfg) - known
         if extra:
             raise ValueError(f"speculative_config: unknown keys {sorted(extra)} (known: "
                              f"{sorted(known)})")
-        method = cfg.get("method", "ngram")
+        method = cfg.get("method", "draft_model" if "model" in cfg else "ngram")
         if method not in METHODS:
             raise ValueError(f"speculative_config.method must be one of {METHODS}, got "
                              f"{method!r}")
-        vals = {}
-        for key, low in (("num_speculative_tokens", 1), ("prompt_lookup_min", 1),
-                         ("prompt_lookup_max", 1), ("disable_by_batch_size", 1)):
+        for other, keys in _METHOD_KEYS.items():
+            if other != method:
+                wrong = sorted(k for k in keys if k in cfg)
+                if wrong:
+                    raise ValueError(f"speculative_config.{wrong[0]} applies to method "
+                                     f"{other!r}, not {method!r}")
+        vals: dict[str, Any] = {}
+        ints = [("num_speculative_tokens", 1), ("disable_by_batch_size", 1)]
+        if method == "ngram":
+            ints += [("prompt_lookup_min", 1), ("prompt_lookup_max", 1)]
+        for key, low in ints:
             v = cfg.get(key, getattr(cls, key))
             if not isinstance(v, int) or isinstance(v, bool) or v < low:
                 raise ValueError(f"speculative_config.{key} must be an int >= {low}, got "
                                  f"{v!r}")
             vals[key] = v
-        if vals["prompt_lookup_min"] > vals["prompt_lookup_max"]:
+        if method == "ngram" and vals["prompt_lookup_min"] > vals["prompt_lookup_max"]:
             raise ValueError("speculative_config.prompt_lookup_min must be <= "
                              "prompt_lookup_max")
+        if method == "draft_model":
+            model = cfg.get("model")
+            if model is None:
+                raise ValueError("speculative_config.model is required for method "
+                                 "'draft_model' (a HF directory, hub id or built-in name)")
+            if isinstance(model, str):
+                if not model.strip():
+                    raise ValueError("speculative_config.model must not be empty")
+            elif not hasattr(model, "config") or not callable(model):
+                raise ValueError(f"speculative_config.model must be a model path / name "
+                                 f"(str) or a CausalLM, got {type(model).__name__}")
+            quant = cfg.get("quantization", "auto")
+            if isinstance(quant, str):
+                quant = quant.lower()
+            if quant not in _QUANTIZATIONS:
+                raise ValueError(f"speculative_config.quantization must be one of "
+                                 f"{_QUANTIZATIONS}, got {cfg.get('quantization')!r}")
+            rev = cfg.get("revision")
+            if rev is not None and not isinstance(rev, str):
+                raise ValueError(f"speculative_config.revision must be a str or None, got "
+                                 f"{rev!r}")
+            vals.update(model=model, quantization=quant, revision=rev)
         return cls(method=method, **vals)
 
 
@@ -86,7 +134,16 @@ class Proposer(ABC):
     @abstractmethod
     def propose(self, seqs: "list[Sequence]", max_tokens: list[int]
                 ) -> "tuple[list[list[int]], Tensor | None]":
-        ...
+        """drafts[i] for seqs[i] (len <= max_tokens[i]); draft_probs: fp32 [len(seqs), k,
+        V] on the device (row i, position j: the distribution drafts[i][j] was sampled
+        from; rows of greedy sequences and positions past len(drafts[i]) are ignored)
+        or None (every draft is a point mass)."""
+
+    def release(self, seq: "Sequence") -> None:
+        """Forget seq's state (it finished, was aborted or preempted). Default: none."""
+
+    def check_invariants(self) -> None:
+        """AssertionError unless the proposer's own accounting is consistent."""
 
 
 class NgramProposer(Proposer):
@@ -121,6 +178,9 @@ class NgramProposer(Proposer):
 
 
 def make_proposer(cfg: SpeculativeConfig) -> Proposer:
+    """The proposer of a method that needs nothing from the engine (n-gram); the engine
+    builds a :class:`~minikernels.engine.draft_model.DraftModelProposer` itself (it
+    shares the KV budget and device)."""
     if cfg.method == "ngram":
         return NgramProposer(cfg)
-    raise ValueError(f"unknown speculative method {cfg.method!r}")  # pragma: no cover
+    raise ValueError(f"speculative method {cfg.method!r} is built by the engine")

@@ -1,0 +1,421 @@
+"""Speculative decoding with a draft model: ``{"method": "draft_model", "model": ...}``.
+
+A smaller CausalLM with the target's vocabulary proposes k tokens per sequence and step;
+the engine verifies them with the target (engine/llm_engine.py ``_verify``) using the
+probabilities the drafts were sampled from, so the output follows the target exactly.
+
+What the proposer owns (all on the target's device):
+
+- the draft model (loaded like the target: same loader, dtype, device; built-in names,
+  HF directories, hub ids; int4 RTN when the target is int4, unless the config says);
+- a second :class:`ModelRunner` over it: its own paged KV pool, per layer (k, v) each
+  ``[num_blocks, block_size, draft_kv_heads, draft_head_dim]`` in the draft's dtype (or
+  fp8 like the target's), and CUDA graphs for its single-token decode steps;
+- a :class:`BlockManager` of that pool (no prefix caching) and, per target sequence it
+  drafts for, a :class:`_DraftSeq`: the draft's block table (its own row in the mirror),
+  how many of the sequence's tokens have K/V in the draft cache, and the drafts whose K/V
+  was written after them.
+
+KV budget. Both pools have the same number of blocks (``num_kv_blocks``; the same token
+capacity, since every drafted sequence needs draft K/V for all its tokens). Automatic
+sizing (``gpu_memory_utilization`` on a GPU, the 1 GiB default on the CPU) divides the
+one memory budget by the sum of both models' KV bytes per block
+(``ModelRunner(extra_kv_bytes_per_token=)``), so the draft's pool is carved from the
+target's budget: with a draft whose KV is 10% of the target's the target keeps ~91% of
+the blocks it would have alone. When the draft pool is full (the target shares prefix
+blocks, the draft does not) a sequence simply gets no drafts that step.
+
+One ``propose`` call (all proposing sequences batched):
+
+1. Roll back: drafts whose K/V was written last time count as computed only as far as
+   the target accepted them (the longest prefix equal to the tokens now known); the rest
+   is garbage past the draft's length (never attended, overwritten) and blocks past the
+   kept tokens go back to the pool (``BlockManager.trim``). The last known token is
+   always recomputed (its logits give the first draft).
+2. Catch-up: one varlen forward (prefill rows over the draft's paged prefix) over the
+   tokens the draft has not seen (a new sequence's prompt, the accepted tokens and the
+   target's own token), at most ``max_num_batched_tokens`` tokens per call (a longer
+   catch-up is chunked over steps; that sequence drafts once it is done).
+3. k - 1 decode forwards (one token per sequence, all sequences together; graph
+   replays on CUDA), each fed the previous draft tokens, still on the device.
+
+Each draft token is sampled from the draft's distribution after the request's
+temperature / top-k / top-p / min-p (``Sampler.target_probs``, the same processing the
+target's probabilities get) by the exponential race (seeded requests draw from their own
+generator: reproducible run to run); those probabilities are returned (fp32
+``[len(seqs), k, V]``) for the rejection sampler. Greedy rows take the argmax (their
+probabilities are zeros: the verifier uses only the target's argmax for them).
+
+Sequences leave the draft pool when they finish, are aborted (``release``, called by the
+engine) or preempted (``release``, and a sweep of non-running sequences each call).
+
+EAGLE-style heads. An EAGLE head is a one-layer decoder over (token embedding, the
+target's last hidden state). It plugs in as a subclass: the pool, block tables, rollback,
+catch-up plan, k-step loop and probability processing here stay; it overrides
+``_forward(inputs)`` to add the hidden states (the engine would pass the target's hidden
+states of the verified positions to a ``Proposer.observe`` hook after ``_verify``, kept
+per :class:`_DraftSeq`), and ``load_draft_model`` gains a head loader. Nothing in the
+engine's verification or rollback changes.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ..models.metadata import AttentionMetadata
+from .block_manager import BlockManager
+from .model_runner import ModelRunner, StepInputs
+from .sampler import Sampler
+from .sequence import SequenceStatus
+from .spec_decode import Proposer, SpeculativeConfig
+
+if TYPE_CHECKING:
+    from .sequence import Sequence
+
+logger = logging.getLogger("minikernels.engine")
+
+
+class _DraftSeq:
+    """The draft model's state for one target sequence (duck-types the fields of a
+    Sequence that :class:`BlockManager` reads without prefix caching).
+
+    num_computed_tokens: tokens of ``seq.token_ids`` whose K/V is in the draft cache.
+    tail: draft tokens whose K/V was written after them (positions
+    ``num_computed_tokens ..``); valid only as far as the target accepts them.
+    """
+
+    __slots__ = ("seq", "block_table", "block_row", "num_computed_tokens",
+                 "num_registered_blocks", "tail")
+
+    def __init__(self, seq: "Sequence") -> None:
+        self.seq = seq
+        self.block_table: list[int] = []
+        self.block_row = -1
+        self.num_computed_tokens = 0
+        self.num_registered_blocks = 0     # always 0: no prefix caching in the draft pool
+        self.tail: list[int] = []
+
+    def __repr__(self) -> str:
+        return (f"_DraftSeq(seq={self.seq.seq_id}, computed={self.num_computed_tokens}, "
+                f"blocks={len(self.block_table)}, tail={len(self.tail)})")
+
+
+@dataclass
+class _Row:
+    """One sequence in a propose call: index into ``seqs``, its state, first position
+    and length of its catch-up chunk, drafts wanted (0: catch-up only), known tokens."""
+
+    i: int
+    st: _DraftSeq
+    start: int
+    take: int
+    k: int
+    n: int
+
+
+def check_vocab(target_vocab: int, draft_vocab: int, tokenizer: Any = None,
+                draft_tokenizer: Any = None) -> int:
+    """The number of token ids both models score (ValueError naming
+    ``speculative_config.model`` when the vocabularies differ).
+
+    Equal ``vocab_size`` is compatible. Sizes that differ only in padding rows no
+    tokenizer id reaches (e.g. 151936 vs 152064) are compatible when the target's
+    tokenizer is known and fits the smaller one. When both tokenizers are known their
+    vocabularies (HF: token -> id maps; otherwise their sizes) must be equal.
+    """
+    if tokenizer is not None and draft_tokenizer is not None:
+        a = getattr(getattr(tokenizer, "tokenizer", None), "get_vocab", None)
+        b = getattr(getattr(draft_tokenizer, "tokenizer", None), "get_vocab", None)
+        same = a() == b() if a is not None and b is not None else \
+            getattr(tokenizer, "vocab_size", None) == getattr(draft_tokenizer, "vocab_size", None)
+        if not same:
+            raise ValueError("speculative_config.model: the draft model's tokenizer has a "
+                             "different vocabulary than the target's (a draft model must "
+                             "share the target's vocabulary)")
+    if target_vocab != draft_vocab:
+        used = getattr(tokenizer, "vocab_size", None) if tokenizer is not None else None
+        if used is None or used > min(target_vocab, draft_vocab):
+            raise ValueError(f"speculative_config.model: the draft model's vocab_size "
+                             f"({draft_vocab}) differs from the target's ({target_vocab}); "
+                             f"a draft model must share the target's vocabulary")
+    return min(target_vocab, draft_vocab)
+
+
+def load_draft_model(cfg: SpeculativeConfig, target: torch.nn.Module, dtype: Any,
+                     quantization: str | None, seed: int) -> torch.nn.Module:
+    """The draft CausalLM of ``cfg`` on the target's device (a built one is used as is;
+    ValueError naming ``speculative_config.model`` if it is elsewhere)."""
+    device = torch.device(target.device)
+    model = cfg.model
+    if isinstance(model, str):
+        from ..models.loader import load_model
+        quant = cfg.quantization
+        if quant == "auto":
+            quant = "int4" if quantization == "int4" else None
+        draft = load_model(model, dtype=dtype, device=device, quantization=quant, seed=seed,
+                           revision=cfg.revision)
+    else:
+        draft = model
+        if torch.device(draft.device) != device:
+            raise ValueError(f"speculative_config.model is on {draft.device}, the target on "
+                             f"{device}: the draft model must be on the target's device")
+    return draft
+
+
+def load_draft_tokenizer(cfg: SpeculativeConfig) -> Any:
+    """The draft model's tokenizer (None for a built model or when it has none)."""
+    if not isinstance(cfg.model, str):
+        return None
+    try:
+        from ..models import load_tokenizer
+        from ..models.hub import resolve_model
+        return load_tokenizer(resolve_model(cfg.model, cfg.revision))
+    except Exception:  # noqa: BLE001 - no tokenizer: only vocab sizes are compared
+        return None
+
+
+class DraftModelProposer(Proposer):
+    """Drafts with a smaller model over its own paged KV pool (see the module docstring).
+
+    Args:
+        cfg: the validated config (method "draft_model").
+        model: the draft CausalLM (on the target's device).
+        vocab_size: the target's V (rows of the returned probabilities).
+        common_vocab: ids both models score (``check_vocab``); draft logits past it are
+            dropped.
+        block_size, num_blocks: the draft pool (num_blocks: the target pool's count).
+        max_model_len: the target's; the draft's is capped by its own position limit
+            (sequences longer than that get no drafts).
+        max_num_seqs, max_num_batched_tokens: the engine's (the latter bounds one
+            catch-up forward).
+        enforce_eager, kv_cache_dtype: as the target's runner.
+        seed: seeds the generator of drafts of unseeded requests.
+    """
+
+    def __init__(self, cfg: SpeculativeConfig, model: torch.nn.Module, *, vocab_size: int,
+                 common_vocab: int, block_size: int, num_blocks: int, max_model_len: int,
+                 max_num_seqs: int, max_num_batched_tokens: int, enforce_eager: bool,
+                 kv_cache_dtype: str = "auto", seed: int = 0) -> None:
+        self.k = cfg.num_speculative_tokens
+        self.vocab_size = vocab_size
+        self.common_vocab = common_vocab
+        self.block_size = block_size
+        max_len = min(max_model_len, int(model.config.max_position_embeddings))
+        self.runner = ModelRunner(model, block_size, num_blocks, max_num_seqs=min(
+            max_num_seqs, cfg.disable_by_batch_size), max_num_batched_tokens=
+            max_num_batched_tokens, max_model_len=max_len, enforce_eager=enforce_eager,
+            kv_cache_dtype=kv_cache_dtype)
+        self.device = self.runner.device
+        self.max_len = self.runner.max_model_len
+        self.max_catch_up = max_num_batched_tokens
+        self.bm = BlockManager(num_blocks, block_size, enable_prefix_caching=False,
+                               max_blocks_per_seq=self.runner.max_blocks_per_seq)
+        self.sampler = Sampler(common_vocab, self.device, seed + 1)
+        self.states: dict[int, _DraftSeq] = {}     # target seq_id -> draft state
+        # counters (tests, stats): draft forwards and tokens they computed
+        self.num_forwards = 0
+        self.num_catch_up_tokens = 0
+
+    # ------------------------------------------------------------------ bookkeeping
+    def release(self, seq: "Sequence") -> None:
+        st = self.states.pop(seq.seq_id, None)
+        if st is not None:
+            self.bm.free_seq(st)
+
+    def _sweep(self) -> None:
+        """Free the states of sequences that are no longer running (finished, aborted,
+        preempted) and were not released explicitly."""
+        dead = [sid for sid, st in self.states.items()
+                if st.seq.status is not SequenceStatus.RUNNING]
+        for sid in dead:
+            self.bm.free_seq(self.states.pop(sid))
+
+    def check_invariants(self) -> None:
+        self.bm.check_invariants(list(self.states.values()))
+
+    @property
+    def num_free_blocks(self) -> int:
+        return self.bm.num_free_blocks
+
+    def _rollback(self, st: _DraftSeq) -> None:
+        """Keep the K/V of the drafts the target accepted, drop the rest (see module)."""
+        toks = st.seq.token_ids
+        c = st.num_computed_tokens
+        if st.tail:
+            m = 0
+            for a, b in zip(st.tail, toks[c:c + len(st.tail)]):
+                if a != b:
+                    break
+                m += 1
+            c += m
+            st.tail = []
+        c = min(c, len(toks) - 1)      # the last token's logits give the first draft
+        st.num_computed_tokens = c
+        self.bm.trim(st, c)
+
+    # ------------------------------------------------------------------ propose
+    @torch.inference_mode()
+    def propose(self, seqs: "list[Sequence]", max_tokens: list[int]
+                ) -> tuple[list[list[int]], Tensor | None]:
+        self._sweep()
+        drafts: list[list[int]] = [[] for _ in seqs]
+        plan: list[_Row] = []
+        budget = self.max_catch_up
+        for i, (seq, room) in enumerate(zip(seqs, max_tokens)):
+            n = len(seq.token_ids)
+            # drafts d_1..d_k; d_1..d_{k-1} are fed back at positions n .. n + k - 2
+            k = min(self.k, room, self.max_len - n + 1)
+            if k <= 0 or budget <= 0:
+                continue
+            st = self.states.get(seq.seq_id)
+            if st is None:
+                st = self.states[seq.seq_id] = _DraftSeq(seq)
+            self._rollback(st)
+            c = st.num_computed_tokens
+            take = min(n - c, budget)
+            if take < n - c:
+                k = 0              # catch-up continues next step; no drafts yet
+            if not self.bm.allocate(st, take + max(k - 1, 0)):
+                continue           # draft pool full: no drafts for it this step
+            budget -= take
+            plan.append(_Row(i, st, c, take, k, n))
+        if not plan:
+            return drafts, None
+        logits = self._forward(self._catch_up_inputs(plan))
+        self.num_catch_up_tokens += sum(r.take for r in plan)
+        for r in plan:
+            r.st.num_computed_tokens = r.start + r.take
+        rows = [r for r in plan if r.k > 0]
+        if not rows:
+            return drafts, None
+        K = max(r.k for r in rows)
+        seq_of = [r.st.seq for r in rows]
+        any_random = not all(s.params.greedy for s in seq_of)
+        probs_out = torch.zeros(len(seqs), self.k, self.vocab_size, device=self.device) \
+            if any_random else None
+        toks = torch.zeros(len(rows), K, dtype=torch.int64, device=self.device)
+        active = list(range(len(rows)))
+        for j in range(K):
+            if j > 0:
+                if len(active) != len([a for a in active if rows[a].k > j]):
+                    active = [a for a in active if rows[a].k > j]
+                idx = torch.tensor(active, dtype=torch.int64).to(self.device) \
+                    if len(active) != len(rows) else None
+                prev = toks[:, j - 1] if idx is None else toks[:, j - 1].index_select(0, idx)
+                logits = self._forward(self._decode_inputs([rows[a] for a in active], j,
+                                                           prev.contiguous()))
+            else:
+                idx = None
+            tok, probs = self._sample(logits, [seq_of[a] for a in active])
+            if idx is None:
+                toks[:, j] = tok
+            else:
+                toks[:, j].index_copy_(0, idx, tok)
+            if probs is not None:
+                dst = torch.tensor([rows[a].i for a in active], dtype=torch.int64
+                                   ).to(self.device)
+                probs_out[:, j, :self.common_vocab].index_copy_(0, dst, probs)
+        host = toks.tolist()
+        for r, row in zip(rows, host):
+            d = row[:r.k]
+            drafts[r.i] = d
+            r.st.tail = d[:-1]        # their K/V was written by the decode steps
+        return drafts, probs_out
+
+    # ------------------------------------------------------------------ sampling
+    def _sample(self, logits: Tensor, seqs: "list[Sequence]") -> tuple[Tensor, Tensor | None]:
+        """One draft token per row: int64 [R] and, unless every row is greedy, the fp32
+        [R, common_vocab] probabilities they were drawn from (greedy rows: zeros)."""
+        logits = logits[:, :self.common_vocab].float()
+        params = [s.params for s in seqs]
+        greedy = [p.greedy for p in params]
+        if all(greedy):
+            return logits.argmax(dim=1), None
+        probs = self.sampler.target_probs(logits, params)
+        g = None
+        if any(greedy):
+            g = torch.tensor(greedy).to(self.device)
+            probs = probs.masked_fill(g[:, None], 0.0)
+        q = torch.empty_like(probs)
+        if any(s.generator is None for s in seqs):
+            q.exponential_(generator=self.sampler.generator)
+        for i, s in enumerate(seqs):
+            if s.generator is not None and not greedy[i]:
+                q[i].exponential_(generator=s.generator)
+        tok = (probs / q.clamp_min_(1e-30)).argmax(dim=1)
+        if g is not None:
+            tok = torch.where(g, logits.argmax(dim=1), tok)
+        return tok, probs
+
+    # ------------------------------------------------------------------ forwards
+    def _forward(self, inputs: StepInputs) -> Tensor:
+        """One draft forward -> logits of the rows in ``inputs.meta.logits_indices``.
+        (The seam for an EAGLE-style head: add the target's hidden states here.)"""
+        self.num_forwards += 1
+        return self.runner.forward(inputs)
+
+    def _upload(self, parts: list[Any]) -> list[Tensor]:
+        """int64 host arrays -> device tensors, in one copy."""
+        sizes = [len(p) for p in parts]
+        host = np.empty(sum(sizes), dtype=np.int64)
+        o = 0
+        for p in parts:
+            host[o:o + len(p)] = p
+            o += len(p)
+        flat = torch.from_numpy(host).to(self.device)
+        return list(torch.split(flat, sizes))
+
+    def _table(self, rows: list[_Row], width: int) -> np.ndarray:
+        return self.bm.table[[r.st.block_row for r in rows], :width]
+
+    def _catch_up_inputs(self, plan: list[_Row]) -> StepInputs:
+        """Prefill rows: each row's unseen tokens over its paged draft prefix; logits of
+        the last token of the rows that draft."""
+        bs = self.block_size
+        ids: list[int] = []
+        pos_parts, cu_q, cu_k, lidx = [], [0], [0], []
+        for r in plan:
+            ids.extend(r.st.seq.token_ids[r.start:r.start + r.take])
+            pos_parts.append(np.arange(r.start, r.start + r.take, dtype=np.int64))
+            cu_q.append(cu_q[-1] + r.take)
+            cu_k.append(cu_k[-1] + r.start + r.take)
+            if r.k:
+                lidx.append(cu_q[-1] - 1)
+        pos = np.concatenate(pos_parts)
+        max_k = max(r.start + r.take for r in plan)
+        width = -(-max_k // bs)
+        tab = self._table(plan, width)
+        row_of = np.repeat(np.arange(len(plan)), [r.take for r in plan])
+        slots = tab[row_of, pos // bs].astype(np.int64) * bs + pos % bs
+        ids_t, pos_t, slots_t, lidx_t, cuq_t, cuk_t, tab_t = self._upload(
+            [ids, pos, slots, lidx, cu_q, cu_k, tab.reshape(-1)])
+        meta = AttentionMetadata(
+            positions=pos_t, slot_mapping=slots_t, num_decode=0,
+            cu_seqlens_q=cuq_t.to(torch.int32), cu_seqlens_k=cuk_t.to(torch.int32),
+            max_seqlen_q=max(r.take for r in plan), max_seqlen_k=max_k,
+            prefill_block_table=tab_t.to(torch.int32).reshape(len(plan), width),
+            logits_indices=lidx_t)
+        return StepInputs(input_ids=ids_t, meta=meta, sample_rows=list(range(len(lidx))),
+                          decode_only=False)
+
+    def _decode_inputs(self, rows: list[_Row], j: int, ids: Tensor) -> StepInputs:
+        """Decode rows for draft step j (j >= 1): input the draft token j - 1 (on the
+        device) at position n - 1 + j of each sequence."""
+        bs = self.block_size
+        pos = np.array([r.n - 1 + j for r in rows], dtype=np.int64)
+        width = -(-int(pos.max() + 1) // bs)
+        tab = self._table(rows, width)
+        slots = tab[np.arange(len(rows)), pos // bs].astype(np.int64) * bs + pos % bs
+        pos_t, slots_t, lens_t, lidx_t, tab_t = self._upload(
+            [pos, slots, pos + 1, np.arange(len(rows)), tab.reshape(-1)])
+        meta = AttentionMetadata(
+            positions=pos_t, slot_mapping=slots_t, num_decode=len(rows),
+            decode_block_table=tab_t.to(torch.int32).reshape(len(rows), width),
+            decode_seq_lens=lens_t.to(torch.int32), logits_indices=lidx_t)
+        return StepInputs(input_ids=ids, meta=meta, sample_rows=list(range(len(rows))),
+                          decode_only=True)
