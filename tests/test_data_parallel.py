@@ -1,12 +1,12 @@
 """Data parallel: 2 engine replicas behind one server (CPU) give the same greedy results as
 one engine; routing spreads concurrent requests by outstanding tokens and keeps prompts
-with a long shared prefix on one replica; /metrics shows each replica."""
+with a long shared prefix on one replica; /metrics shows each replica. DP=2 x TP=2 (each
+replica its own gloo group of one launch) gives the DP=1 TP=1 tokens."""
 from __future__ import annotations
 
 import asyncio
 
 import httpx
-import pytest
 
 from minikernels.engine import AsyncLLM
 from minikernels.server import create_app
@@ -62,9 +62,54 @@ def test_routing_prefix_affinity_and_least_outstanding():
     assert dp.route(long[:7] + [1] * 9, 8) == 1 - a  # 1 shared block < min_prefix_blocks
 
 
-def test_dp_with_tp_refused():
-    with pytest.raises(ValueError, match="load balancer"):
-        DataParallelEngine.from_args("tiny", 2, tensor_parallel_size=2, **KW)
+def _token_ids(engine: object, prompts: list[list[int]]) -> list[list[int]]:
+    """Greedy token ids of concurrent requests through an AsyncLLM-like engine."""
+    from minikernels import SamplingParams
+
+    params = SamplingParams(temperature=0.0, max_tokens=5, ignore_eos=True)
+
+    async def one(i: int, p: list[int]) -> list[int]:
+        last = None
+        async for out in engine.generate(p, params, f"req-{i}"):
+            last = out
+        return list(last.outputs[0].token_ids)
+
+    async def run() -> list[list[int]]:
+        return await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts)))
+
+    return asyncio.run(run())
+
+
+def test_dp2_x_tp2_equals_dp1_tp1(tmp_path):
+    """--data-parallel-size 2 --tensor-parallel-size 2: one launch of 2 gloo groups (this
+    process rank 0 of both, one spawned worker each); concurrent greedy requests give the
+    TP=1 tokens and both replicas serve."""
+    from test_model_support import make_hf_model, save_hf
+
+    from minikernels.distributed import TensorParallelModel
+
+    path = save_hf(make_hf_model("qwen2-tied"), str(tmp_path))
+    kw = dict(dtype="float32", device="cpu", num_kv_blocks=48, block_size=4,
+              max_model_len=64, tokenizer=None)
+    prompts = PROMPTS[:4]
+    one = AsyncLLM.from_args(path, **kw)
+    dp = DataParallelEngine.from_args(path, 2, tensor_parallel_size=2, **kw)
+    try:
+        models = [r.engine.model for r in dp.replicas]
+        assert all(isinstance(m, TensorParallelModel) for m in models)
+        assert [m.tp.group is not None for m in models] == [True, True]
+        got = _token_ids(dp, prompts)
+        want = _token_ids(one, prompts)
+        assert got == want and all(len(t) == 5 for t in got), (got, want)
+        assert all(n > 0 for n in dp.routed), dp.routed
+    finally:
+        asyncio.run(dp.shutdown())
+        asyncio.run(one.shutdown())
+        for r in dp.replicas:
+            r.engine.model.close()
+    import torch
+
+    assert not torch.distributed.is_initialized()     # left when the last replica closed
 
 
 def test_serve_flag():

@@ -14,9 +14,11 @@ Routing, per request:
 The affinity record is the router's own (bounded, LRU), not a view into the replicas'
 caches: a block evicted there is simply recomputed.
 
-One process holds all replicas, so tensor parallel inside a replica (one default process
-group per process) cannot be combined with it here; run one server per TP group behind a
-load balancer instead (docs/parallel.md).
+Data parallel x tensor parallel (``--data-parallel-size M --tensor-parallel-size N``):
+one launch (``minikernels.distributed.launch_tensor_parallel_groups``) spawns the workers
+of all M tensor-parallel groups in one process group of 1 + M*(N-1) ranks; this process
+is rank 0 of every group and runs every replica's engine (replica i's ranks on GPUs
+i*N .. i*N+N-1).
 """
 from __future__ import annotations
 
@@ -89,13 +91,13 @@ class DataParallelEngine:
         n = int(data_parallel_size)
         if n < 1:
             raise ValueError(f"data_parallel_size must be >= 1, got {n}")
-        if int(llm_kwargs.get("tensor_parallel_size", 1)) > 1 and n > 1:
-            raise ValueError("--data-parallel-size with --tensor-parallel-size > 1 in one "
-                             "server is not supported; run one server per tensor-parallel "
-                             "group behind a load balancer (docs/parallel.md)")
         device = llm_kwargs.pop("device", None)
         dev = torch.device(device) if device is not None else torch.device(
             "cuda" if torch.cuda.is_available() else "cpu")
+        tp = int(llm_kwargs.get("tensor_parallel_size", 1))
+        if tp > 1 and n > 1:
+            return cls([AsyncLLM(llm, max_queue=max_queue, tune_gc=i == 0) for i, llm in
+                        enumerate(_tensor_parallel_replicas(model, n, dev, llm_kwargs))])
         if dev.type == "cuda" and torch.cuda.device_count() < n:
             raise ValueError(f"data_parallel_size {n} needs {n} GPUs, "
                              f"{torch.cuda.device_count()} visible")
@@ -213,3 +215,25 @@ class DataParallelEngine:
 
     async def shutdown(self) -> None:
         await asyncio.gather(*(r.shutdown() for r in self.replicas))
+
+
+def _tensor_parallel_replicas(model: str, n: int, device: Any, llm_kwargs: dict[str, Any]
+                              ) -> list[Any]:
+    """``n`` LLMs, each over its own tensor-parallel group of one launch."""
+    from ..distributed import launch_tensor_parallel_groups
+    from ..engine import LLM
+    from ..engine.llm_engine import _load_tokenizer
+
+    kw = dict(llm_kwargs)
+    tp = int(kw.pop("tensor_parallel_size"))
+    load = {k: kw.pop(k) for k in ("dtype", "quantization", "revision") if k in kw}
+    load["seed"] = kw.get("seed", 0)
+    if kw.get("tokenizer", "auto") == "auto":
+        kw["tokenizer"] = _load_tokenizer(model)
+    models = launch_tensor_parallel_groups(model, tp, n, device=device, **load)
+    try:
+        return [LLM(m, **kw) for m in models]
+    except BaseException:
+        for m in models:
+            m.close()
+        raise
