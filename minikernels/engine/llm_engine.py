@@ -184,7 +184,8 @@ class LLMEngine:
                                                 dtype=dtype, quantization=quantization,
                                                 seed=seed)
             self.model_name = name
-            enforce_eager = True   # CUDA graphs do not capture the step RPC (parallel.md)
+            # decode graphs capture the all-reduces on NCCL only (distributed/graphs.py)
+            enforce_eager = enforce_eager or not self.model.supports_cuda_graphs
         elif isinstance(model, torch.nn.Module):
             self.model = model
             self.model_name = getattr(model, "name_or_path", type(model).__name__)

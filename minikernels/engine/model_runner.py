@@ -425,9 +425,11 @@ class ModelRunner:
         self.graphs: _DecodeGraphs | None = None
         self.enforce_eager = bool(enforce_eager) or self.device.type != "cuda"
         if not self.enforce_eager:
-            self.graphs = _DecodeGraphs(model, self.kv_caches,
-                                        graph_batch_sizes(max_num_seqs),
-                                        self.max_blocks_per_seq, self.config.vocab_size)
+            # a model may bring its own runner (tensor parallel: every rank in lock step)
+            graphs_cls = getattr(model, "decode_graphs_class", _DecodeGraphs)
+            self.graphs = graphs_cls(model, self.kv_caches,
+                                     graph_batch_sizes(max_num_seqs),
+                                     self.max_blocks_per_seq, self.config.vocab_size)
 
     # ------------------------------------------------------------------ KV pool
     def _allocate_kv_pool(self) -> list:
