@@ -135,6 +135,8 @@ class StructuredOutputManager:
         self._batch = xgr.BatchGrammarMatcher(max_threads="auto")
         self.words = (self.vocab_size + 31) // 32
         self._packed_rows: dict[str, torch.Tensor] = {}
+        self._host: torch.Tensor | None = None     # persistent host bitmask (mask_logits)
+        self._copy_done: Any = None                # CUDA event: its last copy to the device
 
     # ---------------------------------------------------------------- compilation
     def submit(self, params: StructuredOutputsParams) -> Future[CompiledConstraint]:
@@ -191,41 +193,87 @@ class StructuredOutputManager:
         next. Returns bool [len(grammars)]: the grammar allows nothing but a stop token
         (it is complete and nothing can follow)."""
         rows = list(range(len(grammars))) if rows is None else list(rows)
+        self._fill(grammars, bitmask, rows)
+        index = torch.tensor(rows, dtype=torch.int64)
+        return ((bitmask.index_select(0, index) & ~self._packed(self._stop_ids)) == 0).all(
+            dim=1)
+
+    def _fill(self, grammars: Sequence["SequenceGrammar"], bitmask: torch.Tensor,
+              rows: list[int]) -> None:
+        """The matchers' next-token rows (at distinct ``rows``) of the host ``bitmask``,
+        control characters removed from JSON rows. No advanced indexing: a list index
+        goes through a parallel gather whose threads cost milliseconds on busy cores."""
         if len(grammars) == 1:
             grammars[0].matcher.fill_next_token_bitmask(bitmask, rows[0])
         else:   # xgrammar fills rows on its own threads (the GIL released)
             self._batch.batch_fill_next_token_bitmask([g.matcher for g in grammars], bitmask,
                                                       rows)
         json_rows = [r for r, g in zip(rows, grammars) if g.mask_control_chars]
-        if json_rows:
-            bitmask[json_rows] &= self._packed(self._control_free)
-        return ((bitmask[rows] & ~self._packed(self._stop_ids)) == 0).all(dim=1)
+        if not json_rows:
+            return
+        cf = self._packed(self._control_free)
+        lo, hi = min(json_rows), max(json_rows) + 1
+        if hi - lo == len(json_rows):      # a dense run (every row, or a block of them)
+            bitmask[lo:hi] &= cf
+        else:
+            index = torch.tensor(json_rows, dtype=torch.int64)
+            bitmask.index_copy_(0, index, bitmask.index_select(0, index) & cf)
 
     def mask_logits(self, logits: torch.Tensor, rows: Sequence[int],
                     grammars: Sequence["SequenceGrammar"]) -> None:
         """Disallowed tokens of each constrained row -> -inf, in place.
 
-        logits [B, V] on the device; rows[i] is the logits row of grammars[i]. The bitmask
-        [B, words] is filled on the host (xgrammar; unconstrained rows stay all-allowed and
-        are skipped by the kernel), copied once, applied by the Triton kernel.
+        logits [B, V] on the device; rows[i] (distinct) is the logits row of grammars[i]. xgrammar fills the rows of a persistent host bitmask (page-locked on
+        CUDA; nothing allocated or cleared per step: rows left unfilled are never read);
+        only the span of constrained rows is copied and masked (a contiguous span - all
+        rows, or a block - needs no index at all), by the Triton kernel on a GPU.
         """
         if not grammars:
             return
         from ..ops import apply_token_bitmask
 
+        rows = rows if isinstance(rows, list) else list(rows)
+        lo, hi = min(rows), max(rows) + 1
         dev = logits.device
-        pinned = dev.type == "cuda"    # page-locked: the copies below run asynchronously
-        host = torch.full((logits.shape[0], self.words), -1, dtype=torch.int32,
-                          pin_memory=pinned)
-        self.fill_bitmask(grammars, host, rows)
-        index = torch.tensor(list(rows), dtype=torch.int32, pin_memory=pinned)
-        if pinned:
-            host, index = host.to(dev, non_blocking=True), index.to(dev, non_blocking=True)
+        cuda = dev.type == "cuda"
+        host = self._host_bitmask(logits.shape[0], cuda)
+        self._fill(grammars, host, rows)
+        span, bits = logits[lo:hi], host[lo:hi]
+        index = None
+        if hi - lo != len(rows):           # scattered rows: the kernel skips the others
+            index = torch.tensor(rows, dtype=torch.int32)
+            if lo:
+                index -= lo
+        if cuda:                           # async copies from page-locked memory
+            bits = bits.to(dev, non_blocking=True)
+            if index is not None:
+                index = index.pin_memory().to(dev, non_blocking=True)
+            self._copy_done = torch.cuda.Event()
+            self._copy_done.record()
         with torch.inference_mode():   # logits come from an inference-mode forward
-            apply_token_bitmask(logits, host, index,
+            apply_token_bitmask(span, bits, index,
                                 vocab_size=min(self.vocab_size, logits.shape[1]))
             if logits.shape[1] > self.vocab_size:   # a padded lm_head's extra columns
-                logits[index.long(), self.vocab_size:] = float("-inf")
+                pad = span[:, self.vocab_size:]
+                if index is None:
+                    pad.fill_(float("-inf"))
+                else:
+                    pad.index_fill_(0, index.long(), float("-inf"))
+
+    def _host_bitmask(self, rows: int, pinned: bool) -> torch.Tensor:
+        """The persistent host bitmask's first ``rows`` rows (grown on demand; page-locked
+        for a CUDA device). Waits for the previous step's copy out of it, if any (done
+        already in practice: a constrained step is read back before the next one)."""
+        buf = self._host
+        if buf is None or buf.shape[0] < rows or (pinned and not buf.is_pinned()):
+            cap = max(rows, 2 * buf.shape[0] if buf is not None else 64)
+            buf = torch.full((cap, self.words), -1, dtype=torch.int32, pin_memory=pinned)
+            self._host = buf
+            self._copy_done = None
+        elif self._copy_done is not None:
+            self._copy_done.synchronize()
+            self._copy_done = None
+        return buf[:rows]
 
     def _packed(self, which: Any) -> torch.Tensor:
         """Packed row for a token set (cached): see _control_free / _stop_ids."""
@@ -256,8 +304,18 @@ class SequenceGrammar:
     matcher: Any                     # xgrammar.GrammarMatcher
     mask_control_chars: bool
 
+    def __post_init__(self) -> None:
+        # accept() runs once per constrained row per step: call xgrammar's native
+        # accept_token(token, debug_print) directly when it is there (skips a Python frame)
+        handle = getattr(self.matcher, "_handle", None)
+        native = getattr(handle, "accept_token", None)
+        self._native_accept = native if callable(native) else None
+
     def accept(self, token: int) -> bool:
         """Advance by a sampled token; False when the grammar refuses it."""
+        native = self._native_accept
+        if native is not None:
+            return bool(native(int(token), False))
         return bool(self.matcher.accept_token(int(token)))
 
     @property
