@@ -196,6 +196,27 @@ def test_serve_flag_reaches_the_engine_kwargs():
     assert "tensor_parallel_size" not in engine_kwargs(parser.parse_args(["tiny"]))
 
 
+def test_bench_serve_flag_reaches_the_llm(monkeypatch):
+    """``bench serve --tensor-parallel-size 2`` builds its LLM with it (a real TP=2 bench
+    run on CPU works too but takes ~20 s: see docs/parallel.md)."""
+    import minikernels.engine.llm_engine as llm_engine
+    from minikernels.cli import main
+
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def fake_llm(model, **kwargs):
+        seen.update(kwargs, model=model)
+        raise Stop
+
+    monkeypatch.setattr(llm_engine, "LLM", fake_llm)
+    with pytest.raises(Stop):
+        main(["bench", "serve", "--model", "tiny", "-tp", "2", "--no-save"])
+    assert seen["tensor_parallel_size"] == 2 and seen["model"] == "tiny"
+
+
 def test_int4_checkpoint_shards_refuse_what_they_cannot_split():
     """GPTQ act-order on a row-parallel layer, and K slices off group boundaries."""
     from minikernels.models.config import builtin_config

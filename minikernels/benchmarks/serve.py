@@ -298,6 +298,7 @@ def run(args: argparse.Namespace) -> int:
             "block_size": args.block_size, "kv_cache_dtype": args.kv_cache_dtype,
             "max_num_seqs": args.max_num_seqs,
             "max_num_batched_tokens": args.max_num_batched_tokens,
+            "tensor_parallel_size": args.tensor_parallel_size,
             "cuda_graphs": eng.runner.graphs is not None,
             "prefix_caching": args.enable_prefix_caching, "offline_runs": args.repeat,
             "input_len": [args.min_input_len, args.max_input_len],
