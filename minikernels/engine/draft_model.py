@@ -146,13 +146,38 @@ def check_vocab(target_vocab: int, draft_vocab: int, tokenizer: Any = None,
     return min(target_vocab, draft_vocab)
 
 
+def peek_vocab_size(model: str, revision: str | None = None) -> int | None:
+    """A draft's vocab_size from its config alone (built-in name or local HF directory),
+    so a wrong draft fails before its weights load; None when unknown."""
+    import json
+    import os
+
+    from ..models.config import DecoderConfig, builtin_config, list_models
+    try:
+        if model.lower() in list_models():
+            return int(builtin_config(model).vocab_size)
+        path = os.path.join(model, "config.json")
+        if os.path.isfile(path):
+            with open(path) as f:
+                return int(DecoderConfig.from_hf(json.load(f)).vocab_size)
+    except Exception:  # noqa: BLE001 - unknown here; checked again after loading
+        return None
+    return None
+
+
 def load_draft_model(cfg: SpeculativeConfig, target: torch.nn.Module, dtype: Any,
-                     quantization: str | None, seed: int) -> torch.nn.Module:
+                     quantization: str | None, seed: int, tokenizer: Any = None
+                     ) -> torch.nn.Module:
     """The draft CausalLM of ``cfg`` on the target's device (a built one is used as is;
-    ValueError naming ``speculative_config.model`` if it is elsewhere)."""
+    ValueError naming ``speculative_config.model`` if it is elsewhere). A built-in name or
+    local directory whose config's vocab_size is incompatible with the target's
+    (``check_vocab``; tokenizer: the target's) fails here, before loading."""
     device = torch.device(target.device)
     model = cfg.model
     if isinstance(model, str):
+        vocab = peek_vocab_size(model, cfg.revision)
+        if vocab is not None and vocab != int(target.config.vocab_size):
+            check_vocab(int(target.config.vocab_size), vocab, tokenizer)
         from ..models.loader import load_model
         quant = cfg.quantization
         if quant == "auto":

@@ -401,7 +401,7 @@ class LLMEngine:
         if tensor_parallel_size > 1:
             raise ValueError("speculative_config.method 'draft_model' is not supported with "
                              "tensor_parallel_size > 1 yet (use 'ngram')")
-        draft = load_draft_model(cfg, self.model, dtype, quantization, seed)
+        draft = load_draft_model(cfg, self.model, dtype, quantization, seed, self.tokenizer)
         draft_tok = load_draft_tokenizer(cfg) if self.tokenizer is not None else None
         common = check_vocab(self.vocab_size, int(draft.config.vocab_size), self.tokenizer,
                              draft_tok)
@@ -416,6 +416,7 @@ class LLMEngine:
         """Draft tokens for the running sequences that can take them (steady decode, last
         token on the host, no penalties / grammar / logprobs, min_tokens reached, room
         before max_tokens); sets ``seq.spec_token_ids``; returns those sequences."""
+        self._draft_probs, self._draft_rows = None, {}
         if not self._spec_on():
             return []
         cands, room = [], []
@@ -835,8 +836,12 @@ class LLM:
         tensor_parallel_size: shard the model over this many processes / GPUs
             (torch.distributed; docs/parallel.md). The scheduler stays here, in rank 0.
         speculative_config: None, or {"method": "ngram", "num_speculative_tokens": k,
-            "prompt_lookup_min": 1, "prompt_lookup_max": 4, "disable_by_batch_size": 32}
-            (vLLM's keys; exact: see docs/engine.md, "Speculative decoding").
+            "prompt_lookup_min": 1, "prompt_lookup_max": 4, "disable_by_batch_size": 32},
+            or {"method": "draft_model", "model": <HF dir, hub id, built-in name or
+            CausalLM with the target's vocabulary>, "num_speculative_tokens": k,
+            "quantization": "auto", "revision": None} (vLLM's keys; the draft's KV pool
+            has num_kv_blocks blocks too, automatic sizing splits one budget; exact:
+            see docs/engine.md, "Speculative decoding").
         revision: hub branch, tag or commit when ``model`` is a hub id (default: main).
     """
 
