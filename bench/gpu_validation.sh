@@ -71,6 +71,15 @@ stage_serve() {
   python -m minikernels bench serve --kv-cache-dtype fp8 --skip-latency --no-save \
     --output-json "$OUT/results/serve_fp8kv.json" || echo "bench serve (fp8 KV) failed"
   python bench/bench_serve.py || echo "bench_serve (vs transformers) failed"
+  # Multi-GPU tensor parallel (NCCL, decode CUDA graphs): only with >= 2 GPUs (the H200
+  # validation machine has one, so it is skipped there).
+  if python -c "import sys, torch; sys.exit(torch.cuda.device_count() < 2)"; then
+    python -m minikernels.distributed.selfcheck --tensor-parallel-size 2 || echo "TP=2 graphs != eager"
+    python -m minikernels bench serve --tensor-parallel-size 2 --skip-latency --no-save \
+      --output-json "$OUT/results/serve_tp2.json" || echo "bench serve (TP=2) failed"
+  else
+    echo "tensor parallel: skipped (fewer than 2 GPUs)"
+  fi
 }
 
 [ $# -gt 0 ] || { sed -n 2,17p "$0"; exit 2; }
