@@ -199,3 +199,90 @@ def test_mask_logits_rows(byte_manager):
     assert ok1 == list(range(ord("0"), ord("9") + 1))
     assert torch.equal(logits[0], before[0]) and torch.equal(logits[2], before[2])
     torch.testing.assert_close(logits[3, ok3], before[3, ok3])
+
+
+def _advanced(manager, params: StructuredOutputsParams, steps: int, seed: int):
+    """A matcher moved ``steps`` random allowed (non-stop) tokens into its grammar."""
+    g = manager.new_matcher(manager.compile(params))
+    rng = random.Random(seed)
+    bm = manager.allocate_bitmask(1)
+    stops = list(manager.info.stop_token_ids)
+    for _ in range(steps):
+        manager.fill_bitmask([g], bm)
+        allowed = reference.unpack_token_bitmask(bm, manager.vocab_size)[0]
+        allowed[stops] = False
+        choices = allowed.nonzero().flatten().tolist()
+        if not choices:
+            break
+        assert g.accept(rng.choice(choices))
+    return g
+
+
+def _expected_masked(manager, logits: torch.Tensor, rows, grammars) -> torch.Tensor:
+    """The per-row path: each grammar fills a fresh all-ones row; disallowed -> -inf."""
+    out = logits.clone()
+    bm = manager.allocate_bitmask(1)
+    for r, g in zip(rows, grammars):
+        bm.fill_(-1)
+        manager.fill_bitmask([g], bm)
+        allowed = torch.zeros(out.shape[1], dtype=torch.bool)
+        allowed[:manager.vocab_size] = reference.unpack_token_bitmask(bm, manager.vocab_size)[0]
+        out[r] = out[r].masked_fill(~allowed, float("-inf"))
+    return out
+
+
+@pytest.mark.parametrize("layout", ["all", "block", "scattered", "unsorted", "single"])
+def test_mask_logits_equals_per_row_path(byte_manager, layout):
+    """The persistent-buffer path (spans, indices, control characters on JSON rows only,
+    padded lm_head columns) == filling every row on its own; batches growing and shrinking
+    reuse the host buffer without stale rows leaking into the mask."""
+    manager, _ = byte_manager
+    kinds = [StructuredOutputsParams(json={"type": "object", "properties": {
+                 "s": {"type": "string"}, "n": {"type": "integer"}}}),
+             StructuredOutputsParams(regex=r"[a-z\n]{0,6}[0-9]+"),
+             StructuredOutputsParams(json_object=True),
+             StructuredOutputsParams(choice=["ab", "b\tc"])]
+    rng = random.Random(hash(layout) % 1000)
+    for batch in (5, 150, 9):                       # grow past the buffer, then shrink
+        if layout == "all":
+            rows = list(range(batch))
+        elif layout == "block":
+            rows = list(range(1, batch - 1))
+        elif layout == "scattered":
+            rows = sorted(rng.sample(range(batch), max(2, batch // 3)))
+        elif layout == "unsorted":
+            rows = rng.sample(range(batch), max(2, batch // 2))
+        else:
+            rows = [batch - 1]
+        grammars = [_advanced(manager, kinds[(r + batch) % len(kinds)], rng.randrange(6),
+                              rng.randrange(10_000)) for r in rows]
+        logits = torch.randn(batch, VOCAB + 7)
+        expected = _expected_masked(manager, logits, rows, grammars)
+        manager.mask_logits(logits, rows, grammars)
+        assert torch.equal(logits, expected), (layout, batch)
+
+
+def test_native_accept_equals_public_accept(byte_manager):
+    """SequenceGrammar.accept's direct call into xgrammar's native matcher == the public
+    GrammarMatcher.accept_token, token by token (the masks stay equal, refusals too)."""
+    manager, _ = byte_manager
+    compiled = manager.compile(StructuredOutputsParams(json={"type": "array", "items": {
+        "type": "integer"}, "maxItems": 4}))
+    fast, slow = manager.new_matcher(compiled), manager.new_matcher(compiled)
+    assert fast._native_accept is not None     # xgrammar exposes it (else: public path)
+    slow._native_accept = None
+    rng = random.Random(5)
+    bm_f, bm_s = manager.allocate_bitmask(1), manager.allocate_bitmask(1)
+    for _ in range(40):
+        manager.fill_bitmask([fast], bm_f)
+        manager.fill_bitmask([slow], bm_s)
+        assert torch.equal(bm_f, bm_s)
+        allowed = reference.unpack_token_bitmask(bm_f, manager.vocab_size)[0]
+        refused = (~allowed).nonzero().flatten().tolist()
+        assert fast.accept(refused[0]) is slow.accept(refused[0]) is False
+        choices = allowed.nonzero().flatten().tolist()
+        t = rng.choice(choices)
+        assert fast.accept(t) is slow.accept(t) is True
+        if fast.terminated:
+            assert slow.terminated
+            break
