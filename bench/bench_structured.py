@@ -26,6 +26,7 @@ from typing import Any
 
 from bench.common import device_name, write_results
 from minikernels.engine import SamplingParams
+from minikernels.ops import reference
 from minikernels.engine.bench_engine import BenchTokenizer, PhaseTimer, _build
 
 # Constraints that cannot complete inside the measured window (so every request keeps
@@ -36,10 +37,43 @@ CONSTRAINTS = {
 }
 
 
+class _Clock:
+    """Thread CPU time inside a few once-per-step functions (wrapped; ~1 us per call)."""
+
+    def __init__(self) -> None:
+        self.enabled = False
+        self.totals: dict[str, float] = {}
+        self._undo: list[tuple[Any, str, Any]] = []
+
+    def wrap(self, obj: Any, name: str, key: str) -> None:
+        fn = getattr(obj, name)
+        totals = self.totals
+        totals[key] = 0.0
+
+        def timed(*a: Any, **k: Any) -> Any:
+            if not self.enabled:
+                return fn(*a, **k)
+            t0 = time.thread_time()
+            try:
+                return fn(*a, **k)
+            finally:
+                totals[key] += time.thread_time() - t0
+        self._undo.append((obj, name, fn))
+        setattr(obj, name, timed)
+
+    def restore(self) -> None:
+        for obj, name, fn in reversed(self._undo):
+            setattr(obj, name, fn)
+        self._undo.clear()
+
+
 def run_once(batch: int, fraction: float, constraint: str, steps: int,
              tokenizer: Any) -> dict[str, Any]:
     """One engine run: ``batch`` requests, the first ``fraction`` constrained; returns the
-    engine thread's CPU ms per decode round in the steady window."""
+    engine thread's CPU ms (and wall ms) per decode round in the steady window, and where
+    the structured-output part of it goes."""
+    from minikernels.engine.structured_outputs import StructuredOutputManager
+
     prompt_len, max_tokens = 16, steps + 8
     llm = _build(block_size=64, max_len=prompt_len + max_tokens + 64, tokenizer=tokenizer)
     eng = llm.llm_engine
@@ -49,39 +83,54 @@ def run_once(batch: int, fraction: float, constraint: str, steps: int,
     # give every step fresh logits (as a real forward does): the copy is in all variants
     stub.forward = lambda *a, **k: shared_forward(*a, **k).clone()
     timer = PhaseTimer(llm)
+    clock = _Clock()
+    clock.wrap(StructuredOutputManager, "mask_logits", "mask")      # fill + copy + op
+    clock.wrap(StructuredOutputManager, "_fill", "fill")            # xgrammar + ctrl chars
+    # the mask op's CPU math (a GPU runs the Triton kernel instead); the op's dispatch and
+    # checks stay in the host time
+    clock.wrap(reference, "apply_token_bitmask", "mask_op")
     n_constrained = int(round(batch * fraction))
     so = CONSTRAINTS[constraint]
-    for i in range(batch):
-        sp = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True,
-                            structured_outputs=so if i < n_constrained else None)
-        eng.add_request(f"r{i}", list(range(3, 3 + prompt_len)), sp)
-    # A constrained step is read back before the next launch, so engine.step() calls are
-    # not comparable: count CPU per decode round (batch tokens generated), over the window
-    # where every request is running.
-    cpu = 0.0
-    tokens0 = None
-    k = 0
-    while eng.has_unfinished() and eng.generation_tokens_total < batch * steps:
-        full = eng.scheduler.num_waiting == 0 and len(eng.requests) == batch and all(
-            s.num_computed_tokens >= s.num_prompt_tokens for s in eng.scheduler.running)
-        measure = full and eng.generation_tokens_total >= 3 * batch
-        if measure and tokens0 is None:
-            tokens0 = eng.generation_tokens_total
-        timer.enabled = measure
-        t0 = time.thread_time()
-        eng.step()
-        if measure:
-            cpu += time.thread_time() - t0
-        k += 1
-    rounds = (eng.generation_tokens_total - tokens0) / batch if tokens0 is not None else 0
-    for rid in list(eng.requests):
-        eng.abort_request(rid)
-    while eng.has_unfinished():
-        eng.step()
-    per = max(rounds, 1e-9)
-    return {"host_ms": 1e3 * cpu / per if rounds else None, "rounds_measured": rounds,
-            "finish_ms_per_round": 1e3 * timer.totals["finish"] / per,
-            "sample_ms_per_round": 1e3 * timer.totals["sample"] / per}
+    try:
+        for i in range(batch):
+            sp = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True,
+                                structured_outputs=so if i < n_constrained else None)
+            eng.add_request(f"r{i}", list(range(3, 3 + prompt_len)), sp)
+        # A constrained step is read back before the next launch, so engine.step() calls
+        # are not comparable: count CPU per decode round (batch tokens generated), over the
+        # window where every request is running.
+        cpu = wall = 0.0
+        tokens0 = None
+        while eng.has_unfinished() and eng.generation_tokens_total < batch * steps:
+            full = eng.scheduler.num_waiting == 0 and len(eng.requests) == batch and all(
+                s.num_computed_tokens >= s.num_prompt_tokens for s in eng.scheduler.running)
+            measure = full and eng.generation_tokens_total >= 3 * batch
+            if measure and tokens0 is None:
+                tokens0 = eng.generation_tokens_total
+            timer.enabled = clock.enabled = measure
+            t0, w0 = time.thread_time(), time.perf_counter()
+            eng.step()
+            if measure:
+                cpu += time.thread_time() - t0
+                wall += time.perf_counter() - w0
+        rounds = (eng.generation_tokens_total - tokens0) / batch if tokens0 is not None else 0
+        clock.enabled = False
+        for rid in list(eng.requests):
+            eng.abort_request(rid)
+        while eng.has_unfinished():
+            eng.step()
+    finally:
+        clock.restore()
+    if not rounds:
+        return {"host_ms": None, "rounds_measured": 0}
+    per = 1e3 / rounds
+    ct = clock.totals
+    return {"host_ms": cpu * per, "wall_ms": wall * per, "rounds_measured": rounds,
+            "host_ms_excl_stand_in": (cpu - ct["mask_op"]) * per,
+            "mask_ms": ct["mask"] * per, "fill_ms": ct["fill"] * per,
+            "mask_op_ms": ct["mask_op"] * per,
+            "finish_ms": timer.totals["finish"] * per,
+            "sample_ms": timer.totals["sample"] * per}
 
 
 def main(argv: list[str] | None = None, out_dir: str | Path | None = None) -> dict[str, Path]:
@@ -95,46 +144,78 @@ def main(argv: list[str] | None = None, out_dir: str | Path | None = None) -> di
     args = parser.parse_args(argv)
     batch, steps, repeats = ((16, 10, 1) if args.smoke
                              else (args.batch, args.steps, args.repeats))
+    import torch
+
+    # as ``minikernels bench engine`` does: the host's torch ops on a GPU are kernel
+    # launches, and intra-op threads on shared cores make small CPU ops cost milliseconds
+    torch.set_num_threads(1)
     tokenizer = BenchTokenizer()
     for constraint in CONSTRAINTS:   # warm-up: first-call costs (allocator, kernels, xgrammar)
         run_once(min(batch, 16), 0.5, constraint, 6, tokenizer)
     rows: list[dict[str, Any]] = []
     for constraint in CONSTRAINTS:
         for rep in range(repeats):
-            base = None
+            base: dict[str, Any] = {}
             for fraction in (0.0, 0.5, 1.0):
                 t0 = time.perf_counter()
                 r = run_once(batch, fraction, constraint, steps, tokenizer)
                 if fraction == 0.0:
-                    base = r["host_ms"]
-                overhead = (r["host_ms"] / base - 1.0) if base and r["host_ms"] else None
+                    base = r
+                ov = {}
+                for key in ("host_ms", "wall_ms", "host_ms_excl_stand_in"):
+                    ok = base.get(key) and r.get(key) is not None
+                    ov[f"overhead_{key}"] = r[key] / base[key] - 1.0 if ok else None
                 rows.append(dict(constraint=constraint, repeat=rep, batch=batch,
-                                 constrained=fraction, **r, overhead_vs_none=overhead,
-                                 wall_s=time.perf_counter() - t0))
-                print(f"{constraint} rep {rep} {fraction:.0%} constrained: "
-                      f"{r['host_ms']:.3f} ms/round"
-                      + (f" (+{overhead:.0%})" if overhead is not None else ""), flush=True)
+                                 constrained=fraction, **r, **ov,
+                                 run_s=time.perf_counter() - t0))
+                if r["host_ms"] is None:
+                    print(f"{constraint} rep {rep} {fraction:.0%}: nothing measured")
+                    continue
+                print(f"{constraint} rep {rep} {fraction:.0%} constrained: host "
+                      f"{r['host_ms']:.3f} ms/round ({_pct(ov['overhead_host_ms'])}), excl. "
+                      f"mask-op stand-in {r['host_ms_excl_stand_in']:.3f} "
+                      f"({_pct(ov['overhead_host_ms_excl_stand_in'])}), wall "
+                      f"{r['wall_ms']:.3f}; fill {r['fill_ms']:.3f}, mask op "
+                      f"{r['mask_op_ms']:.3f}, finish {r['finish_ms']:.3f}", flush=True)
     summary = []
     for constraint in CONSTRAINTS:
         for fraction in (0.0, 0.5, 1.0):
-            xs = [r["host_ms"] for r in rows if r["constraint"] == constraint
-                  and r["constrained"] == fraction and r["host_ms"] is not None]
-            ov = [r["overhead_vs_none"] for r in rows if r["constraint"] == constraint
-                  and r["constrained"] == fraction and r["overhead_vs_none"] is not None]
-            summary.append(dict(constraint=constraint, constrained=fraction, batch=batch,
-                                host_ms=statistics.median(xs) if xs else None,
-                                host_ms_min=min(xs) if xs else None,
-                                host_ms_max=max(xs) if xs else None,
-                                overhead_vs_none=statistics.median(ov) if ov else None))
+            sel = [r for r in rows if r["constraint"] == constraint
+                   and r["constrained"] == fraction and r["host_ms"] is not None]
+            out: dict[str, Any] = dict(constraint=constraint, constrained=fraction,
+                                       batch=batch)
+            for key in ("host_ms", "wall_ms", "host_ms_excl_stand_in", "fill_ms",
+                        "mask_op_ms", "finish_ms"):
+                xs = [r[key] for r in sel]
+                out[key] = statistics.median(xs) if xs else None
+                if key in ("host_ms", "wall_ms"):
+                    out[f"{key}_min"] = min(xs) if xs else None
+                    out[f"{key}_max"] = max(xs) if xs else None
+            for key in ("host_ms", "wall_ms", "host_ms_excl_stand_in"):
+                ov = [r[f"overhead_{key}"] for r in sel if r[f"overhead_{key}"] is not None]
+                out[f"overhead_{key}"] = statistics.median(ov) if ov else None
+                if key == "host_ms":
+                    out["overhead_host_ms_min"] = min(ov) if ov else None
+                    out["overhead_host_ms_max"] = max(ov) if ov else None
+            summary.append(out)
     meta = dict(device=device_name("cpu"), batch=batch, steps=steps, repeats=repeats,
                 smoke=args.smoke, target="overhead <= 10% of a step's host time with every "
-                "row constrained (issue 17)", runs=rows,
-                timing="engine-thread CPU time per decode round (a token for every request)")
+                "row constrained (issue 17)", runs=rows, torch_threads=1,
+                timing="engine-thread CPU time (and wall time) per decode round (a token "
+                "for every request); excl_stand_in: minus the CPU reference of the mask op "
+                "(a GPU runs it as one Triton kernel)")
     columns = ["constraint", "constrained", "batch", "host_ms", "host_ms_min", "host_ms_max",
-               "overhead_vs_none"]
+               "overhead_host_ms", "overhead_host_ms_min", "overhead_host_ms_max",
+               "host_ms_excl_stand_in", "overhead_host_ms_excl_stand_in", "wall_ms",
+               "wall_ms_min", "wall_ms_max", "overhead_wall_ms", "fill_ms", "mask_op_ms",
+               "finish_ms"]
     return write_results("structured", summary, meta, columns=columns,
                          title="Structured outputs: host cost per decode step",
                          plot=lambda p: _plot(summary, p), out_dir=out_dir or args.out_dir)
+
+
+def _pct(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:+.0%}"
 
 
 def _plot(rows: list[dict[str, Any]], path: Path) -> None:
