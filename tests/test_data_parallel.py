@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 
 import httpx
+import pytest
 
 from minikernels.engine import AsyncLLM
 from minikernels.server import create_app
@@ -80,6 +81,7 @@ def _token_ids(engine: object, prompts: list[list[int]]) -> list[list[int]]:
     return asyncio.run(run())
 
 
+@pytest.mark.slow   # spawns worker processes (small: run in CI)
 def test_dp2_x_tp2_equals_dp1_tp1(tmp_path):
     """--data-parallel-size 2 --tensor-parallel-size 2: one launch of 2 gloo groups (this
     process rank 0 of both, one spawned worker each); concurrent greedy requests give the

@@ -39,6 +39,7 @@ KW = {"dtype": "float32", "device": "cpu", "tokenizer": None, "block_size": 4,
       "num_kv_blocks": 32, "max_num_batched_tokens": 12}
 
 
+@pytest.mark.slow   # spawns worker processes (small: run in CI)
 def test_llm_under_torchrun_env_equals_tp1(tmp_path):
     import minikernels as mk
     from minikernels.distributed import free_port

@@ -38,6 +38,7 @@ def tp4_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
             for name, (kind, over) in TP4_CASES.items()}
 
 
+@pytest.mark.slow   # spawns worker processes (small: run in CI)
 def test_tp4_logits_equal_tp1(tp4_dirs, tmp_path):
     from minikernels.distributed import free_port
 
@@ -95,6 +96,7 @@ class EagerGraphs:
         return self._forward(bs).index_select(0, meta.logits_indices)
 
 
+@pytest.mark.slow   # spawns worker processes (small: run in CI)
 def test_llm_generate_tp4_token_identical(tp4_dirs, tmp_path, monkeypatch):
     """LLM(tensor_parallel_size=4), 2 kv heads over 4 ranks: greedy tokens equal TP=1
     through chunked prefill, a cached prefix and batched decode -- with the decode steps
