@@ -427,9 +427,23 @@ class ModelRunner:
         if not self.enforce_eager:
             # a model may bring its own runner (tensor parallel: every rank in lock step)
             graphs_cls = getattr(model, "decode_graphs_class", _DecodeGraphs)
-            self.graphs = graphs_cls(model, self.kv_caches,
-                                     graph_batch_sizes(max_num_seqs),
-                                     self.max_blocks_per_seq, self.config.vocab_size)
+            with self.on_device():
+                self.graphs = graphs_cls(model, self.kv_caches,
+                                         graph_batch_sizes(max_num_seqs),
+                                         self.max_blocks_per_seq, self.config.vocab_size)
+
+    def on_device(self) -> contextlib.AbstractContextManager:
+        """Make this runner's GPU the thread's current device for a block (graph capture,
+        Triton launches and stream look-ups use the current device, so an engine on
+        cuda:1, e.g. a data-parallel replica, must not run under cuda:0). A no-op on the
+        CPU and when it already is current."""
+        if self.device.type != "cuda":
+            return contextlib.nullcontext()
+        index = self.device.index if self.device.index is not None else \
+            torch.cuda.current_device()
+        if torch.cuda.current_device() == index:
+            return contextlib.nullcontext()
+        return torch.cuda.device(index)
 
     # ------------------------------------------------------------------ KV pool
     def _allocate_kv_pool(self) -> list:
@@ -498,6 +512,10 @@ class ModelRunner:
         prev_tokens: the previous step's sampled tokens (device), for input tokens that
         are still only there (inputs.pending_*).
         """
+        with self.on_device():
+            return self._forward(inputs, prev_tokens)
+
+    def _forward(self, inputs: StepInputs, prev_tokens: Tensor | None) -> Tensor:
         if inputs.pending_dst is not None:
             if prev_tokens is None:
                 raise RuntimeError("step inputs need the previous step's sampled tokens")
