@@ -1,4 +1,4 @@
-"""Speculative decoding (n-gram): target forwards per generated token, CPU.
+"""Speculative decoding (n-gram, draft model): target forwards per generated token, CPU.
 
 The target is the built-in "tiny" decoder (its forward, paged KV and attention run for
 real) whose logits are replaced by a script: the token at position p + 1 of a planned
@@ -11,10 +11,20 @@ request at a time): each engine step is one target forward. Workloads:
   places in a 300-token prompt;
 - free-text: the output is random tokens (repeats only by chance).
 
+Methods: off, n-gram (prompt lookup 1..4), and draft_model with a scripted draft: the
+built-in "tiny" decoder run for real as the draft (its own paged KV pool, catch-up,
+k batched draft steps, rollback) whose logits predict the planned token with
+probability ``a`` per position (independently; else a wrong token), for each
+``--draft-agreement a``. A draft model's acceptance does not depend on repetition, so
+its rows show what a draft that agrees a of the time buys (i.i.d. acceptance a, k
+drafts: (1 - a^(k+1)) / (1 - a) tokens per target forward). Also reported: draft
+forwards per token (the draft's cost: one catch-up + k - 1 decode forwards per step).
+
 Forwards per token without speculation is 1 by construction (checked). Writes
 bench/results/cpu/spec_decode.{json,md,png}.
 
     python bench/bench_spec_decode.py [--k 4] [--tokens 128] [--requests 4]
+        [--draft-agreement 0.9 0.6]
 """
 from __future__ import annotations
 
@@ -62,6 +72,35 @@ class ScriptedTarget(torch.nn.Module):
         return out
 
 
+class ScriptedDraft(ScriptedTarget):
+    """A draft whose forward is the real decoder's; position p predicts script[p + 1]
+    where ``ok[p]`` (drawn once per script: probability ``agree``), else another token."""
+
+    def __init__(self, inner: torch.nn.Module, agree: float, seed: int = 0) -> None:
+        super().__init__(inner)
+        self.agree = agree
+        self.seed = seed
+        self.plan: list[int] = []
+
+    def set_script(self, script: list[int]) -> None:
+        r = random.Random(hash(tuple(script)) ^ self.seed)   # ints hash reproducibly
+        vocab = int(self.config.vocab_size)
+        self.script = script
+        self.plan = [t if r.random() < self.agree else
+                     VOCAB_LO + (t - VOCAB_LO + 1 + r.randrange(vocab - VOCAB_LO - 1))
+                     % (vocab - VOCAB_LO) for t in script]
+
+    def forward(self, input_ids, meta, kv_caches):
+        logits = self.inner(input_ids, meta, kv_caches)
+        pos = meta.positions if meta.logits_indices is None else \
+            meta.positions.index_select(0, meta.logits_indices)
+        nxt = torch.tensor(self.plan, device=logits.device)[(pos + 1).clamp_max(
+            len(self.plan) - 1)]
+        out = torch.full_like(logits, -10.0)
+        out.scatter_(1, nxt[:, None], 10.0)
+        return out
+
+
 def workload(name: str, n_out: int, r: random.Random, vocab: int) -> tuple[list[int], list[int]]:
     tok = lambda: r.randrange(VOCAB_LO, vocab)  # noqa: E731
     if name == "code-edit":
@@ -83,14 +122,21 @@ def workload(name: str, n_out: int, r: random.Random, vocab: int) -> tuple[list[
 def run(args) -> dict:
     inner = load_model("tiny", dtype="float32", device="cpu")
     vocab = int(inner.config.vocab_size)
+    agreements = list(getattr(args, "draft_agreement", None) or [])
     results = {}
     for wl in ("code-edit", "copy", "free-text"):
         r = random.Random(0)
         cases = [workload(wl, args.tokens, r, vocab) for _ in range(args.requests)]
         row = {}
-        for label, spec in (("off", None), ("ngram", {
-                "method": "ngram", "num_speculative_tokens": args.k,
-                "prompt_lookup_min": 1, "prompt_lookup_max": 4})):
+        methods: list[tuple[str, dict | None, ScriptedDraft | None]] = [
+            ("off", None, None),
+            ("ngram", {"method": "ngram", "num_speculative_tokens": args.k,
+                       "prompt_lookup_min": 1, "prompt_lookup_max": 4}, None)]
+        for a in agreements:
+            draft = ScriptedDraft(load_model("tiny", dtype="float32", device="cpu", seed=1), a)
+            methods.append((f"draft-{a:g}", {"method": "draft_model", "model": draft,
+                                              "num_speculative_tokens": args.k}, draft))
+        for label, spec, draft in methods:
             model = ScriptedTarget(inner)
             llm = LLM(model, tokenizer=None, num_kv_blocks=64, block_size=16,
                       speculative_config=spec)
@@ -99,6 +145,8 @@ def run(args) -> dict:
             t0 = time.perf_counter()
             for prompt, out in cases:
                 model.script = prompt + out
+                if draft is not None:
+                    draft.set_script(prompt + out)
                 s0, g0 = eng.num_steps, eng.generation_tokens_total
                 res = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=len(out),
                                                             ignore_eos=True), use_tqdm=False)
@@ -111,11 +159,16 @@ def run(args) -> dict:
                           "accepted_tokens": st["spec_num_accepted_tokens"],
                           "mean_acceptance_length": st["spec_mean_acceptance_length"],
                           "wall_s": time.perf_counter() - t0}
+            if draft is not None:
+                row[label]["draft_forwards_per_token"] = eng.proposer.num_forwards / gen
         row["reduction"] = row["off"]["forwards_per_token"] / row["ngram"]["forwards_per_token"]
+        row["reductions"] = {label: row["off"]["forwards_per_token"]
+                             / row[label]["forwards_per_token"] for label, _, _ in methods[1:]}
         results[wl] = row
-        print(f"{wl:10s} off {row['off']['forwards_per_token']:.3f} fwd/tok  ngram "
-              f"{row['ngram']['forwards_per_token']:.3f} fwd/tok  ({row['reduction']:.2f}x fewer; "
-              f"mean acceptance length {row['ngram']['mean_acceptance_length']:.2f})")
+        print(f"{wl:10s} off {row['off']['forwards_per_token']:.3f} fwd/tok  " + "  ".join(
+            f"{label} {row[label]['forwards_per_token']:.3f} "
+            f"({row['reductions'][label]:.2f}x fewer, acc. len "
+            f"{row[label]['mean_acceptance_length']:.2f})" for label, _, _ in methods[1:]))
     return results
 
 
@@ -124,39 +177,52 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=4)
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--requests", type=int, default=4)
+    ap.add_argument("--draft-agreement", type=float, nargs="*", default=[0.9, 0.6],
+                    help="scripted draft models agreeing this often with the target")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "cpu"))
     args = ap.parse_args()
     res = run(args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     meta = {"k": args.k, "tokens": args.tokens, "requests": args.requests, "batch": 1,
-            "target": "tiny (scripted logits)", "prompt_lookup": [1, 4]}
+            "target": "tiny (scripted logits)", "prompt_lookup": [1, 4],
+            "draft_agreement": args.draft_agreement,
+            "draft": "tiny (seed 1, scripted logits; own paged KV pool)"}
     (out / "spec_decode.json").write_text(json.dumps({"config": meta, "results": res},
                                                      indent=2))
-    lines = ["# Speculative decoding (n-gram): target forwards per generated token", "",
-             f"CPU, batch 1, k = {args.k}, prompt lookup 1..4, {args.requests} requests x "
-             f"{args.tokens} tokens per workload (python bench/bench_spec_decode.py).", "",
-             "| workload | fwd/token off | fwd/token ngram | reduction | mean acceptance length |",
-             "|---|---|---|---|---|"]
+    labels = list(next(iter(res.values()))["reductions"])
+    lines = ["# Speculative decoding: target forwards per generated token", "",
+             f"CPU, batch 1, k = {args.k}, prompt lookup 1..4, scripted drafts agreeing "
+             f"{', '.join(f'{a:g}' for a in args.draft_agreement)} of the time; "
+             f"{args.requests} requests x {args.tokens} tokens per workload "
+             f"(python bench/bench_spec_decode.py).", "",
+             "| workload | method | fwd/token | reduction | mean acceptance length | "
+             "draft fwd/token |", "|---|---|---|---|---|---|"]
     for wl, row in res.items():
-        lines.append(f"| {wl} | {row['off']['forwards_per_token']:.3f} | "
-                     f"{row['ngram']['forwards_per_token']:.3f} | {row['reduction']:.2f}x | "
-                     f"{row['ngram']['mean_acceptance_length']:.2f} |")
+        lines.append(f"| {wl} | off | {row['off']['forwards_per_token']:.3f} | 1.00x | - | - |")
+        for label in labels:
+            m = row[label]
+            dft = m.get("draft_forwards_per_token")
+            lines.append(f"| {wl} | {label} | {m['forwards_per_token']:.3f} | "
+                         f"{row['reductions'][label]:.2f}x | "
+                         f"{m['mean_acceptance_length']:.2f} | "
+                         f"{f'{dft:.2f}' if dft is not None else '-'} |")
     (out / "spec_decode.md").write_text("\n".join(lines) + "\n")
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-        fig, ax = plt.subplots(figsize=(6, 3.5))
+        fig, ax = plt.subplots(figsize=(7, 3.5))
         names = list(res)
-        x = range(len(names))
-        ax.bar([i - 0.2 for i in x], [res[n]["off"]["forwards_per_token"] for n in names],
-               0.4, label="no speculation")
-        ax.bar([i + 0.2 for i in x], [res[n]["ngram"]["forwards_per_token"] for n in names],
-               0.4, label=f"n-gram, k={args.k}")
-        ax.set_xticks(list(x), names)
+        series = ["off"] + labels
+        w = 0.8 / len(series)
+        for j, label in enumerate(series):
+            ax.bar([i - 0.4 + w * (j + 0.5) for i in range(len(names))],
+                   [res[n][label]["forwards_per_token"] for n in names], w,
+                   label="no speculation" if label == "off" else f"{label}, k={args.k}")
+        ax.set_xticks(list(range(len(names))), names)
         ax.set_ylabel("target forwards / token")
-        ax.legend()
+        ax.legend(fontsize=8)
         fig.tight_layout()
         fig.savefig(out / "spec_decode.png", dpi=120)
     except ImportError:

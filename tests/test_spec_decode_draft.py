@@ -381,3 +381,21 @@ def test_sampled_output_follows_the_target_distribution(tmp_path):
     assert _chi_square_p(counts, want.reshape(-1)) > 1e-4
     assert _chi_square_p(counts, draft_joint.reshape(-1)) < 1e-6   # the test has power
     assert_both_free(llm)
+
+
+def test_benchmark_smoke_draft_rows():
+    import argparse
+    import importlib.util
+    import pathlib
+
+    spec_ = importlib.util.spec_from_file_location(
+        "bench_spec_decode", pathlib.Path(__file__).parent.parent / "bench" /
+        "bench_spec_decode.py")
+    mod = importlib.util.module_from_spec(spec_)
+    spec_.loader.exec_module(mod)
+    res = mod.run(argparse.Namespace(k=3, tokens=24, requests=1, draft_agreement=[1.0, 0.0]))
+    for row in res.values():      # a draft that always agrees: k + 1 tokens per forward
+        assert row["draft-1"]["accepted_tokens"] == row["draft-1"]["draft_tokens"] > 0
+        assert row["reductions"]["draft-1"] >= 2.5
+        assert row["draft-0"]["accepted_tokens"] == 0
+        assert row["draft-0"]["forwards_per_token"] == pytest.approx(1.0)
