@@ -1,6 +1,8 @@
 """BlockManager: ref counts, free list, prefix caching by chained block hashes."""
 from __future__ import annotations
 
+import struct
+
 import pytest
 
 from minikernels.engine.block_manager import BlockManager
@@ -207,8 +209,13 @@ def test_chain_hash_is_cryptographic_and_chained():
     assert chain_hash(None, (1, 2, 3, 4)) == a                       # deterministic
     assert chain_hash(a, (5, 6, 7, 8)) != chain_hash(None, (5, 6, 7, 8))  # depends on prefix
     assert chain_hash(None, (1, 2, 3, 5)) != a
-    # Python's hash(-1) == hash(-2): a tuple hash would confuse these, SHA-256 does not
-    assert chain_hash(None, (-1,)) != chain_hash(None, (-2,))
+    # token ids are hashed as uint32 (validated against the vocabulary before): an id
+    # that does not fit is refused, never wrapped onto another id's bytes
+    assert chain_hash(None, (0,)) != chain_hash(None, (1,))
+    assert chain_hash(None, (2**32 - 1,)) != chain_hash(None, (2**31 - 1,))
+    for bad in (-1, 2**32):
+        with pytest.raises(struct.error):
+            chain_hash(None, (bad,))
 
 
 def test_cache_salt_changes_every_hash_and_separates_hits():

@@ -5,7 +5,9 @@ block table (block ids in token order); token ``t`` lives in slot
 ``block_table[t // block_size] * block_size + t % block_size``.
 
 Prefix caching. A *full* block is identified by a chained hash
-``h_i = SHA-256(h_{i-1} || tokens of block i as little-endian int64)``, so equal hashes
+``h_i = SHA-256(h_{i-1} || tokens of block i as little-endian uint32)``
+(token ids are validated against the vocabulary first, so they fit; 4 bytes per token
+hash in ~2/3 the time of 8), so equal hashes
 mean equal whole prefixes (SHA-256 is cryptographic on purpose: with a predictable hash a
 crafted prompt could collide with another user's prefix and be served its K/V; with
 SHA-256 an equal digest is an equal prefix, so hits are not re-compared token by token).
@@ -50,7 +52,7 @@ _ZERO_HASH = b"\x00" * 32
 def chain_hash(prev_hash: bytes | None, token_ids: Seq[int]) -> bytes:
     """SHA-256 digest of a full block, chained to the digest of the block before it
     (None for the first block)."""
-    data = struct.pack(f"<{len(token_ids)}q", *token_ids)
+    data = struct.pack(f"<{len(token_ids)}I", *token_ids)
     return hashlib.sha256((prev_hash if prev_hash is not None else _ZERO_HASH) + data).digest()
 
 
@@ -72,9 +74,9 @@ def hash_blocks(token_ids: Seq[int], block_size: int, first_block: int, num_bloc
     if num_blocks <= 0:
         return []
     lo, hi = first_block * block_size, (first_block + num_blocks) * block_size
-    data = struct.pack(f"<{hi - lo}q", *token_ids[lo:hi])
+    data = struct.pack(f"<{hi - lo}I", *token_ids[lo:hi])
     sha = hashlib.sha256
-    w = 8 * block_size
+    w = 4 * block_size
     prev = prev_hash if prev_hash is not None else _ZERO_HASH
     out = []
     for o in range(0, len(data), w):
