@@ -192,12 +192,12 @@ def main() -> None:
                                                      indent=2))
     labels = list(next(iter(res.values()))["reductions"])
     lines = ["# Speculative decoding: target forwards per generated token", "",
-             f"CPU, batch 1, k = {args.k}, prompt lookup 1..4, scripted drafts agreeing "
-             f"{', '.join(f'{a:g}' for a in args.draft_agreement)} of the time; "
-             f"{args.requests} requests x {args.tokens} tokens per workload "
-             f"(python bench/bench_spec_decode.py).", "",
-             "| workload | method | fwd/token | reduction | mean acceptance length | "
-             "draft fwd/token |", "|---|---|---|---|---|---|"]
+             (f"CPU, batch 1, k = {args.k}, prompt lookup 1..4, scripted drafts agreeing "
+              f"{', '.join(f'{a:g}' for a in args.draft_agreement)} of the time; "
+              f"{args.requests} requests x {args.tokens} tokens per workload "
+              f"(python bench/bench_spec_decode.py)."), "",
+             ("| workload | method | fwd/token | reduction | mean acceptance length | "
+              "draft fwd/token |"), "|---|---|---|---|---|---|"]
     for wl, row in res.items():
         lines.append(f"| {wl} | off | {row['off']['forwards_per_token']:.3f} | 1.00x | - | - |")
         for label in labels:

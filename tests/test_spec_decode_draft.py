@@ -306,8 +306,8 @@ def test_serve_flag_passes_draft_model_config():
     parser = argparse.ArgumentParser()
     add_arguments(parser)
     args = parser.parse_args(["tiny", "--speculative-config",
-                              '{"method": "draft_model", "model": "tiny-qwen3", '
-                              '"num_speculative_tokens": 3}'])
+                              ('{"method": "draft_model", "model": "tiny-qwen3", '
+                               '"num_speculative_tokens": 3}')])
     kw = engine_kwargs(args)
     assert kw["speculative_config"] == spec("tiny-qwen3")
     llm = LLM("tiny", dtype="float32", device="cpu", num_kv_blocks=32,
