@@ -88,8 +88,10 @@ class LaunchedStep:
 
     seqs[i] sampled row i of ``sample``; ``host`` are the device->host copies of its
     tensors (started, maybe not finished), ``event`` completes when they are.
-    needs_host_tokens: a sampled sequence needs its new token on the host before it can
-    be scheduled again (penalties read the output tokens), so the next step waits.
+    needs_host_tokens: a sampled sequence needs its new token on the host before the next
+    step samples (penalties read the output tokens, grammars fill the next mask): the
+    next launch reads this step back after its forward is launched (before it when a
+    proposer drafts from the host tokens).
     prompt_lp: (sequence, first prompt position, count, top-k) per prompt-logprob slice,
     in the row order of ``prompt_lp_host`` (chosen, ranks, top_lp, top_ids copies).
     """
@@ -230,6 +232,7 @@ class LLMEngine:
         # it off (e.g. to measure it).
         self.async_scheduling = True if async_scheduling is None else async_scheduling
         self._in_flight: LaunchedStep | None = None
+        self._early_updated: list[Request] | None = None   # read back inside _launch
         self.structured: StructuredOutputManager | None = None   # on first constraint
         self.requests: dict[str, Request] = {}
         self._seq_ids = itertools.count()
@@ -374,8 +377,11 @@ class LLMEngine:
         ``async_scheduling`` the step is launched, then the *previous* step's tokens are
         read back and processed while the device computes this one.
         """
-        if self._in_flight is not None and self._in_flight.needs_host_tokens:
-            return self._finish(self._take_in_flight())   # its tokens feed the sampler
+        if self._in_flight is not None and self._in_flight.needs_host_tokens and \
+                self.proposer is not None:
+            return self._finish(self._take_in_flight())   # its tokens feed the drafts
+        # (grammars / penalties need them only to sample: _launch reads the step back
+        # after this step's forward is launched, before the mask and the sampler)
         drafted = self._propose() if self.proposer is not None else None
         batch = self.scheduler.schedule()
         if batch.preempted and self.proposer is not None:
@@ -390,6 +396,8 @@ class LLMEngine:
         if self.async_scheduling:
             step, self._in_flight = self._in_flight, step
         updated = self._finish(step) if step is not None else []
+        if self._early_updated is not None:
+            updated, self._early_updated = self._early_updated + updated, None
         if self._in_flight is not None and not self.scheduler.has_unfinished():
             self._finish(self._take_in_flight())   # only finished sequences' dropped tokens
         return updated
@@ -513,7 +521,15 @@ class LLMEngine:
                 plp_dev = self.sampler.prompt_logprobs(
                     logits[ns:], inputs.prompt_lp_targets, max(e[3] for e in plp))
                 logits = logits[:ns]
-            grammar_rows = [r for r, s in enumerate(seqs) if s.grammar is not None]
+            early = self._in_flight
+            if early is not None and early.needs_host_tokens:
+                # its tokens feed this step's masks / penalties: read it back now, while
+                # the device runs this step's forward (advance first: what it finishes
+                # leaves the scheduler after this batch counts as computed)
+                self.scheduler.advance(batch)
+                self._early_updated = self._finish(self._take_in_flight())
+            grammar_rows = [r for r, s in enumerate(seqs) if s.grammar is not None
+                            and s.status is not SequenceStatus.FINISHED]
             if grammar_rows:   # structured outputs: disallowed tokens -> -inf
                 self.structured.mask_logits(logits, grammar_rows,
                                             [seqs[r].grammar for r in grammar_rows])
@@ -524,7 +540,8 @@ class LLMEngine:
             # not leave them there for later requests to hit.
             bm.reset_prefix_cache()
             raise
-        self.scheduler.advance(batch)
+        if early is None or not early.needs_host_tokens:
+            self.scheduler.advance(batch)
         for row, seq in enumerate(seqs):
             seq.num_pending += 1
             seq.pending_row = row
