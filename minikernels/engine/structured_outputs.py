@@ -264,15 +264,14 @@ class StructuredOutputManager:
         """The persistent host bitmask's first ``rows`` rows (grown on demand; page-locked
         for a CUDA device). Waits for the previous step's copy out of it, if any (done
         already in practice: a constrained step is read back before the next one)."""
+        if self._copy_done is not None:
+            self._copy_done.synchronize()
+            self._copy_done = None
         buf = self._host
         if buf is None or buf.shape[0] < rows or (pinned and not buf.is_pinned()):
             cap = max(rows, 2 * buf.shape[0] if buf is not None else 64)
             buf = torch.full((cap, self.words), -1, dtype=torch.int32, pin_memory=pinned)
             self._host = buf
-            self._copy_done = None
-        elif self._copy_done is not None:
-            self._copy_done.synchronize()
-            self._copy_done = None
         return buf[:rows]
 
     def _packed(self, which: Any) -> torch.Tensor:
