@@ -172,15 +172,363 @@ def run(args) -> dict:
     return results
 
 
+# ----------------------------------------------------------------------------- timing
+# (--timing) Wall time per output token with and without speculation, batch 1 and 8.
+
+
+class GraphScripted(torch.nn.Module):
+    """A real decoder forward whose logits are then replaced by a plan, CUDA-graph safe.
+
+    ``inner(input_ids, meta, kv_caches)`` runs first and in full (embedding, every layer,
+    the final norm and the lm_head over all logits rows: the timed cost is the model's);
+    only its output is then replaced by logits that put the planned next token on top.
+    The plan lives in fixed device tables (``tok``, ``nxt``: [max_len, width], one column
+    per request of the batch), rewritten in place between generates, so graphs captured
+    once stay valid: a row at position p whose input token is ``tok[p, j]`` predicts
+    ``nxt[p, j]`` (no match: column 0). Requests of one batch are given disjoint token
+    residues (``disjoint_tokens``), so a (position, token) pair names one request.
+    """
+
+    def __init__(self, inner: torch.nn.Module, max_len: int, width: int) -> None:
+        super().__init__()
+        self.inner = inner
+        self.config = inner.config
+        dev = inner.device
+        self.max_len = int(max_len)
+        self.tok = torch.full((max_len, width), -1, dtype=torch.int64, device=dev)
+        self.nxt = torch.zeros((max_len, width), dtype=torch.int64, device=dev)
+
+    def __getattr__(self, name: str):   # device, dtype, allocate_kv_caches, ... of inner
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self._modules["inner"], name)
+
+    def _tables(self, seqs: list[list[int]], nexts: list[list[int]]) -> None:
+        tok = torch.full(tuple(self.tok.shape), -1, dtype=torch.int64)
+        nxt = torch.zeros(tuple(self.nxt.shape), dtype=torch.int64)
+        for j, (s, n) in enumerate(zip(seqs, nexts)):
+            L = min(len(s), self.max_len)
+            tok[:L, j] = torch.tensor(s[:L])
+            nxt[:L, j] = torch.tensor(n[:L])
+        with torch.no_grad():
+            self.tok.copy_(tok)
+            self.nxt.copy_(nxt)
+
+    def set_scripts(self, seqs: list[list[int]]) -> None:
+        """seqs[j]: request j's prompt + planned output; position p predicts s[p + 1]."""
+        self._tables(seqs, [s[1:] + s[-1:] for s in seqs])
+
+    def forward(self, input_ids, meta, kv_caches):
+        logits = self.inner(input_ids, meta, kv_caches)     # the full model, lm_head too
+        pos, x = meta.positions, input_ids
+        if meta.logits_indices is not None:
+            pos = pos.index_select(0, meta.logits_indices)
+            x = x.index_select(0, meta.logits_indices)
+        p = pos.clamp(0, self.max_len - 1)
+        j = (self.tok.index_select(0, p) == x[:, None]).to(torch.float32).argmax(1)
+        nxt = self.nxt.index_select(0, p).gather(1, j[:, None].to(torch.int64))
+        out = torch.full_like(logits, -10.0)
+        out.scatter_(1, nxt, 10.0)
+        return out
+
+
+class GraphScriptedDraft(GraphScripted):
+    """The draft: its real forward, then the plan's next token where the draft "agrees"
+    (drawn once per request and position with probability ``agree``), else a wrong one."""
+
+    def set_scripts(self, seqs: list[list[int]], agree: float = 1.0, seed: int = 0) -> None:
+        vocab = int(self.config.vocab_size)
+        nexts = []
+        for j, s in enumerate(seqs):
+            r = random.Random(hash(tuple(s)) ^ seed ^ (j << 20))   # ints hash reproducibly
+            want = s[1:] + s[-1:]
+            nexts.append([t if r.random() < agree else
+                          VOCAB_LO + (t - VOCAB_LO + 1 + r.randrange(vocab - VOCAB_LO - 1))
+                          % (vocab - VOCAB_LO) for t in want])
+        self._tables(seqs, nexts)
+
+
+def disjoint_tokens(seq: list[int], j: int, width: int, vocab: int) -> list[int]:
+    """Map request j's tokens to ids = j (mod width) above VOCAB_LO (keeps repeats)."""
+    out = []
+    for t in seq:
+        u = VOCAB_LO + (t - VOCAB_LO) // width * width + j
+        out.append(u if u < vocab else u - width)
+    return out
+
+
+def copy_workload(n_out: int, prompt_len: int, r: random.Random, vocab: int
+                  ) -> tuple[list[int], list[int]]:
+    """The copy (summarisation-like) workload: spans of 8..32 prompt tokens."""
+    prompt = [r.randrange(VOCAB_LO, vocab) for _ in range(prompt_len)]
+    out: list[int] = []
+    while len(out) < n_out:
+        s = r.randrange(0, max(1, prompt_len - 32))
+        out += prompt[s:s + r.randrange(8, 33)]
+    return prompt, out[:n_out]
+
+
+def build_draft(target_config, layers: int, hidden: int, dtype, device, seed: int = 1):
+    """A small random-weight decoder with the target's vocabulary (and head_dim, rotary,
+    tied embeddings): ``layers`` layers, hidden size ``hidden``, MLP 4 x hidden."""
+    import dataclasses
+    import math
+
+    from minikernels.models.decoder import CausalLM
+    from minikernels.models.loader import _init_dummy, parse_dtype
+
+    hd = int(target_config.head_dim)
+    heads = max(1, hidden // hd)
+    cfg = dataclasses.replace(
+        target_config, num_layers=layers, hidden_size=heads * hd,
+        intermediate_size=4 * heads * hd, num_heads=heads,
+        num_kv_heads=math.gcd(int(target_config.num_kv_heads), heads),
+        sliding_window=None, sliding_window_layers=None, quantization_config=None)
+    dev = torch.device(device)
+    m = CausalLM(cfg, dtype=parse_dtype(dtype, cfg, dev), device=dev, dense=True)
+    _init_dummy(m, seed)
+    m.eval()
+    m.requires_grad_(False)
+    m.name_or_path = f"draft-{layers}L-h{cfg.hidden_size}"
+    m.quantization = None
+    return m
+
+
+def _median(v: list[float]) -> float:
+    v = sorted(v)
+    n = len(v)
+    return v[n // 2] if n % 2 else 0.5 * (v[n // 2 - 1] + v[n // 2])
+
+
+def timing_run(args) -> tuple[list[dict], dict]:
+    """Rows of (batch, method) timings and the run's settings; see the module docstring."""
+    from minikernels.models.loader import load_model
+
+    dev = torch.device(args.device)
+    cuda = dev.type == "cuda"
+    dtype = "bfloat16" if cuda else "float32"
+    sync = (lambda: torch.cuda.synchronize(dev)) if cuda else (lambda: None)
+    k, N, P = args.k, args.tokens, args.prompt_len
+    batches = list(args.batch_sizes)
+    B = max(batches)
+    max_len = P + N + k + 8
+    t_setup = time.perf_counter()
+    inner = load_model(args.target, dtype=dtype, device=dev, seed=0)
+    vocab = int(inner.config.vocab_size)
+    target = GraphScripted(inner, max_len, B)
+    draft_inner = build_draft(inner.config, args.draft_layers, args.draft_hidden, dtype, dev)
+    draft = GraphScriptedDraft(draft_inner, max_len, B)
+    dc = draft_inner.config
+    per_seq_blocks = -(-max_len // 64)
+    common = dict(tokenizer=None, device=dev, dtype=dtype, max_num_seqs=B,
+                  num_kv_blocks=B * per_seq_blocks + 8, max_model_len=max_len,
+                  enable_prefix_caching=False, enforce_eager=args.enforce_eager)
+    agreements = list(args.draft_agreement)
+    methods: list[tuple[str, dict | None, list[float | None]]] = [
+        ("off", None, [None]),
+        ("ngram", {"method": "ngram", "num_speculative_tokens": k, "prompt_lookup_min": 1,
+                   "prompt_lookup_max": 4}, [None]),
+        ("draft", {"method": "draft_model", "model": draft, "num_speculative_tokens": k},
+         agreements)]
+    r = random.Random(0)
+    cases = {b: [copy_workload(N, P, r, vocab) for _ in range(b)] for b in batches}
+    for b in batches:
+        cases[b] = [(disjoint_tokens(p, j, B, vocab), disjoint_tokens(o, j, B, vocab))
+                    for j, (p, o) in enumerate(cases[b])]
+    full = SamplingParams(temperature=0, max_tokens=N, ignore_eos=True)
+    first = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
+    rows: list[dict] = []
+    setup_s = time.perf_counter() - t_setup
+    for name, spec, agrees in methods:
+        t0 = time.perf_counter()
+        llm = LLM(target, speculative_config=spec, **common)
+        eng = llm.llm_engine
+        init_s = time.perf_counter() - t0
+        prop = {"on": False, "s": 0.0}
+        if eng.proposer is not None:
+            inner_propose = eng.proposer.propose
+
+            def timed_propose(seqs, max_tokens, _f=inner_propose, _st=prop):
+                # ends in a device->host copy of the drafts: includes the draft's GPU time
+                t = time.perf_counter()
+                try:
+                    return _f(seqs, max_tokens)
+                finally:
+                    if _st["on"]:
+                        _st["s"] += time.perf_counter() - t
+            eng.proposer.propose = timed_propose
+        for b in batches:
+            prompts = [p for p, _ in cases[b]]
+            seqs = [p + o for p, o in cases[b]]
+            target.set_scripts(seqs)
+            for a in agrees:
+                if a is not None:
+                    draft.set_scripts(seqs, a, seed=1)
+                llm.generate(prompts, full, use_tqdm=False)          # warm-up (compiles)
+                d0, a0, v0 = (eng.spec_draft_tokens_total, eng.spec_accepted_tokens_total,
+                              eng.spec_verify_rows_total)
+                s0, g0 = eng.num_steps, eng.generation_tokens_total
+                t_full, t_first, match = [], [], 0
+                prop["s"] = 0.0
+                for _ in range(args.repeats):
+                    prop["on"] = True
+                    sync()
+                    t = time.perf_counter()
+                    res = llm.generate(prompts, full, use_tqdm=False)
+                    sync()
+                    t_full.append(time.perf_counter() - t)
+                    prop["on"] = False
+                    match += sum(o.outputs[0].token_ids == c[1] for o, c in zip(res, cases[b]))
+                steps = (eng.num_steps - s0) / args.repeats
+                gen = eng.generation_tokens_total - g0
+                acc = eng.spec_accepted_tokens_total - a0
+                ver = eng.spec_verify_rows_total - v0
+                drafted = eng.spec_draft_tokens_total - d0
+                for _ in range(args.repeats):
+                    sync()
+                    t = time.perf_counter()
+                    llm.generate(prompts, first, use_tqdm=False)
+                    sync()
+                    t_first.append(time.perf_counter() - t)
+                tf, t1 = _median(t_full), _median(t_first)
+                decode = tf - t1
+                tpot = decode / (N - 1) if decode > 0 and N > 1 else tf / N
+                label = name if a is None else f"draft-{a:g}"
+                rows.append({
+                    "batch": b, "method": label, "agreement": a,
+                    "ms_per_token": 1e3 * tpot,
+                    "speedup": None,
+                    "tok_per_s": b / tpot,
+                    "mean_acceptance_length": (acc + ver) / ver if ver else None,
+                    "acceptance_rate": acc / drafted if drafted else None,
+                    "steps_per_generate": steps,
+                    "draft_share": (prop["s"] / sum(t_full)) if eng.proposer is not None
+                    else None,
+                    "generate_s": tf, "prefill_only_s": t1,
+                    "generate_spread": (max(t_full) - min(t_full)) / tf if tf > 0 else None,
+                    "tokens_per_generate": gen / args.repeats,
+                    "outputs_as_planned": match / (args.repeats * b),
+                    "engine_init_s": init_s})
+                print(f"batch {b} {label:10s} {1e3 * tpot:8.3f} ms/token  "
+                      f"acc. len {rows[-1]['mean_acceptance_length'] or 0:.2f}  "
+                      f"steps {steps:.0f}  draft share "
+                      f"{rows[-1]['draft_share'] or 0:.2f}", flush=True)
+        del llm, eng
+        import gc
+        gc.collect()
+        if cuda:
+            torch.cuda.empty_cache()
+    order = {m: i for i, m in enumerate(dict.fromkeys(r["method"] for r in rows))}
+    rows.sort(key=lambda r: (r["batch"], order[r["method"]]))
+    graphs = cuda and not args.enforce_eager
+    base = {row["batch"]: row["ms_per_token"] for row in rows if row["method"] == "off"}
+    for row in rows:
+        row["speedup"] = base[row["batch"]] / row["ms_per_token"]
+    meta = {
+        "mode": "timing", "device": str(dev), "dtype": dtype, "k": k,
+        "target": f"{args.target} (built-in, random weights; scripted logits)",
+        "draft": (f"{dc.num_layers} layers, hidden {dc.hidden_size}, heads {dc.num_heads}/"
+                  f"{dc.num_kv_heads}, intermediate {dc.intermediate_size}, vocab "
+                  f"{dc.vocab_size} (the target's; random weights; scripted logits agreeing "
+                  f"a of the time; own paged KV"
+                  f"{', CUDA graphs for its decode steps' if graphs else ', eager'})"),
+        "draft_params_m": round(sum(p.numel() for p in draft_inner.parameters()) / 1e6, 2),
+        "target_params_m": round(sum(p.numel() for p in inner.parameters()) / 1e6, 2),
+        "workload": f"copy: {P}-token prompt, output = 8..32-token spans of it",
+        "tokens": N, "prompt_len": P, "repeats": args.repeats, "batch_sizes": batches,
+        "draft_agreement": agreements, "cuda_graphs": graphs,
+        "prefix_caching": False, "setup_s": round(setup_s, 2),
+        "ms_per_token": "(median full generate - median prefill-only generate) / (tokens - 1)",
+        "logits": "every forward computes the whole model incl. lm_head, then its logits "
+                  "are replaced by the plan's",
+    }
+    return rows, meta
+
+
+def write_timing(rows: list[dict], meta: dict, out_dir) -> dict:
+    from minikernels.benchmarks.plumbing import write_results
+
+    b1 = [r for r in rows if r["batch"] == 1 and r["method"].startswith("draft-")]
+    best = max(b1, key=lambda r: r["speedup"]) if b1 else None
+    if best is not None:
+        meta = {**meta, "target_check": (
+            f"batch-1 draft speed-up {best['speedup']:.2f}x at a = {best['agreement']:g} "
+            f"(issue 19 target: >= 1.8x) -> {'met' if best['speedup'] >= 1.8 else 'missed'}")}
+        print(meta["target_check"])
+
+    def plot(path):
+        import matplotlib.pyplot as plt
+        labels = list(dict.fromkeys(r["method"] for r in rows))
+        bs = list(dict.fromkeys(r["batch"] for r in rows))
+        fig, ax = plt.subplots(figsize=(7, 3.5))
+        w = 0.8 / len(labels)
+        for i, label in enumerate(labels):
+            ys = [next((r["ms_per_token"] for r in rows if r["batch"] == b
+                        and r["method"] == label), 0.0) for b in bs]
+            ax.bar([x - 0.4 + w * (i + 0.5) for x in range(len(bs))], ys, w, label=label)
+        ax.set_xticks(list(range(len(bs))), [f"batch {b}" for b in bs])
+        ax.set_ylabel("ms / output token")
+        ax.set_title(f"speculative decoding, k = {meta['k']} ({meta['device']})", fontsize=9)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+
+    cols = ["batch", "method", "ms_per_token", "speedup", "tok_per_s",
+            "mean_acceptance_length", "acceptance_rate", "steps_per_generate", "draft_share",
+            "outputs_as_planned", "generate_spread"]
+    return write_results("spec_decode_timing", rows, meta, columns=cols,
+                         title="Speculative decoding: time per output token", plot=plot,
+                         out_dir=out_dir)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--k", type=int, default=4)
-    ap.add_argument("--tokens", type=int, default=128)
+    ap.add_argument("--tokens", type=int, default=None,
+                    help="output tokens per request (default 128; --smoke: 12)")
     ap.add_argument("--requests", type=int, default=4)
-    ap.add_argument("--draft-agreement", type=float, nargs="*", default=[0.9, 0.6],
-                    help="scripted draft models agreeing this often with the target")
-    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "cpu"))
+    ap.add_argument("--draft-agreement", type=float, nargs="*", default=None,
+                    help="scripted draft models agreeing this often with the target "
+                         "(default 0.9 0.6; --timing: 0.9 0.7)")
+    ap.add_argument("--out", "--result-dir", dest="out", default=None,
+                    help="result folder (default bench/results/cpu; --timing: "
+                         "$MINIKERNELS_BENCH_OUT, else bench/results/<device>)")
+    t = ap.add_argument_group("--timing: wall time per output token (GPU)")
+    t.add_argument("--timing", action="store_true",
+                   help="time generate with and without speculation (spec_decode_timing.*)")
+    t.add_argument("--device", default=None, help="default cuda when available, else cpu")
+    t.add_argument("--target", default=None,
+                   help="built-in target model (default qwen2.5-0.5b; --smoke: tiny)")
+    t.add_argument("--draft-layers", type=int, default=None, help="default 2 (--smoke: 1)")
+    t.add_argument("--draft-hidden", type=int, default=None, help="default 512 (--smoke: 32)")
+    t.add_argument("--prompt-len", type=int, default=None, help="default 300 (--smoke: 40)")
+    t.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
+    t.add_argument("--repeats", type=int, default=None, help="default 3 (--smoke: 1)")
+    t.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
+    t.add_argument("--smoke", action="store_true",
+                   help="a tiny target and draft, few tokens: seconds on a CPU")
     args = ap.parse_args()
+    if args.timing:
+        smoke = args.smoke
+        for key, normal, small in (("tokens", 128, 12), ("target", "qwen2.5-0.5b", "tiny"),
+                                   ("draft_layers", 2, 1), ("draft_hidden", 512, 32),
+                                   ("prompt_len", 300, 40), ("repeats", 3, 1),
+                                   ("draft_agreement", [0.9, 0.7], [0.9, 0.7])):
+            if getattr(args, key) is None:
+                setattr(args, key, small if smoke else normal)
+        if args.device is None:
+            args.device = "cuda" if torch.cuda.is_available() else "cpu"
+        rows, meta = timing_run(args)
+        from minikernels.benchmarks.plumbing import results_dir
+        paths = write_timing(rows, meta, results_dir(args.device, args.out))
+        print(meta.get("draft"))
+        print("wrote " + ", ".join(str(p) for p in paths.values()))
+        return
+    args.tokens = 128 if args.tokens is None else args.tokens
+    if args.draft_agreement is None:
+        args.draft_agreement = [0.9, 0.6]
+    args.out = args.out or str(Path(__file__).parent / "results" / "cpu")
     res = run(args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
