@@ -321,9 +321,9 @@ def timing_run(args) -> tuple[list[dict], dict]:
     draft = GraphScriptedDraft(draft_inner, max_len, B)
     dc = draft_inner.config
     per_seq_blocks = -(-max_len // 64)
-    common = dict(tokenizer=None, device=dev, dtype=dtype, max_num_seqs=B,
-                  num_kv_blocks=B * per_seq_blocks + 8, max_model_len=max_len,
-                  enable_prefix_caching=False, enforce_eager=args.enforce_eager)
+    common = {"tokenizer": None, "device": dev, "dtype": dtype, "max_num_seqs": B,
+              "num_kv_blocks": B * per_seq_blocks + 8, "max_model_len": max_len,
+              "enable_prefix_caching": False, "enforce_eager": args.enforce_eager}
     agreements = list(args.draft_agreement)
     methods: list[tuple[str, dict | None, list[float | None]]] = [
         ("off", None, [None]),

@@ -399,3 +399,59 @@ def test_benchmark_smoke_draft_rows():
         assert row["reductions"]["draft-1"] >= 2.5
         assert row["draft-0"]["accepted_tokens"] == 0
         assert row["draft-0"]["forwards_per_token"] == pytest.approx(1.0)
+
+
+def _bench_module():
+    import importlib.util
+    import pathlib
+
+    spec_ = importlib.util.spec_from_file_location(
+        "bench_spec_decode_timing", pathlib.Path(__file__).parent.parent / "bench" /
+        "bench_spec_decode.py")
+    mod = importlib.util.module_from_spec(spec_)
+    spec_.loader.exec_module(mod)
+    return mod
+
+
+def test_benchmark_timing_smoke(tmp_path):
+    """bench_spec_decode.py --timing on the CPU: every row timed, speed-ups finite, the
+    plan followed; the scripted forwards still run the whole model (lm_head included)."""
+    import argparse
+    import json
+    import math
+
+    from minikernels.models.loader import load_model
+    from minikernels.models.metadata import AttentionMetadata
+
+    mod = _bench_module()
+    # the scripted target computes the real logits (lm_head runs) before replacing them
+    inner = load_model("tiny", dtype="float32", device="cpu")
+    calls = []
+    inner.lm_head.register_forward_hook(lambda *a: calls.append(1))
+    wrapped = mod.GraphScripted(inner, 16, 2)
+    seq = [5, 9, 7, 11, 13, 6]
+    wrapped.set_scripts([seq])
+    with torch.inference_mode():
+        out = wrapped(torch.tensor(seq[:4]), AttentionMetadata.for_prompts([4]), None)
+    assert calls and out.argmax(1).tolist() == seq[1:5]
+
+    args = argparse.Namespace(
+        device="cpu", target="tiny", k=3, tokens=8, prompt_len=24, batch_sizes=[1, 2],
+        repeats=1, draft_layers=1, draft_hidden=32, draft_agreement=[1.0, 0.5],
+        enforce_eager=False)
+    rows, meta = mod.timing_run(args)
+    paths = mod.write_timing(rows, meta, tmp_path)
+    data = json.loads(paths["json"].read_text())
+    assert paths["md"].read_text().startswith("# Speculative decoding")
+    assert "lm_head" in data["meta"]["logits"] and "target_check" in data["meta"]
+    got = {(r["batch"], r["method"]) for r in data["rows"]}
+    assert got == {(b, m) for b in (1, 2) for m in ("off", "ngram", "draft-1", "draft-0.5")}
+    for r in data["rows"]:
+        assert math.isfinite(r["ms_per_token"]) and r["ms_per_token"] > 0
+        assert math.isfinite(r["speedup"]) and r["speedup"] > 0
+        assert r["outputs_as_planned"] == 1.0
+        if r["method"] == "off":
+            assert r["speedup"] == 1.0 and r["mean_acceptance_length"] is None
+        if r["method"] == "draft-1":      # a draft that always agrees: all accepted
+            assert r["acceptance_rate"] == 1.0 and r["mean_acceptance_length"] > 3
+            assert 0 < r["draft_share"] < 1
