@@ -29,6 +29,7 @@ bench/results/cpu/spec_decode.{json,md,png}.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import random
 import time
@@ -301,8 +302,20 @@ def _median(v: list[float]) -> float:
     return v[n // 2] if n % 2 else 0.5 * (v[n // 2 - 1] + v[n // 2])
 
 
-def timing_run(args) -> tuple[list[dict], dict]:
-    """Rows of (batch, method) timings and the run's settings; see the module docstring."""
+def _finish(rows: list[dict]) -> list[dict]:
+    """Rows in display order (batch, then off / ngram / drafts) with speed-ups vs off."""
+    rank = {"off": 0, "ngram": 1}
+    out = sorted((dict(r) for r in rows), key=lambda r: (
+        r["batch"], rank.get(r["method"], 2), -(r["agreement"] or 0)))
+    base = {r["batch"]: r["ms_per_token"] for r in out if r["method"] == "off"}
+    for r in out:
+        r["speedup"] = base[r["batch"]] / r["ms_per_token"] if r["batch"] in base else None
+    return out
+
+
+def timing_run(args, on_progress=None) -> tuple[list[dict], dict]:
+    """Rows of (batch, method) timings and the run's settings; see the module docstring.
+    on_progress(rows, meta) is called after each method (a cut run keeps what it did)."""
     from minikernels.models.loader import load_model
 
     dev = torch.device(args.device)
@@ -327,10 +340,10 @@ def timing_run(args) -> tuple[list[dict], dict]:
     agreements = list(args.draft_agreement)
     methods: list[tuple[str, dict | None, list[float | None]]] = [
         ("off", None, [None]),
-        ("ngram", {"method": "ngram", "num_speculative_tokens": k, "prompt_lookup_min": 1,
-                   "prompt_lookup_max": 4}, [None]),
         ("draft", {"method": "draft_model", "model": draft, "num_speculative_tokens": k},
-         agreements)]
+         agreements),
+        ("ngram", {"method": "ngram", "num_speculative_tokens": k, "prompt_lookup_min": 1,
+                   "prompt_lookup_max": 4}, [None])]
     r = random.Random(0)
     cases = {b: [copy_workload(N, P, r, vocab) for _ in range(b)] for b in batches}
     for b in batches:
@@ -340,6 +353,25 @@ def timing_run(args) -> tuple[list[dict], dict]:
     first = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
     rows: list[dict] = []
     setup_s = time.perf_counter() - t_setup
+    graphs = cuda and not args.enforce_eager
+    meta = {
+        "mode": "timing", "device": str(dev), "dtype": dtype, "k": k,
+        "target": f"{args.target} (built-in, random weights; scripted logits)",
+        "draft": (f"{dc.num_layers} layers, hidden {dc.hidden_size}, heads {dc.num_heads}/"
+                  f"{dc.num_kv_heads}, intermediate {dc.intermediate_size}, vocab "
+                  f"{dc.vocab_size} (the target's; random weights; scripted logits agreeing "
+                  f"a of the time; own paged KV"
+                  f"{', CUDA graphs for its decode steps' if graphs else ', eager'})"),
+        "draft_params_m": round(sum(p.numel() for p in draft_inner.parameters()) / 1e6, 2),
+        "target_params_m": round(sum(p.numel() for p in inner.parameters()) / 1e6, 2),
+        "workload": f"copy: {P}-token prompt, output = 8..32-token spans of it",
+        "tokens": N, "prompt_len": P, "repeats": args.repeats, "batch_sizes": batches,
+        "draft_agreement": agreements, "cuda_graphs": graphs,
+        "prefix_caching": False, "setup_s": round(setup_s, 2),
+        "ms_per_token": "(median full generate - median prefill-only generate) / (tokens - 1)",
+        "logits": "every forward computes the whole model incl. lm_head, then its logits "
+                  "are replaced by the plan's",
+    }
     for name, spec, agrees in methods:
         t0 = time.perf_counter()
         llm = LLM(target, speculative_config=spec, **common)
@@ -398,7 +430,7 @@ def timing_run(args) -> tuple[list[dict], dict]:
                 rows.append({
                     "batch": b, "method": label, "agreement": a,
                     "ms_per_token": 1e3 * tpot,
-                    "speedup": None,
+                    "speedup": None,   # _finish
                     "tok_per_s": b / tpot,
                     "mean_acceptance_length": (acc + ver) / ver if ver else None,
                     "acceptance_rate": acc / drafted if drafted else None,
@@ -415,35 +447,13 @@ def timing_run(args) -> tuple[list[dict], dict]:
                       f"steps {steps:.0f}  draft share "
                       f"{rows[-1]['draft_share'] or 0:.2f}", flush=True)
         del llm, eng
-        import gc
+        inner_propose = timed_propose = None   # drop the proposer (its pool, graphs)
         gc.collect()
         if cuda:
             torch.cuda.empty_cache()
-    order = {m: i for i, m in enumerate(dict.fromkeys(r["method"] for r in rows))}
-    rows.sort(key=lambda r: (r["batch"], order[r["method"]]))
-    graphs = cuda and not args.enforce_eager
-    base = {row["batch"]: row["ms_per_token"] for row in rows if row["method"] == "off"}
-    for row in rows:
-        row["speedup"] = base[row["batch"]] / row["ms_per_token"]
-    meta = {
-        "mode": "timing", "device": str(dev), "dtype": dtype, "k": k,
-        "target": f"{args.target} (built-in, random weights; scripted logits)",
-        "draft": (f"{dc.num_layers} layers, hidden {dc.hidden_size}, heads {dc.num_heads}/"
-                  f"{dc.num_kv_heads}, intermediate {dc.intermediate_size}, vocab "
-                  f"{dc.vocab_size} (the target's; random weights; scripted logits agreeing "
-                  f"a of the time; own paged KV"
-                  f"{', CUDA graphs for its decode steps' if graphs else ', eager'})"),
-        "draft_params_m": round(sum(p.numel() for p in draft_inner.parameters()) / 1e6, 2),
-        "target_params_m": round(sum(p.numel() for p in inner.parameters()) / 1e6, 2),
-        "workload": f"copy: {P}-token prompt, output = 8..32-token spans of it",
-        "tokens": N, "prompt_len": P, "repeats": args.repeats, "batch_sizes": batches,
-        "draft_agreement": agreements, "cuda_graphs": graphs,
-        "prefix_caching": False, "setup_s": round(setup_s, 2),
-        "ms_per_token": "(median full generate - median prefill-only generate) / (tokens - 1)",
-        "logits": "every forward computes the whole model incl. lm_head, then its logits "
-                  "are replaced by the plan's",
-    }
-    return rows, meta
+        if on_progress is not None:
+            on_progress(_finish(rows), meta)
+    return _finish(rows), meta
 
 
 def write_timing(rows: list[dict], meta: dict, out_dir) -> dict:
@@ -519,9 +529,10 @@ def main() -> None:
                 setattr(args, key, small if smoke else normal)
         if args.device is None:
             args.device = "cuda" if torch.cuda.is_available() else "cpu"
-        rows, meta = timing_run(args)
         from minikernels.benchmarks.plumbing import results_dir
-        paths = write_timing(rows, meta, results_dir(args.device, args.out))
+        out = results_dir(args.device, args.out)
+        rows, meta = timing_run(args, on_progress=lambda r, m: write_timing(r, m, out))
+        paths = write_timing(rows, meta, out)
         print(meta.get("draft"))
         print("wrote " + ", ".join(str(p) for p in paths.values()))
         return
