@@ -1,4 +1,4 @@
-"""Speculative decoding (n-gram, draft model): target forwards per generated token, CPU.
+"""Speculative decoding (n-gram, draft model): target forwards per token (CPU); --timing.
 
 The target is the built-in "tiny" decoder (its forward, paged KV and attention run for
 real) whose logits are replaced by a script: the token at position p + 1 of a planned
@@ -25,6 +25,38 @@ bench/results/cpu/spec_decode.{json,md,png}.
 
     python bench/bench_spec_decode.py [--k 4] [--tokens 128] [--requests 4]
         [--draft-agreement 0.9 0.6]
+
+Timing mode (``--timing``; issue 19's GPU measurement): wall time per output token at
+batch 1 and 8 (``--batch-sizes``) without speculation, with n-gram, and with a draft model
+agreeing a = 0.9 / 0.7 of the time (``--draft-agreement``), all on the copy workload
+(``--prompt-len`` 300-token prompt, ``--tokens`` 128 output tokens per request, greedy).
+The target is a built-in model (``--target``, default the qwen2.5-0.5b shape, random
+weights, bf16 on cuda); the draft is a small decoder built from the target's config with
+the same vocabulary (``--draft-layers`` 2, ``--draft-hidden`` 512: 8 heads of the
+target's head_dim, MLP 4x hidden, tied embeddings), run by the engine for real: its own
+paged KV pool, catch-up forward, CUDA graphs for its decode steps, rollback. Acceptance is
+controlled by scripting logits, and the scripting cannot cheat the timing: every target
+and draft forward first computes the whole model (embedding, all layers, final norm and
+the lm_head over every logits row) and only then replaces its logits with ones that put
+the plan's token on top (``GraphScripted``: a lookup in fixed device tables, a handful of
+small kernels, inside the CUDA graphs; the same overhead with and without speculation).
+The draft's planned token is right with probability a per request and position.
+
+Per (batch, method): one warm-up generate, then ``--repeats`` (3) timed generates of the
+batch and as many prefill-only ones (max_tokens = 1), each between
+``torch.cuda.synchronize()`` calls; ms/token = (median full - median prefill-only) /
+(tokens - 1), i.e. the decode time per output token of each sequence; speed-up = the
+method's ms/token over no speculation's at the same batch. Also: mean acceptance length
+(tokens per verification), acceptance rate, engine steps per generate, and draft_share:
+the fraction of the timed generates' wall time spent inside the proposer's ``propose``
+(it ends in a device->host copy of the drafts, so the draft's GPU time is included).
+Prefix caching is off (the repeats do the same work). Writes spec_decode_timing.{json,md,
+png} to ``--result-dir``, else $MINIKERNELS_BENCH_OUT, else bench/results/<device>/,
+after each method (a cut run keeps its rows). ``--smoke``: the "tiny" target, a 1-layer
+hidden-32 draft, 12 tokens, 1 repeat (seconds on a CPU).
+
+    python bench/bench_spec_decode.py --timing [--device cuda] [--target qwen2.5-0.5b]
+        [--batch-sizes 1 8] [--draft-agreement 0.9 0.7] [--repeats 3] [--smoke]
 """
 from __future__ import annotations
 

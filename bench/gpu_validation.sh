@@ -12,6 +12,9 @@
 #   bench     ceilings + every benchmark with its peers -> $OUT/results/ (JSON, md, png)
 #   serve     the end-to-end engine benchmark (minikernels bench serve, + fp8 KV) and
 #             bench/bench_serve.py (beside transformers) -> $OUT/results/
+#   spec      speculative decoding timing (bench/bench_spec_decode.py --timing, capped at
+#             120 s): batch-1 / batch-8 ms per output token without speculation, n-gram,
+#             draft model -> $OUT/results/spec_decode_timing.*; log -> $OUT/spec_decode_timing.log
 # The benchmarks live in minikernels/benchmarks/; bench/*.py are thin scripts over them.
 #
 # Results: copy $OUT/results/* into bench/results/h200/ here and commit them.
@@ -82,7 +85,16 @@ stage_serve() {
   fi
 }
 
-[ $# -gt 0 ] || { sed -n 2,17p "$0"; exit 2; }
+stage_spec() {
+  # qwen2.5-0.5b-shaped target, 2-layer hidden-512 draft (same vocabulary), scripted
+  # acceptance; results are written after each method, so a cut run keeps its rows.
+  timeout 120 python bench/bench_spec_decode.py --timing --device cuda \
+    --result-dir "$OUT/results" 2>&1 | tee "$OUT/spec_decode_timing.log" | tail -25
+  local rc=${PIPESTATUS[0]}
+  [ "$rc" -eq 0 ] || echo "spec decode timing failed or timed out (rc=$rc)"
+}
+
+[ $# -gt 0 ] || { sed -n 2,20p "$0"; exit 2; }
 for stage in "$@"; do
   echo "=== $stage ==="
   "stage_$stage"
