@@ -39,21 +39,24 @@ controlled by scripting logits, and the scripting cannot cheat the timing: every
 and draft forward first computes the whole model (embedding, all layers, final norm and
 the lm_head over every logits row) and only then replaces its logits with ones that put
 the plan's token on top (``GraphScripted``: a lookup in fixed device tables, a handful of
-small kernels, inside the CUDA graphs; the same overhead with and without speculation).
-The draft's planned token is right with probability a per request and position.
+small kernels, inside the CUDA graphs; the same per forward with and without
+speculation). The draft's planned token is right with probability a per request and
+position.
 
 Per (batch, method): one warm-up generate, then ``--repeats`` (3) timed generates of the
 batch and as many prefill-only ones (max_tokens = 1), each between
 ``torch.cuda.synchronize()`` calls; ms/token = (median full - median prefill-only) /
-(tokens - 1), i.e. the decode time per output token of each sequence; speed-up = the
-method's ms/token over no speculation's at the same batch. Also: mean acceptance length
+(tokens - 1), i.e. the decode time per output token of each sequence; speed-up = no
+speculation's ms/token (with CUDA graphs) / the method's, same batch. Also: mean acceptance length
 (tokens per verification), acceptance rate, engine steps per generate, and draft_share:
 the fraction of the timed generates' wall time spent inside the proposer's ``propose``
 (it ends in a device->host copy of the drafts, so the draft's GPU time is included).
-Prefix caching is off (the repeats do the same work). Writes spec_decode_timing.{json,md,
-png} to ``--result-dir``, else $MINIKERNELS_BENCH_OUT, else bench/results/<device>/,
-after each method (a cut run keeps its rows). ``--smoke``: the "tiny" target, a 1-layer
-hidden-32 draft, 12 tokens, 1 repeat (seconds on a CPU).
+On a GPU the "off-eager" rows (no speculation, no CUDA graphs;
+``--no-eager-baseline`` skips them) show what graphs buy the baseline, since steps with
+drafts run eagerly. Prefix caching is off (the repeats do the same work). Writes
+spec_decode_timing.{json,md,png} to ``--result-dir``, else $MINIKERNELS_BENCH_OUT, else
+bench/results/<device>/, after each method (a cut run keeps its rows). ``--smoke``: the
+"tiny" target, a 1-layer hidden-32 draft, 12 tokens, 1 repeat (seconds on a CPU).
 
     python bench/bench_spec_decode.py --timing [--device cuda] [--target qwen2.5-0.5b]
         [--batch-sizes 1 8] [--draft-agreement 0.9 0.7] [--repeats 3] [--smoke]
@@ -336,9 +339,9 @@ def _median(v: list[float]) -> float:
 
 def _finish(rows: list[dict]) -> list[dict]:
     """Rows in display order (batch, then off / ngram / drafts) with speed-ups vs off."""
-    rank = {"off": 0, "ngram": 1}
+    rank = {"off": 0, "off-eager": 1, "ngram": 2}
     out = sorted((dict(r) for r in rows), key=lambda r: (
-        r["batch"], rank.get(r["method"], 2), -(r["agreement"] or 0)))
+        r["batch"], rank.get(r["method"], 3), -(r["agreement"] or 0)))
     base = {r["batch"]: r["ms_per_token"] for r in out if r["method"] == "off"}
     for r in out:
         r["speedup"] = base[r["batch"]] / r["ms_per_token"] if r["batch"] in base else None
@@ -370,12 +373,17 @@ def timing_run(args, on_progress=None) -> tuple[list[dict], dict]:
               "num_kv_blocks": B * per_seq_blocks + 8, "max_model_len": max_len,
               "enable_prefix_caching": False, "enforce_eager": args.enforce_eager}
     agreements = list(args.draft_agreement)
+    graphs = cuda and not args.enforce_eager
     methods: list[tuple[str, dict | None, list[float | None]]] = [
         ("off", None, [None]),
         ("draft", {"method": "draft_model", "model": draft, "num_speculative_tokens": k},
          agreements),
         ("ngram", {"method": "ngram", "num_speculative_tokens": k, "prompt_lookup_min": 1,
                    "prompt_lookup_max": 4}, [None])]
+    if graphs and getattr(args, "eager_baseline", True):
+        # no speculation without CUDA graphs: what graphs buy the baseline (steps with
+        # drafts run eagerly), to read the speed-ups against
+        methods.append(("off-eager", None, [None]))
     r = random.Random(0)
     cases = {b: [copy_workload(N, P, r, vocab) for _ in range(b)] for b in batches}
     for b in batches:
@@ -385,7 +393,6 @@ def timing_run(args, on_progress=None) -> tuple[list[dict], dict]:
     first = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
     rows: list[dict] = []
     setup_s = time.perf_counter() - t_setup
-    graphs = cuda and not args.enforce_eager
     meta = {
         "mode": "timing", "device": str(dev), "dtype": dtype, "k": k,
         "target": f"{args.target} (built-in, random weights; scripted logits)",
@@ -406,7 +413,8 @@ def timing_run(args, on_progress=None) -> tuple[list[dict], dict]:
     }
     for name, spec, agrees in methods:
         t0 = time.perf_counter()
-        llm = LLM(target, speculative_config=spec, **common)
+        llm = LLM(target, speculative_config=spec, **{
+            **common, "enforce_eager": common["enforce_eager"] or name == "off-eager"})
         eng = llm.llm_engine
         init_s = time.perf_counter() - t0
         prop = {"on": False, "s": 0.0}
@@ -548,6 +556,8 @@ def main() -> None:
     t.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
     t.add_argument("--repeats", type=int, default=None, help="default 3 (--smoke: 1)")
     t.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
+    t.add_argument("--no-eager-baseline", dest="eager_baseline", action="store_false",
+                   help="skip the off-eager rows (no speculation, no CUDA graphs; GPU only)")
     t.add_argument("--smoke", action="store_true",
                    help="a tiny target and draft, few tokens: seconds on a CPU")
     args = ap.parse_args()
