@@ -496,7 +496,7 @@ def timing_run(args, on_progress=None) -> tuple[list[dict], dict]:
     return _finish(rows), meta
 
 
-def write_timing(rows: list[dict], meta: dict, out_dir) -> dict:
+def write_timing(rows: list[dict], meta: dict, out_dir, quiet: bool = False) -> dict:
     from minikernels.benchmarks.plumbing import write_results
 
     b1 = [r for r in rows if r["batch"] == 1 and r["method"].startswith("draft-")]
@@ -505,7 +505,8 @@ def write_timing(rows: list[dict], meta: dict, out_dir) -> dict:
         meta = {**meta, "target_check": (
             f"batch-1 draft speed-up {best['speedup']:.2f}x at a = {best['agreement']:g} "
             f"(issue 19 target: >= 1.8x) -> {'met' if best['speedup'] >= 1.8 else 'missed'}")}
-        print(meta["target_check"])
+        if not quiet:
+            print(meta["target_check"])
 
     def plot(path):
         import matplotlib.pyplot as plt
@@ -573,7 +574,7 @@ def main() -> None:
             args.device = "cuda" if torch.cuda.is_available() else "cpu"
         from minikernels.benchmarks.plumbing import results_dir
         out = results_dir(args.device, args.out)
-        rows, meta = timing_run(args, on_progress=lambda r, m: write_timing(r, m, out))
+        rows, meta = timing_run(args, on_progress=lambda r, m: write_timing(r, m, out, quiet=True))
         paths = write_timing(rows, meta, out)
         print(meta.get("draft"))
         print("wrote " + ", ".join(str(p) for p in paths.values()))
