@@ -138,7 +138,7 @@ class ScriptedDraft(ScriptedTarget):
 
 
 def workload(name: str, n_out: int, r: random.Random, vocab: int) -> tuple[list[int], list[int]]:
-    tok = lambda: r.randrange(VOCAB_LO, vocab)  # noqa: E731
+    tok = lambda: r.randrange(VOCAB_LO, vocab)
     if name == "code-edit":
         prompt = [tok() for _ in range(200)]
         out = [tok() if i % 25 == 24 else prompt[i % len(prompt)] for i in range(n_out)]
