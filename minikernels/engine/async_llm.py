@@ -281,6 +281,17 @@ def _deliver(items: list[tuple]) -> None:
         box.queued.append(p)
 
 
+def _use_engine_device(engine: LLMEngine) -> None:
+    """Make the engine's GPU the engine thread's current device: Triton kernels and
+    stream / event look-ups use the current device, and a data-parallel replica on
+    cuda:i must not launch under cuda:0. (The thread is this class's own.)"""
+    device = getattr(getattr(engine, "runner", None), "device", None)
+    if device is not None and device.type == "cuda" and device.index is not None:
+        import torch
+
+        torch.cuda.set_device(device)
+
+
 class RequestStream:
     """What :meth:`AsyncLLM.generate` returns: an async iterator of one request's outputs.
 
@@ -636,6 +647,7 @@ class AsyncLLM:
         engine = self.engine
         gcp = self._gc
         try:
+            _use_engine_device(engine)
             while not self._stopping:
                 self._drain()
                 if not engine.has_unfinished():
