@@ -220,7 +220,8 @@ class LLMEngine:
         self.runner = ModelRunner(self.model, block_size, num_kv_blocks,
                                   gpu_memory_utilization, max_num_seqs,
                                   max_num_batched_tokens, max_model_len, enforce_eager,
-                                  kv_cache_dtype, extra_kv_bytes_per_token=draft_kv_bytes)
+                                  kv_cache_dtype, extra_kv_bytes_per_token=draft_kv_bytes,
+                                  **self._verify_graph_args())
         self.device = self.runner.device
         self.max_model_len = self.runner.max_model_len
         self.block_manager = BlockManager(self.runner.num_blocks, block_size,
@@ -414,6 +415,13 @@ class LLMEngine:
         common = check_vocab(self.vocab_size, int(draft.config.vocab_size), self.tokenizer,
                              draft_tok)
         return draft, common
+
+    def _verify_graph_args(self) -> dict[str, int]:
+        """ModelRunner arguments for the verification CUDA graphs (speculation only)."""
+        if self.spec_config is None:
+            return {}
+        return {"num_speculative_tokens": self.spec_config.num_speculative_tokens,
+                "max_spec_batch": self.spec_config.disable_by_batch_size}
 
     def _spec_on(self) -> bool:
         """Whether this step may draft: speculation configured and the batch is small."""

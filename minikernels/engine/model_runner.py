@@ -8,8 +8,11 @@ data-dependent index checks off (they would each sync the device).
 CUDA graphs: a step whose tokens are all single decode tokens (the common case at high
 load) replays a graph captured for the smallest bucket size >= its batch size. Graphs
 read static input buffers; rows past the real batch are padding: slot -1 (the KV write
-skips it), seq_len 0 (attention returns zeros) and token 0. Mixed or prefill steps, CPU
-runs and ``enforce_eager=True`` run eagerly.
+skips it), seq_len 0 (attention returns zeros) and token 0. With speculative decoding
+(``num_speculative_tokens`` k > 0), a verification step whose rows all score 1..k drafts
+(up to 1 + k query tokens over a paged prefix each) replays a graph of its own
+(:class:`_VerifyGraphs`). Other mixed or prefill steps, CPU runs and
+``enforce_eager=True`` run eagerly.
 """
 from __future__ import annotations
 
@@ -344,6 +347,7 @@ class _DecodeGraphs:
                     out = model(self.input_ids[:bs], meta, kv_caches)
                 pool = graph.pool() if pool is None else pool
                 self.graphs[bs] = (graph, out)
+        self.pool = pool    # the verification graphs capture into it too
         torch.cuda.synchronize(dev)
 
     def _meta(self, bs: int) -> AttentionMetadata:
@@ -371,6 +375,136 @@ class _DecodeGraphs:
         return out.index_select(0, meta.logits_indices)
 
 
+class _VerifyGraphs:
+    """CUDA graphs of speculative verification steps, one per batch-size bucket.
+
+    A verification step (every row a sequence's last token plus 1..k drafts: up to 1 + k
+    query tokens over its paged prefix; no decode rows, no prefill chunks) of n rows
+    replays the smallest bucket bs >= n; rows with fewer drafts are left-padded (``run``). Static buffers (bs * (1 + k) tokens): input ids,
+    positions, slots, block table ``[bs, max_blocks_per_seq]``, ``cu_seqlens_q`` fixed to
+    ``arange(bs + 1) * (1 + k)`` and ``cu_seqlens_k`` (device values). Padding rows (n..bs)
+    get slot -1 (the KV write skips them) and ``cu_seqlens_k`` repeating the last real
+    entry: no keys, so attention reads nothing for them and returns zeros. The Python ints
+    the attention path takes are frozen at capture: ``max_seqlen_q = 1 + k`` (the flash
+    kernel's grid) and ``max_seqlen_k = max_model_len`` (an upper bound only: the kernels'
+    loops run to each sequence's own ``cu_seqlens_k`` length). The graph returns all
+    bs * (1 + k) positions' logits; ``run`` gathers the step's ``logits_indices`` (mapped
+    from the eager layout to the padded one).
+
+    ``_capture`` is the only CUDA-specific part: a subclass may return a closure that runs
+    ``self._forward(bs)`` eagerly on the same static buffers (the tests' CPU stand-in).
+    """
+
+    def __init__(self, model: torch.nn.Module, kv_caches: list, sizes: list[int],
+                 max_blocks_per_seq: int, num_spec_tokens: int, max_model_len: int,
+                 pool: Any = None) -> None:
+        dev = model.device
+        self.model, self.kv_caches = model, kv_caches
+        self.sizes = list(sizes)
+        self.width = int(max_blocks_per_seq)
+        self.k = int(num_spec_tokens)
+        self.q = q = 1 + self.k
+        self.max_model_len = int(max_model_len)
+        top = self.sizes[-1]
+        self.input_ids = torch.zeros(top * q, dtype=torch.int64, device=dev)
+        self.positions = torch.zeros(top * q, dtype=torch.int64, device=dev)
+        self.slots = torch.full((top * q,), -1, dtype=torch.int64, device=dev)
+        self.block_table = torch.zeros(top, self.width, dtype=torch.int32, device=dev)
+        self.cu_q = (torch.arange(top + 1, dtype=torch.int32) * q).to(dev)
+        self.cu_k = torch.zeros(top + 1, dtype=torch.int32, device=dev)
+        self.pool = pool
+        self.num_replays = 0
+        self.graphs: dict[int, Callable[[], Tensor]] = {}
+        with torch.inference_mode(), index_checks_off():
+            for bs in reversed(self.sizes):  # largest first: later graphs reuse its memory
+                self.graphs[bs] = self._capture(bs)
+
+    def _meta(self, bs: int) -> AttentionMetadata:
+        t = bs * self.q
+        return AttentionMetadata(positions=self.positions[:t], slot_mapping=self.slots[:t],
+                                 num_decode=0, cu_seqlens_q=self.cu_q[:bs + 1],
+                                 cu_seqlens_k=self.cu_k[:bs + 1], max_seqlen_q=self.q,
+                                 max_seqlen_k=self.max_model_len,
+                                 prefill_block_table=self.block_table[:bs],
+                                 logits_indices=None)
+
+    def _forward(self, bs: int) -> Tensor:
+        """The model on bucket bs's static buffers -> logits of all bs * (1 + k) tokens."""
+        return self.model(self.input_ids[:bs * self.q], self._meta(bs), self.kv_caches)
+
+    def _capture(self, bs: int) -> Callable[[], Tensor]:
+        """Capture bucket bs; returns its replay (-> the static logits)."""
+        dev = self.model.device
+        stream = torch.cuda.Stream(device=dev)
+        stream.wait_stream(torch.cuda.current_stream(dev))
+        with torch.cuda.stream(stream):
+            self._forward(bs)                               # warm-up (lazy init, compiles)
+        torch.cuda.current_stream(dev).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            out = self._forward(bs)
+        if self.pool is None:
+            self.pool = graph.pool()
+        torch.cuda.synchronize(dev)
+
+        def replay() -> Tensor:
+            graph.replay()
+            return out
+        return replay
+
+    def bucket(self, inputs: StepInputs) -> int | None:
+        """The bucket a step replays, or None (not a verification step of at most k
+        drafts per row, or too large / too long for the captured shapes)."""
+        meta, spec = inputs.meta, inputs.spec
+        if spec is None or meta.num_decode or meta.prefill_block_table is None:
+            return None
+        n = len(spec)
+        if meta.prefill_block_table.shape[0] != n or meta.prefill_block_table.shape[1] > \
+                self.width or any(not 0 < k <= self.k for _, k in spec):
+            return None
+        return pick_graph_size(n, self.sizes)
+
+    def run(self, inputs: StepInputs) -> Tensor | None:
+        """Replay the bucket of a verification step; None when it does not fit one.
+
+        Row i's tokens go to static positions ``[i * (1 + k), (i + 1) * (1 + k))``; a row
+        with fewer drafts (k_i < k) is left-padded: its 1 + k_i tokens take the last
+        positions of its span, so with ``cu_seqlens_k`` its true length the bottom-right
+        causal alignment puts each real query at its true position (the pad queries in
+        front see only the row's prefix; slot -1, their logits are never gathered).
+        """
+        bs = self.bucket(inputs)
+        if bs is None:
+            return None
+        meta = inputs.meta
+        n, q = len(inputs.spec), self.q
+        t, total = int(inputs.input_ids.shape[0]), bs * q
+        lidx = meta.logits_indices
+        if t == n * q:   # every row has k drafts: the eager layout is the static one
+            self.input_ids[:t].copy_(inputs.input_ids, non_blocking=True)
+            self.positions[:t].copy_(meta.positions, non_blocking=True)
+            self.slots[:t].copy_(meta.slot_mapping, non_blocking=True)
+            self.slots[t:total].fill_(-1)
+        else:            # token e of row i -> e + (i + 1) * (1 + k) - cu_seqlens_q[i + 1]
+            cu = meta.cu_seqlens_q
+            shift = (self.cu_q[1:n + 1] - cu[1:]).long()
+            dst = torch.repeat_interleave(shift, (cu[1:] - cu[:-1]).long(), output_size=t)
+            dst += torch.arange(t, device=dst.device)
+            self.slots[:total].fill_(-1)
+            self.input_ids.index_copy_(0, dst, inputs.input_ids)
+            self.positions.index_copy_(0, dst, meta.positions)
+            self.slots.index_copy_(0, dst, meta.slot_mapping)
+            lidx = dst.index_select(0, lidx)
+        self.cu_k[:n + 1].copy_(meta.cu_seqlens_k, non_blocking=True)
+        if bs > n:   # padding rows: no keys
+            self.cu_k[n + 1:bs + 1].copy_(meta.cu_seqlens_k[n:].expand(bs - n))
+        tab = meta.prefill_block_table
+        self.block_table[:n, :tab.shape[1]].copy_(tab, non_blocking=True)
+        out = self.graphs[bs]()
+        self.num_replays += 1
+        return out.index_select(0, lidx)
+
+
 class ModelRunner:
     """Runs the model for scheduled batches over a paged KV pool.
 
@@ -390,13 +524,19 @@ class ModelRunner:
             (a speculative draft model's, engine/draft_model.py): automatic sizing divides
             the budget by (this model's + these) bytes, so both pools get ``num_blocks``
             blocks out of the same memory. 0 = none.
+        num_speculative_tokens: k > 0 (speculative decoding configured): also capture
+            CUDA graphs of verification steps (rows of 1 + k tokens, :class:`_VerifyGraphs`)
+            for batches up to ``max_spec_batch`` (the engine's ``disable_by_batch_size``),
+            in the decode graphs' memory pool. Not under tensor parallel (a model with its
+            own ``decode_graphs_class``): verification steps run eagerly there.
     """
 
     def __init__(self, model: torch.nn.Module, block_size: int = 16,
                  num_kv_blocks: int | None = None, gpu_memory_utilization: float = 0.9,
                  max_num_seqs: int = 256, max_num_batched_tokens: int = 8192,
                  max_model_len: int | None = None, enforce_eager: bool = False,
-                 kv_cache_dtype: str = "auto", extra_kv_bytes_per_token: int = 0) -> None:
+                 kv_cache_dtype: str = "auto", extra_kv_bytes_per_token: int = 0,
+                 num_speculative_tokens: int = 0, max_spec_batch: int = 32) -> None:
         self.model = model
         self.config = model.config
         self.device = torch.device(model.device)
@@ -405,6 +545,8 @@ class ModelRunner:
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.extra_kv_bytes_per_token = int(extra_kv_bytes_per_token)
+        self.num_speculative_tokens = int(num_speculative_tokens)
+        self.max_spec_batch = int(max_spec_batch)
         self.num_blocks = self._pick_num_blocks(num_kv_blocks, gpu_memory_utilization)
         pool_tokens = self.num_blocks * block_size
         max_pos = int(self.config.max_position_embeddings)
@@ -431,6 +573,35 @@ class ModelRunner:
                 self.graphs = graphs_cls(model, self.kv_caches,
                                          graph_batch_sizes(max_num_seqs),
                                          self.max_blocks_per_seq, self.config.vocab_size)
+        self.verify_graphs: _VerifyGraphs | None = None
+        if (not self.enforce_eager and self.num_speculative_tokens > 0
+                and not hasattr(model, "decode_graphs_class")):
+            self.capture_verify_graphs()
+
+    def verify_graph_sizes(self) -> list[int]:
+        """Verification-graph buckets: up to the largest batch that drafts (at most
+        ``max_spec_batch`` rows, and as many rows of 1 + k tokens as the step budget
+        holds); [] without speculation."""
+        q = 1 + self.num_speculative_tokens
+        top = min(self.max_num_seqs, self.max_spec_batch, self.max_num_batched_tokens // q)
+        if self.num_speculative_tokens <= 0 or top < 1:
+            return []
+        return graph_batch_sizes(top)
+
+    def capture_verify_graphs(self, graphs_cls: type | None = None) -> "_VerifyGraphs | None":
+        """Capture the verification graphs (called by the constructor on CUDA).
+        graphs_cls: a :class:`_VerifyGraphs` subclass (tests: a CPU stand-in that runs the
+        padded static buffers eagerly)."""
+        sizes = self.verify_graph_sizes()
+        if not sizes:
+            return None
+        cls = graphs_cls or _VerifyGraphs
+        with self.on_device():
+            self.verify_graphs = cls(self.model, self.kv_caches, sizes,
+                                     self.max_blocks_per_seq, self.num_speculative_tokens,
+                                     self.max_model_len,
+                                     pool=getattr(self.graphs, "pool", None))
+        return self.verify_graphs
 
     def on_device(self) -> contextlib.AbstractContextManager:
         """Make this runner's GPU the thread's current device for a block (graph capture,
@@ -472,6 +643,9 @@ class ModelRunner:
         # Budget: util * total, minus what is held now (weights, other processes),
         # minus the forward's peak activations, minus room for graphs and the sampler.
         sampler = 4 * 4 * self.max_num_seqs * self.config.vocab_size
+        # verification graphs keep their bs * (1 + k) fp32 logits rows in the graph pool
+        sampler += 4 * (1 + self.num_speculative_tokens) * self.config.vocab_size * max(
+            self.verify_graph_sizes() or [0])
         budget = (util * total - used_by_others - torch.cuda.memory_allocated(self.device)
                   - peak - sampler - (256 << 20))
         blocks = int(budget // bytes_per_block)
@@ -525,6 +699,8 @@ class ModelRunner:
         with index_checks_off():
             if self.graphs is not None and inputs.decode_only:
                 logits = self.graphs.run(inputs)
+            elif self.verify_graphs is not None and inputs.spec is not None:
+                logits = self.verify_graphs.run(inputs)
             if logits is None:
                 logits = self.model(inputs.input_ids, inputs.meta, self.kv_caches)
         return logits
