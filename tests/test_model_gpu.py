@@ -53,3 +53,37 @@ def test_gpu_builtin_dummy_models_run(name, quantization):
     logits = model(ids, AttentionMetadata.for_prompts([5, 40], device="cuda", last_only=True),
                    None)
     assert logits.shape == (2, model.config.vocab_size) and torch.isfinite(logits).all()
+
+
+@pytest.mark.parametrize("method", ["ngram", "draft_model"])
+def test_gpu_speculative_verify_graphs_token_identical(tmp_path, method):
+    """Speculative verification steps replay CUDA graphs (model_runner._VerifyGraphs):
+    greedy tokens equal with graphs on and off (enforce_eager) and without speculation,
+    at batch 1 and 5 (bucket 8: padding rows), and the verification graphs replay."""
+    from test_engine import _make_hf, tokens
+
+    from minikernels.engine import LLM, SamplingParams
+
+    _make_hf("llama").save_pretrained(str(tmp_path))
+    path = str(tmp_path)
+    cfg = ({"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 3}
+           if method == "ngram" else
+           {"method": "draft_model", "model": path, "num_speculative_tokens": 4})
+    prompts = [([5 + i, 40 + 3 * i, 77, 9 + i] * 12)[:17 + 6 * i] for i in range(5)]
+    sp = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
+
+    def run(spec, eager, ps):
+        llm = LLM(path, dtype="float32", device="cuda", tokenizer=None, block_size=16,
+                  num_kv_blocks=256, max_num_seqs=8, speculative_config=spec,
+                  enforce_eager=eager)
+        return llm, tokens(llm.generate(ps, sp, use_tqdm=False))
+
+    for ps in (prompts[:1], prompts):
+        _, want = run(None, False, ps)
+        off, eager = run(cfg, True, ps)
+        assert off.llm_engine.runner.verify_graphs is None
+        llm, got = run(cfg, False, ps)
+        assert eager == want and got == want
+        vg = llm.llm_engine.runner.verify_graphs
+        assert vg is not None and vg.sizes == [1, 2, 4, 8] and vg.num_replays > 0
+        assert llm.stats()["spec_num_accepted_tokens"] > 0
