@@ -576,7 +576,12 @@ class ModelRunner:
         self.verify_graphs: _VerifyGraphs | None = None
         if (not self.enforce_eager and self.num_speculative_tokens > 0
                 and not hasattr(model, "decode_graphs_class")):
-            self.capture_verify_graphs()
+            try:
+                self.capture_verify_graphs()
+            except Exception as e:  # noqa: BLE001 - an op that cannot be captured: stay eager
+                self.verify_graphs = None
+                logger.warning("verification CUDA graphs not captured (%s: %s); "
+                               "speculative steps run eagerly", type(e).__name__, e)
 
     def verify_graph_sizes(self) -> list[int]:
         """Verification-graph buckets: up to the largest batch that drafts (at most
@@ -588,7 +593,7 @@ class ModelRunner:
             return []
         return graph_batch_sizes(top)
 
-    def capture_verify_graphs(self, graphs_cls: type | None = None) -> "_VerifyGraphs | None":
+    def capture_verify_graphs(self, graphs_cls: type | None = None) -> _VerifyGraphs | None:
         """Capture the verification graphs (called by the constructor on CUDA).
         graphs_cls: a :class:`_VerifyGraphs` subclass (tests: a CPU stand-in that runs the
         padded static buffers eagerly)."""
