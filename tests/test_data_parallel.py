@@ -122,3 +122,26 @@ def test_serve_flag():
     parser = argparse.ArgumentParser()
     add_arguments(parser)
     assert parser.parse_args(["tiny", "--data-parallel-size", "2"]).data_parallel_size == 2
+
+
+@pytest.mark.slow   # spawns a worker process (small: run in CI)
+def test_tp2_server_equals_tp1():
+    """`serve --tensor-parallel-size 2`: the OpenAI server over a TP=2 engine (this process
+    rank 0, one spawned gloo worker) answers concurrent completions with the TP=1 text, on
+    a built-in random-weight model (each rank holds its shard of the TP=1 weights)."""
+    import torch
+
+    tp = AsyncLLM.from_args("tiny", tensor_parallel_size=2, **KW)
+    one = AsyncLLM.from_args("tiny", **KW)
+    try:
+        assert tp.engine.model.tensor_parallel_size == 2
+        with LiveServer(create_app(tp, served_model_name="tiny")) as srv:
+            got = _complete(srv.base_url, PROMPTS)
+        with LiveServer(create_app(one, served_model_name="tiny")) as srv:
+            want = _complete(srv.base_url, PROMPTS)
+        assert got == want and sum(len(t) for t in got) > 0, (got, want)
+    finally:
+        asyncio.run(tp.shutdown())
+        asyncio.run(one.shutdown())
+        tp.engine.model.close()
+    assert not torch.distributed.is_initialized()

@@ -232,3 +232,44 @@ def test_int4_checkpoint_shards_refuse_what_they_cannot_split():
     c.quantization_config["group_size"] = 128
     with pytest.raises(ValueError, match="group boundaries"):
         shard_tensor(c, tp, "layers.0.mlp.down_proj", 0, "scales", torch.ones(1, 64))
+
+
+@pytest.mark.parametrize("quant", [None, "int4"])
+def test_builtin_tp_shards_are_the_tp1_model_sharded(quant):
+    """A built-in (random-weight) model under TP: each rank holds its shard of the TP=1
+    model of the same seed (so LLM("tiny", tensor_parallel_size=2) == LLM("tiny")); no
+    processes, only the weights are built. int4 (RTN on load, group 16 divides every
+    shard): each rank's dequantized layers are the shards of the TP=1 dequantized ones."""
+    from minikernels.models.linear import FusedLinear
+    from minikernels.models.parallel import shard_tensor
+
+    def dense(mod: FusedLinear) -> torch.Tensor:
+        if mod.weight is not None:
+            return mod.weight.float()
+        return torch.cat([p.dequantize() for p in mod.int4_parts])
+
+    kw = dict(dtype="float32", device="cpu", quantization=quant, group_size=16)
+    full = load_model("tiny-qwen3", **kw)
+    full_mods = dict(full.named_modules())
+    full_params = dict(full.named_parameters())
+    checked = 0
+    for r in range(2):
+        tp = TensorParallel(r, 2)
+        part = load_model("tiny-qwen3", tensor_parallel=tp, **kw)
+        for name, mod in part.named_modules():
+            ref = full_mods[name]
+            if isinstance(mod, FusedLinear):
+                if name == "lm_head" and full.config.tie_word_embeddings:
+                    continue
+                want = torch.cat([shard_tensor(full.config, tp, name, s, "weight", w)
+                                  for s, w in enumerate(torch.split(dense(ref),
+                                                                    ref.output_sizes))])
+                assert torch.equal(dense(mod), want), name
+                checked += 1
+            else:
+                for p_name, t in mod.named_parameters(recurse=False):
+                    key = f"{name}.{p_name}" if name else p_name
+                    assert torch.equal(t, shard_tensor(full.config, tp, name, None, p_name,
+                                                       full_params[key])), key
+                    checked += 1
+    assert checked > 20

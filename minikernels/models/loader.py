@@ -504,6 +504,60 @@ def _init_dummy(model: CausalLM, seed: int, group_size: int | None = None,
                     p.normal_(0.0, 0.02, generator=gen)
 
 
+def _init_dummy_tp(model: CausalLM, tp: TensorParallel, seed: int,
+                   group_size: int | None = None, quantize_lm_head: bool = False) -> None:
+    """This rank's shard of the built-in model that :func:`_init_dummy` draws at TP=1.
+
+    A meta-device TP=1 skeleton gives the draw order and the full shapes; each tensor is
+    drawn whole (one at a time, on this rank's device, from the same seeded generator)
+    and only this rank's rows / columns are kept (:func:`shard_tensor`, as a checkpoint
+    is read). So ``LLM(name, tensor_parallel_size=N)`` serves the same weights as
+    ``LLM(name)``. RTN int4 shards quantize with the checkpoint path's group sizes.
+    """
+    config, dev, dtype = model.config, model.device, model.dtype
+    rtn = group_size is not None
+    ref = CausalLM(config, dtype=dtype, device="meta", dense=not rtn,
+                   dense_lm_head=not (rtn and quantize_lm_head))
+    modules = dict(model.named_modules())
+    params = dict(model.named_parameters())
+    gen = torch.Generator(device=dev)
+    gen.manual_seed(seed)
+    seen: set[int] = set()
+
+    def draw(shape: torch.Size, ones: bool, bias: bool) -> Tensor:
+        t = torch.empty(shape, dtype=dtype, device=dev)
+        return t.fill_(1.0) if ones and not bias else t.normal_(0.0, 0.02, generator=gen)
+
+    def rtn_group(name: str, mod: FusedLinear, full: FusedLinear) -> int:
+        if name.endswith(("o_proj", "down_proj")):
+            return row_parallel_group_size(name, full.in_features, mod.in_features,
+                                           group_size)
+        return _rtn_group(name, mod.in_features, group_size)
+
+    with torch.no_grad():
+        for name, full in ref.named_modules():
+            mod = modules[name]
+            if isinstance(full, FusedLinear) and full.weight is None and not full.is_ready:
+                w = draw(torch.Size((full.out_features, full.in_features)), False, False)
+                g = rtn_group(name, mod, full)
+                for s, part in enumerate(torch.split(w, full.output_sizes)):
+                    mod.quantize_shard_(s, shard_tensor(config, tp, name, s, "weight", part), g)
+                del w
+            for p_name, p in full.named_parameters(recurse=False):
+                if id(p) in seen:
+                    continue
+                seen.add(id(p))
+                t = draw(p.shape, p.dim() == 1, p_name.endswith("bias"))
+                if isinstance(full, FusedLinear):
+                    for s, part in enumerate(torch.split(t, full.output_sizes)):
+                        mod.load_shard(s, p_name, shard_tensor(config, tp, name, s, p_name,
+                                                               part))
+                else:
+                    params[f"{name}.{p_name}" if name else p_name].copy_(
+                        shard_tensor(config, tp, name, None, p_name, t))
+                del t
+
+
 def load_model(model: str, dtype: str | torch.dtype = "bfloat16",
                device: str | torch.device | None = None, quantization: str | None = None,
                allow_pickle: bool = False, seed: int = 0, *, group_size: int = 128,
@@ -521,7 +575,7 @@ def load_model(model: str, dtype: str | torch.dtype = "bfloat16",
     allow_pickle: accept pickle ``*.bin`` weights (only from trusted sources).
     group_size, quantize_lm_head: RTN settings for quantization='int4'.
     tensor_parallel: build and read only this rank's shard (minikernels.models.parallel;
-                  built-in names: each rank draws its own dummy shard).
+                  built-in names: this rank's shard of the TP=1 model of the same seed).
     """
     if quantization is not None:
         quantization = str(quantization).lower()
@@ -543,7 +597,11 @@ def load_model(model: str, dtype: str | torch.dtype = "bfloat16",
         rtn = quantization == "int4"
         m = CausalLM(config, dtype=parse_dtype(dtype, config, dev), device=dev, dense=not rtn,
                      dense_lm_head=not (rtn and quantize_lm_head), tp=tensor_parallel)
-        _init_dummy(m, seed, group_size if rtn else None)
+        if tensor_parallel is not None and tensor_parallel.size > 1:
+            _init_dummy_tp(m, tensor_parallel, seed, group_size if rtn else None,
+                           quantize_lm_head)
+        else:
+            _init_dummy(m, seed, group_size if rtn else None)
         if rtn:  # what did not stream: a tied lm_head (quantize_lm_head)
             quantize_linears(m, group_size, quantize_lm_head=quantize_lm_head)
     elif os.path.exists(model):
