@@ -52,8 +52,9 @@ speculation's ms/token (with CUDA graphs) / the method's, same batch. Also: mean
 the fraction of the timed generates' wall time spent inside the proposer's ``propose``
 (it ends in a device->host copy of the drafts, so the draft's GPU time is included).
 On a GPU the "off-eager" rows (no speculation, no CUDA graphs;
-``--no-eager-baseline`` skips them) show what graphs buy the baseline, since steps with
-drafts run eagerly. Prefix caching is off (the repeats do the same work). Writes
+``--no-eager-baseline`` skips them) show what graphs buy the baseline; verification steps
+replay CUDA graphs too (model_runner ``_VerifyGraphs``) when every row in the step drafts,
+otherwise (mixed decode + verify rows) they run eagerly. Prefix caching is off (the repeats do the same work). Writes
 spec_decode_timing.{json,md,png} to ``--result-dir``, else $MINIKERNELS_BENCH_OUT, else
 bench/results/<device>/, after each method (a cut run keeps its rows). ``--smoke``: the
 "tiny" target, a 1-layer hidden-32 draft, 12 tokens, 1 repeat (seconds on a CPU).
@@ -381,8 +382,8 @@ def timing_run(args, on_progress=None) -> tuple[list[dict], dict]:
         ("ngram", {"method": "ngram", "num_speculative_tokens": k, "prompt_lookup_min": 1,
                    "prompt_lookup_max": 4}, [None])]
     if graphs and getattr(args, "eager_baseline", True):
-        # no speculation without CUDA graphs: what graphs buy the baseline (steps with
-        # drafts run eagerly), to read the speed-ups against
+        # no speculation without CUDA graphs: what graphs buy the baseline, to read the
+        # speed-ups against (a step mixing decode and verify rows runs eagerly)
         methods.append(("off-eager", None, [None]))
     r = random.Random(0)
     cases = {b: [copy_workload(N, P, r, vocab) for _ in range(b)] for b in batches}
