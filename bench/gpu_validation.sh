@@ -1,13 +1,25 @@
 #!/usr/bin/env bash
 # GPU validation pass (issue 9): build, test on cuda, sanitize, measure, benchmark.
 #
+#   bash bench/gpu_validation.sh all                   (one device call: every stage, capped)
 #   bash bench/gpu_validation.sh STAGE [STAGE ...]     (from the repo root, on the GPU machine)
+#
+# `all` runs the stages in order of importance, each under its own time cap (seconds, env
+# CAP_<STAGE> overrides): build 90, test 160, bench 100, serve 100, spec 60, sanitize 40
+# (550 s at most; give the device call timeout_s=600). Every stage writes into
+# $WORK (default /tmp/gpu_work on the device, ./gpu_out elsewhere), and after each stage
+# the whole of $WORK is packed into $OUT/gpu_results.tar.gz: the device tool returns at
+# most 8 files, and a run cut short still returns what the finished stages wrote.
+# Unpack here with: tar xzf gpu_results.tar.gz -C bench/results/h200/
 #
 # Stages (each fits one 10-minute device command; run them in order in one lease):
 #   build     build minikernels._C in place (TORCH_CUDA_ARCH_LIST, default 9.0a) and copy
 #             the .so to $OUT/ext/ so a later call can carry it back in (carry: minikernels/_C*.so)
-#   test      the whole suite on cuda (server tests skipped when fastapi/uvicorn/openai are
-#             missing on the machine); log -> $OUT/pytest_cuda.log
+#   test      the kernels on cuda (every op, every backend vs the reference, strided views,
+#             fp8 KV), the decoder vs transformers and the engine on cuda (graphs on / off,
+#             int4, speculative verification graphs); log -> pytest_cuda.log
+#   testall   the whole suite on cuda (server tests skipped when fastapi/uvicorn/openai are
+#             missing on the machine); log -> pytest_cuda_all.log
 #   sanitize  compute-sanitizer memcheck and racecheck over the CUDA C++ kernels' tests
 #   bench     ceilings + every benchmark with its peers -> $OUT/results/ (JSON, md, png)
 #   serve     the end-to-end engine benchmark (minikernels bench serve, + fp8 KV) and
@@ -17,10 +29,15 @@
 #             draft model -> $OUT/results/spec_decode_timing.*; log -> $OUT/spec_decode_timing.log
 # The benchmarks live in minikernels/benchmarks/; bench/*.py are thin scripts over them.
 #
-# Results: copy $OUT/results/* into bench/results/h200/ here and commit them.
+# Results: unpack gpu_results.tar.gz (results/ holds the benchmarks' JSON, md and png; the
+# logs sit beside it) and commit results/* under bench/results/h200/.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-OUT="${OUT:-$(pwd)/gpu_out}"
+# $OUT (the device tool's return folder) receives only the packed archive; stages write
+# into $WORK, which the stage functions below call OUT.
+DEVICE_OUT="${OUT:-}"
+if [ -n "$DEVICE_OUT" ]; then WORK="${WORK:-/tmp/gpu_work}"; else WORK="${WORK:-$(pwd)/gpu_out}"; fi
+OUT="$WORK"
 mkdir -p "$OUT/results"
 export PYTHONUNBUFFERED=1 MINIKERNELS_BENCH_OUT="$OUT/results"
 export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0a}"
@@ -43,13 +60,24 @@ stage_build() {
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
   python -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)" | tee -a "$OUT/gpu.txt"
   MINIKERNELS_BUILD_CUDA=1 python setup.py build_ext --inplace -j 16 2>&1 | tail -20 | tee "$OUT/build.log"
-  mkdir -p "$OUT/ext" && cp minikernels/_C*.so "$OUT/ext/"
+  if [ -n "$DEVICE_OUT" ]; then mkdir -p "$DEVICE_OUT/ext" && cp minikernels/_C*.so "$DEVICE_OUT/ext/"; fi
   python -c "import minikernels._C as c; print('extension ok:', [n for n in dir(c) if not n.startswith('_')])"
 }
 
+# The kernels, the decoder and the engine on cuda (the `test` stage).
+GPU_TESTS=("${CUDA_TESTS[@]}" tests/test_flash_attention.py tests/test_op_contract.py
+           tests/test_bitmask.py tests/test_rejection_sampler.py tests/test_model_gpu.py
+           tests/test_model_hf.py tests/test_engine.py)
+
 stage_test() {
+  python -m pytest -q -p no:cacheprovider -rfE "${GPU_TESTS[@]}" 2>&1 \
+    | tee "$OUT/pytest_cuda.log" | tail -40
+}
+
+stage_testall() {
   # shellcheck disable=SC2046
-  python -m pytest -q -p no:cacheprovider $(server_ignores) 2>&1 | tee "$OUT/pytest_cuda.log" | tail -40
+  python -m pytest -q -p no:cacheprovider -rfE $(server_ignores) 2>&1 \
+    | tee "$OUT/pytest_cuda_all.log" | tail -40
 }
 
 stage_sanitize() {
@@ -94,8 +122,34 @@ stage_spec() {
   [ "$rc" -eq 0 ] || echo "spec decode timing failed or timed out (rc=$rc)"
 }
 
-[ $# -gt 0 ] || { sed -n 2,20p "$0"; exit 2; }
+pack() {
+  [ -n "$DEVICE_OUT" ] || return 0
+  tar czf "$DEVICE_OUT/gpu_results.tar.gz.tmp" -C "$OUT" . \
+    && mv "$DEVICE_OUT/gpu_results.tar.gz.tmp" "$DEVICE_OUT/gpu_results.tar.gz"
+}
+
+stage_all() {
+  local stage cap rc
+  for stage in build test bench serve spec sanitize; do
+    case "$stage" in
+      build) cap=90 ;; test) cap=160 ;; bench) cap=100 ;; serve) cap=100 ;;
+      spec) cap=60 ;; sanitize) cap=40 ;;
+    esac
+    var="CAP_${stage^^}"
+    cap="${!var:-$cap}"
+    echo "=== $stage (cap ${cap}s) ===" | tee -a "$OUT/stages.txt"
+    start=$(date +%s)
+    # SIGINT first: pytest and the benchmarks then write what they have
+    WORK="$OUT" OUT="" timeout --signal=INT --kill-after=15 "$cap" bash "$0" "$stage"
+    rc=$?
+    echo "$stage rc=$rc in $(( $(date +%s) - start ))s" | tee -a "$OUT/stages.txt"
+    pack
+  done
+}
+
+[ $# -gt 0 ] || { sed -n 2,30p "$0"; exit 2; }
 for stage in "$@"; do
   echo "=== $stage ==="
   "stage_$stage"
+  [ "$stage" = all ] || pack
 done
