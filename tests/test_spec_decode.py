@@ -88,7 +88,7 @@ def test_prefix_cache_hits_with_speculation(path):
 
 
 def test_mixed_batch_and_stops_land_exactly(path):
-    """Rows that cannot draft (penalties, logprobs) next to drafting ones; stop ids,
+    """Rows with penalties and logprobs next to plain ones (all draft); stop ids,
     max_tokens, min_tokens and EOS stop at the same token as without speculation."""
     prompts = repetitive_prompts(9, seed=2)
     ref = tokens(make(path).generate(prompts, GREEDY, use_tqdm=False))
@@ -114,10 +114,20 @@ def test_mixed_batch_and_stops_land_exactly(path):
             [o.outputs[0].finish_reason for o in want]
         assert [o.outputs[0].stop_reason for o in got] == \
             [o.outputs[0].stop_reason for o in want]
-        assert got[3].outputs[0].logprobs == want[3].outputs[0].logprobs
-        assert got[2].metrics["spec_num_draft_tokens"] == 0     # penalties: never drafted
+        assert_logprobs_close(got[3].outputs[0].logprobs, want[3].outputs[0].logprobs)
         assert llm.stats()["spec_num_accepted_tokens"] > 0
         assert_all_free(llm)
+
+
+def assert_logprobs_close(got, want, tol: float = 1e-4) -> None:
+    """Same entries (token ids, ranks, order) with logprob values equal within fp32
+    tolerance (verification scores several positions in one forward: not bit-equal)."""
+    assert got is not None and want is not None and len(got) == len(want)
+    for g, w in zip(got, want):
+        assert list(g) == list(w)
+        for t in g:
+            assert g[t].rank == w[t].rank and g[t].decoded_token == w[t].decoded_token
+            assert abs(g[t].logprob - w[t].logprob) <= tol, (t, g[t], w[t])
 
 
 def test_stop_strings_land_exactly():

@@ -105,7 +105,8 @@ class LaunchedStep:
     prompt_lp: list[tuple[Sequence, int, int, int]] | None = None
     prompt_lp_host: list[Tensor | None] | None = None
     spec_seqs: list[Sequence] | None = None     # speculative rows (not in ``seqs``)
-    spec_host: list[Tensor | None] | None = None  # their [B, K + 1] tokens (-1 padded)
+    spec_host: list[Tensor | None] | None = None  # their [B, K + 1] tokens (-1 padded),
+    # then logprobs (chosen, ranks, top_lp, top_ids; None when no row asks)
 
     def result(self) -> SamplerOutput:
         """Wait for the device, then the sampled tokens (and logprobs) as lists."""
@@ -430,8 +431,8 @@ class LLMEngine:
 
     def _propose(self) -> list[Sequence]:
         """Draft tokens for the running sequences that can take them (steady decode, last
-        token on the host, no penalties / grammar / logprobs, min_tokens reached, room
-        before max_tokens); sets ``seq.spec_token_ids``; returns those sequences."""
+        token on the host, no structured-output constraint, room before max_tokens);
+        sets ``seq.spec_token_ids``; returns those sequences."""
         self._draft_probs, self._draft_rows = None, {}
         if not self._spec_on():
             return []
@@ -440,9 +441,10 @@ class LLMEngine:
             p = s.params
             n = len(s.token_ids)
             left = s.max_total_tokens - n - 1      # the target's own token always comes
+            # grammar rows are not drafted for: their matcher would have to accept the
+            # drafts and roll back the rejected ones (and each position needs its own mask)
             if (left > 0 and not s.num_pending and s.num_computed_tokens == n - 1
-                    and p.logprobs is None and not p.uses_penalties and not p.uses_grammar
-                    and s.num_output_tokens >= p.min_tokens):
+                    and not p.uses_grammar):
                 cands.append(s)
                 room.append(left)
         if not cands:
@@ -459,10 +461,12 @@ class LLMEngine:
         return out
 
     def _verify(self, logits: Tensor, spec_logits: Tensor, spec: list[tuple[int, int]],
-                seqs: list[Sequence]) -> Tensor:
+                seqs: list[Sequence]) -> list[Tensor | None]:
         """Rejection-sample the speculative rows: logits [B, V'] (each row's last
-        position), spec_logits [sum k, V'] (the draft positions, in order) -> int64
-        [B, K + 1] tokens on the device (-1 after each row's last token)."""
+        position), spec_logits [sum k, V'] (the draft positions, in order) -> on the
+        device: int64 [B, K + 1] tokens (-1 after each row's last token), then, when a row
+        asks for logprobs, their chosen logprobs [B, K + 1], ranks [B, K + 1] and top
+        logprobs / ids [B, K + 1, n] (else None x 4)."""
         from .. import ops
 
         B = len(seqs)
@@ -476,23 +480,31 @@ class LLMEngine:
             off += k
         V = self.vocab_size
         allrows = torch.cat([spec_logits, logits])[:, :V].float()
-        index = torch.tensor(idx, dtype=torch.int64).to(allrows.device, non_blocking=True)
-        params = [s.params for s in seqs for _ in range(K + 1)]
-        probs = self.sampler.target_probs(allrows.index_select(0, index), params)
+        dev = allrows.device
+        index = torch.tensor(idx, dtype=torch.int64).to(dev, non_blocking=True)
+        rows_logits = allrows.index_select(0, index).view(B, K + 1, V)
         draft = torch.zeros(B, K, dtype=torch.int64)
         for b, s in enumerate(seqs):
             draft[b, :ks[b]] = torch.tensor(s.spec_token_ids, dtype=torch.int64)
-        dev = allrows.device
+        draft = draft.to(dev, non_blocking=True)
+        # per position: penalties (drafts before it counted), min_tokens, then
+        # temperature / top-k / top-p / min-p: the distribution plain decoding samples
+        probs = self.sampler.spec_target_probs(rows_logits, seqs, draft, ks, self._eos_list)
         u, q = self.sampler.spec_randoms(seqs, K, V, self.spec_config.num_speculative_tokens)
         draft_probs = None
         if self._draft_probs is not None:     # [proposing seqs, k, V] -> [B, K, V]
             rows = torch.tensor([self._draft_rows[s.seq_id] for s in seqs], dtype=torch.int64)
             draft_probs = self._draft_probs.index_select(0, rows.to(dev))[:, :K]
-        return ops.rejection_sample(
-            draft.to(dev, non_blocking=True),
-            torch.tensor(ks, dtype=torch.int32).to(dev, non_blocking=True),
-            probs.view(B, K + 1, V), draft_probs, u, q,
+        out = ops.rejection_sample(
+            draft, torch.tensor(ks, dtype=torch.int32).to(dev, non_blocking=True),
+            probs, draft_probs, u, q,
             torch.tensor([s.params.greedy for s in seqs]).to(dev, non_blocking=True))
+        want = [s.params.logprobs for s in seqs]
+        if all(n is None for n in want):
+            return [out, None, None, None, None]
+        # logprobs as plain decoding gives them: the raw target logits of each position
+        return [out, *self.sampler.spec_logprobs(rows_logits, out,
+                                                 max(n for n in want if n is not None))]
 
     def _take_in_flight(self) -> LaunchedStep:
         step, self._in_flight = self._in_flight, None
@@ -567,7 +579,7 @@ class LLMEngine:
             for seq in spec_seqs:
                 seq.num_pending += 1      # one or more tokens; read back before scheduling
                 seq.pending_row = -1
-            spec_host = runner.to_host_async([spec_dev])
+            spec_host = runner.to_host_async(spec_dev)
         self.computed_tokens_total += batch.num_tokens
         self.num_steps += 1
         # penalties and grammars need this step's tokens on the host before the next launch;
@@ -637,9 +649,14 @@ class LLMEngine:
         (num_computed_tokens, and blocks past the last token are freed). Returns the
         number of tokens appended."""
         rows = step.spec_host[0].tolist()
+        lp_chosen = lp_ranks = lp_top = lp_ids = None
+        if step.spec_host[1] is not None:
+            lp_chosen, lp_ranks = step.spec_host[1].tolist(), step.spec_host[2].tolist()
+            if step.spec_host[3] is not None:
+                lp_top, lp_ids = step.spec_host[3].tolist(), step.spec_host[4].tolist()
         eos = self.eos_token_ids
         n_new = 0
-        for seq, row in zip(step.spec_seqs, rows):
+        for b, (seq, row) in enumerate(zip(step.spec_seqs, rows)):
             seq.num_pending -= 1
             k = len(seq.spec_token_ids)
             seq.spec_token_ids = []
@@ -658,9 +675,15 @@ class LLMEngine:
             touched[req.request_id] = req
             p = seq.params
             det = seq.detokenizer
-            for token in toks:
+            n_lp = p.logprobs
+            for j, token in enumerate(toks):
                 seq.token_ids.append(token)
                 n_new += 1
+                if n_lp is not None and lp_chosen is not None and seq.logprobs is not None:
+                    self._record_logprobs(seq, token, (
+                        lp_chosen[b][j], lp_ranks[b][j],
+                        lp_ids[b][j][:n_lp] if n_lp else [],
+                        lp_top[b][j][:n_lp] if n_lp else []))
                 delta = ""
                 if det is not None:
                     delta = det.step(token)

@@ -112,33 +112,46 @@ class Sampler:
         return torch.tensor(values, dtype=dtype, device="cpu").to(self.device, non_blocking=True)
 
     # ------------------------------------------------------------------ pieces
-    def _apply_penalties(self, logits: Tensor, seqs: list["Sequence"]) -> Tensor:
-        B, V = logits.shape
-        rep = [s.params.repetition_penalty for s in seqs]
-        pres = [s.params.presence_penalty for s in seqs]
-        freq = [s.params.frequency_penalty for s in seqs]
+    def penalty_state(self, seqs: list["Sequence"], vocab: int | None = None,
+                      dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor | None]:
+        """Per row: counts [B, V] of its output tokens (on the host), and, when some row
+        uses a repetition penalty, prompt_seen [B, V] bool (its prompt's tokens; else
+        None). Ids >= V (a draft model's smaller vocabulary) are not counted."""
+        B = len(seqs)
+        V = self.vocab_size if vocab is None else vocab
         outs = [s.output_token_ids for s in seqs]
         max_out = max((len(o) for o in outs), default=0)
+        counts = torch.zeros(B, V + 1, dtype=dtype, device=self.device)
         if max_out:
             pad = torch.full((B, max_out), V, dtype=torch.int64)
             for i, o in enumerate(outs):
                 if o:
                     pad[i, :len(o)] = torch.tensor(o, dtype=torch.int64)
-            counts = torch.zeros(B, V + 1, dtype=logits.dtype, device=self.device)
-            counts.scatter_add_(1, pad.to(self.device), torch.ones(pad.shape, dtype=logits.dtype,
-                                                                   device=self.device))
-            counts = counts[:, :V]
-        else:
-            counts = torch.zeros(B, V, dtype=logits.dtype, device=self.device)
-        if any(r != 1.0 for r in rep):
+            pad = pad.clamp_(max=V).to(self.device)
+            counts.scatter_add_(1, pad, torch.ones(pad.shape, dtype=dtype, device=self.device))
+        seen = None
+        if any(s.params.repetition_penalty != 1.0 for s in seqs):
             prompts = [s.token_ids[:s.num_prompt_tokens] for s in seqs]
             max_p = max(len(p) for p in prompts)
             ppad = torch.full((B, max_p), V, dtype=torch.int64)
             for i, p in enumerate(prompts):
                 ppad[i, :len(p)] = torch.tensor(p, dtype=torch.int64)
             seen = torch.zeros(B, V + 1, dtype=torch.bool, device=self.device)
-            seen.scatter_(1, ppad.to(self.device), True)
-            seen = seen[:, :V] | (counts > 0)
+            seen.scatter_(1, ppad.clamp_(max=V).to(self.device), True)
+            seen = seen[:, :V]
+        return counts[:, :V], seen
+
+    def penalize(self, logits: Tensor, counts: Tensor, prompt_seen: Tensor | None,
+                 params: list["SamplingParams"]) -> Tensor:
+        """Repetition / presence / frequency penalties of each row (params[i]) given its
+        output-token counts [B, V] and prompt tokens (``penalty_state``)."""
+        rep = [p.repetition_penalty for p in params]
+        pres = [p.presence_penalty for p in params]
+        freq = [p.frequency_penalty for p in params]
+        if any(r != 1.0 for r in rep):
+            seen = counts > 0
+            if prompt_seen is not None:
+                seen = seen | prompt_seen
             r = self._tensor(rep, logits.dtype)[:, None]
             # Clamped so an extreme (but valid) penalty cannot make a logit infinite (and
             # the probabilities NaN), even after dividing by a small temperature.
@@ -148,6 +161,85 @@ class Sampler:
             logits = (logits - self._tensor(freq, logits.dtype)[:, None] * counts
                       - self._tensor(pres, logits.dtype)[:, None] * (counts > 0).to(logits.dtype))
         return logits
+
+    def _apply_penalties(self, logits: Tensor, seqs: list["Sequence"]) -> Tensor:
+        counts, seen = self.penalty_state(seqs, logits.shape[1], logits.dtype)
+        return self.penalize(logits, counts, seen, [s.params for s in seqs])
+
+    def stop_id_mask(self, seqs: list["Sequence"], eos_token_ids: list[int],
+                     vocab: int | None = None) -> Tensor | None:
+        """bool [B, V]: the ids min_tokens suppresses per row (its stop ids, and EOS
+        unless ignore_eos); None when no row has min_tokens."""
+        if not any(s.params.min_tokens for s in seqs):
+            return None
+        V = self.vocab_size if vocab is None else vocab
+        rows, cols = [], []
+        for i, s in enumerate(seqs):
+            if s.params.min_tokens:
+                ids = list(s.params.stop_token_ids) + ([] if s.params.ignore_eos
+                                                       else list(eos_token_ids))
+                for t in ids:
+                    if t < V:
+                        rows.append(i)
+                        cols.append(t)
+        mask = torch.zeros(len(seqs), V, dtype=torch.bool, device=self.device)
+        if rows:
+            mask[self._tensor(rows, torch.int64), self._tensor(cols, torch.int64)] = True
+        return mask
+
+    def spec_target_probs(self, logits: Tensor, seqs: list["Sequence"], drafts: Tensor,
+                          num_drafts: list[int], eos_token_ids: list[int] = ()) -> Tensor:
+        """Speculative verification: the target distribution of every position of every
+        row, as plain decoding would sample it there. logits [B, K + 1, >=V] (position
+        j: after the row's last token and drafts 0..j-1; positions past the row's
+        num_drafts are copies of its last); drafts int64 [B, K] on the device. Position j
+        gets the row's penalties with drafts 0..j-1 counted as output tokens, and its
+        EOS / stop ids masked while num_output_tokens + j < min_tokens; then
+        ``target_probs`` (temperature, top-k, top-p, min-p; greedy rows: the processed
+        logits). Returns fp32 [B, K + 1, V]."""
+        B, K1 = logits.shape[:2]
+        V = self.vocab_size
+        logits = logits[:, :, :V].float()
+        params = [s.params for s in seqs]
+        distinct = distinct_params(params)
+        if any(p.uses_penalties for p in distinct):
+            counts, seen = self.penalty_state(seqs, V, logits.dtype)
+            valid = (torch.arange(K1 - 1)[None, :] < torch.tensor(num_drafts)[:, None])
+            inc = torch.zeros(B, K1, V, dtype=logits.dtype, device=self.device)
+            inc[:, 1:].scatter_(2, drafts[..., None].clamp(0, V - 1),
+                                valid.to(self.device, logits.dtype)[..., None])
+            counts = (counts[:, None] + inc.cumsum_(1)).reshape(B * K1, V)
+            if seen is not None:
+                seen = seen[:, None].expand(B, K1, V).reshape(B * K1, V)
+            logits = self.penalize(logits.reshape(B * K1, V), counts, seen,
+                                   [p for p in params for _ in range(K1)]).view(B, K1, V)
+        ids = self.stop_id_mask(seqs, eos_token_ids, V) if any(
+            p.min_tokens for p in distinct) else None
+        if ids is not None:
+            n_out = torch.tensor([s.num_output_tokens + s.num_pending for s in seqs])
+            mins = torch.tensor([s.params.min_tokens for s in seqs])
+            below = (n_out[:, None] + torch.arange(K1)[None, :]) < mins[:, None]   # [B, K1]
+            if bool(below.any()):
+                logits = logits.masked_fill(
+                    below.to(self.device, non_blocking=True)[:, :, None] & ids[:, None, :],
+                    float("-inf"))
+        probs = self.target_probs(logits.reshape(B * K1, V),
+                                  [p for p in params for _ in range(K1)])
+        return probs.view(B, K1, V)
+
+    def spec_logprobs(self, logits: Tensor, out_tokens: Tensor, n_top: int
+                      ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+        """Logprobs of verified tokens, as ``sample`` gives them (from the raw logits):
+        logits [B, K + 1, >=V], out_tokens int64 [B, K + 1] (-1 = none). Returns chosen
+        [B, K + 1], ranks [B, K + 1], top_lp / top_ids [B, K + 1, n_top] (None if 0)."""
+        lp = torch.log_softmax(logits[:, :, :self.vocab_size].float(), dim=2)
+        chosen = lp.gather(2, out_tokens.clamp_min(0)[..., None])
+        ranks = (lp > chosen).sum(dim=2) + 1
+        n_top = min(n_top, lp.shape[2])
+        top_lp = top_ids = None
+        if n_top > 0:
+            top_lp, top_ids = torch.topk(lp, n_top, dim=2)
+        return chosen[..., 0], ranks, top_lp, top_ids
 
     @staticmethod
     def _top_k_mask(logits: Tensor, top_k: Tensor | int, use: Tensor | None,
@@ -246,9 +338,10 @@ class Sampler:
 
     def target_probs(self, logits: Tensor, params: list["SamplingParams"]) -> Tensor:
         """Speculative decoding: each row's distribution after temperature, top-k, top-p
-        and min-p (what ``sample`` draws from), fp32 [N, V]; greedy rows keep their raw
-        logits (only their argmax is used). Rows using penalties or min_tokens masking are
-        not drafted for (the engine's choice), so neither is applied here."""
+        and min-p (what ``sample`` draws from), fp32 [N, V]; greedy rows keep their
+        logits (only their argmax is used). Penalties and min_tokens are not applied here:
+        ``spec_target_probs`` applies them per position first (and the draft model's
+        proposer per draft step)."""
         logits = logits[:, :self.vocab_size].float()
         greedy = [p.greedy for p in params]
         if all(greedy):
