@@ -161,6 +161,7 @@ def build_step_inputs(batch: ScheduledBatch, block_size: int, num_blocks: int,
     plp_targets: list[int] = []
     spec: list[tuple[int, int]] = []
     spec_idx: list[int] = []
+    chunk_starts: list[int] = []      # first position of each chunk (rows nd..)
     if len(seqs) > nd:
         ids = list(ids)
     for i in range(nd, len(seqs)):
@@ -175,10 +176,7 @@ def build_step_inputs(batch: ScheduledBatch, block_size: int, num_blocks: int,
                                    f"{len(drafts)} drafts)")
             ids.append(seq.token_ids[-1])
             ids.extend(drafts)
-            p = np.arange(c, end, dtype=np.int64)
-            parts_pos.append(p)
-            parts_slots.append(table[rows[i], p // block_size].astype(np.int64) * block_size
-                               + p % block_size)
+            chunk_starts.append(c)
             cu_q.append(cu_q[-1] + n)
             cu_k.append(cu_k[-1] + end)
             max_q, max_k = max(max_q, n), max(max_k, end)
@@ -203,10 +201,7 @@ def build_step_inputs(batch: ScheduledBatch, block_size: int, num_blocks: int,
             ids.append(0)
             pend_flat.append(t + n - 1)
             pend_flat_src.append(seq.pending_row)
-        p = np.arange(c, end, dtype=np.int64)
-        parts_pos.append(p)
-        parts_slots.append(table[rows[i], p // block_size].astype(np.int64) * block_size
-                           + p % block_size)
+        chunk_starts.append(c)
         cu_q.append(cu_q[-1] + n)
         cu_k.append(cu_k[-1] + end)
         max_q, max_k = max(max_q, n), max(max_k, end)
@@ -215,6 +210,16 @@ def build_step_inputs(batch: ScheduledBatch, block_size: int, num_blocks: int,
             logits_idx.append(t - 1)
             sample_rows.append(i)
         prefill_ends.append(end)
+    if chunk_starts:
+        # Every chunk's positions and slots at once: chunk j covers positions
+        # start_j .. start_j + len_j - 1 of its row's block table.
+        lens = np.diff(np.asarray(cu_q, dtype=np.int64))
+        p = np.arange(int(lens.sum()), dtype=np.int64) + np.repeat(
+            np.asarray(chunk_starts, dtype=np.int64) - (np.cumsum(lens) - lens), lens)
+        prows = np.repeat(np.asarray(rows[nd:], dtype=np.int64), lens)
+        parts_pos.append(p)
+        parts_slots.append(table[prows, p // block_size].astype(np.int64) * block_size
+                           + p % block_size)
     ends = np.concatenate([dpos + 1, np.array(prefill_ends, dtype=np.int64)])
     all_rows = np.array(rows, dtype=np.int64)
     if len(seqs):
