@@ -40,8 +40,10 @@ One ``propose`` call (all proposing sequences batched):
    replays on CUDA), each fed the previous draft tokens, still on the device.
 
 Each draft token is sampled from the draft's distribution after the request's
-temperature / top-k / top-p / min-p (``Sampler.target_probs``, the same processing the
-target's probabilities get) by the exponential race (seeded requests draw from their own
+penalties (outputs and the drafts before it counted) and min_tokens masking, as the
+target's verification applies them, then temperature / top-k / top-p / min-p
+(``Sampler.target_probs``, the same processing the target's probabilities get) by the
+exponential race (seeded requests draw from their own
 generator: reproducible run to run); those probabilities are returned (fp32
 ``[len(seqs), k, V]``) for the rejection sampler. Greedy rows take the argmax (their
 probabilities are zeros: the verifier uses only the target's argmax for them).
@@ -220,12 +222,14 @@ class DraftModelProposer(Proposer):
             catch-up forward).
         enforce_eager, kv_cache_dtype: as the target's runner.
         seed: seeds the generator of drafts of unseeded requests.
+        eos_token_ids: the target's EOS ids (masked in drafts before min_tokens).
     """
 
     def __init__(self, cfg: SpeculativeConfig, model: torch.nn.Module, *, vocab_size: int,
                  common_vocab: int, block_size: int, num_blocks: int, max_model_len: int,
                  max_num_seqs: int, max_num_batched_tokens: int, enforce_eager: bool,
-                 kv_cache_dtype: str = "auto", seed: int = 0) -> None:
+                 kv_cache_dtype: str = "auto", seed: int = 0,
+                 eos_token_ids: list[int] = ()) -> None:
         self.k = cfg.num_speculative_tokens
         self.vocab_size = vocab_size
         self.common_vocab = common_vocab
@@ -241,6 +245,7 @@ class DraftModelProposer(Proposer):
         self.bm = BlockManager(num_blocks, block_size, enable_prefix_caching=False,
                                max_blocks_per_seq=self.runner.max_blocks_per_seq)
         self.sampler = Sampler(common_vocab, self.device, seed + 1)
+        self.eos_token_ids = list(eos_token_ids)
         self.states: dict[int, _DraftSeq] = {}     # target seq_id -> draft state
         # counters (tests, stats): draft forwards and tokens they computed
         self.num_forwards = 0
@@ -324,6 +329,13 @@ class DraftModelProposer(Proposer):
         probs_out = torch.zeros(len(seqs), self.k, self.vocab_size, device=self.device) \
             if any_random else None
         toks = torch.zeros(len(rows), K, dtype=torch.int64, device=self.device)
+        # penalties and min_tokens, as the target's verification applies them (the
+        # drafts so far count as output tokens): drafts closer to the target's choices
+        counts = seen = stop_ids = None
+        if any(s.params.uses_penalties for s in seq_of):
+            counts, seen = self.sampler.penalty_state(seq_of)
+        if any(s.params.min_tokens > s.num_output_tokens for s in seq_of):
+            stop_ids = self.sampler.stop_id_mask(seq_of, self.eos_token_ids)
         active = list(range(len(rows)))
         for j in range(K):
             if j > 0:
@@ -336,7 +348,13 @@ class DraftModelProposer(Proposer):
                                                            prev.contiguous()))
             else:
                 idx = None
-            tok, probs = self._sample(logits, [seq_of[a] for a in active])
+            act_seqs = [seq_of[a] for a in active]
+            logits = self._process(logits, act_seqs, j, idx, counts, seen, stop_ids)
+            tok, probs = self._sample(logits, act_seqs)
+            if counts is not None:
+                counts.index_put_((torch.arange(len(rows), device=self.device)
+                                   if idx is None else idx, tok),
+                                  torch.ones(tok.shape, device=self.device), accumulate=True)
             if idx is None:
                 toks[:, j] = tok
             else:
@@ -353,6 +371,28 @@ class DraftModelProposer(Proposer):
         return drafts, probs_out
 
     # ------------------------------------------------------------------ sampling
+    def _process(self, logits: Tensor, seqs: "list[Sequence]", j: int, idx: Tensor | None,
+                 counts: Tensor | None, seen: Tensor | None, stop_ids: Tensor | None
+                 ) -> Tensor:
+        """Draft step j's logits after the rows' penalties (counts: outputs and the
+        drafts so far, one row per proposing row; idx: the active rows, None = all) and
+        min_tokens (EOS / stop ids masked while the output, drafts included, is short)."""
+        if counts is None and stop_ids is None:
+            return logits
+        logits = logits[:, :self.common_vocab].float()
+        if counts is not None:
+            pick = (lambda t: t) if idx is None else (lambda t: t.index_select(0, idx))
+            logits = self.sampler.penalize(logits, pick(counts),
+                                           None if seen is None else pick(seen),
+                                           [s.params for s in seqs])
+        if stop_ids is not None:
+            below = [s.num_output_tokens + j < s.params.min_tokens for s in seqs]
+            if any(below):
+                ids = stop_ids if idx is None else stop_ids.index_select(0, idx)
+                logits = logits.masked_fill(
+                    ids & torch.tensor(below).to(self.device)[:, None], float("-inf"))
+        return logits
+
     def _sample(self, logits: Tensor, seqs: "list[Sequence]") -> tuple[Tensor, Tensor | None]:
         """One draft token per row: int64 [R] and, unless every row is greedy, the fp32
         [R, common_vocab] probabilities they were drawn from (greedy rows: zeros)."""

@@ -254,7 +254,7 @@ class LLMEngine:
                 num_blocks=self.runner.num_blocks, max_model_len=self.max_model_len,
                 max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                 enforce_eager=self.runner.enforce_eager, kv_cache_dtype=kv_cache_dtype,
-                seed=seed)
+                seed=seed, eos_token_ids=self._eos_list)
         elif self.spec_config is not None:
             self.proposer = make_proposer(self.spec_config)
         # draft probabilities of this step's proposals (draft model; None = point masses)
