@@ -676,7 +676,7 @@ class ModelRunner:
         ids = torch.zeros(n, dtype=torch.int64, device=self.device)
         meta = AttentionMetadata.for_prompts([n], device=self.device)
         meta.logits_indices = torch.arange(n - rows, n, device=self.device)
-        with torch.inference_mode(), index_checks_off():
+        with torch.inference_mode(), index_checks_off(), self.on_device():
             self.model(ids, meta, None)
         torch.cuda.synchronize(self.device)
         peak = torch.cuda.max_memory_allocated(self.device) - base
