@@ -377,8 +377,13 @@ class LLMEngine:
 
         Without overlap the step's own tokens are read back at its end. With
         ``async_scheduling`` the step is launched, then the *previous* step's tokens are
-        read back and processed while the device computes this one.
+        read back and processed while the device computes this one. Runs with the
+        engine's GPU as the thread's current device (Triton launches use it).
         """
+        with self.runner.on_device():
+            return self._step()
+
+    def _step(self) -> list[Request]:
         if self._in_flight is not None and self._in_flight.needs_host_tokens and \
                 self.proposer is not None:
             return self._finish(self._take_in_flight())   # its tokens feed the drafts
