@@ -32,8 +32,10 @@ def apply_token_bitmask_kernel(logits_ptr, bitmask_ptr, indices_ptr, vocab_size,
     bits = (packed[:, None] >> tl.arange(0, 32)[None, :]) & 1          # [BLOCK/32, 32]
     cols = start + tl.arange(0, BLOCK)
     blocked = tl.reshape(bits == 0, [BLOCK])
+    # fp32 -inf, cast to the logits' dtype by the store (exact; the same PTX as a bf16/fp16
+    # constant). triton 3.6's interpreter has no bf16 constants (InterpreterBuilder.get_bf16).
     tl.store(logits_ptr + row * logits_row_stride + cols,
-             tl.full([BLOCK], float("-inf"), logits_ptr.dtype.element_ty),
+             tl.full([BLOCK], float("-inf"), tl.float32),
              mask=blocked & (cols < vocab_size))
 
 
