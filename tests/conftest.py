@@ -21,6 +21,31 @@ if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 
+
+def _patch_old_interpreter_index() -> None:
+    """Triton 3.6's interpreter converts a scalar to int with int(1-element array), which
+    numpy 2 refuses ("only 0-dimensional arrays can be converted"), so range() bounds loaded
+    from memory fail. Interpreter only (compiled code is unaffected). This applies 3.9's
+    version (squeeze first) to older tritons, so the GPU image's triton 3.6 runs the kernel
+    tests on CPU (bench/NOTES.md)."""
+    if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+        return
+    import triton
+    if tuple(int(x) for x in triton.__version__.split(".")[:2]) >= (3, 9):
+        return
+    from triton.runtime import interpreter
+
+    orig = interpreter._patch_lang_tensor
+
+    def patched(tensor, scope):
+        orig(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
+
+    interpreter._patch_lang_tensor = patched
+
+
+_patch_old_interpreter_index()
+
 from hypothesis import HealthCheck, settings  # noqa: E402
 
 settings.register_profile(
