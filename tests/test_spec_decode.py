@@ -9,6 +9,7 @@ from __future__ import annotations
 import random
 
 import pytest
+import torch
 from test_engine import _make_hf, assert_all_free, tokens
 
 from minikernels.engine import LLM, SamplingParams
@@ -87,13 +88,24 @@ def test_prefix_cache_hits_with_speculation(path):
     assert_all_free(llm)
 
 
-def test_mixed_batch_and_stops_land_exactly(path):
-    """Rows with penalties and logprobs next to plain ones (all draft); stop ids,
-    max_tokens, min_tokens and EOS stop at the same token as without speculation."""
-    prompts = repetitive_prompts(9, seed=2)
-    ref = tokens(make(path).generate(prompts, GREEDY, use_tqdm=False))
+def save_target_and_near(root) -> None:
+    """root/target: test_engine's llama (V = 300); root/near: the target with noisy
+    weights (a draft close to it: most drafts accepted, not all)."""
+    target = _make_hf("llama")
+    target.save_pretrained(str(root / "target"))
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for p in target.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.02)
+    target.save_pretrained(str(root / "near"))
+
+
+def mixed_stop_params(ref: list[list[int]]) -> list[SamplingParams]:
+    """Greedy rows that end every way (stop ids, max_tokens, min_tokens, EOS id 2, a stop
+    id met late) or carry penalties / logprobs (rows 2 and 3); ref: each prompt's plain
+    greedy tokens, where the stop ids are taken from."""
     stop_ids = [ref[0][5], ref[1][9]]
-    params = [
+    return [
         SamplingParams(temperature=0, max_tokens=24, stop_token_ids=stop_ids, ignore_eos=True),
         SamplingParams(temperature=0, max_tokens=7, ignore_eos=True),
         SamplingParams(temperature=0, max_tokens=20, repetition_penalty=1.3, ignore_eos=True),
@@ -104,6 +116,14 @@ def test_mixed_batch_and_stops_land_exactly(path):
         SamplingParams(temperature=0, max_tokens=24, stop_token_ids=[ref[7][3]]),
         SamplingParams(temperature=0, max_tokens=24, ignore_eos=True),
     ]
+
+
+def test_mixed_batch_and_stops_land_exactly(path):
+    """Rows with penalties and logprobs next to plain ones (all draft); stop ids,
+    max_tokens, min_tokens and EOS stop at the same token as without speculation."""
+    prompts = repetitive_prompts(9, seed=2)
+    ref = tokens(make(path).generate(prompts, GREEDY, use_tqdm=False))
+    params = mixed_stop_params(ref)
     for async_scheduling in (True, False):
         want = make(path, async_scheduling=async_scheduling).generate(prompts, params,
                                                                       use_tqdm=False)

@@ -15,7 +15,8 @@ import random
 
 import pytest
 import torch
-from test_engine import _make_hf, assert_all_free, tokens
+from test_engine import assert_all_free, tokens
+from test_spec_decode import mixed_stop_params, save_target_and_near
 
 from minikernels.engine import LLM, SamplingParams
 from minikernels.engine.spec_decode import SpeculativeConfig
@@ -51,13 +52,7 @@ def paths(tmp_path_factory):
     drafts accepted, some not); small: an unrelated 1-layer llama (V = 300: mostly
     rejected)."""
     root = tmp_path_factory.mktemp("spec_draft")
-    target = _make_hf("llama")
-    target.save_pretrained(str(root / "target"))
-    g = torch.Generator().manual_seed(7)
-    with torch.no_grad():
-        for p in target.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * 0.02)
-    target.save_pretrained(str(root / "near"))
+    save_target_and_near(root)
     _save_llama(root / "small", 300, 1, 32, seed=3, scale=0.1, heads=2, kv_heads=1)
     return {k: str(root / k) for k in ("target", "near", "small")}
 
@@ -153,19 +148,8 @@ def test_mixed_batch_and_stops_land_exactly(paths):
     draft); stop ids, max_tokens, min_tokens and EOS stop at the same token."""
     prompts = prompts_of(10, seed=2)
     ref = tokens(make(paths["target"]).generate(prompts, GREEDY, use_tqdm=False))
-    stop_ids = [ref[0][5], ref[1][9]]
-    params = [
-        SamplingParams(temperature=0, max_tokens=24, stop_token_ids=stop_ids, ignore_eos=True),
-        SamplingParams(temperature=0, max_tokens=7, ignore_eos=True),
-        SamplingParams(temperature=0, max_tokens=20, repetition_penalty=1.3, ignore_eos=True),
-        SamplingParams(temperature=0, max_tokens=20, logprobs=2, ignore_eos=True),
-        SamplingParams(temperature=0, max_tokens=20, min_tokens=6, stop_token_ids=stop_ids),
-        SamplingParams(temperature=0, max_tokens=20),                       # EOS (id 2)
-        SamplingParams(temperature=0, max_tokens=1, ignore_eos=True),
-        SamplingParams(temperature=0, max_tokens=24, stop_token_ids=[ref[7][3]]),
-        SamplingParams(temperature=0, max_tokens=24, ignore_eos=True),
-        SamplingParams(temperature=0.8, seed=5, max_tokens=12, ignore_eos=True),
-    ]
+    params = mixed_stop_params(ref) + [
+        SamplingParams(temperature=0.8, seed=5, max_tokens=12, ignore_eos=True)]
     greedy_rows = list(range(9))
     for async_scheduling in (True, False):
         want = make(paths["target"], async_scheduling=async_scheduling).generate(

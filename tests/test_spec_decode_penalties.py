@@ -12,8 +12,8 @@ import random
 
 import pytest
 import torch
-from test_engine import _make_hf, assert_all_free, tokens
-from test_spec_decode import assert_logprobs_close
+from test_engine import assert_all_free, tokens
+from test_spec_decode import assert_logprobs_close, save_target_and_near
 from test_spec_decode_draft import _chi_square_p, _save_llama
 
 from minikernels.engine import LLM, SamplingParams
@@ -26,13 +26,7 @@ NGRAM = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 1,
 def paths(tmp_path_factory):
     """target: test_engine's llama (V = 300); near: the target with noisy weights."""
     root = tmp_path_factory.mktemp("spec_pen")
-    target = _make_hf("llama")
-    target.save_pretrained(str(root / "target"))
-    g = torch.Generator().manual_seed(7)
-    with torch.no_grad():
-        for p in target.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * 0.02)
-    target.save_pretrained(str(root / "near"))
+    save_target_and_near(root)
     return {k: str(root / k) for k in ("target", "near")}
 
 

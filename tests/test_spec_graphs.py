@@ -18,7 +18,8 @@ import random
 
 import pytest
 import torch
-from test_engine import _make_hf, assert_all_free, tokens
+from test_engine import assert_all_free, tokens
+from test_spec_decode import save_target_and_near
 
 from minikernels.engine import LLM, SamplingParams
 from minikernels.engine.model_runner import StepInputs, _VerifyGraphs
@@ -42,13 +43,7 @@ class EagerVerifyGraphs(_VerifyGraphs):
 @pytest.fixture(scope="module")
 def paths(tmp_path_factory):
     root = tmp_path_factory.mktemp("spec_graphs")
-    target = _make_hf("llama")
-    target.save_pretrained(str(root / "target"))
-    g = torch.Generator().manual_seed(7)
-    with torch.no_grad():      # a draft close to the target: most drafts accepted, not all
-        for p in target.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * 0.02)
-    target.save_pretrained(str(root / "near"))
+    save_target_and_near(root)
     return {k: str(root / k) for k in ("target", "near")}
 
 
