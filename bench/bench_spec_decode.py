@@ -98,12 +98,16 @@ class ScriptedTarget(torch.nn.Module):
     def kv_bytes_per_token(self, *a, **kw):
         return self.inner.kv_bytes_per_token(*a, **kw)
 
+    def planned(self) -> list[int]:
+        """The tokens this model's logits put on top (position p -> planned[p + 1])."""
+        return self.script
+
     def forward(self, input_ids, meta, kv_caches):
         logits = self.inner(input_ids, meta, kv_caches)
         pos = meta.positions if meta.logits_indices is None else \
             meta.positions.index_select(0, meta.logits_indices)
-        nxt = torch.tensor(self.script, device=logits.device)[(pos + 1).clamp_max(
-            len(self.script) - 1)]
+        plan = self.planned()
+        nxt = torch.tensor(plan, device=logits.device)[(pos + 1).clamp_max(len(plan) - 1)]
         out = torch.full_like(logits, -10.0)
         out.scatter_(1, nxt[:, None], 10.0)
         return out
@@ -127,15 +131,8 @@ class ScriptedDraft(ScriptedTarget):
                      VOCAB_LO + (t - VOCAB_LO + 1 + r.randrange(vocab - VOCAB_LO - 1))
                      % (vocab - VOCAB_LO) for t in script]
 
-    def forward(self, input_ids, meta, kv_caches):
-        logits = self.inner(input_ids, meta, kv_caches)
-        pos = meta.positions if meta.logits_indices is None else \
-            meta.positions.index_select(0, meta.logits_indices)
-        nxt = torch.tensor(self.plan, device=logits.device)[(pos + 1).clamp_max(
-            len(self.plan) - 1)]
-        out = torch.full_like(logits, -10.0)
-        out.scatter_(1, nxt[:, None], 10.0)
-        return out
+    def planned(self) -> list[int]:
+        return self.plan
 
 
 def workload(name: str, n_out: int, r: random.Random, vocab: int) -> tuple[list[int], list[int]]:
