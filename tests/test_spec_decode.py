@@ -258,8 +258,8 @@ def test_serve_flag_and_metrics_lines():
     assert "minikernels_spec_decode_mean_acceptance_length" in text
 
 
-def test_benchmark_smoke_copying_needs_half_the_forwards():
-    import argparse
+def bench_module():
+    """bench/bench_spec_decode.py as a module (bench/ is scripts, not the package)."""
     import importlib.util
     import pathlib
 
@@ -268,6 +268,13 @@ def test_benchmark_smoke_copying_needs_half_the_forwards():
         "bench_spec_decode.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
+    return mod
+
+
+def test_benchmark_smoke_copying_needs_half_the_forwards():
+    import argparse
+
+    mod = bench_module()
     res = mod.run(argparse.Namespace(k=4, tokens=48, requests=1))
     assert res["copy"]["reduction"] >= 2.0 and res["code-edit"]["reduction"] >= 2.0
     assert res["free-text"]["off"]["forwards_per_token"] == pytest.approx(

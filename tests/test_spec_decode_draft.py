@@ -16,7 +16,7 @@ import random
 import pytest
 import torch
 from test_engine import assert_all_free, tokens
-from test_spec_decode import mixed_stop_params, save_target_and_near
+from test_spec_decode import bench_module, mixed_stop_params, save_target_and_near
 
 from minikernels.engine import LLM, SamplingParams
 from minikernels.engine.spec_decode import SpeculativeConfig
@@ -370,14 +370,8 @@ def test_sampled_output_follows_the_target_distribution(tmp_path):
 
 def test_benchmark_smoke_draft_rows():
     import argparse
-    import importlib.util
-    import pathlib
 
-    spec_ = importlib.util.spec_from_file_location(
-        "bench_spec_decode", pathlib.Path(__file__).parent.parent / "bench" /
-        "bench_spec_decode.py")
-    mod = importlib.util.module_from_spec(spec_)
-    spec_.loader.exec_module(mod)
+    mod = bench_module()
     res = mod.run(argparse.Namespace(k=3, tokens=24, requests=1, draft_agreement=[1.0, 0.0]))
     for row in res.values():      # a draft that always agrees: k + 1 tokens per forward
         assert row["draft-1"]["accepted_tokens"] == row["draft-1"]["draft_tokens"] > 0
@@ -386,16 +380,6 @@ def test_benchmark_smoke_draft_rows():
         assert row["draft-0"]["forwards_per_token"] == pytest.approx(1.0)
 
 
-def _bench_module():
-    import importlib.util
-    import pathlib
-
-    spec_ = importlib.util.spec_from_file_location(
-        "bench_spec_decode_timing", pathlib.Path(__file__).parent.parent / "bench" /
-        "bench_spec_decode.py")
-    mod = importlib.util.module_from_spec(spec_)
-    spec_.loader.exec_module(mod)
-    return mod
 
 
 def test_benchmark_timing_smoke(tmp_path):
@@ -408,7 +392,7 @@ def test_benchmark_timing_smoke(tmp_path):
     from minikernels.models.loader import load_model
     from minikernels.models.metadata import AttentionMetadata
 
-    mod = _bench_module()
+    mod = bench_module()
     # the scripted target computes the real logits (lm_head runs) before replacing them
     inner = load_model("tiny", dtype="float32", device="cpu")
     calls = []
