@@ -380,8 +380,6 @@ def test_benchmark_smoke_draft_rows():
         assert row["draft-0"]["forwards_per_token"] == pytest.approx(1.0)
 
 
-
-
 def test_benchmark_timing_smoke(tmp_path):
     """bench_spec_decode.py --timing on the CPU: every row timed, speed-ups finite, the
     plan followed; the scripted forwards still run the whole model (lm_head included)."""
