@@ -53,6 +53,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+# Module level, not inside the functions: torch.compile traces attention_mask /
+# attention_forward, and torch 2.11's dynamo cannot trace an import of transformers' lazy
+# submodules ("Bad import result"); 2.13's can.
+from transformers import masking_utils as mu
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
 from .. import ops
 from ..ops.attention import MAX_HEAD_DIM
 
@@ -81,7 +87,6 @@ def _noop(*args: Any) -> bool:
 
 
 def _codes() -> tuple[Any, Any]:
-    from transformers import masking_utils as mu
     return mu.and_masks(_noop).__code__, mu.sliding_window_overlay(1).__code__
 
 
@@ -92,8 +97,6 @@ def mask_kind(mask_function: Callable) -> str | None:
     """'causal', 'bidirectional' or 'sliding' (causal + window) for transformers' own mask
     functions; None for anything else (packed sequences, chunked, block-wise, or / and
     overlays, custom), whose pattern the FlashAttention 2-D mask cannot carry."""
-    from transformers import masking_utils as mu
-
     if mask_function is mu.causal_mask_function:
         return "causal"
     if mask_function is mu.bidirectional_mask_function:
@@ -123,8 +126,6 @@ def attention_mask(batch_size: int, q_length: int, kv_length: int, q_offset: Any
     mask function the 2-D form cannot express gets transformers' exact 4-D boolean SDPA mask
     instead (the attention then falls back to SDPA).
     """
-    from transformers import masking_utils as mu
-
     mask_function = mask_function or mu.causal_mask_function
     if mask_kind(mask_function) is None:
         kwargs.pop("allow_is_causal_skip", None)
@@ -241,8 +242,6 @@ def _fallback(module: torch.nn.Module, query: Tensor, key: Tensor, value: Tensor
         empty = ~mask4.any(dim=-1, keepdim=True)                     # [B, 1, Sq, 1]
         mask4 = mask4 | empty
     if not want_weights and not softcap:
-        from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
         out, weights = sdpa_attention_forward(module, query, key, value, mask4,
                                               dropout=dropout, scaling=scale,
                                               is_causal=causal if mask4 is None else False)
