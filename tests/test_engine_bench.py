@@ -80,6 +80,9 @@ def test_cli_bench_engine_small(tmp_path):
         assert r["stand_in_ms"] > 0
     stream = [r for r in rows if r["path"] == "stream"]
     assert all(0 < r["loop_floor_ms"] for r in stream)
+    import importlib.util
+    loop = "uvloop" if importlib.util.find_spec("uvloop") else "asyncio"   # --loop auto
+    assert all(r["event_loop"] == loop for r in stream)
     sweep = [r for r in rows if r["workload"] == "block-sweep"]
     assert [r["block_size"] for r in sweep] == [16, 64]
     assert all(0 < r["hit_rate"] <= 1 and r["add_us"] > 0 for r in sweep)

@@ -15,7 +15,8 @@ Workloads (``--workloads``):
     prefix      1024 requests sharing a 2048-token prefix (+ 32 own tokens), 32 outputs;
                 every step after the first (warm-up), and the admission cost.
 Paths: ``generate`` (LLM.generate's loop) and ``stream`` (AsyncLLM with one asyncio
-consumer per request, DELTA outputs; engine thread + event loop CPU per step).
+consumer per request, DELTA outputs; engine thread + event loop CPU per step; ``--loop``:
+uvloop when installed, as the server runs, else asyncio's own loop).
 
 ``--gpu-ms T`` simulates a device step of T ms that does not hold the GIL (the stub's
 completion event sleeps until the simulated device is done), so overlap is measured on
@@ -310,7 +311,8 @@ def run_generate(workload: str, block_size: int = 16, async_scheduling: bool = T
 
 def run_stream(workload: str, block_size: int = 16, async_scheduling: bool = True,
                gpu_ms: float = 0.0, scale: float = 1.0, tokenizer: Any = None,
-               kind: RequestOutputKind = RequestOutputKind.DELTA) -> dict[str, Any]:
+               kind: RequestOutputKind = RequestOutputKind.DELTA,
+               loop: str = "auto") -> dict[str, Any]:
     """AsyncLLM with one asyncio consumer per request (what a server does). CPU per step
     counts the engine thread and the event loop, over the steady window (from the step
     after the last admission to the first finish)."""
@@ -361,19 +363,34 @@ def run_stream(workload: str, block_size: int = 16, async_scheduling: bool = Tru
         await engine.shutdown()
         return loop_cpu, toks, wall, text_chars[0]
 
+    loop_name, run_loop = loop_runner(loop)
     with GcPauses(timer) as gcp:
-        loop_cpu, toks, wall, _ = asyncio.run(main())
+        loop_cpu, toks, wall, _ = run_loop(main())
     row = _row(workload, "stream", llm, timer, loop_cpu, toks, wall, gcp,
-               gpu_ms=gpu_ms or None, output_kind=kind.name)
+               gpu_ms=gpu_ms or None, output_kind=kind.name, event_loop=loop_name)
     n = max(1, len(timer.steps))
     row["post_ms"] = 1e3 * eng_post[0] / n
     row["total_cpu_ms_per_step"] = (row["host_ms_median"] or 0.0) + row["post_ms"] + \
         (row["loop_ms_per_step"] or 0.0)
-    row["loop_floor_ms"] = asyncio_floor_ms(len(prompts))
+    row["loop_floor_ms"] = asyncio_floor_ms(len(prompts), loop=loop)
     return row
 
 
-def asyncio_floor_ms(consumers: int, rounds: int = 500) -> float:
+def loop_runner(kind: str = "auto") -> tuple[str, Any]:
+    """(name, run(coro)) of an event loop: "uvloop", "asyncio", or "auto" = uvloop when
+    installed (uvicorn's default, so the server's loop), else asyncio's."""
+    if kind in ("auto", "uvloop"):
+        try:
+            import uvloop
+        except ImportError:
+            if kind == "uvloop":
+                raise
+        else:
+            return "uvloop", uvloop.run
+    return "asyncio", asyncio.run
+
+
+def asyncio_floor_ms(consumers: int, rounds: int = 500, loop: str = "auto") -> float:
     """Event-loop CPU (ms) per round of the least a stream of one task per request can
     cost: every consumer is an ``async for`` over an iterator whose ``__anext__`` returns
     a fresh future, and each round one callback resolves all of them (one future and one
@@ -412,7 +429,7 @@ def asyncio_floor_ms(consumers: int, rounds: int = 500) -> float:
             fut.set_result(None)
         await asyncio.gather(*tasks)
         return 1e3 * statistics.median(times)
-    return asyncio.run(main())
+    return loop_runner(loop)[1](main())
 
 
 def _fields(sp: SamplingParams) -> dict[str, Any]:
@@ -481,7 +498,8 @@ def run(args: argparse.Namespace) -> int:
 
     def show(r: dict[str, Any]) -> None:
         rows.append(r)
-        keys = ("workload", "path", "block_size", "async", "gpu_ms", "host_ms_median",
+        keys = ("workload", "path", "event_loop", "block_size", "async", "gpu_ms",
+                "host_ms_median",
                 "host_ms_excl_stand_in", "host_ms_p99", "host_ms_max", "loop_ms_per_step",
                 "loop_floor_ms", "total_cpu_ms_per_step",
                 "tok_s", "gc_max_ms", "add_us", "admit_us", "hit_rate")
@@ -494,7 +512,7 @@ def run(args: argparse.Namespace) -> int:
             show(run_generate(w, bs, scale=args.scale, tokenizer=tok,
                               skip_steps=1 if w == "prefix" else 0))
         if "stream" in paths and w == "steady":
-            show(run_stream(w, bs, scale=args.scale, tokenizer=tok))
+            show(run_stream(w, bs, scale=args.scale, tokenizer=tok, loop=args.loop))
     if args.gpu_ms > 0:
         for on in (True, False):
             r = run_generate("steady", bs, async_scheduling=on, gpu_ms=args.gpu_ms,
@@ -504,7 +522,8 @@ def run(args: argparse.Namespace) -> int:
             r["of_ceiling"] = r["tok_s"] / r["ceiling_tok_s"]
             show(r)
         if "stream" in paths:
-            r = run_stream("steady", bs, gpu_ms=args.gpu_ms, scale=args.scale, tokenizer=tok)
+            r = run_stream("steady", bs, gpu_ms=args.gpu_ms, scale=args.scale, tokenizer=tok,
+                           loop=args.loop)
             r["ceiling_tok_s"] = max(1, int(256 * args.scale)) / (args.gpu_ms / 1e3)
             r["of_ceiling"] = r["tok_s"] / r["ceiling_tok_s"]
             show(r)
@@ -525,7 +544,8 @@ def run(args: argparse.Namespace) -> int:
                                                      default=str))
     if not args.no_save:
         from .plumbing import write_results
-        cols = ["workload", "path", "block_size", "async", "gpu_ms", "steps", "host_ms_median",
+        cols = ["workload", "path", "event_loop", "block_size", "async", "gpu_ms", "steps",
+                "host_ms_median",
                 "stand_in_ms", "host_ms_excl_stand_in", "host_ms_p99", "host_ms_max",
                 "schedule_ms", "prepare_ms", "sample_ms",
                 "finish_ms", "post_ms", "loop_ms_per_step", "loop_floor_ms",
