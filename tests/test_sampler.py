@@ -223,3 +223,44 @@ def test_prompt_logprobs_are_log_softmax_of_the_previous_position():
                               for i, t in enumerate(targets.tolist())]
     torch.testing.assert_close(top_lp, ref.topk(3, dim=1).values)
     assert s.prompt_logprobs(logits, targets, 0)[2] is None
+
+
+def test_rows_alike_by_interned_key_take_the_uniform_path(monkeypatch):
+    """A server batch holds one SamplingParams object per request: rows whose sampling
+    fields are equal still sample with scalar parameters (the sampling keys are interned,
+    compared by identity); different fields or a row wanting logprobs / penalties /
+    min_tokens take the per-row paths, with the same tokens as sampling each alike group
+    alone (greedy here, so deterministic)."""
+    import minikernels.engine.sampling_params as spm
+
+    s = Sampler(V)
+    calls: list[str] = []
+    for name in ("_sample_uniform", "_sample_mixed"):
+        real = getattr(Sampler, name)
+        monkeypatch.setattr(Sampler, name, lambda self, *a, _r=real, _n=name, **k: (
+            calls.append(_n), _r(self, *a, **k))[1])
+    a, b = SamplingParams(temperature=0.7, top_k=5), SamplingParams(temperature=0.7, top_k=5)
+    assert a is not b and a.sampling_key is b.sampling_key and a.plain_row
+    logits = torch.randn(6, V)
+    s.sample(logits, [seq_for(p) for p in (a, b, a, b, a, b)])
+    assert calls == ["_sample_uniform"]
+    calls.clear()
+    s.sample(logits, [seq_for(SamplingParams(temperature=t)) for t in (0.5, 0.7) * 3])
+    assert calls == ["_sample_mixed"]
+    # greedy rows: alike-but-distinct objects, mixed with a logprobs row (the general path)
+    g = [SamplingParams(temperature=0.0) for _ in range(5)] + [
+        SamplingParams(temperature=0.0, logprobs=1)]
+    assert [p.plain_row for p in g] == [True] * 5 + [False]
+    out = s.sample(logits, [seq_for(p) for p in g])
+    assert torch.equal(out.tokens, logits.argmax(dim=1))
+    # the intern table is bounded: when it starts over, equal keys compare unequal by
+    # identity and the batch takes the per-row path, with the same tokens
+    monkeypatch.setattr(spm, "_MAX_KEYS", 1)
+    x, y = SamplingParams(temperature=0.0), SamplingParams(temperature=0.0, top_p=0.5)
+    z = SamplingParams(temperature=0.0)
+    assert z.sampling_key == x.sampling_key and z.sampling_key is not x.sampling_key
+    calls.clear()
+    out = s.sample(logits[:2], [seq_for(x), seq_for(z)])
+    assert calls == ["_sample_mixed"] and torch.equal(out.tokens, logits[:2].argmax(dim=1))
+    assert y.needs_host_tokens is False
+    assert SamplingParams(repetition_penalty=1.2).needs_host_tokens

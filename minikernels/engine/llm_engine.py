@@ -36,7 +36,7 @@ from .draft_model import (DraftModelProposer, check_vocab, load_draft_model,
                           load_draft_tokenizer)
 from .model_runner import ModelRunner
 from .outputs import Logprob, RequestOutput
-from .sampler import DeviceSample, Sampler, SamplerOutput, distinct_params
+from .sampler import DeviceSample, Sampler, SamplerOutput, needs_host_tokens
 from .sampling_params import SamplingParams
 from .scheduler import ScheduledBatch, Scheduler
 from .sequence import Request, Sequence, SequenceStatus
@@ -590,9 +590,8 @@ class LLMEngine:
         # penalties and grammars need this step's tokens on the host before the next launch;
         # so do drafts (proposed from the tokens on the host), whenever this batch is small
         # enough to draft for
-        needs = bool(spec_seqs) or (self.proposer is not None and self._spec_on()) or any(
-            p.uses_penalties or p.uses_grammar
-            for p in distinct_params([s.params for s in seqs]))
+        needs = bool(spec_seqs) or (self.proposer is not None and self._spec_on()) or \
+            needs_host_tokens([s.params for s in seqs])
         return LaunchedStep(batch, seqs, sample, host, runner.completion_event(), needs,
                             plp, plp_host, spec_seqs, spec_host)
 

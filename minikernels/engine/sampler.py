@@ -21,6 +21,7 @@ tensors, and the per-row Python work is a single pass.
 """
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -30,6 +31,17 @@ from torch import Tensor
 if TYPE_CHECKING:
     from .sampling_params import SamplingParams
     from .sequence import Sequence
+
+
+_PLAIN_ROW = operator.attrgetter("plain_row")
+_SAMPLING_KEY = operator.attrgetter("sampling_key")
+_NEEDS_HOST_TOKENS = operator.attrgetter("needs_host_tokens")
+
+
+def needs_host_tokens(params: list["SamplingParams"]) -> bool:
+    """Whether any row's next step needs this step's tokens on the host (penalties,
+    grammars)."""
+    return any(map(_NEEDS_HOST_TOKENS, params))
 
 
 def distinct_params(params: list["SamplingParams"]) -> list["SamplingParams"]:
@@ -293,6 +305,12 @@ class Sampler:
             raise ValueError(f"logits has {logits.shape[0]} rows but {len(seqs)} sequences")
         logits = logits[:, :self.vocab_size].float()
         params = [s.params for s in seqs]
+        if all(map(_PLAIN_ROW, params)):
+            # No logprobs, penalties or min_tokens in the batch (C-level checks, no
+            # per-row Python: a server batch has one SamplingParams object per request).
+            if len(set(map(id, map(_SAMPLING_KEY, params)))) == 1:   # keys are interned
+                return DeviceSample(tokens=self._sample_uniform(logits, params[0], seqs))
+            return DeviceSample(tokens=self._sample_mixed(logits, params, seqs))
         distinct = distinct_params(params)
         any_lp = any(p.logprobs is not None for p in distinct)
         raw_logprobs = torch.log_softmax(logits, dim=1) if any_lp else None

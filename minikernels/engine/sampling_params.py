@@ -13,6 +13,22 @@ from dataclasses import dataclass, field
 from .structured_outputs import StructuredOutputsParams
 
 _EPS = 1e-5  # temperatures below this are greedy
+
+# Equal sampling keys share one tuple object, so a batch is checked for "all rows sample
+# alike" by identity, without hashing a tuple per row. Bounded (keys hold user floats):
+# when full it starts over, and equal keys made before and after merely compare unequal by
+# identity (the sampler then takes its per-row path: slower, same result).
+_KEYS: dict[tuple, tuple] = {}
+_MAX_KEYS = 4096
+
+
+def _interned(key: tuple) -> tuple:
+    got = _KEYS.get(key)
+    if got is None:
+        if len(_KEYS) >= _MAX_KEYS:
+            _KEYS.clear()
+        got = _KEYS.setdefault(key, key)
+    return got
 _FP32_TINY = 1.1754943508222875e-38  # smallest normal float32
 MAX_CACHE_SALT_CHARS = 4096
 
@@ -124,6 +140,10 @@ class SamplingParams:
     stop_strings: list[str] = field(default_factory=list, init=False, repr=False)
     sampling_key: tuple = field(default=(), init=False, repr=False, compare=False)
     simple_stop: bool = field(default=True, init=False, repr=False, compare=False)
+    # Per-row flags the engine reads for every row of every step (plain attributes: a
+    # server batch holds one SamplingParams per request, so properties would be 256 calls)
+    needs_host_tokens: bool = field(default=False, init=False, repr=False, compare=False)
+    plain_row: bool = field(default=True, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         self._check_int("n", self.n, low=1)
@@ -210,10 +230,16 @@ class SamplingParams:
         self.stop_strings = stops
         # What the sampler needs to know to treat rows alike (params are read-only once
         # built); and whether the stop check is only EOS + length.
-        self.sampling_key = (self.greedy, self.temperature, self.top_p, self.top_k,
-                             self.min_p, self.seed is not None, self.presence_penalty,
-                             self.frequency_penalty, self.repetition_penalty)
+        self.sampling_key = _interned((self.greedy, self.temperature, self.top_p, self.top_k,
+                                       self.min_p, self.seed is not None,
+                                       self.presence_penalty, self.frequency_penalty,
+                                       self.repetition_penalty))
         self.simple_stop = not stops and not self.stop_token_ids and self.min_tokens == 0
+        # the next step needs this step's tokens on the host (penalty counts, grammars)
+        self.needs_host_tokens = self.uses_penalties or self.uses_grammar
+        # the sampler needs nothing but the sampling_key fields for this row
+        self.plain_row = (self.logprobs is None and not self.uses_penalties
+                          and self.min_tokens == 0)
         if not isinstance(self.output_kind, RequestOutputKind):
             try:
                 self.output_kind = RequestOutputKind(self.output_kind)
