@@ -141,6 +141,29 @@ def test_hash_blocks_matches_chain_hash_and_is_split_invariant():
     assert hash_blocks(ids, 4, 0, 3, None) + hash_blocks(ids, 4, 3, 6, want[2]) == want
 
 
+def test_prompt_block_hashes_computed_ahead_equal_the_managers_own():
+    bm = BlockManager(16, 4)
+    ids = list(range(50, 61))                      # 2 full blocks + 3 tokens
+    own = make_seq(ids)
+    bm.hash_prompt(own)
+    ahead = bm.prompt_block_hashes(ids, None)
+    assert ahead == own.block_hashes and len(ahead) == 2
+    seq = make_seq(ids)
+    bm.hash_prompt(seq, ahead)
+    assert seq.block_hashes is ahead               # taken, not recomputed
+    # a salt changes every hash; prefix caching off hashes nothing
+    assert set(bm.prompt_block_hashes(ids, "user-a")).isdisjoint(ahead)
+    assert BlockManager(16, 4, enable_prefix_caching=False).prompt_block_hashes(ids, None) == []
+    # a later prompt whose hashes came ahead hits the blocks the first one registered
+    assert admit(bm, own)
+    bm.register_full_blocks(own, own.num_tokens)
+    again = make_seq(ids)
+    bm.hash_prompt(again, bm.prompt_block_hashes(ids, None))
+    assert bm.lookup_prefix(again) == own.block_table[:2]
+    with pytest.raises(ValueError, match="prompt_block_hashes has 1 hashes"):
+        bm.hash_prompt(make_seq(ids), ahead[:1])
+
+
 def test_prompt_hashed_at_add_and_output_blocks_registered_when_known():
     bm = BlockManager(8, 2)
     a = make_seq([1, 2, 3, 4, 5])

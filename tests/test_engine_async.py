@@ -412,3 +412,24 @@ def test_busy_gc_policy_collects_at_chosen_points(monkeypatch):
         a.idle()
         b.idle()
     assert gc.get_threshold() == before
+
+
+def test_prompt_hashed_on_the_callers_thread_hits_the_prefix_cache_per_salt(llm):
+    """AsyncLLM hashes a prompt's blocks with its tokenization (not on the engine thread):
+    an equal prompt with the same salt hits the cache, another salt does not."""
+    prompt = list(range(40, 90))                      # 3 full blocks of 16
+    params = {salt: SamplingParams(max_tokens=2, cache_salt=salt, **GREEDY)
+              for salt in ("a", "b")}
+
+    async def main():
+        engine = AsyncLLM(llm)
+        try:
+            cached = []
+            for rid, salt in (("h0", "a"), ("h1", "a"), ("h2", "b")):
+                outs = await collect(engine, prompt, params[salt], rid)
+                cached.append(outs[-1].num_cached_tokens)
+            return cached
+        finally:
+            await engine.shutdown()
+
+    assert run(main()) == [0, 48, 0]

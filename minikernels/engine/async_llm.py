@@ -575,13 +575,13 @@ class AsyncLLM:
                 return
             kind = cmd[0]
             if kind == "add":
-                _, rid, prompt, ids, params, box, arrival = cmd
+                _, rid, prompt, ids, params, box, arrival, hashes = cmd
                 with self._pending_lock:
                     self._pending -= 1
                 try:
                     self.engine.add_request(rid, prompt, params, arrival_time=arrival,
                                             stream=params.output_kind is not _FINAL,
-                                            prompt_token_ids=ids)
+                                            prompt_token_ids=ids, prompt_block_hashes=hashes)
                     self._engine_streams[rid] = box
                 except Exception as exc:  # noqa: BLE001 - reported to that request only
                     box.post(error=exc)
@@ -734,13 +734,17 @@ class AsyncLLM:
         if self.num_waiting() >= self.max_queue:
             raise EngineOverloaded(f"{self.num_waiting()} requests are waiting (max_queue="
                                    f"{self.max_queue}); retry later")
+        # The prompt's prefix-cache block hashes are computed here, with its tokens, so
+        # admitting it costs the engine thread no pass over the prompt (vLLM hashes on
+        # its input thread too).
+        hashes = self.engine.block_manager.prompt_block_hashes(ids, params.cache_salt)
         arrival = time.perf_counter()
         box = _Mailbox(asyncio.get_running_loop(), request_id, text, ids, params, arrival,
                        self._streams, self._send)
         self._streams[request_id] = box
         with self._pending_lock:
             self._pending += 1
-        self._send(("add", request_id, prompt, ids, params, box, arrival))
+        self._send(("add", request_id, prompt, ids, params, box, arrival, hashes))
         return box
 
     async def abort(self, request_id: str) -> None:

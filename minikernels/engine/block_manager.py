@@ -154,10 +154,31 @@ class BlockManager:
     def blocks_needed(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 
-    def hash_prompt(self, seq: "Sequence") -> None:
-        """Hash the full blocks of seq's prompt now (called when its request is added)."""
-        if self.enable_prefix_caching:
-            self._seq_hashes(seq, seq.num_prompt_tokens // self.block_size)
+    def prompt_block_hashes(self, token_ids: Seq[int], cache_salt: str | None) -> list[bytes]:
+        """The chain hashes of the full blocks of a prompt ([] without prefix caching).
+
+        Reads only ``block_size`` and ``enable_prefix_caching`` (fixed at construction), so
+        any thread may call it: AsyncLLM hashes a prompt on the caller's thread, with its
+        tokenization, and the engine thread's admission then only checks the count."""
+        if not self.enable_prefix_caching:
+            return []
+        return hash_blocks(token_ids, self.block_size, 0, len(token_ids) // self.block_size,
+                           salt_root(cache_salt))
+
+    def hash_prompt(self, seq: "Sequence", hashes: list[bytes] | None = None) -> None:
+        """Hash the full blocks of seq's prompt now (called when its request is added).
+
+        hashes: the prompt's ``prompt_block_hashes`` computed ahead (taken, not copied)."""
+        if not self.enable_prefix_caching:
+            return
+        full = seq.num_prompt_tokens // self.block_size
+        if hashes is not None and not seq.block_hashes:
+            if len(hashes) != full:
+                raise ValueError(f"prompt_block_hashes has {len(hashes)} hashes for a "
+                                 f"prompt of {full} full blocks of {self.block_size}")
+            seq.block_hashes = hashes
+            return
+        self._seq_hashes(seq, full)
 
     def _seq_hashes(self, seq: "Sequence", num_full_blocks: int) -> list[bytes]:
         """Extend seq.block_hashes to cover its first ``num_full_blocks`` full blocks."""

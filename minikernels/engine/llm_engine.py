@@ -306,11 +306,14 @@ class LLMEngine:
     def add_request(self, request_id: str, prompt: str | list[int],
                     params: SamplingParams | None = None, arrival_time: float | None = None,
                     stream: bool = False,
-                    prompt_token_ids: list[int] | None = None) -> Request:
+                    prompt_token_ids: list[int] | None = None,
+                    prompt_block_hashes: list[bytes] | None = None) -> Request:
         """Queue a request. stream=True detokenizes incrementally (for streaming text).
 
         prompt_token_ids: the already validated tokens of ``prompt`` (skips tokenizing).
-        The prompt's prefix-cache block hashes are computed here, once.
+        The prompt's prefix-cache block hashes are computed here, once, unless
+        ``prompt_block_hashes`` brings them (``block_manager.prompt_block_hashes(ids,
+        params.cache_salt)``, computed on another thread, as AsyncLLM does).
         """
         if not isinstance(request_id, str) or not request_id:
             raise TypeError(f"request_id must be a non-empty str, got {request_id!r}")
@@ -340,7 +343,7 @@ class LLMEngine:
             if incremental:
                 seq.start_detokenizer(self.tokenizer, hold if params.stop_strings else 0)
             if i == 0:
-                self.block_manager.hash_prompt(seq)
+                self.block_manager.hash_prompt(seq, prompt_block_hashes)
             else:
                 seq.block_hashes = list(req.seqs[0].block_hashes)
             req.seqs.append(seq)
