@@ -278,3 +278,43 @@ def test_prompt_logprobs_sequence_never_reads_the_cache():
     assert admit(bm, b)
     assert bm.num_hit_tokens == 0 and bm.num_queried_tokens == 13
     bm.check_invariants([a, b])
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_free_seqs_equals_free_seq_one_by_one(seed):
+    """Releasing many sequences at once (a step finishing them) gives the same reference
+    counts, free-list order, table mirror and rows as releasing them one after another:
+    shared prefix blocks, sequences with no blocks, fewer and more than the batch cut."""
+    import random
+
+    def world():
+        rng = random.Random(seed)
+        bm = BlockManager(600, 4)
+        prefixes = [[rng.randrange(50) for _ in range(rng.choice((0, 4, 9, 16)))]
+                    for _ in range(3)]
+        seqs, live = [], []
+        for i in range(rng.randrange(3, 40)):
+            seq = make_seq(rng.choice(prefixes) + [rng.randrange(50)
+                                                   for _ in range(rng.randrange(1, 12))])
+            bm.hash_prompt(seq)
+            if rng.random() < 0.15:            # never scheduled: holds no blocks
+                seqs.append(seq)
+                continue
+            assert admit(bm, seq)
+            seqs.append(seq)
+        rng.shuffle(seqs)
+        done = seqs[:rng.randrange(len(seqs) + 1)]
+        return bm, done, [s for s in seqs if s not in done]
+
+    bm1, done1, live1 = world()
+    for s in done1:
+        bm1.free_seq(s)
+    bm2, done2, live2 = world()
+    bm2.free_seqs(done2)
+    assert list(bm2.free) == list(bm1.free)
+    assert (bm2.ref == bm1.ref).all() and (bm2.table == bm1.table).all()
+    assert (bm2.row_blocks == bm1.row_blocks).all()
+    assert sorted(bm2._free_rows) == sorted(bm1._free_rows)
+    assert all(s.block_table == [] and s.block_row == -1 and s.num_computed_tokens == 0
+               for s in done2)
+    bm2.check_invariants(live2)

@@ -599,7 +599,12 @@ class LLMEngine:
                             plp, plp_host, spec_seqs, spec_host)
 
     def _finish(self, step: LaunchedStep) -> list[Request]:
-        """Read back a launched step's tokens; append them, check stops, free finished."""
+        """Read back a launched step's tokens; append them, check stops, free finished
+        (the blocks of every sequence this step finishes are released together)."""
+        with self.scheduler.batched_frees():
+            return self._read_back(step)
+
+    def _read_back(self, step: LaunchedStep) -> list[Request]:
         out = step.result()
         if step.prompt_lp is not None:
             self._record_prompt_logprobs(step)

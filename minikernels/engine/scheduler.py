@@ -31,6 +31,8 @@ from __future__ import annotations
 
 from bisect import bisect_right
 from collections import deque
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from .block_manager import BlockManager
@@ -86,6 +88,7 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
+        self._finished_holding: list[Sequence] | None = None   # see batched_frees
 
     # ------------------------------------------------------------------ queues
     @staticmethod
@@ -139,11 +142,30 @@ class Scheduler:
                 self.waiting.remove(seq)
             except ValueError:
                 pass  # not queued yet
-        self.bm.free_seq(seq)
+        if self._finished_holding is not None:
+            self._finished_holding.append(seq)      # released when batched_frees ends
+        else:
+            self.bm.free_seq(seq)
         seq.status = SequenceStatus.FINISHED
         seq.request.num_finished += 1
         seq.finish_reason = reason
         seq.stop_reason = stop_reason
+
+    @contextmanager
+    def batched_frees(self) -> Iterator[None]:
+        """Sequences finished inside this block release their blocks together when it
+        ends (``BlockManager.free_seqs``: the same counts and free-list order, one numpy
+        pass instead of one per sequence). The engine reads a step back inside it; no
+        block is allocated meanwhile, so nothing can observe the delay."""
+        if self._finished_holding is not None:     # nested: the outer block releases
+            yield
+            return
+        self._finished_holding = []
+        try:
+            yield
+        finally:
+            seqs, self._finished_holding = self._finished_holding, None
+            self.bm.free_seqs(seqs)
 
     # ------------------------------------------------------------------ scheduling
     def schedule(self) -> ScheduledBatch:
