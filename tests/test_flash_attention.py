@@ -122,7 +122,7 @@ def varlen_case(draw):
     hq, hkv = draw(st.sampled_from([(1, 1), (2, 2), (4, 2), (4, 1), (3, 1)]))
     return dict(
         lens_q=lens_q, lens_k=lens_k, hq=hq, hkv=hkv, causal=causal,
-        d=draw(st.sampled_from([16, 32, 64, 40])),
+        d=draw(st.sampled_from([16, 32, 64, 40, 59, 3])),   # any d <= 256, as FlashAttention
         dtype=draw(st.sampled_from([torch.float16, torch.bfloat16, torch.float32])),
         window_left=draw(st.sampled_from([-1, -1, 0, 6, 19])),
         window_right=draw(st.sampled_from([-1, -1, 0, 3, 20])),
@@ -168,6 +168,29 @@ def test_small_unpadded_head_dims(device, d):
     q, k, v, cu_q, cu_k = make_batch([7, 23], [7, 29], 2, 1, d, torch.float16, device)
     out, lse = run_triton(q, k, v, cu_q, cu_k, 23, 29)
     check(out, lse, *expected(q, k, v, cu_q, cu_k))
+
+
+# FlashAttention's own test dims that are not multiples of 8 (it pads them), and the ends.
+@pytest.mark.parametrize("d,dtype", [(1, torch.float16), (3, torch.bfloat16),
+                                     (59, torch.float16), (111, torch.bfloat16),
+                                     (160, torch.float16), (224, torch.bfloat16)])
+def test_any_head_dim(device, d, dtype):
+    """Rows of an odd head dim are not 16-byte aligned: the kernel runs without vector
+    hints (varlen, a paged prefix, and strided views of a fused qkv)."""
+    lens_q, lens_k = [1, 19], [13, 37]
+    q, k, v, cu_q, cu_k = make_batch(lens_q, lens_k, 4, 2, d, dtype, device, seed=d)
+    ref_out, ref_lse = expected(q, k, v, cu_q, cu_k, window_left=9)
+    out, lse = run_triton(q, k, v, cu_q, cu_k, 19, 37, window_left=9)
+    check(out, lse, ref_out, ref_lse)
+    kc, vc, table = to_paged(k, v, lens_k, 5, seed=d)
+    out, lse = run_triton(q, kc, vc, cu_q, cu_k, 19, 37, window_left=9, block_table=table)
+    check(out, lse, ref_out, ref_lse)
+    # q / k / v as views of one fused [tokens, heads, 3d] tensor (odd strides everywhere)
+    qkv = torch.randn(20, 6, 3 * d, device=device).to(dtype)
+    qv, kv, vv = qkv[:, :4, :d], qkv[:, 4:, d:2 * d], qkv[:, 4:, 2 * d:]
+    c20 = cu([20], device)
+    out, lse = run_triton(qv, kv, vv, c20, c20, 20, 20)
+    check(out, lse, *expected(qv.contiguous(), kv.contiguous(), vv.contiguous(), c20, c20))
 
 
 @pytest.mark.parametrize("hq,hkv", [(8, 1), (8, 2), (6, 6)], ids=["mqa", "gqa4", "mha"])
@@ -274,6 +297,41 @@ def test_strided_and_misaligned_inputs(device):
     q_odd = flat[1:].view(t, hq, d)  # data_ptr 2 bytes off alignment
     out2, lse2 = run_triton(q_odd, k, v, cu_q, cu_k, 25, 25)
     check(out2, lse2, *expected(q_odd, k, v, cu_q, cu_k))
+
+
+def test_vector_hints_only_on_aligned_rows():
+    """ALIGNED (16-byte vector hints) is on exactly when every row the kernel reads or
+    writes is aligned: an unaligned varlen view is copied (so it is on), an unaligned paged
+    cache is never copied (a whole pool: off), an odd head dim cannot be aligned (off)."""
+    seen = []
+    real = fa.flash_attn_fwd_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            def launch(*args, **kw):
+                seen.append(kw["ALIGNED"])
+                return real[grid](*args, **kw)
+            return launch
+
+    def shifted(t):   # the same values in a view 1 element off 16-byte alignment
+        flat = torch.empty(t.numel() + 1, dtype=t.dtype)
+        return flat[1:].view(t.shape).copy_(t)
+    lens = [7, 12]
+    for d, paged, odd, want in [(32, False, False, True), (32, False, True, True),
+                                (32, True, False, True), (32, True, True, False),
+                                (59, False, False, False), (59, True, False, False)]:
+        seen.clear()
+        q, k, v, cu_q, cu_k = make_batch(lens, lens, 2, 1, d, torch.float16, "cpu")
+        ref_out, ref_lse = expected(q, k, v, cu_q, cu_k)
+        kk, vv, table = k, v, None
+        if paged:
+            kk, vv, table = to_paged(k, v, lens, 4)
+        if odd:
+            kk, vv = shifted(kk), shifted(vv)
+        with mock.patch.object(fa, "flash_attn_fwd_kernel", Spy()):
+            out, lse = run_triton(q, kk, vv, cu_q, cu_k, 12, 12, block_table=table)
+        assert seen == [want], (d, paged, odd)
+        check(out, lse, ref_out, ref_lse)
 
 
 # ------------------------------------------------------------ rows with no visible key
@@ -407,7 +465,7 @@ def _bad_cases(device):
         ("heads", call(k=k[:, :1].expand(-1, 3, -1).contiguous(),
                        v=v[:, :1].expand(-1, 3, -1).contiguous()), ValueError,
          "multiple of k/v heads"),
-        ("head dim 12", call(q=q[..., :12], k=k[..., :12], v=v[..., :12]), ValueError,
+        ("head dim 0", call(q=q[..., :0], k=k[..., :0], v=v[..., :0]), ValueError,
          "head dim"),
         ("head dim 264", call(q=torch.zeros(10, 4, 264, dtype=q.dtype, device=device)),
          ValueError, "head dim"),

@@ -16,8 +16,9 @@ from hypothesis import strategies as st
 import minikernels as mk
 from minikernels.ops import kv_cache, reference
 
-# (Hq, Hkv, D): GQA ratios 1, 4, 8 and 7 (Qwen2.5); head dims 64, 128, 256
-HEADS = [(2, 2, 64), (8, 2, 128), (8, 1, 256), (7, 1, 64)]
+# (Hq, Hkv, D): GQA ratios 1, 4, 8 and 7 (Qwen2.5); head dims 64, 128, 256, and 59 (any
+# d <= 256, as FlashAttention: unaligned rows, the Triton kernel runs without vector hints)
+HEADS = [(2, 2, 64), (8, 2, 128), (8, 1, 256), (7, 1, 64), (4, 2, 59)]
 
 
 def make_case(lens, hq, hkv, d, block_size=16, dtype=torch.float16, device="cpu",
@@ -353,6 +354,35 @@ def test_any_block_size(backend, device, block_size):
     for kw in (dict(num_splits=1), dict(num_splits=3), dict(split_size=64, window_left=100)):
         ref_kw = {k: v for k, v in kw.items() if k == "window_left"}
         assert_close(run(backend, *case, **kw), ref(*case, **ref_kw))
+
+
+@pytest.mark.parametrize("d,offset", [(64, 0), (64, 3), (111, 0), (5, 0)])
+def test_vector_hints_only_on_aligned_rows(d, offset):
+    """The kernel's 16-byte vector hints (ALIGNED) are on exactly when every cache row is
+    16-byte aligned: odd head dims and caches that are views at an odd offset run without
+    them (on a GPU a false hint is a misaligned vector load), and match the reference."""
+    from unittest import mock
+
+    from minikernels.ops.triton import paged_attention as tp
+    q, kc, vc, bt, sl = make_case([9, 40], 4, 2, d, block_size=8)
+    if offset:   # caches as views into a bigger buffer, shifted by `offset` elements
+        buf_k = torch.randn(kc.numel() + offset).half()
+        buf_v = torch.randn(vc.numel() + offset).half()
+        kc = buf_k[offset:].view(kc.shape).copy_(kc)
+        vc = buf_v[offset:].view(vc.shape).copy_(vc)
+    seen = []
+    real = tp.paged_decode_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            def launch(*args, **kw):
+                seen.append(kw["ALIGNED"])
+                return real[grid](*args, **kw)
+            return launch
+    with mock.patch.object(tp, "paged_decode_kernel", Spy()):
+        out = run("triton", q, kc, vc, bt, sl, num_splits=1)
+    assert seen == [d % 8 == 0 and offset % 8 == 0]
+    assert_close(out, ref(q, kc, vc, bt, sl))
 
 
 def test_merge_attn_states_errors():

@@ -175,9 +175,8 @@ def _unsupported(module: torch.nn.Module, query: Tensor, key: Tensor, value: Ten
                                  (mask.ndim == 2 or _row_mask_4d(mask, query))):
         return "a 4-D (or non-tensor) attention mask: its pattern is used as given"
     d, dv = query.shape[-1], value.shape[-1]
-    if d != dv or d % 8 or d > MAX_HEAD_DIM or key.shape[-1] != d:
-        return f"head dims q/k {d} / {key.shape[-1]}, v {dv} (kernels: equal, multiple of 8, " \
-               f"<= {MAX_HEAD_DIM})"
+    if d != dv or d > MAX_HEAD_DIM or key.shape[-1] != d:
+        return f"head dims q/k {d} / {key.shape[-1]}, v {dv} (kernels: equal, <= {MAX_HEAD_DIM})"
     if query.dtype not in (torch.float16, torch.bfloat16, torch.float32) or \
             key.dtype != query.dtype or value.dtype != query.dtype:
         return f"dtypes q {query.dtype}, k {key.dtype}, v {value.dtype}"

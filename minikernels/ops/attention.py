@@ -56,9 +56,11 @@ def _(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tenso
 
 
 def check_head_dim(d: int) -> None:
-    if d % 8 or d <= 0 or d > MAX_HEAD_DIM:
-        raise ValueError(f"head dim must be a multiple of 8 in [8, {MAX_HEAD_DIM}] "
-                         f"(64, 80, 96, 128, 256 are tuned), got {d}")
+    """Any head dim in [1, 256], as FlashAttention (64, 80, 96, 128, 256 are tuned; a dim
+    that is not a multiple of 8 runs without vectorized loads)."""
+    if d <= 0 or d > MAX_HEAD_DIM:
+        raise ValueError(f"head dim must be in [1, {MAX_HEAD_DIM}] (64, 80, 96, 128, 256 "
+                         f"are tuned), got {d}")
 
 
 def check_cu_seqlens(name: str, cu: Tensor, device: torch.device) -> None:
@@ -167,7 +169,9 @@ def flash_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_se
     (block_size 1..256, each cache with its own strides, last dim contiguous) where sequence
     b's keys are its first cu_seqlens_k[b+1] - cu_seqlens_k[b] cached tokens. Paged caches
     may be float8_e4m3fn with float32 ``k_scale`` / ``v_scale`` (1 or Hkv elements; the
-    keys are k_cache * k_scale). cu_seqlens_q/k int32 [B + 1].
+    keys are k_cache * k_scale). cu_seqlens_q/k int32 [B + 1]. D is any head dim in
+    [1, 256], as FlashAttention's (a D that is not a multiple of 8 runs without vectorized
+    loads).
 
     Masks (FlashAttention's): query i of Lq sits at position p = i + Lk - Lq (bottom-right;
     with Lq > Lk under causal the first rows see no key: output 0, LSE -inf). It sees key j

@@ -56,12 +56,12 @@ _CUDA_HEAD_DIMS = (64, 128, 256)
 _CUDA_MAX_GROUP = 8
 
 
-def _kernel_ok(q: Tensor, k_cache: Tensor, v_cache: Tensor) -> bool:
-    """GPU kernels read cache rows as 16-byte vectors: fp16/bf16 q, 16-byte aligned rows."""
-    return (q.dtype in HALF_DTYPES
-            and all(c.data_ptr() % 16 == 0
-                    and all(s * c.element_size() % 16 == 0 for s in c.stride()[:3])
-                    for c in (k_cache, v_cache)))
+def _rows_aligned(k_cache: Tensor, v_cache: Tensor) -> bool:
+    """Every cache row starts 16-byte aligned (the CUDA kernel reads 16-byte vectors; the
+    Triton kernel runs either way, with vector hints only when this holds)."""
+    return all(c.data_ptr() % 16 == 0
+               and all(s * c.element_size() % 16 == 0 for s in c.stride()[:3])
+               for c in (k_cache, v_cache))
 
 
 def _ext_has(name: str) -> bool:
@@ -145,12 +145,15 @@ def _paged_decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_t
     def cuda_ok() -> bool:
         return (q.dtype in HALF_DTYPES and d in _CUDA_HEAD_DIMS
                 and q.shape[1] // hkv <= _CUDA_MAX_GROUP
+                and _rows_aligned(k_cache, v_cache)
                 and _ext_has("paged_decode_attention"))
 
     which = _backend.resolve("paged_decode_attention", q.device, cuda_ok=cuda_ok,
                              prefer_cuda=False)
-    if which != "reference" and q.is_cuda and not _kernel_ok(q, k_cache, v_cache):
-        which = "reference"  # kernels: fp16/bf16 q, caches with 16-byte aligned rows
+    if which != "reference" and q.is_cuda and q.dtype not in HALF_DTYPES:
+        which = "reference"  # GPU kernels: fp16/bf16 q (fp32 runs through the reference)
+    if which == "cuda" and not _rows_aligned(k_cache, v_cache):
+        which = "triton"     # the CUDA kernel's 16-byte vector loads need aligned rows
     if which == "reference":
         out, lse = reference.paged_decode_attention(q, k_cache, v_cache, block_table, seq_lens,
                                                     softmax_scale, window_left, softcap,
@@ -240,7 +243,8 @@ def paged_decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_ta
                            ) -> Tensor | tuple[Tensor, Tensor]:
     """Decode attention: one query per sequence over its paged KV cache.
 
-    q [B, Hq, D]; k_cache, v_cache [num_blocks, block_size, Hkv, D] (block_size 1..256,
+    q [B, Hq, D] (D any head dim in [1, 256]); k_cache, v_cache
+    [num_blocks, block_size, Hkv, D] (block_size 1..256,
     each with its own strides, last dim contiguous) of q's dtype, or float8_e4m3fn with
     float32 k_scale / v_scale (1 or Hkv elements; keys are k_cache * k_scale);
     block_table int32 [B, max_blocks]; seq_lens int32 [B] (cached tokens, the new one

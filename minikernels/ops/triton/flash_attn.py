@@ -57,7 +57,7 @@ def _attn_tiles(acc, l_i, m_i, q, k_base, v_base, bt_row, start, end, seqlen_k, 
                 HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, PAGED: tl.constexpr,
                 PAGE_SIZE: tl.constexpr, EVEN_D: tl.constexpr, HEAD_DIM: tl.constexpr,
                 BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-                KV_SCALE: tl.constexpr):
+                KV_SCALE: tl.constexpr, ALIGNED: tl.constexpr):
     """Accumulate key tiles [start, end) into (acc, l_i, m_i); masks only when MASKED.
 
     Row r sees keys q_hi[r] - window_span <= j <= q_hi[r] (q_hi = position + window_right,
@@ -71,9 +71,11 @@ def _attn_tiles(acc, l_i, m_i, q, k_base, v_base, bt_row, start, end, seqlen_k, 
                           MASKED)
         v_rows = _kv_rows(offs_n, seqlen_k, bt_row, stride_vt, stride_vb, PAGED, PAGE_SIZE,
                           MASKED)
-        # 16-byte aligned rows (the launcher guarantees it): vectorized / async copies
-        k_ptrs = tl.multiple_of(k_base + k_rows[:, None] + offs_d[None, :], [1, 16])
-        v_ptrs = tl.multiple_of(v_base + v_rows[:, None] + offs_d[None, :], [1, 16])
+        k_ptrs = k_base + k_rows[:, None] + offs_d[None, :]
+        v_ptrs = v_base + v_rows[:, None] + offs_d[None, :]
+        if ALIGNED:  # 16-byte aligned rows (the launcher checked): vectorized async copies
+            k_ptrs = tl.multiple_of(k_ptrs, [1, 16])
+            v_ptrs = tl.multiple_of(v_ptrs, [1, 16])
         if MASKED:
             kv_mask = offs_n[:, None] < seqlen_k
             if not EVEN_D:
@@ -127,7 +129,7 @@ def flash_attn_fwd_kernel(
         BLOCK_N: tl.constexpr, RIGHT_BOUND: tl.constexpr, HAS_WINDOW: tl.constexpr,
         HAS_SOFTCAP: tl.constexpr, PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr,
         DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, KV_SCALE: tl.constexpr,
-        SCALE_PER_HEAD: tl.constexpr):
+        SCALE_PER_HEAD: tl.constexpr, ALIGNED: tl.constexpr):
     # grid (Hq, B, query tiles), launched x-fastest: every head and sequence of one tile row
     # runs together (GQA heads share K/V in L2) and the heavy tiles (late in the sequence:
     # more keys under causal) are launched first, so the light ones fill the last wave
@@ -146,7 +148,9 @@ def flash_attn_fwd_kernel(
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     q_base = q_ptr + q_start.to(tl.int64) * stride_qt + head * stride_qh
-    q_ptrs = tl.multiple_of(q_base + offs_m[:, None] * stride_qt + offs_d[None, :], [1, 16])
+    q_ptrs = q_base + offs_m[:, None] * stride_qt + offs_d[None, :]
+    if ALIGNED:
+        q_ptrs = tl.multiple_of(q_ptrs, [1, 16])
     q_mask = offs_m[:, None] < seqlen_q
     if not EVEN_D:
         q_mask = q_mask & (offs_d[None, :] < HEAD_DIM)
@@ -205,17 +209,17 @@ def flash_attn_fwd_kernel(
             acc, l_i, m_i, q, k_base, v_base, bt_row, lo_al, mid_lo, seqlen_k, q_hi, offs_d,
             stride_kt, stride_kb, stride_vt, stride_vb, qk_scale, cap_in, cap_out, window_span,
             True, RIGHT_BOUND, HAS_WINDOW, HAS_SOFTCAP, PAGED, PAGE_SIZE, EVEN_D,
-            HEAD_DIM, BLOCK_N, DOT_PRECISION, UPCAST, KV_SCALE)
+            HEAD_DIM, BLOCK_N, DOT_PRECISION, UPCAST, KV_SCALE, ALIGNED)
     acc, l_i, m_i = _attn_tiles(  # interior: every row sees every key
         acc, l_i, m_i, q, k_base, v_base, bt_row, mid_lo, mid_hi, seqlen_k, q_hi, offs_d,
         stride_kt, stride_kb, stride_vt, stride_vb, qk_scale, cap_in, cap_out, window_span,
         False, RIGHT_BOUND, HAS_WINDOW, HAS_SOFTCAP, PAGED, PAGE_SIZE, EVEN_D,
-        HEAD_DIM, BLOCK_N, DOT_PRECISION, UPCAST, KV_SCALE)
+        HEAD_DIM, BLOCK_N, DOT_PRECISION, UPCAST, KV_SCALE, ALIGNED)
     acc, l_i, m_i = _attn_tiles(  # diagonal and sequence end: masked
         acc, l_i, m_i, q, k_base, v_base, bt_row, mid_hi, hi, seqlen_k, q_hi, offs_d,
         stride_kt, stride_kb, stride_vt, stride_vb, qk_scale, cap_in, cap_out, window_span,
         True, RIGHT_BOUND, HAS_WINDOW, HAS_SOFTCAP, PAGED, PAGE_SIZE, EVEN_D,
-        HEAD_DIM, BLOCK_N, DOT_PRECISION, UPCAST, KV_SCALE)
+        HEAD_DIM, BLOCK_N, DOT_PRECISION, UPCAST, KV_SCALE, ALIGNED)
 
     empty = l_i == 0.0
     inv_l = v_scale / tl.where(empty, 1.0, l_i)
@@ -223,7 +227,9 @@ def flash_attn_fwd_kernel(
     log_l = tl.math.log2(tl.where(empty, 1.0, l_i))
     lse = tl.where(empty, float("-inf"), (m_i + log_l) * 0.6931471805599453)  # ln 2
     o_base = o_ptr + q_start.to(tl.int64) * stride_ot + head * stride_oh
-    o_ptrs = tl.multiple_of(o_base + offs_m[:, None] * stride_ot + offs_d[None, :], [1, 16])
+    o_ptrs = o_base + offs_m[:, None] * stride_ot + offs_d[None, :]
+    if ALIGNED:
+        o_ptrs = tl.multiple_of(o_ptrs, [1, 16])
     tl.store(o_ptrs, out.to(o_ptr.dtype.element_ty), mask=q_mask)
     tl.store(lse_ptr + head.to(tl.int64) * stride_lse + q_start + offs_m, lse,
              mask=offs_m < seqlen_q)
@@ -261,6 +267,13 @@ SM80_CONFIGS = {
     128: FlashConfig(128, 64, 8, 3),
     256: FlashConfig(64, 32, 8, 2),
 }
+# Rows that are not 16-byte aligned (a head dim that is not a multiple of 8, or an unaligned
+# paged cache) load element by element through registers: wide head dims need small tiles
+# to stay free of spills (both archs).
+UNALIGNED_CONFIGS = {
+    128: FlashConfig(64, 32, 8, 2),
+    256: FlashConfig(16, 16, 4, 2),
+}
 INTERPRETER_CONFIG = FlashConfig(16, 16, 1, 1)  # CPU interpreter: small tiles, many programs
 
 
@@ -285,8 +298,10 @@ def _env_config() -> FlashConfig | None:
     return FlashConfig(bm, bn, w, s)
 
 
-def pick_config(head_dim: int, dtype: torch.dtype, device: torch.device) -> FlashConfig:
-    """The tile config for this head dim / dtype on this device."""
+def pick_config(head_dim: int, dtype: torch.dtype, device: torch.device,
+                aligned: bool = True) -> FlashConfig:
+    """The tile config for this head dim / dtype on this device (aligned: every row the
+    kernel reads starts 16-byte aligned)."""
     if device.type != "cuda":
         return INTERPRETER_CONFIG
     override = _env_config()
@@ -298,6 +313,8 @@ def pick_config(head_dim: int, dtype: torch.dtype, device: torch.device) -> Flas
     elem = torch.finfo(dtype).bits // 8
     if dtype == torch.float32:  # exact fp32 dots run on FMA units: small tiles
         cfg = FlashConfig(64 if bd <= 64 else 32, 32, 4, 2)
+    if not aligned and bd in UNALIGNED_CONFIGS:
+        cfg = UNALIGNED_CONFIGS[bd]
     smem = torch.cuda.get_device_properties(device).shared_memory_per_block_optin
     while cfg.num_stages > 1 and _smem_bytes(cfg, bd, elem) > smem:  # e.g. sm_86/sm_89
         cfg = FlashConfig(cfg.block_m, cfg.block_n, cfg.num_warps, cfg.num_stages - 1)
@@ -309,13 +326,20 @@ def pick_config(head_dim: int, dtype: torch.dtype, device: torch.device) -> Flas
 # --------------------------------------------------------------------------- launcher
 
 
-def _aligned(t: torch.Tensor) -> torch.Tensor:
-    """t itself when 16-byte aligned with row strides that are multiples of 16 bytes (what
-    the kernel's vector-load hints promise), else a fresh contiguous copy (rows of 16-bit
-    elements: head dims are multiples of 8, so a fresh tensor always qualifies)."""
+def _rows_aligned(t: torch.Tensor) -> bool:
+    """Every row starts 16-byte aligned (pointer and outer strides): what the kernel's
+    vector-load hints (ALIGNED) promise."""
     e = t.element_size()
-    ok = t.data_ptr() % 16 == 0 and all(s * e % 16 == 0 for s in t.stride()[:-1])
-    return t if ok else t.clone(memory_format=torch.contiguous_format)
+    return t.data_ptr() % 16 == 0 and all(s * e % 16 == 0 for s in t.stride()[:-1])
+
+
+def _aligned(t: torch.Tensor) -> torch.Tensor:
+    """t itself when its rows are 16-byte aligned, or when no copy could make them so (a
+    head dim whose rows are not a multiple of 16 bytes, e.g. d = 59: the kernel then runs
+    without the vector hints); else a fresh contiguous copy."""
+    if _rows_aligned(t) or t.shape[-1] * t.element_size() % 16:
+        return t
+    return t.clone(memory_format=torch.contiguous_format)
 
 
 def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
@@ -338,9 +362,14 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlen
     batch = cu_seqlens_q.shape[0] - 1
     if total_q == 0 or batch <= 0 or hq == 0 or max_seqlen_q <= 0:
         return out, lse
-    cfg = config or pick_config(d, q.dtype, q.device)
     paged = block_table is not None
-    q, k, v = _aligned(q), _aligned(k), _aligned(v)
+    # Varlen q / k / v are copied when that makes their rows 16-byte aligned; a paged cache
+    # (the whole pool) never is: an unaligned one runs without the vector hints.
+    q = _aligned(q)
+    if not paged:
+        k, v = _aligned(k), _aligned(v)
+    aligned = all(_rows_aligned(t) for t in (q, k, v, out))
+    cfg = config or pick_config(d, q.dtype, q.device, aligned)
     cu_q = cu_seqlens_q.contiguous()
     cu_k = cu_seqlens_k.contiguous()
     if paged:
@@ -371,7 +400,7 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlen
         RIGHT_BOUND=right_bound, HAS_WINDOW=window_left >= 0, HAS_SOFTCAP=has_softcap,
         PAGED=paged, PAGE_SIZE=page_size,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 or upcast else "tf32", UPCAST=upcast,
-        KV_SCALE=kv_scale, SCALE_PER_HEAD=kv_scale and k_scale.numel() > 1,
+        KV_SCALE=kv_scale, SCALE_PER_HEAD=kv_scale and k_scale.numel() > 1, ALIGNED=aligned,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out, lse
 
@@ -390,7 +419,7 @@ def _signature(dt: str, kv_dt: str) -> dict[str, str]:
                 "window_right": "i32", "ks_ptr": "*fp32", "vs_ptr": "*fp32"})
     for name in ("HEAD_DIM", "BLOCK_D", "BLOCK_M", "BLOCK_N", "RIGHT_BOUND", "HAS_WINDOW",
                  "HAS_SOFTCAP", "PAGED", "PAGE_SIZE", "DOT_PRECISION", "UPCAST", "KV_SCALE",
-                 "SCALE_PER_HEAD"):
+                 "SCALE_PER_HEAD", "ALIGNED"):
         sig[name] = "constexpr"
     return sig
 
@@ -417,8 +446,10 @@ def _register(dt: str, head_dim: int, cfg: FlashConfig, *, causal: bool = True,
                     "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "RIGHT_BOUND": causal,
                     "HAS_WINDOW": window, "HAS_SOFTCAP": softcap, "PAGED": bool(page_size),
                     "PAGE_SIZE": page_size or 1, "DOT_PRECISION": "tf32", "UPCAST": False,
-                    "KV_SCALE": fp8_kv, "SCALE_PER_HEAD": fp8_kv},
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages, tensor_core=True, archs=archs))
+                    "KV_SCALE": fp8_kv, "SCALE_PER_HEAD": fp8_kv,
+                    "ALIGNED": head_dim % 8 == 0},
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, tensor_core=True, archs=archs,
+        wgmma_expected=cfg.block_m >= 64))   # wgmma tiles have 64 rows
 
 
 for _table in (SM90_CONFIGS, SM80_CONFIGS):
@@ -430,6 +461,11 @@ _register("fp16", 64, SM90_CONFIGS[64], window=True, softcap=True, page_size=16)
 _register("bf16", 80, SM90_CONFIGS[128])
 _register("fp16", 96, SM80_CONFIGS[128], page_size=32)
 _register("bf16", 128, SM90_CONFIGS[128], window=True, page_size=24)  # any page size
+# head dims that are not a multiple of 8 (FlashAttention accepts any d <= 256): no hints
+for _table in (SM90_CONFIGS, SM80_CONFIGS):
+    _register("bf16", 59, _table[64])
+_register("fp16", 111, UNALIGNED_CONFIGS[128], window=True, page_size=16)
+_register("bf16", 250, UNALIGNED_CONFIGS[256])
 # fp8 KV cache: prefill over an fp8 paged prefix (sm_90a: e4m3 converts natively there)
 _register("bf16", 128, SM90_CONFIGS[128], page_size=16, fp8_kv=True, archs=(90,))
 _register("bf16", 64, SM90_CONFIGS[64], page_size=16, fp8_kv=True, archs=(90,))

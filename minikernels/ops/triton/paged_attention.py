@@ -67,7 +67,8 @@ def paged_decode_kernel(
         GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
         D_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
         SOFTCAP: tl.constexpr, SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr,
-        DOT_F32: tl.constexpr, KV_SCALE: tl.constexpr, SCALE_PER_HEAD: tl.constexpr):
+        DOT_F32: tl.constexpr, KV_SCALE: tl.constexpr, SCALE_PER_HEAD: tl.constexpr,
+        ALIGNED: tl.constexpr):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -110,10 +111,13 @@ def paged_decode_kernel(
         k_off = page * stride_kb + in_page * stride_kt + k_head
         v_off = page * stride_vb + in_page * stride_vt + v_head
         kv_mask = visible[:, None] & d_mask[None, :]
-        # Rows start 16-byte aligned (the launcher checks: strides are multiples of 16
-        # bytes). The JIT infers this; the hint keeps ahead-of-time builds vectorized too.
-        k_ptrs = tl.multiple_of(k_ptr + k_off[:, None] + d[None, :], [1, 16])
-        v_ptrs = tl.multiple_of(v_ptr + v_off[:, None] + d[None, :], [1, 16])
+        k_ptrs = k_ptr + k_off[:, None] + d[None, :]
+        v_ptrs = v_ptr + v_off[:, None] + d[None, :]
+        if ALIGNED:
+            # Rows start 16-byte aligned (the launcher checked: pointer and strides). The
+            # JIT infers this; the hint keeps ahead-of-time builds vectorized too.
+            k_ptrs = tl.multiple_of(k_ptrs, [1, 16])
+            v_ptrs = tl.multiple_of(v_ptrs, [1, 16])
         k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
         if KV_SCALE:
             k = k.to(q_ptr.dtype.element_ty)
@@ -194,13 +198,26 @@ def block_n(head_dim: int) -> int:
     return 32 if head_dim > 128 else 64  # = kv_cache.tile_tokens
 
 
+def _d_pad(head_dim: int) -> int:
+    """Head dim padded for tl.dot (a power of two, at least 16)."""
+    return max(16, triton.next_power_of_2(head_dim))
+
+
+def rows_aligned(cache: torch.Tensor) -> bool:
+    """Every cache row (one token of one kv head) starts 16-byte aligned."""
+    e = cache.element_size()
+    return cache.data_ptr() % 16 == 0 and all(s * e % 16 == 0 for s in cache.stride()[:3])
+
+
 def _group_pad(group: int) -> int:
     return max(16, triton.next_power_of_2(group))
 
 
-def _num_warps(head_dim: int, group_pad: int, fp8_kv: bool = False) -> int:
-    # fp8 tiles convert to 16-bit in registers: at D >= 128 four warps spill (sm_90a, 3 stages)
-    if fp8_kv and head_dim * group_pad >= 128 * 16:
+def _num_warps(head_dim: int, group_pad: int, fp8_kv: bool = False,
+               aligned: bool = True) -> int:
+    # fp8 tiles convert to 16-bit in registers, and unaligned rows load element by element
+    # through registers: at D >= 128 four warps spill (sm_80 / sm_90a, 3 stages)
+    if (fp8_kv or not aligned) and _d_pad(head_dim) * group_pad >= 128 * 16:
         return 8
     return 8 if head_dim * group_pad >= 256 * 32 else 4
 
@@ -226,7 +243,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     group = hq // hkv
     bn = block_n(d)
     gp = _group_pad(group)
-    d_pad = triton.next_power_of_2(d)
+    d_pad = _d_pad(d)
     out = _alloc.empty((bsz, hq, d), q.dtype, q.device)
     lse_out = _alloc.empty((bsz, hq), torch.float32, q.device)
     if bsz == 0 or hq == 0:
@@ -238,6 +255,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     else:
         opart = lse = lse_out  # unused
     kv_scale = k_scale is not None
+    aligned = rows_aligned(k_cache) and rows_aligned(v_cache)
     paged_decode_kernel[(bsz, hkv, grid_splits)](
         q, k_cache, v_cache, block_table, seq_lens, out, opart, lse, lse_out,
         k_scale if kv_scale else lse_out, v_scale if kv_scale else lse_out,
@@ -248,8 +266,8 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         GROUP=group, GROUP_PAD=gp, HEAD_DIM=d, D_PAD=d_pad, BLOCK_SIZE=k_cache.shape[1],
         BLOCK_N=bn, SOFTCAP=softcap > 0, SPLIT=use_split, DOT_PRECISION=prec,
         DOT_F32=not q.is_cuda and q.dtype == torch.bfloat16, KV_SCALE=kv_scale,
-        SCALE_PER_HEAD=kv_scale and k_scale.numel() > 1,
-        num_warps=_num_warps(d, gp, kv_scale), num_stages=NUM_STAGES)
+        SCALE_PER_HEAD=kv_scale and k_scale.numel() > 1, ALIGNED=aligned,
+        num_warps=_num_warps(d, gp, kv_scale, aligned), num_stages=NUM_STAGES)
     if use_split:
         paged_merge_kernel[(bsz, hq)](
             opart, lse, seq_lens, out, lse_out, window_left, num_splits, split_size,
@@ -269,7 +287,7 @@ def _decode_signature(dt: str, cache_dt: str) -> dict[str, str]:
                  "stride_vt", "stride_vh", "stride_bt", "stride_ob", "stride_oh"):
         sig[name] = "i64"
     for name in ("GROUP", "GROUP_PAD", "HEAD_DIM", "D_PAD", "BLOCK_SIZE", "BLOCK_N", "SOFTCAP",
-                 "SPLIT", "DOT_PRECISION", "DOT_F32", "KV_SCALE", "SCALE_PER_HEAD"):
+                 "SPLIT", "DOT_PRECISION", "DOT_F32", "KV_SCALE", "SCALE_PER_HEAD", "ALIGNED"):
         sig[name] = "constexpr"
     return sig
 
@@ -280,7 +298,7 @@ def _register() -> None:
     combos = [("fp16", "fp16", (80, 90)), ("bf16", "bf16", (80, 90)),
               ("bf16", "fp8e4nv", (90,)), ("fp16", "fp8e4nv", (90,))]
     shapes = ((4, 128, 16), (8, 128, 16), (1, 64, 16), (4, 256, 16), (7, 128, 32),
-              (16, 128, 16), (4, 128, 24))
+              (16, 128, 16), (4, 128, 24), (4, 111, 16), (4, 250, 16))  # 111, 250: unaligned
     for dt, cdt, archs in combos:
         fp8 = cdt != dt
         for group, d, bs in shapes:
@@ -288,7 +306,8 @@ def _register() -> None:
                 for softcap in (False, True):
                     if softcap and (split or d != 128 or group != 4):
                         continue
-                    if fp8 and (bs == 24 or group in (7, 16) or (softcap and dt == "fp16")):
+                    if fp8 and (bs == 24 or group in (7, 16) or d % 8
+                                or (softcap and dt == "fp16")):
                         continue
                     gp = _group_pad(group)
                     kv = f"{dt}" if not fp8 else f"{dt},kv={cdt}"
@@ -297,12 +316,13 @@ def _register() -> None:
                              f"softcap={softcap}]",
                         fn=paged_decode_kernel, signature=_decode_signature(dt, cdt),
                         constexprs={"GROUP": group, "GROUP_PAD": gp, "HEAD_DIM": d,
-                                    "D_PAD": triton.next_power_of_2(d), "BLOCK_SIZE": bs,
+                                    "D_PAD": _d_pad(d), "BLOCK_SIZE": bs,
                                     "BLOCK_N": block_n(d), "SOFTCAP": softcap,
                                     "SPLIT": split, "DOT_PRECISION": "tf32",
                                     "DOT_F32": False, "KV_SCALE": fp8,
-                                    "SCALE_PER_HEAD": fp8 and group == 4},
-                        num_warps=_num_warps(d, gp, fp8), num_stages=NUM_STAGES,
+                                    "SCALE_PER_HEAD": fp8 and group == 4,
+                                    "ALIGNED": d % 8 == 0},
+                        num_warps=_num_warps(d, gp, fp8, d % 8 == 0), num_stages=NUM_STAGES,
                         tensor_core=True, archs=archs,
                         # M = GROUP_PAD = 16 rows: Triton may pick mma.sync over wgmma.
                         wgmma_expected=False))
