@@ -71,12 +71,12 @@ def to_paged(k, v, lens_k, block_size, seed=0, spare_blocks=3):
 
 
 def expected(q, k, v, cu_q, cu_k, causal=True, scale=None, window_left=-1, softcap=0.0,
-             window_right=-1):
+             window_right=-1, alibi_slopes=None):
     """fp32 reference on the same (rounded) inputs -> (out in q.dtype, lse)."""
     scale = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
     out, lse = reference.flash_attention(q.float(), k.float(), v.float(), cu_q, cu_k, 0, 0,
                                          causal, scale, window_left, softcap, None,
-                                         window_right)
+                                         window_right, alibi_slopes=alibi_slopes)
     return out.to(q.dtype), lse
 
 
@@ -129,7 +129,18 @@ def varlen_case(draw):
         softcap=draw(st.sampled_from([0.0, 0.0, 2.5])),
         paged=draw(st.sampled_from([0, 0, 1, 5, 8, 12, 16, 32])),
         tile=draw(st.sampled_from([(16, 16), (32, 16), (16, 32)])),
+        alibi=draw(st.sampled_from([None, None, "head", "batch_head"])),
         seed=draw(st.integers(0, 2**16)))
+
+
+def alibi_slopes(kind, batch, hq, device, seed=0):
+    """None, [Hq] or [B, Hq] fp32 slopes (the [B, Hq] one a strided view: own row stride)."""
+    if kind is None:
+        return None
+    g = torch.Generator().manual_seed(seed)
+    if kind == "head":
+        return torch.rand(hq, generator=g).to(device)
+    return torch.rand(batch, hq + 3, generator=g).to(device)[:, 1:hq + 1]
 
 
 @settings(max_examples=24)
@@ -138,10 +149,11 @@ def test_random_varlen_matches_reference(device, case):
     c = case
     q, k, v, cu_q, cu_k = make_batch(c["lens_q"], c["lens_k"], c["hq"], c["hkv"], c["d"],
                                      c["dtype"], device, c["seed"])
+    slopes = alibi_slopes(c["alibi"], len(c["lens_q"]), c["hq"], device, c["seed"])
     ref_out, ref_lse = expected(q, k, v, cu_q, cu_k, c["causal"], None, c["window_left"],
-                                c["softcap"], c["window_right"])
+                                c["softcap"], c["window_right"], slopes)
     kw = dict(causal=c["causal"], window_left=c["window_left"], softcap=c["softcap"],
-              window_right=c["window_right"])
+              window_right=c["window_right"], alibi_slopes=slopes)
     kk, vv, table = k, v, None
     if c["paged"]:
         kk, vv, table = to_paged(k, v, c["lens_k"], c["paged"], c["seed"])
@@ -208,6 +220,33 @@ def test_gqa_matches_sdpa(device, hq, hkv):
             q[qs].float().transpose(0, 1)[None], k[ks].float().transpose(0, 1)[None],
             v[ks].float().transpose(0, 1)[None], attn_mask=mask, enable_gqa=True)
         assert_close(out[qs], ref[0].transpose(0, 1).to(q.dtype), scale=2.0)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_alibi_matches_flash_attn_bias(device, causal):
+    """ALiBi against an independent formula: FlashAttention's test reference adds the bias
+    -slope * |i + Sk - Sq - j| to the scaled scores (here SDPA with that float mask), per
+    head ([Hq]) and per sequence and head ([B, Hq]); Sq < Sk as in chunked prefill."""
+    b, sq, sk, hq, hkv, d = 2, 21, 45, 4, 2, 32
+    g = torch.Generator().manual_seed(5)
+    q = torch.randn(b, sq, hq, d, generator=g).half().to(device)
+    k = torch.randn(b, sk, hkv, d, generator=g).half().to(device)
+    v = torch.randn(b, sk, hkv, d, generator=g).half().to(device)
+    i = torch.arange(sq).view(sq, 1)
+    j = torch.arange(sk).view(1, sk)
+    dist = (i + sk - sq - j).abs().float().to(device)               # [Sq, Sk]
+    for slopes in (torch.rand(hq, generator=g).to(device),
+                   torch.rand(b, hq, generator=g).to(device)):
+        sl = slopes.expand(b, hq) if slopes.ndim == 1 else slopes
+        bias = -sl.view(b, hq, 1, 1) * dist                           # [B, Hq, Sq, Sk]
+        if causal:
+            bias = bias.masked_fill(j.to(device) > i.to(device) + sk - sq, float("-inf"))
+        ref = F.scaled_dot_product_attention(
+            q.float().transpose(1, 2), k.float().transpose(1, 2), v.float().transpose(1, 2),
+            attn_mask=bias, enable_gqa=True).transpose(1, 2)
+        with mk.use_backend("triton"):
+            out = mk.ops.flash_attention_bshd(q, k, v, causal=causal, alibi_slopes=slopes)
+        assert_close(out, ref.half(), scale=2.0)
 
 
 @pytest.mark.parametrize("causal", [True, False])
@@ -476,6 +515,15 @@ def _bad_cases(device):
         ("max_seqlen_q small", call(max_seqlen_q=5), ValueError, "max_seqlen_q"),
         ("window", call(window_left=-2), ValueError, "window_left"),
         ("window_right", call(window_right=-3), ValueError, "window_right"),
+        ("alibi fp16", call(alibi_slopes=torch.rand(4, device=device).half()), TypeError,
+         "alibi_slopes"),
+        ("alibi list", call(alibi_slopes=[0.5] * 4), TypeError, "alibi_slopes"),
+        ("alibi shape", call(alibi_slopes=torch.rand(3, device=device)), ValueError,
+         r"alibi_slopes must have shape \[4\]"),
+        ("alibi batch", call(alibi_slopes=torch.rand(3, 4, device=device)), ValueError,
+         "alibi_slopes"),
+        ("alibi nan", call(alibi_slopes=torch.full((4,), float("nan"), device=device)),
+         ValueError, "alibi_slopes must be finite"),
         ("window_right type", call(window_right=1.5), TypeError, "window_right"),
         ("block_size 300", call(k=torch.zeros(2, 300, 2, 64, dtype=q.dtype, device=device),
                                 v=torch.zeros(2, 300, 2, 64, dtype=q.dtype, device=device),
@@ -528,9 +576,12 @@ def test_opcheck(device):
     q, k, v, cu_q, cu_k = make_batch([3, 18], [5, 18], 4, 2, 32, torch.float16, device)
     kc, vc, table = to_paged(k, v, [5, 18], 8)
     kc, vc = kc.nan_to_num(), vc.nan_to_num()
+    slopes = torch.rand(4, device=device)
     with mk.use_backend("triton"):
         for args in ((q, k, v, cu_q, cu_k, 18, 18, True, 0.2, -1, 0.0, None),
-                     (q, kc, vc, cu_q, cu_k, 18, 18, True, 0.2, 4, 3.0, table)):
+                     (q, kc, vc, cu_q, cu_k, 18, 18, True, 0.2, 4, 3.0, table),
+                     (q, k, v, cu_q, cu_k, 18, 18, False, 0.2, -1, 0.0, None, -1, None, None,
+                      slopes)):
             torch.library.opcheck(torch.ops.minikernels.flash_attention.default, args)
 
 

@@ -83,25 +83,112 @@ HEAD_DIMS = st.sampled_from([(16, 16), (64, 64), (64, 32), (80, 80), (96, 64), (
                              (256, 256)])
 
 
+STYLES = pytest.mark.parametrize("is_neox_style", [True, False], ids=["neox", "gptj"])
+
+
+def _rotary_inputs(device, tokens, hq, hkv, d, rot, dtype, pos_dtype, seed, max_pos=4096):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(tokens, hq, d, generator=g).to(device, dtype)
+    k = torch.randn(tokens, hkv, d, generator=g).to(device, dtype)
+    cache = mk.ops.build_rope_cache(rot, max_pos, base=10000.0).to(device)
+    pos = torch.randint(0, max_pos, (tokens,), generator=g).to(device, pos_dtype)
+    return q, k, pos, cache
+
+
+@STYLES
 @given(tokens=st.sampled_from([0, 1, 3, 17]), heads=st.sampled_from([(1, 1), (4, 2), (8, 1),
                                                                      (20, 4)]),
        dims=HEAD_DIMS, dtype=dtypes, pos_dtype=st.sampled_from([torch.int32, torch.int64]),
        seed=st.integers(0, 2**31))
-def test_rotary_matches_reference(device, tokens, heads, dims, dtype, pos_dtype, seed):
-    g = torch.Generator().manual_seed(seed)
+def test_rotary_matches_reference(device, is_neox_style, tokens, heads, dims, dtype, pos_dtype,
+                                  seed):
     (hq, hkv), (d, rot) = heads, dims
-    q = torch.randn(tokens, hq, d, generator=g).to(device, dtype)
-    k = torch.randn(tokens, hkv, d, generator=g).to(device, dtype)
-    cache = mk.ops.build_rope_cache(rot, 4096, base=10000.0).to(device)
-    pos = torch.randint(0, 4096, (tokens,), generator=g).to(device, pos_dtype)
+    q, k, pos, cache = _rotary_inputs(device, tokens, hq, hkv, d, rot, dtype, pos_dtype, seed)
     with mk.use_backend("triton"):
-        qo, ko = mk.ops.rotary_embedding(q, k, pos, cache)
-    rq, rk = ref.rotary_embedding(q, k, pos, cache)
+        qo, ko = mk.ops.rotary_embedding(q, k, pos, cache, is_neox_style=is_neox_style)
+    rq, rk = ref.rotary_embedding(q, k, pos, cache, is_neox_style)
     assert_close(qo, rq)
     assert_close(ko, rk)
 
 
-def test_rotary_on_strided_views_of_fused_qkv(device):
+@STYLES
+@pytest.mark.parametrize("tokens", [0, 1, 7])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("dims", [(64, 64), (96, 32)], ids=["full", "partial"])
+def test_rotary_edge_shapes(device, is_neox_style, tokens, dtype, dims):
+    # every style x dtype on empty / single / odd token counts, full and partial rotary;
+    # int32 positions on odd counts, int64 otherwise
+    d, rot = dims
+    pos_dtype = torch.int32 if tokens % 2 else torch.int64
+    q, k, pos, cache = _rotary_inputs(device, tokens, 5, 3, d, rot, dtype, pos_dtype, tokens)
+    with mk.use_backend("triton"):
+        qo, ko = mk.ops.rotary_embedding(q, k, pos, cache, is_neox_style=is_neox_style)
+    assert qo.shape == q.shape and ko.shape == k.shape
+    rq, rk = ref.rotary_embedding(q, k, pos, cache, is_neox_style)
+    assert_close(qo, rq)
+    assert_close(ko, rk)
+    # dims past rot_dim are copied bit for bit
+    assert torch.equal(qo[..., rot:], q[..., rot:]) and torch.equal(ko[..., rot:], k[..., rot:])
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("dims", [(32, 32), (48, 16)], ids=["full", "partial"])
+def test_rotary_interleaved_is_neox_on_deinterleaved_heads(device, backend, dims):
+    # independent formula: GPT-J style == neox style applied to a head whose first rot_dim
+    # dims are de-interleaved (evens, then odds), re-interleaved afterwards
+    d, rot = dims
+    q, k, pos, cache = _rotary_inputs(device, 9, 4, 2, d, rot, torch.float32, torch.int64, 3)
+    perm = torch.cat([torch.arange(0, rot, 2), torch.arange(1, rot, 2),
+                      torch.arange(rot, d)]).to(device)
+    inv = torch.argsort(perm)
+    with mk.use_backend(backend):
+        qo, ko = mk.ops.rotary_embedding(q, k, pos, cache, is_neox_style=False)
+    nq, nk = ref.rotary_embedding(q[..., perm], k[..., perm], pos, cache, True)
+    assert_close(qo, nq[..., inv])
+    assert_close(ko, nk[..., inv])
+
+
+def test_rotary_interleaved_matches_transformers_gptj(device):
+    gptj_mod = pytest.importorskip("transformers.models.gptj.modeling_gptj")
+    apply_rotary_pos_emb = getattr(gptj_mod, "apply_rotary_pos_emb", None)
+    create_sinusoidal_positions = getattr(gptj_mod, "create_sinusoidal_positions", None)
+    if apply_rotary_pos_emb is None or create_sinusoidal_positions is None:
+        pytest.skip("this transformers' GPT-J lacks apply_rotary_pos_emb or "
+                    "create_sinusoidal_positions")
+    # GPT-J-6B's shape: head dim 256 of which rotary_dim 64 rotate (q, k [B, T, H, D])
+    t, hq, d, rot, max_pos = 6, 4, 256, 64, 2048
+    q, k, pos, cache = _rotary_inputs(device, t, hq, hq, d, rot, torch.float32, torch.int64, 1,
+                                      max_pos)
+    sincos = create_sinusoidal_positions(max_pos, rot).to(device)[pos][None]   # [1, T, rot]
+    sin, cos = torch.split(sincos, rot // 2, dim=-1)
+
+    def gptj(x):
+        x = x[None]
+        rotated = apply_rotary_pos_emb(x[..., :rot], sin, cos)
+        return torch.cat([rotated, x[..., rot:]], dim=-1)[0]
+
+    with mk.use_backend("triton"):
+        qo, ko = mk.ops.rotary_embedding(q, k, pos, cache, is_neox_style=False)
+    torch.testing.assert_close(qo, gptj(q), atol=2e-4, rtol=1e-4)
+    torch.testing.assert_close(ko, gptj(k), atol=2e-4, rtol=1e-4)
+
+
+def test_rotary_embedding_module_style(device):
+    layer = mk.nn.RotaryEmbedding(32, 64, device=device, is_neox_style=False)
+    assert "is_neox_style=False" in repr(layer)
+    q, k, pos, cache = _rotary_inputs(device, 3, 2, 1, 32, 32, torch.float32, torch.int64, 2,
+                                      64)
+    qo, ko = layer(q, k, pos)
+    rq, rk = ref.rotary_embedding(q, k, pos, cache, False)
+    assert_close(qo, rq)
+    assert_close(ko, rk)
+    assert mk.nn.RotaryEmbedding(32, 64).is_neox_style is True
+    with pytest.raises(TypeError, match="is_neox_style must be a bool"):
+        mk.nn.RotaryEmbedding(32, 64, is_neox_style="gptj")
+
+
+@STYLES
+def test_rotary_on_strided_views_of_fused_qkv(device, is_neox_style):
     # q and k are views into a fused qkv projection output: token stride != heads * D
     t, hq, hkv, d = 5, 4, 2, 32
     qkv = torch.randn(t, (hq + 2 * hkv) * d, device=device, dtype=torch.float16)
@@ -110,19 +197,20 @@ def test_rotary_on_strided_views_of_fused_qkv(device):
     pos = torch.arange(t, device=device)
     cache = mk.ops.build_rope_cache(d, 64).to(device)
     with mk.use_backend("triton"):
-        qo, ko = mk.ops.rotary_embedding(q, k, pos, cache)
-    rq, rk = ref.rotary_embedding(q, k, pos, cache)
+        qo, ko = mk.ops.rotary_embedding(q, k, pos, cache, is_neox_style=is_neox_style)
+    rq, rk = ref.rotary_embedding(q, k, pos, cache, is_neox_style)
     assert_close(qo, rq)
     assert_close(ko, rk)
 
 
-def test_rotary_batched_leading_dims():
+@STYLES
+def test_rotary_batched_leading_dims(is_neox_style):
     q = torch.randn(2, 3, 4, 16)
     k = torch.randn(2, 3, 2, 16)
     pos = torch.arange(6).view(2, 3)
     cache = mk.ops.build_rope_cache(16, 16)
-    qo, ko = mk.ops.rotary_embedding(q, k, pos, cache)
-    rq, rk = ref.rotary_embedding(q, k, pos, cache)
+    qo, ko = mk.ops.rotary_embedding(q, k, pos, cache, is_neox_style=is_neox_style)
+    rq, rk = ref.rotary_embedding(q, k, pos, cache, is_neox_style)
     assert qo.shape == q.shape and ko.shape == k.shape
     assert_close(qo, rq)
     assert_close(ko, rk)

@@ -69,6 +69,16 @@ def test_opcheck(name, device):
     torch.library.opcheck(op, args)
 
 
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("is_neox_style", [True, False], ids=["neox", "gptj"])
+def test_opcheck_rotary_styles(backend, is_neox_style, device):
+    # the explicit bool argument (the generic sample above leaves it at its default)
+    q, k, pos, cache = _samples(device)["rotary_embedding"]
+    with mk.use_backend(backend):
+        torch.library.opcheck(torch.ops.minikernels.rotary_embedding,
+                              (q, k, pos, cache, is_neox_style))
+
+
 def test_torch_compile_fullgraph_over_ops():
     def block(x, residual, w, q, k, pos, cache):
         y, h = mk.ops.rms_norm(x, w, residual=residual)
@@ -82,6 +92,20 @@ def test_torch_compile_fullgraph_over_ops():
             torch.randn(4, 1, 16), torch.arange(4), mk.ops.build_rope_cache(16, 8))
     for got, want in zip(compiled(*args), block(*args)):
         torch.testing.assert_close(got, want)
+
+
+def test_torch_compile_fullgraph_rotary_gptj_style():
+    def rope(q, k, pos, cache):
+        return mk.ops.rotary_embedding(q, k, pos, cache, is_neox_style=False)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(rope, fullgraph=True, backend="aot_eager")
+    args = (torch.randn(4, 2, 16), torch.randn(4, 1, 16), torch.arange(4),
+            mk.ops.build_rope_cache(16, 8))
+    for got, want in zip(compiled(*args), rope(*args)):
+        torch.testing.assert_close(got, want)
+    neox = mk.ops.rotary_embedding(*args)
+    assert not torch.allclose(compiled(*args)[0], neox[0])
 
 
 # -------------------------------------------------------------------- backend selection
@@ -197,6 +221,9 @@ def test_rotary_bad_inputs():
         mk.ops.rotary_embedding(q, k, pos, mk.ops.build_rope_cache(32, 8))
     with pytest.raises(ValueError, match=r"positions values must be in \[0, 8\)"):
         mk.ops.rotary_embedding(q, k, torch.tensor([0, 1, 8]), cache)
+    for bad in (1, "gptj", None, torch.tensor(True)):
+        with pytest.raises(TypeError, match="is_neox_style must be a bool, got"):
+            mk.ops.rotary_embedding(q, k, pos, cache, is_neox_style=bad)
 
 
 def test_index_checks_context_is_thread_local():

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import kernel_backends, requires_cuda
 from helpers import assert_close
 from hypothesis import given
@@ -46,9 +47,10 @@ def run(backend, q, kc, vc, bt, sl, **kw):
         return mk.ops.paged_decode_attention(q, kc, vc, bt, sl, **kw)
 
 
-def ref(q, kc, vc, bt, sl, softmax_scale=None, window_left=-1, softcap=0.0, **_):
+def ref(q, kc, vc, bt, sl, softmax_scale=None, window_left=-1, softcap=0.0,
+        alibi_slopes=None, **_):
     return reference.paged_decode_attention(q, kc, vc, bt, sl, softmax_scale, window_left,
-                                            softcap)[0]
+                                            softcap, alibi_slopes=alibi_slopes)[0]
 
 
 @pytest.mark.parametrize("backend", kernel_backends())
@@ -77,10 +79,15 @@ def test_random_configs(backend, device, data):
     scale = data.draw(st.sampled_from([None, 0.3]))
     num_splits = data.draw(st.sampled_from([0, 1, 3]))
     split_size = data.draw(st.sampled_from([0, 0, 64, 100]))
+    alibi = data.draw(st.sampled_from([None, None, "head", "batch_head"]))
     case = make_case(lens, hq, hkv, d, block_size=block_size, dtype=dtype, device=device,
                      seed=data.draw(st.integers(0, 1000)))
+    slopes = None if alibi is None else (
+        torch.rand(hq) if alibi == "head" else torch.rand(len(lens), hq + 2)[:, 1:-1]
+    )   # [B, Hq]: a view with its own row stride
     kw = dict(softmax_scale=scale, window_left=window, softcap=softcap,
-              num_splits=num_splits, split_size=split_size)
+              num_splits=num_splits, split_size=split_size,
+              alibi_slopes=None if slopes is None else slopes.to(device))
     if backend == "cuda" and (dtype == torch.float32 or d not in (64, 128, 256)):
         pytest.skip("outside the CUDA kernel's support")
     assert_close(run(backend, *case, **kw), ref(*case, **kw), scale=2.0)
@@ -234,6 +241,11 @@ def test_errors(device):
         f(q[:, :3], kc, vc, bt, sl)
     with pytest.raises(ValueError, match="head dim"):
         f(q[..., :32], kc, vc, bt, sl)
+    with pytest.raises(TypeError, match="alibi_slopes"):
+        f(q, kc, vc, bt, sl, alibi_slopes=torch.ones(q.shape[1], dtype=torch.float16,
+                                                     device=device))
+    with pytest.raises(ValueError, match="alibi_slopes must have shape"):
+        f(q, kc, vc, bt, sl, alibi_slopes=torch.ones(q.shape[1] + 1, device=device))
     with pytest.raises(ValueError, match="block_table must have 2 rows"):
         f(q, kc, vc, bt[:1], sl)
     with pytest.raises(ValueError, match="num_splits"):
@@ -255,6 +267,34 @@ def test_opcheck(backend, device):
         for splits, size in ((1, 0), (2, 0), (0, 64)):
             torch.library.opcheck(torch.ops.minikernels.paged_decode_attention,
                                   (q, kc, vc, bt, sl, 0.125, -1, 0.0, splits, size))
+        torch.library.opcheck(torch.ops.minikernels.paged_decode_attention,
+                              (q, kc, vc, bt, sl, 0.125, -1, 0.0, 2, 0, None, None,
+                               torch.rand(4, device=device)))
+
+
+@pytest.mark.parametrize("backend", kernel_backends())
+def test_alibi_matches_vllm_bias(backend, device):
+    """ALiBi against an independent formula, vLLM's decode bias: key j of a sequence of
+    length L gets slope * (j - L + 1) added to its scaled score (SDPA with that float mask
+    over the gathered context), slopes per head [Hq] and per sequence and head [B, Hq],
+    with split-KV on and off. The CUDA kernel has no ALiBi: the op runs Triton instead."""
+    lens = [1, 37, 100, 200]
+    q, kc, vc, bt, sl = make_case(lens, 8, 2, 64, device=device, seed=4)
+    g = torch.Generator().manual_seed(4)
+    for slopes in (torch.rand(8, generator=g), torch.rand(4, 8, generator=g)):
+        slopes = slopes.to(device)
+        for kw in (dict(num_splits=1), dict(num_splits=3)):
+            out = run(backend, q, kc, vc, bt, sl, alibi_slopes=slopes, **kw)
+            for b, n in enumerate(lens):
+                blocks = bt[b, :(n + 15) // 16].long()
+                keys = kc[blocks].reshape(-1, 2, 64)[:n].float().repeat_interleave(4, 1)
+                vals = vc[blocks].reshape(-1, 2, 64)[:n].float().repeat_interleave(4, 1)
+                s_b = slopes if slopes.ndim == 1 else slopes[b]
+                bias = s_b.view(8, 1, 1) * (torch.arange(n, device=device) - n + 1).float()
+                want = F.scaled_dot_product_attention(
+                    q[b].float().view(8, 1, 64), keys.transpose(0, 1), vals.transpose(0, 1),
+                    attn_mask=bias)
+                assert_close(out[b], want.view(8, 64).to(q.dtype))
 
 
 # ----------------------------------------------------------------------- GPU only

@@ -83,15 +83,24 @@ def test_small_ops(backend, device, step_last):
     assert_close(h2, ref_h2)
     assert_close(a, reference.silu_and_mul(x))
 
-    q = torch.randn(6, 4, 32, generator=g).to(dt).to(device)
-    k = torch.randn(6, 2, 32, generator=g).to(dt).to(device)
-    pos = torch.randint(0, 40, (6,), generator=g).to(device)
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("step_last", [False, True], ids=["rows", "strided_last"])
+@pytest.mark.parametrize("is_neox_style", [True, False], ids=["neox", "gptj"])
+@pytest.mark.parametrize("pos_dtype", [torch.int64, torch.int32], ids=["i64", "i32"])
+def test_rotary(backend, device, step_last, is_neox_style, pos_dtype):
+    # q, k, positions and cache all views; partial rotary (rot_dim 32 of head dim 48)
+    g = _gen(9 + step_last)
+    dt = torch.bfloat16
+    q = torch.randn(7, 4, 48, generator=g).to(dt).to(device)
+    k = torch.randn(7, 2, 48, generator=g).to(dt).to(device)
+    pos = torch.randint(0, 40, (7,), generator=g).to(pos_dtype).to(device)
     cache = mk.ops.build_rope_cache(32, 40, 10000.0, device=device)
     qv, kv = view_of(q, g, step_last=step_last), view_of(k, g, permute=True)
     posv, cachev = view_of(pos, g), view_of(cache, g, step_last=step_last)
     with mk.use_backend(backend):
-        qo, ko = mk.ops.rotary_embedding(qv, kv, posv, cachev)
-    rq, rk = reference.rotary_embedding(q, k, pos, cache)
+        qo, ko = mk.ops.rotary_embedding(qv, kv, posv, cachev, is_neox_style=is_neox_style)
+    rq, rk = reference.rotary_embedding(q, k, pos, cache, is_neox_style)
     assert_close(qo, rq)
     assert_close(ko, rk)
 

@@ -37,27 +37,34 @@ class RMSNorm(nn.Module):
 
 
 class RotaryEmbedding(nn.Module):
-    """Neox-style rotary embedding with a precomputed fp32 cos/sin cache.
+    """Rotary embedding (neox style, or GPT-J style) with a precomputed fp32 cos/sin cache.
 
     forward(q [T, Hq, D], k [T, Hkv, D], positions [T]) -> rotated (q, k), contiguous.
-    ``rope_scaling`` is a HF config dict (default / linear / llama3).
+    ``rope_scaling`` is a HF config dict (default / linear / llama3). ``is_neox_style``
+    as vLLM's: True rotates dims (i, rotary_dim/2 + i) together (Llama/Qwen), False the
+    interleaved pairs (2i, 2i + 1) (GPT-J); see :func:`minikernels.ops.rotary_embedding`.
     """
 
     def __init__(self, rotary_dim: int, max_position: int, base: float = 10000.0,
                  rope_scaling: Mapping[str, Any] | None = None,
-                 device: torch.device | str | None = None) -> None:
+                 device: torch.device | str | None = None, is_neox_style: bool = True) -> None:
         super().__init__()
+        if not isinstance(is_neox_style, bool):
+            raise TypeError(f"is_neox_style must be a bool, got {type(is_neox_style).__name__}")
         self.rotary_dim = rotary_dim
         self.max_position = max_position
+        self.is_neox_style = is_neox_style
         cache = ops.build_rope_cache(rotary_dim, max_position, base, rope_scaling, device=device)
         # Not persistent: rebuilt from the config, never read from a checkpoint.
         self.register_buffer("cos_sin_cache", cache, persistent=False)
 
     def forward(self, q: Tensor, k: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
-        return ops.rotary_embedding(q, k, positions, self.cos_sin_cache)
+        return ops.rotary_embedding(q, k, positions, self.cos_sin_cache,
+                                    is_neox_style=self.is_neox_style)
 
     def extra_repr(self) -> str:
-        return f"rotary_dim={self.rotary_dim}, max_position={self.max_position}"
+        return (f"rotary_dim={self.rotary_dim}, max_position={self.max_position}, "
+                f"is_neox_style={self.is_neox_style}")
 
 
 class PagedAttention(nn.Module):

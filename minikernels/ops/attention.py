@@ -5,7 +5,8 @@ Op: ``minikernels::flash_attention``. Backends: reference (CPU, fp32 math) and t
 Conventions follow FlashAttention (>= 2.1): varlen [total_tokens, heads, head_dim] with int32
 cu_seqlens, causal masks aligned bottom-right (also with more queries than keys: rows that
 see no key give 0 and LSE -inf), local attention ``window_left`` / ``window_right``, GQA when
-Hq is a multiple of Hkv, paged caches of any block size 1..256, fp8 (e4m3) paged caches.
+Hq is a multiple of Hkv, ALiBi (``alibi_slopes`` [Hq] or [B, Hq]), any head dim up to 256,
+paged caches of any block size 1..256, fp8 (e4m3) paged caches.
 ``flash_attention_bshd`` is the padded-batch convenience form [B, S, H, D].
 Tests: tests/test_flash_attention*.py. Benchmark: ``python -m bench.bench_attention``.
 """
@@ -33,24 +34,26 @@ def _flash_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor,
                      cu_seqlens_k: Tensor, max_seqlen_q: int, max_seqlen_k: int, causal: bool,
                      softmax_scale: float, window_left: int, softcap: float,
                      block_table: Tensor | None, window_right: int = -1,
-                     k_scale: Tensor | None = None,
-                     v_scale: Tensor | None = None) -> tuple[Tensor, Tensor]:
+                     k_scale: Tensor | None = None, v_scale: Tensor | None = None,
+                     alibi_slopes: Tensor | None = None) -> tuple[Tensor, Tensor]:
     if _backend.resolve("flash_attention", q.device) != "reference":  # no CUDA C++ kernel
         from .triton import flash_attn
         return flash_attn.flash_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                                           max_seqlen_k, causal, softmax_scale, window_left,
                                           softcap, block_table, window_right=window_right,
-                                          k_scale=k_scale, v_scale=v_scale)
+                                          k_scale=k_scale, v_scale=v_scale,
+                                          alibi_slopes=alibi_slopes)
     return reference.flash_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                                      max_seqlen_k, causal, softmax_scale, window_left, softcap,
-                                     block_table, window_right, k_scale, v_scale)
+                                     block_table, window_right, k_scale, v_scale, alibi_slopes)
 
 
 @_flash_attention.register_fake
 def _(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
       max_seqlen_q: int, max_seqlen_k: int, causal: bool, softmax_scale: float,
       window_left: int, softcap: float, block_table: Tensor | None, window_right: int = -1,
-      k_scale: Tensor | None = None, v_scale: Tensor | None = None) -> tuple[Tensor, Tensor]:
+      k_scale: Tensor | None = None, v_scale: Tensor | None = None,
+      alibi_slopes: Tensor | None = None) -> tuple[Tensor, Tensor]:
     return (torch.empty(q.shape, dtype=q.dtype, device=q.device),
             torch.empty((q.shape[1], q.shape[0]), dtype=torch.float32, device=q.device))
 
@@ -128,6 +131,25 @@ def check_kv_scales(cache_names: tuple[str, str], k_cache: Tensor, k_scale: obje
     return out[0], out[1]
 
 
+def check_alibi_slopes(alibi_slopes: object, batch: int, heads: int,
+                       device: torch.device) -> Tensor | None:
+    """ALiBi slopes (FlashAttention's ``alibi_slopes``): None, or float32 [Hq] or [B, Hq]
+    on q's device (finite). Returns them with a contiguous last dim."""
+    if alibi_slopes is None:
+        return None
+    if not isinstance(alibi_slopes, Tensor):
+        raise TypeError(f"alibi_slopes must be a float32 tensor [{heads}] or [{batch}, "
+                        f"{heads}] or None, got {type(alibi_slopes).__name__}")
+    check_tensor("alibi_slopes", alibi_slopes, dtypes=(torch.float32,), device=device)
+    if list(alibi_slopes.shape) not in ([heads], [batch, heads]):
+        raise ValueError(f"alibi_slopes must have shape [{heads}] (per q head) or [{batch}, "
+                         f"{heads}] (per sequence and head), got {list(alibi_slopes.shape)}")
+    if index_checks_active(alibi_slopes) and alibi_slopes.numel() and \
+            not bool(torch.isfinite(alibi_slopes).all()):
+        raise ValueError("alibi_slopes must be finite")
+    return last_dim_contiguous(alibi_slopes)
+
+
 def check_window(window_left: object, window_right: object) -> None:
     for name, val in (("window_left", window_left), ("window_right", window_right)):
         if not isinstance(val, int) or isinstance(val, bool):
@@ -161,7 +183,8 @@ def flash_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_se
                     softcap: float = 0.0, block_table: Tensor | None = None,
                     return_lse: bool = False, *, window_right: int = -1,
                     k_scale: Tensor | float | None = None,
-                    v_scale: Tensor | float | None = None) -> Tensor | tuple[Tensor, Tensor]:
+                    v_scale: Tensor | float | None = None,
+                    alibi_slopes: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor]:
     """Varlen flash attention.
 
     q [total_q, Hq, D]; k, v [total_k, Hkv, D] (fp16/bf16, fp32 for reference/tests), or
@@ -177,8 +200,11 @@ def flash_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_se
     with Lq > Lk under causal the first rows see no key: output 0, LSE -inf). It sees key j
     when j <= p (causal), j >= p - window_left (window_left >= 0) and j <= p + window_right
     (window_right >= 0, two-sided local attention; causal implies window_right = 0).
-    softcap > 0 applies softcap * tanh(s / softcap) to the scaled scores. Returns out
-    [total_q, Hq, D] in q.dtype, and with return_lse the natural-log LSE [Hq, total_q] fp32.
+    softcap > 0 applies softcap * tanh(s / softcap) to the scaled scores. ALiBi
+    (FlashAttention's): with ``alibi_slopes`` float32 [Hq] or [B, Hq], the (scaled, capped)
+    score of query position p and key j gets -slope * |p - j| added. Returns out
+    [total_q, Hq, D] in q.dtype, and with return_lse the natural-log LSE [Hq, total_q] fp32
+    (of the biased scores).
     """
     check_tensor("q", q, dtypes=FLOAT_DTYPES, ndim=3)
     d = q.shape[2]
@@ -217,6 +243,7 @@ def flash_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_se
     softcap = check_positive_float("softcap", softcap, allow_zero=True)
     scale = (1.0 / math.sqrt(d) if softmax_scale is None
              else check_positive_float("softmax_scale", softmax_scale))
+    alibi_slopes = check_alibi_slopes(alibi_slopes, cu_seqlens_q.shape[0] - 1, hq, q.device)
     if index_checks_active(cu_seqlens_q):
         if int(cu_seqlens_q[-1]) != q.shape[0]:
             raise ValueError(f"cu_seqlens_q[-1] ({int(cu_seqlens_q[-1])}) must equal total_q "
@@ -240,21 +267,24 @@ def flash_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_se
                      device=q.device)
     out, lse = torch.ops.minikernels.flash_attention(
         q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, bool(causal), scale,
-        window_left, softcap, block_table, -1 if causal else window_right, k_scale, v_scale)
+        window_left, softcap, block_table, -1 if causal else window_right, k_scale, v_scale,
+        alibi_slopes)
     return (out, lse) if return_lse else out
 
 
 def flash_attention_bshd(q: Tensor, k: Tensor, v: Tensor, causal: bool = True,
                          softmax_scale: float | None = None, window_left: int = -1,
                          softcap: float = 0.0, return_lse: bool = False, *,
-                         window_right: int = -1) -> Tensor | tuple[Tensor, Tensor]:
+                         window_right: int = -1,
+                         alibi_slopes: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor]:
     """Attention over a padded batch, FlashAttention's ``flash_attn_func`` layout.
 
     q [B, Sq, Hq, D]; k, v [B, Sk, Hkv, D] (same dtype and device, Hq a multiple of Hkv,
     any strides). Every sequence has Sq queries and Sk keys; causal is aligned bottom-right
     (with Sq > Sk the first Sq - Sk rows see no key). Returns out [B, Sq, Hq, D] in
     q.dtype, and with return_lse the natural-log LSE [B, Hq, Sq] fp32. Other arguments
-    (window_left / window_right: FlashAttention's window_size) as in :func:`flash_attention`.
+    (window_left / window_right: FlashAttention's window_size; alibi_slopes [Hq] or
+    [B, Hq]) as in :func:`flash_attention`.
     """
     check_tensor("q", q, dtypes=FLOAT_DTYPES, ndim=4)
     check_tensor("k", k, dtypes=(q.dtype,), ndim=4, device=q.device)
@@ -270,7 +300,8 @@ def flash_attention_bshd(q: Tensor, k: Tensor, v: Tensor, causal: bool = True,
     res = flash_attention(q.reshape(b * sq, hq, d), k.reshape(b * sk, k.shape[2], k.shape[3]),
                           v.reshape(b * sk, v.shape[2], v.shape[3]), cu_q, cu_k, sq, sk,
                           causal=causal, softmax_scale=softmax_scale, window_left=window_left,
-                          softcap=softcap, return_lse=return_lse, window_right=window_right)
+                          softcap=softcap, return_lse=return_lse, window_right=window_right,
+                          alibi_slopes=alibi_slopes)
     if not return_lse:
         return res.view(b, sq, hq, d)  # type: ignore[union-attr]
     out, lse = res

@@ -44,7 +44,7 @@ from .._validation import (FLOAT_DTYPES, HALF_DTYPES, check_index_range,
                            check_positive_float, check_shape, last_dim_contiguous,
                            check_tensor)
 from . import _alloc, reference
-from .attention import (check_block_table, check_head_dim, check_kv_scales,
+from .attention import (check_alibi_slopes, check_block_table, check_head_dim, check_kv_scales,
                         check_paged_cache)
 
 #: Split-KV heuristic: aim for this many programs per SM, no split shorter than this.
@@ -138,12 +138,12 @@ def _(k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, slot_mapping: Tens
 def _paged_decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_table: Tensor,
                             seq_lens: Tensor, softmax_scale: float, window_left: int,
                             softcap: float, num_splits: int, split_size: int = 0,
-                            k_scale: Tensor | None = None,
-                            v_scale: Tensor | None = None) -> tuple[Tensor, Tensor]:
+                            k_scale: Tensor | None = None, v_scale: Tensor | None = None,
+                            alibi_slopes: Tensor | None = None) -> tuple[Tensor, Tensor]:
     d, hkv = q.shape[2], k_cache.shape[2]
 
     def cuda_ok() -> bool:
-        return (q.dtype in HALF_DTYPES and d in _CUDA_HEAD_DIMS
+        return (q.dtype in HALF_DTYPES and d in _CUDA_HEAD_DIMS and alibi_slopes is None
                 and q.shape[1] // hkv <= _CUDA_MAX_GROUP
                 and _rows_aligned(k_cache, v_cache)
                 and _ext_has("paged_decode_attention"))
@@ -152,12 +152,12 @@ def _paged_decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_t
                              prefer_cuda=False)
     if which != "reference" and q.is_cuda and q.dtype not in HALF_DTYPES:
         which = "reference"  # GPU kernels: fp16/bf16 q (fp32 runs through the reference)
-    if which == "cuda" and not _rows_aligned(k_cache, v_cache):
-        which = "triton"     # the CUDA kernel's 16-byte vector loads need aligned rows
+    if which == "cuda" and (alibi_slopes is not None or not _rows_aligned(k_cache, v_cache)):
+        which = "triton"     # the CUDA kernel: no ALiBi, 16-byte vector loads (aligned rows)
     if which == "reference":
         out, lse = reference.paged_decode_attention(q, k_cache, v_cache, block_table, seq_lens,
                                                     softmax_scale, window_left, softcap,
-                                                    k_scale, v_scale)
+                                                    k_scale, v_scale, alibi_slopes)
         return out.contiguous(), lse
     # The kernels read seq_lens[b] and block_table[b * stride(0) + i]: unit inner strides.
     seq_lens = seq_lens.contiguous()
@@ -173,7 +173,7 @@ def _paged_decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_t
     from .triton import paged_attention as triton_paged
     return triton_paged.paged_decode_attention(
         q, k_cache, v_cache, block_table, seq_lens, softmax_scale, window_left, softcap,
-        grid_splits, n_rule, size_rule, use_split, k_scale, v_scale)
+        grid_splits, n_rule, size_rule, use_split, k_scale, v_scale, alibi_slopes)
 
 
 def _paged_decode_cuda(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_table: Tensor,
@@ -201,8 +201,8 @@ def _paged_decode_cuda(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_table:
 @_paged_decode_attention.register_fake
 def _(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_table: Tensor, seq_lens: Tensor,
       softmax_scale: float, window_left: int, softcap: float, num_splits: int,
-      split_size: int = 0, k_scale: Tensor | None = None,
-      v_scale: Tensor | None = None) -> tuple[Tensor, Tensor]:
+      split_size: int = 0, k_scale: Tensor | None = None, v_scale: Tensor | None = None,
+      alibi_slopes: Tensor | None = None) -> tuple[Tensor, Tensor]:
     return (torch.empty(q.shape, dtype=q.dtype, device=q.device),
             torch.empty((q.shape[0], q.shape[1]), dtype=torch.float32, device=q.device))
 
@@ -239,7 +239,8 @@ def paged_decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_ta
                            window_left: int = -1, softcap: float = 0.0,
                            num_splits: int = 0, *, split_size: int = 0,
                            return_lse: bool = False, k_scale: Tensor | float | None = None,
-                           v_scale: Tensor | float | None = None
+                           v_scale: Tensor | float | None = None,
+                           alibi_slopes: Tensor | None = None
                            ) -> Tensor | tuple[Tensor, Tensor]:
     """Decode attention: one query per sequence over its paged KV cache.
 
@@ -256,6 +257,8 @@ def paged_decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_ta
     window_left + 1 tokens. Returns out [B, Hq, D] in q.dtype (contiguous); a sequence with
     seq_len 0 gets zeros. With return_lse also the natural-log LSE [B, Hq] fp32 of each
     row's scores (-inf for seq_len 0), so partial states merge (:func:`merge_attn_states`).
+    ALiBi: ``alibi_slopes`` float32 [Hq] or [B, Hq] adds -slope * (seq_len - 1 - j) to the
+    score of key j (vLLM's decode bias; the LSE includes it).
     """
     check_tensor("q", q, dtypes=FLOAT_DTYPES, ndim=3)
     d = q.shape[2]
@@ -281,9 +284,10 @@ def paged_decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_ta
     softcap = check_positive_float("softcap", softcap, allow_zero=True)
     scale = (1.0 / math.sqrt(d) if softmax_scale is None
              else check_positive_float("softmax_scale", softmax_scale))
+    alibi_slopes = check_alibi_slopes(alibi_slopes, q.shape[0], hq, q.device)
     out, lse = torch.ops.minikernels.paged_decode_attention(
         q, k_cache, v_cache, block_table, seq_lens, scale, window_left, softcap, num_splits,
-        split_size, k_scale, v_scale)
+        split_size, k_scale, v_scale, alibi_slopes)
     return (out, lse) if return_lse else out
 
 

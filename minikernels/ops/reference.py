@@ -56,27 +56,36 @@ def silu_and_mul(x: Tensor) -> Tensor:
 # ---------------------------------------------------------------------------- rotary
 
 
-def rotary_embedding(q: Tensor, k: Tensor, positions: Tensor,
-                     cos_sin_cache: Tensor) -> tuple[Tensor, Tensor]:
-    """Neox-style rotary embedding on the first ``rot_dim`` dims of each head.
+def rotary_embedding(q: Tensor, k: Tensor, positions: Tensor, cos_sin_cache: Tensor,
+                     is_neox_style: bool = True) -> tuple[Tensor, Tensor]:
+    """Rotary embedding on the first ``rot_dim`` dims of each head (neox or GPT-J style).
 
     q [..., Hq, D], k [..., Hkv, D], positions [...] (int32/int64, same leading shape),
     cos_sin_cache [max_position, rot_dim] (first half cos, second half sin), rot_dim <= D, even.
-    For x = head[:rot_dim] split into halves (x1, x2) and (cos, sin) = cache[pos]:
-        out1 = x1 * cos - x2 * sin;  out2 = x2 * cos + x1 * sin;  head[rot_dim:] unchanged.
+    With half = rot_dim / 2 and (cos_i, sin_i) = cache[pos, i], cache[pos, half + i] for
+    i in [0, half), each pair (x1_i, x2_i) of the head rotates as
+        out1_i = x1_i * cos_i - x2_i * sin_i;  out2_i = x2_i * cos_i + x1_i * sin_i
+    where the pairs are, as vLLM's ``is_neox_style`` / FlashInfer's ``interleave=False/True``:
+        neox (True):    x1_i = head[i],      x2_i = head[half + i]   (two halves)
+        GPT-J (False):  x1_i = head[2 * i],  x2_i = head[2 * i + 1]  (interleaved)
+    head[rot_dim:] is unchanged. Math in fp32; outputs have q's and k's dtypes.
     """
     rot = cos_sin_cache.shape[-1]
     half = rot // 2
     cs = cos_sin_cache.float()[positions.long()]          # [..., rot]
     cos = cs[..., :half].unsqueeze(-2)                     # [..., 1, half]
     sin = cs[..., half:].unsqueeze(-2)
+    if is_neox_style:                                      # pairs (i, half + i)
+        first, second = slice(0, half), slice(half, rot)
+    else:                                                  # GPT-J: pairs (2i, 2i + 1)
+        first, second = slice(0, rot, 2), slice(1, rot, 2)
 
     def apply(t: Tensor) -> Tensor:
         tf = t.float()
-        x1, x2 = tf[..., :half], tf[..., half:rot]
+        x1, x2 = tf[..., first], tf[..., second]
         out = tf.clone()
-        out[..., :half] = x1 * cos - x2 * sin
-        out[..., half:rot] = x2 * cos + x1 * sin
+        out[..., first] = x1 * cos - x2 * sin
+        out[..., second] = x2 * cos + x1 * sin
         return out.to(t.dtype)
 
     return apply(q), apply(k)
@@ -112,13 +121,16 @@ def int4_matmul(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, group
 
 
 def _attend(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool, window_left: int,
-            softcap: float, window_right: int = -1) -> tuple[Tensor, Tensor]:
+            softcap: float, window_right: int = -1,
+            alibi_slopes: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """One sequence. q [Lq, Hq, D], k/v [Lk, Hkv, D] -> (out [Lq, Hq, D] fp32, lse [Hq, Lq]).
 
     Query i sits at absolute position p = i + Lk - Lq (bottom-right alignment; with Lq > Lk
     the first Lq - Lk queries sit before every key). It sees key j when j <= p (causal),
     j >= p - window_left (window_left >= 0) and j <= p + window_right (window_right >= 0;
     causal is window_right = 0 and takes precedence, as in FlashAttention).
+    ALiBi (alibi_slopes fp32 [Hq]): the scaled (and soft-capped) score of query i, key j gets
+    -slope[h] * |p - j| added (FlashAttention's bias; the lse includes it).
     A query that sees no key gets output 0 and lse -inf.
     """
     lq, hq, d = q.shape
@@ -132,6 +144,8 @@ def _attend(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool, window_
         s = softcap * torch.tanh(s / softcap)
     qpos = torch.arange(lq, device=q.device).unsqueeze(1) + (lk - lq)
     kpos = torch.arange(lk, device=q.device).unsqueeze(0)
+    if alibi_slopes is not None:
+        s = s - alibi_slopes.float().view(hq, 1, 1) * (qpos - kpos).abs()
     visible = torch.ones(lq, lk, dtype=torch.bool, device=q.device)
     if causal:
         visible &= kpos <= qpos
@@ -173,14 +187,16 @@ def flash_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_se
                     softmax_scale: float | None = None, window_left: int = -1,
                     softcap: float = 0.0, block_table: Tensor | None = None,
                     window_right: int = -1, k_scale: Tensor | None = None,
-                    v_scale: Tensor | None = None) -> tuple[Tensor, Tensor]:
+                    v_scale: Tensor | None = None,
+                    alibi_slopes: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Varlen attention -> (out [total_q, Hq, D] in q.dtype, lse [Hq, total_q] fp32).
 
     Without block_table: k, v [total_k, Hkv, D] with sequence b at rows
     cu_seqlens_k[b]:cu_seqlens_k[b+1]. With block_table [B, max_blocks]: k, v are paged
     caches [num_blocks, block_size, Hkv, D] and sequence b's keys are its first
     cu_seqlens_k[b+1] - cu_seqlens_k[b] cached tokens (fp8 caches are dequantized with
-    k_scale / v_scale). max_seqlen_* are upper bounds only. Masks: see :func:`_attend`.
+    k_scale / v_scale). max_seqlen_* are upper bounds only. Masks and ALiBi (alibi_slopes
+    fp32 [Hq] or [B, Hq]): see :func:`_attend`.
     """
     d = q.shape[-1]
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(d)
@@ -199,7 +215,10 @@ def flash_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_se
         else:
             kb = gather_paged(k, block_table[b], lk, k_scale)
             vb = gather_paged(v, block_table[b], lk, v_scale)
-        o, l = _attend(q[q0:q1], kb, vb, scale, causal, window_left, softcap, window_right)
+        slopes = None if alibi_slopes is None else (
+            alibi_slopes if alibi_slopes.ndim == 1 else alibi_slopes[b])
+        o, l = _attend(q[q0:q1], kb, vb, scale, causal, window_left, softcap, window_right,
+                       slopes)
         out[q0:q1] = o
         lse[:, q0:q1] = l
     return out.to(q.dtype), lse
@@ -237,14 +256,15 @@ def write_kv_cache(k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor,
 def paged_decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_table: Tensor,
                            seq_lens: Tensor, softmax_scale: float | None = None,
                            window_left: int = -1, softcap: float = 0.0,
-                           k_scale: Tensor | None = None, v_scale: Tensor | None = None
-                           ) -> tuple[Tensor, Tensor]:
+                           k_scale: Tensor | None = None, v_scale: Tensor | None = None,
+                           alibi_slopes: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """One new query per sequence over its paged context -> (out [B, Hq, D] in q.dtype,
     lse [B, Hq] fp32, natural log).
 
     q [B, Hq, D]; sequence b attends to its cached tokens 0..seq_lens[b]-1 (its own new
     token included: the engine writes it first). seq_lens[b] == 0 gives zeros and lse -inf.
-    fp8 caches are dequantized with k_scale / v_scale.
+    fp8 caches are dequantized with k_scale / v_scale. ALiBi (alibi_slopes fp32 [Hq] or
+    [B, Hq]): key j's score gets -slope * (seq_len - 1 - j) added (vLLM's decode bias).
     """
     b, hq, d = q.shape
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(d)
@@ -255,7 +275,9 @@ def paged_decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_ta
             continue
         kb = gather_paged(k_cache, block_table[i], length, k_scale)
         vb = gather_paged(v_cache, block_table[i], length, v_scale)
-        o, l = _attend(q[i:i + 1], kb, vb, scale, True, window_left, softcap)
+        slopes = None if alibi_slopes is None else (
+            alibi_slopes if alibi_slopes.ndim == 1 else alibi_slopes[i])
+        o, l = _attend(q[i:i + 1], kb, vb, scale, True, window_left, softcap, -1, slopes)
         out[i] = o[0]
         lse[i] = l[:, 0]
     return out.to(q.dtype), lse

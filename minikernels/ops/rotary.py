@@ -1,4 +1,4 @@
-"""Op family: rotary position embedding (neox style) and its cos/sin cache builder.
+"""Op family: rotary position embedding (neox or GPT-J style) and its cos/sin cache builder.
 
 Op: ``minikernels::rotary_embedding``. Backends: reference, triton.
 """
@@ -66,31 +66,39 @@ def build_rope_cache(rotary_dim: int, max_position: int, base: float = 10000.0,
 
 
 @torch.library.custom_op("minikernels::rotary_embedding", mutates_args=())
-def _rotary_embedding(q: Tensor, k: Tensor, positions: Tensor,
-                      cos_sin_cache: Tensor) -> tuple[Tensor, Tensor]:
+def _rotary_embedding(q: Tensor, k: Tensor, positions: Tensor, cos_sin_cache: Tensor,
+                      is_neox_style: bool = True) -> tuple[Tensor, Tensor]:
     if _backend.resolve("rotary_embedding", q.device) == "triton":
         from .triton import rotary
         # the kernel reads positions[token] flat: a strided view gets a compact copy
-        return rotary.rotary_embedding(q, k, positions.contiguous(), cos_sin_cache)
-    qo, ko = reference.rotary_embedding(q, k, positions, cos_sin_cache)
+        return rotary.rotary_embedding(q, k, positions.contiguous(), cos_sin_cache,
+                                       is_neox_style)
+    qo, ko = reference.rotary_embedding(q, k, positions, cos_sin_cache, is_neox_style)
     return qo.contiguous(), ko.contiguous()
 
 
 @_rotary_embedding.register_fake
-def _(q: Tensor, k: Tensor, positions: Tensor, cos_sin_cache: Tensor) -> tuple[Tensor, Tensor]:
+def _(q: Tensor, k: Tensor, positions: Tensor, cos_sin_cache: Tensor,
+      is_neox_style: bool = True) -> tuple[Tensor, Tensor]:
     return (torch.empty(q.shape, dtype=q.dtype, device=q.device),
             torch.empty(k.shape, dtype=k.dtype, device=k.device))
 
 
-def rotary_embedding(q: Tensor, k: Tensor, positions: Tensor,
-                     cos_sin_cache: Tensor) -> tuple[Tensor, Tensor]:
-    """Apply neox-style rotary embedding to q and k; returns new (q, k).
+def rotary_embedding(q: Tensor, k: Tensor, positions: Tensor, cos_sin_cache: Tensor,
+                     is_neox_style: bool = True) -> tuple[Tensor, Tensor]:
+    """Apply rotary embedding to q and k; returns new (q, k).
 
     q [..., Hq, D], k [..., Hkv, D] (fp16/bf16/fp32, same dtype, any strides);
     positions int32/int64 with shape q.shape[:-2]; cos_sin_cache [max_position, rot_dim]
     (see :func:`build_rope_cache`), rot_dim even and <= D: the first rot_dim dims of each
     head are rotated, the rest pass through. Outputs are contiguous, shaped like q and k.
+    ``is_neox_style`` (vLLM's name; FlashInfer's ``interleave`` is its negation) picks the
+    pairs that rotate together by (cache[pos, i], cache[pos, rot_dim/2 + i]):
+    True (neox, Llama/Qwen): dims (i, rot_dim/2 + i); False (GPT-J, interleaved):
+    dims (2i, 2i + 1). See :func:`minikernels.ops.reference.rotary_embedding`.
     """
+    if not isinstance(is_neox_style, bool):
+        raise TypeError(f"is_neox_style must be a bool, got {type(is_neox_style).__name__}")
     check_tensor("q", q, dtypes=FLOAT_DTYPES, min_ndim=2)
     check_tensor("k", k, dtypes=(q.dtype,), min_ndim=2, device=q.device)
     check_tensor("positions", positions, dtypes=(torch.int32, torch.int64), device=q.device)
@@ -113,5 +121,5 @@ def rotary_embedding(q: Tensor, k: Tensor, positions: Tensor,
     q3 = q.reshape(-1, *q.shape[-2:])
     k3 = k.reshape(-1, *k.shape[-2:])
     qo, ko = torch.ops.minikernels.rotary_embedding(q3, k3, positions.reshape(-1),
-                                                    cos_sin_cache)
+                                                    cos_sin_cache, is_neox_style)
     return qo.view(q.shape), ko.view(k.shape)

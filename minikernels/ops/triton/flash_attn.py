@@ -10,7 +10,8 @@ Algorithm (FlashAttention-2 forward, one program per (query tile, q head, sequen
      left edge, an unmasked loop over tiles every row sees fully, and a masked loop over the
      diagonal and the end of the sequence (only these pay for the mask).
   3. Per tile: s = q k^T (tensor cores, fp32 accumulate), scaled into the log2 domain
-     (optional softcap * tanh(s / softcap) first); online softmax with exp2: keep the row max
+     (optional softcap * tanh(s / softcap) first, then the optional ALiBi bias
+     -slope * |p - j|); online softmax with exp2: keep the row max
      m and the row sum l, rescale the fp32 accumulator by exp2(m_old - m_new), acc += p v.
   4. out = acc / l, lse = (m + log2 l) * ln 2. A row that saw no key has l == 0: it gets
      output 0 and lse -inf (m starts finite, so no inf - inf ever makes a NaN).
@@ -53,15 +54,16 @@ def _kv_rows(offs_n, seqlen_k, bt_row, stride_tok, stride_blk, PAGED: tl.constex
 @triton.jit
 def _attn_tiles(acc, l_i, m_i, q, k_base, v_base, bt_row, start, end, seqlen_k, q_hi, offs_d,
                 stride_kt, stride_kb, stride_vt, stride_vb, qk_scale, cap_in, cap_out,
-                window_span, MASKED: tl.constexpr, RIGHT_BOUND: tl.constexpr,
+                window_span, q_pos, alibi, MASKED: tl.constexpr, RIGHT_BOUND: tl.constexpr,
                 HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, PAGED: tl.constexpr,
                 PAGE_SIZE: tl.constexpr, EVEN_D: tl.constexpr, HEAD_DIM: tl.constexpr,
                 BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-                KV_SCALE: tl.constexpr, ALIGNED: tl.constexpr):
+                KV_SCALE: tl.constexpr, ALIGNED: tl.constexpr, HAS_ALIBI: tl.constexpr):
     """Accumulate key tiles [start, end) into (acc, l_i, m_i); masks only when MASKED.
 
     Row r sees keys q_hi[r] - window_span <= j <= q_hi[r] (q_hi = position + window_right,
     window_span = window_left + window_right): one vector of bounds, like plain causal.
+    HAS_ALIBI: scores get -alibi * |q_pos[r] - j| (alibi: the head's slope * log2 e).
     """
     offs_n0 = tl.arange(0, BLOCK_N)
     d_ok = offs_d[None, :] < HEAD_DIM
@@ -94,6 +96,8 @@ def _attn_tiles(acc, l_i, m_i, q, k_base, v_base, bt_row, start, end, seqlen_k, 
             s = (1.0 - 2.0 / (tl.math.exp2(x * 2.8853900817779268) + 1.0)) * cap_out
         else:
             s = s * qk_scale
+        if HAS_ALIBI:
+            s -= alibi * tl.abs(q_pos[:, None] - offs_n[None, :]).to(tl.float32)
         if MASKED:
             visible = offs_n[None, :] < seqlen_k
             if RIGHT_BOUND:
@@ -124,12 +128,12 @@ def flash_attn_fwd_kernel(
         q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, cu_q_ptr, cu_k_ptr, bt_ptr,
         stride_qt, stride_qh, stride_kt, stride_kh, stride_kb, stride_vt, stride_vh, stride_vb,
         stride_ot, stride_oh, stride_lse, stride_bt, group, qk_scale, cap_in, cap_out,
-        window_left, window_right, ks_ptr, vs_ptr,
+        window_left, window_right, ks_ptr, vs_ptr, al_ptr, stride_al,
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr, RIGHT_BOUND: tl.constexpr, HAS_WINDOW: tl.constexpr,
         HAS_SOFTCAP: tl.constexpr, PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr,
         DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, KV_SCALE: tl.constexpr,
-        SCALE_PER_HEAD: tl.constexpr, ALIGNED: tl.constexpr):
+        SCALE_PER_HEAD: tl.constexpr, ALIGNED: tl.constexpr, HAS_ALIBI: tl.constexpr):
     # grid (Hq, B, query tiles), launched x-fastest: every head and sequence of one tile row
     # runs together (GQA heads share K/V in L2) and the heavy tiles (late in the sequence:
     # more keys under causal) are launched first, so the light ones fill the last wave
@@ -169,7 +173,11 @@ def flash_attn_fwd_kernel(
 
     # key positions: row i sits at i + Lk - Lq; [lo, hi) = keys some row sees,
     # [full_lo, full_hi) = keys every row sees (no mask needed there)
-    q_hi = offs_m + (seqlen_k - seqlen_q + window_right)   # last key each row may see
+    q_pos = offs_m + (seqlen_k - seqlen_q)                  # each row's position
+    q_hi = q_pos + window_right                             # last key each row may see
+    alibi = 0.0
+    if HAS_ALIBI:  # slopes [Hq] (stride_al 0) or [B, Hq], into the log2 domain
+        alibi = tl.load(al_ptr + seq * stride_al + head) * 1.4426950408889634
     window_span = window_left + window_right
     pos_first = start_m * BLOCK_M + (seqlen_k - seqlen_q)
     pos_last = tl.minimum(start_m * BLOCK_M + BLOCK_M, seqlen_q) - 1 + (seqlen_k - seqlen_q)
@@ -208,18 +216,18 @@ def flash_attn_fwd_kernel(
         acc, l_i, m_i = _attn_tiles(
             acc, l_i, m_i, q, k_base, v_base, bt_row, lo_al, mid_lo, seqlen_k, q_hi, offs_d,
             stride_kt, stride_kb, stride_vt, stride_vb, qk_scale, cap_in, cap_out, window_span,
-            True, RIGHT_BOUND, HAS_WINDOW, HAS_SOFTCAP, PAGED, PAGE_SIZE, EVEN_D,
-            HEAD_DIM, BLOCK_N, DOT_PRECISION, UPCAST, KV_SCALE, ALIGNED)
+            q_pos, alibi, True, RIGHT_BOUND, HAS_WINDOW, HAS_SOFTCAP, PAGED, PAGE_SIZE, EVEN_D,
+            HEAD_DIM, BLOCK_N, DOT_PRECISION, UPCAST, KV_SCALE, ALIGNED, HAS_ALIBI)
     acc, l_i, m_i = _attn_tiles(  # interior: every row sees every key
         acc, l_i, m_i, q, k_base, v_base, bt_row, mid_lo, mid_hi, seqlen_k, q_hi, offs_d,
         stride_kt, stride_kb, stride_vt, stride_vb, qk_scale, cap_in, cap_out, window_span,
-        False, RIGHT_BOUND, HAS_WINDOW, HAS_SOFTCAP, PAGED, PAGE_SIZE, EVEN_D,
-        HEAD_DIM, BLOCK_N, DOT_PRECISION, UPCAST, KV_SCALE, ALIGNED)
+        q_pos, alibi, False, RIGHT_BOUND, HAS_WINDOW, HAS_SOFTCAP, PAGED, PAGE_SIZE, EVEN_D,
+        HEAD_DIM, BLOCK_N, DOT_PRECISION, UPCAST, KV_SCALE, ALIGNED, HAS_ALIBI)
     acc, l_i, m_i = _attn_tiles(  # diagonal and sequence end: masked
         acc, l_i, m_i, q, k_base, v_base, bt_row, mid_hi, hi, seqlen_k, q_hi, offs_d,
         stride_kt, stride_kb, stride_vt, stride_vb, qk_scale, cap_in, cap_out, window_span,
-        True, RIGHT_BOUND, HAS_WINDOW, HAS_SOFTCAP, PAGED, PAGE_SIZE, EVEN_D,
-        HEAD_DIM, BLOCK_N, DOT_PRECISION, UPCAST, KV_SCALE, ALIGNED)
+        q_pos, alibi, True, RIGHT_BOUND, HAS_WINDOW, HAS_SOFTCAP, PAGED, PAGE_SIZE, EVEN_D,
+        HEAD_DIM, BLOCK_N, DOT_PRECISION, UPCAST, KV_SCALE, ALIGNED, HAS_ALIBI)
 
     empty = l_i == 0.0
     inv_l = v_scale / tl.where(empty, 1.0, l_i)
@@ -347,12 +355,14 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlen
                     causal: bool, softmax_scale: float, window_left: int, softcap: float,
                     block_table: torch.Tensor | None, config: FlashConfig | None = None,
                     window_right: int = -1, k_scale: torch.Tensor | None = None,
-                    v_scale: torch.Tensor | None = None
+                    v_scale: torch.Tensor | None = None,
+                    alibi_slopes: torch.Tensor | None = None
                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """Validated inputs (see minikernels.ops.attention.flash_attention) -> (out, lse).
 
     q [total_q, Hq, D]; k, v [total_k, Hkv, D] or paged [num_blocks, block_size, Hkv, D]
     (fp8 paged caches with k_scale / v_scale fp32, numel 1 or Hkv); last dims contiguous.
+    alibi_slopes fp32 [Hq] or [B, Hq] (last dim contiguous) or None.
     out [total_q, Hq, D] in q.dtype (contiguous), lse [Hq, total_q] fp32.
     """
     total_q, hq, d = q.shape
@@ -387,6 +397,7 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlen
     # causal = a right bound at the diagonal (FlashAttention: causal overrides window_right)
     right_bound = bool(causal) or window_right >= 0
     kv_scale = k_scale is not None
+    has_alibi = alibi_slopes is not None
     grid = (hq, batch, triton.cdiv(max_seqlen_q, cfg.block_m))
     flash_attn_fwd_kernel[grid](
         q, k, v, out, lse, cu_q, cu_k, bt,
@@ -396,12 +407,14 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlen
         softcap * LOG2E if has_softcap else 1.0, max(window_left, 0),
         0 if causal else max(window_right, 0), k_scale if kv_scale else lse,
         v_scale if kv_scale else lse,
+        alibi_slopes if has_alibi else lse,
+        alibi_slopes.stride(0) if has_alibi and alibi_slopes.ndim == 2 else 0,
         HEAD_DIM=d, BLOCK_D=block_d(d), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         RIGHT_BOUND=right_bound, HAS_WINDOW=window_left >= 0, HAS_SOFTCAP=has_softcap,
         PAGED=paged, PAGE_SIZE=page_size,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 or upcast else "tf32", UPCAST=upcast,
         KV_SCALE=kv_scale, SCALE_PER_HEAD=kv_scale and k_scale.numel() > 1, ALIGNED=aligned,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        HAS_ALIBI=has_alibi, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out, lse
 
 
@@ -416,10 +429,11 @@ def _signature(dt: str, kv_dt: str) -> dict[str, str]:
                  "group"):
         sig[name] = "i32"
     sig.update({"qk_scale": "fp32", "cap_in": "fp32", "cap_out": "fp32", "window_left": "i32",
-                "window_right": "i32", "ks_ptr": "*fp32", "vs_ptr": "*fp32"})
+                "window_right": "i32", "ks_ptr": "*fp32", "vs_ptr": "*fp32",
+                "al_ptr": "*fp32", "stride_al": "i32"})
     for name in ("HEAD_DIM", "BLOCK_D", "BLOCK_M", "BLOCK_N", "RIGHT_BOUND", "HAS_WINDOW",
                  "HAS_SOFTCAP", "PAGED", "PAGE_SIZE", "DOT_PRECISION", "UPCAST", "KV_SCALE",
-                 "SCALE_PER_HEAD", "ALIGNED"):
+                 "SCALE_PER_HEAD", "ALIGNED", "HAS_ALIBI"):
         sig[name] = "constexpr"
     return sig
 
@@ -429,14 +443,16 @@ _registered: set[tuple] = set()
 
 def _register(dt: str, head_dim: int, cfg: FlashConfig, *, causal: bool = True,
               window: bool = False, softcap: bool = False, page_size: int = 0,
-              fp8_kv: bool = False, archs: tuple[int, ...] = (80, 90)) -> None:
+              fp8_kv: bool = False, alibi: bool = False,
+              archs: tuple[int, ...] = (80, 90)) -> None:
     """causal: a right bound (causal, or window_right >= 0); fp8_kv: fp8 paged caches."""
-    key = (dt, head_dim, cfg, causal, window, softcap, page_size, fp8_kv)
+    key = (dt, head_dim, cfg, causal, window, softcap, page_size, fp8_kv, alibi)
     if key in _registered:  # sm_80 and sm_90 tables share some entries
         return
     _registered.add(key)
     flags = "".join(f",{f}" for f, on in (("causal", causal), ("window", window),
-                                           ("softcap", softcap), ("kv=fp8", fp8_kv)) if on)
+                                           ("softcap", softcap), ("kv=fp8", fp8_kv),
+                                           ("alibi", alibi)) if on)
     paged = f",paged{page_size}" if page_size else ""
     register(KernelSpec(
         name=(f"flash_attn[{dt},d{head_dim},m{cfg.block_m}n{cfg.block_n}"
@@ -447,7 +463,7 @@ def _register(dt: str, head_dim: int, cfg: FlashConfig, *, causal: bool = True,
                     "HAS_WINDOW": window, "HAS_SOFTCAP": softcap, "PAGED": bool(page_size),
                     "PAGE_SIZE": page_size or 1, "DOT_PRECISION": "tf32", "UPCAST": False,
                     "KV_SCALE": fp8_kv, "SCALE_PER_HEAD": fp8_kv,
-                    "ALIGNED": head_dim % 8 == 0},
+                    "ALIGNED": head_dim % 8 == 0, "HAS_ALIBI": alibi},
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, tensor_core=True, archs=archs,
         wgmma_expected=cfg.block_m >= 64))   # wgmma tiles have 64 rows
 
@@ -466,6 +482,11 @@ for _table in (SM90_CONFIGS, SM80_CONFIGS):
     _register("bf16", 59, _table[64])
 _register("fp16", 111, UNALIGNED_CONFIGS[128], window=True, page_size=16)
 _register("bf16", 250, UNALIGNED_CONFIGS[256])
+# ALiBi (FlashAttention's alibi_slopes)
+for _table in (SM90_CONFIGS, SM80_CONFIGS):
+    _register("bf16", 128, _table[128], alibi=True)
+_register("fp16", 64, SM90_CONFIGS[64], causal=False, window=True, softcap=True, page_size=16,
+          alibi=True)
 # fp8 KV cache: prefill over an fp8 paged prefix (sm_90a: e4m3 converts natively there)
 _register("bf16", 128, SM90_CONFIGS[128], page_size=16, fp8_kv=True, archs=(90,))
 _register("bf16", 64, SM90_CONFIGS[64], page_size=16, fp8_kv=True, archs=(90,))

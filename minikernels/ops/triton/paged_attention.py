@@ -6,7 +6,8 @@ Algorithm (flash-decoding over a paged cache, GQA-aware):
   that share the KV head as one [GROUP_PAD >= 16, D] tile, so every K/V page is read once
   and QK^T / PV run on tensor cores (tl.dot). It walks its range BLOCK_N tokens at a time:
   token t lives at page block_table[b, t // block_size], row t % block_size; scores are
-  scaled (and soft-capped), masked outside [window start, seq_len), and folded into an
+  scaled (and soft-capped; with ALiBi each head's -slope * (seq_len - 1 - t) added),
+  masked outside [window start, seq_len), and folded into an
   online softmax in base 2 (running max m, sum l, accumulator acc).
   One split (SPLIT=False): the program writes acc / l to the output and ln-LSE to lse.
   Several splits: it writes acc / l (fp32) and its base-2 LSE m + log2(l); a second kernel
@@ -61,14 +62,15 @@ def _tanh(x):
 @triton.jit
 def paged_decode_kernel(
         q_ptr, k_ptr, v_ptr, bt_ptr, lens_ptr, out_ptr, opart_ptr, lse_ptr, lse_out_ptr,
-        ks_ptr, vs_ptr, scale, softcap, window_left, num_splits, split_size, max_splits,
+        ks_ptr, vs_ptr, al_ptr, stride_al, scale, softcap, window_left, num_splits, split_size,
+        max_splits,
         stride_qb, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt,
         stride_vh, stride_bt, stride_ob, stride_oh,
         GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
         D_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
         SOFTCAP: tl.constexpr, SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr,
         DOT_F32: tl.constexpr, KV_SCALE: tl.constexpr, SCALE_PER_HEAD: tl.constexpr,
-        ALIGNED: tl.constexpr):
+        ALIGNED: tl.constexpr, HAS_ALIBI: tl.constexpr):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -95,6 +97,10 @@ def paged_decode_kernel(
         else:
             qk_scale = scale * tl.load(ks_ptr)
             v_scale = tl.load(vs_ptr)
+
+    if HAS_ALIBI:  # each q head's slope (slopes [Hq], or [B, Hq] with stride_al), log2 domain
+        alibi = tl.load(al_ptr + b.to(tl.int64) * stride_al + heads, mask=row_mask,
+                        other=0.0) * 1.4426950408889634
 
     m_i = tl.full([GROUP_PAD], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([GROUP_PAD], dtype=tl.float32)
@@ -129,6 +135,8 @@ def paged_decode_kernel(
             s = softcap * _tanh(s * (qk_scale / softcap)) * 1.4426950408889634
         else:
             s = s * (qk_scale * 1.4426950408889634)
+        if HAS_ALIBI:  # -slope * (seq_len - 1 - t): distance from the newest token
+            s += alibi[:, None] * (offs - (seq_len - 1)).to(tl.float32)[None, :]
         s = tl.where(visible[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         alpha = tl.exp2(m_i - m_new)
@@ -230,13 +238,15 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
                            window_left: int, softcap: float, grid_splits: int,
                            num_splits: int, split_size: int, use_split: bool,
                            k_scale: torch.Tensor | None = None,
-                           v_scale: torch.Tensor | None = None
+                           v_scale: torch.Tensor | None = None,
+                           alibi_slopes: torch.Tensor | None = None
                            ) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch (see module doc) -> (out [B, Hq, D] q.dtype, lse [B, Hq] fp32 natural log).
 
     grid_splits: programs per (seq, kv head); num_splits / split_size: the per-sequence
-    split rule; use_split: write partials and merge. Caches: own strides each (rows 16-byte
-    aligned); fp8 caches with k_scale / v_scale fp32 (numel 1 or Hkv).
+    split rule; use_split: write partials and merge. Caches: own strides each (vector
+    hints when every row is 16-byte aligned); fp8 caches with k_scale / v_scale fp32 (numel
+    1 or Hkv); alibi_slopes fp32 [Hq] or [B, Hq] (last dim contiguous) or None.
     """
     bsz, hq, d = q.shape
     hkv = k_cache.shape[2]
@@ -256,17 +266,19 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         opart = lse = lse_out  # unused
     kv_scale = k_scale is not None
     aligned = rows_aligned(k_cache) and rows_aligned(v_cache)
+    has_alibi = alibi_slopes is not None
     paged_decode_kernel[(bsz, hkv, grid_splits)](
         q, k_cache, v_cache, block_table, seq_lens, out, opart, lse, lse_out,
         k_scale if kv_scale else lse_out, v_scale if kv_scale else lse_out,
-        scale, softcap if softcap > 0 else 1.0, window_left, num_splits, split_size,
+        alibi_slopes if has_alibi else lse_out,
+        alibi_slopes.stride(0) if has_alibi and alibi_slopes.ndim == 2 else 0, scale, softcap if softcap > 0 else 1.0, window_left, num_splits, split_size,
         grid_splits, q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1),
         k_cache.stride(2), v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         block_table.stride(0), out.stride(0), out.stride(1),
         GROUP=group, GROUP_PAD=gp, HEAD_DIM=d, D_PAD=d_pad, BLOCK_SIZE=k_cache.shape[1],
         BLOCK_N=bn, SOFTCAP=softcap > 0, SPLIT=use_split, DOT_PRECISION=prec,
         DOT_F32=not q.is_cuda and q.dtype == torch.bfloat16, KV_SCALE=kv_scale,
-        SCALE_PER_HEAD=kv_scale and k_scale.numel() > 1, ALIGNED=aligned,
+        SCALE_PER_HEAD=kv_scale and k_scale.numel() > 1, ALIGNED=aligned, HAS_ALIBI=has_alibi,
         num_warps=_num_warps(d, gp, kv_scale, aligned), num_stages=NUM_STAGES)
     if use_split:
         paged_merge_kernel[(bsz, hq)](
@@ -280,14 +292,15 @@ def _decode_signature(dt: str, cache_dt: str) -> dict[str, str]:
     sig = {"q_ptr": f"*{dt}", "k_ptr": f"*{cache_dt}", "v_ptr": f"*{cache_dt}",
            "bt_ptr": "*i32", "lens_ptr": "*i32", "out_ptr": f"*{dt}", "opart_ptr": "*fp32",
            "lse_ptr": "*fp32", "lse_out_ptr": "*fp32", "ks_ptr": "*fp32", "vs_ptr": "*fp32",
-           "scale": "fp32", "softcap": "fp32"}
+           "al_ptr": "*fp32", "stride_al": "i64", "scale": "fp32", "softcap": "fp32"}
     for name in ("window_left", "num_splits", "split_size", "max_splits"):
         sig[name] = "i32"
     for name in ("stride_qb", "stride_qh", "stride_kb", "stride_kt", "stride_kh", "stride_vb",
                  "stride_vt", "stride_vh", "stride_bt", "stride_ob", "stride_oh"):
         sig[name] = "i64"
     for name in ("GROUP", "GROUP_PAD", "HEAD_DIM", "D_PAD", "BLOCK_SIZE", "BLOCK_N", "SOFTCAP",
-                 "SPLIT", "DOT_PRECISION", "DOT_F32", "KV_SCALE", "SCALE_PER_HEAD", "ALIGNED"):
+                 "SPLIT", "DOT_PRECISION", "DOT_F32", "KV_SCALE", "SCALE_PER_HEAD", "ALIGNED",
+                 "HAS_ALIBI"):
         sig[name] = "constexpr"
     return sig
 
@@ -302,30 +315,33 @@ def _register() -> None:
     for dt, cdt, archs in combos:
         fp8 = cdt != dt
         for group, d, bs in shapes:
-            for split in (False, True):
-                for softcap in (False, True):
-                    if softcap and (split or d != 128 or group != 4):
-                        continue
-                    if fp8 and (bs == 24 or group in (7, 16) or d % 8
-                                or (softcap and dt == "fp16")):
-                        continue
-                    gp = _group_pad(group)
-                    kv = f"{dt}" if not fp8 else f"{dt},kv={cdt}"
-                    register(KernelSpec(
-                        name=f"paged_decode[{kv},G={group},D={d},bs={bs},split={split},"
-                             f"softcap={softcap}]",
-                        fn=paged_decode_kernel, signature=_decode_signature(dt, cdt),
-                        constexprs={"GROUP": group, "GROUP_PAD": gp, "HEAD_DIM": d,
-                                    "D_PAD": _d_pad(d), "BLOCK_SIZE": bs,
-                                    "BLOCK_N": block_n(d), "SOFTCAP": softcap,
-                                    "SPLIT": split, "DOT_PRECISION": "tf32",
-                                    "DOT_F32": False, "KV_SCALE": fp8,
-                                    "SCALE_PER_HEAD": fp8 and group == 4,
-                                    "ALIGNED": d % 8 == 0},
-                        num_warps=_num_warps(d, gp, fp8, d % 8 == 0), num_stages=NUM_STAGES,
-                        tensor_core=True, archs=archs,
-                        # M = GROUP_PAD = 16 rows: Triton may pick mma.sync over wgmma.
-                        wgmma_expected=False))
+            for split, softcap, alibi in ((False, False, False), (True, False, False),
+                                      (False, True, False), (True, True, False),
+                                      (False, False, True), (True, False, True)):
+                if softcap and (split or d != 128 or group != 4):
+                    continue
+                if alibi and (fp8 or d != 128 or group != 4 or bs != 16):
+                    continue
+                if fp8 and (bs == 24 or group in (7, 16) or d % 8
+                            or (softcap and dt == "fp16")):
+                    continue
+                gp = _group_pad(group)
+                kv = f"{dt}" if not fp8 else f"{dt},kv={cdt}"
+                register(KernelSpec(
+                    name=f"paged_decode[{kv},G={group},D={d},bs={bs},split={split},"
+                         f"softcap={softcap}{',alibi' if alibi else ''}]",
+                    fn=paged_decode_kernel, signature=_decode_signature(dt, cdt),
+                    constexprs={"GROUP": group, "GROUP_PAD": gp, "HEAD_DIM": d,
+                                "D_PAD": _d_pad(d), "BLOCK_SIZE": bs,
+                                "BLOCK_N": block_n(d), "SOFTCAP": softcap,
+                                "SPLIT": split, "DOT_PRECISION": "tf32",
+                                "DOT_F32": False, "KV_SCALE": fp8,
+                                "SCALE_PER_HEAD": fp8 and group == 4,
+                                "ALIGNED": d % 8 == 0, "HAS_ALIBI": alibi},
+                    num_warps=_num_warps(d, gp, fp8, d % 8 == 0), num_stages=NUM_STAGES,
+                    tensor_core=True, archs=archs,
+                    # M = GROUP_PAD = 16 rows: Triton may pick mma.sync over wgmma.
+                    wgmma_expected=False))
     for dt in ("fp16", "bf16"):
         for d in (64, 128, 256):
             register(KernelSpec(
