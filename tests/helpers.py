@@ -1,6 +1,11 @@
 """Test helpers: tolerances per dtype and comparisons against the fp32 reference."""
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+from unittest import mock
+
 import torch
 
 TOL = {
@@ -21,3 +26,20 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, scale: float = 1.
     assert actual.dtype == expected.dtype, (actual.dtype, expected.dtype)
     assert not torch.isnan(actual).any(), "NaN in output (unwritten element?)"
     torch.testing.assert_close(actual.float(), expected.float(), **tol)
+
+
+@contextlib.contextmanager
+def spy_launches(module: Any, kernel_name: str, constexpr: str) -> Iterator[list]:
+    """Patch ``module.<kernel_name>`` (a Triton kernel) so that each launch records the
+    value of one of its keyword constexprs; the kernel still runs."""
+    seen: list = []
+    real = getattr(module, kernel_name)
+
+    class Spy:
+        def __getitem__(self, grid: Any) -> Any:
+            def launch(*args: Any, **kw: Any) -> Any:
+                seen.append(kw[constexpr])
+                return real[grid](*args, **kw)
+            return launch
+    with mock.patch.object(module, kernel_name, Spy()):
+        yield seen

@@ -19,7 +19,7 @@ from unittest import mock
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import assert_close
+from helpers import assert_close, spy_launches
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -342,16 +342,6 @@ def test_vector_hints_only_on_aligned_rows():
     """ALIGNED (16-byte vector hints) is on exactly when every row the kernel reads or
     writes is aligned: an unaligned varlen view is copied (so it is on), an unaligned paged
     cache is never copied (a whole pool: off), an odd head dim cannot be aligned (off)."""
-    seen = []
-    real = fa.flash_attn_fwd_kernel
-
-    class Spy:
-        def __getitem__(self, grid):
-            def launch(*args, **kw):
-                seen.append(kw["ALIGNED"])
-                return real[grid](*args, **kw)
-            return launch
-
     def shifted(t):   # the same values in a view 1 element off 16-byte alignment
         flat = torch.empty(t.numel() + 1, dtype=t.dtype)
         return flat[1:].view(t.shape).copy_(t)
@@ -359,7 +349,6 @@ def test_vector_hints_only_on_aligned_rows():
     for d, paged, odd, want in [(32, False, False, True), (32, False, True, True),
                                 (32, True, False, True), (32, True, True, False),
                                 (59, False, False, False), (59, True, False, False)]:
-        seen.clear()
         q, k, v, cu_q, cu_k = make_batch(lens, lens, 2, 1, d, torch.float16, "cpu")
         ref_out, ref_lse = expected(q, k, v, cu_q, cu_k)
         kk, vv, table = k, v, None
@@ -367,7 +356,7 @@ def test_vector_hints_only_on_aligned_rows():
             kk, vv, table = to_paged(k, v, lens, 4)
         if odd:
             kk, vv = shifted(kk), shifted(vv)
-        with mock.patch.object(fa, "flash_attn_fwd_kernel", Spy()):
+        with spy_launches(fa, "flash_attn_fwd_kernel", "ALIGNED") as seen:
             out, lse = run_triton(q, kk, vv, cu_q, cu_k, 12, 12, block_table=table)
         assert seen == [want], (d, paged, odd)
         check(out, lse, ref_out, ref_lse)

@@ -86,6 +86,14 @@ HEAD_DIMS = st.sampled_from([(16, 16), (64, 64), (64, 32), (80, 80), (96, 64), (
 STYLES = pytest.mark.parametrize("is_neox_style", [True, False], ids=["neox", "gptj"])
 
 
+def _check_triton_rotary(q, k, pos, cache, is_neox_style):
+    with mk.use_backend("triton"):
+        qo, ko = mk.ops.rotary_embedding(q, k, pos, cache, is_neox_style=is_neox_style)
+    rq, rk = ref.rotary_embedding(q, k, pos, cache, is_neox_style)
+    assert_close(qo, rq)
+    assert_close(ko, rk)
+
+
 def _rotary_inputs(device, tokens, hq, hkv, d, rot, dtype, pos_dtype, seed, max_pos=4096):
     g = torch.Generator().manual_seed(seed)
     q = torch.randn(tokens, hq, d, generator=g).to(device, dtype)
@@ -104,11 +112,7 @@ def test_rotary_matches_reference(device, is_neox_style, tokens, heads, dims, dt
                                   seed):
     (hq, hkv), (d, rot) = heads, dims
     q, k, pos, cache = _rotary_inputs(device, tokens, hq, hkv, d, rot, dtype, pos_dtype, seed)
-    with mk.use_backend("triton"):
-        qo, ko = mk.ops.rotary_embedding(q, k, pos, cache, is_neox_style=is_neox_style)
-    rq, rk = ref.rotary_embedding(q, k, pos, cache, is_neox_style)
-    assert_close(qo, rq)
-    assert_close(ko, rk)
+    _check_triton_rotary(q, k, pos, cache, is_neox_style)
 
 
 @STYLES
@@ -196,11 +200,7 @@ def test_rotary_on_strided_views_of_fused_qkv(device, is_neox_style):
     k = qkv[:, hq * d: (hq + hkv) * d].view(t, hkv, d)
     pos = torch.arange(t, device=device)
     cache = mk.ops.build_rope_cache(d, 64).to(device)
-    with mk.use_backend("triton"):
-        qo, ko = mk.ops.rotary_embedding(q, k, pos, cache, is_neox_style=is_neox_style)
-    rq, rk = ref.rotary_embedding(q, k, pos, cache, is_neox_style)
-    assert_close(qo, rq)
-    assert_close(ko, rk)
+    _check_triton_rotary(q, k, pos, cache, is_neox_style)
 
 
 @STYLES

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import kernel_backends, requires_cuda
-from helpers import assert_close
+from helpers import assert_close, spy_launches
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -401,8 +401,6 @@ def test_vector_hints_only_on_aligned_rows(d, offset):
     """The kernel's 16-byte vector hints (ALIGNED) are on exactly when every cache row is
     16-byte aligned: odd head dims and caches that are views at an odd offset run without
     them (on a GPU a false hint is a misaligned vector load), and match the reference."""
-    from unittest import mock
-
     from minikernels.ops.triton import paged_attention as tp
     q, kc, vc, bt, sl = make_case([9, 40], 4, 2, d, block_size=8)
     if offset:   # caches as views into a bigger buffer, shifted by `offset` elements
@@ -410,16 +408,7 @@ def test_vector_hints_only_on_aligned_rows(d, offset):
         buf_v = torch.randn(vc.numel() + offset).half()
         kc = buf_k[offset:].view(kc.shape).copy_(kc)
         vc = buf_v[offset:].view(vc.shape).copy_(vc)
-    seen = []
-    real = tp.paged_decode_kernel
-
-    class Spy:
-        def __getitem__(self, grid):
-            def launch(*args, **kw):
-                seen.append(kw["ALIGNED"])
-                return real[grid](*args, **kw)
-            return launch
-    with mock.patch.object(tp, "paged_decode_kernel", Spy()):
+    with spy_launches(tp, "paged_decode_kernel", "ALIGNED") as seen:
         out = run("triton", q, kc, vc, bt, sl, num_splits=1)
     assert seen == [d % 8 == 0 and offset % 8 == 0]
     assert_close(out, ref(q, kc, vc, bt, sl))
