@@ -91,8 +91,8 @@ def test_kernelize_refuses_training_and_bad_args() -> None:
 
 
 def test_kernelize_skips_lookalikes_and_unknown_layers() -> None:
-    """A (1 + weight) norm (Gemma-style) and a GELU MLP are not swapped; an unknown decoder
-    layer keeps its forward; each is named in the summary."""
+    """A (1 + weight) norm (Gemma-style) and a QuickGELU MLP (no fused kernel) are not
+    swapped; an unknown decoder layer keeps its forward; each is named in the summary."""
 
     class OnePlusNorm(nn.Module):
         def __init__(self, n: int) -> None:
@@ -117,7 +117,8 @@ def test_kernelize_skips_lookalikes_and_unknown_layers() -> None:
         def __init__(self) -> None:
             super().__init__()
             self.gate_proj, self.up_proj = nn.Linear(16, 32), nn.Linear(16, 32)
-            self.down_proj, self.act_fn = nn.Linear(32, 16), nn.GELU()
+            self.down_proj = nn.Linear(32, 16)
+            self.act_fn = lambda t: t * torch.sigmoid(1.702 * t)        # quick_gelu
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
@@ -142,7 +143,7 @@ def test_kernelize_skips_lookalikes_and_unknown_layers() -> None:
     assert summary.rms_norm == ["0.post_attention_layernorm"]
     assert not summary.mlp and not summary.fused_residual
     assert "not the Llama-style" in summary.skipped["0"]
-    assert "GELU" in summary.skipped["0.mlp"]
+    assert "is not SiLU or GELU" in summary.skipped["0.mlp"]
     assert isinstance(model[0].gemma_norm, OnePlusNorm)
     with torch.no_grad():
         torch.testing.assert_close(model(x), want, **TOL)
@@ -198,3 +199,54 @@ def test_compile_fullgraph_static_cache_decode() -> None:
                "minikernels.rms_norm", "minikernels.silu_and_mul"):
         assert op in ops, op
     assert "scaled_dot_product_attention" not in ops
+
+
+@pytest.mark.parametrize("act,want", [(nn.GELU(), "gelu"), (nn.GELU("tanh"), "gelu_tanh"),
+                                      ("gelu_pytorch_tanh", "gelu_tanh"), ("gelu", "gelu"),
+                                      ("gelu_new", "gelu_tanh"), (nn.SiLU(), "silu")])
+def test_kernelize_gated_gelu_mlps(act, want: str) -> None:
+    """GeGLU MLPs (exact and tanh GELU, transformers' activations by name) become GateUpMLP
+    on gelu_and_mul and keep the module's output."""
+    from transformers.activations import ACT2FN
+
+    class MLP(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.gate_proj, self.up_proj = nn.Linear(16, 40), nn.Linear(16, 40)
+            self.down_proj = nn.Linear(40, 16)
+            self.act_fn = ACT2FN[act] if isinstance(act, str) else act
+
+        def forward(self, x):   # transformers' MLP forward, verbatim (kernelize checks it)
+            down_proj = self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+            return down_proj
+
+    model = nn.Sequential(MLP()).eval()
+    x = 3 * torch.randn(5, 16)
+    with torch.no_grad():
+        ref = model(x)
+    summary = mkhf.kernelize(model)
+    assert summary.mlp == ["0"] and isinstance(model[0], mkhf.GateUpMLP)
+    assert model[0].act == want
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), ref, **TOL)
+
+
+def test_kernelize_gemma_geglu_model() -> None:
+    """A Gemma model (gelu_pytorch_tanh MLPs, (1 + weight) norms): every MLP is fused onto
+    gelu_and_mul, the norms and layers are left alone, and the logits stay the same."""
+    from transformers import GemmaConfig, GemmaForCausalLM
+
+    cfg = GemmaConfig(vocab_size=320, hidden_size=32, intermediate_size=48,
+                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                      head_dim=8, hidden_activation="gelu_pytorch_tanh")
+    torch.manual_seed(0)
+    model = GemmaForCausalLM(cfg).eval()
+    model.set_attn_implementation("sdpa")
+    ids = _ids(2, 9)
+    with torch.no_grad():
+        want = model(ids).logits
+    summary = mkhf.kernelize(model)
+    assert len(summary.mlp) == 2 and not summary.rms_norm
+    assert all(model.model.layers[i].mlp.act == "gelu_tanh" for i in range(2))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, want, **TOL)

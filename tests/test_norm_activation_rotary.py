@@ -1,4 +1,4 @@
-"""rms_norm, silu_and_mul and rotary_embedding kernels against the fp32 reference.
+"""rms_norm, silu_and_mul, gelu_and_mul and rotary_embedding kernels against the fp32 reference.
 
 On CPU the Triton kernels run under the interpreter; on a GPU the same tests run on cuda
 (plus the CUDA C++ rms_norm kernel).
@@ -76,6 +76,39 @@ def test_silu_and_mul_strided_rows(device):
     x = big[:, 1, :]  # rows strided by 192
     with mk.use_backend("triton"):
         assert_close(mk.ops.silu_and_mul(x), ref.silu_and_mul(x))
+
+
+# -------------------------------------------------------------------------- gelu_and_mul
+@given(rows=ROWS, inter=HIDDEN, dtype=dtypes, approximate=st.sampled_from(["none", "tanh"]),
+       seed=st.integers(0, 2**31))
+def test_gelu_and_mul_matches_reference(device, rows, inter, dtype, approximate, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = (3 * torch.randn(rows, 2 * inter, generator=g)).to(device, dtype)
+    with mk.use_backend("triton"):
+        y = mk.ops.gelu_and_mul(x, approximate=approximate)
+    assert y.shape == (rows, inter)
+    assert_close(y, ref.gelu_and_mul(x, approximate))
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_gelu_and_mul_matches_torch_and_transformers(backend, device):
+    """Against torch's gelu and transformers' activations (GELUActivation, Gemma's
+    GELUTanh / gelu_pytorch_tanh), with large |gate| (tanh / erf saturate), a strided row
+    view and 3-D input; gelu_tanh_and_mul is the tanh form."""
+    g = torch.Generator().manual_seed(0)
+    big = torch.randn(3, 5, 2, 96, generator=g).float().to(device) * 4
+    big[0, 0, 0, :8] = torch.tensor([-30.0, -9.0, -1e-3, 0.0, 1e-3, 9.0, 30.0, 80.0])
+    x = big[:, :, 0, :]                                   # [3, 5, 96], rows strided
+    gate, up = x[..., :48], x[..., 48:]
+    from transformers.activations import ACT2FN
+    with mk.use_backend(backend):
+        exact = mk.ops.gelu_and_mul(x)
+        tanh = mk.ops.gelu_tanh_and_mul(x)
+    torch.testing.assert_close(exact, torch.nn.functional.gelu(gate) * up, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(exact, ACT2FN["gelu"](gate) * up, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(tanh, ACT2FN["gelu_pytorch_tanh"](gate) * up, rtol=1e-5,
+                               atol=1e-5)
+    assert not torch.allclose(exact, tanh, rtol=0, atol=0)   # the two forms differ
 
 
 # ---------------------------------------------------------------------------------- rotary

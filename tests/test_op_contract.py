@@ -36,6 +36,7 @@ def _samples(device: str):
         "rms_norm": (x, w, 1e-6),
         "fused_add_rms_norm": (x, torch.randn_like(x), w, 1e-6),
         "silu_and_mul": (x,),
+        "gelu_and_mul": (x, "tanh"),
         "rotary_embedding": (q, k, pos, cache),
         "int4_matmul": (xh, qw, sc, zr, 32, None),
         "flash_attention": (q, k, k.clone(), cu, cu, 3, 3, True, 0.25, -1, 0.0, None),
@@ -203,6 +204,22 @@ def test_silu_and_mul_bad_inputs():
         mk.ops.silu_and_mul(torch.randn(2, 7))
     with pytest.raises(TypeError, match="dtype"):
         mk.ops.silu_and_mul(torch.ones(2, 8, dtype=torch.int64))
+
+
+def test_gelu_and_mul_bad_inputs():
+    with pytest.raises(ValueError, match="even"):
+        mk.ops.gelu_and_mul(torch.randn(2, 7))
+    with pytest.raises(TypeError, match="x must have dtype"):
+        mk.ops.gelu_tanh_and_mul(torch.ones(2, 8, dtype=torch.int64))
+    with pytest.raises(ValueError, match="approximate must be one of"):
+        mk.ops.gelu_and_mul(torch.randn(2, 8), approximate="erf")
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_opcheck_gelu_and_mul_exact(backend, device):
+    x = torch.randn(3, 2, 10, device=device)
+    with mk.use_backend(backend):
+        torch.library.opcheck(torch.ops.minikernels.gelu_and_mul, (x, "none"))
 
 
 def test_rotary_bad_inputs():

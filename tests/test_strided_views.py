@@ -77,11 +77,15 @@ def test_small_ops(backend, device, step_last):
         y = mk.ops.rms_norm(xv, wv, 1e-6)
         y2, h2 = mk.ops.rms_norm(xv, wv, 1e-6, residual=rv)
         a = mk.ops.silu_and_mul(xv)
+        gl = mk.ops.gelu_and_mul(xv)
+        gt = mk.ops.gelu_tanh_and_mul(xv)
     assert_close(y, reference.rms_norm(x, w, 1e-6))
     ref_y2, ref_h2 = reference.fused_add_rms_norm(x, r, w, 1e-6)
     assert_close(y2, ref_y2)
     assert_close(h2, ref_h2)
     assert_close(a, reference.silu_and_mul(x))
+    assert_close(gl, reference.gelu_and_mul(x, "none"))
+    assert_close(gt, reference.gelu_and_mul(x, "tanh"))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

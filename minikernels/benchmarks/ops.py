@@ -58,6 +58,10 @@ def op_cases(device: str, dtype: torch.dtype, small: bool) -> list[Case]:
         Case("silu_and_mul", f"{t}x{2 * inter}", lambda: ops.silu_and_mul(gu),
              3 * t * inter * es, 0, ("triton",),
              lambda: torch.nn.functional.silu(gu[:, :inter]) * gu[:, inter:]),
+        Case("gelu_tanh_and_mul", f"{t}x{2 * inter}", lambda: ops.gelu_tanh_and_mul(gu),
+             3 * t * inter * es, 0, ("triton",),
+             lambda: torch.nn.functional.gelu(gu[:, :inter], approximate="tanh")
+             * gu[:, inter:]),
         Case("rotary_embedding", f"{t}tok {hq}/{hkv}h d{d}",
              lambda: ops.rotary_embedding(q, k, pos, cache), 2 * t * (hq + hkv) * d * es, 0,
              ("triton",)),

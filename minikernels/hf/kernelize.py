@@ -12,9 +12,11 @@ In place, inference only:
   gets a forward where ``post_attention_layernorm`` takes the residual:
   ``rms_norm(attn, w, eps, residual=h)`` returns (norm(attn + h), attn + h) in one kernel.
   Other layer classes keep their forward (listed in the summary).
-- MLP: a module with ``gate_proj`` / ``up_proj`` / ``down_proj`` Linears, a SiLU ``act_fn``
-  and the forward ``down(act(gate(x)) * up(x))`` becomes :class:`GateUpMLP`: one
-  ``gate_up_proj`` Linear [2I, H] (gate rows, then up rows) and ``mk.ops.silu_and_mul``.
+- MLP: a module with ``gate_proj`` / ``up_proj`` / ``down_proj`` Linears, a SiLU or GELU
+  ``act_fn`` (SwiGLU: Llama, Qwen, Mistral; GeGLU: Gemma's ``gelu_pytorch_tanh``, exact
+  ``gelu``) and the forward ``down(act(gate(x)) * up(x))`` becomes :class:`GateUpMLP`: one
+  ``gate_up_proj`` Linear [2I, H] (gate rows, then up rows) and ``mk.ops.silu_and_mul`` /
+  ``mk.ops.gelu_and_mul``.
 - ``quantize="int4"``: ``minikernels.quantize_model`` afterwards (the fused gate_up Linear
   quantizes row by row, so its int4 weights are exactly those of gate and up apart).
 """
@@ -66,12 +68,17 @@ class RMSNorm(nn.Module):
 
 
 class GateUpMLP(nn.Module):
-    """down_proj(silu(gate(x)) * up(x)) with gate and up fused into one Linear."""
+    """down_proj(act(gate(x)) * up(x)) with gate and up fused into one Linear; act is
+    "silu" (SwiGLU), "gelu" (exact, erf) or "gelu_tanh" (GeGLU's tanh approximation)."""
 
-    def __init__(self, gate_up_proj: nn.Linear, down_proj: nn.Module) -> None:
+    def __init__(self, gate_up_proj: nn.Linear, down_proj: nn.Module,
+                 act: str = "silu") -> None:
         super().__init__()
+        if act not in ("silu", "gelu", "gelu_tanh"):
+            raise ValueError(f"act must be 'silu', 'gelu' or 'gelu_tanh', got {act!r}")
         self.gate_up_proj = gate_up_proj
         self.down_proj = down_proj
+        self.act = act
 
     @classmethod
     @torch.no_grad()
@@ -84,10 +91,17 @@ class GateUpMLP(nn.Module):
         if gate.bias is not None:
             fused.bias.copy_(torch.cat([gate.bias, up.bias], dim=0))
         fused.requires_grad_(False)
-        return cls(fused, mlp.down_proj)
+        return cls(fused, mlp.down_proj, _activation(getattr(mlp, "act_fn", None)) or "silu")
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.down_proj(ops.silu_and_mul(self.gate_up_proj(x)))
+        gate_up = self.gate_up_proj(x)
+        if self.act == "silu":
+            return self.down_proj(ops.silu_and_mul(gate_up))
+        return self.down_proj(ops.gelu_and_mul(
+            gate_up, approximate="tanh" if self.act == "gelu_tanh" else "none"))
+
+    def extra_repr(self) -> str:
+        return f"act={self.act}"
 
 
 # ------------------------------------------------------------------ source contracts
@@ -200,17 +214,40 @@ def _is_rms_norm(module: nn.Module) -> bool:
     return bool(torch.allclose(got.float(), want, rtol=1e-3, atol=1e-4))
 
 
-def _is_silu(act: Any) -> bool:
-    return isinstance(act, nn.SiLU) or type(act).__name__ in ("SiLUActivation", "SiLU") \
-        or act is torch.nn.functional.silu
+_GATED_ACTIVATIONS = {
+    "silu": torch.nn.functional.silu,
+    "gelu": torch.nn.functional.gelu,
+    "gelu_tanh": lambda t: torch.nn.functional.gelu(t, approximate="tanh"),
+}
+
+
+@torch.no_grad()
+def _activation(act: Any) -> str | None:
+    """The gated activation an MLP's ``act_fn`` computes, checked numerically on a probe
+    (like the norms): "silu", "gelu" (exact, erf), "gelu_tanh" (tanh approximation:
+    transformers' gelu_pytorch_tanh / gelu_new), or None for anything else."""
+    if not callable(act):
+        return None
+    probe = torch.linspace(-8.0, 8.0, 161)
+    try:
+        got = act(probe)
+    except Exception:  # noqa: BLE001 - not an elementwise activation on a CPU tensor
+        return None
+    if not isinstance(got, Tensor) or got.shape != probe.shape:
+        return None
+    for name, fn in _GATED_ACTIVATIONS.items():
+        if torch.allclose(got.float(), fn(probe), rtol=1e-5, atol=1e-6):
+            return name
+    return None
 
 
 def _mlp_contract(mlp: nn.Module) -> str | None:
     if not all(isinstance(getattr(mlp, n, None), nn.Linear)
                for n in ("gate_proj", "up_proj", "down_proj")):
         return "no gate_proj / up_proj / down_proj Linears"
-    if not _is_silu(getattr(mlp, "act_fn", None)):
-        return f"activation {type(getattr(mlp, 'act_fn', None)).__name__} is not SiLU"
+    if _activation(getattr(mlp, "act_fn", None)) is None:
+        return (f"activation {type(getattr(mlp, 'act_fn', None)).__name__} is not SiLU or "
+                "GELU")
     if _body(type(mlp).forward) != _MLP_BODY:
         return f"{type(mlp).__name__}.forward is not down(act(gate(x)) * up(x))"
     g, u = mlp.gate_proj, mlp.up_proj
@@ -238,7 +275,7 @@ class KernelizeSummary:
     def __str__(self) -> str:
         text = (f"kernelize: {len(self.rms_norm)} RMSNorm -> mk.ops.rms_norm, "
                 f"{len(self.fused_residual)} decoder layers with the residual add fused, "
-                f"{len(self.mlp)} MLPs -> gate_up + silu_and_mul")
+                f"{len(self.mlp)} MLPs -> gate_up + silu_and_mul / gelu_and_mul")
         if self.quantization is not None:
             text += f"; {self.quantization}"
         if self.skipped:

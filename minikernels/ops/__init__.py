@@ -5,7 +5,7 @@ implementation (torch.compile, CUDA graphs and opcheck work). The plain-PyTorch 
 every op lives in :mod:`minikernels.ops.reference`.
 """
 from . import reference
-from .activation import silu_and_mul
+from .activation import gelu_and_mul, gelu_tanh_and_mul, silu_and_mul
 from .bitmask import apply_token_bitmask
 from .attention import flash_attention, flash_attention_bshd
 from .int4 import int4_matmul
@@ -18,6 +18,8 @@ __all__ = [
     "apply_token_bitmask",
     "build_rope_cache",
     "flash_attention",
+    "gelu_and_mul",
+    "gelu_tanh_and_mul",
     "int4_matmul",
     "merge_attn_states",
     "paged_decode_attention",

@@ -53,6 +53,15 @@ def silu_and_mul(x: Tensor) -> Tensor:
     return (torch.nn.functional.silu(xf[..., :d]) * xf[..., d:]).to(x.dtype)
 
 
+def gelu_and_mul(x: Tensor, approximate: str = "none") -> Tensor:
+    """x [..., 2I] -> gelu(x[..., :I]) * x[..., I:]  ([..., I]), GeGLU. approximate "none":
+    gelu(g) = g * Phi(g) (erf); "tanh": 0.5 g (1 + tanh(sqrt(2/pi) (g + 0.044715 g^3)))."""
+    d = x.shape[-1] // 2
+    xf = x.float()
+    gate = torch.nn.functional.gelu(xf[..., :d], approximate=approximate)
+    return (gate * xf[..., d:]).to(x.dtype)
+
+
 # ---------------------------------------------------------------------------- rotary
 
 
