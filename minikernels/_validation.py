@@ -5,6 +5,7 @@ Kernels assume their inputs passed these checks.
 from __future__ import annotations
 
 import contextlib
+import math
 import threading
 from collections.abc import Iterable, Iterator, Sequence
 
@@ -79,6 +80,15 @@ def check_positive_float(name: str, value: float, allow_zero: bool = False) -> f
         raise TypeError(f"{name} must be a number, got {type(value).__name__}")
     if value < 0 or (value == 0 and not allow_zero) or value != value:
         raise ValueError(f"{name} must be {'>= 0' if allow_zero else '> 0'}, got {value}")
+    return float(value)
+
+
+def check_finite_float(name: str, value: float) -> float:
+    """A real number (not bool, NaN or infinite) as a float."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
     return float(value)
 
 

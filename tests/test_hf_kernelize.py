@@ -90,18 +90,61 @@ def test_kernelize_refuses_training_and_bad_args() -> None:
     mkhf.kernelize(model)
 
 
+@pytest.mark.parametrize("family", ["gemma2", "gemma3"])
+def test_kernelize_gemma2_gemma3_norms(family: str) -> None:
+    """Gemma 2 / 3 (four (1 + weight) norms per layer, Gemma 3's q_norm / k_norm): every
+    norm runs on rms_norm with offset 1, the sandwich-norm layers keep their own forward
+    (named in the summary), and the logits stay the same."""
+    import transformers
+
+    cfg_cls, model_cls = {
+        "gemma2": (transformers.Gemma2Config, transformers.Gemma2ForCausalLM),
+        "gemma3": (transformers.Gemma3TextConfig, transformers.Gemma3ForCausalLM)}[family]
+    cfg = cfg_cls(vocab_size=320, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                  hidden_activation="gelu_pytorch_tanh")
+    torch.manual_seed(0)
+    model = model_cls(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(torch.randn_like(p) * 0.3)
+    model.set_attn_implementation("eager")
+    ids = _ids(2, 9)
+    with torch.no_grad():
+        want = model(ids).logits
+    summary = mkhf.kernelize(model)
+    assert len(summary.rms_norm) == {"gemma2": 9, "gemma3": 13}[family]
+    assert all(model.get_submodule(n).weight_offset == 1.0 for n in summary.rms_norm)
+    assert not summary.fused_residual and "not the Llama-style" in summary.skipped[
+        "model.layers.0"]
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, want, **TOL)
+
+
 def test_kernelize_skips_lookalikes_and_unknown_layers() -> None:
-    """A (1 + weight) norm (Gemma-style) and a QuickGELU MLP (no fused kernel) are not
-    swapped; an unknown decoder layer keeps its forward; each is named in the summary."""
+    """A mean-centred norm (LayerNorm without bias: not an RMSNorm) and a QuickGELU MLP
+    (no fused kernel) are not swapped, a (1 + weight) norm (Gemma-style) is, with its
+    offset; an unknown decoder layer keeps its forward; each is named in the summary."""
 
     class OnePlusNorm(nn.Module):
         def __init__(self, n: int) -> None:
             super().__init__()
-            self.weight = nn.Parameter(torch.zeros(n))
+            self.weight = nn.Parameter(torch.randn(n) * 0.2)
             self.eps = 1e-6
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * (1 + self.weight)
+
+    class CentredNorm(nn.Module):
+        def __init__(self, n: int) -> None:
+            super().__init__()
+            self.weight = nn.Parameter(torch.rand(n) + 0.5)
+            self.eps = 1e-6
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            x = x - x.mean(-1, keepdim=True)
+            return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
 
     class Norm(nn.Module):
         def __init__(self, n: int) -> None:
@@ -129,22 +172,26 @@ def test_kernelize_skips_lookalikes_and_unknown_layers() -> None:
             self.self_attn = nn.Identity()
             self.post_attention_layernorm = Norm(16)
             self.gemma_norm = OnePlusNorm(16)
+            self.centred_norm = CentredNorm(16)
             self.mlp = GeluMLP()
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             h = x + self.self_attn(x)
-            return h + self.mlp(self.post_attention_layernorm(self.gemma_norm(h)))
+            h = self.centred_norm(self.gemma_norm(h))
+            return h + self.mlp(self.post_attention_layernorm(h))
 
     model = nn.Sequential(Layer()).eval()
     x = torch.randn(3, 16)
     with torch.no_grad():
         want = model(x)
     summary = mkhf.kernelize(model)
-    assert summary.rms_norm == ["0.post_attention_layernorm"]
+    assert summary.rms_norm == ["0.post_attention_layernorm", "0.gemma_norm"]
     assert not summary.mlp and not summary.fused_residual
     assert "not the Llama-style" in summary.skipped["0"]
     assert "is not SiLU or GELU" in summary.skipped["0.mlp"]
-    assert isinstance(model[0].gemma_norm, OnePlusNorm)
+    assert isinstance(model[0].centred_norm, CentredNorm)
+    assert model[0].gemma_norm.weight_offset == 1.0
+    assert model[0].post_attention_layernorm.weight_offset == 0.0
     with torch.no_grad():
         torch.testing.assert_close(model(x), want, **TOL)
 
@@ -233,7 +280,8 @@ def test_kernelize_gated_gelu_mlps(act, want: str) -> None:
 
 def test_kernelize_gemma_geglu_model() -> None:
     """A Gemma model (gelu_pytorch_tanh MLPs, (1 + weight) norms): every MLP is fused onto
-    gelu_and_mul, the norms and layers are left alone, and the logits stay the same."""
+    gelu_and_mul, every norm runs on rms_norm with weight_offset 1 (the decoder layers'
+    residual adds fused into their post-attention norms), and the logits stay the same."""
     from transformers import GemmaConfig, GemmaForCausalLM
 
     cfg = GemmaConfig(vocab_size=320, hidden_size=32, intermediate_size=48,
@@ -241,12 +289,19 @@ def test_kernelize_gemma_geglu_model() -> None:
                       head_dim=8, hidden_activation="gelu_pytorch_tanh")
     torch.manual_seed(0)
     model = GemmaForCausalLM(cfg).eval()
+    with torch.no_grad():                      # trained Gemma norms are not all zeros
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(torch.randn_like(p) * 0.3)
     model.set_attn_implementation("sdpa")
     ids = _ids(2, 9)
     with torch.no_grad():
         want = model(ids).logits
     summary = mkhf.kernelize(model)
-    assert len(summary.mlp) == 2 and not summary.rms_norm
+    assert len(summary.mlp) == 2
+    assert len(summary.rms_norm) == 5        # 2 per layer + the final norm
+    assert all(model.get_submodule(n).weight_offset == 1.0 for n in summary.rms_norm)
+    assert summary.fused_residual == ["model.layers.0", "model.layers.1"]
     assert all(model.model.layers[i].mlp.act == "gelu_tanh" for i in range(2))
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, want, **TOL)

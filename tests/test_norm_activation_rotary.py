@@ -23,20 +23,22 @@ dtypes = st.sampled_from(DTYPES)
 # ----------------------------------------------------------------------------- rms_norm
 @pytest.mark.parametrize("backend", kernel_backends())
 @given(rows=ROWS, hidden=HIDDEN, dtype=dtypes, with_residual=st.booleans(),
-       lead3d=st.booleans(), seed=st.integers(0, 2**31))
+       lead3d=st.booleans(), offset=st.sampled_from([0.0, 1.0, -0.5]),
+       seed=st.integers(0, 2**31))
 def test_rms_norm_matches_reference(device, backend, rows, hidden, dtype, with_residual,
-                                    lead3d, seed):
+                                    lead3d, offset, seed):
     g = torch.Generator().manual_seed(seed)
     shape = (rows, 2, hidden) if lead3d else (rows, hidden)
     x = torch.randn(shape, generator=g).to(device, dtype)
-    w = (torch.rand(hidden, generator=g) + 0.5).to(device, dtype)
+    # Llama-style weights near 1; Gemma-style (offset 1) weights near 0
+    w = (torch.rand(hidden, generator=g) + 0.5 - offset).to(device, dtype)
     r = torch.randn(shape, generator=g).to(device, dtype) if with_residual else None
     with mk.use_backend(backend):
-        out = mk.ops.rms_norm(x, w, eps=1e-5, residual=r)
+        out = mk.ops.rms_norm(x, w, eps=1e-5, residual=r, weight_offset=offset)
     if r is None:
-        assert_close(out, ref.rms_norm(x, w, 1e-5))
+        assert_close(out, ref.rms_norm(x, w, 1e-5, offset))
     else:
-        y_ref, h_ref = ref.fused_add_rms_norm(x, r, w, 1e-5)
+        y_ref, h_ref = ref.fused_add_rms_norm(x, r, w, 1e-5, offset)
         assert_close(out[0], y_ref)
         # the sum is rounded to the activation dtype once (the interpreter's bf16 cast may
         # differ from torch's by one ulp)
@@ -58,6 +60,39 @@ def test_rms_norm_long_rows_and_strided_input(device, backend):
     y2_ref, h_ref = ref.fused_add_rms_norm(x, r, w, 1e-6)
     assert_close(y2, y2_ref)
     assert_close(h, h_ref)
+    with mk.use_backend(backend):   # the streamed (two-pass) path with Gemma's offset
+        yg, hg = mk.ops.gemma_rms_norm(x, w - 1, residual=r)
+    assert_close(yg, y2_ref)
+    assert_close(hg, h_ref)
+
+
+@pytest.mark.parametrize("backend", kernel_backends())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_gemma_rms_norm_matches_transformers(device, backend, dtype):
+    """Against transformers' GemmaRMSNorm (fp32 math, x * (1 + w), cast once), with the
+    residual form checked against Gemma's decoder-layer add (in the activation dtype)."""
+    from transformers.models.gemma.modeling_gemma import GemmaRMSNorm
+
+    g = torch.Generator().manual_seed(3)
+    hidden = 96
+    norm = GemmaRMSNorm(hidden, eps=1e-6)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(hidden, generator=g) * 0.3)
+    norm = norm.to(device, dtype)
+    x = (torch.randn(4, 3, hidden, generator=g) * 2).to(device, dtype)
+    r = torch.randn(4, 3, hidden, generator=g).to(device, dtype)
+    with mk.use_backend(backend), torch.no_grad():
+        y = mk.ops.gemma_rms_norm(x, norm.weight, 1e-6)
+        y2, h = mk.ops.gemma_rms_norm(x, norm.weight, 1e-6, residual=r)
+        want, want_h = norm(x), r + x
+        want2 = norm(want_h)
+    assert y.dtype == want.dtype == dtype
+    assert_close(y, want)
+    assert_close(h, want_h)
+    assert_close(y2, want2)
+    # and it is not the plain norm: (1 + w) vs w differ by x_normed
+    assert not torch.allclose(y.float(), mk.ops.rms_norm(x, norm.weight, 1e-6).float(),
+                              atol=1e-2)
 
 
 # -------------------------------------------------------------------------- silu_and_mul

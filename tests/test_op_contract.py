@@ -33,8 +33,8 @@ def _samples(device: str):
     zr = torch.randint(0, 16, (16, 2), device=device).half()
     xh = torch.randn(3, 64, device=device).half()
     return {
-        "rms_norm": (x, w, 1e-6),
-        "fused_add_rms_norm": (x, torch.randn_like(x), w, 1e-6),
+        "rms_norm": (x, w, 1e-6, 1.0),
+        "fused_add_rms_norm": (x, torch.randn_like(x), w, 1e-6, 1.0),
         "silu_and_mul": (x,),
         "gelu_and_mul": (x, "tanh"),
         "rotary_embedding": (q, k, pos, cache),
@@ -195,6 +195,12 @@ def test_rms_norm_bad_inputs():
     torch.testing.assert_close(mk.ops.rms_norm(xt, w), mk.ops.rms_norm(xt.contiguous(), w))
     with pytest.raises(ValueError, match="eps must be > 0"):
         mk.ops.rms_norm(x, w, eps=-1.0)
+    with pytest.raises(ValueError, match="weight_offset must be finite"):
+        mk.ops.rms_norm(x, w, weight_offset=float("nan"))
+    with pytest.raises(TypeError, match="weight_offset must be a number"):
+        mk.ops.rms_norm(x, w, weight_offset=True)
+    with pytest.raises(ValueError, match="weight must have shape"):
+        mk.ops.gemma_rms_norm(x, torch.ones(15))
     with pytest.raises(ValueError, match="weight must be on meta"):
         mk.ops.rms_norm(torch.randn(4, 16, device="meta"), w)
 

@@ -76,6 +76,7 @@ def test_small_ops(backend, device, step_last):
     with mk.use_backend(backend):
         y = mk.ops.rms_norm(xv, wv, 1e-6)
         y2, h2 = mk.ops.rms_norm(xv, wv, 1e-6, residual=rv)
+        yg, hg = mk.ops.gemma_rms_norm(xv, wv, 1e-6, residual=rv)
         a = mk.ops.silu_and_mul(xv)
         gl = mk.ops.gelu_and_mul(xv)
         gt = mk.ops.gelu_tanh_and_mul(xv)
@@ -83,6 +84,9 @@ def test_small_ops(backend, device, step_last):
     ref_y2, ref_h2 = reference.fused_add_rms_norm(x, r, w, 1e-6)
     assert_close(y2, ref_y2)
     assert_close(h2, ref_h2)
+    ref_yg, _ = reference.fused_add_rms_norm(x, r, w, 1e-6, 1.0)
+    assert_close(yg, ref_yg)
+    assert_close(hg, ref_h2)
     assert_close(a, reference.silu_and_mul(x))
     assert_close(gl, reference.gelu_and_mul(x, "none"))
     assert_close(gt, reference.gelu_and_mul(x, "tanh"))

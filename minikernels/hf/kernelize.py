@@ -3,12 +3,13 @@
 In place, inference only:
 
 - RMSNorm: every leaf module with a 1-D ``weight`` and an ``eps`` / ``variance_epsilon``
-  whose output equals ``x / rms(x) * weight`` (checked numerically on a probe, so Llama /
-  Qwen2 / Qwen3 / Mistral norms, Qwen3's q_norm / k_norm and any look-alike qualify, and
-  Gemma's ``(1 + weight)`` norm does not) becomes :class:`RMSNorm` on ``mk.ops.rms_norm``,
-  sharing the same weight Parameter.
+  whose output equals ``x / rms(x) * weight`` or Gemma's ``x / rms(x) * (1 + weight)``
+  (checked numerically on a probe, so Llama / Qwen2 / Qwen3 / Mistral / Gemma 1-3 norms,
+  q_norm / k_norm and any look-alike qualify) becomes :class:`RMSNorm` on
+  ``mk.ops.rms_norm`` (``weight_offset`` 0 or 1), sharing the same weight Parameter.
 - Residual add: a decoder layer whose forward is transformers' Llama-style pre-norm block
-  (Llama, Qwen2, Qwen3, Mistral; checked against the installed source, not the class name)
+  (Llama, Qwen2, Qwen3, Mistral, Gemma; checked against the installed source, not the
+  class name)
   gets a forward where ``post_attention_layernorm`` takes the residual:
   ``rms_norm(attn, w, eps, residual=h)`` returns (norm(attn + h), attn + h) in one kernel.
   Other layer classes keep their forward (listed in the summary).
@@ -40,15 +41,18 @@ logger = logging.getLogger("minikernels")
 class RMSNorm(nn.Module):
     """Drop-in for transformers' RMSNorm modules on ``mk.ops.rms_norm``.
 
-    forward(x) -> y; forward(x, residual) -> (rms_norm(x + residual), x + residual). The
-    output dtype follows transformers (``weight * x_normed``: promoted with the weight's
-    dtype). ``weight`` is the replaced module's Parameter (shared, not copied).
+    forward(x) -> y; forward(x, residual) -> (rms_norm(x + residual), x + residual).
+    ``weight_offset`` 0.0: Llama's ``x_normed * weight``, output dtype promoted with the
+    weight's (as transformers does); 1.0: Gemma's ``x_normed * (1 + weight)``, output in
+    x's dtype (``GemmaRMSNorm``'s ``type_as(x)``). ``weight`` is the replaced module's
+    Parameter (shared, not copied).
     """
 
-    def __init__(self, weight: nn.Parameter, eps: float) -> None:
+    def __init__(self, weight: nn.Parameter, eps: float, weight_offset: float = 0.0) -> None:
         super().__init__()
         self.weight = weight
         self.variance_epsilon = float(eps)
+        self.weight_offset = float(weight_offset)
 
     @property
     def eps(self) -> float:
@@ -56,15 +60,18 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: Tensor, residual: Tensor | None = None
                 ) -> Tensor | tuple[Tensor, Tensor]:
-        out_dtype = torch.promote_types(x.dtype, self.weight.dtype)
+        off = self.weight_offset
+        out_dtype = x.dtype if off else torch.promote_types(x.dtype, self.weight.dtype)
         if residual is None:
-            y = ops.rms_norm(x, self.weight, self.variance_epsilon)
+            y = ops.rms_norm(x, self.weight, self.variance_epsilon, weight_offset=off)
             return y if y.dtype == out_dtype else y.to(out_dtype)
-        y, h = ops.rms_norm(x, self.weight, self.variance_epsilon, residual=residual)
+        y, h = ops.rms_norm(x, self.weight, self.variance_epsilon, residual=residual,
+                            weight_offset=off)
         return (y if y.dtype == out_dtype else y.to(out_dtype)), h
 
     def extra_repr(self) -> str:
-        return f"{tuple(self.weight.shape)}, eps={self.variance_epsilon}"
+        off = f", weight_offset={self.weight_offset}" if self.weight_offset else ""
+        return f"{tuple(self.weight.shape)}, eps={self.variance_epsilon}{off}"
 
 
 class GateUpMLP(nn.Module):
@@ -192,26 +199,31 @@ def _eps_of(module: nn.Module) -> float | None:
 
 
 @torch.no_grad()
-def _is_rms_norm(module: nn.Module) -> bool:
-    """A leaf with weight [H] and eps computing x / rms(x) * weight (numerical probe)."""
+def _rms_norm_offset(module: nn.Module) -> float | None:
+    """The weight offset of an RMSNorm: 0.0 for a leaf with weight [H] and eps computing
+    x / rms(x) * weight, 1.0 for x / rms(x) * (1 + weight) (Gemma's), None for anything
+    else (numerical probe)."""
     if isinstance(module, RMSNorm) or any(True for _ in module.children()):
-        return False
+        return None
     w = getattr(module, "weight", None)
     eps = _eps_of(module)
     if not isinstance(w, nn.Parameter) or w.ndim != 1 or eps is None or w.is_meta:
-        return False
+        return None
     if getattr(module, "bias", None) is not None:
-        return False
+        return None
     g = torch.Generator(device="cpu").manual_seed(0)
     x = (torch.randn(3, w.shape[0], generator=g) * 3 + 0.5).to(w.device)
     try:
         got = module(x)
     except Exception:  # noqa: BLE001 - a module that does not take [N, H]: not a norm
-        return False
+        return None
     if not isinstance(got, Tensor) or got.shape != x.shape:
-        return False
-    want = ops.reference.rms_norm(x, w.float(), eps)
-    return bool(torch.allclose(got.float(), want, rtol=1e-3, atol=1e-4))
+        return None
+    for offset in (0.0, 1.0):
+        want = ops.reference.rms_norm(x, w.float(), eps, offset)
+        if torch.allclose(got.float(), want, rtol=1e-3, atol=1e-4):
+            return offset
+    return None
 
 
 _GATED_ACTIVATIONS = {
@@ -318,8 +330,9 @@ def kernelize(model: nn.Module, rms_norm: bool = True, mlp: bool = True,
     summary = KernelizeSummary()
     if rms_norm:
         for name, module in list(model.named_modules()):
-            if _is_rms_norm(module):
-                _set(model, name, RMSNorm(module.weight, _eps_of(module)))
+            offset = _rms_norm_offset(module)
+            if offset is not None:
+                _set(model, name, RMSNorm(module.weight, _eps_of(module), offset))
                 summary.rms_norm.append(name)
         for name, module in list(model.named_modules()):
             if not isinstance(getattr(module, "post_attention_layernorm", None), nn.Module) \

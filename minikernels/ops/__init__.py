@@ -10,7 +10,7 @@ from .bitmask import apply_token_bitmask
 from .attention import flash_attention, flash_attention_bshd
 from .int4 import int4_matmul
 from .kv_cache import merge_attn_states, paged_decode_attention, write_kv_cache
-from .norm import rms_norm
+from .norm import gemma_rms_norm, rms_norm
 from .rejection_sampler import rejection_sample
 from .rotary import build_rope_cache, rotary_embedding
 
@@ -20,6 +20,7 @@ __all__ = [
     "flash_attention",
     "gelu_and_mul",
     "gelu_tanh_and_mul",
+    "gemma_rms_norm",
     "int4_matmul",
     "merge_attn_states",
     "paged_decode_attention",

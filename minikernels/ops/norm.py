@@ -1,7 +1,9 @@
 """Op family: RMSNorm, optionally fused with a residual add.
 
-Ops: ``minikernels::rms_norm`` and ``minikernels::fused_add_rms_norm``.
-Backends: reference, triton, cuda (csrc/rms_norm.cu; auto prefers it on CUDA).
+Ops: ``minikernels::rms_norm`` and ``minikernels::fused_add_rms_norm``, each with a
+``weight_offset`` (0: Llama's ``x_normed * w``; 1: Gemma's ``x_normed * (1 + w)``).
+Backends: reference, triton, cuda (csrc/rms_norm.cu, offset 0 only; auto prefers it on
+CUDA).
 """
 from __future__ import annotations
 
@@ -9,13 +11,14 @@ import torch
 from torch import Tensor
 
 from .. import backend as _backend
-from .._validation import (FLOAT_DTYPES, check_positive_float, check_same_dtype,
-                           check_shape, check_tensor, last_dim_contiguous)
+from .._validation import (FLOAT_DTYPES, check_finite_float, check_positive_float,
+                           check_same_dtype, check_shape, check_tensor, last_dim_contiguous)
 from . import _alloc, reference
 
 
-def _cuda_ok(x: Tensor, weight: Tensor) -> bool:
-    return x.dtype in (torch.float16, torch.bfloat16, torch.float32) and weight.dtype == x.dtype
+def _cuda_ok(x: Tensor, weight: Tensor, weight_offset: float) -> bool:
+    return x.dtype in (torch.float16, torch.bfloat16, torch.float32) and \
+        weight.dtype == x.dtype and weight_offset == 0.0
 
 
 def _run_cuda(x: Tensor, weight: Tensor, eps: float,
@@ -32,50 +35,55 @@ def _run_cuda(x: Tensor, weight: Tensor, eps: float,
 
 
 @torch.library.custom_op("minikernels::rms_norm", mutates_args=())
-def _rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
-    which = _backend.resolve("rms_norm", x.device, cuda_ok=lambda: _cuda_ok(x, weight),
+def _rms_norm(x: Tensor, weight: Tensor, eps: float, weight_offset: float = 0.0) -> Tensor:
+    which = _backend.resolve("rms_norm", x.device,
+                             cuda_ok=lambda: _cuda_ok(x, weight, weight_offset),
                              prefer_cuda=True)
     if which == "cuda":
         return _run_cuda(x, weight, eps, None)[0]
     if which == "triton":
         from .triton import norm
-        return norm.rms_norm(x, weight, eps)
-    return reference.rms_norm(x, weight, eps).contiguous()
+        return norm.rms_norm(x, weight, eps, weight_offset)
+    return reference.rms_norm(x, weight, eps, weight_offset).contiguous()
 
 
 @_rms_norm.register_fake
-def _(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+def _(x: Tensor, weight: Tensor, eps: float, weight_offset: float = 0.0) -> Tensor:
     return torch.empty(x.shape, dtype=x.dtype, device=x.device)
 
 
 @torch.library.custom_op("minikernels::fused_add_rms_norm", mutates_args=())
-def _fused_add_rms_norm(x: Tensor, residual: Tensor, weight: Tensor,
-                        eps: float) -> tuple[Tensor, Tensor]:
-    which = _backend.resolve("rms_norm", x.device, cuda_ok=lambda: _cuda_ok(x, weight),
+def _fused_add_rms_norm(x: Tensor, residual: Tensor, weight: Tensor, eps: float,
+                        weight_offset: float = 0.0) -> tuple[Tensor, Tensor]:
+    which = _backend.resolve("rms_norm", x.device,
+                             cuda_ok=lambda: _cuda_ok(x, weight, weight_offset),
                              prefer_cuda=True)
     if which == "cuda":
         y, h = _run_cuda(x, weight, eps, residual)
         return y, h  # type: ignore[return-value]
     if which == "triton":
         from .triton import norm
-        return norm.fused_add_rms_norm(x, residual, weight, eps)
-    y, h = reference.fused_add_rms_norm(x, residual, weight, eps)
+        return norm.fused_add_rms_norm(x, residual, weight, eps, weight_offset)
+    y, h = reference.fused_add_rms_norm(x, residual, weight, eps, weight_offset)
     return y.contiguous(), h.contiguous()
 
 
 @_fused_add_rms_norm.register_fake
-def _(x: Tensor, residual: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+def _(x: Tensor, residual: Tensor, weight: Tensor, eps: float,
+      weight_offset: float = 0.0) -> tuple[Tensor, Tensor]:
     return (torch.empty(x.shape, dtype=x.dtype, device=x.device),
             torch.empty(x.shape, dtype=x.dtype, device=x.device))
 
 
-def rms_norm(x: Tensor, weight: Tensor, eps: float = 1e-6,
-             residual: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor]:
+def rms_norm(x: Tensor, weight: Tensor, eps: float = 1e-6, residual: Tensor | None = None,
+             weight_offset: float = 0.0) -> Tensor | tuple[Tensor, Tensor]:
     """RMSNorm over the last dim, optionally after adding a residual.
 
     x [..., H] fp16/bf16/fp32 (any strides); weight [H] (any float dtype);
     residual: like x or None. Returns y [..., H] in x.dtype, or with a residual the pair
     (rms_norm(x + residual), x + residual), the sum rounded to x.dtype (the next residual).
+    y = x / sqrt(mean(x^2) + eps) * (weight + weight_offset), fp32 math, one rounding:
+    weight_offset 0.0 is Llama's RMSNorm, 1.0 Gemma's (see :func:`gemma_rms_norm`).
     """
     check_tensor("x", x, dtypes=FLOAT_DTYPES, min_ndim=1)
     check_tensor("weight", weight, dtypes=FLOAT_DTYPES, ndim=1, device=x.device)
@@ -83,10 +91,20 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float = 1e-6,
     x = last_dim_contiguous(x)
     weight = weight.contiguous()
     eps = check_positive_float("eps", eps)
+    weight_offset = check_finite_float("weight_offset", weight_offset)
     if residual is None:
-        return torch.ops.minikernels.rms_norm(x, weight, eps)
+        return torch.ops.minikernels.rms_norm(x, weight, eps, weight_offset)
     check_tensor("residual", residual, device=x.device)
     check_same_dtype(("x", "residual"), (x, residual))
     check_shape("residual", residual, list(x.shape))
     residual = last_dim_contiguous(residual)
-    return torch.ops.minikernels.fused_add_rms_norm(x, residual, weight, eps)
+    return torch.ops.minikernels.fused_add_rms_norm(x, residual, weight, eps, weight_offset)
+
+
+def gemma_rms_norm(x: Tensor, weight: Tensor, eps: float = 1e-6,
+                   residual: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor]:
+    """Gemma's RMSNorm: y = x / sqrt(mean(x^2) + eps) * (1 + weight), fp32 math, rounded
+    to x.dtype (transformers' ``GemmaRMSNorm``, FlashInfer's ``gemma_rmsnorm`` /
+    ``gemma_fused_add_rmsnorm``). Shapes, dtypes and the residual form as
+    :func:`rms_norm` (which this is, with ``weight_offset=1.0``)."""
+    return rms_norm(x, weight, eps, residual=residual, weight_offset=1.0)

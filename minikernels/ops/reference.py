@@ -29,18 +29,22 @@ from torch import Tensor
 # --------------------------------------------------------------------------- norms
 
 
-def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
-    """y = x / sqrt(mean(x^2, -1) + eps) * weight, over the last dim. x [..., H], weight [H]."""
+def rms_norm(x: Tensor, weight: Tensor, eps: float, weight_offset: float = 0.0) -> Tensor:
+    """y = x / sqrt(mean(x^2, -1) + eps) * (weight + weight_offset), over the last dim.
+
+    x [..., H], weight [H]; fp32 math, rounded to x.dtype once at the end.
+    weight_offset 0 is Llama's RMSNorm; 1 is Gemma's ``(1 + weight)`` (FlashInfer's
+    ``gemma_rmsnorm``, vLLM's ``GemmaRMSNorm``)."""
     xf = x.float()
     inv = torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + eps)
-    return (xf * inv * weight.float()).to(x.dtype)
+    return (xf * inv * (weight.float() + weight_offset)).to(x.dtype)
 
 
 def fused_add_rms_norm(x: Tensor, residual: Tensor, weight: Tensor,
-                       eps: float) -> tuple[Tensor, Tensor]:
+                       eps: float, weight_offset: float = 0.0) -> tuple[Tensor, Tensor]:
     """h = x + residual (rounded to x.dtype); returns (rms_norm(h), h)."""
     h = (x.float() + residual.float()).to(x.dtype)
-    return rms_norm(h, weight, eps), h
+    return rms_norm(h, weight, eps, weight_offset), h
 
 
 # ----------------------------------------------------------------------- activations

@@ -2,7 +2,7 @@
 
 Algorithm: one program per row. Load the row (plus the residual, whose sum h = x + r is
 rounded to the activation dtype and stored as the new residual), reduce sum(h^2) in fp32,
-scale by rsqrt(mean + eps) * weight, store. Rows up to BLOCK stay in registers
+scale by rsqrt(mean + eps) * (weight + w_offset), store (w_offset 1.0: Gemma's norm). Rows up to BLOCK stay in registers
 (one pass); longer rows are streamed in BLOCK chunks (two passes).
 """
 from __future__ import annotations
@@ -19,7 +19,7 @@ MAX_SINGLE_PASS = 8192
 
 @triton.jit
 def rms_norm_kernel(x_ptr, res_ptr, w_ptr, y_ptr, res_out_ptr, n_cols, x_row_stride,
-                    res_row_stride, eps, HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr,
+                    res_row_stride, eps, w_offset, HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr,
                     SINGLE_PASS: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     x_row = x_ptr + row * x_row_stride
@@ -36,7 +36,7 @@ def rms_norm_kernel(x_ptr, res_ptr, w_ptr, y_ptr, res_out_ptr, n_cols, x_row_str
             tl.store(ro_row + cols, hs, mask=mask)
             h = hs.to(tl.float32)
         inv = tl.rsqrt(tl.sum(h * h, axis=0) / n_cols + eps)
-        w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32) + w_offset
         tl.store(y_row + cols, (h * inv * w).to(y_ptr.dtype.element_ty), mask=mask)
     else:
         acc = tl.zeros([BLOCK], dtype=tl.float32)
@@ -58,12 +58,12 @@ def rms_norm_kernel(x_ptr, res_ptr, w_ptr, y_ptr, res_out_ptr, n_cols, x_row_str
                 h = tl.load(ro_row + c, mask=mask, other=0.0).to(tl.float32)
             else:
                 h = tl.load(x_row + c, mask=mask, other=0.0).to(tl.float32)
-            w = tl.load(w_ptr + c, mask=mask, other=0.0).to(tl.float32)
+            w = tl.load(w_ptr + c, mask=mask, other=0.0).to(tl.float32) + w_offset
             tl.store(y_row + c, (h * inv * w).to(y_ptr.dtype.element_ty), mask=mask)
 
 
-def _launch(x2: torch.Tensor, weight: torch.Tensor, eps: float, y: torch.Tensor,
-            res2: torch.Tensor | None, res_out: torch.Tensor | None) -> None:
+def _launch(x2: torch.Tensor, weight: torch.Tensor, eps: float, w_offset: float,
+            y: torch.Tensor, res2: torch.Tensor | None, res_out: torch.Tensor | None) -> None:
     rows, n = x2.shape
     if rows == 0 or n == 0:
         return
@@ -73,25 +73,28 @@ def _launch(x2: torch.Tensor, weight: torch.Tensor, eps: float, y: torch.Tensor,
     rms_norm_kernel[(rows,)](
         x2, res2 if res2 is not None else x2, weight, y, res_out if res_out is not None else y,
         n, x2.stride(0), res2.stride(0) if res2 is not None else 0, eps,
+        float(w_offset),
         HAS_RESIDUAL=res2 is not None, BLOCK=block, SINGLE_PASS=single, num_warps=warps)
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
+             weight_offset: float = 0.0) -> torch.Tensor:
     """x [..., H] (last dim contiguous) -> contiguous y [..., H] in x.dtype."""
     x2 = x.reshape(-1, x.shape[-1])
     y = _alloc.empty(x.shape, x.dtype, x.device)
-    _launch(x2, weight, eps, y.view(-1, x.shape[-1]), None, None)
+    _launch(x2, weight, eps, weight_offset, y.view(-1, x.shape[-1]), None, None)
     return y
 
 
 def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
-                       eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+                       eps: float, weight_offset: float = 0.0
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns (rms_norm(x + residual), x + residual), both contiguous in x.dtype."""
     n = x.shape[-1]
     x2, r2 = x.reshape(-1, n), residual.reshape(-1, n)
     y = _alloc.empty(x.shape, x.dtype, x.device)
     h = _alloc.empty(x.shape, x.dtype, x.device)
-    _launch(x2, weight, eps, y.view(-1, n), r2, h.view(-1, n))
+    _launch(x2, weight, eps, weight_offset, y.view(-1, n), r2, h.view(-1, n))
     return y, h
 
 
@@ -103,7 +106,7 @@ for _dt in ("fp16", "bf16"):
                 name=f"rms_norm[{_dt},H={_n},residual={_res}]", fn=rms_norm_kernel,
                 signature={"x_ptr": f"*{_dt}", "res_ptr": f"*{_dt}", "w_ptr": f"*{_dt}",
                            "y_ptr": f"*{_dt}", "res_out_ptr": f"*{_dt}", "n_cols": "i32",
-                           "x_row_stride": "i64", "res_row_stride": "i64", "eps": "fp32",
+                           "x_row_stride": "i64", "res_row_stride": "i64", "eps": "fp32", "w_offset": "fp32",
                            "HAS_RESIDUAL": "constexpr", "BLOCK": "constexpr",
                            "SINGLE_PASS": "constexpr"},
                 constexprs={"HAS_RESIDUAL": _res, "BLOCK": _block, "SINGLE_PASS": _single},
