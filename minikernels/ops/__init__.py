@@ -13,6 +13,7 @@ from .kv_cache import merge_attn_states, paged_decode_attention, write_kv_cache
 from .norm import gemma_rms_norm, rms_norm
 from .rejection_sampler import rejection_sample
 from .rotary import build_rope_cache, rotary_embedding
+from .sampling import top_k_top_p_mask_logits
 
 __all__ = [
     "apply_token_bitmask",
@@ -29,5 +30,6 @@ __all__ = [
     "rms_norm",
     "rotary_embedding",
     "silu_and_mul",
+    "top_k_top_p_mask_logits",
     "write_kv_cache",
 ]

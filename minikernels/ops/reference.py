@@ -411,3 +411,51 @@ def rejection_sample(draft_token_ids: Tensor, num_draft_tokens: Tensor, target_p
     out[:, :K] = torch.where(keep, x, out[:, :K])
     out[rows, num_acc] = final
     return out
+
+
+# --------------------------------------------------------------------------- sampling
+def top_k_top_p_mask_logits(logits: Tensor, top_k: Tensor | None, top_p: Tensor | None,
+                            min_p: Tensor | None) -> Tensor:
+    """Keep each row's top-k / min-p / top-p tokens, set the rest to -inf (a new tensor).
+
+    logits [B, V] fp32/fp16/bf16 (finite or -inf); top_k int [B] (k <= 0 or k >= V: off);
+    top_p float [B] in (0, 1] (1: off); min_p float [B] in [0, 1] (0: off); None = off for
+    every row. Applied in this order, each on the tokens the previous ones kept, with
+    e_j = exp(x_j - max(x)) in fp32 (proportional to the softmax probabilities):
+      top-k   keep x_j >= the k-th largest logit (ties with it are kept);
+      min-p   keep e_j >= min_p (probability >= min_p * the largest probability);
+      top-p   keep j when the kept tokens with a strictly larger logit hold less than
+              top_p of the kept mass: sum_{i kept, x_i > x_j} e_i < top_p * sum_{i kept} e_i
+              (so ties are kept or dropped together, and the largest logit always stays).
+    Kept logits are returned unchanged, in logits' dtype.
+    """
+    x = logits.float()
+    B, V = x.shape
+    neg_inf = float("-inf")
+    if B == 0 or V == 0:
+        return logits.clone()
+    keep = torch.ones_like(x, dtype=torch.bool)
+    if top_k is not None:
+        k = top_k.to(x.device, torch.int64)
+        k = torch.where((k <= 0) | (k >= V), V, k)
+        kth = x.sort(dim=1, descending=True).values.gather(1, (k - 1)[:, None])
+        keep &= x >= kth
+    kept = x.masked_fill(~keep, neg_inf)
+    m = kept.amax(dim=1, keepdim=True)
+    m = torch.where(m == neg_inf, 0.0, m)          # a row of -inf: e = 0 everywhere
+    e = torch.where(keep, torch.exp(kept - m), 0.0)
+    if min_p is not None:
+        keep &= e >= min_p.to(x.device, torch.float32)[:, None]
+        e = torch.where(keep, e, 0.0)
+    if top_p is not None:
+        kept = x.masked_fill(~keep, neg_inf)
+        vals, order = kept.sort(dim=1, descending=True)
+        es = e.gather(1, order)
+        before = torch.cumsum(es, dim=1) - es     # mass of the tokens sorted earlier
+        # ... of the tokens strictly larger: the value at the start of each run of ties
+        first = torch.searchsorted(-vals.contiguous(), -vals.contiguous(), right=False)
+        larger = before.gather(1, first)
+        target = top_p.to(x.device, torch.float32)[:, None] * e.sum(dim=1, keepdim=True)
+        keep_sorted = (larger < target) | (vals == vals[:, :1])
+        keep &= torch.zeros_like(keep).scatter_(1, order, keep_sorted)
+    return logits.masked_fill(~keep, neg_inf)
