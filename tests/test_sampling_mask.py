@@ -247,3 +247,15 @@ def test_opcheck_triton_and_compile_fullgraph(device):
     got = compiled(x)
     assert torch.equal(got, filt(x))
     assert ((got != NEG_INF).sum(1) <= 20).all()
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_huge_top_k_means_all_tokens(device, backend):
+    """A top_k beyond int32 (HTTP allows any int) is "all tokens", as a number or in an
+    int64 tensor (never narrowed to a wrapped-around int32)."""
+    x = torch.randn(2, 50, device=device)
+    with mk.use_backend(backend):
+        a = mk.ops.top_k_top_p_mask_logits(x, top_k=2**70)
+        b = mk.ops.top_k_top_p_mask_logits(
+            x, top_k=torch.tensor([2**40 + 3, 2**33], device=device))
+    assert torch.equal(a, x) and torch.equal(b, x)

@@ -94,7 +94,34 @@ def op_cases(device: str, dtype: torch.dtype, small: bool) -> list[Case]:
     cases.append(Case("paged_decode_attention", f"{bsz}x{ctx} {hq}/{hkv}h d{d}",
                       lambda: ops.paged_decode_attention(qd, kc, kc, bt, sl),
                       2 * bsz * ctx * hkv * d * es, 4 * bsz * ctx * hq * d, ("triton", "cuda")))
+    rows, vocab = 256 // s, 151936 // s              # a batch of Qwen2.5-vocab logits
+    logits = torch.randn(rows, vocab, device=device) * 3
+    k_rows = torch.full((rows,), 50, dtype=torch.int32, device=device)
+    p_rows = torch.full((rows,), 0.9, device=device)
+    for label, kk, pp in (("top_k_top_p_mask_logits k50 p0.9", k_rows, p_rows),
+                          ("top_k_top_p_mask_logits p0.9", None, p_rows)):
+        cases.append(Case(label, f"{rows}x{vocab} fp32",
+                          lambda kk=kk, pp=pp: ops.top_k_top_p_mask_logits(logits, kk, pp),
+                          2 * rows * vocab * 4, 0, ("triton",),
+                          lambda kk=kk, pp=pp: sort_top_k_top_p(logits, kk, pp)))
     return cases
+
+
+def sort_top_k_top_p(logits: torch.Tensor, k: torch.Tensor | None,
+                     p: torch.Tensor) -> torch.Tensor:
+    """The torch peer of top_k_top_p_mask_logits: sort the vocabulary, mask top-k, then
+    top-p on the cumulative softmax (the formulation vLLM's sampler falls back to)."""
+    import torch
+
+    srt, idx = logits.sort(dim=-1, descending=False)
+    if k is not None:
+        kth = srt.gather(1, (srt.shape[1] - k.long()).unsqueeze(1))
+        srt = srt.masked_fill(srt < kth, float("-inf"))
+    cum = srt.softmax(dim=-1).cumsum(dim=-1)
+    drop = cum <= 1 - p.unsqueeze(1)
+    drop[:, -1] = False
+    srt = srt.masked_fill(drop, float("-inf"))
+    return torch.empty_like(logits).scatter_(1, idx, srt)
 
 
 def run(args: argparse.Namespace) -> int:

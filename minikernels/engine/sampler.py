@@ -6,7 +6,9 @@ Per row (its request's SamplingParams), in this order:
     2. min_tokens  EOS / stop tokens masked until the row has min_tokens outputs.
     3. greedy      rows with temperature 0 take the argmax here.
     4. temperature logits / T.
-    5. top-k, top-p, min-p  masks (each skipped when no row uses it).
+    5. top-k, min-p, top-p  one op, ``mk.ops.top_k_top_p_mask_logits`` (on a GPU one
+                   Triton kernel, no sort of the vocabulary); skipped when no row
+                   filters, and a filter no row uses is left out.
     6. sampling    Exponential race: argmax(probs / q) with q ~ Exp(1), which samples
                    from probs exactly. A row with a seed draws its q from its own
                    torch.Generator, so its tokens do not depend on the rest of the batch.
@@ -27,6 +29,8 @@ from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
+
+from .. import ops
 
 if TYPE_CHECKING:
     from .sampling_params import SamplingParams
@@ -253,44 +257,23 @@ class Sampler:
             top_lp, top_ids = torch.topk(lp, n_top, dim=2)
         return chosen[..., 0], ranks, top_lp, top_ids
 
-    @staticmethod
-    def _top_k_mask(logits: Tensor, top_k: Tensor | int, use: Tensor | None,
-                    kmax: int) -> Tensor:
-        """Mask all but each row's top_k logits (top_k a tensor [B] or one int for all;
-        use: which rows apply it, None = all). kmax: max(top_k), known on the host."""
-        kmax = max(1, min(kmax, logits.shape[1]))
-        vals = torch.topk(logits, kmax, dim=1).values
-        if isinstance(top_k, int):
-            kth = vals[:, min(top_k, kmax) - 1:min(top_k, kmax)]
-        else:
-            kth = vals.gather(1, (top_k.clamp(1, kmax) - 1).long()[:, None])
-        drop = logits < kth
-        if use is not None:
-            drop &= use[:, None]
-        return logits.masked_fill(drop, float("-inf"))
-
-    @staticmethod
-    def _top_p_min_p_mask(logits: Tensor, top_p: Tensor | float | None,
-                          min_p: Tensor | float | None) -> Tensor:
-        """top_p / min_p: a tensor [B] or one float for all rows (None = off)."""
-        probs = torch.softmax(logits, dim=1)
-        if isinstance(top_p, float):
-            top_p = torch.full((logits.shape[0],), top_p, dtype=logits.dtype,
-                               device=logits.device)
-        if min_p is not None:
-            mp = min_p if isinstance(min_p, float) else min_p[:, None]
-            thresh = probs.max(dim=1, keepdim=True).values * mp
-            logits = logits.masked_fill(probs < thresh, float("-inf"))
-            probs = torch.softmax(logits, dim=1)
-        if top_p is not None:
-            sorted_p, idx = torch.sort(probs, dim=1, descending=True)
-            cum = torch.cumsum(sorted_p, dim=1)
-            # Drop a token when the tokens before it already reach top_p (first one kept).
-            drop_sorted = (cum - sorted_p) >= top_p[:, None]
-            drop_sorted[:, 0] = False  # also when top_p rounds to 0 in fp32 (e.g. 1e-300)
-            drop = torch.zeros_like(drop_sorted).scatter_(1, idx, drop_sorted)
-            logits = logits.masked_fill(drop, float("-inf"))
-        return logits
+    def _filter_rows(self, scaled: Tensor, params: list["SamplingParams"]) -> Tensor:
+        """Per-row top-k, min-p and top-p (``mk.ops.top_k_top_p_mask_logits``: the
+        dropped logits become -inf); each filter is left out when no row uses it."""
+        top_k = top_p = min_p = None
+        if any(p.uses_top_k for p in params):
+            V = scaled.shape[1]     # top_k >= V is "all": clamped on the host (no overflow)
+            top_k = self._tensor([min(p.top_k, V) if p.uses_top_k else 0 for p in params],
+                                 torch.int32)
+        if any(p.uses_top_p for p in params):
+            top_p = self._tensor([p.top_p if p.uses_top_p else 1.0 for p in params],
+                                 torch.float32)
+        if any(p.uses_min_p for p in params):
+            min_p = self._tensor([p.min_p if p.uses_min_p else 0.0 for p in params],
+                                 torch.float32)
+        if top_k is None and top_p is None and min_p is None:
+            return scaled
+        return ops.top_k_top_p_mask_logits(scaled, top_k, top_p, min_p)
 
     # ------------------------------------------------------------------ main
     def __call__(self, logits: Tensor, seqs: list["Sequence"],
@@ -366,21 +349,7 @@ class Sampler:
             return logits
         temps = self._tensor([1.0 if g else p.temperature for g, p in zip(greedy, params)],
                              logits.dtype)
-        scaled = logits / temps[:, None]
-        if any(p.uses_top_k for p in params):
-            V = scaled.shape[1]
-            ks = [min(p.top_k, V) if p.uses_top_k else 1 for p in params]
-            use = self._tensor([p.uses_top_k for p in params], torch.bool)
-            scaled = self._top_k_mask(scaled, self._tensor(ks, torch.int64), use, max(ks))
-        need_p = any(p.uses_top_p for p in params)
-        need_min = any(p.uses_min_p for p in params)
-        if need_p or need_min:
-            scaled = self._top_p_min_p_mask(
-                scaled,
-                self._tensor([p.top_p if p.uses_top_p else 1.0 for p in params],
-                             logits.dtype) if need_p else None,
-                self._tensor([p.min_p if p.uses_min_p else 0.0 for p in params],
-                             logits.dtype) if need_min else None)
+        scaled = self._filter_rows(logits / temps[:, None], params)
         probs = torch.softmax(scaled, dim=1)
         if any(greedy):
             probs = torch.where(self._tensor(greedy, torch.bool)[:, None], logits, probs)
@@ -437,12 +406,11 @@ class Sampler:
         if p.greedy:
             return logits.argmax(dim=1)
         scaled = logits / p.temperature
-        if p.uses_top_k:
-            k = min(p.top_k, scaled.shape[1])
-            scaled = self._top_k_mask(scaled, k, None, k)
-        if p.uses_top_p or p.uses_min_p:
-            scaled = self._top_p_min_p_mask(scaled, float(p.top_p) if p.uses_top_p else None,
-                                            float(p.min_p) if p.uses_min_p else None)
+        if p.uses_top_k or p.uses_top_p or p.uses_min_p:
+            scaled = ops.top_k_top_p_mask_logits(
+                scaled, p.top_k if p.uses_top_k else None,
+                float(p.top_p) if p.uses_top_p else None,
+                float(p.min_p) if p.uses_min_p else None)
         seeded = [i for i, s in enumerate(seqs) if s.generator is not None] \
             if p.seed is not None else []
         return self._race(torch.softmax(scaled, dim=1), seqs, seeded)
@@ -455,22 +423,7 @@ class Sampler:
             return logits.argmax(dim=1)
         temps = self._tensor([1.0 if g else p.temperature for g, p in zip(greedy, params)],
                              logits.dtype)
-        scaled = logits / temps[:, None]
-        if any(p.uses_top_k for p in params):
-            # Clamped on the host: top_k > vocab means "all" (and must not overflow).
-            V = scaled.shape[1]
-            ks = [min(p.top_k, V) if p.uses_top_k else 1 for p in params]
-            use = self._tensor([p.uses_top_k for p in params], torch.bool)
-            scaled = self._top_k_mask(scaled, self._tensor(ks, torch.int64), use, max(ks))
-        need_p = any(p.uses_top_p for p in params)
-        need_min = any(p.uses_min_p for p in params)
-        if need_p or need_min:
-            scaled = self._top_p_min_p_mask(
-                scaled,
-                self._tensor([p.top_p if p.uses_top_p else 1.0 for p in params],
-                             logits.dtype) if need_p else None,
-                self._tensor([p.min_p if p.uses_min_p else 0.0 for p in params],
-                             logits.dtype) if need_min else None)
+        scaled = self._filter_rows(logits / temps[:, None], params)
         seeded = [i for i, s in enumerate(seqs) if s.generator is not None and not greedy[i]]
         sampled = self._race(torch.softmax(scaled, dim=1), seqs, seeded)
         if any(greedy):

@@ -437,9 +437,10 @@ def top_k_top_p_mask_logits(logits: Tensor, top_k: Tensor | None, top_p: Tensor 
     keep = torch.ones_like(x, dtype=torch.bool)
     if top_k is not None:
         k = top_k.to(x.device, torch.int64)
-        k = torch.where((k <= 0) | (k >= V), V, k)
-        kth = x.sort(dim=1, descending=True).values.gather(1, (k - 1)[:, None])
-        keep &= x >= kth
+        off = (k <= 0) | (k >= V)
+        k = torch.where(off, 1, k)
+        kth = torch.topk(x, int(k.max()), dim=1).values.gather(1, (k - 1)[:, None])
+        keep &= (x >= kth) | off[:, None]
     kept = x.masked_fill(~keep, neg_inf)
     m = kept.amax(dim=1, keepdim=True)
     m = torch.where(m == neg_inf, 0.0, m)          # a row of -inf: e = 0 everywhere

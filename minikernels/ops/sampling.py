@@ -28,7 +28,9 @@ def _top_k_top_p_mask_logits(logits: Tensor, top_k: Tensor | None, top_p: Tensor
         out = _alloc.empty(logits.shape, logits.dtype, logits.device)
         triton_sampling.top_k_top_p_mask_logits(
             out, logits,
-            top_k.to(torch.int32).contiguous() if top_k is not None else None,
+            # k >= V and k <= 0 both mean "off": clamped before narrowing to int32
+            top_k.clamp(0, logits.shape[1]).to(torch.int32).contiguous()
+            if top_k is not None else None,
             top_p.to(torch.float32).contiguous() if top_p is not None else None,
             min_p.to(torch.float32).contiguous() if min_p is not None else None)
         return out
@@ -90,6 +92,8 @@ def top_k_top_p_mask_logits(logits: Tensor, top_k: int | Tensor | None = None,
     """
     check_tensor("logits", logits, dtypes=FLOAT_DTYPES, ndim=2)
     rows = logits.shape[0]
+    if isinstance(top_k, int) and not isinstance(top_k, bool) and top_k >= logits.shape[1]:
+        top_k = None                         # "all tokens" (also beyond int32: 2**70)
     k = _per_row("top_k", top_k, rows, logits.device, True, -math.inf, math.inf, 0)
     p = _per_row("top_p", top_p, rows, logits.device, False, 0.0, 1.0, 1.0)
     mp = _per_row("min_p", min_p, rows, logits.device, False, 0.0, 1.0, 0.0)

@@ -35,7 +35,10 @@ def _sort_key(x):
     x = tl.where(x == 0.0, 0.0, x)
     u = x.to(tl.uint32, bitcast=True)
     sign = u >> 31
-    return tl.where(sign == 1, ~u, u | 0x80000000)
+    # negative: flip every bit (larger magnitude -> smaller key); positive: set the top bit.
+    # (u ^ 0xFFFFFFFF, not ~u: triton 3.6's interpreter inverts through a -1 that numpy 2
+    # refuses for uint32.)
+    return tl.where(sign == 1, u ^ 0xFFFFFFFF, u | 0x80000000)
 
 
 @triton.jit
