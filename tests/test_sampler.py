@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import minikernels as mk
 from minikernels.engine.sampler import Sampler
 from minikernels.engine.sampling_params import SamplingParams
 from minikernels.engine.sequence import Request, Sequence
@@ -264,3 +265,25 @@ def test_rows_alike_by_interned_key_take_the_uniform_path(monkeypatch):
     assert calls == ["_sample_mixed"] and torch.equal(out.tokens, logits[:2].argmax(dim=1))
     assert y.needs_host_tokens is False
     assert SamplingParams(repetition_penalty=1.2).needs_host_tokens
+
+
+def test_filters_read_no_values_back_from_the_device(monkeypatch):
+    """Per-row top-k / top-p / min-p tensors come from validated SamplingParams: the
+    sampler runs the filter op without its data-dependent range check (a device sync per
+    step on a GPU), even with index checks on; a direct op call still checks."""
+    import minikernels.ops.sampling as sampling_op
+
+    checked = []
+    real = sampling_op.index_checks_active
+    monkeypatch.setattr(sampling_op, "index_checks_active",
+                        lambda t: checked.append(real(t)) or checked[-1])
+    s = Sampler(V)
+    seqs = [seq_for(SamplingParams(temperature=0.8, top_k=5, top_p=0.9)),
+            seq_for(SamplingParams(temperature=1.0, min_p=0.1)),
+            seq_for(SamplingParams(temperature=0.5, top_p=0.5, seed=3), sampler=s)]
+    out = s(logits_batch(3, seed=1), seqs)
+    assert len(out.token_ids) == 3
+    assert checked and not any(checked)
+    checked.clear()
+    mk.ops.top_k_top_p_mask_logits(logits_batch(3), top_p=torch.full((3,), 0.5))
+    assert checked == [True]

@@ -31,6 +31,7 @@ import torch
 from torch import Tensor
 
 from .. import ops
+from .._validation import index_checks
 
 if TYPE_CHECKING:
     from .sampling_params import SamplingParams
@@ -273,7 +274,10 @@ class Sampler:
                                  torch.float32)
         if top_k is None and top_p is None and min_p is None:
             return scaled
-        return ops.top_k_top_p_mask_logits(scaled, top_k, top_p, min_p)
+        # The values come from validated SamplingParams: no range check reading them
+        # back from the device (a sync per step).
+        with index_checks(False):
+            return ops.top_k_top_p_mask_logits(scaled, top_k, top_p, min_p)
 
     # ------------------------------------------------------------------ main
     def __call__(self, logits: Tensor, seqs: list["Sequence"],
