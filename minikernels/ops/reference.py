@@ -449,14 +449,13 @@ def top_k_top_p_mask_logits(logits: Tensor, top_k: Tensor | None, top_p: Tensor 
         keep &= e >= min_p.to(x.device, torch.float32)[:, None]
         e = torch.where(keep, e, 0.0)
     if top_p is not None:
-        kept = x.masked_fill(~keep, neg_inf)
-        vals, order = kept.sort(dim=1, descending=True)
-        es = e.gather(1, order)
+        vals = x.masked_fill(~keep, neg_inf).sort(dim=1, descending=True).values
+        es = torch.exp(vals - m)                   # dropped tokens sort last, weight 0
         before = torch.cumsum(es, dim=1) - es     # mass of the tokens sorted earlier
-        # ... of the tokens strictly larger: the value at the start of each run of ties
-        first = torch.searchsorted(-vals.contiguous(), -vals.contiguous(), right=False)
-        larger = before.gather(1, first)
         target = top_p.to(x.device, torch.float32)[:, None] * e.sum(dim=1, keepdim=True)
-        keep_sorted = (larger < target) | (vals == vals[:, :1])
-        keep &= torch.zeros_like(keep).scatter_(1, order, keep_sorted)
+        # The kept tokens are a prefix of the sorted row; extended to the end of the run
+        # of ties it stops in, that is "strictly larger mass < target" for ties too. The
+        # prefix holds at least the largest logit.
+        n = (before < target).sum(dim=1, keepdim=True).clamp_min(1)
+        keep &= x >= vals.gather(1, n - 1)
     return logits.masked_fill(~keep, neg_inf)
