@@ -90,6 +90,25 @@ def test_kernelize_refuses_training_and_bad_args() -> None:
     mkhf.kernelize(model)
 
 
+def _tiny_gemma(cfg_cls: type, model_cls: type, attn: str) -> tuple:
+    """A 2-layer random Gemma-family model (norm weights random too: trained Gemma norms
+    are not all zeros), token ids, and its logits before kernelize."""
+    cfg = cfg_cls(vocab_size=320, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                  hidden_activation="gelu_pytorch_tanh")
+    torch.manual_seed(0)
+    model = model_cls(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(torch.randn_like(p) * 0.3)
+    model.set_attn_implementation(attn)
+    ids = _ids(2, 9)
+    with torch.no_grad():
+        want = model(ids).logits
+    return model, ids, want
+
+
 @pytest.mark.parametrize("family", ["gemma2", "gemma3"])
 def test_kernelize_gemma2_gemma3_norms(family: str) -> None:
     """Gemma 2 / 3 (four (1 + weight) norms per layer, Gemma 3's q_norm / k_norm): every
@@ -100,19 +119,7 @@ def test_kernelize_gemma2_gemma3_norms(family: str) -> None:
     cfg_cls, model_cls = {
         "gemma2": (transformers.Gemma2Config, transformers.Gemma2ForCausalLM),
         "gemma3": (transformers.Gemma3TextConfig, transformers.Gemma3ForCausalLM)}[family]
-    cfg = cfg_cls(vocab_size=320, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, head_dim=8,
-                  hidden_activation="gelu_pytorch_tanh")
-    torch.manual_seed(0)
-    model = model_cls(cfg).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.copy_(torch.randn_like(p) * 0.3)
-    model.set_attn_implementation("eager")
-    ids = _ids(2, 9)
-    with torch.no_grad():
-        want = model(ids).logits
+    model, ids, want = _tiny_gemma(cfg_cls, model_cls, "eager")
     summary = mkhf.kernelize(model)
     assert len(summary.rms_norm) == {"gemma2": 9, "gemma3": 13}[family]
     assert all(model.get_submodule(n).weight_offset == 1.0 for n in summary.rms_norm)
@@ -284,19 +291,7 @@ def test_kernelize_gemma_geglu_model() -> None:
     residual adds fused into their post-attention norms), and the logits stay the same."""
     from transformers import GemmaConfig, GemmaForCausalLM
 
-    cfg = GemmaConfig(vocab_size=320, hidden_size=32, intermediate_size=48,
-                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                      head_dim=8, hidden_activation="gelu_pytorch_tanh")
-    torch.manual_seed(0)
-    model = GemmaForCausalLM(cfg).eval()
-    with torch.no_grad():                      # trained Gemma norms are not all zeros
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.copy_(torch.randn_like(p) * 0.3)
-    model.set_attn_implementation("sdpa")
-    ids = _ids(2, 9)
-    with torch.no_grad():
-        want = model(ids).logits
+    model, ids, want = _tiny_gemma(GemmaConfig, GemmaForCausalLM, "sdpa")
     summary = mkhf.kernelize(model)
     assert len(summary.mlp) == 2
     assert len(summary.rms_norm) == 5        # 2 per layer + the final norm
