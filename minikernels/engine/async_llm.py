@@ -505,6 +505,12 @@ class AsyncLLM:
         return self.engine.model_name
 
     @property
+    def sampling_defaults(self) -> dict[str, Any]:
+        """The checkpoint's recommended sampling fields (``LLM.sampling_defaults``): a
+        server fills the fields a request leaves unset from these."""
+        return dict(self.engine.sampling_defaults)
+
+    @property
     def max_model_len(self) -> int:
         return self.engine.max_model_len
 

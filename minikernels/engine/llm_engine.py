@@ -34,6 +34,7 @@ from ..models.kv_cache_dtype import resolve_kv_cache_dtype
 from .block_manager import BlockManager
 from .draft_model import (DraftModelProposer, check_vocab, load_draft_model,
                           load_draft_tokenizer)
+from .generation_config import sampling_defaults
 from .model_runner import ModelRunner
 from .outputs import Logprob, RequestOutput
 from .sampler import DeviceSample, Sampler, SamplerOutput, needs_host_tokens
@@ -159,7 +160,7 @@ class LLMEngine:
                  seed: int = 0, tokenizer: Any = "auto", tensor_parallel_size: int = 1,
                  async_scheduling: bool | None = None, kv_cache_dtype: str = "auto",
                  speculative_config: dict[str, Any] | None = None,
-                 revision: str | None = None) -> None:
+                 revision: str | None = None, generation_config: str = "auto") -> None:
         _check_int("block_size", block_size, 1)
         if revision is not None and not isinstance(revision, str):
             raise TypeError(f"revision must be a str or None, got {type(revision).__name__}")
@@ -168,6 +169,9 @@ class LLMEngine:
             # directories and built-in names pass through; the id stays the model's name
             from ..models.hub import resolve_model
             name, model = model, resolve_model(model, revision)
+        # The checkpoint's recommended sampling (generation_config.json), vLLM's default.
+        self.sampling_defaults = sampling_defaults(
+            model if isinstance(model, str) else None, generation_config)
         self.spec_config = SpeculativeConfig.from_dict(speculative_config)
         _check_int("max_num_seqs", max_num_seqs, 1)
         _check_int("max_num_batched_tokens", max_num_batched_tokens, 1)
@@ -903,6 +907,9 @@ class LLM:
             has num_kv_blocks blocks too, automatic sizing splits one budget; exact:
             see docs/engine.md, "Speculative decoding").
         revision: hub branch, tag or commit when ``model`` is a hub id (default: main).
+        generation_config: "auto" (the checkpoint's generation_config.json sampling
+            fields are the defaults of :meth:`get_default_sampling_params`, vLLM's
+            default), "vllm" (ignore it) or a directory holding one.
     """
 
     def __init__(self, model: str | torch.nn.Module, dtype: str | torch.dtype = "bfloat16",
@@ -914,7 +921,7 @@ class LLM:
                  seed: int = 0, tokenizer: Any = "auto", tensor_parallel_size: int = 1,
                  async_scheduling: bool | None = None, kv_cache_dtype: str = "auto",
                  speculative_config: dict[str, Any] | None = None,
-                 revision: str | None = None) -> None:
+                 revision: str | None = None, generation_config: str = "auto") -> None:
         self.llm_engine = LLMEngine(
             model, dtype=dtype, quantization=quantization, block_size=block_size,
             num_kv_blocks=num_kv_blocks, gpu_memory_utilization=gpu_memory_utilization,
@@ -923,7 +930,8 @@ class LLM:
             device=device, max_model_len=max_model_len, seed=seed, tokenizer=tokenizer,
             tensor_parallel_size=tensor_parallel_size,
             async_scheduling=async_scheduling, kv_cache_dtype=kv_cache_dtype,
-            speculative_config=speculative_config, revision=revision)
+            speculative_config=speculative_config, revision=revision,
+            generation_config=generation_config)
         self._counter = itertools.count()
 
     @property
@@ -944,6 +952,17 @@ class LLM:
     def stats(self) -> dict[str, Any]:
         return self.llm_engine.stats()
 
+    @property
+    def sampling_defaults(self) -> dict[str, Any]:
+        """The SamplingParams fields the checkpoint's generation_config.json sets (empty
+        with ``generation_config="vllm"`` or without one); a copy."""
+        return dict(self.llm_engine.sampling_defaults)
+
+    def get_default_sampling_params(self) -> SamplingParams:
+        """SamplingParams() with the checkpoint's recommended sampling (vLLM's name): what
+        :meth:`generate` uses when given no sampling params."""
+        return SamplingParams(**self.llm_engine.sampling_defaults)
+
     @staticmethod
     def _normalize_prompts(prompts: Any) -> list[str | list[int]]:
         if isinstance(prompts, str):
@@ -962,11 +981,11 @@ class LLM:
 
         prompts: a string, a list of token ids, or a list of either.
         sampling_params: one SamplingParams for all prompts, or one per prompt
-            (default SamplingParams()).
+            (default :meth:`get_default_sampling_params`).
         """
         plist = self._normalize_prompts(prompts)
         if sampling_params is None:
-            params = [SamplingParams()] * len(plist)
+            params = [self.get_default_sampling_params()] * len(plist)
         elif isinstance(sampling_params, SamplingParams):
             params = [sampling_params] * len(plist)
         elif isinstance(sampling_params, (list, tuple)):

@@ -73,6 +73,9 @@ class ServerState:
     draining: bool = False
     cache_salt_supported: bool = field(default_factory=engine_supports_cache_salt)
     tool_call_parser: Optional[str] = None    # --tool-call-parser: tool_choice "auto"
+    # The checkpoint's recommended sampling (generation_config.json): SamplingParams
+    # fields a request's unset ones take (vLLM's --generation-config auto).
+    sampling_defaults: dict = field(default_factory=dict)
 
     @property
     def served_name(self) -> str:
@@ -102,6 +105,13 @@ class ServerState:
         deadline = time.monotonic() + 2.0
         while self.groups and time.monotonic() < deadline:   # let the streams finish
             await asyncio.sleep(0.02)
+
+
+def _sampling_defaults(engine: Any) -> dict:
+    """``engine.sampling_defaults`` when it has them (an AsyncLLM does; test engines
+    may not)."""
+    value = getattr(engine, "sampling_defaults", None)
+    return dict(value) if isinstance(value, dict) else {}
 
 
 def create_app(engine: Any, api_key: Union[None, str, Sequence[str]] = None,
@@ -150,7 +160,7 @@ def create_app(engine: Any, api_key: Union[None, str, Sequence[str]] = None,
         limits=limits or ServerLimits(),
         prompts=PromptTokenizer(tokenizer, int(max_len) if max_len else None),
         token_text=TokenText(tokenizer), shared_prefix_cache=shared_prefix_cache,
-        tool_call_parser=tool_call_parser)
+        tool_call_parser=tool_call_parser, sampling_defaults=_sampling_defaults(engine))
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI):

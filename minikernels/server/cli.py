@@ -108,6 +108,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      help='speculative decoding, as JSON (vLLM\'s flag), e.g. '
                           '\'{"method": "ngram", "num_speculative_tokens": 4}\' '
                           '(docs/engine.md, "Speculative decoding")')
+    eng.add_argument("--generation-config", default="auto",
+                     help="default sampling of requests that leave a field unset: auto = "
+                          "the checkpoint's generation_config.json (temperature, top_p, "
+                          "top_k, min_p, repetition_penalty, max_new_tokens; vLLM's "
+                          "default), vllm = ignore it, or a directory holding one")
     eng.add_argument("--seed", type=int, default=0,
                      help="seed of unseeded sampling (and of a built-in model's weights)")
     eng.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
@@ -145,6 +150,8 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         kwargs["max_model_len"] = args.max_model_len
     if getattr(args, "speculative_config", None) is not None:
         kwargs["speculative_config"] = args.speculative_config
+    if getattr(args, "generation_config", "auto") != "auto":
+        kwargs["generation_config"] = args.generation_config
     if getattr(args, "tensor_parallel_size", 1) != 1:
         kwargs["tensor_parallel_size"] = args.tensor_parallel_size
     return kwargs
@@ -256,6 +263,11 @@ def run(args: argparse.Namespace) -> int:
         return 2
     logger.info("serving %s on http://%s:%d/v1: %s; %d API key(s)", name, args.host,
                 args.port, describe_engine(engine, args), len(keys))
+    defaults = app.state.server.sampling_defaults
+    if defaults:
+        logger.info("default sampling from the model's generation_config.json (requests "
+                    "override each field; --generation-config vllm ignores it): %s",
+                    ", ".join(f"{k}={v}" for k, v in sorted(defaults.items())))
     server = build_server(app, args.host, args.port, log_level=args.log_level,
                           header_timeout_s=args.request_header_timeout,
                           drain_s=args.shutdown_grace)

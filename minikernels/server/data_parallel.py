@@ -128,6 +128,11 @@ class DataParallelEngine:
         return min(r.max_model_len for r in self.replicas)
 
     @property
+    def sampling_defaults(self) -> dict[str, Any]:
+        """The replicas' (one model) recommended sampling fields."""
+        return dict(getattr(self.replicas[0], "sampling_defaults", {}))
+
+    @property
     def is_running(self) -> bool:
         return all(getattr(r, "is_running", True) for r in self.replicas)
 

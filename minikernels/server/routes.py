@@ -94,7 +94,10 @@ def register_routes(app: FastAPI, state: "ServerState") -> None:
         prompt tokens; the output is taken when the request finishes (FINAL_ONLY: the
         snapshot that carries ``RequestOutput.prompt_logprobs``).
         """
-        kwargs: dict[str, Any] = dict(
+        # The checkpoint's recommended sampling first; the request's own fields win.
+        kwargs: dict[str, Any] = {k: v for k, v in state.sampling_defaults.items()
+                                  if k != "max_tokens"}
+        kwargs.update(
             max_tokens=max_tokens, n=req.n, ignore_eos=req.ignore_eos,
             min_tokens=req.min_tokens, skip_special_tokens=req.skip_special_tokens,
             include_stop_str_in_output=req.include_stop_str_in_output)
@@ -247,21 +250,28 @@ def register_routes(app: FastAPI, state: "ServerState") -> None:
         constraint = req.constraint()
         await precompile(constraint)
         keep = state.prompts.resolve_truncation(req.truncate_prompt_tokens)
-        max_tokens = req.max_tokens if req.max_tokens is not None else 16
+        # Unset max_tokens: the checkpoint's max_new_tokens (capped by each prompt's
+        # room in the context), else OpenAI's 16.
+        default_max = state.sampling_defaults.get("max_tokens")
+        max_tokens = req.max_tokens if req.max_tokens is not None else (default_max or 16)
         if req.min_tokens > max_tokens:
             raise APIError(f"min_tokens ({req.min_tokens}) must be <= max_tokens "
                            f"({max_tokens})", param="min_tokens", code="invalid_value")
         engine_reqs = []
         rid = f"cmpl-{uuid.uuid4().hex}"
-        params = None
+        params_for: dict[int, SamplingParams] = {}       # by max_tokens
         # echo + logprobs: the prompt tokens' logprobs too (lm-eval-harness loglikelihood).
         prompt_lp = req.logprobs if req.echo and req.logprobs is not None else None
         for i, prompt in enumerate(prompts):
             ids = await state.prompts.completion_prompt(prompt, keep)
-            state.prompts.max_tokens_for(len(ids), max_tokens, "prompt")
+            room = max_tokens
+            if req.max_tokens is None and default_max:
+                room = min(max_tokens, state.prompts.max_tokens_for(len(ids), None, "prompt"))
+            state.prompts.max_tokens_for(len(ids), room, "prompt")
+            params = params_for.get(room)
             if params is None:
-                params = make_params(req, max_tokens, req.logprobs, kid, prompt_lp,
-                                     constraint)
+                params = params_for[room] = make_params(req, room, req.logprobs, kid,
+                                                        prompt_lp, constraint)
             text = prompt if isinstance(prompt, str) and keep is None else None
             engine_reqs.append(EngineRequest(f"{rid}-{i}", ids, params, prompt_text=text))
         group = Group(engine, engine_reqs)
@@ -346,6 +356,8 @@ def register_routes(app: FastAPI, state: "ServerState") -> None:
                                               req.chat_template_kwargs, keep,
                                               req.tools or None)
         wanted = state.prompts.max_tokens_for(len(ids), req.wanted_max_tokens(), "messages")
+        if req.wanted_max_tokens() is None and state.sampling_defaults.get("max_tokens"):
+            wanted = min(wanted, state.sampling_defaults["max_tokens"])
         if req.min_tokens > wanted:
             raise APIError(f"min_tokens ({req.min_tokens}) must be <= max_tokens ({wanted})",
                            param="min_tokens", code="invalid_value")
