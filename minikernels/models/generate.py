@@ -95,14 +95,14 @@ def sample_next(logits: Tensor, temperature: float = 0.0, top_p: float = 1.0,
     """logits fp32 [B, V] -> next ids int64 [B]: greedy at temperature 0, else top-p sampling."""
     import torch
 
+    from .. import ops
+
     if temperature <= 0:
         return logits.argmax(dim=-1)
-    probs = torch.softmax(logits / temperature, dim=-1)
-    if top_p < 1.0:
-        sorted_p, order = probs.sort(dim=-1, descending=True)
-        drop = sorted_p.cumsum(-1) - sorted_p > top_p
-        sorted_p = sorted_p.masked_fill(drop, 0.0)
-        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p)
+    scaled = logits / temperature
+    if top_p < 1.0:   # the engine sampler's top-p (mk.ops.top_k_top_p_mask_logits)
+        scaled = ops.top_k_top_p_mask_logits(scaled, top_p=top_p)
+    probs = torch.softmax(scaled, dim=-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
