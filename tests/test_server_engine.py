@@ -650,3 +650,44 @@ def test_priority_is_accepted(client):
         r = client.completions.create(model=MODEL, prompt="hello", max_tokens=2,
                                       extra_body={"priority": priority})
         assert r.choices[0].finish_reason in ("stop", "length")
+
+
+def test_tokenize_and_detokenize(server, client, reference):
+    """vLLM's /tokenize (prompt or chat messages: the ids the generation routes run) and
+    /detokenize, behind the API key."""
+    url = server.base_url
+    r = httpx.post(url + "/tokenize", headers=_auth(), timeout=30,
+                   json={"model": MODEL, "prompt": "hello world", "return_token_strs": True})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    ref_ids = list(reference["completion"].prompt_token_ids)
+    assert body["tokens"] == ref_ids and body["count"] == len(ref_ids)
+    assert body["max_model_len"] == MAX_LEN
+    assert "".join(body["token_strs"]).replace("\u0120", " ").endswith("hello world")
+    plain = httpx.post(url + "/tokenize", headers=_auth(), timeout=30,
+                       json={"prompt": "hello world", "add_special_tokens": False}).json()
+    assert plain["tokens"] == [t for t in ref_ids if t != 0]       # no <s>
+    chat = httpx.post(url + "/tokenize", headers=_auth(), timeout=30,
+                      json={"messages": [{"role": "user", "content": "say hi"}]}).json()
+    assert chat["tokens"] == reference["chat_ids"]
+    r = client.chat.completions.create(model=MODEL, max_tokens=1,
+                                       messages=[{"role": "user", "content": "say hi"}])
+    assert r.usage.prompt_tokens == chat["count"]
+    d = httpx.post(url + "/detokenize", headers=_auth(), timeout=30,
+                   json={"model": MODEL, "tokens": chat["tokens"]})
+    assert d.status_code == 200
+    assert d.json()["prompt"] == "<|im_start|>user\nsay hi<|im_end|>\n<|im_start|>assistant\n"
+    # refusals: OpenAI-shaped 4xx naming the problem
+    for path, payload, status, param in [
+            ("/tokenize", {"prompt": "x"}, 401, None),
+            ("/detokenize", {"tokens": [1, 10 ** 6]}, 400, "tokens[1]"),
+            ("/detokenize", {"tokens": [-1]}, 400, "tokens[0]"),
+            ("/tokenize", {"prompt": "x", "bogus": 1}, 400, "bogus"),
+            ("/tokenize", {"prompt": "x", "model": "other"}, 404, "model"),
+            ("/tokenize", {"messages": [{"role": "user", "content": "x"}],
+                           "add_special_tokens": True}, 400, "add_special_tokens")]:
+        headers = {} if status == 401 else _auth()
+        r = httpx.post(url + path, headers=headers, json=payload, timeout=30)
+        assert r.status_code == status, (path, payload, r.text)
+        if param is not None:
+            assert r.json()["error"]["param"] == param

@@ -35,11 +35,11 @@ class CharTokenizer:
     def __len__(self) -> int:
         return 128
 
-    def encode(self, text: str) -> list[int]:
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return [min(ord(ch), 127) for ch in text]
 
-    def decode(self, ids: list[int]) -> str:
-        return "".join(chr(i) for i in ids if i != 0)
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return "".join(chr(i) for i in ids if i != 0 or not skip_special_tokens)
 
     def apply_chat_template(self, messages, add_generation_prompt=True, **kw) -> list[int]:
         for m in messages:

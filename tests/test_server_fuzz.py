@@ -13,8 +13,9 @@ from minikernels.server import create_app
 from minikernels.server.testing import LiveServer
 from test_server_fake import API_KEY, MODEL, FakeEngine
 
-ROUTES = ["/v1/completions", "/v1/chat/completions", "/v1/models", f"/v1/models/{MODEL}",
-          "/v1/models/nope", "/health", "/metrics", "/version", "/v1/nothing", "/"]
+ROUTES = ["/v1/completions", "/v1/chat/completions", "/tokenize", "/detokenize",
+          "/v1/models", f"/v1/models/{MODEL}", "/v1/models/nope", "/health", "/metrics",
+          "/version", "/v1/nothing", "/"]
 METHODS = ["POST", "POST", "POST", "GET", "PUT", "DELETE", "OPTIONS", "PATCH", "FOO"]
 FIELDS = ["model", "prompt", "messages", "max_tokens", "max_completion_tokens", "n",
           "stream", "stream_options", "temperature", "top_p", "top_k", "min_p", "stop",
@@ -24,7 +25,7 @@ FIELDS = ["model", "prompt", "messages", "max_tokens", "max_completion_tokens", 
           "truncate_prompt_tokens", "priority", "cache_salt", "response_format", "tools",
           "tool_choice", "parallel_tool_calls", "structured_outputs", "functions",
           "chat_template_kwargs", "add_generation_prompt", "best_of", "suffix", "logit_bias",
-          "user", "unknown_field"]
+          "user", "tokens", "add_special_tokens", "return_token_strs", "unknown_field"]
 
 scalars = st.one_of(
     st.none(), st.booleans(), st.integers(-3, 70), st.integers(-2 ** 70, 2 ** 70),
@@ -42,6 +43,8 @@ plausible = {
     "prompt": st.one_of(st.text(max_size=20), st.lists(st.integers(-1, 200), max_size=5),
                         st.lists(st.text(max_size=5), max_size=3)),
     "messages": messages,
+    "tokens": st.lists(st.one_of(st.integers(-2, 140), st.integers(-2 ** 70, 2 ** 70)),
+                       max_size=6),
     "max_tokens": st.integers(-1, 40), "n": st.integers(0, 3), "stream": st.booleans(),
     "stream_options": st.fixed_dictionaries({}, optional={"include_usage": json_values}),
     "logprobs": st.one_of(st.booleans(), st.integers(-1, 25)),
@@ -73,7 +76,7 @@ def server():
 def requests(draw):
     if draw(st.integers(0, 9)) < 8:      # mostly well-formed calls to the generation routes
         method = "POST"
-        path = draw(st.sampled_from(ROUTES[:2]))
+        path = draw(st.sampled_from(ROUTES[:2] * 3 + ROUTES[2:4]))
         headers = {"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"}
     else:
         method = draw(st.sampled_from(METHODS))

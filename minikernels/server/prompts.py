@@ -112,6 +112,18 @@ class PromptTokenizer:
             ids = ids[-keep:]
         return ids
 
+    async def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Token ids of ``text`` (/tokenize: no context-length check; the body limit bounds
+        the work), off the event loop."""
+        return await self._off_loop(
+            lambda: [int(t) for t in self.tokenizer.encode(
+                text, add_special_tokens=add_special_tokens)])
+
+    async def detokenize(self, ids: list[int]) -> str:
+        """The text of ``ids`` with special tokens kept (/detokenize), off the event loop."""
+        return await self._off_loop(
+            lambda: self.tokenizer.decode(ids, skip_special_tokens=False))
+
     async def chat_prompt(self, messages: list[dict[str, Any]], add_generation_prompt: bool,
                           template_kwargs: Optional[dict[str, Any]],
                           keep: Optional[int],

@@ -443,3 +443,56 @@ class ChatCompletionRequest(_SamplingFields):
                 d["tool_call_id"] = m.tool_call_id
             out.append(d)
         return out
+
+
+# ------------------------------------------------------------------ tokenize / detokenize
+MAX_DETOKENIZE_TOKENS = 1 << 20
+
+
+class TokenizeCompletionRequest(_Strict):
+    """vLLM's ``POST /tokenize`` with a ``prompt``: its token ids."""
+
+    model: Optional[str] = None
+    prompt: str
+    add_special_tokens: bool = True
+    return_token_strs: bool = False
+
+    def check(self) -> None:
+        pass
+
+
+class TokenizeChatRequest(_Strict):
+    """vLLM's ``POST /tokenize`` with ``messages``: the ids of the rendered chat (the same
+    prompt /v1/chat/completions would run)."""
+
+    model: Optional[str] = None
+    messages: list[ChatMessage] = Field(..., min_length=1)
+    add_generation_prompt: bool = True
+    add_special_tokens: bool = False
+    tools: Optional[list[Any]] = None
+    chat_template_kwargs: Optional[dict[str, Any]] = None
+    return_token_strs: bool = False
+
+    def check(self) -> None:
+        if self.add_special_tokens:
+            raise unsupported("add_special_tokens", "add_special_tokens=true is not supported "
+                              "for chat: the chat template writes the special tokens")
+
+    def as_chat_request(self) -> "ChatCompletionRequest":
+        """The equivalent chat request (its checks, its template messages)."""
+        req = ChatCompletionRequest.model_validate(
+            {"messages": [m.model_dump(exclude_none=True) for m in self.messages],
+             "tools": self.tools, "add_generation_prompt": self.add_generation_prompt,
+             "chat_template_kwargs": self.chat_template_kwargs})
+        req.check()
+        return req
+
+
+class DetokenizeRequest(_Strict):
+    """vLLM's ``POST /detokenize``: token ids -> text."""
+
+    model: Optional[str] = None
+    tokens: list[int] = Field(..., max_length=MAX_DETOKENIZE_TOKENS)
+
+    def check(self) -> None:
+        pass

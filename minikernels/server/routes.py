@@ -24,8 +24,9 @@ from .jsonbody import parse_json_object
 from .logprobs import (chat_logprobs, completion_logprobs, join_completion_logprobs,
                        prompt_completion_logprobs)
 from .metrics import CONTENT_TYPE
-from .protocol import (ChatCompletionRequest, CompletionRequest, Constraint, constraint_error,
-                       validation_to_api_error)
+from .protocol import (ChatCompletionRequest, CompletionRequest, Constraint,
+                       DetokenizeRequest, TokenizeChatRequest, TokenizeCompletionRequest,
+                       constraint_error, validation_to_api_error)
 from .streaming import (Choice, ClientGone, EngineRequest, Group, SSEResponse, stream_events,
                         until_disconnect)
 from .structured import ConstraintCompiler, ConstraintError
@@ -50,15 +51,23 @@ def register_routes(app: FastAPI, state: "ServerState") -> None:
             raise APIError("the server is shutting down", status=503, type="server_error",
                            code="shutting_down", headers={"Connection": "close"})
 
-    async def parse(request: Request, model_cls: type) -> tuple[Any, Optional[str]]:
-        """(validated request, caller's key id) or an APIError / ClientGone."""
+    async def read_json(request: Request) -> tuple[dict, Optional[str]]:
+        """(the body as a JSON object, caller's key id): authenticated first."""
         kid = authenticate(request)
         refuse_if_draining()
         try:
             raw = await request.body()
         except ClientDisconnect:
             raise ClientGone() from None
-        data = parse_json_object(raw, state.limits.max_json_depth)
+        return parse_json_object(raw, state.limits.max_json_depth), kid
+
+    async def parse(request: Request, model_cls: type) -> tuple[Any, Optional[str]]:
+        """(validated request, caller's key id) or an APIError / ClientGone."""
+        data, kid = await read_json(request)
+        return validate(data, model_cls), kid
+
+    def validate(data: dict, model_cls: type) -> Any:
+        """``data`` as a ``model_cls`` request (checked, model name served)."""
         try:
             req = model_cls.model_validate(data)
         except ValidationError as exc:
@@ -69,10 +78,10 @@ def register_routes(app: FastAPI, state: "ServerState") -> None:
                            f"'{state.served_name}'", param="model", code="model_not_found",
                            status=404, type="invalid_request_error")
         req.check()
-        if req.cache_salt is not None and not state.cache_salt_supported:
+        if getattr(req, "cache_salt", None) is not None and not state.cache_salt_supported:
             raise unsupported("cache_salt", "cache_salt is not supported by this server's "
                               "engine yet (no salted prefix cache)")
-        return req, kid
+        return req
 
     async def precompile(constraint: Optional[Constraint]) -> None:
         """Compile the request's constraint before it is admitted (off the event loop;
@@ -191,6 +200,70 @@ def register_routes(app: FastAPI, state: "ServerState") -> None:
             raise APIError(f"{n_prompts} prompts in one request; this server takes at most "
                            f"{cap} (a request the queue can never hold is not retried)",
                            param="prompt", code="too_many_prompts")
+
+    # ------------------------------------------------------------------ tokenizer routes
+    def vocab_size() -> Optional[int]:
+        inner = getattr(engine, "engine", None)
+        for src in (inner, getattr(engine, "tokenizer", None)):
+            size = getattr(src, "vocab_size", None)
+            if isinstance(size, int) and size > 0:
+                return size
+        return None
+
+    def token_strs(ids: list[int]) -> list[str]:
+        """Each id's vocabulary entry (vLLM's ``convert_ids_to_tokens``), or its decoded
+        text where the tokenizer has no such table (the byte tokenizer)."""
+        tok = state.prompts.tokenizer
+        hf = getattr(tok, "tokenizer", None)
+        convert = getattr(hf, "convert_ids_to_tokens", None)
+        if callable(convert):
+            return [str(t) for t in convert(ids)]
+        return [tok.decode([t], skip_special_tokens=False) for t in ids]
+
+    @app.post("/tokenize")
+    async def tokenize(request: Request) -> Response:
+        """vLLM's /tokenize: a ``prompt`` or chat ``messages`` -> count and token ids
+        (the ids /v1/completions or /v1/chat/completions would run)."""
+        try:
+            data, _ = await read_json(request)
+        except ClientGone:
+            return gone_response()
+        req = validate(data, TokenizeChatRequest if "messages" in data
+                       else TokenizeCompletionRequest)
+        if state.prompts.tokenizer is None:
+            raise APIError("this model has no tokenizer", param="prompt")
+        if isinstance(req, TokenizeChatRequest):
+            chat = req.as_chat_request()
+            ids = await state.prompts.chat_prompt(chat.template_messages(),
+                                                  chat.add_generation_prompt,
+                                                  chat.chat_template_kwargs, None,
+                                                  chat.tools or None)
+        else:
+            ids = await state.prompts.tokenize(req.prompt, req.add_special_tokens)
+        out: dict[str, Any] = {"count": len(ids), "max_model_len": state.max_model_len,
+                               "tokens": ids}
+        if req.return_token_strs:
+            out["token_strs"] = token_strs(ids)
+        return JSONBody(out)
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request) -> Response:
+        """vLLM's /detokenize: token ids -> ``prompt`` text (special tokens kept)."""
+        try:
+            req, _ = await parse(request, DetokenizeRequest)
+        except ClientGone:
+            return gone_response()
+        if state.prompts.tokenizer is None:
+            raise APIError("this model has no tokenizer", param="tokens")
+        size = vocab_size()
+        bad = next((i for i, t in enumerate(req.tokens)
+                    if t < 0 or (size is not None and t >= size)), None)
+        if bad is not None:
+            raise APIError(f"tokens[{bad}] = {req.tokens[bad]} is not a token id of this "
+                           f"model (0 <= id < {size})", param=f"tokens[{bad}]",
+                           code="invalid_value")
+        text = await state.prompts.detokenize(req.tokens)
+        return JSONBody({"prompt": text})
 
     # ------------------------------------------------------------------ small routes
     @app.get("/health")
