@@ -134,9 +134,9 @@ def test_unsupported_architecture_and_features(hf_dirs, tmp_path):
     _edit_config(d, rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4})
     with pytest.raises(UnsupportedModelError, match="yarn"):
         load_model(d, device="cpu")
-    d = _copy(hf_dirs["llama"][1], tmp_path / "gelu")
-    _edit_config(d, hidden_act="gelu")
-    with pytest.raises(UnsupportedModelError, match="gelu"):
+    d = _copy(hf_dirs["llama"][1], tmp_path / "relu")
+    _edit_config(d, hidden_act="relu")
+    with pytest.raises(UnsupportedModelError, match="relu"):
         load_model(d, device="cpu")
     d = _copy(hf_dirs["llama"][1], tmp_path / "q8")
     _edit_config(d, quantization_config={"quant_method": "gptq", "bits": 8, "group_size": 32})

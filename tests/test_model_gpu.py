@@ -16,21 +16,29 @@ HALF_TOL = {torch.float16: 0.02, torch.bfloat16: 0.06}
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("kind", ["llama3-rope-tied", "qwen2-window", "qwen3", "mistral-window"])
+@pytest.mark.parametrize("kind", ["llama3-rope-tied", "qwen2-window", "qwen3", "mistral-window",
+                                  "gemma2-window-softcap", "gemma3"])
 def test_gpu_forward_paths_match_transformers(hf_dirs, kind, dtype):
+    import copy
+
     hf, path = hf_dirs[kind]
     model = load_model(path, dtype=dtype, device="cuda")
     seqs = [random_tokens(n, hf.config.vocab_size, 20 + n) for n in (14, 37, 9)]
     refs = [hf_logits(hf, s) for s in seqs]
+    # Gemma's extra norms make half precision itself drift further: allow what
+    # transformers' own model in this dtype (on the CPU) drifts, and a half more.
+    hf_half = copy.deepcopy(hf).to(dtype)
+    hf_err = rel_err(torch.cat([hf_logits(hf_half, s) for s in seqs]), torch.cat(refs))
+    tol = max(HALF_TOL[dtype], 1.5 * hf_err + 0.005)
     ids = torch.tensor([t for s in seqs for t in s], device="cuda")
     out = model(ids, AttentionMetadata.for_prompts([len(s) for s in seqs], device="cuda"), None)
-    assert rel_err(out.cpu(), torch.cat(refs)) <= HALF_TOL[dtype]
+    assert rel_err(out.cpu(), torch.cat(refs)) <= tol
     plan = [[("p", 0, 10), ("p", 1, 17)], [("d", 0), ("p", 1, 20), ("p", 2, 5)],
             [("d", 0), ("d", 2)], [("d", 0), ("d", 2)], [("d", 0), ("d", 2)], [("d", 2)]]
     rows = run_schedule(model, seqs, plan, block_size=16)
     got = torch.stack([r.cpu() for _, _, r in rows])
     ref = torch.stack([refs[i][p] for i, p, _ in rows])
-    assert rel_err(got, ref) <= HALF_TOL[dtype]
+    assert rel_err(got, ref) <= tol
 
 
 def test_gpu_greedy_matches_cpu_reference_mostly(hf_dirs):
@@ -43,7 +51,7 @@ def test_gpu_greedy_matches_cpu_reference_mostly(hf_dirs):
     assert a == b
 
 
-@pytest.mark.parametrize("name", ["qwen2.5-0.5b", "qwen3-0.6b", "llama-3.2-1b"])
+@pytest.mark.parametrize("name", ["qwen2.5-0.5b", "qwen3-0.6b", "llama-3.2-1b", "gemma-3-1b"])
 @pytest.mark.parametrize("quantization", [None, "int4"])
 def test_gpu_builtin_dummy_models_run(name, quantization):
     model = load_model(name, dtype="bfloat16", device="cuda", quantization=quantization)

@@ -34,7 +34,24 @@ CASES: dict[str, tuple[str, dict[str, Any]]] = {
     "qwen3-tied": ("Qwen3", dict(head_dim=16, tie_word_embeddings=True)),
     "mistral-window": ("Mistral", dict(sliding_window=6, head_dim=16,
                                        tie_word_embeddings=False)),
+    # Gemma: (1 + w) norms, sqrt(hidden) embedding scale, gelu-tanh MLP, head_dim != H/heads.
+    "gemma": ("Gemma", dict(head_dim=32, hidden_act="gelu_pytorch_tanh")),
+    # Gemma 2: sandwich norms, query_pre_attn_scalar, score and logit softcaps (small
+    # enough to bend these models' values), sliding window on layer 0.
+    "gemma2-window-softcap": ("Gemma2", dict(
+        head_dim=32, sliding_window=6, query_pre_attn_scalar=24,
+        attn_logit_softcapping=4.0, final_logit_softcapping=6.0)),
+    # Gemma 3: q/k norms, a sliding layer with its own rope base, a global layer with
+    # linear rope scaling.
+    "gemma3": ("Gemma3", dict(
+        head_dim=32, sliding_window=6, query_pre_attn_scalar=16,
+        layer_types=["sliding_attention", "full_attention"],
+        rope_parameters={"full_attention": {"rope_type": "linear", "factor": 2.0,
+                                            "rope_theta": 1e6},
+                         "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}})),
 }
+# transformers config classes not named {family}Config
+_CONFIG_CLASSES = {"Gemma3": "Gemma3TextConfig"}
 
 
 def make_hf_model(kind: str, seed: int = 0, **overrides: Any) -> torch.nn.Module:
@@ -42,7 +59,7 @@ def make_hf_model(kind: str, seed: int = 0, **overrides: Any) -> torch.nn.Module
     import transformers
 
     family, extra = CASES[kind]
-    cfg_cls = getattr(transformers, f"{family}Config")
+    cfg_cls = getattr(transformers, _CONFIG_CLASSES.get(family, f"{family}Config"))
     model_cls = getattr(transformers, f"{family}ForCausalLM")
     kwargs = {**BASE, **extra, **overrides}
     config = cfg_cls(**kwargs)

@@ -21,13 +21,16 @@ if not torch.distributed.is_available():
 
 # case -> (CASES kind, overrides): KV heads split (2 over 2 ranks) and replicated (1 kv
 # head on 2 ranks), tied and untied heads, q/k norm, biases on row-parallel layers, a
-# sliding window, a vocab that does not split evenly (301 -> 151 + 150 + 1 padding row).
+# sliding window, a vocab that does not split evenly (301 -> 151 + 150 + 1 padding row),
+# Gemma 2's final softcap on gathered logits, Gemma 3's two rope bases and q/k norms.
 TP_CASES = {
     "llama": ("llama", {}),
     "llama-bias": ("llama-bias-linear-rope", {"vocab_size": 301}),
     "qwen2-tied-kv1": ("qwen2-tied", {"num_key_value_heads": 1}),
     "qwen3": ("qwen3", {}),
     "mistral-window": ("mistral-window", {}),
+    "gemma2-softcap": ("gemma2-window-softcap", {"vocab_size": 301}),
+    "gemma3": ("gemma3", {}),
 }
 QUANT = (None, "int4")
 GROUP = 32       # divides every per-rank K here, so TP int4 == slices of TP=1 int4

@@ -47,6 +47,8 @@ def hf_config_for(model: Any) -> Any:
                      rms_norm_eps=c.rms_norm_eps, tie_word_embeddings=c.tie_word_embeddings,
                      rope_theta=c.rope_theta)
     arch = c.architecture
+    if arch in ("gemma", "gemma2", "gemma3"):
+        return _gemma_config(c, common_kw)
     if arch == "qwen2":
         return transformers.Qwen2Config(**common_kw)
     if arch == "qwen3":
@@ -55,6 +57,28 @@ def hf_config_for(model: Any) -> Any:
         return transformers.MistralConfig(head_dim=c.head_dim, **common_kw)
     return transformers.LlamaConfig(head_dim=c.head_dim, rope_scaling=c.rope_scaling,
                                     **common_kw)
+
+
+def _gemma_config(c: Any, common_kw: dict[str, Any]) -> Any:
+    import transformers
+
+    kw = dict(common_kw, head_dim=c.head_dim, hidden_activation=c.hidden_act)
+    if c.architecture == "gemma":
+        kw["hidden_act"] = kw.pop("hidden_activation")
+        return transformers.GemmaConfig(**kw)
+    layer_types = ["sliding_attention" if c.is_sliding(i) else "full_attention"
+                   for i in range(c.num_layers)]
+    kw.update(query_pre_attn_scalar=round(c.softmax_scale ** -2), sliding_window=c.sliding_window,
+              layer_types=layer_types, final_logit_softcapping=c.final_logit_softcapping)
+    if c.architecture == "gemma2":
+        return transformers.Gemma2Config(attn_logit_softcapping=c.attn_logit_softcapping,
+                                         **kw)
+    theta = kw.pop("rope_theta")
+    kw["rope_parameters"] = {
+        "full_attention": {"rope_type": "default", "rope_theta": theta},
+        "sliding_attention": {"rope_type": "default",
+                              "rope_theta": c.sliding_rope_theta or theta}}
+    return transformers.Gemma3TextConfig(**kw)
 
 
 def load_hf(model_name: str, mk_model: Any, dtype: torch.dtype, device: str) -> Any:

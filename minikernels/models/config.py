@@ -1,13 +1,20 @@
 """DecoderConfig: the one config the decoder reads, from a HF config.json or a built-in name.
 
-Covers the Llama family (Llama 2/3/3.1/3.2, Mistral) and Qwen2/2.5/Qwen3: pre-norm decoder,
-GQA attention with neox rotary, SiLU-gated MLP. Differences are flags:
+Covers the Llama family (Llama 2/3/3.1/3.2, Mistral), Qwen2/2.5/Qwen3 and Gemma 1/2/3
+(text): pre-norm decoder, GQA attention with neox rotary, gated MLP. Differences are flags:
 
     qkv_bias        Qwen2 (q/k/v biases); Llama's ``attention_bias`` also sets o_bias
-    qk_norm         Qwen3 (RMSNorm over each q/k head before rotary)
+    qk_norm         Qwen3, Gemma 3 (RMSNorm over each q/k head before rotary)
     rope_scaling    Llama 3.1/3.2 ("llama3"), "linear"
     sliding_window  Mistral v0.1 (all layers), Qwen2 with use_sliding_window (layers >=
-                    max_window_layers); ``layer_types`` in a config says it per layer
+                    max_window_layers), Gemma 2 (every other layer), Gemma 3 (5 of 6);
+                    ``layer_types`` in a config says it per layer
+    hidden_act      silu (Llama, Qwen, Mistral), gelu_pytorch_tanh (Gemma), gelu
+    Gemma           norm_weight_offset 1 (norms scale by 1 + weight), embed_scale
+                    sqrt(hidden), sandwich_norm (Gemma 2/3: norms after attention and MLP
+                    too), attention_scale (query_pre_attn_scalar ** -0.5),
+                    attn_logit_softcapping / final_logit_softcapping (Gemma 2),
+                    sliding_rope_theta (Gemma 3's local layers: their own rope base)
 """
 from __future__ import annotations
 
@@ -22,8 +29,16 @@ SUPPORTED_ARCHITECTURES = {
     "MistralForCausalLM": "mistral",
     "Qwen2ForCausalLM": "qwen2",
     "Qwen3ForCausalLM": "qwen3",
+    "GemmaForCausalLM": "gemma",
+    "Gemma2ForCausalLM": "gemma2",
+    "Gemma3ForCausalLM": "gemma3",
 }
-_MODEL_TYPES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3"}
+_MODEL_TYPES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3",
+                "gemma": "gemma", "gemma2": "gemma2", "gemma3_text": "gemma3"}
+_GEMMA = ("gemma", "gemma2", "gemma3")
+#: hidden_act -> the gated MLP's activation op (``ops.silu_and_mul`` / ``gelu_and_mul``)
+GATED_ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu": "gelu",
+                     "gelu_pytorch_tanh": "gelu_tanh", "gelu_tanh": "gelu_tanh"}
 
 
 class UnsupportedModelError(ValueError):
@@ -34,7 +49,8 @@ class UnsupportedModelError(ValueError):
 class DecoderConfig:
     """Shape and flavour of a decoder (fields follow HF names where one exists)."""
 
-    architecture: str                      # "llama" | "mistral" | "qwen2" | "qwen3"
+    # "llama" | "mistral" | "qwen2" | "qwen3" | "gemma" | "gemma2" | "gemma3"
+    architecture: str
     vocab_size: int
     hidden_size: int
     intermediate_size: int
@@ -57,6 +73,21 @@ class DecoderConfig:
     mlp_bias: bool = False
     qk_norm: bool = False
     hidden_act: str = "silu"
+    # Gemma: RMSNorm scales by (weight + norm_weight_offset); embeddings times embed_scale
+    # (rounded to the model dtype, as transformers does); sandwich_norm adds norms after
+    # attention and after the MLP (post_attention_layernorm is then the former,
+    # pre_/post_feedforward_layernorm wrap the MLP).
+    norm_weight_offset: float = 0.0
+    embed_scale: float = 1.0
+    sandwich_norm: bool = False
+    # Softmax scale of attention scores; None = head_dim ** -0.5.
+    attention_scale: float | None = None
+    # c * tanh(x / c) on attention scores / on the final logits; None = off.
+    attn_logit_softcapping: float | None = None
+    final_logit_softcapping: float | None = None
+    # Rope base of the sliding-window layers (Gemma 3's local layers, default rope, no
+    # scaling); None = every layer uses rope_theta / rope_scaling.
+    sliding_rope_theta: float | None = None
     # HF quantization_config (GPTQ/AWQ checkpoints), None for dense checkpoints.
     quantization_config: dict[str, Any] | None = None
     torch_dtype: str | None = None         # the checkpoint's stored dtype, informational
@@ -71,9 +102,30 @@ class DecoderConfig:
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_heads ({self.num_heads}) must be a multiple of "
                              f"num_kv_heads ({self.num_kv_heads})")
-        if self.hidden_act not in ("silu", "swish"):
+        if self.hidden_act not in GATED_ACTIVATIONS:
             raise UnsupportedModelError(f"hidden_act {self.hidden_act!r} is not supported "
-                                        "(only silu-gated MLPs)")
+                                        f"(gated MLPs with {sorted(GATED_ACTIVATIONS)})")
+        for name in ("attention_scale", "attn_logit_softcapping", "final_logit_softcapping",
+                     "sliding_rope_theta"):
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, (int, float)) and value > 0):
+                raise ValueError(f"config.{name} must be a positive number or None, got "
+                                 f"{value!r}")
+
+    @property
+    def activation(self) -> str:
+        """The gated MLP's activation: "silu", "gelu" (erf) or "gelu_tanh"."""
+        return GATED_ACTIVATIONS[self.hidden_act]
+
+    @property
+    def softmax_scale(self) -> float:
+        return self.attention_scale if self.attention_scale is not None else \
+            self.head_dim ** -0.5
+
+    def is_sliding(self, layer: int) -> bool:
+        """Whether ``layer`` attends through the sliding window."""
+        return self.sliding_window is not None and (
+            self.sliding_window_layers is None or layer in self.sliding_window_layers)
 
     @property
     def q_size(self) -> int:
@@ -85,9 +137,7 @@ class DecoderConfig:
 
     def window_left(self, layer: int) -> int:
         """Keys a token may look back on in ``layer`` (flash_attention's window_left), -1 = all."""
-        if self.sliding_window is None:
-            return -1
-        if self.sliding_window_layers is not None and layer not in self.sliding_window_layers:
+        if not self.is_sliding(layer):
             return -1
         # HF: key j is visible to query i when i - j < sliding_window.
         return self.sliding_window - 1
@@ -115,6 +165,9 @@ class DecoderConfig:
         text = hf.get("text_config")
         if isinstance(text, Mapping):  # nested configs are not decoder-only checkpoints
             raise UnsupportedModelError("multimodal configs (text_config) are not supported")
+        if hf.get("use_bidirectional_attention"):
+            raise UnsupportedModelError("use_bidirectional_attention (an embedding model) is "
+                                        "not supported: this decoder is causal")
 
         def need(key: str) -> Any:
             if key not in hf or hf[key] is None:
@@ -125,41 +178,13 @@ class DecoderConfig:
         heads = int(need("num_attention_heads"))
         kv_heads = int(hf.get("num_key_value_heads") or heads)
         head_dim = int(hf.get("head_dim") or hidden // heads)
-
-        # Rope: transformers 5 writes rope_parameters; 4.x and most hub checkpoints
-        # write rope_theta + rope_scaling.
-        params = hf.get("rope_parameters")
-        if isinstance(params, Mapping) and params:
-            rope_theta = float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
-            scaling = {k: v for k, v in params.items() if k != "rope_theta"}
-        else:
-            rope_theta = float(hf.get("rope_theta", 10000.0))
-            scaling = dict(hf.get("rope_scaling") or {})
-        kind = str(scaling.get("rope_type", scaling.get("type", "default"))) if scaling else \
-            "default"
-        if kind not in ("default", "linear", "llama3"):
-            raise UnsupportedModelError(f"rope_scaling type {kind!r} is not supported "
-                                        "(supported: default, linear, llama3)")
+        num_layers = int(need("num_hidden_layers"))
         if float(hf.get("partial_rotary_factor", 1.0)) != 1.0:
             raise UnsupportedModelError("partial_rotary_factor != 1 is not supported")
-        rope_scaling = None if kind == "default" else {**scaling, "rope_type": kind}
-
-        # Sliding window.
-        window = hf.get("sliding_window")
-        window_layers: list[int] | None = None
-        layer_types = hf.get("layer_types")
-        num_layers = int(need("num_hidden_layers"))
-        if family in ("qwen2", "qwen3") and not hf.get("use_sliding_window", False):
-            window = None
-        if window is not None:
-            if isinstance(layer_types, list) and layer_types:
-                window_layers = [i for i, t in enumerate(layer_types) if t == "sliding_attention"]
-            elif family in ("qwen2", "qwen3"):
-                start = int(hf.get("max_window_layers", num_layers))
-                window_layers = list(range(start, num_layers))
-            if window_layers is not None and not window_layers:
-                window = None
-                window_layers = None
+        rope_theta, rope_scaling, sliding_rope_theta = _rope_from_hf(hf, family)
+        window, window_layers = _sliding_window_from_hf(hf, family, num_layers)
+        if window is None or family != "gemma3":
+            sliding_rope_theta = None
 
         eos: list[int] = []
         for src in (generation_config or {}, hf):
@@ -172,6 +197,7 @@ class DecoderConfig:
             bos = generation_config.get("bos_token_id")
 
         attention_bias = bool(hf.get("attention_bias", False))
+        gemma = family in _GEMMA
         return cls(
             architecture=family,
             vocab_size=int(need("vocab_size")),
@@ -185,21 +211,108 @@ class DecoderConfig:
             rope_theta=rope_theta,
             rope_scaling=rope_scaling,
             rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            tie_word_embeddings=bool(hf.get("tie_word_embeddings", gemma)),
             eos_token_ids=eos,
             bos_token_id=None if bos is None else int(bos),
-            sliding_window=None if window is None else int(window),
+            sliding_window=window,
             sliding_window_layers=window_layers,
             qkv_bias=family == "qwen2" or attention_bias,
-            o_bias=family in ("llama", "mistral", "qwen3") and attention_bias,
+            o_bias=family not in ("qwen2",) and attention_bias,
             mlp_bias=bool(hf.get("mlp_bias", False)),
-            qk_norm=family == "qwen3",
-            hidden_act=str(hf.get("hidden_act", "silu")),
+            qk_norm=family in ("qwen3", "gemma3"),
+            hidden_act=_activation_from_hf(hf, family),
+            norm_weight_offset=1.0 if gemma else 0.0,
+            embed_scale=hidden ** 0.5 if gemma else 1.0,
+            sandwich_norm=family in ("gemma2", "gemma3"),
+            attention_scale=float(hf.get("query_pre_attn_scalar", 256)) ** -0.5
+            if family in ("gemma2", "gemma3") else None,
+            attn_logit_softcapping=_positive_or_none(hf.get("attn_logit_softcapping", 50.0))
+            if family == "gemma2" else None,
+            final_logit_softcapping=_positive_or_none(hf.get(
+                "final_logit_softcapping", 30.0 if family == "gemma2" else None)),
+            sliding_rope_theta=sliding_rope_theta,
             quantization_config=dict(hf["quantization_config"])
             if hf.get("quantization_config") else None,
             torch_dtype=hf.get("dtype") or hf.get("torch_dtype"),
             hf_architecture=archs[0] if archs else None,
         )
+
+
+def _positive_or_none(value: Any) -> float | None:
+    return None if value is None or float(value) <= 0 else float(value)
+
+
+def _rope_kind(scaling: Mapping[str, Any] | None) -> str:
+    kind = str(scaling.get("rope_type", scaling.get("type", "default"))) if scaling else \
+        "default"
+    if kind not in ("default", "linear", "llama3"):
+        raise UnsupportedModelError(f"rope_scaling type {kind!r} is not supported "
+                                    "(supported: default, linear, llama3)")
+    return kind
+
+
+def _rope_from_hf(hf: Mapping[str, Any], family: str
+                  ) -> tuple[float, dict[str, Any] | None, float | None]:
+    """(rope_theta, rope_scaling or None, the sliding layers' rope base or None).
+
+    transformers 5 writes ``rope_parameters`` (per layer type for Gemma 3:
+    {"full_attention": {...}, "sliding_attention": {...}}); 4.x and most hub checkpoints
+    write rope_theta + rope_scaling (+ Gemma 3's rope_local_base_freq)."""
+    params = hf.get("rope_parameters")
+    local_theta: float | None = None
+    if isinstance(params, Mapping) and isinstance(params.get("full_attention"), Mapping):
+        local = params.get("sliding_attention") or {}
+        if _rope_kind(local) != "default":
+            raise UnsupportedModelError("rope scaling on sliding-window layers is not "
+                                        "supported")
+        local_theta = float(local.get("rope_theta", 10000.0))
+        params = params["full_attention"]
+    elif family == "gemma3":
+        local_theta = float(hf.get("rope_local_base_freq", 10000.0))
+    default_theta = 1e6 if family == "gemma3" else 10000.0
+    if isinstance(params, Mapping) and params:
+        rope_theta = float(params.get("rope_theta", hf.get("rope_theta", default_theta)))
+        scaling = {k: v for k, v in params.items() if k != "rope_theta"}
+    else:
+        rope_theta = float(hf.get("rope_theta", default_theta))
+        scaling = dict(hf.get("rope_scaling") or {})
+    kind = _rope_kind(scaling)
+    return rope_theta, (None if kind == "default" else {**scaling, "rope_type": kind}), \
+        local_theta
+
+
+def _sliding_window_from_hf(hf: Mapping[str, Any], family: str, num_layers: int
+                            ) -> tuple[int | None, list[int] | None]:
+    """(sliding_window or None, the layers that use it or None = all layers)."""
+    window = hf.get("sliding_window")
+    if family in ("qwen2", "qwen3") and not hf.get("use_sliding_window", False):
+        window = None
+    if family == "gemma":
+        window = None
+    if window is None:
+        return None, None
+    layer_types = hf.get("layer_types")
+    window_layers: list[int] | None = None
+    if isinstance(layer_types, list) and layer_types:
+        window_layers = [i for i, t in enumerate(layer_types) if t == "sliding_attention"]
+    elif family in ("qwen2", "qwen3"):
+        start = int(hf.get("max_window_layers", num_layers))
+        window_layers = list(range(start, num_layers))
+    elif family in ("gemma2", "gemma3"):   # transformers' default layer patterns
+        pattern = 2 if family == "gemma2" else int(hf.get("sliding_window_pattern", 6))
+        window_layers = [i for i in range(num_layers) if (i + 1) % pattern]
+    if window_layers is not None and not window_layers:
+        return None, None
+    return int(window), window_layers
+
+
+def _activation_from_hf(hf: Mapping[str, Any], family: str) -> str:
+    """The MLP activation's HF name. Gemma 2/3 read ``hidden_activation``; Gemma 1's legacy
+    "gelu" means the tanh approximation (transformers maps it so)."""
+    if family in _GEMMA:
+        act = str(hf.get("hidden_activation") or hf.get("hidden_act") or "gelu_pytorch_tanh")
+        return "gelu_pytorch_tanh" if family == "gemma" and act == "gelu" else act
+    return str(hf.get("hidden_act", "silu"))
 
 
 # ----------------------------------------------------------------- built-in names
@@ -217,6 +330,16 @@ BUILTIN_CONFIGS: dict[str, dict[str, Any]] = {
                        head_dim=16, max_position_embeddings=2048, rope_theta=1e6,
                        rms_norm_eps=1e-6, tie_word_embeddings=True, eos_token_ids=[257],
                        bos_token_id=256, qk_norm=True),
+    # Gemma 3's layer: sliding layer 0 (window 8, rope base 1e4), global layer 1, q/k norms,
+    # sandwich norms, gelu-tanh MLP, (1 + w) norms, sqrt(hidden) embedding scale.
+    "tiny-gemma3": dict(architecture="gemma3", vocab_size=512, hidden_size=64,
+                        intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2,
+                        head_dim=16, max_position_embeddings=2048, rope_theta=1e6,
+                        rms_norm_eps=1e-6, tie_word_embeddings=True, eos_token_ids=[257],
+                        bos_token_id=256, sliding_window=8, sliding_window_layers=[0],
+                        qk_norm=True, hidden_act="gelu_pytorch_tanh", norm_weight_offset=1.0,
+                        embed_scale=8.0, sandwich_norm=True, attention_scale=16 ** -0.5,
+                        sliding_rope_theta=1e4),
     "qwen2.5-0.5b": dict(architecture="qwen2", vocab_size=151936, hidden_size=896,
                          intermediate_size=4864, num_layers=24, num_heads=14, num_kv_heads=2,
                          head_dim=64, max_position_embeddings=32768, rope_theta=1e6,
@@ -258,6 +381,26 @@ BUILTIN_CONFIGS: dict[str, dict[str, Any]] = {
                        head_dim=128, max_position_embeddings=32768, rope_theta=1e6,
                        rms_norm_eps=1e-5, tie_word_embeddings=False, eos_token_ids=[2],
                        bos_token_id=1),
+    # Gemma 3 1B: 5 sliding-window layers (512, local rope base 1e4) per global layer.
+    "gemma-3-1b": dict(architecture="gemma3", vocab_size=262144, hidden_size=1152,
+                       intermediate_size=6912, num_layers=26, num_heads=4, num_kv_heads=1,
+                       head_dim=256, max_position_embeddings=32768, rope_theta=1e6,
+                       rms_norm_eps=1e-6, tie_word_embeddings=True, eos_token_ids=[1, 106],
+                       bos_token_id=2, sliding_window=512,
+                       sliding_window_layers=[i for i in range(26) if (i + 1) % 6],
+                       qk_norm=True, hidden_act="gelu_pytorch_tanh", norm_weight_offset=1.0,
+                       embed_scale=1152 ** 0.5, sandwich_norm=True, attention_scale=256 ** -0.5,
+                       sliding_rope_theta=1e4),
+    # Gemma 2 2B: sliding window 4096 on every other layer, score and logit softcaps.
+    "gemma-2-2b": dict(architecture="gemma2", vocab_size=256000, hidden_size=2304,
+                       intermediate_size=9216, num_layers=26, num_heads=8, num_kv_heads=4,
+                       head_dim=256, max_position_embeddings=8192, rope_theta=10000.0,
+                       rms_norm_eps=1e-6, tie_word_embeddings=True, eos_token_ids=[1, 107],
+                       bos_token_id=2, sliding_window=4096,
+                       sliding_window_layers=list(range(0, 26, 2)),
+                       hidden_act="gelu_pytorch_tanh", norm_weight_offset=1.0,
+                       embed_scale=2304 ** 0.5, sandwich_norm=True, attention_scale=256 ** -0.5,
+                       attn_logit_softcapping=50.0, final_logit_softcapping=30.0),
 }
 # The tiny configs use the byte tokenizer (ids 0..255 bytes, 256 <bos>, 257 <eos>, ...);
 # the others use their real vocab sizes, and dummy generations decode only byte ids.

@@ -1,15 +1,22 @@
-"""The decoder: one implementation for Llama 2/3/3.x, Mistral, Qwen2/2.5 and Qwen3.
+"""The decoder: one implementation for Llama 2/3/3.x, Mistral, Qwen2/2.5, Qwen3 and
+Gemma 1/2/3 (text).
 
-    h = embed(ids)
+    h = embed(ids) (* embed_scale)       # Gemma: sqrt(hidden), in the model dtype
     for each layer:                      # pre-norm, residual fused into rms_norm
         x, res = rms_norm(h, res)        # first layer: res = h
         qkv = x @ Wqkv.T (+ b)           # fused q/k/v
-        q, k = [rms_norm per head]       # Qwen3 only
-        q, k = rotary(q, k, positions)
-        o = attention(q, k, v, meta, kv_cache) @ Wo.T
+        q, k = [rms_norm per head]       # Qwen3, Gemma 3
+        q, k = rotary(q, k, positions)   # Gemma 3: sliding layers have their own base
+        o = attention(q, k, v, meta, kv_cache) @ Wo.T     # scale / window / softcap per layer
+        [o = rms_norm(o)]                # sandwich norm (Gemma 2/3)
         x, res = rms_norm(o, res)
-        h = silu_and_mul(x @ Wgate_up.T) @ Wdown.T
-    logits = rms_norm(h, res)[logits_indices] @ Wlm.T     (fp32)
+        h = act_and_mul(x @ Wgate_up.T) @ Wdown.T         # silu, or gelu (tanh) for Gemma
+        [h = rms_norm(h)]                # sandwich norm (Gemma 2/3)
+    logits = rms_norm(h, res)[logits_indices] @ Wlm.T     (fp32; Gemma 2: softcapped)
+
+Gemma's norms scale by (1 + weight) (``norm_weight_offset``); with sandwich norms the
+layer's post_attention_layernorm normalizes the attention output, and
+pre_feedforward_layernorm / post_feedforward_layernorm wrap the MLP.
 
 Forward contract: :class:`minikernels.models.AttentionMetadata`.
 """
@@ -45,12 +52,16 @@ class Attention(nn.Module):
                                   device=device, dense=dense)
         self.q_norm = self.k_norm = None
         if c.qk_norm:
-            self.q_norm = RMSNorm(c.head_dim, c.rms_norm_eps, dtype=dtype, device=device)
-            self.k_norm = RMSNorm(c.head_dim, c.rms_norm_eps, dtype=dtype, device=device)
+            self.q_norm = RMSNorm(c.head_dim, c.rms_norm_eps, dtype=dtype, device=device,
+                                  weight_offset=c.norm_weight_offset)
+            self.k_norm = RMSNorm(c.head_dim, c.rms_norm_eps, dtype=dtype, device=device,
+                                  weight_offset=c.norm_weight_offset)
         # Shared across layers; a plain attribute (not a submodule) so it is stored once.
         self.__dict__["rotary"] = rotary
         self.attn = PagedAttention(self.num_heads, self.num_kv_heads, c.head_dim,
-                                   window_left=c.window_left(layer))
+                                   softmax_scale=c.softmax_scale,
+                                   window_left=c.window_left(layer),
+                                   softcap=c.attn_logit_softcapping or 0.0)
 
     def forward(self, x: Tensor, meta: AttentionMetadata, kv_cache: KVCache | None) -> Tensor:
         t = x.shape[0]
@@ -81,9 +92,15 @@ class MLP(nn.Module):
                                         dense=dense)
         self.down_proj = FusedLinear(inter, c.hidden_size, bias=c.mlp_bias,
                                      dtype=dtype, device=device, dense=dense)
+        self.activation = c.activation
 
     def forward(self, x: Tensor) -> Tensor:
-        y = self.down_proj(ops.silu_and_mul(self.gate_up_proj(x)))
+        gate_up = self.gate_up_proj(x)
+        if self.activation == "silu":
+            h = ops.silu_and_mul(gate_up)
+        else:
+            h = ops.gelu_and_mul(gate_up, "tanh" if self.activation == "gelu_tanh" else "none")
+        y = self.down_proj(h)
         return y if self.tp is None else self.tp.all_reduce(y)   # row-parallel down_proj
 
 
@@ -92,11 +109,19 @@ class DecoderLayer(nn.Module):
                  dtype: torch.dtype, device: torch.device | str | None, dense: bool,
                  tp: TensorParallel | None = None) -> None:
         super().__init__()
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype,
-                                       device=device)
+        c = config
+
+        def norm() -> RMSNorm:
+            return RMSNorm(c.hidden_size, c.rms_norm_eps, dtype=dtype, device=device,
+                           weight_offset=c.norm_weight_offset)
+
+        self.input_layernorm = norm()
         self.self_attn = Attention(config, layer, rotary, dtype, device, dense, tp)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps,
-                                                dtype=dtype, device=device)
+        self.post_attention_layernorm = norm()
+        self.pre_feedforward_layernorm = self.post_feedforward_layernorm = None
+        if c.sandwich_norm:
+            self.pre_feedforward_layernorm = norm()
+            self.post_feedforward_layernorm = norm()
         self.mlp = MLP(config, dtype, device, dense, tp)
 
     def forward(self, h: Tensor, residual: Tensor | None, meta: AttentionMetadata,
@@ -107,8 +132,13 @@ class DecoderLayer(nn.Module):
         else:
             x, residual = self.input_layernorm(h, residual)
         x = self.self_attn(x, meta, kv_cache)
-        x, residual = self.post_attention_layernorm(x, residual)
-        return self.mlp(x), residual
+        if self.pre_feedforward_layernorm is None:
+            x, residual = self.post_attention_layernorm(x, residual)
+            return self.mlp(x), residual
+        # Sandwich: normalize the attention output, add it to the residual stream,
+        # normalize again for the MLP, and normalize the MLP's output.
+        x, residual = self.pre_feedforward_layernorm(self.post_attention_layernorm(x), residual)
+        return self.post_feedforward_layernorm(self.mlp(x)), residual
 
 
 class CausalLM(nn.Module):
@@ -142,6 +172,10 @@ class CausalLM(nn.Module):
         self.num_local_kv_heads = attention_shard(c, tp).nkv
         self.rotary = RotaryEmbedding(c.head_dim, c.max_position_embeddings, c.rope_theta,
                                       c.rope_scaling, device=device)
+        # Gemma 3's sliding-window layers rotate with their own base (no scaling).
+        self.sliding_rotary = self.rotary if c.sliding_rope_theta is None else \
+            RotaryEmbedding(c.head_dim, c.max_position_embeddings, c.sliding_rope_theta,
+                            None, device=device)
         if tp is None:
             self.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size, dtype=dtype,
                                              device=device)
@@ -149,9 +183,12 @@ class CausalLM(nn.Module):
             self.embed_tokens = VocabParallelEmbedding(c.vocab_size, c.hidden_size, tp, dtype,
                                                        device)
         self.embed_tokens.weight.requires_grad_(False)
-        self.layers = nn.ModuleList(DecoderLayer(c, i, self.rotary, dtype, device, dense, tp)
-                                    for i in range(c.num_layers))
-        self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps, dtype=dtype, device=device)
+        self.layers = nn.ModuleList(
+            DecoderLayer(c, i, self.sliding_rotary if c.is_sliding(i) else self.rotary, dtype,
+                         device, dense, tp)
+            for i in range(c.num_layers))
+        self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps, dtype=dtype, device=device,
+                            weight_offset=c.norm_weight_offset)
         # lm_head stays dense unless quantized explicitly (lm_head opt-in).
         vocab = c.vocab_size if tp is None else tp.vocab_range(c.vocab_size)[2]
         self.lm_head = FusedLinear(c.hidden_size, vocab, dtype=dtype, device=device,
@@ -159,6 +196,8 @@ class CausalLM(nn.Module):
         if c.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self._dtype = dtype
+        # Gemma's sqrt(hidden), rounded to the model dtype first, as transformers does.
+        self._embed_scale = float(torch.tensor(c.embed_scale, dtype=dtype))
 
     # --------------------------------------------------------------- properties
     @property
@@ -182,6 +221,8 @@ class CausalLM(nn.Module):
             raise ValueError(f"kv_caches must hold one (k, v) pair per layer "
                              f"({len(self.layers)}), got {len(kv_caches)}")
         h = self.embed_tokens(input_ids)
+        if self._embed_scale != 1.0:
+            h = h * self._embed_scale
         residual: Tensor | None = None
         for i, layer in enumerate(self.layers):
             h, residual = layer(h, residual, meta, None if kv_caches is None else kv_caches[i])
@@ -191,8 +232,12 @@ class CausalLM(nn.Module):
                 if residual is not None else None
         h = self.norm(h) if residual is None else self.norm(h, residual)[0]
         if self.tp is not None:   # vocab-parallel lm_head: gather the logits once
-            return self.tp.all_gather_last(self.lm_head(h))[..., :self.config.vocab_size].float()
-        return self.lm_head(h).float()
+            logits = self.tp.all_gather_last(self.lm_head(h))[..., :self.config.vocab_size]
+        else:
+            logits = self.lm_head(h)
+        logits = logits.float()
+        cap = self.config.final_logit_softcapping
+        return logits if cap is None else torch.tanh(logits / cap).mul_(cap)
 
     # ----------------------------------------------------------------- KV cache
     def kv_cache_shape(self, num_blocks: int, block_size: int) -> tuple[int, int, int, int]:

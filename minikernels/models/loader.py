@@ -34,7 +34,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from .config import DecoderConfig, UnsupportedModelError, builtin_config, list_models
 from .decoder import CausalLM
@@ -90,7 +90,8 @@ def no_cuda_message(device: str = "cuda") -> str:
 
 # --------------------------------------------------------------------- name mapping
 _LAYER_RE = re.compile(r"^layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.(\w+)$")
-_NORM_RE = re.compile(r"^layers\.(\d+)\.(input_layernorm|post_attention_layernorm)\.weight$")
+_NORM_RE = re.compile(r"^layers\.(\d+)\.(input_layernorm|post_attention_layernorm|"
+                      r"pre_feedforward_layernorm|post_feedforward_layernorm)\.weight$")
 _SHARDS = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
            "o_proj": ("o_proj", 0), "gate_proj": ("gate_up_proj", 0),
            "up_proj": ("gate_up_proj", 1), "down_proj": ("down_proj", 0)}
@@ -472,7 +473,8 @@ def _import_int4(model: CausalLM, modules: dict[str, Any],
 
 def _init_dummy(model: CausalLM, seed: int, group_size: int | None = None,
                 symmetric: bool = False) -> None:
-    """Deterministic random weights (by seed, per device): N(0, 0.02) matrices, unit norms.
+    """Deterministic random weights (by seed, per device): N(0, 0.02) matrices, unit norms
+    (a Gemma norm's stored weight 0: its scale is 1 + weight).
 
     A linear built without a dense weight (RTN int4 on load; ``group_size`` given) draws its
     dense weight into a temporary, quantizes it and drops it, one layer at a time. The
@@ -499,7 +501,7 @@ def _init_dummy(model: CausalLM, seed: int, group_size: int | None = None,
                 if p_name.endswith("bias"):
                     p.normal_(0.0, 0.02, generator=gen)
                 elif p.dim() == 1:
-                    p.fill_(1.0)
+                    p.fill_(1.0 - getattr(mod, "weight_offset", 0.0))
                 else:
                     p.normal_(0.0, 0.02, generator=gen)
 
@@ -524,9 +526,11 @@ def _init_dummy_tp(model: CausalLM, tp: TensorParallel, seed: int,
     gen.manual_seed(seed)
     seen: set[int] = set()
 
-    def draw(shape: torch.Size, ones: bool, bias: bool) -> Tensor:
+    def draw(shape: torch.Size, norm: nn.Module | None, bias: bool) -> Tensor:
         t = torch.empty(shape, dtype=dtype, device=dev)
-        return t.fill_(1.0) if ones and not bias else t.normal_(0.0, 0.02, generator=gen)
+        if norm is not None and not bias:   # unit scale (Gemma: stored 0, scale 1 + w)
+            return t.fill_(1.0 - getattr(norm, "weight_offset", 0.0))
+        return t.normal_(0.0, 0.02, generator=gen)
 
     def rtn_group(name: str, mod: FusedLinear, full: FusedLinear) -> int:
         if name.endswith(("o_proj", "down_proj")):
@@ -538,7 +542,7 @@ def _init_dummy_tp(model: CausalLM, tp: TensorParallel, seed: int,
         for name, full in ref.named_modules():
             mod = modules[name]
             if isinstance(full, FusedLinear) and full.weight is None and not full.is_ready:
-                w = draw(torch.Size((full.out_features, full.in_features)), False, False)
+                w = draw(torch.Size((full.out_features, full.in_features)), None, False)
                 g = rtn_group(name, mod, full)
                 for s, part in enumerate(torch.split(w, full.output_sizes)):
                     mod.quantize_shard_(s, shard_tensor(config, tp, name, s, "weight", part), g)
@@ -547,7 +551,7 @@ def _init_dummy_tp(model: CausalLM, tp: TensorParallel, seed: int,
                 if id(p) in seen:
                     continue
                 seen.add(id(p))
-                t = draw(p.shape, p.dim() == 1, p_name.endswith("bias"))
+                t = draw(p.shape, full if p.dim() == 1 else None, p_name.endswith("bias"))
                 if isinstance(full, FusedLinear):
                     for s, part in enumerate(torch.split(t, full.output_sizes)):
                         mod.load_shard(s, p_name, shard_tensor(config, tp, name, s, p_name,

@@ -16,24 +16,30 @@ from .. import ops
 
 
 class RMSNorm(nn.Module):
-    """y = x / rms(x) * weight over the last dim, optionally fused with a residual add.
+    """y = x / rms(x) * (weight + weight_offset) over the last dim, optionally fused with a
+    residual add. ``weight_offset`` 0 is Llama's RMSNorm, 1 Gemma's (weights stored
+    around 0); a new module's scale is 1 either way.
 
     forward(x) -> y; forward(x, residual) -> (rms_norm(x + residual), x + residual),
     the sum rounded to x.dtype (it is the next residual). x [..., H]; weight [H].
     """
 
     def __init__(self, hidden_size: int, eps: float = 1e-6, dtype: torch.dtype | None = None,
-                 device: torch.device | str | None = None) -> None:
+                 device: torch.device | str | None = None, weight_offset: float = 0.0) -> None:
         super().__init__()
         self.eps = float(eps)
-        self.weight = nn.Parameter(torch.ones(hidden_size, dtype=dtype, device=device))
+        self.weight_offset = float(weight_offset)
+        self.weight = nn.Parameter(torch.full((hidden_size,), 1.0 - self.weight_offset,
+                                              dtype=dtype, device=device))
 
     def forward(self, x: Tensor, residual: Tensor | None = None
                 ) -> Tensor | tuple[Tensor, Tensor]:
-        return ops.rms_norm(x, self.weight, self.eps, residual=residual)
+        return ops.rms_norm(x, self.weight, self.eps, residual=residual,
+                            weight_offset=self.weight_offset)
 
     def extra_repr(self) -> str:
-        return f"{self.weight.shape[0]}, eps={self.eps}"
+        offset = f", weight_offset={self.weight_offset}" if self.weight_offset else ""
+        return f"{self.weight.shape[0]}, eps={self.eps}{offset}"
 
 
 class RotaryEmbedding(nn.Module):
