@@ -91,7 +91,7 @@ def test_unsupported_gemma_configs_are_refused_by_name():
                                   "rope_theta": 1e4}}})
     with pytest.raises(UnsupportedModelError, match="hidden_act 'relu'"):
         DecoderConfig.from_hf({**GEMMA_2_2B_IT, "hidden_activation": "relu"})
-    with pytest.raises(UnsupportedModelError, match="text_config"):
+    with pytest.raises(UnsupportedModelError, match="multimodal architecture"):
         DecoderConfig.from_hf({"architectures": ["Gemma3ForCausalLM"],
                                "text_config": GEMMA_3_1B_IT})
     with pytest.raises(ValueError, match="attention_scale"):
@@ -182,3 +182,89 @@ def test_exact_gelu_mlp_matches_transformers(tmp_path):
     seq = random_tokens(11, hf.config.vocab_size, 3)
     got = model(torch.tensor(seq), AttentionMetadata.for_prompts([11]), None)
     assert rel_err(got, hf_logits(hf, seq)) <= 1e-4
+
+
+# gemma-3-4b-it's config.json as published (vision_config shortened): the text_config
+# lists only what differs from transformers' Gemma3TextConfig defaults.
+GEMMA_3_4B_IT = {
+    "architectures": ["Gemma3ForConditionalGeneration"], "boi_token_index": 255999,
+    "eoi_token_index": 256000, "eos_token_id": [1, 106], "image_token_index": 262144,
+    "initializer_range": 0.02, "mm_tokens_per_image": 256, "model_type": "gemma3",
+    "text_config": {"hidden_size": 2560, "intermediate_size": 10240,
+                    "model_type": "gemma3_text", "num_hidden_layers": 34,
+                    "rope_scaling": {"factor": 8.0, "rope_type": "linear"},
+                    "sliding_window": 1024},
+    "torch_dtype": "bfloat16", "transformers_version": "4.50.0.dev0",
+    "vision_config": {"hidden_size": 1152, "image_size": 896, "model_type": "siglip_vision_model",
+                      "num_hidden_layers": 27, "patch_size": 14}}
+
+
+def test_multimodal_gemma3_config_gives_its_text_decoder():
+    c = DecoderConfig.from_hf(GEMMA_3_4B_IT)
+    assert (c.architecture, c.hf_architecture) == ("gemma3", "Gemma3ForConditionalGeneration")
+    assert (c.vocab_size, c.hidden_size, c.intermediate_size, c.num_layers) == \
+        (262208, 2560, 10240, 34)
+    assert (c.num_heads, c.num_kv_heads, c.head_dim) == (8, 4, 256)
+    assert c.eos_token_ids == [1, 106] and c.bos_token_id == 2 and c.tie_word_embeddings
+    assert c.rope_theta == 1e6 and c.rope_scaling == {"factor": 8.0, "rope_type": "linear"}
+    assert c.sliding_rope_theta == 1e4 and c.window_left(0) == 1023 and c.window_left(5) == -1
+    assert c.torch_dtype == "bfloat16" and c.softmax_scale == 256 ** -0.5
+    with pytest.raises(UnsupportedModelError, match="LlavaForConditionalGeneration"):
+        DecoderConfig.from_hf({"architectures": ["LlavaForConditionalGeneration"],
+                               "text_config": {"model_type": "llama"}})
+
+
+@pytest.fixture(scope="module")
+def multimodal_gemma3(tmp_path_factory):
+    """A tiny Gemma3ForConditionalGeneration (SigLIP tower + projector + Gemma 3 text
+    decoder) saved with save_pretrained."""
+    import transformers
+    from test_model_support import BASE, CASES
+
+    _, text = CASES["gemma3"]
+    text_config = {**{k: v for k, v in BASE.items() if k not in ("bos_token_id",
+                                                                 "eos_token_id")}, **text}
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                  num_attention_heads=2, image_size=28, patch_size=14)
+    cfg = transformers.Gemma3Config(text_config=text_config, vision_config=vision,
+                                    mm_tokens_per_image=4, boi_token_index=297,
+                                    eoi_token_index=298, image_token_index=299)
+    cfg._attn_implementation = "eager"
+    cfg.text_config._attn_implementation = "eager"
+    torch.manual_seed(0)
+    hf = transformers.Gemma3ForConditionalGeneration(cfg).float().eval()
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if "language_model" in name:
+                scale = 0.5 if "norm" in name else 0.08
+                p.copy_(torch.randn(p.shape, generator=g) * scale)
+    path = str(tmp_path_factory.mktemp("gemma3mm"))
+    hf.save_pretrained(path)
+    return hf, path
+
+
+def test_multimodal_gemma3_text_logits_match_transformers(multimodal_gemma3, caplog):
+    """Text-only prompts through the text decoder of a multimodal checkpoint give
+    transformers' Gemma3ForConditionalGeneration logits; the vision tensors are skipped
+    (not read, not reported as unexpected)."""
+    import logging
+
+    hf, path = multimodal_gemma3
+    with caplog.at_level(logging.INFO, logger="minikernels"):
+        model = load_model(path, dtype="float32", device="cpu")
+    assert "vision tensors not loaded" in caplog.text and "unexpected" not in caplog.text
+    assert model.config.hf_architecture == "Gemma3ForConditionalGeneration"
+    seqs = [random_tokens(n, 297, 60 + n) for n in (13, 8)]
+    ids = torch.tensor([t for s in seqs for t in s])
+    got = model(ids, AttentionMetadata.for_prompts([len(s) for s in seqs]), None)
+    with torch.no_grad():
+        ref = torch.cat([hf(input_ids=torch.tensor([s])).logits[0].float() for s in seqs])
+    assert rel_err(got, ref) <= 1e-4
+    llm = LLM(path, dtype="float32", device="cpu", tokenizer=None, num_kv_blocks=32,
+              block_size=8)
+    out = llm.generate([seqs[0]], SamplingParams(temperature=0, max_tokens=6,
+                                                 ignore_eos=True), use_tqdm=False)
+    ref_ids = hf.generate(torch.tensor([seqs[0]]), max_new_tokens=6, do_sample=False,
+                          eos_token_id=None, pad_token_id=0)[0, len(seqs[0]):].tolist()
+    assert out[0].outputs[0].token_ids == ref_ids

@@ -36,6 +36,22 @@ SUPPORTED_ARCHITECTURES = {
 _MODEL_TYPES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3",
                 "gemma": "gemma", "gemma2": "gemma2", "gemma3_text": "gemma3"}
 _GEMMA = ("gemma", "gemma2", "gemma3")
+#: Multimodal architectures whose text decoder is served (text-only prompts): the
+#: checkpoint's ``text_config`` and ``language_model`` tensors; the image encoder is not
+#: loaded.
+TEXT_ONLY_WRAPPERS = {"Gemma3ForConditionalGeneration": "gemma3"}
+# transformers' Gemma3TextConfig defaults: a hub config's text_config lists only the
+# fields that differ (gemma-3-4b-it: hidden_size, intermediate_size, layers, rope_scaling,
+# sliding_window).
+_TEXT_DEFAULTS: dict[str, dict[str, Any]] = {"gemma3": dict(
+    vocab_size=262208, hidden_size=2304, intermediate_size=9216, num_hidden_layers=26,
+    num_attention_heads=8, num_key_value_heads=4, head_dim=256,
+    hidden_activation="gelu_pytorch_tanh", max_position_embeddings=131072, rms_norm_eps=1e-6,
+    bos_token_id=2, eos_token_id=1, tie_word_embeddings=True, query_pre_attn_scalar=256,
+    sliding_window=4096, rope_theta=1e6, rope_local_base_freq=1e4)}
+# Top-level fields of a multimodal config that hold for its text decoder.
+_CARRIED = ("eos_token_id", "bos_token_id", "tie_word_embeddings", "quantization_config",
+            "dtype", "torch_dtype")
 #: hidden_act -> the gated MLP's activation op (``ops.silu_and_mul`` / ``gelu_and_mul``)
 GATED_ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu": "gelu",
                      "gelu_pytorch_tanh": "gelu_tanh", "gelu_tanh": "gelu_tanh"}
@@ -152,19 +168,28 @@ class DecoderConfig:
         """Build from a HF config.json dict (transformers 4.x or 5.x spelling)."""
         archs = list(hf.get("architectures") or [])
         family = None
+        text = hf.get("text_config")
+        if isinstance(text, Mapping):
+            # A multimodal checkpoint: serve its text decoder when it is one of ours.
+            wrapper = next((a for a in archs if a in TEXT_ONLY_WRAPPERS), None)
+            if wrapper is None and not archs and hf.get("model_type") == "gemma3":
+                wrapper = "Gemma3ForConditionalGeneration"
+            if wrapper is None:
+                raise UnsupportedModelError(
+                    f"multimodal architecture {archs or hf.get('model_type')!r} is not "
+                    f"supported (text-only serving of {sorted(TEXT_ONLY_WRAPPERS)})")
+            family = TEXT_ONLY_WRAPPERS[wrapper]
+            hf = _text_config(hf, text, family)
+            archs = [wrapper]
         for a in archs:
-            if a in SUPPORTED_ARCHITECTURES:
+            if family is None and a in SUPPORTED_ARCHITECTURES:
                 family = SUPPORTED_ARCHITECTURES[a]
-                break
         if family is None and not archs:
             family = _MODEL_TYPES.get(str(hf.get("model_type", "")))
         if family is None:
             raise UnsupportedModelError(
                 f"unsupported architecture {archs or hf.get('model_type')!r}; supported: "
                 f"{sorted(SUPPORTED_ARCHITECTURES)}")
-        text = hf.get("text_config")
-        if isinstance(text, Mapping):  # nested configs are not decoder-only checkpoints
-            raise UnsupportedModelError("multimodal configs (text_config) are not supported")
         if hf.get("use_bidirectional_attention"):
             raise UnsupportedModelError("use_bidirectional_attention (an embedding model) is "
                                         "not supported: this decoder is causal")
@@ -236,6 +261,15 @@ class DecoderConfig:
             torch_dtype=hf.get("dtype") or hf.get("torch_dtype"),
             hf_architecture=archs[0] if archs else None,
         )
+
+
+def _text_config(hf: Mapping[str, Any], text: Mapping[str, Any], family: str
+                 ) -> dict[str, Any]:
+    """A multimodal config's text decoder: transformers' defaults for that text config,
+    then the top-level fields that apply to the text decoder, then ``text_config``."""
+    carried = {k: hf[k] for k in _CARRIED if hf.get(k) is not None}
+    return {**_TEXT_DEFAULTS.get(family, {}), **carried,
+            **{k: v for k, v in text.items() if v is not None or k not in carried}}
 
 
 def _positive_or_none(value: Any) -> float | None:

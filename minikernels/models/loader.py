@@ -101,12 +101,30 @@ _KV_SCALE_RE = re.compile(r"^layers\.(\d+)\.self_attn\.(k_scale|v_scale)$")
 _IGNORED = re.compile(r"(rotary_emb\.inv_freq|\.bias_correction|\.wf_?\w*)$")
 
 
+#: A multimodal checkpoint's text decoder (Gemma 3 4B+): transformers' two spellings.
+_TEXT_PREFIXES = (("language_model.model.", "model."), ("model.language_model.", "model."),
+                  ("language_model.lm_head.", "lm_head."))
+#: Its image encoder and projector: not read (the decoder serves text only).
+_NON_TEXT = re.compile(r"^(model\.)?(vision_tower|vision_model|multi_modal_projector)\.")
+
+
+def is_non_text_tensor(name: str) -> bool:
+    """A multimodal checkpoint's vision tower / projector tensor (skipped unread)."""
+    return _NON_TEXT.match(name) is not None
+
+
 def map_name(name: str) -> tuple[str, int | None, str] | None:
     """HF tensor name -> (our module path, part index or None, tensor kind); None = unknown.
 
     kind: 'weight' | 'bias' (dense), 'qweight' | 'qzeros' | 'scales' | 'g_idx' (int4), or
-    'k_scale' | 'v_scale' (fp8 KV-cache scales of layer N's attention).
+    'k_scale' | 'v_scale' (fp8 KV-cache scales of layer N's attention). A multimodal
+    checkpoint's ``language_model.model.*`` / ``model.language_model.*`` names map as
+    ``model.*``.
     """
+    for prefix, plain in _TEXT_PREFIXES:
+        if name.startswith(prefix):
+            name = plain + name[len(prefix):]
+            break
     n = name[len("model."):] if name.startswith("model.") else name
     if n in ("embed_tokens.weight", "norm.weight"):
         return n.rsplit(".", 1)[0], None, "weight"
@@ -179,12 +197,16 @@ def checkpoint_files(model_dir: str, allow_pickle: bool = False) -> list[str]:
 
 
 def _iter_file(path: str, lazy: bool = False) -> Iterator[tuple[str, Any]]:
-    """(name, tensor) of a weight file; lazy: safetensors slices (read on indexing)."""
+    """(name, tensor) of a weight file; lazy: safetensors slices (read on indexing).
+    A multimodal checkpoint's vision tensors come as (name, None), unread."""
     if path.endswith(".safetensors"):
         from safetensors import safe_open
 
         with safe_open(path, framework="pt") as f:
             for key in f.keys():
+                if is_non_text_tensor(key):
+                    yield key, None
+                    continue
                 yield key, (f.get_slice(key) if lazy else f.get_tensor(key))
     else:
         # weights_only: tensors and plain containers only, no arbitrary objects.
@@ -321,6 +343,7 @@ def _load_hf(model_dir: str, dtype: str | torch.dtype, device: torch.device,
     pending_q: dict[tuple[str, int], dict[str, Tensor]] = {}
     seen: set[tuple[str, int | None, str]] = set()
     unexpected: list[str] = []
+    non_text = 0
     total = _count_tensors(files)
     from tqdm.auto import tqdm
 
@@ -330,6 +353,9 @@ def _load_hf(model_dir: str, dtype: str | torch.dtype, device: torch.device,
         for path in files:
             for hf_name, tensor in _iter_file(path, lazy=tp is not None):
                 bar.update(1)
+                if tensor is None or is_non_text_tensor(hf_name):
+                    non_text += 1
+                    continue
                 target = map_name(hf_name)
                 if target is None:
                     if not _IGNORED.search(hf_name):
@@ -423,6 +449,10 @@ def _load_hf(model_dir: str, dtype: str | torch.dtype, device: torch.device,
     if unexpected:
         logger.warning("minikernels: ignored %d unexpected tensors in %s: %s",
                        len(unexpected), model_dir, unexpected[:5])
+    if non_text:
+        logger.info("minikernels: %s: serving the text decoder of %s; %d vision tensors "
+                    "not loaded (text-only prompts)", model_dir, config.hf_architecture,
+                    non_text)
 
     if pending_q:
         _import_int4(model, modules, pending_q, ckpt_quant, torch_dtype)
