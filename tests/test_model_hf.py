@@ -1,4 +1,4 @@
-"""The decoder against transformers: tiny random Llama / Qwen2 / Qwen3 / Mistral / Gemma models
+"""The decoder against transformers: tiny random Llama / Qwen2 / Qwen3 / Mistral / Gemma / Granite models
 saved with save_pretrained, loaded with minikernels.models.load_model (fp32, CPU reference
 ops), must give transformers' logits (relative error <= 1e-4) on varlen batches through
 every path of the forward contract, and the same greedy continuation."""
@@ -64,7 +64,7 @@ def test_paged_prefill_decode_and_chunked_prefill(hf_dirs, kind):
 
 
 @pytest.mark.parametrize("kind", ["llama3-rope-tied", "qwen2-tied", "qwen3", "mistral-window",
-                                  "gemma2-window-softcap", "gemma3"])
+                                  "gemma2-window-softcap", "gemma3", "granite"])
 def test_greedy_generation_matches_transformers(hf_dirs, kind):
     hf, path = hf_dirs[kind]
     model = load_model(path, dtype="float32", device="cpu")

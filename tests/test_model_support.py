@@ -49,6 +49,10 @@ CASES: dict[str, tuple[str, dict[str, Any]]] = {
         rope_parameters={"full_attention": {"rope_type": "linear", "factor": 2.0,
                                             "rope_theta": 1e6},
                          "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}})),
+    # Granite: embedding / residual / attention multipliers, logits scaling, biases.
+    "granite": ("Granite", dict(embedding_multiplier=3.0, residual_multiplier=0.3,
+                                attention_multiplier=0.1, logits_scaling=2.5,
+                                attention_bias=True, tie_word_embeddings=True)),
 }
 # transformers config classes not named {family}Config
 _CONFIG_CLASSES = {"Gemma3": "Gemma3TextConfig"}

@@ -1,7 +1,8 @@
 """DecoderConfig: the one config the decoder reads, from a HF config.json or a built-in name.
 
-Covers the Llama family (Llama 2/3/3.1/3.2, Mistral), Qwen2/2.5/Qwen3 and Gemma 1/2/3
-(text): pre-norm decoder, GQA attention with neox rotary, gated MLP. Differences are flags:
+Covers the Llama family (Llama 2/3/3.1/3.2, Mistral, Granite 3.x), Qwen2/2.5/Qwen3 and
+Gemma 1/2/3 (text): pre-norm decoder, GQA attention with neox rotary, gated MLP.
+Differences are flags:
 
     qkv_bias        Qwen2 (q/k/v biases); Llama's ``attention_bias`` also sets o_bias
     qk_norm         Qwen3, Gemma 3 (RMSNorm over each q/k head before rotary)
@@ -15,6 +16,9 @@ Covers the Llama family (Llama 2/3/3.1/3.2, Mistral), Qwen2/2.5/Qwen3 and Gemma 
                     too), attention_scale (query_pre_attn_scalar ** -0.5),
                     attn_logit_softcapping / final_logit_softcapping (Gemma 2),
                     sliding_rope_theta (Gemma 3's local layers: their own rope base)
+    Granite         embedding_multiplier, residual_multiplier (on each sublayer's output
+                    before the residual add), attention_scale (attention_multiplier),
+                    logits_scaling (logits divided by it)
 """
 from __future__ import annotations
 
@@ -32,9 +36,11 @@ SUPPORTED_ARCHITECTURES = {
     "GemmaForCausalLM": "gemma",
     "Gemma2ForCausalLM": "gemma2",
     "Gemma3ForCausalLM": "gemma3",
+    "GraniteForCausalLM": "granite",
 }
 _MODEL_TYPES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3",
-                "gemma": "gemma", "gemma2": "gemma2", "gemma3_text": "gemma3"}
+                "gemma": "gemma", "gemma2": "gemma2", "gemma3_text": "gemma3",
+                "granite": "granite"}
 _GEMMA = ("gemma", "gemma2", "gemma3")
 #: Multimodal architectures whose text decoder is served (text-only prompts): the
 #: checkpoint's ``text_config`` and ``language_model`` tensors; the image encoder is not
@@ -65,7 +71,7 @@ class UnsupportedModelError(ValueError):
 class DecoderConfig:
     """Shape and flavour of a decoder (fields follow HF names where one exists)."""
 
-    # "llama" | "mistral" | "qwen2" | "qwen3" | "gemma" | "gemma2" | "gemma3"
+    # "llama" | "mistral" | "qwen2" | "qwen3" | "gemma" | "gemma2" | "gemma3" | "granite"
     architecture: str
     vocab_size: int
     hidden_size: int
@@ -104,6 +110,12 @@ class DecoderConfig:
     # Rope base of the sliding-window layers (Gemma 3's local layers, default rope, no
     # scaling); None = every layer uses rope_theta / rope_scaling.
     sliding_rope_theta: float | None = None
+    # Granite: embeddings times embedding_multiplier (a number, as transformers applies
+    # it), attention / MLP outputs times residual_multiplier before each residual add,
+    # logits divided by logits_scaling.
+    embedding_multiplier: float = 1.0
+    residual_multiplier: float = 1.0
+    logits_scaling: float = 1.0
     # HF quantization_config (GPTQ/AWQ checkpoints), None for dense checkpoints.
     quantization_config: dict[str, Any] | None = None
     torch_dtype: str | None = None         # the checkpoint's stored dtype, informational
@@ -122,7 +134,8 @@ class DecoderConfig:
             raise UnsupportedModelError(f"hidden_act {self.hidden_act!r} is not supported "
                                         f"(gated MLPs with {sorted(GATED_ACTIVATIONS)})")
         for name in ("attention_scale", "attn_logit_softcapping", "final_logit_softcapping",
-                     "sliding_rope_theta"):
+                     "sliding_rope_theta", "embedding_multiplier", "residual_multiplier",
+                     "logits_scaling"):
             value = getattr(self, name)
             if value is not None and not (isinstance(value, (int, float)) and value > 0):
                 raise ValueError(f"config.{name} must be a positive number or None, got "
@@ -249,13 +262,13 @@ class DecoderConfig:
             norm_weight_offset=1.0 if gemma else 0.0,
             embed_scale=hidden ** 0.5 if gemma else 1.0,
             sandwich_norm=family in ("gemma2", "gemma3"),
-            attention_scale=float(hf.get("query_pre_attn_scalar", 256)) ** -0.5
-            if family in ("gemma2", "gemma3") else None,
+            attention_scale=_attention_scale(hf, family),
             attn_logit_softcapping=_positive_or_none(hf.get("attn_logit_softcapping", 50.0))
             if family == "gemma2" else None,
             final_logit_softcapping=_positive_or_none(hf.get(
                 "final_logit_softcapping", 30.0 if family == "gemma2" else None)),
             sliding_rope_theta=sliding_rope_theta,
+            **(_granite_from_hf(hf) if family == "granite" else {}),
             quantization_config=dict(hf["quantization_config"])
             if hf.get("quantization_config") else None,
             torch_dtype=hf.get("dtype") or hf.get("torch_dtype"),
@@ -270,6 +283,24 @@ def _text_config(hf: Mapping[str, Any], text: Mapping[str, Any], family: str
     carried = {k: hf[k] for k in _CARRIED if hf.get(k) is not None}
     return {**_TEXT_DEFAULTS.get(family, {}), **carried,
             **{k: v for k, v in text.items() if v is not None or k not in carried}}
+
+
+def _granite_from_hf(hf: Mapping[str, Any]) -> dict[str, Any]:
+    """Granite's multipliers (transformers' GraniteConfig defaults when absent); its
+    attention_multiplier is the attention scale."""
+    return dict(embedding_multiplier=float(hf.get("embedding_multiplier", 1.0)),
+                residual_multiplier=float(hf.get("residual_multiplier", 1.0)),
+                logits_scaling=float(hf.get("logits_scaling", 1.0)))
+
+
+def _attention_scale(hf: Mapping[str, Any], family: str) -> float | None:
+    """The softmax scale where it is not head_dim ** -0.5: Gemma 2/3's
+    query_pre_attn_scalar ** -0.5, Granite's attention_multiplier."""
+    if family in ("gemma2", "gemma3"):
+        return float(hf.get("query_pre_attn_scalar", 256)) ** -0.5
+    if family == "granite":
+        return float(hf.get("attention_multiplier", 1.0))
+    return None
 
 
 def _positive_or_none(value: Any) -> float | None:

@@ -1,18 +1,20 @@
-"""The decoder: one implementation for Llama 2/3/3.x, Mistral, Qwen2/2.5, Qwen3 and
-Gemma 1/2/3 (text).
+"""The decoder: one implementation for Llama 2/3/3.x, Mistral, Granite 3.x, Qwen2/2.5,
+Qwen3 and Gemma 1/2/3 (text).
 
-    h = embed(ids) (* embed_scale)       # Gemma: sqrt(hidden), in the model dtype
+    h = embed(ids) (* embed_scale)       # Gemma: sqrt(hidden), in the model dtype; Granite:
+                                         # embedding_multiplier
     for each layer:                      # pre-norm, residual fused into rms_norm
         x, res = rms_norm(h, res)        # first layer: res = h
         qkv = x @ Wqkv.T (+ b)           # fused q/k/v
         q, k = [rms_norm per head]       # Qwen3, Gemma 3
         q, k = rotary(q, k, positions)   # Gemma 3: sliding layers have their own base
         o = attention(q, k, v, meta, kv_cache) @ Wo.T     # scale / window / softcap per layer
-        [o = rms_norm(o)]                # sandwich norm (Gemma 2/3)
+        [o = rms_norm(o)]                # sandwich norm (Gemma 2/3); Granite: o * residual_m
         x, res = rms_norm(o, res)
         h = act_and_mul(x @ Wgate_up.T) @ Wdown.T         # silu, or gelu (tanh) for Gemma
-        [h = rms_norm(h)]                # sandwich norm (Gemma 2/3)
-    logits = rms_norm(h, res)[logits_indices] @ Wlm.T     (fp32; Gemma 2: softcapped)
+        [h = rms_norm(h)]                # sandwich norm (Gemma 2/3); Granite: h * residual_m
+    logits = rms_norm(h, res)[logits_indices] @ Wlm.T     (fp32; Gemma 2: softcapped;
+                                                           Granite: / logits_scaling)
 
 Gemma's norms scale by (1 + weight) (``norm_weight_offset``); with sandwich norms the
 layer's post_attention_layernorm normalizes the attention output, and
@@ -58,6 +60,7 @@ class Attention(nn.Module):
                                   weight_offset=c.norm_weight_offset)
         # Shared across layers; a plain attribute (not a submodule) so it is stored once.
         self.__dict__["rotary"] = rotary
+        self.residual_multiplier = c.residual_multiplier   # Granite
         self.attn = PagedAttention(self.num_heads, self.num_kv_heads, c.head_dim,
                                    softmax_scale=c.softmax_scale,
                                    window_left=c.window_left(layer),
@@ -76,7 +79,9 @@ class Attention(nn.Module):
         q, k = self.rotary(q, k, meta.positions)
         o = self.attn(q, k, v, meta, kv_cache)
         o = self.o_proj(o.reshape(t, self.q_size))
-        return o if self.tp is None else self.tp.all_reduce(o)   # row-parallel o_proj
+        if self.tp is not None:
+            o = self.tp.all_reduce(o)   # row-parallel o_proj
+        return o if self.residual_multiplier == 1.0 else o * self.residual_multiplier
 
 
 class MLP(nn.Module):
@@ -93,6 +98,7 @@ class MLP(nn.Module):
         self.down_proj = FusedLinear(inter, c.hidden_size, bias=c.mlp_bias,
                                      dtype=dtype, device=device, dense=dense)
         self.activation = c.activation
+        self.residual_multiplier = c.residual_multiplier   # Granite
 
     def forward(self, x: Tensor) -> Tensor:
         gate_up = self.gate_up_proj(x)
@@ -101,7 +107,9 @@ class MLP(nn.Module):
         else:
             h = ops.gelu_and_mul(gate_up, "tanh" if self.activation == "gelu_tanh" else "none")
         y = self.down_proj(h)
-        return y if self.tp is None else self.tp.all_reduce(y)   # row-parallel down_proj
+        if self.tp is not None:
+            y = self.tp.all_reduce(y)   # row-parallel down_proj
+        return y if self.residual_multiplier == 1.0 else y * self.residual_multiplier
 
 
 class DecoderLayer(nn.Module):
@@ -223,6 +231,8 @@ class CausalLM(nn.Module):
         h = self.embed_tokens(input_ids)
         if self._embed_scale != 1.0:
             h = h * self._embed_scale
+        if self.config.embedding_multiplier != 1.0:
+            h = h * self.config.embedding_multiplier
         residual: Tensor | None = None
         for i, layer in enumerate(self.layers):
             h, residual = layer(h, residual, meta, None if kv_caches is None else kv_caches[i])
@@ -236,6 +246,8 @@ class CausalLM(nn.Module):
         else:
             logits = self.lm_head(h)
         logits = logits.float()
+        if self.config.logits_scaling != 1.0:
+            logits = logits / self.config.logits_scaling
         cap = self.config.final_logit_softcapping
         return logits if cap is None else torch.tanh(logits / cap).mul_(cap)
 
