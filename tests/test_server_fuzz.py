@@ -13,7 +13,8 @@ from minikernels.server import create_app
 from minikernels.server.testing import LiveServer
 from test_server_fake import API_KEY, MODEL, FakeEngine
 
-ROUTES = ["/v1/completions", "/v1/chat/completions", "/tokenize", "/detokenize",
+ROUTES = ["/v1/completions", "/v1/chat/completions", "/v1/responses", "/tokenize",
+          "/detokenize",
           "/v1/models", f"/v1/models/{MODEL}", "/v1/models/nope", "/health", "/metrics",
           "/version", "/v1/nothing", "/"]
 METHODS = ["POST", "POST", "POST", "GET", "PUT", "DELETE", "OPTIONS", "PATCH", "FOO"]
@@ -25,7 +26,9 @@ FIELDS = ["model", "prompt", "messages", "max_tokens", "max_completion_tokens", 
           "truncate_prompt_tokens", "priority", "cache_salt", "response_format", "tools",
           "tool_choice", "parallel_tool_calls", "structured_outputs", "functions",
           "chat_template_kwargs", "add_generation_prompt", "best_of", "suffix", "logit_bias",
-          "user", "tokens", "add_special_tokens", "return_token_strs", "unknown_field"]
+          "user", "tokens", "add_special_tokens", "return_token_strs", "input",
+          "instructions", "max_output_tokens", "text", "store", "previous_response_id",
+          "include", "truncation", "reasoning", "metadata", "background", "unknown_field"]
 
 scalars = st.one_of(
     st.none(), st.booleans(), st.integers(-3, 70), st.integers(-2 ** 70, 2 ** 70),
@@ -59,6 +62,24 @@ plausible = {
                                                         {"name": st.sampled_from(["f", "h"])})})),
     "structured_outputs": st.fixed_dictionaries({}, optional={
         "regex": st.text(max_size=6), "choice": json_values, "json": json_values}),
+    # /v1/responses: a string, or items (messages, function calls and their outputs)
+    "input": st.one_of(st.text(max_size=20), st.lists(st.one_of(
+        st.fixed_dictionaries({}, optional={
+            "type": st.sampled_from(["message", "function_call", "function_call_output",
+                                     "reasoning", "x"]),
+            "role": st.sampled_from(["user", "assistant", "developer", "tool"]),
+            "content": st.one_of(st.text(max_size=10), st.lists(st.fixed_dictionaries(
+                {"type": st.sampled_from(["input_text", "output_text", "input_image"])},
+                optional={"text": json_values}), max_size=2), json_values),
+            "call_id": json_values, "name": json_values, "arguments": json_values,
+            "output": json_values}),
+        json_values), max_size=3)),
+    "max_output_tokens": st.integers(-1, 40),
+    "text": st.fixed_dictionaries({}, optional={"format": st.one_of(
+        st.fixed_dictionaries({"type": st.sampled_from(["text", "json_object",
+                                                        "json_schema", "x"])},
+                              optional={"name": json_values, "schema": json_values,
+                                        "strict": json_values}), json_values)}),
 }
 bodies = st.fixed_dictionaries({}, optional={
     f: st.one_of(plausible.get(f, json_values), json_values) for f in FIELDS})
@@ -76,7 +97,7 @@ def server():
 def requests(draw):
     if draw(st.integers(0, 9)) < 8:      # mostly well-formed calls to the generation routes
         method = "POST"
-        path = draw(st.sampled_from(ROUTES[:2] * 3 + ROUTES[2:4]))
+        path = draw(st.sampled_from(ROUTES[:3] * 3 + ROUTES[3:5]))
         headers = {"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"}
     else:
         method = draw(st.sampled_from(METHODS))

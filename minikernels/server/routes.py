@@ -1,4 +1,5 @@
-"""The HTTP routes: models, completions, chat completions, health, metrics, version.
+"""The HTTP routes: models, completions, chat completions, responses, tokenize /
+detokenize, health, metrics, version.
 
 Each generation route: authenticate, decode + validate the body (:mod:`.protocol`),
 tokenize off the event loop with the length checks first (:mod:`.prompts`), build the
@@ -10,7 +11,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any, AsyncIterator, Optional
 
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
@@ -29,6 +30,9 @@ from .protocol import (ChatCompletionRequest, CompletionRequest, Constraint,
                        constraint_error, validation_to_api_error)
 from .streaming import (Choice, ClientGone, EngineRequest, Group, SSEResponse, stream_events,
                         until_disconnect)
+from .responses import (ResponseEvents, ResponsesRequest, as_responses_error, created_now,
+                        error_of, new_id, output_items, response_object, sse_event,
+                        status_of, usage_of)
 from .structured import ConstraintCompiler, ConstraintError
 from .tools import ToolMode
 
@@ -414,12 +418,11 @@ def register_routes(app: FastAPI, state: "ServerState") -> None:
         return sse_response(group, make_chunks, base, req)
 
     # ------------------------------------------------------------------ chat
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request) -> Response:
-        try:
-            req, kid = await parse(request, ChatCompletionRequest)
-        except ClientGone:
-            return gone_response()
+    async def start_chat(request: Request, req: ChatCompletionRequest, kid: Optional[str],
+                         rid: str) -> tuple[Group, ToolMode, list[dict[str, Any]]]:
+        """Render and tokenize a checked chat request, start its engine request and wait
+        for its first output (all of it unless streaming): (group, tool mode, the
+        template messages). Shared by /v1/chat/completions and /v1/responses."""
         messages = req.template_messages()
         tools = ToolMode.of(req, state.tool_call_parser)
         constraint = req.constraint()
@@ -435,14 +438,21 @@ def register_routes(app: FastAPI, state: "ServerState") -> None:
             raise APIError(f"min_tokens ({req.min_tokens}) must be <= max_tokens ({wanted})",
                            param="min_tokens", code="invalid_value")
         top_k = (req.top_logprobs or 0) if req.logprobs else None
-        rid = f"chatcmpl-{uuid.uuid4().hex}"
         group = Group(engine, [EngineRequest(f"{rid}-0", ids,
                                              make_params(req, wanted, top_k, kid,
                                                          constraint=constraint))])
+        await run_group(request, group, req.stream)
+        return group, tools, messages
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        rid = f"chatcmpl-{uuid.uuid4().hex}"
         try:
-            await run_group(request, group, req.stream)
+            req, kid = await parse(request, ChatCompletionRequest)
+            group, tools, messages = await start_chat(request, req, kid, rid)
         except ClientGone:
             return gone_response()
+        top_k = (req.top_logprobs or 0) if req.logprobs else None
         model = req.model or state.served_name
         created = int(time.time())
         # vLLM's chat echo: the reply continues the last message when it is the
@@ -507,3 +517,66 @@ def register_routes(app: FastAPI, state: "ServerState") -> None:
         return sse_response(group, make_chunks, base, req)
 
 
+
+    # ------------------------------------------------------------------ responses
+    @app.post("/v1/responses")
+    async def responses(request: Request) -> Response:
+        rid = new_id("resp")
+        try:
+            rreq, kid = await parse(request, ResponsesRequest)
+            req = rreq.to_chat()
+            try:
+                group, tools, _ = await start_chat(request, req, kid, rid)
+            except APIError as exc:
+                raise as_responses_error(exc) from None
+        except ClientGone:
+            return gone_response()
+        model = rreq.model or state.served_name
+        defaults = state.sampling_defaults
+        echo = rreq.echo_fields(
+            temperature=req.temperature if req.temperature is not None
+            else float(defaults.get("temperature", 1.0)),
+            top_p=req.top_p if req.top_p is not None else float(defaults.get("top_p", 1.0)))
+        created = created_now()
+        c = group.choices[0]
+        if not req.stream:
+            content, calls = tools.split(c.text)
+            status, incomplete = status_of(c.finish_reason)
+            return JSONBody(response_object(
+                rid, created, model, echo, status, output_items(content, calls, status),
+                usage_of(group.usage()), incomplete, error_of(status)))
+
+        async def events() -> AsyncIterator[str]:
+            stream = ResponseEvents(rid, created, model, echo)
+            ts = tools.stream()
+            try:
+                for ev in stream.start():
+                    yield sse_event(ev)
+                while True:
+                    final = c.ended
+                    delta, _, t1 = c.new_delta()
+                    c.sent_text += len(delta)
+                    c.sent_tokens = t1
+                    content, call_deltas = ts.feed(delta, final)
+                    for ev in stream.feed(content, call_deltas):
+                        yield sse_event(ev)
+                    if final:
+                        break
+                    try:
+                        await group.next_update()
+                    except Exception as exc:  # noqa: BLE001 - headers are already sent
+                        for ev in stream.fail(engine_error_to_api(exc).body()["error"]):
+                            yield sse_event(ev)
+                        return
+                if group.error is not None:   # the engine request failed as it ended
+                    for ev in stream.fail(engine_error_to_api(group.error).body()["error"]):
+                        yield sse_event(ev)
+                    return
+                finish(group)
+                for ev in stream.finish(c.finish_reason, group.usage()):
+                    yield sse_event(ev)
+            finally:
+                await group.close_shielded()
+
+        return SSEResponse(events(), on_close=group.close_shielded,
+                           on_disconnect=state.metrics.count_disconnect)
