@@ -130,9 +130,9 @@ def test_unsupported_architecture_and_features(hf_dirs, tmp_path):
     _edit_config(d, architectures=["GPT2LMHeadModel"], model_type="gpt2")
     with pytest.raises(UnsupportedModelError, match="GPT2LMHeadModel"):
         load_model(d, device="cpu")
-    d = _copy(hf_dirs["llama"][1], tmp_path / "yarn")
-    _edit_config(d, rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4})
-    with pytest.raises(UnsupportedModelError, match="yarn"):
+    d = _copy(hf_dirs["llama"][1], tmp_path / "dynamic")
+    _edit_config(d, rope_parameters={"rope_type": "dynamic", "factor": 4.0, "rope_theta": 1e4})
+    with pytest.raises(UnsupportedModelError, match="dynamic"):
         load_model(d, device="cpu")
     d = _copy(hf_dirs["llama"][1], tmp_path / "relu")
     _edit_config(d, hidden_act="relu")

@@ -53,6 +53,18 @@ CASES: dict[str, tuple[str, dict[str, Any]]] = {
     "granite": ("Granite", dict(embedding_multiplier=3.0, residual_multiplier=0.3,
                                 attention_multiplier=0.1, logits_scaling=2.5,
                                 attention_bias=True, tie_word_embeddings=True)),
+    # Phi-3: fused qkv_proj / gate_up_proj tensors in the checkpoint, half of each head
+    # rotated, LongRoPE short factors (max_position_embeddings == the original context:
+    # transformers and minikernels both take the short factors; the long ones:
+    # tests/test_model_phi3.py), a sliding window.
+    "phi3-longrope-partial": ("Phi3", dict(
+        partial_rotary_factor=0.5, original_max_position_embeddings=256, sliding_window=6,
+        rope_scaling={"rope_type": "longrope", "short_factor": [1.0, 1.5, 2.0, 3.0],
+                      "long_factor": [2.0, 4.0, 8.0, 16.0]}, tie_word_embeddings=False,
+        pad_token_id=0)),
+    # Qwen2 with YaRN (the long-context recipe of the Qwen2.5 / Qwen3 model cards).
+    "qwen2-yarn": ("Qwen2", dict(rope_scaling={"rope_type": "yarn", "factor": 4.0,
+                                               "original_max_position_embeddings": 64})),
 }
 # transformers config classes not named {family}Config
 _CONFIG_CLASSES = {"Gemma3": "Gemma3TextConfig"}

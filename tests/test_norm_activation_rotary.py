@@ -307,6 +307,6 @@ def test_rotary_matches_transformers_llama3_scaling():
 
 def test_build_rope_cache_rejects_unknown_scaling():
     with pytest.raises(ValueError, match="rope_scaling"):
-        mk.ops.build_rope_cache(64, 128, rope_scaling={"rope_type": "yarn", "factor": 4.0})
+        mk.ops.build_rope_cache(64, 128, rope_scaling={"rope_type": "dynamic", "factor": 4.0})
     with pytest.raises(ValueError, match="rotary_dim"):
         mk.ops.build_rope_cache(63, 128)

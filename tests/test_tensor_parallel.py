@@ -23,7 +23,7 @@ if not torch.distributed.is_available():
 # head on 2 ranks), tied and untied heads, q/k norm, biases on row-parallel layers, a
 # sliding window, a vocab that does not split evenly (301 -> 151 + 150 + 1 padding row),
 # Gemma 2's final softcap on gathered logits, Gemma 3's two rope bases and q/k norms,
-# Granite's residual multiplier after the all-reduce.
+# Granite's residual multiplier after the all-reduce, Phi-3's fused tensors split per rank.
 TP_CASES = {
     "llama": ("llama", {}),
     "llama-bias": ("llama-bias-linear-rope", {"vocab_size": 301}),
@@ -33,6 +33,7 @@ TP_CASES = {
     "gemma2-softcap": ("gemma2-window-softcap", {"vocab_size": 301}),
     "gemma3": ("gemma3", {}),
     "granite": ("granite", {}),
+    "phi3": ("phi3-longrope-partial", {}),
 }
 QUANT = (None, "int4")
 GROUP = 32       # divides every per-rank K here, so TP int4 == slices of TP=1 int4

@@ -1,12 +1,14 @@
 """DecoderConfig: the one config the decoder reads, from a HF config.json or a built-in name.
 
-Covers the Llama family (Llama 2/3/3.1/3.2, Mistral, Granite 3.x), Qwen2/2.5/Qwen3 and
-Gemma 1/2/3 (text): pre-norm decoder, GQA attention with neox rotary, gated MLP.
-Differences are flags:
+Covers the Llama family (Llama 2/3/3.1/3.2, Mistral, Granite 3.x, Phi-3 / Phi-3.5 /
+Phi-4-mini), Qwen2/2.5/Qwen3 and Gemma 1/2/3 (text): pre-norm decoder, GQA attention
+with neox rotary, gated MLP. Differences are flags:
 
     qkv_bias        Qwen2 (q/k/v biases); Llama's ``attention_bias`` also sets o_bias
     qk_norm         Qwen3, Gemma 3 (RMSNorm over each q/k head before rotary)
-    rope_scaling    Llama 3.1/3.2 ("llama3"), "linear"
+    rope_scaling    Llama 3.1/3.2 ("llama3"), "linear", "yarn" (Qwen long context),
+                    "longrope" (Phi-3 / Phi-3.5 / Phi-4-mini)
+    partial_rotary_factor   the rotated fraction of each head (Phi-4-mini: 0.75)
     sliding_window  Mistral v0.1 (all layers), Qwen2 with use_sliding_window (layers >=
                     max_window_layers), Gemma 2 (every other layer), Gemma 3 (5 of 6);
                     ``layer_types`` in a config says it per layer
@@ -37,10 +39,11 @@ SUPPORTED_ARCHITECTURES = {
     "Gemma2ForCausalLM": "gemma2",
     "Gemma3ForCausalLM": "gemma3",
     "GraniteForCausalLM": "granite",
+    "Phi3ForCausalLM": "phi3",
 }
 _MODEL_TYPES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3",
                 "gemma": "gemma", "gemma2": "gemma2", "gemma3_text": "gemma3",
-                "granite": "granite"}
+                "granite": "granite", "phi3": "phi3"}
 _GEMMA = ("gemma", "gemma2", "gemma3")
 #: Multimodal architectures whose text decoder is served (text-only prompts): the
 #: checkpoint's ``text_config`` and ``language_model`` tensors; the image encoder is not
@@ -72,6 +75,7 @@ class DecoderConfig:
     """Shape and flavour of a decoder (fields follow HF names where one exists)."""
 
     # "llama" | "mistral" | "qwen2" | "qwen3" | "gemma" | "gemma2" | "gemma3" | "granite"
+    # | "phi3"
     architecture: str
     vocab_size: int
     hidden_size: int
@@ -83,6 +87,8 @@ class DecoderConfig:
     max_position_embeddings: int = 4096
     rope_theta: float = 10000.0
     rope_scaling: dict[str, Any] | None = None
+    # Each head rotates its first int(head_dim * partial_rotary_factor) dims.
+    partial_rotary_factor: float = 1.0
     rms_norm_eps: float = 1e-6
     tie_word_embeddings: bool = False
     eos_token_ids: list[int] = field(default_factory=list)
@@ -130,6 +136,11 @@ class DecoderConfig:
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_heads ({self.num_heads}) must be a multiple of "
                              f"num_kv_heads ({self.num_kv_heads})")
+        if not (0.0 < self.partial_rotary_factor <= 1.0) or self.rotary_dim % 2 or \
+                self.rotary_dim == 0:
+            raise UnsupportedModelError(
+                f"partial_rotary_factor {self.partial_rotary_factor} gives {self.rotary_dim} "
+                f"rotated dims of {self.head_dim}; it must be a positive even number")
         if self.hidden_act not in GATED_ACTIVATIONS:
             raise UnsupportedModelError(f"hidden_act {self.hidden_act!r} is not supported "
                                         f"(gated MLPs with {sorted(GATED_ACTIVATIONS)})")
@@ -145,6 +156,11 @@ class DecoderConfig:
     def activation(self) -> str:
         """The gated MLP's activation: "silu", "gelu" (erf) or "gelu_tanh"."""
         return GATED_ACTIVATIONS[self.hidden_act]
+
+    @property
+    def rotary_dim(self) -> int:
+        """The dims of each head that rotate (the first ones; transformers' rounding)."""
+        return int(self.head_dim * self.partial_rotary_factor)
 
     @property
     def softmax_scale(self) -> float:
@@ -217,9 +233,11 @@ class DecoderConfig:
         kv_heads = int(hf.get("num_key_value_heads") or heads)
         head_dim = int(hf.get("head_dim") or hidden // heads)
         num_layers = int(need("num_hidden_layers"))
-        if float(hf.get("partial_rotary_factor", 1.0)) != 1.0:
-            raise UnsupportedModelError("partial_rotary_factor != 1 is not supported")
         rope_theta, rope_scaling, sliding_rope_theta = _rope_from_hf(hf, family)
+        partial = hf.get("partial_rotary_factor")
+        params = hf.get("rope_parameters")
+        if partial is None and isinstance(params, Mapping):
+            partial = params.get("partial_rotary_factor")
         window, window_layers = _sliding_window_from_hf(hf, family, num_layers)
         if window is None or family != "gemma3":
             sliding_rope_theta = None
@@ -248,6 +266,7 @@ class DecoderConfig:
             max_position_embeddings=int(hf.get("max_position_embeddings", 4096)),
             rope_theta=rope_theta,
             rope_scaling=rope_scaling,
+            partial_rotary_factor=float(partial) if partial is not None else 1.0,
             rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", gemma)),
             eos_token_ids=eos,
@@ -307,12 +326,16 @@ def _positive_or_none(value: Any) -> float | None:
     return None if value is None or float(value) <= 0 else float(value)
 
 
+_ROPE_KINDS = ("default", "linear", "llama3", "yarn", "longrope")
+
+
 def _rope_kind(scaling: Mapping[str, Any] | None) -> str:
     kind = str(scaling.get("rope_type", scaling.get("type", "default"))) if scaling else \
         "default"
-    if kind not in ("default", "linear", "llama3"):
+    kind = "longrope" if kind == "su" else kind     # Phi-3's first name for it
+    if kind not in _ROPE_KINDS:
         raise UnsupportedModelError(f"rope_scaling type {kind!r} is not supported "
-                                    "(supported: default, linear, llama3)")
+                                    f"(supported: {', '.join(_ROPE_KINDS)})")
     return kind
 
 
@@ -341,7 +364,22 @@ def _rope_from_hf(hf: Mapping[str, Any], family: str
     else:
         rope_theta = float(hf.get("rope_theta", default_theta))
         scaling = dict(hf.get("rope_scaling") or {})
+    scaling.pop("partial_rotary_factor", None)   # (5.x keeps it here; a field of its own)
     kind = _rope_kind(scaling)
+    scaling.pop("type", None)                     # (4.x spelling of rope_type)
+    if kind in ("yarn", "longrope"):
+        # The pretraining context: the rope dict's, else the config's (Phi-3 keeps it at
+        # the top level), else max_position_embeddings.
+        original = scaling.get("original_max_position_embeddings") or \
+            hf.get("original_max_position_embeddings")
+        if original is None and kind == "longrope":
+            raise UnsupportedModelError("longrope needs original_max_position_embeddings")
+        if original is not None:
+            scaling["original_max_position_embeddings"] = int(original)
+    if kind == "longrope":
+        for key in ("short_factor", "long_factor"):
+            if not isinstance(scaling.get(key), list):
+                raise UnsupportedModelError(f"longrope rope_scaling needs a {key} list")
     return rope_theta, (None if kind == "default" else {**scaling, "rope_type": kind}), \
         local_theta
 

@@ -178,11 +178,11 @@ class CausalLM(nn.Module):
             check_config(c, tp)
         self.tp = tp
         self.num_local_kv_heads = attention_shard(c, tp).nkv
-        self.rotary = RotaryEmbedding(c.head_dim, c.max_position_embeddings, c.rope_theta,
+        self.rotary = RotaryEmbedding(c.rotary_dim, c.max_position_embeddings, c.rope_theta,
                                       c.rope_scaling, device=device)
         # Gemma 3's sliding-window layers rotate with their own base (no scaling).
         self.sliding_rotary = self.rotary if c.sliding_rope_theta is None else \
-            RotaryEmbedding(c.head_dim, c.max_position_embeddings, c.sliding_rope_theta,
+            RotaryEmbedding(c.rotary_dim, c.max_position_embeddings, c.sliding_rope_theta,
                             None, device=device)
         if tp is None:
             self.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size, dtype=dtype,

@@ -148,6 +148,40 @@ def map_name(name: str) -> tuple[str, int | None, str] | None:
     return None
 
 
+#: q/k/v and gate/up stored fused (Phi-3): split into the parts' own names.
+_FUSED_RE = re.compile(r"^(model\.layers\.\d+\.)(self_attn\.qkv_proj|mlp\.gate_up_proj)\."
+                       r"(\w+)$")
+_PART_NAMES = {"self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj",
+                                      "self_attn.v_proj"),
+               "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj")}
+
+
+def _unfuse(name: str, tensor: Any, config: DecoderConfig) -> Iterator[tuple[str, Any]]:
+    """(name, tensor) as the loader reads it: a fused ``qkv_proj`` / ``gate_up_proj``
+    weight or bias (Phi-3's checkpoints) becomes its q / k / v (gate / up) row blocks under
+    the parts' names; anything else passes through. Safetensors slices (tensor-parallel
+    loading) read only each part's rows."""
+    m = _FUSED_RE.match(name)
+    if m is None:
+        yield name, tensor
+        return
+    prefix, fused, kind = m.groups()
+    if kind not in ("weight", "bias"):
+        raise CheckpointError(f"{name}: int4 tensors of a fused {fused.split('.')[1]} are "
+                              "not supported; load the dense checkpoint with "
+                              "quantization='int4'")
+    sizes = [config.q_size, config.kv_size, config.kv_size] if fused.endswith("qkv_proj") \
+        else [config.intermediate_size] * 2
+    rows = tensor.get_shape()[0] if hasattr(tensor, "get_shape") else tensor.shape[0]
+    if rows != sum(sizes):
+        raise CheckpointError(f"{name}: shape mismatch: expected {sum(sizes)} rows "
+                              f"({' + '.join(map(str, sizes))}), got {rows}")
+    start = 0
+    for part, size in zip(_PART_NAMES[fused], sizes):
+        yield f"{prefix}{part}.{kind}", tensor[start:start + size]
+        start += size
+
+
 def _load_kv_scale(buffer: Tensor, tensor: Tensor, where: str) -> None:
     """An fp8 KV-cache scale from a checkpoint: one value (per layer) or one per kv head."""
     values = tensor.float().reshape(-1)
@@ -356,88 +390,89 @@ def _load_hf(model_dir: str, dtype: str | torch.dtype, device: torch.device,
                 if tensor is None or is_non_text_tensor(hf_name):
                     non_text += 1
                     continue
-                target = map_name(hf_name)
-                if target is None:
-                    if not _IGNORED.search(hf_name):
-                        unexpected.append(hf_name)
-                    continue
-                mod_name, shard, kind = target
-                if mod_name == "lm_head" and config.tie_word_embeddings:
-                    continue  # tied: lm_head is the embedding table
-                mod = modules.get(mod_name)
-                if mod is None:
-                    unexpected.append(hf_name)
-                    continue
-                where = f"{hf_name} (in {os.path.basename(path)})"
-                if tp is not None:   # read only this rank's rows / columns
-                    try:
-                        tensor = shard_tensor(config, tp, mod_name, shard, kind, tensor)
-                    except ValueError as exc:
-                        raise CheckpointError(f"{where}: {exc}") from None
-                if kind in ("k_scale", "v_scale"):
-                    _load_kv_scale(getattr(mod, kind), tensor, where)
-                    continue
-                if isinstance(mod, FusedLinear):
-                    if kind in _QUANT_TENSORS:
-                        if ckpt_quant is None:
-                            raise CheckpointError(f"{where} is a quantized tensor but "
-                                                  "config.json has no quantization_config")
-                        pending_q.setdefault((mod_name, shard), {})[kind] = tensor.to(device)
-                        seen.add((mod_name, shard, "qweight" if kind == "qweight" else kind))
+                for hf_name, tensor in _unfuse(hf_name, tensor, config):
+                    target = map_name(hf_name)
+                    if target is None:
+                        if not _IGNORED.search(hf_name):
+                            unexpected.append(hf_name)
                         continue
-                    if kind == "weight" and mod_name in stream:
-                        # RTN on load: quantize this part on the device, drop the dense copy.
-                        g = groups.get(mod_name)
-                        if g is None and tp is not None and \
-                                mod_name.endswith(("o_proj", "down_proj")):
-                            k_full = config.q_size if mod_name.endswith("o_proj") \
-                                else config.intermediate_size
-                            g = groups[mod_name] = row_parallel_group_size(
-                                mod_name, k_full, mod.in_features, group_size)
-                        if g is None:
-                            g = groups[mod_name] = _rtn_group(mod_name, mod.in_features,
-                                                              group_size)
-                        dense = tensor.to(device=device, dtype=torch_dtype)
-                        del tensor
+                    mod_name, shard, kind = target
+                    if mod_name == "lm_head" and config.tie_word_embeddings:
+                        continue  # tied: lm_head is the embedding table
+                    mod = modules.get(mod_name)
+                    if mod is None:
+                        unexpected.append(hf_name)
+                        continue
+                    where = f"{hf_name} (in {os.path.basename(path)})"
+                    if tp is not None:   # read only this rank's rows / columns
                         try:
-                            mod.quantize_shard_(shard, dense, g)
+                            tensor = shard_tensor(config, tp, mod_name, shard, kind, tensor)
                         except ValueError as exc:
                             raise CheckpointError(f"{where}: {exc}") from None
-                        del dense
-                        seen.add((mod_name, shard, kind))
+                    if kind in ("k_scale", "v_scale"):
+                        _load_kv_scale(getattr(mod, kind), tensor, where)
                         continue
-                    if kind == "weight" and mod.weight is None and not mod.int4_parts and \
-                            not mod._pending:
-                        # A layer the quantizer left dense (e.g. modules_to_not_convert).
-                        mod.weight = torch.nn.Parameter(torch.empty(
-                            mod.out_features, mod.in_features, dtype=torch_dtype,
-                            device=device), requires_grad=False)
-                        for s in range(len(mod.output_sizes)):
-                            expected.discard((mod_name, s, "qweight"))
-                            expected.add((mod_name, s, "weight"))
-                    if kind == "bias" and mod.bias is None:
-                        # GPTQ exporters save a (zero) bias for every quantized layer.
-                        if not bool(tensor.any()):
+                    if isinstance(mod, FusedLinear):
+                        if kind in _QUANT_TENSORS:
+                            if ckpt_quant is None:
+                                raise CheckpointError(f"{where} is a quantized tensor but "
+                                                      "config.json has no quantization_config")
+                            pending_q.setdefault((mod_name, shard), {})[kind] = tensor.to(device)
+                            seen.add((mod_name, shard, "qweight" if kind == "qweight" else kind))
                             continue
-                        mod.bias = torch.nn.Parameter(torch.zeros(
-                            mod.out_features, dtype=torch_dtype, device=device),
-                            requires_grad=False)
-                    try:
-                        mod.load_shard(shard, kind, tensor.to(device=device, dtype=torch_dtype))
-                    except ValueError as exc:
-                        raise CheckpointError(f"{where}: {exc}") from None
-                    seen.add((mod_name, shard, kind))
-                else:
-                    param = params.get(f"{mod_name}.{kind}")
-                    if param is None:
-                        unexpected.append(hf_name)
-                        continue
-                    if tuple(tensor.shape) != tuple(param.shape):
-                        raise CheckpointError(f"{where}: shape mismatch: expected "
-                                              f"{list(param.shape)}, got {list(tensor.shape)}")
-                    with torch.no_grad():
-                        param.copy_(tensor.to(device=device, dtype=torch_dtype))
-                    seen.add((mod_name, None, kind))
+                        if kind == "weight" and mod_name in stream:
+                            # RTN on load: quantize this part on the device, drop the dense copy.
+                            g = groups.get(mod_name)
+                            if g is None and tp is not None and \
+                                    mod_name.endswith(("o_proj", "down_proj")):
+                                k_full = config.q_size if mod_name.endswith("o_proj") \
+                                    else config.intermediate_size
+                                g = groups[mod_name] = row_parallel_group_size(
+                                    mod_name, k_full, mod.in_features, group_size)
+                            if g is None:
+                                g = groups[mod_name] = _rtn_group(mod_name, mod.in_features,
+                                                                  group_size)
+                            dense = tensor.to(device=device, dtype=torch_dtype)
+                            del tensor
+                            try:
+                                mod.quantize_shard_(shard, dense, g)
+                            except ValueError as exc:
+                                raise CheckpointError(f"{where}: {exc}") from None
+                            del dense
+                            seen.add((mod_name, shard, kind))
+                            continue
+                        if kind == "weight" and mod.weight is None and not mod.int4_parts and \
+                                not mod._pending:
+                            # A layer the quantizer left dense (e.g. modules_to_not_convert).
+                            mod.weight = torch.nn.Parameter(torch.empty(
+                                mod.out_features, mod.in_features, dtype=torch_dtype,
+                                device=device), requires_grad=False)
+                            for s in range(len(mod.output_sizes)):
+                                expected.discard((mod_name, s, "qweight"))
+                                expected.add((mod_name, s, "weight"))
+                        if kind == "bias" and mod.bias is None:
+                            # GPTQ exporters save a (zero) bias for every quantized layer.
+                            if not bool(tensor.any()):
+                                continue
+                            mod.bias = torch.nn.Parameter(torch.zeros(
+                                mod.out_features, dtype=torch_dtype, device=device),
+                                requires_grad=False)
+                        try:
+                            mod.load_shard(shard, kind, tensor.to(device=device, dtype=torch_dtype))
+                        except ValueError as exc:
+                            raise CheckpointError(f"{where}: {exc}") from None
+                        seen.add((mod_name, shard, kind))
+                    else:
+                        param = params.get(f"{mod_name}.{kind}")
+                        if param is None:
+                            unexpected.append(hf_name)
+                            continue
+                        if tuple(tensor.shape) != tuple(param.shape):
+                            raise CheckpointError(f"{where}: shape mismatch: expected "
+                                                  f"{list(param.shape)}, got {list(tensor.shape)}")
+                        with torch.no_grad():
+                            param.copy_(tensor.to(device=device, dtype=torch_dtype))
+                        seen.add((mod_name, None, kind))
     finally:
         bar.close()
 

@@ -33,16 +33,79 @@ def _llama3_inv_freq(inv_freq: Tensor, scaling: Mapping[str, Any]) -> Tensor:
     return torch.where(medium, smoothed, scaled)
 
 
+def _yarn_inv_freq(inv_freq: Tensor, rotary_dim: int, base: float, max_position: int,
+                   scaling: Mapping[str, Any]) -> tuple[Tensor, float]:
+    """YaRN (Qwen2.5 / Qwen3 long context): per-frequency blend of the original
+    (extrapolated) and the ``factor``-interpolated frequencies, by a linear ramp between
+    the dims that rotate ``beta_fast`` and ``beta_slow`` times over the original context;
+    cos / sin times ``attention_factor`` (default 0.1 ln(factor) + 1, or the
+    mscale / mscale_all_dim ratio). Returns (inv_freq, attention factor)."""
+    original = float(scaling.get("original_max_position_embeddings") or max_position)
+    factor = scaling.get("factor")
+    factor = float(factor) if factor is not None else max_position / original
+
+    def mscale(scale: float, m: float = 1.0) -> float:
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+    attention = scaling.get("attention_factor")
+    if attention is None:
+        m, m_all = scaling.get("mscale"), scaling.get("mscale_all_dim")
+        attention = mscale(factor, m) / mscale(factor, m_all) if m and m_all \
+            else mscale(factor)
+    beta_fast = float(scaling.get("beta_fast") or 32)
+    beta_slow = float(scaling.get("beta_slow") or 1)
+
+    def correction_dim(rotations: float) -> float:
+        return rotary_dim * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+    if scaling.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, rotary_dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = ((torch.arange(rotary_dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    keep = 1 - ramp            # 1: the original frequency (high-frequency dims)
+    return inv_freq / factor * (1 - keep) + inv_freq * keep, float(attention)
+
+
+def _longrope_inv_freq(inv_freq: Tensor, max_position: int, scaling: Mapping[str, Any]
+                       ) -> tuple[Tensor, float]:
+    """LongRoPE (Phi-3 / Phi-3.5 / Phi-4-mini): each frequency divided by its own
+    rescale factor, ``long_factor`` when the model's context (``max_position``) exceeds
+    ``original_max_position_embeddings`` (as vLLM does at its default max_model_len),
+    else ``short_factor``; cos / sin times sqrt(1 + ln(s) / ln(original)), s =
+    max_position / original (or ``attention_factor``). Returns (inv_freq, factor)."""
+    original = int(scaling["original_max_position_embeddings"])
+    ext = scaling["long_factor"] if max_position > original else scaling["short_factor"]
+    ext = torch.tensor([float(x) for x in ext], dtype=torch.float32)
+    if ext.shape != inv_freq.shape:
+        raise ValueError(f"longrope factors must have rotary_dim / 2 = {inv_freq.numel()} "
+                         f"entries, got {ext.numel()}")
+    attention = scaling.get("attention_factor")
+    if attention is None:
+        factor = scaling.get("factor")
+        s = float(factor) if factor is not None else max_position / original
+        attention = 1.0 if s <= 1.0 else math.sqrt(1 + math.log(s) / math.log(original))
+    return 1.0 / (ext * (1.0 / inv_freq)), float(attention)
+
+
 def build_rope_cache(rotary_dim: int, max_position: int, base: float = 10000.0,
                      rope_scaling: Mapping[str, Any] | None = None,
                      device: torch.device | str | None = None) -> Tensor:
     """The cos/sin cache for :func:`rotary_embedding`: fp32 [max_position, rotary_dim].
 
-    Row p is cat(cos(p * inv_freq), sin(p * inv_freq)) with
+    Row p is cat(cos(p * inv_freq), sin(p * inv_freq)) * attention_factor with
     inv_freq[i] = base ** (-2i / rotary_dim). ``rope_scaling`` is a HF config's dict:
-    None / {"rope_type": "default"}, {"rope_type": "linear", "factor": f} (positions / f) or
+    None / {"rope_type": "default"}, {"rope_type": "linear", "factor": f} (positions / f),
     {"rope_type": "llama3", "factor", "low_freq_factor", "high_freq_factor",
-    "original_max_position_embeddings"} (Llama 3.1/3.2).
+    "original_max_position_embeddings"} (Llama 3.1/3.2), {"rope_type": "yarn", "factor",
+    "original_max_position_embeddings", "beta_fast", "beta_slow", "mscale",
+    "mscale_all_dim", "attention_factor", "truncate"} or {"rope_type": "longrope" (or
+    "su"), "short_factor", "long_factor", "original_max_position_embeddings",
+    "attention_factor"} (transformers' formulas; the attention factor scales cos and sin,
+    so q . k by its square). ``max_position`` is the model's context length
+    (max_position_embeddings: YaRN's and LongRoPE's default factor derive from it).
     """
     if rotary_dim <= 0 or rotary_dim % 2:
         raise ValueError(f"rotary_dim must be a positive even number, got {rotary_dim}")
@@ -51,6 +114,7 @@ def build_rope_cache(rotary_dim: int, max_position: int, base: float = 10000.0,
     exponents = torch.arange(0, rotary_dim, 2, dtype=torch.int64).float() / rotary_dim
     inv_freq = 1.0 / (base ** exponents)
     positions = torch.arange(max_position, dtype=torch.float32)
+    attention = 1.0
     kind = "default"
     if rope_scaling:
         kind = str(rope_scaling.get("rope_type", rope_scaling.get("type", "default")))
@@ -58,11 +122,24 @@ def build_rope_cache(rotary_dim: int, max_position: int, base: float = 10000.0,
         inv_freq = _llama3_inv_freq(inv_freq, rope_scaling)  # type: ignore[arg-type]
     elif kind == "linear":
         positions = positions / float(rope_scaling["factor"])  # type: ignore[index]
+    elif kind == "yarn":
+        inv_freq, attention = _yarn_inv_freq(inv_freq, rotary_dim, base, max_position,
+                                             rope_scaling)  # type: ignore[arg-type]
+    elif kind in ("longrope", "su"):
+        inv_freq, attention = _longrope_inv_freq(inv_freq, max_position,
+                                                 rope_scaling)  # type: ignore[arg-type]
     elif kind != "default":
         raise ValueError(f"rope_scaling type {kind!r} is not supported "
-                         "(supported: default, linear, llama3)")
+                         f"(supported: {', '.join(ROPE_TYPES)})")
     freqs = torch.outer(positions, inv_freq)
-    return torch.cat([freqs.cos(), freqs.sin()], dim=-1).to(device)
+    cache = torch.cat([freqs.cos(), freqs.sin()], dim=-1)
+    if attention != 1.0:
+        cache = cache * attention
+    return cache.to(device)
+
+
+#: rope_scaling types build_rope_cache implements.
+ROPE_TYPES = ("default", "linear", "llama3", "yarn", "longrope", "su")
 
 
 @torch.library.custom_op("minikernels::rotary_embedding", mutates_args=())
