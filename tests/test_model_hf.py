@@ -148,3 +148,20 @@ def test_half_precision_close_to_fp32(hf_dirs, dtype):
     assert logits.dtype == torch.float32
     ref = torch.cat([hf_logits(hf, s) for s in seqs])
     assert rel_err(logits, ref) <= (0.05 if dtype == torch.bfloat16 else 0.01)
+
+
+def test_smollm3_nope_layers_from_the_config():
+    """SmolLM3: ``no_rope_layers`` flags (1 = rope), else transformers' default of one NoPE
+    layer every ``no_rope_layer_interval``; the NoPE layers get no rotary module."""
+    from minikernels.models.config import DecoderConfig
+
+    base = dict(architectures=["SmolLM3ForCausalLM"], hidden_size=64, num_attention_heads=4,
+                num_key_value_heads=2, intermediate_size=128, vocab_size=300,
+                num_hidden_layers=8)
+    assert DecoderConfig.from_hf(base).nope_layers == [3, 7]
+    assert DecoderConfig.from_hf({**base, "no_rope_layer_interval": 3}).nope_layers == [2, 5]
+    flags = [1, 0, 1, 1, 1, 1, 1, 0]
+    assert DecoderConfig.from_hf({**base, "no_rope_layers": flags}).nope_layers == [1, 7]
+    with pytest.raises(ValueError, match="no_rope_layers"):
+        DecoderConfig.from_hf({**base, "no_rope_layers": [1, 0]})
+    assert DecoderConfig.from_hf({**base, "no_rope_layers": [1] * 8}).nope_layers is None

@@ -65,6 +65,9 @@ CASES: dict[str, tuple[str, dict[str, Any]]] = {
     # Qwen2 with YaRN (the long-context recipe of the Qwen2.5 / Qwen3 model cards).
     "qwen2-yarn": ("Qwen2", dict(rope_scaling={"rope_type": "yarn", "factor": 4.0,
                                                "original_max_position_embeddings": 64})),
+    # SmolLM3: layer 1 without rope (NoPE), tied embeddings.
+    "smollm3-nope": ("SmolLM3", dict(no_rope_layers=[1, 0], tie_word_embeddings=True,
+                                     pad_token_id=0)),
 }
 # transformers config classes not named {family}Config
 _CONFIG_CLASSES = {"Gemma3": "Gemma3TextConfig"}

@@ -1,7 +1,7 @@
 """DecoderConfig: the one config the decoder reads, from a HF config.json or a built-in name.
 
 Covers the Llama family (Llama 2/3/3.1/3.2, Mistral, Granite 3.x, Phi-3 / Phi-3.5 /
-Phi-4-mini), Qwen2/2.5/Qwen3 and Gemma 1/2/3 (text): pre-norm decoder, GQA attention
+Phi-4-mini, SmolLM3), Qwen2/2.5/Qwen3 and Gemma 1/2/3 (text): pre-norm decoder, GQA attention
 with neox rotary, gated MLP. Differences are flags:
 
     qkv_bias        Qwen2 (q/k/v biases); Llama's ``attention_bias`` also sets o_bias
@@ -9,6 +9,7 @@ with neox rotary, gated MLP. Differences are flags:
     rope_scaling    Llama 3.1/3.2 ("llama3"), "linear", "yarn" (Qwen long context),
                     "longrope" (Phi-3 / Phi-3.5 / Phi-4-mini)
     partial_rotary_factor   the rotated fraction of each head (Phi-4-mini: 0.75)
+    nope_layers     layers without rotary embedding (SmolLM3: every 4th)
     sliding_window  Mistral v0.1 (all layers), Qwen2 with use_sliding_window (layers >=
                     max_window_layers), Gemma 2 (every other layer), Gemma 3 (5 of 6);
                     ``layer_types`` in a config says it per layer
@@ -40,10 +41,11 @@ SUPPORTED_ARCHITECTURES = {
     "Gemma3ForCausalLM": "gemma3",
     "GraniteForCausalLM": "granite",
     "Phi3ForCausalLM": "phi3",
+    "SmolLM3ForCausalLM": "smollm3",
 }
 _MODEL_TYPES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3",
                 "gemma": "gemma", "gemma2": "gemma2", "gemma3_text": "gemma3",
-                "granite": "granite", "phi3": "phi3"}
+                "granite": "granite", "phi3": "phi3", "smollm3": "smollm3"}
 _GEMMA = ("gemma", "gemma2", "gemma3")
 #: Multimodal architectures whose text decoder is served (text-only prompts): the
 #: checkpoint's ``text_config`` and ``language_model`` tensors; the image encoder is not
@@ -75,7 +77,7 @@ class DecoderConfig:
     """Shape and flavour of a decoder (fields follow HF names where one exists)."""
 
     # "llama" | "mistral" | "qwen2" | "qwen3" | "gemma" | "gemma2" | "gemma3" | "granite"
-    # | "phi3"
+    # | "phi3" | "smollm3"
     architecture: str
     vocab_size: int
     hidden_size: int
@@ -89,6 +91,8 @@ class DecoderConfig:
     rope_scaling: dict[str, Any] | None = None
     # Each head rotates its first int(head_dim * partial_rotary_factor) dims.
     partial_rotary_factor: float = 1.0
+    # Layers that use no position embedding at all (NoPE; SmolLM3).
+    nope_layers: list[int] | None = None
     rms_norm_eps: float = 1e-6
     tie_word_embeddings: bool = False
     eos_token_ids: list[int] = field(default_factory=list)
@@ -287,6 +291,7 @@ class DecoderConfig:
             final_logit_softcapping=_positive_or_none(hf.get(
                 "final_logit_softcapping", 30.0 if family == "gemma2" else None)),
             sliding_rope_theta=sliding_rope_theta,
+            nope_layers=_nope_layers_from_hf(hf, num_layers) if family == "smollm3" else None,
             **(_granite_from_hf(hf) if family == "granite" else {}),
             quantization_config=dict(hf["quantization_config"])
             if hf.get("quantization_config") else None,
@@ -302,6 +307,18 @@ def _text_config(hf: Mapping[str, Any], text: Mapping[str, Any], family: str
     carried = {k: hf[k] for k in _CARRIED if hf.get(k) is not None}
     return {**_TEXT_DEFAULTS.get(family, {}), **carried,
             **{k: v for k, v in text.items() if v is not None or k not in carried}}
+
+
+def _nope_layers_from_hf(hf: Mapping[str, Any], num_layers: int) -> list[int] | None:
+    """SmolLM3's layers without rope: ``no_rope_layers[i]`` is 1 where layer i uses rope
+    (transformers' default: every ``no_rope_layer_interval``-th layer has none)."""
+    flags = hf.get("no_rope_layers")
+    if flags is None:
+        interval = int(hf.get("no_rope_layer_interval", 4))
+        flags = [int((i + 1) % interval != 0) for i in range(num_layers)]
+    if not isinstance(flags, list) or len(flags) != num_layers:
+        raise ValueError(f"config.no_rope_layers must list one flag per layer ({num_layers})")
+    return [i for i, use in enumerate(flags) if not use] or None
 
 
 def _granite_from_hf(hf: Mapping[str, Any]) -> dict[str, Any]:
@@ -388,7 +405,7 @@ def _sliding_window_from_hf(hf: Mapping[str, Any], family: str, num_layers: int
                             ) -> tuple[int | None, list[int] | None]:
     """(sliding_window or None, the layers that use it or None = all layers)."""
     window = hf.get("sliding_window")
-    if family in ("qwen2", "qwen3") and not hf.get("use_sliding_window", False):
+    if family in ("qwen2", "qwen3", "smollm3") and not hf.get("use_sliding_window", False):
         window = None
     if family == "gemma":
         window = None

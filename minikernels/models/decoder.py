@@ -7,7 +7,8 @@ Qwen3 and Gemma 1/2/3 (text).
         x, res = rms_norm(h, res)        # first layer: res = h
         qkv = x @ Wqkv.T (+ b)           # fused q/k/v
         q, k = [rms_norm per head]       # Qwen3, Gemma 3
-        q, k = rotary(q, k, positions)   # Gemma 3: sliding layers have their own base
+        q, k = rotary(q, k, positions)   # Gemma 3: sliding layers have their own base;
+                                         # none in SmolLM3's NoPE layers
         o = attention(q, k, v, meta, kv_cache) @ Wo.T     # scale / window / softcap per layer
         [o = rms_norm(o)]                # sandwich norm (Gemma 2/3); Granite: o * residual_m
         x, res = rms_norm(o, res)
@@ -39,7 +40,7 @@ KVCache = tuple[Tensor, Tensor]
 
 
 class Attention(nn.Module):
-    def __init__(self, config: DecoderConfig, layer: int, rotary: RotaryEmbedding,
+    def __init__(self, config: DecoderConfig, layer: int, rotary: RotaryEmbedding | None,
                  dtype: torch.dtype, device: torch.device | str | None, dense: bool,
                  tp: TensorParallel | None = None) -> None:
         super().__init__()
@@ -76,7 +77,8 @@ class Attention(nn.Module):
         if self.q_norm is not None:
             q = self.q_norm(q.contiguous())
             k = self.k_norm(k.contiguous())
-        q, k = self.rotary(q, k, meta.positions)
+        if self.rotary is not None:     # None: a NoPE layer (SmolLM3)
+            q, k = self.rotary(q, k, meta.positions)
         o = self.attn(q, k, v, meta, kv_cache)
         o = self.o_proj(o.reshape(t, self.q_size))
         if self.tp is not None:
@@ -113,7 +115,7 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config: DecoderConfig, layer: int, rotary: RotaryEmbedding,
+    def __init__(self, config: DecoderConfig, layer: int, rotary: RotaryEmbedding | None,
                  dtype: torch.dtype, device: torch.device | str | None, dense: bool,
                  tp: TensorParallel | None = None) -> None:
         super().__init__()
@@ -192,8 +194,7 @@ class CausalLM(nn.Module):
                                                        device)
         self.embed_tokens.weight.requires_grad_(False)
         self.layers = nn.ModuleList(
-            DecoderLayer(c, i, self.sliding_rotary if c.is_sliding(i) else self.rotary, dtype,
-                         device, dense, tp)
+            DecoderLayer(c, i, self._layer_rotary(i), dtype, device, dense, tp)
             for i in range(c.num_layers))
         self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps, dtype=dtype, device=device,
                             weight_offset=c.norm_weight_offset)
@@ -206,6 +207,12 @@ class CausalLM(nn.Module):
         self._dtype = dtype
         # Gemma's sqrt(hidden), rounded to the model dtype first, as transformers does.
         self._embed_scale = float(torch.tensor(c.embed_scale, dtype=dtype))
+
+    def _layer_rotary(self, layer: int) -> RotaryEmbedding | None:
+        c = self.config
+        if c.nope_layers is not None and layer in c.nope_layers:
+            return None
+        return self.sliding_rotary if c.is_sliding(layer) else self.rotary
 
     # --------------------------------------------------------------- properties
     @property
