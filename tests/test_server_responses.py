@@ -365,3 +365,109 @@ def test_event_builder_cancel_and_failure_shapes():
         parse(ev)
     assert done[-1]["type"] == "response.completed"
     assert done[-1]["response"]["output"][0]["content"][0]["text"] == ""
+
+
+# ------------------------------------------------------------------ stored responses
+KEY_B = "responses-test-key-b"
+
+
+@pytest.fixture(scope="module")
+def stored(engine):
+    """A second server on the same engine that keeps the latest 3 responses per the
+    store, with two API keys."""
+    app = create_app(engine, api_key=[KEY, KEY_B], served_model_name=MODEL,
+                     tool_call_parser="hermes", responses_store_size=3)
+    with LiveServer(app) as srv:
+        yield srv
+
+
+def _clients(srv):
+    return [openai.OpenAI(base_url=srv.base_url + "/v1", api_key=k, max_retries=0, timeout=60)
+            for k in (KEY, KEY_B)]
+
+
+def _chat_prompt_tokens(client, messages, **kw) -> int:
+    return client.chat.completions.create(model=MODEL, messages=messages, max_tokens=1,
+                                          **kw).usage.prompt_tokens
+
+
+def test_previous_response_id_continues_the_stored_conversation(stored):
+    a, _ = _clients(stored)
+    r1 = a.responses.create(model=MODEL, instructions="Old rules.", input="Hi there.",
+                            max_output_tokens=6, temperature=0)
+    assert r1.store is True
+    got = a.responses.retrieve(r1.id)
+    assert got.model_dump() == r1.model_dump()
+    r2 = a.responses.create(model=MODEL, previous_response_id=r1.id, instructions="New.",
+                            input="And then?", max_output_tokens=4, temperature=0)
+    assert r2.previous_response_id == r1.id
+    # the earlier input and output, not the earlier instructions
+    assert r2.usage.input_tokens == _chat_prompt_tokens(a, [
+        {"role": "system", "content": "New."}, {"role": "user", "content": "Hi there."},
+        {"role": "assistant", "content": r1.output_text},
+        {"role": "user", "content": "And then?"}])
+    # streamed responses are stored too, as their final event shows them
+    events = list(a.responses.create(model=MODEL, previous_response_id=r2.id, stream=True,
+                                     input="Go on.", max_output_tokens=3, temperature=0))
+    final = events[-1].response
+    assert a.responses.retrieve(final.id).model_dump() == final.model_dump()
+
+
+def test_function_call_output_continues_a_stored_call(stored):
+    a, _ = _clients(stored)
+    tools = [{"type": "function", "function": {k: v for k, v in t.items() if k != "type"}}
+             for t in TOOLS]
+    r1 = a.responses.create(model=MODEL, input="What's the weather?", tools=TOOLS,
+                            tool_choice={"type": "function", "name": "get_weather"},
+                            max_output_tokens=200, temperature=1.0, extra_body={"seed": 4})
+    [call] = [i for i in r1.output if i.type == "function_call"]
+    r2 = a.responses.create(model=MODEL, previous_response_id=r1.id, tools=TOOLS,
+                            tool_choice="none", max_output_tokens=4, temperature=0,
+                            input=[{"type": "function_call_output", "call_id": call.call_id,
+                                    "output": "sunny"}])
+    assert r2.output[0].type == "message"
+    assert r2.usage.input_tokens == _chat_prompt_tokens(a, [
+        {"role": "user", "content": "What's the weather?"},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": call.call_id, "type": "function",
+             "function": {"name": call.name, "arguments": call.arguments}}]},
+        {"role": "tool", "tool_call_id": call.call_id, "content": "sunny"}],
+        tools=tools, tool_choice="none")
+
+
+def test_stored_responses_belong_to_their_key_and_are_bounded(stored):
+    a, b = _clients(stored)
+    r = a.responses.create(model=MODEL, input="mine", max_output_tokens=2)
+    for call in (lambda: b.responses.retrieve(r.id),
+                 lambda: b.responses.create(model=MODEL, previous_response_id=r.id,
+                                            input="x", max_output_tokens=2)):
+        with pytest.raises(openai.NotFoundError) as exc:
+            call()
+        assert r.id in str(exc.value)
+    kept = a.responses.create(model=MODEL, input="no", max_output_tokens=2, store=False)
+    assert kept.store is False
+    with pytest.raises(openai.NotFoundError):
+        a.responses.retrieve(kept.id)
+    # capacity 3: three more responses push r out (least recently used first)
+    for _ in range(3):
+        a.responses.create(model=MODEL, input="next", max_output_tokens=2)
+    with pytest.raises(openai.NotFoundError):
+        a.responses.retrieve(r.id)
+    # delete
+    last = a.responses.create(model=MODEL, input="bye", max_output_tokens=2)
+    d = httpx.delete(f"{stored.base_url}/v1/responses/{last.id}", timeout=30,
+                     headers={"Authorization": f"Bearer {KEY}"})
+    assert d.status_code == 200
+    assert d.json() == {"id": last.id, "object": "response.deleted", "deleted": True}
+    d2 = httpx.delete(f"{stored.base_url}/v1/responses/{last.id}", timeout=30,
+                      headers={"Authorization": f"Bearer {KEY}"})
+    assert d2.status_code == 404 and d2.json()["error"]["code"] == "not_found"
+    assert httpx.get(f"{stored.base_url}/v1/responses/{last.id}", timeout=30).status_code \
+        == 401
+
+
+def test_without_a_store_nothing_is_kept(server, client):
+    r = client.responses.create(model=MODEL, input="x", max_output_tokens=2)
+    assert r.store is False
+    with pytest.raises(openai.NotFoundError):
+        client.responses.retrieve(r.id)

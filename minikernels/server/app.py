@@ -41,6 +41,7 @@ from .limits import LOOPBACK_HOSTS, RequestGuard, ServerLimits
 from .logprobs import TokenText
 from .metrics import ServerMetrics
 from .prompts import PromptTokenizer
+from .response_store import ResponseStore
 from .routes import register_routes
 from .streaming import Group
 from .tool_parsers import get_parser
@@ -76,6 +77,8 @@ class ServerState:
     # The checkpoint's recommended sampling (generation_config.json): SamplingParams
     # fields a request's unset ones take (vLLM's --generation-config auto).
     sampling_defaults: dict = field(default_factory=dict)
+    # /v1/responses kept for previous_response_id (--responses-store-size; 0 = none)
+    responses: ResponseStore = field(default_factory=lambda: ResponseStore(0))
 
     @property
     def served_name(self) -> str:
@@ -120,7 +123,8 @@ def create_app(engine: Any, api_key: Union[None, str, Sequence[str]] = None,
                allowed_hosts: Optional[Sequence[str]] = LOOPBACK_HOSTS,
                shared_prefix_cache: bool = False,
                model_aliases: Sequence[str] = (),
-               tool_call_parser: Optional[str] = None) -> FastAPI:
+               tool_call_parser: Optional[str] = None,
+               responses_store_size: int = 0) -> FastAPI:
     """Build the FastAPI app serving ``engine`` (an AsyncLLM or anything with its API).
 
     Args:
@@ -143,6 +147,9 @@ def create_app(engine: Any, api_key: Union[None, str, Sequence[str]] = None,
         tool_call_parser: how model output is parsed into ``tool_calls`` for
             ``tool_choice="auto"`` (``"hermes"``, ``"llama3_json"``); None: "auto" tool
             choice is refused ("required" and named functions work without one).
+        responses_store_size: keep the latest N /v1/responses results per API key for
+            ``previous_response_id`` and ``GET`` / ``DELETE /v1/responses/{id}``
+            (:mod:`.response_store`); 0 stores none.
     """
     if tool_call_parser is not None:
         get_parser(tool_call_parser)          # ValueError naming the choices
@@ -160,7 +167,8 @@ def create_app(engine: Any, api_key: Union[None, str, Sequence[str]] = None,
         limits=limits or ServerLimits(),
         prompts=PromptTokenizer(tokenizer, int(max_len) if max_len else None),
         token_text=TokenText(tokenizer), shared_prefix_cache=shared_prefix_cache,
-        tool_call_parser=tool_call_parser, sampling_defaults=_sampling_defaults(engine))
+        tool_call_parser=tool_call_parser, sampling_defaults=_sampling_defaults(engine),
+        responses=ResponseStore(responses_store_size))
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI):

@@ -79,6 +79,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     http.add_argument("--tool-call-parser", default=None, choices=["hermes", "llama3_json"],
                       help="parse tool calls out of the output for tool_choice 'auto' "
                            "(hermes: <tool_call> tags, Qwen2.5; llama3_json: Llama 3.x)")
+    http.add_argument("--responses-store-size", type=int, default=0, metavar="N",
+                      help="keep the latest N responses of /v1/responses in memory (per API "
+                           "key) for previous_response_id and GET / DELETE "
+                           "/v1/responses/{id}; 0 (default) stores none, as vLLM")
     http.add_argument("--log-level", default="info",
                       choices=["critical", "error", "warning", "info", "debug"])
     http.add_argument("--no-access-log", dest="access_log", action="store_false",
@@ -257,7 +261,8 @@ def run(args: argparse.Namespace) -> int:
                          limits=_limits(args), allowed_hosts=_allowed_hosts(args),
                          shared_prefix_cache=args.shared_prefix_cache,
                          model_aliases=[args.model],
-                         tool_call_parser=getattr(args, "tool_call_parser", None))
+                         tool_call_parser=getattr(args, "tool_call_parser", None),
+                         responses_store_size=getattr(args, "responses_store_size", 0))
     except ValueError as exc:
         logger.error("%s", exc)
         return 2

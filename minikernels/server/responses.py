@@ -22,9 +22,13 @@ per item ``response.output_item.added``, ``response.content_part.added``,
 then ``response.completed`` / ``response.incomplete`` (or ``error`` +
 ``response.failed``), each with its ``sequence_number``.
 
-Not served (a 400 naming the field): ``previous_response_id`` (responses are not stored;
-``store`` is accepted and answered ``false``, as vLLM does without its store), ``background``,
-``truncation: "auto"``, ``include``, non-function tools, image / file inputs.
+Stored responses (:mod:`.response_store`, off unless ``--responses-store-size``):
+``previous_response_id`` continues a stored conversation (its input and output, not its
+instructions); ``store: false`` keeps a response out; without a store
+``previous_response_id`` is a 400 and ``store`` is answered ``false``.
+
+Not served (a 400 naming the field): ``background``, ``truncation: "auto"``, ``include``,
+non-function tools, image / file inputs.
 """
 from __future__ import annotations
 
@@ -81,10 +85,6 @@ class ResponsesRequest(_Strict):
     chat_template_kwargs: Optional[dict[str, Any]] = None
 
     def check(self) -> None:
-        if self.previous_response_id is not None:
-            raise unsupported("previous_response_id", "previous_response_id is not "
-                              "supported: this server does not store responses; send the "
-                              "conversation (earlier output items included) as input")
         if self.background:
             raise unsupported("background", "background responses are not supported")
         if self.truncation == "auto":
@@ -97,9 +97,11 @@ class ResponsesRequest(_Strict):
         self.to_chat()
 
     # ------------------------------------------------------------------ to chat
-    def to_chat(self) -> ChatCompletionRequest:
-        """The equivalent chat request, checked; errors name the Responses fields."""
-        messages, where = self._messages()
+    def to_chat(self, prior: Optional[list[dict[str, Any]]] = None) -> ChatCompletionRequest:
+        """The equivalent chat request, checked; errors name the Responses fields.
+        ``prior``: the stored conversation ``previous_response_id`` continues (chat
+        messages), placed after this request's instructions."""
+        messages, where = self._messages(prior or [])
         body: dict[str, Any] = {
             "model": self.model, "messages": messages,
             "max_completion_tokens": self.max_output_tokens,
@@ -120,13 +122,23 @@ class ResponsesRequest(_Strict):
             raise _renamed(exc, where) from None
         return req
 
-    def _messages(self) -> tuple[list[dict[str, Any]], list[str]]:
+    def input_messages(self, prior: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The conversation so far without the instructions (what a stored response
+        keeps): ``prior`` and this request's input, as chat messages."""
+        messages, where = self._messages(prior)
+        return [m for m, w in zip(messages, where) if w != "instructions"]
+
+    def _messages(self, prior: list[dict[str, Any]]
+                  ) -> tuple[list[dict[str, Any]], list[str]]:
         """(chat messages, the Responses field each message came from)."""
         messages: list[dict[str, Any]] = []
         where: list[str] = []
         if self.instructions is not None:
             messages.append({"role": "system", "content": self.instructions})
             where.append("instructions")
+        for m in prior:
+            messages.append(dict(m))
+            where.append("previous_response_id")
         if isinstance(self.input, str):
             messages.append({"role": "user", "content": self.input})
             where.append("input")
@@ -219,12 +231,15 @@ class ResponsesRequest(_Strict):
                 "json_schema": {k: v for k, v in fmt.items() if k != "type"}}
 
     # ------------------------------------------------------------------ echo
-    def echo_fields(self, temperature: float, top_p: float) -> dict[str, Any]:
-        """The request fields a response object repeats (effective sampling values)."""
+    def echo_fields(self, temperature: float, top_p: float, stored: bool = False
+                    ) -> dict[str, Any]:
+        """The request fields a response object repeats (effective sampling values;
+        ``store``: whether this server keeps the response)."""
         return {
             "instructions": self.instructions, "max_output_tokens": self.max_output_tokens,
             "parallel_tool_calls": self.parallel_tool_calls is not False,
-            "previous_response_id": None, "reasoning": self.reasoning, "store": False,
+            "previous_response_id": self.previous_response_id, "reasoning": self.reasoning,
+            "store": stored,
             "temperature": temperature, "top_p": top_p,
             "text": self.text if self.text and self.text.get("format") else
             {"format": {"type": "text"}},
@@ -232,6 +247,14 @@ class ResponsesRequest(_Strict):
             ("auto" if self.tools else "none"),
             "tools": self.tools or [], "truncation": "disabled", "user": self.user,
             "metadata": self.metadata or {}}
+
+
+def assistant_message(content: Optional[str], calls: list[ToolCall]) -> dict[str, Any]:
+    """A response's output as the chat message a continuation renders."""
+    message: dict[str, Any] = {"role": "assistant", "content": content}
+    if calls:
+        message["tool_calls"] = [c.to_openai() for c in calls]
+    return message
 
 
 def _check_keys(obj: Any, param: str, allowed: set[str]) -> None:

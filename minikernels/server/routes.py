@@ -30,9 +30,9 @@ from .protocol import (ChatCompletionRequest, CompletionRequest, Constraint,
                        constraint_error, validation_to_api_error)
 from .streaming import (Choice, ClientGone, EngineRequest, Group, SSEResponse, stream_events,
                         until_disconnect)
-from .responses import (ResponseEvents, ResponsesRequest, as_responses_error, created_now,
-                        error_of, new_id, output_items, response_object, sse_event,
-                        status_of, usage_of)
+from .responses import (ResponseEvents, ResponsesRequest, as_responses_error,
+                        assistant_message, created_now, error_of, new_id, output_items,
+                        response_object, sse_event, status_of, usage_of)
 from .structured import ConstraintCompiler, ConstraintError
 from .tools import ToolMode
 
@@ -522,29 +522,42 @@ def register_routes(app: FastAPI, state: "ServerState") -> None:
     @app.post("/v1/responses")
     async def responses(request: Request) -> Response:
         rid = new_id("resp")
+        store = state.responses
         try:
             rreq, kid = await parse(request, ResponsesRequest)
-            req = rreq.to_chat()
+            prior = previous_conversation(rreq, kid)
+            req = rreq.to_chat(prior)
             try:
                 group, tools, _ = await start_chat(request, req, kid, rid)
             except APIError as exc:
                 raise as_responses_error(exc) from None
         except ClientGone:
             return gone_response()
+        keep = store.enabled and rreq.store is not False
         model = rreq.model or state.served_name
         defaults = state.sampling_defaults
         echo = rreq.echo_fields(
             temperature=req.temperature if req.temperature is not None
             else float(defaults.get("temperature", 1.0)),
-            top_p=req.top_p if req.top_p is not None else float(defaults.get("top_p", 1.0)))
+            top_p=req.top_p if req.top_p is not None else float(defaults.get("top_p", 1.0)),
+            stored=keep)
         created = created_now()
         c = group.choices[0]
+
+        def remember(response: dict[str, Any]) -> None:
+            if keep:
+                content, calls = tools.split(c.text)
+                store.put(response, rreq.input_messages(prior)
+                          + [assistant_message(content, calls)], kid)
+
         if not req.stream:
             content, calls = tools.split(c.text)
             status, incomplete = status_of(c.finish_reason)
-            return JSONBody(response_object(
-                rid, created, model, echo, status, output_items(content, calls, status),
-                usage_of(group.usage()), incomplete, error_of(status)))
+            body = response_object(rid, created, model, echo, status,
+                                   output_items(content, calls, status),
+                                   usage_of(group.usage()), incomplete, error_of(status))
+            remember(body)
+            return JSONBody(body)
 
         async def events() -> AsyncIterator[str]:
             stream = ResponseEvents(rid, created, model, echo)
@@ -573,10 +586,47 @@ def register_routes(app: FastAPI, state: "ServerState") -> None:
                         yield sse_event(ev)
                     return
                 finish(group)
-                for ev in stream.finish(c.finish_reason, group.usage()):
+                done = stream.finish(c.finish_reason, group.usage())
+                remember(done[-1]["response"])
+                for ev in done:
                     yield sse_event(ev)
             finally:
                 await group.close_shielded()
 
         return SSEResponse(events(), on_close=group.close_shielded,
                            on_disconnect=state.metrics.count_disconnect)
+
+    def previous_conversation(rreq: ResponsesRequest, kid: Optional[str]
+                              ) -> list[dict[str, Any]]:
+        """The stored conversation ``previous_response_id`` names (this key's only)."""
+        rid = rreq.previous_response_id
+        if rid is None:
+            return []
+        if not state.responses.enabled:
+            raise unsupported("previous_response_id", "previous_response_id needs stored "
+                              "responses and this server keeps none (start it with "
+                              "--responses-store-size N); send the conversation (earlier "
+                              "output items included) as input")
+        entry = state.responses.get(rid, kid)
+        if entry is None:
+            raise stored_not_found(rid, "previous_response_id")
+        return entry.conversation
+
+    def stored_not_found(rid: str, param: Optional[str] = None) -> APIError:
+        return APIError(f"Response with id '{rid}' not found.", status=404, param=param,
+                        code="not_found")
+
+    @app.get("/v1/responses/{response_id}")
+    async def get_response(request: Request, response_id: str) -> Response:
+        kid = authenticate(request)
+        entry = state.responses.get(response_id, kid)
+        if entry is None:
+            raise stored_not_found(response_id)
+        return JSONBody(entry.response)
+
+    @app.delete("/v1/responses/{response_id}")
+    async def delete_response(request: Request, response_id: str) -> Response:
+        kid = authenticate(request)
+        if not state.responses.delete(response_id, kid):
+            raise stored_not_found(response_id)
+        return JSONBody({"id": response_id, "object": "response.deleted", "deleted": True})
