@@ -27,6 +27,7 @@ _LAZY = {
     "LLM": ("minikernels.engine", "LLM"),
     "SamplingParams": ("minikernels.engine", "SamplingParams"),
     "RequestOutput": ("minikernels.engine", "RequestOutput"),
+    "Embedder": ("minikernels.engine", "Embedder"),
 }
 
 

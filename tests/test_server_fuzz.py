@@ -14,7 +14,7 @@ from minikernels.server.testing import LiveServer
 from test_server_fake import API_KEY, MODEL, FakeEngine
 
 ROUTES = ["/v1/completions", "/v1/chat/completions", "/v1/responses", "/tokenize",
-          "/detokenize",
+          "/detokenize", "/v1/embeddings",
           "/v1/models", f"/v1/models/{MODEL}", "/v1/models/nope", "/health", "/metrics",
           "/version", "/v1/nothing", "/"]
 METHODS = ["POST", "POST", "POST", "GET", "PUT", "DELETE", "OPTIONS", "PATCH", "FOO"]
@@ -97,7 +97,7 @@ def server():
 def requests(draw):
     if draw(st.integers(0, 9)) < 8:      # mostly well-formed calls to the generation routes
         method = "POST"
-        path = draw(st.sampled_from(ROUTES[:3] * 3 + ROUTES[3:5]))
+        path = draw(st.sampled_from(ROUTES[:3] * 3 + ROUTES[3:6]))
         headers = {"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"}
     else:
         method = draw(st.sampled_from(METHODS))

@@ -8,13 +8,15 @@
 Modules: sampling_params (SamplingParams), outputs (RequestOutput, CompletionOutput),
 sequence (Request, Sequence), detokenizer (incremental text), block_manager (KV blocks + prefix cache), scheduler
 (continuous batching, chunked prefill, preemption), model_runner (metadata, CUDA graphs,
-KV pool), sampler (batched sampling), llm_engine (LLMEngine, LLM), async_llm (AsyncLLM); the engine benchmarks live in minikernels.benchmarks.
+KV pool), sampler (batched sampling), llm_engine (LLMEngine, LLM), async_llm (AsyncLLM),
+embedding (Embedder: embedding models); the engine benchmarks live in minikernels.benchmarks.
 See docs/engine.md.
 """
 from .async_llm import AsyncLLM, EngineOverloaded
+from .embedding import Embedder
 from .llm_engine import LLM, LLMEngine
 from .outputs import CompletionOutput, Logprob, RequestOutput
 from .sampling_params import RequestOutputKind, SamplingParams
 
-__all__ = ["AsyncLLM", "CompletionOutput", "EngineOverloaded", "LLM", "LLMEngine", "Logprob",
-           "RequestOutput", "RequestOutputKind", "SamplingParams"]
+__all__ = ["AsyncLLM", "CompletionOutput", "Embedder", "EngineOverloaded", "LLM", "LLMEngine",
+           "Logprob", "RequestOutput", "RequestOutputKind", "SamplingParams"]

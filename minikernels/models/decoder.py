@@ -226,6 +226,22 @@ class CausalLM(nn.Module):
     # ------------------------------------------------------------------ forward
     def forward(self, input_ids: Tensor, meta: AttentionMetadata,
                 kv_caches: list[KVCache] | None = None) -> Tensor:
+        h = self.hidden_states(input_ids, meta, kv_caches)
+        if self.tp is not None:   # vocab-parallel lm_head: gather the logits once
+            logits = self.tp.all_gather_last(self.lm_head(h))[..., :self.config.vocab_size]
+        else:
+            logits = self.lm_head(h)
+        logits = logits.float()
+        if self.config.logits_scaling != 1.0:
+            logits = logits / self.config.logits_scaling
+        cap = self.config.final_logit_softcapping
+        return logits if cap is None else torch.tanh(logits / cap).mul_(cap)
+
+    def hidden_states(self, input_ids: Tensor, meta: AttentionMetadata,
+                      kv_caches: list[KVCache] | None = None) -> Tensor:
+        """The final-normed hidden states [R, hidden] (model dtype) of the rows
+        ``meta.logits_indices`` (all T when None): what the lm_head reads, and what an
+        embedding model pools."""
         if input_ids.dim() != 1:
             raise ValueError(f"input_ids must be 1-D [T] (flattened tokens), got shape "
                              f"{list(input_ids.shape)}")
@@ -247,16 +263,7 @@ class CausalLM(nn.Module):
             h = h.index_select(0, meta.logits_indices)
             residual = residual.index_select(0, meta.logits_indices) \
                 if residual is not None else None
-        h = self.norm(h) if residual is None else self.norm(h, residual)[0]
-        if self.tp is not None:   # vocab-parallel lm_head: gather the logits once
-            logits = self.tp.all_gather_last(self.lm_head(h))[..., :self.config.vocab_size]
-        else:
-            logits = self.lm_head(h)
-        logits = logits.float()
-        if self.config.logits_scaling != 1.0:
-            logits = logits / self.config.logits_scaling
-        cap = self.config.final_logit_softcapping
-        return logits if cap is None else torch.tanh(logits / cap).mul_(cap)
+        return self.norm(h) if residual is None else self.norm(h, residual)[0]
 
     # ----------------------------------------------------------------- KV cache
     def kv_cache_shape(self, num_blocks: int, block_size: int) -> tuple[int, int, int, int]:

@@ -22,6 +22,7 @@ ALLOW_PATTERNS = (
     "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
     "added_tokens.json", "vocab.json", "merges.txt", "vocab.txt", "chat_template.jinja",
     "chat_template.json",                                             # tokenizer
+    "modules.json", "*Pooling/config.json",                           # embedding pooling
 )
 
 # org/name (or a bare name), HF's repo-id alphabet; no leading "." or "/" (paths).

@@ -81,6 +81,12 @@ class ServerState:
     responses: ResponseStore = field(default_factory=lambda: ResponseStore(0))
 
     @property
+    def embedding(self) -> bool:
+        """Whether the engine is an embedding model (``--task embed``): /v1/embeddings
+        only, no text generation."""
+        return getattr(self.engine, "task", "generate") == "embed"
+
+    @property
     def served_name(self) -> str:
         return self.model_names[0]
 

@@ -496,3 +496,40 @@ class DetokenizeRequest(_Strict):
 
     def check(self) -> None:
         pass
+
+
+# ------------------------------------------------------------------ embeddings
+EmbeddingInput = Union[str, list[str], list[StrictInt], list[list[StrictInt]]]
+
+
+class EmbeddingRequest(_Strict):
+    """OpenAI's ``POST /v1/embeddings``: one input or a list (texts or token ids)."""
+
+    model: Optional[str] = None
+    input: EmbeddingInput
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: Optional[int] = Field(None, ge=1)
+    user: Optional[str] = None
+
+    def check(self) -> None:
+        pass
+
+    def inputs(self) -> list[Union[str, list[int]]]:
+        """The input field as a list of inputs (texts or token-id lists)."""
+        x = self.input
+        if isinstance(x, str):
+            out: list = [x]
+        elif len(x) == 0:
+            raise APIError("input must not be empty", param="input")
+        elif all(isinstance(t, int) for t in x):
+            out = [list(x)]
+        else:
+            out = list(x)
+        single = isinstance(x, str) or all(isinstance(t, int) for t in x)
+        for i, item in enumerate(out):
+            where = "input" if single else f"input[{i}]"
+            if len(item) == 0:
+                raise APIError("an input must not be empty", param=where)
+            if isinstance(item, list) and any(t < 0 for t in item):
+                raise APIError("token ids must be >= 0", param=where)
+        return out
