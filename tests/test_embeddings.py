@@ -209,3 +209,31 @@ def test_serve_task_embed_builds_an_embedder():
         assert "float32" in describe_engine(emb, args)
     finally:
         emb.close()
+
+
+def test_a_checkpoint_without_lm_head_embeds(qwen3, tmp_path):
+    """Embedding checkpoints (Qwen3-Embedding-8B's kind) often store no lm_head: the
+    Embedder neither reads nor allocates one; a generative load still asks for it."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from minikernels.models import load_model
+    from minikernels.models.loader import CheckpointError
+
+    hf, src = qwen3
+    assert not hf.config.tie_word_embeddings
+    path = str(tmp_path / "headless")
+    shutil.copytree(src, path)
+    f = os.path.join(path, "model.safetensors")
+    tensors = load_file(f)
+    del tensors["lm_head.weight"]
+    save_file({k.removeprefix("model."): v for k, v in tensors.items()}, f,   # Qwen3Model names
+              metadata={"format": "pt"})
+    emb = mk.Embedder(path, dtype="float32", device="cpu", tokenizer=None)
+    assert emb.model.lm_head.weight is None
+    seqs = [random_tokens(n, 300, n) for n in (6, 10)]
+    assert rel_err(emb.embed(seqs), _reference(hf, seqs, "last")) <= 1e-4
+    emb.close()
+    with pytest.raises(CheckpointError, match="lm_head"):
+        load_model(path, dtype="float32", device="cpu")

@@ -54,7 +54,7 @@ class Embedder:
                  normalize: Optional[bool] = None, seed: int = 0) -> None:
         path = resolve_model(model, revision)
         self.model = load_model(path, dtype=dtype, device=device, quantization=quantization,
-                                seed=seed)
+                                seed=seed, lm_head=False)
         self.model.eval()
         self.model_name = os.path.basename(os.path.normpath(model)) if os.path.isdir(model) \
             else model

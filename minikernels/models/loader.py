@@ -329,7 +329,8 @@ def _streams_rtn(name: str, config: DecoderConfig, quantize_lm_head: bool) -> bo
 # --------------------------------------------------------------------------- loading
 def _load_hf(model_dir: str, dtype: str | torch.dtype, device: torch.device,
              quantization: str | None, allow_pickle: bool, group_size: int,
-             quantize_lm_head: bool, tp: TensorParallel | None = None) -> CausalLM:
+             quantize_lm_head: bool, tp: TensorParallel | None = None,
+             lm_head: bool = True) -> CausalLM:
     cfg_path = os.path.join(model_dir, "config.json")
     if not os.path.isfile(cfg_path):
         raise CheckpointError(f"{model_dir} has no config.json (not a HF model directory)")
@@ -350,7 +351,7 @@ def _load_hf(model_dir: str, dtype: str | torch.dtype, device: torch.device,
     rtn = quantization == "int4" and ckpt_quant is None
     model = CausalLM(config, dtype=torch_dtype, device=device,
                      dense=ckpt_quant is None and not rtn,
-                     dense_lm_head=not (rtn and quantize_lm_head), tp=tp)
+                     dense_lm_head=lm_head and not (rtn and quantize_lm_head), tp=tp)
     modules = dict(model.named_modules())
     stream = {name for name, mod in modules.items() if isinstance(mod, FusedLinear) and rtn
               and _streams_rtn(name, config, quantize_lm_head)}
@@ -361,7 +362,7 @@ def _load_hf(model_dir: str, dtype: str | torch.dtype, device: torch.device,
     expected: set[tuple[str, int | None, str]] = set()
     for name, mod in modules.items():
         if isinstance(mod, FusedLinear):
-            if name == "lm_head" and config.tie_word_embeddings:
+            if name == "lm_head" and (config.tie_word_embeddings or not lm_head):
                 continue
             for s in range(len(mod.output_sizes)):
                 if mod.weight is not None or name in stream:
@@ -397,7 +398,7 @@ def _load_hf(model_dir: str, dtype: str | torch.dtype, device: torch.device,
                             unexpected.append(hf_name)
                         continue
                     mod_name, shard, kind = target
-                    if mod_name == "lm_head" and config.tie_word_embeddings:
+                    if mod_name == "lm_head" and (config.tie_word_embeddings or not lm_head):
                         continue  # tied: lm_head is the embedding table
                     mod = modules.get(mod_name)
                     if mod is None:
@@ -631,7 +632,8 @@ def load_model(model: str, dtype: str | torch.dtype = "bfloat16",
                device: str | torch.device | None = None, quantization: str | None = None,
                allow_pickle: bool = False, seed: int = 0, *, group_size: int = 128,
                quantize_lm_head: bool = False, revision: str | None = None,
-               tensor_parallel: TensorParallel | None = None) -> CausalLM:
+               tensor_parallel: TensorParallel | None = None,
+               lm_head: bool = True) -> CausalLM:
     """Load a :class:`CausalLM` from a local HF directory, a hub id or a built-in name.
 
     model:        path of a HF checkpoint directory (config.json + safetensors), a Hugging
@@ -645,6 +647,9 @@ def load_model(model: str, dtype: str | torch.dtype = "bfloat16",
     group_size, quantize_lm_head: RTN settings for quantization='int4'.
     tensor_parallel: build and read only this rank's shard (minikernels.models.parallel;
                   built-in names: this rank's shard of the TP=1 model of the same seed).
+    lm_head:      False: an untied lm_head is neither read nor allocated (embedding
+                  models: only :meth:`CausalLM.hidden_states` runs; their checkpoints often
+                  have none). Built-in names always have one.
     """
     if quantization is not None:
         quantization = str(quantization).lower()
@@ -657,7 +662,7 @@ def load_model(model: str, dtype: str | torch.dtype = "bfloat16",
     model = resolve_model(model, revision)
     if os.path.isdir(model):
         m = _load_hf(model, dtype, dev, quantization, allow_pickle, group_size,
-                     quantize_lm_head, tensor_parallel)
+                     quantize_lm_head, tensor_parallel, lm_head)
     elif model.lower() in list_models():
         if quantization in ("gptq", "awq"):
             raise ValueError(f"built-in model {model!r} has dummy dense weights; "
