@@ -17,13 +17,15 @@ import jsonschema
 import openai
 import pytest
 from pydantic import BaseModel, Field
+from test_server_tools import KEY, MODEL, client, engine, server
 
-from minikernels.engine import AsyncLLM
 from minikernels.server import create_app
 from minikernels.server.testing import LiveServer
 
-MODEL = "tiny"
-KEY = "responses-test-key"
+# The tool-calling tests' fixtures (the tiny model on the real engine behind a live
+# server with the hermes parser), instantiated again for this module.
+__all__ = ["client", "engine", "server"]
+
 WEATHER = {"type": "object", "properties": {
     "city": {"enum": ["Paris", "Oslo", "Lima"]},
     "days": {"type": "integer", "minimum": 1, "maximum": 7}},
@@ -34,25 +36,6 @@ TOOLS = [{"type": "function", "name": "get_weather", "description": "Weather.",
              "type": "object", "properties": {"tz": {"enum": ["UTC", "CET"]}},
              "required": ["tz"], "additionalProperties": False}}]
 SCHEMA_OF = {t["name"]: t["parameters"] for t in TOOLS}
-
-
-@pytest.fixture(scope="module")
-def engine():
-    return AsyncLLM.from_args(MODEL, dtype="float32", device="cpu", enforce_eager=True,
-                              block_size=16, max_model_len=2048, num_kv_blocks=512)
-
-
-@pytest.fixture(scope="module")
-def server(engine):
-    app = create_app(engine, api_key=KEY, served_model_name=MODEL, tool_call_parser="hermes")
-    with LiveServer(app) as srv:
-        yield srv
-
-
-@pytest.fixture()
-def client(server):
-    return openai.OpenAI(base_url=server.base_url + "/v1", api_key=KEY, max_retries=0,
-                         timeout=60)
 
 
 def _post(server, body: dict) -> httpx.Response:
