@@ -383,3 +383,25 @@ def test_llama3_json_parser(engine):
                 jsonschema.validate(strict_json(c["arguments"]), SCHEMA_OF["get_time"])
             content, calls, finish = _ask(client, stream, max_tokens=6)   # plain text
             assert not calls and content
+
+
+@pytest.mark.parametrize(("parser", "call_re"), [
+    ("pythonic", r'\[get_weather\(city="(Paris|Oslo)", days=[1-7]\), get_time\(tz="UTC"\)\]'),
+    ("mistral", r'Sure\.\[TOOL_CALLS\]\[\{"name": "get_weather", "arguments": '
+                r'\{"city": "Lima", "days": [1-7]\}\}, \{"name": "get_time", "arguments": '
+                r'\{"tz": "CET"\}\}\]'),
+])
+def test_more_parsers_through_the_server(engine, parser, call_re):
+    """--tool-call-parser pythonic / mistral: calls the model writes in that format come
+    back as tool_calls, streamed and not (a regex makes the random model write them)."""
+    so = {"structured_outputs": {"regex": call_re}}
+    app = create_app(engine, api_key=KEY, served_model_name=MODEL, tool_call_parser=parser)
+    with LiveServer(app) as srv:
+        client = openai.OpenAI(base_url=srv.base_url + "/v1", api_key=KEY, max_retries=0)
+        for stream in (False, True):
+            content, calls, finish = _ask(client, stream, extra_body=so, max_tokens=200)
+            assert finish == "tool_calls" and [c["name"] for c in calls] == \
+                ["get_weather", "get_time"]
+            assert (content or "") == ("Sure." if parser == "mistral" else "")
+            for c in calls:
+                jsonschema.validate(strict_json(c["arguments"]), SCHEMA_OF[c["name"]])

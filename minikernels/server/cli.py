@@ -15,7 +15,7 @@ import signal
 from typing import Any, Optional
 
 from ..models.kv_cache_dtype import KV_CACHE_DTYPE_NAMES
-from .settings import API_KEY_ENV, ServerLimits
+from .settings import API_KEY_ENV, TOOL_CALL_PARSERS, ServerLimits
 
 # The app, uvicorn glue, auth and limits (fastapi, torch) load in run(), so --help is quick.
 
@@ -76,9 +76,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     http.add_argument("--shutdown-grace", type=float, default=5.0,
                       help="on SIGTERM, seconds in-flight requests get to finish before "
                            "they are aborted (each stream still ends with [DONE])")
-    http.add_argument("--tool-call-parser", default=None, choices=["hermes", "llama3_json"],
+    http.add_argument("--tool-call-parser", default=None, choices=TOOL_CALL_PARSERS,
                       help="parse tool calls out of the output for tool_choice 'auto' "
-                           "(hermes: <tool_call> tags, Qwen2.5; llama3_json: Llama 3.x)")
+                           "(hermes: <tool_call> tags, Qwen2.5 / Qwen3; llama3_json: "
+                           "Llama 3.1; pythonic: Llama 3.2 / 4; mistral; granite; "
+                           "phi4_mini_json)")
     http.add_argument("--responses-store-size", type=int, default=0, metavar="N",
                       help="keep the latest N responses of /v1/responses in memory (per API "
                            "key) for previous_response_id and GET / DELETE "

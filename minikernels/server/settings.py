@@ -10,6 +10,10 @@ from dataclasses import dataclass
 #: environment variable holding the API key when --api-key is not given
 API_KEY_ENV = "MINIKERNELS_API_KEY"
 
+#: --tool-call-parser choices (the parsers of :mod:`.tool_parsers`, vLLM's names)
+TOOL_CALL_PARSERS = ("hermes", "llama3_json", "pythonic", "mistral", "granite",
+                     "phi4_mini_json")
+
 
 @dataclass(frozen=True)
 class ServerLimits:

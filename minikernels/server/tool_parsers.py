@@ -6,6 +6,13 @@ One parser per output format, chosen with ``--tool-call-parser`` (vLLM's names):
   {...}}</tool_call>``; text outside the tags is the message content.
 - ``llama3_json``: Llama 3.x JSON tool calls: the output (optionally after
   ``<|python_tag|>``) is ``{"name": ..., "parameters": {...}}``, several separated by ``;``.
+- ``mistral`` (``[TOOL_CALLS]``), ``granite`` (``<|tool_call|>``, Granite 3.x),
+  ``phi4_mini_json`` (``functools``, Phi-4-mini): text, then the marker and a JSON list of
+  ``{"name": ..., "arguments": {...}}`` objects to the end of the output.
+- ``pythonic``: Llama 3.2 / Llama 4 style, the output (optionally inside
+  ``<|python_start|>`` ... ``<|python_end|>``) is a Python list of calls with keyword
+  arguments, ``[get_weather(city="Paris", days=2), get_time()]``; the arguments must be
+  literals (read with ``ast.literal_eval``, never evaluated).
 
 Streaming (:meth:`ToolParser.stream`) yields content deltas as they become safe to send and
 one tool-call delta per call once its JSON is complete (id, type, name and the whole
@@ -14,6 +21,7 @@ valid stream). Text that cannot be parsed as a call stays content: nothing is dr
 """
 from __future__ import annotations
 
+import ast
 import json
 import secrets
 from dataclasses import dataclass, field
@@ -183,8 +191,140 @@ class Llama3JsonToolParser(ToolParser):
         return (content or ""), calls
 
 
-PARSERS: dict[str, type[ToolParser]] = {p.name: p for p in (HermesToolParser,
-                                                            Llama3JsonToolParser)}
+class MarkerJsonListToolParser(ToolParser):
+    """Content, then ``MARKER`` and a JSON list of calls (or one call object) that runs to
+    the end of the output. Streaming sends content until the marker shows up (a tail
+    that may be its start is held back), then holds the rest until the output ends."""
+
+    MARKER = ""
+
+    def parse(self, text: str) -> tuple[str | None, list[ToolCall]]:
+        start = text.find(self.MARKER)
+        if start < 0:
+            return (text or None), []
+        calls = self._parse_calls(text[start + len(self.MARKER):])
+        if calls is None:                 # not a list of calls: all of it is content
+            return (text or None), []
+        content = text[:start].strip()
+        return (content or None), calls
+
+    @staticmethod
+    def _parse_calls(body: str) -> list[ToolCall] | None:
+        try:
+            obj = json.loads(body.strip())
+        except ValueError:
+            return None
+        items = obj if isinstance(obj, list) else [obj]
+        calls = [_call_from_json(o, ("arguments", "parameters")) for o in items]
+        if not calls or any(c is None for c in calls):
+            return None
+        return calls  # type: ignore[return-value]
+
+    def stream(self, delta: str, final: bool = False) -> tuple[str, list[ToolCall]]:
+        self._buffer += delta
+        start = self._buffer.find(self.MARKER)
+        if start < 0:
+            keep = 0 if final else _partial_suffix(self._buffer, self.MARKER)
+            out = self._buffer[:len(self._buffer) - keep]
+            self._buffer = self._buffer[len(self._buffer) - keep:]
+            return out, []
+        out, self._buffer = self._buffer[:start], self._buffer[start:]
+        if not final:
+            return out, []
+        calls = self._parse_calls(self._buffer[len(self.MARKER):])
+        rest, self._buffer = self._buffer, ""
+        if calls is None:
+            return out + rest, []
+        self.calls.extend(calls)
+        return out, calls
+
+
+class MistralToolParser(MarkerJsonListToolParser):
+    name = "mistral"
+    MARKER = "[TOOL_CALLS]"
+
+
+class GraniteToolParser(MarkerJsonListToolParser):
+    name = "granite"
+    MARKER = "<|tool_call|>"
+
+
+class Phi4MiniJsonToolParser(MarkerJsonListToolParser):
+    name = "phi4_mini_json"
+    MARKER = "functools"
+
+
+class PythonicToolParser(ToolParser):
+    """``[f(a=1, b="x"), g()]`` (see the module docstring)."""
+
+    name = "pythonic"
+    START, END = "<|python_start|>", "<|python_end|>"
+
+    def _body(self, text: str) -> str:
+        body = text.strip()
+        if body.startswith(self.START):
+            body = body[len(self.START):]
+            if body.rstrip().endswith(self.END):
+                body = body.rstrip()[:-len(self.END)]
+        return body.strip()
+
+    def parse(self, text: str) -> tuple[str | None, list[ToolCall]]:
+        body = self._body(text)
+        if not body.startswith("["):
+            return (text or None), []
+        try:
+            tree = ast.parse(body, mode="eval").body
+        except (SyntaxError, ValueError, MemoryError, RecursionError):
+            return (text or None), []
+        if not isinstance(tree, ast.List) or not tree.elts:
+            return (text or None), []
+        calls = []
+        for node in tree.elts:
+            call = self._call(node)
+            if call is None:
+                return (text or None), []
+            calls.append(call)
+        return None, calls
+
+    @staticmethod
+    def _call(node: ast.expr) -> ToolCall | None:
+        if not isinstance(node, ast.Call) or not isinstance(node.func, ast.Name) or node.args:
+            return None
+        args = {}
+        for kw in node.keywords:
+            if kw.arg is None:            # **kwargs
+                return None
+            try:
+                args[kw.arg] = ast.literal_eval(kw.value)
+            except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
+                return None
+        try:
+            text = json.dumps(args, ensure_ascii=False)
+        except (TypeError, ValueError):   # sets, bytes, complex: not JSON arguments
+            return None
+        return ToolCall(node.func.id, text)
+
+    def stream(self, delta: str, final: bool = False) -> tuple[str, list[ToolCall]]:
+        # A call list is only known once the output ends: text that cannot start one
+        # streams at once; a possible call list is held back until final.
+        self._buffer += delta
+        head = self._buffer.lstrip()
+        maybe = head.startswith("[") or head.startswith(self.START) or \
+            (not final and (head == "" or self.START.startswith(head)))
+        if not maybe:
+            out, self._buffer = self._buffer, ""
+            return out, []
+        if not final:
+            return "", []
+        content, calls = self.parse(self._buffer)
+        self._buffer = ""
+        self.calls.extend(calls)
+        return (content or ""), calls
+
+
+PARSERS: dict[str, type[ToolParser]] = {p.name: p for p in (
+    HermesToolParser, Llama3JsonToolParser, MistralToolParser, GraniteToolParser,
+    Phi4MiniJsonToolParser, PythonicToolParser)}
 
 
 def get_parser(name: str) -> ToolParser:
