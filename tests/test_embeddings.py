@@ -237,3 +237,27 @@ def test_a_checkpoint_without_lm_head_embeds(qwen3, tmp_path):
     emb.close()
     with pytest.raises(CheckpointError, match="lm_head"):
         load_model(path, dtype="float32", device="cpu")
+
+
+def test_concurrent_async_callers_share_forwards(qwen3):
+    """Requests that arrive while the worker is busy go into its next forward together,
+    and each gets exactly the vectors it would get alone (its own ``dimensions``)."""
+    _, path = qwen3
+    emb = mk.Embedder(path, dtype="float32", device="cpu", tokenizer=None,
+                      max_num_batched_tokens=64)
+    requests = [([random_tokens(3 + i % 5, 300, i)], 8 if i % 3 == 0 else None)
+                for i in range(12)]
+    want = [emb.embed_ids(ids, dims) for ids, dims in requests]
+    before = emb.num_forwards
+
+    async def run():
+        return await asyncio.gather(*(emb.embed_async(ids, dims) for ids, dims in requests))
+
+    got = asyncio.run(run())
+    used = emb.num_forwards - before
+    assert used <= 3, used               # 12 requests of <= 7 tokens, budget 64
+    for g, w in zip(got, want):
+        assert g.shape == w.shape and (g - w).abs().max() <= 1e-5
+    with pytest.raises(EmbeddingInputError, match="outside the vocabulary"):
+        asyncio.run(emb.embed_async([[999]]))
+    emb.close()

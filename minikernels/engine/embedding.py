@@ -8,15 +8,17 @@ over its input), takes the final-normed hidden states and pools them
 (:mod:`minikernels.models.pooling`: the checkpoint's sentence-transformers pooling, else
 the last token, L2-normalized). ``dimensions`` keeps the first N components and
 normalizes again (Matryoshka embeddings, as vLLM and OpenAI's ``dimensions``). The forwards
-run on one worker thread, so concurrent async callers queue rather than contend for the
-device.
+run on one worker thread; async callers (the server) that arrive while it is busy are
+packed into its next forwards together, up to the token budget.
 """
 from __future__ import annotations
 
 import asyncio
 import os
 import threading
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any, Optional, Sequence, Union
 
 import torch
@@ -26,6 +28,15 @@ from ..models.hub import resolve_model
 from ..models.pooling import PoolingConfig, pool
 
 EmbedInput = Union[str, Sequence[int]]
+
+
+@dataclass
+class _Job:
+    """One async caller's inputs, waiting for the worker."""
+
+    ids: list[list[int]]
+    dimensions: Optional[int]
+    future: asyncio.Future
 
 
 class EmbeddingInputError(ValueError):
@@ -72,6 +83,9 @@ class Embedder:
         self.hidden_size = int(self.model.config.hidden_size)
         self.vocab_size = int(self.model.config.vocab_size)
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embedder")
+        self._pending: deque[_Job] = deque()
+        self._dispatcher: Optional[asyncio.Task] = None
+        self.num_forwards = 0
         self._lock = threading.Lock()
         self._inputs = 0
         self._tokens = 0
@@ -106,9 +120,54 @@ class Embedder:
 
     async def embed_async(self, ids: Sequence[Sequence[int]],
                           dimensions: Optional[int] = None) -> torch.Tensor:
-        """:meth:`embed_ids` on the worker thread (callers queue for it)."""
+        """:meth:`embed_ids` for concurrent async callers: requests that wait while the
+        worker is busy are packed together into its next forwards (up to
+        ``max_num_batched_tokens`` tokens), so many small requests cost few forwards."""
+        self.check(ids, dimensions)
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._worker, self.embed_ids, ids, dimensions)
+        job = _Job([list(x) for x in ids], dimensions, loop.create_future())
+        self._pending.append(job)
+        if self._dispatcher is None or self._dispatcher.done():
+            self._dispatcher = loop.create_task(self._dispatch())
+        return await job.future
+
+    async def _dispatch(self) -> None:
+        """Drain the pending jobs: each round takes the jobs that fit the token budget
+        (at least one) and embeds them in one call on the worker thread."""
+        loop = asyncio.get_running_loop()
+        while self._pending:
+            jobs, tokens = [], 0
+            while self._pending:
+                n = sum(len(x) for x in self._pending[0].ids)
+                if jobs and tokens + n > self.max_num_batched_tokens:
+                    break
+                jobs.append(self._pending.popleft())
+                tokens += n
+            jobs = [j for j in jobs if not j.future.done()]   # (cancelled callers)
+            if not jobs:
+                continue
+            try:
+                vectors = await loop.run_in_executor(
+                    self._worker, self.embed_ids, [x for j in jobs for x in j.ids])
+            except BaseException as exc:  # noqa: BLE001 - each caller gets the error
+                for j in jobs:
+                    if not j.future.done():
+                        j.future.set_exception(exc)
+                if not isinstance(exc, Exception):
+                    raise
+                continue
+            start = 0
+            for j in jobs:
+                v = vectors[start:start + len(j.ids)]
+                start += len(j.ids)
+                if not j.future.done():
+                    j.future.set_result(self._truncate(v, j.dimensions))
+
+    def _truncate(self, v: torch.Tensor, dimensions: Optional[int]) -> torch.Tensor:
+        if dimensions is None or dimensions >= v.shape[1]:
+            return v
+        v = v[:, :dimensions]
+        return torch.nn.functional.normalize(v, dim=-1) if self.pooling.normalize else v
 
     def check(self, ids: Sequence[Sequence[int]], dimensions: Optional[int] = None) -> None:
         """:class:`EmbeddingInputError` (a ValueError) naming what cannot be embedded."""
@@ -161,9 +220,5 @@ class Embedder:
         meta = AttentionMetadata.for_prompts(lengths, device=dev,
                                              last_only=self.pooling.last_only)
         h = self.model.hidden_states(flat, meta, None)
-        v = pool(h, lengths, self.pooling)
-        if dimensions is not None and dimensions < v.shape[1]:
-            v = v[:, :dimensions]
-            if self.pooling.normalize:
-                v = torch.nn.functional.normalize(v, dim=-1)
-        return v.cpu()
+        self.num_forwards += 1
+        return self._truncate(pool(h, lengths, self.pooling), dimensions).cpu()
