@@ -309,3 +309,31 @@ def test_interrupted_step_leaves_no_unwritten_blocks_in_the_prefix_cache():
     out = llm.generate([prompt + [7]], greedy, use_tqdm=False)[0]
     assert out.outputs[0].token_ids == want
     assert_all_free(llm)
+
+
+def test_chat_renders_conversations_with_the_template(tiny):
+    """LLM.chat: one conversation or several, each rendered by the tokenizer's template;
+    the output equals generate() on the rendered ids and carries the rendered prompt."""
+    p = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    convo = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    [one] = tiny.chat(convo, p, use_tqdm=False)
+    ids = tiny.tokenizer.apply_chat_template(convo, add_generation_prompt=True)
+    assert one.prompt_token_ids == ids
+    assert one.outputs[0].token_ids == tiny.generate([ids], p, use_tqdm=False)[0] \
+        .outputs[0].token_ids
+    assert one.prompt.endswith("<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n")
+    two = tiny.chat([convo, [{"role": "user", "content": "Yo"}]], p, use_tqdm=False)
+    assert [o.prompt_token_ids for o in two] == [
+        ids, tiny.tokenizer.apply_chat_template([{"role": "user", "content": "Yo"}])]
+    # continue the assistant's own message instead of starting a new one
+    partial = convo + [{"role": "assistant", "content": "Sure, "}]
+    [cont] = tiny.chat(partial, p, use_tqdm=False, add_generation_prompt=False,
+                       continue_final_message=True)
+    assert cont.prompt.endswith("<|im_start|>assistant\nSure, ")
+    with pytest.raises(ValueError, match="add_generation_prompt=False"):
+        tiny.chat(partial, p, continue_final_message=True)
+    with pytest.raises(TypeError, match="conversation"):
+        tiny.chat("Hi", p)
+    with pytest.raises(ValueError, match="renders no tools"):
+        tiny.chat(convo, p, tools=[{"type": "function", "function": {"name": "f"}}])
+    assert_all_free(tiny)

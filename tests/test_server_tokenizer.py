@@ -168,3 +168,26 @@ def test_tools_and_tool_messages_through_the_hf_template(tokenizer):
         assert info.value.param == "tools[0]"
     finally:
         hf.chat_template = saved
+
+
+def test_hf_tokenizer_chat_template_takes_tools_and_variables(tokenizer):
+    """HFTokenizer.apply_chat_template (what LLM.chat renders with) passes tools and
+    template variables to the checkpoint's template."""
+    hf = tokenizer.tokenizer
+    saved = hf.chat_template
+    hf.chat_template = ("{% if tools %}TOOLS:{{ tools | map(attribute='function.name') | "
+                        "join(',') }}\n{% endif %}" + TEMPLATE)
+    try:
+        msgs = [{"role": "user", "content": "hi"}]
+        with_tools = tokenizer.decode(tokenizer.apply_chat_template(
+            msgs, tools=[{"type": "function", "function": {"name": "get_weather"}}]),
+            skip_special_tokens=False)
+        assert with_tools.startswith("TOOLS:get_weather\n")
+        off = tokenizer.decode(tokenizer.apply_chat_template(msgs, enable_thinking=False),
+                               skip_special_tokens=False)
+        assert off.endswith("<|im_start|>assistant\n<think></think>")
+        plain = tokenizer.decode(tokenizer.apply_chat_template(msgs),
+                                 skip_special_tokens=False)
+        assert not plain.startswith("TOOLS") and "<think>" not in plain
+    finally:
+        hf.chat_template = saved

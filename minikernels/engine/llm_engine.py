@@ -974,6 +974,45 @@ class LLM:
         raise TypeError(f"prompts must be a str, a list of str, a list of token ids or a "
                         f"list of token-id lists, got {type(prompts).__name__}")
 
+    def chat(self, messages: Seq[dict[str, Any]] | Seq[Seq[dict[str, Any]]],
+             sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
+             use_tqdm: bool = True, *, add_generation_prompt: bool = True,
+             continue_final_message: bool = False,
+             tools: list[dict[str, Any]] | None = None,
+             chat_template_kwargs: dict[str, Any] | None = None) -> list[RequestOutput]:
+        """Generate replies to conversations (vLLM's ``LLM.chat``).
+
+        messages: one conversation (a list of ``{"role", "content"}`` dicts) or a list of
+            them; each is rendered with the tokenizer's chat template, with ``tools``
+            (OpenAI function specs) and ``chat_template_kwargs`` passed to it.
+        continue_final_message: the reply continues the last (assistant) message instead
+            of starting a new one (needs ``add_generation_prompt=False``).
+        Each output's ``prompt`` is the rendered text (special tokens included).
+        """
+        if isinstance(messages, (list, tuple)) and messages and \
+                all(isinstance(m, dict) for m in messages):
+            conversations = [list(messages)]
+        elif isinstance(messages, (list, tuple)) and messages and \
+                all(isinstance(c, (list, tuple)) for c in messages):
+            conversations = [list(c) for c in messages]
+        else:
+            raise TypeError("messages must be a conversation (a list of message dicts) or a "
+                            "non-empty list of conversations")
+        if continue_final_message and add_generation_prompt:
+            raise ValueError("continue_final_message needs add_generation_prompt=False")
+        tok = self.tokenizer
+        if tok is None:
+            raise ValueError("this model has no tokenizer to render chats with")
+        kwargs = dict(chat_template_kwargs or {})
+        if continue_final_message:
+            kwargs["continue_final_message"] = True
+        prompts = [tok.apply_chat_template(c, add_generation_prompt=add_generation_prompt,
+                                           tools=tools, **kwargs) for c in conversations]
+        outputs = self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
+        for out, ids in zip(outputs, prompts):
+            out.prompt = tok.decode(ids, skip_special_tokens=False)
+        return outputs
+
     def generate(self, prompts: str | list[int] | Seq[str | list[int]],
                  sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
                  use_tqdm: bool = True) -> list[RequestOutput]:

@@ -62,13 +62,23 @@ class ByteTokenizer:
         return out.decode("utf-8", errors="replace")
 
     def apply_chat_template(self, messages: list[dict[str, Any]],
-                            add_generation_prompt: bool = True) -> list[int]:
+                            add_generation_prompt: bool = True,
+                            tools: list[dict[str, Any]] | None = None,
+                            **template_kwargs: Any) -> list[int]:
+        """``<|im_start|>role``, newline, content, ``<|im_end|>``, newline per message
+        (ChatML in bytes); with ``continue_final_message=True`` the last message is left
+        open. It renders no tools (the server flattens them into the messages first) and
+        ignores other template variables."""
+        if tools:
+            raise ValueError("the byte tokenizer's chat template renders no tools")
         ids = [self.BOS] if self.add_bos else []
-        for m in messages:
+        for i, m in enumerate(messages):
             if "role" not in m or "content" not in m:
                 raise ValueError("each chat message needs 'role' and 'content'")
             ids += [self.IM_START] + list(f"{m['role']}\n".encode()) + \
-                list(str(m["content"]).encode()) + [self.IM_END] + list(b"\n")
+                list(str(m["content"]).encode())
+            if not (template_kwargs.get("continue_final_message") and i == len(messages) - 1):
+                ids += [self.IM_END] + list(b"\n")
         if add_generation_prompt:
             ids += [self.IM_START] + list(b"assistant\n")
         return ids
@@ -99,13 +109,19 @@ class HFTokenizer:
         return self.tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
     def apply_chat_template(self, messages: list[dict[str, Any]],
-                            add_generation_prompt: bool = True) -> list[int]:
+                            add_generation_prompt: bool = True,
+                            tools: list[dict[str, Any]] | None = None,
+                            **template_kwargs: Any) -> list[int]:
+        """Token ids of ``messages`` rendered by the checkpoint's chat template, with
+        ``tools`` (OpenAI function specs) and template variables (``enable_thinking``,
+        ``continue_final_message``, ...) passed to it."""
         if not self.chat_template:
             raise ValueError("this tokenizer has no chat template (tokenizer_config.json "
                              "chat_template); pass a plain prompt instead")
         # Render to text, then encode without adding specials again (the template has them).
         text = self.tokenizer.apply_chat_template(messages, tokenize=False,
-                                                  add_generation_prompt=add_generation_prompt)
+                                                  add_generation_prompt=add_generation_prompt,
+                                                  tools=tools or None, **template_kwargs)
         return self.encode(text, add_special_tokens=False)
 
 
