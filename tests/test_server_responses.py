@@ -256,7 +256,7 @@ def test_required_parallel_calls(client, stream):
     ({"input": "x", "previous_response_id": "resp_1"}, "previous_response_id"),
     ({"input": "x", "background": True}, "background"),
     ({"input": "x", "truncation": "auto"}, "truncation"),
-    ({"input": "x", "include": ["message.output_text.logprobs"]}, "include"),
+    ({"input": "x", "include": ["file_search_call.results"]}, "include[0]"),
     ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "u"}]}]},
      "input[0].content[0].type"),
     ({"input": [{"role": "critic", "content": "x"}]}, "input[0].role"),
@@ -454,3 +454,53 @@ def test_without_a_store_nothing_is_kept(server, client):
     assert r.store is False
     with pytest.raises(openai.NotFoundError):
         client.responses.retrieve(r.id)
+
+
+def test_logprobs_in_parts_and_deltas_equal_chat(server, client):
+    """include message.output_text.logprobs (+ top_logprobs): the output_text part holds
+    one entry per token, equal to chat's logprobs for the same sampling (the values to
+    1e-4: a prefix-cache hit computes the prompt in other chunks); streamed deltas carry
+    them too and add up to the same list."""
+    from openai.types.responses import Response, ResponseStreamEvent
+    from pydantic import TypeAdapter
+
+    body = {"model": MODEL, "input": "Tell me something.", "max_output_tokens": 8,
+            "temperature": 0, "include": ["message.output_text.logprobs"], "top_logprobs": 2}
+    r = _post(server, body)
+    assert r.status_code == 200, r.text
+    Response.model_validate(r.json())
+    part = r.json()["output"][0]["content"][0]
+    chat = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Tell me something."}],
+        max_tokens=8, temperature=0, logprobs=True, top_logprobs=2)
+    want = [c.model_dump() for c in chat.choices[0].logprobs.content]
+    _same_logprobs(part["logprobs"], want)
+    assert len(want) == 8
+    assert all(len(e["top_logprobs"]) == 2 for e in part["logprobs"])
+    assert "".join(e["token"] for e in part["logprobs"]) == part["text"]
+    events = _raw_events(server, body)
+    parse = TypeAdapter(ResponseStreamEvent).validate_python
+    for ev in events:
+        parse(ev)
+    streamed = [lp for ev in events if ev["type"] == "response.output_text.delta"
+                for lp in ev["logprobs"]]
+    _same_logprobs(streamed, want)
+    done = [ev for ev in events if ev["type"] == "response.output_text.done"][0]
+    assert done["logprobs"] == streamed
+    assert events[-1]["response"]["output"][0]["content"][0]["logprobs"] == streamed
+    bad = _post(server, {**body, "include": ["message.output_text.logprobs",
+                                             "reasoning.encrypted_content"]})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "include[1]"
+    alone = _post(server, {"model": MODEL, "input": "x", "top_logprobs": 2})
+    assert alone.status_code == 400 and alone.json()["error"]["param"] == "top_logprobs"
+
+
+def _same_logprobs(got: list[dict], want: list[dict]) -> None:
+    assert len(got) == len(want)
+    for g, w in zip(got, want):
+        assert (g["token"], g["bytes"]) == (w["token"], w["bytes"])
+        assert abs(g["logprob"] - w["logprob"]) <= 1e-4
+        assert [(t["token"], t["bytes"]) for t in g["top_logprobs"]] == \
+            [(t["token"], t["bytes"]) for t in w["top_logprobs"]]
+        for a, b in zip(g["top_logprobs"], w["top_logprobs"]):
+            assert abs(a["logprob"] - b["logprob"]) <= 1e-4

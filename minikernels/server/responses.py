@@ -27,8 +27,11 @@ Stored responses (:mod:`.response_store`, off unless ``--responses-store-size``)
 instructions); ``store: false`` keeps a response out; without a store
 ``previous_response_id`` is a 400 and ``store`` is answered ``false``.
 
-Not served (a 400 naming the field): ``background``, ``truncation: "auto"``, ``include``,
-non-function tools, image / file inputs.
+``include: ["message.output_text.logprobs"]`` (with ``top_logprobs``) puts each token's
+logprob in the ``output_text`` part and in every ``output_text.delta`` event.
+
+Not served (a 400 naming the field): ``background``, ``truncation: "auto"``, other
+``include`` values, non-function tools, image / file inputs.
 """
 from __future__ import annotations
 
@@ -41,10 +44,13 @@ from typing import Any, Literal, Optional, Union
 from pydantic import Field, StrictInt, ValidationError
 
 from .errors import APIError, unsupported
-from .protocol import ChatCompletionRequest, _Strict, validation_to_api_error
+from .protocol import MAX_TOP_LOGPROBS, ChatCompletionRequest, _Strict, validation_to_api_error
 from .tool_parsers import ToolCall
 
 _TEXT_PARTS = ("input_text", "output_text", "text")
+LOGPROBS_INCLUDE = "message.output_text.logprobs"
+#: the ``include`` values served
+INCLUDABLE = (LOGPROBS_INCLUDE,)
 _MESSAGE_ROLES = ("user", "system", "developer", "assistant")
 
 
@@ -75,6 +81,7 @@ class ResponsesRequest(_Strict):
     truncation: Optional[Literal["disabled", "auto"]] = None
     reasoning: Optional[dict[str, Any]] = None
     include: Optional[list[str]] = None
+    top_logprobs: Optional[int] = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     # vLLM extensions (extra_body)
     top_k: Optional[int] = Field(None, ge=-1)
     min_p: Optional[float] = Field(None, ge=0.0, le=1.0)
@@ -90,8 +97,13 @@ class ResponsesRequest(_Strict):
         if self.truncation == "auto":
             raise unsupported("truncation", 'truncation "auto" is not supported (the '
                               'request fails if the input does not fit, as "disabled")')
-        if self.include:
-            raise unsupported("include", f"include {self.include[0]!r} is not supported")
+        for i, item in enumerate(self.include or []):
+            if item not in INCLUDABLE:
+                raise unsupported(f"include[{i}]", f"include {item!r} is not supported "
+                                  f"(supported: {', '.join(INCLUDABLE)})")
+        if self.top_logprobs is not None and not self.wants_logprobs:
+            raise APIError('top_logprobs needs include ["message.output_text.logprobs"]',
+                           param="top_logprobs", code="invalid_value")
         if isinstance(self.input, list) and not self.input:
             raise APIError("input must not be empty", param="input")
         self.to_chat()
@@ -112,7 +124,9 @@ class ResponsesRequest(_Strict):
             "top_k": self.top_k, "min_p": self.min_p,
             "repetition_penalty": self.repetition_penalty, "seed": self.seed,
             "priority": self.priority, "cache_salt": self.cache_salt,
-            "chat_template_kwargs": self.chat_template_kwargs}
+            "chat_template_kwargs": self.chat_template_kwargs,
+            "logprobs": self.wants_logprobs,
+            "top_logprobs": self.top_logprobs if self.wants_logprobs else None}
         try:
             req = ChatCompletionRequest.model_validate(body)
             req.check()
@@ -121,6 +135,12 @@ class ResponsesRequest(_Strict):
         except APIError as exc:
             raise _renamed(exc, where) from None
         return req
+
+    @property
+    def wants_logprobs(self) -> bool:
+        """include "message.output_text.logprobs": each output_text part carries its
+        tokens' logprobs (and ``top_logprobs`` alternatives)."""
+        return LOGPROBS_INCLUDE in (self.include or [])
 
     def input_messages(self, prior: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """The conversation so far without the instructions (what a stored response
@@ -246,7 +266,7 @@ class ResponsesRequest(_Strict):
             "tool_choice": self.tool_choice if self.tool_choice is not None else
             ("auto" if self.tools else "none"),
             "tools": self.tools or [], "truncation": "disabled", "user": self.user,
-            "metadata": self.metadata or {}}
+            "metadata": self.metadata or {}, "top_logprobs": self.top_logprobs}
 
 
 def assistant_message(content: Optional[str], calls: list[ToolCall]) -> dict[str, Any]:
@@ -354,13 +374,16 @@ def error_of(status: str) -> Optional[dict[str, str]]:
             "message": "the server stopped this response while shutting down"}
 
 
-def message_item(item_id: str, text: str, status: str) -> dict[str, Any]:
+def message_item(item_id: str, text: str, status: str,
+                 logprobs: Optional[list[dict[str, Any]]] = None) -> dict[str, Any]:
     return {"type": "message", "id": item_id, "status": status, "role": "assistant",
-            "content": [text_part(text)]}
+            "content": [text_part(text, logprobs)]}
 
 
-def text_part(text: str) -> dict[str, Any]:
-    return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+def text_part(text: str, logprobs: Optional[list[dict[str, Any]]] = None) -> dict[str, Any]:
+    """An ``output_text`` part; ``logprobs``: one entry per token (chat's shape)."""
+    return {"type": "output_text", "text": text, "annotations": [],
+            "logprobs": list(logprobs or [])}
 
 
 def call_item(item_id: str, call_id: str, name: str, arguments: str,
@@ -369,14 +392,14 @@ def call_item(item_id: str, call_id: str, name: str, arguments: str,
             "arguments": arguments, "status": status}
 
 
-def output_items(content: Optional[str], calls: list[ToolCall], status: str
-                 ) -> list[dict[str, Any]]:
+def output_items(content: Optional[str], calls: list[ToolCall], status: str,
+                 logprobs: Optional[list[dict[str, Any]]] = None) -> list[dict[str, Any]]:
     """A finished output: the message (when it has content, or nothing else came) and
     one function_call item per call."""
     item_status = "incomplete" if status == "incomplete" else "completed"
     items = []
     if content or not calls:
-        items.append(message_item(new_id("msg"), content or "", item_status))
+        items.append(message_item(new_id("msg"), content or "", item_status, logprobs))
     items += [call_item(new_id("fc"), c.id, c.name, c.arguments, "completed") for c in calls]
     return items
 
@@ -434,10 +457,11 @@ class ResponseEvents:
         if item["type"] == "message":
             text = item["content"][0]["text"] if item["content"] else ""
             base = dict(item_id=item["id"], output_index=index, content_index=0)
-            events += [self._event("response.output_text.done", text=text, logprobs=[],
-                                   **base),
-                       self._event("response.content_part.done", part=text_part(text),
-                                   **base)]
+            lps = item["content"][0]["logprobs"] if item["content"] else []
+            events += [self._event("response.output_text.done", text=text,
+                                   logprobs=list(lps), **base),
+                       self._event("response.content_part.done",
+                                   part=text_part(text, lps), **base)]
             item["status"] = "incomplete" if status == "incomplete" else "completed"
         else:
             events.append(self._event("response.function_call_arguments.done",
@@ -448,8 +472,10 @@ class ResponseEvents:
                                   item=_deep(item)))
         return events
 
-    def feed(self, content: str, call_deltas: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        """Events for new content text and chat-shaped tool-call deltas."""
+    def feed(self, content: str, call_deltas: list[dict[str, Any]],
+             logprobs: Optional[list[dict[str, Any]]] = None) -> list[dict[str, Any]]:
+        """Events for new content text (and its tokens' ``logprobs``) and chat-shaped
+        tool-call deltas."""
         events: list[dict[str, Any]] = []
         if content:
             if self._open is None or self._open["type"] != "message":
@@ -465,9 +491,11 @@ class ResponseEvents:
             item = self._open
             assert item is not None
             item["content"][0]["text"] += content
+            item["content"][0]["logprobs"] += logprobs or []
             events.append(self._event("response.output_text.delta", item_id=item["id"],
                                       output_index=self.output.index(item),
-                                      content_index=0, delta=content, logprobs=[]))
+                                      content_index=0, delta=content,
+                                      logprobs=list(logprobs or [])))
         for d in call_deltas:
             fn = d.get("function", {})
             item = self._calls.get(d["index"])

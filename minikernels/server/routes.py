@@ -557,11 +557,14 @@ def register_routes(app: FastAPI, state: "ServerState") -> None:
                 store.put(response, rreq.input_messages(prior)
                           + [assistant_message(content, calls)], kid)
 
+        top_k = rreq.top_logprobs or 0
         if not req.stream:
             content, calls = tools.split(c.text)
             status, incomplete = status_of(c.finish_reason)
+            lps = chat_logprobs(tt, c.output, 0, c.num_tokens, top_k)["content"] \
+                if rreq.wants_logprobs else None
             body = response_object(rid, created, model, echo, status,
-                                   output_items(content, calls, status),
+                                   output_items(content, calls, status, lps),
                                    usage_of(group.usage()), incomplete, error_of(status))
             remember(body)
             return JSONBody(body)
@@ -569,16 +572,20 @@ def register_routes(app: FastAPI, state: "ServerState") -> None:
         async def events() -> AsyncIterator[str]:
             stream = ResponseEvents(rid, created, model, echo)
             ts = tools.stream()
+            held: list[dict[str, Any]] = []    # logprobs of tokens whose text is held back
             try:
                 for ev in stream.start():
                     yield sse_event(ev)
                 while True:
                     final = c.ended
-                    delta, _, t1 = c.new_delta()
+                    delta, t0, t1 = c.new_delta()
                     c.sent_text += len(delta)
                     c.sent_tokens = t1
+                    if rreq.wants_logprobs and t1 > t0:
+                        held += chat_logprobs(tt, c.output, t0, t1, top_k)["content"]
                     content, call_deltas = ts.feed(delta, final)
-                    for ev in stream.feed(content, call_deltas):
+                    lps, held = (held, []) if content else (None, held)
+                    for ev in stream.feed(content, call_deltas, lps):
                         yield sse_event(ev)
                     if final:
                         break
