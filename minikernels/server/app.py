@@ -41,6 +41,7 @@ from .limits import LOOPBACK_HOSTS, RequestGuard, ServerLimits
 from .logprobs import TokenText
 from .metrics import ServerMetrics
 from .prompts import PromptTokenizer
+from .reasoning import ReasoningParser
 from .response_store import ResponseStore
 from .routes import register_routes
 from .streaming import Group
@@ -74,6 +75,7 @@ class ServerState:
     draining: bool = False
     cache_salt_supported: bool = field(default_factory=engine_supports_cache_salt)
     tool_call_parser: Optional[str] = None    # --tool-call-parser: tool_choice "auto"
+    reasoning_parser: Optional[str] = None    # --reasoning-parser: <think> -> reasoning
     # The checkpoint's recommended sampling (generation_config.json): SamplingParams
     # fields a request's unset ones take (vLLM's --generation-config auto).
     sampling_defaults: dict = field(default_factory=dict)
@@ -130,7 +132,8 @@ def create_app(engine: Any, api_key: Union[None, str, Sequence[str]] = None,
                shared_prefix_cache: bool = False,
                model_aliases: Sequence[str] = (),
                tool_call_parser: Optional[str] = None,
-               responses_store_size: int = 0) -> FastAPI:
+               responses_store_size: int = 0,
+               reasoning_parser: Optional[str] = None) -> FastAPI:
     """Build the FastAPI app serving ``engine`` (an AsyncLLM or anything with its API).
 
     Args:
@@ -156,9 +159,13 @@ def create_app(engine: Any, api_key: Union[None, str, Sequence[str]] = None,
         responses_store_size: keep the latest N /v1/responses results per API key for
             ``previous_response_id`` and ``GET`` / ``DELETE /v1/responses/{id}``
             (:mod:`.response_store`); 0 stores none.
+        reasoning_parser: ``"qwen3"`` / ``"deepseek_r1"`` split a thinking model's
+            ``<think>`` block from its answer (:mod:`.reasoning`); None: all content.
     """
     if tool_call_parser is not None:
         get_parser(tool_call_parser)          # ValueError naming the choices
+    if reasoning_parser is not None:
+        ReasoningParser(reasoning_parser)     # ValueError naming the choices
     if served_model_name is None:
         names = [str(getattr(engine, "model_name", "model"))]
     elif isinstance(served_model_name, str):
@@ -174,7 +181,7 @@ def create_app(engine: Any, api_key: Union[None, str, Sequence[str]] = None,
         prompts=PromptTokenizer(tokenizer, int(max_len) if max_len else None),
         token_text=TokenText(tokenizer), shared_prefix_cache=shared_prefix_cache,
         tool_call_parser=tool_call_parser, sampling_defaults=_sampling_defaults(engine),
-        responses=ResponseStore(responses_store_size))
+        responses=ResponseStore(responses_store_size), reasoning_parser=reasoning_parser)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI):

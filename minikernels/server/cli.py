@@ -15,7 +15,7 @@ import signal
 from typing import Any, Optional
 
 from ..models.kv_cache_dtype import KV_CACHE_DTYPE_NAMES
-from .settings import API_KEY_ENV, TOOL_CALL_PARSERS, ServerLimits
+from .settings import API_KEY_ENV, REASONING_PARSERS, TOOL_CALL_PARSERS, ServerLimits
 
 # The app, uvicorn glue, auth and limits (fastapi, torch) load in run(), so --help is quick.
 
@@ -81,6 +81,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                            "(hermes: <tool_call> tags, Qwen2.5 / Qwen3; llama3_json: "
                            "Llama 3.1; pythonic: Llama 3.2 / 4; mistral; granite; "
                            "phi4_mini_json)")
+    http.add_argument("--reasoning-parser", default=None, choices=REASONING_PARSERS,
+                      help="split <think>...</think> into reasoning_content (chat) / a "
+                           "reasoning item (responses): qwen3, deepseek_r1")
     http.add_argument("--responses-store-size", type=int, default=0, metavar="N",
                       help="keep the latest N responses of /v1/responses in memory (per API "
                            "key) for previous_response_id and GET / DELETE "
@@ -275,7 +278,8 @@ def run(args: argparse.Namespace) -> int:
                          shared_prefix_cache=args.shared_prefix_cache,
                          model_aliases=[args.model],
                          tool_call_parser=getattr(args, "tool_call_parser", None),
-                         responses_store_size=getattr(args, "responses_store_size", 0))
+                         responses_store_size=getattr(args, "responses_store_size", 0),
+                         reasoning_parser=getattr(args, "reasoning_parser", None))
     except ValueError as exc:
         logger.error("%s", exc)
         return 2

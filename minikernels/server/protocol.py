@@ -292,6 +292,7 @@ class ChatCompletionRequest(_SamplingFields):
     add_generation_prompt: bool = True    # vLLM extension
     chat_template_kwargs: Optional[dict[str, Any]] = None
     echo: bool = False                    # vLLM: prefix the last assistant message
+    include_reasoning: bool = True        # vLLM: with --reasoning-parser, send the thinking
 
     def check(self) -> None:
         if self.top_logprobs is not None and not self.logprobs:

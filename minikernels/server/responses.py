@@ -14,7 +14,9 @@ The answer is a ``response`` object whose ``output`` holds a ``message`` item (o
 ``output_text`` part) and a ``function_call`` item per tool call; ``status`` is
 ``"completed"``, ``"incomplete"`` (``incomplete_details.reason: "max_output_tokens"``) or
 ``"cancelled"`` (the server aborted it while shutting down; ``error.code``
-``"server_error"``, streamed as ``response.failed``). Streaming sends OpenAI's
+``"server_error"``, streamed as ``response.failed``). With ``--reasoning-parser`` a
+``reasoning`` item (its ``reasoning_text``; streamed as ``response.reasoning_text.delta``
+events) comes first. Streaming sends OpenAI's
 typed events (:class:`ResponseEvents`): ``response.created``, ``response.in_progress``,
 per item ``response.output_item.added``, ``response.content_part.added``,
 ``response.output_text.delta`` ... ``.done``, ``response.content_part.done``,
@@ -90,6 +92,7 @@ class ResponsesRequest(_Strict):
     priority: int = Field(0, ge=-(2 ** 63), lt=2 ** 63)
     cache_salt: Optional[str] = Field(None, min_length=1, max_length=1024)
     chat_template_kwargs: Optional[dict[str, Any]] = None
+    structured_outputs: Optional[dict[str, Any]] = None   # vLLM's (json / regex / ...)
 
     def check(self) -> None:
         if self.background:
@@ -125,6 +128,7 @@ class ResponsesRequest(_Strict):
             "repetition_penalty": self.repetition_penalty, "seed": self.seed,
             "priority": self.priority, "cache_salt": self.cache_salt,
             "chat_template_kwargs": self.chat_template_kwargs,
+            "structured_outputs": self.structured_outputs,
             "logprobs": self.wants_logprobs,
             "top_logprobs": self.top_logprobs if self.wants_logprobs else None}
         try:
@@ -386,6 +390,12 @@ def text_part(text: str, logprobs: Optional[list[dict[str, Any]]] = None) -> dic
             "logprobs": list(logprobs or [])}
 
 
+def reasoning_item(item_id: str, text: str, status: str) -> dict[str, Any]:
+    """A thinking model's ``<think>`` text (``--reasoning-parser``) as a reasoning item."""
+    return {"type": "reasoning", "id": item_id, "summary": [], "status": status,
+            "content": [{"type": "reasoning_text", "text": text}]}
+
+
 def call_item(item_id: str, call_id: str, name: str, arguments: str,
               status: str) -> dict[str, Any]:
     return {"type": "function_call", "id": item_id, "call_id": call_id, "name": name,
@@ -393,12 +403,17 @@ def call_item(item_id: str, call_id: str, name: str, arguments: str,
 
 
 def output_items(content: Optional[str], calls: list[ToolCall], status: str,
-                 logprobs: Optional[list[dict[str, Any]]] = None) -> list[dict[str, Any]]:
-    """A finished output: the message (when it has content, or nothing else came) and
-    one function_call item per call."""
+                 logprobs: Optional[list[dict[str, Any]]] = None,
+                 reasoning: Optional[str] = None) -> list[dict[str, Any]]:
+    """A finished output: the reasoning (with a reasoning parser), the message (when it
+    has content, or nothing else came) and one function_call item per call."""
     item_status = "incomplete" if status == "incomplete" else "completed"
     items = []
-    if content or not calls:
+    if reasoning is not None:
+        items.append(reasoning_item(new_id("rs"), reasoning,
+                                    item_status if content is None and not calls
+                                    else "completed"))
+    if content or not (calls or reasoning is not None):
         items.append(message_item(new_id("msg"), content or "", item_status, logprobs))
     items += [call_item(new_id("fc"), c.id, c.name, c.arguments, "completed") for c in calls]
     return items
@@ -454,7 +469,14 @@ class ResponseEvents:
             return []
         index = self.output.index(item)
         events = []
-        if item["type"] == "message":
+        if item["type"] == "reasoning":
+            text = item["content"][0]["text"]
+            base = dict(item_id=item["id"], output_index=index, content_index=0)
+            events += [self._event("response.reasoning_text.done", text=text, **base),
+                       self._event("response.content_part.done",
+                                   part={"type": "reasoning_text", "text": text}, **base)]
+            item["status"] = "incomplete" if status == "incomplete" else "completed"
+        elif item["type"] == "message":
             text = item["content"][0]["text"] if item["content"] else ""
             base = dict(item_id=item["id"], output_index=index, content_index=0)
             lps = item["content"][0]["logprobs"] if item["content"] else []
@@ -470,6 +492,28 @@ class ResponseEvents:
             item["status"] = "completed"
         events.append(self._event("response.output_item.done", output_index=index,
                                   item=_deep(item)))
+        return events
+
+    def feed_reasoning(self, text: str) -> list[dict[str, Any]]:
+        """Events for new thinking text: a reasoning item opened on the first."""
+        if not text:
+            return []
+        events: list[dict[str, Any]] = []
+        if self._open is None or self._open["type"] != "reasoning":
+            events += self._close_open("completed")
+            item = reasoning_item(new_id("rs"), "", "in_progress")
+            item["content"] = []
+            events.append(self._add_item(item))
+            item["content"].append({"type": "reasoning_text", "text": ""})
+            events.append(self._event("response.content_part.added", item_id=item["id"],
+                                      output_index=len(self.output) - 1, content_index=0,
+                                      part={"type": "reasoning_text", "text": ""}))
+        item = self._open
+        assert item is not None
+        item["content"][0]["text"] += text
+        events.append(self._event("response.reasoning_text.delta", item_id=item["id"],
+                                  output_index=self.output.index(item), content_index=0,
+                                  delta=text))
         return events
 
     def feed(self, content: str, call_deltas: list[dict[str, Any]],

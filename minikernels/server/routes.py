@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import TYPE_CHECKING, Any, AsyncIterator, Optional
+from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Optional
 
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
@@ -32,6 +32,7 @@ from .protocol import (ChatCompletionRequest, CompletionRequest, Constraint,
                        constraint_error, validation_to_api_error)
 from .streaming import (Choice, ClientGone, EngineRequest, Group, SSEResponse, stream_events,
                         until_disconnect)
+from .reasoning import ReasoningParser, prompt_opens_thinking
 from .responses import (ResponseEvents, ResponsesRequest, as_responses_error,
                         assistant_message, created_now, error_of, new_id, output_items,
                         response_object, sse_event, status_of, usage_of)
@@ -426,10 +427,12 @@ def register_routes(app: FastAPI, state: "ServerState") -> None:
 
     # ------------------------------------------------------------------ chat
     async def start_chat(request: Request, req: ChatCompletionRequest, kid: Optional[str],
-                         rid: str) -> tuple[Group, ToolMode, list[dict[str, Any]]]:
+                         rid: str) -> tuple[Group, ToolMode, list[dict[str, Any]],
+                                            Callable[[], Optional[ReasoningParser]]]:
         """Render and tokenize a checked chat request, start its engine request and wait
         for its first output (all of it unless streaming): (group, tool mode, the
-        template messages). Shared by /v1/chat/completions and /v1/responses."""
+        template messages, a factory of one reasoning parser per output, or of None
+        without --reasoning-parser). Shared by /v1/chat/completions and /v1/responses."""
         messages = req.template_messages()
         tools = ToolMode.of(req, state.tool_call_parser)
         constraint = req.constraint()
@@ -449,14 +452,20 @@ def register_routes(app: FastAPI, state: "ServerState") -> None:
                                              make_params(req, wanted, top_k, kid,
                                                          constraint=constraint))])
         await run_group(request, group, req.stream)
-        return group, tools, messages
+        name = state.reasoning_parser
+        opens = name is not None and prompt_opens_thinking(
+            state.prompts.tokenizer.decode(ids[-8:], skip_special_tokens=False))
+
+        def reasoning_parser() -> Optional[ReasoningParser]:
+            return None if name is None else ReasoningParser(name, opens)
+        return group, tools, messages, reasoning_parser
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         try:
             req, kid = await parse(request, ChatCompletionRequest)
-            group, tools, messages = await start_chat(request, req, kid, rid)
+            group, tools, messages, new_reasoning = await start_chat(request, req, kid, rid)
         except ClientGone:
             return gone_response()
         top_k = (req.top_logprobs or 0) if req.logprobs else None
@@ -472,8 +481,12 @@ def register_routes(app: FastAPI, state: "ServerState") -> None:
             for c in group.choices:
                 lp = chat_logprobs(tt, c.output, 0, c.num_tokens, top_k or 0) \
                     if req.logprobs else None
-                content, calls = tools.split(c.text)
+                rp = new_reasoning()
+                reasoning, answer = rp.split(c.text) if rp is not None else (None, c.text)
+                content, calls = tools.split(answer) if answer is not None else (None, [])
                 message: dict[str, Any] = {"role": "assistant", "content": content}
+                if rp is not None and req.include_reasoning:
+                    message["reasoning_content"] = reasoning
                 if content is not None and echo:
                     message["content"] = echo + content
                 if calls:
@@ -488,6 +501,7 @@ def register_routes(app: FastAPI, state: "ServerState") -> None:
                 "model": model}
 
         tool_streams = {c.index: tools.stream() for c in group.choices}
+        thinking = {c.index: new_reasoning() for c in group.choices}
 
         def make_chunks(c: Choice, final: bool) -> list[dict]:
             chunks = []
@@ -501,8 +515,12 @@ def register_routes(app: FastAPI, state: "ServerState") -> None:
             # Text that may be a tool call is held back (its tokens' logprobs go with
             # the next chunk); tool calls go out as OpenAI's tool_calls deltas.
             ts = tool_streams[c.index]
+            rp = thinking[c.index]
+            reasoning, delta = rp.feed(delta, final) if rp is not None else ("", delta)
             content, calls = ts.feed(delta, final)
             out: list[dict] = []
+            if reasoning and req.include_reasoning:
+                out.append({"reasoning_content": reasoning})
             if content:
                 out.append({"content": content})
             out += [{"tool_calls": [d]} for d in calls]
@@ -535,7 +553,7 @@ def register_routes(app: FastAPI, state: "ServerState") -> None:
             prior = previous_conversation(rreq, kid)
             req = rreq.to_chat(prior)
             try:
-                group, tools, _ = await start_chat(request, req, kid, rid)
+                group, tools, _, new_reasoning = await start_chat(request, req, kid, rid)
             except APIError as exc:
                 raise as_responses_error(exc) from None
         except ClientGone:
@@ -551,20 +569,27 @@ def register_routes(app: FastAPI, state: "ServerState") -> None:
         created = created_now()
         c = group.choices[0]
 
+        def answer_of(text: str) -> tuple[Optional[str], Optional[str], list[Any]]:
+            """(reasoning, content, calls) of a whole output."""
+            rp = new_reasoning()
+            reasoning, rest = rp.split(text) if rp is not None else (None, text)
+            content, calls = tools.split(rest) if rest is not None else (None, [])
+            return reasoning, content, calls
+
         def remember(response: dict[str, Any]) -> None:
             if keep:
-                content, calls = tools.split(c.text)
+                _, content, calls = answer_of(c.text)
                 store.put(response, rreq.input_messages(prior)
                           + [assistant_message(content, calls)], kid)
 
         top_k = rreq.top_logprobs or 0
         if not req.stream:
-            content, calls = tools.split(c.text)
+            reasoning, content, calls = answer_of(c.text)
             status, incomplete = status_of(c.finish_reason)
             lps = chat_logprobs(tt, c.output, 0, c.num_tokens, top_k)["content"] \
                 if rreq.wants_logprobs else None
             body = response_object(rid, created, model, echo, status,
-                                   output_items(content, calls, status, lps),
+                                   output_items(content, calls, status, lps, reasoning),
                                    usage_of(group.usage()), incomplete, error_of(status))
             remember(body)
             return JSONBody(body)
@@ -572,6 +597,7 @@ def register_routes(app: FastAPI, state: "ServerState") -> None:
         async def events() -> AsyncIterator[str]:
             stream = ResponseEvents(rid, created, model, echo)
             ts = tools.stream()
+            rp = new_reasoning()
             held: list[dict[str, Any]] = []    # logprobs of tokens whose text is held back
             try:
                 for ev in stream.start():
@@ -583,6 +609,10 @@ def register_routes(app: FastAPI, state: "ServerState") -> None:
                     c.sent_tokens = t1
                     if rreq.wants_logprobs and t1 > t0:
                         held += chat_logprobs(tt, c.output, t0, t1, top_k)["content"]
+                    if rp is not None:
+                        thought, delta = rp.feed(delta, final)
+                        for ev in stream.feed_reasoning(thought):
+                            yield sse_event(ev)
                     content, call_deltas = ts.feed(delta, final)
                     lps, held = (held, []) if content else (None, held)
                     for ev in stream.feed(content, call_deltas, lps):

@@ -10,6 +10,9 @@ from dataclasses import dataclass
 #: environment variable holding the API key when --api-key is not given
 API_KEY_ENV = "MINIKERNELS_API_KEY"
 
+#: --reasoning-parser choices (:mod:`.reasoning`)
+REASONING_PARSERS = ("deepseek_r1", "qwen3")
+
 #: --tool-call-parser choices (the parsers of :mod:`.tool_parsers`, vLLM's names)
 TOOL_CALL_PARSERS = ("hermes", "llama3_json", "pythonic", "mistral", "granite",
                      "phi4_mini_json")
