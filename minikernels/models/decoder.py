@@ -1,5 +1,5 @@
-"""The decoder: one implementation for Llama 2/3/3.x, Mistral, Granite 3.x, Qwen2/2.5,
-Qwen3 and Gemma 1/2/3 (text).
+"""The decoder: one implementation for Llama 2/3/3.x, Mistral, Granite 3.x, Phi-3 / 3.5 /
+4-mini, SmolLM3, Qwen2/2.5, Qwen3 and Gemma 1/2/3 (text).
 
     h = embed(ids) (* embed_scale)       # Gemma: sqrt(hidden), in the model dtype; Granite:
                                          # embedding_multiplier
