@@ -64,7 +64,7 @@ def test_paged_prefill_decode_and_chunked_prefill(hf_dirs, kind):
 
 
 @pytest.mark.parametrize("kind", ["llama3-rope-tied", "qwen2-tied", "qwen3", "mistral-window",
-                                  "gemma2-window-softcap", "gemma3", "granite"])
+                                  "gemma2-window-softcap", "gemma3", "granite", "olmo2"])
 def test_greedy_generation_matches_transformers(hf_dirs, kind):
     hf, path = hf_dirs[kind]
     model = load_model(path, dtype="float32", device="cpu")
@@ -165,3 +165,18 @@ def test_smollm3_nope_layers_from_the_config():
     with pytest.raises(ValueError, match="no_rope_layers"):
         DecoderConfig.from_hf({**base, "no_rope_layers": [1, 0]})
     assert DecoderConfig.from_hf({**base, "no_rope_layers": [1] * 8}).nope_layers is None
+
+
+def test_olmo2_flags_and_no_tensor_parallel(hf_dirs):
+    """OLMo 2: post-norm layers (no input_layernorm), q / k norms over all heads; tensor
+    parallelism is refused by name (a sharded full-width norm would need an all-reduce)."""
+    from minikernels.models.parallel import TensorParallel
+
+    _, path = hf_dirs["olmo2"]
+    model = load_model(path, dtype="float32", device="cpu")
+    c = model.config
+    assert c.post_norm and c.qk_norm and c.qk_norm_full
+    assert model.layers[0].input_layernorm is None
+    assert model.layers[0].self_attn.q_norm.weight.shape == (c.num_heads * c.head_dim,)
+    with pytest.raises(ValueError, match="OLMo 2"):
+        load_model(path, dtype="float32", device="cpu", tensor_parallel=TensorParallel(0, 2))

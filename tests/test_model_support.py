@@ -68,6 +68,8 @@ CASES: dict[str, tuple[str, dict[str, Any]]] = {
     # SmolLM3: layer 1 without rope (NoPE), tied embeddings.
     "smollm3-nope": ("SmolLM3", dict(no_rope_layers=[1, 0], tie_word_embeddings=True,
                                      pad_token_id=0)),
+    # OLMo 2: post-norm layers, q / k norms over all heads.
+    "olmo2": ("Olmo2", dict(tie_word_embeddings=False, pad_token_id=0)),
 }
 # transformers config classes not named {family}Config
 _CONFIG_CLASSES = {"Gemma3": "Gemma3TextConfig"}

@@ -1,11 +1,14 @@
 """DecoderConfig: the one config the decoder reads, from a HF config.json or a built-in name.
 
 Covers the Llama family (Llama 2/3/3.1/3.2, Mistral, Granite 3.x, Phi-3 / Phi-3.5 /
-Phi-4-mini, SmolLM3), Qwen2/2.5/Qwen3 and Gemma 1/2/3 (text): pre-norm decoder, GQA attention
-with neox rotary, gated MLP. Differences are flags:
+Phi-4-mini, SmolLM3), OLMo 2, Qwen2/2.5/Qwen3 and Gemma 1/2/3 (text): decoder layers with
+GQA attention, neox rotary and a gated MLP. Differences are flags:
 
     qkv_bias        Qwen2 (q/k/v biases); Llama's ``attention_bias`` also sets o_bias
-    qk_norm         Qwen3, Gemma 3 (RMSNorm over each q/k head before rotary)
+    qk_norm         Qwen3, Gemma 3 (RMSNorm over each q/k head before rotary); OLMo 2
+                    (qk_norm_full: over all heads of q / k at once)
+    post_norm       OLMo 2: no norm before attention / MLP, one after each (added to the
+                    residual stream)
     rope_scaling    Llama 3.1/3.2 ("llama3"), "linear", "yarn" (Qwen long context),
                     "longrope" (Phi-3 / Phi-3.5 / Phi-4-mini)
     partial_rotary_factor   the rotated fraction of each head (Phi-4-mini: 0.75)
@@ -42,10 +45,12 @@ SUPPORTED_ARCHITECTURES = {
     "GraniteForCausalLM": "granite",
     "Phi3ForCausalLM": "phi3",
     "SmolLM3ForCausalLM": "smollm3",
+    "Olmo2ForCausalLM": "olmo2",
 }
 _MODEL_TYPES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3",
                 "gemma": "gemma", "gemma2": "gemma2", "gemma3_text": "gemma3",
-                "granite": "granite", "phi3": "phi3", "smollm3": "smollm3"}
+                "granite": "granite", "phi3": "phi3", "smollm3": "smollm3",
+                "olmo2": "olmo2"}
 _GEMMA = ("gemma", "gemma2", "gemma3")
 #: Multimodal architectures whose text decoder is served (text-only prompts): the
 #: checkpoint's ``text_config`` and ``language_model`` tensors; the image encoder is not
@@ -77,7 +82,7 @@ class DecoderConfig:
     """Shape and flavour of a decoder (fields follow HF names where one exists)."""
 
     # "llama" | "mistral" | "qwen2" | "qwen3" | "gemma" | "gemma2" | "gemma3" | "granite"
-    # | "phi3" | "smollm3"
+    # | "phi3" | "smollm3" | "olmo2"
     architecture: str
     vocab_size: int
     hidden_size: int
@@ -104,6 +109,8 @@ class DecoderConfig:
     o_bias: bool = False
     mlp_bias: bool = False
     qk_norm: bool = False
+    qk_norm_full: bool = False     # OLMo 2: the q / k norms span all heads
+    post_norm: bool = False        # OLMo 2: x + norm(attn(x)), then x + norm(mlp(x))
     hidden_act: str = "silu"
     # Gemma: RMSNorm scales by (weight + norm_weight_offset); embeddings times embed_scale
     # (rounded to the model dtype, as transformers does); sandwich_norm adds norms after
@@ -280,7 +287,9 @@ class DecoderConfig:
             qkv_bias=family == "qwen2" or attention_bias,
             o_bias=family not in ("qwen2",) and attention_bias,
             mlp_bias=bool(hf.get("mlp_bias", False)),
-            qk_norm=family in ("qwen3", "gemma3"),
+            qk_norm=family in ("qwen3", "gemma3", "olmo2"),
+            qk_norm_full=family == "olmo2",
+            post_norm=family == "olmo2",
             hidden_act=_activation_from_hf(hf, family),
             norm_weight_offset=1.0 if gemma else 0.0,
             embed_scale=hidden ** 0.5 if gemma else 1.0,

@@ -1,5 +1,5 @@
 """The decoder: one implementation for Llama 2/3/3.x, Mistral, Granite 3.x, Phi-3 / 3.5 /
-4-mini, SmolLM3, Qwen2/2.5, Qwen3 and Gemma 1/2/3 (text).
+4-mini, SmolLM3, OLMo 2, Qwen2/2.5, Qwen3 and Gemma 1/2/3 (text).
 
     h = embed(ids) (* embed_scale)       # Gemma: sqrt(hidden), in the model dtype; Granite:
                                          # embedding_multiplier
@@ -19,7 +19,8 @@
 
 Gemma's norms scale by (1 + weight) (``norm_weight_offset``); with sandwich norms the
 layer's post_attention_layernorm normalizes the attention output, and
-pre_feedforward_layernorm / post_feedforward_layernorm wrap the MLP.
+pre_feedforward_layernorm / post_feedforward_layernorm wrap the MLP. OLMo 2 (post_norm)
+has no norm before attention or the MLP: each output is normalized, then added.
 
 Forward contract: :class:`minikernels.models.AttentionMetadata`.
 """
@@ -54,10 +55,13 @@ class Attention(nn.Module):
         self.o_proj = FusedLinear(self.q_size, c.hidden_size, bias=c.o_bias, dtype=dtype,
                                   device=device, dense=dense)
         self.q_norm = self.k_norm = None
-        if c.qk_norm:
-            self.q_norm = RMSNorm(c.head_dim, c.rms_norm_eps, dtype=dtype, device=device,
+        self.qk_norm_full = c.qk_norm_full
+        if c.qk_norm:   # per head, or (OLMo 2) over all heads of q / k
+            q_dim, k_dim = (self.q_size, self.kv_size) if c.qk_norm_full else \
+                (c.head_dim, c.head_dim)
+            self.q_norm = RMSNorm(q_dim, c.rms_norm_eps, dtype=dtype, device=device,
                                   weight_offset=c.norm_weight_offset)
-            self.k_norm = RMSNorm(c.head_dim, c.rms_norm_eps, dtype=dtype, device=device,
+            self.k_norm = RMSNorm(k_dim, c.rms_norm_eps, dtype=dtype, device=device,
                                   weight_offset=c.norm_weight_offset)
         # Shared across layers; a plain attribute (not a submodule) so it is stored once.
         self.__dict__["rotary"] = rotary
@@ -71,10 +75,12 @@ class Attention(nn.Module):
         t = x.shape[0]
         qkv = self.qkv_proj(x)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        if self.qk_norm_full:
+            q, k = self.q_norm(q), self.k_norm(k)
         q = q.reshape(t, self.num_heads, self.head_dim)
         k = k.reshape(t, self.num_kv_heads, self.head_dim)
         v = v.reshape(t, self.num_kv_heads, self.head_dim).contiguous()
-        if self.q_norm is not None:
+        if self.q_norm is not None and not self.qk_norm_full:
             q = self.q_norm(q.contiguous())
             k = self.k_norm(k.contiguous())
         if self.rotary is not None:     # None: a NoPE layer (SmolLM3)
@@ -125,17 +131,25 @@ class DecoderLayer(nn.Module):
             return RMSNorm(c.hidden_size, c.rms_norm_eps, dtype=dtype, device=device,
                            weight_offset=c.norm_weight_offset)
 
-        self.input_layernorm = norm()
+        self.post_norm = c.post_norm
+        self.input_layernorm = None if c.post_norm else norm()
         self.self_attn = Attention(config, layer, rotary, dtype, device, dense, tp)
         self.post_attention_layernorm = norm()
         self.pre_feedforward_layernorm = self.post_feedforward_layernorm = None
         if c.sandwich_norm:
             self.pre_feedforward_layernorm = norm()
+        if c.sandwich_norm or c.post_norm:
             self.post_feedforward_layernorm = norm()
         self.mlp = MLP(config, dtype, device, dense, tp)
 
     def forward(self, h: Tensor, residual: Tensor | None, meta: AttentionMetadata,
                 kv_cache: KVCache | None) -> tuple[Tensor, Tensor]:
+        if self.post_norm:
+            # OLMo 2: s = stream; s += norm(attn(s)); s += norm(mlp(s)). The last add is
+            # left pending, as every layer's (h, residual) output is.
+            s = h if residual is None else h + residual
+            s = s + self.post_attention_layernorm(self.self_attn(s, meta, kv_cache))
+            return self.post_feedforward_layernorm(self.mlp(s)), s
         if residual is None:
             residual = h
             x = self.input_layernorm(h)

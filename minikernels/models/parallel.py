@@ -102,6 +102,9 @@ def check_config(config: DecoderConfig, tp: TensorParallel) -> None:
     if (kv >= p and kv % p) or (kv < p and p % kv):
         raise ValueError(f"tensor_parallel_size {p} and num_key_value_heads ({kv}): one "
                          "must divide the other")
+    if config.qk_norm_full:
+        raise ValueError("tensor parallelism is not supported for OLMo 2 (its q / k norms "
+                         "span every head; a shard would need an all-reduce per norm)")
     if config.intermediate_size % p:
         raise ValueError(f"tensor_parallel_size {p} must divide intermediate_size "
                          f"({config.intermediate_size})")
