@@ -604,8 +604,14 @@ def test_cli_arguments(monkeypatch):
     assert state.tool_call_parser is None
     assert cli.run(parser.parse_args(["some/model", "--tool-call-parser", "hermes"])) == 0
     assert served["app"].state.server.tool_call_parser == "hermes"
-    with pytest.raises(SystemExit):
-        parser.parse_args(["some/model", "--tool-call-parser", "mistral"])
+    assert cli.run(parser.parse_args(["some/model", "--tool-call-parser", "pythonic",
+                                      "--reasoning-parser", "qwen3"])) == 0
+    assert served["app"].state.server.tool_call_parser == "pythonic"
+    assert served["app"].state.server.reasoning_parser == "qwen3"
+    for flag, value in (("--tool-call-parser", "bogus"), ("--reasoning-parser", "o1"),
+                        ("--task", "classify")):
+        with pytest.raises(SystemExit):
+            parser.parse_args(["some/model", flag, value])
 
 
 def test_cli_bad_model_exits_2():
