@@ -1,6 +1,6 @@
 """The decoder against transformers: tiny random models of every family (CASES in
 tests/test_model_support.py: Llama, Qwen2 / 3, Mistral, Gemma 1-3, Granite, Phi-3,
-SmolLM3, OLMo 2) saved with save_pretrained, loaded with minikernels.models.load_model (fp32, CPU reference
+SmolLM3, OLMo 2, GLM / GLM-4) saved with save_pretrained, loaded with minikernels.models.load_model (fp32, CPU reference
 ops), must give transformers' logits (relative error <= 1e-4) on varlen batches through
 every path of the forward contract, and the same greedy continuation."""
 from __future__ import annotations

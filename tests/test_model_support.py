@@ -70,6 +70,10 @@ CASES: dict[str, tuple[str, dict[str, Any]]] = {
                                      pad_token_id=0)),
     # OLMo 2: post-norm layers, q / k norms over all heads.
     "olmo2": ("Olmo2", dict(tie_word_embeddings=False, pad_token_id=0)),
+    # GLM (GLM-Edge, glm-4-9b-chat-hf): half of each head rotated in GPT-J pairs, q/k/v
+    # biases without an o bias, fused gate_up tensors; GLM-4 (0414) adds sandwich norms.
+    "glm": ("Glm", dict(head_dim=16, pad_token_id=0, eos_token_id=2)),
+    "glm4": ("Glm4", dict(head_dim=32, pad_token_id=0, eos_token_id=2)),
 }
 # transformers config classes not named {family}Config
 _CONFIG_CLASSES = {"Gemma3": "Gemma3TextConfig"}

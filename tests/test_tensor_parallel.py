@@ -34,6 +34,7 @@ TP_CASES = {
     "gemma3": ("gemma3", {}),
     "granite": ("granite", {}),
     "phi3": ("phi3-longrope-partial", {}),
+    "glm4": ("glm4", {}),
 }
 QUANT = (None, "int4")
 GROUP = 32       # divides every per-rank K here, so TP int4 == slices of TP=1 int4

@@ -1,7 +1,8 @@
 """DecoderConfig: the one config the decoder reads, from a HF config.json or a built-in name.
 
 Covers the Llama family (Llama 2/3/3.1/3.2, Mistral, Granite 3.x, Phi-3 / Phi-3.5 /
-Phi-4-mini, SmolLM3), OLMo 2, Qwen2/2.5/Qwen3 and Gemma 1/2/3 (text): decoder layers with
+Phi-4-mini, SmolLM3), OLMo 2, GLM-4 / GLM-Edge, Qwen2/2.5/Qwen3 and Gemma 1/2/3 (text):
+decoder layers with
 GQA attention, neox rotary and a gated MLP. Differences are flags:
 
     qkv_bias        Qwen2 (q/k/v biases); Llama's ``attention_bias`` also sets o_bias
@@ -13,6 +14,7 @@ GQA attention, neox rotary and a gated MLP. Differences are flags:
                     "longrope" (Phi-3 / Phi-3.5 / Phi-4-mini)
     partial_rotary_factor   the rotated fraction of each head (Phi-4-mini: 0.75)
     nope_layers     layers without rotary embedding (SmolLM3: every 4th)
+    rope_interleaved        GPT-J-style rotary pairs (2i, 2i + 1) (GLM)
     sliding_window  Mistral v0.1 (all layers), Qwen2 with use_sliding_window (layers >=
                     max_window_layers), Gemma 2 (every other layer), Gemma 3 (5 of 6);
                     ``layer_types`` in a config says it per layer
@@ -46,11 +48,13 @@ SUPPORTED_ARCHITECTURES = {
     "Phi3ForCausalLM": "phi3",
     "SmolLM3ForCausalLM": "smollm3",
     "Olmo2ForCausalLM": "olmo2",
+    "GlmForCausalLM": "glm",
+    "Glm4ForCausalLM": "glm4",
 }
 _MODEL_TYPES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3",
                 "gemma": "gemma", "gemma2": "gemma2", "gemma3_text": "gemma3",
                 "granite": "granite", "phi3": "phi3", "smollm3": "smollm3",
-                "olmo2": "olmo2"}
+                "olmo2": "olmo2", "glm": "glm", "glm4": "glm4"}
 _GEMMA = ("gemma", "gemma2", "gemma3")
 #: Multimodal architectures whose text decoder is served (text-only prompts): the
 #: checkpoint's ``text_config`` and ``language_model`` tensors; the image encoder is not
@@ -82,7 +86,7 @@ class DecoderConfig:
     """Shape and flavour of a decoder (fields follow HF names where one exists)."""
 
     # "llama" | "mistral" | "qwen2" | "qwen3" | "gemma" | "gemma2" | "gemma3" | "granite"
-    # | "phi3" | "smollm3" | "olmo2"
+    # | "phi3" | "smollm3" | "olmo2" | "glm" | "glm4"
     architecture: str
     vocab_size: int
     hidden_size: int
@@ -98,6 +102,8 @@ class DecoderConfig:
     partial_rotary_factor: float = 1.0
     # Layers that use no position embedding at all (NoPE; SmolLM3).
     nope_layers: list[int] | None = None
+    # Rotary pairs (2i, 2i + 1) (GPT-J style, GLM) instead of (i, rotary_dim / 2 + i).
+    rope_interleaved: bool = False
     rms_norm_eps: float = 1e-6
     tie_word_embeddings: bool = False
     eos_token_ids: list[int] = field(default_factory=list)
@@ -277,7 +283,9 @@ class DecoderConfig:
             max_position_embeddings=int(hf.get("max_position_embeddings", 4096)),
             rope_theta=rope_theta,
             rope_scaling=rope_scaling,
-            partial_rotary_factor=float(partial) if partial is not None else 1.0,
+            partial_rotary_factor=float(partial) if partial is not None else
+            (0.5 if family in ("glm", "glm4") else 1.0),
+            rope_interleaved=family in ("glm", "glm4"),
             rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", gemma)),
             eos_token_ids=eos,
@@ -285,7 +293,7 @@ class DecoderConfig:
             sliding_window=window,
             sliding_window_layers=window_layers,
             qkv_bias=family == "qwen2" or attention_bias,
-            o_bias=family not in ("qwen2",) and attention_bias,
+            o_bias=family not in ("qwen2", "glm", "glm4") and attention_bias,
             mlp_bias=bool(hf.get("mlp_bias", False)),
             qk_norm=family in ("qwen3", "gemma3", "olmo2"),
             qk_norm_full=family == "olmo2",
@@ -293,7 +301,7 @@ class DecoderConfig:
             hidden_act=_activation_from_hf(hf, family),
             norm_weight_offset=1.0 if gemma else 0.0,
             embed_scale=hidden ** 0.5 if gemma else 1.0,
-            sandwich_norm=family in ("gemma2", "gemma3"),
+            sandwich_norm=family in ("gemma2", "gemma3", "glm4"),
             attention_scale=_attention_scale(hf, family),
             attn_logit_softcapping=_positive_or_none(hf.get("attn_logit_softcapping", 50.0))
             if family == "gemma2" else None,

@@ -1,5 +1,5 @@
 """The decoder: one implementation for Llama 2/3/3.x, Mistral, Granite 3.x, Phi-3 / 3.5 /
-4-mini, SmolLM3, OLMo 2, Qwen2/2.5, Qwen3 and Gemma 1/2/3 (text).
+4-mini, SmolLM3, OLMo 2, GLM-4, Qwen2/2.5, Qwen3 and Gemma 1/2/3 (text).
 
     h = embed(ids) (* embed_scale)       # Gemma: sqrt(hidden), in the model dtype; Granite:
                                          # embedding_multiplier
@@ -195,11 +195,12 @@ class CausalLM(nn.Module):
         self.tp = tp
         self.num_local_kv_heads = attention_shard(c, tp).nkv
         self.rotary = RotaryEmbedding(c.rotary_dim, c.max_position_embeddings, c.rope_theta,
-                                      c.rope_scaling, device=device)
+                                      c.rope_scaling, device=device,
+                                      is_neox_style=not c.rope_interleaved)
         # Gemma 3's sliding-window layers rotate with their own base (no scaling).
         self.sliding_rotary = self.rotary if c.sliding_rope_theta is None else \
             RotaryEmbedding(c.rotary_dim, c.max_position_embeddings, c.sliding_rope_theta,
-                            None, device=device)
+                            None, device=device, is_neox_style=not c.rope_interleaved)
         if tp is None:
             self.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size, dtype=dtype,
                                              device=device)

@@ -182,6 +182,22 @@ def _unfuse(name: str, tensor: Any, config: DecoderConfig) -> Iterator[tuple[str
         start += size
 
 
+#: GLM-4's sandwich norms under the names the decoder gives them (Gemma 2's layout):
+#: post_self_attn (after attention), post_attention (before the MLP), post_mlp (after it).
+_GLM4_NORMS = {"post_self_attn_layernorm": "post_attention_layernorm",
+               "post_attention_layernorm": "pre_feedforward_layernorm",
+               "post_mlp_layernorm": "post_feedforward_layernorm"}
+_GLM4_NORM_RE = re.compile(r"\.(post_self_attn_layernorm|post_attention_layernorm|"
+                           r"post_mlp_layernorm)\.")
+
+
+def _family_name(name: str, config: DecoderConfig) -> str:
+    """A checkpoint tensor name in the decoder's vocabulary (GLM-4's norms renamed)."""
+    if config.architecture != "glm4":
+        return name
+    return _GLM4_NORM_RE.sub(lambda m: f".{_GLM4_NORMS[m.group(1)]}.", name)
+
+
 def _load_kv_scale(buffer: Tensor, tensor: Tensor, where: str) -> None:
     """An fp8 KV-cache scale from a checkpoint: one value (per layer) or one per kv head."""
     values = tensor.float().reshape(-1)
@@ -391,7 +407,8 @@ def _load_hf(model_dir: str, dtype: str | torch.dtype, device: torch.device,
                 if tensor is None or is_non_text_tensor(hf_name):
                     non_text += 1
                     continue
-                for hf_name, tensor in _unfuse(hf_name, tensor, config):
+                for hf_name, tensor in _unfuse(_family_name(hf_name, config), tensor,
+                                               config):
                     target = map_name(hf_name)
                     if target is None:
                         if not _IGNORED.search(hf_name):
