@@ -78,6 +78,25 @@ class ToolParser:
         """Feed output text; returns (content safe to send now, calls completed now)."""
         raise NotImplementedError
 
+    def _stream_whole_output(self, delta: str, final: bool, opener: str,
+                             tag: str) -> tuple[str, list[ToolCall]]:
+        """Streaming for formats where the whole output is the calls (or none is), known
+        only once it ends: an output that cannot start with ``opener`` or ``tag`` streams
+        at once as content; a possible call is held back and parsed when it ends."""
+        self._buffer += delta
+        head = self._buffer.lstrip()
+        maybe_call = head.startswith(opener) or head.startswith(tag) or \
+            (not final and (head == "" or tag.startswith(head)))
+        if not maybe_call:
+            out, self._buffer = self._buffer, ""
+            return out, []
+        if not final:
+            return "", []
+        content, calls = self.parse(self._buffer)
+        self._buffer = ""
+        self.calls.extend(calls)
+        return (content or ""), calls
+
 
 class HermesToolParser(ToolParser):
     name = "hermes"
@@ -174,21 +193,7 @@ class Llama3JsonToolParser(ToolParser):
         return None, calls
 
     def stream(self, delta: str, final: bool = False) -> tuple[str, list[ToolCall]]:
-        # A JSON tool call is only known once the output ends: content that does not look
-        # like a call streams at once, a possible call is held back until final.
-        self._buffer += delta
-        head = self._buffer.lstrip()
-        maybe_call = head.startswith("{") or head.startswith(self.TAG) or \
-            (not final and (self.TAG.startswith(head) or head == ""))
-        if not maybe_call:
-            out, self._buffer = self._buffer, ""
-            return out, []
-        if not final:
-            return "", []
-        content, calls = self.parse(self._buffer)
-        self._buffer = ""
-        self.calls.extend(calls)
-        return (content or ""), calls
+        return self._stream_whole_output(delta, final, "{", self.TAG)
 
 
 class MarkerJsonListToolParser(ToolParser):
@@ -305,21 +310,7 @@ class PythonicToolParser(ToolParser):
         return ToolCall(node.func.id, text)
 
     def stream(self, delta: str, final: bool = False) -> tuple[str, list[ToolCall]]:
-        # A call list is only known once the output ends: text that cannot start one
-        # streams at once; a possible call list is held back until final.
-        self._buffer += delta
-        head = self._buffer.lstrip()
-        maybe = head.startswith("[") or head.startswith(self.START) or \
-            (not final and (head == "" or self.START.startswith(head)))
-        if not maybe:
-            out, self._buffer = self._buffer, ""
-            return out, []
-        if not final:
-            return "", []
-        content, calls = self.parse(self._buffer)
-        self._buffer = ""
-        self.calls.extend(calls)
-        return (content or ""), calls
+        return self._stream_whole_output(delta, final, "[", self.START)
 
 
 PARSERS: dict[str, type[ToolParser]] = {p.name: p for p in (
