@@ -337,3 +337,22 @@ def test_chat_renders_conversations_with_the_template(tiny):
     with pytest.raises(ValueError, match="renders no tools"):
         tiny.chat(convo, p, tools=[{"type": "function", "function": {"name": "f"}}])
     assert_all_free(tiny)
+
+
+def test_logit_bias_with_and_without_speculation(tiny):
+    """logit_bias / allowed_token_ids give the same greedy tokens with n-gram speculation
+    (the verifier's target distribution applies them per position) as without; a token id
+    outside the vocabulary is refused before anything runs."""
+    prompt = [256] + list(b"abcabcabcabc")
+    p = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True,
+                       logit_bias={ord("c"): -100.0, ord("z"): 3.0},
+                       allowed_token_ids=list(range(97, 123)))
+    plain = tiny.generate([prompt], p, use_tqdm=False)[0].outputs[0].token_ids
+    assert all(97 <= t < 123 and t != ord("c") for t in plain)
+    spec = LLM("tiny", dtype="float32", device="cpu", num_kv_blocks=64,
+               speculative_config={"method": "ngram", "num_speculative_tokens": 3,
+                                   "prompt_lookup_min": 1, "prompt_lookup_max": 3})
+    assert spec.generate([prompt], p, use_tqdm=False)[0].outputs[0].token_ids == plain
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        tiny.generate([prompt], SamplingParams(logit_bias={512: 1.0}), use_tqdm=False)
+    assert_all_free(tiny)

@@ -53,6 +53,13 @@ def seq_for(params: SamplingParams, prompt=(1, 2, 3), output=(), sampler: Sample
     (dict(temperature=float("nan")), ValueError, "temperature"),
     (dict(temperature=float("inf")), ValueError, "temperature"),
     (dict(repetition_penalty=float("inf")), ValueError, "repetition_penalty"),
+    (dict(logit_bias={3: 101.0}), ValueError, r"logit_bias\[3\]"),
+    (dict(logit_bias={-1: 1.0}), ValueError, "logit_bias"),
+    (dict(logit_bias={"3": 1.0}), ValueError, "logit_bias"),
+    (dict(logit_bias={3: float("nan")}), ValueError, r"logit_bias\[3\]"),
+    (dict(logit_bias=[1]), TypeError, "logit_bias"),
+    (dict(allowed_token_ids=[]), ValueError, "allowed_token_ids"),
+    (dict(allowed_token_ids=[1, -2]), ValueError, "allowed_token_ids"),
 ])
 def test_bad_sampling_params_name_the_field(kwargs, exc, field):
     with pytest.raises(exc, match=rf"SamplingParams\.{field}"):
@@ -287,3 +294,39 @@ def test_filters_read_no_values_back_from_the_device(monkeypatch):
     checked.clear()
     mk.ops.top_k_top_p_mask_logits(logits_batch(3), top_p=torch.full((3,), 0.5))
     assert checked == [True]
+
+
+def test_logit_bias_and_allowed_token_ids():
+    """logit_bias adds to its tokens' logits (per row, other rows untouched);
+    allowed_token_ids masks every other token; both in the plain and the speculative
+    target distribution."""
+    s = Sampler(V)
+    logits = logits_batch(3, seed=9)
+    top = logits.argmax(dim=1)
+    force = SamplingParams(temperature=0, logit_bias={7: 100.0})
+    bonus = (int(top[1]) + 1) % V
+    ban = SamplingParams(temperature=0, logit_bias={int(top[1]): -100.0, bonus: 0.5})
+    plain = SamplingParams(temperature=0)
+    assert not force.plain_row and plain.plain_row
+    got = s(logits, [seq_for(force), seq_for(ban), seq_for(plain)]).token_ids
+    second = logits[1].clone()
+    second[int(top[1])] -= 100.0
+    second[bonus] += 0.5
+    assert got == [7, int(second.argmax()), int(top[2])]
+    biased = s.apply_logit_bias(logits, [force, ban, plain])
+    want = logits.clone()
+    want[0, 7] += 100.0
+    want[1] = second
+    torch.testing.assert_close(biased, want)
+    allowed = SamplingParams(temperature=1.0, allowed_token_ids=[3, 5, 30])
+    flat = torch.zeros(1, V)
+    draws = {s(flat, [seq_for(allowed)]).token_ids[0] for _ in range(40)}
+    assert draws <= {3, 5, 30} and len(draws) > 1
+    greedy_allowed = SamplingParams(temperature=0, allowed_token_ids=[3, 5])
+    pick = s(logits[:1], [seq_for(greedy_allowed)]).token_ids[0]
+    assert pick == (3 if logits[0, 3] >= logits[0, 5] else 5)
+    # speculative verification's target distribution sees the same edits
+    spec_logits = logits[:1, None].expand(1, 3, V).contiguous()
+    probs = s.spec_target_probs(spec_logits, [seq_for(force)],
+                                torch.zeros(1, 2, dtype=torch.int64), [2])
+    assert all(int(probs[0, j].argmax()) == 7 for j in range(3))

@@ -691,3 +691,31 @@ def test_tokenize_and_detokenize(server, client, reference):
         assert r.status_code == status, (path, payload, r.text)
         if param is not None:
             assert r.json()["error"]["param"] == param
+
+
+def test_logit_bias_and_allowed_token_ids(client, server, engine):
+    """OpenAI's logit_bias (string token ids) and vLLM's allowed_token_ids on the real
+    engine: +100 forces a token, -100 bans the greedy choice, allowed ids bound the
+    output; ids outside the vocabulary are 400s naming the key."""
+    tok = engine.tokenizer
+    x_id = tok.encode("x", add_special_tokens=False)[0]
+    forced = client.completions.create(model=MODEL, prompt="hello world", max_tokens=5,
+                                       temperature=0, logit_bias={str(x_id): 100})
+    assert forced.choices[0].text == "xxxxx"
+    greedy = client.completions.create(model=MODEL, prompt="hello world", max_tokens=1,
+                                       temperature=0)
+    first = tok.encode(greedy.choices[0].text, add_special_tokens=False)[0]
+    banned = client.completions.create(model=MODEL, prompt="hello world", max_tokens=1,
+                                       temperature=0, logit_bias={str(first): -100})
+    assert banned.choices[0].text != greedy.choices[0].text
+    allowed = tok.encode("ab", add_special_tokens=False)
+    only = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "say hi"}], max_tokens=8,
+        temperature=1.0, seed=3, extra_body={"allowed_token_ids": allowed})
+    assert set(only.choices[0].message.content) <= {"a", "b"}
+    vocab = len(tok.tokenizer)
+    for body, param in (({"logit_bias": {str(vocab): 1}}, f"logit_bias.{vocab}"),
+                        ({"allowed_token_ids": [1, vocab + 5]}, "allowed_token_ids[1]")):
+        r = httpx.post(server.base_url + "/v1/completions", headers=_auth(), timeout=30,
+                       json={"model": MODEL, "prompt": "x", "max_tokens": 2, **body})
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text

@@ -300,7 +300,12 @@ class LLMEngine:
         return text, ids
 
     def validate(self, prompt_len: int, params: SamplingParams) -> None:
-        """ValueError unless prompt + max_tokens fits max_model_len."""
+        """ValueError unless prompt + max_tokens fits max_model_len and the token ids of
+        logit_bias / allowed_token_ids are in the vocabulary."""
+        if params.uses_logit_bias and params.max_biased_token_id() >= self.vocab_size:
+            raise ValueError(f"logit_bias / allowed_token_ids name token id "
+                             f"{params.max_biased_token_id()}, outside the vocabulary "
+                             f"[0, {self.vocab_size})")
         max_tokens = params.max_tokens if params.max_tokens is not None else 1
         if prompt_len + max_tokens > self.max_model_len:
             raise ValueError(

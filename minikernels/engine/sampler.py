@@ -183,6 +183,36 @@ class Sampler:
         counts, seen = self.penalty_state(seqs, logits.shape[1], logits.dtype)
         return self.penalize(logits, counts, seen, [s.params for s in seqs])
 
+    def apply_logit_bias(self, logits: Tensor, params: list["SamplingParams"]) -> Tensor:
+        """Each row's ``logit_bias`` added to its logits and, with ``allowed_token_ids``,
+        every other token masked to -inf; logits fp32 [B, V] (a new tensor). One scatter
+        per kind for the whole batch (rows and columns gathered on the host)."""
+        logits = logits.clone()
+        rows: list[int] = []
+        cols: list[int] = []
+        vals: list[float] = []
+        allow_rows: list[int] = []
+        allow_cols: list[int] = []
+        for i, p in enumerate(params):
+            for t, b in (p.logit_bias or {}).items():
+                rows.append(i)
+                cols.append(t)
+                vals.append(b)
+            for t in p.allowed_token_ids or ():
+                allow_rows.append(i)
+                allow_cols.append(t)
+        if rows:
+            logits.index_put_((self._tensor(rows, torch.int64), self._tensor(cols, torch.int64)),
+                              self._tensor(vals, logits.dtype), accumulate=True)
+        if allow_rows:
+            keep = torch.zeros_like(logits, dtype=torch.bool)
+            keep[self._tensor(allow_rows, torch.int64), self._tensor(allow_cols, torch.int64)] = \
+                True
+            restricted = self._tensor([p.allowed_token_ids is not None for p in params],
+                                      torch.bool)[:, None]
+            logits = logits.masked_fill(restricted & ~keep, float("-inf"))
+        return logits
+
     def stop_id_mask(self, seqs: list["Sequence"], eos_token_ids: list[int],
                      vocab: int | None = None) -> Tensor | None:
         """bool [B, V]: the ids min_tokens suppresses per row (its stop ids, and EOS
@@ -210,7 +240,8 @@ class Sampler:
         row, as plain decoding would sample it there. logits [B, K + 1, >=V] (position
         j: after the row's last token and drafts 0..j-1; positions past the row's
         num_drafts are copies of its last); drafts int64 [B, K] on the device. Position j
-        gets the row's penalties with drafts 0..j-1 counted as output tokens, and its
+        gets the row's penalties with drafts 0..j-1 counted as output tokens, its
+        logit_bias / allowed_token_ids, and its
         EOS / stop ids masked while num_output_tokens + j < min_tokens; then
         ``target_probs`` (temperature, top-k, top-p, min-p; greedy rows: the processed
         logits). Returns fp32 [B, K + 1, V]."""
@@ -230,6 +261,10 @@ class Sampler:
                 seen = seen[:, None].expand(B, K1, V).reshape(B * K1, V)
             logits = self.penalize(logits.reshape(B * K1, V), counts, seen,
                                    [p for p in params for _ in range(K1)]).view(B, K1, V)
+        if any(p.uses_logit_bias for p in distinct):
+            logits = self.apply_logit_bias(logits.reshape(B * K1, V),
+                                           [p for p in params for _ in range(K1)]
+                                           ).view(B, K1, V)
         ids = self.stop_id_mask(seqs, eos_token_ids, V) if any(
             p.min_tokens for p in distinct) else None
         if ids is not None:
@@ -304,6 +339,8 @@ class Sampler:
 
         if any(p.uses_penalties for p in distinct):
             logits = self._apply_penalties(logits, seqs)
+        if any(p.uses_logit_bias for p in distinct):
+            logits = self.apply_logit_bias(logits, params)
         if any(p.min_tokens for p in distinct):
             logits = self._apply_min_tokens(logits, seqs, eos_token_ids)
 

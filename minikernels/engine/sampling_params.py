@@ -74,6 +74,9 @@ class SamplingParams:
                             are divided by it (positive) or multiplied (negative).
         presence_penalty    in [-2, 2]; subtracted once from tokens present in the output.
         frequency_penalty   in [-2, 2]; subtracted per occurrence in the output.
+        logit_bias          None or {token id: bias in [-100, 100]} added to those logits
+                            (OpenAI's; -100 bans a token in practice, 100 all but forces it).
+        allowed_token_ids   None or a non-empty list: every other token is masked (vLLM's).
         temperature         >= 0; 0 = greedy (argmax).
         top_k               -1 (or 0) = off, else keep the k most likely tokens.
         top_p               in (0, 1]; keep the smallest set with cumulative prob >= top_p.
@@ -129,6 +132,8 @@ class SamplingParams:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
+    logit_bias: dict[int, float] | None = None
+    allowed_token_ids: list[int] | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     prompt_logprobs: int | None = None
@@ -238,8 +243,9 @@ class SamplingParams:
         # the next step needs this step's tokens on the host (penalty counts, grammars)
         self.needs_host_tokens = self.uses_penalties or self.uses_grammar
         # the sampler needs nothing but the sampling_key fields for this row
+        self._check_logit_bias()
         self.plain_row = (self.logprobs is None and not self.uses_penalties
-                          and self.min_tokens == 0)
+                          and self.min_tokens == 0 and not self.uses_logit_bias)
         if not isinstance(self.output_kind, RequestOutputKind):
             try:
                 self.output_kind = RequestOutputKind(self.output_kind)
@@ -257,6 +263,42 @@ class SamplingParams:
                     raise ValueError(f"SamplingParams.stop_token_ids must hold ints >= 0, "
                                      f"got {t!r}")
             self.stop_token_ids = list(self.stop_token_ids)
+
+    def _check_logit_bias(self) -> None:
+        if self.logit_bias is not None:
+            if not isinstance(self.logit_bias, dict):
+                raise TypeError(f"SamplingParams.logit_bias must be a dict of token id -> "
+                                f"bias, got {type(self.logit_bias).__name__}")
+            for t, b in self.logit_bias.items():
+                if not _is_int(t) or t < 0:
+                    raise ValueError(f"SamplingParams.logit_bias keys must be token ids "
+                                     f"(ints >= 0), got {t!r}")
+                self._check_num(f"logit_bias[{t}]", b)
+                if not -100.0 <= b <= 100.0:
+                    raise ValueError(f"SamplingParams.logit_bias[{t}] must be in "
+                                     f"[-100, 100], got {b}")
+            self.logit_bias = {int(t): float(b) for t, b in self.logit_bias.items()} or None
+        if self.allowed_token_ids is not None:
+            if not isinstance(self.allowed_token_ids, (list, tuple)) or \
+                    not self.allowed_token_ids:
+                raise ValueError("SamplingParams.allowed_token_ids must be a non-empty list "
+                                 "of token ids")
+            for t in self.allowed_token_ids:
+                if not _is_int(t) or t < 0:
+                    raise ValueError(f"SamplingParams.allowed_token_ids must hold ints "
+                                     f">= 0, got {t!r}")
+            self.allowed_token_ids = list(self.allowed_token_ids)
+
+    @property
+    def uses_logit_bias(self) -> bool:
+        """logit_bias or allowed_token_ids: the sampler edits this row's logits."""
+        return self.logit_bias is not None or self.allowed_token_ids is not None
+
+    def max_biased_token_id(self) -> int:
+        """The largest token id of logit_bias / allowed_token_ids (-1: none): the engine
+        checks it against the vocabulary."""
+        return max(list(self.logit_bias or {}) + list(self.allowed_token_ids or []),
+                   default=-1)
 
     @staticmethod
     def _check_int(name: str, value: object, low: int | None = None) -> None:

@@ -7,8 +7,9 @@ optional field means its default. Every field is either honoured or refused with
 naming it; an unknown field is refused (``Unrecognized request argument supplied``), never
 silently dropped.
 
-Field names and ranges follow OpenAI's API; vLLM's extra fields are accepted where the
-server or engine honours them (``top_k``, ``min_p``, ``repetition_penalty``,
+Field names and ranges follow OpenAI's API (``logit_bias`` included); vLLM's extra fields
+are accepted where the server or engine honours them (``allowed_token_ids``, ``top_k``,
+``min_p``, ``repetition_penalty``,
 ``ignore_eos``, ``stop_token_ids``, ``min_tokens``, ``include_stop_str_in_output``,
 ``skip_special_tokens``, ``truncate_prompt_tokens``, ``chat_template_kwargs``,
 ``add_generation_prompt``, chat ``echo``, ``priority``, ``cache_salt``,
@@ -100,9 +101,10 @@ class _SamplingFields(_Strict):
     seed: Optional[int] = Field(None, ge=-(2 ** 63), lt=2 ** 63)
     presence_penalty: Optional[float] = Field(None, ge=-2.0, le=2.0)
     frequency_penalty: Optional[float] = Field(None, ge=-2.0, le=2.0)
-    logit_bias: Optional[dict[str, float]] = None
+    logit_bias: Optional[dict[str, float]] = None   # {"token id": bias in [-100, 100]}
     user: Optional[str] = None          # OpenAI's end-user id: no effect on the output
     # vLLM extensions (sent by the openai client via extra_body)
+    allowed_token_ids: Optional[list[StrictInt]] = Field(None, min_length=1)
     top_k: Optional[int] = Field(None, ge=-1)   # -1 or 0 = off
     min_p: Optional[float] = Field(None, ge=0.0, le=1.0)
     # Below 0.01 the fp32 logits / penalty overflow and the probabilities become NaN.
@@ -151,12 +153,29 @@ class _SamplingFields(_Strict):
         if self.stream_options is not None and not self.stream:
             raise APIError("stream_options is only allowed when stream is true",
                            param="stream_options")
-        if self.logit_bias:
-            raise unsupported("logit_bias")
+        self.token_biases()
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
             raise APIError(f"min_tokens ({self.min_tokens}) must be <= max_tokens "
                            f"({self.max_tokens})", param="min_tokens", code="invalid_value")
         self.constraint()
+
+    def token_biases(self) -> Optional[dict[int, float]]:
+        """``logit_bias`` with int token ids (OpenAI sends the ids as strings); a 400 naming
+        ``logit_bias.<key>`` for a key that is not a token id or a bias outside
+        [-100, 100]."""
+        if not self.logit_bias:
+            return None
+        out: dict[int, float] = {}
+        for key, bias in self.logit_bias.items():
+            where = f"logit_bias.{key}"
+            if not (key.isascii() and key.isdigit()) or len(key) > 12:
+                raise APIError(f"logit_bias keys must be token ids, got {key!r}",
+                               param=where, code="invalid_value")
+            if not (-100.0 <= bias <= 100.0):     # (NaN fails this too)
+                raise APIError(f"a logit bias must be in [-100, 100], got {bias}",
+                               param=where, code="invalid_value")
+            out[int(key)] = float(bias)
+        return out
 
     def constraint(self) -> Optional["Constraint"]:
         """The request's output constraint (None: free text); APIError naming the field."""

@@ -134,6 +134,11 @@ def register_routes(app: FastAPI, state: "ServerState") -> None:
                 kwargs[name] = value
         if logprobs is not None:
             kwargs["logprobs"] = logprobs
+        biases = req.token_biases()
+        if biases or req.allowed_token_ids:
+            check_token_ids(biases, req.allowed_token_ids)
+            kwargs["logit_bias"] = biases
+            kwargs["allowed_token_ids"] = req.allowed_token_ids
         if constraint is not None:
             kwargs["structured_outputs"] = constraint.params
         if state.cache_salt_supported:
@@ -144,6 +149,21 @@ def register_routes(app: FastAPI, state: "ServerState") -> None:
             return SamplingParams(**kwargs)
         except (ValueError, TypeError) as exc:
             raise APIError(f"invalid sampling parameters: {exc}") from None
+
+    def check_token_ids(biases: Optional[dict[int, float]],
+                        allowed: Optional[list[int]]) -> None:
+        """400 naming the logit_bias key / allowed_token_ids entry outside the vocabulary."""
+        size = vocab_size()
+        if size is None:
+            return
+        for t in biases or {}:
+            if t >= size:
+                raise APIError(f"token id {t} is outside the vocabulary [0, {size})",
+                               param=f"logit_bias.{t}", code="invalid_value")
+        for i, t in enumerate(allowed or []):
+            if not 0 <= t < size:
+                raise APIError(f"token id {t} is outside the vocabulary [0, {size})",
+                               param=f"allowed_token_ids[{i}]", code="invalid_value")
 
     def prefix_cache_salt(kid: Optional[str], client_salt: Optional[str]) -> Optional[str]:
         """The engine's cache salt: the caller's key id (several keys, unless the
