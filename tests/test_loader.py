@@ -291,6 +291,46 @@ def test_gptq_awq_checkpoints(tmp_path, method, act_order, fmt):
     assert rel_err(_logits(mb, seqs), ref) <= 0.05
 
 
+@pytest.mark.parametrize("group,act_order", [(32, False), (32, True), (-1, False)])
+def test_compressed_tensors_checkpoints(tmp_path, group, act_order):
+    """llm-compressor's W4A16 format (compressed-tensors "pack-quantized": signed int4
+    offset by 8, [N, K / 8] words, group or per-channel scales, actorder g_idx), packed
+    here from known integers: every layer dequantizes to exactly the known weights, the
+    logits match transformers on the dequantized model, and TP shards slice it."""
+    from minikernels.models.parallel import TensorParallel
+
+    hf = make_hf_model("qwen2-tied", seed=7)
+    d = str(tmp_path / "ct")
+    known = write_quantized_checkpoint(hf, d, "compressed-tensors", group=group,
+                                       act_order=act_order)
+    m = load_model(d, dtype="float32", device="cpu")
+    assert m.quantization == "compressed-tensors"
+    layer = m.layers[1]
+    want = torch.cat([known[f"model.layers.1.self_attn.{p}_proj.weight"] for p in "qkv"])
+    assert layer.self_attn.qkv_proj.is_int4
+    assert torch.equal(layer.self_attn.qkv_proj.dense_weight(), want)
+    assert torch.equal(layer.mlp.down_proj.dense_weight(),
+                       known["model.layers.1.mlp.down_proj.weight"])
+    parts = layer.mlp.gate_up_proj.int4_parts
+    assert parts[0].group_size == (group if group != -1 else -1)
+    seqs = _seqs()
+    ref = torch.cat([hf_logits(hf, s) for s in seqs])
+    assert rel_err(_logits(m, seqs), ref) <= 2e-3
+    if not act_order:    # rank 1 of 2 reads its rows / columns of the packed tensors
+        part = load_model(d, dtype="float32", device="cpu",
+                          tensor_parallel=TensorParallel(1, 2))
+        full_down = known["model.layers.1.mlp.down_proj.weight"]
+        k_local = full_down.shape[1] // 2
+        assert torch.equal(part.layers[1].mlp.down_proj.dense_weight(),
+                           full_down[:, k_local:])
+    bad = json.load(open(os.path.join(d, "config.json")))
+    bad["quantization_config"]["config_groups"]["group_0"]["weights"]["symmetric"] = False
+    with open(os.path.join(d, "config.json"), "w") as f:
+        json.dump(bad, f)
+    with pytest.raises(UnsupportedModelError, match="asymmetric"):
+        load_model(d, dtype="float32", device="cpu")
+
+
 def test_gptq_zero_biases_are_accepted(tmp_path):
     """AutoGPTQ saves a bias for every quantized layer, zeros where the model has none;
     a nonzero one is loaded (the layer gains a bias)."""

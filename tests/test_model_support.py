@@ -205,9 +205,10 @@ def awq_tensors(q: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor
 def write_quantized_checkpoint(hf: torch.nn.Module, path: str, method: str, group: int,
                                act_order: bool = False, seed: int = 0,
                                checkpoint_format: str = "gptq") -> dict[str, torch.Tensor]:
-    """Save ``hf`` as a GPTQ/AWQ checkpoint with known random integers in every linear layer
-    of the decoder blocks; the dense model ``hf`` gets the dequantized weights (so it is the
-    reference). Returns {hf linear name: dequantized W}."""
+    """Save ``hf`` as a GPTQ / AWQ / compressed-tensors ("pack-quantized", symmetric: every
+    zero 8; ``group`` -1 = the "channel" strategy) checkpoint with known random integers in
+    every linear layer of the decoder blocks; the dense model ``hf`` gets the dequantized
+    weights (so it is the reference). Returns {hf linear name: dequantized W}."""
     from safetensors.torch import save_file
 
     g = torch.Generator().manual_seed(seed)
@@ -219,19 +220,27 @@ def write_quantized_checkpoint(hf: torch.nn.Module, path: str, method: str, grou
             tensors[name] = w.contiguous()
             continue
         n, k = w.shape
-        groups = k // group
+        ct = method == "compressed-tensors"
+        groups = 1 if group == -1 else k // group
+        gsize = k // groups
         q = torch.randint(0, 16, (n, k), generator=g)
         lo = 1 if (method == "gptq" and checkpoint_format == "gptq") else 0
-        zeros = torch.randint(lo, 16, (n, groups), generator=g)
+        zeros = torch.full((n, groups), 8) if ct else \
+            torch.randint(lo, 16, (n, groups), generator=g)
         scales = (torch.rand(n, groups, generator=g) * 0.02 + 0.005).half()
         if act_order:
             g_idx = torch.randperm(k, generator=g) % groups
         else:
-            g_idx = torch.arange(k) // group
+            g_idx = torch.arange(k) // gsize
         gi = g_idx.long()
         wdq = (q.float() - zeros.float()[:, gi]) * scales.float()[:, gi]
         base = name[:-len(".weight")]
-        if method == "gptq":
+        if ct:   # signed q - 8 stored offset by 8 = q, 8 per int32 along K; [N, ...] layout
+            parts = {"weight_packed": pack_rows_of_8(q), "weight_scale": scales,
+                     "weight_shape": torch.tensor([n, k])}
+            if act_order:
+                parts["weight_g_idx"] = g_idx.to(torch.int32)
+        elif method == "gptq":
             parts = gptq_tensors(q, zeros, scales, g_idx, v1=checkpoint_format == "gptq")
         else:
             parts = awq_tensors(q, zeros, scales)
@@ -246,7 +255,18 @@ def write_quantized_checkpoint(hf: torch.nn.Module, path: str, method: str, grou
     save_file(tensors, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
     cfg = hf.config.to_dict()
     qc: dict[str, Any] = {"quant_method": method, "bits": 4, "group_size": group}
-    if method == "gptq":
+    if method == "compressed-tensors":   # what llm-compressor writes for W4A16
+        qc = {"quant_method": method, "format": "pack-quantized",
+              "quantization_status": "compressed", "ignore": ["lm_head"],
+              "config_groups": {"group_0": {
+                  "targets": ["Linear"], "input_activations": None,
+                  "output_activations": None,
+                  "weights": {"num_bits": 4, "type": "int", "symmetric": True,
+                              "strategy": "channel" if group == -1 else "group",
+                              "group_size": None if group == -1 else group,
+                              "actorder": "group" if act_order else None,
+                              "dynamic": False, "observer": "minmax"}}}}
+    elif method == "gptq":
         qc.update(desc_act=act_order, sym=False, checkpoint_format=checkpoint_format)
     else:
         qc.update(version="gemm", zero_point=True)

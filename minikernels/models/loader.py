@@ -95,10 +95,13 @@ _NORM_RE = re.compile(r"^layers\.(\d+)\.(input_layernorm|post_attention_layernor
 _SHARDS = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
            "o_proj": ("o_proj", 0), "gate_proj": ("gate_up_proj", 0),
            "up_proj": ("gate_up_proj", 1), "down_proj": ("down_proj", 0)}
-_QUANT_TENSORS = ("qweight", "qzeros", "scales", "g_idx")
+_QUANT_TENSORS = ("qweight", "qzeros", "scales", "g_idx",                # GPTQ / AWQ
+                  "weight_packed", "weight_scale", "weight_g_idx")        # compressed-tensors
+#: each int4 part's tensor that must arrive (recorded as "qweight")
+_PRIMARY_INT4 = ("qweight", "weight_packed")
 #: fp8 KV-cache scales as vLLM's fp8 checkpoints store them (one per layer, or per kv head)
 _KV_SCALE_RE = re.compile(r"^layers\.(\d+)\.self_attn\.(k_scale|v_scale)$")
-_IGNORED = re.compile(r"(rotary_emb\.inv_freq|\.bias_correction|\.wf_?\w*)$")
+_IGNORED = re.compile(r"(rotary_emb\.inv_freq|\.bias_correction|\.wf_?\w*|\.weight_shape)$")
 
 
 #: A multimodal checkpoint's text decoder (Gemma 3 4B+): transformers' two spellings.
@@ -142,7 +145,7 @@ def map_name(name: str) -> tuple[str, int | None, str] | None:
         layer, block, proj, kind = m.groups()
         if proj in ("q_norm", "k_norm") and kind == "weight":
             return f"layers.{layer}.self_attn.{proj}", None, "weight"
-        if proj in _SHARDS:
+        if proj in _SHARDS and kind != "weight_shape":   # (compressed-tensors metadata)
             target, shard = _SHARDS[proj]
             return f"layers.{layer}.{block}.{target}", shard, kind
     return None
@@ -288,9 +291,17 @@ def _checkpoint_quant(config: DecoderConfig) -> dict[str, Any] | None:
     if not qc:
         return None
     method = str(qc.get("quant_method", "")).lower()
+    if method == "compressed-tensors":
+        from ..quant import compressed_tensors_scheme
+
+        try:
+            return {"method": method, **compressed_tensors_scheme(qc)}
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise UnsupportedModelError(f"quantization_config: {exc}") from None
     if method not in ("gptq", "awq"):
         raise UnsupportedModelError(f"quantization_config.quant_method {method!r} is not "
-                                    "supported (supported: gptq, awq with 4 bits)")
+                                    "supported (supported: gptq, awq with 4 bits, "
+                                    "compressed-tensors pack-quantized int4)")
     bits = int(qc.get("bits", qc.get("w_bit", 4)))
     if bits != 4:
         raise UnsupportedModelError(f"{method} with {bits} bits is not supported (only 4)")
@@ -436,7 +447,8 @@ def _load_hf(model_dir: str, dtype: str | torch.dtype, device: torch.device,
                                 raise CheckpointError(f"{where} is a quantized tensor but "
                                                       "config.json has no quantization_config")
                             pending_q.setdefault((mod_name, shard), {})[kind] = tensor.to(device)
-                            seen.add((mod_name, shard, "qweight" if kind == "qweight" else kind))
+                            seen.add((mod_name, shard,
+                                      "qweight" if kind in _PRIMARY_INT4 else kind))
                             continue
                         if kind == "weight" and mod_name in stream:
                             # RTN on load: quantize this part on the device, drop the dense copy.
@@ -529,18 +541,23 @@ def _hf_name(module: str, shard: int | None, kind: str) -> str:
 def _import_int4(model: CausalLM, modules: dict[str, Any],
                  pending: dict[tuple[str, int], dict[str, Tensor]], quant: dict[str, Any],
                  torch_dtype: torch.dtype) -> None:
-    """Turn GPTQ/AWQ tensors into int4 parts of the fused layers."""
+    """Turn GPTQ / AWQ / compressed-tensors tensors into int4 parts of the fused layers."""
     from .. import quant as mkq
 
     scale_dtype = torch_dtype if torch_dtype in (torch.float16, torch.bfloat16) \
         else torch.float16
     for (mod_name, shard), t in sorted(pending.items()):
         name = _hf_name(mod_name, shard, "*")
-        missing = [k for k in ("qweight", "qzeros", "scales") if k not in t]
+        ct = quant["method"] == "compressed-tensors"
+        need = ("weight_packed", "weight_scale") if ct else ("qweight", "qzeros", "scales")
+        missing = [k for k in need if k not in t]
         if missing:
             raise CheckpointError(f"{name}: missing {missing}")
         try:
-            if quant["method"] == "gptq":
+            if ct:
+                w = mkq.from_compressed_tensors(t["weight_packed"], t["weight_scale"],
+                                                t.get("weight_g_idx"))
+            elif quant["method"] == "gptq":
                 w = mkq.from_gptq(t["qweight"], t["qzeros"], t["scales"], t.get("g_idx"),
                                   checkpoint_format=quant["checkpoint_format"])
             else:

@@ -163,6 +163,11 @@ def _rows(obj: Any, start: int, stop: int) -> Tensor:
     return obj[start:stop]
 
 
+def _shape(src: Any) -> list[int]:
+    """A tensor's or a safetensors slice's shape."""
+    return list(src.get_shape()) if hasattr(src, "get_shape") else list(src.shape)
+
+
 def _read(src: Any) -> Tensor:
     """The whole tensor of a safetensors slice (or a tensor as is)."""
     return src if isinstance(src, Tensor) else src[...]
@@ -229,8 +234,13 @@ def shard_tensor(config: DecoderConfig, tp: TensorParallel, module: str, shard: 
 # GPTQ: qweight [K/8, N], qzeros [K/G, N/8], scales [K/G, N], g_idx [K]
 # AWQ:  qweight [K, N/8],  qzeros [K/G, N/8], scales [K/G, N]
 def _quant(config: DecoderConfig, module: str) -> tuple[str, int]:
+    """(method, group size; -1 = one group per output channel) of an int4 checkpoint."""
     qc = config.quantization_config or {}
     method = str(qc.get("quant_method", "")).lower()
+    if method == "compressed-tensors":
+        from ..quant import compressed_tensors_scheme
+
+        return method, compressed_tensors_scheme(qc)["group_size"]
     group = int(qc.get("group_size", qc.get("q_group_size", 128)))
     if method not in ("gptq", "awq") or group <= 0:
         raise ValueError(f"{module}: int4 tensors with tensor parallel need a GPTQ / AWQ "
@@ -244,8 +254,10 @@ def _int4_columns(config: DecoderConfig, module: str, kind: str, src: Any, n0: i
     method, _ = _quant(config, module)
     if n0 % 8 or n1 % 8:
         raise ValueError(f"{module}: int4 shard [{n0}, {n1}) is not a multiple of 8 outputs")
-    if kind == "g_idx":
+    if kind in ("g_idx", "weight_g_idx"):
         return _read(src)
+    if method == "compressed-tensors":   # [N, ...]: output rows first
+        return src[n0:n1]
     packed_n = kind == "qzeros" or (kind == "qweight" and method == "awq")
     a, b = (n0 // 8, n1 // 8) if packed_n else (n0, n1)
     return src[:, a:b]
@@ -256,17 +268,23 @@ def _int4_k_slice(config: DecoderConfig, module: str, kind: str, src: Any, k0: i
     """Input columns [k0, k1) of a row-parallel GPTQ / AWQ layer, cut at group boundaries
     (GPTQ act-order is refused: its groups are not contiguous in K)."""
     method, g = _quant(config, module)
+    if g == -1:                   # one scale per output channel: every K slice is aligned
+        g = k1 - k0
     if k0 % g or k1 % g or k0 % 8:
         raise ValueError(f"{module}: the per-rank K slice [{k0}, {k1}) does not fall on "
                          f"int4 group boundaries (group_size {g}); use a smaller "
                          "tensor_parallel_size")
-    if kind == "g_idx":
+    if kind in ("g_idx", "weight_g_idx"):
         t = src[k0:k1]
         want = torch.arange(k0, k1, dtype=torch.int64) // g
         if not torch.equal(t.long(), want):
             raise ValueError(f"{module}: GPTQ act-order (desc_act) on a row-parallel layer "
                              "is not supported with tensor parallel")
         return t - k0 // g
+    if method == "compressed-tensors":   # weight_packed [N, K / 8], weight_scale [N, K / G]
+        if kind == "weight_scale":
+            return src[:, k0 // g:k1 // g] if _shape(src)[1] > 1 else _read(src)
+        return src[:, k0 // 8:k1 // 8]
     if kind in ("qzeros", "scales"):
         return src[k0 // g:k1 // g]
     if method == "gptq":          # qweight packed along K

@@ -6,9 +6,11 @@
 
 Format: docs/int4_format.md (canonical layout in minikernels.ops.reference).
 """
-from .checkpoints import AWQ_ORDER, from_awq, from_gptq, to_awq, to_gptq
+from .checkpoints import (AWQ_ORDER, compressed_tensors_scheme, from_awq,
+                          from_compressed_tensors, from_gptq, to_awq, to_gptq)
 from .int4 import GROUP_SIZES, Int4Weight, pack_int4, quantize_int4
 from .packing import pack_nibbles, unpack_nibbles
 
-__all__ = ["AWQ_ORDER", "GROUP_SIZES", "Int4Weight", "from_awq", "from_gptq", "pack_int4",
+__all__ = ["AWQ_ORDER", "GROUP_SIZES", "Int4Weight", "compressed_tensors_scheme", "from_awq",
+           "from_compressed_tensors", "from_gptq", "pack_int4",
            "pack_nibbles", "quantize_int4", "to_awq", "to_gptq", "unpack_nibbles"]

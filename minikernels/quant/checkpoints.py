@@ -14,9 +14,18 @@ AWQ GEMM (AutoAWQ):
     qweight int32 [K, N / 8]     word c, slot i = q[k, n = 8c + ORDER[i]], ORDER 0,2,4,6,1,3,5,7
     qzeros  int32 [K / G, N / 8] same order; the zero is stored as is
     scales  [K / G, N]
+compressed-tensors "pack-quantized" (llm-compressor's W4A16; symmetric int4):
+    weight_packed int32 [N, K / 8]  word c, slot j (bits 4j..) = q[n, k = 8c + j] + 8
+                                    (q signed in [-8, 7], stored offset by 8)
+    weight_scale  [N, K / G] (group) or [N, 1] (channel)
+    weight_g_idx  int32 [K] (optional, actorder "group"): as GPTQ's g_idx
+    weight_shape  [N, K]
+    so it is the canonical layout with every zero 8.
 Dequantized: W[n, k] = (q - zero) * scale, as in the canonical format.
 """
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -64,24 +73,85 @@ def from_gptq(qweight: Tensor, qzeros: Tensor, scales: Tensor, g_idx: Tensor | N
     if checkpoint_format == "gptq":
         zeros = zeros + 1
     q = unpack_nibbles(qweight.t().contiguous())                     # [N, K]
-    perm = None
-    if g_idx is not None:
-        check_tensor("g_idx", g_idx, dtypes=(torch.int32, torch.int64), ndim=1,
-                     device=qweight.device)
-        if g_idx.shape[0] != k:
-            raise ValueError(f"g_idx must have shape [K = {k}], got {list(g_idx.shape)}")
-        g_idx = g_idx.to(torch.int64)
-        order = torch.argsort(g_idx, stable=True)
-        sorted_g = g_idx[order]
-        expected = torch.arange(k, device=g_idx.device) // gs
-        if not torch.equal(sorted_g, expected):
-            raise ValueError(f"g_idx must assign exactly K / groups = {gs} columns to each of "
-                             f"the {groups} groups")
-        if not torch.equal(order, torch.arange(k, device=order.device)):
-            perm = order
-            q = q[:, order]
+    q, perm = _sort_by_group(q, g_idx, k, gs, groups)
     return Int4Weight(pack_nibbles(q), scales.t().contiguous(),
                       zeros.t().to(scales.dtype).contiguous(), g, perm)
+
+
+def _sort_by_group(q: Tensor, g_idx: Tensor | None, k: int, gs: int, groups: int
+                   ) -> tuple[Tensor, Tensor | None]:
+    """(q [N, K] with its columns sorted by group, the permutation or None): an
+    act-order ``g_idx`` (each input column's group) made contiguous, stably."""
+    if g_idx is None:
+        return q, None
+    check_tensor("g_idx", g_idx, dtypes=(torch.int32, torch.int64), ndim=1, device=q.device)
+    if g_idx.shape[0] != k:
+        raise ValueError(f"g_idx must have shape [K = {k}], got {list(g_idx.shape)}")
+    g_idx = g_idx.to(torch.int64)
+    order = torch.argsort(g_idx, stable=True)
+    expected = torch.arange(k, device=g_idx.device) // gs
+    if not torch.equal(g_idx[order], expected):
+        raise ValueError(f"g_idx must assign exactly K / groups = {gs} columns to each of "
+                         f"the {groups} groups")
+    if torch.equal(order, torch.arange(k, device=order.device)):
+        return q, None
+    return q[:, order], order
+
+
+def compressed_tensors_scheme(qc: dict[str, Any]) -> dict[str, Any]:
+    """The int4 weight scheme of a compressed-tensors ``quantization_config`` (what
+    llm-compressor writes for W4A16): {"group_size": G, or -1 for one scale per output
+    channel}. ValueError naming what is not supported (other formats, activation
+    quantization, other bit widths, asymmetric weights, several schemes)."""
+    fmt = qc.get("format")
+    if fmt != "pack-quantized":
+        raise ValueError(f"compressed-tensors format {fmt!r} is not supported (only "
+                         "pack-quantized int4 weights)")
+    groups = qc.get("config_groups")
+    if not isinstance(groups, dict) or not groups:
+        raise ValueError("compressed-tensors quantization_config has no config_groups")
+    sizes = set()
+    for name, group in groups.items():
+        w = group.get("weights") or {}
+        if group.get("input_activations"):
+            raise ValueError(f"config_groups.{name}: activation quantization is not "
+                             "supported (weight-only int4)")
+        if w.get("num_bits") != 4 or w.get("type", "int") != "int":
+            raise ValueError(f"config_groups.{name}: {w.get('num_bits')}-bit "
+                             f"{w.get('type')} weights are not supported (only int4)")
+        if not w.get("symmetric", True):
+            raise ValueError(f"config_groups.{name}: asymmetric weights are not supported")
+        strategy = w.get("strategy")
+        if strategy == "group":
+            sizes.add(int(w["group_size"]))
+        elif strategy == "channel":
+            sizes.add(-1)
+        else:
+            raise ValueError(f"config_groups.{name}: strategy {strategy!r} is not supported "
+                             "(group, channel)")
+    if len(sizes) != 1:
+        raise ValueError(f"config_groups use several group sizes {sorted(sizes)}")
+    return {"group_size": sizes.pop()}
+
+
+def from_compressed_tensors(weight_packed: Tensor, weight_scale: Tensor,
+                            g_idx: Tensor | None = None) -> Int4Weight:
+    """Convert a compressed-tensors pack-quantized int4 layer (module docstring) to an
+    :class:`Int4Weight`, losslessly."""
+    check_tensor("weight_packed", weight_packed, dtypes=(torch.int32,), ndim=2)
+    check_tensor("weight_scale", weight_scale, dtypes=HALF_DTYPES + (torch.float32,), ndim=2,
+                 device=weight_packed.device)
+    n, k = weight_packed.shape[0], weight_packed.shape[1] * 8
+    if weight_scale.shape[0] != n:
+        raise ValueError(f"weight_scale must have shape [N = {n}, groups], got "
+                         f"{list(weight_scale.shape)}")
+    groups = weight_scale.shape[1]
+    if weight_scale.dtype == torch.float32:
+        weight_scale = weight_scale.half()
+    g = _group_size(k, groups)
+    q, perm = _sort_by_group(unpack_nibbles(weight_packed), g_idx, k, k // groups, groups)
+    zeros = torch.full((n, groups), 8.0, dtype=weight_scale.dtype, device=q.device)
+    return Int4Weight(pack_nibbles(q), weight_scale.contiguous(), zeros, g, perm)
 
 
 def from_awq(qweight: Tensor, qzeros: Tensor, scales: Tensor) -> Int4Weight:
