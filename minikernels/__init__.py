@@ -28,6 +28,7 @@ _LAZY = {
     "SamplingParams": ("minikernels.engine", "SamplingParams"),
     "RequestOutput": ("minikernels.engine", "RequestOutput"),
     "Embedder": ("minikernels.engine", "Embedder"),
+    "BeamSearchParams": ("minikernels.engine", "BeamSearchParams"),
 }
 
 

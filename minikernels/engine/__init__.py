@@ -13,10 +13,12 @@ embedding (Embedder: embedding models); the engine benchmarks live in minikernel
 See docs/engine.md.
 """
 from .async_llm import AsyncLLM, EngineOverloaded
+from .beam_search import BeamSearchOutput, BeamSearchParams, BeamSearchSequence
 from .embedding import Embedder
 from .llm_engine import LLM, LLMEngine
 from .outputs import CompletionOutput, Logprob, RequestOutput
 from .sampling_params import RequestOutputKind, SamplingParams
 
-__all__ = ["AsyncLLM", "CompletionOutput", "Embedder", "EngineOverloaded", "LLM", "LLMEngine",
-           "Logprob", "RequestOutput", "RequestOutputKind", "SamplingParams"]
+__all__ = ["AsyncLLM", "BeamSearchOutput", "BeamSearchParams", "BeamSearchSequence",
+           "CompletionOutput", "Embedder", "EngineOverloaded", "LLM", "LLMEngine", "Logprob",
+           "RequestOutput", "RequestOutputKind", "SamplingParams"]

@@ -37,6 +37,7 @@ from .draft_model import (DraftModelProposer, check_vocab, load_draft_model,
 from .generation_config import sampling_defaults
 from .model_runner import ModelRunner
 from .outputs import Logprob, RequestOutput
+from .beam_search import BeamSearchOutput, BeamSearchParams
 from .sampler import DeviceSample, Sampler, SamplerOutput, needs_host_tokens
 from .sampling_params import SamplingParams
 from .scheduler import ScheduledBatch, Scheduler
@@ -978,6 +979,15 @@ class LLM:
             return list(prompts)
         raise TypeError(f"prompts must be a str, a list of str, a list of token ids or a "
                         f"list of token-id lists, got {type(prompts).__name__}")
+
+    def beam_search(self, prompts: str | list[int] | Seq[str | list[int]],
+                    params: BeamSearchParams) -> list[BeamSearchOutput]:
+        """Beam search (vLLM's ``LLM.beam_search``): for each prompt, the best
+        ``params.beam_width`` sequences, best first. See
+        :mod:`minikernels.engine.beam_search`."""
+        from .beam_search import beam_search
+
+        return beam_search(self, self._normalize_prompts(prompts), params)
 
     def chat(self, messages: Seq[dict[str, Any]] | Seq[Seq[dict[str, Any]]],
              sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
