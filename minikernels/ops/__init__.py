@@ -10,6 +10,7 @@ from .bitmask import apply_token_bitmask
 from .attention import flash_attention, flash_attention_bshd
 from .int4 import int4_matmul
 from .kv_cache import merge_attn_states, paged_decode_attention, write_kv_cache
+from .lora import lora_delta
 from .norm import gemma_rms_norm, rms_norm
 from .rejection_sampler import rejection_sample
 from .rotary import build_rope_cache, rotary_embedding
@@ -23,6 +24,7 @@ __all__ = [
     "gelu_tanh_and_mul",
     "gemma_rms_norm",
     "int4_matmul",
+    "lora_delta",
     "merge_attn_states",
     "paged_decode_attention",
     "reference",

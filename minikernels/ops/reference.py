@@ -459,3 +459,21 @@ def top_k_top_p_mask_logits(logits: Tensor, top_k: Tensor | None, top_p: Tensor 
         n = (before < target).sum(dim=1, keepdim=True).clamp_min(1)
         keep &= x >= vals.gather(1, n - 1)
     return logits.masked_fill(~keep, neg_inf)
+
+
+# ------------------------------------------------------------------------- LoRA
+def lora_delta(x: Tensor, lora_a: Tensor, lora_b: Tensor, token_slots: Tensor,
+               scaling: Tensor) -> Tensor:
+    """Each token's low-rank update through its adapter slot: y [T, N] in x.dtype with
+    y[t] = scaling[s] * lora_b[s] @ (lora_a[s] @ x[t]), s = token_slots[t]; 0 where s < 0.
+    fp32 math, the rank-R intermediate not rounded, y rounded once."""
+    t, n = x.shape[0], lora_b.shape[1]
+    y = torch.zeros(t, n, dtype=torch.float32, device=x.device)
+    slots = token_slots.long()
+    for s in sorted({int(v) for v in slots.tolist()}):
+        if s < 0:
+            continue
+        rows = (slots == s).nonzero().flatten()
+        h = x[rows].float() @ lora_a[s].float().t()                  # [rows, R]
+        y[rows] = (h @ lora_b[s].float().t()) * scaling[s].float()
+    return y.to(x.dtype)
