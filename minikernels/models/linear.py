@@ -264,6 +264,11 @@ class FusedLinear(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: Tensor) -> Tensor:
+        y = self._base_forward(x)
+        lora = self.__dict__.get("lora")     # LoRA slots (minikernels.models.lora)
+        return y if lora is None else lora.add(x, y)
+
+    def _base_forward(self, x: Tensor) -> Tensor:
         if self.weight is not None:
             return nn.functional.linear(x, self.weight, self.bias)
         if self._pending or not len(self.int4_parts):

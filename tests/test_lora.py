@@ -1,0 +1,114 @@
+"""LoRA adapters on the decoder against PEFT itself: adapters made and saved by ``peft``
+(random, non-zero B), loaded into slots, give PEFT's logits; one batch mixes two adapters
+and the base model; the Triton path equals the reference; errors name the field."""
+from __future__ import annotations
+
+import copy
+import json
+import os
+
+import peft
+import pytest
+import torch
+from test_model_support import make_hf_model, random_tokens, rel_err, save_hf
+
+import minikernels as mk
+from minikernels.models import AttentionMetadata, load_model
+from minikernels.models.lora import LoRAAdapter, LoRAError, LoRAManager
+
+ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def make_adapter(hf, path: str, r: int, alpha: float, targets: list[str],
+                 rslora: bool = False, seed: int = 0):
+    """A random PEFT LoRA adapter on a copy of ``hf``, saved to ``path``; returns the
+    PEFT model (the reference)."""
+    torch.manual_seed(seed)
+    cfg = peft.LoraConfig(r=r, lora_alpha=alpha, target_modules=targets, lora_dropout=0.0,
+                          use_rslora=rslora, init_lora_weights=False)
+    model = peft.get_peft_model(copy.deepcopy(hf), cfg).eval()
+    model.save_pretrained(path)
+    return model
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    hf = make_hf_model("llama", seed=3)
+    base = save_hf(hf, str(tmp_path_factory.mktemp("base")))
+    a1 = str(tmp_path_factory.mktemp("lora1"))
+    a2 = str(tmp_path_factory.mktemp("lora2"))
+    ref1 = make_adapter(hf, a1, r=4, alpha=8, targets=ALL, seed=1)
+    ref2 = make_adapter(hf, a2, r=2, alpha=3, targets=["q_proj", "v_proj", "down_proj"],
+                        rslora=True, seed=2)
+    return hf, base, (a1, ref1), (a2, ref2)
+
+
+@torch.no_grad()
+def _ref_logits(model, ids: list[int]) -> torch.Tensor:
+    return model(torch.tensor([ids])).logits[0].float()
+
+
+def _run(model, seqs: list[list[int]], slots: list[int], manager: LoRAManager) -> torch.Tensor:
+    ids = torch.tensor([t for s in seqs for t in s])
+    token_slots = torch.tensor([slot for s, slot in zip(seqs, slots) for _ in s],
+                               dtype=torch.int32)
+    manager.set_token_slots(token_slots)
+    try:
+        return model(ids, AttentionMetadata.for_prompts([len(s) for s in seqs]), None)
+    finally:
+        manager.set_token_slots(None)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_mixed_batch_matches_peft(setup, backend):
+    hf, base, (a1, ref1), (a2, ref2) = setup
+    model = load_model(base, dtype="float32", device="cpu")
+    manager = LoRAManager(model, max_loras=3, max_lora_rank=8)
+    ad1 = LoRAAdapter.load(a1, model.config)
+    ad2 = LoRAAdapter.load(a2, model.config, name="second")
+    assert (ad1.rank, ad1.scaling) == (4, 2.0)
+    assert ad2.rank == 2 and abs(ad2.scaling - 3 / 2 ** 0.5) < 1e-12   # rsLoRA
+    manager.activate(2, ad1)
+    manager.activate(0, ad2)
+    assert manager.names == ["second", None, os.path.basename(a1)]
+    seqs = [random_tokens(n, 300, 10 + n) for n in (7, 5, 9)]
+    with mk.use_backend(backend):
+        got = _run(model, seqs, [2, -1, 0], manager)
+    want = torch.cat([_ref_logits(ref1, seqs[0]), _ref_logits(hf, seqs[1]),
+                      _ref_logits(ref2, seqs[2])])
+    assert rel_err(got, want) <= 1e-4
+    # the adapters do change the output (B is not zero)
+    assert rel_err(_ref_logits(ref1, seqs[0]), _ref_logits(hf, seqs[0])) > 1e-2
+    # without token slots, or with a slot emptied, the model is the base model
+    plain = model(torch.tensor(seqs[0]), AttentionMetadata.for_prompts([7]), None)
+    assert rel_err(plain, _ref_logits(hf, seqs[0])) <= 1e-4
+    manager.deactivate(2)
+    again = _run(model, seqs[:1], [2], manager)
+    assert rel_err(again, _ref_logits(hf, seqs[0])) <= 1e-4
+
+
+def test_adapter_errors_name_the_field(setup, tmp_path):
+    hf, base, (a1, _), _ = setup
+    model = load_model(base, dtype="float32", device="cpu")
+    with pytest.raises(LoRAError, match="max_lora_rank"):
+        LoRAManager(model, max_loras=1, max_lora_rank=2).activate(
+            0, LoRAAdapter.load(a1, model.config))
+    cfg = json.load(open(os.path.join(a1, "adapter_config.json")))
+    for key, value, match in (("use_dora", True, "use_dora"),
+                              ("bias", "all", "bias"),
+                              ("modules_to_save", ["lm_head"], "modules_to_save"),
+                              ("rank_pattern", {"q_proj": 8}, "rank_pattern"),
+                              ("peft_type", "IA3", "peft_type")):
+        d = tmp_path / key
+        d.mkdir()
+        json.dump({**cfg, key: value}, open(d / "adapter_config.json", "w"))
+        os.symlink(os.path.join(a1, "adapter_model.safetensors"),
+                   d / "adapter_model.safetensors")
+        with pytest.raises(LoRAError, match=match):
+            LoRAAdapter.load(str(d), model.config)
+    from minikernels.models.config import builtin_config
+
+    with pytest.raises(LoRAError, match="shapes"):                   # another model's
+        LoRAAdapter.load(a1, builtin_config("qwen2.5-0.5b"))
+    with pytest.raises(LoRAError, match="adapter_config.json"):
+        LoRAAdapter.load(str(tmp_path), model.config)
