@@ -29,6 +29,7 @@ _LAZY = {
     "RequestOutput": ("minikernels.engine", "RequestOutput"),
     "Embedder": ("minikernels.engine", "Embedder"),
     "BeamSearchParams": ("minikernels.engine", "BeamSearchParams"),
+    "LoRARequest": ("minikernels.engine", "LoRARequest"),
 }
 
 

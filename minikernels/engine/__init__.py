@@ -16,9 +16,10 @@ from .async_llm import AsyncLLM, EngineOverloaded
 from .beam_search import BeamSearchOutput, BeamSearchParams, BeamSearchSequence
 from .embedding import Embedder
 from .llm_engine import LLM, LLMEngine
+from .lora import LoRARequest
 from .outputs import CompletionOutput, Logprob, RequestOutput
 from .sampling_params import RequestOutputKind, SamplingParams
 
 __all__ = ["AsyncLLM", "BeamSearchOutput", "BeamSearchParams", "BeamSearchSequence",
            "CompletionOutput", "Embedder", "EngineOverloaded", "LLM", "LLMEngine", "Logprob",
-           "RequestOutput", "RequestOutputKind", "SamplingParams"]
+           "LoRARequest", "RequestOutput", "RequestOutputKind", "SamplingParams"]

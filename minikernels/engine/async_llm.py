@@ -35,6 +35,7 @@ outputs, ``stream_interval``, and the garbage-collection policy while busy (_Bus
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import concurrent.futures
 import gc
 import logging
@@ -44,7 +45,7 @@ import time
 from typing import Any
 
 from .detokenizer import make_detokenizer
-from .llm_engine import LLM, LLMEngine
+from .llm_engine import LLM, LLMEngine, salted_for_lora
 from .outputs import CompletionOutput, Logprob, RequestOutput
 from .sampling_params import RequestOutputKind, SamplingParams
 from .sequence import Request
@@ -710,7 +711,7 @@ class AsyncLLM:
 
     # ------------------------------------------------------------------ public API
     def generate(self, prompt: str | list[int], params: SamplingParams,
-                 request_id: str) -> RequestStream:
+                 request_id: str, lora_request: Any = None) -> RequestStream:
         """Stream the outputs of one request (``async for out in engine.generate(...)``),
         shaped by ``params.output_kind`` (see the module docstring: CUMULATIVE snapshots,
         DELTA outputs, or FINAL_ONLY).
@@ -721,8 +722,11 @@ class AsyncLLM:
         TypeError: bad prompt, prompt + max_tokens > max_model_len, duplicate id) and
         EngineOverloaded are raised on the first iteration, before anything is queued.
         Leaving the iteration early (``aclose()``, or dropping the iterator, e.g. on
-        cancellation) aborts the request.
+        cancellation) aborts the request. lora_request: a LoRARequest (the engine built
+        with enable_lora=True), or None.
         """
+        if lora_request is not None and isinstance(params, SamplingParams):
+            params = dataclasses.replace(params, lora_request=lora_request)
         return RequestStream(self, (prompt, params, request_id))
 
     def _start(self, prompt: str | list[int], params: SamplingParams,
@@ -736,6 +740,7 @@ class AsyncLLM:
             raise ValueError(f"request_id {request_id!r} is already in use")
         text, ids = self.engine.tokenize(prompt)
         self.engine.validate(len(ids), params)
+        params = salted_for_lora(params)     # (before hashing: the salt is in the hashes)
         self._ensure_started()
         if self.num_waiting() >= self.max_queue:
             raise EngineOverloaded(f"{self.num_waiting()} requests are waiting (max_queue="

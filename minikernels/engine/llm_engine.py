@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import atexit
 import gc
+import dataclasses
 import itertools
 import logging
 import time
@@ -38,6 +39,7 @@ from .generation_config import sampling_defaults
 from .model_runner import ModelRunner
 from .outputs import Logprob, RequestOutput
 from .beam_search import BeamSearchOutput, BeamSearchParams
+from .lora import EngineLoRA, LoRARequest
 from .sampler import DeviceSample, Sampler, SamplerOutput, needs_host_tokens
 from .sampling_params import SamplingParams
 from .scheduler import ScheduledBatch, Scheduler
@@ -60,6 +62,19 @@ def _load_tokenizer(model: str) -> Any:
         logger.warning("no tokenizer for %s (%s); prompts must be token ids and outputs "
                        "have no text", model, exc)
         return None
+
+
+def salted_for_lora(params: SamplingParams) -> SamplingParams:
+    """``params`` with its adapter's id leading its prefix-cache salt (length-prefixed,
+    so no other adapter id spells it), so different adapters never share cached KV;
+    unchanged without a LoRA request or when already salted (idempotent)."""
+    if params.lora_request is None:
+        return params
+    lid = str(params.lora_request.lora_int_id)
+    tag = f"lora:{len(lid)}:{lid};"
+    if (params.cache_salt or "").startswith(tag):
+        return params
+    return dataclasses.replace(params, cache_salt=tag + (params.cache_salt or ""))
 
 
 def _check_int(name: str, value: Any, low: int) -> int:
@@ -161,7 +176,9 @@ class LLMEngine:
                  seed: int = 0, tokenizer: Any = "auto", tensor_parallel_size: int = 1,
                  async_scheduling: bool | None = None, kv_cache_dtype: str = "auto",
                  speculative_config: dict[str, Any] | None = None,
-                 revision: str | None = None, generation_config: str = "auto") -> None:
+                 revision: str | None = None, generation_config: str = "auto",
+                 enable_lora: bool = False, max_loras: int = 4, max_lora_rank: int = 16,
+                 max_cpu_loras: int | None = None) -> None:
         _check_int("block_size", block_size, 1)
         if revision is not None and not isinstance(revision, str):
             raise TypeError(f"revision must be a str or None, got {type(revision).__name__}")
@@ -217,6 +234,12 @@ class LLMEngine:
             # dummy model's byte tokenizer has EOS ids that are ordinary tokens there).
             self.eos_token_ids = set(int(t) for t in tokenizer.eos_token_ids)
         self._eos_list = sorted(self.eos_token_ids)
+        self.lora: EngineLoRA | None = None
+        if enable_lora:
+            if tensor_parallel_size > 1 or self.spec_config is not None:
+                raise ValueError("enable_lora cannot be combined with tensor parallelism or "
+                                 "speculative decoding yet")
+            self.lora = EngineLoRA(self.model, max_loras, max_lora_rank, max_cpu_loras)
         draft_model, draft_kv_bytes = None, 0
         if self.spec_config is not None and self.spec_config.method == "draft_model":
             draft_model, common_vocab = self._load_draft(tensor_parallel_size, dtype,
@@ -227,6 +250,7 @@ class LLMEngine:
                                   gpu_memory_utilization, max_num_seqs,
                                   max_num_batched_tokens, max_model_len, enforce_eager,
                                   kv_cache_dtype, extra_kv_bytes_per_token=draft_kv_bytes,
+                                  lora=self.lora.manager if self.lora is not None else None,
                                   **self._verify_graph_args())
         self.device = self.runner.device
         self.max_model_len = self.runner.max_model_len
@@ -234,6 +258,9 @@ class LLMEngine:
                                           enable_prefix_caching,
                                           self.runner.max_blocks_per_seq)
         self.scheduler = Scheduler(self.block_manager, max_num_seqs, max_num_batched_tokens)
+        if self.lora is not None:   # at most max_loras adapters among running sequences
+            self.lora.running = self.scheduler.running
+            self.scheduler.admit = self.lora.admit
         self.sampler = Sampler(self.vocab_size, self.device, seed)
         # Overlap is exact (same tokens as without it) and on by default; the flag turns
         # it off (e.g. to measure it).
@@ -303,6 +330,10 @@ class LLMEngine:
     def validate(self, prompt_len: int, params: SamplingParams) -> None:
         """ValueError unless prompt + max_tokens fits max_model_len and the token ids of
         logit_bias / allowed_token_ids are in the vocabulary."""
+        if params.lora_request is not None:
+            if self.lora is None:
+                raise ValueError("lora_request needs an engine built with enable_lora=True")
+            self.lora.check(params.lora_request)
         if params.uses_logit_bias and params.max_biased_token_id() >= self.vocab_size:
             raise ValueError(f"logit_bias / allowed_token_ids name token id "
                              f"{params.max_biased_token_id()}, outside the vocabulary "
@@ -338,6 +369,7 @@ class LLMEngine:
         else:
             text, ids = self.tokenize(prompt)
         self.validate(len(ids), params)
+        params = salted_for_lora(params)      # an adapter's KV never serves another's
         compiled = None
         if params.structured_outputs is not None:   # cached; the server compiles ahead
             compiled = self._structured_manager().compile(params.structured_outputs)
@@ -534,6 +566,8 @@ class LLMEngine:
         prev = self._in_flight.sample.tokens \
             if self._in_flight is not None and self._in_flight.sample is not None else None
         inputs = runner.prepare(batch, bm.table, bm.row_blocks)
+        if self.lora is not None:
+            inputs.lora_slots = self.lora.token_slots(batch, self.device)
         seqs = [batch.seqs[r] for r in inputs.sample_rows]
         plp = plp_dev = None
         spec_seqs = spec_dev = None
@@ -927,7 +961,9 @@ class LLM:
                  seed: int = 0, tokenizer: Any = "auto", tensor_parallel_size: int = 1,
                  async_scheduling: bool | None = None, kv_cache_dtype: str = "auto",
                  speculative_config: dict[str, Any] | None = None,
-                 revision: str | None = None, generation_config: str = "auto") -> None:
+                 revision: str | None = None, generation_config: str = "auto",
+                 enable_lora: bool = False, max_loras: int = 4, max_lora_rank: int = 16,
+                 max_cpu_loras: int | None = None) -> None:
         self.llm_engine = LLMEngine(
             model, dtype=dtype, quantization=quantization, block_size=block_size,
             num_kv_blocks=num_kv_blocks, gpu_memory_utilization=gpu_memory_utilization,
@@ -937,7 +973,8 @@ class LLM:
             tensor_parallel_size=tensor_parallel_size,
             async_scheduling=async_scheduling, kv_cache_dtype=kv_cache_dtype,
             speculative_config=speculative_config, revision=revision,
-            generation_config=generation_config)
+            generation_config=generation_config, enable_lora=enable_lora,
+            max_loras=max_loras, max_lora_rank=max_lora_rank, max_cpu_loras=max_cpu_loras)
         self._counter = itertools.count()
 
     @property
@@ -1030,12 +1067,16 @@ class LLM:
 
     def generate(self, prompts: str | list[int] | Seq[str | list[int]],
                  sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
-                 use_tqdm: bool = True) -> list[RequestOutput]:
+                 use_tqdm: bool = True,
+                 lora_request: LoRARequest | Seq[LoRARequest | None] | None = None
+                 ) -> list[RequestOutput]:
         """Generate completions for all prompts; outputs come back in prompt order.
 
         prompts: a string, a list of token ids, or a list of either.
         sampling_params: one SamplingParams for all prompts, or one per prompt
             (default :meth:`get_default_sampling_params`).
+        lora_request: a LoRARequest for every prompt, or one (or None) per prompt
+            (``LLM(enable_lora=True)``; vLLM's argument).
         """
         plist = self._normalize_prompts(prompts)
         if sampling_params is None:
@@ -1050,6 +1091,13 @@ class LLM:
         else:
             raise TypeError(f"sampling_params must be a SamplingParams or a list of them, "
                             f"got {type(sampling_params).__name__}")
+        if lora_request is not None:
+            loras = list(lora_request) if isinstance(lora_request, (list, tuple)) \
+                else [lora_request] * len(plist)
+            if len(loras) != len(plist):
+                raise ValueError(f"got {len(loras)} lora_requests for {len(plist)} prompts")
+            params = [dataclasses.replace(p, lora_request=lr) if lr is not None else p
+                      for p, lr in zip(params, loras)]
         engine = self.llm_engine
         # Validate everything before queuing anything.
         for p, sp in zip(plist, params):

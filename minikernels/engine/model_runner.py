@@ -90,6 +90,7 @@ class StepInputs:
     prompt_lp: list[tuple[int, int, int]] | None = None
     prompt_lp_targets: Tensor | None = None
     spec: list[tuple[int, int]] | None = None
+    lora_slots: Tensor | None = None     # int32 [T]: each token's LoRA slot (-1: none)
 
 
 def _tables_from_lists(seqs: list["Sequence"]) -> tuple[np.ndarray, np.ndarray, list[int]]:
@@ -327,9 +328,12 @@ class _DecodeGraphs:
     """CUDA graphs of decode-only forwards, one per batch-size bucket, sharing a pool."""
 
     def __init__(self, model: torch.nn.Module, kv_caches: list, sizes: list[int],
-                 max_blocks_per_seq: int, vocab: int) -> None:
+                 max_blocks_per_seq: int, vocab: int, lora: Any = None) -> None:
         dev = model.device
         top = sizes[-1]
+        # LoRA: the graphs read each token's slot from this buffer (-1 = none)
+        self.lora = lora
+        self.lora_slots = torch.full((top,), -1, dtype=torch.int32, device=dev)
         self.sizes = sizes
         self.width = max_blocks_per_seq
         self.input_ids = torch.zeros(top, dtype=torch.int64, device=dev)
@@ -342,6 +346,8 @@ class _DecodeGraphs:
         with torch.inference_mode(), index_checks_off():
             for bs in reversed(sizes):  # largest first: later graphs reuse its memory
                 meta = self._meta(bs)
+                if lora is not None:
+                    lora.set_token_slots(self.lora_slots[:bs])
                 stream = torch.cuda.Stream(device=dev)
                 stream.wait_stream(torch.cuda.current_stream(dev))
                 with torch.cuda.stream(stream):
@@ -353,6 +359,8 @@ class _DecodeGraphs:
                 pool = graph.pool() if pool is None else pool
                 self.graphs[bs] = (graph, out)
         self.pool = pool    # the verification graphs capture into it too
+        if lora is not None:
+            lora.set_token_slots(None)
         torch.cuda.synchronize(dev)
 
     def _meta(self, bs: int) -> AttentionMetadata:
@@ -375,6 +383,12 @@ class _DecodeGraphs:
         self.seq_lens[n:bs].fill_(0)
         w = meta.decode_block_table.shape[1]
         self.block_table[:n, :w].copy_(meta.decode_block_table, non_blocking=True)
+        if self.lora is not None:
+            if inputs.lora_slots is None:
+                self.lora_slots[:bs].fill_(-1)
+            else:
+                self.lora_slots[:n].copy_(inputs.lora_slots, non_blocking=True)
+                self.lora_slots[n:bs].fill_(-1)
         graph, out = self.graphs[bs]
         graph.replay()
         return out.index_select(0, meta.logits_indices)
@@ -541,8 +555,10 @@ class ModelRunner:
                  max_num_seqs: int = 256, max_num_batched_tokens: int = 8192,
                  max_model_len: int | None = None, enforce_eager: bool = False,
                  kv_cache_dtype: str = "auto", extra_kv_bytes_per_token: int = 0,
-                 num_speculative_tokens: int = 0, max_spec_batch: int = 32) -> None:
+                 num_speculative_tokens: int = 0, max_spec_batch: int = 32,
+                 lora: Any = None) -> None:
         self.model = model
+        self.lora = lora      # a LoRAManager: each step's token slots are set on it
         self.config = model.config
         self.device = torch.device(model.device)
         self.block_size = block_size
@@ -574,10 +590,12 @@ class ModelRunner:
         if not self.enforce_eager:
             # a model may bring its own runner (tensor parallel: every rank in lock step)
             graphs_cls = getattr(model, "decode_graphs_class", _DecodeGraphs)
+            extra = {"lora": lora} if lora is not None else {}
             with self.on_device():
                 self.graphs = graphs_cls(model, self.kv_caches,
                                          graph_batch_sizes(max_num_seqs),
-                                         self.max_blocks_per_seq, self.config.vocab_size)
+                                         self.max_blocks_per_seq, self.config.vocab_size,
+                                         **extra)
         self.verify_graphs: _VerifyGraphs | None = None
         if (not self.enforce_eager and self.num_speculative_tokens > 0
                 and not hasattr(model, "decode_graphs_class")):
@@ -712,6 +730,8 @@ class ModelRunner:
             elif self.verify_graphs is not None and inputs.spec is not None:
                 logits = self.verify_graphs.run(inputs)
             if logits is None:
+                if self.lora is not None:
+                    self.lora.set_token_slots(inputs.lora_slots)
                 logits = self.model(inputs.input_ids, inputs.meta, self.kv_caches)
         return logits
 

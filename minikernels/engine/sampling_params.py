@@ -9,6 +9,7 @@ import enum
 import math
 import struct
 from dataclasses import dataclass, field
+from typing import Any
 
 from .structured_outputs import StructuredOutputsParams
 
@@ -111,6 +112,9 @@ class SamplingParams:
         cache_salt          None or a non-empty str mixed into the prefix-cache hash of the
                             first block: requests with different salts never share cached
                             KV blocks (separates users; a server salts per API key).
+        lora_request        None or a LoRARequest (``LLM(enable_lora=True)``): the request
+                            runs through that adapter (``generate(..., lora_request=)``
+                            sets it, as vLLM's argument).
         structured_outputs  None or a StructuredOutputsParams (or a dict of its fields):
                             the output must match a JSON schema / any JSON object / a regex
                             / one of some choices / an EBNF grammar (xgrammar). The request
@@ -140,6 +144,7 @@ class SamplingParams:
     priority: int = 0
     cache_salt: str | None = None
     structured_outputs: StructuredOutputsParams | None = None
+    lora_request: Any = None
     output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
     # Filled in by __post_init__: stop normalised to a list.
     stop_strings: list[str] = field(default_factory=list, init=False, repr=False)

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 from bisect import bisect_right
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -86,6 +86,8 @@ class Scheduler:
         self.max_num_batched_tokens = max_num_batched_tokens
         self.watermark_blocks = int(watermark * block_manager.num_blocks)
         self.waiting: deque[Sequence] = deque()
+        # admission test of a waiting sequence (LoRA: its adapter needs a slot); None = all
+        self.admit: Callable[[Sequence], bool] | None = None
         self.running: list[Sequence] = []
         self.num_preemptions = 0
         self._finished_holding: list[Sequence] | None = None   # see batched_frees
@@ -229,9 +231,14 @@ class Scheduler:
                 budget -= n
                 i += 1
 
+        skipped: list[Sequence] = []
         if not preempted:
             while self.waiting and budget > 0 and len(running) < self.max_num_seqs:
                 seq = self.waiting[0]
+                if self.admit is not None and not self.admit(seq):
+                    # (its LoRA adapter has no slot now): later requests may still run
+                    skipped.append(self.waiting.popleft())
+                    continue
                 hits = bm.lookup_prefix(seq) if not seq.block_table else []
                 computed = len(hits) * bs if hits else seq.num_computed_tokens
                 n = min(seq.num_tokens + seq.num_pending - computed, budget)
@@ -253,6 +260,7 @@ class Scheduler:
                 self._take(seq, n, decode, chunks)
                 budget -= n
 
+        self.waiting.extendleft(reversed(skipped))
         # Decode tokens (one new token) first, then prefill chunks.
         return ScheduledBatch(seqs=decode + [s for s, _ in chunks],
                               num_new_tokens=[1] * len(decode) + [n for _, n in chunks],
