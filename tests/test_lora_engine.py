@@ -127,3 +127,70 @@ def test_errors_before_anything_is_queued(setup, tmp_path):
         LLM(base, dtype="float32", device="cpu", tokenizer=None, num_kv_blocks=32,
             enable_lora=True, speculative_config={"method": "ngram",
                                                   "num_speculative_tokens": 2})
+
+
+def test_server_routes_lora_modules_by_model_name(tmp_path):
+    """--lora-modules through the OpenAI server: "model": <adapter name> runs the adapter
+    (PEFT's tokens), the served name runs the base model, /v1/models lists both, an
+    unknown name is a 404; a bad adapter stops create_app at startup, naming it."""
+    import openai
+    from test_server_engine import make_tiny_model
+    from transformers import LlamaForCausalLM
+
+    from minikernels.server import create_app
+    from minikernels.server.testing import LiveServer
+
+    base = make_tiny_model(str(tmp_path / "base"))
+    hf = LlamaForCausalLM.from_pretrained(base).float().eval()
+    paths = [str(tmp_path / "a1"), str(tmp_path / "a2")]
+    refs = [make_adapter(hf, paths[0], r=4, alpha=8, targets=ALL, seed=1),
+            make_adapter(hf, paths[1], r=2, alpha=4, targets=["q_proj", "down_proj"], seed=2)]
+    engine = AsyncLLM.from_args(base, dtype="float32", device="cpu", num_kv_blocks=64,
+                                block_size=8, enable_lora=True, max_loras=2, max_lora_rank=8)
+    tok = engine.tokenizer
+    prompt = "hello world, the"
+    ids = tok.encode(prompt)
+    try:
+        app = create_app(engine, api_key="k", served_model_name="base",
+                         lora_modules={"first": paths[0], "second": paths[1]})
+        with LiveServer(app) as srv:
+            client = openai.OpenAI(base_url=srv.base_url + "/v1", api_key="k",
+                                   max_retries=0)
+            listed = {m.id: m.model_extra.get("parent") for m in client.models.list()}
+            assert listed == {"base": None, "first": "base", "second": "base"}
+            for name, want in (("first", refs[0]), ("base", hf), ("second", refs[1])):
+                r = client.completions.create(model=name, prompt=prompt, max_tokens=6,
+                                              temperature=0, extra_body={"ignore_eos": True})
+                assert r.choices[0].text == tok.decode(_hf_greedy(want, ids)), name
+            with pytest.raises(openai.NotFoundError):
+                client.completions.create(model="third", prompt=prompt, max_tokens=2)
+    finally:
+        asyncio.run(engine.shutdown())
+    fresh = AsyncLLM.from_args(base, dtype="float32", device="cpu", num_kv_blocks=16,
+                               enable_lora=True, max_lora_rank=8)
+    plain = AsyncLLM.from_args(base, dtype="float32", device="cpu", num_kv_blocks=16)
+    try:
+        with pytest.raises(LoRAError, match="adapter_config.json"):
+            create_app(fresh, lora_modules={"bad": base})
+        with pytest.raises(ValueError, match="enable_lora"):
+            create_app(plain, lora_modules={"first": paths[0]})
+    finally:
+        asyncio.run(fresh.shutdown())
+        asyncio.run(plain.shutdown())
+
+
+def test_cli_lora_flags():
+    import argparse
+
+    from minikernels.server.cli import add_arguments, engine_kwargs
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(["m", "--lora-modules", "sql=/a/b", "chat=/c", "--max-loras",
+                              "2", "--max-lora-rank", "32"])
+    assert args.lora_modules == [("sql", "/a/b"), ("chat", "/c")]
+    kw = engine_kwargs(args)
+    assert (kw["enable_lora"], kw["max_loras"], kw["max_lora_rank"]) == (True, 2, 32)
+    assert "enable_lora" not in engine_kwargs(parser.parse_args(["m"]))
+    with pytest.raises(SystemExit):
+        parser.parse_args(["m", "--lora-modules", "no-path"])

@@ -76,6 +76,8 @@ class ServerState:
     cache_salt_supported: bool = field(default_factory=engine_supports_cache_salt)
     tool_call_parser: Optional[str] = None    # --tool-call-parser: tool_choice "auto"
     reasoning_parser: Optional[str] = None    # --reasoning-parser: <think> -> reasoning
+    # --lora-modules: the "model" name a client selects -> its LoRARequest
+    lora_modules: dict = field(default_factory=dict)
     # The checkpoint's recommended sampling (generation_config.json): SamplingParams
     # fields a request's unset ones take (vLLM's --generation-config auto).
     sampling_defaults: dict = field(default_factory=dict)
@@ -125,6 +127,30 @@ def _sampling_defaults(engine: Any) -> dict:
     return dict(value) if isinstance(value, dict) else {}
 
 
+def _lora_requests(engine: Any, modules: dict[str, str], names: list[str]) -> dict:
+    """name -> LoRARequest for --lora-modules, each adapter loaded and checked now (a bad
+    one stops the server at startup, naming it)."""
+    if not modules:
+        return {}
+    from ..engine.lora import LoRARequest
+
+    # one engine, or data-parallel replicas (each checks the adapters it will load)
+    engines = list(getattr(engine, "replicas", None) or [engine])
+    slots = [getattr(getattr(e, "engine", None), "lora", None) for e in engines]
+    if any(s is None for s in slots):
+        raise ValueError("lora_modules need an engine built with enable_lora=True "
+                         "(minikernels serve --enable-lora)")
+    out = {}
+    for i, (name, path) in enumerate(modules.items()):
+        if name in names:
+            raise ValueError(f"LoRA module name {name!r} is the served model's name")
+        req = LoRARequest(name, i + 1, path)
+        for lora in slots:
+            lora.check(req)
+        out[name] = req
+    return out
+
+
 def create_app(engine: Any, api_key: Union[None, str, Sequence[str]] = None,
                served_model_name: Optional[Union[str, list[str]]] = None,
                shutdown_engine: bool = False, *, limits: Optional[ServerLimits] = None,
@@ -133,7 +159,8 @@ def create_app(engine: Any, api_key: Union[None, str, Sequence[str]] = None,
                model_aliases: Sequence[str] = (),
                tool_call_parser: Optional[str] = None,
                responses_store_size: int = 0,
-               reasoning_parser: Optional[str] = None) -> FastAPI:
+               reasoning_parser: Optional[str] = None,
+               lora_modules: Optional[dict[str, str]] = None) -> FastAPI:
     """Build the FastAPI app serving ``engine`` (an AsyncLLM or anything with its API).
 
     Args:
@@ -161,6 +188,9 @@ def create_app(engine: Any, api_key: Union[None, str, Sequence[str]] = None,
             (:mod:`.response_store`); 0 stores none.
         reasoning_parser: ``"qwen3"`` / ``"deepseek_r1"`` split a thinking model's
             ``<think>`` block from its answer (:mod:`.reasoning`); None: all content.
+        lora_modules: name -> PEFT adapter directory (an engine built with
+            enable_lora=True): a request whose ``"model"`` is the name runs through that
+            adapter; ``/v1/models`` lists them. Each adapter is loaded and checked here.
     """
     if tool_call_parser is not None:
         get_parser(tool_call_parser)          # ValueError naming the choices
@@ -181,7 +211,8 @@ def create_app(engine: Any, api_key: Union[None, str, Sequence[str]] = None,
         prompts=PromptTokenizer(tokenizer, int(max_len) if max_len else None),
         token_text=TokenText(tokenizer), shared_prefix_cache=shared_prefix_cache,
         tool_call_parser=tool_call_parser, sampling_defaults=_sampling_defaults(engine),
-        responses=ResponseStore(responses_store_size), reasoning_parser=reasoning_parser)
+        responses=ResponseStore(responses_store_size), reasoning_parser=reasoning_parser,
+        lora_modules=_lora_requests(engine, lora_modules or {}, names))
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI):

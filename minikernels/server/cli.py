@@ -128,12 +128,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                           "default), vllm = ignore it, or a directory holding one")
     eng.add_argument("--seed", type=int, default=0,
                      help="seed of unseeded sampling (and of a built-in model's weights)")
+    eng.add_argument("--enable-lora", action="store_true",
+                     help="serve LoRA adapters (PEFT format) per request: --lora-modules")
+    eng.add_argument("--lora-modules", nargs="+", default=[], metavar="NAME=PATH",
+                     type=_lora_module,
+                     help="LoRA adapters clients select with \"model\": NAME (implies "
+                          "--enable-lora)")
+    eng.add_argument("--max-loras", type=int, default=4,
+                     help="adapters on the device at once (a request for another waits)")
+    eng.add_argument("--max-lora-rank", type=int, default=16)
     eng.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
                      help="shard the model over this many GPUs / processes "
                           "(torch.distributed; docs/parallel.md)")
     eng.add_argument("--data-parallel-size", "-dp", type=int, default=1,
                      help="engine replicas behind this server (replica i on GPU i), "
                           "routed by fewest outstanding tokens or a cached prefix")
+
+
+def _lora_module(text: str) -> tuple[str, str]:
+    """argparse type: NAME=PATH of a LoRA adapter."""
+    name, sep, path = text.partition("=")
+    if not sep or not name or not path:
+        raise argparse.ArgumentTypeError(f"expected NAME=PATH, got {text!r}")
+    return name, path
 
 
 def _json_dict(text: str) -> dict[str, Any]:
@@ -167,6 +184,9 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         kwargs["generation_config"] = args.generation_config
     if getattr(args, "tensor_parallel_size", 1) != 1:
         kwargs["tensor_parallel_size"] = args.tensor_parallel_size
+    if getattr(args, "enable_lora", False) or getattr(args, "lora_modules", None):
+        kwargs.update(enable_lora=True, max_loras=args.max_loras,
+                      max_lora_rank=args.max_lora_rank)
     return kwargs
 
 
@@ -279,7 +299,8 @@ def run(args: argparse.Namespace) -> int:
                          model_aliases=[args.model],
                          tool_call_parser=getattr(args, "tool_call_parser", None),
                          responses_store_size=getattr(args, "responses_store_size", 0),
-                         reasoning_parser=getattr(args, "reasoning_parser", None))
+                         reasoning_parser=getattr(args, "reasoning_parser", None),
+                         lora_modules=dict(getattr(args, "lora_modules", None) or []))
     except ValueError as exc:
         logger.error("%s", exc)
         return 2

@@ -85,7 +85,7 @@ def register_routes(app: FastAPI, state: "ServerState") -> None:
         except ValidationError as exc:
             raise validation_to_api_error(exc) from None
         if req.model is not None and req.model not in state.model_names \
-                and req.model not in state.aliases:
+                and req.model not in state.aliases and req.model not in state.lora_modules:
             raise APIError(f"the model '{req.model}' does not exist; this server serves "
                            f"'{state.served_name}'", param="model", code="model_not_found",
                            status=404, type="invalid_request_error")
@@ -141,6 +141,9 @@ def register_routes(app: FastAPI, state: "ServerState") -> None:
             kwargs["allowed_token_ids"] = req.allowed_token_ids
         if constraint is not None:
             kwargs["structured_outputs"] = constraint.params
+        lora = state.lora_modules.get(getattr(req, "model", None))
+        if lora is not None:
+            kwargs["lora_request"] = lora
         if state.cache_salt_supported:
             salt = prefix_cache_salt(kid, req.cache_salt)
             if salt is not None:
@@ -325,19 +328,21 @@ def register_routes(app: FastAPI, state: "ServerState") -> None:
                         media_type=CONTENT_TYPE)
 
     def model_card(name: str) -> dict:
+        parent = state.served_name if name in state.lora_modules else None
         return {"id": name, "object": "model", "created": state.created,
-                "owned_by": "minikernels", "root": name, "parent": None,
+                "owned_by": "minikernels", "root": name, "parent": parent,
                 "max_model_len": state.max_model_len}
 
     @app.get("/v1/models")
     async def list_models(request: Request) -> Response:
         authenticate(request)
-        return JSONBody({"object": "list", "data": [model_card(state.served_name)]})
+        return JSONBody({"object": "list", "data": [model_card(n) for n in
+                                                     [state.served_name, *state.lora_modules]]})
 
     @app.get("/v1/models/{model_id:path}")
     async def get_model(model_id: str, request: Request) -> Response:
         authenticate(request)
-        if model_id not in state.model_names:
+        if model_id not in state.model_names and model_id not in state.lora_modules:
             raise APIError(f"the model '{model_id}' does not exist", status=404,
                            type="invalid_request_error", param="model",
                            code="model_not_found")
