@@ -96,3 +96,41 @@ def test_gpu_speculative_verify_graphs_token_identical(tmp_path, method):
         vg = llm.llm_engine.runner.verify_graphs
         assert vg is not None and vg.sizes == [1, 2, 4, 8] and vg.num_replays > 0
         assert llm.stats()["spec_num_accepted_tokens"] > 0
+
+
+def test_gpu_lora_graphs_equal_eager_and_peft(tmp_path):
+    """LoRA on the GPU: the decode CUDA graphs read each token's adapter slot from their
+    static buffer; greedy tokens of a batch mixing two adapters and the base model equal
+    the eager engine's and PEFT's own (on the CPU, fp32). (Skipped where peft is not
+    installed: the H200 image has no package index.)"""
+    pytest.importorskip("peft")
+    from test_lora import ALL, make_adapter
+    from test_model_support import make_hf_model, save_hf
+
+    from minikernels.engine import LLM, LoRARequest, SamplingParams
+
+    hf = make_hf_model("llama", seed=3)
+    base = save_hf(hf, str(tmp_path / "base"))
+    paths = [str(tmp_path / "a1"), str(tmp_path / "a2")]
+    refs = [make_adapter(hf, paths[0], r=4, alpha=8, targets=ALL, seed=1),
+            make_adapter(hf, paths[1], r=2, alpha=4, targets=["q_proj", "down_proj"], seed=2)]
+    loras = [LoRARequest("a1", 1, paths[0]), None, LoRARequest("a2", 2, paths[1])]
+    prompts = [random_tokens(n, 300, 60 + n) for n in (9, 13, 6)]
+    sp = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+
+    def run(eager):
+        llm = LLM(base, dtype="float32", device="cuda", tokenizer=None, block_size=16,
+                  num_kv_blocks=64, max_num_seqs=8, enforce_eager=eager, enable_lora=True,
+                  max_loras=2, max_lora_rank=8)
+        assert (llm.llm_engine.runner.graphs is None) == eager
+        return [o.outputs[0].token_ids
+                for o in llm.generate(prompts, sp, use_tqdm=False, lora_request=loras)]
+
+    graphs, eager = run(False), run(True)
+    want = []
+    for prompt, ref in zip(prompts, [refs[0], hf, refs[1]]):
+        with torch.no_grad():
+            out = ref.generate(input_ids=torch.tensor([prompt]), max_new_tokens=12,
+                               do_sample=False, eos_token_id=None, pad_token_id=0)
+        want.append(out[0, len(prompt):].tolist())
+    assert eager == want and graphs == want
