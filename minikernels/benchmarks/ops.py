@@ -104,7 +104,29 @@ def op_cases(device: str, dtype: torch.dtype, small: bool) -> list[Case]:
                           lambda kk=kk, pp=pp: ops.top_k_top_p_mask_logits(logits, kk, pp),
                           2 * rows * vocab * 4, 0, ("triton",),
                           lambda kk=kk, pp=pp: sort_top_k_top_p(logits, kk, pp)))
+    # LoRA: a decode batch (one token per sequence) over 4 adapters of rank 16 on a
+    # 4096 -> 4096 projection; bytes: each token's adapter weights + x and y.
+    nt, kl, nl, rank, nslots = 256 // s, 4096 // s, 4096 // s, 16, 4
+    xl = torch.randn(nt, kl, device=device, dtype=dtype)
+    la = torch.randn(nslots, rank, kl, device=device, dtype=dtype) / kl ** 0.5
+    lb = torch.randn(nslots, nl, rank, device=device, dtype=dtype) / rank ** 0.5
+    tslots = torch.randint(-1, nslots, (nt,), device=device, dtype=torch.int32)
+    lscale = torch.full((nslots,), 2.0, device=device)
+    cases.append(Case("lora_delta r16 4 adapters", f"{nt}tok {kl}->{nl}",
+                      lambda: ops.lora_delta(xl, la, lb, tslots, lscale),
+                      nt * (rank * (kl + nl) + kl + nl) * es, 4 * nt * rank * (kl + nl),
+                      ("triton",), lambda: gather_lora(xl, la, lb, tslots, lscale)))
     return cases
+
+
+def gather_lora(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, slots: torch.Tensor,
+                scaling: torch.Tensor) -> torch.Tensor:
+    """The torch peer of lora_delta: gather each token's adapter and run two batched
+    matmuls (what a PyTorch LoRA server without punica kernels does)."""
+    idx = slots.clamp_min(0).long()
+    h = torch.bmm(a[idx], x.unsqueeze(-1))                         # [T, R, 1]
+    y = torch.bmm(b[idx], h).squeeze(-1) * scaling[idx].unsqueeze(-1).to(x.dtype)
+    return y * (slots >= 0).unsqueeze(-1).to(x.dtype)
 
 
 def sort_top_k_top_p(logits: torch.Tensor, k: torch.Tensor | None,
