@@ -123,10 +123,6 @@ def test_errors_before_anything_is_queued(setup, tmp_path):
     assert not llm.llm_engine.requests
     with pytest.raises(ValueError, match="lora_int_id"):
         LoRARequest("x", 0, paths[0])
-    with pytest.raises(ValueError, match="speculative"):
-        LLM(base, dtype="float32", device="cpu", tokenizer=None, num_kv_blocks=32,
-            enable_lora=True, speculative_config={"method": "ngram",
-                                                  "num_speculative_tokens": 2})
 
 
 def test_server_routes_lora_modules_by_model_name(tmp_path):
@@ -194,3 +190,25 @@ def test_cli_lora_flags():
     assert "enable_lora" not in engine_kwargs(parser.parse_args(["m"]))
     with pytest.raises(SystemExit):
         parser.parse_args(["m", "--lora-modules", "no-path"])
+
+
+@pytest.mark.parametrize("method", ["ngram", "draft_model"])
+def test_speculative_decoding_with_adapters(setup, method):
+    """Speculation with LoRA requests: the verification rows carry their adapter's slot
+    (drafts from the base draft model or n-grams are only proposals), so greedy tokens
+    equal PEFT's per adapter and transformers' for the base model."""
+    hf, base, paths, refs = setup
+    spec = ({"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 3}
+            if method == "ngram" else
+            {"method": "draft_model", "model": base, "num_speculative_tokens": 3})
+    llm = LLM(base, dtype="float32", device="cpu", tokenizer=None, num_kv_blocks=128,
+              block_size=8, enable_lora=True, max_loras=2, max_lora_rank=8,
+              speculative_config=spec)
+    loras = [LoRARequest("first", 1, paths[0]), None, LoRARequest("second", 2, paths[1])]
+    prompts = [([5 + i, 40 + 3 * i, 77, 9 + i] * 6)[:13 + 4 * i] for i in range(3)]
+    sp = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
+    outs = llm.generate(prompts, sp, use_tqdm=False, lora_request=loras)
+    for prompt, lr, out in zip(prompts, loras, outs):
+        model = hf if lr is None else refs[lr.lora_int_id - 1]
+        assert out.outputs[0].token_ids == _hf_greedy(model, prompt, 10), (method, lr)
+    assert llm.stats()["spec_num_draft_tokens"] > 0

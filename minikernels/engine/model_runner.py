@@ -598,7 +598,8 @@ class ModelRunner:
                                          **extra)
         self.verify_graphs: _VerifyGraphs | None = None
         if (not self.enforce_eager and self.num_speculative_tokens > 0
-                and not hasattr(model, "decode_graphs_class")):
+                and not hasattr(model, "decode_graphs_class") and lora is None):
+            # (with LoRA, verification steps run eagerly: their token slots vary per step)
             try:
                 self.capture_verify_graphs()
             except Exception as e:  # noqa: BLE001 - an op that cannot be captured: stay eager
