@@ -197,3 +197,32 @@ def test_constrained_steps_keep_the_overlap():
     assert _texts([done[f"r{i}"] for i in range(len(prompts))]) == expect
     assert calls <= eng.num_steps + 2        # no step() spent on a read-back alone
     eng.check_no_leaks()
+
+
+def test_start_after_leaves_the_output_free_until_the_marker(llm):
+    """``start_after`` (a reasoning model's ``</think>``): tokens are free (greedy equals
+    the unconstrained run) up to and including the marker's first occurrence, and the
+    constraint governs only what follows; a marker that never comes leaves the whole
+    output free. Same with overlap off."""
+    prompts = ["Give me JSON", "x" * 40]
+    free = SamplingParams(temperature=0, max_tokens=16)
+    base = [o.outputs[0].token_ids for o in llm.generate(prompts, free, use_tqdm=False)]
+    regex = r"[a-z]{3,8}@[a-z]{2,5}\.(com|org)"
+    for other in (llm, _llm(async_scheduling=False)):
+        for ids in base:
+            marker = ids[2:4]
+            end = next(i for i in range(len(ids)) if ids[i:i + 2] == marker) + 2
+            sp = SamplingParams(temperature=0, max_tokens=60, structured_outputs={
+                "regex": regex, "start_after": marker})
+            out = other.generate([prompts[base.index(ids)]], sp, use_tqdm=False)[0].outputs[0]
+            assert out.token_ids[:end] == ids[:end]
+            tail = llm.get_tokenizer().decode(out.token_ids[end:])
+            assert re.fullmatch(regex, tail) and out.finish_reason == "stop", (out, tail)
+        never = SamplingParams(temperature=0, max_tokens=16, structured_outputs={
+            "regex": regex, "start_after": [1, 2, 3, 4, 5]})
+        outs = other.generate(prompts, never, use_tqdm=False)
+        assert [o.outputs[0].token_ids for o in outs] == base
+        other.llm_engine.check_no_leaks()
+    for bad in ([], [-1], ["a"], [True], "x"):
+        with pytest.raises(ValueError, match="start_after must be a non-empty list"):
+            SamplingParams(structured_outputs={"regex": "a", "start_after": bad})

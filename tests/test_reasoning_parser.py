@@ -14,7 +14,8 @@ from hypothesis import strategies as st
 from test_server_tools import KEY, MODEL, engine
 
 from minikernels.server import create_app
-from minikernels.server.reasoning import ReasoningParser, prompt_opens_thinking
+from minikernels.server.reasoning import (ReasoningParser, constraint_start_marker,
+                                          prompt_closes_thinking, prompt_opens_thinking)
 from minikernels.server.testing import LiveServer
 
 __all__ = ["engine"]  # the tool-calling tests' engine fixture, re-exported for pytest
@@ -57,6 +58,10 @@ def test_streaming_equals_whole(name, opens, text, reasoning, answer, data):
 def test_prompt_tail_and_names():
     assert prompt_opens_thinking("<|im_start|>assistant\n<think>\n")
     assert not prompt_opens_thinking("<|im_start|>assistant\n")
+    # Qwen3's enable_thinking=false generation prompt closes the block: no waiting
+    assert prompt_closes_thinking("<|im_start|>assistant\n<think>\n\n</think>\n\n")
+    assert not prompt_closes_thinking("<|im_start|>assistant\n<think>\n")
+    assert not prompt_closes_thinking("say </think> please<|im_end|>\n<|im_start|>assistant\n")
     with pytest.raises(ValueError, match="unknown reasoning parser"):
         ReasoningParser("o1")
     from minikernels.server.reasoning import REASONING_PARSERS
@@ -66,15 +71,38 @@ def test_prompt_tail_and_names():
 
 
 # --------------------------------------------------------------------------- server
+# The constraint covers the thinking too (--structured-outputs-in-reasoning): a regex
+# makes the tiny random model write a thinking block.
 THINK = {"structured_outputs": {"regex": "<think>[a-z]{3,12}</think>\\n\\nHello!"}}
 
 
 @pytest.fixture(scope="module")
 def server(engine):
     app = create_app(engine, api_key=KEY, served_model_name=MODEL, reasoning_parser="qwen3",
-                     tool_call_parser="hermes")
+                     tool_call_parser="hermes", structured_outputs_in_reasoning=True)
     with LiveServer(app) as srv:
         yield srv
+
+
+def test_constraint_waits_for_the_end_of_thinking(engine):
+    """Default (vLLM's): with a reasoning parser a constraint starts after ``</think>``
+    (the engine's ``start_after``). The tiny model never writes ``</think>``, so its
+    output stays free: the same text as the unconstrained request; the marker is the
+    tokenizer's ids of ``</think>``."""
+    app = create_app(engine, api_key=KEY, served_model_name=MODEL, reasoning_parser="qwen3")
+    assert constraint_start_marker(engine.tokenizer) == list(b"</think>")
+    kw = dict(model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=12,
+              temperature=1.0, seed=4)
+    with LiveServer(app) as srv:
+        client = openai.OpenAI(base_url=srv.base_url + "/v1", api_key=KEY, max_retries=0)
+        free = client.chat.completions.create(**kw).choices[0].message.content
+        for extra in (THINK, {"response_format": {"type": "json_object"}}):
+            m = client.chat.completions.create(**kw, extra_body=extra).choices[0].message
+            assert m.content == free, extra
+    with LiveServer(create_app(engine, api_key=KEY, served_model_name=MODEL)) as srv:
+        client = openai.OpenAI(base_url=srv.base_url + "/v1", api_key=KEY, max_retries=0)
+        m = client.chat.completions.create(**kw, extra_body=THINK).choices[0].message
+        assert m.content != free and m.content.startswith("<think>")   # no parser: at once
 
 
 def test_chat_reasoning_content(server):

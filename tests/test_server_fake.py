@@ -608,6 +608,10 @@ def test_cli_arguments(monkeypatch):
                                       "--reasoning-parser", "qwen3"])) == 0
     assert served["app"].state.server.tool_call_parser == "pythonic"
     assert served["app"].state.server.reasoning_parser == "qwen3"
+    assert not served["app"].state.server.structured_outputs_in_reasoning
+    assert cli.run(parser.parse_args(["some/model", "--reasoning-parser", "qwen3",
+                                      "--structured-outputs-in-reasoning"])) == 0
+    assert served["app"].state.server.structured_outputs_in_reasoning
     for flag, value in (("--tool-call-parser", "bogus"), ("--reasoning-parser", "o1"),
                         ("--task", "classify")):
         with pytest.raises(SystemExit):

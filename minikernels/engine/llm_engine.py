@@ -380,7 +380,8 @@ class LLMEngine:
                    if params.seed is not None and not params.greedy else None)
             seq = Sequence(next(self._seq_ids), req, i, gen, self.max_model_len)
             if compiled is not None:
-                seq.grammar = self.structured.new_matcher(compiled)
+                seq.grammar = self.structured.new_matcher(
+                    compiled, params.structured_outputs.start_after)
             if incremental:
                 seq.start_detokenizer(self.tokenizer, hold if params.stop_strings else 0)
             if i == 0:
@@ -600,7 +601,7 @@ class LLMEngine:
                 self.scheduler.advance(batch)
                 self._early_updated = self._finish(self._take_in_flight())
             grammar_rows = [r for r, s in enumerate(seqs) if s.grammar is not None
-                            and s.status is not SequenceStatus.FINISHED]
+                            and s.grammar.active and s.status is not SequenceStatus.FINISHED]
             if grammar_rows:   # structured outputs: disallowed tokens -> -inf
                 self.structured.mask_logits(logits, grammar_rows,
                                             [seqs[r].grammar for r in grammar_rows])
@@ -809,7 +810,11 @@ class LLMEngine:
     def _advance_grammar(self, seq: Sequence, token: int) -> bool:
         """Feed the sampled token to the sequence's matcher; True when the constraint is
         over (it accepted a stop token, or - never expected, the mask forbids it - refused
-        the token)."""
+        the token). Before a ``start_after`` constraint starts, the token only moves the
+        sequence toward it."""
+        if not seq.grammar.active:
+            seq.grammar.wait(seq.token_ids, seq.num_prompt_tokens)
+            return False
         if not seq.grammar.accept(token):
             logger.warning("structured outputs: the grammar refused sampled token %d of "
                            "request %s; finishing it", token, seq.request.request_id)

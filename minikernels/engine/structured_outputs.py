@@ -39,7 +39,9 @@ class StructuredOutputsParams:
     json: a JSON schema (dict or JSON text); json_object: any JSON object; regex: a regular
     expression the whole output matches; choice: the output is exactly one of these strings;
     grammar: an EBNF grammar (GBNF syntax, root rule ``root``). disable_any_whitespace:
-    compact JSON (no free whitespace between tokens).
+    compact JSON (no free whitespace between tokens). start_after: token ids (e.g. a
+    reasoning model's ``</think>``): the output is free until it contains them, and the
+    constraint governs what follows (the server sets it with ``--reasoning-parser``).
     """
 
     json: dict[str, Any] | str | None = None
@@ -48,8 +50,16 @@ class StructuredOutputsParams:
     choice: list[str] | None = None
     grammar: str | None = None
     disable_any_whitespace: bool = False
+    start_after: list[int] | None = None
 
     def __post_init__(self) -> None:
+        if self.start_after is not None:
+            if (not isinstance(self.start_after, (list, tuple)) or not self.start_after
+                    or not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0
+                               for t in self.start_after)):
+                raise ValueError("structured_outputs.start_after must be a non-empty list "
+                                 "of token ids")
+            self.start_after = list(self.start_after)
         set_fields = [n for n in ("json", "json_object", "regex", "choice", "grammar")
                       if getattr(self, n) not in (None, False)]
         if len(set_fields) != 1:
@@ -179,9 +189,13 @@ class StructuredOutputManager:
         self._executor.shutdown(wait=False, cancel_futures=True)
 
     # ------------------------------------------------------------------- matching
-    def new_matcher(self, compiled: CompiledConstraint) -> "SequenceGrammar":
+    def new_matcher(self, compiled: CompiledConstraint,
+                    start_after: Sequence[int] | None = None) -> "SequenceGrammar":
         matcher = self._xgr.GrammarMatcher(compiled.grammar)
-        return SequenceGrammar(matcher, compiled.mask_control_chars)
+        grammar = SequenceGrammar(matcher, compiled.mask_control_chars)
+        if start_after:
+            grammar.waiting_for = list(start_after)
+        return grammar
 
     def allocate_bitmask(self, rows: int) -> torch.Tensor:
         """Host int32 bitmask [rows, ceil(vocab / 32)], all tokens allowed."""
@@ -302,6 +316,21 @@ class SequenceGrammar:
 
     matcher: Any                     # xgrammar.GrammarMatcher
     mask_control_chars: bool
+    # start_after tokens: the constraint is inactive (no mask, tokens not fed to the
+    # matcher) until the output ends with them; None = active from the start
+    waiting_for: list[int] | None = None
+
+    @property
+    def active(self) -> bool:
+        return self.waiting_for is None
+
+    def wait(self, token_ids: list[int], num_prompt_tokens: int) -> None:
+        """Before the constraint starts: activate it once the output (``token_ids`` after
+        the prompt's ``num_prompt_tokens``) ends with the ``start_after`` tokens."""
+        marker = self.waiting_for
+        if marker is not None and len(token_ids) - num_prompt_tokens >= len(marker) and \
+                token_ids[-len(marker):] == marker:
+            self.waiting_for = None
 
     def __post_init__(self) -> None:
         # accept() runs once per constrained row per step: call xgrammar's native

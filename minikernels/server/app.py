@@ -76,6 +76,8 @@ class ServerState:
     cache_salt_supported: bool = field(default_factory=engine_supports_cache_salt)
     tool_call_parser: Optional[str] = None    # --tool-call-parser: tool_choice "auto"
     reasoning_parser: Optional[str] = None    # --reasoning-parser: <think> -> reasoning
+    # --structured-outputs-in-reasoning: constraints cover the <think> block too
+    structured_outputs_in_reasoning: bool = False
     # --lora-modules: the "model" name a client selects -> its LoRARequest
     lora_modules: dict = field(default_factory=dict)
     # The checkpoint's recommended sampling (generation_config.json): SamplingParams
@@ -160,6 +162,7 @@ def create_app(engine: Any, api_key: Union[None, str, Sequence[str]] = None,
                tool_call_parser: Optional[str] = None,
                responses_store_size: int = 0,
                reasoning_parser: Optional[str] = None,
+               structured_outputs_in_reasoning: bool = False,
                lora_modules: Optional[dict[str, str]] = None) -> FastAPI:
     """Build the FastAPI app serving ``engine`` (an AsyncLLM or anything with its API).
 
@@ -188,6 +191,11 @@ def create_app(engine: Any, api_key: Union[None, str, Sequence[str]] = None,
             (:mod:`.response_store`); 0 stores none.
         reasoning_parser: ``"qwen3"`` / ``"deepseek_r1"`` split a thinking model's
             ``<think>`` block from its answer (:mod:`.reasoning`); None: all content.
+            A request's constraint (response_format, structured_outputs, a forced tool
+            choice) then starts after ``</think>`` unless the prompt already closed the
+            block (``StructuredOutputsParams.start_after``), as vLLM.
+        structured_outputs_in_reasoning: with a reasoning parser, constrain the whole
+            output, thinking included (vLLM's ``enable_in_reasoning``).
         lora_modules: name -> PEFT adapter directory (an engine built with
             enable_lora=True): a request whose ``"model"`` is the name runs through that
             adapter; ``/v1/models`` lists them. Each adapter is loaded and checked here.
@@ -212,6 +220,7 @@ def create_app(engine: Any, api_key: Union[None, str, Sequence[str]] = None,
         token_text=TokenText(tokenizer), shared_prefix_cache=shared_prefix_cache,
         tool_call_parser=tool_call_parser, sampling_defaults=_sampling_defaults(engine),
         responses=ResponseStore(responses_store_size), reasoning_parser=reasoning_parser,
+        structured_outputs_in_reasoning=structured_outputs_in_reasoning,
         lora_modules=_lora_requests(engine, lora_modules or {}, names))
 
     @asynccontextmanager

@@ -84,6 +84,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     http.add_argument("--reasoning-parser", default=None, choices=REASONING_PARSERS,
                       help="split <think>...</think> into reasoning_content (chat) / a "
                            "reasoning item (responses): qwen3, deepseek_r1")
+    http.add_argument("--structured-outputs-in-reasoning", action="store_true",
+                      help="with --reasoning-parser: apply a request's response_format / "
+                           "structured_outputs / forced tool choice to the thinking too "
+                           "(default: the model thinks freely and the constraint governs "
+                           "the answer after </think>, as vLLM)")
     http.add_argument("--responses-store-size", type=int, default=0, metavar="N",
                       help="keep the latest N responses of /v1/responses in memory (per API "
                            "key) for previous_response_id and GET / DELETE "
@@ -300,6 +305,8 @@ def run(args: argparse.Namespace) -> int:
                          tool_call_parser=getattr(args, "tool_call_parser", None),
                          responses_store_size=getattr(args, "responses_store_size", 0),
                          reasoning_parser=getattr(args, "reasoning_parser", None),
+                         structured_outputs_in_reasoning=getattr(
+                             args, "structured_outputs_in_reasoning", False),
                          lora_modules=dict(getattr(args, "lora_modules", None) or []))
     except ValueError as exc:
         logger.error("%s", exc)

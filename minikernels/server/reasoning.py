@@ -104,3 +104,17 @@ def prompt_opens_thinking(prompt_tail: str) -> bool:
     open for the model."""
     tail = prompt_tail.rstrip()
     return tail.endswith(START)
+
+
+def prompt_closes_thinking(prompt_tail: str) -> bool:
+    """Whether the rendered prompt (its last few tokens' text) ends with a closed
+    ``<think> ... </think>`` block for this turn (Qwen3's ``enable_thinking: false``
+    renders ``<think>\n\n</think>\n\n``): the model answers at once, so a constraint
+    applies from its first token."""
+    return prompt_tail.rstrip().endswith(END)
+
+
+def constraint_start_marker(tokenizer: object) -> list[int]:
+    """The token ids of ``</think>``: a structured-output constraint of a reasoning model
+    starts after them (``StructuredOutputsParams.start_after``)."""
+    return list(tokenizer.encode(END, add_special_tokens=False))

@@ -9,6 +9,7 @@ from the prefix cache).
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 import uuid
 from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Optional
@@ -32,7 +33,8 @@ from .protocol import (ChatCompletionRequest, CompletionRequest, Constraint,
                        constraint_error, validation_to_api_error)
 from .streaming import (Choice, ClientGone, EngineRequest, Group, SSEResponse, stream_events,
                         until_disconnect)
-from .reasoning import ReasoningParser, prompt_opens_thinking
+from .reasoning import (ReasoningParser, constraint_start_marker, prompt_closes_thinking,
+                        prompt_opens_thinking)
 from .responses import (ResponseEvents, ResponsesRequest, as_responses_error,
                         assistant_message, created_now, error_of, new_id, output_items,
                         response_object, sse_event, status_of, usage_of)
@@ -473,13 +475,20 @@ def register_routes(app: FastAPI, state: "ServerState") -> None:
             raise APIError(f"min_tokens ({req.min_tokens}) must be <= max_tokens ({wanted})",
                            param="min_tokens", code="invalid_value")
         top_k = (req.top_logprobs or 0) if req.logprobs else None
+        name = state.reasoning_parser
+        tail = (state.prompts.tokenizer.decode(ids[-12:], skip_special_tokens=False)
+                if name is not None else "")
+        if constraint is not None and name is not None and \
+                not state.structured_outputs_in_reasoning and not prompt_closes_thinking(tail):
+            # a reasoning model thinks freely: the constraint governs the answer after </think>
+            constraint.params = dataclasses.replace(
+                constraint.params,
+                start_after=constraint_start_marker(state.prompts.tokenizer))
         group = Group(engine, [EngineRequest(f"{rid}-0", ids,
                                              make_params(req, wanted, top_k, kid,
                                                          constraint=constraint))])
         await run_group(request, group, req.stream)
-        name = state.reasoning_parser
-        opens = name is not None and prompt_opens_thinking(
-            state.prompts.tokenizer.decode(ids[-8:], skip_special_tokens=False))
+        opens = name is not None and prompt_opens_thinking(tail)
 
         def reasoning_parser() -> Optional[ReasoningParser]:
             return None if name is None else ReasoningParser(name, opens)
