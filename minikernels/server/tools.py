@@ -118,16 +118,16 @@ class ToolStream:
         assert self.parser is not None
         content, calls = self.parser.stream(delta, final)
         deltas = [d for d in map(self._start_call, calls) if d is not None]
-        # Whitespace around calls is not content (the whole-output parse strips it).
+        # Whitespace before a call is not content (the whole-output parse strips it): a
+        # trailing run of whitespace waits until more content follows, whatever the
+        # chunking, and goes out at the end only when no call came.
         text = self._pending_ws + content
-        if text.strip():
-            self._pending_ws = ""
-            return text, deltas
-        self._pending_ws = text
         if final and not self.has_calls:
             self._pending_ws = ""
             return text, deltas
-        return "", deltas
+        body = text.rstrip()
+        self._pending_ws = text[len(body):]
+        return body, deltas
 
     def _feed_named(self, delta: str, final: bool) -> tuple[str, list[dict[str, Any]]]:
         # The output is the named function's arguments object: stream it as the arguments.
