@@ -28,6 +28,7 @@ _LAZY = {
     "SamplingParams": ("minikernels.engine", "SamplingParams"),
     "RequestOutput": ("minikernels.engine", "RequestOutput"),
     "Embedder": ("minikernels.engine", "Embedder"),
+    "Classifier": ("minikernels.engine", "Classifier"),
     "BeamSearchParams": ("minikernels.engine", "BeamSearchParams"),
     "LoRARequest": ("minikernels.engine", "LoRARequest"),
 }

@@ -613,7 +613,7 @@ def test_cli_arguments(monkeypatch):
                                       "--structured-outputs-in-reasoning"])) == 0
     assert served["app"].state.server.structured_outputs_in_reasoning
     for flag, value in (("--tool-call-parser", "bogus"), ("--reasoning-parser", "o1"),
-                        ("--task", "classify")):
+                        ("--task", "rank")):
         with pytest.raises(SystemExit):
             parser.parse_args(["some/model", flag, value])
 

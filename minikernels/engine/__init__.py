@@ -9,11 +9,13 @@ Modules: sampling_params (SamplingParams), outputs (RequestOutput, CompletionOut
 sequence (Request, Sequence), detokenizer (incremental text), block_manager (KV blocks + prefix cache), scheduler
 (continuous batching, chunked prefill, preemption), model_runner (metadata, CUDA graphs,
 KV pool), sampler (batched sampling), llm_engine (LLMEngine, LLM), async_llm (AsyncLLM),
-embedding (Embedder: embedding models); the engine benchmarks live in minikernels.benchmarks.
+embedding (Embedder: embedding models), classifier (Classifier: classifiers, reward models,
+rerankers; both on pooling_model's one-pass runner); the engine benchmarks live in minikernels.benchmarks.
 See docs/engine.md.
 """
 from .async_llm import AsyncLLM, EngineOverloaded
 from .beam_search import BeamSearchOutput, BeamSearchParams, BeamSearchSequence
+from .classifier import Classifier
 from .embedding import Embedder
 from .llm_engine import LLM, LLMEngine
 from .lora import LoRARequest
@@ -21,5 +23,5 @@ from .outputs import CompletionOutput, Logprob, RequestOutput
 from .sampling_params import RequestOutputKind, SamplingParams
 
 __all__ = ["AsyncLLM", "BeamSearchOutput", "BeamSearchParams", "BeamSearchSequence",
-           "CompletionOutput", "Embedder", "EngineOverloaded", "LLM", "LLMEngine", "Logprob",
+           "Classifier", "CompletionOutput", "Embedder", "EngineOverloaded", "LLM", "LLMEngine", "Logprob",
            "LoRARequest", "RequestOutput", "RequestOutputKind", "SamplingParams"]

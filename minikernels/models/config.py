@@ -51,6 +51,22 @@ SUPPORTED_ARCHITECTURES = {
     "GlmForCausalLM": "glm",
     "Glm4ForCausalLM": "glm4",
 }
+#: ``XForSequenceClassification``: the decoder of ``XForCausalLM`` with a ``score`` head
+#: (``mk.Classifier`` reads it; the generative model refuses such a checkpoint).
+CLASSIFIER_SUFFIX = "ForSequenceClassification"
+
+
+def causal_architecture(arch: str) -> str:
+    """``QwenXForSequenceClassification`` -> ``QwenXForCausalLM`` (others unchanged)."""
+    if arch.endswith(CLASSIFIER_SUFFIX):
+        return arch[:-len(CLASSIFIER_SUFFIX)] + "ForCausalLM"
+    return arch
+
+
+def is_classifier_architecture(arch: str | None) -> bool:
+    return bool(arch) and str(arch).endswith(CLASSIFIER_SUFFIX)
+
+
 _MODEL_TYPES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3",
                 "gemma": "gemma", "gemma2": "gemma2", "gemma3_text": "gemma3",
                 "granite": "granite", "phi3": "phi3", "smollm3": "smollm3",
@@ -230,6 +246,9 @@ class DecoderConfig:
         for a in archs:
             if family is None and a in SUPPORTED_ARCHITECTURES:
                 family = SUPPORTED_ARCHITECTURES[a]
+            causal = causal_architecture(a)
+            if family is None and causal in SUPPORTED_ARCHITECTURES:
+                family = SUPPORTED_ARCHITECTURES[causal]   # a classifier: same decoder
         if family is None and not archs:
             family = _MODEL_TYPES.get(str(hf.get("model_type", "")))
         if family is None:

@@ -36,7 +36,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .config import DecoderConfig, UnsupportedModelError, builtin_config, list_models
+from .config import (DecoderConfig, UnsupportedModelError, builtin_config,
+                     is_classifier_architecture, list_models)
 from .decoder import CausalLM
 from .hub import resolve_model
 from .linear import FusedLinear, pick_group_size
@@ -101,7 +102,8 @@ _QUANT_TENSORS = ("qweight", "qzeros", "scales", "g_idx",                # GPTQ 
 _PRIMARY_INT4 = ("qweight", "weight_packed")
 #: fp8 KV-cache scales as vLLM's fp8 checkpoints store them (one per layer, or per kv head)
 _KV_SCALE_RE = re.compile(r"^layers\.(\d+)\.self_attn\.(k_scale|v_scale)$")
-_IGNORED = re.compile(r"(rotary_emb\.inv_freq|\.bias_correction|\.wf_?\w*|\.weight_shape)$")
+_IGNORED = re.compile(r"(rotary_emb\.inv_freq|\.bias_correction|\.wf_?\w*|\.weight_shape)$"
+                      r"|^score\.(weight|bias)$")   # a classifier's head: mk.Classifier reads it
 
 
 #: A multimodal checkpoint's text decoder (Gemma 3 4B+): transformers' two spellings.
@@ -365,6 +367,11 @@ def _load_hf(model_dir: str, dtype: str | torch.dtype, device: torch.device,
     gen_path = os.path.join(model_dir, "generation_config.json")
     gen = _read_json(gen_path) if os.path.isfile(gen_path) else None
     config = DecoderConfig.from_hf(hf, gen)
+    if lm_head and is_classifier_architecture(config.hf_architecture):
+        raise CheckpointError(
+            f"{model_dir} is a sequence classifier ({config.hf_architecture}: a score head, "
+            "no lm_head): load it with minikernels.Classifier, or serve it with --task "
+            "classify")
     files = checkpoint_files(model_dir, allow_pickle)
     torch_dtype = parse_dtype(dtype, config, device)
 

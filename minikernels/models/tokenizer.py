@@ -2,6 +2,7 @@
 
 Both expose the same small interface the engine and CLI use:
     encode(text, add_special_tokens=True) -> list[int]
+    encode_pair(text, text_pair) -> list[int]   (a cross-encoder's input)
     decode(ids, skip_special_tokens=True) -> str
     apply_chat_template(messages, add_generation_prompt=True) -> list[int]
     eos_token_ids: list[int];  bos_token_id: int | None;  vocab_size: int
@@ -46,6 +47,10 @@ class ByteTokenizer:
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         ids = list(text.encode("utf-8"))
         return ([self.BOS] if add_special_tokens and self.add_bos else []) + ids
+
+    def encode_pair(self, text: str, text_pair: str) -> list[int]:
+        """``<bos>`` text ``<eos>`` text_pair: a cross-encoder's (query, document) input."""
+        return self.encode(text) + [self.EOS] + self.encode(text_pair, add_special_tokens=False)
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         out = bytearray()
@@ -104,6 +109,11 @@ class HFTokenizer:
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return list(self.tokenizer.encode(text, add_special_tokens=add_special_tokens))
+
+    def encode_pair(self, text: str, text_pair: str) -> list[int]:
+        """The checkpoint's pair encoding (its post-processor's special tokens around and
+        between): a cross-encoder's (query, document) input, as vLLM's score API."""
+        return list(self.tokenizer(text, text_pair)["input_ids"])
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)

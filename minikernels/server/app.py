@@ -87,10 +87,11 @@ class ServerState:
     responses: ResponseStore = field(default_factory=lambda: ResponseStore(0))
 
     @property
-    def embedding(self) -> bool:
-        """Whether the engine is an embedding model (``--task embed``): /v1/embeddings
-        only, no text generation."""
-        return getattr(self.engine, "task", "generate") == "embed"
+    def task(self) -> str:
+        """The engine's task: ``"generate"`` (an AsyncLLM), ``"embed"`` (an Embedder:
+        /v1/embeddings only) or ``"classify"`` (a Classifier: /classify, /score,
+        /rerank)."""
+        return str(getattr(self.engine, "task", "generate"))
 
     @property
     def served_name(self) -> str:

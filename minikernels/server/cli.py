@@ -98,10 +98,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     http.add_argument("--no-access-log", dest="access_log", action="store_false",
                       help="no access log line per request")
     eng = parser.add_argument_group("engine")
-    eng.add_argument("--task", default="generate", choices=["generate", "embed"],
+    eng.add_argument("--task", default="generate", choices=["generate", "embed", "classify"],
                      help="generate: text (completions, chat, responses); embed: an "
                           "embedding model (/v1/embeddings; pooling from the checkpoint's "
-                          "sentence-transformers files, else the last token, normalized)")
+                          "sentence-transformers files, else the last token, normalized); "
+                          "classify: a sequence classifier, reward model or cross-encoder "
+                          "reranker (/classify, /score, /rerank)")
+    eng.add_argument("--classifier-from-token", nargs="+", default=None, metavar="TOKEN",
+                     help="--task classify on a generative checkpoint: the labels are these "
+                          "tokens' logits; two tokens (e.g. 'no yes' for Qwen3-Reranker) "
+                          "score logit(yes) - logit(no)")
     eng.add_argument("--dtype", default="bfloat16",
                      choices=["bfloat16", "float16", "float32", "auto"])
     eng.add_argument("--quantization", default=None, choices=["int4", "gptq", "awq"],
@@ -196,18 +202,24 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def build_engine(args: argparse.Namespace) -> Any:
-    """The AsyncLLM for ``args`` (loads the model); an Embedder with ``--task embed``."""
+    """The AsyncLLM for ``args`` (loads the model); an Embedder with ``--task embed``, a
+    Classifier with ``--task classify``."""
     from minikernels.engine import AsyncLLM
     from minikernels.models.hub import resolve_model
 
     path = resolve_model(args.model, getattr(args, "revision", None))
-    if getattr(args, "task", "generate") == "embed":
-        from minikernels.engine import Embedder
+    task = getattr(args, "task", "generate")
+    if getattr(args, "classifier_from_token", None) and task != "classify":
+        raise ValueError("--classifier-from-token needs --task classify")
+    if task in ("embed", "classify"):
+        from minikernels.engine import Classifier, Embedder
 
         kw = {k: v for k, v in engine_kwargs(args).items()
               if k in ("dtype", "quantization", "device", "max_model_len", "seed",
                        "max_num_batched_tokens")}
-        return Embedder(path, **kw)
+        if task == "embed":
+            return Embedder(path, **kw)
+        return Classifier(path, classifier_from_token=args.classifier_from_token, **kw)
     if getattr(args, "data_parallel_size", 1) != 1:
         from .data_parallel import DataParallelEngine
 

@@ -112,6 +112,19 @@ class PromptTokenizer:
             ids = ids[-keep:]
         return ids
 
+    async def pair_prompt(self, text_1: str, text_2: str, param: str) -> list[int]:
+        """Token ids of a (query, document) pair: the tokenizer's pair encoding (a
+        cross-encoder's input), off the event loop."""
+        if self.tokenizer is None:
+            raise APIError("this model has no tokenizer", param=param)
+        limit = self._char_limit()
+        if limit is not None and len(text_1) + len(text_2) > limit:
+            raise APIError(f"the pair ({len(text_1) + len(text_2)} characters) cannot fit "
+                           f"the maximum context length of {self.max_model_len} tokens",
+                           param=param, code="context_length_exceeded")
+        return await self._off_loop(
+            lambda: [int(t) for t in self.tokenizer.encode_pair(text_1, text_2)])
+
     async def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids of ``text`` (/tokenize: no context-length check; the body limit bounds
         the work), off the event loop."""

@@ -553,3 +553,49 @@ class EmbeddingRequest(_Strict):
             if isinstance(item, list) and any(t < 0 for t in item):
                 raise APIError("token ids must be >= 0", param=where)
         return out
+
+
+class ClassificationRequest(EmbeddingRequest):
+    """vLLM's ``POST /classify``: one input or a list (texts or token ids); each gets its
+    label probabilities."""
+
+    encoding_format: Literal["float"] = "float"
+    dimensions: None = None
+
+
+class ScoreRequest(_Strict):
+    """vLLM's ``POST /score`` (``/v1/score``): relevance of (text_1, text_2) pairs, one
+    text_1 against every text_2 or the two lists zipped."""
+
+    model: Optional[str] = None
+    text_1: Union[str, list[str]]
+    text_2: Union[str, list[str]]
+    user: Optional[str] = None
+
+    def check(self) -> None:
+        for name in ("text_1", "text_2"):
+            value = getattr(self, name)
+            if isinstance(value, list) and not value:
+                raise APIError(f"{name} must not be empty", param=name)
+        n1 = 1 if isinstance(self.text_1, str) else len(self.text_1)
+        n2 = 1 if isinstance(self.text_2, str) else len(self.text_2)
+        if n1 != 1 and n1 != n2:
+            raise APIError(f"text_1 has {n1} items and text_2 {n2}: give one text_1, or as "
+                           "many as text_2", param="text_1")
+
+
+class RerankRequest(_Strict):
+    """The Jina / Cohere rerank API vLLM serves (``/rerank``, ``/v1/rerank``,
+    ``/v2/rerank``): documents ranked by relevance to the query; the best ``top_n`` (all
+    when absent or 0)."""
+
+    model: Optional[str] = None
+    query: str
+    documents: list[str]
+    top_n: Optional[int] = Field(None, ge=0)
+    return_documents: bool = True
+    user: Optional[str] = None
+
+    def check(self) -> None:
+        if not self.documents:
+            raise APIError("documents must not be empty", param="documents")

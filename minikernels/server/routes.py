@@ -20,13 +20,13 @@ from pydantic import ValidationError
 from starlette.requests import ClientDisconnect
 
 from ..engine import SamplingParams
-from ..engine.embedding import EmbeddingInputError
 from ..engine.sampling_params import RequestOutputKind
 from .errors import APIError, JSONBody, engine_error_to_api, unsupported
 from .jsonbody import parse_json_object
 from .logprobs import (chat_logprobs, completion_logprobs, join_completion_logprobs,
                        prompt_completion_logprobs)
 from .metrics import CONTENT_TYPE
+from .pooling_routes import register_pooling_routes
 from .protocol import (ChatCompletionRequest, CompletionRequest, Constraint,
                        DetokenizeRequest, EmbeddingRequest, TokenizeChatRequest,
                        TokenizeCompletionRequest,
@@ -77,11 +77,12 @@ def register_routes(app: FastAPI, state: "ServerState") -> None:
 
     def validate(data: dict, model_cls: type) -> Any:
         """``data`` as a ``model_cls`` request (checked, model name served)."""
-        if state.embedding and model_cls in (CompletionRequest, ChatCompletionRequest,
-                                             ResponsesRequest):
-            raise APIError(f"the model '{state.served_name}' is an embedding model (served "
-                           "with --task embed): it does not generate text; use "
-                           "/v1/embeddings", param="model", code="model_not_supported")
+        if state.task != "generate" and model_cls in (CompletionRequest,
+                                                      ChatCompletionRequest, ResponsesRequest):
+            use = "/v1/embeddings" if state.task == "embed" else "/classify, /score, /rerank"
+            raise APIError(f"the model '{state.served_name}' is a pooling model (served with "
+                           f"--task {state.task}): it does not generate text; use {use}",
+                           param="model", code="model_not_supported")
         try:
             req = model_cls.model_validate(data)
         except ValidationError as exc:
@@ -709,51 +710,4 @@ def register_routes(app: FastAPI, state: "ServerState") -> None:
             raise stored_not_found(response_id)
         return JSONBody({"id": response_id, "object": "response.deleted", "deleted": True})
 
-    # ------------------------------------------------------------------ embeddings
-    @app.post("/v1/embeddings")
-    async def embeddings(request: Request) -> Response:
-        try:
-            req, _ = await parse(request, EmbeddingRequest)
-        except ClientGone:
-            return gone_response()
-        if not state.embedding:
-            raise APIError(f"the model '{state.served_name}' is a generative model; this "
-                           "server does not serve embeddings (start it with --task embed)",
-                           param="model", code="model_not_supported")
-        items = req.inputs()
-        if len(items) > state.limits.max_prompts:
-            raise APIError(f"{len(items)} inputs in one request; this server takes at most "
-                           f"{state.limits.max_prompts}", param="input",
-                           code="too_many_inputs")
-        single = len(items) == 1 and not isinstance(req.input, list) or \
-            (isinstance(req.input, list) and all(isinstance(t, int) for t in req.input))
-        ids = [await state.prompts.completion_prompt(
-            x, None, param="input" if single else f"input[{i}]") for i, x in enumerate(items)]
-        try:
-            engine.check(ids, req.dimensions)
-            vectors = await until_disconnect(request, engine.embed_async(ids, req.dimensions))
-        except ClientGone:
-            state.metrics.count_disconnect()
-            return gone_response()
-        except EmbeddingInputError as exc:
-            param = "dimensions" if exc.index is None else \
-                ("input" if single else f"input[{exc.index}]")
-            raise APIError(str(exc), param=param, code="context_length_exceeded"
-                           if "context length" in str(exc) else "invalid_value") from None
-        data = [{"object": "embedding", "index": i,
-                 "embedding": encode_embedding(v, req.encoding_format)}
-                for i, v in enumerate(vectors)]
-        n = sum(len(x) for x in ids)
-        return JSONBody({"object": "list", "data": data,
-                         "model": req.model or state.served_name,
-                         "usage": {"prompt_tokens": n, "total_tokens": n}})
-
-
-def encode_embedding(vector: Any, encoding_format: str) -> Any:
-    """One embedding as OpenAI sends it: a list of floats, or base64 of its little-endian
-    float32 bytes (what the openai client asks for by default)."""
-    if encoding_format == "base64":
-        import base64
-
-        return base64.b64encode(vector.numpy().astype("<f4").tobytes()).decode("ascii")
-    return vector.tolist()
+    register_pooling_routes(app, state, parse, gone_response)
