@@ -477,3 +477,24 @@ def lora_delta(x: Tensor, lora_a: Tensor, lora_b: Tensor, token_slots: Tensor,
         h = x[rows].float() @ lora_a[s].float().t()                  # [rows, R]
         y[rows] = (h @ lora_b[s].float().t()) * scaling[s].float()
     return y.to(x.dtype)
+
+
+# ------------------------------------------------------------------------- MoE
+def fused_moe(x: Tensor, w13: Tensor, w2: Tensor, topk_weights: Tensor,
+              topk_ids: Tensor) -> Tensor:
+    """A mixture-of-experts MLP: out [T, H] in x.dtype with
+    out[t] = sum_j topk_weights[t, j] * w2[e] @ act_e(x[t]), e = topk_ids[t, j], and
+    act_e(x) = silu(w13[e, :I] @ x) * (w13[e, I:] @ x) rounded to x.dtype (the kernel
+    stores that intermediate). Everything else in fp32; out rounded once."""
+    t, h = x.shape
+    inter = w2.shape[2]
+    out = torch.zeros(t, h, dtype=torch.float32, device=x.device)
+    ids = topk_ids.long()
+    for e in sorted({int(v) for v in ids.flatten().tolist()}):
+        rows, slots = (ids == e).nonzero(as_tuple=True)          # (token, j) pairs
+        gate_up = x[rows].float() @ w13[e].float().t()           # [n, 2I]
+        act = (torch.nn.functional.silu(gate_up[:, :inter]) * gate_up[:, inter:]
+               ).to(x.dtype).float()
+        y = act @ w2[e].float().t()                              # [n, H]
+        out.index_add_(0, rows, y * topk_weights[rows, slots].float()[:, None])
+    return out.to(x.dtype)
