@@ -65,7 +65,8 @@ def test_paged_prefill_decode_and_chunked_prefill(hf_dirs, kind):
 
 
 @pytest.mark.parametrize("kind", ["llama3-rope-tied", "qwen2-tied", "qwen3", "mistral-window",
-                                  "gemma2-window-softcap", "gemma3", "granite", "olmo2"])
+                                  "gemma2-window-softcap", "gemma3", "granite", "olmo2",
+                                  "qwen3-moe"])
 def test_greedy_generation_matches_transformers(hf_dirs, kind):
     hf, path = hf_dirs[kind]
     model = load_model(path, dtype="float32", device="cpu")
@@ -181,3 +182,65 @@ def test_olmo2_flags_and_no_tensor_parallel(hf_dirs):
     assert model.layers[0].self_attn.q_norm.weight.shape == (c.num_heads * c.head_dim,)
     with pytest.raises(ValueError, match="OLMo 2"):
         load_model(path, dtype="float32", device="cpu", tensor_parallel=TensorParallel(0, 2))
+
+
+def test_qwen3_moe_layout_stacked_names_and_refusals(hf_dirs, tmp_path):
+    """Qwen3-MoE: sparse layers from mlp_only_layers / decoder_sparse_step (num_experts or
+    transformers 5's num_local_experts); transformers 5's stacked expert tensors load as
+    the hub's per-expert ones do; RTN int4 leaves the experts dense; tensor parallelism,
+    LoRA and int4 MoE checkpoints are refused by name."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from minikernels.models import AttentionMetadata, DecoderConfig
+    from minikernels.models.loader import CheckpointError
+    from minikernels.models.lora import LoRAManager
+    from minikernels.models.moe import SparseMoE
+    from minikernels.models.parallel import TensorParallel
+
+    hf, path = hf_dirs["qwen3-moe"]
+    model = load_model(path, dtype="float32", device="cpu")
+    c = model.config
+    assert (c.architecture, c.num_experts, c.num_experts_per_tok, c.moe_intermediate_size,
+            c.norm_topk_prob, c.moe_layers) == ("qwen3_moe", 6, 2, 48, True, [0])
+    assert isinstance(model.layers[0].mlp, SparseMoE)
+    assert not isinstance(model.layers[1].mlp, SparseMoE)
+    base = json.load(open(f"{path}/config.json"))
+    every_2nd = {**base, "num_hidden_layers": 4, "mlp_only_layers": [],
+                 "decoder_sparse_step": 2}
+    every_2nd.pop("num_local_experts", None)
+    every_2nd["num_experts"] = 6
+    assert DecoderConfig.from_hf(every_2nd).moe_layers == [1, 3]
+    # transformers 5's stacked names: experts.gate_up_proj [E, 2I, H], experts.down_proj
+    stacked = str(tmp_path / "stacked")
+    shutil.copytree(path, stacked)
+    tensors = load_file(f"{stacked}/model.safetensors")
+    pre = "model.layers.0.mlp.experts."
+    for proj, parts in (("gate_up_proj", ("gate_proj", "up_proj")),
+                        ("down_proj", ("down_proj",))):
+        tensors[pre + proj] = torch.stack([torch.cat([tensors.pop(f"{pre}{e}.{p}.weight")
+                                                      for p in parts]) for e in range(6)])
+    save_file(tensors, f"{stacked}/model.safetensors", metadata={"format": "pt"})
+    seqs = _seqs(300, lengths=[7, 4], seed=9)
+    again = load_model(stacked, dtype="float32", device="cpu")
+    meta_ids = torch.tensor([t for s in seqs for t in s])
+    meta = AttentionMetadata.for_prompts([len(s) for s in seqs], device="cpu")
+    assert torch.equal(again(meta_ids, meta, None), model(meta_ids, meta, None))
+    rtn = load_model(path, dtype="float32", device="cpu", quantization="int4")
+    assert rtn.layers[0].mlp.experts.w13.dtype == torch.float32
+    assert len(rtn.layers[0].self_attn.qkv_proj.int4_parts) > 0
+    assert torch.equal(rtn.layers[0].mlp.experts.w13, model.layers[0].mlp.experts.w13)
+    assert bool(torch.isfinite(rtn(meta_ids, meta, None)).all())
+    with pytest.raises(ValueError, match="mixture-of-experts"):
+        load_model(path, dtype="float32", device="cpu", tensor_parallel=TensorParallel(0, 2))
+    with pytest.raises(ValueError, match="mixture-of-experts"):
+        LoRAManager(model, max_loras=1, max_lora_rank=8)
+    gptq = str(tmp_path / "gptq")
+    shutil.copytree(path, gptq)
+    json.dump({**base, "quantization_config": {"quant_method": "gptq", "bits": 4,
+                                                "group_size": 32}},
+              open(f"{gptq}/config.json", "w"))
+    with pytest.raises(CheckpointError, match="mixture-of-experts"):
+        load_model(gptq, dtype="float32", device="cpu")

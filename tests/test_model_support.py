@@ -74,6 +74,11 @@ CASES: dict[str, tuple[str, dict[str, Any]]] = {
     # biases without an o bias, fused gate_up tensors; GLM-4 (0414) adds sandwich norms.
     "glm": ("Glm", dict(head_dim=16, pad_token_id=0, eos_token_id=2)),
     "glm4": ("Glm4", dict(head_dim=32, pad_token_id=0, eos_token_id=2)),
+    # Qwen3-MoE: layer 0 a mixture of 6 experts (top 2, renormalized), layer 1 dense.
+    "qwen3-moe": ("Qwen3Moe", dict(head_dim=16, moe_intermediate_size=48, num_experts=6,
+                                   num_experts_per_tok=2, norm_topk_prob=True,
+                                   decoder_sparse_step=1, mlp_only_layers=[1],
+                                   tie_word_embeddings=False)),
 }
 # transformers config classes not named {family}Config
 _CONFIG_CLASSES = {"Gemma3": "Gemma3TextConfig"}

@@ -41,6 +41,7 @@ SUPPORTED_ARCHITECTURES = {
     "MistralForCausalLM": "mistral",
     "Qwen2ForCausalLM": "qwen2",
     "Qwen3ForCausalLM": "qwen3",
+    "Qwen3MoeForCausalLM": "qwen3_moe",
     "GemmaForCausalLM": "gemma",
     "Gemma2ForCausalLM": "gemma2",
     "Gemma3ForCausalLM": "gemma3",
@@ -68,6 +69,7 @@ def is_classifier_architecture(arch: str | None) -> bool:
 
 
 _MODEL_TYPES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3",
+                "qwen3_moe": "qwen3_moe",
                 "gemma": "gemma", "gemma2": "gemma2", "gemma3_text": "gemma3",
                 "granite": "granite", "phi3": "phi3", "smollm3": "smollm3",
                 "olmo2": "olmo2", "glm": "glm", "glm4": "glm4"}
@@ -102,7 +104,7 @@ class DecoderConfig:
     """Shape and flavour of a decoder (fields follow HF names where one exists)."""
 
     # "llama" | "mistral" | "qwen2" | "qwen3" | "gemma" | "gemma2" | "gemma3" | "granite"
-    # | "phi3" | "smollm3" | "olmo2" | "glm" | "glm4"
+    # | "phi3" | "smollm3" | "olmo2" | "glm" | "glm4" | "qwen3_moe"
     architecture: str
     vocab_size: int
     hidden_size: int
@@ -155,6 +157,15 @@ class DecoderConfig:
     embedding_multiplier: float = 1.0
     residual_multiplier: float = 1.0
     logits_scaling: float = 1.0
+    # Mixture of experts (Qwen3-MoE): the layers in moe_layers run num_experts SiLU-gated
+    # experts of moe_intermediate_size, num_experts_per_tok per token, chosen by a softmax
+    # router (the top-k probabilities renormalized when norm_topk_prob); the others a
+    # dense MLP of intermediate_size. num_experts 0: dense everywhere.
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    norm_topk_prob: bool = False
+    moe_layers: list[int] | None = None
     # HF quantization_config (GPTQ/AWQ checkpoints), None for dense checkpoints.
     quantization_config: dict[str, Any] | None = None
     torch_dtype: str | None = None         # the checkpoint's stored dtype, informational
@@ -177,6 +188,16 @@ class DecoderConfig:
         if self.hidden_act not in GATED_ACTIVATIONS:
             raise UnsupportedModelError(f"hidden_act {self.hidden_act!r} is not supported "
                                         f"(gated MLPs with {sorted(GATED_ACTIVATIONS)})")
+        if self.num_experts:
+            if not 1 <= self.num_experts_per_tok <= self.num_experts:
+                raise ValueError(f"config.num_experts_per_tok must be in [1, num_experts = "
+                                 f"{self.num_experts}], got {self.num_experts_per_tok}")
+            if self.moe_intermediate_size <= 0:
+                raise ValueError(f"config.moe_intermediate_size must be > 0, got "
+                                 f"{self.moe_intermediate_size}")
+            if self.activation != "silu":
+                raise UnsupportedModelError(f"experts with hidden_act {self.hidden_act!r} "
+                                            "are not supported (SiLU-gated experts)")
         for name in ("attention_scale", "attn_logit_softcapping", "final_logit_softcapping",
                      "sliding_rope_theta", "embedding_multiplier", "residual_multiplier",
                      "logits_scaling"):
@@ -199,6 +220,10 @@ class DecoderConfig:
     def softmax_scale(self) -> float:
         return self.attention_scale if self.attention_scale is not None else \
             self.head_dim ** -0.5
+
+    def is_moe(self, layer: int) -> bool:
+        """Whether ``layer``'s MLP is the mixture of experts."""
+        return self.num_experts > 0 and (self.moe_layers is None or layer in self.moe_layers)
 
     def is_sliding(self, layer: int) -> bool:
         """Whether ``layer`` attends through the sliding window."""
@@ -314,7 +339,7 @@ class DecoderConfig:
             qkv_bias=family == "qwen2" or attention_bias,
             o_bias=family not in ("qwen2", "glm", "glm4") and attention_bias,
             mlp_bias=bool(hf.get("mlp_bias", False)),
-            qk_norm=family in ("qwen3", "gemma3", "olmo2"),
+            qk_norm=family in ("qwen3", "qwen3_moe", "gemma3", "olmo2"),
             qk_norm_full=family == "olmo2",
             post_norm=family == "olmo2",
             hidden_act=_activation_from_hf(hf, family),
@@ -329,6 +354,7 @@ class DecoderConfig:
             sliding_rope_theta=sliding_rope_theta,
             nope_layers=_nope_layers_from_hf(hf, num_layers) if family == "smollm3" else None,
             **(_granite_from_hf(hf) if family == "granite" else {}),
+            **(_moe_from_hf(hf, num_layers) if family == "qwen3_moe" else {}),
             quantization_config=dict(hf["quantization_config"])
             if hf.get("quantization_config") else None,
             torch_dtype=hf.get("dtype") or hf.get("torch_dtype"),
@@ -441,7 +467,8 @@ def _sliding_window_from_hf(hf: Mapping[str, Any], family: str, num_layers: int
                             ) -> tuple[int | None, list[int] | None]:
     """(sliding_window or None, the layers that use it or None = all layers)."""
     window = hf.get("sliding_window")
-    if family in ("qwen2", "qwen3", "smollm3") and not hf.get("use_sliding_window", False):
+    if family in ("qwen2", "qwen3", "qwen3_moe", "smollm3") and \
+            not hf.get("use_sliding_window", False):
         window = None
     if family == "gemma":
         window = None
@@ -451,7 +478,7 @@ def _sliding_window_from_hf(hf: Mapping[str, Any], family: str, num_layers: int
     window_layers: list[int] | None = None
     if isinstance(layer_types, list) and layer_types:
         window_layers = [i for i, t in enumerate(layer_types) if t == "sliding_attention"]
-    elif family in ("qwen2", "qwen3"):
+    elif family in ("qwen2", "qwen3", "qwen3_moe"):
         start = int(hf.get("max_window_layers", num_layers))
         window_layers = list(range(start, num_layers))
     elif family in ("gemma2", "gemma3"):   # transformers' default layer patterns
@@ -460,6 +487,20 @@ def _sliding_window_from_hf(hf: Mapping[str, Any], family: str, num_layers: int
     if window_layers is not None and not window_layers:
         return None, None
     return int(window), window_layers
+
+
+def _moe_from_hf(hf: Mapping[str, Any], num_layers: int) -> dict[str, Any]:
+    """Qwen3-MoE's expert fields: ``num_experts`` (transformers 5 saves
+    ``num_local_experts``); a layer is sparse unless in ``mlp_only_layers``, every
+    ``decoder_sparse_step``-th layer."""
+    experts = int(hf.get("num_experts") or hf.get("num_local_experts") or 0)
+    step = int(hf.get("decoder_sparse_step", 1) or 1)
+    dense = set(hf.get("mlp_only_layers") or [])
+    layers = [i for i in range(num_layers) if i not in dense and (i + 1) % step == 0]
+    return dict(num_experts=experts, num_experts_per_tok=int(hf.get("num_experts_per_tok", 0)),
+                moe_intermediate_size=int(hf.get("moe_intermediate_size", 0)),
+                norm_topk_prob=bool(hf.get("norm_topk_prob", False)),
+                moe_layers=layers if experts else None)
 
 
 def _activation_from_hf(hf: Mapping[str, Any], family: str) -> str:

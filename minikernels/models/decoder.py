@@ -1,5 +1,5 @@
 """The decoder: one implementation for Llama 2/3/3.x, Mistral, Granite 3.x, Phi-3 / 3.5 /
-4-mini, SmolLM3, OLMo 2, GLM-4, Qwen2/2.5, Qwen3 and Gemma 1/2/3 (text).
+4-mini, SmolLM3, OLMo 2, GLM-4, Qwen2/2.5, Qwen3, Qwen3-MoE and Gemma 1/2/3 (text).
 
     h = embed(ids) (* embed_scale)       # Gemma: sqrt(hidden), in the model dtype; Granite:
                                          # embedding_multiplier
@@ -12,7 +12,8 @@
         o = attention(q, k, v, meta, kv_cache) @ Wo.T     # scale / window / softcap per layer
         [o = rms_norm(o)]                # sandwich norm (Gemma 2/3); Granite: o * residual_m
         x, res = rms_norm(o, res)
-        h = act_and_mul(x @ Wgate_up.T) @ Wdown.T         # silu, or gelu (tanh) for Gemma
+        h = act_and_mul(x @ Wgate_up.T) @ Wdown.T         # silu, or gelu (tanh) for Gemma;
+                                         # MoE layers: top-k experts (models/moe.py)
         [h = rms_norm(h)]                # sandwich norm (Gemma 2/3); Granite: h * residual_m
     logits = rms_norm(h, res)[logits_indices] @ Wlm.T     (fp32; Gemma 2: softcapped;
                                                            Granite: / logits_scaling)
@@ -35,6 +36,7 @@ from ..ops.attention import FP8_KV_DTYPES
 from .config import DecoderConfig
 from .linear import FusedLinear
 from .metadata import AttentionMetadata
+from .moe import SparseMoE
 from .parallel import TensorParallel, VocabParallelEmbedding, attention_shard, check_config
 
 KVCache = tuple[Tensor, Tensor]
@@ -140,7 +142,8 @@ class DecoderLayer(nn.Module):
             self.pre_feedforward_layernorm = norm()
         if c.sandwich_norm or c.post_norm:
             self.post_feedforward_layernorm = norm()
-        self.mlp = MLP(config, dtype, device, dense, tp)
+        self.mlp = SparseMoE(config, dtype, device) if c.is_moe(layer) else \
+            MLP(config, dtype, device, dense, tp)
 
     def forward(self, h: Tensor, residual: Tensor | None, meta: AttentionMetadata,
                 kv_cache: KVCache | None) -> tuple[Tensor, Tensor]:

@@ -41,6 +41,7 @@ from .config import (DecoderConfig, UnsupportedModelError, builtin_config,
 from .decoder import CausalLM
 from .hub import resolve_model
 from .linear import FusedLinear, pick_group_size
+from .moe import EXPERT_PARTS, FusedExperts
 from .parallel import TensorParallel, row_parallel_group_size, shard_tensor
 
 logger = logging.getLogger("minikernels")
@@ -102,6 +103,12 @@ _QUANT_TENSORS = ("qweight", "qzeros", "scales", "g_idx",                # GPTQ 
 _PRIMARY_INT4 = ("qweight", "weight_packed")
 #: fp8 KV-cache scales as vLLM's fp8 checkpoints store them (one per layer, or per kv head)
 _KV_SCALE_RE = re.compile(r"^layers\.(\d+)\.self_attn\.(k_scale|v_scale)$")
+#: mixture of experts: per-expert projections (the hub's names), transformers 5's stacked
+#: ones, and the router (models/moe.py)
+_EXPERT_RE = re.compile(r"^layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)"
+                        r"\.weight$")
+_STACKED_EXPERTS_RE = re.compile(r"^layers\.(\d+)\.mlp\.experts\.(gate_up_proj|down_proj)$")
+_ROUTER_RE = re.compile(r"^layers\.(\d+)\.mlp\.gate\.weight$")
 _IGNORED = re.compile(r"(rotary_emb\.inv_freq|\.bias_correction|\.wf_?\w*|\.weight_shape)$"
                       r"|^score\.(weight|bias)$")   # a classifier's head: mk.Classifier reads it
 
@@ -142,6 +149,15 @@ def map_name(name: str) -> tuple[str, int | None, str] | None:
     m = _KV_SCALE_RE.match(n)
     if m:
         return f"layers.{m.group(1)}.self_attn.attn", None, m.group(2)
+    m = _EXPERT_RE.match(n)
+    if m:
+        return f"layers.{m.group(1)}.mlp.experts", int(m.group(2)), m.group(3)
+    m = _STACKED_EXPERTS_RE.match(n)
+    if m:
+        return f"layers.{m.group(1)}.mlp.experts", None, m.group(2)
+    m = _ROUTER_RE.match(n)
+    if m:
+        return f"layers.{m.group(1)}.mlp.gate", None, "weight"
     m = _LAYER_RE.match(n)
     if m:
         layer, block, proj, kind = m.groups()
@@ -376,6 +392,11 @@ def _load_hf(model_dir: str, dtype: str | torch.dtype, device: torch.device,
     torch_dtype = parse_dtype(dtype, config, device)
 
     ckpt_quant = _checkpoint_quant(config)
+    if ckpt_quant is not None and config.num_experts:
+        raise CheckpointError(f"{model_dir}: int4 checkpoints of mixture-of-experts models are "
+                              "not supported yet; load the dense checkpoint (with "
+                              "quantization='int4' its attention and dense layers are "
+                              "quantized, the experts stay dense)")
     if quantization in ("gptq", "awq") and (ckpt_quant is None or
                                             ckpt_quant["method"] != quantization):
         found = ckpt_quant["method"] if ckpt_quant else "a dense checkpoint"
@@ -395,6 +416,10 @@ def _load_hf(model_dir: str, dtype: str | torch.dtype, device: torch.device,
     # What must arrive: every dense tensor, every int4 part.
     expected: set[tuple[str, int | None, str]] = set()
     for name, mod in modules.items():
+        if isinstance(mod, FusedExperts):
+            for e in range(mod.num_experts):
+                expected.update((name, e, part) for part in EXPERT_PARTS)
+            continue
         if isinstance(mod, FusedLinear):
             if name == "lm_head" and (config.tie_word_embeddings or not lm_head):
                 continue
@@ -447,6 +472,9 @@ def _load_hf(model_dir: str, dtype: str | torch.dtype, device: torch.device,
                             raise CheckpointError(f"{where}: {exc}") from None
                     if kind in ("k_scale", "v_scale"):
                         _load_kv_scale(getattr(mod, kind), tensor, where)
+                        continue
+                    if isinstance(mod, FusedExperts):
+                        seen.update(_load_experts(mod, mod_name, shard, kind, tensor, where))
                         continue
                     if isinstance(mod, FusedLinear):
                         if kind in _QUANT_TENSORS:
@@ -533,7 +561,30 @@ def _load_hf(model_dir: str, dtype: str | torch.dtype, device: torch.device,
     return model
 
 
+def _load_experts(mod: FusedExperts, mod_name: str, expert: int | None, kind: str,
+                  tensor: Tensor, where: str) -> list[tuple[str, int, str]]:
+    """Copy one expert's projection (or transformers 5's stacked gate_up_proj /
+    down_proj of every expert) into w13 / w2; the (module, expert, part) keys it filled."""
+    if expert is None:   # stacked: [E, 2I, H] or [E, H, I]
+        target = mod.w13 if kind == "gate_up_proj" else mod.w2
+        parts = ("gate_proj", "up_proj") if kind == "gate_up_proj" else ("down_proj",)
+        experts = range(mod.num_experts)
+    else:
+        if not 0 <= expert < mod.num_experts:
+            raise CheckpointError(f"{where}: expert {expert} out of range (num_experts "
+                                  f"{mod.num_experts})")
+        target, parts, experts = mod.part(expert, kind), (kind,), (expert,)
+    if tuple(tensor.shape) != tuple(target.shape):
+        raise CheckpointError(f"{where}: shape mismatch: expected {list(target.shape)}, got "
+                              f"{list(tensor.shape)}")
+    with torch.no_grad():
+        target.copy_(tensor.to(device=target.device, dtype=target.dtype))
+    return [(mod_name, e, p) for e in experts for p in parts]
+
+
 def _hf_name(module: str, shard: int | None, kind: str) -> str:
+    if module.endswith(".mlp.experts"):
+        return f"model.{module}.{shard}.{kind}.weight"
     if module in ("embed_tokens", "norm"):
         return f"model.{module}.{kind}"
     if module == "lm_head":

@@ -190,6 +190,9 @@ class LoRAManager:
             raise ValueError(f"max_loras must be an int >= 1, got {max_loras!r}")
         if not isinstance(max_lora_rank, int) or max_lora_rank < 1:
             raise ValueError(f"max_lora_rank must be an int >= 1, got {max_lora_rank!r}")
+        if model.config.num_experts:
+            raise ValueError("LoRA adapters on mixture-of-experts models are not supported "
+                             "yet (the experts have no per-slot LoRA weights)")
         self.model = model
         self.max_loras = max_loras
         self.max_lora_rank = max_lora_rank

@@ -105,6 +105,9 @@ def check_config(config: DecoderConfig, tp: TensorParallel) -> None:
     if config.qk_norm_full:
         raise ValueError("tensor parallelism is not supported for OLMo 2 (its q / k norms "
                          "span every head; a shard would need an all-reduce per norm)")
+    if config.num_experts:
+        raise ValueError("tensor parallelism is not supported for mixture-of-experts models "
+                         "yet (the experts are not sharded); use data parallelism")
     if config.intermediate_size % p:
         raise ValueError(f"tensor_parallel_size {p} must divide intermediate_size "
                          f"({config.intermediate_size})")

@@ -1,0 +1,74 @@
+"""The mixture-of-experts MLP of Qwen3-MoE: a softmax router picks each token's top-k
+experts, and :func:`minikernels.ops.fused_moe` runs them (SiLU-gated MLPs, weighted and
+summed).
+
+    logits = x @ Wgate.T                     # [T, E], in the model dtype (as transformers)
+    p = softmax(logits in fp32)
+    w, ids = topk(p, k); [w /= sum(w)]       # norm_topk_prob
+    w = w rounded to the model dtype         # transformers multiplies in the model dtype
+    y = fused_moe(x, W13, W2, w, ids)
+
+Weights: ``gate.weight`` [E, H]; ``experts.w13`` [E, 2I, H] (each expert's gate_proj rows,
+then its up_proj rows); ``experts.w2`` [E, H, I] (down_proj). Experts stay dense (int4
+quantization covers the attention and dense layers).
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from .. import ops
+from .config import DecoderConfig
+
+#: a checkpoint's per-expert projections -> the part of w13 / w2 they fill
+EXPERT_PARTS = ("gate_proj", "up_proj", "down_proj")
+
+
+class FusedExperts(nn.Module):
+    """All experts' weights stacked: w13 [E, 2I, H], w2 [E, H, I]."""
+
+    def __init__(self, num_experts: int, hidden: int, inter: int, dtype: torch.dtype,
+                 device: torch.device | str | None) -> None:
+        super().__init__()
+        self.num_experts, self.hidden, self.inter = num_experts, hidden, inter
+        self.w13 = nn.Parameter(torch.empty(num_experts, 2 * inter, hidden, dtype=dtype,
+                                            device=device), requires_grad=False)
+        self.w2 = nn.Parameter(torch.empty(num_experts, hidden, inter, dtype=dtype,
+                                           device=device), requires_grad=False)
+
+    def part(self, expert: int, name: str) -> Tensor:
+        """The view of one expert's ``gate_proj`` [I, H], ``up_proj`` [I, H] or
+        ``down_proj`` [H, I] weight."""
+        if name == "gate_proj":
+            return self.w13[expert, :self.inter]
+        if name == "up_proj":
+            return self.w13[expert, self.inter:]
+        return self.w2[expert]
+
+
+class SparseMoE(nn.Module):
+    """Router + experts of one layer (see the module docstring)."""
+
+    def __init__(self, config: DecoderConfig, dtype: torch.dtype,
+                 device: torch.device | str | None) -> None:
+        super().__init__()
+        c = config
+        self.top_k = c.num_experts_per_tok
+        self.norm_topk_prob = c.norm_topk_prob
+        self.gate = nn.Linear(c.hidden_size, c.num_experts, bias=False, dtype=dtype,
+                              device=device)
+        self.gate.weight.requires_grad_(False)
+        self.experts = FusedExperts(c.num_experts, c.hidden_size, c.moe_intermediate_size,
+                                    dtype, device)
+
+    def route(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """(weights fp32 [T, k] (rounded through the model dtype), expert ids [T, k])."""
+        probs = torch.softmax(self.gate(x).float(), dim=-1)
+        weights, ids = torch.topk(probs, self.top_k, dim=-1)
+        if self.norm_topk_prob:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        return weights.to(x.dtype).float(), ids
+
+    def forward(self, x: Tensor) -> Tensor:
+        weights, ids = self.route(x)
+        return ops.fused_moe(x, self.experts.w13, self.experts.w2, weights, ids)
