@@ -79,6 +79,19 @@ CASES: dict[str, tuple[str, dict[str, Any]]] = {
                                    num_experts_per_tok=2, norm_topk_prob=True,
                                    decoder_sparse_step=1, mlp_only_layers=[1],
                                    tie_word_embeddings=False)),
+    # Mixtral: block_sparse_moe w1 / w3 / w2 experts, top-k always renormalized.
+    "mixtral": ("Mixtral", dict(head_dim=16, num_local_experts=5, num_experts_per_tok=2,
+                                intermediate_size=40, tie_word_embeddings=False)),
+    # Granite-MoE: stacked input_linear / output_linear experts, router.layer, Granite's
+    # multipliers.
+    "granitemoe": ("GraniteMoe", dict(num_local_experts=4, num_experts_per_tok=2,
+                                      intermediate_size=40, embedding_multiplier=3.0,
+                                      residual_multiplier=0.3, attention_multiplier=0.1,
+                                      logits_scaling=2.5, tie_word_embeddings=True)),
+    # OLMoE: q / k norms over all heads, 8 experts, top 3 not renormalized.
+    "olmoe": ("Olmoe", dict(num_experts=8, num_experts_per_tok=3, intermediate_size=40,
+                            norm_topk_prob=False, pad_token_id=0, eos_token_id=2,
+                            tie_word_embeddings=False)),
 }
 # transformers config classes not named {family}Config
 _CONFIG_CLASSES = {"Gemma3": "Gemma3TextConfig"}

@@ -42,6 +42,9 @@ SUPPORTED_ARCHITECTURES = {
     "Qwen2ForCausalLM": "qwen2",
     "Qwen3ForCausalLM": "qwen3",
     "Qwen3MoeForCausalLM": "qwen3_moe",
+    "MixtralForCausalLM": "mixtral",
+    "GraniteMoeForCausalLM": "granitemoe",
+    "OlmoeForCausalLM": "olmoe",
     "GemmaForCausalLM": "gemma",
     "Gemma2ForCausalLM": "gemma2",
     "Gemma3ForCausalLM": "gemma3",
@@ -69,11 +72,14 @@ def is_classifier_architecture(arch: str | None) -> bool:
 
 
 _MODEL_TYPES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3",
-                "qwen3_moe": "qwen3_moe",
+                "qwen3_moe": "qwen3_moe", "mixtral": "mixtral", "granitemoe": "granitemoe",
+                "olmoe": "olmoe",
                 "gemma": "gemma", "gemma2": "gemma2", "gemma3_text": "gemma3",
                 "granite": "granite", "phi3": "phi3", "smollm3": "smollm3",
                 "olmo2": "olmo2", "glm": "glm", "glm4": "glm4"}
 _GEMMA = ("gemma", "gemma2", "gemma3")
+#: the mixture-of-experts families (models/moe.py)
+_MOE = ("qwen3_moe", "mixtral", "granitemoe", "olmoe")
 #: Multimodal architectures whose text decoder is served (text-only prompts): the
 #: checkpoint's ``text_config`` and ``language_model`` tensors; the image encoder is not
 #: loaded.
@@ -104,7 +110,8 @@ class DecoderConfig:
     """Shape and flavour of a decoder (fields follow HF names where one exists)."""
 
     # "llama" | "mistral" | "qwen2" | "qwen3" | "gemma" | "gemma2" | "gemma3" | "granite"
-    # | "phi3" | "smollm3" | "olmo2" | "glm" | "glm4" | "qwen3_moe"
+    # | "phi3" | "smollm3" | "olmo2" | "glm" | "glm4" | "qwen3_moe" | "mixtral" | "granitemoe"
+    # | "olmoe"
     architecture: str
     vocab_size: int
     hidden_size: int
@@ -339,8 +346,8 @@ class DecoderConfig:
             qkv_bias=family == "qwen2" or attention_bias,
             o_bias=family not in ("qwen2", "glm", "glm4") and attention_bias,
             mlp_bias=bool(hf.get("mlp_bias", False)),
-            qk_norm=family in ("qwen3", "qwen3_moe", "gemma3", "olmo2"),
-            qk_norm_full=family == "olmo2",
+            qk_norm=family in ("qwen3", "qwen3_moe", "gemma3", "olmo2", "olmoe"),
+            qk_norm_full=family in ("olmo2", "olmoe"),
             post_norm=family == "olmo2",
             hidden_act=_activation_from_hf(hf, family),
             norm_weight_offset=1.0 if gemma else 0.0,
@@ -353,8 +360,8 @@ class DecoderConfig:
                 "final_logit_softcapping", 30.0 if family == "gemma2" else None)),
             sliding_rope_theta=sliding_rope_theta,
             nope_layers=_nope_layers_from_hf(hf, num_layers) if family == "smollm3" else None,
-            **(_granite_from_hf(hf) if family == "granite" else {}),
-            **(_moe_from_hf(hf, num_layers) if family == "qwen3_moe" else {}),
+            **(_granite_from_hf(hf) if family in ("granite", "granitemoe") else {}),
+            **(_moe_from_hf(hf, family, num_layers) if family in _MOE else {}),
             quantization_config=dict(hf["quantization_config"])
             if hf.get("quantization_config") else None,
             torch_dtype=hf.get("dtype") or hf.get("torch_dtype"),
@@ -396,7 +403,7 @@ def _attention_scale(hf: Mapping[str, Any], family: str) -> float | None:
     query_pre_attn_scalar ** -0.5, Granite's attention_multiplier."""
     if family in ("gemma2", "gemma3"):
         return float(hf.get("query_pre_attn_scalar", 256)) ** -0.5
-    if family == "granite":
+    if family in ("granite", "granitemoe"):
         return float(hf.get("attention_multiplier", 1.0))
     return None
 
@@ -489,17 +496,25 @@ def _sliding_window_from_hf(hf: Mapping[str, Any], family: str, num_layers: int
     return int(window), window_layers
 
 
-def _moe_from_hf(hf: Mapping[str, Any], num_layers: int) -> dict[str, Any]:
-    """Qwen3-MoE's expert fields: ``num_experts`` (transformers 5 saves
-    ``num_local_experts``); a layer is sparse unless in ``mlp_only_layers``, every
-    ``decoder_sparse_step``-th layer."""
+def _moe_from_hf(hf: Mapping[str, Any], family: str, num_layers: int) -> dict[str, Any]:
+    """The expert fields: ``num_experts`` or ``num_local_experts`` (transformers 5 saves
+    the latter for Qwen3-MoE). Qwen3-MoE: a layer is sparse unless in ``mlp_only_layers``,
+    every ``decoder_sparse_step``-th layer; experts of ``moe_intermediate_size``. Mixtral,
+    Granite-MoE, OLMoE: every layer, experts of ``intermediate_size``. Mixtral and
+    Granite-MoE always renormalize the top-k weights; the others as ``norm_topk_prob``."""
     experts = int(hf.get("num_experts") or hf.get("num_local_experts") or 0)
-    step = int(hf.get("decoder_sparse_step", 1) or 1)
-    dense = set(hf.get("mlp_only_layers") or [])
-    layers = [i for i in range(num_layers) if i not in dense and (i + 1) % step == 0]
+    layers = list(range(num_layers))
+    size = int(hf.get("intermediate_size", 0))
+    if family == "qwen3_moe":
+        step = int(hf.get("decoder_sparse_step", 1) or 1)
+        dense = set(hf.get("mlp_only_layers") or [])
+        layers = [i for i in layers if i not in dense and (i + 1) % step == 0]
+        size = int(hf.get("moe_intermediate_size", 0))
+    if hf.get("clip_qkv") is not None:
+        raise UnsupportedModelError("clip_qkv is not supported")
+    norm = True if family in ("mixtral", "granitemoe") else bool(hf.get("norm_topk_prob", False))
     return dict(num_experts=experts, num_experts_per_tok=int(hf.get("num_experts_per_tok", 0)),
-                moe_intermediate_size=int(hf.get("moe_intermediate_size", 0)),
-                norm_topk_prob=bool(hf.get("norm_topk_prob", False)),
+                moe_intermediate_size=size, norm_topk_prob=norm,
                 moe_layers=layers if experts else None)
 
 

@@ -212,8 +212,23 @@ _GLM4_NORM_RE = re.compile(r"\.(post_self_attn_layernorm|post_attention_layernor
                            r"post_mlp_layernorm)\.")
 
 
+#: Mixtral's and Granite-MoE's ``block_sparse_moe`` tensors under Qwen3-MoE's names
+_BSM = r"\.block_sparse_moe\."
+_MOE_NAMES = [(re.compile(_BSM + r"experts\.(\d+)\.w1\."), r".mlp.experts.\1.gate_proj."),
+              (re.compile(_BSM + r"experts\.(\d+)\.w3\."), r".mlp.experts.\1.up_proj."),
+              (re.compile(_BSM + r"experts\.(\d+)\.w2\."), r".mlp.experts.\1.down_proj."),
+              (re.compile(_BSM + r"(gate|router\.layer)\.weight$"), ".mlp.gate.weight"),
+              (re.compile(_BSM + r"input_linear\.weight$"), ".mlp.experts.gate_up_proj"),
+              (re.compile(_BSM + r"output_linear\.weight$"), ".mlp.experts.down_proj")]
+
+
 def _family_name(name: str, config: DecoderConfig) -> str:
-    """A checkpoint tensor name in the decoder's vocabulary (GLM-4's norms renamed)."""
+    """A checkpoint tensor name in the decoder's vocabulary (GLM-4's norms renamed;
+    Mixtral's / Granite-MoE's experts and router under Qwen3-MoE's names)."""
+    if ".block_sparse_moe." in name:
+        for pattern, repl in _MOE_NAMES:
+            name = pattern.sub(repl, name)
+        return name
     if config.architecture != "glm4":
         return name
     return _GLM4_NORM_RE.sub(lambda m: f".{_GLM4_NORMS[m.group(1)]}.", name)

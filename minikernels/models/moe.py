@@ -1,12 +1,12 @@
-"""The mixture-of-experts MLP of Qwen3-MoE: a softmax router picks each token's top-k
-experts, and :func:`minikernels.ops.fused_moe` runs them (SiLU-gated MLPs, weighted and
-summed).
+"""The mixture-of-experts MLP of Qwen3-MoE, Mixtral, Granite-MoE and OLMoE: a softmax
+router picks each token's top-k experts, and :func:`minikernels.ops.fused_moe` runs them
+(SiLU-gated MLPs, weighted and summed).
 
     logits = x @ Wgate.T                     # [T, E], in the model dtype (as transformers)
     p = softmax(logits in fp32)
     w, ids = topk(p, k); [w /= sum(w)]       # norm_topk_prob
     w = w rounded to the model dtype         # transformers multiplies in the model dtype
-    y = fused_moe(x, W13, W2, w, ids)
+    y = fused_moe(x, W13, W2, w, ids)        # Granite-MoE: * residual_multiplier
 
 Weights: ``gate.weight`` [E, H]; ``experts.w13`` [E, 2I, H] (each expert's gate_proj rows,
 then its up_proj rows); ``experts.w2`` [E, H, I] (down_proj). Experts stay dense (int4
@@ -55,6 +55,7 @@ class SparseMoE(nn.Module):
         c = config
         self.top_k = c.num_experts_per_tok
         self.norm_topk_prob = c.norm_topk_prob
+        self.residual_multiplier = c.residual_multiplier   # Granite-MoE
         self.gate = nn.Linear(c.hidden_size, c.num_experts, bias=False, dtype=dtype,
                               device=device)
         self.gate.weight.requires_grad_(False)
@@ -71,4 +72,5 @@ class SparseMoE(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         weights, ids = self.route(x)
-        return ops.fused_moe(x, self.experts.w13, self.experts.w2, weights, ids)
+        y = ops.fused_moe(x, self.experts.w13, self.experts.w2, weights, ids)
+        return y if self.residual_multiplier == 1.0 else y * self.residual_multiplier
