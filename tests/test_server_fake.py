@@ -482,18 +482,25 @@ def _disconnect_case(server, engine, path, body, read_events):
 
 
 def test_disconnects_free_blocks(server, engine):
-    _disconnect_case(server, engine, "/v1/completions",
-                     {"model": MODEL, "prompt": "x" * 40, "max_tokens": 200, "stream": True}, 3)
-    _disconnect_case(server, engine, "/v1/chat/completions",
-                     {"model": MODEL, "messages": [{"role": "user", "content": "x"}],
-                      "max_tokens": 200, "stream": True, "n": 2}, 2)
-    # non-streaming request whose client gives up
-    before = set(engine.aborted)
-    with pytest.raises(httpx.ReadTimeout):
-        httpx.post(server.base_url + "/v1/completions", headers=_auth(), timeout=0.3,
-                   json={"model": MODEL, "prompt": "x", "max_tokens": 200})
-    _wait_idle(engine)
-    assert len(engine.aborted - before) == 1
+    # 200 tokens at 50 ms a step: each request outlives its client by seconds, however
+    # slowly a loaded CI machine runs the client (at 2 ms a step one could finish first)
+    step_s, engine.step_s = engine.step_s, 0.05
+    try:
+        _disconnect_case(server, engine, "/v1/completions",
+                         {"model": MODEL, "prompt": "x" * 40, "max_tokens": 200,
+                          "stream": True}, 3)
+        _disconnect_case(server, engine, "/v1/chat/completions",
+                         {"model": MODEL, "messages": [{"role": "user", "content": "x"}],
+                          "max_tokens": 200, "stream": True, "n": 2}, 2)
+        # non-streaming request whose client gives up
+        before = set(engine.aborted)
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(server.base_url + "/v1/completions", headers=_auth(), timeout=0.3,
+                       json={"model": MODEL, "prompt": "x", "max_tokens": 200})
+        _wait_idle(engine)
+        assert len(engine.aborted - before) == 1
+    finally:
+        engine.step_s = step_s
     metrics = httpx.get(server.base_url + "/metrics").text
     line = [ln for ln in metrics.splitlines()
             if ln.startswith("minikernels_requests_aborted_disconnect_total")][0]
