@@ -188,6 +188,8 @@ def test_cli_lora_flags():
     kw = engine_kwargs(args)
     assert (kw["enable_lora"], kw["max_loras"], kw["max_lora_rank"]) == (True, 2, 32)
     assert "enable_lora" not in engine_kwargs(parser.parse_args(["m"]))
+    runtime = parser.parse_args(["m", "--allow-runtime-lora-updating"])
+    assert runtime.allow_runtime_lora_updating and engine_kwargs(runtime)["enable_lora"]
     with pytest.raises(SystemExit):
         parser.parse_args(["m", "--lora-modules", "no-path"])
 
@@ -212,3 +214,77 @@ def test_speculative_decoding_with_adapters(setup, method):
         model = hf if lr is None else refs[lr.lora_int_id - 1]
         assert out.outputs[0].token_ids == _hf_greedy(model, prompt, 10), (method, lr)
     assert llm.stats()["spec_num_draft_tokens"] > 0
+
+
+def test_runtime_lora_loading(tmp_path):
+    """--allow-runtime-lora-updating: /v1/load_lora_adapter checks an adapter off the event
+    loop (a bad one is a 400 naming lora_path), then "model": <name> runs it (PEFT's
+    tokens); /v1/unload_lora_adapter makes the name a 404 again; a reloaded name gets a
+    new lora_int_id. Off by default (404), and refused without --enable-lora."""
+    import httpx
+    from test_server_engine import make_tiny_model
+    from transformers import LlamaForCausalLM
+
+    from minikernels.server import create_app
+    from minikernels.server.testing import LiveServer
+
+    base = make_tiny_model(str(tmp_path / "base"))
+    hf = LlamaForCausalLM.from_pretrained(base).float().eval()
+    path = str(tmp_path / "a1")
+    ref = make_adapter(hf, path, r=4, alpha=8, targets=ALL, seed=1)
+    big = str(tmp_path / "big")
+    make_adapter(hf, big, r=16, alpha=16, targets=["q_proj"], seed=2)
+    engine = AsyncLLM.from_args(base, dtype="float32", device="cpu", num_kv_blocks=64,
+                                block_size=8, enable_lora=True, max_loras=2, max_lora_rank=8)
+    plain = AsyncLLM.from_args(base, dtype="float32", device="cpu", num_kv_blocks=16)
+    tok = engine.tokenizer
+    prompt = "hello world, the"
+    want = tok.decode(_hf_greedy(ref, tok.encode(prompt)))
+    headers = {"Authorization": "Bearer k"}
+
+    def post(srv, route, body):
+        return httpx.post(srv.base_url + route, json=body, headers=headers, timeout=60)
+
+    def complete(srv, model):
+        return post(srv, "/v1/completions", {"model": model, "prompt": prompt, "max_tokens": 6,
+                                             "temperature": 0, "ignore_eos": True})
+    try:
+        app = create_app(engine, api_key="k", served_model_name="base",
+                         allow_runtime_lora_updating=True)
+        with LiveServer(app) as srv:
+            assert complete(srv, "mine").status_code == 404
+            r = post(srv, "/v1/load_lora_adapter", {"lora_name": "mine", "lora_path": path})
+            assert r.status_code == 200 and "added successfully" in r.text
+            first = app.state.server.lora_modules["mine"].lora_int_id
+            assert complete(srv, "mine").json()["choices"][0]["text"] == want
+            models = httpx.get(srv.base_url + "/v1/models", headers=headers).json()["data"]
+            assert {m["id"] for m in models} == {"base", "mine"}
+            for body, param in (({"lora_name": "mine", "lora_path": path}, "lora_name"),
+                                ({"lora_name": "x", "lora_path": base}, "lora_path"),
+                                ({"lora_name": "x", "lora_path": big}, "lora_path"),
+                                ({"lora_name": "base", "lora_path": path}, "lora_name"),
+                                ({"lora_name": "", "lora_path": path}, "lora_name")):
+                r = post(srv, "/v1/load_lora_adapter", body)
+                assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+            assert "max_lora_rank" in post(srv, "/v1/load_lora_adapter", {
+                "lora_name": "x", "lora_path": big}).json()["error"]["message"]
+            r = post(srv, "/v1/unload_lora_adapter", {"lora_name": "mine"})
+            assert r.status_code == 200 and "removed" in r.text
+            assert complete(srv, "mine").status_code == 404
+            assert post(srv, "/v1/unload_lora_adapter", {"lora_name": "mine"}).status_code == 404
+            assert post(srv, "/v1/load_lora_adapter", {"lora_name": "mine",
+                                                       "lora_path": path}).status_code == 200
+            assert app.state.server.lora_modules["mine"].lora_int_id > first
+            assert complete(srv, "mine").json()["choices"][0]["text"] == want
+            assert httpx.post(srv.base_url + "/v1/load_lora_adapter", timeout=60, json={
+                "lora_name": "y", "lora_path": path}).status_code == 401
+        with LiveServer(create_app(engine, api_key="k", served_model_name="base")) as srv:
+            assert post(srv, "/v1/load_lora_adapter", {"lora_name": "m", "lora_path": path
+                                                       }).status_code == 404
+        with LiveServer(create_app(plain, api_key="k", served_model_name="base",
+                                   allow_runtime_lora_updating=True)) as srv:
+            r = post(srv, "/v1/load_lora_adapter", {"lora_name": "m", "lora_path": path})
+            assert r.status_code == 400 and "--enable-lora" in r.json()["error"]["message"]
+    finally:
+        asyncio.run(engine.shutdown())
+        asyncio.run(plain.shutdown())

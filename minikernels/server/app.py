@@ -39,6 +39,7 @@ from .auth import API_KEY_ENV, APIKeys
 from .errors import install_error_handlers
 from .limits import LOOPBACK_HOSTS, RequestGuard, ServerLimits
 from .logprobs import TokenText
+from .lora_routes import engine_lora_slots
 from .metrics import ServerMetrics
 from .prompts import PromptTokenizer
 from .reasoning import ReasoningParser
@@ -80,6 +81,10 @@ class ServerState:
     structured_outputs_in_reasoning: bool = False
     # --lora-modules: the "model" name a client selects -> its LoRARequest
     lora_modules: dict = field(default_factory=dict)
+    # --allow-runtime-lora-updating: /v1/load_lora_adapter and /v1/unload_lora_adapter;
+    # lora_next_id: the id the next loaded adapter gets (an id never names two adapters)
+    allow_runtime_lora_updating: bool = False
+    lora_next_id: int = 1
     # The checkpoint's recommended sampling (generation_config.json): SamplingParams
     # fields a request's unset ones take (vLLM's --generation-config auto).
     sampling_defaults: dict = field(default_factory=dict)
@@ -138,9 +143,8 @@ def _lora_requests(engine: Any, modules: dict[str, str], names: list[str]) -> di
     from ..engine.lora import LoRARequest
 
     # one engine, or data-parallel replicas (each checks the adapters it will load)
-    engines = list(getattr(engine, "replicas", None) or [engine])
-    slots = [getattr(getattr(e, "engine", None), "lora", None) for e in engines]
-    if any(s is None for s in slots):
+    slots = engine_lora_slots(engine)
+    if not slots:
         raise ValueError("lora_modules need an engine built with enable_lora=True "
                          "(minikernels serve --enable-lora)")
     out = {}
@@ -164,7 +168,8 @@ def create_app(engine: Any, api_key: Union[None, str, Sequence[str]] = None,
                responses_store_size: int = 0,
                reasoning_parser: Optional[str] = None,
                structured_outputs_in_reasoning: bool = False,
-               lora_modules: Optional[dict[str, str]] = None) -> FastAPI:
+               lora_modules: Optional[dict[str, str]] = None,
+               allow_runtime_lora_updating: bool = False) -> FastAPI:
     """Build the FastAPI app serving ``engine`` (an AsyncLLM or anything with its API).
 
     Args:
@@ -200,6 +205,9 @@ def create_app(engine: Any, api_key: Union[None, str, Sequence[str]] = None,
         lora_modules: name -> PEFT adapter directory (an engine built with
             enable_lora=True): a request whose ``"model"`` is the name runs through that
             adapter; ``/v1/models`` lists them. Each adapter is loaded and checked here.
+        allow_runtime_lora_updating: serve ``/v1/load_lora_adapter`` and
+            ``/v1/unload_lora_adapter`` (:mod:`.lora_routes`): clients name a server-side
+            adapter directory; off by default.
     """
     if tool_call_parser is not None:
         get_parser(tool_call_parser)          # ValueError naming the choices
@@ -222,7 +230,9 @@ def create_app(engine: Any, api_key: Union[None, str, Sequence[str]] = None,
         tool_call_parser=tool_call_parser, sampling_defaults=_sampling_defaults(engine),
         responses=ResponseStore(responses_store_size), reasoning_parser=reasoning_parser,
         structured_outputs_in_reasoning=structured_outputs_in_reasoning,
-        lora_modules=_lora_requests(engine, lora_modules or {}, names))
+        lora_modules=_lora_requests(engine, lora_modules or {}, names),
+        allow_runtime_lora_updating=allow_runtime_lora_updating,
+        lora_next_id=len(lora_modules or {}) + 1)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI):

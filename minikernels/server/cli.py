@@ -145,6 +145,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      type=_lora_module,
                      help="LoRA adapters clients select with \"model\": NAME (implies "
                           "--enable-lora)")
+    eng.add_argument("--allow-runtime-lora-updating", action="store_true",
+                     help="serve /v1/load_lora_adapter and /v1/unload_lora_adapter: API "
+                          "clients may load adapters from server paths (vLLM's "
+                          "VLLM_ALLOW_RUNTIME_LORA_UPDATING; implies --enable-lora)")
     eng.add_argument("--max-loras", type=int, default=4,
                      help="adapters on the device at once (a request for another waits)")
     eng.add_argument("--max-lora-rank", type=int, default=16)
@@ -195,7 +199,8 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         kwargs["generation_config"] = args.generation_config
     if getattr(args, "tensor_parallel_size", 1) != 1:
         kwargs["tensor_parallel_size"] = args.tensor_parallel_size
-    if getattr(args, "enable_lora", False) or getattr(args, "lora_modules", None):
+    if getattr(args, "enable_lora", False) or getattr(args, "lora_modules", None) or \
+            getattr(args, "allow_runtime_lora_updating", False):
         kwargs.update(enable_lora=True, max_loras=args.max_loras,
                       max_lora_rank=args.max_lora_rank)
     return kwargs
@@ -319,7 +324,9 @@ def run(args: argparse.Namespace) -> int:
                          reasoning_parser=getattr(args, "reasoning_parser", None),
                          structured_outputs_in_reasoning=getattr(
                              args, "structured_outputs_in_reasoning", False),
-                         lora_modules=dict(getattr(args, "lora_modules", None) or []))
+                         lora_modules=dict(getattr(args, "lora_modules", None) or []),
+                         allow_runtime_lora_updating=getattr(
+                             args, "allow_runtime_lora_updating", False))
     except ValueError as exc:
         logger.error("%s", exc)
         return 2

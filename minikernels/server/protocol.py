@@ -599,3 +599,24 @@ class RerankRequest(_Strict):
     def check(self) -> None:
         if not self.documents:
             raise APIError("documents must not be empty", param="documents")
+
+
+class LoadLoRAAdapterRequest(_Strict):
+    """vLLM's ``POST /v1/load_lora_adapter`` (``--allow-runtime-lora-updating``)."""
+
+    lora_name: str = Field(min_length=1)
+    lora_path: str = Field(min_length=1)
+
+    def check(self) -> None:
+        pass
+
+
+class UnloadLoRAAdapterRequest(_Strict):
+    """vLLM's ``POST /v1/unload_lora_adapter``; ``lora_int_id`` is accepted (vLLM's
+    field) and must match the adapter's when given."""
+
+    lora_name: str = Field(min_length=1)
+    lora_int_id: Optional[int] = None
+
+    def check(self) -> None:
+        pass

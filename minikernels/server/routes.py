@@ -26,6 +26,7 @@ from .jsonbody import parse_json_object
 from .logprobs import (chat_logprobs, completion_logprobs, join_completion_logprobs,
                        prompt_completion_logprobs)
 from .metrics import CONTENT_TYPE
+from .lora_routes import register_lora_routes
 from .pooling_routes import register_pooling_routes
 from .protocol import (ChatCompletionRequest, CompletionRequest, Constraint,
                        DetokenizeRequest, EmbeddingRequest, TokenizeChatRequest,
@@ -87,9 +88,10 @@ def register_routes(app: FastAPI, state: "ServerState") -> None:
             req = model_cls.model_validate(data)
         except ValidationError as exc:
             raise validation_to_api_error(exc) from None
-        if req.model is not None and req.model not in state.model_names \
-                and req.model not in state.aliases and req.model not in state.lora_modules:
-            raise APIError(f"the model '{req.model}' does not exist; this server serves "
+        model = getattr(req, "model", None)
+        if model is not None and model not in state.model_names \
+                and model not in state.aliases and model not in state.lora_modules:
+            raise APIError(f"the model '{model}' does not exist; this server serves "
                            f"'{state.served_name}'", param="model", code="model_not_found",
                            status=404, type="invalid_request_error")
         req.check()
@@ -711,3 +713,4 @@ def register_routes(app: FastAPI, state: "ServerState") -> None:
         return JSONBody({"id": response_id, "object": "response.deleted", "deleted": True})
 
     register_pooling_routes(app, state, parse, gone_response)
+    register_lora_routes(app, state, parse, gone_response)
