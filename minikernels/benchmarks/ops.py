@@ -116,7 +116,45 @@ def op_cases(device: str, dtype: torch.dtype, small: bool) -> list[Case]:
                       lambda: ops.lora_delta(xl, la, lb, tslots, lscale),
                       nt * (rank * (kl + nl) + kl + nl) * es, 4 * nt * rank * (kl + nl),
                       ("triton",), lambda: gather_lora(xl, la, lb, tslots, lscale)))
+    # MoE: a decode batch through 64 SiLU-gated experts, top-8 (OLMoE / Qwen3-MoE sized
+    # experts); bytes: every routed expert's w13 and w2 once + x and out.
+    nm, ne, topk = 256 // s, 64 // (4 if small else 1), 8
+    hm, im = 1024 // s, 768 // s
+    xm = torch.randn(nm, hm, device=device, dtype=dtype)
+    w13 = torch.randn(ne, 2 * im, hm, device=device, dtype=dtype) / hm ** 0.5
+    w2 = torch.randn(ne, hm, im, device=device, dtype=dtype) / im ** 0.5
+    mids = torch.rand(nm, ne, device=device).topk(topk, dim=1).indices.to(torch.int32)
+    mw = torch.softmax(torch.randn(nm, topk, device=device), dim=1)
+    routed = int(torch.unique(mids).numel())
+    cases.append(Case("fused_moe top8", f"{nm}tok {hm}x{im} E{ne} k{topk}",
+                      lambda: ops.fused_moe(xm, w13, w2, mw, mids),
+                      routed * 3 * hm * im * es + 2 * nm * hm * es,
+                      6 * nm * topk * hm * im, ("triton",),
+                      lambda: loop_moe(xm, w13, w2, mw, mids)))
     return cases
+
+
+def loop_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
+             topk_ids: torch.Tensor) -> torch.Tensor:
+    """The torch peer of fused_moe: a loop over experts, each gathering its tokens with
+    index_select and running two matmuls (transformers' Mixtral / Qwen-MoE block)."""
+    import torch
+
+    t, k = topk_ids.shape
+    inter = w2.shape[2]
+    out = torch.zeros(t, x.shape[1], device=x.device, dtype=torch.float32)
+    flat = topk_ids.flatten()
+    weights = topk_weights.flatten()
+    for e in range(w13.shape[0]):
+        pairs = (flat == e).nonzero().squeeze(1)
+        if pairs.numel() == 0:
+            continue
+        tok = pairs // k
+        gu = x.index_select(0, tok) @ w13[e].t()
+        act = torch.nn.functional.silu(gu[:, :inter]) * gu[:, inter:]
+        y = act @ w2[e].t()
+        out.index_add_(0, tok, y.float() * weights[pairs].unsqueeze(1))
+    return out.to(x.dtype)
 
 
 def gather_lora(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, slots: torch.Tensor,

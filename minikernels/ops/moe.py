@@ -1,6 +1,6 @@
 """Op family: mixture of experts. Op: ``minikernels::fused_moe`` (each token through its
 top-k experts' gated MLPs, weighted and summed: the MLP of Qwen3-MoE, OLMoE, Mixtral,
-Granite-MoE). Backends: reference (ops/reference.py).
+Granite-MoE). Backends: reference (ops/reference.py), triton (ops/triton/moe.py).
 Tests: tests/test_moe_op.py.
 """
 from __future__ import annotations

@@ -1,0 +1,270 @@
+"""Mixture-of-experts MLP in Triton (vLLM's fused_moe idea: expert-sorted tiles, grouped GEMMs).
+
+Algorithm. The T*k (token, slot) pairs are numbered p = t * k + j. On the host, with torch
+ops only (no host sync, so it runs under CUDA graphs), the pairs are sorted by expert
+(stable) and each expert's run is padded to a multiple of BLOCK_M with the sentinel T*k;
+``block_expert[b]`` is the expert of tile b, -1 past the last real tile. The grid's tile
+count is the static bound floor((T*k + min(E, T*k) * (BLOCK_M - 1)) / BLOCK_M).
+  1. ``moe_gate_up_kernel``: program (b, n) gathers the x rows of tile b's pairs
+     (token = p // k) and computes gate = x @ w13[e, n-block].T and up = x @ w13[e, I +
+     n-block].T with fp32 accumulation, then stores silu(gate) * up rounded to x.dtype
+     into act[p, n-block] ([T*k, I], one row per pair).
+  2. ``moe_down_kernel``: program (b, n) computes act[p] @ w2[e, n-block].T in fp32, times
+     topk_weights[t, j], into an fp32 buffer [T*k, H] at row p.
+  3. out = buffer.view(T, k, H).sum(1) in fp32, rounded once to x.dtype.
+Each tile reads its expert's weight block once for BLOCK_M pairs, so decode batches are
+memory bound on the routed experts' weights; sentinel rows load zeros and store nothing.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from .. import _alloc
+from .registry import KernelSpec, register
+
+
+@dataclass(frozen=True)
+class MoeConfig:
+    block_m: int
+    block_n: int
+    block_k: int
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+def moe_config(n_pairs: int, num_experts: int, dtype: torch.dtype,
+               aligned: bool = True) -> MoeConfig:
+    """Tile sizes from the average number of pairs per expert (known on the host without
+    a sync). BLOCK_M 16 / 32 for decode-sized groups (mma.sync), 64 for prefill (wgmma on
+    sm_90a). fp32 runs its tl.dot on FMAs ("ieee"), so its tiles are smaller. Rows that
+    are not 16-byte aligned load element by element (an address per element), so they get
+    small tiles too. Every size here compiles without spills for sm_80 and sm_90a."""
+    avg = n_pairs / max(num_experts, 1)
+    bm = 16 if avg <= 16 else 32 if avg <= 48 else 64
+    if dtype == torch.float32:
+        if not aligned:
+            return MoeConfig(min(bm, 32), 32, 16, num_warps=4, num_stages=2)
+        return MoeConfig(bm, 64 if bm == 32 else 32, 16, num_warps=4, num_stages=2)
+    if not aligned:
+        return MoeConfig(bm, 32, 16, num_warps=4, num_stages=2)
+    return MoeConfig(bm, 64, 64 if bm == 64 else 128, num_warps=4, num_stages=3)
+
+
+@triton.jit
+def moe_gate_up_kernel(x_ptr, w13_ptr, act_ptr, sorted_ids_ptr, block_expert_ptr,
+                       n_pairs, top_k, H, I,
+                       sx_t, sx_h, sw_e, sw_n, sw_h,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                       EVEN_K: tl.constexpr, ALIGNED: tl.constexpr, DOT_F32: tl.constexpr,
+                       RNE_BF16: tl.constexpr = False):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    e = tl.load(block_expert_ptr + pid_m).to(tl.int64)
+    if e < 0:               # past the last real tile (the grid is a static upper bound)
+        return
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    pair = tl.load(sorted_ids_ptr + offs_m)
+    live = pair < n_pairs                            # padding rows hold the sentinel
+    tok = (pair // top_k).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < I
+    offs_k = tl.arange(0, BLOCK_K)
+    x_ptrs = x_ptr + tok[:, None] * sx_t + offs_k[None, :] * sx_h            # [BM, BK]
+    # w13[e] rows n (gate) and I + n (up), read as [BK, BN] tiles (the transposed weight)
+    w_base = w13_ptr + e * sw_e + offs_k[:, None] * sw_h
+    g_ptrs = w_base + offs_n[None, :].to(tl.int64) * sw_n
+    u_ptrs = w_base + (I + offs_n[None, :]).to(tl.int64) * sw_n
+    acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, H, BLOCK_K):
+        if ALIGNED:  # 16-byte aligned rows, unit inner strides (the launcher checked)
+            x_ptrs = tl.multiple_of(x_ptrs, [1, 16])
+            g_ptrs = tl.multiple_of(g_ptrs, [16, 1])
+            u_ptrs = tl.multiple_of(u_ptrs, [16, 1])
+        if EVEN_K:   # H % BLOCK_K == 0: no mask along K, so the loads vectorize
+            a = tl.load(x_ptrs, mask=live[:, None], other=0.0)
+            wg = tl.load(g_ptrs, mask=n_ok[None, :], other=0.0)
+            wu = tl.load(u_ptrs, mask=n_ok[None, :], other=0.0)
+        else:
+            k_ok = (k0 + offs_k) < H
+            a = tl.load(x_ptrs, mask=live[:, None] & k_ok[None, :], other=0.0)
+            wg = tl.load(g_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+            wu = tl.load(u_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        if DOT_F32:   # fp32 inputs; and the interpreter's bf16 tl.dot (wrong there)
+            a32 = a.to(tl.float32)
+            acc_g = tl.dot(a32, wg.to(tl.float32), acc_g, input_precision="ieee")
+            acc_u = tl.dot(a32, wu.to(tl.float32), acc_u, input_precision="ieee")
+        else:
+            acc_g = tl.dot(a, wg, acc_g)
+            acc_u = tl.dot(a, wu, acc_u)
+        x_ptrs += BLOCK_K * sx_h
+        g_ptrs += BLOCK_K * sw_h
+        u_ptrs += BLOCK_K * sw_h
+    act = acc_g / (1.0 + tl.exp(-acc_g)) * acc_u       # silu(gate) * up in fp32
+    if RNE_BF16:  # interpreter only: its fp32 -> bf16 cast truncates; the GPU rounds to
+        # nearest even, so round here (the cast below then drops zero bits)
+        bits = act.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        act = bits.to(tl.float32, bitcast=True)
+    out_ptrs = act_ptr + pair[:, None].to(tl.int64) * I + offs_n[None, :]
+    tl.store(out_ptrs, act.to(act_ptr.dtype.element_ty), mask=live[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def moe_down_kernel(act_ptr, w2_ptr, tw_ptr, out_ptr, sorted_ids_ptr, block_expert_ptr,
+                    n_pairs, top_k, H, I,
+                    sw_e, sw_h, sw_i, stw_t, stw_j,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                    EVEN_K: tl.constexpr, ALIGNED: tl.constexpr, DOT_F32: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    e = tl.load(block_expert_ptr + pid_m).to(tl.int64)
+    if e < 0:
+        return
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    pair = tl.load(sorted_ids_ptr + offs_m)
+    live = pair < n_pairs
+    pair64 = pair.to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < H
+    offs_k = tl.arange(0, BLOCK_K)
+    a_ptrs = act_ptr + pair64[:, None] * I + offs_k[None, :]                 # [BM, BK]
+    w_ptrs = w2_ptr + e * sw_e + offs_n[None, :].to(tl.int64) * sw_h + offs_k[:, None] * sw_i
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, I, BLOCK_K):
+        if ALIGNED:
+            a_ptrs = tl.multiple_of(a_ptrs, [1, 16])
+            w_ptrs = tl.multiple_of(w_ptrs, [16, 1])
+        if EVEN_K:   # I % BLOCK_K == 0
+            a = tl.load(a_ptrs, mask=live[:, None], other=0.0)
+            w = tl.load(w_ptrs, mask=n_ok[None, :], other=0.0)
+        else:
+            k_ok = (k0 + offs_k) < I
+            a = tl.load(a_ptrs, mask=live[:, None] & k_ok[None, :], other=0.0)
+            w = tl.load(w_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        if DOT_F32:
+            acc = tl.dot(a.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(a, w, acc)
+        a_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K * sw_i
+    # the router weight of (token, slot), fp32, applied before the k-sum
+    tok = pair64 // top_k
+    slot = pair64 - tok * top_k
+    wt = tl.load(tw_ptr + tok * stw_t + slot * stw_j, mask=live, other=0.0)
+    acc = acc * wt[:, None]
+    tl.store(out_ptr + pair64[:, None] * H + offs_n[None, :], acc,
+             mask=live[:, None] & n_ok[None, :])
+
+
+def sort_pairs_by_expert(topk_ids: torch.Tensor, num_experts: int, block_m: int
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sorted_ids int32 [max_blocks * block_m], block_expert int32 [max_blocks]): the pair
+    ids p = t * k + j grouped by expert (stable), each expert's run padded to a multiple of
+    block_m with the sentinel T*k; block_expert[b] the expert of tile b, -1 past the end.
+    Torch ops only, no host sync: the sizes come from shapes alone."""
+    ids = topk_ids.reshape(-1).to(torch.int64)
+    n = ids.numel()
+    dev = ids.device
+    sorted_e, order = torch.sort(ids, stable=True)
+    counts = torch.zeros(num_experts, dtype=torch.int64, device=dev).scatter_add_(
+        0, ids, torch.ones_like(ids))                  # bincount without its host sync
+    padded = (counts + block_m - 1) // block_m * block_m
+    pad_end = torch.cumsum(padded, 0)
+    start = torch.cumsum(counts, 0) - counts
+    rank = torch.arange(n, device=dev) - start[sorted_e]          # place within its expert
+    dest = pad_end[sorted_e] - padded[sorted_e] + rank
+    max_blocks = (n + min(num_experts, n) * (block_m - 1)) // block_m
+    sorted_ids = torch.full((max_blocks * block_m,), n, dtype=torch.int32, device=dev)
+    sorted_ids.scatter_(0, dest, order.to(torch.int32))
+    tiles = torch.arange(max_blocks, device=dev)
+    block_expert = torch.searchsorted(pad_end // block_m, tiles, right=True)
+    block_expert = torch.where(block_expert < num_experts, block_expert, -1).to(torch.int32)
+    return sorted_ids, block_expert
+
+
+def _rows_aligned(*tensors: torch.Tensor) -> bool:
+    """Unit inner strides and every row starting 16-byte aligned (pointer and outer
+    strides): what the kernels' vector-load hints (ALIGNED) promise."""
+    return all(t.stride(-1) == 1 and t.data_ptr() % 16 == 0
+               and all(st * t.element_size() % 16 == 0 for st in t.stride()[:-1])
+               for t in tensors)
+
+
+def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
+              topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
+    """See minikernels.ops.fused_moe (inputs checked there; any strides)."""
+    t, h = x.shape
+    num_experts, two_i, _ = w13.shape
+    inter = two_i // 2
+    top_k = topk_ids.shape[1]
+    n_pairs = t * top_k
+    if t == 0 or h == 0:
+        return _alloc.empty((t, h), x.dtype, x.device)
+    # one flag for both kernels: x, w13, w2 and the [T*k, I] intermediate's rows
+    aligned = _rows_aligned(x, w13, w2) and inter * x.element_size() % 16 == 0
+    cfg = moe_config(n_pairs, num_experts, x.dtype, aligned)
+    sorted_ids, block_expert = sort_pairs_by_expert(topk_ids, num_experts, cfg.block_m)
+    max_blocks = block_expert.shape[0]
+    # fp32 inputs: exact fp32 products. bf16 under the interpreter (CPU tensors): its
+    # tl.dot multiplies raw bits and its bf16 cast truncates, so both are worked around
+    interp_bf16 = x.device.type != "cuda" and x.dtype == torch.bfloat16
+    dot_f32 = x.dtype == torch.float32 or interp_bf16
+    act = _alloc.empty((n_pairs, inter), x.dtype, x.device)
+    buf = _alloc.empty((n_pairs, h), torch.float32, x.device)
+    moe_gate_up_kernel[(max_blocks, triton.cdiv(inter, cfg.block_n))](
+        x, w13, act, sorted_ids, block_expert, n_pairs, top_k, h, inter,
+        x.stride(0), x.stride(1), w13.stride(0), w13.stride(1), w13.stride(2),
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+        EVEN_K=h % cfg.block_k == 0, ALIGNED=aligned, DOT_F32=dot_f32,
+        RNE_BF16=interp_bf16, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    moe_down_kernel[(max_blocks, triton.cdiv(h, cfg.block_n))](
+        act, w2, topk_weights, buf, sorted_ids, block_expert, n_pairs, top_k, h, inter,
+        w2.stride(0), w2.stride(1), w2.stride(2), topk_weights.stride(0),
+        topk_weights.stride(1),
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+        EVEN_K=inter % cfg.block_k == 0, ALIGNED=aligned, DOT_F32=dot_f32,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return buf.view(t, top_k, h).sum(dim=1).to(x.dtype)
+
+
+# --------------------------------------------------------------------------- registry
+# Aligned configs compile as dispatched for contiguous last dims: Triton's JIT specializes
+# a stride of 1 to a constant (x's, w13's and w2's inner strides here), which with the
+# ALIGNED hints lets the tile loads vectorize. Unaligned configs (odd sizes, or a view
+# whose last dim is strided) compile with every stride a runtime value.
+
+_INTS = {"n_pairs": "i32", "top_k": "i32", "H": "i32", "I": "i32"}
+for _dt, _tdt in (("fp16", torch.float16), ("bf16", torch.bfloat16),
+                  ("fp32", torch.float32)):
+    for _aligned in (True, False):
+        for _avg in (8, 32, 256):          # one spec per BLOCK_M that moe_config picks
+            _cfg = moe_config(_avg * 64, 64, _tdt, _aligned)
+            _tag = f"{_dt},BM={_cfg.block_m}" + ("" if _aligned else ",unaligned")
+            if _avg == 256 and _cfg.block_m < 64:
+                continue                   # fp32 unaligned: BLOCK_M <= 32
+            _const = {"BLOCK_M": _cfg.block_m, "BLOCK_N": _cfg.block_n,
+                      "BLOCK_K": _cfg.block_k, "EVEN_K": _aligned, "ALIGNED": _aligned,
+                      "DOT_F32": _dt == "fp32"}
+            _unit = ({"sx_h": 1, "sw_h": 1}, {"sw_i": 1}) if _aligned else ({}, {})
+            _opts = {"num_warps": _cfg.num_warps, "num_stages": _cfg.num_stages,
+                     "tensor_core": _dt != "fp32",           # fp32 "ieee" dots: FMAs
+                     "wgmma_expected": _cfg.block_m >= 64}
+            _sig = {"x_ptr": f"*{_dt}", "w13_ptr": f"*{_dt}", "act_ptr": f"*{_dt}",
+                    "sorted_ids_ptr": "*i32", "block_expert_ptr": "*i32", **_INTS,
+                    "sx_t": "i64", "sx_h": "i64", "sw_e": "i64", "sw_n": "i64",
+                    "sw_h": "i64", **{c: "constexpr" for c in (*_const, *_unit[0])}}
+            _sig["RNE_BF16"] = "constexpr"                        # interpreter only
+            register(KernelSpec(name=f"moe_gate_up[{_tag}]", fn=moe_gate_up_kernel,
+                                signature=_sig, constexprs={**_const, **_unit[0],
+                                                            "RNE_BF16": False}, **_opts))
+            _sig = {"act_ptr": f"*{_dt}", "w2_ptr": f"*{_dt}", "tw_ptr": "*fp32",
+                    "out_ptr": "*fp32", "sorted_ids_ptr": "*i32", "block_expert_ptr": "*i32",
+                    **_INTS, "sw_e": "i64", "sw_h": "i64", "sw_i": "i64", "stw_t": "i64",
+                    "stw_j": "i64", **{c: "constexpr" for c in (*_const, *_unit[1])}}
+            register(KernelSpec(name=f"moe_down[{_tag}]", fn=moe_down_kernel,
+                                signature=_sig, constexprs={**_const, **_unit[1]}, **_opts))

@@ -1,0 +1,227 @@
+"""``mk.ops.fused_moe`` (each token through its top-k SiLU-gated experts, weighted and
+summed) against the fp32 reference and an independent per-token fp64 formula: random
+shapes (no tokens, one token, odd sizes that are not multiples of the tiles, one expert,
+k > E so an expert repeats in a row), every dtype, both backends, every tensor argument a
+strided view, poisoned scratch buffers (conftest: an unwritten row turns the output NaN),
+the host-side expert sort, opcheck, torch.compile and bad input."""
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import requires_cuda
+from helpers import DTYPES, assert_close, spy_launches
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import minikernels as mk
+from minikernels.ops import _alloc, reference
+
+BACKENDS = ["reference", "triton"]
+FORMULA_TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+
+def _inputs(t, h, inter, e, k, dtype, device, seed=0, ids_dtype=torch.int64):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(t, h, generator=g).to(dtype)
+    w13 = (torch.randn(e, 2 * inter, h, generator=g) / h ** 0.5).to(dtype)
+    w2 = (torch.randn(e, h, inter, generator=g) / inter ** 0.5).to(dtype)
+    tw = torch.rand(t, k, generator=g) + 0.1            # never 1: a dropped weight shows
+    ids = torch.randint(0, e, (t, k), generator=g, dtype=ids_dtype)
+    return [v.to(device) for v in (x, w13, w2, tw, ids)]
+
+
+def _by_hand(x, w13, w2, tw, ids):
+    """Independent formula: one (token, slot) at a time in fp64; the activated
+    intermediate rounded to x.dtype as the contract says."""
+    inter = w2.shape[2]
+    xd, w13d, w2d, twd = (v.double().cpu() for v in (x, w13, w2, tw))
+    out = torch.zeros(x.shape[0], x.shape[1], dtype=torch.float64)
+    for t, row in enumerate(ids.cpu().tolist()):
+        for j, e in enumerate(row):
+            gate = w13d[e, :inter] @ xd[t]
+            up = w13d[e, inter:] @ xd[t]
+            act = (gate * torch.sigmoid(gate) * up).to(x.dtype).double()
+            out[t] += twd[t, j] * (w2d[e] @ act)
+    return out
+
+
+def _rel_err(got, exact):
+    # relative to the largest output; a tiny output (fp16 subnormals) is judged against 1e-3
+    return float((got.double().cpu() - exact).abs().max() / exact.abs().max().clamp_min(1e-3))
+
+
+@settings(max_examples=30, deadline=None)
+@given(t=st.sampled_from([0, 1, 5, 17, 64]), h=st.sampled_from([1, 33, 64, 130]),
+       inter=st.sampled_from([1, 16, 33, 128]), e=st.sampled_from([1, 3, 8]),
+       k=st.sampled_from([1, 2, 4]), dtype=st.sampled_from(DTYPES),
+       backend=st.sampled_from(BACKENDS), ids_dtype=st.sampled_from([torch.int32, torch.int64]),
+       seed=st.integers(0, 10 ** 6))
+def test_matches_reference_and_formula(t, h, inter, e, k, dtype, backend, ids_dtype, seed,
+                                       device):
+    x, w13, w2, tw, ids = _inputs(t, h, inter, e, k, dtype, device, seed, ids_dtype)
+    with mk.use_backend(backend):
+        y = mk.ops.fused_moe(x, w13, w2, tw, ids)
+    want = reference.fused_moe(x, w13, w2, tw, ids)
+    assert y.shape == (t, h) and y.dtype == dtype
+    assert_close(y, want, scale=2.0)
+    if t:
+        exact = _by_hand(x, w13, w2, tw, ids)
+        assert _rel_err(want, exact) <= FORMULA_TOL[dtype]
+        assert _rel_err(y, exact) <= FORMULA_TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_every_argument_as_a_strided_view(backend, dtype, device):
+    t, h, inter, e, k = 6, 40, 24, 3, 2
+    x, w13, w2, tw, ids = _inputs(t, h, inter, e, k, dtype, device, 3)
+    want = reference.fused_moe(x, w13, w2, tw, ids)
+    xv = torch.randn(9, 2 * h + 3, device=device).to(dtype)[2:8, 1:2 * h + 1:2]
+    xv.copy_(x)
+    w13v = torch.randn(e, h, 2 * inter, device=device).to(dtype).transpose(1, 2)  # H strided
+    w13v.copy_(w13)
+    w2v = torch.randn(e + 1, h + 5, inter + 2, device=device).to(dtype)[1:, 2:h + 2, 1:inter + 1]
+    w2v.copy_(w2)
+    twv = torch.zeros(t, 2 * k + 1, device=device)[:, 1::2]
+    twv.copy_(tw)
+    idsv = torch.zeros(k, t, dtype=ids.dtype, device=device).t()                  # [T, k]
+    idsv.copy_(ids)
+    assert not any(v.is_contiguous() for v in (xv, w13v, w2v, twv, idsv))
+    with mk.use_backend(backend):
+        y = mk.ops.fused_moe(xv, w13v, w2v, twv, idsv)
+    assert_close(y, want, scale=2.0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_aligned_views_take_the_vectorized_path(dtype, device):
+    """Row-strided views whose rows start 16-byte aligned, H and I multiples of the K
+    tile: the launches pass EVEN_K and ALIGNED (the vector-load hints); odd sizes do not."""
+    from minikernels.ops.triton import moe as triton_moe
+
+    t, h, inter, e, k = 20, 128, 128, 4, 2
+    x, w13, w2, tw, ids = _inputs(t, h, inter, e, k, dtype, device, 5)
+    want = reference.fused_moe(x, w13, w2, tw, ids)
+    xv = torch.zeros(t, 2 * h, device=device, dtype=dtype)[:, :h]
+    xv.copy_(x)
+    w13v = torch.zeros(e, 2 * inter + 8, h + 64, device=device, dtype=dtype)[:, 8:, :h]
+    w13v.copy_(w13)
+    w2v = torch.zeros(e, h, inter + 64, device=device, dtype=dtype)[:, :, 64:]
+    w2v.copy_(w2)
+    with mk.use_backend("triton"), \
+            spy_launches(triton_moe, "moe_gate_up_kernel", "ALIGNED") as al1, \
+            spy_launches(triton_moe, "moe_gate_up_kernel", "EVEN_K") as ev1, \
+            spy_launches(triton_moe, "moe_down_kernel", "ALIGNED") as al2, \
+            spy_launches(triton_moe, "moe_down_kernel", "EVEN_K") as ev2:
+        y = mk.ops.fused_moe(xv, w13v, w2v, tw, ids)
+        assert (al1, ev1, al2, ev2) == ([True], [True], [True], [True])
+        x2, w13b, w2b, tw2, ids2 = _inputs(3, 33, 17, 2, 2, dtype, device, 6)
+        y2 = mk.ops.fused_moe(x2, w13b, w2b, tw2, ids2)
+        assert (al1[1], ev1[1], al2[1], ev2[1]) == (False, False, False, False)
+    assert_close(y, want, scale=2.0)
+    assert_close(y2, reference.fused_moe(x2, w13b, w2b, tw2, ids2), scale=2.0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_edge_cases(backend, device):
+    """No tokens; one expert chosen k times by every token (each copy counts); the
+    scratch buffers are poisoned, so a pair the kernels skip turns the output NaN."""
+    assert _alloc.poison_enabled()
+    x, w13, w2, tw, ids = _inputs(0, 33, 16, 3, 2, torch.float32, device)
+    with mk.use_backend(backend):
+        y = mk.ops.fused_moe(x, w13, w2, tw, ids)
+    assert y.shape == (0, 33) and y.dtype == torch.float32
+    x, w13, w2, tw, ids = _inputs(5, 33, 16, 1, 4, torch.float32, device, 1)
+    with mk.use_backend(backend):
+        y = mk.ops.fused_moe(x, w13, w2, tw, ids)
+        y1 = mk.ops.fused_moe(x, w13, w2, tw.sum(1, keepdim=True), ids[:, :1])
+    assert_close(y, y1)
+    assert _rel_err(y, _by_hand(x, w13, w2, tw, ids)) <= 1e-5
+
+
+@settings(max_examples=30, deadline=None)
+@given(t=st.integers(0, 40), k=st.integers(1, 4), e=st.integers(1, 9),
+       block_m=st.sampled_from([1, 4, 16]), seed=st.integers(0, 10 ** 6))
+def test_sort_pairs_by_expert(t, k, e, block_m, seed):
+    from minikernels.ops.triton.moe import sort_pairs_by_expert
+
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, e, (t, k), generator=g)
+    sorted_ids, block_expert = sort_pairs_by_expert(ids, e, block_m)
+    n = t * k
+    counts = torch.bincount(ids.flatten(), minlength=e)
+    need = int(((counts + block_m - 1) // block_m).sum())
+    assert sorted_ids.dtype == block_expert.dtype == torch.int32
+    assert block_expert.shape[0] >= need and sorted_ids.shape[0] == block_expert.shape[0] * block_m
+    assert int((block_expert >= 0).sum()) == need and bool((block_expert[need:] == -1).all())
+    live = sorted_ids[sorted_ids < n]
+    assert sorted(live.tolist()) == list(range(n))                 # each pair exactly once
+    assert bool((sorted_ids[sorted_ids >= n] == n).all())
+    flat = ids.flatten()
+    for b, ex in enumerate(block_expert.tolist()):
+        tile = sorted_ids[b * block_m:(b + 1) * block_m]
+        real = tile[tile < n].long()
+        if ex < 0:
+            assert real.numel() == 0
+        else:
+            assert real.numel() and bool((flat[real] == ex).all())
+    for ex in range(e):                                            # stable: pair order kept
+        mine = [p for p in live.tolist() if flat[p] == ex]
+        assert mine == sorted(mine)
+
+
+def test_opcheck_and_compile(device):
+    x, w13, w2, tw, ids = _inputs(5, 24, 16, 3, 2, torch.float32, device, 2)
+    with mk.use_backend("triton"):
+        torch.library.opcheck(torch.ops.minikernels.fused_moe, (x, w13, w2, tw, ids))
+        torch.library.opcheck(torch.ops.minikernels.fused_moe,
+                              (x[:0], w13, w2, tw[:0], ids[:0]))
+
+    def block(x, w13, w2, tw, ids):
+        return mk.ops.fused_moe(x, w13, w2, tw, ids) + x
+
+    torch._dynamo.reset()
+    compiled = torch.compile(block, fullgraph=True, backend="aot_eager")
+    with mk.use_backend("triton"):
+        got = compiled(x, w13, w2, tw, ids)
+    assert_close(got, reference.fused_moe(x, w13, w2, tw, ids) + x)
+
+
+def test_errors_name_the_argument(device):
+    x, w13, w2, tw, ids = _inputs(4, 16, 8, 3, 2, torch.float32, device)
+    for bad, match in [((x[0], w13, w2, tw, ids), "x"),
+                       ((x.int(), w13, w2, tw, ids), "x"),
+                       ((x, w13.half(), w2, tw, ids), "w13"),
+                       ((x, w13[:, :, :8], w2, tw, ids), r"w13 must have shape"),
+                       ((x, w13[:, :15], w2, tw, ids), r"w13's second dim"),
+                       ((x, w13, w2.half(), tw, ids), "w2"),
+                       ((x, w13, w2[:, :, :4], tw, ids), r"w2 must have shape"),
+                       ((x, w13, w2[:2], tw, ids), r"w2 must have shape"),
+                       ((x, w13, w2, tw.half(), ids), "topk_weights"),
+                       ((x, w13, w2, tw[:, :1], ids), r"topk_weights must have"),
+                       ((x, w13, w2, tw[0], ids), "topk_weights"),
+                       ((x, w13, w2, tw, ids.float()), "topk_ids"),
+                       ((x, w13, w2, tw, ids[:3]), r"topk_ids must have shape"),
+                       ((x, w13, w2, tw, torch.full_like(ids, 3)), r"topk_ids values"),
+                       ((x, w13, w2, tw, torch.full_like(ids, -1)), r"topk_ids values")]:
+        with pytest.raises((ValueError, TypeError), match=match):
+            mk.ops.fused_moe(*bad)
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gpu_decode_shape_and_cuda_graph(dtype):
+    """A decode batch at model size on the GPU (256 tokens, 64 experts, k 8), then the
+    same call captured in a CUDA graph (the host-side sort has no sync) and replayed on
+    new routing."""
+    x, w13, w2, tw, ids = _inputs(256, 1024, 768, 64, 8, dtype, "cuda", 7)
+    with mk.use_backend("triton"):
+        y = mk.ops.fused_moe(x, w13, w2, tw, ids)
+        assert_close(y, reference.fused_moe(x, w13, w2, tw, ids), scale=2.0)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            yg = mk.ops.fused_moe(x, w13, w2, tw, ids)
+        ids.copy_(torch.randint(0, 64, ids.shape, device="cuda"))
+        tw.copy_(torch.rand(tw.shape, device="cuda"))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert_close(yg, mk.ops.fused_moe(x, w13, w2, tw, ids), scale=2.0)
