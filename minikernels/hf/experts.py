@@ -1,0 +1,75 @@
+"""``experts_implementation="minikernels"``: transformers' mixture-of-experts layers on
+:func:`minikernels.ops.fused_moe`.
+
+transformers 5 routes every decorated experts module (``@use_experts_implementation``:
+Qwen3-MoE, Mixtral, OLMoE, Qwen2-MoE, ...) through ``ExpertsInterface``;
+:func:`register` (run when ``minikernels.hf`` is imported) adds :func:`experts_forward`
+under ``"minikernels"``, so
+
+    AutoModelForCausalLM.from_pretrained(path, experts_implementation="minikernels")
+    model.set_experts_implementation("minikernels")      # or on a loaded model
+
+run the experts as one fused op instead of a Python loop over experts. The module's
+weights are used as they are: ``gate_up_proj`` [E, 2I, H] (gate rows, then up rows) and
+``down_proj`` [E, H, I], SiLU-gated, no biases; any other layout (transposed, interleaved,
+biased, another activation, a post-expert norm) raises NotImplementedError naming it, so
+it is never computed wrongly. The router stays transformers'; its top-k weights are
+applied in fp32 and the k experts summed in fp32 (transformers: in the model dtype).
+"""
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from .. import ops
+
+NAME = "minikernels"
+
+
+def _is_silu(act: object) -> bool:
+    if isinstance(act, nn.SiLU):
+        return True
+    try:
+        from transformers.activations import SiLUActivation
+    except ImportError:
+        return False
+    return isinstance(act, SiLUActivation)
+
+
+def experts_forward(self: nn.Module, hidden_states: Tensor, top_k_index: Tensor,
+                    top_k_weights: Tensor) -> Tensor:
+    """The experts of ``self`` on ``hidden_states`` [T, H]: top_k_index [T, k] expert ids,
+    top_k_weights [T, k] their router weights -> [T, H] in the hidden states' dtype."""
+    unsupported = [name for name, bad in (
+        ("has_bias", getattr(self, "has_bias", False)),
+        ("is_transposed", getattr(self, "is_transposed", False)),
+        ("interleaved gate / up (is_concatenated=False)",
+         not getattr(self, "is_concatenated", True)),
+        ("no gate (has_gate=False)", not getattr(self, "has_gate", True)),
+        ("has_post_expert_norm", getattr(self, "has_post_expert_norm", False)),
+        ("activation other than SiLU", not _is_silu(getattr(self, "act_fn", None))),
+    ) if bad]
+    if unsupported:
+        raise NotImplementedError(f"experts_implementation={NAME!r} does not support "
+                                  f"{type(self).__name__}: {', '.join(unsupported)}; use "
+                                  "'eager' or 'grouped_mm'")
+    w13, w2 = self.gate_up_proj, self.down_proj
+    x = hidden_states
+    if w13.dtype != x.dtype:
+        x = x.to(w13.dtype)
+    out = ops.fused_moe(x, w13, w2, top_k_weights.float(), top_k_index)
+    return out.to(hidden_states.dtype)
+
+
+def register(name: str = NAME) -> bool:
+    """Register :func:`experts_forward` with transformers' ``ExpertsInterface`` under
+    ``name`` (idempotent). False when this transformers has no experts interface (before
+    5.x): the experts then keep transformers' own forward."""
+    try:
+        from transformers.integrations.moe import ExpertsInterface
+    except ImportError:
+        return False
+    ExpertsInterface.register(name, experts_forward)
+    return True
+
+
+__all__ = ["NAME", "experts_forward", "register"]
