@@ -1,7 +1,7 @@
 """The decoder against transformers: tiny random models of every family (CASES in
 tests/test_model_support.py: Llama, Qwen2 / 3, Mistral, Gemma 1-3, Granite, Phi-3,
-SmolLM3, OLMo 2, GLM / GLM-4, and the mixtures of experts Qwen3-MoE, Mixtral, Granite-MoE,
-OLMoE) saved with save_pretrained, loaded with minikernels.models.load_model (fp32, CPU
+SmolLM3, OLMo 2, GLM / GLM-4, and the mixtures of experts Qwen2-MoE, Qwen3-MoE, Mixtral,
+Granite-MoE, OLMoE) saved with save_pretrained, loaded with minikernels.models.load_model (fp32, CPU
 reference ops), must give transformers' logits (relative error <= 1e-4) on varlen batches through
 every path of the forward contract, and the same greedy continuation."""
 from __future__ import annotations
@@ -67,7 +67,8 @@ def test_paged_prefill_decode_and_chunked_prefill(hf_dirs, kind):
 
 @pytest.mark.parametrize("kind", ["llama3-rope-tied", "qwen2-tied", "qwen3", "mistral-window",
                                   "gemma2-window-softcap", "gemma3", "granite", "olmo2",
-                                  "qwen3-moe", "mixtral", "granitemoe", "olmoe"])
+                                  "qwen3-moe", "qwen2-moe", "mixtral", "granitemoe",
+                                  "olmoe"])
 def test_greedy_generation_matches_transformers(hf_dirs, kind):
     hf, path = hf_dirs[kind]
     model = load_model(path, dtype="float32", device="cpu")

@@ -79,6 +79,10 @@ CASES: dict[str, tuple[str, dict[str, Any]]] = {
                                    num_experts_per_tok=2, norm_topk_prob=True,
                                    decoder_sparse_step=1, mlp_only_layers=[1],
                                    tie_word_embeddings=False)),
+    # Qwen2-MoE: q/k/v biases, a shared expert behind a sigmoid gate, layer 1 dense.
+    "qwen2-moe": ("Qwen2Moe", dict(moe_intermediate_size=32, shared_expert_intermediate_size=48,
+                                   num_experts=4, num_experts_per_tok=2, norm_topk_prob=False,
+                                   decoder_sparse_step=1, mlp_only_layers=[1])),
     # Mixtral: block_sparse_moe w1 / w3 / w2 experts, top-k always renormalized.
     "mixtral": ("Mixtral", dict(head_dim=16, num_local_experts=5, num_experts_per_tok=2,
                                 intermediate_size=40, tie_word_embeddings=False)),

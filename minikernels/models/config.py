@@ -42,6 +42,7 @@ SUPPORTED_ARCHITECTURES = {
     "Qwen2ForCausalLM": "qwen2",
     "Qwen3ForCausalLM": "qwen3",
     "Qwen3MoeForCausalLM": "qwen3_moe",
+    "Qwen2MoeForCausalLM": "qwen2_moe",
     "MixtralForCausalLM": "mixtral",
     "GraniteMoeForCausalLM": "granitemoe",
     "OlmoeForCausalLM": "olmoe",
@@ -72,14 +73,14 @@ def is_classifier_architecture(arch: str | None) -> bool:
 
 
 _MODEL_TYPES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3",
-                "qwen3_moe": "qwen3_moe", "mixtral": "mixtral", "granitemoe": "granitemoe",
+                "qwen3_moe": "qwen3_moe", "qwen2_moe": "qwen2_moe", "mixtral": "mixtral", "granitemoe": "granitemoe",
                 "olmoe": "olmoe",
                 "gemma": "gemma", "gemma2": "gemma2", "gemma3_text": "gemma3",
                 "granite": "granite", "phi3": "phi3", "smollm3": "smollm3",
                 "olmo2": "olmo2", "glm": "glm", "glm4": "glm4"}
 _GEMMA = ("gemma", "gemma2", "gemma3")
 #: the mixture-of-experts families (models/moe.py)
-_MOE = ("qwen3_moe", "mixtral", "granitemoe", "olmoe")
+_MOE = ("qwen3_moe", "qwen2_moe", "mixtral", "granitemoe", "olmoe")
 #: Multimodal architectures whose text decoder is served (text-only prompts): the
 #: checkpoint's ``text_config`` and ``language_model`` tensors; the image encoder is not
 #: loaded.
@@ -111,7 +112,7 @@ class DecoderConfig:
 
     # "llama" | "mistral" | "qwen2" | "qwen3" | "gemma" | "gemma2" | "gemma3" | "granite"
     # | "phi3" | "smollm3" | "olmo2" | "glm" | "glm4" | "qwen3_moe" | "mixtral" | "granitemoe"
-    # | "olmoe"
+    # | "olmoe" | "qwen2_moe"
     architecture: str
     vocab_size: int
     hidden_size: int
@@ -173,6 +174,9 @@ class DecoderConfig:
     moe_intermediate_size: int = 0
     norm_topk_prob: bool = False
     moe_layers: list[int] | None = None
+    # Qwen2-MoE: a shared expert (a dense SiLU-gated MLP of this size) added to every MoE
+    # layer's output, scaled by sigmoid(shared_expert_gate(x)); 0 = none.
+    shared_expert_intermediate_size: int = 0
     # HF quantization_config (GPTQ/AWQ checkpoints), None for dense checkpoints.
     quantization_config: dict[str, Any] | None = None
     torch_dtype: str | None = None         # the checkpoint's stored dtype, informational
@@ -343,8 +347,9 @@ class DecoderConfig:
             bos_token_id=None if bos is None else int(bos),
             sliding_window=window,
             sliding_window_layers=window_layers,
-            qkv_bias=family == "qwen2" or attention_bias,
-            o_bias=family not in ("qwen2", "glm", "glm4") and attention_bias,
+            qkv_bias=family == "qwen2" or attention_bias or
+            (family == "qwen2_moe" and bool(hf.get("qkv_bias", True))),
+            o_bias=family not in ("qwen2", "qwen2_moe", "glm", "glm4") and attention_bias,
             mlp_bias=bool(hf.get("mlp_bias", False)),
             qk_norm=family in ("qwen3", "qwen3_moe", "gemma3", "olmo2", "olmoe"),
             qk_norm_full=family in ("olmo2", "olmoe"),
@@ -474,7 +479,7 @@ def _sliding_window_from_hf(hf: Mapping[str, Any], family: str, num_layers: int
                             ) -> tuple[int | None, list[int] | None]:
     """(sliding_window or None, the layers that use it or None = all layers)."""
     window = hf.get("sliding_window")
-    if family in ("qwen2", "qwen3", "qwen3_moe", "smollm3") and \
+    if family in ("qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "smollm3") and \
             not hf.get("use_sliding_window", False):
         window = None
     if family == "gemma":
@@ -485,7 +490,7 @@ def _sliding_window_from_hf(hf: Mapping[str, Any], family: str, num_layers: int
     window_layers: list[int] | None = None
     if isinstance(layer_types, list) and layer_types:
         window_layers = [i for i, t in enumerate(layer_types) if t == "sliding_attention"]
-    elif family in ("qwen2", "qwen3", "qwen3_moe"):
+    elif family in ("qwen2", "qwen2_moe", "qwen3", "qwen3_moe"):
         start = int(hf.get("max_window_layers", num_layers))
         window_layers = list(range(start, num_layers))
     elif family in ("gemma2", "gemma3"):   # transformers' default layer patterns
@@ -498,14 +503,15 @@ def _sliding_window_from_hf(hf: Mapping[str, Any], family: str, num_layers: int
 
 def _moe_from_hf(hf: Mapping[str, Any], family: str, num_layers: int) -> dict[str, Any]:
     """The expert fields: ``num_experts`` or ``num_local_experts`` (transformers 5 saves
-    the latter for Qwen3-MoE). Qwen3-MoE: a layer is sparse unless in ``mlp_only_layers``,
-    every ``decoder_sparse_step``-th layer; experts of ``moe_intermediate_size``. Mixtral,
+    the latter for Qwen3-MoE). Qwen2/3-MoE: a layer is sparse unless in
+    ``mlp_only_layers``, every ``decoder_sparse_step``-th layer; experts of
+    ``moe_intermediate_size`` (Qwen2-MoE: plus a shared expert). Mixtral,
     Granite-MoE, OLMoE: every layer, experts of ``intermediate_size``. Mixtral and
     Granite-MoE always renormalize the top-k weights; the others as ``norm_topk_prob``."""
     experts = int(hf.get("num_experts") or hf.get("num_local_experts") or 0)
     layers = list(range(num_layers))
     size = int(hf.get("intermediate_size", 0))
-    if family == "qwen3_moe":
+    if family in ("qwen3_moe", "qwen2_moe"):
         step = int(hf.get("decoder_sparse_step", 1) or 1)
         dense = set(hf.get("mlp_only_layers") or [])
         layers = [i for i in layers if i not in dense and (i + 1) % step == 0]
@@ -513,9 +519,11 @@ def _moe_from_hf(hf: Mapping[str, Any], family: str, num_layers: int) -> dict[st
     if hf.get("clip_qkv") is not None:
         raise UnsupportedModelError("clip_qkv is not supported")
     norm = True if family in ("mixtral", "granitemoe") else bool(hf.get("norm_topk_prob", False))
+    shared = int(hf.get("shared_expert_intermediate_size", 0) or 0) \
+        if family == "qwen2_moe" else 0
     return dict(num_experts=experts, num_experts_per_tok=int(hf.get("num_experts_per_tok", 0)),
                 moe_intermediate_size=size, norm_topk_prob=norm,
-                moe_layers=layers if experts else None)
+                moe_layers=layers if experts else None, shared_expert_intermediate_size=shared)
 
 
 def _activation_from_hf(hf: Mapping[str, Any], family: str) -> str:

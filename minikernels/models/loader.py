@@ -108,7 +108,8 @@ _KV_SCALE_RE = re.compile(r"^layers\.(\d+)\.self_attn\.(k_scale|v_scale)$")
 _EXPERT_RE = re.compile(r"^layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)"
                         r"\.weight$")
 _STACKED_EXPERTS_RE = re.compile(r"^layers\.(\d+)\.mlp\.experts\.(gate_up_proj|down_proj)$")
-_ROUTER_RE = re.compile(r"^layers\.(\d+)\.mlp\.gate\.weight$")
+_ROUTER_RE = re.compile(r"^layers\.(\d+)\.mlp\.(gate|shared_expert_gate)\.weight$")
+_SHARED_EXPERT_RE = re.compile(r"^layers\.(\d+)\.mlp\.shared_expert\.(\w+)\.(\w+)$")
 _IGNORED = re.compile(r"(rotary_emb\.inv_freq|\.bias_correction|\.wf_?\w*|\.weight_shape)$"
                       r"|^score\.(weight|bias)$")   # a classifier's head: mk.Classifier reads it
 
@@ -157,7 +158,11 @@ def map_name(name: str) -> tuple[str, int | None, str] | None:
         return f"layers.{m.group(1)}.mlp.experts", None, m.group(2)
     m = _ROUTER_RE.match(n)
     if m:
-        return f"layers.{m.group(1)}.mlp.gate", None, "weight"
+        return f"layers.{m.group(1)}.mlp.{m.group(2)}", None, "weight"
+    m = _SHARED_EXPERT_RE.match(n)
+    if m and m.group(2) in _SHARDS:
+        target, shard = _SHARDS[m.group(2)]
+        return f"layers.{m.group(1)}.mlp.shared_expert.{target}", shard, m.group(3)
     m = _LAYER_RE.match(n)
     if m:
         layer, block, proj, kind = m.groups()

@@ -1,5 +1,5 @@
-"""The mixture-of-experts MLP of Qwen3-MoE, Mixtral, Granite-MoE and OLMoE: a softmax
-router picks each token's top-k experts, and :func:`minikernels.ops.fused_moe` runs them
+"""The mixture-of-experts MLP of Qwen2-MoE, Qwen3-MoE, Mixtral, Granite-MoE and OLMoE: a
+softmax router picks each token's top-k experts, and :func:`minikernels.ops.fused_moe` runs them
 (SiLU-gated MLPs, weighted and summed).
 
     logits = x @ Wgate.T                     # [T, E], in the model dtype (as transformers)
@@ -7,6 +7,7 @@ router picks each token's top-k experts, and :func:`minikernels.ops.fused_moe` r
     w, ids = topk(p, k); [w /= sum(w)]       # norm_topk_prob
     w = w rounded to the model dtype         # transformers multiplies in the model dtype
     y = fused_moe(x, W13, W2, w, ids)        # Granite-MoE: * residual_multiplier
+    [y += sigmoid(x @ Wsg.T) * shared(x)]    # Qwen2-MoE's shared expert (a dense MLP)
 
 Weights: ``gate.weight`` [E, H]; ``experts.w13`` [E, 2I, H] (each expert's gate_proj rows,
 then its up_proj rows); ``experts.w2`` [E, H, I] (down_proj). Experts stay dense (int4
@@ -19,6 +20,7 @@ from torch import Tensor, nn
 
 from .. import ops
 from .config import DecoderConfig
+from .linear import FusedLinear
 
 #: a checkpoint's per-expert projections -> the part of w13 / w2 they fill
 EXPERT_PARTS = ("gate_proj", "up_proj", "down_proj")
@@ -46,11 +48,26 @@ class FusedExperts(nn.Module):
         return self.w2[expert]
 
 
+class SharedExpert(nn.Module):
+    """Qwen2-MoE's shared expert: a SiLU-gated MLP (``gate_up_proj`` / ``down_proj``
+    FusedLinears, so int4 on load covers it)."""
+
+    def __init__(self, hidden: int, inter: int, dtype: torch.dtype,
+                 device: torch.device | str | None, dense: bool) -> None:
+        super().__init__()
+        self.gate_up_proj = FusedLinear(hidden, [inter] * 2, dtype=dtype, device=device,
+                                        dense=dense)
+        self.down_proj = FusedLinear(inter, hidden, dtype=dtype, device=device, dense=dense)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(ops.silu_and_mul(self.gate_up_proj(x)))
+
+
 class SparseMoE(nn.Module):
     """Router + experts of one layer (see the module docstring)."""
 
     def __init__(self, config: DecoderConfig, dtype: torch.dtype,
-                 device: torch.device | str | None) -> None:
+                 device: torch.device | str | None, dense: bool = True) -> None:
         super().__init__()
         c = config
         self.top_k = c.num_experts_per_tok
@@ -61,6 +78,13 @@ class SparseMoE(nn.Module):
         self.gate.weight.requires_grad_(False)
         self.experts = FusedExperts(c.num_experts, c.hidden_size, c.moe_intermediate_size,
                                     dtype, device)
+        self.shared_expert = self.shared_expert_gate = None
+        if c.shared_expert_intermediate_size:
+            self.shared_expert = SharedExpert(c.hidden_size, c.shared_expert_intermediate_size,
+                                              dtype, device, dense)
+            self.shared_expert_gate = nn.Linear(c.hidden_size, 1, bias=False, dtype=dtype,
+                                                device=device)
+            self.shared_expert_gate.weight.requires_grad_(False)
 
     def route(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """(weights fp32 [T, k] (rounded through the model dtype), expert ids [T, k])."""
@@ -73,4 +97,6 @@ class SparseMoE(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         weights, ids = self.route(x)
         y = ops.fused_moe(x, self.experts.w13, self.experts.w2, weights, ids)
+        if self.shared_expert is not None:
+            y = y + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
         return y if self.residual_multiplier == 1.0 else y * self.residual_multiplier
