@@ -117,8 +117,14 @@ def test_aligned_views_take_the_vectorized_path(dtype, device):
         x2, w13b, w2b, tw2, ids2 = _inputs(3, 33, 17, 2, 2, dtype, device, 6)
         y2 = mk.ops.fused_moe(x2, w13b, w2b, tw2, ids2)
         assert (al1[1], ev1[1], al2[1], ev2[1]) == (False, False, False, False)
+        # aligned rows, K not a multiple of the K tile: masked loads with the hints (a
+        # registered spec; its own narrower tile at BLOCK_M 32)
+        x3, w13c, w2c, tw3, ids3 = _inputs(24, 136, 72, 3, 2, dtype, device, 7)
+        y3 = mk.ops.fused_moe(x3, w13c, w2c, tw3, ids3)
+        assert (al1[2], ev1[2], al2[2], ev2[2]) == (True, False, True, False)
     assert_close(y, want, scale=2.0)
     assert_close(y2, reference.fused_moe(x2, w13b, w2b, tw2, ids2), scale=2.0)
+    assert_close(y3, reference.fused_moe(x3, w13c, w2c, tw3, ids3), scale=2.0)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

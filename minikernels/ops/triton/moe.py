@@ -37,12 +37,15 @@ class MoeConfig:
 
 
 def moe_config(n_pairs: int, num_experts: int, dtype: torch.dtype,
-               aligned: bool = True) -> MoeConfig:
+               aligned: bool = True, even_k: bool = True) -> MoeConfig:
     """Tile sizes from the average number of pairs per expert (known on the host without
     a sync). BLOCK_M 16 / 32 for decode-sized groups (mma.sync), 64 for prefill (wgmma on
     sm_90a). fp32 runs its tl.dot on FMAs ("ieee"), so its tiles are smaller. Rows that
     are not 16-byte aligned load element by element (an address per element), so they get
-    small tiles too. Every size here compiles without spills for sm_80 and sm_90a."""
+    small tiles too. Aligned rows whose K (H or I) is not a multiple of BLOCK_K take masked
+    loads (``even_k`` False); at BLOCK_M 32 those need a narrower N tile (the 64-wide one
+    spills on both archs). Every size here compiles without spills for sm_80 and
+    sm_90a (the registered specs)."""
     avg = n_pairs / max(num_experts, 1)
     bm = 16 if avg <= 16 else 32 if avg <= 48 else 64
     if dtype == torch.float32:
@@ -51,7 +54,8 @@ def moe_config(n_pairs: int, num_experts: int, dtype: torch.dtype,
         return MoeConfig(bm, 64 if bm == 32 else 32, 16, num_warps=4, num_stages=2)
     if not aligned:
         return MoeConfig(bm, 32, 16, num_warps=4, num_stages=2)
-    return MoeConfig(bm, 64, 64 if bm == 64 else 128, num_warps=4, num_stages=3)
+    return MoeConfig(bm, 32 if bm == 32 and not even_k else 64, 64 if bm == 64 else 128,
+                     num_warps=4, num_stages=3)
 
 
 @triton.jit
@@ -208,6 +212,11 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
     # one flag for both kernels: x, w13, w2 and the [T*k, I] intermediate's rows
     aligned = _rows_aligned(x, w13, w2) and inter * x.element_size() % 16 == 0
     cfg = moe_config(n_pairs, num_experts, x.dtype, aligned)
+    # one EVEN_K for both kernels (H for gate-up, I for down), so every dispatched
+    # combination is a registered spec
+    even_k = h % cfg.block_k == 0 and inter % cfg.block_k == 0
+    if not even_k:
+        cfg = moe_config(n_pairs, num_experts, x.dtype, aligned, even_k=False)
     sorted_ids, block_expert = sort_pairs_by_expert(topk_ids, num_experts, cfg.block_m)
     max_blocks = block_expert.shape[0]
     # fp32 inputs: exact fp32 products. bf16 under the interpreter (CPU tensors): its
@@ -220,14 +229,14 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
         x, w13, act, sorted_ids, block_expert, n_pairs, top_k, h, inter,
         x.stride(0), x.stride(1), w13.stride(0), w13.stride(1), w13.stride(2),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-        EVEN_K=h % cfg.block_k == 0, ALIGNED=aligned, DOT_F32=dot_f32,
-        RNE_BF16=interp_bf16, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        EVEN_K=even_k, ALIGNED=aligned, DOT_F32=dot_f32, RNE_BF16=interp_bf16,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     moe_down_kernel[(max_blocks, triton.cdiv(h, cfg.block_n))](
         act, w2, topk_weights, buf, sorted_ids, block_expert, n_pairs, top_k, h, inter,
         w2.stride(0), w2.stride(1), w2.stride(2), topk_weights.stride(0),
         topk_weights.stride(1),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-        EVEN_K=inter % cfg.block_k == 0, ALIGNED=aligned, DOT_F32=dot_f32,
+        EVEN_K=even_k, ALIGNED=aligned, DOT_F32=dot_f32,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return buf.view(t, top_k, h).sum(dim=1).to(x.dtype)
 
@@ -241,14 +250,17 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
 _INTS = {"n_pairs": "i32", "top_k": "i32", "H": "i32", "I": "i32"}
 for _dt, _tdt in (("fp16", torch.float16), ("bf16", torch.bfloat16),
                   ("fp32", torch.float32)):
-    for _aligned in (True, False):
+    # aligned rows with K a multiple of BLOCK_K (the common case), aligned rows with a
+    # ragged K (masked loads), unaligned rows (masked, every stride a runtime value)
+    for _aligned, _even in ((True, True), (True, False), (False, False)):
         for _avg in (8, 32, 256):          # one spec per BLOCK_M that moe_config picks
-            _cfg = moe_config(_avg * 64, 64, _tdt, _aligned)
-            _tag = f"{_dt},BM={_cfg.block_m}" + ("" if _aligned else ",unaligned")
+            _cfg = moe_config(_avg * 64, 64, _tdt, _aligned, _even)
+            _tag = f"{_dt},BM={_cfg.block_m}" + ("" if _aligned else ",unaligned") + \
+                ("" if _even or not _aligned else ",ragged_k")
             if _avg == 256 and _cfg.block_m < 64:
                 continue                   # fp32 unaligned: BLOCK_M <= 32
             _const = {"BLOCK_M": _cfg.block_m, "BLOCK_N": _cfg.block_n,
-                      "BLOCK_K": _cfg.block_k, "EVEN_K": _aligned, "ALIGNED": _aligned,
+                      "BLOCK_K": _cfg.block_k, "EVEN_K": _even, "ALIGNED": _aligned,
                       "DOT_F32": _dt == "fp32"}
             _unit = ({"sx_h": 1, "sw_h": 1}, {"sw_i": 1}) if _aligned else ({}, {})
             _opts = {"num_warps": _cfg.num_warps, "num_stages": _cfg.num_stages,
