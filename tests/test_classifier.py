@@ -10,7 +10,8 @@ import asyncio
 import httpx
 import pytest
 import torch
-from test_model_support import _CONFIG_CLASSES, BASE, CASES, random_tokens, rel_err
+from test_model_support import (_CONFIG_CLASSES, BASE, CASES, random_tokens, randomize_,
+                                rel_err)
 
 import minikernels as mk
 from minikernels.engine import AsyncLLM
@@ -37,15 +38,8 @@ def _hf_classifier(kind: str, num_labels: int, seed: int = 0, **extra):
                      id2label=labels, label2id={v: k for k, v in labels.items()})
     config._attn_implementation = "eager"
     torch.manual_seed(seed)
-    model = getattr(transformers, f"{family}ForSequenceClassification")(config).float().eval()
-    g = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.copy_(torch.rand(p.shape, generator=g) + 0.5)
-            else:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.08)
-    return model
+    model = getattr(transformers, f"{family}ForSequenceClassification")(config)
+    return randomize_(model.float().eval(), seed + 1)
 
 
 @torch.no_grad()

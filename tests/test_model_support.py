@@ -112,8 +112,13 @@ def make_hf_model(kind: str, seed: int = 0, **overrides: Any) -> torch.nn.Module
     config = cfg_cls(**kwargs)
     config._attn_implementation = "eager"
     torch.manual_seed(seed)
-    model = model_cls(config).float().eval()
-    g = torch.Generator().manual_seed(seed + 1)
+    return randomize_(model_cls(config).float().eval(), seed + 1)
+
+
+def randomize_(model: torch.nn.Module, seed: int, scale: float = 0.08) -> torch.nn.Module:
+    """Non-trivial random weights in place (seeded): norms in [0.5, 1.5), biases N(0, 0.1),
+    the rest N(0, scale)."""
+    g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "norm" in name:
@@ -121,7 +126,7 @@ def make_hf_model(kind: str, seed: int = 0, **overrides: Any) -> torch.nn.Module
             elif name.endswith("bias"):
                 p.copy_(torch.randn(p.shape, generator=g) * 0.1)
             else:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.08)
+                p.copy_(torch.randn(p.shape, generator=g) * scale)
     return model
 
 

@@ -16,6 +16,7 @@ import random
 import pytest
 import torch
 from test_engine import assert_all_free, tokens
+from test_model_support import randomize_
 from test_spec_decode import bench_module, mixed_stop_params, save_target_and_near
 
 from minikernels.engine import LLM, SamplingParams
@@ -34,14 +35,7 @@ def _save_llama(path, vocab: int, layers: int, hidden: int, seed: int, scale: fl
         tie_word_embeddings=False)
     cfg._attn_implementation = "eager"
     torch.manual_seed(seed)
-    model = transformers.LlamaForCausalLM(cfg).float().eval()
-    g = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.copy_(torch.rand(p.shape, generator=g) + 0.5)
-            else:
-                p.copy_(torch.randn(p.shape, generator=g) * scale)
+    model = randomize_(transformers.LlamaForCausalLM(cfg).float().eval(), seed + 1, scale)
     model.save_pretrained(str(path))
     return model
 
