@@ -135,3 +135,27 @@ def test_gpu_lora_graphs_equal_eager_and_peft(tmp_path):
                                do_sample=False, eos_token_id=None, pad_token_id=0)
         want.append(out[0, len(prompt):].tolist())
     assert eager == want and graphs == want
+
+
+def test_gpu_embedder_and_classifier_match_cpu():
+    """The one-pass models on the GPU kernels (varlen flash attention, last-token rows):
+    Embedder vectors and Classifier probabilities equal the fp32 CPU reference, and the
+    async path packs concurrent callers the same way."""
+    import asyncio
+
+    import minikernels as mk
+
+    texts = ["a short one", "a somewhat longer input for the varlen batch", "x"]
+    for device_kw in ({"device": "cpu"}, {"device": "cuda"}):
+        emb = mk.Embedder("tiny-qwen3", dtype="float32", **device_kw)
+        clf = mk.Classifier("tiny", dtype="float32", classifier_from_token=["0", "1", "2"],
+                            **device_kw)
+        got = (emb.embed(texts), clf.classify(texts),
+               asyncio.run(clf.classify_async([clf.tokenize(t) for t in texts])))
+        emb.close()
+        clf.close()
+        if device_kw["device"] == "cpu":
+            want = got
+            continue
+        for g, w in zip(got, want):
+            assert g.device.type == "cpu" and rel_err(g, w) <= 1e-3
