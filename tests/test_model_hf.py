@@ -189,14 +189,15 @@ def test_olmo2_flags_and_no_tensor_parallel(hf_dirs):
 def test_qwen3_moe_layout_stacked_names_and_refusals(hf_dirs, tmp_path):
     """Qwen3-MoE: sparse layers from mlp_only_layers / decoder_sparse_step (num_experts or
     transformers 5's num_local_experts); transformers 5's stacked expert tensors load as
-    the hub's per-expert ones do; RTN int4 leaves the experts dense; tensor parallelism,
-    LoRA and int4 MoE checkpoints are refused by name."""
+    the hub's per-expert ones do; RTN int4 leaves the experts dense; LoRA and int4 MoE
+    checkpoints are refused by name, and so is a tensor_parallel_size that does not
+    divide moe_intermediate_size."""
     import json
     import shutil
 
     from safetensors.torch import load_file, save_file
 
-    from minikernels.models import AttentionMetadata, DecoderConfig
+    from minikernels.models import AttentionMetadata, CausalLM, DecoderConfig
     from minikernels.models.loader import CheckpointError
     from minikernels.models.lora import LoRAManager
     from minikernels.models.moe import SparseMoE
@@ -235,8 +236,9 @@ def test_qwen3_moe_layout_stacked_names_and_refusals(hf_dirs, tmp_path):
     assert len(rtn.layers[0].self_attn.qkv_proj.int4_parts) > 0
     assert torch.equal(rtn.layers[0].mlp.experts.w13, model.layers[0].mlp.experts.w13)
     assert bool(torch.isfinite(rtn(meta_ids, meta, None)).all())
-    with pytest.raises(ValueError, match="mixture-of-experts"):
-        load_model(path, dtype="float32", device="cpu", tensor_parallel=TensorParallel(0, 2))
+    odd = DecoderConfig.from_hf({**base, "moe_intermediate_size": 50})   # 4 ranks: 12.5
+    with pytest.raises(ValueError, match=r"must divide moe_intermediate_size \(50\)"):
+        CausalLM(odd, dtype=torch.float32, device="meta", tp=TensorParallel(0, 4))
     with pytest.raises(ValueError, match="mixture-of-experts"):
         LoRAManager(model, max_loras=1, max_lora_rank=8)
     gptq = str(tmp_path / "gptq")

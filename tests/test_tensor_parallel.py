@@ -24,6 +24,10 @@ if not torch.distributed.is_available():
 # sliding window, a vocab that does not split evenly (301 -> 151 + 150 + 1 padding row),
 # Gemma 2's final softcap on gathered logits, Gemma 3's two rope bases and q/k norms,
 # Granite's residual multiplier after the all-reduce, Phi-3's fused tensors split per rank.
+# Mixtures of experts (each expert's intermediate split, one all-reduce): Qwen3-MoE's and
+# Mixtral's per-expert tensors, Granite-MoE's stacked ones ([E, 2I, H]: the loader's path
+# for transformers 5's stacked names too) and its multiplier after the all-reduce,
+# Qwen2-MoE's shared expert (64: group 32 divides each rank's K, so int4 is exact slices).
 TP_CASES = {
     "llama": ("llama", {}),
     "llama-bias": ("llama-bias-linear-rope", {"vocab_size": 301}),
@@ -35,6 +39,10 @@ TP_CASES = {
     "granite": ("granite", {}),
     "phi3": ("phi3-longrope-partial", {}),
     "glm4": ("glm4", {}),
+    "qwen3-moe": ("qwen3-moe", {}),
+    "qwen2-moe": ("qwen2-moe", {"shared_expert_intermediate_size": 64}),
+    "mixtral": ("mixtral", {}),
+    "granitemoe": ("granitemoe", {}),
 }
 QUANT = (None, "int4")
 GROUP = 32       # divides every per-rank K here, so TP int4 == slices of TP=1 int4
@@ -122,7 +130,8 @@ def check_logits(ranks: list[dict], dirs: dict[str, str], quants: tuple, group: 
     1e-4; int4 (RTN, group ``group``) within 3e-3 and 1/5 of what int4 itself changes."""
     for name, path in dirs.items():
         refs = {q: _logits(load_model(path, dtype="float32", device="cpu", quantization=q,
-                                      group_size=group)) for q in (None,) + tuple(quants)}
+                                      group_size=group))
+                for q in dict.fromkeys((None,) + tuple(quants))}
         # what int4 itself changes: the TP error must be far below it
         int4_err = rel_err(refs["int4"][0], refs[None][0]) if "int4" in quants else 0.0
         for q in quants:
@@ -241,14 +250,74 @@ def test_int4_checkpoint_shards_refuse_what_they_cannot_split():
         shard_tensor(c, tp, "layers.0.mlp.down_proj", 0, "scales", torch.ones(1, 64))
 
 
+def test_expert_shards_without_processes(tmp_path):
+    """Expert tensors read as safetensors slices: each rank's rows of gate_proj / up_proj,
+    columns of down_proj; transformers 5's stacked gate_up_proj [E, 2I, H] gives the same
+    gate-then-up rows as the per-expert tensors, stacked down_proj the same columns; a
+    wrong intermediate size and an indivisible one are refused by name."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from minikernels.models.config import DecoderConfig
+    from minikernels.models.parallel import check_config
+
+    c = DecoderConfig(architecture="qwen3_moe", vocab_size=64, hidden_size=8,
+                      intermediate_size=16, num_layers=1, num_heads=4, num_kv_heads=2,
+                      head_dim=2, num_experts=3, num_experts_per_tok=2,
+                      moe_intermediate_size=6, moe_layers=[0])
+    g = torch.Generator().manual_seed(0)
+    gate, up, down = (torch.randn(3, *shape, generator=g) for shape in
+                      ((6, 8), (6, 8), (8, 6)))
+    path = str(tmp_path / "e.safetensors")
+    save_file({"gate_up": torch.cat([gate, up], dim=1), "down": down, "gate1": gate[1].clone(),
+               "up1": up[1].clone(), "down1": down[1].clone()}, path)
+    mod = "layers.0.mlp.experts"
+    with safe_open(path, framework="pt") as f:
+        for r in range(2):
+            tp = TensorParallel(r, 2)
+            rows = slice(3 * r, 3 * r + 3)
+            w13 = shard_tensor(c, tp, mod, None, "gate_up_proj", f.get_slice("gate_up"))
+            assert torch.equal(w13, torch.cat([gate[:, rows], up[:, rows]], dim=1))
+            assert torch.equal(shard_tensor(c, tp, mod, None, "down_proj", f.get_slice("down")),
+                               down[:, :, rows])
+            for kind, name, want in (("gate_proj", "gate1", gate[1][rows]),
+                                     ("up_proj", "up1", up[1][rows]),
+                                     ("down_proj", "down1", down[1][:, rows])):
+                assert torch.equal(shard_tensor(c, tp, mod, 1, kind, f.get_slice(name)), want)
+        with pytest.raises(ValueError, match="moe_intermediate_size 6"):
+            shard_tensor(c, TensorParallel(0, 2), mod, 1, "gate_proj", f.get_slice("down1"))
+    with pytest.raises(ValueError, match=r"moe_intermediate_size \(6\)"):
+        check_config(c, TensorParallel(0, 4))
+    c.moe_intermediate_size, c.shared_expert_intermediate_size = 8, 6
+    with pytest.raises(ValueError, match=r"shared_expert_intermediate_size \(6\)"):
+        check_config(c, TensorParallel(0, 4))
+    c.moe_layers, c.intermediate_size, c.shared_expert_intermediate_size = None, 6, 0
+    check_config(c, TensorParallel(0, 4))   # every layer sparse: intermediate_size unused
+
+
+#: A built-in-style MoE config (there is none built in yet): layer 0 sparse with a shared
+#: expert, layer 1 dense; 64 = each rank's K is 32, so int4 group 16 divides every shard.
+_TINY_MOE = dict(architecture="qwen2_moe", vocab_size=512, hidden_size=64,
+                 intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2,
+                 head_dim=16, max_position_embeddings=2048, rope_theta=1e6, rms_norm_eps=1e-6,
+                 tie_word_embeddings=False, eos_token_ids=[257], bos_token_id=256,
+                 qkv_bias=True, num_experts=4, num_experts_per_tok=2,
+                 moe_intermediate_size=32, moe_layers=[0], shared_expert_intermediate_size=64)
+
+
+@pytest.mark.parametrize("builtin", ["tiny-qwen3", "tiny-moe-test"])
 @pytest.mark.parametrize("quant", [None, "int4"])
-def test_builtin_tp_shards_are_the_tp1_model_sharded(quant):
+def test_builtin_tp_shards_are_the_tp1_model_sharded(quant, builtin, monkeypatch):
     """A built-in (random-weight) model under TP: each rank holds its shard of the TP=1
     model of the same seed (so LLM("tiny", tensor_parallel_size=2) == LLM("tiny")); no
     processes, only the weights are built. int4 (RTN on load, group 16 divides every
-    shard): each rank's dequantized layers are the shards of the TP=1 dequantized ones."""
+    shard): each rank's dequantized layers are the shards of the TP=1 dequantized ones.
+    The MoE config: experts' w13 / w2 are each rank's intermediate slices."""
+    from minikernels.models import config as config_mod
     from minikernels.models.linear import FusedLinear
     from minikernels.models.parallel import shard_tensor
+
+    monkeypatch.setitem(config_mod.BUILTIN_CONFIGS, "tiny-moe-test", _TINY_MOE)
 
     def dense(mod: FusedLinear) -> torch.Tensor:
         if mod.weight is not None:
@@ -256,13 +325,13 @@ def test_builtin_tp_shards_are_the_tp1_model_sharded(quant):
         return torch.cat([p.dequantize() for p in mod.int4_parts])
 
     kw = dict(dtype="float32", device="cpu", quantization=quant, group_size=16)
-    full = load_model("tiny-qwen3", **kw)
+    full = load_model(builtin, **kw)
     full_mods = dict(full.named_modules())
     full_params = dict(full.named_parameters())
     checked = 0
     for r in range(2):
         tp = TensorParallel(r, 2)
-        part = load_model("tiny-qwen3", tensor_parallel=tp, **kw)
+        part = load_model(builtin, tensor_parallel=tp, **kw)
         for name, mod in part.named_modules():
             ref = full_mods[name]
             if isinstance(mod, FusedLinear):
@@ -279,4 +348,10 @@ def test_builtin_tp_shards_are_the_tp1_model_sharded(quant):
                     assert torch.equal(t, shard_tensor(full.config, tp, name, None, p_name,
                                                        full_params[key])), key
                     checked += 1
+        if full.config.num_experts:   # spelled out: this rank's 16 of each expert's 32
+            want, got, rows = full.layers[0].mlp.experts, part.layers[0].mlp.experts, \
+                slice(16 * r, 16 * r + 16)
+            assert torch.equal(got.part(3, "up_proj"), want.part(3, "up_proj")[rows])
+            assert torch.equal(got.w13[:, :16], want.w13[:, rows])
+            assert torch.equal(got.w2, want.w2[:, :, rows])
     assert checked > 20

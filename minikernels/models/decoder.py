@@ -142,7 +142,7 @@ class DecoderLayer(nn.Module):
             self.pre_feedforward_layernorm = norm()
         if c.sandwich_norm or c.post_norm:
             self.post_feedforward_layernorm = norm()
-        self.mlp = SparseMoE(config, dtype, device, dense) if c.is_moe(layer) else \
+        self.mlp = SparseMoE(config, dtype, device, dense, tp) if c.is_moe(layer) else \
             MLP(config, dtype, device, dense, tp)
 
     def forward(self, h: Tensor, residual: Tensor | None, meta: AttentionMetadata,

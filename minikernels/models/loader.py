@@ -42,7 +42,8 @@ from .decoder import CausalLM
 from .hub import resolve_model
 from .linear import FusedLinear, pick_group_size
 from .moe import EXPERT_PARTS, FusedExperts
-from .parallel import TensorParallel, row_parallel_group_size, shard_tensor
+from .parallel import (TensorParallel, mlp_intermediate_size, row_parallel_group_size,
+                       shard_tensor)
 
 logger = logging.getLogger("minikernels")
 
@@ -511,7 +512,7 @@ def _load_hf(model_dir: str, dtype: str | torch.dtype, device: torch.device,
                             if g is None and tp is not None and \
                                     mod_name.endswith(("o_proj", "down_proj")):
                                 k_full = config.q_size if mod_name.endswith("o_proj") \
-                                    else config.intermediate_size
+                                    else mlp_intermediate_size(config, mod_name)[0]
                                 g = groups[mod_name] = row_parallel_group_size(
                                     mod_name, k_full, mod.in_features, group_size)
                             if g is None:

@@ -12,6 +12,14 @@ softmax router picks each token's top-k experts, and :func:`minikernels.ops.fuse
 Weights: ``gate.weight`` [E, H]; ``experts.w13`` [E, 2I, H] (each expert's gate_proj rows,
 then its up_proj rows); ``experts.w2`` [E, H, I] (down_proj). Experts stay dense (int4
 quantization covers the attention and dense layers).
+
+Tensor parallel (``tp``, size P; Megatron-style as the dense MLP, see
+:mod:`minikernels.models.parallel`): every rank holds every expert, but only the
+intermediate slice [r*I/P, (r+1)*I/P) of each: ``w13`` [E, 2I/P, H] (those gate rows,
+then those up rows), ``w2`` [E, H, I/P] (those columns). The router and
+``shared_expert_gate`` are replicated (every rank routes alike); the shared expert is
+column- / row-parallel over its own intermediate size. Each rank's ``y`` (before the
+multiplier) is a partial sum: one all-reduce, then Granite-MoE's residual_multiplier.
 """
 from __future__ import annotations
 
@@ -21,13 +29,15 @@ from torch import Tensor, nn
 from .. import ops
 from .config import DecoderConfig
 from .linear import FusedLinear
+from .parallel import TensorParallel
 
 #: a checkpoint's per-expert projections -> the part of w13 / w2 they fill
 EXPERT_PARTS = ("gate_proj", "up_proj", "down_proj")
 
 
 class FusedExperts(nn.Module):
-    """All experts' weights stacked: w13 [E, 2I, H], w2 [E, H, I]."""
+    """All experts' weights stacked: w13 [E, 2I, H], w2 [E, H, I]; ``inter`` = I is the
+    local intermediate size (a tensor-parallel rank's I/P slice of each expert)."""
 
     def __init__(self, num_experts: int, hidden: int, inter: int, dtype: torch.dtype,
                  device: torch.device | str | None) -> None:
@@ -40,7 +50,7 @@ class FusedExperts(nn.Module):
 
     def part(self, expert: int, name: str) -> Tensor:
         """The view of one expert's ``gate_proj`` [I, H], ``up_proj`` [I, H] or
-        ``down_proj`` [H, I] weight."""
+        ``down_proj`` [H, I] weight (I local: this rank's slice under tensor parallel)."""
         if name == "gate_proj":
             return self.w13[expert, :self.inter]
         if name == "up_proj":
@@ -50,7 +60,8 @@ class FusedExperts(nn.Module):
 
 class SharedExpert(nn.Module):
     """Qwen2-MoE's shared expert: a SiLU-gated MLP (``gate_up_proj`` / ``down_proj``
-    FusedLinears, so int4 on load covers it)."""
+    FusedLinears, so int4 on load covers it). ``inter``: local (I/P under tensor parallel);
+    the caller all-reduces the row-parallel output."""
 
     def __init__(self, hidden: int, inter: int, dtype: torch.dtype,
                  device: torch.device | str | None, dense: bool) -> None:
@@ -64,24 +75,29 @@ class SharedExpert(nn.Module):
 
 
 class SparseMoE(nn.Module):
-    """Router + experts of one layer (see the module docstring)."""
+    """Router + experts of one layer (see the module docstring). ``tp``: build this rank's
+    shard; forward all-reduces the partial sum."""
 
     def __init__(self, config: DecoderConfig, dtype: torch.dtype,
-                 device: torch.device | str | None, dense: bool = True) -> None:
+                 device: torch.device | str | None, dense: bool = True,
+                 tp: TensorParallel | None = None) -> None:
         super().__init__()
         c = config
+        p = tp.size if tp is not None else 1
+        self.__dict__["tp"] = tp   # not a submodule
         self.top_k = c.num_experts_per_tok
         self.norm_topk_prob = c.norm_topk_prob
         self.residual_multiplier = c.residual_multiplier   # Granite-MoE
         self.gate = nn.Linear(c.hidden_size, c.num_experts, bias=False, dtype=dtype,
                               device=device)
         self.gate.weight.requires_grad_(False)
-        self.experts = FusedExperts(c.num_experts, c.hidden_size, c.moe_intermediate_size,
+        self.experts = FusedExperts(c.num_experts, c.hidden_size, c.moe_intermediate_size // p,
                                     dtype, device)
         self.shared_expert = self.shared_expert_gate = None
         if c.shared_expert_intermediate_size:
-            self.shared_expert = SharedExpert(c.hidden_size, c.shared_expert_intermediate_size,
-                                              dtype, device, dense)
+            self.shared_expert = SharedExpert(c.hidden_size,
+                                              c.shared_expert_intermediate_size // p, dtype,
+                                              device, dense)
             self.shared_expert_gate = nn.Linear(c.hidden_size, 1, bias=False, dtype=dtype,
                                                 device=device)
             self.shared_expert_gate.weight.requires_grad_(False)
@@ -99,4 +115,6 @@ class SparseMoE(nn.Module):
         y = ops.fused_moe(x, self.experts.w13, self.experts.w2, weights, ids)
         if self.shared_expert is not None:
             y = y + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
+        if self.tp is not None:
+            y = self.tp.all_reduce(y)   # row-parallel: experts' and shared expert's partials
         return y if self.residual_multiplier == 1.0 else y * self.residual_multiplier

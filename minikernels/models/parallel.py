@@ -9,6 +9,13 @@ A :class:`TensorParallel` (rank, world size, process group) given to ``CausalLM(
     o_proj         row-parallel: input columns of this rank's q heads; one all-reduce
     gate_up_proj   column-parallel: intermediate rows [r*I/P, (r+1)*I/P) of gate and of up
     down_proj      row-parallel: the same intermediate columns; one all-reduce
+    experts        (MoE layers) every rank holds every expert, and of each only the
+                   intermediate slice [r*I/P, (r+1)*I/P) (I = moe_intermediate_size):
+                   w13 [E, 2I/P, H] (those gate rows, then those up rows), w2 [E, H, I/P]
+                   (those columns); router ``gate`` and ``shared_expert_gate`` replicated;
+                   the shared expert's gate_up_proj / down_proj split like the dense MLP's
+                   (over shared_expert_intermediate_size); one all-reduce of experts +
+                   shared expert
     lm_head        vocab-parallel rows (a tied one shares the embedding shard); the local
                    logits are all-gathered once and cut back to V
     norms, q/k_norm, rotary   replicated
@@ -25,9 +32,12 @@ Int4 (RTN on load): column-parallel parts quantize their own rows (exactly the r
 the unsharded quantization); row-parallel layers quantize their K slice with the group
 size of the unsharded layer when it divides the slice (then bit-identical to slicing the
 unsharded int4 weight), else the largest power-of-two divisor of the slice (logged).
+MoE experts stay dense (sharded as above); a shared expert quantizes as the dense MLP.
 
 Checkpoint tensors are read as slices (safetensors ``get_slice``): each rank reads only
-its rows / columns. :func:`shard_tensor` says which.
+its rows / columns (an expert's too: per-expert gate_proj / up_proj rows, down_proj
+columns; stacked gate_up_proj [E, 2I, H] the gate and up row slices, stacked down_proj
+[E, H, I] the column slice). :func:`shard_tensor` says which.
 """
 from __future__ import annotations
 
@@ -103,14 +113,17 @@ def check_config(config: DecoderConfig, tp: TensorParallel) -> None:
         raise ValueError(f"tensor_parallel_size {p} and num_key_value_heads ({kv}): one "
                          "must divide the other")
     if config.qk_norm_full:
-        raise ValueError("tensor parallelism is not supported for OLMo 2 (its q / k norms "
-                         "span every head; a shard would need an all-reduce per norm)")
-    if config.num_experts:
-        raise ValueError("tensor parallelism is not supported for mixture-of-experts models "
-                         "yet (the experts are not sharded); use data parallelism")
-    if config.intermediate_size % p:
-        raise ValueError(f"tensor_parallel_size {p} must divide intermediate_size "
-                         f"({config.intermediate_size})")
+        raise ValueError("tensor parallelism is not supported for OLMo 2 / OLMoE (their q / "
+                         "k norms span every head; a shard would need an all-reduce per norm)")
+    sizes = []
+    if any(not config.is_moe(i) for i in range(config.num_layers)):   # a dense MLP
+        sizes.append(("intermediate_size", config.intermediate_size))
+    if config.num_experts:   # each expert's (and the shared expert's) intermediate dim
+        sizes += [("moe_intermediate_size", config.moe_intermediate_size),
+                  ("shared_expert_intermediate_size", config.shared_expert_intermediate_size)]
+    for what, n in sizes:
+        if n % p:
+            raise ValueError(f"tensor_parallel_size {p} must divide {what} ({n})")
 
 
 @dataclass(frozen=True)
@@ -183,16 +196,69 @@ def _pad_rows(t: Tensor, rows: int) -> Tensor:
     return torch.cat([t, pad])
 
 
+def mlp_intermediate_size(config: DecoderConfig, module: str) -> tuple[int, str]:
+    """(size, config field) of the intermediate dim a gate_up_proj / down_proj module
+    splits: a Qwen2-MoE shared expert's, or the dense MLP's."""
+    if ".shared_expert." in module:
+        return config.shared_expert_intermediate_size, "shared_expert_intermediate_size"
+    return config.intermediate_size, "intermediate_size"
+
+
+def _mlp_split(config: DecoderConfig, tp: TensorParallel, module: str) -> tuple[int, int]:
+    return tp.split(*mlp_intermediate_size(config, module))
+
+
+def _expert_shard(config: DecoderConfig, tp: TensorParallel, module: str, shard: int | None,
+                  kind: str, src: Any) -> Tensor:
+    """This rank's intermediate slice [s0, s1) of an expert tensor (I = moe_intermediate_size).
+
+    One expert (``shard`` = its index): gate_proj / up_proj [I, H] -> rows [s0, s1);
+    down_proj [H, I] -> columns [s0, s1). Every expert stacked (``shard`` None; also the
+    parameters ``w13`` / ``w2`` themselves): gate_up_proj / w13 [E, 2I, H] -> gate rows
+    [s0, s1) then up rows [I+s0, I+s1), [E, 2I/P, H]; down_proj / w2 [E, H, I] ->
+    [E, H, I/P].
+    """
+    i = config.moe_intermediate_size
+    s0, s1 = tp.split(i, "moe_intermediate_size")
+    one = shard is not None
+    # kind -> the dim that holds the intermediate (and its full length there)
+    if one and kind in ("gate_proj", "up_proj"):
+        dim, full = 0, i
+    elif one and kind == "down_proj":
+        dim, full = 1, i
+    elif not one and kind in ("gate_up_proj", "w13"):
+        dim, full = 1, 2 * i
+    elif not one and kind in ("down_proj", "w2"):
+        dim, full = 2, i
+    else:
+        raise ValueError(f"{module}: expert tensor {kind!r} cannot be sharded")
+    shape = _shape(src)
+    if len(shape) != (2 if one else 3) or shape[dim] != full:
+        raise ValueError(f"{module}: {kind} of shape {shape} should have {full} along dim "
+                         f"{dim} (moe_intermediate_size {i})")
+    if dim == 0:
+        return src[s0:s1]
+    if dim == 2:
+        return src[:, :, s0:s1]
+    if one:
+        return src[:, s0:s1]
+    return torch.cat([src[:, s0:s1], src[:, i + s0:i + s1]], dim=1)   # gate rows, up rows
+
+
 def shard_tensor(config: DecoderConfig, tp: TensorParallel, module: str, shard: int | None,
                  kind: str, src: Any) -> Tensor:
     """This rank's piece of a checkpoint tensor, read from ``src``.
 
     src: a safetensors slice (``safe_open(...).get_slice(name)``: only the indexed rows /
     columns are read) or a tensor. module / shard / kind: as :func:`loader.map_name`
-    returns them. Unknown or replicated tensors are read whole.
+    returns them (also a parameter's own name as kind, for built-in weights: ``w13`` /
+    ``w2`` of the experts). Expert tensors: :func:`_expert_shard`. Unknown or replicated
+    tensors are read whole.
     """
     leaf = module.rsplit(".", 1)[-1]
     c = config
+    if leaf == "experts" and c.num_experts:
+        return _expert_shard(c, tp, module, shard, kind, src)
     if kind in ("weight", "bias") and leaf in ("embed_tokens", "lm_head"):
         start, stop, per = tp.vocab_range(c.vocab_size)
         return _pad_rows(_rows(src, start, stop), per)
@@ -208,7 +274,7 @@ def shard_tensor(config: DecoderConfig, tp: TensorParallel, module: str, shard: 
             first, n = (a.q0, a.nq) if shard == 0 else (a.kv0, a.nkv)
             start, stop = first * c.head_dim, (first + n) * c.head_dim
         else:
-            start, stop = tp.split(c.intermediate_size, "intermediate_size")
+            start, stop = _mlp_split(c, tp, module)
         if kind not in ("weight", "bias"):
             return _int4_columns(c, module, kind, src, start, stop)
         return _rows(src, start, stop)
@@ -217,7 +283,7 @@ def shard_tensor(config: DecoderConfig, tp: TensorParallel, module: str, shard: 
             a = attention_shard(c, tp)
             start, stop = a.q0 * c.head_dim, (a.q0 + a.nq) * c.head_dim
         else:
-            start, stop = tp.split(c.intermediate_size, "intermediate_size")
+            start, stop = _mlp_split(c, tp, module)
         return _int4_k_slice(c, module, kind, src, start, stop)
     if kind not in ("weight", "bias"):
         raise ValueError(f"{module}: int4 tensor {kind} cannot be sharded")
@@ -229,7 +295,7 @@ def shard_tensor(config: DecoderConfig, tp: TensorParallel, module: str, shard: 
             a = attention_shard(c, tp)
             start, stop = a.q0 * c.head_dim, (a.q0 + a.nq) * c.head_dim
         else:
-            start, stop = tp.split(c.intermediate_size, "intermediate_size")
+            start, stop = _mlp_split(c, tp, module)
         return src[:, start:stop]
     return _read(src)
 
