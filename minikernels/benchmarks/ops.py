@@ -131,6 +131,24 @@ def op_cases(device: str, dtype: torch.dtype, small: bool) -> list[Case]:
                       routed * 3 * hm * im * es + 2 * nm * hm * es,
                       6 * nm * topk * hm * im, ("triton",),
                       lambda: loop_moe(xm, w13, w2, mw, mids)))
+    # the same MoE with int4 experts (W4A16, g128; g16 on the CPU's downsized shapes), the
+    # peer: fused_moe on dense experts; bytes: routed experts' nibbles + fp16/bf16 scales
+    # and zeros + x and out
+    gm = 128 if hm % 128 == 0 and im % 128 == 0 else 16
+
+    def int4_experts(n_rows: int, k_cols: int) -> tuple[torch.Tensor, ...]:
+        qw = torch.randint(-2**31, 2**31 - 1, (ne, n_rows, k_cols // 8), dtype=torch.int32,
+                           device=device)
+        sc = (torch.rand(ne, n_rows, k_cols // gm, device=device) / (4 * k_cols ** 0.5)
+              ).to(dtype)
+        return qw, sc, torch.full_like(sc, 8.0)
+
+    q13, q2 = int4_experts(2 * im, hm), int4_experts(hm, im)
+    cases.append(Case("fused_moe_int4 top8 g128", f"{nm}tok {hm}x{im} E{ne} k{topk} g{gm}",
+                      lambda: ops.fused_moe_int4(xm, *q13, *q2, mw, mids, gm),
+                      routed * 3 * hm * im * (0.5 + 2 * es / gm) + 2 * nm * hm * es,
+                      6 * nm * topk * hm * im, ("triton",),
+                      lambda: ops.fused_moe(xm, w13, w2, mw, mids)))
     return cases
 
 

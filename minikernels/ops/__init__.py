@@ -11,7 +11,7 @@ from .attention import flash_attention, flash_attention_bshd
 from .int4 import int4_matmul
 from .kv_cache import merge_attn_states, paged_decode_attention, write_kv_cache
 from .lora import lora_delta
-from .moe import fused_moe
+from .moe import fused_moe, fused_moe_int4
 from .norm import gemma_rms_norm, rms_norm
 from .rejection_sampler import rejection_sample
 from .rotary import build_rope_cache, rotary_embedding
@@ -22,6 +22,7 @@ __all__ = [
     "build_rope_cache",
     "flash_attention",
     "fused_moe",
+    "fused_moe_int4",
     "gelu_and_mul",
     "gelu_tanh_and_mul",
     "gemma_rms_norm",

@@ -2,6 +2,10 @@
 top-k experts' gated MLPs, weighted and summed: the MLP of Qwen3-MoE, OLMoE, Mixtral,
 Granite-MoE). Backends: reference (ops/reference.py), triton (ops/triton/moe.py).
 Tests: tests/test_moe_op.py.
+
+Op: ``minikernels::fused_moe_int4``: the same with int4 experts (W4A16, the canonical
+int4 layout of docs/int4_format.md per expert). Backends: reference, triton
+(ops/triton/moe_int4.py). Tests: tests/test_moe_int4_op.py.
 """
 from __future__ import annotations
 
@@ -9,7 +13,7 @@ import torch
 from torch import Tensor
 
 from .. import backend as _backend
-from .._validation import FLOAT_DTYPES, check_index_range, check_tensor
+from .._validation import FLOAT_DTYPES, HALF_DTYPES, check_index_range, check_tensor
 from . import reference
 
 
@@ -66,3 +70,113 @@ def fused_moe(x: Tensor, w13: Tensor, w2: Tensor, topk_weights: Tensor,
     if topk_ids.numel():
         check_index_range("topk_ids", topk_ids, 0, e)
     return torch.ops.minikernels.fused_moe(x, w13, w2, topk_weights, topk_ids)
+
+
+# ------------------------------------------------------------------------ int4 experts
+
+@torch.library.custom_op("minikernels::fused_moe_int4", mutates_args=())
+def _fused_moe_int4(x: Tensor, w13_qweight: Tensor, w13_scales: Tensor, w13_zeros: Tensor,
+                    w2_qweight: Tensor, w2_scales: Tensor, w2_zeros: Tensor,
+                    topk_weights: Tensor, topk_ids: Tensor, group_size: int) -> Tensor:
+    args = (x, w13_qweight, w13_scales, w13_zeros, w2_qweight, w2_scales, w2_zeros,
+            topk_weights, topk_ids, group_size)
+    if _backend.resolve("fused_moe_int4", x.device) == "triton":
+        from .triton import moe_int4 as triton_moe_int4
+        return triton_moe_int4.fused_moe_int4(*args)
+    return reference.fused_moe_int4(*args)
+
+
+@_fused_moe_int4.register_fake
+def _(x: Tensor, w13_qweight: Tensor, w13_scales: Tensor, w13_zeros: Tensor,
+      w2_qweight: Tensor, w2_scales: Tensor, w2_zeros: Tensor, topk_weights: Tensor,
+      topk_ids: Tensor, group_size: int) -> Tensor:
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+def _check_int4_experts(prefix: str, qweight: Tensor, scales: Tensor, zeros: Tensor,
+                        shape: tuple[int, int, int], group_size: int,
+                        device: torch.device) -> None:
+    """qweight int32 [E, N, K/8], scales / zeros [E, N, K/G] (fp16/bf16, one dtype)."""
+    e, n, k = shape
+    check_tensor(f"{prefix}_qweight", qweight, dtypes=(torch.int32,), ndim=3, device=device)
+    if tuple(qweight.shape) != (e, n, k // 8):
+        raise ValueError(f"{prefix}_qweight must have shape [E = {e}, {n}, {k} / 8 = "
+                         f"{k // 8}] (int32 words of 8 nibbles packed along K), got "
+                         f"{list(qweight.shape)}")
+    groups = 1 if group_size == -1 else k // group_size
+    check_tensor(f"{prefix}_scales", scales, dtypes=HALF_DTYPES, ndim=3, device=device)
+    if tuple(scales.shape) != (e, n, groups):
+        raise ValueError(f"{prefix}_scales must have shape [E = {e}, {n}, K / G = {groups}], "
+                         f"got {list(scales.shape)}")
+    check_tensor(f"{prefix}_zeros", zeros, dtypes=(scales.dtype,), ndim=3, device=device)
+    if tuple(zeros.shape) != (e, n, groups):
+        raise ValueError(f"{prefix}_zeros must have shape [E = {e}, {n}, K / G = {groups}], "
+                         f"got {list(zeros.shape)}")
+
+
+def fused_moe_int4(x: Tensor, w13_qweight: Tensor, w13_scales: Tensor, w13_zeros: Tensor,
+                   w2_qweight: Tensor, w2_scales: Tensor, w2_zeros: Tensor,
+                   topk_weights: Tensor, topk_ids: Tensor, group_size: int) -> Tensor:
+    """:func:`fused_moe` with int4 experts (W4A16): out [T, H] in x.dtype, exactly
+    fused_moe on the dequantized experts W = (q - z) * s rounded to x.dtype.
+
+    Each expert's matrix is in the canonical int4 layout (docs/int4_format.md): int32 words
+    packed along K, lowest nibble first; scales and zeros per (row, group of G along K).
+    x [T, H] fp16/bf16 (as int4_matmul: no fp32); w13_qweight int32 [E, 2I, H/8] (each
+    expert's gate_proj rows, then its up_proj rows); w13_scales / w13_zeros [E, 2I, H/G];
+    w2_qweight int32 [E, H, I/8] (down_proj); w2_scales / w2_zeros [E, H, I/G]. Scales are
+    fp16 or bf16, zeros in the scales' dtype (float zero points); scales and zeros of the
+    other half type than x are converted to x.dtype first (int4_matmul's kernels do the
+    same). group_size: a positive multiple of 8 dividing both H and I (32, 64, 128
+    typical), or -1 = per channel (G = H for w13, G = I for w2). H and I are multiples of
+    8. topk_weights [T, k] fp32; topk_ids [T, k] int32/int64 in [0, E) (repeats count).
+    Every tensor may be a view with its own strides (a strided last dim is copied).
+    fp32 accumulation; the activated [I] intermediate is rounded to x.dtype; out is
+    rounded once.
+    """
+    check_tensor("x", x, dtypes=HALF_DTYPES, ndim=2)
+    check_tensor("w13_qweight", w13_qweight, dtypes=(torch.int32,), ndim=3, device=x.device)
+    check_tensor("w2_qweight", w2_qweight, dtypes=(torch.int32,), ndim=3, device=x.device)
+    check_tensor("topk_weights", topk_weights, dtypes=(torch.float32,), ndim=2,
+                 device=x.device)
+    check_tensor("topk_ids", topk_ids, dtypes=(torch.int32, torch.int64), ndim=2,
+                 device=x.device)
+    if not isinstance(group_size, int) or isinstance(group_size, bool):
+        raise TypeError(f"group_size must be an int, got {type(group_size).__name__}")
+    t, h = x.shape
+    if h == 0 or h % 8:
+        raise ValueError(f"x's hidden size H must be a positive multiple of 8 (int4 words "
+                         f"hold 8 values), got x shape {list(x.shape)}")
+    e, two_i = w13_qweight.shape[0], w13_qweight.shape[1]
+    if two_i == 0 or two_i % 2:
+        raise ValueError(f"w13_qweight's second dim must be 2I > 0 (gate rows then up "
+                         f"rows), got {list(w13_qweight.shape)}")
+    if w13_qweight.shape[2] != h // 8:
+        raise ValueError(f"w13_qweight must have shape [E, 2I, H / 8 = {h // 8}] (x's H = "
+                         f"{h}), got {list(w13_qweight.shape)}")
+    inter = two_i // 2
+    if inter % 8:
+        raise ValueError(f"the intermediate size I must be a multiple of 8 (int4 words), "
+                         f"got w13_qweight shape {list(w13_qweight.shape)} (I = {inter})")
+    if group_size != -1:
+        if group_size <= 0 or group_size % 8:
+            raise ValueError(f"group_size must be -1 (per channel) or a positive multiple "
+                             f"of 8, got {group_size}")
+        if h % group_size or inter % group_size:
+            raise ValueError(f"group_size ({group_size}) must divide H ({h}) and I "
+                             f"({inter})")
+    _check_int4_experts("w13", w13_qweight, w13_scales, w13_zeros, (e, two_i, h),
+                        group_size, x.device)
+    _check_int4_experts("w2", w2_qweight, w2_scales, w2_zeros, (e, h, inter),
+                        group_size, x.device)
+    if topk_ids.shape[0] != t or topk_ids.shape[1] < 1:
+        raise ValueError(f"topk_ids must have shape [T = {t}, k >= 1], got "
+                         f"{list(topk_ids.shape)}")
+    if tuple(topk_weights.shape) != tuple(topk_ids.shape):
+        raise ValueError(f"topk_weights must have topk_ids' shape {list(topk_ids.shape)}, "
+                         f"got {list(topk_weights.shape)}")
+    if topk_ids.numel():
+        check_index_range("topk_ids", topk_ids, 0, e)
+    return torch.ops.minikernels.fused_moe_int4(x, w13_qweight, w13_scales, w13_zeros,
+                                                w2_qweight, w2_scales, w2_zeros,
+                                                topk_weights, topk_ids, group_size)

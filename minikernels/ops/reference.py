@@ -498,3 +498,25 @@ def fused_moe(x: Tensor, w13: Tensor, w2: Tensor, topk_weights: Tensor,
         y = act @ w2[e].float().t()                              # [n, H]
         out.index_add_(0, rows, y * topk_weights[rows, slots].float()[:, None])
     return out.to(x.dtype)
+
+
+def dequantize_int4_experts(qweight: Tensor, scales: Tensor, zeros: Tensor, group_size: int,
+                            dtype: torch.dtype) -> Tensor:
+    """Stacked int4 experts qweight [E, N, K/8], scales / zeros [E, N, K/G] -> W [E, N, K]
+    in ``dtype``: scales and zeros converted to ``dtype`` first (what the kernels do when
+    their dtype differs from the activations'), (q - z) * s in fp32, rounded once."""
+    e, n, kw = qweight.shape
+    w = dequantize_int4(qweight.reshape(e * n, kw), scales.to(dtype).reshape(e * n, -1),
+                        zeros.to(dtype).reshape(e * n, -1), group_size)
+    return w.view(e, n, kw * 8).to(dtype)
+
+
+def fused_moe_int4(x: Tensor, w13_qweight: Tensor, w13_scales: Tensor, w13_zeros: Tensor,
+                   w2_qweight: Tensor, w2_scales: Tensor, w2_zeros: Tensor,
+                   topk_weights: Tensor, topk_ids: Tensor, group_size: int) -> Tensor:
+    """fused_moe with int4 experts (W4A16): exactly ``fused_moe`` on the dequantized
+    weights in x.dtype (``dequantize_int4_experts``; group_size -1 = one group per row,
+    G = H for w13 and G = I for w2)."""
+    w13 = dequantize_int4_experts(w13_qweight, w13_scales, w13_zeros, group_size, x.dtype)
+    w2 = dequantize_int4_experts(w2_qweight, w2_scales, w2_zeros, group_size, x.dtype)
+    return fused_moe(x, w13, w2, topk_weights, topk_ids)
