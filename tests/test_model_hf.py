@@ -232,9 +232,8 @@ def test_qwen3_moe_layout_stacked_names_and_refusals(hf_dirs, tmp_path):
     meta = AttentionMetadata.for_prompts([len(s) for s in seqs], device="cpu")
     assert torch.equal(again(meta_ids, meta, None), model(meta_ids, meta, None))
     rtn = load_model(path, dtype="float32", device="cpu", quantization="int4")
-    assert rtn.layers[0].mlp.experts.w13.dtype == torch.float32
     assert len(rtn.layers[0].self_attn.qkv_proj.int4_parts) > 0
-    assert torch.equal(rtn.layers[0].mlp.experts.w13, model.layers[0].mlp.experts.w13)
+    assert rtn.layers[0].mlp.experts.is_int4
     assert bool(torch.isfinite(rtn(meta_ids, meta, None)).all())
     odd = DecoderConfig.from_hf({**base, "moe_intermediate_size": 50})   # 4 ranks: 12.5
     with pytest.raises(ValueError, match=r"must divide moe_intermediate_size \(50\)"):
@@ -248,3 +247,39 @@ def test_qwen3_moe_layout_stacked_names_and_refusals(hf_dirs, tmp_path):
               open(f"{gptq}/config.json", "w"))
     with pytest.raises(CheckpointError, match="mixture-of-experts"):
         load_model(gptq, dtype="float32", device="cpu")
+
+
+@pytest.mark.parametrize(("kind", "group"), [("qwen3-moe", -1), ("qwen2-moe", 32),
+                                             ("granitemoe", -1)])
+def test_moe_int4_experts(hf_dirs, tmp_path, kind, group):
+    """quantization="int4" (RTN on load) makes the experts int4 too, streamed expert by
+    expert (hub per-expert names; Granite-MoE's stacked tensors): each expert's
+    dequantized weights equal quantize_int4 of its dense projection (one group size for
+    H and I: 32 where it divides both, else one group per row), and the layer's output
+    equals the dense experts' on those dequantized weights (the int4 op rounds fp32
+    activations to fp16 first); greedy generation runs."""
+    from minikernels.models.moe import SparseMoE
+    from minikernels.quant import quantize_int4
+
+    _, path = hf_dirs[kind]
+    dense = load_model(path, dtype="float32", device="cpu")
+    q = load_model(path, dtype="float32", device="cpu", quantization="int4", group_size=32)
+    ex, ref = q.layers[0].mlp.experts, dense.layers[0].mlp.experts
+    assert ex.is_int4 and ex.w13 is None and ex.group_size == group
+    w13, w2 = ex.dequantized()
+    for e in range(ex.num_experts):
+        assert torch.equal(w13[e], quantize_int4(ref.w13[e], group).dequantize())
+        assert torch.equal(w2[e], quantize_int4(ref.w2[e], group).dequantize())
+    layer = q.layers[0].mlp
+    twin = SparseMoE(dense.config, torch.float32, "cpu")
+    twin.load_state_dict(dense.layers[0].mlp.state_dict())
+    with torch.no_grad():
+        twin.experts.w13.copy_(w13)
+        twin.experts.w2.copy_(w2)
+        if layer.shared_expert is not None:   # int4 too: compare the experts alone
+            layer.shared_expert = twin.shared_expert = None
+        x = torch.randn(11, dense.config.hidden_size, generator=torch.Generator().manual_seed(3))
+        want = twin(x.half().float())
+        assert rel_err(layer(x), want) <= 2e-3
+    out = generate_tokens(q, _seqs(300, lengths=[5], seed=4), max_new_tokens=4, block_size=8)
+    assert len(out[0]) == 4

@@ -28,6 +28,7 @@ from __future__ import annotations
 import glob
 import json
 import logging
+import math
 import os
 import re
 from collections.abc import Iterator
@@ -415,9 +416,8 @@ def _load_hf(model_dir: str, dtype: str | torch.dtype, device: torch.device,
     ckpt_quant = _checkpoint_quant(config)
     if ckpt_quant is not None and config.num_experts:
         raise CheckpointError(f"{model_dir}: int4 checkpoints of mixture-of-experts models are "
-                              "not supported yet; load the dense checkpoint (with "
-                              "quantization='int4' its attention and dense layers are "
-                              "quantized, the experts stay dense)")
+                              "not supported yet; load the dense checkpoint with "
+                              "quantization='int4' (RTN on load, experts included)")
     if quantization in ("gptq", "awq") and (ckpt_quant is None or
                                             ckpt_quant["method"] != quantization):
         found = ckpt_quant["method"] if ckpt_quant else "a dense checkpoint"
@@ -495,7 +495,9 @@ def _load_hf(model_dir: str, dtype: str | torch.dtype, device: torch.device,
                         _load_kv_scale(getattr(mod, kind), tensor, where)
                         continue
                     if isinstance(mod, FusedExperts):
-                        seen.update(_load_experts(mod, mod_name, shard, kind, tensor, where))
+                        g = _expert_group(config, mod, group_size) if mod.is_int4 else None
+                        seen.update(_load_experts(mod, mod_name, shard, kind, tensor, where,
+                                                  g))
                         continue
                     if isinstance(mod, FusedLinear):
                         if kind in _QUANT_TENSORS:
@@ -583,24 +585,46 @@ def _load_hf(model_dir: str, dtype: str | torch.dtype, device: torch.device,
 
 
 def _load_experts(mod: FusedExperts, mod_name: str, expert: int | None, kind: str,
-                  tensor: Tensor, where: str) -> list[tuple[str, int, str]]:
-    """Copy one expert's projection (or transformers 5's stacked gate_up_proj /
-    down_proj of every expert) into w13 / w2; the (module, expert, part) keys it filled."""
+                  tensor: Tensor, where: str, group: int | None = None
+                  ) -> list[tuple[str, int, str]]:
+    """One expert's projection (or transformers 5's stacked gate_up_proj / down_proj of
+    every expert) into w13 / w2, or RTN-quantized into the int4 buffers with ``group``;
+    the (module, expert, part) keys it filled."""
     if expert is None:   # stacked: [E, 2I, H] or [E, H, I]
-        target = mod.w13 if kind == "gate_up_proj" else mod.w2
         parts = ("gate_proj", "up_proj") if kind == "gate_up_proj" else ("down_proj",)
         experts = range(mod.num_experts)
+        rows = mod.part_shape(parts[0])
+        expected = (mod.num_experts, rows[0] * len(parts), rows[1])
     else:
         if not 0 <= expert < mod.num_experts:
             raise CheckpointError(f"{where}: expert {expert} out of range (num_experts "
                                   f"{mod.num_experts})")
-        target, parts, experts = mod.part(expert, kind), (kind,), (expert,)
-    if tuple(tensor.shape) != tuple(target.shape):
-        raise CheckpointError(f"{where}: shape mismatch: expected {list(target.shape)}, got "
+        parts, experts, expected = (kind,), (expert,), mod.part_shape(kind)
+    if tuple(tensor.shape) != tuple(expected):
+        raise CheckpointError(f"{where}: shape mismatch: expected {list(expected)}, got "
                               f"{list(tensor.shape)}")
     with torch.no_grad():
-        target.copy_(tensor.to(device=target.device, dtype=target.dtype))
+        for e in experts:
+            whole = tensor if expert is not None else tensor[e]
+            for i, p in enumerate(parts):
+                piece = whole if len(parts) == 1 else whole[i * mod.inter:(i + 1) * mod.inter]
+                if group is None:
+                    target = mod.part(e, p)
+                    target.copy_(piece.to(device=target.device, dtype=target.dtype))
+                else:
+                    mod.quantize_part_(e, p, piece.to(mod.dtype), group)
     return [(mod_name, e, p) for e in experts for p in parts]
+
+
+def _expert_group(config: DecoderConfig, mod: FusedExperts, group_size: int) -> int:
+    """RTN group of the experts: one size dividing both K = H (w13) and K = I (w2); the
+    unsharded experts' when it divides this rank's I slice (then a rank's int4 experts
+    equal slices of the unsharded ones), else this slice's own."""
+    g = pick_group_size(math.gcd(config.hidden_size, config.moe_intermediate_size),
+                        group_size)
+    if g != -1 and mod.inter % g == 0:
+        return g
+    return pick_group_size(math.gcd(config.hidden_size, mod.inter), group_size)
 
 
 def _hf_name(module: str, shard: int | None, kind: str) -> str:
@@ -673,6 +697,16 @@ def _init_dummy(model: CausalLM, seed: int, group_size: int | None = None,
                 mod.quantize_shard_(None, w, _rtn_group(mod_name, mod.in_features,
                                                         group_size), symmetric)
                 del w
+            if isinstance(mod, FusedExperts) and mod.is_int4:
+                # the dense model's w13 then w2 draws, quantized expert by expert
+                g = _expert_group(model.config, mod, group_size)
+                for kind, shape in (("gate_up_proj", (mod.num_experts, 2 * mod.inter,
+                                                      mod.hidden)),
+                                    ("down_proj", (mod.num_experts, mod.hidden, mod.inter))):
+                    w = torch.empty(shape, dtype=model.dtype, device=model.device).normal_(
+                        0.0, 0.02, generator=gen)
+                    _load_experts(mod, mod_name, None, kind, w, mod_name, g)
+                    del w
             for p_name, p in mod.named_parameters(recurse=False):
                 if id(p) in seen:
                     continue
@@ -720,6 +754,15 @@ def _init_dummy_tp(model: CausalLM, tp: TensorParallel, seed: int,
     with torch.no_grad():
         for name, full in ref.named_modules():
             mod = modules[name]
+            if isinstance(full, FusedExperts) and full.is_int4:
+                g = _expert_group(config, mod, group_size)
+                for kind, shape in (("gate_up_proj", (full.num_experts, 2 * full.inter,
+                                                      full.hidden)),
+                                    ("down_proj", (full.num_experts, full.hidden, full.inter))):
+                    w = draw(torch.Size(shape), None, False)
+                    _load_experts(mod, name, None, kind,
+                                  shard_tensor(config, tp, name, None, kind, w), name, g)
+                    del w
             if isinstance(full, FusedLinear) and full.weight is None and not full.is_ready:
                 w = draw(torch.Size((full.out_features, full.in_features)), None, False)
                 g = rtn_group(name, mod, full)

@@ -10,8 +10,8 @@ softmax router picks each token's top-k experts, and :func:`minikernels.ops.fuse
     [y += sigmoid(x @ Wsg.T) * shared(x)]    # Qwen2-MoE's shared expert (a dense MLP)
 
 Weights: ``gate.weight`` [E, H]; ``experts.w13`` [E, 2I, H] (each expert's gate_proj rows,
-then its up_proj rows); ``experts.w2`` [E, H, I] (down_proj). Experts stay dense (int4
-quantization covers the attention and dense layers).
+then its up_proj rows); ``experts.w2`` [E, H, I] (down_proj). With int4 (RTN on load) the
+experts are int4 too: :class:`FusedExperts` and ``ops.fused_moe_int4``.
 
 Tensor parallel (``tp``, size P; Megatron-style as the dense MLP, see
 :mod:`minikernels.models.parallel`): every rank holds every expert, but only the
@@ -37,25 +37,103 @@ EXPERT_PARTS = ("gate_proj", "up_proj", "down_proj")
 
 class FusedExperts(nn.Module):
     """All experts' weights stacked: w13 [E, 2I, H], w2 [E, H, I]; ``inter`` = I is the
-    local intermediate size (a tensor-parallel rank's I/P slice of each expert)."""
+    local intermediate size (a tensor-parallel rank's I/P slice of each expert).
+
+    Dense (``dense=True``): the Parameters ``w13`` / ``w2`` in the model dtype. Int4
+    (``dense=False``: RTN on load): nothing is allocated until :meth:`quantize_part_`
+    receives the first expert projection; then the canonical int4 buffers (ops/int4.py)
+    ``w13_qweight`` int32 [E, 2I, H/8] with ``w13_scales`` / ``w13_zeros`` [E, 2I, H/G] and
+    ``w2_qweight`` [E, H, I/8] with ``w2_scales`` / ``w2_zeros`` [E, H, I/G], one group
+    size G for both (-1: one group per row); the forward is ``ops.fused_moe_int4``.
+    """
 
     def __init__(self, num_experts: int, hidden: int, inter: int, dtype: torch.dtype,
-                 device: torch.device | str | None) -> None:
+                 device: torch.device | str | None, dense: bool = True) -> None:
         super().__init__()
         self.num_experts, self.hidden, self.inter = num_experts, hidden, inter
-        self.w13 = nn.Parameter(torch.empty(num_experts, 2 * inter, hidden, dtype=dtype,
-                                            device=device), requires_grad=False)
-        self.w2 = nn.Parameter(torch.empty(num_experts, hidden, inter, dtype=dtype,
-                                           device=device), requires_grad=False)
+        self.dtype, self.device = dtype, device
+        self.group_size: int | None = None           # int4 only
+        self.w13 = self.w2 = None
+        if dense:
+            self.w13 = nn.Parameter(torch.empty(num_experts, 2 * inter, hidden, dtype=dtype,
+                                                device=device), requires_grad=False)
+            self.w2 = nn.Parameter(torch.empty(num_experts, hidden, inter, dtype=dtype,
+                                               device=device), requires_grad=False)
+
+    @property
+    def is_int4(self) -> bool:
+        return self.w13 is None
 
     def part(self, expert: int, name: str) -> Tensor:
-        """The view of one expert's ``gate_proj`` [I, H], ``up_proj`` [I, H] or
+        """The view of one dense expert's ``gate_proj`` [I, H], ``up_proj`` [I, H] or
         ``down_proj`` [H, I] weight (I local: this rank's slice under tensor parallel)."""
         if name == "gate_proj":
             return self.w13[expert, :self.inter]
         if name == "up_proj":
             return self.w13[expert, self.inter:]
         return self.w2[expert]
+
+    def part_shape(self, name: str) -> tuple[int, int]:
+        return (self.hidden, self.inter) if name == "down_proj" else (self.inter, self.hidden)
+
+    def quantize_part_(self, expert: int, name: str, tensor: Tensor, group_size: int) -> None:
+        """RTN-quantize one expert's dense projection (``part_shape(name)``) straight into
+        the int4 buffers (allocated on the first call, with ``group_size`` for all parts)."""
+        from .linear import rtn_int4
+
+        if not self.is_int4:
+            raise ValueError("these experts hold dense weights; copy into part() instead")
+        if tuple(tensor.shape) != self.part_shape(name):
+            raise ValueError(f"shape mismatch: expected {list(self.part_shape(name))}, got "
+                             f"{list(tensor.shape)}")
+        if self.group_size is None:
+            self._allocate_int4(group_size)
+        elif group_size != self.group_size:
+            raise ValueError(f"group_size {group_size} differs from these experts' "
+                             f"{self.group_size}")
+        w = rtn_int4(tensor.detach().to(self.device), group_size)
+        rows = slice(0, self.inter) if name == "gate_proj" else \
+            slice(self.inter, 2 * self.inter) if name == "up_proj" else slice(None)
+        prefix = "w2" if name == "down_proj" else "w13"
+        for kind in ("qweight", "scales", "zeros"):
+            getattr(self, f"{prefix}_{kind}")[expert, rows].copy_(getattr(w, kind))
+
+    def _allocate_int4(self, group_size: int) -> None:
+        sd = self.dtype if self.dtype in (torch.float16, torch.bfloat16) else torch.float16
+        e, i, h = self.num_experts, self.inter, self.hidden
+        for prefix, (n, k) in (("w13", (2 * i, h)), ("w2", (h, i))):
+            groups = 1 if group_size == -1 else k // group_size
+            self.register_buffer(f"{prefix}_qweight", torch.zeros(
+                e, n, k // 8, dtype=torch.int32, device=self.device))
+            self.register_buffer(f"{prefix}_scales", torch.ones(
+                e, n, groups, dtype=sd, device=self.device))
+            self.register_buffer(f"{prefix}_zeros", torch.zeros(
+                e, n, groups, dtype=sd, device=self.device))
+        self.group_size = group_size
+
+    def dequantized(self) -> tuple[Tensor, Tensor]:
+        """(w13, w2) fp32: the dense weights, or the int4 ones dequantized."""
+        if not self.is_int4:
+            return self.w13.float(), self.w2.float()
+        deq = ops.reference.dequantize_int4
+        return tuple(torch.stack([deq(getattr(self, f"{p}_qweight")[e],
+                                      getattr(self, f"{p}_scales")[e],
+                                      getattr(self, f"{p}_zeros")[e], self.group_size)
+                                  for e in range(self.num_experts)]) for p in ("w13", "w2"))
+
+    def forward(self, x: Tensor, weights: Tensor, ids: Tensor) -> Tensor:
+        """The experts of x [T, H] (``ops.fused_moe`` / ``fused_moe_int4``)."""
+        if not self.is_int4:
+            return ops.fused_moe(x, self.w13, self.w2, weights, ids)
+        if self.group_size is None:
+            raise RuntimeError("int4 experts were never loaded")
+        # fp16 / bf16 activations; an fp32 model rounds them to the scales' dtype
+        sd = self.w13_scales.dtype
+        xin = x if x.dtype in (torch.float16, torch.bfloat16) else x.to(sd)
+        y = ops.fused_moe_int4(xin, self.w13_qweight, self.w13_scales, self.w13_zeros,
+                               self.w2_qweight, self.w2_scales, self.w2_zeros, weights, ids,
+                               self.group_size)
+        return y.to(x.dtype)
 
 
 class SharedExpert(nn.Module):
@@ -92,7 +170,7 @@ class SparseMoE(nn.Module):
                               device=device)
         self.gate.weight.requires_grad_(False)
         self.experts = FusedExperts(c.num_experts, c.hidden_size, c.moe_intermediate_size // p,
-                                    dtype, device)
+                                    dtype, device, dense)
         self.shared_expert = self.shared_expert_gate = None
         if c.shared_expert_intermediate_size:
             self.shared_expert = SharedExpert(c.hidden_size,
@@ -112,7 +190,7 @@ class SparseMoE(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         weights, ids = self.route(x)
-        y = ops.fused_moe(x, self.experts.w13, self.experts.w2, weights, ids)
+        y = self.experts(x, weights, ids)
         if self.shared_expert is not None:
             y = y + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
         if self.tp is not None:

@@ -32,7 +32,8 @@ Int4 (RTN on load): column-parallel parts quantize their own rows (exactly the r
 the unsharded quantization); row-parallel layers quantize their K slice with the group
 size of the unsharded layer when it divides the slice (then bit-identical to slicing the
 unsharded int4 weight), else the largest power-of-two divisor of the slice (logged).
-MoE experts stay dense (sharded as above); a shared expert quantizes as the dense MLP.
+MoE experts quantize their slices (one group size for H and the rank's I; the unsharded
+experts' when it divides the slice); a shared expert quantizes as the dense MLP.
 
 Checkpoint tensors are read as slices (safetensors ``get_slice``): each rank reads only
 its rows / columns (an expert's too: per-expert gate_proj / up_proj rows, down_proj
