@@ -159,3 +159,21 @@ def test_gpu_embedder_and_classifier_match_cpu():
             continue
         for g, w in zip(got, want):
             assert g.device.type == "cpu" and rel_err(g, w) <= 1e-3
+
+
+@pytest.mark.parametrize("kind", ["qwen3-moe", "qwen2-moe", "mixtral"])
+def test_gpu_int4_moe_matches_cpu_reference(hf_dirs, kind):
+    """RTN int4 MoE models (int4 experts through fused_moe_int4's Triton kernels, int4
+    attention / dense layers) on the GPU in fp16 against the same int4 model on the CPU
+    reference ops (fp32 model, activations rounded to fp16 for the int4 ops)."""
+    _, path = hf_dirs[kind]
+    kw = dict(quantization="int4", group_size=32)
+    cpu = load_model(path, dtype="float32", device="cpu", **kw)
+    gpu = load_model(path, dtype="float16", device="cuda", **kw)
+    assert gpu.layers[0].mlp.experts.is_int4
+    seqs = [random_tokens(n, 300, 40 + n) for n in (14, 5)]
+    ids = [t for s in seqs for t in s]
+    want = cpu(torch.tensor(ids), AttentionMetadata.for_prompts([14, 5]), None)
+    got = gpu(torch.tensor(ids, device="cuda"),
+              AttentionMetadata.for_prompts([14, 5], device="cuda"), None)
+    assert rel_err(got.float().cpu(), want) <= 0.03
