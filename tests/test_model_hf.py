@@ -198,7 +198,6 @@ def test_qwen3_moe_layout_stacked_names_and_refusals(hf_dirs, tmp_path):
     from safetensors.torch import load_file, save_file
 
     from minikernels.models import AttentionMetadata, CausalLM, DecoderConfig
-    from minikernels.models.loader import CheckpointError
     from minikernels.models.lora import LoRAManager
     from minikernels.models.moe import SparseMoE
     from minikernels.models.parallel import TensorParallel
@@ -240,13 +239,16 @@ def test_qwen3_moe_layout_stacked_names_and_refusals(hf_dirs, tmp_path):
         CausalLM(odd, dtype=torch.float32, device="meta", tp=TensorParallel(0, 4))
     with pytest.raises(ValueError, match="mixture-of-experts"):
         LoRAManager(model, max_loras=1, max_lora_rank=8)
+    # an int4 checkpoint whose experts were left dense (modules_to_not_convert): they load
+    # dense, as a dense linear of such a checkpoint does
     gptq = str(tmp_path / "gptq")
     shutil.copytree(path, gptq)
     json.dump({**base, "quantization_config": {"quant_method": "gptq", "bits": 4,
                                                 "group_size": 32}},
               open(f"{gptq}/config.json", "w"))
-    with pytest.raises(CheckpointError, match="mixture-of-experts"):
-        load_model(gptq, dtype="float32", device="cpu")
+    left = load_model(gptq, dtype="float32", device="cpu")
+    assert not left.layers[0].mlp.experts.is_int4
+    assert torch.equal(left(meta_ids, meta, None), model(meta_ids, meta, None))
 
 
 @pytest.mark.parametrize(("kind", "group"), [("qwen3-moe", -1), ("qwen2-moe", 32),
@@ -283,3 +285,39 @@ def test_moe_int4_experts(hf_dirs, tmp_path, kind, group):
         assert rel_err(layer(x), want) <= 2e-3
     out = generate_tokens(q, _seqs(300, lengths=[5], seed=4), max_new_tokens=4, block_size=8)
     assert len(out[0]) == 4
+
+
+@pytest.mark.parametrize(("method", "group"), [("gptq", 16), ("awq", 16),
+                                               ("compressed-tensors", -1)])
+def test_moe_int4_checkpoints(tmp_path, method, group):
+    """GPTQ / AWQ / compressed-tensors MoE checkpoints (the hub's per-expert qweight /
+    qzeros / scales, as Qwen3-30B-A3B-GPTQ-Int4) load onto the int4 experts losslessly:
+    each expert's dequantized weights equal the known integers' W, and logits match
+    transformers running those dequantized weights (activations rounded to fp16 for the
+    int4 ops). Act-order experts and TP are refused by name."""
+    from test_model_support import make_hf_model, write_quantized_checkpoint
+
+    from minikernels.models.loader import CheckpointError
+    from minikernels.models.parallel import TensorParallel
+
+    hf = make_hf_model("qwen3-moe", moe_intermediate_size=32)
+    dense = write_quantized_checkpoint(hf, str(tmp_path / "q"), method, group=group)
+    model = load_model(str(tmp_path / "q"), dtype="float32", device="cpu")
+    ex = model.layers[0].mlp.experts
+    assert ex.is_int4 and ex.group_size == group
+    w13, w2 = ex.dequantized()
+    assert torch.equal(w13, dense["model.layers.0.mlp.experts.gate_up_proj"])
+    assert torch.equal(w2, dense["model.layers.0.mlp.experts.down_proj"])
+    seqs = _seqs(300, lengths=[9, 4], seed=2)
+    ids = torch.tensor([t for s in seqs for t in s])
+    got = model(ids, AttentionMetadata.for_prompts([len(s) for s in seqs]), None)
+    want = torch.cat([hf_logits(hf, s) for s in seqs])
+    assert rel_err(got, want) <= 0.02
+    with pytest.raises(CheckpointError, match="tensor parallelism"):
+        load_model(str(tmp_path / "q"), dtype="float32", device="cpu",
+                   tensor_parallel=TensorParallel(0, 2))
+    if method == "gptq":
+        write_quantized_checkpoint(make_hf_model("qwen3-moe", moe_intermediate_size=32),
+                                   str(tmp_path / "act"), "gptq", group=16, act_order=True)
+        with pytest.raises(CheckpointError, match="act-order"):
+            load_model(str(tmp_path / "act"), dtype="float32", device="cpu")

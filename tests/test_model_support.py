@@ -242,11 +242,9 @@ def write_quantized_checkpoint(hf: torch.nn.Module, path: str, method: str, grou
     state = {k: v.detach().clone() for k, v in hf.state_dict().items()}
     tensors: dict[str, torch.Tensor] = {}
     dense: dict[str, torch.Tensor] = {}
-    for name, w in state.items():
-        if ".layers." not in name or not name.endswith("_proj.weight"):
-            tensors[name] = w.contiguous()
-            continue
-        n, k = w.shape
+
+    def quantize(base: str, n: int, k: int) -> torch.Tensor:
+        """Known random int4 tensors of one [n, k] matrix under ``base`` -> its W."""
         ct = method == "compressed-tensors"
         groups = 1 if group == -1 else k // group
         gsize = k // groups
@@ -261,7 +259,6 @@ def write_quantized_checkpoint(hf: torch.nn.Module, path: str, method: str, grou
             g_idx = torch.arange(k) // gsize
         gi = g_idx.long()
         wdq = (q.float() - zeros.float()[:, gi]) * scales.float()[:, gi]
-        base = name[:-len(".weight")]
         if ct:   # signed q - 8 stored offset by 8 = q, 8 per int32 along K; [N, ...] layout
             parts = {"weight_packed": pack_rows_of_8(q), "weight_scale": scales,
                      "weight_shape": torch.tensor([n, k])}
@@ -273,6 +270,21 @@ def write_quantized_checkpoint(hf: torch.nn.Module, path: str, method: str, grou
             parts = awq_tensors(q, zeros, scales)
         for kname, t in parts.items():
             tensors[f"{base}.{kname}"] = t
+        return wdq
+
+    for name, w in state.items():
+        if name.endswith((".mlp.experts.gate_up_proj", ".mlp.experts.down_proj")):
+            # transformers 5's stacked experts -> the hub's per-expert int4 tensors
+            prefix, stacked = name.rsplit(".", 1)
+            projs = ("gate_proj", "up_proj") if stacked == "gate_up_proj" else ("down_proj",)
+            rows = w.shape[1] // len(projs)
+            wdq = torch.stack([torch.cat([quantize(f"{prefix}.{e}.{p}", rows, w.shape[2])
+                                          for p in projs]) for e in range(w.shape[0])])
+        elif ".layers." in name and name.endswith("_proj.weight"):
+            wdq = quantize(name[:-len(".weight")], *w.shape)
+        else:
+            tensors[name] = w.contiguous()
+            continue
         dense[name] = wdq
         with torch.no_grad():
             hf.get_parameter(name).copy_(wdq)

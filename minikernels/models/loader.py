@@ -108,7 +108,7 @@ _KV_SCALE_RE = re.compile(r"^layers\.(\d+)\.self_attn\.(k_scale|v_scale)$")
 #: mixture of experts: per-expert projections (the hub's names), transformers 5's stacked
 #: ones, and the router (models/moe.py)
 _EXPERT_RE = re.compile(r"^layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)"
-                        r"\.weight$")
+                        r"\.(\w+)$")
 _STACKED_EXPERTS_RE = re.compile(r"^layers\.(\d+)\.mlp\.experts\.(gate_up_proj|down_proj)$")
 _ROUTER_RE = re.compile(r"^layers\.(\d+)\.mlp\.(gate|shared_expert_gate)\.weight$")
 _SHARED_EXPERT_RE = re.compile(r"^layers\.(\d+)\.mlp\.shared_expert\.(\w+)\.(\w+)$")
@@ -153,8 +153,10 @@ def map_name(name: str) -> tuple[str, int | None, str] | None:
     if m:
         return f"layers.{m.group(1)}.self_attn.attn", None, m.group(2)
     m = _EXPERT_RE.match(n)
-    if m:
-        return f"layers.{m.group(1)}.mlp.experts", int(m.group(2)), m.group(3)
+    if m and (m.group(4) == "weight" or m.group(4) in _QUANT_TENSORS):
+        # an int4 expert tensor: kind "<projection>:<tensor>" (e.g. "gate_proj:qweight")
+        kind = m.group(3) if m.group(4) == "weight" else f"{m.group(3)}:{m.group(4)}"
+        return f"layers.{m.group(1)}.mlp.experts", int(m.group(2)), kind
     m = _STACKED_EXPERTS_RE.match(n)
     if m:
         return f"layers.{m.group(1)}.mlp.experts", None, m.group(2)
@@ -414,10 +416,10 @@ def _load_hf(model_dir: str, dtype: str | torch.dtype, device: torch.device,
     torch_dtype = parse_dtype(dtype, config, device)
 
     ckpt_quant = _checkpoint_quant(config)
-    if ckpt_quant is not None and config.num_experts:
-        raise CheckpointError(f"{model_dir}: int4 checkpoints of mixture-of-experts models are "
-                              "not supported yet; load the dense checkpoint with "
-                              "quantization='int4' (RTN on load, experts included)")
+    if ckpt_quant is not None and config.num_experts and tp is not None:
+        raise CheckpointError(f"{model_dir}: int4 checkpoints of mixture-of-experts models "
+                              "are not supported with tensor parallelism yet; load the dense "
+                              "checkpoint with quantization='int4' (RTN on load)")
     if quantization in ("gptq", "awq") and (ckpt_quant is None or
                                             ckpt_quant["method"] != quantization):
         found = ckpt_quant["method"] if ckpt_quant else "a dense checkpoint"
@@ -456,6 +458,7 @@ def _load_hf(model_dir: str, dtype: str | torch.dtype, device: torch.device,
             expected.add((name, None, "weight"))
 
     pending_q: dict[tuple[str, int], dict[str, Tensor]] = {}
+    pending_experts: dict[tuple[str, int, str], dict[str, Tensor]] = {}
     seen: set[tuple[str, int | None, str]] = set()
     unexpected: list[str] = []
     non_text = 0
@@ -494,7 +497,22 @@ def _load_hf(model_dir: str, dtype: str | torch.dtype, device: torch.device,
                     if kind in ("k_scale", "v_scale"):
                         _load_kv_scale(getattr(mod, kind), tensor, where)
                         continue
+                    if isinstance(mod, FusedExperts) and ":" in kind:   # int4 checkpoint
+                        if ckpt_quant is None:
+                            raise CheckpointError(f"{where} is a quantized tensor but "
+                                                  "config.json has no quantization_config")
+                        part, tkind = kind.split(":")
+                        pending_experts.setdefault((mod_name, shard, part), {})[tkind] = \
+                            tensor.to(device)
+                        if tkind in _PRIMARY_INT4:
+                            seen.add((mod_name, shard, part))
+                        continue
                     if isinstance(mod, FusedExperts):
+                        if ckpt_quant is not None and mod.is_int4:   # left dense
+                            try:
+                                mod.make_dense_()
+                            except ValueError as exc:
+                                raise CheckpointError(f"{where}: {exc}") from None
                         g = _expert_group(config, mod, group_size) if mod.is_int4 else None
                         seen.update(_load_experts(mod, mod_name, shard, kind, tensor, where,
                                                   g))
@@ -579,6 +597,16 @@ def _load_hf(model_dir: str, dtype: str | torch.dtype, device: torch.device,
 
     if pending_q:
         _import_int4(model, modules, pending_q, ckpt_quant, torch_dtype)
+    for (mod_name, e, part), t in sorted(pending_experts.items()):
+        where = f"model.{mod_name}.{e}.{part}"
+        w = _int4_weight(where, t, ckpt_quant, torch_dtype)
+        if w.perm is not None:
+            raise CheckpointError(f"{where}: act-order (desc_act) int4 experts are not "
+                                  "supported (the fused experts read K in order)")
+        try:
+            modules[mod_name].set_int4_part_(e, part, w, int(ckpt_quant["group_size"]))
+        except ValueError as exc:
+            raise CheckpointError(f"{where}: {exc}") from None
     if quantization == "int4" or (quantize_lm_head and ckpt_quant is not None):
         quantize_linears(model, group_size, quantize_lm_head=quantize_lm_head)
     return model
@@ -641,31 +669,41 @@ def _hf_name(module: str, shard: int | None, kind: str) -> str:
     return f"model.{module}.{kind}"
 
 
-def _import_int4(model: CausalLM, modules: dict[str, Any],
-                 pending: dict[tuple[str, int], dict[str, Tensor]], quant: dict[str, Any],
-                 torch_dtype: torch.dtype) -> None:
-    """Turn GPTQ / AWQ / compressed-tensors tensors into int4 parts of the fused layers."""
+def _int4_weight(name: str, t: dict[str, Tensor], quant: dict[str, Any],
+                 torch_dtype: torch.dtype) -> Any:
+    """One layer's GPTQ / AWQ / compressed-tensors tensors -> an Int4Weight (canonical
+    layout; scales in the model's half dtype, else fp16)."""
     from .. import quant as mkq
 
     scale_dtype = torch_dtype if torch_dtype in (torch.float16, torch.bfloat16) \
         else torch.float16
+    ct = quant["method"] == "compressed-tensors"
+    need = ("weight_packed", "weight_scale") if ct else ("qweight", "qzeros", "scales")
+    missing = [k for k in need if k not in t]
+    if missing:
+        raise CheckpointError(f"{name}: missing {missing}")
+    try:
+        if ct:
+            w = mkq.from_compressed_tensors(t["weight_packed"], t["weight_scale"],
+                                            t.get("weight_g_idx"))
+        elif quant["method"] == "gptq":
+            w = mkq.from_gptq(t["qweight"], t["qzeros"], t["scales"], t.get("g_idx"),
+                              checkpoint_format=quant["checkpoint_format"])
+        else:
+            w = mkq.from_awq(t["qweight"], t["qzeros"], t["scales"])
+        return w.to(dtype=scale_dtype)
+    except (ValueError, TypeError) as exc:
+        raise CheckpointError(f"{name}: {exc}") from None
+
+
+def _import_int4(model: CausalLM, modules: dict[str, Any],
+                 pending: dict[tuple[str, int], dict[str, Tensor]], quant: dict[str, Any],
+                 torch_dtype: torch.dtype) -> None:
+    """Turn GPTQ / AWQ / compressed-tensors tensors into int4 parts of the fused layers."""
     for (mod_name, shard), t in sorted(pending.items()):
         name = _hf_name(mod_name, shard, "*")
-        ct = quant["method"] == "compressed-tensors"
-        need = ("weight_packed", "weight_scale") if ct else ("qweight", "qzeros", "scales")
-        missing = [k for k in need if k not in t]
-        if missing:
-            raise CheckpointError(f"{name}: missing {missing}")
+        w = _int4_weight(name, t, quant, torch_dtype)
         try:
-            if ct:
-                w = mkq.from_compressed_tensors(t["weight_packed"], t["weight_scale"],
-                                                t.get("weight_g_idx"))
-            elif quant["method"] == "gptq":
-                w = mkq.from_gptq(t["qweight"], t["qzeros"], t["scales"], t.get("g_idx"),
-                                  checkpoint_format=quant["checkpoint_format"])
-            else:
-                w = mkq.from_awq(t["qweight"], t["qzeros"], t["scales"])
-            w = w.to(dtype=scale_dtype)
             modules[mod_name].set_int4_shard(shard, w)
         except (ValueError, TypeError) as exc:
             raise CheckpointError(f"{name}: {exc}") from None

@@ -64,6 +64,17 @@ class FusedExperts(nn.Module):
     def is_int4(self) -> bool:
         return self.w13 is None
 
+    def make_dense_(self) -> None:
+        """Allocate dense w13 / w2 in an int4-built module that has no int4 part yet (an
+        int4 checkpoint whose experts were left dense, as modules_to_not_convert)."""
+        if self.group_size is not None:
+            raise ValueError("these experts already hold int4 parts")
+        e, i, h = self.num_experts, self.inter, self.hidden
+        self.w13 = nn.Parameter(torch.empty(e, 2 * i, h, dtype=self.dtype, device=self.device),
+                                requires_grad=False)
+        self.w2 = nn.Parameter(torch.empty(e, h, i, dtype=self.dtype, device=self.device),
+                               requires_grad=False)
+
     def part(self, expert: int, name: str) -> Tensor:
         """The view of one dense expert's ``gate_proj`` [I, H], ``up_proj`` [I, H] or
         ``down_proj`` [H, I] weight (I local: this rank's slice under tensor parallel)."""
@@ -91,15 +102,40 @@ class FusedExperts(nn.Module):
         elif group_size != self.group_size:
             raise ValueError(f"group_size {group_size} differs from these experts' "
                              f"{self.group_size}")
-        w = rtn_int4(tensor.detach().to(self.device), group_size)
+        self._write(expert, name, rtn_int4(tensor.detach().to(self.device), group_size))
+
+    def set_int4_part_(self, expert: int, name: str, w: object, group_size: int) -> None:
+        """Write one expert's projection from an int4 checkpoint (a
+        :class:`~minikernels.quant.Int4Weight` [part_shape(name)] without act-order
+        ``perm``) quantized with the checkpoint's ``group_size`` (-1: one group per row),
+        which must divide H and I (one group size for every projection)."""
+        if not self.is_int4:
+            raise ValueError("these experts hold dense weights")
+        n, k = self.part_shape(name)
+        if tuple(w.shape) != (n, k):
+            raise ValueError(f"shape mismatch: expected {[n, k]}, got {list(w.shape)}")
+        if self.group_size is None:
+            for dim in (self.hidden, self.inter):
+                if group_size != -1 and dim % group_size:
+                    raise ValueError(f"group_size {group_size} does not divide the experts' "
+                                     f"H = {self.hidden} and I = {self.inter}")
+            self._allocate_int4(group_size, w.scales.dtype)
+        want = k if self.group_size == -1 else self.group_size
+        if w.effective_group_size != want:
+            raise ValueError(f"quantized with groups of {w.effective_group_size}; expected "
+                             f"{want} (group_size {self.group_size})")
+        self._write(expert, name, w)
+
+    def _write(self, expert: int, name: str, w: object) -> None:
         rows = slice(0, self.inter) if name == "gate_proj" else \
             slice(self.inter, 2 * self.inter) if name == "up_proj" else slice(None)
         prefix = "w2" if name == "down_proj" else "w13"
         for kind in ("qweight", "scales", "zeros"):
             getattr(self, f"{prefix}_{kind}")[expert, rows].copy_(getattr(w, kind))
 
-    def _allocate_int4(self, group_size: int) -> None:
-        sd = self.dtype if self.dtype in (torch.float16, torch.bfloat16) else torch.float16
+    def _allocate_int4(self, group_size: int, scale_dtype: torch.dtype | None = None) -> None:
+        sd = scale_dtype or (self.dtype if self.dtype in (torch.float16, torch.bfloat16)
+                             else torch.float16)
         e, i, h = self.num_experts, self.inter, self.hidden
         for prefix, (n, k) in (("w13", (2 * i, h)), ("w2", (h, i))):
             groups = 1 if group_size == -1 else k // group_size
