@@ -46,8 +46,9 @@ def _by_hand(x, w13, w2, tw, ids):
 
 
 def _rel_err(got, exact):
-    # relative to the largest output; a tiny output (fp16 subnormals) is judged against 1e-3
-    return float((got.double().cpu() - exact).abs().max() / exact.abs().max().clamp_min(1e-3))
+    # relative to the largest output; an output that cancels to near 0 (fp16 subnormals;
+    # fp32 with H = 1: seen at 1e-4, whose terms are O(1)) is judged against 1e-2
+    return float((got.double().cpu() - exact).abs().max() / exact.abs().max().clamp_min(1e-2))
 
 
 @settings(max_examples=30, deadline=None)

@@ -47,10 +47,7 @@ def fused_moe(x: Tensor, w13: Tensor, w2: Tensor, topk_weights: Tensor,
     check_tensor("x", x, dtypes=FLOAT_DTYPES, ndim=2)
     check_tensor("w13", w13, dtypes=(x.dtype,), ndim=3, device=x.device)
     check_tensor("w2", w2, dtypes=(x.dtype,), ndim=3, device=x.device)
-    check_tensor("topk_weights", topk_weights, dtypes=(torch.float32,), ndim=2,
-                 device=x.device)
-    check_tensor("topk_ids", topk_ids, dtypes=(torch.int32, torch.int64), ndim=2,
-                 device=x.device)
+    _check_routing_dtypes(x, topk_weights, topk_ids)
     e, two_i, h = w13.shape
     if h != x.shape[1]:
         raise ValueError(f"w13 must have shape [E, 2I, H = {x.shape[1]}], got "
@@ -61,14 +58,7 @@ def fused_moe(x: Tensor, w13: Tensor, w2: Tensor, topk_weights: Tensor,
     if tuple(w2.shape) != (e, h, two_i // 2):
         raise ValueError(f"w2 must have shape [E = {e}, H = {h}, I = {two_i // 2}], got "
                          f"{list(w2.shape)}")
-    if topk_ids.shape[0] != x.shape[0] or topk_ids.shape[1] < 1:
-        raise ValueError(f"topk_ids must have shape [T = {x.shape[0]}, k >= 1], got "
-                         f"{list(topk_ids.shape)}")
-    if tuple(topk_weights.shape) != tuple(topk_ids.shape):
-        raise ValueError(f"topk_weights must have topk_ids' shape {list(topk_ids.shape)}, "
-                         f"got {list(topk_weights.shape)}")
-    if topk_ids.numel():
-        check_index_range("topk_ids", topk_ids, 0, e)
+    _check_routing_shapes(x.shape[0], topk_weights, topk_ids, e)
     return torch.ops.minikernels.fused_moe(x, w13, w2, topk_weights, topk_ids)
 
 
@@ -137,10 +127,7 @@ def fused_moe_int4(x: Tensor, w13_qweight: Tensor, w13_scales: Tensor, w13_zeros
     check_tensor("x", x, dtypes=HALF_DTYPES, ndim=2)
     check_tensor("w13_qweight", w13_qweight, dtypes=(torch.int32,), ndim=3, device=x.device)
     check_tensor("w2_qweight", w2_qweight, dtypes=(torch.int32,), ndim=3, device=x.device)
-    check_tensor("topk_weights", topk_weights, dtypes=(torch.float32,), ndim=2,
-                 device=x.device)
-    check_tensor("topk_ids", topk_ids, dtypes=(torch.int32, torch.int64), ndim=2,
-                 device=x.device)
+    _check_routing_dtypes(x, topk_weights, topk_ids)
     if not isinstance(group_size, int) or isinstance(group_size, bool):
         raise TypeError(f"group_size must be an int, got {type(group_size).__name__}")
     t, h = x.shape
@@ -169,6 +156,22 @@ def fused_moe_int4(x: Tensor, w13_qweight: Tensor, w13_scales: Tensor, w13_zeros
                         group_size, x.device)
     _check_int4_experts("w2", w2_qweight, w2_scales, w2_zeros, (e, h, inter),
                         group_size, x.device)
+    _check_routing_shapes(t, topk_weights, topk_ids, e)
+    return torch.ops.minikernels.fused_moe_int4(x, w13_qweight, w13_scales, w13_zeros,
+                                                w2_qweight, w2_scales, w2_zeros,
+                                                topk_weights, topk_ids, group_size)
+
+
+def _check_routing_dtypes(x: Tensor, topk_weights: Tensor, topk_ids: Tensor) -> None:
+    check_tensor("topk_weights", topk_weights, dtypes=(torch.float32,), ndim=2,
+                 device=x.device)
+    check_tensor("topk_ids", topk_ids, dtypes=(torch.int32, torch.int64), ndim=2,
+                 device=x.device)
+
+
+def _check_routing_shapes(t: int, topk_weights: Tensor, topk_ids: Tensor,
+                          num_experts: int) -> None:
+    """topk_ids [T, k >= 1] in [0, E), topk_weights of the same shape."""
     if topk_ids.shape[0] != t or topk_ids.shape[1] < 1:
         raise ValueError(f"topk_ids must have shape [T = {t}, k >= 1], got "
                          f"{list(topk_ids.shape)}")
@@ -176,7 +179,4 @@ def fused_moe_int4(x: Tensor, w13_qweight: Tensor, w13_scales: Tensor, w13_zeros
         raise ValueError(f"topk_weights must have topk_ids' shape {list(topk_ids.shape)}, "
                          f"got {list(topk_weights.shape)}")
     if topk_ids.numel():
-        check_index_range("topk_ids", topk_ids, 0, e)
-    return torch.ops.minikernels.fused_moe_int4(x, w13_qweight, w13_scales, w13_zeros,
-                                                w2_qweight, w2_scales, w2_zeros,
-                                                topk_weights, topk_ids, group_size)
+        check_index_range("topk_ids", topk_ids, 0, num_experts)
