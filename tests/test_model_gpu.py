@@ -53,7 +53,8 @@ def test_gpu_greedy_matches_cpu_reference_mostly(hf_dirs):
     assert a == b
 
 
-@pytest.mark.parametrize("name", ["qwen2.5-0.5b", "qwen3-0.6b", "llama-3.2-1b", "gemma-3-1b"])
+@pytest.mark.parametrize("name", ["qwen2.5-0.5b", "qwen3-0.6b", "llama-3.2-1b", "gemma-3-1b",
+                                  "tiny-qwen3-moe"])
 @pytest.mark.parametrize("quantization", [None, "int4"])
 def test_gpu_builtin_dummy_models_run(name, quantization):
     model = load_model(name, dtype="bfloat16", device="cuda", quantization=quantization)

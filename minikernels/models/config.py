@@ -550,6 +550,14 @@ BUILTIN_CONFIGS: dict[str, dict[str, Any]] = {
                        head_dim=16, max_position_embeddings=2048, rope_theta=1e6,
                        rms_norm_eps=1e-6, tie_word_embeddings=True, eos_token_ids=[257],
                        bos_token_id=256, qk_norm=True),
+    # Qwen3-MoE's layer: layer 0 a mixture of 8 experts (top 2, renormalized), layer 1 dense.
+    "tiny-qwen3-moe": dict(architecture="qwen3_moe", vocab_size=512, hidden_size=64,
+                           intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2,
+                           head_dim=16, max_position_embeddings=2048, rope_theta=1e6,
+                           rms_norm_eps=1e-6, tie_word_embeddings=True, eos_token_ids=[257],
+                           bos_token_id=256, qk_norm=True, num_experts=8,
+                           num_experts_per_tok=2, moe_intermediate_size=64,
+                           norm_topk_prob=True, moe_layers=[0]),
     # Gemma 3's layer: sliding layer 0 (window 8, rope base 1e4), global layer 1, q/k norms,
     # sandwich norms, gelu-tanh MLP, (1 + w) norms, sqrt(hidden) embedding scale.
     "tiny-gemma3": dict(architecture="gemma3", vocab_size=512, hidden_size=64,
