@@ -77,6 +77,7 @@ class FakeEngine:
                 "generation_tokens_total": self.gen_tokens, "tokens_per_s": 123.0}
 
     async def abort(self, request_id: str) -> None:
+        await asyncio.sleep(0.3)
         self.aborted.add(request_id)
         self.blocks.pop(request_id, None)
 
@@ -464,6 +465,17 @@ def test_64_concurrent_streams(server, engine):
     _wait_idle(engine)
 
 
+def _wait_aborted(engine: FakeEngine, before: set, count: int = 1,
+                  timeout: float = 10.0) -> set:
+    """The request ids aborted since ``before``, once there are ``count``. The server's close
+    cancels the pump first (the fake's generator frees its blocks in its ``finally``)
+    and calls abort after that, so blocks can be free before the abort is seen."""
+    deadline = time.monotonic() + timeout
+    while len(engine.aborted - before) < count and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return engine.aborted - before
+
+
 def _disconnect_case(server, engine, path, body, read_events):
     before = set(engine.aborted)
     with httpx.Client(base_url=server.base_url, headers=_auth(), timeout=30) as http:
@@ -477,7 +489,7 @@ def _disconnect_case(server, engine, path, body, read_events):
                     if got >= read_events:
                         break
     _wait_idle(engine)
-    new = engine.aborted - before
+    new = _wait_aborted(engine, before)
     assert len(new) == 1, new   # one engine request (n samples)
 
 
@@ -498,7 +510,7 @@ def test_disconnects_free_blocks(server, engine):
             httpx.post(server.base_url + "/v1/completions", headers=_auth(), timeout=0.3,
                        json={"model": MODEL, "prompt": "x", "max_tokens": 200})
         _wait_idle(engine)
-        assert len(engine.aborted - before) == 1
+        assert len(_wait_aborted(engine, before)) == 1
     finally:
         engine.step_s = step_s
     metrics = httpx.get(server.base_url + "/metrics").text
@@ -645,5 +657,5 @@ def test_disconnect_before_first_token():
                            json={"model": MODEL, "prompt": "x", "max_tokens": 50,
                                  "stream": stream})
         _wait_idle(engine)
-        assert len(engine.aborted) == 2
+        assert len(_wait_aborted(engine, set(), count=2)) == 2
         assert all(r == "abort" for r in engine.finished.values())
