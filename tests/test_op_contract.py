@@ -39,6 +39,10 @@ def _samples(device: str):
         "gelu_and_mul": (x, "tanh"),
         "rotary_embedding": (q, k, pos, cache),
         "int4_matmul": (xh, qw, sc, zr, 32, None),
+        # fp8_matmul takes the weight's bytes (e4m3 bit patterns; see minikernels/ops/fp8.py)
+        "fp8_matmul": (xh, torch.randn(16, 64, device=device).to(torch.float8_e4m3fn).view(
+                           torch.uint8), torch.rand(2, 2, device=device) / 50, [8, 32],
+                       torch.randn(16, device=device).half()),
         "flash_attention": (q, k, k.clone(), cu, cu, 3, 3, True, 0.25, -1, 0.0, None),
         "write_kv_cache": (k, k.clone(), kc, vc, slots),
         "paged_decode_attention": (q[:2], kc, vc, bt, sl, 0.25, -1, 0.0, 0),
@@ -68,13 +72,35 @@ def _samples(device: str):
                            torch.randint(0, 16, (4, 64, 1), device=device).half(),
                            torch.rand(3, 2, device=device),
                            torch.tensor([[1, 3], [0, 0], [2, 1]], device=device), 32),
+        "fused_moe_fp8": (xh, (torch.randn(4, 64, 64, device=device) * 64).to(
+                              torch.float8_e4m3fn).view(torch.uint8),
+                          torch.rand(4, 2, 2, device=device) / 800,
+                          (torch.randn(4, 64, 32, device=device) * 64).to(
+                              torch.float8_e4m3fn).view(torch.uint8),
+                          torch.rand(4, 2, 1, device=device) / 800,
+                          torch.rand(3, 2, device=device),
+                          torch.tensor([[1, 3], [0, 0], [2, 1]], device=device), [32, 32]),
         "rejection_sample": (torch.tensor([[1, 2], [3, 0]], device=device),
                              torch.tensor([2, 1], dtype=torch.int32, device=device),
                              torch.softmax(torch.randn(2, 3, 5, device=device), -1), None,
                              torch.rand(2, 2, device=device),
                              torch.rand(2, 5, device=device) + 0.1,
                              torch.tensor([False, True], device=device)),
+        "per_token_group_quant_fp8": (xh, 32, 1e-10, True, False, False),
+        "w8a8_block_fp8_matmul": ((torch.randn(3, 96, device=device) * 8).to(
+                                      torch.float8_e4m3fn),
+                                  (torch.randn(40, 96, device=device) * 8).to(
+                                      torch.float8_e4m3fn),
+                                  torch.rand(3, 2, device=device) / 50,
+                                  torch.rand(2, 2, device=device) / 50, [32, 64],
+                                  torch.bfloat16),
     }
+
+
+# torch's schema check compares every input before / after the call with allclose, which
+# fp8 tensors do not have: those ops skip it (tests/test_fp8_w8a8.py compares the inputs)
+OPCHECK_UTILS = {"w8a8_block_fp8_matmul": ("test_autograd_registration", "test_faketensor",
+                                           "test_aot_dispatch_dynamic")}
 
 
 def test_every_op_has_samples():
@@ -89,6 +115,9 @@ def test_every_op_has_samples():
 def test_opcheck(name, device):
     args = _samples(device)[name]
     op = getattr(torch.ops.minikernels, name)
+    if name in OPCHECK_UTILS:
+        torch.library.opcheck(op, args, test_utils=OPCHECK_UTILS[name])
+        return
     torch.library.opcheck(op, args)
 
 

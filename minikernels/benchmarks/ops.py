@@ -32,6 +32,7 @@ class Case:
     flops: float
     backends: tuple[str, ...]
     peer: Callable[[], object] | None = None
+    extra_peers: tuple[tuple[str, Callable[[], object]], ...] = ()   # (name, fn), GPU only
 
 
 def op_cases(device: str, dtype: torch.dtype, small: bool) -> list[Case]:
@@ -78,6 +79,7 @@ def op_cases(device: str, dtype: torch.dtype, small: bool) -> list[Case]:
                           lambda xm=xm: ops.int4_matmul(xm, qweight, scales, zeros, 128),
                           n * k_dim / 2 + n * k_dim / 128 * 4 + m * (n + k_dim) * es,
                           2 * m * n * k_dim, ("triton", "cuda"), lambda xm=xm: xm @ wdense.t()))
+    cases += fp8_matmul_cases(device, dtype, s)
     seq = 2048 // s
     qa = torch.randn(seq, hq, d, device=device, dtype=dtype)
     ka = torch.randn(seq, hkv, d, device=device, dtype=dtype)
@@ -149,6 +151,105 @@ def op_cases(device: str, dtype: torch.dtype, small: bool) -> list[Case]:
                       routed * 3 * hm * im * (0.5 + 2 * es / gm) + 2 * nm * hm * es,
                       6 * nm * topk * hm * im, ("triton",),
                       lambda: ops.fused_moe(xm, w13, w2, mw, mids)))
+    # the same MoE with fp8 experts (W8A16, 128 x 128 block scales: DeepSeek-V3 /
+    # Qwen3-FP8), the same peer; bytes: routed experts' fp8 bytes + fp32 block scales + x
+    # and out
+    f13 = ((torch.randn(ne, 2 * im, hm, device=device) * 64).to(torch.float8_e4m3fn),
+           torch.rand(ne, -(-2 * im // 128), -(-hm // 128), device=device) / (64 * hm ** 0.5))
+    f2 = ((torch.randn(ne, hm, im, device=device) * 64).to(torch.float8_e4m3fn),
+          torch.rand(ne, -(-hm // 128), -(-im // 128), device=device) / (64 * im ** 0.5))
+    cases.append(Case("fused_moe_fp8 top8 128x128", f"{nm}tok {hm}x{im} E{ne} k{topk}",
+                      lambda: ops.fused_moe_fp8(xm, *f13, *f2, mw, mids, (128, 128)),
+                      routed * 3 * hm * im * (1 + 4 / 128 ** 2) + 2 * nm * hm * es,
+                      6 * nm * topk * hm * im, ("triton",),
+                      lambda: ops.fused_moe(xm, w13, w2, mw, mids)))
+    cases += w8a8_block_fp8_cases(device, dtype, s)
+    return cases
+
+
+def w8a8_block_fp8_cases(device: str, dtype: torch.dtype, s: int) -> list[Case]:
+    """Block FP8 W8A8 (DeepSeek-V3's 128 x 128 blocks) at M = 16 and 4096 on an 8192^2
+    weight: the matmul on pre-quantized activations beside cuBLAS bf16 and
+    torch._scaled_mm (fp8 rowwise / per-tensor scales: the coarser-scaled fp8 ceiling);
+    the activation quantization (per_token_group_quant_fp8, g128) as its own rows, so a
+    full bf16 -> fp8 linear costs the sum. frac_mma is against the bf16 ceiling (H100 /
+    H200 fp8 peak is 2x)."""
+    import torch
+
+    from .. import ops
+    n = k = 8192 // s
+    es = torch.finfo(dtype).bits // 8
+    fp8 = torch.float8_e4m3fn
+    wq = (torch.randn(n, k, device=device) * 64).clamp(-448, 448).to(fp8)
+    ws = torch.rand(n // 128, k // 128, device=device) / 500
+    wdense = torch.randn(n, k, device=device, dtype=dtype)
+    cases = []
+    for m in (16, 4096 // s):
+        x = torch.randn(m, k, device=device, dtype=dtype)
+        xq, xs = ops.per_token_group_quant_fp8(x, 128)
+        peers: list[tuple[str, Callable[[], object]]] = []
+        if device.startswith("cuda"):
+            sa_row = xs.amax(dim=1, keepdim=True)
+            sb_row = ws.amax(dim=1).repeat_interleave(128)[None, :].contiguous()
+            one = torch.ones((), device=device)
+            for name, fn in (
+                    ("_scaled_mm rowwise", lambda xq=xq, sa=sa_row: torch._scaled_mm(
+                        xq, wq.t(), scale_a=sa, scale_b=sb_row, out_dtype=dtype)),
+                    ("_scaled_mm per-tensor", lambda xq=xq: torch._scaled_mm(
+                        xq, wq.t(), scale_a=one, scale_b=one, out_dtype=dtype))):
+                try:        # a peer this torch / GPU cannot run is left out, not fatal
+                    fn()
+                    peers.append((name, fn))
+                except Exception as exc:  # noqa: BLE001
+                    print(f"peer {name} skipped at M={m}: {type(exc).__name__}: {exc}")
+        cases.append(Case(
+            "w8a8_block_fp8_matmul 128x128", f"M={m} {n}x{k}",
+            lambda xq=xq, xs=xs: ops.w8a8_block_fp8_matmul(xq, wq, xs, ws, [128, 128],
+                                                           output_dtype=dtype),
+            n * k + m * k + (m + n // 128) * (k // 128) * 4 + m * n * es, 2 * m * n * k,
+            ("triton",), lambda x=x: x @ wdense.t(), extra_peers=tuple(peers)))
+        cases.append(Case(
+            "per_token_group_quant_fp8 g128", f"{m}x{k}",
+            lambda x=x: ops.per_token_group_quant_fp8(x, 128),
+            m * k * (es + 1) + m * (k // 128) * 4, 0, ("triton",),
+            lambda x=x: ops.reference.per_token_group_quant_fp8(x, 128)))
+    return cases
+
+
+def fp8_matmul_cases(device: str, dtype: torch.dtype, s: int) -> list[Case]:
+    """fp8 W8A16 (e4m3 weight, DeepSeek-V3 / Qwen3-FP8's 128 x 128 block scales; x stays
+    in dtype) at M = 1, 16, 4096 on an 8192^2 weight, beside cuBLAS bf16 (x @ W.T) and,
+    where this torch / GPU runs it, torch._scaled_mm per-tensor fp8 (W8A8 on an x
+    quantized beforehand, untimed). Bytes: the fp8 weight + fp32 scales + x + y."""
+    import torch
+
+    from .. import ops
+    n = k = 8192 // s
+    es = torch.finfo(dtype).bits // 8
+    fp8 = torch.float8_e4m3fn
+    w8 = (torch.randn(n, k, device=device) * 64).clamp(-448, 448).to(fp8)
+    w8_scale = torch.rand(-(-n // 128), -(-k // 128), device=device) / 500
+    wdense = torch.randn(n, k, device=device, dtype=dtype)
+    one = torch.ones((), device=device)
+    cases = []
+    for m in (1, 16, 4096 // s):
+        xm = torch.randn(m, k, device=device, dtype=dtype)
+        peers: list[tuple[str, Callable[[], object]]] = []
+        if device.startswith("cuda"):
+            x8 = (xm.float() * 64).clamp(-448, 448).to(fp8)
+
+            def scaled_mm(x8=x8):
+                return torch._scaled_mm(x8, w8.t(), scale_a=one, scale_b=one, out_dtype=dtype)
+            try:            # a peer this torch / GPU cannot run is left out, not fatal
+                scaled_mm()
+                peers.append(("_scaled_mm per-tensor", scaled_mm))
+            except Exception as exc:  # noqa: BLE001
+                print(f"peer _scaled_mm skipped at M={m}: {type(exc).__name__}: {exc}")
+        cases.append(Case(
+            "fp8_matmul 128x128", f"M={m} {n}x{k}",
+            lambda xm=xm: ops.fp8_matmul(xm, w8, w8_scale, (128, 128)),
+            n * k + w8_scale.numel() * 4 + m * (n + k) * es, 2 * m * n * k, ("triton",),
+            lambda xm=xm: xm @ wdense.t(), extra_peers=tuple(peers)))
     return cases
 
 
@@ -222,8 +323,10 @@ def run(args: argparse.Namespace) -> int:
         runs = [(b, case.run) for b in backends]
         if case.peer is not None and on_gpu:
             runs.append(("torch", case.peer))
+        if on_gpu:
+            runs.extend(case.extra_peers)
         for name, fn in runs:
-            with use_backend(name if name != "torch" else "auto"):
+            with use_backend(name if name in ("reference", "triton", "cuda") else "auto"):
                 t = B.time_stats(fn, warmup=2, rep=rep, device=device)
             sec = t.median
             row = {"op": case.op, "shape": case.shape, "backend": name, "us": sec * 1e6,

@@ -7,11 +7,13 @@ every op lives in :mod:`minikernels.ops.reference`.
 from . import reference
 from .activation import gelu_and_mul, gelu_tanh_and_mul, silu_and_mul
 from .bitmask import apply_token_bitmask
+from .fp8 import fp8_matmul
 from .attention import flash_attention, flash_attention_bshd
+from .fp8_w8a8 import per_token_group_quant_fp8, w8a8_block_fp8_matmul
 from .int4 import int4_matmul
 from .kv_cache import merge_attn_states, paged_decode_attention, write_kv_cache
 from .lora import lora_delta
-from .moe import fused_moe, fused_moe_int4
+from .moe import fused_moe, fused_moe_fp8, fused_moe_int4
 from .norm import gemma_rms_norm, rms_norm
 from .rejection_sampler import rejection_sample
 from .rotary import build_rope_cache, rotary_embedding
@@ -21,7 +23,9 @@ __all__ = [
     "apply_token_bitmask",
     "build_rope_cache",
     "flash_attention",
+    "fp8_matmul",
     "fused_moe",
+    "fused_moe_fp8",
     "fused_moe_int4",
     "gelu_and_mul",
     "gelu_tanh_and_mul",
@@ -30,11 +34,13 @@ __all__ = [
     "lora_delta",
     "merge_attn_states",
     "paged_decode_attention",
+    "per_token_group_quant_fp8",
     "reference",
     "rejection_sample",
     "rms_norm",
     "rotary_embedding",
     "silu_and_mul",
     "top_k_top_p_mask_logits",
+    "w8a8_block_fp8_matmul",
     "write_kv_cache",
 ]

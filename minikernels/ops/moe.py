@@ -6,6 +6,10 @@ Tests: tests/test_moe_op.py.
 Op: ``minikernels::fused_moe_int4``: the same with int4 experts (W4A16, the canonical
 int4 layout of docs/int4_format.md per expert). Backends: reference, triton
 (ops/triton/moe_int4.py). Tests: tests/test_moe_int4_op.py.
+
+Op: ``minikernels::fused_moe_fp8``: the same with FP8 (e4m3) experts and block-wise
+scales (W8A16, fp8_matmul's weight layout per expert). Backends: reference, triton
+(ops/triton/moe_fp8.py). Tests: tests/test_moe_fp8_op.py.
 """
 from __future__ import annotations
 
@@ -160,6 +164,110 @@ def fused_moe_int4(x: Tensor, w13_qweight: Tensor, w13_scales: Tensor, w13_zeros
     return torch.ops.minikernels.fused_moe_int4(x, w13_qweight, w13_scales, w13_zeros,
                                                 w2_qweight, w2_scales, w2_zeros,
                                                 topk_weights, topk_ids, group_size)
+
+
+# ------------------------------------------------------------------------- fp8 experts
+
+# The op takes the fp8 weights' bytes (a free uint8 view), as fp8_matmul's op does: torch's
+# schema checks (opcheck) compare inputs with allclose, which float8 lacks on the CPU.
+@torch.library.custom_op("minikernels::fused_moe_fp8", mutates_args=())
+def _fused_moe_fp8(x: Tensor, w13: Tensor, w13_scale: Tensor, w2: Tensor, w2_scale: Tensor,
+                   topk_weights: Tensor, topk_ids: Tensor, block_size: list[int]) -> Tensor:
+    if _backend.resolve("fused_moe_fp8", x.device) == "triton":
+        from .triton import moe_fp8 as triton_moe_fp8
+        return triton_moe_fp8.fused_moe_fp8(x, w13, w13_scale, w2, w2_scale, topk_weights,
+                                            topk_ids, block_size)
+    return reference.fused_moe_fp8(x, w13.view(torch.float8_e4m3fn), w13_scale,
+                                   w2.view(torch.float8_e4m3fn), w2_scale, topk_weights,
+                                   topk_ids, (block_size[0], block_size[1]))
+
+
+@_fused_moe_fp8.register_fake
+def _(x: Tensor, w13: Tensor, w13_scale: Tensor, w2: Tensor, w2_scale: Tensor,
+      topk_weights: Tensor, topk_ids: Tensor, block_size: list[int]) -> Tensor:
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+def _check_fp8_block_size(block_size: object, h: int, inter: int) -> tuple[int, int]:
+    """(bn, bk): positive ints, bk a multiple of 16 or >= the K of each matrix (H for
+    w13, I for w2), so that a kernel K tile never straddles two scale blocks."""
+    if not isinstance(block_size, (tuple, list)) or len(block_size) != 2 or not all(
+            isinstance(b, int) and not isinstance(b, bool) for b in block_size):
+        raise TypeError(f"block_size must be a pair of ints (bn, bk), got {block_size!r}")
+    bn, bk = block_size
+    if bn <= 0 or bk <= 0:
+        raise ValueError(f"block_size must be positive, got {tuple(block_size)}")
+    for name, k in (("w13: H", h), ("w2: I", inter)):
+        if bk % 16 and bk < k:
+            raise ValueError(f"block_size bk ({bk}) must be a multiple of 16 or >= the K of "
+                             f"each matrix (H = {h} for w13, I = {inter} for w2); it is "
+                             f"neither for {name} = {k} (got block_size {tuple(block_size)})")
+    return bn, bk
+
+
+def _check_fp8_experts(name: str, weight: Tensor, scale: Tensor, shape: tuple[int, int, int],
+                       bn: int, bk: int, device: torch.device) -> None:
+    """weight float8_e4m3fn [E, N, K] (dtype checked by the caller), scale fp32
+    [E, ceil(N / bn), ceil(K / bk)]."""
+    e, n, k = shape
+    if tuple(weight.shape) != (e, n, k):
+        raise ValueError(f"{name} must have shape [E = {e}, {n}, {k}], got "
+                         f"{list(weight.shape)}")
+    want = [e, -(-n // bn), -(-k // bk)]
+    check_tensor(f"{name}_scale", scale, dtypes=(torch.float32,), ndim=3, device=device)
+    if list(scale.shape) != want:
+        raise ValueError(f"{name}_scale must have shape [E, ceil({n} / bn), ceil({k} / bk)] "
+                         f"= {want} for block_size ({bn}, {bk}), got {list(scale.shape)}")
+
+
+def fused_moe_fp8(x: Tensor, w13: Tensor, w13_scale: Tensor, w2: Tensor, w2_scale: Tensor,
+                  topk_weights: Tensor, topk_ids: Tensor,
+                  block_size: tuple[int, int] | list[int]) -> Tensor:
+    """:func:`fused_moe` with FP8 (e4m3) experts and block-wise scales (W8A16): out [T, H]
+    in x.dtype, exactly fused_moe on the dequantized experts
+    W_e[n, k] = float(weight[e, n, k]) * scale[e, n // bn, k // bk] kept in fp32 (NOT
+    rounded to x.dtype: the kernels scale each K tile's fp32 partial sum by its block
+    scale), i.e. ``reference.fused_moe_fp8``.
+
+    x          [T, H] fp16 / bf16 / fp32 (fp32: exact fp32 dots, slower tiles).
+    w13        [E, 2I, H] torch.float8_e4m3fn: each expert's gate_proj rows, then its
+               up_proj rows. w13_scale fp32 [E, ceil(2I / bn), ceil(H / bk)].
+    w2         [E, H, I] torch.float8_e4m3fn (down_proj). w2_scale fp32
+               [E, ceil(H / bn), ceil(I / bk)].
+    block_size (bn, bk) positive ints, one pair for both matrices; bk a multiple of 16 or
+               >= the K of each matrix (H for w13, I for w2). (128, 128): DeepSeek-V3 /
+               Qwen3-FP8 MoE checkpoints (scales = their ``weight_scale_inv``); per channel:
+               (1, K) with K >= max(H, I) (scales [E, 2I, 1] and [E, H, 1]); a block past a
+               matrix's edge covers the whole edge.
+    topk_weights [T, k] fp32; topk_ids [T, k] int32/int64 in [0, E) (repeats count):
+               fused_moe's routing contract.
+    Every tensor may be a view with its own strides; T = 0 gives [0, H]. The NaN bytes
+    0x7F / 0xFF are not valid weights (undefined results). fp32 accumulation; the
+    activated [I] intermediate is rounded to x.dtype; the k-sum is fp32; out is rounded
+    once.
+    """
+    check_tensor("x", x, dtypes=FLOAT_DTYPES, ndim=2)
+    check_tensor("w13", w13, dtypes=(torch.float8_e4m3fn,), ndim=3, device=x.device)
+    check_tensor("w2", w2, dtypes=(torch.float8_e4m3fn,), ndim=3, device=x.device)
+    _check_routing_dtypes(x, topk_weights, topk_ids)
+    t, h = x.shape
+    e, two_i = w13.shape[0], w13.shape[1]
+    if h == 0:
+        raise ValueError(f"x's hidden size H must be positive, got x shape {list(x.shape)}")
+    if two_i == 0 or two_i % 2:
+        raise ValueError(f"w13's second dim must be 2I > 0 (gate rows then up rows), got "
+                         f"{list(w13.shape)}")
+    if w13.shape[2] != h:
+        raise ValueError(f"w13 must have shape [E, 2I, H = {h}] (x's H), got "
+                         f"{list(w13.shape)}")
+    inter = two_i // 2
+    bn, bk = _check_fp8_block_size(block_size, h, inter)
+    _check_fp8_experts("w13", w13, w13_scale, (e, two_i, h), bn, bk, x.device)
+    _check_fp8_experts("w2", w2, w2_scale, (e, h, inter), bn, bk, x.device)
+    _check_routing_shapes(t, topk_weights, topk_ids, e)
+    return torch.ops.minikernels.fused_moe_fp8(
+        x, w13.view(torch.uint8), w13_scale, w2.view(torch.uint8), w2_scale, topk_weights,
+        topk_ids, [bn, bk])
 
 
 def _check_routing_dtypes(x: Tensor, topk_weights: Tensor, topk_ids: Tensor) -> None:

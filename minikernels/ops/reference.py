@@ -130,6 +130,127 @@ def int4_matmul(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, group
     return y.to(x.dtype)
 
 
+# ------------------------------------------------------- block-wise FP8 W8A8 (vLLM's)
+
+
+def per_token_group_quant_fp8(x: Tensor, group_size: int, eps: float = 1e-10,
+                              use_ue8m0: bool = False) -> tuple[Tensor, Tensor]:
+    """Dynamic FP8 quantization of each row's groups of ``group_size`` consecutive elements.
+
+    x [..., K] fp16/bf16/fp32, K % group_size == 0 -> (x_q [..., K] float8_e4m3fn,
+    x_s [..., K // group_size] fp32, row-major), all in fp32 math:
+        absmax = max(max_g |x|, eps)  (eps in fp32);  x_s = absmax / 448
+        (use_ue8m0: x_s rounded up to a power of two, DeepGEMM's UE8M0 scales)
+        x_q = fp8(clamp(x / x_s, -448, 448))  (a true division, round to nearest even)
+    so x_q * x_s ~= x. vLLM's ``native_per_token_group_quant_fp8`` does the same except
+    that it clamps absmax by eps in x's dtype (only groups with max |x| < eps differ).
+    """
+    k = x.shape[-1]
+    xf = x.float().reshape(*x.shape[:-1], k // group_size, group_size)
+    absmax = xf.abs().amax(dim=-1, keepdim=True).clamp_min(eps)
+    scale = absmax / FP8_E4M3_MAX
+    if use_ue8m0:   # 2^ceil(log2(s)) on the exponent bits (exact; s is a normal float)
+        bits = scale.view(torch.int32)
+        up = ((bits & 0x7FFFFF) != 0).to(torch.int32)
+        scale = (((bits >> 23) + up) << 23).view(torch.float32)
+    q = (xf / scale).clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(torch.float8_e4m3fn)
+    return q.reshape(x.shape), scale.squeeze(-1)
+
+
+def w8a8_block_fp8_matmul(A: Tensor, B: Tensor, As: Tensor, Bs: Tensor,
+                          block_size: list[int], output_dtype: torch.dtype = torch.float16
+                          ) -> Tensor:
+    """C = A @ B.T with block-wise scales (DeepSeek-V3 / vLLM's block FP8 W8A8 linear).
+
+    A [..., K] float8_e4m3fn (activations); As [..., ceil(K / bk)] fp32: one scale per
+    token and group of bk columns (``per_token_group_quant_fp8(x, bk)``);
+    B [N, K] float8_e4m3fn (weight, nn.Linear layout); Bs [ceil(N / bn), ceil(K / bk)]
+    fp32: one scale per bn x bk weight block; block_size = [bn, bk]. Any strides.
+        C[m, n] = sum_j (sum_{k in block j} A[m, k] B[n, k]) * (As[m, j] * Bs[n // bn, j])
+    in fp32 (each block's partial sum scaled, then added), cast to output_dtype once.
+    Returns [..., N]. Loops over K blocks, so memory stays O(M N).
+    """
+    bn, bk = block_size
+    k = A.shape[-1]
+    n = B.shape[0]
+    a = A.reshape(-1, k).float()
+    a_s = As.reshape(-1, As.shape[-1]).float()
+    b = B.float()
+    c = torch.zeros(a.shape[0], n, dtype=torch.float32, device=A.device)
+    for j in range(-(-k // bk)):
+        cols = slice(j * bk, min(k, (j + 1) * bk))
+        b_s = Bs[:, j].float().repeat_interleave(bn)[:n]                 # per column n
+        c += (a[:, cols] @ b[:, cols].t()) * (a_s[:, j:j + 1] * b_s[None, :])
+    return c.to(output_dtype).reshape(*A.shape[:-1], n)
+
+
+# ------------------------------------------------------------------- fp8 weights (W8A16)
+# fp8 weight: weight float8_e4m3fn [N, K], weight_scale float32 [ceil(N / bn), ceil(K / bk)]
+# for block_size (bn, bk); W[n, k] = float(weight[n, k]) * weight_scale[n // bn, k // bk].
+# (DeepSeek-V3 / Qwen3-FP8 checkpoints: (128, 128), the scale named weight_scale_inv.)
+# Per tensor: block (N, K), scale [1, 1]; per channel: block (1, K), scale [N, 1].
+# The NaN bytes 0x7F / 0xFF are not valid weights (a saturating quantizer never writes them).
+
+FP8_SCALE_EPS = 1e-12               # floor of a block's amax (an all-zero block gets q = 0)
+
+
+def _fp8_block_index(size: int, block: int, device: torch.device) -> Tensor:
+    return torch.div(torch.arange(size, device=device), block, rounding_mode="floor")
+
+
+def dequantize_fp8(weight: Tensor, weight_scale: Tensor, block_size: tuple[int, int]) -> Tensor:
+    """fp8 weight [N, K] (float8_e4m3fn) with block scales -> W [N, K] fp32 (layout above)."""
+    n, k = weight.shape
+    bn, bk = block_size
+    rows = _fp8_block_index(n, bn, weight.device)
+    cols = _fp8_block_index(k, bk, weight.device)
+    s = weight_scale.float()[rows][:, cols]                   # [N, K]
+    return weight.float() * s
+
+
+def fp8_matmul(x: Tensor, weight: Tensor, weight_scale: Tensor, block_size: tuple[int, int],
+               bias: Tensor | None = None) -> Tensor:
+    """y = x @ W.T (+ bias): x [..., K] fp16/bf16/fp32 -> [..., N] in x.dtype, fp32 math,
+    rounded once; W = dequantize_fp8(weight, weight_scale, block_size)."""
+    w = dequantize_fp8(weight, weight_scale, block_size)
+    y = x.float() @ w.t()
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype)
+
+
+def quantize_fp8(w: Tensor, block_size: tuple[int, int] = (128, 128)) -> tuple[Tensor, Tensor]:
+    """Block-wise fp8 (e4m3) quantization of a weight, the inverse of :func:`dequantize_fp8`.
+
+    w: [N, K] float (any float dtype; the math is fp32), finite. block_size (bn, bk)
+    positive ints; a block larger than the matrix is the whole matrix ((N, K): per tensor,
+    (1, K): per channel). Returns (weight, weight_scale):
+        weight        float8_e4m3fn [N, K] (contiguous)
+        weight_scale  float32 [ceil(N / bn), ceil(K / bk)], the multiplier (a checkpoint's
+                      weight_scale_inv): scale = max(amax(|block|), 1e-12) / 448
+    q = clamp(w / scale, -448, 448) rounded to nearest even (saturating: never NaN).
+    """
+    if w.dim() != 2:
+        raise ValueError(f"w must be 2-D [N, K], got shape {tuple(w.shape)}")
+    bn, bk = (int(b) for b in block_size)
+    if bn <= 0 or bk <= 0:
+        raise ValueError(f"block_size must be two positive ints, got {tuple(block_size)}")
+    n, k = w.shape
+    nb, kb = -(-n // bn), -(-k // bk)
+    wf = w.float()
+    if n == 0 or k == 0:
+        return (torch.empty((n, k), dtype=torch.float8_e4m3fn, device=w.device),
+                torch.ones((nb, kb), dtype=torch.float32, device=w.device))
+    # a block past the matrix edge partitions rows / columns like one of the matrix's size
+    bn, bk = min(bn, n), min(bk, k)
+    padded = torch.nn.functional.pad(wf.abs(), (0, kb * bk - k, 0, nb * bn - n))
+    amax = padded.view(nb, bn, kb, bk).amax(dim=(1, 3))
+    scale = amax.clamp(min=FP8_SCALE_EPS) / FP8_E4M3_MAX     # (448, defined below)
+    s = scale[_fp8_block_index(n, bn, w.device)][:, _fp8_block_index(k, bk, w.device)]
+    q = (wf / s).clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(torch.float8_e4m3fn)
+    return q, scale
+
+
 # ------------------------------------------------------------------------- attention
 
 
@@ -520,3 +641,24 @@ def fused_moe_int4(x: Tensor, w13_qweight: Tensor, w13_scales: Tensor, w13_zeros
     w13 = dequantize_int4_experts(w13_qweight, w13_scales, w13_zeros, group_size, x.dtype)
     w2 = dequantize_int4_experts(w2_qweight, w2_scales, w2_zeros, group_size, x.dtype)
     return fused_moe(x, w13, w2, topk_weights, topk_ids)
+
+
+def dequantize_fp8_experts(weight: Tensor, weight_scale: Tensor,
+                           block_size: tuple[int, int]) -> Tensor:
+    """Stacked fp8 experts weight [E, N, K] (float8_e4m3fn), weight_scale fp32
+    [E, ceil(N / bn), ceil(K / bk)] -> W [E, N, K] fp32: ``dequantize_fp8`` per expert."""
+    _, n, k = weight.shape
+    bn, bk = block_size
+    rows = _fp8_block_index(n, bn, weight.device)
+    cols = _fp8_block_index(k, bk, weight.device)
+    return weight.float() * weight_scale.float()[:, rows][:, :, cols]
+
+
+def fused_moe_fp8(x: Tensor, w13: Tensor, w13_scale: Tensor, w2: Tensor, w2_scale: Tensor,
+                  topk_weights: Tensor, topk_ids: Tensor,
+                  block_size: tuple[int, int]) -> Tensor:
+    """fused_moe with FP8 (e4m3) experts and block scales (W8A16): exactly ``fused_moe`` on
+    the dequantized experts kept in fp32 (``dequantize_fp8_experts``, not rounded to
+    x.dtype: the kernels scale fp32 partial sums). w13 [E, 2I, H], w2 [E, H, I]."""
+    return fused_moe(x, dequantize_fp8_experts(w13, w13_scale, block_size),
+                     dequantize_fp8_experts(w2, w2_scale, block_size), topk_weights, topk_ids)

@@ -57,7 +57,9 @@ def compile_one(name: str, arch: int) -> dict[str, Any]:
                               "wgmma_expected": spec.wgmma_expected}
     try:
         kernel = triton.compile(
-            ASTSource(fn=spec.fn, signature=spec.signature, constexprs=spec.constexprs),
+            ASTSource(fn=spec.fn, signature=spec.signature, constexprs=spec.constexprs,
+                      attrs={(spec.fn.arg_names.index(a),): [["tt.divisibility", 16]]
+                             for a in spec.divisible_by_16}),
             target=GPUTarget("cuda", arch, 32),
             options={"num_warps": spec.num_warps, "num_stages": spec.num_stages})
     except Exception as exc:  # reported, not raised: the test names the failing spec

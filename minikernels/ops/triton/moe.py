@@ -24,6 +24,7 @@ import triton
 import triton.language as tl
 
 from .. import _alloc
+from .interpreter_rounding import rne_bf16
 from .registry import KernelSpec, register
 
 
@@ -109,11 +110,8 @@ def moe_gate_up_kernel(x_ptr, w13_ptr, act_ptr, sorted_ids_ptr, block_expert_ptr
         g_ptrs += BLOCK_K * sw_h
         u_ptrs += BLOCK_K * sw_h
     act = acc_g / (1.0 + tl.exp(-acc_g)) * acc_u       # silu(gate) * up in fp32
-    if RNE_BF16:  # interpreter only: its fp32 -> bf16 cast truncates; the GPU rounds to
-        # nearest even, so round here (the cast below then drops zero bits)
-        bits = act.to(tl.uint32, bitcast=True)
-        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-        act = bits.to(tl.float32, bitcast=True)
+    if RNE_BF16:  # interpreter only: its fp32 -> bf16 cast truncates (see rne_bf16)
+        act = rne_bf16(act)
     out_ptrs = act_ptr + pair[:, None].to(tl.int64) * I + offs_n[None, :]
     tl.store(out_ptrs, act.to(act_ptr.dtype.element_ty), mask=live[:, None] & n_ok[None, :])
 

@@ -33,6 +33,7 @@ import triton.language as tl
 
 from .. import _alloc
 from .int4_matmul import _unpack_nibbles
+from .interpreter_rounding import rne_bf16
 from .moe import moe_config, sort_pairs_by_expert
 from .registry import KernelSpec, register
 
@@ -59,15 +60,6 @@ def moe_int4_config(n_pairs: int, num_experts: int, group_h: int, group_i: int
     grouped = group_h % BLOCK_K == 0 and group_i % BLOCK_K == 0
     return MoeInt4Config(base.block_m, 64, BLOCK_K, grouped, num_warps=4,
                          num_stages=3 if grouped else 2)
-
-
-@triton.jit
-def _rne_bf16(v):
-    """fp32 -> the nearest bf16 value (ties to even), still fp32. Interpreter only: its
-    fp32 -> bf16 cast truncates where the GPU rounds; after this the cast drops zero bits."""
-    bits = v.to(tl.uint32, bitcast=True)
-    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-    return bits.to(tl.float32, bitcast=True)
 
 
 @triton.jit
@@ -108,7 +100,7 @@ def _dequant_rows(qw_ptr, s_ptr, z_ptr, rows, row_ok, k0, K, group, sq_n, ss_n, 
                     other=0.0).to(tl.float32)
         w = (q - _repeat8(z, BLOCK_N, BLOCK_K)) * _repeat8(s, BLOCK_N, BLOCK_K)
     if RNE_BF16:
-        w = _rne_bf16(w)
+        w = rne_bf16(w)
     return w.to(s_ptr.dtype.element_ty)
 
 
@@ -158,7 +150,7 @@ def moe_int4_gate_up_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, act_ptr, sorted_ids_ptr
         x_ptrs += BLOCK_K
     act = acc_g / (1.0 + tl.exp(-acc_g)) * acc_u       # silu(gate) * up in fp32
     if RNE_BF16:
-        act = _rne_bf16(act)
+        act = rne_bf16(act)
     out_ptrs = act_ptr + pair[:, None].to(tl.int64) * I + offs_n[None, :]
     tl.store(out_ptrs, act.to(act_ptr.dtype.element_ty), mask=live[:, None] & n_ok[None, :])
 

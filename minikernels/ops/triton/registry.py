@@ -24,6 +24,9 @@ class KernelSpec:
                  (unless wgmma_expected is False, e.g. for tiny-M GEMV tiles).
     archs:       compute capabilities this config is dispatched on (80 -> sm_80,
                  90 -> sm_90a); an sm_90-only tile need not fit sm_80's registers.
+    divisible_by_16: arguments (pointers, strides, sizes) compiled as multiples of 16, as
+                 Triton's run-time specialization sees them for aligned inputs (lets
+                 1-byte element tiles, e.g. fp8, load 16 bytes at a time and pipeline).
     """
 
     name: str
@@ -35,6 +38,7 @@ class KernelSpec:
     tensor_core: bool = False
     wgmma_expected: bool = True
     archs: tuple[int, ...] = (80, 90)
+    divisible_by_16: tuple[str, ...] = ()
 
 
 _REGISTRY: dict[str, KernelSpec] = {}

@@ -1,0 +1,434 @@
+"""fp8 (e4m3) weight-only matmul (W8A16) with block-wise scales, in Triton.
+
+Weight (see minikernels.ops.reference): weight float8_e4m3fn [N, K] (read as uint8),
+weight_scale fp32 [ceil(N / bn), ceil(K / bk)], W[n, k] = weight[n, k] * scale[n // bn, k // bk].
+y = x @ W^T (+ bias), x fp16 / bf16 / fp32, fp32 accumulation, one final rounding.
+
+fp8 -> 16 bits without fp8 hardware (runs on sm_80 and under the interpreter): a byte
+b = s eeee mmm becomes the fp16 bits s 0eeee mmm0000000, i.e. ((b & 0x80) << 8) |
+((b & 0x7F) << 7). The exponent bias drops from 15 to 7 (the 0 on top), so that fp16 is
+exactly W / 256 for every finite e4m3 byte, normal or subnormal; it converts exactly to
+bf16 / fp32 as well. The 256 is folded into the scale.
+
+K tiles never straddle two scale blocks: BLOCK_K divides bk (bk % 16 == 0), or one block
+covers all of K (bk >= K, ONE_KBLOCK: the scale is applied once, in the epilogue).
+
+GEMM (M > 16) — per program one [BLOCK_M, BLOCK_N] tile of y:
+    for each K tile: load x [BM, BK] and the weight bytes [BN, BK]; bytes -> W/256 in x's
+    dtype; part = x @ (W/256)^T on tensor cores (wgmma on sm_90a, mma.sync on sm_80), fp32;
+    acc += part * 256 * scale[n // bn, k0 // bk] (a per-column fp32 vector).
+    Epilogue: + bias, cast, masked store.
+Decode (M <= 16) — memory-bound: stream the 1-byte weight at bandwidth. Per program
+BLOCK_N outputs and one slice of K (split-K so that N / BLOCK_N x SPLIT fills the SMs):
+    M == 1: CUDA-core FMAs, acc[n] += scale * sum_k (W/256)[n, k] x[k];
+    2 <= M <= 16: "swap AB", part[BN, 16] = (W/256) [BN, BK] @ x^T [BK, 16], so the wide
+    weight tile is the MMA's M side (wgmma m64n16) and the padded M the narrow side.
+    SPLIT > 1: each split writes its fp32 partial sums to a workspace [SPLIT, M, N] and a
+    small kernel adds them in split order (+ bias) and casts: deterministic (the same bits
+    run to run; fp32 atomics would add in arrival order), at the cost of one extra launch
+    and SPLIT * M * N * 8 bytes of traffic — tiny beside the weight at M <= 16. The split
+    count depends on N, K and the SM count only, not on M.
+fp32 x: the dots run in fp32 ("ieee", FMAs): x is never rounded.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from .. import _alloc
+from .interpreter_rounding import rne_bf16
+from .registry import KernelSpec, register
+
+
+@triton.jit
+def _e4m3_as_fp16(b):
+    """uint8 bytes (float8_e4m3fn bit patterns) -> fp16 holding exactly value / 256."""
+    b = b.to(tl.int32)
+    bits = ((b & 0x80) << 8) | ((b & 0x7F) << 7)
+    return bits.to(tl.uint16).to(tl.float16, bitcast=True)
+
+
+@triton.jit
+def _dot(a, b, acc, DOT_F32: tl.constexpr):
+    """acc + a @ b in fp32. DOT_F32: exact fp32 inputs (fp32 x; and bf16 under the
+    interpreter, whose bf16 tl.dot is wrong: same values, exact in fp32)."""
+    if DOT_F32:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    else:
+        return tl.dot(a, b, acc)
+
+
+@triton.jit
+def fp8_gemm_kernel(x_ptr, w_ptr, s_ptr, bias_ptr, y_ptr, M, N, K,
+                    stride_xm, stride_wn, stride_wk, stride_sn, stride_sk, block_n, block_k,
+                    HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                    BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, ONE_KBLOCK: tl.constexpr,
+                    EVEN_K: tl.constexpr, ALIGNED: tl.constexpr, DOT_F32: tl.constexpr,
+                    RNE_BF16: tl.constexpr = False):
+    pid = tl.program_id(0)
+    grid_m = tl.cdiv(M, BLOCK_M)
+    grid_n = tl.cdiv(N, BLOCK_N)
+    # grouped ordering: GROUP_M row tiles share each weight tile while it is in L2
+    width = GROUP_M * grid_n
+    first_m = (pid // width) * GROUP_M
+    size_m = tl.minimum(grid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % width) % size_m
+    pid_n = (pid % width) // size_m
+
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rm_l = rm % M           # clamp rows / columns for loads; the store is masked
+    rn_l = rn % N
+    rk = tl.arange(0, BLOCK_K)
+    x_ptrs = x_ptr + rm_l[:, None].to(tl.int64) * stride_xm + rk[None, :]
+    w_ptrs = w_ptr + rn_l[:, None].to(tl.int64) * stride_wn + rk[None, :].to(tl.int64) * stride_wk
+    s_ptrs = s_ptr + (rn_l // block_n).to(tl.int64) * stride_sn             # [BN], k-block 0
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        if ALIGNED:     # 16-byte aligned rows, unit K strides (the launcher checked)
+            x_ptrs = tl.multiple_of(x_ptrs, [1, 16])
+            w_ptrs = tl.multiple_of(w_ptrs, [1, 16])
+        if EVEN_K:
+            x = tl.load(x_ptrs)
+            wb = tl.load(w_ptrs)
+        else:
+            k_ok = (k0 + rk)[None, :] < K
+            x = tl.load(x_ptrs, mask=k_ok, other=0.0)
+            wb = tl.load(w_ptrs, mask=k_ok, other=0)
+        w = _e4m3_as_fp16(wb).to(x.dtype)                                   # W / 256, exact
+        if ONE_KBLOCK:      # one scale per column for all of K: apply it in the epilogue
+            acc = _dot(x, tl.trans(w), acc, DOT_F32)
+        else:
+            s = tl.load(s_ptrs + (k0 // block_k) * stride_sk) * 256.0
+            part = _dot(x, tl.trans(w), tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), DOT_F32)
+            acc += part * s[None, :]
+        x_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K * stride_wk
+    if ONE_KBLOCK:
+        acc = acc * (tl.load(s_ptrs) * 256.0)[None, :]
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + rn_l).to(tl.float32)[None, :]
+    if RNE_BF16:
+        acc = rne_bf16(acc)
+    y_ptrs = y_ptr + rm[:, None].to(tl.int64) * N + rn[None, :]
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=(rm[:, None] < M) & (rn[None, :] < N))
+
+
+@triton.jit
+def fp8_gemv_kernel(x_ptr, w_ptr, s_ptr, bias_ptr, y_ptr, ws_ptr, M, N, K,
+                    stride_xm, stride_wn, stride_wk, stride_sn, stride_sk, block_n, block_k,
+                    k_tiles_per_split, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
+                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ONE_KBLOCK: tl.constexpr,
+                    EVEN_K: tl.constexpr, ALIGNED: tl.constexpr, SPLIT: tl.constexpr,
+                    DOT_F32: tl.constexpr, RNE_BF16: tl.constexpr = False):
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rn_l = rn % N
+    rk = tl.arange(0, BLOCK_K)
+    k_begin = pid_k * k_tiles_per_split * BLOCK_K
+    k_end = tl.minimum(K, k_begin + k_tiles_per_split * BLOCK_K)
+    w_rows = w_ptr + rn_l[:, None].to(tl.int64) * stride_wn                # [BN, 1]
+    s_ptrs = s_ptr + (rn_l // block_n).to(tl.int64) * stride_sn             # [BN]
+    if BLOCK_M == 1:
+        acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        for k0 in range(k_begin, k_end, BLOCK_K):
+            w_ptrs = w_rows + (k0 + rk)[None, :].to(tl.int64) * stride_wk
+            x_ptrs = x_ptr + k0 + rk
+            if ALIGNED:
+                x_ptrs = tl.multiple_of(x_ptrs, 16)
+                w_ptrs = tl.multiple_of(w_ptrs, [1, 16])
+            if EVEN_K:
+                x = tl.load(x_ptrs).to(tl.float32)
+                wb = tl.load(w_ptrs)
+            else:
+                x = tl.load(x_ptrs, mask=k0 + rk < K, other=0.0).to(tl.float32)
+                wb = tl.load(w_ptrs, mask=(k0 + rk)[None, :] < K, other=0)
+            part = tl.sum(_e4m3_as_fp16(wb).to(tl.float32) * x[None, :], axis=1)
+            if ONE_KBLOCK:
+                acc += part
+            else:
+                acc += part * (tl.load(s_ptrs + (k0 // block_k) * stride_sk) * 256.0)
+        if ONE_KBLOCK:
+            acc = acc * (tl.load(s_ptrs) * 256.0)
+        out = acc[:, None]                                                  # [BN, 1]
+    else:
+        rm = tl.arange(0, BLOCK_M)
+        x_ptrs = x_ptr + (rm % M)[:, None].to(tl.int64) * stride_xm + rk[None, :]
+        acc2 = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+        for k0 in range(k_begin, k_end, BLOCK_K):
+            w_ptrs = w_rows + (k0 + rk)[None, :].to(tl.int64) * stride_wk
+            xk_ptrs = x_ptrs + k0
+            if ALIGNED:
+                xk_ptrs = tl.multiple_of(xk_ptrs, [1, 16])
+                w_ptrs = tl.multiple_of(w_ptrs, [1, 16])
+            if EVEN_K:
+                x = tl.load(xk_ptrs, mask=rm[:, None] < M, other=0.0)
+                wb = tl.load(w_ptrs)
+            else:
+                k_ok = (k0 + rk)[None, :] < K
+                x = tl.load(xk_ptrs, mask=(rm[:, None] < M) & k_ok, other=0.0)
+                wb = tl.load(w_ptrs, mask=k_ok, other=0)
+            w = _e4m3_as_fp16(wb).to(x.dtype)
+            if ONE_KBLOCK:
+                acc2 = _dot(w, tl.trans(x), acc2, DOT_F32)                  # [BN, BM]
+            else:
+                s = tl.load(s_ptrs + (k0 // block_k) * stride_sk) * 256.0
+                part = _dot(w, tl.trans(x), tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32),
+                            DOT_F32)
+                acc2 += part * s[:, None]
+        if ONE_KBLOCK:
+            acc2 = acc2 * (tl.load(s_ptrs) * 256.0)[:, None]
+        out = acc2
+    rm_o = tl.arange(0, BLOCK_M)
+    mask = (rn[:, None] < N) & (rm_o[None, :] < M)
+    offs = rm_o[None, :].to(tl.int64) * N + rn[:, None]
+    if SPLIT == 1:
+        if HAS_BIAS:
+            out += tl.load(bias_ptr + rn_l).to(tl.float32)[:, None]
+        if RNE_BF16:
+            out = rne_bf16(out)
+        tl.store(y_ptr + offs, out.to(y_ptr.dtype.element_ty), mask=mask)
+    else:
+        tl.store(ws_ptr + pid_k.to(tl.int64) * M * N + offs, out, mask=mask)
+
+
+@triton.jit
+def fp8_splitk_reduce_kernel(ws_ptr, bias_ptr, y_ptr, MN, N, HAS_BIAS: tl.constexpr,
+                             SPLIT: tl.constexpr, BLOCK: tl.constexpr,
+                             RNE_BF16: tl.constexpr = False):
+    """y = sum over splits in order 0..SPLIT-1 (+ bias): deterministic."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < MN
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for s in tl.static_range(SPLIT):
+        acc += tl.load(ws_ptr + s * MN + offs, mask=mask, other=0.0)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs % N, mask=mask, other=0.0).to(tl.float32)
+    if RNE_BF16:
+        acc = rne_bf16(acc)
+    tl.store(y_ptr + offs, acc.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+# ----------------------------------------------------------------------------- configs
+
+GEMV_MAX_M = 16
+
+
+@functools.lru_cache(maxsize=None)
+def _arch_and_sms(device_index: int | None) -> tuple[int, int]:
+    if device_index is None or not torch.cuda.is_available():
+        return 90, 132      # the interpreter: pretend H100/H200 so split-K paths get used
+    major, minor = torch.cuda.get_device_capability(device_index)
+    return major * 10 + minor, torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def block_k_for(want: int, bk: int, k: int) -> tuple[int, bool]:
+    """(BLOCK_K, ONE_KBLOCK): a power of two <= want that divides bk, so that no K tile
+    straddles two scale blocks; any (not wider than K needs) when one block spans K."""
+    if bk >= k:
+        return min(want, max(16, triton.next_power_of_2(k))), True
+    b = want
+    while bk % b:           # bk % 16 == 0 (checked by the op), so this stops at >= 16
+        b //= 2
+    return b, False
+
+
+def gemm_config(m: int, n: int, k: int, bk: int, arch: int, fp32: bool,
+                aligned: bool = True) -> dict:
+    """Tile config for the GEMM path. sm_90: BM >= 64 with 4/8 warps -> wgmma.
+
+    Each K tile's dot goes to a fresh fp32 partial before it is scaled into the
+    accumulator (two register tiles), so 128 x 128 tiles take BLOCK_K = 64 unless one
+    scale block spans K. Unaligned rows (byte loads, a pointer per element) and fp32 x
+    ("ieee" dots on FMAs) take small tiles: no register spills (tests/test_aot_compile.py).
+    """
+    one = bk >= k
+    if fp32:
+        bm, bn, bkw, warps, stages = 32, 64, 16, 4, 3
+    elif not aligned:
+        bm, bn, bkw, warps, stages = 64, 64, 32, 4, 3
+    elif arch >= 90:
+        if m <= 64:
+            bm, bn, bkw, warps, stages = 64, 128, 128, 4, 3
+        else:
+            bm, bn, bkw, warps, stages = 128, 128, (128 if one else 64), 8, (3 if one else 4)
+    else:
+        if m <= 32:
+            bm, bn, bkw, warps, stages = 32, 128, 64, 4, 4
+        elif m <= 64:
+            bm, bn, bkw, warps, stages = 64, 128, 64, 4, 4
+        else:
+            bm, bn, bkw, warps, stages = 128, 128, 64, 8, 3
+    block_k, one = block_k_for(bkw, bk, k)
+    return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=block_k, ONE_KBLOCK=one, GROUP_M=8,
+                num_warps=warps, num_stages=stages)
+
+
+def gemv_config(m: int, n: int, k: int, bk: int, sms: int, split_k: int | None,
+                aligned: bool = True) -> dict:
+    """Decode config: BLOCK_N x BLOCK_K weight tiles of about 16 KB (vector loads, 128
+    bytes per thread in flight per stage; 2-4 KB when unaligned), split-K so that about 4
+    programs per SM stream the weight."""
+    bm = 1 if m == 1 else 16
+    if aligned:
+        block_k, one = block_k_for(256 if bm == 1 else 128, bk, k)
+        bn = 64 if bm == 16 or block_k >= 256 else 128
+    else:
+        block_k, one = block_k_for(64 if bm == 1 else 32, bk, k)
+        bn = 64
+    k_tiles = triton.cdiv(k, block_k)
+    n_tiles = triton.cdiv(n, bn)
+    if split_k is None:
+        split_k = max(1, min(k_tiles, (4 * sms) // max(1, n_tiles), 16))
+    split_k = max(1, min(int(split_k), k_tiles))
+    per_split = triton.cdiv(k_tiles, split_k)
+    split_k = triton.cdiv(k_tiles, per_split)
+    return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=block_k, ONE_KBLOCK=one, SPLIT=split_k,
+                k_tiles_per_split=per_split, num_warps=4, num_stages=4)
+
+
+# ----------------------------------------------------------------------------- launch
+
+def fp8_matmul(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+               block_size: tuple[int, int] | list[int], bias: torch.Tensor | None,
+               path: str = "auto", split_k: int | None = None) -> torch.Tensor:
+    """x [M, K] (last dim contiguous) -> y [M, N] in x.dtype. Inputs validated by the op;
+    weight and weight_scale may have any strides.
+
+    path: "auto" (M <= 16 -> gemv, else gemm), "gemm" or "gemv"; split_k forces the
+    decode path's split count (tests).
+    """
+    m, k = x.shape
+    n = weight.shape[0]
+    # a block past the matrix edge partitions like one of the matrix's size (fits in i32)
+    bn, bk = min(int(block_size[0]), n), min(int(block_size[1]), k)
+    y = _alloc.empty((m, n), x.dtype, x.device)
+    if m == 0 or n == 0:
+        return y
+    if k == 0:
+        y.zero_()
+        if bias is not None:
+            y += bias.to(y.dtype)
+        return y
+    w8 = weight.view(torch.uint8)           # the bits; converted in the kernel
+    if bias is not None:
+        bias = bias.contiguous()
+    bias_arg = bias if bias is not None else weight_scale
+    dev_index = x.device.index if x.is_cuda else None
+    if x.is_cuda and dev_index is None:
+        dev_index = torch.cuda.current_device()
+    arch, sms = _arch_and_sms(dev_index)
+    # the interpreter (CPU tensors) computes bf16 tl.dot wrongly and truncates fp32 -> bf16
+    # casts (triton 3.9): dots in fp32 on the same exact values, and a round-to-nearest-even
+    # step before the cast. Never set on a GPU. fp32 x: always fp32 dots.
+    interp_bf16 = not x.is_cuda and x.dtype == torch.bfloat16
+    dot_f32 = x.dtype == torch.float32 or interp_bf16
+    # 16-byte aligned rows with unit K strides: vector-load hints (ALIGNED) are safe
+    aligned = (w8.stride(1) == 1 and w8.stride(0) % 16 == 0 and w8.data_ptr() % 16 == 0
+               and x.data_ptr() % 16 == 0 and x.stride(0) * x.element_size() % 16 == 0)
+    strides = (x.stride(0), w8.stride(0), w8.stride(1), weight_scale.stride(0),
+               weight_scale.stride(1), bn, bk)
+    if path == "auto":
+        path = "gemv" if m <= GEMV_MAX_M else "gemm"
+    if path == "gemv" and m > GEMV_MAX_M:
+        raise ValueError(f"the decode path handles M <= {GEMV_MAX_M}, got M = {m}")
+    if path == "gemm":
+        cfg = gemm_config(m, n, k, bk, arch, x.dtype == torch.float32, aligned)
+        grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
+        fp8_gemm_kernel[grid](
+            x, w8, weight_scale, bias_arg, y, m, n, k, *strides,
+            HAS_BIAS=bias is not None, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+            BLOCK_K=cfg["BLOCK_K"], GROUP_M=cfg["GROUP_M"], ONE_KBLOCK=cfg["ONE_KBLOCK"],
+            EVEN_K=k % cfg["BLOCK_K"] == 0, ALIGNED=aligned, DOT_F32=dot_f32,
+            RNE_BF16=interp_bf16,
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        return y
+    cfg = gemv_config(m, n, k, bk, sms, split_k, aligned)
+    split = cfg["SPLIT"]
+    ws = _alloc.empty((split, m, n), torch.float32, x.device) if split > 1 else y
+    fp8_gemv_kernel[(triton.cdiv(n, cfg["BLOCK_N"]), split)](
+        x, w8, weight_scale, bias_arg, y, ws, m, n, k, *strides, cfg["k_tiles_per_split"],
+        HAS_BIAS=bias is not None, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+        BLOCK_K=cfg["BLOCK_K"], ONE_KBLOCK=cfg["ONE_KBLOCK"], EVEN_K=k % cfg["BLOCK_K"] == 0,
+        ALIGNED=aligned, SPLIT=split, DOT_F32=dot_f32, RNE_BF16=interp_bf16,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    if split > 1:
+        block = 1024
+        fp8_splitk_reduce_kernel[(triton.cdiv(m * n, block),)](
+            ws, bias_arg, y, m * n, n, HAS_BIAS=bias is not None, SPLIT=split, BLOCK=block,
+            RNE_BF16=interp_bf16, num_warps=4)
+    return y
+
+
+# --------------------------------------------------------------------------- registry
+# Aligned configs compile as dispatched for a contiguous weight and scale: Triton's JIT
+# specializes a stride of 1 to a constant (stride_wk, stride_sk), and the ALIGNED hints
+# let the tile loads vectorize. Unaligned configs (odd K, padded rows, a transposed
+# weight) compile with every stride a runtime value and byte loads.
+
+_INTS = {"M": "i32", "N": "i32", "K": "i32", "stride_xm": "i64", "stride_wn": "i64",
+         "stride_wk": "i64", "stride_sn": "i64", "stride_sk": "i64", "block_n": "i32",
+         "block_k": "i32"}
+
+
+def _sig(fn, dt: str, const: dict, extra: dict[str, str]) -> dict[str, str]:
+    """Signature in the kernel's argument order."""
+    sig = {"x_ptr": f"*{dt}", "w_ptr": "*u8", "s_ptr": "*fp32", "bias_ptr": f"*{dt}",
+           "y_ptr": f"*{dt}", **_INTS, **extra}
+    sig.update({c: "constexpr" for c in const})
+    return {a: sig[a] for a in fn.arg_names}
+
+
+_K = 8192
+_BLOCKS = (("128x128", 128), ("per_channel", _K))
+for _dt in ("fp16", "bf16", "fp32"):
+    _tc = _dt != "fp32"                 # fp32 "ieee" dots: FMAs, no tensor cores
+    for _aligned in (True, False):
+        _unit = {"stride_wk": 1, "stride_sk": 1} if _aligned else {}
+        _tag = "" if _aligned else ",unaligned"
+        # GEMM: arch config x M x (128x128 blocks | per channel: one scale per row)
+        for _arch, _m in ((90, 64), (90, 4096), (80, 32), (80, 4096)):
+            for _blk, _bk in _BLOCKS:
+                if (_blk == "per_channel" or not _aligned) and _m != 4096:
+                    continue
+                _cfg = gemm_config(_m, _K, _K, _bk, _arch, _dt == "fp32", _aligned)
+                _const = {"HAS_BIAS": False, "BLOCK_M": _cfg["BLOCK_M"],
+                          "BLOCK_N": _cfg["BLOCK_N"], "BLOCK_K": _cfg["BLOCK_K"], "GROUP_M": 8,
+                          "ONE_KBLOCK": _cfg["ONE_KBLOCK"], "EVEN_K": _aligned,
+                          "ALIGNED": _aligned, "DOT_F32": _dt == "fp32", "RNE_BF16": False,
+                          **_unit}
+                register(KernelSpec(
+                    name=f"fp8_matmul_gemm[{_dt},sm{_arch}cfg,M={_m},{_blk}{_tag}]",
+                    fn=fp8_gemm_kernel, signature=_sig(fp8_gemm_kernel, _dt, _const, {}),
+                    constexprs=_const, num_warps=_cfg["num_warps"],
+                    num_stages=_cfg["num_stages"], tensor_core=_tc,
+                    wgmma_expected=_arch >= 90 and _cfg["BLOCK_M"] >= 64, archs=(_arch,)))
+        # decode: M = 1 (FMAs) and M = 16 (swap-AB MMA, wgmma m64n16), both archs
+        for _m in (1, 16):
+            for _blk, _bk in _BLOCKS:
+                if not _aligned and _blk == "per_channel":
+                    continue
+                _cfg = gemv_config(_m, _K, _K, _bk, 132, None, _aligned)
+                _const = {"HAS_BIAS": True, "BLOCK_M": _cfg["BLOCK_M"],
+                          "BLOCK_N": _cfg["BLOCK_N"], "BLOCK_K": _cfg["BLOCK_K"],
+                          "ONE_KBLOCK": _cfg["ONE_KBLOCK"], "EVEN_K": _aligned,
+                          "ALIGNED": _aligned, "SPLIT": _cfg["SPLIT"],
+                          "DOT_F32": _dt == "fp32", "RNE_BF16": False, **_unit}
+                register(KernelSpec(
+                    name=f"fp8_matmul_gemv[{_dt},M={_m},{_blk}{_tag}]", fn=fp8_gemv_kernel,
+                    signature=_sig(fp8_gemv_kernel, _dt, _const,
+                                   {"ws_ptr": "*fp32", "k_tiles_per_split": "i32"}),
+                    constexprs=_const, num_warps=_cfg["num_warps"],
+                    num_stages=_cfg["num_stages"], tensor_core=_tc and _m > 1,
+                    wgmma_expected=True))
+    register(KernelSpec(
+        name=f"fp8_matmul_splitk_reduce[{_dt}]", fn=fp8_splitk_reduce_kernel,
+        signature={"ws_ptr": "*fp32", "bias_ptr": f"*{_dt}", "y_ptr": f"*{_dt}", "MN": "i32",
+                   "N": "i32", "HAS_BIAS": "constexpr", "SPLIT": "constexpr",
+                   "BLOCK": "constexpr", "RNE_BF16": "constexpr"},
+        constexprs={"HAS_BIAS": True, "SPLIT": 4, "BLOCK": 1024, "RNE_BF16": False},
+        num_warps=4, num_stages=1))
