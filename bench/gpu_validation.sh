@@ -68,6 +68,7 @@ stage_build() {
 GPU_TESTS=("${CUDA_TESTS[@]}" tests/test_flash_attention.py tests/test_op_contract.py
            tests/test_bitmask.py tests/test_rejection_sampler.py tests/test_sampling_mask.py
            tests/test_lora_op.py tests/test_moe_op.py tests/test_moe_int4_op.py
+           tests/test_fp8_matmul.py tests/test_fp8_w8a8.py tests/test_moe_fp8_op.py
            tests/test_model_gpu.py
            tests/test_model_hf.py tests/test_engine.py)
 

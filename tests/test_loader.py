@@ -142,9 +142,13 @@ def test_unsupported_architecture_and_features(hf_dirs, tmp_path):
     _edit_config(d, quantization_config={"quant_method": "gptq", "bits": 8, "group_size": 32})
     with pytest.raises(UnsupportedModelError, match="8 bits"):
         load_model(d, device="cpu")
-    d = _copy(hf_dirs["llama"][1], tmp_path / "fp8")
-    _edit_config(d, quantization_config={"quant_method": "fp8"})
-    with pytest.raises(UnsupportedModelError, match="fp8"):
+    d = _copy(hf_dirs["llama"][1], tmp_path / "bnb")
+    _edit_config(d, quantization_config={"quant_method": "bitsandbytes"})
+    with pytest.raises(UnsupportedModelError, match="bitsandbytes"):
+        load_model(d, device="cpu")
+    d = _copy(hf_dirs["llama"][1], tmp_path / "fp8")      # (fp8 checkpoints: test_fp8_model)
+    _edit_config(d, quantization_config={"quant_method": "fp8", "fmt": "e5m2"})
+    with pytest.raises(UnsupportedModelError, match="e5m2"):
         load_model(d, device="cpu")
 
 

@@ -33,7 +33,7 @@ METHODS = ("ngram", "draft_model")
 _COMMON_KEYS = ("method", "num_speculative_tokens", "disable_by_batch_size")
 _METHOD_KEYS = {"ngram": ("prompt_lookup_min", "prompt_lookup_max"),
                 "draft_model": ("model", "quantization", "revision")}
-_QUANTIZATIONS = ("auto", None, "int4", "gptq", "awq")  # "auto" + loader.QUANTIZATIONS
+_QUANTIZATIONS = ("auto", None, "int4", "gptq", "awq", "fp8")  # "auto" + loader.QUANTIZATIONS
 
 
 @dataclass(frozen=True)
@@ -49,8 +49,8 @@ class SpeculativeConfig:
         name (loaded like the target: same dtype and device), or an already built
         CausalLM.
     quantization (draft_model): the draft's quantization: None | "int4" | "gptq" |
-        "awq", or "auto" (default): "int4" when the target was quantized with "int4"
-        (RTN on load), else None (a GPTQ / AWQ checkpoint declares its own).
+        "awq" | "fp8", or "auto" (default): "int4" / "fp8" when the target was quantized
+        with that RTN on load, else None (a quantized checkpoint declares its own).
     revision (draft_model): hub branch, tag or commit of ``model``.
     disable_by_batch_size: no drafts in a step when more than this many sequences are
         running (a large batch is compute-bound: verifying drafts costs more than it

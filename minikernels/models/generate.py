@@ -207,9 +207,10 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
                         choices=["auto", "bfloat16", "float16", "float32"],
                         help="weights and activations; auto = the checkpoint's")
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda if present)")
-    parser.add_argument("--quantization", default=None, choices=["int4", "gptq", "awq"],
-                        help="int4: RTN-quantize the weights at load; gptq / awq: an int4 "
-                             "checkpoint (default: none, or the checkpoint's own)")
+    parser.add_argument("--quantization", default=None,
+                        choices=["int4", "gptq", "awq", "fp8"],
+                        help="int4 / fp8: RTN-quantize the weights at load; gptq / awq: an "
+                             "int4 checkpoint (default: none, or the checkpoint's own)")
     parser.add_argument("--chat", action="store_true",
                         help="wrap the prompt as a user message with the chat template")
     parser.add_argument("--system", default=None, help="system message (with --chat)")

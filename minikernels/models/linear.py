@@ -12,6 +12,12 @@ them is bit-identical to quantizing the fused weight.
 Parts with the same input permutation (GPTQ act-order) are merged into one matmul;
 otherwise each part runs on its own and the outputs are concatenated.
 
+FP8: :meth:`FusedLinear.quantize_fp8_shard_` (block-wise RTN of a checkpoint part as it
+is read) or :meth:`set_fp8_shard` (fp8 checkpoints) replace the dense weight by fp8 parts
+(:class:`minikernels.quant.fp8.Fp8Weight`: e4m3 weight + fp32 block scales) run through
+``minikernels.ops.fp8_matmul`` (W8A16); parts fuse as :func:`minikernels.quant.fp8.merge_fp8`
+says.
+
 An int4 weight is anything with ``qweight [N, K/8] int32, scales/zeros [N, K/G],
 group_size`` and optionally ``perm`` (int64 [K]: the stored column j multiplies input
 column perm[j]) — :class:`minikernels.quant.Int4Weight` and plain namespaces alike.
@@ -114,8 +120,37 @@ class Int4Part(nn.Module):
                 f"act_order={self.perm is not None}")
 
 
+class Fp8Part(nn.Module):
+    """One fp8 matmul: y = x @ W.T, W [N, K] = weight (e4m3) * scale per (bn, bk) block."""
+
+    def __init__(self, weight: Tensor, scale: Tensor, block_size: Sequence[int]) -> None:
+        super().__init__()
+        self.block_size = (int(block_size[0]), int(block_size[1]))
+        self.register_buffer("weight", weight.contiguous())
+        self.register_buffer("scale", scale.float().contiguous())
+
+    @property
+    def out_features(self) -> int:
+        return int(self.weight.shape[0])
+
+    @property
+    def in_features(self) -> int:
+        return int(self.weight.shape[1])
+
+    def forward(self, x: Tensor) -> Tensor:
+        return ops.fp8_matmul(x, self.weight, self.scale, self.block_size)
+
+    def dequantize(self) -> Tensor:
+        """W [N, K] fp32."""
+        return ops.reference.dequantize_fp8(self.weight, self.scale, self.block_size)
+
+    def extra_repr(self) -> str:
+        return (f"in={self.in_features}, out={self.out_features}, "
+                f"block_size={list(self.block_size)}")
+
+
 class FusedLinear(nn.Module):
-    """y = x @ W.T (+ b), W [sum(output_sizes), in_features], dense or int4.
+    """y = x @ W.T (+ b), W [sum(output_sizes), in_features], dense, int4 or fp8.
 
     output_sizes: the parts fused along N (one entry for an ordinary linear).
     """
@@ -137,7 +172,8 @@ class FusedLinear(nn.Module):
         self.bias = nn.Parameter(torch.zeros(self.out_features, dtype=dtype, device=device),
                                  requires_grad=False) if bias else None
         self.int4_parts = nn.ModuleList()
-        self._pending: dict[int, Any] = {}   # shard -> int4 weight, until all shards arrive
+        self.fp8_parts = nn.ModuleList()
+        self._pending: dict[int, Any] = {}   # shard -> int4 / fp8 weight, until all arrive
 
     # ------------------------------------------------------------------ loading
     def shard_rows(self, shard: int) -> tuple[int, int]:
@@ -179,9 +215,30 @@ class FusedLinear(nn.Module):
         if len(self._pending) == len(self.output_sizes):
             self._merge_pending()
 
+    def set_fp8_shard(self, shard: int, w: Any) -> None:
+        """Give part ``shard`` an fp8 weight (:class:`minikernels.quant.fp8.Fp8Weight`);
+        the parts fuse once all have one."""
+        start, stop = self.shard_rows(shard)
+        if tuple(w.shape) != (stop - start, self.in_features):
+            raise ValueError(f"shape mismatch: fp8 weight is {list(w.shape)}, expected "
+                             f"[{stop - start}, {self.in_features}]")
+        self.weight = None
+        self._pending[shard] = w
+        if len(self._pending) == len(self.output_sizes):
+            self._merge_pending()
+
     def _merge_pending(self) -> None:
         parts = [self._pending[i] for i in range(len(self.output_sizes))]
         self._pending = {}
+        from ..quant.fp8 import Fp8Weight, merge_fp8
+
+        fp8 = [isinstance(w, Fp8Weight) for w in parts]
+        if any(fp8):
+            if not all(fp8):
+                raise ValueError("a fused linear cannot mix fp8 and int4 parts")
+            self.fp8_parts = nn.ModuleList(Fp8Part(w.weight, w.scale, w.block_size)
+                                           for w in merge_fp8(parts))
+            return
         self.int4_parts = nn.ModuleList()
         groups: list[list[Any]] = []
         for w in parts:  # merge neighbours with identical perm and group size
@@ -201,12 +258,21 @@ class FusedLinear(nn.Module):
                 torch.cat([w.zeros for w in g]), int(g[0].group_size), _perm_of(g[0])))
 
     @property
+    def is_fp8(self) -> bool:
+        if len(self.fp8_parts):
+            return True
+        from ..quant.fp8 import Fp8Weight
+
+        return any(isinstance(w, Fp8Weight) for w in self._pending.values())
+
+    @property
     def is_int4(self) -> bool:
-        return self.weight is None
+        return self.weight is None and not self.is_fp8
 
     @property
     def is_ready(self) -> bool:
-        return self.weight is not None or (len(self.int4_parts) > 0 and not self._pending)
+        return self.weight is not None or (
+            (len(self.int4_parts) > 0 or len(self.fp8_parts) > 0) and not self._pending)
 
     def quantize_(self, group_size: int = 128, symmetric: bool = False) -> None:
         """Replace the dense weight by RTN int4 with exactly ``group_size`` (it must divide K)."""
@@ -262,6 +328,41 @@ class FusedLinear(nn.Module):
         else:
             self.set_int4_shard(shard, w)
 
+    def quantize_fp8_shard_(self, shard: int | None, tensor: Tensor,
+                            block_size: Sequence[int] = (128, 128)) -> None:
+        """Block-wise RTN fp8 of a dense checkpoint part ([n, K] of part ``shard``; None =
+        the whole [out_features, K] weight) straight into fp8, without a dense weight in
+        the layer (as :meth:`quantize_shard_` does for int4). Each part is quantized on
+        its own (a block never spans q and k), so both ways give the same bytes. Parts may
+        arrive in any order; the layer is ready once all have."""
+        from ..quant.fp8 import quantize_fp8
+
+        if self.weight is not None:
+            raise ValueError("this layer holds a dense weight; load it with load_shard")
+        if shard is None:
+            expected = (self.out_features, self.in_features)
+        else:
+            start, stop = self.shard_rows(shard)
+            expected = (stop - start, self.in_features)
+        if tuple(tensor.shape) != expected:
+            raise ValueError(f"shape mismatch: expected {list(expected)}, got "
+                             f"{list(tensor.shape)}")
+        if shard is None:   # part by part: blocks never straddle two parts (q | k | v)
+            self._pending = {}
+            for s, part in enumerate(torch.split(tensor.detach(), self.output_sizes)):
+                self.set_fp8_shard(s, quantize_fp8(part, tuple(block_size)))
+        else:
+            self.set_fp8_shard(shard, quantize_fp8(tensor.detach(), tuple(block_size)))
+
+    def quantize_fp8_(self, block_size: Sequence[int] = (128, 128)) -> bool:
+        """Block-wise RTN fp8 of the dense weight in place; False when there is none."""
+        if self.weight is None:
+            return False
+        w = self.weight.detach()
+        self.weight = None  # a tied lm_head drops only its reference; the embedding keeps it
+        self.quantize_fp8_shard_(None, w, block_size)
+        return True
+
     # ------------------------------------------------------------------ forward
     def forward(self, x: Tensor) -> Tensor:
         y = self._base_forward(x)
@@ -271,21 +372,23 @@ class FusedLinear(nn.Module):
     def _base_forward(self, x: Tensor) -> Tensor:
         if self.weight is not None:
             return nn.functional.linear(x, self.weight, self.bias)
-        if self._pending or not len(self.int4_parts):
-            raise RuntimeError("int4 linear is missing parts (checkpoint incomplete)")
-        if len(self.int4_parts) == 1:
-            y = self.int4_parts[0](x)
+        parts = self.fp8_parts if len(self.fp8_parts) else self.int4_parts
+        if self._pending or not len(parts):
+            raise RuntimeError("quantized linear is missing parts (checkpoint incomplete)")
+        if len(parts) == 1:
+            y = parts[0](x)
         else:
-            y = torch.cat([p(x) for p in self.int4_parts], dim=-1)
+            y = torch.cat([p(x) for p in parts], dim=-1)
         if self.bias is not None:
             y = y + self.bias
         return y
 
     def dense_weight(self) -> Tensor:
-        """W [N, K] (dequantized fp32 for int4): for tests and debugging."""
+        """W [N, K] (dequantized fp32 for int4 / fp8): for tests and debugging."""
         if self.weight is not None:
             return self.weight.detach()
-        return torch.cat([p.dequantize() for p in self.int4_parts])
+        parts = self.fp8_parts if len(self.fp8_parts) else self.int4_parts
+        return torch.cat([p.dequantize() for p in parts])
 
     def weight_bytes(self) -> int:
         total = sum(t.numel() * t.element_size() for t in self.buffers())
@@ -294,4 +397,4 @@ class FusedLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, out={self.output_sizes}, bias={self.bias is not None}, "
-                f"int4={self.is_int4}")
+                f"int4={self.is_int4}, fp8={self.is_fp8}")

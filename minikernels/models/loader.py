@@ -22,6 +22,15 @@ Quantization:
                           peak is the int4 model plus one dense tensor (built-in names:
                           one random dense layer at a time).
     "gptq" / "awq"        insist that the checkpoint is in that format.
+    quantization="fp8"    block-wise RTN fp8 (e4m3, one fp32 scale per 128 x 128 block) of
+                          every linear layer on load, streaming as int4 does; the matmuls
+                          run W8A16 (``ops.fp8_matmul``). An fp8 checkpoint loads as is.
+                          Mixture-of-experts experts too (``ops.fused_moe_fp8``).
+
+FP8 checkpoints (quantization_config ``quant_method: "fp8"``, block-wise like
+Qwen/Qwen3-*-FP8 or per-tensor, and compressed-tensors 8-bit float weights: per tensor,
+channel or block) load onto fp8 parts: :mod:`minikernels.quant.fp8` says which tensors.
+Their layers left dense (``lm_head``, ``modules_to_not_convert``) load dense.
 """
 from __future__ import annotations
 
@@ -41,6 +50,7 @@ from .config import (DecoderConfig, UnsupportedModelError, builtin_config,
                      is_classifier_architecture, list_models)
 from .decoder import CausalLM
 from .hub import resolve_model
+from ..quant.fp8 import fp8_from_checkpoint
 from .linear import FusedLinear, pick_group_size
 from .moe import EXPERT_PARTS, FusedExperts
 from .parallel import (TensorParallel, mlp_intermediate_size, row_parallel_group_size,
@@ -53,7 +63,9 @@ _DTYPES = {
     "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
     "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
 }
-QUANTIZATIONS = (None, "int4", "gptq", "awq")
+QUANTIZATIONS = (None, "int4", "gptq", "awq", "fp8")
+#: the fp8 checkpoint tensors of a linear besides its fp8 ``weight``
+_FP8_SCALES = ("weight_scale_inv", "weight_scale")
 
 
 class CheckpointError(ValueError):
@@ -153,7 +165,8 @@ def map_name(name: str) -> tuple[str, int | None, str] | None:
     if m:
         return f"layers.{m.group(1)}.self_attn.attn", None, m.group(2)
     m = _EXPERT_RE.match(n)
-    if m and (m.group(4) == "weight" or m.group(4) in _QUANT_TENSORS):
+    if m and (m.group(4) == "weight" or m.group(4) in _QUANT_TENSORS + _FP8_SCALES
+              or m.group(4) == "input_scale"):
         # an int4 expert tensor: kind "<projection>:<tensor>" (e.g. "gate_proj:qweight")
         kind = m.group(3) if m.group(4) == "weight" else f"{m.group(3)}:{m.group(4)}"
         return f"layers.{m.group(1)}.mlp.experts", int(m.group(2)), kind
@@ -328,11 +341,20 @@ def _count_tensors(files: list[str]) -> int | None:
 
 # --------------------------------------------------------------------- quantization
 def _checkpoint_quant(config: DecoderConfig) -> dict[str, Any] | None:
-    """Validated GPTQ/AWQ settings from config.quantization_config (None for dense)."""
+    """Validated GPTQ / AWQ / compressed-tensors int4 settings, or {"method": ..., "fp8":
+    scheme} for an fp8 checkpoint, from config.quantization_config (None for dense)."""
     qc = config.quantization_config
     if not qc:
         return None
     method = str(qc.get("quant_method", "")).lower()
+    from ..quant.fp8 import fp8_scheme
+
+    try:
+        fp8 = fp8_scheme(qc)
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise UnsupportedModelError(f"quantization_config: {exc}") from None
+    if fp8 is not None:
+        return {"method": method, "fp8": fp8}
     if method == "compressed-tensors":
         from ..quant import compressed_tensors_scheme
 
@@ -343,7 +365,7 @@ def _checkpoint_quant(config: DecoderConfig) -> dict[str, Any] | None:
     if method not in ("gptq", "awq"):
         raise UnsupportedModelError(f"quantization_config.quant_method {method!r} is not "
                                     "supported (supported: gptq, awq with 4 bits, "
-                                    "compressed-tensors pack-quantized int4)")
+                                    "compressed-tensors pack-quantized int4 or fp8, fp8)")
     bits = int(qc.get("bits", qc.get("w_bit", 4)))
     if bits != 4:
         raise UnsupportedModelError(f"{method} with {bits} bits is not supported (only 4)")
@@ -376,13 +398,17 @@ def _rtn_group(name: str, k: int, group_size: int) -> int:
 
 
 def quantize_linears(model: CausalLM, group_size: int = 128, symmetric: bool = False,
-                     quantize_lm_head: bool = False) -> None:
-    """RTN-quantize the model's dense linear layers in place (int4, canonical layout).
+                     quantize_lm_head: bool = False, scheme: str = "int4") -> None:
+    """RTN-quantize the model's dense linear layers in place: ``scheme`` "int4"
+    (canonical layout, ``group_size``) or "fp8" (128 x 128 blocks).
 
-    A tied lm_head gets its own int4 copy; the embedding keeps the dense table.
+    A tied lm_head gets its own quantized copy; the embedding keeps the dense table.
     """
     for name, lin in model.linear_layers():
         if lin.weight is None or (name == "lm_head" and not quantize_lm_head):
+            continue
+        if scheme == "fp8":
+            lin.quantize_fp8_()
             continue
         _rtn_group(name, lin.in_features, group_size)  # logs a fallback
         lin.quantize_int4_(group_size, symmetric)
@@ -416,6 +442,18 @@ def _load_hf(model_dir: str, dtype: str | torch.dtype, device: torch.device,
     torch_dtype = parse_dtype(dtype, config, device)
 
     ckpt_quant = _checkpoint_quant(config)
+    fp8_ckpt = ckpt_quant.get("fp8") if ckpt_quant is not None else None
+    if fp8_ckpt is not None:
+        if config.num_experts and tp is not None:
+            raise CheckpointError(f"{model_dir}: fp8 checkpoints of mixture-of-experts models "
+                                  "are not supported with tensor parallelism yet; load the "
+                                  "dense checkpoint with quantization='fp8' (RTN on load)")
+        if quantization not in (None, "fp8"):
+            raise CheckpointError(f"quantization={quantization!r} but {model_dir} is an fp8 "
+                                  "checkpoint (load it with quantization=None or 'fp8')")
+    elif quantization == "fp8" and ckpt_quant is not None:
+        raise CheckpointError(f"quantization='fp8' but {model_dir} is a "
+                              f"{ckpt_quant['method']} int4 checkpoint")
     if ckpt_quant is not None and config.num_experts and tp is not None:
         raise CheckpointError(f"{model_dir}: int4 checkpoints of mixture-of-experts models "
                               "are not supported with tensor parallelism yet; load the dense "
@@ -426,7 +464,7 @@ def _load_hf(model_dir: str, dtype: str | torch.dtype, device: torch.device,
         raise CheckpointError(f"quantization={quantization!r} but {model_dir} is {found}")
 
     # RTN on load streams: no dense weight is allocated for the linears it quantizes.
-    rtn = quantization == "int4" and ckpt_quant is None
+    rtn = quantization in ("int4", "fp8") and ckpt_quant is None
     model = CausalLM(config, dtype=torch_dtype, device=device,
                      dense=ckpt_quant is None and not rtn,
                      dense_lm_head=lm_head and not (rtn and quantize_lm_head), tp=tp)
@@ -458,6 +496,8 @@ def _load_hf(model_dir: str, dtype: str | torch.dtype, device: torch.device,
             expected.add((name, None, "weight"))
 
     pending_q: dict[tuple[str, int], dict[str, Tensor]] = {}
+    pending_fp8: dict[tuple[str, int], dict[str, Tensor]] = {}
+    pending_fp8_experts: dict[tuple[str, int, str], dict[str, Tensor]] = {}
     pending_experts: dict[tuple[str, int, str], dict[str, Tensor]] = {}
     seen: set[tuple[str, int | None, str]] = set()
     unexpected: list[str] = []
@@ -497,6 +537,36 @@ def _load_hf(model_dir: str, dtype: str | torch.dtype, device: torch.device,
                     if kind in ("k_scale", "v_scale"):
                         _load_kv_scale(getattr(mod, kind), tensor, where)
                         continue
+                    if tensor.dtype == torch.float8_e4m3fn and (fp8_ckpt is None or not
+                                                                isinstance(mod, (FusedLinear,
+                                                                                 FusedExperts))):
+                        raise CheckpointError(
+                            f"{where} is an fp8 tensor but " + (
+                                "config.json has no fp8 quantization_config" if fp8_ckpt is None
+                                else "this layer loads dense weights only"))
+                    if isinstance(mod, FusedExperts) and fp8_ckpt is not None and (
+                            ":" in kind or tensor.dtype == torch.float8_e4m3fn):
+                        if shard is None:
+                            raise CheckpointError(f"{where}: stacked fp8 experts are not "
+                                                  "supported (per-expert tensors are)")
+                        part, tkind = kind.split(":") if ":" in kind else (kind, "weight")
+                        if tkind == "input_scale":
+                            continue    # a static activation scale: activations stay 16-bit
+                        if not 0 <= shard < mod.num_experts:
+                            raise CheckpointError(f"{where}: expert {shard} out of range "
+                                                  f"(num_experts {mod.num_experts})")
+                        got = pending_fp8_experts.setdefault((mod_name, shard, part), {})
+                        got[tkind] = tensor.to(device)
+                        if "weight" in got and fp8_ckpt["scale"] in got:
+                            del pending_fp8_experts[(mod_name, shard, part)]
+                            try:
+                                mod.set_fp8_part_(shard, part, fp8_from_checkpoint(
+                                    got["weight"], got[fp8_ckpt["scale"]], fp8_ckpt),
+                                    fp8_ckpt["block_size"])
+                            except ValueError as exc:
+                                raise CheckpointError(f"{where}: {exc}") from None
+                            seen.add((mod_name, shard, part))
+                        continue
                     if isinstance(mod, FusedExperts) and ":" in kind:   # int4 checkpoint
                         if ckpt_quant is None:
                             raise CheckpointError(f"{where} is a quantized tensor but "
@@ -513,9 +583,27 @@ def _load_hf(model_dir: str, dtype: str | torch.dtype, device: torch.device,
                                 mod.make_dense_()
                             except ValueError as exc:
                                 raise CheckpointError(f"{where}: {exc}") from None
-                        g = _expert_group(config, mod, group_size) if mod.is_int4 else None
+                        fp8 = quantization == "fp8" and mod.w13 is None
+                        g = _expert_group(config, mod, group_size) \
+                            if mod.is_int4 and not fp8 else None
                         seen.update(_load_experts(mod, mod_name, shard, kind, tensor, where,
-                                                  g))
+                                                  g, fp8=fp8))
+                        continue
+                    if isinstance(mod, FusedLinear) and fp8_ckpt is not None and (
+                            kind in _FP8_SCALES or kind == "input_scale" or (
+                                kind == "weight" and tensor.dtype == torch.float8_e4m3fn)):
+                        if kind == "input_scale":
+                            continue    # a static activation scale: activations stay 16-bit
+                        got = pending_fp8.setdefault((mod_name, shard), {})
+                        got[kind] = tensor.to(device)
+                        if "weight" in got and fp8_ckpt["scale"] in got:
+                            del pending_fp8[(mod_name, shard)]
+                            try:
+                                mod.set_fp8_shard(shard, fp8_from_checkpoint(
+                                    got["weight"], got[fp8_ckpt["scale"]], fp8_ckpt))
+                            except ValueError as exc:
+                                raise CheckpointError(f"{where}: {exc}") from None
+                            seen.add((mod_name, shard, "qweight"))
                         continue
                     if isinstance(mod, FusedLinear):
                         if kind in _QUANT_TENSORS:
@@ -529,6 +617,8 @@ def _load_hf(model_dir: str, dtype: str | torch.dtype, device: torch.device,
                         if kind == "weight" and mod_name in stream:
                             # RTN on load: quantize this part on the device, drop the dense copy.
                             g = groups.get(mod_name)
+                            if quantization == "fp8":
+                                g = 0    # (fp8 blocks need no group size)
                             if g is None and tp is not None and \
                                     mod_name.endswith(("o_proj", "down_proj")):
                                 k_full = config.q_size if mod_name.endswith("o_proj") \
@@ -541,14 +631,17 @@ def _load_hf(model_dir: str, dtype: str | torch.dtype, device: torch.device,
                             dense = tensor.to(device=device, dtype=torch_dtype)
                             del tensor
                             try:
-                                mod.quantize_shard_(shard, dense, g)
+                                if quantization == "fp8":
+                                    mod.quantize_fp8_shard_(shard, dense)
+                                else:
+                                    mod.quantize_shard_(shard, dense, g)
                             except ValueError as exc:
                                 raise CheckpointError(f"{where}: {exc}") from None
                             del dense
                             seen.add((mod_name, shard, kind))
                             continue
                         if kind == "weight" and mod.weight is None and not mod.int4_parts and \
-                                not mod._pending:
+                                not mod.fp8_parts and not mod._pending:
                             # A layer the quantizer left dense (e.g. modules_to_not_convert).
                             mod.weight = torch.nn.Parameter(torch.empty(
                                 mod.out_features, mod.in_features, dtype=torch_dtype,
@@ -582,6 +675,13 @@ def _load_hf(model_dir: str, dtype: str | torch.dtype, device: torch.device,
     finally:
         bar.close()
 
+    for (mod_name, e, part), got in sorted(pending_fp8_experts.items()):
+        raise CheckpointError(f"model.{mod_name}.{e}.{part}: fp8 expert incomplete: has "
+                              f"{sorted(got)}, needs ['weight', {fp8_ckpt['scale']!r}]")
+    for (mod_name, shard), got in sorted(pending_fp8.items()):
+        need = ["weight (float8_e4m3fn)", fp8_ckpt["scale"]]
+        raise CheckpointError(f"{_hf_name(mod_name, shard, '*')}: fp8 layer incomplete: has "
+                              f"{sorted(got)}, needs {need}")
     missing = sorted(expected - seen, key=str)
     if missing:
         names = [_hf_name(*m) for m in missing]
@@ -607,17 +707,18 @@ def _load_hf(model_dir: str, dtype: str | torch.dtype, device: torch.device,
             modules[mod_name].set_int4_part_(e, part, w, int(ckpt_quant["group_size"]))
         except ValueError as exc:
             raise CheckpointError(f"{where}: {exc}") from None
-    if quantization == "int4" or (quantize_lm_head and ckpt_quant is not None):
-        quantize_linears(model, group_size, quantize_lm_head=quantize_lm_head)
+    if quantization in ("int4", "fp8") or (quantize_lm_head and ckpt_quant is not None):
+        scheme = "fp8" if quantization == "fp8" or fp8_ckpt is not None else "int4"
+        quantize_linears(model, group_size, quantize_lm_head=quantize_lm_head, scheme=scheme)
     return model
 
 
 def _load_experts(mod: FusedExperts, mod_name: str, expert: int | None, kind: str,
-                  tensor: Tensor, where: str, group: int | None = None
+                  tensor: Tensor, where: str, group: int | None = None, fp8: bool = False
                   ) -> list[tuple[str, int, str]]:
     """One expert's projection (or transformers 5's stacked gate_up_proj / down_proj of
-    every expert) into w13 / w2, or RTN-quantized into the int4 buffers with ``group``;
-    the (module, expert, part) keys it filled."""
+    every expert) into w13 / w2, or RTN-quantized into the int4 buffers with ``group`` or
+    into the fp8 ones (``fp8``); the (module, expert, part) keys it filled."""
     if expert is None:   # stacked: [E, 2I, H] or [E, H, I]
         parts = ("gate_proj", "up_proj") if kind == "gate_up_proj" else ("down_proj",)
         experts = range(mod.num_experts)
@@ -636,7 +737,9 @@ def _load_experts(mod: FusedExperts, mod_name: str, expert: int | None, kind: st
             whole = tensor if expert is not None else tensor[e]
             for i, p in enumerate(parts):
                 piece = whole if len(parts) == 1 else whole[i * mod.inter:(i + 1) * mod.inter]
-                if group is None:
+                if fp8:
+                    mod.quantize_fp8_part_(e, p, piece.to(mod.dtype))
+                elif group is None:
                     target = mod.part(e, p)
                     target.copy_(piece.to(device=target.device, dtype=target.dtype))
                 else:
@@ -713,14 +816,14 @@ def _import_int4(model: CausalLM, modules: dict[str, Any],
 
 
 def _init_dummy(model: CausalLM, seed: int, group_size: int | None = None,
-                symmetric: bool = False) -> None:
+                symmetric: bool = False, scheme: str = "int4") -> None:
     """Deterministic random weights (by seed, per device): N(0, 0.02) matrices, unit norms
     (a Gemma norm's stored weight 0: its scale is 1 + weight).
 
-    A linear built without a dense weight (RTN int4 on load; ``group_size`` given) draws its
-    dense weight into a temporary, quantizes it and drops it, one layer at a time. The
-    draws follow ``named_parameters()`` order of the dense model, so the int4 model equals
-    the dense model of the same seed quantized afterwards.
+    A linear built without a dense weight (RTN on load; ``group_size`` given; ``scheme``
+    "int4" or "fp8") draws its dense weight into a temporary, quantizes it and drops it,
+    one layer at a time. The draws follow ``named_parameters()`` order of the dense model,
+    so the quantized model equals the dense model of the same seed quantized afterwards.
     """
     gen = torch.Generator(device=model.device)
     gen.manual_seed(seed)
@@ -732,10 +835,13 @@ def _init_dummy(model: CausalLM, seed: int, group_size: int | None = None,
                     raise ValueError(f"{mod_name} has no dense weight to initialize")
                 w = torch.empty(mod.out_features, mod.in_features, dtype=model.dtype,
                                 device=model.device).normal_(0.0, 0.02, generator=gen)
-                mod.quantize_shard_(None, w, _rtn_group(mod_name, mod.in_features,
-                                                        group_size), symmetric)
+                if scheme == "fp8":
+                    mod.quantize_fp8_shard_(None, w)
+                else:
+                    mod.quantize_shard_(None, w, _rtn_group(mod_name, mod.in_features,
+                                                            group_size), symmetric)
                 del w
-            if isinstance(mod, FusedExperts) and mod.is_int4:
+            if isinstance(mod, FusedExperts) and mod.w13 is None:
                 # the dense model's w13 then w2 draws, quantized expert by expert
                 g = _expert_group(model.config, mod, group_size)
                 for kind, shape in (("gate_up_proj", (mod.num_experts, 2 * mod.inter,
@@ -743,7 +849,8 @@ def _init_dummy(model: CausalLM, seed: int, group_size: int | None = None,
                                     ("down_proj", (mod.num_experts, mod.hidden, mod.inter))):
                     w = torch.empty(shape, dtype=model.dtype, device=model.device).normal_(
                         0.0, 0.02, generator=gen)
-                    _load_experts(mod, mod_name, None, kind, w, mod_name, g)
+                    _load_experts(mod, mod_name, None, kind, w, mod_name, g,
+                                  fp8=scheme == "fp8")
                     del w
             for p_name, p in mod.named_parameters(recurse=False):
                 if id(p) in seen:
@@ -758,7 +865,8 @@ def _init_dummy(model: CausalLM, seed: int, group_size: int | None = None,
 
 
 def _init_dummy_tp(model: CausalLM, tp: TensorParallel, seed: int,
-                   group_size: int | None = None, quantize_lm_head: bool = False) -> None:
+                   group_size: int | None = None, quantize_lm_head: bool = False,
+                   scheme: str = "int4") -> None:
     """This rank's shard of the built-in model that :func:`_init_dummy` draws at TP=1.
 
     A meta-device TP=1 skeleton gives the draw order and the full shapes; each tensor is
@@ -792,20 +900,25 @@ def _init_dummy_tp(model: CausalLM, tp: TensorParallel, seed: int,
     with torch.no_grad():
         for name, full in ref.named_modules():
             mod = modules[name]
-            if isinstance(full, FusedExperts) and full.is_int4:
+            if isinstance(full, FusedExperts) and full.w13 is None:
                 g = _expert_group(config, mod, group_size)
                 for kind, shape in (("gate_up_proj", (full.num_experts, 2 * full.inter,
                                                       full.hidden)),
                                     ("down_proj", (full.num_experts, full.hidden, full.inter))):
                     w = draw(torch.Size(shape), None, False)
                     _load_experts(mod, name, None, kind,
-                                  shard_tensor(config, tp, name, None, kind, w), name, g)
+                                  shard_tensor(config, tp, name, None, kind, w), name, g,
+                                  fp8=scheme == "fp8")
                     del w
             if isinstance(full, FusedLinear) and full.weight is None and not full.is_ready:
                 w = draw(torch.Size((full.out_features, full.in_features)), None, False)
-                g = rtn_group(name, mod, full)
+                g = rtn_group(name, mod, full) if scheme == "int4" else 0
                 for s, part in enumerate(torch.split(w, full.output_sizes)):
-                    mod.quantize_shard_(s, shard_tensor(config, tp, name, s, "weight", part), g)
+                    shard = shard_tensor(config, tp, name, s, "weight", part)
+                    if scheme == "fp8":
+                        mod.quantize_fp8_shard_(s, shard)
+                    else:
+                        mod.quantize_shard_(s, shard, g)
                 del w
             for p_name, p in full.named_parameters(recurse=False):
                 if id(p) in seen:
@@ -836,7 +949,8 @@ def load_model(model: str, dtype: str | torch.dtype = "bfloat16",
     revision:     hub branch, tag or commit (hub ids only; default the main branch).
     dtype:        'bfloat16' | 'float16' | 'float32' | 'auto' (the checkpoint's) or a dtype.
     device:       default cuda when available, else cpu.
-    quantization: None | 'int4' (RTN on load) | 'gptq' | 'awq' (see module docstring).
+    quantization: None | 'int4' (RTN on load) | 'gptq' | 'awq' | 'fp8' (block-wise RTN on
+                  load, or an fp8 checkpoint; see module docstring).
     allow_pickle: accept pickle ``*.bin`` weights (only from trusted sources).
     group_size, quantize_lm_head: RTN settings for quantization='int4'.
     tensor_parallel: build and read only this rank's shard (minikernels.models.parallel;
@@ -862,16 +976,17 @@ def load_model(model: str, dtype: str | torch.dtype = "bfloat16",
             raise ValueError(f"built-in model {model!r} has dummy dense weights; "
                              "use quantization='int4' to quantize them")
         config = builtin_config(model)
-        rtn = quantization == "int4"
+        rtn = quantization in ("int4", "fp8")
+        scheme = quantization if rtn else "int4"
         m = CausalLM(config, dtype=parse_dtype(dtype, config, dev), device=dev, dense=not rtn,
                      dense_lm_head=not (rtn and quantize_lm_head), tp=tensor_parallel)
         if tensor_parallel is not None and tensor_parallel.size > 1:
             _init_dummy_tp(m, tensor_parallel, seed, group_size if rtn else None,
-                           quantize_lm_head)
+                           quantize_lm_head, scheme=scheme)
         else:
-            _init_dummy(m, seed, group_size if rtn else None)
+            _init_dummy(m, seed, group_size if rtn else None, scheme=scheme)
         if rtn:  # what did not stream: a tied lm_head (quantize_lm_head)
-            quantize_linears(m, group_size, quantize_lm_head=quantize_lm_head)
+            quantize_linears(m, group_size, quantize_lm_head=quantize_lm_head, scheme=scheme)
     elif os.path.exists(model):
         raise CheckpointError(f"{model} is not a directory (expected a HF model directory)")
     else:

@@ -11,7 +11,8 @@ softmax router picks each token's top-k experts, and :func:`minikernels.ops.fuse
 
 Weights: ``gate.weight`` [E, H]; ``experts.w13`` [E, 2I, H] (each expert's gate_proj rows,
 then its up_proj rows); ``experts.w2`` [E, H, I] (down_proj). With int4 (RTN on load) the
-experts are int4 too: :class:`FusedExperts` and ``ops.fused_moe_int4``.
+experts are int4 too: :class:`FusedExperts` and ``ops.fused_moe_int4``; with fp8 (RTN on
+load, or an fp8 checkpoint) e4m3 with block scales and ``ops.fused_moe_fp8``.
 
 Tensor parallel (``tp``, size P; Megatron-style as the dense MLP, see
 :mod:`minikernels.models.parallel`): every rank holds every expert, but only the
@@ -45,6 +46,15 @@ class FusedExperts(nn.Module):
     ``w13_qweight`` int32 [E, 2I, H/8] with ``w13_scales`` / ``w13_zeros`` [E, 2I, H/G] and
     ``w2_qweight`` [E, H, I/8] with ``w2_scales`` / ``w2_zeros`` [E, H, I/G], one group
     size G for both (-1: one group per row); the forward is ``ops.fused_moe_int4``.
+
+    FP8 (``dense=False``, then :meth:`quantize_fp8_part_` or :meth:`set_fp8_part_`):
+    ``w13_fp8`` float8_e4m3fn [E, 2I, H] with ``w13_scale`` fp32 [E, ceil(2I/bn), ceil(H/bk)]
+    and ``w2_fp8`` [E, H, I] with ``w2_scale`` [E, ceil(H/bn), ceil(I/bk)], one
+    ``fp8_block`` (bn, bk) for both (see :mod:`minikernels.quant.fp8`). bn is the parts'
+    row block when it divides I (gate and up rows then stack block by block), else 1
+    (each part's block scales repeated over their rows: lossless). Per-channel scales are
+    block (1, max(H, I)): one K block in both matrices. The forward is
+    ``ops.fused_moe_fp8``.
     """
 
     def __init__(self, num_experts: int, hidden: int, inter: int, dtype: torch.dtype,
@@ -53,6 +63,7 @@ class FusedExperts(nn.Module):
         self.num_experts, self.hidden, self.inter = num_experts, hidden, inter
         self.dtype, self.device = dtype, device
         self.group_size: int | None = None           # int4 only
+        self.fp8_block: tuple[int, int] | None = None  # fp8 only
         self.w13 = self.w2 = None
         if dense:
             self.w13 = nn.Parameter(torch.empty(num_experts, 2 * inter, hidden, dtype=dtype,
@@ -62,13 +73,17 @@ class FusedExperts(nn.Module):
 
     @property
     def is_int4(self) -> bool:
-        return self.w13 is None
+        return self.w13 is None and self.fp8_block is None
+
+    @property
+    def is_fp8(self) -> bool:
+        return self.fp8_block is not None
 
     def make_dense_(self) -> None:
         """Allocate dense w13 / w2 in an int4-built module that has no int4 part yet (an
         int4 checkpoint whose experts were left dense, as modules_to_not_convert)."""
-        if self.group_size is not None:
-            raise ValueError("these experts already hold int4 parts")
+        if self.group_size is not None or self.fp8_block is not None:
+            raise ValueError("these experts already hold quantized parts")
         e, i, h = self.num_experts, self.inter, self.hidden
         self.w13 = nn.Parameter(torch.empty(e, 2 * i, h, dtype=self.dtype, device=self.device),
                                 requires_grad=False)
@@ -126,6 +141,65 @@ class FusedExperts(nn.Module):
                              f"{want} (group_size {self.group_size})")
         self._write(expert, name, w)
 
+    def quantize_fp8_part_(self, expert: int, name: str, tensor: Tensor,
+                           block_size: tuple[int, int] = (128, 128)) -> None:
+        """Block-wise RTN fp8 of one expert's dense projection (``part_shape(name)``)
+        straight into the fp8 buffers (allocated on the first call)."""
+        from ..quant.fp8 import quantize_fp8
+
+        if self.w13 is not None:
+            raise ValueError("these experts hold dense weights; copy into part() instead")
+        if tuple(tensor.shape) != self.part_shape(name):
+            raise ValueError(f"shape mismatch: expected {list(self.part_shape(name))}, got "
+                             f"{list(tensor.shape)}")
+        self.set_fp8_part_(expert, name, quantize_fp8(tensor.detach().to(self.device),
+                                                      block_size), block_size)
+
+    def set_fp8_part_(self, expert: int, name: str, w: object,
+                      block_size: tuple[int, int] | None = None) -> None:
+        """Write one expert's projection as an fp8 weight
+        (:class:`minikernels.quant.fp8.Fp8Weight` [part_shape(name)]). The first call fixes
+        the block size of all: ``block_size`` (the checkpoint's or RTN's (bn, bk)), or None
+        for per-channel / per-tensor scales (see the class docstring)."""
+        if self.w13 is not None or self.group_size is not None:
+            raise ValueError("these experts hold dense or int4 weights")
+        n, k = self.part_shape(name)
+        if tuple(w.shape) != (n, k):
+            raise ValueError(f"shape mismatch: expected {[n, k]}, got {list(w.shape)}")
+        bn, bk = w.block_size
+        if self.fp8_block is None:
+            if block_size is not None:
+                bn, fbk = (int(b) for b in block_size)
+            else:   # one K block per row (per channel): max(H, I) is one block in both
+                bn, fbk = 1, max(self.hidden, self.inter)
+            self._allocate_fp8((bn if self.inter % bn == 0 else 1, fbk))
+            bn = w.block_size[0]
+        fbn, fbk = self.fp8_block
+        if bk != fbk and not (bk >= k and fbk >= k):    # the same K blocks
+            raise ValueError(f"fp8 K block {bk} differs from these experts' {fbk}")
+        if bn != fbn:
+            if fbn != 1:
+                raise ValueError(f"fp8 row block {bn} differs from these experts' {fbn}")
+            w = w.with_row_blocks_of_one()
+        rows = slice(0, self.inter // fbn) if name == "gate_proj" else \
+            slice(self.inter // fbn, 2 * self.inter // fbn) if name == "up_proj" \
+            else slice(None)
+        prefix = "w2" if name == "down_proj" else "w13"
+        wrows = slice(0, self.inter) if name == "gate_proj" else \
+            slice(self.inter, 2 * self.inter) if name == "up_proj" else slice(None)
+        getattr(self, f"{prefix}_fp8")[expert, wrows].copy_(w.weight)
+        getattr(self, f"{prefix}_scale")[expert, rows].copy_(w.scale)
+
+    def _allocate_fp8(self, block: tuple[int, int]) -> None:
+        e, i, h = self.num_experts, self.inter, self.hidden
+        bn, bk = block
+        for prefix, (n, k) in (("w13", (2 * i, h)), ("w2", (h, i))):
+            self.register_buffer(f"{prefix}_fp8", torch.zeros(
+                e, n, k, dtype=torch.float8_e4m3fn, device=self.device))
+            self.register_buffer(f"{prefix}_scale", torch.ones(
+                e, -(-n // bn), -(-k // bk), dtype=torch.float32, device=self.device))
+        self.fp8_block = (int(bn), int(bk))
+
     def _write(self, expert: int, name: str, w: object) -> None:
         rows = slice(0, self.inter) if name == "gate_proj" else \
             slice(self.inter, 2 * self.inter) if name == "up_proj" else slice(None)
@@ -148,8 +222,13 @@ class FusedExperts(nn.Module):
         self.group_size = group_size
 
     def dequantized(self) -> tuple[Tensor, Tensor]:
-        """(w13, w2) fp32: the dense weights, or the int4 ones dequantized."""
-        if not self.is_int4:
+        """(w13, w2) fp32: the dense weights, or the int4 / fp8 ones dequantized."""
+        if self.fp8_block is not None:
+            deq8 = ops.reference.dequantize_fp8
+            return tuple(torch.stack([deq8(getattr(self, f"{p}_fp8")[e],
+                                           getattr(self, f"{p}_scale")[e], self.fp8_block)
+                                      for e in range(self.num_experts)]) for p in ("w13", "w2"))
+        if self.w13 is not None:
             return self.w13.float(), self.w2.float()
         deq = ops.reference.dequantize_int4
         return tuple(torch.stack([deq(getattr(self, f"{p}_qweight")[e],
@@ -158,9 +237,13 @@ class FusedExperts(nn.Module):
                                   for e in range(self.num_experts)]) for p in ("w13", "w2"))
 
     def forward(self, x: Tensor, weights: Tensor, ids: Tensor) -> Tensor:
-        """The experts of x [T, H] (``ops.fused_moe`` / ``fused_moe_int4``)."""
-        if not self.is_int4:
+        """The experts of x [T, H] (``ops.fused_moe`` / ``fused_moe_int4`` /
+        ``fused_moe_fp8``)."""
+        if self.w13 is not None:
             return ops.fused_moe(x, self.w13, self.w2, weights, ids)
+        if self.fp8_block is not None:
+            return ops.fused_moe_fp8(x, self.w13_fp8, self.w13_scale, self.w2_fp8,
+                                     self.w2_scale, weights, ids, self.fp8_block)
         if self.group_size is None:
             raise RuntimeError("int4 experts were never loaded")
         # fp16 / bf16 activations; an fp32 model rounds them to the scales' dtype

@@ -276,6 +276,8 @@ def shard_tensor(config: DecoderConfig, tp: TensorParallel, module: str, shard: 
             start, stop = first * c.head_dim, (first + n) * c.head_dim
         else:
             start, stop = _mlp_split(c, tp, module)
+        if kind in _FP8_KINDS:
+            return _fp8_scale_shard(c, module, kind, src, start, stop, along_n=True)
         if kind not in ("weight", "bias"):
             return _int4_columns(c, module, kind, src, start, stop)
         return _rows(src, start, stop)
@@ -285,6 +287,8 @@ def shard_tensor(config: DecoderConfig, tp: TensorParallel, module: str, shard: 
             start, stop = a.q0 * c.head_dim, (a.q0 + a.nq) * c.head_dim
         else:
             start, stop = _mlp_split(c, tp, module)
+        if kind in _FP8_KINDS:
+            return _fp8_scale_shard(c, module, kind, src, start, stop, along_n=False)
         return _int4_k_slice(c, module, kind, src, start, stop)
     if kind not in ("weight", "bias"):
         raise ValueError(f"{module}: int4 tensor {kind} cannot be sharded")
@@ -299,6 +303,39 @@ def shard_tensor(config: DecoderConfig, tp: TensorParallel, module: str, shard: 
             start, stop = _mlp_split(c, tp, module)
         return src[:, start:stop]
     return _read(src)
+
+
+#: an fp8 checkpoint's scale tensors (the fp8 ``weight`` itself shards as a dense one)
+_FP8_KINDS = ("weight_scale_inv", "weight_scale", "input_scale")
+
+
+def _fp8_scale_shard(config: DecoderConfig, module: str, kind: str, src: Any, start: int,
+                     stop: int, along_n: bool) -> Tensor:
+    """This rank's scales of an fp8 layer whose weight keeps rows (``along_n``: column
+    parallel) or columns (row parallel) [start, stop): block scales cut at block
+    boundaries (refused by name when the shard does not fall on them), per-channel
+    scales by rows, per-tensor and activation scales whole."""
+    from ..quant.fp8 import fp8_scheme
+
+    scheme = fp8_scheme(config.quantization_config or {})
+    if scheme is None or (kind == "weight_scale" and scheme["scale"] != kind):
+        if kind == "weight_scale":      # compressed-tensors int4's weight_scale
+            return (_int4_columns if along_n else _int4_k_slice)(config, module, kind, src,
+                                                                 start, stop)
+        raise ValueError(f"{module}: {kind} without an fp8 quantization_config")
+    if kind == "input_scale" or scheme["strategy"] == "tensor":
+        return _read(src)
+    if scheme["strategy"] == "channel":
+        return _rows(src, start, stop) if along_n else _read(src)
+    bn, bk = scheme["block_size"]
+    b = bn if along_n else bk
+    full = _shape(src)[0 if along_n else 1] * b         # the unsharded size, rounded up
+    if start % b or (stop % b and stop < full - b + 1):
+        raise ValueError(f"{module}: the per-rank {'rows' if along_n else 'columns'} "
+                         f"[{start}, {stop}) do not fall on fp8 block boundaries (block "
+                         f"{b}); use a smaller tensor_parallel_size")
+    b0, b1 = start // b, -(-stop // b)
+    return _rows(src, b0, b1) if along_n else src[:, b0:b1]
 
 
 # GPTQ: qweight [K/8, N], qzeros [K/G, N/8], scales [K/G, N], g_idx [K]
