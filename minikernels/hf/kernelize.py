@@ -19,7 +19,9 @@ In place, inference only:
   ``gate_up_proj`` Linear [2I, H] (gate rows, then up rows) and ``mk.ops.silu_and_mul`` /
   ``mk.ops.gelu_and_mul``.
 - ``quantize="int4"``: ``minikernels.quantize_model`` afterwards (the fused gate_up Linear
-  quantizes row by row, so its int4 weights are exactly those of gate and up apart).
+  quantizes row by row, so its int4 weights are exactly those of gate and up apart);
+  ``quantize="fp8"``: ``quantize_model(method="fp8")`` (128 x 128 blocks; the fused
+  gate_up's blocks equal gate's and up's apart when 128 divides the intermediate size).
 """
 from __future__ import annotations
 
@@ -276,7 +278,7 @@ def _mlp_contract(mlp: nn.Module) -> str | None:
 class KernelizeSummary:
     """What :func:`kernelize` did. ``rms_norm`` / ``fused_residual`` / ``mlp``: module
     names replaced or patched; ``skipped``: module name -> why it was left alone;
-    ``quantization``: quantize_model's summary when quantize="int4"."""
+    ``quantization``: quantize_model's summary when quantize is set."""
 
     rms_norm: list[str] = field(default_factory=list)
     fused_residual: list[str] = field(default_factory=list)
@@ -316,16 +318,16 @@ def _set(model: nn.Module, name: str, module: nn.Module) -> None:
 def kernelize(model: nn.Module, rms_norm: bool = True, mlp: bool = True,
               quantize: str | None = None, group_size: int = 128) -> KernelizeSummary:
     """Swap ``model``'s RMSNorms, residual adds and SiLU MLPs for minikernels' fused ops, in
-    place; optionally quantize its Linears to int4. Returns (and sets as
+    place; optionally quantize its Linears to int4 or fp8. Returns (and sets as
     ``model.kernelize_summary``) a :class:`KernelizeSummary`.
 
     Inference only: raises RuntimeError on a model in training mode with parameters that
     require grad. Attention is chosen separately (``attn_implementation="minikernels"``).
-    quantize: None or "int4" (RTN, ``minikernels.quantize_model(model, group_size)``,
-    lm_head kept dense).
+    quantize: None, "int4" (RTN, ``minikernels.quantize_model(model, group_size)``) or
+    "fp8" (block-wise RTN, ``quantize_model(model, method="fp8")``); lm_head kept dense.
     """
-    if quantize not in (None, "int4"):
-        raise ValueError(f"quantize must be None or 'int4', got {quantize!r}")
+    if quantize not in (None, "int4", "fp8"):
+        raise ValueError(f"quantize must be None, 'int4' or 'fp8', got {quantize!r}")
     _check_inference(model)
     summary = KernelizeSummary()
     if rms_norm:
@@ -357,10 +359,10 @@ def kernelize(model: nn.Module, rms_norm: bool = True, mlp: bool = True,
                 continue
             _set(model, name, GateUpMLP.from_mlp(module))
             summary.mlp.append(name)
-    if quantize == "int4":
+    if quantize is not None:
         from ..nn import quantize_model
 
-        quantize_model(model, group_size=group_size)
+        quantize_model(model, group_size=group_size, method=quantize)
         summary.quantization = getattr(model, "quantization_summary", None)
     logger.info("%s", summary)
     try:

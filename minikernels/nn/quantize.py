@@ -1,9 +1,10 @@
-"""quantize_model: RTN int4 for any torch model, in place.
+"""quantize_model: RTN int4 (or block-wise fp8) for any torch model, in place.
 
-Each ``nn.Linear`` is replaced by :class:`Int4Linear`. A module that quantizes itself
-exposes the duck-typed hook ``quantize_int4_(group_size, symmetric) -> bool`` (e.g.
-minikernels' own ``FusedLinear``, so ``mk.quantize_model(causal_lm)`` works); the hook
-converts its dense weights to int4 in place, and its submodules are left to it. nn does
+Each ``nn.Linear`` is replaced by :class:`Int4Linear` (``method="fp8"``:
+:class:`Fp8Linear`). A module that quantizes itself exposes the duck-typed hook
+``quantize_int4_(group_size, symmetric) -> bool`` (fp8: ``quantize_fp8_(block_size) ->
+bool``; e.g. minikernels' own ``FusedLinear``, so ``mk.quantize_model(causal_lm)`` works);
+the hook converts its dense weights in place, and its submodules are left to it. nn does
 not import models: the hook is how it reaches their layers.
 """
 from __future__ import annotations
@@ -15,11 +16,14 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
+from .fp8_linear import Fp8Linear
 from .int4_linear import Int4Linear
 
 logger = logging.getLogger("minikernels")
 
 HOOK = "quantize_int4_"
+FP8_HOOK = "quantize_fp8_"
+METHODS = ("int4", "fp8")
 
 
 def _skipped(name: str, skip: Sequence[str]) -> bool:
@@ -28,8 +32,8 @@ def _skipped(name: str, skip: Sequence[str]) -> bool:
                f".{s}." in f".{name}." for s in skip)
 
 
-def _has_hook(module: nn.Module) -> bool:
-    return callable(getattr(module, HOOK, None))
+def _has_hook(module: nn.Module, hook: str = HOOK) -> bool:
+    return callable(getattr(module, hook, None))
 
 
 def pick_group_size(k: int, group_size: int) -> int:
@@ -48,16 +52,19 @@ def pick_group_size(k: int, group_size: int) -> int:
 
 @dataclass
 class QuantizeSummary:
-    """What :func:`quantize_model` did: converted layers (name -> group size) and layers
-    kept dense (name -> reason). Set as ``model.quantization_summary``."""
+    """What :func:`quantize_model` did: converted layers (name -> int4 group size, or fp8
+    block size (bn, bk)) and layers kept dense (name -> reason). Set as
+    ``model.quantization_summary``."""
 
-    converted: dict[str, int] = field(default_factory=dict)
+    converted: dict[str, int | tuple[int, int]] = field(default_factory=dict)
     kept_dense: dict[str, str] = field(default_factory=dict)
+    method: str = "int4"
 
     def __str__(self) -> str:
-        groups = sorted(set(self.converted.values()), reverse=True)
-        text = (f"quantize_model: {len(self.converted)} linear layers to int4 (group size "
-                f"{', '.join(str(g) for g in groups) or '-'}), {len(self.kept_dense)} kept dense")
+        sizes = sorted({str(g) for g in self.converted.values()}, reverse=True)
+        what = "group size" if self.method == "int4" else "block size"
+        text = (f"quantize_model: {len(self.converted)} linear layers to {self.method} "
+                f"({what} {', '.join(sizes) or '-'}), {len(self.kept_dense)} kept dense")
         if self.kept_dense:
             names = list(self.kept_dense)
             text += ": " + ", ".join(names[:8]) + (f" (+{len(names) - 8} more)"
@@ -66,8 +73,11 @@ class QuantizeSummary:
 
 
 def quantize_model(model: nn.Module, group_size: int = 128, symmetric: bool = False,
-                   skip: Sequence[str] = ("lm_head",)) -> nn.Module:
-    """Quantize ``model`` in place to RTN int4 and return it.
+                   skip: Sequence[str] = ("lm_head",), method: str = "int4",
+                   block_size: Sequence[int] = (128, 128)) -> nn.Module:
+    """Quantize ``model`` in place to RTN int4 (``method="fp8"``: block-wise RTN fp8 with
+    ``block_size``, every ``nn.Linear`` -> :class:`Fp8Linear`, any size; the hook
+    ``quantize_fp8_(block_size)``) and return it.
 
     - each ``nn.Linear`` becomes an :class:`Int4Linear`. When in_features is not a multiple
       of group_size the largest power-of-two group >= 32 that divides it is used (else one
@@ -87,6 +97,10 @@ def quantize_model(model: nn.Module, group_size: int = 128, symmetric: bool = Fa
     """
     if isinstance(skip, str):
         skip = (skip,)
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if method == "fp8":
+        return _quantize_model_fp8(model, skip, tuple(int(b) for b in block_size))
     summary = QuantizeSummary()
     hooked: list[tuple[str, nn.Module]] = []
     targets = []
@@ -129,6 +143,42 @@ def quantize_model(model: nn.Module, group_size: int = 128, symmetric: bool = Fa
     if dense:
         warnings.warn("quantize_model: kept dense (int4 cannot take them): " + "; ".join(
             f"{k} ({v})" for k, v in dense.items()), UserWarning, stacklevel=2)
+    logger.info("%s", summary)
+    try:
+        model.quantization_summary = summary
+    except AttributeError:  # pragma: no cover - a model that refuses new attributes
+        pass
+    return model
+
+
+def _quantize_model_fp8(model: nn.Module, skip: Sequence[str],
+                        block_size: tuple[int, int]) -> nn.Module:
+    """quantize_model(method="fp8"): every nn.Linear -> Fp8Linear, hooks called."""
+    summary = QuantizeSummary(method="fp8")
+    hooked: list[tuple[str, nn.Module]] = []
+    targets = []
+    for name, module in model.named_modules():
+        if any(name.startswith(h + ".") or h == "" for h, _ in hooked):
+            continue  # inside a module that quantizes itself
+        if _has_hook(module, FP8_HOOK):
+            hooked.append((name, module))
+            continue
+        for child_name, child in module.named_children():
+            if type(child) is not nn.Linear or _has_hook(child, FP8_HOOK):
+                continue
+            full = f"{name}.{child_name}" if name else child_name
+            if _skipped(full, skip):
+                summary.kept_dense[full] = "skip"
+            else:
+                targets.append((full, module, child_name, child))
+    for name, module in hooked:
+        if name and _skipped(name, skip):
+            summary.kept_dense[name] = "skip"
+        elif getattr(module, FP8_HOOK)(block_size) is not False:
+            summary.converted[name] = block_size
+    for full, parent, child_name, child in targets:
+        setattr(parent, child_name, Fp8Linear.from_linear(child, block_size))
+        summary.converted[full] = block_size
     logger.info("%s", summary)
     try:
         model.quantization_summary = summary
