@@ -340,7 +340,9 @@ def test_fp8_scheme_parsing():
 def test_fp8_moe_checkpoints(tmp_path, style):
     """The hub's per-expert fp8 tensors (Qwen3-30B-A3B-FP8's layout) load onto the fp8
     experts losslessly (I = 48 is not a multiple of the 32-row block: rows go to bn = 1),
-    logits equal transformers on the dequantized weights; TP refused by name."""
+    logits equal transformers on the dequantized weights; a TP rank reads its intermediate
+    slice of every expert with its scales (a 24-row slice does not fall on 32-row blocks:
+    refused by name)."""
     hf = make_hf_model("qwen3-moe", seed=2)
     d = str(tmp_path / style)
     known = write_fp8_checkpoint(hf, d, style)
@@ -354,8 +356,15 @@ def test_fp8_moe_checkpoints(tmp_path, style):
     seqs = _seqs()
     ref = torch.cat([hf_logits(hf, s) for s in seqs])
     assert rel_err(_logits(m, seqs), ref) <= MOE_TOL
-    with pytest.raises(CheckpointError, match="tensor parallelism"):
-        load_model(d, dtype="float32", device="cpu", tensor_parallel=TensorParallel(0, 2))
+    if style == "block":
+        with pytest.raises(CheckpointError, match="fp8 block boundaries"):
+            load_model(d, dtype="float32", device="cpu", tensor_parallel=TensorParallel(1, 2))
+        return
+    part = load_model(d, dtype="float32", device="cpu", tensor_parallel=TensorParallel(1, 2))
+    p13, p2 = part.layers[0].mlp.experts.dequantized()
+    w13 = known["model.layers.0.mlp.experts.gate_up_proj"]
+    assert torch.equal(p13, torch.cat([w13[:, 24:48], w13[:, 72:]], dim=1))
+    assert torch.equal(p2, known["model.layers.0.mlp.experts.down_proj"][:, :, 24:])
 
 
 def test_fp8_moe_rtn_and_engine():

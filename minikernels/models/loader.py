@@ -444,17 +444,13 @@ def _load_hf(model_dir: str, dtype: str | torch.dtype, device: torch.device,
     ckpt_quant = _checkpoint_quant(config)
     fp8_ckpt = ckpt_quant.get("fp8") if ckpt_quant is not None else None
     if fp8_ckpt is not None:
-        if config.num_experts and tp is not None:
-            raise CheckpointError(f"{model_dir}: fp8 checkpoints of mixture-of-experts models "
-                                  "are not supported with tensor parallelism yet; load the "
-                                  "dense checkpoint with quantization='fp8' (RTN on load)")
         if quantization not in (None, "fp8"):
             raise CheckpointError(f"quantization={quantization!r} but {model_dir} is an fp8 "
                                   "checkpoint (load it with quantization=None or 'fp8')")
     elif quantization == "fp8" and ckpt_quant is not None:
         raise CheckpointError(f"quantization='fp8' but {model_dir} is a "
                               f"{ckpt_quant['method']} int4 checkpoint")
-    if ckpt_quant is not None and config.num_experts and tp is not None:
+    if ckpt_quant is not None and fp8_ckpt is None and config.num_experts and tp is not None:
         raise CheckpointError(f"{model_dir}: int4 checkpoints of mixture-of-experts models "
                               "are not supported with tensor parallelism yet; load the dense "
                               "checkpoint with quantization='int4' (RTN on load)")

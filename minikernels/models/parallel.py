@@ -222,6 +222,11 @@ def _expert_shard(config: DecoderConfig, tp: TensorParallel, module: str, shard:
     i = config.moe_intermediate_size
     s0, s1 = tp.split(i, "moe_intermediate_size")
     one = shard is not None
+    if one and ":" in kind:         # an fp8 checkpoint's scale of one expert's projection
+        proj, tkind = kind.split(":")
+        if tkind in _FP8_KINDS:
+            return _fp8_scale_shard(config, module, tkind, src, s0, s1,
+                                    along_n=proj != "down_proj")
     # kind -> the dim that holds the intermediate (and its full length there)
     if one and kind in ("gate_proj", "up_proj"):
         dim, full = 0, i
