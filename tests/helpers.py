@@ -43,3 +43,20 @@ def spy_launches(module: Any, kernel_name: str, constexpr: str) -> Iterator[list
             return launch
     with mock.patch.object(module, kernel_name, Spy()):
         yield seen
+
+
+def moe_by_hand(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
+                topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
+    """fused_moe's independent formula: one (token, slot) at a time in fp64 on the given
+    (dense or dequantized) experts w13 [E, 2I, H], w2 [E, H, I]; the activated intermediate
+    rounded to x.dtype as the op's contract says. Returns [T, H] fp64 on the CPU."""
+    inter = w2.shape[2]
+    xd, w13d, w2d, twd = (v.double().cpu() for v in (x, w13, w2, topk_weights))
+    out = torch.zeros(x.shape[0], x.shape[1], dtype=torch.float64)
+    for t, row in enumerate(topk_ids.cpu().tolist()):
+        for j, e in enumerate(row):
+            gate = w13d[e, :inter] @ xd[t]
+            up = w13d[e, inter:] @ xd[t]
+            act = (gate * torch.sigmoid(gate) * up).to(x.dtype).double()
+            out[t] += twd[t, j] * (w2d[e] @ act)
+    return out

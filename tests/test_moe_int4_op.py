@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import requires_cuda
-from helpers import HALF_DTYPES, assert_close, spy_launches
+from helpers import HALF_DTYPES, assert_close, moe_by_hand, spy_launches
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
@@ -68,16 +68,7 @@ def _by_hand(x, w13q, w13s, w13z, w2q, w2s, w2z, tw, ids, group):
     intermediate rounded to x.dtype as the contract says."""
     w13 = _dequant_by_hand(w13q, w13s, w13z, group, x.dtype)
     w2 = _dequant_by_hand(w2q, w2s, w2z, group, x.dtype)
-    inter = w2.shape[2]
-    xd, twd = x.double().cpu(), tw.double().cpu()
-    out = torch.zeros(x.shape[0], x.shape[1], dtype=torch.float64)
-    for t, row in enumerate(ids.cpu().tolist()):
-        for j, e in enumerate(row):
-            gate = w13[e, :inter] @ xd[t]
-            up = w13[e, inter:] @ xd[t]
-            act = (gate * torch.sigmoid(gate) * up).to(x.dtype).double()
-            out[t] += twd[t, j] * (w2[e] @ act)
-    return out
+    return moe_by_hand(x, w13, w2, tw, ids)
 
 
 def _rel_err(got, exact):

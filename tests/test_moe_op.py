@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import requires_cuda
-from helpers import DTYPES, assert_close, spy_launches
+from helpers import DTYPES, assert_close, moe_by_hand, spy_launches
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -30,19 +30,7 @@ def _inputs(t, h, inter, e, k, dtype, device, seed=0, ids_dtype=torch.int64):
     return [v.to(device) for v in (x, w13, w2, tw, ids)]
 
 
-def _by_hand(x, w13, w2, tw, ids):
-    """Independent formula: one (token, slot) at a time in fp64; the activated
-    intermediate rounded to x.dtype as the contract says."""
-    inter = w2.shape[2]
-    xd, w13d, w2d, twd = (v.double().cpu() for v in (x, w13, w2, tw))
-    out = torch.zeros(x.shape[0], x.shape[1], dtype=torch.float64)
-    for t, row in enumerate(ids.cpu().tolist()):
-        for j, e in enumerate(row):
-            gate = w13d[e, :inter] @ xd[t]
-            up = w13d[e, inter:] @ xd[t]
-            act = (gate * torch.sigmoid(gate) * up).to(x.dtype).double()
-            out[t] += twd[t, j] * (w2d[e] @ act)
-    return out
+_by_hand = moe_by_hand    # the independent fp64 formula (tests/helpers.py)
 
 
 def _rel_err(got, exact):

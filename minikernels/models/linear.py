@@ -310,6 +310,18 @@ class FusedLinear(nn.Module):
         given (pick it with :func:`pick_group_size`). Parts may arrive in any order; the
         layer is ready once all have.
         """
+        self._check_dense_part(shard, tensor)
+        w = rtn_int4(tensor.detach(), group_size, symmetric)
+        if shard is None:
+            self._pending = {}
+            self.int4_parts = nn.ModuleList([Int4Part(w.qweight, w.scales, w.zeros,
+                                                      int(w.group_size), _perm_of(w))])
+        else:
+            self.set_int4_shard(shard, w)
+
+    def _check_dense_part(self, shard: int | None, tensor: Tensor) -> None:
+        """A dense part to quantize: this layer holds no dense weight, and ``tensor`` is
+        part ``shard``'s [n, K] (None: the whole [out_features, K])."""
         if self.weight is not None:
             raise ValueError("this layer holds a dense weight; load it with load_shard")
         if shard is None:
@@ -320,13 +332,6 @@ class FusedLinear(nn.Module):
         if tuple(tensor.shape) != expected:
             raise ValueError(f"shape mismatch: expected {list(expected)}, got "
                              f"{list(tensor.shape)}")
-        w = rtn_int4(tensor.detach(), group_size, symmetric)
-        if shard is None:
-            self._pending = {}
-            self.int4_parts = nn.ModuleList([Int4Part(w.qweight, w.scales, w.zeros,
-                                                      int(w.group_size), _perm_of(w))])
-        else:
-            self.set_int4_shard(shard, w)
 
     def quantize_fp8_shard_(self, shard: int | None, tensor: Tensor,
                             block_size: Sequence[int] = (128, 128)) -> None:
@@ -337,16 +342,7 @@ class FusedLinear(nn.Module):
         arrive in any order; the layer is ready once all have."""
         from ..quant.fp8 import quantize_fp8
 
-        if self.weight is not None:
-            raise ValueError("this layer holds a dense weight; load it with load_shard")
-        if shard is None:
-            expected = (self.out_features, self.in_features)
-        else:
-            start, stop = self.shard_rows(shard)
-            expected = (stop - start, self.in_features)
-        if tuple(tensor.shape) != expected:
-            raise ValueError(f"shape mismatch: expected {list(expected)}, got "
-                             f"{list(tensor.shape)}")
+        self._check_dense_part(shard, tensor)
         if shard is None:   # part by part: blocks never straddle two parts (q | k | v)
             self._pending = {}
             for s, part in enumerate(torch.split(tensor.detach(), self.output_sizes)):

@@ -143,12 +143,7 @@ def quantize_model(model: nn.Module, group_size: int = 128, symmetric: bool = Fa
     if dense:
         warnings.warn("quantize_model: kept dense (int4 cannot take them): " + "; ".join(
             f"{k} ({v})" for k, v in dense.items()), UserWarning, stacklevel=2)
-    logger.info("%s", summary)
-    try:
-        model.quantization_summary = summary
-    except AttributeError:  # pragma: no cover - a model that refuses new attributes
-        pass
-    return model
+    return _attach(model, summary)
 
 
 def _quantize_model_fp8(model: nn.Module, skip: Sequence[str],
@@ -179,6 +174,11 @@ def _quantize_model_fp8(model: nn.Module, skip: Sequence[str],
     for full, parent, child_name, child in targets:
         setattr(parent, child_name, Fp8Linear.from_linear(child, block_size))
         summary.converted[full] = block_size
+    return _attach(model, summary)
+
+
+def _attach(model: nn.Module, summary: QuantizeSummary) -> nn.Module:
+    """Log the summary and set it as ``model.quantization_summary``."""
     logger.info("%s", summary)
     try:
         model.quantization_summary = summary

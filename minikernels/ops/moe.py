@@ -19,6 +19,7 @@ from torch import Tensor
 from .. import backend as _backend
 from .._validation import FLOAT_DTYPES, HALF_DTYPES, check_index_range, check_tensor
 from . import reference
+from .fp8 import check_block_size
 
 
 @torch.library.custom_op("minikernels::fused_moe", mutates_args=())
@@ -188,23 +189,6 @@ def _(x: Tensor, w13: Tensor, w13_scale: Tensor, w2: Tensor, w2_scale: Tensor,
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
-def _check_fp8_block_size(block_size: object, h: int, inter: int) -> tuple[int, int]:
-    """(bn, bk): positive ints, bk a multiple of 16 or >= the K of each matrix (H for
-    w13, I for w2), so that a kernel K tile never straddles two scale blocks."""
-    if not isinstance(block_size, (tuple, list)) or len(block_size) != 2 or not all(
-            isinstance(b, int) and not isinstance(b, bool) for b in block_size):
-        raise TypeError(f"block_size must be a pair of ints (bn, bk), got {block_size!r}")
-    bn, bk = block_size
-    if bn <= 0 or bk <= 0:
-        raise ValueError(f"block_size must be positive, got {tuple(block_size)}")
-    for name, k in (("w13: H", h), ("w2: I", inter)):
-        if bk % 16 and bk < k:
-            raise ValueError(f"block_size bk ({bk}) must be a multiple of 16 or >= the K of "
-                             f"each matrix (H = {h} for w13, I = {inter} for w2); it is "
-                             f"neither for {name} = {k} (got block_size {tuple(block_size)})")
-    return bn, bk
-
-
 def _check_fp8_experts(name: str, weight: Tensor, scale: Tensor, shape: tuple[int, int, int],
                        bn: int, bk: int, device: torch.device) -> None:
     """weight float8_e4m3fn [E, N, K] (dtype checked by the caller), scale fp32
@@ -261,7 +245,8 @@ def fused_moe_fp8(x: Tensor, w13: Tensor, w13_scale: Tensor, w2: Tensor, w2_scal
         raise ValueError(f"w13 must have shape [E, 2I, H = {h}] (x's H), got "
                          f"{list(w13.shape)}")
     inter = two_i // 2
-    bn, bk = _check_fp8_block_size(block_size, h, inter)
+    # bk % 16 == 0, or one K block in both matrices (bk >= H and bk >= I)
+    bn, bk = check_block_size(block_size, max(h, inter))
     _check_fp8_experts("w13", w13, w13_scale, (e, two_i, h), bn, bk, x.device)
     _check_fp8_experts("w2", w2, w2_scale, (e, h, inter), bn, bk, x.device)
     _check_routing_shapes(t, topk_weights, topk_ids, e)

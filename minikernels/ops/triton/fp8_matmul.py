@@ -32,8 +32,6 @@ fp32 x: the dots run in fp32 ("ieee", FMAs): x is never rounded.
 """
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
@@ -41,6 +39,7 @@ import triton.language as tl
 from .. import _alloc
 from .interpreter_rounding import rne_bf16
 from .registry import KernelSpec, register
+from .splitk import GEMV_MAX_M, arch_and_sms, device_index, reduce_splits, split_plan
 
 
 @triton.jit
@@ -196,35 +195,7 @@ def fp8_gemv_kernel(x_ptr, w_ptr, s_ptr, bias_ptr, y_ptr, ws_ptr, M, N, K,
         tl.store(ws_ptr + pid_k.to(tl.int64) * M * N + offs, out, mask=mask)
 
 
-@triton.jit
-def fp8_splitk_reduce_kernel(ws_ptr, bias_ptr, y_ptr, MN, N, HAS_BIAS: tl.constexpr,
-                             SPLIT: tl.constexpr, BLOCK: tl.constexpr,
-                             RNE_BF16: tl.constexpr = False):
-    """y = sum over splits in order 0..SPLIT-1 (+ bias): deterministic."""
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < MN
-    acc = tl.zeros((BLOCK,), dtype=tl.float32)
-    for s in tl.static_range(SPLIT):
-        acc += tl.load(ws_ptr + s * MN + offs, mask=mask, other=0.0)
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs % N, mask=mask, other=0.0).to(tl.float32)
-    if RNE_BF16:
-        acc = rne_bf16(acc)
-    tl.store(y_ptr + offs, acc.to(y_ptr.dtype.element_ty), mask=mask)
-
-
 # ----------------------------------------------------------------------------- configs
-
-GEMV_MAX_M = 16
-
-
-@functools.lru_cache(maxsize=None)
-def _arch_and_sms(device_index: int | None) -> tuple[int, int]:
-    if device_index is None or not torch.cuda.is_available():
-        return 90, 132      # the interpreter: pretend H100/H200 so split-K paths get used
-    major, minor = torch.cuda.get_device_capability(device_index)
-    return major * 10 + minor, torch.cuda.get_device_properties(device_index).multi_processor_count
-
 
 def block_k_for(want: int, bk: int, k: int) -> tuple[int, bool]:
     """(BLOCK_K, ONE_KBLOCK): a power of two <= want that divides bk, so that no K tile
@@ -282,11 +253,7 @@ def gemv_config(m: int, n: int, k: int, bk: int, sms: int, split_k: int | None,
         bn = 64
     k_tiles = triton.cdiv(k, block_k)
     n_tiles = triton.cdiv(n, bn)
-    if split_k is None:
-        split_k = max(1, min(k_tiles, (4 * sms) // max(1, n_tiles), 16))
-    split_k = max(1, min(int(split_k), k_tiles))
-    per_split = triton.cdiv(k_tiles, split_k)
-    split_k = triton.cdiv(k_tiles, per_split)
+    split_k, per_split = split_plan(k_tiles, n_tiles, sms, split_k)
     return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=block_k, ONE_KBLOCK=one, SPLIT=split_k,
                 k_tiles_per_split=per_split, num_warps=4, num_stages=4)
 
@@ -318,10 +285,7 @@ def fp8_matmul(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor
     if bias is not None:
         bias = bias.contiguous()
     bias_arg = bias if bias is not None else weight_scale
-    dev_index = x.device.index if x.is_cuda else None
-    if x.is_cuda and dev_index is None:
-        dev_index = torch.cuda.current_device()
-    arch, sms = _arch_and_sms(dev_index)
+    arch, sms = arch_and_sms(device_index(x))
     # the interpreter (CPU tensors) computes bf16 tl.dot wrongly and truncates fp32 -> bf16
     # casts (triton 3.9): dots in fp32 on the same exact values, and a round-to-nearest-even
     # step before the cast. Never set on a GPU. fp32 x: always fp32 dots.
@@ -357,10 +321,7 @@ def fp8_matmul(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor
         ALIGNED=aligned, SPLIT=split, DOT_F32=dot_f32, RNE_BF16=interp_bf16,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     if split > 1:
-        block = 1024
-        fp8_splitk_reduce_kernel[(triton.cdiv(m * n, block),)](
-            ws, bias_arg, y, m * n, n, HAS_BIAS=bias is not None, SPLIT=split, BLOCK=block,
-            RNE_BF16=interp_bf16, num_warps=4)
+        reduce_splits(ws, bias, y, rne_bf16=interp_bf16)
     return y
 
 
@@ -425,10 +386,3 @@ for _dt in ("fp16", "bf16", "fp32"):
                     constexprs=_const, num_warps=_cfg["num_warps"],
                     num_stages=_cfg["num_stages"], tensor_core=_tc and _m > 1,
                     wgmma_expected=True))
-    register(KernelSpec(
-        name=f"fp8_matmul_splitk_reduce[{_dt}]", fn=fp8_splitk_reduce_kernel,
-        signature={"ws_ptr": "*fp32", "bias_ptr": f"*{_dt}", "y_ptr": f"*{_dt}", "MN": "i32",
-                   "N": "i32", "HAS_BIAS": "constexpr", "SPLIT": "constexpr",
-                   "BLOCK": "constexpr", "RNE_BF16": "constexpr"},
-        constexprs={"HAS_BIAS": True, "SPLIT": 4, "BLOCK": 1024, "RNE_BF16": False},
-        num_warps=4, num_stages=1))

@@ -18,15 +18,13 @@ GEMV / split-K (M <= 16, decode) — per program BLOCK_N outputs and one slice o
 """
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
 
-from ... import backend as _backend
 from .. import _alloc
 from .registry import KernelSpec, register
+from .splitk import GEMV_MAX_M, arch_and_sms, device_index, reduce_splits, split_plan
 
 
 @triton.jit
@@ -192,31 +190,7 @@ def int4_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, y_ptr, ws_ptr, M, N,
         tl.store(ws_ptr + pid_k.to(tl.int64) * M * N + offs, out, mask=mask)
 
 
-@triton.jit
-def int4_splitk_reduce_kernel(ws_ptr, bias_ptr, y_ptr, MN, N, HAS_BIAS: tl.constexpr,
-                              SPLIT: tl.constexpr, BLOCK: tl.constexpr):
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < MN
-    acc = tl.zeros((BLOCK,), dtype=tl.float32)
-    for s in tl.static_range(SPLIT):
-        acc += tl.load(ws_ptr + s * MN + offs, mask=mask, other=0.0)
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs % N, mask=mask, other=0.0).to(tl.float32)
-    tl.store(y_ptr + offs, acc.to(y_ptr.dtype.element_ty), mask=mask)
-
-
 # ----------------------------------------------------------------------------- configs
-
-GEMV_MAX_M = 16
-
-
-@functools.lru_cache(maxsize=None)
-def _arch_and_sms(device_index: int | None) -> tuple[int, int]:
-    if device_index is None or not torch.cuda.is_available():
-        return 90, 132      # the interpreter: pretend H100/H200 so split-K paths get used
-    major, minor = torch.cuda.get_device_capability(device_index)
-    return major * 10 + minor, torch.cuda.get_device_properties(device_index).multi_processor_count
-
 
 def _block_k(cfg_bk: int, group: int, k: int) -> tuple[int, bool]:
     """BLOCK_K and whether each K tile lies inside one group (one scale per row)."""
@@ -255,11 +229,7 @@ def gemv_config(m: int, n: int, k: int, group: int, sms: int, split_k: int | Non
     bk, per_tile = _block_k(bk, group, k)
     k_tiles = triton.cdiv(k, bk)
     n_tiles = triton.cdiv(n, bn)
-    if split_k is None:
-        split_k = max(1, min(k_tiles, (4 * sms) // max(1, n_tiles), 16))
-    split_k = max(1, min(int(split_k), k_tiles))
-    per_split = triton.cdiv(k_tiles, split_k)
-    split_k = triton.cdiv(k_tiles, per_split)
+    split_k, per_split = split_plan(k_tiles, n_tiles, sms, split_k)
     return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SCALE_PER_TILE=per_tile, SPLIT=split_k,
                 k_tiles_per_split=per_split, num_warps=4, num_stages=4)
 
@@ -291,10 +261,7 @@ def int4_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
     if bias is not None:
         bias = bias.contiguous()
     bias_arg = bias if bias is not None else scales
-    dev_index = x.device.index if x.is_cuda else None
-    if x.is_cuda and dev_index is None:
-        dev_index = torch.cuda.current_device()
-    arch, sms = _arch_and_sms(dev_index)
+    arch, sms = arch_and_sms(device_index(x))
     # Triton's interpreter computes bf16 tl.dot wrongly (triton 3.9): run those dots in
     # fp32 on the same bf16-rounded operands there. Never set on a GPU.
     dot_f32 = not x.is_cuda and x.dtype == torch.bfloat16
@@ -323,10 +290,7 @@ def int4_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
         EVEN_K=k % cfg["BLOCK_K"] == 0, SPLIT=split, DOT_F32=dot_f32,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     if split > 1:
-        block = 1024
-        int4_splitk_reduce_kernel[(triton.cdiv(m * n, block),)](
-            ws, bias_arg, y, m * n, n, HAS_BIAS=bias is not None, SPLIT=split, BLOCK=block,
-            num_warps=4)
+        reduce_splits(ws, bias, y, rne_bf16=dot_f32)
     return y
 
 
@@ -368,9 +332,3 @@ for _dt in ("fp16", "bf16"):
                                                    "k_tiles_per_split": "i32"}),
                 constexprs=_const, num_warps=_cfg["num_warps"], num_stages=_cfg["num_stages"],
                 tensor_core=_m > 1, wgmma_expected=True))
-    register(KernelSpec(
-        name=f"int4_splitk_reduce[{_dt}]", fn=int4_splitk_reduce_kernel,
-        signature={"ws_ptr": "*fp32", "bias_ptr": f"*{_dt}", "y_ptr": f"*{_dt}", "MN": "i32",
-                   "N": "i32", "HAS_BIAS": "constexpr", "SPLIT": "constexpr",
-                   "BLOCK": "constexpr"},
-        constexprs={"HAS_BIAS": True, "SPLIT": 4, "BLOCK": 1024}, num_warps=4, num_stages=1))
