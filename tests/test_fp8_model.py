@@ -58,7 +58,7 @@ def _rtn(w: torch.Tensor, bn: int, bk: int) -> tuple[torch.Tensor, torch.Tensor]
     return q, scale
 
 
-STYLES = ["block", "block-unaligned", "tensor", "ct-channel", "ct-block"]
+STYLES = ["block", "block-unaligned", "tensor", "ct-channel", "ct-block", "fbgemm"]
 
 
 def write_fp8_checkpoint(hf: torch.nn.Module, path: str, style: str,
@@ -86,10 +86,12 @@ def write_fp8_checkpoint(hf: torch.nn.Module, path: str, style: str,
             full = scale.expand(n, k)
             tensors[f"{base}.weight_scale"] = scale
             tensors[f"{base}.input_scale"] = torch.tensor(0.01)   # static: unused (W8A16)
-        else:                                                      # ct-channel
+        else:                                                      # per channel
             scale = torch.rand(n, 1, generator=g) * 3e-4 + 1e-4
             full = scale.expand(n, k)
             tensors[f"{base}.weight_scale"] = scale
+            if style == "fbgemm":
+                tensors[f"{base}.input_scale_ub"] = torch.tensor([1200.0])   # unused
         tensors[f"{base}.weight"] = q
         return q.float() * full
 
@@ -114,7 +116,10 @@ def write_fp8_checkpoint(hf: torch.nn.Module, path: str, style: str,
     os.makedirs(path, exist_ok=True)
     save_file(tensors, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
     cfg = hf.config.to_dict()
-    if style.startswith("ct-"):
+    if style == "fbgemm":         # Meta's FP8 Llama 3.1 checkpoints
+        qc = {"quant_method": "fbgemm_fp8", "activation_scale_ub": 1200.0,
+              "modules_to_not_convert": ["lm_head"]}
+    elif style.startswith("ct-"):
         w = {"num_bits": 8, "type": "float", "symmetric": True, "dynamic": False,
              "strategy": "channel" if style == "ct-channel" else "block"}
         if style == "ct-block":
@@ -145,7 +150,8 @@ def test_fp8_checkpoints(tmp_path, style):
     d = str(tmp_path / style)
     known = write_fp8_checkpoint(hf, d, style)
     m = load_model(d, dtype="float32", device="cpu")
-    assert m.quantization == ("compressed-tensors" if style.startswith("ct-") else "fp8")
+    assert m.quantization == ("compressed-tensors" if style.startswith("ct-") else
+                              "fbgemm_fp8" if style == "fbgemm" else "fp8")
     layer = m.layers[1]
     qkv = layer.self_attn.qkv_proj
     assert qkv.is_fp8 and not qkv.is_int4 and qkv.weight is None

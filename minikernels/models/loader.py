@@ -66,6 +66,8 @@ _DTYPES = {
 QUANTIZATIONS = (None, "int4", "gptq", "awq", "fp8")
 #: the fp8 checkpoint tensors of a linear besides its fp8 ``weight``
 _FP8_SCALES = ("weight_scale_inv", "weight_scale")
+#: static activation scales / bounds of fp8 checkpoints: not needed (activations stay 16-bit)
+_FP8_ACTIVATION_SCALES = ("input_scale", "input_scale_ub")
 
 
 class CheckpointError(ValueError):
@@ -166,7 +168,7 @@ def map_name(name: str) -> tuple[str, int | None, str] | None:
         return f"layers.{m.group(1)}.self_attn.attn", None, m.group(2)
     m = _EXPERT_RE.match(n)
     if m and (m.group(4) == "weight" or m.group(4) in _QUANT_TENSORS + _FP8_SCALES
-              or m.group(4) == "input_scale"):
+              or m.group(4) in _FP8_ACTIVATION_SCALES):
         # an int4 expert tensor: kind "<projection>:<tensor>" (e.g. "gate_proj:qweight")
         kind = m.group(3) if m.group(4) == "weight" else f"{m.group(3)}:{m.group(4)}"
         return f"layers.{m.group(1)}.mlp.experts", int(m.group(2)), kind
@@ -546,7 +548,7 @@ def _load_hf(model_dir: str, dtype: str | torch.dtype, device: torch.device,
                             raise CheckpointError(f"{where}: stacked fp8 experts are not "
                                                   "supported (per-expert tensors are)")
                         part, tkind = kind.split(":") if ":" in kind else (kind, "weight")
-                        if tkind == "input_scale":
+                        if tkind in _FP8_ACTIVATION_SCALES:
                             continue    # a static activation scale: activations stay 16-bit
                         if not 0 <= shard < mod.num_experts:
                             raise CheckpointError(f"{where}: expert {shard} out of range "
@@ -586,9 +588,9 @@ def _load_hf(model_dir: str, dtype: str | torch.dtype, device: torch.device,
                                                   g, fp8=fp8))
                         continue
                     if isinstance(mod, FusedLinear) and fp8_ckpt is not None and (
-                            kind in _FP8_SCALES or kind == "input_scale" or (
+                            kind in _FP8_SCALES + _FP8_ACTIVATION_SCALES or (
                                 kind == "weight" and tensor.dtype == torch.float8_e4m3fn)):
-                        if kind == "input_scale":
+                        if kind in _FP8_ACTIVATION_SCALES:
                             continue    # a static activation scale: activations stay 16-bit
                         got = pending_fp8.setdefault((mod_name, shard), {})
                         got[kind] = tensor.to(device)

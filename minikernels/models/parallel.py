@@ -311,7 +311,7 @@ def shard_tensor(config: DecoderConfig, tp: TensorParallel, module: str, shard: 
 
 
 #: an fp8 checkpoint's scale tensors (the fp8 ``weight`` itself shards as a dense one)
-_FP8_KINDS = ("weight_scale_inv", "weight_scale", "input_scale")
+_FP8_KINDS = ("weight_scale_inv", "weight_scale", "input_scale", "input_scale_ub")
 
 
 def _fp8_scale_shard(config: DecoderConfig, module: str, kind: str, src: Any, start: int,
@@ -328,7 +328,7 @@ def _fp8_scale_shard(config: DecoderConfig, module: str, kind: str, src: Any, st
             return (_int4_columns if along_n else _int4_k_slice)(config, module, kind, src,
                                                                  start, stop)
         raise ValueError(f"{module}: {kind} without an fp8 quantization_config")
-    if kind == "input_scale" or scheme["strategy"] == "tensor":
+    if kind in ("input_scale", "input_scale_ub") or scheme["strategy"] == "tensor":
         return _read(src)
     if scheme["strategy"] == "channel":
         return _rows(src, start, stop) if along_n else _read(src)

@@ -19,10 +19,13 @@ Checkpoint formats (config.json ``quantization_config``), read by :func:`fp8_sch
   per-tensor fp8): ``weight`` + ``weight_scale`` (one value);
 - compressed-tensors (llm-compressor's FP8, FP8_DYNAMIC, FP8_BLOCK schemes): 8-bit float
   weights with strategy ``tensor`` / ``channel`` / ``block`` (``block_structure``):
-  ``weight`` + ``weight_scale`` ([1], [N, 1] or the block grid).
+  ``weight`` + ``weight_scale`` ([1], [N, 1] or the block grid);
+- ``quant_method: "fbgemm_fp8"`` (Meta's FP8 Llama 3.1 checkpoints): ``weight`` +
+  ``weight_scale`` [N, 1] per output channel.
 
 Activations stay in the model's dtype (W8A16): an ``input_scale`` (static activation
-quantization) is not needed and is ignored, whatever the ``activation_scheme``.
+quantization) or ``input_scale_ub`` (fbgemm's bound on dynamic ones) is not needed and is
+ignored, whatever the ``activation_scheme``.
 """
 from __future__ import annotations
 
@@ -104,11 +107,15 @@ def quantize_fp8(w: Tensor, block_size: tuple[int, int] = DEFAULT_BLOCK) -> Fp8W
 def fp8_scheme(qc: dict[str, Any]) -> dict[str, Any] | None:
     """The fp8 weight scheme of a ``quantization_config``, or None when it is not fp8.
 
-    Returns {"method": "fp8" | "compressed-tensors", "strategy": "block" | "channel" |
-    "tensor", "block_size": (bn, bk) or None, "scale": the scale tensor's name}.
+    Returns {"method": "fp8" | "fbgemm_fp8" | "compressed-tensors", "strategy": "block" |
+    "channel" | "tensor", "block_size": (bn, bk) or None, "scale": the scale tensor's
+    name}.
     ValueError naming what is not supported.
     """
     method = str(qc.get("quant_method", "")).lower()
+    if method == "fbgemm_fp8":
+        return {"method": method, "strategy": "channel", "block_size": None,
+                "scale": "weight_scale"}
     if method == "fp8":
         fmt = str(qc.get("fmt", "e4m3")).lower()
         if fmt != "e4m3":
