@@ -67,16 +67,17 @@ def test_gpu_builtin_dummy_models_run(name, quantization):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("kind", ["qwen3", "qwen3-moe"])
-def test_gpu_fp8_model_matches_cpu(hf_dirs, kind, dtype):
-    """RTN fp8 on load (ops.fp8_matmul / fused_moe_fp8 on the GPU kernels, decode and
-    prefill shapes) against the same fp8 model in fp32 on the CPU reference; the built-ins
-    run through the engine with CUDA graphs."""
+@pytest.mark.parametrize("kind,quant", [("qwen3", "fp8"), ("qwen3-moe", "fp8"),
+                                        ("qwen3", "fp8_w8a8")])
+def test_gpu_fp8_model_matches_cpu(hf_dirs, kind, quant, dtype):
+    """RTN fp8 on load (ops.fp8_matmul / fused_moe_fp8, or the W8A8 ops, on the GPU kernels,
+    decode and prefill shapes) against the same fp8 model in fp32 on the CPU reference;
+    the built-ins run through the engine with CUDA graphs."""
     from minikernels.engine import LLM, SamplingParams
 
     hf, path = hf_dirs[kind]
-    cpu = load_model(path, dtype="float32", device="cpu", quantization="fp8")
-    gpu = load_model(path, dtype=dtype, device="cuda", quantization="fp8")
+    cpu = load_model(path, dtype="float32", device="cpu", quantization=quant)
+    gpu = load_model(path, dtype=dtype, device="cuda", quantization=quant)
     seqs = [random_tokens(n, hf.config.vocab_size, 30 + n) for n in (14, 37, 1)]
     ids = [torch.tensor([t for s in seqs for t in s], device=d) for d in ("cpu", "cuda")]
     want = cpu(ids[0], AttentionMetadata.for_prompts([len(s) for s in seqs]), None)
@@ -84,7 +85,7 @@ def test_gpu_fp8_model_matches_cpu(hf_dirs, kind, dtype):
               None)
     assert rel_err(got.float().cpu(), want) <= HALF_TOL[dtype]
     llm = LLM("qwen2.5-0.5b" if kind == "qwen3" else "tiny-qwen3-moe", dtype=dtype,
-              quantization="fp8", num_kv_blocks=256)
+              quantization=quant, num_kv_blocks=256)
     outs = llm.generate([[1, 2, 3], list(range(100, 160))],
                         SamplingParams(temperature=0, max_tokens=6, ignore_eos=True),
                         use_tqdm=False)

@@ -33,7 +33,7 @@ METHODS = ("ngram", "draft_model")
 _COMMON_KEYS = ("method", "num_speculative_tokens", "disable_by_batch_size")
 _METHOD_KEYS = {"ngram": ("prompt_lookup_min", "prompt_lookup_max"),
                 "draft_model": ("model", "quantization", "revision")}
-_QUANTIZATIONS = ("auto", None, "int4", "gptq", "awq", "fp8")  # "auto" + loader.QUANTIZATIONS
+_QUANTIZATIONS = ("auto", None, "int4", "gptq", "awq", "fp8", "fp8_w8a8")  # "auto" + loader.QUANTIZATIONS
 
 
 @dataclass(frozen=True)

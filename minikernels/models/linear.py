@@ -121,13 +121,27 @@ class Int4Part(nn.Module):
 
 
 class Fp8Part(nn.Module):
-    """One fp8 matmul: y = x @ W.T, W [N, K] = weight (e4m3) * scale per (bn, bk) block."""
+    """One fp8 matmul: y = x @ W.T, W [N, K] = weight (e4m3) * scale per (bn, bk) block.
+
+    ``activations``: "none" (W8A16, the default: ``ops.fp8_matmul``) or "dynamic" (W8A8 as
+    vLLM runs fp8 checkpoints: x quantized per token and K block with
+    ``ops.per_token_group_quant_fp8``, then ``ops.w8a8_block_fp8_matmul``; fp8 tensor
+    cores on sm_89+). A part whose K block is not a multiple of 16 or does not divide K
+    stays W8A16.
+    """
 
     def __init__(self, weight: Tensor, scale: Tensor, block_size: Sequence[int]) -> None:
         super().__init__()
         self.block_size = (int(block_size[0]), int(block_size[1]))
         self.register_buffer("weight", weight.contiguous())
         self.register_buffer("scale", scale.float().contiguous())
+        self.activations = "none"
+
+    @property
+    def supports_w8a8(self) -> bool:
+        bk, k = self.block_size[1], self.in_features
+        bk = min(bk, k)
+        return bk % 16 == 0 and k % bk == 0
 
     @property
     def out_features(self) -> int:
@@ -138,6 +152,11 @@ class Fp8Part(nn.Module):
         return int(self.weight.shape[1])
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.activations == "dynamic" and self.supports_w8a8:
+            bn, bk = self.block_size[0], min(self.block_size[1], self.in_features)
+            xq, xs = ops.per_token_group_quant_fp8(x, bk)
+            return ops.w8a8_block_fp8_matmul(xq, self.weight, xs, self.scale, [bn, bk],
+                                             output_dtype=x.dtype)
         return ops.fp8_matmul(x, self.weight, self.scale, self.block_size)
 
     def dequantize(self) -> Tensor:
@@ -146,7 +165,24 @@ class Fp8Part(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, out={self.out_features}, "
-                f"block_size={list(self.block_size)}")
+                f"block_size={list(self.block_size)}, activations={self.activations}")
+
+
+FP8_ACTIVATIONS = ("none", "dynamic")
+
+
+def set_fp8_activations(model: nn.Module, activations: str) -> int:
+    """Run every fp8 linear part of ``model`` W8A16 ("none") or W8A8 ("dynamic", see
+    :class:`Fp8Part`); returns how many parts run W8A8."""
+    if activations not in FP8_ACTIVATIONS:
+        raise ValueError(f"fp8 activations must be one of {FP8_ACTIVATIONS}, got "
+                         f"{activations!r}")
+    n = 0
+    for mod in model.modules():
+        if isinstance(mod, Fp8Part):
+            mod.activations = activations
+            n += activations == "dynamic" and mod.supports_w8a8
+    return n
 
 
 class FusedLinear(nn.Module):

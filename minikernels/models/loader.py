@@ -26,6 +26,12 @@ Quantization:
                           every linear layer on load, streaming as int4 does; the matmuls
                           run W8A16 (``ops.fp8_matmul``). An fp8 checkpoint loads as is.
                           Mixture-of-experts experts too (``ops.fused_moe_fp8``).
+    quantization="fp8_w8a8"  the same weights ("fp8": RTN, or an fp8 checkpoint as is),
+                          and the linears run W8A8 as vLLM runs fp8 checkpoints:
+                          activations quantized per token and 128-wide K group
+                          (``ops.per_token_group_quant_fp8`` + ``ops.w8a8_block_fp8_matmul``;
+                          fp8 tensor cores on sm_89+). Opt-in until a GPU run has measured
+                          it against W8A16; the experts stay W8A16.
 
 FP8 checkpoints (quantization_config ``quant_method: "fp8"``, block-wise like
 Qwen/Qwen3-*-FP8 or per-tensor, and compressed-tensors 8-bit float weights: per tensor,
@@ -51,7 +57,7 @@ from .config import (DecoderConfig, UnsupportedModelError, builtin_config,
 from .decoder import CausalLM
 from .hub import resolve_model
 from ..quant.fp8 import fp8_from_checkpoint
-from .linear import FusedLinear, pick_group_size
+from .linear import FusedLinear, pick_group_size, set_fp8_activations
 from .moe import EXPERT_PARTS, FusedExperts
 from .parallel import (TensorParallel, mlp_intermediate_size, row_parallel_group_size,
                        shard_tensor)
@@ -63,7 +69,7 @@ _DTYPES = {
     "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
     "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
 }
-QUANTIZATIONS = (None, "int4", "gptq", "awq", "fp8")
+QUANTIZATIONS = (None, "int4", "gptq", "awq", "fp8", "fp8_w8a8")
 #: the fp8 checkpoint tensors of a linear besides its fp8 ``weight``
 _FP8_SCALES = ("weight_scale_inv", "weight_scale")
 #: static activation scales / bounds of fp8 checkpoints: not needed (activations stay 16-bit)
@@ -948,7 +954,8 @@ def load_model(model: str, dtype: str | torch.dtype = "bfloat16",
     dtype:        'bfloat16' | 'float16' | 'float32' | 'auto' (the checkpoint's) or a dtype.
     device:       default cuda when available, else cpu.
     quantization: None | 'int4' (RTN on load) | 'gptq' | 'awq' | 'fp8' (block-wise RTN on
-                  load, or an fp8 checkpoint; see module docstring).
+                  load, or an fp8 checkpoint) | 'fp8_w8a8' (the same, run W8A8); see
+                  module docstring.
     allow_pickle: accept pickle ``*.bin`` weights (only from trusted sources).
     group_size, quantize_lm_head: RTN settings for quantization='int4'.
     tensor_parallel: build and read only this rank's shard (minikernels.models.parallel;
@@ -961,6 +968,9 @@ def load_model(model: str, dtype: str | torch.dtype = "bfloat16",
         quantization = str(quantization).lower()
     if quantization not in QUANTIZATIONS:
         raise ValueError(f"quantization must be one of {QUANTIZATIONS}, got {quantization!r}")
+    asked = quantization
+    if quantization == "fp8_w8a8":      # fp8 weights; the activations are set at the end
+        quantization = "fp8"
     dev = torch.device(device) if device is not None else default_device()
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(no_cuda_message(str(device)))
@@ -994,6 +1004,8 @@ def load_model(model: str, dtype: str | torch.dtype = "bfloat16",
     m.eval()
     m.requires_grad_(False)
     m.name_or_path = name
-    m.quantization = quantization if quantization else (
+    m.quantization = asked if asked else (
         m.config.quantization_config or {}).get("quant_method")
+    if asked == "fp8_w8a8":
+        set_fp8_activations(m, "dynamic")
     return m
