@@ -31,6 +31,7 @@ import triton.language as tl
 from .. import _alloc
 from .interpreter_rounding import rne_bf16
 from .registry import KernelSpec, register
+from .tiling import grouped_tile
 
 FP8_MAX = tl.constexpr(448.0)   # largest finite float8_e4m3fn
 
@@ -87,15 +88,7 @@ def w8a8_block_fp8_matmul_kernel(
         stride_bsn, stride_bsk, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, EVEN_K: tl.constexpr,
         RNE_BF16: tl.constexpr):
-    pid = tl.program_id(0)
-    grid_m = tl.cdiv(M, BLOCK_M)
-    grid_n = tl.cdiv(N, BLOCK_N)
-    # grouped ordering: GROUP_M row tiles share each weight tile while it is in L2
-    width = GROUP_M * grid_n
-    first_m = (pid // width) * GROUP_M
-    size_m = tl.minimum(grid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % width) % size_m
-    pid_n = (pid % width) // size_m
+    pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)

@@ -24,6 +24,7 @@ import triton.language as tl
 
 from .. import _alloc
 from .registry import KernelSpec, register
+from .tiling import grouped_tile
 from .splitk import GEMV_MAX_M, arch_and_sms, device_index, reduce_splits, split_plan
 
 
@@ -85,15 +86,7 @@ def int4_gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, y_ptr, M, N, K, stri
                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
                      SCALE_PER_TILE: tl.constexpr, EVEN_K: tl.constexpr,
                      DOT_F32: tl.constexpr = False):
-    pid = tl.program_id(0)
-    grid_m = tl.cdiv(M, BLOCK_M)
-    grid_n = tl.cdiv(N, BLOCK_N)
-    # grouped ordering: GROUP_M row tiles share each weight tile while it is in L2
-    width = GROUP_M * grid_n
-    first_m = (pid // width) * GROUP_M
-    size_m = tl.minimum(grid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % width) % size_m
-    pid_n = (pid % width) // size_m
+    pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
