@@ -440,3 +440,20 @@ def test_fp8_w8a8():
     outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=6, ignore_eos=True),
                         use_tqdm=False)
     assert [o.outputs[0].token_ids for o in outs] == ref
+
+
+@pytest.mark.parametrize("style", ["block", "tensor", "ct-channel"])
+def test_fp8_fused_qkv_checkpoints(tmp_path, style):
+    """Phi-3 stores q/k/v and gate/up fused: the fp8 weight splits by rows and its scale
+    with it (per channel: rows; block: row blocks; one value: shared by the parts)."""
+    hf = make_hf_model("phi3-longrope-partial", seed=2)
+    d = str(tmp_path / style)
+    known = write_fp8_checkpoint(hf, d, style)
+    m = load_model(d, dtype="float32", device="cpu")
+    assert torch.equal(m.layers[1].self_attn.qkv_proj.dense_weight(),
+                       known["model.layers.1.self_attn.qkv_proj.weight"])
+    assert torch.equal(m.layers[0].mlp.gate_up_proj.dense_weight(),
+                       known["model.layers.0.mlp.gate_up_proj.weight"])
+    seqs = _seqs()
+    ref = torch.cat([hf_logits(hf, s) for s in seqs])
+    assert rel_err(_logits(m, seqs), ref) <= 1e-4

@@ -217,20 +217,45 @@ def _unfuse(name: str, tensor: Any, config: DecoderConfig) -> Iterator[tuple[str
         yield name, tensor
         return
     prefix, fused, kind = m.groups()
-    if kind not in ("weight", "bias"):
+    sizes = [config.q_size, config.kv_size, config.kv_size] if fused.endswith("qkv_proj") \
+        else [config.intermediate_size] * 2
+    shape = list(tensor.get_shape()) if hasattr(tensor, "get_shape") else list(tensor.shape)
+    if kind in _FP8_SCALES + _FP8_ACTIVATION_SCALES:
+        sizes = _fused_fp8_scale_rows(name, shape, sizes, config)
+        if sizes is None:     # one value for the fused tensor: every part has it
+            for part in _PART_NAMES[fused]:
+                yield f"{prefix}{part}.{kind}", tensor
+            return
+    elif kind not in ("weight", "bias"):
         raise CheckpointError(f"{name}: int4 tensors of a fused {fused.split('.')[1]} are "
                               "not supported; load the dense checkpoint with "
                               "quantization='int4'")
-    sizes = [config.q_size, config.kv_size, config.kv_size] if fused.endswith("qkv_proj") \
-        else [config.intermediate_size] * 2
-    rows = tensor.get_shape()[0] if hasattr(tensor, "get_shape") else tensor.shape[0]
-    if rows != sum(sizes):
+    if shape[0] != sum(sizes):
         raise CheckpointError(f"{name}: shape mismatch: expected {sum(sizes)} rows "
-                              f"({' + '.join(map(str, sizes))}), got {rows}")
+                              f"({' + '.join(map(str, sizes))}), got {shape[0]}")
     start = 0
     for part, size in zip(_PART_NAMES[fused], sizes):
         yield f"{prefix}{part}.{kind}", tensor[start:start + size]
         start += size
+
+
+def _fused_fp8_scale_rows(name: str, shape: list[int], sizes: list[int],
+                          config: DecoderConfig) -> list[int] | None:
+    """How an fp8 scale of a fused q/k/v (gate/up) weight splits into the parts' scales:
+    the parts' scale rows (per channel: their weight rows; block scales: their row blocks,
+    when every part is whole blocks), or None for one value shared by every part."""
+    if math.prod(shape) == 1:
+        return None
+    from ..quant.fp8 import fp8_scheme
+
+    scheme = fp8_scheme(config.quantization_config or {}) or {}
+    if scheme.get("strategy") == "block":
+        bn = scheme["block_size"][0]
+        if any(size % bn for size in sizes):
+            raise CheckpointError(f"{name}: the fused parts ({' + '.join(map(str, sizes))} "
+                                  f"rows) are not whole {bn}-row fp8 blocks")
+        return [size // bn for size in sizes]
+    return sizes
 
 
 #: GLM-4's sandwich norms under the names the decoder gives them (Gemma 2's layout):
