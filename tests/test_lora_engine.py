@@ -288,3 +288,35 @@ def test_runtime_lora_loading(tmp_path):
     finally:
         asyncio.run(engine.shutdown())
         asyncio.run(plain.shutdown())
+
+
+def test_adapters_on_an_fp8_base(setup):
+    """LoRA over fp8 base weights (quantization='fp8'): greedy tokens equal PEFT's on the
+    transformers model holding those fp8 weights dequantized."""
+    import copy
+
+    import peft
+
+    from minikernels.models import load_model
+
+    hf, base, paths, _ = setup
+    fp8 = load_model(base, dtype="float32", device="cpu", quantization="fp8")
+    deq = copy.deepcopy(hf)
+    parts = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj",
+                                                                          "up_proj")}
+    with torch.no_grad():
+        for name, lin in fp8.linear_layers():
+            if not lin.is_fp8:
+                continue
+            prefix, fused = name.rsplit(".", 1)
+            rows = torch.split(lin.dense_weight(), lin.output_sizes)
+            for sub, w in zip(parts.get(fused, (fused,)), rows):
+                deq.get_submodule(f"model.{prefix}.{sub}").weight.copy_(w)
+    ref = peft.PeftModel.from_pretrained(deq, paths[0]).eval()
+    llm = LLM(base, dtype="float32", device="cpu", tokenizer=None, num_kv_blocks=64,
+              block_size=8, enable_lora=True, max_lora_rank=8, quantization="fp8")
+    prompts = [random_tokens(n, 300, 60 + n) for n in (9, 5)]
+    outs = llm.generate(prompts, GREEDY, use_tqdm=False,
+                        lora_request=LoRARequest("first", 1, paths[0]))
+    for prompt, out in zip(prompts, outs):
+        assert out.outputs[0].token_ids == _hf_greedy(ref, prompt)
