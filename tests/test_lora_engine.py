@@ -320,3 +320,40 @@ def test_adapters_on_an_fp8_base(setup):
                         lora_request=LoRARequest("first", 1, paths[0]))
     for prompt, out in zip(prompts, outs):
         assert out.outputs[0].token_ids == _hf_greedy(ref, prompt)
+
+
+def test_adapters_on_a_mixture_of_experts_model(tmp_path):
+    """Qwen3-MoE (layer 0 sparse, layer 1 dense): an adapter on every attention projection;
+    greedy tokens equal PEFT's. Adapters on the experts (PEFT's own, on transformers 5's
+    stacked expert parameters) and an MLP target on a sparse layer are refused by name."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    hf = make_hf_model("qwen3-moe", seed=4)
+    base = save_hf(hf, str(tmp_path / "base"))
+    path = str(tmp_path / "lora")
+    ref = make_adapter(hf, path, r=4, alpha=8, targets=["q_proj", "k_proj", "v_proj",
+                                                        "o_proj"], seed=5)
+    llm = LLM(base, dtype="float32", device="cpu", tokenizer=None, num_kv_blocks=64,
+              block_size=8, enable_lora=True, max_lora_rank=8)
+    prompts = [random_tokens(n, 300, 70 + n) for n in (9, 5)]
+    outs = llm.generate(prompts, GREEDY, use_tqdm=False,
+                        lora_request=LoRARequest("moe", 1, path))
+    for prompt, out in zip(prompts, outs):
+        assert out.outputs[0].token_ids == _hf_greedy(ref, prompt)
+    experts = str(tmp_path / "experts")
+    make_adapter(hf, experts, r=4, alpha=8, targets=ALL, seed=6)     # PEFT adds the experts
+    with pytest.raises(LoRAError, match="target_parameters.*mixture-of-experts"):
+        llm.generate(prompts[:1], GREEDY, use_tqdm=False,
+                     lora_request=LoRARequest("experts", 2, experts))
+    bad = str(tmp_path / "bad")
+    shutil.copytree(path, bad)
+    t = load_file(f"{bad}/adapter_model.safetensors")
+    for half, shape in (("A", (4, 64)), ("B", (128, 4))):
+        t[f"base_model.model.model.layers.0.mlp.gate_proj.lora_{half}.weight"] = \
+            torch.zeros(shape)
+    save_file(t, f"{bad}/adapter_model.safetensors")
+    with pytest.raises(LoRAError, match="mixture-of-experts layer"):
+        llm.generate(prompts[:1], GREEDY, use_tqdm=False,
+                     lora_request=LoRARequest("bad", 3, bad))

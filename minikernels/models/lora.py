@@ -18,9 +18,12 @@ in place, so CUDA graphs captured over the buffers stay valid as adapters come a
 PEFT format (adapter_config.json + adapter_model.safetensors): tensors
 ``base_model.model.model.layers.{i}.{self_attn|mlp}.{proj}.lora_A.weight`` [r, in] and
 ``.lora_B.weight`` [out, r]; scaling = lora_alpha / r (lora_alpha / sqrt(r) with
-``use_rslora``). Refused by name: DoRA, biases, ``modules_to_save`` (new heads or
-embeddings), ``fan_in_fan_out``, targets other than the seven projections, rank-pattern
-overrides, tensor-parallel models.
+``use_rslora``). Mixture-of-experts models: the attention projections of every layer and
+the MLP projections of their dense layers (``mlp_only_layers``) take adapters; the experts,
+the router and Qwen2-MoE's shared expert do not. Refused by name: DoRA, biases,
+``modules_to_save`` (new heads or embeddings), ``fan_in_fan_out``, targets other than the
+seven projections (expert and shared-expert targets included), an MLP target on a sparse
+layer, rank-pattern overrides, tensor-parallel models.
 """
 from __future__ import annotations
 
@@ -83,11 +86,17 @@ class LoRAAdapter:
             key, tensor = name_
             m = _NAME_RE.search(key)
             if m is None:
+                if ".experts." in key or ".shared_expert." in key:
+                    raise LoRAError(f"{path}: {key!r}: LoRA on mixture-of-experts experts is "
+                                    "not supported yet (attention and dense-MLP targets are)")
                 raise LoRAError(f"{path}: unexpected adapter tensor {key!r} (only lora_A / "
                                 "lora_B of the attention and MLP projections are supported)")
             layer, proj, half = int(m.group(1)), m.group(2), m.group(3)
             if proj not in _TARGETS or layer >= config.num_layers:
                 raise LoRAError(f"{path}: {key!r} targets a module this model does not have")
+            if _TARGETS[proj][0].startswith("mlp.") and config.is_moe(layer):
+                raise LoRAError(f"{path}: {key!r} targets the MLP of layer {layer}, a "
+                                "mixture-of-experts layer (its experts take no LoRA yet)")
             halves.setdefault((layer, proj), {})[half] = tensor
         weights = {}
         for (layer, proj), pair in sorted(halves.items()):
@@ -114,6 +123,10 @@ def _check_config(cfg: dict[str, Any], where: str) -> None:
             raise LoRAError(f"{where}: {key} is not supported")
     if cfg.get("bias", "none") != "none":
         raise LoRAError(f"{where}: bias {cfg.get('bias')!r} is not supported (only 'none')")
+    if cfg.get("target_parameters"):
+        raise LoRAError(f"{where}: target_parameters {cfg['target_parameters']} (LoRA on "
+                        "parameters such as stacked mixture-of-experts experts) is not "
+                        "supported yet (attention and dense-MLP targets are)")
     if cfg.get("modules_to_save"):
         raise LoRAError(f"{where}: modules_to_save {cfg['modules_to_save']} is not supported "
                         "(adapters that replace whole modules, e.g. lm_head)")
@@ -190,9 +203,6 @@ class LoRAManager:
             raise ValueError(f"max_loras must be an int >= 1, got {max_loras!r}")
         if not isinstance(max_lora_rank, int) or max_lora_rank < 1:
             raise ValueError(f"max_lora_rank must be an int >= 1, got {max_lora_rank!r}")
-        if model.config.num_experts:
-            raise ValueError("LoRA adapters on mixture-of-experts models are not supported "
-                             "yet (the experts have no per-slot LoRA weights)")
         self.model = model
         self.max_loras = max_loras
         self.max_lora_rank = max_lora_rank
@@ -203,6 +213,8 @@ class LoRAManager:
         for i, layer in enumerate(model.layers):
             for target in ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj",
                            "mlp.down_proj"):
+                if target.startswith("mlp.") and model.config.is_moe(i):
+                    continue    # a sparse layer: router + experts, no per-slot LoRA weights
                 linear = layer.get_submodule(target)
                 lora = _LayerLoRA(linear, self._slots, max_loras, max_lora_rank, dtype, dev)
                 linear.__dict__["lora"] = lora
