@@ -189,9 +189,9 @@ def test_olmo2_flags_and_no_tensor_parallel(hf_dirs):
 def test_qwen3_moe_layout_stacked_names_and_refusals(hf_dirs, tmp_path):
     """Qwen3-MoE: sparse layers from mlp_only_layers / decoder_sparse_step (num_experts or
     transformers 5's num_local_experts); transformers 5's stacked expert tensors load as
-    the hub's per-expert ones do; RTN int4 leaves the experts dense; LoRA and int4 MoE
-    checkpoints are refused by name, and so is a tensor_parallel_size that does not
-    divide moe_intermediate_size."""
+    the hub's per-expert ones do; RTN int4 quantizes the experts; LoRA slots skip the
+    experts; a tensor_parallel_size that does not divide moe_intermediate_size is refused
+    by name."""
     import json
     import shutil
 
@@ -237,8 +237,11 @@ def test_qwen3_moe_layout_stacked_names_and_refusals(hf_dirs, tmp_path):
     odd = DecoderConfig.from_hf({**base, "moe_intermediate_size": 50})   # 4 ranks: 12.5
     with pytest.raises(ValueError, match=r"must divide moe_intermediate_size \(50\)"):
         CausalLM(odd, dtype=torch.float32, device="meta", tp=TensorParallel(0, 4))
-    with pytest.raises(ValueError, match="mixture-of-experts"):
-        LoRAManager(model, max_loras=1, max_lora_rank=8)
+    # LoRA slots on every attention projection and the dense layer's MLP, not the experts
+    lora = LoRAManager(model, max_loras=1, max_lora_rank=8)
+    assert "layers.0.self_attn.qkv_proj" in lora._layers
+    assert "layers.1.mlp.gate_up_proj" in lora._layers
+    assert "layers.0.mlp.gate_up_proj" not in lora._layers
     # an int4 checkpoint whose experts were left dense (modules_to_not_convert): they load
     # dense, as a dense linear of such a checkpoint does
     gptq = str(tmp_path / "gptq")
