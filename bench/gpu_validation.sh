@@ -23,7 +23,8 @@
 #   sanitize  compute-sanitizer memcheck and racecheck over the CUDA C++ kernels' tests
 #   bench     ceilings + every benchmark with its peers -> $OUT/results/ (JSON, md, png)
 #   serve     the end-to-end engine benchmark (minikernels bench serve, + fp8 KV) and
-#             bench/bench_serve.py (beside transformers) -> $OUT/results/
+#             bench/bench_serve.py (beside transformers), then fp8 weights (W8A16, W8A8)
+#             -> $OUT/results/
 #   spec      speculative decoding timing (bench/bench_spec_decode.py --timing, capped at
 #             120 s): batch-1 / batch-8 ms per output token without speculation, n-gram,
 #             draft model -> $OUT/results/spec_decode_timing.*; log -> $OUT/spec_decode_timing.log
@@ -68,9 +69,10 @@ stage_build() {
 GPU_TESTS=("${CUDA_TESTS[@]}" tests/test_flash_attention.py tests/test_op_contract.py
            tests/test_bitmask.py tests/test_rejection_sampler.py tests/test_sampling_mask.py
            tests/test_lora_op.py tests/test_moe_op.py tests/test_moe_int4_op.py
-           tests/test_fp8_matmul.py tests/test_fp8_w8a8.py tests/test_moe_fp8_op.py
            tests/test_model_gpu.py
-           tests/test_model_hf.py tests/test_engine.py)
+           tests/test_model_hf.py tests/test_engine.py
+           # the fp8 weight ops last: newest, and a capped stage keeps the rows above
+           tests/test_fp8_matmul.py tests/test_fp8_w8a8.py tests/test_moe_fp8_op.py)
 
 stage_test() {
   python -m pytest -q -p no:cacheprovider -rfE "${GPU_TESTS[@]}" 2>&1 \
@@ -105,6 +107,12 @@ stage_serve() {
   python -m minikernels bench serve --kv-cache-dtype fp8 --skip-latency --no-save \
     --output-json "$OUT/results/serve_fp8kv.json" || echo "bench serve (fp8 KV) failed"
   python bench/bench_serve.py || echo "bench_serve (vs transformers) failed"
+  # fp8 weights, W8A16 then W8A8 (which should be the default: bench/NOTES.md); last, so
+  # the stage cap cuts these first
+  python -m minikernels bench serve --quantization fp8 --skip-latency --no-save \
+    --output-json "$OUT/results/serve_fp8w.json" || echo "bench serve (fp8 weights) failed"
+  python -m minikernels bench serve --quantization fp8_w8a8 --skip-latency --no-save \
+    --output-json "$OUT/results/serve_fp8w8a8.json" || echo "bench serve (fp8 W8A8) failed"
   # Multi-GPU tensor parallel (NCCL, decode CUDA graphs): only with >= 2 GPUs (the H200
   # validation machine has one, so it is skipped there).
   if python -c "import sys, torch; sys.exit(torch.cuda.device_count() < 2)"; then
