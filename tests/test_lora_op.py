@@ -91,3 +91,72 @@ def test_int32_slots_and_errors(device):
                        ((x, a, b, torch.full_like(slots, -2), scaling), r"token_slots values")]:
         with pytest.raises((ValueError, TypeError), match=match):
             mk.ops.lora_delta(*bad)
+
+
+# ---------------------------------------------------------------- the grouped (SGMV) path
+
+@settings(max_examples=20, deadline=None)
+@given(t=st.sampled_from([1, 7, 40, 97]), k=st.sampled_from([1, 70, 130]),
+       n=st.sampled_from([1, 45, 130]), s=st.sampled_from([1, 2, 5]),
+       r=st.sampled_from([1, 8, 16, 33]), dtype=st.sampled_from(DTYPES),
+       seed=st.integers(0, 10 ** 6))
+def test_grouped_path_matches_reference_and_bgmv(t, k, n, s, r, dtype, seed, device):
+    """Both Triton paths forced at every size (the grouped one with tiles of 16 / 32 / 64
+    tokens), against the reference and each other; slot -1 rows come out exactly 0."""
+    from minikernels.ops.triton import lora as triton_lora
+    x, a, b, slots, scaling = _inputs(t, k, n, s, r, dtype, device, seed)
+    want = reference.lora_delta(x, a, b, slots, scaling)
+    grouped = triton_lora.lora_delta(x, a, b, slots, scaling, grouped=True)
+    bgmv = triton_lora.lora_delta(x, a, b, slots, scaling, grouped=False)
+    assert_close(grouped, want, scale=2.0)
+    assert_close(grouped, bgmv, scale=2.0)
+    assert bool((grouped[slots < 0] == 0).all())
+
+
+@pytest.mark.parametrize("t", [31, 32, 200])
+def test_op_picks_the_grouped_path_by_token_count(t, device, monkeypatch):
+    from minikernels.ops.triton import lora as triton_lora
+    used = []
+    real = triton_lora._grouped
+    monkeypatch.setattr(triton_lora, "_grouped", lambda *a: used.append(1) or real(*a))
+    x, a, b, slots, scaling = _inputs(t, 48, 40, 3, 8, torch.float16, device, t)
+    with mk.use_backend("triton"):
+        y = mk.ops.lora_delta(x, a, b, slots, scaling)
+    assert bool(used) == (t >= triton_lora.GROUPED_MIN_TOKENS)
+    assert_close(y, reference.lora_delta(x, a, b, slots, scaling), scale=2.0)
+
+
+@pytest.mark.parametrize("slot_pattern", ["one adapter", "none", "runs", "interleaved"])
+def test_grouped_path_slot_layouts(slot_pattern, device):
+    """Segments as a prefill batch makes them (one adapter, no adapter at all, contiguous
+    runs per sequence) and the worst case for tiles (every token a different slot)."""
+    from minikernels.ops.triton import lora as triton_lora
+    t, s = 150, 4
+    x, a, b, _, scaling = _inputs(t, 96, 72, s, 16, torch.bfloat16, device, 7)
+    slots = {"one adapter": torch.full((t,), 2),
+             "none": torch.full((t,), -1),
+             "runs": torch.repeat_interleave(torch.tensor([1, -1, 3, 0, 1]),
+                                             torch.tensor([60, 10, 40, 1, 39])),
+             "interleaved": torch.arange(t) % (s + 1) - 1}[slot_pattern].to(device)
+    y = triton_lora.lora_delta(x, a, b, slots, scaling, grouped=True)
+    assert_close(y, reference.lora_delta(x, a, b, slots, scaling), scale=2.0)
+    assert bool((y[slots < 0] == 0).all())
+
+
+def test_grouped_path_strided_views(device):
+    from minikernels.ops.triton import lora as triton_lora
+    t = 70
+    x, a, b, slots, scaling = _inputs(t, 40, 24, 3, 9, torch.float32, device, 5)
+    want = reference.lora_delta(x, a, b, slots, scaling)
+    xv = torch.randn(t + 3, 2 * 40 + 3, device=device)[2:t + 2, 1:81:2]
+    xv.copy_(x)
+    av = torch.randn(3, 40, 12, device=device).transpose(1, 2)[:, :9, :]
+    av.copy_(a)
+    bv = torch.randn(4, 24 + 5, 9 + 2, device=device)[1:, 2:26, 1:10]
+    bv.copy_(b)
+    sv = torch.zeros(2 * t, dtype=slots.dtype, device=device)[::2]
+    sv.copy_(slots)
+    cv = torch.zeros(7, device=device)[1::2]
+    cv.copy_(scaling)
+    y = triton_lora.lora_delta(xv, av, bv, sv, cv, grouped=True)
+    assert_close(y, want)

@@ -106,18 +106,29 @@ def op_cases(device: str, dtype: torch.dtype, small: bool) -> list[Case]:
                           lambda kk=kk, pp=pp: ops.top_k_top_p_mask_logits(logits, kk, pp),
                           2 * rows * vocab * 4, 0, ("triton",),
                           lambda kk=kk, pp=pp: sort_top_k_top_p(logits, kk, pp)))
-    # LoRA: a decode batch (one token per sequence) over 4 adapters of rank 16 on a
-    # 4096 -> 4096 projection; bytes: each token's adapter weights + x and y.
-    nt, kl, nl, rank, nslots = 256 // s, 4096 // s, 4096 // s, 16, 4
-    xl = torch.randn(nt, kl, device=device, dtype=dtype)
+    # LoRA over 4 adapters of rank 16 on a 4096 -> 4096 projection: a decode batch (one
+    # token per sequence, slots mixed) and a prefill batch (4 prompts of 512 tokens, one
+    # adapter each: segments). bytes: each used adapter once + x and y (the floor; BGMV
+    # reads a token's adapter per token, the grouped path per tile).
+    kl, nl, rank, nslots = 4096 // s, 4096 // s, 16, 4
     la = torch.randn(nslots, rank, kl, device=device, dtype=dtype) / kl ** 0.5
     lb = torch.randn(nslots, nl, rank, device=device, dtype=dtype) / rank ** 0.5
-    tslots = torch.randint(-1, nslots, (nt,), device=device, dtype=torch.int32)
     lscale = torch.full((nslots,), 2.0, device=device)
-    cases.append(Case("lora_delta r16 4 adapters", f"{nt}tok {kl}->{nl}",
-                      lambda: ops.lora_delta(xl, la, lb, tslots, lscale),
-                      nt * (rank * (kl + nl) + kl + nl) * es, 4 * nt * rank * (kl + nl),
-                      ("triton",), lambda: gather_lora(xl, la, lb, tslots, lscale)))
+    for label, nt, make_slots in (
+            ("lora_delta r16 4 adapters", 256 // s,
+             lambda n: torch.randint(-1, nslots, (n,), device=device, dtype=torch.int32)),
+            ("lora_delta prefill r16 4 adapters", 2048 // s,
+             lambda n: torch.arange(n, device=device, dtype=torch.int32) * nslots // n)):
+        xl = torch.randn(nt, kl, device=device, dtype=dtype)
+        tslots = make_slots(nt)
+        peer = gather_lora if nt <= 256 // s else per_adapter_lora
+        cases.append(Case(label, f"{nt}tok {kl}->{nl}",
+                          lambda xl=xl, tslots=tslots: ops.lora_delta(xl, la, lb, tslots,
+                                                                      lscale),
+                          (min(nslots, nt) * rank * (kl + nl) + nt * (kl + nl)) * es,
+                          4 * nt * rank * (kl + nl), ("triton",),
+                          lambda xl=xl, tslots=tslots, peer=peer: peer(xl, la, lb, tslots,
+                                                                       lscale)))
     # MoE: a decode batch through 64 SiLU-gated experts, top-8 (OLMoE / Qwen3-MoE sized
     # experts); bytes: every routed expert's w13 and w2 once + x and out.
     nm, ne, topk = 256 // s, 64 // (4 if small else 1), 8
@@ -284,6 +295,17 @@ def gather_lora(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, slots: torch.
     h = torch.bmm(a[idx], x.unsqueeze(-1))                         # [T, R, 1]
     y = torch.bmm(b[idx], h).squeeze(-1) * scaling[idx].unsqueeze(-1).to(x.dtype)
     return y * (slots >= 0).unsqueeze(-1).to(x.dtype)
+
+
+def per_adapter_lora(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
+                     slots: torch.Tensor, scaling: torch.Tensor) -> torch.Tensor:
+    """The torch peer of lora_delta for prefill batches: PEFT's mixed-batch forward, one
+    pair of matmuls per adapter over the rows that use it."""
+    y = torch.zeros(x.shape[0], b.shape[1], device=x.device, dtype=x.dtype)
+    for s in range(a.shape[0]):
+        rows = (slots == s).nonzero().flatten()
+        y[rows] = (x[rows] @ a[s].t()) @ b[s].t() * scaling[s].to(x.dtype)
+    return y
 
 
 def sort_top_k_top_p(logits: torch.Tensor, k: torch.Tensor | None,

@@ -11,9 +11,9 @@ Each adapted linear layer (q / k / v / o projections, gate / up / down of the ML
 stacked slot weights: A [max_loras, P * R, K] and B [max_loras, N, P * R] for its P fused
 parts (q, k, v or gate, up) with R = max_lora_rank: a part's A rows and B columns occupy
 its own R-wide band (B is block diagonal across parts, zero elsewhere), and a smaller
-adapter is zero-padded. The update is ``mk.ops.lora_delta`` (punica's BGMV) added to the
-layer's output: y = x W^T (+ b) + scaling[s] * B[s] (A[s] x). A slot's weights are written
-in place, so CUDA graphs captured over the buffers stay valid as adapters come and go.
+adapter is zero-padded. The update is ``mk.ops.lora_delta`` (BGMV for decode, SGMV for
+prefill) added to the layer's output: y = x W^T (+ b) + scaling[s] * B[s] (A[s] x). A
+slot's weights are written in place, so CUDA graphs captured over the buffers stay valid as adapters come and go.
 
 PEFT format (adapter_config.json + adapter_model.safetensors): tensors
 ``base_model.model.model.layers.{i}.{self_attn|mlp}.{proj}.lora_A.weight`` [r, in] and
