@@ -53,12 +53,15 @@ class EagerGraphs:
     model_runner._DecodeGraphs): "capture" runs each bucket's forward from the static
     buffers, largest first (its collectives must meet the other ranks'); "replay" copies
     the step into the static buffers, pads the bucket (slot -1, seq_len 0) and runs it
-    eagerly -- what the graph would compute. Every event goes to $MK_TP_GRAPH_LOG/rank{r}."""
+    eagerly -- what the graph would compute. Every event goes to $MK_TP_GRAPH_LOG/rank{r}.
+    ``lora``: the rank's LoRA slots, read from a static slot buffer as the graphs do."""
 
     def __init__(self, model: torch.nn.Module, kv_caches: list, sizes: list[int],
-                 width: int, vocab: int) -> None:
+                 width: int, vocab: int, lora: object = None) -> None:
         top = sizes[-1]
         self.model, self.kv_caches, self.sizes, self.width = model, kv_caches, sizes, width
+        self.lora = lora
+        self.lora_slots = torch.full((top,), -1, dtype=torch.int32)
         self.input_ids = torch.zeros(top, dtype=torch.int64)
         self.positions = torch.zeros(top, dtype=torch.int64)
         self.slots = torch.full((top,), -1, dtype=torch.int64)
@@ -77,6 +80,8 @@ class EagerGraphs:
         meta = AttentionMetadata(positions=self.positions[:bs], slot_mapping=self.slots[:bs],
                                  num_decode=bs, decode_block_table=self.block_table[:bs],
                                  decode_seq_lens=self.seq_lens[:bs], logits_indices=None)
+        if self.lora is not None:
+            self.lora.set_token_slots(self.lora_slots[:bs])
         return self.model(self.input_ids[:bs], meta, self.kv_caches)
 
     def run(self, inputs: object) -> torch.Tensor | None:
@@ -92,6 +97,12 @@ class EagerGraphs:
         self.seq_lens[:n] = meta.decode_seq_lens
         self.seq_lens[n:bs] = 0
         self.block_table[:n, :w] = meta.decode_block_table
+        if self.lora is not None:
+            self.lora_slots[:bs] = -1
+            if inputs.lora_slots is not None:
+                self.lora_slots[:n] = inputs.lora_slots
+            self._log("replay", bs, n, "lora", self.lora_slots[:bs].tolist())
+            return self._forward(bs).index_select(0, meta.logits_indices)
         self._log("replay", bs, n)
         return self._forward(bs).index_select(0, meta.logits_indices)
 

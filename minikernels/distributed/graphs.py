@@ -3,15 +3,17 @@
 The engine's ModelRunner builds its decode graphs with ``model.decode_graphs_class``; for
 a :class:`~.tensor_parallel.TensorParallelModel` that is :class:`TensorParallelDecodeGraphs`:
 
-capture   rank 0 sends ("graphs", runner_cls, sizes, width, vocab), then every rank builds
-          ``runner_cls(its shard, its KV caches, sizes, width, vocab)`` -- by default the
+capture   rank 0 sends ("graphs", runner_cls, sizes, width, vocab, with_lora), then every
+          rank builds ``runner_cls(its shard, its KV caches, sizes, width, vocab)`` (with
+          ``lora=`` its own LoRA slots when the engine has adapters) -- by default the
           engine's own single-GPU runner (model_runner._DecodeGraphs). The same class with
           the same arguments makes the same warm-up forwards and captures the same buckets
           in the same order on every rank, so the collectives inside them (NCCL all-reduces
           and the logits all-gather, which are capturable) match one to one.
 replay    for a decode-only step that fits a bucket, rank 0 sends ("replay", header) and
-          broadcasts the step's tensors (as an eager step does); then every rank's runner
-          copies them into its static buffers and replays the same bucket (the choice
+          broadcasts the step's tensors (as an eager step does, the step's LoRA slots
+          included); then every rank's runner copies them into its static buffers (the
+          graphs read each token's slot from one) and replays the same bucket (the choice
           depends only on the batch size and the block-table width, both in the header).
           The replayed graphs' collectives meet each other.
 otherwise rank 0 returns None and the ModelRunner runs the step eagerly (a "forward").
@@ -50,13 +52,18 @@ class TensorParallelDecodeGraphs:
     """
 
     def __init__(self, model: TensorParallelModel, kv_caches: list, sizes: list[int],
-                 max_blocks_per_seq: int, vocab: int, runner_cls: type | None = None) -> None:
+                 max_blocks_per_seq: int, vocab: int, runner_cls: type | None = None,
+                 lora: Any = None) -> None:
         runner_cls = runner_cls or default_runner_class()
         self.model = model
         self.sizes = list(sizes)
         self.width = int(max_blocks_per_seq)
-        model.send(("graphs", runner_cls, self.sizes, self.width, int(vocab)))
-        self.inner = runner_cls(model.model, kv_caches, self.sizes, self.width, int(vocab))
+        model.send(("graphs", runner_cls, self.sizes, self.width, int(vocab),
+                    lora is not None))
+        # lora: the engine's TensorParallelLoRA; rank 0's runner reads its local slots
+        extra = {"lora": lora.local} if lora is not None else {}
+        self.inner = runner_cls(model.model, kv_caches, self.sizes, self.width, int(vocab),
+                                **extra)
 
     def fits(self, num_decode: int, width: int) -> bool:
         """Whether a decode-only step of this batch size / block-table width replays."""
@@ -67,7 +74,8 @@ class TensorParallelDecodeGraphs:
         meta = inputs.meta
         if not self.fits(int(meta.num_decode), int(meta.decode_block_table.shape[1])):
             return None
-        self.model.send_step("replay", inputs.input_ids, meta, True)
+        self.model.send_step("replay", inputs.input_ids, meta, True,
+                             getattr(inputs, "lora_slots", None))
         out = self.inner.run(inputs)
         if out is None:   # the workers have replayed: this rank must have too
             raise RuntimeError("tensor-parallel decode graphs out of lock step: rank 0 "

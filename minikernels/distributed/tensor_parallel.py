@@ -17,10 +17,16 @@ trip).
 
 Commands, in the order rank 0 sends them (every rank executes the same sequence):
   ("alloc", num_blocks, block_size, dtype)        allocate this rank's KV caches
+  ("lora_init", max_loras, max_lora_rank)         LoRA slots on this rank's shard
+  ("lora_activate", slot, adapter)                write an adapter's shard into a slot
+  ("lora_deactivate", slot)                       zero a slot
   ("forward", spec, ints, use_cache)              one eager step
-  ("graphs", runner_cls, sizes, width, vocab)     capture decode CUDA graphs (:mod:`.graphs`)
+  ("graphs", runner_cls, sizes, width, vocab, with_lora)
+                                                  capture decode CUDA graphs (:mod:`.graphs`)
   ("replay", spec, ints, True)                    one decode step through those graphs
   ("stop",)                                       leave the loop
+A step's spec carries "lora_slots" (each token's adapter slot, int32 [T]) when the step
+has adapters; a worker with LoRA slots runs a step without it on the base model.
 """
 from __future__ import annotations
 
@@ -95,21 +101,25 @@ class CollectiveLink:
 
 # --------------------------------------------------------------------- the step RPC
 def step_header(command: str, input_ids: Tensor, meta: AttentionMetadata,
-                use_cache: bool) -> tuple:
+                use_cache: bool, lora_slots: Tensor | None = None) -> tuple:
     """(command, [(name, shape, dtype)], ints, use_cache) of one step."""
     spec = [("input_ids", tuple(input_ids.shape), input_ids.dtype)]
     for name in _META_TENSORS:
         t = getattr(meta, name)
         if t is not None:
             spec.append((name, tuple(t.shape), t.dtype))
+    if lora_slots is not None:
+        spec.append(("lora_slots", tuple(lora_slots.shape), lora_slots.dtype))
     ints = {name: int(getattr(meta, name)) for name in _META_INTS}
     return (command, spec, ints, use_cache)
 
 
-def step_tensors(input_ids: Tensor, meta: AttentionMetadata) -> list[Tensor]:
+def step_tensors(input_ids: Tensor, meta: AttentionMetadata,
+                 lora_slots: Tensor | None = None) -> list[Tensor]:
     """The tensors of a step, in the order of :func:`step_header`'s spec."""
-    return [input_ids] + [getattr(meta, n) for n in _META_TENSORS
-                          if getattr(meta, n) is not None]
+    tensors = [input_ids] + [getattr(meta, n) for n in _META_TENSORS
+                             if getattr(meta, n) is not None]
+    return tensors if lora_slots is None else tensors + [lora_slots]
 
 
 def broadcast_step(tensors: list[Tensor], group: Any = None) -> None:
@@ -119,13 +129,14 @@ def broadcast_step(tensors: list[Tensor], group: Any = None) -> None:
 
 
 def receive_step(spec: list, ints: dict[str, int], device: torch.device,
-                 group: Any = None) -> tuple[Tensor, AttentionMetadata]:
-    """A worker's side of :func:`broadcast_step`: (input ids, metadata)."""
+                 group: Any = None) -> "Step":
+    """A worker's side of :func:`broadcast_step`: the step's ids, metadata, LoRA slots."""
     tensors = [torch.empty(shape, dtype=dt, device=device) for _, shape, dt in spec]
     broadcast_step(tensors, group)
     fields = {name: t for (name, _, _), t in zip(spec, tensors)}
     ids = fields.pop("input_ids")
-    return ids, AttentionMetadata(**fields, **ints)
+    lora_slots = fields.pop("lora_slots", None)
+    return Step(ids, AttentionMetadata(**fields, **ints), lora_slots)
 
 
 @dataclass
@@ -134,15 +145,18 @@ class Step:
 
     input_ids: Tensor
     meta: AttentionMetadata
+    lora_slots: Tensor | None = None     # int32 [T]: each token's LoRA slot (-1: none)
 
 
 def serve_steps(model: torch.nn.Module, tp: TensorParallel, device: torch.device,
                 recv: Callable[[], tuple | None]) -> None:
     """A worker's loop: run every command rank 0 sends until "stop" (or recv -> None)."""
     from .. import _validation
+    from ..models.lora import LoRAManager
 
     kv_caches = None
     graphs = None
+    lora: LoRAManager | None = None
     while True:
         cmd = recv()
         if cmd is None or cmd[0] == "stop":
@@ -151,18 +165,27 @@ def serve_steps(model: torch.nn.Module, tp: TensorParallel, device: torch.device
         if kind == "alloc":
             _, num_blocks, block_size, dtype = cmd
             kv_caches = model.allocate_kv_caches(num_blocks, block_size, dtype=dtype)
+        elif kind == "lora_init":
+            lora = LoRAManager(model, cmd[1], cmd[2])
+        elif kind == "lora_activate":
+            lora.activate(cmd[1], cmd[2])
+        elif kind == "lora_deactivate":
+            lora.deactivate(cmd[1])
         elif kind == "graphs":
-            _, runner_cls, sizes, width, vocab = cmd
-            graphs = runner_cls(model, kv_caches, sizes, width, vocab)
+            _, runner_cls, sizes, width, vocab, with_lora = cmd
+            extra = {"lora": lora} if with_lora else {}
+            graphs = runner_cls(model, kv_caches, sizes, width, vocab, **extra)
         elif kind in ("forward", "replay"):
             _, spec, ints, use_cache = cmd
-            ids, meta = receive_step(spec, ints, device, tp.group)
+            step = receive_step(spec, ints, device, tp.group)
             with torch.inference_mode(), _validation.index_checks(False):
                 if kind == "replay":
-                    if graphs is None or graphs.run(Step(ids, meta)) is None:
+                    if graphs is None or graphs.run(step) is None:
                         raise RuntimeError("replay without a captured bucket for it")
                 else:
-                    model(ids, meta, kv_caches if use_cache else None)
+                    if lora is not None:
+                        lora.set_token_slots(step.lora_slots)
+                    model(step.input_ids, step.meta, kv_caches if use_cache else None)
         else:
             raise RuntimeError(f"unknown tensor-parallel command {kind!r}")
 
@@ -189,6 +212,7 @@ class TensorParallelModel(torch.nn.Module):
         self.quantization = getattr(model, "quantization", None)
         self._link = link
         self._finalizer = weakref.finalize(self, closer)
+        self.lora: Any = None     # a TensorParallelLoRA once lora_manager() made one
 
     @property
     def decode_graphs_class(self) -> type:
@@ -217,15 +241,25 @@ class TensorParallelModel(torch.nn.Module):
         self._link.send(cmd)
 
     def send_step(self, command: str, input_ids: Tensor, meta: AttentionMetadata,
-                  use_cache: bool) -> None:
+                  use_cache: bool, lora_slots: Tensor | None = None) -> None:
         """Header + broadcast of one step's tensors (the workers then run it)."""
-        self.send(step_header(command, input_ids, meta, use_cache))
-        broadcast_step([t.contiguous() for t in step_tensors(input_ids, meta)], self.tp.group)
+        self.send(step_header(command, input_ids, meta, use_cache, lora_slots))
+        broadcast_step([t.contiguous() for t in step_tensors(input_ids, meta, lora_slots)],
+                       self.tp.group)
 
     def forward(self, input_ids: Tensor, meta: AttentionMetadata,
                 kv_caches: list | None = None) -> Tensor:
-        self.send_step("forward", input_ids, meta, kv_caches is not None)
+        slots = self.lora.token_slots if self.lora is not None else None
+        self.send_step("forward", input_ids, meta, kv_caches is not None, slots)
         return self.model(input_ids, meta, kv_caches)
+
+    def lora_manager(self, max_loras: int, max_lora_rank: int) -> Any:
+        """LoRA slots on every rank (:class:`.lora.TensorParallelLoRA`): the engine's
+        EngineLoRA uses this instead of a LoRAManager on the model."""
+        from .lora import TensorParallelLoRA
+
+        self.lora = TensorParallelLoRA(self, max_loras, max_lora_rank)
+        return self.lora
 
     def allocate_kv_caches(self, num_blocks: int, block_size: int,
                            dtype: torch.dtype | None = None) -> list:

@@ -236,8 +236,6 @@ class LLMEngine:
         self._eos_list = sorted(self.eos_token_ids)
         self.lora: EngineLoRA | None = None
         if enable_lora:
-            if tensor_parallel_size > 1:
-                raise ValueError("enable_lora cannot be combined with tensor parallelism yet")
             self.lora = EngineLoRA(self.model, max_loras, max_lora_rank, max_cpu_loras)
         draft_model, draft_kv_bytes = None, 0
         if self.spec_config is not None and self.spec_config.method == "draft_model":

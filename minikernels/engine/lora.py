@@ -55,7 +55,10 @@ class EngineLoRA:
 
     def __init__(self, model: Any, max_loras: int, max_lora_rank: int,
                  max_cpu_loras: int | None = None) -> None:
-        self.manager = LoRAManager(model, max_loras, max_lora_rank)
+        # a tensor-parallel model brings slots kept the same on every rank
+        make = getattr(model, "lora_manager", None)
+        self.manager = (make(max_loras, max_lora_rank) if make is not None
+                        else LoRAManager(model, max_loras, max_lora_rank))
         self.config = model.config
         self.max_loras = max_loras
         self.max_cpu_loras = max(max_cpu_loras or 0, max_loras, 8)

@@ -23,7 +23,15 @@ the MLP projections of their dense layers (``mlp_only_layers``) take adapters; t
 the router and Qwen2-MoE's shared expert do not. Refused by name: DoRA, biases,
 ``modules_to_save`` (new heads or embeddings), ``fan_in_fan_out``, targets other than the
 seven projections (expert and shared-expert targets included), an MLP target on a sparse
-layer, rank-pattern overrides, tensor-parallel models.
+layer, rank-pattern overrides.
+
+Tensor parallel (a model built with ``tp``): each rank's slots hold its shard of every
+adapter, cut like the base weights (models/parallel.py ``shard_tensor``). Column-parallel
+layers (qkv, gate_up) keep A whole and take the rows of B that match the rank's output
+rows (its q / kv heads, its intermediate slice); row-parallel layers (o, down) take the
+columns of A that match the rank's input slice and keep B whole, so each rank adds the
+partial update scaling * B (A_r x_r) to its partial output and the layer's all-reduce sums
+them into the full one. No extra communication per step.
 """
 from __future__ import annotations
 
@@ -40,6 +48,7 @@ from torch import Tensor
 from .. import ops
 from .config import DecoderConfig
 from .linear import FusedLinear
+from .parallel import shard_tensor
 
 #: HF projection -> (our fused module, part index)
 _TARGETS = {"q_proj": ("self_attn.qkv_proj", 0), "k_proj": ("self_attn.qkv_proj", 1),
@@ -197,13 +206,12 @@ class LoRAManager:
     device in its dtype; ``activate`` / ``deactivate`` rewrite a slot in place."""
 
     def __init__(self, model: Any, max_loras: int = 4, max_lora_rank: int = 16) -> None:
-        if getattr(model, "tp", None) is not None:
-            raise LoRAError("LoRA adapters are not supported with tensor parallelism yet")
         if not isinstance(max_loras, int) or max_loras < 1:
             raise ValueError(f"max_loras must be an int >= 1, got {max_loras!r}")
         if not isinstance(max_lora_rank, int) or max_lora_rank < 1:
             raise ValueError(f"max_lora_rank must be an int >= 1, got {max_lora_rank!r}")
         self.model = model
+        self.tp = getattr(model, "tp", None)
         self.max_loras = max_loras
         self.max_lora_rank = max_lora_rank
         self.names: list[str | None] = [None] * max_loras
@@ -235,9 +243,20 @@ class LoRAManager:
                     if t != target:
                         continue
                     a, b = adapter.weights.get((layer, proj), (None, None))
+                    if a is not None and b is not None:
+                        a, b = self._shard(f"layers.{layer}.{target}", part, a, b)
                     lora.write(slot, part, a, b)
             self._slots.scaling[slot] = adapter.scaling
         self.names[slot] = adapter.name
+
+    def _shard(self, module: str, part: int, a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
+        """This rank's (A [r, K_rank], B [N_rank, r]) of one part (module docstring)."""
+        if self.tp is None or self.tp.size == 1:
+            return a, b
+        cfg = self.model.config
+        if module.endswith(("qkv_proj", "gate_up_proj")):      # column parallel: B's rows
+            return a, shard_tensor(cfg, self.tp, module, part, "weight", b)
+        return shard_tensor(cfg, self.tp, module, None, "weight", a), b   # row parallel
 
     def deactivate(self, slot: int) -> None:
         """Zero ``slot`` (tokens still pointing at it get no update)."""

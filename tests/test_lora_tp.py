@@ -1,0 +1,112 @@
+"""LoRA adapters under tensor parallel (gloo, spawned ranks): each rank's slots hold its
+shard of every adapter (column-parallel B rows, row-parallel A columns), slot changes
+reach every rank, and each step's token slots ride with the step. Greedy tokens of mixed
+requests (two adapters + the base model, one slot so adapters swap mid-run) equal TP=1,
+eagerly and through the lock-step decode-graph protocol with a CPU stand-in for the
+graphs; the shard math checked against slices of the whole adapter without processes."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from test_lora import ALL, make_adapter
+from test_model_support import make_hf_model, random_tokens, save_hf
+
+from minikernels.models import load_model
+from minikernels.models.lora import LoRAAdapter, LoRAManager
+from minikernels.models.parallel import TensorParallel
+
+if not torch.distributed.is_available():
+    pytest.skip("torch.distributed is not available", allow_module_level=True)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    # one kv head on two ranks: k / v rows of B are replicated, not split
+    hf = make_hf_model("qwen2-tied", seed=5, num_key_value_heads=1)
+    base = save_hf(hf, str(tmp_path_factory.mktemp("base")))
+    paths = []
+    for i, (r, targets) in enumerate([(4, ALL), (8, ["k_proj", "o_proj", "up_proj",
+                                                     "down_proj"])]):
+        path = str(tmp_path_factory.mktemp(f"lora{i}"))
+        make_adapter(hf, path, r=r, alpha=3 * r, targets=targets, seed=20 + i)
+        paths.append(path)
+    return base, paths
+
+
+def test_rank_slots_are_slices_of_the_whole_adapter(setup):
+    """Without processes: each rank's slot weights are the matching rows / columns of the
+    TP=1 slot weights (q rows split, the one kv head's rows whole on both ranks, gate / up
+    rows and o / down columns split)."""
+    base, paths = setup
+    adapter = None
+    whole = load_model(base, dtype=torch.float32, device="cpu")
+    adapter = LoRAAdapter.load(paths[0], whole.config, "a")
+    full = LoRAManager(whole, max_loras=2, max_lora_rank=8)
+    full.activate(1, adapter)
+    c = whole.config
+    hd, nq = c.head_dim, c.num_heads
+    for rank in range(2):
+        tp = TensorParallel(rank, 2)
+        shard = load_model(base, dtype=torch.float32, device="cpu", tensor_parallel=tp)
+        mgr = LoRAManager(shard, max_loras=2, max_lora_rank=8)
+        mgr.activate(1, adapter)
+        for name, lora in mgr._layers.items():
+            ref = full._layers[name]
+            a, b, ra, rb = lora.a[1], lora.b[1], ref.a[1], ref.b[1]
+            if name.endswith("qkv_proj"):
+                q = slice(rank * nq // 2 * hd, (rank + 1) * nq // 2 * hd)
+                want_b = torch.cat([rb[q], rb[nq * hd:]])        # q rows split, kv whole
+                assert torch.equal(a, ra) and torch.equal(b, want_b), name
+            elif name.endswith("gate_up_proj"):
+                i = c.intermediate_size
+                half = slice(rank * i // 2, (rank + 1) * i // 2)
+                want_b = torch.cat([rb[half], rb[i:][half]])
+                assert torch.equal(a, ra) and torch.equal(b, want_b), name
+            else:                                               # o_proj, down_proj
+                k = ra.shape[1] // 2
+                assert torch.equal(a, ra[:, rank * k:(rank + 1) * k]) and torch.equal(b, rb)
+
+
+@pytest.mark.slow   # spawns a worker process (small: run in CI)
+def test_tp2_lora_requests_token_identical_to_tp1(setup, tmp_path, monkeypatch):
+    import minikernels as mk
+    from minikernels.distributed.graphs import TensorParallelDecodeGraphs
+    from minikernels.engine import LoRARequest
+    from minikernels.engine.model_runner import graph_batch_sizes
+    from test_tensor_parallel_tp4 import EagerGraphs
+
+    monkeypatch.setenv("MK_TP_GRAPH_LOG", str(tmp_path))   # before the worker spawns
+    base, paths = setup
+    lora = [LoRARequest("first", 1, paths[0]), LoRARequest("second", 2, paths[1])]
+    prompts = [random_tokens(n, 300, 60 + n) for n in (9, 6, 14, 7)]
+    which = [lora[0], None, lora[1], lora[0]]
+    params = mk.SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+    kw = dict(dtype="float32", device="cpu", tokenizer=None, block_size=4, num_kv_blocks=64,
+              max_num_batched_tokens=16, max_num_seqs=3, enable_lora=True, max_loras=1,
+              max_lora_rank=8)
+
+    def run(llm):
+        return [o.outputs[0].token_ids
+                for o in llm.generate(prompts, params, use_tqdm=False, lora_request=which)]
+
+    want = run(mk.LLM(base, **kw))
+    llm = mk.LLM(base, tensor_parallel_size=2, **kw)
+    try:
+        eager = run(llm)
+        # the same through the decode-graph protocol (every rank's runner reads its slots
+        # from a static buffer, as CUDA graphs do)
+        model, runner = llm.llm_engine.model, llm.llm_engine.runner
+        runner.graphs = TensorParallelDecodeGraphs(
+            model, runner.kv_caches, graph_batch_sizes(3), runner.max_blocks_per_seq,
+            model.config.vocab_size, runner_cls=EagerGraphs, lora=llm.llm_engine.lora.manager)
+        replayed = run(llm)
+    finally:
+        llm.llm_engine.model.close()
+    assert eager == want
+    assert replayed == want
+    logs = [open(os.path.join(tmp_path, f"rank{r}")).read().split("\n") for r in range(2)]
+    assert logs[0] == logs[1]
+    lora_replays = [e for e in logs[0] if e.startswith("replay") and "lora" in e]
+    assert len(lora_replays) >= 4 and any(" 0" in e.split("lora")[1] for e in lora_replays)
