@@ -71,8 +71,10 @@ GPU_TESTS=("${CUDA_TESTS[@]}" tests/test_flash_attention.py tests/test_op_contra
            tests/test_lora_op.py tests/test_moe_op.py tests/test_moe_int4_op.py
            tests/test_model_gpu.py
            tests/test_model_hf.py tests/test_engine.py
-           # the fp8 weight ops last: newest, and a capped stage keeps the rows above
-           tests/test_fp8_matmul.py tests/test_fp8_w8a8.py tests/test_moe_fp8_op.py)
+           # the fp8 weight ops, then the MoE routing ops, last: newest, and a capped
+           # stage keeps the rows above
+           tests/test_fp8_matmul.py tests/test_fp8_w8a8.py tests/test_moe_fp8_op.py
+           tests/test_router_op.py tests/test_moe_align_op.py)
 
 stage_test() {
   python -m pytest -q -p no:cacheprovider -rfE "${GPU_TESTS[@]}" 2>&1 \

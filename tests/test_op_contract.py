@@ -80,6 +80,9 @@ def _samples(device: str):
                           torch.rand(4, 2, 1, device=device) / 800,
                           torch.rand(3, 2, device=device),
                           torch.tensor([[1, 3], [0, 0], [2, 1]], device=device), [32, 32]),
+        "moe_align_block_size": (torch.tensor([[1, 3], [0, 0], [2, 1]], device=device), 4,
+                                 4, torch.tensor([1, -1, 0, 2], dtype=torch.int32,
+                                                 device=device), True, False),
         "rejection_sample": (torch.tensor([[1, 2], [3, 0]], device=device),
                              torch.tensor([2, 1], dtype=torch.int32, device=device),
                              torch.softmax(torch.randn(2, 3, 5, device=device), -1), None,
@@ -87,6 +90,8 @@ def _samples(device: str):
                              torch.rand(2, 5, device=device) + 0.1,
                              torch.tensor([False, True], device=device)),
         "per_token_group_quant_fp8": (xh, 32, 1e-10, True, False, False),
+        "topk_softmax": (torch.randn(5, 12, device=device).to(torch.bfloat16), 3, True,
+                         torch.int32),
         "w8a8_block_fp8_matmul": ((torch.randn(3, 96, device=device) * 8).to(
                                       torch.float8_e4m3fn),
                                   (torch.randn(40, 96, device=device) * 8).to(

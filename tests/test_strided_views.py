@@ -196,3 +196,16 @@ def test_flash_attention_varlen_views(backend, device):
     ref_out, ref_lse = reference.flash_attention(q, k, v, cu_q, cu_k, 12, 16)
     assert_close(out, ref_out, scale=2.0)
     torch.testing.assert_close(lse, ref_lse, atol=2e-3, rtol=1e-3)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("step_last", [False, True], ids=["rows", "strided_last"])
+def test_topk_softmax(backend, device, step_last):
+    g = _gen(13 + step_last)
+    logits = torch.randn(9, 60, generator=g).to(torch.bfloat16).to(device)
+    view = view_of(logits, g, step_last=step_last, permute=True)
+    with mk.use_backend(backend):
+        w, ids = mk.ops.topk_softmax(view, 4, renormalize=True)
+    ref_w, ref_ids = reference.topk_softmax(logits, 4, True)
+    assert torch.equal(ids, ref_ids)
+    torch.testing.assert_close(w, ref_w, atol=1e-6, rtol=1e-5)

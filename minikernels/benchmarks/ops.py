@@ -129,6 +129,24 @@ def op_cases(device: str, dtype: torch.dtype, small: bool) -> list[Case]:
                           4 * nt * rank * (kl + nl), ("triton",),
                           lambda xl=xl, tslots=tslots, peer=peer: peer(xl, la, lb, tslots,
                                                                        lscale)))
+    # MoE router: softmax top-8 of 128 experts (Qwen3-MoE) over a prefill chunk's router
+    # logits, renormalized; bytes: the logits + fp32 weights and int32 ids
+    nr, nre, rk = 4096 // s, 128, 8
+    router_logits = torch.randn(nr, nre, device=device, dtype=dtype)
+    cases.append(Case("topk_softmax top8 renorm", f"{nr}tok E{nre} k{rk}",
+                      lambda: ops.topk_softmax(router_logits, rk, True),
+                      nr * nre * es + nr * rk * 8, 0, ("triton",),
+                      lambda: softmax_topk(router_logits, rk)))
+    # MoE alignment: a decode batch's and a prefill chunk's top-8 of 128 experts sorted
+    # into 16-row tiles, beside the ~12 torch ops that did it before (no host sync either);
+    # bytes: the ids in + sorted ids and tile experts out
+    for label, na in (("moe_align_block_size decode", 256 // s),
+                      ("moe_align_block_size prefill", 4096 // s)):
+        aids = torch.randint(0, 128, (na, 8), device=device, dtype=torch.int32)
+        cases.append(Case(label, f"{na}tok E128 k8 bs16",
+                          lambda aids=aids: ops.moe_align_block_size(aids, 16, 128),
+                          na * 8 * 4 * 2 + 128 * 15 * 4, 0, ("triton",),
+                          lambda aids=aids: torch_moe_align(aids, 16, 128)))
     # MoE: a decode batch through 64 SiLU-gated experts, top-8 (OLMoE / Qwen3-MoE sized
     # experts); bytes: every routed expert's w13 and w2 once + x and out.
     nm, ne, topk = 256 // s, 64 // (4 if small else 1), 8
@@ -287,10 +305,44 @@ def loop_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights:
     return out.to(x.dtype)
 
 
+def torch_moe_align(topk_ids: torch.Tensor, block_size: int, num_experts: int
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The torch peer of moe_align_block_size (what fused_moe sorted with before): a stable
+    sort, a scatter-add histogram, cumsums, a scatter and a searchsorted; no host sync."""
+    import torch
+
+    ids = topk_ids.reshape(-1).to(torch.int64)
+    n, dev = ids.numel(), ids.device
+    sorted_e, order = torch.sort(ids, stable=True)
+    counts = torch.zeros(num_experts, dtype=torch.int64, device=dev).scatter_add_(
+        0, ids, torch.ones_like(ids))
+    padded = (counts + block_size - 1) // block_size * block_size
+    pad_end = torch.cumsum(padded, 0)
+    rank = torch.arange(n, device=dev) - (torch.cumsum(counts, 0) - counts)[sorted_e]
+    dest = pad_end[sorted_e] - padded[sorted_e] + rank
+    blocks = (n + min(num_experts, n) * (block_size - 1)) // block_size
+    sorted_ids = torch.full((blocks * block_size,), n, dtype=torch.int32, device=dev)
+    sorted_ids.scatter_(0, dest, order.to(torch.int32))
+    tile_expert = torch.searchsorted(pad_end // block_size,
+                                     torch.arange(blocks, device=dev), right=True)
+    return sorted_ids, tile_expert
+
+
+def softmax_topk(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The torch peer of topk_softmax: softmax in fp32, torch.topk, renormalization (what
+    transformers' MoE routers run)."""
+    import torch
+
+    weights, ids = torch.topk(torch.softmax(logits.float(), dim=-1), k, dim=-1)
+    return weights / weights.sum(dim=-1, keepdim=True), ids
+
+
 def gather_lora(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, slots: torch.Tensor,
                 scaling: torch.Tensor) -> torch.Tensor:
     """The torch peer of lora_delta: gather each token's adapter and run two batched
     matmuls (what a PyTorch LoRA server without punica kernels does)."""
+    import torch
+
     idx = slots.clamp_min(0).long()
     h = torch.bmm(a[idx], x.unsqueeze(-1))                         # [T, R, 1]
     y = torch.bmm(b[idx], h).squeeze(-1) * scaling[idx].unsqueeze(-1).to(x.dtype)
@@ -301,6 +353,8 @@ def per_adapter_lora(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
                      slots: torch.Tensor, scaling: torch.Tensor) -> torch.Tensor:
     """The torch peer of lora_delta for prefill batches: PEFT's mixed-batch forward, one
     pair of matmuls per adapter over the rows that use it."""
+    import torch
+
     y = torch.zeros(x.shape[0], b.shape[1], device=x.device, dtype=x.dtype)
     for s in range(a.shape[0]):
         rows = (slots == s).nonzero().flatten()

@@ -3,8 +3,8 @@ softmax router picks each token's top-k experts, and :func:`minikernels.ops.fuse
 (SiLU-gated MLPs, weighted and summed).
 
     logits = x @ Wgate.T                     # [T, E], in the model dtype (as transformers)
-    p = softmax(logits in fp32)
-    w, ids = topk(p, k); [w /= sum(w)]       # norm_topk_prob
+    p = softmax(logits in fp32)              # these two lines: ops.topk_softmax
+    w, ids = topk(p, k); [w /= sum(w)]       # norm_topk_prob; ties: the lower expert id
     w = w rounded to the model dtype         # transformers multiplies in the model dtype
     y = fused_moe(x, W13, W2, w, ids)        # Granite-MoE: * residual_multiplier
     [y += sigmoid(x @ Wsg.T) * shared(x)]    # Qwen2-MoE's shared expert (a dense MLP)
@@ -283,7 +283,7 @@ class SparseMoE(nn.Module):
         p = tp.size if tp is not None else 1
         self.__dict__["tp"] = tp   # not a submodule
         self.top_k = c.num_experts_per_tok
-        self.norm_topk_prob = c.norm_topk_prob
+        self.norm_topk_prob = bool(c.norm_topk_prob)
         self.residual_multiplier = c.residual_multiplier   # Granite-MoE
         self.gate = nn.Linear(c.hidden_size, c.num_experts, bias=False, dtype=dtype,
                               device=device)
@@ -300,11 +300,10 @@ class SparseMoE(nn.Module):
             self.shared_expert_gate.weight.requires_grad_(False)
 
     def route(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """(weights fp32 [T, k] (rounded through the model dtype), expert ids [T, k])."""
-        probs = torch.softmax(self.gate(x).float(), dim=-1)
-        weights, ids = torch.topk(probs, self.top_k, dim=-1)
-        if self.norm_topk_prob:
-            weights = weights / weights.sum(dim=-1, keepdim=True)
+        """(weights fp32 [T, k] (rounded through the model dtype), expert ids int32 [T, k]):
+        ``ops.topk_softmax`` on the router logits (softmax in fp32, top-k, renormalized
+        when ``norm_topk_prob``; equal logits pick the lower expert id)."""
+        weights, ids = ops.topk_softmax(self.gate(x), self.top_k, self.norm_topk_prob)
         return weights.to(x.dtype).float(), ids
 
     def forward(self, x: Tensor) -> Tensor:

@@ -13,10 +13,11 @@ from .fp8_w8a8 import per_token_group_quant_fp8, w8a8_block_fp8_matmul
 from .int4 import int4_matmul
 from .kv_cache import merge_attn_states, paged_decode_attention, write_kv_cache
 from .lora import lora_delta
-from .moe import fused_moe, fused_moe_fp8, fused_moe_int4
+from .moe import fused_moe, fused_moe_fp8, fused_moe_int4, moe_align_block_size
 from .norm import gemma_rms_norm, rms_norm
 from .rejection_sampler import rejection_sample
 from .rotary import build_rope_cache, rotary_embedding
+from .router import fused_topk, topk_softmax
 from .sampling import top_k_top_p_mask_logits
 
 __all__ = [
@@ -27,12 +28,14 @@ __all__ = [
     "fused_moe",
     "fused_moe_fp8",
     "fused_moe_int4",
+    "fused_topk",
     "gelu_and_mul",
     "gelu_tanh_and_mul",
     "gemma_rms_norm",
     "int4_matmul",
     "lora_delta",
     "merge_attn_states",
+    "moe_align_block_size",
     "paged_decode_attention",
     "per_token_group_quant_fp8",
     "reference",
@@ -41,6 +44,7 @@ __all__ = [
     "rotary_embedding",
     "silu_and_mul",
     "top_k_top_p_mask_logits",
+    "topk_softmax",
     "w8a8_block_fp8_matmul",
     "write_kv_cache",
 ]

@@ -10,6 +10,11 @@ int4 layout of docs/int4_format.md per expert). Backends: reference, triton
 Op: ``minikernels::fused_moe_fp8``: the same with FP8 (e4m3) experts and block-wise
 scales (W8A16, fp8_matmul's weight layout per expert). Backends: reference, triton
 (ops/triton/moe_fp8.py). Tests: tests/test_moe_fp8_op.py.
+
+Op: ``minikernels::moe_align_block_size``: vLLM's MoE alignment step (the (token, slot)
+pairs grouped by expert into block_size tiles, the layout of the fused MoE kernels).
+Backends: reference, triton (ops/triton/moe_align.py; the three fused MoE Triton paths sort
+with it). Tests: tests/test_moe_align_op.py.
 """
 from __future__ import annotations
 
@@ -253,6 +258,97 @@ def fused_moe_fp8(x: Tensor, w13: Tensor, w13_scale: Tensor, w2: Tensor, w2_scal
     return torch.ops.minikernels.fused_moe_fp8(
         x, w13.view(torch.uint8), w13_scale, w2.view(torch.uint8), w2_scale, topk_weights,
         topk_ids, [bn, bk])
+
+
+# ------------------------------------------------------------------- alignment (sorting)
+
+MOE_ALIGN_MAX_EXPERTS = 1024
+
+
+@torch.library.custom_op("minikernels::moe_align_block_size", mutates_args=())
+def _moe_align_block_size(topk_ids: Tensor, block_size: int, num_experts: int,
+                          expert_map: Tensor | None, pad_sorted_ids: bool,
+                          ignore_invalid_experts: bool) -> tuple[Tensor, Tensor, Tensor]:
+    args = (topk_ids, block_size, num_experts, expert_map, pad_sorted_ids,
+            ignore_invalid_experts)
+    if _backend.resolve("moe_align_block_size", topk_ids.device) == "triton":
+        from .triton import moe_align as triton_moe_align
+        return triton_moe_align.moe_align_block_size(*args)
+    return reference.moe_align_block_size(*args)
+
+
+@_moe_align_block_size.register_fake
+def _(topk_ids: Tensor, block_size: int, num_experts: int, expert_map: Tensor | None,
+      pad_sorted_ids: bool, ignore_invalid_experts: bool) -> tuple[Tensor, Tensor, Tensor]:
+    size = reference.moe_align_length(topk_ids.numel(), num_experts, block_size,
+                                      pad_sorted_ids)
+    ints = {"dtype": torch.int32, "device": topk_ids.device}
+    return (torch.empty(size, **ints), torch.empty(-(-size // block_size), **ints),
+            torch.empty(1, **ints))
+
+
+def _check_positive_int(name: str, value: object, high: int | None = None) -> int:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < 1 or (high is not None and value > high):
+        limit = f" and <= {high}" if high is not None else ""
+        raise ValueError(f"{name} must be >= 1{limit}, got {value}")
+    return value
+
+
+def moe_align_block_size(topk_ids: Tensor, block_size: int, num_experts: int,
+                         expert_map: Tensor | None = None, pad_sorted_ids: bool = False,
+                         ignore_invalid_experts: bool = False
+                         ) -> tuple[Tensor, Tensor, Tensor]:
+    """vLLM's ``moe_align_block_size``: the n = T*k (token, slot) pairs p = t * k + j of
+    topk_ids grouped by expert into tiles of block_size rows, the input layout of the fused
+    MoE GEMMs. No host sync (sizes come from shapes): CUDA-graph capturable.
+
+    topk_ids    int32/int64 [T, k] (any strides), experts in [0, num_experts).
+    block_size  rows per tile, any int >= 1 (powers of 2 typical: 16 .. 256).
+    num_experts E, 1 .. 1024 (global experts when expert_map is given).
+    expert_map  int32/int64 [E] or None: global -> local expert id, -1 = not on this rank.
+    pad_sorted_ids: round sorted_token_ids' length up to a multiple of block_size.
+    ignore_invalid_experts: with expert_map, leave out the pairs of experts mapped to -1
+                and group the rest by local id (vLLM's flag of that name).
+
+    Returns (int32 tensors on topk_ids' device):
+      sorted_token_ids [S]: pair ids, expert 0's first (increasing p: stable, so the
+          output is deterministic), its run padded to a multiple of block_size with the
+          sentinel n, then expert 1's, ...; the sentinel n in every slot after the last
+          run. S = min(n + E * (block_size - 1) (rounded up to a multiple of block_size if
+          pad_sorted_ids), n * block_size) (``reference.moe_align_length``).
+      expert_ids [ceil(S / block_size)]: the expert of each tile; -1 for the tiles from
+          num_tokens_post_pad / block_size on (always -1: vLLM's default expert_map mode
+          maps that -1 through expert_map as well). With expert_map (and not
+          ignore_invalid_experts) the pairs are grouped by global expert and each tile's
+          expert is then mapped: tiles of experts on other ranks read -1.
+      num_tokens_post_pad [1]: the used length of sorted_token_ids (sum of the padded runs).
+    With index checks off (e.g. under graph capture) ids outside [0, E) are left out.
+    """
+    check_tensor("topk_ids", topk_ids, dtypes=(torch.int32, torch.int64), ndim=2)
+    _check_positive_int("block_size", block_size)
+    _check_positive_int("num_experts", num_experts, MOE_ALIGN_MAX_EXPERTS)
+    for name, flag in (("pad_sorted_ids", pad_sorted_ids),
+                       ("ignore_invalid_experts", ignore_invalid_experts)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
+    n = topk_ids.numel()
+    if n + num_experts * (block_size - 1) + block_size >= 2**31:
+        raise ValueError(f"topk_ids ({n} pairs) with num_experts {num_experts} and "
+                         f"block_size {block_size} overflow int32 slot ids")
+    if expert_map is not None:
+        check_tensor("expert_map", expert_map, dtypes=(torch.int32, torch.int64), ndim=1,
+                     device=topk_ids.device)
+        if expert_map.shape[0] != num_experts:
+            raise ValueError(f"expert_map must have shape [num_experts = {num_experts}], "
+                             f"got {list(expert_map.shape)}")
+        expert_map = expert_map.to(torch.int32).contiguous()
+        check_index_range("expert_map", expert_map, -1, num_experts)
+    check_index_range("topk_ids", topk_ids, 0, num_experts)
+    return torch.ops.minikernels.moe_align_block_size(
+        topk_ids, block_size, num_experts, expert_map, pad_sorted_ids,
+        ignore_invalid_experts)
 
 
 def _check_routing_dtypes(x: Tensor, topk_weights: Tensor, topk_ids: Tensor) -> None:

@@ -582,6 +582,34 @@ def top_k_top_p_mask_logits(logits: Tensor, top_k: Tensor | None, top_p: Tensor 
     return logits.masked_fill(~keep, neg_inf)
 
 
+# ------------------------------------------------------------------- MoE router
+def topk_softmax(gating_output: Tensor, topk: int, renormalize: bool,
+                 indices_dtype: torch.dtype = torch.int32) -> tuple[Tensor, Tensor]:
+    """The softmax top-k MoE router (vLLM's ``topk_softmax`` / ``fused_topk``).
+
+    gating_output [T, E] fp16/bf16/fp32 router logits; 1 <= topk <= E. Returns
+    (topk_weights fp32 [T, topk], topk_ids [T, topk] in indices_dtype, int32 or int64):
+        p   = softmax(logits in fp32) over the E experts
+        ids = the topk experts with the largest logits (= the largest p), in descending
+              order; equal logits: the lower expert id first (so the choice is exact and
+              deterministic: it never depends on how p rounds)
+        w   = p[ids];  renormalize: w / sum(w)
+    A row whose softmax is not finite (any NaN or +inf logit, or every logit -inf) routes
+    to experts 0..topk-1 with weight 0, as vLLM clamps non-finite probabilities to 0:
+    finite weights and distinct in-range ids, so a poisoned (e.g. padding) token adds 0.
+    """
+    x = gating_output.float()
+    bad = (torch.isnan(x) | (x == math.inf)).any(dim=1) | (x == -math.inf).all(dim=1)
+    x = x.masked_fill(bad[:, None], 0.0)
+    probs = torch.softmax(x, dim=1).masked_fill(bad[:, None], 0.0)
+    ids = torch.sort(x, dim=1, descending=True, stable=True).indices[:, :topk]
+    weights = probs.gather(1, ids)
+    if renormalize:
+        total = weights.sum(dim=1, keepdim=True)
+        weights = torch.where(total > 0, weights / total, weights)   # bad rows stay 0
+    return weights, ids.to(indices_dtype)
+
+
 # ------------------------------------------------------------------------- LoRA
 def lora_delta(x: Tensor, lora_a: Tensor, lora_b: Tensor, token_slots: Tensor,
                scaling: Tensor) -> Tensor:
@@ -662,3 +690,67 @@ def fused_moe_fp8(x: Tensor, w13: Tensor, w13_scale: Tensor, w2: Tensor, w2_scal
     x.dtype: the kernels scale fp32 partial sums). w13 [E, 2I, H], w2 [E, H, I]."""
     return fused_moe(x, dequantize_fp8_experts(w13, w13_scale, block_size),
                      dequantize_fp8_experts(w2, w2_scale, block_size), topk_weights, topk_ids)
+
+
+def moe_align_length(n: int, num_experts: int, block_size: int, pad_sorted_ids: bool) -> int:
+    """Length of moe_align_block_size's sorted_token_ids for n pairs (vLLM's bound):
+    n + E * (block_size - 1), rounded up to a multiple of block_size when pad_sorted_ids,
+    and at most n * block_size (every pair alone in a block; the tighter bound for n < E).
+    n may be a SymInt (the op's fake implementation)."""
+    size = n + num_experts * (block_size - 1)
+    if pad_sorted_ids:
+        size = -(-size // block_size) * block_size
+    return torch.sym_min(size, n * block_size)
+
+
+def moe_align_block_size(topk_ids: Tensor, block_size: int, num_experts: int,
+                         expert_map: Tensor | None = None, pad_sorted_ids: bool = False,
+                         ignore_invalid_experts: bool = False
+                         ) -> tuple[Tensor, Tensor, Tensor]:
+    """vLLM's MoE alignment: the n = T*k pairs p = t * k + j of topk_ids [T, k] grouped by
+    expert into block_size tiles for the grouped GEMMs.
+
+    Returns (all int32):
+      sorted_token_ids [S]: expert 0's pairs in increasing p, padded with the sentinel n to
+          a multiple of block_size, then expert 1's, ...; the sentinel n after the last run.
+          S = moe_align_length(n, E, block_size, pad_sorted_ids).
+      expert_ids [ceil(S / block_size)]: the expert of each block; -1 from block
+          num_tokens_post_pad / block_size on (vLLM's current kernels fill -1 there too;
+          its default expert_map mode then indexes expert_map with that -1: not copied).
+      num_tokens_post_pad [1]: the padded length actually used (sum of the runs).
+    expert_map int [E] (global -> local expert id, -1 = not on this rank): by default every
+    pair is placed by its global expert and a block's expert id is then mapped (blocks of
+    other ranks' experts read -1); with ignore_invalid_experts the pairs are keyed by their
+    local id and the pairs of experts mapped to -1 are left out. Ids outside [0, E) (only
+    possible with index checks off) are left out too.
+    """
+    n = topk_ids.numel()
+    dev = topk_ids.device
+    size = moe_align_length(n, num_experts, block_size, pad_sorted_ids)
+    keys = topk_ids.reshape(-1).long()
+    placed = (keys >= 0) & (keys < num_experts)
+    if expert_map is not None and ignore_invalid_experts:
+        keys = expert_map.long()[keys.clamp(0, num_experts - 1)]
+        placed &= (keys >= 0) & (keys < num_experts)
+    keys = torch.where(placed, keys, num_experts)                 # E: not placed
+    counts = torch.zeros(num_experts + 1, dtype=torch.int64, device=dev).scatter_add_(
+        0, keys, torch.ones_like(keys))                           # bincount, no host sync
+    padded = (counts + block_size - 1) // block_size * block_size
+    padded[num_experts] = 0
+    end = torch.cumsum(padded, 0)
+    start = end - padded
+    order = torch.sort(keys, stable=True).indices                 # by expert, then by p
+    expert_of = keys[order]
+    rank = torch.arange(n, device=dev) - (torch.cumsum(counts, 0) - counts)[expert_of]
+    dest = torch.where(expert_of < num_experts, start[expert_of] + rank, size)
+    sorted_ids = torch.full((size + 1,), n, dtype=torch.int32, device=dev)
+    sorted_ids[dest] = order.to(torch.int32)                      # slot `size`: left out
+    sorted_ids = sorted_ids[:size].clone()
+    end = end[:num_experts]
+    num_blocks = -(-size // block_size)
+    blocks = torch.arange(num_blocks, device=dev)
+    ex = torch.searchsorted(end // block_size, blocks, right=True)   # run holding block b
+    if expert_map is not None and not ignore_invalid_experts:
+        ex = expert_map.long()[ex.clamp(max=num_experts - 1)]
+    expert_ids = torch.where(blocks < end[-1] // block_size, ex, -1).to(torch.int32)
+    return sorted_ids, expert_ids, end[-1:].to(torch.int32)

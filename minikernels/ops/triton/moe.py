@@ -1,10 +1,11 @@
 """Mixture-of-experts MLP in Triton (vLLM's fused_moe idea: expert-sorted tiles, grouped GEMMs).
 
-Algorithm. The T*k (token, slot) pairs are numbered p = t * k + j. On the host, with torch
-ops only (no host sync, so it runs under CUDA graphs), the pairs are sorted by expert
-(stable) and each expert's run is padded to a multiple of BLOCK_M with the sentinel T*k;
-``block_expert[b]`` is the expert of tile b, -1 past the last real tile. The grid's tile
-count is the static bound floor((T*k + min(E, T*k) * (BLOCK_M - 1)) / BLOCK_M).
+Algorithm. The T*k (token, slot) pairs are numbered p = t * k + j. moe_align_block_size's
+Triton kernels (ops/triton/moe_align.py; no host sync, so it runs under CUDA graphs) sort
+the pairs by expert (stable) and pad each expert's run to a multiple of BLOCK_M with the
+sentinel T*k; ``block_expert[b]`` is the expert of tile b, -1 past the last real tile. The
+grid's tile count is the static bound ceil(min(T*k + E * (BLOCK_M - 1), T*k * BLOCK_M) /
+BLOCK_M): at most one tile more than the real worst case, T*k tiles when T*k < E.
   1. ``moe_gate_up_kernel``: program (b, n) gathers the x rows of tile b's pairs
      (token = p // k) and computes gate = x @ w13[e, n-block].T and up = x @ w13[e, I +
      n-block].T with fp32 accumulation, then stores silu(gate) * up rounded to x.dtype
@@ -25,6 +26,7 @@ import triton.language as tl
 
 from .. import _alloc
 from .interpreter_rounding import rne_bf16
+from .moe_align import moe_align_block_size as align_pairs
 from .registry import KernelSpec, register
 
 
@@ -168,24 +170,11 @@ def sort_pairs_by_expert(topk_ids: torch.Tensor, num_experts: int, block_m: int
     """(sorted_ids int32 [max_blocks * block_m], block_expert int32 [max_blocks]): the pair
     ids p = t * k + j grouped by expert (stable), each expert's run padded to a multiple of
     block_m with the sentinel T*k; block_expert[b] the expert of tile b, -1 past the end.
-    Torch ops only, no host sync: the sizes come from shapes alone."""
-    ids = topk_ids.reshape(-1).to(torch.int64)
-    n = ids.numel()
-    dev = ids.device
-    sorted_e, order = torch.sort(ids, stable=True)
-    counts = torch.zeros(num_experts, dtype=torch.int64, device=dev).scatter_add_(
-        0, ids, torch.ones_like(ids))                  # bincount without its host sync
-    padded = (counts + block_m - 1) // block_m * block_m
-    pad_end = torch.cumsum(padded, 0)
-    start = torch.cumsum(counts, 0) - counts
-    rank = torch.arange(n, device=dev) - start[sorted_e]          # place within its expert
-    dest = pad_end[sorted_e] - padded[sorted_e] + rank
-    max_blocks = (n + min(num_experts, n) * (block_m - 1)) // block_m
-    sorted_ids = torch.full((max_blocks * block_m,), n, dtype=torch.int32, device=dev)
-    sorted_ids.scatter_(0, dest, order.to(torch.int32))
-    tiles = torch.arange(max_blocks, device=dev)
-    block_expert = torch.searchsorted(pad_end // block_m, tiles, right=True)
-    block_expert = torch.where(block_expert < num_experts, block_expert, -1).to(torch.int32)
+    moe_align_block_size's Triton kernels (pad_sorted_ids, so whole tiles are readable), no
+    host sync; max_blocks = ceil(min(T*k + E * (block_m - 1), T*k * block_m) / block_m)
+    (one pair per tile when T*k < E: small decode grids)."""
+    sorted_ids, block_expert, _ = align_pairs(topk_ids, block_m, num_experts,
+                                              pad_sorted_ids=True)
     return sorted_ids, block_expert
 
 

@@ -5,7 +5,7 @@ Weights: w13 [E, 2I, H] and w2 [E, H, I] as float8_e4m3fn bytes (read as uint8),
 fp32 [E, ceil(N / bn), ceil(K / bk)]: W_e[n, k] = weight[e, n, k] * scale[e, n // bn, k // bk].
 
 Algorithm: the three steps of ops/triton/moe.py (its ``sort_pairs_by_expert`` puts the T*k
-(token, slot) pairs into expert-sorted BLOCK_M tiles on the host, no sync).
+(token, slot) pairs into expert-sorted BLOCK_M tiles with moe_align's kernels, no sync).
   1. ``moe_fp8_gate_up_kernel``: program (b, n) gathers the x rows of tile b's pairs and,
      per K tile, loads expert e's gate and up bytes as [BN, BK], turns them into W / 256
      exactly (fp8_matmul's ``_e4m3_as_fp16``, no fp8 hardware: sm_80 and the interpreter

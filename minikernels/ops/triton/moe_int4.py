@@ -2,7 +2,7 @@
 ops/triton/moe.py with the weight tiles dequantized in the K loop (int4_matmul's unpack).
 
 Algorithm: the same three steps as ops/triton/moe.py (its ``sort_pairs_by_expert`` puts the
-T*k (token, slot) pairs into expert-sorted BLOCK_M tiles on the host without a sync).
+T*k (token, slot) pairs into expert-sorted BLOCK_M tiles with moe_align's kernels, no sync).
   1. ``moe_int4_gate_up_kernel``: program (b, n) gathers x rows of tile b's pairs and, per
      K tile, loads the packed gate and up words of expert e as [BN, BK/8] int32, unpacks the
      8 nibbles of each word (lowest first) into [BN, BK], dequantizes (q - z) * s in fp32,

@@ -1,0 +1,108 @@
+"""Op family: MoE routing. Op: ``minikernels::topk_softmax``.
+
+The softmax top-k router of Mixtral / Qwen2-MoE / Qwen3-MoE / OLMoE / Granite-MoE, fused
+(vLLM's ``topk_softmax`` kernel behind ``fused_topk``): each token's router logits ->
+softmax in fp32 -> its k most probable experts, in descending order, ties to the lower
+expert id -> optionally their weights renormalized to sum 1. The output is what
+:func:`minikernels.ops.fused_moe` takes: ``topk_weights`` fp32 [T, k], ``topk_ids`` int32
+(or int64) [T, k]. Spec: ``reference.topk_softmax``. Backends: reference, triton
+(ops/triton/router.py). Tests: tests/test_router_op.py.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .. import backend as _backend
+from .._validation import FLOAT_DTYPES, check_tensor
+from . import _alloc, reference
+
+#: the most experts a row may have (the Triton kernel holds a row in registers)
+MAX_EXPERTS = 4096
+_INDEX_DTYPES = (torch.int32, torch.int64)
+
+
+@torch.library.custom_op("minikernels::topk_softmax", mutates_args=())
+def _topk_softmax(gating_output: Tensor, topk: int, renormalize: bool,
+                  indices_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    if _backend.resolve("topk_softmax", gating_output.device) == "triton":
+        from .triton import router as triton_router
+        shape = (gating_output.shape[0], topk)
+        weights = _alloc.empty(shape, torch.float32, gating_output.device)
+        ids = _alloc.empty(shape, indices_dtype, gating_output.device)
+        triton_router.topk_softmax(weights, ids, gating_output, renormalize)
+        return weights, ids
+    weights, ids = reference.topk_softmax(gating_output, topk, renormalize, indices_dtype)
+    return weights.contiguous(), ids.contiguous()
+
+
+@_topk_softmax.register_fake
+def _(gating_output: Tensor, topk: int, renormalize: bool,
+      indices_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    shape = (gating_output.shape[0], topk)
+    return (torch.empty(shape, dtype=torch.float32, device=gating_output.device),
+            torch.empty(shape, dtype=indices_dtype, device=gating_output.device))
+
+
+def _check(gating_output: Tensor, topk: int, renormalize: bool,
+           indices_type: torch.dtype | None) -> torch.dtype:
+    """Validate the router arguments; returns the ids dtype."""
+    check_tensor("gating_output", gating_output, dtypes=FLOAT_DTYPES, ndim=2)
+    experts = gating_output.shape[1]
+    if not 1 <= experts <= MAX_EXPERTS:
+        raise ValueError(f"gating_output must have 1..{MAX_EXPERTS} experts (columns), got "
+                         f"shape {list(gating_output.shape)}")
+    if not isinstance(topk, int) or isinstance(topk, bool):
+        raise TypeError(f"topk must be an int, got {type(topk).__name__}")
+    if not 1 <= topk <= experts:
+        raise ValueError(f"topk must be in [1, num_experts = {experts}], got {topk}")
+    if not isinstance(renormalize, bool):
+        raise TypeError(f"renormalize must be a bool, got {type(renormalize).__name__}")
+    if indices_type is None:
+        return torch.int32
+    if indices_type not in _INDEX_DTYPES:
+        raise TypeError(f"indices_type must be None, torch.int32 or torch.int64, got "
+                        f"{indices_type!r}")
+    return indices_type
+
+
+def topk_softmax(gating_output: Tensor, topk: int, renormalize: bool = False,
+                 indices_type: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
+    """Route each token to its ``topk`` most probable experts.
+
+    gating_output [T, E] fp16/bf16/fp32 router logits (any strides; 1 <= E <= 4096), e.g.
+    ``x @ gate.weight.T``; 1 <= topk <= E; renormalize: divide the k weights by their
+    sum (Mixtral, Granite-MoE, Qwen3-MoE's ``norm_topk_prob``); indices_type: torch.int32
+    (default) or torch.int64 ids (vLLM's ``indices_type``).
+
+    Returns (topk_weights fp32 [T, topk], topk_ids [T, topk]), both contiguous: the
+    softmax probabilities (fp32, max-subtracted) of the chosen experts, largest first;
+    equal logits choose the lower expert id first. A row whose softmax is not finite
+    (any NaN or +inf logit, or all -inf) gets experts 0..topk-1 with weight 0 (vLLM's
+    clamp), so downstream MoE kernels always see distinct, in-range ids and finite weights.
+    See :func:`minikernels.ops.reference.topk_softmax`.
+    """
+    ids_dtype = _check(gating_output, topk, renormalize, indices_type)
+    return torch.ops.minikernels.topk_softmax(gating_output, topk, renormalize, ids_dtype)
+
+
+def fused_topk(hidden_states: Tensor, gating_output: Tensor, topk: int, renormalize: bool,
+               indices_type: torch.dtype | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """vLLM's ``fused_topk``: :func:`topk_softmax` plus ``token_expert_indices``.
+
+    hidden_states [T, H] (only its token count is used: it must match gating_output's).
+    Returns (topk_weights fp32 [T, k], topk_ids int32 / indices_type [T, k],
+    token_expert_indices int32 [T, k]). token_expert_indices[t, j] = j * T + t, what
+    vLLM's kernel writes (``source_rows``: the row of token t's j-th choice in a
+    slot-major [k * T] expansion, for permute-style MoE); it depends on the shape only.
+    """
+    check_tensor("hidden_states", hidden_states, min_ndim=1)
+    check_tensor("gating_output", gating_output, dtypes=FLOAT_DTYPES, ndim=2)
+    if hidden_states.shape[0] != gating_output.shape[0]:
+        raise ValueError(f"hidden_states has {hidden_states.shape[0]} tokens but "
+                         f"gating_output has {gating_output.shape[0]} rows")
+    weights, ids = topk_softmax(gating_output, topk, renormalize, indices_type)
+    tokens = gating_output.shape[0]
+    slot = torch.arange(topk, dtype=torch.int32, device=gating_output.device)
+    token = torch.arange(tokens, dtype=torch.int32, device=gating_output.device)
+    return weights, ids, slot[None, :] * tokens + token[:, None]

@@ -1,0 +1,137 @@
+"""The MoE router (softmax + top-k + optional renormalization) in Triton.
+
+Algorithm: one program per BLOCK_T rows, each row's E logits in registers as one
+[BLOCK_T, BLOCK_E] tile (BLOCK_E = next power of two >= E; the padding lanes never win).
+  1. x = the logits in fp32; m = max(x); s = sum(exp(x - m)): the softmax denominator.
+  2. Each lane packs into one int64 sort key: the fp32 bits of x mapped to an int32 that
+     orders like the float (negative floats: the magnitude bits flipped), in the high word,
+     and BLOCK_E - 1 - lane in the low word. The largest key is the largest logit and,
+     among equal logits, the lowest expert id.
+  3. topk rounds, each one max-reduction over the row: the winning key decodes to its
+     expert id (low word) and its logit (high word), its weight is exp(logit - m) / s, and
+     its lane drops out (key -> the smallest int64).
+  4. renormalize: the k weights divided by their sum; one store of the [BLOCK_T, BLOCK_K]
+     weights and ids.
+The experts are chosen on the logits, not on the rounded probabilities: softmax is
+monotone, so it is the same top-k, and the choice is exact (no two kernels that round exp
+differently can disagree on it). A row whose softmax is not finite (a NaN or +inf logit,
+or all logits -inf) gets all keys equal (x := 0) and weights 0: experts 0..k-1, weight 0.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .registry import KernelSpec, register
+
+#: the largest expert count one program holds in registers (BLOCK_E)
+MAX_EXPERTS = 4096
+_NO_KEY = tl.constexpr(-(2 ** 63))   # a lane already chosen, or padding: never the max
+
+
+@triton.jit
+def topk_softmax_kernel(logits_ptr, weights_ptr, ids_ptr, num_tokens, num_experts, topk,
+                        stride_t, stride_e, RENORMALIZE: tl.constexpr, BLOCK_T: tl.constexpr,
+                        BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    lanes = tl.arange(0, BLOCK_E)
+    kcols = tl.arange(0, BLOCK_K)
+    row_ok = rows < num_tokens
+    lane_ok = lanes < num_experts
+    rows64 = rows.to(tl.int64)
+    x = tl.load(logits_ptr + rows64[:, None] * stride_t + lanes.to(tl.int64)[None, :] * stride_e,
+                mask=row_ok[:, None] & lane_ok[None, :], other=float("-inf")).to(tl.float32)
+
+    # 1. softmax statistics; non-finite rows become all-equal logits with weight 0
+    nan_or_inf = (x != x) | (x == float("inf"))         # noqa: PLR0124 (x != x: NaN)
+    nonfinite = tl.max(nan_or_inf.to(tl.int32), axis=1) > 0
+    x = tl.where(nonfinite[:, None], 0.0, x)           # no NaN reaches a max below
+    m = tl.max(x, axis=1)
+    bad = nonfinite | (m == float("-inf"))
+    x = tl.where(bad[:, None] | (x == 0.0), 0.0, x)     # also -0.0 -> +0.0 (equal keys)
+    m = tl.where(bad, 0.0, m)
+    inv_s = 1.0 / tl.sum(tl.where(lane_ok[None, :], tl.exp(x - m[:, None]), 0.0), axis=1)
+
+    # 2. sort keys: float order in the high word, lowest lane first in the low word
+    bits = x.to(tl.int32, bitcast=True)
+    ordered = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+    key = (ordered.to(tl.int64) << 32) | (BLOCK_E - 1 - lanes).to(tl.int64)[None, :]
+    key = tl.where(lane_ok[None, :], key, _NO_KEY)
+
+    # 3. topk rounds of argmax
+    w_acc = tl.zeros([BLOCK_T, BLOCK_K], dtype=tl.float32)
+    id_acc = tl.zeros([BLOCK_T, BLOCK_K], dtype=tl.int32)
+    for j in range(topk):
+        best = tl.max(key, axis=1)
+        key = tl.where(key == best[:, None], _NO_KEY, key)
+        expert = (BLOCK_E - 1) - (best & (BLOCK_E - 1)).to(tl.int32)
+        high = (best >> 32).to(tl.int32)
+        logit = tl.where(high < 0, high ^ 0x7FFFFFFF, high).to(tl.float32, bitcast=True)
+        w = tl.where(bad, 0.0, tl.exp(logit - m) * inv_s)
+        here = kcols[None, :] == j
+        w_acc = tl.where(here, w[:, None], w_acc)
+        id_acc = tl.where(here, expert[:, None], id_acc)
+
+    # 4. renormalize, store (ids cast to the output's int32 / int64 by the store)
+    if RENORMALIZE:
+        total = tl.sum(w_acc, axis=1)                     # 0 only in non-finite rows
+        w_acc = w_acc * (1.0 / tl.where(total > 0, total, 1.0))[:, None]
+    out = rows64[:, None] * topk + kcols[None, :]
+    out_ok = row_ok[:, None] & (kcols[None, :] < topk)
+    tl.store(weights_ptr + out, w_acc, mask=out_ok)
+    tl.store(ids_ptr + out, id_acc, mask=out_ok)
+
+
+def launch_config(num_experts: int, topk: int) -> dict[str, int]:
+    """BLOCK_E / BLOCK_T / BLOCK_K / num_warps for E experts: a tile of 2048 logits (up to
+    16 rows) while BLOCK_E <= 256, else 1024 (one or two rows), one warp per 256 logits
+    (1..8). Every power of two 1..4096 compiles for sm_80 / sm_90a without a stack frame
+    (BLOCK_T = 4 at 8 logits per thread gets an 8-byte one from ptxas on sm_90a)."""
+    block_e = triton.next_power_of_2(num_experts)
+    block_t = max(1, min(16, (2048 if block_e <= 256 else 1024) // block_e))
+    warps = max(1, min(8, block_t * block_e // 256))
+    return {"BLOCK_E": block_e, "BLOCK_T": block_t, "BLOCK_K": triton.next_power_of_2(topk),
+            "num_warps": warps}
+
+
+def topk_softmax(weights: torch.Tensor, ids: torch.Tensor, gating_output: torch.Tensor,
+                 renormalize: bool) -> None:
+    """gating_output [T, E] fp16/bf16/fp32 (any strides, E <= MAX_EXPERTS) -> weights fp32
+    [T, k] and ids int32/int64 [T, k], both contiguous, written in place."""
+    num_tokens, num_experts = gating_output.shape
+    topk = weights.shape[1]
+    if num_tokens == 0:
+        return
+    cfg = launch_config(num_experts, topk)
+    grid = (triton.cdiv(num_tokens, cfg["BLOCK_T"]),)
+    topk_softmax_kernel[grid](
+        gating_output, weights, ids, num_tokens, num_experts, topk,
+        gating_output.stride(0), gating_output.stride(1), RENORMALIZE=renormalize,
+        BLOCK_T=cfg["BLOCK_T"], BLOCK_E=cfg["BLOCK_E"], BLOCK_K=cfg["BLOCK_K"],
+        num_warps=cfg["num_warps"])
+
+
+# Mixtral (E 8, k 2), Qwen2-MoE (60 -> 64, k 4) / OLMoE (64, k 8), Qwen3-MoE (128, k 8),
+# DeepSeek-V3-sized (256, k 8), Qwen3-Next-sized (512, k 10 -> 16), the largest (4096, k 8)
+_SHAPES = ((8, 2), (64, 4), (128, 8), (256, 8), (512, 16), (MAX_EXPERTS, 8))
+for _dt in ("fp32", "fp16", "bf16"):
+    for _i, (_e, _k) in enumerate(_SHAPES):
+        _cfg = launch_config(_e, _k)
+        _renorm = _i % 2 == 0
+        # int64 ids, and a strided expert dim (a transposed view), on one shape
+        for _ids, _unit in (("i32", True), ("i64", False)) if _e == 128 else (("i32", True),):
+            register(KernelSpec(
+                name=f"router_topk_softmax[{_dt},E={_cfg['BLOCK_E']},k={_cfg['BLOCK_K']},"
+                     f"ids={_ids},renorm={int(_renorm)},stride_e={1 if _unit else 'n'}]",
+                fn=topk_softmax_kernel,
+                signature={"logits_ptr": f"*{_dt}", "weights_ptr": "*fp32",
+                           "ids_ptr": f"*{_ids}", "num_tokens": "i32", "num_experts": "i32",
+                           "topk": "i32", "stride_t": "i64",
+                           "stride_e": "constexpr" if _unit else "i64",
+                           "RENORMALIZE": "constexpr", "BLOCK_T": "constexpr",
+                           "BLOCK_E": "constexpr", "BLOCK_K": "constexpr"},
+                constexprs={"RENORMALIZE": _renorm, "BLOCK_T": _cfg["BLOCK_T"],
+                            "BLOCK_E": _cfg["BLOCK_E"], "BLOCK_K": _cfg["BLOCK_K"],
+                            **({"stride_e": 1} if _unit else {})},
+                num_warps=_cfg["num_warps"], num_stages=1))
