@@ -160,3 +160,19 @@ def test_grouped_path_strided_views(device):
     cv.copy_(scaling)
     y = triton_lora.lora_delta(xv, av, bv, sv, cv, grouped=True)
     assert_close(y, want)
+
+
+@pytest.mark.parametrize("grouped", [False, True])
+@pytest.mark.parametrize("rep", [1, 3, 8])
+def test_repeated_x_rows(grouped, rep, device):
+    """x_rep: output row i reads x[i // rep] (a MoE layer's (token, expert) pairs through
+    per-pair slots) == the op on x.repeat_interleave(rep) (a gathered copy)."""
+    from minikernels.ops.triton import lora as triton_lora
+    x, a, b, _, scaling = _inputs(11, 70, 45, 5, 9, torch.float16, device, rep)
+    slots = torch.randint(-1, 5, (11 * rep,), generator=torch.Generator().manual_seed(rep))
+    slots = slots.to(device)
+    xv = torch.randn(11, 150, device=device, dtype=x.dtype)[:, 3:143:2]   # strided rows
+    xv.copy_(x)
+    y = triton_lora.lora_delta(xv, a, b, slots, scaling, grouped=grouped, x_rep=rep)
+    want = reference.lora_delta(x.repeat_interleave(rep, 0), a, b, slots, scaling)
+    assert_close(y, want, scale=2.0)

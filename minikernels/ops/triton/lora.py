@@ -44,7 +44,7 @@ GROUPED_BLOCK_N = 64
 
 
 @triton.jit
-def lora_shrink_kernel(x_ptr, a_ptr, slots_ptr, h_ptr, K, R,
+def lora_shrink_kernel(x_ptr, a_ptr, slots_ptr, h_ptr, K, R, x_rep,
                        sx_t, sx_k, sa_s, sa_r, sa_k,
                        BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
@@ -56,7 +56,8 @@ def lora_shrink_kernel(x_ptr, a_ptr, slots_ptr, h_ptr, K, R,
     for k0 in range(0, K, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         kmask = ks < k_live
-        xv = tl.load(x_ptr + t * sx_t + ks * sx_k, mask=kmask, other=0.0).to(tl.float32)
+        xv = tl.load(x_ptr + (t // x_rep) * sx_t + ks * sx_k, mask=kmask,
+                     other=0.0).to(tl.float32)
         av = tl.load(a_ptr + s * sa_s + rs[:, None] * sa_r + ks[None, :] * sa_k,
                      mask=(rs[:, None] < R) & kmask[None, :], other=0.0).to(tl.float32)
         acc += tl.sum(av * xv[None, :], axis=1)
@@ -86,7 +87,7 @@ def lora_expand_kernel(h_ptr, b_ptr, slots_ptr, scaling_ptr, y_ptr, N, R,
 
 @triton.jit
 def lora_shrink_grouped_kernel(x_ptr, a_ptr, sorted_ids_ptr, block_slot_ptr, h_ptr,
-                               T, K, R, S, sx_t, sx_k, sa_s, sa_r, sa_k,
+                               T, K, R, S, x_rep, sx_t, sx_k, sa_s, sa_r, sa_k,
                                BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr,
                                BLOCK_K: tl.constexpr, DOT_F32: tl.constexpr):
     pid_m = tl.program_id(0)
@@ -100,7 +101,7 @@ def lora_shrink_grouped_kernel(x_ptr, a_ptr, sorted_ids_ptr, block_slot_ptr, h_p
     rs = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
     r_ok = rs < R
     ks = tl.arange(0, BLOCK_K)
-    x_ptrs = x_ptr + tok64[:, None] * sx_t + ks[None, :] * sx_k              # [BM, BK]
+    x_ptrs = x_ptr + (tok64 // x_rep)[:, None] * sx_t + ks[None, :] * sx_k   # [BM, BK]
     a_ptrs = a_ptr + s * sa_s + rs[None, :] * sa_r + ks[:, None] * sa_k      # [BK, BR]
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
@@ -163,10 +164,14 @@ def grouped_num_warps(block_m: int) -> int:
 
 def lora_delta(x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
                token_slots: torch.Tensor, scaling: torch.Tensor,
-               grouped: bool | None = None) -> torch.Tensor:
+               grouped: bool | None = None, x_rep: int = 1) -> torch.Tensor:
     """See minikernels.ops.lora_delta (inputs checked there; any strides). ``grouped``:
-    force the SGMV (True) or BGMV (False) path; None picks by the token count."""
-    t, k = x.shape
+    force the SGMV (True) or BGMV (False) path; None picks by the token count. ``x_rep``:
+    each x row serves x_rep consecutive output rows (row i reads x[i // x_rep]; T =
+    x.shape[0] * x_rep = len(token_slots)): the (token, expert) pairs of a MoE layer read
+    their token's row without a gathered copy."""
+    t = token_slots.shape[0]
+    k = x.shape[1]
     _, r, _ = lora_a.shape
     n = lora_b.shape[1]
     y = _alloc.empty((t, n), x.dtype, x.device)
@@ -177,12 +182,12 @@ def lora_delta(x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
     if grouped is None:
         grouped = t >= GROUPED_MIN_TOKENS
     if grouped:
-        _grouped(x, lora_a, lora_b, token_slots, scaling, y)
+        _grouped(x, lora_a, lora_b, token_slots, scaling, y, x_rep)
         return y
     slots = token_slots.contiguous()
     h = torch.empty(t, r, dtype=torch.float32, device=x.device)
     lora_shrink_kernel[(t, triton.cdiv(r, BLOCK_R))](
-        x, lora_a, slots, h, k, r, x.stride(0), x.stride(1),
+        x, lora_a, slots, h, k, r, x_rep, x.stride(0), x.stride(1),
         lora_a.stride(0), lora_a.stride(1), lora_a.stride(2),
         BLOCK_R=BLOCK_R, BLOCK_K=BLOCK_K, num_warps=4)
     lora_expand_kernel[(t, triton.cdiv(n, BLOCK_N))](
@@ -193,9 +198,11 @@ def lora_delta(x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
 
 
 def _grouped(x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
-             token_slots: torch.Tensor, scaling: torch.Tensor, y: torch.Tensor) -> None:
+             token_slots: torch.Tensor, scaling: torch.Tensor, y: torch.Tensor,
+             x_rep: int = 1) -> None:
     """The SGMV path into y [T, N] (contiguous)."""
-    t, k = x.shape
+    t = token_slots.shape[0]
+    k = x.shape[1]
     num_slots, r, _ = lora_a.shape
     n = lora_b.shape[1]
     block_m = grouped_block_m(t, num_slots)
@@ -209,7 +216,7 @@ def _grouped(x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
                                            and x.dtype == torch.bfloat16)
     h = torch.empty(t, r, dtype=torch.float32, device=x.device)
     lora_shrink_grouped_kernel[(tiles, triton.cdiv(r, GROUPED_BLOCK_R))](
-        x, lora_a, sorted_ids, block_slot, h, t, k, r, num_slots,
+        x, lora_a, sorted_ids, block_slot, h, t, k, r, num_slots, x_rep,
         x.stride(0), x.stride(1), lora_a.stride(0), lora_a.stride(1), lora_a.stride(2),
         BLOCK_M=block_m, BLOCK_R=GROUPED_BLOCK_R, BLOCK_K=GROUPED_BLOCK_K,
         DOT_F32=dot_f32, num_warps=grouped_num_warps(block_m), num_stages=3)
@@ -219,14 +226,15 @@ def _grouped(x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
         BLOCK_M=block_m, BLOCK_N=GROUPED_BLOCK_N, BLOCK_R=GROUPED_BLOCK_R,
         num_warps=grouped_num_warps(block_m), num_stages=2)
 
+
 for _dt in ("fp32", "fp16", "bf16"):
     for _ix in ("i32", "i64"):
         register(KernelSpec(
             name=f"lora_shrink[{_dt},slots={_ix}]", fn=lora_shrink_kernel,
             signature={"x_ptr": f"*{_dt}", "a_ptr": f"*{_dt}", "slots_ptr": f"*{_ix}",
-                       "h_ptr": "*fp32", "K": "i32", "R": "i32", "sx_t": "i64",
-                       "sx_k": "i64", "sa_s": "i64", "sa_r": "i64", "sa_k": "i64",
-                       "BLOCK_R": "constexpr", "BLOCK_K": "constexpr"},
+                       "h_ptr": "*fp32", "K": "i32", "R": "i32", "x_rep": "i32",
+                       "sx_t": "i64", "sx_k": "i64", "sa_s": "i64", "sa_r": "i64",
+                       "sa_k": "i64", "BLOCK_R": "constexpr", "BLOCK_K": "constexpr"},
             constexprs={"BLOCK_R": BLOCK_R, "BLOCK_K": BLOCK_K}, num_warps=4, num_stages=3))
         register(KernelSpec(
             name=f"lora_expand[{_dt},slots={_ix}]", fn=lora_expand_kernel,
@@ -243,8 +251,8 @@ for _dt in ("fp32", "fp16", "bf16"):
             name=f"lora_shrink_grouped[{_dt},BM={_bm}]", fn=lora_shrink_grouped_kernel,
             signature={"x_ptr": f"*{_dt}", "a_ptr": f"*{_dt}", "sorted_ids_ptr": "*i32",
                        "block_slot_ptr": "*i32", "h_ptr": "*fp32", "T": "i32", "K": "i32",
-                       "R": "i32", "S": "i32", "sx_t": "i64", "sx_k": "i64",
-                       "sa_s": "i64", "sa_r": "i64", "sa_k": "i64",
+                       "R": "i32", "S": "i32", "x_rep": "i32", "sx_t": "i64",
+                       "sx_k": "i64", "sa_s": "i64", "sa_r": "i64", "sa_k": "i64",
                        "BLOCK_M": "constexpr", "BLOCK_R": "constexpr",
                        "BLOCK_K": "constexpr", "DOT_F32": "constexpr"},
             constexprs={"BLOCK_M": _bm, "BLOCK_R": GROUPED_BLOCK_R,
