@@ -97,7 +97,8 @@ def test_adapter_errors_name_the_field(setup, tmp_path):
     for key, value, match in (("use_dora", True, "use_dora"),
                               ("bias", "all", "bias"),
                               ("modules_to_save", ["lm_head"], "modules_to_save"),
-                              ("rank_pattern", {"q_proj": 8}, "rank_pattern"),
+                              ("rank_pattern", {"q_proj": 8}, "shapes"),  # rank 4 saved
+                              ("alpha_pattern", {"q_proj": -1}, "alpha_pattern"),
                               ("peft_type", "IA3", "peft_type")):
         d = tmp_path / key
         d.mkdir()

@@ -110,3 +110,32 @@ def test_tp2_lora_requests_token_identical_to_tp1(setup, tmp_path, monkeypatch):
     assert logs[0] == logs[1]
     lora_replays = [e for e in logs[0] if e.startswith("replay") and "lora" in e]
     assert len(lora_replays) >= 4 and any(" 0" in e.split("lora")[1] for e in lora_replays)
+
+
+@pytest.mark.slow   # spawns a worker process (small: run in CI)
+def test_tp2_expert_adapters_token_identical_to_tp1(tmp_path):
+    """Qwen3-MoE with PEFT's adapter on every projection (the experts' part on their
+    stacked parameters): each rank adds its intermediate slice's expert updates, summed by
+    the layer's all-reduce; greedy tokens equal TP=1."""
+    import minikernels as mk
+    from minikernels.engine import LoRARequest
+
+    hf = make_hf_model("qwen3-moe", seed=7)
+    base = save_hf(hf, str(tmp_path / "base"))
+    make_adapter(hf, str(tmp_path / "lora"), r=4, alpha=8, targets=ALL, seed=8)
+    prompts = [random_tokens(n, 300, 80 + n) for n in (8, 5)]
+    which = [LoRARequest("experts", 1, str(tmp_path / "lora")), None]
+    params = mk.SamplingParams(temperature=0.0, max_tokens=5, ignore_eos=True)
+    kw = dict(dtype="float32", device="cpu", tokenizer=None, block_size=4, num_kv_blocks=48,
+              enable_lora=True, max_lora_rank=4)
+
+    def run(llm):
+        return [o.outputs[0].token_ids
+                for o in llm.generate(prompts, params, use_tqdm=False, lora_request=which)]
+
+    want = run(mk.LLM(base, **kw))
+    llm = mk.LLM(base, tensor_parallel_size=2, **kw)
+    try:
+        assert run(llm) == want
+    finally:
+        llm.llm_engine.model.close()

@@ -88,9 +88,10 @@ class EngineLoRA:
         adapter = self._adapters.get(lid)
         if adapter is None:
             adapter = LoRAAdapter.load(request.lora_path, self.config, request.lora_name)
-            if adapter.rank > self.manager.max_lora_rank:
-                raise LoRAError(f"adapter {request.lora_name!r} has rank {adapter.rank}, "
-                                f"above max_lora_rank {self.manager.max_lora_rank}")
+            if adapter.needed_rank() > self.manager.max_lora_rank:
+                raise LoRAError(f"adapter {request.lora_name!r} needs max_lora_rank >= "
+                                f"{adapter.needed_rank()} (rank {adapter.rank}), above "
+                                f"max_lora_rank {self.manager.max_lora_rank}")
             self._adapters[lid] = adapter
             self._paths[lid] = request.lora_path
             while len(self._adapters) > self.max_cpu_loras:

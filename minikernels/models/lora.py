@@ -18,12 +18,23 @@ slot's weights are written in place, so CUDA graphs captured over the buffers st
 PEFT format (adapter_config.json + adapter_model.safetensors): tensors
 ``base_model.model.model.layers.{i}.{self_attn|mlp}.{proj}.lora_A.weight`` [r, in] and
 ``.lora_B.weight`` [out, r]; scaling = lora_alpha / r (lora_alpha / sqrt(r) with
-``use_rslora``). Mixture-of-experts models: the attention projections of every layer and
-the MLP projections of their dense layers (``mlp_only_layers``) take adapters; the experts,
-the router and Qwen2-MoE's shared expert do not. Refused by name: DoRA, biases,
-``modules_to_save`` (new heads or embeddings), ``fan_in_fan_out``, targets other than the
-seven projections (expert and shared-expert targets included), an MLP target on a sparse
-layer, rank-pattern overrides.
+``use_rslora``); ``rank_pattern`` / ``alpha_pattern`` give a target its own rank / alpha
+(its scaling is folded into its B).
+
+Mixture-of-experts models: the attention projections of every layer, the MLP of the dense
+layers (``mlp_only_layers``), Qwen2-MoE's shared expert and the experts take adapters; the
+router does not. Experts: one adapter per projection of each expert
+(``mlp.experts.{e}.{gate_proj|up_proj|down_proj}``, Mixtral's
+``block_sparse_moe.experts.{e}.{w1|w3|w2}``: transformers 4.x modules), or PEFT's
+``target_parameters`` on transformers 5's stacked ``experts.gate_up_proj`` [E, 2I, H] /
+``experts.down_proj`` (one wrapper per parameter: A [E * r, in] expert-major, B [out,
+r * E] expert-innermost). A sparse layer's slots: a13 [S, E, 2R, H] / b13 [S, E, 2I, 2R]
+(band 0 the gate adapter, band 1 the up adapter; a stacked gate_up adapter spans both, so
+up to rank 2R) and a2 [S, E, R, I] / b2 [S, E, H, R], applied inside ``ops.fused_moe``
+(``ops.MoELoRA``): each (token, expert) pair adds its adapter's update to the expert's
+gate / up pre-activations and to its down output. Refused by name: DoRA, biases,
+``modules_to_save`` (new heads or embeddings), ``fan_in_fan_out``, targets other than
+these projections, a dense-MLP target on a sparse layer.
 
 Tensor parallel (a model built with ``tp``): each rank's slots hold its shard of every
 adapter, cut like the base weights (models/parallel.py ``shard_tensor``). Column-parallel
@@ -55,8 +66,22 @@ _TARGETS = {"q_proj": ("self_attn.qkv_proj", 0), "k_proj": ("self_attn.qkv_proj"
             "v_proj": ("self_attn.qkv_proj", 2), "o_proj": ("self_attn.o_proj", 0),
             "gate_proj": ("mlp.gate_up_proj", 0), "up_proj": ("mlp.gate_up_proj", 1),
             "down_proj": ("mlp.down_proj", 0)}
-_NAME_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.(?:self_attn|mlp)\.(\w+_proj)\.lora_([AB])"
-                      r"(?:\.default)?\.weight$")
+_ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
+#: Qwen2-MoE's shared expert (a dense SiLU-gated MLP beside the experts)
+_SHARED_TARGETS = {"shared_expert.gate_proj": ("mlp.shared_expert.gate_up_proj", 0),
+                   "shared_expert.up_proj": ("mlp.shared_expert.gate_up_proj", 1),
+                   "shared_expert.down_proj": ("mlp.shared_expert.down_proj", 0)}
+_NAME_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.(?:self_attn|mlp)\.((?:shared_expert\.)?\w+_proj)"
+                      r"\.lora_([AB])(?:\.default)?\.weight$")
+#: one expert's projection (transformers 4.x modules; Mixtral's w1 / w3 / w2)
+_EXPERT_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.(?:mlp|block_sparse_moe)\.experts\.(\d+)\."
+                        r"(\w+)\.lora_([AB])(?:\.default)?\.weight$")
+_EXPERT_PROJ = {"gate_proj": "gate", "up_proj": "up", "down_proj": "down",
+                "w1": "gate", "w3": "up", "w2": "down"}
+#: stacked experts (transformers 5) through PEFT's target_parameters: one wrapper per
+#: parameter, nested (``experts.base_layer.lora_A`` is the inner one)
+_STACKED_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.(?:mlp|block_sparse_moe)\.experts\."
+                         r"((?:base_layer\.)*)lora_([AB])(?:\.default)?\.weight$")
 
 
 class LoRAError(ValueError):
@@ -65,12 +90,25 @@ class LoRAError(ValueError):
 
 @dataclass
 class LoRAAdapter:
-    """One PEFT LoRA adapter: rank, scaling and its (A, B) per (layer, HF projection)."""
+    """One PEFT LoRA adapter: rank, scaling, its (A [r, in], B [out, r]) per (layer, HF
+    projection) and, for mixture-of-experts layers, its experts' (A [E, r, in], B [E, out,
+    r]) per (layer, kind): kind "gate" / "up" / "down" (one adapter per projection of each
+    expert) or "gate_up" (one adapter over the stacked gate and up rows: PEFT's
+    target_parameters on transformers 5's ``experts.gate_up_proj``)."""
 
     name: str
     rank: int
     scaling: float
     weights: dict[tuple[int, str], tuple[Tensor, Tensor]] = field(default_factory=dict)
+    experts: dict[tuple[int, str], tuple[Tensor, Tensor]] = field(default_factory=dict)
+
+    def needed_rank(self) -> int:
+        """The smallest max_lora_rank whose slots hold this adapter (a stacked gate_up
+        adapter spans the gate and up bands: up to twice the slot rank)."""
+        ranks = [a.shape[0] for a, _ in self.weights.values()]
+        ranks += [-(-a.shape[1] // 2) if kind == "gate_up" else a.shape[1]
+                  for (_, kind), (a, _) in self.experts.items()]
+        return max(ranks, default=self.rank)
 
     @classmethod
     def load(cls, path: str, config: DecoderConfig, name: str | None = None) -> "LoRAAdapter":
@@ -90,38 +128,188 @@ class LoRAAdapter:
             raise LoRAError(f"{path} has no adapter_model.safetensors")
         from safetensors.torch import load_file
 
-        halves: dict[tuple[int, str], dict[str, Tensor]] = {}
-        for name_ in (t for fpath in files for t in load_file(fpath).items()):
-            key, tensor = name_
-            m = _NAME_RE.search(key)
-            if m is None:
-                if ".experts." in key or ".shared_expert." in key:
-                    raise LoRAError(f"{path}: {key!r}: LoRA on mixture-of-experts experts is "
-                                    "not supported yet (attention and dense-MLP targets are)")
-                raise LoRAError(f"{path}: unexpected adapter tensor {key!r} (only lora_A / "
-                                "lora_B of the attention and MLP projections are supported)")
-            layer, proj, half = int(m.group(1)), m.group(2), m.group(3)
-            if proj not in _TARGETS or layer >= config.num_layers:
-                raise LoRAError(f"{path}: {key!r} targets a module this model does not have")
-            if _TARGETS[proj][0].startswith("mlp.") and config.is_moe(layer):
-                raise LoRAError(f"{path}: {key!r} targets the MLP of layer {layer}, a "
-                                "mixture-of-experts layer (its experts take no LoRA yet)")
-            halves.setdefault((layer, proj), {})[half] = tensor
-        weights = {}
-        for (layer, proj), pair in sorted(halves.items()):
-            if set(pair) != {"A", "B"}:
-                raise LoRAError(f"{path}: layers.{layer}.{proj} has lora_{''.join(pair)} "
-                                "without its other half")
-            a, b = pair["A"], pair["B"]
-            k_in, n_out = _projection_shape(config, proj)
-            if list(a.shape) != [rank, k_in] or list(b.shape) != [n_out, rank]:
-                raise LoRAError(f"{path}: layers.{layer}.{proj} lora_A / lora_B have shapes "
-                                f"{list(a.shape)} / {list(b.shape)}; expected [{rank}, "
-                                f"{k_in}] / [{n_out}, {rank}]")
-            weights[(layer, proj)] = (a, b)
-        if not weights:
+        tensors = [t for fpath in files for t in load_file(fpath).items()]
+        weights, experts = _parse_tensors(tensors, config, _Ranks(cfg, scaling), path)
+        if not weights and not experts:
             raise LoRAError(f"{path}: the adapter holds no LoRA weights")
-        return cls(name or os.path.basename(os.path.normpath(path)), rank, scaling, weights)
+        return cls(name or os.path.basename(os.path.normpath(path)), rank, scaling, weights,
+                   experts)
+
+
+class _Ranks:
+    """Each target's rank and scaling: ``r`` / ``lora_alpha``, or the first matching
+    ``rank_pattern`` / ``alpha_pattern`` key (PEFT's rule: the key is a regex matching the
+    end of the target's name after a dot, e.g. ``.*\\.gate_up_proj``; PEFT itself writes
+    such patterns when it maps an MoE's gate_proj / up_proj targets onto transformers 5's
+    stacked ``gate_up_proj`` at twice the rank). A target whose scaling differs from the
+    adapter's has it folded into its B, so one scaling per slot serves every target."""
+
+    def __init__(self, cfg: dict[str, Any], scaling: float) -> None:
+        self.r = int(cfg["r"])
+        self.alpha = float(cfg.get("lora_alpha", self.r))
+        self.rslora = bool(cfg.get("use_rslora"))
+        self.rank_pattern = dict(cfg.get("rank_pattern") or {})
+        self.alpha_pattern = dict(cfg.get("alpha_pattern") or {})
+        self.scaling = scaling
+
+    @staticmethod
+    def _match(patterns: dict[str, Any], name: str) -> Any:
+        for key, value in patterns.items():
+            if re.match(rf"(.*\.)?({key})$", name):
+                return value
+        return None
+
+    def rank(self, name: str) -> int:
+        r = self._match(self.rank_pattern, name)
+        return self.r if r is None else int(r)
+
+    def fold(self, name: str, b: Tensor) -> Tensor:
+        """B times this target's scaling over the adapter's (1: B itself)."""
+        alpha = self._match(self.alpha_pattern, name)
+        alpha = self.alpha if alpha is None else float(alpha)
+        r = self.rank(name)
+        own = alpha / math.sqrt(r) if self.rslora else alpha / r
+        return b if own == self.scaling else b * (own / self.scaling)
+
+
+def _parse_tensors(tensors: list[tuple[str, Tensor]], config: DecoderConfig, ranks: _Ranks,
+                   path: str) -> tuple[dict, dict]:
+    """(weights, experts) of :class:`LoRAAdapter` from an adapter's tensors (PEFT's
+    names: ``model.layers.{i}.{self_attn|mlp}.{proj}``, ``...mlp.shared_expert.{proj}``,
+    ``...mlp.experts.{e}.{proj}`` or Mixtral's ``block_sparse_moe.experts.{e}.w1|w2|w3``,
+    and the stacked ``...mlp.experts.{gate_up_proj|down_proj}`` of target_parameters)."""
+    halves: dict[tuple[int, str], dict[str, Tensor]] = {}
+    per_expert: dict[tuple[int, str], dict[int, dict[str, Tensor]]] = {}
+    stacked: dict[tuple[int, str], dict[str, Tensor]] = {}
+    names: dict[tuple[int, str], str] = {}     # PEFT's module name of each expert target
+    for key, tensor in tensors:
+        m = _NAME_RE.search(key)
+        if m is not None:
+            layer, proj, half = int(m.group(1)), m.group(2), m.group(3)
+            target = (_TARGETS.get(proj) or _SHARED_TARGETS.get(proj) or (None,))[0]
+            if target is None or layer >= config.num_layers:
+                raise LoRAError(f"{path}: {key!r} targets a module this model does not have")
+            sparse = config.is_moe(layer)
+            if proj in _SHARED_TARGETS and not (sparse and
+                                                config.shared_expert_intermediate_size):
+                raise LoRAError(f"{path}: {key!r} targets a shared expert layer {layer} "
+                                "does not have")
+            if proj in _TARGETS and target.startswith("mlp.") and sparse:
+                raise LoRAError(f"{path}: {key!r} targets a dense MLP projection, but layer "
+                                f"{layer} is a mixture-of-experts layer (its experts are "
+                                "``mlp.experts.{e}.*``)")
+            halves.setdefault((layer, proj), {})[half] = tensor
+            continue
+        m = _EXPERT_RE.search(key)
+        if m is not None and m.group(3) in _EXPERT_PROJ:
+            layer, expert = int(m.group(1)), int(m.group(2))
+            names[(layer, _EXPERT_PROJ[m.group(3)])] = key.split(".lora_")[0]
+            _check_expert_layer(config, layer, key, path)
+            if expert >= config.num_experts:
+                raise LoRAError(f"{path}: {key!r}: expert {expert} of {config.num_experts}")
+            kind = _EXPERT_PROJ[m.group(3)]
+            per_expert.setdefault((layer, kind), {}).setdefault(expert, {})[m.group(4)] = tensor
+            continue
+        m = _STACKED_RE.search(key)
+        if m is not None:
+            layer = int(m.group(1))
+            _check_expert_layer(config, layer, key, path)
+            stacked.setdefault((layer, m.group(2)), {})[m.group(3)] = tensor
+            names[(layer, m.group(2))] = key.split(".experts.")[0] + ".experts"
+            continue
+        raise LoRAError(f"{path}: unexpected adapter tensor {key!r} (only lora_A / lora_B of "
+                        "the attention, MLP, shared-expert and expert projections are "
+                        "supported)")
+    weights = {}
+    for (layer, proj), pair in sorted(halves.items()):
+        a, b = _both_halves(pair, f"layers.{layer}.{proj}", path)
+        k_in, n_out = _projection_shape(config, proj)
+        name = f"model.layers.{layer}.{'self_attn' if proj in _ATTENTION else 'mlp'}.{proj}"
+        rank = ranks.rank(name)
+        _check_shapes(a, b, [rank, k_in], [n_out, rank], f"layers.{layer}.{proj}", path)
+        weights[(layer, proj)] = (a, ranks.fold(name, b))
+    experts = {}
+    e_count = config.num_experts
+    for (layer, kind), by_expert in sorted(per_expert.items()):
+        k_in, n_out = _expert_shape(config, kind)
+        name = names[(layer, kind)]
+        rank = ranks.rank(name)
+        pairs = {}
+        for expert, pair in sorted(by_expert.items()):
+            where = f"layers.{layer}.experts.{expert}.{kind}"
+            pairs[expert] = _both_halves(pair, where, path)
+            _check_shapes(*pairs[expert], [rank, k_in], [n_out, rank], where, path)
+        dtype = next(iter(pairs.values()))[0].dtype
+        a = torch.zeros(e_count, rank, k_in, dtype=dtype)    # experts it leaves out: zeros
+        b = torch.zeros(e_count, n_out, rank, dtype=dtype)
+        for expert, (ea, eb) in pairs.items():
+            a[expert], b[expert] = ea, eb
+        experts[(layer, kind)] = (a, ranks.fold(name, b))
+    for (layer, depth), pair in sorted(stacked.items()):
+        where = f"layers.{layer}.experts.{depth}lora"
+        a, b = _both_halves(pair, where, path)
+        kind, (k_in, n_out) = _stacked_kind(config, a, b, ranks, names[(layer, depth)],
+                                            where, path)
+        name = f"{names[(layer, depth)]}.{kind}_proj"
+        rank = ranks.rank(name)
+        if (layer, kind) in experts:
+            raise LoRAError(f"{path}: {where}: layer {layer}'s experts have two {kind} "
+                            "adapters")
+        # PEFT's ParamWrapper: A [E * r, in] (expert-major rows), B [out, r * E] (expert
+        # innermost): expert e's factors are A.view(E, r, in)[e], B.view(out, r, E)[..., e]
+        experts[(layer, kind)] = (a.reshape(e_count, rank, k_in),
+                                  ranks.fold(name, b.reshape(n_out, rank, e_count)
+                                             .permute(2, 0, 1)))
+    for layer in {lyr for lyr, _ in experts}:
+        kinds = {k for lyr, k in experts if lyr == layer}
+        if "gate_up" in kinds and kinds & {"gate", "up"}:
+            raise LoRAError(f"{path}: layer {layer}'s experts have both a stacked gate_up "
+                            "adapter and per-expert gate / up adapters")
+    return weights, experts
+
+
+def _both_halves(pair: dict[str, Tensor], where: str, path: str) -> tuple[Tensor, Tensor]:
+    if set(pair) != {"A", "B"}:
+        raise LoRAError(f"{path}: {where} has lora_{''.join(pair)} without its other half")
+    return pair["A"], pair["B"]
+
+
+def _check_shapes(a: Tensor, b: Tensor, want_a: list[int], want_b: list[int], where: str,
+                  path: str) -> None:
+    if list(a.shape) != want_a or list(b.shape) != want_b:
+        raise LoRAError(f"{path}: {where} lora_A / lora_B have shapes {list(a.shape)} / "
+                        f"{list(b.shape)}; expected {want_a} / {want_b}")
+
+
+def _check_expert_layer(config: DecoderConfig, layer: int, key: str, path: str) -> None:
+    if layer >= config.num_layers or not config.is_moe(layer):
+        raise LoRAError(f"{path}: {key!r} targets experts that layer {layer} of this model "
+                        "does not have")
+
+
+def _expert_shape(config: DecoderConfig, kind: str) -> tuple[int, int]:
+    """(in, out) features of one expert's projection of ``kind``."""
+    h, i = config.hidden_size, config.moe_intermediate_size
+    return {"gate": (h, i), "up": (h, i), "gate_up": (h, 2 * i), "down": (i, h)}[kind]
+
+
+def _stacked_kind(config: DecoderConfig, a: Tensor, b: Tensor, ranks: "_Ranks",
+                  module: str, where: str, path: str) -> tuple[str, tuple[int, int]]:
+    """Which stacked expert parameter a target_parameters adapter wraps, from its shapes:
+    gate_up has (in, out) = (H, 2I), down (I, H); the two never coincide."""
+    e = config.num_experts
+    for kind in ("gate_up", "down"):
+        k_in, n_out = _expert_shape(config, kind)
+        rank = ranks.rank(f"{module}.{kind}_proj")
+        if list(a.shape) == [e * rank, k_in] and list(b.shape) == [n_out, e * rank]:
+            return kind, (k_in, n_out)
+    ru, rd = ranks.rank(f"{module}.gate_up_proj"), ranks.rank(f"{module}.down_proj")
+    raise LoRAError(f"{path}: {where} lora_A / lora_B have shapes {list(a.shape)} / "
+                    f"{list(b.shape)}; expected the stacked experts' gate_up_proj "
+                    f"([{e * ru}, {config.hidden_size}] / "
+                    f"[{2 * config.moe_intermediate_size}, {e * ru}]) or down_proj "
+                    f"([{e * rd}, {config.moe_intermediate_size}] / "
+                    f"[{config.hidden_size}, {e * rd}])")
 
 
 def _check_config(cfg: dict[str, Any], where: str) -> None:
@@ -132,16 +320,20 @@ def _check_config(cfg: dict[str, Any], where: str) -> None:
             raise LoRAError(f"{where}: {key} is not supported")
     if cfg.get("bias", "none") != "none":
         raise LoRAError(f"{where}: bias {cfg.get('bias')!r} is not supported (only 'none')")
-    if cfg.get("target_parameters"):
-        raise LoRAError(f"{where}: target_parameters {cfg['target_parameters']} (LoRA on "
-                        "parameters such as stacked mixture-of-experts experts) is not "
-                        "supported yet (attention and dense-MLP targets are)")
+    for target in cfg.get("target_parameters") or ():
+        if str(target).rsplit(".", 1)[-1] not in ("gate_up_proj", "down_proj"):
+            raise LoRAError(f"{where}: target_parameters entry {target!r} is not supported "
+                            "(only the stacked experts' gate_up_proj / down_proj)")
     if cfg.get("modules_to_save"):
         raise LoRAError(f"{where}: modules_to_save {cfg['modules_to_save']} is not supported "
                         "(adapters that replace whole modules, e.g. lm_head)")
     for key in ("rank_pattern", "alpha_pattern"):
-        if cfg.get(key):
-            raise LoRAError(f"{where}: {key} is not supported (one rank per adapter)")
+        pattern = cfg.get(key) or {}
+        if not isinstance(pattern, dict) or not all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0
+                for v in pattern.values()):
+            raise LoRAError(f"{where}: {key} must map target patterns to positive numbers, "
+                            f"got {pattern!r}")
     r = cfg.get("r")
     if not isinstance(r, int) or r <= 0:
         raise LoRAError(f"{where}: r must be a positive int, got {r!r}")
@@ -154,7 +346,10 @@ def _projection_shape(config: DecoderConfig, proj: str) -> tuple[int, int]:
             "v_proj": (c.hidden_size, c.kv_size), "o_proj": (c.q_size, c.hidden_size),
             "gate_proj": (c.hidden_size, c.intermediate_size),
             "up_proj": (c.hidden_size, c.intermediate_size),
-            "down_proj": (c.intermediate_size, c.hidden_size)}[proj]
+            "down_proj": (c.intermediate_size, c.hidden_size),
+            "shared_expert.gate_proj": (c.hidden_size, c.shared_expert_intermediate_size),
+            "shared_expert.up_proj": (c.hidden_size, c.shared_expert_intermediate_size),
+            "shared_expert.down_proj": (c.shared_expert_intermediate_size, c.hidden_size)}[proj]
 
 
 class _Slots:
@@ -201,6 +396,47 @@ class _LayerLoRA:
         return y + delta.view(y.shape)
 
 
+class _ExpertLoRA:
+    """One sparse layer's expert slot weights, read by the fused MoE op (``ops.MoELoRA``):
+    a13 [S, E, 2R, H] and b13 [S, E, 2I, 2R] (band 0: the gate adapter, or one adapter
+    over the stacked gate and up rows; band 1: the up adapter), a2 [S, E, R, I] and b2
+    [S, E, H, R] (down). I is this rank's share under tensor parallel."""
+
+    def __init__(self, experts: Any, slots: _Slots, max_loras: int, rank: int,
+                 dtype: torch.dtype, device: torch.device) -> None:
+        e, h, i, r = experts.num_experts, experts.hidden, experts.inter, rank
+        self.rank, self.inter = r, i
+        self.a13 = torch.zeros(max_loras, e, 2 * r, h, dtype=dtype, device=device)
+        self.b13 = torch.zeros(max_loras, e, 2 * i, 2 * r, dtype=dtype, device=device)
+        self.a2 = torch.zeros(max_loras, e, r, i, dtype=dtype, device=device)
+        self.b2 = torch.zeros(max_loras, e, h, r, dtype=dtype, device=device)
+        self.slots = slots
+
+    def write(self, slot: int, kind: str, a: Tensor, b: Tensor) -> None:
+        """Slot ``slot``'s adapter of ``kind`` (this rank's shard: a [E, r, in_local], b
+        [E, out_local, r])."""
+        r, i = a.shape[1], self.inter
+        if kind == "down":
+            self.a2[slot, :, :r].copy_(a)
+            self.b2[slot, :, :, :r].copy_(b)
+            return
+        band = self.rank if kind == "up" else 0      # a stacked gate_up: both bands
+        rows = {"gate": slice(0, i), "up": slice(i, 2 * i), "gate_up": slice(0, 2 * i)}[kind]
+        self.a13[slot, :, band:band + r].copy_(a)
+        self.b13[slot, :, rows, band:band + r].copy_(b)
+
+    def clear(self, slot: int) -> None:
+        for t in (self.a13, self.b13, self.a2, self.b2):
+            t[slot].zero_()
+
+    def op_args(self) -> Any:
+        """``ops.MoELoRA`` of the current step, None without token slots."""
+        slots = self.slots.token_slots
+        if slots is None:
+            return None
+        return ops.MoELoRA(self.a13, self.b13, self.a2, self.b2, slots, self.slots.scaling)
+
+
 class LoRAManager:
     """Adapter slots on a model (module docstring). Slot weights live on the model's
     device in its dtype; ``activate`` / ``deactivate`` rewrite a slot in place."""
@@ -218,34 +454,50 @@ class LoRAManager:
         dev, dtype = model.device, model.dtype
         self._slots = _Slots(torch.zeros(max_loras, dtype=torch.float32, device=dev))
         self._layers: dict[str, _LayerLoRA] = {}
+        self._experts: dict[int, _ExpertLoRA] = {}
         for i, layer in enumerate(model.layers):
-            for target in ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj",
-                           "mlp.down_proj"):
-                if target.startswith("mlp.") and model.config.is_moe(i):
-                    continue    # a sparse layer: router + experts, no per-slot LoRA weights
+            sparse = model.config.is_moe(i)
+            targets = ["self_attn.qkv_proj", "self_attn.o_proj"]
+            if not sparse:
+                targets += ["mlp.gate_up_proj", "mlp.down_proj"]
+            elif layer.mlp.shared_expert is not None:
+                targets += ["mlp.shared_expert.gate_up_proj", "mlp.shared_expert.down_proj"]
+            for target in targets:
                 linear = layer.get_submodule(target)
                 lora = _LayerLoRA(linear, self._slots, max_loras, max_lora_rank, dtype, dev)
                 linear.__dict__["lora"] = lora
                 self._layers[f"layers.{i}.{target}"] = lora
+            if sparse:       # the router takes no adapter; the experts do
+                experts = layer.mlp.experts
+                lora = _ExpertLoRA(experts, self._slots, max_loras, max_lora_rank, dtype, dev)
+                experts.__dict__["lora"] = lora
+                self._experts[i] = lora
 
     def activate(self, slot: int, adapter: LoRAAdapter) -> None:
         """Write ``adapter`` into ``slot`` (whatever was there is replaced)."""
         if not 0 <= slot < self.max_loras:
             raise ValueError(f"slot must be in [0, {self.max_loras}), got {slot}")
-        if adapter.rank > self.max_lora_rank:
-            raise LoRAError(f"adapter {adapter.name!r} has rank {adapter.rank}, above "
+        if adapter.needed_rank() > self.max_lora_rank:
+            raise LoRAError(f"adapter {adapter.name!r} needs max_lora_rank >= "
+                            f"{adapter.needed_rank()} (rank {adapter.rank}), above "
                             f"max_lora_rank {self.max_lora_rank}")
         with torch.no_grad():
             for name, lora in self._layers.items():
                 layer = int(name.split(".")[1])
                 target = name.split(".", 2)[2]
-                for proj, (t, part) in _TARGETS.items():
+                for proj, (t, part) in (*_TARGETS.items(), *_SHARED_TARGETS.items()):
                     if t != target:
                         continue
                     a, b = adapter.weights.get((layer, proj), (None, None))
                     if a is not None and b is not None:
                         a, b = self._shard(f"layers.{layer}.{target}", part, a, b)
                     lora.write(slot, part, a, b)
+            for layer, lora in self._experts.items():
+                lora.clear(slot)
+                for kind in ("gate_up", "gate", "up", "down"):
+                    if (layer, kind) in adapter.experts:
+                        lora.write(slot, kind, *self._shard_experts(
+                            kind, *adapter.experts[(layer, kind)]))
             self._slots.scaling[slot] = adapter.scaling
         self.names[slot] = adapter.name
 
@@ -258,12 +510,28 @@ class LoRAManager:
             return a, shard_tensor(cfg, self.tp, module, part, "weight", b)
         return shard_tensor(cfg, self.tp, module, None, "weight", a), b   # row parallel
 
+    def _shard_experts(self, kind: str, a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
+        """This rank's share of the experts' (A [E, r, in], B [E, out, r]): the experts'
+        intermediate rows [s0, s1) (models/parallel.py): B's gate / up rows, A's down
+        columns."""
+        if self.tp is None or self.tp.size == 1:
+            return a, b
+        i = self.model.config.moe_intermediate_size
+        s0, s1 = self.tp.split(i, "moe_intermediate_size")
+        if kind == "down":
+            return a[:, :, s0:s1], b
+        if kind == "gate_up":
+            return a, torch.cat([b[:, s0:s1], b[:, i + s0:i + s1]], dim=1)
+        return a, b[:, s0:s1]
+
     def deactivate(self, slot: int) -> None:
         """Zero ``slot`` (tokens still pointing at it get no update)."""
         with torch.no_grad():
             for lora in self._layers.values():
                 lora.a[slot].zero_()
                 lora.b[slot].zero_()
+            for expert_lora in self._experts.values():
+                expert_lora.clear(slot)
             self._slots.scaling[slot] = 0.0
         self.names[slot] = None
 

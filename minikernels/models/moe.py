@@ -239,19 +239,24 @@ class FusedExperts(nn.Module):
     def forward(self, x: Tensor, weights: Tensor, ids: Tensor) -> Tensor:
         """The experts of x [T, H] (``ops.fused_moe`` / ``fused_moe_int4`` /
         ``fused_moe_fp8``)."""
+        slots = self.__dict__.get("lora")    # LoRA on the experts (minikernels.models.lora)
+        lora = slots.op_args() if slots is not None else None
         if self.w13 is not None:
-            return ops.fused_moe(x, self.w13, self.w2, weights, ids)
+            return ops.fused_moe(x, self.w13, self.w2, weights, ids, lora=lora)
         if self.fp8_block is not None:
             return ops.fused_moe_fp8(x, self.w13_fp8, self.w13_scale, self.w2_fp8,
-                                     self.w2_scale, weights, ids, self.fp8_block)
+                                     self.w2_scale, weights, ids, self.fp8_block, lora=lora)
         if self.group_size is None:
             raise RuntimeError("int4 experts were never loaded")
         # fp16 / bf16 activations; an fp32 model rounds them to the scales' dtype
         sd = self.w13_scales.dtype
         xin = x if x.dtype in (torch.float16, torch.bfloat16) else x.to(sd)
+        if lora is not None and xin.dtype != x.dtype:
+            lora = lora._replace(a13=lora.a13.to(sd), b13=lora.b13.to(sd),
+                                 a2=lora.a2.to(sd), b2=lora.b2.to(sd))
         y = ops.fused_moe_int4(xin, self.w13_qweight, self.w13_scales, self.w13_zeros,
                                self.w2_qweight, self.w2_scales, self.w2_zeros, weights, ids,
-                               self.group_size)
+                               self.group_size, lora=lora)
         return y.to(x.dtype)
 
 

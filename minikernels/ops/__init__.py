@@ -13,7 +13,7 @@ from .fp8_w8a8 import per_token_group_quant_fp8, w8a8_block_fp8_matmul
 from .int4 import int4_matmul
 from .kv_cache import merge_attn_states, paged_decode_attention, write_kv_cache
 from .lora import lora_delta
-from .moe import fused_moe, fused_moe_fp8, fused_moe_int4, moe_align_block_size
+from .moe import MoELoRA, fused_moe, fused_moe_fp8, fused_moe_int4, moe_align_block_size
 from .norm import gemma_rms_norm, rms_norm
 from .rejection_sampler import rejection_sample
 from .rotary import build_rope_cache, rotary_embedding
@@ -21,6 +21,7 @@ from .router import fused_topk, topk_softmax
 from .sampling import top_k_top_p_mask_logits
 
 __all__ = [
+    "MoELoRA",
     "apply_token_bitmask",
     "build_rope_cache",
     "flash_attention",

@@ -11,12 +11,18 @@ Op: ``minikernels::fused_moe_fp8``: the same with FP8 (e4m3) experts and block-w
 scales (W8A16, fp8_matmul's weight layout per expert). Backends: reference, triton
 (ops/triton/moe_fp8.py). Tests: tests/test_moe_fp8_op.py.
 
+The three fused ops take optional per-token LoRA adapters on the experts (``MoELoRA``:
+PEFT adapters trained with expert targets on Qwen3-MoE / OLMoE / Mixtral), applied
+inside the MoE computation. Tests: tests/test_moe_lora_op.py.
+
 Op: ``minikernels::moe_align_block_size``: vLLM's MoE alignment step (the (token, slot)
 pairs grouped by expert into block_size tiles, the layout of the fused MoE kernels).
 Backends: reference, triton (ops/triton/moe_align.py; the three fused MoE Triton paths sort
 with it). Tests: tests/test_moe_align_op.py.
 """
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -27,22 +33,124 @@ from . import reference
 from .fp8 import check_block_size
 
 
+class MoELoRA(NamedTuple):
+    """Per-token LoRA adapters on the experts of a fused MoE op (all three: dense, int4,
+    fp8 experts), S adapter slots; ranks R13 (gate / up) and R2 (down), each adapter
+    zero-padded to its slot's rank:
+
+    a13         [S, E, R13, H]   x.dtype  lora_A of each expert's gate_proj and up_proj,
+                                          stacked along R13 (gate's rows, then up's:
+                                          R13 = 2r when both are adapted with rank r)
+    b13         [S, E, 2I, R13]  x.dtype  lora_B of gate_proj (rows :I) and up_proj (rows
+                                          I:), block-diagonal against a13's stacking (0
+                                          where a row of B meets the other module's A)
+    a2          [S, E, R2, I]    x.dtype  lora_A of down_proj
+    b2          [S, E, H, R2]    x.dtype  lora_B of down_proj
+    token_slots [T] int32 / int64 in [-1, S): each token's adapter slot, -1 = base model
+    scaling     [S] fp32: lora_alpha / r (or / sqrt(r) for rsLoRA) per slot (one per
+                slot: a module with another scale folds the ratio into its B rows)
+    Any strides (a stack whose S and E dims do not merge into one stride is copied per
+    call). For pair p = (t, j), e = topk_ids[t, j], s = token_slots[t] >= 0:
+      d13_p = round_to_x_dtype(scaling[s] * b13[s, e] @ (a13[s, e] @ x[t]))
+      gate / up pre-activations of p (fp32) += d13_p[:I] / d13_p[I:];
+        act_p = silu(gate) * up rounded to x.dtype
+      d2_p = round_to_x_dtype(scaling[s] * b2[s, e] @ (a2[s, e] @ act_p))
+      the down projection's fp32 result of p += d2_p, then times topk_weights[t, j];
+        the k-sum in fp32, rounded once.
+    Each d is ``lora_delta``'s math: fp32, the rank-R intermediate never rounded.
+    s = -1: exactly the op without LoRA."""
+    a13: Tensor
+    b13: Tensor
+    a2: Tensor
+    b2: Tensor
+    token_slots: Tensor
+    scaling: Tensor
+
+
+_LORA_ARGS = ("lora_a13", "lora_b13", "lora_a2", "lora_b2", "lora_token_slots",
+              "lora_scaling")
+_NO_LORA: tuple[None, ...] = (None,) * 6
+
+
+def _op_lora(*tensors: Tensor | None) -> MoELoRA | None:
+    """The op's six optional LoRA arguments -> MoELoRA, or None when none is given; some
+    but not all: a ValueError naming the first missing one."""
+    if all(v is None for v in tensors):
+        return None
+    for name, v in zip(_LORA_ARGS, tensors):
+        if v is None:
+            raise ValueError(f"{name} is missing: give all six LoRA tensors "
+                             f"({', '.join(_LORA_ARGS)}) or none")
+    return MoELoRA(*tensors)
+
+
+def _check_lora(lora: object, x: Tensor, num_experts: int, inter: int
+                ) -> tuple[Tensor | None, ...]:
+    """Check fused_moe*'s ``lora`` against x [T, H], E and I; return the op's six LoRA
+    arguments (all None without LoRA). Errors name the op argument (lora_a13 ...) and
+    the MoELoRA field."""
+    if lora is None:
+        return _NO_LORA
+    if not isinstance(lora, tuple) or len(lora) != 6:
+        raise TypeError(f"lora must be a minikernels.ops.MoELoRA (a13, b13, a2, b2, "
+                        f"token_slots, scaling) or None, got {type(lora).__name__}")
+    lora = MoELoRA(*lora)
+    for name, field, v in zip(_LORA_ARGS, MoELoRA._fields, lora):
+        if v is None:
+            raise ValueError(f"{name} (MoELoRA.{field}) is missing: give all six LoRA "
+                             f"tensors or lora=None")
+    t, h = x.shape
+    for name, v in zip(_LORA_ARGS[:4], lora[:4]):
+        check_tensor(name, v, dtypes=(x.dtype,), ndim=4, device=x.device)
+    check_tensor("lora_token_slots", lora.token_slots, dtypes=(torch.int32, torch.int64),
+                 ndim=1, device=x.device)
+    check_tensor("lora_scaling", lora.scaling, dtypes=(torch.float32,), ndim=1,
+                 device=x.device)
+    s, _, r13, _ = lora.a13.shape
+    r2 = lora.a2.shape[2]
+    e = num_experts
+    want = (("[S, E, R13, H]", (s, e, r13, h)), ("[S, E, 2I, R13]", (s, e, 2 * inter, r13)),
+            ("[S, E, R2, I]", (s, e, r2, inter)), ("[S, E, H, R2]", (s, e, h, r2)))
+    for name, v, (dims, shape) in zip(_LORA_ARGS[:4], lora[:4], want):
+        if tuple(v.shape) != shape:
+            raise ValueError(f"{name} must have shape {dims} = {list(shape)} (S and R13 "
+                             f"from lora_a13, R2 from lora_a2, E = {e}, H = {h}, "
+                             f"I = {inter}), got {list(v.shape)}")
+    if lora.token_slots.shape[0] != t:
+        raise ValueError(f"lora_token_slots must have one entry per token ([T = {t}]), "
+                         f"got {list(lora.token_slots.shape)}")
+    if lora.scaling.shape[0] != s:
+        raise ValueError(f"lora_scaling must have one entry per slot ([S = {s}]), got "
+                         f"{list(lora.scaling.shape)}")
+    if t:
+        check_index_range("lora_token_slots", lora.token_slots, -1, s)
+    return tuple(lora)
+
+
 @torch.library.custom_op("minikernels::fused_moe", mutates_args=())
-def _fused_moe(x: Tensor, w13: Tensor, w2: Tensor, topk_weights: Tensor,
-               topk_ids: Tensor) -> Tensor:
+def _fused_moe(x: Tensor, w13: Tensor, w2: Tensor, topk_weights: Tensor, topk_ids: Tensor,
+               lora_a13: Tensor | None = None, lora_b13: Tensor | None = None,
+               lora_a2: Tensor | None = None, lora_b2: Tensor | None = None,
+               lora_token_slots: Tensor | None = None,
+               lora_scaling: Tensor | None = None) -> Tensor:
+    lora = _op_lora(lora_a13, lora_b13, lora_a2, lora_b2, lora_token_slots, lora_scaling)
     if _backend.resolve("fused_moe", x.device) == "triton":
         from .triton import moe as triton_moe
-        return triton_moe.fused_moe(x, w13, w2, topk_weights, topk_ids)
-    return reference.fused_moe(x, w13, w2, topk_weights, topk_ids)
+        return triton_moe.fused_moe(x, w13, w2, topk_weights, topk_ids, lora)
+    return reference.fused_moe(x, w13, w2, topk_weights, topk_ids, lora)
 
 
 @_fused_moe.register_fake
-def _(x: Tensor, w13: Tensor, w2: Tensor, topk_weights: Tensor, topk_ids: Tensor) -> Tensor:
+def _(x: Tensor, w13: Tensor, w2: Tensor, topk_weights: Tensor, topk_ids: Tensor,
+      lora_a13: Tensor | None = None, lora_b13: Tensor | None = None,
+      lora_a2: Tensor | None = None, lora_b2: Tensor | None = None,
+      lora_token_slots: Tensor | None = None, lora_scaling: Tensor | None = None) -> Tensor:
+    _op_lora(lora_a13, lora_b13, lora_a2, lora_b2, lora_token_slots, lora_scaling)
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
 def fused_moe(x: Tensor, w13: Tensor, w2: Tensor, topk_weights: Tensor,
-              topk_ids: Tensor) -> Tensor:
+              topk_ids: Tensor, *, lora: MoELoRA | None = None) -> Tensor:
     """A mixture-of-experts MLP with SiLU-gated experts: out [T, H] in x.dtype,
     out[t] = sum_j topk_weights[t, j] * w2[e] @ (silu(w13[e, :I] @ x[t]) * (w13[e, I:] @ x[t]))
     with e = topk_ids[t, j].
@@ -53,6 +161,12 @@ def fused_moe(x: Tensor, w13: Tensor, w2: Tensor, topk_weights: Tensor,
     int32/int64 in [0, E) (the same expert twice in a row is allowed: both count). Every
     tensor may be a view with its own strides. fp32 accumulation; the activated [I]
     intermediate is rounded to x.dtype; out is rounded once.
+
+    lora: optional per-token LoRA adapters on the experts (:class:`MoELoRA`: layouts,
+    dtypes and the exact math there): each (token, expert) pair's gate / up
+    pre-activations get its expert's adapter update before the SiLU-and-mul, and its
+    down projection its update before the router weight. Slot -1 or lora=None: the
+    result without LoRA, bit for bit.
     """
     check_tensor("x", x, dtypes=FLOAT_DTYPES, ndim=2)
     check_tensor("w13", w13, dtypes=(x.dtype,), ndim=3, device=x.device)
@@ -69,7 +183,8 @@ def fused_moe(x: Tensor, w13: Tensor, w2: Tensor, topk_weights: Tensor,
         raise ValueError(f"w2 must have shape [E = {e}, H = {h}, I = {two_i // 2}], got "
                          f"{list(w2.shape)}")
     _check_routing_shapes(x.shape[0], topk_weights, topk_ids, e)
-    return torch.ops.minikernels.fused_moe(x, w13, w2, topk_weights, topk_ids)
+    lora_args = _check_lora(lora, x, e, two_i // 2)
+    return torch.ops.minikernels.fused_moe(x, w13, w2, topk_weights, topk_ids, *lora_args)
 
 
 # ------------------------------------------------------------------------ int4 experts
@@ -77,9 +192,14 @@ def fused_moe(x: Tensor, w13: Tensor, w2: Tensor, topk_weights: Tensor,
 @torch.library.custom_op("minikernels::fused_moe_int4", mutates_args=())
 def _fused_moe_int4(x: Tensor, w13_qweight: Tensor, w13_scales: Tensor, w13_zeros: Tensor,
                     w2_qweight: Tensor, w2_scales: Tensor, w2_zeros: Tensor,
-                    topk_weights: Tensor, topk_ids: Tensor, group_size: int) -> Tensor:
+                    topk_weights: Tensor, topk_ids: Tensor, group_size: int,
+                    lora_a13: Tensor | None = None, lora_b13: Tensor | None = None,
+                    lora_a2: Tensor | None = None, lora_b2: Tensor | None = None,
+                    lora_token_slots: Tensor | None = None,
+                    lora_scaling: Tensor | None = None) -> Tensor:
+    lora = _op_lora(lora_a13, lora_b13, lora_a2, lora_b2, lora_token_slots, lora_scaling)
     args = (x, w13_qweight, w13_scales, w13_zeros, w2_qweight, w2_scales, w2_zeros,
-            topk_weights, topk_ids, group_size)
+            topk_weights, topk_ids, group_size, lora)
     if _backend.resolve("fused_moe_int4", x.device) == "triton":
         from .triton import moe_int4 as triton_moe_int4
         return triton_moe_int4.fused_moe_int4(*args)
@@ -89,7 +209,11 @@ def _fused_moe_int4(x: Tensor, w13_qweight: Tensor, w13_scales: Tensor, w13_zero
 @_fused_moe_int4.register_fake
 def _(x: Tensor, w13_qweight: Tensor, w13_scales: Tensor, w13_zeros: Tensor,
       w2_qweight: Tensor, w2_scales: Tensor, w2_zeros: Tensor, topk_weights: Tensor,
-      topk_ids: Tensor, group_size: int) -> Tensor:
+      topk_ids: Tensor, group_size: int, lora_a13: Tensor | None = None,
+      lora_b13: Tensor | None = None, lora_a2: Tensor | None = None,
+      lora_b2: Tensor | None = None, lora_token_slots: Tensor | None = None,
+      lora_scaling: Tensor | None = None) -> Tensor:
+    _op_lora(lora_a13, lora_b13, lora_a2, lora_b2, lora_token_slots, lora_scaling)
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
@@ -116,7 +240,8 @@ def _check_int4_experts(prefix: str, qweight: Tensor, scales: Tensor, zeros: Ten
 
 def fused_moe_int4(x: Tensor, w13_qweight: Tensor, w13_scales: Tensor, w13_zeros: Tensor,
                    w2_qweight: Tensor, w2_scales: Tensor, w2_zeros: Tensor,
-                   topk_weights: Tensor, topk_ids: Tensor, group_size: int) -> Tensor:
+                   topk_weights: Tensor, topk_ids: Tensor, group_size: int, *,
+                   lora: MoELoRA | None = None) -> Tensor:
     """:func:`fused_moe` with int4 experts (W4A16): out [T, H] in x.dtype, exactly
     fused_moe on the dequantized experts W = (q - z) * s rounded to x.dtype.
 
@@ -133,6 +258,8 @@ def fused_moe_int4(x: Tensor, w13_qweight: Tensor, w13_scales: Tensor, w13_zeros
     Every tensor may be a view with its own strides (a strided last dim is copied).
     fp32 accumulation; the activated [I] intermediate is rounded to x.dtype; out is
     rounded once.
+    lora: optional per-token LoRA on the experts, as :func:`fused_moe` (:class:`MoELoRA`,
+    dense adapters in x.dtype added to the int4 experts' fp32 results).
     """
     check_tensor("x", x, dtypes=HALF_DTYPES, ndim=2)
     check_tensor("w13_qweight", w13_qweight, dtypes=(torch.int32,), ndim=3, device=x.device)
@@ -167,9 +294,11 @@ def fused_moe_int4(x: Tensor, w13_qweight: Tensor, w13_scales: Tensor, w13_zeros
     _check_int4_experts("w2", w2_qweight, w2_scales, w2_zeros, (e, h, inter),
                         group_size, x.device)
     _check_routing_shapes(t, topk_weights, topk_ids, e)
+    lora_args = _check_lora(lora, x, e, inter)
     return torch.ops.minikernels.fused_moe_int4(x, w13_qweight, w13_scales, w13_zeros,
                                                 w2_qweight, w2_scales, w2_zeros,
-                                                topk_weights, topk_ids, group_size)
+                                                topk_weights, topk_ids, group_size,
+                                                *lora_args)
 
 
 # ------------------------------------------------------------------------- fp8 experts
@@ -178,19 +307,28 @@ def fused_moe_int4(x: Tensor, w13_qweight: Tensor, w13_scales: Tensor, w13_zeros
 # schema checks (opcheck) compare inputs with allclose, which float8 lacks on the CPU.
 @torch.library.custom_op("minikernels::fused_moe_fp8", mutates_args=())
 def _fused_moe_fp8(x: Tensor, w13: Tensor, w13_scale: Tensor, w2: Tensor, w2_scale: Tensor,
-                   topk_weights: Tensor, topk_ids: Tensor, block_size: list[int]) -> Tensor:
+                   topk_weights: Tensor, topk_ids: Tensor, block_size: list[int],
+                   lora_a13: Tensor | None = None, lora_b13: Tensor | None = None,
+                   lora_a2: Tensor | None = None, lora_b2: Tensor | None = None,
+                   lora_token_slots: Tensor | None = None,
+                   lora_scaling: Tensor | None = None) -> Tensor:
+    lora = _op_lora(lora_a13, lora_b13, lora_a2, lora_b2, lora_token_slots, lora_scaling)
     if _backend.resolve("fused_moe_fp8", x.device) == "triton":
         from .triton import moe_fp8 as triton_moe_fp8
         return triton_moe_fp8.fused_moe_fp8(x, w13, w13_scale, w2, w2_scale, topk_weights,
-                                            topk_ids, block_size)
+                                            topk_ids, block_size, lora)
     return reference.fused_moe_fp8(x, w13.view(torch.float8_e4m3fn), w13_scale,
                                    w2.view(torch.float8_e4m3fn), w2_scale, topk_weights,
-                                   topk_ids, (block_size[0], block_size[1]))
+                                   topk_ids, (block_size[0], block_size[1]), lora)
 
 
 @_fused_moe_fp8.register_fake
 def _(x: Tensor, w13: Tensor, w13_scale: Tensor, w2: Tensor, w2_scale: Tensor,
-      topk_weights: Tensor, topk_ids: Tensor, block_size: list[int]) -> Tensor:
+      topk_weights: Tensor, topk_ids: Tensor, block_size: list[int],
+      lora_a13: Tensor | None = None, lora_b13: Tensor | None = None,
+      lora_a2: Tensor | None = None, lora_b2: Tensor | None = None,
+      lora_token_slots: Tensor | None = None, lora_scaling: Tensor | None = None) -> Tensor:
+    _op_lora(lora_a13, lora_b13, lora_a2, lora_b2, lora_token_slots, lora_scaling)
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
@@ -211,7 +349,8 @@ def _check_fp8_experts(name: str, weight: Tensor, scale: Tensor, shape: tuple[in
 
 def fused_moe_fp8(x: Tensor, w13: Tensor, w13_scale: Tensor, w2: Tensor, w2_scale: Tensor,
                   topk_weights: Tensor, topk_ids: Tensor,
-                  block_size: tuple[int, int] | list[int]) -> Tensor:
+                  block_size: tuple[int, int] | list[int], *,
+                  lora: MoELoRA | None = None) -> Tensor:
     """:func:`fused_moe` with FP8 (e4m3) experts and block-wise scales (W8A16): out [T, H]
     in x.dtype, exactly fused_moe on the dequantized experts
     W_e[n, k] = float(weight[e, n, k]) * scale[e, n // bn, k // bk] kept in fp32 (NOT
@@ -234,6 +373,9 @@ def fused_moe_fp8(x: Tensor, w13: Tensor, w13_scale: Tensor, w2: Tensor, w2_scal
     0x7F / 0xFF are not valid weights (undefined results). fp32 accumulation; the
     activated [I] intermediate is rounded to x.dtype; the k-sum is fp32; out is rounded
     once.
+    lora       optional per-token LoRA on the experts, as :func:`fused_moe`
+               (:class:`MoELoRA`, dense adapters in x.dtype added to the fp8 experts' fp32
+               results).
     """
     check_tensor("x", x, dtypes=FLOAT_DTYPES, ndim=2)
     check_tensor("w13", w13, dtypes=(torch.float8_e4m3fn,), ndim=3, device=x.device)
@@ -255,9 +397,10 @@ def fused_moe_fp8(x: Tensor, w13: Tensor, w13_scale: Tensor, w2: Tensor, w2_scal
     _check_fp8_experts("w13", w13, w13_scale, (e, two_i, h), bn, bk, x.device)
     _check_fp8_experts("w2", w2, w2_scale, (e, h, inter), bn, bk, x.device)
     _check_routing_shapes(t, topk_weights, topk_ids, e)
+    lora_args = _check_lora(lora, x, e, inter)
     return torch.ops.minikernels.fused_moe_fp8(
         x, w13.view(torch.uint8), w13_scale, w2.view(torch.uint8), w2_scale, topk_weights,
-        topk_ids, [bn, bk])
+        topk_ids, [bn, bk], *lora_args)
 
 
 # ------------------------------------------------------------------- alignment (sorting)

@@ -22,6 +22,7 @@ Layouts (FlashAttention / vLLM conventions):
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -630,11 +631,19 @@ def lora_delta(x: Tensor, lora_a: Tensor, lora_b: Tensor, token_slots: Tensor,
 
 # ------------------------------------------------------------------------- MoE
 def fused_moe(x: Tensor, w13: Tensor, w2: Tensor, topk_weights: Tensor,
-              topk_ids: Tensor) -> Tensor:
+              topk_ids: Tensor, lora: Sequence[Tensor] | None = None) -> Tensor:
     """A mixture-of-experts MLP: out [T, H] in x.dtype with
     out[t] = sum_j topk_weights[t, j] * w2[e] @ act_e(x[t]), e = topk_ids[t, j], and
     act_e(x) = silu(w13[e, :I] @ x) * (w13[e, I:] @ x) rounded to x.dtype (the kernel
-    stores that intermediate). Everything else in fp32; out rounded once."""
+    stores that intermediate). Everything else in fp32; out rounded once.
+
+    lora: optional per-token LoRA on the experts, (a13 [S, E, R13, H], b13 [S, E, 2I, R13],
+    a2 [S, E, R2, I], b2 [S, E, H, R2] in x.dtype, token_slots [T] in [-1, S), scaling
+    fp32 [S]) (minikernels.ops.MoELoRA). For pair (t, j) with s = token_slots[t] >= 0:
+      gate_up += lora_delta(x[t], a13[s, e], b13[s, e], scaling[s])    (x.dtype, as fp32)
+      down    += lora_delta(act_e, a2[s, e], b2[s, e], scaling[s])     (before the weight)
+    i.e. each update is ``lora_delta``'s math (fp32, the rank-R intermediate unrounded,
+    rounded once to x.dtype). s = -1 (or no lora): the base experts alone."""
     t, h = x.shape
     inter = w2.shape[2]
     out = torch.zeros(t, h, dtype=torch.float32, device=x.device)
@@ -642,11 +651,25 @@ def fused_moe(x: Tensor, w13: Tensor, w2: Tensor, topk_weights: Tensor,
     for e in sorted({int(v) for v in ids.flatten().tolist()}):
         rows, slots = (ids == e).nonzero(as_tuple=True)          # (token, j) pairs
         gate_up = x[rows].float() @ w13[e].float().t()           # [n, 2I]
+        if lora is not None:
+            gate_up += _expert_lora(x[rows], lora, e, rows, down=False)
         act = (torch.nn.functional.silu(gate_up[:, :inter]) * gate_up[:, inter:]
-               ).to(x.dtype).float()
-        y = act @ w2[e].float().t()                              # [n, H]
+               ).to(x.dtype)
+        y = act.float() @ w2[e].float().t()                      # [n, H]
+        if lora is not None:
+            y += _expert_lora(act, lora, e, rows, down=True)
         out.index_add_(0, rows, y * topk_weights[rows, slots].float()[:, None])
     return out.to(x.dtype)
+
+
+def _expert_lora(inp: Tensor, lora: Sequence[Tensor], e: int, rows: Tensor,
+                 down: bool) -> Tensor:
+    """Expert e's LoRA update of the pairs whose tokens are ``rows``: inp [n, K] (x rows,
+    or the activated intermediate for the down projection) -> [n, N] fp32, each row
+    lora_delta through its token's slot (rounded to inp's dtype; 0 for slot -1)."""
+    a13, b13, a2, b2, token_slots, scaling = lora
+    a, b = (a2, b2) if down else (a13, b13)
+    return lora_delta(inp, a[:, e], b[:, e], token_slots[rows], scaling).float()
 
 
 def dequantize_int4_experts(qweight: Tensor, scales: Tensor, zeros: Tensor, group_size: int,
@@ -662,13 +685,14 @@ def dequantize_int4_experts(qweight: Tensor, scales: Tensor, zeros: Tensor, grou
 
 def fused_moe_int4(x: Tensor, w13_qweight: Tensor, w13_scales: Tensor, w13_zeros: Tensor,
                    w2_qweight: Tensor, w2_scales: Tensor, w2_zeros: Tensor,
-                   topk_weights: Tensor, topk_ids: Tensor, group_size: int) -> Tensor:
+                   topk_weights: Tensor, topk_ids: Tensor, group_size: int,
+                   lora: Sequence[Tensor] | None = None) -> Tensor:
     """fused_moe with int4 experts (W4A16): exactly ``fused_moe`` on the dequantized
     weights in x.dtype (``dequantize_int4_experts``; group_size -1 = one group per row,
-    G = H for w13 and G = I for w2)."""
+    G = H for w13 and G = I for w2), LoRA on the experts included (dense adapters)."""
     w13 = dequantize_int4_experts(w13_qweight, w13_scales, w13_zeros, group_size, x.dtype)
     w2 = dequantize_int4_experts(w2_qweight, w2_scales, w2_zeros, group_size, x.dtype)
-    return fused_moe(x, w13, w2, topk_weights, topk_ids)
+    return fused_moe(x, w13, w2, topk_weights, topk_ids, lora)
 
 
 def dequantize_fp8_experts(weight: Tensor, weight_scale: Tensor,
@@ -683,13 +707,15 @@ def dequantize_fp8_experts(weight: Tensor, weight_scale: Tensor,
 
 
 def fused_moe_fp8(x: Tensor, w13: Tensor, w13_scale: Tensor, w2: Tensor, w2_scale: Tensor,
-                  topk_weights: Tensor, topk_ids: Tensor,
-                  block_size: tuple[int, int]) -> Tensor:
+                  topk_weights: Tensor, topk_ids: Tensor, block_size: tuple[int, int],
+                  lora: Sequence[Tensor] | None = None) -> Tensor:
     """fused_moe with FP8 (e4m3) experts and block scales (W8A16): exactly ``fused_moe`` on
     the dequantized experts kept in fp32 (``dequantize_fp8_experts``, not rounded to
-    x.dtype: the kernels scale fp32 partial sums). w13 [E, 2I, H], w2 [E, H, I]."""
+    x.dtype: the kernels scale fp32 partial sums), LoRA on the experts included (dense
+    adapters in x.dtype). w13 [E, 2I, H], w2 [E, H, I]."""
     return fused_moe(x, dequantize_fp8_experts(w13, w13_scale, block_size),
-                     dequantize_fp8_experts(w2, w2_scale, block_size), topk_weights, topk_ids)
+                     dequantize_fp8_experts(w2, w2_scale, block_size), topk_weights, topk_ids,
+                     lora)
 
 
 def moe_align_length(n: int, num_experts: int, block_size: int, pad_sorted_ids: bool) -> int:

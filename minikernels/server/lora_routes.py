@@ -71,8 +71,9 @@ def register_lora_routes(app: FastAPI, state: "ServerState",
 
             def read() -> LoRAAdapter:
                 adapter = LoRAAdapter.load(req.lora_path, config, name)
-                if adapter.rank > rank:
-                    raise LoRAError(f"adapter {name!r} has rank {adapter.rank}, above "
+                if adapter.needed_rank() > rank:
+                    raise LoRAError(f"adapter {name!r} needs max_lora_rank >= "
+                                    f"{adapter.needed_rank()} (rank {adapter.rank}), above "
                                     f"max_lora_rank {rank}")
                 return adapter
             try:

@@ -20,6 +20,8 @@ adapter and its A / B blocks are read once per tile instead of once per token:
      scaling[s] * h @ B[s][n-block].T as an fp32 "ieee" dot (h stays unrounded) and
      stores it rounded to x.dtype; a tile of the no-adapter group stores zeros.
 Every token lives in exactly one tile, so every output row is written once.
+Under the CPU interpreter bf16 outputs are rounded to nearest even before the store
+(``RNE_BF16``; its cast truncates, the GPU's rounds).
 """
 from __future__ import annotations
 
@@ -28,6 +30,7 @@ import triton
 import triton.language as tl
 
 from .. import _alloc
+from .interpreter_rounding import rne_bf16
 from .moe import sort_pairs_by_expert
 from .registry import KernelSpec, register
 
@@ -67,7 +70,8 @@ def lora_shrink_kernel(x_ptr, a_ptr, slots_ptr, h_ptr, K, R, x_rep,
 @triton.jit
 def lora_expand_kernel(h_ptr, b_ptr, slots_ptr, scaling_ptr, y_ptr, N, R,
                        sb_s, sb_n, sb_r, sy_t,
-                       BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
+                       BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+                       RNE_BF16: tl.constexpr = False):
     t = tl.program_id(0).to(tl.int64)
     ns = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     slot = tl.load(slots_ptr + t).to(tl.int64)
@@ -82,6 +86,8 @@ def lora_expand_kernel(h_ptr, b_ptr, slots_ptr, scaling_ptr, y_ptr, N, R,
                      mask=(ns[:, None] < N) & rmask[None, :], other=0.0).to(tl.float32)
         acc += tl.sum(bv * hv[None, :], axis=1)
     acc = acc * tl.load(scaling_ptr + s)
+    if RNE_BF16:  # interpreter only: its fp32 -> bf16 cast truncates (see rne_bf16)
+        acc = rne_bf16(acc)
     tl.store(y_ptr + t * sy_t + ns, acc.to(y_ptr.dtype.element_ty), mask=ns < N)
 
 
@@ -122,7 +128,7 @@ def lora_shrink_grouped_kernel(x_ptr, a_ptr, sorted_ids_ptr, block_slot_ptr, h_p
 def lora_expand_grouped_kernel(h_ptr, b_ptr, sorted_ids_ptr, block_slot_ptr, scaling_ptr,
                                y_ptr, T, N, R, S, sb_s, sb_n, sb_r, sy_t,
                                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                               BLOCK_R: tl.constexpr):
+                               BLOCK_R: tl.constexpr, RNE_BF16: tl.constexpr = False):
     pid_m = tl.program_id(0)
     s = tl.load(block_slot_ptr + pid_m).to(tl.int64)
     if s < 0:                                       # past the last real tile
@@ -145,6 +151,8 @@ def lora_expand_grouped_kernel(h_ptr, b_ptr, sorted_ids_ptr, block_slot_ptr, sca
             # fp32 FMAs: h is never rounded, and R is small next to N
             acc = tl.dot(hv, bv.to(tl.float32), acc, input_precision="ieee")
         acc = acc * tl.load(scaling_ptr + s)
+    if RNE_BF16:  # interpreter only: its fp32 -> bf16 cast truncates (see rne_bf16)
+        acc = rne_bf16(acc)
     tl.store(y_ptr + tok64[:, None] * sy_t + ns[None, :], acc.to(y_ptr.dtype.element_ty),
              mask=live[:, None] & n_ok[None, :])
 
@@ -160,6 +168,11 @@ def grouped_block_m(t: int, num_slots: int) -> int:
 def grouped_num_warps(block_m: int) -> int:
     """8 warps for 64-token tiles (4 spill on sm_90a: the fp32 FMA dots' operand tiles)."""
     return 8 if block_m >= 64 else 4
+
+
+def _interp_bf16(x: torch.Tensor) -> bool:
+    """bf16 under the interpreter (CPU tensors): round before the store (never on a GPU)."""
+    return x.device.type != "cuda" and x.dtype == torch.bfloat16
 
 
 def lora_delta(x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
@@ -193,7 +206,7 @@ def lora_delta(x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
     lora_expand_kernel[(t, triton.cdiv(n, BLOCK_N))](
         h, lora_b, slots, scaling.contiguous(), y, n, r,
         lora_b.stride(0), lora_b.stride(1), lora_b.stride(2), y.stride(0),
-        BLOCK_N=BLOCK_N, BLOCK_R=BLOCK_R, num_warps=4)
+        BLOCK_N=BLOCK_N, BLOCK_R=BLOCK_R, RNE_BF16=_interp_bf16(x), num_warps=4)
     return y
 
 
@@ -224,7 +237,7 @@ def _grouped(x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
         h, lora_b, sorted_ids, block_slot, scaling.contiguous(), y, t, n, r, num_slots,
         lora_b.stride(0), lora_b.stride(1), lora_b.stride(2), y.stride(0),
         BLOCK_M=block_m, BLOCK_N=GROUPED_BLOCK_N, BLOCK_R=GROUPED_BLOCK_R,
-        num_warps=grouped_num_warps(block_m), num_stages=2)
+        RNE_BF16=_interp_bf16(x), num_warps=grouped_num_warps(block_m), num_stages=2)
 
 
 for _dt in ("fp32", "fp16", "bf16"):
@@ -241,8 +254,10 @@ for _dt in ("fp32", "fp16", "bf16"):
             signature={"h_ptr": "*fp32", "b_ptr": f"*{_dt}", "slots_ptr": f"*{_ix}",
                        "scaling_ptr": "*fp32", "y_ptr": f"*{_dt}", "N": "i32", "R": "i32",
                        "sb_s": "i64", "sb_n": "i64", "sb_r": "i64", "sy_t": "i64",
-                       "BLOCK_N": "constexpr", "BLOCK_R": "constexpr"},
-            constexprs={"BLOCK_N": BLOCK_N, "BLOCK_R": BLOCK_R}, num_warps=4, num_stages=3))
+                       "BLOCK_N": "constexpr", "BLOCK_R": "constexpr",
+                       "RNE_BF16": "constexpr"},
+            constexprs={"BLOCK_N": BLOCK_N, "BLOCK_R": BLOCK_R, "RNE_BF16": False},
+            num_warps=4, num_stages=3))
 
 # the grouped path: one spec per BLOCK_M that grouped_block_m picks, per dtype
 for _dt in ("fp32", "fp16", "bf16"):
@@ -266,7 +281,7 @@ for _dt in ("fp32", "fp16", "bf16"):
                        "T": "i32", "N": "i32", "R": "i32", "S": "i32", "sb_s": "i64",
                        "sb_n": "i64", "sb_r": "i64", "sy_t": "i64",
                        "BLOCK_M": "constexpr", "BLOCK_N": "constexpr",
-                       "BLOCK_R": "constexpr"},
+                       "BLOCK_R": "constexpr", "RNE_BF16": "constexpr"},
             constexprs={"BLOCK_M": _bm, "BLOCK_N": GROUPED_BLOCK_N,
-                        "BLOCK_R": GROUPED_BLOCK_R},
+                        "BLOCK_R": GROUPED_BLOCK_R, "RNE_BF16": False},
             num_warps=grouped_num_warps(_bm), num_stages=2))

@@ -15,9 +15,21 @@ BLOCK_M): at most one tile more than the real worst case, T*k tiles when T*k < E
   3. out = buffer.view(T, k, H).sum(1) in fp32, rounded once to x.dtype.
 Each tile reads its expert's weight block once for BLOCK_M pairs, so decode batches are
 memory bound on the routed experts' weights; sentinel rows load zeros and store nothing.
+
+LoRA on the experts (optional; ``pair_lora``). The S adapter slots' per-expert matrices
+are S*E virtual lora_delta slots v = s * E + e, and pair p = (t, j) takes v_p =
+token_slots[t] * E + topk_ids[t, j] (-1: no adapter), computed with torch ops (no sync).
+ops/triton/lora.py's kernels compute d13 = lora_delta(x, A13, B13, v) [T*k, 2I] (row p
+reads x[p // k]: ``x_rep``) before step 1 and d2 = lora_delta(act, A2, B2, v) [T*k, H]
+after it, each rounded to x.dtype; step 1 adds d13's rows to its gate / up accumulators
+before the epilogue, step 2 adds d2's rows before the router weight. The adds sit behind
+the constexpr ``HAS_DELTA``: without LoRA the kernels compile exactly as before (a runtime
+flag cost the base path registers: gate-up BM 64 fp16 151 -> 194 on sm_90a), and the
+LoRA variants are registered for the aligned fp16 / bf16 tiles.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -28,6 +40,10 @@ from .. import _alloc
 from .interpreter_rounding import rne_bf16
 from .moe_align import moe_align_block_size as align_pairs
 from .registry import KernelSpec, register
+
+# the grouped (SGMV) LoRA path sorts pairs into S*E + 1 groups with moe_align's kernels:
+# up to this many (the alignment op's expert limit); more take the per-pair (BGMV) path
+LORA_GROUPED_MAX_GROUPS = 1024
 
 
 @dataclass(frozen=True)
@@ -62,8 +78,8 @@ def moe_config(n_pairs: int, num_experts: int, dtype: torch.dtype,
 
 
 @triton.jit
-def moe_gate_up_kernel(x_ptr, w13_ptr, act_ptr, sorted_ids_ptr, block_expert_ptr,
-                       n_pairs, top_k, H, I,
+def moe_gate_up_kernel(x_ptr, w13_ptr, act_ptr, delta_ptr, sorted_ids_ptr, block_expert_ptr,
+                       n_pairs, top_k, H, I, HAS_DELTA: tl.constexpr,
                        sx_t, sx_h, sw_e, sw_n, sw_h,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                        EVEN_K: tl.constexpr, ALIGNED: tl.constexpr, DOT_F32: tl.constexpr,
@@ -111,6 +127,11 @@ def moe_gate_up_kernel(x_ptr, w13_ptr, act_ptr, sorted_ids_ptr, block_expert_ptr
         x_ptrs += BLOCK_K * sx_h
         g_ptrs += BLOCK_K * sw_h
         u_ptrs += BLOCK_K * sw_h
+    if HAS_DELTA:   # LoRA: the pair's gate / up update, a [T*k, 2I] row in x.dtype
+        d_ptrs = delta_ptr + pair[:, None].to(tl.int64) * (2 * I) + offs_n[None, :]
+        d_ok = live[:, None] & n_ok[None, :]
+        acc_g += tl.load(d_ptrs, mask=d_ok, other=0.0).to(tl.float32)
+        acc_u += tl.load(d_ptrs + I, mask=d_ok, other=0.0).to(tl.float32)
     act = acc_g / (1.0 + tl.exp(-acc_g)) * acc_u       # silu(gate) * up in fp32
     if RNE_BF16:  # interpreter only: its fp32 -> bf16 cast truncates (see rne_bf16)
         act = rne_bf16(act)
@@ -119,8 +140,8 @@ def moe_gate_up_kernel(x_ptr, w13_ptr, act_ptr, sorted_ids_ptr, block_expert_ptr
 
 
 @triton.jit
-def moe_down_kernel(act_ptr, w2_ptr, tw_ptr, out_ptr, sorted_ids_ptr, block_expert_ptr,
-                    n_pairs, top_k, H, I,
+def moe_down_kernel(act_ptr, w2_ptr, tw_ptr, out_ptr, delta_ptr, sorted_ids_ptr,
+                    block_expert_ptr, n_pairs, top_k, H, I, HAS_DELTA: tl.constexpr,
                     sw_e, sw_h, sw_i, stw_t, stw_j,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                     EVEN_K: tl.constexpr, ALIGNED: tl.constexpr, DOT_F32: tl.constexpr):
@@ -156,6 +177,9 @@ def moe_down_kernel(act_ptr, w2_ptr, tw_ptr, out_ptr, sorted_ids_ptr, block_expe
             acc = tl.dot(a, w, acc)
         a_ptrs += BLOCK_K
         w_ptrs += BLOCK_K * sw_i
+    if HAS_DELTA:   # LoRA: the pair's down update, a [T*k, H] row in x.dtype
+        acc += tl.load(delta_ptr + pair64[:, None] * H + offs_n[None, :],
+                       mask=live[:, None] & n_ok[None, :], other=0.0).to(tl.float32)
     # the router weight of (token, slot), fp32, applied before the k-sum
     tok = pair64 // top_k
     slot = pair64 - tok * top_k
@@ -186,9 +210,75 @@ def _rows_aligned(*tensors: torch.Tensor) -> bool:
                for t in tensors)
 
 
+@dataclass(frozen=True)
+class PairLoRA:
+    """A fused MoE call's expert adapters as S*E virtual lora_delta slots v = s * E + e.
+
+    a13 [S*E, R13, H], b13 [S*E, 2I, R13], a2 [S*E, R2, I], b2 [S*E, H, R2] (views of the
+    [S, E, ...] stacks, or copies where S and E do not merge into one stride); slots int64
+    [T*k]: pair p = t * k + j's v_p = token_slots[t] * E + topk_ids[t, j], or -1;
+    scaling fp32 [S*E] (scaling[s] repeated E times); grouped: lora_delta's SGMV path."""
+    a13: torch.Tensor
+    b13: torch.Tensor
+    a2: torch.Tensor
+    b2: torch.Tensor
+    slots: torch.Tensor
+    scaling: torch.Tensor
+    grouped: bool
+
+
+def pair_lora(lora: Sequence[torch.Tensor] | None, topk_ids: torch.Tensor
+              ) -> PairLoRA | None:
+    """lora = (a13 [S, E, R13, H], b13 [S, E, 2I, R13], a2 [S, E, R2, I], b2 [S, E, H, R2],
+    token_slots int32/int64 [T] in [-1, S), scaling fp32 [S]) (minikernels.ops.MoELoRA's
+    fields, checked there), or None. None when no update can be nonzero (no LoRA, S = 0,
+    or both ranks 0): the kernels then take their base path. No host sync."""
+    if lora is None:
+        return None
+    from . import lora as triton_lora  # lora.py imports this module (the expert sort)
+
+    a13, b13, a2, b2, token_slots, scaling = lora
+    num_slots, num_experts, r13, h = a13.shape
+    r2, inter = a2.shape[2], a2.shape[3]
+    if num_slots == 0 or r13 == r2 == 0:
+        return None
+    virt = num_slots * num_experts
+    # v_p = s * E + e for the pair's token slot s >= 0, else -1 (pair order t * k + j)
+    tok_slot = token_slots.to(torch.int64)[:, None]
+    slots = torch.where(tok_slot >= 0, tok_slot * num_experts + topk_ids.to(torch.int64),
+                        -1).reshape(-1)
+    # SGMV (pairs sorted by virtual slot) from lora_delta's token threshold while the
+    # S*E + 1 groups fit the alignment kernels; else BGMV (one pair at a time)
+    grouped = (slots.shape[0] >= triton_lora.GROUPED_MIN_TOKENS
+               and virt + 1 <= LORA_GROUPED_MAX_GROUPS)
+    return PairLoRA(a13.reshape(virt, r13, h), b13.reshape(virt, 2 * inter, r13),
+                    a2.reshape(virt, r2, inter), b2.reshape(virt, h, r2), slots,
+                    scaling.repeat_interleave(num_experts), grouped)
+
+
+def gate_up_delta(x: torch.Tensor, lora: PairLoRA, top_k: int) -> torch.Tensor:
+    """Each pair's LoRA update of its gate / up pre-activations: [T*k, 2I] in x.dtype,
+    row p = scaling[s] * B13[s, e] @ (A13[s, e] @ x[p // k]) rounded (0 where v_p = -1)."""
+    from . import lora as triton_lora
+
+    return triton_lora.lora_delta(x, lora.a13, lora.b13, lora.slots, lora.scaling,
+                                  grouped=lora.grouped, x_rep=top_k)
+
+
+def down_delta(act: torch.Tensor, lora: PairLoRA) -> torch.Tensor:
+    """Each pair's LoRA update of its down projection: [T*k, H] in act's dtype, row p =
+    scaling[s] * B2[s, e] @ (A2[s, e] @ act[p]) rounded (0 where v_p = -1)."""
+    from . import lora as triton_lora
+
+    return triton_lora.lora_delta(act, lora.a2, lora.b2, lora.slots, lora.scaling,
+                                  grouped=lora.grouped)
+
+
 def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
-              topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
-    """See minikernels.ops.fused_moe (inputs checked there; any strides)."""
+              topk_weights: torch.Tensor, topk_ids: torch.Tensor,
+              lora: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
+    """See minikernels.ops.fused_moe (inputs checked there; any strides). lora: the six
+    tensors of minikernels.ops.MoELoRA, or None."""
     t, h = x.shape
     num_experts, two_i, _ = w13.shape
     inter = two_i // 2
@@ -206,20 +296,26 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
         cfg = moe_config(n_pairs, num_experts, x.dtype, aligned, even_k=False)
     sorted_ids, block_expert = sort_pairs_by_expert(topk_ids, num_experts, cfg.block_m)
     max_blocks = block_expert.shape[0]
+    plora = pair_lora(lora, topk_ids)
     # fp32 inputs: exact fp32 products. bf16 under the interpreter (CPU tensors): its
     # tl.dot multiplies raw bits and its bf16 cast truncates, so both are worked around
     interp_bf16 = x.device.type != "cuda" and x.dtype == torch.bfloat16
     dot_f32 = x.dtype == torch.float32 or interp_bf16
     act = _alloc.empty((n_pairs, inter), x.dtype, x.device)
     buf = _alloc.empty((n_pairs, h), torch.float32, x.device)
+    # without LoRA the delta pointers are x / act themselves, never read (HAS_DELTA off)
+    d13 = x if plora is None else gate_up_delta(x, plora, top_k)
     moe_gate_up_kernel[(max_blocks, triton.cdiv(inter, cfg.block_n))](
-        x, w13, act, sorted_ids, block_expert, n_pairs, top_k, h, inter,
+        x, w13, act, d13, sorted_ids, block_expert, n_pairs, top_k, h, inter,
+        plora is not None,
         x.stride(0), x.stride(1), w13.stride(0), w13.stride(1), w13.stride(2),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         EVEN_K=even_k, ALIGNED=aligned, DOT_F32=dot_f32, RNE_BF16=interp_bf16,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    d2 = act if plora is None else down_delta(act, plora)
     moe_down_kernel[(max_blocks, triton.cdiv(h, cfg.block_n))](
-        act, w2, topk_weights, buf, sorted_ids, block_expert, n_pairs, top_k, h, inter,
+        act, w2, topk_weights, buf, d2, sorted_ids, block_expert, n_pairs, top_k, h, inter,
+        plora is not None,
         w2.stride(0), w2.stride(1), w2.stride(2), topk_weights.stride(0),
         topk_weights.stride(1),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
@@ -234,7 +330,14 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
 # ALIGNED hints lets the tile loads vectorize. Unaligned configs (odd sizes, or a view
 # whose last dim is strided) compile with every stride a runtime value.
 
-_INTS = {"n_pairs": "i32", "top_k": "i32", "H": "i32", "I": "i32"}
+def _in_order(fn, sig: dict[str, str]) -> dict[str, str]:
+    """A spec's signature in the kernel's argument order (every argument named once)."""
+    assert set(sig) == set(fn.arg_names), set(sig) ^ set(fn.arg_names)
+    return {a: sig[a] for a in fn.arg_names}
+
+
+_INTS = {"n_pairs": "i32", "top_k": "i32", "H": "i32", "I": "i32",
+         "HAS_DELTA": "constexpr"}
 for _dt, _tdt in (("fp16", torch.float16), ("bf16", torch.bfloat16),
                   ("fp32", torch.float32)):
     # aligned rows with K a multiple of BLOCK_K (the common case), aligned rows with a
@@ -254,16 +357,24 @@ for _dt, _tdt in (("fp16", torch.float16), ("bf16", torch.bfloat16),
                      "tensor_core": _dt != "fp32",           # fp32 "ieee" dots: FMAs
                      "wgmma_expected": _cfg.block_m >= 64}
             _sig = {"x_ptr": f"*{_dt}", "w13_ptr": f"*{_dt}", "act_ptr": f"*{_dt}",
-                    "sorted_ids_ptr": "*i32", "block_expert_ptr": "*i32", **_INTS,
+                    "delta_ptr": f"*{_dt}", "sorted_ids_ptr": "*i32",
+                    "block_expert_ptr": "*i32", **_INTS,
                     "sx_t": "i64", "sx_h": "i64", "sw_e": "i64", "sw_n": "i64",
                     "sw_h": "i64", **{c: "constexpr" for c in (*_const, *_unit[0])}}
             _sig["RNE_BF16"] = "constexpr"                        # interpreter only
-            register(KernelSpec(name=f"moe_gate_up[{_tag}]", fn=moe_gate_up_kernel,
-                                signature=_sig, constexprs={**_const, **_unit[0],
-                                                            "RNE_BF16": False}, **_opts))
-            _sig = {"act_ptr": f"*{_dt}", "w2_ptr": f"*{_dt}", "tw_ptr": "*fp32",
-                    "out_ptr": "*fp32", "sorted_ids_ptr": "*i32", "block_expert_ptr": "*i32",
-                    **_INTS, "sw_e": "i64", "sw_h": "i64", "sw_i": "i64", "stw_t": "i64",
-                    "stw_j": "i64", **{c: "constexpr" for c in (*_const, *_unit[1])}}
-            register(KernelSpec(name=f"moe_down[{_tag}]", fn=moe_down_kernel,
-                                signature=_sig, constexprs={**_const, **_unit[1]}, **_opts))
+            _sig_down = {"act_ptr": f"*{_dt}", "w2_ptr": f"*{_dt}", "tw_ptr": "*fp32",
+                         "out_ptr": "*fp32", "delta_ptr": f"*{_dt}",
+                         "sorted_ids_ptr": "*i32", "block_expert_ptr": "*i32", **_INTS,
+                         "sw_e": "i64", "sw_h": "i64", "sw_i": "i64", "stw_t": "i64",
+                         "stw_j": "i64", **{c: "constexpr" for c in (*_const, *_unit[1])}}
+            # the LoRA variants (HAS_DELTA) of the common aligned tiles
+            for _lora in (False, True) if _aligned and _even and _dt != "fp32" else (False,):
+                _ltag = _tag + (",lora" if _lora else "")
+                register(KernelSpec(name=f"moe_gate_up[{_ltag}]", fn=moe_gate_up_kernel,
+                                    signature=_in_order(moe_gate_up_kernel, _sig),
+                                    constexprs={**_const, **_unit[0], "RNE_BF16": False,
+                                                "HAS_DELTA": _lora}, **_opts))
+                register(KernelSpec(name=f"moe_down[{_ltag}]", fn=moe_down_kernel,
+                                    signature=_in_order(moe_down_kernel, _sig_down),
+                                    constexprs={**_const, **_unit[1], "HAS_DELTA": _lora},
+                                    **_opts))

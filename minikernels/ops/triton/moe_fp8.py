@@ -18,9 +18,14 @@ Algorithm: the three steps of ops/triton/moe.py (its ``sort_pairs_by_expert`` pu
 A K tile never straddles two scale blocks: BLOCK_K divides bk (bk % 16 == 0), or one block
 spans the matrix's K (per channel). Rows past the edge are clamped for the loads (gate row
 n % I, up row I + n % I, token of a padding pair = the last one) and masked at the store.
+LoRA on the experts (optional): moe.py's ``pair_lora`` / ``gate_up_delta`` /
+``down_delta``; step 1 adds the pair's d13 row to its gate / up accumulators before the
+epilogue, step 2 its d2 row before the router weight (clamped loads as above), behind the
+constexpr ``HAS_DELTA``.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -30,7 +35,14 @@ import triton.language as tl
 from .. import _alloc
 from .fp8_matmul import _dot, _e4m3_as_fp16, block_k_for
 from .interpreter_rounding import rne_bf16
-from .moe import _rows_aligned, moe_config, sort_pairs_by_expert
+from .moe import (
+    _rows_aligned,
+    down_delta,
+    gate_up_delta,
+    moe_config,
+    pair_lora,
+    sort_pairs_by_expert,
+)
 from .registry import KernelSpec, register
 
 
@@ -73,8 +85,9 @@ def moe_fp8_config(n_pairs: int, num_experts: int, dtype: torch.dtype, k_dim: in
 
 
 @triton.jit
-def moe_fp8_gate_up_kernel(x_ptr, w_ptr, s_ptr, act_ptr, sorted_ids_ptr, block_expert_ptr,
-                           n_pairs, top_k, H, I, block_n, block_k,
+def moe_fp8_gate_up_kernel(x_ptr, w_ptr, s_ptr, act_ptr, delta_ptr, sorted_ids_ptr,
+                           block_expert_ptr, n_pairs, top_k, H, I, block_n, block_k,
+                           HAS_DELTA: tl.constexpr,
                            sx_t, sx_h, sw_e, sw_n, sw_k, ss_e, ss_n, ss_k,
                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                            BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
@@ -126,6 +139,11 @@ def moe_fp8_gate_up_kernel(x_ptr, w_ptr, s_ptr, act_ptr, sorted_ids_ptr, block_e
         x_ptrs += BLOCK_K * sx_h
         g_ptrs += BLOCK_K * sw_k
         u_ptrs += BLOCK_K * sw_k
+    if HAS_DELTA:   # LoRA: the pair's gate / up update, a [T*k, 2I] row in x.dtype
+        pair_l = tl.minimum(pair, n_pairs - 1).to(tl.int64)       # clamped, as the loads
+        d_ptrs = delta_ptr + pair_l[:, None] * (2 * I) + n_l[None, :]
+        acc_g += tl.load(d_ptrs).to(tl.float32)
+        acc_u += tl.load(d_ptrs + I).to(tl.float32)
     act = acc_g / (1.0 + tl.exp(-acc_g)) * acc_u       # silu(gate) * up in fp32
     if RNE_BF16:  # interpreter only: its fp32 -> bf16 cast truncates; the GPU rounds
         act = rne_bf16(act)
@@ -135,8 +153,9 @@ def moe_fp8_gate_up_kernel(x_ptr, w_ptr, s_ptr, act_ptr, sorted_ids_ptr, block_e
 
 
 @triton.jit
-def moe_fp8_down_kernel(act_ptr, w_ptr, s_ptr, tw_ptr, out_ptr, sorted_ids_ptr,
+def moe_fp8_down_kernel(act_ptr, w_ptr, s_ptr, tw_ptr, out_ptr, delta_ptr, sorted_ids_ptr,
                         block_expert_ptr, n_pairs, top_k, H, I, block_n, block_k,
+                        HAS_DELTA: tl.constexpr,
                         sw_e, sw_n, sw_k, ss_e, ss_n, ss_k, stw_t, stw_j,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                         EVEN_K: tl.constexpr, ALIGNED: tl.constexpr, DOT_F32: tl.constexpr):
@@ -174,6 +193,8 @@ def moe_fp8_down_kernel(act_ptr, w_ptr, s_ptr, tw_ptr, out_ptr, sorted_ids_ptr,
                     DOT_F32) * s[None, :]
         a_ptrs += BLOCK_K
         w_ptrs += BLOCK_K * sw_k
+    if HAS_DELTA:   # LoRA: the pair's down update, a [T*k, H] row in x.dtype (clamped)
+        acc += tl.load(delta_ptr + pair_l[:, None] * H + n_l[None, :]).to(tl.float32)
     # the router weight of (token, slot), fp32, applied before the k-sum
     tok = pair_l // top_k
     slot = pair_l - tok * top_k
@@ -185,9 +206,11 @@ def moe_fp8_down_kernel(act_ptr, w_ptr, s_ptr, tw_ptr, out_ptr, sorted_ids_ptr,
 
 def fused_moe_fp8(x: torch.Tensor, w13: torch.Tensor, w13_scale: torch.Tensor,
                   w2: torch.Tensor, w2_scale: torch.Tensor, topk_weights: torch.Tensor,
-                  topk_ids: torch.Tensor, block_size: list[int]) -> torch.Tensor:
+                  topk_ids: torch.Tensor, block_size: list[int],
+                  lora: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
     """See minikernels.ops.fused_moe_fp8 (inputs checked there; any strides). w13 / w2 are
-    the fp8 weights' bytes (uint8) or the float8_e4m3fn tensors themselves."""
+    the fp8 weights' bytes (uint8) or the float8_e4m3fn tensors themselves. lora: the six
+    tensors of minikernels.ops.MoELoRA, or None."""
     t, h = x.shape
     num_experts, two_i, _ = w13.shape
     inter = two_i // 2
@@ -205,6 +228,7 @@ def fused_moe_fp8(x: torch.Tensor, w13: torch.Tensor, w13_scale: torch.Tensor,
     cfg2 = moe_fp8_config(n_pairs, num_experts, x.dtype, inter, bk2, aligned, gate_up=False)
     sorted_ids, block_expert = sort_pairs_by_expert(topk_ids, num_experts, cfg13.block_m)
     max_blocks = block_expert.shape[0]
+    plora = pair_lora(lora, topk_ids)
     # bf16 under the interpreter (CPU tensors): its tl.dot multiplies raw bits and its bf16
     # cast truncates, so both are worked around (as in moe.py); never set on a GPU.
     # fp32 x: exact fp32 ("ieee") dots.
@@ -212,16 +236,20 @@ def fused_moe_fp8(x: torch.Tensor, w13: torch.Tensor, w13_scale: torch.Tensor,
     dot_f32 = x.dtype == torch.float32 or interp_bf16
     act = _alloc.empty((n_pairs, inter), x.dtype, x.device)
     buf = _alloc.empty((n_pairs, h), torch.float32, x.device)
+    # without LoRA the delta pointers are x / act themselves, never read (HAS_DELTA off)
+    d13 = x if plora is None else gate_up_delta(x, plora, top_k)
     moe_fp8_gate_up_kernel[(max_blocks, triton.cdiv(inter, cfg13.block_n))](
-        x, w13, w13_scale, act, sorted_ids, block_expert, n_pairs, top_k, h, inter,
-        bn13, bk13, x.stride(0), x.stride(1), *w13.stride(), *w13_scale.stride(),
+        x, w13, w13_scale, act, d13, sorted_ids, block_expert, n_pairs, top_k, h, inter,
+        bn13, bk13, plora is not None,
+        x.stride(0), x.stride(1), *w13.stride(), *w13_scale.stride(),
         BLOCK_M=cfg13.block_m, BLOCK_N=cfg13.block_n, BLOCK_K=cfg13.block_k,
         EVEN_K=cfg13.even_k, ALIGNED=aligned, DOT_F32=dot_f32, RNE_BF16=interp_bf16,
         num_warps=cfg13.num_warps, num_stages=cfg13.num_stages)
+    d2 = act if plora is None else down_delta(act, plora)
     moe_fp8_down_kernel[(max_blocks, triton.cdiv(h, cfg2.block_n))](
-        act, w2, w2_scale, topk_weights, buf, sorted_ids, block_expert, n_pairs, top_k, h,
-        inter, bn2, bk2, *w2.stride(), *w2_scale.stride(), topk_weights.stride(0),
-        topk_weights.stride(1),
+        act, w2, w2_scale, topk_weights, buf, d2, sorted_ids, block_expert, n_pairs, top_k,
+        h, inter, bn2, bk2, plora is not None,
+        *w2.stride(), *w2_scale.stride(), topk_weights.stride(0), topk_weights.stride(1),
         BLOCK_M=cfg2.block_m, BLOCK_N=cfg2.block_n, BLOCK_K=cfg2.block_k,
         EVEN_K=cfg2.even_k, ALIGNED=aligned, DOT_F32=dot_f32,
         num_warps=cfg2.num_warps, num_stages=cfg2.num_stages)
@@ -244,10 +272,12 @@ _INTS = {"n_pairs": "i32", "top_k": "i32", "H": "i32", "I": "i32", "block_n": "i
          "block_k": "i32"}
 
 
-def _register(dt: str, kind: str, cfg: MoeFp8Config, gate_up: bool) -> None:
+def _register(dt: str, kind: str, cfg: MoeFp8Config, gate_up: bool,
+              lora: bool = False) -> None:
     aligned = kind != "unaligned"
     const = {"BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "BLOCK_K": cfg.block_k,
-             "EVEN_K": cfg.even_k, "ALIGNED": aligned, "DOT_F32": dt == "fp32"}
+             "EVEN_K": cfg.even_k, "ALIGNED": aligned, "DOT_F32": dt == "fp32",
+             "HAS_DELTA": lora}
     if gate_up:
         fn, name = moe_fp8_gate_up_kernel, "moe_fp8_gate_up"
         unit = {"sx_h": 1, "sw_k": 1} if aligned else {}
@@ -260,13 +290,13 @@ def _register(dt: str, kind: str, cfg: MoeFp8Config, gate_up: bool) -> None:
         sig = {"act_ptr": f"*{dt}", "tw_ptr": "*fp32", "out_ptr": "*fp32", "stw_t": "i64",
                "stw_j": "i64"}
         div = ("act_ptr", "out_ptr")
-    sig.update({"w_ptr": "*u8", "s_ptr": "*fp32", "sorted_ids_ptr": "*i32",
-                "block_expert_ptr": "*i32", **_INTS,
+    sig.update({"w_ptr": "*u8", "s_ptr": "*fp32", "delta_ptr": f"*{dt}",
+                "sorted_ids_ptr": "*i32", "block_expert_ptr": "*i32", **_INTS,
                 **{n: "i64" for n in ("sw_e", "sw_n", "sw_k", "ss_e", "ss_n", "ss_k")},
                 **{c: "constexpr" for c in (*const, *unit)}})
-    div += ("w_ptr", "s_ptr", "sorted_ids_ptr", "sw_e", "sw_n")
+    div += ("w_ptr", "s_ptr", "delta_ptr", "sorted_ids_ptr", "sw_e", "sw_n")
     register(KernelSpec(
-        name=f"{name}[{dt},BM={cfg.block_m},{kind}]", fn=fn,
+        name=f"{name}[{dt},BM={cfg.block_m},{kind}" + (",lora]" if lora else "]"), fn=fn,
         signature={a: sig[a] for a in fn.arg_names}, constexprs={**const, **unit},
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, tensor_core=dt != "fp32",
         wgmma_expected=cfg.block_m >= 64, divisible_by_16=div if aligned else ()))
@@ -282,3 +312,5 @@ for _dt, _tdt in (("fp16", torch.float16), ("bf16", torch.bfloat16), ("fp32", to
                                       _gate_up)
                 assert _cfg.even_k == (_kind == "aligned")
                 _register(_dt, _kind, _cfg, _gate_up)
+                if _kind == "aligned" and _dt != "fp32":        # + LoRA (HAS_DELTA)
+                    _register(_dt, _kind, _cfg, _gate_up, lora=True)

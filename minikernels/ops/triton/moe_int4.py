@@ -19,12 +19,16 @@ Otherwise (groups of 8, 16, 24, 40 ..., or per-channel with H or I not a multipl
 the kernels load a scale and zero per (row, packed word) of the tile (a group size is a
 multiple of 8, so a word never straddles groups), repeat them over the word's 8 nibbles
 in registers, and mask K (not GROUPED).
+LoRA on the experts (optional): moe.py's ``pair_lora`` / ``gate_up_delta`` /
+``down_delta``; step 1 adds the pair's d13 row to its gate / up accumulators before the
+epilogue, step 2 its d2 row before the router weight, behind the constexpr ``HAS_DELTA``.
 Scales / zeros of the other half type than x are converted to x.dtype on the host first.
 Every tensor's inner dim must be unit-stride (the launcher copies one that is not); all
 outer strides are runtime values.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -34,7 +38,14 @@ import triton.language as tl
 from .. import _alloc
 from .int4_matmul import _unpack_nibbles
 from .interpreter_rounding import rne_bf16
-from .moe import moe_config, sort_pairs_by_expert
+from .moe import (
+    _in_order,
+    down_delta,
+    gate_up_delta,
+    moe_config,
+    pair_lora,
+    sort_pairs_by_expert,
+)
 from .registry import KernelSpec, register
 
 BLOCK_K = 32
@@ -50,15 +61,17 @@ class MoeInt4Config:
     num_stages: int = 3
 
 
-def moe_int4_config(n_pairs: int, num_experts: int, group_h: int, group_i: int
-                    ) -> MoeInt4Config:
+def moe_int4_config(n_pairs: int, num_experts: int, group_h: int, group_i: int,
+                    lora: bool = False) -> MoeInt4Config:
     """BLOCK_M from moe.py's ``moe_config`` (16 / 32 / 64 by the average pairs per
     expert); a 64-wide N tile and a 32-deep K tile (the unpacked [BN, BK] weight tile of
     two matrices in registers); GROUPED when each K tile sits in one group of both
-    matrices. Every combination is a registered spec (no spills on sm_80 and sm_90a)."""
+    matrices. Every combination is a registered spec (no spills on sm_80 and sm_90a);
+    ``lora`` (the LoRA epilogue) at BLOCK_M 64 takes 8 warps (4 spill on sm_90a)."""
     base = moe_config(n_pairs, num_experts, torch.float16)
     grouped = group_h % BLOCK_K == 0 and group_i % BLOCK_K == 0
-    return MoeInt4Config(base.block_m, 64, BLOCK_K, grouped, num_warps=4,
+    return MoeInt4Config(base.block_m, 64, BLOCK_K, grouped,
+                         num_warps=8 if lora and base.block_m == 64 else 4,
                          num_stages=3 if grouped else 2)
 
 
@@ -105,8 +118,9 @@ def _dequant_rows(qw_ptr, s_ptr, z_ptr, rows, row_ok, k0, K, group, sq_n, ss_n, 
 
 
 @triton.jit
-def moe_int4_gate_up_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, act_ptr, sorted_ids_ptr,
+def moe_int4_gate_up_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, act_ptr, delta_ptr, sorted_ids_ptr,
                             block_expert_ptr, n_pairs, top_k, H, I, group,
+                            HAS_DELTA: tl.constexpr,
                             sx_t, sq_e, sq_n, ss_e, ss_n, sz_e, sz_n,
                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                             BLOCK_K: tl.constexpr, GROUPED: tl.constexpr,
@@ -148,6 +162,11 @@ def moe_int4_gate_up_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, act_ptr, sorted_ids_ptr
             acc_g = tl.dot(a, tl.trans(wg), acc_g)
             acc_u = tl.dot(a, tl.trans(wu), acc_u)
         x_ptrs += BLOCK_K
+    if HAS_DELTA:   # LoRA: the pair's gate / up update, a [T*k, 2I] row in x.dtype
+        d_ptrs = delta_ptr + pair[:, None].to(tl.int64) * (2 * I) + offs_n[None, :]
+        d_ok = live[:, None] & n_ok[None, :]
+        acc_g += tl.load(d_ptrs, mask=d_ok, other=0.0).to(tl.float32)
+        acc_u += tl.load(d_ptrs + I, mask=d_ok, other=0.0).to(tl.float32)
     act = acc_g / (1.0 + tl.exp(-acc_g)) * acc_u       # silu(gate) * up in fp32
     if RNE_BF16:
         act = rne_bf16(act)
@@ -156,8 +175,9 @@ def moe_int4_gate_up_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, act_ptr, sorted_ids_ptr
 
 
 @triton.jit
-def moe_int4_down_kernel(act_ptr, qw_ptr, s_ptr, z_ptr, tw_ptr, out_ptr, sorted_ids_ptr,
-                         block_expert_ptr, n_pairs, top_k, H, I, group,
+def moe_int4_down_kernel(act_ptr, qw_ptr, s_ptr, z_ptr, tw_ptr, out_ptr, delta_ptr,
+                         sorted_ids_ptr, block_expert_ptr, n_pairs, top_k, H, I, group,
+                         HAS_DELTA: tl.constexpr,
                          sq_e, sq_n, ss_e, ss_n, sz_e, sz_n, stw_t, stw_j,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                          BLOCK_K: tl.constexpr, GROUPED: tl.constexpr,
@@ -193,6 +213,9 @@ def moe_int4_down_kernel(act_ptr, qw_ptr, s_ptr, z_ptr, tw_ptr, out_ptr, sorted_
         else:
             acc = tl.dot(a, tl.trans(w), acc)
         a_ptrs += BLOCK_K
+    if HAS_DELTA:   # LoRA: the pair's down update, a [T*k, H] row in x.dtype
+        acc += tl.load(delta_ptr + pair64[:, None] * H + offs_n[None, :],
+                       mask=live[:, None] & n_ok[None, :], other=0.0).to(tl.float32)
     # the router weight of (token, slot), fp32, applied before the k-sum
     tok = pair64 // top_k
     slot = pair64 - tok * top_k
@@ -214,8 +237,10 @@ def fused_moe_int4(x: torch.Tensor, w13_qweight: torch.Tensor, w13_scales: torch
                    w13_zeros: torch.Tensor, w2_qweight: torch.Tensor,
                    w2_scales: torch.Tensor, w2_zeros: torch.Tensor,
                    topk_weights: torch.Tensor, topk_ids: torch.Tensor,
-                   group_size: int) -> torch.Tensor:
-    """See minikernels.ops.fused_moe_int4 (inputs checked there; any outer strides)."""
+                   group_size: int, lora: Sequence[torch.Tensor] | None = None
+                   ) -> torch.Tensor:
+    """See minikernels.ops.fused_moe_int4 (inputs checked there; any outer strides).
+    lora: the six tensors of minikernels.ops.MoELoRA, or None."""
     t, h = x.shape
     num_experts, two_i, _ = w13_qweight.shape
     inter = two_i // 2
@@ -228,7 +253,8 @@ def fused_moe_int4(x: torch.Tensor, w13_qweight: torch.Tensor, w13_scales: torch
         _unit_inner(v.to(x.dtype)) for v in (w13_scales, w13_zeros, w2_scales, w2_zeros))
     group_h = h if group_size == -1 else group_size
     group_i = inter if group_size == -1 else group_size
-    cfg = moe_int4_config(n_pairs, num_experts, group_h, group_i)
+    plora = pair_lora(lora, topk_ids)
+    cfg = moe_int4_config(n_pairs, num_experts, group_h, group_i, lora=plora is not None)
     sorted_ids, block_expert = sort_pairs_by_expert(topk_ids, num_experts, cfg.block_m)
     max_blocks = block_expert.shape[0]
     # bf16 under the interpreter (CPU tensors): its tl.dot multiplies raw bits and its bf16
@@ -239,15 +265,19 @@ def fused_moe_int4(x: torch.Tensor, w13_qweight: torch.Tensor, w13_scales: torch
     consts = {"BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "BLOCK_K": cfg.block_k,
               "GROUPED": cfg.grouped, "DOT_F32": interp_bf16, "RNE_BF16": interp_bf16,
               "num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+    # without LoRA the delta pointers are x / act themselves, never read (HAS_DELTA off)
+    d13 = x if plora is None else gate_up_delta(x, plora, top_k)
     moe_int4_gate_up_kernel[(max_blocks, triton.cdiv(inter, cfg.block_n))](
-        x, w13_qweight, w13_scales, w13_zeros, act, sorted_ids, block_expert, n_pairs,
-        top_k, h, inter, group_h, x.stride(0), w13_qweight.stride(0), w13_qweight.stride(1),
-        w13_scales.stride(0), w13_scales.stride(1), w13_zeros.stride(0),
-        w13_zeros.stride(1), **consts)
+        x, w13_qweight, w13_scales, w13_zeros, act, d13, sorted_ids, block_expert, n_pairs,
+        top_k, h, inter, group_h, plora is not None, x.stride(0),
+        w13_qweight.stride(0), w13_qweight.stride(1), w13_scales.stride(0),
+        w13_scales.stride(1), w13_zeros.stride(0), w13_zeros.stride(1), **consts)
+    d2 = act if plora is None else down_delta(act, plora)
     moe_int4_down_kernel[(max_blocks, triton.cdiv(h, cfg.block_n))](
-        act, w2_qweight, w2_scales, w2_zeros, topk_weights, buf, sorted_ids, block_expert,
-        n_pairs, top_k, h, inter, group_i, w2_qweight.stride(0), w2_qweight.stride(1),
-        w2_scales.stride(0), w2_scales.stride(1), w2_zeros.stride(0), w2_zeros.stride(1),
+        act, w2_qweight, w2_scales, w2_zeros, topk_weights, buf, d2, sorted_ids,
+        block_expert, n_pairs, top_k, h, inter, group_i, plora is not None,
+        w2_qweight.stride(0), w2_qweight.stride(1), w2_scales.stride(0),
+        w2_scales.stride(1), w2_zeros.stride(0), w2_zeros.stride(1),
         topk_weights.stride(0), topk_weights.stride(1), **consts)
     return buf.view(t, top_k, h).sum(dim=1).to(x.dtype)
 
@@ -257,7 +287,8 @@ def fused_moe_int4(x: torch.Tensor, w13_qweight: torch.Tensor, w13_scales: torch
 # x GROUPED (one scale per row and K tile, no K mask) or not (per-element scales, K
 # masked). Inner strides are 1 (the launcher guarantees it; not kernel arguments).
 
-_INTS = {"n_pairs": "i32", "top_k": "i32", "H": "i32", "I": "i32", "group": "i32"}
+_INTS = {"n_pairs": "i32", "top_k": "i32", "H": "i32", "I": "i32", "group": "i32",
+         "HAS_DELTA": "constexpr"}
 _STRIDES = {n: "i64" for n in ("sq_e", "sq_n", "ss_e", "ss_n", "sz_e", "sz_n")}
 for _dt in ("fp16", "bf16"):
     for _grouped in (True, False):
@@ -269,17 +300,25 @@ for _dt in ("fp16", "bf16"):
             _const = {"BLOCK_M": _cfg.block_m, "BLOCK_N": _cfg.block_n,
                       "BLOCK_K": _cfg.block_k, "GROUPED": _grouped, "DOT_F32": False,
                       "RNE_BF16": False}
-            _opts = {"num_warps": _cfg.num_warps, "num_stages": _cfg.num_stages,
-                     "tensor_core": True, "wgmma_expected": _cfg.block_m >= 64}
             _w = {"qw_ptr": "*i32", "s_ptr": f"*{_dt}", "z_ptr": f"*{_dt}"}
             _sig = {"x_ptr": f"*{_dt}", **_w, "act_ptr": f"*{_dt}",
-                    "sorted_ids_ptr": "*i32", "block_expert_ptr": "*i32", **_INTS,
+                    "delta_ptr": f"*{_dt}", "sorted_ids_ptr": "*i32",
+                    "block_expert_ptr": "*i32", **_INTS,
                     "sx_t": "i64", **_STRIDES, **{c: "constexpr" for c in _const}}
-            register(KernelSpec(name=f"moe_int4_gate_up[{_tag}]", fn=moe_int4_gate_up_kernel,
-                                signature=_sig, constexprs=_const, **_opts))
-            _sig = {"act_ptr": f"*{_dt}", **_w, "tw_ptr": "*fp32", "out_ptr": "*fp32",
-                    "sorted_ids_ptr": "*i32", "block_expert_ptr": "*i32", **_INTS,
-                    **_STRIDES, "stw_t": "i64", "stw_j": "i64",
-                    **{c: "constexpr" for c in _const}}
-            register(KernelSpec(name=f"moe_int4_down[{_tag}]", fn=moe_int4_down_kernel,
-                                signature=_sig, constexprs=_const, **_opts))
+            _sig_down = {"act_ptr": f"*{_dt}", **_w, "tw_ptr": "*fp32", "out_ptr": "*fp32",
+                         "delta_ptr": f"*{_dt}", "sorted_ids_ptr": "*i32",
+                         "block_expert_ptr": "*i32", **_INTS,
+                         **_STRIDES, "stw_t": "i64", "stw_j": "i64",
+                         **{c: "constexpr" for c in _const}}
+            for _lora in (False, True) if _grouped else (False,):   # + LoRA (HAS_DELTA)
+                _ltag = _tag + (",lora" if _lora else "")
+                _lcfg = moe_int4_config(_avg * 64, 64, 128, 128, lora=True) if _lora else _cfg
+                _opts = {"num_warps": _lcfg.num_warps, "num_stages": _lcfg.num_stages,
+                         "tensor_core": True, "wgmma_expected": _cfg.block_m >= 64}
+                register(KernelSpec(name=f"moe_int4_gate_up[{_ltag}]",
+                                    fn=moe_int4_gate_up_kernel,
+                                    signature=_in_order(moe_int4_gate_up_kernel, _sig),
+                                    constexprs={**_const, "HAS_DELTA": _lora}, **_opts))
+                register(KernelSpec(name=f"moe_int4_down[{_ltag}]", fn=moe_int4_down_kernel,
+                                    signature=_in_order(moe_int4_down_kernel, _sig_down),
+                                    constexprs={**_const, "HAS_DELTA": _lora}, **_opts))
