@@ -13,29 +13,13 @@ import os
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from test_lora import ALL, make_adapter
+from test_lora import ALL, _ref_logits, _run, make_adapter
 from test_model_support import make_hf_model, random_tokens, rel_err, save_hf
 
 import minikernels as mk
-from minikernels.models import AttentionMetadata, load_model
+from minikernels.models import load_model
 from minikernels.models.lora import LoRAAdapter, LoRAError, LoRAManager
 from minikernels.models.parallel import TensorParallel
-
-
-@torch.no_grad()
-def _ref_logits(model, ids: list[int]) -> torch.Tensor:
-    return model(torch.tensor([ids])).logits[0].float()
-
-
-def _run(model, seqs: list[list[int]], slots: list[int], manager: LoRAManager) -> torch.Tensor:
-    ids = torch.tensor([t for s in seqs for t in s])
-    token_slots = torch.tensor([slot for s, slot in zip(seqs, slots) for _ in s],
-                               dtype=torch.int32)
-    manager.set_token_slots(token_slots)
-    try:
-        return model(ids, AttentionMetadata.for_prompts([len(s) for s in seqs]), None)
-    finally:
-        manager.set_token_slots(None)
 
 
 @pytest.fixture(scope="module")

@@ -21,6 +21,11 @@ if not torch.distributed.is_available():
     pytest.skip("torch.distributed is not available", allow_module_level=True)
 
 
+def _greedy(llm, prompts: list, params, which: list) -> list[list[int]]:
+    return [o.outputs[0].token_ids
+            for o in llm.generate(prompts, params, use_tqdm=False, lora_request=which)]
+
+
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     # one kv head on two ranks: k / v rows of B are replicated, not split
@@ -87,21 +92,17 @@ def test_tp2_lora_requests_token_identical_to_tp1(setup, tmp_path, monkeypatch):
               max_num_batched_tokens=16, max_num_seqs=3, enable_lora=True, max_loras=1,
               max_lora_rank=8)
 
-    def run(llm):
-        return [o.outputs[0].token_ids
-                for o in llm.generate(prompts, params, use_tqdm=False, lora_request=which)]
-
-    want = run(mk.LLM(base, **kw))
+    want = _greedy(mk.LLM(base, **kw), prompts, params, which)
     llm = mk.LLM(base, tensor_parallel_size=2, **kw)
     try:
-        eager = run(llm)
+        eager = _greedy(llm, prompts, params, which)
         # the same through the decode-graph protocol (every rank's runner reads its slots
         # from a static buffer, as CUDA graphs do)
         model, runner = llm.llm_engine.model, llm.llm_engine.runner
         runner.graphs = TensorParallelDecodeGraphs(
             model, runner.kv_caches, graph_batch_sizes(3), runner.max_blocks_per_seq,
             model.config.vocab_size, runner_cls=EagerGraphs, lora=llm.llm_engine.lora.manager)
-        replayed = run(llm)
+        replayed = _greedy(llm, prompts, params, which)
     finally:
         llm.llm_engine.model.close()
     assert eager == want
@@ -129,13 +130,9 @@ def test_tp2_expert_adapters_token_identical_to_tp1(tmp_path):
     kw = dict(dtype="float32", device="cpu", tokenizer=None, block_size=4, num_kv_blocks=48,
               enable_lora=True, max_lora_rank=4)
 
-    def run(llm):
-        return [o.outputs[0].token_ids
-                for o in llm.generate(prompts, params, use_tqdm=False, lora_request=which)]
-
-    want = run(mk.LLM(base, **kw))
+    want = _greedy(mk.LLM(base, **kw), prompts, params, which)
     llm = mk.LLM(base, tensor_parallel_size=2, **kw)
     try:
-        assert run(llm) == want
+        assert _greedy(llm, prompts, params, which) == want
     finally:
         llm.llm_engine.model.close()
