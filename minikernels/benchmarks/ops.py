@@ -162,6 +162,24 @@ def op_cases(device: str, dtype: torch.dtype, small: bool) -> list[Case]:
                       routed * 3 * hm * im * es + 2 * nm * hm * es,
                       6 * nm * topk * hm * im, ("triton",),
                       lambda: loop_moe(xm, w13, w2, mw, mids)))
+    # the same MoE with LoRA on the experts (4 adapters of rank 16, every token on one of
+    # them), beside the plain fused_moe: the adapters' cost; bytes: the base case's + the
+    # routed experts' adapter weights of every slot
+    ns, rl = 4, 16
+    mlora = ops.MoELoRA(
+        torch.randn(ns, ne, 2 * rl, hm, device=device, dtype=dtype) / hm ** 0.5,
+        torch.randn(ns, ne, 2 * im, 2 * rl, device=device, dtype=dtype) / rl,
+        torch.randn(ns, ne, rl, im, device=device, dtype=dtype) / im ** 0.5,
+        torch.randn(ns, ne, hm, rl, device=device, dtype=dtype) / rl,
+        torch.arange(nm, device=device, dtype=torch.int32) % ns,
+        torch.full((ns,), 2.0, device=device))
+    cases.append(Case("fused_moe top8 + expert LoRA r16",
+                      f"{nm}tok {hm}x{im} E{ne} k{topk} S{ns}",
+                      lambda: ops.fused_moe(xm, w13, w2, mw, mids, lora=mlora),
+                      routed * 3 * hm * im * es + 2 * nm * hm * es
+                      + ns * routed * rl * (3 * hm + 5 * im) * es,
+                      6 * nm * topk * hm * im + 4 * nm * topk * rl * (3 * hm + 5 * im),
+                      ("triton",), lambda: ops.fused_moe(xm, w13, w2, mw, mids)))
     # the same MoE with int4 experts (W4A16, g128; g16 on the CPU's downsized shapes), the
     # peer: fused_moe on dense experts; bytes: routed experts' nibbles + fp16/bf16 scales
     # and zeros + x and out
