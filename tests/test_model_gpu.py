@@ -126,18 +126,20 @@ def test_gpu_speculative_verify_graphs_token_identical(tmp_path, method):
         assert llm.stats()["spec_num_accepted_tokens"] > 0
 
 
-def test_gpu_lora_graphs_equal_eager_and_peft(tmp_path):
+@pytest.mark.parametrize("kind", ["llama", "qwen3-moe"])
+def test_gpu_lora_graphs_equal_eager_and_peft(tmp_path, kind):
     """LoRA on the GPU: the decode CUDA graphs read each token's adapter slot from their
     static buffer; greedy tokens of a batch mixing two adapters and the base model equal
-    the eager engine's and PEFT's own (on the CPU, fp32). (Skipped where peft is not
-    installed: the H200 image has no package index.)"""
+    the eager engine's and PEFT's own (on the CPU, fp32). Qwen3-MoE: PEFT puts the
+    gate / up / down adapters on the experts' stacked parameters (the fused MoE op's LoRA
+    path). (Skipped where peft is not installed: the H200 image has no package index.)"""
     pytest.importorskip("peft")
     from test_lora import ALL, make_adapter
     from test_model_support import make_hf_model, save_hf
 
     from minikernels.engine import LLM, LoRARequest, SamplingParams
 
-    hf = make_hf_model("llama", seed=3)
+    hf = make_hf_model(kind, seed=3)
     base = save_hf(hf, str(tmp_path / "base"))
     paths = [str(tmp_path / "a1"), str(tmp_path / "a2")]
     refs = [make_adapter(hf, paths[0], r=4, alpha=8, targets=ALL, seed=1),
