@@ -297,7 +297,8 @@ def test_moe_int4_checkpoints(tmp_path, method, group):
     qzeros / scales, as Qwen3-30B-A3B-GPTQ-Int4) load onto the int4 experts losslessly:
     each expert's dequantized weights equal the known integers' W, and logits match
     transformers running those dequantized weights (activations rounded to fp16 for the
-    int4 ops). Act-order experts and TP are refused by name."""
+    int4 ops); under tensor parallel each rank's experts are the TP=1 experts' slices.
+    Act-order experts and K slices off group boundaries are refused by name."""
     from test_model_support import make_hf_model, write_quantized_checkpoint
 
     from minikernels.models.loader import CheckpointError
@@ -316,9 +317,22 @@ def test_moe_int4_checkpoints(tmp_path, method, group):
     got = model(ids, AttentionMetadata.for_prompts([len(s) for s in seqs]), None)
     want = torch.cat([hf_logits(hf, s) for s in seqs])
     assert rel_err(got, want) <= 0.02
-    with pytest.raises(CheckpointError, match="tensor parallelism"):
-        load_model(str(tmp_path / "q"), dtype="float32", device="cpu",
-                   tensor_parallel=TensorParallel(0, 2))
+    # tensor parallel: each rank reads its intermediate slice of every expert (gate / up
+    # output rows, down K at group boundaries), exactly the TP=1 experts' slices
+    i = hf.config.moe_intermediate_size
+    for rank in range(2):
+        part = load_model(str(tmp_path / "q"), dtype="float32", device="cpu",
+                          tensor_parallel=TensorParallel(rank, 2)).layers[0].mlp.experts
+        assert part.is_int4 and part.inter == i // 2
+        p13, p2 = part.dequantized()
+        half, up = slice(rank * i // 2, (rank + 1) * i // 2), slice(i + rank * i // 2,
+                                                                    i + (rank + 1) * i // 2)
+        assert torch.equal(p13, torch.cat([w13[:, half], w13[:, up]], dim=1))
+        assert torch.equal(p2, w2[:, :, half])
+    if group > 0:       # 4 ranks: K slices of 8 in groups of 16 (per-channel: any slice)
+        with pytest.raises(CheckpointError, match="group boundaries"):
+            load_model(str(tmp_path / "q"), dtype="float32", device="cpu",
+                       tensor_parallel=TensorParallel(0, 4))
     if method == "gptq":
         write_quantized_checkpoint(make_hf_model("qwen3-moe", moe_intermediate_size=32),
                                    str(tmp_path / "act"), "gptq", group=16, act_order=True)

@@ -106,7 +106,8 @@ def tp_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def quant_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     """GPTQ (act-order too: its column-parallel layers shard, row-parallel ones must not
-    be act-order, so only q/k/v/gate/up get a shuffled g_idx) and AWQ, group 32; fp8
+    be act-order, so only q/k/v/gate/up get a shuffled g_idx) and AWQ, group 32; a GPTQ
+    Qwen3-MoE (int4 experts sharded along I); fp8
     (compressed-tensors per-channel scales: rows shard with their scales)."""
     from test_fp8_model import write_fp8_checkpoint
     from test_model_support import write_quantized_checkpoint
@@ -117,6 +118,10 @@ def quant_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
         write_quantized_checkpoint(make_hf_model("llama", seed=5), d, method, group=32,
                                    act_order=act)
         dirs[name] = d
+    # a GPTQ mixture of experts: each rank reads its slice of every expert's int4 tensors
+    dirs["gptq-moe"] = str(tmp_path_factory.mktemp("gptq-moe"))
+    write_quantized_checkpoint(make_hf_model("qwen3-moe", seed=5, moe_intermediate_size=64),
+                               dirs["gptq-moe"], "gptq", group=32)
     dirs["fp8"] = str(tmp_path_factory.mktemp("fp8"))
     write_fp8_checkpoint(make_hf_model("llama", seed=5), dirs["fp8"], "ct-channel")
     return dirs

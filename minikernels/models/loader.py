@@ -483,10 +483,6 @@ def _load_hf(model_dir: str, dtype: str | torch.dtype, device: torch.device,
     elif quantization == "fp8" and ckpt_quant is not None:
         raise CheckpointError(f"quantization='fp8' but {model_dir} is a "
                               f"{ckpt_quant['method']} int4 checkpoint")
-    if ckpt_quant is not None and fp8_ckpt is None and config.num_experts and tp is not None:
-        raise CheckpointError(f"{model_dir}: int4 checkpoints of mixture-of-experts models "
-                              "are not supported with tensor parallelism yet; load the dense "
-                              "checkpoint with quantization='int4' (RTN on load)")
     if quantization in ("gptq", "awq") and (ckpt_quant is None or
                                             ckpt_quant["method"] != quantization):
         found = ckpt_quant["method"] if ckpt_quant else "a dense checkpoint"

@@ -214,7 +214,9 @@ def _expert_shard(config: DecoderConfig, tp: TensorParallel, module: str, shard:
     """This rank's intermediate slice [s0, s1) of an expert tensor (I = moe_intermediate_size).
 
     One expert (``shard`` = its index): gate_proj / up_proj [I, H] -> rows [s0, s1);
-    down_proj [H, I] -> columns [s0, s1). Every expert stacked (``shard`` None; also the
+    down_proj [H, I] -> columns [s0, s1); an int4 checkpoint's tensors of one expert
+    (kind "<proj>:<tensor>", GPTQ / AWQ / compressed-tensors) as the dense layers': gate /
+    up output rows [s0, s1), down K [s0, s1) at group boundaries. Every expert stacked (``shard`` None; also the
     parameters ``w13`` / ``w2`` themselves): gate_up_proj / w13 [E, 2I, H] -> gate rows
     [s0, s1) then up rows [I+s0, I+s1), [E, 2I/P, H]; down_proj / w2 [E, H, I] ->
     [E, H, I/P].
@@ -222,11 +224,14 @@ def _expert_shard(config: DecoderConfig, tp: TensorParallel, module: str, shard:
     i = config.moe_intermediate_size
     s0, s1 = tp.split(i, "moe_intermediate_size")
     one = shard is not None
-    if one and ":" in kind:         # an fp8 checkpoint's scale of one expert's projection
+    if one and ":" in kind:         # an fp8 scale / int4 tensor of one expert's projection
         proj, tkind = kind.split(":")
         if tkind in _FP8_KINDS:
             return _fp8_scale_shard(config, module, tkind, src, s0, s1,
                                     along_n=proj != "down_proj")
+        if proj == "down_proj":     # row parallel: K = I cut at group boundaries
+            return _int4_k_slice(config, module, tkind, src, s0, s1)
+        return _int4_columns(config, module, tkind, src, s0, s1)   # gate / up rows
     # kind -> the dim that holds the intermediate (and its full length there)
     if one and kind in ("gate_proj", "up_proj"):
         dim, full = 0, i
