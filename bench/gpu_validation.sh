@@ -115,6 +115,10 @@ stage_serve() {
     --output-json "$OUT/results/serve_fp8w.json" || echo "bench serve (fp8 weights) failed"
   python -m minikernels bench serve --quantization fp8_w8a8 --skip-latency --no-save \
     --output-json "$OUT/results/serve_fp8w8a8.json" || echo "bench serve (fp8 W8A8) failed"
+  # 4 LoRA adapters of rank 16 (every request adapted; SGMV prefill, BGMV / SGMV decode)
+  # beside serve_main's plain run; newest, so after the rows above
+  python -m minikernels bench serve --num-loras 4 --max-lora-rank 16 --skip-latency \
+    --no-save --output-json "$OUT/results/serve_lora.json" || echo "bench serve (LoRA) failed"
   # Multi-GPU tensor parallel (NCCL, decode CUDA graphs): only with >= 2 GPUs (the H200
   # validation machine has one, so it is skipped there).
   if python -c "import sys, torch; sys.exit(torch.cuda.device_count() < 2)"; then

@@ -10,6 +10,9 @@ Phases (each reported as one row of the table and of the JSON):
     decode-b1 one request alone -> decode tok/s, and on a GPU its fraction of the
               bandwidth floor (weight bytes + KV bytes per token over measured copy
               bandwidth).
+--num-loras N: N random PEFT adapters of rank --max-lora-rank on every projection (the
+experts too; benchmarks/lora_adapters.py), request i of the offline and latency phases
+through adapter i % N (vLLM's benchmark with --enable-lora: every request adapted).
 GPU defaults: qwen2.5-0.5b (dummy weights), 256 requests, lengths 100..1024. CPU defaults
 are downsized to finish in well under 2 minutes on 2 cores: "tiny", 16 requests, lengths
 16..48, and the offline phase runs 3 times (--repeat) so the table shows the spread that
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import random
 import statistics
 import time
@@ -42,10 +46,16 @@ def make_workload(num_requests: int, input_len: tuple[int, int], output_len: tup
             for _ in range(num_requests)]
 
 
-def _params(max_tokens: int, temperature: float) -> SamplingParams:
+def _params(max_tokens: int, temperature: float, lora: Any = None) -> SamplingParams:
     from ..engine.sampling_params import SamplingParams
 
-    return SamplingParams(temperature=temperature, max_tokens=max_tokens, ignore_eos=True)
+    return SamplingParams(temperature=temperature, max_tokens=max_tokens, ignore_eos=True,
+                          lora_request=lora)
+
+
+def _lora(loras: list | None, i: int) -> Any:
+    """Request i's LoRARequest (round robin over ``loras``), None without adapters."""
+    return loras[i % len(loras)] if loras else None
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -65,13 +75,14 @@ def _sync(llm: LLM) -> None:
 
 
 def run_offline(llm: LLM, workload: Workload, temperature: float = 0.6,
-                tag: str = "off") -> dict[str, Any]:
-    """All requests at once; returns throughput numbers."""
+                tag: str = "off", loras: list | None = None) -> dict[str, Any]:
+    """All requests at once (request i through ``loras[i % len]`` if given); returns
+    throughput numbers."""
     eng = llm.llm_engine
     _sync(llm)
     t0 = time.perf_counter()
     for i, (prompt, out_len) in enumerate(workload):
-        eng.add_request(f"{tag}-{i}", prompt, _params(out_len, temperature))
+        eng.add_request(f"{tag}-{i}", prompt, _params(out_len, temperature, _lora(loras, i)))
     done = 0
     while done < len(workload):
         done += sum(1 for r in eng.step() if r.finished)
@@ -86,7 +97,7 @@ def run_offline(llm: LLM, workload: Workload, temperature: float = 0.6,
 
 
 def run_latency(llm: LLM, workload: Workload, request_rate: float, temperature: float = 0.6,
-                seed: int = 0, tag: str = "lat") -> dict[str, Any]:
+                seed: int = 0, tag: str = "lat", loras: list | None = None) -> dict[str, Any]:
     """Poisson arrivals at request_rate (req/s); TTFT and TPOT percentiles (ms)."""
     eng = llm.llm_engine
     r = random.Random(seed + 1)
@@ -103,7 +114,8 @@ def run_latency(llm: LLM, workload: Workload, request_rate: float, temperature: 
         now = time.perf_counter() - start
         while nxt < len(workload) and arrivals[nxt] <= now:
             prompt, out_len = workload[nxt]
-            reqs.append(eng.add_request(f"{tag}-{nxt}", prompt, _params(out_len, temperature),
+            reqs.append(eng.add_request(f"{tag}-{nxt}", prompt,
+                                        _params(out_len, temperature, _lora(loras, nxt)),
                                         arrival_time=start + arrivals[nxt]))
             nxt += 1
         if eng.has_unfinished():
@@ -215,6 +227,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     e.add_argument("--no-prefix-caching", dest="enable_prefix_caching",
                    action="store_false", help=hidden)
     e.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
+    e.add_argument("--num-loras", type=int, default=0,
+                   help="serve this many random LoRA adapters (every projection, the experts "
+                        "too), request i through adapter i %% N (default: 0, no LoRA)")
+    e.add_argument("--max-lora-rank", type=int, default=16,
+                   help="rank of the --num-loras adapters (default: 16)")
     e.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
                    help="shard the model over this many GPUs / processes (docs/parallel.md)")
     bm.add_result_arguments(parser, "serve")
@@ -248,8 +265,12 @@ def run(args: argparse.Namespace) -> int:
             raise SystemExit(f"--{name.replace('_', '-')} must be >= 1")
     if args.min_input_len > args.max_input_len or args.min_output_len > args.max_output_len:
         raise SystemExit("min lengths must be <= max lengths")
+    if args.num_loras < 0 or args.max_lora_rank < 1:
+        raise SystemExit("--num-loras must be >= 0 and --max-lora-rank >= 1")
+    lora_kw = ({"enable_lora": True, "max_loras": args.num_loras,
+                "max_lora_rank": args.max_lora_rank} if args.num_loras else {})
     t_build = time.perf_counter()
-    llm = LLM(model, dtype=dtype, quantization=args.quantization, device=dev,
+    llm = LLM(model, dtype=dtype, quantization=args.quantization, device=dev, **lora_kw,
               block_size=args.block_size, num_kv_blocks=args.num_kv_blocks,
               kv_cache_dtype=args.kv_cache_dtype,
               gpu_memory_utilization=args.gpu_memory_utilization,
@@ -268,13 +289,18 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit(f"max input + output ({need}) exceeds max_model_len "
                          f"({llm.max_model_len}); lower the lengths or raise the KV pool")
     vocab = eng.vocab_size
-    # Warm-up: lazy kernel compilation / first-call costs stay out of the timings.
-    run_offline(llm, make_workload(2, (args.min_input_len, args.min_input_len),
-                                   (4, 4), vocab, args.seed + 99), args.temperature, tag="warm")
+    loras = _random_loras(eng, args) if args.num_loras else None
+    # Warm-up: lazy kernel compilation / first-call costs (and the adapters' first load)
+    # stay out of the timings.
+    run_offline(llm, make_workload(max(2, args.num_loras), (args.min_input_len,
+                                                            args.min_input_len),
+                                   (4, 4), vocab, args.seed + 99), args.temperature, tag="warm",
+                loras=loras)
     rows = []
     work = make_workload(args.num_requests, (args.min_input_len, args.max_input_len),
                          (args.min_output_len, args.max_output_len), vocab, args.seed)
-    runs = [run_offline(llm, work, args.temperature, tag=f"off{i}") for i in range(args.repeat)]
+    runs = [run_offline(llm, work, args.temperature, tag=f"off{i}", loras=loras)
+            for i in range(args.repeat)]
     offline = dict(runs[0])
     rates = sorted(r["output_tok_s"] for r in runs)
     for key in ("seconds", "output_tok_s", "total_tok_s", "requests_per_s"):
@@ -288,7 +314,8 @@ def run(args: argparse.Namespace) -> int:
         lat_work = make_workload(n_lat, (args.min_input_len, args.max_input_len),
                                  (args.min_output_len, args.max_output_len), vocab,
                                  args.seed + 1)
-        rows.append(run_latency(llm, lat_work, rate, args.temperature, args.seed))
+        rows.append(run_latency(llm, lat_work, rate, args.temperature, args.seed,
+                                loras=loras))
     copy_bw = bm.ceilings(dev)["copy_bytes_per_s"] if dev.startswith("cuda") else 0.0
     if not args.skip_decode:
         rows.append(run_decode_b1(llm, min(128, args.max_input_len), args.decode_tokens,
@@ -300,6 +327,8 @@ def run(args: argparse.Namespace) -> int:
             "max_num_seqs": args.max_num_seqs,
             "max_num_batched_tokens": args.max_num_batched_tokens,
             "tensor_parallel_size": args.tensor_parallel_size,
+            "num_loras": args.num_loras,
+            "max_lora_rank": args.max_lora_rank if args.num_loras else None,
             "cuda_graphs": eng.runner.graphs is not None,
             "prefix_caching": args.enable_prefix_caching, "offline_runs": args.repeat,
             "input_len": [args.min_input_len, args.max_input_len],
@@ -311,8 +340,10 @@ def run(args: argparse.Namespace) -> int:
     columns = ["phase", "requests", "seconds", "output_tok_s", "spread", "total_tok_s",
                "request_rate", "ttft_p50_ms", "ttft_p99_ms", "tpot_p50_ms", "tpot_p99_ms",
                "decode_tok_s", "fraction_of_floor"]
+    lora_note = (f", {args.num_loras} LoRA adapters of rank {args.max_lora_rank}"
+                 if args.num_loras else "")
     print(f"minikernels bench serve: {model} ({dtype}) on {meta['device']}, "
-          f"{eng.runner.num_blocks} KV blocks, graphs={meta['cuda_graphs']}")
+          f"{eng.runner.num_blocks} KV blocks, graphs={meta['cuda_graphs']}{lora_note}")
     print(bm.markdown_table(rows, columns))
     if args.repeat > 1:
         print(f"offline: median of {args.repeat} runs; spread = (max - min) / median = "
@@ -330,6 +361,23 @@ def run(args: argparse.Namespace) -> int:
         print(f"wrote {args.output_json}")
     eng.check_no_leaks()
     return 0
+
+
+def _random_loras(eng: Any, args: argparse.Namespace) -> list:
+    """--num-loras random adapters for the served model, written to a temporary directory
+    (removed at exit); their LoRARequests."""
+    import atexit
+    import shutil
+    import tempfile
+
+    from ..engine.lora import LoRARequest
+    from .lora_adapters import write_random_adapter
+
+    root = tempfile.mkdtemp(prefix="mk-bench-lora-")
+    atexit.register(shutil.rmtree, root, ignore_errors=True)
+    return [LoRARequest(f"lora{i}", i + 1, write_random_adapter(
+                eng.config, os.path.join(root, f"lora{i}"), args.max_lora_rank,
+                seed=args.seed + i)) for i in range(args.num_loras)]
 
 
 def plot_serve(rows: list[dict[str, Any]], meta: dict[str, Any], path: Any) -> None:
