@@ -171,9 +171,10 @@ def test_smollm3_nope_layers_from_the_config():
     assert DecoderConfig.from_hf({**base, "no_rope_layers": [1] * 8}).nope_layers is None
 
 
-def test_olmo2_flags_and_no_tensor_parallel(hf_dirs):
-    """OLMo 2: post-norm layers (no input_layernorm), q / k norms over all heads; tensor
-    parallelism is refused by name (a sharded full-width norm would need an all-reduce)."""
+def test_olmo2_flags_and_tensor_parallel_norm_shards(hf_dirs):
+    """OLMo 2: post-norm layers (no input_layernorm), q / k norms over all heads; under
+    tensor parallel each rank keeps its heads' slice of the norm weights (the all-reduced
+    norm itself: tests/test_tensor_parallel.py)."""
     from minikernels.models.parallel import TensorParallel
 
     _, path = hf_dirs["olmo2"]
@@ -182,8 +183,14 @@ def test_olmo2_flags_and_no_tensor_parallel(hf_dirs):
     assert c.post_norm and c.qk_norm and c.qk_norm_full
     assert model.layers[0].input_layernorm is None
     assert model.layers[0].self_attn.q_norm.weight.shape == (c.num_heads * c.head_dim,)
-    with pytest.raises(ValueError, match="OLMo 2"):
-        load_model(path, dtype="float32", device="cpu", tensor_parallel=TensorParallel(0, 2))
+    full_q = model.layers[0].self_attn.q_norm.weight
+    full_k = model.layers[0].self_attn.k_norm.weight
+    half_q, half_k = full_q.shape[0] // 2, full_k.shape[0] // 2
+    for rank in range(2):
+        attn = load_model(path, dtype="float32", device="cpu",
+                          tensor_parallel=TensorParallel(rank, 2)).layers[0].self_attn
+        assert torch.equal(attn.q_norm.weight, full_q[rank * half_q:(rank + 1) * half_q])
+        assert torch.equal(attn.k_norm.weight, full_k[rank * half_k:(rank + 1) * half_k])
 
 
 def test_qwen3_moe_layout_stacked_names_and_refusals(hf_dirs, tmp_path):

@@ -39,6 +39,11 @@ TP_CASES = {
     "granite": ("granite", {}),
     "phi3": ("phi3-longrope-partial", {}),
     "glm4": ("glm4", {}),
+    # OLMo 2 / OLMoE: q / k norms over every head (an all-reduced sum of squares), kv
+    # heads split and (kv1) replicated
+    "olmo2": ("olmo2", {}),
+    "olmo2-kv1": ("olmo2", {"num_key_value_heads": 1}),
+    "olmoe": ("olmoe", {"intermediate_size": 64}),
     # MoE: expert sizes of 64 / 128, so int4 group 32 divides H and each rank's I (the
     # experts are int4 too). int4 rounds each rank's partial sums to fp16 (~1e-3): a
     # router near-tie within that margin flips an expert and moves a token's logits by

@@ -58,6 +58,12 @@ class Attention(nn.Module):
                                   device=device, dense=dense)
         self.q_norm = self.k_norm = None
         self.qk_norm_full = c.qk_norm_full
+        # the unsharded widths of OLMo 2's full q / k norms, and how many ranks hold each
+        # kv head (its sum of squares arrives that many times in the all-reduce)
+        replicas = tp.size // c.num_kv_heads if tp is not None and c.num_kv_heads < tp.size \
+            else 1
+        self.full_norm_dims = {"q_size": c.num_heads * c.head_dim,
+                            "kv_size": c.num_kv_heads * c.head_dim, "kv_replicas": replicas}
         if c.qk_norm:   # per head, or (OLMo 2) over all heads of q / k
             q_dim, k_dim = (self.q_size, self.kv_size) if c.qk_norm_full else \
                 (c.head_dim, c.head_dim)
@@ -78,7 +84,7 @@ class Attention(nn.Module):
         qkv = self.qkv_proj(x)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         if self.qk_norm_full:
-            q, k = self.q_norm(q), self.k_norm(k)
+            q, k = self._full_qk_norm(q, k)
         q = q.reshape(t, self.num_heads, self.head_dim)
         k = k.reshape(t, self.num_kv_heads, self.head_dim)
         v = v.reshape(t, self.num_kv_heads, self.head_dim).contiguous()
@@ -92,6 +98,27 @@ class Attention(nn.Module):
         if self.tp is not None:
             o = self.tp.all_reduce(o)   # row-parallel o_proj
         return o if self.residual_multiplier == 1.0 else o * self.residual_multiplier
+
+
+    def _full_qk_norm(self, q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
+        """OLMo 2's RMSNorms over all heads of q [T, q_size] and k [T, kv_size]. Under
+        tensor parallel a rank holds some heads: its fp32 sums of squares are all-reduced
+        (k's divided by the number of ranks holding each kv head) and each rank
+        normalizes its slice by the full-width rms (ops.rms_norm's math: fp32, one
+        rounding)."""
+        tp = self.tp
+        if tp is None or tp.size == 1:
+            return self.q_norm(q), self.k_norm(k)
+        dims = self.full_norm_dims
+        qf, kf = q.float(), k.float()
+        sums = tp.all_reduce(torch.cat([qf.square().sum(-1, keepdim=True),
+                                        kf.square().sum(-1, keepdim=True)], dim=-1))
+        mean_q = sums[:, :1] / dims["q_size"]
+        mean_k = sums[:, 1:] / (dims["kv_size"] * dims["kv_replicas"])
+        qn, kn = self.q_norm, self.k_norm
+        q_out = qf * torch.rsqrt(mean_q + qn.eps) * (qn.weight.float() + qn.weight_offset)
+        k_out = kf * torch.rsqrt(mean_k + kn.eps) * (kn.weight.float() + kn.weight_offset)
+        return q_out.to(q.dtype), k_out.to(k.dtype)
 
 
 class MLP(nn.Module):

@@ -18,7 +18,10 @@ A :class:`TensorParallel` (rank, world size, process group) given to ``CausalLM(
                    shared expert
     lm_head        vocab-parallel rows (a tied one shares the embedding shard); the local
                    logits are all-gathered once and cut back to V
-    norms, q/k_norm, rotary   replicated
+    norms, q/k_norm, rotary   replicated; but OLMo 2 / OLMoE's q / k norms span every head:
+                   each rank keeps its heads' slice of their weights and all-reduces one
+                   [T, 2] fp32 sum of squares per layer (k's divided by the kv-head
+                   replication), so every rank normalizes by the full-width rms
 
 KV heads: with Hkv >= P each rank holds Hkv/P of them (its KV cache too); with Hkv < P
 (P a multiple of Hkv) each kv head is replicated on P/Hkv ranks, whose q heads all belong
@@ -113,9 +116,6 @@ def check_config(config: DecoderConfig, tp: TensorParallel) -> None:
     if (kv >= p and kv % p) or (kv < p and p % kv):
         raise ValueError(f"tensor_parallel_size {p} and num_key_value_heads ({kv}): one "
                          "must divide the other")
-    if config.qk_norm_full:
-        raise ValueError("tensor parallelism is not supported for OLMo 2 / OLMoE (their q / "
-                         "k norms span every head; a shard would need an all-reduce per norm)")
     sizes = []
     if any(not config.is_moe(i) for i in range(config.num_layers)):   # a dense MLP
         sizes.append(("intermediate_size", config.intermediate_size))
@@ -270,6 +270,10 @@ def shard_tensor(config: DecoderConfig, tp: TensorParallel, module: str, shard: 
     c = config
     if leaf == "experts" and c.num_experts:
         return _expert_shard(c, tp, module, shard, kind, src)
+    if kind == "weight" and leaf in ("q_norm", "k_norm") and c.qk_norm_full:
+        a = attention_shard(c, tp)         # OLMo 2's norms over all heads: this rank's heads
+        first, n = (a.q0, a.nq) if leaf == "q_norm" else (a.kv0, a.nkv)
+        return _rows(src, first * c.head_dim, (first + n) * c.head_dim)
     if kind in ("weight", "bias") and leaf in ("embed_tokens", "lm_head"):
         start, stop, per = tp.vocab_range(c.vocab_size)
         return _pad_rows(_rows(src, start, stop), per)
