@@ -217,3 +217,29 @@ def test_expert_adapters_over_quantized_experts(peft_moe, quantization):
     peft_shift = _ref_logits(ref, seqs[0]) - _ref_logits(hf, seqs[0])
     base_rows = model(torch.tensor(seqs[0]), AttentionMetadata.for_prompts([6]), None)
     assert rel_err(got[:6] - base_rows, peft_shift) <= {"fp8": 0.1, "int4": 0.3}[quantization]
+
+
+def test_tp_rank_shared_expert_slots_are_slices(peft_moe):
+    """Qwen2-MoE's shared expert under tensor parallel: its gate_up slots keep A whole and
+    take B's rows of the rank's shared-expert slice (gate rows, then up rows); its down
+    slots take A's columns of that slice and keep B whole."""
+    hf, base, path, _ = peft_moe["qwen2-moe"]
+    whole = load_model(base, dtype=torch.float32, device="cpu")
+    adapter = LoRAAdapter.load(path, whole.config)
+    full = LoRAManager(whole, max_loras=1, max_lora_rank=4)
+    full.activate(0, adapter)
+    i = whole.config.shared_expert_intermediate_size
+    name = "layers.0.mlp.shared_expert"
+    ref_gu, ref_d = full._layers[f"{name}.gate_up_proj"], full._layers[f"{name}.down_proj"]
+    assert bool(ref_gu.b[0].abs().sum() > 0) and bool(ref_d.a[0].abs().sum() > 0)
+    for rank in range(2):
+        shard = load_model(base, dtype=torch.float32, device="cpu",
+                           tensor_parallel=TensorParallel(rank, 2))
+        mgr = LoRAManager(shard, max_loras=1, max_lora_rank=4)
+        mgr.activate(0, adapter)
+        gu, d = mgr._layers[f"{name}.gate_up_proj"], mgr._layers[f"{name}.down_proj"]
+        half = slice(rank * i // 2, (rank + 1) * i // 2)
+        up = slice(i + rank * i // 2, i + (rank + 1) * i // 2)
+        assert torch.equal(gu.a[0], ref_gu.a[0])
+        assert torch.equal(gu.b[0], torch.cat([ref_gu.b[0][half], ref_gu.b[0][up]]))
+        assert torch.equal(d.a[0], ref_d.a[0][:, half]) and torch.equal(d.b[0], ref_d.b[0])
