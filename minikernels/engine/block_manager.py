@@ -140,6 +140,9 @@ class BlockManager:
         # admitted (with prefix caching on) and served from the cache.
         self.num_hit_tokens = 0
         self.num_queried_tokens = 0
+        # EAGLE heads keep their K/V in these blocks; a hit's last block is recomputed
+        # (its last position's head K/V depends on the token after the block)
+        self.drop_last_hit = False
 
     # ------------------------------------------------------------------ queries
     @property
@@ -206,6 +209,8 @@ class BlockManager:
         hits = list(map(self.cached.get, hashes[:max_blocks]))
         if None in hits:
             del hits[hits.index(None):]
+        if self.drop_last_hit and hits:
+            hits.pop()
         return hits
 
     # ------------------------------------------------------------------ block tables
@@ -247,13 +252,15 @@ class BlockManager:
         return block_id
 
     def allocate(self, seq: "Sequence", num_new_tokens: int, cached_blocks: list[int] = (),
-                 reserve_blocks: int = 0) -> bool:
+                 reserve_blocks: int = 0, register: bool = True) -> bool:
         """Make room for ``num_new_tokens`` more tokens of ``seq`` (after its computed ones).
 
         cached_blocks (only for a sequence holding no blocks): prefix-cache hits from
         lookup_prefix; they are shared and count as computed tokens. reserve_blocks: fail
-        unless this many blocks stay free afterwards (admission watermark). Returns False,
-        changing nothing, when the pool is too small.
+        unless this many blocks stay free afterwards (admission watermark). register:
+        offer the full blocks of the scheduled tokens to the prefix cache (False: room
+        only, e.g. for an EAGLE head's drafted positions before the step is scheduled).
+        Returns False, changing nothing, when the pool is too small.
         """
         if num_new_tokens < 0:
             raise ValueError(f"num_new_tokens must be >= 0, got {num_new_tokens}")
@@ -289,7 +296,7 @@ class BlockManager:
             new += fresh
         if new:
             self._append_blocks(seq, new)
-        if self.enable_prefix_caching:
+        if self.enable_prefix_caching and register:
             self.register_full_blocks(seq, total)
         return True
 

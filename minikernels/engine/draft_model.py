@@ -63,6 +63,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -206,7 +207,133 @@ def load_draft_tokenizer(cfg: SpeculativeConfig) -> Any:
         return None
 
 
-class DraftModelProposer(Proposer):
+class DraftSampler(Proposer):
+    """Drawing k draft tokens per sequence from a drafter's logits, one step after the
+    other (a draft model, an EAGLE head): the request's penalties and min_tokens
+    masking, then its temperature / top-k / top-p / min-p, an exponential race per row
+    (seeded rows from their own generator); greedy rows take the argmax. A subclass sets
+    ``k``, ``vocab_size``, ``common_vocab``, ``device``, ``sampler`` and
+    ``eos_token_ids``."""
+
+    k: int
+    vocab_size: int
+    common_vocab: int
+    device: torch.device
+    sampler: Sampler
+    eos_token_ids: list[int]
+
+    def _draft(self, rows: "list[_Row]", num_seqs: int, logits: Tensor,
+               decode: Callable[[list[int], int, Tensor], Tensor]
+               ) -> tuple[list[list[int]], Tensor | None]:
+        """Draw up to ``r.k`` drafts per row: ``logits`` [len(rows), V'] give each row's
+        first draft; ``decode(active, j, prev)`` runs draft step j (j >= 1) for the rows
+        ``active`` (indices into rows) fed their draft j - 1 (int64 [len(active)], on
+        the device) and returns their logits. -> (drafts per row, fp32 [num_seqs, k, V]
+        probabilities at row ``r.i`` or None when every row is greedy)."""
+        K = max(r.k for r in rows)
+        seq_of = [r.st.seq for r in rows]
+        any_random = not all(s.params.greedy for s in seq_of)
+        probs_out = torch.zeros(num_seqs, self.k, self.vocab_size, device=self.device) \
+            if any_random else None
+        toks = torch.zeros(len(rows), K, dtype=torch.int64, device=self.device)
+        # penalties and min_tokens, as the target's verification applies them (the
+        # drafts so far count as output tokens): drafts closer to the target's choices
+        counts = seen = stop_ids = None
+        if any(s.params.uses_penalties for s in seq_of):
+            counts, seen = self.sampler.penalty_state(seq_of)
+        if any(s.params.min_tokens > s.num_output_tokens for s in seq_of):
+            stop_ids = self.sampler.stop_id_mask(seq_of, self.eos_token_ids)
+        active = list(range(len(rows)))
+        for j in range(K):
+            if j > 0:
+                if len(active) != len([a for a in active if rows[a].k > j]):
+                    active = [a for a in active if rows[a].k > j]
+                idx = torch.tensor(active, dtype=torch.int64).to(self.device) \
+                    if len(active) != len(rows) else None
+                prev = toks[:, j - 1] if idx is None else toks[:, j - 1].index_select(0, idx)
+                logits = decode(active, j, prev.contiguous())
+            else:
+                idx = None
+            act_seqs = [seq_of[a] for a in active]
+            logits = self._process(logits, act_seqs, j, idx, counts, seen, stop_ids)
+            tok, probs = self._sample(logits, act_seqs)
+            if counts is not None:
+                counts.index_put_((torch.arange(len(rows), device=self.device)
+                                   if idx is None else idx, tok),
+                                  torch.ones(tok.shape, device=self.device), accumulate=True)
+            if idx is None:
+                toks[:, j] = tok
+            else:
+                toks[:, j].index_copy_(0, idx, tok)
+            if probs is not None:
+                dst = torch.tensor([rows[a].i for a in active], dtype=torch.int64
+                                   ).to(self.device)
+                probs_out[:, j, :self.common_vocab].index_copy_(0, dst, probs)
+        host = toks.tolist()
+        return [row[:r.k] for r, row in zip(rows, host)], probs_out
+
+    # ------------------------------------------------------------------ sampling
+    def _process(self, logits: Tensor, seqs: "list[Sequence]", j: int, idx: Tensor | None,
+                 counts: Tensor | None, seen: Tensor | None, stop_ids: Tensor | None
+                 ) -> Tensor:
+        """Draft step j's logits after the rows' penalties (counts: outputs and the
+        drafts so far, one row per proposing row; idx: the active rows, None = all) and
+        min_tokens (EOS / stop ids masked while the output, drafts included, is short)."""
+        if counts is None and stop_ids is None:
+            return logits
+        logits = logits[:, :self.common_vocab].float()
+        if counts is not None:
+            pick = (lambda t: t) if idx is None else (lambda t: t.index_select(0, idx))
+            logits = self.sampler.penalize(logits, pick(counts),
+                                           None if seen is None else pick(seen),
+                                           [s.params for s in seqs])
+        if stop_ids is not None:
+            below = [s.num_output_tokens + j < s.params.min_tokens for s in seqs]
+            if any(below):
+                ids = stop_ids if idx is None else stop_ids.index_select(0, idx)
+                logits = logits.masked_fill(
+                    ids & torch.tensor(below).to(self.device)[:, None], float("-inf"))
+        return logits
+
+    def _sample(self, logits: Tensor, seqs: "list[Sequence]") -> tuple[Tensor, Tensor | None]:
+        """One draft token per row: int64 [R] and, unless every row is greedy, the fp32
+        [R, common_vocab] probabilities they were drawn from (greedy rows: zeros)."""
+        logits = logits[:, :self.common_vocab].float()
+        params = [s.params for s in seqs]
+        greedy = [p.greedy for p in params]
+        if all(greedy):
+            return logits.argmax(dim=1), None
+        probs = self.sampler.target_probs(logits, params)
+        g = None
+        if any(greedy):
+            g = torch.tensor(greedy).to(self.device)
+            probs = probs.masked_fill(g[:, None], 0.0)
+        q = torch.empty_like(probs)
+        if any(s.generator is None for s in seqs):
+            q.exponential_(generator=self.sampler.generator)
+        for i, s in enumerate(seqs):
+            if s.generator is not None and not greedy[i]:
+                q[i].exponential_(generator=s.generator)
+        tok = (probs / q.clamp_min_(1e-30)).argmax(dim=1)
+        if g is not None:
+            tok = torch.where(g, logits.argmax(dim=1), tok)
+        return tok, probs
+
+    # ------------------------------------------------------------------ uploads
+    def _upload(self, parts: list[Any]) -> list[Tensor]:
+        """int64 host arrays -> device tensors, in one copy."""
+        sizes = [len(p) for p in parts]
+        host = np.empty(sum(sizes), dtype=np.int64)
+        o = 0
+        for p in parts:
+            host[o:o + len(p)] = p
+            o += len(p)
+        flat = torch.from_numpy(host).to(self.device)
+        return list(torch.split(flat, sizes))
+
+
+
+class DraftModelProposer(DraftSampler):
     """Drafts with a smaller model over its own paged KV pool (see the module docstring).
 
     Args:
@@ -323,99 +450,13 @@ class DraftModelProposer(Proposer):
         rows = [r for r in plan if r.k > 0]
         if not rows:
             return drafts, None
-        K = max(r.k for r in rows)
-        seq_of = [r.st.seq for r in rows]
-        any_random = not all(s.params.greedy for s in seq_of)
-        probs_out = torch.zeros(len(seqs), self.k, self.vocab_size, device=self.device) \
-            if any_random else None
-        toks = torch.zeros(len(rows), K, dtype=torch.int64, device=self.device)
-        # penalties and min_tokens, as the target's verification applies them (the
-        # drafts so far count as output tokens): drafts closer to the target's choices
-        counts = seen = stop_ids = None
-        if any(s.params.uses_penalties for s in seq_of):
-            counts, seen = self.sampler.penalty_state(seq_of)
-        if any(s.params.min_tokens > s.num_output_tokens for s in seq_of):
-            stop_ids = self.sampler.stop_id_mask(seq_of, self.eos_token_ids)
-        active = list(range(len(rows)))
-        for j in range(K):
-            if j > 0:
-                if len(active) != len([a for a in active if rows[a].k > j]):
-                    active = [a for a in active if rows[a].k > j]
-                idx = torch.tensor(active, dtype=torch.int64).to(self.device) \
-                    if len(active) != len(rows) else None
-                prev = toks[:, j - 1] if idx is None else toks[:, j - 1].index_select(0, idx)
-                logits = self._forward(self._decode_inputs([rows[a] for a in active], j,
-                                                           prev.contiguous()))
-            else:
-                idx = None
-            act_seqs = [seq_of[a] for a in active]
-            logits = self._process(logits, act_seqs, j, idx, counts, seen, stop_ids)
-            tok, probs = self._sample(logits, act_seqs)
-            if counts is not None:
-                counts.index_put_((torch.arange(len(rows), device=self.device)
-                                   if idx is None else idx, tok),
-                                  torch.ones(tok.shape, device=self.device), accumulate=True)
-            if idx is None:
-                toks[:, j] = tok
-            else:
-                toks[:, j].index_copy_(0, idx, tok)
-            if probs is not None:
-                dst = torch.tensor([rows[a].i for a in active], dtype=torch.int64
-                                   ).to(self.device)
-                probs_out[:, j, :self.common_vocab].index_copy_(0, dst, probs)
-        host = toks.tolist()
-        for r, row in zip(rows, host):
-            d = row[:r.k]
+        tokens, probs_out = self._draft(rows, len(seqs), logits, lambda active, j, prev:
+                                        self._forward(self._decode_inputs(
+                                            [rows[a] for a in active], j, prev)))
+        for r, d in zip(rows, tokens):
             drafts[r.i] = d
             r.st.tail = d[:-1]        # their K/V was written by the decode steps
         return drafts, probs_out
-
-    # ------------------------------------------------------------------ sampling
-    def _process(self, logits: Tensor, seqs: "list[Sequence]", j: int, idx: Tensor | None,
-                 counts: Tensor | None, seen: Tensor | None, stop_ids: Tensor | None
-                 ) -> Tensor:
-        """Draft step j's logits after the rows' penalties (counts: outputs and the
-        drafts so far, one row per proposing row; idx: the active rows, None = all) and
-        min_tokens (EOS / stop ids masked while the output, drafts included, is short)."""
-        if counts is None and stop_ids is None:
-            return logits
-        logits = logits[:, :self.common_vocab].float()
-        if counts is not None:
-            pick = (lambda t: t) if idx is None else (lambda t: t.index_select(0, idx))
-            logits = self.sampler.penalize(logits, pick(counts),
-                                           None if seen is None else pick(seen),
-                                           [s.params for s in seqs])
-        if stop_ids is not None:
-            below = [s.num_output_tokens + j < s.params.min_tokens for s in seqs]
-            if any(below):
-                ids = stop_ids if idx is None else stop_ids.index_select(0, idx)
-                logits = logits.masked_fill(
-                    ids & torch.tensor(below).to(self.device)[:, None], float("-inf"))
-        return logits
-
-    def _sample(self, logits: Tensor, seqs: "list[Sequence]") -> tuple[Tensor, Tensor | None]:
-        """One draft token per row: int64 [R] and, unless every row is greedy, the fp32
-        [R, common_vocab] probabilities they were drawn from (greedy rows: zeros)."""
-        logits = logits[:, :self.common_vocab].float()
-        params = [s.params for s in seqs]
-        greedy = [p.greedy for p in params]
-        if all(greedy):
-            return logits.argmax(dim=1), None
-        probs = self.sampler.target_probs(logits, params)
-        g = None
-        if any(greedy):
-            g = torch.tensor(greedy).to(self.device)
-            probs = probs.masked_fill(g[:, None], 0.0)
-        q = torch.empty_like(probs)
-        if any(s.generator is None for s in seqs):
-            q.exponential_(generator=self.sampler.generator)
-        for i, s in enumerate(seqs):
-            if s.generator is not None and not greedy[i]:
-                q[i].exponential_(generator=s.generator)
-        tok = (probs / q.clamp_min_(1e-30)).argmax(dim=1)
-        if g is not None:
-            tok = torch.where(g, logits.argmax(dim=1), tok)
-        return tok, probs
 
     # ------------------------------------------------------------------ forwards
     def _forward(self, inputs: StepInputs) -> Tensor:
@@ -423,17 +464,6 @@ class DraftModelProposer(Proposer):
         (The seam for an EAGLE-style head: add the target's hidden states here.)"""
         self.num_forwards += 1
         return self.runner.forward(inputs)
-
-    def _upload(self, parts: list[Any]) -> list[Tensor]:
-        """int64 host arrays -> device tensors, in one copy."""
-        sizes = [len(p) for p in parts]
-        host = np.empty(sum(sizes), dtype=np.int64)
-        o = 0
-        for p in parts:
-            host[o:o + len(p)] = p
-            o += len(p)
-        flat = torch.from_numpy(host).to(self.device)
-        return list(torch.split(flat, sizes))
 
     def _table(self, rows: list[_Row], width: int) -> np.ndarray:
         return self.bm.table[[r.st.block_row for r in rows], :width]

@@ -31,10 +31,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..models.eagle import EAGLE_METHODS, EagleHead, load_eagle_head
 from ..models.kv_cache_dtype import resolve_kv_cache_dtype
 from .block_manager import BlockManager
 from .draft_model import (DraftModelProposer, check_vocab, load_draft_model,
                           load_draft_tokenizer)
+from .eagle import EagleProposer
 from .generation_config import sampling_defaults
 from .model_runner import ModelRunner
 from .outputs import Logprob, RequestOutput
@@ -200,6 +202,10 @@ class LLMEngine:
             raise TypeError(f"async_scheduling must be a bool or None, got "
                             f"{type(async_scheduling).__name__}")
         _check_int("tensor_parallel_size", tensor_parallel_size, 1)
+        if (tensor_parallel_size > 1 and self.spec_config is not None
+                and self.spec_config.method in EAGLE_METHODS):
+            raise ValueError(f"speculative_config.method {self.spec_config.method!r} is not "
+                             f"supported with tensor_parallel_size > 1 yet (use 'ngram')")
         if tensor_parallel_size > 1 and not isinstance(model, str):
             raise TypeError("tensor_parallel_size > 1 needs a model name or directory (each "
                             "rank loads its own shard), not a built model")
@@ -237,12 +243,15 @@ class LLMEngine:
         self.lora: EngineLoRA | None = None
         if enable_lora:
             self.lora = EngineLoRA(self.model, max_loras, max_lora_rank, max_cpu_loras)
-        draft_model, draft_kv_bytes = None, 0
+        draft_model, draft_kv_bytes, eagle_head = None, 0, None
         if self.spec_config is not None and self.spec_config.method == "draft_model":
             draft_model, common_vocab = self._load_draft(tensor_parallel_size, dtype,
                                                          quantization, seed)
             draft_kv_bytes = draft_model.kv_bytes_per_token(
                 resolve_kv_cache_dtype(kv_cache_dtype))
+        elif self.spec_config is not None and self.spec_config.method in EAGLE_METHODS:
+            eagle_head = self._load_eagle(max_num_seqs, max_num_batched_tokens)
+            draft_kv_bytes = eagle_head.kv_bytes_per_token()
         self.runner = ModelRunner(self.model, block_size, num_kv_blocks,
                                   gpu_memory_utilization, max_num_seqs,
                                   max_num_batched_tokens, max_model_len, enforce_eager,
@@ -254,6 +263,7 @@ class LLMEngine:
         self.block_manager = BlockManager(self.runner.num_blocks, block_size,
                                           enable_prefix_caching,
                                           self.runner.max_blocks_per_seq)
+        self.block_manager.drop_last_hit = eagle_head is not None
         self.scheduler = Scheduler(self.block_manager, max_num_seqs, max_num_batched_tokens)
         if self.lora is not None:   # at most max_loras adapters among running sequences
             self.lora.running = self.scheduler.running
@@ -284,8 +294,17 @@ class LLMEngine:
                 max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                 enforce_eager=self.runner.enforce_eager, kv_cache_dtype=kv_cache_dtype,
                 seed=seed, eos_token_ids=self._eos_list)
+        elif eagle_head is not None:
+            # its K/V lives in the target's blocks (engine/eagle.py)
+            self.proposer = EagleProposer(
+                self.spec_config, eagle_head, block_manager=self.block_manager,
+                block_size=block_size, num_blocks=self.runner.num_blocks,
+                max_model_len=self.max_model_len,
+                max_num_batched_tokens=max_num_batched_tokens, seed=seed,
+                eos_token_ids=self._eos_list)
         elif self.spec_config is not None:
             self.proposer = make_proposer(self.spec_config)
+        self._eagle = self.proposer if isinstance(self.proposer, EagleProposer) else None
         # draft probabilities of this step's proposals (draft model; None = point masses)
         # and each proposing sequence's row in them
         self._draft_probs: Tensor | None = None
@@ -465,6 +484,17 @@ class LLMEngine:
                              draft_tok)
         return draft, common
 
+    def _load_eagle(self, max_num_seqs: int, max_num_batched_tokens: int) -> EagleHead:
+        """speculative_config "eagle" / "eagle3": the head, with the target set to write
+        the hidden states it reads (before the runner captures CUDA graphs)."""
+        cfg = self.spec_config
+        if not hasattr(self.model, "hidden_capture"):
+            raise ValueError(f"speculative_config.method {cfg.method!r} needs a minikernels "
+                             f"CausalLM target, got {type(self.model).__name__}")
+        head = load_eagle_head(cfg.model, cfg.method, self.model, cfg.revision)
+        self.model.hidden_capture = head.capture(max(max_num_batched_tokens, max_num_seqs))
+        return head
+
     def _verify_graph_args(self) -> dict[str, int]:
         """ModelRunner arguments for the verification CUDA graphs (speculation only)."""
         if self.spec_config is None:
@@ -483,6 +513,8 @@ class LLMEngine:
         sets ``seq.spec_token_ids``; returns those sequences."""
         self._draft_probs, self._draft_rows = None, {}
         if not self._spec_on():
+            if self._eagle is not None:   # keep the head's K/V up to date
+                self._eagle.catch_up()
             return []
         cands, room = [], []
         for s in self.scheduler.running:
@@ -495,7 +527,7 @@ class LLMEngine:
                     and not p.uses_grammar):
                 cands.append(s)
                 room.append(left)
-        if not cands:
+        if not cands and self._eagle is None:
             return []
         drafts, probs = self.proposer.propose(cands, room)
         self._draft_probs = probs
@@ -571,6 +603,8 @@ class LLMEngine:
         spec_seqs = spec_dev = None
         try:
             logits = runner.forward(inputs, prev)
+            if self._eagle is not None:   # the head reads this forward's hidden states
+                self._eagle.observe(batch)
             if inputs.spec is not None:   # speculative rows: verified, not sampled
                 ns = len(seqs)
                 nspec = sum(k for _, k in inputs.spec)

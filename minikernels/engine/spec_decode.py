@@ -29,10 +29,11 @@ if TYPE_CHECKING:
 
     from .sequence import Sequence
 
-METHODS = ("ngram", "draft_model")
+METHODS = ("ngram", "draft_model", "eagle", "eagle3")
 _COMMON_KEYS = ("method", "num_speculative_tokens", "disable_by_batch_size")
 _METHOD_KEYS = {"ngram": ("prompt_lookup_min", "prompt_lookup_max"),
-                "draft_model": ("model", "quantization", "revision")}
+                "draft_model": ("model", "quantization", "revision"),
+                "eagle": ("model", "revision"), "eagle3": ("model", "revision")}
 _QUANTIZATIONS = ("auto", None, "int4", "gptq", "awq", "fp8", "fp8_w8a8")  # "auto" + loader.QUANTIZATIONS
 
 
@@ -40,18 +41,20 @@ _QUANTIZATIONS = ("auto", None, "int4", "gptq", "awq", "fp8", "fp8_w8a8")  # "au
 class SpeculativeConfig:
     """Validated ``speculative_config`` (vLLM's keys).
 
-    method: "ngram" (prompt lookup over the sequence's own tokens) or "draft_model" (a
-        smaller CausalLM with the target's vocabulary). Default: "draft_model" when
-        ``model`` is given, else "ngram" (vLLM's inference).
+    method: "ngram" (prompt lookup over the sequence's own tokens), "draft_model" (a
+        smaller CausalLM with the target's vocabulary), "eagle" or "eagle3" (an EAGLE-1 /
+        EAGLE-3 head drafting from the target's hidden states, engine/eagle.py).
+        Default: "draft_model" when ``model`` is given, else "ngram" (vLLM's inference).
     num_speculative_tokens: k, drafts per sequence and step (>= 1).
     prompt_lookup_min / prompt_lookup_max (ngram): n-gram sizes tried, longest first.
     model (draft_model, required): a HF checkpoint directory, a hub id or a built-in
         name (loaded like the target: same dtype and device), or an already built
-        CausalLM.
+        CausalLM. (eagle / eagle3, required): the EAGLE head's HF directory or hub id
+        (models/eagle.py).
     quantization (draft_model): the draft's quantization: None | "int4" | "gptq" |
         "awq" | "fp8", or "auto" (default): "int4" / "fp8" when the target was quantized
         with that RTN on load, else None (a quantized checkpoint declares its own).
-    revision (draft_model): hub branch, tag or commit of ``model``.
+    revision (draft_model, eagle, eagle3): hub branch, tag or commit of ``model``.
     disable_by_batch_size: no drafts in a step when more than this many sequences are
         running (a large batch is compute-bound: verifying drafts costs more than it
         saves; it also keeps the overlap scheduler for such batches). Default 32.
@@ -84,7 +87,7 @@ class SpeculativeConfig:
                              f"{method!r}")
         for other, keys in _METHOD_KEYS.items():
             if other != method:
-                wrong = sorted(k for k in keys if k in cfg)
+                wrong = sorted(k for k in keys if k in cfg and k not in _METHOD_KEYS[method])
                 if wrong:
                     raise ValueError(f"speculative_config.{wrong[0]} applies to method "
                                      f"{other!r}, not {method!r}")
@@ -123,6 +126,17 @@ class SpeculativeConfig:
                 raise ValueError(f"speculative_config.revision must be a str or None, got "
                                  f"{rev!r}")
             vals.update(model=model, quantization=quant, revision=rev)
+        if method in ("eagle", "eagle3"):
+            model = cfg.get("model")
+            if not isinstance(model, str) or not model.strip():
+                raise ValueError(f"speculative_config.model is required for method "
+                                 f"{method!r}: the EAGLE head's HF directory or hub id, got "
+                                 f"{model!r}")
+            rev = cfg.get("revision")
+            if rev is not None and not isinstance(rev, str):
+                raise ValueError(f"speculative_config.revision must be a str or None, got "
+                                 f"{rev!r}")
+            vals.update(model=model, revision=rev, quantization=None)
         return cls(method=method, **vals)
 
 

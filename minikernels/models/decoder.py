@@ -42,6 +42,34 @@ from .parallel import TensorParallel, VocabParallelEmbedding, attention_shard, c
 KVCache = tuple[Tensor, Tensor]
 
 
+class HiddenCapture:
+    """Where a forward copies hidden states for an EAGLE-style draft head
+    (engine/eagle.py), for every input token (not only the logits rows).
+
+    layers: None = the final-normed hidden states (what the lm_head reads; EAGLE-1),
+    [T, hidden]; or layer indices i (EAGLE-3's auxiliary layers): the residual stream
+    entering layer i (``h + residual``, the embeddings for i = 0), concatenated in the
+    given order, [T, len(layers) * hidden]. Written into ``buffer[:T]`` (model dtype,
+    ``[max_tokens, width]``): a fixed buffer, so CUDA-graph replays write it too; valid
+    until the next forward.
+    """
+
+    def __init__(self, layers: "list[int] | tuple[int, ...] | None", hidden_size: int,
+                 max_tokens: int, dtype: torch.dtype, device: torch.device) -> None:
+        self.layers = tuple(int(i) for i in layers) if layers else None
+        self.hidden_size = int(hidden_size)
+        width = self.hidden_size * (len(self.layers) if self.layers else 1)
+        self.buffer = torch.zeros(int(max_tokens), width, dtype=dtype, device=device)
+
+    def write(self, slot: int, x: Tensor) -> None:
+        t = x.shape[0]
+        if t > self.buffer.shape[0]:
+            raise RuntimeError(f"hidden-state capture holds {self.buffer.shape[0]} tokens, "
+                               f"the forward has {t}")
+        h = self.hidden_size
+        self.buffer[:t, slot * h:(slot + 1) * h].copy_(x)
+
+
 class Attention(nn.Module):
     def __init__(self, config: DecoderConfig, layer: int, rotary: RotaryEmbedding | None,
                  dtype: torch.dtype, device: torch.device | str | None, dense: bool,
@@ -250,6 +278,7 @@ class CausalLM(nn.Module):
         if c.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self._dtype = dtype
+        self.hidden_capture: HiddenCapture | None = None   # set for an EAGLE draft head
         # Gemma's sqrt(hidden), rounded to the model dtype first, as transformers does.
         self._embed_scale = float(torch.tensor(c.embed_scale, dtype=dtype))
 
@@ -271,7 +300,11 @@ class CausalLM(nn.Module):
     # ------------------------------------------------------------------ forward
     def forward(self, input_ids: Tensor, meta: AttentionMetadata,
                 kv_caches: list[KVCache] | None = None) -> Tensor:
-        h = self.hidden_states(input_ids, meta, kv_caches)
+        return self.compute_logits(self.hidden_states(input_ids, meta, kv_caches))
+
+    def compute_logits(self, h: Tensor) -> Tensor:
+        """Final-normed hidden states [R, hidden] -> fp32 logits [R, vocab] (the lm_head,
+        then Granite's scaling / Gemma 2's softcap)."""
         if self.tp is not None:   # vocab-parallel lm_head: gather the logits once
             logits = self.tp.all_gather_last(self.lm_head(h))[..., :self.config.vocab_size]
         else:
@@ -302,8 +335,18 @@ class CausalLM(nn.Module):
         if self.config.embedding_multiplier != 1.0:
             h = h * self.config.embedding_multiplier
         residual: Tensor | None = None
+        capture = self.hidden_capture
+        aux = capture.layers if capture is not None and capture.layers else ()
         for i, layer in enumerate(self.layers):
+            if i in aux:
+                stream = h if residual is None else h + residual
+                for slot in (j for j, a in enumerate(aux) if a == i):
+                    capture.write(slot, stream)
             h, residual = layer(h, residual, meta, None if kv_caches is None else kv_caches[i])
+        if capture is not None and not aux:   # final-normed states of every token
+            h = self.norm(h) if residual is None else self.norm(h, residual)[0]
+            capture.write(0, h)
+            return h if meta.logits_indices is None else h.index_select(0, meta.logits_indices)
         if meta.logits_indices is not None:
             h = h.index_select(0, meta.logits_indices)
             residual = residual.index_select(0, meta.logits_indices) \

@@ -1,0 +1,342 @@
+"""Speculative decoding with an EAGLE head: ``{"method": "eagle" | "eagle3", "model": ...}``.
+
+The head (models/eagle.py) drafts from the target's hidden states: draft position p
+pairs the target's state at p with token p + 1 and predicts token p + 2. The engine
+verifies the drafts exactly as a draft model's (engine/llm_engine.py ``_verify``).
+
+What the proposer owns:
+
+- the head, on the target's device and dtype;
+- one K/V cache layer for it, ``[num_blocks, block_size, Hkv, D]`` each for k and v,
+  indexed by the **target's** block tables: the head's K/V for position p sits in the
+  target's slot for p. So prefix-cache hits cover the head's K/V too (the block manager
+  then recomputes the last hit block: its last position's head K/V depends on the token
+  after the block, which a hit does not match), and the target's trim after a
+  verification frees both. Automatic pool sizing counts its bytes per token
+  (``ModelRunner(extra_kv_bytes_per_token=)``);
+- per sequence, the target's hidden states it has not consumed yet (:class:`_EagleSeq`).
+
+The target forward writes every input token's hidden states into a fixed buffer
+(``CausalLM.hidden_capture``, captured into CUDA graphs too); right after each launch
+:meth:`EagleProposer.observe` keeps a copy of them with each sequence's position range.
+
+One ``propose`` call (before the engine schedules):
+
+1. Catch-up: one varlen forward of the head, for every tracked sequence, over the
+   positions whose target state is kept and whose next token is on the host (p <=
+   len(tokens) - 2): new prompts, accepted drafts and the target's own token. It runs
+   every step, also when the batch is too large to draft (those rows only catch up), so a
+   sequence can draft again when the batch shrinks. At most ``max_num_batched_tokens``
+   positions per call.
+2. Drafting rows (caught up to position len(tokens) - 2, whose logits give the first
+   draft) then run k - 1 single-token steps, each fed the previous draft and the head's
+   own output state, writing the head's K/V at positions len - 1 .. len + k - 3 of the
+   target's blocks (allocated here, never offered to the prefix cache).
+
+Drafts sampled beyond the target's acceptance leave head K/V that the next catch-up
+overwrites (it always restarts at the first position without a target state), so no
+rollback is needed. A sequence whose target states were not observed for some positions
+(e.g. over more than ``MAX_RECORDS`` steps without a propose call) cannot catch up; it
+is marked stale and gets no drafts (counted in ``num_stale``); verification keeps the
+output exact whatever the head proposes.
+"""
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ..models.eagle import EagleHead
+from ..models.metadata import AttentionMetadata
+from .block_manager import BlockManager
+from .draft_model import DraftSampler, _Row
+from .sampler import Sampler
+from .sequence import SequenceStatus
+from .spec_decode import SpeculativeConfig
+
+if TYPE_CHECKING:
+    from .scheduler import ScheduledBatch
+    from .sequence import Sequence
+
+logger = logging.getLogger("minikernels.engine")
+
+MAX_RECORDS = 8     # steps a sequence's target states may wait for a propose call
+
+
+class _Record:
+    """Target hidden states of one step for one sequence: positions [pos, pos + count)
+    are rows [row, row + count) of ``hidden`` ([T, width], the step's copy)."""
+
+    __slots__ = ("hidden", "row", "pos", "count")
+
+    def __init__(self, hidden: Tensor, row: int, pos: int, count: int) -> None:
+        self.hidden, self.row, self.pos, self.count = hidden, row, pos, count
+
+    @property
+    def end(self) -> int:
+        return self.pos + self.count
+
+
+class _EagleSeq:
+    """The head's state for one target sequence: positions [0, computed) have head K/V
+    made from target states (or sit in prefix-cache blocks); records: the target states
+    not consumed yet, in position order; stale: a gap, no more drafts."""
+
+    __slots__ = ("seq", "computed", "records", "stale")
+
+    def __init__(self, seq: "Sequence", computed: int) -> None:
+        self.seq = seq
+        self.computed = computed
+        self.records: list[_Record] = []
+        self.stale = False
+
+    @property
+    def covered(self) -> int:
+        """First position with neither head K/V nor a kept target state."""
+        return self.records[-1].end if self.records else self.computed
+
+    def __repr__(self) -> str:
+        return (f"_EagleSeq(seq={self.seq.seq_id}, computed={self.computed}, "
+                f"covered={self.covered}, stale={self.stale})")
+
+
+class EagleProposer(DraftSampler):
+    """Drafts with an EAGLE head over the target's block tables (see the module).
+
+    Args:
+        cfg: the validated config (method "eagle" / "eagle3").
+        head: the loaded head; its target must already write ``hidden_capture``.
+        block_manager: the target's (its tables index the head's K/V; drafted positions
+            are allocated in it).
+        block_size, num_blocks: the target pool's.
+        max_model_len: the target's.
+        max_num_batched_tokens: bounds one catch-up forward.
+        seed: seeds the generator of drafts of unseeded requests.
+        eos_token_ids: the target's EOS ids (masked in drafts before min_tokens).
+    """
+
+    def __init__(self, cfg: SpeculativeConfig, head: EagleHead, *,
+                 block_manager: BlockManager, block_size: int, num_blocks: int,
+                 max_model_len: int, max_num_batched_tokens: int, seed: int = 0,
+                 eos_token_ids: list[int] = ()) -> None:
+        capture = head.target.hidden_capture
+        if capture is None:
+            raise ValueError("the target model does not capture hidden states for the EAGLE "
+                             "head (set target.hidden_capture = head.capture(...))")
+        self.k = cfg.num_speculative_tokens
+        self.head = head
+        self.capture = capture
+        self.vocab_size = self.common_vocab = int(head.target.config.vocab_size)
+        self.device = head.device
+        self.block_size = block_size
+        self.bm = block_manager
+        self.kv = head.allocate_kv_cache(num_blocks, block_size)
+        self.max_len = max_model_len
+        self.max_catch_up = max_num_batched_tokens
+        self.sampler = Sampler(self.vocab_size, self.device, seed + 1)
+        self.eos_token_ids = list(eos_token_ids)
+        self.states: dict[int, _EagleSeq] = {}     # target seq_id -> head state
+        # counters (tests, stats)
+        self.num_forwards = 0
+        self.num_catch_up_tokens = 0
+        self.num_stale = 0
+
+    # ------------------------------------------------------------------ bookkeeping
+    def release(self, seq: "Sequence") -> None:
+        self.states.pop(seq.seq_id, None)
+
+    def _sweep(self) -> None:
+        dead = [sid for sid, st in self.states.items()
+                if st.seq.status is not SequenceStatus.RUNNING]
+        for sid in dead:
+            del self.states[sid]
+
+    def check_invariants(self) -> None:
+        for st in self.states.values():
+            assert st.computed <= len(st.seq.token_ids), st
+            pos = st.computed
+            for rec in st.records:
+                assert rec.pos <= pos < rec.end, (st, rec.pos, rec.end)
+                pos = rec.end
+
+    def _mark_stale(self, st: _EagleSeq) -> None:
+        st.stale = True
+        st.records = []
+        self.num_stale += 1
+
+    # ------------------------------------------------------------------ observe
+    def observe(self, batch: "ScheduledBatch") -> None:
+        """Keep the target states of the forward just launched for ``batch`` (call before
+        the scheduler advances it: positions start at each ``num_computed_tokens``)."""
+        hidden = self.capture.buffer[:batch.num_tokens].clone()
+        row = 0
+        for seq, n in zip(batch.seqs, batch.num_new_tokens):
+            pos = seq.num_computed_tokens
+            st = self.states.get(seq.seq_id)
+            if st is None:
+                # positions before pos: prefix-cache blocks (their head K/V came with them)
+                st = self.states[seq.seq_id] = _EagleSeq(seq, pos)
+            if not st.stale:
+                if pos > st.covered:
+                    self._mark_stale(st)
+                else:
+                    # a newer state wins from pos on (e.g. after rejected drafts)
+                    st.computed = min(st.computed, pos)
+                    while st.records and st.records[-1].pos >= pos:
+                        st.records.pop()
+                    if st.records and st.records[-1].end > pos:
+                        st.records[-1].count = pos - st.records[-1].pos
+                    st.records.append(_Record(hidden, row, pos, n))
+                    if len(st.records) > MAX_RECORDS:
+                        self._mark_stale(st)
+            row += n
+
+    # ------------------------------------------------------------------ propose
+    @torch.inference_mode()
+    def propose(self, seqs: "list[Sequence]", max_tokens: list[int]
+                ) -> tuple[list[list[int]], Tensor | None]:
+        """Drafts for ``seqs`` (see the module); every other tracked sequence catches up.
+        ``propose([], [])`` only catches up."""
+        self._sweep()
+        drafts: list[list[int]] = [[] for _ in seqs]
+        want = {s.seq_id: (i, room) for i, (s, room) in enumerate(zip(seqs, max_tokens))}
+        plan: list[_Row] = []
+        budget = self.max_catch_up
+        for st in self.states.values():
+            if st.stale or budget <= 0:
+                continue
+            seq = st.seq
+            n = len(seq.token_ids)
+            take = min(n - 1, st.covered) - st.computed
+            if take <= 0:
+                continue
+            i, room = want.get(seq.seq_id, (-1, 0))
+            k = min(self.k, room, self.max_len - n + 1) if i >= 0 else 0
+            if take > budget:
+                take, k = budget, 0
+            if st.computed + take != n - 1:
+                k = 0
+            if k > 1 and not self.bm.allocate(seq, k - 1, register=False):
+                k = 0         # no block for the drafted positions: catch up only
+            budget -= take
+            plan.append(_Row(i, st, st.computed, take, k, n))
+        if not plan:
+            return drafts, None
+        logits, hid = self._forward(*self._catch_up_inputs(plan))
+        self.num_catch_up_tokens += sum(r.take for r in plan)
+        for r in plan:
+            self._consume(r.st, r.start + r.take)
+        rows = [r for r in plan if r.k > 0]
+        if not rows:
+            return drafts, None
+
+        def decode(active: list[int], j: int, prev: Tensor) -> Tensor:
+            idx = None if len(active) == len(rows) else \
+                torch.tensor(active, dtype=torch.int64).to(self.device)
+            h_in = hid if idx is None else hid.index_select(0, idx)
+            out, h_out = self._forward(*self._decode_inputs([rows[a] for a in active], j,
+                                                            prev, h_in))
+            if idx is None:
+                hid.copy_(h_out)
+            else:
+                hid.index_copy_(0, idx, h_out)
+            return out
+
+        tokens, probs = self._draft(rows, len(seqs), logits, decode)
+        for r, d in zip(rows, tokens):
+            drafts[r.i] = d
+        return drafts, probs
+
+    def catch_up(self) -> None:
+        """Consume the kept target states of every tracked sequence (no drafts)."""
+        self.propose([], [])
+
+    def _consume(self, st: _EagleSeq, upto: int) -> None:
+        """Positions below ``upto`` now have head K/V: drop the records they used."""
+        st.computed = upto
+        while st.records and st.records[0].end <= upto:
+            st.records.pop(0)
+
+    # ------------------------------------------------------------------ forwards
+    def _forward(self, ids: Tensor, hidden: Tensor, meta: AttentionMetadata
+                 ) -> tuple[Tensor, Tensor]:
+        self.num_forwards += 1
+        return self.head(ids, hidden, meta, self.kv)
+
+    def _gather_states(self, st: _EagleSeq, start: int, take: int) -> list[Tensor]:
+        """Views of the kept target states for positions [start, start + take)."""
+        parts = []
+        pos, end = start, start + take
+        for rec in st.records:
+            if rec.end <= pos:
+                continue
+            hi = min(end, rec.end)
+            parts.append(rec.hidden[rec.row + pos - rec.pos:rec.row + hi - rec.pos])
+            pos = hi
+            if pos >= end:
+                break
+        if pos < end:
+            raise RuntimeError(f"{st}: no target state for positions [{pos}, {end})")
+        return parts
+
+    def _table(self, rows: list[_Row], width: int) -> np.ndarray:
+        """The rows' target block tables (zero-padded to ``width`` blocks)."""
+        table = self.bm.table
+        out = np.zeros((len(rows), width), dtype=np.int32)
+        for j, r in enumerate(rows):
+            w = min(width, len(r.st.seq.block_table))
+            out[j, :w] = table[r.st.seq.block_row, :w]
+        return out
+
+    def _catch_up_inputs(self, plan: list[_Row]) -> tuple[Tensor, Tensor, AttentionMetadata]:
+        """Prefill rows: position p takes token p + 1 and the target's state at p, over
+        the head's K/V of positions < p; logits of the last position of drafting rows."""
+        bs = self.block_size
+        ids: list[int] = []
+        states: list[Tensor] = []
+        pos_parts, cu_q, cu_k, lidx = [], [0], [0], []
+        for r in plan:
+            toks = r.st.seq.token_ids
+            ids.extend(toks[r.start + 1:r.start + r.take + 1])
+            states.extend(self._gather_states(r.st, r.start, r.take))
+            pos_parts.append(np.arange(r.start, r.start + r.take, dtype=np.int64))
+            cu_q.append(cu_q[-1] + r.take)
+            cu_k.append(cu_k[-1] + r.start + r.take)
+            if r.k:
+                lidx.append(cu_q[-1] - 1)
+        pos = np.concatenate(pos_parts)
+        max_k = max(r.start + r.take for r in plan)
+        width = -(-max_k // bs)
+        tab = self._table(plan, width)
+        row_of = np.repeat(np.arange(len(plan)), [r.take for r in plan])
+        slots = tab[row_of, pos // bs].astype(np.int64) * bs + pos % bs
+        ids_t, pos_t, slots_t, lidx_t, cuq_t, cuk_t, tab_t = self._upload(
+            [ids, pos, slots, lidx, cu_q, cu_k, tab.reshape(-1)])
+        meta = AttentionMetadata(
+            positions=pos_t, slot_mapping=slots_t, num_decode=0,
+            cu_seqlens_q=cuq_t.to(torch.int32), cu_seqlens_k=cuk_t.to(torch.int32),
+            max_seqlen_q=max(r.take for r in plan), max_seqlen_k=max_k,
+            prefill_block_table=tab_t.to(torch.int32).reshape(len(plan), width),
+            logits_indices=lidx_t)
+        hidden = self.head.combine(torch.cat(states) if len(states) > 1 else states[0])
+        return ids_t, hidden, meta
+
+    def _decode_inputs(self, rows: list[_Row], j: int, ids: Tensor, hidden: Tensor
+                       ) -> tuple[Tensor, Tensor, AttentionMetadata]:
+        """Draft step j (j >= 1): draft j - 1 (on the device) and the head's previous
+        output state at position n - 2 + j of each sequence."""
+        bs = self.block_size
+        pos = np.array([r.n - 2 + j for r in rows], dtype=np.int64)
+        width = -(-int(pos.max() + 1) // bs)
+        tab = self._table(rows, width)
+        slots = tab[np.arange(len(rows)), pos // bs].astype(np.int64) * bs + pos % bs
+        pos_t, slots_t, lens_t, tab_t = self._upload(
+            [pos, slots, pos + 1, tab.reshape(-1)])
+        meta = AttentionMetadata(
+            positions=pos_t, slot_mapping=slots_t, num_decode=len(rows),
+            decode_block_table=tab_t.to(torch.int32).reshape(len(rows), width),
+            decode_seq_lens=lens_t.to(torch.int32), logits_indices=None)
+        return ids, hidden, meta

@@ -1,0 +1,340 @@
+"""EAGLE-1 / EAGLE-3 heads (models/eagle.py) and their proposer in the engine
+(engine/eagle.py).
+
+- Every draft the engine proposes equals a plain-PyTorch reference: the target's hidden
+  states from transformers (final-normed for EAGLE-1, the residual streams entering the
+  aux layers for EAGLE-3) over the known tokens, the head's math written out here
+  (causal attention over all positions, no cache), greedy drafts one after another. This
+  pins the position shift, the hidden-state capture, the head's K/V in the target's
+  blocks, catch-up after acceptance / rejection, chunked prefill and prefix-cache hits.
+- Greedy output is token-identical with and without the head (exactness), with chunked
+  prefill, prefix caching, preemption, overlap and batches too large to draft; seeded
+  sampling reproduces run to run; every block comes back.
+- Checkpoint layouts (EAGLE-1 ``layers.0.``, EAGLE-3 ``midlayer.`` with draft vocab and
+  d2t) and errors naming what does not fit.
+CPU, fp32, tiny models.
+"""
+from __future__ import annotations
+
+import json
+import math
+import random
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from test_engine import assert_all_free, tokens
+
+from minikernels.engine import LLM, SamplingParams
+from minikernels.engine.spec_decode import SpeculativeConfig
+
+VOCAB, H, HEADS, KV_HEADS, INTER = 300, 64, 4, 2, 128
+
+
+def _target(path, layers: int, seed: int):
+    """A random transformers Llama (V = 300, H = 64) saved at path; returns it."""
+    import transformers
+
+    cfg = transformers.LlamaConfig(
+        vocab_size=VOCAB, hidden_size=H, intermediate_size=INTER, num_hidden_layers=layers,
+        num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, max_position_embeddings=256,
+        rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
+    cfg._attn_implementation = "eager"
+    torch.manual_seed(seed)
+    model = transformers.LlamaForCausalLM(cfg).float().eval()
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(torch.rand(p.shape, generator=g) + 0.5 if "norm" in name
+                    else torch.randn(p.shape, generator=g) * 0.1)
+    model.save_pretrained(str(path))
+    return model
+
+
+def _head_tensors(method: str, seed: int, own_embed: bool, draft_vocab: int | None
+                  ) -> dict[str, torch.Tensor]:
+    """Random head weights under their checkpoint names (unprefixed layer names)."""
+    g = torch.Generator().manual_seed(seed)
+
+    def w(*shape, scale=0.15):
+        return torch.randn(*shape, generator=g) * scale
+
+    def norm():
+        return torch.rand(H, generator=g) + 0.5
+
+    D = H // HEADS
+    in_qkv = H if method == "eagle" else 2 * H
+    t = {"self_attn.q_proj.weight": w(HEADS * D, in_qkv),
+         "self_attn.k_proj.weight": w(KV_HEADS * D, in_qkv),
+         "self_attn.v_proj.weight": w(KV_HEADS * D, in_qkv),
+         "self_attn.o_proj.weight": w(H, HEADS * D),
+         "mlp.gate_proj.weight": w(INTER, H), "mlp.up_proj.weight": w(INTER, H),
+         "mlp.down_proj.weight": w(H, INTER),
+         "post_attention_layernorm.weight": norm()}
+    top = {}
+    if method == "eagle":
+        top["fc.weight"] = w(H, 2 * H)
+        top["fc.bias"] = w(H, scale=0.05)
+    else:
+        top["fc.weight"] = w(H, 3 * H, scale=0.08)
+        t["input_layernorm.weight"] = norm()
+        t["hidden_norm.weight"] = norm()
+        top["norm.weight"] = norm()
+        if draft_vocab is not None:
+            top["lm_head.weight"] = w(draft_vocab, H, scale=0.3)
+            # draft id d -> target id d + d2t[d]: a sorted random subset of the vocab
+            ids = sorted(random.Random(seed).sample(range(VOCAB), draft_vocab))
+            top["d2t"] = torch.tensor(ids) - torch.arange(draft_vocab)
+            t2d = torch.zeros(VOCAB, dtype=torch.bool)
+            t2d[ids] = True
+            top["t2d"] = t2d
+    if own_embed:
+        top["embed_tokens.weight"] = w(VOCAB, H, scale=0.5)
+    return {**t, **top}
+
+
+def _save_head(path, method: str, seed: int, own_embed: bool, draft_vocab: int | None = None,
+               aux: list[int] | None = None) -> dict[str, torch.Tensor]:
+    """An EAGLE checkpoint in its published layout; returns the weights (bare names)."""
+    path.mkdir(parents=True, exist_ok=True)
+    weights = _head_tensors(method, seed, own_embed, draft_vocab)
+    layer_prefix = "layers.0." if method == "eagle" else "midlayer."
+    top = ("fc.weight", "fc.bias", "norm.weight", "lm_head.weight", "d2t", "t2d",
+           "embed_tokens.weight")
+    save_file({(k if k in top else layer_prefix + k): v.contiguous() for k, v in weights.items()},
+              str(path / "model.safetensors"))
+    cfg = {"architectures": ["LlamaForCausalLM" if method == "eagle" else
+                             "LlamaForCausalLMEagle3"],
+           "model_type": "llama", "hidden_size": H, "intermediate_size": INTER,
+           "num_attention_heads": HEADS, "num_key_value_heads": KV_HEADS,
+           "num_hidden_layers": 1, "vocab_size": VOCAB, "rms_norm_eps": 1e-5,
+           "max_position_embeddings": 128, "rope_theta": 10000.0}
+    if method == "eagle3":
+        cfg["draft_vocab_size"] = draft_vocab or VOCAB
+        if aux is not None:
+            cfg["eagle_config"] = {"eagle_aux_hidden_state_layer_ids": aux}
+    (path / "config.json").write_text(json.dumps(cfg))
+    return weights
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory):
+    root = tmp_path_factory.mktemp("eagle")
+    t2 = _target(root / "target2", 2, seed=0)
+    t8 = _target(root / "target8", 8, seed=10)
+    heads = {
+        "eagle": _save_head(root / "eagle", "eagle", 1, own_embed=True),
+        "eagle_shared": _save_head(root / "eagle_shared", "eagle", 2, own_embed=False),
+        "eagle3": _save_head(root / "eagle3", "eagle3", 3, own_embed=False, draft_vocab=200),
+        "eagle3_full": _save_head(root / "eagle3_full", "eagle3", 4, own_embed=True,
+                                  draft_vocab=None, aux=[0, 1, 1]),
+    }
+    return {"root": root, "hf": {"target2": t2, "target8": t8}, "heads": heads,
+            **{k: str(root / k) for k in ("target2", "target8", *heads)}}
+
+
+# ---------------------------------------------------------------- the reference
+def _rms(x, w, eps=1e-5):
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w
+
+
+def _rope(x, pos, theta=10000.0):
+    """Llama's rotate-half rotary on [T, heads, D] at positions pos [T]."""
+    D = x.shape[-1]
+    inv = 1.0 / theta ** (torch.arange(0, D, 2, dtype=torch.float64) / D)
+    ang = pos.double()[:, None] * inv[None]
+    cos, sin = torch.cat([ang.cos()] * 2, -1).float(), torch.cat([ang.sin()] * 2, -1).float()
+    x1, x2 = x[..., :D // 2], x[..., D // 2:]
+    return x * cos[:, None] + torch.cat([-x2, x1], -1) * sin[:, None]
+
+
+def _ref_head(W, method, target, toks, hid, pos, d2t=None):
+    """The head over a whole draft sequence (inputs toks [T], hid [T, H], positions pos):
+    -> (logits [T, V] over the target vocab, output states [T, H])."""
+    embed = W["embed_tokens.weight"] if "embed_tokens.weight" in W else \
+        target.model.embed_tokens.weight
+    e = embed[toks]
+    if method == "eagle":
+        x = torch.cat([e, hid], -1) @ W["fc.weight"].T + W.get("fc.bias", 0)
+        attn_in, residual = x, x
+    else:
+        hn = _rms(hid, W["hidden_norm.weight"])
+        attn_in, residual = torch.cat([_rms(e, W["input_layernorm.weight"]), hn], -1), hid
+    T, D = toks.shape[0], H // HEADS
+    q = _rope((attn_in @ W["self_attn.q_proj.weight"].T).view(T, HEADS, D), pos)
+    k = _rope((attn_in @ W["self_attn.k_proj.weight"].T).view(T, KV_HEADS, D), pos)
+    v = (attn_in @ W["self_attn.v_proj.weight"].T).view(T, KV_HEADS, D)
+    k, v = k.repeat_interleave(HEADS // KV_HEADS, 1), v.repeat_interleave(HEADS // KV_HEADS, 1)
+    s = torch.einsum("thd,shd->hts", q, k) / math.sqrt(D)
+    s = s.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf"))
+    a = torch.einsum("hts,shd->thd", s.softmax(-1), v).reshape(T, H) @ W[
+        "self_attn.o_proj.weight"].T
+    r = residual + a
+    y = _rms(r, W["post_attention_layernorm.weight"])
+    g = r + (torch.nn.functional.silu(y @ W["mlp.gate_proj.weight"].T) *
+             (y @ W["mlp.up_proj.weight"].T)) @ W["mlp.down_proj.weight"].T
+    if method == "eagle":
+        return g @ target.lm_head.weight.T, g
+    normed = _rms(g, W["norm.weight"])
+    if "lm_head.weight" not in W:
+        return normed @ target.lm_head.weight.T, g
+    d = normed @ W["lm_head.weight"].T
+    out = torch.full((T, VOCAB), float("-inf"))
+    out[:, torch.arange(d.shape[1]) + W["d2t"]] = d
+    return out, g
+
+
+@torch.no_grad()
+def _ref_drafts(W, method, target, known: list[int], k: int, aux=None) -> list[int]:
+    """Greedy drafts for a sequence whose tokens are ``known``: the target's states at
+    positions 0 .. n - 2 paired with tokens 1 .. n - 1, then k - 1 steps on the head's
+    own states."""
+    n = len(known)
+    out = target(torch.tensor([known[:-1]]), output_hidden_states=True)
+    if method == "eagle":
+        hid = out.hidden_states[-1][0]          # after the final norm
+    else:
+        hid = torch.cat([out.hidden_states[i][0] for i in aux], -1) @ W["fc.weight"].T
+    toks = torch.tensor(known[1:])
+    pos = torch.arange(n - 1)
+    drafts = []
+    for _ in range(k):
+        logits, g = _ref_head(W, method, target, toks, hid, pos)
+        d = int(logits[-1].argmax())
+        drafts.append(d)
+        toks = torch.cat([toks, torch.tensor([d])])
+        hid = torch.cat([hid, g[-1:]])
+        pos = torch.arange(len(toks))
+    return drafts
+
+
+def make(path, head=None, method="eagle", k=3, **kw):
+    kw.setdefault("block_size", 8)
+    cfg = None if head is None else {"method": method, "model": head,
+                                     "num_speculative_tokens": k}
+    return LLM(path, dtype="float32", device="cpu", tokenizer=None, speculative_config=cfg,
+               **kw)
+
+
+def _record_proposals(llm):
+    """Wrap the proposer: log (known tokens, drafts) of every greedy proposal."""
+    prop = llm.llm_engine.proposer
+    log = []
+    orig = prop.propose
+
+    def propose(seqs, max_tokens):
+        drafts, probs = orig(seqs, max_tokens)
+        for s, d in zip(seqs, drafts):
+            if d:
+                log.append((list(s.token_ids), list(d)))
+        return drafts, probs
+
+    prop.propose = propose
+    return log
+
+
+def _prompts(n, seed=0, lo=1, hi=30):
+    r = random.Random(seed)
+    return [[r.randrange(3, VOCAB) for _ in range(r.randrange(lo, hi))] for _ in range(n)]
+
+
+GREEDY = SamplingParams(temperature=0.0, max_tokens=14, ignore_eos=True)
+
+
+@pytest.mark.parametrize("head,target,aux", [
+    ("eagle", "target2", None), ("eagle_shared", "target2", None),
+    ("eagle3", "target8", (2, 4, 5)), ("eagle3_full", "target2", (0, 1, 1))])
+def test_drafts_equal_the_reference(ckpts, head, target, aux):
+    """Every proposal equals the reference head over the target's states; shared
+    prefixes (prefix-cache hits), chunked prefill and batched rows included."""
+    method = "eagle" if head.startswith("eagle_") or head == "eagle" else "eagle3"
+    llm = make(ckpts[target], ckpts[head], method, k=3, max_num_batched_tokens=24)
+    log = _record_proposals(llm)
+    shared = _prompts(1, seed=5, lo=16, hi=17)[0]   # two whole blocks
+    prompts = _prompts(4, seed=1) + [shared + p for p in _prompts(3, seed=2, lo=1, hi=6)]
+    outs = llm.generate(prompts, GREEDY, use_tqdm=False)
+    assert len(log) > 10
+    W, hf = ckpts["heads"][head], ckpts["hf"][target]
+    for known, drafts in log:
+        assert drafts == _ref_drafts(W, method, hf, known, len(drafts), aux), known
+    assert llm.llm_engine.block_manager.num_hit_tokens > 0       # prefix hits were drafted
+    ref = make(ckpts[target])
+    assert tokens(outs) == tokens(ref.generate(prompts,
+                                               GREEDY, use_tqdm=False))
+    assert_all_free(llm)
+    assert not llm.llm_engine.proposer.states and llm.llm_engine.proposer.num_stale == 0
+
+
+@pytest.mark.parametrize("kw", [
+    dict(),
+    dict(num_kv_blocks=12, max_num_seqs=6),                   # preemption
+    dict(async_scheduling=False, enable_prefix_caching=False),
+    dict(max_num_batched_tokens=16),                          # chunked prefill
+])
+def test_greedy_is_exact(ckpts, kw):
+    prompts = _prompts(8, seed=3)
+    params = SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True)
+    ref = tokens(make(ckpts["target2"], **kw).generate(prompts, params, use_tqdm=False))
+    llm = make(ckpts["target2"], ckpts["eagle"], "eagle", k=4, **kw)
+    assert tokens(llm.generate(prompts, params, use_tqdm=False)) == ref
+    eng = llm.llm_engine
+    assert eng.spec_draft_tokens_total > 0
+    assert_all_free(llm)
+    assert not eng.proposer.states
+
+
+def test_large_batches_catch_up_and_draft_later(ckpts):
+    """Steps with more running sequences than disable_by_batch_size draft nothing but
+    the head still consumes every state: when the batch shrinks, the survivors draft
+    (no stale sequence) and the output stays exact."""
+    prompts = _prompts(6, seed=4)
+    params = [SamplingParams(temperature=0.0, max_tokens=m, ignore_eos=True)
+              for m in (4, 4, 4, 4, 30, 30)]
+    ref = tokens(make(ckpts["target2"]).generate(prompts, params, use_tqdm=False))
+    llm = LLM(ckpts["target2"], dtype="float32", device="cpu", tokenizer=None, block_size=8,
+              speculative_config={"method": "eagle", "model": ckpts["eagle"],
+                                  "num_speculative_tokens": 3, "disable_by_batch_size": 2})
+    log = _record_proposals(llm)
+    assert tokens(llm.generate(prompts, params, use_tqdm=False)) == ref
+    assert log and llm.llm_engine.proposer.num_stale == 0
+    W, hf = ckpts["heads"]["eagle"], ckpts["hf"]["target2"]
+    for known, drafts in log:
+        assert drafts == _ref_drafts(W, "eagle", hf, known, len(drafts)), known
+    assert_all_free(llm)
+
+
+def test_seeded_sampling_reproducible(ckpts):
+    prompts = _prompts(4, seed=6)
+    params = SamplingParams(temperature=0.8, top_p=0.9, max_tokens=16, seed=11, ignore_eos=True)
+    runs = [tokens(make(ckpts["target8"], ckpts["eagle3"], "eagle3").generate(
+        prompts, params, use_tqdm=False)) for _ in range(2)]
+    assert runs[0] == runs[1]
+
+
+def test_config_and_checkpoint_errors(ckpts, tmp_path):
+    with pytest.raises(ValueError, match="speculative_config.model is required"):
+        SpeculativeConfig.from_dict({"method": "eagle"})
+    with pytest.raises(ValueError, match="speculative_config.prompt_lookup_min"):
+        SpeculativeConfig.from_dict({"method": "eagle3", "model": "x", "prompt_lookup_min": 1})
+    with pytest.raises(ValueError, match="EAGLE-3 head"):
+        make(ckpts["target2"], ckpts["eagle3"], "eagle")
+    with pytest.raises(ValueError, match="not an EAGLE-3 head"):
+        make(ckpts["target2"], ckpts["eagle"], "eagle3")
+    with pytest.raises(ValueError, match="tensor_parallel_size"):
+        LLM(ckpts["target2"], dtype="float32", device="cpu", tokenizer=None,
+            tensor_parallel_size=2,
+            speculative_config={"method": "eagle", "model": ckpts["eagle"]})
+    from minikernels.models.loader import CheckpointError
+    import shutil
+    bad = tmp_path / "bad"
+    shutil.copytree(ckpts["eagle"], bad)
+    from safetensors.torch import load_file
+    w = load_file(str(bad / "model.safetensors"))
+    del w["layers.0.mlp.down_proj.weight"]
+    save_file(w, str(bad / "model.safetensors"))
+    with pytest.raises(CheckpointError, match="mlp.down_proj.weight"):
+        make(ckpts["target2"], str(bad), "eagle")
+    w["layers.0.extra.weight"] = torch.zeros(2)
+    save_file(w, str(bad / "model.safetensors"))
+    with pytest.raises(CheckpointError, match="extra"):
+        make(ckpts["target2"], str(bad), "eagle")
