@@ -117,6 +117,52 @@ def _save_head(path, method: str, seed: int, own_embed: bool, draft_vocab: int |
     return weights
 
 
+def _bigram_target(path, seed: int):
+    """A 1-layer Llama whose attention adds nothing (o_proj = 0) and whose final norm
+    weight is 1: its next token is a function of the current token alone."""
+    model = _target(path, 1, seed)
+    with torch.no_grad():
+        model.model.layers[0].self_attn.o_proj.weight.zero_()
+        model.model.norm.weight.fill_(1.0)
+    model.save_pretrained(str(path))
+    return model
+
+
+def _save_oracle_head(path, target, noise: float, seed: int) -> dict[str, torch.Tensor]:
+    """An EAGLE-1 head that predicts a bigram target exactly (noise 0): fc passes the
+    embedding of token p + 1 through, its layer is the target's MLP and norm, so g is the
+    target's pre-norm state for token p + 1 and the target's lm_head ranks g as the
+    target ranks g / rms(g). noise > 0 perturbs o_proj and the MLP: drafts then agree
+    only part of the time (and attention matters)."""
+    g = torch.Generator().manual_seed(seed)
+    layer = target.model.layers[0]
+
+    def w(t):
+        return t.detach().clone() + noise * torch.randn(t.shape, generator=g)
+
+    D = H // HEADS
+    weights = {
+        "fc.weight": torch.cat([torch.eye(H), torch.zeros(H, H)], 1),
+        "self_attn.q_proj.weight": torch.randn(HEADS * D, H, generator=g) * 0.1,
+        "self_attn.k_proj.weight": torch.randn(KV_HEADS * D, H, generator=g) * 0.1,
+        "self_attn.v_proj.weight": torch.randn(KV_HEADS * D, H, generator=g) * 0.1,
+        "self_attn.o_proj.weight": noise * torch.randn(H, HEADS * D, generator=g),
+        "post_attention_layernorm.weight": layer.post_attention_layernorm.weight.detach().clone(),
+        "mlp.gate_proj.weight": w(layer.mlp.gate_proj.weight),
+        "mlp.up_proj.weight": w(layer.mlp.up_proj.weight),
+        "mlp.down_proj.weight": w(layer.mlp.down_proj.weight),
+    }
+    path.mkdir(parents=True, exist_ok=True)
+    save_file({(k if k.startswith("fc.") else "layers.0." + k): v.contiguous()
+               for k, v in weights.items()}, str(path / "model.safetensors"))
+    cfg = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": H,
+           "intermediate_size": INTER, "num_attention_heads": HEADS,
+           "num_key_value_heads": KV_HEADS, "num_hidden_layers": 1, "vocab_size": VOCAB,
+           "rms_norm_eps": 1e-5, "max_position_embeddings": 128, "rope_theta": 10000.0}
+    (path / "config.json").write_text(json.dumps(cfg))
+    return weights
+
+
 @pytest.fixture(scope="module")
 def ckpts(tmp_path_factory):
     root = tmp_path_factory.mktemp("eagle")
@@ -129,8 +175,12 @@ def ckpts(tmp_path_factory):
         "eagle3_full": _save_head(root / "eagle3_full", "eagle3", 4, own_embed=True,
                                   draft_vocab=None, aux=[0, 1, 1]),
     }
-    return {"root": root, "hf": {"target2": t2, "target8": t8}, "heads": heads,
-            **{k: str(root / k) for k in ("target2", "target8", *heads)}}
+    bigram = _bigram_target(root / "bigram", seed=20)
+    heads["oracle"] = _save_oracle_head(root / "oracle", bigram, 0.0, 21)
+    heads["noisy"] = _save_oracle_head(root / "noisy", bigram, 0.03, 22)
+    return {"root": root, "hf": {"target2": t2, "target8": t8, "bigram": bigram},
+            "heads": heads,
+            **{k: str(root / k) for k in ("target2", "target8", "bigram", *heads)}}
 
 
 # ---------------------------------------------------------------- the reference
@@ -243,11 +293,13 @@ GREEDY = SamplingParams(temperature=0.0, max_tokens=14, ignore_eos=True)
 
 @pytest.mark.parametrize("head,target,aux", [
     ("eagle", "target2", None), ("eagle_shared", "target2", None),
-    ("eagle3", "target8", (2, 4, 5)), ("eagle3_full", "target2", (0, 1, 1))])
+    ("eagle3", "target8", (2, 4, 5)), ("eagle3_full", "target2", (0, 1, 1)),
+    ("noisy", "bigram", None)])
 def test_drafts_equal_the_reference(ckpts, head, target, aux):
     """Every proposal equals the reference head over the target's states; shared
-    prefixes (prefix-cache hits), chunked prefill and batched rows included."""
-    method = "eagle" if head.startswith("eagle_") or head == "eagle" else "eagle3"
+    prefixes (prefix-cache hits), chunked prefill and batched rows included; with the
+    noisy oracle, after partly accepted drafts too."""
+    method = "eagle3" if head.startswith("eagle3") else "eagle"
     llm = make(ckpts[target], ckpts[head], method, k=3, max_num_batched_tokens=24)
     log = _record_proposals(llm)
     shared = _prompts(1, seed=5, lo=16, hi=17)[0]   # two whole blocks
@@ -301,6 +353,25 @@ def test_large_batches_catch_up_and_draft_later(ckpts):
     for known, drafts in log:
         assert drafts == _ref_drafts(W, "eagle", hf, known, len(drafts)), known
     assert_all_free(llm)
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(max_num_batched_tokens=16, num_kv_blocks=14)])
+def test_acceptance_with_an_oracle_head(ckpts, kw):
+    """A head that predicts the (bigram) target exactly: (nearly) every draft accepted,
+    k + 1 tokens per verification; a noisy one: part of them. Output exact both ways."""
+    prompts = _prompts(6, seed=7)
+    params = SamplingParams(temperature=0.0, max_tokens=25, ignore_eos=True)
+    ref = tokens(make(ckpts["bigram"], **kw).generate(prompts, params, use_tqdm=False))
+    rates = {}
+    for head in ("oracle", "noisy"):
+        llm = make(ckpts["bigram"], ckpts[head], "eagle", k=4, **kw)
+        assert tokens(llm.generate(prompts, params, use_tqdm=False)) == ref
+        st = llm.stats()
+        rates[head] = st["spec_num_accepted_tokens"] / st["spec_num_draft_tokens"]
+        assert_all_free(llm)
+        assert llm.llm_engine.proposer.num_stale == 0
+    assert rates["oracle"] >= 0.95, rates
+    assert 0.1 < rates["noisy"] < rates["oracle"], rates
 
 
 def test_seeded_sampling_reproducible(ckpts):

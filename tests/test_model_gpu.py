@@ -92,7 +92,7 @@ def test_gpu_fp8_model_matches_cpu(hf_dirs, kind, quant, dtype):
     assert [len(o.outputs[0].token_ids) for o in outs] == [6, 6]
 
 
-@pytest.mark.parametrize("method", ["ngram", "draft_model"])
+@pytest.mark.parametrize("method", ["ngram", "draft_model", "eagle", "eagle3"])
 def test_gpu_speculative_verify_graphs_token_identical(tmp_path, method):
     """Speculative verification steps replay CUDA graphs (model_runner._VerifyGraphs):
     greedy tokens equal with graphs on and off (enforce_eager) and without speculation,
@@ -106,6 +106,17 @@ def test_gpu_speculative_verify_graphs_token_identical(tmp_path, method):
     cfg = ({"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 3}
            if method == "ngram" else
            {"method": "draft_model", "model": path, "num_speculative_tokens": 4})
+    if method.startswith("eagle"):   # the target's hidden states captured inside graphs
+        from test_eagle import _bigram_target, _save_head, _save_oracle_head
+
+        if method == "eagle":    # a bigram target and a head agreeing with it partly
+            bigram = _bigram_target(tmp_path / "bigram", seed=20)
+            _save_oracle_head(tmp_path / "head", bigram, 0.03, 22)
+            path = str(tmp_path / "bigram")
+        else:                    # a random EAGLE-3 head: drafts, acceptance by chance
+            _save_head(tmp_path / "head", method, 1, own_embed=False, draft_vocab=200,
+                       aux=[0, 1, 1])
+        cfg = {"method": method, "model": str(tmp_path / "head"), "num_speculative_tokens": 3}
     prompts = [([5 + i, 40 + 3 * i, 77, 9 + i] * 12)[:17 + 6 * i] for i in range(5)]
     sp = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
 
@@ -123,7 +134,11 @@ def test_gpu_speculative_verify_graphs_token_identical(tmp_path, method):
         assert eager == want and got == want
         vg = llm.llm_engine.runner.verify_graphs
         assert vg is not None and vg.sizes == [1, 2, 4, 8] and vg.num_replays > 0
-        assert llm.stats()["spec_num_accepted_tokens"] > 0
+        assert llm.stats()["spec_num_draft_tokens"] > 0
+        if method == "eagle3":
+            assert llm.llm_engine.proposer.num_stale == 0
+        else:
+            assert llm.stats()["spec_num_accepted_tokens"] > 0
 
 
 @pytest.mark.parametrize("kind", ["llama", "qwen3-moe"])

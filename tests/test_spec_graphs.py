@@ -105,6 +105,27 @@ def test_standin_graphs_token_identical(paths, baseline, method, k):
     assert eager.stats()["spec_num_accepted_tokens"] == st["spec_num_accepted_tokens"]
 
 
+def test_standin_graphs_with_an_eagle_head(tmp_path):
+    """The target's hidden states reach the EAGLE head from graph replays (written into
+    the capture buffer on padded static inputs): the same tokens, and the same drafts
+    and acceptances as the eager path."""
+    from test_eagle import _bigram_target, _save_oracle_head
+
+    target = _bigram_target(tmp_path / "bigram", seed=20)
+    _save_oracle_head(tmp_path / "head", target, 0.03, 22)   # accepts part of its drafts
+    path = str(tmp_path / "bigram")
+    cfg = {"method": "eagle", "model": str(tmp_path / "head"), "num_speculative_tokens": 3}
+    want = tokens(make(path).generate(PROMPTS, GREEDY, use_tqdm=False))
+    llm = make(path, cfg, standin=True)
+    got = tokens(llm.generate(PROMPTS, GREEDY, use_tqdm=False))
+    assert got == want and llm.llm_engine.runner.verify_graphs.num_replays > 0
+    eager = make(path, cfg)
+    assert tokens(eager.generate(PROMPTS, GREEDY, use_tqdm=False)) == got
+    for key in ("spec_num_draft_tokens", "spec_num_accepted_tokens"):
+        assert eager.stats()[key] == llm.stats()[key] and llm.stats()[key] > 0, key
+    assert_all_free(llm)
+
+
 def test_mixed_rows_fall_back_to_eager(paths, baseline):
     """A row that never drafts (repetition penalty) next to drafting rows: its steps are
     mixed decode + verify rows (eager); outputs unchanged."""

@@ -51,13 +51,8 @@ probabilities are zeros: the verifier uses only the target's argmax for them).
 Sequences leave the draft pool when they finish, are aborted (``release``, called by the
 engine) or preempted (``release``, and a sweep of non-running sequences each call).
 
-EAGLE-style heads. An EAGLE head is a one-layer decoder over (token embedding, the
-target's last hidden state). It plugs in as a subclass: the pool, block tables, rollback,
-catch-up plan, k-step loop and probability processing here stay; it overrides
-``_forward(inputs)`` to add the hidden states (the engine would pass the target's hidden
-states of the verified positions to a ``Proposer.observe`` hook after ``_verify``, kept
-per :class:`_DraftSeq`), and ``load_draft_model`` gains a head loader. Nothing in the
-engine's verification or rollback changes.
+EAGLE heads (engine/eagle.py) reuse the drafting loop and its sampling (:class:`DraftSampler`)
+but keep their K/V in the target's blocks and read the target's hidden states.
 """
 from __future__ import annotations
 
@@ -460,8 +455,7 @@ class DraftModelProposer(DraftSampler):
 
     # ------------------------------------------------------------------ forwards
     def _forward(self, inputs: StepInputs) -> Tensor:
-        """One draft forward -> logits of the rows in ``inputs.meta.logits_indices``.
-        (The seam for an EAGLE-style head: add the target's hidden states here.)"""
+        """One draft forward -> logits of the rows in ``inputs.meta.logits_indices``."""
         self.num_forwards += 1
         return self.runner.forward(inputs)
 

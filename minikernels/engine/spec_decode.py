@@ -13,7 +13,8 @@ decoding without speculation). See docs/engine.md, "Speculative decoding".
 A proposer only sees sequences (``propose(seqs, max_tokens) -> (drafts, draft_probs)``):
 an n-gram lookup here (point masses: draft_probs None); a draft model
 (engine/draft_model.py: its own paged KV pool, returns the probabilities it sampled
-from) or an EAGLE-style head implement the same interface. ``release(seq)`` drops
+from) and an EAGLE-1 / EAGLE-3 head (engine/eagle.py: the target's hidden states, its
+K/V in the target's blocks) implement the same interface. ``release(seq)`` drops
 per-sequence state (finished, aborted, preempted).
 """
 from __future__ import annotations

@@ -132,7 +132,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      help="no CUDA graphs / torch.compile")
     eng.add_argument("--speculative-config", type=_json_dict, default=None,
                      help='speculative decoding, as JSON (vLLM\'s flag), e.g. '
-                          '\'{"method": "ngram", "num_speculative_tokens": 4}\' '
+                          '\'{"method": "ngram", "num_speculative_tokens": 4}\'; methods '
+                          'ngram, draft_model, eagle, eagle3 '
                           '(docs/engine.md, "Speculative decoding")')
     eng.add_argument("--generation-config", default="auto",
                      help="default sampling of requests that leave a field unset: auto = "
