@@ -94,17 +94,25 @@ def _head_tensors(method: str, seed: int, own_embed: bool, draft_vocab: int | No
 
 
 def _save_head(path, method: str, seed: int, own_embed: bool, draft_vocab: int | None = None,
-               aux: list[int] | None = None) -> dict[str, torch.Tensor]:
-    """An EAGLE checkpoint in its published layout; returns the weights (bare names)."""
+               aux: list[int] | None = None, qwen2: bool = False,
+               speculators: bool = False) -> dict[str, torch.Tensor]:
+    """An EAGLE checkpoint in its published layout; returns the weights (bare names).
+    qwen2: an EAGLE-1 head with Qwen2's architecture (q / k / v biases). speculators:
+    an EAGLE-3 head in the speculators library's layout (``layers.0.``, the layer's
+    config nested in ``transformer_layer_config``, norm_before_residual)."""
     path.mkdir(parents=True, exist_ok=True)
     weights = _head_tensors(method, seed, own_embed, draft_vocab)
-    layer_prefix = "layers.0." if method == "eagle" else "midlayer."
+    if qwen2:
+        g = torch.Generator().manual_seed(seed + 100)
+        for part, n in (("q", H), ("k", KV_HEADS * H // HEADS), ("v", KV_HEADS * H // HEADS)):
+            weights[f"self_attn.{part}_proj.bias"] = torch.randn(n, generator=g) * 0.3
+    layer_prefix = "layers.0." if method == "eagle" or speculators else "midlayer."
     top = ("fc.weight", "fc.bias", "norm.weight", "lm_head.weight", "d2t", "t2d",
            "embed_tokens.weight")
     save_file({(k if k in top else layer_prefix + k): v.contiguous() for k, v in weights.items()},
               str(path / "model.safetensors"))
-    cfg = {"architectures": ["LlamaForCausalLM" if method == "eagle" else
-                             "LlamaForCausalLMEagle3"],
+    cfg = {"architectures": ["Qwen2ForCausalLM" if qwen2 else "LlamaForCausalLM"
+                             if method == "eagle" else "LlamaForCausalLMEagle3"],
            "model_type": "llama", "hidden_size": H, "intermediate_size": INTER,
            "num_attention_heads": HEADS, "num_key_value_heads": KV_HEADS,
            "num_hidden_layers": 1, "vocab_size": VOCAB, "rms_norm_eps": 1e-5,
@@ -113,6 +121,12 @@ def _save_head(path, method: str, seed: int, own_embed: bool, draft_vocab: int |
         cfg["draft_vocab_size"] = draft_vocab or VOCAB
         if aux is not None:
             cfg["eagle_config"] = {"eagle_aux_hidden_state_layer_ids": aux}
+    if speculators:
+        cfg = {"architectures": ["Eagle3Speculator"], "speculators_model_type": "eagle3",
+               "transformer_layer_config": {k: v for k, v in cfg.items()
+                                            if k not in ("architectures", "draft_vocab_size")},
+               "draft_vocab_size": draft_vocab or VOCAB, "norm_before_residual": True}
+        weights["__norm_before_residual"] = True
     (path / "config.json").write_text(json.dumps(cfg))
     return weights
 
@@ -171,9 +185,13 @@ def ckpts(tmp_path_factory):
     heads = {
         "eagle": _save_head(root / "eagle", "eagle", 1, own_embed=True),
         "eagle_shared": _save_head(root / "eagle_shared", "eagle", 2, own_embed=False),
+        "eagle_qwen2": _save_head(root / "eagle_qwen2", "eagle", 5, own_embed=False,
+                                  qwen2=True),
         "eagle3": _save_head(root / "eagle3", "eagle3", 3, own_embed=False, draft_vocab=200),
         "eagle3_full": _save_head(root / "eagle3_full", "eagle3", 4, own_embed=True,
                                   draft_vocab=None, aux=[0, 1, 1]),
+        "eagle3_spec": _save_head(root / "eagle3_spec", "eagle3", 6, own_embed=True,
+                                  draft_vocab=120, speculators=True),
     }
     bigram = _bigram_target(root / "bigram", seed=20)
     heads["oracle"] = _save_oracle_head(root / "oracle", bigram, 0.0, 21)
@@ -209,11 +227,15 @@ def _ref_head(W, method, target, toks, hid, pos, d2t=None):
         attn_in, residual = x, x
     else:
         hn = _rms(hid, W["hidden_norm.weight"])
-        attn_in, residual = torch.cat([_rms(e, W["input_layernorm.weight"]), hn], -1), hid
+        attn_in = torch.cat([_rms(e, W["input_layernorm.weight"]), hn], -1)
+        residual = hn if W.get("__norm_before_residual") else hid
     T, D = toks.shape[0], H // HEADS
-    q = _rope((attn_in @ W["self_attn.q_proj.weight"].T).view(T, HEADS, D), pos)
-    k = _rope((attn_in @ W["self_attn.k_proj.weight"].T).view(T, KV_HEADS, D), pos)
-    v = (attn_in @ W["self_attn.v_proj.weight"].T).view(T, KV_HEADS, D)
+    q = _rope((attn_in @ W["self_attn.q_proj.weight"].T + W.get("self_attn.q_proj.bias", 0)
+               ).view(T, HEADS, D), pos)
+    k = _rope((attn_in @ W["self_attn.k_proj.weight"].T + W.get("self_attn.k_proj.bias", 0)
+               ).view(T, KV_HEADS, D), pos)
+    v = (attn_in @ W["self_attn.v_proj.weight"].T + W.get("self_attn.v_proj.bias", 0)
+         ).view(T, KV_HEADS, D)
     k, v = k.repeat_interleave(HEADS // KV_HEADS, 1), v.repeat_interleave(HEADS // KV_HEADS, 1)
     s = torch.einsum("thd,shd->hts", q, k) / math.sqrt(D)
     s = s.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf"))
@@ -293,8 +315,9 @@ GREEDY = SamplingParams(temperature=0.0, max_tokens=14, ignore_eos=True)
 
 @pytest.mark.parametrize("head,target,aux", [
     ("eagle", "target2", None), ("eagle_shared", "target2", None),
+    ("eagle_qwen2", "target2", None),
     ("eagle3", "target8", (2, 4, 5)), ("eagle3_full", "target2", (0, 1, 1)),
-    ("noisy", "bigram", None)])
+    ("eagle3_spec", "target8", (2, 4, 5)), ("noisy", "bigram", None)])
 def test_drafts_equal_the_reference(ckpts, head, target, aux):
     """Every proposal equals the reference head over the target's states; shared
     prefixes (prefix-cache hits), chunked prefill and batched rows included; with the

@@ -232,7 +232,10 @@ def eagle_spec(hf: dict[str, Any], method: str, target: CausalLM) -> EagleSpec:
         raise ValueError(f"speculative_config.model is not an EAGLE-3 head ({archs}): use "
                          f"method 'eagle'")
     tc = target.config
-    layer.update(architectures=["LlamaForCausalLM"], num_hidden_layers=1,
+    # Llama's layer, or Qwen2's (q / k / v biases) for heads trained on Qwen2 targets
+    arch = "Qwen2ForCausalLM" if archs and archs[0] == "Qwen2ForCausalLM" and not is3 \
+        else "LlamaForCausalLM"
+    layer.update(architectures=[arch], num_hidden_layers=1,
                  max_position_embeddings=max(int(layer.get("max_position_embeddings") or 0),
                                              int(tc.max_position_embeddings)))
     layer.setdefault("vocab_size", tc.vocab_size)
