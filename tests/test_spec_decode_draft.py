@@ -406,13 +406,15 @@ def test_benchmark_timing_smoke(tmp_path):
     assert paths["md"].read_text().startswith("# Speculative decoding")
     assert "lm_head" in data["meta"]["logits"] and "target_check" in data["meta"]
     got = {(r["batch"], r["method"]) for r in data["rows"]}
-    assert got == {(b, m) for b in (1, 2) for m in ("off", "ngram", "draft-1", "draft-0.5")}
+    assert got == {(b, m) for b in (1, 2) for m in ("off", "ngram", "draft-1", "draft-0.5",
+                                                    "eagle-1", "eagle-0.5")}
+    assert "eagle_check" in data["meta"]
     for r in data["rows"]:
         assert math.isfinite(r["ms_per_token"]) and r["ms_per_token"] > 0
         assert math.isfinite(r["speedup"]) and r["speedup"] > 0
         assert r["outputs_as_planned"] == 1.0
         if r["method"] == "off":
             assert r["speedup"] == 1.0 and r["mean_acceptance_length"] is None
-        if r["method"] == "draft-1":      # a draft that always agrees: all accepted
+        if r["method"] in ("draft-1", "eagle-1"):   # always agrees: all accepted
             assert r["acceptance_rate"] == 1.0 and r["mean_acceptance_length"] > 3
             assert 0 < r["draft_share"] < 1

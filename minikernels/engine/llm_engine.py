@@ -491,7 +491,16 @@ class LLMEngine:
         if not hasattr(self.model, "hidden_capture"):
             raise ValueError(f"speculative_config.method {cfg.method!r} needs a minikernels "
                              f"CausalLM target, got {type(self.model).__name__}")
-        head = load_eagle_head(cfg.model, cfg.method, self.model, cfg.revision)
+        if isinstance(cfg.model, str):
+            head = load_eagle_head(cfg.model, cfg.method, self.model, cfg.revision)
+        else:
+            head = cfg.model
+            if head.target is not self.model:
+                raise ValueError("speculative_config.model: the EAGLE head was built over "
+                                 "another model than this engine's")
+            if head.method != cfg.method:
+                raise ValueError(f"speculative_config.model is an {head.method!r} head, "
+                                 f"method is {cfg.method!r}")
         self.model.hidden_capture = head.capture(max(max_num_batched_tokens, max_num_seqs))
         return head
 

@@ -51,7 +51,7 @@ class SpeculativeConfig:
     model (draft_model, required): a HF checkpoint directory, a hub id or a built-in
         name (loaded like the target: same dtype and device), or an already built
         CausalLM. (eagle / eagle3, required): the EAGLE head's HF directory or hub id
-        (models/eagle.py).
+        (models/eagle.py), or an EagleHead built over the target model.
     quantization (draft_model): the draft's quantization: None | "int4" | "gptq" |
         "awq" | "fp8", or "auto" (default): "int4" / "fp8" when the target was quantized
         with that RTN on load, else None (a quantized checkpoint declares its own).
@@ -129,10 +129,11 @@ class SpeculativeConfig:
             vals.update(model=model, quantization=quant, revision=rev)
         if method in ("eagle", "eagle3"):
             model = cfg.get("model")
-            if not isinstance(model, str) or not model.strip():
+            built = hasattr(model, "capture") and hasattr(model, "combine")   # an EagleHead
+            if not built and (not isinstance(model, str) or not model.strip()):
                 raise ValueError(f"speculative_config.model is required for method "
-                                 f"{method!r}: the EAGLE head's HF directory or hub id, got "
-                                 f"{model!r}")
+                                 f"{method!r}: the EAGLE head's HF directory or hub id (or "
+                                 f"a built EagleHead), got {model!r}")
             rev = cfg.get("revision")
             if rev is not None and not isinstance(rev, str):
                 raise ValueError(f"speculative_config.revision must be a str or None, got "

@@ -369,3 +369,30 @@ def _copy(dst: Tensor, src: Tensor, name: str) -> None:
                               f"{list(dst.shape)}")
     with torch.no_grad():
         dst.copy_(src.to(dst.dtype))
+
+
+def dummy_eagle_head(target: CausalLM, method: str = "eagle", seed: int = 0) -> EagleHead:
+    """A random-weight head shaped for ``target`` (its layer is one of the target's:
+    same widths, heads and rotary; EAGLE-3: default aux layers, the target's lm_head),
+    for benchmarks and tests: N(0, 0.02) weights, unit norms, zero biases."""
+    import dataclasses
+
+    if method not in EAGLE_METHODS:
+        raise ValueError(f"method must be one of {EAGLE_METHODS}, got {method!r}")
+    c = dataclasses.replace(target.config, num_layers=1, quantization_config=None,
+                            sliding_window=None, sliding_window_layers=None)
+    L = target.config.num_layers
+    aux = None if method == "eagle" else \
+        ((2, L // 2, L - 3) if L >= 4 else tuple(range(min(3, L))))
+    head = EagleHead(EagleSpec(method, c, aux, None), target, target.dtype, target.device)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in head.named_parameters():
+            if isinstance(p, Tensor) and p.is_floating_point():
+                if "norm" in name:
+                    p.fill_(1.0)
+                elif name.endswith("bias"):
+                    p.zero_()
+                else:
+                    p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+    return head.eval()
