@@ -31,7 +31,8 @@ One ``propose`` call (before the engine schedules):
 2. Drafting rows (caught up to position len(tokens) - 2, whose logits give the first
    draft) then run k - 1 single-token steps, each fed the previous draft and the head's
    own output state, writing the head's K/V at positions len - 1 .. len + k - 3 of the
-   target's blocks (allocated here, never offered to the prefix cache).
+   target's blocks (allocated here, never offered to the prefix cache). On CUDA these
+   steps replay graphs (:class:`HeadDecodeGraphs`); the catch-up runs eagerly.
 
 Drafts sampled beyond the target's acceptance leave head K/V that the next catch-up
 overwrites (it always restarts at the first position without a target state), so no
@@ -43,6 +44,7 @@ output exact whatever the head proposes.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -53,6 +55,7 @@ from ..models.eagle import EagleHead
 from ..models.metadata import AttentionMetadata
 from .block_manager import BlockManager
 from .draft_model import DraftSampler, _Row
+from .model_runner import graph_batch_sizes, index_checks_off, pick_graph_size
 from .sampler import Sampler
 from .sequence import SequenceStatus
 from .spec_decode import SpeculativeConfig
@@ -64,6 +67,86 @@ if TYPE_CHECKING:
 logger = logging.getLogger("minikernels.engine")
 
 MAX_RECORDS = 8     # steps a sequence's target states may wait for a propose call
+
+
+class HeadDecodeGraphs:
+    """CUDA graphs of the head's draft steps (one token per row over the paged prefix),
+    one per batch-size bucket; a step of n rows replays the smallest bucket bs >= n.
+
+    Static buffers: input ids, the input states ``[bs, H]``, positions, slots, seq_lens
+    and the block table ``[bs, max_blocks_per_seq]``; padding rows get slot -1 (no K/V
+    write) and seq_len 0 (attention reads nothing, returns zeros). A replay returns the
+    static (logits, output states); ``run`` hands back their first n rows.
+    ``_capture`` is the only CUDA-specific part: a subclass may return a closure that
+    runs ``self._forward(bs)`` eagerly on the same buffers (the tests' CPU stand-in).
+    """
+
+    def __init__(self, head: EagleHead, kv: tuple[Tensor, Tensor], sizes: list[int],
+                 max_blocks_per_seq: int) -> None:
+        dev = head.device
+        self.head, self.kv = head, kv
+        self.sizes = list(sizes)
+        self.width = int(max_blocks_per_seq)
+        top = self.sizes[-1]
+        self.input_ids = torch.zeros(top, dtype=torch.int64, device=dev)
+        self.hidden = torch.zeros(top, head.config.hidden_size, dtype=head.dtype, device=dev)
+        self.positions = torch.zeros(top, dtype=torch.int64, device=dev)
+        self.slots = torch.full((top,), -1, dtype=torch.int64, device=dev)
+        self.seq_lens = torch.zeros(top, dtype=torch.int32, device=dev)
+        self.block_table = torch.zeros(top, self.width, dtype=torch.int32, device=dev)
+        self.pool = None
+        self.num_replays = 0
+        self.graphs: dict[int, Callable[[], tuple[Tensor, Tensor]]] = {}
+        with torch.inference_mode(), index_checks_off():
+            for bs in reversed(self.sizes):   # largest first: later graphs reuse its memory
+                self.graphs[bs] = self._capture(bs)
+
+    def _meta(self, bs: int) -> AttentionMetadata:
+        return AttentionMetadata(positions=self.positions[:bs], slot_mapping=self.slots[:bs],
+                                 num_decode=bs, decode_block_table=self.block_table[:bs],
+                                 decode_seq_lens=self.seq_lens[:bs], logits_indices=None)
+
+    def _forward(self, bs: int) -> tuple[Tensor, Tensor]:
+        return self.head(self.input_ids[:bs], self.hidden[:bs], self._meta(bs), self.kv)
+
+    def _capture(self, bs: int) -> Callable[[], tuple[Tensor, Tensor]]:
+        dev = self.head.device
+        stream = torch.cuda.Stream(device=dev)
+        stream.wait_stream(torch.cuda.current_stream(dev))
+        with torch.cuda.stream(stream):
+            self._forward(bs)                               # warm-up (lazy init, compiles)
+        torch.cuda.current_stream(dev).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            out = self._forward(bs)
+        if self.pool is None:
+            self.pool = graph.pool()
+        torch.cuda.synchronize(dev)
+
+        def replay() -> tuple[Tensor, Tensor]:
+            graph.replay()
+            return out
+        return replay
+
+    def run(self, ids: Tensor, hidden: Tensor, meta: AttentionMetadata
+            ) -> tuple[Tensor, Tensor] | None:
+        """Replay a draft step of n rows (decode metadata); None when no bucket fits."""
+        n = int(ids.shape[0])
+        bs = pick_graph_size(n, self.sizes)
+        w = meta.decode_block_table.shape[1]
+        if bs is None or w > self.width:
+            return None
+        self.input_ids[:n].copy_(ids, non_blocking=True)
+        self.hidden[:n].copy_(hidden, non_blocking=True)
+        self.positions[:n].copy_(meta.positions, non_blocking=True)
+        self.slots[:n].copy_(meta.slot_mapping, non_blocking=True)
+        self.slots[n:bs].fill_(-1)
+        self.seq_lens[:n].copy_(meta.decode_seq_lens, non_blocking=True)
+        self.seq_lens[n:bs].fill_(0)
+        self.block_table[:n, :w].copy_(meta.decode_block_table, non_blocking=True)
+        logits, g = self.graphs[bs]()
+        self.num_replays += 1
+        return logits[:n], g[:n]
 
 
 class _Record:
@@ -116,12 +199,16 @@ class EagleProposer(DraftSampler):
         max_num_batched_tokens: bounds one catch-up forward.
         seed: seeds the generator of drafts of unseeded requests.
         eos_token_ids: the target's EOS ids (masked in drafts before min_tokens).
+        max_num_seqs, max_blocks_per_seq, enforce_eager: the engine's; on CUDA (unless
+            eager) the draft steps replay CUDA graphs (:class:`HeadDecodeGraphs`) for
+            batches up to min(max_num_seqs, disable_by_batch_size).
     """
 
     def __init__(self, cfg: SpeculativeConfig, head: EagleHead, *,
                  block_manager: BlockManager, block_size: int, num_blocks: int,
                  max_model_len: int, max_num_batched_tokens: int, seed: int = 0,
-                 eos_token_ids: list[int] = ()) -> None:
+                 eos_token_ids: list[int] = (), max_num_seqs: int = 256,
+                 max_blocks_per_seq: int | None = None, enforce_eager: bool = True) -> None:
         capture = head.target.hidden_capture
         if capture is None:
             raise ValueError("the target model does not capture hidden states for the EAGLE "
@@ -143,6 +230,23 @@ class EagleProposer(DraftSampler):
         self.num_forwards = 0
         self.num_catch_up_tokens = 0
         self.num_stale = 0
+        self.graph_sizes = graph_batch_sizes(min(max_num_seqs, cfg.disable_by_batch_size))
+        self.max_blocks_per_seq = max_blocks_per_seq or -(-max_model_len // block_size)
+        self.graphs: HeadDecodeGraphs | None = None
+        if not enforce_eager and self.device.type == "cuda":
+            try:
+                self.capture_graphs()
+            except Exception as e:  # noqa: BLE001 - an op that cannot be captured: eager
+                self.graphs = None
+                logger.warning("EAGLE draft-step CUDA graphs not captured (%s: %s); they "
+                               "run eagerly", type(e).__name__, e)
+
+    def capture_graphs(self, graphs_cls: type | None = None) -> HeadDecodeGraphs:
+        """Capture the draft steps' graphs (the constructor does on CUDA); graphs_cls: a
+        :class:`HeadDecodeGraphs` subclass (tests: a CPU stand-in)."""
+        self.graphs = (graphs_cls or HeadDecodeGraphs)(self.head, self.kv, self.graph_sizes,
+                                                       self.max_blocks_per_seq)
+        return self.graphs
 
     # ------------------------------------------------------------------ bookkeeping
     def release(self, seq: "Sequence") -> None:
@@ -237,8 +341,13 @@ class EagleProposer(DraftSampler):
             idx = None if len(active) == len(rows) else \
                 torch.tensor(active, dtype=torch.int64).to(self.device)
             h_in = hid if idx is None else hid.index_select(0, idx)
-            out, h_out = self._forward(*self._decode_inputs([rows[a] for a in active], j,
-                                                            prev, h_in))
+            step = self._decode_inputs([rows[a] for a in active], j, prev, h_in)
+            res = self.graphs.run(*step) if self.graphs is not None else None
+            if res is None:
+                out, h_out = self._forward(*step)
+            else:
+                out, h_out = res
+                self.num_forwards += 1
             if idx is None:
                 hid.copy_(h_out)
             else:

@@ -301,7 +301,9 @@ class LLMEngine:
                 block_size=block_size, num_blocks=self.runner.num_blocks,
                 max_model_len=self.max_model_len,
                 max_num_batched_tokens=max_num_batched_tokens, seed=seed,
-                eos_token_ids=self._eos_list)
+                eos_token_ids=self._eos_list, max_num_seqs=max_num_seqs,
+                max_blocks_per_seq=self.runner.max_blocks_per_seq,
+                enforce_eager=self.runner.enforce_eager)
         elif self.spec_config is not None:
             self.proposer = make_proposer(self.spec_config)
         self._eagle = self.proposer if isinstance(self.proposer, EagleProposer) else None
