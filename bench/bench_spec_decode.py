@@ -1,4 +1,4 @@
-"""Speculative decoding (n-gram, draft model): target forwards per token (CPU); --timing.
+"""Speculative decoding (n-gram, draft model, EAGLE): target forwards per token (CPU); --timing.
 
 The target is the built-in "tiny" decoder (its forward, paged KV and attention run for
 real) whose logits are replaced by a script: the token at position p + 1 of a planned
@@ -41,7 +41,10 @@ the lm_head over every logits row) and only then replaces its logits with ones t
 the plan's token on top (``GraphScripted``: a lookup in fixed device tables, a handful of
 small kernels, inside the CUDA graphs; the same per forward with and without
 speculation). The draft's planned token is right with probability a per request and
-position.
+position. The "eagle-a" rows do the same with an EAGLE-1 head (``dummy_eagle_head``: one
+layer of the target's shape over the target's final hidden states, the target's lm_head,
+its K/V in the target's blocks, CUDA graphs for its draft steps; ``GraphScriptedHead``
+scripts its logits, shifted by one position as the head is).
 
 Per (batch, method): one warm-up generate, then ``--repeats`` (3) timed generates of the
 batch and as many prefill-only ones (max_tokens = 1), each between

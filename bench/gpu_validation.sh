@@ -27,7 +27,8 @@
 #             -> $OUT/results/
 #   spec      speculative decoding timing (bench/bench_spec_decode.py --timing, capped at
 #             120 s): batch-1 / batch-8 ms per output token without speculation, n-gram,
-#             draft model -> $OUT/results/spec_decode_timing.*; log -> $OUT/spec_decode_timing.log
+#             draft model, EAGLE head -> $OUT/results/spec_decode_timing.*; log ->
+#             $OUT/spec_decode_timing.log
 # The benchmarks live in minikernels/benchmarks/; bench/*.py are thin scripts over them.
 #
 # Results: unpack gpu_results.tar.gz (results/ holds the benchmarks' JSON, md and png; the
