@@ -465,3 +465,78 @@ def test_config_and_checkpoint_errors(ckpts, tmp_path):
     save_file(w, str(bad / "model.safetensors"))
     with pytest.raises(CheckpointError, match="extra"):
         make(ckpts["target2"], str(bad), "eagle")
+
+
+def test_sampled_output_follows_the_target_distribution(tmp_path):
+    """Temperature > 0 with an EAGLE-3 head drafting over 8 of 12 ids (d2t; the others
+    have draft probability 0): tokens 2 and 3 of many samples come from verification,
+    and their joint distribution is the target's (exact, by enumeration), not the
+    head's proposals'."""
+    from test_spec_decode_draft import _chi_square_p, _save_llama
+
+    V, T, TOPK, h = 12, 0.9, 8, 32
+    target = _save_llama(tmp_path / "t", V, 1, h, seed=11, scale=0.25)
+    g = torch.Generator().manual_seed(5)
+
+    def w(*shape, scale=0.3):
+        return torch.randn(*shape, generator=g) * scale
+
+    ids = [0, 1, 3, 4, 6, 7, 9, 11]
+    weights = {"midlayer.self_attn.q_proj.weight": w(32, 2 * h),
+               "midlayer.self_attn.k_proj.weight": w(16, 2 * h),
+               "midlayer.self_attn.v_proj.weight": w(16, 2 * h),
+               "midlayer.self_attn.o_proj.weight": w(h, 32),
+               "midlayer.mlp.gate_proj.weight": w(64, h), "midlayer.mlp.up_proj.weight": w(64, h),
+               "midlayer.mlp.down_proj.weight": w(h, 64),
+               "midlayer.input_layernorm.weight": torch.ones(h),
+               "midlayer.hidden_norm.weight": torch.ones(h),
+               "midlayer.post_attention_layernorm.weight": torch.ones(h),
+               "norm.weight": torch.ones(h), "fc.weight": w(h, 3 * h, scale=0.2),
+               "lm_head.weight": w(len(ids), h, scale=1.0),
+               "d2t": torch.tensor(ids) - torch.arange(len(ids))}
+    (tmp_path / "head").mkdir()
+    save_file(weights, str(tmp_path / "head" / "model.safetensors"))
+    (tmp_path / "head" / "config.json").write_text(json.dumps({
+        "architectures": ["LlamaForCausalLMEagle3"], "hidden_size": h,
+        "intermediate_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "num_hidden_layers": 1, "vocab_size": V, "draft_vocab_size": len(ids),
+        "rms_norm_eps": 1e-5, "max_position_embeddings": 64,
+        "eagle_config": {"eagle_aux_hidden_state_layer_ids": [0, 0, 0]}}))
+    prompt = [3, 5, 7]
+
+    @torch.no_grad()
+    def dist(ctx):
+        logits = target(torch.tensor([ctx])).logits[0, -1].double() / T
+        kth = torch.topk(logits, TOPK).values[-1]
+        return torch.softmax(logits.masked_fill(logits < kth, float("-inf")), 0)
+
+    want = torch.zeros(V, V, dtype=torch.float64)     # P(t2, t3), t1 marginalized
+    p1 = dist(prompt)
+    for a in range(V):
+        if p1[a] > 0:
+            p2 = dist(prompt + [a])
+            for b in range(V):
+                if p2[b] > 0:
+                    want[b] += p1[a] * p2[b] * dist(prompt + [a, b])
+    N = 4000
+    llm = LLM(str(tmp_path / "t"), dtype="float32", device="cpu", tokenizer=None,
+              block_size=16, num_kv_blocks=N + 64, max_num_seqs=N,
+              max_num_batched_tokens=4 * N,
+              speculative_config={"method": "eagle3", "model": str(tmp_path / "head"),
+                                  "num_speculative_tokens": 2, "disable_by_batch_size": N})
+    out = llm.generate(prompt, SamplingParams(n=N, temperature=T, top_k=TOPK, max_tokens=3,
+                                              ignore_eos=True), use_tqdm=False)[0]
+    st = llm.stats()
+    assert st["spec_num_draft_tokens"] >= N // 2
+    assert 0.05 * st["spec_num_draft_tokens"] < st["spec_num_accepted_tokens"] < \
+        0.95 * st["spec_num_draft_tokens"]
+    counts = torch.zeros(V * V, dtype=torch.float64)
+    for c in out.outputs:
+        assert c.token_ids[1] in range(V)
+        counts[c.token_ids[1] * V + c.token_ids[2]] += 1
+    assert _chi_square_p(counts, want.reshape(-1)) > 1e-4
+    # ids outside the draft vocabulary (never drafted) still come, from recovered and
+    # bonus tokens; (claiming uniform draft probabilities instead fails the chi-square)
+    outside = [i for i in range(V) if i not in ids]
+    assert want[outside].sum() > 0.05 and counts.reshape(V, V)[outside].sum() > 0
+    assert_all_free(llm)
