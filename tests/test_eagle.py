@@ -540,3 +540,37 @@ def test_sampled_output_follows_the_target_distribution(tmp_path):
     outside = [i for i in range(V) if i not in ids]
     assert want[outside].sum() > 0.05 and counts.reshape(V, V)[outside].sum() > 0
     assert_all_free(llm)
+
+
+def test_gather_states_across_steps():
+    """Catch-up rows whose kept states come from several steps' copies (and several
+    records per row) are gathered in plan order, as slicing each record would."""
+    from types import SimpleNamespace
+
+    from minikernels.engine.draft_model import DraftSampler, _Row
+    from minikernels.engine.eagle import EagleProposer, _EagleSeq, _Record
+
+    a, b, c = (torch.randn(n, 3) for n in (9, 7, 5))
+    fake = SimpleNamespace(device=torch.device("cpu"))
+    fake._upload = lambda parts: DraftSampler._upload(fake, parts)
+    rows, want = [], []
+    specs = [  # per row: records (tensor, row, pos, count), then (start, take)
+        ([(a, 2, 10, 3)], (11, 2)),
+        ([(b, 0, 4, 2), (a, 5, 6, 2), (c, 1, 8, 3)], (5, 6)),
+        ([(c, 4, 0, 1)], (0, 1)),
+        ([(a, 0, 3, 2), (b, 3, 5, 4)], (3, 6)),
+    ]
+    for i, (recs, (start, take)) in enumerate(specs):
+        st = _EagleSeq(SimpleNamespace(seq_id=i), start)
+        st.records = [_Record(*r) for r in recs]
+        rows.append(_Row(i, st, start, take, 0, start + take + 1))
+        pos = start
+        for t, row, p0, n in recs:
+            lo, hi = max(pos, p0), min(start + take, p0 + n)
+            if lo < hi:
+                want.append(t[row + lo - p0:row + hi - p0])
+                pos = hi
+    got = EagleProposer._gather_states(fake, rows)
+    assert torch.equal(got, torch.cat(want))
+    one = EagleProposer._gather_states(fake, rows[:1])      # a single source
+    assert torch.equal(one, a[3:5])

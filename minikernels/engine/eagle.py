@@ -69,6 +69,15 @@ logger = logging.getLogger("minikernels.engine")
 MAX_RECORDS = 8     # steps a sequence's target states may wait for a propose call
 
 
+def _ranges(starts: np.ndarray, lens: np.ndarray) -> np.ndarray:
+    """concat(arange(s, s + n) for s, n in zip(starts, lens)), vectorized (int64)."""
+    total = int(lens.sum())
+    if total == 0:
+        return np.zeros(0, dtype=np.int64)
+    offsets = np.concatenate([[0], np.cumsum(lens)[:-1]])
+    return np.repeat(starts - offsets, lens) + np.arange(total, dtype=np.int64)
+
+
 class HeadDecodeGraphs:
     """CUDA graphs of the head's draft steps (one token per row over the paged prefix),
     one per batch-size bucket; a step of n rows replays the smallest bucket bs >= n.
@@ -375,21 +384,47 @@ class EagleProposer(DraftSampler):
         self.num_forwards += 1
         return self.head(ids, hidden, meta, self.kv)
 
-    def _gather_states(self, st: _EagleSeq, start: int, take: int) -> list[Tensor]:
-        """Views of the kept target states for positions [start, start + take)."""
+    def _gather_states(self, plan: list[_Row]) -> Tensor:
+        """The kept target states of every row's positions [start, start + take), in plan
+        order: [sum take, width]. One index_select per source step (typically one: the
+        last step's copy), then one reordering gather when there are several."""
+        sources: dict[int, tuple[Tensor, list[int]]] = {}
+        order: list[int] = []       # per segment: the source's id, in plan order
+        seg_rows: list[tuple[int, int]] = []
+        for r in plan:
+            st, pos, end = r.st, r.start, r.start + r.take
+            for rec in st.records:
+                if rec.end <= pos:
+                    continue
+                hi = min(end, rec.end)
+                key = id(rec.hidden)
+                if key not in sources:
+                    sources[key] = (rec.hidden, [])
+                sources[key][1].append(len(seg_rows))
+                order.append(key)
+                seg_rows.append((rec.row + pos - rec.pos, hi - pos))
+                pos = hi
+                if pos >= end:
+                    break
+            if pos < end:
+                raise RuntimeError(f"{st}: no target state for positions [{pos}, {end})")
+        starts = np.array([a for a, _ in seg_rows], dtype=np.int64)
+        lens = np.array([n for _, n in seg_rows], dtype=np.int64)
+        if len(sources) == 1:
+            hidden = next(iter(sources.values()))[0]
+            return hidden.index_select(0, self._upload([_ranges(starts, lens)])[0])
         parts = []
-        pos, end = start, start + take
-        for rec in st.records:
-            if rec.end <= pos:
-                continue
-            hi = min(end, rec.end)
-            parts.append(rec.hidden[rec.row + pos - rec.pos:rec.row + hi - rec.pos])
-            pos = hi
-            if pos >= end:
-                break
-        if pos < end:
-            raise RuntimeError(f"{st}: no target state for positions [{pos}, {end})")
-        return parts
+        offset = 0
+        perm_src = np.empty(int(lens.sum()), dtype=np.int64)
+        seg_out = np.concatenate([[0], np.cumsum(lens)])
+        for hidden, segs in sources.values():
+            segs_a = np.asarray(segs)
+            rows = _ranges(starts[segs_a], lens[segs_a])
+            parts.append(hidden.index_select(0, self._upload([rows])[0]))
+            # where each of these segments' rows land in plan order
+            perm_src[_ranges(seg_out[segs_a], lens[segs_a])] = offset + np.arange(len(rows))
+            offset += len(rows)
+        return torch.cat(parts).index_select(0, self._upload([perm_src])[0])
 
     def _table(self, rows: list[_Row], width: int) -> np.ndarray:
         """The rows' target block tables (zero-padded to ``width`` blocks)."""
@@ -405,12 +440,10 @@ class EagleProposer(DraftSampler):
         the head's K/V of positions < p; logits of the last position of drafting rows."""
         bs = self.block_size
         ids: list[int] = []
-        states: list[Tensor] = []
         pos_parts, cu_q, cu_k, lidx = [], [0], [0], []
         for r in plan:
             toks = r.st.seq.token_ids
             ids.extend(toks[r.start + 1:r.start + r.take + 1])
-            states.extend(self._gather_states(r.st, r.start, r.take))
             pos_parts.append(np.arange(r.start, r.start + r.take, dtype=np.int64))
             cu_q.append(cu_q[-1] + r.take)
             cu_k.append(cu_k[-1] + r.start + r.take)
@@ -430,7 +463,7 @@ class EagleProposer(DraftSampler):
             max_seqlen_q=max(r.take for r in plan), max_seqlen_k=max_k,
             prefill_block_table=tab_t.to(torch.int32).reshape(len(plan), width),
             logits_indices=lidx_t)
-        hidden = self.head.combine(torch.cat(states) if len(states) > 1 else states[0])
+        hidden = self.head.combine(self._gather_states(plan))
         return ids_t, hidden, meta
 
     def _decode_inputs(self, rows: list[_Row], j: int, ids: Tensor, hidden: Tensor
