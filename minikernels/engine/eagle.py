@@ -323,7 +323,8 @@ class EagleProposer(DraftSampler):
                 continue
             seq = st.seq
             n = len(seq.token_ids)
-            take = min(n - 1, st.covered) - st.computed
+            recs = st.records
+            take = (min(n - 1, recs[-1].pos + recs[-1].count) if recs else 0) - st.computed
             if take <= 0:
                 continue
             i, room = want.get(seq.seq_id, (-1, 0))
@@ -340,8 +341,12 @@ class EagleProposer(DraftSampler):
             return drafts, None
         logits, hid = self._forward(*self._catch_up_inputs(plan))
         self.num_catch_up_tokens += sum(r.take for r in plan)
-        for r in plan:
-            self._consume(r.st, r.start + r.take)
+        for r in plan:   # positions below start + take now have head K/V
+            st = r.st
+            st.computed = upto = r.start + r.take
+            recs = st.records
+            while recs and recs[0].pos + recs[0].count <= upto:
+                recs.pop(0)
         rows = [r for r in plan if r.k > 0]
         if not rows:
             return drafts, None
@@ -372,12 +377,6 @@ class EagleProposer(DraftSampler):
         """Consume the kept target states of every tracked sequence (no drafts)."""
         self.propose([], [])
 
-    def _consume(self, st: _EagleSeq, upto: int) -> None:
-        """Positions below ``upto`` now have head K/V: drop the records they used."""
-        st.computed = upto
-        while st.records and st.records[0].end <= upto:
-            st.records.pop(0)
-
     # ------------------------------------------------------------------ forwards
     def _forward(self, ids: Tensor, hidden: Tensor, meta: AttentionMetadata
                  ) -> tuple[Tensor, Tensor]:
@@ -394,9 +393,10 @@ class EagleProposer(DraftSampler):
         for r in plan:
             st, pos, end = r.st, r.start, r.start + r.take
             for rec in st.records:
-                if rec.end <= pos:
+                rec_end = rec.pos + rec.count
+                if rec_end <= pos:
                     continue
-                hi = min(end, rec.end)
+                hi = end if end < rec_end else rec_end
                 key = id(rec.hidden)
                 if key not in sources:
                     sources[key] = (rec.hidden, [])
@@ -427,41 +427,35 @@ class EagleProposer(DraftSampler):
         return torch.cat(parts).index_select(0, self._upload([perm_src])[0])
 
     def _table(self, rows: list[_Row], width: int) -> np.ndarray:
-        """The rows' target block tables (zero-padded to ``width`` blocks)."""
-        table = self.bm.table
-        out = np.zeros((len(rows), width), dtype=np.int32)
-        for j, r in enumerate(rows):
-            w = min(width, len(r.st.seq.block_table))
-            out[j, :w] = table[r.st.seq.block_row, :w]
-        return out
+        """The rows' target block tables, ``width`` blocks each (the block manager's
+        mirror rows; entries past a row's blocks are never read)."""
+        return self.bm.table[[r.st.seq.block_row for r in rows], :width]
 
     def _catch_up_inputs(self, plan: list[_Row]) -> tuple[Tensor, Tensor, AttentionMetadata]:
         """Prefill rows: position p takes token p + 1 and the target's state at p, over
         the head's K/V of positions < p; logits of the last position of drafting rows."""
-        bs = self.block_size
-        ids: list[int] = []
-        pos_parts, cu_q, cu_k, lidx = [], [0], [0], []
-        for r in plan:
-            toks = r.st.seq.token_ids
-            ids.extend(toks[r.start + 1:r.start + r.take + 1])
-            pos_parts.append(np.arange(r.start, r.start + r.take, dtype=np.int64))
-            cu_q.append(cu_q[-1] + r.take)
-            cu_k.append(cu_k[-1] + r.start + r.take)
-            if r.k:
-                lidx.append(cu_q[-1] - 1)
-        pos = np.concatenate(pos_parts)
-        max_k = max(r.start + r.take for r in plan)
+        bs, n = self.block_size, len(plan)
+        starts = np.fromiter((r.start for r in plan), np.int64, n)
+        takes = np.fromiter((r.take for r in plan), np.int64, n)
+        drafting = np.fromiter((r.k > 0 for r in plan), bool, n)
+        ids = [t for r in plan for t in r.st.seq.token_ids[r.start + 1:r.start + r.take + 1]]
+        pos = _ranges(starts, takes)
+        ends = starts + takes
+        cu_q = np.concatenate([[0], np.cumsum(takes)])
+        cu_k = np.concatenate([[0], np.cumsum(ends)])
+        lidx = cu_q[1:][drafting] - 1
+        max_k = int(ends.max())
         width = -(-max_k // bs)
         tab = self._table(plan, width)
-        row_of = np.repeat(np.arange(len(plan)), [r.take for r in plan])
+        row_of = np.repeat(np.arange(n), takes)
         slots = tab[row_of, pos // bs].astype(np.int64) * bs + pos % bs
         ids_t, pos_t, slots_t, lidx_t, cuq_t, cuk_t, tab_t = self._upload(
             [ids, pos, slots, lidx, cu_q, cu_k, tab.reshape(-1)])
         meta = AttentionMetadata(
             positions=pos_t, slot_mapping=slots_t, num_decode=0,
             cu_seqlens_q=cuq_t.to(torch.int32), cu_seqlens_k=cuk_t.to(torch.int32),
-            max_seqlen_q=max(r.take for r in plan), max_seqlen_k=max_k,
-            prefill_block_table=tab_t.to(torch.int32).reshape(len(plan), width),
+            max_seqlen_q=int(takes.max()), max_seqlen_k=max_k,
+            prefill_block_table=tab_t.to(torch.int32).reshape(n, width),
             logits_indices=lidx_t)
         hidden = self.head.combine(self._gather_states(plan))
         return ids_t, hidden, meta
