@@ -46,7 +46,7 @@ from .sampler import DeviceSample, Sampler, SamplerOutput, needs_host_tokens
 from .sampling_params import SamplingParams
 from .scheduler import ScheduledBatch, Scheduler
 from .sequence import Request, Sequence, SequenceStatus
-from .spec_decode import Proposer, SpeculativeConfig, make_proposer
+from .spec_decode import NgramProposer, Proposer, SpeculativeConfig, make_proposer
 from .structured_outputs import StructuredOutputManager
 
 logger = logging.getLogger("minikernels.engine")
@@ -311,6 +311,8 @@ class LLMEngine:
         # and each proposing sequence's row in them
         self._draft_probs: Tensor | None = None
         self._draft_rows: dict[int, int] = {}
+        # structured-output rows' masks per verification position (host int32 [k + 1, W])
+        self._draft_masks: dict[int, Tensor] = {}
         self.spec_draft_tokens_total = 0
         self.spec_accepted_tokens_total = 0
         self.spec_verify_rows_total = 0
@@ -522,20 +524,24 @@ class LLMEngine:
         """Draft tokens for the running sequences that can take them (steady decode, last
         token on the host, no structured-output constraint, room before max_tokens);
         sets ``seq.spec_token_ids``; returns those sequences."""
-        self._draft_probs, self._draft_rows = None, {}
+        self._draft_probs, self._draft_rows, self._draft_masks = None, {}, {}
         if not self._spec_on():
             if self._eagle is not None:   # keep the head's K/V up to date
                 self._eagle.catch_up()
             return []
         cands, room = [], []
+        point_drafts = isinstance(self.proposer, NgramProposer)
         for s in self.scheduler.running:
             p = s.params
             n = len(s.token_ids)
             left = s.max_total_tokens - n - 1      # the target's own token always comes
-            # grammar rows are not drafted for: their matcher would have to accept the
-            # drafts and roll back the rejected ones (and each position needs its own mask)
-            if (left > 0 and not s.num_pending and s.num_computed_tokens == n - 1
-                    and not p.uses_grammar):
+            # grammar rows: drafts the grammar refuses are cut off, which keeps sampling
+            # exact only for point-mass drafts (n-gram) or greedy rows; and the
+            # constraint must be active (a start_after marker could start it mid-draft)
+            if p.uses_grammar and (s.grammar is None or not s.grammar.active
+                                   or not (point_drafts or p.greedy)):
+                continue
+            if left > 0 and not s.num_pending and s.num_computed_tokens == n - 1:
                 cands.append(s)
                 room.append(left)
         if not cands and self._eagle is None:
@@ -546,6 +552,13 @@ class LLMEngine:
             else {}
         out = []
         for s, d in zip(cands, drafts):
+            if d and s.grammar is not None:
+                # keep the drafts the grammar accepts; each verification position gets
+                # the mask plain decoding would apply there
+                m, masks = self.structured.draft_bitmask(s.grammar, d)
+                d = d[:m]
+                if m:
+                    self._draft_masks[s.seq_id] = masks
             if d:
                 s.spec_token_ids = list(d)
                 out.append(s)
@@ -574,6 +587,15 @@ class LLMEngine:
         dev = allrows.device
         index = torch.tensor(idx, dtype=torch.int64).to(dev, non_blocking=True)
         rows_logits = allrows.index_select(0, index).view(B, K + 1, V)
+        if self._draft_masks:   # structured outputs: position j gets row min(j, k) of its mask
+            masks = {}
+            for b, s in enumerate(seqs):
+                bits = self._draft_masks.get(s.seq_id)
+                if bits is not None:
+                    for j in range(K + 1):
+                        masks[b * (K + 1) + j] = bits[min(j, ks[b])]
+            if masks:
+                self.structured.mask_rows(rows_logits.view(B * (K + 1), V), masks)
         draft = torch.zeros(B, K, dtype=torch.int64)
         for b, s in enumerate(seqs):
             draft[b, :ks[b]] = torch.tensor(s.spec_token_ids, dtype=torch.int64)
@@ -788,9 +810,12 @@ class LLMEngine:
                     delta = det.step(token)
                     if delta:
                         seq.unsent_text += delta
+                grammar_done = seq.grammar is not None and self._advance_grammar(seq, token)
                 if not p.simple_stop or (token in eos and not p.ignore_eos) or \
                         len(seq.token_ids) >= seq.max_total_tokens:
                     self._check_stop(seq, token, delta)
+                if grammar_done and seq.status is not SequenceStatus.FINISHED:
+                    self._finish_constrained(seq)
                 if seq.status is SequenceStatus.FINISHED:
                     break         # later tokens are dropped (blocks already freed)
             if seq.status is not SequenceStatus.FINISHED:

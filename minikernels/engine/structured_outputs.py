@@ -233,6 +233,43 @@ class StructuredOutputManager:
             index = torch.tensor(json_rows, dtype=torch.int64)
             bitmask.index_copy_(0, index, bitmask.index_select(0, index) & cf)
 
+    def draft_bitmask(self, grammar: "SequenceGrammar", drafts: Sequence[int]
+                      ) -> tuple[int, torch.Tensor]:
+        """Speculative decoding: (m, host bitmask [m + 1, words]). m: how many of
+        ``drafts`` the grammar accepts in a row (stopping after one that completes it);
+        row j: the tokens allowed after the first j drafts (the mask plain decoding would
+        apply at that position). The matcher is left as it was (rolled back)."""
+        bits = self.allocate_bitmask(len(drafts) + 1)
+        self._fill([grammar], bits, [0])
+        m = 0
+        for d in drafts:
+            if not grammar.accept(d):
+                break
+            m += 1
+            if grammar.terminated:
+                break         # nothing may follow: row m stays all-allowed, never used
+            self._fill([grammar], bits, [m])
+        if m:
+            grammar.matcher.rollback(m)
+        return m, bits[:m + 1]
+
+    def mask_rows(self, logits: torch.Tensor, masks: dict[int, torch.Tensor]) -> None:
+        """Row r of ``logits`` [R, V] (device) -> -inf outside the host bitmask row
+        ``masks[r]`` ([words] int32), in place; other rows untouched."""
+        from ..ops import apply_token_bitmask
+
+        rows = sorted(masks)
+        bits = torch.full((logits.shape[0], self.words), -1, dtype=torch.int32)
+        bits[rows] = torch.stack([masks[r] for r in rows])
+        index = torch.tensor(rows, dtype=torch.int32)
+        dev = logits.device
+        with torch.inference_mode():
+            apply_token_bitmask(logits, bits.to(dev), index.to(dev),
+                                vocab_size=min(self.vocab_size, logits.shape[1]))
+            if logits.shape[1] > self.vocab_size:
+                logits[:, self.vocab_size:].index_fill_(0, index.to(dev).long(),
+                                                        float("-inf"))
+
     def mask_logits(self, logits: torch.Tensor, rows: Sequence[int],
                     grammars: Sequence["SequenceGrammar"]) -> None:
         """Disallowed tokens of each constrained row -> -inf, in place.
