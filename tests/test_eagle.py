@@ -574,3 +574,47 @@ def test_gather_states_across_steps():
     assert torch.equal(got, torch.cat(want))
     one = EagleProposer._gather_states(fake, rows[:1])      # a single source
     assert torch.equal(one, a[3:5])
+
+
+def test_streaming_with_an_eagle_head(ckpts):
+    """AsyncLLM (the server's path) with an EAGLE head: streams carry several tokens per
+    step when drafts are accepted, deltas add up, tokens equal plain decoding, an abort
+    mid-stream frees everything."""
+    import asyncio
+
+    from minikernels.engine import AsyncLLM
+
+    prompts = _prompts(4, seed=9)
+    params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+    want = tokens(make(ckpts["bigram"]).generate(prompts, params, use_tqdm=False))
+    llm = make(ckpts["bigram"], ckpts["oracle"], "eagle", k=4)
+
+    async def collect(engine, prompt, rid, stop_after=None):
+        outs = []
+        async for out in engine.generate(prompt, params, rid):
+            outs.append(out)
+            if stop_after is not None and len(outs) == stop_after:
+                await engine.abort(rid)
+                break
+        return outs
+
+    async def main():
+        engine = AsyncLLM(llm)
+        try:
+            runs = await asyncio.gather(*[collect(engine, p, f"r{i}") for i, p in
+                                          enumerate(prompts)],
+                                        collect(engine, prompts[0], "gone", stop_after=2))
+            for _ in range(50):      # the aborted request's step drains
+                if engine.stats()["num_running"] == 0:
+                    break
+                await asyncio.sleep(0.02)
+            return runs
+        finally:
+            await engine.shutdown()
+
+    runs = asyncio.run(main())
+    for outs, ref in zip(runs[:4], want):
+        assert outs[-1].finished and outs[-1].outputs[0].token_ids == ref
+        assert sum((o.outputs[0].delta_token_ids for o in outs), []) == ref
+        assert max(len(o.outputs[0].delta_token_ids) for o in outs) > 1   # drafts landed
+    assert_all_free(llm)
