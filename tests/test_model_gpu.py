@@ -221,3 +221,28 @@ def test_gpu_int4_moe_matches_cpu_reference(hf_dirs, kind):
     got = gpu(torch.tensor(ids, device="cuda"),
               AttentionMetadata.for_prompts([14, 5], device="cuda"), None)
     assert rel_err(got.float().cpu(), want) <= 0.03
+
+
+def test_gpu_load_weights_keeps_cuda_graphs_valid(tmp_path):
+    """load_weights copies into the captured tensors: the decode graphs replay the new
+    weights (tokens equal a fresh engine built from them)."""
+    from test_engine import tokens
+    from test_model_support import make_hf_model, save_hf
+
+    from minikernels.engine import LLM, SamplingParams
+
+    a, b = make_hf_model("llama", seed=0), make_hf_model("llama", seed=7)
+    pa, pb = save_hf(a, str(tmp_path / "a")), save_hf(b, str(tmp_path / "b"))
+    sp = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
+    prompts = [[5, 9, 13, 21] * 5, [3, 4, 5]]
+
+    def make(path):
+        return LLM(path, dtype="float32", device="cuda", tokenizer=None, block_size=16,
+                   num_kv_blocks=64, max_num_seqs=4)
+
+    want = tokens(make(pb).generate(prompts, sp, use_tqdm=False))
+    llm = make(pa)
+    assert llm.llm_engine.runner.graphs is not None
+    llm.generate(prompts, sp, use_tqdm=False)
+    llm.load_weights(b.named_parameters())
+    assert tokens(llm.generate(prompts, sp, use_tqdm=False)) == want

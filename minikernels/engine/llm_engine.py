@@ -973,6 +973,28 @@ class LLMEngine:
             "tokens_per_s": self._throughput.rate(time.perf_counter()),
         }
 
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached prompt block (e.g. after the weights changed): later
+        requests recompute their prefixes. Blocks in use keep their contents."""
+        self.block_manager.reset_prefix_cache()
+
+    def load_weights(self, weights: Any) -> int:
+        """Copy HF-named tensors into the served model in place (RL weight sync; see
+        :func:`minikernels.models.weight_update.load_weights`) and reset the prefix
+        cache (its K/V came from the old weights). Only between requests: RuntimeError
+        while any request is unfinished. Returns the number of tensors loaded."""
+        from ..models.weight_update import load_weights
+
+        if self.has_unfinished():
+            raise RuntimeError("load_weights: requests are still running (their K/V comes "
+                               "from the old weights); call it between generate calls")
+        if hasattr(self.model, "decode_graphs_class"):   # the tensor-parallel front end
+            raise ValueError("load_weights: tensor-parallel models are not supported yet")
+        with torch.inference_mode(False), self.runner.on_device():
+            n = load_weights(self.model, weights)
+        self.reset_prefix_cache()
+        return n
+
     def check_no_leaks(self) -> None:
         """AssertionError unless the block accounting is consistent (tests, debugging)."""
         live = [s for r in self.requests.values() for s in r.seqs if s.block_table]
@@ -1066,6 +1088,18 @@ class LLM:
 
     def stats(self) -> dict[str, Any]:
         return self.llm_engine.stats()
+
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached prompt block (vLLM's ``LLM.reset_prefix_cache``)."""
+        self.llm_engine.reset_prefix_cache()
+
+    def load_weights(self, weights: Any) -> int:
+        """Replace the model's weights in place from HF-named tensors (``(name, tensor)``
+        pairs, e.g. a trainer's ``model.named_parameters()``, or a state dict), between
+        generate calls; the prefix cache is reset. For RL loops (GRPO) that generate
+        with this engine and train a transformers copy. Dense single-GPU models; returns
+        the number of tensors loaded."""
+        return self.llm_engine.load_weights(weights)
 
     @property
     def sampling_defaults(self) -> dict[str, Any]:
