@@ -618,3 +618,27 @@ def test_streaming_with_an_eagle_head(ckpts):
         assert sum((o.outputs[0].delta_token_ids for o in outs), []) == ref
         assert max(len(o.outputs[0].delta_token_ids) for o in outs) > 1   # drafts landed
     assert_all_free(llm)
+
+
+def test_verify_graphs_hand_the_head_states_in_step_order(ckpts):
+    """Verification steps through the (stand-in) CUDA graphs: rows with fewer drafts
+    are left-padded in the graph's static layout, so the captured states must be put
+    back in the step's order before the head reads them. Drafts equal the reference
+    while rows draft 1..k tokens (max_tokens leaves some rows less room)."""
+    from test_spec_graphs import EagerVerifyGraphs
+
+    llm = make(ckpts["target2"], ckpts["eagle"], "eagle", k=4, max_num_seqs=8)
+    runner = llm.llm_engine.runner
+    runner.capture_verify_graphs(EagerVerifyGraphs)
+    log = _record_proposals(llm)
+    prompts = _prompts(6, seed=12)
+    params = [SamplingParams(temperature=0.0, max_tokens=m, ignore_eos=True)
+              for m in (5, 7, 9, 11, 14, 19)]
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    assert runner.verify_graphs.num_replays > 0
+    assert any(len(d) < 4 for _, d in log) and any(len(d) == 4 for _, d in log)
+    W, hf = ckpts["heads"]["eagle"], ckpts["hf"]["target2"]   # (a head that reads h)
+    for known, drafts in log:
+        assert drafts == _ref_drafts(W, "eagle", hf, known, len(drafts)), known
+    assert tokens(outs) == tokens(make(ckpts["target2"]).generate(prompts, params,
+                                                                  use_tqdm=False))

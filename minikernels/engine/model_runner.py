@@ -521,6 +521,10 @@ class _VerifyGraphs:
         self.block_table[:n, :tab.shape[1]].copy_(tab, non_blocking=True)
         out = self.graphs[bs]()
         self.num_replays += 1
+        capture = getattr(self.model, "hidden_capture", None)
+        if capture is not None and t != n * q:
+            # an EAGLE head reads the step's hidden states in the eager token order
+            capture.buffer[:t].copy_(capture.buffer.index_select(0, dst))
         return out.index_select(0, lidx)
 
 
