@@ -219,6 +219,33 @@ def test_llm_generate_tp2_token_identical(tp_dirs):
         model(torch.zeros(1, dtype=torch.int64), AttentionMetadata.for_prompts([1]))
 
 
+def test_speculative_decoding_tp2_token_identical(tp_dirs):
+    """Speculation under TP=2: n-gram, and a draft model that runs whole on rank 0 (not
+    sharded) beside rank 0's shard; verification rows go through the sharded target.
+    Greedy tokens equal TP=1 without speculation; drafts are accepted."""
+    import minikernels as mk
+
+    path = tp_dirs["qwen2-tied-kv1"]
+    prompts = [([5 + i, 40 + 3 * i, 77, 9 + i] * 6)[:15 + 4 * i] for i in range(3)]
+    params = mk.SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    kw = dict(dtype="float32", device="cpu", tokenizer=None, block_size=4, num_kv_blocks=96,
+              max_num_seqs=4)
+    want = [o.outputs[0].token_ids for o in mk.LLM(path, **kw).generate(prompts, params)]
+    for spec in ({"method": "ngram", "num_speculative_tokens": 3},
+                 {"method": "draft_model", "model": path, "num_speculative_tokens": 3}):
+        llm = mk.LLM(path, tensor_parallel_size=2, speculative_config=spec, **kw)
+        try:
+            got = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
+            assert got == want, spec["method"]
+            st = llm.stats()
+            assert st["spec_num_accepted_tokens"] > 0, spec["method"]
+            if spec["method"] == "draft_model":   # the draft itself is not sharded
+                draft = llm.llm_engine.proposer.runner.model
+                assert getattr(draft, "tp", None) is None
+        finally:
+            llm.llm_engine.model.close()
+
+
 def test_serve_flag_reaches_the_engine_kwargs():
     import argparse
 

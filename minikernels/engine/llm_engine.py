@@ -205,7 +205,8 @@ class LLMEngine:
         if (tensor_parallel_size > 1 and self.spec_config is not None
                 and self.spec_config.method in EAGLE_METHODS):
             raise ValueError(f"speculative_config.method {self.spec_config.method!r} is not "
-                             f"supported with tensor_parallel_size > 1 yet (use 'ngram')")
+                             f"supported with tensor_parallel_size > 1 yet (use 'ngram' or "
+                             f"'draft_model')")
         if tensor_parallel_size > 1 and not isinstance(model, str):
             raise TypeError("tensor_parallel_size > 1 needs a model name or directory (each "
                             "rank loads its own shard), not a built model")
@@ -479,9 +480,8 @@ class LLMEngine:
                     seed: int) -> tuple[torch.nn.Module, int]:
         """speculative_config "draft_model": (the draft CausalLM, ids both models score)."""
         cfg = self.spec_config
-        if tensor_parallel_size > 1:
-            raise ValueError("speculative_config.method 'draft_model' is not supported with "
-                             "tensor_parallel_size > 1 yet (use 'ngram')")
+        # Under tensor parallel the draft is not sharded: it runs whole on rank 0's device
+        # (a draft is small; its forwards need no collective), beside rank 0's shard.
         draft = load_draft_model(cfg, self.model, dtype, quantization, seed, self.tokenizer)
         draft_tok = load_draft_tokenizer(cfg) if self.tokenizer is not None else None
         common = check_vocab(self.vocab_size, int(draft.config.vocab_size), self.tokenizer,
