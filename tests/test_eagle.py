@@ -447,9 +447,9 @@ def test_config_and_checkpoint_errors(ckpts, tmp_path):
         make(ckpts["target2"], ckpts["eagle3"], "eagle")
     with pytest.raises(ValueError, match="not an EAGLE-3 head"):
         make(ckpts["target2"], ckpts["eagle"], "eagle3")
-    with pytest.raises(ValueError, match="tensor_parallel_size"):
-        LLM(ckpts["target2"], dtype="float32", device="cpu", tokenizer=None,
-            tensor_parallel_size=2,
+    with pytest.raises(ValueError, match="tensor_parallel_size > 1 needs the target as a "
+                                         "checkpoint directory"):
+        LLM("tiny", dtype="float32", device="cpu", tokenizer=None, tensor_parallel_size=2,
             speculative_config={"method": "eagle", "model": ckpts["eagle"]})
     from minikernels.models.loader import CheckpointError
     import shutil

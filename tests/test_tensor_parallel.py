@@ -246,6 +246,38 @@ def test_speculative_decoding_tp2_token_identical(tp_dirs):
             llm.llm_engine.model.close()
 
 
+@pytest.mark.parametrize("target,method", [("llama", "eagle"), ("qwen2-tied-kv1", "eagle"),
+                                           ("llama", "eagle3")])
+def test_eagle_tp2_drafts_and_tokens_equal_tp1(tp_dirs, tmp_path, target, method):
+    """An EAGLE head over a TP=2 target: the hidden states come from rank 0's shard (whole
+    after each all-reduce), the embedding / lm_head it shares are whole copies read from
+    the target's checkpoint (tied: the embedding). Its proposals and the greedy tokens
+    equal TP=1's."""
+    import minikernels as mk
+    from test_eagle import _record_proposals, _save_head
+
+    path = tp_dirs[target]
+    _save_head(tmp_path / "head", method, 3, own_embed=False,
+               draft_vocab=200 if method == "eagle3" else None, aux=[0, 1, 1])
+    spec = {"method": method, "model": str(tmp_path / "head"), "num_speculative_tokens": 3}
+    prompts = [random_tokens(n, 300, 40 + n) for n in (5, 17, 9)]
+    params = mk.SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
+    kw = dict(dtype="float32", device="cpu", tokenizer=None, block_size=4, num_kv_blocks=96,
+              max_num_seqs=4)
+    one = mk.LLM(path, speculative_config=spec, **kw)
+    log1 = _record_proposals(one)
+    want = [o.outputs[0].token_ids for o in one.generate(prompts, params)]
+    llm = mk.LLM(path, tensor_parallel_size=2, speculative_config=spec, **kw)
+    try:
+        log2 = _record_proposals(llm)
+        got = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
+        assert got == want
+        assert log2 == log1 and len(log1) > 3
+        assert llm.llm_engine.proposer.num_stale == 0
+    finally:
+        llm.llm_engine.model.close()
+
+
 def test_serve_flag_reaches_the_engine_kwargs():
     import argparse
 

@@ -231,6 +231,17 @@ class TensorParallelModel(torch.nn.Module):
         return self.model.dtype
 
     @property
+    def hidden_capture(self) -> Any:
+        """Rank 0's shard's (models/decoder.py ``HiddenCapture``): its residual stream
+        and final norm are whole after each all-reduce, so an EAGLE head on rank 0 reads
+        the states there."""
+        return self.model.hidden_capture
+
+    @hidden_capture.setter
+    def hidden_capture(self, capture: Any) -> None:
+        self.model.hidden_capture = capture
+
+    @property
     def device(self) -> torch.device:
         return self.model.device
 

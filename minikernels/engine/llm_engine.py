@@ -21,6 +21,7 @@ import atexit
 import gc
 import dataclasses
 import itertools
+import os
 import logging
 import time
 from collections import deque
@@ -193,6 +194,7 @@ class LLMEngine:
         self.sampling_defaults = sampling_defaults(
             model if isinstance(model, str) else None, generation_config)
         self.spec_config = SpeculativeConfig.from_dict(speculative_config)
+        self._model_dir = model if isinstance(model, str) and os.path.isdir(model) else None
         _check_int("max_num_seqs", max_num_seqs, 1)
         _check_int("max_num_batched_tokens", max_num_batched_tokens, 1)
         if max_model_len is not None:
@@ -203,10 +205,12 @@ class LLMEngine:
                             f"{type(async_scheduling).__name__}")
         _check_int("tensor_parallel_size", tensor_parallel_size, 1)
         if (tensor_parallel_size > 1 and self.spec_config is not None
-                and self.spec_config.method in EAGLE_METHODS):
-            raise ValueError(f"speculative_config.method {self.spec_config.method!r} is not "
-                             f"supported with tensor_parallel_size > 1 yet (use 'ngram' or "
-                             f"'draft_model')")
+                and self.spec_config.method in EAGLE_METHODS
+                and not (isinstance(model, str) and os.path.isdir(model))):
+            raise ValueError(f"speculative_config.method {self.spec_config.method!r} with "
+                             f"tensor_parallel_size > 1 needs the target as a checkpoint "
+                             f"directory or hub id (the head reads whole copies of its "
+                             f"embedding / lm_head from it), got {model!r}")
         if tensor_parallel_size > 1 and not isinstance(model, str):
             raise TypeError("tensor_parallel_size > 1 needs a model name or directory (each "
                             "rank loads its own shard), not a built model")
@@ -496,7 +500,8 @@ class LLMEngine:
             raise ValueError(f"speculative_config.method {cfg.method!r} needs a minikernels "
                              f"CausalLM target, got {type(self.model).__name__}")
         if isinstance(cfg.model, str):
-            head = load_eagle_head(cfg.model, cfg.method, self.model, cfg.revision)
+            head = load_eagle_head(cfg.model, cfg.method, self.model, cfg.revision,
+                                   target_dir=self._model_dir)
         else:
             head = cfg.model
             if head.target is not self.model:

@@ -121,6 +121,8 @@ class EagleHead(nn.Module):
                              torch.zeros(spec.draft_vocab_size, dtype=torch.int64,
                                          device=device))
         self._dtype = dtype
+        self.target_embed: Tensor | None = None       # use_target_tables (TP)
+        self.target_lm_head: Tensor | None = None
 
     @property
     def dtype(self) -> torch.dtype:
@@ -143,9 +145,31 @@ class EagleHead(nn.Module):
         return self.fc(captured) if self.method == "eagle3" else captured
 
     def _embed(self, input_ids: Tensor) -> Tensor:
-        table = self.embed_tokens if self.embed_tokens is not None else \
-            self.target.embed_tokens
-        return table(input_ids)
+        if self.embed_tokens is not None:
+            return self.embed_tokens(input_ids)
+        if self.target_embed is not None:
+            return nn.functional.embedding(input_ids, self.target_embed)
+        return self.target.embed_tokens(input_ids)
+
+    def _target_logits(self, h: Tensor) -> Tensor:
+        """The target's lm_head over h (its own copy under tensor parallel, where the
+        target's is vocab-parallel: a collective rank 0 cannot run alone)."""
+        if self.target_lm_head is None:
+            return self.target.compute_logits(h)
+        c = self.target.config
+        logits = nn.functional.linear(h, self.target_lm_head).float()
+        if c.logits_scaling != 1.0:
+            logits = logits / c.logits_scaling
+        cap = c.final_logit_softcapping
+        return logits if cap is None else torch.tanh(logits / cap).mul_(cap)
+
+    def use_target_tables(self, embed: Tensor | None, lm_head: Tensor | None) -> None:
+        """Give the head whole copies of the target's embedding table and lm_head weight
+        ([vocab, hidden], on the head's device), used instead of the target's modules
+        (tensor parallel: those are vocab-parallel)."""
+        dev = self.device
+        self.target_embed = None if embed is None else embed.to(dev, self.dtype)
+        self.target_lm_head = None if lm_head is None else lm_head.to(dev, self.dtype)
 
     def forward(self, input_ids: Tensor, hidden: Tensor, meta: AttentionMetadata,
                 kv_cache: tuple[Tensor, Tensor] | None) -> tuple[Tensor, Tensor]:
@@ -161,7 +185,7 @@ class EagleHead(nn.Module):
             g = self.mlp(x) + residual
             if rows is not None:
                 g = g.index_select(0, rows)
-            return self.target.compute_logits(g), g
+            return self._target_logits(g), g
         hn = self.hidden_norm(hidden)
         residual = hn if self.spec.norm_before_residual else hidden
         a = self.self_attn(torch.cat([self.input_layernorm(e), hn], dim=-1), meta, kv_cache)
@@ -171,7 +195,7 @@ class EagleHead(nn.Module):
             m, residual = m.index_select(0, rows), residual.index_select(0, rows)
         normed, g = self.norm(m, residual)
         if self.lm_head is None:
-            return self.target.compute_logits(normed), g
+            return self._target_logits(normed), g
         draft = self.lm_head(normed).float()
         logits = draft.new_full((draft.shape[0], self.target.config.vocab_size),
                                 float("-inf"))
@@ -266,9 +290,13 @@ def eagle_spec(hf: dict[str, Any], method: str, target: CausalLM) -> EagleSpec:
 
 
 def load_eagle_head(model: str, method: str, target: CausalLM,
-                    revision: str | None = None) -> EagleHead:
+                    revision: str | None = None, target_dir: str | None = None) -> EagleHead:
     """Load an EAGLE head (directory or hub id; safetensors only) for ``target``, in the
-    target's dtype and device. ValueError / CheckpointError name what does not fit."""
+    target's dtype and device. ValueError / CheckpointError name what does not fit.
+
+    A tensor-parallel target (``tensor_parallel_size`` > 1) shards its embedding and
+    lm_head over the vocabulary: the head then reads whole copies of the ones it needs
+    from ``target_dir`` (the target's checkpoint) onto rank 0's device."""
     from .hub import resolve_model
     from .loader import CheckpointError, _iter_file, _read_json, checkpoint_files
 
@@ -285,7 +313,42 @@ def load_eagle_head(model: str, method: str, target: CausalLM,
             if key is None:
                 raise CheckpointError(f"{f}: unexpected tensor {name!r} in an EAGLE head")
             tensors[key] = t
-    return build_eagle_head(spec, target, tensors)
+    head = build_eagle_head(spec, target, tensors)
+    if getattr(target, "tensor_parallel_size", 1) > 1:
+        if target_dir is None:
+            raise ValueError("speculative_config: an EAGLE head over a tensor-parallel "
+                             "target needs the target's checkpoint directory")
+        need_embed = head.embed_tokens is None
+        need_head = head.method == "eagle" or head.lm_head is None
+        embed, lm_head = _target_tables(target_dir, target.config, need_embed, need_head)
+        head.use_target_tables(embed, lm_head)
+    return head
+
+
+def _target_tables(target_dir: str, config: DecoderConfig, embed: bool, lm_head: bool
+                   ) -> tuple[Tensor | None, Tensor | None]:
+    """Whole ``[vocab, hidden]`` embedding table / lm_head weight read from a checkpoint
+    directory (tied: the embedding)."""
+    from .loader import CheckpointError, _iter_file, checkpoint_files, map_name
+
+    want = {}
+    if embed:
+        want["embed_tokens"] = None
+    if lm_head:
+        want["embed_tokens" if config.tie_word_embeddings else "lm_head"] = None
+    for f in checkpoint_files(target_dir):
+        for name, t in _iter_file(f, lazy=True):
+            target = map_name(name) if t is not None else None
+            if target is not None and target[0] in want and target[2] == "weight" and \
+                    want[target[0]] is None:
+                want[target[0]] = t[:]
+    missing = [k for k, v in want.items() if v is None]
+    if missing:
+        raise CheckpointError(f"{target_dir}: no {missing} tensor for the EAGLE head")
+    table = want.get("embed_tokens")
+    head = want.get("embed_tokens" if config.tie_word_embeddings else "lm_head") \
+        if lm_head else None
+    return (table if embed else None), head
 
 
 def build_eagle_head(spec: EagleSpec, target: CausalLM, tensors: dict[str, Tensor]
