@@ -267,6 +267,10 @@ class GraphScripted(torch.nn.Module):
 
     def forward(self, input_ids, meta, kv_caches):
         logits = self.inner(input_ids, meta, kv_caches)     # the full model, lm_head too
+        return self._scripted(logits, input_ids, meta)
+
+    def _scripted(self, logits, input_ids, meta):
+        """Logits putting each row's planned next token on top (see the class)."""
         pos, x = meta.positions, input_ids
         if meta.logits_indices is not None:
             pos = pos.index_select(0, meta.logits_indices)
@@ -305,16 +309,7 @@ class GraphScriptedHead(GraphScriptedDraft):
 
     def forward(self, input_ids, hidden, meta, kv_cache):
         logits, g = self.inner(input_ids, hidden, meta, kv_cache)   # the whole head
-        pos, x = meta.positions, input_ids
-        if meta.logits_indices is not None:
-            pos = pos.index_select(0, meta.logits_indices)
-            x = x.index_select(0, meta.logits_indices)
-        p = pos.clamp(0, self.max_len - 1)
-        j = (self.tok.index_select(0, p) == x[:, None]).to(torch.float32).argmax(1)
-        nxt = self.nxt.index_select(0, p).gather(1, j[:, None].to(torch.int64))
-        out = torch.full_like(logits, -10.0)
-        out.scatter_(1, nxt, 10.0)
-        return out, g
+        return self._scripted(logits, input_ids, meta), g
 
 
 def disjoint_tokens(seq: list[int], j: int, width: int, vocab: int) -> list[int]:

@@ -116,6 +116,15 @@ class _Row:
     n: int
 
 
+def _ranges(starts: np.ndarray, lens: np.ndarray) -> np.ndarray:
+    """concat(arange(s, s + n) for s, n in zip(starts, lens)), vectorized (int64)."""
+    total = int(lens.sum())
+    if total == 0:
+        return np.zeros(0, dtype=np.int64)
+    offsets = np.concatenate([[0], np.cumsum(lens)[:-1]])
+    return np.repeat(starts - offsets, lens) + np.arange(total, dtype=np.int64)
+
+
 def check_vocab(target_vocab: int, draft_vocab: int, tokenizer: Any = None,
                 draft_tokenizer: Any = None) -> int:
     """The number of token ids both models score (ValueError naming
@@ -315,6 +324,38 @@ class DraftSampler(Proposer):
         return tok, probs
 
     # ------------------------------------------------------------------ uploads
+    def _catch_up_meta(self, plan: "list[_Row]", shift: int
+                       ) -> tuple[Tensor, AttentionMetadata]:
+        """One varlen prefill over paged prefixes: row r's positions [start, start +
+        take) take its sequence's tokens from ``start + shift`` on (1: an EAGLE head's
+        position p holds token p + 1); logits of the last position of rows that draft
+        (``r.k > 0``). The subclass gives ``block_size`` and ``_table(rows, width)``."""
+        bs, n = self.block_size, len(plan)
+        starts = np.fromiter((r.start for r in plan), np.int64, n)
+        takes = np.fromiter((r.take for r in plan), np.int64, n)
+        drafting = np.fromiter((r.k > 0 for r in plan), bool, n)
+        ids = [t for r in plan
+               for t in r.st.seq.token_ids[r.start + shift:r.start + r.take + shift]]
+        ends = starts + takes
+        pos = _ranges(starts, takes)
+        cu_q = np.concatenate([[0], np.cumsum(takes)])
+        cu_k = np.concatenate([[0], np.cumsum(ends)])
+        lidx = cu_q[1:][drafting] - 1
+        max_k = int(ends.max())
+        width = -(-max_k // bs)
+        tab = self._table(plan, width)
+        slots = tab[np.repeat(np.arange(n), takes), pos // bs].astype(np.int64) * bs + \
+            pos % bs
+        ids_t, pos_t, slots_t, lidx_t, cuq_t, cuk_t, tab_t = self._upload(
+            [ids, pos, slots, lidx, cu_q, cu_k, tab.reshape(-1)])
+        meta = AttentionMetadata(
+            positions=pos_t, slot_mapping=slots_t, num_decode=0,
+            cu_seqlens_q=cuq_t.to(torch.int32), cu_seqlens_k=cuk_t.to(torch.int32),
+            max_seqlen_q=int(takes.max()), max_seqlen_k=max_k,
+            prefill_block_table=tab_t.to(torch.int32).reshape(n, width),
+            logits_indices=lidx_t)
+        return ids_t, meta
+
     def _upload(self, parts: list[Any]) -> list[Tensor]:
         """int64 host arrays -> device tensors, in one copy."""
         sizes = [len(p) for p in parts]
@@ -465,31 +506,9 @@ class DraftModelProposer(DraftSampler):
     def _catch_up_inputs(self, plan: list[_Row]) -> StepInputs:
         """Prefill rows: each row's unseen tokens over its paged draft prefix; logits of
         the last token of the rows that draft."""
-        bs = self.block_size
-        ids: list[int] = []
-        pos_parts, cu_q, cu_k, lidx = [], [0], [0], []
-        for r in plan:
-            ids.extend(r.st.seq.token_ids[r.start:r.start + r.take])
-            pos_parts.append(np.arange(r.start, r.start + r.take, dtype=np.int64))
-            cu_q.append(cu_q[-1] + r.take)
-            cu_k.append(cu_k[-1] + r.start + r.take)
-            if r.k:
-                lidx.append(cu_q[-1] - 1)
-        pos = np.concatenate(pos_parts)
-        max_k = max(r.start + r.take for r in plan)
-        width = -(-max_k // bs)
-        tab = self._table(plan, width)
-        row_of = np.repeat(np.arange(len(plan)), [r.take for r in plan])
-        slots = tab[row_of, pos // bs].astype(np.int64) * bs + pos % bs
-        ids_t, pos_t, slots_t, lidx_t, cuq_t, cuk_t, tab_t = self._upload(
-            [ids, pos, slots, lidx, cu_q, cu_k, tab.reshape(-1)])
-        meta = AttentionMetadata(
-            positions=pos_t, slot_mapping=slots_t, num_decode=0,
-            cu_seqlens_q=cuq_t.to(torch.int32), cu_seqlens_k=cuk_t.to(torch.int32),
-            max_seqlen_q=max(r.take for r in plan), max_seqlen_k=max_k,
-            prefill_block_table=tab_t.to(torch.int32).reshape(len(plan), width),
-            logits_indices=lidx_t)
-        return StepInputs(input_ids=ids_t, meta=meta, sample_rows=list(range(len(lidx))),
+        ids_t, meta = self._catch_up_meta(plan, shift=0)
+        return StepInputs(input_ids=ids_t, meta=meta,
+                          sample_rows=list(range(sum(r.k > 0 for r in plan))),
                           decode_only=False)
 
     def _decode_inputs(self, rows: list[_Row], j: int, ids: Tensor) -> StepInputs:

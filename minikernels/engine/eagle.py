@@ -54,8 +54,9 @@ from torch import Tensor
 from ..models.eagle import EagleHead
 from ..models.metadata import AttentionMetadata
 from .block_manager import BlockManager
-from .draft_model import DraftSampler, _Row
-from .model_runner import graph_batch_sizes, index_checks_off, pick_graph_size
+from .draft_model import DraftSampler, _ranges, _Row
+from .model_runner import (capture_cuda_graph, graph_batch_sizes, index_checks_off,
+                           pick_graph_size)
 from .sampler import Sampler
 from .sequence import SequenceStatus
 from .spec_decode import SpeculativeConfig
@@ -67,15 +68,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger("minikernels.engine")
 
 MAX_RECORDS = 8     # steps a sequence's target states may wait for a propose call
-
-
-def _ranges(starts: np.ndarray, lens: np.ndarray) -> np.ndarray:
-    """concat(arange(s, s + n) for s, n in zip(starts, lens)), vectorized (int64)."""
-    total = int(lens.sum())
-    if total == 0:
-        return np.zeros(0, dtype=np.int64)
-    offsets = np.concatenate([[0], np.cumsum(lens)[:-1]])
-    return np.repeat(starts - offsets, lens) + np.arange(total, dtype=np.int64)
 
 
 class HeadDecodeGraphs:
@@ -119,22 +111,8 @@ class HeadDecodeGraphs:
         return self.head(self.input_ids[:bs], self.hidden[:bs], self._meta(bs), self.kv)
 
     def _capture(self, bs: int) -> Callable[[], tuple[Tensor, Tensor]]:
-        dev = self.head.device
-        stream = torch.cuda.Stream(device=dev)
-        stream.wait_stream(torch.cuda.current_stream(dev))
-        with torch.cuda.stream(stream):
-            self._forward(bs)                               # warm-up (lazy init, compiles)
-        torch.cuda.current_stream(dev).wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
-            out = self._forward(bs)
-        if self.pool is None:
-            self.pool = graph.pool()
-        torch.cuda.synchronize(dev)
-
-        def replay() -> tuple[Tensor, Tensor]:
-            graph.replay()
-            return out
+        replay, self.pool = capture_cuda_graph(lambda: self._forward(bs), self.head.device,
+                                               self.pool)
         return replay
 
     def run(self, ids: Tensor, hidden: Tensor, meta: AttentionMetadata
@@ -434,31 +412,8 @@ class EagleProposer(DraftSampler):
     def _catch_up_inputs(self, plan: list[_Row]) -> tuple[Tensor, Tensor, AttentionMetadata]:
         """Prefill rows: position p takes token p + 1 and the target's state at p, over
         the head's K/V of positions < p; logits of the last position of drafting rows."""
-        bs, n = self.block_size, len(plan)
-        starts = np.fromiter((r.start for r in plan), np.int64, n)
-        takes = np.fromiter((r.take for r in plan), np.int64, n)
-        drafting = np.fromiter((r.k > 0 for r in plan), bool, n)
-        ids = [t for r in plan for t in r.st.seq.token_ids[r.start + 1:r.start + r.take + 1]]
-        pos = _ranges(starts, takes)
-        ends = starts + takes
-        cu_q = np.concatenate([[0], np.cumsum(takes)])
-        cu_k = np.concatenate([[0], np.cumsum(ends)])
-        lidx = cu_q[1:][drafting] - 1
-        max_k = int(ends.max())
-        width = -(-max_k // bs)
-        tab = self._table(plan, width)
-        row_of = np.repeat(np.arange(n), takes)
-        slots = tab[row_of, pos // bs].astype(np.int64) * bs + pos % bs
-        ids_t, pos_t, slots_t, lidx_t, cuq_t, cuk_t, tab_t = self._upload(
-            [ids, pos, slots, lidx, cu_q, cu_k, tab.reshape(-1)])
-        meta = AttentionMetadata(
-            positions=pos_t, slot_mapping=slots_t, num_decode=0,
-            cu_seqlens_q=cuq_t.to(torch.int32), cu_seqlens_k=cuk_t.to(torch.int32),
-            max_seqlen_q=int(takes.max()), max_seqlen_k=max_k,
-            prefill_block_table=tab_t.to(torch.int32).reshape(n, width),
-            logits_indices=lidx_t)
-        hidden = self.head.combine(self._gather_states(plan))
-        return ids_t, hidden, meta
+        ids_t, meta = self._catch_up_meta(plan, shift=1)
+        return ids_t, self.head.combine(self._gather_states(plan)), meta
 
     def _decode_inputs(self, rows: list[_Row], j: int, ids: Tensor, hidden: Tensor
                        ) -> tuple[Tensor, Tensor, AttentionMetadata]:

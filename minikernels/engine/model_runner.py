@@ -64,6 +64,26 @@ def pick_graph_size(n: int, sizes: list[int]) -> int | None:
     return sizes[i] if i < len(sizes) else None
 
 
+def capture_cuda_graph(fn: Callable[[], Any], device: torch.device, pool: Any = None
+                       ) -> tuple[Callable[[], Any], Any]:
+    """Warm ``fn`` up on a side stream, capture it into a CUDA graph (in ``pool``, or a
+    new pool) -> (replay: runs the graph and returns fn's static outputs, the pool)."""
+    stream = torch.cuda.Stream(device=device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(stream):
+        fn()                                                # warm-up (lazy init, compiles)
+    torch.cuda.current_stream(device).wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool):
+        out = fn()
+    torch.cuda.synchronize(device)
+
+    def replay() -> Any:
+        graph.replay()
+        return out
+    return replay, (graph.pool() if pool is None else pool)
+
+
 @dataclass
 class StepInputs:
     """Host-built inputs of one step (tensors on the target device).
@@ -453,22 +473,8 @@ class _VerifyGraphs:
 
     def _capture(self, bs: int) -> Callable[[], Tensor]:
         """Capture bucket bs; returns its replay (-> the static logits)."""
-        dev = self.model.device
-        stream = torch.cuda.Stream(device=dev)
-        stream.wait_stream(torch.cuda.current_stream(dev))
-        with torch.cuda.stream(stream):
-            self._forward(bs)                               # warm-up (lazy init, compiles)
-        torch.cuda.current_stream(dev).wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
-            out = self._forward(bs)
-        if self.pool is None:
-            self.pool = graph.pool()
-        torch.cuda.synchronize(dev)
-
-        def replay() -> Tensor:
-            graph.replay()
-            return out
+        replay, self.pool = capture_cuda_graph(lambda: self._forward(bs), self.model.device,
+                                               self.pool)
         return replay
 
     def bucket(self, inputs: StepInputs) -> int | None:

@@ -122,11 +122,7 @@ class SpeculativeConfig:
             if quant not in _QUANTIZATIONS:
                 raise ValueError(f"speculative_config.quantization must be one of "
                                  f"{_QUANTIZATIONS}, got {cfg.get('quantization')!r}")
-            rev = cfg.get("revision")
-            if rev is not None and not isinstance(rev, str):
-                raise ValueError(f"speculative_config.revision must be a str or None, got "
-                                 f"{rev!r}")
-            vals.update(model=model, quantization=quant, revision=rev)
+            vals.update(model=model, quantization=quant, revision=_revision(cfg))
         if method in ("eagle", "eagle3"):
             model = cfg.get("model")
             built = hasattr(model, "capture") and hasattr(model, "combine")   # an EagleHead
@@ -134,12 +130,15 @@ class SpeculativeConfig:
                 raise ValueError(f"speculative_config.model is required for method "
                                  f"{method!r}: the EAGLE head's HF directory or hub id (or "
                                  f"a built EagleHead), got {model!r}")
-            rev = cfg.get("revision")
-            if rev is not None and not isinstance(rev, str):
-                raise ValueError(f"speculative_config.revision must be a str or None, got "
-                                 f"{rev!r}")
-            vals.update(model=model, revision=rev, quantization=None)
+            vals.update(model=model, revision=_revision(cfg), quantization=None)
         return cls(method=method, **vals)
+
+
+def _revision(cfg: dict[str, Any]) -> str | None:
+    rev = cfg.get("revision")
+    if rev is not None and not isinstance(rev, str):
+        raise ValueError(f"speculative_config.revision must be a str or None, got {rev!r}")
+    return rev
 
 
 class Proposer(ABC):

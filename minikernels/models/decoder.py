@@ -42,6 +42,15 @@ from .parallel import TensorParallel, VocabParallelEmbedding, attention_shard, c
 KVCache = tuple[Tensor, Tensor]
 
 
+def finish_logits(logits: Tensor, config: DecoderConfig) -> Tensor:
+    """lm_head output -> fp32 logits: Granite's logits scaling, Gemma 2's softcap."""
+    logits = logits.float()
+    if config.logits_scaling != 1.0:
+        logits = logits / config.logits_scaling
+    cap = config.final_logit_softcapping
+    return logits if cap is None else torch.tanh(logits / cap).mul_(cap)
+
+
 class HiddenCapture:
     """Where a forward copies hidden states for an EAGLE-style draft head
     (engine/eagle.py), for every input token (not only the logits rows).
@@ -309,11 +318,7 @@ class CausalLM(nn.Module):
             logits = self.tp.all_gather_last(self.lm_head(h))[..., :self.config.vocab_size]
         else:
             logits = self.lm_head(h)
-        logits = logits.float()
-        if self.config.logits_scaling != 1.0:
-            logits = logits / self.config.logits_scaling
-        cap = self.config.final_logit_softcapping
-        return logits if cap is None else torch.tanh(logits / cap).mul_(cap)
+        return finish_logits(logits, self.config)
 
     def hidden_states(self, input_ids: Tensor, meta: AttentionMetadata,
                       kv_caches: list[KVCache] | None = None) -> Tensor:

@@ -42,7 +42,7 @@ from torch import Tensor, nn
 
 from ..nn.layers import RMSNorm, RotaryEmbedding
 from .config import DecoderConfig
-from .decoder import MLP, Attention, CausalLM, HiddenCapture
+from .decoder import MLP, Attention, CausalLM, HiddenCapture, finish_logits
 from .linear import FusedLinear
 from .metadata import AttentionMetadata
 
@@ -156,12 +156,7 @@ class EagleHead(nn.Module):
         target's is vocab-parallel: a collective rank 0 cannot run alone)."""
         if self.target_lm_head is None:
             return self.target.compute_logits(h)
-        c = self.target.config
-        logits = nn.functional.linear(h, self.target_lm_head).float()
-        if c.logits_scaling != 1.0:
-            logits = logits / c.logits_scaling
-        cap = c.final_logit_softcapping
-        return logits if cap is None else torch.tanh(logits / cap).mul_(cap)
+        return finish_logits(nn.functional.linear(h, self.target_lm_head), self.target.config)
 
     def use_target_tables(self, embed: Tensor | None, lm_head: Tensor | None) -> None:
         """Give the head whole copies of the target's embedding table and lm_head weight
