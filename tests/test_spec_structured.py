@@ -97,18 +97,56 @@ def test_sampled_constrained_rows_with_ngram_stay_valid_and_reproducible():
     assert runs[0] == runs[1]
 
 
-def test_sampled_constrained_rows_are_not_drafted_by_a_model():
-    """A draft model's (or EAGLE head's) drafts at temperature > 0: cutting refused ones
-    would bias the output, so constrained sampled rows get none; free rows still do."""
-    llm = _llm({"method": "draft_model", "model": "tiny", "num_speculative_tokens": 3})
+def test_sampled_constrained_rows_get_point_mass_drafts_from_a_model():
+    """A draft model at temperature > 0: cutting randomly drawn drafts at a refused one
+    would bias the output, so constrained sampled rows draft the argmax as a point mass
+    (exact with the cut); free rows keep sampled drafts. Outputs stay valid, reproduce
+    run to run, and constrained rows are drafted for."""
+    spec = {"method": "draft_model", "model": "tiny", "num_speculative_tokens": 3}
     params = _params(temperature=0.9, seed=5)
-    outs = llm.generate(PROMPTS, params, use_tqdm=False)
-    _check_valid(outs, params)
-    for o, p in zip(outs, params):
-        if p.structured_outputs is not None:
-            assert o.metrics["spec_num_draft_tokens"] == 0
-        else:
-            assert o.metrics["spec_num_draft_tokens"] > 0
+    runs = []
+    for _ in range(2):
+        llm = _llm(spec)
+        outs = llm.generate(PROMPTS, params, use_tqdm=False)
+        _check_valid(outs, params)
+        runs.append([o.outputs[0].token_ids for o in outs])
+        # (the draft knows no grammar: most of its argmax drafts are refused and cut)
+        assert sum(o.metrics["spec_num_draft_tokens"] for o, p in zip(outs, params)
+                   if p.structured_outputs is not None) > 0
+        llm.llm_engine.check_no_leaks()
+    assert runs[0] == runs[1]
+
+
+def test_point_mass_drafts_for_sampled_constrained_rows():
+    """DraftSampler._sample: a sampled row with a constraint drafts its argmax with a
+    one-hot probability row; a sampled free row draws from its distribution."""
+    import torch
+
+    from minikernels.engine.draft_model import DraftSampler
+    from minikernels.engine.sampler import Sampler
+
+    class Rows(DraftSampler):
+        def __init__(self):
+            self.k, self.vocab_size, self.common_vocab = 2, 16, 16
+            self.device = torch.device("cpu")
+            self.sampler = Sampler(16, self.device, 0)
+            self.eos_token_ids = []
+
+        def propose(self, seqs, max_tokens):
+            raise NotImplementedError
+
+    class Seq:
+        def __init__(self, params):
+            self.params, self.generator = params, None
+
+    logits = torch.randn(3, 16)
+    seqs = [Seq(SamplingParams(temperature=1.0, structured_outputs={"regex": "a+"})),
+            Seq(SamplingParams(temperature=1.0)), Seq(SamplingParams(temperature=0.0))]
+    tok, probs = Rows()._sample(logits, seqs)
+    assert tok[0] == logits[0].argmax() and probs[0].tolist() == \
+        torch.nn.functional.one_hot(tok[0], 16).float().tolist()
+    assert abs(float(probs[1].sum()) - 1.0) < 1e-5 and probs[1].max() < 1.0
+    assert tok[2] == logits[2].argmax() and float(probs[2].abs().sum()) == 0.0
 
 
 def test_draft_bitmask_rolls_back_and_cuts_refused_drafts():

@@ -47,7 +47,7 @@ from .sampler import DeviceSample, Sampler, SamplerOutput, needs_host_tokens
 from .sampling_params import SamplingParams
 from .scheduler import ScheduledBatch, Scheduler
 from .sequence import Request, Sequence, SequenceStatus
-from .spec_decode import NgramProposer, Proposer, SpeculativeConfig, make_proposer
+from .spec_decode import Proposer, SpeculativeConfig, make_proposer
 from .structured_outputs import StructuredOutputManager
 
 logger = logging.getLogger("minikernels.engine")
@@ -535,16 +535,15 @@ class LLMEngine:
                 self._eagle.catch_up()
             return []
         cands, room = [], []
-        point_drafts = isinstance(self.proposer, NgramProposer)
         for s in self.scheduler.running:
             p = s.params
             n = len(s.token_ids)
             left = s.max_total_tokens - n - 1      # the target's own token always comes
-            # grammar rows: drafts the grammar refuses are cut off, which keeps sampling
-            # exact only for point-mass drafts (n-gram) or greedy rows; and the
-            # constraint must be active (a start_after marker could start it mid-draft)
-            if p.uses_grammar and (s.grammar is None or not s.grammar.active
-                                   or not (point_drafts or p.greedy)):
+            # grammar rows: drafts the grammar refuses are cut off, exact for greedy rows
+            # and point-mass drafts (n-gram; a model drafts its argmax for sampled
+            # constrained rows); the constraint must be active (a start_after marker
+            # could start it mid-draft)
+            if p.uses_grammar and (s.grammar is None or not s.grammar.active):
                 continue
             if left > 0 and not s.num_pending and s.num_computed_tokens == n - 1:
                 cands.append(s)
