@@ -82,6 +82,13 @@ def test_greedy_constrained_rows_are_drafted_and_exact(greedy_ref, spec):
     constrained = [i for i, p in enumerate(params) if p.structured_outputs is not None]
     assert sum(drafted[i] for i in constrained) > 0, drafted
     assert sum(accepted[i] for i in constrained) > 0, accepted
+    if spec["method"] == "draft_model":
+        # the drafter is the target itself and drafts inside the grammar: every
+        # constrained draft is the target's own choice
+        assert all(accepted[i] == drafted[i] for i in constrained), (drafted, accepted)
+        # ... and few drafts are refused: most of each constrained output was drafted
+        lengths = [len(o.outputs[0].token_ids) for o in outs]
+        assert all(drafted[i] >= lengths[i] // 2 for i in constrained), (drafted, lengths)
     llm.llm_engine.check_no_leaks()
 
 

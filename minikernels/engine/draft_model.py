@@ -225,6 +225,7 @@ class DraftSampler(Proposer):
     device: torch.device
     sampler: Sampler
     eos_token_ids: list[int]
+    structured: Any = None     # the engine's StructuredOutputManager, once it has one
 
     def _draft(self, rows: "list[_Row]", num_seqs: int, logits: Tensor,
                decode: Callable[[list[int], int, Tensor], Tensor]
@@ -247,11 +248,19 @@ class DraftSampler(Proposer):
             counts, seen = self.sampler.penalty_state(seq_of)
         if any(s.params.min_tokens > s.num_output_tokens for s in seq_of):
             stop_ids = self.sampler.stop_id_mask(seq_of, self.eos_token_ids)
+        # structured outputs: constrained rows draft only what their grammar allows
+        # (the matcher follows the drafts, and is rolled back at the end)
+        grammars = {a: s.grammar for a, s in enumerate(seq_of)
+                    if s.grammar is not None and s.grammar.active} \
+            if self.structured is not None else {}
+        followed = dict.fromkeys(grammars, 0)
         active = list(range(len(rows)))
         for j in range(K):
             if j > 0:
                 if len(active) != len([a for a in active if rows[a].k > j]):
                     active = [a for a in active if rows[a].k > j]
+                if not active:
+                    break
                 idx = torch.tensor(active, dtype=torch.int64).to(self.device) \
                     if len(active) != len(rows) else None
                 prev = toks[:, j - 1] if idx is None else toks[:, j - 1].index_select(0, idx)
@@ -260,7 +269,13 @@ class DraftSampler(Proposer):
                 idx = None
             act_seqs = [seq_of[a] for a in active]
             logits = self._process(logits, act_seqs, j, idx, counts, seen, stop_ids)
+            g_pos = [p for p, a in enumerate(active) if a in grammars]
+            if g_pos:
+                logits = self._mask_grammar(logits, [grammars[active[p]] for p in g_pos],
+                                            g_pos)
             tok, probs = self._sample(logits, act_seqs)
+            if g_pos:
+                self._follow_grammar(tok, g_pos, active, rows, grammars, followed, j)
             if counts is not None:
                 counts.index_put_((torch.arange(len(rows), device=self.device)
                                    if idx is None else idx, tok),
@@ -273,8 +288,35 @@ class DraftSampler(Proposer):
                 dst = torch.tensor([rows[a].i for a in active], dtype=torch.int64
                                    ).to(self.device)
                 probs_out[:, j, :self.common_vocab].index_copy_(0, dst, probs)
+        for a, n in followed.items():
+            if n:
+                grammars[a].matcher.rollback(n)
         host = toks.tolist()
         return [row[:r.k] for r, row in zip(rows, host)], probs_out
+
+    def _mask_grammar(self, logits: Tensor, grammars: list[Any], pos: list[int]) -> Tensor:
+        """Rows ``pos`` of logits -> -inf outside what their grammars allow next."""
+        logits = logits[:, :self.common_vocab].float().clone()
+        bits = self.structured.allocate_bitmask(len(grammars))
+        self.structured.fill_bitmask(grammars, bits)
+        self.structured.mask_rows(logits, {p: bits[i] for i, p in enumerate(pos)})
+        return logits
+
+    def _follow_grammar(self, tok: Tensor, pos: list[int], active: list[int],
+                        rows: "list[_Row]", grammars: dict[int, Any],
+                        followed: dict[int, int], j: int) -> None:
+        """Advance the constrained rows' matchers by their draft j; a row whose grammar
+        refuses it (nothing was allowed) or is complete after it drafts no further."""
+        picked = tok[torch.tensor(pos, dtype=torch.int64).to(tok.device)].tolist()
+        for p, t in zip(pos, picked):
+            a = active[p]
+            g = grammars[a]
+            if not g.accept(t):
+                rows[a].k = j          # (cut here; the engine's check agrees)
+                continue
+            followed[a] += 1
+            if g.terminated:
+                rows[a].k = j + 1
 
     # ------------------------------------------------------------------ sampling
     def _process(self, logits: Tensor, seqs: "list[Sequence]", j: int, idx: Tensor | None,

@@ -909,6 +909,8 @@ class LLMEngine:
                                  "engine was built with tokenizer=None)")
             self.structured = StructuredOutputManager(self.tokenizer, self.vocab_size,
                                                       self._eos_list)
+            if self.proposer is not None:     # a model drafter masks constrained rows too
+                self.proposer.structured = self.structured
         return self.structured
 
     def _check_stop(self, seq: Sequence, token: int, delta: str) -> None:
