@@ -104,11 +104,10 @@ def test_sampled_constrained_rows_with_ngram_stay_valid_and_reproducible():
     assert runs[0] == runs[1]
 
 
-def test_sampled_constrained_rows_get_point_mass_drafts_from_a_model():
-    """A draft model at temperature > 0: cutting randomly drawn drafts at a refused one
-    would bias the output, so constrained sampled rows draft the argmax as a point mass
-    (exact with the cut); free rows keep sampled drafts. Outputs stay valid, reproduce
-    run to run, and constrained rows are drafted for."""
+def test_sampled_constrained_rows_with_a_draft_model_stay_valid_and_reproducible():
+    """A draft model at temperature > 0 samples its drafts inside the grammar (masked
+    like the target); outputs stay valid, reproduce run to run, and constrained rows are
+    drafted for."""
     spec = {"method": "draft_model", "model": "tiny", "num_speculative_tokens": 3}
     params = _params(temperature=0.9, seed=5)
     runs = []
@@ -117,43 +116,9 @@ def test_sampled_constrained_rows_get_point_mass_drafts_from_a_model():
         outs = llm.generate(PROMPTS, params, use_tqdm=False)
         _check_valid(outs, params)
         runs.append([o.outputs[0].token_ids for o in outs])
-        # (the draft knows no grammar: most of its argmax drafts are refused and cut)
-        assert sum(o.metrics["spec_num_draft_tokens"] for o, p in zip(outs, params)
-                   if p.structured_outputs is not None) > 0
+        assert all(o.metrics["spec_num_draft_tokens"] > 0 for o in outs)
         llm.llm_engine.check_no_leaks()
     assert runs[0] == runs[1]
-
-
-def test_point_mass_drafts_for_sampled_constrained_rows():
-    """DraftSampler._sample: a sampled row with a constraint drafts its argmax with a
-    one-hot probability row; a sampled free row draws from its distribution."""
-    import torch
-
-    from minikernels.engine.draft_model import DraftSampler
-    from minikernels.engine.sampler import Sampler
-
-    class Rows(DraftSampler):
-        def __init__(self):
-            self.k, self.vocab_size, self.common_vocab = 2, 16, 16
-            self.device = torch.device("cpu")
-            self.sampler = Sampler(16, self.device, 0)
-            self.eos_token_ids = []
-
-        def propose(self, seqs, max_tokens):
-            raise NotImplementedError
-
-    class Seq:
-        def __init__(self, params):
-            self.params, self.generator = params, None
-
-    logits = torch.randn(3, 16)
-    seqs = [Seq(SamplingParams(temperature=1.0, structured_outputs={"regex": "a+"})),
-            Seq(SamplingParams(temperature=1.0)), Seq(SamplingParams(temperature=0.0))]
-    tok, probs = Rows()._sample(logits, seqs)
-    assert tok[0] == logits[0].argmax() and probs[0].tolist() == \
-        torch.nn.functional.one_hot(tok[0], 16).float().tolist()
-    assert abs(float(probs[1].sum()) - 1.0) < 1e-5 and probs[1].max() < 1.0
-    assert tok[2] == logits[2].argmax() and float(probs[2].abs().sum()) == 0.0
 
 
 def test_draft_bitmask_rolls_back_and_cuts_refused_drafts():
@@ -176,3 +141,55 @@ def test_draft_bitmask_rolls_back_and_cuts_refused_drafts():
     for t in ids[:4] + [ids[4]]:                          # a b c d f: the grammar's path
         assert g.accept(t)
     assert g.terminated or g.matcher.is_completed()
+
+
+def test_sampled_constrained_output_follows_the_masked_target_distribution():
+    """Temperature > 0, a regex constraint ([ab]{3}: 8 outcomes) and a draft model that
+    differs from the target: the outputs' distribution is the target's masked one
+    (enumerated exactly: at each position a softmax over the two allowed tokens), not the
+    drafter's. Every token after the first comes through verification of drafts sampled
+    inside the grammar."""
+    import itertools
+
+    import torch
+    from test_spec_decode_draft import _chi_square_p
+
+    from minikernels.models.loader import load_model
+    from minikernels.models.metadata import AttentionMetadata
+
+    T, N = 1.3, 3000
+    target = load_model("tiny", dtype="float32", device="cpu", seed=0)
+    drafter = load_model("tiny", dtype="float32", device="cpu", seed=5)
+    llm = LLM("tiny", dtype="float32", device="cpu", seed=0, block_size=16,
+              num_kv_blocks=N + 64, max_num_seqs=N, max_num_batched_tokens=8 * N,
+              speculative_config={"method": "draft_model", "model": drafter,
+                                  "num_speculative_tokens": 2, "disable_by_batch_size": N})
+    tok = llm.get_tokenizer()
+    prompt = tok.encode("pick: ")
+    ab = [tok.encode("a")[-1], tok.encode("b")[-1]]
+
+    @torch.no_grad()
+    def joint(model):
+        out = {}
+        for s in itertools.product((0, 1), repeat=3):
+            p = 1.0
+            for j in range(3):
+                ids = prompt + [ab[c] for c in s[:j]]
+                logits = model(torch.tensor(ids), AttentionMetadata.for_prompts([len(ids)]))[-1]
+                p *= float(torch.softmax(logits[ab].double() / T, 0)[s[j]])
+            out["".join("ab"[c] for c in s)] = p
+        return out
+
+    want, theirs = joint(target), joint(drafter)
+    res = llm.generate([prompt], SamplingParams(n=N, temperature=T, max_tokens=6,
+                                                structured_outputs={"regex": "[ab]{3}"}),
+                       use_tqdm=False)[0]
+    st = llm.stats()
+    assert st["spec_num_draft_tokens"] >= N and 0 < st["spec_num_accepted_tokens"] < \
+        st["spec_num_draft_tokens"]
+    keys = sorted(want)
+    counts = torch.tensor([sum(c.text == k for c in res.outputs) for k in keys],
+                          dtype=torch.float64)
+    assert counts.sum() == N
+    assert _chi_square_p(counts, torch.tensor([want[k] for k in keys])) > 1e-4
+    assert _chi_square_p(counts, torch.tensor([theirs[k] for k in keys])) < 1e-6   # power

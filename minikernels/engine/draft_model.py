@@ -343,16 +343,12 @@ class DraftSampler(Proposer):
 
     def _sample(self, logits: Tensor, seqs: "list[Sequence]") -> tuple[Tensor, Tensor | None]:
         """One draft token per row: int64 [R] and, unless every row is greedy, the fp32
-        [R, common_vocab] probabilities they were drawn from (greedy rows: zeros).
-        Sampled rows with a structured-output constraint draft the argmax as a point
-        mass (one-hot probabilities): the engine cuts drafts at the first one the grammar
-        refuses, which keeps the output exact only for drafts that are not random."""
+        [R, common_vocab] probabilities they were drawn from (greedy rows: zeros)."""
         logits = logits[:, :self.common_vocab].float()
         params = [s.params for s in seqs]
         greedy = [p.greedy for p in params]
         if all(greedy):
             return logits.argmax(dim=1), None
-        point = [not p.greedy and p.uses_grammar for p in params]
         probs = self.sampler.target_probs(logits, params)
         g = None
         if any(greedy):
@@ -367,12 +363,6 @@ class DraftSampler(Proposer):
         tok = (probs / q.clamp_min_(1e-30)).argmax(dim=1)
         if g is not None:
             tok = torch.where(g, logits.argmax(dim=1), tok)
-        if any(point):
-            m = torch.tensor(point).to(self.device)
-            top = logits.argmax(dim=1)
-            tok = torch.where(m, top, tok)
-            one_hot = torch.nn.functional.one_hot(top, probs.shape[1]).to(probs.dtype)
-            probs = torch.where(m[:, None], one_hot, probs)
         return tok, probs
 
     # ------------------------------------------------------------------ uploads
