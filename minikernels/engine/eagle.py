@@ -43,6 +43,7 @@ output exact whatever the head proposes.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -231,8 +232,13 @@ class EagleProposer(DraftSampler):
     def capture_graphs(self, graphs_cls: type | None = None) -> HeadDecodeGraphs:
         """Capture the draft steps' graphs (the constructor does on CUDA); graphs_cls: a
         :class:`HeadDecodeGraphs` subclass (tests: a CPU stand-in)."""
-        self.graphs = (graphs_cls or HeadDecodeGraphs)(self.head, self.kv, self.graph_sizes,
-                                                       self.max_blocks_per_seq)
+        # (on the head's GPU: a data-parallel replica's engine may live on cuda:1)
+        where = torch.cuda.device(self.device) if self.device.type == "cuda" else \
+            contextlib.nullcontext()
+        with where:
+            self.graphs = (graphs_cls or HeadDecodeGraphs)(self.head, self.kv,
+                                                           self.graph_sizes,
+                                                           self.max_blocks_per_seq)
         return self.graphs
 
     # ------------------------------------------------------------------ bookkeeping
