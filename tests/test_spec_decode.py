@@ -236,6 +236,39 @@ def test_ngram_proposer_and_config():
         SpeculativeConfig.from_dict("ngram")
 
 
+@pytest.mark.parametrize("n_min,n_max", [(1, 4), (2, 3), (1, 1), (3, 3)])
+def test_ngram_index_equals_the_scan(n_min, n_max):
+    """The incremental n-gram index (what propose uses) gives the reference scan's
+    proposal after every append, over random repetitive sequences (a 6-token vocabulary:
+    many matches) and large ids; release drops a sequence's index."""
+    import random
+
+    from minikernels.engine.spec_decode import NgramIndex
+
+    cfg = SpeculativeConfig.from_dict({"method": "ngram", "num_speculative_tokens": 4,
+                                       "prompt_lookup_min": n_min,
+                                       "prompt_lookup_max": n_max})
+    p = NgramProposer(cfg)
+    r = random.Random(n_min * 10 + n_max)
+    for trial in range(200):
+        idx, toks = NgramIndex(n_min, n_max), []
+        vocab = 6 if trial % 4 else 2**21 - 1
+        for _ in range(r.randrange(1, 30)):
+            toks += [r.randrange(vocab) for _ in range(r.randrange(1, 5))]
+            idx.update(toks)
+            for k in (0, 1, 3, 5):
+                assert idx.lookup(toks, k) == p.lookup(toks, k), (toks, k)
+
+    class Seq:
+        seq_id, token_ids = 7, [1, 2, 3, 1, 2]
+
+    assert p.propose([Seq], [4])[0] == [p.lookup(Seq.token_ids, 4)] and 7 in p.indexes
+    p.release(Seq)
+    assert not p.indexes
+    Seq.token_ids = [2**21, 5, 2**21, 5]     # ids past the packing: the scan
+    assert p.propose([Seq], [4])[0] == [p.lookup(Seq.token_ids, 4)] and not p.indexes
+
+
 def test_serve_flag_and_metrics_lines():
     import argparse
 

@@ -161,19 +161,79 @@ class Proposer(ABC):
         """AssertionError unless the proposer's own accounting is consistent."""
 
 
+class NgramIndex:
+    """The latest start of every n-gram (n_min <= n <= n_max) of one growing token list
+    that ends before its last token, kept up to date as tokens are appended: a lookup
+    is a few dict reads instead of a scan of the whole sequence (~0.4 ms at 4k tokens).
+
+    Keys pack the n token ids into one int (21 bits each), one dict per n. Tokens are
+    only ever appended (rejected drafts never enter a sequence's tokens), so the index
+    only grows; ``indexed`` is how many tokens it has seen.
+    """
+
+    __slots__ = ("n_min", "n_max", "last", "indexed")
+    BITS = 21
+
+    def __init__(self, n_min: int, n_max: int) -> None:
+        self.n_min, self.n_max = n_min, n_max
+        self.last: list[dict[int, int]] = [{} for _ in range(n_max + 1)]
+        self.indexed = 0
+
+    def update(self, tokens: "list[int]") -> None:
+        """Index the n-grams ending at positions (exclusive) up to len(tokens) - 1."""
+        bits, last, n_max = self.BITS, self.last, self.n_max
+        for e in range(max(self.indexed, 1), len(tokens)):   # n-grams ending at e - 1
+            key = 0
+            for n in range(1, min(n_max, e) + 1):
+                key |= tokens[e - n] << (bits * (n - 1))
+                last[n][key] = e - n
+        self.indexed = max(self.indexed, len(tokens))
+
+    def lookup(self, tokens: "list[int]", k: int) -> list[int]:
+        """As :meth:`NgramProposer.lookup`, from the index (``update`` it first)."""
+        L = len(tokens)
+        if k <= 0 or L < self.n_min + 1:
+            return []
+        bits = self.BITS
+        keys = [0]
+        for n in range(1, min(self.n_max, L - 1) + 1):
+            keys.append(keys[-1] | tokens[L - n] << (bits * (n - 1)))
+        for n in range(min(self.n_max, L - 1), self.n_min - 1, -1):
+            s = self.last[n].get(keys[n])
+            if s is not None:
+                return list(tokens[s + n:s + n + k])
+        return []
+
+
 class NgramProposer(Proposer):
     """Prompt lookup: find the most recent earlier occurrence of the sequence's last n
     tokens (n from prompt_lookup_max down to prompt_lookup_min) and propose the tokens
-    that followed it."""
+    that followed it. Each sequence keeps an incremental :class:`NgramIndex` (token ids
+    below 2^21; otherwise the scan of :meth:`lookup`, the reference)."""
 
     def __init__(self, cfg: SpeculativeConfig) -> None:
         self.k = cfg.num_speculative_tokens
         self.n_min = cfg.prompt_lookup_min
         self.n_max = cfg.prompt_lookup_max
+        self.indexes: dict[int, NgramIndex] = {}
 
     def propose(self, seqs: "list[Sequence]", max_tokens: list[int]
                 ) -> tuple[list[list[int]], None]:
-        return [self.lookup(s.token_ids, min(self.k, m)) for s, m in zip(seqs, max_tokens)], None
+        out = []
+        for s, m in zip(seqs, max_tokens):
+            toks = s.token_ids
+            idx = self.indexes.get(s.seq_id)
+            if idx is None:
+                if max(toks, default=0) >> NgramIndex.BITS:
+                    out.append(self.lookup(toks, min(self.k, m)))
+                    continue
+                idx = self.indexes[s.seq_id] = NgramIndex(self.n_min, self.n_max)
+            idx.update(toks)
+            out.append(idx.lookup(toks, min(self.k, m)))
+        return out, None
+
+    def release(self, seq: "Sequence") -> None:
+        self.indexes.pop(seq.seq_id, None)
 
     def lookup(self, tokens: list[int], k: int) -> list[int]:
         """Up to k tokens that followed the latest earlier match of the longest suffix."""
