@@ -378,6 +378,7 @@ def test_standin_draft_graphs_equal_the_reference(ckpts, head, target, aux):
     dict(num_kv_blocks=12, max_num_seqs=6),                   # preemption
     dict(async_scheduling=False, enable_prefix_caching=False),
     dict(max_num_batched_tokens=16),                          # chunked prefill
+    dict(quantization="int4", kv_cache_dtype="fp8"),          # int4 target, fp8 KV
 ])
 def test_greedy_is_exact(ckpts, kw):
     prompts = _prompts(8, seed=3)
