@@ -92,23 +92,13 @@ def test_greedy_constrained_rows_are_drafted_and_exact(greedy_ref, spec):
     llm.llm_engine.check_no_leaks()
 
 
-def test_sampled_constrained_rows_with_ngram_stay_valid_and_reproducible():
-    params = _params(temperature=0.9, seed=5)
-    runs = []
-    for _ in range(2):
-        llm = _llm(NGRAM)
-        outs = llm.generate(PROMPTS, params, use_tqdm=False)
-        _check_valid(outs, params)
-        runs.append([o.outputs[0].token_ids for o in outs])
-        assert sum(o.metrics["spec_num_draft_tokens"] for o in outs) > 0
-    assert runs[0] == runs[1]
-
-
-def test_sampled_constrained_rows_with_a_draft_model_stay_valid_and_reproducible():
-    """A draft model at temperature > 0 samples its drafts inside the grammar (masked
-    like the target); outputs stay valid, reproduce run to run, and constrained rows are
-    drafted for."""
-    spec = {"method": "draft_model", "model": "tiny", "num_speculative_tokens": 3}
+@pytest.mark.parametrize("spec", [NGRAM, {"method": "draft_model", "model": "tiny",
+                                          "num_speculative_tokens": 3}],
+                         ids=["ngram", "draft_model"])
+def test_sampled_constrained_rows_stay_valid_and_reproducible(spec):
+    """Temperature > 0: n-gram drafts (cut at a refused one) and a draft model's (sampled
+    inside the grammar, masked like the target): outputs stay valid, reproduce run to
+    run, and constrained rows are drafted for (every row, with the draft model)."""
     params = _params(temperature=0.9, seed=5)
     runs = []
     for _ in range(2):
@@ -116,7 +106,8 @@ def test_sampled_constrained_rows_with_a_draft_model_stay_valid_and_reproducible
         outs = llm.generate(PROMPTS, params, use_tqdm=False)
         _check_valid(outs, params)
         runs.append([o.outputs[0].token_ids for o in outs])
-        assert all(o.metrics["spec_num_draft_tokens"] > 0 for o in outs)
+        drafted = [o.metrics["spec_num_draft_tokens"] for o in outs]
+        assert sum(drafted) > 0 and (spec is NGRAM or all(d > 0 for d in drafted))
         llm.llm_engine.check_no_leaks()
     assert runs[0] == runs[1]
 
