@@ -246,3 +246,31 @@ def test_gpu_load_weights_keeps_cuda_graphs_valid(tmp_path):
     llm.generate(prompts, sp, use_tqdm=False)
     llm.load_weights(b.named_parameters())
     assert tokens(llm.generate(prompts, sp, use_tqdm=False)) == want
+
+
+def test_gpu_sleep_frees_memory_and_wakes_up(tmp_path):
+    """sleep(1) frees the weights, KV pool and graphs on the GPU (memory_allocated drops
+    by at least the weights + pool); wake_up() captures the graphs again and generates
+    the same tokens."""
+    from test_engine import tokens
+    from test_model_support import make_hf_model, save_hf
+
+    from minikernels.engine import LLM, SamplingParams
+
+    path = save_hf(make_hf_model("llama", seed=0), str(tmp_path / "a"))
+    llm = LLM(path, dtype="float32", device="cuda", tokenizer=None, block_size=16,
+              num_kv_blocks=256, max_num_seqs=4)
+    sp = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
+    prompts = [[5, 9, 13, 21] * 5, [3, 4, 5]]
+    want = tokens(llm.generate(prompts, sp, use_tqdm=False))
+    eng = llm.llm_engine
+    held = eng.model.weight_bytes() + sum(t.numel() * t.element_size()
+                                          for pair in eng.runner.kv_caches for t in pair)
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    llm.sleep(level=1)
+    torch.cuda.synchronize()
+    assert before - torch.cuda.memory_allocated() >= held
+    llm.wake_up()
+    assert eng.runner.graphs is not None
+    assert tokens(llm.generate(prompts, sp, use_tqdm=False)) == want

@@ -473,6 +473,18 @@ class DraftModelProposer(DraftSampler):
     def check_invariants(self) -> None:
         self.bm.check_invariants(list(self.states.values()))
 
+    def release_pool(self) -> None:
+        """Sleep: forget every sequence, drop the draft's graphs and free its KV pool."""
+        for st in list(self.states.values()):
+            self.bm.free_seq(st)
+        self.states.clear()
+        self.runner.release()
+
+    def restore_pool(self) -> None:
+        """Wake up: a zeroed pool and the graphs again (the weights come back first)."""
+        self.runner.restore()
+        self.runner.capture_graphs()
+
     @property
     def num_free_blocks(self) -> int:
         return self.bm.num_free_blocks

@@ -229,6 +229,23 @@ class EagleProposer(DraftSampler):
                 logger.warning("EAGLE draft-step CUDA graphs not captured (%s: %s); they "
                                "run eagerly", type(e).__name__, e)
 
+    # ------------------------------------------------------------------ sleep mode
+    def release_pool(self) -> None:
+        """Sleep: drop the graphs, free the head's K/V (see engine/sleep.py)."""
+        self._had_graphs = self.graphs is not None
+        self.graphs = None
+        self.states.clear()
+        self._kv_shape = self.kv[0].shape
+        for t in self.kv:
+            t.data = torch.empty(0, dtype=t.dtype, device=t.device)
+
+    def restore_pool(self) -> None:
+        """Wake up: zeroed K/V, graphs again if there were."""
+        for t in self.kv:
+            t.data = torch.zeros(self._kv_shape, dtype=t.dtype, device=t.device)
+        if self._had_graphs:
+            self.capture_graphs()
+
     def capture_graphs(self, graphs_cls: type | None = None) -> HeadDecodeGraphs:
         """Capture the draft steps' graphs (the constructor does on CUDA); graphs_cls: a
         :class:`HeadDecodeGraphs` subclass (tests: a CPU stand-in)."""

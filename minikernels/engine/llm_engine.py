@@ -321,6 +321,7 @@ class LLMEngine:
         self.spec_draft_tokens_total = 0
         self.spec_accepted_tokens_total = 0
         self.spec_verify_rows_total = 0
+        self._sleeping: set[str] = set()       # sleep mode: what is released
         # What exists now (weights, modules, imports) lives as long as the engine: move it
         # out of the cyclic GC's sight so a full collection scans only per-request state
         # (vLLM does the same). Without it a full collection pauses ~100+ ms.
@@ -381,6 +382,9 @@ class LLMEngine:
         ``prompt_block_hashes`` brings them (``block_manager.prompt_block_hashes(ids,
         params.cache_salt)``, computed on another thread, as AsyncLLM does).
         """
+        if self._sleeping:
+            raise RuntimeError(f"the engine is sleeping ({sorted(self._sleeping)} released): "
+                               f"call wake_up() first")
         if not isinstance(request_id, str) or not request_id:
             raise TypeError(f"request_id must be a non-empty str, got {request_id!r}")
         if request_id in self.requests:
@@ -979,6 +983,75 @@ class LLMEngine:
             "tokens_per_s": self._throughput.rate(time.perf_counter()),
         }
 
+    def sleep(self, level: int = 1) -> None:
+        """Free the GPU memory of an idle engine (engine/sleep.py): level 1 keeps a host
+        copy of the weights, level 2 discards them (reload with :meth:`load_weights`
+        after waking up); both free the KV pools and drop the CUDA graphs. RuntimeError
+        while a request is unfinished."""
+        from .sleep import offload
+
+        if level not in (1, 2):
+            raise ValueError(f"sleep level must be 1 or 2, got {level!r}")
+        if self.has_unfinished():
+            raise RuntimeError("sleep: requests are still running")
+        if hasattr(self.model, "decode_graphs_class") or self.lora is not None:
+            raise ValueError("sleep: tensor-parallel engines and LoRA adapters are not "
+                             "supported yet")
+        if self._sleeping:
+            return
+        with self.runner.on_device():
+            self.block_manager.reset_prefix_cache()
+            modules = [self.model]
+            prop = self.proposer
+            if isinstance(prop, DraftModelProposer):
+                modules.append(prop.runner.model)
+                prop.release_pool()
+            elif isinstance(prop, EagleProposer):
+                modules.append(prop.head)
+                prop.release_pool()
+            capture = getattr(self.model, "hidden_capture", None)
+            if capture is not None:
+                self._capture_shape = capture.buffer.shape
+                capture.buffer.data = torch.empty(0, dtype=capture.buffer.dtype,
+                                                  device=capture.buffer.device)
+            self.runner.release()
+            self._offloaded = [t for m in modules for t in offload(m, keep=level == 1)]
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+        self._sleeping = {"weights", "kv_cache"}
+
+    def wake_up(self, tags: list[str] | None = None) -> None:
+        """Undo :meth:`sleep` for ``tags`` ("weights", "kv_cache"; default both, vLLM's
+        names): weights come back from their host copies (zeroed after level 2), pools
+        zeroed; once both are back the CUDA graphs are captured again."""
+        from .sleep import reload
+
+        want = {"weights", "kv_cache"} if tags is None else set(tags)
+        if not want <= {"weights", "kv_cache"}:
+            raise ValueError(f"wake_up tags must be 'weights' / 'kv_cache', got {tags!r}")
+        with self.runner.on_device():
+            if "weights" in want and "weights" in self._sleeping:
+                reload(self._offloaded)
+                self._sleeping.discard("weights")
+            if "kv_cache" in want and "kv_cache" in self._sleeping:
+                self.runner.restore()
+                capture = getattr(self.model, "hidden_capture", None)
+                if capture is not None:
+                    capture.buffer.data = torch.zeros(self._capture_shape,
+                                                      dtype=capture.buffer.dtype,
+                                                      device=capture.buffer.device)
+                self._sleeping.discard("kv_cache")
+                self._pools_back = True
+            if not self._sleeping and getattr(self, "_pools_back", False):
+                self._pools_back = False
+                self.runner.capture_graphs()       # graphs run the model: weights first
+                if isinstance(self.proposer, (DraftModelProposer, EagleProposer)):
+                    self.proposer.restore_pool()
+
+    @property
+    def is_sleeping(self) -> bool:
+        return bool(self._sleeping)
+
     def reset_prefix_cache(self) -> None:
         """Forget every cached prompt block (e.g. after the weights changed): later
         requests recompute their prefixes. Blocks in use keep their contents."""
@@ -994,6 +1067,9 @@ class LLMEngine:
         if self.has_unfinished():
             raise RuntimeError("load_weights: requests are still running (their K/V comes "
                                "from the old weights); call it between generate calls")
+        if "weights" in self._sleeping:
+            raise RuntimeError("load_weights: the weights are asleep: wake_up(['weights']) "
+                               "first")
         if hasattr(self.model, "decode_graphs_class"):   # the tensor-parallel front end
             raise ValueError("load_weights: tensor-parallel models are not supported yet")
         with torch.inference_mode(False), self.runner.on_device():
@@ -1098,6 +1174,22 @@ class LLM:
     def reset_prefix_cache(self) -> None:
         """Forget every cached prompt block (vLLM's ``LLM.reset_prefix_cache``)."""
         self.llm_engine.reset_prefix_cache()
+
+    def sleep(self, level: int = 1) -> None:
+        """Free this idle engine's GPU memory (weights, KV pools, CUDA graphs) until
+        :meth:`wake_up` (vLLM's API; level 1 keeps the weights in host memory, level 2
+        drops them: ``wake_up(["weights"])``, :meth:`load_weights`, then
+        ``wake_up(["kv_cache"])``). Single-GPU engines without LoRA."""
+        self.llm_engine.sleep(level)
+
+    def wake_up(self, tags: list[str] | None = None) -> None:
+        """Bring back what :meth:`sleep` released (``tags``: "weights" / "kv_cache";
+        default both)."""
+        self.llm_engine.wake_up(tags)
+
+    @property
+    def is_sleeping(self) -> bool:
+        return self.llm_engine.is_sleeping
 
     def load_weights(self, weights: Any) -> int:
         """Replace the model's weights in place from HF-named tensors (``(name, tensor)``

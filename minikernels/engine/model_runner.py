@@ -596,19 +596,25 @@ class ModelRunner:
         self.kv_caches = self._allocate_kv_pool()
         self._upload = _PinnedUploader(self.device) if self.device.type == "cuda" else None
         self.graphs: _DecodeGraphs | None = None
-        self.enforce_eager = bool(enforce_eager) or self.device.type != "cuda"
-        if not self.enforce_eager:
-            # a model may bring its own runner (tensor parallel: every rank in lock step)
-            graphs_cls = getattr(model, "decode_graphs_class", _DecodeGraphs)
-            extra = {"lora": lora} if lora is not None else {}
-            with self.on_device():
-                self.graphs = graphs_cls(model, self.kv_caches,
-                                         graph_batch_sizes(max_num_seqs),
-                                         self.max_blocks_per_seq, self.config.vocab_size,
-                                         **extra)
         self.verify_graphs: _VerifyGraphs | None = None
-        if (not self.enforce_eager and self.num_speculative_tokens > 0
-                and not hasattr(model, "decode_graphs_class") and lora is None):
+        self.enforce_eager = bool(enforce_eager) or self.device.type != "cuda"
+        self.capture_graphs()
+
+    def capture_graphs(self) -> None:
+        """Capture the decode graphs and (speculation) the verification graphs, unless
+        eager; called by the constructor and after :meth:`restore`."""
+        if self.enforce_eager:
+            return
+        model, lora = self.model, self.lora
+        # a model may bring its own runner (tensor parallel: every rank in lock step)
+        graphs_cls = getattr(model, "decode_graphs_class", _DecodeGraphs)
+        extra = {"lora": lora} if lora is not None else {}
+        with self.on_device():
+            self.graphs = graphs_cls(model, self.kv_caches,
+                                     graph_batch_sizes(self.max_num_seqs),
+                                     self.max_blocks_per_seq, self.config.vocab_size, **extra)
+        if (self.num_speculative_tokens > 0 and not hasattr(model, "decode_graphs_class")
+                and lora is None):
             # (with LoRA, verification steps run eagerly: their token slots vary per step)
             try:
                 self.capture_verify_graphs()
@@ -616,6 +622,23 @@ class ModelRunner:
                 self.verify_graphs = None
                 logger.warning("verification CUDA graphs not captured (%s: %s); "
                                "speculative steps run eagerly", type(e).__name__, e)
+
+    def release(self) -> None:
+        """Sleep: drop the CUDA graphs and free the KV pool's memory (its tensors stay,
+        empty, so every holder keeps them); :meth:`restore` reallocates it, zeroed."""
+        self.graphs = self.verify_graphs = None
+        self._kv_shapes = [(t.shape, t.dtype) for pair in self.kv_caches for t in pair]
+        for pair in self.kv_caches:
+            for t in pair:
+                t.data = torch.empty(0, dtype=t.dtype, device=t.device)
+
+    def restore(self) -> None:
+        """Wake up: a zeroed KV pool of the same shapes (graphs: :meth:`capture_graphs`)."""
+        shapes = iter(self._kv_shapes)
+        for pair in self.kv_caches:
+            for t in pair:
+                shape, dtype = next(shapes)
+                t.data = torch.zeros(shape, dtype=dtype, device=t.device)
 
     def verify_graph_sizes(self) -> list[int]:
         """Verification-graph buckets: up to the largest batch that drafts (at most
