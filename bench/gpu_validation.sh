@@ -75,7 +75,9 @@ GPU_TESTS=("${CUDA_TESTS[@]}" tests/test_flash_attention.py tests/test_op_contra
            # the fp8 weight ops, then the MoE routing ops, last: newest, and a capped
            # stage keeps the rows above
            tests/test_fp8_matmul.py tests/test_fp8_w8a8.py tests/test_moe_fp8_op.py
-           tests/test_router_op.py tests/test_moe_align_op.py tests/test_moe_lora_op.py)
+           tests/test_router_op.py tests/test_moe_align_op.py tests/test_moe_lora_op.py
+           # INT8 W8A8 (newest): the ops, then the model / engine on them
+           tests/test_int8_w8a8.py tests/test_int8_model.py)
 
 stage_test() {
   python -m pytest -q -p no:cacheprovider -rfE "${GPU_TESTS[@]}" 2>&1 \
@@ -116,6 +118,9 @@ stage_serve() {
     --output-json "$OUT/results/serve_fp8w.json" || echo "bench serve (fp8 weights) failed"
   python -m minikernels bench serve --quantization fp8_w8a8 --skip-latency --no-save \
     --output-json "$OUT/results/serve_fp8w8a8.json" || echo "bench serve (fp8 W8A8) failed"
+  # INT8 W8A8 (per-channel RTN int8 weights, per-token int8 activations, int32 dots)
+  python -m minikernels bench serve --quantization int8 --skip-latency --no-save \
+    --output-json "$OUT/results/serve_int8.json" || echo "bench serve (int8 W8A8) failed"
   # 4 LoRA adapters of rank 16 (every request adapted; SGMV prefill, BGMV / SGMV decode)
   # beside serve_main's plain run; newest, so after the rows above
   python -m minikernels bench serve --num-loras 4 --max-lora-rank 16 --skip-latency \

@@ -79,7 +79,7 @@ def test_quantize_model_fp8_on_a_transformers_model():
             ref_model.get_submodule(name).weight.copy_(mod.dequantize())
     assert rel_err(hf_logits(hf, ids), hf_logits(ref_model, ids)) < 1e-5
     with pytest.raises(ValueError, match="method"):
-        quantize_model(hf, method="int8")
+        quantize_model(hf, method="int3")
 
 
 def test_quantize_model_fp8_on_a_causal_lm_uses_its_hook():

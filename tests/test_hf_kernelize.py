@@ -85,7 +85,7 @@ def test_kernelize_refuses_training_and_bad_args() -> None:
     with pytest.raises(RuntimeError, match="inference only"):
         mkhf.kernelize(model)
     with pytest.raises(ValueError, match="quantize"):
-        mkhf.kernelize(model.eval(), quantize="int8")
+        mkhf.kernelize(model.eval(), quantize="int3")
     model.train().requires_grad_(False)          # training mode without grads: allowed
     mkhf.kernelize(model)
 

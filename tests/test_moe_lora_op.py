@@ -1,7 +1,7 @@
 """Per-token LoRA on the experts of the fused MoE ops (``mk.ops.fused_moe`` /
-``fused_moe_int4`` / ``fused_moe_fp8`` with ``lora=MoELoRA(...)``) against the fp32
-reference and an independent per-pair fp64 formula written here (int4 / fp8 experts
-dequantized with the reference helpers): hypothesis shapes (no tokens, odd and aligned
+``fused_moe_int4`` / ``fused_moe_fp8`` / ``fused_moe_int8`` with ``lora=MoELoRA(...)``)
+against the fp32 reference and an independent per-pair fp64 formula written here (int4 /
+fp8 / int8 experts dequantized with the reference helpers): hypothesis shapes (no tokens, odd and aligned
 H / I, odd ranks, gate-up and down ranks apart, one expert, k > E, BGMV and SGMV LoRA
 paths), slots -1 everywhere /
 mixed / all adapted, every dtype, poisoned scratch buffers (conftest), every LoRA tensor
@@ -66,6 +66,13 @@ def _fp8(e, n, k, block, g):
     b = torch.where((b & 0x7F) == 0x7F, b - 1, b)
     s = (torch.rand(e, -(-n // bn), -(-k // bk), generator=g) + 0.5) / (100.0 * k ** 0.5)
     return b.view(torch.float8_e4m3fn), s
+
+
+def _int8(e, n, k, g):
+    """Random int8 experts (the whole range) with positive fp32 per-row scales."""
+    q = torch.randint(-128, 128, (e, n, k), dtype=torch.int8, generator=g)
+    s = (torch.rand(e, n, generator=g) + 0.5) / (64.0 * k ** 0.5)
+    return q, s
 
 
 # ---------------------------------------------------------------- the independent formula
@@ -214,6 +221,37 @@ def test_fp8_matches_reference_and_formula(t, k, e, s, r, h, inter, block, dtype
     _check(y, want, _by_hand(x, w13d, w2d, tw, ids, lora), dtype)
 
 
+# ----------------------------------------------------------------------- int8 experts
+
+def _int8_case(t, h, inter, e, k, s, r, dtype, device, seed, slots="mixed", r2=None):
+    g = torch.Generator().manual_seed(seed)
+    x, tw, ids = _routing(t, h, e, k, dtype, g)
+    w13, s13 = _int8(e, 2 * inter, h, g)
+    w2, s2 = _int8(e, h, inter, g)
+    lora = _lora(t, h, inter, e, s, r, dtype, g, slots, r2=r2)
+    return ([v.to(device) for v in (x, w13, s13, w2, s2, tw, ids)],
+            MoELoRA(*(v.to(device) for v in lora)))
+
+
+@settings(max_examples=25, deadline=None)
+@given(t=st.integers(0, 40), k=st.integers(1, 4), e=st.integers(1, 6),
+       s=st.integers(1, 3), r=st.sampled_from([1, 7, 16]),
+       h=st.sampled_from([33, 64]), inter=st.sampled_from([17, 32]),
+       dtype=st.sampled_from(DTYPES), slots=st.sampled_from(SLOT_MODES),
+       seed=st.integers(0, 10 ** 6))
+def test_int8_matches_reference_and_formula(t, k, e, s, r, h, inter, dtype, slots, seed,
+                                            device):
+    args, lora = _int8_case(t, h, inter, e, k, s, r, dtype, device, seed, slots,
+                            r2=max(1, r // 2))
+    with mk.use_backend("triton"):
+        y = mk.ops.fused_moe_int8(*args, lora=lora)
+    want = reference.fused_moe_int8(*args, lora)
+    x, w13, s13, w2, s2, tw, ids = args
+    w13d = reference.dequantize_int8_experts(w13, s13)
+    w2d = reference.dequantize_int8_experts(w2, s2)
+    _check(y, want, _by_hand(x, w13d, w2d, tw, ids, lora), dtype)
+
+
 # --------------------------------------------------------- no adapter = the base op
 
 def _three_ops(device, t=12, dtype=torch.float16, slots="none", seed=1):
@@ -222,11 +260,14 @@ def _three_ops(device, t=12, dtype=torch.float16, slots="none", seed=1):
     xd, w13, w2, tw, ids, lora = _dense(t, h, inter, e, k, s, r, dtype, device, seed, slots)
     a4, _ = _int4_case(t, h, inter, e, k, s, r, 16, dtype, device, seed)
     a8, _ = _fp8_case(t, h, inter, e, k, s, r, (16, 16), dtype, device, seed)
+    ai8, _ = _int8_case(t, h, inter, e, k, s, r, dtype, device, seed)
     a4[0], a4[-2], a4[-1] = xd, tw, ids
     a8[0], a8[-2], a8[-1] = xd, tw, ids
+    ai8[0], ai8[-2], ai8[-1] = xd, tw, ids
     return {"dense": lambda lo: mk.ops.fused_moe(xd, w13, w2, tw, ids, lora=lo),
             "int4": lambda lo: mk.ops.fused_moe_int4(*a4, 16, lora=lo),
-            "fp8": lambda lo: mk.ops.fused_moe_fp8(*a8, (16, 16), lora=lo)}, lora
+            "fp8": lambda lo: mk.ops.fused_moe_fp8(*a8, (16, 16), lora=lo),
+            "int8": lambda lo: mk.ops.fused_moe_int8(*ai8, lora=lo)}, lora
 
 
 @pytest.mark.parametrize("t", [5, 40])          # BGMV (< 32 pairs) and SGMV LoRA paths
@@ -307,6 +348,10 @@ def test_quantized_lora_as_strided_views(device):
     with mk.use_backend("triton"):
         y = mk.ops.fused_moe_fp8(*args, (16, 16), lora=_views(lora, device))
     assert_close(y, reference.fused_moe_fp8(*args, (16, 16), lora), scale=2.0)
+    args, lora = _int8_case(6, 33, 17, 3, 2, 3, 3, torch.bfloat16, device, 7)
+    with mk.use_backend("triton"):
+        y = mk.ops.fused_moe_int8(*args, lora=_views(lora, device))
+    assert_close(y, reference.fused_moe_int8(*args, lora), scale=2.0)
 
 
 # -------------------------------------------------------------- the LoRA launch plan
@@ -351,10 +396,12 @@ def test_opcheck_with_lora(device):
     a4, lora16 = _int4_case(4, h, inter, e, k, s, r, 8, torch.float16, device, 3)
     a8, lora8 = _fp8_case(4, h, inter, e, k, s, r, (16, 16), torch.float16, device, 4)
     a8[1], a8[3] = a8[1].view(torch.uint8), a8[3].view(torch.uint8)   # the op's bytes
+    ai8, lorai8 = _int8_case(4, h, inter, e, k, s, r, torch.float16, device, 5)
     with mk.use_backend("triton"):
         torch.library.opcheck(torch.ops.minikernels.fused_moe, (x, w13, w2, tw, ids, *lora))
         torch.library.opcheck(torch.ops.minikernels.fused_moe_int4, (*a4, 8, *lora16))
         torch.library.opcheck(torch.ops.minikernels.fused_moe_fp8, (*a8, [16, 16], *lora8))
+        torch.library.opcheck(torch.ops.minikernels.fused_moe_int8, (*ai8, *lorai8))
 
 
 def test_compile_fullgraph_with_lora(device):
@@ -412,6 +459,11 @@ def test_errors_name_the_argument(device):
         torch.ops.minikernels.fused_moe_fp8(
             args[0], args[1].view(torch.uint8), args[2], args[3].view(torch.uint8), args[4],
             args[5], args[6], [16, 16], *lora8[:4], None, lora8.scaling)
+    args, lorai8 = _int8_case(4, 16, 8, 3, 2, 2, 3, torch.float16, device, 1)
+    with pytest.raises(ValueError, match=r"lora_b13 must have shape .*I = 8"):
+        mk.ops.fused_moe_int8(*args, lora=lorai8._replace(b13=lorai8.b13[:, :, :8]))
+    with pytest.raises(ValueError, match=r"lora_b2 is missing"):
+        torch.ops.minikernels.fused_moe_int8(*args, *lorai8[:3], None, *lorai8[4:])
     with pytest.raises(ValueError, match=r"lora_a13 is missing"):
         torch.ops.minikernels.fused_moe(x, w13, w2, tw, ids, None, *lora[1:])
     # index checks off (graph capture, the engine's validated steps): not read back

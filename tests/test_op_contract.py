@@ -80,6 +80,14 @@ def _samples(device: str):
                           torch.rand(4, 2, 1, device=device) / 800,
                           torch.rand(3, 2, device=device),
                           torch.tensor([[1, 3], [0, 0], [2, 1]], device=device), [32, 32]),
+        "fused_moe_int8": (xh, torch.randint(-128, 128, (4, 64, 64), dtype=torch.int8,
+                                             device=device),
+                           torch.rand(4, 64, device=device) / 800,
+                           torch.randint(-128, 128, (4, 64, 32), dtype=torch.int8,
+                                         device=device),
+                           torch.rand(4, 64, device=device) / 800,
+                           torch.rand(3, 2, device=device),
+                           torch.tensor([[1, 3], [0, 0], [2, 1]], device=device)),
         "moe_align_block_size": (torch.tensor([[1, 3], [0, 0], [2, 1]], device=device), 4,
                                  4, torch.tensor([1, -1, 0, 2], dtype=torch.int32,
                                                  device=device), True, False),
@@ -99,6 +107,12 @@ def _samples(device: str):
                                   torch.rand(3, 2, device=device) / 50,
                                   torch.rand(2, 2, device=device) / 50, [32, 64],
                                   torch.bfloat16),
+        "scaled_int8_quant": (xh, None, None, False),
+        "scaled_mm": (torch.randint(-128, 128, (3, 96), dtype=torch.int8, device=device),
+                      torch.randint(-128, 128, (40, 96), dtype=torch.int8,
+                                    device=device).t(),
+                      torch.rand(3, device=device) / 50, torch.rand(40, device=device) / 50,
+                      torch.bfloat16, torch.randn(40, device=device).to(torch.bfloat16)),
     }
 
 
@@ -303,6 +317,37 @@ def test_rotary_bad_inputs():
     for bad in (1, "gptj", None, torch.tensor(True)):
         with pytest.raises(TypeError, match="is_neox_style must be a bool, got"):
             mk.ops.rotary_embedding(q, k, pos, cache, is_neox_style=bad)
+
+
+def test_fused_moe_int8_bad_inputs():
+    x = torch.randn(3, 16).half()
+    w13 = torch.randint(-128, 128, (2, 8, 16), dtype=torch.int8)
+    s13 = torch.rand(2, 8)
+    w2 = torch.randint(-128, 128, (2, 16, 4), dtype=torch.int8)
+    s2 = torch.rand(2, 16)
+    tw, ids = torch.rand(3, 2), torch.tensor([[0, 1], [1, 1], [0, 0]])
+    mk.ops.fused_moe_int8(x, w13, s13, w2, s2, tw, ids)
+    with pytest.raises(TypeError, match="w13 must have dtype"):
+        mk.ops.fused_moe_int8(x, w13.view(torch.uint8), s13, w2, s2, tw, ids)
+    with pytest.raises(TypeError, match="w2 must have dtype"):
+        mk.ops.fused_moe_int8(x, w13, s13, w2.half(), s2, tw, ids)
+    with pytest.raises(TypeError, match="x must have dtype"):
+        mk.ops.fused_moe_int8(x.int(), w13, s13, w2, s2, tw, ids)
+    with pytest.raises(TypeError, match="w13_scale must have dtype"):
+        mk.ops.fused_moe_int8(x, w13, s13.half(), w2, s2, tw, ids)
+    with pytest.raises(ValueError, match=r"w13_scale must have shape \[E = 2, 8\]"):
+        mk.ops.fused_moe_int8(x, w13, s13[:, :4], w2, s2, tw, ids)
+    with pytest.raises(ValueError, match="w2_scale must be 2-D"):
+        mk.ops.fused_moe_int8(x, w13, s13, w2, s2[:, :, None], tw, ids)
+    with pytest.raises(ValueError, match=r"w2 must have shape \[E = 2, 16, 4\]"):
+        mk.ops.fused_moe_int8(x, w13, s13, w2[:, :8], s2, tw, ids)
+    with pytest.raises(ValueError, match=r"w13 must have shape \[E, 2I, H = 16\]"):
+        mk.ops.fused_moe_int8(x, w13[:, :, :8], s13, w2, s2, tw, ids)
+    with pytest.raises(ValueError, match="w2_scale must be on meta"):
+        mk.ops.fused_moe_int8(x.to("meta"), w13.to("meta"), s13.to("meta"),
+                              w2.to("meta"), s2, tw.to("meta"), ids.to("meta"))
+    with pytest.raises(ValueError, match=r"topk_ids values must be in \[0, 2\)"):
+        mk.ops.fused_moe_int8(x, w13, s13, w2, s2, tw, ids + 1)
 
 
 def test_index_checks_context_is_thread_local():

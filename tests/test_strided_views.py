@@ -209,3 +209,72 @@ def test_topk_softmax(backend, device, step_last):
     ref_w, ref_ids = reference.topk_softmax(logits, 4, True)
     assert torch.equal(ids, ref_ids)
     torch.testing.assert_close(w, ref_w, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])
+def test_int8_w8a8(backend, device, symmetric):
+    """scaled_int8_quant on views of x (dynamic; static scale / azp views too) and
+    scaled_mm on views of a, b (weight.t() of a padded weight, or b row-major), scale_a
+    [M, 1], scale_b [1, N] and bias: bit for bit the reference on compact copies (int8
+    accumulation is exact; the output within its dtype's rounding)."""
+    g = _gen(17 + symmetric)
+    x = torch.randn(5, 3, 72, generator=g).to(torch.bfloat16).to(device)
+    xv = view_of(x, g, step_last=True, permute=True)
+    scale = torch.tensor([0.02], device=device)
+    azp = None if symmetric else torch.tensor([-7], dtype=torch.int32, device=device)
+    with mk.use_backend(backend):
+        q, s, z = mk.ops.scaled_int8_quant(xv, symmetric=symmetric)
+        # numel-1 scale / azp: views at an offset into a larger tensor (always "contiguous")
+        qs, _, _ = mk.ops.scaled_int8_quant(
+            xv, torch.cat([scale + 1, scale, scale - 1])[1:2],
+            None if azp is None else torch.cat([azp + 1, azp, azp - 1])[1:2],
+            symmetric=symmetric)
+    rq, rs, rz = reference.scaled_int8_quant(x, symmetric=symmetric)
+    assert torch.equal(q, rq) and torch.equal(s, rs)
+    assert (z is None and rz is None) or torch.equal(z, rz)
+    assert torch.equal(qs, reference.scaled_int8_quant(x, scale, azp, symmetric)[0])
+
+    n, k = 40, 72
+    a = q.reshape(15, k)
+    w = torch.randint(-128, 128, (n, k), generator=g, dtype=torch.int8).to(device)
+    sa = torch.rand(15, 1, generator=g).to(device) / 50
+    sb = torch.rand(1, n, generator=g).to(device) / 50
+    bias = torch.randn(n, generator=g).to(torch.bfloat16).to(device)
+    ref = reference.scaled_mm(a, w.t(), sa, sb, torch.bfloat16, bias)
+    for b in (view_of(w, g).t(), view_of(w.t().contiguous(), g, step_last=True)):
+        with mk.use_backend(backend):
+            y = mk.ops.scaled_mm(view_of(a, g, step_last=True, permute=True), b,
+                                 view_of(sa, g), view_of(sb, g, step_last=True),
+                                 torch.bfloat16, bias=view_of(bias, g))
+        assert_close(y, ref, scale=0.5)
+        if device == "cpu":
+            assert torch.equal(y, ref)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("step_last", [False, True], ids=["rows", "strided_last"])
+@pytest.mark.parametrize("dt", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_fused_moe_int8(backend, device, step_last, dt):
+    """Every tensor argument of fused_moe_int8 (x, int8 experts, their row scales, the
+    routing) a view: padded rows and an offset, the weights' and scales' storage order
+    permuted, and (strided_last) every last dim strided."""
+    g = _gen(17 + step_last)
+    t, h, inter, e, k = 7, 48, 24, 3, 2
+    x = torch.randn(t, h, generator=g).to(dt).to(device)
+    w13 = torch.randint(-128, 128, (e, 2 * inter, h), generator=g).to(torch.int8).to(device)
+    s13 = (torch.rand(e, 2 * inter, generator=g) / (64 * h ** 0.5)).to(device)
+    w2 = torch.randint(-128, 128, (e, h, inter), generator=g).to(torch.int8).to(device)
+    s2 = (torch.rand(e, h, generator=g) / (64 * inter ** 0.5)).to(device)
+    tw = torch.rand(t, k, generator=g).to(device)
+    ids = torch.randint(0, e, (t, k), generator=g).to(device)
+    args = (x, w13, s13, w2, s2, tw, ids)
+    views = [view_of(x, g, step_last=step_last), view_of(w13, g, step_last=step_last,
+                                                          permute=True),
+             view_of(s13, g, step_last=step_last, permute=True),
+             view_of(w2, g, step_last=step_last, permute=True),
+             view_of(s2, g, step_last=step_last), view_of(tw, g, step_last=step_last),
+             view_of(ids, g, step_last=step_last, permute=True)]
+    with mk.use_backend(backend):
+        y = mk.ops.fused_moe_int8(*views)
+    assert_close(y, reference.fused_moe_int8(*args), scale=2.0)

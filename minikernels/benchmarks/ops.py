@@ -210,7 +210,20 @@ def op_cases(device: str, dtype: torch.dtype, small: bool) -> list[Case]:
                       routed * 3 * hm * im * (1 + 4 / 128 ** 2) + 2 * nm * hm * es,
                       6 * nm * topk * hm * im, ("triton",),
                       lambda: ops.fused_moe(xm, w13, w2, mw, mids)))
+    # the same MoE with int8 experts (W8A16, one fp32 scale per output row: vLLM's
+    # use_int8_w8a16), the same peer; bytes: routed experts' int8 bytes + fp32 row
+    # scales + x and out
+    i13 = (torch.randint(-128, 128, (ne, 2 * im, hm), dtype=torch.int8, device=device),
+           torch.rand(ne, 2 * im, device=device) / (64 * hm ** 0.5))
+    i2 = (torch.randint(-128, 128, (ne, hm, im), dtype=torch.int8, device=device),
+          torch.rand(ne, hm, device=device) / (64 * im ** 0.5))
+    cases.append(Case("fused_moe_int8 top8 per-row", f"{nm}tok {hm}x{im} E{ne} k{topk}",
+                      lambda: ops.fused_moe_int8(xm, *i13, *i2, mw, mids),
+                      routed * 3 * hm * im + routed * 4 * (2 * im + hm) + 2 * nm * hm * es,
+                      6 * nm * topk * hm * im, ("triton",),
+                      lambda: ops.fused_moe(xm, w13, w2, mw, mids)))
     cases += w8a8_block_fp8_cases(device, dtype, s)
+    cases += int8_w8a8_cases(device, dtype, s)
     return cases
 
 
@@ -260,6 +273,52 @@ def w8a8_block_fp8_cases(device: str, dtype: torch.dtype, s: int) -> list[Case]:
             lambda x=x: ops.per_token_group_quant_fp8(x, 128),
             m * k * (es + 1) + m * (k // 128) * 4, 0, ("triton",),
             lambda x=x: ops.reference.per_token_group_quant_fp8(x, 128)))
+    return cases
+
+
+def int8_w8a8_cases(device: str, dtype: torch.dtype, s: int) -> list[Case]:
+    """INT8 W8A8 (vLLM's compressed-tensors int8: per-token activation scales, per-channel
+    weight scales) at M = 1, 16, 4096 on 4096^2 and 8192^2 weights: scaled_mm on
+    pre-quantized activations (b = weight.t(), column-major) beside cuBLAS bf16 (x @ W.T)
+    and torch._int_mm with the same scale epilogue in torch (where this torch / GPU runs
+    it: cuBLASLt int8 wants M > 16 and N, K multiples of 8); scaled_int8_quant (dynamic,
+    symmetric) on a [4096, 4096] activation as its own row, so a full bf16 -> int8 linear
+    costs the sum. frac_mma is against the bf16 ceiling (int8 tensor-core peak is 2x).
+    Bytes: int8 weight + int8 a + fp32 scales + out."""
+    import torch
+
+    from .. import ops
+    es = torch.finfo(dtype).bits // 8
+    cases = []
+    for size in (4096 // s, 8192 // s):
+        n = k = size
+        wq = torch.randint(-128, 128, (n, k), dtype=torch.int8, device=device)
+        ws = torch.rand(n, 1, device=device) / 500
+        wdense = torch.randn(n, k, device=device, dtype=dtype)
+        for m in (1, 16, 4096 // s):
+            xq = torch.randint(-128, 128, (m, k), dtype=torch.int8, device=device)
+            xs = torch.rand(m, 1, device=device) / 500
+            x = torch.randn(m, k, device=device, dtype=dtype)
+            peers: list[tuple[str, Callable[[], object]]] = []
+            if device.startswith("cuda"):
+                def int_mm(xq=xq, xs=xs, wq=wq, ws=ws):
+                    return (xs * (ws.t() * torch._int_mm(xq, wq.t()).float())).to(dtype)
+                try:        # a peer this torch / GPU cannot run is left out, not fatal
+                    int_mm()
+                    peers.append(("_int_mm+scales", int_mm))
+                except Exception as exc:  # noqa: BLE001
+                    print(f"peer _int_mm skipped at M={m}: {type(exc).__name__}: {exc}")
+            cases.append(Case(
+                "scaled_mm int8", f"M={m} {n}x{k}",
+                lambda xq=xq, xs=xs, wq=wq, ws=ws: ops.scaled_mm(xq, wq.t(), xs, ws, dtype),
+                n * k + m * k + (m + n) * 4 + m * n * es, 2 * m * n * k, ("triton",),
+                lambda x=x, wdense=wdense: x @ wdense.t(), extra_peers=tuple(peers)))
+    m = k = 4096 // s
+    x = torch.randn(m, k, device=device, dtype=dtype)
+    cases.append(Case(
+        "scaled_int8_quant dynamic", f"{m}x{k}", lambda: ops.scaled_int8_quant(x),
+        m * k * (es + 1) + m * 4, 0, ("triton",),
+        lambda: ops.reference.scaled_int8_quant(x)))
     return cases
 
 

@@ -188,7 +188,8 @@ def load_draft_model(cfg: SpeculativeConfig, target: torch.nn.Module, dtype: Any
         from ..models.loader import load_model
         quant = cfg.quantization
         if quant == "auto":
-            quant = quantization if quantization in ("int4", "fp8", "fp8_w8a8") else None
+            quant = quantization if quantization in ("int4", "fp8", "fp8_w8a8",
+                                                     "int8") else None
         draft = load_model(model, dtype=dtype, device=device, quantization=quant, seed=seed,
                            revision=cfg.revision)
     else:

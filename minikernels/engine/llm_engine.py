@@ -1093,7 +1093,8 @@ class LLM:
         model: HF checkpoint directory, built-in name (dummy weights; see
             minikernels.models.list_models) or an already built CausalLM.
         dtype: "bfloat16" | "float16" | "float32" | "auto".
-        quantization: None | "int4" | "gptq" | "awq" | "fp8" | "fp8_w8a8" (models.loader).
+        quantization: None | "int4" | "gptq" | "awq" | "fp8" | "fp8_w8a8" | "int8"
+            (models.loader).
         block_size: KV block size in tokens (any size in [1, 256]; default 64, chosen
             by ``minikernels bench engine``: see docs/engine.md, "Block size").
         num_kv_blocks: KV pool size in blocks (None = from gpu_memory_utilization on a

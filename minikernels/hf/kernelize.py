@@ -21,7 +21,9 @@ In place, inference only:
 - ``quantize="int4"``: ``minikernels.quantize_model`` afterwards (the fused gate_up Linear
   quantizes row by row, so its int4 weights are exactly those of gate and up apart);
   ``quantize="fp8"``: ``quantize_model(method="fp8")`` (128 x 128 blocks; the fused
-  gate_up's blocks equal gate's and up's apart when 128 divides the intermediate size).
+  gate_up's blocks equal gate's and up's apart when 128 divides the intermediate size);
+  ``quantize="int8"``: ``quantize_model(method="int8")`` (INT8 W8A8, per-channel scales:
+  the fused gate_up's rows equal gate's and up's apart).
 """
 from __future__ import annotations
 
@@ -318,16 +320,17 @@ def _set(model: nn.Module, name: str, module: nn.Module) -> None:
 def kernelize(model: nn.Module, rms_norm: bool = True, mlp: bool = True,
               quantize: str | None = None, group_size: int = 128) -> KernelizeSummary:
     """Swap ``model``'s RMSNorms, residual adds and SiLU MLPs for minikernels' fused ops, in
-    place; optionally quantize its Linears to int4 or fp8. Returns (and sets as
+    place; optionally quantize its Linears to int4, fp8 or int8. Returns (and sets as
     ``model.kernelize_summary``) a :class:`KernelizeSummary`.
 
     Inference only: raises RuntimeError on a model in training mode with parameters that
     require grad. Attention is chosen separately (``attn_implementation="minikernels"``).
     quantize: None, "int4" (RTN, ``minikernels.quantize_model(model, group_size)``) or
-    "fp8" (block-wise RTN, ``quantize_model(model, method="fp8")``); lm_head kept dense.
+    "fp8" (block-wise RTN, ``quantize_model(model, method="fp8")``) or "int8" (per-channel
+    RTN run W8A8, ``quantize_model(model, method="int8")``); lm_head kept dense.
     """
-    if quantize not in (None, "int4", "fp8"):
-        raise ValueError(f"quantize must be None, 'int4' or 'fp8', got {quantize!r}")
+    if quantize not in (None, "int4", "fp8", "int8"):
+        raise ValueError(f"quantize must be None, 'int4', 'fp8' or 'int8', got {quantize!r}")
     _check_inference(model)
     summary = KernelizeSummary()
     if rms_norm:

@@ -18,6 +18,13 @@ is read) or :meth:`set_fp8_shard` (fp8 checkpoints) replace the dense weight by 
 ``minikernels.ops.fp8_matmul`` (W8A16); parts fuse as :func:`minikernels.quant.fp8.merge_fp8`
 says.
 
+INT8 W8A8: :meth:`FusedLinear.quantize_int8_shard_` (per-channel RTN of a checkpoint part
+as it is read) or :meth:`set_int8_shard` (compressed-tensors int8 checkpoints) replace the
+dense weight by one :class:`Int8Part` (:class:`minikernels.quant.int8.Int8Weight`: int8
+weight + one fp32 scale per output row; parts concatenate losslessly): activations are
+quantized per token (``ops.scaled_int8_quant``) and multiplied with an exact int32 dot
+product (``ops.scaled_mm``).
+
 An int4 weight is anything with ``qweight [N, K/8] int32, scales/zeros [N, K/G],
 group_size`` and optionally ``perm`` (int64 [K]: the stored column j multiplies input
 column perm[j]) — :class:`minikernels.quant.Int4Weight` and plain namespaces alike.
@@ -168,6 +175,42 @@ class Fp8Part(nn.Module):
                 f"block_size={list(self.block_size)}, activations={self.activations}")
 
 
+class Int8Part(nn.Module):
+    """One INT8 W8A8 matmul: y = x @ W.T with W [N, K] = weight (int8) * scale[n].
+
+    x [..., K] (fp16 / bf16 / fp32) is quantized per token, symmetric
+    (``ops.scaled_int8_quant``: x ~ x_q * x_scale), then
+    ``y[m, n] = x_scale[m] * (scale[n] * sum_k x_q[m, k] * weight[n, k])`` with an exact
+    int32 accumulation (``ops.scaled_mm``), in x's dtype.
+    """
+
+    def __init__(self, weight: Tensor, scale: Tensor) -> None:
+        super().__init__()
+        self.register_buffer("weight", weight.contiguous())
+        self.register_buffer("scale", scale.float().reshape(-1).contiguous())
+
+    @property
+    def out_features(self) -> int:
+        return int(self.weight.shape[0])
+
+    @property
+    def in_features(self) -> int:
+        return int(self.weight.shape[1])
+
+    def forward(self, x: Tensor) -> Tensor:
+        x_q, x_s, _ = ops.scaled_int8_quant(x)
+        y = ops.scaled_mm(x_q.reshape(-1, self.in_features), self.weight.t(), x_s,
+                          self.scale, x.dtype)
+        return y.view(*x.shape[:-1], self.out_features)
+
+    def dequantize(self) -> Tensor:
+        """W [N, K] fp32."""
+        return self.weight.float() * self.scale[:, None]
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, w8a8=int8"
+
+
 FP8_ACTIVATIONS = ("none", "dynamic")
 
 
@@ -186,7 +229,7 @@ def set_fp8_activations(model: nn.Module, activations: str) -> int:
 
 
 class FusedLinear(nn.Module):
-    """y = x @ W.T (+ b), W [sum(output_sizes), in_features], dense, int4 or fp8.
+    """y = x @ W.T (+ b), W [sum(output_sizes), in_features], dense, int4, fp8 or int8.
 
     output_sizes: the parts fused along N (one entry for an ordinary linear).
     """
@@ -209,7 +252,8 @@ class FusedLinear(nn.Module):
                                  requires_grad=False) if bias else None
         self.int4_parts = nn.ModuleList()
         self.fp8_parts = nn.ModuleList()
-        self._pending: dict[int, Any] = {}   # shard -> int4 / fp8 weight, until all arrive
+        self.int8_parts = nn.ModuleList()
+        self._pending: dict[int, Any] = {}   # shard -> int4 / fp8 / int8 weight, until all arrive
 
     # ------------------------------------------------------------------ loading
     def shard_rows(self, shard: int) -> tuple[int, int]:
@@ -263,11 +307,31 @@ class FusedLinear(nn.Module):
         if len(self._pending) == len(self.output_sizes):
             self._merge_pending()
 
+    def set_int8_shard(self, shard: int, w: Any) -> None:
+        """Give part ``shard`` an int8 W8A8 weight (:class:`minikernels.quant.Int8Weight`);
+        the parts fuse into one matmul once all have one."""
+        start, stop = self.shard_rows(shard)
+        if tuple(w.shape) != (stop - start, self.in_features):
+            raise ValueError(f"shape mismatch: int8 weight is {list(w.shape)}, expected "
+                             f"[{stop - start}, {self.in_features}]")
+        self.weight = None
+        self._pending[shard] = w
+        if len(self._pending) == len(self.output_sizes):
+            self._merge_pending()
+
     def _merge_pending(self) -> None:
         parts = [self._pending[i] for i in range(len(self.output_sizes))]
         self._pending = {}
         from ..quant.fp8 import Fp8Weight, merge_fp8
+        from ..quant.int8 import Int8Weight
 
+        int8 = [isinstance(w, Int8Weight) for w in parts]
+        if any(int8):
+            if not all(int8):
+                raise ValueError("a fused linear cannot mix int8 and other quantized parts")
+            self.int8_parts = nn.ModuleList([Int8Part(torch.cat([w.weight for w in parts]),
+                                                      torch.cat([w.scale for w in parts]))])
+            return
         fp8 = [isinstance(w, Fp8Weight) for w in parts]
         if any(fp8):
             if not all(fp8):
@@ -302,13 +366,22 @@ class FusedLinear(nn.Module):
         return any(isinstance(w, Fp8Weight) for w in self._pending.values())
 
     @property
+    def is_int8(self) -> bool:
+        if len(self.int8_parts):
+            return True
+        from ..quant.int8 import Int8Weight
+
+        return any(isinstance(w, Int8Weight) for w in self._pending.values())
+
+    @property
     def is_int4(self) -> bool:
-        return self.weight is None and not self.is_fp8
+        return self.weight is None and not self.is_fp8 and not self.is_int8
 
     @property
     def is_ready(self) -> bool:
         return self.weight is not None or (
-            (len(self.int4_parts) > 0 or len(self.fp8_parts) > 0) and not self._pending)
+            (len(self.int4_parts) > 0 or len(self.fp8_parts) > 0 or len(self.int8_parts) > 0)
+            and not self._pending)
 
     def quantize_(self, group_size: int = 128, symmetric: bool = False) -> None:
         """Replace the dense weight by RTN int4 with exactly ``group_size`` (it must divide K)."""
@@ -395,6 +468,32 @@ class FusedLinear(nn.Module):
         self.quantize_fp8_shard_(None, w, block_size)
         return True
 
+    def quantize_int8_shard_(self, shard: int | None, tensor: Tensor) -> None:
+        """Per-channel RTN int8 (W8A8) of a dense checkpoint part ([n, K] of part
+        ``shard``; None = the whole [out_features, K] weight) straight into int8, without
+        a dense weight in the layer. Rows are quantized independently, so part by part
+        and whole give the same bytes. Parts may arrive in any order."""
+        from ..quant.int8 import quantize_int8
+
+        self._check_dense_part(shard, tensor)
+        w = quantize_int8(tensor.detach())
+        if shard is None:
+            self._pending = {}
+            self.weight = None
+            self.int8_parts = nn.ModuleList([Int8Part(w.weight, w.scale)])
+        else:
+            self.set_int8_shard(shard, w)
+
+    def quantize_int8_(self) -> bool:
+        """Per-channel RTN int8 (W8A8) of the dense weight in place; False when there is
+        none."""
+        if self.weight is None:
+            return False
+        w = self.weight.detach()
+        self.weight = None  # a tied lm_head drops only its reference; the embedding keeps it
+        self.quantize_int8_shard_(None, w)
+        return True
+
     # ------------------------------------------------------------------ forward
     def forward(self, x: Tensor) -> Tensor:
         y = self._base_forward(x)
@@ -404,7 +503,7 @@ class FusedLinear(nn.Module):
     def _base_forward(self, x: Tensor) -> Tensor:
         if self.weight is not None:
             return nn.functional.linear(x, self.weight, self.bias)
-        parts = self.fp8_parts if len(self.fp8_parts) else self.int4_parts
+        parts = self._quantized_parts()
         if self._pending or not len(parts):
             raise RuntimeError("quantized linear is missing parts (checkpoint incomplete)")
         if len(parts) == 1:
@@ -419,8 +518,12 @@ class FusedLinear(nn.Module):
         """W [N, K] (dequantized fp32 for int4 / fp8): for tests and debugging."""
         if self.weight is not None:
             return self.weight.detach()
-        parts = self.fp8_parts if len(self.fp8_parts) else self.int4_parts
-        return torch.cat([p.dequantize() for p in parts])
+        return torch.cat([p.dequantize() for p in self._quantized_parts()])
+
+    def _quantized_parts(self) -> nn.ModuleList:
+        if len(self.int8_parts):
+            return self.int8_parts
+        return self.fp8_parts if len(self.fp8_parts) else self.int4_parts
 
     def weight_bytes(self) -> int:
         total = sum(t.numel() * t.element_size() for t in self.buffers())
@@ -429,4 +532,4 @@ class FusedLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, out={self.output_sizes}, bias={self.bias is not None}, "
-                f"int4={self.is_int4}, fp8={self.is_fp8}")
+                f"int4={self.is_int4}, fp8={self.is_fp8}, int8={self.is_int8}")

@@ -32,6 +32,18 @@ Quantization:
                           (``ops.per_token_group_quant_fp8`` + ``ops.w8a8_block_fp8_matmul``;
                           fp8 tensor cores on sm_89+). Opt-in until a GPU run has measured
                           it against W8A16; the experts stay W8A16.
+    quantization="int8"   INT8 W8A8 (SmoothQuant-style, without smoothing): per-channel
+                          symmetric RTN int8 of every linear layer on load, streaming as
+                          int4 does, activations quantized per token at run time
+                          (``ops.scaled_int8_quant`` + ``ops.scaled_mm``, exact int32
+                          accumulation; int8 tensor cores on sm_80+). A compressed-tensors
+                          int8 W8A8 checkpoint loads as is. Mixture-of-experts experts
+                          are int8 too, run W8A16 (``ops.fused_moe_int8``).
+
+INT8 checkpoints (compressed-tensors ``format: "int-quantized"``, llm-compressor's W8A8:
+int8 ``weight`` + ``weight_scale`` per channel or tensor; :mod:`minikernels.quant.int8`)
+load onto int8 parts; a static ``input_scale`` is not needed (activations are quantized
+per token) and is ignored.
 
 FP8 checkpoints (quantization_config ``quant_method: "fp8"``, block-wise like
 Qwen/Qwen3-*-FP8 or per-tensor, and compressed-tensors 8-bit float weights: per tensor,
@@ -69,7 +81,9 @@ _DTYPES = {
     "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
     "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
 }
-QUANTIZATIONS = (None, "int4", "gptq", "awq", "fp8", "fp8_w8a8")
+QUANTIZATIONS = (None, "int4", "gptq", "awq", "fp8", "fp8_w8a8", "int8")
+#: an int8 W8A8 checkpoint's tensors of a linear besides its int8 ``weight``
+_INT8_SCALES = ("weight_scale", "input_scale")
 #: the fp8 checkpoint tensors of a linear besides its fp8 ``weight``
 _FP8_SCALES = ("weight_scale_inv", "weight_scale")
 #: static activation scales / bounds of fp8 checkpoints: not needed (activations stay 16-bit)
@@ -375,7 +389,8 @@ def _count_tensors(files: list[str]) -> int | None:
 # --------------------------------------------------------------------- quantization
 def _checkpoint_quant(config: DecoderConfig) -> dict[str, Any] | None:
     """Validated GPTQ / AWQ / compressed-tensors int4 settings, or {"method": ..., "fp8":
-    scheme} for an fp8 checkpoint, from config.quantization_config (None for dense)."""
+    scheme} for an fp8 checkpoint, or {"method": ..., "int8": scheme} for an int8 W8A8
+    one, from config.quantization_config (None for dense)."""
     qc = config.quantization_config
     if not qc:
         return None
@@ -388,6 +403,14 @@ def _checkpoint_quant(config: DecoderConfig) -> dict[str, Any] | None:
         raise UnsupportedModelError(f"quantization_config: {exc}") from None
     if fp8 is not None:
         return {"method": method, "fp8": fp8}
+    from ..quant.int8 import int8_scheme
+
+    try:
+        int8 = int8_scheme(qc)
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise UnsupportedModelError(f"quantization_config: {exc}") from None
+    if int8 is not None:
+        return {"method": method, "int8": int8}
     if method == "compressed-tensors":
         from ..quant import compressed_tensors_scheme
 
@@ -398,7 +421,8 @@ def _checkpoint_quant(config: DecoderConfig) -> dict[str, Any] | None:
     if method not in ("gptq", "awq"):
         raise UnsupportedModelError(f"quantization_config.quant_method {method!r} is not "
                                     "supported (supported: gptq, awq with 4 bits, "
-                                    "compressed-tensors pack-quantized int4 or fp8, fp8)")
+                                    "compressed-tensors pack-quantized int4, int8 W8A8 or "
+                                    "fp8, fp8)")
     bits = int(qc.get("bits", qc.get("w_bit", 4)))
     if bits != 4:
         raise UnsupportedModelError(f"{method} with {bits} bits is not supported (only 4)")
@@ -433,7 +457,8 @@ def _rtn_group(name: str, k: int, group_size: int) -> int:
 def quantize_linears(model: CausalLM, group_size: int = 128, symmetric: bool = False,
                      quantize_lm_head: bool = False, scheme: str = "int4") -> None:
     """RTN-quantize the model's dense linear layers in place: ``scheme`` "int4"
-    (canonical layout, ``group_size``) or "fp8" (128 x 128 blocks).
+    (canonical layout, ``group_size``), "fp8" (128 x 128 blocks) or "int8" (per channel,
+    W8A8).
 
     A tied lm_head gets its own quantized copy; the embedding keeps the dense table.
     """
@@ -442,6 +467,9 @@ def quantize_linears(model: CausalLM, group_size: int = 128, symmetric: bool = F
             continue
         if scheme == "fp8":
             lin.quantize_fp8_()
+            continue
+        if scheme == "int8":
+            lin.quantize_int8_()
             continue
         _rtn_group(name, lin.in_features, group_size)  # logs a fallback
         lin.quantize_int4_(group_size, symmetric)
@@ -482,14 +510,23 @@ def _load_hf(model_dir: str, dtype: str | torch.dtype, device: torch.device,
                                   "checkpoint (load it with quantization=None or 'fp8')")
     elif quantization == "fp8" and ckpt_quant is not None:
         raise CheckpointError(f"quantization='fp8' but {model_dir} is a "
-                              f"{ckpt_quant['method']} int4 checkpoint")
+                              f"{ckpt_quant['method']} " + ("int8" if "int8" in ckpt_quant
+                                                             else "int4") + " checkpoint")
+    int8_ckpt = ckpt_quant.get("int8") if ckpt_quant is not None else None
+    if int8_ckpt is not None and quantization not in (None, "int8"):
+        raise CheckpointError(f"quantization={quantization!r} but {model_dir} is an int8 "
+                              "W8A8 checkpoint (load it with quantization=None or 'int8')")
+    if quantization == "int8" and ckpt_quant is not None and int8_ckpt is None:
+        kind = "fp8" if fp8_ckpt is not None else "int4"
+        raise CheckpointError(f"quantization='int8' but {model_dir} is a "
+                              f"{ckpt_quant['method']} {kind} checkpoint")
     if quantization in ("gptq", "awq") and (ckpt_quant is None or
                                             ckpt_quant["method"] != quantization):
         found = ckpt_quant["method"] if ckpt_quant else "a dense checkpoint"
         raise CheckpointError(f"quantization={quantization!r} but {model_dir} is {found}")
 
     # RTN on load streams: no dense weight is allocated for the linears it quantizes.
-    rtn = quantization in ("int4", "fp8") and ckpt_quant is None
+    rtn = quantization in ("int4", "fp8", "int8") and ckpt_quant is None
     model = CausalLM(config, dtype=torch_dtype, device=device,
                      dense=ckpt_quant is None and not rtn,
                      dense_lm_head=lm_head and not (rtn and quantize_lm_head), tp=tp)
@@ -522,6 +559,8 @@ def _load_hf(model_dir: str, dtype: str | torch.dtype, device: torch.device,
 
     pending_q: dict[tuple[str, int], dict[str, Tensor]] = {}
     pending_fp8: dict[tuple[str, int], dict[str, Tensor]] = {}
+    pending_int8: dict[tuple[str, int], dict[str, Tensor]] = {}
+    pending_int8_experts: dict[tuple[str, int, str], dict[str, Tensor]] = {}
     pending_fp8_experts: dict[tuple[str, int, str], dict[str, Tensor]] = {}
     pending_experts: dict[tuple[str, int, str], dict[str, Tensor]] = {}
     seen: set[tuple[str, int | None, str]] = set()
@@ -592,6 +631,29 @@ def _load_hf(model_dir: str, dtype: str | torch.dtype, device: torch.device,
                                 raise CheckpointError(f"{where}: {exc}") from None
                             seen.add((mod_name, shard, part))
                         continue
+                    if isinstance(mod, FusedExperts) and int8_ckpt is not None and (
+                            ":" in kind or tensor.dtype == torch.int8):
+                        if shard is None:
+                            raise CheckpointError(f"{where}: stacked int8 experts are not "
+                                                  "supported (per-expert tensors are)")
+                        part, tkind = kind.split(":") if ":" in kind else (kind, "weight")
+                        if tkind == "input_scale":
+                            continue    # static activation scale: the experts run W8A16
+                        if not 0 <= shard < mod.num_experts:
+                            raise CheckpointError(f"{where}: expert {shard} out of range "
+                                                  f"(num_experts {mod.num_experts})")
+                        got = pending_int8_experts.setdefault((mod_name, shard, part), {})
+                        got[tkind] = tensor.to(device)
+                        if "weight" in got and "weight_scale" in got:
+                            del pending_int8_experts[(mod_name, shard, part)]
+                            from ..quant.int8 import int8_from_checkpoint
+                            try:
+                                mod.set_int8_part_(shard, part, int8_from_checkpoint(
+                                    got["weight"], got["weight_scale"]))
+                            except ValueError as exc:
+                                raise CheckpointError(f"{where}: {exc}") from None
+                            seen.add((mod_name, shard, part))
+                        continue
                     if isinstance(mod, FusedExperts) and ":" in kind:   # int4 checkpoint
                         if ckpt_quant is None:
                             raise CheckpointError(f"{where} is a quantized tensor but "
@@ -609,10 +671,11 @@ def _load_hf(model_dir: str, dtype: str | torch.dtype, device: torch.device,
                             except ValueError as exc:
                                 raise CheckpointError(f"{where}: {exc}") from None
                         fp8 = quantization == "fp8" and mod.w13 is None
+                        int8 = quantization == "int8" and mod.w13 is None
                         g = _expert_group(config, mod, group_size) \
-                            if mod.is_int4 and not fp8 else None
+                            if mod.is_int4 and not fp8 and not int8 else None
                         seen.update(_load_experts(mod, mod_name, shard, kind, tensor, where,
-                                                  g, fp8=fp8))
+                                                  g, fp8=fp8, int8=int8))
                         continue
                     if isinstance(mod, FusedLinear) and fp8_ckpt is not None and (
                             kind in _FP8_SCALES + _FP8_ACTIVATION_SCALES or (
@@ -630,6 +693,26 @@ def _load_hf(model_dir: str, dtype: str | torch.dtype, device: torch.device,
                                 raise CheckpointError(f"{where}: {exc}") from None
                             seen.add((mod_name, shard, "qweight"))
                         continue
+                    if isinstance(mod, FusedLinear) and int8_ckpt is not None and (
+                            kind in _INT8_SCALES or (kind == "weight" and
+                                                     tensor.dtype == torch.int8)):
+                        if kind == "input_scale":
+                            continue    # static activation scale: quantized per token instead
+                        got = pending_int8.setdefault((mod_name, shard), {})
+                        got[kind] = tensor.to(device)
+                        if "weight" in got and "weight_scale" in got:
+                            del pending_int8[(mod_name, shard)]
+                            from ..quant.int8 import int8_from_checkpoint
+                            try:
+                                mod.set_int8_shard(shard, int8_from_checkpoint(
+                                    got["weight"], got["weight_scale"]))
+                            except ValueError as exc:
+                                raise CheckpointError(f"{where}: {exc}") from None
+                            seen.add((mod_name, shard, "qweight"))
+                        continue
+                    if isinstance(mod, FusedLinear) and tensor.dtype == torch.int8:
+                        raise CheckpointError(f"{where} is an int8 tensor but config.json has "
+                                              "no int8 W8A8 quantization_config")
                     if isinstance(mod, FusedLinear):
                         if kind in _QUANT_TENSORS:
                             if ckpt_quant is None:
@@ -642,8 +725,8 @@ def _load_hf(model_dir: str, dtype: str | torch.dtype, device: torch.device,
                         if kind == "weight" and mod_name in stream:
                             # RTN on load: quantize this part on the device, drop the dense copy.
                             g = groups.get(mod_name)
-                            if quantization == "fp8":
-                                g = 0    # (fp8 blocks need no group size)
+                            if quantization in ("fp8", "int8"):
+                                g = 0    # (fp8 blocks / int8 channels need no group size)
                             if g is None and tp is not None and \
                                     mod_name.endswith(("o_proj", "down_proj")):
                                 k_full = config.q_size if mod_name.endswith("o_proj") \
@@ -658,6 +741,8 @@ def _load_hf(model_dir: str, dtype: str | torch.dtype, device: torch.device,
                             try:
                                 if quantization == "fp8":
                                     mod.quantize_fp8_shard_(shard, dense)
+                                elif quantization == "int8":
+                                    mod.quantize_int8_shard_(shard, dense)
                                 else:
                                     mod.quantize_shard_(shard, dense, g)
                             except ValueError as exc:
@@ -666,7 +751,8 @@ def _load_hf(model_dir: str, dtype: str | torch.dtype, device: torch.device,
                             seen.add((mod_name, shard, kind))
                             continue
                         if kind == "weight" and mod.weight is None and not mod.int4_parts and \
-                                not mod.fp8_parts and not mod._pending:
+                                not mod.fp8_parts and not mod.int8_parts and \
+                                not mod._pending:
                             # A layer the quantizer left dense (e.g. modules_to_not_convert).
                             mod.weight = torch.nn.Parameter(torch.empty(
                                 mod.out_features, mod.in_features, dtype=torch_dtype,
@@ -707,6 +793,12 @@ def _load_hf(model_dir: str, dtype: str | torch.dtype, device: torch.device,
         need = ["weight (float8_e4m3fn)", fp8_ckpt["scale"]]
         raise CheckpointError(f"{_hf_name(mod_name, shard, '*')}: fp8 layer incomplete: has "
                               f"{sorted(got)}, needs {need}")
+    for (mod_name, e, part), got in sorted(pending_int8_experts.items()):
+        raise CheckpointError(f"model.{mod_name}.{e}.{part}: int8 expert incomplete: has "
+                              f"{sorted(got)}, needs ['weight (int8)', 'weight_scale']")
+    for (mod_name, shard), got in sorted(pending_int8.items()):
+        raise CheckpointError(f"{_hf_name(mod_name, shard, '*')}: int8 layer incomplete: has "
+                              f"{sorted(got)}, needs ['weight (int8)', 'weight_scale']")
     missing = sorted(expected - seen, key=str)
     if missing:
         names = [_hf_name(*m) for m in missing]
@@ -732,18 +824,21 @@ def _load_hf(model_dir: str, dtype: str | torch.dtype, device: torch.device,
             modules[mod_name].set_int4_part_(e, part, w, int(ckpt_quant["group_size"]))
         except ValueError as exc:
             raise CheckpointError(f"{where}: {exc}") from None
-    if quantization in ("int4", "fp8") or (quantize_lm_head and ckpt_quant is not None):
-        scheme = "fp8" if quantization == "fp8" or fp8_ckpt is not None else "int4"
+    if quantization in ("int4", "fp8", "int8") or (quantize_lm_head and
+                                                   ckpt_quant is not None):
+        scheme = "fp8" if quantization == "fp8" or fp8_ckpt is not None else \
+            "int8" if quantization == "int8" or int8_ckpt is not None else "int4"
         quantize_linears(model, group_size, quantize_lm_head=quantize_lm_head, scheme=scheme)
     return model
 
 
 def _load_experts(mod: FusedExperts, mod_name: str, expert: int | None, kind: str,
-                  tensor: Tensor, where: str, group: int | None = None, fp8: bool = False
-                  ) -> list[tuple[str, int, str]]:
+                  tensor: Tensor, where: str, group: int | None = None, fp8: bool = False,
+                  int8: bool = False) -> list[tuple[str, int, str]]:
     """One expert's projection (or transformers 5's stacked gate_up_proj / down_proj of
     every expert) into w13 / w2, or RTN-quantized into the int4 buffers with ``group`` or
-    into the fp8 ones (``fp8``); the (module, expert, part) keys it filled."""
+    into the fp8 ones (``fp8``) or the int8 ones (``int8``); the (module, expert, part)
+    keys it filled."""
     if expert is None:   # stacked: [E, 2I, H] or [E, H, I]
         parts = ("gate_proj", "up_proj") if kind == "gate_up_proj" else ("down_proj",)
         experts = range(mod.num_experts)
@@ -764,6 +859,8 @@ def _load_experts(mod: FusedExperts, mod_name: str, expert: int | None, kind: st
                 piece = whole if len(parts) == 1 else whole[i * mod.inter:(i + 1) * mod.inter]
                 if fp8:
                     mod.quantize_fp8_part_(e, p, piece.to(mod.dtype))
+                elif int8:
+                    mod.quantize_int8_part_(e, p, piece.to(mod.dtype))
                 elif group is None:
                     target = mod.part(e, p)
                     target.copy_(piece.to(device=target.device, dtype=target.dtype))
@@ -846,7 +943,7 @@ def _init_dummy(model: CausalLM, seed: int, group_size: int | None = None,
     (a Gemma norm's stored weight 0: its scale is 1 + weight).
 
     A linear built without a dense weight (RTN on load; ``group_size`` given; ``scheme``
-    "int4" or "fp8") draws its dense weight into a temporary, quantizes it and drops it,
+    "int4", "fp8" or "int8") draws its dense weight into a temporary, quantizes it and drops it,
     one layer at a time. The draws follow ``named_parameters()`` order of the dense model,
     so the quantized model equals the dense model of the same seed quantized afterwards.
     """
@@ -862,6 +959,8 @@ def _init_dummy(model: CausalLM, seed: int, group_size: int | None = None,
                                 device=model.device).normal_(0.0, 0.02, generator=gen)
                 if scheme == "fp8":
                     mod.quantize_fp8_shard_(None, w)
+                elif scheme == "int8":
+                    mod.quantize_int8_shard_(None, w)
                 else:
                     mod.quantize_shard_(None, w, _rtn_group(mod_name, mod.in_features,
                                                             group_size), symmetric)
@@ -875,7 +974,7 @@ def _init_dummy(model: CausalLM, seed: int, group_size: int | None = None,
                     w = torch.empty(shape, dtype=model.dtype, device=model.device).normal_(
                         0.0, 0.02, generator=gen)
                     _load_experts(mod, mod_name, None, kind, w, mod_name, g,
-                                  fp8=scheme == "fp8")
+                                  fp8=scheme == "fp8", int8=scheme == "int8")
                     del w
             for p_name, p in mod.named_parameters(recurse=False):
                 if id(p) in seen:
@@ -933,7 +1032,7 @@ def _init_dummy_tp(model: CausalLM, tp: TensorParallel, seed: int,
                     w = draw(torch.Size(shape), None, False)
                     _load_experts(mod, name, None, kind,
                                   shard_tensor(config, tp, name, None, kind, w), name, g,
-                                  fp8=scheme == "fp8")
+                                  fp8=scheme == "fp8", int8=scheme == "int8")
                     del w
             if isinstance(full, FusedLinear) and full.weight is None and not full.is_ready:
                 w = draw(torch.Size((full.out_features, full.in_features)), None, False)
@@ -942,6 +1041,8 @@ def _init_dummy_tp(model: CausalLM, tp: TensorParallel, seed: int,
                     shard = shard_tensor(config, tp, name, s, "weight", part)
                     if scheme == "fp8":
                         mod.quantize_fp8_shard_(s, shard)
+                    elif scheme == "int8":
+                        mod.quantize_int8_shard_(s, shard)
                     else:
                         mod.quantize_shard_(s, shard, g)
                 del w
@@ -975,7 +1076,8 @@ def load_model(model: str, dtype: str | torch.dtype = "bfloat16",
     dtype:        'bfloat16' | 'float16' | 'float32' | 'auto' (the checkpoint's) or a dtype.
     device:       default cuda when available, else cpu.
     quantization: None | 'int4' (RTN on load) | 'gptq' | 'awq' | 'fp8' (block-wise RTN on
-                  load, or an fp8 checkpoint) | 'fp8_w8a8' (the same, run W8A8); see
+                  load, or an fp8 checkpoint) | 'fp8_w8a8' (the same, run W8A8) |
+                  'int8' (per-channel RTN int8 on load, or an int8 checkpoint; W8A8); see
                   module docstring.
     allow_pickle: accept pickle ``*.bin`` weights (only from trusted sources).
     group_size, quantize_lm_head: RTN settings for quantization='int4'.
@@ -1005,7 +1107,7 @@ def load_model(model: str, dtype: str | torch.dtype = "bfloat16",
             raise ValueError(f"built-in model {model!r} has dummy dense weights; "
                              "use quantization='int4' to quantize them")
         config = builtin_config(model)
-        rtn = quantization in ("int4", "fp8")
+        rtn = quantization in ("int4", "fp8", "int8")
         scheme = quantization if rtn else "int4"
         m = CausalLM(config, dtype=parse_dtype(dtype, config, dev), device=dev, dense=not rtn,
                      dense_lm_head=not (rtn and quantize_lm_head), tp=tensor_parallel)

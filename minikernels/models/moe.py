@@ -12,7 +12,9 @@ softmax router picks each token's top-k experts, and :func:`minikernels.ops.fuse
 Weights: ``gate.weight`` [E, H]; ``experts.w13`` [E, 2I, H] (each expert's gate_proj rows,
 then its up_proj rows); ``experts.w2`` [E, H, I] (down_proj). With int4 (RTN on load) the
 experts are int4 too: :class:`FusedExperts` and ``ops.fused_moe_int4``; with fp8 (RTN on
-load, or an fp8 checkpoint) e4m3 with block scales and ``ops.fused_moe_fp8``.
+load, or an fp8 checkpoint) e4m3 with block scales and ``ops.fused_moe_fp8``; with int8
+(RTN on load, or an int8 W8A8 checkpoint) int8 with per-row scales and
+``ops.fused_moe_int8`` (W8A16: the experts' activations stay in the model dtype).
 
 Tensor parallel (``tp``, size P; Megatron-style as the dense MLP, see
 :mod:`minikernels.models.parallel`): every rank holds every expert, but only the
@@ -55,6 +57,11 @@ class FusedExperts(nn.Module):
     (each part's block scales repeated over their rows: lossless). Per-channel scales are
     block (1, max(H, I)): one K block in both matrices. The forward is
     ``ops.fused_moe_fp8``.
+
+    INT8 (``dense=False``, then :meth:`quantize_int8_part_` or :meth:`set_int8_part_`):
+    ``w13_int8`` int8 [E, 2I, H] with ``w13_int8_scale`` fp32 [E, 2I] and ``w2_int8``
+    [E, H, I] with ``w2_int8_scale`` [E, H], one scale per output row (see
+    :mod:`minikernels.quant.int8`); the forward is ``ops.fused_moe_int8`` (W8A16).
     """
 
     def __init__(self, num_experts: int, hidden: int, inter: int, dtype: torch.dtype,
@@ -64,6 +71,7 @@ class FusedExperts(nn.Module):
         self.dtype, self.device = dtype, device
         self.group_size: int | None = None           # int4 only
         self.fp8_block: tuple[int, int] | None = None  # fp8 only
+        self.int8 = False                               # int8 buffers allocated
         self.w13 = self.w2 = None
         if dense:
             self.w13 = nn.Parameter(torch.empty(num_experts, 2 * inter, hidden, dtype=dtype,
@@ -73,7 +81,11 @@ class FusedExperts(nn.Module):
 
     @property
     def is_int4(self) -> bool:
-        return self.w13 is None and self.fp8_block is None
+        return self.w13 is None and self.fp8_block is None and not self.int8
+
+    @property
+    def is_int8(self) -> bool:
+        return self.int8
 
     @property
     def is_fp8(self) -> bool:
@@ -82,7 +94,7 @@ class FusedExperts(nn.Module):
     def make_dense_(self) -> None:
         """Allocate dense w13 / w2 in an int4-built module that has no int4 part yet (an
         int4 checkpoint whose experts were left dense, as modules_to_not_convert)."""
-        if self.group_size is not None or self.fp8_block is not None:
+        if self.group_size is not None or self.fp8_block is not None or self.int8:
             raise ValueError("these experts already hold quantized parts")
         e, i, h = self.num_experts, self.inter, self.hidden
         self.w13 = nn.Parameter(torch.empty(e, 2 * i, h, dtype=self.dtype, device=self.device),
@@ -161,8 +173,8 @@ class FusedExperts(nn.Module):
         (:class:`minikernels.quant.fp8.Fp8Weight` [part_shape(name)]). The first call fixes
         the block size of all: ``block_size`` (the checkpoint's or RTN's (bn, bk)), or None
         for per-channel / per-tensor scales (see the class docstring)."""
-        if self.w13 is not None or self.group_size is not None:
-            raise ValueError("these experts hold dense or int4 weights")
+        if self.w13 is not None or self.group_size is not None or self.int8:
+            raise ValueError("these experts hold dense, int4 or int8 weights")
         n, k = self.part_shape(name)
         if tuple(w.shape) != (n, k):
             raise ValueError(f"shape mismatch: expected {[n, k]}, got {list(w.shape)}")
@@ -189,6 +201,40 @@ class FusedExperts(nn.Module):
             slice(self.inter, 2 * self.inter) if name == "up_proj" else slice(None)
         getattr(self, f"{prefix}_fp8")[expert, wrows].copy_(w.weight)
         getattr(self, f"{prefix}_scale")[expert, rows].copy_(w.scale)
+
+    def quantize_int8_part_(self, expert: int, name: str, tensor: Tensor) -> None:
+        """Per-row RTN int8 of one expert's dense projection (``part_shape(name)``)
+        straight into the int8 buffers (allocated on the first call)."""
+        from ..quant.int8 import quantize_int8
+
+        if self.w13 is not None:
+            raise ValueError("these experts hold dense weights; copy into part() instead")
+        if tuple(tensor.shape) != self.part_shape(name):
+            raise ValueError(f"shape mismatch: expected {list(self.part_shape(name))}, got "
+                             f"{list(tensor.shape)}")
+        self.set_int8_part_(expert, name, quantize_int8(tensor.detach().to(self.device)))
+
+    def set_int8_part_(self, expert: int, name: str, w: object) -> None:
+        """Write one expert's projection as an int8 weight
+        (:class:`minikernels.quant.Int8Weight` [part_shape(name)], one scale per row)."""
+        if self.w13 is not None or self.group_size is not None or self.fp8_block is not None:
+            raise ValueError("these experts hold dense, int4 or fp8 weights")
+        n, k = self.part_shape(name)
+        if tuple(w.shape) != (n, k):
+            raise ValueError(f"shape mismatch: expected {[n, k]}, got {list(w.shape)}")
+        if not self.int8:
+            e, i, h = self.num_experts, self.inter, self.hidden
+            for prefix, (rows, cols) in (("w13", (2 * i, h)), ("w2", (h, i))):
+                self.register_buffer(f"{prefix}_int8", torch.zeros(
+                    e, rows, cols, dtype=torch.int8, device=self.device))
+                self.register_buffer(f"{prefix}_int8_scale", torch.ones(
+                    e, rows, dtype=torch.float32, device=self.device))
+            self.int8 = True
+        rows = slice(0, self.inter) if name == "gate_proj" else \
+            slice(self.inter, 2 * self.inter) if name == "up_proj" else slice(None)
+        prefix = "w2" if name == "down_proj" else "w13"
+        getattr(self, f"{prefix}_int8")[expert, rows].copy_(w.weight)
+        getattr(self, f"{prefix}_int8_scale")[expert, rows].copy_(w.scale)
 
     def _allocate_fp8(self, block: tuple[int, int]) -> None:
         e, i, h = self.num_experts, self.inter, self.hidden
@@ -222,7 +268,10 @@ class FusedExperts(nn.Module):
         self.group_size = group_size
 
     def dequantized(self) -> tuple[Tensor, Tensor]:
-        """(w13, w2) fp32: the dense weights, or the int4 / fp8 ones dequantized."""
+        """(w13, w2) fp32: the dense weights, or the int4 / fp8 / int8 ones dequantized."""
+        if self.int8:
+            return tuple(getattr(self, f"{p}_int8").float() *
+                         getattr(self, f"{p}_int8_scale")[:, :, None] for p in ("w13", "w2"))
         if self.fp8_block is not None:
             deq8 = ops.reference.dequantize_fp8
             return tuple(torch.stack([deq8(getattr(self, f"{p}_fp8")[e],
@@ -238,11 +287,14 @@ class FusedExperts(nn.Module):
 
     def forward(self, x: Tensor, weights: Tensor, ids: Tensor) -> Tensor:
         """The experts of x [T, H] (``ops.fused_moe`` / ``fused_moe_int4`` /
-        ``fused_moe_fp8``)."""
+        ``fused_moe_fp8`` / ``fused_moe_int8``)."""
         slots = self.__dict__.get("lora")    # LoRA on the experts (minikernels.models.lora)
         lora = slots.op_args() if slots is not None else None
         if self.w13 is not None:
             return ops.fused_moe(x, self.w13, self.w2, weights, ids, lora=lora)
+        if self.int8:
+            return ops.fused_moe_int8(x, self.w13_int8, self.w13_int8_scale, self.w2_int8,
+                                      self.w2_int8_scale, weights, ids, lora=lora)
         if self.fp8_block is not None:
             return ops.fused_moe_fp8(x, self.w13_fp8, self.w13_scale, self.w2_fp8,
                                      self.w2_scale, weights, ids, self.fp8_block, lora=lora)

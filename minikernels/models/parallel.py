@@ -325,12 +325,20 @@ _FP8_KINDS = ("weight_scale_inv", "weight_scale", "input_scale", "input_scale_ub
 
 def _fp8_scale_shard(config: DecoderConfig, module: str, kind: str, src: Any, start: int,
                      stop: int, along_n: bool) -> Tensor:
-    """This rank's scales of an fp8 layer whose weight keeps rows (``along_n``: column
-    parallel) or columns (row parallel) [start, stop): block scales cut at block
-    boundaries (refused by name when the shard does not fall on them), per-channel
-    scales by rows, per-tensor and activation scales whole."""
+    """This rank's scales of an fp8 (or int8 W8A8) layer whose weight keeps rows
+    (``along_n``: column parallel) or columns (row parallel) [start, stop): block scales
+    cut at block boundaries (refused by name when the shard does not fall on them),
+    per-channel scales by rows, per-tensor and activation scales whole."""
     from ..quant.fp8 import fp8_scheme
+    from ..quant.int8 import int8_scheme
 
+    if int8_scheme(config.quantization_config or {}) is not None:
+        # int8 W8A8: weight_scale [N, 1] per channel (rows with the weight's rows; whole
+        # for a row-parallel layer) or one value; input_scale one value
+        t = _read(src)
+        if kind == "weight_scale" and along_n and t.numel() > 1:
+            return t[start:stop]
+        return t
     scheme = fp8_scheme(config.quantization_config or {})
     if scheme is None or (kind == "weight_scale" and scheme["scale"] != kind):
         if kind == "weight_scale":      # compressed-tensors int4's weight_scale

@@ -7,7 +7,7 @@ as the checkpoint loader does (models/loader.py ``map_name``: fused q/k/v and ga
 parts, Phi-3's fused checkpoints, Mixtral's expert names, per-expert and stacked expert
 tensors, norms, embeddings, the router) and **copies into the existing tensors**: no
 parameter is replaced, so CUDA graphs captured over them stay valid and nothing is
-reallocated. Dense models only: an int4 / fp8 layer would have to be re-quantized into
+reallocated. Dense models only: an int4 / fp8 / int8 layer would have to be re-quantized into
 buffers of another shape, which is refused by name. A tied lm_head follows its embedding.
 """
 from __future__ import annotations
@@ -73,11 +73,11 @@ def _load_one(model: CausalLM, modules: dict[str, Any], params: dict[str, Tensor
     try:
         if isinstance(mod, FusedExperts):
             if mod.w13 is None:
-                raise ValueError("the experts are quantized (int4 / fp8)")
+                raise ValueError("the experts are quantized (int4 / fp8 / int8)")
             _load_experts(mod, mod_name, shard, kind, tensor, name)
         elif isinstance(mod, FusedLinear):
             if mod.weight is None and kind == "weight":
-                raise ValueError("the layer is quantized (int4 / fp8)")
+                raise ValueError("the layer is quantized (int4 / fp8 / int8)")
             mod.load_shard(shard, kind, tensor.to(device=model.device, dtype=model.dtype))
         else:
             param = params.get(f"{mod_name}.{kind}")

@@ -1,8 +1,10 @@
-"""Drop-in modules: Int4Linear, Fp8Linear and quantize_model (int4 / fp8), plus the model
-layers."""
+"""Drop-in modules: Int4Linear, Fp8Linear, Int8Linear and quantize_model (int4 / fp8 /
+int8), plus the model layers."""
 from .fp8_linear import Fp8Linear
 from .int4_linear import Int4Linear
+from .int8_linear import Int8Linear
 from .layers import PagedAttention, RMSNorm, RotaryEmbedding  # noqa: F401  (models helper)
 from .quantize import quantize_model
 
-__all__ = ["Fp8Linear", "Int4Linear", "PagedAttention", "RMSNorm", "RotaryEmbedding", "quantize_model"]
+__all__ = ["Fp8Linear", "Int4Linear", "Int8Linear", "PagedAttention", "RMSNorm",
+           "RotaryEmbedding", "quantize_model"]

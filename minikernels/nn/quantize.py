@@ -1,9 +1,9 @@
-"""quantize_model: RTN int4 (or block-wise fp8) for any torch model, in place.
+"""quantize_model: RTN int4 (or block-wise fp8, or int8 W8A8) for any torch model, in place.
 
 Each ``nn.Linear`` is replaced by :class:`Int4Linear` (``method="fp8"``:
-:class:`Fp8Linear`). A module that quantizes itself exposes the duck-typed hook
-``quantize_int4_(group_size, symmetric) -> bool`` (fp8: ``quantize_fp8_(block_size) ->
-bool``; e.g. minikernels' own ``FusedLinear``, so ``mk.quantize_model(causal_lm)`` works);
+:class:`Fp8Linear`; ``method="int8"``: :class:`Int8Linear`). A module that quantizes
+itself exposes the duck-typed hook ``quantize_int4_(group_size, symmetric) -> bool``
+(fp8: ``quantize_fp8_(block_size) -> bool``; int8: ``quantize_int8_() -> bool``; e.g. minikernels' own ``FusedLinear``, so ``mk.quantize_model(causal_lm)`` works);
 the hook converts its dense weights in place, and its submodules are left to it. nn does
 not import models: the hook is how it reaches their layers.
 """
@@ -11,19 +11,22 @@ from __future__ import annotations
 
 import logging
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from torch import nn
 
 from .fp8_linear import Fp8Linear
 from .int4_linear import Int4Linear
+from .int8_linear import Int8Linear
 
 logger = logging.getLogger("minikernels")
 
 HOOK = "quantize_int4_"
 FP8_HOOK = "quantize_fp8_"
-METHODS = ("int4", "fp8")
+INT8_HOOK = "quantize_int8_"
+METHODS = ("int4", "fp8", "int8")
 
 
 def _skipped(name: str, skip: Sequence[str]) -> bool:
@@ -52,17 +55,17 @@ def pick_group_size(k: int, group_size: int) -> int:
 
 @dataclass
 class QuantizeSummary:
-    """What :func:`quantize_model` did: converted layers (name -> int4 group size, or fp8
-    block size (bn, bk)) and layers kept dense (name -> reason). Set as
+    """What :func:`quantize_model` did: converted layers (name -> int4 group size, fp8
+    block size (bn, bk), or "channel" for int8) and layers kept dense (name -> reason). Set as
     ``model.quantization_summary``."""
 
-    converted: dict[str, int | tuple[int, int]] = field(default_factory=dict)
+    converted: dict[str, int | tuple[int, int] | str] = field(default_factory=dict)
     kept_dense: dict[str, str] = field(default_factory=dict)
     method: str = "int4"
 
     def __str__(self) -> str:
         sizes = sorted({str(g) for g in self.converted.values()}, reverse=True)
-        what = "group size" if self.method == "int4" else "block size"
+        what = {"int4": "group size", "fp8": "block size"}.get(self.method, "scales per")
         text = (f"quantize_model: {len(self.converted)} linear layers to {self.method} "
                 f"({what} {', '.join(sizes) or '-'}), {len(self.kept_dense)} kept dense")
         if self.kept_dense:
@@ -77,7 +80,9 @@ def quantize_model(model: nn.Module, group_size: int = 128, symmetric: bool = Fa
                    block_size: Sequence[int] = (128, 128)) -> nn.Module:
     """Quantize ``model`` in place to RTN int4 (``method="fp8"``: block-wise RTN fp8 with
     ``block_size``, every ``nn.Linear`` -> :class:`Fp8Linear`, any size; the hook
-    ``quantize_fp8_(block_size)``) and return it.
+    ``quantize_fp8_(block_size)``; ``method="int8"``: per-channel RTN int8 run W8A8,
+    every ``nn.Linear`` -> :class:`Int8Linear`, any size; the hook ``quantize_int8_()``)
+    and return it.
 
     - each ``nn.Linear`` becomes an :class:`Int4Linear`. When in_features is not a multiple
       of group_size the largest power-of-two group >= 32 that divides it is used (else one
@@ -100,7 +105,12 @@ def quantize_model(model: nn.Module, group_size: int = 128, symmetric: bool = Fa
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     if method == "fp8":
-        return _quantize_model_fp8(model, skip, tuple(int(b) for b in block_size))
+        block = tuple(int(b) for b in block_size)
+        return _quantize_model_8bit(model, skip, "fp8", FP8_HOOK, (block,),
+                                    lambda lin: Fp8Linear.from_linear(lin, block), block)
+    if method == "int8":
+        return _quantize_model_8bit(model, skip, "int8", INT8_HOOK, (),
+                                    Int8Linear.from_linear, "channel")
     summary = QuantizeSummary()
     hooked: list[tuple[str, nn.Module]] = []
     targets = []
@@ -146,20 +156,23 @@ def quantize_model(model: nn.Module, group_size: int = 128, symmetric: bool = Fa
     return _attach(model, summary)
 
 
-def _quantize_model_fp8(model: nn.Module, skip: Sequence[str],
-                        block_size: tuple[int, int]) -> nn.Module:
-    """quantize_model(method="fp8"): every nn.Linear -> Fp8Linear, hooks called."""
-    summary = QuantizeSummary(method="fp8")
+def _quantize_model_8bit(model: nn.Module, skip: Sequence[str], method: str, hook: str,
+                         hook_args: tuple, convert: Callable[[nn.Linear], nn.Module],
+                         label: Any) -> nn.Module:
+    """quantize_model(method="fp8" | "int8"): every nn.Linear -> ``convert(linear)``,
+    modules with ``hook`` call it with ``hook_args``; ``label`` is what the summary
+    records per converted layer."""
+    summary = QuantizeSummary(method=method)
     hooked: list[tuple[str, nn.Module]] = []
     targets = []
     for name, module in model.named_modules():
         if any(name.startswith(h + ".") or h == "" for h, _ in hooked):
             continue  # inside a module that quantizes itself
-        if _has_hook(module, FP8_HOOK):
+        if _has_hook(module, hook):
             hooked.append((name, module))
             continue
         for child_name, child in module.named_children():
-            if type(child) is not nn.Linear or _has_hook(child, FP8_HOOK):
+            if type(child) is not nn.Linear or _has_hook(child, hook):
                 continue
             full = f"{name}.{child_name}" if name else child_name
             if _skipped(full, skip):
@@ -169,11 +182,11 @@ def _quantize_model_fp8(model: nn.Module, skip: Sequence[str],
     for name, module in hooked:
         if name and _skipped(name, skip):
             summary.kept_dense[name] = "skip"
-        elif getattr(module, FP8_HOOK)(block_size) is not False:
-            summary.converted[name] = block_size
+        elif getattr(module, hook)(*hook_args) is not False:
+            summary.converted[name] = label
     for full, parent, child_name, child in targets:
-        setattr(parent, child_name, Fp8Linear.from_linear(child, block_size))
-        summary.converted[full] = block_size
+        setattr(parent, child_name, convert(child))
+        summary.converted[full] = label
     return _attach(model, summary)
 
 

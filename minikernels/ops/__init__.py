@@ -11,9 +11,17 @@ from .fp8 import fp8_matmul
 from .attention import flash_attention, flash_attention_bshd
 from .fp8_w8a8 import per_token_group_quant_fp8, w8a8_block_fp8_matmul
 from .int4 import int4_matmul
+from .int8_w8a8 import scaled_int8_quant, scaled_mm
 from .kv_cache import merge_attn_states, paged_decode_attention, write_kv_cache
 from .lora import lora_delta
-from .moe import MoELoRA, fused_moe, fused_moe_fp8, fused_moe_int4, moe_align_block_size
+from .moe import (
+    MoELoRA,
+    fused_moe,
+    fused_moe_fp8,
+    fused_moe_int4,
+    fused_moe_int8,
+    moe_align_block_size,
+)
 from .norm import gemma_rms_norm, rms_norm
 from .rejection_sampler import rejection_sample
 from .rotary import build_rope_cache, rotary_embedding
@@ -29,6 +37,7 @@ __all__ = [
     "fused_moe",
     "fused_moe_fp8",
     "fused_moe_int4",
+    "fused_moe_int8",
     "fused_topk",
     "gelu_and_mul",
     "gelu_tanh_and_mul",
@@ -43,6 +52,8 @@ __all__ = [
     "rejection_sample",
     "rms_norm",
     "rotary_embedding",
+    "scaled_int8_quant",
+    "scaled_mm",
     "silu_and_mul",
     "top_k_top_p_mask_logits",
     "topk_softmax",

@@ -11,13 +11,17 @@ Op: ``minikernels::fused_moe_fp8``: the same with FP8 (e4m3) experts and block-w
 scales (W8A16, fp8_matmul's weight layout per expert). Backends: reference, triton
 (ops/triton/moe_fp8.py). Tests: tests/test_moe_fp8_op.py.
 
-The three fused ops take optional per-token LoRA adapters on the experts (``MoELoRA``:
+Op: ``minikernels::fused_moe_int8``: the same with INT8 experts and one fp32 scale per
+output row (W8A16, vLLM's ``use_int8_w8a16`` layout). Backends: reference, triton
+(ops/triton/moe_int8.py). Tests: tests/test_moe_int8_op.py.
+
+The four fused ops take optional per-token LoRA adapters on the experts (``MoELoRA``:
 PEFT adapters trained with expert targets on Qwen3-MoE / OLMoE / Mixtral), applied
 inside the MoE computation. Tests: tests/test_moe_lora_op.py.
 
 Op: ``minikernels::moe_align_block_size``: vLLM's MoE alignment step (the (token, slot)
 pairs grouped by expert into block_size tiles, the layout of the fused MoE kernels).
-Backends: reference, triton (ops/triton/moe_align.py; the three fused MoE Triton paths sort
+Backends: reference, triton (ops/triton/moe_align.py; the four fused MoE Triton paths sort
 with it). Tests: tests/test_moe_align_op.py.
 """
 from __future__ import annotations
@@ -34,8 +38,8 @@ from .fp8 import check_block_size
 
 
 class MoELoRA(NamedTuple):
-    """Per-token LoRA adapters on the experts of a fused MoE op (all three: dense, int4,
-    fp8 experts), S adapter slots; ranks R13 (gate / up) and R2 (down), each adapter
+    """Per-token LoRA adapters on the experts of a fused MoE op (all four: dense, int4,
+    fp8, int8 experts), S adapter slots; ranks R13 (gate / up) and R2 (down), each adapter
     zero-padded to its slot's rank:
 
     a13         [S, E, R13, H]   x.dtype  lora_A of each expert's gate_proj and up_proj,
@@ -401,6 +405,91 @@ def fused_moe_fp8(x: Tensor, w13: Tensor, w13_scale: Tensor, w2: Tensor, w2_scal
     return torch.ops.minikernels.fused_moe_fp8(
         x, w13.view(torch.uint8), w13_scale, w2.view(torch.uint8), w2_scale, topk_weights,
         topk_ids, [bn, bk], *lora_args)
+
+
+# ------------------------------------------------------------------------ int8 experts
+
+@torch.library.custom_op("minikernels::fused_moe_int8", mutates_args=())
+def _fused_moe_int8(x: Tensor, w13: Tensor, w13_scale: Tensor, w2: Tensor,
+                    w2_scale: Tensor, topk_weights: Tensor, topk_ids: Tensor,
+                    lora_a13: Tensor | None = None, lora_b13: Tensor | None = None,
+                    lora_a2: Tensor | None = None, lora_b2: Tensor | None = None,
+                    lora_token_slots: Tensor | None = None,
+                    lora_scaling: Tensor | None = None) -> Tensor:
+    lora = _op_lora(lora_a13, lora_b13, lora_a2, lora_b2, lora_token_slots, lora_scaling)
+    args = (x, w13, w13_scale, w2, w2_scale, topk_weights, topk_ids, lora)
+    if _backend.resolve("fused_moe_int8", x.device) == "triton":
+        from .triton import moe_int8 as triton_moe_int8
+        return triton_moe_int8.fused_moe_int8(*args)
+    return reference.fused_moe_int8(*args)
+
+
+@_fused_moe_int8.register_fake
+def _(x: Tensor, w13: Tensor, w13_scale: Tensor, w2: Tensor, w2_scale: Tensor,
+      topk_weights: Tensor, topk_ids: Tensor,
+      lora_a13: Tensor | None = None, lora_b13: Tensor | None = None,
+      lora_a2: Tensor | None = None, lora_b2: Tensor | None = None,
+      lora_token_slots: Tensor | None = None, lora_scaling: Tensor | None = None) -> Tensor:
+    _op_lora(lora_a13, lora_b13, lora_a2, lora_b2, lora_token_slots, lora_scaling)
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+def _check_int8_experts(name: str, weight: Tensor, scale: Tensor,
+                        shape: tuple[int, int, int], device: torch.device) -> None:
+    """weight int8 [E, N, K] (dtype checked by the caller), scale fp32 [E, N]."""
+    e, n, k = shape
+    if tuple(weight.shape) != (e, n, k):
+        raise ValueError(f"{name} must have shape [E = {e}, {n}, {k}], got "
+                         f"{list(weight.shape)}")
+    check_tensor(f"{name}_scale", scale, dtypes=(torch.float32,), ndim=2, device=device)
+    if tuple(scale.shape) != (e, n):
+        raise ValueError(f"{name}_scale must have shape [E = {e}, {n}] (one scale per "
+                         f"output row of {name}), got {list(scale.shape)}")
+
+
+def fused_moe_int8(x: Tensor, w13: Tensor, w13_scale: Tensor, w2: Tensor, w2_scale: Tensor,
+                   topk_weights: Tensor, topk_ids: Tensor, *,
+                   lora: MoELoRA | None = None) -> Tensor:
+    """:func:`fused_moe` with INT8 experts and per-output-channel scales (W8A16, vLLM's
+    ``fused_experts(..., use_int8_w8a16=True)`` layout): out [T, H] in x.dtype, exactly
+    fused_moe on the dequantized experts W_e[n, k] = weight[e, n, k] * scale[e, n] kept
+    in fp32 (NOT rounded to x.dtype: the kernels scale the fp32 accumulators), i.e.
+    ``reference.fused_moe_int8``. Activations are not quantized.
+
+    x          [T, H] fp16 / bf16 / fp32 (fp32: exact fp32 dots, slower tiles).
+    w13        [E, 2I, H] int8: each expert's gate_proj rows, then its up_proj rows.
+               w13_scale fp32 [E, 2I]: one scale per row.
+    w2         [E, H, I] int8 (down_proj). w2_scale fp32 [E, H].
+    topk_weights [T, k] fp32; topk_ids [T, k] int32/int64 in [0, E) (repeats count):
+               fused_moe's routing contract.
+    Every tensor may be a view with its own strides; T = 0 gives [0, H]. fp32
+    accumulation; the activated [I] intermediate is rounded to x.dtype; the router weight
+    and the k-sum are fp32; out is rounded once.
+    lora       optional per-token LoRA on the experts, as :func:`fused_moe`
+               (:class:`MoELoRA`, dense adapters in x.dtype added to the int8 experts'
+               fp32 results).
+    """
+    check_tensor("x", x, dtypes=FLOAT_DTYPES, ndim=2)
+    check_tensor("w13", w13, dtypes=(torch.int8,), ndim=3, device=x.device)
+    check_tensor("w2", w2, dtypes=(torch.int8,), ndim=3, device=x.device)
+    _check_routing_dtypes(x, topk_weights, topk_ids)
+    t, h = x.shape
+    e, two_i = w13.shape[0], w13.shape[1]
+    if h == 0:
+        raise ValueError(f"x's hidden size H must be positive, got x shape {list(x.shape)}")
+    if two_i == 0 or two_i % 2:
+        raise ValueError(f"w13's second dim must be 2I > 0 (gate rows then up rows), got "
+                         f"{list(w13.shape)}")
+    if w13.shape[2] != h:
+        raise ValueError(f"w13 must have shape [E, 2I, H = {h}] (x's H), got "
+                         f"{list(w13.shape)}")
+    inter = two_i // 2
+    _check_int8_experts("w13", w13, w13_scale, (e, two_i, h), x.device)
+    _check_int8_experts("w2", w2, w2_scale, (e, h, inter), x.device)
+    _check_routing_shapes(t, topk_weights, topk_ids, e)
+    lora_args = _check_lora(lora, x, e, inter)
+    return torch.ops.minikernels.fused_moe_int8(x, w13, w13_scale, w2, w2_scale,
+                                                topk_weights, topk_ids, *lora_args)
 
 
 # ------------------------------------------------------------------- alignment (sorting)

@@ -185,6 +185,95 @@ def w8a8_block_fp8_matmul(A: Tensor, B: Tensor, As: Tensor, Bs: Tensor,
     return c.to(output_dtype).reshape(*A.shape[:-1], n)
 
 
+# ------------------------------------------------- INT8 W8A8 (vLLM's SmoothQuant-style)
+# The compressed-tensors "int-quantized" W8A8 scheme: int8 activations with one fp32 scale
+# per token (dynamic) or per tensor (static), optionally asymmetric with an int32 zero
+# point (azp); int8 weight [N, K] with one fp32 scale per output channel or per tensor,
+# passed to the GEMM transposed (b = weight.t(), [K, N], column-major), like vLLM's
+# cutlass_scaled_mm. x / scale is a true (IEEE, correctly rounded) fp32 division, round()
+# is round-half-to-even (torch.round), so every kernel reproduces these bit for bit.
+
+INT8_AZP_MAX = 2147483520.0        # largest fp32 below 2^31: azp saturates to [-2^31, this]
+
+
+def _int8_div(x: Tensor, s: Tensor) -> Tensor:
+    """x / s in fp32, 0 where s == 0 (an all-zero row's scale: no NaN / inf)."""
+    return torch.where(s == 0, torch.zeros_like(x), x / torch.where(s == 0, 1.0, s))
+
+
+def scaled_int8_quant(x: Tensor, scale: Tensor | None = None, azp: Tensor | None = None,
+                      symmetric: bool = True) -> tuple[Tensor, Tensor, Tensor | None]:
+    """int8 quantization of activations (vLLM's ``scaled_int8_quant``).
+
+    x [..., K] fp16/bf16/fp32; M = x.numel() // K rows. fp32 math throughout; round() is
+    round-half-to-even, x / s an IEEE division; a zero scale divides to 0.
+    Dynamic (scale None): one scale per row, returned as [M, 1] fp32.
+        symmetric:  s = max|x| / 127;  x_q = clamp(round(x / s), -128, 127);  azp None.
+                    An all-zero row gets s = 0 and x_q = 0.
+        asymmetric: lo, hi = min(x), max(x); if lo == hi (a constant row c) the range is
+                    widened to include 0: lo = min(c, 0), hi = max(c, 0);
+                    s = (hi - lo) / 255;  azp = round(-128 - lo / s)  (int32 [M, 1],
+                    saturated to the int32 range);
+                    x_q = clamp(round(x / s) + azp, -128, 127)   (the + in fp32, like
+                    vLLM's test). So lo -> -128 and hi -> 127; a constant row c != 0 gets
+                    x_q = 127 (c > 0, azp -128) or -128 (c < 0, azp 127), s = |c| / 255,
+                    and s * (x_q - azp) = c up to fp32 rounding; an all-zero row gets
+                    s = 0, azp = -128, x_q = -128 (s * (x_q - azp) = 0 exactly).
+    Static (scale: fp32, numel 1; azp: int32 numel 1, given iff not symmetric):
+        x_q = clamp(round(x / scale) (+ azp), -128, 127); returns (x_q, scale, azp) as given.
+    Returns x_q int8 with x's shape (contiguous), the scales, azp (or None).
+    """
+    k = x.shape[-1]
+    m = x.numel() // k if k else math.prod(x.shape[:-1])
+    xf = x.float().reshape(m, k)
+    if scale is not None:
+        s = scale.float().reshape(1, 1)
+        q = torch.round(_int8_div(xf, s))
+        if azp is not None:
+            q = q + azp.reshape(1, 1).float()
+        return q.clamp(-128, 127).to(torch.int8).reshape(x.shape), scale, azp
+    if symmetric:
+        amax = xf.abs().amax(-1, keepdim=True) if k else xf.new_zeros(m, 1)
+        s = amax / 127.0
+        q = torch.round(_int8_div(xf, s)).clamp(-128, 127)
+        return q.to(torch.int8).reshape(x.shape), s, None
+    hi = xf.amax(-1, keepdim=True) if k else xf.new_zeros(m, 1)
+    lo = xf.amin(-1, keepdim=True) if k else xf.new_zeros(m, 1)
+    same = lo == hi
+    lo = torch.where(same, lo.clamp(max=0.0), lo)
+    hi = torch.where(same, hi.clamp(min=0.0), hi)
+    s = (hi - lo) / 255.0
+    azp_f = torch.round(-128.0 - _int8_div(lo, s)).clamp(-2.0**31, INT8_AZP_MAX)
+    q = (torch.round(_int8_div(xf, s)) + azp_f).clamp(-128, 127)
+    return q.to(torch.int8).reshape(x.shape), s, azp_f.to(torch.int32)
+
+
+def scaled_mm(a: Tensor, b: Tensor, scale_a: Tensor, scale_b: Tensor,
+              out_dtype: torch.dtype, bias: Tensor | None = None) -> Tensor:
+    """out = (a @ b) scaled per token / channel (vLLM's ``cutlass_scaled_mm``).
+
+    a [..., K] int8 (or float8_e4m3fn); b [K, N] the same dtype (usually weight.t() of a
+    contiguous weight [N, K]); scale_a fp32, numel 1 (per tensor) or M (per token, e.g.
+    [M, 1]); scale_b fp32, numel 1 or N (per output channel, e.g. [1, N] / [N, 1]);
+    bias [N] in out_dtype or None. Any strides. In this order, in fp32:
+        acc[m, n] = sum_k a[m, k] * b[k, n]     (int8: the exact integer, as the int32
+                                                 tensor-core accumulator holds it;
+                                                 fp8: fp32 accumulation in the kernels)
+        out[m, n] = scale_a[m] * (scale_b[n] * float32(acc[m, n])) (+ float32(bias[n]))
+    then one cast to out_dtype. Returns [..., N]. Here acc is computed in fp64 (exact for
+    int8 while |acc| < 2^53; int8 kernels are exact while K <= 131072, int32's range).
+    """
+    k = a.shape[-1]
+    n = b.shape[1]
+    acc = (a.reshape(math.prod(a.shape[:-1]), k).double() @ b.double()).float()
+    sa = scale_a.float().reshape(-1, 1)
+    sb = scale_b.float().reshape(1, -1)
+    out = sa * (sb * acc)
+    if bias is not None:
+        out = out + bias.float().reshape(1, n)
+    return out.to(out_dtype).reshape(*a.shape[:-1], n)
+
+
 # ------------------------------------------------------------------- fp8 weights (W8A16)
 # fp8 weight: weight float8_e4m3fn [N, K], weight_scale float32 [ceil(N / bn), ceil(K / bk)]
 # for block_size (bn, bk); W[n, k] = float(weight[n, k]) * weight_scale[n // bn, k // bk].
@@ -716,6 +805,26 @@ def fused_moe_fp8(x: Tensor, w13: Tensor, w13_scale: Tensor, w2: Tensor, w2_scal
     return fused_moe(x, dequantize_fp8_experts(w13, w13_scale, block_size),
                      dequantize_fp8_experts(w2, w2_scale, block_size), topk_weights, topk_ids,
                      lora)
+
+
+def dequantize_int8_experts(weight: Tensor, weight_scale: Tensor) -> Tensor:
+    """Stacked int8 experts weight [E, N, K] (int8), weight_scale fp32 [E, N] (one scale
+    per output row) -> W [E, N, K] fp32: W[e, n, k] = weight[e, n, k] * scale[e, n]."""
+    return weight.float() * weight_scale.float()[:, :, None]
+
+
+def fused_moe_int8(x: Tensor, w13: Tensor, w13_scale: Tensor, w2: Tensor, w2_scale: Tensor,
+                   topk_weights: Tensor, topk_ids: Tensor,
+                   lora: Sequence[Tensor] | None = None) -> Tensor:
+    """fused_moe with INT8 experts and per-row scales (W8A16, vLLM's ``use_int8_w8a16``):
+    exactly ``fused_moe`` on the dequantized experts kept in fp32
+    (``dequantize_int8_experts``, not rounded to x.dtype: the kernels scale the fp32
+    accumulators), LoRA on the experts included (dense adapters in x.dtype). w13 int8
+    [E, 2I, H] with w13_scale [E, 2I]; w2 int8 [E, H, I] with w2_scale [E, H]. Rounding
+    points: the activated intermediate silu(gate) * up to x.dtype; the router weight, the
+    k-sum in fp32; out rounded once."""
+    return fused_moe(x, dequantize_int8_experts(w13, w13_scale),
+                     dequantize_int8_experts(w2, w2_scale), topk_weights, topk_ids, lora)
 
 
 def moe_align_length(n: int, num_experts: int, block_size: int, pad_sorted_ids: bool) -> int:
