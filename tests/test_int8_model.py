@@ -98,7 +98,8 @@ def _ct_config(weights: dict[str, Any] | None = None, acts: dict[str, Any] | Non
 
 def test_int8_scheme_parsing():
     assert int8_scheme(_ct_config()) == {"method": "compressed-tensors",
-                                         "strategy": "channel", "activations": "dynamic"}
+                                         "strategy": "channel", "activations": "dynamic",
+                                         "group_size": -1}
     assert int8_scheme(_ct_config({"strategy": "tensor"},
                                   {"dynamic": False, "strategy": "tensor"}))["activations"] \
         == "static"
@@ -106,16 +107,18 @@ def test_int8_scheme_parsing():
     assert int8_scheme({"quant_method": "gptq", "bits": 4}) is None
     for weights, acts, match in (
             ({"symmetric": False}, None, "asymmetric int8 weights"),
-            ({"strategy": "group", "group_size": 128}, None, "strategy 'group'"),
+            ({"strategy": "block"}, None, "strategy 'block'"),
             ({"num_bits": 4}, None, "4-bit"),
             (None, {"symmetric": False}, "asymmetric input_activations"),
             (None, {"num_bits": 16}, "16-bit")):
         with pytest.raises(ValueError, match=match):
             int8_scheme(_ct_config(weights, acts))
-    qc = _ct_config()
-    qc["config_groups"]["group_0"]["input_activations"] = None
-    with pytest.raises(ValueError, match="W8A16"):
+    qc = _ct_config({"strategy": "group", "group_size": 128})
+    with pytest.raises(ValueError, match="group-wise int8 weights with activation"):
         int8_scheme(qc)
+    qc["config_groups"]["group_0"]["input_activations"] = None      # weight-only: W8A16
+    assert int8_scheme(qc) == {"method": "compressed-tensors", "strategy": "group",
+                               "activations": None, "group_size": 128}
 
 
 # ----------------------------------------------------------------- Int8Linear
@@ -330,7 +333,7 @@ def test_int8_checkpoint_errors(tmp_path):
     from test_model_support import write_quantized_checkpoint
     g = str(tmp_path / "gptq")
     write_quantized_checkpoint(make_hf_model("llama", seed=5), g, "gptq", group=32)
-    with pytest.raises(CheckpointError, match="quantization='int8' but .* int4 checkpoint"):
+    with pytest.raises(CheckpointError, match="quantization='int8' but .* 4-bit checkpoint"):
         load_model(g, dtype="float32", device="cpu", quantization="int8")
 
 

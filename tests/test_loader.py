@@ -139,8 +139,8 @@ def test_unsupported_architecture_and_features(hf_dirs, tmp_path):
     with pytest.raises(UnsupportedModelError, match="relu"):
         load_model(d, device="cpu")
     d = _copy(hf_dirs["llama"][1], tmp_path / "q8")
-    _edit_config(d, quantization_config={"quant_method": "gptq", "bits": 8, "group_size": 32})
-    with pytest.raises(UnsupportedModelError, match="8 bits"):
+    _edit_config(d, quantization_config={"quant_method": "gptq", "bits": 3, "group_size": 32})
+    with pytest.raises(UnsupportedModelError, match="3 bits"):
         load_model(d, device="cpu")
     d = _copy(hf_dirs["llama"][1], tmp_path / "bnb")
     _edit_config(d, quantization_config={"quant_method": "bitsandbytes"})

@@ -206,14 +206,26 @@ def pack_rows_of_8(q: torch.Tensor, order: Sequence[int] = tuple(range(8))) -> t
     return _to_int32(word)
 
 
+def pack_bytes_of_4(q: torch.Tensor) -> torch.Tensor:
+    """Pack q [..., 4m] (0..255) along the last dim: byte j of word c holds q[..., 4c+j]."""
+    *lead, n = q.shape
+    q = q.to(torch.int64).reshape(*lead, n // 4, 4)
+    word = torch.zeros(*lead, n // 4, dtype=torch.int64)
+    for slot in range(4):
+        word |= q[..., slot] << (8 * slot)
+    return _to_int32(word)
+
+
 def gptq_tensors(q: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor,
-                 g_idx: torch.Tensor, v1: bool = True) -> dict[str, torch.Tensor]:
+                 g_idx: torch.Tensor, v1: bool = True, bits: int = 4) -> dict[str, torch.Tensor]:
     """GPTQ layer from integers q [N, K], zeros [N, groups] (per group index), scales
     [N, groups]: qweight [K/8, N] packed along K, qzeros [groups, N/8] packed along N
-    (v1 stores zero - 1), scales [groups, N], g_idx [K]."""
-    qweight = pack_rows_of_8(q).t().contiguous()                  # pack along K -> [K/8, N]
+    (v1 stores zero - 1), scales [groups, N], g_idx [K]. bits=8: 4 values per word
+    ([K/4, N], [groups, N/4])."""
+    pack = pack_rows_of_8 if bits == 4 else pack_bytes_of_4
+    qweight = pack(q).t().contiguous()                            # pack along K -> [K/8, N]
     z = zeros.t().contiguous() - (1 if v1 else 0)                  # [groups, N]
-    return {"qweight": qweight, "qzeros": pack_rows_of_8(z), "scales": scales.t().contiguous(),
+    return {"qweight": qweight, "qzeros": pack(z), "scales": scales.t().contiguous(),
             "g_idx": g_idx.to(torch.int32)}
 
 
@@ -231,11 +243,14 @@ def awq_tensors(q: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor
 
 def write_quantized_checkpoint(hf: torch.nn.Module, path: str, method: str, group: int,
                                act_order: bool = False, seed: int = 0,
-                               checkpoint_format: str = "gptq") -> dict[str, torch.Tensor]:
+                               checkpoint_format: str = "gptq",
+                               bits: int = 4) -> dict[str, torch.Tensor]:
     """Save ``hf`` as a GPTQ / AWQ / compressed-tensors ("pack-quantized", symmetric: every
     zero 8; ``group`` -1 = the "channel" strategy) checkpoint with known random integers in
     every linear layer of the decoder blocks; the dense model ``hf`` gets the dequantized
-    weights (so it is the reference). Returns {hf linear name: dequantized W}."""
+    weights (so it is the reference). Returns {hf linear name: dequantized W}. bits=8
+    (GPTQ, compressed-tensors): 8-bit integers, 4 per word (compressed-tensors zero 128)."""
+    top = (1 << bits) - 1
     from safetensors.torch import save_file
 
     g = torch.Generator().manual_seed(seed)
@@ -248,11 +263,12 @@ def write_quantized_checkpoint(hf: torch.nn.Module, path: str, method: str, grou
         ct = method == "compressed-tensors"
         groups = 1 if group == -1 else k // group
         gsize = k // groups
-        q = torch.randint(0, 16, (n, k), generator=g)
+        q = torch.randint(0, top + 1, (n, k), generator=g)
         lo = 1 if (method == "gptq" and checkpoint_format == "gptq") else 0
-        zeros = torch.full((n, groups), 8) if ct else \
-            torch.randint(lo, 16, (n, groups), generator=g)
-        scales = (torch.rand(n, groups, generator=g) * 0.02 + 0.005).half()
+        zeros = torch.full((n, groups), (top + 1) // 2) if ct else \
+            torch.randint(lo, top + 1, (n, groups), generator=g)
+        scales = ((torch.rand(n, groups, generator=g) * 0.02 + 0.005) /
+                  (1 if bits == 4 else 16)).half()
         if act_order:
             g_idx = torch.randperm(k, generator=g) % groups
         else:
@@ -260,12 +276,14 @@ def write_quantized_checkpoint(hf: torch.nn.Module, path: str, method: str, grou
         gi = g_idx.long()
         wdq = (q.float() - zeros.float()[:, gi]) * scales.float()[:, gi]
         if ct:   # signed q - 8 stored offset by 8 = q, 8 per int32 along K; [N, ...] layout
-            parts = {"weight_packed": pack_rows_of_8(q), "weight_scale": scales,
+            parts = {"weight_packed": (pack_rows_of_8 if bits == 4 else pack_bytes_of_4)(q),
+                     "weight_scale": scales,
                      "weight_shape": torch.tensor([n, k])}
             if act_order:
                 parts["weight_g_idx"] = g_idx.to(torch.int32)
         elif method == "gptq":
-            parts = gptq_tensors(q, zeros, scales, g_idx, v1=checkpoint_format == "gptq")
+            parts = gptq_tensors(q, zeros, scales, g_idx, v1=checkpoint_format == "gptq",
+                                 bits=bits)
         else:
             parts = awq_tensors(q, zeros, scales)
         for kname, t in parts.items():
@@ -293,14 +311,14 @@ def write_quantized_checkpoint(hf: torch.nn.Module, path: str, method: str, grou
     os.makedirs(path, exist_ok=True)
     save_file(tensors, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
     cfg = hf.config.to_dict()
-    qc: dict[str, Any] = {"quant_method": method, "bits": 4, "group_size": group}
+    qc: dict[str, Any] = {"quant_method": method, "bits": bits, "group_size": group}
     if method == "compressed-tensors":   # what llm-compressor writes for W4A16
         qc = {"quant_method": method, "format": "pack-quantized",
               "quantization_status": "compressed", "ignore": ["lm_head"],
               "config_groups": {"group_0": {
                   "targets": ["Linear"], "input_activations": None,
                   "output_activations": None,
-                  "weights": {"num_bits": 4, "type": "int", "symmetric": True,
+                  "weights": {"num_bits": bits, "type": "int", "symmetric": True,
                               "strategy": "channel" if group == -1 else "group",
                               "group_size": None if group == -1 else group,
                               "actorder": "group" if act_order else None,

@@ -39,6 +39,10 @@ def _samples(device: str):
         "gelu_and_mul": (x, "tanh"),
         "rotary_embedding": (q, k, pos, cache),
         "int4_matmul": (xh, qw, sc, zr, 32, None),
+        "int8_matmul": (xh, torch.randint(0, 256, (13, 64), dtype=torch.uint8, device=device),
+                        (torch.rand(13, 2, device=device) / 100).half(),
+                        torch.randint(0, 256, (13, 2), device=device).half(), 32,
+                        torch.randn(13, device=device).half()),
         # fp8_matmul takes the weight's bytes (e4m3 bit patterns; see minikernels/ops/fp8.py)
         "fp8_matmul": (xh, torch.randn(16, 64, device=device).to(torch.float8_e4m3fn).view(
                            torch.uint8), torch.rand(2, 2, device=device) / 50, [8, 32],
@@ -348,6 +352,30 @@ def test_fused_moe_int8_bad_inputs():
                               w2.to("meta"), s2, tw.to("meta"), ids.to("meta"))
     with pytest.raises(ValueError, match=r"topk_ids values must be in \[0, 2\)"):
         mk.ops.fused_moe_int8(x, w13, s13, w2, s2, tw, ids + 1)
+
+
+def test_int8_matmul_bad_inputs():
+    x = torch.randn(3, 64).half()
+    q = torch.randint(0, 256, (13, 64), dtype=torch.uint8)
+    s = (torch.rand(13, 2) / 100).half()
+    z = torch.full((13, 2), 128.0).half()
+    mk.ops.int8_matmul(x, q, s, z, 32)
+    with pytest.raises(TypeError, match="qweight must have dtype in \\(uint8\\)"):
+        mk.ops.int8_matmul(x, q.view(torch.int8), s, z, 32)
+    with pytest.raises(TypeError, match="x must have dtype"):
+        mk.ops.int8_matmul(x.float(), q, s, z, 32)
+    with pytest.raises(ValueError, match="group_size must be -1 .* multiple of 16, got 8"):
+        mk.ops.int8_matmul(x, q, s, z, 8)
+    with pytest.raises(ValueError, match=r"K \(64\) must be a multiple of group_size \(48\)"):
+        mk.ops.int8_matmul(x, q, s, z, 48)
+    with pytest.raises(ValueError, match=r"scales must have shape \[13, 1\]"):
+        mk.ops.int8_matmul(x, q, s, z, -1)
+    with pytest.raises(ValueError, match=r"x last dim \(32\) must equal K"):
+        mk.ops.int8_matmul(x[:, :32], q, s, z, 32)
+    with pytest.raises(ValueError, match=r"bias must have shape \[13\]"):
+        mk.ops.int8_matmul(x, q, s, z, 32, torch.randn(12).half())
+    with pytest.raises(ValueError, match="qweight must be on meta"):
+        mk.ops.int8_matmul(x.to("meta"), q, s, z, 32)
 
 
 def test_index_checks_context_is_thread_local():

@@ -130,6 +130,24 @@ def test_int4_matmul(backend, device):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("gs", [32, -1])
+def test_int8_matmul(backend, device, gs):
+    # every tensor argument a view (the weight with padded rows, permuted storage and, at
+    # gs = -1, a strided K: the kernels' unaligned byte-load configs); odd N and K
+    g = _gen(8)
+    n, k = 37, (96 if gs != -1 else 100)
+    q, s, z = reference.quantize_int8_grouped(torch.randn(n, k, generator=g).half(), gs)
+    x = torch.randn(3, k, generator=g).half()
+    bias = torch.randn(n, generator=g).half()
+    q, s, z, x, bias = (t.to(device) for t in (q, s, z, x, bias))
+    args = [view_of(x, g, step_last=True), view_of(q, g, permute=True, step_last=gs == -1),
+            view_of(s, g, permute=gs != -1), view_of(z, g, step_last=True)]
+    with mk.use_backend(backend):
+        y = mk.ops.int8_matmul(*args, gs, bias=view_of(bias, g, step_last=True))
+    assert_close(y, reference.int8_matmul(x, q, s, z, gs, bias), scale=4.0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("fused", [True, False], ids=["fused_kv", "padded_kv"])
 def test_paged_kv_ops(backend, device, fused):
     """write_kv_cache, paged_decode_attention and paged flash_attention on cache views."""

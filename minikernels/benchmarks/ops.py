@@ -79,6 +79,7 @@ def op_cases(device: str, dtype: torch.dtype, small: bool) -> list[Case]:
                           lambda xm=xm: ops.int4_matmul(xm, qweight, scales, zeros, 128),
                           n * k_dim / 2 + n * k_dim / 128 * 4 + m * (n + k_dim) * es,
                           2 * m * n * k_dim, ("triton", "cuda"), lambda xm=xm: xm @ wdense.t()))
+    cases += int8_matmul_cases(device, dtype, s)
     cases += fp8_matmul_cases(device, dtype, s)
     seq = 2048 // s
     qa = torch.randn(seq, hq, d, device=device, dtype=dtype)
@@ -319,6 +320,31 @@ def int8_w8a8_cases(device: str, dtype: torch.dtype, s: int) -> list[Case]:
         "scaled_int8_quant dynamic", f"{m}x{k}", lambda: ops.scaled_int8_quant(x),
         m * k * (es + 1) + m * 4, 0, ("triton",),
         lambda: ops.reference.scaled_int8_quant(x)))
+    return cases
+
+
+def int8_matmul_cases(device: str, dtype: torch.dtype, s: int) -> list[Case]:
+    """int8 W8A16 (uint8 weight, g128 scales and zero points: GPTQ 8-bit / compressed-
+    tensors W8A16's layout after conversion; x stays in dtype) at M = 1, 16, 4096 on an
+    8192^2 weight, beside cuBLAS bf16 (x @ W.T; the peer runs on the GPU only). Bytes: the
+    int8 weight + the scales and zeros + x + y."""
+    import torch
+
+    from .. import ops
+    n = k = 8192 // s
+    es = torch.finfo(dtype).bits // 8
+    qweight = torch.randint(0, 256, (n, k), dtype=torch.uint8, device=device)
+    scales = (torch.rand(n, k // 128, device=device) / 500).to(dtype)
+    zeros = torch.full((n, k // 128), 128.0, device=device, dtype=dtype)
+    wdense = torch.randn(n, k, device=device, dtype=dtype)
+    cases = []
+    for m in (1, 16, 4096 // s):
+        xm = torch.randn(m, k, device=device, dtype=dtype)
+        cases.append(Case(
+            "int8_matmul g128", f"M={m} {n}x{k}",
+            lambda xm=xm: ops.int8_matmul(xm, qweight, scales, zeros, 128),
+            n * k + 2 * scales.numel() * es + m * (n + k) * es, 2 * m * n * k, ("triton",),
+            lambda xm=xm: xm @ wdense.t()))
     return cases
 
 

@@ -25,6 +25,11 @@ weight + one fp32 scale per output row; parts concatenate losslessly): activatio
 quantized per token (``ops.scaled_int8_quant``) and multiplied with an exact int32 dot
 product (``ops.scaled_mm``).
 
+INT8 weight-only (W8A16): :meth:`set_int4_shard` also takes an
+:class:`minikernels.quant.int8.Int8WoWeight` (GPTQ 8-bit, compressed-tensors W8A16);
+parts with the same permutation and group size merge into :class:`Int8WoPart` matmuls
+(``ops.int8_matmul``), as int4 parts do.
+
 An int4 weight is anything with ``qweight [N, K/8] int32, scales/zeros [N, K/G],
 group_size`` and optionally ``perm`` (int64 [K]: the stored column j multiplies input
 column perm[j]) — :class:`minikernels.quant.Int4Weight` and plain namespaces alike.
@@ -211,6 +216,48 @@ class Int8Part(nn.Module):
         return f"in={self.in_features}, out={self.out_features}, w8a8=int8"
 
 
+class Int8WoPart(nn.Module):
+    """One INT8 weight-only matmul: y = x[..., perm] @ W.T, W [N, K] = (q - zeros) *
+    scales per group of G columns (q uint8; :class:`minikernels.quant.int8.Int8WoWeight`),
+    run by ``ops.int8_matmul`` with fp16 / bf16 activations (an fp32 model rounds them to
+    the scales' dtype for the matmul; accumulation is fp32 either way)."""
+
+    def __init__(self, qweight: Tensor, scales: Tensor, zeros: Tensor, group_size: int,
+                 perm: Tensor | None = None) -> None:
+        super().__init__()
+        self.group_size = int(group_size)
+        self.register_buffer("qweight", qweight.contiguous())
+        self.register_buffer("scales", scales.contiguous())
+        self.register_buffer("zeros", zeros.contiguous())
+        self.register_buffer("perm", None if perm is None else perm.long().contiguous())
+
+    @property
+    def out_features(self) -> int:
+        return int(self.qweight.shape[0])
+
+    @property
+    def in_features(self) -> int:
+        return int(self.qweight.shape[1])
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.perm is not None:
+            x = x.index_select(-1, self.perm)
+        xin = x if x.dtype in (torch.float16, torch.bfloat16) else x.to(self.scales.dtype)
+        y = ops.int8_matmul(xin, self.qweight, self.scales, self.zeros, self.group_size)
+        return y.to(x.dtype)
+
+    def dequantize(self) -> Tensor:
+        """W [N, K] fp32 in the input's column order (perm undone)."""
+        from ..quant.int8 import Int8WoWeight
+
+        return Int8WoWeight(self.qweight, self.scales, self.zeros, self.group_size,
+                            self.perm).dequantize()
+
+    def extra_repr(self) -> str:
+        return (f"in={self.in_features}, out={self.out_features}, group_size={self.group_size}, "
+                f"act_order={self.perm is not None}, w8a16=int8")
+
+
 FP8_ACTIVATIONS = ("none", "dynamic")
 
 
@@ -253,6 +300,7 @@ class FusedLinear(nn.Module):
         self.int4_parts = nn.ModuleList()
         self.fp8_parts = nn.ModuleList()
         self.int8_parts = nn.ModuleList()
+        self.int8_wo_parts = nn.ModuleList()
         self._pending: dict[int, Any] = {}   # shard -> int4 / fp8 / int8 weight, until all arrive
 
     # ------------------------------------------------------------------ loading
@@ -284,11 +332,18 @@ class FusedLinear(nn.Module):
             dst[start:stop].copy_(tensor)
 
     def set_int4_shard(self, shard: int, w: Any) -> None:
-        """Give part ``shard`` an int4 weight (GPTQ/AWQ import); merged once all parts have one."""
+        """Give part ``shard`` an int4 weight (GPTQ/AWQ import), or a weight-only int8 one
+        (:class:`minikernels.quant.int8.Int8WoWeight`); merged once all parts have one."""
+        from ..quant.int8 import Int8WoWeight
+
         start, stop = self.shard_rows(shard)
-        n, k = int(w.qweight.shape[0]), int(w.qweight.shape[1]) * 8
+        if isinstance(w, Int8WoWeight):
+            n, k = w.shape
+        else:
+            n, k = int(w.qweight.shape[0]), int(w.qweight.shape[1]) * 8
         if (n, k) != (stop - start, self.in_features):
-            raise ValueError(f"shape mismatch: int4 weight is [{n}, {k}], expected "
+            raise ValueError(f"shape mismatch: {'int8' if isinstance(w, Int8WoWeight) else 'int4'}"
+                             f" weight is [{n}, {k}], expected "
                              f"[{stop - start}, {self.in_features}]")
         self.weight = None
         self._pending[shard] = w
@@ -323,7 +378,7 @@ class FusedLinear(nn.Module):
         parts = [self._pending[i] for i in range(len(self.output_sizes))]
         self._pending = {}
         from ..quant.fp8 import Fp8Weight, merge_fp8
-        from ..quant.int8 import Int8Weight
+        from ..quant.int8 import Int8Weight, Int8WoWeight
 
         int8 = [isinstance(w, Int8Weight) for w in parts]
         if any(int8):
@@ -332,6 +387,9 @@ class FusedLinear(nn.Module):
             self.int8_parts = nn.ModuleList([Int8Part(torch.cat([w.weight for w in parts]),
                                                       torch.cat([w.scale for w in parts]))])
             return
+        wo = [isinstance(w, Int8WoWeight) for w in parts]
+        if any(wo) and not all(wo):
+            raise ValueError("a fused linear cannot mix weight-only int8 and other parts")
         fp8 = [isinstance(w, Fp8Weight) for w in parts]
         if any(fp8):
             if not all(fp8):
@@ -340,6 +398,7 @@ class FusedLinear(nn.Module):
                                            for w in merge_fp8(parts))
             return
         self.int4_parts = nn.ModuleList()
+        self.int8_wo_parts = nn.ModuleList()
         groups: list[list[Any]] = []
         for w in parts:  # merge neighbours with identical perm and group size
             if groups:
@@ -352,8 +411,10 @@ class FusedLinear(nn.Module):
                     groups[-1].append(w)
                     continue
             groups.append([w])
+        target, part_cls = (self.int8_wo_parts, Int8WoPart) if all(wo) else \
+            (self.int4_parts, Int4Part)
         for g in groups:
-            self.int4_parts.append(Int4Part(
+            target.append(part_cls(
                 torch.cat([w.qweight for w in g]), torch.cat([w.scales for w in g]),
                 torch.cat([w.zeros for w in g]), int(g[0].group_size), _perm_of(g[0])))
 
@@ -374,14 +435,24 @@ class FusedLinear(nn.Module):
         return any(isinstance(w, Int8Weight) for w in self._pending.values())
 
     @property
+    def is_int8_wo(self) -> bool:
+        """Weight-only int8 (W8A16) parts."""
+        if len(self.int8_wo_parts):
+            return True
+        from ..quant.int8 import Int8WoWeight
+
+        return any(isinstance(w, Int8WoWeight) for w in self._pending.values())
+
+    @property
     def is_int4(self) -> bool:
-        return self.weight is None and not self.is_fp8 and not self.is_int8
+        return self.weight is None and not self.is_fp8 and not self.is_int8 and \
+            not self.is_int8_wo
 
     @property
     def is_ready(self) -> bool:
         return self.weight is not None or (
-            (len(self.int4_parts) > 0 or len(self.fp8_parts) > 0 or len(self.int8_parts) > 0)
-            and not self._pending)
+            any(len(p) for p in (self.int4_parts, self.fp8_parts, self.int8_parts,
+                                 self.int8_wo_parts)) and not self._pending)
 
     def quantize_(self, group_size: int = 128, symmetric: bool = False) -> None:
         """Replace the dense weight by RTN int4 with exactly ``group_size`` (it must divide K)."""
@@ -523,6 +594,8 @@ class FusedLinear(nn.Module):
     def _quantized_parts(self) -> nn.ModuleList:
         if len(self.int8_parts):
             return self.int8_parts
+        if len(self.int8_wo_parts):
+            return self.int8_wo_parts
         return self.fp8_parts if len(self.fp8_parts) else self.int4_parts
 
     def weight_bytes(self) -> int:
@@ -532,4 +605,5 @@ class FusedLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, out={self.output_sizes}, bias={self.bias is not None}, "
-                f"int4={self.is_int4}, fp8={self.is_fp8}, int8={self.is_int8}")
+                f"int4={self.is_int4}, fp8={self.is_fp8}, int8={self.is_int8}, "
+                f"int8_wo={self.is_int8_wo}")

@@ -424,10 +424,14 @@ def _checkpoint_quant(config: DecoderConfig) -> dict[str, Any] | None:
                                     "compressed-tensors pack-quantized int4, int8 W8A8 or "
                                     "fp8, fp8)")
     bits = int(qc.get("bits", qc.get("w_bit", 4)))
-    if bits != 4:
-        raise UnsupportedModelError(f"{method} with {bits} bits is not supported (only 4)")
+    if bits not in ((4, 8) if method == "gptq" else (4,)):
+        raise UnsupportedModelError(f"{method} with {bits} bits is not supported (" + (
+            "4 or 8)" if method == "gptq" else "only 4)"))
     group = int(qc.get("group_size", qc.get("q_group_size", 128)))
-    out = {"method": method, "group_size": group}
+    if bits == 8 and group != -1 and group % 16:
+        raise UnsupportedModelError(f"8-bit GPTQ with group_size {group} is not supported "
+                                    "(a multiple of 16, or -1)")
+    out = {"method": method, "group_size": group, "bits": bits}
     if method == "gptq":
         fmt = str(qc.get("checkpoint_format", "gptq")).lower()
         if fmt not in ("gptq", "gptq_v2"):
@@ -511,13 +515,14 @@ def _load_hf(model_dir: str, dtype: str | torch.dtype, device: torch.device,
     elif quantization == "fp8" and ckpt_quant is not None:
         raise CheckpointError(f"quantization='fp8' but {model_dir} is a "
                               f"{ckpt_quant['method']} " + ("int8" if "int8" in ckpt_quant
-                                                             else "int4") + " checkpoint")
+                                                             else f"{ckpt_quant.get('bits', 4)}"
+                                                             "-bit") + " checkpoint")
     int8_ckpt = ckpt_quant.get("int8") if ckpt_quant is not None else None
     if int8_ckpt is not None and quantization not in (None, "int8"):
         raise CheckpointError(f"quantization={quantization!r} but {model_dir} is an int8 "
                               "W8A8 checkpoint (load it with quantization=None or 'int8')")
     if quantization == "int8" and ckpt_quant is not None and int8_ckpt is None:
-        kind = "fp8" if fp8_ckpt is not None else "int4"
+        kind = "fp8" if fp8_ckpt is not None else f"{ckpt_quant.get('bits', 4)}-bit"
         raise CheckpointError(f"quantization='int8' but {model_dir} is a "
                               f"{ckpt_quant['method']} {kind} checkpoint")
     if quantization in ("gptq", "awq") and (ckpt_quant is None or
@@ -646,6 +651,9 @@ def _load_hf(model_dir: str, dtype: str | torch.dtype, device: torch.device,
                         got[tkind] = tensor.to(device)
                         if "weight" in got and "weight_scale" in got:
                             del pending_int8_experts[(mod_name, shard, part)]
+                            if int8_ckpt["strategy"] == "group":
+                                raise CheckpointError(f"{where}: group-wise int8 experts are "
+                                                      "not supported (per channel or tensor)")
                             from ..quant.int8 import int8_from_checkpoint
                             try:
                                 mod.set_int8_part_(shard, part, int8_from_checkpoint(
@@ -702,10 +710,16 @@ def _load_hf(model_dir: str, dtype: str | torch.dtype, device: torch.device,
                         got[kind] = tensor.to(device)
                         if "weight" in got and "weight_scale" in got:
                             del pending_int8[(mod_name, shard)]
-                            from ..quant.int8 import int8_from_checkpoint
+                            from ..quant.int8 import (int8_from_checkpoint,
+                                                      int8_wo_from_checkpoint)
                             try:
-                                mod.set_int8_shard(shard, int8_from_checkpoint(
-                                    got["weight"], got["weight_scale"]))
+                                if int8_ckpt["activations"] is None:    # W8A16
+                                    mod.set_int4_shard(shard, int8_wo_from_checkpoint(
+                                        got["weight"], got["weight_scale"]).to(
+                                            dtype=_half_dtype(torch_dtype)))
+                                else:
+                                    mod.set_int8_shard(shard, int8_from_checkpoint(
+                                        got["weight"], got["weight_scale"]))
                             except ValueError as exc:
                                 raise CheckpointError(f"{where}: {exc}") from None
                             seen.add((mod_name, shard, "qweight"))
@@ -817,6 +831,9 @@ def _load_hf(model_dir: str, dtype: str | torch.dtype, device: torch.device,
     for (mod_name, e, part), t in sorted(pending_experts.items()):
         where = f"model.{mod_name}.{e}.{part}"
         w = _int4_weight(where, t, ckpt_quant, torch_dtype)
+        if ckpt_quant.get("bits", 4) == 8:
+            raise CheckpointError(f"{where}: 8-bit weight-only experts (GPTQ / "
+                                  "compressed-tensors W8A16) are not supported")
         if w.perm is not None:
             raise CheckpointError(f"{where}: act-order (desc_act) int4 experts are not "
                                   "supported (the fused experts read K in order)")
@@ -894,10 +911,16 @@ def _hf_name(module: str, shard: int | None, kind: str) -> str:
     return f"model.{module}.{kind}"
 
 
+def _half_dtype(torch_dtype: torch.dtype) -> torch.dtype:
+    """The scales' dtype of weight-only quantized parts: the model's half dtype, else fp16."""
+    return torch_dtype if torch_dtype in (torch.float16, torch.bfloat16) else torch.float16
+
+
 def _int4_weight(name: str, t: dict[str, Tensor], quant: dict[str, Any],
                  torch_dtype: torch.dtype) -> Any:
     """One layer's GPTQ / AWQ / compressed-tensors tensors -> an Int4Weight (canonical
-    layout; scales in the model's half dtype, else fp16)."""
+    layout; scales in the model's half dtype, else fp16), or an Int8WoWeight for 8-bit
+    GPTQ / compressed-tensors W8A16."""
     from .. import quant as mkq
 
     scale_dtype = torch_dtype if torch_dtype in (torch.float16, torch.bfloat16) \
@@ -910,10 +933,11 @@ def _int4_weight(name: str, t: dict[str, Tensor], quant: dict[str, Any],
     try:
         if ct:
             w = mkq.from_compressed_tensors(t["weight_packed"], t["weight_scale"],
-                                            t.get("weight_g_idx"))
+                                            t.get("weight_g_idx"), bits=quant.get("bits", 4))
         elif quant["method"] == "gptq":
             w = mkq.from_gptq(t["qweight"], t["qzeros"], t["scales"], t.get("g_idx"),
-                              checkpoint_format=quant["checkpoint_format"])
+                              checkpoint_format=quant["checkpoint_format"],
+                              bits=quant.get("bits", 4))
         else:
             w = mkq.from_awq(t["qweight"], t["qzeros"], t["scales"])
         return w.to(dtype=scale_dtype)

@@ -332,12 +332,23 @@ def _fp8_scale_shard(config: DecoderConfig, module: str, kind: str, src: Any, st
     from ..quant.fp8 import fp8_scheme
     from ..quant.int8 import int8_scheme
 
-    if int8_scheme(config.quantization_config or {}) is not None:
-        # int8 W8A8: weight_scale [N, 1] per channel (rows with the weight's rows; whole
-        # for a row-parallel layer) or one value; input_scale one value
+    int8 = int8_scheme(config.quantization_config or {})
+    if int8 is not None:
+        # int8: weight_scale [N, 1] per channel (rows with the weight's rows; whole for a
+        # row-parallel layer), [N, K / G] per group (weight-only: also this rank's K
+        # groups), or one value; input_scale one value
         t = _read(src)
-        if kind == "weight_scale" and along_n and t.numel() > 1:
+        if kind != "weight_scale" or t.numel() == 1:
+            return t
+        if along_n:
             return t[start:stop]
+        if int8["strategy"] == "group":
+            g = int8["group_size"]
+            if start % g or stop % g:
+                raise ValueError(f"{module}: the per-rank K slice [{start}, {stop}) does not "
+                                 f"fall on int8 group boundaries (group_size {g}); use a "
+                                 "smaller tensor_parallel_size")
+            return t[:, start // g:stop // g]
         return t
     scheme = fp8_scheme(config.quantization_config or {})
     if scheme is None or (kind == "weight_scale" and scheme["scale"] != kind):
@@ -362,33 +373,36 @@ def _fp8_scale_shard(config: DecoderConfig, module: str, kind: str, src: Any, st
 
 # GPTQ: qweight [K/8, N], qzeros [K/G, N/8], scales [K/G, N], g_idx [K]
 # AWQ:  qweight [K, N/8],  qzeros [K/G, N/8], scales [K/G, N]
-def _quant(config: DecoderConfig, module: str) -> tuple[str, int]:
-    """(method, group size; -1 = one group per output channel) of an int4 checkpoint."""
+def _quant(config: DecoderConfig, module: str) -> tuple[str, int, int]:
+    """(method, group size; -1 = one group per output channel, values per packed int32
+    word: 8 for 4-bit, 4 for 8-bit) of an int4 / weight-only int8 checkpoint."""
     qc = config.quantization_config or {}
     method = str(qc.get("quant_method", "")).lower()
     if method == "compressed-tensors":
         from ..quant import compressed_tensors_scheme
 
-        return method, compressed_tensors_scheme(qc)["group_size"]
+        scheme = compressed_tensors_scheme(qc)
+        return method, scheme["group_size"], 32 // scheme["bits"]
     group = int(qc.get("group_size", qc.get("q_group_size", 128)))
-    if method not in ("gptq", "awq") or group <= 0:
+    if method not in ("gptq", "awq") or (group <= 0 and group != -1):
         raise ValueError(f"{module}: int4 tensors with tensor parallel need a GPTQ / AWQ "
-                         "quantization_config with a positive group_size")
-    return method, group
+                         "quantization_config with a positive group_size (or -1)")
+    return method, group, 32 // int(qc.get("bits", qc.get("w_bit", 4)))
 
 
 def _int4_columns(config: DecoderConfig, module: str, kind: str, src: Any, n0: int,
                   n1: int) -> Tensor:
     """Output rows [n0, n1) of a column-parallel GPTQ / AWQ part (all of K)."""
-    method, _ = _quant(config, module)
-    if n0 % 8 or n1 % 8:
-        raise ValueError(f"{module}: int4 shard [{n0}, {n1}) is not a multiple of 8 outputs")
+    method, _, per = _quant(config, module)
+    if n0 % per or n1 % per:
+        raise ValueError(f"{module}: quantized shard [{n0}, {n1}) is not a multiple of "
+                         f"{per} outputs")
     if kind in ("g_idx", "weight_g_idx"):
         return _read(src)
     if method == "compressed-tensors":   # [N, ...]: output rows first
         return src[n0:n1]
     packed_n = kind == "qzeros" or (kind == "qweight" and method == "awq")
-    a, b = (n0 // 8, n1 // 8) if packed_n else (n0, n1)
+    a, b = (n0 // per, n1 // per) if packed_n else (n0, n1)
     return src[:, a:b]
 
 
@@ -396,28 +410,31 @@ def _int4_k_slice(config: DecoderConfig, module: str, kind: str, src: Any, k0: i
                   k1: int) -> Tensor:
     """Input columns [k0, k1) of a row-parallel GPTQ / AWQ layer, cut at group boundaries
     (GPTQ act-order is refused: its groups are not contiguous in K)."""
-    method, g = _quant(config, module)
-    if g == -1:                   # one scale per output channel: every K slice is aligned
+    method, g, per = _quant(config, module)
+    per_channel = g == -1
+    if per_channel:               # one scale per output channel: every K slice is aligned
         g = k1 - k0
-    if k0 % g or k1 % g or k0 % 8:
+    if k0 % g or k1 % g or k0 % per:
         raise ValueError(f"{module}: the per-rank K slice [{k0}, {k1}) does not fall on "
                          f"int4 group boundaries (group_size {g}); use a smaller "
                          "tensor_parallel_size")
     if kind in ("g_idx", "weight_g_idx"):
         t = src[k0:k1]
+        if per_channel:           # every column in group 0
+            return t
         want = torch.arange(k0, k1, dtype=torch.int64) // g
         if not torch.equal(t.long(), want):
             raise ValueError(f"{module}: GPTQ act-order (desc_act) on a row-parallel layer "
                              "is not supported with tensor parallel")
         return t - k0 // g
-    if method == "compressed-tensors":   # weight_packed [N, K / 8], weight_scale [N, K / G]
+    if method == "compressed-tensors":   # weight_packed [N, K / per], weight_scale [N, K / G]
         if kind == "weight_scale":
             return src[:, k0 // g:k1 // g] if _shape(src)[1] > 1 else _read(src)
-        return src[:, k0 // 8:k1 // 8]
+        return src[:, k0 // per:k1 // per]
     if kind in ("qzeros", "scales"):
-        return src[k0 // g:k1 // g]
+        return _read(src) if per_channel else src[k0 // g:k1 // g]
     if method == "gptq":          # qweight packed along K
-        return src[k0 // 8:k1 // 8]
+        return src[k0 // per:k1 // per]
     return src[k0:k1]
 
 

@@ -11,6 +11,7 @@ from .fp8 import fp8_matmul
 from .attention import flash_attention, flash_attention_bshd
 from .fp8_w8a8 import per_token_group_quant_fp8, w8a8_block_fp8_matmul
 from .int4 import int4_matmul
+from .int8 import int8_matmul
 from .int8_w8a8 import scaled_int8_quant, scaled_mm
 from .kv_cache import merge_attn_states, paged_decode_attention, write_kv_cache
 from .lora import lora_delta
@@ -43,6 +44,7 @@ __all__ = [
     "gelu_tanh_and_mul",
     "gemma_rms_norm",
     "int4_matmul",
+    "int8_matmul",
     "lora_delta",
     "merge_attn_states",
     "moe_align_block_size",

@@ -18,6 +18,11 @@ Layouts (FlashAttention / vLLM conventions):
                        scales, zeros [N, K // G] fp16/bf16 (zeros hold integer zero-points);
                        W[n, k] = (q[n, k] - zeros[n, k // G]) * scales[n, k // G].
                        group_size = -1 means one group per row (G = K).
+    int8 weight        qweight uint8 [N, K] (row-major, nn.Linear layout): the stored value q
+                       in 0..255 of W[n, k]; scales, zeros [N, K // G] fp16/bf16 (zeros are
+                       real-valued zero-points, 128 for symmetric int8 checkpoints);
+                       W[n, k] = (q[n, k] - zeros[n, k // G]) * scales[n, k // G].
+                       G a positive multiple of 16 dividing K, or -1 (one group per row).
 """
 from __future__ import annotations
 
@@ -129,6 +134,72 @@ def int4_matmul(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, group
     if bias is not None:
         y = y + bias.float()
     return y.to(x.dtype)
+
+
+# ------------------------------------------------------------------------------ int8
+
+
+def dequantize_int8(qweight: Tensor, scales: Tensor, zeros: Tensor, group_size: int) -> Tensor:
+    """The canonical int8 layout (module docstring) to W [N, K] in fp32:
+    W[n, k] = (q[n, k] - zeros[n, k // G]) * scales[n, k // G], G = K when group_size = -1."""
+    k = qweight.shape[1]
+    g = k if group_size == -1 else group_size
+    s = scales.float().repeat_interleave(g, dim=1)[:, :k]
+    z = zeros.float().repeat_interleave(g, dim=1)[:, :k]
+    return (qweight.float() - z) * s
+
+
+def int8_matmul(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, group_size: int,
+                bias: Tensor | None = None) -> Tensor:
+    """y = x @ W.T (+ bias), W = dequantize_int8(...) (W8A16): x [..., K] fp16/bf16 ->
+    [..., N] in x.dtype; fp32 math, rounded once."""
+    w = dequantize_int8(qweight, scales, zeros, group_size)
+    y = x.float() @ w.t()
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype)
+
+
+def quantize_int8_grouped(w: Tensor, group_size: int = 128, symmetric: bool = False,
+                          scale_dtype: torch.dtype | None = None
+                          ) -> tuple[Tensor, Tensor, Tensor]:
+    """Round-to-nearest group-wise int8 quantization of w [N, K], the inverse of
+    :func:`dequantize_int8` (quant.quantize_int4's recipe with 255 levels).
+
+    Asymmetric: per group, scale = (max - min) / 255 over the group's range widened to
+    include 0, zero = round(-min / scale) in 0..255. Symmetric: scale = absmax / 127,
+    zero = 128 (q - 128 in -127..127; GPTQ 8-bit / compressed-tensors int8's convention).
+    q = clamp(round(w / scale) + zero, 0, 255) using the scale as stored (rounded to
+    ``scale_dtype``: fp16 / bf16, default w's dtype when it is one of them, else fp16).
+    group_size: a positive multiple of 16 dividing K, or -1 (one group per row).
+    Returns (qweight uint8 [N, K], scales [N, K/G], zeros [N, K/G]) in scale_dtype.
+    """
+    if w.dim() != 2 or not w.is_floating_point():
+        raise ValueError(f"w must be a 2-D float tensor [N, K], got {w.dtype} {list(w.shape)}")
+    n, k = w.shape
+    if group_size != -1 and (group_size <= 0 or group_size % 16 or k % group_size):
+        raise ValueError(f"group_size must be -1 or a positive multiple of 16 dividing K "
+                         f"({k}), got {group_size}")
+    if scale_dtype is None:
+        scale_dtype = w.dtype if w.dtype in (torch.float16, torch.bfloat16) else torch.float16
+    g = k if group_size == -1 else group_size
+    groups = k // g if g else 1
+    if k == 0:
+        ones = torch.ones(n, groups, dtype=scale_dtype, device=w.device)
+        return torch.empty(n, 0, dtype=torch.uint8, device=w.device), ones, ones * 128
+    wg = w.float().reshape(n, groups, g)
+    tiny = torch.finfo(scale_dtype).tiny
+    if symmetric:
+        scale = (wg.abs().amax(-1) / 127).clamp_min(tiny).to(scale_dtype)
+        zero = torch.full_like(scale, 128.0, dtype=torch.float32)
+    else:
+        lo = wg.amin(-1).clamp_max(0)
+        hi = wg.amax(-1).clamp_min(0)
+        scale = ((hi - lo) / 255).clamp_min(tiny).to(scale_dtype)
+        zero = torch.round(-lo / scale.float()).clamp(0, 255)
+    q = torch.round(wg / scale.float().unsqueeze(-1)) + zero.unsqueeze(-1)
+    q = q.clamp(0, 255).reshape(n, k).to(torch.uint8)
+    return q, scale.contiguous(), zero.to(scale_dtype).contiguous()
 
 
 # ------------------------------------------------------- block-wise FP8 W8A8 (vLLM's)

@@ -22,6 +22,12 @@ compressed-tensors "pack-quantized" (llm-compressor's W4A16; symmetric int4):
     weight_shape  [N, K]
     so it is the canonical layout with every zero 8.
 Dequantized: W[n, k] = (q - zero) * scale, as in the canonical format.
+
+8-bit variants (``bits=8``; weight-only INT8, W8A16 -> :class:`~minikernels.quant.int8.
+Int8WoWeight`, uint8 q [N, K], run by ``ops.int8_matmul``): GPTQ packs 4 values per word
+(qweight [K / 4, N], byte j = q[4r + j, n]; qzeros [K / G, N / 4]; v1 stores zero - 1;
+Qwen's ``*-GPTQ-Int8``), compressed-tensors ``pack-quantized`` 8-bit packs 4 signed
+values + 128 per word along K (weight_packed [N, K / 4]; zero 128).
 """
 from __future__ import annotations
 
@@ -32,7 +38,7 @@ from torch import Tensor
 
 from .._validation import HALF_DTYPES, check_tensor
 from .int4 import Int4Weight
-from .packing import pack_nibbles, unpack_nibbles
+from .packing import pack_nibbles, unpack_bytes, unpack_nibbles
 
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
 
@@ -45,12 +51,17 @@ def _group_size(k: int, groups: int) -> int:
 
 
 def from_gptq(qweight: Tensor, qzeros: Tensor, scales: Tensor, g_idx: Tensor | None = None,
-              checkpoint_format: str = "gptq") -> Int4Weight:
-    """Convert a 4-bit GPTQ layer (module docstring) to an :class:`Int4Weight`, losslessly.
+              checkpoint_format: str = "gptq", bits: int = 4) -> Any:
+    """Convert a 4-bit GPTQ layer (module docstring) to an :class:`Int4Weight`, losslessly
+    (``bits=8``: an 8-bit one to an :class:`~minikernels.quant.int8.Int8WoWeight`).
 
     checkpoint_format: "gptq" (v1: stored zero = zero - 1) or "gptq_v2" (zero as stored).
     g_idx: None or int [K]; an act-order g_idx yields a weight with ``perm`` set.
     """
+    if bits == 8:
+        return _from_gptq8(qweight, qzeros, scales, g_idx, checkpoint_format)
+    if bits != 4:
+        raise ValueError(f"bits must be 4 or 8, got {bits!r}")
     if checkpoint_format not in ("gptq", "gptq_v2"):
         raise ValueError(f"checkpoint_format must be 'gptq' or 'gptq_v2', got "
                          f"{checkpoint_format!r}")
@@ -78,6 +89,36 @@ def from_gptq(qweight: Tensor, qzeros: Tensor, scales: Tensor, g_idx: Tensor | N
                       zeros.t().to(scales.dtype).contiguous(), g, perm)
 
 
+def _from_gptq8(qweight: Tensor, qzeros: Tensor, scales: Tensor, g_idx: Tensor | None,
+                checkpoint_format: str) -> Any:
+    from .int8 import Int8WoWeight
+
+    if checkpoint_format not in ("gptq", "gptq_v2"):
+        raise ValueError(f"checkpoint_format must be 'gptq' or 'gptq_v2', got "
+                         f"{checkpoint_format!r}")
+    check_tensor("qweight", qweight, dtypes=(torch.int32,), ndim=2)
+    check_tensor("qzeros", qzeros, dtypes=(torch.int32,), ndim=2, device=qweight.device)
+    check_tensor("scales", scales, dtypes=HALF_DTYPES + (torch.float32,), ndim=2,
+                 device=qweight.device)
+    k, n = qweight.shape[0] * 4, qweight.shape[1]
+    groups = scales.shape[0]
+    if scales.shape[1] != n:
+        raise ValueError(f"scales must have shape [groups, N = {n}], got {list(scales.shape)}")
+    if n % 4 or list(qzeros.shape) != [groups, n // 4]:
+        raise ValueError(f"qzeros must have shape [{groups}, N / 4 = {n / 4:g}] (N multiple "
+                         f"of 4), got {list(qzeros.shape)}")
+    if scales.dtype == torch.float32:
+        scales = scales.half()
+    g = _group_size(k, groups)
+    zeros = unpack_bytes(qzeros)                                     # [groups, N]
+    if checkpoint_format == "gptq":
+        zeros = zeros + 1
+    q = unpack_bytes(qweight.t().contiguous())                       # [N, K]
+    q, perm = _sort_by_group(q, g_idx, k, k // groups, groups)
+    return Int8WoWeight(q.to(torch.uint8), scales.t().contiguous(),
+                        zeros.t().to(scales.dtype).contiguous(), g, perm)
+
+
 def _sort_by_group(q: Tensor, g_idx: Tensor | None, k: int, gs: int, groups: int
                    ) -> tuple[Tensor, Tensor | None]:
     """(q [N, K] with its columns sorted by group, the permutation or None): an
@@ -99,26 +140,29 @@ def _sort_by_group(q: Tensor, g_idx: Tensor | None, k: int, gs: int, groups: int
 
 
 def compressed_tensors_scheme(qc: dict[str, Any]) -> dict[str, Any]:
-    """The int4 weight scheme of a compressed-tensors ``quantization_config`` (what
-    llm-compressor writes for W4A16): {"group_size": G, or -1 for one scale per output
-    channel}. ValueError naming what is not supported (other formats, activation
-    quantization, other bit widths, asymmetric weights, several schemes)."""
+    """The weight-only scheme of a compressed-tensors ``pack-quantized``
+    ``quantization_config`` (what llm-compressor writes for W4A16 and W8A16):
+    {"group_size": G, or -1 for one scale per output channel, "bits": 4 or 8}. ValueError
+    naming what is not supported (other formats, activation quantization, other bit
+    widths, asymmetric weights, several schemes)."""
     fmt = qc.get("format")
     if fmt != "pack-quantized":
         raise ValueError(f"compressed-tensors format {fmt!r} is not supported (only "
-                         "pack-quantized int4 weights)")
+                         "pack-quantized int4 / int8 weights, int-quantized int8, "
+                         "float-quantized fp8)")
     groups = qc.get("config_groups")
     if not isinstance(groups, dict) or not groups:
         raise ValueError("compressed-tensors quantization_config has no config_groups")
-    sizes = set()
+    sizes, bits = set(), set()
     for name, group in groups.items():
         w = group.get("weights") or {}
         if group.get("input_activations"):
             raise ValueError(f"config_groups.{name}: activation quantization is not "
-                             "supported (weight-only int4)")
-        if w.get("num_bits") != 4 or w.get("type", "int") != "int":
+                             "supported with pack-quantized weights (weight-only)")
+        if w.get("num_bits") not in (4, 8) or w.get("type", "int") != "int":
             raise ValueError(f"config_groups.{name}: {w.get('num_bits')}-bit "
-                             f"{w.get('type')} weights are not supported (only int4)")
+                             f"{w.get('type')} weights are not supported (int4, int8)")
+        bits.add(int(w["num_bits"]))
         if not w.get("symmetric", True):
             raise ValueError(f"config_groups.{name}: asymmetric weights are not supported")
         strategy = w.get("strategy")
@@ -131,17 +175,23 @@ def compressed_tensors_scheme(qc: dict[str, Any]) -> dict[str, Any]:
                              "(group, channel)")
     if len(sizes) != 1:
         raise ValueError(f"config_groups use several group sizes {sorted(sizes)}")
-    return {"group_size": sizes.pop()}
+    if len(bits) != 1:
+        raise ValueError(f"config_groups use several bit widths {sorted(bits)}")
+    return {"group_size": sizes.pop(), "bits": bits.pop()}
 
 
 def from_compressed_tensors(weight_packed: Tensor, weight_scale: Tensor,
-                            g_idx: Tensor | None = None) -> Int4Weight:
+                            g_idx: Tensor | None = None, bits: int = 4) -> Any:
     """Convert a compressed-tensors pack-quantized int4 layer (module docstring) to an
-    :class:`Int4Weight`, losslessly."""
+    :class:`Int4Weight`, losslessly (``bits=8``: an 8-bit one to an
+    :class:`~minikernels.quant.int8.Int8WoWeight`)."""
     check_tensor("weight_packed", weight_packed, dtypes=(torch.int32,), ndim=2)
     check_tensor("weight_scale", weight_scale, dtypes=HALF_DTYPES + (torch.float32,), ndim=2,
                  device=weight_packed.device)
-    n, k = weight_packed.shape[0], weight_packed.shape[1] * 8
+    if bits not in (4, 8):
+        raise ValueError(f"bits must be 4 or 8, got {bits!r}")
+    per = 32 // bits
+    n, k = weight_packed.shape[0], weight_packed.shape[1] * per
     if weight_scale.shape[0] != n:
         raise ValueError(f"weight_scale must have shape [N = {n}, groups], got "
                          f"{list(weight_scale.shape)}")
@@ -149,8 +199,13 @@ def from_compressed_tensors(weight_packed: Tensor, weight_scale: Tensor,
     if weight_scale.dtype == torch.float32:
         weight_scale = weight_scale.half()
     g = _group_size(k, groups)
-    q, perm = _sort_by_group(unpack_nibbles(weight_packed), g_idx, k, k // groups, groups)
-    zeros = torch.full((n, groups), 8.0, dtype=weight_scale.dtype, device=q.device)
+    unpacked = unpack_nibbles(weight_packed) if bits == 4 else unpack_bytes(weight_packed)
+    q, perm = _sort_by_group(unpacked, g_idx, k, k // groups, groups)
+    zeros = torch.full((n, groups), float(1 << (bits - 1)), dtype=weight_scale.dtype,
+                       device=q.device)
+    if bits == 8:
+        from .int8 import Int8WoWeight
+        return Int8WoWeight(q.to(torch.uint8), weight_scale.contiguous(), zeros, g, perm)
     return Int4Weight(pack_nibbles(q), weight_scale.contiguous(), zeros, g, perm)
 
 

@@ -1,4 +1,5 @@
-"""INT8 W8A8 weights (SmoothQuant-style): the container, RTN quantization, checkpoints.
+"""INT8 weights: W8A8 (SmoothQuant-style) and weight-only W8A16 -- the containers, RTN
+quantization, checkpoints.
 
 Layout (what :func:`minikernels.ops.scaled_mm` runs, with ``b = weight.t()``):
 
@@ -20,7 +21,20 @@ symmetric int ``input_activations``. Dynamic per-token activations run as stored
 per-tensor ones (an ``input_scale`` per layer) run dynamic per token too, which is never
 less accurate (the stored scale is ignored). Not supported (a ValueError naming it):
 asymmetric weights or activations, weights without activation quantization (W8A16),
-group-wise int8 weights.
+group-wise int8 W8A8 weights.
+
+Weight-only INT8 (W8A16, :class:`Int8WoWeight`, run by :func:`minikernels.ops.int8_matmul`):
+
+    qweight  uint8 [N, K]        the stored value q in 0..255
+    scales   [N, K / G] fp16 / bf16,  zeros [N, K / G] (real-valued, as int4's)
+    W[n, k] = (q[n, k] - zeros[n, k // G]) * scales[n, k // G];  G = -1: one group per row
+    perm     int64 [K] or None   act-order: stored column j multiplies input column perm[j]
+
+Read from GPTQ 8-bit checkpoints (Qwen's ``*-GPTQ-Int8``; :func:`from_gptq` with
+``bits=8``: 4 values per int32 word), compressed-tensors ``pack-quantized`` 8-bit
+(symmetric: zero 128) and compressed-tensors ``int-quantized`` weights without activation
+quantization (signed int8 [N, K] + ``weight_scale`` per channel or group: q = w + 128,
+zero 128).
 """
 from __future__ import annotations
 
@@ -31,6 +45,7 @@ import torch
 from torch import Tensor
 
 INT8_FORMATS = ("int-quantized", "naive-quantized")
+INT8_WO_GROUP_MULTIPLE = 16     # int8_matmul's group sizes: multiples of 16 (or -1)
 # Rows per quantize call: bounds the fp32 temporaries for a 128k-row lm_head.
 _CHUNK_ELEMENTS = 1 << 24
 
@@ -61,6 +76,65 @@ class Int8Weight:
         return self.weight.float() * self.scale[:, None]
 
 
+@dataclass
+class Int8WoWeight:
+    """A weight-only int8 weight W [N, K] (W8A16; module docstring)."""
+
+    qweight: Tensor
+    scales: Tensor
+    zeros: Tensor
+    group_size: int
+    perm: Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if self.qweight.dtype != torch.uint8 or self.qweight.dim() != 2:
+            raise ValueError(f"qweight must be a 2-D uint8 tensor, got {self.qweight.dtype} "
+                             f"{list(self.qweight.shape)}")
+        n, k = self.qweight.shape
+        g = self.effective_group_size
+        if g <= 0 or k % g or (self.group_size != -1 and
+                               self.group_size % INT8_WO_GROUP_MULTIPLE):
+            raise ValueError(f"group_size must be -1 or a multiple of "
+                             f"{INT8_WO_GROUP_MULTIPLE} dividing K = {k}, got "
+                             f"{self.group_size}")
+        for name in ("scales", "zeros"):
+            t = getattr(self, name)
+            if list(t.shape) != [n, k // g]:
+                raise ValueError(f"{name} must have shape [{n}, {k // g}], got "
+                                 f"{list(t.shape)}")
+        if self.perm is not None:
+            if self.perm.shape != (k,):
+                raise ValueError(f"perm must have shape [{k}] (a permutation of K)")
+            self.perm = self.perm.to(device=self.qweight.device, dtype=torch.int64)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return int(self.qweight.shape[0]), int(self.qweight.shape[1])
+
+    @property
+    def effective_group_size(self) -> int:
+        return int(self.qweight.shape[1]) if self.group_size == -1 else int(self.group_size)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        """W [N, K] in the input's column order (perm undone), fp32 math."""
+        g = self.effective_group_size
+        s = self.scales.float().repeat_interleave(g, dim=1)
+        z = self.zeros.float().repeat_interleave(g, dim=1)
+        w = (self.qweight.float() - z) * s
+        if self.perm is not None:
+            w = torch.empty_like(w).index_copy_(1, self.perm, w)
+        return w.to(dtype)
+
+    def to(self, device: torch.device | str | None = None,
+           dtype: torch.dtype | None = None) -> "Int8WoWeight":
+        """Move to ``device``; ``dtype`` (fp16 / bf16) converts scales and zeros."""
+        sd = dtype or self.scales.dtype
+        device = self.qweight.device if device is None else torch.device(device)
+        return Int8WoWeight(self.qweight.to(device), self.scales.to(device, sd),
+                            self.zeros.to(device, sd), self.group_size,
+                            None if self.perm is None else self.perm.to(device))
+
+
 def _quantize_rows(w: Tensor) -> tuple[Tensor, Tensor]:
     wf = w.float()
     scale = wf.abs().amax(dim=1) / 127.0
@@ -84,10 +158,12 @@ def quantize_int8(w: Tensor) -> Int8Weight:
 
 
 def int8_scheme(qc: dict[str, Any]) -> dict[str, Any] | None:
-    """The INT8 W8A8 scheme of a ``quantization_config``, or None when it is not one.
+    """The INT8 scheme of a compressed-tensors ``int-quantized`` ``quantization_config``,
+    or None when it is not one.
 
-    Returns {"method": "compressed-tensors", "strategy": "channel" | "tensor",
-    "activations": "dynamic" | "static"}. ValueError naming what is not supported.
+    Returns {"method": "compressed-tensors", "strategy": "channel" | "tensor" | "group",
+    "activations": "dynamic" | "static" (W8A8) or None (weight-only, W8A16), "group_size":
+    G (group strategy) or -1}. ValueError naming what is not supported.
     """
     if str(qc.get("quant_method", "")).lower() != "compressed-tensors":
         return None
@@ -108,12 +184,23 @@ def int8_scheme(qc: dict[str, Any]) -> dict[str, Any] | None:
             raise ValueError(f"config_groups.{name}: asymmetric int8 weights are not "
                              "supported")
         strategy = w.get("strategy")
-        if strategy not in ("channel", "tensor"):
+        if strategy not in ("channel", "tensor", "group"):
             raise ValueError(f"config_groups.{name}: int8 weight strategy {strategy!r} is "
-                             "not supported (channel, tensor)")
-        if not a:
-            raise ValueError(f"config_groups.{name}: int8 weights without input_activations "
-                             "(W8A16) are not supported (only W8A8)")
+                             "not supported (channel, tensor; group without activation "
+                             "quantization)")
+        if strategy == "group" and a:
+            raise ValueError(f"config_groups.{name}: group-wise int8 weights with activation "
+                             "quantization (W8A8) are not supported (channel, tensor)")
+        if not a:             # weight-only (W8A16): channel or group scales
+            if strategy == "group":
+                gs = int(w.get("group_size") or 0)
+                if gs <= 0 or gs % INT8_WO_GROUP_MULTIPLE:
+                    raise ValueError(f"config_groups.{name}: int8 group_size {gs} is not "
+                                     f"supported (a multiple of {INT8_WO_GROUP_MULTIPLE})")
+                schemes.add(("group", None, gs))
+            else:
+                schemes.add((strategy, None, -1))
+            continue
         if a.get("type", "int") != "int" or a.get("num_bits") != 8:
             raise ValueError(f"config_groups.{name}: {a.get('num_bits')}-bit {a.get('type')} "
                              "input_activations are not supported (only 8-bit int)")
@@ -124,11 +211,33 @@ def int8_scheme(qc: dict[str, Any]) -> dict[str, Any] | None:
         if a.get("strategy", "token" if dynamic else "tensor") not in ("token", "tensor"):
             raise ValueError(f"config_groups.{name}: input_activations strategy "
                              f"{a.get('strategy')!r} is not supported (token, tensor)")
-        schemes.add((strategy, "dynamic" if dynamic else "static"))
+        schemes.add((strategy, "dynamic" if dynamic else "static", -1))
     if len(schemes) != 1:
-        raise ValueError(f"config_groups use several int8 schemes {sorted(schemes)}")
-    strategy, activations = schemes.pop()
-    return {"method": "compressed-tensors", "strategy": strategy, "activations": activations}
+        raise ValueError(f"config_groups use several int8 schemes "
+                         f"{sorted(map(str, schemes))}")
+    strategy, activations, group = schemes.pop()
+    return {"method": "compressed-tensors", "strategy": strategy, "activations": activations,
+            "group_size": group}
+
+
+def int8_wo_from_checkpoint(weight: Tensor, scale: Tensor) -> Int8WoWeight:
+    """A weight-only compressed-tensors int8 layer (signed int8 ``weight`` [N, K] and
+    ``weight_scale``: one value, [N, 1] per channel or [N, K / G] per group) -> an
+    :class:`Int8WoWeight` (q = weight + 128, zero 128), losslessly."""
+    if weight.dtype != torch.int8 or weight.dim() != 2:
+        raise ValueError(f"weight must be a 2-D int8 tensor, got {weight.dtype} "
+                         f"{list(weight.shape)}")
+    n, k = weight.shape
+    sd = scale.dtype if scale.dtype in (torch.float16, torch.bfloat16) else torch.float16
+    if scale.numel() == 1:
+        scale = scale.reshape(1, 1).expand(n, 1)
+    if scale.dim() != 2 or scale.shape[0] != n or k % scale.shape[1]:
+        raise ValueError(f"weight_scale must have one value, [N = {n}, 1] or [N, K / G] "
+                         f"(G dividing K = {k}), got {list(scale.shape)}")
+    groups = scale.shape[1]
+    q = (weight.to(torch.int16) + 128).to(torch.uint8)
+    zeros = torch.full((n, groups), 128.0, dtype=sd, device=weight.device)
+    return Int8WoWeight(q, scale.to(sd).contiguous(), zeros, -1 if groups == 1 else k // groups)
 
 
 def int8_from_checkpoint(weight: Tensor, scale: Tensor) -> Int8Weight:

@@ -1,4 +1,5 @@
-"""Nibble packing helpers shared by the int4 format, the RTN quantizer and the importers.
+"""Nibble (and byte) packing helpers shared by the int4 format, the RTN quantizer and the
+importers (bytes: 8-bit GPTQ / compressed-tensors weights).
 
 All helpers work on any device and return int32 words; nibble j of a word sits at bits
 4j..4j+3 (lowest nibble first), the layout of :mod:`minikernels.ops.reference`.
@@ -40,3 +41,22 @@ def unpack_nibbles(words: Tensor, order: tuple[int, ...] | None = None) -> Tenso
             inverse[col] = slot
         q = q[..., inverse]
     return q.reshape(*words.shape[:-1], words.shape[-1] * 8)
+
+
+def pack_bytes(q: Tensor) -> Tensor:
+    """Pack integers 0..255 along the LAST dim, 4 per int32 word: [..., 4W] -> [..., W];
+    byte j (bits 8j..8j+7) of word w holds q[..., 4w + j] (GPTQ's 8-bit packing)."""
+    if q.shape[-1] % 4:
+        raise ValueError(f"the packed dim must be a multiple of 4, got {q.shape[-1]}")
+    q = q.to(torch.int64).reshape(*q.shape[:-1], q.shape[-1] // 4, 4)
+    shifts = torch.tensor((0, 8, 16, 24), device=q.device, dtype=torch.int64)
+    words = (q << shifts).sum(-1)
+    words = torch.where(words >= 2**31, words - 2**32, words)  # to int32 two's complement
+    return words.to(torch.int32)
+
+
+def unpack_bytes(words: Tensor) -> Tensor:
+    """Inverse of :func:`pack_bytes`: int32 [..., W] -> int32 [..., 4W] in 0..255."""
+    shifts = torch.tensor((0, 8, 16, 24), device=words.device, dtype=torch.int32)
+    q = (words.to(torch.int32).unsqueeze(-1) >> shifts) & 0xFF
+    return q.reshape(*words.shape[:-1], words.shape[-1] * 4)

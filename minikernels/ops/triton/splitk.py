@@ -1,4 +1,4 @@
-"""Split-K plumbing shared by the weight-only decode kernels (int4_matmul, fp8_matmul).
+"""Split-K plumbing shared by the weight-only decode kernels (int4, int8, fp8 matmul).
 
 At decode sizes (M <= ``GEMV_MAX_M``) one program per output tile cannot fill the GPU, so
 K is split over ``SPLIT`` programs per tile; each writes its fp32 partial sums to a

@@ -1,4 +1,4 @@
-"""Tile ordering shared by the GEMM kernels (int4_matmul, fp8_matmul, w8a8_block_fp8_matmul)."""
+"""Tile ordering shared by the GEMM kernels (int4 / int8 / fp8 matmul, w8a8_block_fp8_matmul)."""
 from __future__ import annotations
 
 import triton

@@ -1,0 +1,95 @@
+"""Op family: int8 weight-only matmul (W8A16) with group-wise scales and zero points.
+Op: ``minikernels::int8_matmul``, the int8 twin of ``int4_matmul``.
+
+Weight layout (see :mod:`minikernels.ops.reference`, "int8 weight"): qweight uint8 [N, K]
+(row-major, the stored value q in 0..255), scales and zeros [N, K/G] fp16 / bf16,
+W[n, k] = (q[n, k] - zeros[n, k // G]) * scales[n, k // G]; G a positive multiple of 16
+dividing K, or -1 (one group per row). Symmetric int8 checkpoints (GPTQ 8-bit, e.g.
+Qwen's ``*-GPTQ-Int8``; compressed-tensors W8A16 int8) use zero 128.
+``reference.quantize_int8_grouped`` produces it from a dense weight (RTN).
+Backends: reference; triton (minikernels/ops/triton/int8_matmul.py: tensor-core GEMM for
+M > 16, split-K decode kernel for M <= 16). auto on CUDA: triton. No CUDA C++ kernel.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from .. import backend as _backend
+from .._validation import HALF_DTYPES, check_shape, check_tensor, last_dim_contiguous
+from . import reference
+
+
+@torch.library.custom_op("minikernels::int8_matmul", mutates_args=())
+def _int8_matmul(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, group_size: int,
+                 bias: Tensor | None) -> Tensor:
+    which = _backend.resolve("int8_matmul", x.device)
+    if which == "triton":
+        from .triton import int8_matmul as tri
+        return tri.int8_matmul(x, qweight, scales, zeros, group_size, bias)
+    return reference.int8_matmul(x, qweight, scales, zeros, group_size, bias).contiguous()
+
+
+@_int8_matmul.register_fake
+def _(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, group_size: int,
+      bias: Tensor | None) -> Tensor:
+    return x.new_empty((x.shape[0], qweight.shape[0]))  # [M, N], contiguous
+
+
+def check_int8_weight(qweight: Tensor, scales: Tensor, zeros: Tensor, group_size: int,
+                      device: torch.device | None = None) -> tuple[int, int, int]:
+    """Validate an int8 weight (canonical layout); returns (N, K, groups)."""
+    check_tensor("qweight", qweight, dtypes=(torch.uint8,), ndim=2, device=device)
+    n, k = qweight.shape
+    if not isinstance(group_size, int) or isinstance(group_size, bool):
+        raise TypeError(f"group_size must be an int, got {type(group_size).__name__}")
+    if group_size == -1:
+        groups = 1
+    elif group_size <= 0 or group_size % 16:
+        raise ValueError(f"group_size must be -1 (per channel) or a positive multiple of 16, "
+                         f"got {group_size}")
+    elif k % group_size:
+        raise ValueError(f"K ({k}) must be a multiple of group_size ({group_size})")
+    else:
+        groups = k // group_size
+    check_tensor("scales", scales, dtypes=HALF_DTYPES, ndim=2, device=qweight.device)
+    check_shape("scales", scales, [n, groups])
+    check_tensor("zeros", zeros, dtypes=(scales.dtype,), ndim=2, device=qweight.device)
+    check_shape("zeros", zeros, [n, groups])
+    return n, k, groups
+
+
+def int8_matmul(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, group_size: int,
+                bias: Tensor | None = None) -> Tensor:
+    """y = x @ W.T (+ bias) with W [N, K] stored as int8 with group-wise scales and zero
+    points (W8A16; see module docstring).
+
+    x          [..., K] fp16 / bf16, any strides.
+    qweight    uint8 [N, K], any strides: the stored q in 0..255 (a signed int8 checkpoint
+               stores q + 128 with zeros 128).
+    scales     [N, K/G] fp16 or bf16 (any strides; read in their own dtype, math in fp32).
+    zeros      [N, K/G], scales' dtype: real-valued zero points.
+    group_size G: a positive multiple of 16 dividing K (32, 64, 128 typical), or -1 (one
+               group per row: per-channel scales [N, 1]).
+    bias       [N] in x.dtype, scales.dtype or float32, or None.
+    Returns [..., N] in x.dtype: W dequantized in fp32 and rounded to x.dtype in registers,
+    fp32 accumulation, one final rounding. Any N; M = 0 rows, N = 0 and K = 0 (G = -1) work.
+    """
+    check_tensor("x", x, dtypes=HALF_DTYPES, min_ndim=1)
+    n, k, _ = check_int8_weight(qweight, scales, zeros, group_size, device=x.device)
+    if x.shape[-1] != k:
+        raise ValueError(f"x last dim ({x.shape[-1]}) must equal K = qweight.shape[1] ({k})")
+    if bias is not None:
+        check_tensor("bias", bias, dtypes=tuple(dict.fromkeys((x.dtype, scales.dtype,
+                                                               torch.float32))),
+                     ndim=1, device=x.device)
+        check_shape("bias", bias, [n])
+    x = last_dim_contiguous(x)
+    x2 = x.reshape(math.prod(x.shape[:-1]), k)     # not -1: K may be 0
+    if x2.shape[0] > 1 and x2.stride(0) < k:    # e.g. expanded rows: give the kernels real rows
+        x2 = x2.contiguous()
+    y = torch.ops.minikernels.int8_matmul(x2, qweight, scales.contiguous(), zeros.contiguous(),
+                                          group_size, bias)
+    return y.view(*x.shape[:-1], n)

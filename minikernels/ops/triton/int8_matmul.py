@@ -1,0 +1,351 @@
+"""int8 weight-only matmul (W8A16) with group-wise scales and zero points, in Triton.
+
+Weight (canonical, see minikernels.ops.reference): qweight uint8 [N, K] (any strides),
+scales / zeros [N, K/G] (contiguous, fp16 or bf16), W = (q - z) * s with one (s, z) per
+row and group of G columns (G = K for per channel). y = x @ W^T (+ bias), x fp16 / bf16.
+
+K tiles never straddle two groups: G is a multiple of 16, so BLOCK_K (a power of two
+>= 16) is chosen to divide G, or one group spans K (per channel). So every K tile needs
+one scale and one zero per weight row, loaded as [BN] vectors.
+
+(q - z) * s is computed in fp32 ((q - z) is exact for integer zero points, the product is
+one fp32 rounding, as in the reference) and rounded once to x's dtype for the dot.
+
+GEMM (M > 16) — per program one [BLOCK_M, BLOCK_N] tile of y, tiles in grouped order:
+    for each K tile: load x [BM, BK] and the weight bytes [BN, BK]; dequantize
+    (q - z) * s in registers and round to x's dtype; acc += x @ W^T on tensor cores
+    (wgmma on sm_90a, mma.sync on sm_80), fp32 accumulator.
+    Epilogue: + bias, cast, masked store (any M, N).
+Decode (M <= 16) — memory-bound: stream the 1-byte weight at bandwidth. Per program
+BLOCK_N outputs and one slice of K (split-K so that N / BLOCK_N x SPLIT fills the SMs):
+    M == 1: CUDA-core FMAs, acc[n] += s * (sum_k q[n, k] x[k] - z * sum_k x[k]) (the
+    scale and zero applied once per tile, no weight rounding);
+    2 <= M <= 16: "swap AB", acc[BN, 16] += W [BN, BK] @ x^T [BK, 16], so the wide weight
+    tile is the MMA's M side (wgmma m64n16 on sm_90a) and the padded M the narrow side.
+    SPLIT > 1: each split writes its fp32 partial sums to a workspace [SPLIT, M, N] and
+    splitk.reduce_splits adds them in split order (+ bias) and casts: deterministic.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .. import _alloc
+from .interpreter_rounding import rne_bf16
+from .registry import KernelSpec, register
+from .splitk import GEMV_MAX_M, arch_and_sms, device_index, reduce_splits, split_plan
+from .tiling import grouped_tile
+
+
+@triton.jit
+def _dot(a, b, acc, DOT_F32: tl.constexpr):
+    """acc + a @ b in fp32. DOT_F32 (interpreter, bf16 only: its bf16 tl.dot is wrong):
+    the same bf16 values, exact in fp32."""
+    if DOT_F32:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    else:
+        return tl.dot(a, b, acc)
+
+
+@triton.jit
+def _dequant(qb, s, z, dt: tl.constexpr, RNE_BF16: tl.constexpr):
+    """uint8 q [BN, BK], fp32 s / z [BN] -> (q - z) * s rounded to dt, [BN, BK]."""
+    w = (qb.to(tl.float32) - z[:, None]) * s[:, None]
+    if RNE_BF16:   # interpreter only: its fp32 -> bf16 cast truncates
+        w = rne_bf16(w)
+    return w.to(dt)
+
+
+@triton.jit
+def int8_gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, y_ptr, M, N, K, stride_xm,
+                     stride_wn, stride_wk, group, num_groups,
+                     HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                     BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, EVEN_K: tl.constexpr,
+                     ALIGNED: tl.constexpr, DOT_F32: tl.constexpr,
+                     RNE_BF16: tl.constexpr = False):
+    pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rm_l = rm % M           # clamp rows / columns for loads; the store is masked
+    rn_l = rn % N
+    rk = tl.arange(0, BLOCK_K)
+    x_ptrs = x_ptr + rm_l[:, None].to(tl.int64) * stride_xm + rk[None, :]
+    w_ptrs = qw_ptr + rn_l[:, None].to(tl.int64) * stride_wn + rk[None, :].to(tl.int64) * stride_wk
+    sz_offs = rn_l.to(tl.int64) * num_groups                                # [BN], group 0
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        if ALIGNED:     # 16-byte aligned rows, unit K strides (the launcher checked)
+            x_ptrs = tl.multiple_of(x_ptrs, [1, 16])
+            w_ptrs = tl.multiple_of(w_ptrs, [1, 16])
+        if EVEN_K:
+            x = tl.load(x_ptrs)
+            qb = tl.load(w_ptrs)
+        else:
+            k_ok = (k0 + rk)[None, :] < K
+            x = tl.load(x_ptrs, mask=k_ok, other=0.0)
+            qb = tl.load(w_ptrs, mask=k_ok, other=0)
+        g = k0 // group
+        s = tl.load(s_ptr + sz_offs + g).to(tl.float32)
+        z = tl.load(z_ptr + sz_offs + g).to(tl.float32)
+        w = _dequant(qb, s, z, x_ptr.dtype.element_ty, RNE_BF16)
+        acc = _dot(x, tl.trans(w), acc, DOT_F32)
+        x_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K * stride_wk
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + rn_l).to(tl.float32)[None, :]
+    if RNE_BF16:
+        acc = rne_bf16(acc)
+    y_ptrs = y_ptr + rm[:, None].to(tl.int64) * N + rn[None, :]
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=(rm[:, None] < M) & (rn[None, :] < N))
+
+
+@triton.jit
+def int8_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, y_ptr, ws_ptr, M, N, K,
+                     stride_xm, stride_wn, stride_wk, group, num_groups, k_tiles_per_split,
+                     HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                     BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, ALIGNED: tl.constexpr,
+                     SPLIT: tl.constexpr, DOT_F32: tl.constexpr, RNE_BF16: tl.constexpr = False):
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rn_l = rn % N
+    rk = tl.arange(0, BLOCK_K)
+    k_begin = pid_k * k_tiles_per_split * BLOCK_K
+    k_end = tl.minimum(K, k_begin + k_tiles_per_split * BLOCK_K)
+    w_rows = qw_ptr + rn_l[:, None].to(tl.int64) * stride_wn               # [BN, 1]
+    sz_offs = rn_l.to(tl.int64) * num_groups                                # [BN], group 0
+    if BLOCK_M == 1:
+        acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        for k0 in range(k_begin, k_end, BLOCK_K):
+            w_ptrs = w_rows + (k0 + rk)[None, :].to(tl.int64) * stride_wk
+            x_ptrs = x_ptr + k0 + rk
+            if ALIGNED:
+                x_ptrs = tl.multiple_of(x_ptrs, 16)
+                w_ptrs = tl.multiple_of(w_ptrs, [1, 16])
+            if EVEN_K:
+                x = tl.load(x_ptrs).to(tl.float32)
+                qb = tl.load(w_ptrs)
+            else:
+                x = tl.load(x_ptrs, mask=k0 + rk < K, other=0.0).to(tl.float32)
+                qb = tl.load(w_ptrs, mask=(k0 + rk)[None, :] < K, other=0)
+            g = k0 // group
+            s = tl.load(s_ptr + sz_offs + g).to(tl.float32)
+            z = tl.load(z_ptr + sz_offs + g).to(tl.float32)
+            # sum_k (q - z) s x = s * (sum_k q x - z sum_k x): one scale and zero per tile
+            qx = tl.sum(qb.to(tl.float32) * x[None, :], axis=1)
+            acc += s * (qx - z * tl.sum(x, axis=0))
+        out = acc[:, None]                                                  # [BN, 1]
+    else:
+        rm = tl.arange(0, BLOCK_M)
+        x_ptrs = x_ptr + (rm % M)[:, None].to(tl.int64) * stride_xm + rk[None, :]
+        acc2 = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+        for k0 in range(k_begin, k_end, BLOCK_K):
+            w_ptrs = w_rows + (k0 + rk)[None, :].to(tl.int64) * stride_wk
+            xk_ptrs = x_ptrs + k0
+            if ALIGNED:
+                xk_ptrs = tl.multiple_of(xk_ptrs, [1, 16])
+                w_ptrs = tl.multiple_of(w_ptrs, [1, 16])
+            if EVEN_K:
+                x = tl.load(xk_ptrs, mask=rm[:, None] < M, other=0.0)
+                qb = tl.load(w_ptrs)
+            else:
+                k_ok = (k0 + rk)[None, :] < K
+                x = tl.load(xk_ptrs, mask=(rm[:, None] < M) & k_ok, other=0.0)
+                qb = tl.load(w_ptrs, mask=k_ok, other=0)
+            g = k0 // group
+            s = tl.load(s_ptr + sz_offs + g).to(tl.float32)
+            z = tl.load(z_ptr + sz_offs + g).to(tl.float32)
+            w = _dequant(qb, s, z, x_ptr.dtype.element_ty, RNE_BF16)
+            acc2 = _dot(w, tl.trans(x), acc2, DOT_F32)                      # [BN, BM]
+        out = acc2
+    rm_o = tl.arange(0, BLOCK_M)
+    mask = (rn[:, None] < N) & (rm_o[None, :] < M)
+    offs = rm_o[None, :].to(tl.int64) * N + rn[:, None]
+    if SPLIT == 1:
+        if HAS_BIAS:
+            out += tl.load(bias_ptr + rn_l).to(tl.float32)[:, None]
+        if RNE_BF16:
+            out = rne_bf16(out)
+        tl.store(y_ptr + offs, out.to(y_ptr.dtype.element_ty), mask=mask)
+    else:
+        tl.store(ws_ptr + pid_k.to(tl.int64) * M * N + offs, out, mask=mask)
+
+
+# ----------------------------------------------------------------------------- configs
+
+def block_k_for(want: int, group: int, k: int) -> int:
+    """A power of two <= want (>= 16) dividing the group size, so that no K tile straddles
+    two groups; when one group spans K (per channel), any width not wider than K needs."""
+    if group >= k:
+        return min(want, max(16, triton.next_power_of_2(k)))
+    b = want
+    while group % b:        # group % 16 == 0 (checked by the op), so this stops at >= 16
+        b //= 2
+    return b
+
+
+def gemm_config(m: int, n: int, k: int, group: int, arch: int, aligned: bool = True) -> dict:
+    """Tile config for the GEMM path. sm_90: BM >= 64 with 4/8 warps -> wgmma. Unaligned
+    rows (byte loads, a pointer per element) take small tiles: no register spills
+    (tests/test_aot_compile.py, python -m minikernels.ops.triton.aot)."""
+    if not aligned:
+        bm, bn, bkw, warps, stages = 64, 64, 32, 4, 3
+    elif arch >= 90:
+        if m <= 64:
+            bm, bn, bkw, warps, stages = 64, 128, 64, 4, 4
+        else:
+            bm, bn, bkw, warps, stages = 128, 128, 64, 8, 4
+    else:
+        if m <= 32:
+            bm, bn, bkw, warps, stages = 32, 128, 64, 4, 4
+        elif m <= 64:
+            bm, bn, bkw, warps, stages = 64, 128, 64, 4, 4
+        else:
+            bm, bn, bkw, warps, stages = 128, 128, 32, 8, 4
+    return {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": block_k_for(bkw, group, k), "GROUP_M": 8,
+            "num_warps": warps, "num_stages": stages}
+
+
+def gemv_config(m: int, n: int, k: int, group: int, sms: int, split_k: int | None,
+                aligned: bool = True) -> dict:
+    """Decode config: BLOCK_N x BLOCK_K weight tiles of 8-16 KB (16-byte vector loads when
+    aligned; 2-4 KB of byte loads when not), split-K so that about 4 programs per SM
+    stream the weight."""
+    bm = 1 if m == 1 else 16
+    if aligned:
+        block_k = block_k_for(256 if bm == 1 else 128, group, k)
+        bn = 64 if bm == 16 or block_k >= 256 else 128
+    else:
+        block_k = block_k_for(64 if bm == 1 else 32, group, k)
+        bn = 64
+    k_tiles = triton.cdiv(k, block_k)
+    n_tiles = triton.cdiv(n, bn)
+    split_k, per_split = split_plan(k_tiles, n_tiles, sms, split_k)
+    return {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": block_k, "SPLIT": split_k,
+            "k_tiles_per_split": per_split, "num_warps": 4, "num_stages": 4}
+
+
+# ----------------------------------------------------------------------------- launch
+
+def int8_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
+                zeros: torch.Tensor, group_size: int, bias: torch.Tensor | None,
+                path: str = "auto", split_k: int | None = None) -> torch.Tensor:
+    """x [M, K] (last dim contiguous) -> y [M, N] in x.dtype. Inputs validated by the op;
+    qweight may have any strides, scales / zeros are made contiguous here.
+
+    path: "auto" (M <= 16 -> gemv, else gemm), "gemm" or "gemv"; split_k forces the
+    decode path's split count (tests).
+    """
+    m, k = x.shape
+    n = qweight.shape[0]
+    y = _alloc.empty((m, n), x.dtype, x.device)
+    if m == 0 or n == 0:
+        return y
+    if k == 0:
+        y.zero_()
+        if bias is not None:
+            y += bias.to(y.dtype)
+        return y
+    group = k if group_size == -1 else group_size
+    num_groups = k // group
+    scales, zeros = scales.contiguous(), zeros.contiguous()
+    if bias is not None:
+        bias = bias.contiguous()
+    bias_arg = bias if bias is not None else scales
+    arch, sms = arch_and_sms(device_index(x))
+    # the interpreter (CPU tensors) computes bf16 tl.dot wrongly and truncates fp32 -> bf16
+    # casts (triton 3.9): dots in fp32 on the same bf16 values, and a round-to-nearest-even
+    # step before each bf16 cast. Never set on a GPU.
+    interp_bf16 = not x.is_cuda and x.dtype == torch.bfloat16
+    # 16-byte aligned rows with unit K strides: vector-load hints (ALIGNED) are safe
+    aligned = (qweight.stride(1) == 1 and qweight.stride(0) % 16 == 0
+               and qweight.data_ptr() % 16 == 0 and x.data_ptr() % 16 == 0
+               and x.stride(0) * x.element_size() % 16 == 0)
+    args = (m, n, k, x.stride(0), qweight.stride(0), qweight.stride(1), group, num_groups)
+    if path == "auto":
+        path = "gemv" if m <= GEMV_MAX_M else "gemm"
+    if path == "gemv" and m > GEMV_MAX_M:
+        raise ValueError(f"the decode path handles M <= {GEMV_MAX_M}, got M = {m}")
+    if path == "gemm":
+        cfg = gemm_config(m, n, k, group, arch, aligned)
+        grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
+        int8_gemm_kernel[grid](
+            x, qweight, scales, zeros, bias_arg, y, *args,
+            HAS_BIAS=bias is not None, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+            BLOCK_K=cfg["BLOCK_K"], GROUP_M=cfg["GROUP_M"], EVEN_K=k % cfg["BLOCK_K"] == 0,
+            ALIGNED=aligned, DOT_F32=interp_bf16, RNE_BF16=interp_bf16,
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        return y
+    cfg = gemv_config(m, n, k, group, sms, split_k, aligned)
+    split = cfg["SPLIT"]
+    ws = _alloc.empty((split, m, n), torch.float32, x.device) if split > 1 else y
+    int8_gemv_kernel[(triton.cdiv(n, cfg["BLOCK_N"]), split)](
+        x, qweight, scales, zeros, bias_arg, y, ws, *args, cfg["k_tiles_per_split"],
+        HAS_BIAS=bias is not None, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+        BLOCK_K=cfg["BLOCK_K"], EVEN_K=k % cfg["BLOCK_K"] == 0, ALIGNED=aligned, SPLIT=split,
+        DOT_F32=interp_bf16, RNE_BF16=interp_bf16,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    if split > 1:
+        reduce_splits(ws, bias, y, rne_bf16=interp_bf16)
+    return y
+
+
+# --------------------------------------------------------------------------- registry
+# Aligned configs compile as dispatched for a contiguous weight: Triton's JIT specializes
+# a stride of 1 to a constant (stride_wk), and the ALIGNED hints let the byte tiles load
+# 16 bytes at a time. Unaligned configs (odd K, padded rows, a transposed weight) compile
+# with every stride a runtime value and byte loads.
+
+_INTS = {"M": "i32", "N": "i32", "K": "i32", "stride_xm": "i64", "stride_wn": "i64",
+         "stride_wk": "i64", "group": "i32", "num_groups": "i32"}
+
+
+def _sig(fn, dt: str, const: dict, extra: dict[str, str]) -> dict[str, str]:
+    """Signature in the kernel's argument order."""
+    sig = {"x_ptr": f"*{dt}", "qw_ptr": "*u8", "s_ptr": f"*{dt}", "z_ptr": f"*{dt}",
+           "bias_ptr": f"*{dt}", "y_ptr": f"*{dt}", **_INTS, **extra}
+    sig.update({c: "constexpr" for c in const})
+    return {a: sig[a] for a in fn.arg_names}
+
+
+_K = 8192
+for _dt in ("fp16", "bf16"):
+    for _aligned in (True, False):
+        _unit = {"stride_wk": 1} if _aligned else {}
+        _tag = "" if _aligned else ",unaligned"
+        # GEMM: arch config x M x group (g128; g32 -> BLOCK_K 32; per channel)
+        for _arch, _m in ((90, 64), (90, 4096), (80, 32), (80, 4096)):
+            for _g in (128, 32, -1):
+                if (_g == -1 or not _aligned) and _m != 4096:
+                    continue
+                if not _aligned and _g != 128:
+                    continue
+                _cfg = gemm_config(_m, _K, _K, _K if _g == -1 else _g, _arch, _aligned)
+                _const = {"HAS_BIAS": False, "BLOCK_M": _cfg["BLOCK_M"],
+                          "BLOCK_N": _cfg["BLOCK_N"], "BLOCK_K": _cfg["BLOCK_K"], "GROUP_M": 8,
+                          "EVEN_K": _aligned, "ALIGNED": _aligned, "DOT_F32": False,
+                          "RNE_BF16": False, **_unit}
+                register(KernelSpec(
+                    name=f"int8_matmul_gemm[{_dt},sm{_arch}cfg,M={_m},g={_g}{_tag}]",
+                    fn=int8_gemm_kernel, signature=_sig(int8_gemm_kernel, _dt, _const, {}),
+                    constexprs=_const, num_warps=_cfg["num_warps"],
+                    num_stages=_cfg["num_stages"], tensor_core=True,
+                    wgmma_expected=_arch >= 90 and _cfg["BLOCK_M"] >= 64, archs=(_arch,)))
+        # decode: M = 1 (FMAs) and M = 16 (swap-AB MMA, wgmma m64n16), both archs
+        for _m in (1, 16):
+            for _g in (128, 32, -1):
+                if not _aligned and _g != 128:
+                    continue
+                _cfg = gemv_config(_m, _K, _K, _K if _g == -1 else _g, 132, None, _aligned)
+                _const = {"HAS_BIAS": True, "BLOCK_M": _cfg["BLOCK_M"],
+                          "BLOCK_N": _cfg["BLOCK_N"], "BLOCK_K": _cfg["BLOCK_K"],
+                          "EVEN_K": _aligned, "ALIGNED": _aligned, "SPLIT": _cfg["SPLIT"],
+                          "DOT_F32": False, "RNE_BF16": False, **_unit}
+                register(KernelSpec(
+                    name=f"int8_matmul_gemv[{_dt},M={_m},g={_g}{_tag}]", fn=int8_gemv_kernel,
+                    signature=_sig(int8_gemv_kernel, _dt, _const,
+                                   {"ws_ptr": "*fp32", "k_tiles_per_split": "i32"}),
+                    constexprs=_const, num_warps=_cfg["num_warps"],
+                    num_stages=_cfg["num_stages"], tensor_core=_m > 1, wgmma_expected=True))
