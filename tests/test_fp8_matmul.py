@@ -9,6 +9,7 @@ from conftest import requires_cuda
 from helpers import assert_close
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from matmul_test_utils import strided
 
 import minikernels as mk
 from minikernels._validation import last_dim_contiguous
@@ -76,22 +77,6 @@ def make_case(m, n, k, block, dtype, device, bias="x", seed=0, lead=()):
         b = torch.randn(n, generator=gen).to(dtype if bias == "x" else torch.float32)
     to = (lambda t: None if t is None else t.to(device))
     return to(x), to(weight), to(scale), to(b)
-
-
-def strided(t: torch.Tensor, how: str) -> torch.Tensor:
-    """The same values as a view with its own strides ("rows": padded rows; "t": a
-    transposed buffer, so the last dim is strided; "every2": every other element)."""
-    if t is None or how == "none":
-        return t
-    if how == "rows":
-        big = torch.zeros(*t.shape[:-1], t.shape[-1] + 5, dtype=t.dtype, device=t.device)
-        big[..., :t.shape[-1]] = t
-        return big[..., :t.shape[-1]]
-    if how == "t":
-        return t.transpose(-1, -2).contiguous().transpose(-1, -2)
-    big = torch.zeros(*t.shape[:-1], 2 * t.shape[-1], dtype=t.dtype, device=t.device)
-    big[..., ::2] = t
-    return big[..., ::2]
 
 
 def run(backend, x, weight, scale, block, bias, path=None, split_k=None):

@@ -14,7 +14,8 @@ from typing import Any
 
 import pytest
 import torch
-from test_model_support import hf_logits, make_hf_model, random_tokens, rel_err, save_hf
+from test_model_support import (check_rank1_of_2, hf_logits, make_hf_model, random_tokens,
+                                rel_err, save_hf, write_known_checkpoint)
 
 from minikernels.engine import LLM, SamplingParams
 from minikernels.models import AttentionMetadata, load_model
@@ -65,14 +66,10 @@ def write_fp8_checkpoint(hf: torch.nn.Module, path: str, style: str,
                          seed: int = 0) -> dict[str, torch.Tensor]:
     """Save ``hf`` as an fp8 checkpoint (known random e4m3 bytes and scales in every
     decoder linear); ``hf`` gets the dequantized weights. Returns {name: W}."""
-    from safetensors.torch import save_file
-
     g = torch.Generator().manual_seed(seed)
     block = {"block": (32, 32), "block-unaligned": (48, 32), "ct-block": (32, 64)}.get(style)
-    tensors: dict[str, torch.Tensor] = {}
-    known: dict[str, torch.Tensor] = {}
 
-    def fp8_matrix(base: str, n: int, k: int) -> torch.Tensor:
+    def fp8_matrix(tensors: dict, base: str, n: int, k: int) -> torch.Tensor:
         """Known random e4m3 bytes and scales of one [n, k] matrix under ``base`` -> W."""
         q = (torch.randn(n, k, generator=g) * 120).clamp(-448, 448).to(FP8)
         if block is not None:
@@ -95,36 +92,15 @@ def write_fp8_checkpoint(hf: torch.nn.Module, path: str, style: str,
         tensors[f"{base}.weight"] = q
         return q.float() * full
 
-    for name, w in hf.state_dict().items():
-        if name.endswith((".mlp.experts.gate_up_proj", ".mlp.experts.down_proj")):
-            # transformers 5's stacked experts -> the hub's per-expert fp8 tensors
-            prefix, stacked = name.rsplit(".", 1)
-            projs = ("gate_proj", "up_proj") if stacked == "gate_up_proj" else ("down_proj",)
-            rows = w.shape[1] // len(projs)
-            known[name] = torch.stack([torch.cat([
-                fp8_matrix(f"{prefix}.{e}.{p}", rows, w.shape[2]) for p in projs])
-                for e in range(w.shape[0])])
-        elif ".layers." in name and name.endswith("_proj.weight"):
-            known[name] = fp8_matrix(name[:-len(".weight")], *w.shape)
-        else:
-            tensors[name] = w.contiguous()
-            continue
-        with torch.no_grad():
-            hf.get_parameter(name).copy_(known[name])
-    if hf.config.tie_word_embeddings:
-        tensors.pop("lm_head.weight", None)
-    os.makedirs(path, exist_ok=True)
-    save_file(tensors, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
-    cfg = hf.config.to_dict()
     if style == "fbgemm":         # Meta's FP8 Llama 3.1 checkpoints
-        qc = {"quant_method": "fbgemm_fp8", "activation_scale_ub": 1200.0,
-              "modules_to_not_convert": ["lm_head"]}
+        qc: dict[str, Any] = {"quant_method": "fbgemm_fp8", "activation_scale_ub": 1200.0,
+                              "modules_to_not_convert": ["lm_head"]}
     elif style.startswith("ct-"):
         w = {"num_bits": 8, "type": "float", "symmetric": True, "dynamic": False,
              "strategy": "channel" if style == "ct-channel" else "block"}
         if style == "ct-block":
             w["block_structure"] = list(block)
-        qc: dict[str, Any] = {
+        qc = {
             "quant_method": "compressed-tensors", "format": "float-quantized",
             "ignore": ["lm_head"], "quantization_status": "compressed",
             "config_groups": {"group_0": {
@@ -136,10 +112,7 @@ def write_fp8_checkpoint(hf: torch.nn.Module, path: str, style: str,
               "activation_scheme": "dynamic" if block else "static"}
         if block:
             qc["weight_block_size"] = list(block)
-    cfg["quantization_config"] = qc
-    with open(os.path.join(path, "config.json"), "w") as f:
-        json.dump(cfg, f)
-    return known
+    return write_known_checkpoint(hf, path, fp8_matrix, qc)
 
 
 @pytest.mark.parametrize("style", STYLES)
@@ -175,15 +148,7 @@ def test_fp8_checkpoints(tmp_path, style):
         with pytest.raises(CheckpointError, match="fp8 block boundaries"):
             load_model(d, dtype="float32", device="cpu", tensor_parallel=TensorParallel(1, 2))
         return
-    part = load_model(d, dtype="float32", device="cpu", tensor_parallel=TensorParallel(1, 2))
-    lp = part.layers[1]
-    q, k, v = (known[f"model.layers.1.self_attn.{p}_proj.weight"] for p in "qkv")
-    assert torch.equal(lp.self_attn.qkv_proj.dense_weight(),
-                       torch.cat([q[64:], k[32:], v[32:]]))
-    down = known["model.layers.1.mlp.down_proj.weight"]
-    assert torch.equal(lp.mlp.down_proj.dense_weight(), down[:, 64:])
-    o = known["model.layers.1.self_attn.o_proj.weight"]
-    assert torch.equal(lp.self_attn.o_proj.dense_weight(), o[:, 64:])
+    check_rank1_of_2(d, known)
 
 
 def test_fp8_checkpoint_errors(tmp_path):

@@ -10,6 +10,7 @@ from conftest import requires_cuda
 from helpers import spy_launches
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from matmul_test_utils import strided
 
 import minikernels as mk
 from minikernels._validation import last_dim_contiguous
@@ -88,22 +89,6 @@ def make_case(m, n, k, group_size, dtype, device, bias="x", zeros="int", seed=0,
         b = torch.randn(n, generator=gen).to(dtype if bias == "x" else torch.float32)
     to = (lambda t: None if t is None else t.to(device))
     return to(x), to(q), to(s), to(z), to(b)
-
-
-def strided(t, how):
-    """The same values as a view with its own strides ("rows": padded rows; "t": a
-    transposed buffer, so the last dim is strided; "every2": every other element)."""
-    if t is None or how == "none":
-        return t
-    if how == "rows":
-        big = torch.zeros(*t.shape[:-1], t.shape[-1] + 5, dtype=t.dtype, device=t.device)
-        big[..., :t.shape[-1]] = t
-        return big[..., :t.shape[-1]]
-    if how == "t":
-        return t.transpose(-1, -2).contiguous().transpose(-1, -2)
-    big = torch.zeros(*t.shape[:-1], 2 * t.shape[-1], dtype=t.dtype, device=t.device)
-    big[..., ::2] = t
-    return big[..., ::2]
 
 
 def run(backend, x, q, s, z, g, b, path=None, split_k=None):

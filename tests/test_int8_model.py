@@ -9,7 +9,8 @@ from typing import Any
 
 import pytest
 import torch
-from test_model_support import hf_logits, make_hf_model, random_tokens, rel_err, save_hf
+from test_model_support import (check_rank1_of_2, hf_logits, make_hf_model, random_tokens,
+                                rel_err, save_hf, write_known_checkpoint)
 
 import minikernels as mk
 from minikernels.engine import LLM, SamplingParams
@@ -220,13 +221,9 @@ def write_int8_checkpoint(hf: torch.nn.Module, path: str, style: str,
     "channel" (fp32 [N, 1] scales, dynamic per-token activations) or "tensor" (one bf16
     scale per layer and a static ``input_scale``, llm-compressor's static preset).
     Returns {name: W}."""
-    from safetensors.torch import save_file
-
     g = torch.Generator().manual_seed(seed)
-    tensors: dict[str, torch.Tensor] = {}
-    known: dict[str, torch.Tensor] = {}
 
-    def int8_matrix(base: str, n: int, k: int) -> torch.Tensor:
+    def int8_matrix(tensors: dict, base: str, n: int, k: int) -> torch.Tensor:
         """Known random int8 bytes and scale(s) of one [n, k] matrix under ``base`` -> W."""
         q = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
         if style == "channel":
@@ -238,33 +235,9 @@ def write_int8_checkpoint(hf: torch.nn.Module, path: str, style: str,
         tensors[f"{base}.weight_scale"] = scale
         return q.float() * scale.float().expand(n, 1)
 
-    for name, w in hf.state_dict().items():
-        if name.endswith((".mlp.experts.gate_up_proj", ".mlp.experts.down_proj")):
-            # transformers 5's stacked experts -> the hub's per-expert int8 tensors
-            prefix, stacked = name.rsplit(".", 1)
-            projs = ("gate_proj", "up_proj") if stacked == "gate_up_proj" else ("down_proj",)
-            rows = w.shape[1] // len(projs)
-            known[name] = torch.stack([torch.cat([
-                int8_matrix(f"{prefix}.{e}.{p}", rows, w.shape[2]) for p in projs])
-                for e in range(w.shape[0])])
-        elif ".layers." in name and name.endswith("_proj.weight"):
-            known[name] = int8_matrix(name[:-len(".weight")], *w.shape)
-        else:
-            tensors[name] = w.contiguous()
-            continue
-        with torch.no_grad():
-            hf.get_parameter(name).copy_(known[name])
-    if hf.config.tie_word_embeddings:
-        tensors.pop("lm_head.weight", None)
-    os.makedirs(path, exist_ok=True)
-    save_file(tensors, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
-    cfg = hf.config.to_dict()
-    cfg["quantization_config"] = _ct_config(
+    return write_known_checkpoint(hf, path, int8_matrix, _ct_config(
         {"strategy": style}, None if style == "channel" else
-        {"dynamic": False, "strategy": "tensor"})
-    with open(os.path.join(path, "config.json"), "w") as f:
-        json.dump(cfg, f)
-    return known
+        {"dynamic": False, "strategy": "tensor"}))
 
 
 @pytest.mark.parametrize("style", ["channel", "tensor"])
@@ -292,13 +265,7 @@ def test_int8_checkpoints(tmp_path, style):
     assert 0 < err < 0.02, err
     assert rel_err(_logits(load_model(d, dtype="bfloat16", device="cpu", quantization="int8"),
                            seqs).float(), ref) < 0.05
-    part = load_model(d, dtype="float32", device="cpu", tensor_parallel=TensorParallel(1, 2))
-    lp = part.layers[1]
-    q, k, v = (known[f"model.layers.1.self_attn.{p}_proj.weight"] for p in "qkv")
-    assert torch.equal(lp.self_attn.qkv_proj.dense_weight(),
-                       torch.cat([q[64:], k[32:], v[32:]]))
-    down = known["model.layers.1.mlp.down_proj.weight"]
-    assert torch.equal(lp.mlp.down_proj.dense_weight(), down[:, 64:])
+    check_rank1_of_2(d, known)
 
 
 def test_int8_checkpoint_errors(tmp_path):

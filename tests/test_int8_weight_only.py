@@ -12,15 +12,14 @@ import os
 import pytest
 import torch
 from test_int8_model import _ct_config, _logits, _seqs
-from test_model_support import (gptq_tensors, hf_logits, make_hf_model, random_tokens,
-                                rel_err, write_quantized_checkpoint)
+from test_model_support import (check_rank1_of_2, gptq_tensors, hf_logits, make_hf_model,
+                                random_tokens, rel_err, write_quantized_checkpoint)
 
 from minikernels.engine import LLM, SamplingParams
 from minikernels.models import load_model
 from minikernels.models.config import UnsupportedModelError
 from minikernels.models.generate import generate_tokens
 from minikernels.models.loader import CheckpointError
-from minikernels.models.parallel import TensorParallel
 from minikernels.quant import from_gptq
 from minikernels.quant.int8 import Int8WoWeight, int8_scheme, int8_wo_from_checkpoint
 
@@ -60,14 +59,7 @@ def test_8bit_checkpoints(tmp_path, case):
     assert rel_err(_logits(mb, seqs).float(), ref) < 0.05
     if CASES[case].get("act_order"):
         return        # (row-parallel act-order layers are refused under TP, as for int4)
-    # tensor parallel rank 1 of 2: its rows of q / k / v, its K columns of o / down
-    part = load_model(d, dtype="float32", device="cpu", tensor_parallel=TensorParallel(1, 2))
-    lp = part.layers[1]
-    q, k, v = (known[f"model.layers.1.self_attn.{p}_proj.weight"] for p in "qkv")
-    assert torch.equal(lp.self_attn.qkv_proj.dense_weight(),
-                       torch.cat([q[64:], k[32:], v[32:]]))
-    down = known["model.layers.1.mlp.down_proj.weight"]
-    assert torch.equal(lp.mlp.down_proj.dense_weight(), down[:, 64:])
+    check_rank1_of_2(d, known)   # TP rank 1 of 2: its rows of q / k / v, its K columns
 
 
 def test_gptq8_import_is_lossless_and_checked():

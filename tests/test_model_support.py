@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import os
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import pytest
@@ -346,3 +346,61 @@ def hf_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Any, st
             return self[kind]
 
     return Lazy(cache)
+
+
+# ------------------------------------------------------------------ quantized checkpoints
+def write_known_checkpoint(hf: torch.nn.Module, path: str,
+                           matrix: Callable[[dict[str, torch.Tensor], str, int, int],
+                                            torch.Tensor],
+                           quantization_config: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """Save ``hf`` as a quantized checkpoint: ``matrix(tensors, base, n, k)`` writes the
+    quantized tensors of every decoder linear [n, k] named ``base`` (and of every expert
+    projection, as the hub's per-expert tensors) into ``tensors`` and returns the W they
+    dequantize to; ``hf`` gets those weights (so it is the reference). Everything else
+    is saved as is, with ``quantization_config`` in config.json. Returns {name: W}."""
+    from safetensors.torch import save_file
+
+    tensors: dict[str, torch.Tensor] = {}
+    known: dict[str, torch.Tensor] = {}
+    for name, w in hf.state_dict().items():
+        if name.endswith((".mlp.experts.gate_up_proj", ".mlp.experts.down_proj")):
+            # transformers 5's stacked experts -> the hub's per-expert tensors
+            prefix, stacked = name.rsplit(".", 1)
+            projs = ("gate_proj", "up_proj") if stacked == "gate_up_proj" else ("down_proj",)
+            rows = w.shape[1] // len(projs)
+            known[name] = torch.stack([torch.cat([
+                matrix(tensors, f"{prefix}.{e}.{p}", rows, w.shape[2]) for p in projs])
+                for e in range(w.shape[0])])
+        elif ".layers." in name and name.endswith("_proj.weight"):
+            known[name] = matrix(tensors, name[:-len(".weight")], *w.shape)
+        else:
+            tensors[name] = w.contiguous()
+            continue
+        with torch.no_grad():
+            hf.get_parameter(name).copy_(known[name])
+    if hf.config.tie_word_embeddings:
+        tensors.pop("lm_head.weight", None)
+    os.makedirs(path, exist_ok=True)
+    save_file(tensors, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+    cfg = hf.config.to_dict()
+    cfg["quantization_config"] = quantization_config
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(cfg, f)
+    return known
+
+
+def check_rank1_of_2(path: str, known: dict[str, torch.Tensor]) -> None:
+    """Tensor parallel rank 1 of 2 of a qwen3-shaped test checkpoint (8 q heads, 4 kv heads
+    of 16; ``known`` as :func:`write_known_checkpoint` returns) reads its rows of q / k / v
+    and its columns of o / down, exactly."""
+    from minikernels.models import load_model
+    from minikernels.models.parallel import TensorParallel
+
+    part = load_model(path, dtype="float32", device="cpu", tensor_parallel=TensorParallel(1, 2))
+    lp = part.layers[1]
+    q, k, v = (known[f"model.layers.1.self_attn.{p}_proj.weight"] for p in "qkv")
+    assert torch.equal(lp.self_attn.qkv_proj.dense_weight(), torch.cat([q[64:], k[32:], v[32:]]))
+    for proj, mod in (("mlp.down_proj", lp.mlp.down_proj),
+                      ("self_attn.o_proj", lp.self_attn.o_proj)):
+        full = known[f"model.layers.1.{proj}.weight"]
+        assert torch.equal(mod.dense_weight(), full[:, full.shape[1] // 2:]), proj

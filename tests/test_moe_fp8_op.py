@@ -14,6 +14,7 @@ from conftest import requires_cuda
 from helpers import HALF_DTYPES, assert_close, moe_by_hand, spy_launches
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from moe_test_utils import assert_w8a16_dispatch_registered
 
 import minikernels as mk
 from minikernels.ops import _alloc, reference
@@ -172,7 +173,6 @@ def test_tile_dispatch_and_registered_specs(device):
     (BLOCK_M, BLOCK_N, kind, dtype) the launcher picks has an AOT spec, at a BLOCK_K no
     smaller than the dispatched one (tests/test_aot_compile.py: no spills)."""
     from minikernels.ops.triton import moe_fp8
-    from minikernels.ops.triton.registry import all_kernels
 
     cases = [((9, 256, 128, 3, 2, (128, 128)), True, 128),
              ((9, 64, 32, 3, 2, (32, 32)), True, 32),
@@ -187,25 +187,12 @@ def test_tile_dispatch_and_registered_specs(device):
             assert (even[i], bks[i]) == (want_even, want_bk), (h, inter, block)
             assert_close(y, reference.fused_moe_fp8(*args, block), scale=2.0)
 
-    registered = {}
-    for s in all_kernels():
-        if s.fn.__name__.startswith("moe_fp8"):
-            c = s.constexprs
-            key = (s.fn.__name__, c["BLOCK_M"], c["BLOCK_N"], c["EVEN_K"], c["ALIGNED"],
-                   s.num_warps, s.num_stages,
-                   s.signature["x_ptr" if "x_ptr" in s.signature else "act_ptr"])
-            registered[key] = max(registered.get(key, 0), c["BLOCK_K"])
-    for dt, tdt in (("*fp16", torch.float16), ("*bf16", torch.bfloat16),
-                    ("*fp32", torch.float32)):
-        for n_pairs in (1, 100, 1000, 64 * 20, 64 * 40, 64 * 100):
-            for kdim, bk, aligned in ((4096, 128, True), (2880, 128, True), (40, 40, True),
-                                      (1040, 16, True), (200, 128, False), (4096, 128, False)):
-                for gate_up in (True, False):
-                    cfg = moe_fp8.moe_fp8_config(n_pairs, 64, tdt, kdim, bk, aligned, gate_up)
-                    fn = "moe_fp8_gate_up_kernel" if gate_up else "moe_fp8_down_kernel"
-                    key = (fn, cfg.block_m, cfg.block_n, cfg.even_k, aligned, cfg.num_warps,
-                           cfg.num_stages, dt)
-                    assert key in registered and registered[key] >= cfg.block_k, key
+    assert_w8a16_dispatch_registered(
+        "moe_fp8",
+        lambda n_pairs, tdt, kdim, bk, aligned, gate_up: moe_fp8.moe_fp8_config(
+            n_pairs, 64, tdt, kdim, bk, aligned, gate_up),
+        ((4096, 128, True), (2880, 128, True), (40, 40, True), (1040, 16, True),
+         (200, 128, False), (4096, 128, False)))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -13,6 +13,7 @@ from conftest import requires_cuda
 from helpers import DTYPES, HALF_DTYPES, assert_close, moe_by_hand, spy_launches
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from moe_test_utils import assert_w8a16_dispatch_registered
 
 import minikernels as mk
 from minikernels.ops import _alloc, reference
@@ -131,7 +132,6 @@ def test_tile_dispatch_and_registered_specs(device):
     (BLOCK_M, BLOCK_N, kind, dtype) the launcher picks has an AOT spec, at a BLOCK_K no
     smaller than the dispatched one (tests/test_aot_compile.py: no spills)."""
     from minikernels.ops.triton import moe_int8
-    from minikernels.ops.triton.registry import all_kernels
 
     # (t, h, inter, e, k), pad w2's rows to, gate-up (EVEN_K, BLOCK_K), down (EVEN_K, BK)
     cases = [((9, 256, 128, 3, 2), None, (True, 128), (True, 128)),
@@ -154,25 +154,11 @@ def test_tile_dispatch_and_registered_specs(device):
             assert (even2[i], bk2[i]) == want2, (h, inter)
             assert_close(y, reference.fused_moe_int8(*args), scale=2.0)
 
-    registered = {}
-    for s in all_kernels():
-        if s.fn.__name__.startswith("moe_int8"):
-            c = s.constexprs
-            key = (s.fn.__name__, c["BLOCK_M"], c["BLOCK_N"], c["EVEN_K"], c["ALIGNED"],
-                   s.num_warps, s.num_stages,
-                   s.signature["x_ptr" if "x_ptr" in s.signature else "act_ptr"])
-            registered[key] = max(registered.get(key, 0), c["BLOCK_K"])
-    for dt, tdt in (("*fp16", torch.float16), ("*bf16", torch.bfloat16),
-                    ("*fp32", torch.float32)):
-        for n_pairs in (1, 100, 1000, 64 * 20, 64 * 40, 64 * 100):
-            for kdim, aligned in ((4096, True), (2880, True), (40, True), (1040, True),
-                                  (200, False), (4096, False)):
-                for gate_up in (True, False):
-                    cfg = moe_int8.moe_int8_config(n_pairs, 64, tdt, kdim, aligned, gate_up)
-                    fn = "moe_int8_gate_up_kernel" if gate_up else "moe_int8_down_kernel"
-                    key = (fn, cfg.block_m, cfg.block_n, cfg.even_k, aligned, cfg.num_warps,
-                           cfg.num_stages, dt)
-                    assert key in registered and registered[key] >= cfg.block_k, key
+    assert_w8a16_dispatch_registered(
+        "moe_int8",
+        lambda n_pairs, tdt, kdim, aligned, gate_up: moe_int8.moe_int8_config(
+            n_pairs, 64, tdt, kdim, aligned, gate_up),
+        ((4096, True), (2880, True), (40, True), (1040, True), (200, False), (4096, False)))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -190,15 +190,23 @@ def test_int4_matches_reference_and_formula(t, k, e, s, r, shape, dtype, slots, 
 
 # ----------------------------------------------------------------------- fp8 experts
 
-def _fp8_case(t, h, inter, e, k, s, r, block, dtype, device, seed, slots="mixed",
-              r2=None):
+def _w8a16_case(experts, t, h, inter, e, k, s, r, dtype, device, seed, slots="mixed",
+                r2=None):
+    """x, w13, s13, w2, s2, tw, ids with one-byte experts (weight, scale) =
+    experts(N, K, g), and a LoRA on them."""
     g = torch.Generator().manual_seed(seed)
     x, tw, ids = _routing(t, h, e, k, dtype, g)
-    w13, s13 = _fp8(e, 2 * inter, h, block, g)
-    w2, s2 = _fp8(e, h, inter, block, g)
+    w13, s13 = experts(2 * inter, h, g)
+    w2, s2 = experts(h, inter, g)
     lora = _lora(t, h, inter, e, s, r, dtype, g, slots, r2=r2)
     return ([v.to(device) for v in (x, w13, s13, w2, s2, tw, ids)],
             MoELoRA(*(v.to(device) for v in lora)))
+
+
+def _fp8_case(t, h, inter, e, k, s, r, block, dtype, device, seed, slots="mixed",
+              r2=None):
+    return _w8a16_case(lambda n, kk, g: _fp8(e, n, kk, block, g), t, h, inter, e, k, s, r,
+                       dtype, device, seed, slots, r2)
 
 
 @settings(max_examples=25, deadline=None)
@@ -224,13 +232,8 @@ def test_fp8_matches_reference_and_formula(t, k, e, s, r, h, inter, block, dtype
 # ----------------------------------------------------------------------- int8 experts
 
 def _int8_case(t, h, inter, e, k, s, r, dtype, device, seed, slots="mixed", r2=None):
-    g = torch.Generator().manual_seed(seed)
-    x, tw, ids = _routing(t, h, e, k, dtype, g)
-    w13, s13 = _int8(e, 2 * inter, h, g)
-    w2, s2 = _int8(e, h, inter, g)
-    lora = _lora(t, h, inter, e, s, r, dtype, g, slots, r2=r2)
-    return ([v.to(device) for v in (x, w13, s13, w2, s2, tw, ids)],
-            MoELoRA(*(v.to(device) for v in lora)))
+    return _w8a16_case(lambda n, kk, g: _int8(e, n, kk, g), t, h, inter, e, k, s, r,
+                       dtype, device, seed, slots, r2)
 
 
 @settings(max_examples=25, deadline=None)

@@ -132,7 +132,19 @@ class Int4Part(nn.Module):
                 f"act_order={self.perm is not None}")
 
 
-class Fp8Part(nn.Module):
+class _WeightRowsPart(nn.Module):
+    """A linear part whose ``weight`` buffer is [N, K] (fp8 / int8 bytes)."""
+
+    @property
+    def out_features(self) -> int:
+        return int(self.weight.shape[0])
+
+    @property
+    def in_features(self) -> int:
+        return int(self.weight.shape[1])
+
+
+class Fp8Part(_WeightRowsPart):
     """One fp8 matmul: y = x @ W.T, W [N, K] = weight (e4m3) * scale per (bn, bk) block.
 
     ``activations``: "none" (W8A16, the default: ``ops.fp8_matmul``) or "dynamic" (W8A8 as
@@ -155,14 +167,6 @@ class Fp8Part(nn.Module):
         bk = min(bk, k)
         return bk % 16 == 0 and k % bk == 0
 
-    @property
-    def out_features(self) -> int:
-        return int(self.weight.shape[0])
-
-    @property
-    def in_features(self) -> int:
-        return int(self.weight.shape[1])
-
     def forward(self, x: Tensor) -> Tensor:
         if self.activations == "dynamic" and self.supports_w8a8:
             bn, bk = self.block_size[0], min(self.block_size[1], self.in_features)
@@ -180,7 +184,7 @@ class Fp8Part(nn.Module):
                 f"block_size={list(self.block_size)}, activations={self.activations}")
 
 
-class Int8Part(nn.Module):
+class Int8Part(_WeightRowsPart):
     """One INT8 W8A8 matmul: y = x @ W.T with W [N, K] = weight (int8) * scale[n].
 
     x [..., K] (fp16 / bf16 / fp32) is quantized per token, symmetric
@@ -193,14 +197,6 @@ class Int8Part(nn.Module):
         super().__init__()
         self.register_buffer("weight", weight.contiguous())
         self.register_buffer("scale", scale.float().reshape(-1).contiguous())
-
-    @property
-    def out_features(self) -> int:
-        return int(self.weight.shape[0])
-
-    @property
-    def in_features(self) -> int:
-        return int(self.weight.shape[1])
 
     def forward(self, x: Tensor) -> Tensor:
         x_q, x_s, _ = ops.scaled_int8_quant(x)
@@ -336,38 +332,28 @@ class FusedLinear(nn.Module):
         (:class:`minikernels.quant.int8.Int8WoWeight`); merged once all parts have one."""
         from ..quant.int8 import Int8WoWeight
 
-        start, stop = self.shard_rows(shard)
         if isinstance(w, Int8WoWeight):
-            n, k = w.shape
+            self._set_pending(shard, w, w.shape, "int8")
         else:
-            n, k = int(w.qweight.shape[0]), int(w.qweight.shape[1]) * 8
-        if (n, k) != (stop - start, self.in_features):
-            raise ValueError(f"shape mismatch: {'int8' if isinstance(w, Int8WoWeight) else 'int4'}"
-                             f" weight is [{n}, {k}], expected "
-                             f"[{stop - start}, {self.in_features}]")
-        self.weight = None
-        self._pending[shard] = w
-        if len(self._pending) == len(self.output_sizes):
-            self._merge_pending()
+            self._set_pending(shard, w, (int(w.qweight.shape[0]),
+                                         int(w.qweight.shape[1]) * 8), "int4")
 
     def set_fp8_shard(self, shard: int, w: Any) -> None:
         """Give part ``shard`` an fp8 weight (:class:`minikernels.quant.fp8.Fp8Weight`);
         the parts fuse once all have one."""
-        start, stop = self.shard_rows(shard)
-        if tuple(w.shape) != (stop - start, self.in_features):
-            raise ValueError(f"shape mismatch: fp8 weight is {list(w.shape)}, expected "
-                             f"[{stop - start}, {self.in_features}]")
-        self.weight = None
-        self._pending[shard] = w
-        if len(self._pending) == len(self.output_sizes):
-            self._merge_pending()
+        self._set_pending(shard, w, w.shape, "fp8")
 
     def set_int8_shard(self, shard: int, w: Any) -> None:
         """Give part ``shard`` an int8 W8A8 weight (:class:`minikernels.quant.Int8Weight`);
         the parts fuse into one matmul once all have one."""
+        self._set_pending(shard, w, w.shape, "int8")
+
+    def _set_pending(self, shard: int, w: Any, shape: Sequence[int], kind: str) -> None:
+        """Hold part ``shard``'s quantized weight ``w`` (of dequantized ``shape`` [n, K])
+        until every part has one, then merge them (:meth:`_merge_pending`)."""
         start, stop = self.shard_rows(shard)
-        if tuple(w.shape) != (stop - start, self.in_features):
-            raise ValueError(f"shape mismatch: int8 weight is {list(w.shape)}, expected "
+        if tuple(shape) != (stop - start, self.in_features):
+            raise ValueError(f"shape mismatch: {kind} weight is {list(shape)}, expected "
                              f"[{stop - start}, {self.in_features}]")
         self.weight = None
         self._pending[shard] = w

@@ -387,6 +387,14 @@ def _count_tensors(files: list[str]) -> int | None:
 
 
 # --------------------------------------------------------------------- quantization
+def _parse_scheme(parse: Any, qc: dict[str, Any]) -> Any:
+    """``parse(qc)``, its errors raised as UnsupportedModelError (they name the field)."""
+    try:
+        return parse(qc)
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise UnsupportedModelError(f"quantization_config: {exc}") from None
+
+
 def _checkpoint_quant(config: DecoderConfig) -> dict[str, Any] | None:
     """Validated GPTQ / AWQ / compressed-tensors int4 settings, or {"method": ..., "fp8":
     scheme} for an fp8 checkpoint, or {"method": ..., "int8": scheme} for an int8 W8A8
@@ -395,29 +403,18 @@ def _checkpoint_quant(config: DecoderConfig) -> dict[str, Any] | None:
     if not qc:
         return None
     method = str(qc.get("quant_method", "")).lower()
+    from ..quant import compressed_tensors_scheme
     from ..quant.fp8 import fp8_scheme
-
-    try:
-        fp8 = fp8_scheme(qc)
-    except (ValueError, KeyError, TypeError, AttributeError) as exc:
-        raise UnsupportedModelError(f"quantization_config: {exc}") from None
-    if fp8 is not None:
-        return {"method": method, "fp8": fp8}
     from ..quant.int8 import int8_scheme
 
-    try:
-        int8 = int8_scheme(qc)
-    except (ValueError, KeyError, TypeError, AttributeError) as exc:
-        raise UnsupportedModelError(f"quantization_config: {exc}") from None
+    fp8 = _parse_scheme(fp8_scheme, qc)
+    if fp8 is not None:
+        return {"method": method, "fp8": fp8}
+    int8 = _parse_scheme(int8_scheme, qc)
     if int8 is not None:
         return {"method": method, "int8": int8}
     if method == "compressed-tensors":
-        from ..quant import compressed_tensors_scheme
-
-        try:
-            return {"method": method, **compressed_tensors_scheme(qc)}
-        except (ValueError, KeyError, TypeError, AttributeError) as exc:
-            raise UnsupportedModelError(f"quantization_config: {exc}") from None
+        return {"method": method, **_parse_scheme(compressed_tensors_scheme, qc)}
     if method not in ("gptq", "awq"):
         raise UnsupportedModelError(f"quantization_config.quant_method {method!r} is not "
                                     "supported (supported: gptq, awq with 4 bits, "

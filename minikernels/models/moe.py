@@ -193,12 +193,8 @@ class FusedExperts(nn.Module):
             if fbn != 1:
                 raise ValueError(f"fp8 row block {bn} differs from these experts' {fbn}")
             w = w.with_row_blocks_of_one()
-        rows = slice(0, self.inter // fbn) if name == "gate_proj" else \
-            slice(self.inter // fbn, 2 * self.inter // fbn) if name == "up_proj" \
-            else slice(None)
-        prefix = "w2" if name == "down_proj" else "w13"
-        wrows = slice(0, self.inter) if name == "gate_proj" else \
-            slice(self.inter, 2 * self.inter) if name == "up_proj" else slice(None)
+        prefix, wrows = self._rows(name)
+        _, rows = self._rows(name, fbn)
         getattr(self, f"{prefix}_fp8")[expert, wrows].copy_(w.weight)
         getattr(self, f"{prefix}_scale")[expert, rows].copy_(w.scale)
 
@@ -230,9 +226,7 @@ class FusedExperts(nn.Module):
                 self.register_buffer(f"{prefix}_int8_scale", torch.ones(
                     e, rows, dtype=torch.float32, device=self.device))
             self.int8 = True
-        rows = slice(0, self.inter) if name == "gate_proj" else \
-            slice(self.inter, 2 * self.inter) if name == "up_proj" else slice(None)
-        prefix = "w2" if name == "down_proj" else "w13"
+        prefix, rows = self._rows(name)
         getattr(self, f"{prefix}_int8")[expert, rows].copy_(w.weight)
         getattr(self, f"{prefix}_int8_scale")[expert, rows].copy_(w.scale)
 
@@ -246,10 +240,19 @@ class FusedExperts(nn.Module):
                 e, -(-n // bn), -(-k // bk), dtype=torch.float32, device=self.device))
         self.fp8_block = (int(bn), int(bk))
 
+    def _rows(self, name: str, block: int = 1) -> tuple[str, slice]:
+        """("w13" or "w2", the rows of projection ``name`` in it, counted in blocks of
+        ``block`` rows): gate_proj the first I rows of w13, up_proj the next I, down_proj
+        all of w2."""
+        i = self.inter // block
+        if name == "gate_proj":
+            return "w13", slice(0, i)
+        if name == "up_proj":
+            return "w13", slice(i, 2 * i)
+        return "w2", slice(None)
+
     def _write(self, expert: int, name: str, w: object) -> None:
-        rows = slice(0, self.inter) if name == "gate_proj" else \
-            slice(self.inter, 2 * self.inter) if name == "up_proj" else slice(None)
-        prefix = "w2" if name == "down_proj" else "w13"
+        prefix, rows = self._rows(name)
         for kind in ("qweight", "scales", "zeros"):
             getattr(self, f"{prefix}_{kind}")[expert, rows].copy_(getattr(w, kind))
 

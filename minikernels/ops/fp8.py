@@ -43,6 +43,15 @@ def _(x: Tensor, weight: Tensor, weight_scale: Tensor, block_size: list[int],
     return x.new_empty((x.shape[0], weight.shape[0]))  # [M, N], contiguous
 
 
+def kernel_rows(x: Tensor, k: int) -> Tensor:
+    """x [..., K] as the [M, K] matrix the weight-only matmul kernels take (fp8 here, int8
+    too): last dim contiguous, real rows (an expanded x, row stride < K, is copied)."""
+    x2 = last_dim_contiguous(x).reshape(math.prod(x.shape[:-1]), k)  # not -1: K may be 0
+    if x2.shape[0] > 1 and x2.stride(0) < k:
+        x2 = x2.contiguous()
+    return x2
+
+
 def check_block_size(block_size: object, k: int) -> tuple[int, int]:
     """(bn, bk) from a pair of positive ints with bk % 16 == 0 or bk >= K."""
     if not isinstance(block_size, (tuple, list)) or len(block_size) != 2 or not all(
@@ -93,10 +102,6 @@ def fp8_matmul(x: Tensor, weight: Tensor, weight_scale: Tensor,
         check_tensor("bias", bias, dtypes=tuple(dict.fromkeys((x.dtype, torch.float32))),
                      ndim=1, device=x.device)
         check_shape("bias", bias, [n])
-    x = last_dim_contiguous(x)
-    x2 = x.reshape(math.prod(x.shape[:-1]), k)     # not -1: K may be 0
-    if x2.shape[0] > 1 and x2.stride(0) < k:    # e.g. expanded rows: give the kernels real rows
-        x2 = x2.contiguous()
-    y = torch.ops.minikernels.fp8_matmul(x2, weight.view(torch.uint8), weight_scale, [bn, bk],
-                                         bias)
+    y = torch.ops.minikernels.fp8_matmul(kernel_rows(x, k), weight.view(torch.uint8),
+                                         weight_scale, [bn, bk], bias)
     return y.view(*x.shape[:-1], n)

@@ -63,18 +63,19 @@ def _(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, group_size: int
     return x.new_empty((x.shape[0], qweight.shape[0]))  # [M, N], contiguous
 
 
-def check_int4_weight(qweight: Tensor, scales: Tensor, zeros: Tensor, group_size: int,
-                      device: torch.device | None = None) -> tuple[int, int, int]:
-    """Validate an int4 weight; returns (N, K, groups)."""
-    check_tensor("qweight", qweight, dtypes=(torch.int32,), ndim=2, device=device)
-    n, k = qweight.shape[0], qweight.shape[1] * 8
+def check_group_scales(qweight: Tensor, n: int, k: int, scales: Tensor, zeros: Tensor,
+                       group_size: int, multiple: int) -> int:
+    """Validate group_size (-1: one group per row, or a positive multiple of ``multiple``
+    dividing K) and the group-wise scales / zeros [N, K/G] (fp16 / bf16, one dtype, on
+    qweight's device) of an N x K integer weight; returns the group count. Shared by the
+    int4 and int8 weight-only ops."""
     if not isinstance(group_size, int) or isinstance(group_size, bool):
         raise TypeError(f"group_size must be an int, got {type(group_size).__name__}")
     if group_size == -1:
         groups = 1
-    elif group_size <= 0 or group_size % 8:
-        raise ValueError(f"group_size must be -1 (per channel) or a positive multiple of 8, "
-                         f"got {group_size}")
+    elif group_size <= 0 or group_size % multiple:
+        raise ValueError(f"group_size must be -1 (per channel) or a positive multiple of "
+                         f"{multiple}, got {group_size}")
     elif k % group_size:
         raise ValueError(f"K ({k}) must be a multiple of group_size ({group_size})")
     else:
@@ -83,7 +84,15 @@ def check_int4_weight(qweight: Tensor, scales: Tensor, zeros: Tensor, group_size
     check_shape("scales", scales, [n, groups])
     check_tensor("zeros", zeros, dtypes=(scales.dtype,), ndim=2, device=qweight.device)
     check_shape("zeros", zeros, [n, groups])
-    return n, k, groups
+    return groups
+
+
+def check_int4_weight(qweight: Tensor, scales: Tensor, zeros: Tensor, group_size: int,
+                      device: torch.device | None = None) -> tuple[int, int, int]:
+    """Validate an int4 weight; returns (N, K, groups)."""
+    check_tensor("qweight", qweight, dtypes=(torch.int32,), ndim=2, device=device)
+    n, k = qweight.shape[0], qweight.shape[1] * 8
+    return n, k, check_group_scales(qweight, n, k, scales, zeros, group_size, 8)
 
 
 def int4_matmul(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, group_size: int,

@@ -12,14 +12,14 @@ M > 16, split-K decode kernel for M <= 16). auto on CUDA: triton. No CUDA C++ ke
 """
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 
 from .. import backend as _backend
-from .._validation import HALF_DTYPES, check_shape, check_tensor, last_dim_contiguous
+from .._validation import HALF_DTYPES, check_shape, check_tensor
 from . import reference
+from .fp8 import kernel_rows
+from .int4 import check_group_scales
 
 
 @torch.library.custom_op("minikernels::int8_matmul", mutates_args=())
@@ -43,22 +43,7 @@ def check_int8_weight(qweight: Tensor, scales: Tensor, zeros: Tensor, group_size
     """Validate an int8 weight (canonical layout); returns (N, K, groups)."""
     check_tensor("qweight", qweight, dtypes=(torch.uint8,), ndim=2, device=device)
     n, k = qweight.shape
-    if not isinstance(group_size, int) or isinstance(group_size, bool):
-        raise TypeError(f"group_size must be an int, got {type(group_size).__name__}")
-    if group_size == -1:
-        groups = 1
-    elif group_size <= 0 or group_size % 16:
-        raise ValueError(f"group_size must be -1 (per channel) or a positive multiple of 16, "
-                         f"got {group_size}")
-    elif k % group_size:
-        raise ValueError(f"K ({k}) must be a multiple of group_size ({group_size})")
-    else:
-        groups = k // group_size
-    check_tensor("scales", scales, dtypes=HALF_DTYPES, ndim=2, device=qweight.device)
-    check_shape("scales", scales, [n, groups])
-    check_tensor("zeros", zeros, dtypes=(scales.dtype,), ndim=2, device=qweight.device)
-    check_shape("zeros", zeros, [n, groups])
-    return n, k, groups
+    return n, k, check_group_scales(qweight, n, k, scales, zeros, group_size, 16)
 
 
 def int8_matmul(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, group_size: int,
@@ -86,10 +71,6 @@ def int8_matmul(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, group
                                                                torch.float32))),
                      ndim=1, device=x.device)
         check_shape("bias", bias, [n])
-    x = last_dim_contiguous(x)
-    x2 = x.reshape(math.prod(x.shape[:-1]), k)     # not -1: K may be 0
-    if x2.shape[0] > 1 and x2.stride(0) < k:    # e.g. expanded rows: give the kernels real rows
-        x2 = x2.contiguous()
-    y = torch.ops.minikernels.int8_matmul(x2, qweight, scales.contiguous(), zeros.contiguous(),
-                                          group_size, bias)
+    y = torch.ops.minikernels.int8_matmul(kernel_rows(x, k), qweight, scales.contiguous(),
+                                          zeros.contiguous(), group_size, bias)
     return y.view(*x.shape[:-1], n)

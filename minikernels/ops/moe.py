@@ -307,6 +307,36 @@ def fused_moe_int4(x: Tensor, w13_qweight: Tensor, w13_scales: Tensor, w13_zeros
 
 # ------------------------------------------------------------------------- fp8 experts
 
+def _check_w8a16_inputs(x: Tensor, w13: Tensor, w2: Tensor, wdtype: torch.dtype,
+                        topk_weights: Tensor, topk_ids: Tensor
+                        ) -> tuple[int, int, int, int, int]:
+    """fused_moe_fp8's / fused_moe_int8's x, one-byte weights (dtype wdtype), routing
+    dtypes and w13's shape; (T, H, E, 2I, I) from x [T, H] and w13 [E, 2I, H]."""
+    check_tensor("x", x, dtypes=FLOAT_DTYPES, ndim=2)
+    check_tensor("w13", w13, dtypes=(wdtype,), ndim=3, device=x.device)
+    check_tensor("w2", w2, dtypes=(wdtype,), ndim=3, device=x.device)
+    _check_routing_dtypes(x, topk_weights, topk_ids)
+    t, h = x.shape
+    e, two_i = w13.shape[0], w13.shape[1]
+    if h == 0:
+        raise ValueError(f"x's hidden size H must be positive, got x shape {list(x.shape)}")
+    if two_i == 0 or two_i % 2:
+        raise ValueError(f"w13's second dim must be 2I > 0 (gate rows then up rows), got "
+                         f"{list(w13.shape)}")
+    if w13.shape[2] != h:
+        raise ValueError(f"w13 must have shape [E, 2I, H = {h}] (x's H), got "
+                         f"{list(w13.shape)}")
+    return t, h, e, two_i, two_i // 2
+
+
+def _check_expert_shape(name: str, weight: Tensor, shape: tuple[int, int, int]) -> None:
+    """An expert stack's weight [E, N, K] (dtype checked by the caller)."""
+    e, n, k = shape
+    if tuple(weight.shape) != (e, n, k):
+        raise ValueError(f"{name} must have shape [E = {e}, {n}, {k}], got "
+                         f"{list(weight.shape)}")
+
+
 # The op takes the fp8 weights' bytes (a free uint8 view), as fp8_matmul's op does: torch's
 # schema checks (opcheck) compare inputs with allclose, which float8 lacks on the CPU.
 @torch.library.custom_op("minikernels::fused_moe_fp8", mutates_args=())
@@ -341,9 +371,7 @@ def _check_fp8_experts(name: str, weight: Tensor, scale: Tensor, shape: tuple[in
     """weight float8_e4m3fn [E, N, K] (dtype checked by the caller), scale fp32
     [E, ceil(N / bn), ceil(K / bk)]."""
     e, n, k = shape
-    if tuple(weight.shape) != (e, n, k):
-        raise ValueError(f"{name} must have shape [E = {e}, {n}, {k}], got "
-                         f"{list(weight.shape)}")
+    _check_expert_shape(name, weight, shape)
     want = [e, -(-n // bn), -(-k // bk)]
     check_tensor(f"{name}_scale", scale, dtypes=(torch.float32,), ndim=3, device=device)
     if list(scale.shape) != want:
@@ -381,21 +409,8 @@ def fused_moe_fp8(x: Tensor, w13: Tensor, w13_scale: Tensor, w2: Tensor, w2_scal
                (:class:`MoELoRA`, dense adapters in x.dtype added to the fp8 experts' fp32
                results).
     """
-    check_tensor("x", x, dtypes=FLOAT_DTYPES, ndim=2)
-    check_tensor("w13", w13, dtypes=(torch.float8_e4m3fn,), ndim=3, device=x.device)
-    check_tensor("w2", w2, dtypes=(torch.float8_e4m3fn,), ndim=3, device=x.device)
-    _check_routing_dtypes(x, topk_weights, topk_ids)
-    t, h = x.shape
-    e, two_i = w13.shape[0], w13.shape[1]
-    if h == 0:
-        raise ValueError(f"x's hidden size H must be positive, got x shape {list(x.shape)}")
-    if two_i == 0 or two_i % 2:
-        raise ValueError(f"w13's second dim must be 2I > 0 (gate rows then up rows), got "
-                         f"{list(w13.shape)}")
-    if w13.shape[2] != h:
-        raise ValueError(f"w13 must have shape [E, 2I, H = {h}] (x's H), got "
-                         f"{list(w13.shape)}")
-    inter = two_i // 2
+    t, h, e, two_i, inter = _check_w8a16_inputs(x, w13, w2, torch.float8_e4m3fn,
+                                                 topk_weights, topk_ids)
     # bk % 16 == 0, or one K block in both matrices (bk >= H and bk >= I)
     bn, bk = check_block_size(block_size, max(h, inter))
     _check_fp8_experts("w13", w13, w13_scale, (e, two_i, h), bn, bk, x.device)
@@ -437,10 +452,8 @@ def _(x: Tensor, w13: Tensor, w13_scale: Tensor, w2: Tensor, w2_scale: Tensor,
 def _check_int8_experts(name: str, weight: Tensor, scale: Tensor,
                         shape: tuple[int, int, int], device: torch.device) -> None:
     """weight int8 [E, N, K] (dtype checked by the caller), scale fp32 [E, N]."""
-    e, n, k = shape
-    if tuple(weight.shape) != (e, n, k):
-        raise ValueError(f"{name} must have shape [E = {e}, {n}, {k}], got "
-                         f"{list(weight.shape)}")
+    e, n, _ = shape
+    _check_expert_shape(name, weight, shape)
     check_tensor(f"{name}_scale", scale, dtypes=(torch.float32,), ndim=2, device=device)
     if tuple(scale.shape) != (e, n):
         raise ValueError(f"{name}_scale must have shape [E = {e}, {n}] (one scale per "
@@ -469,21 +482,8 @@ def fused_moe_int8(x: Tensor, w13: Tensor, w13_scale: Tensor, w2: Tensor, w2_sca
                (:class:`MoELoRA`, dense adapters in x.dtype added to the int8 experts'
                fp32 results).
     """
-    check_tensor("x", x, dtypes=FLOAT_DTYPES, ndim=2)
-    check_tensor("w13", w13, dtypes=(torch.int8,), ndim=3, device=x.device)
-    check_tensor("w2", w2, dtypes=(torch.int8,), ndim=3, device=x.device)
-    _check_routing_dtypes(x, topk_weights, topk_ids)
-    t, h = x.shape
-    e, two_i = w13.shape[0], w13.shape[1]
-    if h == 0:
-        raise ValueError(f"x's hidden size H must be positive, got x shape {list(x.shape)}")
-    if two_i == 0 or two_i % 2:
-        raise ValueError(f"w13's second dim must be 2I > 0 (gate rows then up rows), got "
-                         f"{list(w13.shape)}")
-    if w13.shape[2] != h:
-        raise ValueError(f"w13 must have shape [E, 2I, H = {h}] (x's H), got "
-                         f"{list(w13.shape)}")
-    inter = two_i // 2
+    t, h, e, two_i, inter = _check_w8a16_inputs(x, w13, w2, torch.int8, topk_weights,
+                                                 topk_ids)
     _check_int8_experts("w13", w13, w13_scale, (e, two_i, h), x.device)
     _check_int8_experts("w2", w2, w2_scale, (e, h, inter), x.device)
     _check_routing_shapes(t, topk_weights, topk_ids, e)

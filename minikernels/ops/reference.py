@@ -160,6 +160,34 @@ def int8_matmul(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, group
     return y.to(x.dtype)
 
 
+def rtn_groups(wg: Tensor, bits: int, symmetric: bool, scale_dtype: torch.dtype
+               ) -> tuple[Tensor, Tensor, Tensor]:
+    """Round-to-nearest quantization of weight groups ``wg`` [N, groups, G] (fp32) to
+    ``bits``-bit unsigned integers (the int4 and int8 weight-only formats' RTN):
+
+        symmetric:  scale = max |w| / (2^(bits-1) - 1), zero = 2^(bits-1)
+        asymmetric: scale = (max - min) / (2^bits - 1) over the group's range widened to
+                    include 0, zero = round(-min / scale)
+        q = clamp(round(w / scale) + zero, 0, 2^bits - 1)
+
+    (scales stored in ``scale_dtype``, at least its smallest normal; q uses the stored
+    scale). Returns (q [N, groups, G] fp32 integers, scale [N, groups], zero [N, groups]
+    in scale_dtype)."""
+    top = (1 << bits) - 1
+    half = 1 << (bits - 1)
+    tiny = torch.finfo(scale_dtype).tiny
+    if symmetric:
+        scale = (wg.abs().amax(-1) / (half - 1)).clamp_min(tiny).to(scale_dtype)
+        zero = torch.full_like(scale, float(half), dtype=torch.float32)
+    else:
+        lo = wg.amin(-1).clamp_max(0)
+        hi = wg.amax(-1).clamp_min(0)
+        scale = ((hi - lo) / top).clamp_min(tiny).to(scale_dtype)
+        zero = torch.round(-lo / scale.float()).clamp(0, top)
+    q = (torch.round(wg / scale.float().unsqueeze(-1)) + zero.unsqueeze(-1)).clamp(0, top)
+    return q, scale.contiguous(), zero.to(scale_dtype).contiguous()
+
+
 def quantize_int8_grouped(w: Tensor, group_size: int = 128, symmetric: bool = False,
                           scale_dtype: torch.dtype | None = None
                           ) -> tuple[Tensor, Tensor, Tensor]:
@@ -187,19 +215,8 @@ def quantize_int8_grouped(w: Tensor, group_size: int = 128, symmetric: bool = Fa
     if k == 0:
         ones = torch.ones(n, groups, dtype=scale_dtype, device=w.device)
         return torch.empty(n, 0, dtype=torch.uint8, device=w.device), ones, ones * 128
-    wg = w.float().reshape(n, groups, g)
-    tiny = torch.finfo(scale_dtype).tiny
-    if symmetric:
-        scale = (wg.abs().amax(-1) / 127).clamp_min(tiny).to(scale_dtype)
-        zero = torch.full_like(scale, 128.0, dtype=torch.float32)
-    else:
-        lo = wg.amin(-1).clamp_max(0)
-        hi = wg.amax(-1).clamp_min(0)
-        scale = ((hi - lo) / 255).clamp_min(tiny).to(scale_dtype)
-        zero = torch.round(-lo / scale.float()).clamp(0, 255)
-    q = torch.round(wg / scale.float().unsqueeze(-1)) + zero.unsqueeze(-1)
-    q = q.clamp(0, 255).reshape(n, k).to(torch.uint8)
-    return q, scale.contiguous(), zero.to(scale_dtype).contiguous()
+    q, scale, zero = rtn_groups(w.float().reshape(n, groups, g), 8, symmetric, scale_dtype)
+    return q.reshape(n, k).to(torch.uint8), scale, zero
 
 
 # ------------------------------------------------------- block-wise FP8 W8A8 (vLLM's)

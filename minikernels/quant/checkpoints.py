@@ -58,65 +58,37 @@ def from_gptq(qweight: Tensor, qzeros: Tensor, scales: Tensor, g_idx: Tensor | N
     checkpoint_format: "gptq" (v1: stored zero = zero - 1) or "gptq_v2" (zero as stored).
     g_idx: None or int [K]; an act-order g_idx yields a weight with ``perm`` set.
     """
-    if bits == 8:
-        return _from_gptq8(qweight, qzeros, scales, g_idx, checkpoint_format)
-    if bits != 4:
+    if checkpoint_format not in ("gptq", "gptq_v2"):
+        raise ValueError(f"checkpoint_format must be 'gptq' or 'gptq_v2', got "
+                         f"{checkpoint_format!r}")
+    if bits not in (4, 8):
         raise ValueError(f"bits must be 4 or 8, got {bits!r}")
-    if checkpoint_format not in ("gptq", "gptq_v2"):
-        raise ValueError(f"checkpoint_format must be 'gptq' or 'gptq_v2', got "
-                         f"{checkpoint_format!r}")
+    per = 32 // bits                      # values per int32 word
+    unpack = unpack_nibbles if bits == 4 else unpack_bytes
     check_tensor("qweight", qweight, dtypes=(torch.int32,), ndim=2)
     check_tensor("qzeros", qzeros, dtypes=(torch.int32,), ndim=2, device=qweight.device)
     check_tensor("scales", scales, dtypes=HALF_DTYPES + (torch.float32,), ndim=2,
                  device=qweight.device)
-    k, n = qweight.shape[0] * 8, qweight.shape[1]
+    k, n = qweight.shape[0] * per, qweight.shape[1]
     groups = scales.shape[0]
     if scales.shape[1] != n:
         raise ValueError(f"scales must have shape [groups, N = {n}], got {list(scales.shape)}")
-    if n % 8 or list(qzeros.shape) != [groups, n // 8]:
-        raise ValueError(f"qzeros must have shape [{groups}, N / 8 = {n / 8:g}] (N multiple "
-                         f"of 8), got {list(qzeros.shape)}")
+    if n % per or list(qzeros.shape) != [groups, n // per]:
+        raise ValueError(f"qzeros must have shape [{groups}, N / {per} = {n / per:g}] (N "
+                         f"multiple of {per}), got {list(qzeros.shape)}")
     if scales.dtype == torch.float32:
         scales = scales.half()
     g = _group_size(k, groups)
-    gs = k // groups
-    zeros = unpack_nibbles(qzeros)                                   # [groups, N]
+    zeros = unpack(qzeros)                                           # [groups, N]
     if checkpoint_format == "gptq":
         zeros = zeros + 1
-    q = unpack_nibbles(qweight.t().contiguous())                     # [N, K]
-    q, perm = _sort_by_group(q, g_idx, k, gs, groups)
-    return Int4Weight(pack_nibbles(q), scales.t().contiguous(),
-                      zeros.t().to(scales.dtype).contiguous(), g, perm)
-
-
-def _from_gptq8(qweight: Tensor, qzeros: Tensor, scales: Tensor, g_idx: Tensor | None,
-                checkpoint_format: str) -> Any:
-    from .int8 import Int8WoWeight
-
-    if checkpoint_format not in ("gptq", "gptq_v2"):
-        raise ValueError(f"checkpoint_format must be 'gptq' or 'gptq_v2', got "
-                         f"{checkpoint_format!r}")
-    check_tensor("qweight", qweight, dtypes=(torch.int32,), ndim=2)
-    check_tensor("qzeros", qzeros, dtypes=(torch.int32,), ndim=2, device=qweight.device)
-    check_tensor("scales", scales, dtypes=HALF_DTYPES + (torch.float32,), ndim=2,
-                 device=qweight.device)
-    k, n = qweight.shape[0] * 4, qweight.shape[1]
-    groups = scales.shape[0]
-    if scales.shape[1] != n:
-        raise ValueError(f"scales must have shape [groups, N = {n}], got {list(scales.shape)}")
-    if n % 4 or list(qzeros.shape) != [groups, n // 4]:
-        raise ValueError(f"qzeros must have shape [{groups}, N / 4 = {n / 4:g}] (N multiple "
-                         f"of 4), got {list(qzeros.shape)}")
-    if scales.dtype == torch.float32:
-        scales = scales.half()
-    g = _group_size(k, groups)
-    zeros = unpack_bytes(qzeros)                                     # [groups, N]
-    if checkpoint_format == "gptq":
-        zeros = zeros + 1
-    q = unpack_bytes(qweight.t().contiguous())                       # [N, K]
+    q = unpack(qweight.t().contiguous())                             # [N, K]
     q, perm = _sort_by_group(q, g_idx, k, k // groups, groups)
-    return Int8WoWeight(q.to(torch.uint8), scales.t().contiguous(),
-                        zeros.t().to(scales.dtype).contiguous(), g, perm)
+    zeros = zeros.t().to(scales.dtype).contiguous()
+    if bits == 8:
+        from .int8 import Int8WoWeight
+        return Int8WoWeight(q.to(torch.uint8), scales.t().contiguous(), zeros, g, perm)
+    return Int4Weight(pack_nibbles(q), scales.t().contiguous(), zeros, g, perm)
 
 
 def _sort_by_group(q: Tensor, g_idx: Tensor | None, k: int, gs: int, groups: int

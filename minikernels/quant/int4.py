@@ -123,20 +123,9 @@ def quantize_int4(weight: Tensor, group_size: int = 128, symmetric: bool = False
             else torch.float16
     if scale_dtype not in (torch.float16, torch.bfloat16):
         raise TypeError(f"scale_dtype must be float16 or bfloat16, got {scale_dtype}")
-    w = weight.float().reshape(n, k // g, g)
-    tiny = torch.finfo(scale_dtype).tiny
-    if symmetric:
-        scale = (w.abs().amax(-1) / 7).clamp_min(tiny).to(scale_dtype)
-        zero = torch.full_like(scale, 8.0, dtype=torch.float32)
-    else:
-        lo = w.amin(-1).clamp_max(0)
-        hi = w.amax(-1).clamp_min(0)
-        scale = ((hi - lo) / 15).clamp_min(tiny).to(scale_dtype)
-        zero = torch.round(-lo / scale.float()).clamp(0, 15)
-    q = torch.round(w / scale.float().unsqueeze(-1)) + zero.unsqueeze(-1)
-    q = q.clamp(0, 15).reshape(n, k)
-    return Int4Weight(pack_nibbles(q), scale.contiguous(), zero.to(scale_dtype).contiguous(),
-                      group_size)
+    q, scale, zero = reference.rtn_groups(weight.float().reshape(n, k // g, g), 4, symmetric,
+                                          scale_dtype)
+    return Int4Weight(pack_nibbles(q.reshape(n, k)), scale, zero, group_size)
 
 
 def pack_int4(q: Tensor, scales: Tensor, zeros: Tensor, group_size: int,

@@ -36,11 +36,11 @@ import torch
 import triton
 import triton.language as tl
 
-from .. import _alloc
-from .interpreter_rounding import rne_bf16
-from .registry import KernelSpec, register
-from .tiling import grouped_tile
-from .splitk import GEMV_MAX_M, arch_and_sms, device_index, reduce_splits, split_plan
+from . import splitk
+from .splitk import store_decode_tile
+from .tiling import acc_dot, grouped_tile, store_gemm_tile
+
+_dot = acc_dot      # the name moe_fp8 imports from here
 
 
 @triton.jit
@@ -49,16 +49,6 @@ def _e4m3_as_fp16(b):
     b = b.to(tl.int32)
     bits = ((b & 0x80) << 8) | ((b & 0x7F) << 7)
     return bits.to(tl.uint16).to(tl.float16, bitcast=True)
-
-
-@triton.jit
-def _dot(a, b, acc, DOT_F32: tl.constexpr):
-    """acc + a @ b in fp32. DOT_F32: exact fp32 inputs (fp32 x; and bf16 under the
-    interpreter, whose bf16 tl.dot is wrong: same values, exact in fp32)."""
-    if DOT_F32:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-    else:
-        return tl.dot(a, b, acc)
 
 
 @triton.jit
@@ -92,21 +82,17 @@ def fp8_gemm_kernel(x_ptr, w_ptr, s_ptr, bias_ptr, y_ptr, M, N, K,
             wb = tl.load(w_ptrs, mask=k_ok, other=0)
         w = _e4m3_as_fp16(wb).to(x.dtype)                                   # W / 256, exact
         if ONE_KBLOCK:      # one scale per column for all of K: apply it in the epilogue
-            acc = _dot(x, tl.trans(w), acc, DOT_F32)
+            acc = acc_dot(x, tl.trans(w), acc, DOT_F32)
         else:
             s = tl.load(s_ptrs + (k0 // block_k) * stride_sk) * 256.0
-            part = _dot(x, tl.trans(w), tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), DOT_F32)
+            part = acc_dot(x, tl.trans(w), tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32),
+                           DOT_F32)
             acc += part * s[None, :]
         x_ptrs += BLOCK_K
         w_ptrs += BLOCK_K * stride_wk
     if ONE_KBLOCK:
         acc = acc * (tl.load(s_ptrs) * 256.0)[None, :]
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + rn_l).to(tl.float32)[None, :]
-    if RNE_BF16:
-        acc = rne_bf16(acc)
-    y_ptrs = y_ptr + rm[:, None].to(tl.int64) * N + rn[None, :]
-    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=(rm[:, None] < M) & (rn[None, :] < N))
+    store_gemm_tile(acc, rm, rn, rn_l, bias_ptr, y_ptr, M, N, HAS_BIAS, RNE_BF16)
 
 
 @triton.jit
@@ -166,26 +152,17 @@ def fp8_gemv_kernel(x_ptr, w_ptr, s_ptr, bias_ptr, y_ptr, ws_ptr, M, N, K,
                 wb = tl.load(w_ptrs, mask=k_ok, other=0)
             w = _e4m3_as_fp16(wb).to(x.dtype)
             if ONE_KBLOCK:
-                acc2 = _dot(w, tl.trans(x), acc2, DOT_F32)                  # [BN, BM]
+                acc2 = acc_dot(w, tl.trans(x), acc2, DOT_F32)                  # [BN, BM]
             else:
                 s = tl.load(s_ptrs + (k0 // block_k) * stride_sk) * 256.0
-                part = _dot(w, tl.trans(x), tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32),
+                part = acc_dot(w, tl.trans(x), tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32),
                             DOT_F32)
                 acc2 += part * s[:, None]
         if ONE_KBLOCK:
             acc2 = acc2 * (tl.load(s_ptrs) * 256.0)[:, None]
         out = acc2
-    rm_o = tl.arange(0, BLOCK_M)
-    mask = (rn[:, None] < N) & (rm_o[None, :] < M)
-    offs = rm_o[None, :].to(tl.int64) * N + rn[:, None]
-    if SPLIT == 1:
-        if HAS_BIAS:
-            out += tl.load(bias_ptr + rn_l).to(tl.float32)[:, None]
-        if RNE_BF16:
-            out = rne_bf16(out)
-        tl.store(y_ptr + offs, out.to(y_ptr.dtype.element_ty), mask=mask)
-    else:
-        tl.store(ws_ptr + pid_k.to(tl.int64) * M * N + offs, out, mask=mask)
+    store_decode_tile(out, rn, rn_l, pid_k, bias_ptr, y_ptr, ws_ptr, M, N, HAS_BIAS, BLOCK_M,
+                      SPLIT, RNE_BF16)
 
 
 # ----------------------------------------------------------------------------- configs
@@ -246,7 +223,7 @@ def gemv_config(m: int, n: int, k: int, bk: int, sms: int, split_k: int | None,
         bn = 64
     k_tiles = triton.cdiv(k, block_k)
     n_tiles = triton.cdiv(n, bn)
-    split_k, per_split = split_plan(k_tiles, n_tiles, sms, split_k)
+    split_k, per_split = splitk.split_plan(k_tiles, n_tiles, sms, split_k)
     return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=block_k, ONE_KBLOCK=one, SPLIT=split_k,
                 k_tiles_per_split=per_split, num_warps=4, num_stages=4)
 
@@ -266,55 +243,29 @@ def fp8_matmul(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor
     n = weight.shape[0]
     # a block past the matrix edge partitions like one of the matrix's size (fits in i32)
     bn, bk = min(int(block_size[0]), n), min(int(block_size[1]), k)
-    y = _alloc.empty((m, n), x.dtype, x.device)
-    if m == 0 or n == 0:
-        return y
-    if k == 0:
-        y.zero_()
-        if bias is not None:
-            y += bias.to(y.dtype)
+    y, done = splitk.alloc_output(x, n, bias)
+    if done:
         return y
     w8 = weight.view(torch.uint8)           # the bits; converted in the kernel
     if bias is not None:
         bias = bias.contiguous()
-    bias_arg = bias if bias is not None else weight_scale
-    arch, sms = arch_and_sms(device_index(x))
-    # the interpreter (CPU tensors) computes bf16 tl.dot wrongly and truncates fp32 -> bf16
-    # casts (triton 3.9): dots in fp32 on the same exact values, and a round-to-nearest-even
-    # step before the cast. Never set on a GPU. fp32 x: always fp32 dots.
-    interp_bf16 = not x.is_cuda and x.dtype == torch.bfloat16
-    dot_f32 = x.dtype == torch.float32 or interp_bf16
-    # 16-byte aligned rows with unit K strides: vector-load hints (ALIGNED) are safe
-    aligned = (w8.stride(1) == 1 and w8.stride(0) % 16 == 0 and w8.data_ptr() % 16 == 0
-               and x.data_ptr() % 16 == 0 and x.stride(0) * x.element_size() % 16 == 0)
-    strides = (x.stride(0), w8.stride(0), w8.stride(1), weight_scale.stride(0),
-               weight_scale.stride(1), bn, bk)
-    if path == "auto":
-        path = "gemv" if m <= GEMV_MAX_M else "gemm"
-    if path == "gemv" and m > GEMV_MAX_M:
-        raise ValueError(f"the decode path handles M <= {GEMV_MAX_M}, got M = {m}")
-    if path == "gemm":
-        cfg = gemm_config(m, n, k, bk, arch, x.dtype == torch.float32, aligned)
-        grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
-        fp8_gemm_kernel[grid](
-            x, w8, weight_scale, bias_arg, y, m, n, k, *strides,
-            HAS_BIAS=bias is not None, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
-            BLOCK_K=cfg["BLOCK_K"], GROUP_M=cfg["GROUP_M"], ONE_KBLOCK=cfg["ONE_KBLOCK"],
-            EVEN_K=k % cfg["BLOCK_K"] == 0, ALIGNED=aligned, DOT_F32=dot_f32,
-            RNE_BF16=interp_bf16,
-            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-        return y
-    cfg = gemv_config(m, n, k, bk, sms, split_k, aligned)
-    split = cfg["SPLIT"]
-    ws = _alloc.empty((split, m, n), torch.float32, x.device) if split > 1 else y
-    fp8_gemv_kernel[(triton.cdiv(n, cfg["BLOCK_N"]), split)](
-        x, w8, weight_scale, bias_arg, y, ws, m, n, k, *strides, cfg["k_tiles_per_split"],
-        HAS_BIAS=bias is not None, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
-        BLOCK_K=cfg["BLOCK_K"], ONE_KBLOCK=cfg["ONE_KBLOCK"], EVEN_K=k % cfg["BLOCK_K"] == 0,
-        ALIGNED=aligned, SPLIT=split, DOT_F32=dot_f32, RNE_BF16=interp_bf16,
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-    if split > 1:
-        reduce_splits(ws, bias, y, rne_bf16=interp_bf16)
+    arch, sms = splitk.arch_and_sms(splitk.device_index(x))
+    interp_bf16 = splitk.interpreter_bf16(x)
+    aligned = splitk.aligned_rows(x, w8)
+    tensors = (x, w8, weight_scale)
+    ints = (m, n, k, x.stride(0), w8.stride(0), w8.stride(1), weight_scale.stride(0),
+            weight_scale.stride(1), bn, bk)
+    # fp32 x: always fp32 dots ("ieee", FMAs), x is never rounded
+    const = {"ALIGNED": aligned, "DOT_F32": x.dtype == torch.float32 or interp_bf16,
+             "RNE_BF16": interp_bf16}
+    if splitk.pick_path(path, m) == "gemm":
+        splitk.launch_gemm(fp8_gemm_kernel, tensors, ints, y, bias,
+                           gemm_config(m, n, k, bk, arch, x.dtype == torch.float32, aligned), k,
+                           **const)
+    else:
+        splitk.launch_decode(fp8_gemv_kernel, tensors, ints, y, bias,
+                             gemv_config(m, n, k, bk, sms, split_k, aligned), k,
+                             rne_bf16=interp_bf16, **const)
     return y
 
 
@@ -324,25 +275,19 @@ def fp8_matmul(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor
 # let the tile loads vectorize. Unaligned configs (odd K, padded rows, a transposed
 # weight) compile with every stride a runtime value and byte loads.
 
-_INTS = {"M": "i32", "N": "i32", "K": "i32", "stride_xm": "i64", "stride_wn": "i64",
-         "stride_wk": "i64", "stride_sn": "i64", "stride_sk": "i64", "block_n": "i32",
-         "block_k": "i32"}
-
-
-def _sig(fn, dt: str, const: dict, extra: dict[str, str]) -> dict[str, str]:
-    """Signature in the kernel's argument order."""
-    sig = {"x_ptr": f"*{dt}", "w_ptr": "*u8", "s_ptr": "*fp32", "bias_ptr": f"*{dt}",
-           "y_ptr": f"*{dt}", **_INTS, **extra}
-    sig.update({c: "constexpr" for c in const})
-    return {a: sig[a] for a in fn.arg_names}
-
+_ARGS = {"w_ptr": "*u8", "s_ptr": "*fp32", "M": "i32", "N": "i32", "K": "i32",
+         "stride_xm": "i64", "stride_wn": "i64", "stride_wk": "i64", "stride_sn": "i64",
+         "stride_sk": "i64", "block_n": "i32", "block_k": "i32", "ws_ptr": "*fp32",
+         "k_tiles_per_split": "i32"}
 
 _K = 8192
 _BLOCKS = (("128x128", 128), ("per_channel", _K))
 for _dt in ("fp16", "bf16", "fp32"):
     _tc = _dt != "fp32"                 # fp32 "ieee" dots: FMAs, no tensor cores
+    _args = {"x_ptr": f"*{_dt}", "bias_ptr": f"*{_dt}", "y_ptr": f"*{_dt}", **_ARGS}
     for _aligned in (True, False):
-        _unit = {"stride_wk": 1, "stride_sk": 1} if _aligned else {}
+        _const = {"EVEN_K": _aligned, "ALIGNED": _aligned, "DOT_F32": _dt == "fp32",
+                  "RNE_BF16": False, **({"stride_wk": 1, "stride_sk": 1} if _aligned else {})}
         _tag = "" if _aligned else ",unaligned"
         # GEMM: arch config x M x (128x128 blocks | per channel: one scale per row)
         for _arch, _m in ((90, 64), (90, 4096), (80, 32), (80, 4096)):
@@ -350,32 +295,17 @@ for _dt in ("fp16", "bf16", "fp32"):
                 if (_blk == "per_channel" or not _aligned) and _m != 4096:
                     continue
                 _cfg = gemm_config(_m, _K, _K, _bk, _arch, _dt == "fp32", _aligned)
-                _const = {"HAS_BIAS": False, "BLOCK_M": _cfg["BLOCK_M"],
-                          "BLOCK_N": _cfg["BLOCK_N"], "BLOCK_K": _cfg["BLOCK_K"], "GROUP_M": 8,
-                          "ONE_KBLOCK": _cfg["ONE_KBLOCK"], "EVEN_K": _aligned,
-                          "ALIGNED": _aligned, "DOT_F32": _dt == "fp32", "RNE_BF16": False,
-                          **_unit}
-                register(KernelSpec(
-                    name=f"fp8_matmul_gemm[{_dt},sm{_arch}cfg,M={_m},{_blk}{_tag}]",
-                    fn=fp8_gemm_kernel, signature=_sig(fp8_gemm_kernel, _dt, _const, {}),
-                    constexprs=_const, num_warps=_cfg["num_warps"],
-                    num_stages=_cfg["num_stages"], tensor_core=_tc,
-                    wgmma_expected=_arch >= 90 and _cfg["BLOCK_M"] >= 64, archs=(_arch,)))
+                splitk.register_config(f"fp8_matmul_gemm[{_dt},sm{_arch}cfg,M={_m},{_blk}{_tag}]",
+                                       fp8_gemm_kernel, _cfg, _args, {"HAS_BIAS": False, **_const},
+                                       tensor_core=_tc,
+                                       wgmma_expected=_arch >= 90 and _cfg["BLOCK_M"] >= 64,
+                                       archs=(_arch,))
         # decode: M = 1 (FMAs) and M = 16 (swap-AB MMA, wgmma m64n16), both archs
         for _m in (1, 16):
             for _blk, _bk in _BLOCKS:
                 if not _aligned and _blk == "per_channel":
                     continue
                 _cfg = gemv_config(_m, _K, _K, _bk, 132, None, _aligned)
-                _const = {"HAS_BIAS": True, "BLOCK_M": _cfg["BLOCK_M"],
-                          "BLOCK_N": _cfg["BLOCK_N"], "BLOCK_K": _cfg["BLOCK_K"],
-                          "ONE_KBLOCK": _cfg["ONE_KBLOCK"], "EVEN_K": _aligned,
-                          "ALIGNED": _aligned, "SPLIT": _cfg["SPLIT"],
-                          "DOT_F32": _dt == "fp32", "RNE_BF16": False, **_unit}
-                register(KernelSpec(
-                    name=f"fp8_matmul_gemv[{_dt},M={_m},{_blk}{_tag}]", fn=fp8_gemv_kernel,
-                    signature=_sig(fp8_gemv_kernel, _dt, _const,
-                                   {"ws_ptr": "*fp32", "k_tiles_per_split": "i32"}),
-                    constexprs=_const, num_warps=_cfg["num_warps"],
-                    num_stages=_cfg["num_stages"], tensor_core=_tc and _m > 1,
-                    wgmma_expected=True))
+                splitk.register_config(f"fp8_matmul_gemv[{_dt},M={_m},{_blk}{_tag}]",
+                                       fp8_gemv_kernel, _cfg, _args, {"HAS_BIAS": True, **_const},
+                                       tensor_core=_tc and _m > 1, wgmma_expected=True)

@@ -22,10 +22,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .. import _alloc
-from .registry import KernelSpec, register
-from .tiling import grouped_tile
-from .splitk import GEMV_MAX_M, arch_and_sms, device_index, reduce_splits, split_plan
+from . import splitk
+from .splitk import store_decode_tile
+from .tiling import grouped_tile, store_gemm_tile
 
 
 @triton.jit
@@ -108,10 +107,7 @@ def int4_gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, y_ptr, M, N, K, stri
         else:
             acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc)
         x_ptrs += BLOCK_K
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + rn_l).to(tl.float32)[None, :]
-    y_ptrs = y_ptr + rm[:, None].to(tl.int64) * N + rn[None, :]
-    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=(rm[:, None] < M) & (rn[None, :] < N))
+    store_gemm_tile(acc, rm, rn, rn_l, bias_ptr, y_ptr, M, N, HAS_BIAS, False)
 
 
 @triton.jit
@@ -172,15 +168,8 @@ def int4_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, y_ptr, ws_ptr, M, N,
             else:
                 acc2 = tl.dot(w.to(x.dtype), tl.trans(x), acc2)   # [BN, BM]
         out = acc2
-    rm_o = tl.arange(0, BLOCK_M)
-    mask = (rn[:, None] < N) & (rm_o[None, :] < M)
-    offs = rm_o[None, :].to(tl.int64) * N + rn[:, None]
-    if SPLIT == 1:
-        if HAS_BIAS:
-            out += tl.load(bias_ptr + rn_l).to(tl.float32)[:, None]
-        tl.store(y_ptr + offs, out.to(y_ptr.dtype.element_ty), mask=mask)
-    else:
-        tl.store(ws_ptr + pid_k.to(tl.int64) * M * N + offs, out, mask=mask)
+    store_decode_tile(out, rn, rn_l, pid_k, bias_ptr, y_ptr, ws_ptr, M, N, HAS_BIAS, BLOCK_M,
+                      SPLIT, False)
 
 
 # ----------------------------------------------------------------------------- configs
@@ -222,7 +211,7 @@ def gemv_config(m: int, n: int, k: int, group: int, sms: int, split_k: int | Non
     bk, per_tile = _block_k(bk, group, k)
     k_tiles = triton.cdiv(k, bk)
     n_tiles = triton.cdiv(n, bn)
-    split_k, per_split = split_plan(k_tiles, n_tiles, sms, split_k)
+    split_k, per_split = splitk.split_plan(k_tiles, n_tiles, sms, split_k)
     return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SCALE_PER_TILE=per_tile, SPLIT=split_k,
                 k_tiles_per_split=per_split, num_warps=4, num_stages=4)
 
@@ -238,90 +227,45 @@ def int4_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
     split count (tests).
     """
     m, k = x.shape
-    n = qweight.shape[0]
-    y = _alloc.empty((m, n), x.dtype, x.device)
-    if m == 0 or n == 0:
-        return y
-    if k == 0:
-        y.zero_()
-        if bias is not None:
-            y += bias.to(y.dtype)
+    y, done = splitk.alloc_output(x, qweight.shape[0], bias)
+    if done:
         return y
     group = k if group_size == -1 else group_size
-    num_groups = k // group
     if scales.dtype != x.dtype:
         scales, zeros = scales.to(x.dtype), zeros.to(x.dtype)
     if bias is not None:
         bias = bias.contiguous()
-    bias_arg = bias if bias is not None else scales
-    arch, sms = arch_and_sms(device_index(x))
-    # Triton's interpreter computes bf16 tl.dot wrongly (triton 3.9): run those dots in
-    # fp32 on the same bf16-rounded operands there. Never set on a GPU.
-    dot_f32 = not x.is_cuda and x.dtype == torch.bfloat16
-    if path == "auto":
-        path = "gemv" if m <= GEMV_MAX_M else "gemm"
-    if path == "gemv" and m > GEMV_MAX_M:
-        raise ValueError(f"the GEMV path handles M <= {GEMV_MAX_M}, got M = {m}")
-    if path == "gemm":
-        cfg = gemm_config(m, n, k, group, arch)
-        grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
-        int4_gemm_kernel[grid](
-            x, qweight, scales, zeros, bias_arg, y, m, n, k, x.stride(0), group, num_groups,
-            HAS_BIAS=bias is not None, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
-            BLOCK_K=cfg["BLOCK_K"], GROUP_M=cfg["GROUP_M"],
-            SCALE_PER_TILE=cfg["SCALE_PER_TILE"], EVEN_K=k % cfg["BLOCK_K"] == 0,
-            DOT_F32=dot_f32, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-        return y
-    cfg = gemv_config(m, n, k, group, sms, split_k)
-    split = cfg["SPLIT"]
-    ws = _alloc.empty((split, m, n), torch.float32, x.device) if split > 1 else y
-    grid = (triton.cdiv(n, cfg["BLOCK_N"]), split)
-    int4_gemv_kernel[grid](
-        x, qweight, scales, zeros, bias_arg, y, ws, m, n, k, x.stride(0), group, num_groups,
-        cfg["k_tiles_per_split"], HAS_BIAS=bias is not None, BLOCK_M=cfg["BLOCK_M"],
-        BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], SCALE_PER_TILE=cfg["SCALE_PER_TILE"],
-        EVEN_K=k % cfg["BLOCK_K"] == 0, SPLIT=split, DOT_F32=dot_f32,
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-    if split > 1:
-        reduce_splits(ws, bias, y, rne_bf16=dot_f32)
+    arch, sms = splitk.arch_and_sms(splitk.device_index(x))
+    dot_f32 = splitk.interpreter_bf16(x)   # (the int4 kernels round no bf16 values of their own)
+    tensors = (x, qweight, scales, zeros)
+    ints = (m, y.shape[1], k, x.stride(0), group, k // group)
+    if splitk.pick_path(path, m) == "gemm":
+        splitk.launch_gemm(int4_gemm_kernel, tensors, ints, y, bias,
+                           gemm_config(m, y.shape[1], k, group, arch), k, DOT_F32=dot_f32)
+    else:
+        splitk.launch_decode(int4_gemv_kernel, tensors, ints, y, bias,
+                             gemv_config(m, y.shape[1], k, group, sms, split_k), k,
+                             rne_bf16=dot_f32, DOT_F32=dot_f32)
     return y
 
 
 # --------------------------------------------------------------------------- registry
 
-def _sig(fn, dt: str, names: list[str], extra: dict[str, str]) -> dict[str, str]:
-    """Signature in the kernel's argument order."""
-    sig = {"x_ptr": f"*{dt}", "qw_ptr": "*i32", "s_ptr": f"*{dt}", "z_ptr": f"*{dt}",
-           "bias_ptr": f"*{dt}", "y_ptr": f"*{dt}"}
-    sig.update(extra)
-    sig.update({n: "constexpr" for n in names})
-    return {a: sig[a] for a in fn.arg_names}
-
-
-_INTS = {"M": "i32", "N": "i32", "K": "i32", "stride_xm": "i64", "group": "i32",
-         "num_groups": "i32"}
+_ARGS = {"qw_ptr": "*i32", "M": "i32", "N": "i32", "K": "i32", "stride_xm": "i64",
+         "group": "i32", "num_groups": "i32", "ws_ptr": "*fp32", "k_tiles_per_split": "i32"}
 
 for _dt in ("fp16", "bf16"):
+    _args = {"x_ptr": f"*{_dt}", "s_ptr": f"*{_dt}", "z_ptr": f"*{_dt}", "bias_ptr": f"*{_dt}",
+             "y_ptr": f"*{_dt}", **_ARGS}
     for _arch, _m in ((90, 64), (90, 4096), (80, 32), (80, 4096)):
         for _g in (128, 32):
-            _cfg = gemm_config(_m, 4096, 4096, _g, _arch)
-            _const = {"HAS_BIAS": False, "BLOCK_M": _cfg["BLOCK_M"], "BLOCK_N": _cfg["BLOCK_N"],
-                      "BLOCK_K": _cfg["BLOCK_K"], "GROUP_M": 8,
-                      "SCALE_PER_TILE": _cfg["SCALE_PER_TILE"], "EVEN_K": True, "DOT_F32": False}
-            register(KernelSpec(
-                name=f"int4_gemm[{_dt},sm{_arch}cfg,M={_m},g={_g}]", fn=int4_gemm_kernel,
-                signature=_sig(int4_gemm_kernel, _dt, list(_const), _INTS), constexprs=_const,
-                num_warps=_cfg["num_warps"], num_stages=_cfg["num_stages"],
-                tensor_core=True, wgmma_expected=_arch >= 90))
+            splitk.register_config(f"int4_gemm[{_dt},sm{_arch}cfg,M={_m},g={_g}]", int4_gemm_kernel,
+                                   gemm_config(_m, 4096, 4096, _g, _arch), _args,
+                                   {"HAS_BIAS": False, "EVEN_K": True, "DOT_F32": False},
+                                   tensor_core=True, wgmma_expected=_arch >= 90)
     for _m in (1, 16):
         for _g in (128, 32):
-            _cfg = gemv_config(_m, 4096, 4096, _g, 132, None)
-            _const = {"HAS_BIAS": True, "BLOCK_M": _cfg["BLOCK_M"], "BLOCK_N": _cfg["BLOCK_N"],
-                      "BLOCK_K": _cfg["BLOCK_K"], "SCALE_PER_TILE": _cfg["SCALE_PER_TILE"],
-                      "EVEN_K": True, "SPLIT": _cfg["SPLIT"], "DOT_F32": False}
-            register(KernelSpec(
-                name=f"int4_gemv[{_dt},M={_m},g={_g}]", fn=int4_gemv_kernel,
-                signature=_sig(int4_gemv_kernel, _dt, list(_const), {**_INTS, "ws_ptr": "*fp32",
-                                                   "k_tiles_per_split": "i32"}),
-                constexprs=_const, num_warps=_cfg["num_warps"], num_stages=_cfg["num_stages"],
-                tensor_core=_m > 1, wgmma_expected=True))
+            splitk.register_config(f"int4_gemv[{_dt},M={_m},g={_g}]", int4_gemv_kernel,
+                                   gemv_config(_m, 4096, 4096, _g, 132, None), _args,
+                                   {"HAS_BIAS": True, "EVEN_K": True, "DOT_F32": False},
+                                   tensor_core=_m > 1, wgmma_expected=True)

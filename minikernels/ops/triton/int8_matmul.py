@@ -31,21 +31,10 @@ import torch
 import triton
 import triton.language as tl
 
-from .. import _alloc
+from . import splitk
 from .interpreter_rounding import rne_bf16
-from .registry import KernelSpec, register
-from .splitk import GEMV_MAX_M, arch_and_sms, device_index, reduce_splits, split_plan
-from .tiling import grouped_tile
-
-
-@triton.jit
-def _dot(a, b, acc, DOT_F32: tl.constexpr):
-    """acc + a @ b in fp32. DOT_F32 (interpreter, bf16 only: its bf16 tl.dot is wrong):
-    the same bf16 values, exact in fp32."""
-    if DOT_F32:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-    else:
-        return tl.dot(a, b, acc)
+from .splitk import store_decode_tile
+from .tiling import acc_dot, grouped_tile, store_gemm_tile
 
 
 @triton.jit
@@ -90,15 +79,10 @@ def int8_gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, y_ptr, M, N, K, stri
         s = tl.load(s_ptr + sz_offs + g).to(tl.float32)
         z = tl.load(z_ptr + sz_offs + g).to(tl.float32)
         w = _dequant(qb, s, z, x_ptr.dtype.element_ty, RNE_BF16)
-        acc = _dot(x, tl.trans(w), acc, DOT_F32)
+        acc = acc_dot(x, tl.trans(w), acc, DOT_F32)
         x_ptrs += BLOCK_K
         w_ptrs += BLOCK_K * stride_wk
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + rn_l).to(tl.float32)[None, :]
-    if RNE_BF16:
-        acc = rne_bf16(acc)
-    y_ptrs = y_ptr + rm[:, None].to(tl.int64) * N + rn[None, :]
-    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=(rm[:, None] < M) & (rn[None, :] < N))
+    store_gemm_tile(acc, rm, rn, rn_l, bias_ptr, y_ptr, M, N, HAS_BIAS, RNE_BF16)
 
 
 @triton.jit
@@ -158,19 +142,10 @@ def int8_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, y_ptr, ws_ptr, M, N,
             s = tl.load(s_ptr + sz_offs + g).to(tl.float32)
             z = tl.load(z_ptr + sz_offs + g).to(tl.float32)
             w = _dequant(qb, s, z, x_ptr.dtype.element_ty, RNE_BF16)
-            acc2 = _dot(w, tl.trans(x), acc2, DOT_F32)                      # [BN, BM]
+            acc2 = acc_dot(w, tl.trans(x), acc2, DOT_F32)                      # [BN, BM]
         out = acc2
-    rm_o = tl.arange(0, BLOCK_M)
-    mask = (rn[:, None] < N) & (rm_o[None, :] < M)
-    offs = rm_o[None, :].to(tl.int64) * N + rn[:, None]
-    if SPLIT == 1:
-        if HAS_BIAS:
-            out += tl.load(bias_ptr + rn_l).to(tl.float32)[:, None]
-        if RNE_BF16:
-            out = rne_bf16(out)
-        tl.store(y_ptr + offs, out.to(y_ptr.dtype.element_ty), mask=mask)
-    else:
-        tl.store(ws_ptr + pid_k.to(tl.int64) * M * N + offs, out, mask=mask)
+    store_decode_tile(out, rn, rn_l, pid_k, bias_ptr, y_ptr, ws_ptr, M, N, HAS_BIAS, BLOCK_M,
+                      SPLIT, RNE_BF16)
 
 
 # ----------------------------------------------------------------------------- configs
@@ -222,7 +197,7 @@ def gemv_config(m: int, n: int, k: int, group: int, sms: int, split_k: int | Non
         bn = 64
     k_tiles = triton.cdiv(k, block_k)
     n_tiles = triton.cdiv(n, bn)
-    split_k, per_split = split_plan(k_tiles, n_tiles, sms, split_k)
+    split_k, per_split = splitk.split_plan(k_tiles, n_tiles, sms, split_k)
     return {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": block_k, "SPLIT": split_k,
             "k_tiles_per_split": per_split, "num_warps": 4, "num_stages": 4}
 
@@ -239,56 +214,27 @@ def int8_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
     decode path's split count (tests).
     """
     m, k = x.shape
-    n = qweight.shape[0]
-    y = _alloc.empty((m, n), x.dtype, x.device)
-    if m == 0 or n == 0:
-        return y
-    if k == 0:
-        y.zero_()
-        if bias is not None:
-            y += bias.to(y.dtype)
+    y, done = splitk.alloc_output(x, qweight.shape[0], bias)
+    if done:
         return y
     group = k if group_size == -1 else group_size
-    num_groups = k // group
     scales, zeros = scales.contiguous(), zeros.contiguous()
     if bias is not None:
         bias = bias.contiguous()
-    bias_arg = bias if bias is not None else scales
-    arch, sms = arch_and_sms(device_index(x))
-    # the interpreter (CPU tensors) computes bf16 tl.dot wrongly and truncates fp32 -> bf16
-    # casts (triton 3.9): dots in fp32 on the same bf16 values, and a round-to-nearest-even
-    # step before each bf16 cast. Never set on a GPU.
-    interp_bf16 = not x.is_cuda and x.dtype == torch.bfloat16
-    # 16-byte aligned rows with unit K strides: vector-load hints (ALIGNED) are safe
-    aligned = (qweight.stride(1) == 1 and qweight.stride(0) % 16 == 0
-               and qweight.data_ptr() % 16 == 0 and x.data_ptr() % 16 == 0
-               and x.stride(0) * x.element_size() % 16 == 0)
-    args = (m, n, k, x.stride(0), qweight.stride(0), qweight.stride(1), group, num_groups)
-    if path == "auto":
-        path = "gemv" if m <= GEMV_MAX_M else "gemm"
-    if path == "gemv" and m > GEMV_MAX_M:
-        raise ValueError(f"the decode path handles M <= {GEMV_MAX_M}, got M = {m}")
-    if path == "gemm":
-        cfg = gemm_config(m, n, k, group, arch, aligned)
-        grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
-        int8_gemm_kernel[grid](
-            x, qweight, scales, zeros, bias_arg, y, *args,
-            HAS_BIAS=bias is not None, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
-            BLOCK_K=cfg["BLOCK_K"], GROUP_M=cfg["GROUP_M"], EVEN_K=k % cfg["BLOCK_K"] == 0,
-            ALIGNED=aligned, DOT_F32=interp_bf16, RNE_BF16=interp_bf16,
-            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-        return y
-    cfg = gemv_config(m, n, k, group, sms, split_k, aligned)
-    split = cfg["SPLIT"]
-    ws = _alloc.empty((split, m, n), torch.float32, x.device) if split > 1 else y
-    int8_gemv_kernel[(triton.cdiv(n, cfg["BLOCK_N"]), split)](
-        x, qweight, scales, zeros, bias_arg, y, ws, *args, cfg["k_tiles_per_split"],
-        HAS_BIAS=bias is not None, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
-        BLOCK_K=cfg["BLOCK_K"], EVEN_K=k % cfg["BLOCK_K"] == 0, ALIGNED=aligned, SPLIT=split,
-        DOT_F32=interp_bf16, RNE_BF16=interp_bf16,
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-    if split > 1:
-        reduce_splits(ws, bias, y, rne_bf16=interp_bf16)
+    arch, sms = splitk.arch_and_sms(splitk.device_index(x))
+    interp_bf16 = splitk.interpreter_bf16(x)
+    aligned = splitk.aligned_rows(x, qweight)
+    tensors = (x, qweight, scales, zeros)
+    ints = (m, y.shape[1], k, x.stride(0), qweight.stride(0), qweight.stride(1), group,
+            k // group)
+    const = {"ALIGNED": aligned, "DOT_F32": interp_bf16, "RNE_BF16": interp_bf16}
+    if splitk.pick_path(path, m) == "gemm":
+        splitk.launch_gemm(int8_gemm_kernel, tensors, ints, y, bias,
+                           gemm_config(m, y.shape[1], k, group, arch, aligned), k, **const)
+    else:
+        splitk.launch_decode(int8_gemv_kernel, tensors, ints, y, bias,
+                             gemv_config(m, y.shape[1], k, group, sms, split_k, aligned), k,
+                             rne_bf16=interp_bf16, **const)
     return y
 
 
@@ -298,22 +244,17 @@ def int8_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
 # 16 bytes at a time. Unaligned configs (odd K, padded rows, a transposed weight) compile
 # with every stride a runtime value and byte loads.
 
-_INTS = {"M": "i32", "N": "i32", "K": "i32", "stride_xm": "i64", "stride_wn": "i64",
-         "stride_wk": "i64", "group": "i32", "num_groups": "i32"}
-
-
-def _sig(fn, dt: str, const: dict, extra: dict[str, str]) -> dict[str, str]:
-    """Signature in the kernel's argument order."""
-    sig = {"x_ptr": f"*{dt}", "qw_ptr": "*u8", "s_ptr": f"*{dt}", "z_ptr": f"*{dt}",
-           "bias_ptr": f"*{dt}", "y_ptr": f"*{dt}", **_INTS, **extra}
-    sig.update({c: "constexpr" for c in const})
-    return {a: sig[a] for a in fn.arg_names}
-
+_ARGS = {"qw_ptr": "*u8", "M": "i32", "N": "i32", "K": "i32", "stride_xm": "i64",
+         "stride_wn": "i64", "stride_wk": "i64", "group": "i32", "num_groups": "i32",
+         "ws_ptr": "*fp32", "k_tiles_per_split": "i32"}
 
 _K = 8192
 for _dt in ("fp16", "bf16"):
+    _args = {"x_ptr": f"*{_dt}", "s_ptr": f"*{_dt}", "z_ptr": f"*{_dt}", "bias_ptr": f"*{_dt}",
+             "y_ptr": f"*{_dt}", **_ARGS}
     for _aligned in (True, False):
-        _unit = {"stride_wk": 1} if _aligned else {}
+        _const = {"EVEN_K": _aligned, "ALIGNED": _aligned, "DOT_F32": False, "RNE_BF16": False,
+                  **({"stride_wk": 1} if _aligned else {})}
         _tag = "" if _aligned else ",unaligned"
         # GEMM: arch config x M x group (g128; g32 -> BLOCK_K 32; per channel)
         for _arch, _m in ((90, 64), (90, 4096), (80, 32), (80, 4096)):
@@ -323,29 +264,17 @@ for _dt in ("fp16", "bf16"):
                 if not _aligned and _g != 128:
                     continue
                 _cfg = gemm_config(_m, _K, _K, _K if _g == -1 else _g, _arch, _aligned)
-                _const = {"HAS_BIAS": False, "BLOCK_M": _cfg["BLOCK_M"],
-                          "BLOCK_N": _cfg["BLOCK_N"], "BLOCK_K": _cfg["BLOCK_K"], "GROUP_M": 8,
-                          "EVEN_K": _aligned, "ALIGNED": _aligned, "DOT_F32": False,
-                          "RNE_BF16": False, **_unit}
-                register(KernelSpec(
-                    name=f"int8_matmul_gemm[{_dt},sm{_arch}cfg,M={_m},g={_g}{_tag}]",
-                    fn=int8_gemm_kernel, signature=_sig(int8_gemm_kernel, _dt, _const, {}),
-                    constexprs=_const, num_warps=_cfg["num_warps"],
-                    num_stages=_cfg["num_stages"], tensor_core=True,
-                    wgmma_expected=_arch >= 90 and _cfg["BLOCK_M"] >= 64, archs=(_arch,)))
+                splitk.register_config(f"int8_matmul_gemm[{_dt},sm{_arch}cfg,M={_m},g={_g}{_tag}]",
+                                       int8_gemm_kernel, _cfg, _args, {"HAS_BIAS": False, **_const},
+                                       tensor_core=True,
+                                       wgmma_expected=_arch >= 90 and _cfg["BLOCK_M"] >= 64,
+                                       archs=(_arch,))
         # decode: M = 1 (FMAs) and M = 16 (swap-AB MMA, wgmma m64n16), both archs
         for _m in (1, 16):
             for _g in (128, 32, -1):
                 if not _aligned and _g != 128:
                     continue
                 _cfg = gemv_config(_m, _K, _K, _K if _g == -1 else _g, 132, None, _aligned)
-                _const = {"HAS_BIAS": True, "BLOCK_M": _cfg["BLOCK_M"],
-                          "BLOCK_N": _cfg["BLOCK_N"], "BLOCK_K": _cfg["BLOCK_K"],
-                          "EVEN_K": _aligned, "ALIGNED": _aligned, "SPLIT": _cfg["SPLIT"],
-                          "DOT_F32": False, "RNE_BF16": False, **_unit}
-                register(KernelSpec(
-                    name=f"int8_matmul_gemv[{_dt},M={_m},g={_g}{_tag}]", fn=int8_gemv_kernel,
-                    signature=_sig(int8_gemv_kernel, _dt, _const,
-                                   {"ws_ptr": "*fp32", "k_tiles_per_split": "i32"}),
-                    constexprs=_const, num_warps=_cfg["num_warps"],
-                    num_stages=_cfg["num_stages"], tensor_core=_m > 1, wgmma_expected=True))
+                splitk.register_config(f"int8_matmul_gemv[{_dt},M={_m},g={_g}{_tag}]",
+                                       int8_gemv_kernel, _cfg, _args, {"HAS_BIAS": True, **_const},
+                                       tensor_core=_m > 1, wgmma_expected=True)

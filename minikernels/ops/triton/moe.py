@@ -29,7 +29,7 @@ LoRA variants are registered for the aligned fp16 / bf16 tiles.
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -210,6 +210,12 @@ def _rows_aligned(*tensors: torch.Tensor) -> bool:
                for t in tensors)
 
 
+def moe_rows_aligned(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> bool:
+    """One ALIGNED flag for both kernels of a fused MoE call: x, w13 and w2 [E, H, I]
+    (``_rows_aligned``) and the rows of the [T*k, I] intermediate in x.dtype."""
+    return _rows_aligned(x, w13, w2) and w2.shape[2] * x.element_size() % 16 == 0
+
+
 @dataclass(frozen=True)
 class PairLoRA:
     """A fused MoE call's expert adapters as S*E virtual lora_delta slots v = s * E + e.
@@ -274,6 +280,81 @@ def down_delta(act: torch.Tensor, lora: PairLoRA) -> torch.Tensor:
                                   grouped=lora.grouped)
 
 
+@dataclass(frozen=True)
+class MoeLaunch:
+    """The host-side state of one fused MoE call that every launcher (dense, int4, fp8,
+    int8 experts) shares: the expert-sorted pairs, the LoRA slots, the scratch buffers
+    act [T*k, I] (x.dtype) and buf [T*k, H] (fp32), and the interpreter work-arounds.
+    ``gate_up_args`` / ``down_args`` are the kernels' common arguments after their
+    weight pointers (act, delta, sorted_ids, block_expert, n_pairs, top_k, H, I and, for
+    down, topk_weights and buf first); each computes its LoRA delta when called, so call
+    them in launch order."""
+    x: torch.Tensor
+    top_k: int
+    inter: int
+    sorted_ids: torch.Tensor
+    block_expert: torch.Tensor
+    plora: PairLoRA | None
+    act: torch.Tensor
+    buf: torch.Tensor
+
+    @property
+    def n_pairs(self) -> int:
+        return self.act.shape[0]
+
+    @property
+    def h(self) -> int:
+        return self.x.shape[1]
+
+    @property
+    def has_delta(self) -> bool:
+        return self.plora is not None
+
+    @property
+    def interp_bf16(self) -> bool:
+        """bf16 under the interpreter (CPU tensors): its tl.dot multiplies raw bits and
+        its bf16 cast truncates, so both are worked around; never set on a GPU."""
+        return self.x.device.type != "cuda" and self.x.dtype == torch.bfloat16
+
+    @property
+    def dot_f32(self) -> bool:
+        """fp32 x: exact fp32 ("ieee") dots; and the interpreter's bf16 (above)."""
+        return self.x.dtype == torch.float32 or self.interp_bf16
+
+    def grid(self, n: int, block_n: int) -> tuple[int, int]:
+        """(tiles, N blocks): the static tile bound times the output columns' blocks."""
+        return self.block_expert.shape[0], triton.cdiv(n, block_n)
+
+    def gate_up_args(self) -> tuple:
+        # without LoRA the delta pointers are x / act themselves, never read (HAS_DELTA
+        # off)
+        d13 = self.x if self.plora is None else gate_up_delta(self.x, self.plora,
+                                                              self.top_k)
+        return (self.act, d13, self.sorted_ids, self.block_expert, self.n_pairs,
+                self.top_k, self.h, self.inter)
+
+    def down_args(self, topk_weights: torch.Tensor) -> tuple:
+        d2 = self.act if self.plora is None else down_delta(self.act, self.plora)
+        return (topk_weights, self.buf, d2, self.sorted_ids, self.block_expert,
+                self.n_pairs, self.top_k, self.h, self.inter)
+
+    def result(self) -> torch.Tensor:
+        """out = buf.view(T, k, H).sum(1) in fp32, rounded once to x.dtype."""
+        return self.buf.view(-1, self.top_k, self.h).sum(dim=1).to(self.x.dtype)
+
+
+def moe_launch(x: torch.Tensor, topk_ids: torch.Tensor, num_experts: int, inter: int,
+               block_m: int, plora: PairLoRA | None) -> MoeLaunch:
+    """Sort the T*k pairs into BLOCK_M tiles (no host sync) and allocate the scratch
+    buffers of a fused MoE call (T > 0)."""
+    top_k = topk_ids.shape[1]
+    n_pairs = x.shape[0] * top_k
+    sorted_ids, block_expert = sort_pairs_by_expert(topk_ids, num_experts, block_m)
+    return MoeLaunch(x, top_k, inter, sorted_ids, block_expert, plora,
+                     _alloc.empty((n_pairs, inter), x.dtype, x.device),
+                     _alloc.empty((n_pairs, x.shape[1]), torch.float32, x.device))
+
+
 def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
               topk_weights: torch.Tensor, topk_ids: torch.Tensor,
               lora: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
@@ -282,46 +363,166 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
     t, h = x.shape
     num_experts, two_i, _ = w13.shape
     inter = two_i // 2
-    top_k = topk_ids.shape[1]
-    n_pairs = t * top_k
     if t == 0 or h == 0:
         return _alloc.empty((t, h), x.dtype, x.device)
     # one flag for both kernels: x, w13, w2 and the [T*k, I] intermediate's rows
-    aligned = _rows_aligned(x, w13, w2) and inter * x.element_size() % 16 == 0
+    aligned = moe_rows_aligned(x, w13, w2)
+    n_pairs = t * topk_ids.shape[1]
     cfg = moe_config(n_pairs, num_experts, x.dtype, aligned)
     # one EVEN_K for both kernels (H for gate-up, I for down), so every dispatched
     # combination is a registered spec
     even_k = h % cfg.block_k == 0 and inter % cfg.block_k == 0
     if not even_k:
         cfg = moe_config(n_pairs, num_experts, x.dtype, aligned, even_k=False)
-    sorted_ids, block_expert = sort_pairs_by_expert(topk_ids, num_experts, cfg.block_m)
-    max_blocks = block_expert.shape[0]
-    plora = pair_lora(lora, topk_ids)
-    # fp32 inputs: exact fp32 products. bf16 under the interpreter (CPU tensors): its
-    # tl.dot multiplies raw bits and its bf16 cast truncates, so both are worked around
-    interp_bf16 = x.device.type != "cuda" and x.dtype == torch.bfloat16
-    dot_f32 = x.dtype == torch.float32 or interp_bf16
-    act = _alloc.empty((n_pairs, inter), x.dtype, x.device)
-    buf = _alloc.empty((n_pairs, h), torch.float32, x.device)
-    # without LoRA the delta pointers are x / act themselves, never read (HAS_DELTA off)
-    d13 = x if plora is None else gate_up_delta(x, plora, top_k)
-    moe_gate_up_kernel[(max_blocks, triton.cdiv(inter, cfg.block_n))](
-        x, w13, act, d13, sorted_ids, block_expert, n_pairs, top_k, h, inter,
-        plora is not None,
+    run = moe_launch(x, topk_ids, num_experts, inter, cfg.block_m, pair_lora(lora, topk_ids))
+    tiles = {"BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "BLOCK_K": cfg.block_k,
+             "EVEN_K": even_k, "ALIGNED": aligned, "DOT_F32": run.dot_f32,
+             "num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+    moe_gate_up_kernel[run.grid(inter, cfg.block_n)](
+        x, w13, *run.gate_up_args(), run.has_delta,
         x.stride(0), x.stride(1), w13.stride(0), w13.stride(1), w13.stride(2),
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-        EVEN_K=even_k, ALIGNED=aligned, DOT_F32=dot_f32, RNE_BF16=interp_bf16,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    d2 = act if plora is None else down_delta(act, plora)
-    moe_down_kernel[(max_blocks, triton.cdiv(h, cfg.block_n))](
-        act, w2, topk_weights, buf, d2, sorted_ids, block_expert, n_pairs, top_k, h, inter,
-        plora is not None,
+        RNE_BF16=run.interp_bf16, **tiles)
+    moe_down_kernel[run.grid(h, cfg.block_n)](
+        run.act, w2, *run.down_args(topk_weights), run.has_delta,
         w2.stride(0), w2.stride(1), w2.stride(2), topk_weights.stride(0),
-        topk_weights.stride(1),
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-        EVEN_K=even_k, ALIGNED=aligned, DOT_F32=dot_f32,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    return buf.view(t, top_k, h).sum(dim=1).to(x.dtype)
+        topk_weights.stride(1), **tiles)
+    return run.result()
+
+
+# ------------------------------------------------------- one-byte (W8A16) expert weights
+# moe_int8.py (int8, per-row scales) and moe_fp8.py (e4m3, block scales) share their
+# tiles, launch and AOT specs: their kernels differ only in how a byte tile becomes a
+# dot operand and where the scales apply.
+
+@dataclass(frozen=True)
+class MoeW8A16Config:
+    block_m: int
+    block_n: int
+    block_k: int
+    even_k: bool
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+def moe_w8a16_config(n_pairs: int, num_experts: int, dtype: torch.dtype, k_dim: int,
+                     aligned: bool, gate_up: bool,
+                     fit_block_k: Callable[[int], int] | None = None) -> MoeW8A16Config:
+    """One kernel's tiles for one-byte expert weights (K = H for gate-up, I for down).
+    BLOCK_M from ``moe_config`` (16 / 32 / 64 by the average pairs per expert; 64 ->
+    wgmma on sm_90a). 16-byte aligned rows: a 64-wide N tile (32 for gate-up at BLOCK_M
+    64: it holds two accumulators) and K tiles of up to 128 bytes (64 at BLOCK_M 64):
+    vector loads. ``fit_block_k`` (fp8: no tile straddles two scale blocks) may shrink
+    that BLOCK_K first; then BLOCK_K is halved down to 16 while it does not divide K (so
+    K needs no mask); a K that 16 does not divide either is masked (EVEN_K False).
+    Unaligned rows (byte loads, a pointer per element) and fp32 x ("ieee" dots on FMAs)
+    take small tiles and a masked K. Every size here compiles without spills for sm_80
+    and sm_90a (the registered specs; a smaller BLOCK_K than the registered one holds
+    fewer registers)."""
+    bm = moe_config(n_pairs, num_experts, torch.float16).block_m
+    if dtype == torch.float32:
+        bm, bn, block_k, stages = min(bm, 32), 32, 16, 2
+    elif aligned:
+        bn = 32 if gate_up and bm == 64 else 64
+        block_k, stages = (128 if bm <= 32 else 64), 3
+    else:
+        bn, block_k, stages = 32, 32, 2
+    if fit_block_k is not None:
+        block_k = fit_block_k(block_k)
+    if aligned:
+        while k_dim % block_k and block_k > 16:
+            block_k //= 2
+    return MoeW8A16Config(bm, bn, block_k, aligned and k_dim % block_k == 0, 4, stages)
+
+
+def fused_moe_w8a16(gate_up_kernel, down_kernel, x: torch.Tensor, w13: torch.Tensor,
+                    w13_scale: torch.Tensor, w2: torch.Tensor, w2_scale: torch.Tensor,
+                    topk_weights: torch.Tensor, topk_ids: torch.Tensor,
+                    lora: Sequence[torch.Tensor] | None,
+                    config: Callable[[int, bool, bool], MoeW8A16Config],
+                    args13: tuple = (), args2: tuple = ()) -> torch.Tensor:
+    """The launcher of moe_int8.py's and moe_fp8.py's kernel pairs (T > 0; any strides):
+    ``config(k_dim, aligned, gate_up)`` picks each kernel's tiles, ``args13`` / ``args2``
+    are each kernel's scalars between I and HAS_DELTA (fp8: its scale block sizes)."""
+    # one flag for both kernels: x, the weights and the [T*k, I] intermediate's rows
+    aligned = moe_rows_aligned(x, w13, w2)
+    h, inter = w2.shape[1], w2.shape[2]
+    cfg13 = config(h, aligned, True)
+    cfg2 = config(inter, aligned, False)
+    run = moe_launch(x, topk_ids, w13.shape[0], inter, cfg13.block_m,
+                     pair_lora(lora, topk_ids))
+
+    def tiles(cfg: MoeW8A16Config) -> dict:
+        return {"BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "BLOCK_K": cfg.block_k,
+                "EVEN_K": cfg.even_k, "ALIGNED": aligned, "DOT_F32": run.dot_f32,
+                "num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+
+    gate_up_kernel[run.grid(inter, cfg13.block_n)](
+        x, w13, w13_scale, *run.gate_up_args(), *args13, run.has_delta,
+        x.stride(0), x.stride(1), *w13.stride(), *w13_scale.stride(),
+        RNE_BF16=run.interp_bf16, **tiles(cfg13))
+    down_kernel[run.grid(h, cfg2.block_n)](
+        run.act, w2, w2_scale, *run.down_args(topk_weights), *args2, run.has_delta,
+        *w2.stride(), *w2_scale.stride(), topk_weights.stride(0), topk_weights.stride(1),
+        **tiles(cfg2))
+    return run.result()
+
+
+def register_w8a16_moe(prefix: str, gate_up_fn, down_fn, w_type: str,
+                       ints: dict[str, str], scale_strides: tuple[str, ...],
+                       config: Callable[[int, torch.dtype, int, bool, bool],
+                                        MoeW8A16Config]) -> None:
+    """Register ``{prefix}_gate_up[...]`` / ``{prefix}_down[...]`` AOT specs as
+    dispatched: fp16 / bf16 x BLOCK_M 16 / 32 / 64 (fp32: 16 / 32) x three row kinds,
+    each at its widest BLOCK_K (``config(n_pairs, dtype, K, aligned, gate_up)``):
+      aligned   16-byte aligned rows, K a multiple of BLOCK_K: unit inner strides as
+                constants (Triton's JIT specializes a stride of 1), pointers and outer
+                strides as multiples of 16 as the JIT sees them for aligned tensors, so
+                the byte tiles load 16 at a time;
+      ragged_k  aligned rows, K not a multiple of 16 (a padded view): BLOCK_K 16, masked;
+      unaligned every stride a runtime value, byte loads, K masked.
+    A K that the widest tile does not divide gives a smaller BLOCK_K of the same kind:
+    fewer registers. The aligned fp16 / bf16 specs get a LoRA (HAS_DELTA) twin.
+    ``ints``: the i32 scalars; ``scale_strides``: the scale tensor's stride names."""
+    def one(dt: str, kind: str, cfg: MoeW8A16Config, gate_up: bool, lora: bool) -> None:
+        aligned = kind != "unaligned"
+        const = {"BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "BLOCK_K": cfg.block_k,
+                 "EVEN_K": cfg.even_k, "ALIGNED": aligned, "DOT_F32": dt == "fp32",
+                 "HAS_DELTA": lora}
+        if gate_up:
+            fn, name = gate_up_fn, f"{prefix}_gate_up"
+            unit = {"sx_h": 1, "sw_k": 1} if aligned else {}
+            sig = {"x_ptr": f"*{dt}", "act_ptr": f"*{dt}", "sx_t": "i64", "sx_h": "i64"}
+            div = ("x_ptr", "act_ptr", "sx_t")
+            const["RNE_BF16"] = False                                 # interpreter only
+        else:
+            fn, name = down_fn, f"{prefix}_down"
+            unit = {"sw_k": 1} if aligned else {}
+            sig = {"act_ptr": f"*{dt}", "tw_ptr": "*fp32", "out_ptr": "*fp32",
+                   "stw_t": "i64", "stw_j": "i64"}
+            div = ("act_ptr", "out_ptr")
+        sig.update({"w_ptr": w_type, "s_ptr": "*fp32", "delta_ptr": f"*{dt}",
+                    "sorted_ids_ptr": "*i32", "block_expert_ptr": "*i32", **ints,
+                    **{n: "i64" for n in ("sw_e", "sw_n", "sw_k", *scale_strides)},
+                    **{c: "constexpr" for c in (*const, *unit)}})
+        div += ("w_ptr", "s_ptr", "delta_ptr", "sorted_ids_ptr", "sw_e", "sw_n")
+        register(KernelSpec(
+            name=f"{name}[{dt},BM={cfg.block_m},{kind}" + (",lora]" if lora else "]"),
+            fn=fn, signature=_in_order(fn, sig), constexprs={**const, **unit},
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages, tensor_core=dt != "fp32",
+            wgmma_expected=cfg.block_m >= 64, divisible_by_16=div if aligned else ()))
+
+    for dt, tdt in (("fp16", torch.float16), ("bf16", torch.bfloat16),
+                    ("fp32", torch.float32)):
+        for kind, k in (("aligned", 4096), ("ragged_k", 4104), ("unaligned", 4104)):
+            for avg in (8, 32, 256):          # one spec per BLOCK_M that moe_config picks
+                if dt == "fp32" and avg == 256:
+                    continue                                  # fp32: BLOCK_M <= 32
+                for gate_up in (True, False):
+                    cfg = config(avg * 64, tdt, k, kind != "unaligned", gate_up)
+                    assert cfg.even_k == (kind == "aligned")
+                    one(dt, kind, cfg, gate_up, lora=False)
+                    if kind == "aligned" and dt != "fp32":        # + LoRA (HAS_DELTA)
+                        one(dt, kind, cfg, gate_up, lora=True)
 
 
 # --------------------------------------------------------------------------- registry

@@ -26,7 +26,6 @@ constexpr ``HAS_DELTA``.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 import triton
@@ -35,53 +34,20 @@ import triton.language as tl
 from .. import _alloc
 from .fp8_matmul import _dot, _e4m3_as_fp16, block_k_for
 from .interpreter_rounding import rne_bf16
-from .moe import (
-    _rows_aligned,
-    down_delta,
-    gate_up_delta,
-    moe_config,
-    pair_lora,
-    sort_pairs_by_expert,
-)
-from .registry import KernelSpec, register
+from .moe import MoeW8A16Config, fused_moe_w8a16, moe_w8a16_config, register_w8a16_moe
 
-
-@dataclass(frozen=True)
-class MoeFp8Config:
-    block_m: int
-    block_n: int
-    block_k: int
-    even_k: bool
-    num_warps: int = 4
-    num_stages: int = 3
+MoeFp8Config = MoeW8A16Config
 
 
 def moe_fp8_config(n_pairs: int, num_experts: int, dtype: torch.dtype, k_dim: int, bk: int,
                    aligned: bool, gate_up: bool) -> MoeFp8Config:
-    """One kernel's tiles (K = H for gate-up, I for down; bk already clamped to K).
-    BLOCK_M from moe.py's ``moe_config`` (16 / 32 / 64 by the average pairs per expert;
-    64 -> wgmma on sm_90a). 16-byte aligned rows: a 64-wide N tile (32 for gate-up at
-    BLOCK_M 64: it holds two accumulators and two per-tile partials) and K tiles of up to
-    128 bytes (64 at BLOCK_M 64): vector loads. BLOCK_K is the largest power of two <= that
-    dividing bk (``block_k_for``: a tile never straddles two scale blocks), halved down to
-    16 while it does not divide K (so K needs no mask); a K that 16 does not divide either
-    is masked (EVEN_K False). Unaligned rows (byte loads, a pointer per element) and fp32
-    x ("ieee" dots on FMAs) take small tiles and a masked K. Every size here compiles
-    without spills for sm_80 and sm_90a (the registered specs; a smaller BLOCK_K than the
-    registered one holds fewer registers)."""
-    bm = moe_config(n_pairs, num_experts, torch.float16).block_m
-    if dtype == torch.float32:
-        bm, bn, want, stages = min(bm, 32), 32, 16, 2
-    elif aligned:
-        bn = 32 if gate_up and bm == 64 else 64
-        want, stages = (128 if bm <= 32 else 64), 3
-    else:
-        bn, want, stages = 32, 32, 2
-    block_k, _ = block_k_for(want, bk, k_dim)
-    if aligned:
-        while k_dim % block_k and block_k > 16:
-            block_k //= 2
-    return MoeFp8Config(bm, bn, block_k, aligned and k_dim % block_k == 0, 4, stages)
+    """One kernel's tiles (K = H for gate-up, I for down; bk already clamped to K):
+    moe.py's ``moe_w8a16_config`` (the gate-up tile at BLOCK_M 64 also holds two per-tile
+    partials), whose widest BLOCK_K is first cut to the largest power of two <= it
+    dividing bk (``block_k_for``: a tile never straddles two scale blocks). Smaller scale
+    blocks give a smaller BLOCK_K than the registered one: fewer registers."""
+    return moe_w8a16_config(n_pairs, num_experts, dtype, k_dim, aligned, gate_up,
+                            fit_block_k=lambda want: block_k_for(want, bk, k_dim)[0])
 
 
 @triton.jit
@@ -212,105 +178,33 @@ def fused_moe_fp8(x: torch.Tensor, w13: torch.Tensor, w13_scale: torch.Tensor,
     the fp8 weights' bytes (uint8) or the float8_e4m3fn tensors themselves. lora: the six
     tensors of minikernels.ops.MoELoRA, or None."""
     t, h = x.shape
-    num_experts, two_i, _ = w13.shape
-    inter = two_i // 2
-    top_k = topk_ids.shape[1]
-    n_pairs = t * top_k
     if t == 0:
         return _alloc.empty((t, h), x.dtype, x.device)
+    two_i, inter = w13.shape[1], w2.shape[2]
     w13, w2 = w13.view(torch.uint8), w2.view(torch.uint8)     # the bits; converted in-kernel
     # a block past the matrix edge partitions like one of the matrix's size (fits in i32)
     bn, bk = int(block_size[0]), int(block_size[1])
     bn13, bk13, bn2, bk2 = min(bn, two_i), min(bk, h), min(bn, h), min(bk, inter)
-    # one flag for both kernels: x, the weights and the [T*k, I] intermediate's rows
-    aligned = _rows_aligned(x, w13, w2) and inter * x.element_size() % 16 == 0
-    cfg13 = moe_fp8_config(n_pairs, num_experts, x.dtype, h, bk13, aligned, gate_up=True)
-    cfg2 = moe_fp8_config(n_pairs, num_experts, x.dtype, inter, bk2, aligned, gate_up=False)
-    sorted_ids, block_expert = sort_pairs_by_expert(topk_ids, num_experts, cfg13.block_m)
-    max_blocks = block_expert.shape[0]
-    plora = pair_lora(lora, topk_ids)
-    # bf16 under the interpreter (CPU tensors): its tl.dot multiplies raw bits and its bf16
-    # cast truncates, so both are worked around (as in moe.py); never set on a GPU.
-    # fp32 x: exact fp32 ("ieee") dots.
-    interp_bf16 = x.device.type != "cuda" and x.dtype == torch.bfloat16
-    dot_f32 = x.dtype == torch.float32 or interp_bf16
-    act = _alloc.empty((n_pairs, inter), x.dtype, x.device)
-    buf = _alloc.empty((n_pairs, h), torch.float32, x.device)
-    # without LoRA the delta pointers are x / act themselves, never read (HAS_DELTA off)
-    d13 = x if plora is None else gate_up_delta(x, plora, top_k)
-    moe_fp8_gate_up_kernel[(max_blocks, triton.cdiv(inter, cfg13.block_n))](
-        x, w13, w13_scale, act, d13, sorted_ids, block_expert, n_pairs, top_k, h, inter,
-        bn13, bk13, plora is not None,
-        x.stride(0), x.stride(1), *w13.stride(), *w13_scale.stride(),
-        BLOCK_M=cfg13.block_m, BLOCK_N=cfg13.block_n, BLOCK_K=cfg13.block_k,
-        EVEN_K=cfg13.even_k, ALIGNED=aligned, DOT_F32=dot_f32, RNE_BF16=interp_bf16,
-        num_warps=cfg13.num_warps, num_stages=cfg13.num_stages)
-    d2 = act if plora is None else down_delta(act, plora)
-    moe_fp8_down_kernel[(max_blocks, triton.cdiv(h, cfg2.block_n))](
-        act, w2, w2_scale, topk_weights, buf, d2, sorted_ids, block_expert, n_pairs, top_k,
-        h, inter, bn2, bk2, plora is not None,
-        *w2.stride(), *w2_scale.stride(), topk_weights.stride(0), topk_weights.stride(1),
-        BLOCK_M=cfg2.block_m, BLOCK_N=cfg2.block_n, BLOCK_K=cfg2.block_k,
-        EVEN_K=cfg2.even_k, ALIGNED=aligned, DOT_F32=dot_f32,
-        num_warps=cfg2.num_warps, num_stages=cfg2.num_stages)
-    return buf.view(t, top_k, h).sum(dim=1).to(x.dtype)
+    n_pairs, num_experts = t * topk_ids.shape[1], w13.shape[0]
+
+    def config(k_dim: int, aligned: bool, gate_up: bool) -> MoeFp8Config:
+        return moe_fp8_config(n_pairs, num_experts, x.dtype, k_dim,
+                              bk13 if gate_up else bk2, aligned, gate_up)
+
+    return fused_moe_w8a16(moe_fp8_gate_up_kernel, moe_fp8_down_kernel, x, w13, w13_scale,
+                           w2, w2_scale, topk_weights, topk_ids, lora, config,
+                           args13=(bn13, bk13), args2=(bn2, bk2))
 
 
 # --------------------------------------------------------------------------- registry
-# As dispatched: fp16 / bf16 x BLOCK_M 16 / 32 / 64 (fp32: 16 / 32) x three row kinds,
-# each at its widest BLOCK_K (128 x 128 scale blocks):
-#   aligned   16-byte aligned rows, K a multiple of BLOCK_K: unit inner strides as
-#             constants (Triton's JIT specializes a stride of 1), pointers and outer
-#             strides as multiples of 16 as the JIT sees them for aligned tensors, so the
-#             byte tiles load 16 at a time;
-#   ragged_k  aligned rows, K not a multiple of 16 (a padded view): BLOCK_K 16, masked;
-#   unaligned every stride a runtime value, byte loads, K masked.
-# Smaller scale blocks (bk 16 / 32 / 48 ...) or a K that the widest tile does not divide
-# give a smaller BLOCK_K of the same kind: fewer registers.
+# moe.py's ``register_w8a16_moe`` at 128 x 128 scale blocks: every dispatched (dtype,
+# BLOCK_M, row kind) at its widest BLOCK_K, gate-up and down, + LoRA twins of the aligned
+# fp16 / bf16 specs. Smaller scale blocks (bk 16 / 32 / 48 ...) or a K that the widest
+# tile does not divide give a smaller BLOCK_K of the same kind: fewer registers.
 
-_INTS = {"n_pairs": "i32", "top_k": "i32", "H": "i32", "I": "i32", "block_n": "i32",
-         "block_k": "i32"}
-
-
-def _register(dt: str, kind: str, cfg: MoeFp8Config, gate_up: bool,
-              lora: bool = False) -> None:
-    aligned = kind != "unaligned"
-    const = {"BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "BLOCK_K": cfg.block_k,
-             "EVEN_K": cfg.even_k, "ALIGNED": aligned, "DOT_F32": dt == "fp32",
-             "HAS_DELTA": lora}
-    if gate_up:
-        fn, name = moe_fp8_gate_up_kernel, "moe_fp8_gate_up"
-        unit = {"sx_h": 1, "sw_k": 1} if aligned else {}
-        sig = {"x_ptr": f"*{dt}", "act_ptr": f"*{dt}", "sx_t": "i64", "sx_h": "i64"}
-        div = ("x_ptr", "act_ptr", "sx_t")
-        const["RNE_BF16"] = False                                     # interpreter only
-    else:
-        fn, name = moe_fp8_down_kernel, "moe_fp8_down"
-        unit = {"sw_k": 1} if aligned else {}
-        sig = {"act_ptr": f"*{dt}", "tw_ptr": "*fp32", "out_ptr": "*fp32", "stw_t": "i64",
-               "stw_j": "i64"}
-        div = ("act_ptr", "out_ptr")
-    sig.update({"w_ptr": "*u8", "s_ptr": "*fp32", "delta_ptr": f"*{dt}",
-                "sorted_ids_ptr": "*i32", "block_expert_ptr": "*i32", **_INTS,
-                **{n: "i64" for n in ("sw_e", "sw_n", "sw_k", "ss_e", "ss_n", "ss_k")},
-                **{c: "constexpr" for c in (*const, *unit)}})
-    div += ("w_ptr", "s_ptr", "delta_ptr", "sorted_ids_ptr", "sw_e", "sw_n")
-    register(KernelSpec(
-        name=f"{name}[{dt},BM={cfg.block_m},{kind}" + (",lora]" if lora else "]"), fn=fn,
-        signature={a: sig[a] for a in fn.arg_names}, constexprs={**const, **unit},
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages, tensor_core=dt != "fp32",
-        wgmma_expected=cfg.block_m >= 64, divisible_by_16=div if aligned else ()))
-
-
-for _dt, _tdt in (("fp16", torch.float16), ("bf16", torch.bfloat16), ("fp32", torch.float32)):
-    for _kind, _k in (("aligned", 4096), ("ragged_k", 4104), ("unaligned", 4104)):
-        for _avg in (8, 32, 256):          # one spec per BLOCK_M that moe_config picks
-            if _dt == "fp32" and _avg == 256:
-                continue                                  # fp32: BLOCK_M <= 32
-            for _gate_up in (True, False):
-                _cfg = moe_fp8_config(_avg * 64, 64, _tdt, _k, 128, _kind != "unaligned",
-                                      _gate_up)
-                assert _cfg.even_k == (_kind == "aligned")
-                _register(_dt, _kind, _cfg, _gate_up)
-                if _kind == "aligned" and _dt != "fp32":        # + LoRA (HAS_DELTA)
-                    _register(_dt, _kind, _cfg, _gate_up, lora=True)
+register_w8a16_moe(
+    "moe_fp8", moe_fp8_gate_up_kernel, moe_fp8_down_kernel, "*u8",
+    {"n_pairs": "i32", "top_k": "i32", "H": "i32", "I": "i32", "block_n": "i32",
+     "block_k": "i32"}, ("ss_e", "ss_n", "ss_k"),
+    lambda n_pairs, dtype, k_dim, aligned, gate_up: moe_fp8_config(
+        n_pairs, 64, dtype, k_dim, 128, aligned, gate_up))

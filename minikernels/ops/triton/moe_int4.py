@@ -38,14 +38,7 @@ import triton.language as tl
 from .. import _alloc
 from .int4_matmul import _unpack_nibbles
 from .interpreter_rounding import rne_bf16
-from .moe import (
-    _in_order,
-    down_delta,
-    gate_up_delta,
-    moe_config,
-    pair_lora,
-    sort_pairs_by_expert,
-)
+from .moe import _in_order, moe_config, moe_launch, pair_lora
 from .registry import KernelSpec, register
 
 BLOCK_K = 32
@@ -244,8 +237,6 @@ def fused_moe_int4(x: torch.Tensor, w13_qweight: torch.Tensor, w13_scales: torch
     t, h = x.shape
     num_experts, two_i, _ = w13_qweight.shape
     inter = two_i // 2
-    top_k = topk_ids.shape[1]
-    n_pairs = t * top_k
     if t == 0:
         return _alloc.empty((t, h), x.dtype, x.device)
     x, w13_qweight, w2_qweight = (_unit_inner(v) for v in (x, w13_qweight, w2_qweight))
@@ -254,32 +245,24 @@ def fused_moe_int4(x: torch.Tensor, w13_qweight: torch.Tensor, w13_scales: torch
     group_h = h if group_size == -1 else group_size
     group_i = inter if group_size == -1 else group_size
     plora = pair_lora(lora, topk_ids)
-    cfg = moe_int4_config(n_pairs, num_experts, group_h, group_i, lora=plora is not None)
-    sorted_ids, block_expert = sort_pairs_by_expert(topk_ids, num_experts, cfg.block_m)
-    max_blocks = block_expert.shape[0]
-    # bf16 under the interpreter (CPU tensors): its tl.dot multiplies raw bits and its bf16
-    # cast truncates, so both are worked around (as in moe.py); never set on a GPU
-    interp_bf16 = x.device.type != "cuda" and x.dtype == torch.bfloat16
-    act = _alloc.empty((n_pairs, inter), x.dtype, x.device)
-    buf = _alloc.empty((n_pairs, h), torch.float32, x.device)
+    cfg = moe_int4_config(t * topk_ids.shape[1], num_experts, group_h, group_i,
+                          lora=plora is not None)
+    run = moe_launch(x, topk_ids, num_experts, inter, cfg.block_m, plora)
+    # bf16 under the interpreter: its tl.dot multiplies raw bits and its bf16 cast
+    # truncates, so both are worked around (x is fp16 / bf16); never set on a GPU
     consts = {"BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "BLOCK_K": cfg.block_k,
-              "GROUPED": cfg.grouped, "DOT_F32": interp_bf16, "RNE_BF16": interp_bf16,
+              "GROUPED": cfg.grouped, "DOT_F32": run.interp_bf16, "RNE_BF16": run.interp_bf16,
               "num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
-    # without LoRA the delta pointers are x / act themselves, never read (HAS_DELTA off)
-    d13 = x if plora is None else gate_up_delta(x, plora, top_k)
-    moe_int4_gate_up_kernel[(max_blocks, triton.cdiv(inter, cfg.block_n))](
-        x, w13_qweight, w13_scales, w13_zeros, act, d13, sorted_ids, block_expert, n_pairs,
-        top_k, h, inter, group_h, plora is not None, x.stride(0),
-        w13_qweight.stride(0), w13_qweight.stride(1), w13_scales.stride(0),
+    moe_int4_gate_up_kernel[run.grid(inter, cfg.block_n)](
+        x, w13_qweight, w13_scales, w13_zeros, *run.gate_up_args(), group_h, run.has_delta,
+        x.stride(0), w13_qweight.stride(0), w13_qweight.stride(1), w13_scales.stride(0),
         w13_scales.stride(1), w13_zeros.stride(0), w13_zeros.stride(1), **consts)
-    d2 = act if plora is None else down_delta(act, plora)
-    moe_int4_down_kernel[(max_blocks, triton.cdiv(h, cfg.block_n))](
-        act, w2_qweight, w2_scales, w2_zeros, topk_weights, buf, d2, sorted_ids,
-        block_expert, n_pairs, top_k, h, inter, group_i, plora is not None,
-        w2_qweight.stride(0), w2_qweight.stride(1), w2_scales.stride(0),
+    moe_int4_down_kernel[run.grid(h, cfg.block_n)](
+        run.act, w2_qweight, w2_scales, w2_zeros, *run.down_args(topk_weights), group_i,
+        run.has_delta, w2_qweight.stride(0), w2_qweight.stride(1), w2_scales.stride(0),
         w2_scales.stride(1), w2_zeros.stride(0), w2_zeros.stride(1),
         topk_weights.stride(0), topk_weights.stride(1), **consts)
-    return buf.view(t, top_k, h).sum(dim=1).to(x.dtype)
+    return run.result()
 
 
 # --------------------------------------------------------------------------- registry

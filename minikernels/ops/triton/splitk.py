@@ -1,4 +1,5 @@
-"""Split-K plumbing shared by the weight-only decode kernels (int4, int8, fp8 matmul).
+"""Host-side plumbing shared by the weight-only matmul kernels (int4, int8, fp8 matmul):
+split-K, the M dispatch, the launches and the AOT specs that mirror them.
 
 At decode sizes (M <= ``GEMV_MAX_M``) one program per output tile cannot fill the GPU, so
 K is split over ``SPLIT`` programs per tile; each writes its fp32 partial sums to a
@@ -7,6 +8,14 @@ workspace ``ws`` [SPLIT, M, N], and :func:`reduce_splits` adds them in split ord
 composition, unlike fp32 atomics, for one extra launch and SPLIT * M * N * 8 bytes of
 traffic (tiny beside the weight at M <= 16). :func:`arch_and_sms` is what the configs
 are chosen from.
+
+Each matmul module's launcher validates nothing (the op did) and calls, in order:
+:func:`alloc_output` (y, or the whole answer for an empty M / N / K), :func:`pick_path`,
+then :func:`launch_gemm` or :func:`launch_decode` with its tile config ``cfg``: every cfg
+entry but ``k_tiles_per_split`` is a kernel constexpr or launch option, so a launch is
+``kernel(*tensors, bias_ptr, y_ptr, [ws_ptr,] *ints, [k_tiles_per_split,] HAS_BIAS, EVEN_K,
+**cfg, **constexprs)``. :func:`register_config` registers the AOT spec of such a launch.
+:func:`store_decode_tile` is the decode kernels' shared epilogue.
 """
 from __future__ import annotations
 
@@ -16,6 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .. import _alloc
 from .interpreter_rounding import rne_bf16
 from .registry import KernelSpec, register
 
@@ -49,6 +59,108 @@ def split_plan(k_tiles: int, n_tiles: int, sms: int,
     split_k = max(1, min(int(split_k), k_tiles))
     per_split = triton.cdiv(k_tiles, split_k)
     return triton.cdiv(k_tiles, per_split), per_split
+
+
+def alloc_output(x: torch.Tensor, n: int,
+                 bias: torch.Tensor | None) -> tuple[torch.Tensor, bool]:
+    """(y [M, N] in x.dtype for x [M, K], done): done when y already holds the answer, for
+    M = 0 or N = 0 (nothing to compute) and K = 0 (y = bias, or zeros)."""
+    m, k = x.shape
+    y = _alloc.empty((m, n), x.dtype, x.device)
+    if m == 0 or n == 0:
+        return y, True
+    if k == 0:
+        y.zero_()
+        if bias is not None:
+            y += bias.to(y.dtype)
+        return y, True
+    return y, False
+
+
+def pick_path(path: str, m: int) -> str:
+    """"auto" -> "gemv" (the decode kernel) for M <= GEMV_MAX_M, else "gemm"; "gemm" and
+    "gemv" force a path (tests), the decode path only for M <= GEMV_MAX_M."""
+    if path == "auto":
+        path = "gemv" if m <= GEMV_MAX_M else "gemm"
+    if path == "gemv" and m > GEMV_MAX_M:
+        raise ValueError(f"the decode path handles M <= {GEMV_MAX_M}, got M = {m}")
+    return path
+
+
+def interpreter_bf16(x: torch.Tensor) -> bool:
+    """True for bf16 x under Triton's interpreter (CPU tensors), which computes bf16 tl.dot
+    wrongly and truncates fp32 -> bf16 casts (triton 3.9): the kernels then dot in fp32 on
+    the same bf16 values (DOT_F32) and round to nearest even before bf16 casts (RNE_BF16).
+    Never true on a GPU."""
+    return not x.is_cuda and x.dtype == torch.bfloat16
+
+
+def aligned_rows(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """x [M, K] and a 1-byte weight w [N, K] both have 16-byte aligned rows and w unit K
+    strides, so the kernels' vector-load hints (ALIGNED) are safe."""
+    return (w.stride(1) == 1 and w.stride(0) % 16 == 0 and w.data_ptr() % 16 == 0
+            and x.data_ptr() % 16 == 0 and x.stride(0) * x.element_size() % 16 == 0)
+
+
+def launch_gemm(kernel, tensors: tuple, ints: tuple, y: torch.Tensor,
+                bias: torch.Tensor | None, cfg: dict, k: int, **constexprs) -> None:
+    """kernel(*tensors, bias_ptr, y_ptr, *ints, HAS_BIAS, EVEN_K, **cfg, **constexprs), one
+    program per BLOCK_M x BLOCK_N tile of y [M, N] (the kernel orders them: grouped_tile)."""
+    m, n = y.shape
+    grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
+    kernel[grid](*tensors, bias if bias is not None else y, y, *ints,
+                 HAS_BIAS=bias is not None, EVEN_K=k % cfg["BLOCK_K"] == 0, **cfg, **constexprs)
+
+
+def launch_decode(kernel, tensors: tuple, ints: tuple, y: torch.Tensor,
+                  bias: torch.Tensor | None, cfg: dict, k: int, rne_bf16: bool = False,
+                  **constexprs) -> None:
+    """kernel(*tensors, bias_ptr, y_ptr, ws_ptr, *ints, k_tiles_per_split, HAS_BIAS, EVEN_K,
+    **cfg, **constexprs) on a (N / BLOCK_N, SPLIT) grid; with SPLIT > 1 the programs write
+    a workspace [SPLIT, M, N] and :func:`reduce_splits` (rounding as ``rne_bf16``) adds it
+    up (+ bias) into y [M, N]."""
+    m, n = y.shape
+    cfg = dict(cfg)
+    per_split, split = cfg.pop("k_tiles_per_split"), cfg["SPLIT"]
+    ws = _alloc.empty((split, m, n), torch.float32, y.device) if split > 1 else y
+    kernel[(triton.cdiv(n, cfg["BLOCK_N"]), split)](
+        *tensors, bias if bias is not None else y, y, ws, *ints, per_split,
+        HAS_BIAS=bias is not None, EVEN_K=k % cfg["BLOCK_K"] == 0, **cfg, **constexprs)
+    if split > 1:
+        reduce_splits(ws, bias, y, rne_bf16=rne_bf16)
+
+
+def register_config(name: str, fn, cfg: dict, args: dict[str, str], constexprs: dict,
+                    **spec) -> KernelSpec:
+    """Register the AOT spec of a launch with tile config ``cfg``: the constexprs are cfg's
+    (less the launch options and k_tiles_per_split) and ``constexprs`` (HAS_BIAS, EVEN_K, ...
+    and any stride compiled as a constant); ``args`` types the other arguments."""
+    const = {c: v for c, v in cfg.items()
+             if c not in ("num_warps", "num_stages", "k_tiles_per_split")}
+    const.update(constexprs)
+    sig = {**args, **{c: "constexpr" for c in const}}
+    return register(KernelSpec(name=name, fn=fn, signature={a: sig[a] for a in fn.arg_names},
+                               constexprs=const, num_warps=cfg["num_warps"],
+                               num_stages=cfg["num_stages"], **spec))
+
+
+@triton.jit
+def store_decode_tile(out, rn, rn_l, pid_k, bias_ptr, y_ptr, ws_ptr, M, N,
+                      HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, SPLIT: tl.constexpr,
+                      RNE_BF16: tl.constexpr):
+    """A decode program's fp32 out [BN, BM] (columns rn of y's rows 0..BM-1): SPLIT == 1:
+    + bias, one cast, into y [M, N]; else into split pid_k of the workspace [SPLIT, M, N]."""
+    rm_o = tl.arange(0, BLOCK_M)
+    mask = (rn[:, None] < N) & (rm_o[None, :] < M)
+    offs = rm_o[None, :].to(tl.int64) * N + rn[:, None]
+    if SPLIT == 1:
+        if HAS_BIAS:
+            out += tl.load(bias_ptr + rn_l).to(tl.float32)[:, None]
+        if RNE_BF16:
+            out = rne_bf16(out)
+        tl.store(y_ptr + offs, out.to(y_ptr.dtype.element_ty), mask=mask)
+    else:
+        tl.store(ws_ptr + pid_k.to(tl.int64) * M * N + offs, out, mask=mask)
 
 
 @triton.jit

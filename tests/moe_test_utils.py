@@ -1,0 +1,35 @@
+"""Shared checks of the one-byte-weight (W8A16) fused MoE tests: tests/test_moe_int8_op.py
+and tests/test_moe_fp8_op.py (their kernels share moe.py's tiles and AOT specs)."""
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+
+
+def assert_w8a16_dispatch_registered(prefix: str, config: Callable,
+                                     k_cases: Sequence[tuple]) -> None:
+    """Every (BLOCK_M, BLOCK_N, EVEN_K, ALIGNED, warps, stages, x dtype) that
+    ``config(n_pairs, dtype, *case, gate_up)`` picks for a kernel ``{prefix}_gate_up`` /
+    ``{prefix}_down`` has an AOT spec, at a BLOCK_K no smaller than the dispatched one;
+    each case ends with its ``aligned`` flag."""
+    from minikernels.ops.triton.registry import all_kernels
+
+    registered = {}
+    for s in all_kernels():
+        if s.fn.__name__.startswith(prefix):
+            c = s.constexprs
+            key = (s.fn.__name__, c["BLOCK_M"], c["BLOCK_N"], c["EVEN_K"], c["ALIGNED"],
+                   s.num_warps, s.num_stages,
+                   s.signature["x_ptr" if "x_ptr" in s.signature else "act_ptr"])
+            registered[key] = max(registered.get(key, 0), c["BLOCK_K"])
+    for dt, tdt in (("*fp16", torch.float16), ("*bf16", torch.bfloat16),
+                    ("*fp32", torch.float32)):
+        for n_pairs in (1, 100, 1000, 64 * 20, 64 * 40, 64 * 100):
+            for case in k_cases:
+                for gate_up in (True, False):
+                    cfg = config(n_pairs, tdt, *case, gate_up)
+                    fn = f"{prefix}_gate_up_kernel" if gate_up else f"{prefix}_down_kernel"
+                    key = (fn, cfg.block_m, cfg.block_n, cfg.even_k, case[-1],
+                           cfg.num_warps, cfg.num_stages, dt)
+                    assert key in registered and registered[key] >= cfg.block_k, key
