@@ -395,3 +395,17 @@ def test_int8_on_a_transformers_model():
     assert type(hf.lm_head) is torch.nn.Linear                   # kept dense
     err = rel_err(hf_logits(hf, ids), ref)
     assert 0 < err < 0.05, err
+
+
+@pytest.mark.parametrize("name", ["tiny", "tiny-qwen3-moe"])
+def test_int8_models_on_the_triton_kernels(name):
+    """The whole int8 model (W8A8 linears, int8 experts) on the Triton kernels (the
+    interpreter here, the GPU there) equals the reference backend's forward."""
+    m = load_model(name, dtype="float32", device="cpu", quantization="int8")
+    ids = torch.arange(1, 20)
+    meta = AttentionMetadata.for_prompts([12, 7])
+    with mk.use_backend("reference"):
+        want = m(ids, meta, None)
+    with mk.use_backend("triton"):
+        got = m(ids, meta, None)
+    assert rel_err(got, want) < 1e-5

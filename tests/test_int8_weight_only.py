@@ -164,3 +164,22 @@ def test_8bit_errors_and_engine(tmp_path):
                                moe, "gptq", group=32, bits=8)
     with pytest.raises(CheckpointError, match="8-bit weight-only experts"):
         load_model(moe, dtype="float32", device="cpu")
+
+
+def test_gptq8_model_on_the_triton_kernels(tmp_path):
+    """A GPTQ 8-bit model on int8_matmul's Triton kernels (the interpreter here) equals
+    the reference backend within the weight tile's fp16 rounding, prefill and M = 1."""
+    import minikernels as mk
+    from minikernels.models import AttentionMetadata
+
+    d = str(tmp_path / "gptq8")
+    write_quantized_checkpoint(make_hf_model("llama", seed=5), d, "gptq", group=32, bits=8)
+    m = load_model(d, dtype="float32", device="cpu")
+    for lens in ([12, 7], [1]):
+        ids = torch.arange(1, 1 + sum(lens))
+        meta = AttentionMetadata.for_prompts(lens)
+        with mk.use_backend("reference"):
+            want = m(ids, meta, None)
+        with mk.use_backend("triton"):
+            got = m(ids, meta, None)
+        assert rel_err(got, want) < TOL, lens

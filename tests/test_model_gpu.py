@@ -68,11 +68,13 @@ def test_gpu_builtin_dummy_models_run(name, quantization):
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("kind,quant", [("qwen3", "fp8"), ("qwen3-moe", "fp8"),
-                                        ("qwen3", "fp8_w8a8")])
+                                        ("qwen3", "fp8_w8a8"), ("qwen3", "int8"),
+                                        ("qwen3-moe", "int8")])
 def test_gpu_fp8_model_matches_cpu(hf_dirs, kind, quant, dtype):
     """RTN fp8 on load (ops.fp8_matmul / fused_moe_fp8, or the W8A8 ops, on the GPU kernels,
-    decode and prefill shapes) against the same fp8 model in fp32 on the CPU reference;
-    the built-ins run through the engine with CUDA graphs."""
+    decode and prefill shapes) -- and INT8 W8A8 on load (scaled_int8_quant + scaled_mm,
+    fused_moe_int8 experts) -- against the same model in fp32 on the CPU reference; the
+    built-ins run through the engine with CUDA graphs."""
     from minikernels.engine import LLM, SamplingParams
 
     hf, path = hf_dirs[kind]
