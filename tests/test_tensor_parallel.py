@@ -129,7 +129,21 @@ def quant_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
                                dirs["gptq-moe"], "gptq", group=32)
     dirs["fp8"] = str(tmp_path_factory.mktemp("fp8"))
     write_fp8_checkpoint(make_hf_model("llama", seed=5), dirs["fp8"], "ct-channel")
+    # INT8: W8A8 (compressed-tensors, per-channel scales) and weight-only (GPTQ 8-bit)
+    from test_int8_model import write_int8_checkpoint
+    dirs["int8"] = str(tmp_path_factory.mktemp("int8"))
+    write_int8_checkpoint(make_hf_model("llama", seed=5), dirs["int8"], "channel")
+    dirs["gptq8"] = str(tmp_path_factory.mktemp("gptq8"))
+    write_quantized_checkpoint(make_hf_model("llama", seed=5), dirs["gptq8"], "gptq",
+                               group=32, bits=8)
     return dirs
+
+
+#: checkpoint logits TP=2 vs TP=1: W8A8 quantizes each rank's K slice of a row-parallel
+#: layer's input with its own per-token scale (as vLLM), so its logits move by the
+#: 8-bit activation rounding (measured 2.8e-3 here); the others differ only by the
+#: reduction order / fp16 partial sums (gptq8: 1.2e-3)
+CKPT_TOL = {"int8": 1e-2}
 
 
 def test_tp2_logits_equal_tp1(tp_dirs, quant_dirs, tmp_path):
@@ -140,7 +154,8 @@ def test_tp2_logits_equal_tp1(tp_dirs, quant_dirs, tmp_path):
         ref = _logits(load_model(path, dtype="float32", device="cpu"))
         for r, res in enumerate(ranks):
             for got, want in zip(res[(name, "ckpt")], ref):
-                assert rel_err(got, want) < 3e-3, (name, r, rel_err(got, want))
+                err = rel_err(got, want)
+                assert err < CKPT_TOL.get(name, 3e-3), (name, r, err)
     check_logits(ranks, tp_dirs, QUANT, GROUP)
 
 
