@@ -79,23 +79,43 @@ def _perm_of(w: Any) -> Tensor | None:
     return None
 
 
-class Int4Part(nn.Module):
-    """One int4 matmul: y = x[..., perm] @ W.T with W [N, K] as int4 (see ops.reference)."""
+class _WeightOnlyPart(nn.Module):
+    """A weight-only quantized matmul's buffers (qweight, group scales / zeros, act-order
+    perm) and its input: x[..., perm] in fp16 / bf16 (an fp32 model rounds the
+    activations to the scales' dtype for the matmul; accumulation is fp32 either way)."""
 
     def __init__(self, qweight: Tensor, scales: Tensor, zeros: Tensor, group_size: int,
                  perm: Tensor | None = None) -> None:
         super().__init__()
         self.group_size = int(group_size)
-        self.n_out = int(qweight.shape[0])
-        pad = -self.n_out % 8
-        if pad:  # int4_matmul wants N % 8 == 0 (e.g. a vocab of 300): zero rows, sliced off
-            qweight = torch.cat([qweight, qweight.new_zeros(pad, qweight.shape[1])])
-            scales = torch.cat([scales, scales.new_ones(pad, scales.shape[1])])
-            zeros = torch.cat([zeros, zeros.new_zeros(pad, zeros.shape[1])])
         self.register_buffer("qweight", qweight.contiguous())
         self.register_buffer("scales", scales.contiguous())
         self.register_buffer("zeros", zeros.contiguous())
         self.register_buffer("perm", None if perm is None else perm.long().contiguous())
+
+    def _input(self, x: Tensor) -> Tensor:
+        if self.perm is not None:
+            x = x.index_select(-1, self.perm)
+        return x if x.dtype in (torch.float16, torch.bfloat16) else x.to(self.scales.dtype)
+
+    def extra_repr(self) -> str:
+        return (f"in={self.in_features}, out={self.out_features}, group_size={self.group_size}, "
+                f"act_order={self.perm is not None}")
+
+
+class Int4Part(_WeightOnlyPart):
+    """One int4 matmul: y = x[..., perm] @ W.T with W [N, K] as int4 (see ops.reference)."""
+
+    def __init__(self, qweight: Tensor, scales: Tensor, zeros: Tensor, group_size: int,
+                 perm: Tensor | None = None) -> None:
+        n_out = int(qweight.shape[0])
+        pad = -n_out % 8
+        if pad:  # int4_matmul wants N % 8 == 0 (e.g. a vocab of 300): zero rows, sliced off
+            qweight = torch.cat([qweight, qweight.new_zeros(pad, qweight.shape[1])])
+            scales = torch.cat([scales, scales.new_ones(pad, scales.shape[1])])
+            zeros = torch.cat([zeros, zeros.new_zeros(pad, zeros.shape[1])])
+        super().__init__(qweight, scales, zeros, group_size, perm)
+        self.n_out = n_out
 
     @property
     def out_features(self) -> int:
@@ -106,13 +126,8 @@ class Int4Part(nn.Module):
         return int(self.qweight.shape[1]) * 8
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.perm is not None:
-            x = x.index_select(-1, self.perm)
-        # int4_matmul takes fp16/bf16 activations; an fp32 model rounds them to the scales'
-        # dtype for the matmul (accumulation is fp32 either way).
-        xin = x if x.dtype in (torch.float16, torch.bfloat16) else x.to(self.scales.dtype)
-        y = ops.int4_matmul(xin.contiguous(), self.qweight, self.scales, self.zeros,
-                            self.group_size)
+        y = ops.int4_matmul(self._input(x).contiguous(), self.qweight, self.scales,
+                            self.zeros, self.group_size)
         if y.shape[-1] != self.n_out:
             y = y[..., :self.n_out]
         return y.to(x.dtype)
@@ -126,10 +141,6 @@ class Int4Part(nn.Module):
         out = torch.empty_like(w)
         out[:, self.perm] = w
         return out
-
-    def extra_repr(self) -> str:
-        return (f"in={self.in_features}, out={self.out_features}, group_size={self.group_size}, "
-                f"act_order={self.perm is not None}")
 
 
 class _WeightRowsPart(nn.Module):
@@ -212,20 +223,11 @@ class Int8Part(_WeightRowsPart):
         return f"in={self.in_features}, out={self.out_features}, w8a8=int8"
 
 
-class Int8WoPart(nn.Module):
+class Int8WoPart(_WeightOnlyPart):
     """One INT8 weight-only matmul: y = x[..., perm] @ W.T, W [N, K] = (q - zeros) *
     scales per group of G columns (q uint8; :class:`minikernels.quant.int8.Int8WoWeight`),
     run by ``ops.int8_matmul`` with fp16 / bf16 activations (an fp32 model rounds them to
     the scales' dtype for the matmul; accumulation is fp32 either way)."""
-
-    def __init__(self, qweight: Tensor, scales: Tensor, zeros: Tensor, group_size: int,
-                 perm: Tensor | None = None) -> None:
-        super().__init__()
-        self.group_size = int(group_size)
-        self.register_buffer("qweight", qweight.contiguous())
-        self.register_buffer("scales", scales.contiguous())
-        self.register_buffer("zeros", zeros.contiguous())
-        self.register_buffer("perm", None if perm is None else perm.long().contiguous())
 
     @property
     def out_features(self) -> int:
@@ -236,10 +238,8 @@ class Int8WoPart(nn.Module):
         return int(self.qweight.shape[1])
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.perm is not None:
-            x = x.index_select(-1, self.perm)
-        xin = x if x.dtype in (torch.float16, torch.bfloat16) else x.to(self.scales.dtype)
-        y = ops.int8_matmul(xin, self.qweight, self.scales, self.zeros, self.group_size)
+        y = ops.int8_matmul(self._input(x), self.qweight, self.scales, self.zeros,
+                            self.group_size)
         return y.to(x.dtype)
 
     def dequantize(self) -> Tensor:
@@ -248,10 +248,6 @@ class Int8WoPart(nn.Module):
 
         return Int8WoWeight(self.qweight, self.scales, self.zeros, self.group_size,
                             self.perm).dequantize()
-
-    def extra_repr(self) -> str:
-        return (f"in={self.in_features}, out={self.out_features}, group_size={self.group_size}, "
-                f"act_order={self.perm is not None}, w8a16=int8")
 
 
 FP8_ACTIVATIONS = ("none", "dynamic")
