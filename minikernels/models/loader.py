@@ -43,7 +43,9 @@ Quantization:
 INT8 checkpoints (compressed-tensors ``format: "int-quantized"``, llm-compressor's W8A8:
 int8 ``weight`` + ``weight_scale`` per channel or tensor; :mod:`minikernels.quant.int8`)
 load onto int8 parts; a static ``input_scale`` is not needed (activations are quantized
-per token) and is ignored.
+per token) and is ignored. Weight-only int8 checkpoints (GPTQ ``bits: 8``,
+compressed-tensors ``pack-quantized`` 8-bit or ``int-quantized`` without
+``input_activations``) load onto W8A16 parts (``ops.int8_matmul``).
 
 FP8 checkpoints (quantization_config ``quant_method: "fp8"``, block-wise like
 Qwen/Qwen3-*-FP8 or per-tensor, and compressed-tensors 8-bit float weights: per tensor,
@@ -417,9 +419,10 @@ def _checkpoint_quant(config: DecoderConfig) -> dict[str, Any] | None:
         return {"method": method, **_parse_scheme(compressed_tensors_scheme, qc)}
     if method not in ("gptq", "awq"):
         raise UnsupportedModelError(f"quantization_config.quant_method {method!r} is not "
-                                    "supported (supported: gptq, awq with 4 bits, "
-                                    "compressed-tensors pack-quantized int4, int8 W8A8 or "
-                                    "fp8, fp8)")
+                                    "supported (supported: gptq with 4 or 8 bits, awq with 4 "
+                                    "bits, compressed-tensors pack-quantized int4 / int8, "
+                                    "int-quantized int8 or float-quantized fp8, fp8, "
+                                    "fbgemm_fp8)")
     bits = int(qc.get("bits", qc.get("w_bit", 4)))
     if bits not in ((4, 8) if method == "gptq" else (4,)):
         raise UnsupportedModelError(f"{method} with {bits} bits is not supported (" + (
@@ -517,7 +520,7 @@ def _load_hf(model_dir: str, dtype: str | torch.dtype, device: torch.device,
     int8_ckpt = ckpt_quant.get("int8") if ckpt_quant is not None else None
     if int8_ckpt is not None and quantization not in (None, "int8"):
         raise CheckpointError(f"quantization={quantization!r} but {model_dir} is an int8 "
-                              "W8A8 checkpoint (load it with quantization=None or 'int8')")
+                              "checkpoint (load it with quantization=None or 'int8')")
     if quantization == "int8" and ckpt_quant is not None and int8_ckpt is None:
         kind = "fp8" if fp8_ckpt is not None else f"{ckpt_quant.get('bits', 4)}-bit"
         raise CheckpointError(f"quantization='int8' but {model_dir} is a "
