@@ -432,25 +432,24 @@ def quantize_fp8(w: Tensor, block_size: tuple[int, int] = (128, 128)) -> tuple[T
 # ------------------------------------------------------------------------- attention
 
 
-def _attend(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool, window_left: int,
-            softcap: float, window_right: int = -1,
-            alibi_slopes: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """One sequence. q [Lq, Hq, D], k/v [Lk, Hkv, D] -> (out [Lq, Hq, D] fp32, lse [Hq, Lq]).
+def attention_scores(q: Tensor, k: Tensor, scale: float, causal: bool, window_left: int,
+                     softcap: float, window_right: int = -1,
+                     alibi_slopes: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """One sequence's masked scores: q [Lq, Hq, D], k [Lk, Hkv, D] ->
+    (s [Hq, Lq, Lk] fp32 with -inf where hidden, visible bool [Lq, Lk]).
 
     Query i sits at absolute position p = i + Lk - Lq (bottom-right alignment; with Lq > Lk
     the first Lq - Lk queries sit before every key). It sees key j when j <= p (causal),
     j >= p - window_left (window_left >= 0) and j <= p + window_right (window_right >= 0;
     causal is window_right = 0 and takes precedence, as in FlashAttention).
-    ALiBi (alibi_slopes fp32 [Hq]): the scaled (and soft-capped) score of query i, key j gets
-    -slope[h] * |p - j| added (FlashAttention's bias; the lse includes it).
-    A query that sees no key gets output 0 and lse -inf.
+    Scores are q.k * scale, then softcap * tanh(s / softcap) when softcap > 0, then
+    ALiBi (alibi_slopes fp32 [Hq]): -slope[h] * |p - j| (FlashAttention's bias).
     """
     lq, hq, d = q.shape
     lk, hkv, _ = k.shape
     group = hq // hkv
     qf = q.float().transpose(0, 1)                                   # [Hq, Lq, D]
     kf = k.float().transpose(0, 1).repeat_interleave(group, dim=0)   # [Hq, Lk, D]
-    vf = v.float().transpose(0, 1).repeat_interleave(group, dim=0)
     s = (qf @ kf.transpose(1, 2)) * scale                            # [Hq, Lq, Lk]
     if softcap > 0:
         s = softcap * torch.tanh(s / softcap)
@@ -465,13 +464,32 @@ def _attend(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool, window_
         visible &= kpos <= qpos + window_right
     if window_left >= 0:
         visible &= kpos >= qpos - window_left
-    s = s.masked_fill(~visible, float("-inf"))
+    return s.masked_fill(~visible, float("-inf")), visible
+
+
+def attention_probs(s: Tensor, visible: Tensor) -> tuple[Tensor, Tensor]:
+    """Softmax of masked scores from :func:`attention_scores` -> (p [Hq, Lq, Lk] fp32,
+    lse [Hq, Lq]); a row that sees no key gets p = 0 and lse -inf."""
     lse = torch.logsumexp(s, dim=-1)                                 # [Hq, Lq]
     p = torch.exp(s - lse.unsqueeze(-1).clamp_min(-1e30))
-    p = torch.where(visible, p, torch.zeros((), device=q.device))
-    p = torch.nan_to_num(p, nan=0.0)
-    out = (p @ vf).transpose(0, 1)                                   # [Lq, Hq, D]
-    return out, lse
+    p = torch.where(visible, p, torch.zeros((), device=s.device))
+    return torch.nan_to_num(p, nan=0.0), lse
+
+
+def _attend(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool, window_left: int,
+            softcap: float, window_right: int = -1,
+            alibi_slopes: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """One sequence. q [Lq, Hq, D], k/v [Lk, Hkv, D] -> (out [Lq, Hq, D] fp32, lse [Hq, Lq]).
+
+    Masks, softcap and ALiBi: :func:`attention_scores` (the lse includes the bias).
+    A query that sees no key gets output 0 and lse -inf.
+    """
+    s, visible = attention_scores(q, k, scale, causal, window_left, softcap, window_right,
+                                  alibi_slopes)
+    p, lse = attention_probs(s, visible)
+    group = q.shape[1] // k.shape[1]
+    vf = v.float().transpose(0, 1).repeat_interleave(group, dim=0)   # [Hq, Lk, D]
+    return (p @ vf).transpose(0, 1), lse                             # [Lq, Hq, D]
 
 
 def dequantize_kv(rows: Tensor, scale: Tensor | None) -> Tensor:

@@ -1,0 +1,11 @@
+"""Peers' Python APIs over minikernels' ops, so existing code swaps its import and keeps
+its calls.
+
+    from minikernels.compat.flash_attn import flash_attn_func, flash_attn_with_kvcache
+    from minikernels.compat import flashinfer          # BatchDecodeWithPagedKVCacheWrapper, ...
+
+Each module keeps its peer's argument names, defaults, layouts and return shapes, and
+states where it differs (forward only: no dropout, no backward). Errors name the
+argument, as every minikernels op does. The math is minikernels' ops (reference on the
+CPU, Triton / CUDA on the GPU).
+"""
