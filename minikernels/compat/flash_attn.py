@@ -38,8 +38,12 @@ import torch
 from torch import Tensor
 
 from .. import ops
-from .._validation import (FLOAT_DTYPES, check_index_range, check_tensor,
-                           index_checks_active)
+from .._validation import (
+    FLOAT_DTYPES,
+    check_index_range,
+    check_tensor,
+    index_checks_active,
+)
 from ..ops import reference
 
 __all__ = [
