@@ -316,6 +316,18 @@ def test_flash_attn_with_kvcache_matches_reference(b, sq, sk, heads, new_kv, new
                   causal, window, alibi, dtype, layout, gen)
 
 
+@pytest.mark.parametrize("causal,window", [(False, (-1, -1)), (True, (-1, -1)),
+                                           (False, (2, 1))])
+@pytest.mark.parametrize("interleaved", [False, True])
+def test_kvcache_rotary_positions(causal, window, interleaved):
+    """q rotates at cache_seqlens + i when causal or local, else every q token at
+    cache_seqlens (FlashAttention's rule); k always at cache_seqlens + i."""
+    gen = torch.Generator().manual_seed(4)
+    torch.manual_seed(4)
+    _kvcache_case(2, 3, 9, 4, 2, 16, True, 3, False, 4, True, False, 0.5, interleaved, causal,
+                  window, False, torch.float32, 0, gen)
+
+
 @pytest.mark.parametrize("paged", [False, True])
 def test_kvcache_decode_loop_equals_full_attention(paged):
     """Appending one token at a time reproduces causal attention over the whole sequence
