@@ -78,7 +78,9 @@ GPU_TESTS=("${CUDA_TESTS[@]}" tests/test_flash_attention.py tests/test_op_contra
            tests/test_router_op.py tests/test_moe_align_op.py tests/test_moe_lora_op.py
            # INT8 (newest): W8A8 ops, the model / engine on them, then weight-only int8
            tests/test_int8_w8a8.py tests/test_int8_model.py
-           tests/test_int8_matmul.py tests/test_int8_weight_only.py)
+           tests/test_int8_matmul.py tests/test_int8_weight_only.py
+           # peers' APIs over the kernels (newest)
+           tests/test_compat_flash_attn.py)
 
 stage_test() {
   python -m pytest -q -p no:cacheprovider -rfE "${GPU_TESTS[@]}" 2>&1 \

@@ -20,6 +20,12 @@ import minikernels as mk
 from minikernels.compat import flash_attn as fa
 
 TOL = {torch.float32: 2e-5, torch.bfloat16: 2e-2, torch.float16: 3e-3}
+#: where the entry points run (the GPU when present); references run on the CPU
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def dev(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.to(DEV)
 
 
 # ------------------------------------------------------------------------ reference
@@ -92,7 +98,7 @@ def strided(t: torch.Tensor, how: int) -> torch.Tensor:
     if how == 0:
         return t.contiguous()
     if how == 1:
-        wide = torch.randn(*t.shape[:-1], t.shape[-1] + 5, dtype=t.dtype)
+        wide = torch.randn(*t.shape[:-1], t.shape[-1] + 5, dtype=t.dtype, device=t.device)
         wide = torch.cat([wide, wide[:1]], dim=0) if t.dim() > 1 else wide
         view = wide[:t.shape[0], ..., 2:2 + t.shape[-1]]
         view.copy_(t)
@@ -103,7 +109,8 @@ def strided(t: torch.Tensor, how: int) -> torch.Tensor:
 
 
 def close(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> None:
-    torch.testing.assert_close(a.float(), b.float(), atol=TOL[dtype], rtol=TOL[dtype])
+    torch.testing.assert_close(a.float().cpu(), b.float().cpu(), atol=TOL[dtype],
+                               rtol=TOL[dtype])
 
 
 def rand(*shape: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -128,18 +135,19 @@ def test_flash_attn_func_matches_reference(b, sq, sk, heads, d, causal, window, 
     q, k, v = rand(b, sq, h, d, dtype=dtype), rand(b, sk, hk, d, dtype=dtype), \
         rand(b, sk, hk, d, dtype=dtype)
     slopes = torch.rand(b, h) * 0.3 if alibi else None
-    out, lse, probs = fa.flash_attn_func(strided(q, layout), strided(k, 2 - layout),
-                                         strided(v, layout), causal=causal,
+    out, lse, probs = fa.flash_attn_func(strided(dev(q), layout), strided(dev(k), 2 - layout),
+                                         strided(dev(v), layout), causal=causal,
                                          window_size=window, softcap=softcap,
-                                         alibi_slopes=slopes, return_attn_probs=True)
+                                         alibi_slopes=dev(slopes), return_attn_probs=True)
+    lse, probs = lse.cpu(), probs.cpu()
     ref, ref_lse, ref_probs = ref_attention(q, k, v, [0] * b, [sk] * b, causal, window,
                                             softcap, slopes)
     assert out.shape == q.shape and out.dtype == dtype
     close(out, ref, dtype)
     torch.testing.assert_close(lse, ref_lse, atol=1e-3, rtol=1e-3)
     torch.testing.assert_close(probs, ref_probs, atol=1e-3, rtol=1e-3)
-    plain = fa.flash_attn_func(q, k, v, causal=causal, window_size=window, softcap=softcap,
-                               alibi_slopes=slopes)
+    plain = fa.flash_attn_func(dev(q), dev(k), dev(v), causal=causal, window_size=window,
+                               softcap=softcap, alibi_slopes=dev(slopes))
     close(plain, out, dtype)
 
 
@@ -195,10 +203,11 @@ def test_flash_attn_varlen_func_matches_reference(lens, heads, causal, window, d
             for t in range(lk[i]):
                 k[table[i, t // page], t % page] = kp[i, t]
                 v[table[i, t // page], t % page] = vp[i, t]
-    out, lse, probs = fa.flash_attn_varlen_func(q, k, v, cu_q, cu_k, max_q, max_k,
-                                                causal=causal, window_size=window,
-                                                alibi_slopes=slopes, return_attn_probs=True,
-                                                block_table=table)
+    out, lse, probs = fa.flash_attn_varlen_func(dev(q), dev(k), dev(v), dev(cu_q), dev(cu_k),
+                                                max_q, max_k, causal=causal,
+                                                window_size=window, alibi_slopes=dev(slopes),
+                                                return_attn_probs=True, block_table=dev(table))
+    out, lse, probs = out.cpu(), lse.cpu(), probs.cpu()
     ref, ref_lse, ref_probs = ref_attention(qp, kp, vp, [0] * b, lk, causal, window, 0.0,
                                             slopes)
     for i in range(b):
@@ -273,20 +282,24 @@ def _kvcache_case(b, sq, sk, hq, hk, d, new_kv, seqlen_new, paged, page, batch_i
             for t in range(sk):
                 kc[table[i, t // page], t % page] = k_full[i, t]
                 vc[table[i, t // page], t % page] = v_full[i, t]
-        kc, vc = strided(kc, layout), strided(vc, layout)
+        kc, vc = strided(dev(kc), layout), strided(dev(vc), layout)
         out, lse = fa.flash_attn_with_kvcache(
-            q, kc, vc, k, v, rotary_cos=cos, rotary_sin=sin, cache_seqlens=seqlens,
-            block_table=table, causal=causal, window_size=window,
-            rotary_interleaved=interleaved, alibi_slopes=slopes, return_softmax_lse=True)
+            dev(q), kc, vc, dev(k), dev(v), rotary_cos=dev(cos), rotary_sin=dev(sin),
+            cache_seqlens=dev(seqlens), block_table=dev(table), causal=causal,
+            window_size=window, rotary_interleaved=interleaved, alibi_slopes=dev(slopes),
+            return_softmax_lse=True)
+        kc, vc = kc.cpu(), vc.cpu()
         got_k = torch.stack([kc[table[i].long()].reshape(-1, hk, d)[:sk] for i in range(b)])
         got_v = torch.stack([vc[table[i].long()].reshape(-1, hk, d)[:sk] for i in range(b)])
     else:
-        kc, vc = strided(k_full.clone(), layout), strided(v_full.clone(), 2 - layout)
+        kc, vc = strided(dev(k_full), layout), strided(dev(v_full), 2 - layout)
         out, lse = fa.flash_attn_with_kvcache(
-            q, kc, vc, k, v, rotary_cos=cos, rotary_sin=sin, cache_seqlens=seqlens,
-            cache_batch_idx=rows, cache_leftpad=lp, causal=causal, window_size=window,
-            rotary_interleaved=interleaved, alibi_slopes=slopes, return_softmax_lse=True)
-        got_k, got_v = kc[sel], vc[sel]
+            dev(q), kc, vc, dev(k), dev(v), rotary_cos=dev(cos), rotary_sin=dev(sin),
+            cache_seqlens=dev(seqlens), cache_batch_idx=dev(rows), cache_leftpad=dev(lp),
+            causal=causal, window_size=window, rotary_interleaved=interleaved,
+            alibi_slopes=dev(slopes), return_softmax_lse=True)
+        got_k, got_v = kc.cpu()[sel], vc.cpu()[sel]
+    out, lse = out.cpu(), lse.cpu()
     assert out.shape == q.shape and out.dtype == dtype
     close(out, ref, dtype)
     torch.testing.assert_close(lse, ref_lse, atol=2e-3, rtol=2e-3)
@@ -334,13 +347,14 @@ def test_kvcache_decode_loop_equals_full_attention(paged):
     (incremental decoding), with int cache_seqlens and a page over 256 tokens."""
     torch.manual_seed(1)
     b, n, h, d = 2, 6, 2, 8
-    q, k, v = rand(b, n, h, d), rand(b, n, h, d), rand(b, n, h, d)
+    q, k, v = dev(rand(b, n, h, d)), dev(rand(b, n, h, d)), dev(rand(b, n, h, d))
     page = 512
     if paged:
-        kc, vc = torch.zeros(3, page, h, d), torch.zeros(3, page, h, d)
-        table = torch.tensor([[2], [0]], dtype=torch.int32)
+        kc, vc = torch.zeros(3, page, h, d, device=DEV), torch.zeros(3, page, h, d, device=DEV)
+        table = torch.tensor([[2], [0]], dtype=torch.int32, device=DEV)
     else:
-        kc, vc, table = torch.zeros(b, 9, h, d), torch.zeros(b, 9, h, d), None
+        kc, vc = torch.zeros(b, 9, h, d, device=DEV), torch.zeros(b, 9, h, d, device=DEV)
+        table = None
     outs = []
     for t in range(n):
         outs.append(fa.flash_attn_with_kvcache(q[:, t:t + 1], kc, vc, k[:, t:t + 1],
@@ -353,15 +367,19 @@ def test_head_major_and_sliced_caches_are_views_not_copies():
     """A cache sliced from a longer buffer, or stored head-major, is read in place: the
     appended token lands in the caller's storage and attention sees it."""
     torch.manual_seed(2)
-    big = torch.zeros(2, 20, 2, 8)
+    big = torch.zeros(2, 20, 2, 8, device=DEV)
     kc, vc = big[:, :7], big.clone()[:, :7]
-    hm = torch.zeros(2, 2, 7, 8).transpose(1, 2)             # [B, S, H, D], head-major
-    q, k, v = rand(2, 1, 2, 8), rand(2, 1, 2, 8), rand(2, 1, 2, 8)
+    hm = torch.zeros(2, 2, 7, 8, device=DEV).transpose(1, 2)   # [B, S, H, D], head-major
+    q, k, v = dev(rand(2, 1, 2, 8)), dev(rand(2, 1, 2, 8)), dev(rand(2, 1, 2, 8))
     for cache_k, cache_v in ((kc, vc), (hm, hm.clone())):
-        out = fa.flash_attn_with_kvcache(q, cache_k, cache_v, k, v, cache_seqlens=3)
-        assert torch.equal(cache_k[:, 3], k[:, 0])
-        ref = ref_attention(q, cache_k, cache_v, [0, 0], [4, 4], False, (-1, -1), 0.0, None)[0]
-        close(out, ref, torch.float32)
+        for sq in (1, 2):   # the decode kernel and the flash kernel
+            cache_k[:, 3:].zero_()
+            out = fa.flash_attn_with_kvcache(q.expand(2, sq, 2, 8), cache_k, cache_v, k, v,
+                                             cache_seqlens=3)
+            assert torch.equal(cache_k[:, 3], k[:, 0])
+            ref = ref_attention(q.expand(2, sq, 2, 8).cpu(), cache_k.cpu(), cache_v.cpu(),
+                                [0, 0], [4, 4], False, (-1, -1), 0.0, None)[0]
+            close(out, ref, torch.float32)
     assert torch.equal(big[:, 3], k[:, 0])
 
 
