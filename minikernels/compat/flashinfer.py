@@ -1,0 +1,1549 @@
+"""FlashInfer's Python API on minikernels' ops.
+
+    from minikernels.compat import flashinfer      # instead of: import flashinfer
+    wrapper = flashinfer.BatchDecodeWithPagedKVCacheWrapper(workspace, "NHD")
+    wrapper.plan(indptr, indices, last_page_len, num_qo_heads, num_kv_heads, head_dim,
+                 page_size, q_data_type=torch.bfloat16)
+    out, lse = wrapper.run(q, paged_kv_cache, return_lse=True)
+
+Names, argument names, defaults, layouts and return shapes are FlashInfer's. Covered:
+
+- attention: ``single_decode_with_kv_cache``, ``single_prefill_with_kv_cache`` (+
+  ``_return_lse``), ``BatchDecodeWithPagedKVCacheWrapper``,
+  ``BatchPrefillWithPagedKVCacheWrapper``, ``BatchPrefillWithRaggedKVCacheWrapper``:
+  NHD / HND layouts, paged caches as one ``[num_pages, 2, ...]`` tensor or a
+  ``(k_cache, v_cache)`` tuple, FlashInfer's CSR page table (``indptr`` / ``indices`` /
+  ``last_page_len``), GQA / MQA, ``causal`` (bottom-right), ``window_left``,
+  ``logits_soft_cap`` (``cap * tanh(sm_scale * qk / cap)``), ``sm_scale``, ``q_scale`` /
+  ``k_scale`` / ``v_scale``, fp8 (e4m3) paged caches, ``return_lse``, ``out`` / ``lse``
+  buffers;
+- ``append_paged_kv_cache``, ``get_batch_indices_positions``, ``get_seq_lens``;
+- cascade: ``merge_state``, ``merge_state_in_place``, ``merge_states``;
+- ``rmsnorm``, ``fused_add_rmsnorm``, ``gemma_rmsnorm``, ``gemma_fused_add_rmsnorm``,
+  ``silu_and_mul``, ``gelu_and_mul`` (erf), ``gelu_tanh_and_mul``;
+- RoPE: ``apply_rope`` / ``apply_rope_pos_ids`` / ``apply_llama31_rope`` /
+  ``apply_llama31_rope_pos_ids`` (each with ``_inplace``), ``apply_rope_with_cos_sin_cache``
+  (+ ``_inplace``);
+- sampling: ``top_k_mask_logits``, ``top_k_renorm_probs``, ``top_p_renorm_probs``,
+  ``sampling_from_probs`` / ``_from_logits``, ``top_k`` / ``top_p`` / ``min_p`` /
+  ``top_k_top_p_sampling_from_probs``, ``top_k_top_p_sampling_from_logits``;
+- the submodule namespaces ``decode``, ``prefill``, ``page``, ``cascade``, ``norm``,
+  ``activation``, ``rope``, ``sampling`` (``flashinfer.sampling.top_k_mask_logits(...)``
+  works; ``from ...flashinfer.sampling import x`` does not: they are attributes).
+
+LSE: FlashInfer's returned (and ``merge_state``-consumed) log-sum-exp is base 2
+(``log2(sum_j 2^(s_j log2 e))`` = natural LSE * log2(e); its kernels keep the running
+max in log2 units and write ``m + log2(d)``, and ``cascade.cuh`` says "Both s_a and s_b
+are logsumexp values with base 2"). minikernels' ops return natural-log LSE, so this
+module converts exactly (times / divided by log2(e)) at the boundary.
+
+Mapping: ``plan`` turns the CSR page table into minikernels' int32 ``block_table``
+[B, max_pages] and lengths, on the workspace's device, vectorized (one host sync, as
+FlashInfer's plan). Decode runs :func:`minikernels.ops.paged_decode_attention`; paged,
+ragged and single prefill and single decode run :func:`minikernels.ops.flash_attention`.
+HND caches are passed as transposed views (no copy). Pages larger than 256 tokens (our
+kernels' largest block) are split into equal sub-blocks when the cache stores pages back
+to back (a contiguous NHD ``(k_cache, v_cache)`` tuple); otherwise a ValueError names
+``page_size``.
+
+Not covered, each refused by name with a ValueError (never silently ignored):
+- ``pos_encoding_mode`` other than "NONE" ("ROPE_LLAMA" rotates keys on the fly inside
+  FlashInfer's kernels, which for a paged cache would mean rotating a copy of the whole
+  cache per call; "ALIBI" adds its bias in FlashInfer's log2 score units). Apply RoPE
+  before attention with ``apply_rope_pos_ids`` / ``apply_rope_with_cos_sin_cache``;
+- ``custom_mask`` / ``packed_custom_mask`` (minikernels' attention has no mask input);
+- ``use_cuda_graph=True`` (plan() builds new block tables: a captured run would read stale
+  ones), ``jit_args``, attention ``sinks``, ``head_dim_vo != head_dim_qk``, more than one
+  query per request in decode (``q_len_per_req``), FlashInfer's extra plan inputs
+  (``seq_lens``, ``block_tables``, ``prefix_len_ptr``, ...), per-head fp8 tensor scales
+  (``scale_q`` / ``scale_k`` / ``scale_v``), fp8 q, fp8 k / v outside paged caches;
+- MLA, POD, cascade and block-sparse wrappers, quantization, GEMM, MoE and comm APIs.
+
+Other differences: everything after ``page_size`` in the decode ``plan()`` is keyword-only
+(FlashInfer deprecates passing them positionally); ``single_prefill_with_kv_cache`` keeps
+FlashInfer 0.2's positional order (``custom_mask`` 4th; newer versions put fp8 scales
+there: pass those by keyword); ``use_tensor_cores``, ``use_fp16_qk_reduction``,
+``backend``, ``non_blocking``, ``enable_pdl`` and ``deterministic`` are accepted and have
+no effect (fp32 math throughout); ``fixed_split_size`` / ``disable_split_kv`` map onto the
+decode op's batch-invariant ``split_size`` / ``num_splits=1``; ``run(window_left=...)``
+may differ from the planned value; ``q_scale`` / ``k_scale`` / ``v_scale`` are numbers (a
+1-element tensor is read on the host); activations take any even last dim (FlashInfer wants
+16-byte rows); ``fused_add_rmsnorm`` normalizes the sum as stored in ``residual``'s dtype;
+the samplers draw with ``torch.multinomial`` and ``generator`` (same distribution, not
+FlashInfer's random stream). The math is minikernels' ops: the reference on the CPU,
+Triton / CUDA on the GPU.
+"""
+from __future__ import annotations
+
+import functools
+import math
+import operator
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .. import ops
+from .._validation import (
+    FLOAT_DTYPES,
+    check_index_range,
+    check_last_dim_contiguous,
+    check_positive_float,
+    check_shape,
+    check_tensor,
+    index_checks_active,
+)
+
+__all__ = [
+    "BatchDecodeWithPagedKVCacheWrapper", "BatchPrefillWithPagedKVCacheWrapper",
+    "BatchPrefillWithRaggedKVCacheWrapper", "activation", "append_paged_kv_cache",
+    "apply_llama31_rope", "apply_llama31_rope_inplace", "apply_llama31_rope_pos_ids",
+    "apply_llama31_rope_pos_ids_inplace", "apply_rope", "apply_rope_inplace",
+    "apply_rope_pos_ids", "apply_rope_pos_ids_inplace", "apply_rope_with_cos_sin_cache",
+    "apply_rope_with_cos_sin_cache_inplace", "cascade", "decode", "fused_add_rmsnorm",
+    "gelu_and_mul", "gelu_tanh_and_mul", "gemma_fused_add_rmsnorm", "gemma_rmsnorm",
+    "get_batch_indices_positions", "get_seq_lens", "merge_state", "merge_state_in_place",
+    "merge_states", "min_p_sampling_from_probs", "norm", "page", "prefill", "rmsnorm",
+    "rope", "sampling", "sampling_from_logits", "sampling_from_probs", "silu_and_mul",
+    "single_decode_with_kv_cache", "single_prefill_with_kv_cache",
+    "single_prefill_with_kv_cache_return_lse", "top_k_mask_logits", "top_k_renorm_probs",
+    "top_k_sampling_from_probs", "top_k_top_p_sampling_from_logits",
+    "top_k_top_p_sampling_from_probs", "top_p_renorm_probs", "top_p_sampling_from_probs",
+]
+
+#: FlashInfer's LSE is base 2: lse_2 = lse_e * LOG2E, lse_e = lse_2 * LN2.
+LOG2E = math.log2(math.e)
+LN2 = math.log(2.0)
+#: The largest block our paged kernels take (minikernels.ops.attention.MAX_BLOCK_SIZE).
+_MAX_BLOCK = 256
+_POS_ENCODING_MODES = ("NONE", "ROPE_LLAMA", "ALIBI")
+_KV_LAYOUTS = ("NHD", "HND")
+_INT_DTYPES = (torch.int32, torch.int64)
+_FP8_KV = (torch.float8_e4m3fn,)
+
+
+# ----------------------------------------------------------------------------- arguments
+
+
+def _int(name: str, value: object, low: int) -> int:
+    """An int (numpy ints too, not bool) >= low."""
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        out = operator.index(value)  # type: ignore[arg-type]
+    except TypeError:
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}") from None
+    if out < low:
+        raise ValueError(f"{name} must be >= {low}, got {out}")
+    return out
+
+
+def _check_pos_encoding_mode(mode: object) -> None:
+    if mode not in _POS_ENCODING_MODES:
+        raise ValueError(f"pos_encoding_mode must be one of {_POS_ENCODING_MODES}, got "
+                         f"{mode!r}")
+    if mode != "NONE":
+        raise ValueError(
+            f"pos_encoding_mode={mode!r} is not supported by minikernels' FlashInfer "
+            f"compat layer (only 'NONE'): apply RoPE to q and k before attention "
+            f"(apply_rope_pos_ids / apply_rope_with_cos_sin_cache), ALiBi is not available")
+
+
+def _check_kv_layout(kv_layout: object) -> str:
+    if kv_layout not in _KV_LAYOUTS:
+        raise ValueError(f"kv_layout must be 'NHD' or 'HND', got {kv_layout!r}")
+    return kv_layout  # type: ignore[return-value]
+
+
+def _refuse_masks(custom_mask: object, packed_custom_mask: object) -> None:
+    for name, mask in (("custom_mask", custom_mask), ("packed_custom_mask",
+                                                       packed_custom_mask)):
+        if mask is not None:
+            raise ValueError(f"{name} is not supported by minikernels' FlashInfer compat "
+                             f"layer (causal and window_left masks only)")
+
+
+def _refuse(**kwargs: object) -> None:
+    """FlashInfer inputs this layer does not implement: each must keep its default."""
+    for name, value in kwargs.items():
+        if value is not None and value is not False:
+            raise ValueError(f"{name} is not supported by minikernels' FlashInfer compat "
+                             f"layer (got {value!r}); leave it at its default")
+
+
+def _dtype(name: str, value: object) -> torch.dtype:
+    """FlashInfer's canonicalize_torch_dtype: a torch.dtype or its name ("float16")."""
+    if isinstance(value, str):
+        value = getattr(torch, value.removeprefix("torch."), None)
+    if not isinstance(value, torch.dtype):
+        raise TypeError(f"{name} must be a torch.dtype or a dtype name such as 'float16', "
+                        f"got {value!r}")
+    return value
+
+
+def _number(name: str, value: object) -> float | None:
+    """An optional scale: None, a number, or a 1-element tensor (read on the host)."""
+    if value is None:
+        return None
+    if isinstance(value, Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"{name} must be a number or a 1-element tensor, got shape "
+                             f"{list(value.shape)} (per-head scales are not supported)")
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be finite and > 0, got {value}")
+    return float(value)
+
+
+def _softmax_scale(sm_scale: object, head_dim: int, q_scale: float | None,
+                   k_scale: float | None) -> float:
+    """FlashInfer's: sm_scale (default 1/sqrt(head_dim)) times q_scale and k_scale."""
+    scale = (1.0 / math.sqrt(head_dim) if sm_scale is None
+             else check_positive_float("sm_scale", sm_scale))  # type: ignore[arg-type]
+    for s in (q_scale, k_scale):
+        if s is not None:
+            scale *= s
+    return scale
+
+
+def _soft_cap(logits_soft_cap: object) -> float:
+    return 0.0 if logits_soft_cap is None else check_positive_float(
+        "logits_soft_cap", logits_soft_cap, allow_zero=True)  # type: ignore[arg-type]
+
+
+def _window(window_left: object) -> int:
+    return _int("window_left", window_left, -1)
+
+
+def _copy_into(name: str, buf: Tensor, value: Tensor) -> Tensor:
+    check_tensor(name, buf, dtypes=(value.dtype,), device=value.device)
+    check_shape(name, buf, list(value.shape))
+    return buf.copy_(value)
+
+
+def _finish(out: Tensor, lse_e: Tensor | None, return_lse: bool, *, v_scale: float | None,
+            o_dtype: torch.dtype | None = None, out_buf: Tensor | None = None,
+            lse_buf: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor]:
+    """Apply FlashInfer's output conventions: ``out *= v_scale``, the output dtype, the
+    caller's buffers, and the base-2 LSE (``lse_e`` natural, already [rows, heads])."""
+    if v_scale is not None and v_scale != 1.0:
+        out = out * v_scale
+    if o_dtype is not None and out.dtype != o_dtype:
+        out = out.to(o_dtype)
+    if out_buf is not None:
+        out = _copy_into("out", out_buf, out)
+    if not return_lse:
+        return out
+    assert lse_e is not None
+    lse = (lse_e * LOG2E).contiguous()
+    if lse_buf is not None:
+        lse = _copy_into("lse", lse_buf, lse)
+    return out, lse
+
+
+# -------------------------------------------------------------------------- kv layouts
+
+
+def _kv_nhd(t: Tensor, kv_layout: str) -> Tensor:
+    """A single request's k or v, [kv_len, H, D] (NHD) or [H, kv_len, D] (HND) -> NHD view."""
+    return t.transpose(0, 1) if kv_layout == "HND" else t
+
+
+def _unpack_paged_kv_cache(paged_kv_cache: object, kv_layout: str) -> tuple[Tensor, Tensor]:
+    """FlashInfer's paged cache -> (k, v) views [num_pages, page_size, H, D] (no copy)."""
+    if isinstance(paged_kv_cache, (tuple, list)):
+        if len(paged_kv_cache) != 2:
+            raise ValueError(f"paged_kv_cache as a tuple must be (k_cache, v_cache), got "
+                             f"{len(paged_kv_cache)} items")
+        k, v = paged_kv_cache
+        check_tensor("paged_kv_cache[0] (k_cache)", k, ndim=4)
+        check_tensor("paged_kv_cache[1] (v_cache)", v, ndim=4)
+    elif isinstance(paged_kv_cache, Tensor):
+        check_tensor("paged_kv_cache", paged_kv_cache, ndim=5)
+        if paged_kv_cache.shape[1] != 2:
+            raise ValueError(f"paged_kv_cache as one tensor must be [num_pages, 2, ...] "
+                             f"(k, v), got shape {list(paged_kv_cache.shape)}")
+        k, v = paged_kv_cache[:, 0], paged_kv_cache[:, 1]
+    else:
+        raise TypeError(f"paged_kv_cache must be a tensor or a (k_cache, v_cache) tuple, got "
+                        f"{type(paged_kv_cache).__name__}")
+    if kv_layout == "HND":
+        k, v = k.transpose(1, 2), v.transpose(1, 2)
+    return k, v
+
+
+def _sub_blocks(page_size: int) -> int:
+    """Sub-blocks per page: the fewest equal parts of at most _MAX_BLOCK tokens."""
+    return next(s for s in range(1, page_size + 1)
+                if page_size % s == 0 and page_size // s <= _MAX_BLOCK)
+
+
+def _as_blocks(cache: Tensor, sub: int, kv_layout: str) -> Tensor:
+    """[P, page, H, D] -> [P * sub, page / sub, H, D] view (pages stored back to back)."""
+    if sub == 1:
+        return cache
+    p, page, h, d = cache.shape
+    try:
+        return cache.unflatten(1, (sub, page // sub)).view(p * sub, page // sub, h, d)
+    except RuntimeError:
+        raise ValueError(
+            f"page_size {page} is above the kernels' largest block ({_MAX_BLOCK}): pages are "
+            f"split into {sub} blocks of {page // sub}, which needs each page's tokens "
+            f"stored back to back (a contiguous NHD (k_cache, v_cache) tuple); this cache "
+            f"(kv_layout={kv_layout!r}, strides {tuple(cache.stride())}) is not. Use "
+            f"page_size <= {_MAX_BLOCK}") from None
+
+
+class _PageTable:
+    """FlashInfer's CSR page table as minikernels' block table (built in plan())."""
+
+    def __init__(self, names: tuple[str, str, str], indptr: object, indices: object,
+                 last_page_len: object, page_size: int, device: torch.device) -> None:
+        n_ptr, n_idx, n_last = names
+        for name, t in zip(names, (indptr, indices, last_page_len)):
+            check_tensor(name, t, dtypes=_INT_DTYPES, ndim=1)
+        assert isinstance(indptr, Tensor) and isinstance(indices, Tensor)
+        assert isinstance(last_page_len, Tensor)
+        if indptr.numel() < 1:
+            raise ValueError(f"{n_ptr} must have batch_size + 1 >= 1 entries")
+        batch = indptr.numel() - 1
+        check_shape(n_last, last_page_len, [batch])
+        ptr_h = indptr.to("cpu", torch.int64)     # the host sync (FlashInfer's plan has it too)
+        last_h = last_page_len.to("cpu", torch.int64)
+        pages_h = ptr_h[1:] - ptr_h[:-1]
+        if bool((pages_h < 0).any()):
+            raise ValueError(f"{n_ptr} must be non-decreasing")
+        if int(ptr_h[0]) < 0 or int(ptr_h[-1]) > indices.numel():
+            raise ValueError(f"{n_ptr} values must be in [0, len({n_idx}) = {indices.numel()}]"
+                             f", got {int(ptr_h[0])}..{int(ptr_h[-1])}")
+        if bool(((last_h < 0) | (last_h > page_size)).any()):
+            raise ValueError(f"{n_last} values must be in [0, page_size = {page_size}]")
+        if bool(((pages_h == 0) & (last_h != 0)).any()):
+            raise ValueError(f"{n_last} must be 0 for a request with no pages")
+        seq_h = torch.where(pages_h > 0, (pages_h - 1) * page_size + last_h, 0)
+        max_pages = int(pages_h.max()) if batch else 0
+        self.page_size, self.sub = page_size, _sub_blocks(page_size)
+        self.batch = batch
+        self.max_kv_len = int(seq_h.max()) if batch else 0
+        self.seq_lens = seq_h.to(device, torch.int32)
+        self.cu_seqlens_k = torch.cat([seq_h.new_zeros(1), seq_h.cumsum(0)]).to(
+            device, torch.int32)
+        ptr = indptr.to(device, torch.int64)
+        idx = indices.to(device)
+        self.indices_used = idx[int(ptr_h[0]):int(ptr_h[-1])]
+        cols = torch.arange(max(max_pages, 1), device=device)
+        valid = cols < (ptr[1:] - ptr[:-1])[:, None]
+        if idx.numel():
+            at = (ptr[:-1, None] + cols).clamp_(max=idx.numel() - 1)
+            table = torch.where(valid, idx[at].long(), 0)
+        else:
+            table = torch.zeros(valid.shape, dtype=torch.int64, device=device)
+        if self.sub > 1:   # page p -> blocks p * sub .. p * sub + sub - 1
+            table = (table[:, :, None] * self.sub
+                     + torch.arange(self.sub, device=device)).flatten(1)
+        self.block_table = table.to(torch.int32)
+        self._n_idx = n_idx
+
+    def caches(self, paged_kv_cache: object, kv_layout: str, q: Tensor, num_kv_heads: int,
+               kv_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """The run()'s cache as block views [blocks, block_size, Hkv, D], checked."""
+        k, v = _unpack_paged_kv_cache(paged_kv_cache, kv_layout)
+        for name, c in (("paged_kv_cache (k)", k), ("paged_kv_cache (v)", v)):
+            check_tensor(name, c, dtypes=(q.dtype, *_FP8_KV), device=q.device)
+            check_last_dim_contiguous(name, c)
+            want = [k.shape[0], self.page_size, num_kv_heads, q.shape[-1]]
+            if list(c.shape) != want:
+                raise ValueError(f"{name} must be [num_pages, page_size={self.page_size}, "
+                                 f"num_kv_heads={num_kv_heads}, head_dim={q.shape[-1]}] in "
+                                 f"NHD terms (as planned, kv_layout={kv_layout!r}), got "
+                                 f"{list(c.shape)}")
+        if k.dtype != kv_dtype or v.dtype != kv_dtype:
+            raise ValueError(f"paged_kv_cache has dtype {k.dtype}/{v.dtype} but plan() was "
+                             f"given kv_data_type={kv_dtype}")
+        check_index_range(self._n_idx, self.indices_used, 0, k.shape[0])
+        return _as_blocks(k, self.sub, kv_layout), _as_blocks(v, self.sub, kv_layout)
+
+
+def _fp8_scales(k_cache: Tensor, k_scale: float | None, v_scale: float | None
+                ) -> tuple[Tensor | None, Tensor | None, float | None, float | None]:
+    """fp8 caches: FlashInfer's k_scale / v_scale become the op's dequantization scales
+    (same math: scores and outputs are linear in k and v). Other caches: folded into
+    sm_scale and the output, as FlashInfer does. Returns (op k_scale, op v_scale, folded
+    k_scale, folded v_scale)."""
+    if k_cache.dtype not in _FP8_KV:
+        return None, None, k_scale, v_scale
+
+    def as_tensor(s: float | None) -> Tensor:
+        return torch.tensor([1.0 if s is None else s], dtype=torch.float32,
+                            device=k_cache.device)
+    return as_tensor(k_scale), as_tensor(v_scale), None, None
+
+
+def _check_planned(name: str, t: Tensor, planned: torch.dtype, arg: str) -> None:
+    if t.dtype != planned:
+        raise ValueError(f"{name} has dtype {t.dtype} but plan() was given {arg}={planned}")
+
+
+def _plan_dtypes(q_data_type: object, kv_data_type: object, o_data_type: object,
+                 data_type: object = None) -> tuple[torch.dtype, torch.dtype, torch.dtype]:
+    if data_type is not None:            # FlashInfer's deprecated alias for both
+        q_data_type = data_type if q_data_type is None else q_data_type
+        kv_data_type = data_type if kv_data_type is None else kv_data_type
+    q_dt = _dtype("q_data_type", q_data_type)
+    if q_dt not in FLOAT_DTYPES:
+        raise ValueError(f"q_data_type must be float16, bfloat16 or float32, got {q_dt}")
+    kv_dt = q_dt if kv_data_type is None else _dtype("kv_data_type", kv_data_type)
+    if kv_dt not in (q_dt, *_FP8_KV):
+        raise ValueError(f"kv_data_type must be q_data_type ({q_dt}) or float8_e4m3fn, got "
+                         f"{kv_dt}")
+    o_dt = q_dt if o_data_type is None else _dtype("o_data_type", o_data_type)
+    if o_dt not in FLOAT_DTYPES:
+        raise ValueError(f"o_data_type must be float16, bfloat16 or float32, got {o_dt}")
+    return q_dt, kv_dt, o_dt
+
+
+def _plan_heads(num_qo_heads: object, num_kv_heads: object, head_dim: object,
+                head_dim_vo: object = None) -> tuple[int, int, int]:
+    hq = _int("num_qo_heads", num_qo_heads, 1)
+    hkv = _int("num_kv_heads", num_kv_heads, 1)
+    d = _int("head_dim", head_dim, 1)
+    if hq % hkv:
+        raise ValueError(f"num_qo_heads ({hq}) must be a multiple of num_kv_heads ({hkv})")
+    if head_dim_vo is not None and _int("head_dim_vo", head_dim_vo, 1) != d:
+        raise ValueError(f"head_dim_vo ({head_dim_vo}) must equal head_dim_qk ({d}): "
+                         f"minikernels' attention uses one head dim for q, k and v")
+    return hq, hkv, d
+
+
+def _check_q(q: object, rows: int | None, hq: int, d: int, dtype: torch.dtype,
+             device: torch.device) -> Tensor:
+    check_tensor("q", q, dtypes=FLOAT_DTYPES, ndim=3, device=device)
+    assert isinstance(q, Tensor)
+    check_shape("q", q, [rows, hq, d])
+    _check_planned("q", q, dtype, "q_data_type")
+    return q
+
+
+class _Wrapper:
+    """What FlashInfer's attention wrappers share: the workspace and the kv layout."""
+
+    def __init__(self, float_workspace_buffer: Tensor, kv_layout: str, use_cuda_graph: bool,
+                 jit_args: object) -> None:
+        check_tensor("float_workspace_buffer", float_workspace_buffer)
+        self._kv_layout = _check_kv_layout(kv_layout)
+        if use_cuda_graph:
+            raise ValueError("use_cuda_graph=True is not supported by minikernels' FlashInfer "
+                             "compat layer: plan() builds new block tables, so a captured "
+                             "run() would read stale ones")
+        _refuse(jit_args=jit_args)
+        self._float_workspace_buffer = float_workspace_buffer
+        self.device = float_workspace_buffer.device
+        self._planned = False
+
+    @property
+    def is_cuda_graph_enabled(self) -> bool:
+        return False
+
+    def reset_workspace_buffer(self, float_workspace_buffer: Tensor,
+                               int_workspace_buffer: Tensor | None = None) -> None:
+        """FlashInfer's; the buffers are not used (the ops allocate their own)."""
+        check_tensor("float_workspace_buffer", float_workspace_buffer)
+        self._float_workspace_buffer = float_workspace_buffer
+
+    def _require_plan(self) -> None:
+        if not self._planned:
+            raise RuntimeError(f"{type(self).__name__}.plan() must be called before run()")
+
+    def end_forward(self) -> None:
+        """FlashInfer's deprecated no-op."""
+
+
+# --------------------------------------------------------------------------- attention
+
+
+def _single(q3: Tensor, k: Tensor, v: Tensor, kv_layout: str, causal: bool,
+            window_left: object, logits_soft_cap: object, scale: float
+            ) -> tuple[Tensor, Tensor]:
+    """One request: q [L, Hq, D], k / v in kv_layout -> (out [L, Hq, D], natural lse
+    [L, Hq])."""
+    check_tensor("k", k, dtypes=(q3.dtype,), ndim=3, device=q3.device)
+    check_tensor("v", v, dtypes=(q3.dtype,), ndim=3, device=q3.device)
+    if v.shape != k.shape:
+        raise ValueError(f"v must have the shape of k {list(k.shape)}, got {list(v.shape)}")
+    k, v = _kv_nhd(k, kv_layout), _kv_nhd(v, kv_layout)
+    if k.shape[2] != q3.shape[2]:
+        raise ValueError(f"k head_dim ({k.shape[2]}) must equal q's ({q3.shape[2]}) "
+                         f"(kv_layout={kv_layout!r})")
+    lq, lk = q3.shape[0], k.shape[0]
+    cu_q = torch.tensor([0, lq], dtype=torch.int32, device=q3.device)
+    cu_k = torch.tensor([0, lk], dtype=torch.int32, device=q3.device)
+    out, lse = ops.flash_attention(q3, k, v, cu_q, cu_k, lq, lk, causal=bool(causal),
+                                   softmax_scale=scale, window_left=_window(window_left),
+                                   softcap=_soft_cap(logits_soft_cap), return_lse=True)
+    return out, lse.t()
+
+
+def single_decode_with_kv_cache(q: Tensor, k: Tensor, v: Tensor, kv_layout: str = "NHD",
+                                pos_encoding_mode: str = "NONE",
+                                use_tensor_cores: bool = False,
+                                q_scale: float | None = None, k_scale: float | None = None,
+                                v_scale: float | None = None, window_left: int = -1,
+                                logits_soft_cap: float | None = None,
+                                sm_scale: float | None = None,
+                                rope_scale: float | None = None,
+                                rope_theta: float | None = None,
+                                return_lse: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+    """Decode attention of one request: q [num_qo_heads, head_dim] over its k / v.
+
+    k, v: [kv_len, num_kv_heads, head_dim] (NHD) or [num_kv_heads, kv_len, head_dim] (HND),
+    q's dtype (fp16 / bf16 / fp32), any strides with a contiguous last dim. The query
+    sits after every key (sees all of them; ``window_left`` >= 0 keeps the last
+    window_left + 1). Scores are ``q.k * sm_scale * q_scale * k_scale`` (default sm_scale
+    1/sqrt(head_dim)), soft-capped to ``cap * tanh(s / cap)``; the output is multiplied by
+    ``v_scale``. Returns out [num_qo_heads, head_dim] in q.dtype, and with return_lse the
+    base-2 LSE [num_qo_heads] fp32. ``use_tensor_cores`` has no effect; ``rope_scale`` /
+    ``rope_theta`` apply only to pos_encoding_mode, which must be "NONE".
+    """
+    _check_pos_encoding_mode(pos_encoding_mode)
+    kv_layout = _check_kv_layout(kv_layout)
+    check_tensor("q", q, dtypes=FLOAT_DTYPES, ndim=2)
+    ks, vs = _number("k_scale", k_scale), _number("v_scale", v_scale)
+    scale = _softmax_scale(sm_scale, q.shape[-1], _number("q_scale", q_scale), ks)
+    out, lse = _single(q.unsqueeze(0), k, v, kv_layout, False, window_left, logits_soft_cap,
+                       scale)
+    return _finish(out[0], lse[0], return_lse, v_scale=vs)
+
+
+def single_prefill_with_kv_cache(q: Tensor, k: Tensor, v: Tensor,
+                                 custom_mask: Tensor | None = None,
+                                 packed_custom_mask: Tensor | None = None,
+                                 causal: bool = False, kv_layout: str = "NHD",
+                                 pos_encoding_mode: str = "NONE",
+                                 use_fp16_qk_reduction: bool = False,
+                                 sm_scale: float | None = None, window_left: int = -1,
+                                 logits_soft_cap: float | None = None,
+                                 rope_scale: float | None = None,
+                                 rope_theta: float | None = None, return_lse: bool = False,
+                                 *, scale_q: Tensor | None = None,
+                                 scale_k: Tensor | None = None,
+                                 scale_v: Tensor | None = None,
+                                 o_dtype: torch.dtype | None = None, backend: str = "auto",
+                                 k_scale: float | None = None, v_scale: float | None = None
+                                 ) -> Tensor | tuple[Tensor, Tensor]:
+    """Prefill / append attention of one request: q [qo_len, num_qo_heads, head_dim].
+
+    k, v: [kv_len, num_kv_heads, head_dim] (NHD) or [num_kv_heads, kv_len, head_dim] (HND)
+    of q's dtype, any strides with a contiguous last dim. ``causal`` is bottom-right
+    aligned (query i sits at position i + kv_len - qo_len and sees keys j <= that;
+    a query that sees no key gets 0 and LSE -inf); ``window_left`` >= 0 also drops keys
+    before position - window_left. Scale, soft cap, ``k_scale`` / ``v_scale`` as in
+    :func:`single_decode_with_kv_cache`; ``o_dtype`` casts the output. Returns out
+    [qo_len, num_qo_heads, head_dim], and with return_lse the base-2 LSE
+    [qo_len, num_qo_heads] fp32. Refused: custom masks, per-head fp8 ``scale_q`` /
+    ``scale_k`` / ``scale_v``, pos_encoding_mode other than "NONE".
+    """
+    _refuse_masks(custom_mask, packed_custom_mask)
+    _refuse(scale_q=scale_q, scale_k=scale_k, scale_v=scale_v)
+    _check_pos_encoding_mode(pos_encoding_mode)
+    kv_layout = _check_kv_layout(kv_layout)
+    check_tensor("q", q, dtypes=FLOAT_DTYPES, ndim=3)
+    ks, vs = _number("k_scale", k_scale), _number("v_scale", v_scale)
+    scale = _softmax_scale(sm_scale, q.shape[-1], None, ks)
+    out, lse = _single(q, k, v, kv_layout, causal, window_left, logits_soft_cap, scale)
+    o_dt = None if o_dtype is None else _dtype("o_dtype", o_dtype)
+    return _finish(out, lse, return_lse, v_scale=vs, o_dtype=o_dt)
+
+
+single_prefill_with_kv_cache_return_lse = functools.partial(single_prefill_with_kv_cache,
+                                                            return_lse=True)
+
+
+class BatchDecodeWithPagedKVCacheWrapper(_Wrapper):
+    """FlashInfer's batch decode over a paged KV cache (one query per request).
+
+    ``plan(indptr, indices, last_page_len, num_qo_heads, num_kv_heads, head_dim,
+    page_size, *, ...)`` once per batch shape (request b owns pages
+    ``indices[indptr[b]:indptr[b+1]]``, the last one holding ``last_page_len[b]`` tokens:
+    kv_len = (num_pages - 1) * page_size + last_page_len), then ``run(q, paged_kv_cache)``
+    per layer with q [batch_size, num_qo_heads, head_dim] of ``q_data_type``.
+    paged_kv_cache: [num_pages, 2, page_size, Hkv, D] (NHD) / [num_pages, 2, Hkv,
+    page_size, D] (HND), or a tuple of [num_pages, page_size, Hkv, D] / [num_pages, Hkv,
+    page_size, D] (each with its own strides, last dim contiguous), of ``kv_data_type`` (q's
+    dtype or float8_e4m3fn). Returns out [batch_size, num_qo_heads, head_dim] in
+    ``o_data_type``, and with return_lse the base-2 LSE [batch_size, num_qo_heads] fp32.
+    Runs :func:`minikernels.ops.paged_decode_attention`.
+    """
+
+    def __init__(self, float_workspace_buffer: Tensor, kv_layout: str = "NHD",
+                 use_cuda_graph: bool = False, use_tensor_cores: bool = False,
+                 paged_kv_indptr_buffer: Tensor | None = None,
+                 paged_kv_indices_buffer: Tensor | None = None,
+                 paged_kv_last_page_len_buffer: Tensor | None = None, backend: str = "auto",
+                 jit_args: list[Any] | None = None) -> None:
+        super().__init__(float_workspace_buffer, kv_layout, use_cuda_graph, jit_args)
+        self._use_tensor_cores = bool(use_tensor_cores)
+
+    @property
+    def use_tensor_cores(self) -> bool:
+        return self._use_tensor_cores
+
+    def plan(self, indptr: Tensor, indices: Tensor, last_page_len: Tensor, num_qo_heads: int,
+             num_kv_heads: int, head_dim: int, page_size: int, *,
+             pos_encoding_mode: str = "NONE", window_left: int = -1,
+             logits_soft_cap: float | None = None,
+             q_data_type: str | torch.dtype | None = "float16",
+             kv_data_type: str | torch.dtype | None = None,
+             o_data_type: str | torch.dtype | None = None,
+             data_type: str | torch.dtype | None = None, sm_scale: float | None = None,
+             rope_scale: float | None = None, rope_theta: float | None = None,
+             non_blocking: bool = True, block_tables: Tensor | None = None,
+             seq_lens: Tensor | None = None, fixed_split_size: int | None = None,
+             disable_split_kv: bool = False, q_len_per_req: int = 1) -> None:
+        """Build the block table and lengths for a batch (one host sync).
+
+        indptr int32/int64 [batch_size + 1] (non-decreasing), indices [indptr[-1]] page ids,
+        last_page_len [batch_size] in [0, page_size] (0 only for a request without pages);
+        on any device (copied to the workspace's). ``fixed_split_size`` (pages) runs the
+        decode op with that many tokens per KV split (batch-invariant results);
+        ``disable_split_kv`` runs one split per request.
+        """
+        self._planned = False                 # a plan() that raises leaves no stale plan
+        _check_pos_encoding_mode(pos_encoding_mode)
+        _refuse(block_tables=block_tables, seq_lens=seq_lens)
+        if _int("q_len_per_req", q_len_per_req, 1) != 1:
+            raise ValueError("q_len_per_req > 1 is not supported: decode takes one query per "
+                             "request (use BatchPrefillWithPagedKVCacheWrapper)")
+        hq, hkv, d = _plan_heads(num_qo_heads, num_kv_heads, head_dim)
+        page_size = _int("page_size", page_size, 1)
+        self._q_dt, self._kv_dt, self._o_dt = _plan_dtypes(q_data_type, kv_data_type,
+                                                           o_data_type, data_type)
+        self._window_left = _window(window_left)
+        self._soft_cap = _soft_cap(logits_soft_cap)
+        self._sm_scale = None if sm_scale is None else check_positive_float("sm_scale",
+                                                                            sm_scale)
+        self._split_size = 0 if fixed_split_size is None else page_size * _int(
+            "fixed_split_size", fixed_split_size, 1)
+        self._num_splits = 1 if disable_split_kv else 0
+        self._heads = (hq, hkv, d)
+        self._table = _PageTable(("indptr", "indices", "last_page_len"), indptr, indices,
+                                 last_page_len, page_size, self.device)
+        self._planned = True
+
+    begin_forward = plan
+
+    def run(self, q: Tensor, paged_kv_cache: Tensor | tuple[Tensor, Tensor], *args: Any,
+            q_scale: float | None = None, k_scale: float | None = None,
+            v_scale: float | None = None, out: Tensor | None = None,
+            lse: Tensor | None = None, return_lse: bool = False,
+            enable_pdl: bool | None = None, window_left: int | None = None,
+            sinks: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor]:
+        """Decode attention for the planned batch; see the class docstring. ``out`` /
+        ``lse`` are optional output buffers ([B, Hq, D] o_data_type / [B, Hq] fp32)."""
+        self._require_plan()
+        if args:
+            raise ValueError("extra positional arguments (custom JIT kernels) are not "
+                             "supported")
+        _refuse(sinks=sinks)
+        hq, hkv, d = self._heads
+        t = self._table
+        q = _check_q(q, t.batch, hq, d, self._q_dt, self.device)
+        kc, vc = t.caches(paged_kv_cache, self._kv_layout, q, hkv, self._kv_dt)
+        op_ks, op_vs, ks, vs = _fp8_scales(kc, _number("k_scale", k_scale),
+                                           _number("v_scale", v_scale))
+        scale = _softmax_scale(self._sm_scale, d, _number("q_scale", q_scale), ks)
+        wl = self._window_left if window_left is None else _window(window_left)
+        o, lse_e = ops.paged_decode_attention(
+            q, kc, vc, t.block_table, t.seq_lens, softmax_scale=scale, window_left=wl,
+            softcap=self._soft_cap, num_splits=self._num_splits, split_size=self._split_size,
+            return_lse=True, k_scale=op_ks, v_scale=op_vs)
+        return _finish(o, lse_e, return_lse, v_scale=vs, o_dtype=self._o_dt, out_buf=out,
+                       lse_buf=lse)
+
+    run_return_lse = functools.partialmethod(run, return_lse=True)
+
+    def forward(self, q: Tensor, paged_kv_cache: Tensor | tuple[Tensor, Tensor],
+                pos_encoding_mode: str = "NONE", q_scale: float | None = None,
+                k_scale: float | None = None, v_scale: float | None = None,
+                window_left: int = -1, logits_soft_cap: float | None = None,
+                sm_scale: float | None = None, rope_scale: float | None = None,
+                rope_theta: float | None = None) -> Tensor:
+        """FlashInfer's deprecated form: these arguments replace the planned ones."""
+        _check_pos_encoding_mode(pos_encoding_mode)
+        self._require_plan()
+        self._window_left = _window(window_left)
+        self._soft_cap = _soft_cap(logits_soft_cap)
+        self._sm_scale = None if sm_scale is None else check_positive_float("sm_scale",
+                                                                            sm_scale)
+        return self.run(q, paged_kv_cache, q_scale=q_scale, k_scale=k_scale,
+                        v_scale=v_scale)  # type: ignore[return-value]
+
+class _PrefillPlan:
+    """The planned masks and scales of a prefill wrapper."""
+
+    def __init__(self, qo_indptr: object, batch: int, device: torch.device, causal: object,
+                 pos_encoding_mode: object, window_left: object, logits_soft_cap: object,
+                 sm_scale: object, custom_mask: object, packed_custom_mask: object) -> None:
+        _refuse_masks(custom_mask, packed_custom_mask)
+        _check_pos_encoding_mode(pos_encoding_mode)
+        check_tensor("qo_indptr", qo_indptr, dtypes=_INT_DTYPES, ndim=1)
+        assert isinstance(qo_indptr, Tensor)
+        check_shape("qo_indptr", qo_indptr, [batch + 1])
+        q_h = qo_indptr.to("cpu", torch.int64)
+        if int(q_h[0]) != 0 or bool((q_h[1:] < q_h[:-1]).any()):
+            raise ValueError("qo_indptr must start at 0 and be non-decreasing")
+        self.total_q = int(q_h[-1])
+        self.max_q = int((q_h[1:] - q_h[:-1]).max()) if batch else 0
+        self.cu_q = qo_indptr.to(device, torch.int32)
+        self.causal = bool(causal)
+        self.window_left = _window(window_left)
+        self.soft_cap = _soft_cap(logits_soft_cap)
+        self.sm_scale = None if sm_scale is None else check_positive_float("sm_scale",
+                                                                           sm_scale)
+
+
+class BatchPrefillWithPagedKVCacheWrapper(_Wrapper):
+    """FlashInfer's batch prefill / append attention over a paged KV cache.
+
+    ``plan(qo_indptr, paged_kv_indptr, paged_kv_indices, paged_kv_last_page_len,
+    num_qo_heads, num_kv_heads, head_dim_qk, page_size, ...)``: request b has queries
+    ``q[qo_indptr[b]:qo_indptr[b+1]]`` (the last tokens of its kv_len cached tokens: causal
+    is bottom-right aligned) and pages as in :class:`BatchDecodeWithPagedKVCacheWrapper`.
+    ``run(q, paged_kv_cache)`` with q [qo_indptr[-1], num_qo_heads, head_dim] returns out of
+    q's shape in ``o_data_type``, and with return_lse the base-2 LSE
+    [qo_indptr[-1], num_qo_heads] fp32. Cache layouts as the decode wrapper's. Runs
+    :func:`minikernels.ops.flash_attention` with a block table.
+    """
+
+    def __init__(self, float_workspace_buffer: Tensor, kv_layout: str = "NHD",
+                 use_cuda_graph: bool = False, qo_indptr_buf: Tensor | None = None,
+                 paged_kv_indptr_buf: Tensor | None = None,
+                 paged_kv_indices_buf: Tensor | None = None,
+                 paged_kv_last_page_len_buf: Tensor | None = None,
+                 custom_mask_buf: Tensor | None = None, mask_indptr_buf: Tensor | None = None,
+                 backend: str = "auto", jit_args: list[Any] | None = None) -> None:
+        super().__init__(float_workspace_buffer, kv_layout, use_cuda_graph, jit_args)
+
+    def plan(self, qo_indptr: Tensor, paged_kv_indptr: Tensor, paged_kv_indices: Tensor,
+             paged_kv_last_page_len: Tensor, num_qo_heads: int, num_kv_heads: int,
+             head_dim_qk: int, page_size: int, head_dim_vo: int | None = None,
+             custom_mask: Tensor | None = None, packed_custom_mask: Tensor | None = None,
+             causal: bool = False, pos_encoding_mode: str = "NONE",
+             use_fp16_qk_reduction: bool = False, sm_scale: float | None = None,
+             window_left: int = -1, logits_soft_cap: float | None = None,
+             rope_scale: float | None = None, rope_theta: float | None = None,
+             q_data_type: str | torch.dtype = "float16",
+             kv_data_type: str | torch.dtype | None = None,
+             o_data_type: str | torch.dtype | None = None, non_blocking: bool = True, *,
+             prefix_len_ptr: Tensor | None = None, token_pos_in_items_ptr: Tensor | None = None,
+             max_item_len_ptr: Tensor | None = None, seq_lens: Tensor | None = None,
+             seq_lens_q: Tensor | None = None, block_tables: Tensor | None = None,
+             fixed_split_size: int | None = None, disable_split_kv: bool = False) -> None:
+        """Build the block table, cumulative lengths and max lengths (one host sync)."""
+        self._planned = False
+        _refuse(prefix_len_ptr=prefix_len_ptr, token_pos_in_items_ptr=token_pos_in_items_ptr,
+                max_item_len_ptr=max_item_len_ptr, seq_lens=seq_lens, seq_lens_q=seq_lens_q,
+                block_tables=block_tables)
+        self._heads = _plan_heads(num_qo_heads, num_kv_heads, head_dim_qk, head_dim_vo)
+        page_size = _int("page_size", page_size, 1)
+        self._q_dt, self._kv_dt, self._o_dt = _plan_dtypes(q_data_type, kv_data_type,
+                                                           o_data_type)
+        self._table = _PageTable(("paged_kv_indptr", "paged_kv_indices",
+                                  "paged_kv_last_page_len"), paged_kv_indptr,
+                                 paged_kv_indices, paged_kv_last_page_len, page_size,
+                                 self.device)
+        self._plan = _PrefillPlan(qo_indptr, self._table.batch, self.device, causal,
+                                  pos_encoding_mode, window_left, logits_soft_cap, sm_scale,
+                                  custom_mask, packed_custom_mask)
+        self._planned = True
+
+    begin_forward = plan
+
+    def run(self, q: Tensor, paged_kv_cache: Tensor | tuple[Tensor, Tensor], *args: Any,
+            q_scale: float | None = None, k_scale: float | None = None,
+            v_scale: float | None = None, out: Tensor | None = None,
+            lse: Tensor | None = None, return_lse: bool = False,
+            enable_pdl: bool | None = None, window_left: int | None = None,
+            sinks: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor]:
+        """Prefill attention for the planned batch; see the class docstring."""
+        self._require_plan()
+        if args:
+            raise ValueError("extra positional arguments (custom JIT kernels) are not "
+                             "supported")
+        _refuse(sinks=sinks)
+        hq, hkv, d = self._heads
+        t, p = self._table, self._plan
+        q = _check_q(q, p.total_q, hq, d, self._q_dt, self.device)
+        kc, vc = t.caches(paged_kv_cache, self._kv_layout, q, hkv, self._kv_dt)
+        op_ks, op_vs, ks, vs = _fp8_scales(kc, _number("k_scale", k_scale),
+                                           _number("v_scale", v_scale))
+        scale = _softmax_scale(p.sm_scale, d, _number("q_scale", q_scale), ks)
+        wl = p.window_left if window_left is None else _window(window_left)
+        o, lse_e = ops.flash_attention(
+            q, kc, vc, p.cu_q, t.cu_seqlens_k, p.max_q, t.max_kv_len, causal=p.causal,
+            softmax_scale=scale, window_left=wl, softcap=p.soft_cap,
+            block_table=t.block_table, return_lse=True, k_scale=op_ks, v_scale=op_vs)
+        return _finish(o, lse_e.t(), return_lse, v_scale=vs, o_dtype=self._o_dt, out_buf=out,
+                       lse_buf=lse)
+
+    run_return_lse = functools.partialmethod(run, return_lse=True)
+
+
+class BatchPrefillWithRaggedKVCacheWrapper(_Wrapper):
+    """FlashInfer's batch prefill attention over ragged (not paged) k / v.
+
+    ``plan(qo_indptr, kv_indptr, num_qo_heads, num_kv_heads, head_dim_qk, ...)``: request b
+    has queries ``q[qo_indptr[b]:qo_indptr[b+1]]`` and keys ``k[kv_indptr[b]:kv_indptr[b+1]]``
+    (both indptrs start at 0). ``run(q, k, v)``: q [qo_indptr[-1], Hq, D]; k, v
+    [kv_indptr[-1], Hkv, D] (NHD) or [Hkv, kv_indptr[-1], D] (HND), q's dtype, any strides
+    with a contiguous last dim. Returns out of q's shape in ``o_data_type``, and with
+    return_lse the base-2 LSE [qo_indptr[-1], Hq] fp32. Runs
+    :func:`minikernels.ops.flash_attention`.
+    """
+
+    def __init__(self, float_workspace_buffer: Tensor, kv_layout: str = "NHD",
+                 use_cuda_graph: bool = False, qo_indptr_buf: Tensor | None = None,
+                 kv_indptr_buf: Tensor | None = None, custom_mask_buf: Tensor | None = None,
+                 mask_indptr_buf: Tensor | None = None, backend: str = "auto",
+                 jit_args: list[Any] | None = None) -> None:
+        super().__init__(float_workspace_buffer, kv_layout, use_cuda_graph, jit_args)
+
+    def plan(self, qo_indptr: Tensor, kv_indptr: Tensor, num_qo_heads: int,
+             num_kv_heads: int, head_dim_qk: int, head_dim_vo: int | None = None,
+             custom_mask: Tensor | None = None, packed_custom_mask: Tensor | None = None,
+             causal: bool = False, pos_encoding_mode: str = "NONE",
+             use_fp16_qk_reduction: bool = False, window_left: int = -1,
+             logits_soft_cap: float | None = None, sm_scale: float | None = None,
+             rope_scale: float | None = None, rope_theta: float | None = None,
+             q_data_type: str | torch.dtype = "float16",
+             kv_data_type: str | torch.dtype | None = None,
+             o_data_type: str | torch.dtype | None = None, non_blocking: bool = True, *,
+             prefix_len_ptr: Tensor | None = None, token_pos_in_items_ptr: Tensor | None = None,
+             max_item_len_ptr: Tensor | None = None, fixed_split_size: int | None = None,
+             disable_split_kv: bool = False, seq_lens: Tensor | None = None,
+             seq_lens_q: Tensor | None = None) -> None:
+        """Copy the indptrs to the device as int32 and find the max lengths (one sync)."""
+        self._planned = False
+        _refuse(prefix_len_ptr=prefix_len_ptr, token_pos_in_items_ptr=token_pos_in_items_ptr,
+                max_item_len_ptr=max_item_len_ptr, seq_lens=seq_lens, seq_lens_q=seq_lens_q)
+        self._heads = _plan_heads(num_qo_heads, num_kv_heads, head_dim_qk, head_dim_vo)
+        self._q_dt, self._kv_dt, self._o_dt = _plan_dtypes(q_data_type, kv_data_type,
+                                                           o_data_type)
+        if self._kv_dt != self._q_dt:
+            raise ValueError(f"kv_data_type must equal q_data_type ({self._q_dt}) for ragged "
+                             f"k / v (fp8 is for paged caches), got {self._kv_dt}")
+        check_tensor("kv_indptr", kv_indptr, dtypes=_INT_DTYPES, ndim=1)
+        if kv_indptr.numel() < 1:
+            raise ValueError("kv_indptr must have batch_size + 1 >= 1 entries")
+        batch = kv_indptr.numel() - 1
+        k_h = kv_indptr.to("cpu", torch.int64)
+        if int(k_h[0]) != 0 or bool((k_h[1:] < k_h[:-1]).any()):
+            raise ValueError("kv_indptr must start at 0 and be non-decreasing")
+        self._total_k = int(k_h[-1])
+        self._max_k = int((k_h[1:] - k_h[:-1]).max()) if batch else 0
+        self._cu_k = kv_indptr.to(self.device, torch.int32)
+        self._plan = _PrefillPlan(qo_indptr, batch, self.device, causal, pos_encoding_mode,
+                                  window_left, logits_soft_cap, sm_scale, custom_mask,
+                                  packed_custom_mask)
+        self._planned = True
+
+    begin_forward = plan
+
+    def run(self, q: Tensor, k: Tensor, v: Tensor, *args: Any, q_scale: float | None = None,
+            k_scale: float | None = None, v_scale: float | None = None,
+            out: Tensor | None = None, lse: Tensor | None = None, return_lse: bool = False,
+            enable_pdl: bool | None = None, window_left: int | None = None,
+            sinks: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor]:
+        """Prefill attention for the planned batch; see the class docstring."""
+        self._require_plan()
+        if args:
+            raise ValueError("extra positional arguments (custom JIT kernels) are not "
+                             "supported")
+        _refuse(sinks=sinks)
+        hq, hkv, d = self._heads
+        p = self._plan
+        q = _check_q(q, p.total_q, hq, d, self._q_dt, self.device)
+        layout = self._kv_layout
+        want = [self._total_k, hkv, d] if layout == "NHD" else [hkv, self._total_k, d]
+        for name, t in (("k", k), ("v", v)):
+            check_tensor(name, t, dtypes=(q.dtype,), ndim=3, device=q.device)
+            check_shape(name, t, want)
+        ks, vs = _number("k_scale", k_scale), _number("v_scale", v_scale)
+        scale = _softmax_scale(p.sm_scale, d, _number("q_scale", q_scale), ks)
+        wl = p.window_left if window_left is None else _window(window_left)
+        o, lse_e = ops.flash_attention(
+            q, _kv_nhd(k, layout), _kv_nhd(v, layout), p.cu_q, self._cu_k,
+            p.max_q, self._max_k, causal=p.causal, softmax_scale=scale, window_left=wl,
+            softcap=p.soft_cap, return_lse=True)
+        return _finish(o, lse_e.t(), return_lse, v_scale=vs, o_dtype=self._o_dt, out_buf=out,
+                       lse_buf=lse)
+
+    run_return_lse = functools.partialmethod(run, return_lse=True)
+
+
+# ------------------------------------------------------------------------------- pages
+
+
+def get_seq_lens(kv_indptr: Tensor, kv_last_page_len: Tensor, page_size: int) -> Tensor:
+    """Per-request kv lengths: max(num_pages - 1, 0) * page_size + last_page_len
+    (FlashInfer's formula), same dtype and device as the inputs."""
+    return (torch.clamp(kv_indptr[1:] - kv_indptr[:-1] - 1, min=0) * page_size
+            + kv_last_page_len)
+
+
+def get_batch_indices_positions(append_indptr: Tensor, seq_lens: Tensor, nnz: int
+                                ) -> tuple[Tensor, Tensor]:
+    """Ragged appended tokens -> (batch_indices, positions), int32 [nnz] each.
+
+    append_indptr int32/int64 [batch_size + 1]: request b appends tokens
+    append_indptr[b]:append_indptr[b+1]; seq_lens [batch_size]: its kv length with them, so
+    they sit at the last positions seq_lens[b] - n_b .. seq_lens[b] - 1. Vectorized, no
+    host sync (nnz must equal append_indptr[-1], checked when index checks are on).
+    """
+    check_tensor("append_indptr", append_indptr, dtypes=_INT_DTYPES, ndim=1)
+    if append_indptr.numel() < 1:
+        raise ValueError("append_indptr must have batch_size + 1 >= 1 entries")
+    check_tensor("seq_lens", seq_lens, dtypes=_INT_DTYPES, ndim=1)
+    batch = append_indptr.numel() - 1
+    check_shape("seq_lens", seq_lens, [batch])
+    nnz = _int("nnz", nnz, 0)
+    dev = append_indptr.device
+    if index_checks_active(append_indptr) and int(append_indptr[-1]) != nnz:
+        raise ValueError(f"nnz ({nnz}) must equal append_indptr[-1] "
+                         f"({int(append_indptr[-1])})")
+    ptr = append_indptr.long()
+    tokens = torch.arange(nnz, device=dev)
+    batch_idx = torch.searchsorted(ptr[1:].contiguous(), tokens, right=True)
+    batch_idx = batch_idx.clamp_(max=max(batch - 1, 0))
+    counts = ptr[1:] - ptr[:-1]
+    positions = tokens - ptr[batch_idx] + seq_lens.to(dev).long()[batch_idx] - counts[batch_idx]
+    return batch_idx.to(torch.int32), positions.to(torch.int32)
+
+
+def append_paged_kv_cache(append_key: Tensor, append_value: Tensor, batch_indices: Tensor,
+                          positions: Tensor, paged_kv_cache: Tensor | tuple[Tensor, Tensor],
+                          kv_indices: Tensor, kv_indptr: Tensor, kv_last_page_len: Tensor,
+                          kv_layout: str = "NHD") -> None:
+    """Write ragged keys / values into a paged cache, in place.
+
+    append_key, append_value [nnz, num_kv_heads, head_dim] (any strides); token t goes to
+    request batch_indices[t] at position positions[t]: page
+    ``kv_indices[kv_indptr[b] + pos // page_size]``, slot ``pos % page_size``. The page
+    table (kv_indptr, kv_indices, kv_last_page_len) already includes the appended tokens.
+    paged_kv_cache as in :class:`BatchDecodeWithPagedKVCacheWrapper` (the cache's dtype, or
+    float8_e4m3fn: values are cast with saturation at +-448). Runs
+    :func:`minikernels.ops.write_kv_cache`.
+    """
+    kv_layout = _check_kv_layout(kv_layout)
+    check_tensor("append_key", append_key, dtypes=FLOAT_DTYPES, ndim=3)
+    check_tensor("append_value", append_value, dtypes=(append_key.dtype,), ndim=3,
+                 device=append_key.device)
+    check_shape("append_value", append_value, list(append_key.shape))
+    nnz, dev = append_key.shape[0], append_key.device
+    for name, t in (("batch_indices", batch_indices), ("positions", positions)):
+        check_tensor(name, t, dtypes=_INT_DTYPES, ndim=1, device=dev)
+        check_shape(name, t, [nnz])
+    for name, t in (("kv_indices", kv_indices), ("kv_indptr", kv_indptr),
+                    ("kv_last_page_len", kv_last_page_len)):
+        check_tensor(name, t, dtypes=_INT_DTYPES, ndim=1, device=dev)
+    batch = kv_indptr.numel() - 1
+    if batch < 0:
+        raise ValueError("kv_indptr must have batch_size + 1 >= 1 entries")
+    check_shape("kv_last_page_len", kv_last_page_len, [batch])
+    k, v = _unpack_paged_kv_cache(paged_kv_cache, kv_layout)
+    page = k.shape[1]
+    for name, c in (("paged_kv_cache (k)", k), ("paged_kv_cache (v)", v)):
+        check_tensor(name, c, dtypes=(append_key.dtype, *_FP8_KV), device=dev)
+        check_shape(name, c, [k.shape[0], page, append_key.shape[1], append_key.shape[2]])
+    ptr = kv_indptr.long()
+    b = batch_indices.long()
+    if index_checks_active(b):
+        check_index_range("batch_indices", b, 0, batch)
+        seq = get_seq_lens(ptr, kv_last_page_len.long(), page)[b]
+        if bool(((positions < 0) | (positions >= seq)).any()):
+            raise ValueError("positions must be in [0, kv length of their request) (the page "
+                             "table must already include the appended tokens)")
+    pos = positions.long()
+    slots = kv_indices.long()[ptr[b] + pos // page] * page + pos % page
+    sub = _sub_blocks(page)
+    kb, vb = _as_blocks(k, sub, kv_layout), _as_blocks(v, sub, kv_layout)
+    scale = (torch.ones(1, dtype=torch.float32, device=dev) if k.dtype in _FP8_KV else None)
+    ops.write_kv_cache(append_key, append_value, kb, vb, slots, k_scale=scale, v_scale=scale)
+
+
+# ----------------------------------------------------------------------------- cascade
+
+
+def _check_state(names: tuple[str, str], v: object, s: object, v_ref: Tensor | None = None
+                 ) -> None:
+    check_tensor(names[0], v, dtypes=FLOAT_DTYPES if v_ref is None else (v_ref.dtype,),
+                 ndim=3, device=None if v_ref is None else v_ref.device)
+    assert isinstance(v, Tensor)
+    if v_ref is not None:
+        check_shape(names[0], v, list(v_ref.shape))
+    check_tensor(names[1], s, dtypes=FLOAT_DTYPES, device=v.device)
+    check_shape(names[1], s, list(v.shape[:2]))  # type: ignore[arg-type]
+
+
+def merge_state(v_a: Tensor, s_a: Tensor, v_b: Tensor, s_b: Tensor) -> tuple[Tensor, Tensor]:
+    """Merge two attention states over disjoint key sets (FlashInfer's cascade).
+
+    v_* [seq_len, num_heads, head_dim] (fp16 / bf16 / fp32), s_* [seq_len, num_heads]
+    base-2 LSE (as this module's attention returns). Returns (v [seq_len, num_heads,
+    head_dim] in v_a's dtype, s [seq_len, num_heads] fp32 base 2); a state with LSE -inf
+    contributes nothing. Runs :func:`minikernels.ops.merge_attn_states` (natural-log LSE:
+    converted exactly at the boundary).
+    """
+    _check_state(("v_a", "s_a"), v_a, s_a)
+    _check_state(("v_b", "s_b"), v_b, s_b, v_a)
+    v, lse = ops.merge_attn_states(v_a, s_a.float() * LN2, v_b, s_b.float() * LN2)
+    return v, lse * LOG2E
+
+
+def merge_state_in_place(v: Tensor, s: Tensor, v_other: Tensor, s_other: Tensor,
+                         mask: Tensor | None = None) -> None:
+    """``(v, s) <- merge_state(v, s, v_other, s_other)`` in place (s must be fp32);
+    ``mask`` bool [seq_len]: merge only the rows where it is True."""
+    _check_state(("v", "s"), v, s)
+    check_tensor("s", s, dtypes=(torch.float32,))
+    _check_state(("v_other", "s_other"), v_other, s_other, v)
+    merged_v, merged_s = merge_state(v, s, v_other, s_other)
+    if mask is not None:
+        check_tensor("mask", mask, dtypes=(torch.bool,), ndim=1, device=v.device)
+        check_shape("mask", mask, [v.shape[0]])
+        merged_v = torch.where(mask[:, None, None], merged_v, v)
+        merged_s = torch.where(mask[:, None], merged_s, s)
+    v.copy_(merged_v)
+    s.copy_(merged_s)
+
+
+def merge_states(v: Tensor, s: Tensor) -> tuple[Tensor, Tensor]:
+    """Merge num_states attention states per row: v [seq_len, num_states, num_heads,
+    head_dim], s [seq_len, num_states, num_heads] base-2 LSE -> (v [seq_len, num_heads,
+    head_dim] in v's dtype, s [seq_len, num_heads] fp32 base 2). Plain PyTorch, fp32 math;
+    states with LSE -inf contribute nothing (all -inf: v 0, s -inf)."""
+    check_tensor("v", v, dtypes=FLOAT_DTYPES, ndim=4)
+    check_tensor("s", s, dtypes=FLOAT_DTYPES, device=v.device)
+    check_shape("s", s, list(v.shape[:3]))
+    lse = s.float() * LN2                                   # natural log
+    total = torch.logsumexp(lse, dim=1)                      # [seq, H]
+    safe = torch.where(torch.isinf(total), torch.zeros_like(total), total)
+    w = torch.exp(lse - safe[:, None])                       # 0 for -inf states
+    out = (w[..., None] * v.float()).sum(dim=1)
+    return out.to(v.dtype), total * LOG2E
+
+
+# ---------------------------------------------------------------- norms and activations
+
+
+def _check_norm(input: object, weight: object) -> Tensor:
+    check_tensor("input", input, dtypes=FLOAT_DTYPES, min_ndim=1)
+    assert isinstance(input, Tensor)
+    check_tensor("weight", weight, dtypes=FLOAT_DTYPES, ndim=1, device=input.device)
+    check_shape("weight", weight, [input.shape[-1]])  # type: ignore[arg-type]
+    return input
+
+
+def _norm(input: Tensor, weight: Tensor, eps: float, out: Tensor | None,
+          offset: float) -> Tensor:
+    y = ops.rms_norm(_check_norm(input, weight), weight, eps, weight_offset=offset)
+    return y if out is None else _copy_into("out", out, y)  # type: ignore[arg-type]
+
+
+def _fused_add_norm(input: Tensor, residual: Tensor, weight: Tensor, eps: float,
+                    offset: float) -> None:
+    _check_norm(input, weight)
+    check_tensor("residual", residual, dtypes=(input.dtype,), device=input.device)
+    check_shape("residual", residual, list(input.shape))
+    y, h = ops.rms_norm(input, weight, eps, residual=residual, weight_offset=offset)
+    residual.copy_(h)
+    input.copy_(y)
+
+
+def rmsnorm(input: Tensor, weight: Tensor, eps: float = 1e-6, out: Tensor | None = None,
+            enable_pdl: bool | None = None) -> Tensor:
+    """``input / sqrt(mean(input^2) + eps) * weight`` over the last dim; input [..., H]
+    fp16 / bf16 / fp32 (any strides), weight [H]. Returns a new tensor in input's dtype, or
+    writes ``out`` (like input) and returns it. fp32 math."""
+    return _norm(input, weight, eps, out, 0.0)
+
+
+def gemma_rmsnorm(input: Tensor, weight: Tensor, eps: float = 1e-6,
+                  out: Tensor | None = None, enable_pdl: bool | None = None) -> Tensor:
+    """Gemma's RMSNorm: as :func:`rmsnorm` with ``(1 + weight)``."""
+    return _norm(input, weight, eps, out, 1.0)
+
+
+def fused_add_rmsnorm(input: Tensor, residual: Tensor, weight: Tensor, eps: float = 1e-6,
+                      enable_pdl: bool | None = None) -> None:
+    """In place, as FlashInfer: ``residual += input``, then ``input = rmsnorm(residual) *
+    weight``. input, residual [..., H] of one dtype; the sum is rounded to that dtype
+    (as stored in residual) before it is normalized."""
+    _fused_add_norm(input, residual, weight, eps, 0.0)
+
+
+def gemma_fused_add_rmsnorm(input: Tensor, residual: Tensor, weight: Tensor,
+                            eps: float = 1e-6, enable_pdl: bool | None = None) -> None:
+    """:func:`fused_add_rmsnorm` with Gemma's ``(1 + weight)``."""
+    _fused_add_norm(input, residual, weight, eps, 1.0)
+
+
+def _gated(kind: str, input: Tensor, out: Tensor | None) -> Tensor:
+    check_tensor("input", input, dtypes=FLOAT_DTYPES, min_ndim=1)
+    if input.shape[-1] % 2:
+        raise ValueError(f"input last dim must be even (2 * hidden_size), got "
+                         f"{input.shape[-1]}")
+    y = (ops.silu_and_mul(input) if kind == "silu"
+         else ops.gelu_and_mul(input, "tanh" if kind == "gelu_tanh" else "none"))
+    return y if out is None else _copy_into("out", out, y)
+
+
+def silu_and_mul(input: Tensor, out: Tensor | None = None,
+                 enable_pdl: bool | None = None) -> Tensor:
+    """``silu(input[..., :h]) * input[..., h:]``: input [..., 2h] -> [..., h] (or ``out``)."""
+    return _gated("silu", input, out)
+
+
+def gelu_tanh_and_mul(input: Tensor, out: Tensor | None = None,
+                      enable_pdl: bool | None = None) -> Tensor:
+    """``gelu_tanh(input[..., :h]) * input[..., h:]`` (tanh approximation)."""
+    return _gated("gelu_tanh", input, out)
+
+
+def gelu_and_mul(input: Tensor, out: Tensor | None = None,
+                 enable_pdl: bool | None = None) -> Tensor:
+    """``gelu(input[..., :h]) * input[..., h:]`` with the exact (erf) GELU, as FlashInfer."""
+    return _gated("gelu", input, out)
+
+
+# -------------------------------------------------------------------------------- rope
+
+
+def _inv_freq(rotary_dim: int, rope_scale: float, rope_theta: float,
+              llama31: tuple[float, float, float] | None, device: torch.device) -> Tensor:
+    """FlashInfer's frequencies: theta^(-2i / rotary_dim) / rope_scale, or Llama 3.1's
+    blend (low_freq_factor, high_freq_factor, old_context_len): smooth =
+    clamp((old_context_len / wavelength - low) / (high - low), 0, 1), freq = (1 - smooth) *
+    freq / rope_scale + smooth * freq."""
+    rope_scale = check_positive_float("rope_scale", rope_scale)
+    rope_theta = check_positive_float("rope_theta", rope_theta)
+    i = torch.arange(rotary_dim // 2, dtype=torch.float64)
+    freq = rope_theta ** (-2.0 * i / rotary_dim)
+    if llama31 is None:
+        freq = freq / rope_scale
+    else:
+        low, high, old_len = llama31
+        if high <= low:
+            raise ValueError(f"high_freq_factor ({high}) must be > low_freq_factor ({low})")
+        smooth = ((old_len * freq / (2 * math.pi) - low) / (high - low)).clamp(0.0, 1.0)
+        freq = (1 - smooth) * freq / rope_scale + smooth * freq
+    return freq.to(device, torch.float32)
+
+
+def _rope(q: Tensor, k: Tensor, pos_ids: Tensor, rotary_dim: int | None, interleave: bool,
+          rope_scale: float, rope_theta: float,
+          llama31: tuple[float, float, float] | None = None) -> tuple[Tensor, Tensor]:
+    """q [nnz, Hq, D], k [nnz, Hk, D] rotated at pos_ids [nnz]: cos / sin computed per
+    token in fp32 (as FlashInfer's kernels) and handed to ops.rotary_embedding."""
+    check_tensor("q", q, dtypes=FLOAT_DTYPES, ndim=3)
+    check_tensor("k", k, dtypes=(q.dtype,), ndim=3, device=q.device)
+    check_tensor("pos_ids", pos_ids, dtypes=_INT_DTYPES, ndim=1, device=q.device)
+    nnz, d = q.shape[0], q.shape[2]
+    if k.shape[0] != nnz or k.shape[2] != d:
+        raise ValueError(f"k must be [{nnz}, num_k_heads, {d}] like q, got {list(k.shape)}")
+    check_shape("pos_ids", pos_ids, [nnz])
+    if not isinstance(interleave, bool):
+        raise TypeError(f"interleave must be a bool, got {type(interleave).__name__}")
+    rot = d if rotary_dim is None else _int("rotary_dim", rotary_dim, 2)
+    if rot % 2 or rot > d:
+        raise ValueError(f"rotary_dim must be even and <= head_dim ({d}), got {rot}")
+    freq = _inv_freq(rot, rope_scale, rope_theta, llama31, q.device)
+    angles = pos_ids.float()[:, None] * freq                 # [nnz, rot / 2]
+    cache = torch.cat([angles.cos(), angles.sin()], dim=-1)  # one row per token
+    rows = torch.arange(nnz, device=q.device)
+    return ops.rotary_embedding(q, k, rows, cache, is_neox_style=not interleave)
+
+
+def _offsets_to_pos_ids(q: Tensor, indptr: Tensor, offsets: Tensor) -> Tensor:
+    """Ragged (indptr, offsets) -> per-token positions offsets[b] + (t - indptr[b])."""
+    check_tensor("indptr", indptr, dtypes=_INT_DTYPES, ndim=1, device=q.device)
+    if indptr.numel() < 1:
+        raise ValueError("indptr must have batch_size + 1 >= 1 entries")
+    check_tensor("offsets", offsets, dtypes=_INT_DTYPES, ndim=1, device=q.device)
+    check_shape("offsets", offsets, [indptr.numel() - 1])
+    if index_checks_active(indptr) and int(indptr[-1]) != q.shape[0]:
+        raise ValueError(f"indptr[-1] ({int(indptr[-1])}) must equal nnz = q.shape[0] "
+                         f"({q.shape[0]})")
+    ptr = indptr.long()
+    tokens = torch.arange(q.shape[0], device=q.device)
+    b = torch.searchsorted(ptr[1:].contiguous(), tokens, right=True)
+    b = b.clamp_(max=max(indptr.numel() - 2, 0))
+    return offsets.long()[b] + tokens - ptr[b]
+
+
+def _inplace(q: Tensor, k: Tensor, result: tuple[Tensor, Tensor]) -> None:
+    q.copy_(result[0])
+    k.copy_(result[1])
+
+
+def apply_rope_pos_ids(q: Tensor, k: Tensor, pos_ids: Tensor, rotary_dim: int | None = None,
+                       interleave: bool = False, rope_scale: float = 1,
+                       rope_theta: float = 1e4) -> tuple[Tensor, Tensor]:
+    """RoPE on q [nnz, num_q_heads, head_dim] and k [nnz, num_k_heads, head_dim] at
+    positions pos_ids int32/int64 [nnz]; angle = pos * theta^(-2i / rotary_dim) /
+    rope_scale. ``rotary_dim`` (default head_dim) first dims rotate: pairs (i, i +
+    rotary_dim / 2), or (2i, 2i + 1) with ``interleave``. Returns new (q_rope, k_rope)."""
+    return _rope(q, k, pos_ids, rotary_dim, interleave, rope_scale, rope_theta)
+
+
+def apply_rope_pos_ids_inplace(q: Tensor, k: Tensor, pos_ids: Tensor,
+                               rotary_dim: int | None = None, interleave: bool = False,
+                               rope_scale: float = 1, rope_theta: float = 1e4) -> None:
+    """:func:`apply_rope_pos_ids`, written into q and k."""
+    _inplace(q, k, _rope(q, k, pos_ids, rotary_dim, interleave, rope_scale, rope_theta))
+
+
+def apply_rope(q: Tensor, k: Tensor, indptr: Tensor, offsets: Tensor,
+               rotary_dim: int | None = None, interleave: bool = False,
+               rope_scale: float = 1, rope_theta: float = 1e4) -> tuple[Tensor, Tensor]:
+    """:func:`apply_rope_pos_ids` for ragged q / k: token t of segment b
+    (indptr[b] <= t < indptr[b+1], indptr[-1] = nnz) sits at offsets[b] + t - indptr[b]."""
+    pos = _offsets_to_pos_ids(q, indptr, offsets)
+    return _rope(q, k, pos, rotary_dim, interleave, rope_scale, rope_theta)
+
+
+def apply_rope_inplace(q: Tensor, k: Tensor, indptr: Tensor, offsets: Tensor,
+                       rotary_dim: int | None = None, interleave: bool = False,
+                       rope_scale: float = 1, rope_theta: float = 1e4) -> None:
+    """:func:`apply_rope`, written into q and k."""
+    _inplace(q, k, apply_rope(q, k, indptr, offsets, rotary_dim, interleave, rope_scale,
+                              rope_theta))
+
+
+def apply_llama31_rope_pos_ids(q: Tensor, k: Tensor, pos_ids: Tensor,
+                               rotary_dim: int | None = None, interleave: bool = False,
+                               rope_scale: float = 8, rope_theta: float = 5e5,
+                               low_freq_factor: float = 1, high_freq_factor: float = 4,
+                               old_context_len: int = 8192) -> tuple[Tensor, Tensor]:
+    """:func:`apply_rope_pos_ids` with Llama 3.1's frequency scaling (FlashInfer's
+    defaults: rope_scale 8, theta 5e5, factors 1 / 4, old context 8192)."""
+    return _rope(q, k, pos_ids, rotary_dim, interleave, rope_scale, rope_theta,
+                 (float(low_freq_factor), float(high_freq_factor), float(old_context_len)))
+
+
+def apply_llama31_rope_pos_ids_inplace(q: Tensor, k: Tensor, pos_ids: Tensor,
+                                       rotary_dim: int | None = None,
+                                       interleave: bool = False, rope_scale: float = 8,
+                                       rope_theta: float = 5e5, low_freq_factor: float = 1,
+                                       high_freq_factor: float = 4,
+                                       old_context_len: int = 8192) -> None:
+    """:func:`apply_llama31_rope_pos_ids`, written into q and k."""
+    _inplace(q, k, apply_llama31_rope_pos_ids(q, k, pos_ids, rotary_dim, interleave,
+                                              rope_scale, rope_theta, low_freq_factor,
+                                              high_freq_factor, old_context_len))
+
+
+def apply_llama31_rope(q: Tensor, k: Tensor, indptr: Tensor, offsets: Tensor,
+                       rotary_dim: int | None = None, interleave: bool = False,
+                       rope_scale: float = 8, rope_theta: float = 5e5,
+                       low_freq_factor: float = 1, high_freq_factor: float = 4,
+                       old_context_len: int = 8192) -> tuple[Tensor, Tensor]:
+    """:func:`apply_rope` with Llama 3.1's frequency scaling."""
+    pos = _offsets_to_pos_ids(q, indptr, offsets)
+    return apply_llama31_rope_pos_ids(q, k, pos, rotary_dim, interleave, rope_scale,
+                                      rope_theta, low_freq_factor, high_freq_factor,
+                                      old_context_len)
+
+
+def apply_llama31_rope_inplace(q: Tensor, k: Tensor, indptr: Tensor, offsets: Tensor,
+                               rotary_dim: int | None = None, interleave: bool = False,
+                               rope_scale: float = 8, rope_theta: float = 5e5,
+                               low_freq_factor: float = 1, high_freq_factor: float = 4,
+                               old_context_len: int = 8192) -> None:
+    """:func:`apply_llama31_rope`, written into q and k."""
+    _inplace(q, k, apply_llama31_rope(q, k, indptr, offsets, rotary_dim, interleave,
+                                      rope_scale, rope_theta, low_freq_factor,
+                                      high_freq_factor, old_context_len))
+
+
+def _rope_cos_sin(positions: Tensor, query: Tensor, key: Tensor, head_size: int,
+                  cos_sin_cache: Tensor, is_neox: bool) -> tuple[Tensor, Tensor]:
+    check_tensor("cos_sin_cache", cos_sin_cache, ndim=2)
+    if cos_sin_cache.dtype != torch.float32:
+        raise ValueError(f"cos_sin_cache must be float32 (as FlashInfer), got "
+                         f"{cos_sin_cache.dtype}")
+    head_size = _int("head_size", head_size, 1)
+    for name, t in (("query", query), ("key", key)):
+        check_tensor(name, t, dtypes=FLOAT_DTYPES, ndim=(2, 3))
+        if t.shape[-1] % head_size or (t.dim() == 3 and t.shape[-1] != head_size):
+            raise ValueError(f"{name} must be [nnz, num_heads * head_size] or [nnz, "
+                             f"num_heads, head_size] with head_size {head_size}, got "
+                             f"{list(t.shape)}")
+    if not isinstance(is_neox, bool):
+        raise TypeError(f"is_neox must be a bool, got {type(is_neox).__name__}")
+    q3 = query.reshape(query.shape[0], -1, head_size)
+    k3 = key.reshape(key.shape[0], -1, head_size)
+    qo, ko = ops.rotary_embedding(q3, k3, positions, cos_sin_cache, is_neox_style=is_neox)
+    return qo.view(query.shape), ko.view(key.shape)
+
+
+def apply_rope_with_cos_sin_cache(positions: Tensor, query: Tensor, key: Tensor,
+                                  head_size: int, cos_sin_cache: Tensor, is_neox: bool = True
+                                  ) -> tuple[Tensor, Tensor]:
+    """vLLM / SGLang-style RoPE: query [nnz, num_q_heads * head_size] (or 3-D), key
+    [nnz, num_k_heads * head_size], positions [nnz], cos_sin_cache fp32
+    [max_position, rotary_dim] (cos half, then sin half). ``is_neox``: pairs (i, i +
+    rotary_dim / 2), else (2i, 2i + 1). Returns new tensors shaped like query and key.
+    Runs :func:`minikernels.ops.rotary_embedding`."""
+    return _rope_cos_sin(positions, query, key, head_size, cos_sin_cache, is_neox)
+
+
+def apply_rope_with_cos_sin_cache_inplace(positions: Tensor, query: Tensor, key: Tensor,
+                                          head_size: int, cos_sin_cache: Tensor,
+                                          is_neox: bool = True) -> None:
+    """:func:`apply_rope_with_cos_sin_cache`, written into query and key."""
+    _inplace(query, key, _rope_cos_sin(positions, query, key, head_size, cos_sin_cache,
+                                       is_neox))
+
+
+# ---------------------------------------------------------------------------- sampling
+
+
+def _row_param(name: str, value: object, rows: int, device: torch.device,
+               integer: bool) -> Tensor:
+    """A sampling parameter (one number, or a tensor [rows]) as a [rows, 1] tensor."""
+    if isinstance(value, Tensor):
+        check_tensor(name, value, dtypes=_INT_DTYPES if integer else FLOAT_DTYPES, ndim=1,
+                     device=device)
+        check_shape(name, value, [rows])
+        t = value.long() if integer else value.float()
+    elif isinstance(value, bool) or not isinstance(value, (int, float)) or (
+            integer and not isinstance(value, int)):
+        raise TypeError(f"{name} must be {'an int' if integer else 'a number'} or a tensor "
+                        f"[{rows}], got {type(value).__name__}")
+    else:
+        t = torch.full((rows,), value, dtype=torch.int64 if integer else torch.float32,
+                       device=device)
+    checks = index_checks_active(t) if isinstance(value, Tensor) else rows > 0
+    if checks:
+        if integer and bool((t < 1).any()):
+            raise ValueError(f"{name} must be >= 1")
+        if not integer and not bool(((t >= 0) & (t <= 1)).all()):
+            raise ValueError(f"{name} must be in [0, 1]")
+    return t[:, None]
+
+
+def _check_probs(name: str, probs: object) -> Tensor:
+    check_tensor(name, probs, dtypes=FLOAT_DTYPES, ndim=2)
+    assert isinstance(probs, Tensor)
+    return probs
+
+
+def _renorm(p: Tensor, keep: Tensor) -> Tensor:
+    kept = torch.where(keep, p, 0.0)
+    total = kept.sum(dim=1, keepdim=True)
+    return torch.where(total > 0, kept / total.clamp_min(1e-38), kept)
+
+
+def _top_k_keep(p: Tensor, top_k: object) -> Tensor:
+    """Keep p >= the k-th largest value (ties with it kept), k >= V keeps all."""
+    k = _row_param("top_k", top_k, p.shape[0], p.device, True).clamp(max=p.shape[1])
+    kth = p.sort(dim=1, descending=True).values.gather(1, k - 1)
+    return p >= kth
+
+
+def _top_p_keep(p: Tensor, top_p: object) -> Tensor:
+    """Keep a token when the mass of strictly larger tokens is < top_p (ties at the edge
+    kept together; the largest always kept): FlashInfer's pivot rule."""
+    tp = _row_param("top_p", top_p, p.shape[0], p.device, False)
+    vals = p.sort(dim=1, descending=True).values
+    before = vals.cumsum(dim=1) - vals                       # mass sorted before each
+    n = (before < tp).sum(dim=1, keepdim=True).clamp_min(1)
+    return p >= vals.gather(1, n - 1)
+
+
+def _min_p_keep(p: Tensor, min_p: object) -> Tensor:
+    mp = _row_param("min_p", min_p, p.shape[0], p.device, False)
+    return p >= mp * p.amax(dim=1, keepdim=True)
+
+
+def top_k_mask_logits(logits: Tensor, top_k: int | Tensor) -> Tensor:
+    """Set every logit below the row's k-th largest to -inf (ties with it kept; k >=
+    vocab keeps all). logits [B, V] (fp32 / fp16 / bf16, may hold -inf), top_k int >= 1 or
+    int tensor [B]. Returns a new tensor in logits' dtype. Runs
+    :func:`minikernels.ops.top_k_top_p_mask_logits` (same top-k rule as FlashInfer)."""
+    check_tensor("logits", logits, dtypes=FLOAT_DTYPES, ndim=2)
+    k = _row_param("top_k", top_k, logits.shape[0], logits.device, True)[:, 0]
+    return ops.top_k_top_p_mask_logits(logits, top_k=k)
+
+
+def top_k_renorm_probs(probs: Tensor, top_k: int | Tensor) -> Tensor:
+    """Keep each row's top-k probabilities (ties with the k-th kept), zero the rest and
+    renormalize. probs [B, V]; top_k int >= 1 or tensor [B]. Returns fp32 [B, V]."""
+    p = _check_probs("probs", probs).float()
+    return _renorm(p, _top_k_keep(p, top_k))
+
+
+def top_p_renorm_probs(probs: Tensor, top_p: float | Tensor) -> Tensor:
+    """Keep each row's nucleus (the largest probabilities until their mass reaches top_p:
+    a token stays when the strictly larger ones hold < top_p), zero the rest and
+    renormalize. probs [B, V] (rows sum to 1); top_p in [0, 1] or tensor [B]. fp32."""
+    p = _check_probs("probs", probs).float()
+    return _renorm(p, _top_p_keep(p, top_p))
+
+
+top_k_renorm_prob = top_k_renorm_probs     # FlashInfer's older names
+top_p_renorm_prob = top_p_renorm_probs
+
+
+def _draw(probs: Tensor, generator: torch.Generator | None, out_dtype: torch.dtype
+          ) -> Tensor:
+    return torch.multinomial(probs, 1, generator=generator)[:, 0].to(out_dtype)
+
+
+def _sample(name: str, probs: object, indices: Tensor | None, check_nan: bool,
+            generator: torch.Generator | None, keep: Any = None) -> Tensor:
+    """Rows picked by ``indices`` (default: all), filtered by keep(p), one draw each."""
+    p = _check_probs(name, probs).float()
+    out_dtype = torch.int32
+    if indices is not None:
+        check_tensor("indices", indices, dtypes=_INT_DTYPES, ndim=1, device=p.device)
+        check_index_range("indices", indices, 0, p.shape[0])
+        p, out_dtype = p[indices.long()], indices.dtype
+    if check_nan and bool(torch.isnan(p).any()):
+        raise ValueError(f"{name} contains NaN")
+    if keep is not None:
+        p = _renorm(p, keep(p))
+    return _draw(p, generator, out_dtype)
+
+
+def sampling_from_probs(probs: Tensor, indices: Tensor | None = None,
+                        deterministic: bool = True, generator: torch.Generator | None = None,
+                        check_nan: bool = False) -> Tensor:
+    """One token per row from probs [B, V] (or per ``indices`` entry: row indices[i]).
+    Returns int32 [B] (indices' dtype with indices). torch.multinomial with ``generator``:
+    FlashInfer's distribution, not its random stream."""
+    return _sample("probs", probs, indices, check_nan, generator)
+
+
+def sampling_from_logits(logits: Tensor, indices: Tensor | None = None,
+                         deterministic: bool = True, generator: torch.Generator | None = None,
+                         check_nan: bool = False) -> Tensor:
+    """:func:`sampling_from_probs` of softmax(logits)."""
+    check_tensor("logits", logits, dtypes=FLOAT_DTYPES, ndim=2)
+    return _sample("logits", torch.softmax(logits.float(), dim=-1), indices, check_nan,
+                   generator)
+
+
+def top_k_sampling_from_probs(probs: Tensor, top_k: int | Tensor,
+                              indices: Tensor | None = None, deterministic: bool = True,
+                              generator: torch.Generator | None = None,
+                              check_nan: bool = False) -> Tensor:
+    """Sample from :func:`top_k_renorm_probs` (top_k per output row)."""
+    return _sample("probs", probs, indices, check_nan, generator,
+                   lambda p: _top_k_keep(p, top_k))
+
+
+def top_p_sampling_from_probs(probs: Tensor, top_p: float | Tensor,
+                              indices: Tensor | None = None, deterministic: bool = True,
+                              generator: torch.Generator | None = None,
+                              check_nan: bool = False) -> Tensor:
+    """Sample from :func:`top_p_renorm_probs` (top_p per output row)."""
+    return _sample("probs", probs, indices, check_nan, generator,
+                   lambda p: _top_p_keep(p, top_p))
+
+
+def min_p_sampling_from_probs(probs: Tensor, min_p: float | Tensor,
+                              indices: Tensor | None = None, deterministic: bool = True,
+                              generator: torch.Generator | None = None,
+                              check_nan: bool = False) -> Tensor:
+    """Sample among the tokens with probability >= min_p * the row's largest."""
+    return _sample("probs", probs, indices, check_nan, generator,
+                   lambda p: _min_p_keep(p, min_p))
+
+
+def _top_k_top_p_keep(p: Tensor, top_k: object, top_p: object, order: str) -> Tensor:
+    if order == "top_k_first":        # top-p over the renormalized top-k
+        keep = _top_k_keep(p, top_k)
+        return keep & _top_p_keep(_renorm(p, keep), top_p)
+    if order == "joint":              # both filters on the original distribution
+        return _top_k_keep(p, top_k) & _top_p_keep(p, top_p)
+    raise ValueError(f"filter_apply_order must be 'top_k_first' or 'joint', got {order!r}")
+
+
+def top_k_top_p_sampling_from_probs(probs: Tensor, top_k: int | Tensor,
+                                    top_p: float | Tensor, indices: Tensor | None = None,
+                                    filter_apply_order: str = "top_k_first",
+                                    deterministic: bool = True,
+                                    generator: torch.Generator | None = None,
+                                    check_nan: bool = False) -> Tensor:
+    """Top-k then top-p (``filter_apply_order="top_k_first"``: top-p of the renormalized
+    top-k) or both on the original probs (``"joint"``), then one draw per row."""
+    if filter_apply_order not in ("top_k_first", "joint"):
+        raise ValueError(f"filter_apply_order must be 'top_k_first' or 'joint', got "
+                         f"{filter_apply_order!r}")
+    return _sample("probs", probs, indices, check_nan, generator,
+                   lambda p: _top_k_top_p_keep(p, top_k, top_p, filter_apply_order))
+
+
+def top_k_top_p_sampling_from_logits(logits: Tensor, top_k: int | Tensor,
+                                     top_p: float | Tensor, indices: Tensor | None = None,
+                                     filter_apply_order: str = "top_k_first",
+                                     deterministic: bool = True,
+                                     generator: torch.Generator | None = None,
+                                     check_nan: bool = False) -> Tensor:
+    """:func:`top_k_top_p_sampling_from_probs` of softmax(logits). "top_k_first" masks
+    with :func:`minikernels.ops.top_k_top_p_mask_logits` (top-k, then top-p of the kept
+    mass: the same rule) before the softmax."""
+    check_tensor("logits", logits, dtypes=FLOAT_DTYPES, ndim=2)
+    if filter_apply_order == "top_k_first" and indices is None:
+        rows = logits.shape[0]
+        k = _row_param("top_k", top_k, rows, logits.device, True)[:, 0]
+        p = _row_param("top_p", top_p, rows, logits.device, False)[:, 0]
+        masked = ops.top_k_top_p_mask_logits(logits.float(), top_k=k, top_p=p)
+        return _sample("logits", torch.softmax(masked, dim=-1), None, check_nan, generator)
+    return top_k_top_p_sampling_from_probs(torch.softmax(logits.float(), dim=-1), top_k,
+                                           top_p, indices, filter_apply_order, deterministic,
+                                           generator, check_nan)
+
+
+# -------------------------------------------------------------- submodule-style namespaces
+
+decode = SimpleNamespace(
+    single_decode_with_kv_cache=single_decode_with_kv_cache,
+    BatchDecodeWithPagedKVCacheWrapper=BatchDecodeWithPagedKVCacheWrapper)
+prefill = SimpleNamespace(
+    single_prefill_with_kv_cache=single_prefill_with_kv_cache,
+    single_prefill_with_kv_cache_return_lse=single_prefill_with_kv_cache_return_lse,
+    BatchPrefillWithPagedKVCacheWrapper=BatchPrefillWithPagedKVCacheWrapper,
+    BatchPrefillWithRaggedKVCacheWrapper=BatchPrefillWithRaggedKVCacheWrapper)
+page = SimpleNamespace(append_paged_kv_cache=append_paged_kv_cache,
+                       get_batch_indices_positions=get_batch_indices_positions,
+                       get_seq_lens=get_seq_lens)
+cascade = SimpleNamespace(merge_state=merge_state, merge_state_in_place=merge_state_in_place,
+                          merge_states=merge_states)
+norm = SimpleNamespace(rmsnorm=rmsnorm, fused_add_rmsnorm=fused_add_rmsnorm,
+                       gemma_rmsnorm=gemma_rmsnorm,
+                       gemma_fused_add_rmsnorm=gemma_fused_add_rmsnorm)
+activation = SimpleNamespace(silu_and_mul=silu_and_mul, gelu_tanh_and_mul=gelu_tanh_and_mul,
+                             gelu_and_mul=gelu_and_mul)
+rope = SimpleNamespace(
+    apply_rope=apply_rope, apply_rope_inplace=apply_rope_inplace,
+    apply_rope_pos_ids=apply_rope_pos_ids, apply_rope_pos_ids_inplace=apply_rope_pos_ids_inplace,
+    apply_llama31_rope=apply_llama31_rope, apply_llama31_rope_inplace=apply_llama31_rope_inplace,
+    apply_llama31_rope_pos_ids=apply_llama31_rope_pos_ids,
+    apply_llama31_rope_pos_ids_inplace=apply_llama31_rope_pos_ids_inplace,
+    apply_rope_with_cos_sin_cache=apply_rope_with_cos_sin_cache,
+    apply_rope_with_cos_sin_cache_inplace=apply_rope_with_cos_sin_cache_inplace)
+sampling = SimpleNamespace(
+    top_k_mask_logits=top_k_mask_logits, top_k_renorm_probs=top_k_renorm_probs,
+    top_p_renorm_probs=top_p_renorm_probs, top_k_renorm_prob=top_k_renorm_prob,
+    top_p_renorm_prob=top_p_renorm_prob, sampling_from_probs=sampling_from_probs,
+    sampling_from_logits=sampling_from_logits,
+    top_k_sampling_from_probs=top_k_sampling_from_probs,
+    top_p_sampling_from_probs=top_p_sampling_from_probs,
+    min_p_sampling_from_probs=min_p_sampling_from_probs,
+    top_k_top_p_sampling_from_probs=top_k_top_p_sampling_from_probs,
+    top_k_top_p_sampling_from_logits=top_k_top_p_sampling_from_logits)
