@@ -30,8 +30,20 @@ sequence holding blocks (``seq.block_row``); every change goes through this clas
 the two never disagree. The model runner gathers a step's block table from the rows in
 one numpy call instead of copying each sequence's list.
 
+Sliding-window groups (hybrid KV pools, models/kv_layout.py; ``sliding_groups`` = m > 0).
+The m sliding-window KV groups hold, for each block of ``seq.block_table``, a tuple of m
+more ids from the same pool (``seq.swa_blocks``, mirrored in ``swa_table[g]``). A step
+whose first new token is at position c reads keys from c - window + 1 on, so
+``allocate`` first returns the tuples wholly before that block to the pool (their table
+entries become ``null_block``: one reserved, zeroed block, never written, that kernels
+never read inside a window). Full blocks' tuples are offered to their own prefix cache
+under the same chained hashes; a prefix hit of k blocks needs group 0's k blocks and the
+sliding groups' blocks of the window before token k * block_size, so ``lookup_prefix``
+returns the longest k that has both.
+
 Accounting: every block is either in the free list (ref_count 0) or referenced by
-``ref_count`` block-table entries of live sequences. ``check_invariants`` asserts it.
+``ref_count`` block-table entries of live sequences (the null block: by the manager).
+``check_invariants`` asserts it.
 """
 from __future__ import annotations
 
@@ -85,6 +97,19 @@ def hash_blocks(token_ids: Seq[int], block_size: int, first_block: int, num_bloc
     return out
 
 
+def hybrid_blocks_needed(num_tokens: int, block_size: int, sliding_groups: int, window: int,
+                         max_chunk: int) -> int:
+    """Blocks one sequence of num_tokens tokens may hold at once in a pool with
+    ``sliding_groups`` sliding-window groups (0: plain), prefilled in chunks of at most
+    max_chunk tokens: its full-attention blocks, and per sliding group the blocks of the
+    longest span a step reads (a chunk and the window before it)."""
+    full = -(-num_tokens // block_size)
+    if not sliding_groups:
+        return full
+    span = min(full, -(-(max_chunk + window - 1) // block_size) + 1)
+    return full + sliding_groups * span
+
+
 class Block:
     """One KV block: its id, its prefix-cache hash, and (a view of) its reference count,
     which lives in the manager's ``ref`` array so whole block tables are counted at once."""
@@ -104,6 +129,13 @@ class Block:
         return f"Block({self.block_id}, ref={self.ref_count}, hash={self.hash})"
 
 
+class PrefixHits(list):
+    """lookup_prefix's result: group 0's cached block ids, and (hybrid pools) the sliding
+    groups' tuples for the same blocks (None for blocks before the window)."""
+
+    sliding: list[tuple[int, ...] | None] | None = None
+
+
 class BlockManager:
     """Allocates KV blocks to sequences (see the module docstring).
 
@@ -113,11 +145,15 @@ class BlockManager:
         enable_prefix_caching: share full blocks of equal prefixes between sequences.
         max_blocks_per_seq: width of the block-table mirror (grown on demand if None or
             too small).
+        sliding_groups: m sliding-window KV groups beside group 0 (hybrid pools; 0 = none).
+        sliding_window: their window in tokens (a query sees itself and window - 1 keys
+            before it).
     """
 
     def __init__(self, num_blocks: int, block_size: int,
                  enable_prefix_caching: bool = True,
-                 max_blocks_per_seq: int | None = None) -> None:
+                 max_blocks_per_seq: int | None = None, sliding_groups: int = 0,
+                 sliding_window: int = 0) -> None:
         if not isinstance(num_blocks, int) or isinstance(num_blocks, bool) or num_blocks < 1:
             raise ValueError(f"num_blocks must be an int >= 1, got {num_blocks!r}")
         if not isinstance(block_size, int) or isinstance(block_size, bool) or block_size < 1:
@@ -143,6 +179,23 @@ class BlockManager:
         # EAGLE heads keep their K/V in these blocks; a hit's last block is recomputed
         # (its last position's head K/V depends on the token after the block)
         self.drop_last_hit = False
+        # Sliding-window groups (hybrid pools): tuples of m ids per block, their mirror,
+        # their prefix cache, and the reserved null block behind every window.
+        self.sliding_groups = int(sliding_groups)
+        self.window = int(sliding_window)
+        self.null_block = -1
+        self.swa_table = np.zeros((0, 16, self.table.shape[1]), dtype=np.int32)
+        self.swa_cached: dict[bytes, tuple[int, ...]] = {}
+        if self.sliding_groups:
+            if self.sliding_groups < 0 or self.window < 1 or num_blocks < 2:
+                raise ValueError(f"sliding groups need a window >= 1 and >= 2 blocks, got "
+                                 f"{sliding_groups} groups, window {sliding_window}, "
+                                 f"{num_blocks} blocks")
+            self.null_block = num_blocks - 1
+            del self.free[self.null_block]
+            self.ref[self.null_block] = 1
+            self.swa_table = np.full((self.sliding_groups, 16, self.table.shape[1]),
+                                     self.null_block, dtype=np.int32)
 
     # ------------------------------------------------------------------ queries
     @property
@@ -150,9 +203,20 @@ class BlockManager:
         return len(self.free)
 
     @property
+    def num_usable_blocks(self) -> int:
+        """Blocks sequences can hold (all but the null block of hybrid pools)."""
+        return self.num_blocks - (1 if self.sliding_groups else 0)
+
+    @property
     def usage(self) -> float:
         """Fraction of blocks referenced by live sequences."""
-        return 1.0 - len(self.free) / self.num_blocks
+        return 1.0 - len(self.free) / self.num_usable_blocks
+
+    def max_blocks_for(self, num_tokens: int, max_chunk: int) -> int:
+        """Blocks one sequence of num_tokens tokens may hold at once, prefilled in chunks
+        of at most max_chunk tokens (hybrid: a chunk's sliding blocks span its window)."""
+        return hybrid_blocks_needed(num_tokens, self.block_size, self.sliding_groups,
+                                    self.window, max_chunk)
 
     def blocks_needed(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
@@ -206,12 +270,33 @@ class BlockManager:
                          seq.num_tokens // self.block_size)
         hashes = self._seq_hashes(seq, max_blocks)
         # One C-level pass over the hashes; hits end at the first miss.
-        hits = list(map(self.cached.get, hashes[:max_blocks]))
+        hits = PrefixHits(map(self.cached.get, hashes[:max_blocks]))
         if None in hits:
             del hits[hits.index(None):]
         if self.drop_last_hit and hits:
             hits.pop()
+        if self.sliding_groups and hits:
+            k, hits.sliding = self._sliding_hits(hashes, len(hits))
+            del hits[k:]
         return hits
+
+    def _sliding_hits(self, hashes: list[bytes], k: int
+                      ) -> tuple[int, list[tuple[int, ...] | None]]:
+        """The longest hit of at most k blocks whose window is cached in the sliding
+        groups too, and their tuples (None before the window)."""
+        bs, cached = self.block_size, self.swa_cached
+        while k > 0:
+            lo = self._window_start(k * bs)
+            missing = [j for j in range(lo, k) if hashes[j] not in cached]
+            if not missing:
+                return k, [None] * lo + [cached[hashes[j]] for j in range(lo, k)]
+            k = missing[-1]          # a hit must end before its last missing block
+        return 0, []
+
+    def _window_start(self, first_token: int) -> int:
+        """The first block a step whose first new token is ``first_token`` reads in a
+        sliding-window layer."""
+        return max(0, first_token - self.window + 1) // self.block_size
 
     # ------------------------------------------------------------------ block tables
     def _row(self, seq: "Sequence") -> int:
@@ -222,6 +307,8 @@ class BlockManager:
                 self.table = np.concatenate([self.table, np.zeros_like(self.table)])
                 self.row_blocks = np.concatenate([self.row_blocks,
                                                   np.zeros_like(self.row_blocks)])
+                self.swa_table = np.concatenate(
+                    [self.swa_table, np.full_like(self.swa_table, self.null_block)], axis=1)
                 self._free_rows = list(range(2 * n - 1, n - 1, -1))
             seq.block_row = self._free_rows.pop()
         return seq.block_row
@@ -231,10 +318,14 @@ class BlockManager:
         lo = len(seq.block_table)
         hi = lo + len(block_ids)
         if hi > self.table.shape[1]:
-            grown = np.zeros((self.table.shape[0], max(hi, 2 * self.table.shape[1])),
-                             dtype=np.int32)
+            width = max(hi, 2 * self.table.shape[1])
+            grown = np.zeros((self.table.shape[0], width), dtype=np.int32)
             grown[:, :self.table.shape[1]] = self.table
             self.table = grown
+            swa = np.full((self.sliding_groups, self.table.shape[0], width), self.null_block,
+                          dtype=np.int32)
+            swa[:, :, :self.swa_table.shape[2]] = self.swa_table
+            self.swa_table = swa
         self.table[row, lo:hi] = block_ids
         self.row_blocks[row] = hi
         seq.block_table += block_ids
@@ -248,6 +339,8 @@ class BlockManager:
         if block.hash is not None:  # evict from the prefix cache
             if self.cached.get(block.hash) == block_id:
                 del self.cached[block.hash]
+            elif block_id in self.swa_cached.get(block.hash, ()):
+                del self.swa_cached[block.hash]      # (its tuple's other blocks go stale)
             block.hash = None
         return block_id
 
@@ -260,7 +353,8 @@ class BlockManager:
         unless this many blocks stay free afterwards (admission watermark). register:
         offer the full blocks of the scheduled tokens to the prefix cache (False: room
         only, e.g. for an EAGLE head's drafted positions before the step is scheduled).
-        Returns False, changing nothing, when the pool is too small.
+        Returns False when the pool is too small, changing nothing but (hybrid pools)
+        returning the sliding blocks behind the window, which are never read again.
         """
         if num_new_tokens < 0:
             raise ValueError(f"num_new_tokens must be >= 0, got {num_new_tokens}")
@@ -272,10 +366,23 @@ class BlockManager:
         have = len(cached_blocks) if cached_blocks else len(seq.block_table)
         need = max(0, -(-total // bs) - have)
         ref = self.ref
+        idle_count = 0
         if cached_blocks:
             hit_ids = np.asarray(cached_blocks, dtype=np.int64)
+            swa_hits = getattr(cached_blocks, "sliding", None) if self.sliding_groups else None
+            if swa_hits:
+                hit_ids = np.concatenate([hit_ids, np.asarray(
+                    [b for t in swa_hits if t is not None for b in t], dtype=np.int64)])
             idle = hit_ids[ref[hit_ids] == 0]       # cached but in the free list
-        if need + (len(idle) if cached_blocks else 0) + reserve_blocks > len(self.free):
+            idle_count = len(idle)
+        swa_new = 0
+        if self.sliding_groups:
+            lo = self._window_start(num_computed)
+            if not cached_blocks:
+                self._release_behind_window(seq, lo)
+            held = len(cached_blocks) if cached_blocks else len(seq.swa_blocks)
+            swa_new = max(0, -(-total // bs) - max(held, lo))
+        if need + self.sliding_groups * swa_new + idle_count + reserve_blocks > len(self.free):
             return False
         if not seq.block_table and self.enable_prefix_caching \
                 and seq.params.prompt_logprobs is None:
@@ -296,9 +403,60 @@ class BlockManager:
             new += fresh
         if new:
             self._append_blocks(seq, new)
+        if self.sliding_groups:
+            if cached_blocks:
+                hits = swa_hits or [None] * len(cached_blocks)
+                self._append_sliding(seq, list(hits), len(hits) - sum(t is None for t in hits))
+                seq.swa_lo = sum(t is None for t in hits)
+            if swa_new:
+                m = self.sliding_groups
+                fresh = [self._take_free() for _ in range(m * swa_new)]
+                ref[fresh] = 1
+                pad = max(0, lo - len(seq.swa_blocks))    # skipped blocks: behind the window
+                tuples = [None] * pad + [tuple(fresh[i * m:(i + 1) * m])
+                                         for i in range(swa_new)]
+                self._append_sliding(seq, tuples, swa_new)
+                if pad:
+                    seq.swa_lo = max(seq.swa_lo, lo)
         if self.enable_prefix_caching and register:
             self.register_full_blocks(seq, total)
         return True
+
+    # ------------------------------------------------------------------ sliding groups
+    def _append_sliding(self, seq: "Sequence", tuples: list[tuple[int, ...] | None],
+                        num_held: int) -> None:
+        """Append entries to seq.swa_blocks and the sliding mirror (its row exists)."""
+        lo = len(seq.swa_blocks)
+        seq.swa_blocks += tuples
+        if num_held:
+            row = self._row(seq)
+            cols = [lo + i for i, t in enumerate(tuples) if t is not None]
+            self.swa_table[:, row, cols] = np.asarray(
+                [t for t in tuples if t is not None], dtype=np.int32).T
+
+    def _release_behind_window(self, seq: "Sequence", lo: int) -> None:
+        """Return seq's sliding tuples of blocks before ``lo`` to the pool."""
+        if lo <= seq.swa_lo or not seq.swa_blocks:
+            return
+        hi = min(lo, len(seq.swa_blocks))
+        ids = [b for t in seq.swa_blocks[seq.swa_lo:hi] if t is not None for b in t]
+        for j in range(seq.swa_lo, hi):
+            seq.swa_blocks[j] = None
+        if seq.block_row >= 0:
+            self.swa_table[:, seq.block_row, seq.swa_lo:hi] = self.null_block
+        seq.swa_lo = lo
+        self._release(ids)
+
+    def _free_sliding(self, seq: "Sequence", keep: int = 0) -> None:
+        """Release seq's sliding tuples from block ``keep`` on."""
+        if not seq.swa_blocks:
+            return
+        ids = [b for t in seq.swa_blocks[keep:] if t is not None for b in t]
+        if seq.block_row >= 0:
+            self.swa_table[:, seq.block_row, keep:len(seq.swa_blocks)] = self.null_block
+        del seq.swa_blocks[keep:]
+        seq.swa_lo = min(seq.swa_lo, keep)
+        self._release(ids)
 
     def register_full_blocks(self, seq: "Sequence", num_scheduled_tokens: int) -> None:
         """Offer seq's full blocks among its first num_scheduled_tokens tokens to the
@@ -319,6 +477,14 @@ class BlockManager:
             if block.hash is None and h not in cached:
                 block.hash = h
                 cached[h] = block.block_id
+        if self.sliding_groups:
+            swa, swa_cached = seq.swa_blocks, self.swa_cached
+            for i in range(seq.num_registered_blocks, min(num_full, len(swa))):
+                t, h = swa[i], hashes[i]
+                if t is not None and h not in swa_cached and blocks[t[0]].hash is None:
+                    for b in t:
+                        blocks[b].hash = h
+                    swa_cached[h] = t
         seq.num_registered_blocks = num_full
 
     def _release(self, block_ids: list[int]) -> None:
@@ -347,6 +513,9 @@ class BlockManager:
             for seq in seqs:
                 self.free_seq(seq)
             return
+        if self.sliding_groups:
+            for seq in seqs:
+                self._free_sliding(seq)
         held = [s for s in seqs if s.block_row >= 0]
         if held:
             rows = np.fromiter((s.block_row for s in held), dtype=np.int64, count=len(held))
@@ -385,6 +554,8 @@ class BlockManager:
 
     def free_seq(self, seq: "Sequence") -> None:
         """Release all of seq's blocks (last block first, so prefixes are evicted last)."""
+        if self.sliding_groups:
+            self._free_sliding(seq)
         self._release(seq.block_table)
         if seq.block_row >= 0:
             self.table[seq.block_row, :len(seq.block_table)] = 0
@@ -400,6 +571,8 @@ class BlockManager:
         slots of rejected draft tokens; they were never offered to the prefix cache, whose
         blocks hold known tokens only). Freed blocks go to the tail of the free list."""
         keep = max(self.blocks_needed(num_tokens), seq.num_registered_blocks)
+        if self.sliding_groups and len(seq.swa_blocks) > keep:
+            self._free_sliding(seq, keep)
         extra = seq.block_table[keep:]
         if not extra:
             return
@@ -413,6 +586,7 @@ class BlockManager:
         for block in self.blocks:
             block.hash = None
         self.cached.clear()
+        self.swa_cached.clear()
 
     # ------------------------------------------------------------------ checks
     def check_invariants(self, live_seqs: list["Sequence"] = ()) -> None:
@@ -421,10 +595,21 @@ class BlockManager:
         live_seqs: every sequence currently holding blocks.
         """
         refs = [0] * self.num_blocks
+        if self.sliding_groups:
+            refs[self.null_block] = 1
         rows = set()
         for seq in live_seqs:
             for b in seq.block_table:
                 refs[b] += 1
+            if self.sliding_groups:
+                assert len(seq.swa_blocks) <= len(seq.block_table), f"{seq}: sliding entries"
+                for j, t in enumerate(seq.swa_blocks):
+                    assert t is None or j >= seq.swa_lo, f"{seq}: a block before swa_lo"
+                    want = [self.null_block] * self.sliding_groups if t is None else list(t)
+                    assert self.swa_table[:, seq.block_row, j].tolist() == want, \
+                        f"{seq}: sliding mirror disagrees at block {j}"
+                    for b in t or ():
+                        refs[b] += 1
             if seq.block_table:
                 assert seq.block_row >= 0 and seq.block_row not in rows, f"{seq}: bad row"
                 rows.add(seq.block_row)
@@ -437,3 +622,6 @@ class BlockManager:
                 f"{block}: free-list membership disagrees with ref_count"
         for h, b in self.cached.items():
             assert self.blocks[b].hash == h, f"cached hash {h} -> {self.blocks[b]}"
+        for h, t in self.swa_cached.items():
+            assert all(self.blocks[b].hash == h for b in t), f"sliding hash {h} -> {t}"
+        assert self.null_block < 0 or self.null_block not in self.free, "null block freed"

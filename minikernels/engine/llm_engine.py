@@ -34,6 +34,7 @@ from torch import Tensor
 
 from ..models.eagle import EAGLE_METHODS, EagleHead, load_eagle_head
 from ..models.kv_cache_dtype import resolve_kv_cache_dtype
+from ..models.kv_layout import KVCacheLayout, plan_kv_layout
 from .block_manager import BlockManager
 from .draft_model import (DraftModelProposer, check_vocab, load_draft_model,
                           load_draft_tokenizer)
@@ -181,7 +182,8 @@ class LLMEngine:
                  speculative_config: dict[str, Any] | None = None,
                  revision: str | None = None, generation_config: str = "auto",
                  enable_lora: bool = False, max_loras: int = 4, max_lora_rank: int = 16,
-                 max_cpu_loras: int | None = None) -> None:
+                 max_cpu_loras: int | None = None,
+                 disable_hybrid_kv_cache_manager: bool = False) -> None:
         _check_int("block_size", block_size, 1)
         if revision is not None and not isinstance(revision, str):
             raise TypeError(f"revision must be a str or None, got {type(revision).__name__}")
@@ -257,17 +259,22 @@ class LLMEngine:
         elif self.spec_config is not None and self.spec_config.method in EAGLE_METHODS:
             eagle_head = self._load_eagle(max_num_seqs, max_num_batched_tokens)
             draft_kv_bytes = eagle_head.kv_bytes_per_token()
+        self.kv_layout = self._kv_layout(disable_hybrid_kv_cache_manager,
+                                         tensor_parallel_size)
         self.runner = ModelRunner(self.model, block_size, num_kv_blocks,
                                   gpu_memory_utilization, max_num_seqs,
                                   max_num_batched_tokens, max_model_len, enforce_eager,
                                   kv_cache_dtype, extra_kv_bytes_per_token=draft_kv_bytes,
                                   lora=self.lora.manager if self.lora is not None else None,
-                                  **self._verify_graph_args())
+                                  kv_layout=self.kv_layout, **self._verify_graph_args())
         self.device = self.runner.device
         self.max_model_len = self.runner.max_model_len
-        self.block_manager = BlockManager(self.runner.num_blocks, block_size,
-                                          enable_prefix_caching,
-                                          self.runner.max_blocks_per_seq)
+        hybrid = self.kv_layout is not None
+        self.block_manager = BlockManager(
+            self.runner.num_blocks, block_size, enable_prefix_caching,
+            self.runner.max_blocks_per_seq,
+            sliding_groups=self.kv_layout.num_sliding_groups if hybrid else 0,
+            sliding_window=self.kv_layout.window if hybrid else 0)
         self.block_manager.drop_last_hit = eagle_head is not None
         self.scheduler = Scheduler(self.block_manager, max_num_seqs, max_num_batched_tokens)
         if self.lora is not None:   # at most max_loras adapters among running sequences
@@ -517,6 +524,21 @@ class LLMEngine:
         self.model.hidden_capture = head.capture(max(max_num_batched_tokens, max_num_seqs))
         return head
 
+    def _kv_layout(self, disabled: bool, tensor_parallel_size: int) -> KVCacheLayout | None:
+        """The hybrid KV layout (models/kv_layout.py) when the model interleaves
+        full-attention and sliding-window layers, or None (one block table for all).
+
+        Not with speculative decoding (a draft model or EAGLE head reads the target's
+        block table; verification graphs are built for one table), not under tensor
+        parallel (its workers receive one table), or when disabled (vLLM's
+        ``disable_hybrid_kv_cache_manager``)."""
+        config = self.config
+        if (disabled or self.spec_config is not None or tensor_parallel_size != 1
+                or not hasattr(config, "is_sliding")):
+            return None
+        layout = plan_kv_layout(config)
+        return layout if layout.hybrid else None
+
     def _verify_graph_args(self) -> dict[str, int]:
         """ModelRunner arguments for the verification CUDA graphs (speculation only)."""
         if self.spec_config is None:
@@ -636,7 +658,7 @@ class LLMEngine:
         runner, bm = self.runner, self.block_manager
         prev = self._in_flight.sample.tokens \
             if self._in_flight is not None and self._in_flight.sample is not None else None
-        inputs = runner.prepare(batch, bm.table, bm.row_blocks)
+        inputs = runner.prepare(batch, bm.table, bm.row_blocks, bm.swa_table)
         if self.lora is not None:
             inputs.lora_slots = self.lora.token_slots(batch, self.device)
         seqs = [batch.seqs[r] for r in inputs.sample_rows]
@@ -966,7 +988,7 @@ class LLMEngine:
             "num_waiting": self.scheduler.num_waiting,
             "kv_usage": bm.usage,
             "kv_blocks_free": bm.num_free_blocks,
-            "kv_blocks_total": bm.num_blocks,
+            "kv_blocks_total": bm.num_usable_blocks,
             "prompt_tokens_total": self.prompt_tokens_total,
             "generation_tokens_total": self.generation_tokens_total,
             "computed_tokens_total": self.computed_tokens_total,
@@ -1127,6 +1149,10 @@ class LLM:
         generation_config: "auto" (the checkpoint's generation_config.json sampling
             fields are the defaults of :meth:`get_default_sampling_params`, vLLM's
             default), "vllm" (ignore it) or a directory holding one.
+        disable_hybrid_kv_cache_manager: keep one block table for all layers even when
+            the model interleaves sliding-window and full-attention layers (Gemma 2 / 3).
+            By default such a model's sliding layers get their own block tables and hand
+            back the blocks behind their window (docs/engine.md, "Hybrid KV pools").
     """
 
     def __init__(self, model: str | torch.nn.Module, dtype: str | torch.dtype = "bfloat16",
@@ -1140,7 +1166,8 @@ class LLM:
                  speculative_config: dict[str, Any] | None = None,
                  revision: str | None = None, generation_config: str = "auto",
                  enable_lora: bool = False, max_loras: int = 4, max_lora_rank: int = 16,
-                 max_cpu_loras: int | None = None) -> None:
+                 max_cpu_loras: int | None = None,
+                 disable_hybrid_kv_cache_manager: bool = False) -> None:
         self.llm_engine = LLMEngine(
             model, dtype=dtype, quantization=quantization, block_size=block_size,
             num_kv_blocks=num_kv_blocks, gpu_memory_utilization=gpu_memory_utilization,
@@ -1151,7 +1178,8 @@ class LLM:
             async_scheduling=async_scheduling, kv_cache_dtype=kv_cache_dtype,
             speculative_config=speculative_config, revision=revision,
             generation_config=generation_config, enable_lora=enable_lora,
-            max_loras=max_loras, max_lora_rank=max_lora_rank, max_cpu_loras=max_cpu_loras)
+            max_loras=max_loras, max_lora_rank=max_lora_rank, max_cpu_loras=max_cpu_loras,
+            disable_hybrid_kv_cache_manager=disable_hybrid_kv_cache_manager)
         self._counter = itertools.count()
 
     @property

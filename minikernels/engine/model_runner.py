@@ -29,7 +29,9 @@ from torch import Tensor
 
 from .. import _validation
 from ..models.kv_cache_dtype import resolve_kv_cache_dtype
+from ..models.kv_layout import KVCacheLayout
 from ..models.metadata import AttentionMetadata
+from .block_manager import hybrid_blocks_needed
 from .scheduler import ScheduledBatch
 
 if TYPE_CHECKING:
@@ -127,7 +129,9 @@ def build_step_inputs(batch: ScheduledBatch, block_size: int, num_blocks: int,
                       block_table_width: int | None = None,
                       upload: Callable[[Tensor], Tensor] | None = None,
                       table: np.ndarray | None = None,
-                      row_blocks: np.ndarray | None = None) -> StepInputs:
+                      row_blocks: np.ndarray | None = None,
+                      swa_table: np.ndarray | None = None,
+                      layer_group: tuple[int, ...] | None = None) -> StepInputs:
     """Flatten a scheduled batch into (input_ids, AttentionMetadata) for one forward.
 
     Decode entries (one new token each) come first, then prefill chunks; the batch is
@@ -138,12 +142,17 @@ def build_step_inputs(batch: ScheduledBatch, block_size: int, num_blocks: int,
     A sequence asking for prompt logprobs (``Sequence.wants_prompt_logprobs``) adds the
     logits rows of its chunk's prompt positions not launched before
     (``seq.prompt_lp_next``) after the sampling rows (``StepInputs.prompt_lp``).
+    Hybrid KV pools: swa_table (the block manager's sliding-group mirror [m, rows,
+    width]) and layer_group (models/kv_layout.py) add each sliding group's slot mapping and
+    block tables (``AttentionMetadata.group_meta``), from the same rows and positions.
     Raises RuntimeError if a block table does not cover its tokens or holds an id
     outside the pool (an engine bug, caught on the host before the device sees it).
     """
     nd = batch.num_decode
     seqs, counts = batch.seqs, batch.num_new_tokens
     from_lists = table is None or row_blocks is None
+    if swa_table is not None and (from_lists or layer_group is None):
+        raise ValueError("swa_table needs the block-table mirror and layer_group")
     if from_lists:
         table, row_blocks, rows = _tables_from_lists(seqs)
     else:
@@ -169,6 +178,7 @@ def build_step_inputs(batch: ScheduledBatch, block_size: int, num_blocks: int,
     prefill_ends: list[int] = []
     parts_pos = [dpos]
     parts_slots = [dslots]
+    parts_rows = [drows]
     # ---- prefill chunks
     logits_idx: list[int] = list(range(nd))
     sample_rows: list[int] = list(range(nd))
@@ -238,6 +248,7 @@ def build_step_inputs(batch: ScheduledBatch, block_size: int, num_blocks: int,
         p = np.arange(int(lens.sum()), dtype=np.int64) + np.repeat(
             np.asarray(chunk_starts, dtype=np.int64) - (np.cumsum(lens) - lens), lens)
         prows = np.repeat(np.asarray(rows[nd:], dtype=np.int64), lens)
+        parts_rows.append(prows)
         parts_pos.append(p)
         parts_slots.append(table[prows, p // block_size].astype(np.int64) * block_size
                            + p % block_size)
@@ -270,18 +281,31 @@ def build_step_inputs(batch: ScheduledBatch, block_size: int, num_blocks: int,
         logits_idx = logits_idx + plp_idx
     parts = [ids, pos_all, slots_all, logits_idx, ends[:nd], cu_q if num_prefill else [],
              cu_k if num_prefill else [], pend_dst, pend_src, plp_targets]
-    sizes = [len(p) for p in parts] + [tab.size]
+    tabs = [tab]
+    if swa_table is not None:
+        # each sliding group's slots and tables, from the same rows and positions
+        tok_rows = np.concatenate(parts_rows) if len(parts_rows) > 1 else parts_rows[0]
+        swa_slots = swa_table[:, tok_rows, pos_all // block_size].astype(np.int64) \
+            * block_size + pos_all % block_size
+        parts += list(swa_slots)
+        swa_tab = swa_table[:, all_rows, :width] if width <= swa_table.shape[2] else np.pad(
+            swa_table[:, all_rows], ((0, 0), (0, 0), (0, width - swa_table.shape[2])))
+        tabs += list(swa_tab)
+    sizes = [len(p) for p in parts] + [t.size for t in tabs]
     host = np.empty(sum(sizes), dtype=np.int64)
     o = 0
     for part in parts:
         host[o:o + len(part)] = part
         o += len(part)
-    host[o:] = tab.reshape(-1)
+    for t in tabs:
+        host[o:o + t.size] = t.reshape(-1)
+        o += t.size
     flat_host = torch.from_numpy(host)
     flat = upload(flat_host) if upload is not None else flat_host.to(device)
-    ids_t, pos_t, slots_t, lidx_t, lens_t, cuq_t, cuk_t, pdst_t, psrc_t, plpt_t, tab_t = \
-        torch.split(flat, sizes)
-    tab_t = tab_t.to(torch.int32).reshape(len(seqs), width)
+    pieces = torch.split(flat, sizes)
+    ids_t, pos_t, slots_t, lidx_t, lens_t, cuq_t, cuk_t, pdst_t, psrc_t, plpt_t = pieces[:10]
+    m = len(tabs) - 1
+    tab_t = pieces[10 + m].to(torch.int32).reshape(len(seqs), width)
     meta = AttentionMetadata(
         positions=pos_t, slot_mapping=slots_t, num_decode=nd,
         decode_block_table=tab_t[:nd] if nd else None,
@@ -291,6 +315,12 @@ def build_step_inputs(batch: ScheduledBatch, block_size: int, num_blocks: int,
         max_seqlen_q=max_q, max_seqlen_k=max_k,
         prefill_block_table=tab_t[nd:] if num_prefill else None,
         logits_indices=lidx_t)
+    if m:
+        swa_tabs = [t.to(torch.int32).reshape(len(seqs), width) for t in pieces[11 + m:]]
+        meta.with_group_tables(list(pieces[10:10 + m]),
+                               [t[:nd] if nd else None for t in swa_tabs],
+                               [t[nd:] if num_prefill else None for t in swa_tabs],
+                               layer_group)
     return StepInputs(input_ids=ids_t, meta=meta, sample_rows=sample_rows,
                       decode_only=(nd == len(seqs)),
                       pending_dst=pdst_t if len(pend_dst) else None,
@@ -348,9 +378,16 @@ class _DecodeGraphs:
     """CUDA graphs of decode-only forwards, one per batch-size bucket, sharing a pool."""
 
     def __init__(self, model: torch.nn.Module, kv_caches: list, sizes: list[int],
-                 max_blocks_per_seq: int, vocab: int, lora: Any = None) -> None:
+                 max_blocks_per_seq: int, vocab: int, lora: Any = None,
+                 kv_layout: KVCacheLayout | None = None) -> None:
         dev = model.device
         top = sizes[-1]
+        # hybrid KV pools: each sliding group's slots and block table
+        self.kv_layout = kv_layout
+        m = kv_layout.num_sliding_groups if kv_layout is not None else 0
+        self.swa_slots = torch.full((m, top), -1, dtype=torch.int64, device=dev)
+        self.swa_tables = torch.zeros(m, top, max_blocks_per_seq, dtype=torch.int32,
+                                      device=dev)
         # LoRA: the graphs read each token's slot from this buffer (-1 = none)
         self.lora = lora
         self.lora_slots = torch.full((top,), -1, dtype=torch.int32, device=dev)
@@ -384,9 +421,15 @@ class _DecodeGraphs:
         torch.cuda.synchronize(dev)
 
     def _meta(self, bs: int) -> AttentionMetadata:
-        return AttentionMetadata(positions=self.positions[:bs], slot_mapping=self.slots[:bs],
+        meta = AttentionMetadata(positions=self.positions[:bs], slot_mapping=self.slots[:bs],
                                  num_decode=bs, decode_block_table=self.block_table[:bs],
                                  decode_seq_lens=self.seq_lens[:bs], logits_indices=None)
+        if self.kv_layout is not None:
+            m = self.kv_layout.num_sliding_groups
+            meta.with_group_tables([self.swa_slots[g, :bs] for g in range(m)],
+                                   [self.swa_tables[g, :bs] for g in range(m)], [None] * m,
+                                   self.kv_layout.layer_group)
+        return meta
 
     def run(self, inputs: StepInputs) -> Tensor | None:
         """Replay the bucket for a decode-only step; None if no bucket is large enough."""
@@ -403,6 +446,10 @@ class _DecodeGraphs:
         self.seq_lens[n:bs].fill_(0)
         w = meta.decode_block_table.shape[1]
         self.block_table[:n, :w].copy_(meta.decode_block_table, non_blocking=True)
+        for g, gm in enumerate(meta.group_meta or ()):
+            self.swa_slots[g, :n].copy_(gm.slot_mapping, non_blocking=True)
+            self.swa_slots[g, n:bs].fill_(-1)
+            self.swa_tables[g, :n, :w].copy_(gm.decode_block_table, non_blocking=True)
         if self.lora is not None:
             if inputs.lora_slots is None:
                 self.lora_slots[:bs].fill_(-1)
@@ -566,8 +613,9 @@ class ModelRunner:
                  max_model_len: int | None = None, enforce_eager: bool = False,
                  kv_cache_dtype: str = "auto", extra_kv_bytes_per_token: int = 0,
                  num_speculative_tokens: int = 0, max_spec_batch: int = 32,
-                 lora: Any = None) -> None:
+                 lora: Any = None, kv_layout: KVCacheLayout | None = None) -> None:
         self.model = model
+        self.kv_layout = kv_layout if kv_layout is not None and kv_layout.hybrid else None
         self.lora = lora      # a LoRAManager: each step's token slots are set on it
         self.config = model.config
         self.device = torch.device(model.device)
@@ -579,7 +627,7 @@ class ModelRunner:
         self.num_speculative_tokens = int(num_speculative_tokens)
         self.max_spec_batch = int(max_spec_batch)
         self.num_blocks = self._pick_num_blocks(num_kv_blocks, gpu_memory_utilization)
-        pool_tokens = self.num_blocks * block_size
+        pool_tokens = self.longest_fitting_sequence()
         max_pos = int(self.config.max_position_embeddings)
         if max_model_len is None:
             max_model_len = min(max_pos, pool_tokens)
@@ -588,9 +636,9 @@ class ModelRunner:
                              f"max_position_embeddings ({max_pos})")
         elif max_model_len > pool_tokens:
             raise ValueError(f"max_model_len ({max_model_len}) does not fit the KV pool "
-                             f"({self.num_blocks} blocks x {block_size} = {pool_tokens} "
-                             f"tokens); raise num_kv_blocks / gpu_memory_utilization or "
-                             f"lower max_model_len")
+                             f"({self.num_blocks} blocks x {block_size}: {pool_tokens} "
+                             f"tokens per sequence at most); raise num_kv_blocks / "
+                             f"gpu_memory_utilization or lower max_model_len")
         self.max_model_len = int(max_model_len)
         self.max_blocks_per_seq = -(-self.max_model_len // block_size)
         self.kv_caches = self._allocate_kv_pool()
@@ -600,6 +648,24 @@ class ModelRunner:
         self.enforce_eager = bool(enforce_eager) or self.device.type != "cuda"
         self.capture_graphs()
 
+    def longest_fitting_sequence(self) -> int:
+        """Tokens of the longest sequence the pool holds alone (hybrid pools: its
+        full-attention blocks plus its sliding groups' window blocks, less the null
+        block)."""
+        if self.kv_layout is None:
+            return self.num_blocks * self.block_size
+        lay, bs = self.kv_layout, self.block_size
+        usable = self.num_blocks - 1
+
+        def blocks(n: int) -> int:
+            return hybrid_blocks_needed(n, bs, lay.num_sliding_groups, lay.window,
+                                        self.max_num_batched_tokens)
+        lo, hi = 0, usable * bs
+        while lo < hi:                      # the largest n with blocks(n) <= usable
+            mid = (lo + hi + 1) // 2
+            lo, hi = (mid, hi) if blocks(mid) <= usable else (lo, mid - 1)
+        return lo
+
     def capture_graphs(self) -> None:
         """Capture the decode graphs and (speculation) the verification graphs, unless
         eager; called by the constructor and after :meth:`restore`."""
@@ -608,7 +674,9 @@ class ModelRunner:
         model, lora = self.model, self.lora
         # a model may bring its own runner (tensor parallel: every rank in lock step)
         graphs_cls = getattr(model, "decode_graphs_class", _DecodeGraphs)
-        extra = {"lora": lora} if lora is not None else {}
+        extra: dict[str, Any] = {"lora": lora} if lora is not None else {}
+        if self.kv_layout is not None:
+            extra["kv_layout"] = self.kv_layout
         with self.on_device():
             self.graphs = graphs_cls(model, self.kv_caches,
                                      graph_batch_sizes(self.max_num_seqs),
@@ -635,10 +703,13 @@ class ModelRunner:
     def restore(self) -> None:
         """Wake up: a zeroed KV pool of the same shapes (graphs: :meth:`capture_graphs`)."""
         shapes = iter(self._kv_shapes)
+        done: set[int] = set()           # (hybrid pools: layers share tensors)
         for pair in self.kv_caches:
             for t in pair:
                 shape, dtype = next(shapes)
-                t.data = torch.zeros(shape, dtype=dtype, device=t.device)
+                if id(t) not in done:
+                    done.add(id(t))
+                    t.data = torch.zeros(shape, dtype=dtype, device=t.device)
 
     def verify_graph_sizes(self) -> list[int]:
         """Verification-graph buckets: up to the largest batch that drafts (at most
@@ -682,10 +753,11 @@ class ModelRunner:
     def _allocate_kv_pool(self) -> list:
         """The paged KV cache: per layer (k_cache, v_cache), each
         ``[num_blocks, block_size, kv_heads, head_dim]`` in the model's dtype or fp8."""
+        extra = {"layout": self.kv_layout} if self.kv_layout is not None else {}
         if self.kv_cache_dtype is None:
-            return self.model.allocate_kv_caches(self.num_blocks, self.block_size)
+            return self.model.allocate_kv_caches(self.num_blocks, self.block_size, **extra)
         return self.model.allocate_kv_caches(self.num_blocks, self.block_size,
-                                             dtype=self.kv_cache_dtype)
+                                             dtype=self.kv_cache_dtype, **extra)
 
     def _pick_num_blocks(self, num_kv_blocks: int | None, util: float) -> int:
         if num_kv_blocks is not None:
@@ -695,7 +767,8 @@ class ModelRunner:
             return num_kv_blocks
         if not isinstance(util, (int, float)) or not 0.0 < util <= 1.0:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {util!r}")
-        bytes_per_block = (self.model.kv_bytes_per_token(self.kv_cache_dtype)
+        extra = {"layout": self.kv_layout} if self.kv_layout is not None else {}
+        bytes_per_block = (self.model.kv_bytes_per_token(self.kv_cache_dtype, **extra)
                            + self.extra_kv_bytes_per_token) * self.block_size
         if self.device.type != "cuda":
             return max(16, min(CPU_MAX_BLOCKS, CPU_KV_POOL_BYTES // bytes_per_block))
@@ -737,9 +810,14 @@ class ModelRunner:
 
     # ------------------------------------------------------------------ run
     def prepare(self, batch: ScheduledBatch, table: np.ndarray | None = None,
-                row_blocks: np.ndarray | None = None) -> StepInputs:
+                row_blocks: np.ndarray | None = None,
+                swa_table: np.ndarray | None = None) -> StepInputs:
+        """Step inputs from the block manager's mirrors (swa_table: hybrid pools)."""
+        hybrid = self.kv_layout is not None
         return build_step_inputs(batch, self.block_size, self.num_blocks, self.device,
-                                 upload=self._upload, table=table, row_blocks=row_blocks)
+                                 upload=self._upload, table=table, row_blocks=row_blocks,
+                                 swa_table=swa_table if hybrid else None,
+                                 layer_group=self.kv_layout.layer_group if hybrid else None)
 
     @torch.inference_mode()
     def forward(self, inputs: StepInputs, prev_tokens: Tensor | None = None) -> Tensor:

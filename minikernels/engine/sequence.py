@@ -50,6 +50,7 @@ class Sequence:
     __slots__ = ("seq_id", "request", "index", "params", "token_ids", "num_prompt_tokens",
                  "num_computed_tokens", "num_pending", "pending_row", "max_total_tokens",
                  "block_table", "block_row", "block_hashes", "num_registered_blocks",
+                 "swa_blocks", "swa_lo",
                  "num_cached_tokens", "status", "generator", "finish_reason", "stop_reason",
                  "cumulative_logprob", "logprobs", "num_preemptions", "detokenizer",
                  "_final_text", "stop_hold", "unsent_text", "num_emitted_tokens",
@@ -80,6 +81,11 @@ class Sequence:
         self.max_total_tokens = limit
         self.block_table: list[int] = []
         self.block_row = -1           # this sequence's row in the block manager's table
+        # Hybrid KV pools: the sliding-window groups' block ids per block of block_table
+        # (a tuple, one id per group; None once behind the window) and the first entry
+        # that may still hold blocks (engine/block_manager.py).
+        self.swa_blocks: list[tuple[int, ...] | None] = []
+        self.swa_lo = 0
         # Chained hashes of this sequence's full blocks (by content; survive preemption)
         # and how many of its current blocks were offered to the prefix cache.
         self.block_hashes: list[bytes] = []

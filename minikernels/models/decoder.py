@@ -34,6 +34,7 @@ from .. import ops
 from ..nn.layers import PagedAttention, RMSNorm, RotaryEmbedding
 from ..ops.attention import FP8_KV_DTYPES
 from .config import DecoderConfig
+from .kv_layout import KVCacheLayout
 from .linear import FusedLinear
 from .metadata import AttentionMetadata
 from .moe import SparseMoE
@@ -347,7 +348,8 @@ class CausalLM(nn.Module):
                 stream = h if residual is None else h + residual
                 for slot in (j for j, a in enumerate(aux) if a == i):
                     capture.write(slot, stream)
-            h, residual = layer(h, residual, meta, None if kv_caches is None else kv_caches[i])
+            h, residual = layer(h, residual, meta.for_layer(i),
+                                None if kv_caches is None else kv_caches[i])
         if capture is not None and not aux:   # final-normed states of every token
             h = self.norm(h) if residual is None else self.norm(h, residual)[0]
             capture.write(0, h)
@@ -365,10 +367,12 @@ class CausalLM(nn.Module):
                 self.config.head_dim)
 
     def allocate_kv_caches(self, num_blocks: int, block_size: int,
-                           dtype: torch.dtype | None = None) -> list[KVCache]:
+                           dtype: torch.dtype | None = None,
+                           layout: KVCacheLayout | None = None) -> list[KVCache]:
         """Zeroed (k_cache, v_cache) per layer on the model's device, in the model's dtype
         or ``dtype`` (torch.float8_e4m3fn: an fp8 cache, dequantized with each attention
-        layer's k_scale / v_scale)."""
+        layer's k_scale / v_scale). With a hybrid ``layout`` (models/kv_layout.py) layers
+        of different KV groups share pairs: ``layout.num_slots`` pairs in all."""
         if not 1 <= block_size <= 256:
             raise ValueError(f"block_size must be in [1, 256], got {block_size}")
         dt = dtype or self.dtype
@@ -376,15 +380,23 @@ class CausalLM(nn.Module):
             raise ValueError(f"KV cache dtype must be the model's ({self.dtype}) or "
                              f"float8_e4m3fn, got {dt}")
         shape = self.kv_cache_shape(num_blocks, block_size)
-        return [(torch.zeros(shape, dtype=dt, device=self.device),
-                 torch.zeros(shape, dtype=dt, device=self.device))
-                for _ in range(self.config.num_layers)]
+        layout = layout or KVCacheLayout.uniform(self.config.num_layers)
+        if len(layout.layer_slot) != self.config.num_layers:
+            raise ValueError(f"layout has {len(layout.layer_slot)} layers, the model "
+                             f"{self.config.num_layers}")
+        pairs = [(torch.zeros(shape, dtype=dt, device=self.device),
+                  torch.zeros(shape, dtype=dt, device=self.device))
+                 for _ in range(layout.num_slots)]
+        return [pairs[s] for s in layout.layer_slot]
 
-    def kv_bytes_per_token(self, dtype: torch.dtype | None = None) -> int:
-        """Bytes of K and V cache one token takes over all layers."""
+    def kv_bytes_per_token(self, dtype: torch.dtype | None = None,
+                           layout: KVCacheLayout | None = None) -> int:
+        """Bytes of K and V cache one token of one block takes over all cache tensors
+        (all layers, or a hybrid layout's shared pairs)."""
         elem = torch.empty((), dtype=dtype or self.dtype).element_size()
         c = self.config
-        return 2 * c.num_layers * self.num_local_kv_heads * c.head_dim * elem
+        slots = c.num_layers if layout is None else layout.num_slots
+        return 2 * slots * self.num_local_kv_heads * c.head_dim * elem
 
     def weight_bytes(self) -> int:
         """Bytes of all weights (tied embeddings counted once; the rope cache and the fp8

@@ -17,6 +17,7 @@ block_table (a chunk attends to its cached prefix, bottom-right causal).
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -40,6 +41,10 @@ class AttentionMetadata:
     prefill_block_table:  int32 [P, max_blocks] (None for a cache-less forward).
     logits_indices:       int64 [R], rows of the T tokens whose logits are returned
                           (None = all T rows).
+    layer_group:          hybrid KV pools (models/kv_layout.py): each layer's KV group;
+                          None = every layer reads the fields above (group 0).
+    group_meta:           groups 1..: the same step with that group's ``slot_mapping``,
+                          ``decode_block_table`` and ``prefill_block_table``.
     """
 
     positions: Tensor
@@ -53,6 +58,26 @@ class AttentionMetadata:
     max_seqlen_k: int = 0
     prefill_block_table: Tensor | None = None
     logits_indices: Tensor | None = None
+    layer_group: tuple[int, ...] | None = None
+    group_meta: list["AttentionMetadata"] | None = None
+
+    def for_layer(self, layer: int) -> "AttentionMetadata":
+        """The metadata layer ``layer`` attends with (its KV group's tables)."""
+        if self.layer_group is None:
+            return self
+        g = self.layer_group[layer]
+        return self if g == 0 else self.group_meta[g - 1]  # type: ignore[index]
+
+    def with_group_tables(self, slot_mappings: list[Tensor],
+                          decode_tables: list[Tensor | None],
+                          prefill_tables: list[Tensor | None],
+                          layer_group: tuple[int, ...]) -> "AttentionMetadata":
+        """Attach groups 1..'s slot mappings and block tables (hybrid KV pools)."""
+        self.layer_group = layer_group
+        self.group_meta = [dataclasses.replace(self, slot_mapping=s, decode_block_table=d,
+                                               prefill_block_table=p)
+                           for s, d, p in zip(slot_mappings, decode_tables, prefill_tables)]
+        return self
 
     @property
     def num_tokens(self) -> int:
