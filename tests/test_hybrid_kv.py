@@ -14,6 +14,7 @@ import torch
 
 import minikernels as mk
 from minikernels.engine.block_manager import BlockManager
+from minikernels.engine.model_runner import _DecodeGraphs
 from minikernels.engine.sampling_params import SamplingParams
 from minikernels.engine.sequence import Request, Sequence
 from minikernels.models.config import DecoderConfig, builtin_config
@@ -237,3 +238,27 @@ def test_speculation_keeps_one_table(model):
                  num_kv_blocks=100,
                  speculative_config={"method": "ngram", "num_speculative_tokens": 2})
     assert llm.llm_engine.kv_layout is None
+
+
+class EagerDecodeGraphs(_DecodeGraphs):
+    """The decode-graph runner with each bucket run eagerly from its static buffers
+    (what its CUDA graph would compute): the hybrid groups' buffers on the CPU."""
+
+    def _capture(self, bs):
+        return lambda: self._forward(bs)
+
+
+def test_decode_graph_buffers_carry_the_group_tables(model):
+    llm = mk.LLM(model, dtype="float32", device="cpu", tokenizer=None, block_size=4,
+                 num_kv_blocks=300)
+    runner = llm.llm_engine.runner
+    runner.graphs = EagerDecodeGraphs(runner.model, runner.kv_caches, [1, 2, 4, 8],
+                                      runner.max_blocks_per_seq, model.config.vocab_size,
+                                      kv_layout=runner.kv_layout)
+    replays = []
+    run = runner.graphs.run
+    runner.graphs.run = lambda inputs: replays.append(1) or run(inputs)
+    got = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, GREEDY, use_tqdm=False)]
+    want, _ = generate(model, PROMPTS, GREEDY, num_kv_blocks=300,
+                       disable_hybrid_kv_cache_manager=True)
+    assert len(replays) >= 10 and got == want

@@ -594,6 +594,9 @@ def test_cli_arguments(monkeypatch):
     fp8 = parser.parse_args(["some/model", "--kv-cache-dtype", "fp8", "--block-size", "24"])
     assert cli.engine_kwargs(fp8)["kv_cache_dtype"] == "fp8"
     assert cli.engine_kwargs(fp8)["block_size"] == 24
+    assert "disable_hybrid_kv_cache_manager" not in kw
+    one = parser.parse_args(["some/model", "--disable-hybrid-kv-cache-manager"])
+    assert cli.engine_kwargs(one)["disable_hybrid_kv_cache_manager"] is True
     with pytest.raises(SystemExit):
         parser.parse_args(["some/model", "--kv-cache-dtype", "int8"])
 

@@ -398,27 +398,27 @@ class _DecodeGraphs:
         self.slots = torch.full((top,), -1, dtype=torch.int64, device=dev)
         self.block_table = torch.zeros(top, max_blocks_per_seq, dtype=torch.int32, device=dev)
         self.seq_lens = torch.zeros(top, dtype=torch.int32, device=dev)
-        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, Tensor]] = {}
-        pool = None
+        self.model, self.kv_caches = model, kv_caches
+        self.graphs: dict[int, Callable[[], Tensor]] = {}
+        self.pool: Any = None     # the verification graphs capture into it too
         with torch.inference_mode(), index_checks_off():
             for bs in reversed(sizes):  # largest first: later graphs reuse its memory
-                meta = self._meta(bs)
                 if lora is not None:
                     lora.set_token_slots(self.lora_slots[:bs])
-                stream = torch.cuda.Stream(device=dev)
-                stream.wait_stream(torch.cuda.current_stream(dev))
-                with torch.cuda.stream(stream):
-                    model(self.input_ids[:bs], meta, kv_caches)  # warm-up (lazy init)
-                torch.cuda.current_stream(dev).wait_stream(stream)
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=pool):
-                    out = model(self.input_ids[:bs], meta, kv_caches)
-                pool = graph.pool() if pool is None else pool
-                self.graphs[bs] = (graph, out)
-        self.pool = pool    # the verification graphs capture into it too
+                self.graphs[bs] = self._capture(bs)
         if lora is not None:
             lora.set_token_slots(None)
-        torch.cuda.synchronize(dev)
+
+    def _forward(self, bs: int) -> Tensor:
+        """The model on bucket bs's static buffers -> logits of its bs rows."""
+        return self.model(self.input_ids[:bs], self._meta(bs), self.kv_caches)
+
+    def _capture(self, bs: int) -> Callable[[], Tensor]:
+        """Capture bucket bs (after a warm-up forward); returns its replay. The only
+        CUDA-specific part: a CPU stand-in may return an eager closure instead."""
+        replay, self.pool = capture_cuda_graph(lambda: self._forward(bs), self.model.device,
+                                               self.pool)
+        return replay
 
     def _meta(self, bs: int) -> AttentionMetadata:
         meta = AttentionMetadata(positions=self.positions[:bs], slot_mapping=self.slots[:bs],
@@ -456,8 +456,7 @@ class _DecodeGraphs:
             else:
                 self.lora_slots[:n].copy_(inputs.lora_slots, non_blocking=True)
                 self.lora_slots[n:bs].fill_(-1)
-        graph, out = self.graphs[bs]
-        graph.replay()
+        out = self.graphs[bs]()
         return out.index_select(0, meta.logits_indices)
 
 

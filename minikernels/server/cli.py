@@ -124,6 +124,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     eng.add_argument("--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPE_NAMES,
                      help="auto = the model's dtype; fp8 = e4m3 KV cache (twice the tokens "
                           "of bf16; logit error in docs/models.md)")
+    eng.add_argument("--disable-hybrid-kv-cache-manager", action="store_true",
+                     help="one block table for all layers, even for models that interleave "
+                          "sliding-window and full attention (Gemma 2 / 3), whose sliding "
+                          "layers otherwise hand back the blocks behind their window")
     eng.add_argument("--num-kv-blocks", type=int, default=None)
     eng.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     eng.add_argument("--max-num-seqs", type=int, default=256)
@@ -194,6 +198,8 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
         enable_prefix_caching=args.enable_prefix_caching, enforce_eager=args.enforce_eager,
         seed=args.seed, kv_cache_dtype=args.kv_cache_dtype)
+    if args.disable_hybrid_kv_cache_manager:
+        kwargs["disable_hybrid_kv_cache_manager"] = True
     if args.device is not None:
         kwargs["device"] = args.device
     if args.max_model_len is not None:
