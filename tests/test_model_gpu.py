@@ -276,3 +276,30 @@ def test_gpu_sleep_frees_memory_and_wakes_up(tmp_path):
     llm.wake_up()
     assert eng.runner.graphs is not None
     assert tokens(llm.generate(prompts, sp, use_tqdm=False)) == want
+
+
+def test_gpu_hybrid_kv_pools_token_identical():
+    """Hybrid KV pools (Gemma-style sliding + full layers) on the GPU kernels: greedy tokens
+    equal with CUDA graphs on and off and with one block table for all layers."""
+    import minikernels as mk
+    from minikernels.models.config import DecoderConfig, builtin_config
+    from minikernels.models.decoder import CausalLM
+    from minikernels.models.loader import _init_dummy
+
+    cfg = DecoderConfig(**{**builtin_config("tiny-gemma3").to_dict(), "num_layers": 6,
+                           "sliding_window_layers": [0, 1, 3, 4], "sliding_window": 8})
+    model = CausalLM(cfg, dtype=torch.bfloat16, device="cuda")
+    _init_dummy(model, 0, None)
+    model.eval().requires_grad_(False)
+    prompts = [list(range(3, 40)), list(range(50, 61)), list(range(100, 170)), [7] * 5]
+    params = mk.SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
+    outs = {}
+    for name, kw in (("graphs", {}), ("eager", {"enforce_eager": True}),
+                     ("one-table", {"disable_hybrid_kv_cache_manager": True})):
+        llm = mk.LLM(model, dtype="bfloat16", tokenizer=None, block_size=4, num_kv_blocks=400,
+                     **kw)
+        assert (llm.llm_engine.kv_layout is None) == (name == "one-table")
+        outs[name] = [o.outputs[0].token_ids for o in llm.generate(prompts, params,
+                                                                   use_tqdm=False)]
+        llm.llm_engine.check_no_leaks()
+    assert outs["graphs"] == outs["eager"] == outs["one-table"]
