@@ -153,6 +153,40 @@ def test_prefill_over_fp8_prefix_matches_reference(backend, device, per_head):
     torch.testing.assert_close(lse, ref_lse, atol=2e-3, rtol=1e-3)
 
 
+@pytest.mark.parametrize("backend", kernel_backends())
+@pytest.mark.parametrize("per_head_k", [False, True])
+def test_mixed_per_head_and_per_tensor_scales(backend, device, per_head_k):
+    """A per-head k_scale with a per-tensor v_scale (or the reverse): each cache uses its
+    own scales in the write, decode and prefill kernels (they share one per-head flag,
+    so the boundary expands the per-tensor one)."""
+    q, kc, vc, bt, sl, ks, vs, k16, v16 = _fp8_case([40, 9], 4, 2, 64, 16, True, device,
+                                                    seed=5)
+    if per_head_k:
+        vs = vs[:1].clone()
+    else:
+        ks = ks[:1].clone()
+    kc, vc = reference.quantize_kv(k16, ks, FP8), reference.quantize_kv(v16, vs, FP8)
+    k_new, v_new = k16[0, :3].float(), v16[0, :3].float()
+    slots = torch.tensor([5, 6, 7], device=device)
+    kw_, vw_ = kc.clone(), vc.clone()
+    with mk.use_backend(backend):
+        mk.ops.write_kv_cache(k_new, v_new, kw_, vw_, slots, k_scale=ks, v_scale=vs)
+        out = mk.ops.paged_decode_attention(q, kc, vc, bt, sl, k_scale=ks, v_scale=vs)
+        cu = torch.tensor([0, 2, 3], dtype=torch.int32, device=device)
+        cu_k = torch.tensor([0, 40, 49], dtype=torch.int32, device=device)
+        qp = torch.cat([q, q[:1]])
+        pre = mk.ops.flash_attention(qp, kc, vc, cu, cu_k, 2, 40, block_table=bt,
+                                     k_scale=ks, v_scale=vs)
+    kr, vr = kc.clone(), vc.clone()
+    reference.write_kv_cache(k_new, v_new, kr, vr, slots, ks, vs)
+    assert torch.equal(_bytes(kw_), _bytes(kr)) and torch.equal(_bytes(vw_), _bytes(vr))
+    ref = reference.paged_decode_attention(q, kc, vc, bt, sl, None, -1, 0.0, ks, vs)[0]
+    assert_close(out, ref, scale=2.0)
+    ref_pre = reference.flash_attention(qp, kc, vc, cu, cu_k, 2, 40, True, None, -1, 0.0,
+                                        bt, -1, ks, vs)[0]
+    assert_close(pre, ref_pre, scale=2.0)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_fp8_attention_stays_close_to_bf16(backend, device):
     """Quantization error only: decode over the fp8 cache vs over the bf16 cache it came from."""

@@ -104,6 +104,8 @@ def check_kv_scales(cache_names: tuple[str, str], k_cache: Tensor, k_scale: obje
 
     fp8 caches need both (a float or a float32 tensor with 1 or Hkv elements, > 0); other
     caches take none. A float becomes a tensor here (pass tensors inside CUDA graphs).
+    When one is per tensor and the other per head, both come back per head (the kernels
+    decide per-head scaling once for the pair).
     """
     fp8 = k_cache.dtype in FP8_KV_DTYPES
     if not fp8:
@@ -128,6 +130,10 @@ def check_kv_scales(cache_names: tuple[str, str], k_cache: Tensor, k_scale: obje
         if index_checks_active(s) and not bool((s > 0).all() & torch.isfinite(s).all()):
             raise ValueError(f"{name} must be finite and > 0")
         out.append(s.reshape(-1).contiguous())
+    if out[0].numel() != out[1].numel():
+        # the kernels take one "per head" flag for both: give the per-tensor one a value
+        # per head too
+        out = [t.expand(hkv).contiguous() if t.numel() == 1 else t for t in out]
     return out[0], out[1]
 
 
