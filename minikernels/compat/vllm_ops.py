@@ -1,0 +1,659 @@
+"""vLLM's kernel-op API (``vllm._custom_ops``, and the ``torch.ops._C`` out-first ops it
+wraps) on minikernels, so code and kernel tests written against vLLM swap one import:
+
+    from minikernels.compat import vllm_ops as ops   # was: from vllm import _custom_ops as ops
+    ops.rms_norm(out, x, weight, 1e-6)                # writes out
+    ops.fused_add_rms_norm(x, residual, weight, 1e-6) # in place: residual += x, x = norm
+    ops.rotary_embedding(positions, q, k, 128, cos_sin_cache, True)   # in place on q, k
+
+Names, positional argument order, defaults, dtypes and layouts are vLLM's. Functions that
+vLLM documents as writing their out-parameters or mutating their inputs write the caller's
+tensors (``out.copy_(result)``), views with their own strides included, and return None;
+the others return what vLLM returns. Errors are ValueError / TypeError naming vLLM's
+argument. The math is minikernels' ops (reference on the CPU, Triton / CUDA on a GPU),
+except where a function says "plain PyTorch".
+
+Covered (vLLM name -> minikernels op):
+    rms_norm(out, input, weight, epsilon)               ops.rms_norm (weight None = ones)
+    fused_add_rms_norm(input, residual, weight, epsilon)  ops.rms_norm(residual=...)
+    gemma_rms_norm(out, input, weight, epsilon)         ops.gemma_rms_norm     (torch.ops._C)
+    fused_add_gemma_rms_norm(input, residual, weight, epsilon)                 (torch.ops._C)
+    silu_and_mul / mul_and_silu / gelu_and_mul / gelu_tanh_and_mul(out, input) (torch.ops._C)
+    rotary_embedding(positions, query, key, head_size, cos_sin_cache, is_neox,
+                     rope_dim_offset=0, inverse=False)  ops.rotary_embedding
+    reshape_and_cache_flash(key, value, key_cache, value_cache, slot_mapping,
+                            kv_cache_dtype, k_scale, v_scale)  ops.write_kv_cache
+    convert_fp8(output, input, scale=1.0, kv_dtype="fp8")  plain PyTorch (fp8 KV rows)
+    merge_attn_states(output, prefix_output, prefix_lse, suffix_output, suffix_lse,
+                      output_lse=None, prefill_tokens_with_context=None,
+                      output_scale=None)                ops.merge_attn_states
+    scaled_int8_quant(input, scale=None, azp=None, symmetric=True)  ops.scaled_int8_quant
+    cutlass_scaled_mm(a, b, scale_a, scale_b, out_dtype, bias=None)  ops.scaled_mm; the
+                      128 x 128 block-scaled fp8 form: ops.w8a8_block_fp8_matmul
+    scaled_fp8_quant(input, scale=None, num_token_padding=None, scale_ub=None,
+                     use_per_token_if_dynamic=False, output=None, group_shape=None)
+                                                        plain PyTorch (no minikernels op
+                                                        has these scale rules)
+    moe_align_block_size(topk_ids, num_experts, block_size, sorted_token_ids,
+                         experts_ids, num_tokens_post_pad, expert_map=None)
+                                                        ops.moe_align_block_size
+    topk_softmax(topk_weights, topk_ids, token_expert_indices, gating_output,
+                 renormalize=False)                     ops.topk_softmax
+
+Not covered (not defined here; calling them is an AttributeError):
+    reshape_and_cache, paged_attention_v1 / v2: the "x-split" key cache
+        [num_blocks, num_heads, head_size / x, block_size, x] and the value cache
+        [num_blocks, num_heads, head_size, block_size] are not strided views of
+        minikernels' [num_blocks, block_size, num_heads, head_size] cache (the head dim is
+        split in two, or not unit-stride), so no op can read or write them in place.
+    cutlass_scaled_mm_azp, the fused norm/activation + quant ops
+        (rms_norm_dynamic_per_token_quant, rms_norm_static_fp8_quant,
+        silu_and_mul_per_block_quant, ...), fatrelu_and_mul, swigluoai_and_mul,
+        gelu_fast / gelu_new / gelu_quick, moe_sum, grouped_topk, topk_sigmoid: no
+        minikernels op computes them (they would be plain PyTorch, not a mapping).
+    gptq_gemm / awq_gemm / awq_dequantize / marlin / machete / fp4 / MLA / all-reduce /
+        Mamba / CPU ops: other weight formats (GPTQ's K-packed qweight with g_idx and
+        exllama shuffles, AWQ's interleaved nibbles, Marlin tiles) or features minikernels
+        does not have; a repack would not be exact and cheap.
+    Arguments of covered functions with no minikernels equivalent raise a ValueError
+        naming them: moe_align_block_size's scatter_idx, topk_softmax's
+        e_score_correction_bias / is_padding.
+
+Differences, by design:
+    - fp32 math with one rounding to the output dtype (rms_norm: vLLM rounds x * rsqrt to
+      the input dtype before multiplying by weight; silu / gelu_and_mul: vLLM rounds the
+      activation before the product): results may differ from vLLM's by about an ulp of
+      fp16 / bf16.
+    - merge_attn_states: where both states are empty (lse -inf or +inf on both sides) the
+      output is 0 and output_lse -inf (vLLM's kernels produce NaN there).
+    - scaled_fp8_quant: a zero scale (an all-zero input's dynamic scale) quantizes to 0
+      (vLLM's kernel writes 448 there, which also dequantizes to 0); rows added by
+      num_token_padding are 0 and their per-token scales 0 (vLLM leaves them unwritten).
+    - cutlass_scaled_mm also takes out_dtype float32 and any M, N, K (vLLM: fp16 / bf16);
+      positions may be int32 as well as int64; outputs of the returning functions are
+      contiguous (vLLM's scaled_int8_quant keeps input's strides).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from .. import ops
+from .._validation import (
+    FLOAT_DTYPES,
+    check_index_range,
+    check_positive_float,
+    check_shape,
+    check_tensor,
+)
+from ..ops.reference import FP8_E4M3_MAX
+
+__all__ = [
+    "convert_fp8", "cutlass_scaled_mm", "fused_add_gemma_rms_norm", "fused_add_rms_norm",
+    "gelu_and_mul", "gelu_tanh_and_mul", "gemma_rms_norm", "merge_attn_states",
+    "moe_align_block_size", "mul_and_silu", "reshape_and_cache_flash", "rms_norm",
+    "rotary_embedding", "scaled_fp8_quant", "scaled_int8_quant", "silu_and_mul",
+    "topk_softmax",
+]
+
+FP8 = torch.float8_e4m3fn
+#: vLLM's per-token fp8 scale floor: 1 / (448 * 512)
+FP8_MIN_SCALE = 1.0 / (FP8_E4M3_MAX * 512.0)
+#: kv_cache_dtype strings of an e4m3 cache (vLLM stores it as uint8 or float8_e4m3fn)
+FP8_KV_CACHE_DTYPES = ("fp8", "fp8_e4m3")
+_INDEX_DTYPES = (torch.int32, torch.int64)
+_BLOCK = 128            # cutlass_scaled_mm's block-scaled fp8 form: 128 x 128 blocks
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _check_out(name: str, out: object, like: Tensor, shape: list[int] | None = None,
+               dtype: torch.dtype | None = None) -> Tensor:
+    """An output buffer: a tensor on ``like``'s device with ``dtype`` (default like's) and
+    ``shape`` (default like's); any strides."""
+    check_tensor(name, out, dtypes=(dtype or like.dtype,), device=like.device)
+    check_shape(name, out, list(like.shape) if shape is None else shape)
+    return out  # type: ignore[return-value]
+
+
+def _check_bool(name: str, value: object) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+    return value
+
+
+def _check_int(name: str, value: object, low: int) -> int:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < low:
+        raise ValueError(f"{name} must be >= {low}, got {value}")
+    return value
+
+
+def _unsupported(name: str, value: object, why: str) -> None:
+    if value is not None:
+        raise ValueError(f"{name} is not supported by minikernels ({why}); pass None")
+
+
+# ----------------------------------------------------------------------------- norms
+
+
+def _norm_args(input: Tensor, weight: Tensor | None, epsilon: float,
+               required: bool = False) -> tuple[Tensor, float]:
+    check_tensor("input", input, dtypes=FLOAT_DTYPES, min_ndim=1)
+    h = input.shape[-1]
+    if weight is None:
+        if required:
+            raise TypeError("weight must be a tensor [hidden_size], got None")
+        weight = torch.ones(h, dtype=input.dtype, device=input.device)
+    check_tensor("weight", weight, dtypes=FLOAT_DTYPES, ndim=1, device=input.device)
+    check_shape("weight", weight, [h])
+    return weight, check_positive_float("epsilon", epsilon)
+
+
+def rms_norm(out: Tensor, input: Tensor, weight: Tensor | None,
+             epsilon: float) -> None:
+    """out = input / sqrt(mean(input^2) + epsilon) * weight over the last dim (writes out).
+
+    input [..., H] fp16/bf16/fp32 (any strides); weight [H] any float dtype, or None (no
+    scale: vLLM's weightless RMSNorm); out like input (shape, dtype), any strides."""
+    weight, eps = _norm_args(input, weight, epsilon)
+    _check_out("out", out, input)
+    out.copy_(ops.rms_norm(input, weight, eps))
+
+
+def fused_add_rms_norm(input: Tensor, residual: Tensor,
+                       weight: Tensor | None, epsilon: float) -> None:
+    """In place: residual <- input + residual (rounded to the dtype), then
+    input <- rms_norm(residual) * weight. input, residual [..., H] of one dtype and shape
+    (any strides); weight [H] or None."""
+    weight, eps = _norm_args(input, weight, epsilon)
+    _check_out("residual", residual, input)
+    y, h = ops.rms_norm(input, weight, eps, residual=residual)
+    residual.copy_(h)
+    input.copy_(y)
+
+
+def gemma_rms_norm(out: Tensor, input: Tensor, weight: Tensor,
+                   epsilon: float) -> None:
+    """Gemma's RMSNorm, ``torch.ops._C.gemma_rms_norm``: out = input / rms * (1 + weight).
+    Layouts as :func:`rms_norm` (weight required)."""
+    weight, eps = _norm_args(input, weight, epsilon, required=True)
+    _check_out("out", out, input)
+    out.copy_(ops.gemma_rms_norm(input, weight, eps))
+
+
+def fused_add_gemma_rms_norm(input: Tensor, residual: Tensor,
+                             weight: Tensor, epsilon: float) -> None:
+    """``torch.ops._C.fused_add_gemma_rms_norm``: :func:`fused_add_rms_norm` with Gemma's
+    (1 + weight) scale, in place on input and residual."""
+    weight, eps = _norm_args(input, weight, epsilon, required=True)
+    _check_out("residual", residual, input)
+    y, h = ops.gemma_rms_norm(input, weight, eps, residual=residual)
+    residual.copy_(h)
+    input.copy_(y)
+
+
+# ------------------------------------------------------------------------ activations
+
+
+def _gated(out: object, input: Tensor) -> int:
+    check_tensor("input", input, dtypes=FLOAT_DTYPES, min_ndim=1)
+    if input.shape[-1] % 2:
+        raise ValueError(f"input last dim must be even ([..., 2 * d]), got "
+                         f"{list(input.shape)}")
+    d = input.shape[-1] // 2
+    _check_out("out", out, input, [*input.shape[:-1], d])
+    return d
+
+
+def silu_and_mul(out: Tensor, input: Tensor) -> None:
+    """out = silu(input[..., :d]) * input[..., d:] (``torch.ops._C.silu_and_mul``).
+    input [..., 2d] fp16/bf16/fp32; out [..., d] of input's dtype; any strides."""
+    _gated(out, input)
+    out.copy_(ops.silu_and_mul(input))
+
+
+def mul_and_silu(out: Tensor, input: Tensor) -> None:
+    """out = input[..., :d] * silu(input[..., d:]) (``torch.ops._C.mul_and_silu``; the
+    halves are swapped into one copy for :func:`minikernels.ops.silu_and_mul`)."""
+    d = _gated(out, input)
+    out.copy_(ops.silu_and_mul(torch.cat([input[..., d:], input[..., :d]], dim=-1)))
+
+
+def gelu_and_mul(out: Tensor, input: Tensor) -> None:
+    """out = gelu(input[..., :d]) * input[..., d:], erf GELU (``torch.ops._C.gelu_and_mul``)."""
+    _gated(out, input)
+    out.copy_(ops.gelu_and_mul(input, "none"))
+
+
+def gelu_tanh_and_mul(out: Tensor, input: Tensor) -> None:
+    """out = gelu_tanh(input[..., :d]) * input[..., d:] (``torch.ops._C.gelu_tanh_and_mul``)."""
+    _gated(out, input)
+    out.copy_(ops.gelu_and_mul(input, "tanh"))
+
+
+# ----------------------------------------------------------------------------- rotary
+
+
+def _heads(name: str, t: object, positions: Tensor, head_size: int,
+           dtype: torch.dtype | None) -> Tensor:
+    """query / key as a [*positions.shape, heads, head_size] view of the caller's tensor."""
+    check_tensor(name, t, dtypes=(dtype,) if dtype else FLOAT_DTYPES)
+    lead = tuple(positions.shape)
+    if t.dim() == len(lead) + 1 and tuple(t.shape[:-1]) == lead and t.shape[-1] and \
+            t.shape[-1] % head_size == 0:
+        return t.unflatten(-1, (t.shape[-1] // head_size, head_size))
+    if t.dim() == len(lead) + 2 and tuple(t.shape[:-2]) == lead and t.shape[-1] == head_size:
+        return t
+    raise ValueError(f"{name} must have shape [{', '.join(map(str, lead))}, num_heads * "
+                     f"{head_size}] or [{', '.join(map(str, lead))}, num_heads, {head_size}] "
+                     f"(positions' shape, then heads of head_size), got {list(t.shape)}")
+
+
+def rotary_embedding(positions: Tensor, query: Tensor, key: Tensor | None, head_size: int,
+                     cos_sin_cache: Tensor, is_neox: bool, rope_dim_offset: int = 0,
+                     inverse: bool = False) -> None:
+    """Rotary embedding, in place on query and key (vLLM's ``rotary_embedding``).
+
+    positions int64 (or int32) [num_tokens] or [batch, seq]; query [*positions.shape,
+    num_heads * head_size] or [*positions.shape, num_heads, head_size] fp16/bf16/fp32 (any
+    strides, e.g. a slice of a padded or fused qkv buffer); key the same with its own head
+    count, or None; cos_sin_cache [max_position, rot_dim] (cos half, then sin half; any
+    float dtype) with rot_dim + rope_dim_offset <= head_size: dims rope_dim_offset ..
+    rope_dim_offset + rot_dim of each head rotate, neox (is_neox: pairs (i, i + rot_dim/2))
+    or GPT-J style (pairs (2i, 2i + 1)); the other dims are unchanged. inverse: rotate by
+    -angle (undo the embedding). See :func:`minikernels.ops.rotary_embedding`.
+    """
+    check_tensor("query", query, dtypes=FLOAT_DTYPES)
+    check_tensor("positions", positions, dtypes=_INDEX_DTYPES, ndim=(1, 2),
+                 device=query.device)
+    head_size = _check_int("head_size", head_size, 1)
+    offset = _check_int("rope_dim_offset", rope_dim_offset, 0)
+    _check_bool("is_neox", is_neox)
+    _check_bool("inverse", inverse)
+    check_tensor("cos_sin_cache", cos_sin_cache, dtypes=FLOAT_DTYPES, ndim=2,
+                 device=query.device)
+    rot = cos_sin_cache.shape[1]
+    if rot == 0 or rot % 2 or rot + offset > head_size:
+        raise ValueError(f"cos_sin_cache's last dim (rot_dim) must be even, > 0 and with "
+                         f"rope_dim_offset ({offset}) at most head_size ({head_size}), "
+                         f"got {rot}")
+    q = _heads("query", query, positions, head_size, None)
+    k = None if key is None else _heads("key", key, positions, head_size, query.dtype)
+    cache, pos = cos_sin_cache, positions
+    if inverse:  # the rows this call reads, sin negated: rotation by -angle
+        check_index_range("positions", positions, 0, cos_sin_cache.shape[0])
+        rows = cos_sin_cache[positions.reshape(-1).long()]
+        cache = torch.cat([rows[:, :rot // 2], -rows[:, rot // 2:]], dim=1)
+        pos = torch.arange(rows.shape[0], device=rows.device).view(positions.shape)
+    qs = q[..., offset:]
+    ks = qs[..., :1, :] if k is None else k[..., offset:]   # key None: a dummy one-head k
+    qo, ko = ops.rotary_embedding(qs, ks, pos, cache, is_neox)
+    q[..., offset:offset + rot].copy_(qo[..., :rot])
+    if k is not None:
+        k[..., offset:offset + rot].copy_(ko[..., :rot])
+
+
+# --------------------------------------------------------------------------- KV cache
+
+
+def _same_scale_count(k_scale: object, v_scale: object, heads: int) -> tuple:
+    """A per-tensor scale next to a per-head one, expanded to per-head: minikernels' Triton
+    KV kernels take per-head-ness from k_scale alone and would misread the other."""
+    if isinstance(k_scale, Tensor) and isinstance(v_scale, Tensor) and \
+            k_scale.numel() != v_scale.numel() and 1 in (k_scale.numel(), v_scale.numel()):
+        return tuple(s.reshape(-1).expand(heads) if s.numel() == 1 else s
+                     for s in (k_scale, v_scale))
+    return k_scale, v_scale
+
+
+def reshape_and_cache_flash(key: Tensor, value: Tensor, key_cache: Tensor,
+                            value_cache: Tensor, slot_mapping: Tensor, kv_cache_dtype: str,
+                            k_scale: Tensor, v_scale: Tensor) -> None:
+    """Write each token's key / value rows into its cache slot, in place.
+
+    key, value [num_tokens, num_kv_heads, head_size] fp16/bf16/fp32 (any strides; rows
+    past slot_mapping's length are ignored: CUDA-graph padding); key_cache, value_cache
+    [num_blocks, block_size, num_kv_heads, head_size] (each with its own strides, last dim
+    contiguous: NHD, or an HND cache permuted to this shape); slot_mapping int64 / int32
+    [num_actual_tokens], slot = block * block_size + offset, -1 = skip.
+    kv_cache_dtype "auto": caches of key's dtype, k_scale / v_scale unused. "fp8" /
+    "fp8_e4m3": caches uint8 (vLLM's storage) or float8_e4m3fn holding
+    fp8(clamp(x / scale, +-448)); k_scale, v_scale float32 with 1 (per tensor) or
+    num_kv_heads (per head) elements.
+    """
+    check_tensor("key", key, dtypes=FLOAT_DTYPES, ndim=3)
+    check_tensor("value", value, dtypes=(key.dtype,), ndim=3, device=key.device)
+    check_shape("value", value, list(key.shape))
+    check_tensor("slot_mapping", slot_mapping, dtypes=_INDEX_DTYPES, ndim=1, device=key.device)
+    n = slot_mapping.shape[0]
+    if key.shape[0] < n:
+        raise ValueError(f"key has {key.shape[0]} tokens but slot_mapping has {n} slots "
+                         f"(key may have more rows, not fewer)")
+    if kv_cache_dtype == "auto":
+        cache_dtypes: tuple[torch.dtype, ...] = (key.dtype,)
+        k_scale = v_scale = None  # type: ignore[assignment]
+    elif kv_cache_dtype in FP8_KV_CACHE_DTYPES:
+        cache_dtypes = (torch.uint8, FP8)
+        k_scale, v_scale = _same_scale_count(k_scale, v_scale, key.shape[1])
+    else:
+        raise ValueError(f"kv_cache_dtype must be 'auto', 'fp8' or 'fp8_e4m3' (minikernels' "
+                         f"fp8 KV cache is e4m3), got {kv_cache_dtype!r}")
+    caches = []
+    for name, c in (("key_cache", key_cache), ("value_cache", value_cache)):
+        check_tensor(name, c, dtypes=cache_dtypes, ndim=4, device=key.device)
+        check_shape(name, c, [None, None, key.shape[1], key.shape[2]])
+        caches.append(c.view(FP8) if c.dtype == torch.uint8 else c)
+    ops.write_kv_cache(key[:n], value[:n], caches[0], caches[1], slot_mapping, k_scale,
+                       v_scale)
+
+
+def convert_fp8(output: Tensor, input: Tensor, scale: float = 1.0,
+                kv_dtype: str = "fp8") -> None:
+    """Convert between an fp8 (e4m3) KV cache and floats, writing output (plain PyTorch).
+
+    fp8 -> float: input uint8 / float8_e4m3fn, output fp16/bf16/fp32: output = input * scale.
+    float -> fp8: input fp16/bf16/fp32, output uint8 / float8_e4m3fn:
+    output = fp8(clamp(input / scale, +-448)). Same shapes, any strides; scale > 0."""
+    if kv_dtype not in FP8_KV_CACHE_DTYPES:
+        raise ValueError(f"kv_dtype must be 'fp8' or 'fp8_e4m3', got {kv_dtype!r}")
+    scale = check_positive_float("scale", scale)
+    fp8_like = (torch.uint8, FP8)
+    check_tensor("input", input, dtypes=(*fp8_like, *FLOAT_DTYPES))
+    out_dtypes = FLOAT_DTYPES if input.dtype in fp8_like else fp8_like
+    check_tensor("output", output, dtypes=out_dtypes, device=input.device)
+    check_shape("output", output, list(input.shape))
+    if input.dtype in fp8_like:
+        output.copy_(input.view(FP8).float() * scale)
+    else:
+        q = (input.float() / scale).clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(FP8)
+        output.view(FP8).copy_(q)
+
+
+# ------------------------------------------------------------------ merge attn states
+
+
+def merge_attn_states(output: Tensor, prefix_output: Tensor, prefix_lse: Tensor,
+                      suffix_output: Tensor, suffix_lse: Tensor,
+                      output_lse: Tensor | None = None,
+                      prefill_tokens_with_context: int | None = None,
+                      output_scale: Tensor | None = None) -> None:
+    """Merge two attention states over disjoint key sets, writing output (and output_lse).
+
+    prefix_output, suffix_output [num_tokens, num_heads, head_size] fp16/bf16/fp32;
+    prefix_lse, suffix_lse float32 [num_heads, num_tokens] (natural log; +inf, FA2's empty
+    row, counts as -inf: no keys); output [num_tokens, num_heads, head_size] of the inputs'
+    dtype, or float8_e4m3fn with output_scale (float32, 1 element): output =
+    fp8(clamp(merged / output_scale, +-448)); output_lse float32 [num_heads, num_tokens] or
+    None. Tokens from prefill_tokens_with_context on (default: none) take the suffix state
+    as is. Every tensor may be a strided view.
+    """
+    check_tensor("prefix_output", prefix_output, dtypes=FLOAT_DTYPES, ndim=3)
+    t, h, d = prefix_output.shape
+    dev = prefix_output.device
+    check_tensor("suffix_output", suffix_output, dtypes=(prefix_output.dtype,), device=dev)
+    check_shape("suffix_output", suffix_output, [t, h, d])
+    for name, lse in (("prefix_lse", prefix_lse), ("suffix_lse", suffix_lse)):
+        check_tensor(name, lse, dtypes=(torch.float32,), device=dev)
+        check_shape(name, lse, [h, t])
+    if output_scale is not None:
+        check_tensor("output_scale", output_scale, dtypes=(torch.float32,), device=dev)
+        if output_scale.numel() != 1:
+            raise ValueError(f"output_scale must have 1 element (a per-tensor fp8 scale), "
+                             f"got shape {list(output_scale.shape)}")
+    out_dtype = FP8 if output_scale is not None else prefix_output.dtype
+    _check_out("output", output, prefix_output, [t, h, d], out_dtype)
+    if output_lse is not None:
+        _check_out("output_lse", output_lse, prefix_lse, [h, t])
+    ctx = t if prefill_tokens_with_context is None else \
+        min(_check_int("prefill_tokens_with_context", prefill_tokens_with_context, 0), t)
+
+    def empty_as_neg_inf(lse: Tensor) -> Tensor:
+        return lse.t().masked_fill(lse.t() == math.inf, -math.inf)     # [t, h]
+
+    work = torch.float32 if output_scale is not None else prefix_output.dtype
+    out, lse = ops.merge_attn_states(
+        prefix_output[:ctx].to(work), empty_as_neg_inf(prefix_lse)[:ctx],
+        suffix_output[:ctx].to(work), empty_as_neg_inf(suffix_lse)[:ctx])
+    out = torch.cat([out, suffix_output[ctx:].to(work)])
+    lse = torch.cat([lse, suffix_lse.t()[ctx:]])
+    if output_scale is not None:
+        inv = 1.0 / output_scale.reshape(()).float()
+        out = (out.float() * inv).clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(FP8)
+    output.copy_(out)
+    if output_lse is not None:
+        output_lse.copy_(lse.t())
+
+
+# ---------------------------------------------------------------------- int8 / fp8 W8A8
+
+
+def scaled_int8_quant(input: Tensor, scale: Tensor | None = None,
+                      azp: Tensor | None = None, symmetric: bool = True
+                      ) -> tuple[Tensor, Tensor, Tensor | None]:
+    """vLLM's ``scaled_int8_quant``: returns (int8 like input, scales, azp or None).
+    Dynamic (scale None): per-token fp32 scales [M, 1] (and int32 azp [M, 1] when not
+    symmetric); static: scale (and azp) as given. See
+    :func:`minikernels.ops.scaled_int8_quant` for the exact math."""
+    check_tensor("input", input, dtypes=FLOAT_DTYPES, min_ndim=1)
+    return ops.scaled_int8_quant(input, scale, azp, symmetric)
+
+
+def cutlass_scaled_mm(a: Tensor, b: Tensor, scale_a: Tensor, scale_b: Tensor,
+                      out_dtype: torch.dtype, bias: Tensor | None = None) -> Tensor:
+    """out = (scale_a * a) @ (scale_b * b) (+ bias) in out_dtype, shape [*a.shape[:-1], N].
+
+    a [..., K] int8 or float8_e4m3fn; b [K, N] of a's dtype (usually weight.t());
+    bias [N] in out_dtype or None; out_dtype fp16 / bf16 (or fp32). Scales fp32:
+    scale_a numel 1 or M (per token), scale_b numel 1 or N (per channel)
+    (:func:`minikernels.ops.scaled_mm`); or, for fp8, vLLM's block form: scale_a [M, K / 128]
+    (one per token and 128 columns), scale_b [K / 128, N / 128] (one per 128 x 128 block),
+    sizes rounded up (:func:`minikernels.ops.w8a8_block_fp8_matmul`, bias added in fp32
+    before the one rounding).
+    """
+    check_tensor("a", a, dtypes=(torch.int8, FP8), min_ndim=1)
+    check_tensor("b", b, dtypes=(a.dtype,), ndim=2, device=a.device)
+    check_tensor("scale_a", scale_a, dtypes=(torch.float32,), device=a.device)
+    check_tensor("scale_b", scale_b, dtypes=(torch.float32,), device=a.device)
+    k, n = b.shape
+    m = math.prod(a.shape[:-1])
+    if a.dtype != FP8 or (scale_a.numel() in (1, m) and scale_b.numel() in (1, n)):
+        return ops.scaled_mm(a, b, scale_a, scale_b, out_dtype, bias)
+    kb, nb = -(-k // _BLOCK), -(-n // _BLOCK)
+    if a.shape[-1] != k:
+        raise ValueError(f"a's last dim ({a.shape[-1]}) must equal b's first dim K ({k})")
+    if list(scale_a.shape) != [m, kb] or list(scale_b.shape) != [kb, nb]:
+        raise ValueError(f"scale_a / scale_b must be per tensor / token (numel 1 or {m}) and "
+                         f"per tensor / channel (numel 1 or {n}), or 128 x 128 block scales "
+                         f"[{m}, {kb}] and [{kb}, {nb}]; got {list(scale_a.shape)} and "
+                         f"{list(scale_b.shape)}")
+    if out_dtype not in FLOAT_DTYPES:
+        raise TypeError(f"out_dtype must be float16, bfloat16 or float32, got {out_dtype}")
+    if bias is not None:
+        check_tensor("bias", bias, dtypes=(out_dtype,), device=a.device)
+        check_shape("bias", bias, [n])
+    out = ops.w8a8_block_fp8_matmul(a.reshape(m, k), b.t(), scale_a, scale_b.t(),
+                                    [_BLOCK, _BLOCK], torch.float32)
+    if bias is not None:
+        out = out + bias.float()
+    return out.to(out_dtype).view(*a.shape[:-1], n)
+
+
+def _static_fp8_scale(scale: Tensor, m: int, n: int,
+                      group_shape: tuple[int, int] | None) -> Tensor:
+    """A static scale (per tensor, per channel [N] or per group) -> broadcastable to [m, n]."""
+    if group_shape is None:
+        if scale.numel() == 1:
+            return scale.reshape(1, 1)
+        if scale.dim() == 1 and scale.numel() == n:          # vLLM's per-channel [d]
+            return scale.reshape(1, n)
+        if scale.dim() != 2 or not all(s and size % s == 0 for s, size in
+                                       zip(scale.shape, (m, n))):
+            raise ValueError(f"scale must have 1 element, shape [{n}] (per channel) or a 2-D "
+                             f"group shape dividing [{m}, {n}] (or pass group_shape), got "
+                             f"{list(scale.shape)}")
+        group_shape = (m // scale.shape[0], n // scale.shape[1])
+    if (not isinstance(group_shape, (tuple, list)) or len(group_shape) != 2 or not all(
+            isinstance(g, int) and not isinstance(g, bool) and (g == -1 or g >= 1)
+            for g in group_shape)):
+        raise ValueError(f"group_shape must be two ints (group_m, group_n), each >= 1 or -1 "
+                         f"(full extent), got {group_shape!r}")
+    gm = m if group_shape[0] == -1 else group_shape[0]
+    gn = n if group_shape[1] == -1 else group_shape[1]
+    gm, gn = max(gm, 1), max(gn, 1)
+    rows, cols = -(-m // gm), -(-n // gn)
+    if scale.numel() != rows * cols:
+        raise ValueError(f"scale must have {rows} x {cols} elements for group_shape "
+                         f"{tuple(group_shape)} on input [{m}, {n}], got {list(scale.shape)}")
+    s = scale.reshape(rows, cols)
+    return s.repeat_interleave(gm, 0)[:m].repeat_interleave(gn, 1)[:, :n]
+
+
+def _fp8_mul(x: Tensor, inv: Tensor) -> Tensor:
+    return (x * inv).clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(FP8)
+
+
+def _reciprocal(s: Tensor) -> Tensor:
+    """1 / s in fp32, 0 where s == 0 (a zero scale quantizes to 0, not NaN)."""
+    return torch.where(s == 0, torch.zeros_like(s), 1.0 / torch.where(s == 0, 1.0, s))
+
+
+def scaled_fp8_quant(input: Tensor, scale: Tensor | None = None,
+                     num_token_padding: int | None = None, scale_ub: Tensor | None = None,
+                     use_per_token_if_dynamic: bool = False, output: Tensor | None = None,
+                     group_shape: tuple[int, int] | None = None) -> tuple[Tensor, Tensor]:
+    """Quantize input [M, N] (fp16/bf16/fp32, any strides) to float8_e4m3fn (plain
+    PyTorch, fp32 math, saturating at +-448, round to nearest even).
+
+    Dynamic, per tensor (scale None): s = max|input| / 448, returned as float32 [1];
+        q = fp8(clamp(input * (1 / s))).
+    Dynamic, per token (use_per_token_if_dynamic): s[m] = max(min(max|input[m]|,
+        scale_ub) / 448, 1 / (448 * 512)) (scale_ub: float32, 1 element, optional),
+        returned as float32 [rows, 1]; q = fp8(clamp(input / s)).
+    Static (scale given, float32): 1 element (per tensor), [N] (per channel), or group
+        scales [ceil(M / gm), ceil(N / gn)] for group_shape (gm, gn) (-1 = full extent;
+        inferred from a 2-D scale's shape when None); q = fp8(clamp(input * (1 / s)));
+        returns the given scale.
+    num_token_padding: output rows max(M, num_token_padding), the extra rows 0. output:
+    an optional float8_e4m3fn [M, N] buffer (any strides) to write instead (not with
+    num_token_padding). Returns (output, scale).
+    """
+    check_tensor("input", input, dtypes=FLOAT_DTYPES, ndim=2)
+    m, n = input.shape
+    _check_bool("use_per_token_if_dynamic", use_per_token_if_dynamic)
+    rows = m
+    if num_token_padding:
+        rows = max(m, _check_int("num_token_padding", num_token_padding, 0))
+    if output is None:
+        output = torch.zeros((rows, n), dtype=FP8, device=input.device)
+    else:
+        if num_token_padding:
+            raise ValueError("num_token_padding must be None when output is given "
+                             "(vLLM: padding is not supported with an output buffer)")
+        _check_out("output", output, input, [m, n], FP8)
+    xf = input.float()
+    if scale is not None:
+        check_tensor("scale", scale, dtypes=(torch.float32,), device=input.device)
+        _unsupported("scale_ub", scale_ub, "it bounds dynamic per-token scales only")
+        output[:m].copy_(_fp8_mul(xf, _reciprocal(_static_fp8_scale(scale, m, n,
+                                                                      group_shape))))
+        return output, scale
+    if group_shape is not None:
+        raise ValueError("group_shape is only for a static scale (scale given)")
+    if use_per_token_if_dynamic:
+        amax = xf.abs().amax(dim=1, keepdim=True) if n else xf.new_zeros(m, 1)
+        if scale_ub is not None:
+            check_tensor("scale_ub", scale_ub, dtypes=(torch.float32,), device=input.device)
+            if scale_ub.numel() != 1:
+                raise ValueError(f"scale_ub must have 1 element, got shape "
+                                 f"{list(scale_ub.shape)}")
+            amax = torch.minimum(amax, scale_ub.reshape(1, 1))
+        s = (amax / FP8_E4M3_MAX).clamp_min(FP8_MIN_SCALE)
+        output[:m].copy_((xf / s).clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(FP8))
+        scales = torch.zeros((rows, 1), dtype=torch.float32, device=input.device)
+        scales[:m] = s
+        return output, scales
+    _unsupported("scale_ub", scale_ub, "it bounds dynamic per-token scales only")
+    amax = xf.abs().amax() if xf.numel() else xf.new_zeros(())
+    s = (amax / FP8_E4M3_MAX).reshape(1)
+    output[:m].copy_(_fp8_mul(xf, _reciprocal(s)))
+    return output, s
+
+
+# -------------------------------------------------------------------------------- MoE
+
+
+def moe_align_block_size(topk_ids: Tensor, num_experts: int, block_size: int,
+                         sorted_token_ids: Tensor, experts_ids: Tensor,
+                         num_tokens_post_pad: Tensor, expert_map: Tensor | None = None,
+                         scatter_idx: Tensor | None = None) -> None:
+    """Group the T*k (token, slot) pairs of topk_ids [T, k] (int32 / int64) by expert into
+    block_size tiles, writing vLLM's out buffers (all int32, on topk_ids' device, any
+    strides):
+
+    sorted_token_ids [>= S] pair ids p = t * k + j, expert 0's first, each expert's run
+        padded to a multiple of block_size with the sentinel T*k, which also fills the rest;
+        S = min(T*k + E * (block_size - 1), T*k * block_size) (vLLM's buffer size, or more,
+        e.g. rounded up to block_size);
+    experts_ids [>= ceil(S / block_size)] each tile's expert, -1 past the used tiles
+        (with expert_map [E]: the mapped expert, -1 for other ranks' experts);
+    num_tokens_post_pad [1] the used length of sorted_token_ids.
+    See :func:`minikernels.ops.moe_align_block_size`.
+    """
+    _unsupported("scatter_idx", scatter_idx, "no scatter-index output")
+    check_tensor("topk_ids", topk_ids, dtypes=_INDEX_DTYPES, ndim=2)
+    sorted_ids, expert_ids, post = ops.moe_align_block_size(topk_ids, block_size,
+                                                            num_experts, expert_map)
+    for name, buf, need in (("sorted_token_ids", sorted_token_ids, sorted_ids.shape[0]),
+                            ("experts_ids", experts_ids, expert_ids.shape[0]),
+                            ("num_tokens_post_pad", num_tokens_post_pad, 1)):
+        check_tensor(name, buf, dtypes=(torch.int32,), ndim=1, device=topk_ids.device)
+        if buf.shape[0] < need:
+            raise ValueError(f"{name} must have at least {need} entries for {topk_ids.numel()} "
+                             f"pairs, {num_experts} experts and block_size {block_size}, got "
+                             f"{list(buf.shape)}")
+    s, b = sorted_ids.shape[0], expert_ids.shape[0]
+    sorted_token_ids[:s].copy_(sorted_ids)
+    sorted_token_ids[s:].fill_(topk_ids.numel())
+    experts_ids[:b].copy_(expert_ids)
+    experts_ids[b:].fill_(-1)
+    num_tokens_post_pad[:1].copy_(post)
+
+
+def topk_softmax(topk_weights: Tensor, topk_ids: Tensor, token_expert_indices: Tensor,
+                 gating_output: Tensor, renormalize: bool = False,
+                 e_score_correction_bias: Tensor | None = None,
+                 is_padding: Tensor | None = None) -> None:
+    """Softmax top-k routing, writing vLLM's out buffers (any strides).
+
+    gating_output [T, E] fp16/bf16/fp32 router logits; k = topk_weights.shape[1].
+    topk_weights [T, k] float (fp32 in vLLM): the softmax probabilities of the k best
+    experts, largest first (renormalize: divided by their sum); topk_ids [T, k] int32 /
+    int64: their ids (ties: lower id first); token_expert_indices [T, k] int32:
+    j * T + t. See :func:`minikernels.ops.topk_softmax`.
+    """
+    _unsupported("e_score_correction_bias", e_score_correction_bias,
+                 "minikernels' router has no score-correction bias")
+    _unsupported("is_padding", is_padding, "no padding mask in minikernels' router")
+    check_tensor("gating_output", gating_output, dtypes=FLOAT_DTYPES, ndim=2)
+    check_tensor("topk_weights", topk_weights, dtypes=FLOAT_DTYPES, ndim=2,
+                 device=gating_output.device)
+    t, e = gating_output.shape
+    k = topk_weights.shape[1]
+    check_shape("topk_weights", topk_weights, [t, k])
+    if not 1 <= k <= e:
+        raise ValueError(f"topk_weights must have 1 .. {e} columns (k <= num_experts = "
+                         f"gating_output's columns), got {list(topk_weights.shape)}")
+    check_tensor("topk_ids", topk_ids, dtypes=_INDEX_DTYPES, device=gating_output.device)
+    check_shape("topk_ids", topk_ids, [t, k])
+    _check_out("token_expert_indices", token_expert_indices, topk_ids, [t, k], torch.int32)
+    weights, ids = ops.topk_softmax(gating_output, k, renormalize, topk_ids.dtype)
+    topk_weights.copy_(weights)
+    topk_ids.copy_(ids)
+    slot = torch.arange(k, dtype=torch.int32, device=gating_output.device)
+    token = torch.arange(t, dtype=torch.int32, device=gating_output.device)
+    token_expert_indices.copy_(slot[None, :] * t + token[:, None])

@@ -1,0 +1,559 @@
+"""minikernels.compat.vllm_ops (vLLM's ``_custom_ops`` API) against independent fp32
+formulas written here (vLLM's kernel-test references): out-parameters and in-place
+arguments really written (strided views of bigger buffers included, the rest of the buffer
+untouched), vLLM's layouts and dtypes, one token and odd sizes, and errors that name
+vLLM's arguments."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from helpers import DTYPES, TOL, assert_close
+from hypothesis import given
+from hypothesis import strategies as st
+
+import minikernels as mk
+from minikernels.compat import vllm_ops as ops
+
+FP8 = torch.float8_e4m3fn
+SENTINEL = -7.0
+dtypes = st.sampled_from(DTYPES)
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _randn(g: torch.Generator, *shape: int, dtype: torch.dtype = torch.float32,
+           strided: bool = False) -> torch.Tensor:
+    """A random tensor; strided: a view of the first half of a buffer twice as wide."""
+    if not strided:
+        return torch.randn(*shape, generator=g).to(dtype)
+    big = torch.randn(*shape[:-1], 2 * shape[-1], generator=g).to(dtype)
+    return big[..., :shape[-1]]
+
+
+def _out_view(shape: tuple[int, ...], dtype: torch.dtype, strided: bool
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """An out buffer filled with SENTINEL: (view to pass, whole buffer)."""
+    if not strided:
+        buf = torch.full(shape, SENTINEL).to(dtype)
+        return buf, buf
+    buf = torch.full((*shape[:-1], shape[-1] + 3), SENTINEL).to(dtype)
+    return buf[..., 1:shape[-1] + 1], buf
+
+
+def _untouched_margins(buf: torch.Tensor, view: torch.Tensor) -> None:
+    if buf.shape != view.shape:
+        margins = torch.cat([buf[..., :1], buf[..., -2:]], dim=-1).float()
+        assert (margins == SENTINEL).all()
+
+
+# -------------------------------------------------------------------------- norms
+
+
+def _rms_ref(x: torch.Tensor, w: torch.Tensor, eps: float, offset: float = 0.0):
+    xf = x.double()
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+            * (w.double() + offset)).to(x.dtype)
+
+
+@given(rows=st.sampled_from([1, 3, 7]), hidden=st.sampled_from([1, 8, 33]), dtype=dtypes,
+       strided_in=st.booleans(), strided_out=st.booleans(), weightless=st.booleans(),
+       seed=st.integers(0, 2**31))
+def test_rms_norm_writes_out(rows, hidden, dtype, strided_in, strided_out, weightless, seed):
+    g = _gen(seed)
+    x = _randn(g, rows, hidden, dtype=dtype, strided=strided_in)
+    w = None if weightless else (torch.rand(hidden, generator=g) + 0.5).to(dtype)
+    out, buf = _out_view((rows, hidden), dtype, strided_out)
+    x_before = x.clone()
+    assert ops.rms_norm(out, x, w, 1e-5) is None
+    ref = _rms_ref(x, torch.ones(hidden) if w is None else w, 1e-5)
+    assert_close(out, ref)
+    assert torch.equal(x, x_before)
+    _untouched_margins(buf, out)
+
+
+@given(rows=st.sampled_from([1, 2, 5]), hidden=st.sampled_from([8, 17]), dtype=dtypes,
+       strided=st.booleans(), gemma=st.booleans(), seed=st.integers(0, 2**31))
+def test_fused_add_rms_norm_in_place(rows, hidden, dtype, strided, gemma, seed):
+    g = _gen(seed)
+    x = _randn(g, rows, hidden, dtype=dtype, strided=strided)
+    residual = _randn(g, rows, hidden, dtype=dtype, strided=strided)
+    w = (torch.rand(hidden, generator=g) * 0.2 + (0.0 if gemma else 0.9)).to(dtype)
+    h_ref = (x.float() + residual.float()).to(dtype)        # the sum rounded once
+    y_ref = _rms_ref(h_ref, w, 1e-6, 1.0 if gemma else 0.0)
+    fn = ops.fused_add_gemma_rms_norm if gemma else ops.fused_add_rms_norm
+    assert fn(x, residual, w, 1e-6) is None
+    assert_close(residual, h_ref)     # one rounding of the sum (an ulp on interpreters)
+    assert_close(x, y_ref)
+
+
+def test_gemma_rms_norm_fp32_weight_bf16_input():
+    g = _gen(0)
+    x = _randn(g, 4, 24, dtype=torch.bfloat16)
+    w = torch.randn(24, generator=g) * 0.1            # Gemma keeps an fp32 weight
+    out = torch.empty_like(x)
+    ops.gemma_rms_norm(out, x, w, 1e-6)
+    assert_close(out, _rms_ref(x, w, 1e-6, 1.0))
+
+
+# --------------------------------------------------------------------- activations
+
+ACTS = {
+    "silu_and_mul": lambda a, b: torch.nn.functional.silu(a) * b,
+    "mul_and_silu": lambda a, b: a * torch.nn.functional.silu(b),
+    "gelu_and_mul": lambda a, b: torch.nn.functional.gelu(a) * b,
+    "gelu_tanh_and_mul": lambda a, b: torch.nn.functional.gelu(a, approximate="tanh") * b,
+}
+
+
+@pytest.mark.parametrize("name", list(ACTS))
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1, 2), (3, 14), (2, 3, 10)])
+def test_gated_activations(name, dtype, shape):
+    g = _gen(hash((name, shape)) % 2**31)
+    x = _randn(g, *shape, dtype=dtype, strided=len(shape) == 3)
+    d = shape[-1] // 2
+    out, buf = _out_view((*shape[:-1], d), dtype, strided=shape[0] == 3)
+    getattr(ops, name)(out, x)
+    xf = x.float()
+    assert_close(out, ACTS[name](xf[..., :d], xf[..., d:]).to(dtype))
+    _untouched_margins(buf, out)
+
+
+# -------------------------------------------------------------------------- rotary
+
+
+def _rope_ref(x: torch.Tensor, pos: torch.Tensor, cache: torch.Tensor, neox: bool,
+              offset: int, inverse: bool) -> torch.Tensor:
+    """x [..., H, D] rotated on dims offset .. offset + rot, one pair at a time (fp64)."""
+    rot = cache.shape[1]
+    half = rot // 2
+    out = x.double().clone()
+    cs = cache.double()[pos.long()]                      # [..., rot]
+    for i in range(half):
+        a, b = (offset + i, offset + half + i) if neox else (offset + 2 * i, offset + 2 * i + 1)
+        cos = cs[..., i].unsqueeze(-1)
+        sin = cs[..., half + i].unsqueeze(-1) * (-1 if inverse else 1)
+        xa, xb = x[..., a].double(), x[..., b].double()
+        out[..., a] = xa * cos - xb * sin
+        out[..., b] = xb * cos + xa * sin
+    return out.to(x.dtype)
+
+
+@given(layout=st.sampled_from(["flat", "heads", "padded"]), batched=st.booleans(),
+       tokens=st.sampled_from([1, 5]), head_size=st.sampled_from([8, 12]),
+       rot=st.sampled_from([None, 4]), offset=st.sampled_from([0, 2]),
+       neox=st.booleans(), use_key=st.booleans(), inverse=st.booleans(),
+       dtype=st.sampled_from([torch.bfloat16, torch.float32]), seed=st.integers(0, 2**31))
+def test_rotary_embedding_in_place(layout, batched, tokens, head_size, rot, offset, neox,
+                                   use_key, inverse, dtype, seed):
+    rot = head_size - offset if rot is None else rot
+    g = _gen(seed)
+    lead = (2, tokens) if batched else (tokens,)
+    max_pos = 40
+    positions = torch.randint(0, max_pos, lead, generator=g)
+    cache = torch.randn(max_pos, rot, generator=g)
+    hq, hk = 3, 1
+
+    def make(heads: int) -> torch.Tensor:
+        if layout == "flat":
+            return _randn(g, *lead, heads * head_size, dtype=dtype)
+        if layout == "heads":
+            return _randn(g, *lead, heads, head_size, dtype=dtype)
+        return _randn(g, *lead, heads, head_size + 5, dtype=dtype)[..., :head_size]
+
+    query = make(hq)
+    key = make(hk) if use_key else None
+    q_ref = _rope_ref(query.reshape(*lead, hq, head_size), positions, cache, neox, offset,
+                      inverse)
+    k_ref = None if key is None else _rope_ref(key.reshape(*lead, hk, head_size), positions,
+                                               cache, neox, offset, inverse)
+    assert ops.rotary_embedding(positions, query, key, head_size, cache, neox, offset,
+                                inverse) is None
+    assert_close(query.reshape(*lead, hq, head_size), q_ref)
+    if key is not None:
+        assert_close(key.reshape(*lead, hk, head_size), k_ref)
+
+
+def test_rotary_inverse_undoes_forward():
+    g = _gen(1)
+    positions = torch.tensor([0, 7, 3])
+    cache = torch.randn(10, 8, generator=g)
+    q = torch.randn(3, 2 * 8, generator=g)
+    k = torch.randn(3, 8, generator=g)
+    q0, k0 = q.clone(), k.clone()
+    ops.rotary_embedding(positions, q, k, 8, cache, False)
+    assert not torch.allclose(q, q0)
+    # the cache holds unit (cos, sin) pairs only when built from angles: use real ones
+    angles = torch.randn(10, 4, generator=g)
+    cache = torch.cat([angles.cos(), angles.sin()], dim=1)
+    q, k = q0.clone(), k0.clone()
+    ops.rotary_embedding(positions, q, k, 8, cache, True)
+    ops.rotary_embedding(positions, q, k, 8, cache, True, inverse=True)
+    assert_close(q, q0)
+    assert_close(k, k0)
+
+
+# ------------------------------------------------------------------------ KV cache
+
+
+def _caches(nb: int, bs: int, h: int, d: int, dtype: torch.dtype, hnd: bool):
+    """Key / value caches [nb, bs, h, d] (an HND buffer permuted when hnd), zero-filled."""
+    shape = (nb, h, bs, d) if hnd else (nb, bs, h, d)
+    k, v = torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype)
+    return (k.permute(0, 2, 1, 3), v.permute(0, 2, 1, 3)) if hnd else (k, v)
+
+
+@given(kv_dtype=st.sampled_from(["auto", "fp8", "fp8_e4m3"]), hnd=st.booleans(),
+       per_head=st.booleans(), uint8=st.booleans(), pad_rows=st.sampled_from([0, 2]),
+       dtype=dtypes, bs=st.sampled_from([1, 4]), seed=st.integers(0, 2**31))
+def test_reshape_and_cache_flash(kv_dtype, hnd, per_head, uint8, pad_rows, dtype, bs, seed):
+    g = _gen(seed)
+    n, h, d, nb = 5, 2, 8, 3
+    qkv = _randn(g, n + pad_rows, 3, h, d, dtype=dtype)
+    _, key, value = qkv.unbind(1)                     # strided views, like vLLM's test
+    slots = torch.randperm(nb * bs, generator=g)[:n]
+    slots[1] = -1                                     # a skipped (padding) token
+    fp8 = kv_dtype != "auto"
+    cache_dtype = (torch.uint8 if uint8 else FP8) if fp8 else dtype
+    key_cache, value_cache = _caches(nb, bs, h, d, cache_dtype, hnd)
+    k_scale = (key.float().abs().amax(dim=(0, 2)) / 64 if per_head
+               else key.float().abs().amax() / 64).reshape(-1)
+    v_scale = (value.float().abs().amax() / 64).reshape(())
+    ops.reshape_and_cache_flash(key, value, key_cache, value_cache, slots.long(), kv_dtype,
+                                k_scale, v_scale)
+    for src, cache, scale in ((key, key_cache, k_scale), (value, value_cache, v_scale)):
+        got = cache.view(FP8).float() if fp8 else cache
+        want = torch.zeros(got.shape, dtype=got.dtype)
+        for t, slot in enumerate(slots.tolist()):
+            if slot < 0:
+                continue
+            row = src[t].float()
+            if fp8:
+                s = scale.reshape(-1, 1)
+                row = (row / s).clamp(-448, 448).to(FP8).float()
+            want[slot // bs, slot % bs] = row.to(want.dtype)
+        assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_reshape_and_cache_flash_mixed_scale_counts(device, backend):
+    """A per-head k_scale next to a per-tensor v_scale (and the reverse): each cache gets
+    its own scale (the Triton kernel alone would read v_scale per head)."""
+    g = _gen(6)
+    key = _randn(g, 3, 2, 16).to(device)
+    value = _randn(g, 3, 2, 16).to(device)
+    slots = torch.tensor([4, 0, 2], device=device)
+    per_head = torch.tensor([0.01, 0.02], device=device)
+    per_tensor = torch.tensor([0.03], device=device)
+    for k_scale, v_scale in ((per_head, per_tensor), (per_tensor, per_head)):
+        kc, vc = (torch.zeros(3, 2, 2, 16, dtype=torch.uint8, device=device) for _ in "kv")
+        with mk.use_backend(backend):
+            ops.reshape_and_cache_flash(key, value, kc, vc, slots, "fp8", k_scale, v_scale)
+        for src, cache, scale in ((key, kc, k_scale), (value, vc, v_scale)):
+            want = (src.float() / scale.reshape(-1, 1)).clamp(-448, 448).to(FP8).float()
+            got = cache.view(FP8).float().reshape(6, 2, 16)[slots]
+            assert torch.equal(got, want)
+
+
+def test_convert_fp8_round_trip():
+    g = _gen(2)
+    x = torch.randn(3, 4, 8, generator=g).to(torch.bfloat16)
+    q = torch.empty(3, 4, 8, dtype=torch.uint8)
+    ops.convert_fp8(q, x, 0.05)
+    want = (x.float() / 0.05).clamp(-448, 448).to(FP8)
+    assert torch.equal(q.view(FP8).float(), want.float())
+    back = torch.empty(3, 4, 8, dtype=torch.float32)
+    ops.convert_fp8(back, q, 0.05)
+    assert torch.equal(back, want.float() * 0.05)
+
+
+# ---------------------------------------------------------------- merge attn states
+
+
+def _merge_ref(p_out, p_lse, s_out, s_lse, ctx):
+    """vLLM's test formula (lse [H, T]; +inf means empty), in fp64, tokens >= ctx: suffix."""
+    p = p_lse.double().masked_fill(p_lse == math.inf, -math.inf)
+    s = s_lse.double().masked_fill(s_lse == math.inf, -math.inf)
+    mx = torch.maximum(p, s)
+    pe, se = torch.exp(p - mx), torch.exp(s - mx)
+    total = pe + se
+    lse = torch.log(total) + mx
+    out = p_out.double() * (pe / total).t().unsqueeze(-1) + \
+        s_out.double() * (se / total).t().unsqueeze(-1)
+    out[ctx:] = s_out[ctx:].double()
+    lse[:, ctx:] = s_lse[:, ctx:].double()
+    return out, lse.float()
+
+
+@given(tokens=st.sampled_from([1, 6]), heads=st.sampled_from([1, 3]),
+       head_size=st.sampled_from([4, 10]), dtype=dtypes, with_lse=st.booleans(),
+       ctx=st.sampled_from([None, 0, 2]), fp8_out=st.booleans(), strided=st.booleans(),
+       seed=st.integers(0, 2**31))
+def test_merge_attn_states(tokens, heads, head_size, dtype, with_lse, ctx, fp8_out, strided,
+                           seed):
+    g = _gen(seed)
+    p_out = _randn(g, tokens, heads, head_size, dtype=dtype, strided=strided)
+    s_out = _randn(g, tokens, heads, head_size, dtype=dtype)
+    p_lse = torch.randn(heads, tokens, generator=g)
+    s_lse = torch.randn(tokens, heads, generator=g).t()       # a transposed view
+    mask = torch.rand(heads, tokens, generator=g)
+    p_lse[mask < 0.2] = math.inf                              # FA2's empty rows
+    s_lse[(mask > 0.8)] = -math.inf
+    scale = torch.tensor([0.05]) if fp8_out else None
+    output, buf = _out_view((tokens, heads, head_size), FP8 if fp8_out else dtype, strided)
+    lse_buf = torch.full((heads, tokens + 1), SENTINEL)
+    output_lse = lse_buf[:, 1:] if with_lse else None
+    ops.merge_attn_states(output, p_out, p_lse, s_out, s_lse, output_lse, ctx, scale)
+    want, want_lse = _merge_ref(p_out, p_lse, s_out, s_lse, tokens if ctx is None else ctx)
+    if fp8_out:
+        q = (want.float() / 0.05).clamp(-448, 448).to(FP8)
+        # at most one e4m3 step (3 mantissa bits; 2^-9 below the normal range) apart
+        torch.testing.assert_close(output.float(), q.float(), atol=2.0**-9, rtol=0.125)
+    else:
+        assert_close(output, want.to(dtype))
+    _untouched_margins(buf, output)
+    if with_lse:
+        torch.testing.assert_close(output_lse, want_lse, **TOL[torch.float32])
+        assert (lse_buf[:, 0] == SENTINEL).all()
+
+
+def test_merge_attn_states_both_empty_gives_zero():
+    out = torch.full((1, 1, 4), SENTINEL)
+    lse = torch.zeros(1, 1)
+    inf = torch.full((1, 1), math.inf)
+    ops.merge_attn_states(out, torch.ones(1, 1, 4), inf, torch.ones(1, 1, 4), -inf, lse)
+    assert torch.equal(out, torch.zeros(1, 1, 4)) and lse.item() == -math.inf
+
+
+# ------------------------------------------------------------------- int8 / fp8 W8A8
+
+
+def test_scaled_int8_quant_and_cutlass_scaled_mm():
+    g = _gen(3)
+    x = _randn(g, 5, 24, dtype=torch.bfloat16, strided=True)
+    x_q, x_s, azp = ops.scaled_int8_quant(x)
+    assert azp is None and x_q.dtype == torch.int8 and list(x_s.shape) == [5, 1]
+    s_ref = x.float().abs().amax(-1, keepdim=True) / 127
+    assert torch.equal(x_s, s_ref)
+    assert torch.equal(x_q, torch.round(x.float() / s_ref).clamp(-128, 127).to(torch.int8))
+    # asymmetric, static
+    sc, zp = torch.tensor([0.02]), torch.tensor([3], dtype=torch.int32)
+    q2, s2, z2 = ops.scaled_int8_quant(x, sc, zp, symmetric=False)
+    assert s2 is sc and z2 is zp
+    assert torch.equal(q2, (torch.round(x.float() / 0.02) + 3).clamp(-128, 127).to(torch.int8))
+    # GEMM: b = weight.t() (column-major), per-token x per-channel scales, bias
+    w_q = torch.randint(-128, 128, (7, 24), generator=g, dtype=torch.int8)
+    w_s = torch.rand(7, 1, generator=g) / 100
+    bias = torch.randn(7, generator=g).to(torch.bfloat16)
+    y = ops.cutlass_scaled_mm(x_q, w_q.t(), x_s, w_s, torch.bfloat16, bias)
+    ref = (x_s * (x_q.double() @ w_q.double().t()).float() * w_s.t() + bias.float())
+    assert_close(y, ref.to(torch.bfloat16))
+
+
+def test_cutlass_scaled_mm_block_fp8():
+    g = _gen(4)
+    m, k, n = 3, 256, 200                                    # N not a multiple of 128
+    a = (torch.randn(m, k, generator=g) * 4).to(FP8)
+    b = (torch.randn(n, k, generator=g) * 4).to(FP8).t()     # [K, N] column-major
+    sa = torch.rand(m, 2, generator=g) + 0.5
+    sb = torch.rand(2, 2, generator=g) + 0.5
+    bias = torch.randn(n, generator=g).to(torch.float16)
+    y = ops.cutlass_scaled_mm(a, b, sa, sb, torch.float16, bias)
+    af = a.float() * sa.repeat_interleave(128, 1)
+    bf = b.float() * sb.repeat_interleave(128, 0).repeat_interleave(128, 1)[:, :n]
+    assert_close(y, (af.double() @ bf.double() + bias.double()).to(torch.float16))
+
+
+def _fp8_ref(x: torch.Tensor, s: torch.Tensor, reciprocal: bool) -> torch.Tensor:
+    v = x.float() * (1.0 / s) if reciprocal else x.float() / s
+    return v.clamp(-448, 448).to(FP8)
+
+
+@given(m=st.sampled_from([1, 4]), n=st.sampled_from([3, 16]), dtype=dtypes,
+       mode=st.sampled_from(["tensor", "token", "token_ub", "static", "channel", "group"]),
+       strided=st.booleans(), padding=st.sampled_from([None, 6]), seed=st.integers(0, 2**31))
+def test_scaled_fp8_quant(m, n, dtype, mode, strided, padding, seed):
+    g = _gen(seed)
+    x = (_randn(g, m, n, dtype=torch.float32, strided=strided) * 30).to(dtype)
+    xf = x.float()
+    kw: dict = {"num_token_padding": padding}
+    if mode == "tensor":
+        s = (xf.abs().amax() / 448).reshape(1)
+        want, recip = s, True
+    elif mode.startswith("token"):
+        amax = xf.abs().amax(-1, keepdim=True)
+        kw["use_per_token_if_dynamic"] = True
+        if mode == "token_ub":
+            kw["scale_ub"] = torch.tensor([10.0])
+            amax = amax.clamp(max=10.0)
+        s = (amax / 448).clamp(min=1 / (448 * 512))
+        want, recip = s, False
+    else:
+        want = {"static": torch.tensor([0.07]), "channel": torch.rand(n, generator=g) + 0.01,
+                "group": torch.rand(m, 1, generator=g) + 0.01}[mode]
+        kw["scale"] = want
+        s, recip = (want.reshape(1, -1) if mode == "channel" else want), True
+    out, scale = ops.scaled_fp8_quant(x, **kw)
+    rows = max(m, padding or 0)
+    assert out.dtype == FP8 and list(out.shape) == [rows, n]
+    assert torch.equal(out[:m].float(), _fp8_ref(x, s, recip).float())
+    assert (out[m:].float() == 0).all()
+    if "scale" in kw:
+        assert scale is want
+    else:
+        assert torch.equal(scale[:m].reshape(s.shape), s)
+        if mode != "tensor":
+            assert list(scale.shape) == [rows, 1]
+
+
+def test_scaled_fp8_quant_output_buffer_and_zero_input():
+    buf = torch.zeros(3, 10, dtype=FP8)
+    view = buf[:, 2:7]
+    x = torch.zeros(3, 5, dtype=torch.float16)
+    x[1, 2] = 4.0
+    out, s = ops.scaled_fp8_quant(x, output=view)
+    assert out is view and torch.equal(s, torch.tensor([4.0]) / 448)
+    assert view[1, 2].float().item() == 448 and buf[:, :2].float().abs().sum() == 0
+    out, s = ops.scaled_fp8_quant(torch.zeros(2, 4))          # all zero: scale 0, q 0
+    assert s.item() == 0 and (out.float() == 0).all()
+    grouped, _ = ops.scaled_fp8_quant(x.float() * 0 + 1, torch.tensor([[0.5], [0.25]]),
+                                      group_shape=(2, -1))    # rows 0-1 and 2 (ceil)
+    assert grouped[:, 0].float().tolist() == [2.0, 2.0, 4.0]
+
+
+# ----------------------------------------------------------------------------- MoE
+
+
+def _align_ref(ids: torch.Tensor, e: int, bs: int, expert_map=None):
+    """Per-expert runs of pair ids, each padded with the sentinel to block_size."""
+    flat = ids.reshape(-1).tolist()
+    n = len(flat)
+    sorted_ids, experts = [], []
+    for ex in range(e):
+        run = [p for p, v in enumerate(flat) if v == ex]
+        if not run:
+            continue
+        blocks = -(-len(run) // bs)
+        sorted_ids += run + [n] * (blocks * bs - len(run))
+        experts += [ex if expert_map is None else int(expert_map[ex])] * blocks
+    return sorted_ids, experts
+
+
+@given(tokens=st.sampled_from([1, 3, 9]), topk=st.sampled_from([1, 2]),
+       e=st.sampled_from([4, 7]), bs=st.sampled_from([2, 8]), extra=st.sampled_from([0, 5]),
+       use_map=st.booleans(), int64=st.booleans(), seed=st.integers(0, 2**31))
+def test_moe_align_block_size_fills_buffers(tokens, topk, e, bs, extra, use_map, int64, seed):
+    g = _gen(seed)
+    ids = torch.stack([torch.randperm(e, generator=g)[:topk] for _ in range(tokens)])
+    ids = ids.to(torch.int64 if int64 else torch.int32)
+    n = ids.numel()
+    size = min(n + e * (bs - 1), n * bs) + extra              # vLLM's size, or bigger
+    sorted_ids = torch.full((size,), -5, dtype=torch.int32)
+    expert_buf = torch.full((2 * (-(-size // bs)),), -5, dtype=torch.int32)
+    expert_ids = expert_buf[::2]                              # a strided out buffer
+    post = torch.zeros(1, dtype=torch.int32)
+    emap = torch.tensor([i // 2 if i % 2 == 0 else -1 for i in range(e)], dtype=torch.int32)
+    ops.moe_align_block_size(ids, e, bs, sorted_ids, expert_ids, post,
+                             emap if use_map else None)
+    want_ids, want_experts = _align_ref(ids, e, bs, emap if use_map else None)
+    used = len(want_ids)
+    assert post.item() == used
+    assert sorted_ids.tolist() == want_ids + [n] * (size - used)
+    assert expert_ids.tolist() == want_experts + [-1] * (expert_ids.numel() - len(want_experts))
+    assert (expert_buf[1::2] == -5).all()
+
+
+@pytest.mark.parametrize("renormalize", [False, True])
+@pytest.mark.parametrize("ids_dtype", [torch.int32, torch.int64])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_topk_softmax_fills_buffers(renormalize, ids_dtype, dtype):
+    g = _gen(5)
+    t, e, k = 5, 9, 3
+    logits = _randn(g, t, e, dtype=dtype, strided=True)
+    weights, w_buf = _out_view((t, k), torch.float32, strided=True)
+    ids = torch.empty(t, k, dtype=ids_dtype)
+    tei = torch.empty(t, k, dtype=torch.int32)
+    ops.topk_softmax(weights, ids, tei, logits, renormalize)
+    probs = torch.softmax(logits.double(), -1)
+    top = probs.topk(k, -1)
+    want = top.values / top.values.sum(-1, keepdim=True) if renormalize else top.values
+    assert torch.equal(ids, top.indices.to(ids_dtype))
+    torch.testing.assert_close(weights.double(), want, atol=1e-6, rtol=1e-5)
+    assert tei.tolist() == [[j * t + i for j in range(k)] for i in range(t)]
+    _untouched_margins(w_buf, weights)
+
+
+# -------------------------------------------------------------------------- errors
+
+
+def _x(*shape, dtype=torch.float32):
+    return torch.zeros(*shape, dtype=dtype)
+
+
+@pytest.mark.parametrize("call, name", [
+    (lambda: ops.rms_norm(_x(2, 4), _x(2, 4), _x(5), 1e-6), "weight"),
+    (lambda: ops.rms_norm(_x(2, 5), _x(2, 4), _x(4), 1e-6), "out"),
+    (lambda: ops.rms_norm(_x(2, 4, dtype=torch.float16), _x(2, 4), _x(4), 1e-6), "out"),
+    (lambda: ops.rms_norm(_x(2, 4), _x(2, 4), _x(4), -1.0), "epsilon"),
+    (lambda: ops.fused_add_rms_norm(_x(2, 4), _x(3, 4), _x(4), 1e-6), "residual"),
+    (lambda: ops.gemma_rms_norm(_x(2, 4), _x(2, 4), None, 1e-6), "weight"),
+    (lambda: ops.silu_and_mul(_x(2, 3), _x(2, 6)[:, :5]), "input"),
+    (lambda: ops.gelu_and_mul(_x(2, 4), _x(2, 6)), "out"),
+    (lambda: ops.rotary_embedding(_x(3, dtype=torch.int64), _x(3, 10), None, 4,
+                                  _x(8, 4), True), "query"),
+    (lambda: ops.rotary_embedding(_x(3, dtype=torch.int64), _x(3, 8), _x(2, 8), 4,
+                                  _x(8, 4), True), "key"),
+    (lambda: ops.rotary_embedding(_x(3), _x(3, 8), None, 4, _x(8, 4), True), "positions"),
+    (lambda: ops.rotary_embedding(_x(3, dtype=torch.int64), _x(3, 8), None, 4, _x(8, 4),
+                                  True, 2), "rope_dim_offset"),
+    (lambda: ops.rotary_embedding(torch.tensor([9]), _x(1, 8), None, 4, _x(8, 4), True),
+     "positions"),
+    (lambda: ops.reshape_and_cache_flash(_x(2, 1, 4), _x(2, 1, 4), _x(3, 2, 1, 4),
+                                         _x(3, 2, 1, 4), torch.tensor([0, 1]), "fp8_e5m2",
+                                         _x(1), _x(1)), "kv_cache_dtype"),
+    (lambda: ops.reshape_and_cache_flash(_x(2, 1, 4), _x(2, 1, 4), _x(3, 2, 1, 4),
+                                         _x(3, 2, 1, 4), torch.tensor([0, 1]), "fp8",
+                                         _x(1), _x(1)), "key_cache"),
+    (lambda: ops.reshape_and_cache_flash(_x(2, 1, 4), _x(2, 1, 4), _x(3, 2, 1, 4),
+                                         _x(3, 2, 1, 4), torch.tensor([0, 1, 2]), "auto",
+                                         _x(1), _x(1)), "slot_mapping"),
+    (lambda: ops.reshape_and_cache_flash(_x(2, 1, 4), _x(2, 1, 4), _x(3, 2, 1, 4),
+                                         _x(3, 2, 1, 4), torch.tensor([0, 9]), "auto",
+                                         _x(1), _x(1)), "slot_mapping"),
+    (lambda: ops.merge_attn_states(_x(2, 1, 4), _x(2, 1, 4), _x(2, 1), _x(2, 1, 4),
+                                   _x(1, 2)), "prefix_lse"),
+    (lambda: ops.merge_attn_states(_x(2, 1, 4), _x(2, 1, 4), _x(1, 2), _x(2, 1, 4),
+                                   _x(1, 2), output_scale=_x(1)), "output"),
+    (lambda: ops.scaled_int8_quant(_x(2, 4, dtype=torch.int8)), "input"),
+    (lambda: ops.cutlass_scaled_mm(_x(2, 4, dtype=torch.int8), _x(4, 3, dtype=torch.int8),
+                                   _x(3), _x(1), torch.float16), "scale_a"),
+    (lambda: ops.scaled_fp8_quant(_x(2, 4), scale=_x(3)), "scale"),
+    (lambda: ops.scaled_fp8_quant(_x(2, 4), scale_ub=torch.ones(1)), "scale_ub"),
+    (lambda: ops.scaled_fp8_quant(_x(2, 4), output=_x(2, 4)), "output"),
+    (lambda: ops.moe_align_block_size(torch.zeros(2, 2, dtype=torch.int32), 4, 4,
+                                      torch.empty(3, dtype=torch.int32),
+                                      torch.empty(8, dtype=torch.int32),
+                                      torch.empty(1, dtype=torch.int32)), "sorted_token_ids"),
+    (lambda: ops.moe_align_block_size(torch.zeros(2, 2, dtype=torch.int32), 4, 4,
+                                      torch.empty(16, dtype=torch.int32),
+                                      torch.empty(4, dtype=torch.int64),
+                                      torch.empty(1, dtype=torch.int32)), "experts_ids"),
+    (lambda: ops.moe_align_block_size(torch.zeros(2, 2, dtype=torch.int32), 4, 4,
+                                      torch.empty(16, dtype=torch.int32),
+                                      torch.empty(4, dtype=torch.int32),
+                                      torch.empty(1, dtype=torch.int32),
+                                      scatter_idx=_x(4)), "scatter_idx"),
+    (lambda: ops.topk_softmax(_x(2, 5), torch.empty(2, 5, dtype=torch.int32),
+                              torch.empty(2, 5, dtype=torch.int32), _x(2, 4)), "topk_weights"),
+    (lambda: ops.topk_softmax(_x(2, 2), torch.empty(2, 2, dtype=torch.int32),
+                              torch.empty(2, 2, dtype=torch.int64), _x(2, 4)),
+     "token_expert_indices"),
+])
+def test_bad_input_names_the_argument(call, name):
+    with pytest.raises((ValueError, TypeError)) as err:
+        call()
+    assert name in str(err.value)
