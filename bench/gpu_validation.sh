@@ -81,7 +81,7 @@ GPU_TESTS=("${CUDA_TESTS[@]}" tests/test_flash_attention.py tests/test_op_contra
            tests/test_int8_matmul.py tests/test_int8_weight_only.py
            # peers' APIs over the kernels (newest)
            tests/test_compat_flash_attn.py tests/test_compat_flashinfer.py
-           tests/test_compat_vllm_ops.py tests/test_hybrid_kv.py)
+           tests/test_compat_vllm_ops.py)
 
 stage_test() {
   python -m pytest -q -p no:cacheprovider -rfE "${GPU_TESTS[@]}" 2>&1 \
