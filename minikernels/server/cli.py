@@ -271,6 +271,11 @@ def describe_engine(engine: Any, args: argparse.Namespace) -> str:
     blocks = stats.get("kv_blocks_total")
     kv = f"{int(blocks) * int(block)} tokens ({blocks} blocks of {block})" \
         if isinstance(blocks, int) else "unknown"
+    layout = getattr(inner, "kv_layout", None)
+    if layout is not None and getattr(layout, "hybrid", False):
+        # a block holds one KV group's layers: full-attention tokens, or a sliding window's
+        kv += (f", hybrid: {layout.num_groups} KV groups of {layout.num_slots} layers, "
+               f"sliding window {layout.window}")
     return (f"dtype {str(dtype).replace('torch.', '')}, device {device}, KV cache {kv}, "
             f"max_model_len {getattr(engine, 'max_model_len', '?')}")
 
