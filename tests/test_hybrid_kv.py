@@ -233,11 +233,36 @@ def test_longest_sequence_counts_the_sliding_spans(model):
                num_kv_blocks=120, max_num_batched_tokens=16, max_model_len=421)
 
 
-def test_speculation_keeps_one_table(model):
-    llm = mk.LLM(model, dtype="float32", device="cpu", tokenizer=None, block_size=4,
-                 num_kv_blocks=100,
-                 speculative_config={"method": "ngram", "num_speculative_tokens": 2})
-    assert llm.llm_engine.kv_layout is None
+@pytest.mark.parametrize("method", ["ngram", "draft_model"])
+def test_speculative_decoding_over_hybrid_pools(model, method):
+    """n-gram and draft-model speculation keep the hybrid pools: greedy tokens equal
+    speculation off and one table, eager and through the verification graphs' buffers
+    (a CPU stand-in); rejected drafts' sliding blocks are trimmed (no leaks)."""
+    from test_spec_graphs import EagerVerifyGraphs
+
+    rep = [([5, 6, 7, 8] * 12)[:n] for n in (33, 19, 41)]
+    spec = {"method": method, "num_speculative_tokens": 3}
+    if method == "ngram":      # drafts from the prompt: some accepted, some rejected
+        spec.update(prompt_lookup_min=1, prompt_lookup_max=3)
+    else:                      # the target as its own draft (its own one-table pool)
+        spec["model"] = model
+    want, _ = generate(model, rep, GREEDY, num_kv_blocks=300)
+    for standin in (False, True):
+        llm = mk.LLM(model, dtype="float32", device="cpu", tokenizer=None, block_size=4,
+                     num_kv_blocks=300, speculative_config=spec)
+        eng = llm.llm_engine
+        assert eng.kv_layout is not None
+        if standin:
+            eng.runner.capture_verify_graphs(EagerVerifyGraphs)
+        got = [o.outputs[0].token_ids for o in llm.generate(rep, GREEDY, use_tqdm=False)]
+        eng.check_no_leaks()
+        assert got == want
+        assert eng.stats()["spec_num_accepted_tokens"] > 0
+        if standin:
+            assert eng.runner.verify_graphs.num_replays > 0
+    one, _ = generate(model, rep, GREEDY, num_kv_blocks=300, speculative_config=spec,
+                      disable_hybrid_kv_cache_manager=True)
+    assert one == want
 
 
 class EagerDecodeGraphs(_DecodeGraphs):

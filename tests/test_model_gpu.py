@@ -294,12 +294,14 @@ def test_gpu_hybrid_kv_pools_token_identical():
     prompts = [list(range(3, 40)), list(range(50, 61)), list(range(100, 170)), [7] * 5]
     params = mk.SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
     outs = {}
+    ngram = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 3}
     for name, kw in (("graphs", {}), ("eager", {"enforce_eager": True}),
-                     ("one-table", {"disable_hybrid_kv_cache_manager": True})):
+                     ("one-table", {"disable_hybrid_kv_cache_manager": True}),
+                     ("ngram", {"speculative_config": ngram})):
         llm = mk.LLM(model, dtype="bfloat16", tokenizer=None, block_size=4, num_kv_blocks=400,
                      **kw)
         assert (llm.llm_engine.kv_layout is None) == (name == "one-table")
         outs[name] = [o.outputs[0].token_ids for o in llm.generate(prompts, params,
                                                                    use_tqdm=False)]
         llm.llm_engine.check_no_leaks()
-    assert outs["graphs"] == outs["eager"] == outs["one-table"]
+    assert outs["graphs"] == outs["eager"] == outs["one-table"] == outs["ngram"]

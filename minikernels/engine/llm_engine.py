@@ -528,12 +528,14 @@ class LLMEngine:
         """The hybrid KV layout (models/kv_layout.py) when the model interleaves
         full-attention and sliding-window layers, or None (one block table for all).
 
-        Not with speculative decoding (a draft model or EAGLE head reads the target's
-        block table; verification graphs are built for one table), not under tensor
-        parallel (its workers receive one table), or when disabled (vLLM's
-        ``disable_hybrid_kv_cache_manager``)."""
+        With n-gram or draft-model speculation (the draft model keeps its own pool), not
+        with an EAGLE head (its K/V lives in the target's blocks, read through group 0's
+        table, untested with sliding groups), not under tensor parallel (its workers
+        receive one table), or when disabled (vLLM's ``disable_hybrid_kv_cache_manager``).
+        """
         config = self.config
-        if (disabled or self.spec_config is not None or tensor_parallel_size != 1
+        eagle = self.spec_config is not None and self.spec_config.method in EAGLE_METHODS
+        if (disabled or eagle or tensor_parallel_size != 1
                 or not hasattr(config, "is_sliding")):
             return None
         layout = plan_kv_layout(config)

@@ -482,7 +482,7 @@ class _VerifyGraphs:
 
     def __init__(self, model: torch.nn.Module, kv_caches: list, sizes: list[int],
                  max_blocks_per_seq: int, num_spec_tokens: int, max_model_len: int,
-                 pool: Any = None) -> None:
+                 pool: Any = None, kv_layout: KVCacheLayout | None = None) -> None:
         dev = model.device
         self.model, self.kv_caches = model, kv_caches
         self.sizes = list(sizes)
@@ -495,6 +495,11 @@ class _VerifyGraphs:
         self.positions = torch.zeros(top * q, dtype=torch.int64, device=dev)
         self.slots = torch.full((top * q,), -1, dtype=torch.int64, device=dev)
         self.block_table = torch.zeros(top, self.width, dtype=torch.int32, device=dev)
+        # hybrid KV pools: each sliding group's slots and block table
+        self.kv_layout = kv_layout
+        m = kv_layout.num_sliding_groups if kv_layout is not None else 0
+        self.swa_slots = torch.full((m, top * q), -1, dtype=torch.int64, device=dev)
+        self.swa_tables = torch.zeros(m, top, self.width, dtype=torch.int32, device=dev)
         self.cu_q = (torch.arange(top + 1, dtype=torch.int32) * q).to(dev)
         self.cu_k = torch.zeros(top + 1, dtype=torch.int32, device=dev)
         self.pool = pool
@@ -506,12 +511,18 @@ class _VerifyGraphs:
 
     def _meta(self, bs: int) -> AttentionMetadata:
         t = bs * self.q
-        return AttentionMetadata(positions=self.positions[:t], slot_mapping=self.slots[:t],
+        meta = AttentionMetadata(positions=self.positions[:t], slot_mapping=self.slots[:t],
                                  num_decode=0, cu_seqlens_q=self.cu_q[:bs + 1],
                                  cu_seqlens_k=self.cu_k[:bs + 1], max_seqlen_q=self.q,
                                  max_seqlen_k=self.max_model_len,
                                  prefill_block_table=self.block_table[:bs],
                                  logits_indices=None)
+        if self.kv_layout is not None:
+            m = self.kv_layout.num_sliding_groups
+            meta.with_group_tables([self.swa_slots[g, :t] for g in range(m)], [None] * m,
+                                   [self.swa_tables[g, :bs] for g in range(m)],
+                                   self.kv_layout.layer_group)
+        return meta
 
     def _forward(self, bs: int) -> Tensor:
         """The model on bucket bs's static buffers -> logits of all bs * (1 + k) tokens."""
@@ -551,11 +562,15 @@ class _VerifyGraphs:
         n, q = len(inputs.spec), self.q
         t, total = int(inputs.input_ids.shape[0]), bs * q
         lidx = meta.logits_indices
+        groups = meta.group_meta or ()
         if t == n * q:   # every row has k drafts: the eager layout is the static one
             self.input_ids[:t].copy_(inputs.input_ids, non_blocking=True)
             self.positions[:t].copy_(meta.positions, non_blocking=True)
             self.slots[:t].copy_(meta.slot_mapping, non_blocking=True)
             self.slots[t:total].fill_(-1)
+            for g, gm in enumerate(groups):
+                self.swa_slots[g, :t].copy_(gm.slot_mapping, non_blocking=True)
+                self.swa_slots[g, t:total].fill_(-1)
         else:            # token e of row i -> e + (i + 1) * (1 + k) - cu_seqlens_q[i + 1]
             cu = meta.cu_seqlens_q
             shift = (self.cu_q[1:n + 1] - cu[1:]).long()
@@ -565,12 +580,18 @@ class _VerifyGraphs:
             self.input_ids.index_copy_(0, dst, inputs.input_ids)
             self.positions.index_copy_(0, dst, meta.positions)
             self.slots.index_copy_(0, dst, meta.slot_mapping)
+            for g, gm in enumerate(groups):
+                self.swa_slots[g, :total].fill_(-1)
+                self.swa_slots[g].index_copy_(0, dst, gm.slot_mapping)
             lidx = dst.index_select(0, lidx)
         self.cu_k[:n + 1].copy_(meta.cu_seqlens_k, non_blocking=True)
         if bs > n:   # padding rows: no keys
             self.cu_k[n + 1:bs + 1].copy_(meta.cu_seqlens_k[n:].expand(bs - n))
         tab = meta.prefill_block_table
         self.block_table[:n, :tab.shape[1]].copy_(tab, non_blocking=True)
+        for g, gm in enumerate(groups):
+            self.swa_tables[g, :n, :tab.shape[1]].copy_(gm.prefill_block_table,
+                                                        non_blocking=True)
         out = self.graphs[bs]()
         self.num_replays += 1
         capture = getattr(self.model, "hidden_capture", None)
@@ -729,10 +750,11 @@ class ModelRunner:
             return None
         cls = graphs_cls or _VerifyGraphs
         with self.on_device():
+            extra = {"kv_layout": self.kv_layout} if self.kv_layout is not None else {}
             self.verify_graphs = cls(self.model, self.kv_caches, sizes,
                                      self.max_blocks_per_seq, self.num_speculative_tokens,
                                      self.max_model_len,
-                                     pool=getattr(self.graphs, "pool", None))
+                                     pool=getattr(self.graphs, "pool", None), **extra)
         return self.verify_graphs
 
     def on_device(self) -> contextlib.AbstractContextManager:
