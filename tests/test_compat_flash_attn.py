@@ -431,3 +431,46 @@ def test_bad_arguments_are_named():
         fa.flash_attn_with_kvcache(q, kc.half(), kc.half())
     with pytest.raises(ValueError, match="q heads"):
         fa.flash_attn_with_kvcache(rand(1, 2, 3, 8), kc, kc)
+
+
+@pytest.mark.parametrize("backend", ["auto", "triton"])
+@pytest.mark.parametrize("paged", [False, True])
+def test_varlen_seqused_k_and_out(paged, backend):
+    """vLLM / FlashAttention 3 keyword extras: seqused_k (each sequence uses its first
+    seqused_k[b] keys; cu_seqlens_k may be None with a block table) and out= (in place)."""
+    torch.manual_seed(6)
+    lk, used, lq = [9, 5, 12], [7, 5, 1], [3, 2, 1]
+    h, d = 2, 16
+    kp, vp = rand(3, 12, h, d), rand(3, 12, h, d)
+    q = rand(sum(lq), 4, d)
+    cu_q = torch.tensor([0, 3, 5, 6], dtype=torch.int32)
+    used_t = torch.tensor(used, dtype=torch.int32)
+    if paged:
+        k = kp.reshape(9, 4, h, d)                  # sequence b: blocks 3b .. 3b + 2
+        v = vp.reshape(9, 4, h, d)
+        table = torch.arange(9, dtype=torch.int32).view(3, 3)
+        cu_k = None
+    else:
+        k = torch.cat([kp[b, :lk[b]] for b in range(3)])
+        v = torch.cat([vp[b, :lk[b]] for b in range(3)])
+        table = None
+        cu_k = torch.tensor([0, 9, 14, 26], dtype=torch.int32)
+    buf = torch.full((sum(lq), 4, d + 3), float("nan"))
+    out_view = buf[..., :d]
+    with mk.use_backend(backend):
+        got = fa.flash_attn_varlen_func(dev(q), dev(k), dev(v), dev(cu_q), dev(cu_k), 3, 12,
+                                        causal=True, block_table=dev(table),
+                                        seqused_k=dev(used_t), out=dev(out_view))
+    if DEV == "cpu":
+        assert got is out_view and not out_view.isnan().any()
+    for b in range(3):
+        rows = slice(int(cu_q[b]), int(cu_q[b + 1]))
+        ref = ref_attention(q[rows].unsqueeze(0), kp[b:b + 1], vp[b:b + 1], [0], [used[b]],
+                            True, (-1, -1), 0.0, None)[0][0]
+        close(got[rows], ref, torch.float32)
+    with pytest.raises(ValueError, match="seqused_k"):
+        fa.flash_attn_varlen_func(q, k, v, cu_q, cu_k, 3, 12, block_table=table,
+                                  seqused_k=used_t[:2])
+    if not paged:
+        with pytest.raises(ValueError, match="cu_seqlens_k"):
+            fa.flash_attn_varlen_func(q, k, v, cu_q, None, 3, 12, seqused_k=used_t)

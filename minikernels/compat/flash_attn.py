@@ -178,24 +178,33 @@ def flash_attn_kvpacked_func(q: Tensor, kv: Tensor, dropout_p: float = 0.0,
 
 
 def flash_attn_varlen_func(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor,
-                           cu_seqlens_k: Tensor, max_seqlen_q: int, max_seqlen_k: int,
+                           cu_seqlens_k: Tensor | None, max_seqlen_q: int, max_seqlen_k: int,
                            dropout_p: float = 0.0, softmax_scale: float | None = None,
                            causal: bool = False, window_size: tuple[int, int] = (-1, -1),
                            softcap: float = 0.0, alibi_slopes: Tensor | None = None,
                            deterministic: bool = False, return_attn_probs: bool = False,
-                           block_table: Tensor | None = None
+                           block_table: Tensor | None = None, *,
+                           seqused_k: Tensor | None = None, out: Tensor | None = None
                            ) -> Tensor | tuple[Tensor, Tensor, Tensor]:
     """Attention over a varlen batch.
 
     q [total_q, H, D]; k, v [total_k, Hk, D], or with block_table (int32 [B, max_blocks])
     paged caches [num_blocks, page, Hk, D] where sequence b's keys are its first
     cu_seqlens_k[b+1] - cu_seqlens_k[b] cached tokens. cu_seqlens_q / _k int32 [B + 1].
+    Keyword extras of the vLLM / FlashAttention 3 interfaces: ``seqused_k`` int32 [B]
+    (sequence b uses only its first seqused_k[b] keys; with block_table, cu_seqlens_k may
+    be None) and ``out`` (written in place and returned).
     Returns out [total_q, H, D] in q.dtype; with return_attn_probs also softmax_lse
     [H, total_q] fp32 (natural log) and the probabilities [B, H, max_seqlen_q,
     max_seqlen_k] fp32 (zero padded).
     """
     _check_common(dropout_p, return_attn_probs)
     left, right = _window(window_size)
+    if seqused_k is not None:
+        k, v, cu_seqlens_k, block_table = _used_keys(q, k, v, cu_seqlens_q, cu_seqlens_k,
+                                                     max_seqlen_k, block_table, seqused_k)
+    elif cu_seqlens_k is None:
+        raise ValueError("cu_seqlens_k is required unless seqused_k is given")
     if block_table is not None and isinstance(k, Tensor) and isinstance(v, Tensor) \
             and isinstance(block_table, Tensor) and k.dim() == 4 and v.shape == k.shape:
         k, v, block_table = _split_pages(k, v, block_table)
@@ -204,13 +213,50 @@ def flash_attn_varlen_func(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor
                               softcap=softcap, block_table=block_table,
                               return_lse=return_attn_probs, window_right=right,
                               alibi_slopes=alibi_slopes)
+    result, lse = res if return_attn_probs else (res, None)
+    if out is not None:
+        check_tensor("out", out, dtypes=(q.dtype,), device=q.device)
+        if out.shape != result.shape:
+            raise ValueError(f"out must have shape {list(result.shape)}, got "
+                             f"{list(out.shape)}")
+        result = out.copy_(result)
     if not return_attn_probs:
-        return res  # type: ignore[return-value]
-    out, lse = res
+        return result
     probs = _varlen_probs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                           _scale(softmax_scale, q.shape[-1]), causal, (left, right), softcap,
                           alibi_slopes, block_table)
-    return out, lse, probs
+    return result, lse, probs
+
+
+def _used_keys(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor,
+               cu_seqlens_k: Tensor | None, max_seqlen_k: int, block_table: Tensor | None,
+               seqused_k: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    """(k, v, cu_seqlens_k, block_table) that use only seqused_k[b] keys of sequence b:
+    cu_seqlens_k from their sum; varlen k / v become one-token blocks of a paged view
+    (no copy) whose table row b starts at cu_seqlens_k[b]."""
+    batch = cu_seqlens_q.shape[0] - 1
+    check_tensor("seqused_k", seqused_k, dtypes=(torch.int32,), ndim=1, device=q.device)
+    if seqused_k.shape[0] != batch:
+        raise ValueError(f"seqused_k must have {batch} entries (one per sequence), got "
+                         f"{seqused_k.shape[0]}")
+    if block_table is None:
+        if cu_seqlens_k is None:
+            raise ValueError("cu_seqlens_k is required with seqused_k unless block_table "
+                             "is given (where each sequence's keys start)")
+        check_tensor("cu_seqlens_k", cu_seqlens_k, dtypes=(torch.int32,), ndim=1,
+                     device=q.device)
+        check_tensor("k", k, dtypes=FLOAT_DTYPES, ndim=3, device=q.device)
+        if index_checks_active(seqused_k) and batch and bool(
+                (seqused_k > cu_seqlens_k[1:] - cu_seqlens_k[:-1]).any()):
+            raise ValueError("seqused_k exceeds a sequence's keys in cu_seqlens_k")
+        width = max(1, int(max_seqlen_k))
+        starts = cu_seqlens_k[:-1].long().unsqueeze(1)
+        block_table = (starts + torch.arange(width, device=q.device)).clamp_max(
+            max(k.shape[0] - 1, 0)).to(torch.int32)
+        k, v = k.unsqueeze(1), v.unsqueeze(1)           # [total_k, 1, Hk, D]
+    cu = torch.zeros(batch + 1, dtype=torch.int32, device=q.device)
+    cu[1:] = torch.cumsum(seqused_k, 0)
+    return k, v, cu, block_table
 
 
 def flash_attn_varlen_qkvpacked_func(qkv: Tensor, cu_seqlens: Tensor, max_seqlen: int,
