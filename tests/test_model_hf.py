@@ -67,8 +67,8 @@ def test_paged_prefill_decode_and_chunked_prefill(hf_dirs, kind):
 
 @pytest.mark.parametrize("kind", ["llama3-rope-tied", "qwen2-tied", "qwen3", "mistral-window",
                                   "gemma2-window-softcap", "gemma3", "granite", "olmo2",
-                                  "qwen3-moe", "qwen2-moe", "mixtral", "granitemoe",
-                                  "olmoe"])
+                                  "olmo3-window", "qwen3-moe", "qwen2-moe", "mixtral",
+                                  "granitemoe", "olmoe"])
 def test_greedy_generation_matches_transformers(hf_dirs, kind):
     hf, path = hf_dirs[kind]
     model = load_model(path, dtype="float32", device="cpu")
@@ -79,6 +79,33 @@ def test_greedy_generation_matches_transformers(hf_dirs, kind):
         ref = hf.generate(torch.tensor([p]), max_new_tokens=10, do_sample=False,
                           eos_token_id=eos, pad_token_id=0)[0, len(p):].tolist()
         assert out == ref
+
+
+def test_olmo3_config_and_hybrid_pools(hf_dirs):
+    """OLMo 3: OLMo 2's flags, a sliding layer rotating with the plain base while the full
+    layer takes YaRN, and (in the engine) hybrid KV pools."""
+    import minikernels as mk
+
+    _, path = hf_dirs["olmo3-window"]
+    c = load_model(path, dtype="float32", device="cpu").config
+    assert (c.architecture, c.qk_norm, c.qk_norm_full, c.post_norm) == \
+        ("olmo3", True, True, True)
+    assert [c.window_left(i) for i in range(2)] == [5, -1]
+    assert c.sliding_rope_theta == c.rope_theta == 5e5 and c.rope_scaling["rope_type"] == "yarn"
+    llm = mk.LLM(path, dtype="float32", device="cpu", tokenizer=None, num_kv_blocks=64,
+                 block_size=4)
+    assert llm.llm_engine.kv_layout is not None
+    # a hub config.json (4.x spelling: rope_theta + rope_scaling, for the full layers)
+    hub = {"architectures": ["Olmo3ForCausalLM"], "hidden_size": 64,
+           "num_attention_heads": 4, "num_hidden_layers": 4, "intermediate_size": 128,
+           "vocab_size": 300, "rope_theta": 500000, "sliding_window": 4096,
+           "max_position_embeddings": 65536,
+           "rope_scaling": {"rope_type": "yarn", "factor": 8.0,
+                            "original_max_position_embeddings": 8192},
+           "layer_types": ["sliding_attention"] * 3 + ["full_attention"]}
+    h = mk.models.DecoderConfig.from_hf(hub)
+    assert h.sliding_window_layers == [0, 1, 2] and h.sliding_rope_theta == 500000.0
+    assert h.rope_scaling["factor"] == 8.0 and h.rope_theta == 500000.0
 
 
 def test_chunked_generation_equals_whole_prefill(hf_dirs):

@@ -70,6 +70,13 @@ CASES: dict[str, tuple[str, dict[str, Any]]] = {
                                      pad_token_id=0)),
     # OLMo 2: post-norm layers, q / k norms over all heads.
     "olmo2": ("Olmo2", dict(tie_word_embeddings=False, pad_token_id=0)),
+    # OLMo 3: OLMo 2 with sliding-window layers (layer_types) and YaRN on the full
+    # layers only (the sliding ones rotate with the plain base).
+    "olmo3-window": ("Olmo3", dict(tie_word_embeddings=False, pad_token_id=0,
+                                   sliding_window=6, rope_theta=5e5,
+                                   layer_types=["sliding_attention", "full_attention"],
+                                   rope_scaling={"rope_type": "yarn", "factor": 4.0,
+                                                 "original_max_position_embeddings": 64})),
     # GLM (GLM-Edge, glm-4-9b-chat-hf): half of each head rotated in GPT-J pairs, q/k/v
     # biases without an o bias, fused gate_up tensors; GLM-4 (0414) adds sandwich norms.
     "glm": ("Glm", dict(head_dim=16, pad_token_id=0, eos_token_id=2)),

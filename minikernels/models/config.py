@@ -53,6 +53,7 @@ SUPPORTED_ARCHITECTURES = {
     "Phi3ForCausalLM": "phi3",
     "SmolLM3ForCausalLM": "smollm3",
     "Olmo2ForCausalLM": "olmo2",
+    "Olmo3ForCausalLM": "olmo3",
     "GlmForCausalLM": "glm",
     "Glm4ForCausalLM": "glm4",
 }
@@ -77,7 +78,7 @@ _MODEL_TYPES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3
                 "olmoe": "olmoe",
                 "gemma": "gemma", "gemma2": "gemma2", "gemma3_text": "gemma3",
                 "granite": "granite", "phi3": "phi3", "smollm3": "smollm3",
-                "olmo2": "olmo2", "glm": "glm", "glm4": "glm4"}
+                "olmo2": "olmo2", "olmo3": "olmo3", "glm": "glm", "glm4": "glm4"}
 _GEMMA = ("gemma", "gemma2", "gemma3")
 #: the mixture-of-experts families (models/moe.py)
 _MOE = ("qwen3_moe", "qwen2_moe", "mixtral", "granitemoe", "olmoe")
@@ -111,7 +112,8 @@ class DecoderConfig:
     """Shape and flavour of a decoder (fields follow HF names where one exists)."""
 
     # "llama" | "mistral" | "qwen2" | "qwen3" | "gemma" | "gemma2" | "gemma3" | "granite"
-    # | "phi3" | "smollm3" | "olmo2" | "glm" | "glm4" | "qwen3_moe" | "mixtral" | "granitemoe"
+    # | "phi3" | "smollm3" | "olmo2" | "olmo3" | "glm" | "glm4" | "qwen3_moe" | "mixtral"
+    # | "granitemoe"
     # | "olmoe" | "qwen2_moe"
     architecture: str
     vocab_size: int
@@ -311,7 +313,7 @@ class DecoderConfig:
         if partial is None and isinstance(params, Mapping):
             partial = params.get("partial_rotary_factor")
         window, window_layers = _sliding_window_from_hf(hf, family, num_layers)
-        if window is None or family != "gemma3":
+        if window is None or family not in ("gemma3", "olmo3"):
             sliding_rope_theta = None
 
         eos: list[int] = []
@@ -351,9 +353,9 @@ class DecoderConfig:
             (family == "qwen2_moe" and bool(hf.get("qkv_bias", True))),
             o_bias=family not in ("qwen2", "qwen2_moe", "glm", "glm4") and attention_bias,
             mlp_bias=bool(hf.get("mlp_bias", False)),
-            qk_norm=family in ("qwen3", "qwen3_moe", "gemma3", "olmo2", "olmoe"),
-            qk_norm_full=family in ("olmo2", "olmoe"),
-            post_norm=family == "olmo2",
+            qk_norm=family in ("qwen3", "qwen3_moe", "gemma3", "olmo2", "olmo3", "olmoe"),
+            qk_norm_full=family in ("olmo2", "olmo3", "olmoe"),
+            post_norm=family in ("olmo2", "olmo3"),
             hidden_act=_activation_from_hf(hf, family),
             norm_weight_offset=1.0 if gemma else 0.0,
             embed_scale=hidden ** 0.5 if gemma else 1.0,
@@ -448,6 +450,8 @@ def _rope_from_hf(hf: Mapping[str, Any], family: str
         params = params["full_attention"]
     elif family == "gemma3":
         local_theta = float(hf.get("rope_local_base_freq", 10000.0))
+    elif family == "olmo3":   # its rope_scaling is the full-attention layers' only
+        local_theta = float(hf.get("rope_theta", 10000.0))
     default_theta = 1e6 if family == "gemma3" else 10000.0
     if isinstance(params, Mapping) and params:
         rope_theta = float(params.get("rope_theta", hf.get("rope_theta", default_theta)))
