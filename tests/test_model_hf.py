@@ -133,6 +133,9 @@ def test_config_fields(hf_dirs):
     assert [q.window_left(i) for i in range(2)] == [-1, 5]
     _, mpath = hf_dirs["mistral-window"]
     assert load_model(mpath, dtype="float32", device="cpu").config.window_left(0) == 5
+    _, npath = hf_dirs["ministral-window"]
+    n = load_model(npath, dtype="float32", device="cpu").config
+    assert n.architecture == "ministral" and [n.window_left(i) for i in range(2)] == [-1, 5]
 
 
 def test_kv_cache_api_and_sizes(hf_dirs):

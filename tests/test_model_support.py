@@ -34,6 +34,11 @@ CASES: dict[str, tuple[str, dict[str, Any]]] = {
     "qwen3-tied": ("Qwen3", dict(head_dim=16, tie_word_embeddings=True)),
     "mistral-window": ("Mistral", dict(sliding_window=6, head_dim=16,
                                        tie_word_embeddings=False)),
+    # Ministral (8B-2410): Mistral with the window on some layers only (layer_types).
+    "ministral-window": ("Ministral", dict(sliding_window=6, head_dim=16,
+                                           tie_word_embeddings=False,
+                                           layer_types=["full_attention",
+                                                        "sliding_attention"])),
     # Gemma: (1 + w) norms, sqrt(hidden) embedding scale, gelu-tanh MLP, head_dim != H/heads.
     "gemma": ("Gemma", dict(head_dim=32, hidden_act="gelu_pytorch_tanh")),
     # Gemma 2: sandwich norms, query_pre_attn_scalar, score and logit softcaps (small

@@ -39,6 +39,7 @@ from typing import Any
 SUPPORTED_ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
     "MistralForCausalLM": "mistral",
+    "MinistralForCausalLM": "ministral",
     "Qwen2ForCausalLM": "qwen2",
     "Qwen3ForCausalLM": "qwen3",
     "Qwen3MoeForCausalLM": "qwen3_moe",
@@ -73,7 +74,8 @@ def is_classifier_architecture(arch: str | None) -> bool:
     return bool(arch) and str(arch).endswith(CLASSIFIER_SUFFIX)
 
 
-_MODEL_TYPES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3",
+_MODEL_TYPES = {"llama": "llama", "mistral": "mistral", "ministral": "ministral",
+                "qwen2": "qwen2", "qwen3": "qwen3",
                 "qwen3_moe": "qwen3_moe", "qwen2_moe": "qwen2_moe", "mixtral": "mixtral", "granitemoe": "granitemoe",
                 "olmoe": "olmoe",
                 "gemma": "gemma", "gemma2": "gemma2", "gemma3_text": "gemma3",
@@ -111,7 +113,8 @@ class UnsupportedModelError(ValueError):
 class DecoderConfig:
     """Shape and flavour of a decoder (fields follow HF names where one exists)."""
 
-    # "llama" | "mistral" | "qwen2" | "qwen3" | "gemma" | "gemma2" | "gemma3" | "granite"
+    # "llama" | "mistral" | "ministral" | "qwen2" | "qwen3" | "gemma" | "gemma2" | "gemma3"
+    # | "granite"
     # | "phi3" | "smollm3" | "olmo2" | "olmo3" | "glm" | "glm4" | "qwen3_moe" | "mixtral"
     # | "granitemoe"
     # | "olmoe" | "qwen2_moe"
