@@ -67,7 +67,8 @@ def test_paged_prefill_decode_and_chunked_prefill(hf_dirs, kind):
 
 @pytest.mark.parametrize("kind", ["llama3-rope-tied", "qwen2-tied", "qwen3", "mistral-window",
                                   "gemma2-window-softcap", "gemma3", "granite", "olmo2",
-                                  "olmo3-window", "qwen3-moe", "qwen2-moe", "mixtral",
+                                  "olmo3-window", "exaone4-hybrid", "qwen3-moe",
+                                  "qwen2-moe", "mixtral",
                                   "granitemoe", "olmoe"])
 def test_greedy_generation_matches_transformers(hf_dirs, kind):
     hf, path = hf_dirs[kind]
@@ -106,6 +107,25 @@ def test_olmo3_config_and_hybrid_pools(hf_dirs):
     h = mk.models.DecoderConfig.from_hf(hub)
     assert h.sliding_window_layers == [0, 1, 2] and h.sliding_rope_theta == 500000.0
     assert h.rope_scaling["factor"] == 8.0 and h.rope_theta == 500000.0
+
+
+def test_exaone4_config(hf_dirs):
+    """EXAONE 4: post-norm, per-head q / k norms; hybrid models skip rope on the global
+    layers (local / global from layer_types or the "LLLG" pattern), others rotate all."""
+    import minikernels as mk
+
+    _, path = hf_dirs["exaone4-hybrid"]
+    c = load_model(path, dtype="float32", device="cpu").config
+    assert (c.architecture, c.qk_norm, c.qk_norm_full, c.post_norm) == \
+        ("exaone4", True, False, True)
+    assert [c.window_left(i) for i in range(2)] == [5, -1] and c.nope_layers == [1]
+    hub = {"architectures": ["Exaone4ForCausalLM"], "hidden_size": 64,
+           "num_attention_heads": 4, "num_hidden_layers": 8, "intermediate_size": 128,
+           "vocab_size": 300, "sliding_window": 4096, "sliding_window_pattern": "LLLG"}
+    h = mk.models.DecoderConfig.from_hf(hub)
+    assert h.sliding_window_layers == [0, 1, 2, 4, 5, 6] and h.nope_layers == [3, 7]
+    plain = mk.models.DecoderConfig.from_hf({**hub, "sliding_window": None})
+    assert plain.sliding_window is None and not plain.nope_layers
 
 
 def test_chunked_generation_equals_whole_prefill(hf_dirs):

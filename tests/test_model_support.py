@@ -75,6 +75,11 @@ CASES: dict[str, tuple[str, dict[str, Any]]] = {
                                      pad_token_id=0)),
     # OLMo 2: post-norm layers, q / k norms over all heads.
     "olmo2": ("Olmo2", dict(tie_word_embeddings=False, pad_token_id=0)),
+    # EXAONE 4 (hybrid): post-norm layers, per-head q / k norms, a sliding layer with rope
+    # and a global layer without (NoPE).
+    "exaone4-hybrid": ("Exaone4", dict(tie_word_embeddings=False, pad_token_id=0,
+                                       sliding_window=6,
+                                       layer_types=["sliding_attention", "full_attention"])),
     # OLMo 3: OLMo 2 with sliding-window layers (layer_types) and YaRN on the full
     # layers only (the sliding ones rotate with the plain base).
     "olmo3-window": ("Olmo3", dict(tie_word_embeddings=False, pad_token_id=0,

@@ -55,6 +55,7 @@ SUPPORTED_ARCHITECTURES = {
     "SmolLM3ForCausalLM": "smollm3",
     "Olmo2ForCausalLM": "olmo2",
     "Olmo3ForCausalLM": "olmo3",
+    "Exaone4ForCausalLM": "exaone4",
     "GlmForCausalLM": "glm",
     "Glm4ForCausalLM": "glm4",
 }
@@ -80,7 +81,8 @@ _MODEL_TYPES = {"llama": "llama", "mistral": "mistral", "ministral": "ministral"
                 "olmoe": "olmoe",
                 "gemma": "gemma", "gemma2": "gemma2", "gemma3_text": "gemma3",
                 "granite": "granite", "phi3": "phi3", "smollm3": "smollm3",
-                "olmo2": "olmo2", "olmo3": "olmo3", "glm": "glm", "glm4": "glm4"}
+                "olmo2": "olmo2", "olmo3": "olmo3", "exaone4": "exaone4", "glm": "glm",
+                "glm4": "glm4"}
 _GEMMA = ("gemma", "gemma2", "gemma3")
 #: the mixture-of-experts families (models/moe.py)
 _MOE = ("qwen3_moe", "qwen2_moe", "mixtral", "granitemoe", "olmoe")
@@ -356,9 +358,10 @@ class DecoderConfig:
             (family == "qwen2_moe" and bool(hf.get("qkv_bias", True))),
             o_bias=family not in ("qwen2", "qwen2_moe", "glm", "glm4") and attention_bias,
             mlp_bias=bool(hf.get("mlp_bias", False)),
-            qk_norm=family in ("qwen3", "qwen3_moe", "gemma3", "olmo2", "olmo3", "olmoe"),
+            qk_norm=family in ("qwen3", "qwen3_moe", "gemma3", "olmo2", "olmo3", "olmoe",
+                               "exaone4"),
             qk_norm_full=family in ("olmo2", "olmo3", "olmoe"),
-            post_norm=family in ("olmo2", "olmo3"),
+            post_norm=family in ("olmo2", "olmo3", "exaone4"),
             hidden_act=_activation_from_hf(hf, family),
             norm_weight_offset=1.0 if gemma else 0.0,
             embed_scale=hidden ** 0.5 if gemma else 1.0,
@@ -369,7 +372,10 @@ class DecoderConfig:
             final_logit_softcapping=_positive_or_none(hf.get(
                 "final_logit_softcapping", 30.0 if family == "gemma2" else None)),
             sliding_rope_theta=sliding_rope_theta,
-            nope_layers=_nope_layers_from_hf(hf, num_layers) if family == "smollm3" else None,
+            nope_layers=(_nope_layers_from_hf(hf, num_layers) if family == "smollm3" else
+                         # EXAONE 4's hybrid models: no rope on the global layers
+                         [i for i in range(num_layers) if i not in window_layers]
+                         if family == "exaone4" and window_layers else None),
             **(_granite_from_hf(hf) if family in ("granite", "granitemoe") else {}),
             **(_moe_from_hf(hf, family, num_layers) if family in _MOE else {}),
             quantization_config=dict(hf["quantization_config"])
@@ -503,6 +509,12 @@ def _sliding_window_from_hf(hf: Mapping[str, Any], family: str, num_layers: int
     elif family in ("gemma2", "gemma3"):   # transformers' default layer patterns
         pattern = 2 if family == "gemma2" else int(hf.get("sliding_window_pattern", 6))
         window_layers = [i for i in range(num_layers) if (i + 1) % pattern]
+    elif family == "exaone4":   # "LLLG" (local / global per layer, repeated) or 4
+        pattern = hf.get("sliding_window_pattern", 4)
+        if isinstance(pattern, str):
+            window_layers = [i for i in range(num_layers) if pattern[i % len(pattern)] == "L"]
+        else:
+            window_layers = [i for i in range(num_layers) if (i + 1) % int(pattern)]
     if window_layers is not None and not window_layers:
         return None, None
     return int(window), window_layers
