@@ -395,3 +395,40 @@ def test_moe_int4_checkpoints(tmp_path, method, group):
                                    str(tmp_path / "act"), "gptq", group=16, act_order=True)
         with pytest.raises(CheckpointError, match="act-order"):
             load_model(str(tmp_path / "act"), dtype="float32", device="cpu")
+
+
+def test_mistral3_multimodal_checkpoint_serves_its_ministral3_text_decoder(tmp_path):
+    """A Mistral3ForConditionalGeneration checkpoint (Pixtral tower + projector +
+    Ministral 3 text decoder): text prompts give transformers' logits; the vision
+    tensors are not read."""
+    import transformers
+    from test_model_support import BASE, CASES
+
+    _, text = CASES["ministral3-yarn"]
+    text_config = transformers.Ministral3Config(**{**BASE, **text})
+    vision = transformers.PixtralVisionConfig(hidden_size=32, intermediate_size=64,
+                                              num_hidden_layers=1, num_attention_heads=2,
+                                              image_size=28, patch_size=14, head_dim=16)
+    cfg = transformers.Mistral3Config(text_config=text_config, vision_config=vision,
+                                      image_token_index=299)
+    cfg._attn_implementation = "eager"
+    cfg.text_config._attn_implementation = "eager"
+    torch.manual_seed(0)
+    hf = transformers.Mistral3ForConditionalGeneration(cfg).float().eval()
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if "language_model" in name or "lm_head" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * (0.5 if "norm" in name else 0.08))
+    hf.save_pretrained(str(tmp_path))
+    model = load_model(str(tmp_path), dtype="float32", device="cpu")
+    c = model.config
+    assert (c.architecture, c.hf_architecture) == ("ministral3",
+                                                   "Mistral3ForConditionalGeneration")
+    assert (c.llama4_scaling_beta, c.llama4_scaling_length) == (0.5, 8)
+    seqs = [random_tokens(n, 290, 70 + n) for n in (21, 9)]
+    ids = torch.tensor([t for s in seqs for t in s])
+    got = model(ids, AttentionMetadata.for_prompts([len(s) for s in seqs]), None)
+    with torch.no_grad():
+        ref = torch.cat([hf(input_ids=torch.tensor([s])).logits[0].float() for s in seqs])
+    assert rel_err(got, ref) <= 1e-4

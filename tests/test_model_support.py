@@ -34,6 +34,14 @@ CASES: dict[str, tuple[str, dict[str, Any]]] = {
     "qwen3-tied": ("Qwen3", dict(head_dim=16, tie_word_embeddings=True)),
     "mistral-window": ("Mistral", dict(sliding_window=6, head_dim=16,
                                        tie_word_embeddings=False)),
+    # Ministral 3 (the text decoder of Mistral3ForConditionalGeneration): YaRN with
+    # mscale, and Llama 4's query scaling past each 8-token "original context".
+    "ministral3-yarn": ("Ministral3", dict(
+        head_dim=16, tie_word_embeddings=False,
+        rope_parameters={"rope_type": "yarn", "rope_theta": 1e6, "factor": 4.0,
+                         "original_max_position_embeddings": 8, "beta_fast": 32.0,
+                         "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0,
+                         "llama_4_scaling_beta": 0.5})),
     # Ministral (8B-2410): Mistral with the window on some layers only (layer_types).
     "ministral-window": ("Ministral", dict(sliding_window=6, head_dim=16,
                                            tie_word_embeddings=False,

@@ -40,6 +40,7 @@ SUPPORTED_ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
     "MistralForCausalLM": "mistral",
     "MinistralForCausalLM": "ministral",
+    "Ministral3ForCausalLM": "ministral3",
     "Qwen2ForCausalLM": "qwen2",
     "Qwen3ForCausalLM": "qwen3",
     "Qwen3MoeForCausalLM": "qwen3_moe",
@@ -76,6 +77,7 @@ def is_classifier_architecture(arch: str | None) -> bool:
 
 
 _MODEL_TYPES = {"llama": "llama", "mistral": "mistral", "ministral": "ministral",
+                "ministral3": "ministral3",
                 "qwen2": "qwen2", "qwen3": "qwen3",
                 "qwen3_moe": "qwen3_moe", "qwen2_moe": "qwen2_moe", "mixtral": "mixtral", "granitemoe": "granitemoe",
                 "olmoe": "olmoe",
@@ -89,7 +91,10 @@ _MOE = ("qwen3_moe", "qwen2_moe", "mixtral", "granitemoe", "olmoe")
 #: Multimodal architectures whose text decoder is served (text-only prompts): the
 #: checkpoint's ``text_config`` and ``language_model`` tensors; the image encoder is not
 #: loaded.
-TEXT_ONLY_WRAPPERS = {"Gemma3ForConditionalGeneration": "gemma3"}
+TEXT_ONLY_WRAPPERS: dict[str, str | None] = {
+    "Gemma3ForConditionalGeneration": "gemma3",
+    # Mistral 3 (Ministral 3, Mistral Small 3.x): the family of its text_config's model_type
+    "Mistral3ForConditionalGeneration": None}
 # transformers' Gemma3TextConfig defaults: a hub config's text_config lists only the
 # fields that differ (gemma-3-4b-it: hidden_size, intermediate_size, layers, rope_scaling,
 # sliding_window).
@@ -115,7 +120,8 @@ class UnsupportedModelError(ValueError):
 class DecoderConfig:
     """Shape and flavour of a decoder (fields follow HF names where one exists)."""
 
-    # "llama" | "mistral" | "ministral" | "qwen2" | "qwen3" | "gemma" | "gemma2" | "gemma3"
+    # "llama" | "mistral" | "ministral" | "ministral3" | "qwen2" | "qwen3" | "gemma"
+    # | "gemma2" | "gemma3"
     # | "granite"
     # | "phi3" | "smollm3" | "olmo2" | "olmo3" | "glm" | "glm4" | "qwen3_moe" | "mixtral"
     # | "granitemoe"
@@ -166,6 +172,11 @@ class DecoderConfig:
     # Rope base of the sliding-window layers (Gemma 3's local layers, default rope, no
     # scaling); None = every layer uses rope_theta / rope_scaling.
     sliding_rope_theta: float | None = None
+    # Llama 4 / Ministral 3 attention temperature: after rope, each query is scaled by
+    # 1 + beta * log(1 + floor(position / length)) (rope_parameters'
+    # llama_4_scaling_beta, original_max_position_embeddings); None = off.
+    llama4_scaling_beta: float | None = None
+    llama4_scaling_length: int | None = None
     # Granite: embeddings times embedding_multiplier (a number, as transformers applies
     # it), attention / MLP outputs times residual_multiplier before each residual add,
     # logits divided by logits_scaling.
@@ -218,7 +229,7 @@ class DecoderConfig:
                                             "are not supported (SiLU-gated experts)")
         for name in ("attention_scale", "attn_logit_softcapping", "final_logit_softcapping",
                      "sliding_rope_theta", "embedding_multiplier", "residual_multiplier",
-                     "logits_scaling"):
+                     "logits_scaling", "llama4_scaling_length"):
             value = getattr(self, name)
             if value is not None and not (isinstance(value, (int, float)) and value > 0):
                 raise ValueError(f"config.{name} must be a positive number or None, got "
@@ -283,7 +294,12 @@ class DecoderConfig:
                 raise UnsupportedModelError(
                     f"multimodal architecture {archs or hf.get('model_type')!r} is not "
                     f"supported (text-only serving of {sorted(TEXT_ONLY_WRAPPERS)})")
-            family = TEXT_ONLY_WRAPPERS[wrapper]
+            family = TEXT_ONLY_WRAPPERS[wrapper] or _MODEL_TYPES.get(
+                str(text.get("model_type", "")))
+            if family is None:
+                raise UnsupportedModelError(
+                    f"{wrapper} with a {text.get('model_type')!r} text decoder is not "
+                    f"supported")
             hf = _text_config(hf, text, family)
             archs = [wrapper]
         for a in archs:
@@ -372,6 +388,8 @@ class DecoderConfig:
             final_logit_softcapping=_positive_or_none(hf.get(
                 "final_logit_softcapping", 30.0 if family == "gemma2" else None)),
             sliding_rope_theta=sliding_rope_theta,
+            llama4_scaling_beta=_llama4_scaling(hf)[0],
+            llama4_scaling_length=_llama4_scaling(hf)[1],
             nope_layers=(_nope_layers_from_hf(hf, num_layers) if family == "smollm3" else
                          # EXAONE 4's hybrid models: no rope on the global layers
                          [i for i in range(num_layers) if i not in window_layers]
@@ -390,8 +408,30 @@ def _text_config(hf: Mapping[str, Any], text: Mapping[str, Any], family: str
     """A multimodal config's text decoder: transformers' defaults for that text config,
     then the top-level fields that apply to the text decoder, then ``text_config``."""
     carried = {k: hf[k] for k in _CARRIED if hf.get(k) is not None}
-    return {**_TEXT_DEFAULTS.get(family, {}), **carried,
-            **{k: v for k, v in text.items() if v is not None or k not in carried}}
+    merged = {**_TEXT_DEFAULTS.get(family, {}), **carried,
+              **{k: v for k, v in text.items() if v is not None or k not in carried}}
+    if "tie_word_embeddings" in carried:
+        # the wrapper model ties (or not) by its own config (transformers 5): a
+        # checkpoint saved tied has no lm_head tensor, whatever text_config says
+        merged["tie_word_embeddings"] = carried["tie_word_embeddings"]
+    return merged
+
+
+def _llama4_scaling(hf: Mapping[str, Any]) -> tuple[float | None, int | None]:
+    """(beta, length) of the Llama 4 / Ministral 3 query scaling, from rope_parameters
+    (or rope_scaling); (None, None) when absent or zero."""
+    params = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    if isinstance(params, Mapping) and isinstance(params.get("full_attention"), Mapping):
+        params = params["full_attention"]
+    beta = params.get("llama_4_scaling_beta") if isinstance(params, Mapping) else None
+    if not beta:
+        return None, None
+    length = params.get("original_max_position_embeddings") or \
+        hf.get("original_max_position_embeddings")
+    if not length:
+        raise UnsupportedModelError("llama_4_scaling_beta needs "
+                                    "original_max_position_embeddings")
+    return float(beta), int(length)
 
 
 def _nope_layers_from_hf(hf: Mapping[str, Any], num_layers: int) -> list[int] | None:
@@ -469,6 +509,7 @@ def _rope_from_hf(hf: Mapping[str, Any], family: str
         rope_theta = float(hf.get("rope_theta", default_theta))
         scaling = dict(hf.get("rope_scaling") or {})
     scaling.pop("partial_rotary_factor", None)   # (5.x keeps it here; a field of its own)
+    scaling.pop("llama_4_scaling_beta", None)     # (a query scale: _llama4_scaling)
     kind = _rope_kind(scaling)
     scaling.pop("type", None)                     # (4.x spelling of rope_type)
     if kind in ("yarn", "longrope"):

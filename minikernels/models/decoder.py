@@ -112,6 +112,8 @@ class Attention(nn.Module):
         # Shared across layers; a plain attribute (not a submodule) so it is stored once.
         self.__dict__["rotary"] = rotary
         self.residual_multiplier = c.residual_multiplier   # Granite
+        self.q_scale_beta = c.llama4_scaling_beta           # Llama 4 / Ministral 3
+        self.q_scale_length = c.llama4_scaling_length
         self.attn = PagedAttention(self.num_heads, self.num_kv_heads, c.head_dim,
                                    softmax_scale=c.softmax_scale,
                                    window_left=c.window_left(layer),
@@ -131,6 +133,10 @@ class Attention(nn.Module):
             k = self.k_norm(k.contiguous())
         if self.rotary is not None:     # None: a NoPE layer (SmolLM3)
             q, k = self.rotary(q, k, meta.positions)
+        if self.q_scale_beta is not None:
+            # attention temperature: queries past each original context grow by beta * log
+            far = torch.floor(meta.positions.float() / self.q_scale_length)
+            q = q * (1 + self.q_scale_beta * torch.log1p(far)).to(q.dtype)[:, None, None]
         o = self.attn(q, k, v, meta, kv_cache)
         o = self.o_proj(o.reshape(t, self.q_size))
         if self.tp is not None:
