@@ -88,6 +88,10 @@ CASES: dict[str, tuple[str, dict[str, Any]]] = {
     "exaone4-hybrid": ("Exaone4", dict(tie_word_embeddings=False, pad_token_id=0,
                                        sliding_window=6,
                                        layer_types=["sliding_attention", "full_attention"])),
+    # HunYuan dense (0.5B - 7B): per-head q / k norms after rope, fixed-alpha NTK rope.
+    "hunyuan-ntk": ("HunYuanDenseV1", dict(head_dim=16, tie_word_embeddings=True,
+                                           rope_scaling={"type": "dynamic", "alpha": 50.0,
+                                                         "factor": 1.0})),
     # OLMo 3: OLMo 2 with sliding-window layers (layer_types) and YaRN on the full
     # layers only (the sliding ones rotate with the plain base).
     "olmo3-window": ("Olmo3", dict(tie_word_embeddings=False, pad_token_id=0,

@@ -57,6 +57,7 @@ SUPPORTED_ARCHITECTURES = {
     "Olmo2ForCausalLM": "olmo2",
     "Olmo3ForCausalLM": "olmo3",
     "Exaone4ForCausalLM": "exaone4",
+    "HunYuanDenseV1ForCausalLM": "hunyuan",
     "GlmForCausalLM": "glm",
     "Glm4ForCausalLM": "glm4",
 }
@@ -83,7 +84,8 @@ _MODEL_TYPES = {"llama": "llama", "mistral": "mistral", "ministral": "ministral"
                 "olmoe": "olmoe",
                 "gemma": "gemma", "gemma2": "gemma2", "gemma3_text": "gemma3",
                 "granite": "granite", "phi3": "phi3", "smollm3": "smollm3",
-                "olmo2": "olmo2", "olmo3": "olmo3", "exaone4": "exaone4", "glm": "glm",
+                "olmo2": "olmo2", "olmo3": "olmo3", "exaone4": "exaone4",
+                "hunyuan_v1_dense": "hunyuan", "glm": "glm",
                 "glm4": "glm4"}
 _GEMMA = ("gemma", "gemma2", "gemma3")
 #: the mixture-of-experts families (models/moe.py)
@@ -155,6 +157,7 @@ class DecoderConfig:
     mlp_bias: bool = False
     qk_norm: bool = False
     qk_norm_full: bool = False     # OLMo 2: the q / k norms span all heads
+    qk_norm_after_rope: bool = False   # HunYuan: per-head q / k norms after rope
     post_norm: bool = False        # OLMo 2: x + norm(attn(x)), then x + norm(mlp(x))
     hidden_act: str = "silu"
     # Gemma: RMSNorm scales by (weight + norm_weight_offset); embeddings times embed_scale
@@ -329,6 +332,9 @@ class DecoderConfig:
         head_dim = int(hf.get("head_dim") or hidden // heads)
         num_layers = int(need("num_hidden_layers"))
         rope_theta, rope_scaling, sliding_rope_theta = _rope_from_hf(hf, family)
+        alpha = _ntk_alpha(hf)
+        if alpha is not None:
+            rope_theta *= alpha ** (head_dim / (head_dim - 2))
         partial = hf.get("partial_rotary_factor")
         params = hf.get("rope_parameters")
         if partial is None and isinstance(params, Mapping):
@@ -375,7 +381,8 @@ class DecoderConfig:
             o_bias=family not in ("qwen2", "qwen2_moe", "glm", "glm4") and attention_bias,
             mlp_bias=bool(hf.get("mlp_bias", False)),
             qk_norm=family in ("qwen3", "qwen3_moe", "gemma3", "olmo2", "olmo3", "olmoe",
-                               "exaone4"),
+                               "exaone4", "hunyuan"),
+            qk_norm_after_rope=family == "hunyuan",
             qk_norm_full=family in ("olmo2", "olmo3", "olmoe"),
             post_norm=family in ("olmo2", "olmo3", "exaone4"),
             hidden_act=_activation_from_hf(hf, family),
@@ -415,6 +422,17 @@ def _text_config(hf: Mapping[str, Any], text: Mapping[str, Any], family: str
         # checkpoint saved tied has no lm_head tensor, whatever text_config says
         merged["tie_word_embeddings"] = carried["tie_word_embeddings"]
     return merged
+
+
+def _ntk_alpha(hf: Mapping[str, Any]) -> float | None:
+    """HunYuan's rope: "dynamic" with a fixed ``alpha`` (NTK-aware): the base times
+    alpha ** (d / (d - 2)), the same at every length. None when absent."""
+    params = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    if not isinstance(params, Mapping) or str(
+            params.get("rope_type", params.get("type", ""))) != "dynamic":
+        return None
+    alpha = params.get("alpha")
+    return float(alpha) if alpha else None
 
 
 def _llama4_scaling(hf: Mapping[str, Any]) -> tuple[float | None, int | None]:
@@ -508,6 +526,9 @@ def _rope_from_hf(hf: Mapping[str, Any], family: str
     else:
         rope_theta = float(hf.get("rope_theta", default_theta))
         scaling = dict(hf.get("rope_scaling") or {})
+    if str(scaling.get("rope_type", scaling.get("type", ""))) == "dynamic" and \
+            scaling.get("alpha"):
+        scaling = {}    # HunYuan's fixed-alpha NTK: a larger static base (_ntk_alpha)
     scaling.pop("partial_rotary_factor", None)   # (5.x keeps it here; a field of its own)
     scaling.pop("llama_4_scaling_beta", None)     # (a query scale: _llama4_scaling)
     kind = _rope_kind(scaling)

@@ -111,6 +111,7 @@ class Attention(nn.Module):
                                   weight_offset=c.norm_weight_offset)
         # Shared across layers; a plain attribute (not a submodule) so it is stored once.
         self.__dict__["rotary"] = rotary
+        self.qk_norm_after_rope = c.qk_norm_after_rope
         self.residual_multiplier = c.residual_multiplier   # Granite
         self.q_scale_beta = c.llama4_scaling_beta           # Llama 4 / Ministral 3
         self.q_scale_length = c.llama4_scaling_length
@@ -128,11 +129,15 @@ class Attention(nn.Module):
         q = q.reshape(t, self.num_heads, self.head_dim)
         k = k.reshape(t, self.num_kv_heads, self.head_dim)
         v = v.reshape(t, self.num_kv_heads, self.head_dim).contiguous()
-        if self.q_norm is not None and not self.qk_norm_full:
+        per_head_norm = self.q_norm is not None and not self.qk_norm_full
+        if per_head_norm and not self.qk_norm_after_rope:
             q = self.q_norm(q.contiguous())
             k = self.k_norm(k.contiguous())
         if self.rotary is not None:     # None: a NoPE layer (SmolLM3)
             q, k = self.rotary(q, k, meta.positions)
+        if per_head_norm and self.qk_norm_after_rope:      # HunYuan
+            q = self.q_norm(q)
+            k = self.k_norm(k)
         if self.q_scale_beta is not None:
             # attention temperature: queries past each original context grow by beta * log
             far = torch.floor(meta.positions.float() / self.q_scale_length)
@@ -179,6 +184,7 @@ class MLP(nn.Module):
         self.down_proj = FusedLinear(inter, c.hidden_size, bias=c.mlp_bias,
                                      dtype=dtype, device=device, dense=dense)
         self.activation = c.activation
+        self.qk_norm_after_rope = c.qk_norm_after_rope
         self.residual_multiplier = c.residual_multiplier   # Granite
 
     def forward(self, x: Tensor) -> Tensor:

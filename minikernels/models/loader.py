@@ -294,12 +294,15 @@ _MOE_NAMES = [(re.compile(_BSM + r"experts\.(\d+)\.w1\."), r".mlp.experts.\1.gat
 
 
 def _family_name(name: str, config: DecoderConfig) -> str:
-    """A checkpoint tensor name in the decoder's vocabulary (GLM-4's norms renamed;
+    """A checkpoint tensor name in the decoder's vocabulary (GLM-4's and HunYuan's norms renamed;
     Mixtral's / Granite-MoE's experts and router under Qwen3-MoE's names)."""
     if ".block_sparse_moe." in name:
         for pattern, repl in _MOE_NAMES:
             name = pattern.sub(repl, name)
         return name
+    if config.architecture == "hunyuan":    # its per-head q / k norms
+        return name.replace(".self_attn.query_layernorm.", ".self_attn.q_norm.").replace(
+            ".self_attn.key_layernorm.", ".self_attn.k_norm.")
     if config.architecture != "glm4":
         return name
     return _GLM4_NORM_RE.sub(lambda m: f".{_GLM4_NORMS[m.group(1)]}.", name)
