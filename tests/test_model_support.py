@@ -90,6 +90,8 @@ CASES: dict[str, tuple[str, dict[str, Any]]] = {
                                        layer_types=["sliding_attention", "full_attention"])),
     # ERNIE 4.5 (0.3B): GPT-J (interleaved) rope over the whole head, one use_bias flag.
     "ernie4_5-bias": ("Ernie4_5", dict(head_dim=16, use_bias=True, tie_word_embeddings=True)),
+    # Helium (Kyutai, 2B): Llama with GPT-J (interleaved) rope.
+    "helium": ("Helium", dict(head_dim=16, tie_word_embeddings=False, attention_bias=True)),
     # HunYuan dense (0.5B - 7B): per-head q / k norms after rope, fixed-alpha NTK rope.
     "hunyuan-ntk": ("HunYuanDenseV1", dict(head_dim=16, tie_word_embeddings=True,
                                            rope_scaling={"type": "dynamic", "alpha": 50.0,

@@ -59,6 +59,7 @@ SUPPORTED_ARCHITECTURES = {
     "Exaone4ForCausalLM": "exaone4",
     "HunYuanDenseV1ForCausalLM": "hunyuan",
     "Ernie4_5ForCausalLM": "ernie4_5",
+    "HeliumForCausalLM": "helium",
     "GlmForCausalLM": "glm",
     "Glm4ForCausalLM": "glm4",
 }
@@ -86,7 +87,8 @@ _MODEL_TYPES = {"llama": "llama", "mistral": "mistral", "ministral": "ministral"
                 "gemma": "gemma", "gemma2": "gemma2", "gemma3_text": "gemma3",
                 "granite": "granite", "phi3": "phi3", "smollm3": "smollm3",
                 "olmo2": "olmo2", "olmo3": "olmo3", "exaone4": "exaone4",
-                "hunyuan_v1_dense": "hunyuan", "ernie4_5": "ernie4_5", "glm": "glm",
+                "hunyuan_v1_dense": "hunyuan", "ernie4_5": "ernie4_5",
+                "helium": "helium", "glm": "glm",
                 "glm4": "glm4"}
 _GEMMA = ("gemma", "gemma2", "gemma3")
 #: the mixture-of-experts families (models/moe.py)
@@ -372,7 +374,7 @@ class DecoderConfig:
             rope_scaling=rope_scaling,
             partial_rotary_factor=float(partial) if partial is not None else
             (0.5 if family in ("glm", "glm4") else 1.0),
-            rope_interleaved=family in ("glm", "glm4", "ernie4_5"),
+            rope_interleaved=family in ("glm", "glm4", "ernie4_5", "helium"),
             rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", gemma)),
             eos_token_ids=eos,
@@ -381,7 +383,8 @@ class DecoderConfig:
             sliding_window_layers=window_layers,
             qkv_bias=family == "qwen2" or attention_bias or
             (family == "qwen2_moe" and bool(hf.get("qkv_bias", True))),
-            o_bias=family not in ("qwen2", "qwen2_moe", "glm", "glm4") and attention_bias,
+            o_bias=family not in ("qwen2", "qwen2_moe", "glm", "glm4", "helium")
+            and attention_bias,
             mlp_bias=bool(hf.get("mlp_bias", False)) or (
                 family == "ernie4_5" and attention_bias),
             qk_norm=family in ("qwen3", "qwen3_moe", "gemma3", "olmo2", "olmo3", "olmoe",
