@@ -287,3 +287,38 @@ def test_decode_graph_buffers_carry_the_group_tables(model):
     want, _ = generate(model, PROMPTS, GREEDY, num_kv_blocks=300,
                        disable_hybrid_kv_cache_manager=True)
     assert len(replays) >= 10 and got == want
+
+
+def test_eagle_head_over_hybrid_pools(tmp_path):
+    """An EAGLE head reads the target's group-0 table (full-attention blocks) while the
+    sliding groups hand back theirs: greedy tokens equal no speculation and one table."""
+    import transformers
+    from test_eagle import HEADS, INTER, KV_HEADS, VOCAB, H, _save_head
+
+    cfg = transformers.MinistralConfig(
+        vocab_size=VOCAB, hidden_size=H, intermediate_size=INTER, num_hidden_layers=4,
+        num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, max_position_embeddings=256,
+        head_dim=H // HEADS,
+        rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False,
+        sliding_window=6, layer_types=["sliding_attention", "full_attention"] * 2,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+    torch.manual_seed(7)
+    hf = transformers.MinistralForCausalLM(cfg).float().eval()
+    hf.save_pretrained(str(tmp_path / "target"))
+    _save_head(tmp_path / "head", "eagle", 1, own_embed=True)
+    prompts = [([5, 6, 7, 8, 9] * 9)[:n] for n in (31, 12, 40)]
+
+    def run(spec, **kw):
+        llm = mk.LLM(str(tmp_path / "target"), dtype="float32", device="cpu", tokenizer=None,
+                     block_size=4, num_kv_blocks=300, speculative_config=spec, **kw)
+        toks = [o.outputs[0].token_ids for o in llm.generate(prompts, GREEDY, use_tqdm=False)]
+        llm.llm_engine.check_no_leaks()
+        return toks, llm.llm_engine
+
+    eagle = {"method": "eagle", "model": str(tmp_path / "head"), "num_speculative_tokens": 3}
+    want, plain = run(None)
+    got, eng = run(eagle)
+    assert plain.kv_layout is not None and eng.kv_layout is not None
+    assert eng.spec_draft_tokens_total > 0 and got == want
+    one, base = run(eagle, disable_hybrid_kv_cache_manager=True)
+    assert base.kv_layout is None and one == want

@@ -528,15 +528,13 @@ class LLMEngine:
         """The hybrid KV layout (models/kv_layout.py) when the model interleaves
         full-attention and sliding-window layers, or None (one block table for all).
 
-        With n-gram or draft-model speculation (the draft model keeps its own pool), not
-        with an EAGLE head (its K/V lives in the target's blocks, read through group 0's
-        table, untested with sliding groups), not under tensor parallel (its workers
-        receive one table), or when disabled (vLLM's ``disable_hybrid_kv_cache_manager``).
+        With speculation too: a draft model keeps its own pool; an EAGLE head's K/V lives
+        in the target's group-0 (full-attention) blocks. Not under tensor parallel (its
+        workers receive one table), or when disabled (vLLM's
+        ``disable_hybrid_kv_cache_manager``).
         """
         config = self.config
-        eagle = self.spec_config is not None and self.spec_config.method in EAGLE_METHODS
-        if (disabled or eagle or tensor_parallel_size != 1
-                or not hasattr(config, "is_sliding")):
+        if disabled or tensor_parallel_size != 1 or not hasattr(config, "is_sliding"):
             return None
         layout = plan_kv_layout(config)
         return layout if layout.hybrid else None
