@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_model_support import CASES, hf_dirs, hf_logits, random_tokens, rel_err, run_schedule
+from test_model_support import (CASES, hf_dirs, hf_logits, random_tokens, randomize_, rel_err,
+                                run_schedule)
 
 from minikernels.models import AttentionMetadata, load_model
 from minikernels.models.generate import generate_tokens
@@ -427,6 +428,64 @@ def test_mistral3_multimodal_checkpoint_serves_its_ministral3_text_decoder(tmp_p
                                                    "Mistral3ForConditionalGeneration")
     assert (c.llama4_scaling_beta, c.llama4_scaling_length) == (0.5, 8)
     seqs = [random_tokens(n, 290, 70 + n) for n in (21, 9)]
+    ids = torch.tensor([t for s in seqs for t in s])
+    got = model(ids, AttentionMetadata.for_prompts([len(s) for s in seqs]), None)
+    with torch.no_grad():
+        ref = torch.cat([hf(input_ids=torch.tensor([s])).logits[0].float() for s in seqs])
+    assert rel_err(got, ref) <= 1e-4
+
+
+@pytest.mark.parametrize("kind", ["qwen3_vl", "qwen2_5_vl", "qwen2_5_vl_flat"])
+def test_qwen_vl_checkpoints_serve_their_text_decoder(tmp_path, kind):
+    """Qwen3-VL / Qwen2.5-VL (nested text_config, or 4.x's flat config with visual.*
+    tensors): text prompts give transformers' logits (M-RoPE with one position on every
+    axis is plain rope); the vision tower is not read."""
+    import json
+
+    import transformers
+    from safetensors.torch import load_file, save_file
+
+    text = dict(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                rms_norm_eps=1e-5, rope_parameters={"rope_type": "default", "rope_theta": 1e6,
+                                                    "mrope_section": [4, 2, 2]})
+    if kind == "qwen3_vl":
+        text["head_dim"] = 16
+        text["rope_parameters"]["mrope_interleaved"] = True
+        vision = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2,
+                      out_hidden_size=64, patch_size=14, deepstack_visual_indexes=[0])
+        cfg = transformers.Qwen3VLConfig(text_config=text, vision_config=vision,
+                                         image_token_id=299, video_token_id=298,
+                                         vision_start_token_id=297, vision_end_token_id=296)
+        cls = transformers.Qwen3VLForConditionalGeneration
+    else:
+        vision = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2,
+                      out_hidden_size=64, patch_size=14, fullatt_block_indexes=[0])
+        cfg = transformers.Qwen2_5_VLConfig(text_config=text, vision_config=vision,
+                                            image_token_id=299, video_token_id=298,
+                                            vision_start_token_id=297,
+                                            vision_end_token_id=296)
+        cls = transformers.Qwen2_5_VLForConditionalGeneration
+    torch.manual_seed(0)
+    hf = randomize_(cls(cfg).float().eval(), 1)
+    hf.save_pretrained(str(tmp_path))
+    if kind == "qwen2_5_vl_flat":      # the 4.x hub layout: text fields and tensors flat
+        c = json.loads((tmp_path / "config.json").read_text())
+        flat = {**{k: v for k, v in c.items() if k != "text_config"}, **c["text_config"],
+                "model_type": "qwen2_5_vl",
+                "rope_scaling": {"type": "mrope", "mrope_section": [4, 2, 2]}}
+        flat.pop("rope_parameters", None)
+        flat["rope_theta"] = 1e6
+        (tmp_path / "config.json").write_text(json.dumps(flat))
+        path = next(tmp_path.glob("*.safetensors"))
+        tensors = load_file(str(path))
+        renamed = {k.replace("model.language_model.", "model.").replace("model.visual.",
+                                                                        "visual."): v
+                   for k, v in tensors.items()}
+        save_file(renamed, str(path), metadata={"format": "pt"})
+    model = load_model(str(tmp_path), dtype="float32", device="cpu")
+    assert model.config.architecture == ("qwen3" if kind == "qwen3_vl" else "qwen2")
+    seqs = [random_tokens(n, 290, 80 + n) for n in (17, 6)]
     ids = torch.tensor([t for s in seqs for t in s])
     got = model(ids, AttentionMetadata.for_prompts([len(s) for s in seqs]), None)
     with torch.no_grad():

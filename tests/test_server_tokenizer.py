@@ -191,3 +191,24 @@ def test_hf_tokenizer_chat_template_takes_tools_and_variables(tokenizer):
         assert not plain.startswith("TOOLS") and "<think>" not in plain
     finally:
         hf.chat_template = saved
+
+
+def test_processor_chat_template_is_found(tokenizer, tmp_path):
+    """A multimodal checkpoint keeps its chat template beside the processor
+    (chat_template.json, as Qwen2.5-VL); load_tokenizer uses it when the tokenizer has
+    none of its own."""
+    import copy
+    import json
+
+    from minikernels.models.tokenizer import load_tokenizer
+
+    fast = copy.deepcopy(tokenizer.tokenizer)
+    fast.chat_template = None
+    fast.save_pretrained(str(tmp_path))
+    for leftover in tmp_path.glob("chat_template.*"):
+        leftover.unlink()
+    assert not load_tokenizer(str(tmp_path)).chat_template
+    (tmp_path / "chat_template.json").write_text(json.dumps({"chat_template": TEMPLATE}))
+    tok = load_tokenizer(str(tmp_path))
+    assert tok.chat_template == TEMPLATE
+    assert tok.apply_chat_template([{"role": "user", "content": "hi"}])

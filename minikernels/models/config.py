@@ -60,6 +60,10 @@ SUPPORTED_ARCHITECTURES = {
     "HunYuanDenseV1ForCausalLM": "hunyuan",
     "Ernie4_5ForCausalLM": "ernie4_5",
     "HeliumForCausalLM": "helium",
+    # Qwen2-VL / Qwen2.5-VL checkpoints with the text fields at the top level (their
+    # text decoder; see TEXT_ONLY_WRAPPERS)
+    "Qwen2VLForConditionalGeneration": "qwen2",
+    "Qwen2_5_VLForConditionalGeneration": "qwen2",
     "GlmForCausalLM": "glm",
     "Glm4ForCausalLM": "glm4",
 }
@@ -98,6 +102,11 @@ _MOE = ("qwen3_moe", "qwen2_moe", "mixtral", "granitemoe", "olmoe")
 #: loaded.
 TEXT_ONLY_WRAPPERS: dict[str, str | None] = {
     "Gemma3ForConditionalGeneration": "gemma3",
+    # Qwen2-VL / Qwen2.5-VL / Qwen3-VL: M-RoPE gives text tokens one position on all three
+    # axes, which is plain rope, so text prompts run on the Qwen2 / Qwen3 decoder
+    "Qwen2VLForConditionalGeneration": "qwen2",
+    "Qwen2_5_VLForConditionalGeneration": "qwen2",
+    "Qwen3VLForConditionalGeneration": "qwen3",
     # Mistral 3 (Ministral 3, Mistral Small 3.x): the family of its text_config's model_type
     "Mistral3ForConditionalGeneration": None}
 # transformers' Gemma3TextConfig defaults: a hub config's text_config lists only the
@@ -500,6 +509,9 @@ def _rope_kind(scaling: Mapping[str, Any] | None) -> str:
     kind = str(scaling.get("rope_type", scaling.get("type", "default"))) if scaling else \
         "default"
     kind = "longrope" if kind == "su" else kind     # Phi-3's first name for it
+    # Qwen-VL's M-RoPE (mrope_section): text tokens sit at one position on every axis,
+    # so for the text decoder it is the default rope (images are not served)
+    kind = "default" if kind == "mrope" else kind
     if kind not in _ROPE_KINDS:
         raise UnsupportedModelError(f"rope_scaling type {kind!r} is not supported "
                                     f"(supported: {', '.join(_ROPE_KINDS)})")

@@ -156,7 +156,7 @@ _IGNORED = re.compile(r"(rotary_emb\.inv_freq|\.bias_correction|\.wf_?\w*|\.weig
 _TEXT_PREFIXES = (("language_model.model.", "model."), ("model.language_model.", "model."),
                   ("language_model.lm_head.", "lm_head."))
 #: Its image encoder and projector: not read (the decoder serves text only).
-_NON_TEXT = re.compile(r"^(model\.)?(vision_tower|vision_model|multi_modal_projector)\.")
+_NON_TEXT = re.compile(r"^(model\.)?(vision_tower|vision_model|multi_modal_projector|visual)\.")
 
 
 def is_non_text_tensor(name: str) -> bool:

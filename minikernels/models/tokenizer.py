@@ -148,6 +148,24 @@ def _eos_from_dir(model_dir: str) -> list[int]:
     return eos
 
 
+def _processor_chat_template(model_dir: str) -> str | None:
+    """A multimodal checkpoint's chat template kept beside the processor
+    (``chat_template.jinja``, or ``chat_template.json``'s "chat_template"), which the
+    tokenizer alone may not load (Qwen2.5-VL); None when there is none."""
+    jinja = os.path.join(model_dir, "chat_template.jinja")
+    if os.path.isfile(jinja):
+        with open(jinja, encoding="utf-8") as fh:
+            return fh.read()
+    path = os.path.join(model_dir, "chat_template.json")
+    if os.path.isfile(path):
+        import json
+
+        with open(path, encoding="utf-8") as fh:
+            template = json.load(fh).get("chat_template")
+        return template if isinstance(template, str) else None
+    return None
+
+
 def load_tokenizer(model: str, revision: str | None = None) -> ByteTokenizer | HFTokenizer:
     """The tokenizer for ``model``: a HF directory's (or hub id's, see :mod:`.hub`) own, or
     the byte-level one for a built-in name (its eos ids included when they are
@@ -164,6 +182,8 @@ def load_tokenizer(model: str, revision: str | None = None) -> ByteTokenizer | H
             tok = AutoTokenizer.from_pretrained(model)
         except (OSError, ValueError) as exc:
             raise ValueError(f"cannot load a tokenizer from {model}: {exc}") from exc
+        if not getattr(tok, "chat_template", None):
+            tok.chat_template = _processor_chat_template(model)
         return HFTokenizer(tok, _eos_from_dir(model))
     key = model.lower()
     if key in list_models():
