@@ -451,3 +451,31 @@ def test_builtin_tp_shards_are_the_tp1_model_sharded(quant, builtin, monkeypatch
             assert torch.equal(got13[:, 16:], want13[:, 32:][:, rows])         # up
             assert torch.equal(got2, want2[:, :, rows])
     assert checked > 20
+
+
+def test_hybrid_kv_pools_tp2_token_identical(tp_dirs):
+    """Hybrid KV pools under tensor parallel (Gemma 3: a sliding and a full layer): every
+    rank allocates the shared-slot layout and each step carries the sliding group's slots
+    and tables; greedy tokens equal TP=1 (hybrid) and one table, through chunked prefill,
+    prefix hits and decode past the window."""
+    import minikernels as mk
+
+    path = tp_dirs["gemma3"]
+    prompts = [random_tokens(n, 300, 30 + n) for n in (5, 23, 12)]
+    prompts.append(prompts[1][:17] + [7, 8])           # shares a cached prefix
+    params = mk.SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    kw = dict(dtype="float32", device="cpu", tokenizer=None, block_size=4, num_kv_blocks=96,
+              max_num_batched_tokens=16, max_num_seqs=3)
+    tp1 = mk.LLM(path, **kw)
+    assert tp1.llm_engine.kv_layout is not None
+    want = [o.outputs[0].token_ids for o in tp1.generate(prompts, params)]
+    one = mk.LLM(path, disable_hybrid_kv_cache_manager=True, **kw)
+    assert [o.outputs[0].token_ids for o in one.generate(prompts, params)] == want
+    llm = mk.LLM(path, tensor_parallel_size=2, **kw)
+    try:
+        assert llm.llm_engine.kv_layout is not None
+        got = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
+        assert got == want
+        llm.llm_engine.check_no_leaks()
+    finally:
+        llm.llm_engine.model.close()

@@ -53,15 +53,17 @@ class TensorParallelDecodeGraphs:
 
     def __init__(self, model: TensorParallelModel, kv_caches: list, sizes: list[int],
                  max_blocks_per_seq: int, vocab: int, runner_cls: type | None = None,
-                 lora: Any = None) -> None:
+                 lora: Any = None, kv_layout: Any = None) -> None:
         runner_cls = runner_cls or default_runner_class()
         self.model = model
         self.sizes = list(sizes)
         self.width = int(max_blocks_per_seq)
         model.send(("graphs", runner_cls, self.sizes, self.width, int(vocab),
-                    lora is not None))
+                    lora is not None, kv_layout))
         # lora: the engine's TensorParallelLoRA; rank 0's runner reads its local slots
         extra = {"lora": lora.local} if lora is not None else {}
+        if kv_layout is not None:     # hybrid KV pools: the groups' static buffers
+            extra["kv_layout"] = kv_layout
         self.inner = runner_cls(model.model, kv_caches, self.sizes, self.width, int(vocab),
                                 **extra)
 

@@ -49,6 +49,9 @@ logger = logging.getLogger("minikernels")
 _META_TENSORS = ("positions", "slot_mapping", "decode_block_table", "decode_seq_lens",
                  "cu_seqlens_q", "cu_seqlens_k", "prefill_block_table", "logits_indices")
 _META_INTS = ("num_decode", "max_seqlen_q", "max_seqlen_k")
+#: a hybrid KV pool's per-group tensors (AttentionMetadata.group_meta), sent as
+#: "group<g>.<name>"
+_GROUP_TENSORS = ("slot_mapping", "decode_block_table", "prefill_block_table")
 POLL_S = 2.0
 
 
@@ -104,21 +107,29 @@ def step_header(command: str, input_ids: Tensor, meta: AttentionMetadata,
                 use_cache: bool, lora_slots: Tensor | None = None) -> tuple:
     """(command, [(name, shape, dtype)], ints, use_cache) of one step."""
     spec = [("input_ids", tuple(input_ids.shape), input_ids.dtype)]
-    for name in _META_TENSORS:
-        t = getattr(meta, name)
-        if t is not None:
-            spec.append((name, tuple(t.shape), t.dtype))
+    for name, t in _named_tensors(meta):
+        spec.append((name, tuple(t.shape), t.dtype))
     if lora_slots is not None:
         spec.append(("lora_slots", tuple(lora_slots.shape), lora_slots.dtype))
-    ints = {name: int(getattr(meta, name)) for name in _META_INTS}
+    ints: dict[str, Any] = {name: int(getattr(meta, name)) for name in _META_INTS}
+    if meta.layer_group is not None:             # hybrid KV pools (models/kv_layout.py)
+        ints["layer_group"] = tuple(meta.layer_group)
     return (command, spec, ints, use_cache)
+
+
+def _named_tensors(meta: AttentionMetadata) -> list[tuple[str, Tensor]]:
+    """The step's metadata tensors by name (groups' as "group<g>.<name>"), in send order."""
+    out = [(n, getattr(meta, n)) for n in _META_TENSORS if getattr(meta, n) is not None]
+    for g, gm in enumerate(meta.group_meta or ()):
+        out += [(f"group{g}.{n}", getattr(gm, n)) for n in _GROUP_TENSORS
+                if getattr(gm, n) is not None]
+    return out
 
 
 def step_tensors(input_ids: Tensor, meta: AttentionMetadata,
                  lora_slots: Tensor | None = None) -> list[Tensor]:
     """The tensors of a step, in the order of :func:`step_header`'s spec."""
-    tensors = [input_ids] + [getattr(meta, n) for n in _META_TENSORS
-                             if getattr(meta, n) is not None]
+    tensors = [input_ids] + [t for _, t in _named_tensors(meta)]
     return tensors if lora_slots is None else tensors + [lora_slots]
 
 
@@ -136,7 +147,19 @@ def receive_step(spec: list, ints: dict[str, int], device: torch.device,
     fields = {name: t for (name, _, _), t in zip(spec, tensors)}
     ids = fields.pop("input_ids")
     lora_slots = fields.pop("lora_slots", None)
-    return Step(ids, AttentionMetadata(**fields, **ints), lora_slots)
+    ints = dict(ints)
+    layer_group = ints.pop("layer_group", None)
+    groups: dict[int, dict[str, Tensor]] = {}
+    for name in [n for n in fields if n.startswith("group")]:
+        g, field = name[len("group"):].split(".", 1)
+        groups.setdefault(int(g), {})[field] = fields.pop(name)
+    meta = AttentionMetadata(**fields, **ints)
+    if layer_group is not None:
+        order = [groups.get(g, {}) for g in range(max(layer_group))]
+        meta.with_group_tables([d.get("slot_mapping") for d in order],
+                               [d.get("decode_block_table") for d in order],
+                               [d.get("prefill_block_table") for d in order], layer_group)
+    return Step(ids, meta, lora_slots)
 
 
 @dataclass
@@ -163,8 +186,9 @@ def serve_steps(model: torch.nn.Module, tp: TensorParallel, device: torch.device
             return
         kind = cmd[0]
         if kind == "alloc":
-            _, num_blocks, block_size, dtype = cmd
-            kv_caches = model.allocate_kv_caches(num_blocks, block_size, dtype=dtype)
+            _, num_blocks, block_size, dtype, layout = cmd
+            extra = {"layout": layout} if layout is not None else {}
+            kv_caches = model.allocate_kv_caches(num_blocks, block_size, dtype=dtype, **extra)
         elif kind == "lora_init":
             lora = LoRAManager(model, cmd[1], cmd[2])
         elif kind == "lora_activate":
@@ -172,8 +196,10 @@ def serve_steps(model: torch.nn.Module, tp: TensorParallel, device: torch.device
         elif kind == "lora_deactivate":
             lora.deactivate(cmd[1])
         elif kind == "graphs":
-            _, runner_cls, sizes, width, vocab, with_lora = cmd
+            _, runner_cls, sizes, width, vocab, with_lora, layout = cmd
             extra = {"lora": lora} if with_lora else {}
+            if layout is not None:
+                extra["kv_layout"] = layout
             graphs = runner_cls(model, kv_caches, sizes, width, vocab, **extra)
         elif kind in ("forward", "replay"):
             _, spec, ints, use_cache = cmd
@@ -273,17 +299,19 @@ class TensorParallelModel(torch.nn.Module):
         return self.lora
 
     def allocate_kv_caches(self, num_blocks: int, block_size: int,
-                           dtype: torch.dtype | None = None) -> list:
-        caches = self.model.allocate_kv_caches(num_blocks, block_size, dtype=dtype)
-        self.send(("alloc", int(num_blocks), int(block_size), dtype))
+                           dtype: torch.dtype | None = None, layout: Any = None) -> list:
+        """Every rank's pool (its own kv heads), with the same (hybrid) layout."""
+        extra = {"layout": layout} if layout is not None else {}
+        caches = self.model.allocate_kv_caches(num_blocks, block_size, dtype=dtype, **extra)
+        self.send(("alloc", int(num_blocks), int(block_size), dtype, layout))
         return caches
 
     def kv_cache_shape(self, num_blocks: int, block_size: int) -> tuple[int, int, int, int]:
         return self.model.kv_cache_shape(num_blocks, block_size)
 
-    def kv_bytes_per_token(self, dtype: torch.dtype | None = None) -> int:
+    def kv_bytes_per_token(self, dtype: torch.dtype | None = None, layout: Any = None) -> int:
         """Per rank (each rank's pool holds its own kv heads)."""
-        return self.model.kv_bytes_per_token(dtype)
+        return self.model.kv_bytes_per_token(dtype, **({"layout": layout} if layout else {}))
 
     def weight_bytes(self) -> int:
         return self.model.weight_bytes()

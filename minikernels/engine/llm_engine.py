@@ -259,8 +259,7 @@ class LLMEngine:
         elif self.spec_config is not None and self.spec_config.method in EAGLE_METHODS:
             eagle_head = self._load_eagle(max_num_seqs, max_num_batched_tokens)
             draft_kv_bytes = eagle_head.kv_bytes_per_token()
-        self.kv_layout = self._kv_layout(disable_hybrid_kv_cache_manager,
-                                         tensor_parallel_size)
+        self.kv_layout = self._kv_layout(disable_hybrid_kv_cache_manager)
         self.runner = ModelRunner(self.model, block_size, num_kv_blocks,
                                   gpu_memory_utilization, max_num_seqs,
                                   max_num_batched_tokens, max_model_len, enforce_eager,
@@ -524,17 +523,17 @@ class LLMEngine:
         self.model.hidden_capture = head.capture(max(max_num_batched_tokens, max_num_seqs))
         return head
 
-    def _kv_layout(self, disabled: bool, tensor_parallel_size: int) -> KVCacheLayout | None:
+    def _kv_layout(self, disabled: bool) -> KVCacheLayout | None:
         """The hybrid KV layout (models/kv_layout.py) when the model interleaves
         full-attention and sliding-window layers, or None (one block table for all).
 
-        With speculation too: a draft model keeps its own pool; an EAGLE head's K/V lives
-        in the target's group-0 (full-attention) blocks. Not under tensor parallel (its
-        workers receive one table), or when disabled (vLLM's
-        ``disable_hybrid_kv_cache_manager``).
+        With speculation too (a draft model keeps its own pool; an EAGLE head's K/V lives
+        in the target's group-0, full-attention, blocks) and under tensor parallel (every
+        rank allocates the same layout; the steps carry each group's tables). Off when
+        disabled (vLLM's ``disable_hybrid_kv_cache_manager``).
         """
         config = self.config
-        if disabled or tensor_parallel_size != 1 or not hasattr(config, "is_sliding"):
+        if disabled or not hasattr(config, "is_sliding"):
             return None
         layout = plan_kv_layout(config)
         return layout if layout.hybrid else None
