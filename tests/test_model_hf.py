@@ -129,6 +129,29 @@ def test_exaone4_config(hf_dirs):
     assert plain.sliding_window is None and not plain.nope_layers
 
 
+def test_granite4_configs():
+    """Granite 4.0: the dense attention models load as Granite (rope or NoPE by
+    position_embedding_type); Mamba layers or experts are refused by name."""
+    import minikernels as mk
+    from minikernels.models.config import UnsupportedModelError
+
+    hub = {"architectures": ["GraniteMoeHybridForCausalLM"], "hidden_size": 64,
+           "num_attention_heads": 4, "num_hidden_layers": 3, "intermediate_size": 512,
+           "shared_intermediate_size": 96, "vocab_size": 300, "num_local_experts": 0,
+           "layer_types": ["attention"] * 3, "position_embedding_type": "rope",
+           "attention_multiplier": 0.1, "embedding_multiplier": 3.0}
+    c = mk.models.DecoderConfig.from_hf(hub)
+    assert (c.architecture, c.intermediate_size, c.softmax_scale) == \
+        ("granite_hybrid", 96, 0.1) and not c.nope_layers
+    assert mk.models.DecoderConfig.from_hf({**hub, "position_embedding_type": None}
+                                           ).nope_layers == [0, 1, 2]
+    with pytest.raises(UnsupportedModelError, match="Mamba"):
+        mk.models.DecoderConfig.from_hf({**hub, "layer_types": ["mamba", "attention",
+                                                                "attention"]})
+    with pytest.raises(UnsupportedModelError, match="num_local_experts"):
+        mk.models.DecoderConfig.from_hf({**hub, "num_local_experts": 4})
+
+
 def test_chunked_generation_equals_whole_prefill(hf_dirs):
     hf, path = hf_dirs["qwen3"]
     model = load_model(path, dtype="float32", device="cpu")

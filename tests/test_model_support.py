@@ -92,6 +92,13 @@ CASES: dict[str, tuple[str, dict[str, Any]]] = {
     "ernie4_5-bias": ("Ernie4_5", dict(head_dim=16, use_bias=True, tie_word_embeddings=True)),
     # Helium (Kyutai, 2B): Llama with GPT-J (interleaved) rope.
     "helium": ("Helium", dict(head_dim=16, tie_word_embeddings=False, attention_bias=True)),
+    # Granite 4.0 dense (granite-4.0-micro): GraniteMoeHybrid with attention layers only,
+    # no experts, a fused shared MLP (gate rows, then up), Granite's multipliers, rope.
+    "granite4-dense": ("GraniteMoeHybrid", dict(
+        layer_types=["attention", "attention"], num_local_experts=0,
+        shared_intermediate_size=96, position_embedding_type="rope",
+        embedding_multiplier=3.0, residual_multiplier=0.3, attention_multiplier=0.1,
+        logits_scaling=2.5, tie_word_embeddings=True)),
     # HunYuan dense (0.5B - 7B): per-head q / k norms after rope, fixed-alpha NTK rope.
     "hunyuan-ntk": ("HunYuanDenseV1", dict(head_dim=16, tie_word_embeddings=True,
                                            rope_scaling={"type": "dynamic", "alpha": 50.0,

@@ -52,6 +52,8 @@ SUPPORTED_ARCHITECTURES = {
     "Gemma2ForCausalLM": "gemma2",
     "Gemma3ForCausalLM": "gemma3",
     "GraniteForCausalLM": "granite",
+    # Granite 4.0's dense attention models (granite-4.0-micro); the Mamba hybrids refused
+    "GraniteMoeHybridForCausalLM": "granite_hybrid",
     "Phi3ForCausalLM": "phi3",
     "SmolLM3ForCausalLM": "smollm3",
     "Olmo2ForCausalLM": "olmo2",
@@ -89,7 +91,8 @@ _MODEL_TYPES = {"llama": "llama", "mistral": "mistral", "ministral": "ministral"
                 "qwen3_moe": "qwen3_moe", "qwen2_moe": "qwen2_moe", "mixtral": "mixtral", "granitemoe": "granitemoe",
                 "olmoe": "olmoe",
                 "gemma": "gemma", "gemma2": "gemma2", "gemma3_text": "gemma3",
-                "granite": "granite", "phi3": "phi3", "smollm3": "smollm3",
+                "granite": "granite", "granitemoehybrid": "granite_hybrid",
+                "phi3": "phi3", "smollm3": "smollm3",
                 "olmo2": "olmo2", "olmo3": "olmo3", "exaone4": "exaone4",
                 "hunyuan_v1_dense": "hunyuan", "ernie4_5": "ernie4_5",
                 "helium": "helium", "glm": "glm",
@@ -333,6 +336,9 @@ class DecoderConfig:
             raise UnsupportedModelError("use_bidirectional_attention (an embedding model) is "
                                         "not supported: this decoder is causal")
 
+        if family == "granite_hybrid":
+            hf = _granite_hybrid_dense(hf)
+
         def need(key: str) -> Any:
             if key not in hf or hf[key] is None:
                 raise ValueError(f"config.json is missing {key!r}")
@@ -414,10 +420,14 @@ class DecoderConfig:
             llama4_scaling_beta=_llama4_scaling(hf)[0],
             llama4_scaling_length=_llama4_scaling(hf)[1],
             nope_layers=(_nope_layers_from_hf(hf, num_layers) if family == "smollm3" else
+                         # Granite 4.0 without rope (position_embedding_type not "rope")
+                         list(range(num_layers)) if family == "granite_hybrid" and
+                         hf.get("position_embedding_type") != "rope" else
                          # EXAONE 4's hybrid models: no rope on the global layers
                          [i for i in range(num_layers) if i not in window_layers]
                          if family == "exaone4" and window_layers else None),
-            **(_granite_from_hf(hf) if family in ("granite", "granitemoe") else {}),
+            **(_granite_from_hf(hf) if family in ("granite", "granitemoe", "granite_hybrid")
+               else {}),
             **(_moe_from_hf(hf, family, num_layers) if family in _MOE else {}),
             quantization_config=dict(hf["quantization_config"])
             if hf.get("quantization_config") else None,
@@ -480,6 +490,23 @@ def _nope_layers_from_hf(hf: Mapping[str, Any], num_layers: int) -> list[int] | 
     return [i for i, use in enumerate(flags) if not use] or None
 
 
+def _granite_hybrid_dense(hf: Mapping[str, Any]) -> dict[str, Any]:
+    """Granite 4.0 (GraniteMoeHybrid) as a dense Granite: every layer attention, no
+    experts; its MLP is the fused ``shared_mlp`` of ``shared_intermediate_size``."""
+    kinds = hf.get("layer_types") or hf.get("layers_block_type") or []
+    mamba = [i for i, t in enumerate(kinds) if t not in ("attention", "full_attention")]
+    if mamba:
+        raise UnsupportedModelError(
+            f"Granite 4.0 hybrid: layers {mamba[:6]}{'...' if len(mamba) > 6 else ''} are "
+            f"Mamba layers, not supported (the dense attention models, e.g. "
+            f"granite-4.0-micro, are)")
+    if int(hf.get("num_local_experts") or 0):
+        raise UnsupportedModelError("Granite 4.0 with experts (num_local_experts > 0) is "
+                                    "not supported")
+    return {**hf, "intermediate_size": hf.get("shared_intermediate_size",
+                                              hf.get("intermediate_size"))}
+
+
 def _granite_from_hf(hf: Mapping[str, Any]) -> dict[str, Any]:
     """Granite's multipliers (transformers' GraniteConfig defaults when absent); its
     attention_multiplier is the attention scale."""
@@ -493,7 +520,7 @@ def _attention_scale(hf: Mapping[str, Any], family: str) -> float | None:
     query_pre_attn_scalar ** -0.5, Granite's attention_multiplier."""
     if family in ("gemma2", "gemma3"):
         return float(hf.get("query_pre_attn_scalar", 256)) ** -0.5
-    if family in ("granite", "granitemoe"):
+    if family in ("granite", "granitemoe", "granite_hybrid"):
         return float(hf.get("attention_multiplier", 1.0))
     return None
 

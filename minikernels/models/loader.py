@@ -300,6 +300,9 @@ def _family_name(name: str, config: DecoderConfig) -> str:
         for pattern, repl in _MOE_NAMES:
             name = pattern.sub(repl, name)
         return name
+    if config.architecture == "granite_hybrid":   # Granite 4.0's fused shared MLP
+        return name.replace(".shared_mlp.input_linear.", ".mlp.gate_up_proj.").replace(
+            ".shared_mlp.output_linear.", ".mlp.down_proj.")
     if config.architecture == "hunyuan":    # its per-head q / k norms
         return name.replace(".self_attn.query_layernorm.", ".self_attn.q_norm.").replace(
             ".self_attn.key_layernorm.", ".self_attn.k_norm.")
