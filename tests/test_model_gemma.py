@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_model_support import hf_dirs, hf_logits, random_tokens, rel_err
+from test_model_support import hf_dirs, hf_logits, random_tokens, rel_err, text_logits_err
 
 from minikernels.engine import LLM, SamplingParams
 from minikernels.models import AttentionMetadata, load_model
@@ -256,11 +256,7 @@ def test_multimodal_gemma3_text_logits_match_transformers(multimodal_gemma3, cap
     assert "vision tensors not loaded" in caplog.text and "unexpected" not in caplog.text
     assert model.config.hf_architecture == "Gemma3ForConditionalGeneration"
     seqs = [random_tokens(n, 297, 60 + n) for n in (13, 8)]
-    ids = torch.tensor([t for s in seqs for t in s])
-    got = model(ids, AttentionMetadata.for_prompts([len(s) for s in seqs]), None)
-    with torch.no_grad():
-        ref = torch.cat([hf(input_ids=torch.tensor([s])).logits[0].float() for s in seqs])
-    assert rel_err(got, ref) <= 1e-4
+    assert text_logits_err(model, hf, seqs) <= 1e-4
     llm = LLM(path, dtype="float32", device="cpu", tokenizer=None, num_kv_blocks=32,
               block_size=8)
     out = llm.generate([seqs[0]], SamplingParams(temperature=0, max_tokens=6,

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 from test_model_support import (CASES, hf_dirs, hf_logits, random_tokens, randomize_, rel_err,
-                                run_schedule)
+                                run_schedule, text_logits_err)
 
 from minikernels.models import AttentionMetadata, load_model
 from minikernels.models.generate import generate_tokens
@@ -438,24 +438,15 @@ def test_mistral3_multimodal_checkpoint_serves_its_ministral3_text_decoder(tmp_p
     cfg._attn_implementation = "eager"
     cfg.text_config._attn_implementation = "eager"
     torch.manual_seed(0)
-    hf = transformers.Mistral3ForConditionalGeneration(cfg).float().eval()
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, p in hf.named_parameters():
-            if "language_model" in name or "lm_head" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * (0.5 if "norm" in name else 0.08))
+    hf = randomize_(transformers.Mistral3ForConditionalGeneration(cfg).float().eval(), 1)
     hf.save_pretrained(str(tmp_path))
     model = load_model(str(tmp_path), dtype="float32", device="cpu")
     c = model.config
     assert (c.architecture, c.hf_architecture) == ("ministral3",
                                                    "Mistral3ForConditionalGeneration")
     assert (c.llama4_scaling_beta, c.llama4_scaling_length) == (0.5, 8)
-    seqs = [random_tokens(n, 290, 70 + n) for n in (21, 9)]
-    ids = torch.tensor([t for s in seqs for t in s])
-    got = model(ids, AttentionMetadata.for_prompts([len(s) for s in seqs]), None)
-    with torch.no_grad():
-        ref = torch.cat([hf(input_ids=torch.tensor([s])).logits[0].float() for s in seqs])
-    assert rel_err(got, ref) <= 1e-4
+    assert text_logits_err(model, hf, [random_tokens(n, 290, 70 + n) for n in (21, 9)]) \
+        <= 1e-4
 
 
 @pytest.mark.parametrize("kind", ["qwen3_vl", "qwen2_5_vl", "qwen2_5_vl_flat"])
@@ -508,9 +499,5 @@ def test_qwen_vl_checkpoints_serve_their_text_decoder(tmp_path, kind):
         save_file(renamed, str(path), metadata={"format": "pt"})
     model = load_model(str(tmp_path), dtype="float32", device="cpu")
     assert model.config.architecture == ("qwen3" if kind == "qwen3_vl" else "qwen2")
-    seqs = [random_tokens(n, 290, 80 + n) for n in (17, 6)]
-    ids = torch.tensor([t for s in seqs for t in s])
-    got = model(ids, AttentionMetadata.for_prompts([len(s) for s in seqs]), None)
-    with torch.no_grad():
-        ref = torch.cat([hf(input_ids=torch.tensor([s])).logits[0].float() for s in seqs])
-    assert rel_err(got, ref) <= 1e-4
+    assert text_logits_err(model, hf, [random_tokens(n, 290, 80 + n) for n in (17, 6)]) \
+        <= 1e-4

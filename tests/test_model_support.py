@@ -185,6 +185,20 @@ def hf_logits(hf: torch.nn.Module, ids: Sequence[int]) -> torch.Tensor:
     return hf(torch.tensor([list(ids)])).logits[0].float()
 
 
+def text_logits_err(model: torch.nn.Module, hf: torch.nn.Module,
+                    seqs: Sequence[Sequence[int]]) -> float:
+    """rel_err of our cache-less logits for text prompts vs transformers' (a multimodal
+    wrapper's too: ``hf(input_ids=...)``)."""
+    from minikernels.models import AttentionMetadata
+
+    ids = torch.tensor([t for s in seqs for t in s])
+    got = model(ids, AttentionMetadata.for_prompts([len(s) for s in seqs]), None)
+    with torch.no_grad():
+        ref = torch.cat([hf(input_ids=torch.tensor([list(s)])).logits[0].float()
+                         for s in seqs])
+    return rel_err(got, ref)
+
+
 def random_tokens(n: int, vocab: int, seed: int) -> list[int]:
     r = random.Random(seed)
     return [r.randrange(3, vocab) for _ in range(n)]
