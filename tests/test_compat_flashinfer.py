@@ -175,6 +175,40 @@ def test_batch_prefill_paged_wrapper(device, data):
                dtype)
 
 
+@pytest.mark.parametrize("layout,form,page_size", [("NHD", "tuple", 300), ("HND", "tuple", 3),
+                                                   ("NHD", "single", 5), ("HND", "single", 4)])
+def test_wrappers_on_triton_kernels(device, layout, form, page_size):
+    """The views the wrappers hand the kernels (HND transposes, [P, 2, ...] halves, pages
+    over 256 split into sub-blocks) run on the Triton kernels too (the interpreter on the
+    CPU): decode and paged prefill against the reference."""
+    import minikernels as mk
+
+    gen = torch.Generator().manual_seed(11)
+    lens = [7, 0, 13]
+    cache, ks, vs, indptr, indices, last = make_paged(lens, page_size, 2, 16, torch.float32,
+                                                      layout, form, device, gen, torch.int32)
+    q = randn((3, 4, 16), gen, torch.float32, device)
+    with mk.use_backend("triton"):
+        w = fi.BatchDecodeWithPagedKVCacheWrapper(workspace(device), layout)
+        w.plan(indptr, indices, last, 4, 2, 16, page_size, q_data_type=torch.float32)
+        out, lse = w.run(q, cache, return_lse=True)
+        qlens = [2, 0, 3]
+        qo = torch.tensor([0, 2, 2, 5], dtype=torch.int32, device=device)
+        qp = randn((5, 4, 16), gen, torch.float32, device)
+        p = fi.BatchPrefillWithPagedKVCacheWrapper(workspace(device), layout)
+        p.plan(qo, indptr, indices, last, 4, 2, 16, page_size, causal=True,
+               q_data_type=torch.float32)
+        pout, plse = p.run(qp, cache, return_lse=True)
+    refs = [attend_ref(q[b:b + 1], ks[b], vs[b], True) for b in range(3)]
+    check_attn(out, lse, torch.cat([r[0] for r in refs]), torch.cat([r[1] for r in refs]),
+               torch.float32)
+    at = [0, 2, 2, 5]
+    prefs = [attend_ref(qp[at[b]:at[b + 1]], ks[b], vs[b], True) for b in range(3)
+             if qlens[b]]
+    check_attn(pout, plse, torch.cat([r[0] for r in prefs]),
+               torch.cat([r[1] for r in prefs]), torch.float32)
+
+
 @settings(max_examples=20)
 @given(data=st.data())
 def test_batch_prefill_ragged_wrapper(device, data):
@@ -395,14 +429,23 @@ def test_pages_above_256_tokens(device, kind):
 @pytest.mark.parametrize("layout,form", [("HND", "tuple"), ("NHD", "single")])
 def test_pages_above_256_tokens_not_back_to_back(device, layout, form):
     """A page of 300 tokens whose sub-blocks are not evenly spaced in memory (HND with 2
-    heads, or the k half of a [P, 2, ...] tensor) is refused, naming page_size."""
+    heads, or the k half of a [P, 2, ...] tensor): attention reads a contiguous copy (the
+    reference's result); an append, which must write in place, is refused naming
+    page_size."""
     gen = torch.Generator().manual_seed(16)
-    cache, _, _, indptr, indices, last = make_paged([301], 300, 2, 4, torch.float32, layout,
-                                                    form, device, gen, torch.int32)
+    cache, ks, vs, indptr, indices, last = make_paged([301], 300, 2, 4, torch.float32,
+                                                      layout, form, device, gen, torch.int32)
     w = fi.BatchDecodeWithPagedKVCacheWrapper(workspace(device), layout)
     w.plan(indptr, indices, last, 2, 2, 4, 300, q_data_type=torch.float32)
+    q = randn((1, 2, 4), gen, device=device)
+    out, lse = w.run(q, cache, return_lse=True)
+    ref = attend_ref(q, ks[0], vs[0], True)
+    check_attn(out, lse, ref[0], ref[1], torch.float32)
+    kv = randn((1, 2, 4), gen, device=device)
     with pytest.raises(ValueError, match="page_size"):
-        w.run(randn((1, 2, 4), gen, device=device), cache)
+        fi.append_paged_kv_cache(kv, kv, torch.zeros(1, dtype=torch.int32, device=device),
+                                 torch.zeros(1, dtype=torch.int32, device=device), cache,
+                                 indices, indptr, last, kv_layout=layout)
 
 
 def test_get_batch_indices_positions_flashinfer_example(device):

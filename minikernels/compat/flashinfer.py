@@ -43,8 +43,9 @@ FlashInfer's plan). Decode runs :func:`minikernels.ops.paged_decode_attention`; 
 ragged and single prefill and single decode run :func:`minikernels.ops.flash_attention`.
 HND caches are passed as transposed views (no copy). Pages larger than 256 tokens (our
 kernels' largest block) are split into equal sub-blocks when the cache stores pages back
-to back (a contiguous NHD ``(k_cache, v_cache)`` tuple); otherwise a ValueError names
-``page_size``.
+to back (a contiguous NHD ``(k_cache, v_cache)`` tuple); otherwise attention reads a
+contiguous copy and ``append_paged_kv_cache`` (which must write in place) raises a
+ValueError naming ``page_size``.
 
 Not covered, each refused by name with a ValueError (never silently ignored):
 - ``pos_encoding_mode`` other than "NONE" ("ROPE_LLAMA" rotates keys on the fly inside
@@ -281,14 +282,18 @@ def _sub_blocks(page_size: int) -> int:
                 if page_size % s == 0 and page_size // s <= _MAX_BLOCK)
 
 
-def _as_blocks(cache: Tensor, sub: int, kv_layout: str) -> Tensor:
-    """[P, page, H, D] -> [P * sub, page / sub, H, D] view (pages stored back to back)."""
+def _as_blocks(cache: Tensor, sub: int, kv_layout: str, read_only: bool = False) -> Tensor:
+    """[P, page, H, D] -> [P * sub, page / sub, H, D] view (pages stored back to back).
+    read_only: a cache stored otherwise is read from a contiguous copy (attention), where
+    a write (append) refuses it."""
     if sub == 1:
         return cache
     p, page, h, d = cache.shape
     try:
         return cache.unflatten(1, (sub, page // sub)).view(p * sub, page // sub, h, d)
     except RuntimeError:
+        if read_only:
+            return cache.contiguous().view(p * sub, page // sub, h, d)
         raise ValueError(
             f"page_size {page} is above the kernels' largest block ({_MAX_BLOCK}): pages are "
             f"split into {sub} blocks of {page // sub}, which needs each page's tokens "
@@ -364,7 +369,7 @@ class _PageTable:
             raise ValueError(f"paged_kv_cache has dtype {k.dtype}/{v.dtype} but plan() was "
                              f"given kv_data_type={kv_dtype}")
         check_index_range(self._n_idx, self.indices_used, 0, k.shape[0])
-        return _as_blocks(k, self.sub, kv_layout), _as_blocks(v, self.sub, kv_layout)
+        return _as_blocks(k, self.sub, kv_layout, True), _as_blocks(v, self.sub, kv_layout, True)
 
 
 def _fp8_scales(k_cache: Tensor, k_scale: float | None, v_scale: float | None
