@@ -131,6 +131,16 @@ stage_serve() {
   # beside serve_main's plain run; newest, so after the rows above
   python -m minikernels bench serve --num-loras 4 --max-lora-rank 16 --skip-latency \
     --no-save --output-json "$OUT/results/serve_lora.json" || echo "bench serve (LoRA) failed"
+  # Hybrid KV pools (Gemma 3 1B shape, dummy weights): 3-4k-token prompts in a small KV
+  # budget, the sliding layers handing back their blocks vs one table for all layers
+  # (docs/engine.md, "Hybrid KV pools"); newest, so last
+  for off in "" "--disable-hybrid-kv-cache-manager"; do
+    python -m minikernels bench serve --model gemma-3-1b --min-input-len 3000 \
+      --max-input-len 4000 --min-output-len 128 --max-output-len 256 --num-prompts 256 \
+      --gpu-memory-utilization 0.1 --skip-latency --skip-decode --no-save $off \
+      --output-json "$OUT/results/serve_gemma3_hybrid${off:+_off}.json" \
+      || echo "bench serve (gemma-3-1b hybrid pools ${off:-on}) failed"
+  done
   # Multi-GPU tensor parallel (NCCL, decode CUDA graphs): only with >= 2 GPUs (the H200
   # validation machine has one, so it is skipped there).
   if python -c "import sys, torch; sys.exit(torch.cuda.device_count() < 2)"; then

@@ -322,3 +322,25 @@ def test_eagle_head_over_hybrid_pools(tmp_path):
     assert eng.spec_draft_tokens_total > 0 and got == want
     one, base = run(eagle, disable_hybrid_kv_cache_manager=True)
     assert base.kv_layout is None and one == want
+
+
+def test_bench_serve_flag_reaches_the_llm(monkeypatch):
+    """``bench serve --disable-hybrid-kv-cache-manager`` builds its LLM with it (the GPU
+    run measures Gemma 3 with the pools on and off)."""
+    import minikernels.engine.llm_engine as llm_engine
+    from minikernels.cli import main
+
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def fake_llm(model, **kwargs):
+        seen.update(kwargs, model=model)
+        raise Stop
+
+    monkeypatch.setattr(llm_engine, "LLM", fake_llm)
+    for argv, want in (([], False), (["--disable-hybrid-kv-cache-manager"], True)):
+        with pytest.raises(Stop):
+            main(["bench", "serve", "--model", "tiny-gemma3", "--no-save", *argv])
+        assert seen["disable_hybrid_kv_cache_manager"] is want

@@ -227,6 +227,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     e.add_argument("--no-prefix-caching", dest="enable_prefix_caching",
                    action="store_false", help=hidden)
     e.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
+    e.add_argument("--disable-hybrid-kv-cache-manager", action="store_true",
+                   help="one block table for all layers (models with sliding-window layers "
+                        "otherwise get hybrid KV pools: docs/engine.md)")
     e.add_argument("--num-loras", type=int, default=0,
                    help="serve this many random LoRA adapters (every projection, the experts "
                         "too), request i through adapter i %% N (default: 0, no LoRA)")
@@ -279,6 +282,7 @@ def run(args: argparse.Namespace) -> int:
               enable_prefix_caching=args.enable_prefix_caching,
               enforce_eager=args.enforce_eager, seed=args.seed,
               tensor_parallel_size=args.tensor_parallel_size,
+              disable_hybrid_kv_cache_manager=args.disable_hybrid_kv_cache_manager,
               max_model_len=args.max_model_len or _round_up(
                   max(args.max_input_len + args.max_output_len,
                       min(128, args.max_input_len) + args.decode_tokens), args.block_size))
