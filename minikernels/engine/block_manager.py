@@ -405,34 +405,36 @@ class BlockManager:
             self._append_blocks(seq, new)
         if self.sliding_groups:
             if cached_blocks:
-                hits = swa_hits or [None] * len(cached_blocks)
-                self._append_sliding(seq, list(hits), len(hits) - sum(t is None for t in hits))
-                seq.swa_lo = sum(t is None for t in hits)
+                self._append_sliding(seq, list(swa_hits or [None] * len(cached_blocks)))
             if swa_new:
-                m = self.sliding_groups
-                fresh = [self._take_free() for _ in range(m * swa_new)]
-                ref[fresh] = 1
-                pad = max(0, lo - len(seq.swa_blocks))    # skipped blocks: behind the window
-                tuples = [None] * pad + [tuple(fresh[i * m:(i + 1) * m])
-                                         for i in range(swa_new)]
-                self._append_sliding(seq, tuples, swa_new)
-                if pad:
-                    seq.swa_lo = max(seq.swa_lo, lo)
+                self._take_sliding(seq, swa_new, lo)
         if self.enable_prefix_caching and register:
             self.register_full_blocks(seq, total)
         return True
 
     # ------------------------------------------------------------------ sliding groups
-    def _append_sliding(self, seq: "Sequence", tuples: list[tuple[int, ...] | None],
-                        num_held: int) -> None:
-        """Append entries to seq.swa_blocks and the sliding mirror (its row exists)."""
+    def _append_sliding(self, seq: "Sequence", tuples: list[tuple[int, ...] | None]) -> None:
+        """Append entries to seq.swa_blocks and the sliding mirror (its row exists);
+        leading None entries (blocks behind the window) move ``swa_lo`` past them."""
         lo = len(seq.swa_blocks)
+        if lo == seq.swa_lo:
+            while seq.swa_lo - lo < len(tuples) and tuples[seq.swa_lo - lo] is None:
+                seq.swa_lo += 1
         seq.swa_blocks += tuples
-        if num_held:
-            row = self._row(seq)
-            cols = [lo + i for i, t in enumerate(tuples) if t is not None]
-            self.swa_table[:, row, cols] = np.asarray(
+        cols = [lo + i for i, t in enumerate(tuples) if t is not None]
+        if cols:
+            self.swa_table[:, self._row(seq), cols] = np.asarray(
                 [t for t in tuples if t is not None], dtype=np.int32).T
+
+    def _take_sliding(self, seq: "Sequence", count: int, lo: int) -> None:
+        """Give seq fresh tuples for its next ``count`` blocks, the first of them at block
+        ``lo`` at the earliest (blocks skipped before it are behind the window)."""
+        m = self.sliding_groups
+        fresh = [self._take_free() for _ in range(m * count)]
+        self.ref[fresh] = 1
+        pad = max(0, lo - len(seq.swa_blocks))
+        self._append_sliding(seq, [None] * pad + [tuple(fresh[i * m:(i + 1) * m])
+                                                  for i in range(count)])
 
     def _release_behind_window(self, seq: "Sequence", lo: int) -> None:
         """Return seq's sliding tuples of blocks before ``lo`` to the pool."""
