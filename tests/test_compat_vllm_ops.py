@@ -271,6 +271,220 @@ def test_convert_fp8_round_trip():
     assert torch.equal(back, want.float() * 0.05)
 
 
+# ------------------------------------------------------ legacy paged caches (x-split)
+
+
+def _x_of(dtype: torch.dtype) -> int:
+    """vLLM's x: 16 bytes of the cache dtype."""
+    return 16 // torch.empty(0, dtype=dtype).element_size()
+
+
+def _bytes(t: torch.Tensor) -> torch.Tensor:
+    return t.view(torch.uint8) if t.dtype in (torch.uint8, FP8) else t
+
+
+def _sentinel(dtype: torch.dtype) -> torch.Tensor:
+    """SENTINEL in a cache dtype (uint8: the bytes of its fp8 value)."""
+    return _bytes(torch.tensor(SENTINEL).to(FP8)) if dtype == torch.uint8 else \
+        torch.tensor(SENTINEL).to(dtype)
+
+
+def _legacy_buffers(nb: int, h: int, d: int, bs: int, dtype: torch.dtype, strided: bool):
+    """SENTINEL-filled legacy caches: (key_cache [nb, h, d / x, bs, x], value_cache
+    [nb, h, d, bs], key buffer, value buffer); strided: views inside wider buffers."""
+    x = _x_of(dtype)
+    fill = _sentinel(dtype)
+    pad = 2 if strided else 0
+    kbuf = fill.expand(nb, h, d // x, bs, x + pad).clone()
+    vbuf = fill.expand(nb, h, d, bs + pad).clone()
+    lo = pad // 2
+    return kbuf[..., lo:lo + x], vbuf[..., lo:lo + bs], kbuf, vbuf
+
+
+def _fp8_round(t: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return (t.float() / scale).clamp(-448, 448).to(FP8)
+
+
+@given(kv_dtype=st.sampled_from(["auto", "fp8", "fp8_e4m3"]), uint8=st.booleans(),
+       per_head=st.booleans(), pad_rows=st.sampled_from([0, 2]), dtype=dtypes,
+       bs=st.sampled_from([8, 16]), d_mult=st.sampled_from([1, 3]), strided=st.booleans(),
+       seed=st.integers(0, 2**31))
+def test_reshape_and_cache_legacy_layout(kv_dtype, uint8, per_head, pad_rows, dtype, bs,
+                                         d_mult, strided, seed):
+    g = _gen(seed)
+    fp8 = kv_dtype != "auto"
+    cache_dtype = (torch.uint8 if uint8 else FP8) if fp8 else dtype
+    x = _x_of(cache_dtype)
+    n, h, d, nb = 6, 2, d_mult * x, 3
+    qkv = _randn(g, n + pad_rows, 3, h, d, dtype=dtype)
+    _, key, value = qkv.unbind(1)                     # strided views, like vLLM's test
+    slots = torch.randperm(nb * bs, generator=g)[:n]
+    slots[2] = -1                                     # a skipped (padding) token
+    key_cache, value_cache, kbuf, vbuf = _legacy_buffers(nb, h, d, bs, cache_dtype, strided)
+    k_scale = ((key.float().abs().amax(dim=(0, 2)) if per_head
+                else key.float().abs().amax().reshape(1)) / 64)
+    v_scale = (value.float().abs().amax() / 64).reshape(())        # 0-d, as vLLM's tests
+    want_k, want_v = key_cache.contiguous().flatten(), value_cache.contiguous().flatten()
+    k_before, v_before = kbuf.clone(), vbuf.clone()
+    ops.reshape_and_cache(key, value, key_cache, value_cache,
+                          slots.int() if pad_rows else slots, kv_dtype, k_scale, v_scale)
+    # vLLM's kernel: element e of head hh of token t at flat index (contiguous layouts)
+    # key: (((block * h + hh) * (D / x) + e / x) * bs + offset) * x + e % x
+    # value: ((block * h + hh) * D + e) * bs + offset
+    hh, dd = torch.arange(h)[:, None], torch.arange(d)[None, :]
+    for t, slot in enumerate(slots.tolist()):
+        if slot < 0:
+            continue
+        blk, off = divmod(slot, bs)
+        kidx = (((blk * h + hh) * (d // x) + dd // x) * bs + off) * x + dd % x
+        vidx = ((blk * h + hh) * d + dd) * bs + off
+        for want, src, idx, scale in ((want_k, key, kidx, k_scale), (want_v, value, vidx,
+                                                                    v_scale)):
+            row = _bytes(_fp8_round(src[t], scale.reshape(-1, 1))) if fp8 else src[t]
+            _bytes(want)[idx] = row
+    assert torch.equal(_bytes(key_cache.contiguous().flatten()), _bytes(want_k))
+    assert torch.equal(_bytes(value_cache.contiguous().flatten()), _bytes(want_v))
+    if strided:                                       # the buffers' margins untouched
+        assert torch.equal(_bytes(kbuf[..., 0]), _bytes(k_before[..., 0]))
+        assert torch.equal(_bytes(vbuf[..., -1]), _bytes(v_before[..., -1]))
+    # the same tokens through reshape_and_cache_flash: the same bytes, in the other layout
+    flash_k, flash_v = (_sentinel(cache_dtype).expand(nb, bs, h, d).clone() for _ in "kv")
+    ops.reshape_and_cache_flash(key, value, flash_k, flash_v, slots, kv_dtype, k_scale, v_scale)
+    assert torch.equal(_bytes(key_cache.permute(0, 3, 1, 2, 4).reshape(nb, bs, h, d)),
+                       _bytes(flash_k))
+    assert torch.equal(_bytes(value_cache.permute(0, 3, 1, 2)), _bytes(flash_v))
+
+
+def _legacy_attention_ref(query, key_cache, value_cache, block_tables, seq_lens, scale,
+                          alibi_slopes, k_scale=None, v_scale=None):
+    """vLLM's test formula in fp64: gather each sequence's keys / values token by token
+    from the legacy layouts, repeat kv heads for GQA, ALiBi bias slope * (j - seq_len + 1),
+    softmax."""
+    hkv, d, bs = value_cache.shape[1], value_cache.shape[2], value_cache.shape[3]
+
+    def deq(t, s):
+        return t.double() if s is None else t.view(FP8).double() * float(s)
+    out = torch.zeros(query.shape, dtype=torch.float64)
+    for i, n in enumerate(seq_lens.tolist()):
+        ks, vs = [], []
+        for j in range(n):
+            blk, off = int(block_tables[i, j // bs]), j % bs
+            ks.append(deq(key_cache[blk, :, :, off, :], k_scale).reshape(hkv, d))
+            vs.append(deq(value_cache[blk, :, :, off], v_scale))
+        rep = query.shape[1] // hkv
+        k = torch.stack(ks).repeat_interleave(rep, 1)                  # [n, Hq, D]
+        v = torch.stack(vs).repeat_interleave(rep, 1)
+        s = scale * torch.einsum("hd,nhd->hn", query[i].double(), k)
+        if alibi_slopes is not None:
+            s = s + alibi_slopes.double()[:, None] * (torch.arange(n) - n + 1).double()
+        out[i] = torch.einsum("hn,nhd->hd", torch.softmax(s, -1), v)
+    return out
+
+
+@given(version=st.sampled_from(["v1", "v2"]), dtype=dtypes, bs=st.sampled_from([8, 16]),
+       heads=st.sampled_from([(4, 2), (3, 1), (2, 2)]), d_mult=st.sampled_from([1, 3]),
+       alibi=st.booleans(), kv_dtype=st.sampled_from(["auto", "fp8"]), uint8=st.booleans(),
+       many_blocks=st.booleans(), strided_out=st.booleans(), seed=st.integers(0, 2**31))
+def test_paged_attention_legacy_layout(version, dtype, bs, heads, d_mult, alibi, kv_dtype,
+                                       uint8, many_blocks, strided_out, seed):
+    g = _gen(seed)
+    hq, hkv = heads
+    fp8 = kv_dtype == "fp8"
+    cache_dtype = (torch.uint8 if uint8 else FP8) if fp8 else dtype
+    d = d_mult * _x_of(cache_dtype)
+    lens = [1, bs + 3, 2 * bs]                        # one token, a partial block, full
+    nb = 20 if many_blocks else 4                     # block copy: table's / whole cache
+    width = -(-max(lens) // bs) + 1                   # and one column no length reaches
+    table = torch.randint(0, nb, (len(lens), width), generator=g, dtype=torch.int32)
+    table[:, -1] = 10**6                              # never read: may be anything
+    seq_lens = torch.tensor(lens, dtype=torch.int32)
+    k_scale, v_scale = torch.tensor(0.05), torch.tensor(0.03)
+    kc = torch.randn(nb, hkv, d // _x_of(cache_dtype), bs, _x_of(cache_dtype), generator=g)
+    vc = torch.randn(nb, hkv, d, bs, generator=g)
+    if fp8:
+        kc, vc = _fp8_round(kc, k_scale), _fp8_round(vc, v_scale)
+        kc, vc = (kc.view(torch.uint8), vc.view(torch.uint8)) if uint8 else (kc, vc)
+    else:
+        kc, vc = kc.to(dtype), vc.to(dtype)
+    # slots no sequence reads hold NaN (fp8: byte 0x7F): the result must not see them
+    read = torch.zeros(nb, bs, dtype=torch.bool)
+    for i, n in enumerate(lens):
+        pos = torch.arange(n)
+        read[table[i, pos // bs].long(), pos % bs] = True
+    nan = torch.tensor(0x7F, dtype=torch.uint8) if fp8 else torch.tensor(math.nan).to(dtype)
+    for blk, off in (~read).nonzero().tolist():
+        _bytes(kc)[blk, :, :, off, :] = nan
+        _bytes(vc)[blk, :, :, off] = nan
+    query = _randn(g, len(lens), hq, d, dtype=dtype)
+    slopes = torch.rand(hq, generator=g) * 0.5 if alibi else None
+    scale = d ** -0.5
+    out, buf = _out_view((len(lens), hq, d), dtype, strided_out)
+    args = (query, kc, vc, hkv, scale, table, seq_lens, bs, max(lens) + 5, slopes, kv_dtype,
+            k_scale, v_scale)
+    if version == "v1":
+        ops.paged_attention_v1(out, *args)
+    else:
+        parts = -(-(max(lens) + 5) // 512)
+        exp_sum = torch.full((len(lens), hq, parts), SENTINEL)
+        max_logits = torch.full((len(lens), hq, parts), SENTINEL)
+        tmp_out = torch.full((len(lens), hq, parts, d), SENTINEL).to(dtype)
+        ops.paged_attention_v2(out, exp_sum, max_logits, tmp_out, *args)
+        for t in (exp_sum, max_logits, tmp_out):        # only out is defined
+            assert (t.float() == SENTINEL).all()
+    want = _legacy_attention_ref(query, kc, vc, table, seq_lens, scale, slopes,
+                                 k_scale if fp8 else None, v_scale if fp8 else None)
+    assert_close(out, want.to(dtype))
+    _untouched_margins(buf, out)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("kv_dtype", ["auto", "fp8"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_reshape_and_cache_then_paged_attention_round_trip(device, backend, kv_dtype, dtype):
+    """Prefill writes every token with reshape_and_cache; a decode step over the cache
+    equals attention over the original key / value (fp8: over their fp8 roundings), on
+    the reference and on the Triton decode kernel (the interpreter on a CPU)."""
+    g = _gen(7)
+    bs, hq, hkv, nb = 8, 4, 2, 12
+    fp8 = kv_dtype == "fp8"
+    cache_dtype = torch.uint8 if fp8 else dtype
+    d = 2 * _x_of(cache_dtype)
+    lens = [1, 11, 21]
+    blocks = torch.randperm(nb, generator=g)
+    table = torch.zeros(len(lens), 3, dtype=torch.int32)
+    slots, used = [], 0
+    for i, n in enumerate(lens):
+        need = -(-n // bs)
+        table[i, :need] = blocks[used:used + need].int()
+        used += need
+        slots += [int(table[i, j // bs]) * bs + j % bs for j in range(n)]
+    key = _randn(g, sum(lens), hkv, d, dtype=dtype)
+    value = _randn(g, sum(lens), hkv, d, dtype=dtype)
+    kc, vc, _, _ = _legacy_buffers(nb, hkv, d, bs, cache_dtype, strided=False)
+    k_scale, v_scale = torch.tensor([0.02]), torch.tensor([0.03])
+    query = _randn(g, len(lens), hq, d, dtype=dtype)
+    slopes = torch.rand(hq, generator=g)
+    on = [t.to(device) for t in (key, value, kc, vc, k_scale, v_scale, query, slopes, table)]
+    with mk.use_backend(backend):
+        ops.reshape_and_cache(*on[:4], torch.tensor(slots, device=device), kv_dtype, *on[4:6])
+        out = torch.empty_like(on[6])
+        ops.paged_attention_v1(out, on[6], on[2], on[3], hkv, 0.3, on[8],
+                               torch.tensor(lens, dtype=torch.int32, device=device), bs,
+                               max(lens), on[7], kv_dtype, *on[4:6])
+    if fp8:
+        key = _fp8_round(key, k_scale).float() * k_scale
+        value = _fp8_round(value, v_scale).float() * v_scale
+    want, start = [], 0
+    for i, n in enumerate(lens):
+        k = key[start:start + n].double().repeat_interleave(hq // hkv, 1)
+        v = value[start:start + n].double().repeat_interleave(hq // hkv, 1)
+        s = 0.3 * torch.einsum("hd,nhd->hn", query[i].double(), k)
+        s = s - slopes.double()[:, None] * (n - 1 - torch.arange(n)).double()
+        want.append(torch.einsum("hn,nhd->hd", torch.softmax(s, -1), v))
+        start += n
+    assert_close(out.cpu(), torch.stack(want).to(dtype))
+
+
 # ---------------------------------------------------------------- merge attn states
 
 
@@ -494,6 +708,32 @@ def _x(*shape, dtype=torch.float32):
     return torch.zeros(*shape, dtype=dtype)
 
 
+def _i32(*rows):
+    return torch.tensor(rows, dtype=torch.int32)
+
+
+def _paged(version="v1", **change):
+    """A paged_attention_v1 / v2 call on valid legacy fp32 caches (x = 4, block_size 4),
+    one argument changed."""
+    kw = {"out": _x(1, 2, 8), "query": _x(1, 2, 8), "key_cache": _x(3, 1, 2, 4, 4),
+          "value_cache": _x(3, 1, 8, 4), "num_kv_heads": 1, "scale": 0.5,
+          "block_tables": _i32([0, 2]), "seq_lens": torch.tensor([5], dtype=torch.int32),
+          "block_size": 4, "max_seq_len": 5, "alibi_slopes": None, "kv_cache_dtype": "auto",
+          "k_scale": _x(1), "v_scale": _x(1)}
+    if version == "v2":
+        kw.update(exp_sum=_x(1, 2, 1), max_logits=_x(1, 2, 1), tmp_out=_x(1, 2, 1, 8))
+    kw.update(change)
+    return lambda: getattr(ops, f"paged_attention_{version}")(**kw)
+
+
+def _legacy_write(**change):
+    kw = {"key": _x(2, 1, 8), "value": _x(2, 1, 8), "key_cache": _x(3, 1, 2, 4, 4),
+          "value_cache": _x(3, 1, 8, 4), "slot_mapping": torch.tensor([0, 5]),
+          "kv_cache_dtype": "auto", "k_scale": _x(1), "v_scale": _x(1)}
+    kw.update(change)
+    return lambda: ops.reshape_and_cache(**kw)
+
+
 @pytest.mark.parametrize("call, name", [
     (lambda: ops.rms_norm(_x(2, 4), _x(2, 4), _x(5), 1e-6), "weight"),
     (lambda: ops.rms_norm(_x(2, 5), _x(2, 4), _x(4), 1e-6), "out"),
@@ -524,6 +764,23 @@ def _x(*shape, dtype=torch.float32):
     (lambda: ops.reshape_and_cache_flash(_x(2, 1, 4), _x(2, 1, 4), _x(3, 2, 1, 4),
                                          _x(3, 2, 1, 4), torch.tensor([0, 9]), "auto",
                                          _x(1), _x(1)), "slot_mapping"),
+    (_legacy_write(key_cache=_x(3, 1, 2, 4, 3)), "key_cache"),       # x = 3 does not divide 8
+    (_legacy_write(value_cache=_x(3, 1, 8, 5)), "key_cache"),         # block sizes differ
+    (_legacy_write(slot_mapping=torch.tensor([0, 12])), "slot_mapping"),
+    (_legacy_write(kv_cache_dtype="fp8"), "key_cache"),              # fp32 caches for fp8
+    (_legacy_write(interleaved_v=True), "interleaved_v"),
+    (_paged(blocksparse_vert_stride=8), "blocksparse_vert_stride"),
+    (_paged("v2", blocksparse_vert_stride=2), "blocksparse_vert_stride"),
+    (_paged(block_size=8), "block_size"),
+    (_paged(num_kv_heads=2), "num_kv_heads"),
+    (_paged(max_seq_len=4), "max_seq_len"),
+    (_paged(block_tables=_i32([0, 3])), "block_tables"),             # block 3 of 3
+    (_paged(block_tables=_i32([0, 2]).long()), "block_tables"),
+    (_paged(seq_lens=torch.tensor([5])), "seq_lens"),                # int64
+    (_paged(scale=0.0), "scale"),
+    (_paged(out=_x(1, 2, 8, dtype=torch.float16)), "out"),
+    (_paged("v2", exp_sum=_x(1, 2, 1, dtype=torch.float16)), "exp_sum"),
+    (_paged("v2", tmp_out=_x(1, 2, 2, 8)), "tmp_out"),
     (lambda: ops.merge_attn_states(_x(2, 1, 4), _x(2, 1, 4), _x(2, 1), _x(2, 1, 4),
                                    _x(1, 2)), "prefix_lse"),
     (lambda: ops.merge_attn_states(_x(2, 1, 4), _x(2, 1, 4), _x(1, 2), _x(2, 1, 4),

@@ -23,6 +23,19 @@ Covered (vLLM name -> minikernels op):
                      rope_dim_offset=0, inverse=False)  ops.rotary_embedding
     reshape_and_cache_flash(key, value, key_cache, value_cache, slot_mapping,
                             kv_cache_dtype, k_scale, v_scale)  ops.write_kv_cache
+    reshape_and_cache(key, value, key_cache, value_cache, slot_mapping, kv_cache_dtype,
+                      k_scale, v_scale, interleaved_v=False)
+                                                        plain PyTorch (vLLM's legacy
+                                                        x-split caches, below)
+    paged_attention_v1(out, query, key_cache, value_cache, num_kv_heads, scale,
+                       block_tables, seq_lens, block_size, max_seq_len, alibi_slopes,
+                       kv_cache_dtype, k_scale, v_scale, tp_rank=0,
+                       blocksparse_local_blocks=0, blocksparse_vert_stride=0,
+                       blocksparse_block_size=64, blocksparse_head_sliding_step=0)
+                                                        ops.paged_decode_attention on a
+                                                        copy in minikernels' layout
+    paged_attention_v2(out, exp_sum, max_logits, tmp_out, query, ... as v1)  the same;
+                                                        only out is written
     convert_fp8(output, input, scale=1.0, kv_dtype="fp8")  plain PyTorch (fp8 KV rows)
     merge_attn_states(output, prefix_output, prefix_lse, suffix_output, suffix_lse,
                       output_lse=None, prefill_tokens_with_context=None,
@@ -40,12 +53,15 @@ Covered (vLLM name -> minikernels op):
     topk_softmax(topk_weights, topk_ids, token_expert_indices, gating_output,
                  renormalize=False)                     ops.topk_softmax
 
+Legacy caches: vLLM's "x-split" key cache [num_blocks, num_kv_heads, head_size / x,
+block_size, x] (x = 16 // element_size) and value cache [num_blocks, num_kv_heads,
+head_size, block_size] are not strided views of minikernels' [num_blocks, block_size,
+num_kv_heads, head_size] cache (the head dim is split in two, or not unit-stride), so no
+op reads or writes them in place: reshape_and_cache writes them with PyTorch indexing, and
+paged_attention_v1 / v2 copy the blocks the block table names into minikernels' layout on
+every call (a legacy / test path, not a serving one).
+
 Not covered (not defined here; calling them is an AttributeError):
-    reshape_and_cache, paged_attention_v1 / v2: the "x-split" key cache
-        [num_blocks, num_heads, head_size / x, block_size, x] and the value cache
-        [num_blocks, num_heads, head_size, block_size] are not strided views of
-        minikernels' [num_blocks, block_size, num_heads, head_size] cache (the head dim is
-        split in two, or not unit-stride), so no op can read or write them in place.
     cutlass_scaled_mm_azp, the fused norm/activation + quant ops
         (rms_norm_dynamic_per_token_quant, rms_norm_static_fp8_quant,
         silu_and_mul_per_block_quant, ...), fatrelu_and_mul, swigluoai_and_mul,
@@ -57,7 +73,10 @@ Not covered (not defined here; calling them is an AttributeError):
         does not have; a repack would not be exact and cheap.
     Arguments of covered functions with no minikernels equivalent raise a ValueError
         naming them: moe_align_block_size's scatter_idx, topk_softmax's
-        e_score_correction_bias / is_padding.
+        e_score_correction_bias / is_padding, paged_attention_v1 / v2's
+        blocksparse_vert_stride > 1 (vLLM's block-sparse mode; the other blocksparse_*
+        values and tp_rank are unused otherwise, as in vLLM), reshape_and_cache's
+        interleaved_v=True (ROCm's interleaved value cache).
 
 Differences, by design:
     - fp32 math with one rounding to the output dtype (rms_norm: vLLM rounds x * rsqrt to
@@ -69,6 +88,13 @@ Differences, by design:
     - scaled_fp8_quant: a zero scale (an all-zero input's dynamic scale) quantizes to 0
       (vLLM's kernel writes 448 there, which also dequantizes to 0); rows added by
       num_token_padding are 0 and their per-token scales 0 (vLLM leaves them unwritten).
+    - paged_attention_v2 leaves exp_sum / max_logits / tmp_out unwritten (vLLM's
+      per-partition softmax scratch; only out is defined, and vLLM's tests read only out).
+      paged_attention_v1 / v2 take any block_size in [1, 256] and head_size in [1, 256]
+      (vLLM: block sizes 8 / 16 / 32, a fixed list of head sizes), per-head fp8 scales and
+      [num_seqs, num_heads] ALiBi slopes; reshape_and_cache takes per-head scales (vLLM's
+      kernel reads one). Both read x from key_cache's last dim (vLLM's attention kernel
+      assumes 16 // element_size) and take caches with any strides.
     - cutlass_scaled_mm also takes out_dtype float32 and any M, N, K (vLLM: fp16 / bf16);
       positions may be int32 as well as int64; outputs of the returning functions are
       contiguous (vLLM's scaled_int8_quant keeps input's strides).
@@ -87,15 +113,17 @@ from .._validation import (
     check_positive_float,
     check_shape,
     check_tensor,
+    index_checks_active,
 )
-from ..ops.reference import FP8_E4M3_MAX
+from ..ops.attention import check_kv_scales
+from ..ops.reference import FP8_E4M3_MAX, quantize_kv
 
 __all__ = [
     "convert_fp8", "cutlass_scaled_mm", "fused_add_gemma_rms_norm", "fused_add_rms_norm",
     "gelu_and_mul", "gelu_tanh_and_mul", "gemma_rms_norm", "merge_attn_states",
-    "moe_align_block_size", "mul_and_silu", "reshape_and_cache_flash", "rms_norm",
-    "rotary_embedding", "scaled_fp8_quant", "scaled_int8_quant", "silu_and_mul",
-    "topk_softmax",
+    "moe_align_block_size", "mul_and_silu", "paged_attention_v1", "paged_attention_v2",
+    "reshape_and_cache", "reshape_and_cache_flash", "rms_norm", "rotary_embedding",
+    "scaled_fp8_quant", "scaled_int8_quant", "silu_and_mul", "topk_softmax",
 ]
 
 FP8 = torch.float8_e4m3fn
@@ -311,6 +339,39 @@ def _same_scale_count(k_scale: object, v_scale: object, heads: int) -> tuple:
     return k_scale, v_scale
 
 
+def _kv_cache_dtype(kv_cache_dtype: object, dtype: torch.dtype, k_scale: object,
+                    v_scale: object, heads: int) -> tuple[tuple[torch.dtype, ...], object, object]:
+    """vLLM's kv_cache_dtype string -> (allowed cache dtypes, k_scale, v_scale).
+
+    "auto": caches of ``dtype``, scales dropped (vLLM passes 1.0 tensors it does not read).
+    "fp8" / "fp8_e4m3": uint8 (vLLM's storage) or float8_e4m3fn caches; the scales pass on
+    (a per-tensor one next to a per-head one expanded per head)."""
+    if kv_cache_dtype == "auto":
+        return (dtype,), None, None
+    if kv_cache_dtype in FP8_KV_CACHE_DTYPES:
+        return (torch.uint8, FP8), *_same_scale_count(k_scale, v_scale, heads)
+    raise ValueError(f"kv_cache_dtype must be 'auto', 'fp8' or 'fp8_e4m3' (minikernels' "
+                     f"fp8 KV cache is e4m3), got {kv_cache_dtype!r}")
+
+
+def _kv_write_args(key: Tensor, value: Tensor, slot_mapping: Tensor, kv_cache_dtype: str,
+                   k_scale: object, v_scale: object
+                   ) -> tuple[int, tuple[torch.dtype, ...], object, object]:
+    """The checks shared by reshape_and_cache and reshape_and_cache_flash: key / value
+    [T, H, D] of one float dtype, slot_mapping [n <= T] int32 / int64 (rows past n: CUDA-graph
+    padding, ignored, as vLLM's kernels do: they run slot_mapping.size(0) tokens). Returns
+    (n, allowed cache dtypes, k_scale, v_scale) as :func:`_kv_cache_dtype`."""
+    check_tensor("key", key, dtypes=FLOAT_DTYPES, ndim=3)
+    check_tensor("value", value, dtypes=(key.dtype,), ndim=3, device=key.device)
+    check_shape("value", value, list(key.shape))
+    check_tensor("slot_mapping", slot_mapping, dtypes=_INDEX_DTYPES, ndim=1, device=key.device)
+    n = slot_mapping.shape[0]
+    if key.shape[0] < n:
+        raise ValueError(f"key has {key.shape[0]} tokens but slot_mapping has {n} slots "
+                         f"(key may have more rows, not fewer)")
+    return (n, *_kv_cache_dtype(kv_cache_dtype, key.dtype, k_scale, v_scale, key.shape[1]))
+
+
 def reshape_and_cache_flash(key: Tensor, value: Tensor, key_cache: Tensor,
                             value_cache: Tensor, slot_mapping: Tensor, kv_cache_dtype: str,
                             k_scale: Tensor, v_scale: Tensor) -> None:
@@ -326,23 +387,8 @@ def reshape_and_cache_flash(key: Tensor, value: Tensor, key_cache: Tensor,
     fp8(clamp(x / scale, +-448)); k_scale, v_scale float32 with 1 (per tensor) or
     num_kv_heads (per head) elements.
     """
-    check_tensor("key", key, dtypes=FLOAT_DTYPES, ndim=3)
-    check_tensor("value", value, dtypes=(key.dtype,), ndim=3, device=key.device)
-    check_shape("value", value, list(key.shape))
-    check_tensor("slot_mapping", slot_mapping, dtypes=_INDEX_DTYPES, ndim=1, device=key.device)
-    n = slot_mapping.shape[0]
-    if key.shape[0] < n:
-        raise ValueError(f"key has {key.shape[0]} tokens but slot_mapping has {n} slots "
-                         f"(key may have more rows, not fewer)")
-    if kv_cache_dtype == "auto":
-        cache_dtypes: tuple[torch.dtype, ...] = (key.dtype,)
-        k_scale = v_scale = None  # type: ignore[assignment]
-    elif kv_cache_dtype in FP8_KV_CACHE_DTYPES:
-        cache_dtypes = (torch.uint8, FP8)
-        k_scale, v_scale = _same_scale_count(k_scale, v_scale, key.shape[1])
-    else:
-        raise ValueError(f"kv_cache_dtype must be 'auto', 'fp8' or 'fp8_e4m3' (minikernels' "
-                         f"fp8 KV cache is e4m3), got {kv_cache_dtype!r}")
+    n, cache_dtypes, k_scale, v_scale = _kv_write_args(key, value, slot_mapping,
+                                                       kv_cache_dtype, k_scale, v_scale)
     caches = []
     for name, c in (("key_cache", key_cache), ("value_cache", value_cache)):
         check_tensor(name, c, dtypes=cache_dtypes, ndim=4, device=key.device)
@@ -350,6 +396,81 @@ def reshape_and_cache_flash(key: Tensor, value: Tensor, key_cache: Tensor,
         caches.append(c.view(FP8) if c.dtype == torch.uint8 else c)
     ops.write_kv_cache(key[:n], value[:n], caches[0], caches[1], slot_mapping, k_scale,
                        v_scale)
+
+
+def _legacy_caches(key_cache: Tensor, value_cache: Tensor, dtypes: tuple[torch.dtype, ...],
+                   heads: int | None, head_size: int, device: torch.device
+                   ) -> tuple[int, int, int]:
+    """vLLM's legacy ("x-split") paged caches -> (num_kv_heads, block_size, x).
+
+    key_cache [num_blocks, heads, head_size // x, block_size, x], value_cache [num_blocks,
+    heads, head_size, block_size] (heads None: any), of one dtype in ``dtypes``, any
+    strides. vLLM allocates x = 16 // element_size (8 for fp16 / bf16, 4 for fp32, 16 for
+    an fp8 cache); any x dividing head_size is read from key_cache's last dim."""
+    check_tensor("key_cache", key_cache, dtypes=dtypes, ndim=5, device=device)
+    check_tensor("value_cache", value_cache, dtypes=(key_cache.dtype,), ndim=4, device=device)
+    check_shape("value_cache", value_cache, [None, heads, head_size, None])
+    num_blocks, heads, _, block_size = value_cache.shape
+    x = key_cache.shape[4]
+    if x < 1 or head_size % x:
+        raise ValueError(f"key_cache's last dim x ({x}) must divide head_size ({head_size}): "
+                         f"key_cache is [num_blocks, num_kv_heads, head_size // x, block_size, "
+                         f"x], got {list(key_cache.shape)}")
+    check_shape("key_cache", key_cache, [num_blocks, heads, head_size // x, block_size, x])
+    return heads, block_size, x
+
+
+def _as_bytes(cache: Tensor) -> Tensor:
+    """An fp8 cache (uint8 or float8_e4m3fn) as a uint8 view of the caller's memory (rows
+    move as bytes); other caches as they are."""
+    return cache.view(torch.uint8) if cache.dtype in (torch.uint8, FP8) else cache
+
+
+def reshape_and_cache(key: Tensor, value: Tensor, key_cache: Tensor, value_cache: Tensor,
+                      slot_mapping: Tensor, kv_cache_dtype: str, k_scale: Tensor,
+                      v_scale: Tensor, interleaved_v: bool = False) -> None:
+    """Write each token's key / value rows into vLLM's legacy paged caches, in place (plain
+    PyTorch: advanced-indexing writes into the caller's tensors).
+
+    key, value [num_tokens, num_kv_heads, head_size] fp16/bf16/fp32 (any strides; rows past
+    slot_mapping's length are ignored: CUDA-graph padding); slot_mapping int64 / int32
+    [num_actual_tokens], slot = block * block_size + offset, -1 = skip.
+    key_cache [num_blocks, num_kv_heads, head_size // x, block_size, x]: element d of a
+    token's head h lands at [block, h, d // x, offset, d % x]; value_cache [num_blocks,
+    num_kv_heads, head_size, block_size]: at [block, h, d, offset] (x = key_cache's last
+    dim, 16 // element_size in vLLM; any strides). kv_cache_dtype "auto": caches of key's
+    dtype, k_scale / v_scale unused. "fp8" / "fp8_e4m3": caches uint8 (vLLM's storage) or
+    float8_e4m3fn holding fp8(clamp(x / scale, +-448)), round to nearest even, as
+    :func:`reshape_and_cache_flash`; k_scale, v_scale float32 with 1 (per tensor) or
+    num_kv_heads (per head) elements. interleaved_v (vLLM's ROCm interleaved value-cache
+    layout) must be False. Duplicate slots: one of the rows wins (vLLM: unspecified too).
+    The -1 slots are dropped with a boolean mask (a host sync; not CUDA-graph capturable).
+    """
+    if _check_bool("interleaved_v", interleaved_v):
+        raise ValueError("interleaved_v=True (vLLM's ROCm interleaved value-cache layout) is "
+                         "not supported by minikernels; pass False")
+    n, cache_dtypes, k_scale, v_scale = _kv_write_args(key, value, slot_mapping,
+                                                       kv_cache_dtype, k_scale, v_scale)
+    heads, head_size = key.shape[1], key.shape[2]
+    _, block_size, x = _legacy_caches(key_cache, value_cache, cache_dtypes, heads, head_size,
+                                      key.device)
+    check_index_range("slot_mapping", slot_mapping, -1, key_cache.shape[0] * block_size)
+    if k_scale is not None:
+        # a [num_blocks, block_size, H, D] view of the value cache: check_kv_scales reads the
+        # dtype, device and head count (dim 2)
+        flash_view = value_cache.view(FP8).permute(0, 3, 1, 2)
+        k_scale, v_scale = check_kv_scales(("key_cache", "value_cache"), flash_view,
+                                           k_scale, v_scale)
+    keep = slot_mapping >= 0
+    slots = slot_mapping[keep].long()
+    blocks, offsets = slots // block_size, slots % block_size
+    rows = []
+    for src, scale in ((key, k_scale), (value, v_scale)):
+        r = src[:n][keep]                                          # [m, H, D]
+        rows.append(r.to(key_cache.dtype) if scale is None else
+                    quantize_kv(r, scale, FP8).view(torch.uint8))
+    _as_bytes(key_cache)[blocks, :, :, offsets, :] = rows[0].unflatten(-1, (head_size // x, x))
+    _as_bytes(value_cache)[blocks, :, :, offsets] = rows[1]
 
 
 def convert_fp8(output: Tensor, input: Tensor, scale: float = 1.0,
@@ -372,6 +493,164 @@ def convert_fp8(output: Tensor, input: Tensor, scale: float = 1.0,
     else:
         q = (input.float() / scale).clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(FP8)
         output.view(FP8).copy_(q)
+
+
+# ------------------------------------------------------------ legacy paged attention
+
+
+def _check_blocksparse(tp_rank: int, blocksparse_local_blocks: int,
+                       blocksparse_vert_stride: int, blocksparse_block_size: int,
+                       blocksparse_head_sliding_step: int) -> None:
+    """vLLM's block-sparse tail: ints; block-sparse attention (vLLM's switch:
+    blocksparse_vert_stride > 1) is refused, the other values are then unused (as in vLLM's
+    kernels, which read them only in block-sparse mode)."""
+    _check_int("tp_rank", tp_rank, 0)
+    for name, value in (("blocksparse_local_blocks", blocksparse_local_blocks),
+                        ("blocksparse_block_size", blocksparse_block_size),
+                        ("blocksparse_head_sliding_step", blocksparse_head_sliding_step)):
+        _check_int(name, value, -(2**63))
+    if _check_int("blocksparse_vert_stride", blocksparse_vert_stride, -(2**63)) > 1:
+        raise ValueError(f"blocksparse_vert_stride > 1 turns on vLLM's block-sparse "
+                         f"attention, which minikernels does not have; pass 0 (dense, the "
+                         f"default) or 1, got {blocksparse_vert_stride}")
+
+
+def _legacy_to_paged(key_cache: Tensor, value_cache: Tensor, block_tables: Tensor,
+                     used: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Legacy caches -> (k_cache, v_cache [n, block_size, H, D] contiguous copies, their
+    block table int32 [B, max_blocks]).
+
+    Copies the B * max_blocks blocks block_tables names (entries past a sequence's length,
+    ``used`` False, read block 0 instead: they may be anything) with a new table 0 .. n - 1,
+    or the whole cache and the table as is when that is fewer blocks. fp8 caches come back
+    as float8_e4m3fn."""
+    num_blocks, heads, _, block_size, _ = key_cache.shape
+    head_size = value_cache.shape[2]
+    batch, width = block_tables.shape
+    k, v = _as_bytes(key_cache), _as_bytes(value_cache)
+    table = block_tables
+    if batch * width < num_blocks:
+        idx = torch.where(used, block_tables, 0).reshape(-1).long()
+        k, v = k.index_select(0, idx), v.index_select(0, idx)
+        table = torch.arange(batch * width, dtype=torch.int32,
+                             device=block_tables.device).view(batch, width)
+    k = k.permute(0, 3, 1, 2, 4).reshape(-1, block_size, heads, head_size)
+    v = v.permute(0, 3, 1, 2).contiguous()
+    if key_cache.dtype in (torch.uint8, FP8):
+        k, v = k.view(FP8), v.view(FP8)
+    return k, v, table
+
+
+def _legacy_paged_attention(out: Tensor, query: Tensor, key_cache: Tensor, value_cache: Tensor,
+                            num_kv_heads: int, scale: float, block_tables: Tensor,
+                            seq_lens: Tensor, block_size: int, max_seq_len: int,
+                            alibi_slopes: Tensor | None, kv_cache_dtype: str,
+                            k_scale: Tensor, v_scale: Tensor) -> None:
+    """paged_attention_v1 / v2's checks and math; writes out."""
+    check_tensor("query", query, dtypes=FLOAT_DTYPES, ndim=3)
+    batch, q_heads, head_size = query.shape
+    dev = query.device
+    _check_out("out", out, query)
+    kv_heads = _check_int("num_kv_heads", num_kv_heads, 1)
+    if q_heads % kv_heads:
+        raise ValueError(f"num_kv_heads ({kv_heads}) must divide query's head count "
+                         f"({q_heads})")
+    scale = check_positive_float("scale", scale)
+    cache_dtypes, k_scale, v_scale = _kv_cache_dtype(kv_cache_dtype, query.dtype, k_scale,
+                                                     v_scale, kv_heads)
+    cache_heads, cache_block, _ = _legacy_caches(key_cache, value_cache, cache_dtypes, None,
+                                                 head_size, dev)
+    if cache_heads != kv_heads:
+        raise ValueError(f"num_kv_heads ({kv_heads}) must equal the caches' head count "
+                         f"(value_cache dim 1: {cache_heads})")
+    if _check_int("block_size", block_size, 1) != cache_block:
+        raise ValueError(f"block_size ({block_size}) must equal the caches' block size "
+                         f"(value_cache dim 3, key_cache dim 3: {cache_block})")
+    max_seq_len = _check_int("max_seq_len", max_seq_len, 0)
+    check_tensor("seq_lens", seq_lens, dtypes=(torch.int32,), ndim=1, device=dev)
+    check_shape("seq_lens", seq_lens, [batch])
+    check_tensor("block_tables", block_tables, dtypes=(torch.int32,), ndim=2, device=dev)
+    check_shape("block_tables", block_tables, [batch, None])
+    width = block_tables.shape[1]
+    check_index_range(f"seq_lens (at most max_seq_len = {max_seq_len})", seq_lens, 0,
+                      max_seq_len + 1)
+    check_index_range(f"seq_lens (at most block_tables' {width} blocks x {cache_block})",
+                      seq_lens, 0, width * cache_block + 1)
+    used = (torch.arange(width, device=dev) * cache_block).unsqueeze(0) < \
+        seq_lens.unsqueeze(1)
+    if index_checks_active(block_tables) and bool(used.any()):
+        check_index_range("block_tables (the entries seq_lens uses)", block_tables[used], 0,
+                          key_cache.shape[0])
+    k, v, table = _legacy_to_paged(key_cache, value_cache, block_tables, used)
+    out.copy_(ops.paged_decode_attention(query, k, v, table, seq_lens, scale,
+                                         k_scale=k_scale, v_scale=v_scale,
+                                         alibi_slopes=alibi_slopes))
+
+
+def paged_attention_v1(out: Tensor, query: Tensor, key_cache: Tensor, value_cache: Tensor,
+                       num_kv_heads: int, scale: float, block_tables: Tensor,
+                       seq_lens: Tensor, block_size: int, max_seq_len: int,
+                       alibi_slopes: Tensor | None, kv_cache_dtype: str, k_scale: Tensor,
+                       v_scale: Tensor, tp_rank: int = 0, blocksparse_local_blocks: int = 0,
+                       blocksparse_vert_stride: int = 0, blocksparse_block_size: int = 64,
+                       blocksparse_head_sliding_step: int = 0) -> None:
+    """Decode attention over vLLM's legacy paged caches, one query per sequence (writes out).
+
+    query [num_seqs, num_heads, head_size] fp16/bf16/fp32 (any strides); out like query
+    (any strides). key_cache [num_blocks, num_kv_heads, head_size // x, block_size, x],
+    value_cache [num_blocks, num_kv_heads, head_size, block_size] (the layouts
+    :func:`reshape_and_cache` writes; any strides): of query's dtype for kv_cache_dtype
+    "auto", uint8 or float8_e4m3fn for "fp8" / "fp8_e4m3" (keys = cache * k_scale,
+    values = cache * v_scale; k_scale, v_scale float32, 1 or num_kv_heads elements).
+    block_tables int32 [num_seqs, max_blocks]: entries past a sequence's length are not
+    read; seq_lens int32 [num_seqs], each <= max_seq_len; block_size the caches'.
+    out[s, h] = softmax(scale * q . k_j + bias_j) @ v over keys j < seq_lens[s] of kv head
+    h // (num_heads / num_kv_heads), fp32 softmax; alibi_slopes float32 [num_heads] (or
+    None) adds bias_j = -slope * (seq_len - 1 - j) (vLLM's paged-attention ALiBi).
+    seq_len 0 gives zeros. The tail (tp_rank, blocksparse_*) is vLLM's block-sparse mode:
+    blocksparse_vert_stride > 1 is refused (ValueError); otherwise unused, as in vLLM.
+
+    The caches are not strided views of minikernels' [num_blocks, block_size, H, D] layout,
+    so the blocks the table names (or the whole cache, when smaller) are copied into it,
+    then :func:`minikernels.ops.paged_decode_attention` runs: a per-call copy, fine for
+    tests and legacy code, not a serving path.
+    """
+    _check_blocksparse(tp_rank, blocksparse_local_blocks, blocksparse_vert_stride,
+                       blocksparse_block_size, blocksparse_head_sliding_step)
+    _legacy_paged_attention(out, query, key_cache, value_cache, num_kv_heads, scale,
+                            block_tables, seq_lens, block_size, max_seq_len, alibi_slopes,
+                            kv_cache_dtype, k_scale, v_scale)
+
+
+def paged_attention_v2(out: Tensor, exp_sum: Tensor, max_logits: Tensor, tmp_out: Tensor,
+                       query: Tensor, key_cache: Tensor, value_cache: Tensor,
+                       num_kv_heads: int, scale: float, block_tables: Tensor,
+                       seq_lens: Tensor, block_size: int, max_seq_len: int,
+                       alibi_slopes: Tensor | None, kv_cache_dtype: str, k_scale: Tensor,
+                       v_scale: Tensor, tp_rank: int = 0, blocksparse_local_blocks: int = 0,
+                       blocksparse_vert_stride: int = 0, blocksparse_block_size: int = 64,
+                       blocksparse_head_sliding_step: int = 0) -> None:
+    """:func:`paged_attention_v1` with vLLM's split-softmax scratch buffers (writes out).
+
+    exp_sum, max_logits float32 [num_seqs, num_heads, P] and tmp_out [num_seqs, num_heads,
+    P, head_size] of query's dtype (vLLM: P = ceil(max_seq_len / 512), one entry per
+    512-token partition; any P is accepted) are checked and left unwritten: vLLM's per-
+    partition max logit cannot be had from minikernels' op (it returns one LSE per row), so
+    only out is defined, as in vLLM's own tests, which read out alone. minikernels splits
+    long sequences itself (split-KV, merged by LSE).
+    """
+    _check_blocksparse(tp_rank, blocksparse_local_blocks, blocksparse_vert_stride,
+                       blocksparse_block_size, blocksparse_head_sliding_step)
+    check_tensor("query", query, dtypes=FLOAT_DTYPES, ndim=3)
+    batch, q_heads, head_size = query.shape
+    check_tensor("exp_sum", exp_sum, dtypes=(torch.float32,), ndim=3, device=query.device)
+    check_shape("exp_sum", exp_sum, [batch, q_heads, None])
+    parts = exp_sum.shape[2]
+    _check_out("max_logits", max_logits, exp_sum)
+    _check_out("tmp_out", tmp_out, query, [batch, q_heads, parts, head_size])
+    _legacy_paged_attention(out, query, key_cache, value_cache, num_kv_heads, scale,
+                            block_tables, seq_lens, block_size, max_seq_len, alibi_slopes,
+                            kv_cache_dtype, k_scale, v_scale)
 
 
 # ------------------------------------------------------------------ merge attn states
