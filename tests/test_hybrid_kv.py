@@ -45,9 +45,14 @@ def test_layout_groups_share_slots_without_clashes():
     assert plan_kv_layout(gemma_like(6, [0, 2, 4])).num_groups == 2
     odd = plan_kv_layout(gemma_like(7, [0, 1, 2, 4, 5]))        # F = 2, S = 5 -> 3 groups
     assert odd.num_groups == 4 and odd.num_slots == 2
-    # fewer sliding than full layers, all sliding, none, or off: one table
-    for cfg in (gemma_like(4, [0]), gemma_like(3, [0, 1, 2]), builtin_config("tiny")):
+    # fewer sliding than full layers, none, a single layer, or off: one table
+    for cfg in (gemma_like(4, [0]), gemma_like(1, [0]), builtin_config("tiny")):
         assert not plan_kv_layout(cfg).hybrid
+    # every layer sliding (Mistral v0.1): the first ceil(L / 8) keep every block as group 0
+    allw = plan_kv_layout(gemma_like(32, list(range(32))))
+    assert allw.num_slots == 4 and allw.num_groups == 8
+    assert allw.layer_group[:5] == (0, 0, 0, 0, 1)
+    assert plan_kv_layout(gemma_like(3, [0, 1, 2])).num_groups == 3
     assert plan_kv_layout(gemma_like(6, [0, 2, 4]), hybrid=False) == KVCacheLayout.uniform(6)
 
 
@@ -199,6 +204,19 @@ def test_prefix_hits_and_seeded_sampling_match(model):
                        disable_hybrid_kv_cache_manager=True)
     assert got == want
     assert eng.block_manager.num_hit_tokens >= 2 * 36     # later requests hit the prefix
+
+
+def test_every_layer_sliding(tmp_path):
+    """A model whose every layer is sliding (Mistral v0.1's shape): its first layer keeps
+    every block as group 0, the others release theirs; tokens equal one table."""
+    m = CausalLM(gemma_like(4, [0, 1, 2, 3], window=8), dtype=torch.float32, device="cpu")
+    _init_dummy(m, 3, None)
+    m.eval().requires_grad_(False)
+    got, eng = generate(m, PROMPTS, GREEDY, num_kv_blocks=300, max_num_batched_tokens=12)
+    assert eng.kv_layout.num_groups == 4 and eng.kv_layout.layer_group == (0, 1, 2, 3)
+    want, _ = generate(m, PROMPTS, GREEDY, num_kv_blocks=300, max_num_batched_tokens=12,
+                       disable_hybrid_kv_cache_manager=True)
+    assert got == want
 
 
 def test_a_long_sequence_holds_only_its_window_in_the_sliding_groups(model):

@@ -18,7 +18,9 @@ per ``block_size`` tokens and m group blocks per block of its window.
 
 Chosen when the model has F >= 1 full and S >= F sliding layers (every group then holds
 F layers); otherwise the padding would cost more than the window saves, and the layout
-stays uniform.
+stays uniform. A model whose every layer is sliding (Mistral v0.1, Phi-3-mini) lets its
+first ceil(L / 8) layers play group 0: they keep every block (their kernels
+still mask to the window), and the other layers hand theirs back.
 """
 from __future__ import annotations
 
@@ -63,6 +65,11 @@ def plan_kv_layout(config: DecoderConfig, hybrid: bool = True) -> KVCacheLayout:
     n = config.num_layers
     sliding = [i for i in range(n) if config.is_sliding(i)]
     full = [i for i in range(n) if not config.is_sliding(i)]
+    if not full and sliding:
+        # every layer sliding: a few keep every block as group 0 (fewer groups to fill
+        # per step than one per layer), the rest release theirs
+        keep = -(-n // 8)                         # at most ~8 groups
+        full, sliding = sliding[:keep], sliding[keep:]
     if not hybrid or not full or len(sliding) < len(full):
         return KVCacheLayout.uniform(n)
     per = len(full)
