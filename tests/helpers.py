@@ -60,3 +60,25 @@ def moe_by_hand(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
             act = (gate * torch.sigmoid(gate) * up).to(x.dtype).double()
             out[t] += twd[t, j] * (w2d[e] @ act)
     return out
+
+
+def bench_serve_llm_kwargs(argv: list[str]) -> dict[str, Any]:
+    """The keyword arguments (and ``model``) ``minikernels bench serve ARGV`` builds its LLM
+    with; the LLM is faked, so nothing loads or runs."""
+    import pytest
+
+    import minikernels.engine.llm_engine as llm_engine
+    from minikernels.cli import main
+
+    seen: dict[str, Any] = {}
+
+    class Stop(Exception):
+        pass
+
+    def fake_llm(model: str, **kwargs: Any) -> None:
+        seen.update(kwargs, model=model)
+        raise Stop
+
+    with mock.patch.object(llm_engine, "LLM", fake_llm), pytest.raises(Stop):
+        main(["bench", "serve", *argv])
+    return seen

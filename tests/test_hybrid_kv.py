@@ -342,25 +342,13 @@ def test_eagle_head_over_hybrid_pools(tmp_path):
     assert base.kv_layout is None and one == want
 
 
-def test_bench_serve_flag_reaches_the_llm(monkeypatch):
+def test_bench_serve_flag_reaches_the_llm():
     """``bench serve --disable-hybrid-kv-cache-manager`` builds its LLM with it (the GPU
     run measures Gemma 3 with the pools on and off)."""
-    import minikernels.engine.llm_engine as llm_engine
-    from minikernels.cli import main
+    from helpers import bench_serve_llm_kwargs
 
-    seen = {}
-
-    class Stop(Exception):
-        pass
-
-    def fake_llm(model, **kwargs):
-        seen.update(kwargs, model=model)
-        raise Stop
-
-    monkeypatch.setattr(llm_engine, "LLM", fake_llm)
     for argv, want in (([], False), (["--disable-hybrid-kv-cache-manager"], True)):
-        with pytest.raises(Stop):
-            main(["bench", "serve", "--model", "tiny-gemma3", "--no-save", *argv])
+        seen = bench_serve_llm_kwargs(["--model", "tiny-gemma3", "--no-save", *argv])
         assert seen["disable_hybrid_kv_cache_manager"] is want
 
 

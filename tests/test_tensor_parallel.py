@@ -305,24 +305,12 @@ def test_serve_flag_reaches_the_engine_kwargs():
     assert "tensor_parallel_size" not in engine_kwargs(parser.parse_args(["tiny"]))
 
 
-def test_bench_serve_flag_reaches_the_llm(monkeypatch):
+def test_bench_serve_flag_reaches_the_llm():
     """``bench serve --tensor-parallel-size 2`` builds its LLM with it (a real TP=2 bench
     run on CPU works too but takes ~20 s: see docs/parallel.md)."""
-    import minikernels.engine.llm_engine as llm_engine
-    from minikernels.cli import main
+    from helpers import bench_serve_llm_kwargs
 
-    seen = {}
-
-    class Stop(Exception):
-        pass
-
-    def fake_llm(model, **kwargs):
-        seen.update(kwargs, model=model)
-        raise Stop
-
-    monkeypatch.setattr(llm_engine, "LLM", fake_llm)
-    with pytest.raises(Stop):
-        main(["bench", "serve", "--model", "tiny", "-tp", "2", "--no-save"])
+    seen = bench_serve_llm_kwargs(["--model", "tiny", "-tp", "2", "--no-save"])
     assert seen["tensor_parallel_size"] == 2 and seen["model"] == "tiny"
 
 
