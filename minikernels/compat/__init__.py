@@ -3,9 +3,11 @@ its calls.
 
     from minikernels.compat.flash_attn import flash_attn_func, flash_attn_with_kvcache
     from minikernels.compat import flashinfer          # BatchDecodeWithPagedKVCacheWrapper, ...
+    from minikernels.compat import vllm_ops as ops     # vLLM's _custom_ops (out= / in place)
 
 Each module keeps its peer's argument names, defaults, layouts and return shapes, and
-states where it differs (forward only: no dropout, no backward). Errors name the
+states where it differs (forward only: no dropout, no backward). docs/compat.md has the
+covered names and the differences. Errors name the
 argument, as every minikernels op does. The math is minikernels' ops (reference on the
 CPU, Triton / CUDA on the GPU).
 """
