@@ -127,13 +127,40 @@ def test_int4_target_and_auto_int4_draft(paths):
 
 
 def test_prefix_cache_hits_with_draft_model(paths):
+    """The draft pool's prefix cache: sequences sharing a prefix (and a rerun) reuse the
+    draft's K/V of it, so the draft computes fewer tokens; the target drafting for
+    itself still gets every draft accepted (a wrong cached block would cost some); a
+    cache salt keeps requests apart in both pools; sleep forgets the draft's cache."""
     base = prompts_of(1, seed=4)[0] * 2
     prompts = [base + [5, 6, 7], base + [9], base]
     want = tokens(make(paths["target"]).generate(prompts, GREEDY, use_tqdm=False))
-    llm = make(paths["target"], spec(paths["near"]))
-    assert tokens(llm.generate(prompts, GREEDY, use_tqdm=False)) == want
-    assert tokens(llm.generate(prompts, GREEDY, use_tqdm=False)) == want
-    assert llm.stats()["prefix_cache_hit_tokens"] > 0
+    for draft in ("near", "target"):
+        llm = make(paths["target"], spec(paths[draft]))
+        prop = llm.llm_engine.proposer
+        assert tokens(llm.generate(prompts[:1], GREEDY, use_tqdm=False)) == want[:1]
+        first = prop.num_catch_up_tokens
+        assert tokens(llm.generate(prompts, GREEDY, use_tqdm=False)) == want
+        again = prop.num_catch_up_tokens - first
+        assert llm.stats()["prefix_cache_hit_tokens"] > 0
+        assert prop.bm.num_hit_tokens >= 3 * (len(base) // 8) * 8 - 8
+        prop.check_invariants()
+        assert_both_free(llm)
+        st = llm.stats()
+        if draft == "target":
+            assert st["spec_num_accepted_tokens"] == st["spec_num_draft_tokens"] > 0
+    off = make(paths["target"], spec(paths["near"]), enable_prefix_caching=False)
+    assert tokens(off.generate(prompts, GREEDY, use_tqdm=False)) == want
+    assert off.llm_engine.proposer.bm.num_hit_tokens == 0
+    # the three prompts again: cached draft blocks cover all but each one's last block
+    assert again < off.llm_engine.proposer.num_catch_up_tokens - 2 * len(base) + 16
+    # salts: no hit across them, in either pool
+    salted = [SamplingParams(temperature=0.0, max_tokens=4, cache_salt=s) for s in "ab"]
+    hits = prop.bm.num_hit_tokens
+    llm.generate([base, base], salted, use_tqdm=False)
+    assert prop.bm.num_hit_tokens == hits
+    llm.llm_engine.sleep(1)
+    llm.llm_engine.wake_up()
+    assert not prop.bm.cached
     assert_both_free(llm)
 
 

@@ -11,10 +11,15 @@ What the proposer owns (all on the target's device):
 - a second :class:`ModelRunner` over it: its own paged KV pool, per layer (k, v) each
   ``[num_blocks, block_size, draft_kv_heads, draft_head_dim]`` in the draft's dtype (or
   fp8 like the target's), and CUDA graphs for its single-token decode steps;
-- a :class:`BlockManager` of that pool (no prefix caching) and, per target sequence it
-  drafts for, a :class:`_DraftSeq`: the draft's block table (its own row in the mirror),
-  how many of the sequence's tokens have K/V in the draft cache, and the drafts whose K/V
-  was written after them.
+- a :class:`BlockManager` of that pool and, per target sequence it drafts for, a
+  :class:`_DraftSeq`: the draft's block table (its own row in the mirror), how many of
+  the sequence's tokens have K/V in the draft cache, and the drafts whose K/V was
+  written after them;
+- a prefix cache over that pool (when the engine's is on), keyed by the target
+  sequence's chained block hashes: a sequence that starts drafting shares the draft
+  blocks of its longest cached prefix and catches up from there (a shared system prompt
+  is computed by the draft once, as by the target). Only blocks of tokens known on the
+  host are offered; draft positions never are.
 
 KV budget. Both pools have the same number of blocks (``num_kv_blocks``; the same token
 capacity, since every drafted sequence needs draft K/V for all its tokens). Automatic
@@ -22,8 +27,8 @@ sizing (``gpu_memory_utilization`` on a GPU, the 1 GiB default on the CPU) divid
 one memory budget by the sum of both models' KV bytes per block
 (``ModelRunner(extra_kv_bytes_per_token=)``), so the draft's pool is carved from the
 target's budget: with a draft whose KV is 10% of the target's the target keeps ~91% of
-the blocks it would have alone. When the draft pool is full (the target shares prefix
-blocks, the draft does not) a sequence simply gets no drafts that step.
+the blocks it would have alone. When the draft pool is full a sequence simply gets no
+drafts that step.
 
 One ``propose`` call (all proposing sequences batched):
 
@@ -80,23 +85,45 @@ logger = logging.getLogger("minikernels.engine")
 
 class _DraftSeq:
     """The draft model's state for one target sequence (duck-types the fields of a
-    Sequence that :class:`BlockManager` reads without prefix caching).
+    Sequence that :class:`BlockManager` reads, prefix caching included).
 
     num_computed_tokens: tokens of ``seq.token_ids`` whose K/V is in the draft cache.
+    num_registered_blocks: its first blocks offered to the draft pool's prefix cache.
     tail: draft tokens whose K/V was written after them (positions
     ``num_computed_tokens ..``); valid only as far as the target accepts them.
+
+    The prefix-cache keys are the target sequence's own chained block hashes (same block
+    size, tokens and cache salt; the list is shared, so each block is hashed once): a
+    draft block registered under a hash holds the draft's K/V of exactly that prefix.
     """
 
     __slots__ = ("seq", "block_table", "block_row", "num_computed_tokens",
                  "num_registered_blocks", "tail")
+    num_pending = 0        # the draft reads only tokens known on the host
 
     def __init__(self, seq: "Sequence") -> None:
         self.seq = seq
         self.block_table: list[int] = []
         self.block_row = -1
         self.num_computed_tokens = 0
-        self.num_registered_blocks = 0     # always 0: no prefix caching in the draft pool
+        self.num_registered_blocks = 0
         self.tail: list[int] = []
+
+    @property
+    def params(self) -> Any:
+        return self.seq.params
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self.seq.token_ids
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.seq.token_ids)
+
+    @property
+    def block_hashes(self) -> list[bytes]:
+        return self.seq.block_hashes
 
     def __repr__(self) -> str:
         return (f"_DraftSeq(seq={self.seq.seq_id}, computed={self.num_computed_tokens}, "
@@ -435,7 +462,7 @@ class DraftModelProposer(DraftSampler):
                  common_vocab: int, block_size: int, num_blocks: int, max_model_len: int,
                  max_num_seqs: int, max_num_batched_tokens: int, enforce_eager: bool,
                  kv_cache_dtype: str = "auto", seed: int = 0,
-                 eos_token_ids: list[int] = ()) -> None:
+                 eos_token_ids: list[int] = (), enable_prefix_caching: bool = True) -> None:
         self.k = cfg.num_speculative_tokens
         self.vocab_size = vocab_size
         self.common_vocab = common_vocab
@@ -448,7 +475,8 @@ class DraftModelProposer(DraftSampler):
         self.device = self.runner.device
         self.max_len = self.runner.max_model_len
         self.max_catch_up = max_num_batched_tokens
-        self.bm = BlockManager(num_blocks, block_size, enable_prefix_caching=False,
+        self.bm = BlockManager(num_blocks, block_size,
+                               enable_prefix_caching=enable_prefix_caching,
                                max_blocks_per_seq=self.runner.max_blocks_per_seq)
         self.sampler = Sampler(common_vocab, self.device, seed + 1)
         self.eos_token_ids = list(eos_token_ids)
@@ -479,7 +507,12 @@ class DraftModelProposer(DraftSampler):
         for st in list(self.states.values()):
             self.bm.free_seq(st)
         self.states.clear()
+        self.bm.reset_prefix_cache()      # the pool comes back zeroed
         self.runner.release()
+
+    def reset_prefix_cache(self) -> None:
+        """Forget the draft pool's cached blocks (their holders keep them)."""
+        self.bm.reset_prefix_cache()
 
     def restore_pool(self) -> None:
         """Wake up: a zeroed pool and the graphs again (the weights come back first)."""
@@ -524,11 +557,13 @@ class DraftModelProposer(DraftSampler):
             if st is None:
                 st = self.states[seq.seq_id] = _DraftSeq(seq)
             self._rollback(st)
-            c = st.num_computed_tokens
+            # a sequence holding no draft blocks starts from the prefix cache's hits
+            hits = self.bm.lookup_prefix(st) if not st.block_table else []
+            c = len(hits) * self.block_size if hits else st.num_computed_tokens
             take = min(n - c, budget)
             if take < n - c:
                 k = 0              # catch-up continues next step; no drafts yet
-            if not self.bm.allocate(st, take + max(k - 1, 0)):
+            if not self.bm.allocate(st, take + max(k - 1, 0), cached_blocks=hits):
                 continue           # draft pool full: no drafts for it this step
             budget -= take
             plan.append(_Row(i, st, c, take, k, n))

@@ -304,7 +304,8 @@ class LLMEngine:
                 num_blocks=self.runner.num_blocks, max_model_len=self.max_model_len,
                 max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                 enforce_eager=self.runner.enforce_eager, kv_cache_dtype=kv_cache_dtype,
-                seed=seed, eos_token_ids=self._eos_list)
+                seed=seed, eos_token_ids=self._eos_list,
+                enable_prefix_caching=enable_prefix_caching)
         elif eagle_head is not None:
             # its K/V lives in the target's blocks (engine/eagle.py)
             self.proposer = EagleProposer(
@@ -1077,6 +1078,8 @@ class LLMEngine:
         """Forget every cached prompt block (e.g. after the weights changed): later
         requests recompute their prefixes. Blocks in use keep their contents."""
         self.block_manager.reset_prefix_cache()
+        if isinstance(self.proposer, DraftModelProposer):
+            self.proposer.reset_prefix_cache()
 
     def load_weights(self, weights: Any) -> int:
         """Copy HF-named tensors into the served model in place (RL weight sync; see
