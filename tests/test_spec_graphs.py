@@ -22,7 +22,7 @@ from test_engine import assert_all_free, tokens
 from test_spec_decode import save_target_and_near
 
 from minikernels.engine import LLM, SamplingParams
-from minikernels.engine.model_runner import StepInputs, _VerifyGraphs
+from minikernels.engine.model_runner import StepInputs, _DecodeGraphs, _VerifyGraphs
 from minikernels.models import AttentionMetadata
 
 
@@ -103,6 +103,64 @@ def test_standin_graphs_token_identical(paths, baseline, method, k):
     assert tokens(eager.generate(PROMPTS, GREEDY, use_tqdm=False)) == got
     assert eager.stats()["spec_num_draft_tokens"] == st["spec_num_draft_tokens"]
     assert eager.stats()["spec_num_accepted_tokens"] == st["spec_num_accepted_tokens"]
+
+
+class EagerDecodeGraphs(_DecodeGraphs):
+    """CPU stand-in of the decode graphs (replay = the model on the static buffers)."""
+
+    def _capture(self, bs):
+        self.replays = getattr(self, "replays", 0)
+        return lambda: self._count(bs)
+
+    def _count(self, bs):
+        self.replays += 1
+        return self._forward(bs)
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_draft_model_catch_up_through_graphs(paths, baseline, k):
+    """The draft model's steady catch-up (1 or 2 tokens per row) goes to its decode
+    graphs (one token) or its 1 + 1-token verification graphs (rows of one left-padded
+    beside rows of two): every draft forward's logits equal those of plain eager
+    prefill rows; the same tokens, drafts and acceptances."""
+    cfg = spec_cfg("draft", k, paths)
+
+    def recording(llm):      # every draft forward's logits, in order
+        prop, seen = llm.llm_engine.proposer, []
+        fwd = prop._forward
+        prop._forward = lambda inputs: seen.append(fwd(inputs).clone()) or seen[-1]
+        return seen
+
+    def plain_catch_up(plan):   # the general path: prefill rows, no graph shapes
+        ids, meta = prop._catch_up_meta(plan, shift=0)
+        return StepInputs(input_ids=ids, meta=meta, decode_only=False,
+                          sample_rows=list(range(sum(r.k > 0 for r in plan))))
+
+    eager = make(paths["target"], cfg)
+    prop = eager.llm_engine.proposer
+    prop._catch_up_inputs = plain_catch_up
+    eager_logits = recording(eager)
+    want = tokens(eager.generate(PROMPTS, GREEDY, use_tqdm=False))
+    assert want == baseline
+    llm = make(paths["target"], cfg)
+    graph_logits = recording(llm)
+    runner = llm.llm_engine.proposer.runner
+    assert runner.verify_graph_sizes() == [1, 2, 4, 8]
+    vg = runner.capture_verify_graphs(EagerVerifyGraphs)
+    runner.graphs = EagerDecodeGraphs(runner.model, runner.kv_caches, [1, 2, 4, 8],
+                                      runner.max_blocks_per_seq, runner.config.vocab_size)
+    spans = []
+    run = vg.run
+    vg.run = lambda inputs: spans.append(sorted(k for _, k in inputs.spec)) or run(inputs)
+    assert tokens(llm.generate(PROMPTS, GREEDY, use_tqdm=False)) == want
+    for key in ("spec_num_draft_tokens", "spec_num_accepted_tokens"):
+        assert eager.stats()[key] == llm.stats()[key] > 0, key
+    assert vg.num_replays > 0 and runner.graphs.replays > 0
+    assert any(s[0] == 0 and s[-1] == 1 for s in spans)     # mixed 1- and 2-token rows
+    assert len(graph_logits) == len(eager_logits)
+    for a, b in zip(graph_logits, eager_logits):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    assert_all_free(llm)
 
 
 def test_standin_graphs_with_an_eagle_head(tmp_path):

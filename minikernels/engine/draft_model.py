@@ -40,7 +40,8 @@ One ``propose`` call (all proposing sequences batched):
 2. Catch-up: one varlen forward (prefill rows over the draft's paged prefix) over the
    tokens the draft has not seen (a new sequence's prompt, the accepted tokens and the
    target's own token), at most ``max_num_batched_tokens`` tokens per call (a longer
-   catch-up is chunked over steps; that sequence drafts once it is done).
+   catch-up is chunked over steps; that sequence drafts once it is done). In steady
+   decode (one or two tokens per row) it replays the runner's CUDA graphs.
 3. k - 1 decode forwards (one token per sequence, all sequences together; graph
    replays on CUDA), each fed the previous draft tokens, still on the device.
 
@@ -468,10 +469,13 @@ class DraftModelProposer(DraftSampler):
         self.common_vocab = common_vocab
         self.block_size = block_size
         max_len = min(max_model_len, int(model.config.max_position_embeddings))
+        # graphs: single-token decode steps, and (verification graphs of 1 + 1 tokens
+        # per row) the steady catch-up of one or two tokens per sequence
         self.runner = ModelRunner(model, block_size, num_blocks, max_num_seqs=min(
             max_num_seqs, cfg.disable_by_batch_size), max_num_batched_tokens=
             max_num_batched_tokens, max_model_len=max_len, enforce_eager=enforce_eager,
-            kv_cache_dtype=kv_cache_dtype)
+            kv_cache_dtype=kv_cache_dtype, num_speculative_tokens=1,
+            max_spec_batch=cfg.disable_by_batch_size)
         self.device = self.runner.device
         self.max_len = self.runner.max_model_len
         self.max_catch_up = max_num_batched_tokens
@@ -595,15 +599,29 @@ class DraftModelProposer(DraftSampler):
 
     def _catch_up_inputs(self, plan: list[_Row]) -> StepInputs:
         """Prefill rows: each row's unseen tokens over its paged draft prefix; logits of
-        the last token of the rows that draft."""
+        the last token of the rows that draft.
+
+        The steady state (every row drafts and catches up one or two tokens: the
+        target's own token, after the last draft when all were accepted) is shaped for
+        the runner's CUDA graphs: one token per row is a decode step (decode graphs),
+        one or two a verification-shaped step (``spec``: rows of 1 + (take - 1) tokens,
+        replayed by the 1 + 1-token verification graphs, short rows left-padded). Other
+        catch-ups (prompts, chunks) run eagerly."""
+        steady = all(r.k > 0 and r.take <= 2 for r in plan)
+        if steady and all(r.take == 1 for r in plan):
+            ids = self._upload([[r.st.seq.token_ids[r.start] for r in plan]])[0]
+            return self._decode_inputs(plan, 0, ids)
         ids_t, meta = self._catch_up_meta(plan, shift=0)
         return StepInputs(input_ids=ids_t, meta=meta,
                           sample_rows=list(range(sum(r.k > 0 for r in plan))),
-                          decode_only=False)
+                          decode_only=False,
+                          spec=[(i, r.take - 1) for i, r in enumerate(plan)] if steady
+                          else None)
 
     def _decode_inputs(self, rows: list[_Row], j: int, ids: Tensor) -> StepInputs:
         """Decode rows for draft step j (j >= 1): input the draft token j - 1 (on the
-        device) at position n - 1 + j of each sequence."""
+        device) at position n - 1 + j of each sequence (j = 0: the last known token,
+        ``ids``, at n - 1: a one-token catch-up)."""
         bs = self.block_size
         pos = np.array([r.n - 1 + j for r in rows], dtype=np.int64)
         width = -(-int(pos.max() + 1) // bs)

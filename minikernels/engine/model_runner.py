@@ -536,13 +536,14 @@ class _VerifyGraphs:
 
     def bucket(self, inputs: StepInputs) -> int | None:
         """The bucket a step replays, or None (not a verification step of at most k
-        drafts per row, or too large / too long for the captured shapes)."""
+        drafts per row, or too large / too long for the captured shapes). A row with
+        0 drafts (one token; a draft model's catch-up) is left-padded like short rows."""
         meta, spec = inputs.meta, inputs.spec
         if spec is None or meta.num_decode or meta.prefill_block_table is None:
             return None
         n = len(spec)
         if meta.prefill_block_table.shape[0] != n or meta.prefill_block_table.shape[1] > \
-                self.width or any(not 0 < k <= self.k for _, k in spec):
+                self.width or any(not 0 <= k <= self.k for _, k in spec):
             return None
         return pick_graph_size(n, self.sizes)
 
