@@ -136,3 +136,41 @@ def test_tp2_expert_adapters_token_identical_to_tp1(tmp_path):
         assert _greedy(llm, prompts, params, which) == want
     finally:
         llm.llm_engine.model.close()
+
+
+@pytest.mark.slow   # spawns a worker process (small: run in CI)
+def test_tp2_sleep_wake_and_weight_sync(setup, tmp_path):
+    """An RL loop under TP=2 with an adapter: sleep level 1 -> the same tokens (every
+    rank refills its weights, adapter slots and KV pool); level 2, wake the weights,
+    load_weights(another checkpoint's full HF tensors: each rank copies its shard),
+    wake the pool -> the new checkpoint's tokens, with and without the adapter (TP=1)."""
+    import minikernels as mk
+    from minikernels.engine import LoRARequest
+
+    base, paths = setup
+    other = make_hf_model("qwen2-tied", seed=9, num_key_value_heads=1)
+    other_dir = save_hf(other, str(tmp_path / "other"))
+    prompts = [random_tokens(n, 300, 90 + n) for n in (9, 6, 13)]
+    which = [LoRARequest("first", 1, paths[0]), None, LoRARequest("first", 1, paths[0])]
+    params = mk.SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+    kw = dict(dtype="float32", device="cpu", tokenizer=None, block_size=4, num_kv_blocks=48,
+              enable_lora=True, max_loras=1, max_lora_rank=8)
+    want = _greedy(mk.LLM(base, **kw), prompts, params, which)
+    want_other = _greedy(mk.LLM(other_dir, **kw), prompts, params, which)
+    assert want != want_other
+    llm = mk.LLM(base, tensor_parallel_size=2, **kw)
+    try:
+        assert _greedy(llm, prompts, params, which) == want
+        llm.sleep(level=1)
+        eng = llm.llm_engine
+        assert all(p.numel() == 0 for p in eng.model.parameters())
+        assert all(t.numel() == 0 for t in eng.lora.manager.tensors())
+        llm.wake_up()
+        assert _greedy(llm, prompts, params, which) == want
+        llm.sleep(level=2)
+        llm.wake_up(["weights"])
+        assert llm.load_weights(other.named_parameters()) > 0
+        llm.wake_up(["kv_cache"])
+        assert _greedy(llm, prompts, params, which) == want_other
+    finally:
+        llm.llm_engine.model.close()

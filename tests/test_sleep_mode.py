@@ -2,12 +2,14 @@
 weights, KV pools and CUDA graphs in place and gets them back. Level 1: the same tokens
 after waking up; level 2 with a weight update in between (wake_up(["weights"]),
 load_weights, wake_up(["kv_cache"])): the new weights' tokens; a draft model and an EAGLE
-head sleep with the target; refusals (requests running, generate while asleep, LoRA).
+head sleep with the target; LoRA adapter slots sleep too; refusals (requests running,
+generate while asleep).
 CPU, tiny models: the tensors really are emptied (numel 0) while asleep."""
 from __future__ import annotations
 
 import pytest
 from test_eagle import _save_head
+from test_lora import ALL, make_adapter
 from test_engine import assert_all_free, tokens
 from test_model_support import make_hf_model, save_hf
 
@@ -22,8 +24,9 @@ def dirs(tmp_path_factory):
     root = tmp_path_factory.mktemp("sleep")
     a, b = make_hf_model("llama", seed=0), make_hf_model("llama", seed=7)
     _save_head(root / "head", "eagle", 1, own_embed=True)
+    make_adapter(a, str(root / "lora"), r=4, alpha=8, targets=ALL, seed=3)
     return {"a": save_hf(a, str(root / "a")), "b": save_hf(b, str(root / "b")),
-            "b_model": b, "head": str(root / "head")}
+            "b_model": b, "head": str(root / "head"), "lora": str(root / "lora")}
 
 
 def _llm(path, **kw):
@@ -78,6 +81,31 @@ def test_refusals(dirs):
         llm.sleep()
     with pytest.raises(ValueError, match="tags"):
         llm.wake_up(["gpu"])
-    lora = _llm(dirs["a"], enable_lora=True)
-    with pytest.raises(ValueError, match="LoRA"):
-        lora.sleep()
+
+
+def test_lora_slots_sleep_and_come_back(dirs):
+    """The adapter slots are emptied with the weights and refilled (a host copy at both
+    levels): the same tokens with and without the adapter after waking up, also after
+    level 2 + a weight reload."""
+    from minikernels.engine import LoRARequest
+
+    which = [LoRARequest("a", 1, dirs["lora"]), None, LoRARequest("a", 1, dirs["lora"])]
+    llm = _llm(dirs["a"], enable_lora=True, max_lora_rank=4)
+
+    def run():
+        return [o.outputs[0].token_ids for o in llm.generate(
+            PROMPTS, GREEDY, use_tqdm=False, lora_request=which)]
+
+    want = run()
+    base = tokens(llm.generate(PROMPTS, GREEDY, use_tqdm=False))
+    assert base[1] == want[1] and (base[0], base[2]) != (want[0], want[2])
+    llm.sleep(level=1)
+    assert all(t.numel() == 0 for t in llm.llm_engine.lora.manager.tensors())
+    llm.wake_up()
+    assert run() == want
+    llm.sleep(level=2)
+    llm.wake_up(["weights"])
+    llm.load_weights(make_hf_model("llama", seed=0).named_parameters())
+    llm.wake_up(["kv_cache"])
+    assert run() == want
+    assert_all_free(llm)

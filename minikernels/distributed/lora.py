@@ -53,6 +53,10 @@ class TensorParallelLoRA:
         self.local.deactivate(slot)
         self.model.send(("lora_deactivate", slot))
 
+    def tensors(self) -> list[Tensor]:
+        """Rank 0's slot tensors (each worker empties its own on "sleep")."""
+        return self.local.tensors()
+
     def set_token_slots(self, token_slots: Tensor | None) -> None:
         """The next steps' token slots (sent to the workers with each step)."""
         self.local.set_token_slots(token_slots)

@@ -24,6 +24,13 @@ Commands, in the order rank 0 sends them (every rank executes the same sequence)
   ("graphs", runner_cls, sizes, width, vocab, with_lora)
                                                   capture decode CUDA graphs (:mod:`.graphs`)
   ("replay", spec, ints, True)                    one decode step through those graphs
+  ("load_weights", [(name, shape, dtype), ...])   receive full HF-named tensors (one
+                                                  broadcast each) and copy this rank's
+                                                  shard of each in place (RL weight sync)
+  ("sleep", level)                                drop the graphs, empty the weights (a
+                                                  host copy at level 1), LoRA slots (a
+                                                  host copy) and KV caches in place
+  ("wake", tags)                                  refill "weights" / "kv_cache" (zeroed)
   ("stop",)                                       leave the loop
 A step's spec carries "lora_slots" (each token's adapter slot, int32 [T]) when the step
 has adapters; a worker with LoRA slots runs a step without it on the base model.
@@ -180,6 +187,7 @@ def serve_steps(model: torch.nn.Module, tp: TensorParallel, device: torch.device
     kv_caches = None
     graphs = None
     lora: LoRAManager | None = None
+    asleep = _WorkerSleep()
     while True:
         cmd = recv()
         if cmd is None or cmd[0] == "stop":
@@ -201,6 +209,19 @@ def serve_steps(model: torch.nn.Module, tp: TensorParallel, device: torch.device
             if layout is not None:
                 extra["kv_layout"] = layout
             graphs = runner_cls(model, kv_caches, sizes, width, vocab, **extra)
+        elif kind == "load_weights":
+            from ..models.weight_update import load_weights
+
+            for name, shape, dtype in cmd[1]:
+                t = torch.empty(shape, dtype=dtype, device=device)
+                dist.broadcast(t, src=0, group=tp.group)
+                with torch.inference_mode(False):
+                    load_weights(model, [(name, t)])
+        elif kind == "sleep":
+            graphs = None
+            asleep.sleep(model, lora, kv_caches, cmd[1])
+        elif kind == "wake":
+            asleep.wake(kv_caches, cmd[1])
         elif kind in ("forward", "replay"):
             _, spec, ints, use_cache = cmd
             step = receive_step(spec, ints, device, tp.group)
@@ -214,6 +235,33 @@ def serve_steps(model: torch.nn.Module, tp: TensorParallel, device: torch.device
                     model(step.input_ids, step.meta, kv_caches if use_cache else None)
         else:
             raise RuntimeError(f"unknown tensor-parallel command {kind!r}")
+
+
+class _WorkerSleep:
+    """A worker's side of sleep mode (engine/sleep.py): what it emptied, to refill."""
+
+    def __init__(self) -> None:
+        self.weights: list = []
+        self.kv_shapes: list | None = None
+
+    def sleep(self, model: torch.nn.Module, lora: Any, kv_caches: list | None,
+              level: int) -> None:
+        from ..engine.sleep import empty_kv_caches, offload, offload_tensors
+
+        self.weights = offload(model, keep=level == 1)
+        if lora is not None:
+            self.weights += offload_tensors(lora.tensors(), lambda t: True)
+        if kv_caches is not None:
+            self.kv_shapes = empty_kv_caches(kv_caches)
+
+    def wake(self, kv_caches: list | None, tags: list[str]) -> None:
+        from ..engine.sleep import refill_kv_caches, reload
+
+        if "weights" in tags:
+            reload(self.weights)
+        if "kv_cache" in tags and self.kv_shapes is not None:
+            refill_kv_caches(kv_caches, self.kv_shapes)
+            self.kv_shapes = None
 
 
 class TensorParallelModel(torch.nn.Module):
@@ -297,6 +345,48 @@ class TensorParallelModel(torch.nn.Module):
 
         self.lora = TensorParallelLoRA(self, max_loras, max_lora_rank)
         return self.lora
+
+    def load_weights(self, weights: Any) -> int:
+        """RL weight sync on every rank (models/weight_update.py ``load_weights``): each
+        full HF-named tensor is loaded into rank 0's shard first (a bad name, dtype or
+        shape raises there, before any worker sees it), then broadcast to the workers,
+        which copy their own rows / columns of it. Returns how many tensors rank 0
+        loaded."""
+        from collections.abc import Mapping
+
+        from ..models.weight_update import load_weights
+
+        items = weights.items() if isinstance(weights, Mapping) else weights
+        count, batch = 0, []
+        try:
+            for name, tensor in items:
+                if not isinstance(tensor, Tensor):
+                    raise ValueError(f"load_weights: {name!r} is not a tensor")
+                t = tensor.detach().to(self.device).contiguous()
+                n = load_weights(self.model, [(name, t)])
+                if n:          # (ignored names, a tied lm_head: nothing to send)
+                    count += n
+                    batch.append((name, t))
+                if len(batch) == 32:
+                    self._send_weights(batch)
+                    batch = []
+        finally:       # what rank 0 loaded, the workers load too
+            self._send_weights(batch)
+        return count
+
+    def _send_weights(self, batch: list[tuple[str, Tensor]]) -> None:
+        if batch:
+            self.send(("load_weights", [(n, tuple(t.shape), t.dtype) for n, t in batch]))
+            for _, t in batch:
+                dist.broadcast(t, src=0, group=self.tp.group)
+
+    def sleep(self, level: int) -> None:
+        """The workers' side of ``LLMEngine.sleep`` (rank 0 empties its own shard)."""
+        self.send(("sleep", int(level)))
+
+    def wake_up(self, tags: list[str]) -> None:
+        """The workers' side of ``LLMEngine.wake_up`` (before graphs are captured)."""
+        self.send(("wake", sorted(tags)))
 
     def allocate_kv_caches(self, num_blocks: int, block_size: int,
                            dtype: torch.dtype | None = None, layout: Any = None) -> list:

@@ -1010,15 +1010,12 @@ class LLMEngine:
         copy of the weights, level 2 discards them (reload with :meth:`load_weights`
         after waking up); both free the KV pools and drop the CUDA graphs. RuntimeError
         while a request is unfinished."""
-        from .sleep import offload
+        from .sleep import offload, offload_tensors
 
         if level not in (1, 2):
             raise ValueError(f"sleep level must be 1 or 2, got {level!r}")
         if self.has_unfinished():
             raise RuntimeError("sleep: requests are still running")
-        if hasattr(self.model, "decode_graphs_class") or self.lora is not None:
-            raise ValueError("sleep: tensor-parallel engines and LoRA adapters are not "
-                             "supported yet")
         if self._sleeping:
             return
         with self.runner.on_device():
@@ -1038,6 +1035,11 @@ class LLMEngine:
                                                   device=capture.buffer.device)
             self.runner.release()
             self._offloaded = [t for m in modules for t in offload(m, keep=level == 1)]
+            if self.lora is not None:     # adapter slots: always a host copy (small)
+                self._offloaded += offload_tensors(self.lora.manager.tensors(),
+                                                   lambda t: True)
+            if self._tensor_parallel:     # the workers empty their shards alike
+                self.model.sleep(level)
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
         self._sleeping = {"weights", "kv_cache"}
@@ -1052,6 +1054,8 @@ class LLMEngine:
         if not want <= {"weights", "kv_cache"}:
             raise ValueError(f"wake_up tags must be 'weights' / 'kv_cache', got {tags!r}")
         with self.runner.on_device():
+            if self._tensor_parallel and want & self._sleeping:
+                self.model.wake_up(sorted(want & self._sleeping))   # before any graphs
             if "weights" in want and "weights" in self._sleeping:
                 reload(self._offloaded)
                 self._sleeping.discard("weights")
@@ -1074,6 +1078,11 @@ class LLMEngine:
     def is_sleeping(self) -> bool:
         return bool(self._sleeping)
 
+    @property
+    def _tensor_parallel(self) -> bool:
+        """Whether the model is the tensor-parallel front end (workers on other ranks)."""
+        return hasattr(self.model, "decode_graphs_class")
+
     def reset_prefix_cache(self) -> None:
         """Forget every cached prompt block (e.g. after the weights changed): later
         requests recompute their prefixes. Blocks in use keep their contents."""
@@ -1094,10 +1103,9 @@ class LLMEngine:
         if "weights" in self._sleeping:
             raise RuntimeError("load_weights: the weights are asleep: wake_up(['weights']) "
                                "first")
-        if hasattr(self.model, "decode_graphs_class"):   # the tensor-parallel front end
-            raise ValueError("load_weights: tensor-parallel models are not supported yet")
         with torch.inference_mode(False), self.runner.on_device():
-            n = load_weights(self.model, weights)
+            n = (self.model.load_weights(weights) if self._tensor_parallel   # every rank
+                 else load_weights(self.model, weights))
         self.reset_prefix_cache()
         return n
 
@@ -1226,8 +1234,9 @@ class LLM:
         """Replace the model's weights in place from HF-named tensors (``(name, tensor)``
         pairs, e.g. a trainer's ``model.named_parameters()``, or a state dict), between
         generate calls; the prefix cache is reset. For RL loops (GRPO) that generate
-        with this engine and train a transformers copy. Dense single-GPU models; returns
-        the number of tensors loaded."""
+        with this engine and train a transformers copy. Dense models (tensor parallel:
+        every rank takes its shard of each full tensor); returns the number of tensors
+        loaded."""
         return self.llm_engine.load_weights(weights)
 
     @property

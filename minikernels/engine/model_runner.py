@@ -715,22 +715,16 @@ class ModelRunner:
     def release(self) -> None:
         """Sleep: drop the CUDA graphs and free the KV pool's memory (its tensors stay,
         empty, so every holder keeps them); :meth:`restore` reallocates it, zeroed."""
+        from .sleep import empty_kv_caches
+
         self.graphs = self.verify_graphs = None
-        self._kv_shapes = [(t.shape, t.dtype) for pair in self.kv_caches for t in pair]
-        for pair in self.kv_caches:
-            for t in pair:
-                t.data = torch.empty(0, dtype=t.dtype, device=t.device)
+        self._kv_shapes = empty_kv_caches(self.kv_caches)
 
     def restore(self) -> None:
         """Wake up: a zeroed KV pool of the same shapes (graphs: :meth:`capture_graphs`)."""
-        shapes = iter(self._kv_shapes)
-        done: set[int] = set()           # (hybrid pools: layers share tensors)
-        for pair in self.kv_caches:
-            for t in pair:
-                shape, dtype = next(shapes)
-                if id(t) not in done:
-                    done.add(id(t))
-                    t.data = torch.zeros(shape, dtype=dtype, device=t.device)
+        from .sleep import refill_kv_caches
+
+        refill_kv_caches(self.kv_caches, self._kv_shapes)
 
     def verify_graph_sizes(self) -> list[int]:
         """Verification-graph buckets: up to the largest batch that drafts (at most

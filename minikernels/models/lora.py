@@ -535,6 +535,16 @@ class LoRAManager:
             self._slots.scaling[slot] = 0.0
         self.names[slot] = None
 
+    def tensors(self) -> list[Tensor]:
+        """Every slot tensor (scalings, the layers' A / B, the experts' A / B): what
+        sleep mode empties and refills."""
+        out = [self._slots.scaling]
+        for lora in self._layers.values():
+            out += [lora.a, lora.b]
+        for e in self._experts.values():
+            out += [e.a13, e.b13, e.a2, e.b2]
+        return out
+
     def set_token_slots(self, token_slots: Tensor | None) -> None:
         """Each token's slot for the following forwards (int32/int64 [T] on the model's
         device, -1 = the base model), or None: no LoRA at all."""

@@ -9,6 +9,8 @@ tensors, norms, embeddings, the router) and **copies into the existing tensors**
 parameter is replaced, so CUDA graphs captured over them stay valid and nothing is
 reallocated. Dense models only: an int4 / fp8 / int8 layer would have to be re-quantized into
 buffers of another shape, which is refused by name. A tied lm_head follows its embedding.
+A tensor-parallel shard (``model.tp``) takes its rank's rows / columns of each full
+tensor, as the checkpoint loader does (models/parallel.py ``shard_tensor``).
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ from .linear import FusedLinear
 from .loader import (_IGNORED, _family_name, _load_experts, _load_kv_scale, _unfuse,
                      map_name)
 from .moe import FusedExperts
+from .parallel import shard_tensor
 
 
 def load_weights(model: CausalLM, weights: "Iterable[tuple[str, Tensor]] | Mapping[str, Tensor]"
@@ -33,8 +36,6 @@ def load_weights(model: CausalLM, weights: "Iterable[tuple[str, Tensor]] | Mappi
     the model's). Names the loader would ignore (rotary caches, ...) are skipped; an
     unknown name, a shape mismatch or a quantized target raises ValueError naming it.
     """
-    if getattr(model, "tp", None) is not None:
-        raise ValueError("load_weights: tensor-parallel models are not supported yet")
     config = model.config
     modules = dict(model.named_modules())
     params = dict(model.named_parameters())
@@ -64,12 +65,18 @@ def _load_one(model: CausalLM, modules: dict[str, Any], params: dict[str, Tensor
     mod = modules.get(mod_name)
     if mod is None:
         raise ValueError(f"load_weights: {name!r} names no module of this model")
-    if kind in ("k_scale", "v_scale"):
-        _load_kv_scale(getattr(mod, kind), tensor, name)
-        return True
     if not tensor.is_floating_point() or tensor.dtype == torch.float8_e4m3fn:
         raise ValueError(f"load_weights: {name!r} must be a dense floating-point tensor, "
                          f"got {tensor.dtype}")
+    tp = getattr(model, "tp", None)
+    if tp is not None and tp.size > 1:     # this rank's rows / columns of it
+        try:
+            tensor = shard_tensor(config, tp, mod_name, shard, kind, tensor)
+        except ValueError as exc:
+            raise ValueError(f"load_weights: {name}: {exc}") from None
+    if kind in ("k_scale", "v_scale"):
+        _load_kv_scale(getattr(mod, kind), tensor, name)
+        return True
     try:
         if isinstance(mod, FusedExperts):
             if mod.w13 is None:
