@@ -229,3 +229,52 @@ def test_bad_new_params_are_refused_by_name():
             SamplingParams(repetition_penalty=bad)
     SamplingParams(repetition_penalty=0.01, priority=-(2 ** 70), cache_salt="x",
                    prompt_logprobs=0)
+
+
+# ------------------------------------------------------------------ truncate_prompt_tokens
+def test_truncate_prompt_tokens_keeps_the_last_k():
+    """vLLM's left truncation: the request runs on the last k prompt tokens (or the last
+    max_model_len with -1), through LLM.generate and AsyncLLM alike; the output equals
+    a request for those k tokens; prompt_token_ids are the kept ones."""
+    import asyncio
+
+    from minikernels.engine import AsyncLLM
+
+    llm = LLM("tiny", dtype="float32", device="cpu", num_kv_blocks=64, block_size=8,
+              max_model_len=48)
+    long = prompts_of([60], seed=11)[0]
+    greedy = dict(temperature=0, max_tokens=4, ignore_eos=True)
+    want = llm.generate([long[-7:]], SamplingParams(**greedy), use_tqdm=False)[0]
+    got = llm.generate([long], SamplingParams(truncate_prompt_tokens=7, **greedy),
+                       use_tqdm=False)[0]
+    assert got.prompt_token_ids == long[-7:]
+    assert got.outputs[0].token_ids == want.outputs[0].token_ids
+    text = "a fairly long prompt " * 8
+    ids = llm.get_tokenizer().encode(text)
+    out = llm.generate([text], SamplingParams(truncate_prompt_tokens=5, **greedy),
+                       use_tqdm=False)[0]
+    assert out.prompt_token_ids == list(ids[-5:]) and out.prompt == text
+    # -1: the context length; the prompt then leaves no room for output -> refused
+    with pytest.raises(ValueError, match="max_model_len"):
+        llm.generate([long], SamplingParams(truncate_prompt_tokens=-1, **greedy),
+                     use_tqdm=False)
+    with pytest.raises(ValueError, match="max_model_len"):
+        llm.generate([long], SamplingParams(**greedy), use_tqdm=False)
+
+    async def stream() -> list[int]:
+        engine = AsyncLLM(llm)
+        try:
+            toks = []
+            async for o in engine.generate(long, SamplingParams(truncate_prompt_tokens=7,
+                                                                **greedy), "t"):
+                toks = o.outputs[0].token_ids
+                assert o.prompt_token_ids == long[-7:]
+            return toks
+        finally:
+            await engine.shutdown()
+
+    assert asyncio.run(stream()) == want.outputs[0].token_ids
+    for bad, err in ((0, ValueError), (-2, ValueError), (2.0, TypeError)):
+        with pytest.raises(err, match="truncate_prompt_tokens"):
+            SamplingParams(truncate_prompt_tokens=bad)
+    assert_all_free(llm)

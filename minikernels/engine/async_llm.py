@@ -738,7 +738,7 @@ class AsyncLLM:
             raise TypeError(f"params must be a SamplingParams, got {type(params).__name__}")
         if request_id in self._streams:
             raise ValueError(f"request_id {request_id!r} is already in use")
-        text, ids = self.engine.tokenize(prompt)
+        text, ids = self.engine.tokenize(prompt, params.truncate_prompt_tokens)
         self.engine.validate(len(ids), params)
         params = salted_for_lora(params)     # (before hashing: the salt is in the hashes)
         self._ensure_started()

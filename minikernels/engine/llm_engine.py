@@ -335,8 +335,11 @@ class LLMEngine:
         _freeze_gc_heap()
 
     # ------------------------------------------------------------------ requests
-    def tokenize(self, prompt: str | list[int]) -> tuple[str | None, list[int]]:
-        """Validate a prompt -> (text or None, token ids)."""
+    def tokenize(self, prompt: str | list[int], truncate_prompt_tokens: int | None = None
+                 ) -> tuple[str | None, list[int]]:
+        """Validate a prompt -> (text or None, token ids). truncate_prompt_tokens
+        (``SamplingParams``'): keep only the last k ids (-1: max_model_len); the text is
+        kept whole, as vLLM does."""
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise ValueError(f"model {self.model_name!r} has no tokenizer: pass the "
@@ -358,6 +361,10 @@ class LLMEngine:
                             f"{type(prompt).__name__}")
         if not ids:
             raise ValueError("prompt must not be empty")
+        if truncate_prompt_tokens is not None:
+            keep = self.max_model_len if truncate_prompt_tokens == -1 else \
+                truncate_prompt_tokens
+            del ids[:-keep]
         return text, ids
 
     def validate(self, prompt_len: int, params: SamplingParams) -> None:
@@ -403,7 +410,7 @@ class LLMEngine:
         if prompt_token_ids is not None:
             text, ids = (prompt if isinstance(prompt, str) else None), list(prompt_token_ids)
         else:
-            text, ids = self.tokenize(prompt)
+            text, ids = self.tokenize(prompt, params.truncate_prompt_tokens)
         self.validate(len(ids), params)
         params = salted_for_lora(params)      # an adapter's KV never serves another's
         compiled = None
@@ -1348,7 +1355,7 @@ class LLM:
             if not isinstance(sp, SamplingParams):
                 raise TypeError(f"sampling_params must hold SamplingParams, got "
                                 f"{type(sp).__name__}")
-            engine.validate(len(engine.tokenize(p)[1]), sp)
+            engine.validate(len(engine.tokenize(p, sp.truncate_prompt_tokens)[1]), sp)
         ids = [f"gen-{next(self._counter)}" for _ in plist]
         results: dict[str, RequestOutput] = {}
         bar = None

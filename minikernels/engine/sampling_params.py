@@ -101,6 +101,9 @@ class SamplingParams:
                             ``prompt_logprobs`` alternatives (``RequestOutput.prompt_logprobs``;
                             vLLM's shape, None for the first token). Such a request never
                             reads the prefix cache (every prompt token is computed).
+        truncate_prompt_tokens  None, -1 or k >= 1: keep only the last k prompt tokens
+                            (left truncation; -1: the engine's max_model_len), as vLLM;
+                            RequestOutput.prompt_token_ids are the kept ones.
         output_kind         RequestOutputKind: what AsyncLLM.generate yields (CUMULATIVE,
                             DELTA or FINAL_ONLY); LLM.generate always returns final outputs.
     Scheduling and caching:
@@ -141,6 +144,7 @@ class SamplingParams:
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     prompt_logprobs: int | None = None
+    truncate_prompt_tokens: int | None = None
     priority: int = 0
     cache_salt: str | None = None
     structured_outputs: StructuredOutputsParams | None = None
@@ -200,6 +204,11 @@ class SamplingParams:
             self._check_int("logprobs", self.logprobs, low=0)
         if self.prompt_logprobs is not None:
             self._check_int("prompt_logprobs", self.prompt_logprobs, low=0)
+        if self.truncate_prompt_tokens is not None:
+            self._check_int("truncate_prompt_tokens", self.truncate_prompt_tokens, low=-1)
+            if self.truncate_prompt_tokens == 0:
+                raise ValueError("SamplingParams.truncate_prompt_tokens must be >= 1 or -1 "
+                                 "(the model's context length), got 0")
         self._check_int("priority", self.priority)
         if self.cache_salt is not None:
             if not isinstance(self.cache_salt, str):
