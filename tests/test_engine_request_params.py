@@ -278,3 +278,83 @@ def test_truncate_prompt_tokens_keeps_the_last_k():
         with pytest.raises(err, match="truncate_prompt_tokens"):
             SamplingParams(truncate_prompt_tokens=bad)
     assert_all_free(llm)
+
+
+# ------------------------------------------------------------------ bad_words, detokenize
+def test_bad_words_are_never_completed():
+    """vLLM's bad_words: a one-token word never appears; a two-token word is cut at its
+    second token (its first may still appear). Greedy output equals the unrestricted one
+    up to where the word would have been completed; overlap on / off and n-gram
+    speculation (such rows are not drafted for) agree."""
+    from minikernels.engine.bad_words import banned_next_tokens
+
+    prompt = "The quick brown fox"
+    greedy = dict(temperature=0, max_tokens=20, ignore_eos=True)
+    for kw in ({"async_scheduling": True}, {"async_scheduling": False},
+               {"speculative_config": {"method": "ngram", "num_speculative_tokens": 3}}):
+        llm = LLM("tiny", dtype="float32", device="cpu", num_kv_blocks=64, block_size=8, **kw)
+        tok = llm.get_tokenizer()
+        base = llm.generate([prompt], SamplingParams(**greedy), use_tqdm=False)[0]
+        ids = base.outputs[0].token_ids
+        # a printable one-byte token, and a pair of printable ones, from the output
+        one = next(i for i, t in enumerate(ids) if 33 <= t < 127)
+        pair = next(i for i in range(len(ids) - 1, 0, -1)
+                    if 33 <= ids[i] < 127 and 33 <= ids[i - 1] < 127 and
+                    ids[i] not in ids[:i - 1] and i > one)
+        words = [chr(ids[one]), chr(ids[pair - 1]) + chr(ids[pair])]
+        for word, cut in zip(words, (one, pair)):
+            out = llm.generate([prompt], SamplingParams(bad_words=[word], **greedy),
+                               use_tqdm=False)[0].outputs[0].token_ids
+            assert out[:cut] == ids[:cut] and out[cut] != ids[cut], (word, kw)
+            bad = tok.encode(word, add_special_tokens=False)
+            assert all(out[j:j + len(bad)] != bad for j in range(len(out))), word
+            assert not any(banned_next_tokens([bad], out[:j]) and out[j] == bad[-1]
+                           for j in range(len(out)))
+        assert_all_free(llm)
+
+
+def test_bad_words_tokenization_and_checks():
+    from minikernels.engine.bad_words import banned_next_tokens, tokenize_bad_words
+
+    class SpaceTok:      # "x" -> [1], " x" -> [2] (a word-start token), "xy" -> [1, 3]
+        def encode(self, text, add_special_tokens=True):
+            table = {"x": [1], " x": [2], "xy": [1, 3], " xy": [2, 3], "z": [4], " z": [5, 4]}
+            return table[text]
+
+    assert tokenize_bad_words(["x", " xy", "z"], SpaceTok(), 10) == [[1], [2], [1, 3],
+                                                                   [2, 3], [4]]
+    with pytest.raises(ValueError, match="bad_words"):
+        tokenize_bad_words(["x"], SpaceTok(), 2)
+    with pytest.raises(ValueError, match="bad_words"):
+        tokenize_bad_words(["x"], None, 10)
+    assert banned_next_tokens([[4], [1, 3], [7, 8, 9]], []) == [4]
+    assert banned_next_tokens([[4], [1, 3], [7, 8, 9]], [5, 1]) == [4, 3]
+    assert banned_next_tokens([[7, 8, 9]], [7, 8]) == [9]
+    assert banned_next_tokens([[7, 8, 9]], [8, 7, 8, 1]) == []
+    for bad, err in (("x", TypeError), ([1], TypeError), ([" "], ValueError)):
+        with pytest.raises(err, match="bad_words"):
+            SamplingParams(bad_words=bad)
+    llm = LLM("tiny", dtype="float32", device="cpu", tokenizer=None)
+    with pytest.raises(ValueError, match="bad_words"):
+        llm.generate([[5, 6, 7]], SamplingParams(bad_words=["x"]), use_tqdm=False)
+    assert_all_free(llm)
+
+
+def test_detokenize_false_returns_ids_only():
+    llm = LLM("tiny", dtype="float32", device="cpu", num_kv_blocks=64, block_size=8)
+    kw = dict(temperature=0, max_tokens=6, ignore_eos=True, logprobs=1, prompt_logprobs=1)
+    on = llm.generate(["hello there"], SamplingParams(**kw), use_tqdm=False)[0]
+    off = llm.generate(["hello there"], SamplingParams(detokenize=False, **kw),
+                       use_tqdm=False)[0]
+    assert off.outputs[0].token_ids == on.outputs[0].token_ids and on.outputs[0].text
+    assert off.outputs[0].text == ""
+    assert all(lp.decoded_token is None for d in off.outputs[0].logprobs for lp in d.values())
+    assert all(lp.decoded_token is None for d in off.prompt_logprobs[1:] for lp in d.values())
+    assert any(lp.decoded_token for d in on.outputs[0].logprobs for lp in d.values())
+    with pytest.raises(ValueError, match="detokenize"):
+        SamplingParams(detokenize=False, stop=["x"])
+    with pytest.raises(TypeError, match="detokenize"):
+        SamplingParams(detokenize=0)
+    with pytest.raises(TypeError, match="spaces_between_special_tokens"):
+        SamplingParams(spaces_between_special_tokens=None)
+    assert_all_free(llm)

@@ -713,9 +713,16 @@ def test_logit_bias_and_allowed_token_ids(client, server, engine):
         model=MODEL, messages=[{"role": "user", "content": "say hi"}], max_tokens=8,
         temperature=1.0, seed=3, extra_body={"allowed_token_ids": allowed})
     assert set(only.choices[0].message.content) <= {"a", "b"}
+    # vLLM's bad_words: the forced "x" is banned, so the forced output cannot be "xxxxx"
+    no_x = client.completions.create(model=MODEL, prompt="hello world", max_tokens=5,
+                                     temperature=0, logit_bias={str(x_id): 100},
+                                     extra_body={"bad_words": ["x"]})
+    assert "x" not in no_x.choices[0].text
     vocab = len(tok.tokenizer)
     for body, param in (({"logit_bias": {str(vocab): 1}}, f"logit_bias.{vocab}"),
-                        ({"allowed_token_ids": [1, vocab + 5]}, "allowed_token_ids[1]")):
+                        ({"allowed_token_ids": [1, vocab + 5]}, "allowed_token_ids[1]"),
+                        ({"bad_words": ["ok", ""]}, "bad_words[1]"),
+                        ({"bad_words": ["w"] * 129}, "bad_words")):
         r = httpx.post(server.base_url + "/v1/completions", headers=_auth(), timeout=30,
                        json={"model": MODEL, "prompt": "x", "max_tokens": 2, **body})
         assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text

@@ -44,6 +44,7 @@ from .model_runner import ModelRunner
 from .outputs import Logprob, RequestOutput
 from .beam_search import BeamSearchOutput, BeamSearchParams
 from .lora import EngineLoRA, LoRARequest
+from .bad_words import tokenize_bad_words
 from .sampler import DeviceSample, Sampler, SamplerOutput, needs_host_tokens
 from .sampling_params import SamplingParams
 from .scheduler import ScheduledBatch, Scheduler
@@ -416,8 +417,13 @@ class LLMEngine:
         compiled = None
         if params.structured_outputs is not None:   # cached; the server compiles ahead
             compiled = self._structured_manager().compile(params.structured_outputs)
+        bad_words = tokenize_bad_words(params.bad_words, self.tokenizer, self.vocab_size) \
+            if params.bad_words is not None else None
         req = Request(request_id, text, ids, params, self.tokenizer, arrival_time)
-        incremental = self.tokenizer is not None and (stream or bool(params.stop_strings))
+        if bad_words:
+            req.bad_words_ids = bad_words
+        incremental = self.tokenizer is not None and params.detokenize and \
+            (stream or bool(params.stop_strings))
         hold = max((len(s) for s in params.stop_strings), default=1) - 1
         for i in range(params.n):
             gen = (self.sampler.make_generator(params.seed + i)
@@ -577,6 +583,8 @@ class LLMEngine:
             # constrained rows); the constraint must be active (a start_after marker
             # could start it mid-draft)
             if p.uses_grammar and (s.grammar is None or not s.grammar.active):
+                continue
+            if p.bad_words is not None:      # (banned tokens depend on each draft)
                 continue
             if left > 0 and not s.num_pending and s.num_computed_tokens == n - 1:
                 cands.append(s)
@@ -878,6 +886,9 @@ class LLMEngine:
                 s = texts[t] = tok.decode([t], skip_special_tokens=False)
             return s
 
+        def no_text(t: int) -> None:
+            return None
+
         row = 0
         for seq, first, count, k in step.prompt_lp:
             lps = seq.request.prompt_logprobs
@@ -885,13 +896,14 @@ class LLMEngine:
                 row += count      # aborted meanwhile (or already recorded): dropped
                 continue
             prompt = seq.token_ids
+            name = text if seq.params.detokenize else no_text
             for j in range(row, row + count):
                 token = prompt[first + 1 + j - row]
-                entry = {token: Logprob(chosen[j], ranks[j], text(token))}
+                entry = {token: Logprob(chosen[j], ranks[j], name(token))}
                 if k:
                     for r, (t, v) in enumerate(zip(top_ids[j][:k], top_lp[j][:k]), start=1):
                         if t not in entry:
-                            entry[t] = Logprob(v, r, text(t))
+                            entry[t] = Logprob(v, r, name(t))
                 lps.append(entry)
             row += count
 
@@ -901,7 +913,7 @@ class LLMEngine:
             return
         chosen, rank, top_ids, top_lps = lp
         seq.cumulative_logprob += chosen
-        tok = self.tokenizer
+        tok = self.tokenizer if seq.params.detokenize else None
 
         def text(t: int) -> str | None:
             return tok.decode([t], skip_special_tokens=False) if tok is not None else None

@@ -32,6 +32,7 @@ from torch import Tensor
 
 from .. import ops
 from .._validation import index_checks
+from .bad_words import banned_next_tokens
 
 if TYPE_CHECKING:
     from .sampling_params import SamplingParams
@@ -213,6 +214,25 @@ class Sampler:
             logits = logits.masked_fill(restricted & ~keep, float("-inf"))
         return logits
 
+    def _apply_bad_words(self, logits: Tensor, seqs: list["Sequence"]) -> Tensor:
+        """-inf at every token that would complete one of a row's bad words (its
+        request's ``bad_words_ids`` against its output tokens, all on the host for such
+        rows); one scatter for the batch."""
+        rows: list[int] = []
+        cols: list[int] = []
+        for i, s in enumerate(seqs):
+            bad = s.request.bad_words_ids
+            if bad:
+                banned = banned_next_tokens(bad, s.token_ids[s.num_prompt_tokens:])
+                rows += [i] * len(banned)
+                cols += banned
+        if not rows:
+            return logits
+        logits = logits.clone()
+        logits[self._tensor(rows, torch.int64), self._tensor(cols, torch.int64)] = \
+            float("-inf")
+        return logits
+
     def stop_id_mask(self, seqs: list["Sequence"], eos_token_ids: list[int],
                      vocab: int | None = None) -> Tensor | None:
         """bool [B, V]: the ids min_tokens suppresses per row (its stop ids, and EOS
@@ -341,6 +361,8 @@ class Sampler:
             logits = self._apply_penalties(logits, seqs)
         if any(p.uses_logit_bias for p in distinct):
             logits = self.apply_logit_bias(logits, params)
+        if any(p.bad_words is not None for p in distinct):
+            logits = self._apply_bad_words(logits, seqs)
         if any(p.min_tokens for p in distinct):
             logits = self._apply_min_tokens(logits, seqs, eos_token_ids)
 

@@ -96,6 +96,16 @@ class SamplingParams:
         logprobs            None, or >= 0: return the sampled token's logprob plus the top
                             ``logprobs`` alternatives per step (from the raw model logits).
         skip_special_tokens drop special tokens from the output text.
+        spaces_between_special_tokens  vLLM's flag for slow (Python) tokenizers' joining
+                            of special tokens; the fast tokenizers used here decode
+                            without it (as in vLLM), so it is checked and carried only.
+        bad_words           None or a list of words the output never contains (vLLM's
+                            field; engine/bad_words.py): the token that would complete
+                            one is masked. Needs a tokenizer; such rows are not drafted
+                            for under speculative decoding.
+        detokenize          False: no output text ("") and no logprob token texts
+                            (``decoded_token`` None), only token ids (vLLM's field; stop
+                            strings then raise ValueError).
         prompt_logprobs     None, or >= 0: also return, for every prompt token after the
                             first, its logprob given the tokens before it plus the top
                             ``prompt_logprobs`` alternatives (``RequestOutput.prompt_logprobs``;
@@ -141,7 +151,10 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     logit_bias: dict[int, float] | None = None
     allowed_token_ids: list[int] | None = None
+    bad_words: list[str] | None = None
     skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True
+    detokenize: bool = True
     include_stop_str_in_output: bool = False
     prompt_logprobs: int | None = None
     truncate_prompt_tokens: int | None = None
@@ -227,7 +240,8 @@ class SamplingParams:
             raise TypeError(f"SamplingParams.structured_outputs must be a "
                             f"StructuredOutputsParams, a dict or None, got "
                             f"{type(self.structured_outputs).__name__}")
-        for name in ("ignore_eos", "skip_special_tokens", "include_stop_str_in_output"):
+        for name in ("ignore_eos", "skip_special_tokens", "include_stop_str_in_output",
+                     "spaces_between_special_tokens", "detokenize"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"SamplingParams.{name} must be a bool, got "
                                 f"{type(getattr(self, name)).__name__}")
@@ -246,6 +260,9 @@ class SamplingParams:
                                 f"{type(s).__name__}")
             if not s:
                 raise ValueError("SamplingParams.stop must not contain an empty string")
+        if stops and not self.detokenize:
+            raise ValueError("SamplingParams.stop strings need detokenize=True (they are "
+                             "matched in the output text)")
         self.stop_strings = stops
         # What the sampler needs to know to treat rows alike (params are read-only once
         # built); and whether the stop check is only EOS + length.
@@ -254,12 +271,16 @@ class SamplingParams:
                                        self.presence_penalty, self.frequency_penalty,
                                        self.repetition_penalty))
         self.simple_stop = not stops and not self.stop_token_ids and self.min_tokens == 0
-        # the next step needs this step's tokens on the host (penalty counts, grammars)
-        self.needs_host_tokens = self.uses_penalties or self.uses_grammar
+        self._check_bad_words()
+        # the next step needs this step's tokens on the host (penalty counts, grammars,
+        # bad words)
+        self.needs_host_tokens = self.uses_penalties or self.uses_grammar or \
+            self.bad_words is not None
         # the sampler needs nothing but the sampling_key fields for this row
         self._check_logit_bias()
         self.plain_row = (self.logprobs is None and not self.uses_penalties
-                          and self.min_tokens == 0 and not self.uses_logit_bias)
+                          and self.min_tokens == 0 and not self.uses_logit_bias
+                          and self.bad_words is None)
         if not isinstance(self.output_kind, RequestOutputKind):
             try:
                 self.output_kind = RequestOutputKind(self.output_kind)
@@ -302,6 +323,21 @@ class SamplingParams:
                     raise ValueError(f"SamplingParams.allowed_token_ids must hold ints "
                                      f">= 0, got {t!r}")
             self.allowed_token_ids = list(self.allowed_token_ids)
+
+    def _check_bad_words(self) -> None:
+        if self.bad_words is None:
+            return
+        if isinstance(self.bad_words, str) or not isinstance(self.bad_words, (list, tuple)):
+            raise TypeError(f"SamplingParams.bad_words must be a list of str, got "
+                            f"{type(self.bad_words).__name__}")
+        for w in self.bad_words:
+            if not isinstance(w, str):
+                raise TypeError(f"SamplingParams.bad_words must hold only str, got "
+                                f"{type(w).__name__}")
+            if not w.strip():
+                raise ValueError("SamplingParams.bad_words must not contain an empty or "
+                                 "blank string")
+        self.bad_words = list(self.bad_words) or None
 
     @property
     def uses_logit_bias(self) -> bool:

@@ -171,7 +171,7 @@ class Sequence:
         if self._final_text is not None:
             return self._final_text
         tok = self.request.tokenizer
-        if tok is None:
+        if tok is None or not self.params.detokenize:
             return ""
         return tok.decode(self.output_token_ids,
                           skip_special_tokens=self.params.skip_special_tokens)
@@ -179,7 +179,7 @@ class Sequence:
     def finalize_text(self) -> None:
         """Decode the output once when the sequence finishes (non-incremental mode)."""
         if self.detokenizer is None and self._final_text is None:
-            tok = self.request.tokenizer
+            tok = self.request.tokenizer if self.params.detokenize else None
             self._final_text = "" if tok is None else tok.decode(
                 self.output_token_ids, skip_special_tokens=self.params.skip_special_tokens)
             self.unsent_text = self._final_text
@@ -218,7 +218,7 @@ class Request:
 
     __slots__ = ("request_id", "prompt", "prompt_token_ids", "params", "tokenizer", "seqs",
                  "arrival_time", "first_token_time", "finish_time", "num_finished",
-                 "prompt_logprobs")
+                 "prompt_logprobs", "bad_words_ids")
 
     def __init__(self, request_id: str, prompt: str | None, prompt_token_ids: list[int],
                  params: SamplingParams, tokenizer: Any = None,
@@ -238,6 +238,8 @@ class Request:
         # chunks are computed; None unless params.prompt_logprobs is set.
         self.prompt_logprobs: list[dict[int, Logprob] | None] | None = (
             [None] if params.prompt_logprobs is not None else None)
+        # params.bad_words as token-id sequences (engine/bad_words.py), set when added
+        self.bad_words_ids: list[list[int]] = []
 
     @property
     def finished(self) -> bool:

@@ -11,7 +11,7 @@ Field names and ranges follow OpenAI's API (``logit_bias`` included); vLLM's ext
 are accepted where the server or engine honours them (``allowed_token_ids``, ``top_k``,
 ``min_p``, ``repetition_penalty``,
 ``ignore_eos``, ``stop_token_ids``, ``min_tokens``, ``include_stop_str_in_output``,
-``skip_special_tokens``, ``truncate_prompt_tokens``, ``chat_template_kwargs``,
+``skip_special_tokens``, ``bad_words``, ``truncate_prompt_tokens``, ``chat_template_kwargs``,
 ``add_generation_prompt``, chat ``echo``, ``priority``, ``cache_salt``,
 ``structured_outputs``; completions ``echo`` with ``logprobs`` returns the prompt tokens'
 logprobs), and refused with a 400 where the engine has no support (``cache_salt`` on an
@@ -25,10 +25,10 @@ schemas. At most one constraint per request.
 from __future__ import annotations
 
 import json
-from typing import Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
-from pydantic import (BaseModel, ConfigDict, Field, StrictInt, ValidationError,
-                      field_validator, model_validator)
+from pydantic import (BaseModel, ConfigDict, Field, StrictInt, StringConstraints,
+                      ValidationError, field_validator, model_validator)
 
 from .errors import APIError, unsupported
 from .jsonbody import format_path
@@ -114,6 +114,10 @@ class _SamplingFields(_Strict):
     min_tokens: int = Field(0, ge=0)
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
+    # words the output never contains (tokenized once per request on the engine thread:
+    # bounded so one request cannot stall the others)
+    bad_words: Optional[list[Annotated[str, StringConstraints(min_length=1, max_length=256)]]] \
+        = Field(None, max_length=128)
     truncate_prompt_tokens: Optional[int] = Field(None, ge=-1)
     priority: int = Field(0, ge=-(2 ** 63), lt=2 ** 63)   # lower runs first (vLLM's)
     cache_salt: Optional[str] = Field(None, min_length=1, max_length=1024)

@@ -133,7 +133,8 @@ def register_routes(app: FastAPI, state: "ServerState") -> None:
             kwargs["prompt_logprobs"] = prompt_logprobs
             kwargs["output_kind"] = RequestOutputKind.FINAL_ONLY
         for name in ("temperature", "top_p", "top_k", "min_p", "seed", "presence_penalty",
-                     "frequency_penalty", "repetition_penalty", "stop", "stop_token_ids"):
+                     "frequency_penalty", "repetition_penalty", "stop", "stop_token_ids",
+                     "bad_words"):
             value = getattr(req, name)
             if value is not None:
                 kwargs[name] = value
