@@ -358,3 +358,25 @@ def test_detokenize_false_returns_ids_only():
     with pytest.raises(TypeError, match="spaces_between_special_tokens"):
         SamplingParams(spaces_between_special_tokens=None)
     assert_all_free(llm)
+
+
+def test_vllm_prompt_dicts():
+    """vLLM's TextPrompt / TokensPrompt dicts work wherever prompts do (generate, beam
+    search), alone or in a list; unknown keys are refused by name."""
+    from minikernels.engine import BeamSearchParams
+
+    llm = LLM("tiny", dtype="float32", device="cpu", num_kv_blocks=64, block_size=8)
+    sp = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)
+    plain = llm.generate([[5, 6, 7], "hi there"], sp, use_tqdm=False)
+    dicts = llm.generate([{"prompt_token_ids": [5, 6, 7]}, {"prompt": "hi there"}], sp,
+                         use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in dicts] == [o.outputs[0].token_ids for o in plain]
+    one = llm.generate({"prompt_token_ids": [5, 6, 7]}, sp, use_tqdm=False)
+    assert one[0].outputs[0].token_ids == plain[0].outputs[0].token_ids
+    beams = llm.beam_search([{"prompt": "hi there"}], BeamSearchParams(beam_width=2,
+                                                                       max_tokens=2))
+    assert beams[0].sequences[0].tokens[:-2] == plain[1].prompt_token_ids
+    for bad in ({"prompt": "x", "multi_modal_data": {}}, {}):
+        with pytest.raises(ValueError, match="prompt"):
+            llm.generate(bad, sp, use_tqdm=False)
+    assert_all_free(llm)

@@ -1137,6 +1137,20 @@ class LLMEngine:
             self.proposer.check_invariants()
 
 
+def _from_prompt_dict(prompt: dict[str, Any]) -> str | list[int]:
+    """vLLM's TextPrompt / TokensPrompt dict -> its text or token ids."""
+    keys = set(prompt)
+    if keys == {"prompt"}:
+        return prompt["prompt"]
+    if keys == {"prompt_token_ids"} or keys == {"prompt_token_ids", "prompt"}:
+        return list(prompt["prompt_token_ids"])
+    extra = sorted(keys - {"prompt", "prompt_token_ids"})
+    if extra:
+        raise ValueError(f"prompt dict keys {extra} are not supported (only 'prompt' or "
+                         f"'prompt_token_ids'; images and other inputs are not served)")
+    raise ValueError("a prompt dict needs 'prompt' (text) or 'prompt_token_ids'")
+
+
 class LLM:
     """Offline batched generation (vLLM-style).
 
@@ -1271,12 +1285,16 @@ class LLM:
 
     @staticmethod
     def _normalize_prompts(prompts: Any) -> list[str | list[int]]:
-        if isinstance(prompts, str):
-            return [prompts]
+        """-> one str or token-id list per prompt. Also vLLM's prompt dicts
+        (``TextPrompt`` ``{"prompt": str}``, ``TokensPrompt`` ``{"prompt_token_ids":
+        [...]}``), alone or in a list; other keys (``multi_modal_data``, ...) are a
+        ValueError naming them."""
+        if isinstance(prompts, (str, dict)):
+            prompts = [prompts]
         if isinstance(prompts, (list, tuple)):
             if prompts and all(isinstance(p, int) and not isinstance(p, bool) for p in prompts):
                 return [list(prompts)]  # one prompt given as token ids
-            return list(prompts)
+            return [_from_prompt_dict(p) if isinstance(p, dict) else p for p in prompts]
         raise TypeError(f"prompts must be a str, a list of str, a list of token ids or a "
                         f"list of token-id lists, got {type(prompts).__name__}")
 
@@ -1335,7 +1353,8 @@ class LLM:
                  ) -> list[RequestOutput]:
         """Generate completions for all prompts; outputs come back in prompt order.
 
-        prompts: a string, a list of token ids, or a list of either.
+        prompts: a string, a list of token ids, or a list of either (or vLLM's prompt
+            dicts: ``{"prompt": text}`` / ``{"prompt_token_ids": ids}``).
         sampling_params: one SamplingParams for all prompts, or one per prompt
             (default :meth:`get_default_sampling_params`).
         lora_request: a LoRARequest for every prompt, or one (or None) per prompt
