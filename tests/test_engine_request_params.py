@@ -380,3 +380,18 @@ def test_vllm_prompt_dicts():
         with pytest.raises(ValueError, match="prompt"):
             llm.generate(bad, sp, use_tqdm=False)
     assert_all_free(llm)
+
+
+def test_generate_priority_argument():
+    """LLM.generate(priority=[...]) (vLLM's argument) orders admission like
+    SamplingParams.priority; a wrong length is refused."""
+    llm = LLM("tiny", dtype="float32", device="cpu", max_num_seqs=1, num_kv_blocks=64,
+              block_size=8)
+    sp = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)
+    outs = llm.generate([[5, 6, 7], [8, 9], [10, 11]], sp, use_tqdm=False,
+                        priority=[2, 0, 1])
+    order = sorted(range(3), key=lambda i: outs[i].metrics["first_token_time"])
+    assert order == [1, 2, 0]
+    with pytest.raises(ValueError, match="priority"):
+        llm.generate([[5, 6, 7]], sp, use_tqdm=False, priority=[1, 2])
+    assert_all_free(llm)

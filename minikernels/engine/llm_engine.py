@@ -1309,7 +1309,9 @@ class LLM:
 
     def chat(self, messages: Seq[dict[str, Any]] | Seq[Seq[dict[str, Any]]],
              sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
-             use_tqdm: bool = True, *, add_generation_prompt: bool = True,
+             use_tqdm: bool = True,
+             lora_request: LoRARequest | Seq[LoRARequest | None] | None = None, *,
+             add_generation_prompt: bool = True,
              continue_final_message: bool = False,
              tools: list[dict[str, Any]] | None = None,
              chat_template_kwargs: dict[str, Any] | None = None) -> list[RequestOutput]:
@@ -1341,7 +1343,8 @@ class LLM:
             kwargs["continue_final_message"] = True
         prompts = [tok.apply_chat_template(c, add_generation_prompt=add_generation_prompt,
                                            tools=tools, **kwargs) for c in conversations]
-        outputs = self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
+        outputs = self.generate(prompts, sampling_params, use_tqdm=use_tqdm,
+                                lora_request=lora_request)
         for out, ids in zip(outputs, prompts):
             out.prompt = tok.decode(ids, skip_special_tokens=False)
         return outputs
@@ -1349,8 +1352,8 @@ class LLM:
     def generate(self, prompts: str | list[int] | Seq[str | list[int]],
                  sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
                  use_tqdm: bool = True,
-                 lora_request: LoRARequest | Seq[LoRARequest | None] | None = None
-                 ) -> list[RequestOutput]:
+                 lora_request: LoRARequest | Seq[LoRARequest | None] | None = None,
+                 priority: Seq[int] | None = None) -> list[RequestOutput]:
         """Generate completions for all prompts; outputs come back in prompt order.
 
         prompts: a string, a list of token ids, or a list of either (or vLLM's prompt
@@ -1359,6 +1362,8 @@ class LLM:
             (default :meth:`get_default_sampling_params`).
         lora_request: a LoRARequest for every prompt, or one (or None) per prompt
             (``LLM(enable_lora=True)``; vLLM's argument).
+        priority: one int per prompt (vLLM's argument): each request's
+            ``SamplingParams.priority`` (lower runs first).
         """
         plist = self._normalize_prompts(prompts)
         if sampling_params is None:
@@ -1380,6 +1385,12 @@ class LLM:
                 raise ValueError(f"got {len(loras)} lora_requests for {len(plist)} prompts")
             params = [dataclasses.replace(p, lora_request=lr) if lr is not None else p
                       for p, lr in zip(params, loras)]
+        if priority is not None:
+            if not isinstance(priority, (list, tuple)) or len(priority) != len(plist):
+                raise ValueError(f"priority must be a list of one int per prompt "
+                                 f"({len(plist)}), got {priority!r}")
+            params = [dataclasses.replace(p, priority=pr) if pr != p.priority else p
+                      for p, pr in zip(params, priority)]
         engine = self.llm_engine
         # Validate everything before queuing anything.
         for p, sp in zip(plist, params):
