@@ -1,4 +1,5 @@
-"""rms_norm, silu_and_mul, gelu_and_mul and rotary_embedding kernels against the fp32 reference.
+"""rms_norm, layer_norm, silu_and_mul, gelu_and_mul and rotary_embedding kernels against the fp32
+reference.
 
 On CPU the Triton kernels run under the interpreter; on a GPU the same tests run on cuda
 (plus the CUDA C++ rms_norm kernel).
@@ -93,6 +94,61 @@ def test_gemma_rms_norm_matches_transformers(device, backend, dtype):
     # and it is not the plain norm: (1 + w) vs w differ by x_normed
     assert not torch.allclose(y.float(), mk.ops.rms_norm(x, norm.weight, 1e-6).float(),
                               atol=1e-2)
+
+
+# ---------------------------------------------------------------------------- layer_norm
+@pytest.mark.parametrize("backend", kernel_backends())
+@given(rows=ROWS, hidden=HIDDEN, dtype=dtypes, with_residual=st.booleans(),
+       with_bias=st.booleans(), lead3d=st.booleans(), shift=st.sampled_from([0.0, 3.0]),
+       seed=st.integers(0, 2**31))
+def test_layer_norm_matches_reference(device, backend, rows, hidden, dtype, with_residual,
+                                      with_bias, lead3d, shift, seed):
+    g = torch.Generator().manual_seed(seed)
+    shape = (rows, 2, hidden) if lead3d else (rows, hidden)
+    x = (torch.randn(shape, generator=g) + shift).to(device, dtype)   # mean far from 0 too
+    w = (torch.rand(hidden, generator=g) + 0.5).to(device, dtype)
+    b = torch.randn(hidden, generator=g).to(device, dtype) if with_bias else None
+    r = torch.randn(shape, generator=g).to(device, dtype) if with_residual else None
+    with mk.use_backend(backend):
+        out = mk.ops.layer_norm(x, w, b, eps=1e-5, residual=r)
+    if r is None:
+        assert_close(out, ref.layer_norm(x, w, b, 1e-5))
+    else:
+        y_ref, h_ref = ref.fused_add_layer_norm(x, r, w, b, 1e-5)
+        assert_close(out[0], y_ref)
+        assert_close(out[1], h_ref)
+
+
+@pytest.mark.parametrize("backend", kernel_backends())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_layer_norm_matches_torch_long_rows_and_views(device, backend, dtype):
+    """Against torch.nn.functional.layer_norm (fp32, then rounded): rows streamed in
+    chunks (9000 > the single-pass block), strided views for x, weight, bias and the
+    residual, and an output-poisoning check (every element written)."""
+    g = torch.Generator().manual_seed(5)
+    big = (torch.randn(3, 2 * 9000, generator=g) * 2 + 5).to(device, dtype)
+    x = big[:, ::2]                                   # every other column: a strided view
+    wb = torch.rand(2, 9000, generator=g).to(device, dtype) + 0.5
+    w, b = wb[0], wb[1] - 1.0
+    rbig = torch.randn(9000, 3, generator=g).to(device, dtype)
+    r = rbig.t()                                      # transposed residual
+    want = torch.nn.functional.layer_norm(x.float(), (9000,), w.float(), b.float(),
+                                          1e-5).to(dtype)
+    with mk.use_backend(backend):
+        y = mk.ops.layer_norm(x, w, b, 1e-5)
+        y2, h = mk.ops.layer_norm(x, w, b, 1e-5, residual=r)
+    assert_close(y, want)
+    h_want = (x.float() + r.float()).to(dtype)
+    assert_close(h, h_want)
+    assert_close(y2, torch.nn.functional.layer_norm(h_want.float(), (9000,), w.float(),
+                                                    b.float(), 1e-5).to(dtype))
+    assert torch.isfinite(y).all() and torch.isfinite(y2).all()
+    for bad, kw in (("weight", dict(weight=w[:5])), ("bias", dict(bias=b[:5])),
+                    ("eps", dict(eps=0.0)), ("residual", dict(residual=r[:, :4]))):
+        args = dict(weight=w, bias=b, eps=1e-5, residual=None)
+        args.update(kw)
+        with pytest.raises((ValueError, TypeError), match=bad):
+            mk.ops.layer_norm(x, **args)
 
 
 # -------------------------------------------------------------------------- silu_and_mul

@@ -35,6 +35,8 @@ def _samples(device: str):
     return {
         "rms_norm": (x, w, 1e-6, 1.0),
         "fused_add_rms_norm": (x, torch.randn_like(x), w, 1e-6, 1.0),
+        "layer_norm": (x, w, torch.randn(64, device=device), 1e-5),
+        "fused_add_layer_norm": (x, torch.randn_like(x), w, None, 1e-5),
         "silu_and_mul": (x,),
         "gelu_and_mul": (x, "tanh"),
         "rotary_embedding": (q, k, pos, cache),

@@ -3,8 +3,9 @@ int8), plus the model layers."""
 from .fp8_linear import Fp8Linear
 from .int4_linear import Int4Linear
 from .int8_linear import Int8Linear
-from .layers import PagedAttention, RMSNorm, RotaryEmbedding  # noqa: F401  (models helper)
+from .layers import (LayerNorm, PagedAttention, RMSNorm,  # noqa: F401  (models helper)
+                     RotaryEmbedding)
 from .quantize import quantize_model
 
-__all__ = ["Fp8Linear", "Int4Linear", "Int8Linear", "PagedAttention", "RMSNorm",
+__all__ = ["Fp8Linear", "Int4Linear", "Int8Linear", "LayerNorm", "PagedAttention", "RMSNorm",
            "RotaryEmbedding", "quantize_model"]

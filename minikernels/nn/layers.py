@@ -1,4 +1,5 @@
-"""Drop-in nn.Modules over minikernels ops: RMSNorm, RotaryEmbedding, PagedAttention.
+"""Drop-in nn.Modules over minikernels ops: RMSNorm, LayerNorm, RotaryEmbedding,
+PagedAttention.
 
 Each module is a thin shell: its parameters/buffers, and one call into ``minikernels.ops``.
 They are what :mod:`minikernels.models` builds its decoder from, and can be dropped into
@@ -40,6 +41,31 @@ class RMSNorm(nn.Module):
     def extra_repr(self) -> str:
         offset = f", weight_offset={self.weight_offset}" if self.weight_offset else ""
         return f"{self.weight.shape[0]}, eps={self.eps}{offset}"
+
+
+class LayerNorm(nn.Module):
+    """``nn.LayerNorm`` over the last dim on ``ops.layer_norm`` (bias optional),
+    optionally fused with a residual add.
+
+    forward(x) -> y; forward(x, residual) -> (layer_norm(x + residual), x + residual),
+    the sum rounded to x.dtype. x [..., H]; weight, bias [H].
+    """
+
+    def __init__(self, hidden_size: int, eps: float = 1e-5, bias: bool = True,
+                 dtype: torch.dtype | None = None,
+                 device: torch.device | str | None = None) -> None:
+        super().__init__()
+        self.eps = float(eps)
+        self.weight = nn.Parameter(torch.ones(hidden_size, dtype=dtype, device=device))
+        self.bias = nn.Parameter(torch.zeros(hidden_size, dtype=dtype, device=device)) \
+            if bias else None
+
+    def forward(self, x: Tensor, residual: Tensor | None = None
+                ) -> Tensor | tuple[Tensor, Tensor]:
+        return ops.layer_norm(x, self.weight, self.bias, self.eps, residual=residual)
+
+    def extra_repr(self) -> str:
+        return f"{self.weight.shape[0]}, eps={self.eps}, bias={self.bias is not None}"
 
 
 class RotaryEmbedding(nn.Module):

@@ -23,7 +23,7 @@ from .moe import (
     fused_moe_int8,
     moe_align_block_size,
 )
-from .norm import gemma_rms_norm, rms_norm
+from .norm import gemma_rms_norm, layer_norm, rms_norm
 from .rejection_sampler import rejection_sample
 from .rotary import build_rope_cache, rotary_embedding
 from .router import fused_topk, topk_softmax
@@ -45,6 +45,7 @@ __all__ = [
     "gemma_rms_norm",
     "int4_matmul",
     "int8_matmul",
+    "layer_norm",
     "lora_delta",
     "merge_attn_states",
     "moe_align_block_size",

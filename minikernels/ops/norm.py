@@ -1,9 +1,10 @@
-"""Op family: RMSNorm, optionally fused with a residual add.
+"""Op family: RMSNorm and LayerNorm, each optionally fused with a residual add.
 
 Ops: ``minikernels::rms_norm`` and ``minikernels::fused_add_rms_norm``, each with a
 ``weight_offset`` (0: Llama's ``x_normed * w``; 1: Gemma's ``x_normed * (1 + w)``).
 Backends: reference, triton, cuda (csrc/rms_norm.cu, offset 0 only; auto prefers it on
-CUDA).
+CUDA). ``minikernels::layer_norm`` and ``minikernels::fused_add_layer_norm`` (StableLM,
+StarCoder 2, ...; bias optional): reference, triton.
 """
 from __future__ import annotations
 
@@ -108,3 +109,63 @@ def gemma_rms_norm(x: Tensor, weight: Tensor, eps: float = 1e-6,
     ``gemma_fused_add_rmsnorm``). Shapes, dtypes and the residual form as
     :func:`rms_norm` (which this is, with ``weight_offset=1.0``)."""
     return rms_norm(x, weight, eps, residual=residual, weight_offset=1.0)
+
+
+@torch.library.custom_op("minikernels::layer_norm", mutates_args=())
+def _layer_norm(x: Tensor, weight: Tensor, bias: Tensor | None, eps: float) -> Tensor:
+    if _backend.resolve("layer_norm", x.device) == "triton":
+        from .triton import norm
+        return norm.layer_norm(x, weight, bias, eps)
+    return reference.layer_norm(x, weight, bias, eps).contiguous()
+
+
+@_layer_norm.register_fake
+def _(x: Tensor, weight: Tensor, bias: Tensor | None, eps: float) -> Tensor:
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device)
+
+
+@torch.library.custom_op("minikernels::fused_add_layer_norm", mutates_args=())
+def _fused_add_layer_norm(x: Tensor, residual: Tensor, weight: Tensor, bias: Tensor | None,
+                          eps: float) -> tuple[Tensor, Tensor]:
+    if _backend.resolve("layer_norm", x.device) == "triton":
+        from .triton import norm
+        return norm.fused_add_layer_norm(x, residual, weight, bias, eps)
+    y, h = reference.fused_add_layer_norm(x, residual, weight, bias, eps)
+    return y.contiguous(), h.contiguous()
+
+
+@_fused_add_layer_norm.register_fake
+def _(x: Tensor, residual: Tensor, weight: Tensor, bias: Tensor | None,
+      eps: float) -> tuple[Tensor, Tensor]:
+    return (torch.empty(x.shape, dtype=x.dtype, device=x.device),
+            torch.empty(x.shape, dtype=x.dtype, device=x.device))
+
+
+def layer_norm(x: Tensor, weight: Tensor, bias: Tensor | None = None, eps: float = 1e-5,
+               residual: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor]:
+    """LayerNorm over the last dim (``nn.LayerNorm``'s math), optionally after adding a
+    residual.
+
+    x [..., H] fp16/bf16/fp32 (any strides); weight [H], bias [H] or None (any float
+    dtypes); residual: like x or None. Returns y [..., H] in x.dtype, or with a residual
+    the pair (layer_norm(x + residual), x + residual), the sum rounded to x.dtype.
+    y = (x - mean) / sqrt(var + eps) * weight + bias with the biased variance, fp32
+    math, one rounding.
+    """
+    check_tensor("x", x, dtypes=FLOAT_DTYPES, min_ndim=1)
+    check_tensor("weight", weight, dtypes=FLOAT_DTYPES, ndim=1, device=x.device)
+    check_shape("weight", weight, [x.shape[-1]])
+    if bias is not None:
+        check_tensor("bias", bias, dtypes=FLOAT_DTYPES, ndim=1, device=x.device)
+        check_shape("bias", bias, [x.shape[-1]])
+        bias = bias.contiguous()
+    x = last_dim_contiguous(x)
+    weight = weight.contiguous()
+    eps = check_positive_float("eps", eps)
+    if residual is None:
+        return torch.ops.minikernels.layer_norm(x, weight, bias, eps)
+    check_tensor("residual", residual, device=x.device)
+    check_same_dtype(("x", "residual"), (x, residual))
+    check_shape("residual", residual, list(x.shape))
+    residual = last_dim_contiguous(residual)
+    return torch.ops.minikernels.fused_add_layer_norm(x, residual, weight, bias, eps)

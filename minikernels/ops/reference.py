@@ -53,6 +53,27 @@ def fused_add_rms_norm(x: Tensor, residual: Tensor, weight: Tensor,
     return rms_norm(h, weight, eps, weight_offset), h
 
 
+def layer_norm(x: Tensor, weight: Tensor, bias: Tensor | None, eps: float) -> Tensor:
+    """y = (x - mean(x)) / sqrt(var(x) + eps) * weight + bias over the last dim (biased
+    variance, as ``nn.LayerNorm``). x [..., H], weight / bias [H] (bias may be None);
+    fp32 math, rounded to x.dtype once at the end."""
+    xf = x.float()
+    mean = xf.mean(dim=-1, keepdim=True)
+    d = xf - mean
+    inv = torch.rsqrt(d.pow(2).mean(dim=-1, keepdim=True) + eps)
+    y = d * inv * weight.float()
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype)
+
+
+def fused_add_layer_norm(x: Tensor, residual: Tensor, weight: Tensor, bias: Tensor | None,
+                         eps: float) -> tuple[Tensor, Tensor]:
+    """h = x + residual (rounded to x.dtype); returns (layer_norm(h), h)."""
+    h = (x.float() + residual.float()).to(x.dtype)
+    return layer_norm(h, weight, bias, eps), h
+
+
 # ----------------------------------------------------------------------- activations
 
 
