@@ -132,6 +132,15 @@ CASES: dict[str, tuple[str, dict[str, Any]]] = {
                                       intermediate_size=40, embedding_multiplier=3.0,
                                       residual_multiplier=0.3, attention_multiplier=0.1,
                                       logits_scaling=2.5, tie_word_embeddings=True)),
+    # StableLM 2 (1.6B): LayerNorm with bias, a quarter of each head rotated, q/k/v
+    # biases, no o bias.
+    "stablelm": ("StableLm", dict(use_qkv_bias=True, layer_norm_eps=1e-5,
+                                  tie_word_embeddings=False)),
+    # StarCoder 2 (3B / 7B): LayerNorm with bias, biases on every linear, a non-gated
+    # gelu-tanh MLP (c_fc / c_proj), a sliding window, tied embeddings.
+    "starcoder2-window": ("Starcoder2", dict(use_bias=True, norm_epsilon=1e-5,
+                                             hidden_act="gelu_pytorch_tanh", sliding_window=6,
+                                             tie_word_embeddings=True)),
     # OLMoE: q / k norms over all heads, 8 experts, top 3 not renormalized.
     "olmoe": ("Olmoe", dict(num_experts=8, num_experts_per_tok=3, intermediate_size=40,
                             norm_topk_prob=False, pad_token_id=0, eos_token_id=2,

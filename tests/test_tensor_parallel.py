@@ -39,6 +39,8 @@ TP_CASES = {
     "granite": ("granite", {}),
     "phi3": ("phi3-longrope-partial", {}),
     "glm4": ("glm4", {}),
+    # StarCoder 2: LayerNorms (replicated), o / down biases added once, a one-part up
+    "starcoder2": ("starcoder2-window", {}),
     # OLMo 2 / OLMoE: q / k norms over every head (an all-reduced sum of squares), kv
     # heads split and (kv1) replicated
     "olmo2": ("olmo2", {}),

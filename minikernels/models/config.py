@@ -68,6 +68,9 @@ SUPPORTED_ARCHITECTURES = {
     "Qwen2_5_VLForConditionalGeneration": "qwen2",
     "GlmForCausalLM": "glm",
     "Glm4ForCausalLM": "glm4",
+    # LayerNorm families (ops.layer_norm)
+    "StableLmForCausalLM": "stablelm",
+    "Starcoder2ForCausalLM": "starcoder2",
 }
 #: ``XForSequenceClassification``: the decoder of ``XForCausalLM`` with a ``score`` head
 #: (``mk.Classifier`` reads it; the generative model refuses such a checkpoint).
@@ -96,7 +99,7 @@ _MODEL_TYPES = {"llama": "llama", "mistral": "mistral", "ministral": "ministral"
                 "olmo2": "olmo2", "olmo3": "olmo3", "exaone4": "exaone4",
                 "hunyuan_v1_dense": "hunyuan", "ernie4_5": "ernie4_5",
                 "helium": "helium", "glm": "glm",
-                "glm4": "glm4"}
+                "glm4": "glm4", "stablelm": "stablelm", "starcoder2": "starcoder2"}
 _GEMMA = ("gemma", "gemma2", "gemma3")
 #: the mixture-of-experts families (models/moe.py)
 _MOE = ("qwen3_moe", "qwen2_moe", "mixtral", "granitemoe", "olmoe")
@@ -142,7 +145,7 @@ class DecoderConfig:
     # | "granite"
     # | "phi3" | "smollm3" | "olmo2" | "olmo3" | "glm" | "glm4" | "qwen3_moe" | "mixtral"
     # | "granitemoe"
-    # | "olmoe" | "qwen2_moe"
+    # | "olmoe" | "qwen2_moe" | "stablelm" | "starcoder2" | ...
     architecture: str
     vocab_size: int
     hidden_size: int
@@ -174,6 +177,12 @@ class DecoderConfig:
     qk_norm_full: bool = False     # OLMo 2: the q / k norms span all heads
     qk_norm_after_rope: bool = False   # HunYuan: per-head q / k norms after rope
     post_norm: bool = False        # OLMo 2: x + norm(attn(x)), then x + norm(mlp(x))
+    # "rms" (RMSNorm) or "layer" (LayerNorm: StableLM, StarCoder 2; with a bias when
+    # norm_bias); rms_norm_eps is the eps of either.
+    norm_type: str = "rms"
+    norm_bias: bool = False
+    # False: the MLP is down(act(up(x))) (StarCoder 2's c_fc / c_proj), not gated.
+    mlp_gated: bool = True
     hidden_act: str = "silu"
     # Gemma: RMSNorm scales by (weight + norm_weight_offset); embeddings times embed_scale
     # (rounded to the model dtype, as transformers does); sandwich_norm adds norms after
@@ -234,7 +243,15 @@ class DecoderConfig:
                 f"rotated dims of {self.head_dim}; it must be a positive even number")
         if self.hidden_act not in GATED_ACTIVATIONS:
             raise UnsupportedModelError(f"hidden_act {self.hidden_act!r} is not supported "
-                                        f"(gated MLPs with {sorted(GATED_ACTIVATIONS)})")
+                                        f"(MLPs with {sorted(GATED_ACTIVATIONS)})")
+        if self.norm_type not in ("rms", "layer"):
+            raise ValueError(f"config.norm_type must be 'rms' or 'layer', got "
+                             f"{self.norm_type!r}")
+        if self.norm_type == "layer" and (self.norm_weight_offset or self.qk_norm):
+            raise UnsupportedModelError("LayerNorm models with offset or q / k norms are "
+                                        "not supported")
+        if not self.mlp_gated and self.num_experts:
+            raise UnsupportedModelError("non-gated MLPs with experts are not supported")
         if self.num_experts:
             if not 1 <= self.num_experts_per_tok <= self.num_experts:
                 raise ValueError(f"config.num_experts_per_tok must be in [1, num_experts = "
@@ -372,8 +389,11 @@ class DecoderConfig:
             bos = generation_config.get("bos_token_id")
 
         attention_bias = bool(hf.get("attention_bias", False))
-        if family == "ernie4_5":        # one flag for every linear's bias
-            attention_bias = bool(hf.get("use_bias", False))
+        if family in ("ernie4_5", "starcoder2"):        # one flag for every linear's bias
+            attention_bias = bool(hf.get("use_bias", family == "starcoder2"))
+        if family == "stablelm":
+            _check_stablelm(hf)
+        layer_norm = family in ("stablelm", "starcoder2")
         gemma = family in _GEMMA
         return cls(
             architecture=family,
@@ -388,20 +408,27 @@ class DecoderConfig:
             rope_theta=rope_theta,
             rope_scaling=rope_scaling,
             partial_rotary_factor=float(partial) if partial is not None else
-            (0.5 if family in ("glm", "glm4") else 1.0),
+            (0.5 if family in ("glm", "glm4") else 0.25 if family == "stablelm" else 1.0),
             rope_interleaved=family in ("glm", "glm4", "ernie4_5", "helium"),
-            rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-            tie_word_embeddings=bool(hf.get("tie_word_embeddings", gemma)),
+            rms_norm_eps=float(hf.get("layer_norm_eps", 1e-5)) if family == "stablelm" else
+            float(hf.get("norm_epsilon", 1e-5)) if family == "starcoder2" else
+            float(hf.get("rms_norm_eps", 1e-6)),
+            norm_type="layer" if layer_norm else "rms",
+            norm_bias=layer_norm,
+            mlp_gated=family != "starcoder2",
+            tie_word_embeddings=bool(hf.get("tie_word_embeddings",
+                                            gemma or family == "starcoder2")),
             eos_token_ids=eos,
             bos_token_id=None if bos is None else int(bos),
             sliding_window=window,
             sliding_window_layers=window_layers,
             qkv_bias=family == "qwen2" or attention_bias or
-            (family == "qwen2_moe" and bool(hf.get("qkv_bias", True))),
+            (family == "qwen2_moe" and bool(hf.get("qkv_bias", True))) or
+            (family == "stablelm" and bool(hf.get("use_qkv_bias", False))),
             o_bias=family not in ("qwen2", "qwen2_moe", "glm", "glm4", "helium")
             and attention_bias,
             mlp_bias=bool(hf.get("mlp_bias", False)) or (
-                family == "ernie4_5" and attention_bias),
+                family in ("ernie4_5", "starcoder2") and attention_bias),
             qk_norm=family in ("qwen3", "qwen3_moe", "gemma3", "olmo2", "olmo3", "olmoe",
                                "exaone4", "hunyuan"),
             qk_norm_after_rope=family == "hunyuan",
@@ -651,6 +678,15 @@ def _moe_from_hf(hf: Mapping[str, Any], family: str, num_layers: int) -> dict[st
     return dict(num_experts=experts, num_experts_per_tok=int(hf.get("num_experts_per_tok", 0)),
                 moe_intermediate_size=size, norm_topk_prob=norm,
                 moe_layers=layers if experts else None, shared_expert_intermediate_size=shared)
+
+
+def _check_stablelm(hf: Mapping[str, Any]) -> None:
+    """StableLM's variants this decoder does not have (StableLM 2 12B's)."""
+    if hf.get("qk_layernorm"):
+        raise UnsupportedModelError("StableLM with qk_layernorm (per-head LayerNorms) is "
+                                    "not supported")
+    if hf.get("use_parallel_residual"):
+        raise UnsupportedModelError("StableLM with use_parallel_residual is not supported")
 
 
 def _activation_from_hf(hf: Mapping[str, Any], family: str) -> str:

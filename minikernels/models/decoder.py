@@ -28,10 +28,11 @@ Forward contract: :class:`minikernels.models.AttentionMetadata`.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import ops
-from ..nn.layers import PagedAttention, RMSNorm, RotaryEmbedding
+from ..nn.layers import LayerNorm, PagedAttention, RMSNorm, RotaryEmbedding
 from ..ops.attention import FP8_KV_DTYPES
 from .config import DecoderConfig
 from .kv_layout import KVCacheLayout
@@ -78,6 +79,17 @@ class HiddenCapture:
                                f"the forward has {t}")
         h = self.hidden_size
         self.buffer[:t, slot * h:(slot + 1) * h].copy_(x)
+
+
+def make_norm(c: DecoderConfig, dtype: torch.dtype, device: torch.device | str | None
+              ) -> RMSNorm | LayerNorm:
+    """The decoder's norm of ``c.hidden_size``: RMSNorm (with Gemma's offset) or
+    LayerNorm (StableLM, StarCoder 2; with a bias when ``c.norm_bias``)."""
+    if c.norm_type == "layer":
+        return LayerNorm(c.hidden_size, c.rms_norm_eps, bias=c.norm_bias, dtype=dtype,
+                         device=device)
+    return RMSNorm(c.hidden_size, c.rms_norm_eps, dtype=dtype, device=device,
+                   weight_offset=c.norm_weight_offset)
 
 
 class Attention(nn.Module):
@@ -178,7 +190,9 @@ class MLP(nn.Module):
         c = config
         inter = c.intermediate_size // (tp.size if tp is not None else 1)
         self.__dict__["tp"] = tp
-        self.gate_up_proj = FusedLinear(c.hidden_size, [inter] * 2,
+        # gated: [gate; up] rows; not gated (StarCoder 2): the one up projection (c_fc)
+        self.gated = c.mlp_gated
+        self.gate_up_proj = FusedLinear(c.hidden_size, [inter] * (2 if c.mlp_gated else 1),
                                         bias=c.mlp_bias, dtype=dtype, device=device,
                                         dense=dense)
         self.down_proj = FusedLinear(inter, c.hidden_size, bias=c.mlp_bias,
@@ -189,7 +203,10 @@ class MLP(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         gate_up = self.gate_up_proj(x)
-        if self.activation == "silu":
+        if not self.gated:
+            h = F.silu(gate_up) if self.activation == "silu" else F.gelu(
+                gate_up, approximate="tanh" if self.activation == "gelu_tanh" else "none")
+        elif self.activation == "silu":
             h = ops.silu_and_mul(gate_up)
         else:
             h = ops.gelu_and_mul(gate_up, "tanh" if self.activation == "gelu_tanh" else "none")
@@ -206,9 +223,8 @@ class DecoderLayer(nn.Module):
         super().__init__()
         c = config
 
-        def norm() -> RMSNorm:
-            return RMSNorm(c.hidden_size, c.rms_norm_eps, dtype=dtype, device=device,
-                           weight_offset=c.norm_weight_offset)
+        def norm() -> RMSNorm | LayerNorm:
+            return make_norm(c, dtype, device)
 
         self.post_norm = c.post_norm
         self.input_layernorm = None if c.post_norm else norm()
@@ -291,8 +307,7 @@ class CausalLM(nn.Module):
         self.layers = nn.ModuleList(
             DecoderLayer(c, i, self._layer_rotary(i), dtype, device, dense, tp)
             for i in range(c.num_layers))
-        self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps, dtype=dtype, device=device,
-                            weight_offset=c.norm_weight_offset)
+        self.norm = make_norm(c, dtype, device)
         # lm_head stays dense unless quantized explicitly (lm_head opt-in).
         vocab = c.vocab_size if tp is None else tp.vocab_range(c.vocab_size)[2]
         self.lm_head = FusedLinear(c.hidden_size, vocab, dtype=dtype, device=device,

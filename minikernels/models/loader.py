@@ -131,7 +131,8 @@ def no_cuda_message(device: str = "cuda") -> str:
 # --------------------------------------------------------------------- name mapping
 _LAYER_RE = re.compile(r"^layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.(\w+)$")
 _NORM_RE = re.compile(r"^layers\.(\d+)\.(input_layernorm|post_attention_layernorm|"
-                      r"pre_feedforward_layernorm|post_feedforward_layernorm)\.weight$")
+                      r"pre_feedforward_layernorm|post_feedforward_layernorm)\."
+                      r"(weight|bias)$")
 _SHARDS = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
            "o_proj": ("o_proj", 0), "gate_proj": ("gate_up_proj", 0),
            "up_proj": ("gate_up_proj", 1), "down_proj": ("down_proj", 0)}
@@ -177,14 +178,14 @@ def map_name(name: str) -> tuple[str, int | None, str] | None:
             name = plain + name[len(prefix):]
             break
     n = name[len("model."):] if name.startswith("model.") else name
-    if n in ("embed_tokens.weight", "norm.weight"):
-        return n.rsplit(".", 1)[0], None, "weight"
+    if n in ("embed_tokens.weight", "norm.weight", "norm.bias"):
+        return n.rsplit(".", 1)[0], None, n.rsplit(".", 1)[1]
     if name.startswith("lm_head."):
         kind = name.split(".", 1)[1]
         return "lm_head", 0, kind
     m = _NORM_RE.match(n)
     if m:
-        return f"layers.{m.group(1)}.{m.group(2)}", None, "weight"
+        return f"layers.{m.group(1)}.{m.group(2)}", None, m.group(3)
     m = _KV_SCALE_RE.match(n)
     if m:
         return f"layers.{m.group(1)}.self_attn.attn", None, m.group(2)
@@ -294,8 +295,9 @@ _MOE_NAMES = [(re.compile(_BSM + r"experts\.(\d+)\.w1\."), r".mlp.experts.\1.gat
 
 
 def _family_name(name: str, config: DecoderConfig) -> str:
-    """A checkpoint tensor name in the decoder's vocabulary (GLM-4's and HunYuan's norms renamed;
-    Mixtral's / Granite-MoE's experts and router under Qwen3-MoE's names)."""
+    """A checkpoint tensor name in the decoder's vocabulary (GLM-4's and HunYuan's norms
+    and StarCoder 2's MLP renamed; Mixtral's / Granite-MoE's experts and router under
+    Qwen3-MoE's names)."""
     if ".block_sparse_moe." in name:
         for pattern, repl in _MOE_NAMES:
             name = pattern.sub(repl, name)
@@ -303,6 +305,9 @@ def _family_name(name: str, config: DecoderConfig) -> str:
     if config.architecture == "granite_hybrid":   # Granite 4.0's fused shared MLP
         return name.replace(".shared_mlp.input_linear.", ".mlp.gate_up_proj.").replace(
             ".shared_mlp.output_linear.", ".mlp.down_proj.")
+    if config.architecture == "starcoder2":   # its non-gated MLP: c_fc, act, c_proj
+        return name.replace(".mlp.c_fc.", ".mlp.gate_proj.").replace(
+            ".mlp.c_proj.", ".mlp.down_proj.")
     if config.architecture == "hunyuan":    # its per-head q / k norms
         return name.replace(".self_attn.query_layernorm.", ".self_attn.q_norm.").replace(
             ".self_attn.key_layernorm.", ".self_attn.k_norm.")
