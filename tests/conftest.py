@@ -56,6 +56,11 @@ settings.register_profile(
     "ci", deadline=None, max_examples=10, derandomize=True, print_blob=True,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture,
                            HealthCheck.data_too_large])
+# A bug hunt (HYPOTHESIS_PROFILE=hunt pytest tests/test_x.py): many more random cases
+settings.register_profile(
+    "hunt", deadline=None, max_examples=300, derandomize=False, print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture,
+                           HealthCheck.data_too_large])
 settings.load_profile("ci" if os.environ.get("CI") else
                       os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
