@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 
@@ -433,3 +434,61 @@ def test_prompt_hashed_on_the_callers_thread_hits_the_prefix_cache_per_salt(llm)
             await engine.shutdown()
 
     assert run(main()) == [0, 48, 0]
+
+
+def test_call_when_idle_waits_for_running_requests_and_holds_new_ones(llm):
+    """call_when_idle(fn): the running request finishes first, fn runs on the engine
+    thread with nothing unfinished, a request sent meanwhile starts only after it (or,
+    aborted while it waits, ends "abort" without ever running); errors reach the caller.
+    Sleep / wake_up through it: a request while asleep fails with EngineSleeping."""
+    from minikernels.engine.llm_engine import EngineSleeping
+
+    async def main():
+        engine = AsyncLLM(llm)
+        events = []
+        try:
+            first = asyncio.ensure_future(collect(
+                engine, [5, 6, 7], SamplingParams(max_tokens=30, **GREEDY), "a"))
+            while not engine.stats()["num_running"]:
+                await asyncio.sleep(0.005)
+
+            def fn(eng):
+                events.append((eng.has_unfinished(), sorted(eng.requests),
+                               time.perf_counter()))
+                return 42
+
+            call = asyncio.ensure_future(engine.call_when_idle(fn))
+            await asyncio.sleep(0.01)
+            later = asyncio.ensure_future(collect(
+                engine, [8, 9], SamplingParams(max_tokens=3, **GREEDY), "b"))
+            dropped = asyncio.ensure_future(collect(
+                engine, [8, 9], SamplingParams(max_tokens=3, **GREEDY), "c"))
+            await asyncio.sleep(0.01)
+            await engine.abort("c")
+            assert await call == 42
+            a, b, c = await first, await later, await dropped
+            (busy, live, t_call), = events
+            assert not busy and live == []           # "a" finished, "b" not yet added
+            assert len(a[-1].outputs[0].token_ids) == 30 and a[-1].finished
+            assert a[-1].metrics["finished_time"] <= t_call
+            assert b[-1].metrics["first_token_time"] > t_call
+            assert len(b[-1].outputs[0].token_ids) == 3
+            assert c[-1].finished and c[-1].outputs[0].finish_reason == "abort"
+            assert c[-1].outputs[0].token_ids == []
+            with pytest.raises(ZeroDivisionError):
+                await engine.call_when_idle(lambda eng: 1 / 0)
+            # sleep mode through it
+            await engine.call_when_idle(lambda eng: eng.sleep(1))
+            assert engine.is_sleeping
+            with pytest.raises(EngineSleeping):
+                await collect(engine, [8, 9], SamplingParams(max_tokens=3, **GREEDY), "d")
+            await engine.call_when_idle(lambda eng: eng.wake_up())
+            again = await collect(engine, [8, 9], SamplingParams(max_tokens=3, **GREEDY), "e")
+            assert again[-1].outputs[0].token_ids == b[-1].outputs[0].token_ids
+        finally:
+            await engine.shutdown()
+        return events
+
+    run(main())
+    assert llm.llm_engine.block_manager.num_free_blocks == \
+        llm.llm_engine.block_manager.num_usable_blocks

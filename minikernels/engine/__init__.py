@@ -17,11 +17,12 @@ from .async_llm import AsyncLLM, EngineOverloaded
 from .beam_search import BeamSearchOutput, BeamSearchParams, BeamSearchSequence
 from .classifier import Classifier
 from .embedding import Embedder
-from .llm_engine import LLM, LLMEngine
+from .llm_engine import LLM, EngineSleeping, LLMEngine
 from .lora import LoRARequest
 from .outputs import CompletionOutput, Logprob, RequestOutput
 from .sampling_params import RequestOutputKind, SamplingParams
 
 __all__ = ["AsyncLLM", "BeamSearchOutput", "BeamSearchParams", "BeamSearchSequence",
-           "Classifier", "CompletionOutput", "Embedder", "EngineOverloaded", "LLM", "LLMEngine", "Logprob",
+           "Classifier", "CompletionOutput", "Embedder", "EngineOverloaded", "EngineSleeping",
+           "LLM", "LLMEngine", "Logprob",
            "LoRARequest", "RequestOutput", "RequestOutputKind", "SamplingParams"]

@@ -42,6 +42,7 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 from .detokenizer import make_detokenizer
@@ -101,6 +102,21 @@ def _payload(req: Request, box: "_Mailbox") -> tuple:
                 box.wants_plp = False          # DELTA: once, with the first tokens
     return (box, samples, finished, req.first_token_time, req.finish_time, cached, preempt,
             plp)
+
+
+def _never_started_abort(cmd: tuple) -> tuple:
+    """The last payload of a request aborted before the engine saw it (an "add" command
+    that waited behind ``call_when_idle``): no tokens, finish_reason "abort"."""
+    _, rid, prompt, ids, params, box, arrival, _ = cmd
+    if box.kind is _FINAL:
+        outs = [CompletionOutput(index=i, text="", token_ids=[], finish_reason="abort")
+                for i in range(params.n)]
+        return (box, None, True, RequestOutput(
+            request_id=rid, prompt=prompt if isinstance(prompt, str) else None,
+            prompt_token_ids=list(ids), outputs=outs, finished=True,
+            metrics={"arrival_time": arrival}, num_cached_tokens=0))
+    samples = tuple((i, [], "", None, "abort", None, 0.0) for i in range(params.n))
+    return (box, samples, True, None, time.perf_counter(), 0, 0, None)
 
 
 def _final_payload(req: Request, box: "_Mailbox") -> tuple:
@@ -481,6 +497,10 @@ class AsyncLLM:
         self._closed = False
         self._send_lock = threading.Lock()
         self._dead: BaseException | None = None
+        # call_when_idle: calls waiting for the running requests to finish, and the adds
+        # that arrived meanwhile (they run after the calls)
+        self._calls: list[tuple[Callable[[LLMEngine], Any], concurrent.futures.Future]] = []
+        self._deferred: list[tuple] = []
         self._stats: dict[str, Any] = self.engine.stats()
         self._stats_time = 0.0
         self._gc: _BusyGC | None = _BusyGC() if tune_gc else None
@@ -524,7 +544,7 @@ class AsyncLLM:
         return self._dead is not None
 
     def num_waiting(self) -> int:
-        return self.engine.scheduler.num_waiting + self._pending
+        return self.engine.scheduler.num_waiting + self._pending + len(self._deferred)
 
     def stats(self) -> dict[str, Any]:
         """Engine counters: num_running, num_waiting, kv_usage (fraction), kv_blocks_free,
@@ -566,6 +586,10 @@ class AsyncLLM:
                 if self._dead is not None else "the engine stopped"))
         elif cmd[0] == "abort" and cmd[2] is not None and not cmd[2].done():
             cmd[2].set_result(False)
+        elif cmd[0] == "call" and not cmd[2].done():
+            cmd[2].set_exception(EngineDeadError(
+                f"the engine loop stopped on an error: {self._dead!r}"
+                if self._dead is not None else "the engine stopped"))
 
     def _payload(self, req: Request, box: _Mailbox) -> tuple | None:
         """The payload to post for an updated request (None: nothing for this consumer)."""
@@ -582,18 +606,23 @@ class AsyncLLM:
                 return
             kind = cmd[0]
             if kind == "add":
-                _, rid, prompt, ids, params, box, arrival, hashes = cmd
-                with self._pending_lock:
-                    self._pending -= 1
-                try:
-                    self.engine.add_request(rid, prompt, params, arrival_time=arrival,
-                                            stream=params.output_kind is not _FINAL,
-                                            prompt_token_ids=ids, prompt_block_hashes=hashes)
-                    self._engine_streams[rid] = box
-                except Exception as exc:  # noqa: BLE001 - reported to that request only
-                    box.post(error=exc)
+                if self._calls:            # after the waiting calls (call_when_idle)
+                    self._deferred.append(cmd)
+                    with self._pending_lock:
+                        self._pending -= 1
+                    continue
+                self._add(cmd, counted=True)
+            elif kind == "call":
+                self._calls.append((cmd[1], cmd[2]))
             elif kind == "abort":
                 _, rid, fut = cmd
+                waiting = next((c for c in self._deferred if c[1] == rid), None)
+                if waiting is not None:    # never added: its stream ends "abort" here
+                    self._deferred.remove(waiting)
+                    waiting[5].post(_never_started_abort(waiting))
+                    if fut is not None and not fut.done():
+                        fut.set_result(True)
+                    continue
                 req = self.engine.abort_request(rid)
                 self._stats = self.engine.stats()  # before anyone is told it is done
                 self._stats_time = time.perf_counter()
@@ -602,6 +631,39 @@ class AsyncLLM:
                     box.post(self._payload(req, box))
                 if fut is not None and not fut.done():
                     fut.set_result(req is not None)
+
+    def _add(self, cmd: tuple, counted: bool) -> None:
+        """Add one request to the engine (engine thread); an error goes to its stream."""
+        _, rid, prompt, ids, params, box, arrival, hashes = cmd
+        if counted:
+            with self._pending_lock:
+                self._pending -= 1
+        try:
+            self.engine.add_request(rid, prompt, params, arrival_time=arrival,
+                                    stream=params.output_kind is not _FINAL,
+                                    prompt_token_ids=ids, prompt_block_hashes=hashes)
+            self._engine_streams[rid] = box
+        except Exception as exc:  # noqa: BLE001 - reported to that request only
+            box.post(error=exc)
+
+    def _run_calls(self) -> None:
+        """The engine is idle: run the waiting calls in order, then the adds that arrived
+        meanwhile (engine thread)."""
+        calls, self._calls = self._calls, []
+        for fn, fut in calls:
+            try:
+                result = fn(self.engine)
+            except BaseException as exc:  # noqa: BLE001 - the caller gets it
+                if not fut.done():
+                    fut.set_exception(exc)
+            else:
+                if not fut.done():
+                    fut.set_result(result)
+        self._stats = self.engine.stats()
+        self._stats_time = time.perf_counter()
+        deferred, self._deferred = self._deferred, []
+        for cmd in deferred:
+            self._add(cmd, counted=False)
 
     def _post_step(self, updated: list[Request]) -> int:
         """Post one step's payloads: one call_soon_threadsafe per event loop. Returns
@@ -657,6 +719,9 @@ class AsyncLLM:
             _use_engine_device(engine)
             while not self._stopping:
                 self._drain()
+                if self._calls and not engine.has_unfinished():
+                    self._run_calls()
+                    continue
                 if not engine.has_unfinished():
                     self._stats = engine.stats()
                     if gcp is not None:
@@ -696,6 +761,13 @@ class AsyncLLM:
             for stream in self._engine_streams.values():
                 stream.post(error=EngineDeadError("the engine stopped"))
             self._engine_streams.clear()
+            for cmd in self._deferred:
+                cmd[5].post(error=EngineDeadError("the engine stopped"))
+            self._deferred.clear()
+            for _, fut in self._calls:
+                if not fut.done():
+                    fut.set_exception(EngineDeadError("the engine stopped"))
+            self._calls.clear()
             with self._send_lock:
                 self._closed = True
             while True:
@@ -768,6 +840,20 @@ class AsyncLLM:
         fut: concurrent.futures.Future = concurrent.futures.Future()
         self._send(("abort", request_id, fut))
         await asyncio.wrap_future(fut)
+
+    async def call_when_idle(self, fn: Callable[[LLMEngine], Any]) -> Any:
+        """Run ``fn(engine)`` on the engine thread once no request is unfinished (the
+        running ones finish first; requests added meanwhile wait and start after it);
+        returns its result or raises its exception. For what needs an idle engine:
+        ``sleep`` / ``wake_up``, ``load_weights``, ``reset_prefix_cache``."""
+        self._ensure_started()
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        self._send(("call", fn, fut))
+        return await asyncio.wrap_future(fut)
+
+    @property
+    def is_sleeping(self) -> bool:
+        return self.engine.is_sleeping
 
     async def shutdown(self) -> None:
         """Stop the engine thread; unfinished requests end with finish_reason "abort"."""

@@ -69,6 +69,10 @@ def _load_tokenizer(model: str) -> Any:
         return None
 
 
+class EngineSleeping(RuntimeError):
+    """A request reached an engine put to sleep (``LLMEngine.sleep``; wake_up first)."""
+
+
 def salted_for_lora(params: SamplingParams) -> SamplingParams:
     """``params`` with its adapter's id leading its prefix-cache salt (length-prefixed,
     so no other adapter id spells it), so different adapters never share cached KV;
@@ -398,8 +402,8 @@ class LLMEngine:
         params.cache_salt)``, computed on another thread, as AsyncLLM does).
         """
         if self._sleeping:
-            raise RuntimeError(f"the engine is sleeping ({sorted(self._sleeping)} released): "
-                               f"call wake_up() first")
+            raise EngineSleeping(f"the engine is sleeping ({sorted(self._sleeping)} "
+                                 f"released): call wake_up() first")
         if not isinstance(request_id, str) or not request_id:
             raise TypeError(f"request_id must be a non-empty str, got {request_id!r}")
         if request_id in self.requests:

@@ -85,6 +85,8 @@ class ServerState:
     # lora_next_id: the id the next loaded adapter gets (an id never names two adapters)
     allow_runtime_lora_updating: bool = False
     lora_next_id: int = 1
+    # serve /sleep, /wake_up, /is_sleeping, /reset_prefix_cache (.sleep_routes)
+    enable_sleep_mode: bool = False
     # The checkpoint's recommended sampling (generation_config.json): SamplingParams
     # fields a request's unset ones take (vLLM's --generation-config auto).
     sampling_defaults: dict = field(default_factory=dict)
@@ -169,7 +171,8 @@ def create_app(engine: Any, api_key: Union[None, str, Sequence[str]] = None,
                reasoning_parser: Optional[str] = None,
                structured_outputs_in_reasoning: bool = False,
                lora_modules: Optional[dict[str, str]] = None,
-               allow_runtime_lora_updating: bool = False) -> FastAPI:
+               allow_runtime_lora_updating: bool = False,
+               enable_sleep_mode: bool = False) -> FastAPI:
     """Build the FastAPI app serving ``engine`` (an AsyncLLM or anything with its API).
 
     Args:
@@ -208,6 +211,8 @@ def create_app(engine: Any, api_key: Union[None, str, Sequence[str]] = None,
         allow_runtime_lora_updating: serve ``/v1/load_lora_adapter`` and
             ``/v1/unload_lora_adapter`` (:mod:`.lora_routes`): clients name a server-side
             adapter directory; off by default.
+        enable_sleep_mode: serve ``/sleep``, ``/wake_up``, ``/is_sleeping`` and
+            ``/reset_prefix_cache`` (:mod:`.sleep_routes`, for RL loops); off by default.
     """
     if tool_call_parser is not None:
         get_parser(tool_call_parser)          # ValueError naming the choices
@@ -232,7 +237,7 @@ def create_app(engine: Any, api_key: Union[None, str, Sequence[str]] = None,
         structured_outputs_in_reasoning=structured_outputs_in_reasoning,
         lora_modules=_lora_requests(engine, lora_modules or {}, names),
         allow_runtime_lora_updating=allow_runtime_lora_updating,
-        lora_next_id=len(lora_modules or {}) + 1)
+        lora_next_id=len(lora_modules or {}) + 1, enable_sleep_mode=enable_sleep_mode)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI):

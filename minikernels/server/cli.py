@@ -158,6 +158,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      help="serve /v1/load_lora_adapter and /v1/unload_lora_adapter: API "
                           "clients may load adapters from server paths (vLLM's "
                           "VLLM_ALLOW_RUNTIME_LORA_UPDATING; implies --enable-lora)")
+    eng.add_argument("--enable-sleep-mode", action="store_true",
+                     help="serve POST /sleep?level=1|2, POST /wake_up, GET /is_sleeping and "
+                          "POST /reset_prefix_cache (vLLM's dev-mode routes, for RL loops): "
+                          "API clients may free the server's GPU memory; each call waits "
+                          "for the running requests to finish")
     eng.add_argument("--max-loras", type=int, default=4,
                      help="adapters on the device at once (a request for another waits)")
     eng.add_argument("--max-lora-rank", type=int, default=16)
@@ -342,7 +347,8 @@ def run(args: argparse.Namespace) -> int:
                              args, "structured_outputs_in_reasoning", False),
                          lora_modules=dict(getattr(args, "lora_modules", None) or []),
                          allow_runtime_lora_updating=getattr(
-                             args, "allow_runtime_lora_updating", False))
+                             args, "allow_runtime_lora_updating", False),
+                         enable_sleep_mode=getattr(args, "enable_sleep_mode", False))
     except ValueError as exc:
         logger.error("%s", exc)
         return 2

@@ -22,6 +22,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..engine import EngineOverloaded
 from ..engine.async_llm import EngineDeadError
+from ..engine.llm_engine import EngineSleeping
 
 logger = logging.getLogger("minikernels.server")
 
@@ -73,6 +74,9 @@ def engine_error_to_api(exc: BaseException) -> APIError:
     if isinstance(exc, EngineOverloaded):
         return APIError("the server is overloaded, retry later", status=429,
                         type="rate_limit_error", code="rate_limit_exceeded")
+    if isinstance(exc, EngineSleeping):
+        return APIError("the engine is sleeping (POST /wake_up first)", status=503,
+                        type="server_error", code="engine_sleeping")
     if isinstance(exc, EngineDeadError):
         logger.error("engine unavailable: %s", exc)
         return APIError("the engine is unavailable; see the server log", status=503,

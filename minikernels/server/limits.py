@@ -8,7 +8,9 @@ enforces, in this order:
    ``Origin`` header, when a browser sends one, naming an allowed host too (no
    cross-site use of a local server, no permissive CORS) -> 400 / 403.
 2. ``Content-Type: application/json`` on requests with a body: a web page cannot send it
-   without a CORS preflight, which this server never grants -> 415.
+   without a CORS preflight, which this server never grants -> 415. (The sleep-mode
+   routes, whose arguments are query parameters as in vLLM, take an empty body
+   without one; a browser's cross-site POST still fails the ``Origin`` check.)
 3. The body size (``Content-Length`` up front, then the bytes actually read) -> 413, and
    the time to receive the whole body (a client trickling its body is cut off) -> 408.
 
@@ -26,6 +28,8 @@ from .settings import ServerLimits
 
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 _BODY_METHODS = {"POST", "PUT", "PATCH"}
+#: routes called with no body (query parameters only: vLLM's sleep-mode routes)
+EMPTY_BODY_PATHS = ("/sleep", "/wake_up", "/reset_prefix_cache")
 
 
 def host_of(value: str) -> str:
@@ -93,7 +97,9 @@ class RequestGuard:
                                     type="permission_error", code="cross_origin")
         if scope.get("method") in _BODY_METHODS:
             ctype = headers.get(b"content-type", b"").decode("latin-1")
-            if not _is_json(ctype):
+            empty = headers.get(b"content-length", b"0") == b"0" and \
+                b"transfer-encoding" not in headers
+            if not _is_json(ctype) and not (empty and scope.get("path") in EMPTY_BODY_PATHS):
                 return APIError(f"Content-Type must be application/json, got "
                                 f"{ctype or 'none'!r}", status=415, code="invalid_content_type",
                                 headers={"Connection": "close"})

@@ -27,6 +27,7 @@ from .logprobs import (chat_logprobs, completion_logprobs, join_completion_logpr
                        prompt_completion_logprobs)
 from .metrics import CONTENT_TYPE
 from .lora_routes import register_lora_routes
+from .sleep_routes import register_sleep_routes
 from .pooling_routes import register_pooling_routes
 from .protocol import (ChatCompletionRequest, CompletionRequest, Constraint,
                        DetokenizeRequest, EmbeddingRequest, TokenizeChatRequest,
@@ -715,3 +716,4 @@ def register_routes(app: FastAPI, state: "ServerState") -> None:
 
     register_pooling_routes(app, state, parse, gone_response)
     register_lora_routes(app, state, parse, gone_response)
+    register_sleep_routes(app, state, authenticate)

@@ -1,0 +1,97 @@
+"""Sleep mode over HTTP, for RL loops that drive a running server (vLLM's dev-mode
+routes): ``POST /sleep?level=1|2``, ``POST /wake_up[?tags=weights&tags=kv_cache]``,
+``GET /is_sleeping`` and ``POST /reset_prefix_cache``. Served only with
+``--enable-sleep-mode`` (they let a client free the server's GPU memory); behind the API
+key like ``/v1/*``.
+
+Each call waits until the engine is idle: requests already running finish first, requests
+that arrive meanwhile wait and start after it (``AsyncLLM.call_when_idle``), so nothing
+is cut off or lost. While the engine sleeps, a generation request is answered 503
+``engine_sleeping`` (``POST /wake_up`` first). With data parallel every replica sleeps and
+wakes; with tensor parallel every rank (engine/sleep.py).
+"""
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Optional
+
+from fastapi import FastAPI, Request
+from fastapi.responses import Response
+
+from .errors import APIError, JSONBody
+
+if TYPE_CHECKING:
+    from .app import ServerState
+
+WAKE_TAGS = ("weights", "kv_cache")
+
+
+def _engines(engine: Any) -> list[Any]:
+    """The AsyncLLM (or each data-parallel replica)."""
+    return list(getattr(engine, "replicas", None) or [engine])
+
+
+def register_sleep_routes(app: FastAPI, state: "ServerState",
+                          authenticate: Callable[[Request], Optional[str]]) -> None:
+    """Add the four routes to ``app`` (``authenticate``: the API-key check)."""
+    lock = asyncio.Lock()     # one sleep / wake / reset at a time
+
+    def allowed(request: Request) -> list[Any]:
+        authenticate(request)
+        if not state.enable_sleep_mode:
+            raise APIError("sleep mode is off (start the server with --enable-sleep-mode)",
+                           status=404, code="not_found")
+        engines = _engines(state.engine)
+        if not all(hasattr(e, "call_when_idle") for e in engines):
+            raise APIError("this server's engine has no sleep mode", code="not_supported")
+        return engines
+
+    async def on_every_engine(engines: list[Any], fn: Callable[[Any], Any]) -> None:
+        async with lock:
+            try:
+                await asyncio.gather(*(e.call_when_idle(fn) for e in engines))
+            except (ValueError, RuntimeError) as exc:
+                raise APIError(str(exc) or type(exc).__name__, code="invalid_state",
+                               status=409) from None
+
+    def one_query(request: Request, name: str) -> Optional[str]:
+        values = request.query_params.getlist(name)
+        if len(values) > 1:
+            raise APIError(f"{name} is given {len(values)} times", param=name)
+        return values[0] if values else None
+
+    @app.post("/sleep")
+    async def sleep(request: Request) -> Response:
+        engines = allowed(request)
+        raw = one_query(request, "level")
+        if raw not in (None, "1", "2"):
+            raise APIError(f"level must be 1 or 2, got {raw!r}", param="level",
+                           code="invalid_value")
+        level = int(raw or 1)
+        await on_every_engine(engines, lambda eng: eng.sleep(level))
+        return Response(status_code=200)
+
+    @app.post("/wake_up")
+    async def wake_up(request: Request) -> Response:
+        engines = allowed(request)
+        tags = request.query_params.getlist("tags") or None
+        if tags is not None:
+            bad = [t for t in tags if t not in WAKE_TAGS]
+            if bad:
+                raise APIError(f"tags must be among {list(WAKE_TAGS)}, got {bad}",
+                               param="tags", code="invalid_value")
+        await on_every_engine(engines, lambda eng: eng.wake_up(tags))
+        return Response(status_code=200)
+
+    @app.get("/is_sleeping")
+    async def is_sleeping(request: Request) -> Response:
+        engines = allowed(request)
+        return JSONBody({"is_sleeping": any(bool(getattr(e, "is_sleeping", False))
+                                            for e in engines)})
+
+    @app.post("/reset_prefix_cache")
+    async def reset_prefix_cache(request: Request) -> Response:
+        engines = allowed(request)
+        await on_every_engine(engines, lambda eng: eng.reset_prefix_cache())
+        return Response(status_code=200)
