@@ -79,3 +79,57 @@ def test_sleep_wake_over_http(engine):
         assert httpx.post(url + "/reset_prefix_cache", headers=AUTH,
                           timeout=30).status_code == 200
         assert _complete(url).json()["choices"][0]["text"] == want
+
+
+def test_update_weights_from_disk(tmp_path):
+    """SGLang's /update_weights_from_disk: a checkpoint of the same architecture replaces
+    the served weights in place (the engine then generates as a fresh engine of it); a
+    directory of another shape, a missing one or a sleeping engine are refused."""
+    import asyncio
+
+    from test_model_support import make_hf_model, save_hf
+
+    from minikernels.engine import LLM
+
+    a = save_hf(make_hf_model("llama", seed=0), str(tmp_path / "a"))
+    b = save_hf(make_hf_model("llama", seed=7), str(tmp_path / "b"))
+    other = save_hf(make_hf_model("llama", seed=1, hidden_size=32), str(tmp_path / "c"))
+    kw = dict(dtype="float32", device="cpu", num_kv_blocks=64, block_size=16, tokenizer=None)
+    greedy = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    prompt = [5, 9, 13, 21, 8]
+    want_a, want_b = (LLM(d, **kw).generate([prompt], greedy, use_tqdm=False)[0]
+                      .outputs[0].token_ids for d in (a, b))
+    assert want_a != want_b
+    engine = AsyncLLM.from_args(a, **kw)
+
+    async def tokens(rid):
+        out = None
+        async for out in engine.generate(prompt, greedy, rid):
+            pass
+        return out.outputs[0].token_ids
+
+    assert asyncio.run(tokens("before")) == want_a
+    app = create_app(engine, api_key=KEY, served_model_name="m", enable_sleep_mode=True)
+    with LiveServer(app) as srv:
+        url = srv.base_url
+
+        def update(path):
+            return httpx.post(url + "/update_weights_from_disk", headers=AUTH, timeout=60,
+                              json={"model_path": path})
+
+        for path in (other, str(tmp_path / "missing")):
+            r = update(path)
+            assert r.status_code == 400 and r.json()["error"]["param"] == "model_path", r.text
+        assert httpx.post(url + "/sleep?level=2", headers=AUTH, timeout=60).status_code == 200
+        assert update(b).status_code == 409            # the weights are asleep
+        assert httpx.post(url + "/wake_up?tags=weights", headers=AUTH,
+                          timeout=60).status_code == 200
+        r = update(b)
+        assert r.status_code == 200 and r.json()["success"] and r.json()["num_tensors"] > 0
+        assert httpx.post(url + "/wake_up", headers=AUTH, timeout=60).status_code == 200
+        r = httpx.post(url + "/v1/completions", headers=AUTH, timeout=60, json={
+            "model": "m", "prompt": prompt, "max_tokens": 6, "temperature": 0,
+            "ignore_eos": True})
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 6
+    assert asyncio.run(tokens("after")) == want_b
+    asyncio.run(engine.shutdown())

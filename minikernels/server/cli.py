@@ -159,10 +159,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                           "clients may load adapters from server paths (vLLM's "
                           "VLLM_ALLOW_RUNTIME_LORA_UPDATING; implies --enable-lora)")
     eng.add_argument("--enable-sleep-mode", action="store_true",
-                     help="serve POST /sleep?level=1|2, POST /wake_up, GET /is_sleeping and "
-                          "POST /reset_prefix_cache (vLLM's dev-mode routes, for RL loops): "
-                          "API clients may free the server's GPU memory; each call waits "
-                          "for the running requests to finish")
+                     help="serve POST /sleep?level=1|2, POST /wake_up, GET /is_sleeping, "
+                          "POST /reset_prefix_cache (vLLM's dev-mode routes) and POST "
+                          "/update_weights_from_disk (SGLang's), for RL loops: API clients "
+                          "may free the server's GPU memory and name checkpoint directories "
+                          "on the server; each call waits for the running requests")
     eng.add_argument("--max-loras", type=int, default=4,
                      help="adapters on the device at once (a request for another waits)")
     eng.add_argument("--max-lora-rank", type=int, default=16)

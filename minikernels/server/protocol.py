@@ -615,6 +615,17 @@ class LoadLoRAAdapterRequest(_Strict):
         pass
 
 
+class UpdateWeightsFromDiskRequest(_Strict):
+    """``POST /update_weights_from_disk`` (SGLang's route; ``--enable-sleep-mode``): the
+    served model's weights replaced in place from a safetensors checkpoint directory on
+    the server of the same architecture."""
+
+    model_path: str = Field(min_length=1, max_length=4096)
+
+    def check(self) -> None:
+        pass
+
+
 class UnloadLoRAAdapterRequest(_Strict):
     """vLLM's ``POST /v1/unload_lora_adapter``; ``lora_int_id`` is accepted (vLLM's
     field) and must match the adapter's when given."""

@@ -716,4 +716,4 @@ def register_routes(app: FastAPI, state: "ServerState") -> None:
 
     register_pooling_routes(app, state, parse, gone_response)
     register_lora_routes(app, state, parse, gone_response)
-    register_sleep_routes(app, state, authenticate)
+    register_sleep_routes(app, state, authenticate, parse, gone_response)

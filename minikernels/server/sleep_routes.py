@@ -1,8 +1,10 @@
 """Sleep mode over HTTP, for RL loops that drive a running server (vLLM's dev-mode
 routes): ``POST /sleep?level=1|2``, ``POST /wake_up[?tags=weights&tags=kv_cache]``,
-``GET /is_sleeping`` and ``POST /reset_prefix_cache``. Served only with
-``--enable-sleep-mode`` (they let a client free the server's GPU memory); behind the API
-key like ``/v1/*``.
+``GET /is_sleeping`` and ``POST /reset_prefix_cache``, and SGLang's ``POST
+/update_weights_from_disk {"model_path": dir}`` (the served model's weights replaced in
+place from a safetensors checkpoint of the same architecture: a trainer saves, the
+server reloads). Served only with ``--enable-sleep-mode`` (they let a client free the
+server's GPU memory and name server directories); behind the API key like ``/v1/*``.
 
 Each call waits until the engine is idle: requests already running finish first, requests
 that arrive meanwhile wait and start after it (``AsyncLLM.call_when_idle``), so nothing
@@ -13,13 +15,17 @@ wakes; with tensor parallel every rank (engine/sleep.py).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+import json
+import os
+from collections.abc import Awaitable, Callable, Iterator
 from typing import TYPE_CHECKING, Any, Optional
 
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
 
 from .errors import APIError, JSONBody
+from .protocol import UpdateWeightsFromDiskRequest
+from .streaming import ClientGone
 
 if TYPE_CHECKING:
     from .app import ServerState
@@ -32,9 +38,36 @@ def _engines(engine: Any) -> list[Any]:
     return list(getattr(engine, "replicas", None) or [engine])
 
 
+def _checkpoint_tensors(files: list[str]) -> Iterator[tuple[str, Any]]:
+    """(HF name, tensor) of every text tensor of the safetensors ``files``."""
+    from ..models.loader import _iter_file
+
+    for f in files:
+        for name, tensor in _iter_file(f):
+            if tensor is not None:
+                yield name, tensor
+
+
+def _same_architecture(engine: Any, model_dir: str) -> None:
+    """ValueError unless ``model_dir``'s config.json describes the served model's shapes."""
+    from ..models.config import DecoderConfig
+
+    with open(os.path.join(model_dir, "config.json")) as f:
+        theirs = DecoderConfig.from_hf(json.load(f))
+    ours = engine.engine.config
+    fields = ("architecture", "vocab_size", "hidden_size", "intermediate_size", "num_layers",
+              "num_heads", "num_kv_heads", "head_dim", "num_experts", "tie_word_embeddings")
+    diff = [k for k in fields if getattr(theirs, k) != getattr(ours, k)]
+    if diff:
+        raise ValueError(f"its config differs from the served model's in {diff}")
+
+
 def register_sleep_routes(app: FastAPI, state: "ServerState",
-                          authenticate: Callable[[Request], Optional[str]]) -> None:
-    """Add the four routes to ``app`` (``authenticate``: the API-key check)."""
+                          authenticate: Callable[[Request], Optional[str]],
+                          parse: Callable[[Request, type], Awaitable[tuple[Any, Any]]],
+                          gone_response: Callable[[], Response]) -> None:
+    """Add the routes to ``app`` (``authenticate``: the API-key check; ``parse``: the
+    JSON body parser of :func:`.routes.register_routes`)."""
     lock = asyncio.Lock()     # one sleep / wake / reset at a time
 
     def allowed(request: Request) -> list[Any]:
@@ -47,11 +80,13 @@ def register_sleep_routes(app: FastAPI, state: "ServerState",
             raise APIError("this server's engine has no sleep mode", code="not_supported")
         return engines
 
-    async def on_every_engine(engines: list[Any], fn: Callable[[Any], Any]) -> None:
+    async def on_every_engine(engines: list[Any], fn: Callable[[Any], Any]) -> list[Any]:
         async with lock:
             try:
-                await asyncio.gather(*(e.call_when_idle(fn) for e in engines))
-            except (ValueError, RuntimeError) as exc:
+                return await asyncio.gather(*(e.call_when_idle(fn) for e in engines))
+            except ValueError as exc:
+                raise APIError(str(exc) or type(exc).__name__, code="invalid_value") from None
+            except RuntimeError as exc:       # e.g. weights asleep
                 raise APIError(str(exc) or type(exc).__name__, code="invalid_state",
                                status=409) from None
 
@@ -95,3 +130,30 @@ def register_sleep_routes(app: FastAPI, state: "ServerState",
         engines = allowed(request)
         await on_every_engine(engines, lambda eng: eng.reset_prefix_cache())
         return Response(status_code=200)
+
+    @app.post("/update_weights_from_disk")
+    async def update_weights_from_disk(request: Request) -> Response:
+        try:
+            req, _ = await parse(request, UpdateWeightsFromDiskRequest)
+        except ClientGone:
+            return gone_response()
+        engines = allowed(request)
+        path = req.model_path
+
+        def files() -> list[str]:          # off the event loop: it reads the disk
+            from ..models.loader import checkpoint_files
+
+            if not os.path.isdir(path):
+                raise ValueError("not a directory")
+            for e in engines:
+                _same_architecture(e, path)
+            return checkpoint_files(path)      # safetensors only (pickles are refused)
+        try:
+            found = await asyncio.get_running_loop().run_in_executor(None, files)
+        except (ValueError, OSError) as exc:
+            raise APIError(f"cannot load weights from {path!r}: {exc}", param="model_path",
+                           code="invalid_value") from None
+        counts = await on_every_engine(
+            engines, lambda eng: eng.load_weights(_checkpoint_tensors(found)))
+        return JSONBody({"success": True, "num_tensors": int(counts[0]),
+                         "message": f"loaded {counts[0]} tensors from {len(found)} file(s)"})
