@@ -24,6 +24,29 @@ MAX_SINGLE_PASS = 8192
 
 
 @triton.jit
+def _load_row(x_row, r_row, ro_row, c, mask, HAS_RESIDUAL: tl.constexpr):
+    """Columns ``c`` of the row in fp32: x, or with a residual h = x + r, rounded to the
+    activation dtype and stored as the new residual (the first pass over a row)."""
+    h = tl.load(x_row + c, mask=mask, other=0.0).to(tl.float32)
+    if HAS_RESIDUAL:
+        r = tl.load(r_row + c, mask=mask, other=0.0).to(tl.float32)
+        hs = (h + r).to(ro_row.dtype.element_ty)
+        tl.store(ro_row + c, hs, mask=mask)
+        h = hs.to(tl.float32)
+    return h
+
+
+@triton.jit
+def _reload_row(x_row, ro_row, c, mask, HAS_RESIDUAL: tl.constexpr):
+    """Columns ``c`` of the row again in fp32 (h as the first pass stored it)."""
+    if HAS_RESIDUAL:
+        h = tl.load(ro_row + c, mask=mask, other=0.0).to(tl.float32)
+    else:
+        h = tl.load(x_row + c, mask=mask, other=0.0).to(tl.float32)
+    return h
+
+
+@triton.jit
 def rms_norm_kernel(x_ptr, res_ptr, w_ptr, y_ptr, res_out_ptr, n_cols, x_row_stride,
                     res_row_stride, eps, w_offset, HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr,
                     SINGLE_PASS: tl.constexpr):
@@ -35,12 +58,7 @@ def rms_norm_kernel(x_ptr, res_ptr, w_ptr, y_ptr, res_out_ptr, n_cols, x_row_str
     cols = tl.arange(0, BLOCK)
     if SINGLE_PASS:
         mask = cols < n_cols
-        h = tl.load(x_row + cols, mask=mask, other=0.0).to(tl.float32)
-        if HAS_RESIDUAL:
-            r = tl.load(r_row + cols, mask=mask, other=0.0).to(tl.float32)
-            hs = (h + r).to(res_out_ptr.dtype.element_ty)
-            tl.store(ro_row + cols, hs, mask=mask)
-            h = hs.to(tl.float32)
+        h = _load_row(x_row, r_row, ro_row, cols, mask, HAS_RESIDUAL)
         inv = tl.rsqrt(tl.sum(h * h, axis=0) / n_cols + eps)
         w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32) + w_offset
         tl.store(y_row + cols, (h * inv * w).to(y_ptr.dtype.element_ty), mask=mask)
@@ -49,21 +67,13 @@ def rms_norm_kernel(x_ptr, res_ptr, w_ptr, y_ptr, res_out_ptr, n_cols, x_row_str
         for start in range(0, n_cols, BLOCK):
             c = start + cols
             mask = c < n_cols
-            h = tl.load(x_row + c, mask=mask, other=0.0).to(tl.float32)
-            if HAS_RESIDUAL:
-                r = tl.load(r_row + c, mask=mask, other=0.0).to(tl.float32)
-                hs = (h + r).to(res_out_ptr.dtype.element_ty)
-                tl.store(ro_row + c, hs, mask=mask)
-                h = hs.to(tl.float32)
+            h = _load_row(x_row, r_row, ro_row, c, mask, HAS_RESIDUAL)
             acc += h * h
         inv = tl.rsqrt(tl.sum(acc, axis=0) / n_cols + eps)
         for start in range(0, n_cols, BLOCK):
             c = start + cols
             mask = c < n_cols
-            if HAS_RESIDUAL:
-                h = tl.load(ro_row + c, mask=mask, other=0.0).to(tl.float32)
-            else:
-                h = tl.load(x_row + c, mask=mask, other=0.0).to(tl.float32)
+            h = _reload_row(x_row, ro_row, c, mask, HAS_RESIDUAL)
             w = tl.load(w_ptr + c, mask=mask, other=0.0).to(tl.float32) + w_offset
             tl.store(y_row + c, (h * inv * w).to(y_ptr.dtype.element_ty), mask=mask)
 
@@ -131,12 +141,7 @@ def layer_norm_kernel(x_ptr, res_ptr, w_ptr, b_ptr, y_ptr, res_out_ptr, n_cols,
     cols = tl.arange(0, BLOCK)
     if SINGLE_PASS:
         mask = cols < n_cols
-        h = tl.load(x_row + cols, mask=mask, other=0.0).to(tl.float32)
-        if HAS_RESIDUAL:
-            r = tl.load(r_row + cols, mask=mask, other=0.0).to(tl.float32)
-            hs = (h + r).to(res_out_ptr.dtype.element_ty)
-            tl.store(ro_row + cols, hs, mask=mask)
-            h = hs.to(tl.float32)
+        h = _load_row(x_row, r_row, ro_row, cols, mask, HAS_RESIDUAL)
         mean = tl.sum(h, axis=0) / n_cols
         d = tl.where(mask, h - mean, 0.0)
         inv = tl.rsqrt(tl.sum(d * d, axis=0) / n_cols + eps)
@@ -149,32 +154,20 @@ def layer_norm_kernel(x_ptr, res_ptr, w_ptr, b_ptr, y_ptr, res_out_ptr, n_cols,
         for start in range(0, n_cols, BLOCK):          # pass 1: the sum (and h = x + r)
             c = start + cols
             mask = c < n_cols
-            h = tl.load(x_row + c, mask=mask, other=0.0).to(tl.float32)
-            if HAS_RESIDUAL:
-                r = tl.load(r_row + c, mask=mask, other=0.0).to(tl.float32)
-                hs = (h + r).to(res_out_ptr.dtype.element_ty)
-                tl.store(ro_row + c, hs, mask=mask)
-                h = hs.to(tl.float32)
-            acc += h
+            acc += _load_row(x_row, r_row, ro_row, c, mask, HAS_RESIDUAL)
         mean = tl.sum(acc, axis=0) / n_cols
         acc = tl.zeros([BLOCK], dtype=tl.float32)
         for start in range(0, n_cols, BLOCK):          # pass 2: squared deviations
             c = start + cols
             mask = c < n_cols
-            if HAS_RESIDUAL:
-                h = tl.load(ro_row + c, mask=mask, other=0.0).to(tl.float32)
-            else:
-                h = tl.load(x_row + c, mask=mask, other=0.0).to(tl.float32)
+            h = _reload_row(x_row, ro_row, c, mask, HAS_RESIDUAL)
             d = tl.where(mask, h - mean, 0.0)
             acc += d * d
         inv = tl.rsqrt(tl.sum(acc, axis=0) / n_cols + eps)
         for start in range(0, n_cols, BLOCK):          # pass 3: normalize, scale, shift
             c = start + cols
             mask = c < n_cols
-            if HAS_RESIDUAL:
-                h = tl.load(ro_row + c, mask=mask, other=0.0).to(tl.float32)
-            else:
-                h = tl.load(x_row + c, mask=mask, other=0.0).to(tl.float32)
+            h = _reload_row(x_row, ro_row, c, mask, HAS_RESIDUAL)
             y = (h - mean) * inv * tl.load(w_ptr + c, mask=mask, other=0.0).to(tl.float32)
             if HAS_BIAS:
                 y += tl.load(b_ptr + c, mask=mask, other=0.0).to(tl.float32)
