@@ -26,7 +26,7 @@ from safetensors.torch import save_file
 from test_engine import assert_all_free, tokens
 
 from minikernels.engine import LLM, SamplingParams
-from minikernels.engine.eagle import HeadDecodeGraphs
+from minikernels.engine.eagle import HeadCatchUpGraphs, HeadDecodeGraphs
 from minikernels.engine.spec_decode import SpeculativeConfig
 
 VOCAB, H, HEADS, KV_HEADS, INTER = 300, 64, 4, 2, 128
@@ -349,22 +349,31 @@ class EagerHeadGraphs(HeadDecodeGraphs):
         return lambda: self._forward(bs)
 
 
+class EagerHeadCatchUp(HeadCatchUpGraphs):
+    """CPU stand-in for the steady catch-up's CUDA graphs (left-padded rows of k + 1)."""
+
+    def _capture(self, bs):
+        return lambda: self._forward(bs)
+
+
 @pytest.mark.parametrize("head,target,aux", [("noisy", "bigram", None),
                                              ("eagle3", "target8", (2, 4, 5))])
 def test_standin_draft_graphs_equal_the_reference(ckpts, head, target, aux):
-    """Draft steps through the padded static buffers of the graph buckets: the same
-    proposals as the reference."""
+    """Draft steps and the steady catch-up (rows of 1..k + 1 positions, left-padded)
+    through the padded static buffers of the graph buckets: the same proposals as the
+    reference."""
     method = "eagle3" if head.startswith("eagle3") else "eagle"
     llm = make(ckpts[target], ckpts[head], method, k=4)
-    graphs = llm.llm_engine.proposer.capture_graphs(EagerHeadGraphs)
-    assert graphs.sizes == [1, 2, 4, 8, 16, 32]
+    graphs = llm.llm_engine.proposer.capture_graphs(EagerHeadGraphs, EagerHeadCatchUp)
+    catch_up = llm.llm_engine.proposer.catch_up_graphs
+    assert graphs.sizes == catch_up.sizes == [1, 2, 4, 8, 16, 32] and catch_up.q == 5
     log = _record_proposals(llm)
     prompts = _prompts(7, seed=8)                      # bucket 8: one padding row
     # rows finish one after another: the buckets' padding rows held real rows before
     params = [SamplingParams(temperature=0.0, max_tokens=6 + 3 * i, ignore_eos=True)
               for i in range(7)]
     outs = llm.generate(prompts, params, use_tqdm=False)
-    assert graphs.num_replays > 0 and log
+    assert graphs.num_replays > 0 and catch_up.num_replays > 0 and log
     W, hf = ckpts["heads"][head], ckpts["hf"][target]
     for known, drafts in log:
         assert drafts == _ref_drafts(W, method, hf, known, len(drafts), aux), known

@@ -32,7 +32,9 @@ One ``propose`` call (before the engine schedules):
    draft) then run k - 1 single-token steps, each fed the previous draft and the head's
    own output state, writing the head's K/V at positions len - 1 .. len + k - 3 of the
    target's blocks (allocated here, never offered to the prefix cache). On CUDA these
-   steps replay graphs (:class:`HeadDecodeGraphs`); the catch-up runs eagerly.
+   steps replay graphs (:class:`HeadDecodeGraphs`), and so does the catch-up when every
+   row drafts and catches up at most k + 1 positions (:class:`HeadCatchUpGraphs`: steady
+   decode); other catch-ups (prompts, chunks, rows that only catch up) run eagerly.
 
 Drafts sampled beyond the target's acceptance leave head K/V that the next catch-up
 overwrites (it always restarts at the first position without a target state), so no
@@ -137,6 +139,93 @@ class HeadDecodeGraphs:
         return logits[:n], g[:n]
 
 
+class HeadCatchUpGraphs:
+    """CUDA graphs of the head's steady catch-up: every row drafts and catches up at
+    most q = k + 1 positions (the accepted drafts and the target's own token), as a
+    varlen prefill over the paged prefix; one graph per batch-size bucket.
+
+    Row i occupies static positions ``[i * q, (i + 1) * q)``; a row of t < q positions
+    is left-padded (its t positions take the last slots of its span), so with
+    ``cu_seqlens_k`` its true length the bottom-right causal alignment puts each real
+    query at its true position; pad queries get slot -1 (no K/V write) and their outputs
+    are never read. The logits / output states are computed for each row's last position
+    only (static ``logits_indices`` = i * q + q - 1), which is where a drafting row's
+    first draft comes from. Padding rows (n..bs) attend to nothing (``cu_seqlens_k``
+    repeats the last real entry). ``_capture`` is the only CUDA-specific part (the tests'
+    CPU stand-in runs ``self._forward(bs)`` eagerly on the same buffers).
+    """
+
+    def __init__(self, head: EagleHead, kv: tuple[Tensor, Tensor], sizes: list[int],
+                 max_blocks_per_seq: int, q: int, max_model_len: int) -> None:
+        dev = head.device
+        self.head, self.kv = head, kv
+        self.sizes = list(sizes)
+        self.width = int(max_blocks_per_seq)
+        self.q = int(q)
+        self.max_model_len = int(max_model_len)
+        top = self.sizes[-1]
+        t = top * self.q
+        self.input_ids = torch.zeros(t, dtype=torch.int64, device=dev)
+        self.hidden = torch.zeros(t, head.config.hidden_size, dtype=head.dtype, device=dev)
+        self.positions = torch.zeros(t, dtype=torch.int64, device=dev)
+        self.slots = torch.full((t,), -1, dtype=torch.int64, device=dev)
+        self.block_table = torch.zeros(top, self.width, dtype=torch.int32, device=dev)
+        self.cu_q = (torch.arange(top + 1, dtype=torch.int32) * self.q).to(dev)
+        self.cu_k = torch.zeros(top + 1, dtype=torch.int32, device=dev)
+        self.last = (torch.arange(top, dtype=torch.int64) * self.q + self.q - 1).to(dev)
+        self.pool = None
+        self.num_replays = 0
+        self.graphs: dict[int, Callable[[], tuple[Tensor, Tensor]]] = {}
+        with torch.inference_mode(), index_checks_off():
+            for bs in reversed(self.sizes):   # largest first: later graphs reuse its memory
+                self.graphs[bs] = self._capture(bs)
+
+    def _meta(self, bs: int) -> AttentionMetadata:
+        t = bs * self.q
+        return AttentionMetadata(positions=self.positions[:t], slot_mapping=self.slots[:t],
+                                 num_decode=0, cu_seqlens_q=self.cu_q[:bs + 1],
+                                 cu_seqlens_k=self.cu_k[:bs + 1], max_seqlen_q=self.q,
+                                 max_seqlen_k=self.max_model_len,
+                                 prefill_block_table=self.block_table[:bs],
+                                 logits_indices=self.last[:bs])
+
+    def _forward(self, bs: int) -> tuple[Tensor, Tensor]:
+        t = bs * self.q
+        return self.head(self.input_ids[:t], self.hidden[:t], self._meta(bs), self.kv)
+
+    def _capture(self, bs: int) -> Callable[[], tuple[Tensor, Tensor]]:
+        replay, self.pool = capture_cuda_graph(lambda: self._forward(bs), self.head.device,
+                                               self.pool)
+        return replay
+
+    def run(self, ids: Tensor, hidden: Tensor, meta: AttentionMetadata, takes: list[int]
+            ) -> tuple[Tensor, Tensor] | None:
+        """Replay a catch-up of ``len(takes)`` drafting rows (row i: ``takes[i]``
+        positions, prefill metadata in the eager layout) -> (logits, output states) of
+        each row's last position; None when no bucket fits."""
+        n = len(takes)
+        bs = pick_graph_size(n, self.sizes)
+        tab = meta.prefill_block_table
+        if bs is None or tab.shape[1] > self.width or max(takes) > self.q:
+            return None
+        q, t = self.q, bs * self.q
+        lens = np.asarray(takes, dtype=np.int64)
+        dst = torch.from_numpy(_ranges(np.arange(n, dtype=np.int64) * q + q - lens, lens)
+                               ).to(ids.device, non_blocking=True)
+        self.slots[:t].fill_(-1)
+        self.input_ids.index_copy_(0, dst, ids)
+        self.hidden.index_copy_(0, dst, hidden.to(self.hidden.dtype))
+        self.positions.index_copy_(0, dst, meta.positions)
+        self.slots.index_copy_(0, dst, meta.slot_mapping)
+        self.cu_k[:n + 1].copy_(meta.cu_seqlens_k, non_blocking=True)
+        if bs > n:   # padding rows: no keys
+            self.cu_k[n + 1:bs + 1].copy_(meta.cu_seqlens_k[n:].expand(bs - n))
+        self.block_table[:n, :tab.shape[1]].copy_(tab, non_blocking=True)
+        logits, g = self.graphs[bs]()
+        self.num_replays += 1
+        return logits[:n], g[:n]
+
+
 class _Record:
     """Target hidden states of one step for one sequence: positions [pos, pos + count)
     are rows [row, row + count) of ``hidden`` ([T, width], the step's copy)."""
@@ -221,11 +310,12 @@ class EagleProposer(DraftSampler):
         self.graph_sizes = graph_batch_sizes(min(max_num_seqs, cfg.disable_by_batch_size))
         self.max_blocks_per_seq = max_blocks_per_seq or -(-max_model_len // block_size)
         self.graphs: HeadDecodeGraphs | None = None
+        self.catch_up_graphs: HeadCatchUpGraphs | None = None
         if not enforce_eager and self.device.type == "cuda":
             try:
                 self.capture_graphs()
             except Exception as e:  # noqa: BLE001 - an op that cannot be captured: eager
-                self.graphs = None
+                self.graphs = self.catch_up_graphs = None
                 logger.warning("EAGLE draft-step CUDA graphs not captured (%s: %s); they "
                                "run eagerly", type(e).__name__, e)
 
@@ -233,7 +323,7 @@ class EagleProposer(DraftSampler):
     def release_pool(self) -> None:
         """Sleep: drop the graphs, free the head's K/V (see engine/sleep.py)."""
         self._had_graphs = self.graphs is not None
-        self.graphs = None
+        self.graphs = self.catch_up_graphs = None
         self.states.clear()
         self._kv_shape = self.kv[0].shape
         for t in self.kv:
@@ -246,9 +336,11 @@ class EagleProposer(DraftSampler):
         if self._had_graphs:
             self.capture_graphs()
 
-    def capture_graphs(self, graphs_cls: type | None = None) -> HeadDecodeGraphs:
-        """Capture the draft steps' graphs (the constructor does on CUDA); graphs_cls: a
-        :class:`HeadDecodeGraphs` subclass (tests: a CPU stand-in)."""
+    def capture_graphs(self, graphs_cls: type | None = None,
+                       catch_up_cls: type | None = None) -> HeadDecodeGraphs:
+        """Capture the draft steps' and the steady catch-up's graphs (the constructor does
+        on CUDA); graphs_cls / catch_up_cls: :class:`HeadDecodeGraphs` /
+        :class:`HeadCatchUpGraphs` subclasses (tests: CPU stand-ins)."""
         # (on the head's GPU: a data-parallel replica's engine may live on cuda:1)
         where = torch.cuda.device(self.device) if self.device.type == "cuda" else \
             contextlib.nullcontext()
@@ -256,6 +348,9 @@ class EagleProposer(DraftSampler):
             self.graphs = (graphs_cls or HeadDecodeGraphs)(self.head, self.kv,
                                                            self.graph_sizes,
                                                            self.max_blocks_per_seq)
+            self.catch_up_graphs = (catch_up_cls or HeadCatchUpGraphs)(
+                self.head, self.kv, self.graph_sizes, self.max_blocks_per_seq, self.k + 1,
+                self.max_len)
         return self.graphs
 
     # ------------------------------------------------------------------ bookkeeping
@@ -340,7 +435,7 @@ class EagleProposer(DraftSampler):
             plan.append(_Row(i, st, st.computed, take, k, n))
         if not plan:
             return drafts, None
-        logits, hid = self._forward(*self._catch_up_inputs(plan))
+        logits, hid = self._catch_up(plan)
         self.num_catch_up_tokens += sum(r.take for r in plan)
         for r in plan:   # positions below start + take now have head K/V
             st = r.st
@@ -373,6 +468,19 @@ class EagleProposer(DraftSampler):
         for r, d in zip(rows, tokens):
             drafts[r.i] = d
         return drafts, probs
+
+    def _catch_up(self, plan: list[_Row]) -> tuple[Tensor, Tensor]:
+        """The catch-up forward -> (logits, output states) of the drafting rows' last
+        positions: a graph replay in steady decode (every row drafts, at most k + 1
+        positions each), else eager."""
+        ids, hidden, meta = self._catch_up_inputs(plan)
+        cg = self.catch_up_graphs
+        if cg is not None and all(r.k > 0 for r in plan):
+            res = cg.run(ids, hidden, meta, [r.take for r in plan])
+            if res is not None:
+                self.num_forwards += 1
+                return res
+        return self._forward(ids, hidden, meta)
 
     def catch_up(self) -> None:
         """Consume the kept target states of every tracked sequence (no drafts)."""
