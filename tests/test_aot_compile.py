@@ -3,14 +3,15 @@
 Fails on a compile error, on register spills (cuobjdump reports STACK/LOCAL bytes), and,
 for tensor-core kernels, when the sm_90a PTX lacks wgmma (sm_80 must show mma.sync).
 Compilation runs once, in a subprocess without TRITON_INTERPRET (which the CPU test
-session sets), through ``python -m minikernels.ops.triton.aot``.
+session sets), through ``python -m minikernels.ops.triton.aot``: started by conftest.py
+when collection ends, in the background (it overlaps the other tests), and read here,
+at the end of the run.
 """
 from __future__ import annotations
 
 import json
 import os
 import subprocess
-import sys
 
 import pytest
 
@@ -25,14 +26,25 @@ CASES = [(s.name, arch) for s in SPECS for arch in ("sm_80", "sm_90a")
 
 
 @pytest.fixture(scope="session")
-def aot_results(tmp_path_factory) -> dict[tuple[str, str], dict]:
-    out = tmp_path_factory.mktemp("aot") / "aot.json"
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-m", "minikernels.ops.triton.aot", "--json",
-                           str(out)], env=env, capture_output=True, text=True, timeout=1200)
-    if not out.exists():
-        pytest.fail(f"AOT compile run failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    return {(r["name"], r["arch"]): r for r in json.loads(out.read_text())}
+def aot_results(request) -> dict[tuple[str, str], dict]:
+    """Every spec's compile result. conftest.py started the compile in the background
+    when collection ended (so it overlaps the other tests); without it (MK_AOT_INLINE=1)
+    it runs here."""
+    started = getattr(request.config, "_mk_aot", None)
+    if started is None:
+        from conftest import start_aot_compile
+        started = start_aot_compile()
+    proc, out, log = started
+    try:
+        proc.wait(timeout=1800)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        pytest.fail("AOT compile run did not finish in 30 minutes")
+    if not os.path.exists(out):
+        with open(log) as f:
+            pytest.fail(f"AOT compile run failed:\n{f.read()[-6000:]}")
+    with open(out) as f:
+        return {(r["name"], r["arch"]): r for r in json.load(f)}
 
 
 def test_registry_is_populated():
