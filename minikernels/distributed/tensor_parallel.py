@@ -253,6 +253,8 @@ class _WorkerSleep:
             self.weights += offload_tensors(lora.tensors(), lambda t: True)
         if kv_caches is not None:
             self.kv_shapes = empty_kv_caches(kv_caches)
+        if torch.cuda.is_available():     # hand the freed memory back to the device
+            torch.cuda.empty_cache()
 
     def wake(self, kv_caches: list | None, tags: list[str]) -> None:
         from ..engine.sleep import refill_kv_caches, reload
