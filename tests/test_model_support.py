@@ -141,6 +141,13 @@ CASES: dict[str, tuple[str, dict[str, Any]]] = {
     "starcoder2-window": ("Starcoder2", dict(use_bias=True, norm_epsilon=1e-5,
                                              hidden_act="gelu_pytorch_tanh", sliding_window=6,
                                              tie_word_embeddings=True)),
+    # Cohere (Aya Expanse 8B): LayerNorm without a bias, attention and MLP in parallel,
+    # GPT-J rope, logits times logit_scale, tied embeddings.
+    "cohere": ("Cohere", dict(logit_scale=0.5, layer_norm_eps=1e-5, pad_token_id=0)),
+    # Cohere 2 (Command R7B): as Cohere, sliding layers with rope, a global layer without.
+    "cohere2-window": ("Cohere2", dict(logit_scale=0.5, layer_norm_eps=1e-5, pad_token_id=0,
+                                       sliding_window=6,
+                                       layer_types=["sliding_attention", "full_attention"])),
     # OLMoE: q / k norms over all heads, 8 experts, top 3 not renormalized.
     "olmoe": ("Olmoe", dict(num_experts=8, num_experts_per_tok=3, intermediate_size=40,
                             norm_topk_prob=False, pad_token_id=0, eos_token_id=2,

@@ -41,6 +41,8 @@ TP_CASES = {
     "glm4": ("glm4", {}),
     # StarCoder 2: LayerNorms (replicated), o / down biases added once, a one-part up
     "starcoder2": ("starcoder2-window", {}),
+    # Cohere 2: attention and MLP in parallel (two all-reduces summed), NoPE global layer
+    "cohere2": ("cohere2-window", {}),
     # OLMo 2 / OLMoE: q / k norms over every head (an all-reduced sum of squares), kv
     # heads split and (kv1) replicated
     "olmo2": ("olmo2", {}),

@@ -71,6 +71,10 @@ SUPPORTED_ARCHITECTURES = {
     # LayerNorm families (ops.layer_norm)
     "StableLmForCausalLM": "stablelm",
     "Starcoder2ForCausalLM": "starcoder2",
+    # Cohere (Aya Expanse / Aya 23 8B) and Cohere 2 (Command R7B): LayerNorm without a
+    # bias, attention and MLP in parallel from one norm, GPT-J rope, logits scaled
+    "CohereForCausalLM": "cohere",
+    "Cohere2ForCausalLM": "cohere2",
 }
 #: ``XForSequenceClassification``: the decoder of ``XForCausalLM`` with a ``score`` head
 #: (``mk.Classifier`` reads it; the generative model refuses such a checkpoint).
@@ -99,7 +103,8 @@ _MODEL_TYPES = {"llama": "llama", "mistral": "mistral", "ministral": "ministral"
                 "olmo2": "olmo2", "olmo3": "olmo3", "exaone4": "exaone4",
                 "hunyuan_v1_dense": "hunyuan", "ernie4_5": "ernie4_5",
                 "helium": "helium", "glm": "glm",
-                "glm4": "glm4", "stablelm": "stablelm", "starcoder2": "starcoder2"}
+                "glm4": "glm4", "stablelm": "stablelm", "starcoder2": "starcoder2",
+                "cohere": "cohere", "cohere2": "cohere2"}
 _GEMMA = ("gemma", "gemma2", "gemma3")
 #: the mixture-of-experts families (models/moe.py)
 _MOE = ("qwen3_moe", "qwen2_moe", "mixtral", "granitemoe", "olmoe")
@@ -183,6 +188,9 @@ class DecoderConfig:
     norm_bias: bool = False
     # False: the MLP is down(act(up(x))) (StarCoder 2's c_fc / c_proj), not gated.
     mlp_gated: bool = True
+    # Cohere: h + attn(norm(h)) + mlp(norm(h)), one norm per layer (no
+    # post_attention_layernorm).
+    parallel_residual: bool = False
     hidden_act: str = "silu"
     # Gemma: RMSNorm scales by (weight + norm_weight_offset); embeddings times embed_scale
     # (rounded to the model dtype, as transformers does); sandwich_norm adds norms after
@@ -252,6 +260,9 @@ class DecoderConfig:
                                         "not supported")
         if not self.mlp_gated and self.num_experts:
             raise UnsupportedModelError("non-gated MLPs with experts are not supported")
+        if self.parallel_residual and (self.post_norm or self.sandwich_norm):
+            raise UnsupportedModelError("parallel residual layers with post / sandwich "
+                                        "norms are not supported")
         if self.num_experts:
             if not 1 <= self.num_experts_per_tok <= self.num_experts:
                 raise ValueError(f"config.num_experts_per_tok must be in [1, num_experts = "
@@ -393,7 +404,11 @@ class DecoderConfig:
             attention_bias = bool(hf.get("use_bias", family == "starcoder2"))
         if family == "stablelm":
             _check_stablelm(hf)
-        layer_norm = family in ("stablelm", "starcoder2")
+        cohere = family in ("cohere", "cohere2")
+        if cohere and hf.get("use_qk_norm"):
+            raise UnsupportedModelError("Cohere with use_qk_norm (per-head LayerNorms of q "
+                                        "and k) is not supported")
+        layer_norm = family in ("stablelm", "starcoder2") or cohere
         gemma = family in _GEMMA
         return cls(
             architecture=family,
@@ -409,15 +424,17 @@ class DecoderConfig:
             rope_scaling=rope_scaling,
             partial_rotary_factor=float(partial) if partial is not None else
             (0.5 if family in ("glm", "glm4") else 0.25 if family == "stablelm" else 1.0),
-            rope_interleaved=family in ("glm", "glm4", "ernie4_5", "helium"),
-            rms_norm_eps=float(hf.get("layer_norm_eps", 1e-5)) if family == "stablelm" else
+            rope_interleaved=family in ("glm", "glm4", "ernie4_5", "helium") or cohere,
+            rms_norm_eps=float(hf.get("layer_norm_eps", 1e-5))
+            if family == "stablelm" or cohere else
             float(hf.get("norm_epsilon", 1e-5)) if family == "starcoder2" else
             float(hf.get("rms_norm_eps", 1e-6)),
             norm_type="layer" if layer_norm else "rms",
-            norm_bias=layer_norm,
+            norm_bias=layer_norm and not cohere,
+            parallel_residual=cohere,
             mlp_gated=family != "starcoder2",
             tie_word_embeddings=bool(hf.get("tie_word_embeddings",
-                                            gemma or family == "starcoder2")),
+                                            gemma or family == "starcoder2" or cohere)),
             eos_token_ids=eos,
             bos_token_id=None if bos is None else int(bos),
             sliding_window=window,
@@ -452,8 +469,11 @@ class DecoderConfig:
                          hf.get("position_embedding_type") != "rope" else
                          # EXAONE 4's hybrid models: no rope on the global layers
                          [i for i in range(num_layers) if i not in window_layers]
-                         if family == "exaone4" and window_layers else None),
+                         if family in ("exaone4", "cohere2") and window_layers else None),
             **(_granite_from_hf(hf) if family in ("granite", "granitemoe", "granite_hybrid")
+               else {}),
+            # Cohere multiplies the logits by logit_scale: Granite's division by its inverse
+            **({"logits_scaling": 1.0 / float(hf.get("logit_scale", 0.0625))} if cohere
                else {}),
             **(_moe_from_hf(hf, family, num_layers) if family in _MOE else {}),
             quantization_config=dict(hf["quantization_config"])

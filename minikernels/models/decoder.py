@@ -227,9 +227,10 @@ class DecoderLayer(nn.Module):
             return make_norm(c, dtype, device)
 
         self.post_norm = c.post_norm
+        self.parallel_residual = c.parallel_residual
         self.input_layernorm = None if c.post_norm else norm()
         self.self_attn = Attention(config, layer, rotary, dtype, device, dense, tp)
-        self.post_attention_layernorm = norm()
+        self.post_attention_layernorm = None if c.parallel_residual else norm()
         self.pre_feedforward_layernorm = self.post_feedforward_layernorm = None
         if c.sandwich_norm:
             self.pre_feedforward_layernorm = norm()
@@ -251,6 +252,10 @@ class DecoderLayer(nn.Module):
             x = self.input_layernorm(h)
         else:
             x, residual = self.input_layernorm(h, residual)
+        if self.parallel_residual:
+            # Cohere: attention and MLP both read the one norm; both outputs join the
+            # stream (the add is left pending, as every layer's)
+            return self.self_attn(x, meta, kv_cache) + self.mlp(x), residual
         x = self.self_attn(x, meta, kv_cache)
         if self.pre_feedforward_layernorm is None:
             x, residual = self.post_attention_layernorm(x, residual)

@@ -572,6 +572,8 @@ def _load_hf(model_dir: str, dtype: str | torch.dtype, device: torch.device,
         elif name and hasattr(mod, "weight") and isinstance(getattr(mod, "weight"),
                                                             torch.nn.Parameter):
             expected.add((name, None, "weight"))
+            if isinstance(getattr(mod, "bias", None), torch.nn.Parameter):   # LayerNorm
+                expected.add((name, None, "bias"))
 
     pending_q: dict[tuple[str, int], dict[str, Tensor]] = {}
     pending_fp8: dict[tuple[str, int], dict[str, Tensor]] = {}
