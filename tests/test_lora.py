@@ -113,3 +113,25 @@ def test_adapter_errors_name_the_field(setup, tmp_path):
         LoRAAdapter.load(a1, builtin_config("qwen2.5-0.5b"))
     with pytest.raises(LoRAError, match="adapter_config.json"):
         LoRAAdapter.load(str(tmp_path), model.config)
+
+
+def test_starcoder2_adapter_on_the_non_gated_mlp(tmp_path):
+    """PEFT's adapter on StarCoder 2's c_fc / c_proj (its non-gated MLP: c_fc is the one
+    part of gate_up_proj) and attention: logits equal PEFT's; a gate_proj target is
+    refused by name."""
+    hf = make_hf_model("starcoder2-window", seed=4)
+    base = save_hf(hf, str(tmp_path / "base"))
+    ref = make_adapter(hf, str(tmp_path / "lora"), r=4, alpha=8,
+                       targets=["q_proj", "v_proj", "o_proj", "c_fc", "c_proj"], seed=5)
+    model = load_model(base, dtype="float32", device="cpu")
+    manager = LoRAManager(model, max_loras=2, max_lora_rank=4)
+    manager.activate(1, LoRAAdapter.load(str(tmp_path / "lora"), model.config))
+    seqs = [random_tokens(n, 300, 40 + n) for n in (9, 6)]
+    got = _run(model, seqs, [1, -1], manager)
+    want = torch.cat([_ref_logits(ref, seqs[0]), _ref_logits(hf, seqs[1])])
+    assert rel_err(got, want) <= 1e-4
+    assert rel_err(_ref_logits(ref, seqs[0]), _ref_logits(hf, seqs[0])) > 1e-2
+    llama = make_hf_model("llama", seed=4)
+    make_adapter(llama, str(tmp_path / "gated"), r=2, alpha=2, targets=["gate_proj"], seed=6)
+    with pytest.raises(LoRAError, match="not gated"):
+        LoRAAdapter.load(str(tmp_path / "gated"), model.config)

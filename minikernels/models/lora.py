@@ -71,7 +71,8 @@ _ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 _SHARED_TARGETS = {"shared_expert.gate_proj": ("mlp.shared_expert.gate_up_proj", 0),
                    "shared_expert.up_proj": ("mlp.shared_expert.gate_up_proj", 1),
                    "shared_expert.down_proj": ("mlp.shared_expert.down_proj", 0)}
-_NAME_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.(?:self_attn|mlp)\.((?:shared_expert\.)?\w+_proj)"
+_NAME_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.(?:self_attn|mlp)\."
+                      r"((?:shared_expert\.)?(?:\w+_proj|c_fc))"
                       r"\.lora_([AB])(?:\.default)?\.weight$")
 #: one expert's projection (transformers 4.x modules; Mixtral's w1 / w3 / w2)
 _EXPERT_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.(?:mlp|block_sparse_moe)\.experts\.(\d+)\."
@@ -179,6 +180,9 @@ def _parse_tensors(tensors: list[tuple[str, Tensor]], config: DecoderConfig, ran
     ``...mlp.experts.{e}.{proj}`` or Mixtral's ``block_sparse_moe.experts.{e}.w1|w2|w3``,
     and the stacked ``...mlp.experts.{gate_up_proj|down_proj}`` of target_parameters)."""
     halves: dict[tuple[int, str], dict[str, Tensor]] = {}
+    # StarCoder 2's non-gated MLP: c_fc is the one part of gate_up_proj, c_proj down_proj
+    aliases = {"c_fc": "gate_proj", "c_proj": "down_proj"} if not config.mlp_gated else {}
+    hf_proj: dict[tuple[int, str], str] = {}     # PEFT's own name of each aliased target
     per_expert: dict[tuple[int, str], dict[int, dict[str, Tensor]]] = {}
     stacked: dict[tuple[int, str], dict[str, Tensor]] = {}
     names: dict[tuple[int, str], str] = {}     # PEFT's module name of each expert target
@@ -186,6 +190,12 @@ def _parse_tensors(tensors: list[tuple[str, Tensor]], config: DecoderConfig, ran
         m = _NAME_RE.search(key)
         if m is not None:
             layer, proj, half = int(m.group(1)), m.group(2), m.group(3)
+            if proj in aliases:
+                hf_proj[(layer, aliases[proj])] = proj
+                proj = aliases[proj]
+            elif not config.mlp_gated and proj in ("gate_proj", "up_proj"):
+                raise LoRAError(f"{path}: {key!r} targets a gated MLP projection; this "
+                                f"model's MLP is not gated (c_fc / c_proj)")
             target = (_TARGETS.get(proj) or _SHARED_TARGETS.get(proj) or (None,))[0]
             if target is None or layer >= config.num_layers:
                 raise LoRAError(f"{path}: {key!r} targets a module this model does not have")
@@ -224,7 +234,8 @@ def _parse_tensors(tensors: list[tuple[str, Tensor]], config: DecoderConfig, ran
     for (layer, proj), pair in sorted(halves.items()):
         a, b = _both_halves(pair, f"layers.{layer}.{proj}", path)
         k_in, n_out = _projection_shape(config, proj)
-        name = f"model.layers.{layer}.{'self_attn' if proj in _ATTENTION else 'mlp'}.{proj}"
+        name = (f"model.layers.{layer}.{'self_attn' if proj in _ATTENTION else 'mlp'}."
+                f"{hf_proj.get((layer, proj), proj)}")
         rank = ranks.rank(name)
         _check_shapes(a, b, [rank, k_in], [n_out, rank], f"layers.{layer}.{proj}", path)
         weights[(layer, proj)] = (a, ranks.fold(name, b))
@@ -486,7 +497,7 @@ class LoRAManager:
                 layer = int(name.split(".")[1])
                 target = name.split(".", 2)[2]
                 for proj, (t, part) in (*_TARGETS.items(), *_SHARED_TARGETS.items()):
-                    if t != target:
+                    if t != target or part >= len(lora.sizes):   # (a non-gated MLP: 1)
                         continue
                     a, b = adapter.weights.get((layer, proj), (None, None))
                     if a is not None and b is not None:
