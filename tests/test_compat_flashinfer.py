@@ -489,6 +489,27 @@ def test_append_then_decode(device, layout, form, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+def test_layernorm(device, dtype):
+    """FlashInfer's layernorm(input, gemma, beta, eps) against an fp64 LayerNorm, with
+    fp32 scale / shift (FlashInfer's) and a strided input view."""
+    gen = torch.Generator().manual_seed(12)
+    for shape in ((1, 1), (5, 33), (3, 2, 16)):
+        x = padded_view(randn(shape, gen, dtype, device)) + 2.0
+        g = randn(shape[-1:], gen, torch.float32, device)
+        b = randn(shape[-1:], gen, torch.float32, device)
+        xf = x.double()
+        mean = xf.mean(-1, keepdim=True)
+        ref = (xf - mean) / torch.sqrt((xf - mean).pow(2).mean(-1, keepdim=True) + 1e-6)
+        ref = ref * g.double() + b.double()
+        out = fi.layernorm(x, g, b)
+        assert out.dtype == dtype
+        assert_close(out, ref.to(dtype))
+        assert fi.norm.layernorm is fi.layernorm
+    with pytest.raises(ValueError, match="beta"):
+        fi.layernorm(x, g, b[:3])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("gemma", [False, True])
 def test_rmsnorm(device, dtype, gemma):
     gen = torch.Generator().manual_seed(10)

@@ -20,7 +20,7 @@ Names, argument names, defaults, layouts and return shapes are FlashInfer's. Cov
 - ``append_paged_kv_cache``, ``get_batch_indices_positions``, ``get_seq_lens``;
 - cascade: ``merge_state``, ``merge_state_in_place``, ``merge_states``;
 - ``rmsnorm``, ``fused_add_rmsnorm``, ``gemma_rmsnorm``, ``gemma_fused_add_rmsnorm``,
-  ``silu_and_mul``, ``gelu_and_mul`` (erf), ``gelu_tanh_and_mul``;
+  ``layernorm``, ``silu_and_mul``, ``gelu_and_mul`` (erf), ``gelu_tanh_and_mul``;
 - RoPE: ``apply_rope`` / ``apply_rope_pos_ids`` / ``apply_llama31_rope`` /
   ``apply_llama31_rope_pos_ids`` (each with ``_inplace``), ``apply_rope_with_cos_sin_cache``
   (+ ``_inplace``);
@@ -104,7 +104,8 @@ __all__ = [
     "apply_rope_pos_ids", "apply_rope_pos_ids_inplace", "apply_rope_with_cos_sin_cache",
     "apply_rope_with_cos_sin_cache_inplace", "cascade", "decode", "fused_add_rmsnorm",
     "gelu_and_mul", "gelu_tanh_and_mul", "gemma_fused_add_rmsnorm", "gemma_rmsnorm",
-    "get_batch_indices_positions", "get_seq_lens", "merge_state", "merge_state_in_place",
+    "get_batch_indices_positions", "get_seq_lens", "layernorm", "merge_state",
+    "merge_state_in_place",
     "merge_states", "min_p_sampling_from_probs", "norm", "page", "prefill", "rmsnorm",
     "rope", "sampling", "sampling_from_logits", "sampling_from_probs", "silu_and_mul",
     "single_decode_with_kv_cache", "single_prefill_with_kv_cache",
@@ -1095,6 +1096,19 @@ def gemma_fused_add_rmsnorm(input: Tensor, residual: Tensor, weight: Tensor,
     _fused_add_norm(input, residual, weight, eps, 1.0)
 
 
+def layernorm(input: Tensor, gemma: Tensor, beta: Tensor, eps: float = 1e-6) -> Tensor:
+    """LayerNorm over the last dim (FlashInfer's argument names: ``gemma`` the scale,
+    ``beta`` the shift): ``(input - mean) / sqrt(var + eps) * gemma + beta``, biased
+    variance, fp32 math, a new tensor in input's dtype (``ops.layer_norm``). input
+    [..., H] (FlashInfer: 2-D bf16; here fp16 / bf16 / fp32, any strides), gemma / beta
+    [H] (FlashInfer: fp32; here any float dtype)."""
+    check_tensor("input", input, dtypes=FLOAT_DTYPES, min_ndim=1)
+    for name, t in (("gemma", gemma), ("beta", beta)):
+        check_tensor(name, t, dtypes=FLOAT_DTYPES, ndim=1, device=input.device)
+        check_shape(name, t, [input.shape[-1]])
+    return ops.layer_norm(input, gemma, beta, eps)  # type: ignore[return-value]
+
+
 def _gated(kind: str, input: Tensor, out: Tensor | None) -> Tensor:
     check_tensor("input", input, dtypes=FLOAT_DTYPES, min_ndim=1)
     if input.shape[-1] % 2:
@@ -1531,7 +1545,7 @@ cascade = SimpleNamespace(merge_state=merge_state, merge_state_in_place=merge_st
                           merge_states=merge_states)
 norm = SimpleNamespace(rmsnorm=rmsnorm, fused_add_rmsnorm=fused_add_rmsnorm,
                        gemma_rmsnorm=gemma_rmsnorm,
-                       gemma_fused_add_rmsnorm=gemma_fused_add_rmsnorm)
+                       gemma_fused_add_rmsnorm=gemma_fused_add_rmsnorm, layernorm=layernorm)
 activation = SimpleNamespace(silu_and_mul=silu_and_mul, gelu_tanh_and_mul=gelu_tanh_and_mul,
                              gelu_and_mul=gelu_and_mul)
 rope = SimpleNamespace(
