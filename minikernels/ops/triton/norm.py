@@ -17,20 +17,28 @@ import torch
 import triton
 import triton.language as tl
 
+from ... import backend as _backend
 from .. import _alloc
+from .interpreter_rounding import rne_bf16
 from .registry import KernelSpec, register
 
 MAX_SINGLE_PASS = 8192
 
 
 @triton.jit
-def _load_row(x_row, r_row, ro_row, c, mask, HAS_RESIDUAL: tl.constexpr):
+def _load_row(x_row, r_row, ro_row, c, mask, HAS_RESIDUAL: tl.constexpr,
+              RNE_BF16: tl.constexpr):
     """Columns ``c`` of the row in fp32: x, or with a residual h = x + r, rounded to the
-    activation dtype and stored as the new residual (the first pass over a row)."""
+    activation dtype and stored as the new residual (the first pass over a row).
+    RNE_BF16 (interpreter only, bf16): round to nearest even before the cast, as a GPU's
+    cast does (interpreter_rounding)."""
     h = tl.load(x_row + c, mask=mask, other=0.0).to(tl.float32)
     if HAS_RESIDUAL:
         r = tl.load(r_row + c, mask=mask, other=0.0).to(tl.float32)
-        hs = (h + r).to(ro_row.dtype.element_ty)
+        hs = h + r
+        if RNE_BF16:
+            hs = rne_bf16(hs)
+        hs = hs.to(ro_row.dtype.element_ty)
         tl.store(ro_row + c, hs, mask=mask)
         h = hs.to(tl.float32)
     return h
@@ -49,7 +57,7 @@ def _reload_row(x_row, ro_row, c, mask, HAS_RESIDUAL: tl.constexpr):
 @triton.jit
 def rms_norm_kernel(x_ptr, res_ptr, w_ptr, y_ptr, res_out_ptr, n_cols, x_row_stride,
                     res_row_stride, eps, w_offset, HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr,
-                    SINGLE_PASS: tl.constexpr):
+                    SINGLE_PASS: tl.constexpr, RNE_BF16: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     x_row = x_ptr + row * x_row_stride
     y_row = y_ptr + row * n_cols
@@ -58,16 +66,19 @@ def rms_norm_kernel(x_ptr, res_ptr, w_ptr, y_ptr, res_out_ptr, n_cols, x_row_str
     cols = tl.arange(0, BLOCK)
     if SINGLE_PASS:
         mask = cols < n_cols
-        h = _load_row(x_row, r_row, ro_row, cols, mask, HAS_RESIDUAL)
+        h = _load_row(x_row, r_row, ro_row, cols, mask, HAS_RESIDUAL, RNE_BF16)
         inv = tl.rsqrt(tl.sum(h * h, axis=0) / n_cols + eps)
         w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32) + w_offset
-        tl.store(y_row + cols, (h * inv * w).to(y_ptr.dtype.element_ty), mask=mask)
+        y = h * inv * w
+        if RNE_BF16:
+            y = rne_bf16(y)
+        tl.store(y_row + cols, y.to(y_ptr.dtype.element_ty), mask=mask)
     else:
         acc = tl.zeros([BLOCK], dtype=tl.float32)
         for start in range(0, n_cols, BLOCK):
             c = start + cols
             mask = c < n_cols
-            h = _load_row(x_row, r_row, ro_row, c, mask, HAS_RESIDUAL)
+            h = _load_row(x_row, r_row, ro_row, c, mask, HAS_RESIDUAL, RNE_BF16)
             acc += h * h
         inv = tl.rsqrt(tl.sum(acc, axis=0) / n_cols + eps)
         for start in range(0, n_cols, BLOCK):
@@ -75,7 +86,10 @@ def rms_norm_kernel(x_ptr, res_ptr, w_ptr, y_ptr, res_out_ptr, n_cols, x_row_str
             mask = c < n_cols
             h = _reload_row(x_row, ro_row, c, mask, HAS_RESIDUAL)
             w = tl.load(w_ptr + c, mask=mask, other=0.0).to(tl.float32) + w_offset
-            tl.store(y_row + c, (h * inv * w).to(y_ptr.dtype.element_ty), mask=mask)
+            y = h * inv * w
+            if RNE_BF16:
+                y = rne_bf16(y)
+            tl.store(y_row + c, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 def _launch(x2: torch.Tensor, weight: torch.Tensor, eps: float, w_offset: float,
@@ -90,7 +104,13 @@ def _launch(x2: torch.Tensor, weight: torch.Tensor, eps: float, w_offset: float,
         x2, res2 if res2 is not None else x2, weight, y, res_out if res_out is not None else y,
         n, x2.stride(0), res2.stride(0) if res2 is not None else 0, eps,
         float(w_offset),
-        HAS_RESIDUAL=res2 is not None, BLOCK=block, SINGLE_PASS=single, num_warps=warps)
+        HAS_RESIDUAL=res2 is not None, BLOCK=block, SINGLE_PASS=single,
+        RNE_BF16=_rne(y), num_warps=warps)
+
+
+def _rne(y: torch.Tensor) -> bool:
+    """Round bf16 outputs to nearest even in the kernel: under the interpreter only."""
+    return y.dtype == torch.bfloat16 and _backend.interpreter_enabled()
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
@@ -124,15 +144,17 @@ for _dt in ("fp16", "bf16"):
                            "y_ptr": f"*{_dt}", "res_out_ptr": f"*{_dt}", "n_cols": "i32",
                            "x_row_stride": "i64", "res_row_stride": "i64", "eps": "fp32", "w_offset": "fp32",
                            "HAS_RESIDUAL": "constexpr", "BLOCK": "constexpr",
-                           "SINGLE_PASS": "constexpr"},
-                constexprs={"HAS_RESIDUAL": _res, "BLOCK": _block, "SINGLE_PASS": _single},
+                           "SINGLE_PASS": "constexpr", "RNE_BF16": "constexpr"},
+                constexprs={"HAS_RESIDUAL": _res, "BLOCK": _block, "SINGLE_PASS": _single,
+                            "RNE_BF16": False},
                 num_warps=max(1, min(16, _block // 256)), num_stages=1))
 
 
 @triton.jit
 def layer_norm_kernel(x_ptr, res_ptr, w_ptr, b_ptr, y_ptr, res_out_ptr, n_cols,
                       x_row_stride, res_row_stride, eps, HAS_RESIDUAL: tl.constexpr,
-                      HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr, SINGLE_PASS: tl.constexpr):
+                      HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr, SINGLE_PASS: tl.constexpr,
+                      RNE_BF16: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     x_row = x_ptr + row * x_row_stride
     y_row = y_ptr + row * n_cols
@@ -141,20 +163,22 @@ def layer_norm_kernel(x_ptr, res_ptr, w_ptr, b_ptr, y_ptr, res_out_ptr, n_cols,
     cols = tl.arange(0, BLOCK)
     if SINGLE_PASS:
         mask = cols < n_cols
-        h = _load_row(x_row, r_row, ro_row, cols, mask, HAS_RESIDUAL)
+        h = _load_row(x_row, r_row, ro_row, cols, mask, HAS_RESIDUAL, RNE_BF16)
         mean = tl.sum(h, axis=0) / n_cols
         d = tl.where(mask, h - mean, 0.0)
         inv = tl.rsqrt(tl.sum(d * d, axis=0) / n_cols + eps)
         y = d * inv * tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
         if HAS_BIAS:
             y += tl.load(b_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        if RNE_BF16:
+            y = rne_bf16(y)
         tl.store(y_row + cols, y.to(y_ptr.dtype.element_ty), mask=mask)
     else:
         acc = tl.zeros([BLOCK], dtype=tl.float32)
         for start in range(0, n_cols, BLOCK):          # pass 1: the sum (and h = x + r)
             c = start + cols
             mask = c < n_cols
-            acc += _load_row(x_row, r_row, ro_row, c, mask, HAS_RESIDUAL)
+            acc += _load_row(x_row, r_row, ro_row, c, mask, HAS_RESIDUAL, RNE_BF16)
         mean = tl.sum(acc, axis=0) / n_cols
         acc = tl.zeros([BLOCK], dtype=tl.float32)
         for start in range(0, n_cols, BLOCK):          # pass 2: squared deviations
@@ -171,6 +195,8 @@ def layer_norm_kernel(x_ptr, res_ptr, w_ptr, b_ptr, y_ptr, res_out_ptr, n_cols,
             y = (h - mean) * inv * tl.load(w_ptr + c, mask=mask, other=0.0).to(tl.float32)
             if HAS_BIAS:
                 y += tl.load(b_ptr + c, mask=mask, other=0.0).to(tl.float32)
+            if RNE_BF16:
+                y = rne_bf16(y)
             tl.store(y_row + c, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
@@ -187,7 +213,8 @@ def _launch_layer_norm(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
         x2, res2 if res2 is not None else x2, weight, bias if bias is not None else weight,
         y, res_out if res_out is not None else y, n, x2.stride(0),
         res2.stride(0) if res2 is not None else 0, eps, HAS_RESIDUAL=res2 is not None,
-        HAS_BIAS=bias is not None, BLOCK=block, SINGLE_PASS=single, num_warps=warps)
+        HAS_BIAS=bias is not None, BLOCK=block, SINGLE_PASS=single, RNE_BF16=_rne(y),
+        num_warps=warps)
 
 
 def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -221,7 +248,8 @@ for _dt in ("fp16", "bf16"):
                            "b_ptr": f"*{_dt}", "y_ptr": f"*{_dt}", "res_out_ptr": f"*{_dt}",
                            "n_cols": "i32", "x_row_stride": "i64", "res_row_stride": "i64",
                            "eps": "fp32", "HAS_RESIDUAL": "constexpr", "HAS_BIAS": "constexpr",
-                           "BLOCK": "constexpr", "SINGLE_PASS": "constexpr"},
+                           "BLOCK": "constexpr", "SINGLE_PASS": "constexpr",
+                           "RNE_BF16": "constexpr"},
                 constexprs={"HAS_RESIDUAL": _res, "HAS_BIAS": True, "BLOCK": _block,
-                            "SINGLE_PASS": _single},
+                            "SINGLE_PASS": _single, "RNE_BF16": False},
                 num_warps=max(1, min(16, _block // 256)), num_stages=1))
