@@ -140,6 +140,9 @@ def test_gpu_speculative_verify_graphs_token_identical(tmp_path, method):
         vg = llm.llm_engine.runner.verify_graphs
         assert vg is not None and vg.sizes == [1, 2, 4, 8] and vg.num_replays > 0
         assert llm.stats()["spec_num_draft_tokens"] > 0
+        if method.startswith("eagle"):   # the head's steady catch-up replays its graphs
+            cg = llm.llm_engine.proposer.catch_up_graphs
+            assert cg is not None and cg.num_replays > 0
         if method == "eagle3":
             assert llm.llm_engine.proposer.num_stale == 0
         else:
