@@ -31,6 +31,10 @@ _LAZY = {
     "Classifier": ("minikernels.engine", "Classifier"),
     "BeamSearchParams": ("minikernels.engine", "BeamSearchParams"),
     "LoRARequest": ("minikernels.engine", "LoRARequest"),
+    "StructuredOutputsParams": ("minikernels.engine", "StructuredOutputsParams"),
+    "AsyncLLM": ("minikernels.engine", "AsyncLLM"),
+    "CompletionOutput": ("minikernels.engine", "CompletionOutput"),
+    "RequestOutputKind": ("minikernels.engine", "RequestOutputKind"),
 }
 
 

@@ -395,3 +395,16 @@ def test_generate_priority_argument():
     with pytest.raises(ValueError, match="priority"):
         llm.generate([[5, 6, 7]], sp, use_tqdm=False, priority=[1, 2])
     assert_all_free(llm)
+
+
+def test_public_names_at_the_top_level():
+    """The contract's names resolve from ``import minikernels as mk`` (vLLM's spelling
+    where vLLM has one)."""
+    import minikernels as mk
+
+    p = mk.SamplingParams(structured_outputs=mk.StructuredOutputsParams(choice=["a", "b"]),
+                          truncate_prompt_tokens=4, output_kind=mk.RequestOutputKind.DELTA)
+    assert p.structured_outputs.choice == ["a", "b"]
+    for name in ("LLM", "AsyncLLM", "RequestOutput", "CompletionOutput", "LoRARequest",
+                 "BeamSearchParams", "StructuredOutputsParams"):
+        assert getattr(mk, name) is getattr(mk.engine, name), name

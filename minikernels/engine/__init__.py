@@ -20,9 +20,10 @@ from .embedding import Embedder
 from .llm_engine import LLM, EngineSleeping, LLMEngine
 from .lora import LoRARequest
 from .outputs import CompletionOutput, Logprob, RequestOutput
-from .sampling_params import RequestOutputKind, SamplingParams
+from .sampling_params import RequestOutputKind, SamplingParams, StructuredOutputsParams
 
 __all__ = ["AsyncLLM", "BeamSearchOutput", "BeamSearchParams", "BeamSearchSequence",
            "Classifier", "CompletionOutput", "Embedder", "EngineOverloaded", "EngineSleeping",
            "LLM", "LLMEngine", "Logprob",
-           "LoRARequest", "RequestOutput", "RequestOutputKind", "SamplingParams"]
+           "LoRARequest", "RequestOutput", "RequestOutputKind", "SamplingParams",
+           "StructuredOutputsParams"]
