@@ -16,7 +16,10 @@ from test_server_fake import API_KEY, MODEL, FakeEngine
 ROUTES = ["/v1/completions", "/v1/chat/completions", "/v1/responses", "/tokenize",
           "/detokenize", "/v1/embeddings",
           "/v1/models", f"/v1/models/{MODEL}", "/v1/models/nope", "/health", "/metrics",
-          "/version", "/v1/nothing", "/"]
+          "/version", "/v1/nothing", "/",
+          # sleep mode (on here; the fake engine has none: 400s past the argument checks)
+          "/sleep?level=2", "/sleep?level=x&level=1", "/wake_up?tags=gpu", "/is_sleeping",
+          "/reset_prefix_cache", "/update_weights_from_disk"]
 METHODS = ["POST", "POST", "POST", "GET", "PUT", "DELETE", "OPTIONS", "PATCH", "FOO"]
 FIELDS = ["model", "prompt", "messages", "max_tokens", "max_completion_tokens", "n",
           "stream", "stream_options", "temperature", "top_p", "top_k", "min_p", "stop",
@@ -89,7 +92,7 @@ bodies = st.fixed_dictionaries({}, optional={
 def server():
     engine = FakeEngine(max_model_len=64, step_s=0.0)
     with LiveServer(create_app(engine, api_key=API_KEY, served_model_name=MODEL,
-                               tool_call_parser="hermes")) as srv:
+                               tool_call_parser="hermes", enable_sleep_mode=True)) as srv:
         yield srv
 
 

@@ -64,9 +64,16 @@ def test_sleep_wake_over_http(engine):
         asleep = _complete(url)
         assert asleep.status_code == 503
         assert asleep.json()["error"]["code"] == "engine_sleeping"
-        for path, param in (("/sleep?level=3", "level"), ("/wake_up?tags=gpu", "tags")):
+        for path, param in (("/sleep?level=3", "level"), ("/wake_up?tags=gpu", "tags"),
+                            ("/sleep?level=1&level=2", "level")):
             r = httpx.post(url + path, headers=AUTH, timeout=30)
             assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+        r = httpx.post(url + "/update_weights_from_disk", headers=AUTH, timeout=30,
+                       json={"model_path": 5})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "model_path", r.text
+        r = httpx.put(url + "/sleep", headers=AUTH, timeout=30)
+        assert r.status_code == 405 and set(r.json()["error"]) == {
+            "message", "type", "param", "code"}
         assert httpx.post(url + "/wake_up?tags=weights", headers=AUTH,
                           timeout=60).status_code == 200
         assert httpx.get(url + "/is_sleeping", headers=AUTH, timeout=30).json() == \
