@@ -73,17 +73,16 @@ logger = logging.getLogger("minikernels.engine")
 MAX_RECORDS = 8     # steps a sequence's target states may wait for a propose call
 
 
-class HeadDecodeGraphs:
-    """CUDA graphs of the head's draft steps (one token per row over the paged prefix),
-    one per batch-size bucket; a step of n rows replays the smallest bucket bs >= n.
+class _HeadGraphs:
+    """What the head's graph runners share: static buffers for ``q`` token slots per row
+    of the largest bucket (input ids, input states ``[., H]``, positions, slots -1 = no
+    K/V write) and a block table ``[bs, max_blocks_per_seq]``; one CUDA graph per bucket,
+    captured largest first (later graphs reuse its memory pool). ``_capture`` is the only
+    CUDA-specific part: a subclass may return a closure that runs ``self._forward(bs)``
+    eagerly on the same buffers (the tests' CPU stand-in). Subclasses add their own
+    buffers (``_more_buffers``) and metadata (``_meta``)."""
 
-    Static buffers: input ids, the input states ``[bs, H]``, positions, slots, seq_lens
-    and the block table ``[bs, max_blocks_per_seq]``; padding rows get slot -1 (no K/V
-    write) and seq_len 0 (attention reads nothing, returns zeros). A replay returns the
-    static (logits, output states); ``run`` hands back their first n rows.
-    ``_capture`` is the only CUDA-specific part: a subclass may return a closure that
-    runs ``self._forward(bs)`` eagerly on the same buffers (the tests' CPU stand-in).
-    """
+    q = 1
 
     def __init__(self, head: EagleHead, kv: tuple[Tensor, Tensor], sizes: list[int],
                  max_blocks_per_seq: int) -> None:
@@ -92,31 +91,52 @@ class HeadDecodeGraphs:
         self.sizes = list(sizes)
         self.width = int(max_blocks_per_seq)
         top = self.sizes[-1]
-        self.input_ids = torch.zeros(top, dtype=torch.int64, device=dev)
-        self.hidden = torch.zeros(top, head.config.hidden_size, dtype=head.dtype, device=dev)
-        self.positions = torch.zeros(top, dtype=torch.int64, device=dev)
-        self.slots = torch.full((top,), -1, dtype=torch.int64, device=dev)
-        self.seq_lens = torch.zeros(top, dtype=torch.int32, device=dev)
+        t = top * self.q
+        self.input_ids = torch.zeros(t, dtype=torch.int64, device=dev)
+        self.hidden = torch.zeros(t, head.config.hidden_size, dtype=head.dtype, device=dev)
+        self.positions = torch.zeros(t, dtype=torch.int64, device=dev)
+        self.slots = torch.full((t,), -1, dtype=torch.int64, device=dev)
         self.block_table = torch.zeros(top, self.width, dtype=torch.int32, device=dev)
+        self._more_buffers(top, dev)
         self.pool = None
         self.num_replays = 0
         self.graphs: dict[int, Callable[[], tuple[Tensor, Tensor]]] = {}
         with torch.inference_mode(), index_checks_off():
-            for bs in reversed(self.sizes):   # largest first: later graphs reuse its memory
+            for bs in reversed(self.sizes):
                 self.graphs[bs] = self._capture(bs)
 
+    def _more_buffers(self, top: int, dev: torch.device) -> None:
+        pass
+
     def _meta(self, bs: int) -> AttentionMetadata:
-        return AttentionMetadata(positions=self.positions[:bs], slot_mapping=self.slots[:bs],
-                                 num_decode=bs, decode_block_table=self.block_table[:bs],
-                                 decode_seq_lens=self.seq_lens[:bs], logits_indices=None)
+        raise NotImplementedError
 
     def _forward(self, bs: int) -> tuple[Tensor, Tensor]:
-        return self.head(self.input_ids[:bs], self.hidden[:bs], self._meta(bs), self.kv)
+        t = bs * self.q
+        return self.head(self.input_ids[:t], self.hidden[:t], self._meta(bs), self.kv)
 
     def _capture(self, bs: int) -> Callable[[], tuple[Tensor, Tensor]]:
         replay, self.pool = capture_cuda_graph(lambda: self._forward(bs), self.head.device,
                                                self.pool)
         return replay
+
+
+class HeadDecodeGraphs(_HeadGraphs):
+    """CUDA graphs of the head's draft steps (one token per row over the paged prefix),
+    one per batch-size bucket; a step of n rows replays the smallest bucket bs >= n.
+
+    Buffers (:class:`_HeadGraphs`) plus seq_lens; padding rows get slot -1 (no K/V
+    write) and seq_len 0 (attention reads nothing, returns zeros). A replay returns the
+    static (logits, output states); ``run`` hands back their first n rows.
+    """
+
+    def _more_buffers(self, top: int, dev: torch.device) -> None:
+        self.seq_lens = torch.zeros(top, dtype=torch.int32, device=dev)
+
+    def _meta(self, bs: int) -> AttentionMetadata:
+        return AttentionMetadata(positions=self.positions[:bs], slot_mapping=self.slots[:bs],
+                                 num_decode=bs, decode_block_table=self.block_table[:bs],
+                                 decode_seq_lens=self.seq_lens[:bs], logits_indices=None)
 
     def run(self, ids: Tensor, hidden: Tensor, meta: AttentionMetadata
             ) -> tuple[Tensor, Tensor] | None:
@@ -139,7 +159,7 @@ class HeadDecodeGraphs:
         return logits[:n], g[:n]
 
 
-class HeadCatchUpGraphs:
+class HeadCatchUpGraphs(_HeadGraphs):
     """CUDA graphs of the head's steady catch-up: every row drafts and catches up at
     most q = k + 1 positions (the accepted drafts and the target's own token), as a
     varlen prefill over the paged prefix; one graph per batch-size bucket.
@@ -151,34 +171,19 @@ class HeadCatchUpGraphs:
     are never read. The logits / output states are computed for each row's last position
     only (static ``logits_indices`` = i * q + q - 1), which is where a drafting row's
     first draft comes from. Padding rows (n..bs) attend to nothing (``cu_seqlens_k``
-    repeats the last real entry). ``_capture`` is the only CUDA-specific part (the tests'
-    CPU stand-in runs ``self._forward(bs)`` eagerly on the same buffers).
+    repeats the last real entry). Buffers and capture: :class:`_HeadGraphs`.
     """
 
     def __init__(self, head: EagleHead, kv: tuple[Tensor, Tensor], sizes: list[int],
                  max_blocks_per_seq: int, q: int, max_model_len: int) -> None:
-        dev = head.device
-        self.head, self.kv = head, kv
-        self.sizes = list(sizes)
-        self.width = int(max_blocks_per_seq)
         self.q = int(q)
         self.max_model_len = int(max_model_len)
-        top = self.sizes[-1]
-        t = top * self.q
-        self.input_ids = torch.zeros(t, dtype=torch.int64, device=dev)
-        self.hidden = torch.zeros(t, head.config.hidden_size, dtype=head.dtype, device=dev)
-        self.positions = torch.zeros(t, dtype=torch.int64, device=dev)
-        self.slots = torch.full((t,), -1, dtype=torch.int64, device=dev)
-        self.block_table = torch.zeros(top, self.width, dtype=torch.int32, device=dev)
+        super().__init__(head, kv, sizes, max_blocks_per_seq)
+
+    def _more_buffers(self, top: int, dev: torch.device) -> None:
         self.cu_q = (torch.arange(top + 1, dtype=torch.int32) * self.q).to(dev)
         self.cu_k = torch.zeros(top + 1, dtype=torch.int32, device=dev)
         self.last = (torch.arange(top, dtype=torch.int64) * self.q + self.q - 1).to(dev)
-        self.pool = None
-        self.num_replays = 0
-        self.graphs: dict[int, Callable[[], tuple[Tensor, Tensor]]] = {}
-        with torch.inference_mode(), index_checks_off():
-            for bs in reversed(self.sizes):   # largest first: later graphs reuse its memory
-                self.graphs[bs] = self._capture(bs)
 
     def _meta(self, bs: int) -> AttentionMetadata:
         t = bs * self.q
@@ -188,15 +193,6 @@ class HeadCatchUpGraphs:
                                  max_seqlen_k=self.max_model_len,
                                  prefill_block_table=self.block_table[:bs],
                                  logits_indices=self.last[:bs])
-
-    def _forward(self, bs: int) -> tuple[Tensor, Tensor]:
-        t = bs * self.q
-        return self.head(self.input_ids[:t], self.hidden[:t], self._meta(bs), self.kv)
-
-    def _capture(self, bs: int) -> Callable[[], tuple[Tensor, Tensor]]:
-        replay, self.pool = capture_cuda_graph(lambda: self._forward(bs), self.head.device,
-                                               self.pool)
-        return replay
 
     def run(self, ids: Tensor, hidden: Tensor, meta: AttentionMetadata, takes: list[int]
             ) -> tuple[Tensor, Tensor] | None:
