@@ -726,3 +726,28 @@ def test_logit_bias_and_allowed_token_ids(client, server, engine):
         r = httpx.post(server.base_url + "/v1/completions", headers=_auth(), timeout=30,
                        json={"model": MODEL, "prompt": "x", "max_tokens": 2, **body})
         assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+
+
+def test_return_tokens_as_token_ids(client, engine):
+    """vLLM's return_tokens_as_token_ids: logprob tokens (and alternatives) are
+    "token_id:<id>" strings naming the exact ids; they decode to the text; chat's bytes
+    stay the tokens' own."""
+    tok = engine.tokenizer
+    r = client.completions.create(model=MODEL, prompt="hello world", max_tokens=6,
+                                  logprobs=2, temperature=0, extra_body={
+                                      "ignore_eos": True, "return_tokens_as_token_ids": True})
+    lp = r.choices[0].logprobs
+    ids = [int(t.split(":", 1)[1]) for t in lp.tokens]
+    assert all(t.startswith("token_id:") for t in lp.tokens)
+    assert all(k.startswith("token_id:") for top in lp.top_logprobs for k in top)
+    assert tok.decode(ids, skip_special_tokens=True) == r.choices[0].text
+    c = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "say hi"}], max_tokens=6,
+        temperature=0, logprobs=True, top_logprobs=2,
+        extra_body={"ignore_eos": True, "return_tokens_as_token_ids": True})
+    content = c.choices[0].logprobs.content
+    ids = [int(e.token.split(":", 1)[1]) for e in content]
+    assert tok.decode(ids, skip_special_tokens=True) == c.choices[0].message.content
+    assert b"".join(bytes(e.bytes) for e in content).decode("utf-8", "replace") == \
+        tok.decode(ids, skip_special_tokens=False)
+    assert all(t.token.startswith("token_id:") for e in content for t in e.top_logprobs)

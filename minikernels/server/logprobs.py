@@ -32,6 +32,9 @@ def _is_byte_level(hf: Any) -> bool:
 class TokenText:
     """Text and bytes of single token ids for one tokenizer (cached)."""
 
+    #: logprob entries' own ``decoded_token`` may stand for the token's text
+    uses_decoded = True
+
     def __init__(self, tokenizer: Any) -> None:
         self.tokenizer = tokenizer
         hf = getattr(tokenizer, "tokenizer", None)
@@ -56,6 +59,11 @@ class TokenText:
         if len(self._cache) < 1 << 18:
             self._cache[tid] = out
         return out
+
+    def as_token_ids(self) -> "TokenIdText":
+        """The view that names tokens ``"token_id:<id>"`` (vLLM's
+        ``return_tokens_as_token_ids``); ``bytes`` stay the tokens' own."""
+        return TokenIdText(self)
 
     def _lookup(self, tid: int) -> Optional[bytes]:
         if isinstance(self.tokenizer, ByteTokenizer):
@@ -82,6 +90,24 @@ class TokenText:
         return piece.replace("\u2581", " ").encode("utf-8")
 
 
+class TokenIdText:
+    """:class:`TokenText` with every token's text ``"token_id:<id>"``: a client gets the
+    exact ids of the tokens and of their alternatives (tokens that are not valid UTF-8
+    on their own included)."""
+
+    uses_decoded = False
+
+    def __init__(self, inner: TokenText) -> None:
+        self.inner = inner
+        self.tokenizer = inner.tokenizer
+
+    def text(self, tid: int) -> str:
+        return f"token_id:{int(tid)}"
+
+    def bytes_of(self, tid: int, text: Optional[str] = None) -> bytes:
+        return self.inner.bytes_of(tid)
+
+
 def finite(x: float) -> float:
     """OpenAI sends -9999.0 for a probability that underflows to zero."""
     return x if math.isfinite(x) else -9999.0
@@ -101,7 +127,7 @@ def token_rows(tt: TokenText, out: Any, start: int, end: int,
         tid, entry = ids[i], entries[i]
         items = []
         for key, v in (entry.items() if isinstance(entry, dict) else ()):
-            text = getattr(v, "decoded_token", None)
+            text = getattr(v, "decoded_token", None) if tt.uses_decoded else None
             items.append((int(key), float(getattr(v, "logprob", v)),
                           text if text is not None else tt.text(int(key))))
         by_id = {t: (lp, text) for t, lp, text in items}
@@ -167,7 +193,7 @@ def prompt_completion_logprobs(tt: TokenText, prompt_ids: list[int],
             continue
         items = []
         for key, v in entry.items():
-            t_text = getattr(v, "decoded_token", None)
+            t_text = getattr(v, "decoded_token", None) if tt.uses_decoded else None
             items.append((int(key), float(getattr(v, "logprob", v)),
                           t_text if t_text is not None else tt.text(int(key))))
         by_id = {t: lp for t, lp, _ in items}

@@ -11,7 +11,8 @@ Field names and ranges follow OpenAI's API (``logit_bias`` included); vLLM's ext
 are accepted where the server or engine honours them (``allowed_token_ids``, ``top_k``,
 ``min_p``, ``repetition_penalty``,
 ``ignore_eos``, ``stop_token_ids``, ``min_tokens``, ``include_stop_str_in_output``,
-``skip_special_tokens``, ``bad_words``, ``truncate_prompt_tokens``, ``chat_template_kwargs``,
+``skip_special_tokens``, ``bad_words``, ``return_tokens_as_token_ids``,
+``truncate_prompt_tokens``, ``chat_template_kwargs``,
 ``add_generation_prompt``, chat ``echo``, ``priority``, ``cache_salt``,
 ``structured_outputs``; completions ``echo`` with ``logprobs`` returns the prompt tokens'
 logprobs), and refused with a 400 where the engine has no support (``cache_salt`` on an
@@ -114,6 +115,8 @@ class _SamplingFields(_Strict):
     min_tokens: int = Field(0, ge=0)
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
+    # vLLM's: logprob tokens as "token_id:<id>" strings (exact ids for RL trainers)
+    return_tokens_as_token_ids: bool = False
     # words the output never contains (tokenized once per request on the engine thread:
     # bounded so one request cannot stall the others)
     bad_words: Optional[list[Annotated[str, StringConstraints(min_length=1, max_length=256)]]] \

@@ -362,6 +362,8 @@ def register_routes(app: FastAPI, state: "ServerState") -> None:
             req, kid = await parse(request, CompletionRequest)
         except ClientGone:
             return gone_response()
+        tt = state.token_text.as_token_ids() if req.return_tokens_as_token_ids else \
+            state.token_text
         prompts = req.prompts()
         check_prompt_count(len(prompts))
         constraint = req.constraint()
@@ -507,6 +509,8 @@ def register_routes(app: FastAPI, state: "ServerState") -> None:
             group, tools, messages, new_reasoning = await start_chat(request, req, kid, rid)
         except ClientGone:
             return gone_response()
+        tt = state.token_text.as_token_ids() if req.return_tokens_as_token_ids else \
+            state.token_text
         top_k = (req.top_logprobs or 0) if req.logprobs else None
         model = req.model or state.served_name
         created = int(time.time())
