@@ -63,6 +63,28 @@ def test_hf_tokenizer_and_chat_template(tiny_hf_dir):
                               add_special_tokens=False)
 
 
+def test_chat_with_a_template_of_the_callers(tiny_hf_dir):
+    """LLM.chat(chat_template=...): the conversation rendered by the given Jinja template
+    instead of the tokenizer's (vLLM's argument); the byte tokenizer refuses one."""
+    import minikernels as mk
+
+    llm = mk.LLM(tiny_hf_dir, dtype="float32", device="cpu", num_kv_blocks=32, block_size=8)
+    template = ("{% for m in messages %}{{ m['content'] }} {% endfor %}"
+                "{% if add_generation_prompt %}assistant :{% endif %}")
+    p = mk.SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)
+    [out] = llm.chat([{"role": "user", "content": "the cat"}], p, use_tqdm=False,
+                     chat_template=template)
+    assert out.prompt_token_ids == llm.get_tokenizer().encode("the cat assistant :",
+                                                              add_special_tokens=False)
+    [default] = llm.chat([{"role": "user", "content": "the cat"}], p, use_tqdm=False)
+    assert default.prompt_token_ids != out.prompt_token_ids
+    with pytest.raises(ValueError, match="chat_template"):
+        llm.chat([{"role": "user", "content": "x"}], p, chat_template="  ")
+    byte = mk.LLM("tiny", dtype="float32", device="cpu")
+    with pytest.raises(ValueError, match="chat_template"):
+        byte.chat([{"role": "user", "content": "x"}], p, chat_template=template)
+
+
 def test_run_generate_hf_dir_matches_transformers(tiny_hf_dir, capsys):
     from transformers import AutoModelForCausalLM
 

@@ -1318,6 +1318,7 @@ class LLM:
              add_generation_prompt: bool = True,
              continue_final_message: bool = False,
              tools: list[dict[str, Any]] | None = None,
+             chat_template: str | None = None,
              chat_template_kwargs: dict[str, Any] | None = None) -> list[RequestOutput]:
         """Generate replies to conversations (vLLM's ``LLM.chat``).
 
@@ -1326,6 +1327,8 @@ class LLM:
             (OpenAI function specs) and ``chat_template_kwargs`` passed to it.
         continue_final_message: the reply continues the last (assistant) message instead
             of starting a new one (needs ``add_generation_prompt=False``).
+        chat_template: a Jinja chat template to render with instead of the tokenizer's
+            (vLLM's argument; an HF tokenizer).
         Each output's ``prompt`` is the rendered text (special tokens included).
         """
         if isinstance(messages, (list, tuple)) and messages and \
@@ -1343,6 +1346,10 @@ class LLM:
         if tok is None:
             raise ValueError("this model has no tokenizer to render chats with")
         kwargs = dict(chat_template_kwargs or {})
+        if chat_template is not None:
+            if not isinstance(chat_template, str) or not chat_template.strip():
+                raise ValueError("chat_template must be a non-empty Jinja template string")
+            kwargs["chat_template"] = chat_template
         if continue_final_message:
             kwargs["continue_final_message"] = True
         prompts = [tok.apply_chat_template(c, add_generation_prompt=add_generation_prompt,

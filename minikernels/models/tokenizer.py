@@ -73,9 +73,13 @@ class ByteTokenizer:
         """``<|im_start|>role``, newline, content, ``<|im_end|>``, newline per message
         (ChatML in bytes); with ``continue_final_message=True`` the last message is left
         open. It renders no tools (the server flattens them into the messages first) and
-        ignores other template variables."""
+        ignores other template variables; a ``chat_template`` of the caller's needs an HF
+        tokenizer (ValueError)."""
         if tools:
             raise ValueError("the byte tokenizer's chat template renders no tools")
+        if template_kwargs.get("chat_template"):
+            raise ValueError("chat_template: the byte tokenizer renders only its built-in "
+                             "ChatML (a Jinja template needs an HF tokenizer)")
         ids = [self.BOS] if self.add_bos else []
         for i, m in enumerate(messages):
             if "role" not in m or "content" not in m:
@@ -122,10 +126,11 @@ class HFTokenizer:
                             add_generation_prompt: bool = True,
                             tools: list[dict[str, Any]] | None = None,
                             **template_kwargs: Any) -> list[int]:
-        """Token ids of ``messages`` rendered by the checkpoint's chat template, with
+        """Token ids of ``messages`` rendered by the checkpoint's chat template (or a
+        ``chat_template`` Jinja string of the caller's, as transformers takes it), with
         ``tools`` (OpenAI function specs) and template variables (``enable_thinking``,
         ``continue_final_message``, ...) passed to it."""
-        if not self.chat_template:
+        if not self.chat_template and not template_kwargs.get("chat_template"):
             raise ValueError("this tokenizer has no chat template (tokenizer_config.json "
                              "chat_template); pass a plain prompt instead")
         # Render to text, then encode without adding specials again (the template has them).
