@@ -751,3 +751,31 @@ def test_return_tokens_as_token_ids(client, engine):
     assert b"".join(bytes(e.bytes) for e in content).decode("utf-8", "replace") == \
         tok.decode(ids, skip_special_tokens=False)
     assert all(t.token.startswith("token_id:") for e in content for t in e.top_logprobs)
+
+
+def test_prompt_logprobs_field(client, server, engine):
+    """vLLM's prompt_logprobs: per prompt token (null first) the token's logprob, rank
+    and decoded text plus its k best alternatives, equal to the offline engine's; on
+    completions per choice, on chat once; refused with stream=true."""
+    k = 2
+    r = client.completions.create(model=MODEL, prompt="hello world", max_tokens=3,
+                                  temperature=0, extra_body={"prompt_logprobs": k})
+    got = r.choices[0].model_extra["prompt_logprobs"]
+    ref = engine.llm.generate(["hello world"], SamplingParams(
+        temperature=0, max_tokens=1, prompt_logprobs=k), use_tqdm=False)[0]
+    ids = ref.prompt_token_ids
+    assert len(got) == len(ids) and got[0] is None
+    for i in range(1, len(ids)):
+        row = got[i]
+        assert str(ids[i]) in row and len(row) <= k + 1
+        want = ref.prompt_logprobs[i][ids[i]]
+        assert abs(row[str(ids[i])]["logprob"] - want.logprob) < 1e-4
+        assert row[str(ids[i])]["rank"] == want.rank
+    c = client.chat.completions.create(model=MODEL, max_tokens=2, temperature=0,
+                                       messages=[{"role": "user", "content": "say hi"}],
+                                       extra_body={"prompt_logprobs": 0})
+    plp = c.model_extra["prompt_logprobs"]
+    assert plp[0] is None and all(len(row) == 1 for row in plp[1:])
+    bad = httpx.post(server.base_url + "/v1/completions", headers=_auth(), timeout=30, json={
+        "model": MODEL, "prompt": "x", "max_tokens": 2, "stream": True, "prompt_logprobs": 1})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "prompt_logprobs"

@@ -32,7 +32,7 @@ FIELDS = ["model", "prompt", "messages", "max_tokens", "max_completion_tokens", 
           "user", "tokens", "add_special_tokens", "return_token_strs", "input",
           "instructions", "max_output_tokens", "text", "store", "previous_response_id",
           "include", "truncation", "reasoning", "metadata", "background", "bad_words",
-          "return_tokens_as_token_ids", "unknown_field"]
+          "return_tokens_as_token_ids", "prompt_logprobs", "unknown_field"]
 
 scalars = st.one_of(
     st.none(), st.booleans(), st.integers(-3, 70), st.integers(-2 ** 70, 2 ** 70),

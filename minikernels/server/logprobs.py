@@ -205,6 +205,30 @@ def prompt_completion_logprobs(tt: TokenText, prompt_ids: list[int],
             "text_offset": offsets}
 
 
+def vllm_prompt_logprobs(tt: TokenText, prompt_ids: list[int],
+                         prompt_logprobs: Optional[list], k: int) -> list[Optional[dict]]:
+    """vLLM's ``prompt_logprobs`` response field: per prompt token, None for the first,
+    then ``{"<token id>": {"logprob", "rank", "decoded_token"}}`` holding the prompt token
+    and its ``k`` most likely alternatives (rank 1 = most likely)."""
+    entries = prompt_logprobs or []
+    out: list[Optional[dict]] = []
+    for i, tid in enumerate(prompt_ids):
+        entry = entries[i] if i < len(entries) else None
+        if not isinstance(entry, dict):
+            out.append(None)
+            continue
+        ranked = sorted(entry.items(), key=lambda kv: int(getattr(kv[1], "rank", 1)))
+        keep = [(t, v) for t, v in ranked if int(t) == int(tid)]
+        keep += [(t, v) for t, v in ranked if int(t) != int(tid)][:k]
+        row = {}
+        for t, v in keep:
+            text = getattr(v, "decoded_token", None) if tt.uses_decoded else None
+            row[str(int(t))] = {"logprob": finite(float(v.logprob)), "rank": int(v.rank),
+                                "decoded_token": text if text is not None else tt.text(int(t))}
+        out.append(row)
+    return out
+
+
 def join_completion_logprobs(first: dict, second: dict) -> dict:
     """Two completions ``logprobs`` objects, one after the other (prompt, then output)."""
     return {key: list(first[key]) + list(second[key])

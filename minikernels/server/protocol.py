@@ -11,7 +11,7 @@ Field names and ranges follow OpenAI's API (``logit_bias`` included); vLLM's ext
 are accepted where the server or engine honours them (``allowed_token_ids``, ``top_k``,
 ``min_p``, ``repetition_penalty``,
 ``ignore_eos``, ``stop_token_ids``, ``min_tokens``, ``include_stop_str_in_output``,
-``skip_special_tokens``, ``bad_words``, ``return_tokens_as_token_ids``,
+``skip_special_tokens``, ``bad_words``, ``return_tokens_as_token_ids``, ``prompt_logprobs``,
 ``truncate_prompt_tokens``, ``chat_template_kwargs``,
 ``add_generation_prompt``, chat ``echo``, ``priority``, ``cache_salt``,
 ``structured_outputs``; completions ``echo`` with ``logprobs`` returns the prompt tokens'
@@ -117,6 +117,9 @@ class _SamplingFields(_Strict):
     skip_special_tokens: bool = True
     # vLLM's: logprob tokens as "token_id:<id>" strings (exact ids for RL trainers)
     return_tokens_as_token_ids: bool = False
+    # vLLM's: each prompt token's logprob and the top k alternatives, in the response's
+    # "prompt_logprobs" (not with stream, as vLLM)
+    prompt_logprobs: Optional[int] = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     # words the output never contains (tokenized once per request on the engine thread:
     # bounded so one request cannot stall the others)
     bad_words: Optional[list[Annotated[str, StringConstraints(min_length=1, max_length=256)]]] \
@@ -160,6 +163,9 @@ class _SamplingFields(_Strict):
         if self.stream_options is not None and not self.stream:
             raise APIError("stream_options is only allowed when stream is true",
                            param="stream_options")
+        if self.prompt_logprobs is not None and self.stream:
+            raise APIError("prompt_logprobs is not available with stream=true",
+                           param="prompt_logprobs")
         self.token_biases()
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
             raise APIError(f"min_tokens ({self.min_tokens}) must be <= max_tokens "

@@ -24,7 +24,7 @@ from ..engine.sampling_params import RequestOutputKind
 from .errors import APIError, JSONBody, engine_error_to_api, unsupported
 from .jsonbody import parse_json_object
 from .logprobs import (chat_logprobs, completion_logprobs, join_completion_logprobs,
-                       prompt_completion_logprobs)
+                       prompt_completion_logprobs, vllm_prompt_logprobs)
 from .metrics import CONTENT_TYPE
 from .lora_routes import register_lora_routes
 from .sleep_routes import register_sleep_routes
@@ -381,6 +381,8 @@ def register_routes(app: FastAPI, state: "ServerState") -> None:
         params_for: dict[int, SamplingParams] = {}       # by max_tokens
         # echo + logprobs: the prompt tokens' logprobs too (lm-eval-harness loglikelihood).
         prompt_lp = req.logprobs if req.echo and req.logprobs is not None else None
+        if req.prompt_logprobs is not None:     # vLLM's field (the engine scores both)
+            prompt_lp = max(prompt_lp or 0, req.prompt_logprobs)
         for i, prompt in enumerate(prompts):
             ids = await state.prompts.completion_prompt(prompt, keep)
             room = max_tokens
@@ -408,6 +410,11 @@ def register_routes(app: FastAPI, state: "ServerState") -> None:
                 return c.req.prompt_text
             return tt.tokenizer.decode(c.req.prompt_ids)
 
+        def vllm_prompt_lps(c: Choice, k: int) -> list:
+            latest = c.req.latest
+            ids = list(getattr(latest, "prompt_token_ids", None) or c.req.prompt_ids)
+            return vllm_prompt_logprobs(tt, ids, getattr(latest, "prompt_logprobs", None), k)
+
         def prompt_lps(c: Choice) -> dict:
             """The echoed prompt's logprobs object (echo + logprobs)."""
             latest = c.req.latest
@@ -423,10 +430,13 @@ def register_routes(app: FastAPI, state: "ServerState") -> None:
                 if req.logprobs is not None:
                     lp = completion_logprobs(tt, c.output, 0, c.num_tokens, req.logprobs,
                                              len(echo))
-                    if prompt_lp is not None:
+                    if req.echo:
                         lp = join_completion_logprobs(prompt_lps(c), lp)
-                out_choices.append({"index": c.index, "text": echo + c.text,
-                                    "logprobs": lp, "finish_reason": c.finish_reason})
+                choice = {"index": c.index, "text": echo + c.text, "logprobs": lp,
+                          "finish_reason": c.finish_reason}
+                if req.prompt_logprobs is not None:
+                    choice["prompt_logprobs"] = vllm_prompt_lps(c, req.prompt_logprobs)
+                out_choices.append(choice)
             return JSONBody({"id": rid, "object": "text_completion", "created": created,
                              "model": model, "choices": out_choices, "usage": group.usage()})
 
@@ -450,7 +460,7 @@ def register_routes(app: FastAPI, state: "ServerState") -> None:
             if req.logprobs is not None:
                 lp = completion_logprobs(tt, c.output, t0, t1, req.logprobs,
                                          echo_lens.get(c.index, 0) + c.sent_text)
-                if first and prompt_lp is not None:
+                if first and req.echo:
                     lp = join_completion_logprobs(prompt_lps(c), lp)
             c.sent_text += len(delta)
             c.sent_tokens = t1
@@ -491,9 +501,9 @@ def register_routes(app: FastAPI, state: "ServerState") -> None:
             constraint.params = dataclasses.replace(
                 constraint.params,
                 start_after=constraint_start_marker(state.prompts.tokenizer))
-        group = Group(engine, [EngineRequest(f"{rid}-0", ids,
-                                             make_params(req, wanted, top_k, kid,
-                                                         constraint=constraint))])
+        group = Group(engine, [EngineRequest(f"{rid}-0", ids, make_params(
+            req, wanted, top_k, kid, getattr(req, "prompt_logprobs", None),
+            constraint=constraint))])
         await run_group(request, group, req.stream)
         opens = name is not None and prompt_opens_thinking(tail)
 
@@ -537,8 +547,15 @@ def register_routes(app: FastAPI, state: "ServerState") -> None:
                 out_choices.append({"index": c.index, "message": message, "logprobs": lp,
                                     "finish_reason": tools.finish_reason(c.finish_reason,
                                                                          bool(calls))})
-            return JSONBody({"id": rid, "object": "chat.completion", "created": created,
-                             "model": model, "choices": out_choices, "usage": group.usage()})
+            body = {"id": rid, "object": "chat.completion", "created": created,
+                    "model": model, "choices": out_choices, "usage": group.usage()}
+            if req.prompt_logprobs is not None:     # vLLM's: once, for the one prompt
+                c0 = group.choices[0]
+                latest = c0.req.latest
+                body["prompt_logprobs"] = vllm_prompt_logprobs(
+                    tt, list(getattr(latest, "prompt_token_ids", None) or c0.req.prompt_ids),
+                    getattr(latest, "prompt_logprobs", None), req.prompt_logprobs)
+            return JSONBody(body)
 
         base = {"id": rid, "object": "chat.completion.chunk", "created": created,
                 "model": model}
