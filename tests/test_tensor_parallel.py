@@ -293,6 +293,19 @@ def test_eagle_tp2_drafts_and_tokens_equal_tp1(tp_dirs, tmp_path, target, method
         assert got == want
         assert log2 == log1 and len(log1) > 3
         assert llm.llm_engine.proposer.num_stale == 0
+        if (target, method) == ("llama", "eagle"):
+            # RL weight sync: the head's whole embedding / lm_head copies follow the
+            # target's new tensors, so its proposals equal a TP=1 engine of the new
+            # checkpoint's
+            other = make_hf_model("llama", seed=31)
+            new_dir = save_hf(other, str(tmp_path / "new"))
+            llm.load_weights(other.named_parameters())
+            log2.clear()
+            got = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
+            fresh = mk.LLM(new_dir, speculative_config=spec, **kw)
+            log3 = _record_proposals(fresh)
+            assert got == [o.outputs[0].token_ids for o in fresh.generate(prompts, params)]
+            assert log2 == log3 and len(log3) > 3
     finally:
         llm.llm_engine.model.close()
 

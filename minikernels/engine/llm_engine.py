@@ -1127,10 +1127,48 @@ class LLMEngine:
             raise RuntimeError("load_weights: the weights are asleep: wake_up(['weights']) "
                                "first")
         with torch.inference_mode(False), self.runner.on_device():
-            n = (self.model.load_weights(weights) if self._tensor_parallel   # every rank
-                 else load_weights(self.model, weights))
+            if not self._tensor_parallel:
+                n = load_weights(self.model, weights)
+            else:                              # every rank; an EAGLE head's whole tables too
+                tables: dict[str, Any] = {}
+                n = self.model.load_weights(self._tap_target_tables(weights, tables))
+                if tables:
+                    self._refresh_head_tables(tables)
         self.reset_prefix_cache()
         return n
+
+    def _tap_target_tables(self, weights: Any, seen: dict[str, Any]) -> Any:
+        """``weights`` as (name, tensor) pairs, keeping the embedding and lm_head tensors
+        in ``seen`` when an EAGLE head holds whole copies of them (tensor parallel)."""
+        from collections.abc import Mapping
+
+        from ..models.loader import map_name
+
+        items = weights.items() if isinstance(weights, Mapping) else weights
+        head = self._eagle.head if self._eagle is not None else None
+        if head is None or (head.target_embed is None and head.target_lm_head is None):
+            yield from items
+            return
+        for name, tensor in items:
+            target = map_name(name)
+            if target is not None and target[0] in ("embed_tokens", "lm_head") \
+                    and target[2] == "weight":
+                seen[target[0]] = tensor
+            yield name, tensor
+
+    def _refresh_head_tables(self, seen: dict[str, Any]) -> None:
+        """An EAGLE head's whole embedding / lm_head copies from updated target tensors
+        (a tied lm_head is the embedding)."""
+        head = self._eagle.head
+        embed, lm_head = seen.get("embed_tokens"), seen.get("lm_head")
+        if self.model.config.tie_word_embeddings and embed is not None:
+            lm_head = embed
+        with torch.no_grad():
+            head.use_target_tables(
+                embed if embed is not None and head.target_embed is not None
+                else head.target_embed,
+                lm_head if lm_head is not None and head.target_lm_head is not None
+                else head.target_lm_head)
 
     def check_no_leaks(self) -> None:
         """AssertionError unless the block accounting is consistent (tests, debugging)."""
