@@ -408,3 +408,22 @@ def test_public_names_at_the_top_level():
     for name in ("LLM", "AsyncLLM", "RequestOutput", "CompletionOutput", "LoRARequest",
                  "BeamSearchParams", "StructuredOutputsParams"):
         assert getattr(mk, name) is getattr(mk.engine, name), name
+
+
+def test_start_and_stop_profile(tmp_path):
+    """LLM.start_profile / stop_profile (vLLM's): a torch.profiler trace of the engine's
+    work, minikernels' ops in it, written under the given directory."""
+    import json
+
+    llm = LLM("tiny", dtype="float32", device="cpu", num_kv_blocks=32, block_size=8)
+    with pytest.raises(RuntimeError, match="start_profile"):
+        llm.stop_profile()
+    llm.start_profile(str(tmp_path))
+    with pytest.raises(RuntimeError, match="already running"):
+        llm.start_profile(str(tmp_path))
+    llm.generate([[5, 6, 7]], SamplingParams(max_tokens=3), use_tqdm=False)
+    path = llm.stop_profile()
+    assert path.startswith(str(tmp_path))
+    names = {e.get("name") or "" for e in json.load(open(path))["traceEvents"]}
+    assert any(n.startswith("minikernels::") for n in names)
+    assert_all_free(llm)

@@ -1305,6 +1305,42 @@ class LLM:
     def is_sleeping(self) -> bool:
         return self.llm_engine.is_sleeping
 
+    def start_profile(self, profile_dir: str | None = None) -> None:
+        """Start a torch.profiler trace of everything the engine runs until
+        :meth:`stop_profile` (vLLM's ``LLM.start_profile``): CPU ops and, on a GPU, CUDA
+        kernels, with shapes. profile_dir: where the Chrome / Perfetto trace goes
+        (default ``$MINIKERNELS_PROFILE_DIR``, else ``./minikernels_profile``)."""
+        import os
+
+        from torch.profiler import ProfilerActivity, profile
+
+        if getattr(self, "_profiler", None) is not None:
+            raise RuntimeError("a profile is already running: stop_profile() first")
+        self._profile_dir = profile_dir or os.environ.get("MINIKERNELS_PROFILE_DIR",
+                                                          "minikernels_profile")
+        activities = [ProfilerActivity.CPU]
+        if self.llm_engine.device.type == "cuda":
+            activities.append(ProfilerActivity.CUDA)
+        self._profiler = profile(activities=activities, record_shapes=True)
+        self._profiler.__enter__()
+
+    def stop_profile(self) -> str:
+        """Stop the trace started by :meth:`start_profile`; returns the written trace's
+        path (``<profile_dir>/trace-<time>.json``)."""
+        import os
+        import time as _time
+
+        prof = getattr(self, "_profiler", None)
+        if prof is None:
+            raise RuntimeError("no profile is running: start_profile() first")
+        self._profiler = None
+        prof.__exit__(None, None, None)
+        os.makedirs(self._profile_dir, exist_ok=True)
+        path = os.path.join(self._profile_dir, f"trace-{_time.strftime('%Y%m%d-%H%M%S')}"
+                                               f"-{os.getpid()}.json")
+        prof.export_chrome_trace(path)
+        return path
+
     def load_weights(self, weights: Any) -> int:
         """Replace the model's weights in place from HF-named tensors (``(name, tensor)``
         pairs, e.g. a trainer's ``model.named_parameters()``, or a state dict), between
