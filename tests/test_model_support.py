@@ -148,6 +148,10 @@ CASES: dict[str, tuple[str, dict[str, Any]]] = {
     "cohere2-window": ("Cohere2", dict(logit_scale=0.5, layer_norm_eps=1e-5, pad_token_id=0,
                                        sliding_window=6,
                                        layer_types=["sliding_attention", "full_attention"])),
+    # Phi-2: a parallel block with LayerNorm biases, fc1 / fc2 gelu_new MLP, partial
+    # rotary, an lm_head bias.
+    "phi2": ("Phi", dict(partial_rotary_factor=0.5, layer_norm_eps=1e-5,
+                         tie_word_embeddings=False, pad_token_id=0)),
     # OLMoE: q / k norms over all heads, 8 experts, top 3 not renormalized.
     "olmoe": ("Olmoe", dict(num_experts=8, num_experts_per_tok=3, intermediate_size=40,
                             norm_topk_prob=False, pad_token_id=0, eos_token_id=2,

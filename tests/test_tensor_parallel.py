@@ -43,6 +43,8 @@ TP_CASES = {
     "starcoder2": ("starcoder2-window", {}),
     # Cohere 2: attention and MLP in parallel (two all-reduces summed), NoPE global layer
     "cohere2": ("cohere2-window", {}),
+    # Phi-2: the lm_head bias is vocab-parallel (each rank its rows)
+    "phi2": ("phi2", {}),
     # OLMo 2 / OLMoE: q / k norms over every head (an all-reduced sum of squares), kv
     # heads split and (kv1) replicated
     "olmo2": ("olmo2", {}),

@@ -75,6 +75,9 @@ SUPPORTED_ARCHITECTURES = {
     # bias, attention and MLP in parallel from one norm, GPT-J rope, logits scaled
     "CohereForCausalLM": "cohere",
     "Cohere2ForCausalLM": "cohere2",
+    # Phi-1.5 / Phi-2: Cohere's parallel block with LayerNorm biases, StarCoder 2's
+    # non-gated MLP (fc1 / fc2), partial rotary, an lm_head bias
+    "PhiForCausalLM": "phi",
 }
 #: ``XForSequenceClassification``: the decoder of ``XForCausalLM`` with a ``score`` head
 #: (``mk.Classifier`` reads it; the generative model refuses such a checkpoint).
@@ -104,7 +107,7 @@ _MODEL_TYPES = {"llama": "llama", "mistral": "mistral", "ministral": "ministral"
                 "hunyuan_v1_dense": "hunyuan", "ernie4_5": "ernie4_5",
                 "helium": "helium", "glm": "glm",
                 "glm4": "glm4", "stablelm": "stablelm", "starcoder2": "starcoder2",
-                "cohere": "cohere", "cohere2": "cohere2"}
+                "cohere": "cohere", "cohere2": "cohere2", "phi": "phi"}
 _GEMMA = ("gemma", "gemma2", "gemma3")
 #: the mixture-of-experts families (models/moe.py)
 _MOE = ("qwen3_moe", "qwen2_moe", "mixtral", "granitemoe", "olmoe")
@@ -134,7 +137,8 @@ _CARRIED = ("eos_token_id", "bos_token_id", "tie_word_embeddings", "quantization
             "dtype", "torch_dtype")
 #: hidden_act -> the gated MLP's activation op (``ops.silu_and_mul`` / ``gelu_and_mul``)
 GATED_ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu": "gelu",
-                     "gelu_pytorch_tanh": "gelu_tanh", "gelu_tanh": "gelu_tanh"}
+                     "gelu_pytorch_tanh": "gelu_tanh", "gelu_tanh": "gelu_tanh",
+                     "gelu_new": "gelu_tanh"}
 
 
 class UnsupportedModelError(ValueError):
@@ -191,6 +195,7 @@ class DecoderConfig:
     # Cohere: h + attn(norm(h)) + mlp(norm(h)), one norm per layer (no
     # post_attention_layernorm).
     parallel_residual: bool = False
+    lm_head_bias: bool = False     # Phi-2: the lm_head has a bias
     hidden_act: str = "silu"
     # Gemma: RMSNorm scales by (weight + norm_weight_offset); embeddings times embed_scale
     # (rounded to the model dtype, as transformers does); sandwich_norm adds norms after
@@ -408,7 +413,11 @@ class DecoderConfig:
         if cohere and hf.get("use_qk_norm"):
             raise UnsupportedModelError("Cohere with use_qk_norm (per-head LayerNorms of q "
                                         "and k) is not supported")
-        layer_norm = family in ("stablelm", "starcoder2") or cohere
+        if family == "phi" and hf.get("qk_layernorm"):
+            raise UnsupportedModelError("Phi with qk_layernorm is not supported")
+        if family == "phi":
+            attention_bias = True              # q / k / v and dense all have biases
+        layer_norm = family in ("stablelm", "starcoder2", "phi") or cohere
         gemma = family in _GEMMA
         return cls(
             architecture=family,
@@ -426,13 +435,14 @@ class DecoderConfig:
             (0.5 if family in ("glm", "glm4") else 0.25 if family == "stablelm" else 1.0),
             rope_interleaved=family in ("glm", "glm4", "ernie4_5", "helium") or cohere,
             rms_norm_eps=float(hf.get("layer_norm_eps", 1e-5))
-            if family == "stablelm" or cohere else
+            if family in ("stablelm", "phi") or cohere else
             float(hf.get("norm_epsilon", 1e-5)) if family == "starcoder2" else
             float(hf.get("rms_norm_eps", 1e-6)),
             norm_type="layer" if layer_norm else "rms",
             norm_bias=layer_norm and not cohere,
-            parallel_residual=cohere,
-            mlp_gated=family != "starcoder2",
+            parallel_residual=cohere or family == "phi",
+            lm_head_bias=family == "phi",
+            mlp_gated=family not in ("starcoder2", "phi"),
             tie_word_embeddings=bool(hf.get("tie_word_embeddings",
                                             gemma or family == "starcoder2" or cohere)),
             eos_token_ids=eos,
@@ -445,7 +455,7 @@ class DecoderConfig:
             o_bias=family not in ("qwen2", "qwen2_moe", "glm", "glm4", "helium")
             and attention_bias,
             mlp_bias=bool(hf.get("mlp_bias", False)) or (
-                family in ("ernie4_5", "starcoder2") and attention_bias),
+                family in ("ernie4_5", "starcoder2", "phi") and attention_bias),
             qk_norm=family in ("qwen3", "qwen3_moe", "gemma3", "olmo2", "olmo3", "olmoe",
                                "exaone4", "hunyuan"),
             qk_norm_after_rope=family == "hunyuan",

@@ -315,7 +315,8 @@ class CausalLM(nn.Module):
         self.norm = make_norm(c, dtype, device)
         # lm_head stays dense unless quantized explicitly (lm_head opt-in).
         vocab = c.vocab_size if tp is None else tp.vocab_range(c.vocab_size)[2]
-        self.lm_head = FusedLinear(c.hidden_size, vocab, dtype=dtype, device=device,
+        self.lm_head = FusedLinear(c.hidden_size, vocab, bias=c.lm_head_bias, dtype=dtype,
+                                   device=device,
                                    dense=dense_lm_head and not c.tie_word_embeddings)
         if c.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight

@@ -308,6 +308,10 @@ def _family_name(name: str, config: DecoderConfig) -> str:
     if config.architecture == "starcoder2":   # its non-gated MLP: c_fc, act, c_proj
         return name.replace(".mlp.c_fc.", ".mlp.gate_proj.").replace(
             ".mlp.c_proj.", ".mlp.down_proj.")
+    if config.architecture == "phi":          # fc1 / fc2, the o projection "dense", and
+        return name.replace(".mlp.fc1.", ".mlp.gate_proj.").replace(       # final_layernorm
+            ".mlp.fc2.", ".mlp.down_proj.").replace(".self_attn.dense.", ".self_attn.o_proj.") \
+            .replace("model.final_layernorm.", "model.norm.")
     if config.architecture == "hunyuan":    # its per-head q / k norms
         return name.replace(".self_attn.query_layernorm.", ".self_attn.q_norm.").replace(
             ".self_attn.key_layernorm.", ".self_attn.k_norm.")
