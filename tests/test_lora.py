@@ -135,3 +135,19 @@ def test_starcoder2_adapter_on_the_non_gated_mlp(tmp_path):
     make_adapter(llama, str(tmp_path / "gated"), r=2, alpha=2, targets=["gate_proj"], seed=6)
     with pytest.raises(LoRAError, match="not gated"):
         LoRAAdapter.load(str(tmp_path / "gated"), model.config)
+
+
+def test_phi2_adapter_on_fc1_fc2_and_dense(tmp_path):
+    """PEFT's adapter on Phi-2's fc1 / fc2 (its non-gated MLP) and dense (the attention
+    output): logits equal PEFT's."""
+    hf = make_hf_model("phi2", seed=4)
+    base = save_hf(hf, str(tmp_path / "base"))
+    ref = make_adapter(hf, str(tmp_path / "lora"), r=4, alpha=8,
+                       targets=["q_proj", "v_proj", "dense", "fc1", "fc2"], seed=5)
+    model = load_model(base, dtype="float32", device="cpu")
+    manager = LoRAManager(model, max_loras=1, max_lora_rank=4)
+    manager.activate(0, LoRAAdapter.load(str(tmp_path / "lora"), model.config))
+    seq = random_tokens(9, 300, 41)
+    got = _run(model, [seq], [0], manager)
+    assert rel_err(got, _ref_logits(ref, seq)) <= 1e-4
+    assert rel_err(_ref_logits(ref, seq), _ref_logits(hf, seq)) > 1e-2

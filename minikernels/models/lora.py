@@ -72,7 +72,7 @@ _SHARED_TARGETS = {"shared_expert.gate_proj": ("mlp.shared_expert.gate_up_proj",
                    "shared_expert.up_proj": ("mlp.shared_expert.gate_up_proj", 1),
                    "shared_expert.down_proj": ("mlp.shared_expert.down_proj", 0)}
 _NAME_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.(?:self_attn|mlp)\."
-                      r"((?:shared_expert\.)?(?:\w+_proj|c_fc))"
+                      r"((?:shared_expert\.)?(?:\w+_proj|c_fc|fc1|fc2|dense))"
                       r"\.lora_([AB])(?:\.default)?\.weight$")
 #: one expert's projection (transformers 4.x modules; Mixtral's w1 / w3 / w2)
 _EXPERT_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.(?:mlp|block_sparse_moe)\.experts\.(\d+)\."
@@ -180,8 +180,12 @@ def _parse_tensors(tensors: list[tuple[str, Tensor]], config: DecoderConfig, ran
     ``...mlp.experts.{e}.{proj}`` or Mixtral's ``block_sparse_moe.experts.{e}.w1|w2|w3``,
     and the stacked ``...mlp.experts.{gate_up_proj|down_proj}`` of target_parameters)."""
     halves: dict[tuple[int, str], dict[str, Tensor]] = {}
-    # StarCoder 2's non-gated MLP: c_fc is the one part of gate_up_proj, c_proj down_proj
-    aliases = {"c_fc": "gate_proj", "c_proj": "down_proj"} if not config.mlp_gated else {}
+    # non-gated MLPs: StarCoder 2's c_fc / Phi's fc1 is the one part of gate_up_proj,
+    # c_proj / fc2 down_proj; Phi's attention output is "dense"
+    aliases = {"c_fc": "gate_proj", "c_proj": "down_proj", "fc1": "gate_proj",
+               "fc2": "down_proj"} if not config.mlp_gated else {}
+    if config.architecture == "phi":
+        aliases["dense"] = "o_proj"
     hf_proj: dict[tuple[int, str], str] = {}     # PEFT's own name of each aliased target
     per_expert: dict[tuple[int, str], dict[int, dict[str, Tensor]]] = {}
     stacked: dict[tuple[int, str], dict[str, Tensor]] = {}
