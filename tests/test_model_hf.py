@@ -501,3 +501,33 @@ def test_qwen_vl_checkpoints_serve_their_text_decoder(tmp_path, kind):
     assert model.config.architecture == ("qwen3" if kind == "qwen3_vl" else "qwen2")
     assert text_logits_err(model, hf, [random_tokens(n, 290, 80 + n) for n in (17, 6)]) \
         <= 1e-4
+
+
+def test_gpt_neox_hub_checkpoint_spelling(hf_dirs, tmp_path):
+    """A Pythia checkpoint as the hub stores it: transformers 4.x's config spelling
+    (rotary_pct, rotary_emb_base, no rope_parameters) and the causal-mask buffers
+    (attention.bias / masked_bias) older exports carry; same logits as transformers."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    hf, path = hf_dirs["gpt_neox"]
+    d = tmp_path / "pythia"
+    shutil.copytree(path, d)
+    cfg = json.loads((d / "config.json").read_text())
+    rope = cfg.pop("rope_parameters")
+    cfg.update(rotary_pct=rope["partial_rotary_factor"], rotary_emb_base=rope["rope_theta"])
+    (d / "config.json").write_text(json.dumps(cfg))
+    tensors = load_file(str(d / "model.safetensors"))
+    for i in range(hf.config.num_hidden_layers):
+        tensors[f"gpt_neox.layers.{i}.attention.bias"] = torch.ones(1, 1, 8, 8).bool().tril()
+        tensors[f"gpt_neox.layers.{i}.attention.masked_bias"] = torch.tensor(-1e9)
+    save_file(tensors, str(d / "model.safetensors"), metadata={"format": "pt"})
+    model = load_model(str(d), dtype="float32", device="cpu")
+    c = model.config
+    assert (c.architecture, c.rotary_dim, c.norm_type, c.parallel_residual,
+            c.parallel_mlp_norm, c.mlp_gated) == ("gpt_neox", 8, "layer", True, True, False)
+    seq = random_tokens(11, hf.config.vocab_size, 5)
+    logits = model(torch.tensor(seq), AttentionMetadata.for_prompts([len(seq)]), None)
+    assert rel_err(logits, hf_logits(hf, seq)) <= TOL

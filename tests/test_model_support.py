@@ -152,6 +152,14 @@ CASES: dict[str, tuple[str, dict[str, Any]]] = {
     # rotary, an lm_head bias.
     "phi2": ("Phi", dict(partial_rotary_factor=0.5, layer_norm_eps=1e-5,
                          tie_word_embeddings=False, pad_token_id=0)),
+    # GPT-NeoX (Pythia): parallel attention / MLP from two LayerNorms, per-head fused
+    # q / k / v, partial rope; and the sequential variant.
+    "gpt_neox": ("GPTNeoX", dict(num_key_value_heads=None, layer_norm_eps=1e-5,
+                                 rope_parameters={"rope_type": "default", "rope_theta": 1e4,
+                                                  "partial_rotary_factor": 0.5})),
+    "gpt_neox-sequential": ("GPTNeoX", dict(num_key_value_heads=None,
+                                            use_parallel_residual=False,
+                                            hidden_act="gelu_fast")),
     # OLMoE: q / k norms over all heads, 8 experts, top 3 not renormalized.
     "olmoe": ("Olmoe", dict(num_experts=8, num_experts_per_tok=3, intermediate_size=40,
                             norm_topk_prob=False, pad_token_id=0, eos_token_id=2,

@@ -45,6 +45,9 @@ TP_CASES = {
     "cohere2": ("cohere2-window", {}),
     # Phi-2: the lm_head bias is vocab-parallel (each rank its rows)
     "phi2": ("phi2", {}),
+    # GPT-NeoX: per-head interleaved q / k / v reordered before each rank takes its heads;
+    # two norms of one stream in a parallel block
+    "gpt_neox": ("gpt_neox", {}),
     # OLMo 2 / OLMoE: q / k norms over every head (an all-reduced sum of squares), kv
     # heads split and (kv1) replicated
     "olmo2": ("olmo2", {}),

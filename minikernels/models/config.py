@@ -78,6 +78,9 @@ SUPPORTED_ARCHITECTURES = {
     # Phi-1.5 / Phi-2: Cohere's parallel block with LayerNorm biases, StarCoder 2's
     # non-gated MLP (fc1 / fc2), partial rotary, an lm_head bias
     "PhiForCausalLM": "phi",
+    # GPT-NeoX (Pythia, Dolly v2, RedPajama-INCITE): LayerNorms with biases, attention and
+    # MLP in parallel from two norms of one stream, q / k / v fused per head, partial rope
+    "GPTNeoXForCausalLM": "gpt_neox",
 }
 #: ``XForSequenceClassification``: the decoder of ``XForCausalLM`` with a ``score`` head
 #: (``mk.Classifier`` reads it; the generative model refuses such a checkpoint).
@@ -107,7 +110,8 @@ _MODEL_TYPES = {"llama": "llama", "mistral": "mistral", "ministral": "ministral"
                 "hunyuan_v1_dense": "hunyuan", "ernie4_5": "ernie4_5",
                 "helium": "helium", "glm": "glm",
                 "glm4": "glm4", "stablelm": "stablelm", "starcoder2": "starcoder2",
-                "cohere": "cohere", "cohere2": "cohere2", "phi": "phi"}
+                "cohere": "cohere", "cohere2": "cohere2", "phi": "phi",
+                "gpt_neox": "gpt_neox"}
 _GEMMA = ("gemma", "gemma2", "gemma3")
 #: the mixture-of-experts families (models/moe.py)
 _MOE = ("qwen3_moe", "qwen2_moe", "mixtral", "granitemoe", "olmoe")
@@ -138,7 +142,7 @@ _CARRIED = ("eos_token_id", "bos_token_id", "tie_word_embeddings", "quantization
 #: hidden_act -> the gated MLP's activation op (``ops.silu_and_mul`` / ``gelu_and_mul``)
 GATED_ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu": "gelu",
                      "gelu_pytorch_tanh": "gelu_tanh", "gelu_tanh": "gelu_tanh",
-                     "gelu_new": "gelu_tanh"}
+                     "gelu_new": "gelu_tanh", "gelu_fast": "gelu_tanh"}
 
 
 class UnsupportedModelError(ValueError):
@@ -195,6 +199,9 @@ class DecoderConfig:
     # Cohere: h + attn(norm(h)) + mlp(norm(h)), one norm per layer (no
     # post_attention_layernorm).
     parallel_residual: bool = False
+    # GPT-NeoX: in a parallel block the MLP reads its own norm of the stream
+    # (post_attention_layernorm), h + attn(norm1(h)) + mlp(norm2(h)).
+    parallel_mlp_norm: bool = False
     lm_head_bias: bool = False     # Phi-2: the lm_head has a bias
     hidden_act: str = "silu"
     # Gemma: RMSNorm scales by (weight + norm_weight_offset); embeddings times embed_scale
@@ -265,6 +272,8 @@ class DecoderConfig:
                                         "not supported")
         if not self.mlp_gated and self.num_experts:
             raise UnsupportedModelError("non-gated MLPs with experts are not supported")
+        if self.parallel_mlp_norm and not self.parallel_residual:
+            raise ValueError("config.parallel_mlp_norm needs parallel_residual")
         if self.parallel_residual and (self.post_norm or self.sandwich_norm):
             raise UnsupportedModelError("parallel residual layers with post / sandwich "
                                         "norms are not supported")
@@ -417,7 +426,14 @@ class DecoderConfig:
             raise UnsupportedModelError("Phi with qk_layernorm is not supported")
         if family == "phi":
             attention_bias = True              # q / k / v and dense all have biases
-        layer_norm = family in ("stablelm", "starcoder2", "phi") or cohere
+        neox = family == "gpt_neox"
+        if neox:
+            attention_bias = bool(hf.get("attention_bias", True))
+            if partial is None:                # transformers 4.x / the hub's spelling
+                partial = hf.get("rotary_pct", 0.25)
+            if not isinstance(params, Mapping) and "rope_theta" not in hf:
+                rope_theta = float(hf.get("rotary_emb_base", 10000.0))
+        layer_norm = family in ("stablelm", "starcoder2", "phi", "gpt_neox") or cohere
         gemma = family in _GEMMA
         return cls(
             architecture=family,
@@ -435,14 +451,16 @@ class DecoderConfig:
             (0.5 if family in ("glm", "glm4") else 0.25 if family == "stablelm" else 1.0),
             rope_interleaved=family in ("glm", "glm4", "ernie4_5", "helium") or cohere,
             rms_norm_eps=float(hf.get("layer_norm_eps", 1e-5))
-            if family in ("stablelm", "phi") or cohere else
+            if family in ("stablelm", "phi", "gpt_neox") or cohere else
             float(hf.get("norm_epsilon", 1e-5)) if family == "starcoder2" else
             float(hf.get("rms_norm_eps", 1e-6)),
             norm_type="layer" if layer_norm else "rms",
             norm_bias=layer_norm and not cohere,
-            parallel_residual=cohere or family == "phi",
+            parallel_residual=cohere or family == "phi" or (
+                neox and bool(hf.get("use_parallel_residual", True))),
+            parallel_mlp_norm=neox and bool(hf.get("use_parallel_residual", True)),
             lm_head_bias=family == "phi",
-            mlp_gated=family not in ("starcoder2", "phi"),
+            mlp_gated=family not in ("starcoder2", "phi", "gpt_neox"),
             tie_word_embeddings=bool(hf.get("tie_word_embeddings",
                                             gemma or family == "starcoder2" or cohere)),
             eos_token_ids=eos,
@@ -455,7 +473,7 @@ class DecoderConfig:
             o_bias=family not in ("qwen2", "qwen2_moe", "glm", "glm4", "helium")
             and attention_bias,
             mlp_bias=bool(hf.get("mlp_bias", False)) or (
-                family in ("ernie4_5", "starcoder2", "phi") and attention_bias),
+                family in ("ernie4_5", "starcoder2", "phi") and attention_bias) or neox,
             qk_norm=family in ("qwen3", "qwen3_moe", "gemma3", "olmo2", "olmo3", "olmoe",
                                "exaone4", "hunyuan"),
             qk_norm_after_rope=family == "hunyuan",

@@ -230,7 +230,8 @@ class DecoderLayer(nn.Module):
         self.parallel_residual = c.parallel_residual
         self.input_layernorm = None if c.post_norm else norm()
         self.self_attn = Attention(config, layer, rotary, dtype, device, dense, tp)
-        self.post_attention_layernorm = None if c.parallel_residual else norm()
+        self.post_attention_layernorm = None if c.parallel_residual and \
+            not c.parallel_mlp_norm else norm()
         self.pre_feedforward_layernorm = self.post_feedforward_layernorm = None
         if c.sandwich_norm:
             self.pre_feedforward_layernorm = norm()
@@ -253,9 +254,12 @@ class DecoderLayer(nn.Module):
         else:
             x, residual = self.input_layernorm(h, residual)
         if self.parallel_residual:
-            # Cohere: attention and MLP both read the one norm; both outputs join the
-            # stream (the add is left pending, as every layer's)
-            return self.self_attn(x, meta, kv_cache) + self.mlp(x), residual
+            # Cohere: attention and MLP both read the one norm; GPT-NeoX: the MLP reads
+            # its own norm of the same stream. Both outputs join the stream (the add is
+            # left pending, as every layer's).
+            mlp_in = x if self.post_attention_layernorm is None else \
+                self.post_attention_layernorm(residual)
+            return self.self_attn(x, meta, kv_cache) + self.mlp(mlp_in), residual
         x = self.self_attn(x, meta, kv_cache)
         if self.pre_feedforward_layernorm is None:
             x, residual = self.post_attention_layernorm(x, residual)

@@ -150,7 +150,9 @@ _STACKED_EXPERTS_RE = re.compile(r"^layers\.(\d+)\.mlp\.experts\.(gate_up_proj|d
 _ROUTER_RE = re.compile(r"^layers\.(\d+)\.mlp\.(gate|shared_expert_gate)\.weight$")
 _SHARED_EXPERT_RE = re.compile(r"^layers\.(\d+)\.mlp\.shared_expert\.(\w+)\.(\w+)$")
 _IGNORED = re.compile(r"(rotary_emb\.inv_freq|\.bias_correction|\.wf_?\w*|\.weight_shape)$"
-                      r"|^score\.(weight|bias)$")   # a classifier's head: mk.Classifier reads it
+                      r"|^score\.(weight|bias)$"   # a classifier's head: mk.Classifier reads it
+                      # GPT-NeoX's stored causal-mask buffers (older checkpoints)
+                      r"|\.attention\.(masked_)?bias$")
 
 
 #: A multimodal checkpoint's text decoder (Gemma 3 4B+): transformers' two spellings.
@@ -234,6 +236,9 @@ def _unfuse(name: str, tensor: Any, config: DecoderConfig) -> Iterator[tuple[str
         yield name, tensor
         return
     prefix, fused, kind = m.groups()
+    if config.architecture == "gpt_neox" and fused == "self_attn.qkv_proj" and \
+            kind in ("weight", "bias"):
+        tensor = _neox_qkv_rows(tensor, config)
     sizes = [config.q_size, config.kv_size, config.kv_size] if fused.endswith("qkv_proj") \
         else [config.intermediate_size] * 2
     shape = list(tensor.get_shape()) if hasattr(tensor, "get_shape") else list(tensor.shape)
@@ -312,12 +317,48 @@ def _family_name(name: str, config: DecoderConfig) -> str:
         return name.replace(".mlp.fc1.", ".mlp.gate_proj.").replace(       # final_layernorm
             ".mlp.fc2.", ".mlp.down_proj.").replace(".self_attn.dense.", ".self_attn.o_proj.") \
             .replace("model.final_layernorm.", "model.norm.")
+    if config.architecture == "gpt_neox":
+        return _neox_name(name)
     if config.architecture == "hunyuan":    # its per-head q / k norms
         return name.replace(".self_attn.query_layernorm.", ".self_attn.q_norm.").replace(
             ".self_attn.key_layernorm.", ".self_attn.k_norm.")
     if config.architecture != "glm4":
         return name
     return _GLM4_NORM_RE.sub(lambda m: f".{_GLM4_NORMS[m.group(1)]}.", name)
+
+
+#: GPT-NeoX's tensor names -> the decoder's (prefix first; then within a layer)
+_NEOX_PREFIXES = (("gpt_neox.embed_in.", "model.embed_tokens."),
+                  ("gpt_neox.final_layer_norm.", "model.norm."),
+                  ("gpt_neox.layers.", "model.layers."), ("embed_out.", "lm_head."))
+_NEOX_PARTS = ((".attention.query_key_value.", ".self_attn.qkv_proj."),
+               (".attention.dense.", ".self_attn.o_proj."),
+               (".mlp.dense_h_to_4h.", ".mlp.gate_proj."),
+               (".mlp.dense_4h_to_h.", ".mlp.down_proj."))
+
+
+def _neox_name(name: str) -> str:
+    """A GPT-NeoX tensor name in the decoder's vocabulary (its fused, per-head
+    interleaved query_key_value is reordered by :func:`_unfuse`)."""
+    for prefix, ours in _NEOX_PREFIXES:
+        if name.startswith(prefix):
+            name = ours + name[len(prefix):]
+            break
+    for part, ours in _NEOX_PARTS:
+        name = name.replace(part, ours)
+    return name
+
+
+def _neox_qkv_rows(tensor: Any, config: DecoderConfig) -> Tensor:
+    """GPT-NeoX's query_key_value rows [heads, (q, k, v), head_dim] reordered to the
+    decoder's [(q, k, v), heads, head_dim] (a weight [3 * hidden, hidden] or bias)."""
+    t = tensor[:] if not isinstance(tensor, Tensor) else tensor   # a safetensors slice
+    h, d = config.num_heads, config.head_dim
+    if t.shape[0] != 3 * h * d:
+        raise CheckpointError(f"query_key_value: shape mismatch: expected {3 * h * d} rows "
+                              f"(heads {h} x 3 x head_dim {d}), got {t.shape[0]}")
+    rest = tuple(t.shape[1:])
+    return t.reshape(h, 3, d, *rest).transpose(0, 1).reshape(3 * h * d, *rest)
 
 
 def _load_kv_scale(buffer: Tensor, tensor: Tensor, where: str) -> None:
