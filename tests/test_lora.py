@@ -151,3 +151,36 @@ def test_phi2_adapter_on_fc1_fc2_and_dense(tmp_path):
     got = _run(model, [seq], [0], manager)
     assert rel_err(got, _ref_logits(ref, seq)) <= 1e-4
     assert rel_err(_ref_logits(ref, seq), _ref_logits(hf, seq)) > 1e-2
+
+
+@pytest.mark.parametrize(("kind", "targets"), [
+    # Phi-3: q / k / v and gate / up stored fused: one A, B's rows over the parts
+    ("phi3-longrope-partial", ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]),
+    # GPT-NeoX: query_key_value's B rows interleaved per head; dense / dense_h_to_4h /
+    # dense_4h_to_h
+    ("gpt_neox", ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"]),
+])
+def test_adapters_on_fused_projections(tmp_path, kind, targets):
+    """PEFT adapters on fused projections (Phi-3's qkv_proj / gate_up_proj, GPT-NeoX's
+    query_key_value) serve as their parts' adapters: logits equal PEFT's, with a
+    rank_pattern / alpha_pattern on the fused module applying to each part."""
+    import json
+
+    hf = make_hf_model(kind, seed=4)
+    base = save_hf(hf, str(tmp_path / "base"))
+    fused = targets[0]
+    torch.manual_seed(5)
+    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets, lora_dropout=0.0,
+                          init_lora_weights=False, rank_pattern={fused: 2},
+                          alpha_pattern={fused: 6})
+    ref = peft.get_peft_model(copy.deepcopy(hf), cfg).eval()
+    ref.save_pretrained(str(tmp_path / "lora"))
+    assert json.loads((tmp_path / "lora" / "adapter_config.json").read_text())["rank_pattern"]
+    model = load_model(base, dtype="float32", device="cpu")
+    manager = LoRAManager(model, max_loras=2, max_lora_rank=4)
+    manager.activate(1, LoRAAdapter.load(str(tmp_path / "lora"), model.config))
+    seqs = [random_tokens(9, 300, 41), random_tokens(5, 300, 42)]
+    got = _run(model, seqs, [1, -1], manager)
+    ref_rows = torch.cat([_ref_logits(ref, seqs[0]), _ref_logits(hf, seqs[1])])
+    assert rel_err(got, ref_rows) <= 1e-4
+    assert rel_err(_ref_logits(ref, seqs[0]), _ref_logits(hf, seqs[0])) > 1e-2

@@ -19,7 +19,9 @@ PEFT format (adapter_config.json + adapter_model.safetensors): tensors
 ``base_model.model.model.layers.{i}.{self_attn|mlp}.{proj}.lora_A.weight`` [r, in] and
 ``.lora_B.weight`` [out, r]; scaling = lora_alpha / r (lora_alpha / sqrt(r) with
 ``use_rslora``); ``rank_pattern`` / ``alpha_pattern`` give a target its own rank / alpha
-(its scaling is folded into its B).
+(its scaling is folded into its B). A fused projection (Phi-3's ``qkv_proj`` /
+``gate_up_proj``, GPT-NeoX's ``query_key_value``) is served as its parts' adapters: each
+part takes the one A and its own rows of B.
 
 Mixture-of-experts models: the attention projections of every layer, the MLP of the dense
 layers (``mlp_only_layers``), Qwen2-MoE's shared expert and the experts take adapters; the
@@ -71,12 +73,17 @@ _ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 _SHARED_TARGETS = {"shared_expert.gate_proj": ("mlp.shared_expert.gate_up_proj", 0),
                    "shared_expert.up_proj": ("mlp.shared_expert.gate_up_proj", 1),
                    "shared_expert.down_proj": ("mlp.shared_expert.down_proj", 0)}
-_NAME_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.(?:self_attn|mlp)\."
-                      r"((?:shared_expert\.)?(?:\w+_proj|c_fc|fc1|fc2|dense))"
+_NAME_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.(?:self_attn|mlp|attention)\."
+                      r"((?:shared_expert\.)?(?:\w+_proj|c_fc|fc1|fc2|dense|dense_h_to_4h|"
+                      r"dense_4h_to_h))"
                       r"\.lora_([AB])(?:\.default)?\.weight$")
 #: one expert's projection (transformers 4.x modules; Mixtral's w1 / w3 / w2)
 _EXPERT_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.(?:mlp|block_sparse_moe)\.experts\.(\d+)\."
                         r"(\w+)\.lora_([AB])(?:\.default)?\.weight$")
+#: a projection stored fused (Phi-3's qkv_proj / gate_up_proj, GPT-NeoX's
+#: query_key_value): PEFT adapts it as one module, one A and B's rows over the parts
+_FUSED_RE = re.compile(r"^(.*(?:^|\.)layers\.(\d+)\.)(self_attn\.qkv_proj|mlp\.gate_up_proj|"
+                       r"attention\.query_key_value)\.lora_([AB])((?:\.default)?\.weight)$")
 _EXPERT_PROJ = {"gate_proj": "gate", "up_proj": "up", "down_proj": "down",
                 "w1": "gate", "w3": "up", "w2": "down"}
 #: stacked experts (transformers 5) through PEFT's target_parameters: one wrapper per
@@ -180,13 +187,16 @@ def _parse_tensors(tensors: list[tuple[str, Tensor]], config: DecoderConfig, ran
     ``...mlp.experts.{e}.{proj}`` or Mixtral's ``block_sparse_moe.experts.{e}.w1|w2|w3``,
     and the stacked ``...mlp.experts.{gate_up_proj|down_proj}`` of target_parameters)."""
     halves: dict[tuple[int, str], dict[str, Tensor]] = {}
-    # non-gated MLPs: StarCoder 2's c_fc / Phi's fc1 is the one part of gate_up_proj,
-    # c_proj / fc2 down_proj; Phi's attention output is "dense"
+    # non-gated MLPs: StarCoder 2's c_fc / Phi's fc1 / GPT-NeoX's dense_h_to_4h is the one
+    # part of gate_up_proj, c_proj / fc2 / dense_4h_to_h down_proj; Phi's and GPT-NeoX's
+    # attention output is "dense"
     aliases = {"c_fc": "gate_proj", "c_proj": "down_proj", "fc1": "gate_proj",
-               "fc2": "down_proj"} if not config.mlp_gated else {}
-    if config.architecture == "phi":
+               "fc2": "down_proj", "dense_h_to_4h": "gate_proj",
+               "dense_4h_to_h": "down_proj"} if not config.mlp_gated else {}
+    if config.architecture in ("phi", "gpt_neox"):
         aliases["dense"] = "o_proj"
     hf_proj: dict[tuple[int, str], str] = {}     # PEFT's own name of each aliased target
+    tensors = _split_fused(tensors, config, hf_proj, path)
     per_expert: dict[tuple[int, str], dict[int, dict[str, Tensor]]] = {}
     stacked: dict[tuple[int, str], dict[str, Tensor]] = {}
     names: dict[tuple[int, str], str] = {}     # PEFT's module name of each expert target
@@ -281,6 +291,46 @@ def _parse_tensors(tensors: list[tuple[str, Tensor]], config: DecoderConfig, ran
             raise LoRAError(f"{path}: layer {layer}'s experts have both a stacked gate_up "
                             "adapter and per-expert gate / up adapters")
     return weights, experts
+
+
+def _split_fused(tensors: list[tuple[str, Tensor]], config: DecoderConfig,
+                 hf_proj: dict[tuple[int, str], str], path: str) -> list[tuple[str, Tensor]]:
+    """``tensors`` with each fused projection's adapter (Phi-3's ``qkv_proj`` /
+    ``gate_up_proj``, GPT-NeoX's ``query_key_value``) as its parts' adapters: every part
+    takes the one A [r, in] and its own rows of B [out, r] (q / k / v, or gate / up), so
+    x A^T B^T is unchanged. GPT-NeoX's B rows are per head [heads, (q, k, v), head_dim]:
+    reordered as its weight is. ``hf_proj`` records PEFT's module name of each part."""
+    out: list[tuple[str, Tensor]] = []
+    for key, tensor in tensors:
+        m = _FUSED_RE.match(key)
+        if m is None:
+            out.append((key, tensor))
+            continue
+        prefix, layer, fused, half, suffix = m.groups()
+        attention = not fused.startswith("mlp.")
+        if attention:
+            parts = ("q_proj", "k_proj", "v_proj")
+            sizes = [config.q_size, config.kv_size, config.kv_size]
+        else:
+            if not config.mlp_gated:
+                raise LoRAError(f"{path}: {key!r} targets a gated MLP projection; this "
+                                "model's MLP is not gated")
+            parts, sizes = ("gate_proj", "up_proj"), [config.intermediate_size] * 2
+        chunks: list[Tensor] = [tensor] * len(parts)
+        if half == "B":
+            if tensor.ndim != 2 or tensor.shape[0] != sum(sizes):
+                raise LoRAError(f"{path}: {key!r}: expected [{sum(sizes)}, r] (the fused "
+                                f"{' + '.join(map(str, sizes))} rows), got "
+                                f"{list(tensor.shape)}")
+            if fused == "attention.query_key_value":
+                h, d = config.num_heads, config.head_dim
+                tensor = tensor.reshape(h, 3, d, -1).transpose(0, 1).reshape(3 * h * d, -1)
+            chunks = list(tensor.split(sizes))
+        block = "self_attn" if attention else "mlp"
+        for part, chunk in zip(parts, chunks):
+            hf_proj[(int(layer), part)] = fused.split(".")[1]
+            out.append((f"{prefix}{block}.{part}.lora_{half}{suffix}", chunk))
+    return out
 
 
 def _both_halves(pair: dict[str, Tensor], where: str, path: str) -> tuple[Tensor, Tensor]:
