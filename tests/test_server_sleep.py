@@ -4,6 +4,7 @@ stream runs waits for it (the stream completes whole); generation while asleep i
 ``engine_sleeping``; after waking, the same greedy tokens; bad levels / tags are 400s."""
 from __future__ import annotations
 
+import os
 import threading
 
 import httpx
@@ -139,4 +140,68 @@ def test_update_weights_from_disk(tmp_path):
             "ignore_eos": True})
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 6
     assert asyncio.run(tokens("after")) == want_b
+    asyncio.run(engine.shutdown())
+
+
+def test_update_weights_from_disk_is_all_or_nothing(tmp_path):
+    """The checkpoint is checked whole (from its safetensors headers) before any tensor is
+    copied: valid tensors followed by a wrong-shaped one, an unknown one or one of an
+    unsupported dtype, and a corrupt or truncated file, are 400s on model_path naming the
+    problem, with every weight of the served model bit-identical; then a valid one loads."""
+    import asyncio
+
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    from test_model_support import make_hf_model, save_hf
+
+    a = save_hf(make_hf_model("llama", seed=0), str(tmp_path / "a"))
+    b = make_hf_model("llama", seed=7)
+    good = {k: v.detach().clone().contiguous() for k, v in b.state_dict().items()}
+
+    def checkpoint(name, tensors=None, raw=None):
+        d = save_hf(b, str(tmp_path / name))
+        f = str(tmp_path / name / "model.safetensors")
+        if tensors is not None:
+            save_file(tensors, f, metadata={"format": "pt"})
+        if raw is not None:
+            with open(f, "wb") as out:
+                out.write(raw)
+        return d
+
+    valid = checkpoint("b")
+    with open(str(tmp_path / "b" / "model.safetensors"), "rb") as f:
+        data = f.read()
+    cases = [   # a safetensors file lists its tensors sorted: these come after the valid ones
+        ("model.norm.weight: shape mismatch",
+         checkpoint("shape", {**good, "model.norm.weight": torch.ones(65)})),
+        ("unknown tensor 'model.zz_bogus.weight'",
+         checkpoint("unknown", {**good, "model.zz_bogus.weight": torch.ones(4)})),
+        ("'model.norm.weight' must be a dense floating-point tensor",
+         checkpoint("dtype", {**good, "model.norm.weight": torch.ones(64, dtype=torch.int64)})),
+        ("incomplete metadata", checkpoint("truncated", raw=data[:-100])),
+        ("header", checkpoint("corrupt", raw=b"\x10\x00\x00\x00\x00\x00\x00\x00not json!")),
+    ]
+    for name, (_, path) in zip(("model.norm.weight", "model.zz_bogus.weight"), cases):
+        with safe_open(os.path.join(path, "model.safetensors"), "pt") as f:
+            assert list(f.keys())[-1] == name and len(list(f.keys())) > 10
+    kw = dict(dtype="float32", device="cpu", num_kv_blocks=64, block_size=16, tokenizer=None)
+    engine = AsyncLLM.from_args(a, **kw)
+    model = engine.engine.model
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    app = create_app(engine, api_key=KEY, served_model_name="m", enable_sleep_mode=True)
+    with LiveServer(app) as srv:
+        for bad, path in cases:
+            r = httpx.post(srv.base_url + "/update_weights_from_disk", headers=AUTH,
+                           timeout=60, json={"model_path": path})
+            assert r.status_code == 400, (bad, r.text)
+            after = model.state_dict()
+            assert [k for k in before if not torch.equal(after[k], before[k])] == [], bad
+            err = r.json()["error"]
+            assert set(err) == {"message", "type", "param", "code"}
+            assert err["param"] == "model_path" and bad in err["message"], err
+        r = httpx.post(srv.base_url + "/update_weights_from_disk", headers=AUTH, timeout=60,
+                       json={"model_path": valid})
+        assert r.status_code == 200 and r.json()["num_tensors"] == len(good), r.text
+    assert torch.equal(model.state_dict()["norm.weight"], good["model.norm.weight"])
     asyncio.run(engine.shutdown())

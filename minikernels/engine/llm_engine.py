@@ -1113,22 +1113,33 @@ class LLMEngine:
         if isinstance(self.proposer, DraftModelProposer):
             self.proposer.reset_prefix_cache()
 
-    def load_weights(self, weights: Any) -> int:
+    def load_weights(self, weights: Any, dry_run: bool = False, stream: bool = False) -> int:
         """Copy HF-named tensors into the served model in place (RL weight sync; see
         :func:`minikernels.models.weight_update.load_weights`) and reset the prefix
         cache (its K/V came from the old weights). Only between requests: RuntimeError
-        while any request is unfinished. Returns the number of tensors loaded."""
-        from ..models.weight_update import load_weights
+        while any request is unfinished. Returns the number of tensors loaded.
 
-        if self.has_unfinished():
+        All or nothing: every tensor is checked against the model (rank 0's shard under
+        tensor parallel) before the first copy. dry_run: only those checks (meta tensors
+        accepted), nothing copied, allowed while requests run; returns how many would
+        load. stream: check and copy one tensor at a time without holding the set (for
+        one already checked with dry_run)."""
+        from ..models.weight_update import check_weights, load_weights, validated
+
+        if not dry_run and self.has_unfinished():
             raise RuntimeError("load_weights: requests are still running (their K/V comes "
                                "from the old weights); call it between generate calls")
         if "weights" in self._sleeping:
             raise RuntimeError("load_weights: the weights are asleep: wake_up(['weights']) "
                                "first")
+        target = self.model.model if self._tensor_parallel else self.model
+        if dry_run:
+            return check_weights(target, weights)
+        if not stream:
+            weights = validated(target, weights)
         with torch.inference_mode(False), self.runner.on_device():
             if not self._tensor_parallel:
-                n = load_weights(self.model, weights)
+                n = load_weights(self.model, weights, stream=True)
             else:                              # every rank; an EAGLE head's whole tables too
                 tables: dict[str, Any] = {}
                 n = self.model.load_weights(self._tap_target_tables(weights, tables))
@@ -1341,14 +1352,17 @@ class LLM:
         prof.export_chrome_trace(path)
         return path
 
-    def load_weights(self, weights: Any) -> int:
+    def load_weights(self, weights: Any, dry_run: bool = False, stream: bool = False) -> int:
         """Replace the model's weights in place from HF-named tensors (``(name, tensor)``
         pairs, e.g. a trainer's ``model.named_parameters()``, or a state dict), between
         generate calls; the prefix cache is reset. For RL loops (GRPO) that generate
         with this engine and train a transformers copy. Dense models (tensor parallel:
         every rank takes its shard of each full tensor); returns the number of tensors
-        loaded."""
-        return self.llm_engine.load_weights(weights)
+        loaded. Every tensor is checked before the first copy: a bad one (ValueError
+        naming it) leaves the model unchanged. ``dry_run=True``: only check (meta
+        tensors accepted); ``stream=True``: check and copy one at a time without holding
+        the set (:meth:`LLMEngine.load_weights`)."""
+        return self.llm_engine.load_weights(weights, dry_run=dry_run, stream=stream)
 
     @property
     def sampling_defaults(self) -> dict[str, Any]:

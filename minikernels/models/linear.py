@@ -304,6 +304,13 @@ class FusedLinear(nn.Module):
 
     def load_shard(self, shard: int, name: str, tensor: Tensor) -> None:
         """Copy a checkpoint tensor ('weight' [n, K] or 'bias' [n]) into part ``shard``."""
+        dst = self.check_shard(shard, name, tensor.shape)
+        with torch.no_grad():
+            dst.copy_(tensor)
+
+    def check_shard(self, shard: int, name: str, shape: Sequence[int]) -> Tensor:
+        """:meth:`load_shard`'s checks alone (ValueError), for a tensor of ``shape``; the
+        view of part ``shard`` it would be copied into. Copies nothing."""
         start, stop = self.shard_rows(shard)
         if name == "weight":
             if self.weight is None:
@@ -317,11 +324,10 @@ class FusedLinear(nn.Module):
             dst = self.bias
         else:
             raise ValueError(f"unknown linear tensor {name!r}")
-        if tuple(tensor.shape) != expected:
+        if tuple(shape) != expected:
             raise ValueError(f"shape mismatch: expected {list(expected)}, got "
-                             f"{list(tensor.shape)}")
-        with torch.no_grad():
-            dst[start:stop].copy_(tensor)
+                             f"{list(shape)}")
+        return dst[start:stop]
 
     def set_int4_shard(self, shard: int, w: Any) -> None:
         """Give part ``shard`` an int4 weight (GPTQ/AWQ import), or a weight-only int8 one

@@ -5,6 +5,10 @@ routes): ``POST /sleep?level=1|2``, ``POST /wake_up[?tags=weights&tags=kv_cache]
 place from a safetensors checkpoint of the same architecture: a trainer saves, the
 server reloads). Served only with ``--enable-sleep-mode`` (they let a client free the
 server's GPU memory and name server directories); behind the API key like ``/v1/*``.
+A weight reload is all or nothing: the whole checkpoint is first checked against the
+served model (every replica; rank 0's shard under tensor parallel) from its safetensors
+headers alone, off the event loop, and a bad tensor (unknown name, wrong shape or
+dtype), a corrupt file or a wrong config is a 400 naming it, the weights untouched.
 
 Each call waits until the engine is idle: requests already running finish first, requests
 that arrive meanwhile wait and start after it (``AsyncLLM.call_when_idle``), so nothing
@@ -48,6 +52,43 @@ def _checkpoint_tensors(files: list[str]) -> Iterator[tuple[str, Any]]:
                 yield name, tensor
 
 
+#: safetensors header dtypes -> torch dtype names
+_SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16",
+                       "BF16": "bfloat16", "F8_E4M3": "float8_e4m3fn",
+                       "F8_E5M2": "float8_e5m2", "I64": "int64", "I32": "int32",
+                       "I16": "int16", "I8": "int8", "U64": "uint64", "U32": "uint32",
+                       "U16": "uint16", "U8": "uint8", "BOOL": "bool"}
+
+
+def _checkpoint_headers(files: list[str]) -> list[tuple[str, Any]]:
+    """(HF name, meta tensor of its shape and dtype) of every text tensor of the
+    safetensors ``files``, from their headers: no tensor data is read, except fp8
+    KV-cache scales (a few values each, checked to be finite and > 0). ValueError for a
+    corrupt or truncated file or a dtype torch lacks."""
+    import torch
+    from safetensors import SafetensorError
+
+    from ..models.loader import _iter_file
+
+    out = []
+    for path in files:
+        try:
+            for name, part in _iter_file(path, lazy=True):
+                if part is None:
+                    continue
+                dtype = getattr(torch, _SAFETENSORS_DTYPES.get(part.get_dtype(), ""), None)
+                if not isinstance(dtype, torch.dtype):
+                    raise ValueError(f"{name}: unsupported dtype {part.get_dtype()}")
+                if name.endswith(("k_scale", "v_scale")):
+                    out.append((name, part[...]))
+                else:
+                    out.append((name, torch.empty(part.get_shape(), dtype=dtype,
+                                                  device="meta")))
+        except SafetensorError as exc:
+            raise ValueError(f"{os.path.basename(path)}: {exc}") from None
+    return out
+
+
 def _same_architecture(engine: Any, model_dir: str) -> None:
     """ValueError unless ``model_dir``'s config.json describes the served model's shapes."""
     from ..models.config import DecoderConfig
@@ -82,13 +123,17 @@ def register_sleep_routes(app: FastAPI, state: "ServerState",
 
     async def on_every_engine(engines: list[Any], fn: Callable[[Any], Any]) -> list[Any]:
         async with lock:
-            try:
-                return await asyncio.gather(*(e.call_when_idle(fn) for e in engines))
-            except ValueError as exc:
-                raise APIError(str(exc) or type(exc).__name__, code="invalid_value") from None
-            except RuntimeError as exc:       # e.g. weights asleep
-                raise APIError(str(exc) or type(exc).__name__, code="invalid_state",
-                               status=409) from None
+            return await each_engine(engines, fn)
+
+    async def each_engine(engines: list[Any], fn: Callable[[Any], Any]) -> list[Any]:
+        """``fn(engine)`` on every engine once it is idle (the caller holds ``lock``)."""
+        try:
+            return await asyncio.gather(*(e.call_when_idle(fn) for e in engines))
+        except ValueError as exc:
+            raise APIError(str(exc) or type(exc).__name__, code="invalid_value") from None
+        except RuntimeError as exc:       # e.g. weights asleep
+            raise APIError(str(exc) or type(exc).__name__, code="invalid_state",
+                           status=409) from None
 
     def one_query(request: Request, name: str) -> Optional[str]:
         values = request.query_params.getlist(name)
@@ -140,20 +185,28 @@ def register_sleep_routes(app: FastAPI, state: "ServerState",
         engines = allowed(request)
         path = req.model_path
 
-        def files() -> list[str]:          # off the event loop: it reads the disk
+        def check() -> list[str]:          # off the event loop: it reads the disk
             from ..models.loader import checkpoint_files
 
             if not os.path.isdir(path):
                 raise ValueError("not a directory")
             for e in engines:
                 _same_architecture(e, path)
-            return checkpoint_files(path)      # safetensors only (pickles are refused)
-        try:
-            found = await asyncio.get_running_loop().run_in_executor(None, files)
-        except (ValueError, OSError) as exc:
-            raise APIError(f"cannot load weights from {path!r}: {exc}", param="model_path",
-                           code="invalid_value") from None
-        counts = await on_every_engine(
-            engines, lambda eng: eng.load_weights(_checkpoint_tensors(found)))
+            found = checkpoint_files(path)     # safetensors only (pickles are refused)
+            headers = _checkpoint_headers(found)
+            for e in engines:                  # every tensor, before any is copied
+                e.engine.load_weights(headers, dry_run=True)
+            return found
+        async with lock:     # no sleep / wake between the check and the load
+            try:
+                found = await asyncio.get_running_loop().run_in_executor(None, check)
+            except (ValueError, OSError) as exc:
+                raise APIError(f"cannot load weights from {path!r}: {exc}",
+                               param="model_path", code="invalid_value") from None
+            except RuntimeError as exc:       # the weights are asleep
+                raise APIError(str(exc) or type(exc).__name__, code="invalid_state",
+                               status=409) from None
+            counts = await each_engine(        # checked: streamed, never held at once
+                engines, lambda eng: eng.load_weights(_checkpoint_tensors(found), stream=True))
         return JSONBody({"success": True, "num_tensors": int(counts[0]),
                          "message": f"loaded {counts[0]} tensors from {len(found)} file(s)"})
