@@ -137,13 +137,17 @@ def test_starcoder2_adapter_on_the_non_gated_mlp(tmp_path):
         LoRAAdapter.load(str(tmp_path / "gated"), model.config)
 
 
-def test_phi2_adapter_on_fc1_fc2_and_dense(tmp_path):
-    """PEFT's adapter on Phi-2's fc1 / fc2 (its non-gated MLP) and dense (the attention
-    output): logits equal PEFT's."""
-    hf = make_hf_model("phi2", seed=4)
+@pytest.mark.parametrize(("kind", "targets"), [
+    ("phi2", ["q_proj", "v_proj", "dense", "fc1", "fc2"]),
+    # OPT: out_proj, and fc1 / fc2 directly under the layer (no mlp. module)
+    ("opt", ["q_proj", "k_proj", "out_proj", "fc1", "fc2"]),
+])
+def test_non_gated_adapters_fc1_fc2_and_output(tmp_path, kind, targets):
+    """PEFT's adapter on Phi-2's / OPT's fc1 / fc2 (the non-gated MLP) and the attention
+    output (Phi's dense, OPT's out_proj): logits equal PEFT's."""
+    hf = make_hf_model(kind, seed=4)
     base = save_hf(hf, str(tmp_path / "base"))
-    ref = make_adapter(hf, str(tmp_path / "lora"), r=4, alpha=8,
-                       targets=["q_proj", "v_proj", "dense", "fc1", "fc2"], seed=5)
+    ref = make_adapter(hf, str(tmp_path / "lora"), r=4, alpha=8, targets=targets, seed=5)
     model = load_model(base, dtype="float32", device="cpu")
     manager = LoRAManager(model, max_loras=1, max_lora_rank=4)
     manager.activate(0, LoRAAdapter.load(str(tmp_path / "lora"), model.config))
@@ -184,3 +188,14 @@ def test_adapters_on_fused_projections(tmp_path, kind, targets):
     ref_rows = torch.cat([_ref_logits(ref, seqs[0]), _ref_logits(hf, seqs[1])])
     assert rel_err(got, ref_rows) <= 1e-4
     assert rel_err(_ref_logits(ref, seqs[0]), _ref_logits(hf, seqs[0])) > 1e-2
+
+
+@pytest.mark.parametrize(("kind", "match"), [("gpt2", "fan_in_fan_out"),
+                                             ("gpt_bigcode-mqa", "unexpected adapter tensor")])
+def test_gpt2_and_bigcode_adapters_are_refused_by_name(tmp_path, kind, match):
+    hf = make_hf_model(kind, seed=4)
+    base = save_hf(hf, str(tmp_path / "base"))
+    make_adapter(hf, str(tmp_path / "lora"), r=2, alpha=2, targets=["c_attn"], seed=5)
+    model = load_model(base, dtype="float32", device="cpu")
+    with pytest.raises(LoRAError, match=match):
+        LoRAAdapter.load(str(tmp_path / "lora"), model.config)

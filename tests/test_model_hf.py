@@ -70,7 +70,7 @@ def test_paged_prefill_decode_and_chunked_prefill(hf_dirs, kind):
                                   "gemma2-window-softcap", "gemma3", "granite", "olmo2",
                                   "olmo3-window", "exaone4-hybrid", "qwen3-moe",
                                   "qwen2-moe", "mixtral",
-                                  "granitemoe", "olmoe"])
+                                  "granitemoe", "olmoe", "gpt_neox", "gpt2", "opt"])
 def test_greedy_generation_matches_transformers(hf_dirs, kind):
     hf, path = hf_dirs[kind]
     model = load_model(path, dtype="float32", device="cpu")
@@ -531,3 +531,59 @@ def test_gpt_neox_hub_checkpoint_spelling(hf_dirs, tmp_path):
     seq = random_tokens(11, hf.config.vocab_size, 5)
     logits = model(torch.tensor(seq), AttentionMetadata.for_prompts([len(seq)]), None)
     assert rel_err(logits, hf_logits(hf, seq)) <= TOL
+
+
+@pytest.mark.parametrize(("kind", "rename"), [
+    # the hub's gpt2 / distilgpt2: GPT2Model's names (no "transformer."), causal-mask buffers
+    ("gpt2", lambda n: n[len("transformer."):] if n.startswith("transformer.") else n),
+    # the hub's facebook/opt-*: OPTModel's names ("decoder.", no "model.")
+    ("opt", lambda n: n[len("model."):] if n.startswith("model.") else n),
+])
+def test_learned_position_models_hub_spelling(hf_dirs, tmp_path, kind, rename):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    hf, path = hf_dirs[kind]
+    d = tmp_path / kind
+    shutil.copytree(path, d)
+    tensors = {rename(k): v for k, v in load_file(str(d / "model.safetensors")).items()}
+    if kind == "gpt2":
+        for i in range(hf.config.num_hidden_layers):
+            tensors[f"h.{i}.attn.bias"] = torch.ones(1, 1, 8, 8).tril()
+            tensors[f"h.{i}.attn.masked_bias"] = torch.tensor(-1e4)
+    save_file(tensors, str(d / "model.safetensors"), metadata={"format": "pt"})
+    model = load_model(str(d), dtype="float32", device="cpu")
+    c = model.config
+    assert c.position_embedding == "learned" and c.nope_layers == [0, 1]
+    assert c.position_offset == (2 if kind == "opt" else 0) and c.tie_word_embeddings
+    assert model.embed_positions.weight.shape[0] == c.max_position_embeddings + c.position_offset
+    seq = random_tokens(11, hf.config.vocab_size, 6)
+    logits = model(torch.tensor(seq), AttentionMetadata.for_prompts([len(seq)]), None)
+    assert rel_err(logits, hf_logits(hf, seq)) <= TOL
+
+
+def test_learned_position_models_refuse_what_they_lack():
+    """Variants of GPT-2 / OPT this decoder does not have are refused by name."""
+    from minikernels.models.config import DecoderConfig, UnsupportedModelError
+
+    gpt2 = dict(architectures=["GPT2LMHeadModel"], vocab_size=300, n_embd=64, n_layer=2,
+                n_head=4, n_positions=64)
+    assert DecoderConfig.from_hf(gpt2).intermediate_size == 256        # 4 * n_embd
+    assert DecoderConfig.from_hf({**gpt2, "scale_attn_weights": False}).softmax_scale == 1.0
+    with pytest.raises(UnsupportedModelError, match="scale_attn_by_inverse_layer_idx"):
+        DecoderConfig.from_hf({**gpt2, "scale_attn_by_inverse_layer_idx": True})
+    opt = dict(architectures=["OPTForCausalLM"], vocab_size=300, hidden_size=64,
+               num_hidden_layers=2, num_attention_heads=4, ffn_dim=128,
+               max_position_embeddings=64, word_embed_proj_dim=64)
+    c = DecoderConfig.from_hf(opt)
+    assert (c.activation, c.mlp_gated, c.num_kv_heads) == ("relu", False, 4)
+    with pytest.raises(UnsupportedModelError, match="do_layer_norm_before"):
+        DecoderConfig.from_hf({**opt, "do_layer_norm_before": False})        # opt-350m
+    with pytest.raises(UnsupportedModelError, match="word_embed_proj_dim"):
+        DecoderConfig.from_hf({**opt, "word_embed_proj_dim": 32})
+    with pytest.raises(UnsupportedModelError, match="ReLU-gated"):
+        DecoderConfig.from_hf(dict(architectures=["LlamaForCausalLM"], vocab_size=300,
+                                   hidden_size=64, intermediate_size=128,
+                                   num_hidden_layers=2, num_attention_heads=4,
+                                   hidden_act="relu"))

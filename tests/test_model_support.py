@@ -160,6 +160,18 @@ CASES: dict[str, tuple[str, dict[str, Any]]] = {
     "gpt_neox-sequential": ("GPTNeoX", dict(num_key_value_heads=None,
                                             use_parallel_residual=False,
                                             hidden_act="gelu_fast")),
+    # Learned absolute positions, LayerNorms, non-gated MLPs: GPT-2 (Conv1D weights,
+    # fused c_attn), OPT (a position offset of 2, ReLU), GPT-BigCode with multi-query and
+    # with per-head fused q / k / v
+    "gpt2": ("GPT2", dict(n_embd=64, n_layer=2, n_head=4, n_positions=256, n_inner=128,
+                          bos_token_id=1, eos_token_id=2)),
+    "opt": ("OPT", dict(ffn_dim=128, word_embed_proj_dim=64, pad_token_id=1,
+                        bos_token_id=2, eos_token_id=2)),
+    "gpt_bigcode-mqa": ("GPTBigCode", dict(n_embd=64, n_layer=2, n_head=4, n_positions=256,
+                                           bos_token_id=1, eos_token_id=2)),
+    "gpt_bigcode-mha": ("GPTBigCode", dict(n_embd=64, n_layer=2, n_head=4, n_positions=256,
+                                           multi_query=False, scale_attn_weights=False,
+                                           bos_token_id=1, eos_token_id=2)),
     # OLMoE: q / k norms over all heads, 8 experts, top 3 not renormalized.
     "olmoe": ("Olmoe", dict(num_experts=8, num_experts_per_tok=3, intermediate_size=40,
                             norm_topk_prob=False, pad_token_id=0, eos_token_id=2,
@@ -167,6 +179,8 @@ CASES: dict[str, tuple[str, dict[str, Any]]] = {
 }
 # transformers config classes not named {family}Config
 _CONFIG_CLASSES = {"Gemma3": "Gemma3TextConfig"}
+# transformers causal-LM classes not named {family}ForCausalLM
+_MODEL_CLASSES = {"GPT2": "GPT2LMHeadModel"}
 
 
 def make_hf_model(kind: str, seed: int = 0, **overrides: Any) -> torch.nn.Module:
@@ -175,7 +189,7 @@ def make_hf_model(kind: str, seed: int = 0, **overrides: Any) -> torch.nn.Module
 
     family, extra = CASES[kind]
     cfg_cls = getattr(transformers, _CONFIG_CLASSES.get(family, f"{family}Config"))
-    model_cls = getattr(transformers, f"{family}ForCausalLM")
+    model_cls = getattr(transformers, _MODEL_CLASSES.get(family, f"{family}ForCausalLM"))
     kwargs = {**BASE, **extra, **overrides}
     config = cfg_cls(**kwargs)
     config._attn_implementation = "eager"

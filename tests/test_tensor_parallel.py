@@ -48,6 +48,12 @@ TP_CASES = {
     # GPT-NeoX: per-head interleaved q / k / v reordered before each rank takes its heads;
     # two norms of one stream in a parallel block
     "gpt_neox": ("gpt_neox", {}),
+    # Learned positions (replicated): GPT-2's Conv1D weights transposed before each rank
+    # takes its rows, OPT, GPT-BigCode's one k / v head replicated and its per-head q / k / v
+    "gpt2": ("gpt2", {}),
+    "opt": ("opt", {}),
+    "gpt_bigcode-mqa": ("gpt_bigcode-mqa", {}),
+    "gpt_bigcode-mha": ("gpt_bigcode-mha", {}),
     # OLMo 2 / OLMoE: q / k norms over every head (an all-reduced sum of squares), kv
     # heads split and (kv1) replicated
     "olmo2": ("olmo2", {}),

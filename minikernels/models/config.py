@@ -81,6 +81,11 @@ SUPPORTED_ARCHITECTURES = {
     # GPT-NeoX (Pythia, Dolly v2, RedPajama-INCITE): LayerNorms with biases, attention and
     # MLP in parallel from two norms of one stream, q / k / v fused per head, partial rope
     "GPTNeoXForCausalLM": "gpt_neox",
+    # Learned absolute position embeddings, LayerNorms, non-gated MLPs: GPT-2 (and
+    # DistilGPT2), OPT, GPT-BigCode (StarCoder 1, SantaCoder: multi-query attention)
+    "GPT2LMHeadModel": "gpt2",
+    "OPTForCausalLM": "opt",
+    "GPTBigCodeForCausalLM": "gpt_bigcode",
 }
 #: ``XForSequenceClassification``: the decoder of ``XForCausalLM`` with a ``score`` head
 #: (``mk.Classifier`` reads it; the generative model refuses such a checkpoint).
@@ -111,7 +116,10 @@ _MODEL_TYPES = {"llama": "llama", "mistral": "mistral", "ministral": "ministral"
                 "helium": "helium", "glm": "glm",
                 "glm4": "glm4", "stablelm": "stablelm", "starcoder2": "starcoder2",
                 "cohere": "cohere", "cohere2": "cohere2", "phi": "phi",
-                "gpt_neox": "gpt_neox"}
+                "gpt_neox": "gpt_neox", "gpt2": "gpt2", "opt": "opt",
+                "gpt_bigcode": "gpt_bigcode"}
+#: the families with learned absolute position embeddings (no rope)
+_LEARNED_POSITIONS = ("gpt2", "opt", "gpt_bigcode")
 _GEMMA = ("gemma", "gemma2", "gemma3")
 #: the mixture-of-experts families (models/moe.py)
 _MOE = ("qwen3_moe", "qwen2_moe", "mixtral", "granitemoe", "olmoe")
@@ -142,7 +150,7 @@ _CARRIED = ("eos_token_id", "bos_token_id", "tie_word_embeddings", "quantization
 #: hidden_act -> the gated MLP's activation op (``ops.silu_and_mul`` / ``gelu_and_mul``)
 GATED_ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu": "gelu",
                      "gelu_pytorch_tanh": "gelu_tanh", "gelu_tanh": "gelu_tanh",
-                     "gelu_new": "gelu_tanh", "gelu_fast": "gelu_tanh"}
+                     "gelu_new": "gelu_tanh", "gelu_fast": "gelu_tanh", "relu": "relu"}
 
 
 class UnsupportedModelError(ValueError):
@@ -203,6 +211,14 @@ class DecoderConfig:
     # (post_attention_layernorm), h + attn(norm1(h)) + mlp(norm2(h)).
     parallel_mlp_norm: bool = False
     lm_head_bias: bool = False     # Phi-2: the lm_head has a bias
+    # "rope", or "learned": a table of absolute position embeddings (GPT-2, OPT,
+    # GPT-BigCode) added to the token embeddings, row position + position_offset (OPT: 2);
+    # no layer rotates.
+    position_embedding: str = "rope"
+    position_offset: int = 0
+    # Fused q / k / v rows stored per head, [heads, (q, k, v), head_dim] (GPT-NeoX,
+    # GPT-BigCode without multi-query): the loader reorders them to q, k, v blocks.
+    qkv_per_head: bool = False
     hidden_act: str = "silu"
     # Gemma: RMSNorm scales by (weight + norm_weight_offset); embeddings times embed_scale
     # (rounded to the model dtype, as transformers does); sandwich_norm adds norms after
@@ -272,6 +288,15 @@ class DecoderConfig:
                                         "not supported")
         if not self.mlp_gated and self.num_experts:
             raise UnsupportedModelError("non-gated MLPs with experts are not supported")
+        if self.position_embedding not in ("rope", "learned"):
+            raise ValueError(f"config.position_embedding must be 'rope' or 'learned', got "
+                             f"{self.position_embedding!r}")
+        if not isinstance(self.position_offset, int) or self.position_offset < 0:
+            raise ValueError(f"config.position_offset must be an int >= 0, got "
+                             f"{self.position_offset!r}")
+        if self.activation == "relu" and self.mlp_gated:
+            raise UnsupportedModelError(f"hidden_act {self.hidden_act!r}: ReLU-gated MLPs "
+                                        "are not supported (ReLU: non-gated MLPs, OPT's)")
         if self.parallel_mlp_norm and not self.parallel_residual:
             raise ValueError("config.parallel_mlp_norm needs parallel_residual")
         if self.parallel_residual and (self.post_norm or self.sandwich_norm):
@@ -297,7 +322,8 @@ class DecoderConfig:
 
     @property
     def activation(self) -> str:
-        """The gated MLP's activation: "silu", "gelu" (erf) or "gelu_tanh"."""
+        """The MLP's activation: "silu", "gelu" (erf), "gelu_tanh" or (non-gated MLPs
+        only) "relu"."""
         return GATED_ACTIVATIONS[self.hidden_act]
 
     @property
@@ -380,6 +406,9 @@ class DecoderConfig:
 
         if family == "granite_hybrid":
             hf = _granite_hybrid_dense(hf)
+        learned = family in _LEARNED_POSITIONS
+        if learned:
+            hf = _learned_positions_config(hf, family)
 
         def need(key: str) -> Any:
             if key not in hf or hf[key] is None:
@@ -433,7 +462,10 @@ class DecoderConfig:
                 partial = hf.get("rotary_pct", 0.25)
             if not isinstance(params, Mapping) and "rope_theta" not in hf:
                 rope_theta = float(hf.get("rotary_emb_base", 10000.0))
-        layer_norm = family in ("stablelm", "starcoder2", "phi", "gpt_neox") or cohere
+        if learned:
+            attention_bias = True
+        layer_norm = family in ("stablelm", "starcoder2", "phi", "gpt_neox") or cohere or \
+            learned
         gemma = family in _GEMMA
         return cls(
             architecture=family,
@@ -451,7 +483,7 @@ class DecoderConfig:
             (0.5 if family in ("glm", "glm4") else 0.25 if family == "stablelm" else 1.0),
             rope_interleaved=family in ("glm", "glm4", "ernie4_5", "helium") or cohere,
             rms_norm_eps=float(hf.get("layer_norm_eps", 1e-5))
-            if family in ("stablelm", "phi", "gpt_neox") or cohere else
+            if family in ("stablelm", "phi", "gpt_neox") or cohere or learned else
             float(hf.get("norm_epsilon", 1e-5)) if family == "starcoder2" else
             float(hf.get("rms_norm_eps", 1e-6)),
             norm_type="layer" if layer_norm else "rms",
@@ -460,9 +492,13 @@ class DecoderConfig:
                 neox and bool(hf.get("use_parallel_residual", True))),
             parallel_mlp_norm=neox and bool(hf.get("use_parallel_residual", True)),
             lm_head_bias=family == "phi",
-            mlp_gated=family not in ("starcoder2", "phi", "gpt_neox"),
+            mlp_gated=family not in ("starcoder2", "phi", "gpt_neox") and not learned,
+            position_embedding="learned" if learned else "rope",
+            position_offset=2 if family == "opt" else 0,
+            qkv_per_head=neox or (family == "gpt_bigcode" and not hf.get("multi_query", True)),
             tie_word_embeddings=bool(hf.get("tie_word_embeddings",
-                                            gemma or family == "starcoder2" or cohere)),
+                                            gemma or family == "starcoder2" or cohere or
+                                            learned)),
             eos_token_ids=eos,
             bos_token_id=None if bos is None else int(bos),
             sliding_window=window,
@@ -473,7 +509,8 @@ class DecoderConfig:
             o_bias=family not in ("qwen2", "qwen2_moe", "glm", "glm4", "helium")
             and attention_bias,
             mlp_bias=bool(hf.get("mlp_bias", False)) or (
-                family in ("ernie4_5", "starcoder2", "phi") and attention_bias) or neox,
+                family in ("ernie4_5", "starcoder2", "phi") and attention_bias) or neox or \
+            learned,
             qk_norm=family in ("qwen3", "qwen3_moe", "gemma3", "olmo2", "olmo3", "olmoe",
                                "exaone4", "hunyuan"),
             qk_norm_after_rope=family == "hunyuan",
@@ -492,6 +529,7 @@ class DecoderConfig:
             llama4_scaling_beta=_llama4_scaling(hf)[0],
             llama4_scaling_length=_llama4_scaling(hf)[1],
             nope_layers=(_nope_layers_from_hf(hf, num_layers) if family == "smollm3" else
+                         list(range(num_layers)) if learned else
                          # Granite 4.0 without rope (position_embedding_type not "rope")
                          list(range(num_layers)) if family == "granite_hybrid" and
                          hf.get("position_embedding_type") != "rope" else
@@ -590,9 +628,62 @@ def _granite_from_hf(hf: Mapping[str, Any]) -> dict[str, Any]:
                 logits_scaling=float(hf.get("logits_scaling", 1.0)))
 
 
+def _learned_positions_config(hf: Mapping[str, Any], family: str) -> dict[str, Any]:
+    """GPT-2's / GPT-BigCode's / OPT's config.json under the decoder's keys
+    (hidden_size, num_hidden_layers, intermediate_size, ...), their variants this decoder
+    does not have refused by name."""
+    out = dict(hf)
+    if family in ("gpt2", "gpt_bigcode"):
+        if hf.get("add_cross_attention"):
+            raise UnsupportedModelError(f"{family} with add_cross_attention is not supported")
+        if hf.get("scale_attn_by_inverse_layer_idx"):
+            raise UnsupportedModelError("scale_attn_by_inverse_layer_idx is not supported")
+        for ours, theirs in (("hidden_size", "n_embd"), ("num_hidden_layers", "n_layer"),
+                             ("num_attention_heads", "n_head"),
+                             ("max_position_embeddings", "n_positions"),
+                             ("layer_norm_eps", "layer_norm_epsilon"),
+                             ("hidden_act", "activation_function")):
+            if hf.get(theirs) is not None:
+                out[ours] = hf[theirs]
+        out.setdefault("hidden_act", "gelu_new")
+        out.setdefault("layer_norm_eps", 1e-5)
+        hidden = out.get("hidden_size")
+        if out.get("n_inner") is None and hidden is not None:
+            out["intermediate_size"] = 4 * int(hidden)
+        elif out.get("n_inner") is not None:
+            out["intermediate_size"] = out["n_inner"]
+        out.pop("num_key_value_heads", None)     # (transformers ignores it)
+        if family == "gpt_bigcode" and hf.get("multi_query", True):
+            out["num_key_value_heads"] = 1        # multi-query: one k / v head
+        if not hf.get("scale_attn_weights", True):
+            out["_attention_scale"] = 1.0
+    else:   # OPT
+        if not hf.get("do_layer_norm_before", True):
+            raise UnsupportedModelError("OPT with do_layer_norm_before=false (opt-350m's "
+                                        "post-norm layers) is not supported")
+        proj = hf.get("word_embed_proj_dim")
+        if proj is not None and proj != hf.get("hidden_size"):
+            raise UnsupportedModelError("OPT with word_embed_proj_dim != hidden_size "
+                                        "(project_in / project_out) is not supported")
+        if not hf.get("enable_bias", True) or not hf.get("layer_norm_elementwise_affine",
+                                                         True):
+            raise UnsupportedModelError("OPT without biases / LayerNorm affine parameters "
+                                        "is not supported")
+        if hf.get("_remove_final_layer_norm"):
+            raise UnsupportedModelError("OPT with _remove_final_layer_norm is not supported")
+        out.pop("num_key_value_heads", None)     # every head has its own k / v
+        out["intermediate_size"] = hf.get("ffn_dim", hf.get("intermediate_size"))
+        out["hidden_act"] = hf.get("activation_function", "relu")
+        out.setdefault("layer_norm_eps", 1e-5)
+    return out
+
+
 def _attention_scale(hf: Mapping[str, Any], family: str) -> float | None:
     """The softmax scale where it is not head_dim ** -0.5: Gemma 2/3's
-    query_pre_attn_scalar ** -0.5, Granite's attention_multiplier."""
+    query_pre_attn_scalar ** -0.5, Granite's attention_multiplier, GPT-2's 1 without
+    scale_attn_weights."""
+    if hf.get("_attention_scale") is not None:
+        return float(hf["_attention_scale"])
     if family in ("gemma2", "gemma3"):
         return float(hf.get("query_pre_attn_scalar", 256)) ** -0.5
     if family in ("granite", "granitemoe", "granite_hybrid"):

@@ -204,8 +204,9 @@ class MLP(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         gate_up = self.gate_up_proj(x)
         if not self.gated:
-            h = F.silu(gate_up) if self.activation == "silu" else F.gelu(
-                gate_up, approximate="tanh" if self.activation == "gelu_tanh" else "none")
+            h = F.silu(gate_up) if self.activation == "silu" else F.relu(gate_up) \
+                if self.activation == "relu" else F.gelu(
+                    gate_up, approximate="tanh" if self.activation == "gelu_tanh" else "none")
         elif self.activation == "silu":
             h = ops.silu_and_mul(gate_up)
         else:
@@ -313,6 +314,12 @@ class CausalLM(nn.Module):
             self.embed_tokens = VocabParallelEmbedding(c.vocab_size, c.hidden_size, tp, dtype,
                                                        device)
         self.embed_tokens.weight.requires_grad_(False)
+        # GPT-2 / OPT / GPT-BigCode: learned absolute positions (replicated under TP)
+        self.embed_positions = None
+        if c.position_embedding == "learned":
+            self.embed_positions = nn.Embedding(c.max_position_embeddings + c.position_offset,
+                                                c.hidden_size, dtype=dtype, device=device)
+            self.embed_positions.weight.requires_grad_(False)
         self.layers = nn.ModuleList(
             DecoderLayer(c, i, self._layer_rotary(i), dtype, device, dense, tp)
             for i in range(c.num_layers))
@@ -377,6 +384,8 @@ class CausalLM(nn.Module):
             h = h * self._embed_scale
         if self.config.embedding_multiplier != 1.0:
             h = h * self.config.embedding_multiplier
+        if self.embed_positions is not None:
+            h = h + self.embed_positions(meta.positions + self.config.position_offset)
         residual: Tensor | None = None
         capture = self.hidden_capture
         aux = capture.layers if capture is not None and capture.layers else ()

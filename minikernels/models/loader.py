@@ -151,8 +151,8 @@ _ROUTER_RE = re.compile(r"^layers\.(\d+)\.mlp\.(gate|shared_expert_gate)\.weight
 _SHARED_EXPERT_RE = re.compile(r"^layers\.(\d+)\.mlp\.shared_expert\.(\w+)\.(\w+)$")
 _IGNORED = re.compile(r"(rotary_emb\.inv_freq|\.bias_correction|\.wf_?\w*|\.weight_shape)$"
                       r"|^score\.(weight|bias)$"   # a classifier's head: mk.Classifier reads it
-                      # GPT-NeoX's stored causal-mask buffers (older checkpoints)
-                      r"|\.attention\.(masked_)?bias$")
+                      # GPT-NeoX's / GPT-2's stored causal-mask buffers
+                      r"|\.attention\.(masked_)?bias$|\.attn\.(masked_)?bias$")   # GPT-2
 
 
 #: A multimodal checkpoint's text decoder (Gemma 3 4B+): transformers' two spellings.
@@ -180,7 +180,7 @@ def map_name(name: str) -> tuple[str, int | None, str] | None:
             name = plain + name[len(prefix):]
             break
     n = name[len("model."):] if name.startswith("model.") else name
-    if n in ("embed_tokens.weight", "norm.weight", "norm.bias"):
+    if n in ("embed_tokens.weight", "norm.weight", "norm.bias", "embed_positions.weight"):
         return n.rsplit(".", 1)[0], None, n.rsplit(".", 1)[1]
     if name.startswith("lm_head."):
         kind = name.split(".", 1)[1]
@@ -230,15 +230,17 @@ def _unfuse(name: str, tensor: Any, config: DecoderConfig) -> Iterator[tuple[str
     """(name, tensor) as the loader reads it: a fused ``qkv_proj`` / ``gate_up_proj``
     weight or bias (Phi-3's checkpoints) becomes its q / k / v (gate / up) row blocks under
     the parts' names; anything else passes through. Safetensors slices (tensor-parallel
-    loading) read only each part's rows."""
+    loading) read only each part's rows. Per-head fused q / k / v (GPT-NeoX, GPT-BigCode)
+    is reordered first, and GPT-2's Conv1D weights ([in, out]) are transposed."""
+    if config.architecture == "gpt2" and _CONV1D_RE.search(name):
+        tensor = _materialized(tensor).t().contiguous()
     m = _FUSED_RE.match(name)
     if m is None:
         yield name, tensor
         return
     prefix, fused, kind = m.groups()
-    if config.architecture == "gpt_neox" and fused == "self_attn.qkv_proj" and \
-            kind in ("weight", "bias"):
-        tensor = _neox_qkv_rows(tensor, config)
+    if config.qkv_per_head and fused == "self_attn.qkv_proj" and kind in ("weight", "bias"):
+        tensor = _per_head_qkv_rows(tensor, config)
     sizes = [config.q_size, config.kv_size, config.kv_size] if fused.endswith("qkv_proj") \
         else [config.intermediate_size] * 2
     shape = list(tensor.get_shape()) if hasattr(tensor, "get_shape") else list(tensor.shape)
@@ -319,6 +321,10 @@ def _family_name(name: str, config: DecoderConfig) -> str:
             .replace("model.final_layernorm.", "model.norm.")
     if config.architecture == "gpt_neox":
         return _neox_name(name)
+    if config.architecture in ("gpt2", "gpt_bigcode"):
+        return _renamed(name, _GPT2_PREFIXES, _GPT2_PARTS)
+    if config.architecture == "opt":
+        return _renamed(name, _OPT_PREFIXES, _OPT_PARTS)
     if config.architecture == "hunyuan":    # its per-head q / k norms
         return name.replace(".self_attn.query_layernorm.", ".self_attn.q_norm.").replace(
             ".self_attn.key_layernorm.", ".self_attn.k_norm.")
@@ -337,28 +343,63 @@ _NEOX_PARTS = ((".attention.query_key_value.", ".self_attn.qkv_proj."),
                (".mlp.dense_4h_to_h.", ".mlp.down_proj."))
 
 
-def _neox_name(name: str) -> str:
-    """A GPT-NeoX tensor name in the decoder's vocabulary (its fused, per-head
-    interleaved query_key_value is reordered by :func:`_unfuse`)."""
-    for prefix, ours in _NEOX_PREFIXES:
+#: GPT-2's / GPT-BigCode's names (with or without the "transformer." prefix)
+_GPT2_PREFIXES = (("transformer.wte.", "model.embed_tokens."), ("wte.", "model.embed_tokens."),
+                  ("transformer.wpe.", "model.embed_positions."),
+                  ("wpe.", "model.embed_positions."), ("transformer.ln_f.", "model.norm."),
+                  ("ln_f.", "model.norm."), ("transformer.h.", "model.layers."),
+                  ("h.", "model.layers."))
+_GPT2_PARTS = ((".ln_1.", ".input_layernorm."), (".ln_2.", ".post_attention_layernorm."),
+               (".attn.c_attn.", ".self_attn.qkv_proj."), (".attn.c_proj.", ".self_attn.o_proj."),
+               (".mlp.c_fc.", ".mlp.gate_proj."), (".mlp.c_proj.", ".mlp.down_proj."))
+#: OPT's names (OPTForCausalLM's "model.decoder.", OPTModel's "decoder.")
+_OPT_PREFIXES = (("model.decoder.final_layer_norm.", "model.norm."),
+                 ("decoder.final_layer_norm.", "model.norm."),
+                 ("model.decoder.", "model."), ("decoder.", "model."))
+_OPT_PARTS = ((".self_attn_layer_norm.", ".input_layernorm."),
+              (".final_layer_norm.", ".post_attention_layernorm."),
+              (".self_attn.out_proj.", ".self_attn.o_proj."), (".fc1.", ".mlp.gate_proj."),
+              (".fc2.", ".mlp.down_proj."))
+
+
+def _renamed(name: str, prefixes: tuple[tuple[str, str], ...],
+             parts: tuple[tuple[str, str], ...]) -> str:
+    """``name`` with its first matching prefix and every matching part replaced."""
+    for prefix, ours in prefixes:
         if name.startswith(prefix):
             name = ours + name[len(prefix):]
             break
-    for part, ours in _NEOX_PARTS:
+    for part, ours in parts:
         name = name.replace(part, ours)
     return name
 
 
-def _neox_qkv_rows(tensor: Any, config: DecoderConfig) -> Tensor:
-    """GPT-NeoX's query_key_value rows [heads, (q, k, v), head_dim] reordered to the
-    decoder's [(q, k, v), heads, head_dim] (a weight [3 * hidden, hidden] or bias)."""
-    t = tensor[:] if not isinstance(tensor, Tensor) else tensor   # a safetensors slice
+def _neox_name(name: str) -> str:
+    """A GPT-NeoX tensor name in the decoder's vocabulary (its fused, per-head
+    interleaved query_key_value is reordered by :func:`_unfuse`)."""
+    return _renamed(name, _NEOX_PREFIXES, _NEOX_PARTS)
+
+
+def _materialized(tensor: Any) -> Tensor:
+    """A tensor from a tensor or a safetensors slice (read whole)."""
+    return tensor if isinstance(tensor, Tensor) else tensor[:]
+
+
+def _per_head_qkv_rows(tensor: Any, config: DecoderConfig) -> Tensor:
+    """Fused q / k / v rows stored per head, [heads, (q, k, v), head_dim] (GPT-NeoX's
+    query_key_value, GPT-BigCode's c_attn without multi-query), reordered to the
+    decoder's [(q, k, v), heads, head_dim] (a weight [3 * hidden, hidden] or a bias)."""
+    t = _materialized(tensor)
     h, d = config.num_heads, config.head_dim
     if t.shape[0] != 3 * h * d:
-        raise CheckpointError(f"query_key_value: shape mismatch: expected {3 * h * d} rows "
+        raise CheckpointError(f"fused q / k / v: shape mismatch: expected {3 * h * d} rows "
                               f"(heads {h} x 3 x head_dim {d}), got {t.shape[0]}")
     rest = tuple(t.shape[1:])
     return t.reshape(h, 3, d, *rest).transpose(0, 1).reshape(3 * h * d, *rest)
+
+
+#: GPT-2's Conv1D layers store weight [in, out] (nn.Linear's transpose)
+_CONV1D_RE = re.compile(r"\.(self_attn\.(qkv_proj|o_proj)|mlp\.(gate_proj|down_proj))\.weight$")
 
 
 def _load_kv_scale(buffer: Tensor, tensor: Tensor, where: str) -> None:

@@ -73,7 +73,7 @@ _ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 _SHARED_TARGETS = {"shared_expert.gate_proj": ("mlp.shared_expert.gate_up_proj", 0),
                    "shared_expert.up_proj": ("mlp.shared_expert.gate_up_proj", 1),
                    "shared_expert.down_proj": ("mlp.shared_expert.down_proj", 0)}
-_NAME_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.(?:self_attn|mlp|attention)\."
+_NAME_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.(?:self_attn\.|mlp\.|attention\.|(?=fc[12]\.))"
                       r"((?:shared_expert\.)?(?:\w+_proj|c_fc|fc1|fc2|dense|dense_h_to_4h|"
                       r"dense_4h_to_h))"
                       r"\.lora_([AB])(?:\.default)?\.weight$")
@@ -195,6 +195,8 @@ def _parse_tensors(tensors: list[tuple[str, Tensor]], config: DecoderConfig, ran
                "dense_4h_to_h": "down_proj"} if not config.mlp_gated else {}
     if config.architecture in ("phi", "gpt_neox"):
         aliases["dense"] = "o_proj"
+    if config.architecture == "opt":          # OPT: out_proj; fc1 / fc2 under the layer
+        aliases["out_proj"] = "o_proj"
     hf_proj: dict[tuple[int, str], str] = {}     # PEFT's own name of each aliased target
     tensors = _split_fused(tensors, config, hf_proj, path)
     per_expert: dict[tuple[int, str], dict[int, dict[str, Tensor]]] = {}
