@@ -70,7 +70,7 @@ def test_paged_prefill_decode_and_chunked_prefill(hf_dirs, kind):
                                   "gemma2-window-softcap", "gemma3", "granite", "olmo2",
                                   "olmo3-window", "exaone4-hybrid", "qwen3-moe",
                                   "qwen2-moe", "mixtral",
-                                  "granitemoe", "olmoe", "gpt_neox", "gpt2", "opt"])
+                                  "granitemoe", "olmoe", "gpt_neox", "gpt2", "opt", "bloom"])
 def test_greedy_generation_matches_transformers(hf_dirs, kind):
     hf, path = hf_dirs[kind]
     model = load_model(path, dtype="float32", device="cpu")
@@ -538,8 +538,10 @@ def test_gpt_neox_hub_checkpoint_spelling(hf_dirs, tmp_path):
     ("gpt2", lambda n: n[len("transformer."):] if n.startswith("transformer.") else n),
     # the hub's facebook/opt-*: OPTModel's names ("decoder.", no "model.")
     ("opt", lambda n: n[len("model."):] if n.startswith("model.") else n),
+    # the hub's bigscience/bloom-*: BloomModel's names (no "transformer.")
+    ("bloom", lambda n: n[len("transformer."):] if n.startswith("transformer.") else n),
 ])
-def test_learned_position_models_hub_spelling(hf_dirs, tmp_path, kind, rename):
+def test_no_rope_models_hub_spelling(hf_dirs, tmp_path, kind, rename):
     import shutil
 
     from safetensors.torch import load_file, save_file
@@ -555,9 +557,14 @@ def test_learned_position_models_hub_spelling(hf_dirs, tmp_path, kind, rename):
     save_file(tensors, str(d / "model.safetensors"), metadata={"format": "pt"})
     model = load_model(str(d), dtype="float32", device="cpu")
     c = model.config
-    assert c.position_embedding == "learned" and c.nope_layers == [0, 1]
-    assert c.position_offset == (2 if kind == "opt" else 0) and c.tie_word_embeddings
-    assert model.embed_positions.weight.shape[0] == c.max_position_embeddings + c.position_offset
+    assert c.nope_layers == [0, 1] and c.tie_word_embeddings
+    if kind == "bloom":
+        assert c.position_embedding == "alibi" and model.embed_norm is not None
+    else:
+        assert c.position_embedding == "learned" and c.position_offset == (2 if kind == "opt"
+                                                                           else 0)
+        assert model.embed_positions.weight.shape[0] == \
+            c.max_position_embeddings + c.position_offset
     seq = random_tokens(11, hf.config.vocab_size, 6)
     logits = model(torch.tensor(seq), AttentionMetadata.for_prompts([len(seq)]), None)
     assert rel_err(logits, hf_logits(hf, seq)) <= TOL
@@ -587,3 +594,16 @@ def test_learned_position_models_refuse_what_they_lack():
                                    hidden_size=64, intermediate_size=128,
                                    num_hidden_layers=2, num_attention_heads=4,
                                    hidden_act="relu"))
+
+
+def test_alibi_slopes_equal_transformers():
+    """ALiBi slopes for every head count up to 128 (powers of two and the extra odd powers
+    beyond them) equal BLOOM's in transformers, bit for bit."""
+    from transformers.models.bloom.modeling_bloom import _get_alibi_slopes
+
+    from minikernels.nn.layers import alibi_slopes
+
+    for n in range(1, 129):
+        assert torch.equal(alibi_slopes(n), _get_alibi_slopes(n, torch.device("cpu"))), n
+    with pytest.raises(ValueError, match="num_heads"):
+        alibi_slopes(0)

@@ -54,6 +54,9 @@ TP_CASES = {
     "opt": ("opt", {}),
     "gpt_bigcode-mqa": ("gpt_bigcode-mqa", {}),
     "gpt_bigcode-mha": ("gpt_bigcode-mha", {}),
+    # BLOOM: each rank its heads' ALiBi slopes (6 heads, 3 per rank; head_dim 32, so
+    # int4 group 32 divides each rank's K)
+    "bloom": ("bloom", {"hidden_size": 192}),
     # OLMo 2 / OLMoE: q / k norms over every head (an all-reduced sum of squares), kv
     # heads split and (kv1) replicated
     "olmo2": ("olmo2", {}),

@@ -86,6 +86,8 @@ SUPPORTED_ARCHITECTURES = {
     "GPT2LMHeadModel": "gpt2",
     "OPTForCausalLM": "opt",
     "GPTBigCodeForCausalLM": "gpt_bigcode",
+    # BLOOM / BLOOMZ: ALiBi, a LayerNorm on the embeddings, per-head fused q / k / v
+    "BloomForCausalLM": "bloom",
 }
 #: ``XForSequenceClassification``: the decoder of ``XForCausalLM`` with a ``score`` head
 #: (``mk.Classifier`` reads it; the generative model refuses such a checkpoint).
@@ -117,7 +119,7 @@ _MODEL_TYPES = {"llama": "llama", "mistral": "mistral", "ministral": "ministral"
                 "glm4": "glm4", "stablelm": "stablelm", "starcoder2": "starcoder2",
                 "cohere": "cohere", "cohere2": "cohere2", "phi": "phi",
                 "gpt_neox": "gpt_neox", "gpt2": "gpt2", "opt": "opt",
-                "gpt_bigcode": "gpt_bigcode"}
+                "gpt_bigcode": "gpt_bigcode", "bloom": "bloom"}
 #: the families with learned absolute position embeddings (no rope)
 _LEARNED_POSITIONS = ("gpt2", "opt", "gpt_bigcode")
 _GEMMA = ("gemma", "gemma2", "gemma3")
@@ -211,14 +213,17 @@ class DecoderConfig:
     # (post_attention_layernorm), h + attn(norm1(h)) + mlp(norm2(h)).
     parallel_mlp_norm: bool = False
     lm_head_bias: bool = False     # Phi-2: the lm_head has a bias
-    # "rope", or "learned": a table of absolute position embeddings (GPT-2, OPT,
+    # "rope"; "learned": a table of absolute position embeddings (GPT-2, OPT,
     # GPT-BigCode) added to the token embeddings, row position + position_offset (OPT: 2);
-    # no layer rotates.
+    # "alibi" (BLOOM): each head's scores biased by -slope * distance. With either no layer
+    # rotates.
     position_embedding: str = "rope"
     position_offset: int = 0
     # Fused q / k / v rows stored per head, [heads, (q, k, v), head_dim] (GPT-NeoX,
     # GPT-BigCode without multi-query): the loader reorders them to q, k, v blocks.
     qkv_per_head: bool = False
+    # BLOOM: a norm of the token embeddings before the first layer
+    embed_norm: bool = False
     hidden_act: str = "silu"
     # Gemma: RMSNorm scales by (weight + norm_weight_offset); embeddings times embed_scale
     # (rounded to the model dtype, as transformers does); sandwich_norm adds norms after
@@ -288,9 +293,9 @@ class DecoderConfig:
                                         "not supported")
         if not self.mlp_gated and self.num_experts:
             raise UnsupportedModelError("non-gated MLPs with experts are not supported")
-        if self.position_embedding not in ("rope", "learned"):
-            raise ValueError(f"config.position_embedding must be 'rope' or 'learned', got "
-                             f"{self.position_embedding!r}")
+        if self.position_embedding not in ("rope", "learned", "alibi"):
+            raise ValueError(f"config.position_embedding must be 'rope', 'learned' or "
+                             f"'alibi', got {self.position_embedding!r}")
         if not isinstance(self.position_offset, int) or self.position_offset < 0:
             raise ValueError(f"config.position_offset must be an int >= 0, got "
                              f"{self.position_offset!r}")
@@ -409,6 +414,9 @@ class DecoderConfig:
         learned = family in _LEARNED_POSITIONS
         if learned:
             hf = _learned_positions_config(hf, family)
+        bloom = family == "bloom"
+        if bloom:
+            hf = _bloom_config(hf)
 
         def need(key: str) -> Any:
             if key not in hf or hf[key] is None:
@@ -462,10 +470,10 @@ class DecoderConfig:
                 partial = hf.get("rotary_pct", 0.25)
             if not isinstance(params, Mapping) and "rope_theta" not in hf:
                 rope_theta = float(hf.get("rotary_emb_base", 10000.0))
-        if learned:
+        if learned or bloom:
             attention_bias = True
         layer_norm = family in ("stablelm", "starcoder2", "phi", "gpt_neox") or cohere or \
-            learned
+            learned or bloom
         gemma = family in _GEMMA
         return cls(
             architecture=family,
@@ -483,7 +491,7 @@ class DecoderConfig:
             (0.5 if family in ("glm", "glm4") else 0.25 if family == "stablelm" else 1.0),
             rope_interleaved=family in ("glm", "glm4", "ernie4_5", "helium") or cohere,
             rms_norm_eps=float(hf.get("layer_norm_eps", 1e-5))
-            if family in ("stablelm", "phi", "gpt_neox") or cohere or learned else
+            if family in ("stablelm", "phi", "gpt_neox") or cohere or learned or bloom else
             float(hf.get("norm_epsilon", 1e-5)) if family == "starcoder2" else
             float(hf.get("rms_norm_eps", 1e-6)),
             norm_type="layer" if layer_norm else "rms",
@@ -492,13 +500,16 @@ class DecoderConfig:
                 neox and bool(hf.get("use_parallel_residual", True))),
             parallel_mlp_norm=neox and bool(hf.get("use_parallel_residual", True)),
             lm_head_bias=family == "phi",
-            mlp_gated=family not in ("starcoder2", "phi", "gpt_neox") and not learned,
-            position_embedding="learned" if learned else "rope",
+            mlp_gated=family not in ("starcoder2", "phi", "gpt_neox") and not learned and
+            not bloom,
+            position_embedding="learned" if learned else "alibi" if bloom else "rope",
             position_offset=2 if family == "opt" else 0,
-            qkv_per_head=neox or (family == "gpt_bigcode" and not hf.get("multi_query", True)),
+            qkv_per_head=neox or bloom or (family == "gpt_bigcode" and
+                                           not hf.get("multi_query", True)),
+            embed_norm=bloom,
             tie_word_embeddings=bool(hf.get("tie_word_embeddings",
                                             gemma or family == "starcoder2" or cohere or
-                                            learned)),
+                                            learned or bloom)),
             eos_token_ids=eos,
             bos_token_id=None if bos is None else int(bos),
             sliding_window=window,
@@ -510,7 +521,7 @@ class DecoderConfig:
             and attention_bias,
             mlp_bias=bool(hf.get("mlp_bias", False)) or (
                 family in ("ernie4_5", "starcoder2", "phi") and attention_bias) or neox or \
-            learned,
+            learned or bloom,
             qk_norm=family in ("qwen3", "qwen3_moe", "gemma3", "olmo2", "olmo3", "olmoe",
                                "exaone4", "hunyuan"),
             qk_norm_after_rope=family == "hunyuan",
@@ -529,7 +540,7 @@ class DecoderConfig:
             llama4_scaling_beta=_llama4_scaling(hf)[0],
             llama4_scaling_length=_llama4_scaling(hf)[1],
             nope_layers=(_nope_layers_from_hf(hf, num_layers) if family == "smollm3" else
-                         list(range(num_layers)) if learned else
+                         list(range(num_layers)) if learned or bloom else
                          # Granite 4.0 without rope (position_embedding_type not "rope")
                          list(range(num_layers)) if family == "granite_hybrid" and
                          hf.get("position_embedding_type") != "rope" else
@@ -675,6 +686,29 @@ def _learned_positions_config(hf: Mapping[str, Any], family: str) -> dict[str, A
         out["intermediate_size"] = hf.get("ffn_dim", hf.get("intermediate_size"))
         out["hidden_act"] = hf.get("activation_function", "relu")
         out.setdefault("layer_norm_eps", 1e-5)
+    return out
+
+
+def _bloom_config(hf: Mapping[str, Any]) -> dict[str, Any]:
+    """BLOOM's config.json under the decoder's keys (``n_layer``, ``n_head``, the older
+    ``n_embed``; MLP 4 x hidden, gelu tanh; no position limit of its own: ALiBi, so
+    ``seq_length`` or 2048 bounds the context); its variants refused by name."""
+    if hf.get("apply_residual_connection_post_layernorm"):
+        raise UnsupportedModelError("BLOOM with apply_residual_connection_post_layernorm is "
+                                    "not supported")
+    out = dict(hf)
+    for ours, theirs in (("hidden_size", "n_embed"), ("num_hidden_layers", "n_layer"),
+                         ("num_attention_heads", "n_head"),
+                         ("layer_norm_eps", "layer_norm_epsilon")):
+        if out.get(ours) is None and hf.get(theirs) is not None:
+            out[ours] = hf[theirs]
+    out.setdefault("layer_norm_eps", 1e-5)
+    if out.get("hidden_size") is not None:
+        out["intermediate_size"] = 4 * int(out["hidden_size"])
+    out["hidden_act"] = "gelu_tanh"            # bloom_gelu: the tanh approximation
+    out.pop("num_key_value_heads", None)
+    out["max_position_embeddings"] = int(hf.get("max_position_embeddings") or
+                                         hf.get("seq_length") or 2048)
     return out
 
 

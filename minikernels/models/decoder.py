@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import ops
-from ..nn.layers import LayerNorm, PagedAttention, RMSNorm, RotaryEmbedding
+from ..nn.layers import LayerNorm, PagedAttention, RMSNorm, RotaryEmbedding, alibi_slopes
 from ..ops.attention import FP8_KV_DTYPES
 from .config import DecoderConfig
 from .kv_layout import KVCacheLayout
@@ -127,10 +127,14 @@ class Attention(nn.Module):
         self.residual_multiplier = c.residual_multiplier   # Granite
         self.q_scale_beta = c.llama4_scaling_beta           # Llama 4 / Ministral 3
         self.q_scale_length = c.llama4_scaling_length
+        slopes = None
+        if c.position_embedding == "alibi":    # BLOOM: this rank's heads' slopes
+            slopes = alibi_slopes(c.num_heads)[shard.q0:shard.q0 + shard.nq].to(device)
         self.attn = PagedAttention(self.num_heads, self.num_kv_heads, c.head_dim,
                                    softmax_scale=c.softmax_scale,
                                    window_left=c.window_left(layer),
-                                   softcap=c.attn_logit_softcapping or 0.0)
+                                   softcap=c.attn_logit_softcapping or 0.0,
+                                   alibi_slopes=slopes)
 
     def forward(self, x: Tensor, meta: AttentionMetadata, kv_cache: KVCache | None) -> Tensor:
         t = x.shape[0]
@@ -320,6 +324,7 @@ class CausalLM(nn.Module):
             self.embed_positions = nn.Embedding(c.max_position_embeddings + c.position_offset,
                                                 c.hidden_size, dtype=dtype, device=device)
             self.embed_positions.weight.requires_grad_(False)
+        self.embed_norm = make_norm(c, dtype, device) if c.embed_norm else None   # BLOOM
         self.layers = nn.ModuleList(
             DecoderLayer(c, i, self._layer_rotary(i), dtype, device, dense, tp)
             for i in range(c.num_layers))
@@ -386,6 +391,8 @@ class CausalLM(nn.Module):
             h = h * self.config.embedding_multiplier
         if self.embed_positions is not None:
             h = h + self.embed_positions(meta.positions + self.config.position_offset)
+        if self.embed_norm is not None:
+            h = self.embed_norm(h)
         residual: Tensor | None = None
         capture = self.hidden_capture
         aux = capture.layers if capture is not None and capture.layers else ()

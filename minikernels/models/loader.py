@@ -180,7 +180,8 @@ def map_name(name: str) -> tuple[str, int | None, str] | None:
             name = plain + name[len(prefix):]
             break
     n = name[len("model."):] if name.startswith("model.") else name
-    if n in ("embed_tokens.weight", "norm.weight", "norm.bias", "embed_positions.weight"):
+    if n in ("embed_tokens.weight", "norm.weight", "norm.bias", "embed_positions.weight",
+             "embed_norm.weight", "embed_norm.bias"):
         return n.rsplit(".", 1)[0], None, n.rsplit(".", 1)[1]
     if name.startswith("lm_head."):
         kind = name.split(".", 1)[1]
@@ -325,6 +326,8 @@ def _family_name(name: str, config: DecoderConfig) -> str:
         return _renamed(name, _GPT2_PREFIXES, _GPT2_PARTS)
     if config.architecture == "opt":
         return _renamed(name, _OPT_PREFIXES, _OPT_PARTS)
+    if config.architecture == "bloom":
+        return _renamed(name, _BLOOM_PREFIXES, _BLOOM_PARTS)
     if config.architecture == "hunyuan":    # its per-head q / k norms
         return name.replace(".self_attn.query_layernorm.", ".self_attn.q_norm.").replace(
             ".self_attn.key_layernorm.", ".self_attn.k_norm.")
@@ -360,6 +363,16 @@ _OPT_PARTS = ((".self_attn_layer_norm.", ".input_layernorm."),
               (".final_layer_norm.", ".post_attention_layernorm."),
               (".self_attn.out_proj.", ".self_attn.o_proj."), (".fc1.", ".mlp.gate_proj."),
               (".fc2.", ".mlp.down_proj."))
+
+#: BLOOM's names (BloomForCausalLM's "transformer.", BloomModel's none)
+_BLOOM_PREFIXES = tuple((f"{t}{theirs}", ours) for t in ("transformer.", "") for theirs, ours in
+                        (("word_embeddings_layernorm.", "model.embed_norm."),
+                         ("word_embeddings.", "model.embed_tokens."),
+                         ("ln_f.", "model.norm."), ("h.", "model.layers.")))
+_BLOOM_PARTS = ((".self_attention.query_key_value.", ".self_attn.qkv_proj."),
+                (".self_attention.dense.", ".self_attn.o_proj."),
+                (".mlp.dense_h_to_4h.", ".mlp.gate_proj."),
+                (".mlp.dense_4h_to_h.", ".mlp.down_proj."))
 
 
 def _renamed(name: str, prefixes: tuple[tuple[str, str], ...],

@@ -73,7 +73,8 @@ _ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 _SHARED_TARGETS = {"shared_expert.gate_proj": ("mlp.shared_expert.gate_up_proj", 0),
                    "shared_expert.up_proj": ("mlp.shared_expert.gate_up_proj", 1),
                    "shared_expert.down_proj": ("mlp.shared_expert.down_proj", 0)}
-_NAME_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.(?:self_attn\.|mlp\.|attention\.|(?=fc[12]\.))"
+_NAME_RE = re.compile(r"(?:^|\.)(?:layers|h)\.(\d+)\."        # (BLOOM: transformer.h.{i})
+                      r"(?:self_attn\.|mlp\.|attention\.|self_attention\.|(?=fc[12]\.))"
                       r"((?:shared_expert\.)?(?:\w+_proj|c_fc|fc1|fc2|dense|dense_h_to_4h|"
                       r"dense_4h_to_h))"
                       r"\.lora_([AB])(?:\.default)?\.weight$")
@@ -82,8 +83,9 @@ _EXPERT_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.(?:mlp|block_sparse_moe)\.exper
                         r"(\w+)\.lora_([AB])(?:\.default)?\.weight$")
 #: a projection stored fused (Phi-3's qkv_proj / gate_up_proj, GPT-NeoX's
 #: query_key_value): PEFT adapts it as one module, one A and B's rows over the parts
-_FUSED_RE = re.compile(r"^(.*(?:^|\.)layers\.(\d+)\.)(self_attn\.qkv_proj|mlp\.gate_up_proj|"
-                       r"attention\.query_key_value)\.lora_([AB])((?:\.default)?\.weight)$")
+_FUSED_RE = re.compile(r"^(.*(?:^|\.)(?:layers|h)\.(\d+)\.)(self_attn\.qkv_proj|mlp\.gate_up_proj|"
+                       r"attention\.query_key_value|self_attention\.query_key_value)"
+                       r"\.lora_([AB])((?:\.default)?\.weight)$")
 _EXPERT_PROJ = {"gate_proj": "gate", "up_proj": "up", "down_proj": "down",
                 "w1": "gate", "w3": "up", "w2": "down"}
 #: stacked experts (transformers 5) through PEFT's target_parameters: one wrapper per
@@ -193,7 +195,7 @@ def _parse_tensors(tensors: list[tuple[str, Tensor]], config: DecoderConfig, ran
     aliases = {"c_fc": "gate_proj", "c_proj": "down_proj", "fc1": "gate_proj",
                "fc2": "down_proj", "dense_h_to_4h": "gate_proj",
                "dense_4h_to_h": "down_proj"} if not config.mlp_gated else {}
-    if config.architecture in ("phi", "gpt_neox"):
+    if config.architecture in ("phi", "gpt_neox", "bloom"):
         aliases["dense"] = "o_proj"
     if config.architecture == "opt":          # OPT: out_proj; fc1 / fc2 under the layer
         aliases["out_proj"] = "o_proj"
@@ -324,7 +326,7 @@ def _split_fused(tensors: list[tuple[str, Tensor]], config: DecoderConfig,
                 raise LoRAError(f"{path}: {key!r}: expected [{sum(sizes)}, r] (the fused "
                                 f"{' + '.join(map(str, sizes))} rows), got "
                                 f"{list(tensor.shape)}")
-            if fused == "attention.query_key_value":
+            if config.qkv_per_head:            # GPT-NeoX's / BLOOM's per-head rows
                 h, d = config.num_heads, config.head_dim
                 tensor = tensor.reshape(h, 3, d, -1).transpose(0, 1).reshape(3 * h * d, -1)
             chunks = list(tensor.split(sizes))

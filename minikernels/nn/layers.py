@@ -7,6 +7,8 @@ other models that use the same layouts (varlen tokens ``[T, heads, head_dim]``).
 """
 from __future__ import annotations
 
+import math
+
 from collections.abc import Mapping
 from typing import Any
 
@@ -99,6 +101,24 @@ class RotaryEmbedding(nn.Module):
                 f"is_neox_style={self.is_neox_style}")
 
 
+def alibi_slopes(num_heads: int) -> Tensor:
+    """ALiBi's per-head slopes, float32 [num_heads] (Press et al.; BLOOM's / MPT's): a
+    geometric sequence 2^(-8 i / n) over the largest power of two n <= num_heads, then
+    the odd powers of the next power of two's base for the remaining heads."""
+    if not isinstance(num_heads, int) or num_heads <= 0:
+        raise ValueError(f"num_heads must be a positive int, got {num_heads!r}")
+    n = 2 ** math.floor(math.log2(num_heads))
+    # integer powers of an fp32 base (the reference implementations' rounding)
+    base = torch.tensor(2.0 ** (-8.0 / n), dtype=torch.float32)
+    slopes = base ** torch.arange(1, n + 1, dtype=torch.int32)
+    extra = min(n, num_heads - n)
+    if extra:
+        extra_base = torch.tensor(2.0 ** (-4.0 / n), dtype=torch.float32)
+        odd = torch.arange(1, 2 * extra, 2, dtype=torch.int32)
+        slopes = torch.cat([slopes, extra_base ** odd])
+    return slopes
+
+
 class PagedAttention(nn.Module):
     """Attention over a batch laid out by :class:`minikernels.models.AttentionMetadata`.
 
@@ -114,11 +134,13 @@ class PagedAttention(nn.Module):
     - FP8 caches (float8_e4m3fn): K/V are stored as fp8(x / scale) with this layer's
       float32 buffers ``k_scale`` / ``v_scale`` [Hkv] (1.0 unless a checkpoint provides
       them; vLLM's convention) and dequantized inside the attention kernels.
+    - ``alibi_slopes`` float32 [Hq] (BLOOM): every kernel adds -slope * (query position -
+      key position) to the scores (FlashAttention's ALiBi).
     """
 
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int,
                  softmax_scale: float | None = None, window_left: int = -1,
-                 softcap: float = 0.0) -> None:
+                 softcap: float = 0.0, alibi_slopes: Tensor | None = None) -> None:
         super().__init__()
         if num_heads % num_kv_heads:
             raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads "
@@ -135,6 +157,12 @@ class PagedAttention(nn.Module):
                              persistent=False)
         self.register_buffer("v_scale", torch.ones(num_kv_heads, dtype=torch.float32),
                              persistent=False)
+        if alibi_slopes is not None and list(alibi_slopes.shape) != [num_heads]:
+            raise ValueError(f"alibi_slopes must have shape [{num_heads}], got "
+                             f"{list(alibi_slopes.shape)}")
+        self.alibi_slopes: Tensor | None
+        self.register_buffer("alibi_slopes", None if alibi_slopes is None else
+                             alibi_slopes.to(torch.float32), persistent=False)
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, meta: Any,
                 kv_cache: tuple[Tensor, Tensor] | None) -> Tensor:
@@ -147,7 +175,7 @@ class PagedAttention(nn.Module):
                 q, k, v, meta.cu_seqlens_q, cu_k, meta.max_seqlen_q,
                 max(meta.max_seqlen_k, meta.max_seqlen_q), causal=True,
                 softmax_scale=self.softmax_scale, window_left=self.window_left,
-                softcap=self.softcap)
+                softcap=self.softcap, alibi_slopes=self.alibi_slopes)
 
         k_cache, v_cache = kv_cache
         if meta.slot_mapping is None:
@@ -161,7 +189,7 @@ class PagedAttention(nn.Module):
             return ops.paged_decode_attention(
                 q, k_cache, v_cache, meta.decode_block_table, meta.decode_seq_lens,
                 softmax_scale=self.softmax_scale, window_left=self.window_left,
-                softcap=self.softcap, **scales)
+                softcap=self.softcap, alibi_slopes=self.alibi_slopes, **scales)
         if meta.cu_seqlens_q is None or meta.prefill_block_table is None:
             raise ValueError("prefill tokens need meta.cu_seqlens_q, cu_seqlens_k and "
                              "prefill_block_table")
@@ -169,13 +197,13 @@ class PagedAttention(nn.Module):
             q[nd:], k_cache, v_cache, meta.cu_seqlens_q, meta.cu_seqlens_k, meta.max_seqlen_q,
             meta.max_seqlen_k, causal=True, softmax_scale=self.softmax_scale,
             window_left=self.window_left, softcap=self.softcap,
-            block_table=meta.prefill_block_table, **scales)
+            block_table=meta.prefill_block_table, alibi_slopes=self.alibi_slopes, **scales)
         if nd == 0:
             return prefill
         decode = ops.paged_decode_attention(
             q[:nd], k_cache, v_cache, meta.decode_block_table, meta.decode_seq_lens,
             softmax_scale=self.softmax_scale, window_left=self.window_left,
-            softcap=self.softcap, **scales)
+            softcap=self.softcap, alibi_slopes=self.alibi_slopes, **scales)
         return torch.cat([decode, prefill], dim=0)
 
     def extra_repr(self) -> str:
