@@ -141,6 +141,8 @@ def test_starcoder2_adapter_on_the_non_gated_mlp(tmp_path):
     ("phi2", ["q_proj", "v_proj", "dense", "fc1", "fc2"]),
     # OPT: out_proj, and fc1 / fc2 directly under the layer (no mlp. module)
     ("opt", ["q_proj", "k_proj", "out_proj", "fc1", "fc2"]),
+    # GPT-J: transformer.h.{i}.attn.{q,k,v,out}_proj and mlp.fc_in / fc_out
+    ("gptj", ["q_proj", "v_proj", "out_proj", "fc_in", "fc_out"]),
 ])
 def test_non_gated_adapters_fc1_fc2_and_output(tmp_path, kind, targets):
     """PEFT's adapter on Phi-2's / OPT's fc1 / fc2 (the non-gated MLP) and the attention

@@ -70,7 +70,8 @@ def test_paged_prefill_decode_and_chunked_prefill(hf_dirs, kind):
                                   "gemma2-window-softcap", "gemma3", "granite", "olmo2",
                                   "olmo3-window", "exaone4-hybrid", "qwen3-moe",
                                   "qwen2-moe", "mixtral",
-                                  "granitemoe", "olmoe", "gpt_neox", "gpt2", "opt", "bloom"])
+                                  "granitemoe", "olmoe", "gpt_neox", "gpt2", "opt", "bloom",
+                                  "gptj"])
 def test_greedy_generation_matches_transformers(hf_dirs, kind):
     hf, path = hf_dirs[kind]
     model = load_model(path, dtype="float32", device="cpu")
@@ -607,3 +608,16 @@ def test_alibi_slopes_equal_transformers():
         assert torch.equal(alibi_slopes(n), _get_alibi_slopes(n, torch.device("cpu"))), n
     with pytest.raises(ValueError, match="num_heads"):
         alibi_slopes(0)
+
+
+def test_rotary_fraction_gives_rotary_dim_exactly():
+    """GPT-J's rotary_dim as a partial_rotary_factor: int(head_dim * factor) is rotary_dim
+    for every even rotary_dim of every head_dim up to 256 (rotary_dim / head_dim alone
+    rounds below for some: 30 / 44 * 44 = 29.99...)."""
+    from minikernels.models.config import UnsupportedModelError, _rotary_fraction
+
+    for d in range(2, 257):
+        for r in range(2, d + 1, 2):
+            assert int(d * _rotary_fraction(r, d)) == r, (r, d)
+    with pytest.raises(UnsupportedModelError, match="rotary_dim"):
+        _rotary_fraction(80, 64)

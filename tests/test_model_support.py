@@ -176,6 +176,11 @@ CASES: dict[str, tuple[str, dict[str, Any]]] = {
     # embeddings, per-head fused q / k / v
     "bloom": ("Bloom", dict(hidden_size=96, n_head=6, n_layer=2, num_attention_heads=6,
                             num_key_value_heads=None, layer_norm_epsilon=1e-5)),
+    # GPT-J: one LayerNorm for parallel attention and MLP, GPT-J rope on 6 of 16 dims,
+    # an lm_head bias
+    "gptj": ("GPTJ", dict(n_embd=64, n_layer=2, n_head=4, n_positions=256, n_inner=128,
+                          rotary_dim=6, tie_word_embeddings=False, bos_token_id=1,
+                          eos_token_id=2)),
     # OLMoE: q / k norms over all heads, 8 experts, top 3 not renormalized.
     "olmoe": ("Olmoe", dict(num_experts=8, num_experts_per_tok=3, intermediate_size=40,
                             norm_topk_prob=False, pad_token_id=0, eos_token_id=2,

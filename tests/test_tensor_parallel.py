@@ -57,6 +57,8 @@ TP_CASES = {
     # BLOOM: each rank its heads' ALiBi slopes (6 heads, 3 per rank; head_dim 32, so
     # int4 group 32 divides each rank's K)
     "bloom": ("bloom", {"hidden_size": 192}),
+    # GPT-J: partial GPT-J rope, the lm_head bias vocab-parallel
+    "gptj": ("gptj", {}),
     # OLMo 2 / OLMoE: q / k norms over every head (an all-reduced sum of squares), kv
     # heads split and (kv1) replicated
     "olmo2": ("olmo2", {}),

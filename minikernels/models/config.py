@@ -31,6 +31,7 @@ GQA attention, neox rotary and a gated MLP. Differences are flags:
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -88,6 +89,8 @@ SUPPORTED_ARCHITECTURES = {
     "GPTBigCodeForCausalLM": "gpt_bigcode",
     # BLOOM / BLOOMZ: ALiBi, a LayerNorm on the embeddings, per-head fused q / k / v
     "BloomForCausalLM": "bloom",
+    # GPT-J: Phi's parallel block without q / k / v biases, GPT-J rope on rotary_dim dims
+    "GPTJForCausalLM": "gptj",
 }
 #: ``XForSequenceClassification``: the decoder of ``XForCausalLM`` with a ``score`` head
 #: (``mk.Classifier`` reads it; the generative model refuses such a checkpoint).
@@ -119,7 +122,7 @@ _MODEL_TYPES = {"llama": "llama", "mistral": "mistral", "ministral": "ministral"
                 "glm4": "glm4", "stablelm": "stablelm", "starcoder2": "starcoder2",
                 "cohere": "cohere", "cohere2": "cohere2", "phi": "phi",
                 "gpt_neox": "gpt_neox", "gpt2": "gpt2", "opt": "opt",
-                "gpt_bigcode": "gpt_bigcode", "bloom": "bloom"}
+                "gpt_bigcode": "gpt_bigcode", "bloom": "bloom", "gptj": "gptj"}
 #: the families with learned absolute position embeddings (no rope)
 _LEARNED_POSITIONS = ("gpt2", "opt", "gpt_bigcode")
 _GEMMA = ("gemma", "gemma2", "gemma3")
@@ -417,6 +420,9 @@ class DecoderConfig:
         bloom = family == "bloom"
         if bloom:
             hf = _bloom_config(hf)
+        gptj = family == "gptj"
+        if gptj:
+            hf = _gpt2_keys(hf)
 
         def need(key: str) -> Any:
             if key not in hf or hf[key] is None:
@@ -436,6 +442,8 @@ class DecoderConfig:
         params = hf.get("rope_parameters")
         if partial is None and isinstance(params, Mapping):
             partial = params.get("partial_rotary_factor")
+        if gptj and hf.get("rotary_dim"):     # rotary_dim of head_dim rotate (GPT-J style)
+            partial = _rotary_fraction(int(hf["rotary_dim"]), head_dim)
         window, window_layers = _sliding_window_from_hf(hf, family, num_layers)
         if window is None or family not in ("gemma3", "olmo3"):
             sliding_rope_theta = None
@@ -472,8 +480,8 @@ class DecoderConfig:
                 rope_theta = float(hf.get("rotary_emb_base", 10000.0))
         if learned or bloom:
             attention_bias = True
-        layer_norm = family in ("stablelm", "starcoder2", "phi", "gpt_neox") or cohere or \
-            learned or bloom
+        layer_norm = family in ("stablelm", "starcoder2", "phi", "gpt_neox", "gptj") or \
+            cohere or learned or bloom
         gemma = family in _GEMMA
         return cls(
             architecture=family,
@@ -489,19 +497,20 @@ class DecoderConfig:
             rope_scaling=rope_scaling,
             partial_rotary_factor=float(partial) if partial is not None else
             (0.5 if family in ("glm", "glm4") else 0.25 if family == "stablelm" else 1.0),
-            rope_interleaved=family in ("glm", "glm4", "ernie4_5", "helium") or cohere,
+            rope_interleaved=family in ("glm", "glm4", "ernie4_5", "helium", "gptj") or cohere,
             rms_norm_eps=float(hf.get("layer_norm_eps", 1e-5))
-            if family in ("stablelm", "phi", "gpt_neox") or cohere or learned or bloom else
+            if family in ("stablelm", "phi", "gpt_neox", "gptj") or cohere or learned or
+            bloom else
             float(hf.get("norm_epsilon", 1e-5)) if family == "starcoder2" else
             float(hf.get("rms_norm_eps", 1e-6)),
             norm_type="layer" if layer_norm else "rms",
             norm_bias=layer_norm and not cohere,
-            parallel_residual=cohere or family == "phi" or (
+            parallel_residual=cohere or family in ("phi", "gptj") or (
                 neox and bool(hf.get("use_parallel_residual", True))),
             parallel_mlp_norm=neox and bool(hf.get("use_parallel_residual", True)),
-            lm_head_bias=family == "phi",
-            mlp_gated=family not in ("starcoder2", "phi", "gpt_neox") and not learned and
-            not bloom,
+            lm_head_bias=family in ("phi", "gptj"),
+            mlp_gated=family not in ("starcoder2", "phi", "gpt_neox", "gptj") and
+            not learned and not bloom,
             position_embedding="learned" if learned else "alibi" if bloom else "rope",
             position_offset=2 if family == "opt" else 0,
             qkv_per_head=neox or bloom or (family == "gpt_bigcode" and
@@ -521,7 +530,7 @@ class DecoderConfig:
             and attention_bias,
             mlp_bias=bool(hf.get("mlp_bias", False)) or (
                 family in ("ernie4_5", "starcoder2", "phi") and attention_bias) or neox or \
-            learned or bloom,
+            learned or bloom or gptj,
             qk_norm=family in ("qwen3", "qwen3_moe", "gemma3", "olmo2", "olmo3", "olmoe",
                                "exaone4", "hunyuan"),
             qk_norm_after_rope=family == "hunyuan",
@@ -639,6 +648,42 @@ def _granite_from_hf(hf: Mapping[str, Any]) -> dict[str, Any]:
                 logits_scaling=float(hf.get("logits_scaling", 1.0)))
 
 
+def _gpt2_keys(hf: Mapping[str, Any]) -> dict[str, Any]:
+    """GPT-2-style config keys (GPT-2, GPT-BigCode, GPT-J: ``n_embd``, ``n_layer``,
+    ``n_head``, ``n_inner`` (None: 4 x n_embd), ``n_positions``, ``layer_norm_epsilon``,
+    ``activation_function``) under the decoder's; every head its own k / v unless the
+    family says otherwise (transformers ignores num_key_value_heads here)."""
+    out = dict(hf)
+    for ours, theirs in (("hidden_size", "n_embd"), ("num_hidden_layers", "n_layer"),
+                         ("num_attention_heads", "n_head"),
+                         ("max_position_embeddings", "n_positions"),
+                         ("layer_norm_eps", "layer_norm_epsilon"),
+                         ("hidden_act", "activation_function")):
+        if hf.get(theirs) is not None:
+            out[ours] = hf[theirs]
+    out.setdefault("hidden_act", "gelu_new")
+    out.setdefault("layer_norm_eps", 1e-5)
+    hidden = out.get("hidden_size")
+    if out.get("n_inner") is not None:
+        out["intermediate_size"] = out["n_inner"]
+    elif hidden is not None:
+        out["intermediate_size"] = 4 * int(hidden)
+    out.pop("num_key_value_heads", None)
+    return out
+
+
+def _rotary_fraction(rotary_dim: int, head_dim: int) -> float:
+    """The partial_rotary_factor whose ``int(head_dim * factor)`` is ``rotary_dim``
+    exactly (rotary_dim / head_dim can round just below it)."""
+    if not 0 < rotary_dim <= head_dim:
+        raise UnsupportedModelError(f"rotary_dim {rotary_dim} must be in (0, head_dim = "
+                                    f"{head_dim}]")
+    factor = rotary_dim / head_dim
+    while int(head_dim * factor) < rotary_dim:
+        factor = math.nextafter(factor, 2.0)
+    return factor
+
+
 def _learned_positions_config(hf: Mapping[str, Any], family: str) -> dict[str, Any]:
     """GPT-2's / GPT-BigCode's / OPT's config.json under the decoder's keys
     (hidden_size, num_hidden_layers, intermediate_size, ...), their variants this decoder
@@ -649,21 +694,7 @@ def _learned_positions_config(hf: Mapping[str, Any], family: str) -> dict[str, A
             raise UnsupportedModelError(f"{family} with add_cross_attention is not supported")
         if hf.get("scale_attn_by_inverse_layer_idx"):
             raise UnsupportedModelError("scale_attn_by_inverse_layer_idx is not supported")
-        for ours, theirs in (("hidden_size", "n_embd"), ("num_hidden_layers", "n_layer"),
-                             ("num_attention_heads", "n_head"),
-                             ("max_position_embeddings", "n_positions"),
-                             ("layer_norm_eps", "layer_norm_epsilon"),
-                             ("hidden_act", "activation_function")):
-            if hf.get(theirs) is not None:
-                out[ours] = hf[theirs]
-        out.setdefault("hidden_act", "gelu_new")
-        out.setdefault("layer_norm_eps", 1e-5)
-        hidden = out.get("hidden_size")
-        if out.get("n_inner") is None and hidden is not None:
-            out["intermediate_size"] = 4 * int(hidden)
-        elif out.get("n_inner") is not None:
-            out["intermediate_size"] = out["n_inner"]
-        out.pop("num_key_value_heads", None)     # (transformers ignores it)
+        out = _gpt2_keys(hf)
         if family == "gpt_bigcode" and hf.get("multi_query", True):
             out["num_key_value_heads"] = 1        # multi-query: one k / v head
         if not hf.get("scale_attn_weights", True):

@@ -328,6 +328,8 @@ def _family_name(name: str, config: DecoderConfig) -> str:
         return _renamed(name, _OPT_PREFIXES, _OPT_PARTS)
     if config.architecture == "bloom":
         return _renamed(name, _BLOOM_PREFIXES, _BLOOM_PARTS)
+    if config.architecture == "gptj":
+        return _renamed(name, _GPT2_PREFIXES, _GPTJ_PARTS)
     if config.architecture == "hunyuan":    # its per-head q / k norms
         return name.replace(".self_attn.query_layernorm.", ".self_attn.q_norm.").replace(
             ".self_attn.key_layernorm.", ".self_attn.k_norm.")
@@ -355,6 +357,11 @@ _GPT2_PREFIXES = (("transformer.wte.", "model.embed_tokens."), ("wte.", "model.e
 _GPT2_PARTS = ((".ln_1.", ".input_layernorm."), (".ln_2.", ".post_attention_layernorm."),
                (".attn.c_attn.", ".self_attn.qkv_proj."), (".attn.c_proj.", ".self_attn.o_proj."),
                (".mlp.c_fc.", ".mlp.gate_proj."), (".mlp.c_proj.", ".mlp.down_proj."))
+#: GPT-J's (GPT-2's prefixes; q / k / v / out_proj and fc_in / fc_out in its layers)
+_GPTJ_PARTS = ((".ln_1.", ".input_layernorm."), (".attn.q_proj.", ".self_attn.q_proj."),
+               (".attn.k_proj.", ".self_attn.k_proj."), (".attn.v_proj.", ".self_attn.v_proj."),
+               (".attn.out_proj.", ".self_attn.o_proj."), (".mlp.fc_in.", ".mlp.gate_proj."),
+               (".mlp.fc_out.", ".mlp.down_proj."))
 #: OPT's names (OPTForCausalLM's "model.decoder.", OPTModel's "decoder.")
 _OPT_PREFIXES = (("model.decoder.final_layer_norm.", "model.norm."),
                  ("decoder.final_layer_norm.", "model.norm."),

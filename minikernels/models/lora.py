@@ -73,10 +73,12 @@ _ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 _SHARED_TARGETS = {"shared_expert.gate_proj": ("mlp.shared_expert.gate_up_proj", 0),
                    "shared_expert.up_proj": ("mlp.shared_expert.gate_up_proj", 1),
                    "shared_expert.down_proj": ("mlp.shared_expert.down_proj", 0)}
-_NAME_RE = re.compile(r"(?:^|\.)(?:layers|h)\.(\d+)\."        # (BLOOM: transformer.h.{i})
-                      r"(?:self_attn\.|mlp\.|attention\.|self_attention\.|(?=fc[12]\.))"
+#: a layer's projection: layer, block (None: OPT's fc1 / fc2 sit in the layer itself),
+#: projection, half (BLOOM's / GPT-J's layers are ``transformer.h.{i}``)
+_NAME_RE = re.compile(r"(?:^|\.)(?:layers|h)\.(\d+)\."
+                      r"(?:(self_attn|mlp|attention|self_attention|attn)\.)?"
                       r"((?:shared_expert\.)?(?:\w+_proj|c_fc|fc1|fc2|dense|dense_h_to_4h|"
-                      r"dense_4h_to_h))"
+                      r"dense_4h_to_h|fc_in|fc_out))"
                       r"\.lora_([AB])(?:\.default)?\.weight$")
 #: one expert's projection (transformers 4.x modules; Mixtral's w1 / w3 / w2)
 _EXPERT_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.(?:mlp|block_sparse_moe)\.experts\.(\d+)\."
@@ -197,8 +199,10 @@ def _parse_tensors(tensors: list[tuple[str, Tensor]], config: DecoderConfig, ran
                "dense_4h_to_h": "down_proj"} if not config.mlp_gated else {}
     if config.architecture in ("phi", "gpt_neox", "bloom"):
         aliases["dense"] = "o_proj"
-    if config.architecture == "opt":          # OPT: out_proj; fc1 / fc2 under the layer
+    if config.architecture in ("opt", "gptj"):  # OPT: out_proj; fc1 / fc2 in the layer
         aliases["out_proj"] = "o_proj"
+    if config.architecture == "gptj":          # GPT-J: attn.out_proj, mlp.fc_in / fc_out
+        aliases.update(fc_in="gate_proj", fc_out="down_proj")
     hf_proj: dict[tuple[int, str], str] = {}     # PEFT's own name of each aliased target
     tensors = _split_fused(tensors, config, hf_proj, path)
     per_expert: dict[tuple[int, str], dict[int, dict[str, Tensor]]] = {}
@@ -206,8 +210,12 @@ def _parse_tensors(tensors: list[tuple[str, Tensor]], config: DecoderConfig, ran
     names: dict[tuple[int, str], str] = {}     # PEFT's module name of each expert target
     for key, tensor in tensors:
         m = _NAME_RE.search(key)
+        if m is not None and m.group(2) == "attn" and config.architecture != "gptj":
+            m = None     # "attn." is GPT-J's attention only (GPT-2's / GPT-BigCode's c_attn)
+        if m is not None and m.group(2) is None and m.group(3) not in ("fc1", "fc2"):
+            m = None     # only OPT's fc1 / fc2 sit in the layer itself
         if m is not None:
-            layer, proj, half = int(m.group(1)), m.group(2), m.group(3)
+            layer, proj, half = int(m.group(1)), m.group(3), m.group(4)
             if proj in aliases:
                 hf_proj[(layer, aliases[proj])] = proj
                 proj = aliases[proj]
