@@ -167,6 +167,8 @@ def test_non_gated_adapters_fc1_fc2_and_output(tmp_path, kind, targets):
     ("gpt_neox", ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"]),
     # BLOOM: the same per-head layout under transformer.h.{i}.self_attention
     ("bloom", ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"]),
+    # Falcon's new decoder architecture: kv-head groups [q, q, k, v] in B's rows
+    ("falcon-new", ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"]),
 ])
 def test_adapters_on_fused_projections(tmp_path, kind, targets):
     """PEFT adapters on fused projections (Phi-3's qkv_proj / gate_up_proj, GPT-NeoX's

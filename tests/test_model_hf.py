@@ -71,7 +71,7 @@ def test_paged_prefill_decode_and_chunked_prefill(hf_dirs, kind):
                                   "olmo3-window", "exaone4-hybrid", "qwen3-moe",
                                   "qwen2-moe", "mixtral",
                                   "granitemoe", "olmoe", "gpt_neox", "gpt2", "opt", "bloom",
-                                  "gptj"])
+                                  "gptj", "falcon-7b", "falcon-new"])
 def test_greedy_generation_matches_transformers(hf_dirs, kind):
     hf, path = hf_dirs[kind]
     model = load_model(path, dtype="float32", device="cpu")
@@ -590,6 +590,10 @@ def test_learned_position_models_refuse_what_they_lack():
         DecoderConfig.from_hf({**opt, "do_layer_norm_before": False})        # opt-350m
     with pytest.raises(UnsupportedModelError, match="word_embed_proj_dim"):
         DecoderConfig.from_hf({**opt, "word_embed_proj_dim": 32})
+    with pytest.raises(UnsupportedModelError, match="alibi"):
+        DecoderConfig.from_hf(dict(architectures=["FalconForCausalLM"], vocab_size=300,
+                                   hidden_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, alibi=True))
     with pytest.raises(UnsupportedModelError, match="ReLU-gated"):
         DecoderConfig.from_hf(dict(architectures=["LlamaForCausalLM"], vocab_size=300,
                                    hidden_size=64, intermediate_size=128,

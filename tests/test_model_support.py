@@ -181,6 +181,17 @@ CASES: dict[str, tuple[str, dict[str, Any]]] = {
     "gptj": ("GPTJ", dict(n_embd=64, n_layer=2, n_head=4, n_positions=256, n_inner=128,
                           rotary_dim=6, tie_word_embeddings=False, bos_token_id=1,
                           eos_token_id=2)),
+    # Falcon: 7B's layout (multi-query, one norm, parallel, no biases); the new decoder
+    # architecture (2 kv-head groups of fused [q, q, k, v], ln_attn / ln_mlp); the RW
+    # layout (per-head fused q / k / v, sequential, biases)
+    "falcon-7b": ("Falcon", dict(num_key_value_heads=None, multi_query=True,
+                                 parallel_attn=True, bias=False, ffn_hidden_size=128,
+                                 rope_parameters={"rope_type": "default",
+                                                  "rope_theta": 5e4})),
+    "falcon-new": ("Falcon", dict(num_key_value_heads=None, new_decoder_architecture=True,
+                                  num_kv_heads=2, bias=False, ffn_hidden_size=96)),
+    "falcon-seq": ("Falcon", dict(num_key_value_heads=None, multi_query=False,
+                                  parallel_attn=False, bias=True, ffn_hidden_size=128)),
     # OLMoE: q / k norms over all heads, 8 experts, top 3 not renormalized.
     "olmoe": ("Olmoe", dict(num_experts=8, num_experts_per_tok=3, intermediate_size=40,
                             norm_topk_prob=False, pad_token_id=0, eos_token_id=2,

@@ -59,6 +59,10 @@ TP_CASES = {
     "bloom": ("bloom", {"hidden_size": 192}),
     # GPT-J: partial GPT-J rope, the lm_head bias vocab-parallel
     "gptj": ("gptj", {}),
+    # Falcon: one k / v head replicated (7B); kv-head groups of fused q / k / v split per
+    # rank, two norms (the new decoder architecture)
+    "falcon-7b": ("falcon-7b", {}),
+    "falcon-new": ("falcon-new", {"ffn_hidden_size": 128}),
     # OLMo 2 / OLMoE: q / k norms over every head (an all-reduced sum of squares), kv
     # heads split and (kv1) replicated
     "olmo2": ("olmo2", {}),

@@ -91,6 +91,9 @@ SUPPORTED_ARCHITECTURES = {
     "BloomForCausalLM": "bloom",
     # GPT-J: Phi's parallel block without q / k / v biases, GPT-J rope on rotary_dim dims
     "GPTJForCausalLM": "gptj",
+    # Falcon (7B, 11B, and the 40B / 180B layout): parallel attention / MLP from one or
+    # two LayerNorms, multi-query or grouped fused q / k / v, rope
+    "FalconForCausalLM": "falcon",
 }
 #: ``XForSequenceClassification``: the decoder of ``XForCausalLM`` with a ``score`` head
 #: (``mk.Classifier`` reads it; the generative model refuses such a checkpoint).
@@ -122,7 +125,8 @@ _MODEL_TYPES = {"llama": "llama", "mistral": "mistral", "ministral": "ministral"
                 "glm4": "glm4", "stablelm": "stablelm", "starcoder2": "starcoder2",
                 "cohere": "cohere", "cohere2": "cohere2", "phi": "phi",
                 "gpt_neox": "gpt_neox", "gpt2": "gpt2", "opt": "opt",
-                "gpt_bigcode": "gpt_bigcode", "bloom": "bloom", "gptj": "gptj"}
+                "gpt_bigcode": "gpt_bigcode", "bloom": "bloom", "gptj": "gptj",
+                "falcon": "falcon"}
 #: the families with learned absolute position embeddings (no rope)
 _LEARNED_POSITIONS = ("gpt2", "opt", "gpt_bigcode")
 _GEMMA = ("gemma", "gemma2", "gemma3")
@@ -222,9 +226,10 @@ class DecoderConfig:
     # rotates.
     position_embedding: str = "rope"
     position_offset: int = 0
-    # Fused q / k / v rows stored per head, [heads, (q, k, v), head_dim] (GPT-NeoX,
-    # GPT-BigCode without multi-query): the loader reorders them to q, k, v blocks.
-    qkv_per_head: bool = False
+    # Fused q / k / v rows stored per kv head, [kv_heads, (its q heads, k, v), head_dim]
+    # (GPT-NeoX, BLOOM, GPT-BigCode without multi-query: one q head per group; Falcon's
+    # new decoder architecture): the loader reorders them to q, k, v blocks.
+    qkv_grouped: bool = False
     # BLOOM: a norm of the token embeddings before the first layer
     embed_norm: bool = False
     hidden_act: str = "silu"
@@ -423,6 +428,9 @@ class DecoderConfig:
         gptj = family == "gptj"
         if gptj:
             hf = _gpt2_keys(hf)
+        falcon = family == "falcon"
+        if falcon:
+            hf = _falcon_config(hf)
 
         def need(key: str) -> Any:
             if key not in hf or hf[key] is None:
@@ -480,8 +488,10 @@ class DecoderConfig:
                 rope_theta = float(hf.get("rotary_emb_base", 10000.0))
         if learned or bloom:
             attention_bias = True
-        layer_norm = family in ("stablelm", "starcoder2", "phi", "gpt_neox", "gptj") or \
-            cohere or learned or bloom
+        if falcon:
+            attention_bias = bool(hf.get("bias", False))
+        layer_norm = family in ("stablelm", "starcoder2", "phi", "gpt_neox", "gptj",
+                                "falcon") or cohere or learned or bloom
         gemma = family in _GEMMA
         return cls(
             architecture=family,
@@ -499,26 +509,29 @@ class DecoderConfig:
             (0.5 if family in ("glm", "glm4") else 0.25 if family == "stablelm" else 1.0),
             rope_interleaved=family in ("glm", "glm4", "ernie4_5", "helium", "gptj") or cohere,
             rms_norm_eps=float(hf.get("layer_norm_eps", 1e-5))
-            if family in ("stablelm", "phi", "gpt_neox", "gptj") or cohere or learned or
-            bloom else
+            if family in ("stablelm", "phi", "gpt_neox", "gptj", "falcon") or cohere or
+            learned or bloom else
             float(hf.get("norm_epsilon", 1e-5)) if family == "starcoder2" else
             float(hf.get("rms_norm_eps", 1e-6)),
             norm_type="layer" if layer_norm else "rms",
             norm_bias=layer_norm and not cohere,
             parallel_residual=cohere or family in ("phi", "gptj") or (
-                neox and bool(hf.get("use_parallel_residual", True))),
-            parallel_mlp_norm=neox and bool(hf.get("use_parallel_residual", True)),
+                neox and bool(hf.get("use_parallel_residual", True))) or (
+                falcon and hf["_falcon_parallel"]),
+            parallel_mlp_norm=(neox and bool(hf.get("use_parallel_residual", True))) or (
+                falcon and hf["_falcon_norms"] == 2),
             lm_head_bias=family in ("phi", "gptj"),
-            mlp_gated=family not in ("starcoder2", "phi", "gpt_neox", "gptj") and
+            mlp_gated=family not in ("starcoder2", "phi", "gpt_neox", "gptj", "falcon") and
             not learned and not bloom,
             position_embedding="learned" if learned else "alibi" if bloom else "rope",
             position_offset=2 if family == "opt" else 0,
-            qkv_per_head=neox or bloom or (family == "gpt_bigcode" and
-                                           not hf.get("multi_query", True)),
+            qkv_grouped=neox or bloom or (family == "gpt_bigcode" and
+                                          not hf.get("multi_query", True)) or (
+                falcon and hf["_falcon_grouped"]),
             embed_norm=bloom,
             tie_word_embeddings=bool(hf.get("tie_word_embeddings",
                                             gemma or family == "starcoder2" or cohere or
-                                            learned or bloom)),
+                                            learned or bloom or falcon)),
             eos_token_ids=eos,
             bos_token_id=None if bos is None else int(bos),
             sliding_window=window,
@@ -740,6 +753,44 @@ def _bloom_config(hf: Mapping[str, Any]) -> dict[str, Any]:
     out.pop("num_key_value_heads", None)
     out["max_position_embeddings"] = int(hf.get("max_position_embeddings") or
                                          hf.get("seq_length") or 2048)
+    return out
+
+
+def _falcon_config(hf: Mapping[str, Any]) -> dict[str, Any]:
+    """Falcon's config.json under the decoder's keys, with how its layers are laid out
+    (``_falcon_parallel``: attention and MLP in parallel; ``_falcon_norms``: 1 or 2
+    LayerNorms feeding them; ``_falcon_grouped``: q / k / v fused per kv-head group).
+
+    - new_decoder_architecture (40B / 180B / 11B): num_kv_heads groups, each [its q
+      heads, k, v]; parallel; two norms (ln_attn / ln_mlp) unless num_ln_in_parallel_attn
+      is 1.
+    - else multi_query (7B): [q heads; k; v] with one k / v head; parallel_attn (one norm)
+      or sequential.
+    - else (the RW models): every head its own k / v, fused per head.
+    ALiBi Falcons (falcon-rw) are refused: transformers rounds their biases (slope x
+    position) to bf16, which no kernel's -slope x distance reproduces."""
+    if hf.get("alibi"):
+        raise UnsupportedModelError("Falcon with alibi (falcon-rw) is not supported")
+    out = dict(hf)
+    for ours, theirs in (("num_attention_heads", "n_head"), ("num_hidden_layers", "n_layer"),
+                         ("num_kv_heads", "n_head_kv"),
+                         ("layer_norm_eps", "layer_norm_epsilon")):
+        if out.get(ours) is None and hf.get(theirs) is not None:
+            out[ours] = hf[theirs]
+    out.setdefault("layer_norm_eps", 1e-5)
+    heads = out.get("num_attention_heads")
+    new = bool(hf.get("new_decoder_architecture", False))
+    multi_query = bool(hf.get("multi_query", True))
+    out["num_key_value_heads"] = out.get("num_kv_heads", heads) if new else \
+        1 if multi_query else heads
+    if out.get("hidden_size") is not None:
+        out["intermediate_size"] = int(hf.get("ffn_hidden_size") or 4 * int(out["hidden_size"]))
+    out["hidden_act"] = str(hf.get("activation", "gelu"))
+    out.setdefault("max_position_embeddings", 2048)
+    out["_falcon_parallel"] = new or bool(hf.get("parallel_attn", True))
+    norms = hf.get("num_ln_in_parallel_attn")
+    out["_falcon_norms"] = (2 if norms is None else int(norms)) if new else 1
+    out["_falcon_grouped"] = new or not multi_query
     return out
 
 

@@ -240,8 +240,11 @@ def _unfuse(name: str, tensor: Any, config: DecoderConfig) -> Iterator[tuple[str
         yield name, tensor
         return
     prefix, fused, kind = m.groups()
-    if config.qkv_per_head and fused == "self_attn.qkv_proj" and kind in ("weight", "bias"):
-        tensor = _per_head_qkv_rows(tensor, config)
+    if config.qkv_grouped and fused == "self_attn.qkv_proj" and kind in ("weight", "bias"):
+        try:
+            tensor = grouped_qkv_to_blocks(_materialized(tensor), config)
+        except ValueError as exc:
+            raise CheckpointError(f"{name}: {exc}") from None
     sizes = [config.q_size, config.kv_size, config.kv_size] if fused.endswith("qkv_proj") \
         else [config.intermediate_size] * 2
     shape = list(tensor.get_shape()) if hasattr(tensor, "get_shape") else list(tensor.shape)
@@ -330,6 +333,8 @@ def _family_name(name: str, config: DecoderConfig) -> str:
         return _renamed(name, _BLOOM_PREFIXES, _BLOOM_PARTS)
     if config.architecture == "gptj":
         return _renamed(name, _GPT2_PREFIXES, _GPTJ_PARTS)
+    if config.architecture == "falcon":
+        return _renamed(name, _BLOOM_PREFIXES, _FALCON_PARTS)
     if config.architecture == "hunyuan":    # its per-head q / k norms
         return name.replace(".self_attn.query_layernorm.", ".self_attn.q_norm.").replace(
             ".self_attn.key_layernorm.", ".self_attn.k_norm.")
@@ -381,6 +386,10 @@ _BLOOM_PARTS = ((".self_attention.query_key_value.", ".self_attn.qkv_proj."),
                 (".mlp.dense_h_to_4h.", ".mlp.gate_proj."),
                 (".mlp.dense_4h_to_h.", ".mlp.down_proj."))
 
+#: Falcon's (BLOOM's names, and the new decoder architecture's two norms)
+_FALCON_PARTS = _BLOOM_PARTS + ((".ln_attn.", ".input_layernorm."),
+                                (".ln_mlp.", ".post_attention_layernorm."))
+
 
 def _renamed(name: str, prefixes: tuple[tuple[str, str], ...],
              parts: tuple[tuple[str, str], ...]) -> str:
@@ -405,17 +414,21 @@ def _materialized(tensor: Any) -> Tensor:
     return tensor if isinstance(tensor, Tensor) else tensor[:]
 
 
-def _per_head_qkv_rows(tensor: Any, config: DecoderConfig) -> Tensor:
-    """Fused q / k / v rows stored per head, [heads, (q, k, v), head_dim] (GPT-NeoX's
-    query_key_value, GPT-BigCode's c_attn without multi-query), reordered to the
-    decoder's [(q, k, v), heads, head_dim] (a weight [3 * hidden, hidden] or a bias)."""
-    t = _materialized(tensor)
-    h, d = config.num_heads, config.head_dim
-    if t.shape[0] != 3 * h * d:
-        raise CheckpointError(f"fused q / k / v: shape mismatch: expected {3 * h * d} rows "
-                              f"(heads {h} x 3 x head_dim {d}), got {t.shape[0]}")
+def grouped_qkv_to_blocks(t: Tensor, config: DecoderConfig) -> Tensor:
+    """Fused q / k / v rows stored per kv head, [kv_heads, (its q heads, k, v), head_dim]
+    (GPT-NeoX's / BLOOM's query_key_value and GPT-BigCode's c_attn: one q head per group;
+    Falcon's new decoder architecture: num_heads / kv_heads), reordered to the decoder's
+    [q heads; k heads; v heads] blocks (a weight [rows, in] or a bias [rows]; a LoRA B
+    [rows, r] too). ValueError on another row count."""
+    h, kv, d = config.num_heads, config.num_kv_heads, config.head_dim
+    rows = (h + 2 * kv) * d
+    if t.shape[0] != rows:
+        raise ValueError(f"expected {rows} fused q / k / v rows ({kv} groups of "
+                         f"{h // kv} q + 1 k + 1 v heads of {d}), got {t.shape[0]}")
     rest = tuple(t.shape[1:])
-    return t.reshape(h, 3, d, *rest).transpose(0, 1).reshape(3 * h * d, *rest)
+    g = t.reshape(kv, h // kv + 2, d, *rest)
+    return torch.cat([g[:, :-2].reshape(h * d, *rest), g[:, -2].reshape(kv * d, *rest),
+                      g[:, -1].reshape(kv * d, *rest)])
 
 
 #: GPT-2's Conv1D layers store weight [in, out] (nn.Linear's transpose)

@@ -197,7 +197,7 @@ def _parse_tensors(tensors: list[tuple[str, Tensor]], config: DecoderConfig, ran
     aliases = {"c_fc": "gate_proj", "c_proj": "down_proj", "fc1": "gate_proj",
                "fc2": "down_proj", "dense_h_to_4h": "gate_proj",
                "dense_4h_to_h": "down_proj"} if not config.mlp_gated else {}
-    if config.architecture in ("phi", "gpt_neox", "bloom"):
+    if config.architecture in ("phi", "gpt_neox", "bloom", "falcon"):
         aliases["dense"] = "o_proj"
     if config.architecture in ("opt", "gptj"):  # OPT: out_proj; fc1 / fc2 in the layer
         aliases["out_proj"] = "o_proj"
@@ -334,9 +334,10 @@ def _split_fused(tensors: list[tuple[str, Tensor]], config: DecoderConfig,
                 raise LoRAError(f"{path}: {key!r}: expected [{sum(sizes)}, r] (the fused "
                                 f"{' + '.join(map(str, sizes))} rows), got "
                                 f"{list(tensor.shape)}")
-            if config.qkv_per_head:            # GPT-NeoX's / BLOOM's per-head rows
-                h, d = config.num_heads, config.head_dim
-                tensor = tensor.reshape(h, 3, d, -1).transpose(0, 1).reshape(3 * h * d, -1)
+            if config.qkv_grouped:             # GPT-NeoX's / BLOOM's / Falcon's layout
+                from .loader import grouped_qkv_to_blocks
+
+                tensor = grouped_qkv_to_blocks(tensor, config)
             chunks = list(tensor.split(sizes))
         block = "self_attn" if attention else "mlp"
         for part, chunk in zip(parts, chunks):
