@@ -71,7 +71,7 @@ def test_paged_prefill_decode_and_chunked_prefill(hf_dirs, kind):
                                   "olmo3-window", "exaone4-hybrid", "qwen3-moe",
                                   "qwen2-moe", "mixtral",
                                   "granitemoe", "olmoe", "gpt_neox", "gpt2", "opt", "bloom",
-                                  "gptj", "falcon-7b", "falcon-new"])
+                                  "gptj", "falcon-7b", "falcon-new", "mpt"])
 def test_greedy_generation_matches_transformers(hf_dirs, kind):
     hf, path = hf_dirs[kind]
     model = load_model(path, dtype="float32", device="cpu")
@@ -612,6 +612,32 @@ def test_alibi_slopes_equal_transformers():
         assert torch.equal(alibi_slopes(n), _get_alibi_slopes(n, torch.device("cpu"))), n
     with pytest.raises(ValueError, match="num_heads"):
         alibi_slopes(0)
+
+
+def test_mpt_alibi_slopes_equal_transformers():
+    """MPT's slopes (the next power of two's, odd then even for other head counts) equal
+    transformers' build_mpt_alibi_tensor bit for bit at alibi_bias_max 8 (transformers
+    always uses 8; the decoder follows the config's alibi_bias_max, as MPT's own code)."""
+    from transformers.models.mpt.modeling_mpt import build_mpt_alibi_tensor
+
+    from minikernels.models.config import DecoderConfig, UnsupportedModelError
+    from minikernels.nn.layers import mpt_alibi_slopes
+
+    for n in range(1, 129):
+        ref = -build_mpt_alibi_tensor(n, 2)[:, 0, 0]          # slope x (0 - 1)
+        assert torch.equal(mpt_alibi_slopes(n), ref.float()), n
+    assert torch.allclose(mpt_alibi_slopes(4, 16.0), torch.tensor([1 / 16, 1 / 256,
+                                                                   2.0 ** -12, 2.0 ** -16]))
+    mpt = dict(architectures=["MptForCausalLM"], vocab_size=300, d_model=64, n_heads=4,
+               n_layers=2, max_seq_len=64, attn_config={"alibi_bias_max": 16})
+    c = DecoderConfig.from_hf(mpt)
+    assert (c.alibi_max_bias, c.intermediate_size, c.norm_bias, c.qkv_bias) == \
+        (16.0, 256, False, False)
+    for bad, match in ((dict(attn_config={"clip_qkv": 6}), "clip_qkv"),
+                       (dict(attn_config={"qk_ln": True}), "qk_ln"),
+                       (dict(no_bias=False), "no_bias")):
+        with pytest.raises(UnsupportedModelError, match=match):
+            DecoderConfig.from_hf({**mpt, **bad})
 
 
 def test_rotary_fraction_gives_rotary_dim_exactly():

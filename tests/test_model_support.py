@@ -192,6 +192,9 @@ CASES: dict[str, tuple[str, dict[str, Any]]] = {
                                   num_kv_heads=2, bias=False, ffn_hidden_size=96)),
     "falcon-seq": ("Falcon", dict(num_key_value_heads=None, multi_query=False,
                                   parallel_attn=False, bias=True, ffn_hidden_size=128)),
+    # MPT: ALiBi with its own slope order (6 heads), bias-free LayerNorms and linears
+    "mpt": ("Mpt", dict(hidden_size=96, num_attention_heads=6, max_seq_len=256,
+                        num_key_value_heads=None)),
     # OLMoE: q / k norms over all heads, 8 experts, top 3 not renormalized.
     "olmoe": ("Olmoe", dict(num_experts=8, num_experts_per_tok=3, intermediate_size=40,
                             norm_topk_prob=False, pad_token_id=0, eos_token_id=2,

@@ -63,6 +63,8 @@ TP_CASES = {
     # rank, two norms (the new decoder architecture)
     "falcon-7b": ("falcon-7b", {}),
     "falcon-new": ("falcon-new", {"ffn_hidden_size": 128}),
+    # MPT: each rank its heads' MPT slopes (6 heads, head_dim 32 for int4 group 32)
+    "mpt": ("mpt", {"hidden_size": 192}),
     # OLMo 2 / OLMoE: q / k norms over every head (an all-reduced sum of squares), kv
     # heads split and (kv1) replicated
     "olmo2": ("olmo2", {}),

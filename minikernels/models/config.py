@@ -94,6 +94,8 @@ SUPPORTED_ARCHITECTURES = {
     # Falcon (7B, 11B, and the 40B / 180B layout): parallel attention / MLP from one or
     # two LayerNorms, multi-query or grouped fused q / k / v, rope
     "FalconForCausalLM": "falcon",
+    # MPT: ALiBi with its own slopes (alibi_bias_max), bias-free LayerNorms and linears
+    "MptForCausalLM": "mpt",
 }
 #: ``XForSequenceClassification``: the decoder of ``XForCausalLM`` with a ``score`` head
 #: (``mk.Classifier`` reads it; the generative model refuses such a checkpoint).
@@ -126,7 +128,7 @@ _MODEL_TYPES = {"llama": "llama", "mistral": "mistral", "ministral": "ministral"
                 "cohere": "cohere", "cohere2": "cohere2", "phi": "phi",
                 "gpt_neox": "gpt_neox", "gpt2": "gpt2", "opt": "opt",
                 "gpt_bigcode": "gpt_bigcode", "bloom": "bloom", "gptj": "gptj",
-                "falcon": "falcon"}
+                "falcon": "falcon", "mpt": "mpt"}
 #: the families with learned absolute position embeddings (no rope)
 _LEARNED_POSITIONS = ("gpt2", "opt", "gpt_bigcode")
 _GEMMA = ("gemma", "gemma2", "gemma3")
@@ -232,6 +234,9 @@ class DecoderConfig:
     qkv_grouped: bool = False
     # BLOOM: a norm of the token embeddings before the first layer
     embed_norm: bool = False
+    # ALiBi slopes: None = BLOOM's (nn.layers.alibi_slopes); a number = MPT's with this
+    # alibi_bias_max (nn.layers.mpt_alibi_slopes)
+    alibi_max_bias: float | None = None
     hidden_act: str = "silu"
     # Gemma: RMSNorm scales by (weight + norm_weight_offset); embeddings times embed_scale
     # (rounded to the model dtype, as transformers does); sandwich_norm adds norms after
@@ -431,6 +436,9 @@ class DecoderConfig:
         falcon = family == "falcon"
         if falcon:
             hf = _falcon_config(hf)
+        mpt = family == "mpt"
+        if mpt:
+            hf = _mpt_config(hf)
 
         def need(key: str) -> Any:
             if key not in hf or hf[key] is None:
@@ -491,7 +499,7 @@ class DecoderConfig:
         if falcon:
             attention_bias = bool(hf.get("bias", False))
         layer_norm = family in ("stablelm", "starcoder2", "phi", "gpt_neox", "gptj",
-                                "falcon") or cohere or learned or bloom
+                                "falcon", "mpt") or cohere or learned or bloom
         gemma = family in _GEMMA
         return cls(
             architecture=family,
@@ -509,21 +517,22 @@ class DecoderConfig:
             (0.5 if family in ("glm", "glm4") else 0.25 if family == "stablelm" else 1.0),
             rope_interleaved=family in ("glm", "glm4", "ernie4_5", "helium", "gptj") or cohere,
             rms_norm_eps=float(hf.get("layer_norm_eps", 1e-5))
-            if family in ("stablelm", "phi", "gpt_neox", "gptj", "falcon") or cohere or
+            if family in ("stablelm", "phi", "gpt_neox", "gptj", "falcon", "mpt") or cohere or
             learned or bloom else
             float(hf.get("norm_epsilon", 1e-5)) if family == "starcoder2" else
             float(hf.get("rms_norm_eps", 1e-6)),
             norm_type="layer" if layer_norm else "rms",
-            norm_bias=layer_norm and not cohere,
+            norm_bias=layer_norm and not cohere and not mpt,
             parallel_residual=cohere or family in ("phi", "gptj") or (
                 neox and bool(hf.get("use_parallel_residual", True))) or (
                 falcon and hf["_falcon_parallel"]),
             parallel_mlp_norm=(neox and bool(hf.get("use_parallel_residual", True))) or (
                 falcon and hf["_falcon_norms"] == 2),
             lm_head_bias=family in ("phi", "gptj"),
-            mlp_gated=family not in ("starcoder2", "phi", "gpt_neox", "gptj", "falcon") and
-            not learned and not bloom,
-            position_embedding="learned" if learned else "alibi" if bloom else "rope",
+            mlp_gated=family not in ("starcoder2", "phi", "gpt_neox", "gptj", "falcon",
+                                     "mpt") and not learned and not bloom,
+            position_embedding="learned" if learned else "alibi" if bloom or mpt else "rope",
+            alibi_max_bias=float(hf["_alibi_bias_max"]) if mpt else None,
             position_offset=2 if family == "opt" else 0,
             qkv_grouped=neox or bloom or (family == "gpt_bigcode" and
                                           not hf.get("multi_query", True)) or (
@@ -531,7 +540,7 @@ class DecoderConfig:
             embed_norm=bloom,
             tie_word_embeddings=bool(hf.get("tie_word_embeddings",
                                             gemma or family == "starcoder2" or cohere or
-                                            learned or bloom or falcon)),
+                                            learned or bloom or falcon or mpt)),
             eos_token_ids=eos,
             bos_token_id=None if bos is None else int(bos),
             sliding_window=window,
@@ -562,7 +571,7 @@ class DecoderConfig:
             llama4_scaling_beta=_llama4_scaling(hf)[0],
             llama4_scaling_length=_llama4_scaling(hf)[1],
             nope_layers=(_nope_layers_from_hf(hf, num_layers) if family == "smollm3" else
-                         list(range(num_layers)) if learned or bloom else
+                         list(range(num_layers)) if learned or bloom or mpt else
                          # Granite 4.0 without rope (position_embedding_type not "rope")
                          list(range(num_layers)) if family == "granite_hybrid" and
                          hf.get("position_embedding_type") != "rope" else
@@ -791,6 +800,45 @@ def _falcon_config(hf: Mapping[str, Any]) -> dict[str, Any]:
     norms = hf.get("num_ln_in_parallel_attn")
     out["_falcon_norms"] = (2 if norms is None else int(norms)) if new else 1
     out["_falcon_grouped"] = new or not multi_query
+    return out
+
+
+def _mpt_config(hf: Mapping[str, Any]) -> dict[str, Any]:
+    """MPT's config.json under the decoder's keys (``d_model``, ``n_heads``, ``n_layers``,
+    ``expansion_ratio``, ``max_seq_len``; ``attn_config``'s softmax_scale and
+    alibi_bias_max); the variants transformers' MPT does not run either refused by name."""
+    attn = hf.get("attn_config") or {}
+    if not isinstance(attn, Mapping):
+        raise ValueError("config.attn_config must be a dict")
+    for key, why in (("clip_qkv", "clip_qkv"), ("qk_ln", "qk_ln (q / k LayerNorms)"),
+                     ("prefix_lm", "prefix_lm"),
+                     ("attn_uses_sequence_id", "attn_uses_sequence_id")):
+        if attn.get(key):
+            raise UnsupportedModelError(f"MPT with attn_config.{why} is not supported")
+    if not attn.get("alibi", True):
+        raise UnsupportedModelError("MPT without alibi is not supported")
+    if attn.get("attn_type", "multihead_attention") != "multihead_attention":
+        raise UnsupportedModelError(f"MPT attn_type {attn.get('attn_type')!r} is not "
+                                    "supported")
+    if not hf.get("no_bias", True):
+        raise UnsupportedModelError("MPT with biases (no_bias=false) is not supported")
+    if hf.get("logit_scale") is not None:
+        raise UnsupportedModelError("MPT with logit_scale is not supported")
+    out = dict(hf)
+    for ours, theirs in (("hidden_size", "d_model"), ("num_attention_heads", "n_heads"),
+                         ("num_hidden_layers", "n_layers"),
+                         ("max_position_embeddings", "max_seq_len"),
+                         ("layer_norm_eps", "layer_norm_epsilon")):
+        if hf.get(theirs) is not None:
+            out[ours] = hf[theirs]
+    out.setdefault("layer_norm_eps", 1e-5)
+    if out.get("hidden_size") is not None:
+        out["intermediate_size"] = int(hf.get("expansion_ratio", 4) * int(out["hidden_size"]))
+    out["hidden_act"] = "gelu"
+    out.pop("num_key_value_heads", None)
+    out["_alibi_bias_max"] = attn.get("alibi_bias_max", 8)
+    if attn.get("softmax_scale") is not None:
+        out["_attention_scale"] = float(attn["softmax_scale"])
     return out
 
 

@@ -32,7 +32,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import ops
-from ..nn.layers import LayerNorm, PagedAttention, RMSNorm, RotaryEmbedding, alibi_slopes
+from ..nn.layers import (LayerNorm, PagedAttention, RMSNorm, RotaryEmbedding, alibi_slopes,
+                         mpt_alibi_slopes)
 from ..ops.attention import FP8_KV_DTYPES
 from .config import DecoderConfig
 from .kv_layout import KVCacheLayout
@@ -128,8 +129,10 @@ class Attention(nn.Module):
         self.q_scale_beta = c.llama4_scaling_beta           # Llama 4 / Ministral 3
         self.q_scale_length = c.llama4_scaling_length
         slopes = None
-        if c.position_embedding == "alibi":    # BLOOM: this rank's heads' slopes
-            slopes = alibi_slopes(c.num_heads)[shard.q0:shard.q0 + shard.nq].to(device)
+        if c.position_embedding == "alibi":    # BLOOM / MPT: this rank's heads' slopes
+            slopes = alibi_slopes(c.num_heads) if c.alibi_max_bias is None else \
+                mpt_alibi_slopes(c.num_heads, c.alibi_max_bias)
+            slopes = slopes[shard.q0:shard.q0 + shard.nq].to(device)
         self.attn = PagedAttention(self.num_heads, self.num_kv_heads, c.head_dim,
                                    softmax_scale=c.softmax_scale,
                                    window_left=c.window_left(layer),

@@ -335,6 +335,8 @@ def _family_name(name: str, config: DecoderConfig) -> str:
         return _renamed(name, _GPT2_PREFIXES, _GPTJ_PARTS)
     if config.architecture == "falcon":
         return _renamed(name, _BLOOM_PREFIXES, _FALCON_PARTS)
+    if config.architecture == "mpt":
+        return _renamed(name, _MPT_PREFIXES, _MPT_PARTS)
     if config.architecture == "hunyuan":    # its per-head q / k norms
         return name.replace(".self_attn.query_layernorm.", ".self_attn.q_norm.").replace(
             ".self_attn.key_layernorm.", ".self_attn.k_norm.")
@@ -389,6 +391,14 @@ _BLOOM_PARTS = ((".self_attention.query_key_value.", ".self_attn.qkv_proj."),
 #: Falcon's (BLOOM's names, and the new decoder architecture's two norms)
 _FALCON_PARTS = _BLOOM_PARTS + ((".ln_attn.", ".input_layernorm."),
                                 (".ln_mlp.", ".post_attention_layernorm."))
+
+#: MPT's (MptForCausalLM's "transformer.", MptModel's none)
+_MPT_PREFIXES = tuple((f"{t}{theirs}", ours) for t in ("transformer.", "") for theirs, ours in
+                      (("wte.", "model.embed_tokens."), ("norm_f.", "model.norm."),
+                       ("blocks.", "model.layers.")))
+_MPT_PARTS = ((".norm_1.", ".input_layernorm."), (".norm_2.", ".post_attention_layernorm."),
+              (".attn.Wqkv.", ".self_attn.qkv_proj."), (".attn.out_proj.", ".self_attn.o_proj."),
+              (".ffn.up_proj.", ".mlp.gate_proj."), (".ffn.down_proj.", ".mlp.down_proj."))
 
 
 def _renamed(name: str, prefixes: tuple[tuple[str, str], ...],

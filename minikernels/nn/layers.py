@@ -119,6 +119,23 @@ def alibi_slopes(num_heads: int) -> Tensor:
     return slopes
 
 
+def mpt_alibi_slopes(num_heads: int, max_bias: float = 8.0) -> Tensor:
+    """MPT's ALiBi slopes, float32 [num_heads]: 2^(-i max_bias / m) for i = 1..m over the
+    next power of two m >= num_heads; for other head counts the odd-indexed slopes then
+    the even-indexed ones, cut to num_heads (equal to :func:`alibi_slopes` at max_bias 8
+    up to fp32 rounding; computed as MPT does, so equal to transformers' bit for bit)."""
+    if not isinstance(num_heads, int) or num_heads <= 0:
+        raise ValueError(f"num_heads must be a positive int, got {num_heads!r}")
+    if not max_bias > 0:
+        raise ValueError(f"max_bias must be > 0, got {max_bias!r}")
+    m = 2 ** math.ceil(math.log2(num_heads))
+    base = torch.arange(1, m + 1, dtype=torch.int64).float() * (max_bias / m)
+    slopes = 1.0 / torch.pow(2, base)
+    if m != num_heads:
+        slopes = torch.cat([slopes[1::2], slopes[::2]])[:num_heads]
+    return slopes
+
+
 class PagedAttention(nn.Module):
     """Attention over a batch laid out by :class:`minikernels.models.AttentionMetadata`.
 
