@@ -95,7 +95,11 @@ def test_hf_pair_encoding(reranker):
 
 
 @pytest.mark.parametrize("kind", ["qwen3", "llama", "gemma2-window-softcap", "qwen2-tied",
-                                  "phi3-longrope-partial"])
+                                  "phi3-longrope-partial",
+                                  # reward models of the older families (Pythia's
+                                  # OpenAssistant RMs, GPT-2 / BLOOM / OPT heads)
+                                  "gpt_neox", "gpt2", "bloom", "opt", "falcon-7b", "mpt",
+                                  "gptj"])
 def test_logits_match_transformers(kind, tmp_path):
     hf = _hf_classifier(kind, 3, seed=len(kind))
     hf.save_pretrained(str(tmp_path))

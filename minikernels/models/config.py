@@ -102,10 +102,16 @@ SUPPORTED_ARCHITECTURES = {
 CLASSIFIER_SUFFIX = "ForSequenceClassification"
 
 
+#: causal LMs not named ``XForCausalLM`` (the classifier's decoder)
+_CAUSAL_NAMES = {"GPT2ForCausalLM": "GPT2LMHeadModel"}
+
+
 def causal_architecture(arch: str) -> str:
-    """``QwenXForSequenceClassification`` -> ``QwenXForCausalLM`` (others unchanged)."""
+    """``QwenXForSequenceClassification`` -> ``QwenXForCausalLM`` (others unchanged;
+    ``GPT2ForSequenceClassification`` -> ``GPT2LMHeadModel``)."""
     if arch.endswith(CLASSIFIER_SUFFIX):
-        return arch[:-len(CLASSIFIER_SUFFIX)] + "ForCausalLM"
+        causal = arch[:-len(CLASSIFIER_SUFFIX)] + "ForCausalLM"
+        return _CAUSAL_NAMES.get(causal, causal)
     return arch
 
 
