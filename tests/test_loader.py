@@ -295,6 +295,72 @@ def test_gptq_awq_checkpoints(tmp_path, method, act_order, fmt):
     assert rel_err(_logits(mb, seqs), ref) <= 0.05
 
 
+@pytest.mark.parametrize(("kind", "method", "linears"), [
+    ("opt", "gptq", ("_proj", "fc1", "fc2")),        # AutoGPTQ's own example model family
+    ("opt", "awq", ("_proj", "fc1", "fc2")),
+    ("gptj", "gptq", ("_proj", "fc_in", "fc_out")),
+])
+def test_int4_checkpoints_of_the_older_families(tmp_path, kind, method, linears):
+    """GPTQ / AWQ checkpoints of families with separate q / k / v (OPT, GPT-J) load onto the
+    int4 kernels under their own names; logits match transformers on the dequantized
+    weights. (Fused query_key_value / c_attn / Wqkv int4 tensors are refused by name.)"""
+    hf = make_hf_model(kind, seed=4)
+    d = str(tmp_path / method)
+    write_quantized_checkpoint(hf, d, method, group=32, linears=linears)
+    m = load_model(d, dtype="float32", device="cpu")
+    assert m.quantization == method and m.layers[0].mlp.gate_up_proj.is_int4
+    seqs = _seqs()
+    assert rel_err(_logits(m, seqs), torch.cat([hf_logits(hf, s) for s in seqs])) <= 2e-3
+
+
+@pytest.mark.parametrize(("kind", "method", "linears"), [
+    # Phi-3: qkv_proj / gate_up_proj quantized fused (AutoGPTQ / AutoAWQ / llm-compressor)
+    ("phi3-longrope-partial", "gptq", ("_proj",)),
+    ("phi3-longrope-partial", "awq", ("_proj",)),
+    ("phi3-longrope-partial", "compressed-tensors", ("_proj",)),
+    # per-head (GPT-NeoX, BLOOM) and kv-group (Falcon's new architecture) fused q / k / v
+    ("gpt_neox", "gptq", ("query_key_value", "dense", "_4h", "_4h_to_h")),
+    ("bloom", "awq", ("query_key_value", "dense", "_4h", "_4h_to_h")),
+    ("falcon-new", "gptq", ("query_key_value", "dense", "_4h", "_4h_to_h")),
+    ("falcon-new", "awq", ("query_key_value", "dense", "_4h", "_4h_to_h")),
+    # MPT's Wqkv: [q; k; v] blocks
+    ("mpt", "gptq", ("Wqkv", "out_proj", "up_proj", "down_proj")),
+])
+def test_fused_int4_checkpoints(tmp_path, kind, method, linears):
+    """Fused q / k / v (gate / up) layers quantized as one module: each part takes its
+    output features of qweight / qzeros / scales (whole int32 words where packed along N;
+    the grouped layouts regrouped) and dequantizes to exactly its rows of the known fused
+    weight; logits match transformers on the dequantized weights."""
+    hf = make_hf_model(kind, seed=4)
+    d = str(tmp_path / method)
+    known = write_quantized_checkpoint(hf, d, method, group=32, linears=linears)
+    m = load_model(d, dtype="float32", device="cpu")
+    qkv = m.layers[1].self_attn.qkv_proj
+    assert qkv.is_int4
+    fused = next(v for k, v in known.items() if ".1." in k and
+                 k.endswith(("qkv_proj.weight", "query_key_value.weight", "Wqkv.weight")))
+    if m.config.qkv_grouped:
+        from minikernels.models.loader import grouped_qkv_to_blocks
+        fused = grouped_qkv_to_blocks(fused, m.config)
+    assert torch.equal(qkv.dense_weight(), fused)
+    seqs = _seqs()
+    assert rel_err(_logits(m, seqs), torch.cat([hf_logits(hf, s) for s in seqs])) <= 2e-3
+
+
+def test_fused_int4_split_errors(tmp_path):
+    """A fused tensor with the wrong feature count is refused naming it."""
+    hf = make_hf_model("phi3-longrope-partial", seed=4)
+    d = str(tmp_path / "bad")
+    write_quantized_checkpoint(hf, d, "gptq", group=32)
+    path = os.path.join(d, "model.safetensors")
+    t = load_file(path)
+    name = "model.layers.0.self_attn.qkv_proj.scales"
+    t[name] = t[name][:, :-8].contiguous()
+    save_file(t, path, metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match="qkv_proj.scales: shape mismatch"):
+        load_model(d, dtype="float32", device="cpu")
+
+
 @pytest.mark.parametrize("group,act_order", [(32, False), (32, True), (-1, False)])
 def test_compressed_tensors_checkpoints(tmp_path, group, act_order):
     """llm-compressor's W4A16 format (compressed-tensors "pack-quantized": signed int4

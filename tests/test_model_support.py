@@ -363,11 +363,13 @@ def awq_tensors(q: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor
 def write_quantized_checkpoint(hf: torch.nn.Module, path: str, method: str, group: int,
                                act_order: bool = False, seed: int = 0,
                                checkpoint_format: str = "gptq",
-                               bits: int = 4) -> dict[str, torch.Tensor]:
+                               bits: int = 4,
+                               linears: tuple[str, ...] = ("_proj",)) -> dict[str, torch.Tensor]:
     """Save ``hf`` as a GPTQ / AWQ / compressed-tensors ("pack-quantized", symmetric: every
     zero 8; ``group`` -1 = the "channel" strategy) checkpoint with known random integers in
     every linear layer of the decoder blocks; the dense model ``hf`` gets the dequantized
-    weights (so it is the reference). Returns {hf linear name: dequantized W}. bits=8
+    weights (so it is the reference). ``linears``: the name endings (before ".weight") of
+    the layers' linears (OPT's fc1 / fc2 too). Returns {hf linear name: dequantized W}. bits=8
     (GPTQ, compressed-tensors): 8-bit integers, 4 per word (compressed-tensors zero 128)."""
     top = (1 << bits) - 1
     from safetensors.torch import save_file
@@ -417,7 +419,8 @@ def write_quantized_checkpoint(hf: torch.nn.Module, path: str, method: str, grou
             rows = w.shape[1] // len(projs)
             wdq = torch.stack([torch.cat([quantize(f"{prefix}.{e}.{p}", rows, w.shape[2])
                                           for p in projs]) for e in range(w.shape[0])])
-        elif ".layers." in name and name.endswith("_proj.weight"):
+        elif (".layers." in name or ".h." in name or ".blocks." in name) and \
+                name.endswith(tuple(f"{e}.weight" for e in linears)):
             wdq = quantize(name[:-len(".weight")], *w.shape)
         else:
             tensors[name] = w.contiguous()

@@ -149,6 +149,15 @@ def quant_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
         write_quantized_checkpoint(make_hf_model("llama", seed=5), d, method, group=32,
                                    act_order=act)
         dirs[name] = d
+    # fused int4 layers split into parts before each rank takes its slice: Phi-3's AWQ
+    # qkv_proj / gate_up_proj, Falcon's GPTQ kv-head groups
+    dirs["awq-phi3"] = str(tmp_path_factory.mktemp("awq-phi3"))
+    write_quantized_checkpoint(make_hf_model("phi3-longrope-partial", seed=5),
+                               dirs["awq-phi3"], "awq", group=32)
+    dirs["gptq-falcon"] = str(tmp_path_factory.mktemp("gptq-falcon"))
+    write_quantized_checkpoint(make_hf_model("falcon-new", seed=5, ffn_hidden_size=128),
+                               dirs["gptq-falcon"], "gptq", group=32,
+                               linears=("query_key_value", "dense", "_4h", "_4h_to_h"))
     # a GPTQ mixture of experts: each rank reads its slice of every expert's int4 tensors
     dirs["gptq-moe"] = str(tmp_path_factory.mktemp("gptq-moe"))
     write_quantized_checkpoint(make_hf_model("qwen3-moe", seed=5, moe_intermediate_size=64),

@@ -255,9 +255,8 @@ def _unfuse(name: str, tensor: Any, config: DecoderConfig) -> Iterator[tuple[str
                 yield f"{prefix}{part}.{kind}", tensor
             return
     elif kind not in ("weight", "bias"):
-        raise CheckpointError(f"{name}: int4 tensors of a fused {fused.split('.')[1]} are "
-                              "not supported; load the dense checkpoint with "
-                              "quantization='int4'")
+        yield from _unfuse_quantized(name, prefix, fused, kind, tensor, shape, sizes, config)
+        return
     if shape[0] != sum(sizes):
         raise CheckpointError(f"{name}: shape mismatch: expected {sum(sizes)} rows "
                               f"({' + '.join(map(str, sizes))}), got {shape[0]}")
@@ -265,6 +264,66 @@ def _unfuse(name: str, tensor: Any, config: DecoderConfig) -> Iterator[tuple[str
     for part, size in zip(_PART_NAMES[fused], sizes):
         yield f"{prefix}{part}.{kind}", tensor[start:start + size]
         start += size
+
+
+#: int4 / int8 tensors and the axis that runs over a layer's output features N:
+#: "n" (one column or row per output), "words" (packed along N: 32 / bits per int32),
+#: "k" (along the input only: every part shares it)
+_QUANT_N_AXES = {("gptq", "qweight"): (1, "n"), ("gptq", "qzeros"): (1, "words"),
+                 ("gptq", "scales"): (1, "n"), ("gptq", "g_idx"): (0, "k"),
+                 ("awq", "qweight"): (1, "words"), ("awq", "qzeros"): (1, "words"),
+                 ("awq", "scales"): (1, "n"),
+                 ("compressed-tensors", "weight_packed"): (0, "n"),
+                 ("compressed-tensors", "weight_scale"): (0, "n"),
+                 ("compressed-tensors", "weight_g_idx"): (0, "k"),
+                 ("compressed-tensors", "weight_shape"): (0, "shape")}
+
+
+def _unfuse_quantized(name: str, prefix: str, fused: str, kind: str, tensor: Any,
+                      shape: list[int], sizes: list[int], config: DecoderConfig
+                      ) -> Iterator[tuple[str, Tensor]]:
+    """A GPTQ / AWQ / compressed-tensors tensor of a fused q / k / v (gate / up) layer
+    (Phi-3's, Falcon's, MPT's, GPT-NeoX's, BLOOM's checkpoints) as its parts' tensors:
+    each part takes its output features (columns of a GPTQ qweight / scales, rows of
+    compressed-tensors' weight_packed / weight_scale, whole int32 words of what is packed
+    along N: AWQ's qweight, the zeros), in the decoder's [q; k; v] order (a grouped
+    layout regrouped); what runs along K only (g_idx) is every part's."""
+    quant = _checkpoint_quant(config) or {}
+    method = quant.get("method")
+    axis_kind = _QUANT_N_AXES.get((method, kind))
+    if axis_kind is None:
+        raise CheckpointError(f"{name}: {kind} tensors of a fused "
+                              f"{fused.split('.')[1]} are not supported ({method}); load "
+                              "the dense checkpoint with quantization='int4'")
+    axis, what = axis_kind
+    t = _materialized(tensor)
+    if what == "shape":                # compressed-tensors' [N, K] record: each part's own
+        for part, size in zip(_PART_NAMES[fused], sizes):
+            yield f"{prefix}{part}.{kind}", torch.tensor([size, int(t[1])], dtype=t.dtype)
+        return
+    if what == "k":
+        for part in _PART_NAMES[fused]:
+            yield f"{prefix}{part}.{kind}", t
+        return
+    n = sum(sizes)
+    order = torch.arange(n)
+    if config.qkv_grouped and fused == "self_attn.qkv_proj":
+        order = grouped_qkv_to_blocks(order, config)   # the source feature of each row
+    pack = 32 // int(quant.get("bits", 4)) if what == "words" else 1
+    if shape[axis] * pack != n:
+        raise CheckpointError(f"{name}: shape mismatch: expected {n // pack} along dim "
+                              f"{axis} ({' + '.join(map(str, sizes))} features"
+                              f"{f' / {pack} per int32' if pack > 1 else ''}), got "
+                              f"{shape[axis]}")
+    for part, rows in zip(_PART_NAMES[fused], order.split(sizes)):
+        if pack > 1:
+            runs = rows.view(-1, pack)
+            if bool((runs[:, 0] % pack).any()) or not torch.equal(
+                    runs, runs[:, :1] + torch.arange(pack)):
+                raise CheckpointError(f"{name}: the fused parts do not split into whole "
+                                      f"int32 words of {pack} features")
+            rows = runs[:, 0] // pack
+        yield f"{prefix}{part}.{kind}", t.index_select(axis, rows.to(t.device)).contiguous()
 
 
 def _fused_fp8_scale_rows(name: str, shape: list[int], sizes: list[int],
