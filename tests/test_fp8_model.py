@@ -63,7 +63,8 @@ STYLES = ["block", "block-unaligned", "tensor", "ct-channel", "ct-block", "fbgem
 
 
 def write_fp8_checkpoint(hf: torch.nn.Module, path: str, style: str,
-                         seed: int = 0) -> dict[str, torch.Tensor]:
+                         seed: int = 0, linears: tuple[str, ...] = ("_proj",)
+                         ) -> dict[str, torch.Tensor]:
     """Save ``hf`` as an fp8 checkpoint (known random e4m3 bytes and scales in every
     decoder linear); ``hf`` gets the dequantized weights. Returns {name: W}."""
     g = torch.Generator().manual_seed(seed)
@@ -112,7 +113,7 @@ def write_fp8_checkpoint(hf: torch.nn.Module, path: str, style: str,
               "activation_scheme": "dynamic" if block else "static"}
         if block:
             qc["weight_block_size"] = list(block)
-    return write_known_checkpoint(hf, path, fp8_matrix, qc)
+    return write_known_checkpoint(hf, path, fp8_matrix, qc, linears)
 
 
 @pytest.mark.parametrize("style", STYLES)
@@ -422,3 +423,21 @@ def test_fp8_fused_qkv_checkpoints(tmp_path, style):
     seqs = _seqs()
     ref = torch.cat([hf_logits(hf, s) for s in seqs])
     assert rel_err(_logits(m, seqs), ref) <= 1e-4
+
+
+@pytest.mark.parametrize(("kind", "style"), [("gpt_neox", "ct-channel"), ("bloom", "tensor"),
+                                             ("falcon-new", "ct-channel")])
+def test_fp8_checkpoints_of_grouped_fused_qkv(tmp_path, kind, style):
+    """Per-channel fp8 scales of a grouped fused q / k / v (GPT-NeoX, BLOOM, Falcon's new
+    architecture) are regrouped with their rows: logits equal transformers on the
+    dequantized weights."""
+    hf = make_hf_model(kind, seed=3)
+    d = str(tmp_path / kind)
+    write_fp8_checkpoint(hf, d, style,
+                         linears=("query_key_value", "dense", "_4h", "_4h_to_h"))
+    m = load_model(d, dtype="float32", device="cpu")
+    assert m.layers[0].self_attn.qkv_proj.is_fp8
+    seqs = [random_tokens(n, 300, n) for n in (7, 12)]
+    got = torch.cat([m(torch.tensor(s), AttentionMetadata.for_prompts([len(s)]), None)
+                     for s in seqs])
+    assert rel_err(got, torch.cat([hf_logits(hf, s) for s in seqs])) <= 2e-3

@@ -474,7 +474,8 @@ def hf_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Any, st
 def write_known_checkpoint(hf: torch.nn.Module, path: str,
                            matrix: Callable[[dict[str, torch.Tensor], str, int, int],
                                             torch.Tensor],
-                           quantization_config: dict[str, Any]) -> dict[str, torch.Tensor]:
+                           quantization_config: dict[str, Any],
+                           linears: tuple[str, ...] = ("_proj",)) -> dict[str, torch.Tensor]:
     """Save ``hf`` as a quantized checkpoint: ``matrix(tensors, base, n, k)`` writes the
     quantized tensors of every decoder linear [n, k] named ``base`` (and of every expert
     projection, as the hub's per-expert tensors) into ``tensors`` and returns the W they
@@ -493,7 +494,8 @@ def write_known_checkpoint(hf: torch.nn.Module, path: str,
             known[name] = torch.stack([torch.cat([
                 matrix(tensors, f"{prefix}.{e}.{p}", rows, w.shape[2]) for p in projs])
                 for e in range(w.shape[0])])
-        elif ".layers." in name and name.endswith("_proj.weight"):
+        elif (".layers." in name or ".h." in name) and \
+                name.endswith(tuple(f"{e}.weight" for e in linears)):
             known[name] = matrix(tensors, name[:-len(".weight")], *w.shape)
         else:
             tensors[name] = w.contiguous()

@@ -249,11 +249,17 @@ def _unfuse(name: str, tensor: Any, config: DecoderConfig) -> Iterator[tuple[str
         else [config.intermediate_size] * 2
     shape = list(tensor.get_shape()) if hasattr(tensor, "get_shape") else list(tensor.shape)
     if kind in _FP8_SCALES + _FP8_ACTIVATION_SCALES:
+        full = sizes
         sizes = _fused_fp8_scale_rows(name, shape, sizes, config)
         if sizes is None:     # one value for the fused tensor: every part has it
             for part in _PART_NAMES[fused]:
                 yield f"{prefix}{part}.{kind}", tensor
             return
+        if config.qkv_grouped and fused == "self_attn.qkv_proj":
+            if sizes != full:
+                raise CheckpointError(f"{name}: block-scaled fp8 of a grouped fused q / k / "
+                                      "v layer is not supported")
+            tensor = grouped_qkv_to_blocks(_materialized(tensor), config)   # per channel
     elif kind not in ("weight", "bias"):
         yield from _unfuse_quantized(name, prefix, fused, kind, tensor, shape, sizes, config)
         return
