@@ -195,6 +195,15 @@ CASES: dict[str, tuple[str, dict[str, Any]]] = {
     # MPT: ALiBi with its own slope order (6 heads), bias-free LayerNorms and linears
     "mpt": ("Mpt", dict(hidden_size=96, num_attention_heads=6, max_seq_len=256,
                         num_key_value_heads=None)),
+    # Nemotron: LayerNorm1P (scale 1 + w, with bias), squared-ReLU up / down MLP, rope on
+    # half of each head
+    "nemotron": ("Nemotron", dict(head_dim=16, norm_eps=1e-5, tie_word_embeddings=False,
+                                  rope_parameters={"rope_type": "default", "rope_theta": 1e4,
+                                                   "partial_rotary_factor": 0.5})),
+    # Arcee: Llama with a squared-ReLU up / down MLP
+    "arcee": ("Arcee", dict(head_dim=16, tie_word_embeddings=False)),
+    # OLMo 1: parameter-free LayerNorms, q / k / v clamped to +-0.3 (bites on these weights)
+    "olmo": ("Olmo", dict(clip_qkv=0.3, tie_word_embeddings=False)),
     # OLMoE: q / k norms over all heads, 8 experts, top 3 not renormalized.
     "olmoe": ("Olmoe", dict(num_experts=8, num_experts_per_tok=3, intermediate_size=40,
                             norm_topk_prob=False, pad_token_id=0, eos_token_id=2,

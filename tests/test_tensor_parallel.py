@@ -63,6 +63,9 @@ TP_CASES = {
     # rank, two norms (the new decoder architecture)
     "falcon-7b": ("falcon-7b", {}),
     "falcon-new": ("falcon-new", {"ffn_hidden_size": 128}),
+    # Nemotron's LayerNorm1P (replicated) and squared-ReLU MLP; OLMo 1's per-rank clamp
+    "nemotron": ("nemotron", {}),
+    "olmo": ("olmo", {}),
     # MPT: each rank its heads' MPT slopes (6 heads, head_dim 32 for int4 group 32)
     "mpt": ("mpt", {"hidden_size": 192}),
     # OLMo 2 / OLMoE: q / k norms over every head (an all-reduced sum of squares), kv

@@ -96,6 +96,13 @@ SUPPORTED_ARCHITECTURES = {
     "FalconForCausalLM": "falcon",
     # MPT: ALiBi with its own slopes (alibi_bias_max), bias-free LayerNorms and linears
     "MptForCausalLM": "mpt",
+    # Nemotron (Minitron 4B / 8B, Nemotron-Mini): LayerNorm1P (scale 1 + w), a squared-ReLU
+    # up / down MLP, partial rope
+    "NemotronForCausalLM": "nemotron",
+    # Arcee (AFM-4.5B): Llama with a squared-ReLU up / down MLP
+    "ArceeForCausalLM": "arcee",
+    # OLMo 1: LayerNorms without parameters, q / k / v clamped (clip_qkv)
+    "OlmoForCausalLM": "olmo",
 }
 #: ``XForSequenceClassification``: the decoder of ``XForCausalLM`` with a ``score`` head
 #: (``mk.Classifier`` reads it; the generative model refuses such a checkpoint).
@@ -134,7 +141,8 @@ _MODEL_TYPES = {"llama": "llama", "mistral": "mistral", "ministral": "ministral"
                 "cohere": "cohere", "cohere2": "cohere2", "phi": "phi",
                 "gpt_neox": "gpt_neox", "gpt2": "gpt2", "opt": "opt",
                 "gpt_bigcode": "gpt_bigcode", "bloom": "bloom", "gptj": "gptj",
-                "falcon": "falcon", "mpt": "mpt"}
+                "falcon": "falcon", "mpt": "mpt", "nemotron": "nemotron", "arcee": "arcee",
+                "olmo": "olmo"}
 #: the families with learned absolute position embeddings (no rope)
 _LEARNED_POSITIONS = ("gpt2", "opt", "gpt_bigcode")
 _GEMMA = ("gemma", "gemma2", "gemma3")
@@ -167,7 +175,8 @@ _CARRIED = ("eos_token_id", "bos_token_id", "tie_word_embeddings", "quantization
 #: hidden_act -> the gated MLP's activation op (``ops.silu_and_mul`` / ``gelu_and_mul``)
 GATED_ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu": "gelu",
                      "gelu_pytorch_tanh": "gelu_tanh", "gelu_tanh": "gelu_tanh",
-                     "gelu_new": "gelu_tanh", "gelu_fast": "gelu_tanh", "relu": "relu"}
+                     "gelu_new": "gelu_tanh", "gelu_fast": "gelu_tanh", "relu": "relu",
+                     "relu2": "relu2"}
 
 
 class UnsupportedModelError(ValueError):
@@ -243,6 +252,10 @@ class DecoderConfig:
     # ALiBi slopes: None = BLOOM's (nn.layers.alibi_slopes); a number = MPT's with this
     # alibi_bias_max (nn.layers.mpt_alibi_slopes)
     alibi_max_bias: float | None = None
+    # False (OLMo 1): LayerNorms without weight or bias
+    norm_affine: bool = True
+    # OLMo 1: q, k and v clamped to [-clip_qkv, clip_qkv]; None = off
+    clip_qkv: float | None = None
     hidden_act: str = "silu"
     # Gemma: RMSNorm scales by (weight + norm_weight_offset); embeddings times embed_scale
     # (rounded to the model dtype, as transformers does); sandwich_norm adds norms after
@@ -307,9 +320,10 @@ class DecoderConfig:
         if self.norm_type not in ("rms", "layer"):
             raise ValueError(f"config.norm_type must be 'rms' or 'layer', got "
                              f"{self.norm_type!r}")
-        if self.norm_type == "layer" and (self.norm_weight_offset or self.qk_norm):
-            raise UnsupportedModelError("LayerNorm models with offset or q / k norms are "
-                                        "not supported")
+        if self.norm_type == "layer" and self.qk_norm:
+            raise UnsupportedModelError("LayerNorm models with q / k norms are not supported")
+        if self.norm_type == "rms" and not self.norm_affine:
+            raise ValueError("config.norm_affine=False needs norm_type 'layer'")
         if not self.mlp_gated and self.num_experts:
             raise UnsupportedModelError("non-gated MLPs with experts are not supported")
         if self.position_embedding not in ("rope", "learned", "alibi"):
@@ -318,9 +332,10 @@ class DecoderConfig:
         if not isinstance(self.position_offset, int) or self.position_offset < 0:
             raise ValueError(f"config.position_offset must be an int >= 0, got "
                              f"{self.position_offset!r}")
-        if self.activation == "relu" and self.mlp_gated:
+        if self.activation in ("relu", "relu2") and self.mlp_gated:
             raise UnsupportedModelError(f"hidden_act {self.hidden_act!r}: ReLU-gated MLPs "
-                                        "are not supported (ReLU: non-gated MLPs, OPT's)")
+                                        "are not supported (ReLU: non-gated MLPs, OPT's; "
+                                        "squared ReLU: Nemotron's / Arcee's)")
         if self.parallel_mlp_norm and not self.parallel_residual:
             raise ValueError("config.parallel_mlp_norm needs parallel_residual")
         if self.parallel_residual and (self.post_norm or self.sandwich_norm):
@@ -445,6 +460,7 @@ class DecoderConfig:
         mpt = family == "mpt"
         if mpt:
             hf = _mpt_config(hf)
+        nemotron = family == "nemotron"
 
         def need(key: str) -> Any:
             if key not in hf or hf[key] is None:
@@ -505,7 +521,8 @@ class DecoderConfig:
         if falcon:
             attention_bias = bool(hf.get("bias", False))
         layer_norm = family in ("stablelm", "starcoder2", "phi", "gpt_neox", "gptj",
-                                "falcon", "mpt") or cohere or learned or bloom
+                                "falcon", "mpt", "nemotron", "olmo") or cohere or learned or \
+            bloom
         gemma = family in _GEMMA
         return cls(
             architecture=family,
@@ -520,15 +537,20 @@ class DecoderConfig:
             rope_theta=rope_theta,
             rope_scaling=rope_scaling,
             partial_rotary_factor=float(partial) if partial is not None else
-            (0.5 if family in ("glm", "glm4") else 0.25 if family == "stablelm" else 1.0),
+            (0.5 if family in ("glm", "glm4", "nemotron") else 0.25 if family == "stablelm"
+             else 1.0),
             rope_interleaved=family in ("glm", "glm4", "ernie4_5", "helium", "gptj") or cohere,
             rms_norm_eps=float(hf.get("layer_norm_eps", 1e-5))
             if family in ("stablelm", "phi", "gpt_neox", "gptj", "falcon", "mpt") or cohere or
             learned or bloom else
+            float(hf.get("norm_eps", 1e-5)) if nemotron else
+            1e-5 if family == "olmo" else         # (OLMo 1's LayerNorm: a fixed eps)
             float(hf.get("norm_epsilon", 1e-5)) if family == "starcoder2" else
             float(hf.get("rms_norm_eps", 1e-6)),
             norm_type="layer" if layer_norm else "rms",
-            norm_bias=layer_norm and not cohere and not mpt,
+            norm_bias=layer_norm and not cohere and not mpt and family != "olmo",
+            norm_affine=family != "olmo",
+            clip_qkv=_positive_or_none(hf.get("clip_qkv")) if family == "olmo" else None,
             parallel_residual=cohere or family in ("phi", "gptj") or (
                 neox and bool(hf.get("use_parallel_residual", True))) or (
                 falcon and hf["_falcon_parallel"]),
@@ -536,7 +558,7 @@ class DecoderConfig:
                 falcon and hf["_falcon_norms"] == 2),
             lm_head_bias=family in ("phi", "gptj"),
             mlp_gated=family not in ("starcoder2", "phi", "gpt_neox", "gptj", "falcon",
-                                     "mpt") and not learned and not bloom,
+                                     "mpt", "nemotron", "arcee") and not learned and not bloom,
             position_embedding="learned" if learned else "alibi" if bloom or mpt else "rope",
             alibi_max_bias=float(hf["_alibi_bias_max"]) if mpt else None,
             position_offset=2 if family == "opt" else 0,
@@ -565,7 +587,7 @@ class DecoderConfig:
             qk_norm_full=family in ("olmo2", "olmo3", "olmoe"),
             post_norm=family in ("olmo2", "olmo3", "exaone4"),
             hidden_act=_activation_from_hf(hf, family),
-            norm_weight_offset=1.0 if gemma else 0.0,
+            norm_weight_offset=1.0 if gemma or nemotron else 0.0,
             embed_scale=hidden ** 0.5 if gemma else 1.0,
             sandwich_norm=family in ("gemma2", "gemma3", "glm4"),
             attention_scale=_attention_scale(hf, family),

@@ -85,10 +85,12 @@ class HiddenCapture:
 def make_norm(c: DecoderConfig, dtype: torch.dtype, device: torch.device | str | None
               ) -> RMSNorm | LayerNorm:
     """The decoder's norm of ``c.hidden_size``: RMSNorm (with Gemma's offset) or
-    LayerNorm (StableLM, StarCoder 2; with a bias when ``c.norm_bias``)."""
+    LayerNorm (StableLM, StarCoder 2, ...; with a bias when ``c.norm_bias``, Nemotron's
+    offset, OLMo 1's without parameters)."""
     if c.norm_type == "layer":
         return LayerNorm(c.hidden_size, c.rms_norm_eps, bias=c.norm_bias, dtype=dtype,
-                         device=device)
+                         device=device, weight_offset=c.norm_weight_offset,
+                         elementwise_affine=c.norm_affine)
     return RMSNorm(c.hidden_size, c.rms_norm_eps, dtype=dtype, device=device,
                    weight_offset=c.norm_weight_offset)
 
@@ -126,6 +128,7 @@ class Attention(nn.Module):
         self.__dict__["rotary"] = rotary
         self.qk_norm_after_rope = c.qk_norm_after_rope
         self.residual_multiplier = c.residual_multiplier   # Granite
+        self.clip_qkv = c.clip_qkv
         self.q_scale_beta = c.llama4_scaling_beta           # Llama 4 / Ministral 3
         self.q_scale_length = c.llama4_scaling_length
         slopes = None
@@ -142,6 +145,8 @@ class Attention(nn.Module):
     def forward(self, x: Tensor, meta: AttentionMetadata, kv_cache: KVCache | None) -> Tensor:
         t = x.shape[0]
         qkv = self.qkv_proj(x)
+        if self.clip_qkv is not None:     # OLMo 1: q, k, v clamped to [-clip, clip]
+            qkv = qkv.clamp(-self.clip_qkv, self.clip_qkv)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         if self.qk_norm_full:
             q, k = self._full_qk_norm(q, k)
@@ -189,6 +194,12 @@ class Attention(nn.Module):
         return q_out.to(q.dtype), k_out.to(k.dtype)
 
 
+#: the non-gated MLP's activation by DecoderConfig.activation
+_ACTIVATIONS = {"silu": F.silu, "relu": F.relu, "gelu": F.gelu,
+                "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
+                "relu2": lambda x: F.relu(x).square()}     # Nemotron / Arcee: squared ReLU
+
+
 class MLP(nn.Module):
     def __init__(self, config: DecoderConfig, dtype: torch.dtype,
                  device: torch.device | str | None, dense: bool,
@@ -211,9 +222,7 @@ class MLP(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         gate_up = self.gate_up_proj(x)
         if not self.gated:
-            h = F.silu(gate_up) if self.activation == "silu" else F.relu(gate_up) \
-                if self.activation == "relu" else F.gelu(
-                    gate_up, approximate="tanh" if self.activation == "gelu_tanh" else "none")
+            h = _ACTIVATIONS[self.activation](gate_up)
         elif self.activation == "silu":
             h = ops.silu_and_mul(gate_up)
         else:

@@ -402,6 +402,8 @@ def _family_name(name: str, config: DecoderConfig) -> str:
         return _renamed(name, _BLOOM_PREFIXES, _FALCON_PARTS)
     if config.architecture == "mpt":
         return _renamed(name, _MPT_PREFIXES, _MPT_PARTS)
+    if config.architecture in ("nemotron", "arcee"):   # the non-gated MLP's one up_proj
+        return name.replace(".mlp.up_proj.", ".mlp.gate_proj.")
     if config.architecture == "hunyuan":    # its per-head q / k norms
         return name.replace(".self_attn.query_layernorm.", ".self_attn.q_norm.").replace(
             ".self_attn.key_layernorm.", ".self_attn.k_norm.")

@@ -50,24 +50,39 @@ class LayerNorm(nn.Module):
     optionally fused with a residual add.
 
     forward(x) -> y; forward(x, residual) -> (layer_norm(x + residual), x + residual),
-    the sum rounded to x.dtype. x [..., H]; weight, bias [H].
+    the sum rounded to x.dtype. x [..., H]; weight, bias [H]. The scale is
+    ``weight + weight_offset`` (1: Nemotron's LayerNorm1P, weights stored as scale - 1;
+    added in fp32). ``elementwise_affine=False`` (OLMo 1): no parameters, scale 1 and no
+    bias (the weight is a buffer of ones, never read from a checkpoint).
     """
 
     def __init__(self, hidden_size: int, eps: float = 1e-5, bias: bool = True,
                  dtype: torch.dtype | None = None,
-                 device: torch.device | str | None = None) -> None:
+                 device: torch.device | str | None = None, weight_offset: float = 0.0,
+                 elementwise_affine: bool = True) -> None:
         super().__init__()
         self.eps = float(eps)
-        self.weight = nn.Parameter(torch.ones(hidden_size, dtype=dtype, device=device))
-        self.bias = nn.Parameter(torch.zeros(hidden_size, dtype=dtype, device=device)) \
-            if bias else None
+        self.weight_offset = float(weight_offset)
+        self.elementwise_affine = bool(elementwise_affine)
+        ones = torch.ones(hidden_size, dtype=dtype, device=device)
+        if self.elementwise_affine:
+            self.weight = nn.Parameter(ones - self.weight_offset)
+            self.bias = nn.Parameter(torch.zeros(hidden_size, dtype=dtype, device=device)) \
+                if bias else None
+        else:
+            self.register_buffer("weight", ones, persistent=False)
+            self.bias = None
 
     def forward(self, x: Tensor, residual: Tensor | None = None
                 ) -> Tensor | tuple[Tensor, Tensor]:
-        return ops.layer_norm(x, self.weight, self.bias, self.eps, residual=residual)
+        weight = self.weight if not self.weight_offset else \
+            self.weight.float() + self.weight_offset
+        return ops.layer_norm(x, weight, self.bias, self.eps, residual=residual)
 
     def extra_repr(self) -> str:
-        return f"{self.weight.shape[0]}, eps={self.eps}, bias={self.bias is not None}"
+        extra = f", weight_offset={self.weight_offset}" if self.weight_offset else ""
+        extra += "" if self.elementwise_affine else ", elementwise_affine=False"
+        return f"{self.weight.shape[0]}, eps={self.eps}, bias={self.bias is not None}{extra}"
 
 
 class RotaryEmbedding(nn.Module):
