@@ -196,12 +196,45 @@ def test_adapters_on_fused_projections(tmp_path, kind, targets):
     assert rel_err(_ref_logits(ref, seqs[0]), _ref_logits(hf, seqs[0])) > 1e-2
 
 
-@pytest.mark.parametrize(("kind", "match"), [("gpt2", "fan_in_fan_out"),
-                                             ("gpt_bigcode-mqa", "unexpected adapter tensor")])
-def test_gpt2_and_bigcode_adapters_are_refused_by_name(tmp_path, kind, match):
+@pytest.mark.parametrize(("kind", "targets"), [
+    # GPT-2: Conv1D layers (PEFT sets fan_in_fan_out), the fused c_attn, attn.c_proj (the
+    # attention output) beside mlp.c_proj (the MLP's down projection)
+    ("gpt2", ["c_attn", "c_proj", "c_fc"]),
+    # GPT-BigCode: multi-query c_attn [q; k; v] and per-head c_attn
+    ("gpt_bigcode-mqa", ["c_attn", "c_proj", "c_fc"]),
+    ("gpt_bigcode-mha", ["c_attn", "c_proj"]),
+    # MPT: attn.Wqkv blocks, attn.out_proj, ffn.up_proj / down_proj
+    ("mpt", ["Wqkv", "out_proj", "up_proj", "down_proj"]),
+])
+def test_adapters_on_gpt2_bigcode_and_mpt(tmp_path, kind, targets):
+    """PEFT adapters on GPT-2 (Conv1D), GPT-BigCode and MPT: logits equal PEFT's."""
     hf = make_hf_model(kind, seed=4)
     base = save_hf(hf, str(tmp_path / "base"))
-    make_adapter(hf, str(tmp_path / "lora"), r=2, alpha=2, targets=["c_attn"], seed=5)
+    ref = make_adapter(hf, str(tmp_path / "lora"), r=4, alpha=8, targets=targets, seed=5)
     model = load_model(base, dtype="float32", device="cpu")
-    with pytest.raises(LoRAError, match=match):
-        LoRAAdapter.load(str(tmp_path / "lora"), model.config)
+    manager = LoRAManager(model, max_loras=1, max_lora_rank=4)
+    manager.activate(0, LoRAAdapter.load(str(tmp_path / "lora"), model.config))
+    seq = random_tokens(9, 300, 41)
+    got = _run(model, [seq], [0], manager)
+    assert rel_err(got, _ref_logits(ref, seq)) <= 1e-4
+    assert rel_err(_ref_logits(ref, seq), _ref_logits(hf, seq)) > 1e-2
+
+
+def test_attn_block_names_of_another_family_are_refused(tmp_path):
+    """GPT-2's ``attn.c_attn`` names on a Llama model are not read as its attention."""
+    import json
+
+    from safetensors.torch import save_file
+
+    hf = make_hf_model("llama", seed=4)
+    base = save_hf(hf, str(tmp_path / "base"))
+    d = tmp_path / "lora"
+    d.mkdir()
+    (d / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 2,
+                                                       "lora_alpha": 2}))
+    save_file({"base_model.model.model.layers.0.attn.c_attn.lora_A.weight": torch.zeros(2, 64),
+               "base_model.model.model.layers.0.attn.c_attn.lora_B.weight": torch.zeros(128, 2)},
+              str(d / "adapter_model.safetensors"))
+    model = load_model(base, dtype="float32", device="cpu")
+    with pytest.raises(LoRAError, match="unexpected adapter tensor"):
+        LoRAAdapter.load(str(d), model.config)

@@ -35,8 +35,9 @@ r * E] expert-innermost). A sparse layer's slots: a13 [S, E, 2R, H] / b13 [S, E,
 up to rank 2R) and a2 [S, E, R, I] / b2 [S, E, H, R], applied inside ``ops.fused_moe``
 (``ops.MoELoRA``): each (token, expert) pair adds its adapter's update to the expert's
 gate / up pre-activations and to its down output. Refused by name: DoRA, biases,
-``modules_to_save`` (new heads or embeddings), ``fan_in_fan_out``, targets other than
-these projections, a dense-MLP target on a sparse layer.
+``modules_to_save`` (new heads or embeddings), targets other than these projections, a
+dense-MLP target on a sparse layer. (``fan_in_fan_out``, PEFT's flag for GPT-2's Conv1D
+layers, only changes how PEFT merges; the factors and the forward are the same.)
 
 Tensor parallel (a model built with ``tp``): each rank's slots hold its shard of every
 adapter, cut like the base weights (models/parallel.py ``shard_tensor``). Column-parallel
@@ -75,8 +76,8 @@ _SHARED_TARGETS = {"shared_expert.gate_proj": ("mlp.shared_expert.gate_up_proj",
                    "shared_expert.down_proj": ("mlp.shared_expert.down_proj", 0)}
 #: a layer's projection: layer, block (None: OPT's fc1 / fc2 sit in the layer itself),
 #: projection, half (BLOOM's / GPT-J's layers are ``transformer.h.{i}``)
-_NAME_RE = re.compile(r"(?:^|\.)(?:layers|h)\.(\d+)\."
-                      r"(?:(self_attn|mlp|attention|self_attention|attn)\.)?"
+_NAME_RE = re.compile(r"(?:^|\.)(?:layers|h|blocks)\.(\d+)\."
+                      r"(?:(self_attn|mlp|attention|self_attention|attn|ffn)\.)?"
                       r"((?:shared_expert\.)?(?:\w+_proj|c_fc|fc1|fc2|dense|dense_h_to_4h|"
                       r"dense_4h_to_h|fc_in|fc_out))"
                       r"\.lora_([AB])(?:\.default)?\.weight$")
@@ -85,8 +86,9 @@ _EXPERT_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.(?:mlp|block_sparse_moe)\.exper
                         r"(\w+)\.lora_([AB])(?:\.default)?\.weight$")
 #: a projection stored fused (Phi-3's qkv_proj / gate_up_proj, GPT-NeoX's
 #: query_key_value): PEFT adapts it as one module, one A and B's rows over the parts
-_FUSED_RE = re.compile(r"^(.*(?:^|\.)(?:layers|h)\.(\d+)\.)(self_attn\.qkv_proj|mlp\.gate_up_proj|"
-                       r"attention\.query_key_value|self_attention\.query_key_value)"
+_FUSED_RE = re.compile(r"^(.*(?:^|\.)(?:layers|h|blocks)\.(\d+)\.)(self_attn\.qkv_proj|"
+                       r"mlp\.gate_up_proj|attention\.query_key_value|"
+                       r"self_attention\.query_key_value|attn\.c_attn|attn\.Wqkv)"
                        r"\.lora_([AB])((?:\.default)?\.weight)$")
 _EXPERT_PROJ = {"gate_proj": "gate", "up_proj": "up", "down_proj": "down",
                 "w1": "gate", "w3": "up", "w2": "down"}
@@ -203,6 +205,13 @@ def _parse_tensors(tensors: list[tuple[str, Tensor]], config: DecoderConfig, ran
         aliases["out_proj"] = "o_proj"
     if config.architecture == "gptj":          # GPT-J: attn.out_proj, mlp.fc_in / fc_out
         aliases.update(fc_in="gate_proj", fc_out="down_proj")
+    if config.architecture == "mpt":           # MPT: attn.out_proj, ffn.up_proj / down_proj
+        aliases.update(out_proj="o_proj", up_proj="gate_proj")
+    # projections named by their block: GPT-2's / GPT-BigCode's attn.c_proj is the
+    # attention output (mlp.c_proj the MLP's down projection)
+    block_aliases = {("attn", "c_proj"): "o_proj"} \
+        if config.architecture in ("gpt2", "gpt_bigcode") else {}
+    attn_blocks = config.architecture in ("gptj", "gpt2", "gpt_bigcode", "mpt")
     hf_proj: dict[tuple[int, str], str] = {}     # PEFT's own name of each aliased target
     tensors = _split_fused(tensors, config, hf_proj, path)
     per_expert: dict[tuple[int, str], dict[int, dict[str, Tensor]]] = {}
@@ -210,15 +219,16 @@ def _parse_tensors(tensors: list[tuple[str, Tensor]], config: DecoderConfig, ran
     names: dict[tuple[int, str], str] = {}     # PEFT's module name of each expert target
     for key, tensor in tensors:
         m = _NAME_RE.search(key)
-        if m is not None and m.group(2) == "attn" and config.architecture != "gptj":
-            m = None     # "attn." is GPT-J's attention only (GPT-2's / GPT-BigCode's c_attn)
+        if m is not None and m.group(2) in ("attn", "ffn") and not attn_blocks:
+            m = None     # "attn." / "ffn." blocks: GPT-J's, GPT-2's, GPT-BigCode's, MPT's
         if m is not None and m.group(2) is None and m.group(3) not in ("fc1", "fc2"):
             m = None     # only OPT's fc1 / fc2 sit in the layer itself
         if m is not None:
-            layer, proj, half = int(m.group(1)), m.group(3), m.group(4)
-            if proj in aliases:
-                hf_proj[(layer, aliases[proj])] = proj
-                proj = aliases[proj]
+            layer, block, proj, half = int(m.group(1)), m.group(2), m.group(3), m.group(4)
+            alias = block_aliases.get((block, proj)) or aliases.get(proj)
+            if alias is not None:
+                hf_proj[(layer, alias)] = proj
+                proj = alias
             elif not config.mlp_gated and proj in ("gate_proj", "up_proj"):
                 raise LoRAError(f"{path}: {key!r} targets a gated MLP projection; this "
                                 f"model's MLP is not gated (c_fc / c_proj)")
@@ -319,6 +329,10 @@ def _split_fused(tensors: list[tuple[str, Tensor]], config: DecoderConfig,
             out.append((key, tensor))
             continue
         prefix, layer, fused, half, suffix = m.groups()
+        if fused.startswith("attn.") and config.architecture not in ("gpt2", "gpt_bigcode",
+                                                                     "mpt"):
+            out.append((key, tensor))        # not this model's layout: refused below
+            continue
         attention = not fused.startswith("mlp.")
         if attention:
             parts = ("q_proj", "k_proj", "v_proj")
@@ -393,9 +407,10 @@ def _stacked_kind(config: DecoderConfig, a: Tensor, b: Tensor, ranks: "_Ranks",
 def _check_config(cfg: dict[str, Any], where: str) -> None:
     if str(cfg.get("peft_type", "LORA")).upper() != "LORA":
         raise LoRAError(f"{where}: peft_type {cfg.get('peft_type')!r} is not LoRA")
-    for key, bad in (("use_dora", True), ("fan_in_fan_out", True)):
-        if cfg.get(key) == bad:
-            raise LoRAError(f"{where}: {key} is not supported")
+    # (fan_in_fan_out, set for GPT-2's Conv1D layers, only changes how PEFT merges an
+    # adapter into the weight; A [r, in] and B [out, r] and the forward are the same)
+    if cfg.get("use_dora"):
+        raise LoRAError(f"{where}: use_dora is not supported")
     if cfg.get("bias", "none") != "none":
         raise LoRAError(f"{where}: bias {cfg.get('bias')!r} is not supported (only 'none')")
     for target in cfg.get("target_parameters") or ():
