@@ -70,7 +70,7 @@ def test_paged_prefill_decode_and_chunked_prefill(hf_dirs, kind):
                                   "gemma2-window-softcap", "gemma3", "granite", "olmo2",
                                   "olmo3-window", "exaone4-hybrid", "qwen3-moe",
                                   "qwen2-moe", "mixtral",
-                                  "granitemoe", "olmoe", "gpt_neox", "gpt2", "opt", "bloom",
+                                  "granitemoe", "olmoe", "gpt_neox", "gpt2", "gpt_neo", "opt", "bloom",
                                   "gptj", "falcon-7b", "falcon-new", "mpt"])
 def test_greedy_generation_matches_transformers(hf_dirs, kind):
     hf, path = hf_dirs[kind]
@@ -590,6 +590,14 @@ def test_learned_position_models_refuse_what_they_lack():
         DecoderConfig.from_hf({**opt, "do_layer_norm_before": False})        # opt-350m
     with pytest.raises(UnsupportedModelError, match="word_embed_proj_dim"):
         DecoderConfig.from_hf({**opt, "word_embed_proj_dim": 32})
+    neo = dict(architectures=["GPTNeoForCausalLM"], vocab_size=300, hidden_size=64,
+               num_layers=4, num_heads=4, max_position_embeddings=64, window_size=32,
+               attention_types=[[["global", "local"], 2]])      # the hub's compact form
+    c = DecoderConfig.from_hf(neo)
+    assert (c.sliding_window, c.sliding_window_layers, c.softmax_scale, c.qkv_bias,
+            c.o_bias, c.intermediate_size) == (32, [1, 3], 1.0, False, True, 256)
+    with pytest.raises(UnsupportedModelError, match="only global / local"):
+        DecoderConfig.from_hf({**neo, "attention_types": [[["global", "sparse"], 2]]})
     with pytest.raises(UnsupportedModelError, match="alibi"):
         DecoderConfig.from_hf(dict(architectures=["FalconForCausalLM"], vocab_size=300,
                                    hidden_size=64, num_hidden_layers=2,

@@ -172,6 +172,11 @@ CASES: dict[str, tuple[str, dict[str, Any]]] = {
     "gpt_bigcode-mha": ("GPTBigCode", dict(n_embd=64, n_layer=2, n_head=4, n_positions=256,
                                            multi_query=False, scale_attn_weights=False,
                                            bos_token_id=1, eos_token_id=2)),
+    # GPT-Neo: learned positions, a local layer (window 6) after a global one, no scaling
+    "gpt_neo": ("GPTNeo", dict(num_layers=2, num_heads=4, attention_types=[[["global", "local"],
+                                                                           1]],
+                               window_size=6, max_position_embeddings=256,
+                               num_key_value_heads=None)),
     # BLOOM: ALiBi (6 heads: slopes beyond the largest power of two), a LayerNorm on the
     # embeddings, per-head fused q / k / v
     "bloom": ("Bloom", dict(hidden_size=96, n_head=6, n_layer=2, num_attention_heads=6,

@@ -51,6 +51,7 @@ TP_CASES = {
     # Learned positions (replicated): GPT-2's Conv1D weights transposed before each rank
     # takes its rows, OPT, GPT-BigCode's one k / v head replicated and its per-head q / k / v
     "gpt2": ("gpt2", {}),
+    "gpt_neo": ("gpt_neo", {}),
     "opt": ("opt", {}),
     "gpt_bigcode-mqa": ("gpt_bigcode-mqa", {}),
     "gpt_bigcode-mha": ("gpt_bigcode-mha", {}),

@@ -87,6 +87,8 @@ SUPPORTED_ARCHITECTURES = {
     "GPT2LMHeadModel": "gpt2",
     "OPTForCausalLM": "opt",
     "GPTBigCodeForCausalLM": "gpt_bigcode",
+    # GPT-Neo: learned positions, local (sliding-window) layers, unscaled attention
+    "GPTNeoForCausalLM": "gpt_neo",
     # BLOOM / BLOOMZ: ALiBi, a LayerNorm on the embeddings, per-head fused q / k / v
     "BloomForCausalLM": "bloom",
     # GPT-J: Phi's parallel block without q / k / v biases, GPT-J rope on rotary_dim dims
@@ -140,11 +142,11 @@ _MODEL_TYPES = {"llama": "llama", "mistral": "mistral", "ministral": "ministral"
                 "glm4": "glm4", "stablelm": "stablelm", "starcoder2": "starcoder2",
                 "cohere": "cohere", "cohere2": "cohere2", "phi": "phi",
                 "gpt_neox": "gpt_neox", "gpt2": "gpt2", "opt": "opt",
-                "gpt_bigcode": "gpt_bigcode", "bloom": "bloom", "gptj": "gptj",
+                "gpt_bigcode": "gpt_bigcode", "gpt_neo": "gpt_neo", "bloom": "bloom", "gptj": "gptj",
                 "falcon": "falcon", "mpt": "mpt", "nemotron": "nemotron", "arcee": "arcee",
                 "olmo": "olmo"}
 #: the families with learned absolute position embeddings (no rope)
-_LEARNED_POSITIONS = ("gpt2", "opt", "gpt_bigcode")
+_LEARNED_POSITIONS = ("gpt2", "opt", "gpt_bigcode", "gpt_neo")
 _GEMMA = ("gemma", "gemma2", "gemma3")
 #: the mixture-of-experts families (models/moe.py)
 _MOE = ("qwen3_moe", "qwen2_moe", "mixtral", "granitemoe", "olmoe")
@@ -573,9 +575,10 @@ class DecoderConfig:
             bos_token_id=None if bos is None else int(bos),
             sliding_window=window,
             sliding_window_layers=window_layers,
-            qkv_bias=family == "qwen2" or attention_bias or
-            (family == "qwen2_moe" and bool(hf.get("qkv_bias", True))) or
-            (family == "stablelm" and bool(hf.get("use_qkv_bias", False))),
+            qkv_bias=(family == "qwen2" or attention_bias or
+                      (family == "qwen2_moe" and bool(hf.get("qkv_bias", True))) or
+                      (family == "stablelm" and bool(hf.get("use_qkv_bias", False)))) and
+            family != "gpt_neo",              # (GPT-Neo: a bias on out_proj only)
             o_bias=family not in ("qwen2", "qwen2_moe", "glm", "glm4", "helium")
             and attention_bias,
             mlp_bias=bool(hf.get("mlp_bias", False)) or (
@@ -698,6 +701,37 @@ def _granite_from_hf(hf: Mapping[str, Any]) -> dict[str, Any]:
                 logits_scaling=float(hf.get("logits_scaling", 1.0)))
 
 
+def _gpt_neo_config(hf: Mapping[str, Any]) -> dict[str, Any]:
+    """GPT-Neo's keys (``num_layers``, ``num_heads``, ``attention_layers`` or the compact
+    ``attention_types`` [[["global", "local"], n]], ``window_size``): "local" layers attend
+    through a window of window_size tokens; no softmax scaling (scores are plain q.k)."""
+    out = dict(hf)
+    for ours, theirs in (("num_hidden_layers", "num_layers"),
+                         ("num_attention_heads", "num_heads"),
+                         ("layer_norm_eps", "layer_norm_epsilon"),
+                         ("hidden_act", "activation_function")):
+        if hf.get(theirs) is not None:
+            out[ours] = hf[theirs]
+    out.setdefault("hidden_act", "gelu_new")
+    out.setdefault("layer_norm_eps", 1e-5)
+    if out.get("intermediate_size") is None and out.get("hidden_size") is not None:
+        out["intermediate_size"] = 4 * int(out["hidden_size"])
+    out.pop("num_key_value_heads", None)
+    kinds = hf.get("attention_layers")
+    if not kinds:
+        kinds = [k for types, n in hf.get("attention_types") or () for _ in range(int(n))
+                 for k in types]
+    if kinds and any(k not in ("global", "local") for k in kinds):
+        raise UnsupportedModelError(f"GPT-Neo attention layer types {sorted(set(kinds))} "
+                                    "(only global / local)")
+    if "local" in kinds:
+        out["sliding_window"] = int(hf.get("window_size", 256))
+        out["layer_types"] = ["sliding_attention" if k == "local" else "full_attention"
+                              for k in kinds]
+    out["_attention_scale"] = 1.0
+    return out
+
+
 def _gpt2_keys(hf: Mapping[str, Any]) -> dict[str, Any]:
     """GPT-2-style config keys (GPT-2, GPT-BigCode, GPT-J: ``n_embd``, ``n_layer``,
     ``n_head``, ``n_inner`` (None: 4 x n_embd), ``n_positions``, ``layer_norm_epsilon``,
@@ -749,6 +783,8 @@ def _learned_positions_config(hf: Mapping[str, Any], family: str) -> dict[str, A
             out["num_key_value_heads"] = 1        # multi-query: one k / v head
         if not hf.get("scale_attn_weights", True):
             out["_attention_scale"] = 1.0
+    elif family == "gpt_neo":
+        out = _gpt_neo_config(hf)
     else:   # OPT
         if not hf.get("do_layer_norm_before", True):
             raise UnsupportedModelError("OPT with do_layer_norm_before=false (opt-350m's "

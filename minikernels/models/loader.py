@@ -392,6 +392,8 @@ def _family_name(name: str, config: DecoderConfig) -> str:
         return _neox_name(name)
     if config.architecture in ("gpt2", "gpt_bigcode"):
         return _renamed(name, _GPT2_PREFIXES, _GPT2_PARTS)
+    if config.architecture == "gpt_neo":
+        return _renamed(name, _GPT2_PREFIXES, _GPT_NEO_PARTS)
     if config.architecture == "opt":
         return _renamed(name, _OPT_PREFIXES, _OPT_PARTS)
     if config.architecture == "bloom":
@@ -431,6 +433,13 @@ _GPT2_PREFIXES = (("transformer.wte.", "model.embed_tokens."), ("wte.", "model.e
 _GPT2_PARTS = ((".ln_1.", ".input_layernorm."), (".ln_2.", ".post_attention_layernorm."),
                (".attn.c_attn.", ".self_attn.qkv_proj."), (".attn.c_proj.", ".self_attn.o_proj."),
                (".mlp.c_fc.", ".mlp.gate_proj."), (".mlp.c_proj.", ".mlp.down_proj."))
+#: GPT-Neo's (GPT-2's prefixes; q / k / v / out_proj under attn.attention)
+_GPT_NEO_PARTS = ((".ln_1.", ".input_layernorm."), (".ln_2.", ".post_attention_layernorm."),
+                  (".attn.attention.q_proj.", ".self_attn.q_proj."),
+                  (".attn.attention.k_proj.", ".self_attn.k_proj."),
+                  (".attn.attention.v_proj.", ".self_attn.v_proj."),
+                  (".attn.attention.out_proj.", ".self_attn.o_proj."),
+                  (".mlp.c_fc.", ".mlp.gate_proj."), (".mlp.c_proj.", ".mlp.down_proj."))
 #: GPT-J's (GPT-2's prefixes; q / k / v / out_proj and fc_in / fc_out in its layers)
 _GPTJ_PARTS = ((".ln_1.", ".input_layernorm."), (".attn.q_proj.", ".self_attn.q_proj."),
                (".attn.k_proj.", ".self_attn.k_proj."), (".attn.v_proj.", ".self_attn.v_proj."),
