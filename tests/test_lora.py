@@ -203,11 +203,13 @@ def test_adapters_on_fused_projections(tmp_path, kind, targets):
     # GPT-BigCode: multi-query c_attn [q; k; v] and per-head c_attn
     ("gpt_bigcode-mqa", ["c_attn", "c_proj", "c_fc"]),
     ("gpt_bigcode-mha", ["c_attn", "c_proj"]),
+    # GPT-Neo: attn.attention.{q,k,v,out}_proj, mlp.c_fc / c_proj
+    ("gpt_neo", ["q_proj", "v_proj", "out_proj", "c_fc", "c_proj"]),
     # MPT: attn.Wqkv blocks, attn.out_proj, ffn.up_proj / down_proj
     ("mpt", ["Wqkv", "out_proj", "up_proj", "down_proj"]),
 ])
 def test_adapters_on_gpt2_bigcode_and_mpt(tmp_path, kind, targets):
-    """PEFT adapters on GPT-2 (Conv1D), GPT-BigCode and MPT: logits equal PEFT's."""
+    """PEFT adapters on GPT-2 (Conv1D), GPT-BigCode, GPT-Neo and MPT: logits equal PEFT's."""
     hf = make_hf_model(kind, seed=4)
     base = save_hf(hf, str(tmp_path / "base"))
     ref = make_adapter(hf, str(tmp_path / "lora"), r=4, alpha=8, targets=targets, seed=5)

@@ -142,7 +142,8 @@ _MODEL_TYPES = {"llama": "llama", "mistral": "mistral", "ministral": "ministral"
                 "glm4": "glm4", "stablelm": "stablelm", "starcoder2": "starcoder2",
                 "cohere": "cohere", "cohere2": "cohere2", "phi": "phi",
                 "gpt_neox": "gpt_neox", "gpt2": "gpt2", "opt": "opt",
-                "gpt_bigcode": "gpt_bigcode", "gpt_neo": "gpt_neo", "bloom": "bloom", "gptj": "gptj",
+                "gpt_bigcode": "gpt_bigcode", "gpt_neo": "gpt_neo", "bloom": "bloom",
+                "gptj": "gptj",
                 "falcon": "falcon", "mpt": "mpt", "nemotron": "nemotron", "arcee": "arcee",
                 "olmo": "olmo"}
 #: the families with learned absolute position embeddings (no rope)

@@ -77,7 +77,7 @@ _SHARED_TARGETS = {"shared_expert.gate_proj": ("mlp.shared_expert.gate_up_proj",
 #: a layer's projection: layer, block (None: OPT's fc1 / fc2 sit in the layer itself),
 #: projection, half (BLOOM's / GPT-J's layers are ``transformer.h.{i}``)
 _NAME_RE = re.compile(r"(?:^|\.)(?:layers|h|blocks)\.(\d+)\."
-                      r"(?:(self_attn|mlp|attention|self_attention|attn|ffn)\.)?"
+                      r"(?:(self_attn|mlp|attention|self_attention|attn\.attention|attn|ffn)\.)?"
                       r"((?:shared_expert\.)?(?:\w+_proj|c_fc|fc1|fc2|dense|dense_h_to_4h|"
                       r"dense_4h_to_h|fc_in|fc_out))"
                       r"\.lora_([AB])(?:\.default)?\.weight$")
@@ -201,7 +201,8 @@ def _parse_tensors(tensors: list[tuple[str, Tensor]], config: DecoderConfig, ran
                "dense_4h_to_h": "down_proj"} if not config.mlp_gated else {}
     if config.architecture in ("phi", "gpt_neox", "bloom", "falcon"):
         aliases["dense"] = "o_proj"
-    if config.architecture in ("opt", "gptj"):  # OPT: out_proj; fc1 / fc2 in the layer
+    if config.architecture in ("opt", "gptj", "gpt_neo"):  # out_proj (OPT: fc1 / fc2 in
+        # the layer; GPT-Neo: attn.attention.{q,k,v,out}_proj)
         aliases["out_proj"] = "o_proj"
     if config.architecture == "gptj":          # GPT-J: attn.out_proj, mlp.fc_in / fc_out
         aliases.update(fc_in="gate_proj", fc_out="down_proj")
