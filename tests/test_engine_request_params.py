@@ -285,13 +285,21 @@ def test_bad_words_are_never_completed():
     """vLLM's bad_words: a one-token word never appears; a two-token word is cut at its
     second token (its first may still appear). Greedy output equals the unrestricted one
     up to where the word would have been completed; overlap on / off and n-gram
-    speculation (such rows are not drafted for) agree."""
+    speculation (such rows are drafted for: each verification position bans what plain
+    decoding would ban after the drafts before it) give the same tokens."""
     from minikernels.engine.bad_words import banned_next_tokens
 
     prompt = "The quick brown fox"
     greedy = dict(temperature=0, max_tokens=20, ignore_eos=True)
+    seen: dict[str, list[int]] = {}
+    drafted = 0
     for kw in ({"async_scheduling": True}, {"async_scheduling": False},
-               {"speculative_config": {"method": "ngram", "num_speculative_tokens": 3}}):
+               {"speculative_config": {"method": "ngram", "num_speculative_tokens": 3,
+                                       "prompt_lookup_min": 1}},
+               # the target drafting for itself: it drafts the banned token, which is cut,
+               # and the target's own token there must be drawn with the word banned
+               {"speculative_config": {"method": "draft_model", "model": "tiny",
+                                       "num_speculative_tokens": 3}}):
         llm = LLM("tiny", dtype="float32", device="cpu", num_kv_blocks=64, block_size=8, **kw)
         tok = llm.get_tokenizer()
         base = llm.generate([prompt], SamplingParams(**greedy), use_tqdm=False)[0]
@@ -303,14 +311,29 @@ def test_bad_words_are_never_completed():
                     ids[i] not in ids[:i - 1] and i > one)
         words = [chr(ids[one]), chr(ids[pair - 1]) + chr(ids[pair])]
         for word, cut in zip(words, (one, pair)):
-            out = llm.generate([prompt], SamplingParams(bad_words=[word], **greedy),
-                               use_tqdm=False)[0].outputs[0].token_ids
+            res = llm.generate([prompt], SamplingParams(bad_words=[word], **greedy),
+                               use_tqdm=False)[0]
+            out = res.outputs[0].token_ids
+            assert seen.setdefault(word, out) == out, (word, kw)
+            drafted += res.metrics["spec_num_draft_tokens"]
             assert out[:cut] == ids[:cut] and out[cut] != ids[cut], (word, kw)
             bad = tok.encode(word, add_special_tokens=False)
             assert all(out[j:j + len(bad)] != bad for j in range(len(out))), word
             assert not any(banned_next_tokens([bad], out[:j]) and out[j] == bad[-1]
                            for j in range(len(out)))
         assert_all_free(llm)
+    assert drafted > 0          # the bad-words rows were drafted for
+
+
+def test_draft_bad_words_bans_per_position():
+    """A draft that would complete a bad word is cut there; position j bans what would
+    complete a word after the first j drafts."""
+    from minikernels.engine.llm_engine import _draft_bad_words
+
+    bad = [[5], [7, 8]]
+    assert _draft_bad_words(bad, [1, 2], [7, 3, 4]) == ([7, 3, 4], [[5], [5, 8], [5], [5]])
+    assert _draft_bad_words(bad, [1, 7], [8, 3]) == ([], [[5, 8]])
+    assert _draft_bad_words(bad, [], [3, 7, 8, 9]) == ([3, 7], [[5], [5], [5, 8]])
 
 
 def test_bad_words_tokenization_and_checks():

@@ -44,7 +44,7 @@ from .model_runner import ModelRunner
 from .outputs import Logprob, RequestOutput
 from .beam_search import BeamSearchOutput, BeamSearchParams
 from .lora import EngineLoRA, LoRARequest
-from .bad_words import tokenize_bad_words
+from .bad_words import banned_next_tokens, tokenize_bad_words
 from .sampler import DeviceSample, Sampler, SamplerOutput, needs_host_tokens
 from .sampling_params import SamplingParams
 from .scheduler import ScheduledBatch, Scheduler
@@ -167,6 +167,22 @@ class _Throughput:
         if len(recent) < 2:
             return 0.0
         return sum(n for _, n in recent) / max(now - recent[0][0], 1e-6)
+
+
+def _draft_bad_words(bad_ids: list[list[int]], output: list[int], drafts: list[int]
+                     ) -> tuple[list[int], list[list[int]]]:
+    """(the drafts up to the first banned one, the banned ids at each verification
+    position 0..m): position j bans the tokens that would complete a bad word after the
+    output and the first j drafts, as plain decoding does there."""
+    context = list(output)
+    banned: list[list[int]] = []
+    for j, d in enumerate(drafts):
+        banned.append(banned_next_tokens(bad_ids, context))
+        if d in banned[-1]:
+            return list(drafts[:j]), banned
+        context.append(d)
+    banned.append(banned_next_tokens(bad_ids, context))
+    return list(drafts), banned
 
 
 class LLMEngine:
@@ -573,6 +589,7 @@ class LLMEngine:
         token on the host, no structured-output constraint, room before max_tokens);
         sets ``seq.spec_token_ids``; returns those sequences."""
         self._draft_probs, self._draft_rows, self._draft_masks = None, {}, {}
+        self._draft_banned = {}
         if not self._spec_on():
             if self._eagle is not None:   # keep the head's K/V up to date
                 self._eagle.catch_up()
@@ -587,8 +604,6 @@ class LLMEngine:
             # constrained rows); the constraint must be active (a start_after marker
             # could start it mid-draft)
             if p.uses_grammar and (s.grammar is None or not s.grammar.active):
-                continue
-            if p.bad_words is not None:      # (banned tokens depend on each draft)
                 continue
             if left > 0 and not s.num_pending and s.num_computed_tokens == n - 1:
                 cands.append(s)
@@ -608,6 +623,13 @@ class LLMEngine:
                 d = d[:m]
                 if m:
                     self._draft_masks[s.seq_id] = masks
+            if d and s.request.bad_words_ids:
+                # bad words: position j bans what would complete a word after the first
+                # j drafts (as plain decoding there); drafts from a banned one on are cut
+                d, banned = _draft_bad_words(s.request.bad_words_ids,
+                                             s.token_ids[s.num_prompt_tokens:], d)
+                if d:
+                    self._draft_banned[s.seq_id] = banned
             if d:
                 s.spec_token_ids = list(d)
                 out.append(s)
@@ -645,6 +667,17 @@ class LLMEngine:
                         masks[b * (K + 1) + j] = bits[min(j, ks[b])]
             if masks:
                 self.structured.mask_rows(rows_logits.view(B * (K + 1), V), masks)
+        if self._draft_banned:   # bad words: position j bans row min(j, k)'s tokens
+            rows, cols = [], []
+            for b, s in enumerate(seqs):
+                banned = self._draft_banned.get(s.seq_id)
+                for j in range(K + 1) if banned is not None else ():
+                    ids = banned[min(j, ks[b])]
+                    rows += [b * (K + 1) + j] * len(ids)
+                    cols += ids
+            if rows:
+                flat = rows_logits.view(B * (K + 1), V)
+                flat[torch.tensor(rows).to(dev), torch.tensor(cols).to(dev)] = float("-inf")
         draft = torch.zeros(B, K, dtype=torch.int64)
         for b, s in enumerate(seqs):
             draft[b, :ks[b]] = torch.tensor(s.spec_token_ids, dtype=torch.int64)
