@@ -1,4 +1,5 @@
-"""attn_implementation="minikernels" against transformers' own SDPA on tiny random models.
+"""attn_implementation="minikernels" against transformers' own SDPA on tiny random models
+(Llama, Qwen2 / 3, Mistral, and GPT-2 / GPT-NeoX: biases, partial rope, learned positions).
 
 Logits at every valid position equal SDPA's within fp32 tolerance for prefill and each
 decode step (dynamic and static caches, left / right padded and holey batches, GQA, sliding
@@ -18,7 +19,7 @@ from test_model_support import make_hf_model
 import minikernels.hf as mkhf
 from minikernels.hf import attention as mk_attn
 
-KINDS = ["llama", "qwen2-window", "qwen3", "mistral-window"]
+KINDS = ["llama", "qwen2-window", "qwen3", "mistral-window", "gpt2", "gpt_neox"]
 TOL = dict(atol=2e-5, rtol=2e-5)
 
 
