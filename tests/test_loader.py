@@ -595,3 +595,17 @@ def test_int4_on_load_errors_name_the_tensor(hf_dirs, tmp_path):
     with pytest.raises(CheckpointError, match=r"up_proj\.weight.*expected \[128, 64\], "
                                               r"got \[96, 64\]"):
         load_model(d2, dtype="float32", device="cpu", quantization="int4")
+
+
+@pytest.mark.parametrize(("name", "params"), [
+    # the published parameter counts (tied embeddings counted once)
+    ("gpt2", 124_439_808), ("opt-125m", 125_239_296), ("pythia-160m", 162_322_944),
+    ("bloom-560m", 559_214_592)])
+def test_builtin_older_families_have_their_published_sizes(name, params):
+    """The built-ins read from published config.json files build models with exactly the
+    published parameter counts (every bias, norm and position table present; on meta)."""
+    from minikernels.models.config import builtin_config
+    from minikernels.models.decoder import CausalLM
+
+    model = CausalLM(builtin_config(name), dtype=torch.float32, device="meta")
+    assert sum(p.numel() for p in model.parameters()) == params

@@ -1161,6 +1161,29 @@ BUILTIN_CONFIGS: dict[str, dict[str, Any]] = {
                        embed_scale=2304 ** 0.5, sandwich_norm=True, attention_scale=256 ** -0.5,
                        attn_logit_softcapping=50.0, final_logit_softcapping=30.0),
 }
+#: Built-ins given by their published config.json (the hub's spelling), read with
+#: :meth:`DecoderConfig.from_hf`: vLLM's quickstart models and the older families.
+_PUBLISHED_CONFIGS: dict[str, dict[str, Any]] = {
+    "gpt2": dict(architectures=["GPT2LMHeadModel"], n_embd=768, n_head=12, n_layer=12,
+                 n_positions=1024, vocab_size=50257, activation_function="gelu_new",
+                 layer_norm_epsilon=1e-5, bos_token_id=50256, eos_token_id=50256),
+    "opt-125m": dict(architectures=["OPTForCausalLM"], activation_function="relu",
+                     hidden_size=768, ffn_dim=3072, num_attention_heads=12,
+                     num_hidden_layers=12, max_position_embeddings=2048, vocab_size=50272,
+                     word_embed_proj_dim=768, do_layer_norm_before=True, bos_token_id=2,
+                     eos_token_id=2, pad_token_id=1),
+    "pythia-160m": dict(architectures=["GPTNeoXForCausalLM"], hidden_size=768,
+                        intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12,
+                        max_position_embeddings=2048, rotary_pct=0.25, rotary_emb_base=10000,
+                        vocab_size=50304, use_parallel_residual=True, layer_norm_eps=1e-5,
+                        tie_word_embeddings=False, bos_token_id=0, eos_token_id=0,
+                        hidden_act="gelu"),
+    "bloom-560m": dict(architectures=["BloomForCausalLM"], hidden_size=1024, n_head=16,
+                       n_layer=24, vocab_size=250880, layer_norm_epsilon=1e-5,
+                       bos_token_id=1, eos_token_id=2),
+}
+BUILTIN_CONFIGS.update({name: DecoderConfig.from_hf(hf).to_dict()
+                        for name, hf in _PUBLISHED_CONFIGS.items()})
 # The tiny configs use the byte tokenizer (ids 0..255 bytes, 256 <bos>, 257 <eos>, ...);
 # the others use their real vocab sizes, and dummy generations decode only byte ids.
 
