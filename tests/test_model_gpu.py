@@ -20,7 +20,12 @@ HALF_TOL = {torch.float16: 0.02, torch.bfloat16: 0.06}
                                   "gemma2-window-softcap", "gemma3", "granite",
                                   "phi3-longrope-partial", "qwen2-yarn", "olmo3-window", "exaone4-hybrid", "ministral3-yarn",
                                   "hunyuan-ntk", "ernie4_5-bias", "helium",
-                                  "granite4-dense", "stablelm", "starcoder2-window", "cohere2-window", "phi2", "gpt_neox", "gpt2", "gpt_neo", "opt", "gpt_bigcode-mqa", "bloom", "gptj", "falcon-new", "mpt", "nemotron", "olmo",
+                                  "granite4-dense", "stablelm", "starcoder2-window", "cohere2-window", "phi2",
+                                  # one per new path on the GPU (the others' layers are
+                                  # these): per-head fused q / k / v and two norms, learned
+                                  # positions, ALiBi through both attention kernels, kv-group
+                                  # fused q / k / v
+                                  "gpt_neox", "gpt2", "bloom", "falcon-new",
                                   "qwen3-moe",
                                   "qwen2-moe", "mixtral", "granitemoe", "olmoe"])
 def test_gpu_forward_paths_match_transformers(hf_dirs, kind, dtype):
