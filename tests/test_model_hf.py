@@ -598,6 +598,15 @@ def test_learned_position_models_refuse_what_they_lack():
             c.o_bias, c.intermediate_size) == (32, [1, 3], 1.0, False, True, 256)
     with pytest.raises(UnsupportedModelError, match="only global / local"):
         DecoderConfig.from_hf({**neo, "attention_types": [[["global", "sparse"], 2]]})
+    # the hub's older spellings: mosaicml's MPTForCausalLM, tiiuae's RWForCausalLM
+    assert DecoderConfig.from_hf(dict(architectures=["MPTForCausalLM"], vocab_size=300,
+                                      d_model=64, n_heads=4, n_layers=2, max_seq_len=64,
+                                      attn_config={"alibi": True})).architecture == "mpt"
+    rw = DecoderConfig.from_hf(dict(architectures=["RWForCausalLM"], vocab_size=300,
+                                    hidden_size=64, n_head=4, n_layer=2, multi_query=True,
+                                    parallel_attn=True, bias=False))
+    assert (rw.architecture, rw.num_heads, rw.num_kv_heads, rw.num_layers) == \
+        ("falcon", 4, 1, 2)
     with pytest.raises(UnsupportedModelError, match="alibi"):
         DecoderConfig.from_hf(dict(architectures=["FalconForCausalLM"], vocab_size=300,
                                    hidden_size=64, num_hidden_layers=2,

@@ -96,8 +96,10 @@ SUPPORTED_ARCHITECTURES = {
     # Falcon (7B, 11B, and the 40B / 180B layout): parallel attention / MLP from one or
     # two LayerNorms, multi-query or grouped fused q / k / v, rope
     "FalconForCausalLM": "falcon",
+    "RWForCausalLM": "falcon",        # (tiiuae's original RefinedWeb configs)
     # MPT: ALiBi with its own slopes (alibi_bias_max), bias-free LayerNorms and linears
     "MptForCausalLM": "mpt",
+    "MPTForCausalLM": "mpt",          # (the hub's mosaicml/mpt-* config.json spelling)
     # Nemotron (Minitron 4B / 8B, Nemotron-Mini): LayerNorm1P (scale 1 + w), a squared-ReLU
     # up / down MLP, partial rope
     "NemotronForCausalLM": "nemotron",
@@ -144,7 +146,8 @@ _MODEL_TYPES = {"llama": "llama", "mistral": "mistral", "ministral": "ministral"
                 "gpt_neox": "gpt_neox", "gpt2": "gpt2", "opt": "opt",
                 "gpt_bigcode": "gpt_bigcode", "gpt_neo": "gpt_neo", "bloom": "bloom",
                 "gptj": "gptj",
-                "falcon": "falcon", "mpt": "mpt", "nemotron": "nemotron", "arcee": "arcee",
+                "falcon": "falcon", "RefinedWeb": "falcon", "RefinedWebModel": "falcon",
+                "mpt": "mpt", "nemotron": "nemotron", "arcee": "arcee",
                 "olmo": "olmo"}
 #: the families with learned absolute position embeddings (no rope)
 _LEARNED_POSITIONS = ("gpt2", "opt", "gpt_bigcode", "gpt_neo")
