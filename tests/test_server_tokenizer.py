@@ -212,3 +212,67 @@ def test_processor_chat_template_is_found(tokenizer, tmp_path):
     tok = load_tokenizer(str(tmp_path))
     assert tok.chat_template == TEMPLATE
     assert tok.apply_chat_template([{"role": "user", "content": "hi"}])
+
+
+def test_chat_template_flag_serves_a_base_model(tokenizer, tmp_path):
+    """--chat-template (vLLM's flag): a model whose tokenizer has no template (a base
+    model) serves chats through the given one, file or inline; without it chat is a 400;
+    the byte tokenizer and a template that drops the content are refused at startup."""
+    from minikernels.models.tokenizer import HFTokenizer
+    from minikernels.server.chat import check_chat_template, load_chat_template
+
+    import copy
+    hf = copy.deepcopy(tokenizer.tokenizer)
+    hf.chat_template = None
+    base = HFTokenizer(hf)
+    plain = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}" \
+            "{% if add_generation_prompt %}assistant:{% endif %}"
+    path = tmp_path / "chat.jinja"
+    path.write_text(plain)
+    assert load_chat_template(str(path)) == plain
+    assert load_chat_template(plain.replace("\n", "\\n")) == plain        # inline, escaped
+    with pytest.raises(ValueError, match="no such file"):
+        load_chat_template(str(tmp_path / "missing.jinja"))
+    with pytest.raises(ValueError, match="Hugging Face tokenizer"):
+        check_chat_template(FakeEngine().tokenizer, plain)
+    with pytest.raises(ValueError, match="content"):
+        check_chat_template(base, "{% for m in messages %}{{ m['role'] }}{% endfor %}")
+    want = base.encode("user: hello world\nassistant:", add_special_tokens=False)
+    assert render_chat(base, [{"role": "user", "content": "hello world"}], True,
+                       chat_template=plain) == want
+
+    class Engine(FakeEngine):
+        async def generate(self, prompt, params, request_id):
+            self.prompts = getattr(self, "prompts", []) + [list(prompt)]
+            yield RequestOutput(request_id, None, list(prompt), [CompletionOutput(
+                0, "ok", [5], None, None, "stop")], True)
+
+    body = {"model": "m", "max_tokens": 2,
+            "messages": [{"role": "user", "content": "hello world"}]}
+    for template, status in ((None, 400), (plain, 200)):
+        engine = Engine()
+        engine.tokenizer = base
+        with LiveServer(create_app(engine, served_model_name="m",
+                                   chat_template=template)) as srv:
+            r = httpx.post(srv.base_url + "/v1/chat/completions", timeout=30, json=body)
+            assert r.status_code == status, r.text
+            if status == 200:
+                assert engine.prompts == [want]
+            else:
+                assert r.json()["error"]["param"] == "messages"
+
+
+def test_chat_template_flag_errors_exit_before_loading(tmp_path, caplog):
+    import argparse
+
+    from minikernels.server.cli import add_arguments, run
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(["tiny", "--chat-template", str(tmp_path / "nope.jinja")])
+    assert run(args) == 2                       # no model loaded for a missing template
+    assert "no such file" in caplog.text
+    args = parser.parse_args(["tiny", "--device", "cpu", "--num-kv-blocks", "16",
+                              "--chat-template", "{{ messages[0]['content'] }}"])
+    assert run(args) == 2                       # the byte tokenizer takes no template
+    assert "Hugging Face tokenizer" in caplog.text

@@ -36,6 +36,7 @@ from fastapi import FastAPI
 from ..engine import SamplingParams
 from .access import AccessLogMiddleware
 from .auth import API_KEY_ENV, APIKeys
+from .chat import check_chat_template
 from .errors import install_error_handlers
 from .limits import LOOPBACK_HOSTS, RequestGuard, ServerLimits
 from .logprobs import TokenText
@@ -172,7 +173,8 @@ def create_app(engine: Any, api_key: Union[None, str, Sequence[str]] = None,
                structured_outputs_in_reasoning: bool = False,
                lora_modules: Optional[dict[str, str]] = None,
                allow_runtime_lora_updating: bool = False,
-               enable_sleep_mode: bool = False) -> FastAPI:
+               enable_sleep_mode: bool = False,
+               chat_template: Optional[str] = None) -> FastAPI:
     """Build the FastAPI app serving ``engine`` (an AsyncLLM or anything with its API).
 
     Args:
@@ -213,6 +215,10 @@ def create_app(engine: Any, api_key: Union[None, str, Sequence[str]] = None,
             adapter directory; off by default.
         enable_sleep_mode: serve ``/sleep``, ``/wake_up``, ``/is_sleeping`` and
             ``/reset_prefix_cache`` (:mod:`.sleep_routes`, for RL loops); off by default.
+        chat_template: a Jinja chat template (the text; ``--chat-template`` reads a file)
+            rendering every chat in place of the model's own, or for a model without one
+            (a base model); needs a Hugging Face tokenizer (ValueError otherwise, or when
+            it does not render a user turn).
     """
     if tool_call_parser is not None:
         get_parser(tool_call_parser)          # ValueError naming the choices
@@ -225,12 +231,15 @@ def create_app(engine: Any, api_key: Union[None, str, Sequence[str]] = None,
     else:
         names = list(served_model_name)
     tokenizer = getattr(engine, "tokenizer", None)
+    if chat_template is not None:
+        check_chat_template(tokenizer, chat_template)
     max_len = getattr(engine, "max_model_len", None)
     state = ServerState(
         engine=engine, model_names=names,
         aliases=[a for a in model_aliases if a not in names], keys=APIKeys(api_key),
         limits=limits or ServerLimits(),
-        prompts=PromptTokenizer(tokenizer, int(max_len) if max_len else None),
+        prompts=PromptTokenizer(tokenizer, int(max_len) if max_len else None,
+                                chat_template=chat_template),
         token_text=TokenText(tokenizer), shared_prefix_cache=shared_prefix_cache,
         tool_call_parser=tool_call_parser, sampling_defaults=_sampling_defaults(engine),
         responses=ResponseStore(responses_store_size), reasoning_parser=reasoning_parser,

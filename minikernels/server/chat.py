@@ -25,8 +25,10 @@ turn and the calls into the assistant's content, Hermes / Qwen2.5 style.
 """
 from __future__ import annotations
 
+import codecs
 import inspect
 import json
+import os
 import secrets
 from typing import Any, Optional
 
@@ -53,12 +55,47 @@ def special_token_strings(hf: Any) -> list[str]:
     return sorted((s for s in found if s), key=len, reverse=True)
 
 
-def _hf_tokenizer(tokenizer: Any) -> Optional[Any]:
+def _hf_tokenizer(tokenizer: Any, chat_template: Optional[str] = None) -> Optional[Any]:
+    """The Hugging Face tokenizer under ``tokenizer`` when it renders chats: its own
+    template, or the server's ``chat_template`` (``--chat-template``)."""
     hf = getattr(tokenizer, "tokenizer", None)
     if hf is not None and hasattr(hf, "apply_chat_template") and \
-            getattr(hf, "chat_template", None):
+            (chat_template or getattr(hf, "chat_template", None)):
         return hf
     return None
+
+
+def load_chat_template(value: str) -> str:
+    """``--chat-template``'s value (vLLM's flag): a file's text, or the template itself
+    when it holds Jinja markup (``{`` / ``}`` / a newline; ``\\n`` escapes decoded); a
+    value that is neither is an unreadable path (ValueError naming it)."""
+    if os.path.isfile(value):
+        with open(value, encoding="utf-8") as f:
+            text = f.read()
+    elif any(c in value for c in "{}\n"):
+        text = codecs.decode(value, "unicode_escape")
+    else:
+        raise ValueError(f"--chat-template {value!r}: no such file (an inline template "
+                         "holds Jinja markup)")
+    if not text.strip():
+        raise ValueError("--chat-template is empty")
+    return text
+
+
+def check_chat_template(tokenizer: Any, chat_template: str) -> None:
+    """ValueError unless ``tokenizer`` is a Hugging Face one (the byte tokenizer renders
+    only its built-in format) and ``chat_template`` renders a user turn."""
+    hf = getattr(tokenizer, "tokenizer", None)
+    if hf is None or not hasattr(hf, "apply_chat_template"):
+        raise ValueError("--chat-template needs the model's Hugging Face tokenizer (the "
+                         "byte tokenizer of built-in models renders only its own format)")
+    try:
+        text = hf.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False,
+                                      add_generation_prompt=True, chat_template=chat_template)
+    except Exception as exc:  # noqa: BLE001 - any template failure is the flag's error
+        raise ValueError(f"--chat-template does not render a user turn: {exc}") from None
+    if not isinstance(text, str) or "hi" not in text:
+        raise ValueError("--chat-template does not render the messages' content")
 
 
 def _template_error(exc: Exception) -> APIError:
@@ -137,13 +174,17 @@ def _check_tool_text(hf: Any, messages: list[dict[str, Any]],
 
 def render_chat(tokenizer: Any, messages: list[dict[str, Any]], add_generation_prompt: bool,
                 template_kwargs: Optional[dict[str, Any]] = None,
-                tools: Optional[list[dict[str, Any]]] = None) -> list[int]:
-    """Token ids of ``messages`` rendered with the model's chat template (see above).
+                tools: Optional[list[dict[str, Any]]] = None,
+                chat_template: Optional[str] = None) -> list[int]:
+    """Token ids of ``messages`` rendered with the model's chat template, or the server's
+    ``chat_template`` in its place (see above).
 
     Runs the template and the tokenizer: call it off the event loop.
     """
     kwargs = dict(template_kwargs or {})
-    hf = _hf_tokenizer(tokenizer)
+    hf = _hf_tokenizer(tokenizer, chat_template)
+    if hf is not None and chat_template:
+        kwargs["chat_template"] = chat_template
     if hf is None:
         if tools or any(m.get("tool_calls") or m.get("tool_call_id") is not None
                         for m in messages):

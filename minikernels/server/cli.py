@@ -76,6 +76,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     http.add_argument("--shutdown-grace", type=float, default=5.0,
                       help="on SIGTERM, seconds in-flight requests get to finish before "
                            "they are aborted (each stream still ends with [DONE])")
+    http.add_argument("--chat-template", default=None,
+                      help="a Jinja chat template file (or the template itself, inline) "
+                           "rendering every chat in place of the model's own; for base "
+                           "models without one (vLLM's flag)")
     http.add_argument("--tool-call-parser", default=None, choices=TOOL_CALL_PARSERS,
                       help="parse tool calls out of the output for tool_choice 'auto' "
                            "(hermes: <tool_call> tags, Qwen2.5 / Qwen3; llama3_json: "
@@ -312,6 +316,7 @@ def run(args: argparse.Namespace) -> int:
     """Load the model, then serve until SIGTERM / SIGINT. Returns the exit code."""
     from .app import create_app, engine_supports_cache_salt
     from .auth import collect_keys
+    from .chat import load_chat_template
 
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -330,6 +335,13 @@ def run(args: argparse.Namespace) -> int:
                      "between users) and this engine cannot keep them apart yet: pass "
                      "--shared-prefix-cache to allow it, or --no-enable-prefix-caching")
         return 2
+    chat_template = None
+    if getattr(args, "chat_template", None) is not None:
+        try:
+            chat_template = load_chat_template(args.chat_template)
+        except (OSError, ValueError) as exc:
+            logger.error("%s", exc)
+            return 2
     try:
         engine = build_engine(args)
     except (FileNotFoundError, ValueError, TypeError, OSError) as exc:
@@ -349,7 +361,8 @@ def run(args: argparse.Namespace) -> int:
                          lora_modules=dict(getattr(args, "lora_modules", None) or []),
                          allow_runtime_lora_updating=getattr(
                              args, "allow_runtime_lora_updating", False),
-                         enable_sleep_mode=getattr(args, "enable_sleep_mode", False))
+                         enable_sleep_mode=getattr(args, "enable_sleep_mode", False),
+                         chat_template=chat_template)
     except ValueError as exc:
         logger.error("%s", exc)
         return 2

@@ -51,9 +51,11 @@ def max_chars_per_token(tokenizer: Any) -> int:
 class PromptTokenizer:
     """Turns completion prompts and chat messages into checked token-id lists."""
 
-    def __init__(self, tokenizer: Any, max_model_len: Optional[int], workers: int = 2) -> None:
+    def __init__(self, tokenizer: Any, max_model_len: Optional[int], workers: int = 2,
+                 chat_template: Optional[str] = None) -> None:
         self.tokenizer = tokenizer
         self.max_model_len = max_model_len
+        self.chat_template = chat_template     # --chat-template: in the model's one's place
         self.chars_per_token = max_chars_per_token(tokenizer) if tokenizer is not None \
             else _DEFAULT_CHARS_PER_TOKEN
         self._pool = ThreadPoolExecutor(max_workers=workers,
@@ -154,7 +156,8 @@ class PromptTokenizer:
                            f"context length of {self.max_model_len} tokens",
                            param="messages", code="context_length_exceeded")
         ids = await self._off_loop(render_chat, self.tokenizer, messages,
-                                   add_generation_prompt, template_kwargs, tools)
+                                   add_generation_prompt, template_kwargs, tools,
+                                   self.chat_template)
         if not ids:
             raise APIError("messages produced an empty prompt", param="messages")
         if keep is not None:
