@@ -143,10 +143,20 @@ def test_starcoder2_adapter_on_the_non_gated_mlp(tmp_path):
     ("opt", ["q_proj", "k_proj", "out_proj", "fc1", "fc2"]),
     # GPT-J: transformer.h.{i}.attn.{q,k,v,out}_proj and mlp.fc_in / fc_out
     ("gptj", ["q_proj", "v_proj", "out_proj", "fc_in", "fc_out"]),
+    # GPT-2: Conv1D layers (PEFT sets fan_in_fan_out), the fused c_attn, attn.c_proj (the
+    # attention output) beside mlp.c_proj (the MLP's down projection)
+    ("gpt2", ["c_attn", "c_proj", "c_fc"]),
+    # GPT-BigCode: multi-query c_attn [q; k; v] and per-head c_attn
+    ("gpt_bigcode-mqa", ["c_attn", "c_proj", "c_fc"]),
+    ("gpt_bigcode-mha", ["c_attn", "c_proj"]),
+    # GPT-Neo: attn.attention.{q,k,v,out}_proj, mlp.c_fc / c_proj
+    ("gpt_neo", ["q_proj", "v_proj", "out_proj", "c_fc", "c_proj"]),
+    # MPT: attn.Wqkv blocks, attn.out_proj, ffn.up_proj / down_proj
+    ("mpt", ["Wqkv", "out_proj", "up_proj", "down_proj"]),
 ])
-def test_non_gated_adapters_fc1_fc2_and_output(tmp_path, kind, targets):
-    """PEFT's adapter on Phi-2's / OPT's fc1 / fc2 (the non-gated MLP) and the attention
-    output (Phi's dense, OPT's out_proj): logits equal PEFT's."""
+def test_non_gated_adapters(tmp_path, kind, targets):
+    """PEFT adapters on the non-gated families under their own names (Phi-2, OPT, GPT-J,
+    GPT-2's Conv1D, GPT-BigCode, GPT-Neo, MPT): logits equal PEFT's."""
     hf = make_hf_model(kind, seed=4)
     base = save_hf(hf, str(tmp_path / "base"))
     ref = make_adapter(hf, str(tmp_path / "lora"), r=4, alpha=8, targets=targets, seed=5)
@@ -194,32 +204,6 @@ def test_adapters_on_fused_projections(tmp_path, kind, targets):
     ref_rows = torch.cat([_ref_logits(ref, seqs[0]), _ref_logits(hf, seqs[1])])
     assert rel_err(got, ref_rows) <= 1e-4
     assert rel_err(_ref_logits(ref, seqs[0]), _ref_logits(hf, seqs[0])) > 1e-2
-
-
-@pytest.mark.parametrize(("kind", "targets"), [
-    # GPT-2: Conv1D layers (PEFT sets fan_in_fan_out), the fused c_attn, attn.c_proj (the
-    # attention output) beside mlp.c_proj (the MLP's down projection)
-    ("gpt2", ["c_attn", "c_proj", "c_fc"]),
-    # GPT-BigCode: multi-query c_attn [q; k; v] and per-head c_attn
-    ("gpt_bigcode-mqa", ["c_attn", "c_proj", "c_fc"]),
-    ("gpt_bigcode-mha", ["c_attn", "c_proj"]),
-    # GPT-Neo: attn.attention.{q,k,v,out}_proj, mlp.c_fc / c_proj
-    ("gpt_neo", ["q_proj", "v_proj", "out_proj", "c_fc", "c_proj"]),
-    # MPT: attn.Wqkv blocks, attn.out_proj, ffn.up_proj / down_proj
-    ("mpt", ["Wqkv", "out_proj", "up_proj", "down_proj"]),
-])
-def test_adapters_on_gpt2_bigcode_and_mpt(tmp_path, kind, targets):
-    """PEFT adapters on GPT-2 (Conv1D), GPT-BigCode, GPT-Neo and MPT: logits equal PEFT's."""
-    hf = make_hf_model(kind, seed=4)
-    base = save_hf(hf, str(tmp_path / "base"))
-    ref = make_adapter(hf, str(tmp_path / "lora"), r=4, alpha=8, targets=targets, seed=5)
-    model = load_model(base, dtype="float32", device="cpu")
-    manager = LoRAManager(model, max_loras=1, max_lora_rank=4)
-    manager.activate(0, LoRAAdapter.load(str(tmp_path / "lora"), model.config))
-    seq = random_tokens(9, 300, 41)
-    got = _run(model, [seq], [0], manager)
-    assert rel_err(got, _ref_logits(ref, seq)) <= 1e-4
-    assert rel_err(_ref_logits(ref, seq), _ref_logits(hf, seq)) > 1e-2
 
 
 def test_attn_block_names_of_another_family_are_refused(tmp_path):

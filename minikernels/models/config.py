@@ -451,22 +451,11 @@ class DecoderConfig:
 
         if family == "granite_hybrid":
             hf = _granite_hybrid_dense(hf)
+        if family in _KEY_READERS:      # the older families' own config keys -> ours
+            hf = _KEY_READERS[family](hf, family)
         learned = family in _LEARNED_POSITIONS
-        if learned:
-            hf = _learned_positions_config(hf, family)
-        bloom = family == "bloom"
-        if bloom:
-            hf = _bloom_config(hf)
-        gptj = family == "gptj"
-        if gptj:
-            hf = _gpt2_keys(hf)
-        falcon = family == "falcon"
-        if falcon:
-            hf = _falcon_config(hf)
-        mpt = family == "mpt"
-        if mpt:
-            hf = _mpt_config(hf)
-        nemotron = family == "nemotron"
+        bloom, gptj, falcon = family == "bloom", family == "gptj", family == "falcon"
+        mpt, nemotron = family == "mpt", family == "nemotron"
 
         def need(key: str) -> Any:
             if key not in hf or hf[key] is None:
@@ -705,17 +694,25 @@ def _granite_from_hf(hf: Mapping[str, Any]) -> dict[str, Any]:
                 logits_scaling=float(hf.get("logits_scaling", 1.0)))
 
 
+def _with_keys(hf: Mapping[str, Any], pairs: tuple[tuple[str, str], ...],
+               keep_ours: bool = False) -> dict[str, Any]:
+    """A copy of ``hf`` with each (ours, theirs) pair's value of ``theirs`` (when set)
+    under ``ours`` (``keep_ours``: only where ``ours`` is not set already)."""
+    out = dict(hf)
+    for ours, theirs in pairs:
+        if hf.get(theirs) is not None and not (keep_ours and out.get(ours) is not None):
+            out[ours] = hf[theirs]
+    return out
+
+
 def _gpt_neo_config(hf: Mapping[str, Any]) -> dict[str, Any]:
     """GPT-Neo's keys (``num_layers``, ``num_heads``, ``attention_layers`` or the compact
     ``attention_types`` [[["global", "local"], n]], ``window_size``): "local" layers attend
     through a window of window_size tokens; no softmax scaling (scores are plain q.k)."""
-    out = dict(hf)
-    for ours, theirs in (("num_hidden_layers", "num_layers"),
-                         ("num_attention_heads", "num_heads"),
-                         ("layer_norm_eps", "layer_norm_epsilon"),
-                         ("hidden_act", "activation_function")):
-        if hf.get(theirs) is not None:
-            out[ours] = hf[theirs]
+    out = _with_keys(hf, (("num_hidden_layers", "num_layers"),
+                          ("num_attention_heads", "num_heads"),
+                          ("layer_norm_eps", "layer_norm_epsilon"),
+                          ("hidden_act", "activation_function")))
     out.setdefault("hidden_act", "gelu_new")
     out.setdefault("layer_norm_eps", 1e-5)
     if out.get("intermediate_size") is None and out.get("hidden_size") is not None:
@@ -741,14 +738,11 @@ def _gpt2_keys(hf: Mapping[str, Any]) -> dict[str, Any]:
     ``n_head``, ``n_inner`` (None: 4 x n_embd), ``n_positions``, ``layer_norm_epsilon``,
     ``activation_function``) under the decoder's; every head its own k / v unless the
     family says otherwise (transformers ignores num_key_value_heads here)."""
-    out = dict(hf)
-    for ours, theirs in (("hidden_size", "n_embd"), ("num_hidden_layers", "n_layer"),
-                         ("num_attention_heads", "n_head"),
-                         ("max_position_embeddings", "n_positions"),
-                         ("layer_norm_eps", "layer_norm_epsilon"),
-                         ("hidden_act", "activation_function")):
-        if hf.get(theirs) is not None:
-            out[ours] = hf[theirs]
+    out = _with_keys(hf, (("hidden_size", "n_embd"), ("num_hidden_layers", "n_layer"),
+                          ("num_attention_heads", "n_head"),
+                          ("max_position_embeddings", "n_positions"),
+                          ("layer_norm_eps", "layer_norm_epsilon"),
+                          ("hidden_act", "activation_function")))
     out.setdefault("hidden_act", "gelu_new")
     out.setdefault("layer_norm_eps", 1e-5)
     hidden = out.get("hidden_size")
@@ -817,19 +811,16 @@ def _bloom_config(hf: Mapping[str, Any]) -> dict[str, Any]:
     if hf.get("apply_residual_connection_post_layernorm"):
         raise UnsupportedModelError("BLOOM with apply_residual_connection_post_layernorm is "
                                     "not supported")
-    out = dict(hf)
-    for ours, theirs in (("hidden_size", "n_embed"), ("num_hidden_layers", "n_layer"),
-                         ("num_attention_heads", "n_head"),
-                         ("layer_norm_eps", "layer_norm_epsilon")):
-        if out.get(ours) is None and hf.get(theirs) is not None:
-            out[ours] = hf[theirs]
+    out = _with_keys(hf, (("hidden_size", "n_embed"), ("num_hidden_layers", "n_layer"),
+                          ("num_attention_heads", "n_head"),
+                          ("layer_norm_eps", "layer_norm_epsilon")), keep_ours=True)
     out.setdefault("layer_norm_eps", 1e-5)
     if out.get("hidden_size") is not None:
         out["intermediate_size"] = 4 * int(out["hidden_size"])
     out["hidden_act"] = "gelu_tanh"            # bloom_gelu: the tanh approximation
     out.pop("num_key_value_heads", None)
     out["max_position_embeddings"] = int(hf.get("max_position_embeddings") or
-                                         hf.get("seq_length") or 2048)
+                                      hf.get("seq_length") or 2048)
     return out
 
 
@@ -848,12 +839,9 @@ def _falcon_config(hf: Mapping[str, Any]) -> dict[str, Any]:
     position) to bf16, which no kernel's -slope x distance reproduces."""
     if hf.get("alibi"):
         raise UnsupportedModelError("Falcon with alibi (falcon-rw) is not supported")
-    out = dict(hf)
-    for ours, theirs in (("num_attention_heads", "n_head"), ("num_hidden_layers", "n_layer"),
-                         ("num_kv_heads", "n_head_kv"),
-                         ("layer_norm_eps", "layer_norm_epsilon")):
-        if out.get(ours) is None and hf.get(theirs) is not None:
-            out[ours] = hf[theirs]
+    out = _with_keys(hf, (("num_attention_heads", "n_head"), ("num_hidden_layers", "n_layer"),
+                          ("num_kv_heads", "n_head_kv"),
+                          ("layer_norm_eps", "layer_norm_epsilon")), keep_ours=True)
     out.setdefault("layer_norm_eps", 1e-5)
     heads = out.get("num_attention_heads")
     new = bool(hf.get("new_decoder_architecture", False))
@@ -887,18 +875,15 @@ def _mpt_config(hf: Mapping[str, Any]) -> dict[str, Any]:
         raise UnsupportedModelError("MPT without alibi is not supported")
     if attn.get("attn_type", "multihead_attention") != "multihead_attention":
         raise UnsupportedModelError(f"MPT attn_type {attn.get('attn_type')!r} is not "
-                                    "supported")
+                                 "supported")
     if not hf.get("no_bias", True):
         raise UnsupportedModelError("MPT with biases (no_bias=false) is not supported")
     if hf.get("logit_scale") is not None:
         raise UnsupportedModelError("MPT with logit_scale is not supported")
-    out = dict(hf)
-    for ours, theirs in (("hidden_size", "d_model"), ("num_attention_heads", "n_heads"),
-                         ("num_hidden_layers", "n_layers"),
-                         ("max_position_embeddings", "max_seq_len"),
-                         ("layer_norm_eps", "layer_norm_epsilon")):
-        if hf.get(theirs) is not None:
-            out[ours] = hf[theirs]
+    out = _with_keys(hf, (("hidden_size", "d_model"), ("num_attention_heads", "n_heads"),
+                          ("num_hidden_layers", "n_layers"),
+                          ("max_position_embeddings", "max_seq_len"),
+                          ("layer_norm_eps", "layer_norm_epsilon")))
     out.setdefault("layer_norm_eps", 1e-5)
     if out.get("hidden_size") is not None:
         out["intermediate_size"] = int(hf.get("expansion_ratio", 4) * int(out["hidden_size"]))
@@ -908,6 +893,14 @@ def _mpt_config(hf: Mapping[str, Any]) -> dict[str, Any]:
     if attn.get("softmax_scale") is not None:
         out["_attention_scale"] = float(attn["softmax_scale"])
     return out
+
+
+#: family -> its config.json read under the decoder's keys (with what it does not have
+#: refused by name): GPT-2-style keys, BLOOM's, Falcon's, MPT's
+_KEY_READERS: dict[str, Any] = {
+    **{family: _learned_positions_config for family in _LEARNED_POSITIONS},
+    "bloom": lambda hf, _: _bloom_config(hf), "gptj": lambda hf, _: _gpt2_keys(hf),
+    "falcon": lambda hf, _: _falcon_config(hf), "mpt": lambda hf, _: _mpt_config(hf)}
 
 
 def _attention_scale(hf: Mapping[str, Any], family: str) -> float | None:

@@ -388,22 +388,8 @@ def _family_name(name: str, config: DecoderConfig) -> str:
         return name.replace(".mlp.fc1.", ".mlp.gate_proj.").replace(       # final_layernorm
             ".mlp.fc2.", ".mlp.down_proj.").replace(".self_attn.dense.", ".self_attn.o_proj.") \
             .replace("model.final_layernorm.", "model.norm.")
-    if config.architecture == "gpt_neox":
-        return _neox_name(name)
-    if config.architecture in ("gpt2", "gpt_bigcode"):
-        return _renamed(name, _GPT2_PREFIXES, _GPT2_PARTS)
-    if config.architecture == "gpt_neo":
-        return _renamed(name, _GPT2_PREFIXES, _GPT_NEO_PARTS)
-    if config.architecture == "opt":
-        return _renamed(name, _OPT_PREFIXES, _OPT_PARTS)
-    if config.architecture == "bloom":
-        return _renamed(name, _BLOOM_PREFIXES, _BLOOM_PARTS)
-    if config.architecture == "gptj":
-        return _renamed(name, _GPT2_PREFIXES, _GPTJ_PARTS)
-    if config.architecture == "falcon":
-        return _renamed(name, _BLOOM_PREFIXES, _FALCON_PARTS)
-    if config.architecture == "mpt":
-        return _renamed(name, _MPT_PREFIXES, _MPT_PARTS)
+    if config.architecture in _FAMILY_NAMES:
+        return _renamed(name, *_FAMILY_NAMES[config.architecture])
     if config.architecture in ("nemotron", "arcee"):   # the non-gated MLP's one up_proj
         return name.replace(".mlp.up_proj.", ".mlp.gate_proj.")
     if config.architecture == "hunyuan":    # its per-head q / k norms
@@ -489,10 +475,17 @@ def _renamed(name: str, prefixes: tuple[tuple[str, str], ...],
     return name
 
 
-def _neox_name(name: str) -> str:
-    """A GPT-NeoX tensor name in the decoder's vocabulary (its fused, per-head
-    interleaved query_key_value is reordered by :func:`_unfuse`)."""
-    return _renamed(name, _NEOX_PREFIXES, _NEOX_PARTS)
+#: family -> (its prefixes, its in-layer names) under the decoder's (a fused, grouped
+#: query_key_value is regrouped by :func:`_unfuse`)
+_FAMILY_NAMES = {"gpt_neox": (_NEOX_PREFIXES, _NEOX_PARTS),
+                 "gpt2": (_GPT2_PREFIXES, _GPT2_PARTS),
+                 "gpt_bigcode": (_GPT2_PREFIXES, _GPT2_PARTS),
+                 "gpt_neo": (_GPT2_PREFIXES, _GPT_NEO_PARTS),
+                 "gptj": (_GPT2_PREFIXES, _GPTJ_PARTS),
+                 "opt": (_OPT_PREFIXES, _OPT_PARTS),
+                 "bloom": (_BLOOM_PREFIXES, _BLOOM_PARTS),
+                 "falcon": (_BLOOM_PREFIXES, _FALCON_PARTS),
+                 "mpt": (_MPT_PREFIXES, _MPT_PARTS)}
 
 
 def _materialized(tensor: Any) -> Tensor:
@@ -521,14 +514,22 @@ def grouped_qkv_to_blocks(t: Tensor, config: DecoderConfig) -> Tensor:
 _CONV1D_RE = re.compile(r"\.(self_attn\.(qkv_proj|o_proj)|mlp\.(gate_proj|down_proj))\.weight$")
 
 
-def _load_kv_scale(buffer: Tensor, tensor: Tensor, where: str) -> None:
-    """An fp8 KV-cache scale from a checkpoint: one value (per layer) or one per kv head."""
+def check_kv_scale(buffer: Tensor, tensor: Tensor, where: str) -> None:
+    """CheckpointError unless ``tensor`` holds 1 or one value per kv head of ``buffer``,
+    each finite and > 0 (the values unchecked on a meta tensor: there are none)."""
     values = tensor.float().reshape(-1)
     if values.numel() not in (1, buffer.numel()):
         raise CheckpointError(f"{where}: expected 1 or {buffer.numel()} values, got "
                               f"{values.numel()}")
-    if not bool(torch.isfinite(values).all() & (values > 0).all()):
+    if values.device.type != "meta" and \
+            not bool(torch.isfinite(values).all() & (values > 0).all()):
         raise CheckpointError(f"{where}: KV-cache scales must be finite and > 0")
+
+
+def _load_kv_scale(buffer: Tensor, tensor: Tensor, where: str) -> None:
+    """An fp8 KV-cache scale from a checkpoint: one value (per layer) or one per kv head."""
+    check_kv_scale(buffer, tensor, where)
+    values = tensor.float().reshape(-1)
     with torch.no_grad():
         buffer.copy_(values.to(buffer.device).expand(buffer.numel()))
 
@@ -1067,6 +1068,25 @@ def _load_hf(model_dir: str, dtype: str | torch.dtype, device: torch.device,
     return model
 
 
+def check_experts(mod: FusedExperts, expert: int | None, kind: str, tensor: Tensor,
+                  where: str) -> None:
+    """CheckpointError unless ``tensor`` is one expert's projection in range and of its
+    part's shape, or transformers 5's stacked tensor of every expert ([E, 2I, H] /
+    [E, H, I]); meta tensors are checked too (nothing is read)."""
+    if expert is None:
+        parts = ("gate_proj", "up_proj") if kind == "gate_up_proj" else ("down_proj",)
+        rows = mod.part_shape(parts[0])
+        expected = (mod.num_experts, rows[0] * len(parts), rows[1])
+    else:
+        if not 0 <= expert < mod.num_experts:
+            raise CheckpointError(f"{where}: expert {expert} out of range (num_experts "
+                                  f"{mod.num_experts})")
+        expected = mod.part_shape(kind)
+    if tuple(tensor.shape) != tuple(expected):
+        raise CheckpointError(f"{where}: shape mismatch: expected {list(expected)}, got "
+                              f"{list(tensor.shape)}")
+
+
 def _load_experts(mod: FusedExperts, mod_name: str, expert: int | None, kind: str,
                   tensor: Tensor, where: str, group: int | None = None, fp8: bool = False,
                   int8: bool = False) -> list[tuple[str, int, str]]:
@@ -1074,19 +1094,12 @@ def _load_experts(mod: FusedExperts, mod_name: str, expert: int | None, kind: st
     every expert) into w13 / w2, or RTN-quantized into the int4 buffers with ``group`` or
     into the fp8 ones (``fp8``) or the int8 ones (``int8``); the (module, expert, part)
     keys it filled."""
+    check_experts(mod, expert, kind, tensor, where)
     if expert is None:   # stacked: [E, 2I, H] or [E, H, I]
         parts = ("gate_proj", "up_proj") if kind == "gate_up_proj" else ("down_proj",)
-        experts = range(mod.num_experts)
-        rows = mod.part_shape(parts[0])
-        expected = (mod.num_experts, rows[0] * len(parts), rows[1])
+        experts: Any = range(mod.num_experts)
     else:
-        if not 0 <= expert < mod.num_experts:
-            raise CheckpointError(f"{where}: expert {expert} out of range (num_experts "
-                                  f"{mod.num_experts})")
-        parts, experts, expected = (kind,), (expert,), mod.part_shape(kind)
-    if tuple(tensor.shape) != tuple(expected):
-        raise CheckpointError(f"{where}: shape mismatch: expected {list(expected)}, got "
-                              f"{list(tensor.shape)}")
+        parts, experts = (kind,), (expert,)
     with torch.no_grad():
         for e in experts:
             whole = tensor if expert is not None else tensor[e]

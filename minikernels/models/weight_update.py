@@ -30,7 +30,7 @@ from torch import Tensor
 from .decoder import CausalLM
 from .linear import FusedLinear
 from .loader import (_IGNORED, CheckpointError, _family_name, _load_experts, _load_kv_scale,
-                     _unfuse, map_name)
+                     _unfuse, check_experts, check_kv_scale, map_name)
 from .moe import FusedExperts
 from .parallel import shard_tensor
 
@@ -126,7 +126,7 @@ def _load_one(model: CausalLM, modules: dict[str, Any], params: dict[str, Tensor
         except ValueError as exc:
             raise ValueError(f"load_weights: {name}: {exc}") from None
     if kv_scale:
-        (_load_kv_scale if copy else _check_kv_scale)(getattr(mod, kind), tensor, name)
+        (_load_kv_scale if copy else check_kv_scale)(getattr(mod, kind), tensor, name)
         return True
     try:
         if isinstance(mod, FusedExperts):
@@ -135,7 +135,7 @@ def _load_one(model: CausalLM, modules: dict[str, Any], params: dict[str, Tensor
             if copy:
                 _load_experts(mod, mod_name, shard, kind, tensor, name)
             else:
-                _check_experts(mod, shard, kind, tensor, name)
+                check_experts(mod, shard, kind, tensor, name)
         elif isinstance(mod, FusedLinear):
             if mod.weight is None and kind == "weight":
                 raise ValueError("the layer is quantized (int4 / fp8 / int8)")
@@ -162,33 +162,3 @@ def _meta(tensor: Tensor) -> Tensor:
     if tensor.device.type == "meta":
         return tensor
     return torch.empty(tensor.shape, dtype=tensor.dtype, device="meta")
-
-
-def _check_experts(mod: FusedExperts, expert: int | None, kind: str, tensor: Tensor,
-                   where: str) -> None:
-    """The checks of loader.py's ``_load_experts`` (same errors): one expert's projection
-    in range and of its part's shape, or transformers 5's stacked tensor of every expert."""
-    if expert is None:   # stacked: [E, 2I, H] or [E, H, I]
-        parts = ("gate_proj", "up_proj") if kind == "gate_up_proj" else ("down_proj",)
-        rows = mod.part_shape(parts[0])
-        expected = (mod.num_experts, rows[0] * len(parts), rows[1])
-    else:
-        if not 0 <= expert < mod.num_experts:
-            raise CheckpointError(f"{where}: expert {expert} out of range (num_experts "
-                                  f"{mod.num_experts})")
-        expected = mod.part_shape(kind)
-    if tuple(tensor.shape) != tuple(expected):
-        raise CheckpointError(f"{where}: shape mismatch: expected {list(expected)}, got "
-                              f"{list(tensor.shape)}")
-
-
-def _check_kv_scale(buffer: Tensor, tensor: Tensor, where: str) -> None:
-    """The checks of loader.py's ``_load_kv_scale`` (same errors): 1 or one value per kv
-    head; finite and > 0 unless ``tensor`` is a meta tensor (no values to look at)."""
-    values = tensor.float().reshape(-1)
-    if values.numel() not in (1, buffer.numel()):
-        raise CheckpointError(f"{where}: expected 1 or {buffer.numel()} values, got "
-                              f"{values.numel()}")
-    if values.device.type != "meta" and \
-            not bool(torch.isfinite(values).all() & (values > 0).all()):
-        raise CheckpointError(f"{where}: KV-cache scales must be finite and > 0")
