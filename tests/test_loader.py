@@ -609,3 +609,52 @@ def test_builtin_older_families_have_their_published_sizes(name, params):
 
     model = CausalLM(builtin_config(name), dtype=torch.float32, device="meta")
     assert sum(p.numel() for p in model.parameters()) == params
+
+
+# ------------------------------------------------------- fused int4 splits, property-tested
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@settings(deadline=None)
+@given(kv=st.integers(1, 3), q_per_kv=st.integers(1, 3), head_dim=st.sampled_from([8, 16]),
+       k=st.sampled_from([32, 64]), method=st.sampled_from(["gptq", "awq"]),
+       grouped=st.booleans(), seed=st.integers(0, 2 ** 16))
+def test_fused_int4_split_equals_the_rows_of_the_fused_weight(kv, q_per_kv, head_dim, k,
+                                                              method, grouped, seed):
+    """Any fused q / k / v GPTQ / AWQ layer ([q; k; v] blocks or kv-head groups [q...,
+    k, v]) splits into parts that dequantize to exactly the decoder's rows of the fused
+    weight (the grouped layout regrouped)."""
+    from minikernels.models.config import DecoderConfig
+    from minikernels.models.loader import _unfuse, grouped_qkv_to_blocks
+    from minikernels.quant import from_awq, from_gptq
+    from test_model_support import awq_tensors, gptq_tensors
+
+    heads = kv * q_per_kv
+    config = DecoderConfig(architecture="falcon", vocab_size=64, hidden_size=k,
+                           intermediate_size=k, num_layers=1, num_heads=heads,
+                           num_kv_heads=kv, head_dim=head_dim, qkv_grouped=grouped,
+                           quantization_config={"quant_method": method, "bits": 4,
+                                                "group_size": 16})
+    n = (heads + 2 * kv) * head_dim
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randint(0, 16, (n, k), generator=g)
+    zeros = torch.randint(0, 16, (n, k // 16), generator=g)
+    scales = (torch.rand(n, k // 16, generator=g) * 0.02 + 0.005).half()
+    gi = torch.arange(k) // 16
+    fused_w = (q.float() - zeros.float()[:, gi]) * scales.float()[:, gi]      # [N, K]
+    tensors = gptq_tensors(q, zeros, scales, gi, v1=False) if method == "gptq" else \
+        awq_tensors(q, zeros, scales)
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    for kind, t in tensors.items():
+        for name, piece in _unfuse(f"model.layers.0.self_attn.qkv_proj.{kind}", t, config):
+            part = name.split(".")[-2]
+            parts.setdefault(part, {})[name.split(".")[-1]] = piece
+    want = grouped_qkv_to_blocks(fused_w, config) if grouped else fused_w
+    rows = want.split([config.q_size, config.kv_size, config.kv_size])
+    for part, ref in zip(("q_proj", "k_proj", "v_proj"), rows):
+        t = parts[part]
+        w = from_gptq(t["qweight"], t["qzeros"], t["scales"], t["g_idx"],
+                      checkpoint_format="gptq_v2") if method == "gptq" else \
+            from_awq(t["qweight"], t["qzeros"], t["scales"])
+        assert torch.equal(w.dequantize(), ref), part
