@@ -209,6 +209,10 @@ CASES: dict[str, tuple[str, dict[str, Any]]] = {
     "arcee": ("Arcee", dict(head_dim=16, tie_word_embeddings=False)),
     # OLMo 1: parameter-free LayerNorms, q / k / v clamped to +-0.3 (bites on these weights)
     "olmo": ("Olmo", dict(clip_qkv=0.3, tie_word_embeddings=False)),
+    # NanoChat: parameter-free RMSNorms (after the embedding too, on q / k after rope),
+    # squared-ReLU fc1 / fc2, a final logit softcap
+    "nanochat": ("NanoChat", dict(num_attention_heads=4, num_key_value_heads=4,
+                                  final_logit_softcapping=3.0, tie_word_embeddings=False)),
     # OLMoE: q / k norms over all heads, 8 experts, top 3 not renormalized.
     "olmoe": ("Olmoe", dict(num_experts=8, num_experts_per_tok=3, intermediate_size=40,
                             norm_topk_prob=False, pad_token_id=0, eos_token_id=2,

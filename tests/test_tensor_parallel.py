@@ -67,6 +67,8 @@ TP_CASES = {
     # Nemotron's LayerNorm1P (replicated) and squared-ReLU MLP; OLMo 1's per-rank clamp
     "nemotron": ("nemotron", {}),
     "olmo": ("olmo", {}),
+    # NanoChat: parameter-free norms (the embedding's, q / k after reversed rope)
+    "nanochat": ("nanochat", {}),
     # MPT: each rank its heads' MPT slopes (6 heads, head_dim 32 for int4 group 32)
     "mpt": ("mpt", {"hidden_size": 192}),
     # OLMo 2 / OLMoE: q / k norms over every head (an all-reduced sum of squares), kv

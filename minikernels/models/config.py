@@ -107,6 +107,9 @@ SUPPORTED_ARCHITECTURES = {
     "ArceeForCausalLM": "arcee",
     # OLMo 1: LayerNorms without parameters, q / k / v clamped (clip_qkv)
     "OlmoForCausalLM": "olmo",
+    # NanoChat: RMSNorms without parameters (also after the embedding and on q / k after
+    # rope), a squared-ReLU fc1 / fc2 MLP, a final logit softcap
+    "NanoChatForCausalLM": "nanochat",
 }
 #: ``XForSequenceClassification``: the decoder of ``XForCausalLM`` with a ``score`` head
 #: (``mk.Classifier`` reads it; the generative model refuses such a checkpoint).
@@ -148,7 +151,7 @@ _MODEL_TYPES = {"llama": "llama", "mistral": "mistral", "ministral": "ministral"
                 "gptj": "gptj",
                 "falcon": "falcon", "RefinedWeb": "falcon", "RefinedWebModel": "falcon",
                 "mpt": "mpt", "nemotron": "nemotron", "arcee": "arcee",
-                "olmo": "olmo"}
+                "olmo": "olmo", "nanochat": "nanochat"}
 #: the families with learned absolute position embeddings (no rope)
 _LEARNED_POSITIONS = ("gpt2", "opt", "gpt_bigcode", "gpt_neo")
 _GEMMA = ("gemma", "gemma2", "gemma3")
@@ -216,6 +219,8 @@ class DecoderConfig:
     nope_layers: list[int] | None = None
     # Rotary pairs (2i, 2i + 1) (GPT-J style, GLM) instead of (i, rotary_dim / 2 + i).
     rope_interleaved: bool = False
+    # NanoChat: rotate by the negated angles
+    rope_reversed: bool = False
     rms_norm_eps: float = 1e-6
     tie_word_embeddings: bool = False
     eos_token_ids: list[int] = field(default_factory=list)
@@ -258,7 +263,7 @@ class DecoderConfig:
     # ALiBi slopes: None = BLOOM's (nn.layers.alibi_slopes); a number = MPT's with this
     # alibi_bias_max (nn.layers.mpt_alibi_slopes)
     alibi_max_bias: float | None = None
-    # False (OLMo 1): LayerNorms without weight or bias
+    # False (OLMo 1, NanoChat): norms without weight or bias (q / k norms too)
     norm_affine: bool = True
     # OLMo 1: q, k and v clamped to [-clip_qkv, clip_qkv]; None = off
     clip_qkv: float | None = None
@@ -328,8 +333,6 @@ class DecoderConfig:
                              f"{self.norm_type!r}")
         if self.norm_type == "layer" and self.qk_norm:
             raise UnsupportedModelError("LayerNorm models with q / k norms are not supported")
-        if self.norm_type == "rms" and not self.norm_affine:
-            raise ValueError("config.norm_affine=False needs norm_type 'layer'")
         if not self.mlp_gated and self.num_experts:
             raise UnsupportedModelError("non-gated MLPs with experts are not supported")
         if self.position_embedding not in ("rope", "learned", "alibi"):
@@ -456,6 +459,7 @@ class DecoderConfig:
         learned = family in _LEARNED_POSITIONS
         bloom, gptj, falcon = family == "bloom", family == "gptj", family == "falcon"
         mpt, nemotron = family == "mpt", family == "nemotron"
+        nanochat = family == "nanochat"
 
         def need(key: str) -> Any:
             if key not in hf or hf[key] is None:
@@ -544,7 +548,9 @@ class DecoderConfig:
             float(hf.get("rms_norm_eps", 1e-6)),
             norm_type="layer" if layer_norm else "rms",
             norm_bias=layer_norm and not cohere and not mpt and family != "olmo",
-            norm_affine=family != "olmo",
+            norm_affine=family not in ("olmo", "nanochat"),
+            rope_reversed=nanochat,
+            embed_norm=bloom or nanochat,
             clip_qkv=_positive_or_none(hf.get("clip_qkv")) if family == "olmo" else None,
             parallel_residual=cohere or family in ("phi", "gptj") or (
                 neox and bool(hf.get("use_parallel_residual", True))) or (
@@ -553,14 +559,15 @@ class DecoderConfig:
                 falcon and hf["_falcon_norms"] == 2),
             lm_head_bias=family in ("phi", "gptj"),
             mlp_gated=family not in ("starcoder2", "phi", "gpt_neox", "gptj", "falcon",
-                                     "mpt", "nemotron", "arcee") and not learned and not bloom,
+                                     "mpt", "nemotron", "arcee", "nanochat") and not learned and
+            not bloom,
             position_embedding="learned" if learned else "alibi" if bloom or mpt else "rope",
             alibi_max_bias=float(hf["_alibi_bias_max"]) if mpt else None,
             position_offset=2 if family == "opt" else 0,
             qkv_grouped=neox or bloom or (family == "gpt_bigcode" and
                                           not hf.get("multi_query", True)) or (
                 falcon and hf["_falcon_grouped"]),
-            embed_norm=bloom,
+
             tie_word_embeddings=bool(hf.get("tie_word_embeddings",
                                             gemma or family == "starcoder2" or cohere or
                                             learned or bloom or falcon or mpt)),
@@ -578,8 +585,8 @@ class DecoderConfig:
                 family in ("ernie4_5", "starcoder2", "phi") and attention_bias) or neox or \
             learned or bloom or gptj,
             qk_norm=family in ("qwen3", "qwen3_moe", "gemma3", "olmo2", "olmo3", "olmoe",
-                               "exaone4", "hunyuan"),
-            qk_norm_after_rope=family == "hunyuan",
+                               "exaone4", "hunyuan", "nanochat"),
+            qk_norm_after_rope=family in ("hunyuan", "nanochat"),
             qk_norm_full=family in ("olmo2", "olmo3", "olmoe"),
             post_norm=family in ("olmo2", "olmo3", "exaone4"),
             hidden_act=_activation_from_hf(hf, family),

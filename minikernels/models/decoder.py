@@ -86,13 +86,13 @@ def make_norm(c: DecoderConfig, dtype: torch.dtype, device: torch.device | str |
               ) -> RMSNorm | LayerNorm:
     """The decoder's norm of ``c.hidden_size``: RMSNorm (with Gemma's offset) or
     LayerNorm (StableLM, StarCoder 2, ...; with a bias when ``c.norm_bias``, Nemotron's
-    offset, OLMo 1's without parameters)."""
+    offset, OLMo 1's without parameters; NanoChat's RMSNorms without parameters)."""
     if c.norm_type == "layer":
         return LayerNorm(c.hidden_size, c.rms_norm_eps, bias=c.norm_bias, dtype=dtype,
                          device=device, weight_offset=c.norm_weight_offset,
                          elementwise_affine=c.norm_affine)
     return RMSNorm(c.hidden_size, c.rms_norm_eps, dtype=dtype, device=device,
-                   weight_offset=c.norm_weight_offset)
+                   weight_offset=c.norm_weight_offset, elementwise_affine=c.norm_affine)
 
 
 class Attention(nn.Module):
@@ -121,9 +121,11 @@ class Attention(nn.Module):
             q_dim, k_dim = (self.q_size, self.kv_size) if c.qk_norm_full else \
                 (c.head_dim, c.head_dim)
             self.q_norm = RMSNorm(q_dim, c.rms_norm_eps, dtype=dtype, device=device,
-                                  weight_offset=c.norm_weight_offset)
+                                  weight_offset=c.norm_weight_offset,
+                                  elementwise_affine=c.norm_affine)
             self.k_norm = RMSNorm(k_dim, c.rms_norm_eps, dtype=dtype, device=device,
-                                  weight_offset=c.norm_weight_offset)
+                                  weight_offset=c.norm_weight_offset,
+                                  elementwise_affine=c.norm_affine)
         # Shared across layers; a plain attribute (not a submodule) so it is stored once.
         self.__dict__["rotary"] = rotary
         self.qk_norm_after_rope = c.qk_norm_after_rope
@@ -318,11 +320,13 @@ class CausalLM(nn.Module):
         self.num_local_kv_heads = attention_shard(c, tp).nkv
         self.rotary = RotaryEmbedding(c.rotary_dim, c.max_position_embeddings, c.rope_theta,
                                       c.rope_scaling, device=device,
-                                      is_neox_style=not c.rope_interleaved)
+                                      is_neox_style=not c.rope_interleaved,
+                                      reverse=c.rope_reversed)
         # Gemma 3's sliding-window layers rotate with their own base (no scaling).
         self.sliding_rotary = self.rotary if c.sliding_rope_theta is None else \
             RotaryEmbedding(c.rotary_dim, c.max_position_embeddings, c.sliding_rope_theta,
-                            None, device=device, is_neox_style=not c.rope_interleaved)
+                            None, device=device, is_neox_style=not c.rope_interleaved,
+                            reverse=c.rope_reversed)
         if tp is None:
             self.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size, dtype=dtype,
                                              device=device)

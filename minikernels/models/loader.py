@@ -392,6 +392,9 @@ def _family_name(name: str, config: DecoderConfig) -> str:
         return _renamed(name, *_FAMILY_NAMES[config.architecture])
     if config.architecture in ("nemotron", "arcee"):   # the non-gated MLP's one up_proj
         return name.replace(".mlp.up_proj.", ".mlp.gate_proj.")
+    if config.architecture == "nanochat":               # its non-gated fc1 / fc2
+        return name.replace(".mlp.fc1.", ".mlp.gate_proj.").replace(".mlp.fc2.",
+                                                                    ".mlp.down_proj.")
     if config.architecture == "hunyuan":    # its per-head q / k norms
         return name.replace(".self_attn.query_layernorm.", ".self_attn.q_norm.").replace(
             ".self_attn.key_layernorm.", ".self_attn.k_norm.")

@@ -25,15 +25,23 @@ class RMSNorm(nn.Module):
 
     forward(x) -> y; forward(x, residual) -> (rms_norm(x + residual), x + residual),
     the sum rounded to x.dtype (it is the next residual). x [..., H]; weight [H].
+    ``elementwise_affine=False`` (NanoChat): no parameter, scale 1 (the weight is a buffer
+    of ones, never read from a checkpoint).
     """
 
     def __init__(self, hidden_size: int, eps: float = 1e-6, dtype: torch.dtype | None = None,
-                 device: torch.device | str | None = None, weight_offset: float = 0.0) -> None:
+                 device: torch.device | str | None = None, weight_offset: float = 0.0,
+                 elementwise_affine: bool = True) -> None:
         super().__init__()
         self.eps = float(eps)
         self.weight_offset = float(weight_offset)
-        self.weight = nn.Parameter(torch.full((hidden_size,), 1.0 - self.weight_offset,
-                                              dtype=dtype, device=device))
+        self.elementwise_affine = bool(elementwise_affine)
+        weight = torch.full((hidden_size,), 1.0 - self.weight_offset, dtype=dtype,
+                            device=device)
+        if self.elementwise_affine:
+            self.weight = nn.Parameter(weight)
+        else:
+            self.register_buffer("weight", weight, persistent=False)
 
     def forward(self, x: Tensor, residual: Tensor | None = None
                 ) -> Tensor | tuple[Tensor, Tensor]:
@@ -42,6 +50,7 @@ class RMSNorm(nn.Module):
 
     def extra_repr(self) -> str:
         offset = f", weight_offset={self.weight_offset}" if self.weight_offset else ""
+        offset += "" if self.elementwise_affine else ", elementwise_affine=False"
         return f"{self.weight.shape[0]}, eps={self.eps}{offset}"
 
 
@@ -92,18 +101,23 @@ class RotaryEmbedding(nn.Module):
     ``rope_scaling`` is a HF config dict (default / linear / llama3). ``is_neox_style``
     as vLLM's: True rotates dims (i, rotary_dim/2 + i) together (Llama/Qwen), False the
     interleaved pairs (2i, 2i + 1) (GPT-J); see :func:`minikernels.ops.rotary_embedding`.
+    ``reverse`` rotates by the negated angles (NanoChat's convention).
     """
 
     def __init__(self, rotary_dim: int, max_position: int, base: float = 10000.0,
                  rope_scaling: Mapping[str, Any] | None = None,
-                 device: torch.device | str | None = None, is_neox_style: bool = True) -> None:
+                 device: torch.device | str | None = None, is_neox_style: bool = True,
+                 reverse: bool = False) -> None:
         super().__init__()
         if not isinstance(is_neox_style, bool):
             raise TypeError(f"is_neox_style must be a bool, got {type(is_neox_style).__name__}")
         self.rotary_dim = rotary_dim
         self.max_position = max_position
         self.is_neox_style = is_neox_style
+        self.reverse = bool(reverse)
         cache = ops.build_rope_cache(rotary_dim, max_position, base, rope_scaling, device=device)
+        if self.reverse:    # NanoChat: rotate by -angle (the sin half negated)
+            cache[:, rotary_dim // 2:] = -cache[:, rotary_dim // 2:]
         # Not persistent: rebuilt from the config, never read from a checkpoint.
         self.register_buffer("cos_sin_cache", cache, persistent=False)
 
