@@ -658,3 +658,19 @@ def test_fused_int4_split_equals_the_rows_of_the_fused_weight(kv, q_per_kv, head
                       checkpoint_format="gptq_v2") if method == "gptq" else \
             from_awq(t["qweight"], t["qzeros"], t["scales"])
         assert torch.equal(w.dequantize(), ref), part
+
+
+def test_unknown_tensors_of_a_layer_are_refused(hf_dirs, tmp_path):
+    """A tensor inside one of the decoder's layers that no module reads (an attention sink,
+    a norm this decoder lacks) is refused by name: skipping it would change the math.
+    Tensors past the last layer (multi-token-prediction heads) are skipped with a log."""
+    d = _copy(hf_dirs["llama"][1], tmp_path / "extra")
+    path = os.path.join(d, "model.safetensors")
+    t = load_file(path)
+    t["model.layers.5.eh_proj.weight"] = torch.zeros(4, 4)        # past the 2 layers
+    save_file(t, path, metadata={"format": "pt"})
+    load_model(d, dtype="float32", device="cpu")
+    t["model.layers.1.self_attn.sinks"] = torch.zeros(4)
+    save_file(t, path, metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=r"no place for: \['model.layers.1.self_attn.sinks"):
+        load_model(d, dtype="float32", device="cpu")

@@ -213,6 +213,11 @@ CASES: dict[str, tuple[str, dict[str, Any]]] = {
     # squared-ReLU fc1 / fc2, a final logit softcap
     "nanochat": ("NanoChat", dict(num_attention_heads=4, num_key_value_heads=4,
                                   final_logit_softcapping=3.0, tie_word_embeddings=False)),
+    # VaultGemma: Gemma 2's attention (query_pre_attn_scalar, softcaps, a sliding layer)
+    # and (1 + w) norms without its sandwich norms
+    "vaultgemma": ("VaultGemma", dict(head_dim=32, sliding_window=6, query_pre_attn_scalar=24,
+                                      attn_logit_softcapping=4.0, final_logit_softcapping=6.0,
+                                      layer_types=["sliding_attention", "full_attention"])),
     # OLMoE: q / k norms over all heads, 8 experts, top 3 not renormalized.
     "olmoe": ("Olmoe", dict(num_experts=8, num_experts_per_tok=3, intermediate_size=40,
                             norm_topk_prob=False, pad_token_id=0, eos_token_id=2,

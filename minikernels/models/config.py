@@ -51,6 +51,8 @@ SUPPORTED_ARCHITECTURES = {
     "OlmoeForCausalLM": "olmoe",
     "GemmaForCausalLM": "gemma",
     "Gemma2ForCausalLM": "gemma2",
+    # VaultGemma (1B, trained with differential privacy): Gemma 2 without the sandwich norms
+    "VaultGemmaForCausalLM": "vaultgemma",
     "Gemma3ForCausalLM": "gemma3",
     "GraniteForCausalLM": "granite",
     # Granite 4.0's dense attention models (granite-4.0-micro); the Mamba hybrids refused
@@ -139,6 +141,7 @@ _MODEL_TYPES = {"llama": "llama", "mistral": "mistral", "ministral": "ministral"
                 "qwen3_moe": "qwen3_moe", "qwen2_moe": "qwen2_moe", "mixtral": "mixtral", "granitemoe": "granitemoe",
                 "olmoe": "olmoe",
                 "gemma": "gemma", "gemma2": "gemma2", "gemma3_text": "gemma3",
+                "vaultgemma": "vaultgemma",
                 "granite": "granite", "granitemoehybrid": "granite_hybrid",
                 "phi3": "phi3", "smollm3": "smollm3",
                 "olmo2": "olmo2", "olmo3": "olmo3", "exaone4": "exaone4",
@@ -154,7 +157,7 @@ _MODEL_TYPES = {"llama": "llama", "mistral": "mistral", "ministral": "ministral"
                 "olmo": "olmo", "nanochat": "nanochat"}
 #: the families with learned absolute position embeddings (no rope)
 _LEARNED_POSITIONS = ("gpt2", "opt", "gpt_bigcode", "gpt_neo")
-_GEMMA = ("gemma", "gemma2", "gemma3")
+_GEMMA = ("gemma", "gemma2", "gemma3", "vaultgemma")
 #: the mixture-of-experts families (models/moe.py)
 _MOE = ("qwen3_moe", "qwen2_moe", "mixtral", "granitemoe", "olmoe")
 #: Multimodal architectures whose text decoder is served (text-only prompts): the
@@ -595,9 +598,10 @@ class DecoderConfig:
             sandwich_norm=family in ("gemma2", "gemma3", "glm4"),
             attention_scale=_attention_scale(hf, family),
             attn_logit_softcapping=_positive_or_none(hf.get("attn_logit_softcapping", 50.0))
-            if family == "gemma2" else None,
+            if family in ("gemma2", "vaultgemma") else None,
             final_logit_softcapping=_positive_or_none(hf.get(
-                "final_logit_softcapping", 30.0 if family == "gemma2" else None)),
+                "final_logit_softcapping",
+                30.0 if family in ("gemma2", "vaultgemma") else None)),
             sliding_rope_theta=sliding_rope_theta,
             llama4_scaling_beta=_llama4_scaling(hf)[0],
             llama4_scaling_length=_llama4_scaling(hf)[1],
@@ -916,7 +920,7 @@ def _attention_scale(hf: Mapping[str, Any], family: str) -> float | None:
     scale_attn_weights."""
     if hf.get("_attention_scale") is not None:
         return float(hf["_attention_scale"])
-    if family in ("gemma2", "gemma3"):
+    if family in ("gemma2", "gemma3", "vaultgemma"):
         return float(hf.get("query_pre_attn_scalar", 256)) ** -0.5
     if family in ("granite", "granitemoe", "granite_hybrid"):
         return float(hf.get("attention_multiplier", 1.0))

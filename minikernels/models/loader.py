@@ -392,6 +392,8 @@ def _family_name(name: str, config: DecoderConfig) -> str:
         return _renamed(name, *_FAMILY_NAMES[config.architecture])
     if config.architecture in ("nemotron", "arcee"):   # the non-gated MLP's one up_proj
         return name.replace(".mlp.up_proj.", ".mlp.gate_proj.")
+    if config.architecture == "vaultgemma":   # its one norm before the MLP
+        return name.replace(".pre_feedforward_layernorm.", ".post_attention_layernorm.")
     if config.architecture == "nanochat":               # its non-gated fc1 / fc2
         return name.replace(".mlp.fc1.", ".mlp.gate_proj.").replace(".mlp.fc2.",
                                                                     ".mlp.down_proj.")
@@ -527,6 +529,16 @@ def check_kv_scale(buffer: Tensor, tensor: Tensor, where: str) -> None:
     if values.device.type != "meta" and \
             not bool(torch.isfinite(values).all() & (values > 0).all()):
         raise CheckpointError(f"{where}: KV-cache scales must be finite and > 0")
+
+
+_LAYER_INDEX_RE = re.compile(r"(?:^|\.)(?:layers|h|blocks)\.(\d+)\.")
+
+
+def _inside_a_layer(name: str, num_layers: int) -> bool:
+    """Whether ``name`` belongs to one of the decoder's layers (index < num_layers; a
+    checkpoint's extra layers past them, e.g. multi-token-prediction heads, do not)."""
+    m = _LAYER_INDEX_RE.search(name)
+    return m is not None and int(m.group(1)) < num_layers
 
 
 def _load_kv_scale(buffer: Tensor, tensor: Tensor, where: str) -> None:
@@ -1040,6 +1052,12 @@ def _load_hf(model_dir: str, dtype: str | torch.dtype, device: torch.device,
         names = [_hf_name(*m) for m in missing]
         more = f" (and {len(names) - 10} more)" if len(names) > 10 else ""
         raise CheckpointError(f"{model_dir}: missing tensors: {names[:10]}{more}")
+    inside = [n for n in unexpected if _inside_a_layer(n, config.num_layers)]
+    if inside:      # part of a layer this decoder runs: ignoring it would change the math
+        more = f" (and {len(inside) - 10} more)" if len(inside) > 10 else ""
+        raise CheckpointError(f"{model_dir}: tensors of the decoder layers this "
+                              f"{config.hf_architecture or config.architecture} decoder "
+                              f"has no place for: {inside[:10]}{more}")
     if unexpected:
         logger.warning("minikernels: ignored %d unexpected tensors in %s: %s",
                        len(unexpected), model_dir, unexpected[:5])
