@@ -71,12 +71,13 @@ def to_paged(k, v, lens_k, block_size, seed=0, spare_blocks=3):
 
 
 def expected(q, k, v, cu_q, cu_k, causal=True, scale=None, window_left=-1, softcap=0.0,
-             window_right=-1, alibi_slopes=None):
+             window_right=-1, alibi_slopes=None, sinks=None):
     """fp32 reference on the same (rounded) inputs -> (out in q.dtype, lse)."""
     scale = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
     out, lse = reference.flash_attention(q.float(), k.float(), v.float(), cu_q, cu_k, 0, 0,
                                          causal, scale, window_left, softcap, None,
-                                         window_right, alibi_slopes=alibi_slopes)
+                                         window_right, alibi_slopes=alibi_slopes,
+                                         sinks=sinks)
     return out.to(q.dtype), lse
 
 
@@ -130,7 +131,14 @@ def varlen_case(draw):
         paged=draw(st.sampled_from([0, 0, 1, 5, 8, 12, 16, 32])),
         tile=draw(st.sampled_from([(16, 16), (32, 16), (16, 32)])),
         alibi=draw(st.sampled_from([None, None, "head", "batch_head"])),
+        sinks=draw(st.booleans()),
         seed=draw(st.integers(0, 2**16)))
+
+
+def sink_logits(hq, device, seed=0):
+    """Per-head attention-sink logits [Hq], a strided view (every other element)."""
+    g = torch.Generator().manual_seed(seed + 7)
+    return (torch.randn(2 * hq, generator=g) * 2).to(device)[::2]
 
 
 def alibi_slopes(kind, batch, hq, device, seed=0):
@@ -150,10 +158,11 @@ def test_random_varlen_matches_reference(device, case):
     q, k, v, cu_q, cu_k = make_batch(c["lens_q"], c["lens_k"], c["hq"], c["hkv"], c["d"],
                                      c["dtype"], device, c["seed"])
     slopes = alibi_slopes(c["alibi"], len(c["lens_q"]), c["hq"], device, c["seed"])
+    sinks = sink_logits(c["hq"], device, c["seed"]) if c["sinks"] else None
     ref_out, ref_lse = expected(q, k, v, cu_q, cu_k, c["causal"], None, c["window_left"],
-                                c["softcap"], c["window_right"], slopes)
+                                c["softcap"], c["window_right"], slopes, sinks)
     kw = dict(causal=c["causal"], window_left=c["window_left"], softcap=c["softcap"],
-              window_right=c["window_right"], alibi_slopes=slopes)
+              window_right=c["window_right"], alibi_slopes=slopes, sinks=sinks)
     kk, vv, table = k, v, None
     if c["paged"]:
         kk, vv, table = to_paged(k, v, c["lens_k"], c["paged"], c["seed"])
@@ -627,3 +636,41 @@ def test_pick_config_fits_shared_memory(cap, smem, d):
         with mock.patch.dict(os.environ, {"MINIKERNELS_FLASH_CONFIG": "64,32"}):
             with pytest.raises(ValueError, match="MINIKERNELS_FLASH_CONFIG"):
                 fa.pick_config(d, torch.bfloat16, dev)
+
+
+# ------------------------------------------------------------------------ attention sinks
+def test_sinks_reference_is_a_softmax_with_one_more_logit():
+    """The spec: a sink is one more logit in each head's softmax (GPT-OSS's eager
+    attention: concatenate it to the scores, softmax, drop it), taking mass but no value."""
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(5, 2, 8, generator=g) for _ in range(3))
+    sinks = torch.tensor([0.5, -1.0])
+    out, lse = reference._attend(q, k, v, 0.3, True, -1, 0.0, sinks=sinks)
+    s = torch.einsum("qhd,khd->hqk", q, k) * 0.3
+    s = s.masked_fill(torch.ones(5, 5).triu(1).bool(), float("-inf"))
+    full = torch.cat([s, sinks.view(2, 1, 1).expand(2, 5, 1)], dim=-1)
+    p = torch.softmax(full, dim=-1)[..., :-1]
+    torch.testing.assert_close(out, torch.einsum("hqk,khd->qhd", p, v))
+    torch.testing.assert_close(lse, torch.logsumexp(full, dim=-1))
+
+
+def test_sinks_bshd_no_key_rows_and_errors(device):
+    """bshd takes sinks; a row that sees no key keeps output 0 and its lse is the sink;
+    bad sinks are refused naming the argument."""
+    q = torch.randn(1, 4, 2, 16, device=device, dtype=torch.float16)
+    k = torch.randn(1, 2, 2, 16, device=device, dtype=torch.float16)
+    sinks = torch.tensor([1.0, -2.0], device=device)
+    with mk.use_backend("triton"):
+        out, lse = mk.ops.flash_attention_bshd(q, k, k, causal=True, return_lse=True,
+                                               sinks=sinks)
+    assert torch.equal(out[0, :2].float(), torch.zeros(2, 2, 16, device=device))
+    assert torch.equal(lse[0, :, :2], sinks.view(2, 1).expand(2, 2))
+    ref, ref_lse = reference._attend(q[0].float(), k[0].float(), k[0].float(), 0.25, True, -1,
+                                     0.0, sinks=sinks)
+    assert_close(out[0], ref.to(out.dtype))
+    torch.testing.assert_close(lse[0], ref_lse, atol=2e-3, rtol=1e-3)
+    for bad, err in ((torch.zeros(3, device=device), ValueError),
+                     (torch.zeros(2, dtype=torch.int32, device=device), TypeError),
+                     ([0.0, 0.0], TypeError)):
+        with pytest.raises(err, match="sinks"):
+            mk.ops.flash_attention_bshd(q, k, k, sinks=bad)

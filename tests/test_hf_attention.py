@@ -289,12 +289,44 @@ def test_kernel_paths_match_reference_math() -> None:
     torch.testing.assert_close(out, _reference(q1, k1, v1, keys[:, None, None, :], 0.3), **TOL)
 
 
-def test_s_aux_and_float_2d_mask_refused() -> None:
+def test_float_2d_mask_refused() -> None:
     q, k, v = _qkv()
-    with pytest.raises(NotImplementedError, match="s_aux"):
-        mkhf.attention_forward(_module(), q, k, v, None, s_aux=torch.zeros(4))
     with pytest.raises(ValueError, match="2-D float"):
         mkhf.attention_forward(_module(), q, k, v, torch.zeros(2, 5))
+
+
+def _reference_sinks(q, k, v, allowed, scale, sinks):
+    """GPT-OSS's eager attention: the sink logit concatenated to each row, dropped after
+    the softmax."""
+    rep = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+    s = (q @ k.transpose(2, 3) * scale).masked_fill(~allowed, float("-inf"))
+    s = torch.cat([s, sinks.view(1, -1, 1, 1).expand(*s.shape[:3], 1)], dim=-1)
+    return (torch.softmax(s, -1)[..., :-1] @ v).transpose(1, 2)
+
+
+def test_s_aux_attention_sinks_on_every_path(recwarn) -> None:
+    """GPT-OSS's s_aux (a sink logit per head) on every path: no mask (bshd), a padded
+    prefill, a padded decode step, and the fp32 fallback (output_attentions)."""
+    q, k, v = _qkv()
+    sinks = torch.tensor([0.5, -1.0, 2.0, 0.0])
+    causal = torch.ones(5, 5).tril().bool()
+    out, _ = mkhf.attention_forward(_module(), q, k, v, None, scaling=0.3, s_aux=sinks)
+    torch.testing.assert_close(out, _reference_sinks(q, k, v, causal, 0.3, sinks), **TOL)
+    mask = torch.ones(2, 5, dtype=torch.long)
+    mask[0, :2] = 0                                  # left padding
+    allowed = causal & mask.bool()[:, None, None, :]
+    out, _ = mkhf.attention_forward(_module(), q, k, v, mask, scaling=0.3, s_aux=sinks)
+    ref = _reference_sinks(q, k, v, allowed, 0.3, sinks)
+    torch.testing.assert_close(out[1], ref[1], **TOL)
+    torch.testing.assert_close(out[0, 2:], ref[0, 2:], **TOL)      # (padding rows: any)
+    step, _ = mkhf.attention_forward(_module(), q[:, :, -1:], k, v, mask, scaling=0.3,
+                                     s_aux=sinks)
+    torch.testing.assert_close(step, ref[:, -1:], **TOL)
+    out, weights = mkhf.attention_forward(_module(), q, k, v, None, scaling=0.3, s_aux=sinks,
+                                          output_attentions=True)
+    assert weights is not None
+    torch.testing.assert_close(out, _reference_sinks(q, k, v, causal, 0.3, sinks), **TOL)
 
 
 def test_packed_sequences_use_the_exact_mask(models) -> None:
@@ -311,3 +343,24 @@ def test_packed_sequences_use_the_exact_mask(models) -> None:
             warnings.simplefilter("ignore")
             got = model(ids, position_ids=pos).logits
     torch.testing.assert_close(got, want, **TOL)
+
+
+def test_gpt_oss_attention_sinks_match_eager() -> None:
+    """transformers' GPT-OSS (attention sinks, a sliding layer) with
+    attn_implementation="minikernels": logits equal its eager attention's."""
+    import transformers
+    from test_model_support import randomize_
+
+    config = transformers.GptOssConfig(
+        vocab_size=300, hidden_size=64, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_local_experts=4,
+        num_experts_per_tok=2, sliding_window=4, max_position_embeddings=128,
+        layer_types=["sliding_attention", "full_attention"])
+    model = randomize_(transformers.GptOssForCausalLM(config).float().eval(), 1)
+    ids = _ids(2, 11)
+    with torch.no_grad():
+        model.set_attn_implementation("eager")
+        ref = model(ids).logits
+        model.set_attn_implementation("minikernels")
+        got = model(ids).logits
+    torch.testing.assert_close(got, ref, atol=2e-5, rtol=2e-5)

@@ -25,7 +25,7 @@ HALF_TOL = {torch.float16: 0.02, torch.bfloat16: 0.06}
                                   # these): per-head fused q / k / v and two norms, learned
                                   # positions, ALiBi through both attention kernels, kv-group
                                   # fused q / k / v
-                                  "gpt_neox", "gpt2", "bloom", "falcon-new",
+                                  "gpt_neox", "gpt2", "bloom", "falcon-new", "granite_swa",
                                   "qwen3-moe",
                                   "qwen2-moe", "mixtral", "granitemoe", "olmoe"])
 def test_gpu_forward_paths_match_transformers(hf_dirs, kind, dtype):

@@ -218,6 +218,12 @@ CASES: dict[str, tuple[str, dict[str, Any]]] = {
     "vaultgemma": ("VaultGemma", dict(head_dim=32, sliding_window=6, query_pre_attn_scalar=24,
                                       attn_logit_softcapping=4.0, final_logit_softcapping=6.0,
                                       layer_types=["sliding_attention", "full_attention"])),
+    # Granite SWA: Granite's multipliers, a global layer then sliding ones (window 6), its
+    # own rope base on the global layer, NoPE on the last, learned attention sinks
+    "granite_swa": ("GraniteSWA", dict(num_hidden_layers=3, sliding_window=6,
+                                       embedding_multiplier=2.0, residual_multiplier=0.5,
+                                       attention_multiplier=0.2, logits_scaling=2.0,
+                                       layer_rope_theta=[5e5, 1e4, 0])),
     # OLMoE: q / k norms over all heads, 8 experts, top 3 not renormalized.
     "olmoe": ("Olmoe", dict(num_experts=8, num_experts_per_tok=3, intermediate_size=40,
                             norm_topk_prob=False, pad_token_id=0, eos_token_id=2,

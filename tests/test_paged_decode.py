@@ -48,9 +48,10 @@ def run(backend, q, kc, vc, bt, sl, **kw):
 
 
 def ref(q, kc, vc, bt, sl, softmax_scale=None, window_left=-1, softcap=0.0,
-        alibi_slopes=None, **_):
+        alibi_slopes=None, sinks=None, **_):
     return reference.paged_decode_attention(q, kc, vc, bt, sl, softmax_scale, window_left,
-                                            softcap, alibi_slopes=alibi_slopes)[0]
+                                            softcap, alibi_slopes=alibi_slopes,
+                                            sinks=sinks)[0]
 
 
 @pytest.mark.parametrize("backend", kernel_backends())
@@ -80,6 +81,7 @@ def test_random_configs(backend, device, data):
     num_splits = data.draw(st.sampled_from([0, 1, 3]))
     split_size = data.draw(st.sampled_from([0, 0, 64, 100]))
     alibi = data.draw(st.sampled_from([None, None, "head", "batch_head"]))
+    with_sinks = data.draw(st.booleans())
     case = make_case(lens, hq, hkv, d, block_size=block_size, dtype=dtype, device=device,
                      seed=data.draw(st.integers(0, 1000)))
     slopes = None if alibi is None else (
@@ -87,7 +89,9 @@ def test_random_configs(backend, device, data):
     )   # [B, Hq]: a view with its own row stride
     kw = dict(softmax_scale=scale, window_left=window, softcap=softcap,
               num_splits=num_splits, split_size=split_size,
-              alibi_slopes=None if slopes is None else slopes.to(device))
+              alibi_slopes=None if slopes is None else slopes.to(device),
+              # attention sinks [Hq]: a strided view
+              sinks=(torch.randn(2 * hq) * 2)[::2].to(device) if with_sinks else None)
     if backend == "cuda" and (dtype == torch.float32 or d not in (64, 128, 256)):
         pytest.skip("outside the CUDA kernel's support")
     assert_close(run(backend, *case, **kw), ref(*case, **kw), scale=2.0)
@@ -422,3 +426,17 @@ def test_merge_attn_states_errors():
         mk.ops.merge_attn_states(o, lse.half(), o, lse)
     with pytest.raises(ValueError, match="out_b must have shape"):
         mk.ops.merge_attn_states(o, lse, o[:1], lse)
+
+
+@pytest.mark.parametrize("backend", kernel_backends())
+def test_sinks_lse_and_empty_rows(backend, device):
+    """With sinks the returned lse includes each head's sink (equal to the reference's),
+    and a seq_len-0 row keeps zeros with the sink as its lse."""
+    case = make_case([0, 9, 33], 4, 2, 64, device=device, dtype=torch.bfloat16)
+    sinks = torch.tensor([0.5, -1.0, 2.0, 0.0], device=device)
+    out, lse = run(backend, *case, sinks=sinks, return_lse=True)
+    ref_out, ref_lse = reference.paged_decode_attention(*case, sinks=sinks)
+    assert_close(out, ref_out)
+    torch.testing.assert_close(lse, ref_lse, atol=2e-3, rtol=1e-3)
+    assert torch.equal(out[0].float(), torch.zeros_like(out[0], dtype=torch.float32))
+    assert torch.equal(lse[0], sinks)

@@ -69,6 +69,8 @@ TP_CASES = {
     "olmo": ("olmo", {}),
     # NanoChat: parameter-free norms (the embedding's, q / k after reversed rope)
     "nanochat": ("nanochat", {}),
+    # Granite SWA: each rank its heads' attention sinks; NoPE and a second rope base
+    "granite_swa": ("granite_swa", {}),
     # MPT: each rank its heads' MPT slopes (6 heads, head_dim 32 for int4 group 32)
     "mpt": ("mpt", {"hidden_size": 192}),
     # OLMo 2 / OLMoE: q / k norms over every head (an all-reduced sum of squares), kv

@@ -39,8 +39,8 @@ gradients (the ops have no backward); a 4-D / float mask from the caller; a mask
 custom mask functions: :func:`attention_mask` then returns the exact 4-D mask); a window
 over a padded prefill with holes; a bidirectional sliding window; head dims the kernels do
 not take (not a multiple of 8, > 256, or a value head dim unlike the query's); dtypes other
-than fp16 / bf16 / fp32; a padded prefill while compiling. ``s_aux`` (attention sinks) is
-refused with an error.
+than fp16 / bf16 / fp32; a padded prefill while compiling. ``s_aux`` (GPT-OSS's attention
+sinks, [Hq]) goes to the ops' ``sinks`` (one more logit per head in every softmax).
 """
 from __future__ import annotations
 
@@ -240,21 +240,24 @@ def _fallback(module: torch.nn.Module, query: Tensor, key: Tensor, value: Tensor
         # rows that see no key (padding queries) would give NaN: let them see all, zero after
         empty = ~mask4.any(dim=-1, keepdim=True)                     # [B, 1, Sq, 1]
         mask4 = mask4 | empty
-    if not want_weights and not softcap:
+    sinks = kwargs.get("s_aux")
+    if not want_weights and not softcap and sinks is None:
         out, weights = sdpa_attention_forward(module, query, key, value, mask4,
                                               dropout=dropout, scaling=scale,
                                               is_causal=causal if mask4 is None else False)
     else:
-        out, weights = _eager(query, key, value, mask4, scale, dropout, softcap, want_weights)
+        out, weights = _eager(query, key, value, mask4, scale, dropout, softcap, want_weights,
+                              sinks)
     if empty is not None:
         out = out.masked_fill(empty.view(b, sq, 1, 1), 0.0)
     return out, weights
 
 
 def _eager(query: Tensor, key: Tensor, value: Tensor, mask4: Tensor | None, scale: float,
-           dropout: float, softcap: float | None, want_weights: bool
-           ) -> tuple[Tensor, Tensor | None]:
-    """Plain attention in fp32 math (softcap, attention weights)."""
+           dropout: float, softcap: float | None, want_weights: bool,
+           sinks: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+    """Plain attention in fp32 math (softcap, attention weights, attention sinks: one more
+    logit per head in each softmax, dropped after it)."""
     rep = query.shape[1] // key.shape[1]
     k = key.repeat_interleave(rep, dim=1).float()
     v = value.repeat_interleave(rep, dim=1).float()
@@ -263,7 +266,11 @@ def _eager(query: Tensor, key: Tensor, value: Tensor, mask4: Tensor | None, scal
         s = softcap * torch.tanh(s / softcap)
     if mask4 is not None:
         s = s.masked_fill(~mask4, float("-inf")) if mask4.dtype == torch.bool else s + mask4
-    p = torch.softmax(s, dim=-1).nan_to_num(0.0)
+    if sinks is not None:
+        sink = sinks.float().view(1, -1, 1, 1).expand(*s.shape[:3], 1)
+        p = torch.softmax(torch.cat([s, sink], dim=-1), dim=-1)[..., :-1].nan_to_num(0.0)
+    else:
+        p = torch.softmax(s, dim=-1).nan_to_num(0.0)
     if dropout:
         p = F.dropout(p, p=dropout, training=True)
     out = torch.matmul(p, v).to(query.dtype).transpose(1, 2).contiguous()
@@ -271,7 +278,8 @@ def _eager(query: Tensor, key: Tensor, value: Tensor, mask4: Tensor | None, scal
 
 
 def _decode_compacted(query: Tensor, key: Tensor, value: Tensor, mask: Tensor, scale: float,
-                      causal: bool, sliding_window: int | None, softcap: float) -> Tensor:
+                      causal: bool, sliding_window: int | None, softcap: float,
+                      sinks: Tensor | None = None) -> Tensor:
     """One query per row, any 2-D mask: valid keys gathered to the front, paged decode."""
     b, _, _, d = query.shape
     hkv, sk = key.shape[1], key.shape[2]
@@ -293,7 +301,7 @@ def _decode_compacted(query: Tensor, key: Tensor, value: Tensor, mask: Tensor, s
     table = torch.arange(b * nb, device=query.device, dtype=torch.int32).view(b, nb)
     lens = valid.sum(dim=1, dtype=torch.int32)
     out = ops.paged_decode_attention(query[:, :, 0, :], kc, vc, table, lens,
-                                     softmax_scale=scale, softcap=softcap)
+                                     softmax_scale=scale, softcap=softcap, sinks=sinks)
     return out.unsqueeze(1)
 
 
@@ -311,7 +319,8 @@ def _cu(lengths: Tensor) -> Tensor:
 
 
 def _prefill_unpadded(query: Tensor, key: Tensor, value: Tensor, mask: Tensor, scale: float,
-                      causal: bool, window_left: int, softcap: float) -> Tensor:
+                      causal: bool, window_left: int, softcap: float,
+                      sinks: Tensor | None = None) -> Tensor:
     """Several queries per row, a 2-D mask: pack the valid keys (and, causal, the valid
     queries) per row into varlen and run flash_attention; scatter back (0 at padding)."""
     b, hq, sq, d = query.shape
@@ -333,7 +342,7 @@ def _prefill_unpadded(query: Tensor, key: Tensor, value: Tensor, mask: Tensor, s
     lens = torch.stack([qlens, klens]).amax(dim=1).tolist()
     out = ops.flash_attention(q, k, v, _cu(qlens), _cu(klens), int(lens[0]), int(lens[1]),
                               causal=causal, softmax_scale=scale, window_left=window_left,
-                              softcap=softcap)
+                              softcap=softcap, sinks=sinks)
     if not causal:
         return out.view(b, sq, hq, d)
     full = out.new_zeros(b, sq, hq, d)
@@ -353,9 +362,6 @@ def attention_forward(module: torch.nn.Module, query: Tensor, key: Tensor, value
     Returns (out [B, Sq, Hq, D] in query's dtype, None) (the weights only on the
     output_attentions fallback).
     """
-    if kwargs.get("s_aux") is not None:
-        raise NotImplementedError("minikernels attention has no attention sinks (s_aux); "
-                                  "use attn_implementation='eager' for this model")
     if isinstance(attention_mask, Tensor) and attention_mask.ndim == 2 and \
             attention_mask.dtype.is_floating_point:
         raise ValueError("a 2-D float attention mask is ambiguous (additive or 0/1?); pass a "
@@ -382,6 +388,7 @@ def attention_forward(module: torch.nn.Module, query: Tensor, key: Tensor, value
                          sliding_window, softcap, kwargs)
     scale = float(scaling) if scaling is not None else 1.0 / math.sqrt(d)
     cap = float(softcap) if softcap else 0.0
+    sinks = kwargs.get("s_aux")                 # GPT-OSS's attention sinks [Hq]
     if attention_mask is None:
         cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
         max_q, max_k = kwargs.get("max_length_q"), kwargs.get("max_length_k")
@@ -391,21 +398,23 @@ def attention_forward(module: torch.nn.Module, query: Tensor, key: Tensor, value
                 key.transpose(1, 2).reshape(b * sk, key.shape[1], d),
                 value.transpose(1, 2).reshape(b * sk, key.shape[1], d),
                 cu_q.to(torch.int32), cu_k.to(torch.int32), int(max_q), int(max_k),
-                causal=causal, softmax_scale=scale, window_left=window_left, softcap=cap)
+                causal=causal, softmax_scale=scale, window_left=window_left, softcap=cap,
+                sinks=sinks)
             return out.view(b, sq, hq, d), None
         out = ops.flash_attention_bshd(query.transpose(1, 2), key.transpose(1, 2),
                                        value.transpose(1, 2), causal=causal,
                                        softmax_scale=scale, window_left=window_left,
-                                       softcap=cap)
+                                       softcap=cap, sinks=sinks)
         return out, None
     if attention_mask.ndim == 4:   # [B | 1, 1, 1, Sk] bool: the keys to read, exactly
         keys = attention_mask[:, 0, 0, :].expand(b, attention_mask.shape[-1])
-        return _decode_compacted(query, key, value, keys, scale, False, None, cap), None
+        return _decode_compacted(query, key, value, keys, scale, False, None, cap,
+                                 sinks), None
     if sq == 1:
         return _decode_compacted(query, key, value, attention_mask, scale, causal,
-                                 sliding_window if causal else None, cap), None
+                                 sliding_window if causal else None, cap, sinks), None
     return _prefill_unpadded(query, key, value, attention_mask, scale, causal, window_left,
-                             cap), None
+                             cap, sinks), None
 
 
 def register(name: str = NAME) -> None:

@@ -55,6 +55,9 @@ SUPPORTED_ARCHITECTURES = {
     "VaultGemmaForCausalLM": "vaultgemma",
     "Gemma3ForCausalLM": "gemma3",
     "GraniteForCausalLM": "granite",
+    # Granite SWA: Granite with sliding-window layers, a rope base per layer (0: NoPE) and
+    # a learned attention sink per head
+    "GraniteSWAForCausalLM": "granite_swa",
     # Granite 4.0's dense attention models (granite-4.0-micro); the Mamba hybrids refused
     "GraniteMoeHybridForCausalLM": "granite_hybrid",
     "Phi3ForCausalLM": "phi3",
@@ -143,6 +146,7 @@ _MODEL_TYPES = {"llama": "llama", "mistral": "mistral", "ministral": "ministral"
                 "gemma": "gemma", "gemma2": "gemma2", "gemma3_text": "gemma3",
                 "vaultgemma": "vaultgemma",
                 "granite": "granite", "granitemoehybrid": "granite_hybrid",
+                "granite_swa": "granite_swa",
                 "phi3": "phi3", "smollm3": "smollm3",
                 "olmo2": "olmo2", "olmo3": "olmo3", "exaone4": "exaone4",
                 "hunyuan_v1_dense": "hunyuan", "ernie4_5": "ernie4_5",
@@ -268,6 +272,8 @@ class DecoderConfig:
     alibi_max_bias: float | None = None
     # False (OLMo 1, NanoChat): norms without weight or bias (q / k norms too)
     norm_affine: bool = True
+    # Granite SWA / GPT-OSS: a learned sink logit per head in every attention softmax
+    attention_sinks: bool = False
     # OLMo 1: q, k and v clamped to [-clip_qkv, clip_qkv]; None = off
     clip_qkv: float | None = None
     hidden_act: str = "silu"
@@ -487,6 +493,10 @@ class DecoderConfig:
         window, window_layers = _sliding_window_from_hf(hf, family, num_layers)
         if window is None or family not in ("gemma3", "olmo3"):
             sliding_rope_theta = None
+        layer_nope = None
+        if hf.get("layer_rope_theta"):         # Granite SWA: a rope base per layer
+            rope_theta, sliding_rope_theta, layer_nope = _layer_rope_thetas(
+                hf["layer_rope_theta"], num_layers, window_layers, rope_theta)
 
         eos: list[int] = []
         for src in (generation_config or {}, hf):
@@ -553,6 +563,7 @@ class DecoderConfig:
             norm_bias=layer_norm and not cohere and not mpt and family != "olmo",
             norm_affine=family not in ("olmo", "nanochat"),
             rope_reversed=nanochat,
+            attention_sinks=family == "granite_swa",
             embed_norm=bloom or nanochat,
             clip_qkv=_positive_or_none(hf.get("clip_qkv")) if family == "olmo" else None,
             parallel_residual=cohere or family in ("phi", "gptj") or (
@@ -606,6 +617,7 @@ class DecoderConfig:
             llama4_scaling_beta=_llama4_scaling(hf)[0],
             llama4_scaling_length=_llama4_scaling(hf)[1],
             nope_layers=(_nope_layers_from_hf(hf, num_layers) if family == "smollm3" else
+                         layer_nope if layer_nope is not None else
                          list(range(num_layers)) if learned or bloom or mpt else
                          # Granite 4.0 without rope (position_embedding_type not "rope")
                          list(range(num_layers)) if family == "granite_hybrid" and
@@ -613,7 +625,8 @@ class DecoderConfig:
                          # EXAONE 4's hybrid models: no rope on the global layers
                          [i for i in range(num_layers) if i not in window_layers]
                          if family in ("exaone4", "cohere2") and window_layers else None),
-            **(_granite_from_hf(hf) if family in ("granite", "granitemoe", "granite_hybrid")
+            **(_granite_from_hf(hf) if family in ("granite", "granitemoe", "granite_hybrid",
+                                                  "granite_swa")
                else {}),
             # Cohere multiplies the logits by logit_scale: Granite's division by its inverse
             **({"logits_scaling": 1.0 / float(hf.get("logit_scale", 0.0625))} if cohere
@@ -695,6 +708,28 @@ def _granite_hybrid_dense(hf: Mapping[str, Any]) -> dict[str, Any]:
                                     "not supported")
     return {**hf, "intermediate_size": hf.get("shared_intermediate_size",
                                               hf.get("intermediate_size"))}
+
+
+def _layer_rope_thetas(thetas: Any, num_layers: int, window_layers: list[int] | None,
+                       default: float) -> tuple[float, float | None, list[int] | None]:
+    """(rope_theta, the sliding layers' base or None, the NoPE layers or None) from
+    Granite SWA's ``layer_rope_theta`` (a base per layer, 0 = NoPE), when the layers that
+    rotate use one base, or one for the sliding and one for the global layers (what the
+    decoder has); other patterns are refused by name."""
+    if not isinstance(thetas, list) or len(thetas) != num_layers:
+        raise ValueError(f"config.layer_rope_theta must list one base per layer "
+                         f"({num_layers})")
+    nope = [i for i, t in enumerate(thetas) if not t] or None
+    used = {float(t) for t in thetas if t}
+    if len(used) <= 1:
+        return (used.pop() if used else default), None, nope
+    sliding = set(window_layers or ())
+    by_kind = [{float(t) for i, t in enumerate(thetas) if t and (i in sliding) == s}
+               for s in (False, True)]
+    if len(used) == 2 and all(len(b) == 1 for b in by_kind):
+        return by_kind[0].pop(), by_kind[1].pop(), nope
+    raise UnsupportedModelError(f"layer_rope_theta with bases {sorted(used)} other than one "
+                                "per attention kind (global / sliding) is not supported")
 
 
 def _granite_from_hf(hf: Mapping[str, Any]) -> dict[str, Any]:
@@ -922,7 +957,7 @@ def _attention_scale(hf: Mapping[str, Any], family: str) -> float | None:
         return float(hf["_attention_scale"])
     if family in ("gemma2", "gemma3", "vaultgemma"):
         return float(hf.get("query_pre_attn_scalar", 256)) ** -0.5
-    if family in ("granite", "granitemoe", "granite_hybrid"):
+    if family in ("granite", "granitemoe", "granite_hybrid", "granite_swa"):
         return float(hf.get("attention_multiplier", 1.0))
     return None
 
@@ -1016,6 +1051,8 @@ def _sliding_window_from_hf(hf: Mapping[str, Any], family: str, num_layers: int
     elif family in ("qwen2", "qwen2_moe", "qwen3", "qwen3_moe"):
         start = int(hf.get("max_window_layers", num_layers))
         window_layers = list(range(start, num_layers))
+    elif family == "granite_swa":         # transformers' default: every 4th layer global
+        window_layers = [i for i in range(num_layers) if i % 4]
     elif family in ("gemma2", "gemma3"):   # transformers' default layer patterns
         pattern = 2 if family == "gemma2" else int(hf.get("sliding_window_pattern", 6))
         window_layers = [i for i in range(num_layers) if (i + 1) % pattern]

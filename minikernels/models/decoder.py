@@ -142,7 +142,7 @@ class Attention(nn.Module):
                                    softmax_scale=c.softmax_scale,
                                    window_left=c.window_left(layer),
                                    softcap=c.attn_logit_softcapping or 0.0,
-                                   alibi_slopes=slopes)
+                                   alibi_slopes=slopes, sinks=c.attention_sinks)
 
     def forward(self, x: Tensor, meta: AttentionMetadata, kv_cache: KVCache | None) -> Tensor:
         t = x.shape[0]

@@ -142,6 +142,8 @@ _QUANT_TENSORS = ("qweight", "qzeros", "scales", "g_idx",                # GPTQ 
 _PRIMARY_INT4 = ("qweight", "weight_packed")
 #: fp8 KV-cache scales as vLLM's fp8 checkpoints store them (one per layer, or per kv head)
 _KV_SCALE_RE = re.compile(r"^layers\.(\d+)\.self_attn\.(k_scale|v_scale)$")
+#: attention sinks (Granite SWA, GPT-OSS): one logit per q head of layer N
+_SINKS_RE = re.compile(r"^layers\.(\d+)\.self_attn\.sinks$")
 #: mixture of experts: per-expert projections (the hub's names), transformers 5's stacked
 #: ones, and the router (models/moe.py)
 _EXPERT_RE = re.compile(r"^layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)"
@@ -192,6 +194,9 @@ def map_name(name: str) -> tuple[str, int | None, str] | None:
     m = _KV_SCALE_RE.match(n)
     if m:
         return f"layers.{m.group(1)}.self_attn.attn", None, m.group(2)
+    m = _SINKS_RE.match(n)
+    if m:
+        return f"layers.{m.group(1)}.self_attn.attn", None, "sinks"
     m = _EXPERT_RE.match(n)
     if m and (m.group(4) == "weight" or m.group(4) in _QUANT_TENSORS + _FP8_SCALES
               or m.group(4) in _FP8_ACTIVATION_SCALES):
@@ -790,6 +795,8 @@ def _load_hf(model_dir: str, dtype: str | torch.dtype, device: torch.device,
                     expected.add((name, s, "qweight"))
                 if mod.bias is not None:
                     expected.add((name, s, "bias"))
+        elif isinstance(getattr(mod, "sinks", None), torch.nn.Parameter):
+            expected.add((name, None, "sinks"))
         elif name and hasattr(mod, "weight") and isinstance(getattr(mod, "weight"),
                                                             torch.nn.Parameter):
             expected.add((name, None, "weight"))
@@ -1150,6 +1157,8 @@ def _expert_group(config: DecoderConfig, mod: FusedExperts, group_size: int) -> 
 
 
 def _hf_name(module: str, shard: int | None, kind: str) -> str:
+    if kind == "sinks":
+        return f"model.{module[:-len('.attn')]}.sinks"
     if module.endswith(".mlp.experts"):
         return f"model.{module}.{shard}.{kind}.weight"
     if module in ("embed_tokens", "norm"):

@@ -277,6 +277,9 @@ def shard_tensor(config: DecoderConfig, tp: TensorParallel, module: str, shard: 
     if kind in ("weight", "bias") and leaf in ("embed_tokens", "lm_head"):
         start, stop, per = tp.vocab_range(c.vocab_size)
         return _pad_rows(_rows(src, start, stop), per)
+    if kind == "sinks":                  # one per q head: this rank's heads
+        a = attention_shard(c, tp)
+        return _read(src).reshape(-1)[a.q0:a.q0 + a.nq]
     if kind in ("k_scale", "v_scale"):
         t = _read(src)
         if t.numel() == c.num_kv_heads and t.numel() > 1:

@@ -182,11 +182,15 @@ class PagedAttention(nn.Module):
       them; vLLM's convention) and dequantized inside the attention kernels.
     - ``alibi_slopes`` float32 [Hq] (BLOOM): every kernel adds -slope * (query position -
       key position) to the scores (FlashAttention's ALiBi).
+    - ``sinks=True`` (Granite SWA, GPT-OSS): a learned float32 parameter ``sinks`` [Hq],
+      one more logit in each head's softmax (ops' ``sinks``), read from the checkpoint's
+      ``self_attn.sinks``.
     """
 
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int,
                  softmax_scale: float | None = None, window_left: int = -1,
-                 softcap: float = 0.0, alibi_slopes: Tensor | None = None) -> None:
+                 softcap: float = 0.0, alibi_slopes: Tensor | None = None,
+                 sinks: bool = False) -> None:
         super().__init__()
         if num_heads % num_kv_heads:
             raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads "
@@ -209,6 +213,9 @@ class PagedAttention(nn.Module):
         self.alibi_slopes: Tensor | None
         self.register_buffer("alibi_slopes", None if alibi_slopes is None else
                              alibi_slopes.to(torch.float32), persistent=False)
+        device = self.k_scale.device
+        self.sinks = nn.Parameter(torch.zeros(num_heads, dtype=torch.float32, device=device),
+                                  requires_grad=False) if sinks else None
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, meta: Any,
                 kv_cache: tuple[Tensor, Tensor] | None) -> Tensor:
@@ -221,7 +228,7 @@ class PagedAttention(nn.Module):
                 q, k, v, meta.cu_seqlens_q, cu_k, meta.max_seqlen_q,
                 max(meta.max_seqlen_k, meta.max_seqlen_q), causal=True,
                 softmax_scale=self.softmax_scale, window_left=self.window_left,
-                softcap=self.softcap, alibi_slopes=self.alibi_slopes)
+                softcap=self.softcap, alibi_slopes=self.alibi_slopes, sinks=self.sinks)
 
         k_cache, v_cache = kv_cache
         if meta.slot_mapping is None:
@@ -235,7 +242,7 @@ class PagedAttention(nn.Module):
             return ops.paged_decode_attention(
                 q, k_cache, v_cache, meta.decode_block_table, meta.decode_seq_lens,
                 softmax_scale=self.softmax_scale, window_left=self.window_left,
-                softcap=self.softcap, alibi_slopes=self.alibi_slopes, **scales)
+                softcap=self.softcap, alibi_slopes=self.alibi_slopes, sinks=self.sinks, **scales)
         if meta.cu_seqlens_q is None or meta.prefill_block_table is None:
             raise ValueError("prefill tokens need meta.cu_seqlens_q, cu_seqlens_k and "
                              "prefill_block_table")
@@ -243,13 +250,13 @@ class PagedAttention(nn.Module):
             q[nd:], k_cache, v_cache, meta.cu_seqlens_q, meta.cu_seqlens_k, meta.max_seqlen_q,
             meta.max_seqlen_k, causal=True, softmax_scale=self.softmax_scale,
             window_left=self.window_left, softcap=self.softcap,
-            block_table=meta.prefill_block_table, alibi_slopes=self.alibi_slopes, **scales)
+            block_table=meta.prefill_block_table, alibi_slopes=self.alibi_slopes, sinks=self.sinks, **scales)
         if nd == 0:
             return prefill
         decode = ops.paged_decode_attention(
             q[:nd], k_cache, v_cache, meta.decode_block_table, meta.decode_seq_lens,
             softmax_scale=self.softmax_scale, window_left=self.window_left,
-            softcap=self.softcap, alibi_slopes=self.alibi_slopes, **scales)
+            softcap=self.softcap, alibi_slopes=self.alibi_slopes, sinks=self.sinks, **scales)
         return torch.cat([decode, prefill], dim=0)
 
     def extra_repr(self) -> str:

@@ -19,8 +19,8 @@ from torch import Tensor
 
 from .. import backend as _backend
 from .._validation import (FLOAT_DTYPES, check_index_range, check_last_dim_contiguous,
-                           check_positive_float, check_tensor, index_checks_active,
-                           last_dim_contiguous)
+                           check_positive_float, check_shape, check_tensor,
+                           index_checks_active, last_dim_contiguous)
 from . import reference
 
 MAX_HEAD_DIM = 256
@@ -156,6 +156,39 @@ def check_alibi_slopes(alibi_slopes: object, batch: int, heads: int,
     return last_dim_contiguous(alibi_slopes)
 
 
+def check_sinks(sinks: object, heads: int, device: torch.device) -> Tensor | None:
+    """Attention sinks (GPT-OSS's / FlashInfer's ``sinks``): None, or one logit per q
+    head, [Hq] of a float dtype on q's device (any stride); returned as fp32."""
+    if sinks is None:
+        return None
+    if not isinstance(sinks, Tensor):
+        raise TypeError(f"sinks must be a float tensor [{heads}] or None, got "
+                        f"{type(sinks).__name__}")
+    check_tensor("sinks", sinks, dtypes=FLOAT_DTYPES, ndim=1, device=device)
+    check_shape("sinks", sinks, [heads])
+    sinks = sinks.float()
+    if index_checks_active(sinks) and sinks.numel() and not bool(torch.isfinite(sinks).all()):
+        raise ValueError("sinks must be finite")
+    return sinks
+
+
+def apply_sinks(out: Tensor, lse: Tensor, sinks: Tensor, heads_dim: int
+                ) -> tuple[Tensor, Tensor]:
+    """Attention with a sink logit per head from attention without: each row's softmax
+    gains exp(sink), so its output scales by sigmoid(lse - sink) and its lse becomes
+    logaddexp(lse, sink). out [..., H, D] and lse with the heads at ``heads_dim`` (0 for
+    flash_attention's [Hq, T], 1 for paged decode's [B, Hq]); sinks fp32 [H]. A row that
+    sees no key (lse -inf) keeps output 0, and its lse is the sink's."""
+    shape = [1] * lse.ndim
+    shape[heads_dim] = -1
+    sink = sinks.view(shape)
+    weight = torch.sigmoid(lse - sink)
+    if heads_dim == 0:                        # [Hq, T] -> [T, Hq]
+        weight = weight.t()
+    out = (out.float() * weight.unsqueeze(-1)).to(out.dtype)
+    return out, torch.logaddexp(lse, sink)
+
+
 def check_window(window_left: object, window_right: object) -> None:
     for name, val in (("window_left", window_left), ("window_right", window_right)):
         if not isinstance(val, int) or isinstance(val, bool):
@@ -190,7 +223,8 @@ def flash_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_se
                     return_lse: bool = False, *, window_right: int = -1,
                     k_scale: Tensor | float | None = None,
                     v_scale: Tensor | float | None = None,
-                    alibi_slopes: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor]:
+                    alibi_slopes: Tensor | None = None,
+                    sinks: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor]:
     """Varlen flash attention.
 
     q [total_q, Hq, D]; k, v [total_k, Hkv, D] (fp16/bf16, fp32 for reference/tests), or
@@ -210,7 +244,10 @@ def flash_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_se
     (FlashAttention's): with ``alibi_slopes`` float32 [Hq] or [B, Hq], the (scaled, capped)
     score of query position p and key j gets -slope * |p - j| added. Returns out
     [total_q, Hq, D] in q.dtype, and with return_lse the natural-log LSE [Hq, total_q] fp32
-    (of the biased scores).
+    (of the biased scores). Attention sinks (GPT-OSS's, FlashInfer's ``sinks``): with
+    ``sinks`` [Hq] (float, in the units of the scaled scores) each head's softmax also
+    has that logit, which takes probability mass but contributes no value (output scaled
+    by sigmoid(lse - sink); the returned LSE includes the sink).
     """
     check_tensor("q", q, dtypes=FLOAT_DTYPES, ndim=3)
     d = q.shape[2]
@@ -250,6 +287,7 @@ def flash_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_se
     scale = (1.0 / math.sqrt(d) if softmax_scale is None
              else check_positive_float("softmax_scale", softmax_scale))
     alibi_slopes = check_alibi_slopes(alibi_slopes, cu_seqlens_q.shape[0] - 1, hq, q.device)
+    sinks = check_sinks(sinks, hq, q.device)
     if index_checks_active(cu_seqlens_q):
         if int(cu_seqlens_q[-1]) != q.shape[0]:
             raise ValueError(f"cu_seqlens_q[-1] ({int(cu_seqlens_q[-1])}) must equal total_q "
@@ -275,14 +313,16 @@ def flash_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_se
         q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, bool(causal), scale,
         window_left, softcap, block_table, -1 if causal else window_right, k_scale, v_scale,
         alibi_slopes)
+    if sinks is not None:
+        out, lse = apply_sinks(out, lse, sinks, heads_dim=0)
     return (out, lse) if return_lse else out
 
 
 def flash_attention_bshd(q: Tensor, k: Tensor, v: Tensor, causal: bool = True,
                          softmax_scale: float | None = None, window_left: int = -1,
                          softcap: float = 0.0, return_lse: bool = False, *,
-                         window_right: int = -1,
-                         alibi_slopes: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor]:
+                         window_right: int = -1, alibi_slopes: Tensor | None = None,
+                         sinks: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor]:
     """Attention over a padded batch, FlashAttention's ``flash_attn_func`` layout.
 
     q [B, Sq, Hq, D]; k, v [B, Sk, Hkv, D] (same dtype and device, Hq a multiple of Hkv,
@@ -290,7 +330,7 @@ def flash_attention_bshd(q: Tensor, k: Tensor, v: Tensor, causal: bool = True,
     (with Sq > Sk the first Sq - Sk rows see no key). Returns out [B, Sq, Hq, D] in
     q.dtype, and with return_lse the natural-log LSE [B, Hq, Sq] fp32. Other arguments
     (window_left / window_right: FlashAttention's window_size; alibi_slopes [Hq] or
-    [B, Hq]) as in :func:`flash_attention`.
+    [B, Hq]; sinks [Hq]) as in :func:`flash_attention`.
     """
     check_tensor("q", q, dtypes=FLOAT_DTYPES, ndim=4)
     check_tensor("k", k, dtypes=(q.dtype,), ndim=4, device=q.device)
@@ -307,7 +347,7 @@ def flash_attention_bshd(q: Tensor, k: Tensor, v: Tensor, causal: bool = True,
                           v.reshape(b * sk, v.shape[2], v.shape[3]), cu_q, cu_k, sq, sk,
                           causal=causal, softmax_scale=softmax_scale, window_left=window_left,
                           softcap=softcap, return_lse=return_lse, window_right=window_right,
-                          alibi_slopes=alibi_slopes)
+                          alibi_slopes=alibi_slopes, sinks=sinks)
     if not return_lse:
         return res.view(b, sq, hq, d)  # type: ignore[union-attr]
     out, lse = res

@@ -44,8 +44,8 @@ from .._validation import (FLOAT_DTYPES, HALF_DTYPES, check_index_range,
                            check_positive_float, check_shape, last_dim_contiguous,
                            check_tensor)
 from . import _alloc, reference
-from .attention import (check_alibi_slopes, check_block_table, check_head_dim, check_kv_scales,
-                        check_paged_cache)
+from .attention import (apply_sinks, check_alibi_slopes, check_block_table, check_head_dim,
+                        check_kv_scales, check_paged_cache, check_sinks)
 
 #: Split-KV heuristic: aim for this many programs per SM, no split shorter than this.
 _PROGRAMS_PER_SM = 8
@@ -240,7 +240,8 @@ def paged_decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_ta
                            num_splits: int = 0, *, split_size: int = 0,
                            return_lse: bool = False, k_scale: Tensor | float | None = None,
                            v_scale: Tensor | float | None = None,
-                           alibi_slopes: Tensor | None = None
+                           alibi_slopes: Tensor | None = None,
+                           sinks: Tensor | None = None
                            ) -> Tensor | tuple[Tensor, Tensor]:
     """Decode attention: one query per sequence over its paged KV cache.
 
@@ -258,7 +259,8 @@ def paged_decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_ta
     seq_len 0 gets zeros. With return_lse also the natural-log LSE [B, Hq] fp32 of each
     row's scores (-inf for seq_len 0), so partial states merge (:func:`merge_attn_states`).
     ALiBi: ``alibi_slopes`` float32 [Hq] or [B, Hq] adds -slope * (seq_len - 1 - j) to the
-    score of key j (vLLM's decode bias; the LSE includes it).
+    score of key j (vLLM's decode bias; the LSE includes it). Attention sinks: ``sinks``
+    [Hq] as in :func:`flash_attention` (a seq_len 0 row: zeros, LSE the sink).
     """
     check_tensor("q", q, dtypes=FLOAT_DTYPES, ndim=3)
     d = q.shape[2]
@@ -285,9 +287,12 @@ def paged_decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_ta
     scale = (1.0 / math.sqrt(d) if softmax_scale is None
              else check_positive_float("softmax_scale", softmax_scale))
     alibi_slopes = check_alibi_slopes(alibi_slopes, q.shape[0], hq, q.device)
+    sinks = check_sinks(sinks, hq, q.device)
     out, lse = torch.ops.minikernels.paged_decode_attention(
         q, k_cache, v_cache, block_table, seq_lens, scale, window_left, softcap, num_splits,
         split_size, k_scale, v_scale, alibi_slopes)
+    if sinks is not None:
+        out, lse = apply_sinks(out, lse, sinks, heads_dim=1)
     return (out, lse) if return_lse else out
 
 

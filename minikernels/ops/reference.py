@@ -488,10 +488,15 @@ def attention_scores(q: Tensor, k: Tensor, scale: float, causal: bool, window_le
     return s.masked_fill(~visible, float("-inf")), visible
 
 
-def attention_probs(s: Tensor, visible: Tensor) -> tuple[Tensor, Tensor]:
+def attention_probs(s: Tensor, visible: Tensor, sinks: Tensor | None = None
+                    ) -> tuple[Tensor, Tensor]:
     """Softmax of masked scores from :func:`attention_scores` -> (p [Hq, Lq, Lk] fp32,
-    lse [Hq, Lq]); a row that sees no key gets p = 0 and lse -inf."""
+    lse [Hq, Lq]); a row that sees no key gets p = 0 and lse -inf. ``sinks`` fp32 [Hq]:
+    each head's softmax also has that logit (an attention sink: it takes probability mass
+    but contributes no value); the lse then includes it."""
     lse = torch.logsumexp(s, dim=-1)                                 # [Hq, Lq]
+    if sinks is not None:
+        lse = torch.logaddexp(lse, sinks.float().view(-1, 1))
     p = torch.exp(s - lse.unsqueeze(-1).clamp_min(-1e30))
     p = torch.where(visible, p, torch.zeros((), device=s.device))
     return torch.nan_to_num(p, nan=0.0), lse
@@ -499,15 +504,17 @@ def attention_probs(s: Tensor, visible: Tensor) -> tuple[Tensor, Tensor]:
 
 def _attend(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool, window_left: int,
             softcap: float, window_right: int = -1,
-            alibi_slopes: Tensor | None = None) -> tuple[Tensor, Tensor]:
+            alibi_slopes: Tensor | None = None,
+            sinks: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """One sequence. q [Lq, Hq, D], k/v [Lk, Hkv, D] -> (out [Lq, Hq, D] fp32, lse [Hq, Lq]).
 
-    Masks, softcap and ALiBi: :func:`attention_scores` (the lse includes the bias).
-    A query that sees no key gets output 0 and lse -inf.
+    Masks, softcap and ALiBi: :func:`attention_scores` (the lse includes the bias); sinks:
+    :func:`attention_probs`. A query that sees no key gets output 0 and lse -inf (the
+    sink's logit with sinks).
     """
     s, visible = attention_scores(q, k, scale, causal, window_left, softcap, window_right,
                                   alibi_slopes)
-    p, lse = attention_probs(s, visible)
+    p, lse = attention_probs(s, visible, sinks)
     group = q.shape[1] // k.shape[1]
     vf = v.float().transpose(0, 1).repeat_interleave(group, dim=0)   # [Hq, Lk, D]
     return (p @ vf).transpose(0, 1), lse                             # [Lq, Hq, D]
@@ -539,7 +546,8 @@ def flash_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_se
                     softcap: float = 0.0, block_table: Tensor | None = None,
                     window_right: int = -1, k_scale: Tensor | None = None,
                     v_scale: Tensor | None = None,
-                    alibi_slopes: Tensor | None = None) -> tuple[Tensor, Tensor]:
+                    alibi_slopes: Tensor | None = None,
+                    sinks: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Varlen attention -> (out [total_q, Hq, D] in q.dtype, lse [Hq, total_q] fp32).
 
     Without block_table: k, v [total_k, Hkv, D] with sequence b at rows
@@ -547,13 +555,15 @@ def flash_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_se
     caches [num_blocks, block_size, Hkv, D] and sequence b's keys are its first
     cu_seqlens_k[b+1] - cu_seqlens_k[b] cached tokens (fp8 caches are dequantized with
     k_scale / v_scale). max_seqlen_* are upper bounds only. Masks and ALiBi (alibi_slopes
-    fp32 [Hq] or [B, Hq]): see :func:`_attend`.
+    fp32 [Hq] or [B, Hq]) and attention sinks (fp32 [Hq]): see :func:`_attend`.
     """
     d = q.shape[-1]
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(d)
     out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
     lse = torch.full((q.shape[1], q.shape[0]), float("-inf"), dtype=torch.float32,
                      device=q.device)
+    if sinks is not None:                  # a row that sees no key: all mass on the sink
+        lse[:] = sinks.float().view(-1, 1)
     cq = cu_seqlens_q.tolist()
     ck = cu_seqlens_k.tolist()
     for b in range(len(cq) - 1):
@@ -569,7 +579,7 @@ def flash_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_se
         slopes = None if alibi_slopes is None else (
             alibi_slopes if alibi_slopes.ndim == 1 else alibi_slopes[b])
         o, l = _attend(q[q0:q1], kb, vb, scale, causal, window_left, softcap, window_right,
-                       slopes)
+                       slopes, sinks)
         out[q0:q1] = o
         lse[:, q0:q1] = l
     return out.to(q.dtype), lse
@@ -608,9 +618,10 @@ def paged_decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_ta
                            seq_lens: Tensor, softmax_scale: float | None = None,
                            window_left: int = -1, softcap: float = 0.0,
                            k_scale: Tensor | None = None, v_scale: Tensor | None = None,
-                           alibi_slopes: Tensor | None = None) -> tuple[Tensor, Tensor]:
+                           alibi_slopes: Tensor | None = None,
+                           sinks: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """One new query per sequence over its paged context -> (out [B, Hq, D] in q.dtype,
-    lse [B, Hq] fp32, natural log).
+    lse [B, Hq] fp32, natural log). Attention sinks (fp32 [Hq]): see :func:`_attend`.
 
     q [B, Hq, D]; sequence b attends to its cached tokens 0..seq_lens[b]-1 (its own new
     token included: the engine writes it first). seq_lens[b] == 0 gives zeros and lse -inf.
@@ -621,6 +632,8 @@ def paged_decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_ta
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(d)
     out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
     lse = torch.full((b, hq), float("-inf"), dtype=torch.float32, device=q.device)
+    if sinks is not None:
+        lse[:] = sinks.float().view(1, -1)
     for i, length in enumerate(seq_lens.tolist()):
         if length == 0:
             continue
@@ -628,7 +641,8 @@ def paged_decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_ta
         vb = gather_paged(v_cache, block_table[i], length, v_scale)
         slopes = None if alibi_slopes is None else (
             alibi_slopes if alibi_slopes.ndim == 1 else alibi_slopes[i])
-        o, l = _attend(q[i:i + 1], kb, vb, scale, True, window_left, softcap, -1, slopes)
+        o, l = _attend(q[i:i + 1], kb, vb, scale, True, window_left, softcap, -1, slopes,
+                       sinks)
         out[i] = o[0]
         lse[i] = l[:, 0]
     return out.to(q.dtype), lse
