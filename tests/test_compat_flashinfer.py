@@ -780,7 +780,7 @@ def test_errors_name_the_argument(device):
                 q_data_type="float32")
         pw.run(torch.randn(1, 2, 8, device=device), cache[:, :, :, :2])
     with pytest.raises(ValueError, match="sinks"):
-        w.run(q, cache, sinks=torch.zeros(4))
+        w.run(q, cache, sinks=torch.zeros(3, device=device))      # not one per q head
     with pytest.raises(ValueError, match="weight"):
         fi.rmsnorm(torch.randn(2, 8), torch.randn(7))
     with pytest.raises(ValueError, match="input"):
@@ -798,3 +798,32 @@ def test_errors_name_the_argument(device):
     with pytest.raises(ValueError, match="filter_apply_order"):
         fi.top_k_top_p_sampling_from_probs(torch.rand(2, 5), 2, 0.5,
                                            filter_apply_order="top_p_first")
+
+
+def test_wrappers_take_attention_sinks(device):
+    """run(sinks=) (GPT-OSS's sinks, as vLLM passes them): the decode wrapper's output equals
+    the softmax with one more logit per head (the reference), and with sinks of -1e4 the
+    output without sinks."""
+    from minikernels.ops import reference
+
+    gen = torch.Generator().manual_seed(15)
+    cache, _, _, indptr, indices, last = make_paged([5, 3], 4, 2, 8, torch.float32, "NHD",
+                                                    "single", device, gen, torch.int32)
+    w = fi.BatchDecodeWithPagedKVCacheWrapper(workspace(device))
+    w.plan(indptr, indices, last, 4, 2, 8, 4, q_data_type=torch.float32)
+    q = torch.randn(2, 4, 8, device=device)
+    sinks = torch.tensor([0.5, -1.0, 2.0, 0.0], device=device)
+    out = w.run(q, cache, sinks=sinks)
+    plain = w.run(q, cache)
+    torch.testing.assert_close(w.run(q, cache, sinks=torch.full_like(sinks, -1e4)), plain)
+    kc, vc = cache[:, 0], cache[:, 1]           # the FlashInfer page table, as a block table
+    ip = indptr.tolist()
+    table = torch.zeros(2, 2, dtype=torch.int32)
+    for b in range(2):
+        table[b, :ip[b + 1] - ip[b]] = indices[ip[b]:ip[b + 1]].cpu()
+    lens = torch.tensor([(ip[b + 1] - ip[b] - 1) * 4 + int(last[b]) for b in range(2)],
+                        dtype=torch.int32)
+    ref, _ = reference.paged_decode_attention(q, kc, vc, table.to(device), lens.to(device),
+                                              sinks=sinks)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(out, plain)

@@ -16,7 +16,8 @@ Names, argument names, defaults, layouts and return shapes are FlashInfer's. Cov
   ``last_page_len``), GQA / MQA, ``causal`` (bottom-right), ``window_left``,
   ``logits_soft_cap`` (``cap * tanh(sm_scale * qk / cap)``), ``sm_scale``, ``q_scale`` /
   ``k_scale`` / ``v_scale``, fp8 (e4m3) paged caches, ``return_lse``, ``out`` / ``lse``
-  buffers;
+  buffers, the wrappers' ``run(sinks=)`` (GPT-OSS's attention sinks: one more logit per
+  q head, in the units of the scaled scores; the returned lse includes it);
 - ``append_paged_kv_cache``, ``get_batch_indices_positions``, ``get_seq_lens``;
 - cascade: ``merge_state``, ``merge_state_in_place``, ``merge_states``;
 - ``rmsnorm``, ``fused_add_rmsnorm``, ``gemma_rmsnorm``, ``gemma_fused_add_rmsnorm``,
@@ -54,7 +55,7 @@ Not covered, each refused by name with a ValueError (never silently ignored):
   before attention with ``apply_rope_pos_ids`` / ``apply_rope_with_cos_sin_cache``;
 - ``custom_mask`` / ``packed_custom_mask`` (minikernels' attention has no mask input);
 - ``use_cuda_graph=True`` (plan() builds new block tables: a captured run would read stale
-  ones), ``jit_args``, attention ``sinks``, ``head_dim_vo != head_dim_qk``, more than one
+  ones), ``jit_args``, ``head_dim_vo != head_dim_qk``, more than one
   query per request in decode (``q_len_per_req``), FlashInfer's extra plan inputs
   (``seq_lens``, ``block_tables``, ``prefix_len_ptr``, ...), per-head fp8 tensor scales
   (``scale_q`` / ``scale_k`` / ``scale_v``), fp8 q, fp8 k / v outside paged caches;
@@ -652,7 +653,6 @@ class BatchDecodeWithPagedKVCacheWrapper(_Wrapper):
         if args:
             raise ValueError("extra positional arguments (custom JIT kernels) are not "
                              "supported")
-        _refuse(sinks=sinks)
         hq, hkv, d = self._heads
         t = self._table
         q = _check_q(q, t.batch, hq, d, self._q_dt, self.device)
@@ -664,7 +664,7 @@ class BatchDecodeWithPagedKVCacheWrapper(_Wrapper):
         o, lse_e = ops.paged_decode_attention(
             q, kc, vc, t.block_table, t.seq_lens, softmax_scale=scale, window_left=wl,
             softcap=self._soft_cap, num_splits=self._num_splits, split_size=self._split_size,
-            return_lse=True, k_scale=op_ks, v_scale=op_vs)
+            return_lse=True, k_scale=op_ks, v_scale=op_vs, sinks=sinks)
         return _finish(o, lse_e, return_lse, v_scale=vs, o_dtype=self._o_dt, out_buf=out,
                        lse_buf=lse)
 
@@ -778,7 +778,6 @@ class BatchPrefillWithPagedKVCacheWrapper(_Wrapper):
         if args:
             raise ValueError("extra positional arguments (custom JIT kernels) are not "
                              "supported")
-        _refuse(sinks=sinks)
         hq, hkv, d = self._heads
         t, p = self._table, self._plan
         q = _check_q(q, p.total_q, hq, d, self._q_dt, self.device)
@@ -790,7 +789,8 @@ class BatchPrefillWithPagedKVCacheWrapper(_Wrapper):
         o, lse_e = ops.flash_attention(
             q, kc, vc, p.cu_q, t.cu_seqlens_k, p.max_q, t.max_kv_len, causal=p.causal,
             softmax_scale=scale, window_left=wl, softcap=p.soft_cap,
-            block_table=t.block_table, return_lse=True, k_scale=op_ks, v_scale=op_vs)
+            block_table=t.block_table, return_lse=True, k_scale=op_ks, v_scale=op_vs,
+            sinks=sinks)
         return _finish(o, lse_e.t(), return_lse, v_scale=vs, o_dtype=self._o_dt, out_buf=out,
                        lse_buf=lse)
 
@@ -867,7 +867,6 @@ class BatchPrefillWithRaggedKVCacheWrapper(_Wrapper):
         if args:
             raise ValueError("extra positional arguments (custom JIT kernels) are not "
                              "supported")
-        _refuse(sinks=sinks)
         hq, hkv, d = self._heads
         p = self._plan
         q = _check_q(q, p.total_q, hq, d, self._q_dt, self.device)
@@ -882,7 +881,7 @@ class BatchPrefillWithRaggedKVCacheWrapper(_Wrapper):
         o, lse_e = ops.flash_attention(
             q, _kv_nhd(k, layout), _kv_nhd(v, layout), p.cu_q, self._cu_k,
             p.max_q, self._max_k, causal=p.causal, softmax_scale=scale, window_left=wl,
-            softcap=p.soft_cap, return_lse=True)
+            softcap=p.soft_cap, return_lse=True, sinks=sinks)
         return _finish(o, lse_e.t(), return_lse, v_scale=vs, o_dtype=self._o_dt, out_buf=out,
                        lse_buf=lse)
 
