@@ -110,6 +110,8 @@ SUPPORTED_ARCHITECTURES = {
     "NemotronForCausalLM": "nemotron",
     # Arcee (AFM-4.5B): Llama with a squared-ReLU up / down MLP
     "ArceeForCausalLM": "arcee",
+    # Jais 2: Arcee's squared-ReLU MLP with LayerNorms and biases
+    "Jais2ForCausalLM": "jais2",
     # OLMo 1: LayerNorms without parameters, q / k / v clamped (clip_qkv)
     "OlmoForCausalLM": "olmo",
     # NanoChat: RMSNorms without parameters (also after the embedding and on q / k after
@@ -157,7 +159,7 @@ _MODEL_TYPES = {"llama": "llama", "mistral": "mistral", "ministral": "ministral"
                 "gpt_bigcode": "gpt_bigcode", "gpt_neo": "gpt_neo", "bloom": "bloom",
                 "gptj": "gptj",
                 "falcon": "falcon", "RefinedWeb": "falcon", "RefinedWebModel": "falcon",
-                "mpt": "mpt", "nemotron": "nemotron", "arcee": "arcee",
+                "mpt": "mpt", "nemotron": "nemotron", "arcee": "arcee", "jais2": "jais2",
                 "olmo": "olmo", "nanochat": "nanochat"}
 #: the families with learned absolute position embeddings (no rope)
 _LEARNED_POSITIONS = ("gpt2", "opt", "gpt_bigcode", "gpt_neo")
@@ -533,8 +535,8 @@ class DecoderConfig:
         if falcon:
             attention_bias = bool(hf.get("bias", False))
         layer_norm = family in ("stablelm", "starcoder2", "phi", "gpt_neox", "gptj",
-                                "falcon", "mpt", "nemotron", "olmo") or cohere or learned or \
-            bloom
+                                "falcon", "mpt", "nemotron", "olmo", "jais2") or cohere or \
+            learned or bloom
         gemma = family in _GEMMA
         return cls(
             architecture=family,
@@ -553,8 +555,8 @@ class DecoderConfig:
              else 1.0),
             rope_interleaved=family in ("glm", "glm4", "ernie4_5", "helium", "gptj") or cohere,
             rms_norm_eps=float(hf.get("layer_norm_eps", 1e-5))
-            if family in ("stablelm", "phi", "gpt_neox", "gptj", "falcon", "mpt") or cohere or
-            learned or bloom else
+            if family in ("stablelm", "phi", "gpt_neox", "gptj", "falcon", "mpt", "jais2") or
+            cohere or learned or bloom else
             float(hf.get("norm_eps", 1e-5)) if nemotron else
             1e-5 if family == "olmo" else         # (OLMo 1's LayerNorm: a fixed eps)
             float(hf.get("norm_epsilon", 1e-5)) if family == "starcoder2" else
@@ -573,8 +575,8 @@ class DecoderConfig:
                 falcon and hf["_falcon_norms"] == 2),
             lm_head_bias=family in ("phi", "gptj"),
             mlp_gated=family not in ("starcoder2", "phi", "gpt_neox", "gptj", "falcon",
-                                     "mpt", "nemotron", "arcee", "nanochat") and not learned and
-            not bloom,
+                                     "mpt", "nemotron", "arcee", "nanochat", "jais2") and
+            not learned and not bloom,
             position_embedding="learned" if learned else "alibi" if bloom or mpt else "rope",
             alibi_max_bias=float(hf["_alibi_bias_max"]) if mpt else None,
             position_offset=2 if family == "opt" else 0,

@@ -395,7 +395,7 @@ def _family_name(name: str, config: DecoderConfig) -> str:
             .replace("model.final_layernorm.", "model.norm.")
     if config.architecture in _FAMILY_NAMES:
         return _renamed(name, *_FAMILY_NAMES[config.architecture])
-    if config.architecture in ("nemotron", "arcee"):   # the non-gated MLP's one up_proj
+    if config.architecture in ("nemotron", "arcee", "jais2"):   # the non-gated one up_proj
         return name.replace(".mlp.up_proj.", ".mlp.gate_proj.")
     if config.architecture == "vaultgemma":   # its one norm before the MLP
         return name.replace(".pre_feedforward_layernorm.", ".post_attention_layernorm.")
