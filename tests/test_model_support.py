@@ -207,6 +207,10 @@ CASES: dict[str, tuple[str, dict[str, Any]]] = {
                                                    "partial_rotary_factor": 0.5})),
     # Arcee: Llama with a squared-ReLU up / down MLP
     "arcee": ("Arcee", dict(head_dim=16, tie_word_embeddings=False)),
+    # HyperCLOVA X: Granite's multipliers (logits multiplied) applied after sandwich norms
+    "hyperclovax": ("HyperCLOVAX", dict(head_dim=16, embedding_multiplier=2.0,
+                                        residual_multiplier=0.5, attention_multiplier=0.2,
+                                        logits_scaling=0.5, tie_word_embeddings=False)),
     # Jais 2: LayerNorms, squared-ReLU up / down with biases, q / k / v / o biases
     "jais2": ("Jais2", dict(head_dim=16, layer_norm_eps=1e-5, tie_word_embeddings=False)),
     # OLMo 1: parameter-free LayerNorms, q / k / v clamped to +-0.3 (bites on these weights)

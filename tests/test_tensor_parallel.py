@@ -37,6 +37,8 @@ TP_CASES = {
     "gemma2-softcap": ("gemma2-window-softcap", {"vocab_size": 301}),
     "gemma3": ("gemma3", {}),
     "granite": ("granite", {}),
+    # HyperCLOVA X: the multiplier after each sandwich norm, after the all-reduce
+    "hyperclovax": ("hyperclovax", {}),
     "phi3": ("phi3-longrope-partial", {}),
     "glm4": ("glm4", {}),
     # StarCoder 2: LayerNorms (replicated), o / down biases added once, a one-part up
@@ -49,10 +51,8 @@ TP_CASES = {
     # two norms of one stream in a parallel block
     "gpt_neox": ("gpt_neox", {}),
     # Learned positions (replicated): GPT-2's Conv1D weights transposed before each rank
-    # takes its rows, OPT, GPT-BigCode's one k / v head replicated and its per-head q / k / v
+    # takes its rows, GPT-BigCode's one k / v head replicated and its per-head q / k / v
     "gpt2": ("gpt2", {}),
-    "gpt_neo": ("gpt_neo", {}),
-    "opt": ("opt", {}),
     "gpt_bigcode-mqa": ("gpt_bigcode-mqa", {}),
     "gpt_bigcode-mha": ("gpt_bigcode-mha", {}),
     # BLOOM: each rank its heads' ALiBi slopes (6 heads, 3 per rank; head_dim 32, so
@@ -64,9 +64,8 @@ TP_CASES = {
     # rank, two norms (the new decoder architecture)
     "falcon-7b": ("falcon-7b", {}),
     "falcon-new": ("falcon-new", {"ffn_hidden_size": 128}),
-    # Nemotron's LayerNorm1P (replicated) and squared-ReLU MLP; OLMo 1's per-rank clamp
+    # Nemotron's LayerNorm1P (replicated) and squared-ReLU MLP
     "nemotron": ("nemotron", {}),
-    "olmo": ("olmo", {}),
     # NanoChat: parameter-free norms (the embedding's, q / k after reversed rope)
     "nanochat": ("nanochat", {}),
     # Granite SWA: each rank its heads' attention sinks; NoPE and a second rope base

@@ -55,6 +55,8 @@ SUPPORTED_ARCHITECTURES = {
     "VaultGemmaForCausalLM": "vaultgemma",
     "Gemma3ForCausalLM": "gemma3",
     "GraniteForCausalLM": "granite",
+    # HyperCLOVA X SEED: Granite's multipliers (logits multiplied) and sandwich norms
+    "HyperCLOVAXForCausalLM": "hyperclovax",
     # Granite SWA: Granite with sliding-window layers, a rope base per layer (0: NoPE) and
     # a learned attention sink per head
     "GraniteSWAForCausalLM": "granite_swa",
@@ -148,7 +150,7 @@ _MODEL_TYPES = {"llama": "llama", "mistral": "mistral", "ministral": "ministral"
                 "gemma": "gemma", "gemma2": "gemma2", "gemma3_text": "gemma3",
                 "vaultgemma": "vaultgemma",
                 "granite": "granite", "granitemoehybrid": "granite_hybrid",
-                "granite_swa": "granite_swa",
+                "granite_swa": "granite_swa", "hyperclovax": "hyperclovax",
                 "phi3": "phi3", "smollm3": "smollm3",
                 "olmo2": "olmo2", "olmo3": "olmo3", "exaone4": "exaone4",
                 "hunyuan_v1_dense": "hunyuan", "ernie4_5": "ernie4_5",
@@ -608,7 +610,8 @@ class DecoderConfig:
             hidden_act=_activation_from_hf(hf, family),
             norm_weight_offset=1.0 if gemma or nemotron else 0.0,
             embed_scale=hidden ** 0.5 if gemma else 1.0,
-            sandwich_norm=family in ("gemma2", "gemma3", "glm4"),
+            sandwich_norm=family in ("gemma2", "gemma3", "glm4") or (
+                family == "hyperclovax" and bool(hf.get("use_post_norm", True))),
             attention_scale=_attention_scale(hf, family),
             attn_logit_softcapping=_positive_or_none(hf.get("attn_logit_softcapping", 50.0))
             if family in ("gemma2", "vaultgemma") else None,
@@ -629,7 +632,7 @@ class DecoderConfig:
                          if family in ("exaone4", "cohere2") and window_layers else None),
             **(_granite_from_hf(hf) if family in ("granite", "granitemoe", "granite_hybrid",
                                                   "granite_swa")
-               else {}),
+               else _hyperclovax_from_hf(hf) if family == "hyperclovax" else {}),
             # Cohere multiplies the logits by logit_scale: Granite's division by its inverse
             **({"logits_scaling": 1.0 / float(hf.get("logit_scale", 0.0625))} if cohere
                else {}),
@@ -740,6 +743,14 @@ def _granite_from_hf(hf: Mapping[str, Any]) -> dict[str, Any]:
     return dict(embedding_multiplier=float(hf.get("embedding_multiplier", 1.0)),
                 residual_multiplier=float(hf.get("residual_multiplier", 1.0)),
                 logits_scaling=float(hf.get("logits_scaling", 1.0)))
+
+
+def _hyperclovax_from_hf(hf: Mapping[str, Any]) -> dict[str, Any]:
+    """HyperCLOVA X's multipliers: Granite's, except that its logits are multiplied by
+    logits_scaling (the decoder divides by its logits_scaling)."""
+    out = _granite_from_hf(hf)
+    out["logits_scaling"] = 1.0 / float(hf.get("logits_scaling", 1.0))
+    return out
 
 
 def _with_keys(hf: Mapping[str, Any], pairs: tuple[tuple[str, str], ...],
@@ -959,7 +970,7 @@ def _attention_scale(hf: Mapping[str, Any], family: str) -> float | None:
         return float(hf["_attention_scale"])
     if family in ("gemma2", "gemma3", "vaultgemma"):
         return float(hf.get("query_pre_attn_scalar", 256)) ** -0.5
-    if family in ("granite", "granitemoe", "granite_hybrid", "granite_swa"):
+    if family in ("granite", "granitemoe", "granite_hybrid", "granite_swa", "hyperclovax"):
         return float(hf.get("attention_multiplier", 1.0))
     return None
 

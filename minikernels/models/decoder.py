@@ -129,7 +129,8 @@ class Attention(nn.Module):
         # Shared across layers; a plain attribute (not a submodule) so it is stored once.
         self.__dict__["rotary"] = rotary
         self.qk_norm_after_rope = c.qk_norm_after_rope
-        self.residual_multiplier = c.residual_multiplier   # Granite
+        # Granite (with sandwich norms, HyperCLOVA X, the layer applies it after its norm)
+        self.residual_multiplier = 1.0 if c.sandwich_norm else c.residual_multiplier
         self.clip_qkv = c.clip_qkv
         self.q_scale_beta = c.llama4_scaling_beta           # Llama 4 / Ministral 3
         self.q_scale_length = c.llama4_scaling_length
@@ -219,7 +220,7 @@ class MLP(nn.Module):
                                      dtype=dtype, device=device, dense=dense)
         self.activation = c.activation
         self.qk_norm_after_rope = c.qk_norm_after_rope
-        self.residual_multiplier = c.residual_multiplier   # Granite
+        self.residual_multiplier = 1.0 if c.sandwich_norm else c.residual_multiplier
 
     def forward(self, x: Tensor) -> Tensor:
         gate_up = self.gate_up_proj(x)
@@ -247,6 +248,8 @@ class DecoderLayer(nn.Module):
 
         self.post_norm = c.post_norm
         self.parallel_residual = c.parallel_residual
+        # HyperCLOVA X: sandwich norms and Granite's multiplier after each output norm
+        self.sandwich_multiplier = c.residual_multiplier if c.sandwich_norm else 1.0
         self.input_layernorm = None if c.post_norm else norm()
         self.self_attn = Attention(config, layer, rotary, dtype, device, dense, tp)
         self.post_attention_layernorm = None if c.parallel_residual and \
@@ -284,9 +287,13 @@ class DecoderLayer(nn.Module):
             x, residual = self.post_attention_layernorm(x, residual)
             return self.mlp(x), residual
         # Sandwich: normalize the attention output, add it to the residual stream,
-        # normalize again for the MLP, and normalize the MLP's output.
-        x, residual = self.pre_feedforward_layernorm(self.post_attention_layernorm(x), residual)
-        return self.post_feedforward_layernorm(self.mlp(x)), residual
+        # normalize again for the MLP, and normalize the MLP's output (each normalized
+        # output times the residual multiplier, HyperCLOVA X's; 1 elsewhere).
+        m = self.sandwich_multiplier
+        a = self.post_attention_layernorm(x)
+        x, residual = self.pre_feedforward_layernorm(a if m == 1.0 else a * m, residual)
+        y = self.post_feedforward_layernorm(self.mlp(x))
+        return (y if m == 1.0 else y * m), residual
 
 
 class CausalLM(nn.Module):

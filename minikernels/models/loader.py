@@ -365,6 +365,13 @@ _GLM4_NORM_RE = re.compile(r"\.(post_self_attn_layernorm|post_attention_layernor
                            r"post_mlp_layernorm)\.")
 
 
+#: HyperCLOVA X's sandwich norms under the decoder's (Gemma 2's layout): post_norm1 after
+#: attention, post_attention_layernorm before the MLP, post_norm2 after it
+_HCX_NORMS = {"post_norm1": "post_attention_layernorm",
+              "post_attention_layernorm": "pre_feedforward_layernorm",
+              "post_norm2": "post_feedforward_layernorm"}
+_HCX_NORM_RE = re.compile(r"\.(post_norm1|post_attention_layernorm|post_norm2)\.")
+
 #: Mixtral's and Granite-MoE's ``block_sparse_moe`` tensors under Qwen3-MoE's names
 _BSM = r"\.block_sparse_moe\."
 _MOE_NAMES = [(re.compile(_BSM + r"experts\.(\d+)\.w1\."), r".mlp.experts.\1.gate_proj."),
@@ -397,6 +404,8 @@ def _family_name(name: str, config: DecoderConfig) -> str:
         return _renamed(name, *_FAMILY_NAMES[config.architecture])
     if config.architecture in ("nemotron", "arcee", "jais2"):   # the non-gated one up_proj
         return name.replace(".mlp.up_proj.", ".mlp.gate_proj.")
+    if config.architecture == "hyperclovax" and config.sandwich_norm:   # its peri-norms
+        return _HCX_NORM_RE.sub(lambda m: f".{_HCX_NORMS[m.group(1)]}.", name)
     if config.architecture == "vaultgemma":   # its one norm before the MLP
         return name.replace(".pre_feedforward_layernorm.", ".post_attention_layernorm.")
     if config.architecture == "nanochat":               # its non-gated fc1 / fc2
