@@ -211,6 +211,12 @@ CASES: dict[str, tuple[str, dict[str, Any]]] = {
     "hyperclovax": ("HyperCLOVAX", dict(head_dim=16, embedding_multiplier=2.0,
                                         residual_multiplier=0.5, attention_multiplier=0.2,
                                         logits_scaling=0.5, tie_word_embeddings=False)),
+    # Apertus: q / k norms before rope, a non-gated xIELU MLP, Llama 3 rope
+    "apertus": ("Apertus", dict(head_dim=16, tie_word_embeddings=False,
+                                rope_parameters={"rope_type": "llama3", "rope_theta": 1e4,
+                                                 "factor": 4.0, "low_freq_factor": 1.0,
+                                                 "high_freq_factor": 4.0,
+                                                 "original_max_position_embeddings": 16})),
     # Jais 2: LayerNorms, squared-ReLU up / down with biases, q / k / v / o biases
     "jais2": ("Jais2", dict(head_dim=16, layer_norm_eps=1e-5, tie_word_embeddings=False)),
     # OLMo 1: parameter-free LayerNorms, q / k / v clamped to +-0.3 (bites on these weights)

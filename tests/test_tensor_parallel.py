@@ -66,6 +66,8 @@ TP_CASES = {
     "falcon-new": ("falcon-new", {"ffn_hidden_size": 128}),
     # Nemotron's LayerNorm1P (replicated) and squared-ReLU MLP
     "nemotron": ("nemotron", {}),
+    # Apertus: its xIELU parameters replicated on every rank
+    "apertus": ("apertus", {}),
     # NanoChat: parameter-free norms (the embedding's, q / k after reversed rope)
     "nanochat": ("nanochat", {}),
     # Granite SWA: each rank its heads' attention sinks; NoPE and a second rope base

@@ -114,6 +114,8 @@ SUPPORTED_ARCHITECTURES = {
     "ArceeForCausalLM": "arcee",
     # Jais 2: Arcee's squared-ReLU MLP with LayerNorms and biases
     "Jais2ForCausalLM": "jais2",
+    # Apertus: Llama with q / k norms and a non-gated xIELU MLP (learned per layer)
+    "ApertusForCausalLM": "apertus",
     # OLMo 1: LayerNorms without parameters, q / k / v clamped (clip_qkv)
     "OlmoForCausalLM": "olmo",
     # NanoChat: RMSNorms without parameters (also after the embedding and on q / k after
@@ -162,6 +164,7 @@ _MODEL_TYPES = {"llama": "llama", "mistral": "mistral", "ministral": "ministral"
                 "gptj": "gptj",
                 "falcon": "falcon", "RefinedWeb": "falcon", "RefinedWebModel": "falcon",
                 "mpt": "mpt", "nemotron": "nemotron", "arcee": "arcee", "jais2": "jais2",
+                "apertus": "apertus",
                 "olmo": "olmo", "nanochat": "nanochat"}
 #: the families with learned absolute position embeddings (no rope)
 _LEARNED_POSITIONS = ("gpt2", "opt", "gpt_bigcode", "gpt_neo")
@@ -196,7 +199,7 @@ _CARRIED = ("eos_token_id", "bos_token_id", "tie_word_embeddings", "quantization
 GATED_ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu": "gelu",
                      "gelu_pytorch_tanh": "gelu_tanh", "gelu_tanh": "gelu_tanh",
                      "gelu_new": "gelu_tanh", "gelu_fast": "gelu_tanh", "relu": "relu",
-                     "relu2": "relu2"}
+                     "relu2": "relu2", "xielu": "xielu"}
 
 
 class UnsupportedModelError(ValueError):
@@ -354,7 +357,7 @@ class DecoderConfig:
         if not isinstance(self.position_offset, int) or self.position_offset < 0:
             raise ValueError(f"config.position_offset must be an int >= 0, got "
                              f"{self.position_offset!r}")
-        if self.activation in ("relu", "relu2") and self.mlp_gated:
+        if self.activation in ("relu", "relu2", "xielu") and self.mlp_gated:
             raise UnsupportedModelError(f"hidden_act {self.hidden_act!r}: ReLU-gated MLPs "
                                         "are not supported (ReLU: non-gated MLPs, OPT's; "
                                         "squared ReLU: Nemotron's / Arcee's)")
@@ -577,7 +580,8 @@ class DecoderConfig:
                 falcon and hf["_falcon_norms"] == 2),
             lm_head_bias=family in ("phi", "gptj"),
             mlp_gated=family not in ("starcoder2", "phi", "gpt_neox", "gptj", "falcon",
-                                     "mpt", "nemotron", "arcee", "nanochat", "jais2") and
+                                     "mpt", "nemotron", "arcee", "nanochat", "jais2",
+                                     "apertus") and
             not learned and not bloom,
             position_embedding="learned" if learned else "alibi" if bloom or mpt else "rope",
             alibi_max_bias=float(hf["_alibi_bias_max"]) if mpt else None,
@@ -603,7 +607,7 @@ class DecoderConfig:
                 family in ("ernie4_5", "starcoder2", "phi") and attention_bias) or neox or \
             learned or bloom or gptj,
             qk_norm=family in ("qwen3", "qwen3_moe", "gemma3", "olmo2", "olmo3", "olmoe",
-                               "exaone4", "hunyuan", "nanochat"),
+                               "exaone4", "hunyuan", "nanochat", "apertus"),
             qk_norm_after_rope=family in ("hunyuan", "nanochat"),
             qk_norm_full=family in ("olmo2", "olmo3", "olmoe"),
             post_norm=family in ("olmo2", "olmo3", "exaone4"),

@@ -32,8 +32,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import ops
-from ..nn.layers import (LayerNorm, PagedAttention, RMSNorm, RotaryEmbedding, alibi_slopes,
-                         mpt_alibi_slopes)
+from ..nn.layers import (XIELU, LayerNorm, PagedAttention, RMSNorm, RotaryEmbedding,
+                         alibi_slopes, mpt_alibi_slopes)
 from ..ops.attention import FP8_KV_DTYPES
 from .config import DecoderConfig
 from .kv_layout import KVCacheLayout
@@ -219,13 +219,16 @@ class MLP(nn.Module):
         self.down_proj = FusedLinear(inter, c.hidden_size, bias=c.mlp_bias,
                                      dtype=dtype, device=device, dense=dense)
         self.activation = c.activation
+        # Apertus: xIELU with learned parameters per layer (nn.layers.XIELU)
+        self.act_fn = XIELU(dtype, device) if c.activation == "xielu" else None
         self.qk_norm_after_rope = c.qk_norm_after_rope
         self.residual_multiplier = 1.0 if c.sandwich_norm else c.residual_multiplier
 
     def forward(self, x: Tensor) -> Tensor:
         gate_up = self.gate_up_proj(x)
         if not self.gated:
-            h = _ACTIVATIONS[self.activation](gate_up)
+            h = self.act_fn(gate_up) if self.act_fn is not None else \
+                _ACTIVATIONS[self.activation](gate_up)
         elif self.activation == "silu":
             h = ops.silu_and_mul(gate_up)
         else:

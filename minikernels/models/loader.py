@@ -70,6 +70,7 @@ from .config import (DecoderConfig, UnsupportedModelError, builtin_config,
                      is_classifier_architecture, list_models)
 from .decoder import CausalLM
 from .hub import resolve_model
+from ..nn.layers import XIELU
 from ..quant.fp8 import fp8_from_checkpoint
 from .linear import FusedLinear, pick_group_size, set_fp8_activations
 from .moe import EXPERT_PARTS, FusedExperts
@@ -144,6 +145,8 @@ _PRIMARY_INT4 = ("qweight", "weight_packed")
 _KV_SCALE_RE = re.compile(r"^layers\.(\d+)\.self_attn\.(k_scale|v_scale)$")
 #: attention sinks (Granite SWA, GPT-OSS): one logit per q head of layer N
 _SINKS_RE = re.compile(r"^layers\.(\d+)\.self_attn\.sinks$")
+#: Apertus's learned xIELU parameters of layer N's MLP
+_XIELU_RE = re.compile(r"^layers\.(\d+)\.mlp\.act_fn\.(alpha_p|alpha_n|beta|eps)$")
 #: mixture of experts: per-expert projections (the hub's names), transformers 5's stacked
 #: ones, and the router (models/moe.py)
 _EXPERT_RE = re.compile(r"^layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)"
@@ -197,6 +200,9 @@ def map_name(name: str) -> tuple[str, int | None, str] | None:
     m = _SINKS_RE.match(n)
     if m:
         return f"layers.{m.group(1)}.self_attn.attn", None, "sinks"
+    m = _XIELU_RE.match(n)
+    if m:
+        return f"layers.{m.group(1)}.mlp.act_fn", None, m.group(2)
     m = _EXPERT_RE.match(n)
     if m and (m.group(4) == "weight" or m.group(4) in _QUANT_TENSORS + _FP8_SCALES
               or m.group(4) in _FP8_ACTIVATION_SCALES):
@@ -404,6 +410,10 @@ def _family_name(name: str, config: DecoderConfig) -> str:
         return _renamed(name, *_FAMILY_NAMES[config.architecture])
     if config.architecture in ("nemotron", "arcee", "jais2"):   # the non-gated one up_proj
         return name.replace(".mlp.up_proj.", ".mlp.gate_proj.")
+    if config.architecture == "apertus":      # its up_proj, and its norms' names
+        return name.replace(".mlp.up_proj.", ".mlp.gate_proj.").replace(
+            ".attention_layernorm.", ".input_layernorm.").replace(
+            ".feedforward_layernorm.", ".post_attention_layernorm.")
     if config.architecture == "hyperclovax" and config.sandwich_norm:   # its peri-norms
         return _HCX_NORM_RE.sub(lambda m: f".{_HCX_NORMS[m.group(1)]}.", name)
     if config.architecture == "vaultgemma":   # its one norm before the MLP
@@ -806,6 +816,8 @@ def _load_hf(model_dir: str, dtype: str | torch.dtype, device: torch.device,
                     expected.add((name, s, "bias"))
         elif isinstance(getattr(mod, "sinks", None), torch.nn.Parameter):
             expected.add((name, None, "sinks"))
+        elif isinstance(mod, XIELU):
+            expected.update((name, None, p) for p, _ in mod.named_parameters())
         elif name and hasattr(mod, "weight") and isinstance(getattr(mod, "weight"),
                                                             torch.nn.Parameter):
             expected.add((name, None, "weight"))
@@ -1168,6 +1180,8 @@ def _expert_group(config: DecoderConfig, mod: FusedExperts, group_size: int) -> 
 def _hf_name(module: str, shard: int | None, kind: str) -> str:
     if kind == "sinks":
         return f"model.{module[:-len('.attn')]}.sinks"
+    if module.endswith(".mlp.act_fn"):
+        return f"model.{module}.{kind}"
     if module.endswith(".mlp.experts"):
         return f"model.{module}.{shard}.{kind}.weight"
     if module in ("embed_tokens", "norm"):

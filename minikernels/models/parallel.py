@@ -277,6 +277,8 @@ def shard_tensor(config: DecoderConfig, tp: TensorParallel, module: str, shard: 
     if kind in ("weight", "bias") and leaf in ("embed_tokens", "lm_head"):
         start, stop, per = tp.vocab_range(c.vocab_size)
         return _pad_rows(_rows(src, start, stop), per)
+    if leaf == "act_fn":                 # Apertus's xIELU scalars: every rank's
+        return _read(src)
     if kind == "sinks":                  # one per q head: this rank's heads
         a = attention_shard(c, tp)
         return _read(src).reshape(-1)[a.q0:a.q0 + a.nq]

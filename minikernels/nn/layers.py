@@ -8,11 +8,11 @@ other models that use the same layouts (varlen tokens ``[T, heads, head_dim]``).
 from __future__ import annotations
 
 import math
-
 from collections.abc import Mapping
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import ops
@@ -92,6 +92,29 @@ class LayerNorm(nn.Module):
         extra = f", weight_offset={self.weight_offset}" if self.weight_offset else ""
         extra += "" if self.elementwise_affine else ", elementwise_affine=False"
         return f"{self.weight.shape[0]}, eps={self.eps}, bias={self.bias is not None}{extra}"
+
+
+class XIELU(nn.Module):
+    """xIELU (Huang et al., Apertus's MLP activation), with its learned parameters:
+    x > 0: a_p x^2 + beta x; x <= 0: a_n (expm1(min(x, eps)) - x) + beta x, where
+    a_p = softplus(alpha_p) and a_n = beta + softplus(alpha_n). alpha_p, alpha_n [1],
+    beta, eps [] are read from the checkpoint (``mlp.act_fn.*``); math in x's dtype."""
+
+    def __init__(self, dtype: torch.dtype | None = None,
+                 device: torch.device | str | None = None) -> None:
+        super().__init__()
+        kw = dict(dtype=dtype, device=device)
+        self.alpha_p = nn.Parameter(torch.zeros(1, **kw), requires_grad=False)
+        self.alpha_n = nn.Parameter(torch.zeros(1, **kw), requires_grad=False)
+        self.beta = nn.Parameter(torch.tensor(0.5, **kw), requires_grad=False)
+        self.eps = nn.Parameter(torch.tensor(-1e-6, **kw), requires_grad=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        alpha_p = F.softplus(self.alpha_p.to(x.dtype))
+        beta = self.beta.to(x.dtype)
+        alpha_n = beta + F.softplus(self.alpha_n.to(x.dtype))
+        neg = (torch.expm1(torch.minimum(x, self.eps.to(x.dtype))) - x) * alpha_n
+        return torch.where(x > 0, alpha_p * x * x, neg) + beta * x
 
 
 class RotaryEmbedding(nn.Module):
