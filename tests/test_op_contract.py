@@ -119,6 +119,11 @@ def _samples(device: str):
                                     device=device).t(),
                       torch.rand(3, device=device) / 50, torch.rand(40, device=device) / 50,
                       torch.bfloat16, torch.randn(40, device=device).to(torch.bfloat16)),
+        "gated_delta_rule": (q[:, :2], k, torch.randn(5, 4, 8, device=device),
+                             -torch.rand(5, 4, device=device), torch.rand(5, 4, device=device),
+                             cu, torch.randn(3, 4, 16, 8, device=device),
+                             torch.tensor([2, 0], device=device),
+                             torch.tensor([True, False], device=device), 0.25, True),
     }
 
 

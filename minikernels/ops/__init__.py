@@ -8,6 +8,7 @@ from . import reference
 from .activation import gelu_and_mul, gelu_tanh_and_mul, silu_and_mul
 from .bitmask import apply_token_bitmask
 from .fp8 import fp8_matmul
+from .gated_delta import gated_delta_rule
 from .attention import flash_attention, flash_attention_bshd
 from .fp8_w8a8 import per_token_group_quant_fp8, w8a8_block_fp8_matmul
 from .int4 import int4_matmul
@@ -40,6 +41,7 @@ __all__ = [
     "fused_moe_int4",
     "fused_moe_int8",
     "fused_topk",
+    "gated_delta_rule",
     "gelu_and_mul",
     "gelu_tanh_and_mul",
     "gemma_rms_norm",

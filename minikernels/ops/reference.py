@@ -663,6 +663,71 @@ def merge_attention_states(out_a: Tensor, lse_a: Tensor, out_b: Tensor,
     return out.to(out_a.dtype), lse
 
 
+# ------------------------------------------------------------ linear attention (Gated DeltaNet)
+def gated_delta_rule(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor,
+                     cu_seqlens: Tensor, state: Tensor | None = None,
+                     state_indices: Tensor | None = None,
+                     has_initial_state: Tensor | None = None, scale: float | None = None,
+                     use_qk_l2norm: bool = False) -> Tensor:
+    """The Gated DeltaNet recurrence (Qwen3-Next / Qwen3.5 linear attention) over varlen
+    sequences; transformers' ``torch_recurrent_gated_delta_rule`` per sequence.
+
+    q, k [T, Hk, dk], v [T, Hv, dv] (value head h reads q / k head h // (Hv // Hk));
+    g [T, Hv] log-decay, beta [T, Hv]; cu_seqlens [N + 1]. Per sequence and value head,
+    S [dk, dv] starts from state[state_indices[i]] (when state is given and
+    has_initial_state[i], default True) or zeros; for each token t in order:
+        S = S * exp(g_t);  delta = beta_t * (v_t - k_t^T S);  S = S + outer(k_t, delta)
+        o_t = (scale * q_t)^T S        (scale default dk ** -0.5)
+    with q, k first L2-normalized per head (x * rsqrt(sum(x^2) + 1e-6)) when
+    use_qk_l2norm. fp32 math, o rounded to v.dtype. Exception to this module's rule: the
+    final S is written IN PLACE to state[state_indices[i]] (fp32 [S, Hv, dk, dv]);
+    state_indices[i] == -1 marks a padding row: zero outputs, its slot untouched.
+    """
+    n = cu_seqlens.shape[0] - 1
+    hk, dk = q.shape[1], q.shape[2]
+    hv, dv = v.shape[1], v.shape[2]
+    dev = v.device
+    scale = dk ** -0.5 if scale is None else scale
+    cu = cu_seqlens.long().cpu()
+    lens = cu[1:] - cu[:-1]
+    lmax = int(lens.max()) if n > 0 else 0
+    qf, kf = q.float(), k.float()
+    if use_qk_l2norm:
+        qf = qf * torch.rsqrt((qf * qf).sum(-1, keepdim=True) + 1e-6)
+        kf = kf * torch.rsqrt((kf * kf).sum(-1, keepdim=True) + 1e-6)
+    qf = (qf * scale).repeat_interleave(hv // hk, dim=1)
+    kf = kf.repeat_interleave(hv // hk, dim=1)
+    # [N, L] token rows, padded past each sequence's end with g = 0, beta = 0 (S unchanged)
+    steps = torch.arange(lmax)
+    valid = (steps[None, :] < lens[:, None]).to(dev)
+    pos = torch.where(valid, (cu[:-1, None] + steps[None, :]).to(dev), 0)
+
+    def rows(x: Tensor) -> Tensor:
+        x = x.float()[pos]
+        return torch.where(valid.view(n, lmax, *([1] * (x.dim() - 2))), x, 0.0)
+
+    qs, ks, vs, gs, bs = (rows(x) for x in (qf, kf, v, g, beta))
+    live = (torch.ones(n, dtype=torch.bool, device=dev) if state_indices is None
+            else state_indices.to(dev) >= 0)
+    s = torch.zeros(n, hv, dk, dv, dtype=torch.float32, device=dev)
+    if state is not None:
+        init = live if has_initial_state is None else live & has_initial_state.to(dev)
+        s[init] = state[state_indices[init].long()].float()
+    outs = torch.zeros(n, lmax, hv, dv, dtype=torch.float32, device=dev)
+    for t in range(lmax):
+        s = s * gs[:, t].exp()[..., None, None]
+        kv = (s * ks[:, t, :, :, None]).sum(-2)                      # [N, Hv, dv]
+        delta = bs[:, t, :, None] * (vs[:, t] - kv)
+        s = s + ks[:, t, :, :, None] * delta[:, :, None, :]
+        outs[:, t] = (s * qs[:, t, :, :, None]).sum(-2)
+    out = torch.zeros(v.shape[0], hv, dv, dtype=torch.float32, device=dev)
+    keep = valid & live[:, None]
+    out[pos[keep]] = outs[keep]
+    if state is not None:
+        state[state_indices[live].long()] = s[live].to(state.dtype)
+    return out.to(v.dtype)
+
+
 # ----------------------------------------------------------------- structured outputs
 
 
@@ -839,6 +904,73 @@ def topk_softmax(gating_output: Tensor, topk: int, renormalize: bool,
         total = weights.sum(dim=1, keepdim=True)
         weights = torch.where(total > 0, weights / total, weights)   # bad rows stay 0
     return weights, ids.to(indices_dtype)
+
+
+# ------------------------------------------------------ causal conv1d (Mamba / GDN short conv)
+def causal_conv1d(x: Tensor, weight: Tensor, bias: Tensor | None = None, *, cu_seqlens: Tensor,
+                  conv_state: Tensor | None = None, state_indices: Tensor | None = None,
+                  has_initial_state: Tensor | None = None, activation: str | None = None,
+                  max_seqlen: int | None = None) -> Tensor:
+    """Depthwise causal short convolution over varlen sequences with a per-sequence state
+    pool (the conv of Mamba / LFM2 / Qwen3.5's Gated DeltaNet layers; transformers'
+    ``causal_conv1d_fn`` / ``causal_conv1d_update``). Updates ``conv_state`` in place.
+
+    x [T, D] (token-major), weight [D, W], bias [D] or None, cu_seqlens [N + 1]; sequence
+    i is rows cu[i] .. cu[i+1] - 1. With xx_i = concat(init_i, x_i) along time, init_i
+    [D, W - 1] (oldest column first) = conv_state[state_indices[i]] when conv_state is
+    given and has_initial_state[i] (None = all True), else zeros:
+        out[t, d] = act(bias[d] + sum_k weight[d, k] * xx_i[p + k, d])   (p: t's position)
+    act = identity or silu; fp32 math, out rounded once to x.dtype. Afterwards
+    conv_state[state_indices[i]] = the last W - 1 columns of xx_i (in conv_state's
+    dtype). state_indices[i] = -1 marks a padding row: zero outputs, no state read or
+    written. ``max_seqlen`` is ignored here (a launch-size hint for the kernels).
+    """
+    T, D = x.shape
+    W = weight.shape[1]
+    dev = x.device
+    cu = cu_seqlens.to(dev, torch.int64)
+    n = cu.shape[0] - 1
+    lens = cu[1:] - cu[:-1]
+    seq = torch.repeat_interleave(torch.arange(n, device=dev), lens, output_size=T)
+    pos = torch.arange(T, device=dev) - cu[:-1][seq]                      # position in seq
+    init = torch.zeros(n, D, W - 1, dtype=torch.float32, device=dev)
+    slots = torch.full((n,), -1, dtype=torch.int64, device=dev)
+    if conv_state is not None:
+        slots = state_indices.to(dev, torch.int64)
+        use = slots >= 0
+        if has_initial_state is not None:
+            use &= has_initial_state.to(dev, torch.bool)
+        if conv_state.shape[0]:
+            old = conv_state[slots.clamp(min=0)].float()
+            init = torch.where(use[:, None, None], old, init)
+    xf = x.float()
+    wf = weight.float()
+
+    def column(seq_of: Tensor, j: Tensor) -> Tensor:
+        """Element j of each entry's sequence ([len(j), D]): x row cu[seq] + j when j >= 0,
+        else init column W - 1 + j (j in [-(W - 1), len))."""
+        rows = (cu[seq_of] + j).clamp(0, max(T - 1, 0))
+        from_x = xf[rows] if T else xf.new_zeros(len(j), D)
+        from_init = init[seq_of, :, (W - 1 + j).clamp(0, W - 2)] if n else from_x
+        return torch.where((j >= 0)[:, None], from_x, from_init)
+
+    acc = torch.zeros(T, D, dtype=torch.float32, device=dev)
+    if bias is not None:
+        acc += bias.float()
+    for k in range(W):
+        acc += wf[:, k] * column(seq, pos - (W - 1) + k)
+    if activation in ("silu", "swish"):
+        acc = acc * torch.sigmoid(acc)
+    elif activation is not None:
+        raise ValueError(f"activation must be None or 'silu', got {activation!r}")
+    if conv_state is not None:
+        acc = torch.where((slots[seq] >= 0)[:, None], acc, 0.0)
+        keep = slots >= 0
+        if bool(keep.any()):
+            ids = torch.arange(n, device=dev)[keep]
+            cols = [column(ids, lens[ids] - (W - 1) + c) for c in range(W - 1)]
+            conv_state[slots[keep]] = torch.stack(cols, -1).to(conv_state.dtype)
+    return acc.to(x.dtype)
 
 
 # ------------------------------------------------------------------------- LoRA

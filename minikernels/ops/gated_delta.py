@@ -1,0 +1,162 @@
+"""Op family: linear attention. Op: ``minikernels::gated_delta_rule`` (state updated in place).
+
+The Gated DeltaNet recurrence of Qwen3-Next / Qwen3.5's linear-attention layers over varlen
+sequences (FlashAttention's cu_seqlens layout) with a per-sequence state pool, as a serving
+engine calls it: prefill chunks and single decode tokens in one call, each sequence reading
+its initial state from its slot of the pool and writing its final state back there.
+Spec: :func:`minikernels.ops.reference.gated_delta_rule`. Backends: reference, triton
+(ops/triton/gated_delta.py, the recurrent form). Tests: tests/test_gated_delta_rule.py.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .. import backend as _backend
+from .._validation import (
+    FLOAT_DTYPES,
+    check_finite_float,
+    check_tensor,
+    index_checks_active,
+)
+from . import reference
+
+MAX_HEAD_DIM = 256
+
+
+@torch.library.custom_op("minikernels::gated_delta_rule", mutates_args=("state",))
+def _gated_delta_rule(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor,
+                      cu_seqlens: Tensor, state: Tensor | None, state_indices: Tensor | None,
+                      has_initial_state: Tensor | None, scale: float,
+                      use_qk_l2norm: bool) -> Tensor:
+    _backend.resolve("gated_delta_rule", v.device)   # the Triton kernel: next commit
+    return reference.gated_delta_rule(q, k, v, g, beta, cu_seqlens, state, state_indices,
+                                      has_initial_state, scale, use_qk_l2norm)
+
+
+@_gated_delta_rule.register_fake
+def _(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, cu_seqlens: Tensor,
+      state: Tensor | None, state_indices: Tensor | None, has_initial_state: Tensor | None,
+      scale: float, use_qk_l2norm: bool) -> Tensor:
+    return torch.empty(v.shape, dtype=v.dtype, device=v.device)
+
+
+def _check_cu_seqlens(cu: object, total: int, device: torch.device) -> Tensor:
+    cu = check_tensor("cu_seqlens", cu, dtypes=(torch.int32, torch.int64), ndim=1,
+                      device=device)
+    if cu.shape[0] < 1:
+        raise ValueError(f"cu_seqlens must have N + 1 >= 1 entries, got shape {list(cu.shape)}")
+    cu = cu.contiguous()
+    if index_checks_active(cu):
+        if int(cu[0]) != 0:
+            raise ValueError(f"cu_seqlens[0] must be 0, got {int(cu[0])}")
+        if cu.shape[0] > 1 and bool((cu[1:] < cu[:-1]).any()):
+            raise ValueError("cu_seqlens must be non-decreasing")
+        if int(cu[-1]) != total:
+            raise ValueError(f"cu_seqlens[-1] ({int(cu[-1])}) must equal the number of tokens "
+                             f"T = {total}")
+    return cu
+
+
+def gated_delta_rule(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, *,
+                     cu_seqlens: Tensor, state: Tensor | None = None,
+                     state_indices: Tensor | None = None,
+                     has_initial_state: Tensor | None = None, scale: float | None = None,
+                     use_qk_l2norm: bool = False, max_seqlen: int | None = None) -> Tensor:
+    """Gated DeltaNet linear attention over varlen sequences -> o [T, Hv, dv] in v.dtype.
+
+    q, k [T, Hk, dk], v [T, Hv, dv] (fp32 / fp16 / bf16, one dtype, any strides; Hv a
+    multiple of Hk: value head h reads q / k head h // (Hv // Hk); dk, dv in [1, 256]);
+    g [T, Hv] log-decay and beta [T, Hv] (the sigmoided write strength), fp32 or v.dtype;
+    cu_seqlens int32 / int64 [N + 1] (0, non-decreasing, T; empty sequences allowed).
+    Per sequence and value head, with S [dk, dv] in fp32, for each token in order:
+        S = S * exp(g_t);  S = S + outer(k_t, beta_t * (v_t - k_t^T S));  o_t = (scale q_t)^T S
+    (q and k L2-normalized per head first when use_qk_l2norm; scale default dk ** -0.5).
+
+    state: None (every sequence starts from zeros; no state is written) or an fp32 pool
+    [S, Hv, dk, dv] (any strides) updated IN PLACE: sequence i starts from
+    state[state_indices[i]] (or zeros where has_initial_state[i] is False) and its final S
+    is written there. state_indices int32 / int64 [N] (required with state): distinct slots
+    in [0, S), or -1 for a padding row (zero outputs, slot neither read nor written).
+    has_initial_state bool [N] (None = all True). max_seqlen: an optional upper bound on
+    the sequence lengths (checked when index checks are on; the kernels do not need it).
+    """
+    check_tensor("q", q, dtypes=FLOAT_DTYPES, ndim=3)
+    dev = q.device
+    check_tensor("k", k, dtypes=FLOAT_DTYPES, ndim=3, device=dev)
+    check_tensor("v", v, dtypes=FLOAT_DTYPES, ndim=3, device=dev)
+    for name, t in (("k", k), ("v", v)):
+        if t.dtype != q.dtype:
+            raise TypeError(f"{name} must have the dtype of q ({q.dtype}), got {t.dtype}")
+    total, hk, dk = q.shape
+    hv, dv = v.shape[1], v.shape[2]
+    if k.shape != q.shape:
+        raise ValueError(f"k must have the shape of q {list(q.shape)}, got {list(k.shape)}")
+    if v.shape[0] != total:
+        raise ValueError(f"v must have T = {total} rows like q, got shape {list(v.shape)}")
+    if hk == 0 or hv == 0 or hv % hk != 0:
+        raise ValueError(f"v's heads (Hv = {hv}) must be a positive multiple of q / k's heads "
+                         f"(Hk = {hk})")
+    for name, d in (("q / k head dim dk", dk), ("v head dim dv", dv)):
+        if not 1 <= d <= MAX_HEAD_DIM:
+            raise ValueError(f"{name} must be in [1, {MAX_HEAD_DIM}], got {d}")
+    for name, t in (("g", g), ("beta", beta)):
+        check_tensor(name, t, dtypes=FLOAT_DTYPES, ndim=2, device=dev)
+        if t.dtype not in (torch.float32, v.dtype):
+            raise TypeError(f"{name} must be float32 or v's dtype ({v.dtype}), got {t.dtype}")
+        if tuple(t.shape) != (total, hv):
+            raise ValueError(f"{name} must have shape [T = {total}, Hv = {hv}], got "
+                             f"{list(t.shape)}")
+    cu_seqlens = _check_cu_seqlens(cu_seqlens, total, dev)
+    n = cu_seqlens.shape[0] - 1
+    if state is None:
+        for name, t in (("state_indices", state_indices),
+                        ("has_initial_state", has_initial_state)):
+            if t is not None:
+                raise ValueError(f"{name} needs state (got state=None)")
+    else:
+        check_tensor("state", state, dtypes=(torch.float32,), ndim=4, device=dev)
+        if tuple(state.shape[1:]) != (hv, dk, dv):
+            raise ValueError(f"state must have shape [S, Hv = {hv}, dk = {dk}, dv = {dv}], "
+                             f"got {list(state.shape)}")
+        if state_indices is None:
+            raise ValueError("state_indices is required with state (one slot per sequence, "
+                             "-1 = padding)")
+        check_tensor("state_indices", state_indices, dtypes=(torch.int32, torch.int64),
+                     ndim=1, device=dev)
+        if state_indices.shape[0] != n:
+            raise ValueError(f"state_indices must have shape [N = {n}], got "
+                             f"{list(state_indices.shape)}")
+        state_indices = state_indices.contiguous()
+        if index_checks_active(state_indices):
+            lo, hi = int(state_indices.min()), int(state_indices.max())
+            if lo < -1 or hi >= state.shape[0]:
+                raise ValueError(f"state_indices values must be -1 (padding) or in [0, "
+                                 f"{state.shape[0]}), got min {lo} and max {hi}")
+            used = state_indices[state_indices >= 0]
+            if used.unique().numel() != used.numel():
+                raise ValueError("state_indices must be distinct (apart from -1 padding)")
+        if has_initial_state is not None:
+            check_tensor("has_initial_state", has_initial_state, dtypes=(torch.bool,), ndim=1,
+                         device=dev)
+            if has_initial_state.shape[0] != n:
+                raise ValueError(f"has_initial_state must have shape [N = {n}], got "
+                                 f"{list(has_initial_state.shape)}")
+            has_initial_state = has_initial_state.contiguous()
+    scale = dk ** -0.5 if scale is None else check_finite_float("scale", scale)
+    if not isinstance(use_qk_l2norm, bool):
+        raise TypeError(f"use_qk_l2norm must be a bool, got {type(use_qk_l2norm).__name__}")
+    if max_seqlen is not None:
+        if not isinstance(max_seqlen, int) or isinstance(max_seqlen, bool):
+            raise TypeError(f"max_seqlen must be an int or None, got "
+                            f"{type(max_seqlen).__name__}")
+        if max_seqlen < 0:
+            raise ValueError(f"max_seqlen must be >= 0, got {max_seqlen}")
+        if index_checks_active(cu_seqlens) and n > 0:
+            longest = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+            if longest > max_seqlen:
+                raise ValueError(f"max_seqlen ({max_seqlen}) is below a sequence length "
+                                 f"({longest})")
+    return torch.ops.minikernels.gated_delta_rule(q, k, v, g, beta, cu_seqlens, state,
+                                                  state_indices, has_initial_state,
+                                                  float(scale), use_qk_l2norm)
