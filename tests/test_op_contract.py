@@ -124,6 +124,11 @@ def _samples(device: str):
                              cu, torch.randn(3, 4, 16, 8, device=device),
                              torch.tensor([2, 0], device=device),
                              torch.tensor([True, False], device=device), 0.25, True),
+        "causal_conv1d": (x[:, :6], torch.randn(6, 4, device=device),
+                          torch.randn(6, device=device), cu[:2],
+                          torch.randn(3, 6, 3, device=device),
+                          torch.tensor([2], device=device),
+                          torch.tensor([False], device=device), True, 3),
     }
 
 

@@ -7,6 +7,7 @@ every op lives in :mod:`minikernels.ops.reference`.
 from . import reference
 from .activation import gelu_and_mul, gelu_tanh_and_mul, silu_and_mul
 from .bitmask import apply_token_bitmask
+from .conv import causal_conv1d
 from .fp8 import fp8_matmul
 from .gated_delta import gated_delta_rule
 from .attention import flash_attention, flash_attention_bshd
@@ -34,6 +35,7 @@ __all__ = [
     "MoELoRA",
     "apply_token_bitmask",
     "build_rope_cache",
+    "causal_conv1d",
     "flash_attention",
     "fp8_matmul",
     "fused_moe",
