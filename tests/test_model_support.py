@@ -237,6 +237,11 @@ CASES: dict[str, tuple[str, dict[str, Any]]] = {
                                        attention_multiplier=0.2, logits_scaling=2.0,
                                        layer_rope_theta=[5e5, 1e4, 0])),
     # OLMoE: q / k norms over all heads, 8 experts, top 3 not renormalized.
+    # LFM2: gated short-conv layers (recurrent state) around an attention layer with q / k
+    # norms; the MLP width auto-adjusted (128 -> 96); conv / projection biases
+    "lfm2": ("Lfm2", dict(num_hidden_layers=3, layer_types=["conv", "full_attention", "conv"],
+                          conv_L_cache=3, conv_bias=True, block_multiple_of=32,
+                          norm_eps=1e-5, tie_word_embeddings=True)),
     "olmoe": ("Olmoe", dict(num_experts=8, num_experts_per_tok=3, intermediate_size=40,
                             norm_topk_prob=False, pad_token_id=0, eos_token_id=2,
                             tie_word_embeddings=False)),
@@ -327,7 +332,12 @@ def run_schedule(model: Any, seqs: Sequence[Sequence[int]],
     for n in needed:
         rows.append(ids[k:k + n])
         k += n
-    kv = model.allocate_kv_caches(len(ids), block_size, dtype=kv_dtype)
+    recurrent = model.config.is_recurrent
+    # recurrent layers (hybrid models): sequence i's state in a shuffled slot
+    state_slot = list(range(len(seqs) + 2))
+    random.Random(seed + 1).shuffle(state_slot)
+    kv = model.allocate_kv_caches(len(ids), block_size, dtype=kv_dtype,
+                                  **({"num_state_slots": len(seqs) + 2} if recurrent else {}))
     done = [0] * len(seqs)
     out = []
     for step in plan:
@@ -345,6 +355,12 @@ def run_schedule(model: Any, seqs: Sequence[Sequence[int]],
             who.extend((i, p) for p in range(done[i], done[i] + n))
             done[i] += n
         meta = build_step_metadata(d_items, p_items, block_size, model.device, all_logits=True)
+        if recurrent:
+            order = [i for _, i in dec] + [i for _, i, _ in pre]
+            meta.state_indices = torch.tensor([state_slot[i] for i in order], dtype=torch.int32,
+                                              device=model.device)
+            meta.has_initial_state = torch.tensor(
+                [True] * len(dec) + [start > 0 for _, start, _ in p_items], device=model.device)
         logits = model(torch.tensor(toks, dtype=torch.int64, device=model.device), meta, kv)
         out.extend((i, p, logits[j]) for j, (i, p) in enumerate(who))
     return out

@@ -148,12 +148,15 @@ class BlockManager:
         sliding_groups: m sliding-window KV groups beside group 0 (hybrid pools; 0 = none).
         sliding_window: their window in tokens (a query sees itself and window - 1 keys
             before it).
+        max_rows: at most this many sequences hold blocks at once (None = no limit): a
+            sequence's mirror row ``block_row`` is then in [0, max_rows), which a hybrid
+            recurrent model uses as its state slot. Taking one more row raises.
     """
 
     def __init__(self, num_blocks: int, block_size: int,
                  enable_prefix_caching: bool = True,
                  max_blocks_per_seq: int | None = None, sliding_groups: int = 0,
-                 sliding_window: int = 0) -> None:
+                 sliding_window: int = 0, max_rows: int | None = None) -> None:
         if not isinstance(num_blocks, int) or isinstance(num_blocks, bool) or num_blocks < 1:
             raise ValueError(f"num_blocks must be an int >= 1, got {num_blocks!r}")
         if not isinstance(block_size, int) or isinstance(block_size, bool) or block_size < 1:
@@ -168,10 +171,14 @@ class BlockManager:
         self.blocks = [Block(i, self.ref) for i in range(num_blocks)]
         self.free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
         self.cached: dict[bytes, int] = {}  # block hash -> block id
+        if max_rows is not None and (not isinstance(max_rows, int) or max_rows < 1):
+            raise ValueError(f"max_rows must be an int >= 1 or None, got {max_rows!r}")
+        self.max_rows = max_rows
+        rows = 16 if max_rows is None else max_rows
         # Block-table mirror: row r holds the block ids of the sequence with block_row r.
-        self.table = np.zeros((16, max(1, max_blocks_per_seq or 16)), dtype=np.int32)
-        self.row_blocks = np.zeros(16, dtype=np.int64)   # len(block_table) per row
-        self._free_rows: list[int] = list(range(15, -1, -1))
+        self.table = np.zeros((rows, max(1, max_blocks_per_seq or 16)), dtype=np.int32)
+        self.row_blocks = np.zeros(rows, dtype=np.int64)   # len(block_table) per row
+        self._free_rows: list[int] = list(range(rows - 1, -1, -1))
         # Counters (prefix-cache efficiency, in tokens): looked up when a sequence is
         # admitted (with prefix caching on) and served from the cache.
         self.num_hit_tokens = 0
@@ -184,7 +191,7 @@ class BlockManager:
         self.sliding_groups = int(sliding_groups)
         self.window = int(sliding_window)
         self.null_block = -1
-        self.swa_table = np.zeros((0, 16, self.table.shape[1]), dtype=np.int32)
+        self.swa_table = np.zeros((0, rows, self.table.shape[1]), dtype=np.int32)
         self.swa_cached: dict[bytes, tuple[int, ...]] = {}
         if self.sliding_groups:
             if self.sliding_groups < 0 or self.window < 1 or num_blocks < 2:
@@ -194,7 +201,7 @@ class BlockManager:
             self.null_block = num_blocks - 1
             del self.free[self.null_block]
             self.ref[self.null_block] = 1
-            self.swa_table = np.full((self.sliding_groups, 16, self.table.shape[1]),
+            self.swa_table = np.full((self.sliding_groups, rows, self.table.shape[1]),
                                      self.null_block, dtype=np.int32)
 
     # ------------------------------------------------------------------ queries
@@ -303,6 +310,9 @@ class BlockManager:
         """seq's row in the table mirror (assigned on first use)."""
         if seq.block_row < 0:
             if not self._free_rows:
+                if self.max_rows is not None:   # pragma: no cover - an engine bug
+                    raise RuntimeError(f"more than max_rows ({self.max_rows}) sequences "
+                                       "hold blocks")
                 n = self.table.shape[0]
                 self.table = np.concatenate([self.table, np.zeros_like(self.table)])
                 self.row_blocks = np.concatenate([self.row_blocks,

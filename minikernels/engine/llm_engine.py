@@ -269,6 +269,16 @@ class LLMEngine:
             self.eos_token_ids = set(int(t) for t in tokenizer.eos_token_ids)
         self._eos_list = sorted(self.eos_token_ids)
         self.lora: EngineLoRA | None = None
+        recurrent = bool(getattr(self.config, "is_recurrent", False))
+        if recurrent:
+            # Hybrid recurrent models (LFM2): a sequence's state is one slot, overwritten
+            # as it advances, so a prefix hit has no state to start from and rejected
+            # drafts could not be rolled back.
+            self._check_recurrent(enable_lora)
+            if enable_prefix_caching:
+                logger.info("prefix caching is off for %s: its recurrent layers keep one "
+                            "state per sequence", self.config.architecture)
+            enable_prefix_caching = False
         if enable_lora:
             self.lora = EngineLoRA(self.model, max_loras, max_lora_rank, max_cpu_loras)
         draft_model, draft_kv_bytes, eagle_head = None, 0, None
@@ -286,7 +296,9 @@ class LLMEngine:
                                   max_num_batched_tokens, max_model_len, enforce_eager,
                                   kv_cache_dtype, extra_kv_bytes_per_token=draft_kv_bytes,
                                   lora=self.lora.manager if self.lora is not None else None,
-                                  kv_layout=self.kv_layout, **self._verify_graph_args())
+                                  kv_layout=self.kv_layout,
+                                  num_state_slots=max_num_seqs if recurrent else 0,
+                                  **self._verify_graph_args())
         self.device = self.runner.device
         self.max_model_len = self.runner.max_model_len
         hybrid = self.kv_layout is not None
@@ -294,7 +306,8 @@ class LLMEngine:
             self.runner.num_blocks, block_size, enable_prefix_caching,
             self.runner.max_blocks_per_seq,
             sliding_groups=self.kv_layout.num_sliding_groups if hybrid else 0,
-            sliding_window=self.kv_layout.window if hybrid else 0)
+            sliding_window=self.kv_layout.window if hybrid else 0,
+            max_rows=max_num_seqs if recurrent else None)   # a row = a state slot
         self.block_manager.drop_last_hit = eagle_head is not None
         self.scheduler = Scheduler(self.block_manager, max_num_seqs, max_num_batched_tokens)
         if self.lora is not None:   # at most max_loras adapters among running sequences
@@ -556,6 +569,17 @@ class LLMEngine:
                                  f"method is {cfg.method!r}")
         self.model.hidden_capture = head.capture(max(max_num_batched_tokens, max_num_seqs))
         return head
+
+    def _check_recurrent(self, enable_lora: bool) -> None:
+        """Refuse, by name, what a hybrid recurrent model (LFM2) cannot run with."""
+        arch = self.config.architecture
+        if self.spec_config is not None:
+            raise ValueError(f"speculative_config: speculative decoding is not supported "
+                             f"for {arch} (its recurrent layers' state cannot roll back "
+                             f"rejected drafts)")
+        if enable_lora:
+            raise ValueError(f"enable_lora: LoRA is not supported for {arch} (recurrent "
+                             f"layers)")
 
     def _kv_layout(self, disabled: bool) -> KVCacheLayout | None:
         """The hybrid KV layout (models/kv_layout.py) when the model interleaves

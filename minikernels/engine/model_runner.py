@@ -131,7 +131,8 @@ def build_step_inputs(batch: ScheduledBatch, block_size: int, num_blocks: int,
                       table: np.ndarray | None = None,
                       row_blocks: np.ndarray | None = None,
                       swa_table: np.ndarray | None = None,
-                      layer_group: tuple[int, ...] | None = None) -> StepInputs:
+                      layer_group: tuple[int, ...] | None = None,
+                      with_state: bool = False) -> StepInputs:
     """Flatten a scheduled batch into (input_ids, AttentionMetadata) for one forward.
 
     Decode entries (one new token each) come first, then prefill chunks; the batch is
@@ -145,6 +146,9 @@ def build_step_inputs(batch: ScheduledBatch, block_size: int, num_blocks: int,
     Hybrid KV pools: swa_table (the block manager's sliding-group mirror [m, rows,
     width]) and layer_group (models/kv_layout.py) add each sliding group's slot mapping and
     block tables (``AttentionMetadata.group_meta``), from the same rows and positions.
+    with_state (hybrid recurrent models): each sequence's state slot is its mirror row
+    (``AttentionMetadata.state_indices``), and a chunk starting at position 0 starts from
+    a zero state (``has_initial_state``).
     Raises RuntimeError if a block table does not cover its tokens or holds an id
     outside the pool (an engine bug, caught on the host before the device sees it).
     """
@@ -154,6 +158,8 @@ def build_step_inputs(batch: ScheduledBatch, block_size: int, num_blocks: int,
     if swa_table is not None and (from_lists or layer_group is None):
         raise ValueError("swa_table needs the block-table mirror and layer_group")
     if from_lists:
+        if with_state:
+            raise ValueError("with_state needs the block-table mirror (rows are state slots)")
         table, row_blocks, rows = _tables_from_lists(seqs)
     else:
         rows = [s.block_row for s in seqs]
@@ -281,6 +287,10 @@ def build_step_inputs(batch: ScheduledBatch, block_size: int, num_blocks: int,
         logits_idx = logits_idx + plp_idx
     parts = [ids, pos_all, slots_all, logits_idx, ends[:nd], cu_q if num_prefill else [],
              cu_k if num_prefill else [], pend_dst, pend_src, plp_targets]
+    if with_state:      # (after the fixed parts: their indices below stay)
+        state_parts = [all_rows, [1] * nd + [int(c > 0) for c in chunk_starts]]
+    else:
+        state_parts = []
     tabs = [tab]
     if swa_table is not None:
         # each sliding group's slots and tables, from the same rows and positions
@@ -291,6 +301,7 @@ def build_step_inputs(batch: ScheduledBatch, block_size: int, num_blocks: int,
         swa_tab = swa_table[:, all_rows, :width] if width <= swa_table.shape[2] else np.pad(
             swa_table[:, all_rows], ((0, 0), (0, 0), (0, width - swa_table.shape[2])))
         tabs += list(swa_tab)
+    parts += state_parts
     sizes = [len(p) for p in parts] + [t.size for t in tabs]
     host = np.empty(sum(sizes), dtype=np.int64)
     o = 0
@@ -305,7 +316,8 @@ def build_step_inputs(batch: ScheduledBatch, block_size: int, num_blocks: int,
     pieces = torch.split(flat, sizes)
     ids_t, pos_t, slots_t, lidx_t, lens_t, cuq_t, cuk_t, pdst_t, psrc_t, plpt_t = pieces[:10]
     m = len(tabs) - 1
-    tab_t = pieces[10 + m].to(torch.int32).reshape(len(seqs), width)
+    ns = len(state_parts)
+    tab_t = pieces[10 + m + ns].to(torch.int32).reshape(len(seqs), width)
     meta = AttentionMetadata(
         positions=pos_t, slot_mapping=slots_t, num_decode=nd,
         decode_block_table=tab_t[:nd] if nd else None,
@@ -315,8 +327,12 @@ def build_step_inputs(batch: ScheduledBatch, block_size: int, num_blocks: int,
         max_seqlen_q=max_q, max_seqlen_k=max_k,
         prefill_block_table=tab_t[nd:] if num_prefill else None,
         logits_indices=lidx_t)
+    if ns:
+        meta.state_indices = pieces[10 + m].to(torch.int32)
+        meta.has_initial_state = pieces[11 + m].to(torch.bool)
     if m:
-        swa_tabs = [t.to(torch.int32).reshape(len(seqs), width) for t in pieces[11 + m:]]
+        swa_tabs = [t.to(torch.int32).reshape(len(seqs), width)
+                    for t in pieces[11 + m + ns:]]
         meta.with_group_tables(list(pieces[10:10 + m]),
                                [t[:nd] if nd else None for t in swa_tabs],
                                [t[nd:] if num_prefill else None for t in swa_tabs],
@@ -379,9 +395,12 @@ class _DecodeGraphs:
 
     def __init__(self, model: torch.nn.Module, kv_caches: list, sizes: list[int],
                  max_blocks_per_seq: int, vocab: int, lora: Any = None,
-                 kv_layout: KVCacheLayout | None = None) -> None:
+                 kv_layout: KVCacheLayout | None = None, with_state: bool = False) -> None:
         dev = model.device
         top = sizes[-1]
+        # recurrent layers: each row's state slot (-1 on padding rows: not touched)
+        self.state_indices = torch.full((top,), -1, dtype=torch.int32, device=dev) \
+            if with_state else None
         # hybrid KV pools: each sliding group's slots and block table
         self.kv_layout = kv_layout
         m = kv_layout.num_sliding_groups if kv_layout is not None else 0
@@ -424,6 +443,8 @@ class _DecodeGraphs:
         meta = AttentionMetadata(positions=self.positions[:bs], slot_mapping=self.slots[:bs],
                                  num_decode=bs, decode_block_table=self.block_table[:bs],
                                  decode_seq_lens=self.seq_lens[:bs], logits_indices=None)
+        if self.state_indices is not None:
+            meta.state_indices = self.state_indices[:bs]
         if self.kv_layout is not None:
             m = self.kv_layout.num_sliding_groups
             meta.with_group_tables([self.swa_slots[g, :bs] for g in range(m)],
@@ -446,6 +467,9 @@ class _DecodeGraphs:
         self.seq_lens[n:bs].fill_(0)
         w = meta.decode_block_table.shape[1]
         self.block_table[:n, :w].copy_(meta.decode_block_table, non_blocking=True)
+        if self.state_indices is not None:
+            self.state_indices[:n].copy_(meta.state_indices, non_blocking=True)
+            self.state_indices[n:bs].fill_(-1)
         for g, gm in enumerate(meta.group_meta or ()):
             self.swa_slots[g, :n].copy_(gm.slot_mapping, non_blocking=True)
             self.swa_slots[g, n:bs].fill_(-1)
@@ -626,6 +650,9 @@ class ModelRunner:
             for batches up to ``max_spec_batch`` (the engine's ``disable_by_batch_size``),
             in the decode graphs' memory pool. Not under tensor parallel (a model with its
             own ``decode_graphs_class``): verification steps run eagerly there.
+        num_state_slots: recurrent models (``config.is_recurrent``): the state pool's
+            slots, one per sequence running at once (the block manager's ``max_rows``;
+            each sequence's slot is its block-table row). 0 for attention-only models.
     """
 
     def __init__(self, model: torch.nn.Module, block_size: int = 16,
@@ -634,8 +661,15 @@ class ModelRunner:
                  max_model_len: int | None = None, enforce_eager: bool = False,
                  kv_cache_dtype: str = "auto", extra_kv_bytes_per_token: int = 0,
                  num_speculative_tokens: int = 0, max_spec_batch: int = 32,
-                 lora: Any = None, kv_layout: KVCacheLayout | None = None) -> None:
+                 lora: Any = None, kv_layout: KVCacheLayout | None = None,
+                 num_state_slots: int = 0) -> None:
         self.model = model
+        # hybrid recurrent models (LFM2): one state slot per sequence the block manager
+        # holds (its block-table row), beside the KV pool
+        self.num_state_slots = int(num_state_slots)
+        if getattr(model.config, "is_recurrent", False) and self.num_state_slots < 1:
+            raise ValueError(f"num_state_slots must be >= 1 for a recurrent model "
+                             f"({model.config.architecture}), got {num_state_slots!r}")
         self.kv_layout = kv_layout if kv_layout is not None and kv_layout.hybrid else None
         self.lora = lora      # a LoRAManager: each step's token slots are set on it
         self.config = model.config
@@ -698,6 +732,8 @@ class ModelRunner:
         extra: dict[str, Any] = {"lora": lora} if lora is not None else {}
         if self.kv_layout is not None:
             extra["kv_layout"] = self.kv_layout
+        if self.num_state_slots:
+            extra["with_state"] = True
         with self.on_device():
             self.graphs = graphs_cls(model, self.kv_caches,
                                      graph_batch_sizes(self.max_num_seqs),
@@ -769,7 +805,10 @@ class ModelRunner:
     def _allocate_kv_pool(self) -> list:
         """The paged KV cache: per layer (k_cache, v_cache), each
         ``[num_blocks, block_size, kv_heads, head_dim]`` in the model's dtype or fp8."""
-        extra = {"layout": self.kv_layout} if self.kv_layout is not None else {}
+        extra: dict[str, Any] = {"layout": self.kv_layout} if self.kv_layout is not None \
+            else {}
+        if self.num_state_slots:
+            extra["num_state_slots"] = self.num_state_slots
         if self.kv_cache_dtype is None:
             return self.model.allocate_kv_caches(self.num_blocks, self.block_size, **extra)
         return self.model.allocate_kv_caches(self.num_blocks, self.block_size,
@@ -797,8 +836,10 @@ class ModelRunner:
         # verification graphs keep their bs * (1 + k) fp32 logits rows in the graph pool
         sampler += 4 * (1 + self.num_speculative_tokens) * self.config.vocab_size * max(
             self.verify_graph_sizes() or [0])
+        states = self.num_state_slots * self.model.state_bytes_per_slot() \
+            if self.num_state_slots else 0
         budget = (util * total - used_by_others - torch.cuda.memory_allocated(self.device)
-                  - peak - sampler - (256 << 20))
+                  - peak - sampler - states - (256 << 20))
         blocks = int(budget // bytes_per_block)
         if blocks < 1:
             raise ValueError(f"no GPU memory left for the KV cache (budget {budget / 2**30:.2f}"
@@ -831,6 +872,7 @@ class ModelRunner:
         """Step inputs from the block manager's mirrors (swa_table: hybrid pools)."""
         hybrid = self.kv_layout is not None
         return build_step_inputs(batch, self.block_size, self.num_blocks, self.device,
+                                 with_state=self.num_state_slots > 0,
                                  upload=self._upload, table=table, row_blocks=row_blocks,
                                  swa_table=swa_table if hybrid else None,
                                  layer_group=self.kv_layout.layer_group if hybrid else None)

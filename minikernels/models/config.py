@@ -121,6 +121,9 @@ SUPPORTED_ARCHITECTURES = {
     # NanoChat: RMSNorms without parameters (also after the embedding and on q / k after
     # rope), a squared-ReLU fc1 / fc2 MLP, a final logit softcap
     "NanoChatForCausalLM": "nanochat",
+    # LFM2 (Liquid): a hybrid of gated short-convolution layers and attention layers with
+    # q / k norms; the conv layers keep a per-sequence state (engine: a state slot)
+    "Lfm2ForCausalLM": "lfm2",
 }
 #: ``XForSequenceClassification``: the decoder of ``XForCausalLM`` with a ``score`` head
 #: (``mk.Classifier`` reads it; the generative model refuses such a checkpoint).
@@ -165,7 +168,7 @@ _MODEL_TYPES = {"llama": "llama", "mistral": "mistral", "ministral": "ministral"
                 "falcon": "falcon", "RefinedWeb": "falcon", "RefinedWebModel": "falcon",
                 "mpt": "mpt", "nemotron": "nemotron", "arcee": "arcee", "jais2": "jais2",
                 "apertus": "apertus",
-                "olmo": "olmo", "nanochat": "nanochat"}
+                "olmo": "olmo", "nanochat": "nanochat", "lfm2": "lfm2"}
 #: the families with learned absolute position embeddings (no rope)
 _LEARNED_POSITIONS = ("gpt2", "opt", "gpt_bigcode", "gpt_neo")
 _GEMMA = ("gemma", "gemma2", "gemma3", "vaultgemma")
@@ -200,6 +203,10 @@ GATED_ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu": "gelu",
                      "gelu_pytorch_tanh": "gelu_tanh", "gelu_tanh": "gelu_tanh",
                      "gelu_new": "gelu_tanh", "gelu_fast": "gelu_tanh", "relu": "relu",
                      "relu2": "relu2", "xielu": "xielu"}
+
+
+#: the token mixers a decoder layer may have (DecoderConfig.layer_mixers)
+LAYER_MIXERS = ("attention", "short_conv")
 
 
 class UnsupportedModelError(ValueError):
@@ -284,6 +291,13 @@ class DecoderConfig:
     # OLMo 1: q, k and v clamped to [-clip_qkv, clip_qkv]; None = off
     clip_qkv: float | None = None
     hidden_act: str = "silu"
+    # Hybrid recurrent decoders: each layer's token mixer, "attention" or "short_conv"
+    # (LFM2's gated depthwise causal convolution: in_proj -> B, C, x; C * conv(B * x);
+    # out_proj); None = attention everywhere. A non-attention layer has no KV cache: it
+    # keeps a fixed-size state per sequence (the engine's state slots).
+    layer_mixers: list[str] | None = None
+    conv_kernel: int = 0            # the short convolution's width (LFM2's conv_L_cache)
+    conv_bias: bool = False         # biases on the conv layers' in / out projections, conv
     # Gemma: RMSNorm scales by (weight + norm_weight_offset); embeddings times embed_scale
     # (rounded to the model dtype, as transformers does); sandwich_norm adds norms after
     # attention and after the MLP (post_attention_layernorm is then the former,
@@ -376,6 +390,20 @@ class DecoderConfig:
             if self.activation != "silu":
                 raise UnsupportedModelError(f"experts with hidden_act {self.hidden_act!r} "
                                             "are not supported (SiLU-gated experts)")
+        if self.layer_mixers is not None:
+            if len(self.layer_mixers) != self.num_layers:
+                raise ValueError(f"config.layer_mixers must name one mixer per layer "
+                                 f"({self.num_layers}), got {len(self.layer_mixers)}")
+            unknown = sorted(set(self.layer_mixers) - set(LAYER_MIXERS))
+            if unknown:
+                raise UnsupportedModelError(f"layer mixers {unknown} are not supported "
+                                            f"(supported: {list(LAYER_MIXERS)})")
+            if "short_conv" in self.layer_mixers and not 2 <= self.conv_kernel <= 8:
+                raise ValueError(f"config.conv_kernel must be in [2, 8] for short_conv "
+                                 f"layers, got {self.conv_kernel!r}")
+            if "attention" not in self.layer_mixers:
+                raise UnsupportedModelError("a decoder without attention layers is not "
+                                            "supported (the engine pages KV by them)")
         for name in ("attention_scale", "attn_logit_softcapping", "final_logit_softcapping",
                      "sliding_rope_theta", "embedding_multiplier", "residual_multiplier",
                      "logits_scaling", "llama4_scaling_length"):
@@ -399,6 +427,16 @@ class DecoderConfig:
     def softmax_scale(self) -> float:
         return self.attention_scale if self.attention_scale is not None else \
             self.head_dim ** -0.5
+
+    def mixer(self, layer: int) -> str:
+        """``layer``'s token mixer: "attention" or a recurrent one ("short_conv")."""
+        return "attention" if self.layer_mixers is None else self.layer_mixers[layer]
+
+    @property
+    def is_recurrent(self) -> bool:
+        """Whether some layers keep a per-sequence recurrent state (hybrid models)."""
+        return self.layer_mixers is not None and any(
+            m != "attention" for m in self.layer_mixers)
 
     def is_moe(self, layer: int) -> bool:
         """Whether ``layer``'s MLP is the mixture of experts."""
@@ -562,7 +600,7 @@ class DecoderConfig:
             rms_norm_eps=float(hf.get("layer_norm_eps", 1e-5))
             if family in ("stablelm", "phi", "gpt_neox", "gptj", "falcon", "mpt", "jais2") or
             cohere or learned or bloom else
-            float(hf.get("norm_eps", 1e-5)) if nemotron else
+            float(hf.get("norm_eps", 1e-5)) if nemotron or family == "lfm2" else
             1e-5 if family == "olmo" else         # (OLMo 1's LayerNorm: a fixed eps)
             float(hf.get("norm_epsilon", 1e-5)) if family == "starcoder2" else
             float(hf.get("rms_norm_eps", 1e-6)),
@@ -591,8 +629,8 @@ class DecoderConfig:
                 falcon and hf["_falcon_grouped"]),
 
             tie_word_embeddings=bool(hf.get("tie_word_embeddings",
-                                            gemma or family == "starcoder2" or cohere or
-                                            learned or bloom or falcon or mpt)),
+                                            gemma or family in ("starcoder2", "lfm2") or
+                                            cohere or learned or bloom or falcon or mpt)),
             eos_token_ids=eos,
             bos_token_id=None if bos is None else int(bos),
             sliding_window=window,
@@ -607,7 +645,10 @@ class DecoderConfig:
                 family in ("ernie4_5", "starcoder2", "phi") and attention_bias) or neox or \
             learned or bloom or gptj,
             qk_norm=family in ("qwen3", "qwen3_moe", "gemma3", "olmo2", "olmo3", "olmoe",
-                               "exaone4", "hunyuan", "nanochat", "apertus"),
+                               "exaone4", "hunyuan", "nanochat", "apertus", "lfm2"),
+            layer_mixers=hf.get("_layer_mixers"),
+            conv_kernel=int(hf.get("conv_L_cache", 3)) if family == "lfm2" else 0,
+            conv_bias=bool(hf.get("conv_bias", False)) if family == "lfm2" else False,
             qk_norm_after_rope=family in ("hunyuan", "nanochat"),
             qk_norm_full=family in ("olmo2", "olmo3", "olmoe"),
             post_norm=family in ("olmo2", "olmo3", "exaone4"),
@@ -958,12 +999,47 @@ def _mpt_config(hf: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _lfm2_config(hf: Mapping[str, Any]) -> dict[str, Any]:
+    """LFM2's keys: the MLP width after its auto-adjustment (2/3, times
+    block_ffn_dim_multiplier, rounded up to block_multiple_of; transformers' Lfm2MLP),
+    each layer's mixer from layer_types (or full_attn_idxs), tie_embedding."""
+    out = dict(hf)
+    inter = hf.get("block_ff_dim") or hf.get("intermediate_size")
+    if inter is None:
+        raise ValueError("config.json is missing 'intermediate_size'")
+    inter = int(inter)
+    if hf.get("block_auto_adjust_ff_dim", True):
+        inter = int(2 * inter / 3)
+        mult = hf.get("block_ffn_dim_multiplier", 1.0)
+        if mult is not None:
+            inter = int(mult * inter)
+            m = int(hf.get("block_multiple_of", 256))
+            inter = m * ((inter + m - 1) // m)
+    out["intermediate_size"] = inter
+    n = int(hf.get("num_hidden_layers") or 0)
+    kinds = hf.get("layer_types")
+    if kinds is None:
+        full = hf.get("full_attn_idxs")
+        full = set(range(n)) if full is None else set(full)
+        kinds = ["full_attention" if i in full else "conv" for i in range(n)]
+    names = {"full_attention": "attention", "conv": "short_conv"}
+    unknown = sorted({k for k in kinds if k not in names})
+    if unknown:
+        raise UnsupportedModelError(f"LFM2 layer types {unknown} are not supported "
+                                    f"(supported: {sorted(names)})")
+    out["_layer_mixers"] = [names[k] for k in kinds]
+    if "tie_embedding" in hf:
+        out["tie_word_embeddings"] = hf["tie_embedding"]
+    return out
+
+
 #: family -> its config.json read under the decoder's keys (with what it does not have
-#: refused by name): GPT-2-style keys, BLOOM's, Falcon's, MPT's
+#: refused by name): GPT-2-style keys, BLOOM's, Falcon's, MPT's, LFM2's
 _KEY_READERS: dict[str, Any] = {
     **{family: _learned_positions_config for family in _LEARNED_POSITIONS},
     "bloom": lambda hf, _: _bloom_config(hf), "gptj": lambda hf, _: _gpt2_keys(hf),
-    "falcon": lambda hf, _: _falcon_config(hf), "mpt": lambda hf, _: _mpt_config(hf)}
+    "falcon": lambda hf, _: _falcon_config(hf), "mpt": lambda hf, _: _mpt_config(hf),
+    "lfm2": lambda hf, _: _lfm2_config(hf)}
 
 
 def _attention_scale(hf: Mapping[str, Any], family: str) -> float | None:
@@ -1019,7 +1095,7 @@ def _rope_from_hf(hf: Mapping[str, Any], family: str
         local_theta = float(hf.get("rope_local_base_freq", 10000.0))
     elif family == "olmo3":   # its rope_scaling is the full-attention layers' only
         local_theta = float(hf.get("rope_theta", 10000.0))
-    default_theta = 1e6 if family == "gemma3" else 10000.0
+    default_theta = 1e6 if family in ("gemma3", "lfm2") else 10000.0
     if isinstance(params, Mapping) and params:
         rope_theta = float(params.get("rope_theta", hf.get("rope_theta", default_theta)))
         scaling = {k: v for k, v in params.items() if k != "rope_theta"}

@@ -197,6 +197,55 @@ class Attention(nn.Module):
         return q_out.to(q.dtype), k_out.to(k.dtype)
 
 
+class ShortConv(nn.Module):
+    """LFM2's gated short convolution (a recurrent token mixer):
+
+        b, c, u = in_proj(x).split(H)            # [T, H] each
+        y = c * causal_conv1d(b * u)             # depthwise, width W, per sequence
+        out = out_proj(y)
+
+    Its cache (from :meth:`CausalLM.allocate_kv_caches`) is ``(conv_state,)``,
+    [num_state_slots, H, W - 1] in the model dtype: each sequence's last W - 1 inputs of
+    the convolution, in the slot ``meta.state_indices`` names (see
+    :class:`~minikernels.models.AttentionMetadata`). Without a cache (a cache-less
+    forward over whole prompts) every sequence starts from zeros.
+    """
+
+    def __init__(self, config: DecoderConfig, dtype: torch.dtype,
+                 device: torch.device | str | None, dense: bool) -> None:
+        super().__init__()
+        c = config
+        self.hidden_size, self.width = c.hidden_size, c.conv_kernel
+        self.in_proj = FusedLinear(c.hidden_size, 3 * c.hidden_size, bias=c.conv_bias,
+                                   dtype=dtype, device=device, dense=dense)
+        # the depthwise kernel as transformers stores it, [H, 1, W] (never called: its
+        # weight feeds ops.causal_conv1d)
+        self.conv = nn.Conv1d(c.hidden_size, c.hidden_size, c.conv_kernel,
+                              groups=c.hidden_size, bias=c.conv_bias, dtype=dtype,
+                              device=device)
+        self.conv.requires_grad_(False)
+        self.out_proj = FusedLinear(c.hidden_size, c.hidden_size, bias=c.conv_bias,
+                                    dtype=dtype, device=device, dense=dense)
+
+    def forward(self, x: Tensor, meta: AttentionMetadata,
+                cache: tuple[Tensor] | None) -> Tensor:
+        h = self.hidden_size
+        b, c, u = self.in_proj(x).split(h, dim=-1)
+        cu, max_len = meta.mixer_seqlens()
+        state = cache[0] if cache is not None else None
+        y = ops.causal_conv1d(b * u, self.conv.weight.view(h, self.width), self.conv.bias,
+                              cu_seqlens=cu, conv_state=state,
+                              state_indices=meta.state_indices if state is not None else None,
+                              has_initial_state=meta.has_initial_state
+                              if state is not None else None,
+                              max_seqlen=max_len)
+        return self.out_proj(c * y)
+
+    def state_shapes(self) -> list[tuple[tuple[int, ...], torch.dtype | None]]:
+        """Per-slot state tensors: (shape without the slot dim, dtype; None = model's)."""
+        return [((self.hidden_size, self.width - 1), None)]
+
+
 #: the non-gated MLP's activation by DecoderConfig.activation
 _ACTIVATIONS = {"silu": F.silu, "relu": F.relu, "gelu": F.gelu,
                 "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
@@ -254,7 +303,13 @@ class DecoderLayer(nn.Module):
         # HyperCLOVA X: sandwich norms and Granite's multiplier after each output norm
         self.sandwich_multiplier = c.residual_multiplier if c.sandwich_norm else 1.0
         self.input_layernorm = None if c.post_norm else norm()
-        self.self_attn = Attention(config, layer, rotary, dtype, device, dense, tp)
+        # the token mixer: attention (self_attn), or a recurrent one (LFM2's conv)
+        self.self_attn = self.conv = None
+        if c.mixer(layer) == "short_conv":
+            self.conv = ShortConv(config, dtype, device, dense)
+        else:
+            self.self_attn = Attention(config, layer, rotary, dtype, device, dense, tp)
+        self.__dict__["mixer"] = self.self_attn if self.conv is None else self.conv
         self.post_attention_layernorm = None if c.parallel_residual and \
             not c.parallel_mlp_norm else norm()
         self.pre_feedforward_layernorm = self.post_feedforward_layernorm = None
@@ -271,7 +326,7 @@ class DecoderLayer(nn.Module):
             # OLMo 2: s = stream; s += norm(attn(s)); s += norm(mlp(s)). The last add is
             # left pending, as every layer's (h, residual) output is.
             s = h if residual is None else h + residual
-            s = s + self.post_attention_layernorm(self.self_attn(s, meta, kv_cache))
+            s = s + self.post_attention_layernorm(self.mixer(s, meta, kv_cache))
             return self.post_feedforward_layernorm(self.mlp(s)), s
         if residual is None:
             residual = h
@@ -284,8 +339,8 @@ class DecoderLayer(nn.Module):
             # left pending, as every layer's).
             mlp_in = x if self.post_attention_layernorm is None else \
                 self.post_attention_layernorm(residual)
-            return self.self_attn(x, meta, kv_cache) + self.mlp(mlp_in), residual
-        x = self.self_attn(x, meta, kv_cache)
+            return self.mixer(x, meta, kv_cache) + self.mlp(mlp_in), residual
+        x = self.mixer(x, meta, kv_cache)
         if self.pre_feedforward_layernorm is None:
             x, residual = self.post_attention_layernorm(x, residual)
             return self.mlp(x), residual
@@ -447,35 +502,73 @@ class CausalLM(nn.Module):
 
     def allocate_kv_caches(self, num_blocks: int, block_size: int,
                            dtype: torch.dtype | None = None,
-                           layout: KVCacheLayout | None = None) -> list[KVCache]:
+                           layout: KVCacheLayout | None = None,
+                           num_state_slots: int = 0) -> list:
         """Zeroed (k_cache, v_cache) per layer on the model's device, in the model's dtype
         or ``dtype`` (torch.float8_e4m3fn: an fp8 cache, dequantized with each attention
         layer's k_scale / v_scale). With a hybrid ``layout`` (models/kv_layout.py) layers
-        of different KV groups share pairs: ``layout.num_slots`` pairs in all."""
+        of different KV groups share pairs: ``layout.num_slots`` pairs in all.
+
+        A recurrent layer (``config.is_recurrent``: LFM2's short conv) gets its state
+        tensors instead of a pair: ``(conv_state,)``, each [num_state_slots, ...] (see
+        :meth:`state_bytes_per_slot`); ``num_state_slots`` (>= 1 for such a model) is one
+        per sequence the engine runs at once (its block-table rows, one spare for
+        padding rows)."""
         if not 1 <= block_size <= 256:
             raise ValueError(f"block_size must be in [1, 256], got {block_size}")
         dt = dtype or self.dtype
         if dt != self.dtype and dt not in FP8_KV_DTYPES:
             raise ValueError(f"KV cache dtype must be the model's ({self.dtype}) or "
                              f"float8_e4m3fn, got {dt}")
+        c = self.config
+        if c.is_recurrent and (not isinstance(num_state_slots, int) or num_state_slots < 1):
+            raise ValueError(f"num_state_slots must be an int >= 1 for a recurrent model "
+                             f"({c.architecture}), got {num_state_slots!r}")
         shape = self.kv_cache_shape(num_blocks, block_size)
-        layout = layout or KVCacheLayout.uniform(self.config.num_layers)
-        if len(layout.layer_slot) != self.config.num_layers:
+        layout = layout or KVCacheLayout.uniform(c.num_layers)
+        if len(layout.layer_slot) != c.num_layers:
             raise ValueError(f"layout has {len(layout.layer_slot)} layers, the model "
-                             f"{self.config.num_layers}")
-        pairs = [(torch.zeros(shape, dtype=dt, device=self.device),
-                  torch.zeros(shape, dtype=dt, device=self.device))
-                 for _ in range(layout.num_slots)]
-        return [pairs[s] for s in layout.layer_slot]
+                             f"{c.num_layers}")
+        used = sorted({s for i, s in enumerate(layout.layer_slot)
+                       if c.mixer(i) == "attention"})
+        pairs = {s: (torch.zeros(shape, dtype=dt, device=self.device),
+                     torch.zeros(shape, dtype=dt, device=self.device)) for s in used}
+        caches: list = []
+        for i, layer in enumerate(self.layers):
+            if layer.conv is None:
+                caches.append(pairs[layout.layer_slot[i]])
+            else:
+                caches.append(tuple(torch.zeros((num_state_slots, *shape_i),
+                                                dtype=dt_i or self.dtype, device=self.device)
+                                    for shape_i, dt_i in layer.mixer.state_shapes()))
+        return caches
 
     def kv_bytes_per_token(self, dtype: torch.dtype | None = None,
                            layout: KVCacheLayout | None = None) -> int:
         """Bytes of K and V cache one token of one block takes over all cache tensors
-        (all layers, or a hybrid layout's shared pairs)."""
+        (all attention layers, or a hybrid layout's shared pairs)."""
         elem = torch.empty((), dtype=dtype or self.dtype).element_size()
         c = self.config
-        slots = c.num_layers if layout is None else layout.num_slots
+        if layout is None:
+            slots = sum(c.mixer(i) == "attention" for i in range(c.num_layers))
+        else:
+            slots = len({s for i, s in enumerate(layout.layer_slot)
+                         if c.mixer(i) == "attention"})
         return 2 * slots * self.num_local_kv_heads * c.head_dim * elem
+
+    def state_bytes_per_slot(self) -> int:
+        """Bytes of recurrent state one sequence holds over all recurrent layers (0 for a
+        pure attention model)."""
+        total = 0
+        for layer in self.layers:
+            if layer.conv is None:
+                continue
+            for shape, dt in layer.mixer.state_shapes():
+                n = 1
+                for d in shape:
+                    n *= d
+                total += n * torch.empty((), dtype=dt or self.dtype).element_size()
+        return total
 
     def weight_bytes(self) -> int:
         """Bytes of all weights (tied embeddings counted once; the rope cache and the fp8

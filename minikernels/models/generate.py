@@ -30,8 +30,8 @@ __all__ = ["add_generate_arguments", "build_step_metadata", "generate_tokens", "
 
 def build_step_metadata(decode: Sequence[tuple[Sequence[int], int]],
                         prefill: Sequence[tuple[Sequence[int], int, int]], block_size: int,
-                        device: torch.device | str = "cpu", all_logits: bool = False
-                        ) -> AttentionMetadata:
+                        device: torch.device | str = "cpu", all_logits: bool = False,
+                        state_slots: Sequence[int] | None = None) -> AttentionMetadata:
     """Metadata for one forward over a paged cache (tokens: decodes first, then chunks).
 
     decode:  (block_row, context_len) per decoding sequence; its one new token sits at
@@ -39,6 +39,8 @@ def build_step_metadata(decode: Sequence[tuple[Sequence[int], int]],
     prefill: (block_row, num_cached, chunk_len) per prefill chunk: tokens at positions
              num_cached .. num_cached + chunk_len - 1, attending to the cached prefix.
     Logits rows: each decode token and each chunk's last token (all rows if all_logits).
+    state_slots: recurrent models: each item's state slot (decodes, then chunks); a
+    chunk with no cached tokens starts from a zero state.
     """
     import torch
 
@@ -87,6 +89,13 @@ def build_step_metadata(decode: Sequence[tuple[Sequence[int], int]],
         meta.max_seqlen_q = max(n for _, _, n in prefill)
         meta.max_seqlen_k = max(c + n for _, c, n in prefill)
         meta.prefill_block_table = table([r for r, _, _ in prefill])
+    if state_slots is not None:
+        if len(state_slots) != nd + len(prefill):
+            raise ValueError(f"state_slots must name one slot per item ({nd + len(prefill)}),"
+                             f" got {len(state_slots)}")
+        meta.state_indices = torch.tensor(list(state_slots), dtype=torch.int32, device=device)
+        meta.has_initial_state = torch.tensor([True] * nd + [c > 0 for _, c, _ in prefill],
+                                              dtype=torch.bool, device=device)
     return meta
 
 
@@ -144,7 +153,9 @@ def _generate(model: torch.nn.Module, prompts: Sequence[Sequence[int]], max_new_
         n = math.ceil((len(p) + max_new_tokens) / block_size)
         rows.append(list(range(next_block, next_block + n)))
         next_block += n
-    kv = model.allocate_kv_caches(next_block, block_size, dtype=kv_dtype)
+    recurrent = model.config.is_recurrent    # prompt i keeps its state in slot i
+    kv = model.allocate_kv_caches(next_block, block_size, dtype=kv_dtype,
+                                  **({"num_state_slots": len(prompts)} if recurrent else {}))
     gen = torch.Generator(device=device)
     gen.manual_seed(seed)
     eos = set(int(e) for e in eos_token_ids)
@@ -160,7 +171,8 @@ def _generate(model: torch.nn.Module, prompts: Sequence[Sequence[int]], max_new_
             n = min(chunk, len(prompts[i]) - done[i])
             items.append((rows[i], done[i], n))
             ids.extend(prompts[i][done[i]:done[i] + n])
-        meta = build_step_metadata([], items, block_size, device)
+        meta = build_step_metadata([], items, block_size, device,
+                                   state_slots=active if recurrent else None)
         logits = model(torch.tensor(ids, dtype=torch.int64, device=device), meta, kv)
         for j, i in enumerate(active):
             done[i] += items[j][2]
@@ -178,7 +190,8 @@ def _generate(model: torch.nn.Module, prompts: Sequence[Sequence[int]], max_new_
     while live:
         items = [(rows[i], len(prompts[i]) + len(outputs[i])) for i in live]
         ids = [outputs[i][-1] for i in live]
-        meta = build_step_metadata(items, [], block_size, device)
+        meta = build_step_metadata(items, [], block_size, device,
+                                   state_slots=live if recurrent else None)
         logits = model(torch.tensor(ids, dtype=torch.int64, device=device), meta, kv)
         nxt = sample_next(logits, temperature, top_p, gen).tolist()
         still = []

@@ -147,6 +147,9 @@ _KV_SCALE_RE = re.compile(r"^layers\.(\d+)\.self_attn\.(k_scale|v_scale)$")
 _SINKS_RE = re.compile(r"^layers\.(\d+)\.self_attn\.sinks$")
 #: Apertus's learned xIELU parameters of layer N's MLP
 _XIELU_RE = re.compile(r"^layers\.(\d+)\.mlp\.act_fn\.(alpha_p|alpha_n|beta|eps)$")
+#: recurrent mixers: LFM2's short conv (in / out projections, the depthwise kernel)
+_CONV_PROJ_RE = re.compile(r"^layers\.(\d+)\.conv\.(in_proj|out_proj)\.(\w+)$")
+_CONV_KERNEL_RE = re.compile(r"^layers\.(\d+)\.conv\.conv\.(weight|bias)$")
 #: mixture of experts: per-expert projections (the hub's names), transformers 5's stacked
 #: ones, and the router (models/moe.py)
 _EXPERT_RE = re.compile(r"^layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)"
@@ -200,6 +203,12 @@ def map_name(name: str) -> tuple[str, int | None, str] | None:
     m = _SINKS_RE.match(n)
     if m:
         return f"layers.{m.group(1)}.self_attn.attn", None, "sinks"
+    m = _CONV_PROJ_RE.match(n)
+    if m:
+        return f"layers.{m.group(1)}.conv.{m.group(2)}", 0, m.group(3)
+    m = _CONV_KERNEL_RE.match(n)
+    if m:
+        return f"layers.{m.group(1)}.conv.conv", None, m.group(2)
     m = _XIELU_RE.match(n)
     if m:
         return f"layers.{m.group(1)}.mlp.act_fn", None, m.group(2)
@@ -492,6 +501,17 @@ _MPT_PARTS = ((".norm_1.", ".input_layernorm."), (".norm_2.", ".post_attention_l
               (".ffn.up_proj.", ".mlp.gate_proj."), (".ffn.down_proj.", ".mlp.down_proj."))
 
 
+#: LFM2's names (its final norm is "embedding_norm"; the conv layers' names stay)
+_LFM2_PREFIXES = (("model.embedding_norm.", "model.norm."),)
+_LFM2_PARTS = ((".operator_norm.", ".input_layernorm."),
+               (".ffn_norm.", ".post_attention_layernorm."),
+               (".self_attn.out_proj.", ".self_attn.o_proj."),
+               (".self_attn.q_layernorm.", ".self_attn.q_norm."),
+               (".self_attn.k_layernorm.", ".self_attn.k_norm."),
+               (".feed_forward.w1.", ".mlp.gate_proj."), (".feed_forward.w3.", ".mlp.up_proj."),
+               (".feed_forward.w2.", ".mlp.down_proj."))
+
+
 def _renamed(name: str, prefixes: tuple[tuple[str, str], ...],
              parts: tuple[tuple[str, str], ...]) -> str:
     """``name`` with its first matching prefix and every matching part replaced."""
@@ -514,7 +534,8 @@ _FAMILY_NAMES = {"gpt_neox": (_NEOX_PREFIXES, _NEOX_PARTS),
                  "opt": (_OPT_PREFIXES, _OPT_PARTS),
                  "bloom": (_BLOOM_PREFIXES, _BLOOM_PARTS),
                  "falcon": (_BLOOM_PREFIXES, _FALCON_PARTS),
-                 "mpt": (_MPT_PREFIXES, _MPT_PARTS)}
+                 "mpt": (_MPT_PREFIXES, _MPT_PARTS),
+                 "lfm2": (_LFM2_PREFIXES, _LFM2_PARTS)}
 
 
 def _materialized(tensor: Any) -> Tensor:

@@ -45,6 +45,12 @@ class AttentionMetadata:
                           None = every layer reads the fields above (group 0).
     group_meta:           groups 1..: the same step with that group's ``slot_mapping``,
                           ``decode_block_table`` and ``prefill_block_table``.
+    state_indices:        recurrent layers (hybrid models: LFM2's short conv): int32 [N],
+                          each sequence's state slot, N = num_decode + P in token order
+                          (decode rows, then prefill chunks); -1 = a padding row (its
+                          state is neither read nor written). None with kv_caches=None.
+    has_initial_state:    bool [N]: whether the sequence's slot holds its state so far
+                          (False: a first chunk, started from zeros); None = all True.
     """
 
     positions: Tensor
@@ -60,6 +66,8 @@ class AttentionMetadata:
     logits_indices: Tensor | None = None
     layer_group: tuple[int, ...] | None = None
     group_meta: list["AttentionMetadata"] | None = None
+    state_indices: Tensor | None = None
+    has_initial_state: Tensor | None = None
 
     def for_layer(self, layer: int) -> "AttentionMetadata":
         """The metadata layer ``layer`` attends with (its KV group's tables)."""
@@ -78,6 +86,27 @@ class AttentionMetadata:
                                                prefill_block_table=p)
                            for s, d, p in zip(slot_mappings, decode_tables, prefill_tables)]
         return self
+
+    def mixer_seqlens(self) -> tuple[Tensor, int]:
+        """(cu_seqlens int32 [N + 1] over all T tokens, the longest sequence) for the
+        recurrent layers: each decode token a sequence of one, then the prefill chunks.
+        Computed once per step (cached on this object)."""
+        cached = self.__dict__.get("_mixer_seqlens")
+        if cached is not None:
+            return cached
+        nd = self.num_decode
+        dev = self.positions.device
+        if self.cu_seqlens_q is None:
+            cu = torch.arange(nd + 1, dtype=torch.int32, device=dev)
+            longest = 1 if nd else 0
+        elif nd == 0:
+            cu, longest = self.cu_seqlens_q, self.max_seqlen_q
+        else:
+            cu = torch.cat([torch.arange(nd, dtype=torch.int32, device=dev),
+                            self.cu_seqlens_q.to(torch.int32) + nd])
+            longest = max(1, self.max_seqlen_q)
+        self.__dict__["_mixer_seqlens"] = (cu, int(longest))
+        return cu, int(longest)
 
     @property
     def num_tokens(self) -> int:

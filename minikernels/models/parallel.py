@@ -109,6 +109,10 @@ class TensorParallel:
 def check_config(config: DecoderConfig, tp: TensorParallel) -> None:
     """Refuse shapes this sharding cannot split, naming the numbers."""
     p = tp.size
+    if getattr(config, "is_recurrent", False):
+        raise ValueError(f"tensor_parallel_size {p}: {config.architecture}'s recurrent "
+                         f"layers ({sorted(set(config.layer_mixers) - {'attention'})}) are "
+                         "not sharded; run it with tensor_parallel_size=1")
     if config.num_heads % p:
         raise ValueError(f"tensor_parallel_size {p} must divide num_attention_heads "
                          f"({config.num_heads})")
