@@ -29,7 +29,11 @@ def _gated_delta_rule(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor,
                       cu_seqlens: Tensor, state: Tensor | None, state_indices: Tensor | None,
                       has_initial_state: Tensor | None, scale: float,
                       use_qk_l2norm: bool) -> Tensor:
-    _backend.resolve("gated_delta_rule", v.device)   # the Triton kernel: next commit
+    if _backend.resolve("gated_delta_rule", v.device) == "triton":
+        from .triton import gated_delta as triton_gated_delta
+        return triton_gated_delta.gated_delta_rule(q, k, v, g, beta, cu_seqlens, state,
+                                                   state_indices, has_initial_state, scale,
+                                                   use_qk_l2norm)
     return reference.gated_delta_rule(q, k, v, g, beta, cu_seqlens, state, state_indices,
                                       has_initial_state, scale, use_qk_l2norm)
 
