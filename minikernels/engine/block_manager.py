@@ -624,6 +624,8 @@ class BlockManager:
                         refs[b] += 1
             if seq.block_table:
                 assert seq.block_row >= 0 and seq.block_row not in rows, f"{seq}: bad row"
+                assert self.max_rows is None or seq.block_row < self.max_rows, \
+                    f"{seq}: row {seq.block_row} past max_rows {self.max_rows}"
                 rows.add(seq.block_row)
                 assert self.table[seq.block_row, :len(seq.block_table)].tolist() == \
                     seq.block_table, f"{seq}: block-table mirror disagrees with its list"
@@ -637,3 +639,7 @@ class BlockManager:
         for h, t in self.swa_cached.items():
             assert all(self.blocks[b].hash == h for b in t), f"sliding hash {h} -> {t}"
         assert self.null_block < 0 or self.null_block not in self.free, "null block freed"
+        if self.max_rows is not None:     # rows are state slots: none may leak
+            held = set(range(self.table.shape[0])) - set(self._free_rows)
+            assert held == rows, f"rows held {sorted(held)} != rows of live sequences " \
+                                 f"{sorted(rows)}"

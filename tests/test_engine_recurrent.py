@@ -1,0 +1,171 @@
+"""Hybrid recurrent models in the engine (LFM2: short-conv layers beside attention).
+
+Each running sequence keeps its recurrent state in one slot (its block-table row): greedy
+outputs must equal transformers' through everything that moves a sequence between
+slots or splits its forward: chunked prefill, async scheduling on and off, slot reuse
+after finishing, preemption (recompute from a zero state), aborts, and the decode-graph
+runner's static buffers (padding rows touch no slot)."""
+from __future__ import annotations
+
+import pytest
+import torch
+from test_model_support import make_hf_model, random_tokens, save_hf
+
+import minikernels as mk
+from minikernels.engine.model_runner import _DecodeGraphs
+
+GREEDY = mk.SamplingParams(max_tokens=10, ignore_eos=True, temperature=0.0, logprobs=0)
+LENGTHS = [5, 40, 17, 3, 33, 9]
+
+
+@pytest.fixture(scope="module")
+def lfm2(tmp_path_factory):
+    hf = make_hf_model("lfm2", seed=3)
+    path = save_hf(hf, str(tmp_path_factory.mktemp("lfm2")))
+    prompts = [random_tokens(n, hf.config.vocab_size, 50 + i) for i, n in enumerate(LENGTHS)]
+    want, HF_LOGPROBS[path] = [], []
+    with torch.no_grad():
+        for p in prompts:
+            full = hf.generate(torch.tensor([p]), max_new_tokens=10, do_sample=False,
+                               eos_token_id=[], pad_token_id=0)[0]
+            lp = torch.log_softmax(hf(full[None]).logits[0].float(), -1)
+            new = full[len(p):]
+            want.append(new.tolist())
+            # each generated token's logprob (what a stale state would shift)
+            HF_LOGPROBS[path].append(lp[len(p) - 1:-1].gather(1, new[:, None])[:, 0])
+    return path, prompts, want
+
+
+#: transformers' logprob of each greedy token, per prompt (by checkpoint path)
+HF_LOGPROBS: dict[str, list[torch.Tensor]] = {}
+
+
+def _llm(path: str, **kw) -> mk.LLM:
+    kw.setdefault("block_size", 8)
+    return mk.LLM(path, dtype="float32", device="cpu", tokenizer=None, **kw)
+
+
+def _tokens(llm: mk.LLM, prompts, params=GREEDY) -> list[list[int]]:
+    """Greedy tokens; their logprobs must equal transformers' (1e-4)."""
+    outs = [o.outputs[0] for o in llm.generate(prompts, params, use_tqdm=False)]
+    llm.llm_engine.check_no_leaks()
+    ref = HF_LOGPROBS.get(llm.llm_engine._model_dir)
+    if ref is not None and params.logprobs is not None:
+        for c, want_lp, p in zip(outs, ref, prompts):
+            got = torch.tensor([lp[t].logprob for t, lp in zip(c.token_ids, c.logprobs)])
+            assert (got - want_lp).abs().max() <= 1e-4, (len(p), got, want_lp)
+    return [c.token_ids for c in outs]
+
+
+@pytest.mark.parametrize("kw", [
+    {},                                         # async scheduling (the default)
+    {"async_scheduling": False},
+    {"max_num_batched_tokens": 16},             # prompts prefilled in chunks
+    {"max_num_seqs": 2},                        # slots reused by later requests
+], ids=["async", "sync", "chunked", "slot-reuse"])
+def test_greedy_equals_transformers(lfm2, kw):
+    path, prompts, want = lfm2
+    llm = _llm(path, **kw)
+    eng = llm.llm_engine
+    assert not eng.block_manager.enable_prefix_caching     # off for recurrent layers
+    assert eng.block_manager.max_rows == eng.scheduler.max_num_seqs
+    assert _tokens(llm, prompts) == want
+
+
+def test_preemption_recomputes_from_a_zero_state(lfm2):
+    path, prompts, want = lfm2
+    llm = _llm(path, num_kv_blocks=14, max_num_seqs=4)
+    assert _tokens(llm, prompts) == want
+    assert llm.llm_engine.scheduler.num_preemptions > 0
+
+
+def test_abort_frees_the_slot_for_a_fresh_sequence(lfm2):
+    """A request aborted mid-decode leaves its slot with a stale state; the request that
+    takes the slot next starts from zeros (has_initial_state False)."""
+    path, prompts, want = lfm2
+    llm = _llm(path, max_num_seqs=1, async_scheduling=False)
+    eng = llm.llm_engine
+    eng.add_request("a", prompts[1], GREEDY)
+    for _ in range(4):
+        eng.step()
+    assert eng.requests["a"].seqs[0].block_row == 0
+    eng.abort_request("a")
+    b = eng.add_request("b", prompts[2], GREEDY)
+    while eng.has_unfinished():
+        eng.step()
+    seq = b.seqs[0]
+    assert seq.output_token_ids == want[2]
+    got = torch.tensor([lp[t].logprob for t, lp in zip(seq.output_token_ids, seq.logprobs)])
+    assert (got - HF_LOGPROBS[path][2]).abs().max() <= 1e-4
+    eng.check_no_leaks()
+
+
+class EagerDecodeGraphs(_DecodeGraphs):
+    """The decode-graph runner with each bucket run eagerly from its static buffers."""
+
+    def _capture(self, bs):
+        return lambda: self._forward(bs)
+
+
+def test_decode_graph_buffers_carry_the_state_slots(lfm2):
+    """Decode steps replayed from the static buffers (bucket 8 for 3 to 6 rows: padding
+    rows with state slot -1) give transformers' tokens."""
+    path, prompts, want = lfm2
+    llm = _llm(path)
+    runner = llm.llm_engine.runner
+    runner.graphs = EagerDecodeGraphs(runner.model, runner.kv_caches, [1, 2, 4, 8],
+                                      runner.max_blocks_per_seq, runner.config.vocab_size,
+                                      with_state=True)
+    replays = []
+    run = runner.graphs.run
+    runner.graphs.run = lambda inputs: replays.append(inputs.meta.num_decode) or run(inputs)
+    assert _tokens(llm, prompts) == want
+    assert len(replays) >= 5 and any(n not in (1, 2, 4, 8) for n in replays)
+
+
+def test_seeded_sampling_is_reproducible(lfm2):
+    path, prompts, _ = lfm2
+    params = mk.SamplingParams(max_tokens=8, temperature=1.0, seed=7, n=2, ignore_eos=True)
+    runs = [[[c.token_ids for c in o.outputs]
+             for o in _llm(path, **kw).generate(prompts[:3], params, use_tqdm=False)]
+            for kw in ({}, {"async_scheduling": False}, {"max_num_batched_tokens": 16})]
+    assert runs[0] == runs[1] == runs[2]
+
+
+def test_what_recurrent_models_refuse(lfm2):
+    path, _, _ = lfm2
+    with pytest.raises(ValueError, match="speculative_config"):
+        _llm(path, speculative_config={"method": "ngram", "num_speculative_tokens": 2})
+    with pytest.raises(ValueError, match="enable_lora"):
+        _llm(path, enable_lora=True)
+    from minikernels.models import load_model
+    from minikernels.models.parallel import check_config
+    config = load_model(path, dtype="float32", device="cpu").config
+    assert config.is_recurrent and config.layer_mixers == ["short_conv", "attention",
+                                                           "short_conv"]
+    with pytest.raises(ValueError, match="tensor_parallel_size 2.*short_conv"):
+        check_config(config, _FakeTP(2))
+
+
+class _FakeTP:
+    """What check_config reads of a TensorParallel: its size."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+
+
+def test_state_pool_sizes(lfm2):
+    """One slot per max_num_seqs; the state is each conv layer's last W - 1 inputs."""
+    path, _, _ = lfm2
+    llm = _llm(path, max_num_seqs=5)
+    runner = llm.llm_engine.runner
+    model = runner.model
+    c = model.config
+    states = [kv for kv, layer in zip(runner.kv_caches, model.layers) if layer.conv is not None]
+    assert len(states) == 2
+    assert all(s[0].shape == (5, c.hidden_size, c.conv_kernel - 1) for s in states)
+    assert model.state_bytes_per_slot() == 2 * c.hidden_size * (c.conv_kernel - 1) * 4
+    # the KV pool counts the one attention layer only
+    assert model.kv_bytes_per_token() == 2 * c.num_kv_heads * c.head_dim * 4
+    with pytest.raises(ValueError, match="num_state_slots"):
+        model.allocate_kv_caches(4, 8)
