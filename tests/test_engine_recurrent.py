@@ -1,4 +1,5 @@
-"""Hybrid recurrent models in the engine (LFM2: short-conv layers beside attention).
+"""Hybrid recurrent models in the engine (LFM2: short-conv layers beside attention;
+Qwen3.5: Gated DeltaNet layers beside gated attention).
 
 Each running sequence keeps its recurrent state in one slot (its block-table row): greedy
 outputs must equal transformers' through everything that moves a sequence between
@@ -18,10 +19,11 @@ GREEDY = mk.SamplingParams(max_tokens=10, ignore_eos=True, temperature=0.0, logp
 LENGTHS = [5, 40, 17, 3, 33, 9]
 
 
-@pytest.fixture(scope="module")
-def lfm2(tmp_path_factory):
-    hf = make_hf_model("lfm2", seed=3)
-    path = save_hf(hf, str(tmp_path_factory.mktemp("lfm2")))
+def _checkpoint(kind: str, tmp_path_factory):
+    if kind in _BUILT:
+        return _BUILT[kind]
+    hf = make_hf_model(kind, seed=3)
+    path = save_hf(hf, str(tmp_path_factory.mktemp(kind)))
     prompts = [random_tokens(n, hf.config.vocab_size, 50 + i) for i, n in enumerate(LENGTHS)]
     want, HF_LOGPROBS[path] = [], []
     with torch.no_grad():
@@ -33,7 +35,22 @@ def lfm2(tmp_path_factory):
             want.append(new.tolist())
             # each generated token's logprob (what a stale state would shift)
             HF_LOGPROBS[path].append(lp[len(p) - 1:-1].gather(1, new[:, None])[:, 0])
-    return path, prompts, want
+    _BUILT[kind] = path, prompts, want
+    return _BUILT[kind]
+
+
+_BUILT: dict[str, tuple] = {}
+
+
+@pytest.fixture(scope="module")
+def lfm2(tmp_path_factory):
+    return _checkpoint("lfm2", tmp_path_factory)
+
+
+@pytest.fixture(scope="module", params=["lfm2", "qwen3_5"])
+def hybrid(request, tmp_path_factory):
+    """Each hybrid family: (checkpoint, prompts, transformers' greedy tokens)."""
+    return _checkpoint(request.param, tmp_path_factory)
 
 
 #: transformers' logprob of each greedy token, per prompt (by checkpoint path)
@@ -63,8 +80,8 @@ def _tokens(llm: mk.LLM, prompts, params=GREEDY) -> list[list[int]]:
     {"max_num_batched_tokens": 16},             # prompts prefilled in chunks
     {"max_num_seqs": 2},                        # slots reused by later requests
 ], ids=["async", "sync", "chunked", "slot-reuse"])
-def test_greedy_equals_transformers(lfm2, kw):
-    path, prompts, want = lfm2
+def test_greedy_equals_transformers(hybrid, kw):
+    path, prompts, want = hybrid
     llm = _llm(path, **kw)
     eng = llm.llm_engine
     assert not eng.block_manager.enable_prefix_caching     # off for recurrent layers
@@ -72,17 +89,17 @@ def test_greedy_equals_transformers(lfm2, kw):
     assert _tokens(llm, prompts) == want
 
 
-def test_preemption_recomputes_from_a_zero_state(lfm2):
-    path, prompts, want = lfm2
+def test_preemption_recomputes_from_a_zero_state(hybrid):
+    path, prompts, want = hybrid
     llm = _llm(path, num_kv_blocks=14, max_num_seqs=4)
     assert _tokens(llm, prompts) == want
     assert llm.llm_engine.scheduler.num_preemptions > 0
 
 
-def test_abort_frees_the_slot_for_a_fresh_sequence(lfm2):
+def test_abort_frees_the_slot_for_a_fresh_sequence(hybrid):
     """A request aborted mid-decode leaves its slot with a stale state; the request that
     takes the slot next starts from zeros (has_initial_state False)."""
-    path, prompts, want = lfm2
+    path, prompts, want = hybrid
     llm = _llm(path, max_num_seqs=1, async_scheduling=False)
     eng = llm.llm_engine
     eng.add_request("a", prompts[1], GREEDY)
@@ -107,10 +124,10 @@ class EagerDecodeGraphs(_DecodeGraphs):
         return lambda: self._forward(bs)
 
 
-def test_decode_graph_buffers_carry_the_state_slots(lfm2):
+def test_decode_graph_buffers_carry_the_state_slots(hybrid):
     """Decode steps replayed from the static buffers (bucket 8 for 3 to 6 rows: padding
     rows with state slot -1) give transformers' tokens."""
-    path, prompts, want = lfm2
+    path, prompts, want = hybrid
     llm = _llm(path)
     runner = llm.llm_engine.runner
     runner.graphs = EagerDecodeGraphs(runner.model, runner.kv_caches, [1, 2, 4, 8],

@@ -242,12 +242,22 @@ CASES: dict[str, tuple[str, dict[str, Any]]] = {
     "lfm2": ("Lfm2", dict(num_hidden_layers=3, layer_types=["conv", "full_attention", "conv"],
                           conv_L_cache=3, conv_bias=True, block_multiple_of=32,
                           norm_eps=1e-5, tie_word_embeddings=True)),
+    # Qwen3.5: Gated DeltaNet layers (conv + gated delta rule, recurrent state; Hv = 2 Hk)
+    # and a gated attention layer with (1 + w) q / k norms, partial rope
+    "qwen3_5": ("Qwen3_5", dict(num_hidden_layers=3, head_dim=16,
+                                layer_types=["linear_attention", "full_attention",
+                                             "linear_attention"],
+                                linear_num_key_heads=2, linear_num_value_heads=4,
+                                linear_key_head_dim=8, linear_value_head_dim=12,
+                                linear_conv_kernel_dim=4, tie_word_embeddings=False,
+                                rope_parameters={"rope_type": "default", "rope_theta": 1e4,
+                                                 "partial_rotary_factor": 0.5})),
     "olmoe": ("Olmoe", dict(num_experts=8, num_experts_per_tok=3, intermediate_size=40,
                             norm_topk_prob=False, pad_token_id=0, eos_token_id=2,
                             tie_word_embeddings=False)),
 }
 # transformers config classes not named {family}Config
-_CONFIG_CLASSES = {"Gemma3": "Gemma3TextConfig"}
+_CONFIG_CLASSES = {"Gemma3": "Gemma3TextConfig", "Qwen3_5": "Qwen3_5TextConfig"}
 # transformers causal-LM classes not named {family}ForCausalLM
 _MODEL_CLASSES = {"GPT2": "GPT2LMHeadModel"}
 

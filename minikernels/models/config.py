@@ -124,6 +124,9 @@ SUPPORTED_ARCHITECTURES = {
     # LFM2 (Liquid): a hybrid of gated short-convolution layers and attention layers with
     # q / k norms; the conv layers keep a per-sequence state (engine: a state slot)
     "Lfm2ForCausalLM": "lfm2",
+    # Qwen3.5 (dense): Gated DeltaNet linear-attention layers (a recurrent state per
+    # sequence) and, every fourth layer, gated attention with (1 + w) q / k norms
+    "Qwen3_5ForCausalLM": "qwen3_5",
 }
 #: ``XForSequenceClassification``: the decoder of ``XForCausalLM`` with a ``score`` head
 #: (``mk.Classifier`` reads it; the generative model refuses such a checkpoint).
@@ -168,7 +171,8 @@ _MODEL_TYPES = {"llama": "llama", "mistral": "mistral", "ministral": "ministral"
                 "falcon": "falcon", "RefinedWeb": "falcon", "RefinedWebModel": "falcon",
                 "mpt": "mpt", "nemotron": "nemotron", "arcee": "arcee", "jais2": "jais2",
                 "apertus": "apertus",
-                "olmo": "olmo", "nanochat": "nanochat", "lfm2": "lfm2"}
+                "olmo": "olmo", "nanochat": "nanochat", "lfm2": "lfm2",
+                "qwen3_5_text": "qwen3_5", "qwen3_5": "qwen3_5"}
 #: the families with learned absolute position embeddings (no rope)
 _LEARNED_POSITIONS = ("gpt2", "opt", "gpt_bigcode", "gpt_neo")
 _GEMMA = ("gemma", "gemma2", "gemma3", "vaultgemma")
@@ -184,6 +188,8 @@ TEXT_ONLY_WRAPPERS: dict[str, str | None] = {
     "Qwen2VLForConditionalGeneration": "qwen2",
     "Qwen2_5_VLForConditionalGeneration": "qwen2",
     "Qwen3VLForConditionalGeneration": "qwen3",
+    # Qwen3.5 (every size is published multimodal): its hybrid text decoder
+    "Qwen3_5ForConditionalGeneration": "qwen3_5",
     # Mistral 3 (Ministral 3, Mistral Small 3.x): the family of its text_config's model_type
     "Mistral3ForConditionalGeneration": None}
 # transformers' Gemma3TextConfig defaults: a hub config's text_config lists only the
@@ -206,7 +212,7 @@ GATED_ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu": "gelu",
 
 
 #: the token mixers a decoder layer may have (DecoderConfig.layer_mixers)
-LAYER_MIXERS = ("attention", "short_conv")
+LAYER_MIXERS = ("attention", "short_conv", "gated_deltanet")
 
 
 class UnsupportedModelError(ValueError):
@@ -291,13 +297,24 @@ class DecoderConfig:
     # OLMo 1: q, k and v clamped to [-clip_qkv, clip_qkv]; None = off
     clip_qkv: float | None = None
     hidden_act: str = "silu"
-    # Hybrid recurrent decoders: each layer's token mixer, "attention" or "short_conv"
+    # Hybrid recurrent decoders: each layer's token mixer, "attention", "short_conv"
     # (LFM2's gated depthwise causal convolution: in_proj -> B, C, x; C * conv(B * x);
-    # out_proj); None = attention everywhere. A non-attention layer has no KV cache: it
-    # keeps a fixed-size state per sequence (the engine's state slots).
+    # out_proj) or "gated_deltanet" (Qwen3.5's linear attention: a short conv over q / k /
+    # v, the gated delta rule, a gated RMSNorm); None = attention everywhere. A
+    # non-attention layer has no KV cache: it keeps a fixed-size state per sequence (the
+    # engine's state slots).
     layer_mixers: list[str] | None = None
-    conv_kernel: int = 0            # the short convolution's width (LFM2's conv_L_cache)
+    conv_kernel: int = 0            # the causal convolution's width (conv_L_cache, ...)
     conv_bias: bool = False         # biases on the conv layers' in / out projections, conv
+    # Gated DeltaNet's heads: q / k heads of linear_key_head_dim, v heads of
+    # linear_value_head_dim (a multiple of the q / k heads)
+    linear_num_key_heads: int = 0
+    linear_num_value_heads: int = 0
+    linear_key_head_dim: int = 0
+    linear_value_head_dim: int = 0
+    # Qwen3.5 / Qwen3-Next: q_proj also gives a gate per head ([q | gate] per head); the
+    # attention output is multiplied by sigmoid(gate) before o_proj
+    attn_output_gate: bool = False
     # Gemma: RMSNorm scales by (weight + norm_weight_offset); embeddings times embed_scale
     # (rounded to the model dtype, as transformers does); sandwich_norm adds norms after
     # attention and after the MLP (post_attention_layernorm is then the former,
@@ -398,9 +415,21 @@ class DecoderConfig:
             if unknown:
                 raise UnsupportedModelError(f"layer mixers {unknown} are not supported "
                                             f"(supported: {list(LAYER_MIXERS)})")
-            if "short_conv" in self.layer_mixers and not 2 <= self.conv_kernel <= 8:
-                raise ValueError(f"config.conv_kernel must be in [2, 8] for short_conv "
-                                 f"layers, got {self.conv_kernel!r}")
+            recurrent = set(self.layer_mixers) - {"attention"}
+            if recurrent and not 2 <= self.conv_kernel <= 8:
+                raise ValueError(f"config.conv_kernel must be in [2, 8] for "
+                                 f"{sorted(recurrent)} layers, got {self.conv_kernel!r}")
+            if "gated_deltanet" in self.layer_mixers:
+                for name in ("linear_num_key_heads", "linear_num_value_heads",
+                             "linear_key_head_dim", "linear_value_head_dim"):
+                    value = getattr(self, name)
+                    if not isinstance(value, int) or value <= 0:
+                        raise ValueError(f"config.{name} must be a positive int for "
+                                         f"gated_deltanet layers, got {value!r}")
+                if self.linear_num_value_heads % self.linear_num_key_heads:
+                    raise ValueError(f"linear_num_value_heads ({self.linear_num_value_heads}) "
+                                     f"must be a multiple of linear_num_key_heads "
+                                     f"({self.linear_num_key_heads})")
             if "attention" not in self.layer_mixers:
                 raise UnsupportedModelError("a decoder without attention layers is not "
                                             "supported (the engine pages KV by them)")
@@ -594,8 +623,8 @@ class DecoderConfig:
             rope_theta=rope_theta,
             rope_scaling=rope_scaling,
             partial_rotary_factor=float(partial) if partial is not None else
-            (0.5 if family in ("glm", "glm4", "nemotron") else 0.25 if family == "stablelm"
-             else 1.0),
+            (0.5 if family in ("glm", "glm4", "nemotron") else
+             0.25 if family in ("stablelm", "qwen3_5") else 1.0),
             rope_interleaved=family in ("glm", "glm4", "ernie4_5", "helium", "gptj") or cohere,
             rms_norm_eps=float(hf.get("layer_norm_eps", 1e-5))
             if family in ("stablelm", "phi", "gpt_neox", "gptj", "falcon", "mpt", "jais2") or
@@ -645,15 +674,22 @@ class DecoderConfig:
                 family in ("ernie4_5", "starcoder2", "phi") and attention_bias) or neox or \
             learned or bloom or gptj,
             qk_norm=family in ("qwen3", "qwen3_moe", "gemma3", "olmo2", "olmo3", "olmoe",
-                               "exaone4", "hunyuan", "nanochat", "apertus", "lfm2"),
+                               "exaone4", "hunyuan", "nanochat", "apertus", "lfm2",
+                               "qwen3_5"),
             layer_mixers=hf.get("_layer_mixers"),
-            conv_kernel=int(hf.get("conv_L_cache", 3)) if family == "lfm2" else 0,
+            conv_kernel=int(hf.get("conv_L_cache", 3)) if family == "lfm2" else
+            int(hf.get("linear_conv_kernel_dim", 4)) if family == "qwen3_5" else 0,
             conv_bias=bool(hf.get("conv_bias", False)) if family == "lfm2" else False,
+            **({k: int(hf.get(k, d)) for k, d in (
+                ("linear_num_key_heads", 16), ("linear_num_value_heads", 32),
+                ("linear_key_head_dim", 128), ("linear_value_head_dim", 128))}
+               if family == "qwen3_5" else {}),
+            attn_output_gate=family == "qwen3_5",
             qk_norm_after_rope=family in ("hunyuan", "nanochat"),
             qk_norm_full=family in ("olmo2", "olmo3", "olmoe"),
             post_norm=family in ("olmo2", "olmo3", "exaone4"),
             hidden_act=_activation_from_hf(hf, family),
-            norm_weight_offset=1.0 if gemma or nemotron else 0.0,
+            norm_weight_offset=1.0 if gemma or nemotron or family == "qwen3_5" else 0.0,
             embed_scale=hidden ** 0.5 if gemma else 1.0,
             sandwich_norm=family in ("gemma2", "gemma3", "glm4") or (
                 family == "hyperclovax" and bool(hf.get("use_post_norm", True))),
@@ -1033,13 +1069,33 @@ def _lfm2_config(hf: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _qwen3_5_config(hf: Mapping[str, Any]) -> dict[str, Any]:
+    """Qwen3.5's keys: each layer's mixer from layer_types (default: full attention every
+    full_attention_interval-th layer, transformers' Qwen3_5TextConfig)."""
+    out = dict(hf)
+    n = int(hf.get("num_hidden_layers") or 0)
+    kinds = hf.get("layer_types")
+    if kinds is None:
+        every = int(hf.get("full_attention_interval", 4))
+        kinds = ["linear_attention" if (i + 1) % every else "full_attention" for i in range(n)]
+    names = {"full_attention": "attention", "linear_attention": "gated_deltanet"}
+    unknown = sorted({k for k in kinds if k not in names})
+    if unknown:
+        raise UnsupportedModelError(f"Qwen3.5 layer types {unknown} are not supported "
+                                    f"(supported: {sorted(names)})")
+    out["_layer_mixers"] = [names[k] for k in kinds]
+    if out.get("attention_bias"):
+        raise UnsupportedModelError("Qwen3.5 with attention_bias is not supported")
+    return out
+
+
 #: family -> its config.json read under the decoder's keys (with what it does not have
 #: refused by name): GPT-2-style keys, BLOOM's, Falcon's, MPT's, LFM2's
 _KEY_READERS: dict[str, Any] = {
     **{family: _learned_positions_config for family in _LEARNED_POSITIONS},
     "bloom": lambda hf, _: _bloom_config(hf), "gptj": lambda hf, _: _gpt2_keys(hf),
     "falcon": lambda hf, _: _falcon_config(hf), "mpt": lambda hf, _: _mpt_config(hf),
-    "lfm2": lambda hf, _: _lfm2_config(hf)}
+    "lfm2": lambda hf, _: _lfm2_config(hf), "qwen3_5": lambda hf, _: _qwen3_5_config(hf)}
 
 
 def _attention_scale(hf: Mapping[str, Any], family: str) -> float | None:

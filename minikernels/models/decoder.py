@@ -105,7 +105,10 @@ class Attention(nn.Module):
         self.num_heads, self.num_kv_heads, self.head_dim = shard.nq, shard.nkv, c.head_dim
         self.q_size, self.kv_size = shard.nq * c.head_dim, shard.nkv * c.head_dim
         self.__dict__["tp"] = tp
-        self.qkv_proj = FusedLinear(c.hidden_size, [self.q_size, self.kv_size, self.kv_size],
+        # Qwen3.5: q_proj rows hold [q | gate] per head (attn_output_gate)
+        self.output_gate = c.attn_output_gate
+        q_rows = self.q_size * (2 if self.output_gate else 1)
+        self.qkv_proj = FusedLinear(c.hidden_size, [q_rows, self.kv_size, self.kv_size],
                                     bias=c.qkv_bias, dtype=dtype, device=device, dense=dense)
         self.o_proj = FusedLinear(self.q_size, c.hidden_size, bias=c.o_bias, dtype=dtype,
                                   device=device, dense=dense)
@@ -150,7 +153,13 @@ class Attention(nn.Module):
         qkv = self.qkv_proj(x)
         if self.clip_qkv is not None:     # OLMo 1: q, k, v clamped to [-clip, clip]
             qkv = qkv.clamp(-self.clip_qkv, self.clip_qkv)
-        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        gate = None
+        if self.output_gate:    # [q | gate] per head
+            qg, k, v = qkv.split([2 * self.q_size, self.kv_size, self.kv_size], dim=-1)
+            qg = qg.reshape(t, self.num_heads, 2 * self.head_dim)
+            q, gate = qg[..., :self.head_dim], qg[..., self.head_dim:]
+        else:
+            q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         if self.qk_norm_full:
             q, k = self._full_qk_norm(q, k)
         q = q.reshape(t, self.num_heads, self.head_dim)
@@ -170,6 +179,8 @@ class Attention(nn.Module):
             far = torch.floor(meta.positions.float() / self.q_scale_length)
             q = q * (1 + self.q_scale_beta * torch.log1p(far)).to(q.dtype)[:, None, None]
         o = self.attn(q, k, v, meta, kv_cache)
+        if gate is not None:
+            o = o * torch.sigmoid(gate)
         o = self.o_proj(o.reshape(t, self.q_size))
         if self.tp is not None:
             o = self.tp.all_reduce(o)   # row-parallel o_proj
@@ -246,6 +257,75 @@ class ShortConv(nn.Module):
         return [((self.hidden_size, self.width - 1), None)]
 
 
+class GatedDeltaNet(nn.Module):
+    """Qwen3.5's Gated DeltaNet (linear attention; a recurrent token mixer):
+
+        qkv, z, b, a = in_proj(x)                        # one GEMM, four parts
+        q, k, v = silu(causal_conv1d(qkv)).split(...)    # per sequence, width W
+        beta = sigmoid(b);  g = -exp(A_log) * softplus(a + dt_bias)      # fp32
+        o = gated_delta_rule(q, k, v, g, beta, l2-normalized q / k)      # [T, Hv, dv]
+        out = out_proj(rms_norm(o) * silu(z))            # the norm per value head
+
+    Its cache (from :meth:`CausalLM.allocate_kv_caches`) is ``(conv_state,
+    recurrent_state)``: [slots, 2 * Hk * dk + Hv * dv, W - 1] in the model dtype and
+    [slots, Hv, dk, dv] fp32, each sequence in the slot ``meta.state_indices`` names.
+    """
+
+    def __init__(self, config: DecoderConfig, dtype: torch.dtype,
+                 device: torch.device | str | None, dense: bool) -> None:
+        super().__init__()
+        c = config
+        self.num_k_heads, self.num_v_heads = c.linear_num_key_heads, c.linear_num_value_heads
+        self.k_dim, self.v_dim = c.linear_key_head_dim, c.linear_value_head_dim
+        self.key_size = self.num_k_heads * self.k_dim
+        self.value_size = self.num_v_heads * self.v_dim
+        self.conv_dim = 2 * self.key_size + self.value_size
+        self.width = c.conv_kernel
+        hv = self.num_v_heads
+        # parts in transformers' order: in_proj_qkv, in_proj_z, in_proj_b, in_proj_a
+        self.in_proj = FusedLinear(c.hidden_size, [self.conv_dim, self.value_size, hv, hv],
+                                   bias=False, dtype=dtype, device=device, dense=dense)
+        self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, self.width,
+                                groups=self.conv_dim, bias=False, dtype=dtype, device=device)
+        self.conv1d.requires_grad_(False)
+        self.dt_bias = nn.Parameter(torch.ones(hv, dtype=dtype, device=device),
+                                    requires_grad=False)
+        self.A_log = nn.Parameter(torch.zeros(hv, dtype=dtype, device=device),
+                                  requires_grad=False)
+        self.norm = RMSNorm(self.v_dim, c.rms_norm_eps, dtype=dtype, device=device)
+        self.out_proj = FusedLinear(self.value_size, c.hidden_size, bias=False, dtype=dtype,
+                                    device=device, dense=dense)
+
+    def forward(self, x: Tensor, meta: AttentionMetadata,
+                cache: tuple[Tensor, Tensor] | None) -> Tensor:
+        t, hv = x.shape[0], self.num_v_heads
+        qkv, z, b, a = self.in_proj(x).split([self.conv_dim, self.value_size, hv, hv],
+                                             dim=-1)
+        cu, max_len = meta.mixer_seqlens()
+        conv_state, state = cache if cache is not None else (None, None)
+        slots = meta.state_indices if cache is not None else None
+        init = meta.has_initial_state if cache is not None else None
+        qkv = ops.causal_conv1d(qkv, self.conv1d.weight.view(self.conv_dim, self.width), None,
+                                cu_seqlens=cu, conv_state=conv_state, state_indices=slots,
+                                has_initial_state=init, activation="silu", max_seqlen=max_len)
+        q, k, v = qkv.split([self.key_size, self.key_size, self.value_size], dim=-1)
+        beta = torch.sigmoid(b)
+        g = -self.A_log.float().exp() * F.softplus(a.float() + self.dt_bias)
+        o = ops.gated_delta_rule(
+            q.reshape(t, self.num_k_heads, self.k_dim), k.reshape(t, self.num_k_heads, self.k_dim),
+            v.reshape(t, hv, self.v_dim), g, beta, cu_seqlens=cu, state=state,
+            state_indices=slots, has_initial_state=init, use_qk_l2norm=True,
+            max_seqlen=max_len)
+        y = self.norm(o.reshape(t * hv, self.v_dim)).float() * F.silu(
+            z.reshape(t * hv, self.v_dim).float())
+        return self.out_proj(y.to(x.dtype).reshape(t, self.value_size))
+
+    def state_shapes(self) -> list[tuple[tuple[int, ...], torch.dtype | None]]:
+        """Per-slot state tensors: the conv's inputs (model dtype), the fp32 state."""
+        return [((self.conv_dim, self.width - 1), None),
+                ((self.num_v_heads, self.k_dim, self.v_dim), torch.float32)]
+
+
 #: the non-gated MLP's activation by DecoderConfig.activation
 _ACTIVATIONS = {"silu": F.silu, "relu": F.relu, "gelu": F.gelu,
                 "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
@@ -303,13 +383,18 @@ class DecoderLayer(nn.Module):
         # HyperCLOVA X: sandwich norms and Granite's multiplier after each output norm
         self.sandwich_multiplier = c.residual_multiplier if c.sandwich_norm else 1.0
         self.input_layernorm = None if c.post_norm else norm()
-        # the token mixer: attention (self_attn), or a recurrent one (LFM2's conv)
-        self.self_attn = self.conv = None
-        if c.mixer(layer) == "short_conv":
+        # the token mixer: attention (self_attn), or a recurrent one (LFM2's conv,
+        # Qwen3.5's linear_attn)
+        self.self_attn = self.conv = self.linear_attn = None
+        kind = c.mixer(layer)
+        if kind == "short_conv":
             self.conv = ShortConv(config, dtype, device, dense)
+        elif kind == "gated_deltanet":
+            self.linear_attn = GatedDeltaNet(config, dtype, device, dense)
         else:
             self.self_attn = Attention(config, layer, rotary, dtype, device, dense, tp)
-        self.__dict__["mixer"] = self.self_attn if self.conv is None else self.conv
+        self.__dict__["mixer"] = next(m for m in (self.self_attn, self.conv, self.linear_attn)
+                                      if m is not None)
         self.post_attention_layernorm = None if c.parallel_residual and \
             not c.parallel_mlp_norm else norm()
         self.pre_feedforward_layernorm = self.post_feedforward_layernorm = None
@@ -509,9 +594,10 @@ class CausalLM(nn.Module):
         layer's k_scale / v_scale). With a hybrid ``layout`` (models/kv_layout.py) layers
         of different KV groups share pairs: ``layout.num_slots`` pairs in all.
 
-        A recurrent layer (``config.is_recurrent``: LFM2's short conv) gets its state
-        tensors instead of a pair: ``(conv_state,)``, each [num_state_slots, ...] (see
-        :meth:`state_bytes_per_slot`); ``num_state_slots`` (>= 1 for such a model) is one
+        A recurrent layer (``config.is_recurrent``: LFM2's short conv, Qwen3.5's Gated
+        DeltaNet) gets its state tensors instead of a pair (``(conv_state,)``,
+        ``(conv_state, recurrent_state)``), each [num_state_slots, ...] (see the mixers'
+        ``state_shapes`` and :meth:`state_bytes_per_slot`); ``num_state_slots`` (>= 1 for such a model) is one
         per sequence the engine runs at once (its block-table rows, one spare for
         padding rows)."""
         if not 1 <= block_size <= 256:
@@ -535,7 +621,7 @@ class CausalLM(nn.Module):
                      torch.zeros(shape, dtype=dt, device=self.device)) for s in used}
         caches: list = []
         for i, layer in enumerate(self.layers):
-            if layer.conv is None:
+            if layer.self_attn is not None:
                 caches.append(pairs[layout.layer_slot[i]])
             else:
                 caches.append(tuple(torch.zeros((num_state_slots, *shape_i),
@@ -561,7 +647,7 @@ class CausalLM(nn.Module):
         pure attention model)."""
         total = 0
         for layer in self.layers:
-            if layer.conv is None:
+            if layer.self_attn is not None:
                 continue
             for shape, dt in layer.mixer.state_shapes():
                 n = 1

@@ -68,7 +68,7 @@ from torch import Tensor, nn
 
 from .config import (DecoderConfig, UnsupportedModelError, builtin_config,
                      is_classifier_architecture, list_models)
-from .decoder import CausalLM
+from .decoder import CausalLM, GatedDeltaNet
 from .hub import resolve_model
 from ..nn.layers import XIELU
 from ..quant.fp8 import fp8_from_checkpoint
@@ -150,6 +150,13 @@ _XIELU_RE = re.compile(r"^layers\.(\d+)\.mlp\.act_fn\.(alpha_p|alpha_n|beta|eps)
 #: recurrent mixers: LFM2's short conv (in / out projections, the depthwise kernel)
 _CONV_PROJ_RE = re.compile(r"^layers\.(\d+)\.conv\.(in_proj|out_proj)\.(\w+)$")
 _CONV_KERNEL_RE = re.compile(r"^layers\.(\d+)\.conv\.conv\.(weight|bias)$")
+#: Qwen3.5's Gated DeltaNet: four input projections fused as parts of in_proj, out_proj,
+#: the conv kernel, the gated norm, and the per-head dt_bias / A_log
+_GDN_IN_PARTS = {"in_proj_qkv": 0, "in_proj_z": 1, "in_proj_b": 2, "in_proj_a": 3}
+_GDN_IN_RE = re.compile(r"^layers\.(\d+)\.linear_attn\.(in_proj_qkv|in_proj_z|in_proj_b|"
+                        r"in_proj_a|out_proj)\.(\w+)$")
+_GDN_MODULE_RE = re.compile(r"^layers\.(\d+)\.linear_attn\.(conv1d|norm)\.(weight|bias)$")
+_GDN_PARAM_RE = re.compile(r"^layers\.(\d+)\.linear_attn\.(dt_bias|A_log)$")
 #: mixture of experts: per-expert projections (the hub's names), transformers 5's stacked
 #: ones, and the router (models/moe.py)
 _EXPERT_RE = re.compile(r"^layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)"
@@ -209,6 +216,18 @@ def map_name(name: str) -> tuple[str, int | None, str] | None:
     m = _CONV_KERNEL_RE.match(n)
     if m:
         return f"layers.{m.group(1)}.conv.conv", None, m.group(2)
+    m = _GDN_IN_RE.match(n)
+    if m:
+        layer, proj, kind = m.groups()
+        if proj == "out_proj":
+            return f"layers.{layer}.linear_attn.out_proj", 0, kind
+        return f"layers.{layer}.linear_attn.in_proj", _GDN_IN_PARTS[proj], kind
+    m = _GDN_MODULE_RE.match(n)
+    if m:
+        return f"layers.{m.group(1)}.linear_attn.{m.group(2)}", None, m.group(3)
+    m = _GDN_PARAM_RE.match(n)
+    if m:
+        return f"layers.{m.group(1)}.linear_attn", None, m.group(2)
     m = _XIELU_RE.match(n)
     if m:
         return f"layers.{m.group(1)}.mlp.act_fn", None, m.group(2)
@@ -839,6 +858,8 @@ def _load_hf(model_dir: str, dtype: str | torch.dtype, device: torch.device,
             expected.add((name, None, "sinks"))
         elif isinstance(mod, XIELU):
             expected.update((name, None, p) for p, _ in mod.named_parameters())
+        elif isinstance(mod, GatedDeltaNet):
+            expected.update((name, None, p) for p in ("dt_bias", "A_log"))
         elif name and hasattr(mod, "weight") and isinstance(getattr(mod, "weight"),
                                                             torch.nn.Parameter):
             expected.add((name, None, "weight"))
