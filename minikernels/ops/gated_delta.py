@@ -45,13 +45,19 @@ def _(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, cu_seqlens: Tens
     return torch.empty(v.shape, dtype=v.dtype, device=v.device)
 
 
+def _readable(t: Tensor) -> bool:
+    """The data-dependent checks run (index checks on, not capturing / compiling, values
+    that exist: not meta)."""
+    return t.device.type != "meta" and index_checks_active(t)
+
+
 def _check_cu_seqlens(cu: object, total: int, device: torch.device) -> Tensor:
     cu = check_tensor("cu_seqlens", cu, dtypes=(torch.int32, torch.int64), ndim=1,
                       device=device)
     if cu.shape[0] < 1:
         raise ValueError(f"cu_seqlens must have N + 1 >= 1 entries, got shape {list(cu.shape)}")
     cu = cu.contiguous()
-    if index_checks_active(cu):
+    if _readable(cu):
         if int(cu[0]) != 0:
             raise ValueError(f"cu_seqlens[0] must be 0, got {int(cu[0])}")
         if cu.shape[0] > 1 and bool((cu[1:] < cu[:-1]).any()):
@@ -132,7 +138,7 @@ def gated_delta_rule(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, *
             raise ValueError(f"state_indices must have shape [N = {n}], got "
                              f"{list(state_indices.shape)}")
         state_indices = state_indices.contiguous()
-        if index_checks_active(state_indices):
+        if _readable(state_indices):
             lo, hi = int(state_indices.min()), int(state_indices.max())
             if lo < -1 or hi >= state.shape[0]:
                 raise ValueError(f"state_indices values must be -1 (padding) or in [0, "
@@ -156,7 +162,7 @@ def gated_delta_rule(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, *
                             f"{type(max_seqlen).__name__}")
         if max_seqlen < 0:
             raise ValueError(f"max_seqlen must be >= 0, got {max_seqlen}")
-        if index_checks_active(cu_seqlens) and n > 0:
+        if _readable(cu_seqlens) and n > 0:
             longest = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
             if longest > max_seqlen:
                 raise ValueError(f"max_seqlen ({max_seqlen}) is below a sequence length "
