@@ -668,3 +668,37 @@ def test_rotary_fraction_gives_rotary_dim_exactly():
             assert int(d * _rotary_fraction(r, d)) == r, (r, d)
     with pytest.raises(UnsupportedModelError, match="rotary_dim"):
         _rotary_fraction(80, 64)
+
+
+def test_qwen3_5_multimodal_checkpoint_serves_its_hybrid_text_decoder(tmp_path):
+    """Qwen3.5 as the hub publishes it (Qwen3_5ForConditionalGeneration: text_config,
+    model.language_model.* tensors, a vision tower, and the multi-token-prediction head's
+    mtp.* tensors, which are not served): text prompts give transformers' logits."""
+    import transformers
+    from safetensors.torch import load_file, save_file
+
+    _, extra = CASES["qwen3_5"]
+    text = {**dict(vocab_size=300, hidden_size=64, intermediate_size=128,
+                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                   rms_norm_eps=1e-5), **extra}
+    text["rope_parameters"] = {**text["rope_parameters"], "mrope_section": [2, 1, 1],
+                               "mrope_interleaved": True}
+    vision = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2,
+                  out_hidden_size=64, patch_size=14)
+    cfg = transformers.Qwen3_5Config(text_config=text, vision_config=vision,
+                                     image_token_id=299, video_token_id=298,
+                                     vision_start_token_id=297, vision_end_token_id=296)
+    torch.manual_seed(0)
+    hf = randomize_(transformers.Qwen3_5ForConditionalGeneration(cfg).float().eval(), 1)
+    hf.save_pretrained(str(tmp_path))
+    path = next(tmp_path.glob("*.safetensors"))
+    tensors = load_file(str(path))
+    assert any(k.startswith("model.visual.") for k in tensors)
+    tensors["mtp.fc.weight"] = torch.zeros(64, 128)
+    tensors["mtp.layers.0.mlp.gate_proj.weight"] = torch.zeros(128, 64)
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    model = load_model(str(tmp_path), dtype="float32", device="cpu")
+    assert model.config.architecture == "qwen3_5" and model.config.layer_mixers == [
+        "gated_deltanet", "attention", "gated_deltanet"]
+    assert text_logits_err(model, hf, [random_tokens(n, 290, 80 + n) for n in (17, 6)]) \
+        <= 1e-4

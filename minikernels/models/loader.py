@@ -167,7 +167,9 @@ _SHARED_EXPERT_RE = re.compile(r"^layers\.(\d+)\.mlp\.shared_expert\.(\w+)\.(\w+
 _IGNORED = re.compile(r"(rotary_emb\.inv_freq|\.bias_correction|\.wf_?\w*|\.weight_shape)$"
                       r"|^score\.(weight|bias)$"   # a classifier's head: mk.Classifier reads it
                       # GPT-NeoX's / GPT-2's stored causal-mask buffers
-                      r"|\.attention\.(masked_)?bias$|\.attn\.(masked_)?bias$")   # GPT-2
+                      r"|\.attention\.(masked_)?bias$|\.attn\.(masked_)?bias$"   # GPT-2
+                      # Qwen3.5 / Qwen3-Next: the multi-token-prediction head (not served)
+                      r"|^mtp\.")
 
 
 #: A multimodal checkpoint's text decoder (Gemma 3 4B+): transformers' two spellings.
