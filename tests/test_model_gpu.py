@@ -26,6 +26,8 @@ HALF_TOL = {torch.float16: 0.02, torch.bfloat16: 0.06}
                                   # positions, ALiBi through both attention kernels, kv-group
                                   # fused q / k / v
                                   "gpt_neox", "gpt2", "bloom", "falcon-new", "granite_swa",
+                                  # hybrid recurrent layers (causal conv, gated delta rule)
+                                  "lfm2", "qwen3_5",
                                   "qwen3-moe",
                                   "qwen2-moe", "mixtral", "granitemoe", "olmoe"])
 def test_gpu_forward_paths_match_transformers(hf_dirs, kind, dtype):
@@ -321,3 +323,33 @@ def test_gpu_hybrid_kv_pools_token_identical():
                                                                    use_tqdm=False)]
         llm.llm_engine.check_no_leaks()
     assert outs["graphs"] == outs["eager"] == outs["one-table"] == outs["ngram"]
+
+
+@pytest.mark.parametrize("kind", ["lfm2", "qwen3_5"])
+def test_hybrid_recurrent_engine_on_cuda(hf_dirs, kind):
+    """LFM2 / Qwen3.5 in the engine on cuda: decode-graph replays (state slots in static
+    buffers, padding rows -1) give the eager run's tokens, chunked prefill too, and every
+    token's logprob is transformers' (fp32 on the CPU) within half-kernel tolerance."""
+    from minikernels import LLM, SamplingParams
+
+    hf, path = hf_dirs[kind]
+    prompts = [random_tokens(n, hf.config.vocab_size, 60 + n) for n in (5, 40, 17, 3, 33, 9)]
+    sp = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True, logprobs=0)
+    runs = {}
+    for name, kw in (("eager", {"enforce_eager": True}), ("graphs", {}),
+                     ("chunked", {"max_num_batched_tokens": 16})):
+        llm = LLM(path, dtype="float32", device="cuda", tokenizer=None, block_size=16,
+                  max_num_seqs=8, **kw)
+        if name == "graphs":
+            assert llm.llm_engine.runner.graphs is not None
+        runs[name] = [o.outputs[0] for o in llm.generate(prompts, sp, use_tqdm=False)]
+        llm.llm_engine.check_no_leaks()
+    eager = [c.token_ids for c in runs["eager"]]
+    assert [c.token_ids for c in runs["graphs"]] == eager
+    for p, c in zip(prompts, runs["chunked"]):
+        full = torch.tensor([p + list(c.token_ids)])
+        with torch.no_grad():
+            lp = torch.log_softmax(hf(full).logits[0].float(), -1)
+        want = lp[len(p) - 1:-1].gather(1, torch.tensor(c.token_ids)[:, None])[:, 0]
+        got = torch.tensor([d[t].logprob for t, d in zip(c.token_ids, c.logprobs)])
+        assert (got - want).abs().max() <= 0.05
