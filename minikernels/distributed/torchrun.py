@@ -79,6 +79,9 @@ def attach_tensor_parallel(model: str, tensor_parallel_size: int, *,
     if rank != 0:
         try:
             serve_steps(shard, tp, dev, link.recv)
+            # meet rank 0's _stop: no rank tears its group down while a peer still
+            # talks on it (gloo aborts a process whose peer vanishes mid-collective)
+            dist.barrier(group=control)
         finally:
             dist.destroy_process_group()
         raise SystemExit(0)
@@ -93,5 +96,6 @@ def _stop(link: CollectiveLink) -> None:
         return
     try:
         link.send(("stop",))
+        dist.barrier(group=link.group)      # every rank has left its loop (see above)
     finally:
         dist.destroy_process_group()
