@@ -816,117 +816,146 @@ def test_bad_input_names_the_argument(call, name):
     assert name in str(err.value)
 
 
-# ------------------------------------------ fused_recurrent_gated_delta_rule (FLA / vLLM)
-def _gdr_loop(q, k, v, g, beta, h0, scale, l2norm):
-    """One sequence, token by token in fp64: q, k [L, H, K], v [L, HV, V], g / beta
-    [L, HV], h0 [HV, K, V] -> (o [L, HV, V], final state)."""
-    q, k, v, g, beta, h = (x.double() for x in (q, k, v, g, beta, h0))
-    rep = v.shape[1] // q.shape[1]
-    if l2norm:
-        q = q / torch.sqrt((q * q).sum(-1, keepdim=True) + 1e-6)
-        k = k / torch.sqrt((k * k).sum(-1, keepdim=True) + 1e-6)
-    o = torch.zeros(v.shape, dtype=torch.float64)
-    for t in range(q.shape[0]):
-        for hv in range(v.shape[1]):
-            qt, kt = q[t, hv // rep] * scale, k[t, hv // rep]
-            h[hv] = h[hv] * math.exp(float(g[t, hv]))
-            h[hv] += torch.outer(kt, float(beta[t, hv]) * (v[t, hv] - kt @ h[hv]))
-            o[t, hv] = qt @ h[hv]
-    return o, h
+# ------------------------------------------------------- causal conv1d (Mamba / GDN)
+
+
+def _conv_by_hand(xs: list[torch.Tensor], weight: torch.Tensor, bias, inits: list,
+                  silu: bool) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Per sequence: x_i [dim, L], init [dim, W - 1] -> (F.conv1d over cat(init, x_i) in
+    fp32 [dim, L], the new state = its last W - 1 columns)."""
+    outs, states = [], []
+    for x, init in zip(xs, inits):
+        xx = torch.cat([init.float(), x.float()], dim=1)
+        y = torch.zeros(x.shape)
+        if x.shape[1]:
+            y = torch.nn.functional.conv1d(xx[None], weight.float()[:, None, :],
+                                           None if bias is None else bias.float(),
+                                           groups=weight.shape[0])[0]
+        outs.append(torch.nn.functional.silu(y) if silu else y)
+        states.append(xx[:, xx.shape[1] - (weight.shape[1] - 1):])
+    return outs, states
 
 
 @pytest.mark.parametrize("backend", ["reference", "triton"])
-@pytest.mark.parametrize("pool_dtype", [torch.float32, torch.bfloat16])
-def test_fused_recurrent_gated_delta_rule_pool(backend, pool_dtype, device):
-    """Prefill chunks and decode rows in one varlen call (B = 1, cu_seqlens), states from
-    and to a pool through ssm_state_indices, a -1 padding row; bf16 pools rounded back."""
-    g_ = _gen(40)
-    lens, h, hv, kd, vd = [3, 1, 0, 2], 1, 2, 5, 6
-    tt = sum(lens)
-    q = torch.randn(1, tt, h, kd, generator=g_).to(torch.bfloat16)
-    k = torch.randn(1, tt, h, kd, generator=g_).to(torch.bfloat16)
-    v = torch.randn(1, tt, hv, vd, generator=g_).to(torch.bfloat16)
-    g = -torch.rand(1, tt, hv, generator=g_)
-    beta = torch.rand(1, tt, hv, generator=g_)
-    pool = torch.randn(5, hv, kd, vd, generator=g_).to(pool_dtype)
-    before = pool.clone()
-    slots = torch.tensor([4, -1, 0, 2], dtype=torch.int32)
-    cu = torch.tensor([0, 3, 4, 4, 6], dtype=torch.int32)
-    dev = [x.to(device) for x in (q, k, v, g, beta, pool, cu, slots)]
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_causal_conv1d_fn_varlen_with_cache_lines(backend, dtype, device):
+    """vLLM's prefill call: x [dim, tokens] as a channel-last view, conv_states stored
+    [lines, state_len, dim] and passed transposed (vLLM's layout, state_len > W - 1: the
+    extra columns stay), cache_indices with pad_slot_id rows, has_initial_state mixed."""
+    g = _gen(21)
+    dim, width, lens = 12, 4, [5, 1, 0, 9, 2]
+    x = _randn(g, sum(lens), dim, dtype=dtype).to(device).t()        # [dim, T], strides (1, dim)
+    weight = _randn(g, dim, width, dtype=dtype).to(device)
+    bias = _randn(g, dim, dtype=dtype).to(device)
+    states = _randn(g, 8, width, dim, dtype=dtype).to(device).transpose(1, 2)   # [8, dim, 4]
+    before = states.clone()
+    qsl = torch.tensor([0, 5, 6, 6, 15, 17], dtype=torch.int32, device=device)
+    cache_indices = torch.tensor([6, 99, 2, 0, 5], dtype=torch.int32, device=device)
+    has_init = torch.tensor([True, True, False, True, False], device=device)
     with mk.use_backend(backend):
-        o, final = ops.fused_recurrent_gated_delta_rule(
-            *dev[:5], scale=0.5, initial_state=dev[5], cu_seqlens=dev[6],
-            ssm_state_indices=dev[7], use_qk_l2norm_in_kernel=True)
-    assert final is dev[5] and o.shape == (1, tt, hv, vd) and o.dtype == torch.bfloat16
-    o, final = o.cpu()[0], final.cpu()
-    for i, slot in enumerate(slots.tolist()):
-        a, b = int(cu[i]), int(cu[i + 1])
-        if slot < 0:
-            assert torch.equal(o[a:b], torch.zeros_like(o[a:b]))
+        out = ops.causal_conv1d_fn(x, weight, bias, states, qsl, cache_indices, has_init,
+                                   activation=True, pad_slot_id=99)
+    assert out.shape == x.shape and out.dtype == dtype
+    xs = [x[:, a:b].cpu() for a, b in zip(qsl[:-1].tolist(), qsl[1:].tolist())]
+    inits = [before[s, :, :width - 1].cpu() if h else torch.zeros(dim, width - 1)
+             for s, h in zip([6, 0, 2, 0, 5], has_init.tolist())]
+    outs, new = _conv_by_hand(xs, weight.cpu(), bias.cpu(), inits, silu=True)
+    for i, (a, b) in enumerate(zip(qsl[:-1].tolist(), qsl[1:].tolist())):
+        if i == 1:                                                 # padding row
+            assert torch.equal(out[:, a:b].cpu(), torch.zeros(dim, b - a, dtype=dtype))
             continue
-        want_o, want_h = _gdr_loop(q[0, a:b], k[0, a:b], v[0, a:b], g[0, a:b], beta[0, a:b],
-                                   before[slot].float(), 0.5, True)
-        assert_close(o[a:b], want_o.to(torch.bfloat16))
-        assert_close(final[slot], want_h.to(pool_dtype),
-                     scale=10 if pool_dtype == torch.float32 else 1)
-    assert torch.equal(final[[1, 3]], before[[1, 3]])
+        assert_close(out[:, a:b].cpu(), outs[i].to(dtype))
+    want = before.clone()
+    for i, slot in enumerate([6, 99, 2, 0, 5]):
+        if slot != 99:
+            want[slot, :, :width - 1] = new[i].to(dtype)
+    assert torch.equal(states, want)
 
 
 @pytest.mark.parametrize("backend", ["reference", "triton"])
-def test_fused_recurrent_gated_delta_rule_batch(backend, device):
-    """Equal-length rows (no cu_seqlens): with initial_state (slot i per row, in place)
-    and without (a new fp32 final state); beta None = ones; GVA (HV = 2 H)."""
-    g_ = _gen(41)
-    b, tt, h, hv, kd, vd = 2, 3, 1, 2, 8, 4
-    q, k = (torch.randn(b, tt, h, kd, generator=g_) * kd ** -0.5 for _ in range(2))
-    v = torch.randn(b, tt, hv, vd, generator=g_)
-    g = -torch.rand(b, tt, hv, generator=g_)
-    h0 = torch.randn(b, hv, kd, vd, generator=g_)
-    dev = [x.to(device) for x in (q, k, v, g)]
-    state = h0.clone().to(device)                              # written in place
-    with mk.use_backend(backend):
-        o1, f1 = ops.fused_recurrent_gated_delta_rule(*dev, initial_state=state)
-        o0, f0 = ops.fused_recurrent_gated_delta_rule(*dev)
-    assert f1 is state and f0.shape == (b, hv, kd, vd) and f0.dtype == torch.float32
-    for i in range(b):
-        ones = torch.ones(tt, hv)
-        for h_init, o, f in ((h0[i], o1, f1), (torch.zeros_like(h0[i]), o0, f0)):
-            want_o, want_h = _gdr_loop(q[i], k[i], v[i], g[i], ones, h_init, kd ** -0.5,
-                                       False)
-            assert_close(o[i].cpu(), want_o.float())
-            assert_close(f[i].cpu(), want_h.float())
+@pytest.mark.parametrize("seqlen", [None, 1, 3])
+@pytest.mark.parametrize("activation", [None, "silu", "swish", True, False])
+def test_causal_conv1d_update_decode(backend, seqlen, activation, device):
+    """vLLM's decode call: x [batch, dim] (or [batch, dim, seqlen]); conv_state_indices
+    (None: line i) with a pad_slot_id row; the state shifts by the new tokens."""
+    g = _gen(22)
+    batch, dim, width = 3, 10, 4
+    shape = (batch, dim) if seqlen is None else (batch, dim, seqlen)
+    x = _randn(g, *shape, dtype=torch.float16).to(device)
+    weight = _randn(g, dim, width, dtype=torch.float16).to(device)
+    silu = activation in ("silu", "swish", True)
+    for indices in (None, torch.tensor([4, -1, 1], device=device)):
+        state = _randn(g, 5, dim, width - 1, dtype=torch.float16).to(device)
+        before = state.clone()
+        with mk.use_backend(backend):
+            out = ops.causal_conv1d_update(x, state, weight, None, activation, indices)
+        assert out.shape == x.shape and out.dtype == x.dtype
+        slots = [0, 1, 2] if indices is None else [4, -1, 1]
+        xs = [(x[b] if x.dim() == 3 else x[b, :, None]).cpu() for b in range(batch)]
+        outs, new = _conv_by_hand(xs, weight.cpu(), None,
+                                  [before[s].cpu() for s in slots], silu)
+        want = before.clone()
+        for b, s in enumerate(slots):
+            got = out[b] if x.dim() == 3 else out[b, :, None]
+            if s < 0:
+                assert (got == 0).all()
+                continue
+            assert_close(got.cpu(), outs[b].to(x.dtype))
+            want[s] = new[b].to(want.dtype)
+        assert torch.equal(state, want)
 
 
-@pytest.mark.parametrize(("kwargs", "name", "exc"), [
-    (dict(num_accepted_tokens=torch.ones(2, dtype=torch.int32)), "num_accepted_tokens",
-     NotImplementedError),
-    (dict(retrieve_parent_token=torch.zeros(2, 1, dtype=torch.int32)),
-     "retrieve_parent_token", NotImplementedError),
-    (dict(inplace_final_state=False), "inplace_final_state", NotImplementedError),
-    (dict(ssm_state_indices=torch.zeros(2, 2, dtype=torch.int32)), "ssm_state_indices",
-     NotImplementedError),
-    (dict(beta=torch.rand(1, 3, 2, 4)), "beta", NotImplementedError),
-    (dict(ssm_state_indices=torch.tensor([0, 3])), "ssm_state_indices", ValueError),
-    (dict(ssm_state_indices=torch.tensor([1, 1])), "ssm_state_indices", ValueError),
-    (dict(ssm_state_indices=torch.tensor([0])), "ssm_state_indices", ValueError),
-    (dict(initial_state=torch.zeros(3, 2, 8, 5)), "initial_state", ValueError),
-    (dict(initial_state=torch.zeros(3, 2, 8, 4, dtype=torch.int32)), "initial_state",
-     TypeError),
-    (dict(initial_state=None), "ssm_state_indices", ValueError),
-    (dict(cu_seqlens=torch.tensor([0, 1, 2], dtype=torch.int32)), "cu_seqlens", ValueError),
-    (dict(cu_seqlens=torch.tensor([0.0, 1.0, 3.0])), "cu_seqlens", TypeError),
-    (dict(g=torch.rand(1, 3, 1)), "g", ValueError),
-    (dict(k=torch.randn(1, 3, 1, 4)), "k", ValueError),
-    (dict(use_qk_l2norm_in_kernel=1), "use_qk_l2norm_in_kernel", TypeError),
+def test_causal_conv1d_fn_then_update_equals_one_prefill():
+    """Prefill through causal_conv1d_fn, then decode steps through causal_conv1d_update,
+    gives the outputs and state of one prefill over the whole sequence."""
+    g = _gen(23)
+    dim, width = 6, 3
+    x = _randn(g, dim, 11)
+    weight, bias = _randn(g, dim, width), _randn(g, dim)
+    qsl = lambda n: torch.tensor([0, n], dtype=torch.int32)  # noqa: E731
+    whole_state = torch.zeros(1, dim, width - 1)
+    whole = ops.causal_conv1d_fn(x, weight, bias, whole_state, qsl(11))
+    state = torch.zeros(1, dim, width - 1)
+    parts = [ops.causal_conv1d_fn(x[:, :8], weight, bias, state, qsl(8))]
+    for t in range(8, 11):
+        parts.append(ops.causal_conv1d_update(x[:, t][None], state, weight, bias, "silu")
+                     .t())
+    assert_close(torch.cat(parts, dim=1), whole)
+    assert torch.equal(state, whole_state)
+
+
+@pytest.mark.parametrize(("kwargs", "name"), [
+    (dict(activation="relu"), "activation"),
+    (dict(query_start_loc=torch.tensor([0, 2, 5])), "query_start_loc"),
+    (dict(cache_indices=torch.tensor([0, 0], dtype=torch.int32)), "cache_indices"),
+    (dict(cache_indices=torch.tensor([0, 7], dtype=torch.int32)), "cache_indices"),
+    (dict(has_initial_state=torch.ones(3, dtype=torch.bool)), "has_initial_state"),
+    (dict(conv_states=torch.zeros(4, 6, 1)), "conv_states"),
+    (dict(conv_states=torch.zeros(4, 5, 2)), "conv_states"),
+    (dict(num_computed_tokens=torch.zeros(2, dtype=torch.int32)), "num_computed_tokens"),
 ])
-def test_fused_recurrent_gated_delta_rule_errors(kwargs, name, exc):
-    args = dict(q=torch.randn(1, 3, 1, 8), k=torch.randn(1, 3, 1, 8),
-                v=torch.randn(1, 3, 2, 4), g=-torch.rand(1, 3, 2), beta=torch.rand(1, 3, 2),
-                initial_state=torch.zeros(3, 2, 8, 4),
-                cu_seqlens=torch.tensor([0, 2, 3], dtype=torch.int32),
-                ssm_state_indices=torch.tensor([2, 0]))
-    ops.fused_recurrent_gated_delta_rule(**args)
+def test_causal_conv1d_fn_bad_input_names_the_argument(kwargs, name):
+    args = dict(x=torch.zeros(6, 4), weight=torch.zeros(6, 3), bias=None,
+                conv_states=torch.zeros(4, 6, 2),
+                query_start_loc=torch.tensor([0, 1, 4], dtype=torch.int32))
     args.update(kwargs)
-    with pytest.raises(exc) as err:
-        ops.fused_recurrent_gated_delta_rule(**args)
+    with pytest.raises((ValueError, TypeError)) as err:
+        ops.causal_conv1d_fn(**args)
+    assert name in str(err.value)
+
+
+@pytest.mark.parametrize(("kwargs", "name"), [
+    (dict(conv_state=torch.zeros(1, 6, 2)), "conv_state"),                 # 1 line, batch 2
+    (dict(conv_state_indices=torch.tensor([1, 1])), "conv_state_indices"),
+    (dict(conv_state_indices=torch.tensor([0])), "conv_state_indices"),
+    (dict(num_accepted_tokens=torch.ones(2, dtype=torch.int32)), "num_accepted_tokens"),
+    (dict(x=torch.zeros(2, 6, 1, 1)), "x"),
+    (dict(activation="gelu"), "activation"),
+])
+def test_causal_conv1d_update_bad_input_names_the_argument(kwargs, name):
+    args = dict(x=torch.zeros(2, 6), conv_state=torch.zeros(3, 6, 2),
+                weight=torch.zeros(6, 3))
+    args.update(kwargs)
+    with pytest.raises((ValueError, TypeError)) as err:
+        ops.causal_conv1d_update(**args)
     assert name in str(err.value)

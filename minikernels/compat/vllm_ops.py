@@ -52,13 +52,15 @@ Covered (vLLM name -> minikernels op):
                                                         ops.moe_align_block_size
     topk_softmax(topk_weights, topk_ids, token_expert_indices, gating_output,
                  renormalize=False)                     ops.topk_softmax
-    fused_recurrent_gated_delta_rule(q, k, v, g, beta=None, scale=None,
-                 initial_state=None, inplace_final_state=True, cu_seqlens=None,
-                 ssm_state_indices=None, num_accepted_tokens=None,
-                 use_qk_l2norm_in_kernel=False)         ops.gated_delta_rule (vLLM's
-                                                        model_executor.layers.fla.ops;
-                                                        unsupported arguments raise
-                                                        NotImplementedError)
+    causal_conv1d_fn(x, weight, bias, conv_states, query_start_loc, cache_indices=None,
+                     has_initial_state=None, activation="silu", pad_slot_id=-1)
+                                                        ops.causal_conv1d (vLLM's
+                                                        mamba/ops/causal_conv1d.py; x
+                                                        [dim, tokens], out likewise)
+    causal_conv1d_update(x, conv_state, weight, bias=None, activation=None,
+                         conv_state_indices=None, pad_slot_id=-1)
+                                                        ops.causal_conv1d (x [batch, dim]
+                                                        or [batch, dim, seqlen])
 
 Legacy caches: vLLM's "x-split" key cache [num_blocks, num_kv_heads, head_size / x,
 block_size, x] (x = 16 // element_size) and value cache [num_blocks, num_kv_heads,
@@ -75,7 +77,7 @@ Not covered (not defined here; calling them is an AttributeError):
         gelu_fast / gelu_new / gelu_quick, moe_sum, grouped_topk, topk_sigmoid: no
         minikernels op computes them (they would be plain PyTorch, not a mapping).
     gptq_gemm / awq_gemm / awq_dequantize / marlin / machete / fp4 / MLA / all-reduce /
-        Mamba / CPU ops: other weight formats (GPTQ's K-packed qweight with g_idx and
+        Mamba scans / CPU ops: other weight formats (GPTQ's K-packed qweight with g_idx and
         exllama shuffles, AWQ's interleaved nibbles, Marlin tiles) or features minikernels
         does not have; a repack would not be exact and cheap.
     Arguments of covered functions with no minikernels equivalent raise a ValueError
@@ -105,11 +107,16 @@ Differences, by design:
     - cutlass_scaled_mm also takes out_dtype float32 and any M, N, K (vLLM: fp16 / bf16);
       positions may be int32 as well as int64; outputs of the returning functions are
       contiguous (vLLM's scaled_int8_quant keeps input's strides).
+    - causal_conv1d_fn / causal_conv1d_update write zeros to the outputs of padding
+      entries (pad_slot_id; vLLM leaves them unwritten) and take conv states with any
+      strides; the prefix-caching, speculative-decoding and varlen-update arguments raise.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import re
+from collections.abc import Iterator
 
 import torch
 from torch import Tensor
@@ -127,8 +134,8 @@ from ..ops.attention import check_kv_scales
 from ..ops.reference import FP8_E4M3_MAX, quantize_kv
 
 __all__ = [
+    "causal_conv1d_fn", "causal_conv1d_update",
     "convert_fp8", "cutlass_scaled_mm", "fused_add_gemma_rms_norm", "fused_add_rms_norm",
-    "fused_recurrent_gated_delta_rule",
     "gelu_and_mul", "gelu_tanh_and_mul", "gemma_rms_norm", "merge_attn_states",
     "moe_align_block_size", "mul_and_silu", "paged_attention_v1", "paged_attention_v2",
     "reshape_and_cache", "reshape_and_cache_flash", "rms_norm", "rotary_embedding",
@@ -947,129 +954,163 @@ def topk_softmax(topk_weights: Tensor, topk_ids: Tensor, token_expert_indices: T
     token_expert_indices.copy_(slot[None, :] * t + token[:, None])
 
 
-# ------------------------------------------------- linear attention (Gated DeltaNet, FLA)
+# ------------------------------------------------------- causal conv1d (Mamba / GDN)
 
 
-def _not_implemented(name: str, value: object, why: str) -> None:
-    if value is not None:
-        raise NotImplementedError(f"{name} is not supported by minikernels ({why}); pass None")
+def _conv_activation(activation: object) -> str | None:
+    """vLLM's activation argument: None / False -> none; "silu" / "swish" / True -> SiLU."""
+    if activation is None or activation is False:
+        return None
+    if activation is True:
+        return "silu"
+    if isinstance(activation, str) and activation in ("silu", "swish"):
+        return activation
+    raise ValueError(f"activation must be None, 'silu', 'swish' or a bool, got {activation!r}")
 
 
-def fused_recurrent_gated_delta_rule(
-        q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor | None = None,
-        scale: float | None = None, initial_state: Tensor | None = None,
-        inplace_final_state: bool = True, cu_seqlens: Tensor | None = None,
-        ssm_state_indices: Tensor | None = None, num_accepted_tokens: Tensor | None = None,
-        retrieve_parent_token: Tensor | None = None,
-        use_qk_l2norm_in_kernel: bool = False) -> tuple[Tensor, Tensor]:
-    """vLLM's ``model_executor.layers.fla.ops.fused_recurrent_gated_delta_rule`` (FLA's
-    recurrent gated delta rule with vLLM's continuous-batching state pool) -> (o,
-    final_state), on :func:`minikernels.ops.gated_delta_rule`.
+def _conv_inputs(x: Tensor, weight: Tensor, bias: Tensor | None, conv_state: Tensor,
+                 state_name: str, x_name: str = "x") -> tuple[Tensor, Tensor, Tensor | None,
+                                                              Tensor]:
+    """vLLM computes in conv_state's dtype (x is cast to it) and reads / writes the first
+    W - 1 columns of a conv_state [..., dim, state_len >= W - 1]; weight / bias of another
+    dtype are widened to fp32 (exact)."""
+    check_tensor(x_name, x, dtypes=FLOAT_DTYPES)
+    check_tensor(state_name, conv_state, dtypes=FLOAT_DTYPES, ndim=3, device=x.device)
+    check_tensor("weight", weight, dtypes=FLOAT_DTYPES, ndim=2, device=x.device)
+    width = weight.shape[1]
+    if conv_state.shape[2] < width - 1:
+        raise ValueError(f"{state_name} must have shape [..., dim, state_len >= width - 1 = "
+                         f"{width - 1}], got {list(conv_state.shape)}")
+    x = x.to(conv_state.dtype)
+    allowed = (x.dtype, torch.float32)
+    if weight.dtype not in allowed:
+        weight = weight.float()
+    if bias is not None:
+        check_tensor("bias", bias, dtypes=FLOAT_DTYPES, ndim=1, device=x.device)
+        if bias.dtype not in allowed:
+            bias = bias.float()
+    return x, weight, bias, conv_state[:, :, :max(width - 1, 0)]
 
-    q, k [B, T, H, K], v [B, T, HV, V] (one dtype; HV a multiple of H), g [B, T, HV]
-    log-decay, beta [B, T, HV] (None = ones); with cu_seqlens (int32 / int64 [N + 1]) B
-    must be 1 and the T tokens are N varlen sequences, else each of the B rows is one
-    sequence. scale None = K ** -0.5. o [B, T, HV, V] in v's dtype.
-    initial_state [S, HV, K, V] (fp32; fp16 / bf16 pools are read into fp32 and the final
-    states rounded back once): sequence i starts from initial_state[ssm_state_indices[i]]
-    (ssm_state_indices None: slot i) and its final state is written there in place
-    (inplace_final_state=True); final_state is initial_state. ssm_state_indices -1 marks a
-    padding row: zero outputs, no slot read or written (vLLM's PAD_SLOT_ID). initial_state
-    None: every sequence starts from zeros and final_state is a new fp32 [N, HV, K, V].
-    Not supported (NotImplementedError naming the argument): num_accepted_tokens and 2-D
-    ssm_state_indices (speculative decoding's per-token slots), retrieve_parent_token
-    (EAGLE trees), inplace_final_state=False (vLLM then returns every token's state
-    [T, HV, K, V]), per-channel beta [B, T, HV, V].
-    Differences: vLLM's kernel indexes slots by ssm_state_indices[i + t] for the t-th
-    token of a multi-token sequence (it is only called with one token per row, or with
-    2-D indices); here a sequence of any length reads and writes its own slot once.
+
+def _conv_slots(name: str, indices: Tensor | None, n: int, pad_slot_id: int | None,
+                device: torch.device) -> Tensor:
+    """Each sequence's conv_state line: ``indices`` (None = sequence i uses line i), with
+    ``pad_slot_id`` entries mapped to minikernels' -1 (padding row)."""
+    if indices is None:
+        return torch.arange(n, dtype=torch.int32, device=device)
+    check_tensor(name, indices, dtypes=_INDEX_DTYPES, ndim=1, device=device)
+    if pad_slot_id is not None:
+        _check_int("pad_slot_id", pad_slot_id, -(2**63))
+        if pad_slot_id != -1:
+            indices = torch.where(indices == pad_slot_id, -1, indices)
+    return indices
+
+
+@contextlib.contextmanager
+def _vllm_names(names: dict[str, str]) -> Iterator[None]:
+    """Re-raise the op's argument errors under vLLM's argument names."""
+    try:
+        yield
+    except (ValueError, TypeError) as exc:
+        msg = str(exc)
+        for ours, theirs in names.items():
+            msg = re.sub(rf"\b{ours}\b", theirs, msg)
+        raise type(exc)(msg) from None
+
+
+def causal_conv1d_fn(x: Tensor, weight: Tensor, bias: Tensor | None, conv_states: Tensor,
+                     query_start_loc: Tensor, cache_indices: Tensor | None = None,
+                     has_initial_state: Tensor | None = None,
+                     activation: str | bool | None = "silu", pad_slot_id: int | None = -1,
+                     block_idx_first_scheduled_token: Tensor | None = None,
+                     block_idx_last_scheduled_token: Tensor | None = None,
+                     initial_state_idx: Tensor | None = None,
+                     num_computed_tokens: Tensor | None = None, block_size_to_align: int = 0,
+                     metadata: object = None, validate_data: bool = False) -> Tensor:
+    """vLLM's varlen (prefill) causal conv1d (``mamba/ops/causal_conv1d.py``): returns out
+    [dim, cu_seq_len] in x's dtype and updates conv_states in place.
+
+    x [dim, cu_seq_len] (channel-first; sequences concatenated along dim 1, usually a
+    channel-last view), weight [dim, width], bias [dim] or None, conv_states
+    [num_cache_lines, dim, state_len >= width - 1] (columns 0 .. width - 2 used, oldest
+    first), query_start_loc int32 [batch + 1]; cache_indices [batch] (None: sequence i
+    uses line i), entries equal to pad_slot_id are padding; has_initial_state bool
+    [batch] (None: every sequence starts from zeros, as vLLM's kernel). activation None /
+    False, "silu" / "swish" / True. metadata (vLLM's launch plan) and validate_data are
+    accepted and unused; the prefix-caching arguments (block_idx_* / initial_state_idx /
+    num_computed_tokens) are not supported. See :func:`minikernels.ops.causal_conv1d`.
     """
-    _not_implemented("num_accepted_tokens", num_accepted_tokens,
-                     "speculative decoding's per-token state slots")
-    _not_implemented("retrieve_parent_token", retrieve_parent_token, "EAGLE tree decoding")
-    if not isinstance(inplace_final_state, bool):
-        raise TypeError(f"inplace_final_state must be a bool, got "
-                        f"{type(inplace_final_state).__name__}")
-    if not inplace_final_state:
-        raise NotImplementedError("inplace_final_state=False is not supported by minikernels "
-                                  "(vLLM then returns every token's state [T, HV, K, V]); "
-                                  "pass True")
-    check_tensor("q", q, dtypes=FLOAT_DTYPES, ndim=4)
-    dev = q.device
-    check_tensor("k", k, dtypes=FLOAT_DTYPES, ndim=4, device=dev)
-    check_tensor("v", v, dtypes=FLOAT_DTYPES, ndim=4, device=dev)
-    b, t, _, dk = q.shape
-    hv, dv = v.shape[2], v.shape[3]
-    check_shape("k", k, list(q.shape))
-    check_shape("v", v, [b, t, None, None])
-    check_tensor("g", g, dtypes=FLOAT_DTYPES, ndim=3, device=dev)
-    check_shape("g", g, [b, t, hv])
-    if beta is None:
-        beta = torch.ones(b, t, hv, dtype=torch.float32, device=dev)
-    check_tensor("beta", beta, dtypes=FLOAT_DTYPES, ndim=(3, 4), device=dev)
-    if beta.dim() == 4:
-        raise NotImplementedError("beta of shape [B, T, HV, V] (per-channel betas) is not "
-                                  "supported by minikernels; pass [B, T, HV]")
-    check_shape("beta", beta, [b, t, hv])
-    if cu_seqlens is None:
-        cu_seqlens = torch.arange(b + 1, dtype=torch.int32, device=dev) * t
-    else:
-        check_tensor("cu_seqlens", cu_seqlens, dtypes=_INDEX_DTYPES, ndim=1, device=dev)
-        if b != 1:
-            raise ValueError(f"q must have batch size 1 with cu_seqlens (flatten the "
-                             f"sequences into T), got shape {list(q.shape)}")
-    n = cu_seqlens.shape[0] - 1
-    flat = [x.flatten(0, 1) for x in (q, k, v, g, beta)]
+    for name, value in (("block_idx_first_scheduled_token", block_idx_first_scheduled_token),
+                        ("block_idx_last_scheduled_token", block_idx_last_scheduled_token),
+                        ("initial_state_idx", initial_state_idx),
+                        ("num_computed_tokens", num_computed_tokens)):
+        _unsupported(name, value, "no per-block conv state caching (prefix caching of "
+                     "Mamba states)")
+    act = _conv_activation(activation)
+    check_tensor("x", x, dtypes=FLOAT_DTYPES, ndim=2)
+    out_dtype = x.dtype
+    xs, weight, bias, states = _conv_inputs(x, weight, bias, conv_states, "conv_states")
+    check_tensor("query_start_loc", query_start_loc, dtypes=_INDEX_DTYPES, ndim=1,
+                 device=x.device)
+    n = max(query_start_loc.shape[0] - 1, 0)
+    slots = _conv_slots("cache_indices", cache_indices, n, pad_slot_id, x.device)
+    if has_initial_state is None:
+        has_initial_state = torch.zeros(n, dtype=torch.bool, device=x.device)
+    with _vllm_names({"cu_seqlens": "query_start_loc", "state_indices": "cache_indices",
+                      "conv_state": "conv_states"}):
+        out = ops.causal_conv1d(xs.t(), weight, bias, cu_seqlens=query_start_loc,
+                                conv_state=states, state_indices=slots,
+                                has_initial_state=has_initial_state, activation=act)
+    return out.t().to(out_dtype)
 
-    def run(state: Tensor, slots: Tensor) -> Tensor:
-        try:
-            return ops.gated_delta_rule(*flat, cu_seqlens=cu_seqlens, state=state,
-                                        state_indices=slots, scale=scale,
-                                        use_qk_l2norm=use_qk_l2norm_in_kernel)
-        except (ValueError, TypeError) as exc:   # the op's errors under vLLM's names
-            msg = re.sub(r"\bstate_indices\b", "ssm_state_indices", str(exc))
-            msg = re.sub(r"\buse_qk_l2norm\b", "use_qk_l2norm_in_kernel", msg)
-            raise type(exc)(msg) from None
 
-    if initial_state is None:
-        if ssm_state_indices is not None:
-            raise ValueError("ssm_state_indices needs initial_state (the state pool)")
-        final = torch.zeros(max(n, 0), hv, dk, dv, dtype=torch.float32, device=dev)
-        o = run(final, torch.arange(max(n, 0), device=dev))
-        return o.view(b, t, hv, dv), final
-    check_tensor("initial_state", initial_state, dtypes=FLOAT_DTYPES, ndim=4, device=dev)
-    check_shape("initial_state", initial_state, [None, hv, dk, dv])
-    slots_total = initial_state.shape[0]
-    if ssm_state_indices is None:
-        if slots_total < n:
-            raise ValueError(f"initial_state must have a slot per sequence (N = {n}) without "
-                             f"ssm_state_indices, got shape {list(initial_state.shape)}")
-        slots = torch.arange(n, device=dev)
-    else:
-        check_tensor("ssm_state_indices", ssm_state_indices, dtypes=_INDEX_DTYPES,
-                     ndim=(1, 2), device=dev)
-        if ssm_state_indices.dim() == 2:
-            raise NotImplementedError(
-                "ssm_state_indices of shape [N, T] (speculative decoding's per-token state "
-                "slots) is not supported by minikernels; pass one slot per sequence [N]")
-        check_shape("ssm_state_indices", ssm_state_indices, [n])
-        slots = ssm_state_indices
-        if index_checks_active(slots):
-            lo, hi = int(slots.min()), int(slots.max())
-            if lo < -1 or hi >= slots_total:
-                raise ValueError(f"ssm_state_indices values must be -1 (padding) or in [0, "
-                                 f"{slots_total}), got min {lo} and max {hi}")
-            used = slots[slots >= 0]
-            if used.unique().numel() != used.numel():
-                raise ValueError("ssm_state_indices must be distinct (apart from -1 padding)")
-    if initial_state.dtype == torch.float32:
-        o = run(initial_state, slots)
-    else:   # an fp16 / bf16 pool: the sequences' slots in fp32, rounded back once
-        live = slots >= 0
-        used = slots[live].long()
-        work = initial_state[used].float()
-        local = torch.full((n,), -1, dtype=torch.int64, device=dev)
-        local[live] = torch.arange(used.shape[0], device=dev)
-        o = run(work, local)
-        initial_state[used] = work.to(initial_state.dtype)
-    return o.view(b, t, hv, dv), initial_state
+def causal_conv1d_update(x: Tensor, conv_state: Tensor, weight: Tensor,
+                         bias: Tensor | None = None, activation: str | bool | None = None,
+                         conv_state_indices: Tensor | None = None,
+                         num_accepted_tokens: Tensor | None = None,
+                         query_start_loc: Tensor | None = None, max_query_len: int = -1,
+                         pad_slot_id: int | None = -1,
+                         block_idx_last_scheduled_token: Tensor | None = None,
+                         initial_state_idx: Tensor | None = None,
+                         retrieve_parent_token: Tensor | None = None,
+                         validate_data: bool = False) -> Tensor:
+    """vLLM's decode-step causal conv1d: returns out shaped like x (x's dtype) and shifts
+    each sequence's conv_state in place.
+
+    x [batch, dim] (one token each) or [batch, dim, seqlen]; conv_state [num_cache_lines,
+    dim, state_len >= width - 1] (columns 0 .. width - 2 used, oldest first; always read:
+    every sequence continues its state); weight [dim, width]; bias [dim] or None;
+    activation None / False, "silu" / "swish" / True; conv_state_indices [batch] (None:
+    sequence i uses line i), entries equal to pad_slot_id are padding. The varlen form
+    (query_start_loc / max_query_len), speculative decoding (num_accepted_tokens,
+    retrieve_parent_token) and prefix caching (block_idx_last_scheduled_token,
+    initial_state_idx) are not supported. See :func:`minikernels.ops.causal_conv1d`.
+    """
+    for name, value, why in (
+            ("num_accepted_tokens", num_accepted_tokens, "no speculative conv-state window"),
+            ("retrieve_parent_token", retrieve_parent_token, "no EAGLE tree conv states"),
+            ("query_start_loc", query_start_loc, "use causal_conv1d_fn or "
+             "minikernels.ops.causal_conv1d for varlen batches"),
+            ("block_idx_last_scheduled_token", block_idx_last_scheduled_token,
+             "no per-block conv state caching"),
+            ("initial_state_idx", initial_state_idx, "no per-block conv state caching")):
+        _unsupported(name, value, why)
+    act = _conv_activation(activation)
+    check_tensor("x", x, dtypes=FLOAT_DTYPES, ndim=(2, 3))
+    out_dtype, shape = x.dtype, x.shape
+    xs, weight, bias, states = _conv_inputs(x, weight, bias, conv_state, "conv_state")
+    batch, dim = x.shape[0], x.shape[1]
+    seqlen = 1 if x.dim() == 2 else x.shape[2]
+    tokens = xs if x.dim() == 2 else xs.transpose(1, 2).reshape(batch * seqlen, dim)
+    if conv_state_indices is None and conv_state.shape[0] < batch:
+        raise ValueError(f"conv_state must have a line per sequence (batch = {batch}) when "
+                         f"conv_state_indices is None, got shape {list(conv_state.shape)}")
+    slots = _conv_slots("conv_state_indices", conv_state_indices, batch, pad_slot_id,
+                        x.device)
+    cu = torch.arange(batch + 1, dtype=torch.int32, device=x.device) * seqlen
+    with _vllm_names({"state_indices": "conv_state_indices"}):
+        out = ops.causal_conv1d(tokens, weight, bias, cu_seqlens=cu, conv_state=states,
+                                state_indices=slots, activation=act, max_seqlen=seqlen)
+    if x.dim() == 3:
+        out = out.view(batch, seqlen, dim).transpose(1, 2).contiguous()
+    return out.to(out_dtype).view(shape)
