@@ -816,6 +816,122 @@ def test_bad_input_names_the_argument(call, name):
     assert name in str(err.value)
 
 
+# ------------------------------------------ fused_recurrent_gated_delta_rule (FLA / vLLM)
+def _gdr_loop(q, k, v, g, beta, h0, scale, l2norm):
+    """One sequence, token by token in fp64: q, k [L, H, K], v [L, HV, V], g / beta
+    [L, HV], h0 [HV, K, V] -> (o [L, HV, V], final state)."""
+    q, k, v, g, beta, h = (x.double() for x in (q, k, v, g, beta, h0))
+    rep = v.shape[1] // q.shape[1]
+    if l2norm:
+        q = q / torch.sqrt((q * q).sum(-1, keepdim=True) + 1e-6)
+        k = k / torch.sqrt((k * k).sum(-1, keepdim=True) + 1e-6)
+    o = torch.zeros(v.shape, dtype=torch.float64)
+    for t in range(q.shape[0]):
+        for hv in range(v.shape[1]):
+            qt, kt = q[t, hv // rep] * scale, k[t, hv // rep]
+            h[hv] = h[hv] * math.exp(float(g[t, hv]))
+            h[hv] += torch.outer(kt, float(beta[t, hv]) * (v[t, hv] - kt @ h[hv]))
+            o[t, hv] = qt @ h[hv]
+    return o, h
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("pool_dtype", [torch.float32, torch.bfloat16])
+def test_fused_recurrent_gated_delta_rule_pool(backend, pool_dtype, device):
+    """Prefill chunks and decode rows in one varlen call (B = 1, cu_seqlens), states from
+    and to a pool through ssm_state_indices, a -1 padding row; bf16 pools rounded back."""
+    g_ = _gen(40)
+    lens, h, hv, kd, vd = [3, 1, 0, 2], 1, 2, 5, 6
+    tt = sum(lens)
+    q = torch.randn(1, tt, h, kd, generator=g_).to(torch.bfloat16)
+    k = torch.randn(1, tt, h, kd, generator=g_).to(torch.bfloat16)
+    v = torch.randn(1, tt, hv, vd, generator=g_).to(torch.bfloat16)
+    g = -torch.rand(1, tt, hv, generator=g_)
+    beta = torch.rand(1, tt, hv, generator=g_)
+    pool = torch.randn(5, hv, kd, vd, generator=g_).to(pool_dtype)
+    before = pool.clone()
+    slots = torch.tensor([4, -1, 0, 2], dtype=torch.int32)
+    cu = torch.tensor([0, 3, 4, 4, 6], dtype=torch.int32)
+    dev = [x.to(device) for x in (q, k, v, g, beta, pool, cu, slots)]
+    with mk.use_backend(backend):
+        o, final = ops.fused_recurrent_gated_delta_rule(
+            *dev[:5], scale=0.5, initial_state=dev[5], cu_seqlens=dev[6],
+            ssm_state_indices=dev[7], use_qk_l2norm_in_kernel=True)
+    assert final is dev[5] and o.shape == (1, tt, hv, vd) and o.dtype == torch.bfloat16
+    o, final = o.cpu()[0], final.cpu()
+    for i, slot in enumerate(slots.tolist()):
+        a, b = int(cu[i]), int(cu[i + 1])
+        if slot < 0:
+            assert torch.equal(o[a:b], torch.zeros_like(o[a:b]))
+            continue
+        want_o, want_h = _gdr_loop(q[0, a:b], k[0, a:b], v[0, a:b], g[0, a:b], beta[0, a:b],
+                                   before[slot].float(), 0.5, True)
+        assert_close(o[a:b], want_o.to(torch.bfloat16))
+        assert_close(final[slot], want_h.to(pool_dtype),
+                     scale=10 if pool_dtype == torch.float32 else 1)
+    assert torch.equal(final[[1, 3]], before[[1, 3]])
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_fused_recurrent_gated_delta_rule_batch(backend, device):
+    """Equal-length rows (no cu_seqlens): with initial_state (slot i per row, in place)
+    and without (a new fp32 final state); beta None = ones; GVA (HV = 2 H)."""
+    g_ = _gen(41)
+    b, tt, h, hv, kd, vd = 2, 3, 1, 2, 8, 4
+    q, k = (torch.randn(b, tt, h, kd, generator=g_) * kd ** -0.5 for _ in range(2))
+    v = torch.randn(b, tt, hv, vd, generator=g_)
+    g = -torch.rand(b, tt, hv, generator=g_)
+    h0 = torch.randn(b, hv, kd, vd, generator=g_)
+    dev = [x.to(device) for x in (q, k, v, g)]
+    state = h0.clone().to(device)                              # written in place
+    with mk.use_backend(backend):
+        o1, f1 = ops.fused_recurrent_gated_delta_rule(*dev, initial_state=state)
+        o0, f0 = ops.fused_recurrent_gated_delta_rule(*dev)
+    assert f1 is state and f0.shape == (b, hv, kd, vd) and f0.dtype == torch.float32
+    for i in range(b):
+        ones = torch.ones(tt, hv)
+        for h_init, o, f in ((h0[i], o1, f1), (torch.zeros_like(h0[i]), o0, f0)):
+            want_o, want_h = _gdr_loop(q[i], k[i], v[i], g[i], ones, h_init, kd ** -0.5,
+                                       False)
+            assert_close(o[i].cpu(), want_o.float())
+            assert_close(f[i].cpu(), want_h.float())
+
+
+@pytest.mark.parametrize(("kwargs", "name", "exc"), [
+    (dict(num_accepted_tokens=torch.ones(2, dtype=torch.int32)), "num_accepted_tokens",
+     NotImplementedError),
+    (dict(retrieve_parent_token=torch.zeros(2, 1, dtype=torch.int32)),
+     "retrieve_parent_token", NotImplementedError),
+    (dict(inplace_final_state=False), "inplace_final_state", NotImplementedError),
+    (dict(ssm_state_indices=torch.zeros(2, 2, dtype=torch.int32)), "ssm_state_indices",
+     NotImplementedError),
+    (dict(beta=torch.rand(1, 3, 2, 4)), "beta", NotImplementedError),
+    (dict(ssm_state_indices=torch.tensor([0, 3])), "ssm_state_indices", ValueError),
+    (dict(ssm_state_indices=torch.tensor([1, 1])), "ssm_state_indices", ValueError),
+    (dict(ssm_state_indices=torch.tensor([0])), "ssm_state_indices", ValueError),
+    (dict(initial_state=torch.zeros(3, 2, 8, 5)), "initial_state", ValueError),
+    (dict(initial_state=torch.zeros(3, 2, 8, 4, dtype=torch.int32)), "initial_state",
+     TypeError),
+    (dict(initial_state=None), "ssm_state_indices", ValueError),
+    (dict(cu_seqlens=torch.tensor([0, 1, 2], dtype=torch.int32)), "cu_seqlens", ValueError),
+    (dict(cu_seqlens=torch.tensor([0.0, 1.0, 3.0])), "cu_seqlens", TypeError),
+    (dict(g=torch.rand(1, 3, 1)), "g", ValueError),
+    (dict(k=torch.randn(1, 3, 1, 4)), "k", ValueError),
+    (dict(use_qk_l2norm_in_kernel=1), "use_qk_l2norm_in_kernel", TypeError),
+])
+def test_fused_recurrent_gated_delta_rule_errors(kwargs, name, exc):
+    args = dict(q=torch.randn(1, 3, 1, 8), k=torch.randn(1, 3, 1, 8),
+                v=torch.randn(1, 3, 2, 4), g=-torch.rand(1, 3, 2), beta=torch.rand(1, 3, 2),
+                initial_state=torch.zeros(3, 2, 8, 4),
+                cu_seqlens=torch.tensor([0, 2, 3], dtype=torch.int32),
+                ssm_state_indices=torch.tensor([2, 0]))
+    ops.fused_recurrent_gated_delta_rule(**args)
+    args.update(kwargs)
+    with pytest.raises(exc) as err:
+        ops.fused_recurrent_gated_delta_rule(**args)
+    assert name in str(err.value)
+
+
 # ------------------------------------------------------- causal conv1d (Mamba / GDN)
 
 

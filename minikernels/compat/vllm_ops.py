@@ -61,6 +61,13 @@ Covered (vLLM name -> minikernels op):
                          conv_state_indices=None, pad_slot_id=-1)
                                                         ops.causal_conv1d (x [batch, dim]
                                                         or [batch, dim, seqlen])
+    fused_recurrent_gated_delta_rule(q, k, v, g, beta=None, scale=None,
+                 initial_state=None, inplace_final_state=True, cu_seqlens=None,
+                 ssm_state_indices=None, num_accepted_tokens=None,
+                 use_qk_l2norm_in_kernel=False)         ops.gated_delta_rule (vLLM's
+                                                        model_executor.layers.fla.ops;
+                                                        unsupported arguments raise
+                                                        NotImplementedError)
 
 Legacy caches: vLLM's "x-split" key cache [num_blocks, num_kv_heads, head_size / x,
 block_size, x] (x = 16 // element_size) and value cache [num_blocks, num_kv_heads,
@@ -136,6 +143,7 @@ from ..ops.reference import FP8_E4M3_MAX, quantize_kv
 __all__ = [
     "causal_conv1d_fn", "causal_conv1d_update",
     "convert_fp8", "cutlass_scaled_mm", "fused_add_gemma_rms_norm", "fused_add_rms_norm",
+    "fused_recurrent_gated_delta_rule",
     "gelu_and_mul", "gelu_tanh_and_mul", "gemma_rms_norm", "merge_attn_states",
     "moe_align_block_size", "mul_and_silu", "paged_attention_v1", "paged_attention_v2",
     "reshape_and_cache", "reshape_and_cache_flash", "rms_norm", "rotary_embedding",
@@ -1114,3 +1122,131 @@ def causal_conv1d_update(x: Tensor, conv_state: Tensor, weight: Tensor,
     if x.dim() == 3:
         out = out.view(batch, seqlen, dim).transpose(1, 2).contiguous()
     return out.to(out_dtype).view(shape)
+
+
+# ------------------------------------------------- linear attention (Gated DeltaNet, FLA)
+
+
+def _not_implemented(name: str, value: object, why: str) -> None:
+    if value is not None:
+        raise NotImplementedError(f"{name} is not supported by minikernels ({why}); pass None")
+
+
+def fused_recurrent_gated_delta_rule(
+        q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor | None = None,
+        scale: float | None = None, initial_state: Tensor | None = None,
+        inplace_final_state: bool = True, cu_seqlens: Tensor | None = None,
+        ssm_state_indices: Tensor | None = None, num_accepted_tokens: Tensor | None = None,
+        retrieve_parent_token: Tensor | None = None,
+        use_qk_l2norm_in_kernel: bool = False) -> tuple[Tensor, Tensor]:
+    """vLLM's ``model_executor.layers.fla.ops.fused_recurrent_gated_delta_rule`` (FLA's
+    recurrent gated delta rule with vLLM's continuous-batching state pool) -> (o,
+    final_state), on :func:`minikernels.ops.gated_delta_rule`.
+
+    q, k [B, T, H, K], v [B, T, HV, V] (one dtype; HV a multiple of H), g [B, T, HV]
+    log-decay, beta [B, T, HV] (None = ones); with cu_seqlens (int32 / int64 [N + 1]) B
+    must be 1 and the T tokens are N varlen sequences, else each of the B rows is one
+    sequence. scale None = K ** -0.5. o [B, T, HV, V] in v's dtype.
+    initial_state [S, HV, K, V] (fp32; fp16 / bf16 pools are read into fp32 and the final
+    states rounded back once): sequence i starts from initial_state[ssm_state_indices[i]]
+    (ssm_state_indices None: slot i) and its final state is written there in place
+    (inplace_final_state=True); final_state is initial_state. ssm_state_indices -1 marks a
+    padding row: zero outputs, no slot read or written (vLLM's PAD_SLOT_ID). initial_state
+    None: every sequence starts from zeros and final_state is a new fp32 [N, HV, K, V].
+    Not supported (NotImplementedError naming the argument): num_accepted_tokens and 2-D
+    ssm_state_indices (speculative decoding's per-token slots), retrieve_parent_token
+    (EAGLE trees), inplace_final_state=False (vLLM then returns every token's state
+    [T, HV, K, V]), per-channel beta [B, T, HV, V].
+    Differences: vLLM's kernel indexes slots by ssm_state_indices[i + t] for the t-th
+    token of a multi-token sequence (it is only called with one token per row, or with
+    2-D indices); here a sequence of any length reads and writes its own slot once.
+    """
+    _not_implemented("num_accepted_tokens", num_accepted_tokens,
+                     "speculative decoding's per-token state slots")
+    _not_implemented("retrieve_parent_token", retrieve_parent_token, "EAGLE tree decoding")
+    if not isinstance(inplace_final_state, bool):
+        raise TypeError(f"inplace_final_state must be a bool, got "
+                        f"{type(inplace_final_state).__name__}")
+    if not inplace_final_state:
+        raise NotImplementedError("inplace_final_state=False is not supported by minikernels "
+                                  "(vLLM then returns every token's state [T, HV, K, V]); "
+                                  "pass True")
+    check_tensor("q", q, dtypes=FLOAT_DTYPES, ndim=4)
+    dev = q.device
+    check_tensor("k", k, dtypes=FLOAT_DTYPES, ndim=4, device=dev)
+    check_tensor("v", v, dtypes=FLOAT_DTYPES, ndim=4, device=dev)
+    b, t, _, dk = q.shape
+    hv, dv = v.shape[2], v.shape[3]
+    check_shape("k", k, list(q.shape))
+    check_shape("v", v, [b, t, None, None])
+    check_tensor("g", g, dtypes=FLOAT_DTYPES, ndim=3, device=dev)
+    check_shape("g", g, [b, t, hv])
+    if beta is None:
+        beta = torch.ones(b, t, hv, dtype=torch.float32, device=dev)
+    check_tensor("beta", beta, dtypes=FLOAT_DTYPES, ndim=(3, 4), device=dev)
+    if beta.dim() == 4:
+        raise NotImplementedError("beta of shape [B, T, HV, V] (per-channel betas) is not "
+                                  "supported by minikernels; pass [B, T, HV]")
+    check_shape("beta", beta, [b, t, hv])
+    if cu_seqlens is None:
+        cu_seqlens = torch.arange(b + 1, dtype=torch.int32, device=dev) * t
+    else:
+        check_tensor("cu_seqlens", cu_seqlens, dtypes=_INDEX_DTYPES, ndim=1, device=dev)
+        if b != 1:
+            raise ValueError(f"q must have batch size 1 with cu_seqlens (flatten the "
+                             f"sequences into T), got shape {list(q.shape)}")
+    n = cu_seqlens.shape[0] - 1
+    flat = [x.flatten(0, 1) for x in (q, k, v, g, beta)]
+
+    def run(state: Tensor, slots: Tensor) -> Tensor:
+        try:
+            return ops.gated_delta_rule(*flat, cu_seqlens=cu_seqlens, state=state,
+                                        state_indices=slots, scale=scale,
+                                        use_qk_l2norm=use_qk_l2norm_in_kernel)
+        except (ValueError, TypeError) as exc:   # the op's errors under vLLM's names
+            msg = re.sub(r"\bstate_indices\b", "ssm_state_indices", str(exc))
+            msg = re.sub(r"\buse_qk_l2norm\b", "use_qk_l2norm_in_kernel", msg)
+            raise type(exc)(msg) from None
+
+    if initial_state is None:
+        if ssm_state_indices is not None:
+            raise ValueError("ssm_state_indices needs initial_state (the state pool)")
+        final = torch.zeros(max(n, 0), hv, dk, dv, dtype=torch.float32, device=dev)
+        o = run(final, torch.arange(max(n, 0), device=dev))
+        return o.view(b, t, hv, dv), final
+    check_tensor("initial_state", initial_state, dtypes=FLOAT_DTYPES, ndim=4, device=dev)
+    check_shape("initial_state", initial_state, [None, hv, dk, dv])
+    slots_total = initial_state.shape[0]
+    if ssm_state_indices is None:
+        if slots_total < n:
+            raise ValueError(f"initial_state must have a slot per sequence (N = {n}) without "
+                             f"ssm_state_indices, got shape {list(initial_state.shape)}")
+        slots = torch.arange(n, device=dev)
+    else:
+        check_tensor("ssm_state_indices", ssm_state_indices, dtypes=_INDEX_DTYPES,
+                     ndim=(1, 2), device=dev)
+        if ssm_state_indices.dim() == 2:
+            raise NotImplementedError(
+                "ssm_state_indices of shape [N, T] (speculative decoding's per-token state "
+                "slots) is not supported by minikernels; pass one slot per sequence [N]")
+        check_shape("ssm_state_indices", ssm_state_indices, [n])
+        slots = ssm_state_indices
+        if index_checks_active(slots):
+            lo, hi = int(slots.min()), int(slots.max())
+            if lo < -1 or hi >= slots_total:
+                raise ValueError(f"ssm_state_indices values must be -1 (padding) or in [0, "
+                                 f"{slots_total}), got min {lo} and max {hi}")
+            used = slots[slots >= 0]
+            if used.unique().numel() != used.numel():
+                raise ValueError("ssm_state_indices must be distinct (apart from -1 padding)")
+    if initial_state.dtype == torch.float32:
+        o = run(initial_state, slots)
+    else:   # an fp16 / bf16 pool: the sequences' slots in fp32, rounded back once
+        live = slots >= 0
+        used = slots[live].long()
+        work = initial_state[used].float()
+        local = torch.full((n,), -1, dtype=torch.int64, device=dev)
+        local[live] = torch.arange(used.shape[0], device=dev)
+        o = run(work, local)
+        initial_state[used] = work.to(initial_state.dtype)
+    return o.view(b, t, hv, dv), initial_state
