@@ -27,8 +27,8 @@ import triton
 import triton.language as tl
 
 from . import splitk
-from .registry import KernelSpec, register
 from .interpreter_rounding import rne_bf16
+from .registry import KernelSpec, register
 
 #: the largest state tile (BLOCK_K * BLOCK_V fp32 values) one program keeps in registers
 MAX_TILE = 2048
@@ -49,7 +49,6 @@ def gated_delta_rule_kernel(
     qk_head = head // GROUP
     offs_k = tl.arange(0, BLOCK_K)
     offs_v = tl.program_id(2) * BLOCK_V + tl.arange(0, BLOCK_V)
-    k_ok = offs_k < DK
     v_ok = offs_v < DV
     bos = tl.load(cu_ptr + seq).to(tl.int64)
     eos = tl.load(cu_ptr + seq + 1).to(tl.int64)
