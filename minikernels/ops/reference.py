@@ -2,7 +2,8 @@
 
 Kernels are tested against these functions, and they are the CPU path (backend
 ``reference``). Each returns a fresh tensor in the input's dtype (except where stated)
-and never mutates its inputs, except ``write_kv_cache`` which writes the caches.
+and never mutates its inputs, except ``write_kv_cache`` which writes the caches and
+``causal_conv1d`` which updates its conv_state pool.
 
 Layouts (FlashAttention / vLLM conventions):
     varlen tokens      [total_tokens, heads, head_dim], int32 cu_seqlens [batch + 1]
