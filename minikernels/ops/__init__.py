@@ -17,6 +17,7 @@ from .int8 import int8_matmul
 from .int8_w8a8 import scaled_int8_quant, scaled_mm
 from .kv_cache import merge_attn_states, paged_decode_attention, write_kv_cache
 from .lora import lora_delta
+from .mamba import mamba2_scan
 from .moe import (
     MoELoRA,
     fused_moe,
@@ -51,6 +52,7 @@ __all__ = [
     "int8_matmul",
     "layer_norm",
     "lora_delta",
+    "mamba2_scan",
     "merge_attn_states",
     "moe_align_block_size",
     "paged_decode_attention",

@@ -729,6 +729,69 @@ def gated_delta_rule(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor,
     return out.to(v.dtype)
 
 
+# ------------------------------------------------------ Mamba-2 selective state-space scan (SSD)
+def mamba2_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, cu_seqlens: Tensor,
+                D: Tensor | None = None, dt_bias: Tensor | None = None,
+                dt_softplus: bool = True, dt_limit: tuple[float, float] = (0.0, math.inf),
+                state: Tensor | None = None, state_indices: Tensor | None = None,
+                has_initial_state: Tensor | None = None) -> Tensor:
+    """Mamba-2's selective scan (Granite 4.0-H, Falcon-H1, Nemotron-H, Bamba, Zamba2) over
+    varlen sequences; transformers' ``mamba2_chunk_scan`` / ``mamba2_selective_state_update``
+    per sequence.
+
+    x [T, H, P], dt [T, H], A [H], B, C [T, G, N] (head h reads group h // (H // G)),
+    D, dt_bias [H] or None; cu_seqlens [N_seq + 1]. Per sequence and head, S [P, N] starts
+    from state[state_indices[i]] (when state is given and has_initial_state[i], default
+    True) or zeros; for each token t in order:
+        d = clamp(softplus?(dt_t + dt_bias), dt_limit);  S = S * exp(d A) + d outer(x_t, B_t)
+        y_t = S C_t (+ D x_t)
+    fp32 math, y rounded to x.dtype. Exception to this module's rule: the final S is written
+    IN PLACE to state[state_indices[i]] (fp32 [S, H, P, N]); state_indices[i] == -1 marks a
+    padding row: zero outputs, its slot untouched.
+    """
+    n = cu_seqlens.shape[0] - 1
+    total, h, p = x.shape
+    g, dstate = B.shape[1], B.shape[2]
+    dev = x.device
+    d = dt.float()
+    if dt_bias is not None:
+        d = d + dt_bias.float()
+    if dt_softplus:
+        d = torch.nn.functional.softplus(d)
+    d = d.clamp(min=dt_limit[0], max=dt_limit[1])
+    bf = B.float().repeat_interleave(h // g, dim=1)
+    cf = C.float().repeat_interleave(h // g, dim=1)
+    cu = cu_seqlens.long().cpu()
+    lens = cu[1:] - cu[:-1]
+    lmax = int(lens.max()) if n > 0 else 0
+    steps = torch.arange(lmax)
+    valid = (steps[None, :] < lens[:, None]).to(dev)                       # [N_seq, L]
+    pos = torch.where(valid, (cu[:-1, None] + steps[None, :]).to(dev), 0)
+    xs, ds, bs, cs = (v.float()[pos] for v in (x, d, bf, cf))
+    af = A.float()
+    live = (torch.ones(n, dtype=torch.bool, device=dev) if state_indices is None
+            else state_indices.to(dev) >= 0)
+    s = torch.zeros(n, h, p, dstate, dtype=torch.float32, device=dev)
+    if state is not None:
+        init = live if has_initial_state is None else live & has_initial_state.to(dev)
+        s[init] = state[state_indices[init].long()].float()
+    ys = torch.zeros(n, lmax, h, p, dtype=torch.float32, device=dev)
+    for t in range(lmax):
+        dt_t = ds[:, t]                                                    # [N_seq, H]
+        upd = (s * torch.exp(dt_t * af)[..., None, None]
+               + (dt_t[..., None] * xs[:, t])[..., None] * bs[:, t, :, None, :])
+        s = torch.where(valid[:, t, None, None, None], upd, s)
+        ys[:, t] = (s * cs[:, t, :, None, :]).sum(-1)
+        if D is not None:
+            ys[:, t] += D.float()[:, None] * xs[:, t]
+    out = torch.zeros(total, h, p, dtype=torch.float32, device=dev)
+    keep = valid & live[:, None]
+    out[pos[keep]] = ys[keep]
+    if state is not None:
+        state[state_indices[live].long()] = s[live].to(state.dtype)
+    return out.to(x.dtype)
+
+
 # ----------------------------------------------------------------- structured outputs
 
 
