@@ -1,5 +1,5 @@
 """Hybrid recurrent models in the engine (LFM2: short-conv layers beside attention;
-Qwen3.5: Gated DeltaNet layers beside gated attention).
+Qwen3.5: Gated DeltaNet layers beside gated attention; Granite 4.0-H: Mamba-2 layers).
 
 Each running sequence keeps its recurrent state in one slot (its block-table row): greedy
 outputs must equal transformers' through everything that moves a sequence between
@@ -47,7 +47,7 @@ def lfm2(tmp_path_factory):
     return _checkpoint("lfm2", tmp_path_factory)
 
 
-@pytest.fixture(scope="module", params=["lfm2", "qwen3_5"])
+@pytest.fixture(scope="module", params=["lfm2", "qwen3_5", "granite4-h"])
 def hybrid(request, tmp_path_factory):
     """Each hybrid family: (checkpoint, prompts, transformers' greedy tokens)."""
     return _checkpoint(request.param, tmp_path_factory)

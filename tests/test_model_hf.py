@@ -71,7 +71,7 @@ def test_paged_prefill_decode_and_chunked_prefill(hf_dirs, kind):
                                   "olmo3-window", "exaone4-hybrid", "qwen3-moe",
                                   "qwen2-moe", "mixtral",
                                   "granitemoe", "olmoe", "gpt_neox", "gpt2", "gpt_neo", "opt", "bloom",
-                                  "gptj", "falcon-7b", "falcon-new", "mpt", "granite_swa", "lfm2", "qwen3_5"])
+                                  "gptj", "falcon-7b", "falcon-new", "mpt", "granite_swa", "lfm2", "qwen3_5", "granite4-h"])
 def test_greedy_generation_matches_transformers(hf_dirs, kind):
     hf, path = hf_dirs[kind]
     model = load_model(path, dtype="float32", device="cpu")
@@ -132,7 +132,8 @@ def test_exaone4_config(hf_dirs):
 
 def test_granite4_configs():
     """Granite 4.0: the dense attention models load as Granite (rope or NoPE by
-    position_embedding_type); Mamba layers or experts are refused by name."""
+    position_embedding_type); the H models' Mamba-2 layers ("mamba" / "linear_attention")
+    with their shapes; experts and unknown layer types are refused by name."""
     import minikernels as mk
     from minikernels.models.config import UnsupportedModelError
 
@@ -146,9 +147,15 @@ def test_granite4_configs():
         ("granite_hybrid", 96, 0.1) and not c.nope_layers
     assert mk.models.DecoderConfig.from_hf({**hub, "position_embedding_type": None}
                                            ).nope_layers == [0, 1, 2]
-    with pytest.raises(UnsupportedModelError, match="Mamba"):
-        mk.models.DecoderConfig.from_hf({**hub, "layer_types": ["mamba", "attention",
-                                                                "attention"]})
+    h = mk.models.DecoderConfig.from_hf({**hub, "layer_types": [
+        "mamba", "attention", "linear_attention"], "mamba_n_heads": 8, "mamba_d_state": 16,
+        "mamba_n_groups": 2, "mamba_d_conv": 3, "time_step_limit": [0.0, 5.0]})
+    assert h.layer_mixers == ["mamba2", "attention", "mamba2"] and h.is_recurrent
+    assert (h.mamba_num_heads, h.mamba_head_dim, h.mamba_num_groups, h.mamba_state_size,
+            h.conv_kernel, h.conv_bias, h.mamba_dt_limit) == (8, 16, 2, 16, 3, True,
+                                                              (0.0, 5.0))
+    with pytest.raises(UnsupportedModelError, match="layer types"):
+        mk.models.DecoderConfig.from_hf({**hub, "layer_types": ["mamba", "moe", "attention"]})
     with pytest.raises(UnsupportedModelError, match="num_local_experts"):
         mk.models.DecoderConfig.from_hf({**hub, "num_local_experts": 4})
 

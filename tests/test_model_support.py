@@ -99,6 +99,14 @@ CASES: dict[str, tuple[str, dict[str, Any]]] = {
         shared_intermediate_size=96, position_embedding_type="rope",
         embedding_multiplier=3.0, residual_multiplier=0.3, attention_multiplier=0.1,
         logits_scaling=2.5, tie_word_embeddings=True)),
+    # Granite 4.0-H (granite-4.0-h-micro / 1b / 350m): Mamba-2 layers (8 heads of 16, two
+    # groups of B / C, conv bias) around an attention layer, NoPE, Granite's multipliers
+    "granite4-h": ("GraniteMoeHybrid", dict(
+        num_hidden_layers=3, layer_types=["mamba", "attention", "mamba"], num_local_experts=0,
+        shared_intermediate_size=96, position_embedding_type="nope", mamba_n_heads=8,
+        mamba_n_groups=2, mamba_d_state=12, mamba_d_conv=4, mamba_expand=2,
+        mamba_conv_bias=True, embedding_multiplier=3.0, residual_multiplier=0.3,
+        attention_multiplier=0.1, logits_scaling=2.5, tie_word_embeddings=True)),
     # HunYuan dense (0.5B - 7B): per-head q / k norms after rope, fixed-alpha NTK rope.
     "hunyuan-ntk": ("HunYuanDenseV1", dict(head_dim=16, tie_word_embeddings=True,
                                            rope_scaling={"type": "dynamic", "alpha": 50.0,

@@ -212,7 +212,7 @@ GATED_ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu": "gelu",
 
 
 #: the token mixers a decoder layer may have (DecoderConfig.layer_mixers)
-LAYER_MIXERS = ("attention", "short_conv", "gated_deltanet")
+LAYER_MIXERS = ("attention", "short_conv", "gated_deltanet", "mamba2")
 
 
 class UnsupportedModelError(ValueError):
@@ -312,6 +312,15 @@ class DecoderConfig:
     linear_num_value_heads: int = 0
     linear_key_head_dim: int = 0
     linear_value_head_dim: int = 0
+    # Mamba-2 (Granite 4.0-H): mamba_num_heads heads of mamba_head_dim (their product the
+    # inner width), B / C in mamba_num_groups groups of mamba_state_size, in_proj giving
+    # [gate z | x B C | dt], dt clamped to mamba_dt_limit after softplus
+    mamba_num_heads: int = 0
+    mamba_head_dim: int = 0
+    mamba_num_groups: int = 0
+    mamba_state_size: int = 0
+    mamba_proj_bias: bool = False
+    mamba_dt_limit: tuple[float, float] = (0.0, float("inf"))
     # Qwen3.5 / Qwen3-Next: q_proj also gives a gate per head ([q | gate] per head); the
     # attention output is multiplied by sigmoid(gate) before o_proj
     attn_output_gate: bool = False
@@ -419,6 +428,16 @@ class DecoderConfig:
             if recurrent and not 2 <= self.conv_kernel <= 8:
                 raise ValueError(f"config.conv_kernel must be in [2, 8] for "
                                  f"{sorted(recurrent)} layers, got {self.conv_kernel!r}")
+            if "mamba2" in self.layer_mixers:
+                for name in ("mamba_num_heads", "mamba_head_dim", "mamba_num_groups",
+                             "mamba_state_size"):
+                    value = getattr(self, name)
+                    if not isinstance(value, int) or value <= 0:
+                        raise ValueError(f"config.{name} must be a positive int for mamba2 "
+                                         f"layers, got {value!r}")
+                if self.mamba_num_heads % self.mamba_num_groups:
+                    raise ValueError(f"mamba_num_groups ({self.mamba_num_groups}) must divide "
+                                     f"mamba_num_heads ({self.mamba_num_heads})")
             if "gated_deltanet" in self.layer_mixers:
                 for name in ("linear_num_key_heads", "linear_num_value_heads",
                              "linear_key_head_dim", "linear_value_head_dim"):
@@ -678,8 +697,11 @@ class DecoderConfig:
                                "qwen3_5"),
             layer_mixers=hf.get("_layer_mixers"),
             conv_kernel=int(hf.get("conv_L_cache", 3)) if family == "lfm2" else
-            int(hf.get("linear_conv_kernel_dim", 4)) if family == "qwen3_5" else 0,
-            conv_bias=bool(hf.get("conv_bias", False)) if family == "lfm2" else False,
+            int(hf.get("linear_conv_kernel_dim", 4)) if family == "qwen3_5" else
+            hf.get("_conv", (0, False))[0],
+            conv_bias=bool(hf.get("conv_bias", False)) if family == "lfm2" else
+            hf.get("_conv", (0, False))[1],
+            **hf.get("_mamba", {}),
             **({k: int(hf.get(k, d)) for k, d in (
                 ("linear_num_key_heads", 16), ("linear_num_value_heads", 32),
                 ("linear_key_head_dim", 128), ("linear_value_head_dim", 128))}
@@ -780,20 +802,50 @@ def _nope_layers_from_hf(hf: Mapping[str, Any], num_layers: int) -> list[int] | 
 
 
 def _granite_hybrid_dense(hf: Mapping[str, Any]) -> dict[str, Any]:
-    """Granite 4.0 (GraniteMoeHybrid) as a dense Granite: every layer attention, no
-    experts; its MLP is the fused ``shared_mlp`` of ``shared_intermediate_size``."""
-    kinds = hf.get("layer_types") or hf.get("layers_block_type") or []
-    mamba = [i for i, t in enumerate(kinds) if t not in ("attention", "full_attention")]
-    if mamba:
-        raise UnsupportedModelError(
-            f"Granite 4.0 hybrid: layers {mamba[:6]}{'...' if len(mamba) > 6 else ''} are "
-            f"Mamba layers, not supported (the dense attention models, e.g. "
-            f"granite-4.0-micro, are)")
+    """Granite 4.0 (GraniteMoeHybrid) as Granite with dense MLPs: attention layers and
+    Mamba-2 layers (layer_types "mamba" / "linear_attention"; the H models), no experts;
+    its MLP is the fused ``shared_mlp`` of ``shared_intermediate_size``."""
     if int(hf.get("num_local_experts") or 0):
         raise UnsupportedModelError("Granite 4.0 with experts (num_local_experts > 0) is "
                                     "not supported")
-    return {**hf, "intermediate_size": hf.get("shared_intermediate_size",
-                                              hf.get("intermediate_size"))}
+    out = {**hf, "intermediate_size": hf.get("shared_intermediate_size",
+                                             hf.get("intermediate_size"))}
+    n = int(hf.get("num_hidden_layers") or 0)
+    kinds = hf.get("layer_types") or hf.get("layers_block_type") or ["mamba"] * n
+    names = {"attention": "attention", "full_attention": "attention",
+             "mamba": "mamba2", "linear_attention": "mamba2"}
+    unknown = sorted({str(k) for k in kinds if k not in names})
+    if unknown:
+        raise UnsupportedModelError(f"Granite 4.0 layer types {unknown} are not supported "
+                                    f"(supported: {sorted(names)})")
+    mixers = [names[k] for k in kinds]
+    if "mamba2" in mixers:
+        hidden = int(hf.get("hidden_size") or 0)
+        inner = int(hf.get("mamba_expand", 2)) * hidden
+        heads = int(hf.get("mamba_n_heads", 128))
+        head_dim = hf.get("mamba_d_head", "auto")
+        head_dim = inner // heads if head_dim in (None, "auto") else int(head_dim)
+        if heads * head_dim != inner:
+            raise ValueError(f"mamba_n_heads ({heads}) x mamba_d_head ({head_dim}) must equal "
+                             f"mamba_expand x hidden_size ({inner})")
+        limit = hf.get("time_step_limit") or (0.0, float("inf"))
+        out["_mamba"] = dict(
+            mamba_num_heads=heads, mamba_head_dim=head_dim,
+            mamba_num_groups=int(hf.get("mamba_n_groups", 1)),
+            mamba_state_size=int(hf.get("mamba_d_state", 256)),
+            mamba_proj_bias=bool(hf.get("mamba_proj_bias", False)),
+            mamba_dt_limit=(_json_float(limit[0]), _json_float(limit[1])))
+        out["_conv"] = (int(hf.get("mamba_d_conv", 4)), bool(hf.get("mamba_conv_bias", True)))
+        out["_layer_mixers"] = mixers
+    return out
+
+
+def _json_float(value: Any) -> float:
+    """A float from config.json: a number, a string ("inf", "Infinity"), or transformers'
+    encoding of non-finite floats ({"__float__": "Infinity"})."""
+    if isinstance(value, Mapping) and "__float__" in value:
+        value = value["__float__"]
+    return float(value)
 
 
 def _layer_rope_thetas(thetas: Any, num_layers: int, window_layers: list[int] | None,

@@ -326,6 +326,79 @@ class GatedDeltaNet(nn.Module):
                 ((self.num_v_heads, self.k_dim, self.v_dim), torch.float32)]
 
 
+class Mamba2Mixer(nn.Module):
+    """Mamba-2 (Granite 4.0-H; a recurrent token mixer):
+
+        z, xbc, dt = in_proj(x).split([inner, inner + 2 G N, heads])
+        xs, b, c = silu(causal_conv1d(xbc)).split([inner, G N, G N])   # per sequence
+        y = mamba2_scan(xs, dt, -exp(A_log), b, c, D, dt_bias)       # [T, heads, P]
+        out = out_proj(rms_norm_per_group(y * silu(z)))   (* Granite's residual multiplier)
+
+    Its cache (from :meth:`CausalLM.allocate_kv_caches`) is ``(conv_state, ssm_state)``:
+    [slots, inner + 2 G N, W - 1] in the model dtype and [slots, heads, P, N] fp32.
+    """
+
+    def __init__(self, config: DecoderConfig, dtype: torch.dtype,
+                 device: torch.device | str | None, dense: bool) -> None:
+        super().__init__()
+        c = config
+        self.num_heads, self.head_dim = c.mamba_num_heads, c.mamba_head_dim
+        self.num_groups, self.state_size = c.mamba_num_groups, c.mamba_state_size
+        self.inner = self.num_heads * self.head_dim
+        self.conv_dim = self.inner + 2 * self.num_groups * self.state_size
+        self.width = c.conv_kernel
+        self.dt_limit = tuple(c.mamba_dt_limit)
+        self.eps = c.rms_norm_eps
+        self.in_proj = FusedLinear(c.hidden_size, self.inner + self.conv_dim + self.num_heads,
+                                   bias=c.mamba_proj_bias, dtype=dtype, device=device,
+                                   dense=dense)
+        self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, self.width, groups=self.conv_dim,
+                                bias=c.conv_bias, dtype=dtype, device=device)
+        self.conv1d.requires_grad_(False)
+        h = self.num_heads
+        self.dt_bias = nn.Parameter(torch.ones(h, dtype=dtype, device=device),
+                                    requires_grad=False)
+        self.A_log = nn.Parameter(torch.zeros(h, dtype=dtype, device=device),
+                                  requires_grad=False)
+        self.D = nn.Parameter(torch.ones(h, dtype=dtype, device=device), requires_grad=False)
+        # the gated norm's weight over the inner width (normalized per group of heads)
+        self.norm = RMSNorm(self.inner, c.rms_norm_eps, dtype=dtype, device=device)
+        self.out_proj = FusedLinear(self.inner, c.hidden_size, bias=c.mamba_proj_bias,
+                                    dtype=dtype, device=device, dense=dense)
+        self.residual_multiplier = 1.0 if c.sandwich_norm else c.residual_multiplier
+
+    def forward(self, x: Tensor, meta: AttentionMetadata,
+                cache: tuple[Tensor, Tensor] | None) -> Tensor:
+        t, h, g, n = x.shape[0], self.num_heads, self.num_groups, self.state_size
+        z, xbc, dt = self.in_proj(x).split([self.inner, self.conv_dim, h], dim=-1)
+        cu, max_len = meta.mixer_seqlens()
+        conv_state, state = cache if cache is not None else (None, None)
+        slots = meta.state_indices if cache is not None else None
+        init = meta.has_initial_state if cache is not None else None
+        xbc = ops.causal_conv1d(xbc, self.conv1d.weight.view(self.conv_dim, self.width),
+                                self.conv1d.bias, cu_seqlens=cu, conv_state=conv_state,
+                                state_indices=slots, has_initial_state=init,
+                                activation="silu", max_seqlen=max_len)
+        xs, b, c = xbc.split([self.inner, g * n, g * n], dim=-1)
+        y = ops.mamba2_scan(xs.reshape(t, h, self.head_dim), dt,
+                            -torch.exp(self.A_log.float()), b.reshape(t, g, n),
+                            c.reshape(t, g, n), cu_seqlens=cu, D=self.D, dt_bias=self.dt_bias,
+                            dt_softplus=True, dt_limit=self.dt_limit, state=state,
+                            state_indices=slots, has_initial_state=init, max_seqlen=max_len)
+        # gate, then an RMSNorm per group of heads (norm_before_gate=False), fp32
+        gated = y.reshape(t, self.inner).float() * F.silu(z.float())
+        grouped = gated.reshape(t, g, self.inner // g)
+        normed = grouped * torch.rsqrt(grouped.square().mean(-1, keepdim=True) + self.eps)
+        y = (self.norm.weight.float() * normed.reshape(t, self.inner)).to(x.dtype)
+        out = self.out_proj(y)
+        return out if self.residual_multiplier == 1.0 else out * self.residual_multiplier
+
+    def state_shapes(self) -> list[tuple[tuple[int, ...], torch.dtype | None]]:
+        """Per-slot state tensors: the conv's inputs (model dtype), the fp32 SSM state."""
+        return [((self.conv_dim, self.width - 1), None),
+                ((self.num_heads, self.head_dim, self.state_size), torch.float32)]
+
+
 #: the non-gated MLP's activation by DecoderConfig.activation
 _ACTIVATIONS = {"silu": F.silu, "relu": F.relu, "gelu": F.gelu,
                 "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
@@ -384,17 +457,19 @@ class DecoderLayer(nn.Module):
         self.sandwich_multiplier = c.residual_multiplier if c.sandwich_norm else 1.0
         self.input_layernorm = None if c.post_norm else norm()
         # the token mixer: attention (self_attn), or a recurrent one (LFM2's conv,
-        # Qwen3.5's linear_attn)
-        self.self_attn = self.conv = self.linear_attn = None
+        # Qwen3.5's linear_attn, Granite 4.0-H's mamba)
+        self.self_attn = self.conv = self.linear_attn = self.mamba = None
         kind = c.mixer(layer)
         if kind == "short_conv":
             self.conv = ShortConv(config, dtype, device, dense)
         elif kind == "gated_deltanet":
             self.linear_attn = GatedDeltaNet(config, dtype, device, dense)
+        elif kind == "mamba2":        # Granite 4.0-H
+            self.mamba = Mamba2Mixer(config, dtype, device, dense)
         else:
             self.self_attn = Attention(config, layer, rotary, dtype, device, dense, tp)
-        self.__dict__["mixer"] = next(m for m in (self.self_attn, self.conv, self.linear_attn)
-                                      if m is not None)
+        self.__dict__["mixer"] = next(m for m in (self.self_attn, self.conv, self.linear_attn,
+                                                  self.mamba) if m is not None)
         self.post_attention_layernorm = None if c.parallel_residual and \
             not c.parallel_mlp_norm else norm()
         self.pre_feedforward_layernorm = self.post_feedforward_layernorm = None

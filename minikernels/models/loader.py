@@ -68,7 +68,7 @@ from torch import Tensor, nn
 
 from .config import (DecoderConfig, UnsupportedModelError, builtin_config,
                      is_classifier_architecture, list_models)
-from .decoder import CausalLM, GatedDeltaNet
+from .decoder import CausalLM, GatedDeltaNet, Mamba2Mixer
 from .hub import resolve_model
 from ..nn.layers import XIELU
 from ..quant.fp8 import fp8_from_checkpoint
@@ -155,8 +155,13 @@ _CONV_KERNEL_RE = re.compile(r"^layers\.(\d+)\.conv\.conv\.(weight|bias)$")
 _GDN_IN_PARTS = {"in_proj_qkv": 0, "in_proj_z": 1, "in_proj_b": 2, "in_proj_a": 3}
 _GDN_IN_RE = re.compile(r"^layers\.(\d+)\.linear_attn\.(in_proj_qkv|in_proj_z|in_proj_b|"
                         r"in_proj_a|out_proj)\.(\w+)$")
-_GDN_MODULE_RE = re.compile(r"^layers\.(\d+)\.linear_attn\.(conv1d|norm)\.(weight|bias)$")
+_GDN_MODULE_RE = re.compile(r"^layers\.(\d+)\.(linear_attn|mamba)\.(conv1d|norm)\."
+                            r"(weight|bias)$")
 _GDN_PARAM_RE = re.compile(r"^layers\.(\d+)\.linear_attn\.(dt_bias|A_log)$")
+#: Granite 4.0-H's Mamba-2 layers: one in_proj ([z | x B C | dt]), out_proj, conv1d, the
+#: gated norm (above), dt_bias / A_log / D
+_MAMBA_PROJ_RE = re.compile(r"^layers\.(\d+)\.mamba\.(in_proj|out_proj)\.(\w+)$")
+_MAMBA_PARAM_RE = re.compile(r"^layers\.(\d+)\.mamba\.(dt_bias|A_log|D)$")
 #: mixture of experts: per-expert projections (the hub's names), transformers 5's stacked
 #: ones, and the router (models/moe.py)
 _EXPERT_RE = re.compile(r"^layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)"
@@ -226,10 +231,16 @@ def map_name(name: str) -> tuple[str, int | None, str] | None:
         return f"layers.{layer}.linear_attn.in_proj", _GDN_IN_PARTS[proj], kind
     m = _GDN_MODULE_RE.match(n)
     if m:
-        return f"layers.{m.group(1)}.linear_attn.{m.group(2)}", None, m.group(3)
+        return f"layers.{m.group(1)}.{m.group(2)}.{m.group(3)}", None, m.group(4)
     m = _GDN_PARAM_RE.match(n)
     if m:
         return f"layers.{m.group(1)}.linear_attn", None, m.group(2)
+    m = _MAMBA_PROJ_RE.match(n)
+    if m:
+        return f"layers.{m.group(1)}.mamba.{m.group(2)}", 0, m.group(3)
+    m = _MAMBA_PARAM_RE.match(n)
+    if m:
+        return f"layers.{m.group(1)}.mamba", None, m.group(2)
     m = _XIELU_RE.match(n)
     if m:
         return f"layers.{m.group(1)}.mlp.act_fn", None, m.group(2)
@@ -862,6 +873,8 @@ def _load_hf(model_dir: str, dtype: str | torch.dtype, device: torch.device,
             expected.update((name, None, p) for p, _ in mod.named_parameters())
         elif isinstance(mod, GatedDeltaNet):
             expected.update((name, None, p) for p in ("dt_bias", "A_log"))
+        elif isinstance(mod, Mamba2Mixer):
+            expected.update((name, None, p) for p in ("dt_bias", "A_log", "D"))
         elif name and hasattr(mod, "weight") and isinstance(getattr(mod, "weight"),
                                                             torch.nn.Parameter):
             expected.add((name, None, "weight"))
