@@ -75,11 +75,11 @@ def _tokens(llm: mk.LLM, prompts, params=GREEDY) -> list[list[int]]:
 
 
 @pytest.mark.parametrize("kw", [
-    {},                                         # async scheduling (the default)
+    # async scheduling (the default), prompts prefilled in chunks, two slots reused by
+    # the later requests
+    {"max_num_batched_tokens": 16, "max_num_seqs": 2},
     {"async_scheduling": False},
-    {"max_num_batched_tokens": 16},             # prompts prefilled in chunks
-    {"max_num_seqs": 2},                        # slots reused by later requests
-], ids=["async", "sync", "chunked", "slot-reuse"])
+], ids=["async-chunked-reuse", "sync"])
 def test_greedy_equals_transformers(hybrid, kw):
     path, prompts, want = hybrid
     llm = _llm(path, **kw)
