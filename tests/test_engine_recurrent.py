@@ -186,3 +186,24 @@ def test_state_pool_sizes(lfm2):
     assert model.kv_bytes_per_token() == 2 * c.num_kv_heads * c.head_dim * 4
     with pytest.raises(ValueError, match="num_state_slots"):
         model.allocate_kv_caches(4, 8)
+
+
+@pytest.mark.parametrize("kind", ["qwen3_5", "granite4-h"])
+def test_weight_sync_and_sleep_reach_the_recurrent_layers(kind, tmp_path):
+    """load_weights (RL weight sync) fills the recurrent layers' own parameters (conv
+    kernels, dt_bias, A_log, D, gated norms) by transformers' names, and a sleep / wake
+    cycle keeps the weights and rebuilds zeroed state slots: the new model's logprobs."""
+    path = save_hf(make_hf_model(kind, seed=1), str(tmp_path / "a"))
+    other = make_hf_model(kind, seed=2)
+    prompts = [random_tokens(n, other.config.vocab_size, 9 + n) for n in (6, 21)]
+    llm = _llm(path)
+    llm.load_weights(other.named_parameters())
+    llm.sleep(level=1)
+    llm.wake_up()
+    for p, out in zip(prompts, llm.generate(prompts, GREEDY, use_tqdm=False)):
+        c = out.outputs[0]
+        with torch.no_grad():
+            lp = torch.log_softmax(other(torch.tensor([p + c.token_ids])).logits[0], -1)
+        want = lp[len(p) - 1:-1].gather(1, torch.tensor(c.token_ids)[:, None])[:, 0]
+        got = torch.tensor([d[t].logprob for t, d in zip(c.token_ids, c.logprobs)])
+        assert (got - want).abs().max() <= 1e-4
