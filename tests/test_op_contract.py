@@ -129,6 +129,12 @@ def _samples(device: str):
                           torch.randn(3, 6, 3, device=device),
                           torch.tensor([2], device=device),
                           torch.tensor([False], device=device), True, 3),
+        "mamba2_scan": (q[:, :, :6], torch.randn(5, 4, device=device),
+                        -torch.rand(4, device=device), k[:, :, :8], k[:, :, 8:], cu,
+                        torch.randn(4, device=device), torch.randn(4, device=device), True,
+                        0.0, float("inf"), torch.randn(3, 4, 6, 8, device=device),
+                        torch.tensor([2, -1], device=device),
+                        torch.tensor([True, False], device=device)),
     }
 
 
