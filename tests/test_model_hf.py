@@ -71,7 +71,8 @@ def test_paged_prefill_decode_and_chunked_prefill(hf_dirs, kind):
                                   "olmo3-window", "exaone4-hybrid", "qwen3-moe",
                                   "qwen2-moe", "mixtral",
                                   "granitemoe", "olmoe", "gpt_neox", "gpt2", "gpt_neo", "opt", "bloom",
-                                  "gptj", "falcon-7b", "falcon-new", "mpt", "granite_swa", "lfm2", "qwen3_5", "granite4-h"])
+                                  "gptj", "falcon-7b", "falcon-new", "mpt", "granite_swa", "lfm2", "qwen3_5", "granite4-h",
+                                  "granite4-h-moe"])
 def test_greedy_generation_matches_transformers(hf_dirs, kind):
     hf, path = hf_dirs[kind]
     model = load_model(path, dtype="float32", device="cpu")
@@ -133,7 +134,8 @@ def test_exaone4_config(hf_dirs):
 def test_granite4_configs():
     """Granite 4.0: the dense attention models load as Granite (rope or NoPE by
     position_embedding_type); the H models' Mamba-2 layers ("mamba" / "linear_attention")
-    with their shapes; experts and unknown layer types are refused by name."""
+    with their shapes; experts beside an ungated shared MLP; unknown layer types are
+    refused by name."""
     import minikernels as mk
     from minikernels.models.config import UnsupportedModelError
 
@@ -156,8 +158,11 @@ def test_granite4_configs():
                                                               (0.0, 5.0))
     with pytest.raises(UnsupportedModelError, match="layer types"):
         mk.models.DecoderConfig.from_hf({**hub, "layer_types": ["mamba", "moe", "attention"]})
-    with pytest.raises(UnsupportedModelError, match="num_local_experts"):
-        mk.models.DecoderConfig.from_hf({**hub, "num_local_experts": 4})
+    moe = mk.models.DecoderConfig.from_hf({**hub, "num_local_experts": 4,
+                                           "num_experts_per_tok": 2})
+    assert (moe.num_experts, moe.num_experts_per_tok, moe.moe_intermediate_size,
+            moe.shared_expert_intermediate_size, moe.shared_expert_gated,
+            moe.norm_topk_prob, moe.moe_layers) == (4, 2, 512, 96, False, True, [0, 1, 2])
 
 
 def test_chunked_generation_equals_whole_prefill(hf_dirs):

@@ -107,6 +107,14 @@ CASES: dict[str, tuple[str, dict[str, Any]]] = {
         mamba_n_groups=2, mamba_d_state=12, mamba_d_conv=4, mamba_expand=2,
         mamba_conv_bias=True, embedding_multiplier=3.0, residual_multiplier=0.3,
         attention_multiplier=0.1, logits_scaling=2.5, tie_word_embeddings=True)),
+    # Granite 4.0-H MoE (granite-4.0-h-tiny / small): the H layers with 4 experts (top 2)
+    # of 32 beside the ungated shared MLP, rope
+    "granite4-h-moe": ("GraniteMoeHybrid", dict(
+        num_hidden_layers=3, layer_types=["mamba", "attention", "mamba"], num_local_experts=4,
+        num_experts_per_tok=2, intermediate_size=32, shared_intermediate_size=48,
+        position_embedding_type="rope", mamba_n_heads=4, mamba_n_groups=1, mamba_d_state=8,
+        mamba_d_conv=3, mamba_conv_bias=False, residual_multiplier=0.5,
+        embedding_multiplier=2.0, tie_word_embeddings=False)),
     # HunYuan dense (0.5B - 7B): per-head q / k norms after rope, fixed-alpha NTK rope.
     "hunyuan-ntk": ("HunYuanDenseV1", dict(head_dim=16, tie_word_embeddings=True,
                                            rope_scaling={"type": "dynamic", "alpha": 50.0,

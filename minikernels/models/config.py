@@ -362,6 +362,8 @@ class DecoderConfig:
     # Qwen2-MoE: a shared expert (a dense SiLU-gated MLP of this size) added to every MoE
     # layer's output, scaled by sigmoid(shared_expert_gate(x)); 0 = none.
     shared_expert_intermediate_size: int = 0
+    # False (Granite 4.0-H MoE): the shared expert's output is added as is, no sigmoid gate
+    shared_expert_gated: bool = True
     # HF quantization_config (GPTQ/AWQ checkpoints), None for dense checkpoints.
     quantization_config: dict[str, Any] | None = None
     torch_dtype: str | None = None         # the checkpoint's stored dtype, informational
@@ -555,7 +557,7 @@ class DecoderConfig:
                                         "not supported: this decoder is causal")
 
         if family == "granite_hybrid":
-            hf = _granite_hybrid_dense(hf)
+            hf = _granite_hybrid(hf)
         if family in _KEY_READERS:      # the older families' own config keys -> ours
             hf = _KEY_READERS[family](hf, family)
         learned = family in _LEARNED_POSITIONS
@@ -739,7 +741,8 @@ class DecoderConfig:
             # Cohere multiplies the logits by logit_scale: Granite's division by its inverse
             **({"logits_scaling": 1.0 / float(hf.get("logit_scale", 0.0625))} if cohere
                else {}),
-            **(_moe_from_hf(hf, family, num_layers) if family in _MOE else {}),
+            **(_moe_from_hf(hf, family, num_layers) if family in _MOE else
+               hf.get("_moe", {})),
             quantization_config=dict(hf["quantization_config"])
             if hf.get("quantization_config") else None,
             torch_dtype=hf.get("dtype") or hf.get("torch_dtype"),
@@ -801,15 +804,22 @@ def _nope_layers_from_hf(hf: Mapping[str, Any], num_layers: int) -> list[int] | 
     return [i for i, use in enumerate(flags) if not use] or None
 
 
-def _granite_hybrid_dense(hf: Mapping[str, Any]) -> dict[str, Any]:
-    """Granite 4.0 (GraniteMoeHybrid) as Granite with dense MLPs: attention layers and
-    Mamba-2 layers (layer_types "mamba" / "linear_attention"; the H models), no experts;
-    its MLP is the fused ``shared_mlp`` of ``shared_intermediate_size``."""
-    if int(hf.get("num_local_experts") or 0):
-        raise UnsupportedModelError("Granite 4.0 with experts (num_local_experts > 0) is "
-                                    "not supported")
+def _granite_hybrid(hf: Mapping[str, Any]) -> dict[str, Any]:
+    """Granite 4.0 (GraniteMoeHybrid) as Granite: attention layers and Mamba-2 layers
+    (layer_types "mamba" / "linear_attention"; the H models). Its MLP is the fused
+    ``shared_mlp`` of ``shared_intermediate_size``; with experts (num_local_experts > 0:
+    h-tiny, h-small) every layer's MLP is the mixture of experts of ``intermediate_size``
+    (top-k softmax, renormalized) plus that shared MLP, ungated."""
     out = {**hf, "intermediate_size": hf.get("shared_intermediate_size",
                                              hf.get("intermediate_size"))}
+    experts = int(hf.get("num_local_experts") or 0)
+    if experts:
+        out["_moe"] = dict(
+            num_experts=experts, num_experts_per_tok=int(hf.get("num_experts_per_tok", 2)),
+            moe_intermediate_size=int(hf.get("intermediate_size") or 0), norm_topk_prob=True,
+            moe_layers=list(range(int(hf.get("num_hidden_layers") or 0))),
+            shared_expert_intermediate_size=int(out["intermediate_size"] or 0),
+            shared_expert_gated=False)
     n = int(hf.get("num_hidden_layers") or 0)
     kinds = hf.get("layer_types") or hf.get("layers_block_type") or ["mamba"] * n
     names = {"attention": "attention", "full_attention": "attention",

@@ -272,11 +272,13 @@ def map_name(name: str) -> tuple[str, int | None, str] | None:
 
 
 #: q/k/v and gate/up stored fused (Phi-3): split into the parts' own names.
-_FUSED_RE = re.compile(r"^(model\.layers\.\d+\.)(self_attn\.qkv_proj|mlp\.gate_up_proj)\."
-                       r"(\w+)$")
+_FUSED_RE = re.compile(r"^(model\.layers\.\d+\.)(self_attn\.qkv_proj|mlp\.gate_up_proj|"
+                       r"mlp\.shared_expert\.gate_up_proj)\.(\w+)$")
 _PART_NAMES = {"self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj",
                                       "self_attn.v_proj"),
-               "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj")}
+               "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj"),
+               "mlp.shared_expert.gate_up_proj": ("mlp.shared_expert.gate_proj",
+                                                  "mlp.shared_expert.up_proj")}
 
 
 def _unfuse(name: str, tensor: Any, config: DecoderConfig) -> Iterator[tuple[str, Any]]:
@@ -298,6 +300,7 @@ def _unfuse(name: str, tensor: Any, config: DecoderConfig) -> Iterator[tuple[str
         except ValueError as exc:
             raise CheckpointError(f"{name}: {exc}") from None
     sizes = [config.q_size, config.kv_size, config.kv_size] if fused.endswith("qkv_proj") \
+        else [config.shared_expert_intermediate_size] * 2 if "shared_expert" in fused \
         else [config.intermediate_size] * 2
     shape = list(tensor.get_shape()) if hasattr(tensor, "get_shape") else list(tensor.shape)
     if kind in _FP8_SCALES + _FP8_ACTIVATION_SCALES:
@@ -424,7 +427,9 @@ _BSM = r"\.block_sparse_moe\."
 _MOE_NAMES = [(re.compile(_BSM + r"experts\.(\d+)\.w1\."), r".mlp.experts.\1.gate_proj."),
               (re.compile(_BSM + r"experts\.(\d+)\.w3\."), r".mlp.experts.\1.up_proj."),
               (re.compile(_BSM + r"experts\.(\d+)\.w2\."), r".mlp.experts.\1.down_proj."),
-              (re.compile(_BSM + r"(gate|router\.layer)\.weight$"), ".mlp.gate.weight"),
+              (re.compile(_BSM + r"(gate|router\.layer|router)\.weight$"), ".mlp.gate.weight"),
+              # (transformers 5's in-memory names: stacked experts, the router's weight)
+              (re.compile(_BSM + r"experts\.(gate_up_proj|down_proj)$"), r".mlp.experts.\1"),
               (re.compile(_BSM + r"input_linear\.weight$"), ".mlp.experts.gate_up_proj"),
               (re.compile(_BSM + r"output_linear\.weight$"), ".mlp.experts.down_proj")]
 
@@ -437,9 +442,10 @@ def _family_name(name: str, config: DecoderConfig) -> str:
         for pattern, repl in _MOE_NAMES:
             name = pattern.sub(repl, name)
         return name
-    if config.architecture == "granite_hybrid":   # Granite 4.0's fused shared MLP
-        return name.replace(".shared_mlp.input_linear.", ".mlp.gate_up_proj.").replace(
-            ".shared_mlp.output_linear.", ".mlp.down_proj.")
+    if config.architecture == "granite_hybrid":   # Granite 4.0's fused shared MLP (the
+        mlp = ".mlp.shared_expert." if config.num_experts else ".mlp."   # experts' beside)
+        return name.replace(".shared_mlp.input_linear.", f"{mlp}gate_up_proj.").replace(
+            ".shared_mlp.output_linear.", f"{mlp}down_proj.")
     if config.architecture == "starcoder2":   # its non-gated MLP: c_fc, act, c_proj
         return name.replace(".mlp.c_fc.", ".mlp.gate_proj.").replace(
             ".mlp.c_proj.", ".mlp.down_proj.")

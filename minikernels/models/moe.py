@@ -7,7 +7,8 @@ softmax router picks each token's top-k experts, and :func:`minikernels.ops.fuse
     w, ids = topk(p, k); [w /= sum(w)]       # norm_topk_prob; ties: the lower expert id
     w = w rounded to the model dtype         # transformers multiplies in the model dtype
     y = fused_moe(x, W13, W2, w, ids)        # Granite-MoE: * residual_multiplier
-    [y += sigmoid(x @ Wsg.T) * shared(x)]    # Qwen2-MoE's shared expert (a dense MLP)
+    [y += sigmoid(x @ Wsg.T) * shared(x)]    # Qwen2-MoE's shared expert (a dense MLP;
+                                             # Granite 4.0-H: added without the gate)
 
 Weights: ``gate.weight`` [E, H]; ``experts.w13`` [E, 2I, H] (each expert's gate_proj rows,
 then its up_proj rows); ``experts.w2`` [E, H, I] (down_proj). With int4 (RTN on load) the
@@ -355,9 +356,10 @@ class SparseMoE(nn.Module):
             self.shared_expert = SharedExpert(c.hidden_size,
                                               c.shared_expert_intermediate_size // p, dtype,
                                               device, dense)
-            self.shared_expert_gate = nn.Linear(c.hidden_size, 1, bias=False, dtype=dtype,
-                                                device=device)
-            self.shared_expert_gate.weight.requires_grad_(False)
+            if c.shared_expert_gated:      # (Granite 4.0-H adds its shared MLP as is)
+                self.shared_expert_gate = nn.Linear(c.hidden_size, 1, bias=False,
+                                                    dtype=dtype, device=device)
+                self.shared_expert_gate.weight.requires_grad_(False)
 
     def route(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """(weights fp32 [T, k] (rounded through the model dtype), expert ids int32 [T, k]):
@@ -370,7 +372,9 @@ class SparseMoE(nn.Module):
         weights, ids = self.route(x)
         y = self.experts(x, weights, ids)
         if self.shared_expert is not None:
-            y = y + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
+            shared = self.shared_expert(x)
+            y = y + (shared if self.shared_expert_gate is None else
+                     torch.sigmoid(self.shared_expert_gate(x)) * shared)
         if self.tp is not None:
             y = self.tp.all_reduce(y)   # row-parallel: experts' and shared expert's partials
         return y if self.residual_multiplier == 1.0 else y * self.residual_multiplier
