@@ -1075,3 +1075,161 @@ def test_causal_conv1d_update_bad_input_names_the_argument(kwargs, name):
     with pytest.raises((ValueError, TypeError)) as err:
         ops.causal_conv1d_update(**args)
     assert name in str(err.value)
+
+
+# ------------------------------------------- selective_state_update (vLLM's Mamba-2 decode)
+def _ssu_loop(state, x, dt, A, B, C, D, z, dt_bias, softplus):
+    """vLLM's selective_state_update semantics in fp64, one row at a time, on its full
+    (per-channel) shapes: state [H, P, N] per row, x / dt / z [H, P], A [H, P, N], B / C
+    [G, N], D / dt_bias [H, P] -> (y [H, P], new state)."""
+    s = state.double().clone()
+    h, g = x.shape[0], B.shape[0]
+    d = dt.double() + (0 if dt_bias is None else dt_bias.double())
+    if softplus:
+        d = torch.nn.functional.softplus(d)
+    y = torch.zeros(x.shape, dtype=torch.float64)
+    for head in range(h):
+        grp = head // (h // g)
+        s[head] = (s[head] * torch.exp(d[head][:, None] * A[head].double())
+                   + (d[head] * x[head].double())[:, None] * B[grp].double()[None, :])
+        y[head] = s[head] @ C[grp].double()
+        if D is not None:
+            y[head] += D[head].double() * x[head].double()
+    if z is not None:
+        y = y * torch.nn.functional.silu(z.double())
+    return y, s
+
+
+def _ssu_args(g_, batch, h, groups, p, n, dtype):
+    """Decode inputs as vLLM's Mamba-2 mixer passes them: A / dt / D / dt_bias per head,
+    expanded with stride 0 to [H, P, N] / [batch, H, P] / [H, P]."""
+    x = _randn(g_, batch, h, p, dtype=dtype)
+    dt = (_randn(g_, batch, h) - 1).to(dtype)[:, :, None].expand(batch, h, p)
+    a = (-torch.rand(h, generator=g_) - 0.2)[:, None, None].expand(h, p, n)
+    b = _randn(g_, batch, groups, n, dtype=dtype)
+    c = _randn(g_, batch, groups, n, dtype=dtype)
+    d = _randn(g_, h)[:, None].expand(h, p)
+    bias = (_randn(g_, h) * 0.5)[:, None].expand(h, p)
+    z = _randn(g_, batch, h, p, dtype=dtype)
+    return x, dt, a, b, c, d, z, bias
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("pool_dtype", [torch.float32, torch.bfloat16])
+def test_selective_state_update_pool(backend, pool_dtype, device):
+    """A decode batch on a state pool through state_batch_indices with a pad_slot_id row,
+    z gate, D, dt_bias, softplus, an out buffer; bf16 pools rounded back once."""
+    g_ = _gen(50)
+    batch, h, groups, p, n = 4, 4, 2, 6, 8
+    x, dt, a, b, c, d, z, bias = _ssu_args(g_, batch, h, groups, p, n, torch.bfloat16)
+    pool = torch.randn(7, h, p, n, generator=g_).to(pool_dtype)
+    before = pool.clone()
+    idx = torch.tensor([3, 99, 0, 5], dtype=torch.int32)
+    out = torch.full((batch, h, p), float("nan"), dtype=torch.bfloat16, device=device)
+    dev = lambda t: t.to(device)                                # noqa: E731
+    state = dev(pool)
+    with mk.use_backend(backend):
+        got = ops.selective_state_update(
+            state, dev(x), dev(dt), dev(a), dev(b), dev(c), D=dev(d), z=dev(z),
+            dt_bias=dev(bias), dt_softplus=True, state_batch_indices=dev(idx),
+            pad_slot_id=99, out=out)
+    assert got is out
+    want_pool = before.clone()
+    for i, slot in enumerate(idx.tolist()):
+        if slot == 99:
+            assert torch.equal(out[i].cpu(), torch.zeros(h, p, dtype=torch.bfloat16))
+            continue
+        y, s = _ssu_loop(before[slot].float(), x[i], dt[i], a, b[i], c[i], d, z[i], bias,
+                         True)
+        assert_close(out[i].cpu(), y.to(torch.bfloat16))
+        want_pool[slot] = s.to(pool_dtype)
+    torch.testing.assert_close(state.cpu(), want_pool,
+                               **(TOL[torch.bfloat16] if pool_dtype == torch.bfloat16
+                                  else dict(atol=1e-5, rtol=1e-5)))
+    assert torch.equal(state.cpu()[[1, 2, 4, 6]], before[[1, 2, 4, 6]])
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_selective_state_update_forms(backend, device):
+    """The 2-D (one head) form without indices (slot i, a new output returned); the varlen
+    form (cu_seqlens: multi-token rows) with separate destination slots; materialized
+    (not stride-0) but constant A / dt accepted."""
+    g_ = _gen(51)
+    batch, p, n = 3, 5, 4
+    x = _randn(g_, batch, p)
+    dt = _randn(g_, batch)[:, None].expand(batch, p)
+    a = torch.full((p, n), -0.7)                                 # contiguous, constant
+    b, c = _randn(g_, batch, n), _randn(g_, batch, n)
+    state = torch.randn(batch + 1, p, n, generator=g_)
+    before = state.clone()
+    dev = lambda t: t.to(device)                                # noqa: E731
+    st_dev = dev(state)
+    with mk.use_backend(backend):
+        y = ops.selective_state_update(st_dev, dev(x), dev(dt.contiguous()), dev(a), dev(b),
+                                       dev(c), dt_softplus=True)
+    assert y.shape == x.shape
+    for i in range(batch):
+        want_y, want_s = _ssu_loop(before[i][None], x[i][None], dt[i][None], a[None],
+                                   b[i][None], c[i][None], None, None, None, True)
+        assert_close(y[i].cpu(), want_y[0].float())
+        assert_close(st_dev[i].cpu(), want_s[0].float())
+    assert torch.equal(st_dev[batch].cpu(), before[batch])
+
+    # varlen: rows 0..2 one sequence, row 3 another; read slots 1, 0, written to 3, 2
+    h, groups, p, n = 2, 1, 3, 4
+    x, dt, a, b, c, d, z, bias = _ssu_args(g_, 4, h, groups, p, n, torch.float32)
+    pool = torch.randn(4, h, p, n, generator=g_)
+    before = pool.clone()
+    pool_dev = dev(pool)
+    with mk.use_backend(backend):
+        y = ops.selective_state_update(
+            pool_dev, dev(x), dev(dt), dev(a), dev(b), dev(c), D=dev(d), dt_bias=dev(bias),
+            state_batch_indices=torch.tensor([[1], [0]], device=device),
+            dst_state_batch_indices=torch.tensor([3, 2], device=device),
+            cu_seqlens=torch.tensor([0, 3, 4], dtype=torch.int32, device=device))
+    for rows, src, dst in ((range(0, 3), 1, 3), (range(3, 4), 0, 2)):
+        s = before[src].float()
+        for r in rows:
+            want_y, s = _ssu_loop(s, x[r], dt[r], a, b[r], c[r], d, None, bias, False)
+            s = s.float()
+            assert_close(y[r].cpu(), want_y.float())
+        assert_close(pool_dev[dst].cpu(), s)
+    assert torch.equal(pool_dev[[0, 1]].cpu(), before[[0, 1]])
+
+
+@pytest.mark.parametrize(("kwargs", "name", "exc"), [
+    (dict(A=torch.linspace(-1, -0.1, 2 * 3 * 4).view(2, 3, 4)), "A", ValueError),
+    (dict(dt=torch.rand(2, 2, 3)), "dt", ValueError),
+    (dict(D=torch.rand(2, 3)), "D", ValueError),
+    (dict(dt_bias=torch.rand(2, 3)), "dt_bias", ValueError),
+    (dict(num_accepted_tokens=torch.ones(2, dtype=torch.int32)), "num_accepted_tokens",
+     NotImplementedError),
+    (dict(enable_stochastic_rounding=True), "enable_stochastic_rounding",
+     NotImplementedError),
+    (dict(state_batch_indices=torch.tensor([0, 5])), "state_batch_indices", ValueError),
+    (dict(state_batch_indices=torch.tensor([1, 1])), "state_batch_indices", ValueError),
+    (dict(state_batch_indices=torch.tensor([1])), "state_batch_indices", ValueError),
+    (dict(state_batch_indices=torch.tensor([0.0, 1.0])), "state_batch_indices", TypeError),
+    (dict(state=torch.zeros(3, 2, 3, 5)), "A", ValueError),
+    (dict(state=torch.zeros(3, 2, 3, 4, dtype=torch.int32)), "state", TypeError),
+    (dict(B=torch.zeros(2, 3, 4)), "B", ValueError),
+    (dict(C=torch.zeros(2, 1, 5)), "C", ValueError),
+    (dict(B=torch.zeros(2, 1, 4, dtype=torch.float16)), "B", TypeError),
+    (dict(z=torch.zeros(2, 2, 4)), "z", ValueError),
+    (dict(out=torch.zeros(2, 2, 3, dtype=torch.float16)), "out", TypeError),
+    (dict(x=torch.zeros(2, 2, 3, 1)), "x", ValueError),
+    (dict(dt_softplus=1), "dt_softplus", TypeError),
+    (dict(cu_seqlens=torch.tensor([0, 1], dtype=torch.int32)), "cu_seqlens", ValueError),
+])
+def test_selective_state_update_errors(kwargs, name, exc):
+    args = dict(state=torch.zeros(3, 2, 3, 4), x=torch.randn(2, 2, 3),
+                dt=torch.rand(2, 2, 1).expand(2, 2, 3),
+                A=torch.tensor([-1.0, -0.5])[:, None, None].expand(2, 3, 4),
+                B=torch.randn(2, 1, 4), C=torch.randn(2, 1, 4),
+                D=torch.ones(2, 1).expand(2, 3), dt_bias=torch.zeros(2, 1).expand(2, 3),
+                state_batch_indices=torch.tensor([2, 0]))
+    ops.selective_state_update(**args)
+    args.update(kwargs)
+    with pytest.raises(exc) as err:
+        ops.selective_state_update(**args)
+    assert name in str(err.value)

@@ -68,6 +68,12 @@ Covered (vLLM name -> minikernels op):
                                                         model_executor.layers.fla.ops;
                                                         unsupported arguments raise
                                                         NotImplementedError)
+    selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None,
+                 dt_softplus=False, state_batch_indices=None, dst_state_batch_indices=None,
+                 pad_slot_id=-1, out=None, num_accepted_tokens=None, cu_seqlens=None, ...)
+                                                        ops.mamba2_scan (vLLM's mamba/ops/
+                                                        mamba_ssm.py, Mamba-2 decode; A /
+                                                        dt / D / dt_bias one value per head)
 
 Legacy caches: vLLM's "x-split" key cache [num_blocks, num_kv_heads, head_size / x,
 block_size, x] (x = 16 // element_size) and value cache [num_blocks, num_kv_heads,
@@ -84,9 +90,10 @@ Not covered (not defined here; calling them is an AttributeError):
         gelu_fast / gelu_new / gelu_quick, moe_sum, grouped_topk, topk_sigmoid: no
         minikernels op computes them (they would be plain PyTorch, not a mapping).
     gptq_gemm / awq_gemm / awq_dequantize / marlin / machete / fp4 / MLA / all-reduce /
-        Mamba scans / CPU ops: other weight formats (GPTQ's K-packed qweight with g_idx and
-        exllama shuffles, AWQ's interleaved nibbles, Marlin tiles) or features minikernels
-        does not have; a repack would not be exact and cheap.
+        Mamba-1 / per-channel scans (selective_scan_fn) / CPU ops: other weight formats
+        (GPTQ's K-packed qweight with g_idx and exllama shuffles, AWQ's interleaved
+        nibbles, Marlin tiles) or features minikernels does not have; a repack would not
+        be exact and cheap.
     Arguments of covered functions with no minikernels equivalent raise a ValueError
         naming them: moe_align_block_size's scatter_idx, topk_softmax's
         e_score_correction_bias / is_padding, paged_attention_v1 / v2's
@@ -117,6 +124,9 @@ Differences, by design:
     - causal_conv1d_fn / causal_conv1d_update write zeros to the outputs of padding
       entries (pad_slot_id; vLLM leaves them unwritten) and take conv states with any
       strides; the prefix-caching, speculative-decoding and varlen-update arguments raise.
+    - selective_state_update writes zeros to the outputs of padding rows (vLLM computes
+      them from a zero state), rounds y to x's dtype before the z gate (vLLM gates in
+      fp32) and takes one A / dt / D / dt_bias per head (vLLM: per head-dim channel too).
 """
 from __future__ import annotations
 
@@ -147,7 +157,8 @@ __all__ = [
     "gelu_and_mul", "gelu_tanh_and_mul", "gemma_rms_norm", "merge_attn_states",
     "moe_align_block_size", "mul_and_silu", "paged_attention_v1", "paged_attention_v2",
     "reshape_and_cache", "reshape_and_cache_flash", "rms_norm", "rotary_embedding",
-    "scaled_fp8_quant", "scaled_int8_quant", "silu_and_mul", "topk_softmax",
+    "scaled_fp8_quant", "scaled_int8_quant", "selective_state_update", "silu_and_mul",
+    "topk_softmax",
 ]
 
 FP8 = torch.float8_e4m3fn
@@ -1250,3 +1261,179 @@ def fused_recurrent_gated_delta_rule(
         o = run(work, local)
         initial_state[used] = work.to(initial_state.dtype)
     return o.view(b, t, hv, dv), initial_state
+
+
+# ------------------------------------------- Mamba-2 selective state update (mamba_ssm)
+
+
+def _per_head(name: str, t: Tensor, keep: int, dims: str) -> Tensor:
+    """vLLM's expanded per-head value (A [H, P, N], dt [batch, H, P], D / dt_bias [H, P])
+    -> its values at index 0 of the dims past the first ``keep`` ones. Values that vary
+    along those dims are refused (checked where they are not stride-0 views, when index
+    checks are on): minikernels' mamba2_scan takes one A, dt, D, dt_bias per head."""
+    first = t
+    for d in range(t.dim() - 1, keep - 1, -1):
+        first = first.select(d, 0)
+    varying = any(t.shape[d] > 1 and t.stride(d) != 0 for d in range(keep, t.dim()))
+    if varying and t.numel() and index_checks_active(t):
+        ref = first.reshape(*first.shape, *([1] * (t.dim() - keep))).expand_as(t)
+        if not bool(((t == ref) | (t.isnan() & ref.isnan())).all()):
+            raise ValueError(f"{name} must be constant along its {dims} dims (vLLM's expanded "
+                             f"per-head values; minikernels' mamba2_scan takes one value per "
+                             f"head), got shape {list(t.shape)} with varying values")
+    return first
+
+
+def _ssu_slots(name: str, indices: Tensor | None, n: int, slots_total: int,
+               pad_slot_id: int, device: torch.device) -> Tensor:
+    """Each sequence's state slot ([n] or column 0 of [>= n, K]; None = slot i), with
+    pad_slot_id entries mapped to -1; values and distinctness checked (index checks on)."""
+    if indices is None:
+        if slots_total < n:
+            raise ValueError(f"state must have a slot per sequence (batch = {n}) without "
+                             f"{name}, got {slots_total} slots")
+        return torch.arange(n, device=device)
+    check_tensor(name, indices, dtypes=_INDEX_DTYPES, ndim=(1, 2), device=device)
+    if indices.shape[0] < n:
+        raise ValueError(f"{name} must have at least batch = {n} rows, got shape "
+                         f"{list(indices.shape)}")
+    if indices.dim() == 2:
+        if indices.shape[1] < 1:
+            raise ValueError(f"{name} must have at least one column, got shape "
+                             f"{list(indices.shape)}")
+        indices = indices[:, 0]
+    indices = indices[:n]
+    if n and index_checks_active(indices):
+        ok = (indices == pad_slot_id) | ((indices >= 0) & (indices < slots_total))
+        if not bool(ok.all()):
+            raise ValueError(f"{name} values must be pad_slot_id ({pad_slot_id}) or in [0, "
+                             f"{slots_total}), got {indices[~ok][:4].tolist()}")
+    indices = torch.where(indices == pad_slot_id, -1, indices.long())
+    if n and index_checks_active(indices):
+        used = indices[indices >= 0]
+        if used.unique().numel() != used.numel():
+            raise ValueError(f"{name} must be distinct (apart from pad_slot_id entries)")
+    return indices
+
+
+def selective_state_update(state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor,
+                           C: Tensor, D: Tensor | None = None, z: Tensor | None = None,
+                           dt_bias: Tensor | None = None, dt_softplus: bool = False,
+                           state_batch_indices: Tensor | None = None,
+                           dst_state_batch_indices: Tensor | None = None,
+                           pad_slot_id: int = -1, out: Tensor | None = None,
+                           num_accepted_tokens: Tensor | None = None,
+                           cu_seqlens: Tensor | None = None, is_blackwell: bool = False,
+                           enable_stochastic_rounding: bool = False,
+                           cache_philox_rounds: int = 0) -> Tensor:
+    """vLLM's Mamba-2 decode step (``model_executor/layers/mamba/ops/mamba_ssm.py``) on
+    :func:`minikernels.ops.mamba2_scan`: writes out (when given) and returns it, or returns
+    a new tensor shaped like x; updates the state pool in place.
+
+    state [S, H, P, N] or [S, P, N] (fp32 / fp16 / bf16, any strides; fp16 / bf16 pools are
+    read into fp32 and the new states rounded back once); x [batch, H, P] or [batch, P];
+    dt like x; A [H, P, N] or [P, N]; B, C [batch, G, N] or [batch, N] (x's dtype); D, dt_bias
+    [H, P] or [P] or None; z like x or None (out = y * silu(z)). A, dt, D and dt_bias must be
+    constant along P (and N): vLLM's models pass per-head values expanded with stride 0
+    (its kernel's TIE_HDIM path); varying values raise a ValueError naming the argument.
+    state_batch_indices [batch] (or [batch, K]: column 0; None = slot i); entries equal to
+    pad_slot_id are padding rows. dst_state_batch_indices (same layout): where the new
+    states go (None = back to the source slots). cu_seqlens [N + 1]: x's rows are N
+    varlen sequences, each continuing its slot. is_blackwell (a tuning flag) is ignored;
+    num_accepted_tokens (speculative decoding) and enable_stochastic_rounding raise
+    NotImplementedError.
+    Differences: padding rows' outputs are zeros (vLLM computes them from a zero state);
+    y is rounded to x's dtype before the z gate (vLLM gates in fp32): about an ulp.
+    """
+    _not_implemented("num_accepted_tokens", num_accepted_tokens,
+                     "speculative decoding's per-token state slots")
+    if not isinstance(enable_stochastic_rounding, bool):
+        raise TypeError(f"enable_stochastic_rounding must be a bool, got "
+                        f"{type(enable_stochastic_rounding).__name__}")
+    if enable_stochastic_rounding:
+        raise NotImplementedError("enable_stochastic_rounding=True is not supported by "
+                                  "minikernels (states are rounded to nearest); pass False")
+    _check_bool("dt_softplus", dt_softplus)
+    _check_int("pad_slot_id", pad_slot_id, -(2**63))
+    check_tensor("x", x, dtypes=FLOAT_DTYPES, ndim=(2, 3))
+    dev, shape = x.device, x.shape
+    check_tensor("state", state, dtypes=FLOAT_DTYPES, ndim=(3, 4), device=dev)
+    ranks = (("dt", dt, (2, 3), 1), ("A", A, (2, 3), 0), ("B", B, (2, 3), 1),
+             ("C", C, (2, 3), 1), ("D", D, (1, 2), 0), ("z", z, (2, 3), 1),
+             ("dt_bias", dt_bias, (1, 2), 0), ("out", out, (2, 3), 1))
+    up = {}
+    for name, t, ndims, at in ranks:
+        if t is None:
+            up[name] = None
+            continue
+        check_tensor(name, t, dtypes=FLOAT_DTYPES, ndim=ndims, device=dev)
+        up[name] = t.unsqueeze(at) if t.dim() == ndims[0] else t
+    st = state.unsqueeze(1) if state.dim() == 3 else state
+    xs = x.unsqueeze(1) if x.dim() == 2 else x
+    batch, h, p = xs.shape
+    n_state = st.shape[3]
+    if h == 0 or p == 0:
+        raise ValueError(f"x must have nheads >= 1 and head dim >= 1, got shape {list(shape)}")
+    check_shape("state", st, [None, h, p, None])
+    if n_state == 0:
+        raise ValueError(f"state must have dstate >= 1, got shape {list(state.shape)}")
+    check_shape("dt", up["dt"], [batch, h, p])
+    check_shape("A", up["A"], [h, p, n_state])
+    groups = up["B"].shape[1]
+    check_shape("B", up["B"], [batch, None, n_state])
+    if groups == 0 or h % groups:
+        raise ValueError(f"B's groups ({groups}) must divide nheads ({h})")
+    check_shape("C", up["C"], list(up["B"].shape))
+    for name in ("D", "dt_bias"):
+        if up[name] is not None:
+            check_shape(name, up[name], [h, p])
+    if z is not None:
+        check_shape("z", up["z"], [batch, h, p])
+    if out is not None:
+        _check_out("out", out, x)
+    a = _per_head("A", up["A"], 1, "head_dim and dstate")
+    dt_h = _per_head("dt", up["dt"], 2, "head_dim")
+    d_h = None if D is None else _per_head("D", up["D"], 1, "head_dim")
+    bias_h = None if dt_bias is None else _per_head("dt_bias", up["dt_bias"], 1, "head_dim")
+    if cu_seqlens is None:
+        cu = torch.arange(batch + 1, dtype=torch.int32, device=dev)
+    else:
+        check_tensor("cu_seqlens", cu_seqlens, dtypes=_INDEX_DTYPES, ndim=1, device=dev)
+        if cu_seqlens.shape[0] < 1:
+            raise ValueError("cu_seqlens must have N + 1 >= 1 entries, got shape "
+                             f"{list(cu_seqlens.shape)}")
+        cu = cu_seqlens
+    n = cu.shape[0] - 1
+    slots_total = st.shape[0]
+    src = _ssu_slots("state_batch_indices", state_batch_indices, n, slots_total,
+                     pad_slot_id, dev)
+    dst = None
+    if dst_state_batch_indices is not None:
+        dst = _ssu_slots("dst_state_batch_indices", dst_state_batch_indices, n,
+                         slots_total, pad_slot_id, dev)
+
+    def run(pool: Tensor, slots: Tensor) -> Tensor:
+        with _vllm_names({"state_indices": "state_batch_indices"}):
+            return ops.mamba2_scan(xs, dt_h, a, up["B"], up["C"], cu_seqlens=cu, D=d_h,
+                                   dt_bias=bias_h, dt_softplus=dt_softplus,
+                                   dt_limit=(-math.inf, math.inf), state=pool,
+                                   state_indices=slots)
+
+    if st.dtype == torch.float32 and dst is None:
+        y = run(st, src)
+    else:   # fp16 / bf16 pool or separate destinations: the slots in fp32, written once
+        live = src >= 0
+        used = src[live]
+        work = st[used].float()
+        local = torch.full((n,), -1, dtype=torch.int64, device=dev)
+        local[live] = torch.arange(used.shape[0], device=dev)
+        y = run(work, local)
+        to = used if dst is None else dst[live]
+        keep = to >= 0
+        st[to[keep]] = work[keep].to(st.dtype)
+    if z is not None:
+        y = (y.float() * torch.nn.functional.silu(up["z"].float())).to(x.dtype)
+    if out is None:
+        return y.view(shape)
+    out.copy_(y.view(shape))
+    return out
