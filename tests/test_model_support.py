@@ -115,6 +115,20 @@ CASES: dict[str, tuple[str, dict[str, Any]]] = {
         position_embedding_type="rope", mamba_n_heads=4, mamba_n_groups=1, mamba_d_state=8,
         mamba_d_conv=3, mamba_conv_bias=False, residual_multiplier=0.5,
         embedding_multiplier=2.0, tie_word_embeddings=False)),
+    # Falcon-H1: Mamba-2 (4 heads, 2 groups, mamba_d_ssm 64) and attention in parallel in
+    # every layer, every muP multiplier away from 1, no Mamba norm (y * silu(z))
+    "falcon_h1": ("FalconH1", dict(
+        head_dim=16, mamba_d_ssm=64, mamba_n_heads=4, mamba_n_groups=2, mamba_d_state=8,
+        mamba_d_conv=4, mamba_conv_bias=True, mamba_rms_norm=False, projectors_bias=False,
+        lm_head_multiplier=0.5, embedding_multiplier=2.0, mlp_multipliers=[0.8, 1.3],
+        key_multiplier=0.7, attention_in_multiplier=1.2, attention_out_multiplier=0.9,
+        ssm_multipliers=[0.5, 1.5, 0.7, 1.2, 0.9], ssm_in_multiplier=1.1,
+        ssm_out_multiplier=0.6, tie_word_embeddings=False)),
+    # Falcon-H1 with the gated Mamba norm (normalized before the gate, one group)
+    "falcon_h1-norm": ("FalconH1", dict(
+        head_dim=16, mamba_d_ssm=64, mamba_n_heads=4, mamba_n_groups=1, mamba_d_state=8,
+        mamba_rms_norm=True, mamba_norm_before_gate=True, projectors_bias=True,
+        mamba_proj_bias=True, tie_word_embeddings=True)),
     # HunYuan dense (0.5B - 7B): per-head q / k norms after rope, fixed-alpha NTK rope.
     "hunyuan-ntk": ("HunYuanDenseV1", dict(head_dim=16, tie_word_embeddings=True,
                                            rope_scaling={"type": "dynamic", "alpha": 50.0,

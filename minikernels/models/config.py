@@ -127,6 +127,9 @@ SUPPORTED_ARCHITECTURES = {
     # Qwen3.5 (dense): Gated DeltaNet linear-attention layers (a recurrent state per
     # sequence) and, every fourth layer, gated attention with (1 + w) q / k norms
     "Qwen3_5ForCausalLM": "qwen3_5",
+    # Falcon-H1: every layer runs Mamba-2 and attention in parallel from one norm (their
+    # outputs summed), with muP multipliers on the branches, the MLP and the logits
+    "FalconH1ForCausalLM": "falcon_h1",
 }
 #: ``XForSequenceClassification``: the decoder of ``XForCausalLM`` with a ``score`` head
 #: (``mk.Classifier`` reads it; the generative model refuses such a checkpoint).
@@ -172,7 +175,7 @@ _MODEL_TYPES = {"llama": "llama", "mistral": "mistral", "ministral": "ministral"
                 "mpt": "mpt", "nemotron": "nemotron", "arcee": "arcee", "jais2": "jais2",
                 "apertus": "apertus",
                 "olmo": "olmo", "nanochat": "nanochat", "lfm2": "lfm2",
-                "qwen3_5_text": "qwen3_5", "qwen3_5": "qwen3_5"}
+                "qwen3_5_text": "qwen3_5", "qwen3_5": "qwen3_5", "falcon_h1": "falcon_h1"}
 #: the families with learned absolute position embeddings (no rope)
 _LEARNED_POSITIONS = ("gpt2", "opt", "gpt_bigcode", "gpt_neo")
 _GEMMA = ("gemma", "gemma2", "gemma3", "vaultgemma")
@@ -212,7 +215,7 @@ GATED_ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu": "gelu",
 
 
 #: the token mixers a decoder layer may have (DecoderConfig.layer_mixers)
-LAYER_MIXERS = ("attention", "short_conv", "gated_deltanet", "mamba2")
+LAYER_MIXERS = ("attention", "short_conv", "gated_deltanet", "mamba2", "mamba2_attention")
 
 
 class UnsupportedModelError(ValueError):
@@ -319,8 +322,24 @@ class DecoderConfig:
     mamba_head_dim: int = 0
     mamba_num_groups: int = 0
     mamba_state_size: int = 0
-    mamba_proj_bias: bool = False
+    mamba_proj_bias: bool = False               # in_proj's bias
+    mamba_out_bias: bool = False                # out_proj's bias
     mamba_dt_limit: tuple[float, float] = (0.0, float("inf"))
+    # the output y (+ D x) gated by silu(z): normalized per group after the gate (Granite),
+    # before it (mamba_norm_before_gate), or not at all (mamba_rms_norm False: Falcon-H1)
+    mamba_rms_norm: bool = True
+    mamba_norm_before_gate: bool = False
+    # Falcon-H1's muP multipliers: the mamba branch's input and output, each section of its
+    # in_proj output ([z, x, B, C, dt]), the attention branch's input and output, the keys,
+    # the MLP's gate (before the activation) and output. 1 / None = off.
+    mamba_in_multiplier: float = 1.0
+    mamba_out_multiplier: float = 1.0
+    mamba_ssm_multipliers: list[float] | None = None
+    attention_in_multiplier: float = 1.0
+    attention_out_multiplier: float = 1.0
+    attention_key_multiplier: float = 1.0
+    mlp_gate_multiplier: float = 1.0
+    mlp_down_multiplier: float = 1.0
     # Qwen3.5 / Qwen3-Next: q_proj also gives a gate per head ([q | gate] per head); the
     # attention output is multiplied by sigmoid(gate) before o_proj
     attn_output_gate: bool = False
@@ -430,7 +449,7 @@ class DecoderConfig:
             if recurrent and not 2 <= self.conv_kernel <= 8:
                 raise ValueError(f"config.conv_kernel must be in [2, 8] for "
                                  f"{sorted(recurrent)} layers, got {self.conv_kernel!r}")
-            if "mamba2" in self.layer_mixers:
+            if {"mamba2", "mamba2_attention"} & set(self.layer_mixers):
                 for name in ("mamba_num_heads", "mamba_head_dim", "mamba_num_groups",
                              "mamba_state_size"):
                     value = getattr(self, name)
@@ -451,7 +470,7 @@ class DecoderConfig:
                     raise ValueError(f"linear_num_value_heads ({self.linear_num_value_heads}) "
                                      f"must be a multiple of linear_num_key_heads "
                                      f"({self.linear_num_key_heads})")
-            if "attention" not in self.layer_mixers:
+            if not any(self.has_attention(i) for i in range(self.num_layers)):
                 raise UnsupportedModelError("a decoder without attention layers is not "
                                             "supported (the engine pages KV by them)")
         for name in ("attention_scale", "attn_logit_softcapping", "final_logit_softcapping",
@@ -481,6 +500,10 @@ class DecoderConfig:
     def mixer(self, layer: int) -> str:
         """``layer``'s token mixer: "attention" or a recurrent one ("short_conv")."""
         return "attention" if self.layer_mixers is None else self.layer_mixers[layer]
+
+    def has_attention(self, layer: int) -> bool:
+        """Whether ``layer`` attends over a KV cache (alone, or beside Mamba-2)."""
+        return self.mixer(layer) in ("attention", "mamba2_attention")
 
     @property
     def is_recurrent(self) -> bool:
@@ -704,6 +727,7 @@ class DecoderConfig:
             conv_bias=bool(hf.get("conv_bias", False)) if family == "lfm2" else
             hf.get("_conv", (0, False))[1],
             **hf.get("_mamba", {}),
+            **hf.get("_fields", {}),
             **({k: int(hf.get(k, d)) for k, d in (
                 ("linear_num_key_heads", 16), ("linear_num_value_heads", 32),
                 ("linear_key_head_dim", 128), ("linear_value_head_dim", 128))}
@@ -830,21 +854,9 @@ def _granite_hybrid(hf: Mapping[str, Any]) -> dict[str, Any]:
                                     f"(supported: {sorted(names)})")
     mixers = [names[k] for k in kinds]
     if "mamba2" in mixers:
-        hidden = int(hf.get("hidden_size") or 0)
-        inner = int(hf.get("mamba_expand", 2)) * hidden
-        heads = int(hf.get("mamba_n_heads", 128))
-        head_dim = hf.get("mamba_d_head", "auto")
-        head_dim = inner // heads if head_dim in (None, "auto") else int(head_dim)
-        if heads * head_dim != inner:
-            raise ValueError(f"mamba_n_heads ({heads}) x mamba_d_head ({head_dim}) must equal "
-                             f"mamba_expand x hidden_size ({inner})")
-        limit = hf.get("time_step_limit") or (0.0, float("inf"))
-        out["_mamba"] = dict(
-            mamba_num_heads=heads, mamba_head_dim=head_dim,
-            mamba_num_groups=int(hf.get("mamba_n_groups", 1)),
-            mamba_state_size=int(hf.get("mamba_d_state", 256)),
-            mamba_proj_bias=bool(hf.get("mamba_proj_bias", False)),
-            mamba_dt_limit=(_json_float(limit[0]), _json_float(limit[1])))
+        inner = int(hf.get("mamba_expand", 2)) * int(hf.get("hidden_size") or 0)
+        out["_mamba"] = dict(_mamba2_fields(hf, inner),
+                             mamba_out_bias=bool(hf.get("mamba_proj_bias", False)))
         out["_conv"] = (int(hf.get("mamba_d_conv", 4)), bool(hf.get("mamba_conv_bias", True)))
         out["_layer_mixers"] = mixers
     return out
@@ -1131,6 +1143,55 @@ def _lfm2_config(hf: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _mamba2_fields(hf: Mapping[str, Any], inner: int) -> dict[str, Any]:
+    """The Mamba-2 fields shared by Granite 4.0-H and Falcon-H1 (transformers' names)."""
+    heads = int(hf.get("mamba_n_heads", 128))
+    head_dim = hf.get("mamba_d_head", "auto")
+    head_dim = inner // heads if head_dim in (None, "auto") else int(head_dim)
+    if heads * head_dim != inner:
+        raise ValueError(f"mamba_n_heads ({heads}) x mamba_d_head ({head_dim}) must equal the "
+                         f"Mamba inner width ({inner})")
+    limit = hf.get("time_step_limit") or (0.0, float("inf"))
+    return dict(mamba_num_heads=heads, mamba_head_dim=head_dim,
+                mamba_num_groups=int(hf.get("mamba_n_groups", 1)),
+                mamba_state_size=int(hf.get("mamba_d_state", 256)),
+                mamba_proj_bias=bool(hf.get("mamba_proj_bias", False)),
+                mamba_dt_limit=(_json_float(limit[0]), _json_float(limit[1])))
+
+
+def _falcon_h1_config(hf: Mapping[str, Any]) -> dict[str, Any]:
+    """Falcon-H1's keys: every layer "mamba2_attention"; the Mamba inner width
+    (mamba_d_ssm, else mamba_expand x hidden); its norm options; the muP multipliers
+    (lm_head_multiplier as a logits scale)."""
+    out = dict(hf)
+    n = int(hf.get("num_hidden_layers") or 0)
+    hidden = int(hf.get("hidden_size") or 0)
+    inner = hf.get("mamba_d_ssm")
+    inner = int(inner) if inner is not None else int(hf.get("mamba_expand", 2)) * hidden
+    out["_layer_mixers"] = ["mamba2_attention"] * n
+    out["_mamba"] = _mamba2_fields(hf, inner)
+    out["_conv"] = (int(hf.get("mamba_d_conv", 4)), bool(hf.get("mamba_conv_bias", True)))
+    mlp = hf.get("mlp_multipliers") or [1.0, 1.0]
+    ssm = hf.get("ssm_multipliers") or [1.0] * 5
+    if len(mlp) != 2 or len(ssm) != 5:
+        raise ValueError(f"Falcon-H1 needs 2 mlp_multipliers and 5 ssm_multipliers, got "
+                         f"{len(mlp)} and {len(ssm)}")
+    out["_fields"] = dict(
+        mamba_out_bias=bool(hf.get("projectors_bias", False)),
+        mamba_rms_norm=bool(hf.get("mamba_rms_norm", False)),
+        mamba_norm_before_gate=bool(hf.get("mamba_norm_before_gate", True)),
+        mamba_in_multiplier=float(hf.get("ssm_in_multiplier", 1.0)),
+        mamba_out_multiplier=float(hf.get("ssm_out_multiplier", 1.0)),
+        mamba_ssm_multipliers=[float(v) for v in ssm],
+        attention_in_multiplier=float(hf.get("attention_in_multiplier", 1.0)),
+        attention_out_multiplier=float(hf.get("attention_out_multiplier", 1.0)),
+        attention_key_multiplier=float(hf.get("key_multiplier", 1.0)),
+        mlp_gate_multiplier=float(mlp[0]), mlp_down_multiplier=float(mlp[1]),
+        embedding_multiplier=float(hf.get("embedding_multiplier", 1.0)),
+        logits_scaling=1.0 / float(hf.get("lm_head_multiplier", 1.0)))
+    return out
+
+
 def _qwen3_5_config(hf: Mapping[str, Any]) -> dict[str, Any]:
     """Qwen3.5's keys: each layer's mixer from layer_types (default: full attention every
     full_attention_interval-th layer, transformers' Qwen3_5TextConfig)."""
@@ -1157,7 +1218,8 @@ _KEY_READERS: dict[str, Any] = {
     **{family: _learned_positions_config for family in _LEARNED_POSITIONS},
     "bloom": lambda hf, _: _bloom_config(hf), "gptj": lambda hf, _: _gpt2_keys(hf),
     "falcon": lambda hf, _: _falcon_config(hf), "mpt": lambda hf, _: _mpt_config(hf),
-    "lfm2": lambda hf, _: _lfm2_config(hf), "qwen3_5": lambda hf, _: _qwen3_5_config(hf)}
+    "lfm2": lambda hf, _: _lfm2_config(hf), "qwen3_5": lambda hf, _: _qwen3_5_config(hf),
+    "falcon_h1": lambda hf, _: _falcon_h1_config(hf)}
 
 
 def _attention_scale(hf: Mapping[str, Any], family: str) -> float | None:

@@ -135,6 +135,7 @@ class Attention(nn.Module):
         # Granite (with sandwich norms, HyperCLOVA X, the layer applies it after its norm)
         self.residual_multiplier = 1.0 if c.sandwich_norm else c.residual_multiplier
         self.clip_qkv = c.clip_qkv
+        self.key_multiplier = c.attention_key_multiplier      # Falcon-H1
         self.q_scale_beta = c.llama4_scaling_beta           # Llama 4 / Ministral 3
         self.q_scale_length = c.llama4_scaling_length
         slopes = None
@@ -164,6 +165,8 @@ class Attention(nn.Module):
             q, k = self._full_qk_norm(q, k)
         q = q.reshape(t, self.num_heads, self.head_dim)
         k = k.reshape(t, self.num_kv_heads, self.head_dim)
+        if self.key_multiplier != 1.0:
+            k = k * self.key_multiplier
         v = v.reshape(t, self.num_kv_heads, self.head_dim).contiguous()
         per_head_norm = self.q_norm is not None and not self.qk_norm_full
         if per_head_norm and not self.qk_norm_after_rope:
@@ -349,9 +352,19 @@ class Mamba2Mixer(nn.Module):
         self.width = c.conv_kernel
         self.dt_limit = tuple(c.mamba_dt_limit)
         self.eps = c.rms_norm_eps
-        self.in_proj = FusedLinear(c.hidden_size, self.inner + self.conv_dim + self.num_heads,
-                                   bias=c.mamba_proj_bias, dtype=dtype, device=device,
-                                   dense=dense)
+        width = self.inner + self.conv_dim + self.num_heads
+        self.in_proj = FusedLinear(c.hidden_size, width, bias=c.mamba_proj_bias, dtype=dtype,
+                                   device=device, dense=dense)
+        # Falcon-H1's muP: the input scaled, each in_proj section ([z, x, B, C, dt]) scaled
+        self.in_multiplier = c.mamba_in_multiplier
+        self.register_buffer("section_scale", None, persistent=False)
+        if c.mamba_ssm_multipliers is not None and any(m != 1.0 for m in
+                                                       c.mamba_ssm_multipliers):
+            gn = self.num_groups * self.state_size
+            sizes = [self.inner, self.inner, gn, gn, self.num_heads]
+            scale = torch.cat([torch.full((n,), float(m)) for n, m in
+                               zip(sizes, c.mamba_ssm_multipliers)])
+            self.section_scale = scale.to(dtype=dtype, device=device)
         self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, self.width, groups=self.conv_dim,
                                 bias=c.conv_bias, dtype=dtype, device=device)
         self.conv1d.requires_grad_(False)
@@ -361,16 +374,22 @@ class Mamba2Mixer(nn.Module):
         self.A_log = nn.Parameter(torch.zeros(h, dtype=dtype, device=device),
                                   requires_grad=False)
         self.D = nn.Parameter(torch.ones(h, dtype=dtype, device=device), requires_grad=False)
-        # the gated norm's weight over the inner width (normalized per group of heads)
-        self.norm = RMSNorm(self.inner, c.rms_norm_eps, dtype=dtype, device=device)
-        self.out_proj = FusedLinear(self.inner, c.hidden_size, bias=c.mamba_proj_bias,
+        # the gated norm's weight over the inner width (normalized per group of heads);
+        # none without mamba_rms_norm (Falcon-H1: y * silu(z))
+        self.norm_before_gate = c.mamba_norm_before_gate
+        self.norm = RMSNorm(self.inner, c.rms_norm_eps, dtype=dtype, device=device) \
+            if c.mamba_rms_norm else None
+        self.out_proj = FusedLinear(self.inner, c.hidden_size, bias=c.mamba_out_bias,
                                     dtype=dtype, device=device, dense=dense)
         self.residual_multiplier = 1.0 if c.sandwich_norm else c.residual_multiplier
 
     def forward(self, x: Tensor, meta: AttentionMetadata,
                 cache: tuple[Tensor, Tensor] | None) -> Tensor:
         t, h, g, n = x.shape[0], self.num_heads, self.num_groups, self.state_size
-        z, xbc, dt = self.in_proj(x).split([self.inner, self.conv_dim, h], dim=-1)
+        proj = self.in_proj(x if self.in_multiplier == 1.0 else x * self.in_multiplier)
+        if self.section_scale is not None:
+            proj = proj * self.section_scale
+        z, xbc, dt = proj.split([self.inner, self.conv_dim, h], dim=-1)
         cu, max_len = meta.mixer_seqlens()
         conv_state, state = cache if cache is not None else (None, None)
         slots = meta.state_indices if cache is not None else None
@@ -385,13 +404,22 @@ class Mamba2Mixer(nn.Module):
                             c.reshape(t, g, n), cu_seqlens=cu, D=self.D, dt_bias=self.dt_bias,
                             dt_softplus=True, dt_limit=self.dt_limit, state=state,
                             state_indices=slots, has_initial_state=init, max_seqlen=max_len)
-        # gate, then an RMSNorm per group of heads (norm_before_gate=False), fp32
-        gated = y.reshape(t, self.inner).float() * F.silu(z.float())
-        grouped = gated.reshape(t, g, self.inner // g)
-        normed = grouped * torch.rsqrt(grouped.square().mean(-1, keepdim=True) + self.eps)
-        y = (self.norm.weight.float() * normed.reshape(t, self.inner)).to(x.dtype)
+        y = self._gate_and_norm(y.reshape(t, self.inner).float(), z.float()).to(x.dtype)
         out = self.out_proj(y)
         return out if self.residual_multiplier == 1.0 else out * self.residual_multiplier
+
+    def _gate_and_norm(self, y: Tensor, z: Tensor) -> Tensor:
+        """y * silu(z) with an RMSNorm per group of heads after the gate (Granite), before
+        it (norm_before_gate), or none (fp32 in and out)."""
+        if self.norm is None:
+            return y * F.silu(z)
+        if not self.norm_before_gate:
+            y = y * F.silu(z)
+        t, g = y.shape[0], self.num_groups
+        grouped = y.reshape(t, g, self.inner // g)
+        normed = grouped * torch.rsqrt(grouped.square().mean(-1, keepdim=True) + self.eps)
+        y = self.norm.weight.float() * normed.reshape(t, self.inner)
+        return y * F.silu(z) if self.norm_before_gate else y
 
     def state_shapes(self) -> list[tuple[tuple[int, ...], torch.dtype | None]]:
         """Per-slot state tensors: the conv's inputs (model dtype), the fp32 SSM state."""
@@ -425,9 +453,18 @@ class MLP(nn.Module):
         self.act_fn = XIELU(dtype, device) if c.activation == "xielu" else None
         self.qk_norm_after_rope = c.qk_norm_after_rope
         self.residual_multiplier = 1.0 if c.sandwich_norm else c.residual_multiplier
+        # Falcon-H1: the gate scaled before the activation, the output after down_proj
+        self.register_buffer("gate_scale", None, persistent=False)
+        if c.mlp_gate_multiplier != 1.0 and c.mlp_gated:
+            scale = torch.ones(2 * inter)
+            scale[:inter] = c.mlp_gate_multiplier
+            self.gate_scale = scale.to(dtype=dtype, device=device)
+        self.down_multiplier = c.mlp_down_multiplier
 
     def forward(self, x: Tensor) -> Tensor:
         gate_up = self.gate_up_proj(x)
+        if self.gate_scale is not None:
+            gate_up = gate_up * self.gate_scale
         if not self.gated:
             h = self.act_fn(gate_up) if self.act_fn is not None else \
                 _ACTIVATIONS[self.activation](gate_up)
@@ -436,6 +473,8 @@ class MLP(nn.Module):
         else:
             h = ops.gelu_and_mul(gate_up, "tanh" if self.activation == "gelu_tanh" else "none")
         y = self.down_proj(h)
+        if self.down_multiplier != 1.0:
+            y = y * self.down_multiplier
         if self.tp is not None:
             y = self.tp.all_reduce(y)   # row-parallel down_proj
         return y if self.residual_multiplier == 1.0 else y * self.residual_multiplier
@@ -468,8 +507,16 @@ class DecoderLayer(nn.Module):
             self.mamba = Mamba2Mixer(config, dtype, device, dense)
         else:
             self.self_attn = Attention(config, layer, rotary, dtype, device, dense, tp)
-        self.__dict__["mixer"] = next(m for m in (self.self_attn, self.conv, self.linear_attn,
-                                                  self.mamba) if m is not None)
+        if kind == "mamba2_attention":     # Falcon-H1: both, in parallel
+            self.mamba = Mamba2Mixer(config, dtype, device, dense)
+            self.attn_in, self.attn_out = c.attention_in_multiplier, c.attention_out_multiplier
+            self.ssm_out = c.mamba_out_multiplier
+        # the layer's recurrent part (None: attention only); its cache entry holds the
+        # attention's (k, v) pair, then the recurrent part's state tensors
+        self.__dict__["recurrent"] = next((m for m in (self.conv, self.linear_attn,
+                                                       self.mamba) if m is not None), None)
+        self.__dict__["mixer"] = self._parallel_mix if kind == "mamba2_attention" else \
+            next(m for m in (self.self_attn, self.recurrent) if m is not None)
         self.post_attention_layernorm = None if c.parallel_residual and \
             not c.parallel_mlp_norm else norm()
         self.pre_feedforward_layernorm = self.post_feedforward_layernorm = None
@@ -479,6 +526,14 @@ class DecoderLayer(nn.Module):
             self.post_feedforward_layernorm = norm()
         self.mlp = SparseMoE(config, dtype, device, dense, tp) if c.is_moe(layer) else \
             MLP(config, dtype, device, dense, tp)
+
+    def _parallel_mix(self, x: Tensor, meta: AttentionMetadata, cache: tuple | None) -> Tensor:
+        """Falcon-H1's token mixer: Mamba-2 and attention on the same normed input, their
+        outputs scaled and summed. cache: (k_cache, v_cache, conv_state, ssm_state)."""
+        a = self.self_attn(x if self.attn_in == 1.0 else x * self.attn_in, meta,
+                           None if cache is None else cache[:2])
+        m = self.mamba(x, meta, None if cache is None else cache[2:])
+        return m * self.ssm_out + a * self.attn_out
 
     def forward(self, h: Tensor, residual: Tensor | None, meta: AttentionMetadata,
                 kv_cache: KVCache | None) -> tuple[Tensor, Tensor]:
@@ -690,18 +745,17 @@ class CausalLM(nn.Module):
         if len(layout.layer_slot) != c.num_layers:
             raise ValueError(f"layout has {len(layout.layer_slot)} layers, the model "
                              f"{c.num_layers}")
-        used = sorted({s for i, s in enumerate(layout.layer_slot)
-                       if c.mixer(i) == "attention"})
+        used = sorted({s for i, s in enumerate(layout.layer_slot) if c.has_attention(i)})
         pairs = {s: (torch.zeros(shape, dtype=dt, device=self.device),
                      torch.zeros(shape, dtype=dt, device=self.device)) for s in used}
         caches: list = []
         for i, layer in enumerate(self.layers):
-            if layer.self_attn is not None:
-                caches.append(pairs[layout.layer_slot[i]])
-            else:
-                caches.append(tuple(torch.zeros((num_state_slots, *shape_i),
-                                                dtype=dt_i or self.dtype, device=self.device)
-                                    for shape_i, dt_i in layer.mixer.state_shapes()))
+            pair = pairs[layout.layer_slot[i]] if layer.self_attn is not None else ()
+            states = () if layer.recurrent is None else tuple(
+                torch.zeros((num_state_slots, *shape_i), dtype=dt_i or self.dtype,
+                            device=self.device)
+                for shape_i, dt_i in layer.recurrent.state_shapes())
+            caches.append(pair + states)
         return caches
 
     def kv_bytes_per_token(self, dtype: torch.dtype | None = None,
@@ -711,10 +765,9 @@ class CausalLM(nn.Module):
         elem = torch.empty((), dtype=dtype or self.dtype).element_size()
         c = self.config
         if layout is None:
-            slots = sum(c.mixer(i) == "attention" for i in range(c.num_layers))
+            slots = sum(c.has_attention(i) for i in range(c.num_layers))
         else:
-            slots = len({s for i, s in enumerate(layout.layer_slot)
-                         if c.mixer(i) == "attention"})
+            slots = len({s for i, s in enumerate(layout.layer_slot) if c.has_attention(i)})
         return 2 * slots * self.num_local_kv_heads * c.head_dim * elem
 
     def state_bytes_per_slot(self) -> int:
@@ -722,9 +775,9 @@ class CausalLM(nn.Module):
         pure attention model)."""
         total = 0
         for layer in self.layers:
-            if layer.self_attn is not None:
+            if layer.recurrent is None:
                 continue
-            for shape, dt in layer.mixer.state_shapes():
+            for shape, dt in layer.recurrent.state_shapes():
                 n = 1
                 for d in shape:
                     n *= d

@@ -550,6 +550,12 @@ _LFM2_PARTS = ((".operator_norm.", ".input_layernorm."),
                (".feed_forward.w2.", ".mlp.down_proj."))
 
 
+#: Falcon-H1's names (its final norm, the norm before the MLP, the MLP's "feed_forward")
+_FALCON_H1_PREFIXES = (("model.final_layernorm.", "model.norm."),)
+_FALCON_H1_PARTS = ((".pre_ff_layernorm.", ".post_attention_layernorm."),
+                    (".feed_forward.", ".mlp."))
+
+
 def _renamed(name: str, prefixes: tuple[tuple[str, str], ...],
              parts: tuple[tuple[str, str], ...]) -> str:
     """``name`` with its first matching prefix and every matching part replaced."""
@@ -573,7 +579,8 @@ _FAMILY_NAMES = {"gpt_neox": (_NEOX_PREFIXES, _NEOX_PARTS),
                  "bloom": (_BLOOM_PREFIXES, _BLOOM_PARTS),
                  "falcon": (_BLOOM_PREFIXES, _FALCON_PARTS),
                  "mpt": (_MPT_PREFIXES, _MPT_PARTS),
-                 "lfm2": (_LFM2_PREFIXES, _LFM2_PARTS)}
+                 "lfm2": (_LFM2_PREFIXES, _LFM2_PARTS),
+                 "falcon_h1": (_FALCON_H1_PREFIXES, _FALCON_H1_PARTS)}
 
 
 def _materialized(tensor: Any) -> Tensor:
