@@ -1,6 +1,7 @@
 """Hybrid recurrent models in the engine (LFM2: short-conv layers beside attention;
 Qwen3.5: Gated DeltaNet layers beside gated attention; Granite 4.0-H: Mamba-2 layers;
-Falcon-H1: Mamba-2 and attention in parallel in every layer).
+Falcon-H1: Mamba-2 and attention in parallel in every layer; Nemotron-H: single-role
+Mamba-2 / attention / MLP blocks).
 
 Each running sequence keeps its recurrent state in one slot (its block-table row): greedy
 outputs must equal transformers' through everything that moves a sequence between
@@ -48,7 +49,8 @@ def lfm2(tmp_path_factory):
     return _checkpoint("lfm2", tmp_path_factory)
 
 
-@pytest.fixture(scope="module", params=["lfm2", "qwen3_5", "granite4-h", "falcon_h1"])
+@pytest.fixture(scope="module", params=["lfm2", "qwen3_5", "granite4-h", "falcon_h1",
+                                                "nemotron_h"])
 def hybrid(request, tmp_path_factory):
     """Each hybrid family: (checkpoint, prompts, transformers' greedy tokens)."""
     return _checkpoint(request.param, tmp_path_factory)

@@ -72,7 +72,7 @@ def test_paged_prefill_decode_and_chunked_prefill(hf_dirs, kind):
                                   "qwen2-moe", "mixtral",
                                   "granitemoe", "olmoe", "gpt_neox", "gpt2", "gpt_neo", "opt", "bloom",
                                   "gptj", "falcon-7b", "falcon-new", "mpt", "granite_swa", "lfm2", "qwen3_5", "granite4-h",
-                                  "granite4-h-moe", "falcon_h1", "falcon_h1-norm"])
+                                  "granite4-h-moe", "falcon_h1", "falcon_h1-norm", "nemotron_h"])
 def test_greedy_generation_matches_transformers(hf_dirs, kind):
     hf, path = hf_dirs[kind]
     model = load_model(path, dtype="float32", device="cpu")
@@ -714,3 +714,24 @@ def test_qwen3_5_multimodal_checkpoint_serves_its_hybrid_text_decoder(tmp_path):
         "gated_deltanet", "attention", "gated_deltanet"]
     assert text_logits_err(model, hf, [random_tokens(n, 290, 80 + n) for n in (17, 6)]) \
         <= 1e-4
+
+
+def test_nemotron_h_hub_pattern_and_refusals():
+    """Nemotron-H's hub spelling (hybrid_override_pattern, mamba_* aliases, attention_head_dim):
+    one layer per block; mixture-of-experts blocks (Nemotron 3) are refused by name."""
+    import minikernels as mk
+    from minikernels.models.config import UnsupportedModelError
+
+    hub = {"architectures": ["NemotronHForCausalLM"], "hidden_size": 64, "vocab_size": 300,
+           "num_attention_heads": 4, "num_key_value_heads": 2, "attention_head_dim": 16,
+           "intermediate_size": 96, "num_hidden_layers": 4, "hybrid_override_pattern": "M-*-",
+           "mamba_num_heads": 8, "mamba_head_dim": 16, "mamba_n_groups": 2,
+           "ssm_state_size": 12, "mamba_d_conv": 3, "mlp_hidden_act": "relu2",
+           "time_step_min": 0.002}
+    c = mk.models.DecoderConfig.from_hf(hub)
+    assert c.layer_mixers == ["mamba2", "none", "attention", "none"]
+    assert c.layer_mlps == [False, True, False, True] and c.head_dim == 16
+    assert (c.mamba_num_groups, c.conv_kernel, c.mamba_dt_limit[0], c.activation) == \
+        (2, 3, 0.002, "relu2") and c.nope_layers == [0, 1, 2, 3]
+    with pytest.raises(UnsupportedModelError, match="mixture-of-experts"):
+        mk.models.DecoderConfig.from_hf({**hub, "hybrid_override_pattern": "M-*E"})

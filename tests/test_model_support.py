@@ -129,6 +129,13 @@ CASES: dict[str, tuple[str, dict[str, Any]]] = {
         head_dim=16, mamba_d_ssm=64, mamba_n_heads=4, mamba_n_groups=1, mamba_d_state=8,
         mamba_rms_norm=True, mamba_norm_before_gate=True, projectors_bias=True,
         mamba_proj_bias=True, tie_word_embeddings=True)),
+    # Nemotron-H: single-role blocks (Mamba-2, MLP, attention without rope, MLP, Mamba-2),
+    # squared-ReLU MLPs, 2 groups of B / C
+    "nemotron_h": ("NemotronH", dict(
+        head_dim=16, intermediate_size=96, layers_block_type=[
+            "linear_attention", "mlp", "full_attention", "mlp", "linear_attention"],
+        mamba_num_heads=8, mamba_head_dim=16, n_groups=2, ssm_state_size=12,
+        conv_kernel=4, layer_norm_epsilon=1e-5, tie_word_embeddings=False)),
     # HunYuan dense (0.5B - 7B): per-head q / k norms after rope, fixed-alpha NTK rope.
     "hunyuan-ntk": ("HunYuanDenseV1", dict(head_dim=16, tie_word_embeddings=True,
                                            rope_scaling={"type": "dynamic", "alpha": 50.0,

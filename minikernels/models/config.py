@@ -130,6 +130,9 @@ SUPPORTED_ARCHITECTURES = {
     # Falcon-H1: every layer runs Mamba-2 and attention in parallel from one norm (their
     # outputs summed), with muP multipliers on the branches, the MLP and the logits
     "FalconH1ForCausalLM": "falcon_h1",
+    # Nemotron-H (Nemotron-H 4B / 8B, NVIDIA Nemotron Nano 2): single-role blocks, each one
+    # norm and one of Mamba-2, attention (no rope) or a squared-ReLU MLP
+    "NemotronHForCausalLM": "nemotron_h",
 }
 #: ``XForSequenceClassification``: the decoder of ``XForCausalLM`` with a ``score`` head
 #: (``mk.Classifier`` reads it; the generative model refuses such a checkpoint).
@@ -175,7 +178,8 @@ _MODEL_TYPES = {"llama": "llama", "mistral": "mistral", "ministral": "ministral"
                 "mpt": "mpt", "nemotron": "nemotron", "arcee": "arcee", "jais2": "jais2",
                 "apertus": "apertus",
                 "olmo": "olmo", "nanochat": "nanochat", "lfm2": "lfm2",
-                "qwen3_5_text": "qwen3_5", "qwen3_5": "qwen3_5", "falcon_h1": "falcon_h1"}
+                "qwen3_5_text": "qwen3_5", "qwen3_5": "qwen3_5", "falcon_h1": "falcon_h1",
+                "nemotron_h": "nemotron_h"}
 #: the families with learned absolute position embeddings (no rope)
 _LEARNED_POSITIONS = ("gpt2", "opt", "gpt_bigcode", "gpt_neo")
 _GEMMA = ("gemma", "gemma2", "gemma3", "vaultgemma")
@@ -215,7 +219,8 @@ GATED_ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu": "gelu",
 
 
 #: the token mixers a decoder layer may have (DecoderConfig.layer_mixers)
-LAYER_MIXERS = ("attention", "short_conv", "gated_deltanet", "mamba2", "mamba2_attention")
+LAYER_MIXERS = ("attention", "short_conv", "gated_deltanet", "mamba2", "mamba2_attention",
+                "none")
 
 
 class UnsupportedModelError(ValueError):
@@ -307,6 +312,9 @@ class DecoderConfig:
     # non-attention layer has no KV cache: it keeps a fixed-size state per sequence (the
     # engine's state slots).
     layer_mixers: list[str] | None = None
+    # Which layers have an MLP (None = all). Nemotron-H's blocks are single-role: a mixer
+    # without an MLP, or an MLP alone (mixer "none").
+    layer_mlps: list[bool] | None = None
     conv_kernel: int = 0            # the causal convolution's width (conv_L_cache, ...)
     conv_bias: bool = False         # biases on the conv layers' in / out projections, conv
     # Gated DeltaNet's heads: q / k heads of linear_key_head_dim, v heads of
@@ -470,6 +478,13 @@ class DecoderConfig:
                     raise ValueError(f"linear_num_value_heads ({self.linear_num_value_heads}) "
                                      f"must be a multiple of linear_num_key_heads "
                                      f"({self.linear_num_key_heads})")
+            if self.layer_mlps is not None and len(self.layer_mlps) != self.num_layers:
+                raise ValueError(f"config.layer_mlps must hold one flag per layer "
+                                 f"({self.num_layers}), got {len(self.layer_mlps)}")
+            empty = [i for i in range(self.num_layers)
+                     if self.mixer(i) == "none" and not self.has_mlp(i)]
+            if empty:
+                raise ValueError(f"layers {empty} have neither a mixer nor an MLP")
             if not any(self.has_attention(i) for i in range(self.num_layers)):
                 raise UnsupportedModelError("a decoder without attention layers is not "
                                             "supported (the engine pages KV by them)")
@@ -501,6 +516,10 @@ class DecoderConfig:
         """``layer``'s token mixer: "attention" or a recurrent one ("short_conv")."""
         return "attention" if self.layer_mixers is None else self.layer_mixers[layer]
 
+    def has_mlp(self, layer: int) -> bool:
+        """Whether ``layer`` has an MLP (every layer but Nemotron-H's mixer-only blocks)."""
+        return self.layer_mlps is None or bool(self.layer_mlps[layer])
+
     def has_attention(self, layer: int) -> bool:
         """Whether ``layer`` attends over a KV cache (alone, or beside Mamba-2)."""
         return self.mixer(layer) in ("attention", "mamba2_attention")
@@ -509,7 +528,7 @@ class DecoderConfig:
     def is_recurrent(self) -> bool:
         """Whether some layers keep a per-sequence recurrent state (hybrid models)."""
         return self.layer_mixers is not None and any(
-            m != "attention" for m in self.layer_mixers)
+            m not in ("attention", "none") for m in self.layer_mixers)
 
     def is_moe(self, layer: int) -> bool:
         """Whether ``layer``'s MLP is the mixture of experts."""
@@ -692,7 +711,7 @@ class DecoderConfig:
             lm_head_bias=family in ("phi", "gptj"),
             mlp_gated=family not in ("starcoder2", "phi", "gpt_neox", "gptj", "falcon",
                                      "mpt", "nemotron", "arcee", "nanochat", "jais2",
-                                     "apertus") and
+                                     "apertus", "nemotron_h") and
             not learned and not bloom,
             position_embedding="learned" if learned else "alibi" if bloom or mpt else "rope",
             alibi_max_bias=float(hf["_alibi_bias_max"]) if mpt else None,
@@ -721,6 +740,7 @@ class DecoderConfig:
                                "exaone4", "hunyuan", "nanochat", "apertus", "lfm2",
                                "qwen3_5"),
             layer_mixers=hf.get("_layer_mixers"),
+            layer_mlps=hf.get("_layer_mlps"),
             conv_kernel=int(hf.get("conv_L_cache", 3)) if family == "lfm2" else
             int(hf.get("linear_conv_kernel_dim", 4)) if family == "qwen3_5" else
             hf.get("_conv", (0, False))[0],
@@ -752,7 +772,8 @@ class DecoderConfig:
             llama4_scaling_length=_llama4_scaling(hf)[1],
             nope_layers=(_nope_layers_from_hf(hf, num_layers) if family == "smollm3" else
                          layer_nope if layer_nope is not None else
-                         list(range(num_layers)) if learned or bloom or mpt else
+                         list(range(num_layers)) if learned or bloom or mpt or
+                         family == "nemotron_h" else
                          # Granite 4.0 without rope (position_embedding_type not "rope")
                          list(range(num_layers)) if family == "granite_hybrid" and
                          hf.get("position_embedding_type") != "rope" else
@@ -1192,6 +1213,56 @@ def _falcon_h1_config(hf: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+#: Nemotron-H's block kinds (layers_block_type, or hybrid_override_pattern's letters)
+_NEMOTRON_H_BLOCKS = {"linear_attention": "M", "mamba": "M", "M": "M",
+                      "full_attention": "*", "attention": "*", "*": "*",
+                      "mlp": "-", "-": "-", "moe": "E", "E": "E"}
+
+
+def _nemotron_h_config(hf: Mapping[str, Any]) -> dict[str, Any]:
+    """Nemotron-H's keys: one decoder layer per block (Mamba-2 or attention without an MLP,
+    or an MLP alone), from layers_block_type or the hub's hybrid_override_pattern
+    ("M-M*-..."); attention without rope; its Mamba-2 fields and eps. Mixture-of-experts
+    blocks (Nemotron 3) are refused by name."""
+    out = dict(hf)
+    kinds = hf.get("layers_block_type") or hf.get("layer_types")
+    if kinds is None:
+        pattern = hf.get("hybrid_override_pattern")
+        if not pattern:
+            raise ValueError("config.json has neither layers_block_type nor "
+                             "hybrid_override_pattern")
+        kinds = list(str(pattern))
+    unknown = sorted({str(k) for k in kinds if k not in _NEMOTRON_H_BLOCKS})
+    if unknown:
+        raise UnsupportedModelError(f"Nemotron-H block types {unknown} are not supported")
+    blocks = [_NEMOTRON_H_BLOCKS[k] for k in kinds]
+    if "E" in blocks:
+        raise UnsupportedModelError("Nemotron-H mixture-of-experts blocks (Nemotron 3) are "
+                                    "not supported")
+    out["num_hidden_layers"] = len(blocks)
+    out["_layer_mixers"] = [{"M": "mamba2", "*": "attention", "-": "none"}[b] for b in blocks]
+    out["_layer_mlps"] = [b == "-" for b in blocks]
+    heads, head_dim = int(hf.get("mamba_num_heads", 128)), int(hf.get("mamba_head_dim", 64))
+    limit_min = float(hf.get("time_step_min", hf.get("mamba_dt_min", 0.001)))
+    out["_mamba"] = dict(
+        mamba_num_heads=heads, mamba_head_dim=head_dim,
+        mamba_num_groups=int(hf.get("n_groups", hf.get("mamba_n_groups", 8))),
+        mamba_state_size=int(hf.get("ssm_state_size", 128)),
+        mamba_proj_bias=bool(hf.get("mamba_proj_bias", False)),
+        mamba_out_bias=bool(hf.get("use_bias", False)),
+        # (transformers' mixer clamps dt from below at time_step_min)
+        mamba_dt_limit=(limit_min, float("inf")))
+    out["_conv"] = (int(hf.get("conv_kernel", hf.get("mamba_d_conv", 4))),
+                    bool(hf.get("use_conv_bias", hf.get("mamba_conv_bias", True))))
+    out["rms_norm_eps"] = float(hf.get("layer_norm_epsilon", 1e-5))
+    out["hidden_act"] = hf.get("mlp_hidden_act", "relu2")
+    if not hf.get("head_dim") and hf.get("attention_head_dim"):
+        out["head_dim"] = hf["attention_head_dim"]
+    if hf.get("sliding_window"):
+        raise UnsupportedModelError("Nemotron-H with a sliding window is not supported")
+    return out
+
+
 def _qwen3_5_config(hf: Mapping[str, Any]) -> dict[str, Any]:
     """Qwen3.5's keys: each layer's mixer from layer_types (default: full attention every
     full_attention_interval-th layer, transformers' Qwen3_5TextConfig)."""
@@ -1219,7 +1290,8 @@ _KEY_READERS: dict[str, Any] = {
     "bloom": lambda hf, _: _bloom_config(hf), "gptj": lambda hf, _: _gpt2_keys(hf),
     "falcon": lambda hf, _: _falcon_config(hf), "mpt": lambda hf, _: _mpt_config(hf),
     "lfm2": lambda hf, _: _lfm2_config(hf), "qwen3_5": lambda hf, _: _qwen3_5_config(hf),
-    "falcon_h1": lambda hf, _: _falcon_h1_config(hf)}
+    "falcon_h1": lambda hf, _: _falcon_h1_config(hf),
+    "nemotron_h": lambda hf, _: _nemotron_h_config(hf)}
 
 
 def _attention_scale(hf: Mapping[str, Any], family: str) -> float | None:

@@ -505,6 +505,8 @@ class DecoderLayer(nn.Module):
             self.linear_attn = GatedDeltaNet(config, dtype, device, dense)
         elif kind == "mamba2":        # Granite 4.0-H
             self.mamba = Mamba2Mixer(config, dtype, device, dense)
+        elif kind == "none":          # Nemotron-H's MLP-only blocks
+            pass
         else:
             self.self_attn = Attention(config, layer, rotary, dtype, device, dense, tp)
         if kind == "mamba2_attention":     # Falcon-H1: both, in parallel
@@ -516,15 +518,17 @@ class DecoderLayer(nn.Module):
         self.__dict__["recurrent"] = next((m for m in (self.conv, self.linear_attn,
                                                        self.mamba) if m is not None), None)
         self.__dict__["mixer"] = self._parallel_mix if kind == "mamba2_attention" else \
-            next(m for m in (self.self_attn, self.recurrent) if m is not None)
-        self.post_attention_layernorm = None if c.parallel_residual and \
-            not c.parallel_mlp_norm else norm()
+            next((m for m in (self.self_attn, self.recurrent) if m is not None), None)
+        self.post_attention_layernorm = None if (c.parallel_residual and
+                                                 not c.parallel_mlp_norm) or \
+            not c.has_mlp(layer) or kind == "none" else norm()
         self.pre_feedforward_layernorm = self.post_feedforward_layernorm = None
         if c.sandwich_norm:
             self.pre_feedforward_layernorm = norm()
         if c.sandwich_norm or c.post_norm:
             self.post_feedforward_layernorm = norm()
-        self.mlp = SparseMoE(config, dtype, device, dense, tp) if c.is_moe(layer) else \
+        self.mlp = None if not c.has_mlp(layer) else \
+            SparseMoE(config, dtype, device, dense, tp) if c.is_moe(layer) else \
             MLP(config, dtype, device, dense, tp)
 
     def _parallel_mix(self, x: Tensor, meta: AttentionMetadata, cache: tuple | None) -> Tensor:
@@ -548,6 +552,10 @@ class DecoderLayer(nn.Module):
             x = self.input_layernorm(h)
         else:
             x, residual = self.input_layernorm(h, residual)
+        if self.mixer is None:          # Nemotron-H: an MLP block
+            return self.mlp(x), residual
+        if self.mlp is None:            # Nemotron-H: a mixer block
+            return self.mixer(x, meta, kv_cache), residual
         if self.parallel_residual:
             # Cohere: attention and MLP both read the one norm; GPT-NeoX: the MLP reads
             # its own norm of the same stream. Both outputs join the stream (the add is

@@ -455,6 +455,8 @@ def _family_name(name: str, config: DecoderConfig) -> str:
             .replace("model.final_layernorm.", "model.norm.")
     if config.architecture in _FAMILY_NAMES:
         return _renamed(name, *_FAMILY_NAMES[config.architecture])
+    if config.architecture == "nemotron_h":
+        return _nemotron_h_name(name, config)
     if config.architecture in ("nemotron", "arcee", "jais2"):   # the non-gated one up_proj
         return name.replace(".mlp.up_proj.", ".mlp.gate_proj.")
     if config.architecture == "apertus":      # its up_proj, and its norms' names
@@ -554,6 +556,31 @@ _LFM2_PARTS = ((".operator_norm.", ".input_layernorm."),
 _FALCON_H1_PREFIXES = (("model.final_layernorm.", "model.norm."),)
 _FALCON_H1_PARTS = ((".pre_ff_layernorm.", ".post_attention_layernorm."),
                     (".feed_forward.", ".mlp."))
+
+
+#: Nemotron-H: backbone.* names; each block's one "mixer" named by its kind
+_NEMOTRON_H_PREFIXES = (("backbone.embeddings.", "model.embed_tokens."),
+                        ("backbone.norm_f.", "model.norm."), ("backbone.", "model."))
+_NEMOTRON_H_MIXER_RE = re.compile(r"^model\.layers\.(\d+)\.(mixer|norm)\.")
+_NEMOTRON_H_MIXERS = {"mamba2": ".mamba.", "attention": ".self_attn.", "none": ".mlp."}
+
+
+def _nemotron_h_name(name: str, config: DecoderConfig) -> str:
+    """A Nemotron-H tensor under the decoder's names: the block norm is the layer's
+    input_layernorm; its mixer is the layer's mamba, self_attn or (MLP blocks) mlp, whose
+    one up_proj is the non-gated MLP's gate_up_proj part."""
+    name = _renamed(name, _NEMOTRON_H_PREFIXES, ())
+    m = _NEMOTRON_H_MIXER_RE.match(name)
+    if m is None:
+        return name
+    layer = int(m.group(1))
+    if m.group(2) == "norm":
+        return name.replace(".norm.", ".input_layernorm.", 1)
+    if layer >= config.num_layers:
+        return name
+    new = _NEMOTRON_H_MIXERS[config.mixer(layer)]
+    name = name.replace(".mixer.", new, 1)
+    return name.replace(".mlp.up_proj.", ".mlp.gate_proj.") if new == ".mlp." else name
 
 
 def _renamed(name: str, prefixes: tuple[tuple[str, str], ...],
