@@ -289,12 +289,23 @@ CASES: dict[str, tuple[str, dict[str, Any]]] = {
                                 linear_conv_kernel_dim=4, tie_word_embeddings=False,
                                 rope_parameters={"rope_type": "default", "rope_theta": 1e4,
                                                  "partial_rotary_factor": 0.5})),
+    # Qwen3.5 MoE: Qwen3.5's layers, 4 experts (top 2, renormalized) beside the gated
+    # shared expert in every MLP
+    "qwen3_5_moe": ("Qwen3_5Moe", dict(num_hidden_layers=2, head_dim=16,
+                                       layer_types=["linear_attention", "full_attention"],
+                                       linear_num_key_heads=2, linear_num_value_heads=4,
+                                       linear_key_head_dim=8, linear_value_head_dim=12,
+                                       num_experts=4, num_experts_per_tok=2,
+                                       moe_intermediate_size=32,
+                                       shared_expert_intermediate_size=48,
+                                       tie_word_embeddings=False)),
     "olmoe": ("Olmoe", dict(num_experts=8, num_experts_per_tok=3, intermediate_size=40,
                             norm_topk_prob=False, pad_token_id=0, eos_token_id=2,
                             tie_word_embeddings=False)),
 }
 # transformers config classes not named {family}Config
-_CONFIG_CLASSES = {"Gemma3": "Gemma3TextConfig", "Qwen3_5": "Qwen3_5TextConfig"}
+_CONFIG_CLASSES = {"Gemma3": "Gemma3TextConfig", "Qwen3_5": "Qwen3_5TextConfig",
+                   "Qwen3_5Moe": "Qwen3_5MoeTextConfig"}
 # transformers causal-LM classes not named {family}ForCausalLM
 _MODEL_CLASSES = {"GPT2": "GPT2LMHeadModel"}
 

@@ -127,6 +127,9 @@ SUPPORTED_ARCHITECTURES = {
     # Qwen3.5 (dense): Gated DeltaNet linear-attention layers (a recurrent state per
     # sequence) and, every fourth layer, gated attention with (1 + w) q / k norms
     "Qwen3_5ForCausalLM": "qwen3_5",
+    # Qwen3.5 MoE (35B-A3B ...): Qwen3.5's layers with Qwen2-MoE's experts and gated shared
+    # expert in every MLP
+    "Qwen3_5MoeForCausalLM": "qwen3_5_moe",
     # Falcon-H1: every layer runs Mamba-2 and attention in parallel from one norm (their
     # outputs summed), with muP multipliers on the branches, the MLP and the logits
     "FalconH1ForCausalLM": "falcon_h1",
@@ -178,13 +181,16 @@ _MODEL_TYPES = {"llama": "llama", "mistral": "mistral", "ministral": "ministral"
                 "mpt": "mpt", "nemotron": "nemotron", "arcee": "arcee", "jais2": "jais2",
                 "apertus": "apertus",
                 "olmo": "olmo", "nanochat": "nanochat", "lfm2": "lfm2",
-                "qwen3_5_text": "qwen3_5", "qwen3_5": "qwen3_5", "falcon_h1": "falcon_h1",
+                "qwen3_5_text": "qwen3_5", "qwen3_5": "qwen3_5",
+                "qwen3_5_moe_text": "qwen3_5_moe", "qwen3_5_moe": "qwen3_5_moe", "falcon_h1": "falcon_h1",
                 "nemotron_h": "nemotron_h"}
 #: the families with learned absolute position embeddings (no rope)
 _LEARNED_POSITIONS = ("gpt2", "opt", "gpt_bigcode", "gpt_neo")
 _GEMMA = ("gemma", "gemma2", "gemma3", "vaultgemma")
 #: the mixture-of-experts families (models/moe.py)
-_MOE = ("qwen3_moe", "qwen2_moe", "mixtral", "granitemoe", "olmoe")
+_MOE = ("qwen3_moe", "qwen2_moe", "mixtral", "granitemoe", "olmoe", "qwen3_5_moe")
+#: Qwen3.5's hybrid decoders (Gated DeltaNet + gated attention), dense and MoE
+_QWEN3_5 = ("qwen3_5", "qwen3_5_moe")
 #: Multimodal architectures whose text decoder is served (text-only prompts): the
 #: checkpoint's ``text_config`` and ``language_model`` tensors; the image encoder is not
 #: loaded.
@@ -197,6 +203,7 @@ TEXT_ONLY_WRAPPERS: dict[str, str | None] = {
     "Qwen3VLForConditionalGeneration": "qwen3",
     # Qwen3.5 (every size is published multimodal): its hybrid text decoder
     "Qwen3_5ForConditionalGeneration": "qwen3_5",
+    "Qwen3_5MoeForConditionalGeneration": "qwen3_5_moe",
     # Mistral 3 (Ministral 3, Mistral Small 3.x): the family of its text_config's model_type
     "Mistral3ForConditionalGeneration": None}
 # transformers' Gemma3TextConfig defaults: a hub config's text_config lists only the
@@ -687,7 +694,7 @@ class DecoderConfig:
             rope_scaling=rope_scaling,
             partial_rotary_factor=float(partial) if partial is not None else
             (0.5 if family in ("glm", "glm4", "nemotron") else
-             0.25 if family in ("stablelm", "qwen3_5") else 1.0),
+             0.25 if family in ("stablelm",) + _QWEN3_5 else 1.0),
             rope_interleaved=family in ("glm", "glm4", "ernie4_5", "helium", "gptj") or cohere,
             rms_norm_eps=float(hf.get("layer_norm_eps", 1e-5))
             if family in ("stablelm", "phi", "gpt_neox", "gptj", "falcon", "mpt", "jais2") or
@@ -738,11 +745,11 @@ class DecoderConfig:
             learned or bloom or gptj,
             qk_norm=family in ("qwen3", "qwen3_moe", "gemma3", "olmo2", "olmo3", "olmoe",
                                "exaone4", "hunyuan", "nanochat", "apertus", "lfm2",
-                               "qwen3_5"),
+                               *_QWEN3_5),
             layer_mixers=hf.get("_layer_mixers"),
             layer_mlps=hf.get("_layer_mlps"),
             conv_kernel=int(hf.get("conv_L_cache", 3)) if family == "lfm2" else
-            int(hf.get("linear_conv_kernel_dim", 4)) if family == "qwen3_5" else
+            int(hf.get("linear_conv_kernel_dim", 4)) if family in _QWEN3_5 else
             hf.get("_conv", (0, False))[0],
             conv_bias=bool(hf.get("conv_bias", False)) if family == "lfm2" else
             hf.get("_conv", (0, False))[1],
@@ -751,13 +758,13 @@ class DecoderConfig:
             **({k: int(hf.get(k, d)) for k, d in (
                 ("linear_num_key_heads", 16), ("linear_num_value_heads", 32),
                 ("linear_key_head_dim", 128), ("linear_value_head_dim", 128))}
-               if family == "qwen3_5" else {}),
-            attn_output_gate=family == "qwen3_5",
+               if family in _QWEN3_5 else {}),
+            attn_output_gate=family in _QWEN3_5,
             qk_norm_after_rope=family in ("hunyuan", "nanochat"),
             qk_norm_full=family in ("olmo2", "olmo3", "olmoe"),
             post_norm=family in ("olmo2", "olmo3", "exaone4"),
             hidden_act=_activation_from_hf(hf, family),
-            norm_weight_offset=1.0 if gemma or nemotron or family == "qwen3_5" else 0.0,
+            norm_weight_offset=1.0 if gemma or nemotron or family in _QWEN3_5 else 0.0,
             embed_scale=hidden ** 0.5 if gemma else 1.0,
             sandwich_norm=family in ("gemma2", "gemma3", "glm4") or (
                 family == "hyperclovax" and bool(hf.get("use_post_norm", True))),
@@ -1278,6 +1285,8 @@ def _qwen3_5_config(hf: Mapping[str, Any]) -> dict[str, Any]:
         raise UnsupportedModelError(f"Qwen3.5 layer types {unknown} are not supported "
                                     f"(supported: {sorted(names)})")
     out["_layer_mixers"] = [names[k] for k in kinds]
+    if out.get("intermediate_size") is None and out.get("moe_intermediate_size"):
+        out["intermediate_size"] = out["moe_intermediate_size"]   # (MoE: every MLP sparse)
     if out.get("attention_bias"):
         raise UnsupportedModelError("Qwen3.5 with attention_bias is not supported")
     return out
@@ -1289,7 +1298,8 @@ _KEY_READERS: dict[str, Any] = {
     **{family: _learned_positions_config for family in _LEARNED_POSITIONS},
     "bloom": lambda hf, _: _bloom_config(hf), "gptj": lambda hf, _: _gpt2_keys(hf),
     "falcon": lambda hf, _: _falcon_config(hf), "mpt": lambda hf, _: _mpt_config(hf),
-    "lfm2": lambda hf, _: _lfm2_config(hf), "qwen3_5": lambda hf, _: _qwen3_5_config(hf),
+    "lfm2": lambda hf, _: _lfm2_config(hf),
+    **{family: lambda hf, _: _qwen3_5_config(hf) for family in ("qwen3_5", "qwen3_5_moe")},
     "falcon_h1": lambda hf, _: _falcon_h1_config(hf),
     "nemotron_h": lambda hf, _: _nemotron_h_config(hf)}
 
@@ -1422,16 +1432,18 @@ def _moe_from_hf(hf: Mapping[str, Any], family: str, num_layers: int) -> dict[st
     experts = int(hf.get("num_experts") or hf.get("num_local_experts") or 0)
     layers = list(range(num_layers))
     size = int(hf.get("intermediate_size", 0))
-    if family in ("qwen3_moe", "qwen2_moe"):
+    if family in ("qwen3_moe", "qwen2_moe", "qwen3_5_moe"):
         step = int(hf.get("decoder_sparse_step", 1) or 1)
         dense = set(hf.get("mlp_only_layers") or [])
         layers = [i for i in layers if i not in dense and (i + 1) % step == 0]
         size = int(hf.get("moe_intermediate_size", 0))
     if hf.get("clip_qkv") is not None:
         raise UnsupportedModelError("clip_qkv is not supported")
-    norm = True if family in ("mixtral", "granitemoe") else bool(hf.get("norm_topk_prob", False))
+    # (Qwen3.5 MoE always renormalizes)
+    norm = True if family in ("mixtral", "granitemoe", "qwen3_5_moe") else \
+        bool(hf.get("norm_topk_prob", False))
     shared = int(hf.get("shared_expert_intermediate_size", 0) or 0) \
-        if family == "qwen2_moe" else 0
+        if family in ("qwen2_moe", "qwen3_5_moe") else 0
     return dict(num_experts=experts, num_experts_per_tok=int(hf.get("num_experts_per_tok", 0)),
                 moe_intermediate_size=size, norm_topk_prob=norm,
                 moe_layers=layers if experts else None, shared_expert_intermediate_size=shared)
