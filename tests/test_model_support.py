@@ -299,6 +299,14 @@ CASES: dict[str, tuple[str, dict[str, Any]]] = {
                                        moe_intermediate_size=32,
                                        shared_expert_intermediate_size=48,
                                        tie_word_embeddings=False)),
+    # LFM2-MoE: LFM2's layers, one dense MLP then 4 sigmoid-routed experts (top 2, chosen
+    # with a per-expert bias, renormalized, scaled)
+    "lfm2_moe": ("Lfm2Moe", dict(num_hidden_layers=3, layer_types=["conv", "full_attention",
+                                                                  "conv"],
+                                 intermediate_size=96, moe_intermediate_size=32,
+                                 num_dense_layers=1, num_experts=4, num_experts_per_tok=2,
+                                 routed_scaling_factor=1.5, norm_eps=1e-5,
+                                 tie_word_embeddings=True)),
     "olmoe": ("Olmoe", dict(num_experts=8, num_experts_per_tok=3, intermediate_size=40,
                             norm_topk_prob=False, pad_token_id=0, eos_token_id=2,
                             tie_word_embeddings=False)),
@@ -336,6 +344,9 @@ def randomize_(model: torch.nn.Module, seed: int, scale: float = 0.08) -> torch.
                 p.copy_(torch.randn(p.shape, generator=g) * 0.1)
             else:
                 p.copy_(torch.randn(p.shape, generator=g) * scale)
+        for name, b in model.named_buffers():
+            if name.endswith("expert_bias"):     # LFM2-MoE's router bias (a buffer there)
+                b.copy_(torch.randn(b.shape, generator=g) * 0.3)
     return model
 
 

@@ -124,6 +124,8 @@ SUPPORTED_ARCHITECTURES = {
     # LFM2 (Liquid): a hybrid of gated short-convolution layers and attention layers with
     # q / k norms; the conv layers keep a per-sequence state (engine: a state slot)
     "Lfm2ForCausalLM": "lfm2",
+    # LFM2-MoE (LFM2-8B-A1B): LFM2's layers, sigmoid-routed experts after the dense ones
+    "Lfm2MoeForCausalLM": "lfm2_moe",
     # Qwen3.5 (dense): Gated DeltaNet linear-attention layers (a recurrent state per
     # sequence) and, every fourth layer, gated attention with (1 + w) q / k norms
     "Qwen3_5ForCausalLM": "qwen3_5",
@@ -180,7 +182,7 @@ _MODEL_TYPES = {"llama": "llama", "mistral": "mistral", "ministral": "ministral"
                 "falcon": "falcon", "RefinedWeb": "falcon", "RefinedWebModel": "falcon",
                 "mpt": "mpt", "nemotron": "nemotron", "arcee": "arcee", "jais2": "jais2",
                 "apertus": "apertus",
-                "olmo": "olmo", "nanochat": "nanochat", "lfm2": "lfm2",
+                "olmo": "olmo", "nanochat": "nanochat", "lfm2": "lfm2", "lfm2_moe": "lfm2_moe",
                 "qwen3_5_text": "qwen3_5", "qwen3_5": "qwen3_5",
                 "qwen3_5_moe_text": "qwen3_5_moe", "qwen3_5_moe": "qwen3_5_moe", "falcon_h1": "falcon_h1",
                 "nemotron_h": "nemotron_h"}
@@ -188,7 +190,9 @@ _MODEL_TYPES = {"llama": "llama", "mistral": "mistral", "ministral": "ministral"
 _LEARNED_POSITIONS = ("gpt2", "opt", "gpt_bigcode", "gpt_neo")
 _GEMMA = ("gemma", "gemma2", "gemma3", "vaultgemma")
 #: the mixture-of-experts families (models/moe.py)
-_MOE = ("qwen3_moe", "qwen2_moe", "mixtral", "granitemoe", "olmoe", "qwen3_5_moe")
+_MOE = ("qwen3_moe", "qwen2_moe", "mixtral", "granitemoe", "olmoe", "qwen3_5_moe", "lfm2_moe")
+#: LFM2's hybrid decoders (short conv + attention), dense and MoE
+_LFM2 = ("lfm2", "lfm2_moe")
 #: Qwen3.5's hybrid decoders (Gated DeltaNet + gated attention), dense and MoE
 _QWEN3_5 = ("qwen3_5", "qwen3_5_moe")
 #: Multimodal architectures whose text decoder is served (text-only prompts): the
@@ -398,6 +402,12 @@ class DecoderConfig:
     shared_expert_intermediate_size: int = 0
     # False (Granite 4.0-H MoE): the shared expert's output is added as is, no sigmoid gate
     shared_expert_gated: bool = True
+    # The router: "softmax" (top-k of the softmax), or "sigmoid" (LFM2-MoE: experts chosen
+    # by sigmoid(logit) + a learned per-expert bias when moe_expert_bias, weighted by the
+    # sigmoids, renormalized when norm_topk_prob), times moe_routed_scaling
+    moe_router: str = "softmax"
+    moe_expert_bias: bool = False
+    moe_routed_scaling: float = 1.0
     # HF quantization_config (GPTQ/AWQ checkpoints), None for dense checkpoints.
     quantization_config: dict[str, Any] | None = None
     torch_dtype: str | None = None         # the checkpoint's stored dtype, informational
@@ -449,6 +459,12 @@ class DecoderConfig:
             if self.moe_intermediate_size <= 0:
                 raise ValueError(f"config.moe_intermediate_size must be > 0, got "
                                  f"{self.moe_intermediate_size}")
+            if self.moe_router not in ("softmax", "sigmoid"):
+                raise ValueError(f"config.moe_router must be 'softmax' or 'sigmoid', got "
+                                 f"{self.moe_router!r}")
+            if not self.moe_routed_scaling > 0:
+                raise ValueError(f"config.moe_routed_scaling must be > 0, got "
+                                 f"{self.moe_routed_scaling!r}")
             if self.activation != "silu":
                 raise UnsupportedModelError(f"experts with hidden_act {self.hidden_act!r} "
                                             "are not supported (SiLU-gated experts)")
@@ -699,7 +715,7 @@ class DecoderConfig:
             rms_norm_eps=float(hf.get("layer_norm_eps", 1e-5))
             if family in ("stablelm", "phi", "gpt_neox", "gptj", "falcon", "mpt", "jais2") or
             cohere or learned or bloom else
-            float(hf.get("norm_eps", 1e-5)) if nemotron or family == "lfm2" else
+            float(hf.get("norm_eps", 1e-5)) if nemotron or family in _LFM2 else
             1e-5 if family == "olmo" else         # (OLMo 1's LayerNorm: a fixed eps)
             float(hf.get("norm_epsilon", 1e-5)) if family == "starcoder2" else
             float(hf.get("rms_norm_eps", 1e-6)),
@@ -728,7 +744,7 @@ class DecoderConfig:
                 falcon and hf["_falcon_grouped"]),
 
             tie_word_embeddings=bool(hf.get("tie_word_embeddings",
-                                            gemma or family in ("starcoder2", "lfm2") or
+                                            gemma or family in ("starcoder2",) + _LFM2 or
                                             cohere or learned or bloom or falcon or mpt)),
             eos_token_ids=eos,
             bos_token_id=None if bos is None else int(bos),
@@ -744,14 +760,14 @@ class DecoderConfig:
                 family in ("ernie4_5", "starcoder2", "phi") and attention_bias) or neox or \
             learned or bloom or gptj,
             qk_norm=family in ("qwen3", "qwen3_moe", "gemma3", "olmo2", "olmo3", "olmoe",
-                               "exaone4", "hunyuan", "nanochat", "apertus", "lfm2",
+                               "exaone4", "hunyuan", "nanochat", "apertus", *_LFM2,
                                *_QWEN3_5),
             layer_mixers=hf.get("_layer_mixers"),
             layer_mlps=hf.get("_layer_mlps"),
-            conv_kernel=int(hf.get("conv_L_cache", 3)) if family == "lfm2" else
+            conv_kernel=int(hf.get("conv_L_cache", 3)) if family in _LFM2 else
             int(hf.get("linear_conv_kernel_dim", 4)) if family in _QWEN3_5 else
             hf.get("_conv", (0, False))[0],
-            conv_bias=bool(hf.get("conv_bias", False)) if family == "lfm2" else
+            conv_bias=bool(hf.get("conv_bias", False)) if family in _LFM2 else
             hf.get("_conv", (0, False))[1],
             **hf.get("_mamba", {}),
             **hf.get("_fields", {}),
@@ -1137,16 +1153,17 @@ def _mpt_config(hf: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _lfm2_config(hf: Mapping[str, Any]) -> dict[str, Any]:
+def _lfm2_config(hf: Mapping[str, Any], adjust_mlp: bool = True) -> dict[str, Any]:
     """LFM2's keys: the MLP width after its auto-adjustment (2/3, times
-    block_ffn_dim_multiplier, rounded up to block_multiple_of; transformers' Lfm2MLP),
-    each layer's mixer from layer_types (or full_attn_idxs), tie_embedding."""
+    block_ffn_dim_multiplier, rounded up to block_multiple_of; transformers' Lfm2MLP; not
+    LFM2-MoE's dense MLPs), each layer's mixer from layer_types (or full_attn_idxs),
+    tie_embedding."""
     out = dict(hf)
     inter = hf.get("block_ff_dim") or hf.get("intermediate_size")
     if inter is None:
         raise ValueError("config.json is missing 'intermediate_size'")
     inter = int(inter)
-    if hf.get("block_auto_adjust_ff_dim", True):
+    if adjust_mlp and hf.get("block_auto_adjust_ff_dim", True):
         inter = int(2 * inter / 3)
         mult = hf.get("block_ffn_dim_multiplier", 1.0)
         if mult is not None:
@@ -1299,6 +1316,7 @@ _KEY_READERS: dict[str, Any] = {
     "bloom": lambda hf, _: _bloom_config(hf), "gptj": lambda hf, _: _gpt2_keys(hf),
     "falcon": lambda hf, _: _falcon_config(hf), "mpt": lambda hf, _: _mpt_config(hf),
     "lfm2": lambda hf, _: _lfm2_config(hf),
+    "lfm2_moe": lambda hf, _: _lfm2_config(hf, adjust_mlp=False),
     **{family: lambda hf, _: _qwen3_5_config(hf) for family in ("qwen3_5", "qwen3_5_moe")},
     "falcon_h1": lambda hf, _: _falcon_h1_config(hf),
     "nemotron_h": lambda hf, _: _nemotron_h_config(hf)}
@@ -1357,7 +1375,7 @@ def _rope_from_hf(hf: Mapping[str, Any], family: str
         local_theta = float(hf.get("rope_local_base_freq", 10000.0))
     elif family == "olmo3":   # its rope_scaling is the full-attention layers' only
         local_theta = float(hf.get("rope_theta", 10000.0))
-    default_theta = 1e6 if family in ("gemma3", "lfm2") else 10000.0
+    default_theta = 1e6 if family in ("gemma3",) + _LFM2 else 10000.0
     if isinstance(params, Mapping) and params:
         rope_theta = float(params.get("rope_theta", hf.get("rope_theta", default_theta)))
         scaling = {k: v for k, v in params.items() if k != "rope_theta"}
@@ -1432,6 +1450,14 @@ def _moe_from_hf(hf: Mapping[str, Any], family: str, num_layers: int) -> dict[st
     experts = int(hf.get("num_experts") or hf.get("num_local_experts") or 0)
     layers = list(range(num_layers))
     size = int(hf.get("intermediate_size", 0))
+    if family == "lfm2_moe":       # the first num_dense_layers layers are dense
+        layers = layers[int(hf.get("num_dense_layers", 2)):]
+        return dict(num_experts=experts,
+                    num_experts_per_tok=int(hf.get("num_experts_per_tok", 4)),
+                    moe_intermediate_size=int(hf.get("moe_intermediate_size", 0)),
+                    norm_topk_prob=bool(hf.get("norm_topk_prob", True)), moe_layers=layers,
+                    moe_router="sigmoid", moe_expert_bias=bool(hf.get("use_expert_bias", True)),
+                    moe_routed_scaling=float(hf.get("routed_scaling_factor", 1.0)))
     if family in ("qwen3_moe", "qwen2_moe", "qwen3_5_moe"):
         step = int(hf.get("decoder_sparse_step", 1) or 1)
         dense = set(hf.get("mlp_only_layers") or [])

@@ -168,6 +168,7 @@ _EXPERT_RE = re.compile(r"^layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate_proj|up_pro
                         r"\.(\w+)$")
 _STACKED_EXPERTS_RE = re.compile(r"^layers\.(\d+)\.mlp\.experts\.(gate_up_proj|down_proj)$")
 _ROUTER_RE = re.compile(r"^layers\.(\d+)\.mlp\.(gate|shared_expert_gate)\.weight$")
+_EXPERT_BIAS_RE = re.compile(r"^layers\.(\d+)\.mlp\.expert_bias$")      # LFM2-MoE
 _SHARED_EXPERT_RE = re.compile(r"^layers\.(\d+)\.mlp\.shared_expert\.(\w+)\.(\w+)$")
 _IGNORED = re.compile(r"(rotary_emb\.inv_freq|\.bias_correction|\.wf_?\w*|\.weight_shape)$"
                       r"|^score\.(weight|bias)$"   # a classifier's head: mk.Classifier reads it
@@ -256,6 +257,9 @@ def map_name(name: str) -> tuple[str, int | None, str] | None:
     m = _ROUTER_RE.match(n)
     if m:
         return f"layers.{m.group(1)}.mlp.{m.group(2)}", None, "weight"
+    m = _EXPERT_BIAS_RE.match(n)
+    if m:
+        return f"layers.{m.group(1)}.mlp", None, "expert_bias"
     m = _SHARED_EXPERT_RE.match(n)
     if m and m.group(2) in _SHARDS:
         target, shard = _SHARDS[m.group(2)]
@@ -552,6 +556,12 @@ _LFM2_PARTS = ((".operator_norm.", ".input_layernorm."),
                (".feed_forward.w2.", ".mlp.down_proj."))
 
 
+#: LFM2-MoE's (LFM2's, and its experts, router and expert bias under Qwen3-MoE's names)
+_LFM2_MOE_PARTS = _LFM2_PARTS + ((".feed_forward.experts.", ".mlp.experts."),
+                                 (".w1.", ".gate_proj."), (".w3.", ".up_proj."),
+                                 (".w2.", ".down_proj."), (".feed_forward.gate.", ".mlp.gate."),
+                                 (".feed_forward.expert_bias", ".mlp.expert_bias"))
+
 #: Falcon-H1's names (its final norm, the norm before the MLP, the MLP's "feed_forward")
 _FALCON_H1_PREFIXES = (("model.final_layernorm.", "model.norm."),)
 _FALCON_H1_PARTS = ((".pre_ff_layernorm.", ".post_attention_layernorm."),
@@ -607,6 +617,7 @@ _FAMILY_NAMES = {"gpt_neox": (_NEOX_PREFIXES, _NEOX_PARTS),
                  "falcon": (_BLOOM_PREFIXES, _FALCON_PARTS),
                  "mpt": (_MPT_PREFIXES, _MPT_PARTS),
                  "lfm2": (_LFM2_PREFIXES, _LFM2_PARTS),
+                 "lfm2_moe": (_LFM2_PREFIXES, _LFM2_MOE_PARTS),
                  "falcon_h1": (_FALCON_H1_PREFIXES, _FALCON_H1_PARTS)}
 
 
@@ -915,6 +926,8 @@ def _load_hf(model_dir: str, dtype: str | torch.dtype, device: torch.device,
             expected.update((name, None, p) for p in ("dt_bias", "A_log"))
         elif isinstance(mod, Mamba2Mixer):
             expected.update((name, None, p) for p in ("dt_bias", "A_log", "D"))
+        elif isinstance(getattr(mod, "expert_bias", None), torch.nn.Parameter):
+            expected.add((name, None, "expert_bias"))           # LFM2-MoE's router bias
         elif name and hasattr(mod, "weight") and isinstance(getattr(mod, "weight"),
                                                             torch.nn.Parameter):
             expected.add((name, None, "weight"))

@@ -349,6 +349,11 @@ class SparseMoE(nn.Module):
         self.gate = nn.Linear(c.hidden_size, c.num_experts, bias=False, dtype=dtype,
                               device=device)
         self.gate.weight.requires_grad_(False)
+        # LFM2-MoE: sigmoid scores, chosen with a learned per-expert bias, scaled
+        self.router = c.moe_router
+        self.routed_scaling = float(c.moe_routed_scaling)
+        self.expert_bias = nn.Parameter(torch.zeros(c.num_experts, dtype=dtype, device=device),
+                                        requires_grad=False) if c.moe_expert_bias else None
         self.experts = FusedExperts(c.num_experts, c.hidden_size, c.moe_intermediate_size // p,
                                     dtype, device, dense)
         self.shared_expert = self.shared_expert_gate = None
@@ -365,8 +370,25 @@ class SparseMoE(nn.Module):
         """(weights fp32 [T, k] (rounded through the model dtype), expert ids int32 [T, k]):
         ``ops.topk_softmax`` on the router logits (softmax in fp32, top-k, renormalized
         when ``norm_topk_prob``; equal logits pick the lower expert id)."""
+        if self.router == "sigmoid":
+            return self._route_sigmoid(x)
         weights, ids = ops.topk_softmax(self.gate(x), self.top_k, self.norm_topk_prob)
         return weights.to(x.dtype).float(), ids
+
+    def _route_sigmoid(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """LFM2-MoE's router (transformers' Lfm2MoeTopKRouter): s = sigmoid(logits); the
+        top-k experts of s (+ expert_bias: it only chooses); weights s of those,
+        renormalized (sum + 1e-6) when norm_topk_prob, times routed_scaling; fp32 math,
+        weights rounded through the model dtype."""
+        scores = torch.sigmoid(self.gate(x).float())
+        choice = scores if self.expert_bias is None else scores + self.expert_bias.float()
+        ids = torch.topk(choice, self.top_k, dim=-1).indices
+        weights = scores.gather(1, ids)
+        if self.norm_topk_prob:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-6)
+        if self.routed_scaling != 1.0:
+            weights = weights * self.routed_scaling
+        return weights.to(x.dtype).float(), ids.to(torch.int32)
 
     def forward(self, x: Tensor) -> Tensor:
         weights, ids = self.route(x)
