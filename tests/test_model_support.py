@@ -136,6 +136,11 @@ CASES: dict[str, tuple[str, dict[str, Any]]] = {
             "linear_attention", "mlp", "full_attention", "mlp", "linear_attention"],
         mamba_num_heads=8, mamba_head_dim=16, n_groups=2, ssm_state_size=12,
         conv_kernel=4, layer_norm_epsilon=1e-5, tie_word_embeddings=False)),
+    # Bamba: Mamba-2 layers (2 groups) and an attention layer (half rope), SwiGLU MLPs
+    "bamba": ("Bamba", dict(
+        num_hidden_layers=3, attn_layer_indices=[1], head_dim=16, mamba_n_heads=8,
+        mamba_n_groups=2, mamba_d_state=12, mamba_d_conv=4, mamba_proj_bias=True,
+        tie_word_embeddings=False)),
     # HunYuan dense (0.5B - 7B): per-head q / k norms after rope, fixed-alpha NTK rope.
     "hunyuan-ntk": ("HunYuanDenseV1", dict(head_dim=16, tie_word_embeddings=True,
                                            rope_scaling={"type": "dynamic", "alpha": 50.0,

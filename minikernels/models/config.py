@@ -135,6 +135,9 @@ SUPPORTED_ARCHITECTURES = {
     # Falcon-H1: every layer runs Mamba-2 and attention in parallel from one norm (their
     # outputs summed), with muP multipliers on the branches, the MLP and the logits
     "FalconH1ForCausalLM": "falcon_h1",
+    # Bamba (IBM): Granite 4.0-H's Mamba-2 layers and attention (half rope) layers, each
+    # with a SwiGLU MLP
+    "BambaForCausalLM": "bamba",
     # Nemotron-H (Nemotron-H 4B / 8B, NVIDIA Nemotron Nano 2): single-role blocks, each one
     # norm and one of Mamba-2, attention (no rope) or a squared-ReLU MLP
     "NemotronHForCausalLM": "nemotron_h",
@@ -185,6 +188,7 @@ _MODEL_TYPES = {"llama": "llama", "mistral": "mistral", "ministral": "ministral"
                 "olmo": "olmo", "nanochat": "nanochat", "lfm2": "lfm2", "lfm2_moe": "lfm2_moe",
                 "qwen3_5_text": "qwen3_5", "qwen3_5": "qwen3_5",
                 "qwen3_5_moe_text": "qwen3_5_moe", "qwen3_5_moe": "qwen3_5_moe", "falcon_h1": "falcon_h1",
+                "bamba": "bamba",
                 "nemotron_h": "nemotron_h"}
 #: the families with learned absolute position embeddings (no rope)
 _LEARNED_POSITIONS = ("gpt2", "opt", "gpt_bigcode", "gpt_neo")
@@ -710,7 +714,8 @@ class DecoderConfig:
             rope_scaling=rope_scaling,
             partial_rotary_factor=float(partial) if partial is not None else
             (0.5 if family in ("glm", "glm4", "nemotron") else
-             0.25 if family in ("stablelm",) + _QWEN3_5 else 1.0),
+             0.25 if family in ("stablelm",) + _QWEN3_5 else
+             0.5 if family == "bamba" else 1.0),
             rope_interleaved=family in ("glm", "glm4", "ernie4_5", "helium", "gptj") or cohere,
             rms_norm_eps=float(hf.get("layer_norm_eps", 1e-5))
             if family in ("stablelm", "phi", "gpt_neox", "gptj", "falcon", "mpt", "jais2") or
@@ -1204,6 +1209,22 @@ def _mamba2_fields(hf: Mapping[str, Any], inner: int) -> dict[str, Any]:
                 mamba_dt_limit=(_json_float(limit[0]), _json_float(limit[1])))
 
 
+def _bamba_config(hf: Mapping[str, Any]) -> dict[str, Any]:
+    """Bamba's keys: attention at attn_layer_indices, Mamba-2 elsewhere (Granite 4.0-H's
+    mixer: the norm after the gate per group, mamba_proj_bias on both projections);
+    transformers always rotates half of each head (partial_rotary_factor 0.5)."""
+    out = dict(hf)
+    n = int(hf.get("num_hidden_layers") or 0)
+    attn = set(hf.get("attn_layer_indices") or ())
+    out["_layer_mixers"] = ["attention" if i in attn else "mamba2" for i in range(n)]
+    inner = int(hf.get("mamba_expand", 2)) * int(hf.get("hidden_size") or 0)
+    out["_mamba"] = dict(_mamba2_fields(hf, inner),
+                         mamba_out_bias=bool(hf.get("mamba_proj_bias", False)))
+    out["_conv"] = (int(hf.get("mamba_d_conv", 4)), bool(hf.get("mamba_conv_bias", True)))
+    out["partial_rotary_factor"] = 0.5
+    return out
+
+
 def _falcon_h1_config(hf: Mapping[str, Any]) -> dict[str, Any]:
     """Falcon-H1's keys: every layer "mamba2_attention"; the Mamba inner width
     (mamba_d_ssm, else mamba_expand x hidden); its norm options; the muP multipliers
@@ -1319,6 +1340,7 @@ _KEY_READERS: dict[str, Any] = {
     "lfm2_moe": lambda hf, _: _lfm2_config(hf, adjust_mlp=False),
     **{family: lambda hf, _: _qwen3_5_config(hf) for family in ("qwen3_5", "qwen3_5_moe")},
     "falcon_h1": lambda hf, _: _falcon_h1_config(hf),
+    "bamba": lambda hf, _: _bamba_config(hf),
     "nemotron_h": lambda hf, _: _nemotron_h_config(hf)}
 
 

@@ -618,7 +618,8 @@ _FAMILY_NAMES = {"gpt_neox": (_NEOX_PREFIXES, _NEOX_PARTS),
                  "mpt": (_MPT_PREFIXES, _MPT_PARTS),
                  "lfm2": (_LFM2_PREFIXES, _LFM2_PARTS),
                  "lfm2_moe": (_LFM2_PREFIXES, _LFM2_MOE_PARTS),
-                 "falcon_h1": (_FALCON_H1_PREFIXES, _FALCON_H1_PARTS)}
+                 "falcon_h1": (_FALCON_H1_PREFIXES, _FALCON_H1_PARTS),
+                 "bamba": (_FALCON_H1_PREFIXES, _FALCON_H1_PARTS)}     # (the same names)
 
 
 def _materialized(tensor: Any) -> Tensor:
