@@ -228,6 +228,7 @@ def op_cases(device: str, dtype: torch.dtype, small: bool) -> list[Case]:
                       lambda: ops.fused_moe(xm, w13, w2, mw, mids)))
     cases += w8a8_block_fp8_cases(device, dtype, s)
     cases += int8_w8a8_cases(device, dtype, s)
+    cases += recurrent_cases(device, dtype, s)
     return cases
 
 
@@ -326,6 +327,154 @@ def int8_w8a8_cases(device: str, dtype: torch.dtype, s: int) -> list[Case]:
     return cases
 
 
+def recurrent_cases(device: str, dtype: torch.dtype, s: int) -> list[Case]:
+    """The hybrid models' recurrent mixers as the engine calls them: a decode step (256
+    sequences of one token) and a prefill batch (4 prompts of 1024 tokens), each sequence's
+    state in a shuffled slot of a pool, index checks off and max_seqlen given (no host
+    syncs, as the engine's forward runs).
+
+    - causal_conv1d: Qwen3.5-0.8B's q/k/v conv (D = 2 x 16 x 128 + 16 x 128 = 6144, W 4,
+      SiLU) and LFM2-1.2B's short conv (D = hidden 2048, W 3 (conv_L_cache), no
+      activation, no bias); conv state in the model dtype. Peer: transformers'
+      causal_conv1d_update (decode) / cat + depthwise F.conv1d (prefill), written out below,
+      on a per-batch state (transformers' cache layout: no slot indirection). Bytes: x +
+      out + the state read and written + the weights.
+    - gated_delta_rule: Qwen3.5-0.8B's Gated DeltaNet (Hk = Hv = 16, dk = dv = 128, l2norm
+      on q / k, fp32 state [Hv, dk, dv] = 1 MiB per sequence), q / k / v views of the conv
+      output. Peer (GPU only, where transformers has Qwen3.5 / Qwen3-Next):
+      torch_recurrent_gated_delta_rule (decode) / torch_chunk_gated_delta_rule (prefill),
+      the pure-torch functions under transformers' hub-kernel wrappers (never fla), on a
+      per-batch state, the final state copied back as transformers' cache does. Bytes:
+      the state read and written + q, k, v, g, beta, o. FLOPs: the recurrence's
+      7 x dk x dv per token and head.
+    - mamba2_scan: Granite-4.0-H-micro's Mamba-2 (H = 64 heads of P = 64, N = 128, one
+      group; transformers' GraniteMoeHybridConfig defaults are H-Small's 128 heads and
+      N 256), x / B / C views of the conv output, fp32 state [H, P, N] = 2 MiB per
+      sequence. Peer (GPU only): transformers' granitemoehybrid
+      mamba2_selective_state_update (decode, per-head values expanded to [H, P(, N)] as
+      the layer does) / mamba2_chunk_scan (prefill, chunk 256), pure-torch paths. Bytes:
+      the state read and written + x, y, B, C, dt. FLOPs: 5 x P x N per token and head.
+    The prefill rows are the recurrent kernels (one token per step, no tensor cores)
+    against chunked torch: see bench/NOTES.md."""
+    import torch
+
+    from .. import ops
+    from .._validation import index_checks
+    es = torch.finfo(dtype).bits // 8
+    on_gpu = device.startswith("cuda")
+
+    def batch(n: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cu_seqlens of n sequences of ``length`` tokens and their shuffled pool slots."""
+        cu = torch.arange(n + 1, device=device, dtype=torch.int32) * length
+        return cu, torch.randperm(n, device=device).to(torch.int32)
+
+    def unsynced(fn: Callable[[], object]) -> Callable[[], object]:
+        def call():
+            with index_checks(False):
+                return fn()
+        return call
+
+    def try_peer(name: str, fn: Callable[[], object]) -> Callable[[], object] | None:
+        try:        # a peer this transformers cannot run is left out, not fatal
+            fn()
+            return fn
+        except Exception as exc:  # noqa: BLE001
+            print(f"peer {name} skipped: {type(exc).__name__}: {exc}")
+            return None
+
+    shapes = ((256 // s, 1), (4, 1024 // s))             # decode, prefill
+    cases = []
+    for model, dim, width, silu in (("Qwen3.5-0.8B", 6144 // s, 4, True),
+                                    ("LFM2-1.2B", 2048 // s, 3, False)):
+        wconv = torch.randn(dim, width, device=device, dtype=dtype) / width ** 0.5
+        for n, length in shapes:
+            t = n * length
+            cu, slots = batch(n, length)
+            x = torch.randn(t, dim, device=device, dtype=dtype)
+            pool = torch.randn(n, dim, width - 1, device=device, dtype=dtype)
+            hf_state = pool.clone()
+            act = "silu" if silu else None
+            peer = torch_conv_update if length == 1 else torch_conv_prefill
+            cases.append(Case(
+                f"causal_conv1d {'decode' if length == 1 else 'prefill'} ({model})",
+                f"{n}x{length} D{dim} W{width}{' silu' if silu else ''}",
+                unsynced(lambda x=x, w=wconv, cu=cu, pool=pool, slots=slots, act=act,
+                         length=length: ops.causal_conv1d(
+                             x, w, None, cu_seqlens=cu, conv_state=pool, state_indices=slots,
+                             activation=act, max_seqlen=length)),
+                2 * t * dim * es + 2 * n * dim * (width - 1) * es + dim * width * es, 0,
+                ("triton",),
+                lambda peer=peer, x=x, w=wconv, st=hf_state, silu=silu: peer(x, w, None, st,
+                                                                             silu)))
+
+    hk = hv = 16 // (4 if s > 1 else 1)
+    dk = dv = 128 // (4 if s > 1 else 1)
+    hf_gdn = hf_gated_delta_fns() if on_gpu else None
+    for n, length in shapes:
+        t = n * length
+        cu, slots = batch(n, length)
+        qkv = torch.randn(t, 2 * hk * dk + hv * dv, device=device, dtype=dtype)
+        q, k, v = (part.view(t, -1, d) for part, d in
+                   zip(qkv.split([hk * dk, hk * dk, hv * dv], dim=-1), (dk, dk, dv)))
+        g = torch.nn.functional.logsigmoid(torch.randn(t, hv, device=device) + 3)   # < 0
+        beta = torch.sigmoid(torch.randn(t, hv, device=device)).to(dtype)
+        state = torch.randn(n, hv, dk, dv, device=device) / dk
+        hf_state = state.clone()
+        phase = "decode" if length == 1 else "prefill"
+        peer = None
+        if hf_gdn is not None:
+            fn = hf_gdn[0] if length == 1 else hf_gdn[1]
+            peer = try_peer(f"{fn.__name__} ({phase})",
+                            lambda fn=fn, q=q, k=k, v=v, g=g, beta=beta, st=hf_state, n=n:
+                            hf_gated_delta(fn, q, k, v, g, beta, st, n))
+        cases.append(Case(
+            f"gated_delta_rule {phase} (Qwen3.5-0.8B)",
+            f"{n}x{length} Hk{hk} Hv{hv} d{dk} l2norm fp32-state",
+            unsynced(lambda q=q, k=k, v=v, g=g, beta=beta, cu=cu, st=state, slots=slots,
+                     length=length: ops.gated_delta_rule(
+                         q, k, v, g, beta, cu_seqlens=cu, state=st, state_indices=slots,
+                         use_qk_l2norm=True, max_seqlen=length)),
+            2 * n * hv * dk * dv * 4 + t * (2 * hk * dk + 2 * hv * dv) * es
+            + t * hv * (4 + es), 7 * t * hv * dk * dv, ("triton",), peer))
+
+    heads, hdim = 64 // (8 if s > 1 else 1), 64 // (4 if s > 1 else 1)
+    groups, nstate, chunk = 1, 128 // (4 if s > 1 else 1), 256
+    hf_mamba = hf_mamba2_fns() if on_gpu else None
+    a_neg = -torch.exp(torch.rand(heads, device=device) * 2)              # -exp(A_log), fp32
+    d_skip = torch.ones(heads, device=device, dtype=dtype)
+    dt_bias = torch.rand(heads, device=device, dtype=dtype) - 2
+    for n, length in shapes:
+        t = n * length
+        cu, slots = batch(n, length)
+        xbc = torch.randn(t, heads * hdim + 2 * groups * nstate, device=device, dtype=dtype)
+        xs, bm, cm = xbc.split([heads * hdim, groups * nstate, groups * nstate], dim=-1)
+        xs, bm, cm = xs.view(t, heads, hdim), bm.view(t, groups, nstate), cm.view(t, groups,
+                                                                                  nstate)
+        dt = torch.randn(t, heads, device=device, dtype=dtype)
+        state = torch.randn(n, heads, hdim, nstate, device=device) / nstate
+        hf_state = state.clone()
+        phase = "decode" if length == 1 else "prefill"
+        peer = None
+        if hf_mamba is not None:
+            fn = hf_mamba[0] if length == 1 else hf_mamba[1]
+            peer = try_peer(f"{fn.__name__} ({phase})",
+                            lambda fn=fn, xs=xs, dt=dt, bm=bm, cm=cm, st=hf_state, n=n:
+                            hf_mamba2(fn, xs, dt, a_neg, bm, cm, d_skip, dt_bias, st, n,
+                                      chunk))
+        cases.append(Case(
+            f"mamba2_scan {phase} (Granite-4.0-H-micro)",
+            f"{n}x{length} H{heads} P{hdim} N{nstate} G{groups} fp32-state",
+            unsynced(lambda xs=xs, dt=dt, bm=bm, cm=cm, cu=cu, st=state, slots=slots,
+                     length=length: ops.mamba2_scan(
+                         xs, dt, a_neg, bm, cm, cu_seqlens=cu, D=d_skip, dt_bias=dt_bias,
+                         dt_softplus=True, state=st, state_indices=slots,
+                         max_seqlen=length)),
+            2 * n * heads * hdim * nstate * 4
+            + t * (2 * heads * hdim + 2 * groups * nstate + heads) * es,
+            5 * t * heads * hdim * nstate, ("triton",), peer))
+    return cases
+
+
 def int8_matmul_cases(device: str, dtype: torch.dtype, s: int) -> list[Case]:
     """int8 W8A16 (uint8 weight, g128 scales and zero points: GPTQ 8-bit / compressed-
     tensors W8A16's layout after conversion; x stays in dtype) at M = 1, 16, 4096 on an
@@ -386,6 +535,107 @@ def fp8_matmul_cases(device: str, dtype: torch.dtype, s: int) -> list[Case]:
             n * k + w8_scale.numel() * 4 + m * (n + k) * es, 2 * m * n * k, ("triton",),
             lambda xm=xm: xm @ wdense.t(), extra_peers=tuple(peers)))
     return cases
+
+
+def torch_conv_update(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                      conv_state: torch.Tensor, silu: bool) -> torch.Tensor:
+    """The torch peer of causal_conv1d for decode: transformers' causal_conv1d_update on
+    one token per sequence (x [B, D]; conv_state [B, D, W - 1], row b = sequence b): the
+    state and the token concatenated, the last W - 1 columns copied back into the state,
+    a depthwise F.conv1d over the W columns."""
+    import torch
+
+    xx = torch.cat([conv_state, x.unsqueeze(-1)], dim=-1)                   # [B, D, W]
+    conv_state.copy_(xx[:, :, 1:])
+    out = torch.nn.functional.conv1d(xx, weight.unsqueeze(1), bias, groups=x.shape[1])
+    out = out.squeeze(-1)
+    return torch.nn.functional.silu(out) if silu else out
+
+
+def torch_conv_prefill(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                       conv_state: torch.Tensor, silu: bool) -> torch.Tensor:
+    """The torch peer of causal_conv1d for prefill: B sequences of equal length L
+    (x [B * L, D], token-major; conv_state [B, D, W - 1], row b = sequence b), batched: each
+    sequence's state ++ its inputs, one depthwise F.conv1d without padding, the last W - 1
+    columns copied back into the state, the output back to token-major [B * L, D]."""
+    import torch
+
+    n, d = conv_state.shape[0], x.shape[1]
+    xx = torch.cat([conv_state, x.view(n, -1, d).transpose(1, 2)], dim=-1)  # [B, D, W-1+L]
+    conv_state.copy_(xx[:, :, xx.shape[2] - conv_state.shape[2]:])
+    out = torch.nn.functional.conv1d(xx, weight.unsqueeze(1), bias, groups=d)  # [B, D, L]
+    if silu:
+        out = torch.nn.functional.silu(out)
+    return out.transpose(1, 2).reshape(-1, d)
+
+
+def hf_gated_delta_fns() -> tuple[Callable, Callable] | None:
+    """transformers' torch_recurrent_gated_delta_rule and torch_chunk_gated_delta_rule
+    (Qwen3.5's, else Qwen3-Next's), unwrapped from the hub-kernel decorators so an installed
+    fla never stands in for them; None (said once) where transformers lacks them."""
+    import inspect
+
+    for mod in ("qwen3_5.modeling_qwen3_5", "qwen3_next.modeling_qwen3_next"):
+        try:
+            m = __import__(f"transformers.models.{mod}", fromlist=["_"])
+            return (inspect.unwrap(m.torch_recurrent_gated_delta_rule),
+                    inspect.unwrap(m.torch_chunk_gated_delta_rule))
+        except Exception as exc:  # noqa: BLE001
+            err = exc
+    print(f"peer transformers gated delta rule skipped: {type(err).__name__}: {err}")
+    return None
+
+
+def hf_gated_delta(fn: Callable, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                   g: torch.Tensor, beta: torch.Tensor, state: torch.Tensor,
+                   n: int) -> torch.Tensor:
+    """One of transformers' gated delta rules on n equal-length sequences of the op's
+    varlen layout ([T, H, d] -> [n, L, H, d]), starting from the per-batch fp32 state
+    [n, Hv, dk, dv] and copying the final state back into it (transformers' cache copies
+    in place); the output back to [T, Hv, dv]."""
+    o, final = fn(*(t.reshape(n, -1, *t.shape[1:]) for t in (q, k, v, g, beta)),
+                  initial_state=state, output_final_state=True, use_qk_l2norm_in_kernel=True)
+    state.copy_(final)
+    return o.reshape(-1, *o.shape[2:])
+
+
+def hf_mamba2_fns() -> tuple[Callable, Callable] | None:
+    """transformers' granitemoehybrid mamba2_selective_state_update and mamba2_chunk_scan,
+    unwrapped from the hub-kernel decorators so an installed mamba_ssm never stands in for
+    them; None (said once) where transformers lacks them."""
+    import inspect
+
+    try:
+        from transformers.models.granitemoehybrid import modeling_granitemoehybrid as m
+        return (inspect.unwrap(m.mamba2_selective_state_update),
+                inspect.unwrap(m.mamba2_chunk_scan))
+    except Exception as exc:  # noqa: BLE001
+        print(f"peer transformers mamba2 skipped: {type(exc).__name__}: {exc}")
+        return None
+
+
+def hf_mamba2(fn: Callable, x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor,
+              B: torch.Tensor, C: torch.Tensor, D: torch.Tensor, dt_bias: torch.Tensor,
+              state: torch.Tensor, n: int, chunk: int) -> torch.Tensor:
+    """transformers' Mamba-2 torch path as GraniteMoeHybridMambaLayer calls it, on n
+    equal-length sequences of the op's varlen layout and the per-batch fp32 state
+    [n, H, P, N]: decode (one token each) through mamba2_selective_state_update with the
+    per-head values expanded to [H, P(, N)] (it updates the state in place); prefill
+    through mamba2_chunk_scan (chunk tokens per chunk), the final state copied back."""
+    import math
+
+    t, h, p = x.shape
+    nst = B.shape[2]
+    if t == n:
+        return fn(state, x, dt[:, :, None].expand(-1, -1, p),
+                  A[:, None, None].expand(-1, p, nst), B, C, D[:, None].expand(-1, p),
+                  z=None, dt_bias=dt_bias[:, None].expand(-1, p), dt_softplus=True)
+    y, final = fn(x.reshape(n, -1, h, p), dt.reshape(n, -1, h), A,
+                  B.reshape(n, -1, *B.shape[1:]), C.reshape(n, -1, *C.shape[1:]),
+                  chunk_size=chunk, D=D, z=None, dt_bias=dt_bias, dt_softplus=True,
+                  initial_states=state, dt_limit=(0.0, math.inf), return_final_states=True)
+    state.copy_(final)
+    return y.reshape(t, h, p)
 
 
 def loop_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
