@@ -49,11 +49,18 @@ def lfm2(tmp_path_factory):
     return _checkpoint("lfm2", tmp_path_factory)
 
 
-@pytest.fixture(scope="module", params=["lfm2", "qwen3_5", "granite4-h", "falcon_h1",
-                                                "nemotron_h"])
+@pytest.fixture(scope="module")
 def hybrid(request, tmp_path_factory):
-    """Each hybrid family: (checkpoint, prompts, transformers' greedy tokens)."""
+    """A hybrid family (the test's indirect parameter): (checkpoint, prompts,
+    transformers' greedy tokens)."""
     return _checkpoint(request.param, tmp_path_factory)
+
+
+#: every family: its state kinds (conv; conv + gated delta; conv + Mamba-2) and cache
+#: entries (states only; Falcon-H1's (k, v) + states; Nemotron-H's MLP blocks' ())
+FAMILIES = ["lfm2", "qwen3_5", "granite4-h", "falcon_h1", "nemotron_h"]
+#: the two recurrent ops whose fresh-start / resume flags matter beyond the conv's
+STATEFUL = ["qwen3_5", "granite4-h"]
 
 
 #: transformers' logprob of each greedy token, per prompt (by checkpoint path)
@@ -77,12 +84,12 @@ def _tokens(llm: mk.LLM, prompts, params=GREEDY) -> list[list[int]]:
     return [c.token_ids for c in outs]
 
 
-@pytest.mark.parametrize("kw", [
+@pytest.mark.parametrize(("hybrid", "kw"), [
     # async scheduling (the default), prompts prefilled in chunks, two slots reused by
-    # the later requests
-    {"max_num_batched_tokens": 16, "max_num_seqs": 2},
-    {"async_scheduling": False},
-], ids=["async-chunked-reuse", "sync"])
+    # the later requests: every family
+    *[(kind, {"max_num_batched_tokens": 16, "max_num_seqs": 2}) for kind in FAMILIES],
+    ("qwen3_5", {"async_scheduling": False}),
+], indirect=["hybrid"], ids=[f"{k}-async-chunked-reuse" for k in FAMILIES] + ["qwen3_5-sync"])
 def test_greedy_equals_transformers(hybrid, kw):
     path, prompts, want = hybrid
     llm = _llm(path, **kw)
@@ -92,6 +99,7 @@ def test_greedy_equals_transformers(hybrid, kw):
     assert _tokens(llm, prompts) == want
 
 
+@pytest.mark.parametrize("hybrid", STATEFUL, indirect=True)
 def test_preemption_recomputes_from_a_zero_state(hybrid):
     path, prompts, want = hybrid
     llm = _llm(path, num_kv_blocks=14, max_num_seqs=4)
@@ -99,6 +107,7 @@ def test_preemption_recomputes_from_a_zero_state(hybrid):
     assert llm.llm_engine.scheduler.num_preemptions > 0
 
 
+@pytest.mark.parametrize("hybrid", STATEFUL, indirect=True)
 def test_abort_frees_the_slot_for_a_fresh_sequence(hybrid):
     """A request aborted mid-decode leaves its slot with a stale state; the request that
     takes the slot next starts from zeros (has_initial_state False)."""
@@ -127,6 +136,7 @@ class EagerDecodeGraphs(_DecodeGraphs):
         return lambda: self._forward(bs)
 
 
+@pytest.mark.parametrize("hybrid", ["falcon_h1", "nemotron_h"], indirect=True)
 def test_decode_graph_buffers_carry_the_state_slots(hybrid):
     """Decode steps replayed from the static buffers (bucket 8 for 3 to 6 rows: padding
     rows with state slot -1) give transformers' tokens."""
