@@ -359,6 +359,41 @@ def test_bench_ops_writes_a_plot_and_reports_spread(tmp_path, capsys):
     assert all(r["runs"] == 3 and r["p10_us"] <= r["us"] <= r["p90_us"] for r in rows)
 
 
+def test_bench_ops_keeps_going_past_a_broken_case_and_writes_when_interrupted(
+        tmp_path, monkeypatch, capsys):
+    """A case that raises is named (rc 1) while the others are still measured; a SIGINT
+    (the GPU run's stage cap) still writes the rows measured before it."""
+    import json
+
+    from minikernels.benchmarks import ops as bench_ops
+
+    real = bench_ops.op_cases
+
+    def broken(device, dtype, small):
+        cases = real(device, dtype, small)[:3]
+        cases[1].run = lambda: 1 / 0
+        return cases
+    monkeypatch.setattr(bench_ops, "op_cases", broken)
+    assert main(["bench", "ops", "--device", "cpu", "--rep", "2", "--result-dir",
+                 str(tmp_path)]) == 1
+    meta = json.loads((tmp_path / "ops.json").read_text())
+    assert len(meta["rows"]) == 2 and "ZeroDivisionError" in meta["meta"]["failed"][0]
+
+    def interrupted(device, dtype, small):
+        cases = real(device, dtype, small)[:3]
+
+        def stop():
+            raise KeyboardInterrupt
+        cases[2].run = stop
+        return cases
+    monkeypatch.setattr(bench_ops, "op_cases", interrupted)
+    assert main(["bench", "ops", "--device", "cpu", "--rep", "2", "--result-dir",
+                 str(tmp_path)]) == 0
+    meta = json.loads((tmp_path / "ops.json").read_text())
+    assert len(meta["rows"]) == 2 and meta["meta"]["truncated"]
+    assert "interrupted" in capsys.readouterr().out
+
+
 def test_result_dir_in_help_is_where_files_go(monkeypatch, tmp_path):
     from minikernels.benchmarks import plumbing
 

@@ -15,7 +15,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from . import plumbing as B
 
@@ -738,45 +738,29 @@ def sort_top_k_top_p(logits: torch.Tensor, k: torch.Tensor | None,
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from ..backend import cuda_extension, use_backend
-
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, args.dtype)
     on_gpu = device.startswith("cuda")
     rep = args.rep or (50 if on_gpu else 10)
     ceil = B.ceilings(device)
-    rows = []
-    for case in op_cases(device, dtype, small=not on_gpu):
-        if on_gpu:
-            have_cuda = cuda_extension() is not None
-            backends = [b for b in case.backends if b != "cuda" or have_cuda]
-        else:
-            backends = ["reference"]
-        runs = [(b, case.run) for b in backends]
-        if case.peer is not None and on_gpu:
-            runs.append(("torch", case.peer))
-        if on_gpu:
-            runs.extend(case.extra_peers)
-        for name, fn in runs:
-            with use_backend(name if name in ("reference", "triton", "cuda") else "auto"):
-                t = B.time_stats(fn, warmup=2, rep=rep, device=device)
-            sec = t.median
-            row = {"op": case.op, "shape": case.shape, "backend": name, "us": sec * 1e6,
-                   "spread": t.spread, "p10_us": t.p10 * 1e6, "p90_us": t.p90 * 1e6,
-                   "runs": t.runs, "GB/s": case.nbytes / sec / 1e9,
-                   "TFLOP/s": case.flops / sec / 1e12 if case.flops else None}
-            if ceil["copy_bytes_per_s"]:
-                row["frac_bw"] = case.nbytes / sec / ceil["copy_bytes_per_s"]
-                row["frac_mma"] = (case.flops / sec / ceil["bf16_matmul_flops"]
-                                   if case.flops else None)
-            rows.append(row)
+    rows: list[dict] = []
+    failed: list[str] = []
+    truncated = False
+    try:
+        _time_cases(op_cases(device, dtype, small=not on_gpu), rows, failed, on_gpu, device,
+                    rep, ceil)
+    except KeyboardInterrupt:
+        # a time-capped run (bench/gpu_validation.sh sends SIGINT): keep the rows measured
+        truncated = True
+        print(f"interrupted: writing the {len(rows)} rows measured so far")
     cols = ["op", "shape", "backend", "us", "spread", "GB/s", "TFLOP/s", "frac_bw",
             "frac_mma"]
     print(B.markdown_table(rows, [c for c in cols if any(c in r for r in rows)]))
     print(f"spread = (p90 - p10) / median over {rep} runs per row.")
     if not on_gpu:
         print(f"note: {B.CPU_NOTE}.")
-    meta = {"ceilings": ceil, "dtype": args.dtype, "downsized": not on_gpu, "runs": rep}
+    meta = {"ceilings": ceil, "dtype": args.dtype, "downsized": not on_gpu, "runs": rep,
+            "truncated": truncated, "failed": failed}
     if not args.no_save:
         paths = B.write_results("ops", rows, meta, title="minikernels op benchmark",
                                 columns=[c for c in cols if any(c in r for r in rows)],
@@ -785,9 +769,52 @@ def run(args: argparse.Namespace) -> int:
     if args.output_json:
         B.write_json(args.output_json, rows, meta)
         print(f"wrote {args.output_json}")
-    if not math.isfinite(sum(r["us"] for r in rows)):
+    if failed or not math.isfinite(sum(r["us"] for r in rows)):
         return 1
     return 0
+
+
+def _time_cases(cases: "list[Case]", rows: list[dict], failed: list[str], on_gpu: bool,
+                device: str, rep: int, ceil: dict) -> None:
+    """Time every case's backends and peers into ``rows``; a case that raises is named in
+    ``failed`` (with its error) and the others still run."""
+    from ..backend import cuda_extension, use_backend
+
+    for case in cases:
+        try:
+            _time_case(case, rows, on_gpu, device, rep, ceil, cuda_extension, use_backend)
+        except Exception as e:  # noqa: BLE001 - one broken case must not hide the others
+            failed.append(f"{case.op} [{case.shape}]: {type(e).__name__}: {e}")
+            print(f"FAILED {failed[-1]}")
+
+
+def _time_case(case: "Case", rows: list[dict], on_gpu: bool, device: str, rep: int,
+               ceil: dict, cuda_extension: Any, use_backend: Any) -> None:
+    """One case: its backends (triton / cuda on a GPU, the reference on the CPU) and,
+    on a GPU, its peers, each a row."""
+    if on_gpu:
+        have_cuda = cuda_extension() is not None
+        backends = [b for b in case.backends if b != "cuda" or have_cuda]
+    else:
+        backends = ["reference"]
+    runs = [(b, case.run) for b in backends]
+    if case.peer is not None and on_gpu:
+        runs.append(("torch", case.peer))
+    if on_gpu:
+        runs.extend(case.extra_peers)
+    for name, fn in runs:
+        with use_backend(name if name in ("reference", "triton", "cuda") else "auto"):
+            t = B.time_stats(fn, warmup=2, rep=rep, device=device)
+        sec = t.median
+        row = {"op": case.op, "shape": case.shape, "backend": name, "us": sec * 1e6,
+               "spread": t.spread, "p10_us": t.p10 * 1e6, "p90_us": t.p90 * 1e6,
+               "runs": t.runs, "GB/s": case.nbytes / sec / 1e9,
+               "TFLOP/s": case.flops / sec / 1e12 if case.flops else None}
+        if ceil["copy_bytes_per_s"]:
+            row["frac_bw"] = case.nbytes / sec / ceil["copy_bytes_per_s"]
+            row["frac_mma"] = (case.flops / sec / ceil["bf16_matmul_flops"]
+                               if case.flops else None)
+        rows.append(row)
 
 
 def plot_ops(rows: list[dict], path) -> None:
