@@ -842,10 +842,14 @@ class ModelRunner:
                   - peak - sampler - states - (256 << 20))
         blocks = int(budget // bytes_per_block)
         if blocks < 1:
+            held = (f"; the recurrent state slots take {states / 2**30:.2f} GiB "
+                    f"({self.num_state_slots} slots: lower max_num_seqs)") if states else ""
             raise ValueError(f"no GPU memory left for the KV cache (budget {budget / 2**30:.2f}"
-                             f" GiB at gpu_memory_utilization={util}); raise it or lower "
+                             f" GiB at gpu_memory_utilization={util}{held}); raise it or lower "
                              f"max_num_batched_tokens")
-        logger.info("KV pool: %d blocks (%.2f GiB)", blocks, blocks * bytes_per_block / 2**30)
+        logger.info("KV pool: %d blocks (%.2f GiB)%s", blocks, blocks * bytes_per_block / 2**30,
+                    f"; recurrent states: {self.num_state_slots} slots ({states / 2**30:.2f} "
+                    f"GiB)" if states else "")
         return blocks
 
     def _profile_peak_bytes(self) -> int:
