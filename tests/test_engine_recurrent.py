@@ -162,10 +162,48 @@ def test_seeded_sampling_is_reproducible(lfm2):
     assert runs[0] == runs[1] == runs[2]
 
 
-def test_what_recurrent_models_refuse(lfm2):
+@pytest.mark.parametrize(("hybrid", "accepts"), [("qwen3_5", False), ("falcon_h1", True)],
+                         indirect=["hybrid"])
+def test_speculative_decoding_rolls_back_rejected_drafts(hybrid, accepts, tmp_path):
+    """n-gram and draft-model speculation on hybrid models: each verification step
+    snapshots its rows' states; a row with a rejected draft gets its state back and
+    recomputes its accepted tokens next step. Tokens and logprobs equal no speculation,
+    drafts were both accepted and rejected, and no slot or block leaks."""
+    path, _, _ = hybrid
+    prompts = [([5, 6, 7, 8, 9, 10] * 8)[:n] for n in (20, 33, 41)] + \
+        [[11, 12, 13, 11, 12, 13, 11, 12]]
+    params = mk.SamplingParams(max_tokens=24, ignore_eos=True, temperature=0.0, logprobs=0)
+
+    def run(**kw):
+        llm = _llm(path, **kw)
+        outs = [o.outputs[0] for o in llm.generate(prompts, params, use_tqdm=False)]
+        llm.llm_engine.check_no_leaks()
+        return outs, llm.llm_engine
+
+    want, _ = run()
+    draft = save_hf(make_hf_model("llama", seed=5), str(tmp_path / "draft"))   # same vocab
+    for spec in ({"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 1,
+                  "prompt_lookup_max": 3},
+                 {"method": "draft_model", "model": draft, "num_speculative_tokens": 2}):
+        got, eng = run(speculative_config=spec)
+        assert [c.token_ids for c in got] == [c.token_ids for c in want], spec["method"]
+        for a, b in zip(got, want):
+            assert max(abs(x[t].logprob - y[t].logprob)
+                       for x, y, t in zip(a.logprobs, b.logprobs, a.token_ids)) <= 1e-4
+        assert eng.spec_draft_tokens_total > eng.spec_accepted_tokens_total
+        if spec["method"] == "ngram":    # (these random models: all rejected, or some)
+            assert (eng.spec_accepted_tokens_total > 0) == accepts
+
+
+def test_what_recurrent_models_refuse(lfm2, tmp_path):
     path, _, _ = lfm2
-    with pytest.raises(ValueError, match="speculative_config"):
-        _llm(path, speculative_config={"method": "ngram", "num_speculative_tokens": 2})
+    with pytest.raises(ValueError, match="speculative_config.method 'eagle'"):
+        _llm(path, speculative_config={"method": "eagle", "model": path,
+                                       "num_speculative_tokens": 2})
+    with pytest.raises(ValueError, match="draft model with recurrent layers"):
+        _llm(save_hf(make_hf_model("llama"), str(tmp_path / "t")),
+             speculative_config={"method": "draft_model", "model": path,
+                                 "num_speculative_tokens": 2})
     with pytest.raises(ValueError, match="enable_lora"):
         _llm(path, enable_lora=True)
     from minikernels.models import load_model

@@ -133,6 +133,9 @@ class LaunchedStep:
     spec_seqs: list[Sequence] | None = None     # speculative rows (not in ``seqs``)
     spec_host: list[Tensor | None] | None = None  # their [B, K + 1] tokens (-1 padded),
     # then logprobs (chosen, ranks, top_lp, top_ids; None when no row asks)
+    # recurrent models: each speculative row's state snapshot slot (its state before the
+    # step), restored when a draft is rejected
+    spec_snapshots: list[int] | None = None
 
     def result(self) -> SamplerOutput:
         """Wait for the device, then the sampled tokens (and logprobs) as lists."""
@@ -270,6 +273,8 @@ class LLMEngine:
         self._eos_list = sorted(self.eos_token_ids)
         self.lora: EngineLoRA | None = None
         recurrent = bool(getattr(self.config, "is_recurrent", False))
+        self._recurrent = recurrent
+        self._max_num_seqs = max_num_seqs
         if recurrent:
             # Hybrid recurrent models (LFM2): a sequence's state is one slot, overwritten
             # as it advances, so a prefix hit has no state to start from and rejected
@@ -297,7 +302,7 @@ class LLMEngine:
                                   kv_cache_dtype, extra_kv_bytes_per_token=draft_kv_bytes,
                                   lora=self.lora.manager if self.lora is not None else None,
                                   kv_layout=self.kv_layout,
-                                  num_state_slots=max_num_seqs if recurrent else 0,
+                                  num_state_slots=self._state_slots(max_num_seqs),
                                   **self._verify_graph_args())
         self.device = self.runner.device
         self.max_model_len = self.runner.max_model_len
@@ -544,6 +549,10 @@ class LLMEngine:
         # Under tensor parallel the draft is not sharded: it runs whole on rank 0's device
         # (a draft is small; its forwards need no collective), beside rank 0's shard.
         draft = load_draft_model(cfg, self.model, dtype, quantization, seed, self.tokenizer)
+        if getattr(draft.config, "is_recurrent", False):
+            raise ValueError(f"speculative_config.model: a draft model with recurrent layers "
+                             f"({draft.config.architecture}) is not supported (its drafts "
+                             f"could not be rolled back)")
         draft_tok = load_draft_tokenizer(cfg) if self.tokenizer is not None else None
         common = check_vocab(self.vocab_size, int(draft.config.vocab_size), self.tokenizer,
                              draft_tok)
@@ -573,13 +582,31 @@ class LLMEngine:
     def _check_recurrent(self, enable_lora: bool) -> None:
         """Refuse, by name, what a hybrid recurrent model (LFM2) cannot run with."""
         arch = self.config.architecture
-        if self.spec_config is not None:
-            raise ValueError(f"speculative_config: speculative decoding is not supported "
-                             f"for {arch} (its recurrent layers' state cannot roll back "
-                             f"rejected drafts)")
+        if self.spec_config is not None and self.spec_config.method in EAGLE_METHODS:
+            raise ValueError(f"speculative_config.method {self.spec_config.method!r} is not "
+                             f"supported for {arch} (its recurrent layers); 'ngram' and "
+                             f"'draft_model' are")
         if enable_lora:
             raise ValueError(f"enable_lora: LoRA is not supported for {arch} (recurrent "
                              f"layers)")
+
+    def _state_slots(self, max_num_seqs: int) -> int:
+        """Recurrent models: one state slot per running sequence, then (speculation) one
+        snapshot slot per row a verification step may hold."""
+        if not self._recurrent:
+            return 0
+        spec = self.spec_config.disable_by_batch_size if self.spec_config is not None else 0
+        return max_num_seqs + min(spec, max_num_seqs)
+
+    def _snapshot_spec_states(self, batch: ScheduledBatch, spec: list[tuple[int, int]]
+                              ) -> list[int]:
+        """Copy each speculative row's state slot to a snapshot slot (after the running
+        sequences' slots) before the verification forward; returns the snapshot slots in
+        row order."""
+        rows = [batch.seqs[i].block_row for i, _ in spec]
+        snaps = [self._max_num_seqs + j for j in range(len(rows))]
+        self.runner.copy_state_slots(rows, snaps)
+        return snaps
 
     def _kv_layout(self, disabled: bool) -> KVCacheLayout | None:
         """The hybrid KV layout (models/kv_layout.py) when the model interleaves
@@ -740,7 +767,10 @@ class LLMEngine:
         seqs = [batch.seqs[r] for r in inputs.sample_rows]
         plp = plp_dev = None
         spec_seqs = spec_dev = None
+        snapshots = None
         try:
+            if inputs.spec is not None and self._recurrent:
+                snapshots = self._snapshot_spec_states(batch, inputs.spec)
             logits = runner.forward(inputs, prev)
             if self._eagle is not None:   # the head reads this forward's hidden states
                 self._eagle.observe(batch)
@@ -811,7 +841,7 @@ class LLMEngine:
         needs = bool(spec_seqs) or (self.proposer is not None and self._spec_on()) or \
             needs_host_tokens([s.params for s in seqs])
         return LaunchedStep(batch, seqs, sample, host, runner.completion_event(), needs,
-                            plp, plp_host, spec_seqs, spec_host)
+                            plp, plp_host, spec_seqs, spec_host, spec_snapshots=snapshots)
 
     def _finish(self, step: LaunchedStep) -> list[Request]:
         """Read back a launched step's tokens; append them, check stops, free finished
@@ -883,6 +913,8 @@ class LLMEngine:
                 lp_top, lp_ids = step.spec_host[3].tolist(), step.spec_host[4].tolist()
         eos = self.eos_token_ids
         n_new = 0
+        restore_src: list[int] = []
+        restore_dst: list[int] = []
         for b, (seq, row) in enumerate(zip(step.spec_seqs, rows)):
             seq.num_pending -= 1
             k = len(seq.spec_token_ids)
@@ -928,7 +960,15 @@ class LLMEngine:
                 # K/V is valid up to the token before the last one (the target's own
                 # token is computed by the next step); rejected drafts' slots are reused.
                 seq.num_computed_tokens = len(seq.token_ids) - 1
+                if step.spec_snapshots is not None and len(toks) - 1 < k:
+                    # Recurrent layers ran through the rejected drafts: their state goes
+                    # back to the step's start and the next step recomputes this row's
+                    # accepted tokens (their K/V rewritten with the same values).
+                    restore_src.append(step.spec_snapshots[b])
+                    restore_dst.append(seq.block_row)
+                    seq.num_computed_tokens = len(seq.token_ids) - len(toks) - 1
                 self.block_manager.trim(seq, len(seq.token_ids))
+        self.runner.copy_state_slots(restore_src, restore_dst)
         return n_new
 
     def _record_prompt_logprobs(self, step: LaunchedStep) -> None:

@@ -739,7 +739,8 @@ class ModelRunner:
                                      graph_batch_sizes(self.max_num_seqs),
                                      self.max_blocks_per_seq, self.config.vocab_size, **extra)
         if (self.num_speculative_tokens > 0 and not hasattr(model, "decode_graphs_class")
-                and lora is None):
+                and lora is None and not self.num_state_slots):
+            # (recurrent models verify eagerly: their rows' state slots and snapshots)
             # (with LoRA, verification steps run eagerly: their token slots vary per step)
             try:
                 self.capture_verify_graphs()
@@ -747,6 +748,17 @@ class ModelRunner:
                 self.verify_graphs = None
                 logger.warning("verification CUDA graphs not captured (%s: %s); "
                                "speculative steps run eagerly", type(e).__name__, e)
+
+    def copy_state_slots(self, src: list[int], dst: list[int]) -> None:
+        """Recurrent models: copy each state slot ``src[i]`` to ``dst[i]`` in every state
+        tensor (speculative rows' snapshots before a verification step, and their
+        restores after a rejection)."""
+        if not src:
+            return
+        si = torch.tensor(src, dtype=torch.int64, device=self.device)
+        di = torch.tensor(dst, dtype=torch.int64, device=self.device)
+        for t in self.model.state_tensors(self.kv_caches):
+            t.index_copy_(0, di, t.index_select(0, si))
 
     def release(self) -> None:
         """Sleep: drop the CUDA graphs and free the KV pool's memory (its tensors stay,

@@ -778,6 +778,15 @@ class CausalLM(nn.Module):
             slots = len({s for i, s in enumerate(layout.layer_slot) if c.has_attention(i)})
         return 2 * slots * self.num_local_kv_heads * c.head_dim * elem
 
+    def state_tensors(self, kv_caches: list) -> list[Tensor]:
+        """The recurrent state tensors of ``kv_caches`` (from :meth:`allocate_kv_caches`),
+        each [num_state_slots, ...]: what a state slot is made of."""
+        out: list[Tensor] = []
+        for layer, entry in zip(self.layers, kv_caches):
+            if layer.recurrent is not None:
+                out.extend(entry[2 if layer.self_attn is not None else 0:])
+        return out
+
     def state_bytes_per_slot(self) -> int:
         """Bytes of recurrent state one sequence holds over all recurrent layers (0 for a
         pure attention model)."""
