@@ -347,6 +347,17 @@ def test_hybrid_recurrent_engine_on_cuda(hf_dirs, kind):
         llm.llm_engine.check_no_leaks()
     eager = [c.token_ids for c in runs["eager"]]
     assert [c.token_ids for c in runs["graphs"]] == eager
+    # n-gram speculation (eager verification, state snapshots) on repetitive prompts
+    rep = [([5, 6, 7, 8, 9, 10] * 8)[:n] for n in (20, 33, 41)]
+    greedy = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
+    toks = []
+    for spec in (None, {"method": "ngram", "num_speculative_tokens": 3}):
+        llm = LLM(path, dtype="float32", device="cuda", tokenizer=None, block_size=16,
+                  max_num_seqs=8, speculative_config=spec)
+        toks.append([o.outputs[0].token_ids for o in llm.generate(rep, greedy,
+                                                                  use_tqdm=False)])
+        llm.llm_engine.check_no_leaks()
+    assert toks[0] == toks[1]
     for p, c in zip(prompts, runs["chunked"]):
         full = torch.tensor([p + list(c.token_ids)])
         with torch.no_grad():
