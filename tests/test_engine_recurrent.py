@@ -94,7 +94,7 @@ def test_greedy_equals_transformers(hybrid, kw):
     path, prompts, want = hybrid
     llm = _llm(path, **kw)
     eng = llm.llm_engine
-    assert not eng.block_manager.enable_prefix_caching     # off for recurrent layers
+    assert eng.block_manager.enable_prefix_caching and eng._ckpt is not None   # checkpoints
     assert eng.block_manager.max_rows == eng.scheduler.max_num_seqs
     assert _tokens(llm, prompts) == want
 
@@ -223,15 +223,17 @@ class _FakeTP:
 
 
 def test_state_pool_sizes(lfm2):
-    """One slot per max_num_seqs; the state is each conv layer's last W - 1 inputs."""
+    """One slot per max_num_seqs (and per prefix-cache checkpoint); the state is each conv
+    layer's last W - 1 inputs."""
     path, _, _ = lfm2
     llm = _llm(path, max_num_seqs=5)
     runner = llm.llm_engine.runner
+    assert runner.num_state_slots == 5 + 5      # running sequences, prefix-cache checkpoints
     model = runner.model
     c = model.config
     states = [kv for kv, layer in zip(runner.kv_caches, model.layers) if layer.conv is not None]
     assert len(states) == 2
-    assert all(s[0].shape == (5, c.hidden_size, c.conv_kernel - 1) for s in states)
+    assert all(s[0].shape == (10, c.hidden_size, c.conv_kernel - 1) for s in states)
     assert model.state_bytes_per_slot() == 2 * c.hidden_size * (c.conv_kernel - 1) * 4
     # the KV pool counts the one attention layer only
     assert model.kv_bytes_per_token() == 2 * c.num_kv_heads * c.head_dim * 4
@@ -258,3 +260,81 @@ def test_weight_sync_and_sleep_reach_the_recurrent_layers(kind, tmp_path):
         want = lp[len(p) - 1:-1].gather(1, torch.tensor(c.token_ids)[:, None])[:, 0]
         got = torch.tensor([d[t].logprob for t, d in zip(c.token_ids, c.logprobs)])
         assert (got - want).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize("hybrid", ["qwen3_5", "granite4-h", "falcon_h1"], indirect=True)
+def test_prefix_caching_resumes_from_state_checkpoints(hybrid):
+    """Prefix caching on hybrid models: states are checkpointed every 8 tokens (chunks end
+    there), and a request sharing a prefix resumes from the longest checkpointed prefix
+    that its KV hits cover. Tokens and logprobs equal no caching, one request at a time
+    or batched, with async scheduling on and off; the hits all end at a boundary."""
+    path, _, _ = hybrid
+    shared = random_tokens(40, 300, 7)
+    prompts = [shared + random_tokens(n, 300, 20 + n) for n in (3, 9, 14)] + [shared[:35]]
+    want = _tokens_and_lps(_llm(path, block_size=4, enable_prefix_caching=False), prompts)
+    for kw in ({}, {"async_scheduling": False}):
+        llm = _llm(path, block_size=4, state_checkpoint_interval=8, max_num_seqs=4, **kw)
+        eng = llm.llm_engine
+        got = [_tokens_and_lps(llm, [p])[0] for p in prompts]   # later ones hit earlier
+        got += _tokens_and_lps(llm, prompts)                      # batched, all hit
+        for (toks, lps), (want_toks, want_lps) in zip(got, want + want):
+            assert toks == want_toks and (lps - want_lps).abs().max() <= 1e-4
+        assert eng.block_manager.num_hit_tokens >= 3 * 40 and eng._ckpt.by_hash
+        eng.check_no_leaks()
+        eng.reset_prefix_cache()
+        assert not eng._ckpt.by_hash and not eng._ckpt.pending
+
+
+def _tokens_and_lps(llm: mk.LLM, prompts) -> list[tuple[list[int], torch.Tensor]]:
+    params = mk.SamplingParams(max_tokens=12, ignore_eos=True, temperature=0.0, logprobs=0)
+    outs = []
+    for o in llm.generate(prompts, params, use_tqdm=False):
+        c = o.outputs[0]
+        if o.num_cached_tokens:       # a hit resumes exactly at a checkpoint boundary
+            assert o.num_cached_tokens % 8 == 0
+        outs.append((list(c.token_ids), torch.tensor([d[t].logprob for t, d in
+                                                      zip(c.token_ids, c.logprobs)])))
+    return outs
+
+
+def test_state_checkpoints_bookkeeping():
+    """engine/state_cache.py: chunks end at boundaries; hits are cut to the longest keyed
+    checkpoint; a checkpoint is keyed only once its tokens are known; least recently used
+    checkpoints are overwritten; duplicates free their slot; clear forgets everything."""
+    from minikernels.engine.block_manager import BlockManager
+    from minikernels.engine.sequence import Request, Sequence
+    from minikernels.engine.state_cache import StateCheckpoints
+
+    bm = BlockManager(64, 4)
+    ck = StateCheckpoints(first_slot=10, num_slots=2, interval_blocks=2, block_size=4)
+    assert (ck.align_chunk(0, 20), ck.align_chunk(5, 20), ck.align_chunk(8, 3)) == (8, 3, 3)
+
+    def seq(tokens):
+        s = Sequence(0, Request("r", None, tokens, mk.SamplingParams(), None), 0)
+        bm.hash_prompt(s)
+        return s
+    a, b, c = seq(list(range(3, 27))), seq(list(range(3, 27))), seq(list(range(50, 74)))
+    slots = [ck.take(), ck.take()]
+    assert slots == [10, 11] and ck.take() is None          # both wait to be keyed
+    ck.add_pending(a, 2, slots[0])
+    ck.add_pending(a, 4, slots[1])
+    a.token_ids = a.token_ids[:12]                           # block 4's tokens not known
+    ck.register_pending(bm)
+    assert list(ck.by_hash.values()) == [10] and len(ck.pending) == 1
+    a.token_ids = list(range(3, 27))
+    ck.register_pending(bm)
+    assert sorted(ck.by_hash.values()) == [10, 11] and not ck.pending
+    assert ck.cut_hits(b, [0] * 5, bm) == 4 and b.state_restore == 11   # longest keyed
+    assert ck.cut_hits(b, [0] * 3, bm) == 2 and b.state_restore == 10
+    assert ck.cut_hits(c, [0] * 5, bm) == 0 and c.state_restore == -1
+    assert ck.take() == 11                  # b's last hit made 10 the most recent
+    assert list(ck.by_hash.values()) == [10]
+    ck.add_pending(c, 2, 11)
+    ck.clear()
+    assert not ck.by_hash and sorted(ck.free) == [10, 11]
+    first = ck.take()
+    ck.add_pending(a, 2, first)
+    ck.register_pending(bm)
+    ck.add_pending(b, 2, ck.take())         # b's prefix is a's: a duplicate checkpoint
+    ck.register_pending(bm)
+    assert list(ck.by_hash.values()) == [first] and len(ck.free) == 1

@@ -50,6 +50,7 @@ from __future__ import annotations
 import hashlib
 import struct
 from collections import OrderedDict
+from collections.abc import Callable
 from collections.abc import Sequence as Seq
 from typing import TYPE_CHECKING
 
@@ -186,6 +187,9 @@ class BlockManager:
         # EAGLE heads keep their K/V in these blocks; a hit's last block is recomputed
         # (its last position's head K/V depends on the token after the block)
         self.drop_last_hit = False
+        # hybrid recurrent models: (seq, hits) -> how many hits to keep (those ending at
+        # a recurrent-state checkpoint; engine/state_cache.py)
+        self.hit_filter: Callable[["Sequence", list[int]], int] | None = None
         # Sliding-window groups (hybrid pools): tuples of m ids per block, their mirror,
         # their prefix cache, and the reserved null block behind every window.
         self.sliding_groups = int(sliding_groups)
@@ -264,6 +268,11 @@ class BlockManager:
                                   prev)
         return hashes
 
+    def hashes_up_to(self, seq: "Sequence", num_full_blocks: int) -> list[bytes]:
+        """seq's chained block hashes, extended to cover its first ``num_full_blocks``
+        full blocks (their tokens must be known)."""
+        return self._seq_hashes(seq, num_full_blocks)
+
     def lookup_prefix(self, seq: "Sequence") -> list[int]:
         """Block ids caching the longest prefix of ``seq``'s full blocks (no refs taken).
 
@@ -285,6 +294,8 @@ class BlockManager:
         if self.sliding_groups and hits:
             k, hits.sliding = self._sliding_hits(hashes, len(hits))
             del hits[k:]
+        if self.hit_filter is not None and hits:
+            del hits[self.hit_filter(seq, hits):]
         return hits
 
     def _sliding_hits(self, hashes: list[bytes], k: int

@@ -49,6 +49,7 @@ from .sampler import DeviceSample, Sampler, SamplerOutput, needs_host_tokens
 from .sampling_params import SamplingParams
 from .scheduler import ScheduledBatch, Scheduler
 from .sequence import Request, Sequence, SequenceStatus
+from .state_cache import StateCheckpoints
 from .spec_decode import Proposer, SpeculativeConfig, make_proposer
 from .structured_outputs import StructuredOutputManager
 
@@ -207,7 +208,9 @@ class LLMEngine:
                  revision: str | None = None, generation_config: str = "auto",
                  enable_lora: bool = False, max_loras: int = 4, max_lora_rank: int = 16,
                  max_cpu_loras: int | None = None,
-                 disable_hybrid_kv_cache_manager: bool = False) -> None:
+                 disable_hybrid_kv_cache_manager: bool = False,
+                 state_checkpoint_interval: int | None = None,
+                 state_checkpoint_slots: int | None = None) -> None:
         _check_int("block_size", block_size, 1)
         if revision is not None and not isinstance(revision, str):
             raise TypeError(f"revision must be a str or None, got {type(revision).__name__}")
@@ -275,15 +278,16 @@ class LLMEngine:
         recurrent = bool(getattr(self.config, "is_recurrent", False))
         self._recurrent = recurrent
         self._max_num_seqs = max_num_seqs
+        self._ckpt_slots = 0
         if recurrent:
-            # Hybrid recurrent models (LFM2): a sequence's state is one slot, overwritten
-            # as it advances, so a prefix hit has no state to start from and rejected
-            # drafts could not be rolled back.
+            # Hybrid recurrent models (LFM2, Qwen3.5, Mamba-2 hybrids): a sequence's state
+            # is one slot, overwritten as it advances; prefix hits resume from state
+            # checkpoints (engine/state_cache.py), rejected drafts from snapshots.
             self._check_recurrent(enable_lora)
             if enable_prefix_caching:
-                logger.info("prefix caching is off for %s: its recurrent layers keep one "
-                            "state per sequence", self.config.architecture)
-            enable_prefix_caching = False
+                self._ckpt_slots = _check_checkpoints(state_checkpoint_interval,
+                                                      state_checkpoint_slots, block_size,
+                                                      max_num_seqs)
         if enable_lora:
             self.lora = EngineLoRA(self.model, max_loras, max_lora_rank, max_cpu_loras)
         draft_model, draft_kv_bytes, eagle_head = None, 0, None
@@ -315,6 +319,16 @@ class LLMEngine:
             max_rows=max_num_seqs if recurrent else None)   # a row = a state slot
         self.block_manager.drop_last_hit = eagle_head is not None
         self.scheduler = Scheduler(self.block_manager, max_num_seqs, max_num_batched_tokens)
+        self._ckpt: StateCheckpoints | None = None
+        if self._ckpt_slots:
+            interval = state_checkpoint_interval or max(block_size,
+                                                        -(-512 // block_size) * block_size)
+            self._ckpt = StateCheckpoints(self._state_slots(max_num_seqs) - self._ckpt_slots,
+                                          self._ckpt_slots, interval // block_size,
+                                          block_size)
+            bm_ = self.block_manager
+            bm_.hit_filter = lambda seq, hits: self._ckpt.cut_hits(seq, hits, bm_)
+            self.scheduler.align_chunk = self._ckpt.align_chunk
         if self.lora is not None:   # at most max_loras adapters among running sequences
             self.lora.running = self.scheduler.running
             self.scheduler.admit = self.lora.admit
@@ -592,11 +606,12 @@ class LLMEngine:
 
     def _state_slots(self, max_num_seqs: int) -> int:
         """Recurrent models: one state slot per running sequence, then (speculation) one
-        snapshot slot per row a verification step may hold."""
+        snapshot slot per row a verification step may hold, then (prefix caching) the
+        state checkpoints' slots."""
         if not self._recurrent:
             return 0
         spec = self.spec_config.disable_by_batch_size if self.spec_config is not None else 0
-        return max_num_seqs + min(spec, max_num_seqs)
+        return max_num_seqs + min(spec, max_num_seqs) + self._ckpt_slots
 
     def _snapshot_spec_states(self, batch: ScheduledBatch, spec: list[tuple[int, int]]
                               ) -> list[int]:
@@ -607,6 +622,39 @@ class LLMEngine:
         snaps = [self._max_num_seqs + j for j in range(len(rows))]
         self.runner.copy_state_slots(rows, snaps)
         return snaps
+
+    def _restore_checkpoints(self, batch: ScheduledBatch) -> list[int]:
+        """Before a forward (prefix caching on a recurrent model): copy the state
+        checkpoint of each sequence admitted on a prefix hit into its slot; returns each
+        row's computed tokens after the step (for :meth:`_take_checkpoints`)."""
+        src, dst = [], []
+        for seq in batch.seqs:
+            if seq.state_restore >= 0:
+                src.append(seq.state_restore)
+                dst.append(seq.block_row)
+                seq.state_restore = -1
+        self.runner.copy_state_slots(src, dst)
+        return [s.num_computed_tokens + n for s, n in zip(batch.seqs, batch.num_new_tokens)]
+
+    def _take_checkpoints(self, batch: ScheduledBatch, ends: list[int],
+                          spec: list[tuple[int, int]] | None) -> None:
+        """After launching a forward: copy the slots of the rows it brings to a checkpoint
+        boundary into checkpoint slots (keyed once their tokens are known; speculative
+        rows skipped)."""
+        ckpt = self._ckpt
+        ckpt.register_pending(self.block_manager)     # (frees no slot, keys the known)
+        spec_rows = {i for i, _ in spec} if spec else ()
+        src, dst = [], []
+        for i, blocks in ckpt.checkpoints_to_take(batch.seqs, ends,
+                                                  lambda i: i in spec_rows):
+            slot = ckpt.take()
+            if slot is None:
+                break
+            seq = batch.seqs[i]
+            src.append(seq.block_row)
+            dst.append(slot)
+            ckpt.add_pending(seq, blocks, slot)
+        self.runner.copy_state_slots(src, dst)
 
     def _kv_layout(self, disabled: bool) -> KVCacheLayout | None:
         """The hybrid KV layout (models/kv_layout.py) when the model interleaves
@@ -768,10 +816,15 @@ class LLMEngine:
         plp = plp_dev = None
         spec_seqs = spec_dev = None
         snapshots = None
+        ends = None
         try:
+            if self._ckpt is not None:
+                ends = self._restore_checkpoints(batch)
             if inputs.spec is not None and self._recurrent:
                 snapshots = self._snapshot_spec_states(batch, inputs.spec)
             logits = runner.forward(inputs, prev)
+            if ends is not None:
+                self._take_checkpoints(batch, ends, inputs.spec)
             if self._eagle is not None:   # the head reads this forward's hidden states
                 self._eagle.observe(batch)
             if inputs.spec is not None:   # speculative rows: verified, not sampled
@@ -1140,6 +1193,8 @@ class LLMEngine:
             return
         with self.runner.on_device():
             self.block_manager.reset_prefix_cache()
+            if self._ckpt is not None:       # (the state pool is emptied below)
+                self._ckpt.clear()
             modules = [self.model]
             prop = self.proposer
             if isinstance(prop, DraftModelProposer):
@@ -1207,6 +1262,8 @@ class LLMEngine:
         """Forget every cached prompt block (e.g. after the weights changed): later
         requests recompute their prefixes. Blocks in use keep their contents."""
         self.block_manager.reset_prefix_cache()
+        if self._ckpt is not None:
+            self._ckpt.clear()
         if isinstance(self.proposer, DraftModelProposer):
             self.proposer.reset_prefix_cache()
 
@@ -1287,6 +1344,21 @@ class LLMEngine:
             self.proposer.check_invariants()
 
 
+def _check_checkpoints(interval: int | None, slots: int | None, block_size: int,
+                       max_num_seqs: int) -> int:
+    """Validate the state-checkpoint arguments of a recurrent model's prefix caching;
+    returns the number of checkpoint slots (default: max_num_seqs, 4 .. 32)."""
+    if interval is not None:
+        _check_int("state_checkpoint_interval", interval, 1)
+        if interval % block_size:
+            raise ValueError(f"state_checkpoint_interval ({interval}) must be a multiple of "
+                             f"block_size ({block_size})")
+    if slots is None:
+        return max(4, min(32, max_num_seqs))
+    _check_int("state_checkpoint_slots", slots, 1)
+    return slots
+
+
 def _from_prompt_dict(prompt: dict[str, Any]) -> str | list[int]:
     """vLLM's TextPrompt / TokensPrompt dict -> its text or token ids."""
     keys = set(prompt)
@@ -1346,6 +1418,12 @@ class LLM:
             the model interleaves sliding-window and full-attention layers (Gemma 2 / 3).
             By default such a model's sliding layers get their own block tables and hand
             back the blocks behind their window (docs/engine.md, "Hybrid KV pools").
+        state_checkpoint_interval, state_checkpoint_slots: hybrid recurrent models (LFM2,
+            Qwen3.5, Mamba-2 hybrids) with prefix caching: their states are checkpointed
+            every this many tokens (a multiple of block_size; default the multiple of
+            block_size >= 512) into this many slots (default max_num_seqs, 4 .. 32), and a
+            prefix hit resumes from the longest checkpointed prefix (docs/engine.md,
+            "Recurrent state slots").
     """
 
     def __init__(self, model: str | torch.nn.Module, dtype: str | torch.dtype = "bfloat16",
@@ -1360,7 +1438,9 @@ class LLM:
                  revision: str | None = None, generation_config: str = "auto",
                  enable_lora: bool = False, max_loras: int = 4, max_lora_rank: int = 16,
                  max_cpu_loras: int | None = None,
-                 disable_hybrid_kv_cache_manager: bool = False) -> None:
+                 disable_hybrid_kv_cache_manager: bool = False,
+                 state_checkpoint_interval: int | None = None,
+                 state_checkpoint_slots: int | None = None) -> None:
         self.llm_engine = LLMEngine(
             model, dtype=dtype, quantization=quantization, block_size=block_size,
             num_kv_blocks=num_kv_blocks, gpu_memory_utilization=gpu_memory_utilization,
@@ -1372,7 +1452,9 @@ class LLM:
             speculative_config=speculative_config, revision=revision,
             generation_config=generation_config, enable_lora=enable_lora,
             max_loras=max_loras, max_lora_rank=max_lora_rank, max_cpu_loras=max_cpu_loras,
-            disable_hybrid_kv_cache_manager=disable_hybrid_kv_cache_manager)
+            disable_hybrid_kv_cache_manager=disable_hybrid_kv_cache_manager,
+            state_checkpoint_interval=state_checkpoint_interval,
+            state_checkpoint_slots=state_checkpoint_slots)
         self._counter = itertools.count()
 
     @property

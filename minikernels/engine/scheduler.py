@@ -88,6 +88,9 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         # admission test of a waiting sequence (LoRA: its adapter needs a slot); None = all
         self.admit: Callable[[Sequence], bool] | None = None
+        # (computed, n) -> the chunk to schedule: hybrid recurrent models with prefix
+        # caching end chunks at state-checkpoint boundaries (engine/state_cache.py)
+        self.align_chunk: Callable[[int, int], int] | None = None
         self.running: list[Sequence] = []
         self.num_preemptions = 0
         self._finished_holding: list[Sequence] | None = None   # see batched_frees
@@ -216,6 +219,8 @@ class Scheduler:
                 i += 1
                 continue
             n = min(n, budget)
+            if self.align_chunk is not None and n > 1:
+                n = self.align_chunk(c, n)
             if n <= 0 or (seq.num_pending and total >= seq.max_total_tokens):
                 i += 1  # finishing in the step in flight (or nothing to compute)
                 continue
@@ -242,6 +247,8 @@ class Scheduler:
                 hits = bm.lookup_prefix(seq) if not seq.block_table else []
                 computed = len(hits) * bs if hits else seq.num_computed_tokens
                 n = min(seq.num_tokens + seq.num_pending - computed, budget)
+                if self.align_chunk is not None:
+                    n = self.align_chunk(computed, n)
                 if not bm.allocate(seq, n, hits, reserve_blocks=self.watermark_blocks):
                     if not running and not decode and not chunks:
                         # Nothing else holds blocks: the watermark must not block it.

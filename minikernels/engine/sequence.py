@@ -55,7 +55,7 @@ class Sequence:
                  "cumulative_logprob", "logprobs", "num_preemptions", "detokenizer",
                  "_final_text", "stop_hold", "unsent_text", "num_emitted_tokens",
                  "prompt_lp_next", "grammar", "spec_token_ids", "num_draft_tokens",
-                 "num_accepted_tokens", "num_spec_steps")
+                 "num_accepted_tokens", "num_spec_steps", "state_restore")
 
     def __init__(self, seq_id: int, request: "Request", index: int,
                  generator: "torch.Generator | None" = None,
@@ -117,6 +117,9 @@ class Sequence:
         self.num_draft_tokens = 0        # drafts verified
         self.num_accepted_tokens = 0     # of them accepted
         self.num_spec_steps = 0          # verification rows (steps with drafts)
+        # hybrid recurrent models: the state checkpoint slot its prefix hit starts from
+        # (engine/state_cache.py; -1: none)
+        self.state_restore = -1
 
     @property
     def wants_prompt_logprobs(self) -> bool:
