@@ -338,3 +338,21 @@ def test_state_checkpoints_bookkeeping():
     ck.add_pending(b, 2, ck.take())         # b's prefix is a's: a duplicate checkpoint
     ck.register_pending(bm)
     assert list(ck.by_hash.values()) == [first] and len(ck.free) == 1
+
+
+def test_serve_flags_reach_the_state_checkpoints(lfm2):
+    import argparse
+
+    from minikernels.server.cli import add_arguments, engine_kwargs
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    kw = engine_kwargs(parser.parse_args(["m", "--state-checkpoint-interval", "16",
+                                          "--state-checkpoint-slots", "3"]))
+    assert (kw["state_checkpoint_interval"], kw["state_checkpoint_slots"]) == (16, 3)
+    assert "state_checkpoint_interval" not in engine_kwargs(parser.parse_args(["m"]))
+    path, _, _ = lfm2
+    eng = _llm(path, state_checkpoint_interval=16, state_checkpoint_slots=3).llm_engine
+    assert (eng._ckpt.interval, len(eng._ckpt.free)) == (16, 3)
+    with pytest.raises(ValueError, match="state_checkpoint_interval .* multiple of block_size"):
+        _llm(path, state_checkpoint_interval=12)

@@ -132,6 +132,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      help="one block table for all layers, even for models that interleave "
                           "sliding-window and full attention (Gemma 2 / 3), whose sliding "
                           "layers otherwise hand back the blocks behind their window")
+    eng.add_argument("--state-checkpoint-interval", type=_positive_int, default=None,
+                     help="hybrid recurrent models (LFM2, Qwen3.5, Mamba-2 hybrids) with "
+                          "prefix caching: checkpoint their states every this many tokens "
+                          "(a multiple of --block-size; default the first >= 512)")
+    eng.add_argument("--state-checkpoint-slots", type=_positive_int, default=None,
+                     help="hybrid recurrent models: how many state checkpoints prefix "
+                          "caching keeps (default --max-num-seqs, 4 .. 32)")
     eng.add_argument("--num-kv-blocks", type=int, default=None)
     eng.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     eng.add_argument("--max-num-seqs", type=int, default=256)
@@ -210,6 +217,9 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         seed=args.seed, kv_cache_dtype=args.kv_cache_dtype)
     if args.disable_hybrid_kv_cache_manager:
         kwargs["disable_hybrid_kv_cache_manager"] = True
+    for name in ("state_checkpoint_interval", "state_checkpoint_slots"):
+        if getattr(args, name, None) is not None:
+            kwargs[name] = getattr(args, name)
     if args.device is not None:
         kwargs["device"] = args.device
     if args.max_model_len is not None:
