@@ -1,5 +1,6 @@
 """The decoder: one implementation for Llama 2/3/3.x, Mistral, Granite 3.x, Phi-3 / 3.5 /
-4-mini, SmolLM3, OLMo 2, GLM-4, Qwen2/2.5, Qwen3, Qwen3-MoE and Gemma 1/2/3 (text).
+4-mini, SmolLM3, OLMo 2, GLM-4, Qwen2/2.5, Qwen3, Qwen3-MoE, Gemma 1/2/3 (text), the
+other families of models/config.py, and the hybrid recurrent ones (below).
 
     h = embed(ids) (* embed_scale)       # Gemma: sqrt(hidden), in the model dtype; Granite:
                                          # embedding_multiplier
@@ -22,6 +23,14 @@ Gemma's norms scale by (1 + weight) (``norm_weight_offset``); with sandwich norm
 layer's post_attention_layernorm normalizes the attention output, and
 pre_feedforward_layernorm / post_feedforward_layernorm wrap the MLP. OLMo 2 (post_norm)
 has no norm before attention or the MLP: each output is normalized, then added.
+
+Hybrid recurrent decoders (``config.layer_mixers``) replace attention in some layers by a
+recurrent token mixer that keeps a fixed-size state per sequence instead of a KV cache:
+:class:`ShortConv` (LFM2), :class:`GatedDeltaNet` (Qwen3.5), :class:`Mamba2Mixer`
+(Granite 4.0-H, Bamba, Nemotron-H; beside attention in every Falcon-H1 layer). A layer's
+``kv_caches`` entry is then its state tuple (after the (k, v) pair when it also attends),
+each state [num_state_slots, ...], one slot per running sequence
+(``meta.state_indices``; docs/engine.md, "Recurrent state slots").
 
 Forward contract: :class:`minikernels.models.AttentionMetadata`.
 """
