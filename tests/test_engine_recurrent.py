@@ -241,16 +241,19 @@ def test_state_pool_sizes(lfm2):
         model.allocate_kv_caches(4, 8)
 
 
-@pytest.mark.parametrize("kind", ["qwen3_5", "granite4-h"])
+@pytest.mark.parametrize("kind", ["qwen3_5", "granite4-h", "nemotron_h", "lfm2_moe"])
 def test_weight_sync_and_sleep_reach_the_recurrent_layers(kind, tmp_path):
     """load_weights (RL weight sync) fills the recurrent layers' own parameters (conv
-    kernels, dt_bias, A_log, D, gated norms) by transformers' names, and a sleep / wake
-    cycle keeps the weights and rebuilds zeroed state slots: the new model's logprobs."""
+    kernels, dt_bias, A_log, D, gated norms) by transformers' in-memory names (Nemotron-H's
+    model.* too; LFM2-MoE's expert-bias buffers passed beside the parameters), and a sleep
+    / wake cycle keeps the weights and rebuilds zeroed state slots: the new model's
+    logprobs."""
     path = save_hf(make_hf_model(kind, seed=1), str(tmp_path / "a"))
     other = make_hf_model(kind, seed=2)
     prompts = [random_tokens(n, other.config.vocab_size, 9 + n) for n in (6, 21)]
     llm = _llm(path)
-    llm.load_weights(other.named_parameters())
+    llm.load_weights(list(other.named_parameters()) + [
+        (n, b) for n, b in other.named_buffers() if n.endswith("expert_bias")])
     llm.sleep(level=1)
     llm.wake_up()
     for p, out in zip(prompts, llm.generate(prompts, GREEDY, use_tqdm=False)):

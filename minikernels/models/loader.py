@@ -570,7 +570,10 @@ _FALCON_H1_PARTS = ((".pre_ff_layernorm.", ".post_attention_layernorm."),
 
 #: Nemotron-H: backbone.* names; each block's one "mixer" named by its kind
 _NEMOTRON_H_PREFIXES = (("backbone.embeddings.", "model.embed_tokens."),
-                        ("backbone.norm_f.", "model.norm."), ("backbone.", "model."))
+                        ("backbone.norm_f.", "model.norm."), ("backbone.", "model."),
+                        # (transformers 5's in-memory names: RL weight sync)
+                        ("model.embeddings.", "model.embed_tokens."),
+                        ("model.norm_f.", "model.norm."))
 _NEMOTRON_H_MIXER_RE = re.compile(r"^model\.layers\.(\d+)\.(mixer|norm)\.")
 _NEMOTRON_H_MIXERS = {"mamba2": ".mamba.", "attention": ".self_attn.", "none": ".mlp."}
 
