@@ -5,8 +5,9 @@ Zamba2's Mamba layers over varlen sequences (FlashAttention's cu_seqlens layout)
 per-sequence state pool, as a serving engine calls it: prefill chunks and single decode tokens
 in one call, each sequence reading its initial state from its slot of the pool and writing its
 final state back there. Spec: :func:`minikernels.ops.reference.mamba2_scan`. Backends:
-reference, triton (ops/triton/mamba.py, the recurrent form; auto's choice on CUDA).
-Tests: tests/test_mamba2_scan.py.
+reference, triton (auto's choice on CUDA): ops/triton/mamba.py, the recurrent form, and
+ops/triton/mamba_chunked.py, the chunked (SSD) prefill form for launches whose max_seqlen
+reaches a threshold. Tests: tests/test_mamba2_scan.py, tests/test_mamba2_scan_chunked.py.
 """
 from __future__ import annotations
 
@@ -29,12 +30,13 @@ _INDEX_DTYPES = (torch.int32, torch.int64)
 def _mamba2_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, cu_seqlens: Tensor,
                  D: Tensor | None, dt_bias: Tensor | None, dt_softplus: bool,
                  dt_min: float, dt_max: float, state: Tensor | None,
-                 state_indices: Tensor | None, has_initial_state: Tensor | None) -> Tensor:
+                 state_indices: Tensor | None, has_initial_state: Tensor | None,
+                 max_seqlen: int = -1) -> Tensor:
     if _backend.resolve("mamba2_scan", x.device) == "triton":
         from .triton import mamba as triton_mamba
         return triton_mamba.mamba2_scan(x, dt, A, B, C, cu_seqlens, D, dt_bias, dt_softplus,
                                         dt_min, dt_max, state, state_indices,
-                                        has_initial_state)
+                                        has_initial_state, max_seqlen)
     return reference.mamba2_scan(x, dt, A, B, C, cu_seqlens, D=D, dt_bias=dt_bias,
                                  dt_softplus=dt_softplus, dt_limit=(dt_min, dt_max),
                                  state=state, state_indices=state_indices,
@@ -45,7 +47,7 @@ def _mamba2_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, cu_seql
 def _(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, cu_seqlens: Tensor,
       D: Tensor | None, dt_bias: Tensor | None, dt_softplus: bool, dt_min: float,
       dt_max: float, state: Tensor | None, state_indices: Tensor | None,
-      has_initial_state: Tensor | None) -> Tensor:
+      has_initial_state: Tensor | None, max_seqlen: int = -1) -> Tensor:
     return torch.empty(x.shape, dtype=x.dtype, device=x.device)
 
 
@@ -85,8 +87,11 @@ def mamba2_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, *,
     state[state_indices[i]] (or zeros where has_initial_state[i] is False) and its final S
     is written there. state_indices int32 / int64 [N_seq] (required with state): distinct
     slots in [0, S), or -1 for a padding row (zero outputs, slot neither read nor written).
-    has_initial_state bool [N_seq] (None = all True). max_seqlen: an optional upper bound
-    on the sequence lengths (checked when index checks are on; the kernels do not need it).
+    has_initial_state bool [N_seq] (None = all True). max_seqlen: an optional host upper
+    bound on the sequence lengths (checked when index checks are on); the Triton backend
+    runs its chunked (SSD) prefill kernels when it is >= 32, the recurrent kernel
+    otherwise. None: the longest length read from cu_seqlens when index checks run (a host
+    sync they do anyway), else unknown (chunked only when T / N_seq >= 32).
     See :func:`minikernels.ops.reference.mamba2_scan`.
     """
     check_tensor("x", x, dtypes=FLOAT_DTYPES, ndim=3)
@@ -171,6 +176,10 @@ def mamba2_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, *,
             if longest > max_seqlen:
                 raise ValueError(f"max_seqlen ({max_seqlen}) is below a sequence length "
                                  f"({longest})")
+    elif _readable(cu_seqlens):
+        max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max()) if n > 0 else 0
+    else:
+        max_seqlen = -1                    # unknown (see triton/mamba.py's dispatch)
     return torch.ops.minikernels.mamba2_scan(x, dt, A, B, C, cu_seqlens, D, dt_bias,
                                              dt_softplus, dt_min, dt_max, state,
-                                             state_indices, has_initial_state)
+                                             state_indices, has_initial_state, max_seqlen)

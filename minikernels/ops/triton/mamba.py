@@ -15,10 +15,12 @@ sequence: it loads the tile from its state slot once (or starts from zeros), loo
 sequence's tokens (its BLOCK_P slice of x_t, all of B_t and C_t, dt_t; the decay, the
 rank-1 update, the output slice as a row sum over N), and stores the final tile back to the
 slot once. A padding row (slot -1) reads no state, computes on zeros, writes zero outputs
-and no state. One token per step, no tensor cores: the decode path, and correct (not fast)
-for prefill.
-Future work: a chunked SSD prefill (Mamba-2's chunk_scan: intra-chunk C B^T masked by the
-decay as tensor-core GEMMs, chunk states passed between chunks) is not built here.
+and no state. One token per step, no tensor cores: the decode path (and short chunks).
+
+Dispatch (:func:`mamba2_scan`): a launch whose longest sequence (max_seqlen, a host int)
+has CHUNKED_MIN_SEQLEN tokens or more runs the chunked SSD form instead
+(mamba_chunked.py: intra-chunk C B^T masked by the decay and the chunk states as
+tensor-core GEMMs, the state passed between chunks); shorter ones run this kernel.
 """
 from __future__ import annotations
 
@@ -32,6 +34,8 @@ from .registry import KernelSpec, register
 
 #: the largest state tile (BLOCK_P * BLOCK_N fp32 values) one program keeps in registers
 MAX_TILE = 2048
+#: launches whose longest sequence has this many tokens or more take the chunked path
+CHUNKED_MIN_SEQLEN = 32
 
 
 @triton.jit
@@ -122,9 +126,13 @@ def mamba2_scan(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Ten
                 C: torch.Tensor, cu_seqlens: torch.Tensor, D: torch.Tensor | None,
                 dt_bias: torch.Tensor | None, dt_softplus: bool, dt_min: float, dt_max: float,
                 state: torch.Tensor | None, state_indices: torch.Tensor | None,
-                has_initial_state: torch.Tensor | None) -> torch.Tensor:
+                has_initial_state: torch.Tensor | None, max_seqlen: int = -1) -> torch.Tensor:
     """Inputs validated by the op (any strides; cu_seqlens / state_indices /
-    has_initial_state contiguous) -> y [T, H, P] in x.dtype; state updated in place."""
+    has_initial_state contiguous) -> y [T, H, P] in x.dtype; state updated in place.
+    max_seqlen: the longest sequence (a host int; -1 = unknown) picks the path: the
+    chunked one (mamba_chunked) from CHUNKED_MIN_SEQLEN tokens on, else the recurrent
+    kernel. Unknown: chunked only when the mean length T / N_seq (a lower bound of the
+    longest) reaches the threshold."""
     from .. import _alloc
 
     total, h, p = x.shape
@@ -133,6 +141,12 @@ def mamba2_scan(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Ten
     n = cu_seqlens.shape[0] - 1
     if n == 0 or (total == 0 and state is None):
         return y
+    longest = max_seqlen if max_seqlen >= 0 else total // n
+    if longest >= CHUNKED_MIN_SEQLEN:
+        from . import mamba_chunked
+        return mamba_chunked.mamba2_scan_chunked(
+            x, dt, A, B, C, cu_seqlens, D, dt_bias, dt_softplus, dt_min, dt_max, state,
+            state_indices, has_initial_state, y)
     cfg = launch_config(p, n_state)
     grid = (n, h, triton.cdiv(p, cfg["BLOCK_P"]))
     has_state = state is not None
