@@ -18,6 +18,17 @@ In place, inference only:
   ``gelu``) and the forward ``down(act(gate(x)) * up(x))`` becomes :class:`GateUpMLP`: one
   ``gate_up_proj`` Linear [2I, H] (gate rows, then up rows) and ``mk.ops.silu_and_mul`` /
   ``mk.ops.gelu_and_mul``.
+- Recurrent kernels (``recurrent=True``): the mixers of transformers' hybrid models
+  (Qwen3.5 / Qwen3-Next Gated DeltaNet, LFM2 short convs, Granite 4.0-H / Bamba / Falcon-H1 /
+  Nemotron-H / Zamba2 / Mamba-2 Mamba-2 layers) call module-level functions that
+  transformers binds once, at import, to the ``causal_conv1d`` / ``fla`` / ``mamba_ssm``
+  package or its PyTorch fallback (``use_kernel_func_from_hub_with_fallback``). Each such
+  mixer gets an instance-level ``forward``: a copy of its class's forward (decorators
+  included) whose globals resolve those names to :mod:`minikernels.compat.causal_conv1d`,
+  :mod:`minikernels.compat.fla` and :mod:`minikernels.compat.mamba_ssm` (extra keyword
+  arguments filtered to each function's signature, as transformers does). Per model and
+  reversible: nothing global is touched; :func:`unroute_recurrent` deletes the instance
+  forwards. Mamba-1 mixers keep their ``selective_state_update`` (per-channel A).
 - ``quantize="int4"``: ``minikernels.quantize_model`` afterwards (the fused gate_up Linear
   quantizes row by row, so its int4 weights are exactly those of gate and up apart);
   ``quantize="fp8"``: ``quantize_model(method="fp8")`` (128 x 128 blocks; the fused
@@ -27,10 +38,12 @@ In place, inference only:
 """
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
 import re
 import types
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -202,6 +215,16 @@ def _eps_of(module: nn.Module) -> float | None:
     return None
 
 
+def _extra_inputs(fwd: Any) -> bool:
+    """Whether a forward takes inputs besides the one tensor (``gate``, ``residual``...)."""
+    try:
+        params = list(inspect.signature(inspect.unwrap(fwd)).parameters.values())
+    except (TypeError, ValueError):
+        return False
+    named = [p for p in params[1:] if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)]
+    return len(named) > 1
+
+
 @torch.no_grad()
 def _rms_norm_offset(module: nn.Module) -> float | None:
     """The weight offset of an RMSNorm: 0.0 for a leaf with weight [H] and eps computing
@@ -215,6 +238,8 @@ def _rms_norm_offset(module: nn.Module) -> float | None:
         return None
     if getattr(module, "bias", None) is not None:
         return None
+    if _extra_inputs(type(module).forward):
+        return None          # a gated norm (gate=None optional): the swap would drop it
     g = torch.Generator(device="cpu").manual_seed(0)
     x = (torch.randn(3, w.shape[0], generator=g) * 3 + 0.5).to(w.device)
     try:
@@ -273,18 +298,193 @@ def _mlp_contract(mlp: nn.Module) -> str | None:
     return None
 
 
+# ---------------------------------------------------------------- recurrent kernels
+
+
+def _recurrent_impls() -> dict[str, Callable[..., Any]]:
+    """Package function name (transformers' hub / fallback name) -> minikernels' drop-in."""
+    from ..compat import causal_conv1d, fla, mamba_ssm
+
+    return {
+        "causal_conv1d_fn": causal_conv1d.causal_conv1d_fn,
+        "causal_conv1d_update": causal_conv1d.causal_conv1d_update,
+        "chunk_gated_delta_rule": fla.chunk_gated_delta_rule,
+        "fused_recurrent_gated_delta_rule": fla.fused_recurrent_gated_delta_rule,
+        "mamba_chunk_scan_combined": mamba_ssm.mamba_chunk_scan_combined,
+        "selective_state_update": mamba_ssm.selective_state_update,
+    }
+
+
+#: the module-level names transformers' modeling files give those functions, for wrappers
+#: whose closure does not say (e.g. when the ``kernels`` package re-wraps them)
+_RECURRENT_GLOBALS = {
+    "causal_conv1d_fn": "causal_conv1d_fn",
+    "causal_conv1d_update": "causal_conv1d_update",
+    "torch_chunk_gated_delta_rule": "chunk_gated_delta_rule",
+    "torch_recurrent_gated_delta_rule": "fused_recurrent_gated_delta_rule",
+    "mamba2_chunk_scan": "mamba_chunk_scan_combined",
+    "mamba2_selective_state_update": "selective_state_update",
+}
+_ROUTED = "_minikernels_recurrent"
+
+
+def _code_names(code: types.CodeType) -> set[str]:
+    """The global / attribute names a code object (and the ones nested in it) loads."""
+    names = set(code.co_names)
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            names |= _code_names(const)
+    return names
+
+
+def _package_name(global_name: str, obj: Any, module: str) -> str | None:
+    """Which package function a modeling file's module-level callable stands for: the
+    ``func_name`` that transformers' ``use_kernel_func_from_hub_with_fallback`` wrapper
+    closes over (next to ``torch_function``), else, in transformers' own modeling files,
+    the file's usual name for it."""
+    if not callable(obj):
+        return None
+    name = None
+    if isinstance(obj, types.FunctionType) and obj.__closure__:
+        free = dict(zip(obj.__code__.co_freevars, obj.__closure__))
+        if "torch_function" in free and "func_name" in free:
+            try:
+                name = free["func_name"].cell_contents
+            except ValueError:          # an empty cell
+                name = None
+    if not isinstance(name, str) and module.startswith("transformers."):
+        name = _RECURRENT_GLOBALS.get(global_name)
+    return name if isinstance(name, str) else None
+
+
+def _filtered(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``fn`` dropping keyword arguments its signature does not name (the model passes its
+    ``**kwargs`` along; transformers' wrapper filters them the same way)."""
+    accepted = frozenset(inspect.signature(fn).parameters)
+
+    @functools.wraps(fn)
+    def routed(*args: Any, **kwargs: Any) -> Any:
+        return fn(*args, **{k: v for k, v in kwargs.items() if k in accepted})
+
+    return routed
+
+
+def _copy_function(fn: types.FunctionType, globals_: dict[str, Any],
+                   closure: tuple | None) -> types.FunctionType:
+    new = types.FunctionType(fn.__code__, globals_, fn.__name__, fn.__defaults__, closure)
+    new.__kwdefaults__ = dict(fn.__kwdefaults__) if fn.__kwdefaults__ else None
+    new.__dict__.update(fn.__dict__)
+    new.__qualname__, new.__module__, new.__doc__ = fn.__qualname__, fn.__module__, fn.__doc__
+    new.__annotations__ = dict(fn.__annotations__)
+    return new
+
+
+def _rebound(fn: Any, overrides: dict[str, Any]) -> types.FunctionType:
+    """A copy of ``fn`` whose innermost function (reached through ``__wrapped__``) looks
+    ``overrides``' names up there instead of in its module's globals. The decorators in
+    between (transformers' ``force_accelerate_hooks``, ``deprecate_kwarg``: functools.wraps
+    closures) are copied with the new inner function in the cell that held the old one, so
+    they keep working. TypeError when a layer is not such a plain function."""
+    if not isinstance(fn, types.FunctionType):
+        raise TypeError(f"{fn!r} is not a plain function")
+    inner = fn.__dict__.get("__wrapped__")
+    if inner is None:
+        globals_ = dict(fn.__globals__)
+        globals_.update(overrides)
+        return _copy_function(fn, globals_, fn.__closure__)
+    cells = fn.__closure__ or ()
+    hits = []
+    for i, cell in enumerate(cells):
+        try:
+            if cell.cell_contents is inner:
+                hits.append(i)
+        except ValueError:              # an empty cell
+            pass
+    if len(hits) != 1:
+        raise TypeError(f"the decorator {fn.__qualname__} does not keep the function it "
+                        "wraps in one closure cell")
+    new_inner = _rebound(inner, overrides)
+    closure = tuple(types.CellType(new_inner) if i == hits[0] else c
+                    for i, c in enumerate(cells))
+    new = _copy_function(fn, fn.__globals__, closure)
+    new.__wrapped__ = new_inner
+    return new
+
+
+def _route_recurrent(model: nn.Module, summary: KernelizeSummary) -> None:
+    """Give each mixer whose forward calls a package function an instance forward calling
+    minikernels' drop-in instead (see the module docstring)."""
+    impls = _recurrent_impls()
+    for name, module in model.named_modules():
+        own = module.__dict__.get("forward")
+        earlier = getattr(getattr(own, "__func__", own), _ROUTED, None)
+        if earlier:                     # routed by an earlier kernelize
+            summary.recurrent[name] = sorted(set(earlier.values()))
+            continue
+        cls_forward = type(module).forward
+        base = inspect.unwrap(cls_forward)
+        if not isinstance(base, types.FunctionType):
+            continue
+        routes = {}
+        for gname in _code_names(base.__code__):
+            pkg = _package_name(gname, base.__globals__.get(gname),
+                                base.__globals__.get("__name__", ""))
+            if pkg in impls:
+                routes[gname] = pkg
+        if not routes:
+            continue
+        if "selective_state_update" in routes.values() and \
+                "mamba_chunk_scan_combined" not in routes.values():
+            # Mamba-1 (selective_scan_fn): per-channel A, which the Mamba-2 op does not take
+            routes = {g: p for g, p in routes.items() if p != "selective_state_update"}
+            if not routes:
+                continue
+        if own is not None:
+            summary.skipped[name] = ("has an instance-level forward (a hook or another "
+                                     "patch): recurrent kernels not routed")
+            continue
+        try:
+            forward = _rebound(cls_forward,
+                               {g: _filtered(impls[p]) for g, p in routes.items()})
+        except TypeError as exc:
+            summary.skipped[name] = f"recurrent kernels not routed: {exc}"
+            continue
+        setattr(forward, _ROUTED, dict(routes))
+        module.forward = types.MethodType(forward, module)
+        summary.recurrent[name] = sorted(set(routes.values()))
+
+
+def unroute_recurrent(model: nn.Module) -> list[str]:
+    """Undo :func:`kernelize`'s recurrent routing on ``model``: the mixers get their
+    class's forward back (transformers' own functions). Returns the module names restored."""
+    restored = []
+    for name, module in model.named_modules():
+        own = module.__dict__.get("forward")
+        if own is not None and getattr(getattr(own, "__func__", own), _ROUTED, None):
+            del module.forward
+            restored.append(name)
+    summary = getattr(model, "kernelize_summary", None)
+    if isinstance(summary, KernelizeSummary):
+        for name in restored:
+            summary.recurrent.pop(name, None)
+    return restored
+
+
 # ------------------------------------------------------------------------- summary
 
 
 @dataclass
 class KernelizeSummary:
     """What :func:`kernelize` did. ``rms_norm`` / ``fused_residual`` / ``mlp``: module
-    names replaced or patched; ``skipped``: module name -> why it was left alone;
+    names replaced or patched; ``recurrent``: mixer name -> the package functions
+    (``causal_conv1d_fn``, ``chunk_gated_delta_rule``, ...) its forward now calls from
+    minikernels.compat; ``skipped``: module name -> why it was left alone;
     ``quantization``: quantize_model's summary when quantize is set."""
 
     rms_norm: list[str] = field(default_factory=list)
     fused_residual: list[str] = field(default_factory=list)
     mlp: list[str] = field(default_factory=list)
+    recurrent: dict[str, list[str]] = field(default_factory=dict)
     skipped: dict[str, str] = field(default_factory=dict)
     quantization: Any = None
 
@@ -292,6 +492,10 @@ class KernelizeSummary:
         text = (f"kernelize: {len(self.rms_norm)} RMSNorm -> mk.ops.rms_norm, "
                 f"{len(self.fused_residual)} decoder layers with the residual add fused, "
                 f"{len(self.mlp)} MLPs -> gate_up + silu_and_mul / gelu_and_mul")
+        if self.recurrent:
+            funcs = sorted({f for names in self.recurrent.values() for f in names})
+            text += (f", {len(self.recurrent)} recurrent mixers -> minikernels.compat "
+                     f"({', '.join(funcs)})")
         if self.quantization is not None:
             text += f"; {self.quantization}"
         if self.skipped:
@@ -318,9 +522,12 @@ def _set(model: nn.Module, name: str, module: nn.Module) -> None:
 
 
 def kernelize(model: nn.Module, rms_norm: bool = True, mlp: bool = True,
-              quantize: str | None = None, group_size: int = 128) -> KernelizeSummary:
+              quantize: str | None = None, group_size: int = 128,
+              recurrent: bool = True) -> KernelizeSummary:
     """Swap ``model``'s RMSNorms, residual adds and SiLU MLPs for minikernels' fused ops, in
-    place; optionally quantize its Linears to int4, fp8 or int8. Returns (and sets as
+    place; route its recurrent mixers' conv / gated delta rule / Mamba-2 scan functions to
+    minikernels.compat (``recurrent``; :func:`unroute_recurrent` undoes it); optionally
+    quantize its Linears to int4, fp8 or int8. Returns (and sets as
     ``model.kernelize_summary``) a :class:`KernelizeSummary`.
 
     Inference only: raises RuntimeError on a model in training mode with parameters that
@@ -362,6 +569,8 @@ def kernelize(model: nn.Module, rms_norm: bool = True, mlp: bool = True,
                 continue
             _set(model, name, GateUpMLP.from_mlp(module))
             summary.mlp.append(name)
+    if recurrent:
+        _route_recurrent(model, summary)
     if quantize is not None:
         from ..nn import quantize_model
 
