@@ -36,6 +36,8 @@ Forward contract: :class:`minikernels.models.AttentionMetadata`.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -47,7 +49,7 @@ from ..ops.attention import FP8_KV_DTYPES
 from .config import DecoderConfig
 from .kv_layout import KVCacheLayout
 from .linear import FusedLinear
-from .metadata import AttentionMetadata
+from .metadata import AttentionMetadata, RecurrentPart
 from .moe import SparseMoE
 from .parallel import TensorParallel, VocabParallelEmbedding, attention_shard, check_config
 
@@ -220,6 +222,18 @@ class Attention(nn.Module):
         return q_out.to(q.dtype), k_out.to(k.dtype)
 
 
+def by_parts(meta: AttentionMetadata, with_state: bool, fn: Callable[[RecurrentPart], Tensor],
+             like: Tensor, trailing: tuple[int, ...]) -> Tensor:
+    """``fn`` over the step's recurrent launches (decode rows, then prefill chunks: each
+    on its own kernels), concatenated in token order; an empty [0, *trailing] tensor like
+    ``like`` when the step has no tokens."""
+    parts = meta.recurrent_parts(with_state)
+    if not parts:
+        return like.new_empty(0, *trailing)
+    outs = [fn(p) for p in parts]
+    return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+
 class ShortConv(nn.Module):
     """LFM2's gated short convolution (a recurrent token mixer):
 
@@ -254,15 +268,16 @@ class ShortConv(nn.Module):
                 cache: tuple[Tensor] | None) -> Tensor:
         h = self.hidden_size
         b, c, u = self.in_proj(x).split(h, dim=-1)
-        cu, max_len = meta.mixer_seqlens()
         state = cache[0] if cache is not None else None
-        y = ops.causal_conv1d(b * u, self.conv.weight.view(h, self.width), self.conv.bias,
-                              cu_seqlens=cu, conv_state=state,
-                              state_indices=meta.state_indices if state is not None else None,
-                              has_initial_state=meta.has_initial_state
-                              if state is not None else None,
-                              max_seqlen=max_len)
-        return self.out_proj(c * y)
+        bu = b * u
+
+        def conv(p: RecurrentPart) -> Tensor:
+            return ops.causal_conv1d(bu[p.tokens], self.conv.weight.view(h, self.width),
+                                     self.conv.bias, cu_seqlens=p.cu_seqlens,
+                                     conv_state=state, state_indices=p.state_indices,
+                                     has_initial_state=p.has_initial_state,
+                                     max_seqlen=p.max_seqlen)
+        return self.out_proj(c * by_parts(meta, state is not None, conv, bu, (h,)))
 
     def state_shapes(self) -> list[tuple[tuple[int, ...], torch.dtype | None]]:
         """Per-slot state tensors: (shape without the slot dim, dtype; None = model's)."""
@@ -313,21 +328,27 @@ class GatedDeltaNet(nn.Module):
         t, hv = x.shape[0], self.num_v_heads
         qkv, z, b, a = self.in_proj(x).split([self.conv_dim, self.value_size, hv, hv],
                                              dim=-1)
-        cu, max_len = meta.mixer_seqlens()
         conv_state, state = cache if cache is not None else (None, None)
-        slots = meta.state_indices if cache is not None else None
-        init = meta.has_initial_state if cache is not None else None
-        qkv = ops.causal_conv1d(qkv, self.conv1d.weight.view(self.conv_dim, self.width), None,
-                                cu_seqlens=cu, conv_state=conv_state, state_indices=slots,
-                                has_initial_state=init, activation="silu", max_seqlen=max_len)
-        q, k, v = qkv.split([self.key_size, self.key_size, self.value_size], dim=-1)
         beta = torch.sigmoid(b)
         g = -self.A_log.float().exp() * F.softplus(a.float() + self.dt_bias)
-        o = ops.gated_delta_rule(
-            q.reshape(t, self.num_k_heads, self.k_dim), k.reshape(t, self.num_k_heads, self.k_dim),
-            v.reshape(t, hv, self.v_dim), g, beta, cu_seqlens=cu, state=state,
-            state_indices=slots, has_initial_state=init, use_qk_l2norm=True,
-            max_seqlen=max_len)
+
+        def mix(p: RecurrentPart) -> Tensor:
+            """The conv and the gated delta rule over one launch's tokens -> [n, Hv, dv]."""
+            conv = ops.causal_conv1d(qkv[p.tokens],
+                                     self.conv1d.weight.view(self.conv_dim, self.width), None,
+                                     cu_seqlens=p.cu_seqlens, conv_state=conv_state,
+                                     state_indices=p.state_indices,
+                                     has_initial_state=p.has_initial_state, activation="silu",
+                                     max_seqlen=p.max_seqlen)
+            n = conv.shape[0]
+            q, k, v = conv.split([self.key_size, self.key_size, self.value_size], dim=-1)
+            return ops.gated_delta_rule(
+                q.reshape(n, self.num_k_heads, self.k_dim),
+                k.reshape(n, self.num_k_heads, self.k_dim), v.reshape(n, hv, self.v_dim),
+                g[p.tokens], beta[p.tokens], cu_seqlens=p.cu_seqlens, state=state,
+                state_indices=p.state_indices, has_initial_state=p.has_initial_state,
+                use_qk_l2norm=True, max_seqlen=p.max_seqlen)
+        o = by_parts(meta, cache is not None, mix, x, (hv, self.v_dim))
         y = self.norm(o.reshape(t * hv, self.v_dim)).float() * F.silu(
             z.reshape(t * hv, self.v_dim).float())
         return self.out_proj(y.to(x.dtype).reshape(t, self.value_size))
@@ -399,20 +420,27 @@ class Mamba2Mixer(nn.Module):
         if self.section_scale is not None:
             proj = proj * self.section_scale
         z, xbc, dt = proj.split([self.inner, self.conv_dim, h], dim=-1)
-        cu, max_len = meta.mixer_seqlens()
         conv_state, state = cache if cache is not None else (None, None)
-        slots = meta.state_indices if cache is not None else None
-        init = meta.has_initial_state if cache is not None else None
-        xbc = ops.causal_conv1d(xbc, self.conv1d.weight.view(self.conv_dim, self.width),
-                                self.conv1d.bias, cu_seqlens=cu, conv_state=conv_state,
-                                state_indices=slots, has_initial_state=init,
-                                activation="silu", max_seqlen=max_len)
-        xs, b, c = xbc.split([self.inner, g * n, g * n], dim=-1)
-        y = ops.mamba2_scan(xs.reshape(t, h, self.head_dim), dt,
-                            -torch.exp(self.A_log.float()), b.reshape(t, g, n),
-                            c.reshape(t, g, n), cu_seqlens=cu, D=self.D, dt_bias=self.dt_bias,
-                            dt_softplus=True, dt_limit=self.dt_limit, state=state,
-                            state_indices=slots, has_initial_state=init, max_seqlen=max_len)
+        a_neg = -torch.exp(self.A_log.float())
+
+        def mix(p: RecurrentPart) -> Tensor:
+            """The conv and the SSM scan over one launch's tokens -> [n, heads, P]."""
+            conv = ops.causal_conv1d(xbc[p.tokens],
+                                     self.conv1d.weight.view(self.conv_dim, self.width),
+                                     self.conv1d.bias, cu_seqlens=p.cu_seqlens,
+                                     conv_state=conv_state, state_indices=p.state_indices,
+                                     has_initial_state=p.has_initial_state,
+                                     activation="silu", max_seqlen=p.max_seqlen)
+            m = conv.shape[0]
+            xs, b, c = conv.split([self.inner, g * n, g * n], dim=-1)
+            return ops.mamba2_scan(xs.reshape(m, h, self.head_dim), dt[p.tokens], a_neg,
+                                   b.reshape(m, g, n), c.reshape(m, g, n),
+                                   cu_seqlens=p.cu_seqlens, D=self.D, dt_bias=self.dt_bias,
+                                   dt_softplus=True, dt_limit=self.dt_limit, state=state,
+                                   state_indices=p.state_indices,
+                                   has_initial_state=p.has_initial_state,
+                                   max_seqlen=p.max_seqlen)
+        y = by_parts(meta, cache is not None, mix, x, (h, self.head_dim))
         y = self._gate_and_norm(y.reshape(t, self.inner).float(), z.float()).to(x.dtype)
         out = self.out_proj(y)
         return out if self.residual_multiplier == 1.0 else out * self.residual_multiplier

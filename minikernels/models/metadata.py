@@ -25,6 +25,20 @@ from torch import Tensor
 
 
 @dataclass
+class RecurrentPart:
+    """One launch of the recurrent ops over some of a step's sequences: tokens
+    ``tokens`` (a slice of the step's T), their ``cu_seqlens`` int32 [N + 1] (relative to
+    the slice), the longest sequence, each sequence's state slot (int32 [N] or None) and
+    whether it resumes its slot (bool [N]; None = all)."""
+
+    tokens: slice
+    cu_seqlens: Tensor
+    max_seqlen: int
+    state_indices: Tensor | None
+    has_initial_state: Tensor | None
+
+
+@dataclass
 class AttentionMetadata:
     """Per-step batch description (all tensors on the model's device).
 
@@ -87,26 +101,32 @@ class AttentionMetadata:
                            for s, d, p in zip(slot_mappings, decode_tables, prefill_tables)]
         return self
 
-    def mixer_seqlens(self) -> tuple[Tensor, int]:
-        """(cu_seqlens int32 [N + 1] over all T tokens, the longest sequence) for the
-        recurrent layers: each decode token a sequence of one, then the prefill chunks.
-        Computed once per step (cached on this object)."""
-        cached = self.__dict__.get("_mixer_seqlens")
+    def recurrent_parts(self, with_state: bool) -> list["RecurrentPart"]:
+        """The step's sequences for the recurrent ops, in at most two launches: the decode
+        rows (one token each: the ops' decode kernels) and the prefill chunks (their
+        chunked prefill kernels); a cache-less forward's whole prompts in one. Computed
+        once per step (cached on this object). with_state: the cache is there (state slots
+        named); False: every sequence starts from zeros, nothing kept."""
+        key = "_recurrent_parts" if with_state else "_recurrent_parts_stateless"
+        cached = self.__dict__.get(key)
         if cached is not None:
             return cached
-        nd = self.num_decode
+        nd, t = self.num_decode, self.num_tokens
         dev = self.positions.device
-        if self.cu_seqlens_q is None:
-            cu = torch.arange(nd + 1, dtype=torch.int32, device=dev)
-            longest = 1 if nd else 0
-        elif nd == 0:
-            cu, longest = self.cu_seqlens_q, self.max_seqlen_q
-        else:
-            cu = torch.cat([torch.arange(nd, dtype=torch.int32, device=dev),
-                            self.cu_seqlens_q.to(torch.int32) + nd])
-            longest = max(1, self.max_seqlen_q)
-        self.__dict__["_mixer_seqlens"] = (cu, int(longest))
-        return cu, int(longest)
+        idx = self.state_indices if with_state else None
+        init = self.has_initial_state if with_state else None
+        parts: list[RecurrentPart] = []
+        if nd:
+            parts.append(RecurrentPart(slice(0, nd),
+                                       torch.arange(nd + 1, dtype=torch.int32, device=dev), 1,
+                                       None if idx is None else idx[:nd], None))
+        if self.cu_seqlens_q is not None and t > nd:
+            parts.append(RecurrentPart(slice(nd, t), self.cu_seqlens_q.to(torch.int32),
+                                       max(1, int(self.max_seqlen_q)),
+                                       None if idx is None else idx[nd:],
+                                       None if init is None else init[nd:]))
+        self.__dict__[key] = parts
+        return parts
 
     @property
     def num_tokens(self) -> int:
