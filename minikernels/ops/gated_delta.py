@@ -5,7 +5,9 @@ sequences (FlashAttention's cu_seqlens layout) with a per-sequence state pool, a
 engine calls it: prefill chunks and single decode tokens in one call, each sequence reading
 its initial state from its slot of the pool and writing its final state back there.
 Spec: :func:`minikernels.ops.reference.gated_delta_rule`. Backends: reference, triton
-(ops/triton/gated_delta.py, the recurrent form). Tests: tests/test_gated_delta_rule.py.
+(ops/triton/gated_delta.py, the recurrent form; ops/triton/gated_delta_chunked.py, the
+chunked prefill form, for launches whose max_seqlen reaches a threshold). Tests:
+tests/test_gated_delta_rule.py, tests/test_gated_delta_rule_chunked.py.
 """
 from __future__ import annotations
 
@@ -28,12 +30,12 @@ MAX_HEAD_DIM = 256
 def _gated_delta_rule(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor,
                       cu_seqlens: Tensor, state: Tensor | None, state_indices: Tensor | None,
                       has_initial_state: Tensor | None, scale: float,
-                      use_qk_l2norm: bool) -> Tensor:
+                      use_qk_l2norm: bool, max_seqlen: int = -1) -> Tensor:
     if _backend.resolve("gated_delta_rule", v.device) == "triton":
         from .triton import gated_delta as triton_gated_delta
         return triton_gated_delta.gated_delta_rule(q, k, v, g, beta, cu_seqlens, state,
                                                    state_indices, has_initial_state, scale,
-                                                   use_qk_l2norm)
+                                                   use_qk_l2norm, max_seqlen)
     return reference.gated_delta_rule(q, k, v, g, beta, cu_seqlens, state, state_indices,
                                       has_initial_state, scale, use_qk_l2norm)
 
@@ -41,7 +43,7 @@ def _gated_delta_rule(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor,
 @_gated_delta_rule.register_fake
 def _(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, cu_seqlens: Tensor,
       state: Tensor | None, state_indices: Tensor | None, has_initial_state: Tensor | None,
-      scale: float, use_qk_l2norm: bool) -> Tensor:
+      scale: float, use_qk_l2norm: bool, max_seqlen: int = -1) -> Tensor:
     return torch.empty(v.shape, dtype=v.dtype, device=v.device)
 
 
@@ -88,8 +90,11 @@ def gated_delta_rule(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, *
     state[state_indices[i]] (or zeros where has_initial_state[i] is False) and its final S
     is written there. state_indices int32 / int64 [N] (required with state): distinct slots
     in [0, S), or -1 for a padding row (zero outputs, slot neither read nor written).
-    has_initial_state bool [N] (None = all True). max_seqlen: an optional upper bound on
-    the sequence lengths (checked when index checks are on; the kernels do not need it).
+    has_initial_state bool [N] (None = all True). max_seqlen: an optional host upper bound
+    on the sequence lengths (checked when index checks are on); the Triton backend runs its
+    chunked prefill kernels when it is >= 32, the recurrent kernel otherwise. None: the
+    longest length read from cu_seqlens when index checks run (a host sync they do anyway),
+    else unknown (the recurrent kernel, which needs no bound).
     """
     check_tensor("q", q, dtypes=FLOAT_DTYPES, ndim=3)
     dev = q.device
@@ -167,6 +172,10 @@ def gated_delta_rule(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, *
             if longest > max_seqlen:
                 raise ValueError(f"max_seqlen ({max_seqlen}) is below a sequence length "
                                  f"({longest})")
+    elif _readable(cu_seqlens):
+        max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max()) if n > 0 else 0
+    else:
+        max_seqlen = -1                    # unknown: the recurrent kernel
     return torch.ops.minikernels.gated_delta_rule(q, k, v, g, beta, cu_seqlens, state,
                                                   state_indices, has_initial_state,
-                                                  float(scale), use_qk_l2norm)
+                                                  float(scale), use_qk_l2norm, max_seqlen)

@@ -17,8 +17,9 @@ beta_t; decay, k^T S as a column sum, rank-1 update, the output slice as another
 sum), and stores the final tile back to the slot once. A padding row (slot -1) reads no
 state, computes on zeros, writes zero outputs and no state. One token per step, no tensor
 cores: the decode path, and correct (not fast) for prefill.
-Future work: a chunked prefill (WY representation of 64-token chunks, tensor-core GEMMs,
-as flash-linear-attention's chunk_gated_delta_rule) is not built here.
+The chunked prefill (WY representation of 64-token chunks, tensor-core products) is in
+gated_delta_chunked.py; :func:`gated_delta_rule` below picks it for launches whose
+max_seqlen is >= CHUNKED_MIN_SEQLEN.
 """
 from __future__ import annotations
 
@@ -115,15 +116,26 @@ def launch_config(dk: int, dv: int) -> dict[str, int]:
             "num_warps": max(1, block_k * block_v // 512)}
 
 
+#: the chunked prefill path (gated_delta_chunked.py) runs when a launch's max_seqlen is at
+#: least this (a module attribute read per call: tests lower it to force that path)
+CHUNKED_MIN_SEQLEN = 32
+
+
 def gated_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor,
                      beta: torch.Tensor, cu_seqlens: torch.Tensor,
                      state: torch.Tensor | None, state_indices: torch.Tensor | None,
                      has_initial_state: torch.Tensor | None, scale: float,
-                     use_qk_l2norm: bool) -> torch.Tensor:
+                     use_qk_l2norm: bool, max_seqlen: int = -1) -> torch.Tensor:
     """Inputs validated by the op (any strides; cu_seqlens / state_indices /
-    has_initial_state contiguous) -> o [T, Hv, dv] in v.dtype; state updated in place."""
+    has_initial_state contiguous) -> o [T, Hv, dv] in v.dtype; state updated in place.
+    max_seqlen (a host bound of the sequence lengths, -1 = unknown) picks the path: the
+    chunked tensor-core kernels from CHUNKED_MIN_SEQLEN on, else the recurrent kernel."""
     from .. import _alloc
 
+    if max_seqlen >= 0 and max_seqlen >= CHUNKED_MIN_SEQLEN:
+        from .gated_delta_chunked import gated_delta_rule_chunked
+        return gated_delta_rule_chunked(q, k, v, g, beta, cu_seqlens, state, state_indices,
+                                        has_initial_state, scale, use_qk_l2norm, max_seqlen)
     total, hk, dk = q.shape
     hv, dv = v.shape[1], v.shape[2]
     o = _alloc.empty((total, hv, dv), v.dtype, v.device)
