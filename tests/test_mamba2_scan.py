@@ -383,7 +383,7 @@ def test_errors():
         (ValueError, "has_initial_state needs state", dict(
             state=None, state_indices=None, has_initial_state=torch.tensor([True, True]))),
         (TypeError, "state_indices must have dtype", dict(state_indices=slots.float())),
-        (ValueError, r"state_indices must have shape \[N_seq = 2\]",
+        (ValueError, r"state_indices must have shape \[N = 2\]",
          dict(state_indices=slots[:1])),
         (ValueError, r"state_indices values must be -1 \(padding\) or in \[0, 3\)",
          dict(state_indices=torch.tensor([0, 3]))),
@@ -391,7 +391,7 @@ def test_errors():
         (ValueError, "state_indices must be distinct", dict(state_indices=torch.tensor([1, 1]))),
         (TypeError, "has_initial_state must have dtype", dict(
             has_initial_state=torch.tensor([1, 0]))),
-        (ValueError, r"has_initial_state must have shape \[N_seq = 2\]", dict(
+        (ValueError, r"has_initial_state must have shape \[N = 2\]", dict(
             has_initial_state=torch.tensor([True]))),
         (TypeError, "max_seqlen must be an int", dict(max_seqlen=2.0)),
         (ValueError, "max_seqlen must be >= 0", dict(max_seqlen=-1)),

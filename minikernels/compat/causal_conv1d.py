@@ -47,7 +47,7 @@ from torch import Tensor
 
 from .. import ops
 from .._validation import FLOAT_DTYPES, check_shape, check_tensor, index_checks_active
-from ..ops.conv import _check_state_indices
+from ..ops._state_pool import check_slot_values
 from .vllm_ops import _vllm_names as _renamed
 
 __all__ = ["causal_conv1d_fn", "causal_conv1d_update"]
@@ -214,7 +214,7 @@ def causal_conv1d_update(x: Tensor, conv_state: Tensor, weight: Tensor,
         # a longer or circular buffer: run the op on each live row's window (a copy), then
         # write the buffer's new contents back (plain indexing, exact copies of x)
         with _renamed({"state_indices": "conv_state_indices"}):
-            _check_state_indices(slots, conv_state.shape[0])
+            check_slot_values(slots, conv_state.shape[0], "conv_state")
         live = slots >= 0
         used = slots[live]
         rows = conv_state[used]                                   # [n, dim, state_len]

@@ -15,12 +15,13 @@ import torch
 from torch import Tensor
 
 from .. import backend as _backend
-from .._validation import FLOAT_DTYPES, check_tensor, index_checks_active
+from .._validation import FLOAT_DTYPES, check_tensor
+from ._state_pool import check_cu_seqlens, check_slots, refuse_slots_without_pool, \
+    resolve_max_seqlen
 from . import reference
 
 #: conv widths the kernels support (Mamba 4, Qwen3.5 / Qwen3-Next 4, LFM2 3)
 MIN_WIDTH, MAX_WIDTH = 2, 8
-_INDEX_DTYPES = (torch.int32, torch.int64)
 _ACTIVATIONS = (None, "silu", "swish")
 
 
@@ -43,35 +44,6 @@ def _(x: Tensor, weight: Tensor, bias: Tensor | None, cu_seqlens: Tensor,
       conv_state: Tensor | None, state_indices: Tensor | None,
       has_initial_state: Tensor | None, silu: bool, max_seqlen: int) -> Tensor:
     return torch.empty((x.shape[0], x.shape[1]), dtype=x.dtype, device=x.device)
-
-
-def _check_cu_seqlens(cu: Tensor, total: int) -> None:
-    if cu.shape[0] < 1:
-        raise ValueError(f"cu_seqlens must have N + 1 >= 1 entries, got shape "
-                         f"{list(cu.shape)}")
-    if not index_checks_active(cu):
-        return
-    if int(cu[0]) != 0:
-        raise ValueError(f"cu_seqlens[0] must be 0, got {int(cu[0])}")
-    if cu.shape[0] > 1 and bool((cu[1:] < cu[:-1]).any()):
-        raise ValueError("cu_seqlens must be non-decreasing")
-    if int(cu[-1]) != total:
-        raise ValueError(f"cu_seqlens[-1] ({int(cu[-1])}) must equal the number of tokens "
-                         f"(x.shape[0] = {total})")
-
-
-def _check_state_indices(state_indices: Tensor, slots: int) -> None:
-    """Values in [-1, S); the non-padding ones distinct (when index checks are active)."""
-    if not index_checks_active(state_indices):
-        return
-    lo, hi = int(state_indices.min()), int(state_indices.max())
-    if lo < -1 or hi >= slots:
-        raise ValueError(f"state_indices values must be -1 (padding) or in [0, {slots}), got "
-                         f"min {lo} and max {hi}")
-    used = state_indices[state_indices >= 0]
-    if torch.unique(used).numel() != used.numel():
-        raise ValueError("state_indices must be distinct (apart from -1 padding rows): two "
-                         "sequences would share a conv_state slot")
 
 
 def causal_conv1d(x: Tensor, weight: Tensor, bias: Tensor | None = None, *,
@@ -115,54 +87,23 @@ def causal_conv1d(x: Tensor, weight: Tensor, bias: Tensor | None = None, *,
         check_tensor("bias", bias, dtypes=float_like, ndim=1, device=dev)
         if bias.shape[0] != dim:
             raise ValueError(f"bias must have shape [D = {dim}], got {list(bias.shape)}")
-    check_tensor("cu_seqlens", cu_seqlens, dtypes=_INDEX_DTYPES, ndim=1, device=dev)
-    _check_cu_seqlens(cu_seqlens, total)
+    cu_seqlens = check_cu_seqlens(cu_seqlens, total, dev, tokens="x.shape[0]")
     n = cu_seqlens.shape[0] - 1
     if activation is not None and (not isinstance(activation, str)
                                    or activation not in _ACTIVATIONS):
         raise ValueError(f"activation must be None or 'silu' (alias 'swish'), got "
                          f"{activation!r}")
     if conv_state is None:
-        for name, t in (("state_indices", state_indices),
-                        ("has_initial_state", has_initial_state)):
-            if t is not None:
-                raise ValueError(f"{name} needs conv_state (without a state pool every "
-                                 "sequence starts from zeros)")
+        refuse_slots_without_pool("conv_state", state_indices, has_initial_state)
     else:
         check_tensor("conv_state", conv_state, dtypes=float_like, ndim=3, device=dev)
         if conv_state.shape[1] != dim or conv_state.shape[2] != width - 1:
             raise ValueError(f"conv_state must have shape [S, D = {dim}, W - 1 = "
                              f"{width - 1}], got {list(conv_state.shape)}")
-        if state_indices is None:
-            raise ValueError("state_indices is required with conv_state (each sequence's "
-                             "slot; -1 = padding row)")
-        check_tensor("state_indices", state_indices, dtypes=_INDEX_DTYPES, ndim=1,
-                     device=dev)
-        if state_indices.shape[0] != n:
-            raise ValueError(f"state_indices must have one entry per sequence (N = {n}, "
-                             f"from cu_seqlens), got shape {list(state_indices.shape)}")
-        _check_state_indices(state_indices, conv_state.shape[0])
-        if has_initial_state is not None:
-            check_tensor("has_initial_state", has_initial_state, dtypes=(torch.bool,),
-                         ndim=1, device=dev)
-            if has_initial_state.shape[0] != n:
-                raise ValueError(f"has_initial_state must have one entry per sequence "
-                                 f"(N = {n}), got shape {list(has_initial_state.shape)}")
-    if max_seqlen is None:
-        max_seqlen = total
-        if n and index_checks_active(cu_seqlens):
-            max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
-    else:
-        if not isinstance(max_seqlen, int) or isinstance(max_seqlen, bool):
-            raise TypeError(f"max_seqlen must be an int or None, got "
-                            f"{type(max_seqlen).__name__}")
-        if max_seqlen < 0:
-            raise ValueError(f"max_seqlen must be >= 0, got {max_seqlen}")
-        if n and index_checks_active(cu_seqlens):
-            longest = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
-            if longest > max_seqlen:
-                raise ValueError(f"max_seqlen ({max_seqlen}) is below a sequence length "
-                                 f"({longest})")
+        state_indices, has_initial_state = check_slots(
+            "conv_state", conv_state, state_indices, has_initial_state, n, dev)
+    # (unknown without index checks: the grid covers every token)
+    max_seqlen = resolve_max_seqlen(max_seqlen, cu_seqlens, n, unknown=total)
     return torch.ops.minikernels.causal_conv1d(
         x, weight, bias, cu_seqlens, conv_state, state_indices, has_initial_state,
         activation is not None, max_seqlen)

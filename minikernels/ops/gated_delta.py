@@ -15,13 +15,10 @@ import torch
 from torch import Tensor
 
 from .. import backend as _backend
-from .._validation import (
-    FLOAT_DTYPES,
-    check_finite_float,
-    check_tensor,
-    index_checks_active,
-)
+from .._validation import FLOAT_DTYPES, check_finite_float, check_tensor
 from . import reference
+from ._state_pool import check_cu_seqlens, check_slots, refuse_slots_without_pool, \
+    resolve_max_seqlen
 
 MAX_HEAD_DIM = 256
 
@@ -45,29 +42,6 @@ def _(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, cu_seqlens: Tens
       state: Tensor | None, state_indices: Tensor | None, has_initial_state: Tensor | None,
       scale: float, use_qk_l2norm: bool, max_seqlen: int = -1) -> Tensor:
     return torch.empty(v.shape, dtype=v.dtype, device=v.device)
-
-
-def _readable(t: Tensor) -> bool:
-    """The data-dependent checks run (index checks on, not capturing / compiling, values
-    that exist: not meta)."""
-    return t.device.type != "meta" and index_checks_active(t)
-
-
-def _check_cu_seqlens(cu: object, total: int, device: torch.device) -> Tensor:
-    cu = check_tensor("cu_seqlens", cu, dtypes=(torch.int32, torch.int64), ndim=1,
-                      device=device)
-    if cu.shape[0] < 1:
-        raise ValueError(f"cu_seqlens must have N + 1 >= 1 entries, got shape {list(cu.shape)}")
-    cu = cu.contiguous()
-    if _readable(cu):
-        if int(cu[0]) != 0:
-            raise ValueError(f"cu_seqlens[0] must be 0, got {int(cu[0])}")
-        if cu.shape[0] > 1 and bool((cu[1:] < cu[:-1]).any()):
-            raise ValueError("cu_seqlens must be non-decreasing")
-        if int(cu[-1]) != total:
-            raise ValueError(f"cu_seqlens[-1] ({int(cu[-1])}) must equal the number of tokens "
-                             f"T = {total}")
-    return cu
 
 
 def gated_delta_rule(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, *,
@@ -122,60 +96,22 @@ def gated_delta_rule(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, *
         if tuple(t.shape) != (total, hv):
             raise ValueError(f"{name} must have shape [T = {total}, Hv = {hv}], got "
                              f"{list(t.shape)}")
-    cu_seqlens = _check_cu_seqlens(cu_seqlens, total, dev)
+    cu_seqlens = check_cu_seqlens(cu_seqlens, total, dev)
     n = cu_seqlens.shape[0] - 1
     if state is None:
-        for name, t in (("state_indices", state_indices),
-                        ("has_initial_state", has_initial_state)):
-            if t is not None:
-                raise ValueError(f"{name} needs state (got state=None)")
+        refuse_slots_without_pool("state", state_indices, has_initial_state)
     else:
         check_tensor("state", state, dtypes=(torch.float32,), ndim=4, device=dev)
         if tuple(state.shape[1:]) != (hv, dk, dv):
             raise ValueError(f"state must have shape [S, Hv = {hv}, dk = {dk}, dv = {dv}], "
                              f"got {list(state.shape)}")
-        if state_indices is None:
-            raise ValueError("state_indices is required with state (one slot per sequence, "
-                             "-1 = padding)")
-        check_tensor("state_indices", state_indices, dtypes=(torch.int32, torch.int64),
-                     ndim=1, device=dev)
-        if state_indices.shape[0] != n:
-            raise ValueError(f"state_indices must have shape [N = {n}], got "
-                             f"{list(state_indices.shape)}")
-        state_indices = state_indices.contiguous()
-        if _readable(state_indices):
-            lo, hi = int(state_indices.min()), int(state_indices.max())
-            if lo < -1 or hi >= state.shape[0]:
-                raise ValueError(f"state_indices values must be -1 (padding) or in [0, "
-                                 f"{state.shape[0]}), got min {lo} and max {hi}")
-            used = state_indices[state_indices >= 0]
-            if used.unique().numel() != used.numel():
-                raise ValueError("state_indices must be distinct (apart from -1 padding)")
-        if has_initial_state is not None:
-            check_tensor("has_initial_state", has_initial_state, dtypes=(torch.bool,), ndim=1,
-                         device=dev)
-            if has_initial_state.shape[0] != n:
-                raise ValueError(f"has_initial_state must have shape [N = {n}], got "
-                                 f"{list(has_initial_state.shape)}")
-            has_initial_state = has_initial_state.contiguous()
+        state_indices, has_initial_state = check_slots(
+            "state", state, state_indices, has_initial_state, n, dev)
     scale = dk ** -0.5 if scale is None else check_finite_float("scale", scale)
     if not isinstance(use_qk_l2norm, bool):
         raise TypeError(f"use_qk_l2norm must be a bool, got {type(use_qk_l2norm).__name__}")
-    if max_seqlen is not None:
-        if not isinstance(max_seqlen, int) or isinstance(max_seqlen, bool):
-            raise TypeError(f"max_seqlen must be an int or None, got "
-                            f"{type(max_seqlen).__name__}")
-        if max_seqlen < 0:
-            raise ValueError(f"max_seqlen must be >= 0, got {max_seqlen}")
-        if _readable(cu_seqlens) and n > 0:
-            longest = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
-            if longest > max_seqlen:
-                raise ValueError(f"max_seqlen ({max_seqlen}) is below a sequence length "
-                                 f"({longest})")
-    elif _readable(cu_seqlens):
-        max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max()) if n > 0 else 0
-    else:
-        max_seqlen = -1                    # unknown: the recurrent kernel
+    # (unknown without index checks: the recurrent kernel)
+    max_seqlen = resolve_max_seqlen(max_seqlen, cu_seqlens, n, unknown=-1)
     return torch.ops.minikernels.gated_delta_rule(q, k, v, g, beta, cu_seqlens, state,
                                                   state_indices, has_initial_state,
                                                   float(scale), use_qk_l2norm, max_seqlen)

@@ -19,11 +19,11 @@ from torch import Tensor
 from .. import backend as _backend
 from .._validation import FLOAT_DTYPES, check_tensor
 from . import reference
-from .gated_delta import _check_cu_seqlens, _readable
+from ._state_pool import check_cu_seqlens, check_slots, refuse_slots_without_pool, \
+    resolve_max_seqlen
 
 #: the largest SSM state size N (the kernels keep a whole row of the state in registers)
 MAX_STATE = 256
-_INDEX_DTYPES = (torch.int32, torch.int64)
 
 
 @torch.library.custom_op("minikernels::mamba2_scan", mutates_args=("state",))
@@ -127,59 +127,19 @@ def mamba2_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, *,
     if not isinstance(dt_softplus, bool):
         raise TypeError(f"dt_softplus must be a bool, got {type(dt_softplus).__name__}")
     dt_min, dt_max = _check_dt_limit(dt_limit)
-    cu_seqlens = _check_cu_seqlens(cu_seqlens, total, dev)
+    cu_seqlens = check_cu_seqlens(cu_seqlens, total, dev)
     n = cu_seqlens.shape[0] - 1
     if state is None:
-        for name, t in (("state_indices", state_indices),
-                        ("has_initial_state", has_initial_state)):
-            if t is not None:
-                raise ValueError(f"{name} needs state (got state=None: every sequence "
-                                 "starts from zeros)")
+        refuse_slots_without_pool("state", state_indices, has_initial_state)
     else:
         check_tensor("state", state, dtypes=(torch.float32,), ndim=4, device=dev)
         if tuple(state.shape[1:]) != (h, p, dstate):
             raise ValueError(f"state must have shape [S, H = {h}, P = {p}, N = {dstate}], "
                              f"got {list(state.shape)}")
-        if state_indices is None:
-            raise ValueError("state_indices is required with state (one slot per sequence, "
-                             "-1 = padding)")
-        check_tensor("state_indices", state_indices, dtypes=_INDEX_DTYPES, ndim=1,
-                     device=dev)
-        if state_indices.shape[0] != n:
-            raise ValueError(f"state_indices must have shape [N_seq = {n}], got "
-                             f"{list(state_indices.shape)}")
-        state_indices = state_indices.contiguous()
-        if n and _readable(state_indices):
-            lo, hi = int(state_indices.min()), int(state_indices.max())
-            if lo < -1 or hi >= state.shape[0]:
-                raise ValueError(f"state_indices values must be -1 (padding) or in [0, "
-                                 f"{state.shape[0]}), got min {lo} and max {hi}")
-            used = state_indices[state_indices >= 0]
-            if used.unique().numel() != used.numel():
-                raise ValueError("state_indices must be distinct (apart from -1 padding): "
-                                 "two sequences would share a state slot")
-        if has_initial_state is not None:
-            check_tensor("has_initial_state", has_initial_state, dtypes=(torch.bool,),
-                         ndim=1, device=dev)
-            if has_initial_state.shape[0] != n:
-                raise ValueError(f"has_initial_state must have shape [N_seq = {n}], got "
-                                 f"{list(has_initial_state.shape)}")
-            has_initial_state = has_initial_state.contiguous()
-    if max_seqlen is not None:
-        if not isinstance(max_seqlen, int) or isinstance(max_seqlen, bool):
-            raise TypeError(f"max_seqlen must be an int or None, got "
-                            f"{type(max_seqlen).__name__}")
-        if max_seqlen < 0:
-            raise ValueError(f"max_seqlen must be >= 0, got {max_seqlen}")
-        if _readable(cu_seqlens) and n > 0:
-            longest = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
-            if longest > max_seqlen:
-                raise ValueError(f"max_seqlen ({max_seqlen}) is below a sequence length "
-                                 f"({longest})")
-    elif _readable(cu_seqlens):
-        max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max()) if n > 0 else 0
-    else:
-        max_seqlen = -1                    # unknown (see triton/mamba.py's dispatch)
+        state_indices, has_initial_state = check_slots(
+            "state", state, state_indices, has_initial_state, n, dev)
+    # (unknown without index checks: see triton/mamba.py's dispatch)
+    max_seqlen = resolve_max_seqlen(max_seqlen, cu_seqlens, n, unknown=-1)
     return torch.ops.minikernels.mamba2_scan(x, dt, A, B, C, cu_seqlens, D, dt_bias,
                                              dt_softplus, dt_min, dt_max, state,
                                              state_indices, has_initial_state, max_seqlen)
