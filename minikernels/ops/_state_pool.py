@@ -47,6 +47,16 @@ def refuse_slots_without_pool(pool_name: str, state_indices: Tensor | None,
                              f"starts from zeros; got {pool_name}=None)")
 
 
+def check_pool(pool_name: str, pool: Tensor, dims: dict[str, int],
+               dtypes: tuple[torch.dtype, ...], device: torch.device) -> None:
+    """A state pool [S, *dims] (any strides) of one of ``dtypes`` on ``device``; ``dims``
+    names each trailing dim for the error (e.g. {"Hv": 16, "dk": 128, "dv": 128})."""
+    check_tensor(pool_name, pool, dtypes=dtypes, ndim=1 + len(dims), device=device)
+    if tuple(pool.shape[1:]) != tuple(dims.values()):
+        want = ", ".join(f"{k} = {v}" for k, v in dims.items())
+        raise ValueError(f"{pool_name} must have shape [S, {want}], got {list(pool.shape)}")
+
+
 def check_slots(pool_name: str, pool: Tensor, state_indices: Tensor | None,
                 has_initial_state: Tensor | None, n: int, device: torch.device
                 ) -> tuple[Tensor, Tensor | None]:

@@ -16,8 +16,8 @@ from torch import Tensor
 
 from .. import backend as _backend
 from .._validation import FLOAT_DTYPES, check_tensor
-from ._state_pool import check_cu_seqlens, check_slots, refuse_slots_without_pool, \
-    resolve_max_seqlen
+from ._state_pool import (check_cu_seqlens, check_pool, check_slots,
+                          refuse_slots_without_pool, resolve_max_seqlen)
 from . import reference
 
 #: conv widths the kernels support (Mamba 4, Qwen3.5 / Qwen3-Next 4, LFM2 3)
@@ -96,10 +96,7 @@ def causal_conv1d(x: Tensor, weight: Tensor, bias: Tensor | None = None, *,
     if conv_state is None:
         refuse_slots_without_pool("conv_state", state_indices, has_initial_state)
     else:
-        check_tensor("conv_state", conv_state, dtypes=float_like, ndim=3, device=dev)
-        if conv_state.shape[1] != dim or conv_state.shape[2] != width - 1:
-            raise ValueError(f"conv_state must have shape [S, D = {dim}, W - 1 = "
-                             f"{width - 1}], got {list(conv_state.shape)}")
+        check_pool("conv_state", conv_state, {"D": dim, "W - 1": width - 1}, float_like, dev)
         state_indices, has_initial_state = check_slots(
             "conv_state", conv_state, state_indices, has_initial_state, n, dev)
     # (unknown without index checks: the grid covers every token)

@@ -17,8 +17,8 @@ from torch import Tensor
 from .. import backend as _backend
 from .._validation import FLOAT_DTYPES, check_finite_float, check_tensor
 from . import reference
-from ._state_pool import check_cu_seqlens, check_slots, refuse_slots_without_pool, \
-    resolve_max_seqlen
+from ._state_pool import (check_cu_seqlens, check_pool, check_slots,
+                          refuse_slots_without_pool, resolve_max_seqlen)
 
 MAX_HEAD_DIM = 256
 
@@ -101,10 +101,7 @@ def gated_delta_rule(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, *
     if state is None:
         refuse_slots_without_pool("state", state_indices, has_initial_state)
     else:
-        check_tensor("state", state, dtypes=(torch.float32,), ndim=4, device=dev)
-        if tuple(state.shape[1:]) != (hv, dk, dv):
-            raise ValueError(f"state must have shape [S, Hv = {hv}, dk = {dk}, dv = {dv}], "
-                             f"got {list(state.shape)}")
+        check_pool("state", state, {"Hv": hv, "dk": dk, "dv": dv}, (torch.float32,), dev)
         state_indices, has_initial_state = check_slots(
             "state", state, state_indices, has_initial_state, n, dev)
     scale = dk ** -0.5 if scale is None else check_finite_float("scale", scale)

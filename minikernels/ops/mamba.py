@@ -19,8 +19,8 @@ from torch import Tensor
 from .. import backend as _backend
 from .._validation import FLOAT_DTYPES, check_tensor
 from . import reference
-from ._state_pool import check_cu_seqlens, check_slots, refuse_slots_without_pool, \
-    resolve_max_seqlen
+from ._state_pool import (check_cu_seqlens, check_pool, check_slots,
+                          refuse_slots_without_pool, resolve_max_seqlen)
 
 #: the largest SSM state size N (the kernels keep a whole row of the state in registers)
 MAX_STATE = 256
@@ -132,10 +132,7 @@ def mamba2_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, *,
     if state is None:
         refuse_slots_without_pool("state", state_indices, has_initial_state)
     else:
-        check_tensor("state", state, dtypes=(torch.float32,), ndim=4, device=dev)
-        if tuple(state.shape[1:]) != (h, p, dstate):
-            raise ValueError(f"state must have shape [S, H = {h}, P = {p}, N = {dstate}], "
-                             f"got {list(state.shape)}")
+        check_pool("state", state, {"H": h, "P": p, "N": dstate}, (torch.float32,), dev)
         state_indices, has_initial_state = check_slots(
             "state", state, state_indices, has_initial_state, n, dev)
     # (unknown without index checks: see triton/mamba.py's dispatch)
