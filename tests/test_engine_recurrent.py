@@ -359,3 +359,24 @@ def test_serve_flags_reach_the_state_checkpoints(lfm2):
     assert (eng._ckpt.interval, len(eng._ckpt.free)) == (16, 3)
     with pytest.raises(ValueError, match="state_checkpoint_interval .* multiple of block_size"):
         _llm(path, state_checkpoint_interval=12)
+
+
+def test_sequence_classifier_on_a_hybrid_decoder(tmp_path):
+    """mk.Classifier runs a Qwen3.5 sequence classifier (the cache-less forward: every
+    prompt from a zero state) with transformers' probabilities."""
+    import transformers
+    from test_model_support import BASE, CASES, randomize_
+
+    _, extra = CASES["qwen3_5"]
+    cfg = transformers.Qwen3_5TextConfig(**{**BASE, **extra, "num_labels": 3,
+                                            "pad_token_id": 0})
+    torch.manual_seed(0)
+    hf = randomize_(transformers.Qwen3_5ForSequenceClassification(cfg).float().eval(), 1)
+    hf.save_pretrained(str(tmp_path))
+    clf = mk.Classifier(str(tmp_path), dtype="float32", device="cpu", tokenizer=None)
+    prompts = [random_tokens(n, 300, 40 + n) for n in (5, 17, 1)]
+    got = clf.classify(prompts)
+    with torch.no_grad():
+        want = torch.stack([hf(torch.tensor([p])).logits[0].float().softmax(-1)
+                            for p in prompts])
+    assert (got - want).abs().max() <= 1e-5
