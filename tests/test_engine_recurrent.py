@@ -204,8 +204,6 @@ def test_what_recurrent_models_refuse(lfm2, tmp_path):
         _llm(save_hf(make_hf_model("llama"), str(tmp_path / "t")),
              speculative_config={"method": "draft_model", "model": path,
                                  "num_speculative_tokens": 2})
-    with pytest.raises(ValueError, match="enable_lora"):
-        _llm(path, enable_lora=True)
     from minikernels.models import load_model
     from minikernels.models.parallel import check_config
     config = load_model(path, dtype="float32", device="cpu").config
@@ -380,3 +378,51 @@ def test_sequence_classifier_on_a_hybrid_decoder(tmp_path):
         want = torch.stack([hf(torch.tensor([p])).logits[0].float().softmax(-1)
                             for p in prompts])
     assert (got - want).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize(("kind", "targets"), [
+    # Qwen3.5: gated attention's [q | gate] q_proj, the Gated DeltaNet's fused in_proj
+    # parts (qkv, z, a) and out_proj (both mixers' out_proj), the MLP
+    ("qwen3_5", ["q_proj", "v_proj", "o_proj", "in_proj_qkv", "in_proj_z", "in_proj_a",
+                 "out_proj", "gate_proj", "down_proj"]),
+    # Granite 4.0-H: attention, the Mamba-2 in_proj, the fused shared MLP
+    ("granite4-h", ["q_proj", "k_proj", "in_proj", "input_linear", "output_linear"]),
+    # LFM2: attention (its out_proj), the short conv's in / out projections, w1 / w2 / w3
+    ("lfm2", ["q_proj", "out_proj", "in_proj", "w1", "w2", "w3"]),
+])
+def test_lora_adapters_on_hybrid_models(kind, targets, tmp_path):
+    """PEFT adapters on the attention, MLP and recurrent mixers' projections: greedy tokens
+    equal PEFT's own generation; a target in a layer without that module is refused by
+    name."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+    from test_lora import make_adapter
+
+    from minikernels.engine import LoRARequest
+    from minikernels.models.lora import LoRAError
+
+    hf = make_hf_model(kind, seed=3)
+    base = save_hf(hf, str(tmp_path / "base"))
+    path = str(tmp_path / "lora")
+    ref = make_adapter(hf, path, r=4, alpha=8, targets=targets, seed=1)
+    llm = _llm(base, enable_lora=True, max_lora_rank=8)
+    prompts = [random_tokens(n, 300, 40 + n) for n in (9, 6)]
+    params = mk.SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+    outs = llm.generate(prompts, params, use_tqdm=False, lora_request=LoRARequest("a", 1, path))
+    for p, o in zip(prompts, outs):
+        with torch.no_grad():
+            want = ref.generate(input_ids=torch.tensor([p]), max_new_tokens=6, do_sample=False,
+                                eos_token_id=None, pad_token_id=0)[0, len(p):].tolist()
+        assert o.outputs[0].token_ids == want
+    if kind == "qwen3_5":       # layer 0 is a Gated DeltaNet layer: no q_proj there
+        bad = str(tmp_path / "bad")
+        shutil.copytree(path, bad)
+        t = load_file(f"{bad}/adapter_model.safetensors")
+        for half, shape in (("A", (4, 64)), ("B", (128, 4))):
+            t[f"base_model.model.model.layers.0.self_attn.q_proj.lora_{half}.weight"] = \
+                torch.zeros(shape)
+        save_file(t, f"{bad}/adapter_model.safetensors")
+        with pytest.raises(LoRAError, match="attention in layer 0, a gated_deltanet layer"):
+            llm.generate(prompts[:1], params, use_tqdm=False,
+                         lora_request=LoRARequest("bad", 2, bad))

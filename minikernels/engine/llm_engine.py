@@ -283,7 +283,7 @@ class LLMEngine:
             # Hybrid recurrent models (LFM2, Qwen3.5, Mamba-2 hybrids): a sequence's state
             # is one slot, overwritten as it advances; prefix hits resume from state
             # checkpoints (engine/state_cache.py), rejected drafts from snapshots.
-            self._check_recurrent(enable_lora)
+            self._check_recurrent()
             if enable_prefix_caching:
                 self._ckpt_slots = _check_checkpoints(state_checkpoint_interval,
                                                       state_checkpoint_slots, block_size,
@@ -593,16 +593,14 @@ class LLMEngine:
         self.model.hidden_capture = head.capture(max(max_num_batched_tokens, max_num_seqs))
         return head
 
-    def _check_recurrent(self, enable_lora: bool) -> None:
+    def _check_recurrent(self) -> None:
         """Refuse, by name, what a hybrid recurrent model (LFM2) cannot run with."""
         arch = self.config.architecture
         if self.spec_config is not None and self.spec_config.method in EAGLE_METHODS:
             raise ValueError(f"speculative_config.method {self.spec_config.method!r} is not "
                              f"supported for {arch} (its recurrent layers); 'ngram' and "
                              f"'draft_model' are")
-        if enable_lora:
-            raise ValueError(f"enable_lora: LoRA is not supported for {arch} (recurrent "
-                             f"layers)")
+
 
     def _state_slots(self, max_num_seqs: int) -> int:
         """Recurrent models: one state slot per running sequence, then (speculation) one

@@ -77,10 +77,26 @@ _SHARED_TARGETS = {"shared_expert.gate_proj": ("mlp.shared_expert.gate_up_proj",
 #: a layer's projection: layer, block (None: OPT's fc1 / fc2 sit in the layer itself),
 #: projection, half (BLOOM's / GPT-J's layers are ``transformer.h.{i}``)
 _NAME_RE = re.compile(r"(?:^|\.)(?:layers|h|blocks)\.(\d+)\."
-                      r"(?:(self_attn|mlp|attention|self_attention|attn\.attention|attn|ffn)\.)?"
+                      r"(?:(self_attn|mlp|attention|self_attention|attn\.attention|attn|ffn|"
+                      r"feed_forward)\.)?"
                       r"((?:shared_expert\.)?(?:\w+_proj|c_fc|fc1|fc2|dense|dense_h_to_4h|"
-                      r"dense_4h_to_h|fc_in|fc_out))"
+                      r"dense_4h_to_h|fc_in|fc_out|w1|w2|w3))"
                       r"\.lora_([AB])(?:\.default)?\.weight$")
+#: hybrid recurrent models' mixers (Qwen3.5's linear_attn, LFM2's conv, the Mamba-2
+#: layers' mamba): HF module -> (our fused module, part index)
+_RECURRENT_TARGETS = {
+    "linear_attn.in_proj_qkv": ("linear_attn.in_proj", 0),
+    "linear_attn.in_proj_z": ("linear_attn.in_proj", 1),
+    "linear_attn.in_proj_b": ("linear_attn.in_proj", 2),
+    "linear_attn.in_proj_a": ("linear_attn.in_proj", 3),
+    "linear_attn.out_proj": ("linear_attn.out_proj", 0),
+    "conv.in_proj": ("conv.in_proj", 0), "conv.out_proj": ("conv.out_proj", 0),
+    "mamba.in_proj": ("mamba.in_proj", 0), "mamba.out_proj": ("mamba.out_proj", 0)}
+#: the mixer each recurrent block belongs to
+_RECURRENT_MIXERS = {"linear_attn": ("gated_deltanet",), "conv": ("short_conv",),
+                     "mamba": ("mamba2", "mamba2_attention")}
+_RECURRENT_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.(linear_attn|conv|mamba)\.(\w+)"
+                           r"\.lora_([AB])(?:\.default)?\.weight$")
 #: one expert's projection (transformers 4.x modules; Mixtral's w1 / w3 / w2)
 _EXPERT_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.(?:mlp|block_sparse_moe)\.experts\.(\d+)\."
                         r"(\w+)\.lora_([AB])(?:\.default)?\.weight$")
@@ -208,12 +224,20 @@ def _parse_tensors(tensors: list[tuple[str, Tensor]], config: DecoderConfig, ran
         aliases.update(fc_in="gate_proj", fc_out="down_proj")
     if config.architecture == "mpt":           # MPT: attn.out_proj, ffn.up_proj / down_proj
         aliases.update(out_proj="o_proj", up_proj="gate_proj")
+    if config.architecture in ("lfm2", "lfm2_moe"):   # feed_forward.w1 / w3 / w2
+        aliases.update(w1="gate_proj", w3="up_proj", w2="down_proj")
     # projections named by their block: GPT-2's / GPT-BigCode's attn.c_proj is the
     # attention output (mlp.c_proj the MLP's down projection)
     block_aliases = {("attn", "c_proj"): "o_proj"} \
         if config.architecture in ("gpt2", "gpt_bigcode") else {}
+    if config.architecture in ("lfm2", "lfm2_moe"):   # LFM2's attention output
+        block_aliases[("self_attn", "out_proj")] = "o_proj"
     attn_blocks = config.architecture in ("gptj", "gpt2", "gpt_bigcode", "mpt")
     hf_proj: dict[tuple[int, str], str] = {}     # PEFT's own name of each aliased target
+    if config.architecture == "granite_hybrid":   # Granite 4.0's fused shared MLP
+        mlp = ".mlp.shared_expert." if config.num_experts else ".mlp."
+        tensors = [(k.replace(".shared_mlp.input_linear.", f"{mlp}gate_up_proj.").replace(
+            ".shared_mlp.output_linear.", f"{mlp}down_proj."), t) for k, t in tensors]
     tensors = _split_fused(tensors, config, hf_proj, path)
     per_expert: dict[tuple[int, str], dict[int, dict[str, Tensor]]] = {}
     stacked: dict[tuple[int, str], dict[str, Tensor]] = {}
@@ -245,7 +269,24 @@ def _parse_tensors(tensors: list[tuple[str, Tensor]], config: DecoderConfig, ran
                 raise LoRAError(f"{path}: {key!r} targets a dense MLP projection, but layer "
                                 f"{layer} is a mixture-of-experts layer (its experts are "
                                 "``mlp.experts.{e}.*``)")
+            if target.startswith("self_attn.") and not config.has_attention(layer):
+                raise LoRAError(f"{path}: {key!r} targets attention in layer {layer}, a "
+                                f"{config.mixer(layer)} layer of this model")
+            if target.startswith("mlp.") and not config.has_mlp(layer):
+                raise LoRAError(f"{path}: {key!r} targets an MLP in layer {layer}, which has "
+                                "none in this model")
             halves.setdefault((layer, proj), {})[half] = tensor
+            continue
+        m = _RECURRENT_RE.search(key)
+        if m is not None:
+            layer, block = int(m.group(1)), m.group(2)
+            target = f"{block}.{m.group(3)}"
+            if target not in _RECURRENT_TARGETS or layer >= config.num_layers or \
+                    config.mixer(layer) not in _RECURRENT_MIXERS[block]:
+                kind = config.mixer(layer) if layer < config.num_layers else "missing"
+                raise LoRAError(f"{path}: {key!r} targets a module this model does not have "
+                                f"(layer {layer} is a {kind} layer)")
+            halves.setdefault((layer, target), {})[m.group(4)] = tensor
             continue
         m = _EXPERT_RE.search(key)
         if m is not None and m.group(3) in _EXPERT_PROJ:
@@ -270,9 +311,13 @@ def _parse_tensors(tensors: list[tuple[str, Tensor]], config: DecoderConfig, ran
     weights = {}
     for (layer, proj), pair in sorted(halves.items()):
         a, b = _both_halves(pair, f"layers.{layer}.{proj}", path)
-        k_in, n_out = _projection_shape(config, proj)
-        name = (f"model.layers.{layer}.{'self_attn' if proj in _ATTENTION else 'mlp'}."
-                f"{hf_proj.get((layer, proj), proj)}")
+        if proj in _RECURRENT_TARGETS:
+            k_in, n_out = _recurrent_shape(config, proj)
+            name = f"model.layers.{layer}.{proj}"
+        else:
+            k_in, n_out = _projection_shape(config, proj)
+            name = (f"model.layers.{layer}.{'self_attn' if proj in _ATTENTION else 'mlp'}."
+                    f"{hf_proj.get((layer, proj), proj)}")
         rank = ranks.rank(name)
         _check_shapes(a, b, [rank, k_in], [n_out, rank], f"layers.{layer}.{proj}", path)
         weights[(layer, proj)] = (a, ranks.fold(name, b))
@@ -436,7 +481,8 @@ def _check_config(cfg: dict[str, Any], where: str) -> None:
 def _projection_shape(config: DecoderConfig, proj: str) -> tuple[int, int]:
     """(in, out) features of an HF projection of ``config``'s decoder layer."""
     c = config
-    return {"q_proj": (c.hidden_size, c.q_size), "k_proj": (c.hidden_size, c.kv_size),
+    q_out = c.q_size * (2 if c.attn_output_gate else 1)      # (Qwen3.5: [q | gate] per head)
+    return {"q_proj": (c.hidden_size, q_out), "k_proj": (c.hidden_size, c.kv_size),
             "v_proj": (c.hidden_size, c.kv_size), "o_proj": (c.q_size, c.hidden_size),
             "gate_proj": (c.hidden_size, c.intermediate_size),
             "up_proj": (c.hidden_size, c.intermediate_size),
@@ -444,6 +490,23 @@ def _projection_shape(config: DecoderConfig, proj: str) -> tuple[int, int]:
             "shared_expert.gate_proj": (c.hidden_size, c.shared_expert_intermediate_size),
             "shared_expert.up_proj": (c.hidden_size, c.shared_expert_intermediate_size),
             "shared_expert.down_proj": (c.shared_expert_intermediate_size, c.hidden_size)}[proj]
+
+
+def _recurrent_shape(config: DecoderConfig, target: str) -> tuple[int, int]:
+    """(in, out) features of a hybrid model's recurrent-mixer projection (HF's name)."""
+    c, h = config, config.hidden_size
+    key_size = c.linear_num_key_heads * c.linear_key_head_dim
+    value_size = c.linear_num_value_heads * c.linear_value_head_dim
+    inner = c.mamba_num_heads * c.mamba_head_dim
+    gn = c.mamba_num_groups * c.mamba_state_size
+    return {"linear_attn.in_proj_qkv": (h, 2 * key_size + value_size),
+            "linear_attn.in_proj_z": (h, value_size),
+            "linear_attn.in_proj_b": (h, c.linear_num_value_heads),
+            "linear_attn.in_proj_a": (h, c.linear_num_value_heads),
+            "linear_attn.out_proj": (value_size, h),
+            "conv.in_proj": (h, 3 * h), "conv.out_proj": (h, h),
+            "mamba.in_proj": (h, 2 * inner + 2 * gn + c.mamba_num_heads),
+            "mamba.out_proj": (inner, h)}[target]
 
 
 class _Slots:
@@ -551,11 +614,17 @@ class LoRAManager:
         self._experts: dict[int, _ExpertLoRA] = {}
         for i, layer in enumerate(model.layers):
             sparse = model.config.is_moe(i)
-            targets = ["self_attn.qkv_proj", "self_attn.o_proj"]
-            if not sparse:
+            targets = ["self_attn.qkv_proj", "self_attn.o_proj"] \
+                if getattr(layer, "self_attn", True) is not None else []
+            if getattr(layer, "mlp", True) is None:
+                pass                  # (Nemotron-H's mixer-only blocks)
+            elif not sparse:
                 targets += ["mlp.gate_up_proj", "mlp.down_proj"]
             elif layer.mlp.shared_expert is not None:
                 targets += ["mlp.shared_expert.gate_up_proj", "mlp.shared_expert.down_proj"]
+            for block in ("linear_attn", "conv", "mamba"):   # hybrid models' mixers
+                if getattr(layer, block, None) is not None:
+                    targets += [f"{block}.in_proj", f"{block}.out_proj"]
             for target in targets:
                 linear = layer.get_submodule(target)
                 lora = _LayerLoRA(linear, self._slots, max_loras, max_lora_rank, dtype, dev)
@@ -579,7 +648,8 @@ class LoRAManager:
             for name, lora in self._layers.items():
                 layer = int(name.split(".")[1])
                 target = name.split(".", 2)[2]
-                for proj, (t, part) in (*_TARGETS.items(), *_SHARED_TARGETS.items()):
+                for proj, (t, part) in (*_TARGETS.items(), *_SHARED_TARGETS.items(),
+                                        *_RECURRENT_TARGETS.items()):
                     if t != target or part >= len(lora.sizes):   # (a non-gated MLP: 1)
                         continue
                     a, b = adapter.weights.get((layer, proj), (None, None))
