@@ -426,3 +426,20 @@ def test_lora_adapters_on_hybrid_models(kind, targets, tmp_path):
         with pytest.raises(LoRAError, match="attention in layer 0, a gated_deltanet layer"):
             llm.generate(prompts[:1], params, use_tqdm=False,
                          lora_request=LoRARequest("bad", 2, bad))
+
+
+def test_beam_search_on_a_hybrid_model(tmp_path):
+    """LLM.beam_search (one-token steps per live beam, beams admitted as new requests)
+    gives the same beams with prefix caching off, on (default checkpoints) and with
+    checkpoints every 8 tokens (beams resuming from their prompts' checkpoints)."""
+    path = save_hf(make_hf_model("qwen3_5", seed=3), str(tmp_path / "m"))
+    prompts = [{"prompt_token_ids": random_tokens(n, 300, n)} for n in (7, 12)]
+    params = mk.BeamSearchParams(beam_width=3, max_tokens=6)
+    runs = []
+    for kw in ({"enable_prefix_caching": False}, {}, {"state_checkpoint_interval": 8}):
+        llm = _llm(path, block_size=4, **kw)
+        runs.append([[b.tokens for b in o.sequences]
+                     for o in llm.beam_search(prompts, params)])
+        llm.llm_engine.check_no_leaks()
+    assert runs[0] == runs[1] == runs[2]
+    assert llm.llm_engine.block_manager.num_hit_tokens > 0
