@@ -58,7 +58,7 @@ def hybrid(request, tmp_path_factory):
 
 #: every family: its state kinds (conv; conv + gated delta; conv + Mamba-2) and cache
 #: entries (states only; Falcon-H1's (k, v) + states; Nemotron-H's MLP blocks' ())
-FAMILIES = ["lfm2", "qwen3_5", "granite4-h", "falcon_h1", "nemotron_h"]
+FAMILIES = ["lfm2", "qwen3_5", "granite4-h", "falcon_h1", "nemotron_h", "olmo_hybrid"]
 #: the two recurrent ops whose fresh-start / resume flags matter beyond the conv's
 STATEFUL = ["qwen3_5", "granite4-h"]
 

@@ -141,6 +141,19 @@ CASES: dict[str, tuple[str, dict[str, Any]]] = {
         num_hidden_layers=3, attn_layer_indices=[1], head_dim=16, mamba_n_heads=8,
         mamba_n_groups=2, mamba_d_state=12, mamba_d_conv=4, mamba_proj_bias=True,
         tie_word_embeddings=False)),
+    # OLMo Hybrid: Gated DeltaNet layers (separate q / k / v / g / b / a projections,
+    # beta in [0, 2]) pre-norm, a post-norm OLMo 3 attention layer (full q / k norms); no
+    # rope (the released checkpoints), and with rope
+    "olmo_hybrid": ("OlmoHybrid", dict(
+        num_hidden_layers=3, layer_types=["linear_attention", "full_attention",
+                                          "linear_attention"],
+        linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=8,
+        linear_value_head_dim=12, tie_word_embeddings=False, rope_parameters=None,
+        pad_token_id=0)),
+    "olmo_hybrid-rope": ("OlmoHybrid", dict(
+        num_hidden_layers=2, layer_types=["linear_attention", "full_attention"],
+        tie_word_embeddings=False, linear_allow_neg_eigval=False, pad_token_id=0,
+        rope_parameters={"rope_type": "default", "rope_theta": 1e4})),
     # HunYuan dense (0.5B - 7B): per-head q / k norms after rope, fixed-alpha NTK rope.
     "hunyuan-ntk": ("HunYuanDenseV1", dict(head_dim=16, tie_word_embeddings=True,
                                            rope_scaling={"type": "dynamic", "alpha": 50.0,

@@ -66,6 +66,9 @@ SUPPORTED_ARCHITECTURES = {
     "SmolLM3ForCausalLM": "smollm3",
     "Olmo2ForCausalLM": "olmo2",
     "Olmo3ForCausalLM": "olmo3",
+    # OLMo Hybrid: OLMo 3's post-norm attention (no rope in the released checkpoints)
+    # beside pre-norm Gated DeltaNet layers with separate projections
+    "OlmoHybridForCausalLM": "olmo_hybrid",
     "Exaone4ForCausalLM": "exaone4",
     "HunYuanDenseV1ForCausalLM": "hunyuan",
     "Ernie4_5ForCausalLM": "ernie4_5",
@@ -175,6 +178,7 @@ _MODEL_TYPES = {"llama": "llama", "mistral": "mistral", "ministral": "ministral"
                 "granite_swa": "granite_swa", "hyperclovax": "hyperclovax",
                 "phi3": "phi3", "smollm3": "smollm3",
                 "olmo2": "olmo2", "olmo3": "olmo3", "exaone4": "exaone4",
+                "olmo_hybrid": "olmo_hybrid",
                 "hunyuan_v1_dense": "hunyuan", "ernie4_5": "ernie4_5",
                 "helium": "helium", "glm": "glm",
                 "glm4": "glm4", "stablelm": "stablelm", "starcoder2": "starcoder2",
@@ -285,6 +289,8 @@ class DecoderConfig:
     qk_norm_full: bool = False     # OLMo 2: the q / k norms span all heads
     qk_norm_after_rope: bool = False   # HunYuan: per-head q / k norms after rope
     post_norm: bool = False        # OLMo 2: x + norm(attn(x)), then x + norm(mlp(x))
+    # the layers post_norm applies to (None = all; OLMo Hybrid: its attention layers)
+    post_norm_layers: list[int] | None = None
     # "rms" (RMSNorm) or "layer" (LayerNorm: StableLM, StarCoder 2; with a bias when
     # norm_bias); rms_norm_eps is the eps of either.
     norm_type: str = "rms"
@@ -366,6 +372,12 @@ class DecoderConfig:
     # Qwen3.5 / Qwen3-Next: q_proj also gives a gate per head ([q | gate] per head); the
     # attention output is multiplied by sigmoid(gate) before o_proj
     attn_output_gate: bool = False
+    # OLMo Hybrid's Gated DeltaNet: q / k / v / g / b / a as six projections (parts of the
+    # one fused in_proj), beta scaled (2: "negative eigenvalues"), its gated norm's eps
+    # (None = rms_norm_eps)
+    gdn_separate_projections: bool = False
+    gdn_beta_scale: float = 1.0
+    gdn_norm_eps: float | None = None
     # Gemma: RMSNorm scales by (weight + norm_weight_offset); embeddings times embed_scale
     # (rounded to the model dtype, as transformers does); sandwich_norm adds norms after
     # attention and after the MLP (post_attention_layernorm is then the former,
@@ -766,11 +778,13 @@ class DecoderConfig:
             learned or bloom or gptj,
             qk_norm=family in ("qwen3", "qwen3_moe", "gemma3", "olmo2", "olmo3", "olmoe",
                                "exaone4", "hunyuan", "nanochat", "apertus", *_LFM2,
+                               "olmo_hybrid",
                                *_QWEN3_5),
             layer_mixers=hf.get("_layer_mixers"),
             layer_mlps=hf.get("_layer_mlps"),
             conv_kernel=int(hf.get("conv_L_cache", 3)) if family in _LFM2 else
-            int(hf.get("linear_conv_kernel_dim", 4)) if family in _QWEN3_5 else
+            int(hf.get("linear_conv_kernel_dim", 4)) if family in _QWEN3_5 + ("olmo_hybrid",)
+            else
             hf.get("_conv", (0, False))[0],
             conv_bias=bool(hf.get("conv_bias", False)) if family in _LFM2 else
             hf.get("_conv", (0, False))[1],
@@ -782,8 +796,8 @@ class DecoderConfig:
                if family in _QWEN3_5 else {}),
             attn_output_gate=family in _QWEN3_5,
             qk_norm_after_rope=family in ("hunyuan", "nanochat"),
-            qk_norm_full=family in ("olmo2", "olmo3", "olmoe"),
-            post_norm=family in ("olmo2", "olmo3", "exaone4"),
+            qk_norm_full=family in ("olmo2", "olmo3", "olmoe", "olmo_hybrid"),
+            post_norm=family in ("olmo2", "olmo3", "exaone4", "olmo_hybrid"),
             hidden_act=_activation_from_hf(hf, family),
             norm_weight_offset=1.0 if gemma or nemotron or family in _QWEN3_5 else 0.0,
             embed_scale=hidden ** 0.5 if gemma else 1.0,
@@ -801,7 +815,7 @@ class DecoderConfig:
             nope_layers=(_nope_layers_from_hf(hf, num_layers) if family == "smollm3" else
                          layer_nope if layer_nope is not None else
                          list(range(num_layers)) if learned or bloom or mpt or
-                         family == "nemotron_h" else
+                         family == "nemotron_h" or hf.get("_nope") else
                          # Granite 4.0 without rope (position_embedding_type not "rope")
                          list(range(num_layers)) if family == "granite_hybrid" and
                          hf.get("position_embedding_type") != "rope" else
@@ -1308,6 +1322,43 @@ def _nemotron_h_config(hf: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _olmo_hybrid_config(hf: Mapping[str, Any]) -> dict[str, Any]:
+    """OLMo Hybrid's keys: each layer's mixer (default: full attention every fourth layer,
+    at least the last), the linear heads' defaults (transformers' OlmoHybridConfig), its
+    attention layers post-norm and without rope when rope_parameters has no rope_theta
+    (the released checkpoints)."""
+    out = dict(hf)
+    n = int(hf.get("num_hidden_layers") or 0)
+    heads = int(hf.get("num_attention_heads") or 1)
+    kinds = hf.get("layer_types")
+    if kinds is None:
+        kinds = ["full_attention" if i % 4 == 3 else "linear_attention" for i in range(n)]
+        if "full_attention" not in kinds:
+            kinds[-1] = "full_attention"
+    names = {"full_attention": "attention", "linear_attention": "gated_deltanet"}
+    unknown = sorted({str(k) for k in kinds if k not in names})
+    if unknown:
+        raise UnsupportedModelError(f"OLMo Hybrid layer types {unknown} are not supported")
+    out["_layer_mixers"] = [names[k] for k in kinds]
+    key_heads = int(hf.get("linear_num_key_heads") or heads)
+    key_dim = int(hf.get("linear_key_head_dim") or int(0.75 * int(hf["hidden_size"]) /
+                                                        key_heads))
+    params = hf.get("rope_parameters")
+    nope = not (isinstance(params, Mapping) and params.get("rope_theta") is not None) and \
+        hf.get("rope_theta") is None
+    out["_fields"] = dict(
+        linear_num_key_heads=key_heads,
+        linear_num_value_heads=int(hf.get("linear_num_value_heads") or heads),
+        linear_key_head_dim=key_dim,
+        linear_value_head_dim=int(hf.get("linear_value_head_dim") or 2 * key_dim),
+        gdn_separate_projections=True,
+        gdn_beta_scale=2.0 if hf.get("linear_allow_neg_eigval", True) else 1.0,
+        gdn_norm_eps=1e-5,
+        post_norm_layers=[i for i, m in enumerate(out["_layer_mixers"]) if m == "attention"])
+    out["_nope"] = nope
+    return out
+
+
 def _qwen3_5_config(hf: Mapping[str, Any]) -> dict[str, Any]:
     """Qwen3.5's keys: each layer's mixer from layer_types (default: full attention every
     full_attention_interval-th layer, transformers' Qwen3_5TextConfig)."""
@@ -1341,7 +1392,8 @@ _KEY_READERS: dict[str, Any] = {
     **{family: lambda hf, _: _qwen3_5_config(hf) for family in ("qwen3_5", "qwen3_5_moe")},
     "falcon_h1": lambda hf, _: _falcon_h1_config(hf),
     "bamba": lambda hf, _: _bamba_config(hf),
-    "nemotron_h": lambda hf, _: _nemotron_h_config(hf)}
+    "nemotron_h": lambda hf, _: _nemotron_h_config(hf),
+    "olmo_hybrid": lambda hf, _: _olmo_hybrid_config(hf)}
 
 
 def _attention_scale(hf: Mapping[str, Any], family: str) -> float | None:

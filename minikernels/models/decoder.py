@@ -309,9 +309,13 @@ class GatedDeltaNet(nn.Module):
         self.conv_dim = 2 * self.key_size + self.value_size
         self.width = c.conv_kernel
         hv = self.num_v_heads
-        # parts in transformers' order: in_proj_qkv, in_proj_z, in_proj_b, in_proj_a
-        self.in_proj = FusedLinear(c.hidden_size, [self.conv_dim, self.value_size, hv, hv],
+        # parts in transformers' order: in_proj_qkv, in_proj_z, in_proj_b, in_proj_a (OLMo
+        # Hybrid: q, k, v, g, b, a projections; the same output layout)
+        parts = [self.key_size, self.key_size, self.value_size] \
+            if c.gdn_separate_projections else [self.conv_dim]
+        self.in_proj = FusedLinear(c.hidden_size, parts + [self.value_size, hv, hv],
                                    bias=False, dtype=dtype, device=device, dense=dense)
+        self.beta_scale = c.gdn_beta_scale
         self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, self.width,
                                 groups=self.conv_dim, bias=False, dtype=dtype, device=device)
         self.conv1d.requires_grad_(False)
@@ -319,7 +323,8 @@ class GatedDeltaNet(nn.Module):
                                     requires_grad=False)
         self.A_log = nn.Parameter(torch.zeros(hv, dtype=dtype, device=device),
                                   requires_grad=False)
-        self.norm = RMSNorm(self.v_dim, c.rms_norm_eps, dtype=dtype, device=device)
+        self.norm = RMSNorm(self.v_dim, c.rms_norm_eps if c.gdn_norm_eps is None else
+                            c.gdn_norm_eps, dtype=dtype, device=device)
         self.out_proj = FusedLinear(self.value_size, c.hidden_size, bias=False, dtype=dtype,
                                     device=device, dense=dense)
 
@@ -330,6 +335,8 @@ class GatedDeltaNet(nn.Module):
                                              dim=-1)
         conv_state, state = cache if cache is not None else (None, None)
         beta = torch.sigmoid(b)
+        if self.beta_scale != 1.0:          # (OLMo Hybrid: beta in [0, 2])
+            beta = beta * self.beta_scale
         g = -self.A_log.float().exp() * F.softplus(a.float() + self.dt_bias)
 
         def mix(p: RecurrentPart) -> Tensor:
@@ -527,11 +534,13 @@ class DecoderLayer(nn.Module):
         def norm() -> RMSNorm | LayerNorm:
             return make_norm(c, dtype, device)
 
-        self.post_norm = c.post_norm
+        # OLMo 2 / 3 post-norm layers (OLMo Hybrid: only its attention layers)
+        self.post_norm = c.post_norm and (c.post_norm_layers is None or
+                                          layer in c.post_norm_layers)
         self.parallel_residual = c.parallel_residual
         # HyperCLOVA X: sandwich norms and Granite's multiplier after each output norm
         self.sandwich_multiplier = c.residual_multiplier if c.sandwich_norm else 1.0
-        self.input_layernorm = None if c.post_norm else norm()
+        self.input_layernorm = None if self.post_norm else norm()
         # the token mixer: attention (self_attn), or a recurrent one (LFM2's conv,
         # Qwen3.5's linear_attn, Granite 4.0-H's mamba)
         self.self_attn = self.conv = self.linear_attn = self.mamba = None
@@ -562,7 +571,7 @@ class DecoderLayer(nn.Module):
         self.pre_feedforward_layernorm = self.post_feedforward_layernorm = None
         if c.sandwich_norm:
             self.pre_feedforward_layernorm = norm()
-        if c.sandwich_norm or c.post_norm:
+        if c.sandwich_norm or self.post_norm:
             self.post_feedforward_layernorm = norm()
         self.mlp = None if not c.has_mlp(layer) else \
             SparseMoE(config, dtype, device, dense, tp) if c.is_moe(layer) else \

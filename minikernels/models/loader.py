@@ -158,6 +158,12 @@ _GDN_IN_RE = re.compile(r"^layers\.(\d+)\.linear_attn\.(in_proj_qkv|in_proj_z|in
 _GDN_MODULE_RE = re.compile(r"^layers\.(\d+)\.(linear_attn|mamba)\.(conv1d|norm)\."
                             r"(weight|bias)$")
 _GDN_PARAM_RE = re.compile(r"^layers\.(\d+)\.linear_attn\.(dt_bias|A_log)$")
+#: OLMo Hybrid's six separate projections (the parts of our in_proj), o_proj, o_norm
+_GDN_SPLIT_PARTS = {"q_proj": 0, "k_proj": 1, "v_proj": 2, "g_proj": 3, "b_proj": 4,
+                    "a_proj": 5}
+_GDN_CONV_SPLIT_RE = re.compile(r"^layers\.(\d+)\.linear_attn\.(q|k|v)_conv1d\.weight$")
+_GDN_SPLIT_RE = re.compile(r"^layers\.(\d+)\.linear_attn\.(q_proj|k_proj|v_proj|g_proj|b_proj|"
+                           r"a_proj|o_proj|o_norm)\.(\w+)$")
 #: Granite 4.0-H's Mamba-2 layers: one in_proj ([z | x B C | dt]), out_proj, conv1d, the
 #: gated norm (above), dt_bias / A_log / D
 _MAMBA_PROJ_RE = re.compile(r"^layers\.(\d+)\.mamba\.(in_proj|out_proj)\.(\w+)$")
@@ -236,6 +242,17 @@ def map_name(name: str) -> tuple[str, int | None, str] | None:
     m = _GDN_PARAM_RE.match(n)
     if m:
         return f"layers.{m.group(1)}.linear_attn", None, m.group(2)
+    m = _GDN_CONV_SPLIT_RE.match(n)
+    if m:
+        return f"layers.{m.group(1)}.linear_attn.conv1d", "qkv".index(m.group(2)), "weight"
+    m = _GDN_SPLIT_RE.match(n)
+    if m:
+        layer, proj, kind = m.groups()
+        if proj == "o_norm":
+            return f"layers.{layer}.linear_attn.norm", None, kind
+        if proj == "o_proj":
+            return f"layers.{layer}.linear_attn.out_proj", 0, kind
+        return f"layers.{layer}.linear_attn.in_proj", _GDN_SPLIT_PARTS[proj], kind
     m = _MAMBA_PROJ_RE.match(n)
     if m:
         return f"layers.{m.group(1)}.mamba.{m.group(2)}", 0, m.group(3)
@@ -622,7 +639,11 @@ _FAMILY_NAMES = {"gpt_neox": (_NEOX_PREFIXES, _NEOX_PARTS),
                  "lfm2": (_LFM2_PREFIXES, _LFM2_PARTS),
                  "lfm2_moe": (_LFM2_PREFIXES, _LFM2_MOE_PARTS),
                  "falcon_h1": (_FALCON_H1_PREFIXES, _FALCON_H1_PARTS),
-                 "bamba": (_FALCON_H1_PREFIXES, _FALCON_H1_PARTS)}     # (the same names)
+                 "bamba": (_FALCON_H1_PREFIXES, _FALCON_H1_PARTS),     # (the same names)
+                 # OLMo Hybrid's checkpoint names of its layers' two norms
+                 "olmo_hybrid": ((), ((".attention_layer_norm.", ".input_layernorm."),
+                                      (".feedforward_layer_norm.",
+                                       ".post_attention_layernorm.")))}
 
 
 def _materialized(tensor: Any) -> Tensor:
@@ -945,6 +966,7 @@ def _load_hf(model_dir: str, dtype: str | torch.dtype, device: torch.device,
     pending_fp8_experts: dict[tuple[str, int, str], dict[str, Tensor]] = {}
     pending_experts: dict[tuple[str, int, str], dict[str, Tensor]] = {}
     seen: set[tuple[str, int | None, str]] = set()
+    conv_parts: dict[str, dict[int, Tensor]] = {}   # OLMo Hybrid's split convs so far
     unexpected: list[str] = []
     non_text = 0
     total = _count_tensors(files)
@@ -1167,6 +1189,14 @@ def _load_hf(model_dir: str, dtype: str | torch.dtype, device: torch.device,
                         if param is None:
                             unexpected.append(hf_name)
                             continue
+                        if shard is not None:    # OLMo Hybrid: q / k / v convs, one each
+                            got = conv_parts.setdefault(mod_name, {})
+                            got[shard] = tensor
+                            if len(got) == 3:    # their channels concatenated, in order
+                                _load_conv_parts(param, [got[i] for i in range(3)], where,
+                                                 torch_dtype)
+                                seen.add((mod_name, None, kind))
+                            continue
                         if tuple(tensor.shape) != tuple(param.shape):
                             raise CheckpointError(f"{where}: shape mismatch: expected "
                                                   f"{list(param.shape)}, got {list(tensor.shape)}")
@@ -1229,6 +1259,19 @@ def _load_hf(model_dir: str, dtype: str | torch.dtype, device: torch.device,
             "int8" if quantization == "int8" or int8_ckpt is not None else "int4"
         quantize_linears(model, group_size, quantize_lm_head=quantize_lm_head, scheme=scheme)
     return model
+
+
+def _load_conv_parts(param: Tensor, parts: list[Tensor], where: str,
+                     dtype: torch.dtype) -> None:
+    """OLMo Hybrid's conv kernel stored as q / k / v pieces ([channels, 1, W] each): their
+    channels concatenated in that order are the Gated DeltaNet's one conv1d weight
+    (transformers joins them so on load, whatever the pieces' sizes)."""
+    joined = torch.cat([_materialized(t) for t in parts])
+    if tuple(joined.shape) != tuple(param.shape):
+        raise CheckpointError(f"{where}: the q / k / v conv pieces join to "
+                              f"{list(joined.shape)}, expected {list(param.shape)}")
+    with torch.no_grad():
+        param.copy_(joined.to(device=param.device, dtype=dtype))
 
 
 def check_experts(mod: FusedExperts, expert: int | None, kind: str, tensor: Tensor,
