@@ -31,6 +31,7 @@ from .rejection_sampler import rejection_sample
 from .rotary import build_rope_cache, rotary_embedding
 from .router import fused_topk, topk_softmax
 from .sampling import top_k_top_p_mask_logits
+from .selective_scan import selective_scan
 
 __all__ = [
     "MoELoRA",
@@ -63,6 +64,7 @@ __all__ = [
     "rotary_embedding",
     "scaled_int8_quant",
     "scaled_mm",
+    "selective_scan",
     "silu_and_mul",
     "top_k_top_p_mask_logits",
     "topk_softmax",

@@ -792,6 +792,68 @@ def mamba2_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, cu_seqle
     return out.to(x.dtype)
 
 
+def selective_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, cu_seqlens: Tensor,
+                   D: Tensor | None = None, z: Tensor | None = None,
+                   dt_bias: Tensor | None = None, dt_softplus: bool = False,
+                   state: Tensor | None = None, state_indices: Tensor | None = None,
+                   has_initial_state: Tensor | None = None) -> Tensor:
+    """Mamba-1's selective scan (Mamba, FalconMamba, Jamba) over varlen sequences;
+    mamba_ssm's ``selective_scan_fn`` / ``selective_state_update`` per sequence.
+
+    x [T, Dm], dt [T, Dm], A [Dm, N] (a decay per channel and state), B, C [T, G, N]
+    (channel c reads group c // (Dm // G)), D, dt_bias [Dm] or None, z [T, Dm] or None;
+    cu_seqlens [N_seq + 1]. Per sequence and channel, s [N] starts from
+    state[state_indices[i]] (when state is given and has_initial_state[i], default True) or
+    zeros; for each token t in order:
+        d = softplus?(dt_t + dt_bias);  s = s * exp(d A) + d x_t B_t;  y_t = s . C_t (+ D x_t)
+        y_t = y_t * silu(z_t) (when z is given)
+    fp32 math, y rounded to x.dtype. Exception to this module's rule: the final s is written
+    IN PLACE to state[state_indices[i]] (fp32 [S, Dm, N]); state_indices[i] == -1 marks a
+    padding row: zero outputs, its slot untouched.
+    """
+    n = cu_seqlens.shape[0] - 1
+    total, dm = x.shape
+    g, dstate = B.shape[1], B.shape[2]
+    dev = x.device
+    d = dt.float()
+    if dt_bias is not None:
+        d = d + dt_bias.float()
+    if dt_softplus:
+        d = torch.nn.functional.softplus(d)
+    bf = B.float().repeat_interleave(dm // g, dim=1)                       # [T, Dm, N]
+    cf = C.float().repeat_interleave(dm // g, dim=1)
+    cu = cu_seqlens.long().cpu()
+    lens = cu[1:] - cu[:-1]
+    lmax = int(lens.max()) if n > 0 else 0
+    steps = torch.arange(lmax)
+    valid = (steps[None, :] < lens[:, None]).to(dev)                       # [N_seq, L]
+    pos = torch.where(valid, (cu[:-1, None] + steps[None, :]).to(dev), 0)
+    xs, ds, bs, cs = (v.float()[pos] for v in (x, d, bf, cf))
+    af = A.float()
+    live = (torch.ones(n, dtype=torch.bool, device=dev) if state_indices is None
+            else state_indices.to(dev) >= 0)
+    s = torch.zeros(n, dm, dstate, dtype=torch.float32, device=dev)
+    if state is not None:
+        init = live if has_initial_state is None else live & has_initial_state.to(dev)
+        s[init] = state[state_indices[init].long()].float()
+    ys = torch.zeros(n, lmax, dm, dtype=torch.float32, device=dev)
+    for t in range(lmax):
+        dt_t = ds[:, t, :, None]                                           # [N_seq, Dm, 1]
+        upd = s * torch.exp(dt_t * af) + dt_t * xs[:, t, :, None] * bs[:, t]
+        s = torch.where(valid[:, t, None, None], upd, s)
+        ys[:, t] = (s * cs[:, t]).sum(-1)
+        if D is not None:
+            ys[:, t] += D.float() * xs[:, t]
+    out = torch.zeros(total, dm, dtype=torch.float32, device=dev)
+    keep = valid & live[:, None]
+    out[pos[keep]] = ys[keep]
+    if z is not None:
+        out = out * torch.nn.functional.silu(z.float())
+    if state is not None:
+        state[state_indices[live].long()] = s[live].to(state.dtype)
+    return out.to(x.dtype)
+
+
 # ----------------------------------------------------------------- structured outputs
 
 
