@@ -135,6 +135,13 @@ def _samples(device: str):
                         0.0, float("inf"), torch.randn(3, 4, 6, 8, device=device),
                         torch.tensor([2, -1], device=device),
                         torch.tensor([True, False], device=device)),
+        "selective_scan": (x[:, :6].repeat(2, 1)[:5], torch.randn(5, 6, device=device),
+                           -torch.rand(6, 8, device=device), k[:, :, :8], k[:, :, 8:], cu,
+                           torch.randn(6, device=device), torch.randn(5, 6, device=device),
+                           torch.randn(6, device=device), True,
+                           torch.randn(3, 6, 8, device=device),
+                           torch.tensor([2, -1], device=device),
+                           torch.tensor([True, False], device=device)),
     }
 
 

@@ -844,11 +844,11 @@ def selective_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, cu_se
         ys[:, t] = (s * cs[:, t]).sum(-1)
         if D is not None:
             ys[:, t] += D.float() * xs[:, t]
+    if z is not None:     # gated before the scatter: padding rows stay 0 whatever z holds
+        ys = ys * torch.nn.functional.silu(z.float()[pos])
     out = torch.zeros(total, dm, dtype=torch.float32, device=dev)
     keep = valid & live[:, None]
     out[pos[keep]] = ys[keep]
-    if z is not None:
-        out = out * torch.nn.functional.silu(z.float())
     if state is not None:
         state[state_indices[live].long()] = s[live].to(state.dtype)
     return out.to(x.dtype)
