@@ -126,9 +126,9 @@ def _edit_config(path: str, **changes) -> None:
 
 
 def test_unsupported_architecture_and_features(hf_dirs, tmp_path):
-    d = _copy(hf_dirs["llama"][1], tmp_path / "mamba")
-    _edit_config(d, architectures=["MambaForCausalLM"], model_type="mamba")
-    with pytest.raises(UnsupportedModelError, match="MambaForCausalLM"):
+    d = _copy(hf_dirs["llama"][1], tmp_path / "rwkv")
+    _edit_config(d, architectures=["RwkvForCausalLM"], model_type="rwkv")
+    with pytest.raises(UnsupportedModelError, match="RwkvForCausalLM"):
         load_model(d, device="cpu")
     d = _copy(hf_dirs["llama"][1], tmp_path / "dynamic")
     _edit_config(d, rope_parameters={"rope_type": "dynamic", "factor": 4.0, "rope_theta": 1e4})

@@ -141,6 +141,29 @@ CASES: dict[str, tuple[str, dict[str, Any]]] = {
         num_hidden_layers=3, attn_layer_indices=[1], head_dim=16, mamba_n_heads=8,
         mamba_n_groups=2, mamba_d_state=12, mamba_d_conv=4, mamba_proj_bias=True,
         tie_word_embeddings=False)),
+    # Jamba: Mamba-1 layers (weighted dt / B / C norms, dt rank 6, state 12) and an
+    # attention layer without rope, SwiGLU MLPs; and with 4 experts (top 2, not
+    # renormalized) on every other layer
+    "jamba": ("Jamba", dict(
+        num_hidden_layers=3, attn_layer_period=3, attn_layer_offset=1, num_experts=1,
+        mamba_d_state=12, mamba_d_conv=4, mamba_expand=2, mamba_dt_rank=6,
+        mamba_conv_bias=True, mamba_proj_bias=False, tie_word_embeddings=False,
+        pad_token_id=0)),
+    "jamba-moe": ("Jamba", dict(
+        num_hidden_layers=4, attn_layer_period=2, attn_layer_offset=1, num_experts=4,
+        num_experts_per_tok=2, expert_layer_period=2, expert_layer_offset=1,
+        intermediate_size=48, mamba_d_state=8, mamba_d_conv=3, mamba_dt_rank="auto",
+        mamba_proj_bias=True, tie_word_embeddings=True, pad_token_id=0)),
+    # Mamba (attention-free Mamba-1 layers, no MLPs; biases on the projections) and
+    # FalconMamba (B / C / dt RMS-normalized without weights)
+    "mamba": ("Mamba", dict(
+        num_hidden_layers=3, state_size=12, conv_kernel=4, expand=2, time_step_rank=5,
+        use_bias=True, use_conv_bias=True, layer_norm_epsilon=1e-5, pad_token_id=0,
+        bos_token_id=1, eos_token_id=2)),
+    "falcon_mamba": ("FalconMamba", dict(
+        num_hidden_layers=2, state_size=8, conv_kernel=3, expand=2, time_step_rank=6,
+        use_bias=False, use_conv_bias=True, mixer_rms_eps=1e-5, tie_word_embeddings=False,
+        pad_token_id=0, bos_token_id=1, eos_token_id=2)),
     # OLMo Hybrid: Gated DeltaNet layers (separate q / k / v / g / b / a projections,
     # beta in [0, 2]) pre-norm, a post-norm OLMo 3 attention layer (full q / k norms); no
     # rope (the released checkpoints), and with rope

@@ -41,6 +41,10 @@ logger = logging.getLogger("minikernels.engine")
 
 CPU_KV_POOL_BYTES = 1 << 30          # default KV pool on the CPU: 1 GiB ...
 CPU_MAX_BLOCKS = 4096                # ... but at most this many blocks
+#: attention-free models (Mamba): their blocks hold no KV, only the block manager's
+#: bookkeeping (positions, prefix-cache hashes): enough for every sequence at full length,
+#: at most this many
+ATTENTION_FREE_MAX_BLOCKS = 1 << 16
 MAX_GRAPH_BATCH = 512
 
 
@@ -837,6 +841,8 @@ class ModelRunner:
         extra = {"layout": self.kv_layout} if self.kv_layout is not None else {}
         bytes_per_block = (self.model.kv_bytes_per_token(self.kv_cache_dtype, **extra)
                            + self.extra_kv_bytes_per_token) * self.block_size
+        if bytes_per_block == 0:
+            return self._attention_free_blocks()
         if self.device.type != "cuda":
             return max(16, min(CPU_MAX_BLOCKS, CPU_KV_POOL_BYTES // bytes_per_block))
         peak = self._profile_peak_bytes()
@@ -862,6 +868,23 @@ class ModelRunner:
         logger.info("KV pool: %d blocks (%.2f GiB)%s", blocks, blocks * bytes_per_block / 2**30,
                     f"; recurrent states: {self.num_state_slots} slots ({states / 2**30:.2f} "
                     f"GiB)" if states else "")
+        return blocks
+
+    def _attention_free_blocks(self) -> int:
+        """An attention-free model's pool (no KV bytes): blocks for max_num_seqs sequences
+        of the model's full length (at most ATTENTION_FREE_MAX_BLOCKS); its state slots are
+        all the memory it takes, checked against the device's free memory."""
+        per_seq = -(-int(self.config.max_position_embeddings) // self.block_size)
+        blocks = max(16, min(ATTENTION_FREE_MAX_BLOCKS, self.max_num_seqs * per_seq))
+        states = self.num_state_slots * self.model.state_bytes_per_slot()
+        if self.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.device)
+            if states > free:
+                raise ValueError(f"the recurrent state slots take {states / 2**30:.2f} GiB "
+                                 f"({self.num_state_slots} slots), more than the "
+                                 f"{free / 2**30:.2f} GiB free: lower max_num_seqs")
+        logger.info("attention-free model: %d bookkeeping blocks; recurrent states: %d slots "
+                    "(%.2f GiB)", blocks, self.num_state_slots, states / 2**30)
         return blocks
 
     def _profile_peak_bytes(self) -> int:

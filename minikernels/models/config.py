@@ -144,6 +144,14 @@ SUPPORTED_ARCHITECTURES = {
     # Nemotron-H (Nemotron-H 4B / 8B, NVIDIA Nemotron Nano 2): single-role blocks, each one
     # norm and one of Mamba-2, attention (no rope) or a squared-ReLU MLP
     "NemotronHForCausalLM": "nemotron_h",
+    # Mamba (state-spaces' Mamba-1 checkpoints in transformers' layout) and FalconMamba:
+    # attention-free, every layer a norm and a Mamba-1 mixer (FalconMamba: B, C and dt
+    # RMS-normalized without weights)
+    "MambaForCausalLM": "mamba",
+    "FalconMambaForCausalLM": "falcon_mamba",
+    # Jamba (AI21): Mamba-1 layers (dt / B / C norms with weights) and attention layers
+    # without rope, each with a SwiGLU MLP or, every expert_layer_period layers, experts
+    "JambaForCausalLM": "jamba",
 }
 #: ``XForSequenceClassification``: the decoder of ``XForCausalLM`` with a ``score`` head
 #: (``mk.Classifier`` reads it; the generative model refuses such a checkpoint).
@@ -179,6 +187,7 @@ _MODEL_TYPES = {"llama": "llama", "mistral": "mistral", "ministral": "ministral"
                 "phi3": "phi3", "smollm3": "smollm3",
                 "olmo2": "olmo2", "olmo3": "olmo3", "exaone4": "exaone4",
                 "olmo_hybrid": "olmo_hybrid",
+                "mamba": "mamba", "falcon_mamba": "falcon_mamba", "jamba": "jamba",
                 "hunyuan_v1_dense": "hunyuan", "ernie4_5": "ernie4_5",
                 "helium": "helium", "glm": "glm",
                 "glm4": "glm4", "stablelm": "stablelm", "starcoder2": "starcoder2",
@@ -238,8 +247,8 @@ GATED_ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu": "gelu",
 
 
 #: the token mixers a decoder layer may have (DecoderConfig.layer_mixers)
-LAYER_MIXERS = ("attention", "short_conv", "gated_deltanet", "mamba2", "mamba2_attention",
-                "none")
+LAYER_MIXERS = ("attention", "short_conv", "gated_deltanet", "mamba", "mamba2",
+                "mamba2_attention", "none")
 
 
 class UnsupportedModelError(ValueError):
@@ -354,6 +363,16 @@ class DecoderConfig:
     mamba_proj_bias: bool = False               # in_proj's bias
     mamba_out_bias: bool = False                # out_proj's bias
     mamba_dt_limit: tuple[float, float] = (0.0, float("inf"))
+    # Mamba-1 ("mamba" layers: Mamba, FalconMamba, Jamba): in_proj gives [x | z] of
+    # mamba_inner_size each, x runs through the conv, x_proj gives [dt (mamba_dt_rank) | B |
+    # C (mamba_state_size each)], dt_proj widens dt to one step per channel; A is
+    # [inner, N] (a decay per channel and state). mamba_bcdt_norm: RMS norms of dt, B and C
+    # before use, "" none, "plain" (FalconMamba: no weights) or "weighted" (Jamba), of eps
+    # mamba_bcdt_eps. mamba_proj_bias / mamba_out_bias: the in / out projections' biases.
+    mamba_inner_size: int = 0
+    mamba_dt_rank: int = 0
+    mamba_bcdt_norm: str = ""
+    mamba_bcdt_eps: float = 1e-6
     # the output y (+ D x) gated by silu(z): normalized per group after the gate (Granite),
     # before it (mamba_norm_before_gate), or not at all (mamba_rms_norm False: Falcon-H1)
     mamba_rms_norm: bool = True
@@ -506,6 +525,21 @@ class DecoderConfig:
                 if self.mamba_num_heads % self.mamba_num_groups:
                     raise ValueError(f"mamba_num_groups ({self.mamba_num_groups}) must divide "
                                      f"mamba_num_heads ({self.mamba_num_heads})")
+            if "mamba" in self.layer_mixers:
+                for name in ("mamba_inner_size", "mamba_dt_rank", "mamba_state_size"):
+                    value = getattr(self, name)
+                    if not isinstance(value, int) or value <= 0:
+                        raise ValueError(f"config.{name} must be a positive int for mamba "
+                                         f"layers, got {value!r}")
+                if self.mamba_state_size > 256:
+                    raise UnsupportedModelError(f"Mamba state size {self.mamba_state_size} "
+                                                f"is not supported (at most 256)")
+                if self.mamba_bcdt_norm not in ("", "plain", "weighted"):
+                    raise ValueError(f"config.mamba_bcdt_norm must be '', 'plain' or "
+                                     f"'weighted', got {self.mamba_bcdt_norm!r}")
+                if self.activation != "silu":
+                    raise UnsupportedModelError(f"Mamba layers with hidden_act "
+                                                f"{self.hidden_act!r} are not supported (SiLU)")
             if "gated_deltanet" in self.layer_mixers:
                 for name in ("linear_num_key_heads", "linear_num_value_heads",
                              "linear_key_head_dim", "linear_value_head_dim"):
@@ -524,9 +558,6 @@ class DecoderConfig:
                      if self.mixer(i) == "none" and not self.has_mlp(i)]
             if empty:
                 raise ValueError(f"layers {empty} have neither a mixer nor an MLP")
-            if not any(self.has_attention(i) for i in range(self.num_layers)):
-                raise UnsupportedModelError("a decoder without attention layers is not "
-                                            "supported (the engine pages KV by them)")
         for name in ("attention_scale", "attn_logit_softcapping", "final_logit_softcapping",
                      "sliding_rope_theta", "embedding_multiplier", "residual_multiplier",
                      "logits_scaling", "llama4_scaling_length"):
@@ -1322,6 +1353,88 @@ def _nemotron_h_config(hf: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+#: the longest sequence of an attention-free model whose config names none (Mamba): a
+#: state-space model has no position limit; this bounds the engine's block tables
+ATTENTION_FREE_MAX_LEN = 1 << 16
+
+
+def _dt_rank(value: Any, hidden: int) -> int:
+    """Mamba-1's dt rank: an int, or "auto" = ceil(hidden / 16) (transformers' rule)."""
+    return -(-hidden // 16) if value in (None, "auto") else int(value)
+
+
+def _mamba1_config(hf: Mapping[str, Any], family: str) -> dict[str, Any]:
+    """Mamba / FalconMamba's keys: attention-free, every layer one norm and a Mamba-1
+    mixer (no MLP); intermediate_size (else expand x hidden) the mixer's inner width,
+    time_step_rank, state_size, use_bias / use_conv_bias, layer_norm_epsilon; FalconMamba's
+    weightless dt / B / C norms of mixer_rms_eps. The attention fields are placeholders
+    (one head of the hidden size; no layer attends)."""
+    out = dict(hf)
+    n = int(hf.get("num_hidden_layers") or 0)
+    hidden = int(hf.get("hidden_size") or 0)
+    inner = hf.get("intermediate_size")
+    inner = int(inner) if inner else int(hf.get("expand", 2)) * hidden
+    out["_layer_mixers"] = ["mamba"] * n
+    out["_layer_mlps"] = [False] * n
+    out["intermediate_size"] = inner
+    out.setdefault("num_attention_heads", 1)
+    out["num_key_value_heads"] = out["num_attention_heads"]
+    bias = bool(hf.get("use_bias", False))
+    out["_mamba"] = dict(
+        mamba_inner_size=inner, mamba_dt_rank=_dt_rank(hf.get("time_step_rank"), hidden),
+        mamba_state_size=int(hf.get("state_size", 16)), mamba_proj_bias=bias,
+        mamba_out_bias=bias,
+        mamba_bcdt_norm="plain" if family == "falcon_mamba" else "",
+        mamba_bcdt_eps=float(hf.get("mixer_rms_eps", 1e-6)))
+    out["_conv"] = (int(hf.get("conv_kernel", 4)), bool(hf.get("use_conv_bias", True)))
+    out["rms_norm_eps"] = float(hf.get("layer_norm_epsilon", 1e-5))
+    out.setdefault("tie_word_embeddings", True)
+    out["_nope"] = True
+    # (no position limit of their own: a default as long as the engine's bookkeeping
+    # serves at a full batch)
+    out.setdefault("max_position_embeddings", ATTENTION_FREE_MAX_LEN)
+    return out
+
+
+def _jamba_config(hf: Mapping[str, Any]) -> dict[str, Any]:
+    """Jamba's keys: attention where layer % attn_layer_period == attn_layer_offset (or
+    layers_block_type), Mamba-1 elsewhere (mamba_expand x hidden wide, weighted dt / B / C
+    norms of rms_norm_eps); no rope; num_experts > 1 puts experts of intermediate_size
+    (softmax router, top-k weights not renormalized) where layer % expert_layer_period
+    == expert_layer_offset, SwiGLU MLPs elsewhere."""
+    out = dict(hf)
+    n = int(hf.get("num_hidden_layers") or 0)
+    hidden = int(hf.get("hidden_size") or 0)
+    kinds = hf.get("layers_block_type")
+    if kinds is None:
+        period, offset = int(hf.get("attn_layer_period", 8)), int(hf.get("attn_layer_offset", 4))
+        kinds = ["attention" if i % period == offset else "mamba" for i in range(n)]
+    unknown = sorted({str(k) for k in kinds if k not in ("attention", "mamba")})
+    if unknown or len(kinds) != n:
+        raise UnsupportedModelError(f"Jamba layer types {unknown or kinds} are not supported "
+                                    f"(one of 'attention' / 'mamba' per layer)")
+    out["_layer_mixers"] = list(kinds)
+    bias = bool(hf.get("mamba_proj_bias", False))
+    out["_mamba"] = dict(
+        mamba_inner_size=int(hf.get("mamba_expand", 2)) * hidden,
+        mamba_dt_rank=_dt_rank(hf.get("mamba_dt_rank"), hidden),
+        mamba_state_size=int(hf.get("mamba_d_state", 16)), mamba_proj_bias=bias,
+        mamba_out_bias=bias, mamba_bcdt_norm="weighted",
+        mamba_bcdt_eps=float(hf.get("rms_norm_eps", 1e-6)))
+    out["_conv"] = (int(hf.get("mamba_d_conv", 4)), bool(hf.get("mamba_conv_bias", True)))
+    out["_nope"] = True
+    experts = int(hf.get("num_experts", 1) or 1)
+    if experts > 1:
+        period = int(hf.get("expert_layer_period", 2))
+        offset = int(hf.get("expert_layer_offset", 1))
+        out["_moe"] = dict(num_experts=experts,
+                           num_experts_per_tok=int(hf.get("num_experts_per_tok", 2)),
+                           moe_intermediate_size=int(hf.get("intermediate_size", 0)),
+                           norm_topk_prob=False,
+                           moe_layers=[i for i in range(n) if i % period == offset])
+    return out
+
+
 def _olmo_hybrid_config(hf: Mapping[str, Any]) -> dict[str, Any]:
     """OLMo Hybrid's keys: each layer's mixer (default: full attention every fourth layer,
     at least the last), the linear heads' defaults (transformers' OlmoHybridConfig), its
@@ -1393,7 +1506,9 @@ _KEY_READERS: dict[str, Any] = {
     "falcon_h1": lambda hf, _: _falcon_h1_config(hf),
     "bamba": lambda hf, _: _bamba_config(hf),
     "nemotron_h": lambda hf, _: _nemotron_h_config(hf),
-    "olmo_hybrid": lambda hf, _: _olmo_hybrid_config(hf)}
+    "olmo_hybrid": lambda hf, _: _olmo_hybrid_config(hf),
+    "mamba": _mamba1_config, "falcon_mamba": _mamba1_config,
+    "jamba": lambda hf, _: _jamba_config(hf)}
 
 
 def _attention_scale(hf: Mapping[str, Any], family: str) -> float | None:

@@ -471,6 +471,89 @@ class Mamba2Mixer(nn.Module):
                 ((self.num_heads, self.head_dim, self.state_size), torch.float32)]
 
 
+class MambaMixer(nn.Module):
+    """Mamba-1 (Mamba, FalconMamba, Jamba; a recurrent token mixer):
+
+        xs, z = in_proj(x).split(inner)                       # [T, inner] each
+        xs = silu(causal_conv1d(xs))                          # per sequence
+        dt, b, c = x_proj(xs).split([R, N, N])                # (norms: FalconMamba, Jamba)
+        y = selective_scan(xs, dt_proj(dt), -exp(A_log), b, c, D, z, dt_bias, softplus)
+        out = out_proj(y)                                     # y gated by silu(z) inside
+
+    Its cache (from :meth:`CausalLM.allocate_kv_caches`) is ``(conv_state, ssm_state)``:
+    [slots, inner, W - 1] in the model dtype and [slots, inner, N] fp32. ``dt_bias`` is
+    the checkpoint's dt_proj bias, added in fp32 inside the scan (mamba_ssm's delta_bias).
+    """
+
+    def __init__(self, config: DecoderConfig, dtype: torch.dtype,
+                 device: torch.device | str | None, dense: bool) -> None:
+        super().__init__()
+        c = config
+        self.inner, self.dt_rank = c.mamba_inner_size, c.mamba_dt_rank
+        self.state_size, self.width = c.mamba_state_size, c.conv_kernel
+        inner, n = self.inner, self.state_size
+        self.in_proj = FusedLinear(c.hidden_size, 2 * inner, bias=c.mamba_proj_bias,
+                                   dtype=dtype, device=device, dense=dense)
+        self.conv1d = nn.Conv1d(inner, inner, self.width, groups=inner, bias=c.conv_bias,
+                                dtype=dtype, device=device)
+        self.conv1d.requires_grad_(False)
+        self.x_proj = FusedLinear(inner, self.dt_rank + 2 * n, bias=False, dtype=dtype,
+                                  device=device, dense=dense)
+        self.dt_proj = FusedLinear(self.dt_rank, inner, bias=False, dtype=dtype, device=device,
+                                   dense=dense)
+        self.dt_bias = nn.Parameter(torch.zeros(inner, dtype=dtype, device=device),
+                                    requires_grad=False)
+        self.A_log = nn.Parameter(torch.zeros(inner, n, dtype=dtype, device=device),
+                                  requires_grad=False)
+        self.D = nn.Parameter(torch.ones(inner, dtype=dtype, device=device), requires_grad=False)
+        # FalconMamba: RMS norms without weights; Jamba: with weights (dt_layernorm, ...)
+        self.dt_layernorm = self.b_layernorm = self.c_layernorm = None
+        if c.mamba_bcdt_norm:
+            affine = c.mamba_bcdt_norm == "weighted"
+            self.dt_layernorm, self.b_layernorm, self.c_layernorm = (
+                RMSNorm(size, c.mamba_bcdt_eps, dtype=dtype, device=device,
+                        elementwise_affine=affine) for size in (self.dt_rank, n, n))
+        self.out_proj = FusedLinear(inner, c.hidden_size, bias=c.mamba_out_bias, dtype=dtype,
+                                    device=device, dense=dense)
+
+    def forward(self, x: Tensor, meta: AttentionMetadata,
+                cache: tuple[Tensor, Tensor] | None) -> Tensor:
+        inner, n = self.inner, self.state_size
+        xs, z = self.in_proj(x).split(inner, dim=-1)
+        conv_state, state = cache if cache is not None else (None, None)
+        with_state = cache is not None
+
+        def conv(p: RecurrentPart) -> Tensor:
+            return ops.causal_conv1d(xs[p.tokens], self.conv1d.weight.view(inner, self.width),
+                                     self.conv1d.bias, cu_seqlens=p.cu_seqlens,
+                                     conv_state=conv_state, state_indices=p.state_indices,
+                                     has_initial_state=p.has_initial_state,
+                                     activation="silu", max_seqlen=p.max_seqlen)
+        u = by_parts(meta, with_state, conv, x, (inner,))
+        dt, b, c = self.x_proj(u).split([self.dt_rank, n, n], dim=-1)
+        if self.dt_layernorm is not None:
+            dt, b, c = self.dt_layernorm(dt), self.b_layernorm(b), self.c_layernorm(c)
+        dt = self.dt_proj(dt)
+        a_neg = -torch.exp(self.A_log.float())
+
+        def scan(p: RecurrentPart) -> Tensor:
+            m = b[p.tokens].shape[0]
+            return ops.selective_scan(u[p.tokens], dt[p.tokens], a_neg,
+                                      b[p.tokens].reshape(m, 1, n),
+                                      c[p.tokens].reshape(m, 1, n), cu_seqlens=p.cu_seqlens,
+                                      D=self.D, z=z[p.tokens], dt_bias=self.dt_bias,
+                                      dt_softplus=True, state=state,
+                                      state_indices=p.state_indices,
+                                      has_initial_state=p.has_initial_state,
+                                      max_seqlen=p.max_seqlen)
+        return self.out_proj(by_parts(meta, with_state, scan, x, (inner,)))
+
+    def state_shapes(self) -> list[tuple[tuple[int, ...], torch.dtype | None]]:
+        """Per-slot state tensors: the conv's inputs (model dtype), the fp32 SSM state."""
+        return [((self.inner, self.width - 1), None),
+                ((self.inner, self.state_size), torch.float32)]
+
+
 #: the non-gated MLP's activation by DecoderConfig.activation
 _ACTIVATIONS = {"silu": F.silu, "relu": F.relu, "gelu": F.gelu,
                 "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
@@ -551,6 +634,8 @@ class DecoderLayer(nn.Module):
             self.linear_attn = GatedDeltaNet(config, dtype, device, dense)
         elif kind == "mamba2":        # Granite 4.0-H
             self.mamba = Mamba2Mixer(config, dtype, device, dense)
+        elif kind == "mamba":         # Mamba-1: Mamba, FalconMamba, Jamba
+            self.mamba = MambaMixer(config, dtype, device, dense)
         elif kind == "none":          # Nemotron-H's MLP-only blocks
             pass
         else:

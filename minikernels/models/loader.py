@@ -166,8 +166,11 @@ _GDN_SPLIT_RE = re.compile(r"^layers\.(\d+)\.linear_attn\.(q_proj|k_proj|v_proj|
                            r"a_proj|o_proj|o_norm)\.(\w+)$")
 #: Granite 4.0-H's Mamba-2 layers: one in_proj ([z | x B C | dt]), out_proj, conv1d, the
 #: gated norm (above), dt_bias / A_log / D
-_MAMBA_PROJ_RE = re.compile(r"^layers\.(\d+)\.mamba\.(in_proj|out_proj)\.(\w+)$")
+_MAMBA_PROJ_RE = re.compile(r"^layers\.(\d+)\.mamba\.(in_proj|out_proj|x_proj)\.(\w+)$")
 _MAMBA_PARAM_RE = re.compile(r"^layers\.(\d+)\.mamba\.(dt_bias|A_log|D)$")
+#: Mamba-1's dt projection (its bias is the scan's dt_bias) and Jamba's dt / B / C norms
+_MAMBA1_DT_RE = re.compile(r"^layers\.(\d+)\.mamba\.dt_proj\.(\w+)$")
+_MAMBA1_NORM_RE = re.compile(r"^layers\.(\d+)\.mamba\.(dt|b|c)_layernorm\.weight$")
 #: mixture of experts: per-expert projections (the hub's names), transformers 5's stacked
 #: ones, and the router (models/moe.py)
 _EXPERT_RE = re.compile(r"^layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)"
@@ -259,6 +262,14 @@ def map_name(name: str) -> tuple[str, int | None, str] | None:
     m = _MAMBA_PARAM_RE.match(n)
     if m:
         return f"layers.{m.group(1)}.mamba", None, m.group(2)
+    m = _MAMBA1_DT_RE.match(n)
+    if m:
+        if m.group(2) == "bias":
+            return f"layers.{m.group(1)}.mamba", None, "dt_bias"
+        return f"layers.{m.group(1)}.mamba.dt_proj", 0, m.group(2)
+    m = _MAMBA1_NORM_RE.match(n)
+    if m:
+        return f"layers.{m.group(1)}.mamba.{m.group(2)}_layernorm", None, "weight"
     m = _XIELU_RE.match(n)
     if m:
         return f"layers.{m.group(1)}.mlp.act_fn", None, m.group(2)
@@ -478,6 +489,9 @@ def _family_name(name: str, config: DecoderConfig) -> str:
         return _renamed(name, *_FAMILY_NAMES[config.architecture])
     if config.architecture == "nemotron_h":
         return _nemotron_h_name(name, config)
+    if config.architecture in ("mamba", "falcon_mamba"):
+        name = _renamed(name, _MAMBA1_PREFIXES, ())
+        return _renamed(name, (), _MAMBA1_PARTS) if name.startswith("model.layers.") else name
     if config.architecture in ("nemotron", "arcee", "jais2"):   # the non-gated one up_proj
         return name.replace(".mlp.up_proj.", ".mlp.gate_proj.")
     if config.architecture == "apertus":      # its up_proj, and its norms' names
@@ -613,6 +627,17 @@ def _nemotron_h_name(name: str, config: DecoderConfig) -> str:
     return name.replace(".mlp.up_proj.", ".mlp.gate_proj.") if new == ".mlp." else name
 
 
+#: Mamba / FalconMamba: backbone.* names (old checkpoints: "embedding"), each layer's
+#: norm and mixer
+_MAMBA1_PREFIXES = (("backbone.embeddings.", "model.embed_tokens."),
+                    ("backbone.embedding.", "model.embed_tokens."),
+                    ("backbone.norm_f.", "model.norm."), ("backbone.", "model."),
+                    # (transformers 5's in-memory names: RL weight sync)
+                    ("model.embeddings.", "model.embed_tokens."),
+                    ("model.norm_f.", "model.norm."))
+_MAMBA1_PARTS = ((".norm.", ".input_layernorm."), (".mixer.", ".mamba."))
+
+
 def _renamed(name: str, prefixes: tuple[tuple[str, str], ...],
              parts: tuple[tuple[str, str], ...]) -> str:
     """``name`` with its first matching prefix and every matching part replaced."""
@@ -640,6 +665,9 @@ _FAMILY_NAMES = {"gpt_neox": (_NEOX_PREFIXES, _NEOX_PARTS),
                  "lfm2_moe": (_LFM2_PREFIXES, _LFM2_MOE_PARTS),
                  "falcon_h1": (_FALCON_H1_PREFIXES, _FALCON_H1_PARTS),
                  "bamba": (_FALCON_H1_PREFIXES, _FALCON_H1_PARTS),     # (the same names)
+                 # Jamba: Falcon-H1's names, its experts' router under Qwen3-MoE's name
+                 "jamba": (_FALCON_H1_PREFIXES, ((".feed_forward.router.", ".mlp.gate."),)
+                           + _FALCON_H1_PARTS),
                  # OLMo Hybrid's checkpoint names of its layers' two norms
                  "olmo_hybrid": ((), ((".attention_layer_norm.", ".input_layernorm."),
                                       (".feedforward_layer_norm.",
