@@ -396,6 +396,11 @@ def test_sequence_classifier_on_a_hybrid_decoder(tmp_path):
     ("granite4-h", ["q_proj", "k_proj", "in_proj", "input_linear", "output_linear"]),
     # LFM2: attention (its out_proj), the short conv's in / out projections, w1 / w2 / w3
     ("lfm2", ["q_proj", "out_proj", "in_proj", "w1", "w2", "w3"]),
+    # Jamba: attention, the Mamba-1 in / x / out projections, the dense MLPs; Mamba's
+    # "mixer" names (transformers reads dt_proj's weight directly, so PEFT's adapter on it
+    # never runs there: not a target here)
+    ("jamba", ["q_proj", "in_proj", "x_proj", "out_proj", "gate_proj", "down_proj"]),
+    ("mamba", ["in_proj", "x_proj"]),      # (PEFT refuses Mamba's out_proj)
 ])
 def test_lora_adapters_on_hybrid_models(kind, targets, tmp_path):
     """PEFT adapters on the attention, MLP and recurrent mixers' projections: greedy tokens

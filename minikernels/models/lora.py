@@ -91,11 +91,14 @@ _RECURRENT_TARGETS = {
     "linear_attn.in_proj_a": ("linear_attn.in_proj", 3),
     "linear_attn.out_proj": ("linear_attn.out_proj", 0),
     "conv.in_proj": ("conv.in_proj", 0), "conv.out_proj": ("conv.out_proj", 0),
-    "mamba.in_proj": ("mamba.in_proj", 0), "mamba.out_proj": ("mamba.out_proj", 0)}
+    "mamba.in_proj": ("mamba.in_proj", 0), "mamba.out_proj": ("mamba.out_proj", 0),
+    # Mamba-1's (Jamba, Mamba, FalconMamba) two inner projections
+    "mamba.x_proj": ("mamba.x_proj", 0), "mamba.dt_proj": ("mamba.dt_proj", 0)}
 #: the mixer each recurrent block belongs to
 _RECURRENT_MIXERS = {"linear_attn": ("gated_deltanet",), "conv": ("short_conv",),
-                     "mamba": ("mamba2", "mamba2_attention")}
-_RECURRENT_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.(linear_attn|conv|mamba)\.(\w+)"
+                     "mamba": ("mamba", "mamba2", "mamba2_attention")}
+#: (Mamba / FalconMamba name each layer's Mamba-1 mixer "mixer": read as "mamba")
+_RECURRENT_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.(linear_attn|conv|mamba|mixer)\.(\w+)"
                            r"\.lora_([AB])(?:\.default)?\.weight$")
 #: one expert's projection (transformers 4.x modules; Mixtral's w1 / w3 / w2)
 _EXPERT_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.(?:mlp|block_sparse_moe)\.experts\.(\d+)\."
@@ -280,7 +283,15 @@ def _parse_tensors(tensors: list[tuple[str, Tensor]], config: DecoderConfig, ran
         m = _RECURRENT_RE.search(key)
         if m is not None:
             layer, block = int(m.group(1)), m.group(2)
+            if block == "mixer" and config.architecture in ("mamba", "falcon_mamba"):
+                block = "mamba"
             target = f"{block}.{m.group(3)}"
+            if block == "mixer" or (target in ("mamba.x_proj", "mamba.dt_proj") and
+                                    layer < config.num_layers and
+                                    config.mixer(layer) != "mamba"):
+                kind = config.mixer(layer) if layer < config.num_layers else "missing"
+                raise LoRAError(f"{path}: {key!r} targets a module this model does not have "
+                                f"(layer {layer} is a {kind} layer)")
             if target not in _RECURRENT_TARGETS or layer >= config.num_layers or \
                     config.mixer(layer) not in _RECURRENT_MIXERS[block]:
                 kind = config.mixer(layer) if layer < config.num_layers else "missing"
@@ -497,6 +508,10 @@ def _recurrent_shape(config: DecoderConfig, target: str) -> tuple[int, int]:
     c, h = config, config.hidden_size
     key_size = c.linear_num_key_heads * c.linear_key_head_dim
     value_size = c.linear_num_value_heads * c.linear_value_head_dim
+    if target.startswith("mamba.") and c.layer_mixers and "mamba" in c.layer_mixers:
+        inner1, rank, n = c.mamba_inner_size, c.mamba_dt_rank, c.mamba_state_size
+        return {"mamba.in_proj": (h, 2 * inner1), "mamba.out_proj": (inner1, h),
+                "mamba.x_proj": (inner1, rank + 2 * n), "mamba.dt_proj": (rank, inner1)}[target]
     inner = c.mamba_num_heads * c.mamba_head_dim
     gn = c.mamba_num_groups * c.mamba_state_size
     return {"linear_attn.in_proj_qkv": (h, 2 * key_size + value_size),
@@ -625,6 +640,8 @@ class LoRAManager:
             for block in ("linear_attn", "conv", "mamba"):   # hybrid models' mixers
                 if getattr(layer, block, None) is not None:
                     targets += [f"{block}.in_proj", f"{block}.out_proj"]
+                    if hasattr(getattr(layer, block), "x_proj"):    # Mamba-1
+                        targets += [f"{block}.x_proj", f"{block}.dt_proj"]
             for target in targets:
                 linear = layer.get_submodule(target)
                 lora = _LayerLoRA(linear, self._slots, max_loras, max_lora_rank, dtype, dev)
