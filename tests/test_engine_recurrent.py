@@ -59,7 +59,7 @@ def hybrid(request, tmp_path_factory):
 #: every family: its state kinds (conv; conv + gated delta; conv + Mamba-2) and cache
 #: entries (states only; Falcon-H1's (k, v) + states; Nemotron-H's MLP blocks' ())
 FAMILIES = ["lfm2", "qwen3_5", "granite4-h", "falcon_h1", "nemotron_h", "olmo_hybrid",
-            "jamba-moe", "mamba"]
+            "jamba-moe", "mamba", "lfm3"]
 #: the two recurrent ops whose fresh-start / resume flags matter beyond the conv's
 STATEFUL = ["qwen3_5", "granite4-h", "mamba"]
 
@@ -269,7 +269,7 @@ def test_weight_sync_and_sleep_reach_the_recurrent_layers(kind, tmp_path):
         assert (got - want).abs().max() <= 1e-4
 
 
-@pytest.mark.parametrize("hybrid", ["qwen3_5", "granite4-h", "falcon_h1", "mamba"],
+@pytest.mark.parametrize("hybrid", ["qwen3_5", "granite4-h", "falcon_h1", "mamba", "lfm3"],
                          indirect=True)
 def test_prefix_caching_resumes_from_state_checkpoints(hybrid):
     """Prefix caching on hybrid models: states are checkpointed every 8 tokens (chunks end

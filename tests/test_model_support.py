@@ -141,6 +141,14 @@ CASES: dict[str, tuple[str, dict[str, Any]]] = {
         num_hidden_layers=3, attn_layer_indices=[1], head_dim=16, mamba_n_heads=8,
         mamba_n_groups=2, mamba_d_state=12, mamba_d_conv=4, mamba_proj_bias=True,
         tie_word_embeddings=False)),
+    # LFM3: short convs (width 7), a sliding-window layer (default rope, base 1e4) and a
+    # full layer (proportional rope: half the pairs turn, base 1e6), per-head sigmoid
+    # gates, sandwich norms, q / k norms
+    "lfm3": ("Lfm3", dict(
+        num_hidden_layers=4, layer_types=["conv", "sliding_attention", "full_attention",
+                                          "conv"],
+        head_dim=16, sliding_window=5, conv_L_cache=7, tie_word_embeddings=True,
+        pad_token_id=0)),
     # Jamba: Mamba-1 layers (weighted dt / B / C norms, dt rank 6, state 12) and an
     # attention layer without rope, SwiGLU MLPs; and with 4 experts (top 2, not
     # renormalized) on every other layer

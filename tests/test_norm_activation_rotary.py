@@ -368,3 +368,27 @@ def test_build_rope_cache_rejects_unknown_scaling():
         mk.ops.build_rope_cache(64, 128, rope_scaling={"rope_type": "dynamic", "factor": 4.0})
     with pytest.raises(ValueError, match="rotary_dim"):
         mk.ops.build_rope_cache(63, 128)
+
+
+@pytest.mark.parametrize(("proportion", "factor"), [(0.5, 1.0), (0.25, 2.0), (1.0, 1.0)])
+def test_proportional_rope_cache_matches_transformers(proportion, factor):
+    """Gemma 4 / LFM3's proportional rope: the first share of the frequency pairs at the
+    full head dim's frequencies (divided by factor), the rest standing still; the cache
+    equals transformers' inv_freq applied over the whole head dim."""
+    import transformers
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    cfg = transformers.Lfm3Config(
+        hidden_size=64, num_attention_heads=4, head_dim=32, max_position_embeddings=300,
+        rope_parameters={"full_attention": {"rope_type": "proportional", "rope_theta": 1e6,
+                                            "partial_rotary_factor": proportion,
+                                            "factor": factor},
+                         "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}})
+    inv, _ = ROPE_INIT_FUNCTIONS["proportional"](cfg, "cpu", layer_type="full_attention")
+    cache = mk.ops.build_rope_cache(32, 300, 1e6, {"rope_type": "proportional", "factor": factor,
+                                                   "partial_rotary_factor": proportion})
+    freqs = torch.outer(torch.arange(300, dtype=torch.float32), inv)
+    assert (cache - torch.cat([freqs.cos(), freqs.sin()], dim=-1)).abs().max() <= 1e-6
+    still = 16 - int(proportion * 32 // 2)
+    if still:
+        assert (cache[:, 16 - still:16] == 1).all() and (cache[:, 32 - still:] == 0).all()

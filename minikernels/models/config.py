@@ -129,6 +129,9 @@ SUPPORTED_ARCHITECTURES = {
     "Lfm2ForCausalLM": "lfm2",
     # LFM2-MoE (LFM2-8B-A1B): LFM2's layers, sigmoid-routed experts after the dense ones
     "Lfm2MoeForCausalLM": "lfm2_moe",
+    # LFM3 (Liquid): LFM2's short convs beside sliding-window attention (default rope) and
+    # full attention (proportional rope), a sigmoid gate per attention head, sandwich norms
+    "Lfm3ForCausalLM": "lfm3",
     # Qwen3.5 (dense): Gated DeltaNet linear-attention layers (a recurrent state per
     # sequence) and, every fourth layer, gated attention with (1 + w) q / k norms
     "Qwen3_5ForCausalLM": "qwen3_5",
@@ -199,6 +202,7 @@ _MODEL_TYPES = {"llama": "llama", "mistral": "mistral", "ministral": "ministral"
                 "mpt": "mpt", "nemotron": "nemotron", "arcee": "arcee", "jais2": "jais2",
                 "apertus": "apertus",
                 "olmo": "olmo", "nanochat": "nanochat", "lfm2": "lfm2", "lfm2_moe": "lfm2_moe",
+                "lfm3": "lfm3",
                 "qwen3_5_text": "qwen3_5", "qwen3_5": "qwen3_5",
                 "qwen3_5_moe_text": "qwen3_5_moe", "qwen3_5_moe": "qwen3_5_moe", "falcon_h1": "falcon_h1",
                 "bamba": "bamba",
@@ -209,7 +213,7 @@ _GEMMA = ("gemma", "gemma2", "gemma3", "vaultgemma")
 #: the mixture-of-experts families (models/moe.py)
 _MOE = ("qwen3_moe", "qwen2_moe", "mixtral", "granitemoe", "olmoe", "qwen3_5_moe", "lfm2_moe")
 #: LFM2's hybrid decoders (short conv + attention), dense and MoE
-_LFM2 = ("lfm2", "lfm2_moe")
+_LFM2 = ("lfm2", "lfm2_moe", "lfm3")
 #: Qwen3.5's hybrid decoders (Gated DeltaNet + gated attention), dense and MoE
 _QWEN3_5 = ("qwen3_5", "qwen3_5_moe")
 #: Multimodal architectures whose text decoder is served (text-only prompts): the
@@ -391,6 +395,9 @@ class DecoderConfig:
     # Qwen3.5 / Qwen3-Next: q_proj also gives a gate per head ([q | gate] per head); the
     # attention output is multiplied by sigmoid(gate) before o_proj
     attn_output_gate: bool = False
+    # LFM3: a gate per head, sigmoid(g_proj(x)) [T, heads], scales each head's attention
+    # output before o_proj (x: the layer's normed input)
+    attn_head_gate: bool = False
     # OLMo Hybrid's Gated DeltaNet: q / k / v / g / b / a as six projections (parts of the
     # one fused in_proj), beta scaled (2: "negative eigenvalues"), its gated norm's eps
     # (None = rms_norm_eps)
@@ -698,7 +705,7 @@ class DecoderConfig:
         if gptj and hf.get("rotary_dim"):     # rotary_dim of head_dim rotate (GPT-J style)
             partial = _rotary_fraction(int(hf["rotary_dim"]), head_dim)
         window, window_layers = _sliding_window_from_hf(hf, family, num_layers)
-        if window is None or family not in ("gemma3", "olmo3"):
+        if window is None or family not in ("gemma3", "olmo3", "lfm3"):
             sliding_rope_theta = None
         layer_nope = None
         if hf.get("layer_rope_theta"):         # Granite SWA: a rope base per layer
@@ -832,7 +839,7 @@ class DecoderConfig:
             hidden_act=_activation_from_hf(hf, family),
             norm_weight_offset=1.0 if gemma or nemotron or family in _QWEN3_5 else 0.0,
             embed_scale=hidden ** 0.5 if gemma else 1.0,
-            sandwich_norm=family in ("gemma2", "gemma3", "glm4") or (
+            sandwich_norm=bool(hf.get("_sandwich_norm")) or family in ("gemma2", "gemma3", "glm4") or (
                 family == "hyperclovax" and bool(hf.get("use_post_norm", True))),
             attention_scale=_attention_scale(hf, family),
             attn_logit_softcapping=_positive_or_none(hf.get("attn_logit_softcapping", 50.0))
@@ -1227,7 +1234,8 @@ def _lfm2_config(hf: Mapping[str, Any], adjust_mlp: bool = True) -> dict[str, An
         full = hf.get("full_attn_idxs")
         full = set(range(n)) if full is None else set(full)
         kinds = ["full_attention" if i in full else "conv" for i in range(n)]
-    names = {"full_attention": "attention", "conv": "short_conv"}
+    names = {"full_attention": "attention", "conv": "short_conv",
+             "sliding_attention": "attention"}      # (LFM3)
     unknown = sorted({k for k in kinds if k not in names})
     if unknown:
         raise UnsupportedModelError(f"LFM2 layer types {unknown} are not supported "
@@ -1235,6 +1243,15 @@ def _lfm2_config(hf: Mapping[str, Any], adjust_mlp: bool = True) -> dict[str, An
     out["_layer_mixers"] = [names[k] for k in kinds]
     if "tie_embedding" in hf:
         out["tie_word_embeddings"] = hf["tie_embedding"]
+    return out
+
+
+def _lfm3_config(hf: Mapping[str, Any]) -> dict[str, Any]:
+    """LFM3's keys: LFM2's (the MLP width as given), the per-head attention gate
+    (use_attention_gate) and sandwich norms (use_sandwich_norm), both on by default."""
+    out = _lfm2_config(hf, adjust_mlp=False)
+    out["_fields"] = dict(attn_head_gate=bool(hf.get("use_attention_gate", True)))
+    out["_sandwich_norm"] = bool(hf.get("use_sandwich_norm", True))
     return out
 
 
@@ -1502,6 +1519,7 @@ _KEY_READERS: dict[str, Any] = {
     "falcon": lambda hf, _: _falcon_config(hf), "mpt": lambda hf, _: _mpt_config(hf),
     "lfm2": lambda hf, _: _lfm2_config(hf),
     "lfm2_moe": lambda hf, _: _lfm2_config(hf, adjust_mlp=False),
+    "lfm3": lambda hf, _: _lfm3_config(hf),
     **{family: lambda hf, _: _qwen3_5_config(hf) for family in ("qwen3_5", "qwen3_5_moe")},
     "falcon_h1": lambda hf, _: _falcon_h1_config(hf),
     "bamba": lambda hf, _: _bamba_config(hf),
@@ -1528,7 +1546,7 @@ def _positive_or_none(value: Any) -> float | None:
     return None if value is None or float(value) <= 0 else float(value)
 
 
-_ROPE_KINDS = ("default", "linear", "llama3", "yarn", "longrope")
+_ROPE_KINDS = ("default", "linear", "llama3", "yarn", "longrope", "proportional")
 
 
 def _rope_kind(scaling: Mapping[str, Any] | None) -> str:
@@ -1574,9 +1592,11 @@ def _rope_from_hf(hf: Mapping[str, Any], family: str
     if str(scaling.get("rope_type", scaling.get("type", ""))) == "dynamic" and \
             scaling.get("alpha"):
         scaling = {}    # HunYuan's fixed-alpha NTK: a larger static base (_ntk_alpha)
-    scaling.pop("partial_rotary_factor", None)   # (5.x keeps it here; a field of its own)
+    proportion = scaling.pop("partial_rotary_factor", None)   # (5.x keeps it here; a field
     scaling.pop("llama_4_scaling_beta", None)     # (a query scale: _llama4_scaling)
     kind = _rope_kind(scaling)
+    if kind == "proportional":     # (here the share of the frequencies that turn)
+        scaling["partial_rotary_factor"] = float(1.0 if proportion is None else proportion)
     scaling.pop("type", None)                     # (4.x spelling of rope_type)
     if kind in ("yarn", "longrope"):
         # The pretraining context: the rope dict's, else the config's (Phi-3 keeps it at

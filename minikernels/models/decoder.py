@@ -123,6 +123,9 @@ class Attention(nn.Module):
                                     bias=c.qkv_bias, dtype=dtype, device=device, dense=dense)
         self.o_proj = FusedLinear(self.q_size, c.hidden_size, bias=c.o_bias, dtype=dtype,
                                   device=device, dense=dense)
+        # LFM3: a sigmoid gate per head from the layer's input
+        self.g_proj = FusedLinear(c.hidden_size, self.num_heads, bias=False, dtype=dtype,
+                                  device=device, dense=dense) if c.attn_head_gate else None
         self.q_norm = self.k_norm = None
         self.qk_norm_full = c.qk_norm_full
         # the unsharded widths of OLMo 2's full q / k norms, and how many ranks hold each
@@ -195,6 +198,8 @@ class Attention(nn.Module):
         o = self.attn(q, k, v, meta, kv_cache)
         if gate is not None:
             o = o * torch.sigmoid(gate)
+        if self.g_proj is not None:
+            o = o * torch.sigmoid(self.g_proj(x)).unsqueeze(-1)
         o = self.o_proj(o.reshape(t, self.q_size))
         if self.tp is not None:
             o = self.tp.all_reduce(o)   # row-parallel o_proj

@@ -169,6 +169,8 @@ _GDN_SPLIT_RE = re.compile(r"^layers\.(\d+)\.linear_attn\.(q_proj|k_proj|v_proj|
 _MAMBA_PROJ_RE = re.compile(r"^layers\.(\d+)\.mamba\.(in_proj|out_proj|x_proj)\.(\w+)$")
 _MAMBA_PARAM_RE = re.compile(r"^layers\.(\d+)\.mamba\.(dt_bias|A_log|D)$")
 #: Mamba-1's dt projection (its bias is the scan's dt_bias) and Jamba's dt / B / C norms
+#: LFM3's per-head attention gate (g_proj in transformers, gate_proj in checkpoints)
+_HEAD_GATE_RE = re.compile(r"^layers\.(\d+)\.self_attn\.(?:g_proj|gate_proj)\.(\w+)$")
 _MAMBA1_DT_RE = re.compile(r"^layers\.(\d+)\.mamba\.dt_proj\.(\w+)$")
 _MAMBA1_NORM_RE = re.compile(r"^layers\.(\d+)\.mamba\.(dt|b|c)_layernorm\.weight$")
 #: mixture of experts: per-expert projections (the hub's names), transformers 5's stacked
@@ -262,6 +264,9 @@ def map_name(name: str) -> tuple[str, int | None, str] | None:
     m = _MAMBA_PARAM_RE.match(n)
     if m:
         return f"layers.{m.group(1)}.mamba", None, m.group(2)
+    m = _HEAD_GATE_RE.match(n)
+    if m:
+        return f"layers.{m.group(1)}.self_attn.g_proj", 0, m.group(2)
     m = _MAMBA1_DT_RE.match(n)
     if m:
         if m.group(2) == "bias":
@@ -587,6 +592,15 @@ _LFM2_PARTS = ((".operator_norm.", ".input_layernorm."),
                (".feed_forward.w2.", ".mlp.down_proj."))
 
 
+#: LFM3's (LFM2's embedding norm and MLP; sandwich norms; standard attention names)
+_LFM3_PARTS = ((".operator_norm.", ".input_layernorm."),
+               (".post_operator_norm.", ".post_attention_layernorm."),
+               (".ffn_norm.", ".pre_feedforward_layernorm."),
+               (".post_ffn_norm.", ".post_feedforward_layernorm."),
+               (".feed_forward.w1.", ".mlp.gate_proj."), (".feed_forward.w3.", ".mlp.up_proj."),
+               (".feed_forward.w2.", ".mlp.down_proj."))
+
+
 #: LFM2-MoE's (LFM2's, and its experts, router and expert bias under Qwen3-MoE's names)
 _LFM2_MOE_PARTS = _LFM2_PARTS + ((".feed_forward.experts.", ".mlp.experts."),
                                  (".w1.", ".gate_proj."), (".w3.", ".up_proj."),
@@ -663,6 +677,7 @@ _FAMILY_NAMES = {"gpt_neox": (_NEOX_PREFIXES, _NEOX_PARTS),
                  "mpt": (_MPT_PREFIXES, _MPT_PARTS),
                  "lfm2": (_LFM2_PREFIXES, _LFM2_PARTS),
                  "lfm2_moe": (_LFM2_PREFIXES, _LFM2_MOE_PARTS),
+                 "lfm3": (_LFM2_PREFIXES, _LFM3_PARTS),
                  "falcon_h1": (_FALCON_H1_PREFIXES, _FALCON_H1_PARTS),
                  "bamba": (_FALCON_H1_PREFIXES, _FALCON_H1_PARTS),     # (the same names)
                  # Jamba: Falcon-H1's names, its experts' router under Qwen3-MoE's name

@@ -227,7 +227,7 @@ def _parse_tensors(tensors: list[tuple[str, Tensor]], config: DecoderConfig, ran
         aliases.update(fc_in="gate_proj", fc_out="down_proj")
     if config.architecture == "mpt":           # MPT: attn.out_proj, ffn.up_proj / down_proj
         aliases.update(out_proj="o_proj", up_proj="gate_proj")
-    if config.architecture in ("lfm2", "lfm2_moe"):   # feed_forward.w1 / w3 / w2
+    if config.architecture in ("lfm2", "lfm2_moe", "lfm3"):   # feed_forward.w1 / w3 / w2
         aliases.update(w1="gate_proj", w3="up_proj", w2="down_proj")
     # projections named by their block: GPT-2's / GPT-BigCode's attn.c_proj is the
     # attention output (mlp.c_proj the MLP's down projection)

@@ -113,6 +113,9 @@ def check_config(config: DecoderConfig, tp: TensorParallel) -> None:
         raise ValueError(f"tensor_parallel_size {p}: {config.architecture}'s recurrent "
                          f"layers ({sorted(set(config.layer_mixers) - {'attention'})}) are "
                          "not sharded; run it with tensor_parallel_size=1")
+    if config.attn_head_gate:
+        raise ValueError(f"tensor_parallel_size {p}: the per-head attention gate "
+                         f"({config.architecture}'s g_proj) is not sharded")
     if config.num_heads % p:
         raise ValueError(f"tensor_parallel_size {p} must divide num_attention_heads "
                          f"({config.num_heads})")

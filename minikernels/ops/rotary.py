@@ -103,7 +103,8 @@ def build_rope_cache(rotary_dim: int, max_position: int, base: float = 10000.0,
     "original_max_position_embeddings", "beta_fast", "beta_slow", "mscale",
     "mscale_all_dim", "attention_factor", "truncate"} or {"rope_type": "longrope" (or
     "su"), "short_factor", "long_factor", "original_max_position_embeddings",
-    "attention_factor"} (transformers' formulas; the attention factor scales cos and sin,
+    "attention_factor"} or {"rope_type": "proportional", "partial_rotary_factor",
+    "factor"} (Gemma 4 / LFM3: pairs past the factor's share do not turn) (transformers' formulas; the attention factor scales cos and sin,
     so q . k by its square). ``max_position`` is the model's context length
     (max_position_embeddings: YaRN's and LongRoPE's default factor derive from it).
     """
@@ -128,6 +129,14 @@ def build_rope_cache(rotary_dim: int, max_position: int, base: float = 10000.0,
     elif kind in ("longrope", "su"):
         inv_freq, attention = _longrope_inv_freq(inv_freq, max_position,
                                                  rope_scaling)  # type: ignore[arg-type]
+    elif kind == "proportional":
+        # Gemma 4 / LFM3: the first partial_rotary_factor share of the frequency pairs turn
+        # at the full dim's frequencies, the rest not at all (cos 1, sin 0), positions / factor
+        turning = int(float(rope_scaling.get("partial_rotary_factor", 1.0))  # type: ignore
+                      * rotary_dim // 2)
+        inv_freq = inv_freq.clone()
+        inv_freq[turning:] = 0.0
+        inv_freq = inv_freq / float(rope_scaling.get("factor", 1.0))  # type: ignore[union-attr]
     elif kind != "default":
         raise ValueError(f"rope_scaling type {kind!r} is not supported "
                          f"(supported: {', '.join(ROPE_TYPES)})")
@@ -139,7 +148,7 @@ def build_rope_cache(rotary_dim: int, max_position: int, base: float = 10000.0,
 
 
 #: rope_scaling types build_rope_cache implements.
-ROPE_TYPES = ("default", "linear", "llama3", "yarn", "longrope", "su")
+ROPE_TYPES = ("default", "linear", "llama3", "yarn", "longrope", "su", "proportional")
 
 
 @torch.library.custom_op("minikernels::rotary_embedding", mutates_args=())
