@@ -435,10 +435,7 @@ def test_selective_state_update(device, dtype) -> None:
             _close(pool[s], states[0], torch.float32)
         assert torch.equal(y[1].float().cpu(), torch.zeros(h, p))   # padding row
         assert torch.equal(pool[[1, 2, 4]], state[[1, 2, 4]])
-    with pytest.raises(NotImplementedError, match="A"):         # Mamba-1: per-channel A
-        ms.selective_state_update(state[:, 0], x[:, 0], dt[:, 0],
-                                  -torch.rand(p, n, generator=gen).to(device), B[:, 0],
-                                  C[:, 0])
+    # Mamba-1's per-channel form: tests/test_compat_selective_scan.py
 
 
 def test_mamba_ssm_matches_transformers_fallbacks() -> None:
@@ -546,20 +543,4 @@ def test_kernelize_default_on_granite_h_keeps_gated_norm() -> None:
         torch.testing.assert_close(model(ids).logits, ref, rtol=0, atol=1e-4)
 
 
-def test_kernelize_mamba1_routes_only_the_convs() -> None:
-    """Mamba-1's selective_state_update has a per-channel A (not one per head): its mixers
-    get the conv functions only, and stay exact."""
-    import transformers
-
-    import minikernels.hf as mkhf
-
-    torch.manual_seed(0)
-    model = transformers.MambaForCausalLM(transformers.MambaConfig(
-        vocab_size=100, hidden_size=32, num_hidden_layers=1, state_size=4)).eval()
-    ids = torch.randint(3, 100, (1, 6), generator=_g(13))
-    with torch.no_grad():
-        ref = model.generate(ids, max_new_tokens=3, do_sample=False)
-        summary = mkhf.kernelize(model, rms_norm=False, mlp=False)
-        assert summary.recurrent == {
-            "backbone.layers.0.mixer": ["causal_conv1d_fn", "causal_conv1d_update"]}
-        assert torch.equal(model.generate(ids, max_new_tokens=3, do_sample=False), ref)
+# Mamba-1 mixers (selective_scan_fn / selective_state_update): tests/test_hf_kernelize_mamba1.py

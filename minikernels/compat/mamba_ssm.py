@@ -1,16 +1,21 @@
-"""mamba_ssm's Mamba-2 scan API on :func:`minikernels.ops.mamba2_scan`, so code written
-against it (Mamba-2 layers, transformers' Granite 4.0-H / Bamba / Falcon-H1 / Nemotron-H /
-Zamba2 / Mamba-2 models) swaps one import:
+"""mamba_ssm's scan API on :func:`minikernels.ops.mamba2_scan` (Mamba-2) and
+:func:`minikernels.ops.selective_scan` (Mamba-1), so code written against it (Mamba-2
+layers, transformers' Granite 4.0-H / Bamba / Falcon-H1 / Nemotron-H / Zamba2 / Mamba-2
+models; Mamba-1 layers, transformers' Mamba / FalconMamba / Jamba / Zamba models) swaps one
+import:
 
-    from minikernels.compat.mamba_ssm import mamba_chunk_scan_combined, selective_state_update
+    from minikernels.compat.mamba_ssm import (mamba_chunk_scan_combined, selective_scan_fn,
+                                              selective_state_update)
     y, final = mamba_chunk_scan_combined(x, dt, A, B, C, chunk_size=256, D=D,
                                          dt_bias=dt_bias, dt_softplus=True,
                                          return_final_states=True)
     y = selective_state_update(state, x_t, dt_t, A_hpn, B_t, C_t, D_hp, dt_bias=bias_hp,
                                dt_softplus=True)            # state updated in place
+    out, last = selective_scan_fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus=True,
+                                  return_last_state=True)   # Mamba-1 prefill
 
 mamba_ssm's names, defaults, layouts and returns (``mamba_ssm/ops/triton/ssd_combined.py``,
-``selective_state_update.py``):
+``selective_state_update.py``, ``selective_scan_interface.py``):
 
     mamba_chunk_scan_combined(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None,
                               initial_states=None, seq_idx=None, cu_seqlens=None,
@@ -29,21 +34,39 @@ mamba_ssm's names, defaults, layouts and returns (``mamba_ssm/ops/triton/ssd_com
         only tiles mamba_ssm's kernels: the result does not depend on it.
     selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None,
                            dt_softplus=False, state_batch_indices=None)
-        the decode step, Mamba-2 form: state [S, h, p, n] (fp32 / fp16 / bf16, updated in
-        place), x / dt / z [batch, h, p], A [h, p, n], B / C [batch, g, n], D / dt_bias
-        [h, p] (or the forms without the head dim); state_batch_indices [batch] (None: row
-        i uses state i). Returns out shaped like x in x's dtype. No dt_limit (as
-        mamba_ssm's).
+        the decode step: Mamba-2's head form state [S, h, p, n] (fp32 / fp16 / bf16,
+        updated in place), x / dt / z [batch, h, p], A [h, p, n], B / C [batch, g, n], D /
+        dt_bias [h, p]; or Mamba-1's per-channel form state [S, dim, n], x / dt / z
+        [batch, dim], A [dim, n], B / C [batch, n], D / dt_bias [dim];
+        state_batch_indices [batch] (None: row i uses state i). Returns out shaped like x
+        in x's dtype. No dt_limit (as mamba_ssm's).
+    selective_scan_fn(u, delta, A, B, C, D=None, z=None, delta_bias=None,
+                      delta_softplus=False, return_last_state=False, cu_seqlens=None)
+        Mamba-1's scan over whole sequences from zeros: u / delta / z [b, dim, l] (any
+        strides), A [dim, n] (real), B / C [b, n, l] (one group), [b, g, n, l] (g groups
+        dividing dim; one group beside g is broadcast) or both [dim, n] (time-invariant:
+        dim groups, a stride-0 view over the tokens), D / delta_bias [dim]; cu_seqlens
+        [k + 1] (mamba_ssm's newer keyword: 0, ..., l; every row's scan restarts from zero
+        at the inner boundaries). Returns out [b, dim, l] in u's dtype (a transposed view
+        of the op's token-major output), or (out, last_state fp32 [b, dim, n]: the state
+        after each row's last token), as mamba_ssm (its last_state is A's fp32 dtype).
+        Batch rows are the op's sequences, flattened token-major: a view where the strides
+        allow (transformers' transposed [b, l, d] activations do), else one copy (a
+        contiguous [b, dim, l] delta with b > 1).
 
 Per head, in fp32 with S [p, n]: d = clamp(softplus?(dt + dt_bias), dt_limit);
 S = S * exp(d * A) + d * outer(x, B); y = S @ C + D * x; out = y (* silu(z)), rounded once
 to x's dtype (z gating is done in fp32 before the rounding, as mamba_ssm's kernels).
+Per channel (Mamba-1), the same with a state row s [n] and the channel's A [n], dt, D.
 
-What maps and what is refused: minikernels' op takes one A / dt / D / dt_bias value per
-head. mamba_ssm's expanded Mamba-2 views (A [h, p, n], dt [batch, h, p], D / dt_bias [h, p]
-with equal values along p / n, what every Mamba-2 model passes) map; values that vary
-along p or n (Mamba-1's per-channel A, a per-channel D) raise NotImplementedError naming
-the argument. Also refused (NotImplementedError): initial_states together with seq_idx,
+What maps and what is refused: mamba2_scan takes one A / dt / D / dt_bias value per head.
+mamba_ssm's expanded Mamba-2 views (A [h, p, n], dt [batch, h, p], D / dt_bias [h, p] with
+equal values along p / n, what every Mamba-2 model passes) run on it; a decode step whose
+values vary along p or n (Mamba-1's per-channel A, the 3-D Mamba-1 form) runs on
+selective_scan over h * p channels. mamba_chunk_scan_combined refuses a per-channel D
+[h, p] (NotImplementedError naming it). selective_scan_fn refuses a complex A and a
+time-invariant B beside a time-varying C (or the reverse) (NotImplementedError naming the
+argument). Also refused (NotImplementedError): initial_states together with seq_idx,
 cu_seqlens of several sequences without seq_idx (mamba_ssm's scan does not restart
 between them then), seq_idx ids that reappear in a row. Errors are ValueError / TypeError
 naming mamba_ssm's argument.
@@ -66,7 +89,7 @@ from .._validation import FLOAT_DTYPES, check_shape, check_tensor, index_checks_
 from . import vllm_ops
 from .vllm_ops import _per_head
 
-__all__ = ["mamba_chunk_scan_combined", "selective_state_update"]
+__all__ = ["mamba_chunk_scan_combined", "selective_scan_fn", "selective_state_update"]
 
 _INDEX_DTYPES = (torch.int32, torch.int64)
 
@@ -105,17 +128,115 @@ def selective_state_update(state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: T
     like = (torch.float32, x.dtype)          # the op's dtypes for dt / A / D / dt_bias
     dt, A, D, dt_bias = (t if not isinstance(t, Tensor) or t.dtype in like else t.float()
                          for t in (dt, A, D, dt_bias))
-    try:
-        y = vllm_ops.selective_state_update(state, x, dt, A, B, C, D, None, dt_bias,
-                                            dt_softplus, state_batch_indices,
-                                            pad_slot_id=-1)
-    except ValueError as exc:
-        if "varying values" in str(exc):       # per-channel values: not one per head
-            raise NotImplementedError(str(exc)) from None
-        raise
+    y = vllm_ops.selective_state_update(state, x, dt, A, B, C, D, None, dt_bias, dt_softplus,
+                                        state_batch_indices, pad_slot_id=-1)
     if z is not None:
         y = y.float() * F.silu(z.float())
     return y.to(out_dtype)
+
+
+def _scan_bc(name: str, t: Tensor, b: int, dim: int, n: int, l: int, dev: torch.device
+             ) -> tuple[Tensor, bool]:
+    """mamba_ssm's B / C -> (token-major [b * l, groups, n], time-invariant?): [dim, n]
+    (time-invariant: one row per channel, i.e. dim groups, broadcast over the tokens by a
+    stride-0 view), [b, n, l] (one group) or [b, groups, n, l]."""
+    check_tensor(name, t, dtypes=FLOAT_DTYPES, ndim=(2, 3, 4), device=dev)
+    if t.dim() == 2:
+        check_shape(name, t, [dim, n])
+        return t[None].expand(b * l, dim, n), True
+    t4 = t.unsqueeze(1) if t.dim() == 3 else t
+    check_shape(name, t4, [b, None, n, l])
+    return t4.permute(0, 3, 1, 2).reshape(b * l, t4.shape[1], n), False
+
+
+def _scan_sequences(cu_seqlens: Tensor | None, b: int, l: int, dev: torch.device
+                    ) -> tuple[Tensor, Tensor]:
+    """The op's sequences over the b * l flattened tokens: one per row, or, with
+    cu_seqlens [k + 1] (0, ..., l: the boundaries where every row's scan restarts from
+    zero), k per row. Returns (cu_seqlens of the flattened tokens, the index of each row's
+    sequence holding its last token)."""
+    if cu_seqlens is None:
+        return torch.arange(b + 1, dtype=torch.int32, device=dev) * l, torch.arange(b,
+                                                                                  device=dev)
+    check_tensor("cu_seqlens", cu_seqlens, dtypes=_INDEX_DTYPES, ndim=1, device=dev)
+    k = cu_seqlens.shape[0] - 1
+    if k < 1:
+        raise ValueError(f"cu_seqlens must have k + 1 >= 2 entries, got shape "
+                         f"{list(cu_seqlens.shape)}")
+    cu = cu_seqlens.long()
+    if index_checks_active(cu) and (int(cu[0]) != 0 or int(cu[-1]) != l
+                                    or bool((cu[1:] < cu[:-1]).any())):
+        raise ValueError(f"cu_seqlens must be non-decreasing from 0 to seqlen = {l}, got "
+                         f"{cu_seqlens.tolist()}")
+    rows = torch.arange(b, device=dev)[:, None]
+    flat = torch.cat([(rows * l + cu[None, :-1]).reshape(-1),
+                      torch.tensor([b * l], device=dev)]).to(torch.int32)
+    nonempty = (cu[1:] > cu[:-1]).long() * torch.arange(k, device=dev)
+    return flat, rows[:, 0] * k + nonempty.max()
+
+
+def selective_scan_fn(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
+                      D: Tensor | None = None, z: Tensor | None = None,
+                      delta_bias: Tensor | None = None, delta_softplus: bool = False,
+                      return_last_state: bool = False, cu_seqlens: Tensor | None = None
+                      ) -> Tensor | tuple[Tensor, Tensor]:
+    """mamba_ssm's selective_scan_fn (Mamba-1's scan over whole sequences, from zeros) on
+    :func:`minikernels.ops.selective_scan` -> out, or (out, last_state) with
+    return_last_state. See the module docstring."""
+    _bool("delta_softplus", delta_softplus)
+    _bool("return_last_state", return_last_state)
+    check_tensor("u", u, dtypes=FLOAT_DTYPES, ndim=3)
+    dev = u.device
+    b, dim, l = u.shape
+    check_tensor("delta", delta, dtypes=FLOAT_DTYPES, ndim=3, device=dev)
+    check_shape("delta", delta, [b, dim, l])
+    if isinstance(A, Tensor) and A.is_complex():
+        raise NotImplementedError("A complex (S4D-Lin's complex Mamba) is not supported by "
+                                  "minikernels: pass a real A [dim, dstate]")
+    check_tensor("A", A, dtypes=FLOAT_DTYPES, ndim=2, device=dev)
+    check_shape("A", A, [dim, None])
+    n = A.shape[1]
+    (bt, b_fixed), (ct, c_fixed) = (_scan_bc(name, t, b, dim, n, l, dev)
+                                    for name, t in (("B", B), ("C", C)))
+    if b_fixed != c_fixed:
+        name = "B" if b_fixed else "C"
+        raise NotImplementedError(
+            f"{name} of shape [dim, dstate] (time-invariant) beside a time-varying "
+            f"{'C' if b_fixed else 'B'} is not supported by minikernels (the op reads B and "
+            f"C in the same groups); pass both time-invariant or both time-varying")
+    if bt.shape[1] != ct.shape[1]:          # one group beside g groups: broadcast the one
+        g = max(bt.shape[1], ct.shape[1])
+        if min(bt.shape[1], ct.shape[1]) != 1:
+            raise ValueError(f"C must have B's groups ({bt.shape[1]}), got shape "
+                             f"{list(C.shape)}")
+        bt, ct = (t.expand(t.shape[0], g, n) for t in (bt, ct))
+    for name, t in (("D", D), ("delta_bias", delta_bias)):
+        if t is not None:
+            check_tensor(name, t, dtypes=FLOAT_DTYPES, ndim=1, device=dev)
+            check_shape(name, t, [dim])
+    if z is not None:
+        check_tensor("z", z, dtypes=FLOAT_DTYPES, ndim=3, device=dev)
+        check_shape("z", z, [b, dim, l])
+    cu, last = _scan_sequences(cu_seqlens, b, l, dev)
+    # the op wants B / C / z in u's dtype: otherwise all in fp32 (exact), one rounding
+    wide = any(t is not None and t.dtype != u.dtype for t in (bt, ct, z))
+    dtype = torch.float32 if wide else u.dtype
+    tokens = lambda t: t.transpose(1, 2).reshape(b * l, dim).to(dtype)   # noqa: E731
+    like = (torch.float32, dtype)
+    dt = delta.transpose(1, 2).reshape(b * l, dim)
+    dt, A, D, delta_bias = (t if t is None or t.dtype in like else t.float()
+                            for t in (dt, A, D, delta_bias))
+    n_seq = cu.shape[0] - 1
+    pool = slots = None
+    if return_last_state:
+        pool = torch.zeros(n_seq, dim, n, dtype=torch.float32, device=dev)
+        slots = torch.arange(n_seq, device=dev)
+    y = ops.selective_scan(tokens(u), dt, A, bt.to(dtype), ct.to(dtype), cu_seqlens=cu, D=D,
+                           z=None if z is None else tokens(z), dt_bias=delta_bias,
+                           dt_softplus=delta_softplus, state=pool, state_indices=slots,
+                           max_seqlen=l if cu_seqlens is None else None)
+    out = y.to(u.dtype).view(b, l, dim).transpose(1, 2)
+    return (out, pool[last]) if return_last_state else out
 
 
 def _runs(seq_idx: Tensor, b: int, l: int) -> tuple[Tensor, Tensor]:

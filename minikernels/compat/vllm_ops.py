@@ -72,8 +72,21 @@ Covered (vLLM name -> minikernels op):
                  dt_softplus=False, state_batch_indices=None, dst_state_batch_indices=None,
                  pad_slot_id=-1, out=None, num_accepted_tokens=None, cu_seqlens=None, ...)
                                                         ops.mamba2_scan (vLLM's mamba/ops/
-                                                        mamba_ssm.py, Mamba-2 decode; A /
-                                                        dt / D / dt_bias one value per head)
+                                                        mamba_ssm.py; Mamba-2 decode, one
+                                                        A / dt / D / dt_bias per head), or
+                                                        ops.selective_scan (Mamba-1's 3-D
+                                                        form, per-channel values)
+    selective_scan_fwd(u, delta, A, B, C, D_, z_, delta_bias_, delta_softplus,
+                       query_start_loc, cache_indices, has_initial_state, ssm_states,
+                       pad_slot_id, block_size=1024, ...)  ops.selective_scan (Mamba-1's
+                                                        varlen prefill; out into delta,
+                                                        gated out into z_)
+    selective_scan_fn(u, ssm_states, delta, A, B, C, D=None, z=None, delta_bias=None,
+                      delta_softplus=False, query_start_loc=None, cache_indices=None,
+                      has_initial_state=None, pad_slot_id=-1, ...)
+                                                        the same (vLLM's Python wrapper in
+                                                        mamba/ops/mamba_ssm.py: returns z,
+                                                        or delta)
 
 Legacy caches: vLLM's "x-split" key cache [num_blocks, num_kv_heads, head_size / x,
 block_size, x] (x = 16 // element_size) and value cache [num_blocks, num_kv_heads,
@@ -90,7 +103,7 @@ Not covered (not defined here; calling them is an AttributeError):
         gelu_fast / gelu_new / gelu_quick, moe_sum, grouped_topk, topk_sigmoid: no
         minikernels op computes them (they would be plain PyTorch, not a mapping).
     gptq_gemm / awq_gemm / awq_dequantize / marlin / machete / fp4 / MLA / all-reduce /
-        Mamba-1 / per-channel scans (selective_scan_fn) / CPU ops: other weight formats
+        CPU ops: other weight formats
         (GPTQ's K-packed qweight with g_idx and exllama shuffles, AWQ's interleaved
         nibbles, Marlin tiles) or features minikernels does not have; a repack would not
         be exact and cheap.
@@ -125,15 +138,20 @@ Differences, by design:
       entries (pad_slot_id; vLLM leaves them unwritten) and take conv states with any
       strides; the prefix-caching, speculative-decoding and varlen-update arguments raise.
     - selective_state_update writes zeros to the outputs of padding rows (vLLM computes
-      them from a zero state), rounds y to x's dtype before the z gate (vLLM gates in
-      fp32) and takes one A / dt / D / dt_bias per head (vLLM: per head-dim channel too).
+      them from a zero state); in the Mamba-2 head form it rounds y to x's dtype before
+      the z gate (vLLM gates in fp32; the per-channel form gates in fp32 too); B / C / z
+      in another dtype than x (vLLM's Mamba-1 tests pass fp32 B / C beside bf16 x) run in
+      fp32 with one rounding.
+    - selective_scan_fwd / selective_scan_fn write zeros to the outputs of padding rows
+      (vLLM leaves them unwritten) and, with z_, gate y rounded to u's dtype (vLLM gates
+      in fp32): about an ulp; the prefix-caching arguments raise.
 """
 from __future__ import annotations
 
 import contextlib
 import math
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import Tensor
@@ -157,7 +175,8 @@ __all__ = [
     "gelu_and_mul", "gelu_tanh_and_mul", "gemma_rms_norm", "merge_attn_states",
     "moe_align_block_size", "mul_and_silu", "paged_attention_v1", "paged_attention_v2",
     "reshape_and_cache", "reshape_and_cache_flash", "rms_norm", "rotary_embedding",
-    "scaled_fp8_quant", "scaled_int8_quant", "selective_state_update", "silu_and_mul",
+    "scaled_fp8_quant", "scaled_int8_quant", "selective_scan_fn", "selective_scan_fwd",
+    "selective_state_update", "silu_and_mul",
     "topk_softmax",
 ]
 
@@ -1326,16 +1345,20 @@ def selective_state_update(state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: T
                            cu_seqlens: Tensor | None = None, is_blackwell: bool = False,
                            enable_stochastic_rounding: bool = False,
                            cache_philox_rounds: int = 0) -> Tensor:
-    """vLLM's Mamba-2 decode step (``model_executor/layers/mamba/ops/mamba_ssm.py``) on
-    :func:`minikernels.ops.mamba2_scan`: writes out (when given) and returns it, or returns
-    a new tensor shaped like x; updates the state pool in place.
+    """vLLM's decode step (``model_executor/layers/mamba/ops/mamba_ssm.py``) on
+    :func:`minikernels.ops.mamba2_scan` (Mamba-2: one value per head) or
+    :func:`minikernels.ops.selective_scan` (Mamba-1 / per-channel values): writes out (when
+    given) and returns it, or returns a new tensor shaped like x; updates the state pool in
+    place.
 
     state [S, H, P, N] or [S, P, N] (fp32 / fp16 / bf16, any strides; fp16 / bf16 pools are
     read into fp32 and the new states rounded back once); x [batch, H, P] or [batch, P];
-    dt like x; A [H, P, N] or [P, N]; B, C [batch, G, N] or [batch, N] (x's dtype); D, dt_bias
-    [H, P] or [P] or None; z like x or None (out = y * silu(z)). A, dt, D and dt_bias must be
-    constant along P (and N): vLLM's models pass per-head values expanded with stride 0
-    (its kernel's TIE_HDIM path); varying values raise a ValueError naming the argument.
+    dt like x; A [H, P, N] or [P, N]; B, C [batch, G, N] or [batch, N]; D, dt_bias [H, P] or
+    [P] or None; z like x or None (out = y * silu(z)). Mamba-2's models pass per-head A,
+    dt, D, dt_bias expanded with stride 0 along P (and N) (vLLM's TIE_HDIM path): they run
+    on mamba2_scan (values checked equal when index checks are on); the 3-D Mamba-1 form,
+    and values varying along P or N, run on selective_scan over the H * P channels (B / C
+    group g serves heads g * H / G ...).
     state_batch_indices [batch] (or [batch, K]: column 0; None = slot i); entries equal to
     pad_slot_id are padding rows. dst_state_batch_indices (same layout): where the new
     states go (None = back to the source slots). cu_seqlens [N + 1]: x's rows are N
@@ -1343,7 +1366,8 @@ def selective_state_update(state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: T
     num_accepted_tokens (speculative decoding) and enable_stochastic_rounding raise
     NotImplementedError.
     Differences: padding rows' outputs are zeros (vLLM computes them from a zero state);
-    y is rounded to x's dtype before the z gate (vLLM gates in fp32): about an ulp.
+    on mamba2_scan y is rounded to x's dtype before the z gate (vLLM gates in fp32): about
+    an ulp.
     """
     _not_implemented("num_accepted_tokens", num_accepted_tokens,
                      "speculative decoding's per-token state slots")
@@ -1371,7 +1395,7 @@ def selective_state_update(state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: T
     st = state.unsqueeze(1) if state.dim() == 3 else state
     xs = x.unsqueeze(1) if x.dim() == 2 else x
     batch, h, p = xs.shape
-    n_state = st.shape[3]
+    p_dim, n_state = p, st.shape[3]
     if h == 0 or p == 0:
         raise ValueError(f"x must have nheads >= 1 and head dim >= 1, got shape {list(shape)}")
     check_shape("state", st, [None, h, p, None])
@@ -1391,10 +1415,6 @@ def selective_state_update(state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: T
         check_shape("z", up["z"], [batch, h, p])
     if out is not None:
         _check_out("out", out, x)
-    a = _per_head("A", up["A"], 1, "head_dim and dstate")
-    dt_h = _per_head("dt", up["dt"], 2, "head_dim")
-    d_h = None if D is None else _per_head("D", up["D"], 1, "head_dim")
-    bias_h = None if dt_bias is None else _per_head("dt_bias", up["dt_bias"], 1, "head_dim")
     if cu_seqlens is None:
         cu = torch.arange(batch + 1, dtype=torch.int32, device=dev)
     else:
@@ -1411,29 +1431,243 @@ def selective_state_update(state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: T
     if dst_state_batch_indices is not None:
         dst = _ssu_slots("dst_state_batch_indices", dst_state_batch_indices, n,
                          slots_total, pad_slot_id, dev)
+    heads = None if state.dim() == 3 else _one_value_per_head(up, D, dt_bias)
+    # the op wants B / C (and, per channel, z) in x's dtype: otherwise all in fp32 (exact
+    # widening), one rounding to x's dtype at the end
+    mixed = [up["B"], up["C"]] + ([up["z"]] if heads is None and z is not None else [])
+    xw = xs.float() if any(t.dtype != x.dtype for t in mixed) else xs
+    bw, cw = (t.to(xw.dtype) for t in (up["B"], up["C"]))
 
-    def run(pool: Tensor, slots: Tensor) -> Tensor:
-        with _vllm_names({"state_indices": "state_batch_indices"}):
-            return ops.mamba2_scan(xs, dt_h, a, up["B"], up["C"], cu_seqlens=cu, D=d_h,
-                                   dt_bias=bias_h, dt_softplus=dt_softplus,
-                                   dt_limit=(-math.inf, math.inf), state=pool,
-                                   state_indices=slots)
+    if heads is not None:   # Mamba-2: one A / dt / D / dt_bias per head (mamba2_scan)
+        a, dt_h, d_h, bias_h = (_as_op_dtype(t, xw.dtype) for t in heads)
 
-    if st.dtype == torch.float32 and dst is None:
-        y = run(st, src)
-    else:   # fp16 / bf16 pool or separate destinations: the slots in fp32, written once
-        live = src >= 0
-        used = src[live]
-        work = st[used].float()
-        local = torch.full((n,), -1, dtype=torch.int64, device=dev)
-        local[live] = torch.arange(used.shape[0], device=dev)
-        y = run(work, local)
-        to = used if dst is None else dst[live]
-        keep = to >= 0
-        st[to[keep]] = work[keep].to(st.dtype)
-    if z is not None:
-        y = (y.float() * torch.nn.functional.silu(up["z"].float())).to(x.dtype)
+        def run(pool: Tensor, slots: Tensor) -> Tensor:
+            with _vllm_names({"state_indices": "state_batch_indices"}):
+                return ops.mamba2_scan(xw, dt_h, a, bw, cw, cu_seqlens=cu, D=d_h,
+                                       dt_bias=bias_h, dt_softplus=dt_softplus,
+                                       dt_limit=(-math.inf, math.inf), state=pool,
+                                       state_indices=slots)
+
+        y = _on_pool(st, src, dst, run)
+        if z is not None:
+            y = y.float() * torch.nn.functional.silu(up["z"].float())
+    else:   # Mamba-1 / per-channel values: the h * p channels through selective_scan
+        zw = None if z is None else up["z"].to(xw.dtype).flatten(1)
+        a, dt_c, d_c, bias_c = (None if t is None else _as_op_dtype(t, xw.dtype)
+                                for t in (up["A"].flatten(0, 1), up["dt"].flatten(1),
+                                          _flat(up["D"]), _flat(up["dt_bias"])))
+
+        def run(pool: Tensor, slots: Tensor) -> Tensor:
+            with _vllm_names({"state_indices": "state_batch_indices"}):
+                return ops.selective_scan(xw.flatten(1), dt_c, a, bw, cw, cu_seqlens=cu,
+                                          D=d_c, z=zw, dt_bias=bias_c,
+                                          dt_softplus=dt_softplus, state=pool,
+                                          state_indices=slots)
+
+        y = _on_pool(st, src, dst, run, as_op=lambda p: p.view(p.shape[0], h * p_dim,
+                                                                 n_state))
+    y = y.to(x.dtype).view(shape)
     if out is None:
-        return y.view(shape)
-    out.copy_(y.view(shape))
+        return y
+    out.copy_(y)
     return out
+
+
+def _flat(t: Tensor | None) -> Tensor | None:
+    """[H, P] -> [H * P] (a view where the strides allow)."""
+    return None if t is None else t.flatten(0, 1)
+
+
+def _as_op_dtype(t: Tensor | None, x_dtype: torch.dtype) -> Tensor | None:
+    """dt / A / D / dt_bias in a dtype the ops take (fp32 or x's), else widened to fp32."""
+    return t if t is None or t.dtype in (torch.float32, x_dtype) else t.float()
+
+
+def _one_value_per_head(up: dict, D: Tensor | None, dt_bias: Tensor | None
+                        ) -> tuple[Tensor, ...] | None:
+    """Mamba-2's expanded per-head A / dt / D / dt_bias -> one value per head each, or None
+    when a value varies along the head dim (or dstate): per-channel values, which
+    selective_scan takes (the checks read the values: index checks on)."""
+    try:
+        return (_per_head("A", up["A"], 1, "head_dim and dstate"),
+                _per_head("dt", up["dt"], 2, "head_dim"),
+                None if D is None else _per_head("D", up["D"], 1, "head_dim"),
+                None if dt_bias is None else _per_head("dt_bias", up["dt_bias"], 1,
+                                                       "head_dim"))
+    except ValueError as exc:
+        if "varying values" in str(exc):
+            return None
+        raise
+
+
+def _on_pool(st: Tensor, src: Tensor, dst: Tensor | None,
+             run: Callable[[Tensor, Tensor], Tensor],
+             as_op: Callable[[Tensor], Tensor] | None = None) -> Tensor:
+    """``run(pool, slots)`` on the caller's state pool, in place, when it can be (fp32, no
+    separate destinations, and ``as_op`` (the op's view of the pool, e.g. heads and head
+    dims merged into channels) a view of it); otherwise on an fp32 copy of the used slots,
+    written back once (rounded to the pool's dtype) to dst, or to src."""
+    view = as_op or (lambda t: t)
+    if st.dtype == torch.float32 and dst is None:
+        try:
+            pool = view(st)
+        except RuntimeError:            # dims that do not merge into one view
+            pool = None
+        if pool is not None:
+            return run(pool, src)
+    live = src >= 0
+    used = src[live]
+    work = st[used].float()
+    local = torch.full((src.shape[0],), -1, dtype=torch.int64, device=src.device)
+    local[live] = torch.arange(used.shape[0], device=src.device)
+    y = run(view(work), local)
+    to = used if dst is None else dst[live]
+    keep = to >= 0
+    st[to[keep]] = work[keep].to(st.dtype)
+    return y
+
+
+# ----------------------------------------- Mamba-1 selective scan (vLLM's varlen prefill)
+
+
+def _scan_tokens(name: str, t: Tensor, varlen: bool) -> Tensor:
+    """u / delta / z ([dim, T] varlen, or [batch, dim, seqlen]) -> token-major [T', dim]
+    (a view where the strides allow: always for varlen)."""
+    if varlen:
+        return t.t()
+    return t.transpose(1, 2).reshape(t.shape[0] * t.shape[2], t.shape[1])
+
+
+def _scan_bc(name: str, t: Tensor, varlen: bool, lead: list[int], device: torch.device
+             ) -> Tensor:
+    """B / C ([ngroups, dstate, T] or [dstate, T] varlen; [batch, ngroups, dstate, seqlen]
+    or [batch, dstate, seqlen]) -> token-major [T', ngroups, dstate]."""
+    check_tensor(name, t, dtypes=FLOAT_DTYPES, ndim=(2, 3) if varlen else (3, 4),
+                 device=device)
+    if varlen:
+        t3 = t.unsqueeze(0) if t.dim() == 2 else t
+        check_shape(name, t3, [None, None, lead[0]])
+        return t3.permute(2, 0, 1)
+    t4 = t.unsqueeze(1) if t.dim() == 3 else t
+    check_shape(name, t4, [lead[0], None, None, lead[1]])
+    return t4.permute(0, 3, 1, 2).reshape(lead[0] * lead[1], t4.shape[1], t4.shape[2])
+
+
+def selective_scan_fwd(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
+                       D_: Tensor | None, z_: Tensor | None, delta_bias_: Tensor | None,
+                       delta_softplus: bool, query_start_loc: Tensor | None,
+                       cache_indices: Tensor | None, has_initial_state: Tensor | None,
+                       ssm_states: Tensor, pad_slot_id: int, block_size: int = 1024,
+                       block_idx_first_scheduled_token: Tensor | None = None,
+                       block_idx_last_scheduled_token: Tensor | None = None,
+                       initial_state_idx: Tensor | None = None,
+                       cu_chunk_seqlen: Tensor | None = None,
+                       last_chunk_indices: Tensor | None = None) -> None:
+    """vLLM's Mamba-1 selective scan op (``torch.ops._C.selective_scan_fwd``) on
+    :func:`minikernels.ops.selective_scan`: returns None; the output is written IN PLACE
+    into delta (y = s . C + D u, before the gate) and, with z_, the gated y * silu(z) into
+    z_ (vLLM's ``selective_scan_fn`` returns z_ then, else delta); ssm_states updated in
+    place.
+
+    Varlen (query_start_loc int32 [batch + 1] given): u, delta, z_ [dim, T]; B, C [ngroups,
+    dstate, T] (or [dstate, T]). Otherwise u, delta, z_ [batch, dim, seqlen] and B, C
+    [batch, ngroups, dstate, seqlen] (or [batch, dstate, seqlen]), one sequence per row.
+    A [dim, dstate], D_ / delta_bias_ [dim] (fp32); delta in u's dtype; ssm_states
+    [num_slots, dim, dstate] (fp32, or u's dtype: read into fp32, the new states rounded
+    back once); cache_indices [batch] (None: sequence i uses slot i; entries equal to
+    pad_slot_id are padding rows); has_initial_state bool [batch] (None: every sequence
+    starts from zeros, as vLLM's kernel). block_size is accepted (it only tiles vLLM's
+    prefix-caching mode); the prefix-caching arguments (block_idx_*, initial_state_idx,
+    cu_chunk_seqlen, last_chunk_indices) raise a ValueError.
+    Differences: padding rows' outputs are zeros (vLLM leaves them unwritten); with z_
+    the gate multiplies y rounded to u's dtype (vLLM gates in fp32): about an ulp.
+    """
+    for name, value in (("block_idx_first_scheduled_token", block_idx_first_scheduled_token),
+                        ("block_idx_last_scheduled_token", block_idx_last_scheduled_token),
+                        ("initial_state_idx", initial_state_idx),
+                        ("cu_chunk_seqlen", cu_chunk_seqlen),
+                        ("last_chunk_indices", last_chunk_indices)):
+        _unsupported(name, value, "no per-block SSM state caching (prefix caching of "
+                     "Mamba states)")
+    _check_bool("delta_softplus", delta_softplus)
+    _check_int("pad_slot_id", pad_slot_id, -(2**63))
+    _check_int("block_size", block_size, 1)
+    varlen = query_start_loc is not None
+    check_tensor("u", u, dtypes=FLOAT_DTYPES, ndim=2 if varlen else 3)
+    dev = u.device
+    for name, t in (("delta", delta), ("z_", z_)):
+        if t is not None:
+            check_tensor(name, t, dtypes=(u.dtype,), device=dev)
+            check_shape(name, t, list(u.shape))
+    check_tensor("A", A, dtypes=FLOAT_DTYPES, ndim=2, device=dev)
+    dim = u.shape[0] if varlen else u.shape[1]
+    check_shape("A", A, [dim, None])
+    if varlen:
+        check_tensor("query_start_loc", query_start_loc, dtypes=_INDEX_DTYPES, ndim=1,
+                     device=dev)
+        cu, lead = query_start_loc, [u.shape[1]]
+    else:
+        batch, seqlen = u.shape[0], u.shape[2]
+        cu = torch.arange(batch + 1, dtype=torch.int32, device=dev) * seqlen
+        lead = [batch, seqlen]
+    bt, ct = (_scan_bc(name, t, varlen, lead, dev) for name, t in (("B", B), ("C", C)))
+    check_tensor("ssm_states", ssm_states, dtypes=FLOAT_DTYPES, ndim=3, device=dev)
+    check_shape("ssm_states", ssm_states, [None, dim, A.shape[1]])
+    n = max(cu.shape[0] - 1, 0)
+    slots = _ssu_slots("cache_indices", cache_indices, n, ssm_states.shape[0], pad_slot_id,
+                       dev)
+    if n:   # an empty sequence writes no state (vLLM's kernel runs no chunk for it)
+        slots = torch.where(cu[1:] == cu[:-1], -1, slots)
+    if has_initial_state is None:
+        has_initial_state = torch.zeros(n, dtype=torch.bool, device=dev)
+    xw = u if bt.dtype == ct.dtype == u.dtype else u.float()
+    bt, ct = bt.to(xw.dtype), ct.to(xw.dtype)
+    dt, a, d, bias = (_as_op_dtype(t, xw.dtype) for t in (delta, A, D_, delta_bias_))
+
+    def run(pool: Tensor, idx: Tensor) -> Tensor:
+        with _vllm_names({"cu_seqlens": "query_start_loc", "state_indices": "cache_indices",
+                          "dt_bias": "delta_bias_", "dt": "delta", "x": "u"}):
+            return ops.selective_scan(_scan_tokens("u", xw, varlen),
+                                      _scan_tokens("delta", dt, varlen), a, bt, ct,
+                                      cu_seqlens=cu, D=d, dt_bias=bias,
+                                      dt_softplus=delta_softplus, state=pool,
+                                      state_indices=idx, has_initial_state=has_initial_state)
+
+    y = _on_pool(ssm_states, slots, None, run)
+    out = y.to(u.dtype)
+    if varlen:
+        delta.t().copy_(out)
+    else:
+        delta.transpose(1, 2).copy_(out.view(lead[0], lead[1], dim))
+    if z_ is not None:
+        zt = z_.t() if varlen else z_.transpose(1, 2).reshape(-1, dim)
+        gated = (y.float() * torch.nn.functional.silu(zt.float())).to(z_.dtype)
+        if varlen:
+            z_.t().copy_(gated)
+        else:
+            z_.transpose(1, 2).copy_(gated.view(lead[0], lead[1], dim))
+
+
+def selective_scan_fn(u: Tensor, ssm_states: Tensor, delta: Tensor, A: Tensor, B: Tensor,
+                      C: Tensor, D: Tensor | None = None, z: Tensor | None = None,
+                      delta_bias: Tensor | None = None, delta_softplus: bool = False,
+                      query_start_loc: Tensor | None = None,
+                      cache_indices: Tensor | None = None,
+                      has_initial_state: Tensor | None = None, pad_slot_id: int = -1,
+                      block_size: int = 1024,
+                      block_idx_first_scheduled_token: Tensor | None = None,
+                      block_idx_last_scheduled_token: Tensor | None = None,
+                      initial_state_idx: Tensor | None = None,
+                      cu_chunk_seqlen: Tensor | None = None,
+                      last_chunk_indices: Tensor | None = None) -> Tensor:
+    """vLLM's Python wrapper of that op (``model_executor/layers/mamba/ops/mamba_ssm.py``,
+    what its Mamba-1 mixer calls; note ssm_states second): returns z (the gated output,
+    written in place) when z is given, else delta (the output, written in place). See
+    :func:`selective_scan_fwd` for layouts; the caller's tensors are written whatever
+    their strides (vLLM's wrapper first copies inputs whose last dim is strided)."""
+    selective_scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, query_start_loc,
+                       cache_indices, has_initial_state, ssm_states, pad_slot_id,
+                       block_size, block_idx_first_scheduled_token,
+                       block_idx_last_scheduled_token, initial_state_idx, cu_chunk_seqlen,
+                       last_chunk_indices)
+    return delta if z is None else z
