@@ -20,7 +20,8 @@ In place, inference only:
   ``mk.ops.gelu_and_mul``.
 - Recurrent kernels (``recurrent=True``): the mixers of transformers' hybrid models
   (Qwen3.5 / Qwen3-Next Gated DeltaNet, LFM2 short convs, Granite 4.0-H / Bamba / Falcon-H1 /
-  Nemotron-H / Zamba2 / Mamba-2 Mamba-2 layers) call module-level functions that
+  Nemotron-H / Zamba2 / Mamba-2 Mamba-2 layers, Mamba / FalconMamba / Jamba / Zamba Mamba-1
+  layers) call module-level functions that
   transformers binds once, at import, to the ``causal_conv1d`` / ``fla`` / ``mamba_ssm``
   package or its PyTorch fallback (``use_kernel_func_from_hub_with_fallback``). Each such
   mixer gets an instance-level ``forward``: a copy of its class's forward (decorators
@@ -28,7 +29,9 @@ In place, inference only:
   :mod:`minikernels.compat.fla` and :mod:`minikernels.compat.mamba_ssm` (extra keyword
   arguments filtered to each function's signature, as transformers does). Per model and
   reversible: nothing global is touched; :func:`unroute_recurrent` deletes the instance
-  forwards. Mamba-1 mixers keep their ``selective_state_update`` (per-channel A).
+  forwards. Mamba-1 mixers get ``selective_scan_fn`` / ``selective_state_update`` on
+  ``ops.selective_scan`` (per-channel A); their training-only ``mamba_inner_fn`` is not
+  routed (kernelize is for inference; transformers' fallback returns None there).
 - ``quantize="int4"``: ``minikernels.quantize_model`` afterwards (the fused gate_up Linear
   quantizes row by row, so its int4 weights are exactly those of gate and up apart);
   ``quantize="fp8"``: ``quantize_model(method="fp8")`` (128 x 128 blocks; the fused
@@ -311,6 +314,7 @@ def _recurrent_impls() -> dict[str, Callable[..., Any]]:
         "chunk_gated_delta_rule": fla.chunk_gated_delta_rule,
         "fused_recurrent_gated_delta_rule": fla.fused_recurrent_gated_delta_rule,
         "mamba_chunk_scan_combined": mamba_ssm.mamba_chunk_scan_combined,
+        "selective_scan_fn": mamba_ssm.selective_scan_fn,
         "selective_state_update": mamba_ssm.selective_state_update,
     }
 
@@ -324,6 +328,8 @@ _RECURRENT_GLOBALS = {
     "torch_recurrent_gated_delta_rule": "fused_recurrent_gated_delta_rule",
     "mamba2_chunk_scan": "mamba_chunk_scan_combined",
     "mamba2_selective_state_update": "selective_state_update",
+    "mamba_selective_scan": "selective_scan_fn",
+    "mamba_selective_state_update": "selective_state_update",
 }
 _ROUTED = "_minikernels_recurrent"
 
@@ -433,12 +439,6 @@ def _route_recurrent(model: nn.Module, summary: KernelizeSummary) -> None:
                 routes[gname] = pkg
         if not routes:
             continue
-        if "selective_state_update" in routes.values() and \
-                "mamba_chunk_scan_combined" not in routes.values():
-            # Mamba-1 (selective_scan_fn): per-channel A, which the Mamba-2 op does not take
-            routes = {g: p for g, p in routes.items() if p != "selective_state_update"}
-            if not routes:
-                continue
         if own is not None:
             summary.skipped[name] = ("has an instance-level forward (a hook or another "
                                      "patch): recurrent kernels not routed")
