@@ -59,7 +59,7 @@ def hybrid(request, tmp_path_factory):
 #: every family: its state kinds (conv; conv + gated delta; conv + Mamba-2) and cache
 #: entries (states only; Falcon-H1's (k, v) + states; Nemotron-H's MLP blocks' ())
 FAMILIES = ["lfm2", "qwen3_5", "granite4-h", "falcon_h1", "nemotron_h", "olmo_hybrid",
-            "jamba-moe", "mamba", "lfm3"]
+            "jamba-moe", "mamba", "lfm3", "zamba2"]
 #: the two recurrent ops whose fresh-start / resume flags matter beyond the conv's
 STATEFUL = ["qwen3_5", "granite4-h", "mamba"]
 
@@ -137,7 +137,8 @@ class EagerDecodeGraphs(_DecodeGraphs):
         return lambda: self._forward(bs)
 
 
-@pytest.mark.parametrize("hybrid", ["falcon_h1", "nemotron_h", "jamba-moe"], indirect=True)
+@pytest.mark.parametrize("hybrid", ["falcon_h1", "nemotron_h", "jamba-moe", "zamba2"],
+                         indirect=True)
 def test_decode_graph_buffers_carry_the_state_slots(hybrid):
     """Decode steps replayed from the static buffers (bucket 8 for 3 to 6 rows: padding
     rows with state slot -1) give transformers' tokens."""
@@ -269,8 +270,8 @@ def test_weight_sync_and_sleep_reach_the_recurrent_layers(kind, tmp_path):
         assert (got - want).abs().max() <= 1e-4
 
 
-@pytest.mark.parametrize("hybrid", ["qwen3_5", "granite4-h", "falcon_h1", "mamba", "lfm3"],
-                         indirect=True)
+@pytest.mark.parametrize("hybrid", ["qwen3_5", "granite4-h", "falcon_h1", "mamba", "lfm3",
+                                    "zamba2"], indirect=True)
 def test_prefix_caching_resumes_from_state_checkpoints(hybrid):
     """Prefix caching on hybrid models: states are checkpointed every 8 tokens (chunks end
     there), and a request sharing a prefix resumes from the longest checkpointed prefix

@@ -28,7 +28,7 @@ HALF_TOL = {torch.float16: 0.02, torch.bfloat16: 0.06}
                                   "gpt_neox", "gpt2", "bloom", "falcon-new", "granite_swa",
                                   # hybrid recurrent layers (causal conv, gated delta rule)
                                   "lfm2", "qwen3_5", "granite4-h", "falcon_h1", "nemotron_h",
-                                  "olmo_hybrid", "jamba-moe", "mamba", "falcon_mamba", "lfm3",
+                                  "olmo_hybrid", "jamba-moe", "mamba", "falcon_mamba", "lfm3", "zamba2",
                                   "qwen3-moe",
                                   "qwen2-moe", "mixtral", "granitemoe", "olmoe"])
 def test_gpu_forward_paths_match_transformers(hf_dirs, kind, dtype):
@@ -327,7 +327,8 @@ def test_gpu_hybrid_kv_pools_token_identical():
 
 
 @pytest.mark.parametrize("kind", ["lfm2", "qwen3_5", "granite4-h", "falcon_h1",
-                                  "nemotron_h", "jamba-moe", "mamba", "lfm3"])
+                                  "nemotron_h", "jamba-moe", "mamba", "lfm3",
+                                  "zamba2"])
 def test_hybrid_recurrent_engine_on_cuda(hf_dirs, kind):
     """LFM2 / Qwen3.5 in the engine on cuda: decode-graph replays (state slots in static
     buffers, padding rows -1) give the eager run's tokens, chunked prefill too, and every

@@ -74,7 +74,8 @@ def test_paged_prefill_decode_and_chunked_prefill(hf_dirs, kind):
                                   "gptj", "falcon-7b", "falcon-new", "mpt", "granite_swa", "lfm2", "qwen3_5", "granite4-h",
                                   "granite4-h-moe", "falcon_h1", "falcon_h1-norm", "nemotron_h",
                                   "qwen3_5_moe", "lfm2_moe", "bamba", "olmo_hybrid", "olmo_hybrid-rope",
-                                  "jamba", "jamba-moe", "mamba", "falcon_mamba", "lfm3"])
+                                  "jamba", "jamba-moe", "mamba", "falcon_mamba", "lfm3",
+                                  "zamba2", "zamba2-plain"])
 def test_greedy_generation_matches_transformers(hf_dirs, kind):
     hf, path = hf_dirs[kind]
     model = load_model(path, dtype="float32", device="cpu")
@@ -737,3 +738,17 @@ def test_nemotron_h_hub_pattern_and_refusals():
         (2, 3, 0.002, "relu2") and c.nope_layers == [0, 1, 2, 3]
     with pytest.raises(UnsupportedModelError, match="mixture-of-experts"):
         mk.models.DecoderConfig.from_hf({**hub, "hybrid_override_pattern": "M-*E"})
+
+
+def test_zamba2_shared_blocks_must_be_equal_copies(tmp_path):
+    """Zamba2's hybrid layers call their shared blocks in turn: a checkpoint holding two
+    different copies of one block (transformers 5 leaves them untied in memory when
+    tie_word_embeddings is False) is refused by name rather than loaded half-shared."""
+    from test_model_support import make_hf_model, save_hf
+
+    from minikernels.models.loader import CheckpointError
+
+    hf = make_hf_model("zamba2-plain", tie_word_embeddings=False)
+    path = save_hf(hf, str(tmp_path / "untied"))
+    with pytest.raises(CheckpointError, match="copy of the same shared block"):
+        load_model(path, dtype="float32", device="cpu")

@@ -149,6 +149,22 @@ CASES: dict[str, tuple[str, dict[str, Any]]] = {
                                           "conv"],
         head_dim=16, sliding_window=5, conv_L_cache=7, tie_word_embeddings=True,
         pad_token_id=0)),
+    # Zamba2: Mamba-2 layers (2 groups); three hybrid layers calling two shared blocks in
+    # turn (attention over [stream, embeddings] with q / k / v adapters, rope), each with
+    # its own adapters and linear; and without attention adapters or rope, one block
+    "zamba2": ("Zamba2", dict(
+        num_hidden_layers=6, layers_block_type=["mamba", "hybrid", "mamba", "hybrid",
+                                                "hybrid", "mamba"],
+        num_attention_heads=4, num_key_value_heads=4, n_mamba_heads=4, mamba_ngroups=2,
+        mamba_d_state=8, mamba_d_conv=4, mamba_expand=2, num_mem_blocks=2, adapter_rank=6,
+        use_shared_attention_adapter=True, use_mem_rope=True, intermediate_size=96,
+        hidden_act="gelu", tie_word_embeddings=True, pad_token_id=0)),
+    "zamba2-plain": ("Zamba2", dict(
+        num_hidden_layers=3, layers_block_type=["hybrid", "mamba", "hybrid"],
+        num_attention_heads=4, num_key_value_heads=2, n_mamba_heads=8, mamba_ngroups=1,
+        mamba_d_state=12, num_mem_blocks=1, adapter_rank=4, add_bias_linear=True,
+        use_shared_attention_adapter=False, use_mem_rope=False, hidden_act="gelu",
+        tie_word_embeddings=True, pad_token_id=0)),     # (transformers ties the blocks then)
     # Jamba: Mamba-1 layers (weighted dt / B / C norms, dt rank 6, state 12) and an
     # attention layer without rope, SwiGLU MLPs; and with 4 experts (top 2, not
     # renormalized) on every other layer

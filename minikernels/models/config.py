@@ -152,6 +152,10 @@ SUPPORTED_ARCHITECTURES = {
     # RMS-normalized without weights)
     "MambaForCausalLM": "mamba",
     "FalconMambaForCausalLM": "falcon_mamba",
+    # Zamba2 (Zyphra): Mamba-2 layers; every few a shared transformer block (attention over
+    # [stream, embeddings], a gated MLP, per-invocation low-rank adapters) feeds the Mamba
+    # layer's input
+    "Zamba2ForCausalLM": "zamba2",
     # Jamba (AI21): Mamba-1 layers (dt / B / C norms with weights) and attention layers
     # without rope, each with a SwiGLU MLP or, every expert_layer_period layers, experts
     "JambaForCausalLM": "jamba",
@@ -191,6 +195,7 @@ _MODEL_TYPES = {"llama": "llama", "mistral": "mistral", "ministral": "ministral"
                 "olmo2": "olmo2", "olmo3": "olmo3", "exaone4": "exaone4",
                 "olmo_hybrid": "olmo_hybrid",
                 "mamba": "mamba", "falcon_mamba": "falcon_mamba", "jamba": "jamba",
+                "zamba2": "zamba2",
                 "hunyuan_v1_dense": "hunyuan", "ernie4_5": "ernie4_5",
                 "helium": "helium", "glm": "glm",
                 "glm4": "glm4", "stablelm": "stablelm", "starcoder2": "starcoder2",
@@ -252,7 +257,7 @@ GATED_ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu": "gelu",
 
 #: the token mixers a decoder layer may have (DecoderConfig.layer_mixers)
 LAYER_MIXERS = ("attention", "short_conv", "gated_deltanet", "mamba", "mamba2",
-                "mamba2_attention", "none")
+                "mamba2_attention", "zamba_hybrid", "none")
 
 
 class UnsupportedModelError(ValueError):
@@ -377,6 +382,17 @@ class DecoderConfig:
     mamba_dt_rank: int = 0
     mamba_bcdt_norm: str = ""
     mamba_bcdt_eps: float = 1e-6
+    # the Mamba-2 gated norm's eps (None = rms_norm_eps; Zamba2: 1e-5)
+    mamba_norm_eps: float | None = None
+    # Zamba2: "zamba_hybrid" layers first run one of zamba_shared_blocks shared transformer
+    # blocks (in turn): attention over cat(stream, embeddings) (2 H wide; head_dim from
+    # it) and a gated MLP, each call with its own low-rank adapters (rank
+    # zamba_adapter_rank; on the MLP's gate_up always, on q / k / v with
+    # zamba_attention_adapters); a per-layer linear maps the block's output into the Mamba-2
+    # layer's input (the residual stream skips it)
+    zamba_shared_blocks: int = 0
+    zamba_adapter_rank: int = 0
+    zamba_attention_adapters: bool = False
     # the output y (+ D x) gated by silu(z): normalized per group after the gate (Granite),
     # before it (mamba_norm_before_gate), or not at all (mamba_rms_norm False: Falcon-H1)
     mamba_rms_norm: bool = True
@@ -522,7 +538,17 @@ class DecoderConfig:
             if recurrent and not 2 <= self.conv_kernel <= 8:
                 raise ValueError(f"config.conv_kernel must be in [2, 8] for "
                                  f"{sorted(recurrent)} layers, got {self.conv_kernel!r}")
-            if {"mamba2", "mamba2_attention"} & set(self.layer_mixers):
+            if "zamba_hybrid" in self.layer_mixers:
+                if not isinstance(self.zamba_shared_blocks, int) or self.zamba_shared_blocks < 1:
+                    raise ValueError(f"config.zamba_shared_blocks must be an int >= 1 for "
+                                     f"zamba_hybrid layers, got {self.zamba_shared_blocks!r}")
+                if not isinstance(self.zamba_adapter_rank, int) or self.zamba_adapter_rank < 1:
+                    raise ValueError(f"config.zamba_adapter_rank must be an int >= 1, got "
+                                     f"{self.zamba_adapter_rank!r}")
+                if self.zamba_attention_adapters and self.num_kv_heads != self.num_heads:
+                    raise UnsupportedModelError("Zamba2's q / k / v adapters need as many kv "
+                                                "heads as heads (transformers' shapes)")
+            if {"mamba2", "mamba2_attention", "zamba_hybrid"} & set(self.layer_mixers):
                 for name in ("mamba_num_heads", "mamba_head_dim", "mamba_num_groups",
                              "mamba_state_size"):
                     value = getattr(self, name)
@@ -599,7 +625,7 @@ class DecoderConfig:
 
     def has_attention(self, layer: int) -> bool:
         """Whether ``layer`` attends over a KV cache (alone, or beside Mamba-2)."""
-        return self.mixer(layer) in ("attention", "mamba2_attention")
+        return self.mixer(layer) in ("attention", "mamba2_attention", "zamba_hybrid")
 
     @property
     def is_recurrent(self) -> bool:
@@ -1452,6 +1478,53 @@ def _jamba_config(hf: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+#: Zamba2's layer kinds (layers_block_type; "mamba" is the legacy name)
+_ZAMBA2_LAYERS = {"mamba": "mamba2", "linear_attention": "mamba2", "hybrid": "zamba_hybrid"}
+
+
+def _zamba2_config(hf: Mapping[str, Any]) -> dict[str, Any]:
+    """Zamba2's keys: each layer Mamba-2 ("mamba" / "linear_attention") or a hybrid layer
+    (layers_block_type); the shared blocks' attention 2 H wide (head_dim 2 H / heads,
+    softmax scale (head_dim / 2) ** -0.5; rope only with use_mem_rope), their MLP of
+    intermediate_size (4 H by default) with add_bias_linear biases; the Mamba-2 fields
+    (n_mamba_heads of mamba_expand x H / heads, the gated norm's eps 1e-5, dt clamped from
+    below at time_step_min; the conv always has a bias)."""
+    out = dict(hf)
+    n = int(hf.get("num_hidden_layers") or 0)
+    hidden = int(hf.get("hidden_size") or 0)
+    heads = int(hf.get("num_attention_heads") or 0)
+    kinds = hf.get("layers_block_type") or hf.get("layer_types")
+    if not kinds:
+        raise ValueError("config.json has no layers_block_type")
+    unknown = sorted({str(k) for k in kinds if k not in _ZAMBA2_LAYERS})
+    if unknown or len(kinds) != n:
+        raise UnsupportedModelError(f"Zamba2 layer types {unknown or kinds} are not supported "
+                                    f"(one of {sorted(_ZAMBA2_LAYERS)} per layer)")
+    out["_layer_mixers"] = [_ZAMBA2_LAYERS[k] for k in kinds]
+    out["_layer_mlps"] = [False] * n
+    if heads and not hf.get("head_dim"):
+        out["head_dim"] = 2 * hidden // heads
+    out["intermediate_size"] = int(hf.get("intermediate_size") or 4 * hidden)
+    bias = bool(hf.get("add_bias_linear", False))
+    out["mlp_bias"] = bias
+    inner = int(hf.get("mamba_expand", 2)) * hidden
+    mheads = int(hf.get("n_mamba_heads", 8))
+    out["_mamba"] = dict(
+        mamba_num_heads=mheads, mamba_head_dim=inner // mheads,
+        mamba_num_groups=int(hf.get("mamba_ngroups", 1)),
+        mamba_state_size=int(hf.get("mamba_d_state", 64)), mamba_proj_bias=bias,
+        mamba_out_bias=bias,
+        mamba_dt_limit=(float(hf.get("time_step_min", 0.001)), float("inf")))
+    out["_conv"] = (int(hf.get("mamba_d_conv", 4)), True)
+    out["_fields"] = dict(
+        mamba_norm_eps=1e-5, zamba_shared_blocks=int(hf.get("num_mem_blocks", 1)),
+        zamba_adapter_rank=int(hf.get("adapter_rank", 128)),
+        zamba_attention_adapters=bool(hf.get("use_shared_attention_adapter", False)))
+    out["_nope"] = not hf.get("use_mem_rope", False)
+    out.setdefault("tie_word_embeddings", True)
+    return out
+
+
 def _olmo_hybrid_config(hf: Mapping[str, Any]) -> dict[str, Any]:
     """OLMo Hybrid's keys: each layer's mixer (default: full attention every fourth layer,
     at least the last), the linear heads' defaults (transformers' OlmoHybridConfig), its
@@ -1526,7 +1599,8 @@ _KEY_READERS: dict[str, Any] = {
     "nemotron_h": lambda hf, _: _nemotron_h_config(hf),
     "olmo_hybrid": lambda hf, _: _olmo_hybrid_config(hf),
     "mamba": _mamba1_config, "falcon_mamba": _mamba1_config,
-    "jamba": lambda hf, _: _jamba_config(hf)}
+    "jamba": lambda hf, _: _jamba_config(hf),
+    "zamba2": lambda hf, _: _zamba2_config(hf)}
 
 
 def _attention_scale(hf: Mapping[str, Any], family: str) -> float | None:
@@ -1535,6 +1609,8 @@ def _attention_scale(hf: Mapping[str, Any], family: str) -> float | None:
     scale_attn_weights."""
     if hf.get("_attention_scale") is not None:
         return float(hf["_attention_scale"])
+    if family == "zamba2":       # (head_dim / 2) ** -0.5, head_dim = 2 H / heads
+        return (int(hf["hidden_size"]) / int(hf["num_attention_heads"])) ** -0.5
     if family in ("gemma2", "gemma3", "vaultgemma"):
         return float(hf.get("query_pre_attn_scalar", 256)) ** -0.5
     if family in ("granite", "granitemoe", "granite_hybrid", "granite_swa", "hyperclovax"):

@@ -109,7 +109,7 @@ def make_norm(c: DecoderConfig, dtype: torch.dtype, device: torch.device | str |
 class Attention(nn.Module):
     def __init__(self, config: DecoderConfig, layer: int, rotary: RotaryEmbedding | None,
                  dtype: torch.dtype, device: torch.device | str | None, dense: bool,
-                 tp: TensorParallel | None = None) -> None:
+                 tp: TensorParallel | None = None, in_features: int | None = None) -> None:
         super().__init__()
         c = config
         shard = attention_shard(c, tp)   # all heads unless tensor-parallel
@@ -119,7 +119,9 @@ class Attention(nn.Module):
         # Qwen3.5: q_proj rows hold [q | gate] per head (attn_output_gate)
         self.output_gate = c.attn_output_gate
         q_rows = self.q_size * (2 if self.output_gate else 1)
-        self.qkv_proj = FusedLinear(c.hidden_size, [q_rows, self.kv_size, self.kv_size],
+        # (in_features: Zamba2's shared blocks read cat(stream, embeddings), 2 H wide)
+        self.qkv_proj = FusedLinear(in_features or c.hidden_size,
+                                    [q_rows, self.kv_size, self.kv_size],
                                     bias=c.qkv_bias, dtype=dtype, device=device, dense=dense)
         self.o_proj = FusedLinear(self.q_size, c.hidden_size, bias=c.o_bias, dtype=dtype,
                                   device=device, dense=dense)
@@ -163,9 +165,14 @@ class Attention(nn.Module):
                                    softcap=c.attn_logit_softcapping or 0.0,
                                    alibi_slopes=slopes, sinks=c.attention_sinks)
 
-    def forward(self, x: Tensor, meta: AttentionMetadata, kv_cache: KVCache | None) -> Tensor:
+    def forward(self, x: Tensor, meta: AttentionMetadata, kv_cache: KVCache | None,
+                qkv_extra: Tensor | None = None) -> Tensor:
+        """x [T, in_features] -> [T, hidden]. qkv_extra [T, q + 2 kv] (Zamba2's per-call
+        adapters) is added to the q / k / v projections."""
         t = x.shape[0]
         qkv = self.qkv_proj(x)
+        if qkv_extra is not None:
+            qkv = qkv + qkv_extra
         if self.clip_qkv is not None:     # OLMo 1: q, k, v clamped to [-clip, clip]
             qkv = qkv.clamp(-self.clip_qkv, self.clip_qkv)
         gate = None
@@ -393,7 +400,7 @@ class Mamba2Mixer(nn.Module):
         self.conv_dim = self.inner + 2 * self.num_groups * self.state_size
         self.width = c.conv_kernel
         self.dt_limit = tuple(c.mamba_dt_limit)
-        self.eps = c.rms_norm_eps
+        self.eps = c.rms_norm_eps if c.mamba_norm_eps is None else c.mamba_norm_eps
         width = self.inner + self.conv_dim + self.num_heads
         self.in_proj = FusedLinear(c.hidden_size, width, bias=c.mamba_proj_bias, dtype=dtype,
                                    device=device, dense=dense)
@@ -593,8 +600,12 @@ class MLP(nn.Module):
             self.gate_scale = scale.to(dtype=dtype, device=device)
         self.down_multiplier = c.mlp_down_multiplier
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, gate_up_extra: Tensor | None = None) -> Tensor:
+        """x [T, hidden] -> [T, hidden]; gate_up_extra [T, 2 I] (Zamba2's per-call adapter)
+        is added to the gate / up projection."""
         gate_up = self.gate_up_proj(x)
+        if gate_up_extra is not None:
+            gate_up = gate_up + gate_up_extra
         if self.gate_scale is not None:
             gate_up = gate_up * self.gate_scale
         if not self.gated:
@@ -610,6 +621,65 @@ class MLP(nn.Module):
         if self.tp is not None:
             y = self.tp.all_reduce(y)   # row-parallel down_proj
         return y if self.residual_multiplier == 1.0 else y * self.residual_multiplier
+
+
+class ZambaSharedBlock(nn.Module):
+    """One of Zamba2's shared transformer blocks (called by several hybrid layers):
+
+        a = self_attn(rms_norm(cat(stream, embeddings)))     # 2 H wide q / k / v input
+        out = mlp(rms_norm(a))                               # no residual inside
+
+    Each caller brings its own adapters' q / k / v and gate_up deltas
+    (:class:`ZambaAdapters`) and its own KV cache."""
+
+    def __init__(self, config: DecoderConfig, rotary: RotaryEmbedding | None,
+                 dtype: torch.dtype, device: torch.device | str | None, dense: bool) -> None:
+        super().__init__()
+        c = config
+        wide = 2 * c.hidden_size
+        self.input_layernorm = RMSNorm(wide, c.rms_norm_eps, dtype=dtype, device=device)
+        self.self_attn = Attention(c, 0, rotary, dtype, device, dense, in_features=wide)
+        self.pre_ff_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps, dtype=dtype,
+                                        device=device)
+        self.mlp = MLP(c, dtype, device, dense)
+
+    def forward(self, stream: Tensor, embeds: Tensor, meta: AttentionMetadata,
+                kv_cache: KVCache | None, adapters: "ZambaAdapters") -> Tensor:
+        x = self.input_layernorm(torch.cat([stream, embeds], dim=-1))
+        a = self.self_attn(x, meta, kv_cache, qkv_extra=adapters.qkv(x))
+        m = self.pre_ff_layernorm(a)
+        return self.mlp(m, gate_up_extra=adapters.gate_up(m))
+
+
+class ZambaAdapters(nn.Module):
+    """A Zamba2 hybrid layer's own low-rank adapters on its shared block: x -> B (A x) on
+    the MLP's gate_up (always) and on q / k / v (``zamba_attention_adapters``); A's of q /
+    k / v fused in one [3 r, 2 H] projection."""
+
+    def __init__(self, config: DecoderConfig, dtype: torch.dtype,
+                 device: torch.device | str | None) -> None:
+        super().__init__()
+        c, r = config, config.zamba_adapter_rank
+        self.rank = r
+        self.qkv_a = self.q_b = self.k_b = self.v_b = None
+        if c.zamba_attention_adapters:
+            self.qkv_a = FusedLinear(2 * c.hidden_size, [r, r, r], dtype=dtype, device=device)
+            self.q_b = FusedLinear(r, c.q_size, dtype=dtype, device=device)
+            self.k_b = FusedLinear(r, c.kv_size, dtype=dtype, device=device)
+            self.v_b = FusedLinear(r, c.kv_size, dtype=dtype, device=device)
+        self.gate_up_a = FusedLinear(c.hidden_size, r, dtype=dtype, device=device)
+        self.gate_up_b = FusedLinear(r, 2 * c.intermediate_size, dtype=dtype, device=device)
+
+    def qkv(self, x: Tensor) -> Tensor | None:
+        """[T, 2 H] -> the q / k / v deltas [T, q + 2 kv], or None without them."""
+        if self.qkv_a is None:
+            return None
+        aq, ak, av = self.qkv_a(x).split(self.rank, dim=-1)
+        return torch.cat([self.q_b(aq), self.k_b(ak), self.v_b(av)], dim=-1)
+
+    def gate_up(self, x: Tensor) -> Tensor:
+        """[T, H] -> the gate / up delta [T, 2 I]."""
+        return self.gate_up_b(self.gate_up_a(x))
 
 
 class DecoderLayer(nn.Module):
@@ -641,6 +711,12 @@ class DecoderLayer(nn.Module):
             self.mamba = Mamba2Mixer(config, dtype, device, dense)
         elif kind == "mamba":         # Mamba-1: Mamba, FalconMamba, Jamba
             self.mamba = MambaMixer(config, dtype, device, dense)
+        elif kind == "zamba_hybrid":  # Zamba2: a shared block (set by CausalLM), Mamba-2
+            self.mamba = Mamba2Mixer(config, dtype, device, dense)
+            self.zamba_adapters = ZambaAdapters(config, dtype, device)
+            self.linear = FusedLinear(c.hidden_size, c.hidden_size, dtype=dtype, device=device,
+                                      dense=dense)
+            self.__dict__["shared_block"] = None
         elif kind == "none":          # Nemotron-H's MLP-only blocks
             pass
         else:
@@ -653,6 +729,7 @@ class DecoderLayer(nn.Module):
         # attention's (k, v) pair, then the recurrent part's state tensors
         self.__dict__["recurrent"] = next((m for m in (self.conv, self.linear_attn,
                                                        self.mamba) if m is not None), None)
+        self.zamba = kind == "zamba_hybrid"
         self.__dict__["mixer"] = self._parallel_mix if kind == "mamba2_attention" else \
             next((m for m in (self.self_attn, self.recurrent) if m is not None), None)
         self.post_attention_layernorm = None if (c.parallel_residual and
@@ -675,8 +752,24 @@ class DecoderLayer(nn.Module):
         m = self.mamba(x, meta, None if cache is None else cache[2:])
         return m * self.ssm_out + a * self.attn_out
 
+    def _zamba_forward(self, h: Tensor, residual: Tensor | None, meta: AttentionMetadata,
+                       cache: tuple | None, embeds: Tensor) -> tuple[Tensor, Tensor]:
+        """Zamba2's hybrid layer: t = linear(shared_block(stream, embeddings)); the Mamba-2
+        mixer reads norm(stream + t) and its output joins the stream (t does not).
+        cache: (k_cache, v_cache, conv_state, ssm_state)."""
+        s = h if residual is None else h + residual
+        t = self.linear(self.shared_block(s, embeds, meta, None if cache is None else
+                                          cache[:2], self.zamba_adapters))
+        x = self.input_layernorm(s + t)
+        return self.mamba(x, meta, None if cache is None else cache[2:]), s
+
     def forward(self, h: Tensor, residual: Tensor | None, meta: AttentionMetadata,
-                kv_cache: KVCache | None) -> tuple[Tensor, Tensor]:
+                kv_cache: KVCache | None, embeds: Tensor | None = None
+                ) -> tuple[Tensor, Tensor]:
+        """(h, residual) -> the next pair (the residual add left pending). embeds: the
+        token embeddings (Zamba2's hybrid layers read them)."""
+        if self.zamba:
+            return self._zamba_forward(h, residual, meta, kv_cache, embeds)
         if self.post_norm:
             # OLMo 2: s = stream; s += norm(attn(s)); s += norm(mlp(s)). The last add is
             # left pending, as every layer's (h, residual) output is.
@@ -768,6 +861,15 @@ class CausalLM(nn.Module):
         self.layers = nn.ModuleList(
             DecoderLayer(c, i, self._layer_rotary(i), dtype, device, dense, tp)
             for i in range(c.num_layers))
+        # Zamba2: the shared transformer blocks, called in turn by the hybrid layers
+        self.shared_blocks = None
+        if c.zamba_shared_blocks:
+            self.shared_blocks = nn.ModuleList(
+                ZambaSharedBlock(c, None if c.nope_layers is not None else self.rotary,
+                                 dtype, device, dense) for _ in range(c.zamba_shared_blocks))
+            hybrid = [layer for layer in self.layers if layer.zamba]
+            for j, layer in enumerate(hybrid):
+                layer.__dict__["shared_block"] = self.shared_blocks[j % c.zamba_shared_blocks]
         self.norm = make_norm(c, dtype, device)
         # lm_head stays dense unless quantized explicitly (lm_head opt-in).
         vocab = c.vocab_size if tp is None else tp.vocab_range(c.vocab_size)[2]
@@ -833,6 +935,7 @@ class CausalLM(nn.Module):
             h = h + self.embed_positions(meta.positions + self.config.position_offset)
         if self.embed_norm is not None:
             h = self.embed_norm(h)
+        embeds = h if self.shared_blocks is not None else None     # (Zamba2)
         residual: Tensor | None = None
         capture = self.hidden_capture
         aux = capture.layers if capture is not None and capture.layers else ()
@@ -842,7 +945,7 @@ class CausalLM(nn.Module):
                 for slot in (j for j, a in enumerate(aux) if a == i):
                     capture.write(slot, stream)
             h, residual = layer(h, residual, meta.for_layer(i),
-                                None if kv_caches is None else kv_caches[i])
+                                None if kv_caches is None else kv_caches[i], embeds)
         if capture is not None and not aux:   # final-normed states of every token
             h = self.norm(h) if residual is None else self.norm(h, residual)[0]
             capture.write(0, h)
@@ -894,7 +997,7 @@ class CausalLM(nn.Module):
                      torch.zeros(shape, dtype=dt, device=self.device)) for s in used}
         caches: list = []
         for i, layer in enumerate(self.layers):
-            pair = pairs[layout.layer_slot[i]] if layer.self_attn is not None else ()
+            pair = pairs[layout.layer_slot[i]] if c.has_attention(i) else ()
             states = () if layer.recurrent is None else tuple(
                 torch.zeros((num_state_slots, *shape_i), dtype=dt_i or self.dtype,
                             device=self.device)
@@ -918,9 +1021,9 @@ class CausalLM(nn.Module):
         """The recurrent state tensors of ``kv_caches`` (from :meth:`allocate_kv_caches`),
         each [num_state_slots, ...]: what a state slot is made of."""
         out: list[Tensor] = []
-        for layer, entry in zip(self.layers, kv_caches):
+        for i, (layer, entry) in enumerate(zip(self.layers, kv_caches)):
             if layer.recurrent is not None:
-                out.extend(entry[2 if layer.self_attn is not None else 0:])
+                out.extend(entry[2 if self.config.has_attention(i) else 0:])
         return out
 
     def state_bytes_per_slot(self) -> int:

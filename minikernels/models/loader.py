@@ -169,6 +169,11 @@ _GDN_SPLIT_RE = re.compile(r"^layers\.(\d+)\.linear_attn\.(q_proj|k_proj|v_proj|
 _MAMBA_PROJ_RE = re.compile(r"^layers\.(\d+)\.mamba\.(in_proj|out_proj|x_proj)\.(\w+)$")
 _MAMBA_PARAM_RE = re.compile(r"^layers\.(\d+)\.mamba\.(dt_bias|A_log|D)$")
 #: Mamba-1's dt projection (its bias is the scan's dt_bias) and Jamba's dt / B / C norms
+#: Zamba2's shared blocks and a hybrid layer's own linear and adapters (after renaming)
+_ZAMBA2_BLOCK_RE = re.compile(r"^shared_blocks\.(\d+)\.(input_layernorm|pre_ff_layernorm|"
+                              r"self_attn\.[qkvo]_proj|mlp\.(?:gate|up|down)_proj)\.(\w+)$")
+_ZAMBA2_LAYER_RE = re.compile(r"^layers\.(\d+)\.(linear|zamba_adapters\.(?:qkv_a\.([qkv])|"
+                              r"[qkv]_b|gate_up_[ab]))\.(\w+)$")
 #: LFM3's per-head attention gate (g_proj in transformers, gate_proj in checkpoints)
 _HEAD_GATE_RE = re.compile(r"^layers\.(\d+)\.self_attn\.(?:g_proj|gate_proj)\.(\w+)$")
 _MAMBA1_DT_RE = re.compile(r"^layers\.(\d+)\.mamba\.dt_proj\.(\w+)$")
@@ -264,6 +269,20 @@ def map_name(name: str) -> tuple[str, int | None, str] | None:
     m = _MAMBA_PARAM_RE.match(n)
     if m:
         return f"layers.{m.group(1)}.mamba", None, m.group(2)
+    m = _ZAMBA2_BLOCK_RE.match(n)
+    if m:
+        block, part, kind = m.groups()
+        if part in ("input_layernorm", "pre_ff_layernorm"):
+            return f"shared_blocks.{block}.{part}", None, kind
+        where, proj = part.split(".")
+        target, shard = _SHARDS[proj]
+        return f"shared_blocks.{block}.{where}.{target}", shard, kind
+    m = _ZAMBA2_LAYER_RE.match(n)
+    if m:
+        layer, module, qkv, kind = m.groups()
+        if qkv:
+            return f"layers.{layer}.zamba_adapters.qkv_a", "qkv".index(qkv), kind
+        return f"layers.{layer}.{module}", 0, kind
     m = _HEAD_GATE_RE.match(n)
     if m:
         return f"layers.{m.group(1)}.self_attn.g_proj", 0, m.group(2)
@@ -309,7 +328,8 @@ def map_name(name: str) -> tuple[str, int | None, str] | None:
 
 
 #: q/k/v and gate/up stored fused (Phi-3): split into the parts' own names.
-_FUSED_RE = re.compile(r"^(model\.layers\.\d+\.)(self_attn\.qkv_proj|mlp\.gate_up_proj|"
+_FUSED_RE = re.compile(r"^(model\.(?:layers|shared_blocks)\.\d+\.)(self_attn\.qkv_proj|"
+                       r"mlp\.gate_up_proj|"
                        r"mlp\.shared_expert\.gate_up_proj)\.(\w+)$")
 _PART_NAMES = {"self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj",
                                       "self_attn.v_proj"),
@@ -494,6 +514,8 @@ def _family_name(name: str, config: DecoderConfig) -> str:
         return _renamed(name, *_FAMILY_NAMES[config.architecture])
     if config.architecture == "nemotron_h":
         return _nemotron_h_name(name, config)
+    if config.architecture == "zamba2":
+        return _zamba2_name(name, config)
     if config.architecture in ("mamba", "falcon_mamba"):
         name = _renamed(name, _MAMBA1_PREFIXES, ())
         return _renamed(name, (), _MAMBA1_PARTS) if name.startswith("model.layers.") else name
@@ -650,6 +672,43 @@ _MAMBA1_PREFIXES = (("backbone.embeddings.", "model.embed_tokens."),
                     ("model.embeddings.", "model.embed_tokens."),
                     ("model.norm_f.", "model.norm."))
 _MAMBA1_PARTS = ((".norm.", ".input_layernorm."), (".mixer.", ".mamba."))
+
+
+#: Zamba2: a hybrid layer's Mamba part, its shared block's tensors, their adapters
+_ZAMBA2_MAMBA_RE = re.compile(r"^model\.layers\.(\d+)\.mamba_decoder\.")
+_ZAMBA2_SHARED_RE = re.compile(r"^model\.layers\.(\d+)\.shared_transformer\.(.+)$")
+_ZAMBA2_ADAPTER_RE = re.compile(r"^(?:self_attn\.linear_([qkv])_adapter_list|"
+                                r"feed_forward\.(gate_up)_proj_adapter_list)\.(\d+)\.([01])\."
+                                r"(weight)$")
+
+
+def _zamba2_name(name: str, config: DecoderConfig) -> str:
+    """A Zamba2 tensor under the decoder's names: a hybrid layer's mamba_decoder.* is the
+    layer's own (mamba, input_layernorm); shared_transformer.* of the layer that holds a
+    block goes to ``model.shared_blocks.{b}`` (b: the block of that hybrid layer, in turn),
+    except the adapter lists: entry j belongs to the j-th hybrid layer
+    (``model.layers.{i}.zamba_adapters``); the final norm is model.norm."""
+    if name.startswith("model.final_layernorm."):
+        return "model.norm." + name[len("model.final_layernorm."):]
+    m = _ZAMBA2_MAMBA_RE.match(name)
+    if m:
+        return f"model.layers.{m.group(1)}." + name[m.end():]
+    m = _ZAMBA2_SHARED_RE.match(name)
+    if m is None:
+        return name
+    hybrid = [i for i in range(config.num_layers) if config.mixer(i) == "zamba_hybrid"]
+    layer, rest = int(m.group(1)), m.group(2)
+    a = _ZAMBA2_ADAPTER_RE.match(rest)
+    if a:
+        proj, j, half = a.group(1) or a.group(2), int(a.group(3)), "ab"[int(a.group(4))]
+        if j >= len(hybrid):
+            return name
+        target = f"qkv_a.{proj}" if proj in "qkv" and half == "a" else f"{proj}_{half}"
+        return f"model.layers.{hybrid[j]}.zamba_adapters.{target}.{a.group(5)}"
+    if layer not in hybrid:
+        return name
+    block = hybrid.index(layer) % config.zamba_shared_blocks
+    return f"model.shared_blocks.{block}." + rest.replace("feed_forward.", "mlp.")
 
 
 def _renamed(name: str, prefixes: tuple[tuple[str, str], ...],
@@ -1010,6 +1069,7 @@ def _load_hf(model_dir: str, dtype: str | torch.dtype, device: torch.device,
     pending_experts: dict[tuple[str, int, str], dict[str, Tensor]] = {}
     seen: set[tuple[str, int | None, str]] = set()
     conv_parts: dict[str, dict[int, Tensor]] = {}   # OLMo Hybrid's split convs so far
+    shared_copies: dict[tuple[str, int | None, str], Tensor] = {}    # Zamba2's shared blocks
     unexpected: list[str] = []
     non_text = 0
     total = _count_tensors(files)
@@ -1039,6 +1099,19 @@ def _load_hf(model_dir: str, dtype: str | torch.dtype, device: torch.device,
                         unexpected.append(hf_name)
                         continue
                     where = f"{hf_name} (in {os.path.basename(path)})"
+                    if mod_name.startswith("shared_blocks."):
+                        # a shared block stored under several hybrid layers: one copy loads,
+                        # the others must equal it (weights that differ are not shared)
+                        key = (mod_name, shard, kind)
+                        tensor = _materialized(tensor)
+                        first = shared_copies.setdefault(key, tensor)
+                        if first is not tensor:
+                            if not torch.equal(first, tensor):
+                                raise CheckpointError(
+                                    f"{where}: differs from another copy of the same shared "
+                                    f"block ({mod_name}); Zamba2's hybrid layers share their "
+                                    "blocks in turn, so the copies must be equal")
+                            continue
                     if tp is not None:   # read only this rank's rows / columns
                         try:
                             tensor = shard_tensor(config, tp, mod_name, shard, kind, tensor)
