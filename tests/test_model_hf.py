@@ -75,7 +75,7 @@ def test_paged_prefill_decode_and_chunked_prefill(hf_dirs, kind):
                                   "granite4-h-moe", "falcon_h1", "falcon_h1-norm", "nemotron_h",
                                   "qwen3_5_moe", "lfm2_moe", "bamba", "olmo_hybrid", "olmo_hybrid-rope",
                                   "jamba", "jamba-moe", "mamba", "falcon_mamba", "lfm3",
-                                  "zamba2", "zamba2-plain"])
+                                  "zamba2", "zamba2-plain", "exaone"])
 def test_greedy_generation_matches_transformers(hf_dirs, kind):
     hf, path = hf_dirs[kind]
     model = load_model(path, dtype="float32", device="cpu")
@@ -752,3 +752,34 @@ def test_zamba2_shared_blocks_must_be_equal_copies(tmp_path):
     path = save_hf(hf, str(tmp_path / "untied"))
     with pytest.raises(CheckpointError, match="copy of the same shared block"):
         load_model(path, dtype="float32", device="cpu")
+
+
+def test_exaone3_hub_config_and_names(hf_dirs, tmp_path):
+    """EXAONE 3.x as the hub ships it: architectures ExaoneForCausalLM, num_layers /
+    layer_norm_epsilon / activation_function / rope_theta keys, GPT-2-style tensor names
+    (what transformers also writes): the same logits as the transformers model."""
+    import json
+    import shutil
+
+    import minikernels as mk
+
+    hf, path = hf_dirs["exaone"]
+    hub = str(tmp_path / "hub")
+    shutil.copytree(path, hub)
+    with open(f"{hub}/config.json") as fh:
+        cfg = json.load(fh)
+    rope = cfg.pop("rope_parameters")
+    cfg.update(architectures=["ExaoneForCausalLM"], num_layers=cfg.pop("num_hidden_layers"),
+               layer_norm_epsilon=cfg.pop("rms_norm_eps"),
+               activation_function=cfg.pop("hidden_act"), rope_theta=rope.pop("rope_theta"),
+               rope_scaling=rope)
+    with open(f"{hub}/config.json", "w") as fh:
+        json.dump(cfg, fh)
+    model = load_model(hub, dtype="float32", device="cpu")
+    c = model.config
+    assert (c.architecture, c.num_layers, c.rope_theta) == ("exaone", 2, 1e6)
+    assert c.rope_scaling["rope_type"] == "llama3"
+    assert mk.models.DecoderConfig.from_hf({k: v for k, v in cfg.items()
+                                            if k != "rope_theta"}).rope_theta == 5e5
+    seqs = [random_tokens(n, 300, 70 + n) for n in (6, 11)]
+    assert text_logits_err(model, hf, seqs) <= TOL

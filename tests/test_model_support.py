@@ -165,6 +165,13 @@ CASES: dict[str, tuple[str, dict[str, Any]]] = {
         mamba_d_state=12, num_mem_blocks=1, adapter_rank=4, add_bias_linear=True,
         use_shared_attention_adapter=False, use_mem_rope=False, hidden_act="gelu",
         tie_word_embeddings=True, pad_token_id=0)),     # (transformers ties the blocks then)
+    # EXAONE 3.x: Llama saved under GPT-2-style names (transformers: LlamaForCausalLM with
+    # model_type "exaone"), llama3 rope scaling as EXAONE 3.5
+    "exaone": ("Exaone", dict(
+        tie_word_embeddings=False, eos_token_id=2,
+        rope_parameters={"rope_type": "llama3", "rope_theta": 1e6, "factor": 8.0,
+                         "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                         "original_max_position_embeddings": 32})),
     # Jamba: Mamba-1 layers (weighted dt / B / C norms, dt rank 6, state 12) and an
     # attention layer without rope, SwiGLU MLPs; and with 4 experts (top 2, not
     # renormalized) on every other layer
@@ -380,7 +387,7 @@ CASES: dict[str, tuple[str, dict[str, Any]]] = {
 _CONFIG_CLASSES = {"Gemma3": "Gemma3TextConfig", "Qwen3_5": "Qwen3_5TextConfig",
                    "Qwen3_5Moe": "Qwen3_5MoeTextConfig"}
 # transformers causal-LM classes not named {family}ForCausalLM
-_MODEL_CLASSES = {"GPT2": "GPT2LMHeadModel"}
+_MODEL_CLASSES = {"GPT2": "GPT2LMHeadModel", "Exaone": "LlamaForCausalLM"}
 
 
 def make_hf_model(kind: str, seed: int = 0, **overrides: Any) -> torch.nn.Module:

@@ -70,6 +70,9 @@ SUPPORTED_ARCHITECTURES = {
     # beside pre-norm Gated DeltaNet layers with separate projections
     "OlmoHybridForCausalLM": "olmo_hybrid",
     "Exaone4ForCausalLM": "exaone4",
+    # EXAONE 3.0 / 3.5 (2.4B, 7.8B, 32B): Llama under GPT-2-style tensor names
+    # (transformer.h.N.attn.attention.*) and config keys (num_layers, ...)
+    "ExaoneForCausalLM": "exaone",
     "HunYuanDenseV1ForCausalLM": "hunyuan",
     "Ernie4_5ForCausalLM": "ernie4_5",
     "HeliumForCausalLM": "helium",
@@ -193,7 +196,7 @@ _MODEL_TYPES = {"llama": "llama", "mistral": "mistral", "ministral": "ministral"
                 "granite_swa": "granite_swa", "hyperclovax": "hyperclovax",
                 "phi3": "phi3", "smollm3": "smollm3",
                 "olmo2": "olmo2", "olmo3": "olmo3", "exaone4": "exaone4",
-                "olmo_hybrid": "olmo_hybrid",
+                "olmo_hybrid": "olmo_hybrid", "exaone": "exaone",
                 "mamba": "mamba", "falcon_mamba": "falcon_mamba", "jamba": "jamba",
                 "zamba2": "zamba2",
                 "hunyuan_v1_dense": "hunyuan", "ernie4_5": "ernie4_5",
@@ -693,6 +696,8 @@ class DecoderConfig:
                 family = SUPPORTED_ARCHITECTURES[causal]   # a classifier: same decoder
         if family is None and not archs:
             family = _MODEL_TYPES.get(str(hf.get("model_type", "")))
+        if family == "llama" and hf.get("model_type") == "exaone":
+            family = "exaone"     # (transformers saves EXAONE as LlamaForCausalLM)
         if family is None:
             raise UnsupportedModelError(
                 f"unsupported architecture {archs or hf.get('model_type')!r}; supported: "
@@ -1401,6 +1406,18 @@ def _nemotron_h_config(hf: Mapping[str, Any]) -> dict[str, Any]:
 ATTENTION_FREE_MAX_LEN = 1 << 16
 
 
+def _exaone_config(hf: Mapping[str, Any]) -> dict[str, Any]:
+    """EXAONE 3.x's config keys under Llama's (num_layers, layer_norm_epsilon,
+    activation_function), where the Llama name is absent."""
+    out = dict(hf)
+    for theirs, ours in (("num_layers", "num_hidden_layers"),
+                         ("layer_norm_epsilon", "rms_norm_eps"),
+                         ("activation_function", "hidden_act")):
+        if out.get(ours) is None and out.get(theirs) is not None:
+            out[ours] = out[theirs]
+    return out
+
+
 def _dt_rank(value: Any, hidden: int) -> int:
     """Mamba-1's dt rank: an int, or "auto" = ceil(hidden / 16) (transformers' rule)."""
     return -(-hidden // 16) if value in (None, "auto") else int(value)
@@ -1600,7 +1617,8 @@ _KEY_READERS: dict[str, Any] = {
     "olmo_hybrid": lambda hf, _: _olmo_hybrid_config(hf),
     "mamba": _mamba1_config, "falcon_mamba": _mamba1_config,
     "jamba": lambda hf, _: _jamba_config(hf),
-    "zamba2": lambda hf, _: _zamba2_config(hf)}
+    "zamba2": lambda hf, _: _zamba2_config(hf),
+    "exaone": lambda hf, _: _exaone_config(hf)}
 
 
 def _attention_scale(hf: Mapping[str, Any], family: str) -> float | None:
@@ -1658,7 +1676,8 @@ def _rope_from_hf(hf: Mapping[str, Any], family: str
         local_theta = float(hf.get("rope_local_base_freq", 10000.0))
     elif family == "olmo3":   # its rope_scaling is the full-attention layers' only
         local_theta = float(hf.get("rope_theta", 10000.0))
-    default_theta = 1e6 if family in ("gemma3",) + _LFM2 else 10000.0
+    default_theta = 1e6 if family in ("gemma3",) + _LFM2 else \
+        5e5 if family == "exaone" else 10000.0
     if isinstance(params, Mapping) and params:
         rope_theta = float(params.get("rope_theta", hf.get("rope_theta", default_theta)))
         scaling = {k: v for k, v in params.items() if k != "rope_theta"}

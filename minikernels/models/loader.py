@@ -663,6 +663,15 @@ def _nemotron_h_name(name: str, config: DecoderConfig) -> str:
     return name.replace(".mlp.up_proj.", ".mlp.gate_proj.") if new == ".mlp." else name
 
 
+#: EXAONE 3.x: GPT-2-style names around Llama's layers
+_EXAONE_PREFIXES = (("transformer.wte.", "model.embed_tokens."),
+                    ("transformer.h.", "model.layers."), ("transformer.ln_f.", "model.norm."))
+_EXAONE_PARTS = ((".attn.attention.", ".self_attn."), (".self_attn.out_proj.", ".self_attn.o_proj."),
+                 (".ln_1.", ".input_layernorm."), (".ln_2.", ".post_attention_layernorm."),
+                 (".mlp.c_fc_0.", ".mlp.gate_proj."), (".mlp.c_fc_1.", ".mlp.up_proj."),
+                 (".mlp.c_proj.", ".mlp.down_proj."))
+
+
 #: Mamba / FalconMamba: backbone.* names (old checkpoints: "embedding"), each layer's
 #: norm and mixer
 _MAMBA1_PREFIXES = (("backbone.embeddings.", "model.embed_tokens."),
@@ -742,6 +751,7 @@ _FAMILY_NAMES = {"gpt_neox": (_NEOX_PREFIXES, _NEOX_PARTS),
                  # Jamba: Falcon-H1's names, its experts' router under Qwen3-MoE's name
                  "jamba": (_FALCON_H1_PREFIXES, ((".feed_forward.router.", ".mlp.gate."),)
                            + _FALCON_H1_PARTS),
+                 "exaone": (_EXAONE_PREFIXES, _EXAONE_PARTS),
                  # OLMo Hybrid's checkpoint names of its layers' two norms
                  "olmo_hybrid": ((), ((".attention_layer_norm.", ".input_layernorm."),
                                       (".feedforward_layer_norm.",
