@@ -165,6 +165,11 @@ CASES: dict[str, tuple[str, dict[str, Any]]] = {
         mamba_d_state=12, num_mem_blocks=1, adapter_rank=4, add_bias_linear=True,
         use_shared_attention_adapter=False, use_mem_rope=False, hidden_act="gelu",
         tie_word_embeddings=True, pad_token_id=0)),     # (transformers ties the blocks then)
+    # Granite-MoE with a shared MLP (ungated) beside 4 experts (top 2); Granite's multipliers
+    "granitemoeshared": ("GraniteMoeShared", dict(
+        num_local_experts=4, num_experts_per_tok=2, intermediate_size=32,
+        shared_intermediate_size=48, embedding_multiplier=2.0, residual_multiplier=0.5,
+        attention_multiplier=0.2, logits_scaling=2.0, tie_word_embeddings=False)),
     # EXAONE 3.x: Llama saved under GPT-2-style names (transformers: LlamaForCausalLM with
     # model_type "exaone"), llama3 rope scaling as EXAONE 3.5
     "exaone": ("Exaone", dict(

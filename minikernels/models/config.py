@@ -48,6 +48,8 @@ SUPPORTED_ARCHITECTURES = {
     "Qwen2MoeForCausalLM": "qwen2_moe",
     "MixtralForCausalLM": "mixtral",
     "GraniteMoeForCausalLM": "granitemoe",
+    # Granite-MoE with a shared MLP beside the experts (added ungated)
+    "GraniteMoeSharedForCausalLM": "granitemoeshared",
     "OlmoeForCausalLM": "olmoe",
     "GemmaForCausalLM": "gemma",
     "Gemma2ForCausalLM": "gemma2",
@@ -189,6 +191,7 @@ _MODEL_TYPES = {"llama": "llama", "mistral": "mistral", "ministral": "ministral"
                 "ministral3": "ministral3",
                 "qwen2": "qwen2", "qwen3": "qwen3",
                 "qwen3_moe": "qwen3_moe", "qwen2_moe": "qwen2_moe", "mixtral": "mixtral", "granitemoe": "granitemoe",
+                "granitemoeshared": "granitemoeshared",
                 "olmoe": "olmoe",
                 "gemma": "gemma", "gemma2": "gemma2", "gemma3_text": "gemma3",
                 "vaultgemma": "vaultgemma",
@@ -219,7 +222,8 @@ _MODEL_TYPES = {"llama": "llama", "mistral": "mistral", "ministral": "ministral"
 _LEARNED_POSITIONS = ("gpt2", "opt", "gpt_bigcode", "gpt_neo")
 _GEMMA = ("gemma", "gemma2", "gemma3", "vaultgemma")
 #: the mixture-of-experts families (models/moe.py)
-_MOE = ("qwen3_moe", "qwen2_moe", "mixtral", "granitemoe", "olmoe", "qwen3_5_moe", "lfm2_moe")
+_MOE = ("qwen3_moe", "qwen2_moe", "mixtral", "granitemoe", "granitemoeshared", "olmoe",
+        "qwen3_5_moe", "lfm2_moe")
 #: LFM2's hybrid decoders (short conv + attention), dense and MoE
 _LFM2 = ("lfm2", "lfm2_moe", "lfm3")
 #: Qwen3.5's hybrid decoders (Gated DeltaNet + gated attention), dense and MoE
@@ -891,7 +895,8 @@ class DecoderConfig:
                          # EXAONE 4's hybrid models: no rope on the global layers
                          [i for i in range(num_layers) if i not in window_layers]
                          if family in ("exaone4", "cohere2") and window_layers else None),
-            **(_granite_from_hf(hf) if family in ("granite", "granitemoe", "granite_hybrid",
+            **(_granite_from_hf(hf) if family in ("granite", "granitemoe", "granitemoeshared",
+                                                  "granite_hybrid",
                                                   "granite_swa")
                else _hyperclovax_from_hf(hf) if family == "hyperclovax" else {}),
             # Cohere multiplies the logits by logit_scale: Granite's division by its inverse
@@ -1631,7 +1636,8 @@ def _attention_scale(hf: Mapping[str, Any], family: str) -> float | None:
         return (int(hf["hidden_size"]) / int(hf["num_attention_heads"])) ** -0.5
     if family in ("gemma2", "gemma3", "vaultgemma"):
         return float(hf.get("query_pre_attn_scalar", 256)) ** -0.5
-    if family in ("granite", "granitemoe", "granite_hybrid", "granite_swa", "hyperclovax"):
+    if family in ("granite", "granitemoe", "granitemoeshared", "granite_hybrid", "granite_swa",
+                  "hyperclovax"):
         return float(hf.get("attention_multiplier", 1.0))
     return None
 
@@ -1770,13 +1776,16 @@ def _moe_from_hf(hf: Mapping[str, Any], family: str, num_layers: int) -> dict[st
     if hf.get("clip_qkv") is not None:
         raise UnsupportedModelError("clip_qkv is not supported")
     # (Qwen3.5 MoE always renormalizes)
-    norm = True if family in ("mixtral", "granitemoe", "qwen3_5_moe") else \
+    norm = True if family in ("mixtral", "granitemoe", "granitemoeshared", "qwen3_5_moe") else \
         bool(hf.get("norm_topk_prob", False))
     shared = int(hf.get("shared_expert_intermediate_size", 0) or 0) \
-        if family in ("qwen2_moe", "qwen3_5_moe") else 0
+        if family in ("qwen2_moe", "qwen3_5_moe") else \
+        int(hf.get("shared_intermediate_size", 0) or 0) if family == "granitemoeshared" else 0
     return dict(num_experts=experts, num_experts_per_tok=int(hf.get("num_experts_per_tok", 0)),
                 moe_intermediate_size=size, norm_topk_prob=norm,
-                moe_layers=layers if experts else None, shared_expert_intermediate_size=shared)
+                moe_layers=layers if experts else None, shared_expert_intermediate_size=shared,
+                # (Granite's shared MLP is added as is)
+                **({"shared_expert_gated": False} if family == "granitemoeshared" else {}))
 
 
 def _check_stablelm(hf: Mapping[str, Any]) -> None:

@@ -499,7 +499,7 @@ def _family_name(name: str, config: DecoderConfig) -> str:
         for pattern, repl in _MOE_NAMES:
             name = pattern.sub(repl, name)
         return name
-    if config.architecture == "granite_hybrid":   # Granite 4.0's fused shared MLP (the
+    if config.architecture in ("granite_hybrid", "granitemoeshared"):   # the fused shared MLP (the
         mlp = ".mlp.shared_expert." if config.num_experts else ".mlp."   # experts' beside)
         return name.replace(".shared_mlp.input_linear.", f"{mlp}gate_up_proj.").replace(
             ".shared_mlp.output_linear.", f"{mlp}down_proj.")

@@ -237,7 +237,7 @@ def _parse_tensors(tensors: list[tuple[str, Tensor]], config: DecoderConfig, ran
         block_aliases[("self_attn", "out_proj")] = "o_proj"
     attn_blocks = config.architecture in ("gptj", "gpt2", "gpt_bigcode", "mpt")
     hf_proj: dict[tuple[int, str], str] = {}     # PEFT's own name of each aliased target
-    if config.architecture == "granite_hybrid":   # Granite 4.0's fused shared MLP
+    if config.architecture in ("granite_hybrid", "granitemoeshared"):   # fused shared MLP
         mlp = ".mlp.shared_expert." if config.num_experts else ".mlp."
         tensors = [(k.replace(".shared_mlp.input_linear.", f"{mlp}gate_up_proj.").replace(
             ".shared_mlp.output_linear.", f"{mlp}down_proj."), t) for k, t in tensors]
