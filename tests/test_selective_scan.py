@@ -326,14 +326,43 @@ def test_triton_launch_config():
     (one row per token) unless the groups are narrower than a block."""
     from minikernels.ops.triton.selective_scan import MAX_TILE, launch_config
 
-    assert launch_config(5120, 16, 5120) == {"BLOCK_D": 128, "BLOCK_N": 16,
-                                             "SAME_GROUP": True, "num_warps": 8}
+    assert launch_config(5120, 16, 5120, 256, 1) == {"BLOCK_D": 128, "BLOCK_N": 16,
+                                                     "SAME_GROUP": True, "PREFETCH": False,
+                                                     "num_warps": 8}
     for dm, n, cpg in ((5, 256, 5), (8192, 256, 1024), (24, 3, 8), (3, 1, 1), (4096, 16, 1)):
-        cfg = launch_config(dm, n, cpg)
+        cfg = launch_config(dm, n, cpg, 256, 1)
         assert cfg["BLOCK_D"] * cfg["BLOCK_N"] <= MAX_TILE and cfg["BLOCK_N"] >= n
         assert cfg["SAME_GROUP"] == (cpg == dm or cpg % cfg["BLOCK_D"] == 0)
-    assert not launch_config(24, 3, 8)["SAME_GROUP"]
-    assert launch_config(8192, 16, 1024)["SAME_GROUP"]
+    assert not launch_config(24, 3, 8, 256, 1)["SAME_GROUP"]
+    assert launch_config(8192, 16, 1024, 256, 1)["SAME_GROUP"]
+    # few long prompts: smaller channel blocks (more programs), prefetching inputs
+    assert launch_config(4096, 16, 4096, 4, 1024) == {"BLOCK_D": 64, "BLOCK_N": 16,
+                                                      "SAME_GROUP": True, "PREFETCH": True,
+                                                      "num_warps": 8}
+    assert launch_config(4096, 16, 4096, 1, 4096)["BLOCK_D"] == 16
+    assert not launch_config(4096, 16, 4096, 256, 1)["PREFETCH"]
+
+
+@pytest.mark.parametrize("checks", [True, False], ids=["max_seqlen_read", "unknown"])
+def test_triton_prefetch_choice(device, checks):
+    """Decode-only launches load each token in its step; a launch with a longer sequence
+    prefetches (max_seqlen read from cu_seqlens, or, unknown, ceil(T / N_seq) >= 2)."""
+    from helpers import spy_launches
+
+    from minikernels._validation import index_checks
+    from minikernels.ops.triton import selective_scan as tss
+
+    gen = _gen(7)
+    a, d, bias = _params(6, 4, gen, device)
+    seen = []
+    for lens in ([1, 1, 1], [1, 2, 1], [0, 1, 1]):
+        x, z, dt, bm, cm, cu = _inputs(lens, 6, 1, 4, torch.float32, gen, device=device)
+        with mk.use_backend("triton"), index_checks(checks), \
+                spy_launches(tss, "selective_scan_kernel", "PREFETCH") as flags:
+            y = mk.ops.selective_scan(x, dt, a, bm, cm, cu_seqlens=cu, D=d, z=z)
+        assert_close(y, reference.selective_scan(x, dt, a, bm, cm, cu, D=d, z=z))
+        seen += flags
+    assert seen == [False, True, False]
 
 
 # ---------------------------------------------------------------------- errors, opcheck

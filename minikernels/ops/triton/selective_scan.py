@@ -32,6 +32,35 @@ from .registry import KernelSpec, register
 #: the largest state tile (BLOCK_D * BLOCK_N fp32 values) one program keeps in registers
 #: (the A tile beside it doubles that)
 MAX_TILE = 2048
+#: launches with fewer programs get smaller channel blocks (about 2 per SM of an H200)
+MIN_PROGRAMS = 256
+
+
+@triton.jit
+def _token_inputs(x_ptr, dt_ptr, z_ptr, b_ptr, c_ptr, t, eos, d_in, N, offs_d, offs_n,
+                  b_off, c_off, stride_xt, stride_xd, stride_dtt, stride_dtd, stride_zt,
+                  stride_zd, stride_bt, stride_ct, SAME_GROUP: tl.constexpr,
+                  HAS_Z: tl.constexpr):
+    """Token t's x, dt, z slices and its B / C rows in fp32; zeros past the sequence's end
+    (t >= eos) or for a padding row (d_in = 0): the masks are bounds, no scalar bools."""
+    d_bound = tl.where(t < eos, d_in, 0)
+    n_bound = tl.where(d_bound > 0, N, 0)
+    d_live = offs_d < d_bound
+    x = tl.load(x_ptr + t * stride_xt + offs_d * stride_xd, mask=d_live, other=0.0
+                ).to(tl.float32)
+    dt = tl.load(dt_ptr + t * stride_dtt + offs_d * stride_dtd, mask=d_live, other=0.0
+                 ).to(tl.float32)
+    zv = tl.zeros_like(x)
+    if HAS_Z:
+        zv = tl.load(z_ptr + t * stride_zt + offs_d * stride_zd, mask=d_live, other=0.0
+                     ).to(tl.float32)
+    if SAME_GROUP:
+        bc_mask = offs_n < n_bound
+    else:
+        bc_mask = d_live[:, None] & (offs_n < n_bound)[None, :]
+    b = tl.load(b_ptr + t * stride_bt + b_off, mask=bc_mask, other=0.0).to(tl.float32)
+    c = tl.load(c_ptr + t * stride_ct + c_off, mask=bc_mask, other=0.0).to(tl.float32)
+    return x, dt, zv, b, c
 
 
 @triton.jit
@@ -44,7 +73,7 @@ def selective_scan_kernel(
         SAME_GROUP: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
         HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_DT_BIAS: tl.constexpr,
         DT_SOFTPLUS: tl.constexpr, HAS_STATE: tl.constexpr, HAS_INIT_FLAGS: tl.constexpr,
-        RNE_BF16: tl.constexpr):
+        PREFETCH: tl.constexpr, RNE_BF16: tl.constexpr):
     seq = tl.program_id(0)
     offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     offs_n = tl.arange(0, BLOCK_N)
@@ -66,8 +95,6 @@ def selective_scan_kernel(
         s_ptrs = (state_ptr + slot * stride_ss + offs_d[:, None] * stride_sd
                   + offs_n[None, :] * stride_sn)
         s = tl.load(s_ptrs, mask=(offs_d < d_read)[:, None] & n_ok[None, :], other=0.0)
-    d_live = offs_d < d_in
-    n_live = offs_n < tl.where(d_in > 0, N, 0)
     a = tl.load(a_ptr + offs_d[:, None] * stride_ad + offs_n[None, :] * stride_an,
                 mask=d_ok[:, None] & n_ok[None, :], other=0.0).to(tl.float32)
     d_skip = tl.zeros([BLOCK_D], dtype=tl.float32)
@@ -80,27 +107,38 @@ def selective_scan_kernel(
         g_off = ((tl.program_id(1) * BLOCK_D) // CPG).to(tl.int64)
         b_off = g_off * stride_bg + offs_n * stride_bn
         c_off = g_off * stride_cg + offs_n * stride_cn
-        bc_mask = n_live
     else:            # channels of several groups: a B / C row per channel
         g_off = (offs_d // CPG).to(tl.int64)
         b_off = g_off[:, None] * stride_bg + offs_n[None, :] * stride_bn
         c_off = g_off[:, None] * stride_cg + offs_n[None, :] * stride_cn
-        bc_mask = (d_live & d_ok)[:, None] & n_live[None, :]
 
+    # PREFETCH (prefill launches): token t's inputs were loaded during step t - 1 (they do
+    # not depend on the state), so a step waits on its arithmetic, not on global memory.
+    # Decode launches (one token a sequence) load in the step and keep fewer registers.
+    if PREFETCH:
+        x, dt, zv, b, c = _token_inputs(x_ptr, dt_ptr, z_ptr, b_ptr, c_ptr, bos, eos, d_in,
+                                        N, offs_d, offs_n, b_off, c_off, stride_xt,
+                                        stride_xd, stride_dtt, stride_dtd, stride_zt,
+                                        stride_zd, stride_bt, stride_ct, SAME_GROUP, HAS_Z)
     for t in range(bos, eos):
-        x = tl.load(x_ptr + t * stride_xt + offs_d * stride_xd, mask=d_live, other=0.0
-                    ).to(tl.float32)
-        dt = tl.load(dt_ptr + t * stride_dtt + offs_d * stride_dtd, mask=d_live, other=0.0
-                     ).to(tl.float32) + dt_b
-        b = tl.load(b_ptr + t * stride_bt + b_off, mask=bc_mask, other=0.0).to(tl.float32)
-        c = tl.load(c_ptr + t * stride_ct + c_off, mask=bc_mask, other=0.0).to(tl.float32)
+        if PREFETCH:
+            x_nx, dt_nx, z_nx, b_nx, c_nx = _token_inputs(
+                x_ptr, dt_ptr, z_ptr, b_ptr, c_ptr, t + 1, eos, d_in, N, offs_d, offs_n,
+                b_off, c_off, stride_xt, stride_xd, stride_dtt, stride_dtd, stride_zt,
+                stride_zd, stride_bt, stride_ct, SAME_GROUP, HAS_Z)
+        else:
+            x, dt, zv, b, c = _token_inputs(
+                x_ptr, dt_ptr, z_ptr, b_ptr, c_ptr, t, eos, d_in, N, offs_d, offs_n, b_off,
+                c_off, stride_xt, stride_xd, stride_dtt, stride_dtd, stride_zt, stride_zd,
+                stride_bt, stride_ct, SAME_GROUP, HAS_Z)
+        dt = dt + dt_b
         if DT_SOFTPLUS:   # torch's softplus (threshold 20), log1p(u) = log(w) u / (w - 1)
             u = tl.exp(tl.minimum(dt, 20.0))
             w = 1.0 + u
             sp = tl.where(w == 1.0, u, tl.log(w) * (u / (w - 1.0)))
             dt = tl.where(dt > 20.0, dt, sp)
         if HAS_STATE:   # padding: zeros in (s = 0, x = B = C = 0, d = 0), zeros out
-            dt = tl.where(d_live, dt, 0.0)
+            dt = tl.where(offs_d < d_in, dt, 0.0)
         if SAME_GROUP:
             b2 = b[None, :]
             c2 = c[None, :]
@@ -110,28 +148,39 @@ def selective_scan_kernel(
         s = s * tl.exp(dt[:, None] * a) + (dt * x)[:, None] * b2    # decay, rank-1 write
         y = tl.sum(s * c2, axis=1) + d_skip * x                      # s . C_t + D x_t
         if HAS_Z:
-            zv = tl.load(z_ptr + t * stride_zt + offs_d * stride_zd, mask=d_live, other=0.0
-                         ).to(tl.float32)
             y = y * (zv / (1.0 + tl.exp(-zv)))                       # * silu(z_t)
         if RNE_BF16:   # interpreter only (see interpreter_rounding)
             y = rne_bf16(y)
         tl.store(y_ptr + t * stride_yt + offs_d, y.to(y_ptr.dtype.element_ty), mask=d_ok)
+        if PREFETCH:
+            x, dt, zv, b, c = x_nx, dt_nx, z_nx, b_nx, c_nx
 
     if HAS_STATE:
-        tl.store(s_ptrs, s, mask=d_live[:, None] & n_live[None, :])
+        tl.store(s_ptrs, s, mask=(offs_d < d_in)[:, None] & (offs_n < tl.where(
+            d_in > 0, N, 0))[None, :])
 
 
-def launch_config(dm: int, n: int, channels_per_group: int) -> dict[str, int | bool]:
+def launch_config(dm: int, n: int, channels_per_group: int, n_seq: int = MIN_PROGRAMS,
+                  longest: int = 1) -> dict[str, int | bool]:
     """BLOCK_N = next power of two >= N (the whole state row: s . C_t is a full row sum);
     BLOCK_D = as many channels as keep the tile <= MAX_TILE fp32 values (128 at N 16, 8 at
-    N 256), at most Dm rounded up to a power of two. SAME_GROUP: every block lies in one
-    B / C group (one group, or BLOCK_D divides the channels per group), so a token's B / C
-    is one row. One warp per 256 tile values (8 state values and 8 of A per thread)."""
+    N 256), at most Dm rounded up to a power of two, halved (down to 16) while the launch
+    would have fewer than MIN_PROGRAMS programs (a few long prompts: more, smaller programs
+    walk their tokens side by side on more SMs). SAME_GROUP: every block lies in one B / C
+    group (one group, or BLOCK_D divides the channels per group), so a token's B / C is one
+    row. PREFETCH: the longest sequence has 2+ tokens. Warps: one per 256 tile values (8
+    state values and 8 of A per thread) for decode; one per 128 with PREFETCH (its
+    prefetched inputs take registers, and shorter per-thread chains shorten each serial
+    step); at most 8."""
     block_n = triton.next_power_of_2(n)
     block_d = min(triton.next_power_of_2(dm), max(1, MAX_TILE // block_n))
+    while block_d > 16 and n_seq * triton.cdiv(dm, block_d) < MIN_PROGRAMS:
+        block_d //= 2
     same = channels_per_group == dm or channels_per_group % block_d == 0
-    return {"BLOCK_D": block_d, "BLOCK_N": block_n, "SAME_GROUP": same,
-            "num_warps": max(1, min(8, block_d * block_n // 256))}
+    prefetch = longest >= 2
+    per_warp = 128 if prefetch else 256
+    return {"BLOCK_D": block_d, "BLOCK_N": block_n, "SAME_GROUP": same, "PREFETCH": prefetch,
+            "num_warps": max(1, min(8, block_d * block_n // per_warp))}
 
 
 def selective_scan(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
@@ -143,9 +192,11 @@ def selective_scan(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.
     """Inputs validated by the op (x / dt / z [T, Dm], A [Dm, N], B / C [T, G, N], D /
     dt_bias [Dm], state [S, Dm, N]: any strides; cu_seqlens / state_indices /
     has_initial_state contiguous) -> y [T, Dm] in x.dtype (every row written); the state
-    pool updated in place. max_seqlen (a host hint) does not change the launch: every
-    program walks its sequence token by token. No launch when there is no sequence, or no
-    token and no pool (empty sequences with a pool still (re)write their slots)."""
+    pool updated in place. max_seqlen (a host hint, -1 = unknown): every program walks its
+    sequence token by token; the hint picks PREFETCH (from the mean length
+    T / N_seq, a lower bound of the longest, when unknown, -1) and the channel block. No
+    launch when there is no sequence, or no token and no pool (empty sequences with a pool
+    still (re)write their slots)."""
     from .. import _alloc
 
     total, dm = x.shape
@@ -155,7 +206,8 @@ def selective_scan(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.
     if n == 0 or (total == 0 and state is None):
         return y
     cpg = dm // groups
-    cfg = launch_config(dm, n_state, cpg)
+    longest = max_seqlen if max_seqlen >= 0 else -(-total // n)
+    cfg = launch_config(dm, n_state, cpg, n, longest)
     grid = (n, triton.cdiv(dm, cfg["BLOCK_D"]))
     has_state = state is not None
     st = state if has_state else y                   # unused pointers: any tensor
@@ -171,7 +223,7 @@ def selective_scan(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.
         SAME_GROUP=cfg["SAME_GROUP"], BLOCK_D=cfg["BLOCK_D"], BLOCK_N=cfg["BLOCK_N"],
         HAS_D=D is not None, HAS_Z=z is not None, HAS_DT_BIAS=dt_bias is not None,
         DT_SOFTPLUS=dt_softplus, HAS_STATE=has_state,
-        HAS_INIT_FLAGS=has_state and has_initial_state is not None,
+        HAS_INIT_FLAGS=has_state and has_initial_state is not None, PREFETCH=cfg["PREFETCH"],
         RNE_BF16=splitk.interpreter_bf16(y), num_warps=cfg["num_warps"], num_stages=1)
     return y
 
@@ -179,9 +231,11 @@ def selective_scan(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.
 # Mamba-1 layers (Mamba 2.8B: Dm 5120; FalconMamba 7B / Jamba: Dm 8192; N 16, one B / C
 # group), bf16 and fp16, with a state pool and has_initial_state flags, D, z, dt_bias and
 # softplus; A / D / dt_bias fp32 (the models' -exp(A_log).float()), dt in x's dtype; unit
-# feature strides (as Triton's run-time specialization sees contiguous rows). Beside them
-# N 256 (the largest state) and per-channel B / C groups (mamba_ssm's time-invariant B / C
-# as G = Dm groups: the block straddles groups).
+# feature strides (as Triton's run-time specialization sees contiguous rows). Decode (256
+# sequences, no prefetch) and prefill (4 x 1024 tokens: 64-channel blocks; one 4096-token
+# prompt: 32-channel blocks; prefetch) launches; beside them N 256 (the largest state) and
+# per-channel B / C groups (mamba_ssm's time-invariant B / C as G = Dm groups: a block
+# straddles groups).
 _UNIT = ("stride_xd", "stride_dtd", "stride_an", "stride_bn", "stride_cn", "stride_d",
          "stride_zd", "stride_dtb", "stride_sn")
 _STRIDES = ("stride_xt", "stride_xd", "stride_dtt", "stride_dtd", "stride_ad", "stride_an",
@@ -189,10 +243,12 @@ _STRIDES = ("stride_xt", "stride_xd", "stride_dtt", "stride_dtd", "stride_ad", "
             "stride_d", "stride_zt", "stride_zd", "stride_dtb", "stride_yt", "stride_ss",
             "stride_sd", "stride_sn")
 _FLAGS = ("SAME_GROUP", "BLOCK_D", "BLOCK_N", "HAS_D", "HAS_Z", "HAS_DT_BIAS",
-          "DT_SOFTPLUS", "HAS_STATE", "HAS_INIT_FLAGS", "RNE_BF16")
-for _dt, _n, _cpg in (("bf16", 16, 5120), ("fp16", 16, 8192), ("bf16", 256, 5120),
-                      ("bf16", 16, 1)):
-    _cfg = launch_config(5120 if _cpg == 1 else _cpg, _n, _cpg)
+          "DT_SOFTPLUS", "HAS_STATE", "HAS_INIT_FLAGS", "PREFETCH", "RNE_BF16")
+for _dt, _dm, _n, _cpg, _seqs, _len in (
+        ("bf16", 5120, 16, 5120, 256, 1), ("bf16", 5120, 16, 5120, 4, 1024),
+        ("fp16", 8192, 16, 8192, 256, 1), ("fp16", 8192, 16, 8192, 1, 4096),
+        ("bf16", 5120, 256, 5120, 4, 1024), ("bf16", 5120, 16, 1, 4, 1024)):
+    _cfg = launch_config(_dm, _n, _cpg, _seqs, _len)
     _sig = {"x_ptr": f"*{_dt}", "dt_ptr": f"*{_dt}", "a_ptr": "*fp32", "b_ptr": f"*{_dt}",
             "c_ptr": f"*{_dt}", "d_ptr": "*fp32", "z_ptr": f"*{_dt}", "dt_bias_ptr": "*fp32",
             "y_ptr": f"*{_dt}", "cu_ptr": "*i32", "state_ptr": "*fp32", "slot_ptr": "*i32",
@@ -204,8 +260,9 @@ for _dt, _n, _cpg in (("bf16", 16, 5120), ("fp16", 16, 8192), ("bf16", 256, 5120
     _const = {"SAME_GROUP": _cfg["SAME_GROUP"], "BLOCK_D": _cfg["BLOCK_D"],
               "BLOCK_N": _cfg["BLOCK_N"], "HAS_D": True, "HAS_Z": True, "HAS_DT_BIAS": True,
               "DT_SOFTPLUS": True, "HAS_STATE": True, "HAS_INIT_FLAGS": True,
-              "RNE_BF16": False, **{_name: 1 for _name in _UNIT}}
+              "PREFETCH": _cfg["PREFETCH"], "RNE_BF16": False, **{_name: 1 for _name in _UNIT}}
     register(KernelSpec(
-        name=f"selective_scan[{_dt},N={_n},G={'Dm' if _cpg == 1 else 1},state=1]",
+        name=(f"selective_scan[{_dt},Dm={_dm},N={_n},G={'Dm' if _cpg == 1 else 1},"
+              f"{_seqs}x{_len},BLOCK_D={_cfg['BLOCK_D']}]"),
         fn=selective_scan_kernel, signature=_sig, constexprs=_const,
         num_warps=int(_cfg["num_warps"]), num_stages=1))
