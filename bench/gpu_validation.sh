@@ -86,7 +86,8 @@ GPU_TESTS=("${CUDA_TESTS[@]}" tests/test_flash_attention.py tests/test_op_contra
            # test_model_gpu.py above)
            tests/test_causal_conv1d.py tests/test_gated_delta_rule.py
            tests/test_mamba2_scan.py tests/test_gated_delta_rule_chunked.py
-           tests/test_mamba2_scan_chunked.py tests/test_compat_recurrent.py)
+           tests/test_mamba2_scan_chunked.py tests/test_compat_recurrent.py
+           tests/test_selective_scan.py tests/test_compat_selective_scan.py)
 
 stage_test() {
   python -m pytest -q -p no:cacheprovider -rfE "${GPU_TESTS[@]}" 2>&1 \

@@ -354,8 +354,17 @@ def recurrent_cases(device: str, dtype: torch.dtype, s: int) -> list[Case]:
       mamba2_selective_state_update (decode, per-head values expanded to [H, P(, N)] as
       the layer does) / mamba2_chunk_scan (prefill, chunk 256), pure-torch paths. Bytes:
       the state read and written + x, y, B, C, dt. FLOPs: 5 x P x N per token and head.
+    - selective_scan: Mamba-1.4B's Mamba-1 (Dm = 2 x 2048 = 4096 channels, N = 16, one
+      B / C group; Mamba 2.8B / FalconMamba-7B have Dm 5120 / 8192), x / z halves of the
+      in_proj output, B / C views of the x_proj output, dt in the model dtype, A / D /
+      dt_bias fp32 (-exp(A_log), dt_proj's bias, softplus), z gate; fp32 state [Dm, N] =
+      256 KiB per sequence. Peer (GPU only): transformers' mamba selective_state_update
+      (decode) / mamba_selective_scan (prefill: its sequential torch loop over
+      [b, Dm, l, N] fp32 discretized tensors, from zeros), unwrapped. Bytes: the state read
+      and written + x, z, dt, y, B, C. FLOPs: 6 x N per token and channel (plus an exp per
+      state: the SFU, not the FMA pipes, bounds it).
     The prefill rows are the recurrent kernels (one token per step, no tensor cores)
-    against chunked torch: see bench/NOTES.md."""
+    against chunked torch (Mamba-1: a torch loop): see bench/NOTES.md."""
     import torch
 
     from .. import ops
@@ -472,6 +481,52 @@ def recurrent_cases(device: str, dtype: torch.dtype, s: int) -> list[Case]:
             2 * n * heads * hdim * nstate * 4
             + t * (2 * heads * hdim + 2 * groups * nstate + heads) * es,
             5 * t * heads * hdim * nstate, ("triton",), peer))
+    cases += _selective_scan_cases(device, dtype, s, shapes, batch, unsynced, try_peer)
+    return cases
+
+
+def _selective_scan_cases(device: str, dtype: torch.dtype, s: int,
+                          shapes: tuple[tuple[int, int], ...], batch: Callable,
+                          unsynced: Callable, try_peer: Callable) -> list[Case]:
+    """recurrent_cases' selective_scan rows (Mamba-1.4B's Mamba-1; see its docstring)."""
+    import torch
+
+    from .. import ops
+    es = torch.finfo(dtype).bits // 8
+    dm, nstate, rank = 4096 // s, 16, 128 // s
+    hf_fns = hf_mamba1_fns() if device.startswith("cuda") else None
+    a_neg = -torch.arange(1, nstate + 1, device=device, dtype=torch.float32).repeat(dm, 1)
+    d_skip = torch.ones(dm, device=device)
+    dt_bias = torch.rand(dm, device=device) - 4.0                        # softplus ~ 0.02
+    cases = []
+    for n, length in shapes:
+        t = n * length
+        cu, slots = batch(n, length)
+        xz = torch.randn(t, 2 * dm, device=device, dtype=dtype)
+        xs, zs = xz[:, :dm], xz[:, dm:]
+        proj = torch.randn(t, rank + 2 * nstate, device=device, dtype=dtype)
+        bm, cm = (part.view(t, 1, nstate) for part in
+                  proj[:, rank:].split([nstate, nstate], dim=-1))
+        dt = torch.randn(t, dm, device=device, dtype=dtype)
+        state = torch.randn(n, dm, nstate, device=device) / nstate
+        hf_state = state.clone()
+        phase = "decode" if length == 1 else "prefill"
+        peer = None
+        if hf_fns is not None:
+            fn = hf_fns[0] if length == 1 else hf_fns[1]
+            peer = try_peer(f"{fn.__name__} ({phase})",
+                            lambda fn=fn, xs=xs, zs=zs, dt=dt, bm=bm, cm=cm, st=hf_state, n=n:
+                            hf_mamba1(fn, xs, zs, dt, a_neg, bm, cm, d_skip, dt_bias, st, n))
+        cases.append(Case(
+            f"selective_scan {phase} (Mamba-1.4B)",
+            f"{n}x{length} Dm{dm} N{nstate} G1 z fp32-state",
+            unsynced(lambda xs=xs, zs=zs, dt=dt, bm=bm, cm=cm, cu=cu, st=state, slots=slots,
+                     length=length: ops.selective_scan(
+                         xs, dt, a_neg, bm, cm, cu_seqlens=cu, D=d_skip, z=zs,
+                         dt_bias=dt_bias, dt_softplus=True, state=st, state_indices=slots,
+                         max_seqlen=length)),
+            2 * n * dm * nstate * 4 + t * (4 * dm + 2 * nstate) * es,
+            6 * t * dm * nstate, ("triton",), peer))
     return cases
 
 
@@ -636,6 +691,40 @@ def hf_mamba2(fn: Callable, x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor,
                   initial_states=state, dt_limit=(0.0, math.inf), return_final_states=True)
     state.copy_(final)
     return y.reshape(t, h, p)
+
+
+def hf_mamba1_fns() -> tuple[Callable, Callable] | None:
+    """transformers' mamba mamba_selective_state_update and mamba_selective_scan (Mamba-1),
+    unwrapped from the hub-kernel decorators so an installed mamba_ssm never stands in for
+    them; None (said once) where transformers lacks them."""
+    import inspect
+
+    try:
+        from transformers.models.mamba import modeling_mamba as m
+        return (inspect.unwrap(m.mamba_selective_state_update),
+                inspect.unwrap(m.mamba_selective_scan))
+    except Exception as exc:  # noqa: BLE001
+        print(f"peer transformers mamba skipped: {type(exc).__name__}: {exc}")
+        return None
+
+
+def hf_mamba1(fn: Callable, x: torch.Tensor, z: torch.Tensor, dt: torch.Tensor,
+              A: torch.Tensor, B: torch.Tensor, C: torch.Tensor, D: torch.Tensor,
+              dt_bias: torch.Tensor, state: torch.Tensor, n: int) -> torch.Tensor:
+    """transformers' Mamba-1 torch path as MambaMixer calls it, on n equal-length sequences
+    of the op's varlen layout ([T, Dm] tokens) and the per-batch fp32 state [n, Dm, N]:
+    decode (one token each) through mamba_selective_state_update (in place); prefill
+    through mamba_selective_scan on [n, Dm, l] views (from zeros: it takes no initial
+    state), the final state copied back."""
+    t, dm = x.shape
+    if t == n:
+        return fn(state, x, dt, A, B[:, 0], C[:, 0], D, z=z, dt_bias=dt_bias,
+                  dt_softplus=True)
+    bdl = lambda v: v.reshape(n, t // n, -1).transpose(1, 2)       # noqa: E731
+    y, final = fn(bdl(x), bdl(dt), A, bdl(B[:, 0]), bdl(C[:, 0]), D=D, z=bdl(z),
+                  delta_bias=dt_bias, delta_softplus=True, return_last_state=True)
+    state.copy_(final)
+    return y.transpose(1, 2).reshape(t, dm)
 
 
 def loop_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
