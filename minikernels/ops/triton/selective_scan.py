@@ -17,7 +17,9 @@ straddles groups; the decay, the rank-1 write, the output slice as a row sum ove
 stores the final tile back to the slot once. A padding row (slot -1) reads no state,
 computes on zeros (x, z, B, C masked to 0, d forced to 0), writes zero outputs and no
 state. One token per step, no tensor cores; every output row of every sequence is
-written (padding rows too).
+written (padding rows too). Prefill launches prefetch: token t + 1's inputs load during
+step t (they do not depend on the state), so the serial chain is arithmetic only; launches
+with few programs (a few long prompts) take smaller channel blocks (launch_config).
 """
 from __future__ import annotations
 
@@ -192,11 +194,10 @@ def selective_scan(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.
     """Inputs validated by the op (x / dt / z [T, Dm], A [Dm, N], B / C [T, G, N], D /
     dt_bias [Dm], state [S, Dm, N]: any strides; cu_seqlens / state_indices /
     has_initial_state contiguous) -> y [T, Dm] in x.dtype (every row written); the state
-    pool updated in place. max_seqlen (a host hint, -1 = unknown): every program walks its
-    sequence token by token; the hint picks PREFETCH (from the mean length
-    T / N_seq, a lower bound of the longest, when unknown, -1) and the channel block. No
-    launch when there is no sequence, or no token and no pool (empty sequences with a pool
-    still (re)write their slots)."""
+    pool updated in place. max_seqlen (a host hint, -1 = unknown) picks PREFETCH (when
+    unknown: ceil(T / N_seq) >= 2, which holds whenever a sequence has 2+ tokens unless
+    empty sequences pull the mean down). No launch when there is no sequence, or no token
+    and no pool (empty sequences with a pool still (re)write their slots)."""
     from .. import _alloc
 
     total, dm = x.shape
