@@ -170,6 +170,22 @@ CASES: dict[str, tuple[str, dict[str, Any]]] = {
         num_local_experts=4, num_experts_per_tok=2, intermediate_size=32,
         shared_intermediate_size=48, embedding_multiplier=2.0, residual_multiplier=0.5,
         attention_multiplier=0.2, logits_scaling=2.0, tie_word_embeddings=False)),
+    # Gemma 4 (text): sliding layers (head_dim 16, 2 kv heads, default rope) and full layers
+    # (head_dim 32, 1 kv head, proportional rope, K = V), the last two reading layers 2 /
+    # 3's K / V (double-wide MLPs there), per-layer inputs (8 dims), logit softcap; and a
+    # 31B-like one: no PLE, no sharing, own v on the full layers
+    "gemma4": ("Gemma4Text", dict(
+        num_hidden_layers=6, head_dim=16, global_head_dim=32, num_global_key_value_heads=1,
+        attention_k_eq_v=True, num_kv_shared_layers=2, use_double_wide_mlp=True,
+        hidden_size_per_layer_input=8, vocab_size_per_layer_input=300, sliding_window=5,
+        final_logit_softcapping=30.0, intermediate_size=96, pad_token_id=0,
+        layer_types=["sliding_attention", "full_attention"] * 3)),
+    "gemma4-plain": ("Gemma4Text", dict(
+        num_hidden_layers=4, head_dim=16, global_head_dim=24, attention_k_eq_v=False,
+        num_kv_shared_layers=0, hidden_size_per_layer_input=0, sliding_window=4,
+        pad_token_id=0, tie_word_embeddings=False,
+        layer_types=["sliding_attention", "sliding_attention", "full_attention",
+                     "full_attention"])),
     # EXAONE 3.x: Llama saved under GPT-2-style names (transformers: LlamaForCausalLM with
     # model_type "exaone"), llama3 rope scaling as EXAONE 3.5
     "exaone": ("Exaone", dict(
@@ -392,7 +408,8 @@ CASES: dict[str, tuple[str, dict[str, Any]]] = {
 _CONFIG_CLASSES = {"Gemma3": "Gemma3TextConfig", "Qwen3_5": "Qwen3_5TextConfig",
                    "Qwen3_5Moe": "Qwen3_5MoeTextConfig"}
 # transformers causal-LM classes not named {family}ForCausalLM
-_MODEL_CLASSES = {"GPT2": "GPT2LMHeadModel", "Exaone": "LlamaForCausalLM"}
+_MODEL_CLASSES = {"GPT2": "GPT2LMHeadModel", "Exaone": "LlamaForCausalLM",
+                  "Gemma4Text": "Gemma4ForCausalLM"}
 
 
 def make_hf_model(kind: str, seed: int = 0, **overrides: Any) -> torch.nn.Module:
@@ -424,6 +441,8 @@ def randomize_(model: torch.nn.Module, seed: int, scale: float = 0.08) -> torch.
         for name, b in model.named_buffers():
             if name.endswith("expert_bias"):     # LFM2-MoE's router bias (a buffer there)
                 b.copy_(torch.randn(b.shape, generator=g) * 0.3)
+            if name.endswith("layer_scalar"):    # Gemma 4's per-layer output scale
+                b.copy_(torch.rand(b.shape, generator=g) + 0.5)
     return model
 
 

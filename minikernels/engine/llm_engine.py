@@ -579,6 +579,10 @@ class LLMEngine:
         if not hasattr(self.model, "hidden_capture"):
             raise ValueError(f"speculative_config.method {cfg.method!r} needs a minikernels "
                              f"CausalLM target, got {type(self.model).__name__}")
+        if not getattr(self.config, "uniform_attention_shapes", True):
+            raise ValueError(f"speculative_config.method {cfg.method!r} is not supported for "
+                             f"{self.config.architecture} (layers of different KV shapes or "
+                             "reading another layer's K / V); 'ngram' and 'draft_model' are")
         if isinstance(cfg.model, str):
             head = load_eagle_head(cfg.model, cfg.method, self.model, cfg.revision,
                                    target_dir=self._model_dir)

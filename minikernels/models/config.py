@@ -56,6 +56,10 @@ SUPPORTED_ARCHITECTURES = {
     # VaultGemma (1B, trained with differential privacy): Gemma 2 without the sandwich norms
     "VaultGemmaForCausalLM": "vaultgemma",
     "Gemma3ForCausalLM": "gemma3",
+    # Gemma 4 (text decoder): sliding / full layers of different head dims and kv heads,
+    # proportional rope on the full ones, v RMS-normalized, K = V on full layers, later
+    # layers reusing earlier layers' K / V, per-layer input embeddings, a scalar per layer
+    "Gemma4ForCausalLM": "gemma4",
     "GraniteForCausalLM": "granite",
     # HyperCLOVA X SEED: Granite's multipliers (logits multiplied) and sandwich norms
     "HyperCLOVAXForCausalLM": "hyperclovax",
@@ -194,6 +198,7 @@ _MODEL_TYPES = {"llama": "llama", "mistral": "mistral", "ministral": "ministral"
                 "granitemoeshared": "granitemoeshared",
                 "olmoe": "olmoe",
                 "gemma": "gemma", "gemma2": "gemma2", "gemma3_text": "gemma3",
+                "gemma4_text": "gemma4",
                 "vaultgemma": "vaultgemma",
                 "granite": "granite", "granitemoehybrid": "granite_hybrid",
                 "granite_swa": "granite_swa", "hyperclovax": "hyperclovax",
@@ -220,7 +225,7 @@ _MODEL_TYPES = {"llama": "llama", "mistral": "mistral", "ministral": "ministral"
                 "nemotron_h": "nemotron_h"}
 #: the families with learned absolute position embeddings (no rope)
 _LEARNED_POSITIONS = ("gpt2", "opt", "gpt_bigcode", "gpt_neo")
-_GEMMA = ("gemma", "gemma2", "gemma3", "vaultgemma")
+_GEMMA = ("gemma", "gemma2", "gemma3", "vaultgemma", "gemma4")
 #: the mixture-of-experts families (models/moe.py)
 _MOE = ("qwen3_moe", "qwen2_moe", "mixtral", "granitemoe", "granitemoeshared", "olmoe",
         "qwen3_5_moe", "lfm2_moe")
@@ -233,6 +238,7 @@ _QWEN3_5 = ("qwen3_5", "qwen3_5_moe")
 #: loaded.
 TEXT_ONLY_WRAPPERS: dict[str, str | None] = {
     "Gemma3ForConditionalGeneration": "gemma3",
+    "Gemma4ForConditionalGeneration": "gemma4",
     # Qwen2-VL / Qwen2.5-VL / Qwen3-VL: M-RoPE gives text tokens one position on all three
     # axes, which is plain rope, so text prompts run on the Qwen2 / Qwen3 decoder
     "Qwen2VLForConditionalGeneration": "qwen2",
@@ -391,6 +397,23 @@ class DecoderConfig:
     mamba_bcdt_eps: float = 1e-6
     # the Mamba-2 gated norm's eps (None = rms_norm_eps; Zamba2: 1e-5)
     mamba_norm_eps: float | None = None
+    # Per-layer attention shapes (Gemma 4's full layers: a wider head_dim, fewer kv heads);
+    # None = head_dim / num_kv_heads everywhere
+    layer_head_dims: list[int] | None = None
+    layer_num_kv_heads: list[int] | None = None
+    # Gemma 4: layers whose v is k's projection (before k's norm; no v_proj), v
+    # RMS-normalized per head without weights (v_norm), layers that read an earlier
+    # layer's K / V instead of their own (kv_shared_from[i]: that layer; no k / v
+    # projections), per-layer MLP widths, per-layer input embeddings (PLE:
+    # per_layer_input_size dims per layer, from a table of per_layer_vocab_size tokens and a
+    # projection of the embeddings) and a learned scalar per layer scaling its output stream
+    k_eq_v_layers: list[int] | None = None
+    v_norm: bool = False
+    kv_shared_from: list[int | None] | None = None
+    layer_intermediate_sizes: list[int] | None = None
+    per_layer_input_size: int = 0
+    per_layer_vocab_size: int = 0
+    layer_scalars: bool = False
     # Zamba2: "zamba_hybrid" layers first run one of zamba_shared_blocks shared transformer
     # blocks (in turn): attention over cat(stream, embeddings) (2 H wide; head_dim from
     # it) and a gated MLP, each call with its own low-rank adapters (rank
@@ -598,6 +621,28 @@ class DecoderConfig:
                      if self.mixer(i) == "none" and not self.has_mlp(i)]
             if empty:
                 raise ValueError(f"layers {empty} have neither a mixer nor an MLP")
+        for name in ("layer_head_dims", "layer_num_kv_heads", "layer_intermediate_sizes",
+                     "kv_shared_from"):
+            value = getattr(self, name)
+            if value is not None and len(value) != self.num_layers:
+                raise ValueError(f"config.{name} must hold one entry per layer "
+                                 f"({self.num_layers}), got {len(value)}")
+        if self.layer_num_kv_heads is not None:
+            bad = [i for i, kv in enumerate(self.layer_num_kv_heads)
+                   if kv < 1 or self.num_heads % kv]
+            if bad:
+                raise ValueError(f"layers {bad}: kv heads must divide num_attention_heads "
+                                 f"({self.num_heads})")
+        if self.kv_shared_from is not None:
+            for i, src in enumerate(self.kv_shared_from):
+                if src is None:
+                    continue
+                if not 0 <= src < i or self.kv_shared_from[src] is not None or \
+                        self.is_sliding(src) != self.is_sliding(i) or \
+                        self.layer_head_dim(src) != self.layer_head_dim(i) or \
+                        self.layer_kv_heads(src) != self.layer_kv_heads(i):
+                    raise ValueError(f"layer {i} cannot read layer {src}'s K / V (an earlier "
+                                     f"layer of the same kind and shape with its own K / V)")
         for name in ("attention_scale", "attn_logit_softcapping", "final_logit_softcapping",
                      "sliding_rope_theta", "embedding_multiplier", "residual_multiplier",
                      "logits_scaling", "llama4_scaling_length"):
@@ -625,6 +670,31 @@ class DecoderConfig:
     def mixer(self, layer: int) -> str:
         """``layer``'s token mixer: "attention" or a recurrent one ("short_conv")."""
         return "attention" if self.layer_mixers is None else self.layer_mixers[layer]
+
+    def layer_head_dim(self, layer: int) -> int:
+        """``layer``'s attention head dim (Gemma 4's full layers: their own)."""
+        return self.head_dim if self.layer_head_dims is None else self.layer_head_dims[layer]
+
+    def layer_kv_heads(self, layer: int) -> int:
+        """``layer``'s kv heads (Gemma 4's full layers: their own)."""
+        return self.num_kv_heads if self.layer_num_kv_heads is None else \
+            self.layer_num_kv_heads[layer]
+
+    def layer_intermediate_size(self, layer: int) -> int:
+        """``layer``'s dense MLP width (Gemma 4's KV-sharing layers: double with
+        use_double_wide_mlp)."""
+        return self.intermediate_size if self.layer_intermediate_sizes is None else \
+            self.layer_intermediate_sizes[layer]
+
+    def kv_source(self, layer: int) -> int | None:
+        """The earlier layer whose K / V ``layer`` reads (Gemma 4), or None (its own)."""
+        return None if self.kv_shared_from is None else self.kv_shared_from[layer]
+
+    @property
+    def uniform_attention_shapes(self) -> bool:
+        """Whether every layer has head_dim / num_kv_heads and its own K / V."""
+        return self.layer_head_dims is None and self.layer_num_kv_heads is None and \
+            self.kv_shared_from is None
 
     def has_mlp(self, layer: int) -> bool:
         """Whether ``layer`` has an MLP (every layer but Nemotron-H's mixer-only blocks)."""
@@ -706,7 +776,8 @@ class DecoderConfig:
             raise UnsupportedModelError(
                 f"unsupported architecture {archs or hf.get('model_type')!r}; supported: "
                 f"{sorted(SUPPORTED_ARCHITECTURES)}")
-        if hf.get("use_bidirectional_attention"):
+        if hf.get("use_bidirectional_attention") not in (None, False, "vision"):
+            # ("vision": image tokens attend both ways, text stays causal: text-only serving)
             raise UnsupportedModelError("use_bidirectional_attention (an embedding model) is "
                                         "not supported: this decoder is causal")
 
@@ -740,7 +811,7 @@ class DecoderConfig:
         if gptj and hf.get("rotary_dim"):     # rotary_dim of head_dim rotate (GPT-J style)
             partial = _rotary_fraction(int(hf["rotary_dim"]), head_dim)
         window, window_layers = _sliding_window_from_hf(hf, family, num_layers)
-        if window is None or family not in ("gemma3", "olmo3", "lfm3"):
+        if window is None or family not in ("gemma3", "gemma4", "olmo3", "lfm3"):
             sliding_rope_theta = None
         layer_nope = None
         if hf.get("layer_rope_theta"):         # Granite SWA: a rope base per layer
@@ -849,7 +920,7 @@ class DecoderConfig:
             mlp_bias=bool(hf.get("mlp_bias", False)) or (
                 family in ("ernie4_5", "starcoder2", "phi") and attention_bias) or neox or \
             learned or bloom or gptj,
-            qk_norm=family in ("qwen3", "qwen3_moe", "gemma3", "olmo2", "olmo3", "olmoe",
+            qk_norm=family in ("qwen3", "qwen3_moe", "gemma3", "gemma4", "olmo2", "olmo3", "olmoe",
                                "exaone4", "hunyuan", "nanochat", "apertus", *_LFM2,
                                "olmo_hybrid",
                                *_QWEN3_5),
@@ -872,9 +943,11 @@ class DecoderConfig:
             qk_norm_full=family in ("olmo2", "olmo3", "olmoe", "olmo_hybrid"),
             post_norm=family in ("olmo2", "olmo3", "exaone4", "olmo_hybrid"),
             hidden_act=_activation_from_hf(hf, family),
-            norm_weight_offset=1.0 if gemma or nemotron or family in _QWEN3_5 else 0.0,
+            norm_weight_offset=1.0 if (gemma and family != "gemma4") or nemotron or
+            family in _QWEN3_5 else 0.0,
             embed_scale=hidden ** 0.5 if gemma else 1.0,
-            sandwich_norm=bool(hf.get("_sandwich_norm")) or family in ("gemma2", "gemma3", "glm4") or (
+            sandwich_norm=bool(hf.get("_sandwich_norm")) or
+            family in ("gemma2", "gemma3", "gemma4", "glm4") or (
                 family == "hyperclovax" and bool(hf.get("use_post_norm", True))),
             attention_scale=_attention_scale(hf, family),
             attn_logit_softcapping=_positive_or_none(hf.get("attn_logit_softcapping", 50.0))
@@ -1411,6 +1484,73 @@ def _nemotron_h_config(hf: Mapping[str, Any]) -> dict[str, Any]:
 ATTENTION_FREE_MAX_LEN = 1 << 16
 
 
+def _gemma4_config(hf: Mapping[str, Any]) -> dict[str, Any]:
+    """Gemma 4's text keys: layer_types (transformers' default: every sixth layer full, the
+    last always full), the full layers' own head_dim / kv heads (per_layer_config as
+    transformers 5 writes it, or global_head_dim / num_global_key_value_heads), K = V on
+    full layers (attention_k_eq_v), the last num_kv_shared_layers layers reading the K / V
+    of the last earlier layer of their kind (double-wide MLPs there with
+    use_double_wide_mlp), per-layer input embeddings (hidden_size_per_layer_input). The
+    mixture-of-experts block (enable_moe_block) is refused by name."""
+    out = dict(hf)
+    if hf.get("enable_moe_block"):
+        raise UnsupportedModelError("Gemma 4's mixture-of-experts block (enable_moe_block: "
+                                    "gemma-4-26B-A4B) is not supported")
+    n = int(hf.get("num_hidden_layers") or 0)
+    kinds = list(hf.get("layer_types") or
+                 ["sliding_attention" if (i + 1) % 6 else "full_attention" for i in range(n)])
+    if kinds:
+        kinds[-1] = "full_attention"          # (transformers forces the last layer full)
+    out["layer_types"] = kinds
+    head_dim = int(hf.get("head_dim") or 256)
+    kv = int(hf.get("num_key_value_heads") or hf.get("num_attention_heads") or 1)
+    dims, kvs = [head_dim] * n, [kv] * n
+    per_layer = hf.get("per_layer_config")
+    if isinstance(per_layer, Mapping) and per_layer:
+        for key, over in per_layer.items():
+            i = int(key)
+            if 0 <= i < n and isinstance(over, Mapping):
+                dims[i] = int(over.get("head_dim", dims[i]))
+                kvs[i] = int(over.get("num_key_value_heads", kvs[i]))
+    else:
+        global_dim = int(hf.get("global_head_dim") or 512)
+        global_kv = hf.get("num_global_key_value_heads")
+        for i, kind in enumerate(kinds):
+            if kind == "full_attention":
+                dims[i] = global_dim
+                if global_kv is not None and hf.get("attention_k_eq_v", False):
+                    kvs[i] = int(global_kv)
+    shared = int(hf.get("num_kv_shared_layers") or 0)
+    if shared >= n > 0:
+        raise UnsupportedModelError("Gemma 4 with every layer reusing K / V "
+                                    "(num_kv_shared_layers = num_hidden_layers) is not supported")
+    first = n - shared
+    source: list[int | None] = [None] * n
+    for i in range(first, n):
+        earlier = [j for j in range(first) if kinds[j] == kinds[i]]
+        if not earlier:
+            raise ValueError(f"Gemma 4 layer {i} ({kinds[i]}) reuses K / V, but no earlier "
+                             "layer of that kind has its own")
+        source[i] = earlier[-1]
+    inter = int(hf.get("intermediate_size") or 0)
+    wide = bool(hf.get("use_double_wide_mlp", False))
+    ple = int(hf.get("hidden_size_per_layer_input") or 0)
+    out["_fields"] = dict(
+        layer_head_dims=dims if len(set(dims)) > 1 else None,
+        layer_num_kv_heads=kvs if len(set(kvs)) > 1 else None,
+        k_eq_v_layers=[i for i, k in enumerate(kinds) if k == "full_attention"]
+        if hf.get("attention_k_eq_v", False) else None,
+        v_norm=True, kv_shared_from=source if shared else None,
+        layer_intermediate_sizes=[2 * inter if wide and source[i] is not None else inter
+                                  for i in range(n)] if wide and shared else None,
+        per_layer_input_size=ple,
+        per_layer_vocab_size=int(hf.get("vocab_size_per_layer_input") or 0) if ple else 0,
+        layer_scalars=True)
+    out["head_dim"] = head_dim
+    out["num_key_value_heads"] = kv
+    return out
+
+
 def _exaone_config(hf: Mapping[str, Any]) -> dict[str, Any]:
     """EXAONE 3.x's config keys under Llama's (num_layers, layer_norm_epsilon,
     activation_function), where the Llama name is absent."""
@@ -1623,7 +1763,8 @@ _KEY_READERS: dict[str, Any] = {
     "mamba": _mamba1_config, "falcon_mamba": _mamba1_config,
     "jamba": lambda hf, _: _jamba_config(hf),
     "zamba2": lambda hf, _: _zamba2_config(hf),
-    "exaone": lambda hf, _: _exaone_config(hf)}
+    "exaone": lambda hf, _: _exaone_config(hf),
+    "gemma4": lambda hf, _: _gemma4_config(hf)}
 
 
 def _attention_scale(hf: Mapping[str, Any], family: str) -> float | None:
@@ -1636,6 +1777,8 @@ def _attention_scale(hf: Mapping[str, Any], family: str) -> float | None:
         return (int(hf["hidden_size"]) / int(hf["num_attention_heads"])) ** -0.5
     if family in ("gemma2", "gemma3", "vaultgemma"):
         return float(hf.get("query_pre_attn_scalar", 256)) ** -0.5
+    if family == "gemma4":       # (q / k are RMS-normalized: no 1 / sqrt(d))
+        return 1.0
     if family in ("granite", "granitemoe", "granitemoeshared", "granite_hybrid", "granite_swa",
                   "hyperclovax"):
         return float(hf.get("attention_multiplier", 1.0))

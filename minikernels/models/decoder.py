@@ -113,15 +113,26 @@ class Attention(nn.Module):
         super().__init__()
         c = config
         shard = attention_shard(c, tp)   # all heads unless tensor-parallel
-        self.num_heads, self.num_kv_heads, self.head_dim = shard.nq, shard.nkv, c.head_dim
-        self.q_size, self.kv_size = shard.nq * c.head_dim, shard.nkv * c.head_dim
+        head_dim = c.layer_head_dim(layer)
+        nkv = shard.nkv if c.layer_num_kv_heads is None else c.layer_kv_heads(layer)
+        self.num_heads, self.num_kv_heads, self.head_dim = shard.nq, nkv, head_dim
+        self.q_size, self.kv_size = shard.nq * head_dim, nkv * head_dim
         self.__dict__["tp"] = tp
+        # Gemma 4: a layer reading an earlier layer's K / V (no k / v projections), one
+        # whose v is its k projection (k_eq_v), and the one-forward K / V store the
+        # readers use when there is no cache (CausalLM sets kv_share)
+        self.layer = layer
+        self.kv_source = c.kv_source(layer)
+        self.k_eq_v = c.k_eq_v_layers is not None and layer in c.k_eq_v_layers
+        self.kv_stored = c.kv_shared_from is not None and layer in c.kv_shared_from
+        self.__dict__["kv_share"] = None
         # Qwen3.5: q_proj rows hold [q | gate] per head (attn_output_gate)
         self.output_gate = c.attn_output_gate
         q_rows = self.q_size * (2 if self.output_gate else 1)
+        parts = [q_rows] if self.kv_source is not None else \
+            [q_rows, self.kv_size] if self.k_eq_v else [q_rows, self.kv_size, self.kv_size]
         # (in_features: Zamba2's shared blocks read cat(stream, embeddings), 2 H wide)
-        self.qkv_proj = FusedLinear(in_features or c.hidden_size,
-                                    [q_rows, self.kv_size, self.kv_size],
+        self.qkv_proj = FusedLinear(in_features or c.hidden_size, parts,
                                     bias=c.qkv_bias, dtype=dtype, device=device, dense=dense)
         self.o_proj = FusedLinear(self.q_size, c.hidden_size, bias=c.o_bias, dtype=dtype,
                                   device=device, dense=dense)
@@ -138,13 +149,18 @@ class Attention(nn.Module):
                             "kv_size": c.num_kv_heads * c.head_dim, "kv_replicas": replicas}
         if c.qk_norm:   # per head, or (OLMo 2) over all heads of q / k
             q_dim, k_dim = (self.q_size, self.kv_size) if c.qk_norm_full else \
-                (c.head_dim, c.head_dim)
+                (head_dim, head_dim)
             self.q_norm = RMSNorm(q_dim, c.rms_norm_eps, dtype=dtype, device=device,
                                   weight_offset=c.norm_weight_offset,
                                   elementwise_affine=c.norm_affine)
             self.k_norm = RMSNorm(k_dim, c.rms_norm_eps, dtype=dtype, device=device,
                                   weight_offset=c.norm_weight_offset,
-                                  elementwise_affine=c.norm_affine)
+                                  elementwise_affine=c.norm_affine) \
+                if self.kv_source is None else None
+        # Gemma 4: v RMS-normalized per head, no weight
+        self.v_norm = RMSNorm(head_dim, c.rms_norm_eps, dtype=dtype, device=device,
+                              elementwise_affine=False) \
+            if c.v_norm and self.kv_source is None else None
         # Shared across layers; a plain attribute (not a submodule) so it is stored once.
         self.__dict__["rotary"] = rotary
         self.qk_norm_after_rope = c.qk_norm_after_rope
@@ -159,7 +175,7 @@ class Attention(nn.Module):
             slopes = alibi_slopes(c.num_heads) if c.alibi_max_bias is None else \
                 mpt_alibi_slopes(c.num_heads, c.alibi_max_bias)
             slopes = slopes[shard.q0:shard.q0 + shard.nq].to(device)
-        self.attn = PagedAttention(self.num_heads, self.num_kv_heads, c.head_dim,
+        self.attn = PagedAttention(self.num_heads, self.num_kv_heads, head_dim,
                                    softmax_scale=c.softmax_scale,
                                    window_left=c.window_left(layer),
                                    softcap=c.attn_logit_softcapping or 0.0,
@@ -176,6 +192,8 @@ class Attention(nn.Module):
         if self.clip_qkv is not None:     # OLMo 1: q, k, v clamped to [-clip, clip]
             qkv = qkv.clamp(-self.clip_qkv, self.clip_qkv)
         gate = None
+        if self.kv_source is not None or self.k_eq_v:      # (Gemma 4)
+            return self._gemma4_forward(x, qkv, meta, kv_cache)
         if self.output_gate:    # [q | gate] per head
             qg, k, v = qkv.split([2 * self.q_size, self.kv_size, self.kv_size], dim=-1)
             qg = qg.reshape(t, self.num_heads, 2 * self.head_dim)
@@ -189,6 +207,8 @@ class Attention(nn.Module):
         if self.key_multiplier != 1.0:
             k = k * self.key_multiplier
         v = v.reshape(t, self.num_kv_heads, self.head_dim).contiguous()
+        if self.v_norm is not None:
+            v = self.v_norm(v)
         per_head_norm = self.q_norm is not None and not self.qk_norm_full
         if per_head_norm and not self.qk_norm_after_rope:
             q = self.q_norm(q.contiguous())
@@ -202,6 +222,8 @@ class Attention(nn.Module):
             # attention temperature: queries past each original context grow by beta * log
             far = torch.floor(meta.positions.float() / self.q_scale_length)
             q = q * (1 + self.q_scale_beta * torch.log1p(far)).to(q.dtype)[:, None, None]
+        if self.kv_stored and kv_cache is None and self.kv_share is not None:
+            self.kv_share[self.layer] = (k, v)        # (Gemma 4: read by later layers)
         o = self.attn(q, k, v, meta, kv_cache)
         if gate is not None:
             o = o * torch.sigmoid(gate)
@@ -212,6 +234,40 @@ class Attention(nn.Module):
             o = self.tp.all_reduce(o)   # row-parallel o_proj
         return o if self.residual_multiplier == 1.0 else o * self.residual_multiplier
 
+
+    def _gemma4_forward(self, x: Tensor, qkv: Tensor, meta: AttentionMetadata,
+                        kv_cache: KVCache | None) -> Tensor:
+        """Gemma 4's K = V and K / V-sharing layers: v is the k projection (k_eq_v, before
+        k's norm); a reading layer has q only and attends over its source layer's K / V
+        (the source's cache pair, already written this step, or without a cache the K /
+        V the source left in ``kv_share``)."""
+        t = x.shape[0]
+        q = self.q_norm(qkv[:, :self.q_size].reshape(t, self.num_heads, self.head_dim)
+                        .contiguous())
+        if self.kv_source is not None:
+            if self.rotary is not None:     # (rotates q twice over: the op takes a k)
+                q = self.rotary(q, q, meta.positions)[0]
+            if kv_cache is None:
+                k, v = self.kv_share[self.kv_source]
+                o = self.attn(q, k, v, meta, None)
+            else:
+                o = self.attn(q, None, None, meta, kv_cache, write=False)
+            return self.o_proj(o.reshape(t, self.q_size))
+        raw = qkv[:, self.q_size:].reshape(t, self.num_kv_heads, self.head_dim)
+        k = self.k_norm(raw.contiguous())
+        v = self.v_norm(raw.contiguous()) if self.v_norm is not None else raw.contiguous()
+        if self.rotary is not None:
+            q, k = self.rotary(q, k, meta.positions)
+        return self._attend_and_store(q, k, v, meta, kv_cache, t)
+
+    def _attend_and_store(self, q: Tensor, k: Tensor, v: Tensor, meta: AttentionMetadata,
+                          kv_cache: KVCache | None, t: int) -> Tensor:
+        """Attention, o_proj; without a cache a source layer leaves its K / V for the
+        layers reading them (Gemma 4)."""
+        if self.kv_stored and kv_cache is None and self.kv_share is not None:
+            self.kv_share[self.layer] = (k, v)
+        o = self.attn(q, k, v, meta, kv_cache)
+        return self.o_proj(o.reshape(t, self.q_size))
 
     def _full_qk_norm(self, q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
         """OLMo 2's RMSNorms over all heads of q [T, q_size] and k [T, kv_size]. Under
@@ -575,10 +631,11 @@ _ACTIVATIONS = {"silu": F.silu, "relu": F.relu, "gelu": F.gelu,
 class MLP(nn.Module):
     def __init__(self, config: DecoderConfig, dtype: torch.dtype,
                  device: torch.device | str | None, dense: bool,
-                 tp: TensorParallel | None = None) -> None:
+                 tp: TensorParallel | None = None, intermediate_size: int | None = None
+                 ) -> None:
         super().__init__()
         c = config
-        inter = c.intermediate_size // (tp.size if tp is not None else 1)
+        inter = (intermediate_size or c.intermediate_size) // (tp.size if tp is not None else 1)
         self.__dict__["tp"] = tp
         # gated: [gate; up] rows; not gated (StarCoder 2): the one up projection (c_fc)
         self.gated = c.mlp_gated
@@ -742,7 +799,20 @@ class DecoderLayer(nn.Module):
             self.post_feedforward_layernorm = norm()
         self.mlp = None if not c.has_mlp(layer) else \
             SparseMoE(config, dtype, device, dense, tp) if c.is_moe(layer) else \
-            MLP(config, dtype, device, dense, tp)
+            MLP(config, dtype, device, dense, tp, c.layer_intermediate_size(layer))
+        # Gemma 4: the per-layer input (PLE) joins the stream after the MLP, and a learned
+        # scalar scales the whole stream
+        self.per_layer_input_gate = self.per_layer_projection = None
+        self.post_per_layer_input_norm = None
+        if c.per_layer_input_size:
+            self.per_layer_input_gate = FusedLinear(c.hidden_size, c.per_layer_input_size,
+                                                    dtype=dtype, device=device, dense=dense)
+            self.per_layer_projection = FusedLinear(c.per_layer_input_size, c.hidden_size,
+                                                    dtype=dtype, device=device, dense=dense)
+            self.post_per_layer_input_norm = norm()
+            self.__dict__["ple_act"] = _ACTIVATIONS[c.activation]
+        self.layer_scalar = nn.Parameter(torch.ones(1, dtype=dtype, device=device),
+                                         requires_grad=False) if c.layer_scalars else None
 
     def _parallel_mix(self, x: Tensor, meta: AttentionMetadata, cache: tuple | None) -> Tensor:
         """Falcon-H1's token mixer: Mamba-2 and attention on the same normed input, their
@@ -763,11 +833,20 @@ class DecoderLayer(nn.Module):
         x = self.input_layernorm(s + t)
         return self.mamba(x, meta, None if cache is None else cache[2:]), s
 
+    def _stream_tail(self, s: Tensor, per_layer_input: Tensor | None) -> Tensor:
+        """Gemma 4's end of a layer on the stream s: s + norm(proj(act(gate(s)) *
+        per_layer_input)), then times the layer's scalar."""
+        if self.per_layer_input_gate is not None:
+            g = self.ple_act(self.per_layer_input_gate(s)) * per_layer_input
+            s = s + self.post_per_layer_input_norm(self.per_layer_projection(g))
+        return s if self.layer_scalar is None else s * self.layer_scalar
+
     def forward(self, h: Tensor, residual: Tensor | None, meta: AttentionMetadata,
-                kv_cache: KVCache | None, embeds: Tensor | None = None
-                ) -> tuple[Tensor, Tensor]:
-        """(h, residual) -> the next pair (the residual add left pending). embeds: the
-        token embeddings (Zamba2's hybrid layers read them)."""
+                kv_cache: KVCache | None, embeds: Tensor | None = None,
+                per_layer_input: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+        """(h, residual) -> the next pair (the residual add left pending; None: h is the
+        whole stream). embeds: the token embeddings (Zamba2's hybrid layers read them);
+        per_layer_input [T, P]: Gemma 4's per-layer input of this layer."""
         if self.zamba:
             return self._zamba_forward(h, residual, meta, kv_cache, embeds)
         if self.post_norm:
@@ -803,7 +882,10 @@ class DecoderLayer(nn.Module):
         a = self.post_attention_layernorm(x)
         x, residual = self.pre_feedforward_layernorm(a if m == 1.0 else a * m, residual)
         y = self.post_feedforward_layernorm(self.mlp(x))
-        return (y if m == 1.0 else y * m), residual
+        y = y if m == 1.0 else y * m
+        if self.per_layer_input_gate is None and self.layer_scalar is None:
+            return y, residual
+        return self._stream_tail(y + residual, per_layer_input), None
 
 
 class CausalLM(nn.Module):
@@ -835,7 +917,11 @@ class CausalLM(nn.Module):
             check_config(c, tp)
         self.tp = tp
         self.num_local_kv_heads = attention_shard(c, tp).nkv
-        self.rotary = RotaryEmbedding(c.rotary_dim, c.max_position_embeddings, c.rope_theta,
+        # (Gemma 4: the full layers' own head dim)
+        full_dim = next((c.layer_head_dim(i) for i in range(c.num_layers)
+                         if not c.is_sliding(i)), c.head_dim)
+        self.rotary = RotaryEmbedding(int(full_dim * c.partial_rotary_factor),
+                                      c.max_position_embeddings, c.rope_theta,
                                       c.rope_scaling, device=device,
                                       is_neox_style=not c.rope_interleaved,
                                       reverse=c.rope_reversed)
@@ -861,6 +947,27 @@ class CausalLM(nn.Module):
         self.layers = nn.ModuleList(
             DecoderLayer(c, i, self._layer_rotary(i), dtype, device, dense, tp)
             for i in range(c.num_layers))
+        # Gemma 4: the K / V a source layer leaves for the layers reading it (cache-less
+        # forwards; with a cache they read its cache pair)
+        self._kv_share: dict[int, tuple[Tensor, Tensor]] = {}
+        for layer in self.layers:
+            if layer.self_attn is not None:
+                layer.self_attn.__dict__["kv_share"] = self._kv_share
+        # Gemma 4's per-layer inputs (PLE): a table of P dims per layer and token, and a
+        # projection of the (scaled) embeddings, normalized per layer
+        self.embed_tokens_per_layer = self.per_layer_model_projection = None
+        self.per_layer_projection_norm = None
+        if c.per_layer_input_size:
+            width = c.num_layers * c.per_layer_input_size
+            self.embed_tokens_per_layer = nn.Embedding(c.per_layer_vocab_size, width,
+                                                       dtype=dtype, device=device)
+            self.embed_tokens_per_layer.weight.requires_grad_(False)
+            self.per_layer_model_projection = FusedLinear(c.hidden_size, width, dtype=dtype,
+                                                          device=device)
+            self.per_layer_projection_norm = RMSNorm(c.per_layer_input_size, c.rms_norm_eps,
+                                                     dtype=dtype, device=device,
+                                                     weight_offset=c.norm_weight_offset)
+            self._ple_scale = float(torch.tensor(c.per_layer_input_size ** 0.5, dtype=dtype))
         # Zamba2: the shared transformer blocks, called in turn by the hybrid layers
         self.shared_blocks = None
         if c.zamba_shared_blocks:
@@ -936,6 +1043,9 @@ class CausalLM(nn.Module):
         if self.embed_norm is not None:
             h = self.embed_norm(h)
         embeds = h if self.shared_blocks is not None else None     # (Zamba2)
+        per_layer = self._per_layer_inputs(input_ids, h) \
+            if self.embed_tokens_per_layer is not None else None     # (Gemma 4)
+        self._kv_share.clear()
         residual: Tensor | None = None
         capture = self.hidden_capture
         aux = capture.layers if capture is not None and capture.layers else ()
@@ -945,7 +1055,8 @@ class CausalLM(nn.Module):
                 for slot in (j for j, a in enumerate(aux) if a == i):
                     capture.write(slot, stream)
             h, residual = layer(h, residual, meta.for_layer(i),
-                                None if kv_caches is None else kv_caches[i], embeds)
+                                None if kv_caches is None else kv_caches[i], embeds,
+                                None if per_layer is None else per_layer[:, i])
         if capture is not None and not aux:   # final-normed states of every token
             h = self.norm(h) if residual is None else self.norm(h, residual)[0]
             capture.write(0, h)
@@ -955,6 +1066,16 @@ class CausalLM(nn.Module):
             residual = residual.index_select(0, meta.logits_indices) \
                 if residual is not None else None
         return self.norm(h) if residual is None else self.norm(h, residual)[0]
+
+    def _per_layer_inputs(self, input_ids: Tensor, embeds: Tensor) -> Tensor:
+        """Gemma 4's per-layer inputs [T, L, P]: (norm(project(embeds) / sqrt(H)) +
+        table(ids) * sqrt(P)) / sqrt(2) (model dtype)."""
+        c = self.config
+        t, p = input_ids.shape[0], c.per_layer_input_size
+        table = self.embed_tokens_per_layer(input_ids) * self._ple_scale
+        proj = self.per_layer_model_projection(embeds) * c.hidden_size ** -0.5
+        proj = self.per_layer_projection_norm(proj.reshape(t, c.num_layers, p))
+        return (proj + table.reshape(t, c.num_layers, p)) * 2.0 ** -0.5
 
     # ----------------------------------------------------------------- KV cache
     def kv_cache_shape(self, num_blocks: int, block_size: int) -> tuple[int, int, int, int]:
@@ -992,12 +1113,17 @@ class CausalLM(nn.Module):
         if len(layout.layer_slot) != c.num_layers:
             raise ValueError(f"layout has {len(layout.layer_slot)} layers, the model "
                              f"{c.num_layers}")
-        used = sorted({s for i, s in enumerate(layout.layer_slot) if c.has_attention(i)})
-        pairs = {s: (torch.zeros(shape, dtype=dt, device=self.device),
-                     torch.zeros(shape, dtype=dt, device=self.device)) for s in used}
+        if c.uniform_attention_shapes:
+            used = sorted({s for i, s in enumerate(layout.layer_slot) if c.has_attention(i)})
+            pairs = {s: (torch.zeros(shape, dtype=dt, device=self.device),
+                         torch.zeros(shape, dtype=dt, device=self.device)) for s in used}
+            layer_pair = {i: pairs[layout.layer_slot[i]] for i in range(c.num_layers)
+                          if c.has_attention(i)}
+        else:
+            layer_pair = self._shaped_kv_pairs(num_blocks, block_size, dt, layout)
         caches: list = []
         for i, layer in enumerate(self.layers):
-            pair = pairs[layout.layer_slot[i]] if c.has_attention(i) else ()
+            pair = layer_pair[i] if c.has_attention(i) else ()
             states = () if layer.recurrent is None else tuple(
                 torch.zeros((num_state_slots, *shape_i), dtype=dt_i or self.dtype,
                             device=self.device)
@@ -1011,11 +1137,51 @@ class CausalLM(nn.Module):
         (all attention layers, or a hybrid layout's shared pairs)."""
         elem = torch.empty((), dtype=dtype or self.dtype).element_size()
         c = self.config
+        if not c.uniform_attention_shapes:
+            layout = layout or KVCacheLayout.uniform(c.num_layers)
+            return 2 * elem * sum(self._slot_elems_per_token(layout).values())
         if layout is None:
             slots = sum(c.has_attention(i) for i in range(c.num_layers))
         else:
             slots = len({s for i, s in enumerate(layout.layer_slot) if c.has_attention(i)})
         return 2 * slots * self.num_local_kv_heads * c.head_dim * elem
+
+    def _slot_elems_per_token(self, layout: KVCacheLayout) -> dict[int, int]:
+        """Per cache slot, the elements one token takes in K (or V): the largest of the
+        layers writing that slot (Gemma 4's layers differ in kv heads / head dim; the
+        layers reading another's K / V write none)."""
+        c = self.config
+        out: dict[int, int] = {}
+        for i in range(c.num_layers):
+            if c.has_attention(i) and c.kv_source(i) is None:
+                s = layout.layer_slot[i]
+                out[s] = max(out.get(s, 0), c.layer_kv_heads(i) * c.layer_head_dim(i))
+        return out
+
+    def _shaped_kv_pairs(self, num_blocks: int, block_size: int, dt: torch.dtype,
+                         layout: KVCacheLayout) -> dict[int, tuple[Tensor, Tensor]]:
+        """Each attention layer's (k_cache, v_cache) when layers differ in shape: one
+        buffer pair per slot, [num_blocks, block_size * the slot's widest per-token
+        elements], and each layer's [num_blocks, block_size, its kv heads, its head dim]
+        view of the start of every block's row (block b serves whichever layer holds it);
+        a layer reading another layer's K / V gets that layer's views."""
+        c = self.config
+        widest = self._slot_elems_per_token(layout)
+        buffers = {s: tuple(torch.zeros(num_blocks, block_size * e, dtype=dt,
+                                         device=self.device) for _ in range(2))
+                   for s, e in widest.items()}
+        pairs: dict[int, tuple[Tensor, Tensor]] = {}
+        for i in range(c.num_layers):
+            if not c.has_attention(i) or c.kv_source(i) is not None:
+                continue
+            kv, d = c.layer_kv_heads(i), c.layer_head_dim(i)
+            pairs[i] = tuple(b[:, :block_size * kv * d].view(num_blocks, block_size, kv, d)
+                             for b in buffers[layout.layer_slot[i]])    # type: ignore[misc]
+        for i in range(c.num_layers):
+            src = c.kv_source(i)
+            if src is not None and c.has_attention(i):
+                pairs[i] = pairs[src]
+        return pairs
 
     def state_tensors(self, kv_caches: list) -> list[Tensor]:
         """The recurrent state tensors of ``kv_caches`` (from :meth:`allocate_kv_caches`),

@@ -63,15 +63,23 @@ class KVCacheLayout:
 def plan_kv_layout(config: DecoderConfig, hybrid: bool = True) -> KVCacheLayout:
     """The layout for ``config``: hybrid when asked and worthwhile (see the module doc)."""
     n = config.num_layers
-    sliding = [i for i in range(n) if config.is_sliding(i)]
-    full = [i for i in range(n) if not config.is_sliding(i)]
+    # (Gemma 4: a layer reading an earlier layer's K / V holds no cache of its own: it
+    # takes that layer's pair and block table)
+    source = [getattr(config, "kv_source", lambda i: None)(i) for i in range(n)]
+    own = [i for i in range(n) if source[i] is None]
+    sliding = [i for i in own if config.is_sliding(i)]
+    full = [i for i in own if not config.is_sliding(i)]
     if not full and sliding:
         # every layer sliding: a few keep every block as group 0 (fewer groups to fill
         # per step than one per layer), the rest release theirs
         keep = -(-n // 8)                         # at most ~8 groups
         full, sliding = sliding[:keep], sliding[keep:]
     if not hybrid or not full or len(sliding) < len(full):
-        return KVCacheLayout.uniform(n)
+        layout = KVCacheLayout.uniform(n)
+        if any(src is not None for src in source):
+            slot = [i if src is None else src for i, src in enumerate(source)]
+            layout = KVCacheLayout(n, tuple(slot), (0,) * n)
+        return layout
     per = len(full)
     slot = [0] * n
     group = [0] * n
@@ -80,5 +88,8 @@ def plan_kv_layout(config: DecoderConfig, hybrid: bool = True) -> KVCacheLayout:
     for j, layer in enumerate(sliding):
         group[layer] = 1 + j // per
         slot[layer] = j % per
+    for i, src in enumerate(source):
+        if src is not None:
+            slot[i], group[i] = slot[src], group[src]
     return KVCacheLayout(per, tuple(slot), tuple(group), 1 + -(-len(sliding) // per),
                          int(config.sliding_window))

@@ -68,7 +68,7 @@ from torch import Tensor, nn
 
 from .config import (DecoderConfig, UnsupportedModelError, builtin_config,
                      is_classifier_architecture, list_models)
-from .decoder import CausalLM, GatedDeltaNet, Mamba2Mixer
+from .decoder import CausalLM, DecoderLayer, GatedDeltaNet, Mamba2Mixer, MambaMixer
 from .hub import resolve_model
 from ..nn.layers import XIELU
 from ..quant.fp8 import fp8_from_checkpoint
@@ -169,6 +169,9 @@ _GDN_SPLIT_RE = re.compile(r"^layers\.(\d+)\.linear_attn\.(q_proj|k_proj|v_proj|
 _MAMBA_PROJ_RE = re.compile(r"^layers\.(\d+)\.mamba\.(in_proj|out_proj|x_proj)\.(\w+)$")
 _MAMBA_PARAM_RE = re.compile(r"^layers\.(\d+)\.mamba\.(dt_bias|A_log|D)$")
 #: Mamba-1's dt projection (its bias is the scan's dt_bias) and Jamba's dt / B / C norms
+#: Gemma 4's per-layer input path and layer scalar
+_PLE_LAYER_RE = re.compile(r"^layers\.(\d+)\.(per_layer_input_gate|per_layer_projection|"
+                           r"post_per_layer_input_norm|layer_scalar)(?:\.(\w+))?$")
 #: Zamba2's shared blocks and a hybrid layer's own linear and adapters (after renaming)
 _ZAMBA2_BLOCK_RE = re.compile(r"^shared_blocks\.(\d+)\.(input_layernorm|pre_ff_layernorm|"
                               r"self_attn\.[qkvo]_proj|mlp\.(?:gate|up|down)_proj)\.(\w+)$")
@@ -191,14 +194,17 @@ _IGNORED = re.compile(r"(rotary_emb\.inv_freq|\.bias_correction|\.wf_?\w*|\.weig
                       # GPT-NeoX's / GPT-2's stored causal-mask buffers
                       r"|\.attention\.(masked_)?bias$|\.attn\.(masked_)?bias$"   # GPT-2
                       # Qwen3.5 / Qwen3-Next: the multi-token-prediction head (not served)
-                      r"|^mtp\.")
+                      r"|^mtp\."
+                      # Gemma 4: K / V weights of the layers that read an earlier layer's
+                      r"|^_unused\.")
 
 
 #: A multimodal checkpoint's text decoder (Gemma 3 4B+): transformers' two spellings.
 _TEXT_PREFIXES = (("language_model.model.", "model."), ("model.language_model.", "model."),
                   ("language_model.lm_head.", "lm_head."))
 #: Its image encoder and projector: not read (the decoder serves text only).
-_NON_TEXT = re.compile(r"^(model\.)?(vision_tower|vision_model|multi_modal_projector|visual)\.")
+_NON_TEXT = re.compile(r"^(model\.)?(vision_tower|vision_model|multi_modal_projector|visual|"
+                       r"audio_tower|embed_vision|embed_audio)\.")
 
 
 def is_non_text_tensor(name: str) -> bool:
@@ -220,11 +226,22 @@ def map_name(name: str) -> tuple[str, int | None, str] | None:
             break
     n = name[len("model."):] if name.startswith("model.") else name
     if n in ("embed_tokens.weight", "norm.weight", "norm.bias", "embed_positions.weight",
-             "embed_norm.weight", "embed_norm.bias"):
+             "embed_norm.weight", "embed_norm.bias", "embed_tokens_per_layer.weight",
+             "per_layer_projection_norm.weight"):
         return n.rsplit(".", 1)[0], None, n.rsplit(".", 1)[1]
     if name.startswith("lm_head."):
         kind = name.split(".", 1)[1]
         return "lm_head", 0, kind
+    if n == "per_layer_model_projection.weight":        # (Gemma 4)
+        return "per_layer_model_projection", 0, "weight"
+    m = _PLE_LAYER_RE.match(n)
+    if m:
+        layer, module, kind = m.groups()
+        if module == "layer_scalar":
+            return f"layers.{layer}", None, "layer_scalar"
+        if module == "post_per_layer_input_norm":
+            return f"layers.{layer}.{module}", None, kind
+        return f"layers.{layer}.{module}", 0, kind
     m = _NORM_RE.match(n)
     if m:
         return f"layers.{m.group(1)}.{m.group(2)}", None, m.group(3)
@@ -516,6 +533,12 @@ def _family_name(name: str, config: DecoderConfig) -> str:
         return _nemotron_h_name(name, config)
     if config.architecture == "zamba2":
         return _zamba2_name(name, config)
+    if config.architecture == "gemma4" and config.kv_shared_from is not None:
+        m = _GEMMA4_KV_RE.search(name)
+        if m and int(m.group(1)) < config.num_layers and \
+                config.kv_source(int(m.group(1))) is not None:
+            return "_unused." + name      # (a layer reading another's K / V has none)
+        return name
     if config.architecture in ("mamba", "falcon_mamba"):
         name = _renamed(name, _MAMBA1_PREFIXES, ())
         return _renamed(name, (), _MAMBA1_PARTS) if name.startswith("model.layers.") else name
@@ -661,6 +684,10 @@ def _nemotron_h_name(name: str, config: DecoderConfig) -> str:
     new = _NEMOTRON_H_MIXERS[config.mixer(layer)]
     name = name.replace(".mixer.", new, 1)
     return name.replace(".mlp.up_proj.", ".mlp.gate_proj.") if new == ".mlp." else name
+
+
+#: Gemma 4: a layer's K / V tensors (unused in the layers that read an earlier layer's)
+_GEMMA4_KV_RE = re.compile(r"layers\.(\d+)\.self_attn\.(?:k_proj|v_proj|k_norm|v_norm)\.")
 
 
 #: EXAONE 3.x: GPT-2-style names around Llama's layers
@@ -1061,8 +1088,10 @@ def _load_hf(model_dir: str, dtype: str | torch.dtype, device: torch.device,
             expected.update((name, None, p) for p, _ in mod.named_parameters())
         elif isinstance(mod, GatedDeltaNet):
             expected.update((name, None, p) for p in ("dt_bias", "A_log"))
-        elif isinstance(mod, Mamba2Mixer):
+        elif isinstance(mod, (Mamba2Mixer, MambaMixer)):
             expected.update((name, None, p) for p in ("dt_bias", "A_log", "D"))
+        elif isinstance(mod, DecoderLayer) and mod.layer_scalar is not None:
+            expected.add((name, None, "layer_scalar"))          # (Gemma 4)
         elif isinstance(getattr(mod, "expert_bias", None), torch.nn.Parameter):
             expected.add((name, None, "expert_bias"))           # LFM2-MoE's router bias
         elif name and hasattr(mod, "weight") and isinstance(getattr(mod, "weight"),

@@ -275,6 +275,12 @@ def _parse_tensors(tensors: list[tuple[str, Tensor]], config: DecoderConfig, ran
             if target.startswith("self_attn.") and not config.has_attention(layer):
                 raise LoRAError(f"{path}: {key!r} targets attention in layer {layer}, a "
                                 f"{config.mixer(layer)} layer of this model")
+            if (proj in ("k_proj", "v_proj") and config.kv_source(layer) is not None) or (
+                    proj == "v_proj" and config.k_eq_v_layers is not None and
+                    layer in config.k_eq_v_layers):
+                raise LoRAError(f"{path}: {key!r} targets a projection layer {layer} does "
+                                "not have (Gemma 4: it reads another layer's K / V, or its "
+                                "v is its k)")
             if target.startswith("mlp.") and not config.has_mlp(layer):
                 raise LoRAError(f"{path}: {key!r} targets an MLP in layer {layer}, which has "
                                 "none in this model")
@@ -326,7 +332,7 @@ def _parse_tensors(tensors: list[tuple[str, Tensor]], config: DecoderConfig, ran
             k_in, n_out = _recurrent_shape(config, proj)
             name = f"model.layers.{layer}.{proj}"
         else:
-            k_in, n_out = _projection_shape(config, proj)
+            k_in, n_out = _projection_shape(config, proj, layer)
             name = (f"model.layers.{layer}.{'self_attn' if proj in _ATTENTION else 'mlp'}."
                     f"{hf_proj.get((layer, proj), proj)}")
         rank = ranks.rank(name)
@@ -489,15 +495,19 @@ def _check_config(cfg: dict[str, Any], where: str) -> None:
         raise LoRAError(f"{where}: r must be a positive int, got {r!r}")
 
 
-def _projection_shape(config: DecoderConfig, proj: str) -> tuple[int, int]:
-    """(in, out) features of an HF projection of ``config``'s decoder layer."""
+def _projection_shape(config: DecoderConfig, proj: str, layer: int = 0) -> tuple[int, int]:
+    """(in, out) features of an HF projection of ``config``'s decoder layer ``layer``
+    (Gemma 4's layers differ in head dim, kv heads and MLP width)."""
     c = config
-    q_out = c.q_size * (2 if c.attn_output_gate else 1)      # (Qwen3.5: [q | gate] per head)
-    return {"q_proj": (c.hidden_size, q_out), "k_proj": (c.hidden_size, c.kv_size),
-            "v_proj": (c.hidden_size, c.kv_size), "o_proj": (c.q_size, c.hidden_size),
-            "gate_proj": (c.hidden_size, c.intermediate_size),
-            "up_proj": (c.hidden_size, c.intermediate_size),
-            "down_proj": (c.intermediate_size, c.hidden_size),
+    q_size = c.num_heads * c.layer_head_dim(layer)
+    kv_size = c.layer_kv_heads(layer) * c.layer_head_dim(layer)
+    inter = c.layer_intermediate_size(layer)
+    q_out = q_size * (2 if c.attn_output_gate else 1)      # (Qwen3.5: [q | gate] per head)
+    return {"q_proj": (c.hidden_size, q_out), "k_proj": (c.hidden_size, kv_size),
+            "v_proj": (c.hidden_size, kv_size), "o_proj": (q_size, c.hidden_size),
+            "gate_proj": (c.hidden_size, inter),
+            "up_proj": (c.hidden_size, inter),
+            "down_proj": (inter, c.hidden_size),
             "shared_expert.gate_proj": (c.hidden_size, c.shared_expert_intermediate_size),
             "shared_expert.up_proj": (c.hidden_size, c.shared_expert_intermediate_size),
             "shared_expert.down_proj": (c.shared_expert_intermediate_size, c.hidden_size)}[proj]

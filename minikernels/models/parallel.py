@@ -113,6 +113,10 @@ def check_config(config: DecoderConfig, tp: TensorParallel) -> None:
         raise ValueError(f"tensor_parallel_size {p}: {config.architecture}'s recurrent "
                          f"layers ({sorted(set(config.layer_mixers) - {'attention'})}) are "
                          "not sharded; run it with tensor_parallel_size=1")
+    if not config.uniform_attention_shapes:
+        raise ValueError(f"tensor_parallel_size {p}: {config.architecture}'s layers of "
+                         "different KV shapes (or reading another layer's K / V) are not "
+                         "sharded; run it with tensor_parallel_size=1")
     if config.attn_head_gate:
         raise ValueError(f"tensor_parallel_size {p}: the per-head attention gate "
                          f"({config.architecture}'s g_proj) is not sharded")

@@ -240,8 +240,10 @@ class PagedAttention(nn.Module):
         self.sinks = nn.Parameter(torch.zeros(num_heads, dtype=torch.float32, device=device),
                                   requires_grad=False) if sinks else None
 
-    def forward(self, q: Tensor, k: Tensor, v: Tensor, meta: Any,
-                kv_cache: tuple[Tensor, Tensor] | None) -> Tensor:
+    def forward(self, q: Tensor, k: Tensor | None, v: Tensor | None, meta: Any,
+                kv_cache: tuple[Tensor, Tensor] | None, write: bool = True) -> Tensor:
+        """write=False (Gemma 4's K / V-sharing layers): attend over ``kv_cache`` as an
+        earlier layer wrote it this step; k / v are not read (may be None)."""
         num_tokens = q.shape[0]
         if kv_cache is None:
             if meta.cu_seqlens_q is None:
@@ -259,7 +261,8 @@ class PagedAttention(nn.Module):
         scales = {}
         if k_cache.dtype in ops.attention.FP8_KV_DTYPES:
             scales = dict(k_scale=self.k_scale, v_scale=self.v_scale)
-        ops.write_kv_cache(k, v, k_cache, v_cache, meta.slot_mapping, **scales)
+        if write:
+            ops.write_kv_cache(k, v, k_cache, v_cache, meta.slot_mapping, **scales)
         nd = int(meta.num_decode)
         if nd == num_tokens:  # decode-only step: no copy into a shared output
             return ops.paged_decode_attention(
