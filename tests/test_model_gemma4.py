@@ -147,3 +147,21 @@ def test_lora_adapters_per_layer_shapes(tmp_path):
             want = ref.generate(input_ids=torch.tensor([p]), max_new_tokens=6, do_sample=False,
                                 eos_token_id=None, pad_token_id=0)[0, len(p):].tolist()
         assert o.outputs[0].token_ids == want
+
+
+def test_multimodal_checkpoint_serves_its_text_decoder(tmp_path):
+    """Gemma4ForConditionalGeneration (text_config, model.language_model.* tensors) loads
+    as its text decoder: transformers' logits for text prompts."""
+    import transformers
+    from test_model_support import BASE, CASES, randomize_, text_logits_err
+
+    text = transformers.Gemma4TextConfig(**{**BASE, **CASES["gemma4"][1]})
+    cfg = transformers.Gemma4Config(text_config=text.to_dict(), vision_config=None,
+                                    audio_config=None)
+    torch.manual_seed(0)
+    hf = randomize_(transformers.Gemma4ForConditionalGeneration(cfg).float().eval(), 3)
+    path = save_hf(hf, str(tmp_path / "mm"))
+    model = load_model(path, dtype="float32", device="cpu")
+    assert model.config.per_layer_input_size == 8
+    seqs = [random_tokens(n, 300, 30 + n) for n in (7, 12)]
+    assert text_logits_err(model, hf, seqs) <= 1e-4
