@@ -21,11 +21,10 @@ LENGTHS = [5, 23, 14, 3, 31]
 PARAMS = mk.SamplingParams(max_tokens=8, ignore_eos=True, temperature=0.0, logprobs=0)
 
 
-@pytest.fixture(scope="module")
-def gemma4(tmp_path_factory):
+def _reference(kind: str, tmp_path_factory):
     """(checkpoint, prompts, transformers' greedy tokens, their logprobs)."""
-    hf = make_hf_model("gemma4", seed=4)
-    path = save_hf(hf, str(tmp_path_factory.mktemp("gemma4")))
+    hf = make_hf_model(kind, seed=4)
+    path = save_hf(hf, str(tmp_path_factory.mktemp(kind)))
     prompts = [random_tokens(n, hf.config.vocab_size, 90 + n) for n in LENGTHS]
     tokens, logprobs = [], []
     with torch.no_grad():
@@ -37,6 +36,16 @@ def gemma4(tmp_path_factory):
             tokens.append(new.tolist())
             logprobs.append(lp[len(p) - 1:-1].gather(1, new[:, None])[:, 0])
     return path, prompts, tokens, logprobs
+
+
+@pytest.fixture(scope="module")
+def gemma4(tmp_path_factory):
+    return _reference("gemma4", tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def gemma3n(tmp_path_factory):
+    return _reference("gemma3n", tmp_path_factory)
 
 
 def test_layout_and_pool_of_kv_reading_layers(gemma4):
@@ -85,6 +94,14 @@ def test_engine_greedy_equals_transformers(gemma4, kw):
     for c, lp in zip(outs, want_lp):
         got = torch.tensor([d[t].logprob for t, d in zip(c.token_ids, c.logprobs)])
         assert (got - lp).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize("kw", [{"max_num_batched_tokens": 16, "max_num_seqs": 3},
+                                {"disable_hybrid_kv_cache_manager": True}],
+                         ids=["chunked", "one-table"])
+def test_gemma3n_engine_greedy_equals_transformers(gemma3n, kw):
+    """Gemma 3n (AltUp streams, LAuReL, sparse MLP gates, K / V sharing) in the engine."""
+    test_engine_greedy_equals_transformers(gemma3n, kw)
 
 
 def test_prefix_hits_read_the_shared_kv(gemma4):

@@ -186,6 +186,15 @@ CASES: dict[str, tuple[str, dict[str, Any]]] = {
         pad_token_id=0, tie_word_embeddings=False,
         layer_types=["sliding_attention", "sliding_attention", "full_attention",
                      "full_attention"])),
+    # Gemma 3n (text): AltUp over 4 streams, LAuReL (rank 4), Gaussian top-k on the first two
+    # MLPs, MLP widths per layer, per-layer inputs from a smaller table (ids past it read
+    # row 0), the last two layers reading layers 3 / 4's K / V, sliding and full layers
+    "gemma3n": ("Gemma3nText", dict(
+        num_hidden_layers=6, head_dim=16, intermediate_size=[96, 128, 96, 96, 128, 96],
+        num_kv_shared_layers=2, hidden_size_per_layer_input=8, vocab_size_per_layer_input=200,
+        sliding_window=5, laurel_rank=4, activation_sparsity_pattern=[0.95, 0.9] + [0.0] * 4,
+        final_logit_softcapping=30.0, pad_token_id=0,
+        layer_types=["sliding_attention", "sliding_attention", "full_attention"] * 2)),
     # EXAONE 3.x: Llama saved under GPT-2-style names (transformers: LlamaForCausalLM with
     # model_type "exaone"), llama3 rope scaling as EXAONE 3.5
     "exaone": ("Exaone", dict(
@@ -409,7 +418,7 @@ _CONFIG_CLASSES = {"Gemma3": "Gemma3TextConfig", "Qwen3_5": "Qwen3_5TextConfig",
                    "Qwen3_5Moe": "Qwen3_5MoeTextConfig"}
 # transformers causal-LM classes not named {family}ForCausalLM
 _MODEL_CLASSES = {"GPT2": "GPT2LMHeadModel", "Exaone": "LlamaForCausalLM",
-                  "Gemma4Text": "Gemma4ForCausalLM"}
+                  "Gemma4Text": "Gemma4ForCausalLM", "Gemma3nText": "Gemma3nForCausalLM"}
 
 
 def make_hf_model(kind: str, seed: int = 0, **overrides: Any) -> torch.nn.Module:

@@ -60,6 +60,9 @@ SUPPORTED_ARCHITECTURES = {
     # proportional rope on the full ones, v RMS-normalized, K = V on full layers, later
     # layers reusing earlier layers' K / V, per-layer input embeddings, a scalar per layer
     "Gemma4ForCausalLM": "gemma4",
+    # Gemma 3n (E2B / E4B, text decoder): AltUp's four parallel streams, LAuReL, Gaussian
+    # top-k MLP sparsity, per-layer inputs and Gemma 4's K / V sharing and v norm
+    "Gemma3nForCausalLM": "gemma3n",
     "GraniteForCausalLM": "granite",
     # HyperCLOVA X SEED: Granite's multipliers (logits multiplied) and sandwich norms
     "HyperCLOVAXForCausalLM": "hyperclovax",
@@ -198,7 +201,7 @@ _MODEL_TYPES = {"llama": "llama", "mistral": "mistral", "ministral": "ministral"
                 "granitemoeshared": "granitemoeshared",
                 "olmoe": "olmoe",
                 "gemma": "gemma", "gemma2": "gemma2", "gemma3_text": "gemma3",
-                "gemma4_text": "gemma4",
+                "gemma4_text": "gemma4", "gemma3n_text": "gemma3n",
                 "vaultgemma": "vaultgemma",
                 "granite": "granite", "granitemoehybrid": "granite_hybrid",
                 "granite_swa": "granite_swa", "hyperclovax": "hyperclovax",
@@ -225,7 +228,7 @@ _MODEL_TYPES = {"llama": "llama", "mistral": "mistral", "ministral": "ministral"
                 "nemotron_h": "nemotron_h"}
 #: the families with learned absolute position embeddings (no rope)
 _LEARNED_POSITIONS = ("gpt2", "opt", "gpt_bigcode", "gpt_neo")
-_GEMMA = ("gemma", "gemma2", "gemma3", "vaultgemma", "gemma4")
+_GEMMA = ("gemma", "gemma2", "gemma3", "vaultgemma", "gemma4", "gemma3n")
 #: the mixture-of-experts families (models/moe.py)
 _MOE = ("qwen3_moe", "qwen2_moe", "mixtral", "granitemoe", "granitemoeshared", "olmoe",
         "qwen3_5_moe", "lfm2_moe")
@@ -239,6 +242,7 @@ _QWEN3_5 = ("qwen3_5", "qwen3_5_moe")
 TEXT_ONLY_WRAPPERS: dict[str, str | None] = {
     "Gemma3ForConditionalGeneration": "gemma3",
     "Gemma4ForConditionalGeneration": "gemma4",
+    "Gemma3nForConditionalGeneration": "gemma3n",
     # Qwen2-VL / Qwen2.5-VL / Qwen3-VL: M-RoPE gives text tokens one position on all three
     # axes, which is plain rope, so text prompts run on the Qwen2 / Qwen3 decoder
     "Qwen2VLForConditionalGeneration": "qwen2",
@@ -414,6 +418,15 @@ class DecoderConfig:
     per_layer_input_size: int = 0
     per_layer_vocab_size: int = 0
     layer_scalars: bool = False
+    # Gemma 3n: AltUp's parallel streams (altup_num_inputs; the layers run on stream
+    # altup_active_idx, whose corrected output is scaled with altup_correct_scale), LAuReL's
+    # low-rank residual branch (laurel_rank) and the MLP gate's Gaussian top-k sparsity
+    # per layer (activation_sparsity: the share zeroed, 0 = dense)
+    altup_num_inputs: int = 0
+    altup_active_idx: int = 0
+    altup_correct_scale: bool = True
+    laurel_rank: int = 0
+    activation_sparsity: list[float] | None = None
     # Zamba2: "zamba_hybrid" layers first run one of zamba_shared_blocks shared transformer
     # blocks (in turn): attention over cat(stream, embeddings) (2 H wide; head_dim from
     # it) and a gated MLP, each call with its own low-rank adapters (rank
@@ -811,7 +824,7 @@ class DecoderConfig:
         if gptj and hf.get("rotary_dim"):     # rotary_dim of head_dim rotate (GPT-J style)
             partial = _rotary_fraction(int(hf["rotary_dim"]), head_dim)
         window, window_layers = _sliding_window_from_hf(hf, family, num_layers)
-        if window is None or family not in ("gemma3", "gemma4", "olmo3", "lfm3"):
+        if window is None or family not in ("gemma3", "gemma4", "gemma3n", "olmo3", "lfm3"):
             sliding_rope_theta = None
         layer_nope = None
         if hf.get("layer_rope_theta"):         # Granite SWA: a rope base per layer
@@ -920,7 +933,7 @@ class DecoderConfig:
             mlp_bias=bool(hf.get("mlp_bias", False)) or (
                 family in ("ernie4_5", "starcoder2", "phi") and attention_bias) or neox or \
             learned or bloom or gptj,
-            qk_norm=family in ("qwen3", "qwen3_moe", "gemma3", "gemma4", "olmo2", "olmo3", "olmoe",
+            qk_norm=family in ("qwen3", "qwen3_moe", "gemma3", "gemma4", "gemma3n", "olmo2", "olmo3", "olmoe",
                                "exaone4", "hunyuan", "nanochat", "apertus", *_LFM2,
                                "olmo_hybrid",
                                *_QWEN3_5),
@@ -943,7 +956,8 @@ class DecoderConfig:
             qk_norm_full=family in ("olmo2", "olmo3", "olmoe", "olmo_hybrid"),
             post_norm=family in ("olmo2", "olmo3", "exaone4", "olmo_hybrid"),
             hidden_act=_activation_from_hf(hf, family),
-            norm_weight_offset=1.0 if (gemma and family != "gemma4") or nemotron or
+            norm_weight_offset=1.0 if (gemma and family not in ("gemma4", "gemma3n")) or
+            nemotron or
             family in _QWEN3_5 else 0.0,
             embed_scale=hidden ** 0.5 if gemma else 1.0,
             sandwich_norm=bool(hf.get("_sandwich_norm")) or
@@ -1521,17 +1535,7 @@ def _gemma4_config(hf: Mapping[str, Any]) -> dict[str, Any]:
                 if global_kv is not None and hf.get("attention_k_eq_v", False):
                     kvs[i] = int(global_kv)
     shared = int(hf.get("num_kv_shared_layers") or 0)
-    if shared >= n > 0:
-        raise UnsupportedModelError("Gemma 4 with every layer reusing K / V "
-                                    "(num_kv_shared_layers = num_hidden_layers) is not supported")
-    first = n - shared
-    source: list[int | None] = [None] * n
-    for i in range(first, n):
-        earlier = [j for j in range(first) if kinds[j] == kinds[i]]
-        if not earlier:
-            raise ValueError(f"Gemma 4 layer {i} ({kinds[i]}) reuses K / V, but no earlier "
-                             "layer of that kind has its own")
-        source[i] = earlier[-1]
+    source = _kv_sources(kinds, shared)
     inter = int(hf.get("intermediate_size") or 0)
     wide = bool(hf.get("use_double_wide_mlp", False))
     ple = int(hf.get("hidden_size_per_layer_input") or 0)
@@ -1548,6 +1552,66 @@ def _gemma4_config(hf: Mapping[str, Any]) -> dict[str, Any]:
         layer_scalars=True)
     out["head_dim"] = head_dim
     out["num_key_value_heads"] = kv
+    return out
+
+
+def _kv_sources(kinds: list[str], shared: int) -> list[int | None]:
+    """transformers' K / V sharing (Gemma 3n / 4): the last ``shared`` layers read the K / V
+    of the last earlier layer of their kind (None: a layer with its own)."""
+    n = len(kinds)
+    if shared >= n > 0:
+        raise UnsupportedModelError("every layer reusing K / V (num_kv_shared_layers = "
+                                    "num_hidden_layers) is not supported")
+    first = n - shared
+    source: list[int | None] = [None] * n
+    for i in range(first, n):
+        earlier = [j for j in range(first) if kinds[j] == kinds[i]]
+        if not earlier:
+            raise ValueError(f"layer {i} ({kinds[i]}) reuses K / V, but no earlier layer of "
+                             "that kind has its own")
+        source[i] = earlier[-1]
+    return source
+
+
+def _gemma3n_config(hf: Mapping[str, Any]) -> dict[str, Any]:
+    """Gemma 3n's text keys: layer_types (transformers' default: every fifth layer full),
+    per-layer MLP widths (intermediate_size a list or a number), K / V sharing
+    (num_kv_shared_layers), per-layer inputs, AltUp / LAuReL, the MLP's Gaussian top-k
+    sparsity (activation_sparsity_pattern)."""
+    out = dict(hf)
+    n = int(hf.get("num_hidden_layers") or 0)
+    kinds = list(hf.get("layer_types") or
+                 ["full_attention" if (i + 1) % 5 == 0 else "sliding_attention"
+                  for i in range(n)])
+    out["layer_types"] = kinds
+    inter = hf.get("intermediate_size") or 16384
+    sizes = [int(v) for v in inter] if isinstance(inter, list) else [int(inter)] * n
+    sparsity = hf.get("activation_sparsity_pattern")
+    sparsity = [0.0] * n if sparsity is None else [float(sparsity)] * n \
+        if isinstance(sparsity, (int, float)) else [float(v) for v in sparsity]
+    if len(sizes) != n or len(sparsity) != n:
+        raise ValueError(f"Gemma 3n needs one intermediate_size and one activation sparsity "
+                         f"per layer ({n}), got {len(sizes)} and {len(sparsity)}")
+    if not all(0.0 <= v < 1.0 for v in sparsity):
+        raise ValueError(f"activation_sparsity_pattern values must be in [0, 1), got "
+                         f"{sparsity}")
+    out["intermediate_size"] = max(sizes) if sizes else 0
+    shared = int(hf.get("num_kv_shared_layers") or 0)
+    ple = int(hf.get("hidden_size_per_layer_input") or 0)
+    streams = int(hf.get("altup_num_inputs", 4))
+    active = int(hf.get("altup_active_idx", 0))
+    if streams < 1 or not 0 <= active < streams:
+        raise ValueError(f"altup_active_idx ({active}) must name one of altup_num_inputs "
+                         f"({streams}) streams")
+    out["_fields"] = dict(
+        kv_shared_from=_kv_sources(kinds, shared) if shared else None, v_norm=True,
+        layer_intermediate_sizes=sizes if len(set(sizes)) > 1 else None,
+        per_layer_input_size=ple,
+        per_layer_vocab_size=int(hf.get("vocab_size_per_layer_input") or 0) if ple else 0,
+        altup_num_inputs=streams, altup_active_idx=active,
+        altup_correct_scale=bool(hf.get("altup_correct_scale", True)),
+        laurel_rank=int(hf.get("laurel_rank", 64)),
+        activation_sparsity=sparsity if any(sparsity) else None)
     return out
 
 
@@ -1764,7 +1828,8 @@ _KEY_READERS: dict[str, Any] = {
     "jamba": lambda hf, _: _jamba_config(hf),
     "zamba2": lambda hf, _: _zamba2_config(hf),
     "exaone": lambda hf, _: _exaone_config(hf),
-    "gemma4": lambda hf, _: _gemma4_config(hf)}
+    "gemma4": lambda hf, _: _gemma4_config(hf),
+    "gemma3n": lambda hf, _: _gemma3n_config(hf)}
 
 
 def _attention_scale(hf: Mapping[str, Any], family: str) -> float | None:
@@ -1777,7 +1842,7 @@ def _attention_scale(hf: Mapping[str, Any], family: str) -> float | None:
         return (int(hf["hidden_size"]) / int(hf["num_attention_heads"])) ** -0.5
     if family in ("gemma2", "gemma3", "vaultgemma"):
         return float(hf.get("query_pre_attn_scalar", 256)) ** -0.5
-    if family == "gemma4":       # (q / k are RMS-normalized: no 1 / sqrt(d))
+    if family in ("gemma4", "gemma3n"):      # (q / k are RMS-normalized: no 1 / sqrt(d))
         return 1.0
     if family in ("granite", "granitemoe", "granitemoeshared", "granite_hybrid", "granite_swa",
                   "hyperclovax"):
@@ -1821,7 +1886,7 @@ def _rope_from_hf(hf: Mapping[str, Any], family: str
                                         "supported")
         local_theta = float(local.get("rope_theta", 10000.0))
         params = params["full_attention"]
-    elif family == "gemma3":
+    elif family in ("gemma3", "gemma3n"):
         local_theta = float(hf.get("rope_local_base_freq", 10000.0))
     elif family == "olmo3":   # its rope_scaling is the full-attention layers' only
         local_theta = float(hf.get("rope_theta", 10000.0))

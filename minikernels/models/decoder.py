@@ -944,9 +944,21 @@ class CausalLM(nn.Module):
                                                 c.hidden_size, dtype=dtype, device=device)
             self.embed_positions.weight.requires_grad_(False)
         self.embed_norm = make_norm(c, dtype, device) if c.embed_norm else None   # BLOOM
-        self.layers = nn.ModuleList(
-            DecoderLayer(c, i, self._layer_rotary(i), dtype, device, dense, tp)
-            for i in range(c.num_layers))
+        if c.altup_num_inputs:      # Gemma 3n: its own layer over AltUp's streams
+            from .gemma3n import Gemma3nLayer
+            self.layers = nn.ModuleList(
+                Gemma3nLayer(c, i, self._layer_rotary(i), dtype, device, dense)
+                for i in range(c.num_layers))
+        else:
+            self.layers = nn.ModuleList(
+                DecoderLayer(c, i, self._layer_rotary(i), dtype, device, dense, tp)
+                for i in range(c.num_layers))
+        self.altup_projections = self.altup_unembed_projections = None
+        if c.altup_num_inputs:
+            self.altup_projections, self.altup_unembed_projections = (
+                nn.ModuleList(FusedLinear(c.hidden_size, c.hidden_size, dtype=dtype,
+                                          device=device) for _ in range(c.altup_num_inputs - 1))
+                for _ in range(2))
         # Gemma 4: the K / V a source layer leaves for the layers reading it (cache-less
         # forwards; with a cache they read its cache pair)
         self._kv_share: dict[int, tuple[Tensor, Tensor]] = {}
@@ -1044,8 +1056,11 @@ class CausalLM(nn.Module):
             h = self.embed_norm(h)
         embeds = h if self.shared_blocks is not None else None     # (Zamba2)
         per_layer = self._per_layer_inputs(input_ids, h) \
-            if self.embed_tokens_per_layer is not None else None     # (Gemma 4)
+            if self.embed_tokens_per_layer is not None else None     # (Gemma 3n / 4)
         self._kv_share.clear()
+        if self.altup_projections is not None:                      # (Gemma 3n: streams)
+            from .gemma3n import streams_in
+            h = streams_in(h, self.altup_projections)
         residual: Tensor | None = None
         capture = self.hidden_capture
         aux = capture.layers if capture is not None and capture.layers else ()
@@ -1057,6 +1072,9 @@ class CausalLM(nn.Module):
             h, residual = layer(h, residual, meta.for_layer(i),
                                 None if kv_caches is None else kv_caches[i], embeds,
                                 None if per_layer is None else per_layer[:, i])
+        if self.altup_unembed_projections is not None:
+            from .gemma3n import streams_out
+            h = streams_out(h, self.altup_unembed_projections)
         if capture is not None and not aux:   # final-normed states of every token
             h = self.norm(h) if residual is None else self.norm(h, residual)[0]
             capture.write(0, h)
@@ -1072,7 +1090,8 @@ class CausalLM(nn.Module):
         table(ids) * sqrt(P)) / sqrt(2) (model dtype)."""
         c = self.config
         t, p = input_ids.shape[0], c.per_layer_input_size
-        table = self.embed_tokens_per_layer(input_ids) * self._ple_scale
+        ids = torch.where(input_ids < c.per_layer_vocab_size, input_ids, 0)  # (3n: audio /
+        table = self.embed_tokens_per_layer(ids) * self._ple_scale          # image ids)
         proj = self.per_layer_model_projection(embeds) * c.hidden_size ** -0.5
         proj = self.per_layer_projection_norm(proj.reshape(t, c.num_layers, p))
         return (proj + table.reshape(t, c.num_layers, p)) * 2.0 ** -0.5

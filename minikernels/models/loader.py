@@ -69,6 +69,7 @@ from torch import Tensor, nn
 from .config import (DecoderConfig, UnsupportedModelError, builtin_config,
                      is_classifier_architecture, list_models)
 from .decoder import CausalLM, DecoderLayer, GatedDeltaNet, Mamba2Mixer, MambaMixer
+from .gemma3n import AltUp
 from .hub import resolve_model
 from ..nn.layers import XIELU
 from ..quant.fp8 import fp8_from_checkpoint
@@ -169,6 +170,12 @@ _GDN_SPLIT_RE = re.compile(r"^layers\.(\d+)\.linear_attn\.(q_proj|k_proj|v_proj|
 _MAMBA_PROJ_RE = re.compile(r"^layers\.(\d+)\.mamba\.(in_proj|out_proj|x_proj)\.(\w+)$")
 _MAMBA_PARAM_RE = re.compile(r"^layers\.(\d+)\.mamba\.(dt_bias|A_log|D)$")
 #: Mamba-1's dt projection (its bias is the scan's dt_bias) and Jamba's dt / B / C norms
+#: Gemma 3n: the model's AltUp stream projections, and each layer's AltUp and LAuReL
+#: (linears: part 0; norms and the output scale: parameters)
+_ALTUP_RE = re.compile(r"^((?:altup_projections|altup_unembed_projections)\.\d+|"
+                       r"layers\.\d+\.(?:altup|laurel)(\.(?:correction_coefs|prediction_coefs|"
+                       r"modality_router|linear_left|linear_right))?(?:\.(?:router_norm|"
+                       r"post_laurel_norm))?)\.(weight|correct_output_scale)$")
 #: Gemma 4's per-layer input path and layer scalar
 _PLE_LAYER_RE = re.compile(r"^layers\.(\d+)\.(per_layer_input_gate|per_layer_projection|"
                            r"post_per_layer_input_norm|layer_scalar)(?:\.(\w+))?$")
@@ -234,6 +241,10 @@ def map_name(name: str) -> tuple[str, int | None, str] | None:
         return "lm_head", 0, kind
     if n == "per_layer_model_projection.weight":        # (Gemma 4)
         return "per_layer_model_projection", 0, "weight"
+    m = _ALTUP_RE.match(n)
+    if m:
+        linear = m.group(2) is not None or m.group(1).startswith("altup_")
+        return m.group(1), (0 if linear else None), m.group(3)
     m = _PLE_LAYER_RE.match(n)
     if m:
         layer, module, kind = m.groups()
@@ -533,7 +544,7 @@ def _family_name(name: str, config: DecoderConfig) -> str:
         return _nemotron_h_name(name, config)
     if config.architecture == "zamba2":
         return _zamba2_name(name, config)
-    if config.architecture == "gemma4" and config.kv_shared_from is not None:
+    if config.architecture in ("gemma4", "gemma3n") and config.kv_shared_from is not None:
         m = _GEMMA4_KV_RE.search(name)
         if m and int(m.group(1)) < config.num_layers and \
                 config.kv_source(int(m.group(1))) is not None:
@@ -1090,6 +1101,8 @@ def _load_hf(model_dir: str, dtype: str | torch.dtype, device: torch.device,
             expected.update((name, None, p) for p in ("dt_bias", "A_log"))
         elif isinstance(mod, (Mamba2Mixer, MambaMixer)):
             expected.update((name, None, p) for p in ("dt_bias", "A_log", "D"))
+        elif isinstance(mod, AltUp):
+            expected.add((name, None, "correct_output_scale"))    # (Gemma 3n)
         elif isinstance(mod, DecoderLayer) and mod.layer_scalar is not None:
             expected.add((name, None, "layer_scalar"))          # (Gemma 4)
         elif isinstance(getattr(mod, "expert_bias", None), torch.nn.Parameter):
