@@ -72,6 +72,8 @@ def test_layout_and_pool_of_kv_reading_layers(gemma4):
     assert model.kv_bytes_per_token(layout=lay) == 2 * 4 * (32 + 32)
     uniform = plan_kv_layout(c, hybrid=False)
     assert model.kv_bytes_per_token(layout=uniform) == 2 * 4 * (2 * 32 + 2 * 32)
+    # fp8 caches: a reading layer dequantizes with its writer's scales (one tensor)
+    assert model.layers[4].self_attn.attn.k_scale is model.layers[2].self_attn.attn.k_scale
     # a reading layer's K / V weights are not needed (and would be refused if required)
     assert model.layers[4].self_attn.k_norm is None
     assert len(model.layers[4].self_attn.qkv_proj.output_sizes) == 1

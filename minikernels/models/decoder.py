@@ -965,6 +965,11 @@ class CausalLM(nn.Module):
         for layer in self.layers:
             if layer.self_attn is not None:
                 layer.self_attn.__dict__["kv_share"] = self._kv_share
+                src = c.kv_source(layer.self_attn.layer)
+                if src is not None:     # fp8 caches: read with the writer's scales
+                    writer = self.layers[src].self_attn.attn
+                    layer.self_attn.attn.k_scale = writer.k_scale
+                    layer.self_attn.attn.v_scale = writer.v_scale
         # Gemma 4's per-layer inputs (PLE): a table of P dims per layer and token, and a
         # projection of the (scaled) embeddings, normalized per layer
         self.embed_tokens_per_layer = self.per_layer_model_projection = None
