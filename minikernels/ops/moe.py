@@ -3,6 +3,11 @@ top-k experts' gated MLPs, weighted and summed: the MLP of Qwen3-MoE, OLMoE, Mix
 Granite-MoE). Backends: reference (ops/reference.py), triton (ops/triton/moe.py).
 Tests: tests/test_moe_op.py.
 
+All four fused ops take ``activation``: the experts' gate activation, "silu" (SwiGLU:
+Qwen3-MoE, OLMoE, Mixtral, ...; the default), "gelu" (erf) or "gelu_tanh" (Gemma 4's
+GELU-tanh-gated experts), vLLM's ``fused_experts`` names; a constexpr of the gate-up
+kernels' epilogue.
+
 Op: ``minikernels::fused_moe_int4``: the same with int4 experts (W4A16, the canonical
 int4 layout of docs/int4_format.md per expert). Backends: reference, triton
 (ops/triton/moe_int4.py). Tests: tests/test_moe_int4_op.py.
@@ -35,6 +40,7 @@ from .. import backend as _backend
 from .._validation import FLOAT_DTYPES, HALF_DTYPES, check_index_range, check_tensor
 from . import reference
 from .fp8 import check_block_size
+from .reference import MOE_ACTIVATIONS
 
 
 class MoELoRA(NamedTuple):
@@ -57,7 +63,7 @@ class MoELoRA(NamedTuple):
     call). For pair p = (t, j), e = topk_ids[t, j], s = token_slots[t] >= 0:
       d13_p = round_to_x_dtype(scaling[s] * b13[s, e] @ (a13[s, e] @ x[t]))
       gate / up pre-activations of p (fp32) += d13_p[:I] / d13_p[I:];
-        act_p = silu(gate) * up rounded to x.dtype
+        act_p = act(gate) * up rounded to x.dtype (act: the op's ``activation``)
       d2_p = round_to_x_dtype(scaling[s] * b2[s, e] @ (a2[s, e] @ act_p))
       the down projection's fp32 result of p += d2_p, then times topk_weights[t, j];
         the k-sum in fp32, rounded once.
@@ -86,6 +92,16 @@ def _op_lora(*tensors: Tensor | None) -> MoELoRA | None:
             raise ValueError(f"{name} is missing: give all six LoRA tensors "
                              f"({', '.join(_LORA_ARGS)}) or none")
     return MoELoRA(*tensors)
+
+
+def _check_activation(activation: object) -> str:
+    """fused_moe*'s ``activation``: one of MOE_ACTIVATIONS ("silu", "gelu", "gelu_tanh")."""
+    if not isinstance(activation, str):
+        raise TypeError(f"activation must be a str, one of {MOE_ACTIVATIONS}, got "
+                        f"{type(activation).__name__}")
+    if activation not in MOE_ACTIVATIONS:
+        raise ValueError(f"activation must be one of {MOE_ACTIVATIONS}, got {activation!r}")
+    return activation
 
 
 def _check_lora(lora: object, x: Tensor, num_experts: int, inter: int
@@ -136,28 +152,37 @@ def _fused_moe(x: Tensor, w13: Tensor, w2: Tensor, topk_weights: Tensor, topk_id
                lora_a13: Tensor | None = None, lora_b13: Tensor | None = None,
                lora_a2: Tensor | None = None, lora_b2: Tensor | None = None,
                lora_token_slots: Tensor | None = None,
-               lora_scaling: Tensor | None = None) -> Tensor:
+               lora_scaling: Tensor | None = None, activation: str = "silu") -> Tensor:
     lora = _op_lora(lora_a13, lora_b13, lora_a2, lora_b2, lora_token_slots, lora_scaling)
+    _check_activation(activation)
     if _backend.resolve("fused_moe", x.device) == "triton":
         from .triton import moe as triton_moe
-        return triton_moe.fused_moe(x, w13, w2, topk_weights, topk_ids, lora)
-    return reference.fused_moe(x, w13, w2, topk_weights, topk_ids, lora)
+        return triton_moe.fused_moe(x, w13, w2, topk_weights, topk_ids, lora, activation)
+    return reference.fused_moe(x, w13, w2, topk_weights, topk_ids, lora, activation)
 
 
 @_fused_moe.register_fake
 def _(x: Tensor, w13: Tensor, w2: Tensor, topk_weights: Tensor, topk_ids: Tensor,
       lora_a13: Tensor | None = None, lora_b13: Tensor | None = None,
       lora_a2: Tensor | None = None, lora_b2: Tensor | None = None,
-      lora_token_slots: Tensor | None = None, lora_scaling: Tensor | None = None) -> Tensor:
+      lora_token_slots: Tensor | None = None, lora_scaling: Tensor | None = None,
+      activation: str = "silu") -> Tensor:
     _op_lora(lora_a13, lora_b13, lora_a2, lora_b2, lora_token_slots, lora_scaling)
+    _check_activation(activation)
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
 def fused_moe(x: Tensor, w13: Tensor, w2: Tensor, topk_weights: Tensor,
-              topk_ids: Tensor, *, lora: MoELoRA | None = None) -> Tensor:
-    """A mixture-of-experts MLP with SiLU-gated experts: out [T, H] in x.dtype,
-    out[t] = sum_j topk_weights[t, j] * w2[e] @ (silu(w13[e, :I] @ x[t]) * (w13[e, I:] @ x[t]))
+              topk_ids: Tensor, *, lora: MoELoRA | None = None,
+              activation: str = "silu") -> Tensor:
+    """A mixture-of-experts MLP with gated experts: out [T, H] in x.dtype,
+    out[t] = sum_j topk_weights[t, j] * w2[e] @ (act(w13[e, :I] @ x[t]) * (w13[e, I:] @ x[t]))
     with e = topk_ids[t, j].
+
+    activation: act, vLLM's ``fused_experts`` names: "silu" (SwiGLU; the default),
+    "gelu" (erf: gelu(g) = g * Phi(g)) or "gelu_tanh" (0.5 g (1 + tanh(sqrt(2/pi)
+    (g + 0.044715 g^3))): Gemma 4's experts, ``gelu_pytorch_tanh``); fp32 math as
+    ``gelu_and_mul``. Another value: ValueError.
 
     x [T, H] fp16/bf16/fp32; w13 [E, 2I, H] in x's dtype (each expert's gate_proj rows,
     then its up_proj rows); w2 [E, H, I] in x's dtype (down_proj); topk_weights [T, k]
@@ -168,10 +193,11 @@ def fused_moe(x: Tensor, w13: Tensor, w2: Tensor, topk_weights: Tensor,
 
     lora: optional per-token LoRA adapters on the experts (:class:`MoELoRA`: layouts,
     dtypes and the exact math there): each (token, expert) pair's gate / up
-    pre-activations get its expert's adapter update before the SiLU-and-mul, and its
+    pre-activations get its expert's adapter update before the activation-and-mul, and its
     down projection its update before the router weight. Slot -1 or lora=None: the
     result without LoRA, bit for bit.
     """
+    _check_activation(activation)
     check_tensor("x", x, dtypes=FLOAT_DTYPES, ndim=2)
     check_tensor("w13", w13, dtypes=(x.dtype,), ndim=3, device=x.device)
     check_tensor("w2", w2, dtypes=(x.dtype,), ndim=3, device=x.device)
@@ -188,7 +214,8 @@ def fused_moe(x: Tensor, w13: Tensor, w2: Tensor, topk_weights: Tensor,
                          f"{list(w2.shape)}")
     _check_routing_shapes(x.shape[0], topk_weights, topk_ids, e)
     lora_args = _check_lora(lora, x, e, two_i // 2)
-    return torch.ops.minikernels.fused_moe(x, w13, w2, topk_weights, topk_ids, *lora_args)
+    return torch.ops.minikernels.fused_moe(x, w13, w2, topk_weights, topk_ids, *lora_args,
+                                           activation)
 
 
 # ------------------------------------------------------------------------ int4 experts
@@ -200,10 +227,10 @@ def _fused_moe_int4(x: Tensor, w13_qweight: Tensor, w13_scales: Tensor, w13_zero
                     lora_a13: Tensor | None = None, lora_b13: Tensor | None = None,
                     lora_a2: Tensor | None = None, lora_b2: Tensor | None = None,
                     lora_token_slots: Tensor | None = None,
-                    lora_scaling: Tensor | None = None) -> Tensor:
+                    lora_scaling: Tensor | None = None, activation: str = "silu") -> Tensor:
     lora = _op_lora(lora_a13, lora_b13, lora_a2, lora_b2, lora_token_slots, lora_scaling)
     args = (x, w13_qweight, w13_scales, w13_zeros, w2_qweight, w2_scales, w2_zeros,
-            topk_weights, topk_ids, group_size, lora)
+            topk_weights, topk_ids, group_size, lora, _check_activation(activation))
     if _backend.resolve("fused_moe_int4", x.device) == "triton":
         from .triton import moe_int4 as triton_moe_int4
         return triton_moe_int4.fused_moe_int4(*args)
@@ -216,8 +243,9 @@ def _(x: Tensor, w13_qweight: Tensor, w13_scales: Tensor, w13_zeros: Tensor,
       topk_ids: Tensor, group_size: int, lora_a13: Tensor | None = None,
       lora_b13: Tensor | None = None, lora_a2: Tensor | None = None,
       lora_b2: Tensor | None = None, lora_token_slots: Tensor | None = None,
-      lora_scaling: Tensor | None = None) -> Tensor:
+      lora_scaling: Tensor | None = None, activation: str = "silu") -> Tensor:
     _op_lora(lora_a13, lora_b13, lora_a2, lora_b2, lora_token_slots, lora_scaling)
+    _check_activation(activation)
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
@@ -245,7 +273,7 @@ def _check_int4_experts(prefix: str, qweight: Tensor, scales: Tensor, zeros: Ten
 def fused_moe_int4(x: Tensor, w13_qweight: Tensor, w13_scales: Tensor, w13_zeros: Tensor,
                    w2_qweight: Tensor, w2_scales: Tensor, w2_zeros: Tensor,
                    topk_weights: Tensor, topk_ids: Tensor, group_size: int, *,
-                   lora: MoELoRA | None = None) -> Tensor:
+                   lora: MoELoRA | None = None, activation: str = "silu") -> Tensor:
     """:func:`fused_moe` with int4 experts (W4A16): out [T, H] in x.dtype, exactly
     fused_moe on the dequantized experts W = (q - z) * s rounded to x.dtype.
 
@@ -264,7 +292,10 @@ def fused_moe_int4(x: Tensor, w13_qweight: Tensor, w13_scales: Tensor, w13_zeros
     rounded once.
     lora: optional per-token LoRA on the experts, as :func:`fused_moe` (:class:`MoELoRA`,
     dense adapters in x.dtype added to the int4 experts' fp32 results).
+    activation: the experts' gate activation, "silu" / "gelu" / "gelu_tanh", as
+    :func:`fused_moe`.
     """
+    _check_activation(activation)
     check_tensor("x", x, dtypes=HALF_DTYPES, ndim=2)
     check_tensor("w13_qweight", w13_qweight, dtypes=(torch.int32,), ndim=3, device=x.device)
     check_tensor("w2_qweight", w2_qweight, dtypes=(torch.int32,), ndim=3, device=x.device)
@@ -302,7 +333,7 @@ def fused_moe_int4(x: Tensor, w13_qweight: Tensor, w13_scales: Tensor, w13_zeros
     return torch.ops.minikernels.fused_moe_int4(x, w13_qweight, w13_scales, w13_zeros,
                                                 w2_qweight, w2_scales, w2_zeros,
                                                 topk_weights, topk_ids, group_size,
-                                                *lora_args)
+                                                *lora_args, activation)
 
 
 # ------------------------------------------------------------------------- fp8 experts
@@ -345,15 +376,17 @@ def _fused_moe_fp8(x: Tensor, w13: Tensor, w13_scale: Tensor, w2: Tensor, w2_sca
                    lora_a13: Tensor | None = None, lora_b13: Tensor | None = None,
                    lora_a2: Tensor | None = None, lora_b2: Tensor | None = None,
                    lora_token_slots: Tensor | None = None,
-                   lora_scaling: Tensor | None = None) -> Tensor:
+                   lora_scaling: Tensor | None = None, activation: str = "silu") -> Tensor:
     lora = _op_lora(lora_a13, lora_b13, lora_a2, lora_b2, lora_token_slots, lora_scaling)
+    _check_activation(activation)
     if _backend.resolve("fused_moe_fp8", x.device) == "triton":
         from .triton import moe_fp8 as triton_moe_fp8
         return triton_moe_fp8.fused_moe_fp8(x, w13, w13_scale, w2, w2_scale, topk_weights,
-                                            topk_ids, block_size, lora)
+                                            topk_ids, block_size, lora, activation)
     return reference.fused_moe_fp8(x, w13.view(torch.float8_e4m3fn), w13_scale,
                                    w2.view(torch.float8_e4m3fn), w2_scale, topk_weights,
-                                   topk_ids, (block_size[0], block_size[1]), lora)
+                                   topk_ids, (block_size[0], block_size[1]), lora,
+                                   activation)
 
 
 @_fused_moe_fp8.register_fake
@@ -361,8 +394,10 @@ def _(x: Tensor, w13: Tensor, w13_scale: Tensor, w2: Tensor, w2_scale: Tensor,
       topk_weights: Tensor, topk_ids: Tensor, block_size: list[int],
       lora_a13: Tensor | None = None, lora_b13: Tensor | None = None,
       lora_a2: Tensor | None = None, lora_b2: Tensor | None = None,
-      lora_token_slots: Tensor | None = None, lora_scaling: Tensor | None = None) -> Tensor:
+      lora_token_slots: Tensor | None = None, lora_scaling: Tensor | None = None,
+      activation: str = "silu") -> Tensor:
     _op_lora(lora_a13, lora_b13, lora_a2, lora_b2, lora_token_slots, lora_scaling)
+    _check_activation(activation)
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
@@ -382,7 +417,7 @@ def _check_fp8_experts(name: str, weight: Tensor, scale: Tensor, shape: tuple[in
 def fused_moe_fp8(x: Tensor, w13: Tensor, w13_scale: Tensor, w2: Tensor, w2_scale: Tensor,
                   topk_weights: Tensor, topk_ids: Tensor,
                   block_size: tuple[int, int] | list[int], *,
-                  lora: MoELoRA | None = None) -> Tensor:
+                  lora: MoELoRA | None = None, activation: str = "silu") -> Tensor:
     """:func:`fused_moe` with FP8 (e4m3) experts and block-wise scales (W8A16): out [T, H]
     in x.dtype, exactly fused_moe on the dequantized experts
     W_e[n, k] = float(weight[e, n, k]) * scale[e, n // bn, k // bk] kept in fp32 (NOT
@@ -408,7 +443,10 @@ def fused_moe_fp8(x: Tensor, w13: Tensor, w13_scale: Tensor, w2: Tensor, w2_scal
     lora       optional per-token LoRA on the experts, as :func:`fused_moe`
                (:class:`MoELoRA`, dense adapters in x.dtype added to the fp8 experts' fp32
                results).
+    activation the experts' gate activation, "silu" / "gelu" / "gelu_tanh", as
+               :func:`fused_moe`.
     """
+    _check_activation(activation)
     t, h, e, two_i, inter = _check_w8a16_inputs(x, w13, w2, torch.float8_e4m3fn,
                                                  topk_weights, topk_ids)
     # bk % 16 == 0, or one K block in both matrices (bk >= H and bk >= I)
@@ -419,7 +457,7 @@ def fused_moe_fp8(x: Tensor, w13: Tensor, w13_scale: Tensor, w2: Tensor, w2_scal
     lora_args = _check_lora(lora, x, e, inter)
     return torch.ops.minikernels.fused_moe_fp8(
         x, w13.view(torch.uint8), w13_scale, w2.view(torch.uint8), w2_scale, topk_weights,
-        topk_ids, [bn, bk], *lora_args)
+        topk_ids, [bn, bk], *lora_args, activation)
 
 
 # ------------------------------------------------------------------------ int8 experts
@@ -430,9 +468,10 @@ def _fused_moe_int8(x: Tensor, w13: Tensor, w13_scale: Tensor, w2: Tensor,
                     lora_a13: Tensor | None = None, lora_b13: Tensor | None = None,
                     lora_a2: Tensor | None = None, lora_b2: Tensor | None = None,
                     lora_token_slots: Tensor | None = None,
-                    lora_scaling: Tensor | None = None) -> Tensor:
+                    lora_scaling: Tensor | None = None, activation: str = "silu") -> Tensor:
     lora = _op_lora(lora_a13, lora_b13, lora_a2, lora_b2, lora_token_slots, lora_scaling)
-    args = (x, w13, w13_scale, w2, w2_scale, topk_weights, topk_ids, lora)
+    args = (x, w13, w13_scale, w2, w2_scale, topk_weights, topk_ids, lora,
+            _check_activation(activation))
     if _backend.resolve("fused_moe_int8", x.device) == "triton":
         from .triton import moe_int8 as triton_moe_int8
         return triton_moe_int8.fused_moe_int8(*args)
@@ -444,8 +483,10 @@ def _(x: Tensor, w13: Tensor, w13_scale: Tensor, w2: Tensor, w2_scale: Tensor,
       topk_weights: Tensor, topk_ids: Tensor,
       lora_a13: Tensor | None = None, lora_b13: Tensor | None = None,
       lora_a2: Tensor | None = None, lora_b2: Tensor | None = None,
-      lora_token_slots: Tensor | None = None, lora_scaling: Tensor | None = None) -> Tensor:
+      lora_token_slots: Tensor | None = None, lora_scaling: Tensor | None = None,
+      activation: str = "silu") -> Tensor:
     _op_lora(lora_a13, lora_b13, lora_a2, lora_b2, lora_token_slots, lora_scaling)
+    _check_activation(activation)
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
@@ -462,7 +503,7 @@ def _check_int8_experts(name: str, weight: Tensor, scale: Tensor,
 
 def fused_moe_int8(x: Tensor, w13: Tensor, w13_scale: Tensor, w2: Tensor, w2_scale: Tensor,
                    topk_weights: Tensor, topk_ids: Tensor, *,
-                   lora: MoELoRA | None = None) -> Tensor:
+                   lora: MoELoRA | None = None, activation: str = "silu") -> Tensor:
     """:func:`fused_moe` with INT8 experts and per-output-channel scales (W8A16, vLLM's
     ``fused_experts(..., use_int8_w8a16=True)`` layout): out [T, H] in x.dtype, exactly
     fused_moe on the dequantized experts W_e[n, k] = weight[e, n, k] * scale[e, n] kept
@@ -481,7 +522,10 @@ def fused_moe_int8(x: Tensor, w13: Tensor, w13_scale: Tensor, w2: Tensor, w2_sca
     lora       optional per-token LoRA on the experts, as :func:`fused_moe`
                (:class:`MoELoRA`, dense adapters in x.dtype added to the int8 experts'
                fp32 results).
+    activation the experts' gate activation, "silu" / "gelu" / "gelu_tanh", as
+               :func:`fused_moe`.
     """
+    _check_activation(activation)
     t, h, e, two_i, inter = _check_w8a16_inputs(x, w13, w2, torch.int8, topk_weights,
                                                  topk_ids)
     _check_int8_experts("w13", w13, w13_scale, (e, two_i, h), x.device)
@@ -489,7 +533,8 @@ def fused_moe_int8(x: Tensor, w13: Tensor, w13_scale: Tensor, w2: Tensor, w2_sca
     _check_routing_shapes(t, topk_weights, topk_ids, e)
     lora_args = _check_lora(lora, x, e, inter)
     return torch.ops.minikernels.fused_moe_int8(x, w13, w13_scale, w2, w2_scale,
-                                                topk_weights, topk_ids, *lora_args)
+                                                topk_weights, topk_ids, *lora_args,
+                                                activation)
 
 
 # ------------------------------------------------------------------- alignment (sorting)

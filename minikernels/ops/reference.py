@@ -1118,12 +1118,32 @@ def lora_delta(x: Tensor, lora_a: Tensor, lora_b: Tensor, token_slots: Tensor,
 
 
 # ------------------------------------------------------------------------- MoE
+#: the gated activations of the fused MoE ops' experts (vLLM's ``activation`` names):
+#: "silu" (SwiGLU), "gelu" (erf GeGLU), "gelu_tanh" (tanh-approximated GeGLU: Gemma)
+MOE_ACTIVATIONS = ("silu", "gelu", "gelu_tanh")
+
+
+def moe_gated_activation(gate_up: Tensor, activation: str = "silu") -> Tensor:
+    """gate_up [n, 2I] fp32 -> act(gate) * up [n, I] fp32, act = silu, gelu (erf) or
+    gelu_tanh (torch.nn.functional.gelu(approximate="tanh"))."""
+    inter = gate_up.shape[1] // 2
+    gate, up = gate_up[:, :inter], gate_up[:, inter:]
+    if activation == "silu":
+        return torch.nn.functional.silu(gate) * up
+    if activation in ("gelu", "gelu_tanh"):
+        approximate = "tanh" if activation == "gelu_tanh" else "none"
+        return torch.nn.functional.gelu(gate, approximate=approximate) * up
+    raise ValueError(f"activation must be one of {MOE_ACTIVATIONS}, got {activation!r}")
+
+
 def fused_moe(x: Tensor, w13: Tensor, w2: Tensor, topk_weights: Tensor,
-              topk_ids: Tensor, lora: Sequence[Tensor] | None = None) -> Tensor:
+              topk_ids: Tensor, lora: Sequence[Tensor] | None = None,
+              activation: str = "silu") -> Tensor:
     """A mixture-of-experts MLP: out [T, H] in x.dtype with
     out[t] = sum_j topk_weights[t, j] * w2[e] @ act_e(x[t]), e = topk_ids[t, j], and
-    act_e(x) = silu(w13[e, :I] @ x) * (w13[e, I:] @ x) rounded to x.dtype (the kernel
-    stores that intermediate). Everything else in fp32; out rounded once.
+    act_e(x) = act(w13[e, :I] @ x) * (w13[e, I:] @ x) rounded to x.dtype (the kernel
+    stores that intermediate), act = silu / gelu / gelu_tanh by ``activation``
+    (``moe_gated_activation``). Everything else in fp32; out rounded once.
 
     lora: optional per-token LoRA on the experts, (a13 [S, E, R13, H], b13 [S, E, 2I, R13],
     a2 [S, E, R2, I], b2 [S, E, H, R2] in x.dtype, token_slots [T] in [-1, S), scaling
@@ -1141,8 +1161,7 @@ def fused_moe(x: Tensor, w13: Tensor, w2: Tensor, topk_weights: Tensor,
         gate_up = x[rows].float() @ w13[e].float().t()           # [n, 2I]
         if lora is not None:
             gate_up += _expert_lora(x[rows], lora, e, rows, down=False)
-        act = (torch.nn.functional.silu(gate_up[:, :inter]) * gate_up[:, inter:]
-               ).to(x.dtype)
+        act = moe_gated_activation(gate_up, activation).to(x.dtype)
         y = act.float() @ w2[e].float().t()                      # [n, H]
         if lora is not None:
             y += _expert_lora(act, lora, e, rows, down=True)
@@ -1174,13 +1193,13 @@ def dequantize_int4_experts(qweight: Tensor, scales: Tensor, zeros: Tensor, grou
 def fused_moe_int4(x: Tensor, w13_qweight: Tensor, w13_scales: Tensor, w13_zeros: Tensor,
                    w2_qweight: Tensor, w2_scales: Tensor, w2_zeros: Tensor,
                    topk_weights: Tensor, topk_ids: Tensor, group_size: int,
-                   lora: Sequence[Tensor] | None = None) -> Tensor:
+                   lora: Sequence[Tensor] | None = None, activation: str = "silu") -> Tensor:
     """fused_moe with int4 experts (W4A16): exactly ``fused_moe`` on the dequantized
     weights in x.dtype (``dequantize_int4_experts``; group_size -1 = one group per row,
     G = H for w13 and G = I for w2), LoRA on the experts included (dense adapters)."""
     w13 = dequantize_int4_experts(w13_qweight, w13_scales, w13_zeros, group_size, x.dtype)
     w2 = dequantize_int4_experts(w2_qweight, w2_scales, w2_zeros, group_size, x.dtype)
-    return fused_moe(x, w13, w2, topk_weights, topk_ids, lora)
+    return fused_moe(x, w13, w2, topk_weights, topk_ids, lora, activation)
 
 
 def dequantize_fp8_experts(weight: Tensor, weight_scale: Tensor,
@@ -1196,14 +1215,14 @@ def dequantize_fp8_experts(weight: Tensor, weight_scale: Tensor,
 
 def fused_moe_fp8(x: Tensor, w13: Tensor, w13_scale: Tensor, w2: Tensor, w2_scale: Tensor,
                   topk_weights: Tensor, topk_ids: Tensor, block_size: tuple[int, int],
-                  lora: Sequence[Tensor] | None = None) -> Tensor:
+                  lora: Sequence[Tensor] | None = None, activation: str = "silu") -> Tensor:
     """fused_moe with FP8 (e4m3) experts and block scales (W8A16): exactly ``fused_moe`` on
     the dequantized experts kept in fp32 (``dequantize_fp8_experts``, not rounded to
     x.dtype: the kernels scale fp32 partial sums), LoRA on the experts included (dense
     adapters in x.dtype). w13 [E, 2I, H], w2 [E, H, I]."""
     return fused_moe(x, dequantize_fp8_experts(w13, w13_scale, block_size),
                      dequantize_fp8_experts(w2, w2_scale, block_size), topk_weights, topk_ids,
-                     lora)
+                     lora, activation)
 
 
 def dequantize_int8_experts(weight: Tensor, weight_scale: Tensor) -> Tensor:
@@ -1214,16 +1233,17 @@ def dequantize_int8_experts(weight: Tensor, weight_scale: Tensor) -> Tensor:
 
 def fused_moe_int8(x: Tensor, w13: Tensor, w13_scale: Tensor, w2: Tensor, w2_scale: Tensor,
                    topk_weights: Tensor, topk_ids: Tensor,
-                   lora: Sequence[Tensor] | None = None) -> Tensor:
+                   lora: Sequence[Tensor] | None = None, activation: str = "silu") -> Tensor:
     """fused_moe with INT8 experts and per-row scales (W8A16, vLLM's ``use_int8_w8a16``):
     exactly ``fused_moe`` on the dequantized experts kept in fp32
     (``dequantize_int8_experts``, not rounded to x.dtype: the kernels scale the fp32
     accumulators), LoRA on the experts included (dense adapters in x.dtype). w13 int8
     [E, 2I, H] with w13_scale [E, 2I]; w2 int8 [E, H, I] with w2_scale [E, H]. Rounding
-    points: the activated intermediate silu(gate) * up to x.dtype; the router weight, the
+    points: the activated intermediate act(gate) * up to x.dtype; the router weight, the
     k-sum in fp32; out rounded once."""
     return fused_moe(x, dequantize_int8_experts(w13, w13_scale),
-                     dequantize_int8_experts(w2, w2_scale), topk_weights, topk_ids, lora)
+                     dequantize_int8_experts(w2, w2_scale), topk_weights, topk_ids, lora,
+                     activation)
 
 
 def moe_align_length(n: int, num_experts: int, block_size: int, pad_sorted_ids: bool) -> int:

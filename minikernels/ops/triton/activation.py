@@ -19,13 +19,9 @@ ACTIVATIONS = ("silu", "gelu", "gelu_tanh")
 
 
 @triton.jit
-def gated_activation_kernel(x_ptr, y_ptr, inter, x_row_stride, BLOCK: tl.constexpr,
-                            ACT: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    mask = cols < inter
-    gate = tl.load(x_ptr + row * x_row_stride + cols, mask=mask, other=0.0).to(tl.float32)
-    up = tl.load(x_ptr + row * x_row_stride + inter + cols, mask=mask, other=0.0).to(tl.float32)
+def gate_activation(gate, ACT: tl.constexpr):
+    """act(gate) of an fp32 tensor, ACT one of ACTIVATIONS (the fused MoE kernels'
+    epilogues call it too)."""
     if ACT == "silu":
         act = gate / (1.0 + tl.exp(-gate))
     elif ACT == "gelu":
@@ -35,6 +31,18 @@ def gated_activation_kernel(x_ptr, y_ptr, inter, x_row_stride, BLOCK: tl.constex
         u = 0.7978845608028654 * (gate + 0.044715 * gate * gate * gate)
         u = tl.minimum(tl.maximum(u, -10.0), 10.0)
         act = 0.5 * gate * (2.0 - 2.0 / (tl.exp(2.0 * u) + 1.0))
+    return act
+
+
+@triton.jit
+def gated_activation_kernel(x_ptr, y_ptr, inter, x_row_stride, BLOCK: tl.constexpr,
+                            ACT: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < inter
+    gate = tl.load(x_ptr + row * x_row_stride + cols, mask=mask, other=0.0).to(tl.float32)
+    up = tl.load(x_ptr + row * x_row_stride + inter + cols, mask=mask, other=0.0).to(tl.float32)
+    act = gate_activation(gate, ACT)
     tl.store(y_ptr + row * inter + cols, (act * up).to(y_ptr.dtype.element_ty), mask=mask)
 
 

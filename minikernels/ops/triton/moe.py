@@ -8,8 +8,10 @@ grid's tile count is the static bound ceil(min(T*k + E * (BLOCK_M - 1), T*k * BL
 BLOCK_M): at most one tile more than the real worst case, T*k tiles when T*k < E.
   1. ``moe_gate_up_kernel``: program (b, n) gathers the x rows of tile b's pairs
      (token = p // k) and computes gate = x @ w13[e, n-block].T and up = x @ w13[e, I +
-     n-block].T with fp32 accumulation, then stores silu(gate) * up rounded to x.dtype
-     into act[p, n-block] ([T*k, I], one row per pair).
+     n-block].T with fp32 accumulation, then stores act(gate) * up rounded to x.dtype
+     into act[p, n-block] ([T*k, I], one row per pair); act is the constexpr ``ACT``
+     (silu, gelu, gelu_tanh: ops/triton/activation.py's ``gate_activation``, the op's
+     ``activation``).
   2. ``moe_down_kernel``: program (b, n) computes act[p] @ w2[e, n-block].T in fp32, times
      topk_weights[t, j], into an fp32 buffer [T*k, H] at row p.
   3. out = buffer.view(T, k, H).sum(1) in fp32, rounded once to x.dtype.
@@ -37,6 +39,7 @@ import triton
 import triton.language as tl
 
 from .. import _alloc
+from .activation import gate_activation
 from .interpreter_rounding import rne_bf16
 from .moe_align import moe_align_block_size as align_pairs
 from .registry import KernelSpec, register
@@ -83,7 +86,7 @@ def moe_gate_up_kernel(x_ptr, w13_ptr, act_ptr, delta_ptr, sorted_ids_ptr, block
                        sx_t, sx_h, sw_e, sw_n, sw_h,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                        EVEN_K: tl.constexpr, ALIGNED: tl.constexpr, DOT_F32: tl.constexpr,
-                       RNE_BF16: tl.constexpr = False):
+                       RNE_BF16: tl.constexpr = False, ACT: tl.constexpr = "silu"):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     e = tl.load(block_expert_ptr + pid_m).to(tl.int64)
@@ -132,7 +135,7 @@ def moe_gate_up_kernel(x_ptr, w13_ptr, act_ptr, delta_ptr, sorted_ids_ptr, block
         d_ok = live[:, None] & n_ok[None, :]
         acc_g += tl.load(d_ptrs, mask=d_ok, other=0.0).to(tl.float32)
         acc_u += tl.load(d_ptrs + I, mask=d_ok, other=0.0).to(tl.float32)
-    act = acc_g / (1.0 + tl.exp(-acc_g)) * acc_u       # silu(gate) * up in fp32
+    act = gate_activation(acc_g, ACT) * acc_u    # act(gate) * up in fp32
     if RNE_BF16:  # interpreter only: its fp32 -> bf16 cast truncates (see rne_bf16)
         act = rne_bf16(act)
     out_ptrs = act_ptr + pair[:, None].to(tl.int64) * I + offs_n[None, :]
@@ -357,9 +360,11 @@ def moe_launch(x: torch.Tensor, topk_ids: torch.Tensor, num_experts: int, inter:
 
 def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
               topk_weights: torch.Tensor, topk_ids: torch.Tensor,
-              lora: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
+              lora: Sequence[torch.Tensor] | None = None,
+              activation: str = "silu") -> torch.Tensor:
     """See minikernels.ops.fused_moe (inputs checked there; any strides). lora: the six
-    tensors of minikernels.ops.MoELoRA, or None."""
+    tensors of minikernels.ops.MoELoRA, or None; activation: the gate-up epilogue's
+    ``ACT`` (silu / gelu / gelu_tanh)."""
     t, h = x.shape
     num_experts, two_i, _ = w13.shape
     inter = two_i // 2
@@ -381,7 +386,7 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
     moe_gate_up_kernel[run.grid(inter, cfg.block_n)](
         x, w13, *run.gate_up_args(), run.has_delta,
         x.stride(0), x.stride(1), w13.stride(0), w13.stride(1), w13.stride(2),
-        RNE_BF16=run.interp_bf16, **tiles)
+        RNE_BF16=run.interp_bf16, ACT=activation, **tiles)
     moe_down_kernel[run.grid(h, cfg.block_n)](
         run.act, w2, *run.down_args(topk_weights), run.has_delta,
         w2.stride(0), w2.stride(1), w2.stride(2), topk_weights.stride(0),
@@ -439,10 +444,12 @@ def fused_moe_w8a16(gate_up_kernel, down_kernel, x: torch.Tensor, w13: torch.Ten
                     topk_weights: torch.Tensor, topk_ids: torch.Tensor,
                     lora: Sequence[torch.Tensor] | None,
                     config: Callable[[int, bool, bool], MoeW8A16Config],
-                    args13: tuple = (), args2: tuple = ()) -> torch.Tensor:
+                    args13: tuple = (), args2: tuple = (),
+                    activation: str = "silu") -> torch.Tensor:
     """The launcher of moe_int8.py's and moe_fp8.py's kernel pairs (T > 0; any strides):
     ``config(k_dim, aligned, gate_up)`` picks each kernel's tiles, ``args13`` / ``args2``
-    are each kernel's scalars between I and HAS_DELTA (fp8: its scale block sizes)."""
+    are each kernel's scalars between I and HAS_DELTA (fp8: its scale block sizes);
+    ``activation`` the gate-up epilogue's ``ACT``."""
     # one flag for both kernels: x, the weights and the [T*k, I] intermediate's rows
     aligned = moe_rows_aligned(x, w13, w2)
     h, inter = w2.shape[1], w2.shape[2]
@@ -459,7 +466,7 @@ def fused_moe_w8a16(gate_up_kernel, down_kernel, x: torch.Tensor, w13: torch.Ten
     gate_up_kernel[run.grid(inter, cfg13.block_n)](
         x, w13, w13_scale, *run.gate_up_args(), *args13, run.has_delta,
         x.stride(0), x.stride(1), *w13.stride(), *w13_scale.stride(),
-        RNE_BF16=run.interp_bf16, **tiles(cfg13))
+        RNE_BF16=run.interp_bf16, ACT=activation, **tiles(cfg13))
     down_kernel[run.grid(h, cfg2.block_n)](
         run.act, w2, w2_scale, *run.down_args(topk_weights), *args2, run.has_delta,
         *w2.stride(), *w2_scale.stride(), topk_weights.stride(0), topk_weights.stride(1),
@@ -481,9 +488,11 @@ def register_w8a16_moe(prefix: str, gate_up_fn, down_fn, w_type: str,
       ragged_k  aligned rows, K not a multiple of 16 (a padded view): BLOCK_K 16, masked;
       unaligned every stride a runtime value, byte loads, K masked.
     A K that the widest tile does not divide gives a smaller BLOCK_K of the same kind:
-    fewer registers. The aligned fp16 / bf16 specs get a LoRA (HAS_DELTA) twin.
+    fewer registers. The aligned fp16 / bf16 specs get a LoRA (HAS_DELTA) twin; each
+    gate-up spec one per ACT of ``gate_up_activations`` (silu's names unchanged).
     ``ints``: the i32 scalars; ``scale_strides``: the scale tensor's stride names."""
-    def one(dt: str, kind: str, cfg: MoeW8A16Config, gate_up: bool, lora: bool) -> None:
+    def one(dt: str, kind: str, cfg: MoeW8A16Config, gate_up: bool, lora: bool,
+            act: str = "silu") -> None:
         aligned = kind != "unaligned"
         const = {"BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "BLOCK_K": cfg.block_k,
                  "EVEN_K": cfg.even_k, "ALIGNED": aligned, "DOT_F32": dt == "fp32",
@@ -494,6 +503,7 @@ def register_w8a16_moe(prefix: str, gate_up_fn, down_fn, w_type: str,
             sig = {"x_ptr": f"*{dt}", "act_ptr": f"*{dt}", "sx_t": "i64", "sx_h": "i64"}
             div = ("x_ptr", "act_ptr", "sx_t")
             const["RNE_BF16"] = False                                 # interpreter only
+            const["ACT"] = act
         else:
             fn, name = down_fn, f"{prefix}_down"
             unit = {"sw_k": 1} if aligned else {}
@@ -506,7 +516,8 @@ def register_w8a16_moe(prefix: str, gate_up_fn, down_fn, w_type: str,
                     **{c: "constexpr" for c in (*const, *unit)}})
         div += ("w_ptr", "s_ptr", "delta_ptr", "sorted_ids_ptr", "sw_e", "sw_n")
         register(KernelSpec(
-            name=f"{name}[{dt},BM={cfg.block_m},{kind}" + (",lora]" if lora else "]"),
+            name=f"{name}[{dt},BM={cfg.block_m},{kind}" + (",lora" if lora else "")
+            + _act_tag(act) + "]",
             fn=fn, signature=_in_order(fn, sig), constexprs={**const, **unit},
             num_warps=cfg.num_warps, num_stages=cfg.num_stages, tensor_core=dt != "fp32",
             wgmma_expected=cfg.block_m >= 64, divisible_by_16=div if aligned else ()))
@@ -520,9 +531,12 @@ def register_w8a16_moe(prefix: str, gate_up_fn, down_fn, w_type: str,
                 for gate_up in (True, False):
                     cfg = config(avg * 64, tdt, k, kind != "unaligned", gate_up)
                     assert cfg.even_k == (kind == "aligned")
-                    one(dt, kind, cfg, gate_up, lora=False)
-                    if kind == "aligned" and dt != "fp32":        # + LoRA (HAS_DELTA)
-                        one(dt, kind, cfg, gate_up, lora=True)
+                    # gate-up: one spec per registered ACT; down has no activation
+                    acts = gate_up_activations(dt, cfg.block_m) if gate_up else ("silu",)
+                    for act in acts:
+                        one(dt, kind, cfg, gate_up, lora=False, act=act)
+                        if kind == "aligned" and dt != "fp32":    # + LoRA (HAS_DELTA)
+                            one(dt, kind, cfg, gate_up, lora=True, act=act)
 
 
 # --------------------------------------------------------------------------- registry
@@ -530,6 +544,23 @@ def register_w8a16_moe(prefix: str, gate_up_fn, down_fn, w_type: str,
 # a stride of 1 to a constant (x's, w13's and w2's inner strides here), which with the
 # ALIGNED hints lets the tile loads vectorize. Unaligned configs (odd sizes, or a view
 # whose last dim is strided) compile with every stride a runtime value.
+
+def gate_up_activations(dt: str, block_m: int) -> tuple[str, ...]:
+    """The ``ACT`` values (the gate-up epilogue's activation) registered for a gate-up
+    spec of x dtype ``dt`` and BLOCK_M: silu everywhere; gelu_tanh (Gemma 4's experts)
+    for every fp16 / bf16 tile; gelu (erf) for the BLOCK_M 64 ones (the most registers).
+    The epilogue runs after the K loop, on the two fp32 accumulators; the rest (fp32 x,
+    erf at BLOCK_M 16 / 32) dispatch at the same tiles: compiled once for sm_80 / sm_90a
+    (every gate-up spec x the three activations) without spills, not in every test run."""
+    if dt == "fp32":
+        return ("silu",)
+    return ("silu", "gelu_tanh", "gelu") if block_m >= 64 else ("silu", "gelu_tanh")
+
+
+def _act_tag(act: str) -> str:
+    """A spec name's suffix for its ACT: none for silu (the names before ACT existed)."""
+    return "" if act == "silu" else f",{act}"
+
 
 def _in_order(fn, sig: dict[str, str]) -> dict[str, str]:
     """A spec's signature in the kernel's argument order (every argument named once)."""
@@ -562,7 +593,7 @@ for _dt, _tdt in (("fp16", torch.float16), ("bf16", torch.bfloat16),
                     "block_expert_ptr": "*i32", **_INTS,
                     "sx_t": "i64", "sx_h": "i64", "sw_e": "i64", "sw_n": "i64",
                     "sw_h": "i64", **{c: "constexpr" for c in (*_const, *_unit[0])}}
-            _sig["RNE_BF16"] = "constexpr"                        # interpreter only
+            _sig["RNE_BF16"] = _sig["ACT"] = "constexpr"          # RNE: interpreter only
             _sig_down = {"act_ptr": f"*{_dt}", "w2_ptr": f"*{_dt}", "tw_ptr": "*fp32",
                          "out_ptr": "*fp32", "delta_ptr": f"*{_dt}",
                          "sorted_ids_ptr": "*i32", "block_expert_ptr": "*i32", **_INTS,
@@ -571,10 +602,13 @@ for _dt, _tdt in (("fp16", torch.float16), ("bf16", torch.bfloat16),
             # the LoRA variants (HAS_DELTA) of the common aligned tiles
             for _lora in (False, True) if _aligned and _even and _dt != "fp32" else (False,):
                 _ltag = _tag + (",lora" if _lora else "")
-                register(KernelSpec(name=f"moe_gate_up[{_ltag}]", fn=moe_gate_up_kernel,
-                                    signature=_in_order(moe_gate_up_kernel, _sig),
-                                    constexprs={**_const, **_unit[0], "RNE_BF16": False,
-                                                "HAS_DELTA": _lora}, **_opts))
+                for _act in gate_up_activations(_dt, _cfg.block_m):
+                    register(KernelSpec(name=f"moe_gate_up[{_ltag}{_act_tag(_act)}]",
+                                        fn=moe_gate_up_kernel,
+                                        signature=_in_order(moe_gate_up_kernel, _sig),
+                                        constexprs={**_const, **_unit[0], "RNE_BF16": False,
+                                                    "HAS_DELTA": _lora, "ACT": _act},
+                                        **_opts))
                 register(KernelSpec(name=f"moe_down[{_ltag}]", fn=moe_down_kernel,
                                     signature=_in_order(moe_down_kernel, _sig_down),
                                     constexprs={**_const, **_unit[1], "HAS_DELTA": _lora},

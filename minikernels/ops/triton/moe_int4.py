@@ -7,7 +7,8 @@ T*k (token, slot) pairs into expert-sorted BLOCK_M tiles with moe_align's kernel
      K tile, loads the packed gate and up words of expert e as [BN, BK/8] int32, unpacks the
      8 nibbles of each word (lowest first) into [BN, BK], dequantizes (q - z) * s in fp32,
      rounds to x.dtype (the reference's W), and runs tl.dot(x, W^T) with fp32
-     accumulation; stores silu(gate) * up rounded to x.dtype into act [T*k, I].
+     accumulation; stores act(gate) * up rounded to x.dtype into act [T*k, I] (act: the
+     constexpr ``ACT``, silu / gelu / gelu_tanh, as moe.py).
   2. ``moe_int4_down_kernel``: act @ W2[e]^T the same way, times topk_weights in fp32, into
      an fp32 buffer [T*k, H].
   3. out = buffer.view(T, k, H).sum(1), rounded once to x.dtype.
@@ -36,9 +37,11 @@ import triton
 import triton.language as tl
 
 from .. import _alloc
+from .activation import gate_activation
 from .int4_matmul import _unpack_nibbles
 from .interpreter_rounding import rne_bf16
-from .moe import _in_order, moe_config, moe_launch, pair_lora
+from .moe import (_act_tag, _in_order, gate_up_activations, moe_config, moe_launch,
+                  pair_lora)
 from .registry import KernelSpec, register
 
 BLOCK_K = 32
@@ -117,7 +120,8 @@ def moe_int4_gate_up_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, act_ptr, delta_ptr, sor
                             sx_t, sq_e, sq_n, ss_e, ss_n, sz_e, sz_n,
                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                             BLOCK_K: tl.constexpr, GROUPED: tl.constexpr,
-                            DOT_F32: tl.constexpr, RNE_BF16: tl.constexpr = False):
+                            DOT_F32: tl.constexpr, RNE_BF16: tl.constexpr = False,
+                            ACT: tl.constexpr = "silu"):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     e = tl.load(block_expert_ptr + pid_m).to(tl.int64)
@@ -160,7 +164,7 @@ def moe_int4_gate_up_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, act_ptr, delta_ptr, sor
         d_ok = live[:, None] & n_ok[None, :]
         acc_g += tl.load(d_ptrs, mask=d_ok, other=0.0).to(tl.float32)
         acc_u += tl.load(d_ptrs + I, mask=d_ok, other=0.0).to(tl.float32)
-    act = acc_g / (1.0 + tl.exp(-acc_g)) * acc_u       # silu(gate) * up in fp32
+    act = gate_activation(acc_g, ACT) * acc_u    # act(gate) * up in fp32
     if RNE_BF16:
         act = rne_bf16(act)
     out_ptrs = act_ptr + pair[:, None].to(tl.int64) * I + offs_n[None, :]
@@ -230,10 +234,11 @@ def fused_moe_int4(x: torch.Tensor, w13_qweight: torch.Tensor, w13_scales: torch
                    w13_zeros: torch.Tensor, w2_qweight: torch.Tensor,
                    w2_scales: torch.Tensor, w2_zeros: torch.Tensor,
                    topk_weights: torch.Tensor, topk_ids: torch.Tensor,
-                   group_size: int, lora: Sequence[torch.Tensor] | None = None
-                   ) -> torch.Tensor:
+                   group_size: int, lora: Sequence[torch.Tensor] | None = None,
+                   activation: str = "silu") -> torch.Tensor:
     """See minikernels.ops.fused_moe_int4 (inputs checked there; any outer strides).
-    lora: the six tensors of minikernels.ops.MoELoRA, or None."""
+    lora: the six tensors of minikernels.ops.MoELoRA, or None; activation: the gate-up
+    epilogue's ``ACT`` (silu / gelu / gelu_tanh)."""
     t, h = x.shape
     num_experts, two_i, _ = w13_qweight.shape
     inter = two_i // 2
@@ -256,7 +261,8 @@ def fused_moe_int4(x: torch.Tensor, w13_qweight: torch.Tensor, w13_scales: torch
     moe_int4_gate_up_kernel[run.grid(inter, cfg.block_n)](
         x, w13_qweight, w13_scales, w13_zeros, *run.gate_up_args(), group_h, run.has_delta,
         x.stride(0), w13_qweight.stride(0), w13_qweight.stride(1), w13_scales.stride(0),
-        w13_scales.stride(1), w13_zeros.stride(0), w13_zeros.stride(1), **consts)
+        w13_scales.stride(1), w13_zeros.stride(0), w13_zeros.stride(1), ACT=activation,
+        **consts)
     moe_int4_down_kernel[run.grid(h, cfg.block_n)](
         run.act, w2_qweight, w2_scales, w2_zeros, *run.down_args(topk_weights), group_i,
         run.has_delta, w2_qweight.stride(0), w2_qweight.stride(1), w2_scales.stride(0),
@@ -268,7 +274,8 @@ def fused_moe_int4(x: torch.Tensor, w13_qweight: torch.Tensor, w13_scales: torch
 # --------------------------------------------------------------------------- registry
 # Every dispatched combination: fp16 / bf16 x BLOCK_M 16 / 32 / 64 (moe_config's choices)
 # x GROUPED (one scale per row and K tile, no K mask) or not (per-element scales, K
-# masked). Inner strides are 1 (the launcher guarantees it; not kernel arguments).
+# masked); gate-up once per ACT of moe.py's ``gate_up_activations``. Inner strides are 1
+# (the launcher guarantees it; not kernel arguments).
 
 _INTS = {"n_pairs": "i32", "top_k": "i32", "H": "i32", "I": "i32", "group": "i32",
          "HAS_DELTA": "constexpr"}
@@ -283,11 +290,12 @@ for _dt in ("fp16", "bf16"):
             _const = {"BLOCK_M": _cfg.block_m, "BLOCK_N": _cfg.block_n,
                       "BLOCK_K": _cfg.block_k, "GROUPED": _grouped, "DOT_F32": False,
                       "RNE_BF16": False}
+            _sig_act = {"ACT": "constexpr"}                   # the gate-up kernel's only
             _w = {"qw_ptr": "*i32", "s_ptr": f"*{_dt}", "z_ptr": f"*{_dt}"}
             _sig = {"x_ptr": f"*{_dt}", **_w, "act_ptr": f"*{_dt}",
                     "delta_ptr": f"*{_dt}", "sorted_ids_ptr": "*i32",
                     "block_expert_ptr": "*i32", **_INTS,
-                    "sx_t": "i64", **_STRIDES, **{c: "constexpr" for c in _const}}
+                    "sx_t": "i64", **_STRIDES, **{c: "constexpr" for c in _const}, **_sig_act}
             _sig_down = {"act_ptr": f"*{_dt}", **_w, "tw_ptr": "*fp32", "out_ptr": "*fp32",
                          "delta_ptr": f"*{_dt}", "sorted_ids_ptr": "*i32",
                          "block_expert_ptr": "*i32", **_INTS,
@@ -298,10 +306,12 @@ for _dt in ("fp16", "bf16"):
                 _lcfg = moe_int4_config(_avg * 64, 64, 128, 128, lora=True) if _lora else _cfg
                 _opts = {"num_warps": _lcfg.num_warps, "num_stages": _lcfg.num_stages,
                          "tensor_core": True, "wgmma_expected": _cfg.block_m >= 64}
-                register(KernelSpec(name=f"moe_int4_gate_up[{_ltag}]",
-                                    fn=moe_int4_gate_up_kernel,
-                                    signature=_in_order(moe_int4_gate_up_kernel, _sig),
-                                    constexprs={**_const, "HAS_DELTA": _lora}, **_opts))
+                for _act in gate_up_activations(_dt, _cfg.block_m):
+                    register(KernelSpec(name=f"moe_int4_gate_up[{_ltag}{_act_tag(_act)}]",
+                                        fn=moe_int4_gate_up_kernel,
+                                        signature=_in_order(moe_int4_gate_up_kernel, _sig),
+                                        constexprs={**_const, "HAS_DELTA": _lora, "ACT": _act},
+                                        **_opts))
                 register(KernelSpec(name=f"moe_int4_down[{_ltag}]", fn=moe_int4_down_kernel,
                                     signature=_in_order(moe_int4_down_kernel, _sig_down),
                                     constexprs={**_const, "HAS_DELTA": _lora}, **_opts))

@@ -12,8 +12,9 @@ Algorithm: the three steps of ops/triton/moe.py (its ``sort_pairs_by_expert`` pu
      in registers (every int8 value is exact in fp16 / bf16 / fp32) and accumulates
      dot(x, q^T) in fp32. The row scales do not depend on k, so they multiply the fp32
      accumulators once after the K loop: gate = acc_g * scale[n], up = acc_u * scale[I + n]
-     (the dequantized weight is never rounded to x.dtype). silu(gate) * up, rounded to
-     x.dtype, goes to act [T*k, I].
+     (the dequantized weight is never rounded to x.dtype). act(gate) * up (the constexpr
+     ``ACT``: silu / gelu / gelu_tanh, as moe.py), rounded to x.dtype, goes to
+     act [T*k, I].
   2. ``moe_int8_down_kernel``: act @ q2[e]^T the same way, times scale2[e, n], times
      topk_weights[t, j] in fp32, into an fp32 buffer [T*k, H].
   3. out = buffer.view(T, k, H).sum(1), rounded once to x.dtype.
@@ -32,6 +33,7 @@ import triton
 import triton.language as tl
 
 from .. import _alloc
+from .activation import gate_activation
 from .interpreter_rounding import rne_bf16
 from .moe import MoeW8A16Config, fused_moe_w8a16, moe_w8a16_config, register_w8a16_moe
 
@@ -66,7 +68,7 @@ def moe_int8_gate_up_kernel(x_ptr, w_ptr, s_ptr, act_ptr, delta_ptr, sorted_ids_
                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                             BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
                             ALIGNED: tl.constexpr, DOT_F32: tl.constexpr,
-                            RNE_BF16: tl.constexpr = False):
+                            RNE_BF16: tl.constexpr = False, ACT: tl.constexpr = "silu"):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     e = tl.load(block_expert_ptr + pid_m).to(tl.int64)
@@ -113,7 +115,7 @@ def moe_int8_gate_up_kernel(x_ptr, w_ptr, s_ptr, act_ptr, delta_ptr, sorted_ids_
         d_ptrs = delta_ptr + pair_l[:, None] * (2 * I) + n_l[None, :]
         acc_g += tl.load(d_ptrs).to(tl.float32)
         acc_u += tl.load(d_ptrs + I).to(tl.float32)
-    act = acc_g / (1.0 + tl.exp(-acc_g)) * acc_u       # silu(gate) * up in fp32
+    act = gate_activation(acc_g, ACT) * acc_u    # act(gate) * up in fp32
     if RNE_BF16:  # interpreter only: its fp32 -> bf16 cast truncates; the GPU rounds
         act = rne_bf16(act)
     out_ptrs = act_ptr + pair[:, None].to(tl.int64) * I + offs_n[None, :]
@@ -173,9 +175,11 @@ def moe_int8_down_kernel(act_ptr, w_ptr, s_ptr, tw_ptr, out_ptr, delta_ptr, sort
 def fused_moe_int8(x: torch.Tensor, w13: torch.Tensor, w13_scale: torch.Tensor,
                    w2: torch.Tensor, w2_scale: torch.Tensor, topk_weights: torch.Tensor,
                    topk_ids: torch.Tensor,
-                   lora: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
+                   lora: Sequence[torch.Tensor] | None = None,
+                   activation: str = "silu") -> torch.Tensor:
     """See minikernels.ops.fused_moe_int8 (inputs checked there; any strides). lora: the
-    six tensors of minikernels.ops.MoELoRA, or None."""
+    six tensors of minikernels.ops.MoELoRA, or None; activation: the gate-up epilogue's
+    ``ACT`` (silu / gelu / gelu_tanh)."""
     t, h = x.shape
     if t == 0:
         return _alloc.empty((t, h), x.dtype, x.device)
@@ -185,7 +189,8 @@ def fused_moe_int8(x: torch.Tensor, w13: torch.Tensor, w13_scale: torch.Tensor,
         return moe_int8_config(n_pairs, num_experts, x.dtype, k_dim, aligned, gate_up)
 
     return fused_moe_w8a16(moe_int8_gate_up_kernel, moe_int8_down_kernel, x, w13, w13_scale,
-                           w2, w2_scale, topk_weights, topk_ids, lora, config)
+                           w2, w2_scale, topk_weights, topk_ids, lora, config,
+                           activation=activation)
 
 
 # --------------------------------------------------------------------------- registry
