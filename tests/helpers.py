@@ -45,11 +45,29 @@ def spy_launches(module: Any, kernel_name: str, constexpr: str) -> Iterator[list
         yield seen
 
 
+MOE_ACTIVATIONS = ("silu", "gelu", "gelu_tanh")
+
+
+def gate_act_by_hand(gate: torch.Tensor, activation: str) -> torch.Tensor:
+    """The fused MoE ops' gate activations written out (fp64 in, fp64 out): silu
+    g sigmoid(g); gelu g (1 + erf(g / sqrt 2)) / 2; gelu_tanh
+    g (1 + tanh(sqrt(2 / pi) (g + 0.044715 g^3))) / 2."""
+    if activation == "silu":
+        return gate * torch.sigmoid(gate)
+    if activation == "gelu":
+        return 0.5 * gate * (1.0 + torch.erf(gate / 2.0 ** 0.5))
+    assert activation == "gelu_tanh", activation
+    return 0.5 * gate * (1.0 + torch.tanh((2.0 / torch.pi) ** 0.5
+                                          * (gate + 0.044715 * gate ** 3)))
+
+
 def moe_by_hand(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
-                topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
+                topk_weights: torch.Tensor, topk_ids: torch.Tensor,
+                activation: str = "silu") -> torch.Tensor:
     """fused_moe's independent formula: one (token, slot) at a time in fp64 on the given
     (dense or dequantized) experts w13 [E, 2I, H], w2 [E, H, I]; the activated intermediate
-    rounded to x.dtype as the op's contract says. Returns [T, H] fp64 on the CPU."""
+    act(gate) * up (``gate_act_by_hand``) rounded to x.dtype as the op's contract says.
+    Returns [T, H] fp64 on the CPU."""
     inter = w2.shape[2]
     xd, w13d, w2d, twd = (v.double().cpu() for v in (x, w13, w2, topk_weights))
     out = torch.zeros(x.shape[0], x.shape[1], dtype=torch.float64)
@@ -57,7 +75,7 @@ def moe_by_hand(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
         for j, e in enumerate(row):
             gate = w13d[e, :inter] @ xd[t]
             up = w13d[e, inter:] @ xd[t]
-            act = (gate * torch.sigmoid(gate) * up).to(x.dtype).double()
+            act = (gate_act_by_hand(gate, activation) * up).to(x.dtype).double()
             out[t] += twd[t, j] * (w2d[e] @ act)
     return out
 

@@ -12,7 +12,8 @@ def assert_w8a16_dispatch_registered(prefix: str, config: Callable,
     """Every (BLOCK_M, BLOCK_N, EVEN_K, ALIGNED, warps, stages, x dtype) that
     ``config(n_pairs, dtype, *case, gate_up)`` picks for a kernel ``{prefix}_gate_up`` /
     ``{prefix}_down`` has an AOT spec, at a BLOCK_K no smaller than the dispatched one;
-    each case ends with its ``aligned`` flag."""
+    each case ends with its ``aligned`` flag. The gate-up kernel's too with ACT
+    gelu_tanh for fp16 / bf16 x (moe.py's ``gate_up_activations``)."""
     from minikernels.ops.triton.registry import all_kernels
 
     registered = {}
@@ -21,7 +22,8 @@ def assert_w8a16_dispatch_registered(prefix: str, config: Callable,
             c = s.constexprs
             key = (s.fn.__name__, c["BLOCK_M"], c["BLOCK_N"], c["EVEN_K"], c["ALIGNED"],
                    s.num_warps, s.num_stages,
-                   s.signature["x_ptr" if "x_ptr" in s.signature else "act_ptr"])
+                   s.signature["x_ptr" if "x_ptr" in s.signature else "act_ptr"],
+                   c.get("ACT", "silu"))
             registered[key] = max(registered.get(key, 0), c["BLOCK_K"])
     for dt, tdt in (("*fp16", torch.float16), ("*bf16", torch.bfloat16),
                     ("*fp32", torch.float32)):
@@ -30,6 +32,8 @@ def assert_w8a16_dispatch_registered(prefix: str, config: Callable,
                 for gate_up in (True, False):
                     cfg = config(n_pairs, tdt, *case, gate_up)
                     fn = f"{prefix}_gate_up_kernel" if gate_up else f"{prefix}_down_kernel"
-                    key = (fn, cfg.block_m, cfg.block_n, cfg.even_k, case[-1],
-                           cfg.num_warps, cfg.num_stages, dt)
-                    assert key in registered and registered[key] >= cfg.block_k, key
+                    acts = ("silu", "gelu_tanh") if gate_up and dt != "*fp32" else ("silu",)
+                    for act in acts:
+                        key = (fn, cfg.block_m, cfg.block_n, cfg.even_k, case[-1],
+                               cfg.num_warps, cfg.num_stages, dt, act)
+                        assert key in registered and registered[key] >= cfg.block_k, key

@@ -4,7 +4,8 @@ own nibble unpacking: random shapes (no tokens, one token, odd token counts, one
 k > E so an expert repeats in a row), group sizes 8 / 16 / 32 / 64 / 128 and per-channel
 (-1), with H and I multiples of 32 (one scale per K tile) or not (per-word scales, masked
 K), fp16 / bf16, both backends, every tensor argument a strided view, scales of the other
-half dtype, poisoned scratch buffers, opcheck, torch.compile and bad input."""
+half dtype, poisoned scratch buffers, opcheck, torch.compile and bad input; ``activation``
+gelu / gelu_tanh (silu: the default) on grouped and ungrouped shapes, and its errors."""
 from __future__ import annotations
 
 import pytest
@@ -19,6 +20,7 @@ from minikernels.ops import _alloc, reference
 
 BACKENDS = ["reference", "triton"]
 FORMULA_TOL = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+GELUS = ["gelu", "gelu_tanh"]
 
 
 def _int4(e, n, k, group, dtype, g, zero_frac=False):
@@ -63,12 +65,12 @@ def _dequant_by_hand(qw, s, z, group, dtype):
     return ((q - zd) * sd).to(dtype).double()
 
 
-def _by_hand(x, w13q, w13s, w13z, w2q, w2s, w2z, tw, ids, group):
+def _by_hand(x, w13q, w13s, w13z, w2q, w2s, w2z, tw, ids, group, activation="silu"):
     """Per (token, slot) in fp64 on the hand-dequantized experts; the activated
     intermediate rounded to x.dtype as the contract says."""
     w13 = _dequant_by_hand(w13q, w13s, w13z, group, x.dtype)
     w2 = _dequant_by_hand(w2q, w2s, w2z, group, x.dtype)
-    return moe_by_hand(x, w13, w2, tw, ids)
+    return moe_by_hand(x, w13, w2, tw, ids, activation)
 
 
 def _rel_err(got, exact):
@@ -195,24 +197,68 @@ def test_grouped_dispatch(dtype, device):
             assert_close(y, reference.fused_moe_int4(*args, group), scale=2.0)
 
 
+@pytest.mark.parametrize("activation", GELUS)
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+def test_activation_matches_reference_and_formula(dtype, activation, device):
+    """activation= gelu / gelu_tanh with one scale per K tile (GROUPED) and with
+    per-channel scales whose K is not a multiple of 32 (per-word scales, masked K): the
+    gate-up launch gets it as its ACT constexpr; the result matches the reference and
+    the fp64 formula with that activation written out (helpers.gate_act_by_hand)."""
+    from minikernels.ops.triton import moe_int4
+
+    for i, (t, h, inter, e, k, group) in enumerate([(8, 64, 64, 3, 2, 32),
+                                                      (5, 40, 24, 3, 2, -1)]):
+        args = _inputs(t, h, inter, e, k, group, dtype, device, 30 + i)
+        with mk.use_backend("triton"), \
+                spy_launches(moe_int4, "moe_int4_gate_up_kernel", "ACT") as acts:
+            y = mk.ops.fused_moe_int4(*args, group, activation=activation)
+        assert acts == [activation]
+        want = reference.fused_moe_int4(*args, group, activation=activation)
+        assert_close(y, want, scale=2.0)
+        exact = _by_hand(*args, group, activation)
+        assert _rel_err(want, exact) <= FORMULA_TOL[dtype]
+        assert _rel_err(y, exact) <= FORMULA_TOL[dtype]
+        if activation == "gelu_tanh":       # far from the SiLU result: ACT took effect
+            assert _rel_err(y, _by_hand(*args, group)) > 2 * FORMULA_TOL[dtype]
+
+
+def test_activation_opcheck_and_errors(device):
+    """The activation through the custom op (opcheck); anything but silu / gelu /
+    gelu_tanh is refused by name, at the public op and at the custom op."""
+    args = _inputs(5, 64, 32, 3, 2, 32, torch.float16, device, 2)
+    with mk.use_backend("triton"):
+        torch.library.opcheck(torch.ops.minikernels.fused_moe_int4, (*args, 32),
+                              {"activation": "gelu_tanh"})
+    allowed = r"activation must be one of \('silu', 'gelu', 'gelu_tanh'\), got "
+    for bad in ("relu", "gelu_new", ""):
+        with pytest.raises(ValueError, match=allowed + repr(bad)):
+            mk.ops.fused_moe_int4(*args, 32, activation=bad)
+        with mk.use_backend("triton"), pytest.raises(ValueError, match=allowed):
+            torch.ops.minikernels.fused_moe_int4(*args, 32, activation=bad)
+    with pytest.raises(TypeError, match="activation must be a str"):
+        mk.ops.fused_moe_int4(*args, 32, activation=1)
+
+
 def test_every_dispatched_config_is_registered():
     """Each (BLOCK_M, BLOCK_N, BLOCK_K, GROUPED, stages) the launcher can pick has an AOT
-    spec (compiled without spills by tests/test_aot_compile.py)."""
+    spec (compiled without spills by tests/test_aot_compile.py); the gate-up kernel's
+    with ACT silu and gelu_tanh."""
     from minikernels.ops.triton import moe_int4
     from minikernels.ops.triton.registry import all_kernels
 
     registered = {(s.fn.__name__, s.constexprs["BLOCK_M"], s.constexprs["BLOCK_N"],
                    s.constexprs["BLOCK_K"], s.constexprs["GROUPED"], s.num_warps,
                    s.num_stages, s.signature["x_ptr" if "x_ptr" in s.signature
-                                              else "act_ptr"])
+                                              else "act_ptr"], s.constexprs.get("ACT", "silu"))
                   for s in all_kernels() if s.fn.__name__.startswith("moe_int4")}
     for n_pairs in (1, 100, 1000, 5000, 64 * 20, 64 * 40, 64 * 100):
         for gh, gi in ((32, 32), (128, 64), (40, 24), (8, 8), (1024, 768)):
             cfg = moe_int4.moe_int4_config(n_pairs, 64, gh, gi)
             for fn in ("moe_int4_gate_up_kernel", "moe_int4_down_kernel"):
-                for dt in ("*fp16", "*bf16"):
+                acts = ("silu", "gelu_tanh") if "gate_up" in fn else ("silu",)
+                for dt, act in ((d, a) for d in ("*fp16", "*bf16") for a in acts):
                     key = (fn, cfg.block_m, cfg.block_n, cfg.block_k, cfg.grouped,
-                           cfg.num_warps, cfg.num_stages, dt)
+                           cfg.num_warps, cfg.num_stages, dt, act)
                     assert key in registered, key
 
 

@@ -4,13 +4,16 @@ fp32-dequantized experts) and an independent per-token fp64 formula: random shap
 tokens, one token, odd H / I, odd expert / token counts, k > E so an expert repeats in a
 row), fp16 / bf16 / fp32 x, both backends, every tensor argument a strided view, poisoned
 scratch buffers, the kernels' tile dispatch and its AOT specs, opcheck, torch.compile and
-bad input. LoRA on the int8 experts: tests/test_moe_lora_op.py."""
+bad input; ``activation`` gelu / gelu_tanh (silu: the default) on aligned and masked
+tiles, told apart in fp32, and its errors. LoRA on the int8 experts:
+tests/test_moe_lora_op.py."""
 from __future__ import annotations
 
 import pytest
 import torch
 from conftest import requires_cuda
-from helpers import DTYPES, HALF_DTYPES, assert_close, moe_by_hand, spy_launches
+from helpers import (DTYPES, HALF_DTYPES, MOE_ACTIVATIONS, assert_close, moe_by_hand,
+                     spy_launches)
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from moe_test_utils import assert_w8a16_dispatch_registered
@@ -20,6 +23,7 @@ from minikernels.ops import _alloc, reference
 
 BACKENDS = ["reference", "triton"]
 FORMULA_TOL = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2, torch.float32: 1e-5}
+GELUS = ["gelu", "gelu_tanh"]
 
 
 def _int8(e, n, k, g):
@@ -40,13 +44,13 @@ def _inputs(t, h, inter, e, k, dtype, device, seed=0, ids_dtype=torch.int64):
     return [v.to(device) for v in (x, w13, s13, w2, s2, tw, ids)]
 
 
-def _by_hand(x, w13, s13, w2, s2, tw, ids):
+def _by_hand(x, w13, s13, w2, s2, tw, ids, activation="silu"):
     """Per (token, slot) in fp64 on experts dequantized here, W[e, n, k] = q[e, n, k] *
     s[e, n] in fp64 (never rounded); the activated intermediate rounded to x.dtype as
     the contract says."""
     w13d = w13.cpu().double() * s13.cpu().double()[:, :, None]
     w2d = w2.cpu().double() * s2.cpu().double()[:, :, None]
-    return moe_by_hand(x, w13d, w2d, tw, ids)
+    return moe_by_hand(x, w13d, w2d, tw, ids, activation)
 
 
 def _rel_err(got, exact):
@@ -159,6 +163,63 @@ def test_tile_dispatch_and_registered_specs(device):
         lambda n_pairs, tdt, kdim, aligned, gate_up: moe_int8.moe_int8_config(
             n_pairs, 64, tdt, kdim, aligned, gate_up),
         ((4096, True), (2880, True), (40, True), (1040, True), (200, False), (4096, False)))
+
+
+@pytest.mark.parametrize("activation", GELUS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_activation_matches_reference_and_formula(dtype, activation, device):
+    """activation= gelu / gelu_tanh on aligned rows with K a multiple of the K tile
+    (EVEN_K) and on odd sizes (unaligned rows, masked): the gate-up launch gets it as its
+    ACT constexpr; the result matches the reference and the fp64 formula with that
+    activation written out (helpers.gate_act_by_hand), and is far from the SiLU one."""
+    from minikernels.ops.triton import moe_int8
+
+    for i, (t, h, inter, e, k) in enumerate([(8, 64, 32, 3, 2), (5, 37, 19, 3, 3)]):
+        args = _inputs(t, h, inter, e, k, dtype, device, 30 + i)
+        with mk.use_backend("triton"), \
+                spy_launches(moe_int8, "moe_int8_gate_up_kernel", "ACT") as acts:
+            y = mk.ops.fused_moe_int8(*args, activation=activation)
+        assert acts == [activation]
+        want = reference.fused_moe_int8(*args, activation=activation)
+        assert_close(y, want, scale=2.0)
+        exact = _by_hand(*args, activation)
+        assert _rel_err(want, exact) <= FORMULA_TOL[dtype]
+        assert _rel_err(y, exact) <= FORMULA_TOL[dtype]
+        assert _rel_err(y, _by_hand(*args)) > 2 * FORMULA_TOL[dtype]
+
+
+def test_activations_are_told_apart(device):
+    """fp32 x: each activation's kernel result is within 1e-5 of its own formula and
+    far from the others' (gelu vs gelu_tanh: ~1e-4 here); silu stays the default, bit
+    for bit."""
+    args = _inputs(9, 64, 32, 3, 2, torch.float32, device, 40)
+    args[0] = args[0] * 2                        # gates of O(2): where the GELUs differ
+    with mk.use_backend("triton"):
+        got = {a: mk.ops.fused_moe_int8(*args, activation=a) for a in MOE_ACTIVATIONS}
+        torch.testing.assert_close(mk.ops.fused_moe_int8(*args), got["silu"],
+                                   rtol=0, atol=0)
+    exact = {a: _by_hand(*args, a) for a in MOE_ACTIVATIONS}
+    for a in MOE_ACTIVATIONS:
+        for b in MOE_ACTIVATIONS:
+            err = _rel_err(got[a], exact[b])
+            assert err <= 1e-5 if a == b else err > 2e-5, (a, b, err)
+
+
+def test_activation_opcheck_and_errors(device):
+    """The activation through the custom op (opcheck); anything but silu / gelu /
+    gelu_tanh is refused by name, at the public op and at the custom op."""
+    args = _inputs(5, 64, 32, 3, 2, torch.float16, device, 2)
+    with mk.use_backend("triton"):
+        torch.library.opcheck(torch.ops.minikernels.fused_moe_int8, tuple(args),
+                              {"activation": "gelu_tanh"})
+    allowed = r"activation must be one of \('silu', 'gelu', 'gelu_tanh'\), got "
+    for bad in ("relu", "gelu_new", ""):
+        with pytest.raises(ValueError, match=allowed + repr(bad)):
+            mk.ops.fused_moe_int8(*args, activation=bad)
+        with mk.use_backend("triton"), pytest.raises(ValueError, match=allowed):
+            torch.ops.minikernels.fused_moe_int8(*args, activation=bad)
+    with pytest.raises(TypeError, match="activation must be a str"):
+        mk.ops.fused_moe_int8(*args, activation=None)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -7,13 +7,14 @@ paths), slots -1 everywhere /
 mixed / all adapted, every dtype, poisoned scratch buffers (conftest), every LoRA tensor
 a strided view, lora=None and all-(-1) slots bit-identical to the op without LoRA, the
 BGMV fallback for many (slot, expert) groups, opcheck with the LoRA arguments, and bad
-input naming the argument."""
+input naming the argument; the four ops with ``activation`` gelu / gelu_tanh and LoRA (the
+updates go in before the activation)."""
 from __future__ import annotations
 
 import pytest
 import torch
 from conftest import requires_cuda
-from helpers import DTYPES, HALF_DTYPES, assert_close
+from helpers import DTYPES, HALF_DTYPES, assert_close, gate_act_by_hand
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -23,6 +24,7 @@ from minikernels.ops import MoELoRA, reference
 
 FORMULA_TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 SLOT_MODES = ["mixed", "none", "all"]
+GELUS = ["gelu", "gelu_tanh"]
 
 
 # ------------------------------------------------------------------------ inputs
@@ -77,10 +79,11 @@ def _int8(e, n, k, g):
 
 # ---------------------------------------------------------------- the independent formula
 
-def _by_hand(x, w13, w2, tw, ids, lora):
+def _by_hand(x, w13, w2, tw, ids, lora, activation="silu"):
     """One (token, slot) pair at a time in fp64 on dense (or dequantized) experts
     w13 [E, 2I, H], w2 [E, H, I]: the contract of MoELoRA, each LoRA update and the
-    activated intermediate rounded to x.dtype. Returns [T, H] fp64 on the CPU."""
+    activated intermediate act(gate) * up (helpers.gate_act_by_hand) rounded to x.dtype.
+    Returns [T, H] fp64 on the CPU."""
     inter = w2.shape[2]
     dt = x.dtype
     xd, w13d, w2d, twd = (v.double().cpu() for v in (x, w13, w2, tw))
@@ -95,7 +98,7 @@ def _by_hand(x, w13, w2, tw, ids, lora):
                 d13 = sc * (b13[s, e].double() @ (a13[s, e].double() @ xd[t]))
                 gate_up = gate_up + d13.to(dt).double()
             gate, up = gate_up[:inter], gate_up[inter:]
-            act = (gate * torch.sigmoid(gate) * up).to(dt).double()
+            act = (gate_act_by_hand(gate, activation) * up).to(dt).double()
             y = w2d[e] @ act
             if s >= 0:
                 d2 = sc * (b2[s, e].double() @ (a2[s, e].double() @ act))
@@ -257,8 +260,10 @@ def test_int8_matches_reference_and_formula(t, k, e, s, r, h, inter, dtype, slot
 
 # --------------------------------------------------------- no adapter = the base op
 
-def _three_ops(device, t=12, dtype=torch.float16, slots="none", seed=1):
-    """(call(lora) -> out) for each op on one shared routing, and the lora."""
+def _four_ops(device, t=12, dtype=torch.float16, slots="none", seed=1, activation="silu"):
+    """({op: (call(lora) -> out, w13, w2)} for each op on one shared routing, with the
+    given activation; w13 / w2 the op's experts dense or dequantized (reference helpers)),
+    the lora, and (x, topk_weights, topk_ids)."""
     h, inter, e, k, s, r = 32, 16, 3, 2, 2, 4
     xd, w13, w2, tw, ids, lora = _dense(t, h, inter, e, k, s, r, dtype, device, seed, slots)
     a4, _ = _int4_case(t, h, inter, e, k, s, r, 16, dtype, device, seed)
@@ -267,10 +272,25 @@ def _three_ops(device, t=12, dtype=torch.float16, slots="none", seed=1):
     a4[0], a4[-2], a4[-1] = xd, tw, ids
     a8[0], a8[-2], a8[-1] = xd, tw, ids
     ai8[0], ai8[-2], ai8[-1] = xd, tw, ids
-    return {"dense": lambda lo: mk.ops.fused_moe(xd, w13, w2, tw, ids, lora=lo),
-            "int4": lambda lo: mk.ops.fused_moe_int4(*a4, 16, lora=lo),
-            "fp8": lambda lo: mk.ops.fused_moe_fp8(*a8, (16, 16), lora=lo),
-            "int8": lambda lo: mk.ops.fused_moe_int8(*ai8, lora=lo)}, lora
+    act = activation
+    ops = {
+        "dense": (lambda lo: mk.ops.fused_moe(xd, w13, w2, tw, ids, lora=lo, activation=act),
+                  w13, w2),
+        "int4": (lambda lo: mk.ops.fused_moe_int4(*a4, 16, lora=lo, activation=act),
+                 *_int4_dense(a4, 16)),
+        "fp8": (lambda lo: mk.ops.fused_moe_fp8(*a8, (16, 16), lora=lo, activation=act),
+                reference.dequantize_fp8_experts(a8[1], a8[2], (16, 16)),
+                reference.dequantize_fp8_experts(a8[3], a8[4], (16, 16))),
+        "int8": (lambda lo: mk.ops.fused_moe_int8(*ai8, lora=lo, activation=act),
+                 reference.dequantize_int8_experts(ai8[1], ai8[2]),
+                 reference.dequantize_int8_experts(ai8[3], ai8[4]))}
+    return ops, lora, (xd, tw, ids)
+
+
+def _three_ops(device, t=12, dtype=torch.float16, slots="none", seed=1):
+    """(call(lora) -> out) for each op on one shared routing, and the lora."""
+    ops, lora, _ = _four_ops(device, t, dtype, slots, seed)
+    return {name: call for name, (call, _, _) in ops.items()}, lora
 
 
 @pytest.mark.parametrize("t", [5, 40])          # BGMV (< 32 pairs) and SGMV LoRA paths
@@ -307,6 +327,28 @@ def test_reference_backend_through_the_op(device):
         with mk.use_backend("triton"):
             got = call(lora)
         assert_close(got, want, scale=2.0)
+
+
+@pytest.mark.parametrize("activation", GELUS)
+@pytest.mark.parametrize("t", [5, 40])          # BGMV (< 32 pairs) and SGMV LoRA paths
+def test_activation_with_lora(t, activation, device):
+    """Each op (dense / int4 / fp8 / int8 experts) with activation= gelu / gelu_tanh and
+    mixed slots: the LoRA updates go in before the activation, against the reference and
+    the fp64 formula with that activation; slot -1 rows are the op without LoRA (same
+    activation) bit for bit; far from the SiLU result."""
+    ops, lora, (x, tw, ids) = _four_ops(device, t=t, slots="mixed", seed=6,
+                                        activation=activation)
+    base_rows = lora.token_slots == -1
+    assert base_rows.any() and (~base_rows).any()
+    for name, (call, w13, w2) in ops.items():
+        with mk.use_backend("reference"):
+            want = call(lora)
+        with mk.use_backend("triton"):
+            got, base = call(lora), call(None)
+        _check(got, want, _by_hand(x, w13, w2, tw, ids, lora, activation), torch.float16)
+        assert torch.equal(got[base_rows], base[base_rows]), name
+        silu = _by_hand(x, w13, w2, tw, ids, lora)
+        assert _rel_err(got, silu) > 2 * FORMULA_TOL[torch.float16], name
 
 
 # ------------------------------------------------------------------- strided views

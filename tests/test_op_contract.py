@@ -179,6 +179,17 @@ def test_opcheck_rotary_styles(backend, is_neox_style, device):
                               (q, k, pos, cache, is_neox_style))
 
 
+@pytest.mark.parametrize("activation", ["gelu", "gelu_tanh"])
+@pytest.mark.parametrize("name", ["fused_moe", "fused_moe_int4", "fused_moe_fp8",
+                                  "fused_moe_int8"])
+def test_opcheck_moe_activation(name, activation, device):
+    # the fused MoE ops' activation argument (the generic sample leaves it at "silu")
+    op = getattr(torch.ops.minikernels, name)
+    assert op.default._schema.arguments[-1].name == "activation"
+    with mk.use_backend("triton"):
+        torch.library.opcheck(op, _samples(device)[name], {"activation": activation})
+
+
 def test_torch_compile_fullgraph_over_ops():
     def block(x, residual, w, q, k, pos, cache):
         y, h = mk.ops.rms_norm(x, w, residual=residual)
