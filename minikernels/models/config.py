@@ -566,9 +566,10 @@ class DecoderConfig:
             if not self.moe_routed_scaling > 0:
                 raise ValueError(f"config.moe_routed_scaling must be > 0, got "
                                  f"{self.moe_routed_scaling!r}")
-            if self.activation != "silu":
+            if self.activation not in ("silu", "gelu", "gelu_tanh"):
                 raise UnsupportedModelError(f"experts with hidden_act {self.hidden_act!r} "
-                                            "are not supported (SiLU-gated experts)")
+                                            "are not supported (SiLU- or GELU-gated "
+                                            "experts)")
         if self.layer_mixers is not None:
             if len(self.layer_mixers) != self.num_layers:
                 raise ValueError(f"config.layer_mixers must name one mixer per layer "

@@ -1,6 +1,8 @@
 """The mixture-of-experts MLP of Qwen2-MoE, Qwen3-MoE, Mixtral, Granite-MoE and OLMoE: a
 softmax router picks each token's top-k experts, and :func:`minikernels.ops.fused_moe` runs them
-(SiLU-gated MLPs, weighted and summed).
+(gated MLPs, weighted and summed). The experts' gate activation is the config's
+(``DecoderConfig.activation``: "silu", or "gelu" / "gelu_tanh" for GELU-gated experts such
+as Gemma 4's), passed to the ops as ``activation=``; Qwen2-MoE's shared expert uses it too.
 
     logits = x @ Wgate.T                     # [T, E], in the model dtype (as transformers)
     p = softmax(logits in fp32)              # these two lines: ops.topk_softmax
@@ -63,12 +65,17 @@ class FusedExperts(nn.Module):
     ``w13_int8`` int8 [E, 2I, H] with ``w13_int8_scale`` fp32 [E, 2I] and ``w2_int8``
     [E, H, I] with ``w2_int8_scale`` [E, H], one scale per output row (see
     :mod:`minikernels.quant.int8`); the forward is ``ops.fused_moe_int8`` (W8A16).
+
+    ``activation``: the experts' gate activation ("silu", "gelu", "gelu_tanh"), every
+    forward's ``activation=``.
     """
 
     def __init__(self, num_experts: int, hidden: int, inter: int, dtype: torch.dtype,
-                 device: torch.device | str | None, dense: bool = True) -> None:
+                 device: torch.device | str | None, dense: bool = True,
+                 activation: str = "silu") -> None:
         super().__init__()
         self.num_experts, self.hidden, self.inter = num_experts, hidden, inter
+        self.activation = activation
         self.dtype, self.device = dtype, device
         self.group_size: int | None = None           # int4 only
         self.fp8_block: tuple[int, int] | None = None  # fp8 only
@@ -294,14 +301,17 @@ class FusedExperts(nn.Module):
         ``fused_moe_fp8`` / ``fused_moe_int8``)."""
         slots = self.__dict__.get("lora")    # LoRA on the experts (minikernels.models.lora)
         lora = slots.op_args() if slots is not None else None
+        act = self.activation
         if self.w13 is not None:
-            return ops.fused_moe(x, self.w13, self.w2, weights, ids, lora=lora)
+            return ops.fused_moe(x, self.w13, self.w2, weights, ids, lora=lora, activation=act)
         if self.int8:
             return ops.fused_moe_int8(x, self.w13_int8, self.w13_int8_scale, self.w2_int8,
-                                      self.w2_int8_scale, weights, ids, lora=lora)
+                                      self.w2_int8_scale, weights, ids, lora=lora,
+                                      activation=act)
         if self.fp8_block is not None:
             return ops.fused_moe_fp8(x, self.w13_fp8, self.w13_scale, self.w2_fp8,
-                                     self.w2_scale, weights, ids, self.fp8_block, lora=lora)
+                                     self.w2_scale, weights, ids, self.fp8_block, lora=lora,
+                                     activation=act)
         if self.group_size is None:
             raise RuntimeError("int4 experts were never loaded")
         # fp16 / bf16 activations; an fp32 model rounds them to the scales' dtype
@@ -312,24 +322,31 @@ class FusedExperts(nn.Module):
                                  a2=lora.a2.to(sd), b2=lora.b2.to(sd))
         y = ops.fused_moe_int4(xin, self.w13_qweight, self.w13_scales, self.w13_zeros,
                                self.w2_qweight, self.w2_scales, self.w2_zeros, weights, ids,
-                               self.group_size, lora=lora)
+                               self.group_size, lora=lora, activation=act)
         return y.to(x.dtype)
 
 
 class SharedExpert(nn.Module):
-    """Qwen2-MoE's shared expert: a SiLU-gated MLP (``gate_up_proj`` / ``down_proj``
-    FusedLinears, so int4 on load covers it). ``inter``: local (I/P under tensor parallel);
+    """Qwen2-MoE's shared expert: a gated MLP (``gate_up_proj`` / ``down_proj``
+    FusedLinears, so int4 on load covers it) with the experts' activation (SiLU unless
+    the config's hidden_act is a GELU). ``inter``: local (I/P under tensor parallel);
     the caller all-reduces the row-parallel output."""
 
     def __init__(self, hidden: int, inter: int, dtype: torch.dtype,
-                 device: torch.device | str | None, dense: bool) -> None:
+                 device: torch.device | str | None, dense: bool,
+                 activation: str = "silu") -> None:
         super().__init__()
+        self.activation = activation
         self.gate_up_proj = FusedLinear(hidden, [inter] * 2, dtype=dtype, device=device,
                                         dense=dense)
         self.down_proj = FusedLinear(inter, hidden, dtype=dtype, device=device, dense=dense)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.down_proj(ops.silu_and_mul(self.gate_up_proj(x)))
+        gate_up = self.gate_up_proj(x)
+        if self.activation == "silu":
+            return self.down_proj(ops.silu_and_mul(gate_up))
+        return self.down_proj(ops.gelu_and_mul(
+            gate_up, "tanh" if self.activation == "gelu_tanh" else "none"))
 
 
 class SparseMoE(nn.Module):
@@ -355,12 +372,12 @@ class SparseMoE(nn.Module):
         self.expert_bias = nn.Parameter(torch.zeros(c.num_experts, dtype=dtype, device=device),
                                         requires_grad=False) if c.moe_expert_bias else None
         self.experts = FusedExperts(c.num_experts, c.hidden_size, c.moe_intermediate_size // p,
-                                    dtype, device, dense)
+                                    dtype, device, dense, activation=c.activation)
         self.shared_expert = self.shared_expert_gate = None
         if c.shared_expert_intermediate_size:
             self.shared_expert = SharedExpert(c.hidden_size,
                                               c.shared_expert_intermediate_size // p, dtype,
-                                              device, dense)
+                                              device, dense, activation=c.activation)
             if c.shared_expert_gated:      # (Granite 4.0-H adds its shared MLP as is)
                 self.shared_expert_gate = nn.Linear(c.hidden_size, 1, bias=False,
                                                     dtype=dtype, device=device)
