@@ -5,8 +5,8 @@ Op: ``minikernels::flash_attention``. Backends: reference (CPU, fp32 math) and t
 Conventions follow FlashAttention (>= 2.1): varlen [total_tokens, heads, head_dim] with int32
 cu_seqlens, causal masks aligned bottom-right (also with more queries than keys: rows that
 see no key give 0 and LSE -inf), local attention ``window_left`` / ``window_right``, GQA when
-Hq is a multiple of Hkv, ALiBi (``alibi_slopes`` [Hq] or [B, Hq]), any head dim up to 256,
-paged caches of any block size 1..256, fp8 (e4m3) paged caches.
+Hq is a multiple of Hkv, ALiBi (``alibi_slopes`` [Hq] or [B, Hq]), any head dim up to 512
+(FlashAttention's 256, plus Gemma 4's 512-wide full-attention heads), paged caches of any block size 1..256, fp8 (e4m3) paged caches.
 ``flash_attention_bshd`` is the padded-batch convenience form [B, S, H, D].
 Tests: tests/test_flash_attention*.py. Benchmark: ``python -m bench.bench_attention``.
 """
@@ -23,7 +23,11 @@ from .._validation import (FLOAT_DTYPES, check_index_range, check_last_dim_conti
                            index_checks_active, last_dim_contiguous)
 from . import reference
 
-MAX_HEAD_DIM = 256
+#: Widest head dim of the attention family (flash_attention, paged_decode_attention): Gemma 4's
+#: full-attention layers use 512 (FlashAttention 2 stops at 256). Dims in (256, 512] run on
+#: their own, smaller Triton tiles (flash_attn.py's tables); the CUDA C++ decode kernel stays
+#: at {64, 128, 256}, so auto routes them to Triton.
+MAX_HEAD_DIM = 512
 MAX_BLOCK_SIZE = 256
 #: KV-cache dtypes stored with a float32 scale (vLLM's convention: stored * scale ~= value).
 FP8_KV_DTYPES = (torch.float8_e4m3fn,)
@@ -59,10 +63,10 @@ def _(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tenso
 
 
 def check_head_dim(d: int) -> None:
-    """Any head dim in [1, 256], as FlashAttention (64, 80, 96, 128, 256 are tuned; a dim
-    that is not a multiple of 8 runs without vectorized loads)."""
+    """Any head dim in [1, 512]: FlashAttention's [1, 256] and Gemma 4's 512 (64, 80, 96, 128,
+    256, 512 are tuned; a dim that is not a multiple of 8 runs without vectorized loads)."""
     if d <= 0 or d > MAX_HEAD_DIM:
-        raise ValueError(f"head dim must be in [1, {MAX_HEAD_DIM}] (64, 80, 96, 128, 256 "
+        raise ValueError(f"head dim must be in [1, {MAX_HEAD_DIM}] (64, 80, 96, 128, 256, 512 "
                          f"are tuned), got {d}")
 
 
@@ -233,8 +237,9 @@ def flash_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_se
     b's keys are its first cu_seqlens_k[b+1] - cu_seqlens_k[b] cached tokens. Paged caches
     may be float8_e4m3fn with float32 ``k_scale`` / ``v_scale`` (1 or Hkv elements; the
     keys are k_cache * k_scale). cu_seqlens_q/k int32 [B + 1]. D is any head dim in
-    [1, 256], as FlashAttention's (a D that is not a multiple of 8 runs without vectorized
-    loads).
+    [1, 512]: FlashAttention's [1, 256] and up to Gemma 4's 512 (a D that is not a multiple
+    of 8 runs without vectorized loads; D > 256 runs on 32-row tiles, see
+    ops/triton/flash_attn.py).
 
     Masks (FlashAttention's): query i of Lq sits at position p = i + Lk - Lq (bottom-right;
     with Lq > Lk under causal the first rows see no key: output 0, LSE -inf). It sees key j
@@ -326,7 +331,7 @@ def flash_attention_bshd(q: Tensor, k: Tensor, v: Tensor, causal: bool = True,
     """Attention over a padded batch, FlashAttention's ``flash_attn_func`` layout.
 
     q [B, Sq, Hq, D]; k, v [B, Sk, Hkv, D] (same dtype and device, Hq a multiple of Hkv,
-    any strides). Every sequence has Sq queries and Sk keys; causal is aligned bottom-right
+    any strides; D in [1, 512] as in :func:`flash_attention`). Every sequence has Sq queries and Sk keys; causal is aligned bottom-right
     (with Sq > Sk the first Sq - Sk rows see no key). Returns out [B, Sq, Hq, D] in
     q.dtype, and with return_lse the natural-log LSE [B, Hq, Sq] fp32. Other arguments
     (window_left / window_right: FlashAttention's window_size; alibi_slopes [Hq] or

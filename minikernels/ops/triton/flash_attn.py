@@ -261,12 +261,25 @@ class FlashConfig:
 # Starting points, to be swept on the GPU: ``python -m bench.bench_attention --sweep``
 # (bench/NOTES.md, "attention"). E.g. sm_90 d128 128x128/8 warps/2 stages fits sm_90a
 # (244 regs) but spills 16 B on sm_80, so it is a sweep candidate, not the default.
+#
+# D in (256, 512] (BLOCK_D 512, Gemma 4's full-attention heads): 32-row query tiles, so no
+# wgmma on sm_90a (its tiles have 64 rows) but mma.sync on both archs. A 64-row tile's fp32
+# accumulator is 64 x 512 x 4 B = 128 registers a thread over 8 warps, and the kernel's
+# other live values (scores, probabilities, row stats, addresses) need ~130 more: every
+# 64-row variant tried spills (8 warps, BLOCK_N 16-32, 1-3 stages: 200-580 B of stack on
+# sm_90a, up to 40 B on sm_80 where only the plain causal 64 x 16 just fits at 255
+# registers; 16 warps: capped at 128 registers, 550-1000 B). Splitting the head dim into two halves
+# inside the kernel (two [64, 256] accumulators) keeps the same accumulator registers a
+# thread, so it spills alike; recomputing q k^T per half instead costs 1.5x the FLOPs.
+# 32 x 32 tiles over 8 warps hold a 64-register accumulator: 176-252 registers with every
+# feature, no spills; sm_80 2 stages (~98 KB smem), sm_90a 3 stages (~162 KB of its 227 KB).
 SM90_CONFIGS = {
     16: FlashConfig(128, 128, 8, 3),
     32: FlashConfig(128, 128, 8, 3),
     64: FlashConfig(128, 128, 8, 3),
     128: FlashConfig(128, 64, 8, 3),
     256: FlashConfig(64, 32, 8, 2),
+    512: FlashConfig(32, 32, 8, 3),
 }
 SM80_CONFIGS = {
     16: FlashConfig(128, 64, 8, 3),
@@ -274,14 +287,19 @@ SM80_CONFIGS = {
     64: FlashConfig(128, 64, 8, 3),
     128: FlashConfig(128, 64, 8, 3),
     256: FlashConfig(64, 32, 8, 2),
+    512: FlashConfig(32, 32, 8, 2),
 }
 # Rows that are not 16-byte aligned (a head dim that is not a multiple of 8, or an unaligned
 # paged cache) load element by element through registers: wide head dims need small tiles
-# to stay free of spills (both archs).
+# to stay free of spills (both archs; at BLOCK_D 512 four warps spill 96 B on sm_80).
 UNALIGNED_CONFIGS = {
     128: FlashConfig(64, 32, 8, 2),
     256: FlashConfig(16, 16, 4, 2),
+    512: FlashConfig(16, 16, 8, 2),
 }
+#: fp32 q / k / v (exact dots on FMA units; GPU fp32 is for tests) at BLOCK_D 512: the
+#: 32 x 32 / 4-warp tile of narrower dims spills there; 16 x 16 over 8 warps, 1 stage does not.
+FP32_WIDE_CONFIG = FlashConfig(16, 16, 8, 1)
 INTERPRETER_CONFIG = FlashConfig(16, 16, 1, 1)  # CPU interpreter: small tiles, many programs
 
 
@@ -320,7 +338,7 @@ def pick_config(head_dim: int, dtype: torch.dtype, device: torch.device,
     cfg = (SM90_CONFIGS if major >= 9 else SM80_CONFIGS)[bd]
     elem = torch.finfo(dtype).bits // 8
     if dtype == torch.float32:  # exact fp32 dots run on FMA units: small tiles
-        cfg = FlashConfig(64 if bd <= 64 else 32, 32, 4, 2)
+        cfg = FlashConfig(64 if bd <= 64 else 32, 32, 4, 2) if bd <= 256 else FP32_WIDE_CONFIG
     if not aligned and bd in UNALIGNED_CONFIGS:
         cfg = UNALIGNED_CONFIGS[bd]
     smem = torch.cuda.get_device_properties(device).shared_memory_per_block_optin
@@ -492,3 +510,20 @@ _register("bf16", 128, SM90_CONFIGS[128], page_size=16, fp8_kv=True, archs=(90,)
 _register("bf16", 64, SM90_CONFIGS[64], page_size=16, fp8_kv=True, archs=(90,))
 _register("fp16", 128, SM90_CONFIGS[128], window=True, softcap=True, page_size=16,
           fp8_kv=True, archs=(90,))
+# D in (256, 512] (Gemma 4's full-attention layers): each arch's own table entry, built for
+# that arch only (sm_90a's 3-stage tile would leave sm_80 under 1 KB of shared memory)
+for _arch, _table in ((90, SM90_CONFIGS), (80, SM80_CONFIGS)):
+    _cfg = _table[512]
+    for _dt in ("bf16", "fp16"):
+        _register(_dt, 512, _cfg, archs=(_arch,))
+        _register(_dt, 512, _cfg, page_size=16, archs=(_arch,))   # prefill over a paged prefix
+    _register("bf16", 512, _cfg, causal=False, archs=(_arch,))
+    _register("fp16", 512, _cfg, window=True, softcap=True, page_size=16, archs=(_arch,))
+    _register("bf16", 512, _cfg, alibi=True, archs=(_arch,))
+    _register("bf16", 264, _cfg, window=True, archs=(_arch,))      # BLOCK_D 512, masked d
+_register("bf16", 512, SM90_CONFIGS[512], page_size=16, fp8_kv=True, archs=(90,))
+_register("fp16", 512, SM90_CONFIGS[512], window=True, softcap=True, page_size=16,
+          fp8_kv=True, archs=(90,))
+_register("bf16", 300, UNALIGNED_CONFIGS[512])                     # not a multiple of 8
+_register("fp16", 300, UNALIGNED_CONFIGS[512], window=True, softcap=True, page_size=16,
+          alibi=True)
