@@ -290,3 +290,17 @@ def test_gpu_decode_shape_and_cuda_graph(dtype):
         graph.replay()
         torch.cuda.synchronize()
         assert_close(yg, mk.ops.fused_moe(x, w13, w2, tw, ids), scale=2.0)
+
+
+@requires_cuda
+@pytest.mark.parametrize("activation", GELUS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gpu_gelu_experts_decode_and_prefill(dtype, activation):
+    """GELU-gated experts at model size on the GPU (64 experts, k 8): a decode batch
+    (BLOCK_M 32) and a prefill one (BLOCK_M 64: wgmma on sm_90a) against the reference."""
+    for t in (256, 2048):
+        x, w13, w2, tw, ids = _inputs(t, 1024, 768, 64, 8, dtype, "cuda", 9)
+        with mk.use_backend("triton"):
+            y = mk.ops.fused_moe(x, w13, w2, tw, ids, activation=activation)
+        want = reference.fused_moe(x, w13, w2, tw, ids, activation=activation)
+        assert_close(y, want, scale=2.0)
