@@ -12,7 +12,8 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import requires_cuda
-from helpers import DTYPES, HALF_DTYPES, MOE_ACTIVATIONS, assert_close, moe_by_hand, spy_launches
+from helpers import (DTYPES, HALF_DTYPES, MOE_ACTIVATIONS, assert_close, moe_by_hand,
+                     spy_launches)
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from moe_test_utils import assert_w8a16_dispatch_registered

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import requires_cuda
-from helpers import MOE_ACTIVATIONS, DTYPES, assert_close, moe_by_hand, spy_launches
+from helpers import DTYPES, MOE_ACTIVATIONS, assert_close, moe_by_hand, spy_launches
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
