@@ -175,7 +175,7 @@ def test_random_varlen_matches_reference(device, case):
 # ------------------------------------------------------------------------ each feature
 
 
-@pytest.mark.parametrize("d", [64, 80, 96, 128, 256])
+@pytest.mark.parametrize("d", [64, 80, 96, 128, 256, 512])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_head_dims(device, d, dtype):
     lens_q, lens_k = [1, 19], [13, 37]
@@ -194,7 +194,8 @@ def test_small_unpadded_head_dims(device, d):
 # FlashAttention's own test dims that are not multiples of 8 (it pads them), and the ends.
 @pytest.mark.parametrize("d,dtype", [(1, torch.float16), (3, torch.bfloat16),
                                      (59, torch.float16), (111, torch.bfloat16),
-                                     (160, torch.float16), (224, torch.bfloat16)])
+                                     (160, torch.float16), (224, torch.bfloat16),
+                                     (300, torch.bfloat16)])
 def test_any_head_dim(device, d, dtype):
     """Rows of an odd head dim are not 16-byte aligned: the kernel runs without vector
     hints (varlen, a paged prefix, and strided views of a fused qkv)."""
@@ -212,6 +213,41 @@ def test_any_head_dim(device, d, dtype):
     c20 = cu([20], device)
     out, lse = run_triton(qv, kv, vv, c20, c20, 20, 20)
     check(out, lse, *expected(qv.contiguous(), kv.contiguous(), vv.contiguous(), c20, c20))
+
+
+@pytest.mark.parametrize("d", [512, 320])
+def test_wide_head_dims_every_feature(device, d):
+    """Head dims in (256, 512] (Gemma 4's full-attention layers: 512; 320 pads to BLOCK_D
+    512 with masked columns): a paged prefix with window + softcap + ALiBi + sinks, two-sided
+    local attention without causal, and the padded-batch form, against the reference."""
+    lens_q, lens_k = [3, 17], [21, 17]
+    q, k, v, cu_q, cu_k = make_batch(lens_q, lens_k, 4, 2, d, torch.bfloat16, device, seed=d)
+    kc, vc, table = to_paged(k, v, lens_k, 16, seed=d)
+    slopes = torch.tensor([0.5, 0.25, 0.125, 0.0625], device=device)
+    sinks = torch.tensor([0.5, -1.0, 1.5, 0.0], device=device)
+    kw = dict(window_left=9, softcap=20.0, alibi_slopes=slopes, sinks=sinks)
+    out, lse = run_triton(q, kc, vc, cu_q, cu_k, 17, 21, block_table=table, **kw)
+    check(out, lse, *expected(q, k, v, cu_q, cu_k, True, None, 9, 20.0, alibi_slopes=slopes,
+                              sinks=sinks))
+    out, lse = run_triton(q, k, v, cu_q, cu_k, 17, 21, causal=False, window_left=4,
+                          window_right=3)
+    check(out, lse, *expected(q, k, v, cu_q, cu_k, False, window_left=4, window_right=3))
+    qb, kb = q[:12].view(2, 6, 4, d), k[:16].view(2, 8, 2, d)
+    vb = v[:16].view(2, 8, 2, d)
+    with mk.use_backend("triton"):
+        out = mk.ops.flash_attention_bshd(qb, kb, vb, causal=True)
+    ref, _ = expected(qb.reshape(12, 4, d), kb.reshape(16, 2, d), vb.reshape(16, 2, d),
+                      cu([6, 6], device), cu([8, 8], device))
+    assert_close(out.reshape(12, 4, d), ref, scale=2.0)
+
+
+def test_head_dim_513_is_refused_by_name(device):
+    q = torch.zeros(4, 2, 513, dtype=torch.float16, device=device)
+    c = cu([4], device)
+    with pytest.raises(ValueError, match=r"head dim must be in \[1, 512\].*got 513"):
+        mk.ops.flash_attention(q, q, q, c, c, 4, 4)
+    with pytest.raises(ValueError, match=r"head dim must be in \[1, 512\].*got 513"):
+        mk.ops.flash_attention_bshd(q[None], q[None], q[None])
 
 
 @pytest.mark.parametrize("hq,hkv", [(8, 1), (8, 2), (6, 6)], ids=["mqa", "gqa4", "mha"])
@@ -504,8 +540,8 @@ def _bad_cases(device):
          "multiple of k/v heads"),
         ("head dim 0", call(q=q[..., :0], k=k[..., :0], v=v[..., :0]), ValueError,
          "head dim"),
-        ("head dim 264", call(q=torch.zeros(10, 4, 264, dtype=q.dtype, device=device)),
-         ValueError, "head dim"),
+        ("head dim 513", call(q=torch.zeros(10, 4, 513, dtype=q.dtype, device=device)),
+         ValueError, r"head dim must be in \[1, 512\].*got 513"),
         ("k bf16", call(k=k.bfloat16()), TypeError, "k must have dtype"),
         ("v fp32", call(v=v.float()), TypeError, "v must have dtype"),
         ("q int", call(q=q.to(torch.int32)), TypeError, "q must have dtype"),
@@ -620,7 +656,7 @@ class _Props:
 
 @pytest.mark.parametrize("cap,smem", [((9, 0), 232448), ((8, 0), 166912), ((8, 6), 101376),
                                       ((8, 9), 101376)])
-@pytest.mark.parametrize("d", [64, 80, 128, 256])
+@pytest.mark.parametrize("d", [64, 80, 128, 256, 264, 512])
 def test_pick_config_fits_shared_memory(cap, smem, d):
     dev = torch.device("cuda", 0)
     with mock.patch.object(torch.cuda, "get_device_capability", return_value=cap), \
@@ -631,6 +667,8 @@ def test_pick_config_fits_shared_memory(cap, smem, d):
             assert fa._smem_bytes(cfg, fa.block_d(d), elem) <= smem, (cfg, cap, d)
         if cap == (9, 0):
             assert fa.pick_config(d, torch.bfloat16, dev) == fa.SM90_CONFIGS[fa.block_d(d)]
+        if cap == (8, 0):
+            assert fa.pick_config(d, torch.bfloat16, dev) == fa.SM80_CONFIGS[fa.block_d(d)]
         with mock.patch.dict(os.environ, {"MINIKERNELS_FLASH_CONFIG": "64,32,4,2"}):
             assert fa.pick_config(d, torch.bfloat16, dev) == fa.FlashConfig(64, 32, 4, 2)
         with mock.patch.dict(os.environ, {"MINIKERNELS_FLASH_CONFIG": "64,32"}):
