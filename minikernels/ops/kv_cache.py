@@ -17,9 +17,10 @@ Backends:
                             (csrc/kv_cache.cu, a row copy, or fp8 quantization; opt in
                             with use_backend("cuda") until validated on a GPU).
     paged_decode_attention  reference; triton (ops/triton/paged_attention.py, tensor cores,
-                            fp16/bf16; auto's choice on CUDA); cuda
+                            fp16/bf16, any D up to 512; auto's choice on CUDA); cuda
                             (csrc/paged_attention.cu, fp16/bf16, GQA group <= 8,
-                            D in {64, 128, 256}; opt in with use_backend("cuda")).
+                            D in {64, 128, 256}; opt in with use_backend("cuda"); other
+                            inputs, e.g. D = 512, run on Triton even then).
                             fp32 on a GPU runs the reference (fp32 is for CPU model
                             tests); on CPU the Triton interpreter runs fp32 too.
 
@@ -134,6 +135,17 @@ def _(k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, slot_mapping: Tens
     return None
 
 
+def _cuda_decode_ok(q: Tensor, k_cache: Tensor, v_cache: Tensor,
+                    alibi_slopes: Tensor | None) -> bool:
+    """The CUDA C++ decode kernel takes this call: fp16 / bf16, D in {64, 128, 256} (so
+    Gemma 4's D = 512, and every D in (256, 512], run on Triton), GQA group <= 8, no ALiBi,
+    16-byte aligned cache rows, and the extension was built with it."""
+    return (q.dtype in HALF_DTYPES and q.shape[2] in _CUDA_HEAD_DIMS and alibi_slopes is None
+            and q.shape[1] // k_cache.shape[2] <= _CUDA_MAX_GROUP
+            and _rows_aligned(k_cache, v_cache)
+            and _ext_has("paged_decode_attention"))
+
+
 @torch.library.custom_op("minikernels::paged_decode_attention", mutates_args=())
 def _paged_decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_table: Tensor,
                             seq_lens: Tensor, softmax_scale: float, window_left: int,
@@ -141,15 +153,9 @@ def _paged_decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_t
                             k_scale: Tensor | None = None, v_scale: Tensor | None = None,
                             alibi_slopes: Tensor | None = None) -> tuple[Tensor, Tensor]:
     d, hkv = q.shape[2], k_cache.shape[2]
-
-    def cuda_ok() -> bool:
-        return (q.dtype in HALF_DTYPES and d in _CUDA_HEAD_DIMS and alibi_slopes is None
-                and q.shape[1] // hkv <= _CUDA_MAX_GROUP
-                and _rows_aligned(k_cache, v_cache)
-                and _ext_has("paged_decode_attention"))
-
-    which = _backend.resolve("paged_decode_attention", q.device, cuda_ok=cuda_ok,
-                             prefer_cuda=False)
+    which = _backend.resolve(
+        "paged_decode_attention", q.device,
+        cuda_ok=lambda: _cuda_decode_ok(q, k_cache, v_cache, alibi_slopes), prefer_cuda=False)
     if which != "reference" and q.is_cuda and q.dtype not in HALF_DTYPES:
         which = "reference"  # GPU kernels: fp16/bf16 q (fp32 runs through the reference)
     if which == "cuda" and (alibi_slopes is not None or not _rows_aligned(k_cache, v_cache)):
@@ -212,7 +218,8 @@ def write_kv_cache(k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor,
                    v_scale: Tensor | float | None = None) -> None:
     """Write each token's K/V into its cache slot, in place.
 
-    k, v [T, Hkv, D] (any strides); k_cache, v_cache [num_blocks, block_size, Hkv, D]
+    k, v [T, Hkv, D] (any strides, any D >= 1; the attention ops read D <= 512); k_cache,
+    v_cache [num_blocks, block_size, Hkv, D]
     (block_size 1..256, each with its own strides, last dim contiguous) of k's dtype, or
     float8_e4m3fn with float32 k_scale / v_scale (1 or Hkv elements): the caches then hold
     fp8(clamp(k / k_scale, +-448)). slot_mapping int32/int64 [T] with
@@ -245,7 +252,7 @@ def paged_decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_ta
                            ) -> Tensor | tuple[Tensor, Tensor]:
     """Decode attention: one query per sequence over its paged KV cache.
 
-    q [B, Hq, D] (D any head dim in [1, 256]); k_cache, v_cache
+    q [B, Hq, D] (D any head dim in [1, 512]: up to Gemma 4's 512); k_cache, v_cache
     [num_blocks, block_size, Hkv, D] (block_size 1..256,
     each with its own strides, last dim contiguous) of q's dtype, or float8_e4m3fn with
     float32 k_scale / v_scale (1 or Hkv elements; keys are k_cache * k_scale);

@@ -119,7 +119,7 @@ def _register() -> None:
     for dt, cdt, archs in combos:
         quant = cdt != dt
         for idx in ("i32", "i64"):
-            for hkv, d in ((8, 128), (2, 64), (4, 256)):
+            for hkv, d in ((8, 128), (2, 64), (4, 256), (4, 512)):  # 512: Gemma 4
                 for per_head in ((False, True) if quant else (False,)):
                     bh, bd = _blocks(hkv, d)
                     sig = {"k_ptr": f"*{dt}", "v_ptr": f"*{dt}", "kc_ptr": f"*{cdt}",
