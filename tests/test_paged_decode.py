@@ -17,9 +17,10 @@ from hypothesis import strategies as st
 import minikernels as mk
 from minikernels.ops import kv_cache, reference
 
-# (Hq, Hkv, D): GQA ratios 1, 4, 8 and 7 (Qwen2.5); head dims 64, 128, 256, and 59 (any
-# d <= 256, as FlashAttention: unaligned rows, the Triton kernel runs without vector hints)
-HEADS = [(2, 2, 64), (8, 2, 128), (8, 1, 256), (7, 1, 64), (4, 2, 59)]
+# (Hq, Hkv, D): GQA ratios 1, 4, 8 and 7 (Qwen2.5); head dims 64, 128, 256, Gemma 4's 512
+# (full-attention layers), and 59 (any d <= 512: unaligned rows, the Triton kernel runs
+# without vector hints)
+HEADS = [(2, 2, 64), (8, 2, 128), (8, 1, 256), (7, 1, 64), (4, 2, 59), (8, 2, 512)]
 
 
 def make_case(lens, hq, hkv, d, block_size=16, dtype=torch.float16, device="cpu",
@@ -64,6 +65,43 @@ def test_matches_reference(backend, device, hq, hkv, d):
     out = run(backend, *case)
     assert out.is_contiguous()
     assert_close(out, ref(*case))
+
+
+@pytest.mark.parametrize("backend", kernel_backends())
+@pytest.mark.parametrize("d", [512, 300])
+def test_wide_head_dims_every_feature(backend, device, d):
+    """D in (256, 512] (300: BLOCK_D 512, rows not 16-byte aligned): split-KV on and off,
+    window, softcap, ALiBi, sinks and the LSE against the reference. The CUDA kernel stops
+    at D = 256, so the op runs Triton even under use_backend("cuda")."""
+    case = make_case([1, 45, 70], 8, 2, d, block_size=16, device=device,
+                     dtype=torch.bfloat16, seed=d)
+    slopes = torch.rand(8, generator=torch.Generator().manual_seed(d)).to(device)
+    sinks = torch.linspace(-1.0, 1.0, 8, device=device)
+    for kw in (dict(num_splits=1), dict(num_splits=3, window_left=30, softcap=20.0),
+               dict(split_size=32, alibi_slopes=slopes, sinks=sinks)):
+        out, lse = run(backend, *case, return_lse=True, **kw)
+        ref_kw = {k: v for k, v in kw.items() if k not in ("num_splits", "split_size")}
+        ref_out, ref_lse = reference.paged_decode_attention(*case, **ref_kw)
+        assert_close(out, ref_out, scale=2.0)
+        torch.testing.assert_close(lse, ref_lse, atol=2e-3, rtol=1e-3)
+
+
+def test_cuda_kernel_routing_by_head_dim():
+    """auto / "cuda" send D > 256 (and D outside {64, 128, 256}) to Triton: the CUDA C++
+    decode kernel is built for those three only."""
+    for d, ok in ((64, True), (128, True), (256, True), (512, False), (320, False),
+                  (96, False)):
+        q, kc, vc, *_ = make_case([5], 8, 2, d)
+        assert kv_cache._cuda_decode_ok(q, kc, vc, None) is ok, d
+    q, kc, vc, *_ = make_case([5], 8, 2, 128)
+    assert not kv_cache._cuda_decode_ok(q.float(), kc.float(), vc.float(), None)
+    assert not kv_cache._cuda_decode_ok(q, kc, vc, torch.ones(8))
+
+
+def test_head_dim_513_is_refused_by_name(device):
+    q, kc, vc, bt, sl = make_case([5], 4, 2, 513, device=device)
+    with pytest.raises(ValueError, match=r"head dim must be in \[1, 512\].*got 513"):
+        mk.ops.paged_decode_attention(q, kc, vc, bt, sl)
 
 
 @pytest.mark.parametrize("backend", kernel_backends())
