@@ -37,7 +37,7 @@ def _bytes(t: torch.Tensor) -> torch.Tensor:
 def test_write_quantizes_like_reference(backend, device, data):
     dtype = data.draw(st.sampled_from([torch.float16, torch.bfloat16, torch.float32]))
     hkv = data.draw(st.sampled_from([1, 2, 3]))
-    d = data.draw(st.sampled_from([64, 128]))
+    d = data.draw(st.sampled_from([64, 128, 512]))     # 512: Gemma 4's full layers
     block_size = data.draw(st.sampled_from([1, 5, 16]))
     per_head = data.draw(st.booleans())
     fused = data.draw(st.booleans())
@@ -116,7 +116,8 @@ def _fp8_case(lens, hq, hkv, d, block_size, per_head, device, seed=0):
 @pytest.mark.parametrize("backend", BACKENDS)
 @given(data=st.data())
 def test_decode_matches_reference(backend, device, data):
-    hq, hkv, d = data.draw(st.sampled_from([(4, 2, 64), (8, 1, 128), (2, 2, 128)]))
+    hq, hkv, d = data.draw(st.sampled_from([(4, 2, 64), (8, 1, 128), (2, 2, 128),
+                                             (8, 2, 512)]))
     block_size = data.draw(st.sampled_from([1, 7, 16, 32]))
     lens = data.draw(st.lists(st.integers(0, 150), min_size=1, max_size=3))
     per_head = data.draw(st.booleans())
@@ -151,6 +152,41 @@ def test_prefill_over_fp8_prefix_matches_reference(backend, device, per_head):
                                                  30, 20.0, bt, -1, ks, vs)
     assert_close(out, ref_out, scale=2.0)
     torch.testing.assert_close(lse, ref_lse, atol=2e-3, rtol=1e-3)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_wide_head_dim_write_decode_prefill(backend, device):
+    """D = 512 (Gemma 4's full-attention layers) through an fp8 cache: the quantizing write
+    gives the reference's bytes, decode (split-KV) and prefill over the fp8 prefix attend
+    like the reference, per-head scales."""
+    d, hkv, hq = 512, 2, 8
+    q, kc, vc, bt, sl, ks, vs, k16, v16 = _fp8_case([33, 7], hq, hkv, d, 16, True, device,
+                                                    seed=5)
+    slots = torch.arange(0, 10, dtype=torch.int32, device=device) * 3
+    new_k, new_v = k16[:1, :10].reshape(10, hkv, d), v16[:1, :10].reshape(10, hkv, d)
+    kc_ref, vc_ref = kc.clone(), vc.clone()
+    reference.write_kv_cache(new_k, new_v, kc_ref, vc_ref, slots, ks, vs)
+    with mk.use_backend(backend):
+        mk.ops.write_kv_cache(new_k, new_v, kc, vc, slots, k_scale=ks, v_scale=vs)
+    assert torch.equal(_bytes(kc), _bytes(kc_ref)) and torch.equal(_bytes(vc), _bytes(vc_ref))
+    with mk.use_backend(backend):
+        out, lse = mk.ops.paged_decode_attention(q, kc, vc, bt, sl, return_lse=True,
+                                                 k_scale=ks, v_scale=vs, num_splits=2)
+    ref_out, ref_lse = reference.paged_decode_attention(q, kc, vc, bt, sl, None, -1, 0.0,
+                                                        ks, vs)
+    assert_close(out, ref_out, scale=2.0)
+    torch.testing.assert_close(lse, ref_lse, atol=2e-3, rtol=1e-3)
+    qp = torch.randn(9, hq, d, generator=torch.Generator().manual_seed(2)).bfloat16()
+    qp = qp.to(device)
+    cu_q = torch.tensor([0, 5, 9], dtype=torch.int32, device=device)
+    cu_k = torch.tensor([0, 33, 40], dtype=torch.int32, device=device)
+    with mk.use_backend(backend):
+        pre, pre_lse = mk.ops.flash_attention(qp, kc, vc, cu_q, cu_k, 5, 33, block_table=bt,
+                                              return_lse=True, k_scale=ks, v_scale=vs)
+    ref_pre, ref_pre_lse = reference.flash_attention(qp, kc, vc, cu_q, cu_k, 5, 33, True,
+                                                     None, -1, 0.0, bt, -1, ks, vs)
+    assert_close(pre, ref_pre, scale=2.0)
+    torch.testing.assert_close(pre_lse, ref_pre_lse, atol=2e-3, rtol=1e-3)
 
 
 @pytest.mark.parametrize("backend", kernel_backends())

@@ -30,7 +30,7 @@ def test_write_matches_reference(backend, device, data):
     dtype = data.draw(st.sampled_from([torch.float16, torch.bfloat16, torch.float32]))
     block_size = data.draw(st.sampled_from([1, 5, 8, 16, 24, 32]))
     hkv = data.draw(st.sampled_from([1, 2, 3]))
-    d = data.draw(st.sampled_from([64, 80, 128]))
+    d = data.draw(st.sampled_from([64, 80, 128, 512]))     # 512: Gemma 4's full layers
     num_blocks = data.draw(st.integers(2, 6))
     t = data.draw(st.integers(0, 2 * block_size))
     strided = data.draw(st.booleans())
@@ -70,6 +70,23 @@ def test_write_round_trip_and_skip(backend, device):
     untouched = ~touched.view(kc.shape[0], block_size)
     assert torch.equal(kc[untouched], before_k[untouched])
     assert torch.equal(vc[untouched], before_v[untouched])
+
+
+@pytest.mark.parametrize("backend", kernel_backends())
+@pytest.mark.parametrize("d,hkv", [(512, 4), (320, 3)])
+def test_write_wide_head_dims(backend, device, d, hkv):
+    """Head dims in (256, 512] (Gemma 4's full layers: 512; 320 pads to a 512 tile):
+    strided k / v from a fused qkv row into a cache block size that is not a power of two,
+    skips honoured, equal to the reference."""
+    kc, vc = _caches(5, 12, hkv, d, torch.bfloat16, device)
+    kc_ref, vc_ref = kc.clone(), vc.clone()
+    k, v = _tokens(20, hkv, d, torch.bfloat16, device, strided=True)
+    slots = torch.randperm(5 * 12, generator=torch.Generator().manual_seed(d))[:20].to(device)
+    slots[3] = -1
+    reference.write_kv_cache(k, v, kc_ref, vc_ref, slots)
+    with mk.use_backend(backend):
+        mk.ops.write_kv_cache(k, v, kc, vc, slots)
+    assert torch.equal(kc, kc_ref) and torch.equal(vc, vc_ref)
 
 
 @pytest.mark.parametrize("backend", kernel_backends())

@@ -148,11 +148,13 @@ def test_int8_matmul(backend, device, gs):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("fused", [True, False], ids=["fused_kv", "padded_kv"])
-def test_paged_kv_ops(backend, device, fused):
-    """write_kv_cache, paged_decode_attention and paged flash_attention on cache views."""
+@pytest.mark.parametrize("fused,d", [(True, 64), (False, 64), (True, 512)],
+                         ids=["fused_kv", "padded_kv", "fused_kv_d512"])
+def test_paged_kv_ops(backend, device, fused, d):
+    """write_kv_cache, paged_decode_attention and paged flash_attention on cache views
+    (d 512: Gemma 4's full-attention layers)."""
     g = _gen(3 + fused)
-    dt, nb, bs, hkv, hq, d = torch.float16, 7, 12, 2, 4, 64
+    dt, nb, bs, hkv, hq = torch.float16, 7, 12, 2, 4
     kc = torch.randn(nb, bs, hkv, d, generator=g).to(dt).to(device)
     vc = torch.randn(nb, bs, hkv, d, generator=g).to(dt).to(device)
     kcv, vcv = fused_kv_views(kc, vc, g, fused)
@@ -198,9 +200,10 @@ def test_paged_kv_ops(backend, device, fused):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_flash_attention_varlen_views(backend, device):
+@pytest.mark.parametrize("d", [32, 512])
+def test_flash_attention_varlen_views(backend, device, d):
     g = _gen(11)
-    dt, hq, hkv, d = torch.bfloat16, 4, 2, 32
+    dt, hq, hkv = torch.bfloat16, 4, 2
     q = torch.randn(20, hq, d, generator=g).to(dt).to(device)
     k = torch.randn(26, hkv, d, generator=g).to(dt).to(device)
     v = torch.randn(26, hkv, d, generator=g).to(dt).to(device)
