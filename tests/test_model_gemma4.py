@@ -122,7 +122,7 @@ def test_prefix_hits_read_the_shared_kv(gemma4):
     llm.llm_engine.check_no_leaks()
 
 
-def test_what_gemma4_refuses(tmp_path):
+def test_gemma4_configs_and_refusals(tmp_path):
     import json
 
     from minikernels.models.config import DecoderConfig, UnsupportedModelError
@@ -130,8 +130,12 @@ def test_what_gemma4_refuses(tmp_path):
     hf = make_hf_model("gemma4-plain")
     cfg = json.loads(hf.config.to_json_string())
     cfg["architectures"] = ["Gemma4ForCausalLM"]
-    with pytest.raises(UnsupportedModelError, match="enable_moe_block"):
-        DecoderConfig.from_hf({**cfg, "enable_moe_block": True, "num_experts": 4})
+    moe = DecoderConfig.from_hf({**cfg, "enable_moe_block": True, "num_experts": 4,
+                                 "top_k_experts": 2, "moe_intermediate_size": 8})
+    assert moe.moe_beside_mlp and moe.moe_router == "gemma4" and not moe.is_moe(0)
+    with pytest.raises(ValueError, match="num_experts_per_tok"):
+        DecoderConfig.from_hf({**cfg, "enable_moe_block": True, "num_experts": 4,
+                               "top_k_experts": 5, "moe_intermediate_size": 8})
     with pytest.raises(UnsupportedModelError, match="num_kv_shared_layers"):
         DecoderConfig.from_hf({**cfg, "num_kv_shared_layers": 4})
     # the hub's spelling: global_head_dim / num_global_key_value_heads, no per_layer_config

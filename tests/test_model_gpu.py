@@ -29,7 +29,7 @@ HALF_TOL = {torch.float16: 0.02, torch.bfloat16: 0.06}
                                   # hybrid recurrent layers (causal conv, gated delta rule)
                                   "lfm2", "qwen3_5", "granite4-h", "falcon_h1", "nemotron_h",
                                   "olmo_hybrid", "jamba-moe", "mamba", "falcon_mamba", "lfm3", "zamba2",
-                                  "gemma4", "gemma4-plain", "gemma3n",
+                                  "gemma4", "gemma4-plain", "gemma4-moe", "gemma3n",
                                   "qwen3-moe",
                                   "qwen2-moe", "mixtral", "granitemoe", "olmoe"])
 def test_gpu_forward_paths_match_transformers(hf_dirs, kind, dtype):

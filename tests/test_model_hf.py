@@ -76,7 +76,7 @@ def test_paged_prefill_decode_and_chunked_prefill(hf_dirs, kind):
                                   "qwen3_5_moe", "lfm2_moe", "bamba", "olmo_hybrid", "olmo_hybrid-rope",
                                   "jamba", "jamba-moe", "mamba", "falcon_mamba", "lfm3",
                                   "zamba2", "zamba2-plain", "exaone", "granitemoeshared",
-                                  "gemma4", "gemma4-plain", "gemma3n"])
+                                  "gemma4", "gemma4-plain", "gemma4-moe", "gemma3n"])
 def test_greedy_generation_matches_transformers(hf_dirs, kind):
     hf, path = hf_dirs[kind]
     model = load_model(path, dtype="float32", device="cpu")

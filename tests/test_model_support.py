@@ -180,6 +180,13 @@ CASES: dict[str, tuple[str, dict[str, Any]]] = {
         hidden_size_per_layer_input=8, vocab_size_per_layer_input=300, sliding_window=5,
         final_logit_softcapping=30.0, intermediate_size=96, pad_token_id=0,
         layer_types=["sliding_attention", "full_attention"] * 3)),
+    # Gemma 4 26B-A4B-like: 4 GELU experts (top 2) beside every layer's MLP, routed on the
+    # stream with learned router / per-expert scales
+    "gemma4-moe": ("Gemma4Text", dict(
+        num_hidden_layers=2, head_dim=16, global_head_dim=32, num_global_key_value_heads=1,
+        attention_k_eq_v=True, num_kv_shared_layers=0, hidden_size_per_layer_input=0,
+        enable_moe_block=True, num_experts=4, top_k_experts=2, moe_intermediate_size=24,
+        sliding_window=4, pad_token_id=0, layer_types=["sliding_attention", "full_attention"])),
     "gemma4-plain": ("Gemma4Text", dict(
         num_hidden_layers=4, head_dim=16, global_head_dim=24, attention_k_eq_v=False,
         num_kv_shared_layers=0, hidden_size_per_layer_input=0, sliding_window=4,
@@ -441,8 +448,8 @@ def randomize_(model: torch.nn.Module, seed: int, scale: float = 0.08) -> torch.
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if "norm" in name:
-                p.copy_(torch.rand(p.shape, generator=g) + 0.5)
+            if "norm" in name or name.endswith(("router.scale", "per_expert_scale")):
+                p.copy_(torch.rand(p.shape, generator=g) + 0.5)   # (scales: Gemma 4's router)
             elif name.endswith("bias"):
                 p.copy_(torch.randn(p.shape, generator=g) * 0.1)
             else:

@@ -509,6 +509,10 @@ class DecoderConfig:
     moe_router: str = "softmax"
     moe_expert_bias: bool = False
     moe_routed_scaling: float = 1.0
+    # Gemma 4 (26B-A4B): every layer runs the experts beside its dense MLP (router
+    # "gemma4": on the weightless-normed stream times a learned scale / sqrt(H), softmax
+    # top-k renormalized, times a learned per-expert scale)
+    moe_beside_mlp: bool = False
     # HF quantization_config (GPTQ/AWQ checkpoints), None for dense checkpoints.
     quantization_config: dict[str, Any] | None = None
     torch_dtype: str | None = None         # the checkpoint's stored dtype, informational
@@ -560,9 +564,9 @@ class DecoderConfig:
             if self.moe_intermediate_size <= 0:
                 raise ValueError(f"config.moe_intermediate_size must be > 0, got "
                                  f"{self.moe_intermediate_size}")
-            if self.moe_router not in ("softmax", "sigmoid"):
-                raise ValueError(f"config.moe_router must be 'softmax' or 'sigmoid', got "
-                                 f"{self.moe_router!r}")
+            if self.moe_router not in ("softmax", "sigmoid", "gemma4"):
+                raise ValueError(f"config.moe_router must be 'softmax', 'sigmoid' or "
+                                 f"'gemma4', got {self.moe_router!r}")
             if not self.moe_routed_scaling > 0:
                 raise ValueError(f"config.moe_routed_scaling must be > 0, got "
                                  f"{self.moe_routed_scaling!r}")
@@ -1505,13 +1509,17 @@ def _gemma4_config(hf: Mapping[str, Any]) -> dict[str, Any]:
     transformers 5 writes it, or global_head_dim / num_global_key_value_heads), K = V on
     full layers (attention_k_eq_v), the last num_kv_shared_layers layers reading the K / V
     of the last earlier layer of their kind (double-wide MLPs there with
-    use_double_wide_mlp), per-layer input embeddings (hidden_size_per_layer_input). The
-    mixture-of-experts block (enable_moe_block) is refused by name."""
+    use_double_wide_mlp), per-layer input embeddings (hidden_size_per_layer_input), the
+    experts beside every MLP (enable_moe_block: num_experts, top_k_experts,
+    moe_intermediate_size)."""
     out = dict(hf)
-    if hf.get("enable_moe_block"):
-        raise UnsupportedModelError("Gemma 4's mixture-of-experts block (enable_moe_block: "
-                                    "gemma-4-26B-A4B) is not supported")
     n = int(hf.get("num_hidden_layers") or 0)
+    if hf.get("enable_moe_block"):     # (26B-A4B: experts beside every layer's MLP)
+        out["_moe"] = dict(
+            num_experts=int(hf.get("num_experts") or 0),
+            num_experts_per_tok=int(hf.get("top_k_experts") or 0),
+            moe_intermediate_size=int(hf.get("moe_intermediate_size") or 0),
+            norm_topk_prob=True, moe_layers=[], moe_router="gemma4", moe_beside_mlp=True)
     kinds = list(hf.get("layer_types") or
                  ["sliding_attention" if (i + 1) % 6 else "full_attention" for i in range(n)])
     if kinds:

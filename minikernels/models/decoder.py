@@ -800,6 +800,13 @@ class DecoderLayer(nn.Module):
         self.mlp = None if not c.has_mlp(layer) else \
             SparseMoE(config, dtype, device, dense, tp) if c.is_moe(layer) else \
             MLP(config, dtype, device, dense, tp, c.layer_intermediate_size(layer))
+        # Gemma 4 (26B-A4B): experts beside the MLP, each output normed, both summed
+        self.moe = self.post_feedforward_layernorm_1 = None
+        self.post_feedforward_layernorm_2 = self.pre_feedforward_layernorm_2 = None
+        if c.moe_beside_mlp:
+            self.moe = SparseMoE(config, dtype, device, dense, tp)
+            (self.post_feedforward_layernorm_1, self.post_feedforward_layernorm_2,
+             self.pre_feedforward_layernorm_2) = (norm() for _ in range(3))
         # Gemma 4: the per-layer input (PLE) joins the stream after the MLP, and a learned
         # scalar scales the whole stream
         self.per_layer_input_gate = self.per_layer_projection = None
@@ -881,7 +888,11 @@ class DecoderLayer(nn.Module):
         m = self.sandwich_multiplier
         a = self.post_attention_layernorm(x)
         x, residual = self.pre_feedforward_layernorm(a if m == 1.0 else a * m, residual)
-        y = self.post_feedforward_layernorm(self.mlp(x))
+        y = self.mlp(x)
+        if self.moe is not None:     # (Gemma 4: routed on the stream, the pre-MLP residual)
+            y = self.post_feedforward_layernorm_1(y) + self.post_feedforward_layernorm_2(
+                self.moe(self.pre_feedforward_layernorm_2(residual), route_input=residual))
+        y = self.post_feedforward_layernorm(y)
         y = y if m == 1.0 else y * m
         if self.per_layer_input_gate is None and self.layer_scalar is None:
             return y, residual

@@ -74,7 +74,7 @@ from .hub import resolve_model
 from ..nn.layers import XIELU
 from ..quant.fp8 import fp8_from_checkpoint
 from .linear import FusedLinear, pick_group_size, set_fp8_activations
-from .moe import EXPERT_PARTS, FusedExperts
+from .moe import EXPERT_PARTS, FusedExperts, SparseMoE
 from .parallel import (TensorParallel, mlp_intermediate_size, row_parallel_group_size,
                        shard_tensor)
 
@@ -133,7 +133,7 @@ def no_cuda_message(device: str = "cuda") -> str:
 # --------------------------------------------------------------------- name mapping
 _LAYER_RE = re.compile(r"^layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.(\w+)$")
 _NORM_RE = re.compile(r"^layers\.(\d+)\.(input_layernorm|post_attention_layernorm|"
-                      r"pre_feedforward_layernorm|post_feedforward_layernorm)\."
+                      r"pre_feedforward_layernorm(?:_2)?|post_feedforward_layernorm(?:_[12])?)\."
                       r"(weight|bias)$")
 _SHARDS = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
            "o_proj": ("o_proj", 0), "gate_proj": ("gate_up_proj", 0),
@@ -190,10 +190,12 @@ _MAMBA1_DT_RE = re.compile(r"^layers\.(\d+)\.mamba\.dt_proj\.(\w+)$")
 _MAMBA1_NORM_RE = re.compile(r"^layers\.(\d+)\.mamba\.(dt|b|c)_layernorm\.weight$")
 #: mixture of experts: per-expert projections (the hub's names), transformers 5's stacked
 #: ones, and the router (models/moe.py)
-_EXPERT_RE = re.compile(r"^layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)"
-                        r"\.(\w+)$")
-_STACKED_EXPERTS_RE = re.compile(r"^layers\.(\d+)\.mlp\.experts\.(gate_up_proj|down_proj)$")
-_ROUTER_RE = re.compile(r"^layers\.(\d+)\.mlp\.(gate|shared_expert_gate)\.weight$")
+_EXPERT_RE = re.compile(r"^layers\.(\d+)\.(mlp|moe)\.experts\.(\d+)\."
+                        r"(gate_proj|up_proj|down_proj)\.(\w+)$")
+_STACKED_EXPERTS_RE = re.compile(r"^layers\.(\d+)\.(mlp|moe)\.experts\.(gate_up_proj|down_proj)$")
+_ROUTER_RE = re.compile(r"^layers\.(\d+)\.(mlp|moe)\.(gate|shared_expert_gate)\.weight$")
+#: Gemma 4's router scales (its experts sit beside the MLP: "moe")
+_ROUTER_SCALE_RE = re.compile(r"^layers\.(\d+)\.moe\.(router_scale|per_expert_scale)$")
 _EXPERT_BIAS_RE = re.compile(r"^layers\.(\d+)\.mlp\.expert_bias$")      # LFM2-MoE
 _SHARED_EXPERT_RE = re.compile(r"^layers\.(\d+)\.mlp\.shared_expert\.(\w+)\.(\w+)$")
 _IGNORED = re.compile(r"(rotary_emb\.inv_freq|\.bias_correction|\.wf_?\w*|\.weight_shape)$"
@@ -326,17 +328,20 @@ def map_name(name: str) -> tuple[str, int | None, str] | None:
     if m:
         return f"layers.{m.group(1)}.mlp.act_fn", None, m.group(2)
     m = _EXPERT_RE.match(n)
-    if m and (m.group(4) == "weight" or m.group(4) in _QUANT_TENSORS + _FP8_SCALES
-              or m.group(4) in _FP8_ACTIVATION_SCALES):
+    if m and (m.group(5) == "weight" or m.group(5) in _QUANT_TENSORS + _FP8_SCALES
+              or m.group(5) in _FP8_ACTIVATION_SCALES):
         # an int4 expert tensor: kind "<projection>:<tensor>" (e.g. "gate_proj:qweight")
-        kind = m.group(3) if m.group(4) == "weight" else f"{m.group(3)}:{m.group(4)}"
-        return f"layers.{m.group(1)}.mlp.experts", int(m.group(2)), kind
+        kind = m.group(4) if m.group(5) == "weight" else f"{m.group(4)}:{m.group(5)}"
+        return f"layers.{m.group(1)}.{m.group(2)}.experts", int(m.group(3)), kind
     m = _STACKED_EXPERTS_RE.match(n)
     if m:
-        return f"layers.{m.group(1)}.mlp.experts", None, m.group(2)
+        return f"layers.{m.group(1)}.{m.group(2)}.experts", None, m.group(3)
     m = _ROUTER_RE.match(n)
     if m:
-        return f"layers.{m.group(1)}.mlp.{m.group(2)}", None, "weight"
+        return f"layers.{m.group(1)}.{m.group(2)}.{m.group(3)}", None, "weight"
+    m = _ROUTER_SCALE_RE.match(n)
+    if m:
+        return f"layers.{m.group(1)}.moe", None, m.group(2)
     m = _EXPERT_BIAS_RE.match(n)
     if m:
         return f"layers.{m.group(1)}.mlp", None, "expert_bias"
@@ -544,11 +549,14 @@ def _family_name(name: str, config: DecoderConfig) -> str:
         return _nemotron_h_name(name, config)
     if config.architecture == "zamba2":
         return _zamba2_name(name, config)
+    if config.architecture == "gemma4" and config.moe_beside_mlp:   # (26B-A4B's experts)
+        name = _renamed(name, (), _GEMMA4_MOE_PARTS)
     if config.architecture in ("gemma4", "gemma3n") and config.kv_shared_from is not None:
         m = _GEMMA4_KV_RE.search(name)
         if m and int(m.group(1)) < config.num_layers and \
                 config.kv_source(int(m.group(1))) is not None:
             return "_unused." + name      # (a layer reading another's K / V has none)
+    if config.architecture in ("gemma4", "gemma3n"):
         return name
     if config.architecture in ("mamba", "falcon_mamba"):
         name = _renamed(name, _MAMBA1_PREFIXES, ())
@@ -697,6 +705,10 @@ def _nemotron_h_name(name: str, config: DecoderConfig) -> str:
     return name.replace(".mlp.up_proj.", ".mlp.gate_proj.") if new == ".mlp." else name
 
 
+#: Gemma 4 (26B-A4B): the experts and router beside the MLP, under "moe"
+_GEMMA4_MOE_PARTS = ((".router.proj.", ".moe.gate."), (".router.scale", ".moe.router_scale"),
+                     (".router.per_expert_scale", ".moe.per_expert_scale"),
+                     (".experts.", ".moe.experts."))
 #: Gemma 4: a layer's K / V tensors (unused in the layers that read an earlier layer's)
 _GEMMA4_KV_RE = re.compile(r"layers\.(\d+)\.self_attn\.(?:k_proj|v_proj|k_norm|v_norm)\.")
 
@@ -1101,6 +1113,8 @@ def _load_hf(model_dir: str, dtype: str | torch.dtype, device: torch.device,
             expected.update((name, None, p) for p in ("dt_bias", "A_log"))
         elif isinstance(mod, (Mamba2Mixer, MambaMixer)):
             expected.update((name, None, p) for p in ("dt_bias", "A_log", "D"))
+        elif isinstance(mod, SparseMoE) and mod.router_scale is not None:     # (Gemma 4)
+            expected.update((name, None, p) for p in ("router_scale", "per_expert_scale"))
         elif isinstance(mod, AltUp):
             expected.add((name, None, "correct_output_scale"))    # (Gemma 3n)
         elif isinstance(mod, DecoderLayer) and mod.layer_scalar is not None:

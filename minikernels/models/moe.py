@@ -371,6 +371,18 @@ class SparseMoE(nn.Module):
         self.routed_scaling = float(c.moe_routed_scaling)
         self.expert_bias = nn.Parameter(torch.zeros(c.num_experts, dtype=dtype, device=device),
                                         requires_grad=False) if c.moe_expert_bias else None
+        # Gemma 4: the router reads its input RMS-normalized (no weight) times a learned
+        # scale / sqrt(H); a learned scale per expert multiplies the chosen weights
+        self.router_norm = self.router_scale = self.per_expert_scale = None
+        if self.router == "gemma4":
+            from ..nn.layers import RMSNorm
+            self.router_norm = RMSNorm(c.hidden_size, c.rms_norm_eps, dtype=dtype,
+                                       device=device, elementwise_affine=False)
+            self.router_scale = nn.Parameter(torch.ones(c.hidden_size, dtype=dtype,
+                                                        device=device), requires_grad=False)
+            self.per_expert_scale = nn.Parameter(torch.ones(c.num_experts, dtype=dtype,
+                                                            device=device),
+                                                 requires_grad=False)
         self.experts = FusedExperts(c.num_experts, c.hidden_size, c.moe_intermediate_size // p,
                                     dtype, device, dense, activation=c.activation)
         self.shared_expert = self.shared_expert_gate = None
@@ -389,6 +401,8 @@ class SparseMoE(nn.Module):
         when ``norm_topk_prob``; equal logits pick the lower expert id)."""
         if self.router == "sigmoid":
             return self._route_sigmoid(x)
+        if self.router == "gemma4":
+            return self._route_gemma4(x)
         weights, ids = ops.topk_softmax(self.gate(x), self.top_k, self.norm_topk_prob)
         return weights.to(x.dtype).float(), ids
 
@@ -407,8 +421,20 @@ class SparseMoE(nn.Module):
             weights = weights * self.routed_scaling
         return weights.to(x.dtype).float(), ids.to(torch.int32)
 
-    def forward(self, x: Tensor) -> Tensor:
-        weights, ids = self.route(x)
+    def _route_gemma4(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Gemma 4's router (transformers' Gemma4TextRouter): softmax (fp32) of
+        gate(rms_norm(x) * scale / sqrt(H)), the top-k renormalized, each times its
+        expert's scale; weights fp32, ids int32."""
+        h = self.router_norm(x) * self.router_scale * (x.shape[-1] ** -0.5)
+        probs = torch.softmax(self.gate(h).float(), dim=-1)
+        weights, ids = torch.topk(probs, self.top_k, dim=-1)
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+        return weights * self.per_expert_scale[ids].float(), ids.to(torch.int32)
+
+    def forward(self, x: Tensor, route_input: Tensor | None = None) -> Tensor:
+        """The layer's MoE output for x [T, H]; route_input (Gemma 4: the stream, while
+        the experts read its pre-norm) picks the experts when given, else x."""
+        weights, ids = self.route(x if route_input is None else route_input)
         y = self.experts(x, weights, ids)
         if self.shared_expert is not None:
             shared = self.shared_expert(x)
