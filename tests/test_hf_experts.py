@@ -14,7 +14,7 @@ import minikernels as mk
 import minikernels.hf  # noqa: F401  (registers "minikernels")
 from minikernels.hf.experts import experts_forward
 
-KINDS = ["qwen3-moe", "mixtral", "olmoe"]
+KINDS = ["qwen3-moe", "mixtral", "olmoe", "gemma4-moe"]     # (Gemma 4: GELU-tanh experts)
 
 
 @torch.no_grad()
@@ -61,8 +61,25 @@ def test_unsupported_layouts_raise():
     for attr, value, words in (("has_bias", True, "has_bias"),
                                ("is_transposed", True, "is_transposed"),
                                ("is_concatenated", False, "interleaved"),
-                               ("act_fn", torch.nn.GELU(), "activation other than SiLU")):
+                               ("act_fn", torch.nn.ReLU(), "activation other than SiLU")):
         broken = copy.deepcopy(experts)
         setattr(broken, attr, value)
         with pytest.raises(NotImplementedError, match=words):
             experts_forward(broken, x, idx, w)
+
+
+@torch.no_grad()
+def test_gelu_experts_run_gelu():
+    """A GELU (exact) experts module computes GELU-gated experts, not SiLU ones."""
+    experts = copy.deepcopy(make_hf_model("qwen3-moe").model.layers[0].mlp.experts)
+    experts.act_fn = torch.nn.GELU()
+    x = torch.randn(4, 64)
+    idx = torch.tensor([[0, 1], [2, 3], [5, 0], [1, 1]])
+    w = torch.rand(4, 2)
+    want = torch.zeros(4, 64)
+    for t in range(4):
+        for j in range(2):
+            e = int(idx[t, j])
+            gate, up = (experts.gate_up_proj[e] @ x[t]).chunk(2)
+            want[t] += w[t, j] * (experts.down_proj[e] @ (torch.nn.functional.gelu(gate) * up))
+    assert rel_err(experts_forward(experts, x, idx, w), want) <= 1e-5

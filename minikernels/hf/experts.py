@@ -11,9 +11,10 @@ under ``"minikernels"``, so
 
 run the experts as one fused op instead of a Python loop over experts. The module's
 weights are used as they are: ``gate_up_proj`` [E, 2I, H] (gate rows, then up rows) and
-``down_proj`` [E, H, I], SiLU-gated, no biases; any other layout (transposed, interleaved,
-biased, another activation, a post-expert norm) raises NotImplementedError naming it, so
-it is never computed wrongly. The router stays transformers'; its top-k weights are
+``down_proj`` [E, H, I], SiLU- or GELU-gated (exact or tanh: Gemma 4's experts; the
+module's ``act_fn`` is probed numerically), no biases; any other layout (transposed,
+interleaved, biased, another activation, a post-expert norm) raises NotImplementedError
+naming it, so it is never computed wrongly. The router stays transformers'; its top-k weights are
 applied in fp32 and the k experts summed in fp32 (transformers: in the model dtype).
 """
 from __future__ import annotations
@@ -25,14 +26,12 @@ from .. import ops
 NAME = "minikernels"
 
 
-def _is_silu(act: object) -> bool:
+def _activation(act: object) -> str | None:
+    """"silu" / "gelu" / "gelu_tanh" for the experts' ``act_fn``, else None."""
     if isinstance(act, nn.SiLU):
-        return True
-    try:
-        from transformers.activations import SiLUActivation
-    except ImportError:
-        return False
-    return isinstance(act, SiLUActivation)
+        return "silu"
+    from .kernelize import _activation as probe
+    return probe(act)
 
 
 def experts_forward(self: nn.Module, hidden_states: Tensor, top_k_index: Tensor,
@@ -46,7 +45,8 @@ def experts_forward(self: nn.Module, hidden_states: Tensor, top_k_index: Tensor,
          not getattr(self, "is_concatenated", True)),
         ("no gate (has_gate=False)", not getattr(self, "has_gate", True)),
         ("has_post_expert_norm", getattr(self, "has_post_expert_norm", False)),
-        ("activation other than SiLU", not _is_silu(getattr(self, "act_fn", None))),
+        ("activation other than SiLU / GELU",
+         _activation(getattr(self, "act_fn", None)) is None),
     ) if bad]
     if unsupported:
         raise NotImplementedError(f"experts_implementation={NAME!r} does not support "
@@ -56,7 +56,8 @@ def experts_forward(self: nn.Module, hidden_states: Tensor, top_k_index: Tensor,
     x = hidden_states
     if w13.dtype != x.dtype:
         x = x.to(w13.dtype)
-    out = ops.fused_moe(x, w13, w2, top_k_weights.float(), top_k_index)
+    out = ops.fused_moe(x, w13, w2, top_k_weights.float(), top_k_index,
+                        activation=_activation(self.act_fn))
     return out.to(hidden_states.dtype)
 
 
