@@ -395,6 +395,28 @@ def test_kvcache_on_triton_kernels(paged):
                           False, True, (-1, -1), False, torch.float32, 2, gen)
 
 
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_head_dim_512_beyond_flash_attention_2(backend):
+    """FlashAttention 2 refuses head dims over 256; this module takes what the ops take,
+    up to 512 (Gemma 4's full-attention layers): flash_attn_func and a paged
+    flash_attn_with_kvcache (decode and prefill, with rotary and an append) on both
+    backends. 513 is refused naming the head dim."""
+    gen = torch.Generator().manual_seed(7)
+    torch.manual_seed(7)
+    q, k, v = (rand(1, 5, 4, 512, dtype=torch.bfloat16) for _ in range(3))
+    k, v = k[:, :, :2], v[:, :, :2]
+    with mk.use_backend(backend):
+        out = fa.flash_attn_func(dev(q), dev(k), dev(v), causal=True, softcap=10.0)
+        close(out, ref_attention(q, k, v, [0], [5], True, (-1, -1), 10.0, None)[0],
+              torch.bfloat16)
+        for sq in (1, 3):   # fp32: bf16 rotary may round an ulp off the fp32 reference's
+            _kvcache_case(2, sq, 9, 4, 2, 512, True, sq, True, 4, False, False, 0.5, False,
+                          True, (-1, -1), False, torch.float32, 0, gen)
+    bad = torch.zeros(1, 2, 1, 513)
+    with pytest.raises(ValueError, match="head dim must be in .*got 513"):
+        fa.flash_attn_func(bad, bad, bad)
+
+
 # ------------------------------------------------------------------------ errors
 
 

@@ -209,6 +209,36 @@ def test_wrappers_on_triton_kernels(device, layout, form, page_size):
                torch.cat([r[1] for r in prefs]), torch.float32)
 
 
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_head_dim_512_wrappers(device, backend):
+    """head_dim 512 (Gemma 4's full-attention layers; FlashInfer's fa2 backend takes it
+    too): paged decode and prefill wrappers, HND bf16, on both backends."""
+    import minikernels as mk
+
+    gen = torch.Generator().manual_seed(12)
+    lens, d = [9, 20], 512
+    cache, ks, vs, indptr, indices, last = make_paged(lens, 16, 2, d, torch.bfloat16, "HND",
+                                                      "single", device, gen, torch.int32)
+    q = randn((2, 8, d), gen, torch.bfloat16, device)
+    qp = randn((5, 8, d), gen, torch.bfloat16, device)
+    qo = torch.tensor([0, 2, 5], dtype=torch.int32, device=device)
+    with mk.use_backend(backend):
+        w = fi.BatchDecodeWithPagedKVCacheWrapper(workspace(device), "HND")
+        w.plan(indptr, indices, last, 8, 2, d, 16, q_data_type=torch.bfloat16)
+        out, lse = w.run(q, cache, return_lse=True)
+        p = fi.BatchPrefillWithPagedKVCacheWrapper(workspace(device), "HND")
+        p.plan(qo, indptr, indices, last, 8, 2, d, 16, causal=True, logits_soft_cap=30.0,
+               q_data_type=torch.bfloat16)
+        pout, plse = p.run(qp, cache, return_lse=True)
+    refs = [attend_ref(q[b:b + 1], ks[b], vs[b], True) for b in range(2)]
+    check_attn(out, lse, torch.cat([r[0] for r in refs]), torch.cat([r[1] for r in refs]),
+               torch.bfloat16)
+    prefs = [attend_ref(qp[a:z], ks[b], vs[b], True, cap=30.0)
+             for b, (a, z) in enumerate([(0, 2), (2, 5)])]
+    check_attn(pout, plse, torch.cat([r[0] for r in prefs]),
+               torch.cat([r[1] for r in prefs]), torch.bfloat16)
+
+
 @settings(max_examples=20)
 @given(data=st.data())
 def test_batch_prefill_ragged_wrapper(device, data):

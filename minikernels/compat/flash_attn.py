@@ -30,7 +30,10 @@ Differences, by design:
   (padded to the max lengths for varlen), computed in fp32 by plain PyTorch: a test aid,
   O(Sq * Sk) memory, as FlashAttention's own;
 - q may also be fp32; rotary dims need only be even (FlashAttention: multiples of 16);
-  page sizes are any (FlashAttention 2: multiples of 256).
+  page sizes are any (FlashAttention 2: multiples of 256);
+- head dims up to 512, as the ops take (FlashAttention 2 and 3 refuse more than 256):
+  Gemma 4's 512-wide full-attention heads run through this interface too; 513 and up are
+  refused by the ops, naming the head dim.
 """
 from __future__ import annotations
 

@@ -61,7 +61,9 @@ Not covered, each refused by name with a ValueError (never silently ignored):
   (``scale_q`` / ``scale_k`` / ``scale_v``), fp8 q, fp8 k / v outside paged caches;
 - MLA, POD, cascade and block-sparse wrappers, quantization, GEMM, MoE and comm APIs.
 
-Other differences: everything after ``page_size`` in the decode ``plan()`` is keyword-only
+Other differences: any ``head_dim`` in [1, 512] (the ops' range; FlashInfer compiles a
+fixed set, 64 / 128 / 256 and, on its fa2 backend, Gemma 4's 512); everything after
+``page_size`` in the decode ``plan()`` is keyword-only
 (FlashInfer deprecates passing them positionally); ``single_prefill_with_kv_cache`` keeps
 FlashInfer 0.2's positional order (``custom_mask`` 4th; newer versions put fp8 scales
 there: pass those by keyword); ``use_tensor_cores``, ``use_fp16_qk_reduction``,

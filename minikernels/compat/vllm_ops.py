@@ -126,7 +126,7 @@ Differences, by design:
       num_token_padding are 0 and their per-token scales 0 (vLLM leaves them unwritten).
     - paged_attention_v2 leaves exp_sum / max_logits / tmp_out unwritten (vLLM's
       per-partition softmax scratch; only out is defined, and vLLM's tests read only out).
-      paged_attention_v1 / v2 take any block_size in [1, 256] and head_size in [1, 256]
+      paged_attention_v1 / v2 take any block_size in [1, 256] and head_size in [1, 512]
       (vLLM: block sizes 8 / 16 / 32, a fixed list of head sizes), per-head fp8 scales and
       [num_seqs, num_heads] ALiBi slopes; reshape_and_cache takes per-head scales (vLLM's
       kernel reads one). Both read x from key_cache's last dim (vLLM's attention kernel
