@@ -38,7 +38,7 @@ gradients (the ops have no backward); a 4-D / float mask from the caller; a mask
 2-D mask cannot express (packed sequences detected from position_ids, chunked / block /
 custom mask functions: :func:`attention_mask` then returns the exact 4-D mask); a window
 over a padded prefill with holes; a bidirectional sliding window; head dims the kernels do
-not take (not a multiple of 8, > 256, or a value head dim unlike the query's); dtypes other
+not take (not a multiple of 8, > 512, or a value head dim unlike the query's); dtypes other
 than fp16 / bf16 / fp32; a padded prefill while compiling. ``s_aux`` (GPT-OSS's attention
 sinks, [Hq]) goes to the ops' ``sinks`` (one more logit per head in every softmax).
 """
