@@ -665,6 +665,31 @@ def merge_attention_states(out_a: Tensor, lse_a: Tensor, out_b: Tensor,
 
 
 # ------------------------------------------------------------ linear attention (Gated DeltaNet)
+def _padded_rows(cu_seqlens: Tensor, device: torch.device) -> tuple[int, Tensor, Tensor]:
+    """The state-pool references' [N, L] view of varlen tokens: (L = the longest
+    sequence, valid [N, L] bool, pos [N, L] token index, 0 past a sequence's end)."""
+    cu = cu_seqlens.long().cpu()
+    lens = cu[1:] - cu[:-1]
+    lmax = int(lens.max()) if lens.numel() else 0
+    steps = torch.arange(lmax)
+    valid = (steps[None, :] < lens[:, None]).to(device)
+    return lmax, valid, torch.where(valid, (cu[:-1, None] + steps[None, :]).to(device), 0)
+
+
+def _initial_states(state: Tensor | None, state_indices: Tensor | None,
+                    has_initial_state: Tensor | None, n: int, shape: tuple[int, ...],
+                    device: torch.device) -> tuple[Tensor, Tensor]:
+    """(live [N] bool: rows not marked -1, s [N, *shape] fp32: each live row's slot of
+    ``state`` where it has an initial state, else zeros)."""
+    live = (torch.ones(n, dtype=torch.bool, device=device) if state_indices is None
+            else state_indices.to(device) >= 0)
+    s = torch.zeros(n, *shape, dtype=torch.float32, device=device)
+    if state is not None:
+        init = live if has_initial_state is None else live & has_initial_state.to(device)
+        s[init] = state[state_indices[init].long()].float()
+    return live, s
+
+
 def gated_delta_rule(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor,
                      cu_seqlens: Tensor, state: Tensor | None = None,
                      state_indices: Tensor | None = None,
@@ -689,9 +714,7 @@ def gated_delta_rule(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor,
     hv, dv = v.shape[1], v.shape[2]
     dev = v.device
     scale = dk ** -0.5 if scale is None else scale
-    cu = cu_seqlens.long().cpu()
-    lens = cu[1:] - cu[:-1]
-    lmax = int(lens.max()) if n > 0 else 0
+    lmax, valid, pos = _padded_rows(cu_seqlens, dev)
     qf, kf = q.float(), k.float()
     if use_qk_l2norm:
         qf = qf * torch.rsqrt((qf * qf).sum(-1, keepdim=True) + 1e-6)
@@ -699,21 +722,12 @@ def gated_delta_rule(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor,
     qf = (qf * scale).repeat_interleave(hv // hk, dim=1)
     kf = kf.repeat_interleave(hv // hk, dim=1)
     # [N, L] token rows, padded past each sequence's end with g = 0, beta = 0 (S unchanged)
-    steps = torch.arange(lmax)
-    valid = (steps[None, :] < lens[:, None]).to(dev)
-    pos = torch.where(valid, (cu[:-1, None] + steps[None, :]).to(dev), 0)
-
     def rows(x: Tensor) -> Tensor:
         x = x.float()[pos]
         return torch.where(valid.view(n, lmax, *([1] * (x.dim() - 2))), x, 0.0)
 
     qs, ks, vs, gs, bs = (rows(x) for x in (qf, kf, v, g, beta))
-    live = (torch.ones(n, dtype=torch.bool, device=dev) if state_indices is None
-            else state_indices.to(dev) >= 0)
-    s = torch.zeros(n, hv, dk, dv, dtype=torch.float32, device=dev)
-    if state is not None:
-        init = live if has_initial_state is None else live & has_initial_state.to(dev)
-        s[init] = state[state_indices[init].long()].float()
+    live, s = _initial_states(state, state_indices, has_initial_state, n, (hv, dk, dv), dev)
     outs = torch.zeros(n, lmax, hv, dv, dtype=torch.float32, device=dev)
     for t in range(lmax):
         s = s * gs[:, t].exp()[..., None, None]
@@ -761,20 +775,10 @@ def mamba2_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, cu_seqle
     d = d.clamp(min=dt_limit[0], max=dt_limit[1])
     bf = B.float().repeat_interleave(h // g, dim=1)
     cf = C.float().repeat_interleave(h // g, dim=1)
-    cu = cu_seqlens.long().cpu()
-    lens = cu[1:] - cu[:-1]
-    lmax = int(lens.max()) if n > 0 else 0
-    steps = torch.arange(lmax)
-    valid = (steps[None, :] < lens[:, None]).to(dev)                       # [N_seq, L]
-    pos = torch.where(valid, (cu[:-1, None] + steps[None, :]).to(dev), 0)
+    lmax, valid, pos = _padded_rows(cu_seqlens, dev)                      # [N_seq, L]
     xs, ds, bs, cs = (v.float()[pos] for v in (x, d, bf, cf))
     af = A.float()
-    live = (torch.ones(n, dtype=torch.bool, device=dev) if state_indices is None
-            else state_indices.to(dev) >= 0)
-    s = torch.zeros(n, h, p, dstate, dtype=torch.float32, device=dev)
-    if state is not None:
-        init = live if has_initial_state is None else live & has_initial_state.to(dev)
-        s[init] = state[state_indices[init].long()].float()
+    live, s = _initial_states(state, state_indices, has_initial_state, n, (h, p, dstate), dev)
     ys = torch.zeros(n, lmax, h, p, dtype=torch.float32, device=dev)
     for t in range(lmax):
         dt_t = ds[:, t]                                                    # [N_seq, H]
@@ -822,20 +826,10 @@ def selective_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, cu_se
         d = torch.nn.functional.softplus(d)
     bf = B.float().repeat_interleave(dm // g, dim=1)                       # [T, Dm, N]
     cf = C.float().repeat_interleave(dm // g, dim=1)
-    cu = cu_seqlens.long().cpu()
-    lens = cu[1:] - cu[:-1]
-    lmax = int(lens.max()) if n > 0 else 0
-    steps = torch.arange(lmax)
-    valid = (steps[None, :] < lens[:, None]).to(dev)                       # [N_seq, L]
-    pos = torch.where(valid, (cu[:-1, None] + steps[None, :]).to(dev), 0)
+    lmax, valid, pos = _padded_rows(cu_seqlens, dev)                      # [N_seq, L]
     xs, ds, bs, cs = (v.float()[pos] for v in (x, d, bf, cf))
     af = A.float()
-    live = (torch.ones(n, dtype=torch.bool, device=dev) if state_indices is None
-            else state_indices.to(dev) >= 0)
-    s = torch.zeros(n, dm, dstate, dtype=torch.float32, device=dev)
-    if state is not None:
-        init = live if has_initial_state is None else live & has_initial_state.to(dev)
-        s[init] = state[state_indices[init].long()].float()
+    live, s = _initial_states(state, state_indices, has_initial_state, n, (dm, dstate), dev)
     ys = torch.zeros(n, lmax, dm, dtype=torch.float32, device=dev)
     for t in range(lmax):
         dt_t = ds[:, t, :, None]                                           # [N_seq, Dm, 1]
