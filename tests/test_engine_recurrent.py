@@ -402,6 +402,9 @@ def test_sequence_classifier_on_a_hybrid_decoder(tmp_path):
     # never runs there: not a target here)
     ("jamba", ["q_proj", "in_proj", "x_proj", "out_proj", "gate_proj", "down_proj"]),
     ("mamba", ["in_proj", "x_proj"]),      # (PEFT refuses Mamba's out_proj)
+    # Nemotron-H: each block's one "mixer" (the Mamba-2 in_proj, attention, the non-gated
+    # MLP's up / down; PEFT refuses its Mamba out_proj)
+    ("nemotron_h", ["in_proj", "q_proj", "v_proj", "o_proj", "up_proj", "down_proj"]),
 ])
 def test_lora_adapters_on_hybrid_models(kind, targets, tmp_path):
     """PEFT adapters on the attention, MLP and recurrent mixers' projections: greedy tokens

@@ -153,10 +153,13 @@ def test_starcoder2_adapter_on_the_non_gated_mlp(tmp_path):
     ("gpt_neo", ["q_proj", "v_proj", "out_proj", "c_fc", "c_proj"]),
     # MPT: attn.Wqkv blocks, attn.out_proj, ffn.up_proj / down_proj
     ("mpt", ["Wqkv", "out_proj", "up_proj", "down_proj"]),
+    # Nemotron / Arcee: the non-gated MLP's one up_proj (squared ReLU)
+    ("nemotron", ["q_proj", "o_proj", "up_proj", "down_proj"]),
+    ("arcee", ["k_proj", "up_proj", "down_proj"]),
 ])
 def test_non_gated_adapters(tmp_path, kind, targets):
     """PEFT adapters on the non-gated families under their own names (Phi-2, OPT, GPT-J,
-    GPT-2's Conv1D, GPT-BigCode, GPT-Neo, MPT): logits equal PEFT's."""
+    GPT-2's Conv1D, GPT-BigCode, GPT-Neo, MPT, Nemotron, Arcee): logits equal PEFT's."""
     hf = make_hf_model(kind, seed=4)
     base = save_hf(hf, str(tmp_path / "base"))
     ref = make_adapter(hf, str(tmp_path / "lora"), r=4, alpha=8, targets=targets, seed=5)

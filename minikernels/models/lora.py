@@ -229,6 +229,8 @@ def _parse_tensors(tensors: list[tuple[str, Tensor]], config: DecoderConfig, ran
         aliases.update(out_proj="o_proj", up_proj="gate_proj")
     if config.architecture in ("lfm2", "lfm2_moe", "lfm3"):   # feed_forward.w1 / w3 / w2
         aliases.update(w1="gate_proj", w3="up_proj", w2="down_proj")
+    if config.architecture in ("nemotron", "arcee", "jais2", "nemotron_h"):
+        aliases["up_proj"] = "gate_proj"       # (their non-gated MLP's one up projection)
     # projections named by their block: GPT-2's / GPT-BigCode's attn.c_proj is the
     # attention output (mlp.c_proj the MLP's down projection)
     block_aliases = {("attn", "c_proj"): "o_proj"} \
@@ -241,6 +243,8 @@ def _parse_tensors(tensors: list[tuple[str, Tensor]], config: DecoderConfig, ran
         mlp = ".mlp.shared_expert." if config.num_experts else ".mlp."
         tensors = [(k.replace(".shared_mlp.input_linear.", f"{mlp}gate_up_proj.").replace(
             ".shared_mlp.output_linear.", f"{mlp}down_proj."), t) for k, t in tensors]
+    if config.architecture == "nemotron_h":    # each block's one "mixer", by its kind
+        tensors = [(_nemotron_h_key(k, config), t) for k, t in tensors]
     tensors = _split_fused(tensors, config, hf_proj, path)
     per_expert: dict[tuple[int, str], dict[int, dict[str, Tensor]]] = {}
     stacked: dict[tuple[int, str], dict[str, Tensor]] = {}
@@ -376,6 +380,20 @@ def _parse_tensors(tensors: list[tuple[str, Tensor]], config: DecoderConfig, ran
             raise LoRAError(f"{path}: layer {layer}'s experts have both a stacked gate_up "
                             "adapter and per-expert gate / up adapters")
     return weights, experts
+
+
+_NEMOTRON_H_MIXER_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.mixer\.")
+_NEMOTRON_H_BLOCKS = {"mamba2": "mamba", "attention": "self_attn", "none": "mlp"}
+
+
+def _nemotron_h_key(key: str, config: DecoderConfig) -> str:
+    """A Nemotron-H adapter key under the decoder's block names: layer i's ``mixer`` is its
+    mamba, self_attn or (MLP blocks) mlp."""
+    m = _NEMOTRON_H_MIXER_RE.search(key)
+    if m is None or int(m.group(1)) >= config.num_layers:
+        return key
+    block = _NEMOTRON_H_BLOCKS[config.mixer(int(m.group(1)))]
+    return key[:m.start()] + m.group(0).replace(".mixer.", f".{block}.") + key[m.end():]
 
 
 def _split_fused(tensors: list[tuple[str, Tensor]], config: DecoderConfig,
