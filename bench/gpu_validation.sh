@@ -116,6 +116,11 @@ stage_bench() {
   python -m bench.bench_int4 || echo "int4 bench failed"
   python -m bench.bench_paged_decode || echo "paged decode bench failed"
   python -m bench.bench_attention || echo "attention bench failed"
+  # head dim 512 (Gemma 4's full-attention layers; 32-row tiles, no wgmma): own folder
+  python -m bench.bench_attention --head-dims 512 --seqlens 1024 4096 16384 \
+    --result-dir "$OUT/results/d512" || echo "attention bench (d512) failed"
+  python -m bench.bench_paged_decode --heads 32 4 512 --batches 1 64 --contexts 4096 32768 \
+    --result-dir "$OUT/results/d512" || echo "paged decode bench (d512) failed"
   python -m minikernels bench --result-dir "$OUT/results" || echo "op bench failed"
 }
 

@@ -132,29 +132,35 @@ def run_shape(d: int, s: int, tokens: int, causal: bool, device: torch.device, s
                            if peers and row["minikernels_tflops"] else None)
     row["frac_matmul_ceiling"] = (row["minikernels_tflops"] * 1e12 / matmul_flops
                                   if matmul_flops and row["minikernels_tflops"] else None)
-    # correctness on the same inputs: SDPA flash on the GPU, math (fp32 inside) on the CPU
-    check = _sdpa("sdpa_flash" if device.type == "cuda" else "sdpa_math", q, k, v, causal)
-    try:
-        row["max_abs_err"] = (ours().view(b, s, h, d).float()
-                              - check().transpose(1, 2).float()).abs().max().item()
-    except Exception:  # noqa: BLE001
-        row["max_abs_err"] = None
+    # correctness on the same inputs: SDPA flash on the GPU (efficient, then math, where
+    # flash refuses the head dim: D > 256), math (fp32 inside) on the CPU
+    row["max_abs_err"] = None
+    for name in (("sdpa_flash", "sdpa_efficient", "sdpa_math") if device.type == "cuda"
+                 else ("sdpa_math",)):
+        try:
+            row["max_abs_err"] = (ours().view(b, s, h, d).float() - _sdpa(
+                name, q, k, v, causal)().transpose(1, 2).float()).abs().max().item()
+            break
+        except Exception:  # noqa: BLE001
+            continue
     return row
 
 
-def sweep(device: torch.device, tokens: int, seqlen: int) -> list[dict[str, Any]]:
-    """Time every plausible tile config of the kernel (GPU tuning aid)."""
+def sweep(device: torch.device, tokens: int, seqlen: int,
+          head_dims: tuple[int, ...] = (64, 128)) -> list[dict[str, Any]]:
+    """Time every plausible tile config of the kernel (GPU tuning aid). Head dims over 256
+    (Gemma 4's 512) try 16- to 64-row query tiles (64 rows spill there: flash_attn.py)."""
     from minikernels.ops.triton import flash_attn
 
     rows = []
     smem = torch.cuda.get_device_properties(device).shared_memory_per_block_optin
-    for d in (64, 128):
+    for d in head_dims:
         for causal in (True, False):
-            b, h = max(1, tokens // seqlen), 2048 // d
+            b, h = max(1, tokens // seqlen), max(1, 2048 // d)
             q, k, v = (torch.randn(b, seqlen, h, d, device=device, dtype=torch.bfloat16)
                        for _ in range(3))
             work = flops(b, seqlen, h, d, causal)
-            for bm in (64, 128):
+            for bm in ((64, 128) if d <= 256 else (16, 32, 64)):
                 for bn in (32, 64, 128):
                     for warps in (4, 8):
                         for stages in (1, 2, 3, 4):
@@ -244,7 +250,7 @@ def _run(args: argparse.Namespace, device: torch.device) -> dict[str, Path]:
                           title=f"flash attention prefill ({device_name(device)})",
                           plot=_plot(rows), out_dir=args.out_dir)
     if args.sweep and cuda:
-        srows = sweep(device, tokens, 4096)
+        srows = sweep(device, tokens, 4096, tuple(args.head_dims or (64, 128)))
         paths.update({f"sweep_{k}": v for k, v in write_results(
             "attention_sweep", srows, {"tokens": tokens, "seqlen": 4096},
             title="flash attention tile sweep", out_dir=args.out_dir).items()})

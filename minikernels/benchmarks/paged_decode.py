@@ -228,7 +228,8 @@ def bench_shape(batch: int, ctx: int, *, hq: int, hkv: int, d: int, block: int,
     return rows
 
 
-def _plot(rows: list[dict[str, Any]], path: Path) -> None:
+def _plot(rows: list[dict[str, Any]], path: Path,
+          shape: str = "Hq=32, Hkv=8, D=128, block 16") -> None:
     import matplotlib.pyplot as plt
 
     timed = [r for r in rows if r.get("us") is not None]
@@ -249,7 +250,7 @@ def _plot(rows: list[dict[str, Any]], path: Path) -> None:
     ax.set_ylabel("fraction of copy bandwidth" if any(r["frac_copy_bw"] for r in timed)
                   else "GB/s")
     ax.set_xlabel("batch x context")
-    ax.set_title("paged decode attention (Hq=32, Hkv=8, D=128, block 16, bf16)")
+    ax.set_title(f"paged decode attention ({shape}, bf16)")
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -262,6 +263,9 @@ def main(argv: list[str] | None = None, out_dir: str | Path | None = None) -> di
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU")
     parser.add_argument("--batches", type=int, nargs="*")
     parser.add_argument("--contexts", type=int, nargs="*")
+    parser.add_argument("--heads", type=int, nargs=3, metavar=("HQ", "HKV", "D"),
+                        help="q heads, kv heads, head dim (default 32 8 128; Gemma 4 31B's "
+                             "full-attention layers: 32 4 512)")
     parser.add_argument("--result-dir", dest="out_dir", default=None,
                         help="output folder (default: bench/results/<device>; "
                              "$MINIKERNELS_BENCH_OUT overrides)")
@@ -272,6 +276,8 @@ def main(argv: list[str] | None = None, out_dir: str | Path | None = None) -> di
         cfg = dict(SMOKE)
     else:
         cfg = dict(batches=BATCHES, contexts=CONTEXTS, hq=HQ, hkv=HKV, d=D, block=BLOCK)
+    if args.heads:
+        cfg.update(hq=args.heads[0], hkv=args.heads[1], d=args.heads[2])
     batches = args.batches or cfg["batches"]
     contexts = args.contexts or cfg["contexts"]
     ceil = ceilings(device)
@@ -293,7 +299,9 @@ def main(argv: list[str] | None = None, out_dir: str | Path | None = None) -> di
     columns = ["batch", "context", "impl", "kv_dtype", "us", "gb_per_s", "frac_copy_bw",
                "speedup_vs_gather_sdpa", "max_abs_err", "skipped"]
     return write_results("paged_decode", rows, meta, columns=columns,
-                         title="Paged decode attention", plot=lambda p: _plot(rows, p),
+                         title="Paged decode attention", plot=lambda p: _plot(
+                             rows, p, f"Hq={cfg['hq']}, Hkv={cfg['hkv']}, D={cfg['d']}, "
+                             f"block {cfg['block']}"),
                          out_dir=out_dir or args.out_dir)
 
 
