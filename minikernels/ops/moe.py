@@ -6,7 +6,11 @@ Tests: tests/test_moe_op.py.
 All four fused ops take ``activation``: the experts' gate activation, "silu" (SwiGLU:
 Qwen3-MoE, OLMoE, Mixtral, ...; the default), "gelu" (erf) or "gelu_tanh" (Gemma 4's
 GELU-tanh-gated experts), vLLM's ``fused_experts`` names; a constexpr of the gate-up
-kernels' epilogue.
+kernels' epilogue. And ``gated``: True (the default) for gated experts (w13 holds gate
+rows then up rows, act(gate) * up); False for non-gated ones (w13 holds the up rows only,
+act(up): Nemotron 3's squared-ReLU experts, activation "relu2"; vLLM's
+``is_act_and_mul=False`` with "relu2_no_mul" / "silu_no_mul" / "gelu_no_mul"), the
+gate-up kernels' ``GATED`` constexpr.
 
 Op: ``minikernels::fused_moe_int4``: the same with int4 experts (W4A16, the canonical
 int4 layout of docs/int4_format.md per expert). Backends: reference, triton
@@ -40,7 +44,7 @@ from .. import backend as _backend
 from .._validation import FLOAT_DTYPES, HALF_DTYPES, check_index_range, check_tensor
 from . import reference
 from .fp8 import check_block_size
-from .reference import MOE_ACTIVATIONS
+from .reference import MOE_ACTIVATIONS, MOE_NONGATED_ACTIVATIONS
 
 
 class MoELoRA(NamedTuple):
@@ -54,6 +58,9 @@ class MoELoRA(NamedTuple):
     b13         [S, E, 2I, R13]  x.dtype  lora_B of gate_proj (rows :I) and up_proj (rows
                                           I:), block-diagonal against a13's stacking (0
                                           where a row of B meets the other module's A)
+                                          (non-gated experts, gated=False: b13
+                                          [S, E, I, R13], lora_B of up_proj; a13 is
+                                          up_proj's lora_A)
     a2          [S, E, R2, I]    x.dtype  lora_A of down_proj
     b2          [S, E, H, R2]    x.dtype  lora_B of down_proj
     token_slots [T] int32 / int64 in [-1, S): each token's adapter slot, -1 = base model
@@ -64,6 +71,7 @@ class MoELoRA(NamedTuple):
       d13_p = round_to_x_dtype(scaling[s] * b13[s, e] @ (a13[s, e] @ x[t]))
       gate / up pre-activations of p (fp32) += d13_p[:I] / d13_p[I:];
         act_p = act(gate) * up rounded to x.dtype (act: the op's ``activation``)
+        (non-gated: up += d13_p; act_p = act(up) rounded to x.dtype)
       d2_p = round_to_x_dtype(scaling[s] * b2[s, e] @ (a2[s, e] @ act_p))
       the down projection's fp32 result of p += d2_p, then times topk_weights[t, j];
         the k-sum in fp32, rounded once.
@@ -94,21 +102,53 @@ def _op_lora(*tensors: Tensor | None) -> MoELoRA | None:
     return MoELoRA(*tensors)
 
 
-def _check_activation(activation: object) -> str:
-    """fused_moe*'s ``activation``: one of MOE_ACTIVATIONS ("silu", "gelu", "gelu_tanh")."""
+def _check_activation(activation: object, gated: object = True) -> str:
+    """fused_moe*'s ``activation`` and ``gated``: gated experts take one of
+    MOE_ACTIVATIONS ("silu", "gelu", "gelu_tanh"); non-gated ones (gated=False) one of
+    MOE_NONGATED_ACTIVATIONS (those and "relu2")."""
+    if not isinstance(gated, bool):
+        raise TypeError(f"gated must be a bool, got {type(gated).__name__}")
+    allowed = MOE_ACTIVATIONS if gated else MOE_NONGATED_ACTIVATIONS
     if not isinstance(activation, str):
-        raise TypeError(f"activation must be a str, one of {MOE_ACTIVATIONS}, got "
+        raise TypeError(f"activation must be a str, one of {allowed}, got "
                         f"{type(activation).__name__}")
-    if activation not in MOE_ACTIVATIONS:
-        raise ValueError(f"activation must be one of {MOE_ACTIVATIONS}, got {activation!r}")
+    if gated and activation == "relu2":
+        raise ValueError("activation 'relu2' (squared ReLU: Nemotron 3's experts) is for "
+                         "non-gated experts: pass gated=False (w13 [E, I, H], the up_proj "
+                         f"rows only); gated experts (gated=True) take one of {allowed}")
+    if activation not in allowed:
+        raise ValueError(f"activation must be one of {allowed}"
+                         f"{'' if gated else ' with gated=False'}, got {activation!r}")
     return activation
 
 
-def _check_lora(lora: object, x: Tensor, num_experts: int, inter: int
+def _expert_inter(name: str, w13_shape: tuple[int, ...] | torch.Size, w2_inter: int,
+                  gated: bool, got: object) -> int:
+    """The intermediate size I from the rows of w13 (op argument ``name``): 2I gated
+    experts' (gate rows then up rows), I non-gated ones' (gated=False: up rows only);
+    ``w2_inter``: w2's I, ``got``: what a gated error shows of w13."""
+    n13 = w13_shape[1]
+    if gated:
+        if n13 == 0 or n13 % 2:
+            raise ValueError(f"{name}'s second dim must be 2I > 0 (gate rows then up "
+                             f"rows), got {got}")
+        return n13 // 2
+    if n13 == 0:
+        raise ValueError(f"{name}'s second dim must be I > 0 (gated=False: the up_proj "
+                         f"rows only), got {list(w13_shape)}")
+    if n13 == 2 * w2_inter:
+        raise ValueError(f"{name} must have I = {w2_inter} rows per expert with "
+                         f"gated=False (the up_proj rows only; I from w2), got "
+                         f"{list(w13_shape)}: gate and up rows stacked (2I) are gated "
+                         f"experts' (gated=True)")
+    return n13
+
+
+def _check_lora(lora: object, x: Tensor, num_experts: int, inter: int, gated: bool = True
                 ) -> tuple[Tensor | None, ...]:
-    """Check fused_moe*'s ``lora`` against x [T, H], E and I; return the op's six LoRA
-    arguments (all None without LoRA). Errors name the op argument (lora_a13 ...) and
-    the MoELoRA field."""
+    """Check fused_moe*'s ``lora`` against x [T, H], E and I (b13: 2I rows for gated
+    experts, I for non-gated ones); return the op's six LoRA arguments (all None without
+    LoRA). Errors name the op argument (lora_a13 ...) and the MoELoRA field."""
     if lora is None:
         return _NO_LORA
     if not isinstance(lora, tuple) or len(lora) != 6:
@@ -129,13 +169,17 @@ def _check_lora(lora: object, x: Tensor, num_experts: int, inter: int
     s, _, r13, _ = lora.a13.shape
     r2 = lora.a2.shape[2]
     e = num_experts
-    want = (("[S, E, R13, H]", (s, e, r13, h)), ("[S, E, 2I, R13]", (s, e, 2 * inter, r13)),
+    b13 = ("[S, E, 2I, R13]", (s, e, 2 * inter, r13)) if gated else \
+        ("[S, E, I, R13]", (s, e, inter, r13))
+    want = (("[S, E, R13, H]", (s, e, r13, h)), b13,
             ("[S, E, R2, I]", (s, e, r2, inter)), ("[S, E, H, R2]", (s, e, h, r2)))
     for name, v, (dims, shape) in zip(_LORA_ARGS[:4], lora[:4], want):
         if tuple(v.shape) != shape:
             raise ValueError(f"{name} must have shape {dims} = {list(shape)} (S and R13 "
                              f"from lora_a13, R2 from lora_a2, E = {e}, H = {h}, "
-                             f"I = {inter}), got {list(v.shape)}")
+                             f"I = {inter}" + ("" if gated else ", gated=False: "
+                                               "lora_b13 covers the up rows only")
+                             + f"), got {list(v.shape)}")
     if lora.token_slots.shape[0] != t:
         raise ValueError(f"lora_token_slots must have one entry per token ([T = {t}]), "
                          f"got {list(lora.token_slots.shape)}")
@@ -152,13 +196,15 @@ def _fused_moe(x: Tensor, w13: Tensor, w2: Tensor, topk_weights: Tensor, topk_id
                lora_a13: Tensor | None = None, lora_b13: Tensor | None = None,
                lora_a2: Tensor | None = None, lora_b2: Tensor | None = None,
                lora_token_slots: Tensor | None = None,
-               lora_scaling: Tensor | None = None, activation: str = "silu") -> Tensor:
+               lora_scaling: Tensor | None = None, activation: str = "silu",
+               gated: bool = True) -> Tensor:
     lora = _op_lora(lora_a13, lora_b13, lora_a2, lora_b2, lora_token_slots, lora_scaling)
-    _check_activation(activation)
+    _check_activation(activation, gated)
     if _backend.resolve("fused_moe", x.device) == "triton":
         from .triton import moe as triton_moe
-        return triton_moe.fused_moe(x, w13, w2, topk_weights, topk_ids, lora, activation)
-    return reference.fused_moe(x, w13, w2, topk_weights, topk_ids, lora, activation)
+        return triton_moe.fused_moe(x, w13, w2, topk_weights, topk_ids, lora, activation,
+                                    gated)
+    return reference.fused_moe(x, w13, w2, topk_weights, topk_ids, lora, activation, gated)
 
 
 @_fused_moe.register_fake
@@ -166,15 +212,15 @@ def _(x: Tensor, w13: Tensor, w2: Tensor, topk_weights: Tensor, topk_ids: Tensor
       lora_a13: Tensor | None = None, lora_b13: Tensor | None = None,
       lora_a2: Tensor | None = None, lora_b2: Tensor | None = None,
       lora_token_slots: Tensor | None = None, lora_scaling: Tensor | None = None,
-      activation: str = "silu") -> Tensor:
+      activation: str = "silu", gated: bool = True) -> Tensor:
     _op_lora(lora_a13, lora_b13, lora_a2, lora_b2, lora_token_slots, lora_scaling)
-    _check_activation(activation)
+    _check_activation(activation, gated)
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
 def fused_moe(x: Tensor, w13: Tensor, w2: Tensor, topk_weights: Tensor,
               topk_ids: Tensor, *, lora: MoELoRA | None = None,
-              activation: str = "silu") -> Tensor:
+              activation: str = "silu", gated: bool = True) -> Tensor:
     """A mixture-of-experts MLP with gated experts: out [T, H] in x.dtype,
     out[t] = sum_j topk_weights[t, j] * w2[e] @ (act(w13[e, :I] @ x[t]) * (w13[e, I:] @ x[t]))
     with e = topk_ids[t, j].
@@ -184,38 +230,44 @@ def fused_moe(x: Tensor, w13: Tensor, w2: Tensor, topk_weights: Tensor,
     (g + 0.044715 g^3))): Gemma 4's experts, ``gelu_pytorch_tanh``); fp32 math as
     ``gelu_and_mul``. Another value: ValueError.
 
+    gated: True (the default) as above. False: non-gated experts (Nemotron 3's; vLLM's
+    ``is_act_and_mul=False``), w13 [E, I, H] holds each expert's up_proj rows only and
+    out[t] = sum_j topk_weights[t, j] * w2[e] @ act(w13[e] @ x[t]), act one of "silu",
+    "gelu", "gelu_tanh" or "relu2" (squared ReLU, relu(u)^2: Nemotron 3, vLLM's
+    "relu2_no_mul"; non-gated only: "relu2" with gated=True is a ValueError naming both).
+
     x [T, H] fp16/bf16/fp32; w13 [E, 2I, H] in x's dtype (each expert's gate_proj rows,
-    then its up_proj rows); w2 [E, H, I] in x's dtype (down_proj); topk_weights [T, k]
-    fp32 (the router's weights, already normalized as the model wants); topk_ids [T, k]
-    int32/int64 in [0, E) (the same expert twice in a row is allowed: both count). Every
-    tensor may be a view with its own strides. fp32 accumulation; the activated [I]
-    intermediate is rounded to x.dtype; out is rounded once.
+    then its up_proj rows; gated=False: [E, I, H], up_proj); w2 [E, H, I] in x's dtype
+    (down_proj); topk_weights [T, k] fp32 (the router's weights, already normalized as
+    the model wants); topk_ids [T, k] int32/int64 in [0, E) (the same expert twice in a
+    row is allowed: both count). Every tensor may be a view with its own strides. fp32
+    accumulation; the activated [I] intermediate is rounded to x.dtype; out is rounded
+    once.
 
     lora: optional per-token LoRA adapters on the experts (:class:`MoELoRA`: layouts,
     dtypes and the exact math there): each (token, expert) pair's gate / up
     pre-activations get its expert's adapter update before the activation-and-mul, and its
     down projection its update before the router weight. Slot -1 or lora=None: the
-    result without LoRA, bit for bit.
+    result without LoRA, bit for bit. Non-gated experts: lora.b13 [S, E, I, R13] (the up
+    rows only), added to up before the activation.
     """
-    _check_activation(activation)
+    _check_activation(activation, gated)
     check_tensor("x", x, dtypes=FLOAT_DTYPES, ndim=2)
     check_tensor("w13", w13, dtypes=(x.dtype,), ndim=3, device=x.device)
     check_tensor("w2", w2, dtypes=(x.dtype,), ndim=3, device=x.device)
     _check_routing_dtypes(x, topk_weights, topk_ids)
     e, two_i, h = w13.shape
     if h != x.shape[1]:
-        raise ValueError(f"w13 must have shape [E, 2I, H = {x.shape[1]}], got "
-                         f"{list(w13.shape)}")
-    if two_i == 0 or two_i % 2:
-        raise ValueError(f"w13's second dim must be 2I > 0 (gate rows then up rows), got "
-                         f"{two_i}")
-    if tuple(w2.shape) != (e, h, two_i // 2):
-        raise ValueError(f"w2 must have shape [E = {e}, H = {h}, I = {two_i // 2}], got "
+        raise ValueError(f"w13 must have shape [E, {'2I' if gated else 'I'}, H = "
+                         f"{x.shape[1]}], got {list(w13.shape)}")
+    inter = _expert_inter("w13", w13.shape, w2.shape[2], gated, two_i)
+    if tuple(w2.shape) != (e, h, inter):
+        raise ValueError(f"w2 must have shape [E = {e}, H = {h}, I = {inter}], got "
                          f"{list(w2.shape)}")
     _check_routing_shapes(x.shape[0], topk_weights, topk_ids, e)
-    lora_args = _check_lora(lora, x, e, two_i // 2)
+    lora_args = _check_lora(lora, x, e, inter, gated)
     return torch.ops.minikernels.fused_moe(x, w13, w2, topk_weights, topk_ids, *lora_args,
-                                           activation)
+                                           activation, gated)
 
 
 # ------------------------------------------------------------------------ int4 experts
@@ -227,10 +279,12 @@ def _fused_moe_int4(x: Tensor, w13_qweight: Tensor, w13_scales: Tensor, w13_zero
                     lora_a13: Tensor | None = None, lora_b13: Tensor | None = None,
                     lora_a2: Tensor | None = None, lora_b2: Tensor | None = None,
                     lora_token_slots: Tensor | None = None,
-                    lora_scaling: Tensor | None = None, activation: str = "silu") -> Tensor:
+                    lora_scaling: Tensor | None = None, activation: str = "silu",
+                    gated: bool = True) -> Tensor:
     lora = _op_lora(lora_a13, lora_b13, lora_a2, lora_b2, lora_token_slots, lora_scaling)
     args = (x, w13_qweight, w13_scales, w13_zeros, w2_qweight, w2_scales, w2_zeros,
-            topk_weights, topk_ids, group_size, lora, _check_activation(activation))
+            topk_weights, topk_ids, group_size, lora, _check_activation(activation, gated),
+            gated)
     if _backend.resolve("fused_moe_int4", x.device) == "triton":
         from .triton import moe_int4 as triton_moe_int4
         return triton_moe_int4.fused_moe_int4(*args)
@@ -243,9 +297,10 @@ def _(x: Tensor, w13_qweight: Tensor, w13_scales: Tensor, w13_zeros: Tensor,
       topk_ids: Tensor, group_size: int, lora_a13: Tensor | None = None,
       lora_b13: Tensor | None = None, lora_a2: Tensor | None = None,
       lora_b2: Tensor | None = None, lora_token_slots: Tensor | None = None,
-      lora_scaling: Tensor | None = None, activation: str = "silu") -> Tensor:
+      lora_scaling: Tensor | None = None, activation: str = "silu",
+      gated: bool = True) -> Tensor:
     _op_lora(lora_a13, lora_b13, lora_a2, lora_b2, lora_token_slots, lora_scaling)
-    _check_activation(activation)
+    _check_activation(activation, gated)
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
@@ -273,7 +328,8 @@ def _check_int4_experts(prefix: str, qweight: Tensor, scales: Tensor, zeros: Ten
 def fused_moe_int4(x: Tensor, w13_qweight: Tensor, w13_scales: Tensor, w13_zeros: Tensor,
                    w2_qweight: Tensor, w2_scales: Tensor, w2_zeros: Tensor,
                    topk_weights: Tensor, topk_ids: Tensor, group_size: int, *,
-                   lora: MoELoRA | None = None, activation: str = "silu") -> Tensor:
+                   lora: MoELoRA | None = None, activation: str = "silu",
+                   gated: bool = True) -> Tensor:
     """:func:`fused_moe` with int4 experts (W4A16): out [T, H] in x.dtype, exactly
     fused_moe on the dequantized experts W = (q - z) * s rounded to x.dtype.
 
@@ -294,8 +350,11 @@ def fused_moe_int4(x: Tensor, w13_qweight: Tensor, w13_scales: Tensor, w13_zeros
     dense adapters in x.dtype added to the int4 experts' fp32 results).
     activation: the experts' gate activation, "silu" / "gelu" / "gelu_tanh", as
     :func:`fused_moe`.
+    gated: False for non-gated experts (as :func:`fused_moe`: act(up), activation also
+    "relu2"): w13_qweight [E, I, H/8] and w13_scales / w13_zeros [E, I, H/G] hold each
+    expert's up_proj rows only.
     """
-    _check_activation(activation)
+    _check_activation(activation, gated)
     check_tensor("x", x, dtypes=HALF_DTYPES, ndim=2)
     check_tensor("w13_qweight", w13_qweight, dtypes=(torch.int32,), ndim=3, device=x.device)
     check_tensor("w2_qweight", w2_qweight, dtypes=(torch.int32,), ndim=3, device=x.device)
@@ -307,13 +366,11 @@ def fused_moe_int4(x: Tensor, w13_qweight: Tensor, w13_scales: Tensor, w13_zeros
         raise ValueError(f"x's hidden size H must be a positive multiple of 8 (int4 words "
                          f"hold 8 values), got x shape {list(x.shape)}")
     e, two_i = w13_qweight.shape[0], w13_qweight.shape[1]
-    if two_i == 0 or two_i % 2:
-        raise ValueError(f"w13_qweight's second dim must be 2I > 0 (gate rows then up "
-                         f"rows), got {list(w13_qweight.shape)}")
+    inter = _expert_inter("w13_qweight", w13_qweight.shape, w2_qweight.shape[2] * 8, gated,
+                          list(w13_qweight.shape))
     if w13_qweight.shape[2] != h // 8:
-        raise ValueError(f"w13_qweight must have shape [E, 2I, H / 8 = {h // 8}] (x's H = "
-                         f"{h}), got {list(w13_qweight.shape)}")
-    inter = two_i // 2
+        raise ValueError(f"w13_qweight must have shape [E, {'2I' if gated else 'I'}, H / 8 "
+                         f"= {h // 8}] (x's H = {h}), got {list(w13_qweight.shape)}")
     if inter % 8:
         raise ValueError(f"the intermediate size I must be a multiple of 8 (int4 words), "
                          f"got w13_qweight shape {list(w13_qweight.shape)} (I = {inter})")
@@ -329,20 +386,21 @@ def fused_moe_int4(x: Tensor, w13_qweight: Tensor, w13_scales: Tensor, w13_zeros
     _check_int4_experts("w2", w2_qweight, w2_scales, w2_zeros, (e, h, inter),
                         group_size, x.device)
     _check_routing_shapes(t, topk_weights, topk_ids, e)
-    lora_args = _check_lora(lora, x, e, inter)
+    lora_args = _check_lora(lora, x, e, inter, gated)
     return torch.ops.minikernels.fused_moe_int4(x, w13_qweight, w13_scales, w13_zeros,
                                                 w2_qweight, w2_scales, w2_zeros,
                                                 topk_weights, topk_ids, group_size,
-                                                *lora_args, activation)
+                                                *lora_args, activation, gated)
 
 
 # ------------------------------------------------------------------------- fp8 experts
 
 def _check_w8a16_inputs(x: Tensor, w13: Tensor, w2: Tensor, wdtype: torch.dtype,
-                        topk_weights: Tensor, topk_ids: Tensor
+                        topk_weights: Tensor, topk_ids: Tensor, gated: bool = True
                         ) -> tuple[int, int, int, int, int]:
     """fused_moe_fp8's / fused_moe_int8's x, one-byte weights (dtype wdtype), routing
-    dtypes and w13's shape; (T, H, E, 2I, I) from x [T, H] and w13 [E, 2I, H]."""
+    dtypes and w13's shape; (T, H, E, 2I, I) from x [T, H] and w13 [E, 2I, H]
+    (gated=False: (T, H, E, I, I) from w13 [E, I, H])."""
     check_tensor("x", x, dtypes=FLOAT_DTYPES, ndim=2)
     check_tensor("w13", w13, dtypes=(wdtype,), ndim=3, device=x.device)
     check_tensor("w2", w2, dtypes=(wdtype,), ndim=3, device=x.device)
@@ -351,13 +409,11 @@ def _check_w8a16_inputs(x: Tensor, w13: Tensor, w2: Tensor, wdtype: torch.dtype,
     e, two_i = w13.shape[0], w13.shape[1]
     if h == 0:
         raise ValueError(f"x's hidden size H must be positive, got x shape {list(x.shape)}")
-    if two_i == 0 or two_i % 2:
-        raise ValueError(f"w13's second dim must be 2I > 0 (gate rows then up rows), got "
-                         f"{list(w13.shape)}")
+    inter = _expert_inter("w13", w13.shape, w2.shape[2], gated, list(w13.shape))
     if w13.shape[2] != h:
-        raise ValueError(f"w13 must have shape [E, 2I, H = {h}] (x's H), got "
-                         f"{list(w13.shape)}")
-    return t, h, e, two_i, two_i // 2
+        raise ValueError(f"w13 must have shape [E, {'2I' if gated else 'I'}, H = {h}] "
+                         f"(x's H), got {list(w13.shape)}")
+    return t, h, e, two_i, inter
 
 
 def _check_expert_shape(name: str, weight: Tensor, shape: tuple[int, int, int]) -> None:
@@ -376,17 +432,18 @@ def _fused_moe_fp8(x: Tensor, w13: Tensor, w13_scale: Tensor, w2: Tensor, w2_sca
                    lora_a13: Tensor | None = None, lora_b13: Tensor | None = None,
                    lora_a2: Tensor | None = None, lora_b2: Tensor | None = None,
                    lora_token_slots: Tensor | None = None,
-                   lora_scaling: Tensor | None = None, activation: str = "silu") -> Tensor:
+                   lora_scaling: Tensor | None = None, activation: str = "silu",
+                   gated: bool = True) -> Tensor:
     lora = _op_lora(lora_a13, lora_b13, lora_a2, lora_b2, lora_token_slots, lora_scaling)
-    _check_activation(activation)
+    _check_activation(activation, gated)
     if _backend.resolve("fused_moe_fp8", x.device) == "triton":
         from .triton import moe_fp8 as triton_moe_fp8
         return triton_moe_fp8.fused_moe_fp8(x, w13, w13_scale, w2, w2_scale, topk_weights,
-                                            topk_ids, block_size, lora, activation)
+                                            topk_ids, block_size, lora, activation, gated)
     return reference.fused_moe_fp8(x, w13.view(torch.float8_e4m3fn), w13_scale,
                                    w2.view(torch.float8_e4m3fn), w2_scale, topk_weights,
                                    topk_ids, (block_size[0], block_size[1]), lora,
-                                   activation)
+                                   activation, gated)
 
 
 @_fused_moe_fp8.register_fake
@@ -395,9 +452,9 @@ def _(x: Tensor, w13: Tensor, w13_scale: Tensor, w2: Tensor, w2_scale: Tensor,
       lora_a13: Tensor | None = None, lora_b13: Tensor | None = None,
       lora_a2: Tensor | None = None, lora_b2: Tensor | None = None,
       lora_token_slots: Tensor | None = None, lora_scaling: Tensor | None = None,
-      activation: str = "silu") -> Tensor:
+      activation: str = "silu", gated: bool = True) -> Tensor:
     _op_lora(lora_a13, lora_b13, lora_a2, lora_b2, lora_token_slots, lora_scaling)
-    _check_activation(activation)
+    _check_activation(activation, gated)
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
@@ -417,7 +474,8 @@ def _check_fp8_experts(name: str, weight: Tensor, scale: Tensor, shape: tuple[in
 def fused_moe_fp8(x: Tensor, w13: Tensor, w13_scale: Tensor, w2: Tensor, w2_scale: Tensor,
                   topk_weights: Tensor, topk_ids: Tensor,
                   block_size: tuple[int, int] | list[int], *,
-                  lora: MoELoRA | None = None, activation: str = "silu") -> Tensor:
+                  lora: MoELoRA | None = None, activation: str = "silu",
+                  gated: bool = True) -> Tensor:
     """:func:`fused_moe` with FP8 (e4m3) experts and block-wise scales (W8A16): out [T, H]
     in x.dtype, exactly fused_moe on the dequantized experts
     W_e[n, k] = float(weight[e, n, k]) * scale[e, n // bn, k // bk] kept in fp32 (NOT
@@ -445,19 +503,22 @@ def fused_moe_fp8(x: Tensor, w13: Tensor, w13_scale: Tensor, w2: Tensor, w2_scal
                results).
     activation the experts' gate activation, "silu" / "gelu" / "gelu_tanh", as
                :func:`fused_moe`.
+    gated      False for non-gated experts (as :func:`fused_moe`: act(up), activation
+               also "relu2"): w13 [E, I, H] holds each expert's up_proj rows only,
+               w13_scale fp32 [E, ceil(I / bn), ceil(H / bk)].
     """
-    _check_activation(activation)
+    _check_activation(activation, gated)
     t, h, e, two_i, inter = _check_w8a16_inputs(x, w13, w2, torch.float8_e4m3fn,
-                                                 topk_weights, topk_ids)
+                                                 topk_weights, topk_ids, gated)
     # bk % 16 == 0, or one K block in both matrices (bk >= H and bk >= I)
     bn, bk = check_block_size(block_size, max(h, inter))
     _check_fp8_experts("w13", w13, w13_scale, (e, two_i, h), bn, bk, x.device)
     _check_fp8_experts("w2", w2, w2_scale, (e, h, inter), bn, bk, x.device)
     _check_routing_shapes(t, topk_weights, topk_ids, e)
-    lora_args = _check_lora(lora, x, e, inter)
+    lora_args = _check_lora(lora, x, e, inter, gated)
     return torch.ops.minikernels.fused_moe_fp8(
         x, w13.view(torch.uint8), w13_scale, w2.view(torch.uint8), w2_scale, topk_weights,
-        topk_ids, [bn, bk], *lora_args, activation)
+        topk_ids, [bn, bk], *lora_args, activation, gated)
 
 
 # ------------------------------------------------------------------------ int8 experts
@@ -468,10 +529,11 @@ def _fused_moe_int8(x: Tensor, w13: Tensor, w13_scale: Tensor, w2: Tensor,
                     lora_a13: Tensor | None = None, lora_b13: Tensor | None = None,
                     lora_a2: Tensor | None = None, lora_b2: Tensor | None = None,
                     lora_token_slots: Tensor | None = None,
-                    lora_scaling: Tensor | None = None, activation: str = "silu") -> Tensor:
+                    lora_scaling: Tensor | None = None, activation: str = "silu",
+                    gated: bool = True) -> Tensor:
     lora = _op_lora(lora_a13, lora_b13, lora_a2, lora_b2, lora_token_slots, lora_scaling)
     args = (x, w13, w13_scale, w2, w2_scale, topk_weights, topk_ids, lora,
-            _check_activation(activation))
+            _check_activation(activation, gated), gated)
     if _backend.resolve("fused_moe_int8", x.device) == "triton":
         from .triton import moe_int8 as triton_moe_int8
         return triton_moe_int8.fused_moe_int8(*args)
@@ -484,9 +546,9 @@ def _(x: Tensor, w13: Tensor, w13_scale: Tensor, w2: Tensor, w2_scale: Tensor,
       lora_a13: Tensor | None = None, lora_b13: Tensor | None = None,
       lora_a2: Tensor | None = None, lora_b2: Tensor | None = None,
       lora_token_slots: Tensor | None = None, lora_scaling: Tensor | None = None,
-      activation: str = "silu") -> Tensor:
+      activation: str = "silu", gated: bool = True) -> Tensor:
     _op_lora(lora_a13, lora_b13, lora_a2, lora_b2, lora_token_slots, lora_scaling)
-    _check_activation(activation)
+    _check_activation(activation, gated)
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
@@ -503,7 +565,8 @@ def _check_int8_experts(name: str, weight: Tensor, scale: Tensor,
 
 def fused_moe_int8(x: Tensor, w13: Tensor, w13_scale: Tensor, w2: Tensor, w2_scale: Tensor,
                    topk_weights: Tensor, topk_ids: Tensor, *,
-                   lora: MoELoRA | None = None, activation: str = "silu") -> Tensor:
+                   lora: MoELoRA | None = None, activation: str = "silu",
+                   gated: bool = True) -> Tensor:
     """:func:`fused_moe` with INT8 experts and per-output-channel scales (W8A16, vLLM's
     ``fused_experts(..., use_int8_w8a16=True)`` layout): out [T, H] in x.dtype, exactly
     fused_moe on the dequantized experts W_e[n, k] = weight[e, n, k] * scale[e, n] kept
@@ -524,17 +587,20 @@ def fused_moe_int8(x: Tensor, w13: Tensor, w13_scale: Tensor, w2: Tensor, w2_sca
                fp32 results).
     activation the experts' gate activation, "silu" / "gelu" / "gelu_tanh", as
                :func:`fused_moe`.
+    gated      False for non-gated experts (as :func:`fused_moe`: act(up), activation
+               also "relu2"): w13 [E, I, H] int8 holds each expert's up_proj rows only,
+               w13_scale fp32 [E, I].
     """
-    _check_activation(activation)
+    _check_activation(activation, gated)
     t, h, e, two_i, inter = _check_w8a16_inputs(x, w13, w2, torch.int8, topk_weights,
-                                                 topk_ids)
+                                                 topk_ids, gated)
     _check_int8_experts("w13", w13, w13_scale, (e, two_i, h), x.device)
     _check_int8_experts("w2", w2, w2_scale, (e, h, inter), x.device)
     _check_routing_shapes(t, topk_weights, topk_ids, e)
-    lora_args = _check_lora(lora, x, e, inter)
+    lora_args = _check_lora(lora, x, e, inter, gated)
     return torch.ops.minikernels.fused_moe_int8(x, w13, w13_scale, w2, w2_scale,
                                                 topk_weights, topk_ids, *lora_args,
-                                                activation)
+                                                activation, gated)
 
 
 # ------------------------------------------------------------------- alignment (sorting)

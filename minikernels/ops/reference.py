@@ -1115,6 +1115,10 @@ def lora_delta(x: Tensor, lora_a: Tensor, lora_b: Tensor, token_slots: Tensor,
 #: the gated activations of the fused MoE ops' experts (vLLM's ``activation`` names):
 #: "silu" (SwiGLU), "gelu" (erf GeGLU), "gelu_tanh" (tanh-approximated GeGLU: Gemma)
 MOE_ACTIVATIONS = ("silu", "gelu", "gelu_tanh")
+#: the activations of non-gated experts (``gated=False``: down(act(up(x))); vLLM's
+#: "<act>_no_mul"): the gated ones applied to the up projection alone, and "relu2",
+#: relu(u)^2 (Nemotron 3's squared-ReLU experts, vLLM's "relu2_no_mul")
+MOE_NONGATED_ACTIVATIONS = MOE_ACTIVATIONS + ("relu2",)
 
 
 def moe_gated_activation(gate_up: Tensor, activation: str = "silu") -> Tensor:
@@ -1122,40 +1126,58 @@ def moe_gated_activation(gate_up: Tensor, activation: str = "silu") -> Tensor:
     gelu_tanh (torch.nn.functional.gelu(approximate="tanh"))."""
     inter = gate_up.shape[1] // 2
     gate, up = gate_up[:, :inter], gate_up[:, inter:]
+    if activation not in MOE_ACTIVATIONS:
+        raise ValueError(f"activation must be one of {MOE_ACTIVATIONS}, got {activation!r}")
+    return moe_activation(gate, activation) * up
+
+
+def moe_activation(h: Tensor, activation: str) -> Tensor:
+    """act(h) elementwise in h's dtype (fp32 here): silu, gelu (erf), gelu_tanh
+    (torch.nn.functional.gelu(approximate="tanh")) or relu2 (relu(h)^2)."""
     if activation == "silu":
-        return torch.nn.functional.silu(gate) * up
+        return torch.nn.functional.silu(h)
     if activation in ("gelu", "gelu_tanh"):
         approximate = "tanh" if activation == "gelu_tanh" else "none"
-        return torch.nn.functional.gelu(gate, approximate=approximate) * up
-    raise ValueError(f"activation must be one of {MOE_ACTIVATIONS}, got {activation!r}")
+        return torch.nn.functional.gelu(h, approximate=approximate)
+    if activation == "relu2":
+        return torch.square(torch.relu(h))
+    raise ValueError(f"activation must be one of {MOE_NONGATED_ACTIVATIONS}, got "
+                     f"{activation!r}")
 
 
 def fused_moe(x: Tensor, w13: Tensor, w2: Tensor, topk_weights: Tensor,
               topk_ids: Tensor, lora: Sequence[Tensor] | None = None,
-              activation: str = "silu") -> Tensor:
+              activation: str = "silu", gated: bool = True) -> Tensor:
     """A mixture-of-experts MLP: out [T, H] in x.dtype with
     out[t] = sum_j topk_weights[t, j] * w2[e] @ act_e(x[t]), e = topk_ids[t, j], and
     act_e(x) = act(w13[e, :I] @ x) * (w13[e, I:] @ x) rounded to x.dtype (the kernel
     stores that intermediate), act = silu / gelu / gelu_tanh by ``activation``
     (``moe_gated_activation``). Everything else in fp32; out rounded once.
 
-    lora: optional per-token LoRA on the experts, (a13 [S, E, R13, H], b13 [S, E, 2I, R13],
-    a2 [S, E, R2, I], b2 [S, E, H, R2] in x.dtype, token_slots [T] in [-1, S), scaling
-    fp32 [S]) (minikernels.ops.MoELoRA). For pair (t, j) with s = token_slots[t] >= 0:
+    gated=False (non-gated experts: Nemotron 3's): w13 [E, I, H] holds each expert's
+    up_proj rows only and act_e(x) = act(w13[e] @ x) rounded to x.dtype, act = silu /
+    gelu / gelu_tanh / relu2 (relu(u)^2) (``moe_activation``).
+
+    lora: optional per-token LoRA on the experts, (a13 [S, E, R13, H], b13 [S, E, 2I, R13]
+    (non-gated: [S, E, I, R13], the up rows only), a2 [S, E, R2, I], b2 [S, E, H, R2] in
+    x.dtype, token_slots [T] in [-1, S), scaling fp32 [S]) (minikernels.ops.MoELoRA). For
+    pair (t, j) with s = token_slots[t] >= 0:
       gate_up += lora_delta(x[t], a13[s, e], b13[s, e], scaling[s])    (x.dtype, as fp32)
       down    += lora_delta(act_e, a2[s, e], b2[s, e], scaling[s])     (before the weight)
     i.e. each update is ``lora_delta``'s math (fp32, the rank-R intermediate unrounded,
     rounded once to x.dtype). s = -1 (or no lora): the base experts alone."""
     t, h = x.shape
-    inter = w2.shape[2]
     out = torch.zeros(t, h, dtype=torch.float32, device=x.device)
     ids = topk_ids.long()
     for e in sorted({int(v) for v in ids.flatten().tolist()}):
         rows, slots = (ids == e).nonzero(as_tuple=True)          # (token, j) pairs
-        gate_up = x[rows].float() @ w13[e].float().t()           # [n, 2I]
+        gate_up = x[rows].float() @ w13[e].float().t()           # [n, 2I] ([n, I])
         if lora is not None:
             gate_up += _expert_lora(x[rows], lora, e, rows, down=False)
-        act = moe_gated_activation(gate_up, activation).to(x.dtype)
+        if gated:
+            act = moe_gated_activation(gate_up, activation).to(x.dtype)
+        else:
+            act = moe_activation(gate_up, activation).to(x.dtype)
         y = act.float() @ w2[e].float().t()                      # [n, H]
         if lora is not None:
             y += _expert_lora(act, lora, e, rows, down=True)
@@ -1187,13 +1209,15 @@ def dequantize_int4_experts(qweight: Tensor, scales: Tensor, zeros: Tensor, grou
 def fused_moe_int4(x: Tensor, w13_qweight: Tensor, w13_scales: Tensor, w13_zeros: Tensor,
                    w2_qweight: Tensor, w2_scales: Tensor, w2_zeros: Tensor,
                    topk_weights: Tensor, topk_ids: Tensor, group_size: int,
-                   lora: Sequence[Tensor] | None = None, activation: str = "silu") -> Tensor:
+                   lora: Sequence[Tensor] | None = None, activation: str = "silu",
+                   gated: bool = True) -> Tensor:
     """fused_moe with int4 experts (W4A16): exactly ``fused_moe`` on the dequantized
     weights in x.dtype (``dequantize_int4_experts``; group_size -1 = one group per row,
-    G = H for w13 and G = I for w2), LoRA on the experts included (dense adapters)."""
+    G = H for w13 and G = I for w2), LoRA on the experts included (dense adapters);
+    gated=False: w13 holds I rows (up_proj only), as ``fused_moe``."""
     w13 = dequantize_int4_experts(w13_qweight, w13_scales, w13_zeros, group_size, x.dtype)
     w2 = dequantize_int4_experts(w2_qweight, w2_scales, w2_zeros, group_size, x.dtype)
-    return fused_moe(x, w13, w2, topk_weights, topk_ids, lora, activation)
+    return fused_moe(x, w13, w2, topk_weights, topk_ids, lora, activation, gated)
 
 
 def dequantize_fp8_experts(weight: Tensor, weight_scale: Tensor,
@@ -1209,14 +1233,15 @@ def dequantize_fp8_experts(weight: Tensor, weight_scale: Tensor,
 
 def fused_moe_fp8(x: Tensor, w13: Tensor, w13_scale: Tensor, w2: Tensor, w2_scale: Tensor,
                   topk_weights: Tensor, topk_ids: Tensor, block_size: tuple[int, int],
-                  lora: Sequence[Tensor] | None = None, activation: str = "silu") -> Tensor:
+                  lora: Sequence[Tensor] | None = None, activation: str = "silu",
+                  gated: bool = True) -> Tensor:
     """fused_moe with FP8 (e4m3) experts and block scales (W8A16): exactly ``fused_moe`` on
     the dequantized experts kept in fp32 (``dequantize_fp8_experts``, not rounded to
     x.dtype: the kernels scale fp32 partial sums), LoRA on the experts included (dense
-    adapters in x.dtype). w13 [E, 2I, H], w2 [E, H, I]."""
+    adapters in x.dtype). w13 [E, 2I, H] (gated=False: [E, I, H]), w2 [E, H, I]."""
     return fused_moe(x, dequantize_fp8_experts(w13, w13_scale, block_size),
                      dequantize_fp8_experts(w2, w2_scale, block_size), topk_weights, topk_ids,
-                     lora, activation)
+                     lora, activation, gated)
 
 
 def dequantize_int8_experts(weight: Tensor, weight_scale: Tensor) -> Tensor:
@@ -1227,17 +1252,19 @@ def dequantize_int8_experts(weight: Tensor, weight_scale: Tensor) -> Tensor:
 
 def fused_moe_int8(x: Tensor, w13: Tensor, w13_scale: Tensor, w2: Tensor, w2_scale: Tensor,
                    topk_weights: Tensor, topk_ids: Tensor,
-                   lora: Sequence[Tensor] | None = None, activation: str = "silu") -> Tensor:
+                   lora: Sequence[Tensor] | None = None, activation: str = "silu",
+                   gated: bool = True) -> Tensor:
     """fused_moe with INT8 experts and per-row scales (W8A16, vLLM's ``use_int8_w8a16``):
     exactly ``fused_moe`` on the dequantized experts kept in fp32
     (``dequantize_int8_experts``, not rounded to x.dtype: the kernels scale the fp32
     accumulators), LoRA on the experts included (dense adapters in x.dtype). w13 int8
-    [E, 2I, H] with w13_scale [E, 2I]; w2 int8 [E, H, I] with w2_scale [E, H]. Rounding
-    points: the activated intermediate act(gate) * up to x.dtype; the router weight, the
-    k-sum in fp32; out rounded once."""
+    [E, 2I, H] with w13_scale [E, 2I] (gated=False: [E, I, H] and [E, I]); w2 int8
+    [E, H, I] with w2_scale [E, H]. Rounding points: the activated intermediate
+    act(gate) * up (non-gated: act(up)) to x.dtype; the router weight, the k-sum in fp32;
+    out rounded once."""
     return fused_moe(x, dequantize_int8_experts(w13, w13_scale),
                      dequantize_int8_experts(w2, w2_scale), topk_weights, topk_ids, lora,
-                     activation)
+                     activation, gated)
 
 
 def moe_align_length(n: int, num_experts: int, block_size: int, pad_sorted_ids: bool) -> int:

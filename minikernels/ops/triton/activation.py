@@ -21,11 +21,14 @@ ACTIVATIONS = ("silu", "gelu", "gelu_tanh")
 @triton.jit
 def gate_activation(gate, ACT: tl.constexpr):
     """act(gate) of an fp32 tensor, ACT one of ACTIVATIONS (the fused MoE kernels'
-    epilogues call it too)."""
+    epilogues call it too), or "relu2": relu(g)^2 (the non-gated MoE experts' only)."""
     if ACT == "silu":
         act = gate / (1.0 + tl.exp(-gate))
     elif ACT == "gelu":
         act = 0.5 * gate * (1.0 + tl.math.erf(gate * 0.7071067811865476))
+    elif ACT == "relu2":
+        r = tl.maximum(gate, 0.0)
+        act = r * r
     else:  # gelu_tanh; tanh(u) = 1 - 2 / (e^{2u} + 1), no libdevice tanh; |u| <= 10
         # already gives tanh = +-1 in fp32, and keeps e^{2u} finite
         u = 0.7978845608028654 * (gate + 0.044715 * gate * gate * gate)

@@ -86,7 +86,8 @@ def moe_gate_up_kernel(x_ptr, w13_ptr, act_ptr, delta_ptr, sorted_ids_ptr, block
                        sx_t, sx_h, sw_e, sw_n, sw_h,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                        EVEN_K: tl.constexpr, ALIGNED: tl.constexpr, DOT_F32: tl.constexpr,
-                       RNE_BF16: tl.constexpr = False, ACT: tl.constexpr = "silu"):
+                       RNE_BF16: tl.constexpr = False, ACT: tl.constexpr = "silu",
+                       GATED: tl.constexpr = True):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     e = tl.load(block_expert_ptr + pid_m).to(tl.int64)
@@ -100,42 +101,60 @@ def moe_gate_up_kernel(x_ptr, w13_ptr, act_ptr, delta_ptr, sorted_ids_ptr, block
     n_ok = offs_n < I
     offs_k = tl.arange(0, BLOCK_K)
     x_ptrs = x_ptr + tok[:, None] * sx_t + offs_k[None, :] * sx_h            # [BM, BK]
-    # w13[e] rows n (gate) and I + n (up), read as [BK, BN] tiles (the transposed weight)
+    # w13[e] rows n (gate) and I + n (up), read as [BK, BN] tiles (the transposed weight);
+    # non-gated experts (GATED False): w13[e] holds the I up rows only, rows n
     w_base = w13_ptr + e * sw_e + offs_k[:, None] * sw_h
-    g_ptrs = w_base + offs_n[None, :].to(tl.int64) * sw_n
-    u_ptrs = w_base + (I + offs_n[None, :]).to(tl.int64) * sw_n
-    acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if GATED:
+        g_ptrs = w_base + offs_n[None, :].to(tl.int64) * sw_n
+        u_ptrs = w_base + (I + offs_n[None, :]).to(tl.int64) * sw_n
+        acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    else:
+        u_ptrs = w_base + offs_n[None, :].to(tl.int64) * sw_n
     acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, H, BLOCK_K):
         if ALIGNED:  # 16-byte aligned rows, unit inner strides (the launcher checked)
             x_ptrs = tl.multiple_of(x_ptrs, [1, 16])
-            g_ptrs = tl.multiple_of(g_ptrs, [16, 1])
+            if GATED:
+                g_ptrs = tl.multiple_of(g_ptrs, [16, 1])
             u_ptrs = tl.multiple_of(u_ptrs, [16, 1])
         if EVEN_K:   # H % BLOCK_K == 0: no mask along K, so the loads vectorize
             a = tl.load(x_ptrs, mask=live[:, None], other=0.0)
-            wg = tl.load(g_ptrs, mask=n_ok[None, :], other=0.0)
+            if GATED:
+                wg = tl.load(g_ptrs, mask=n_ok[None, :], other=0.0)
             wu = tl.load(u_ptrs, mask=n_ok[None, :], other=0.0)
         else:
             k_ok = (k0 + offs_k) < H
             a = tl.load(x_ptrs, mask=live[:, None] & k_ok[None, :], other=0.0)
-            wg = tl.load(g_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+            if GATED:
+                wg = tl.load(g_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
             wu = tl.load(u_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
         if DOT_F32:   # fp32 inputs; and the interpreter's bf16 tl.dot (wrong there)
             a32 = a.to(tl.float32)
-            acc_g = tl.dot(a32, wg.to(tl.float32), acc_g, input_precision="ieee")
+            if GATED:
+                acc_g = tl.dot(a32, wg.to(tl.float32), acc_g, input_precision="ieee")
             acc_u = tl.dot(a32, wu.to(tl.float32), acc_u, input_precision="ieee")
         else:
-            acc_g = tl.dot(a, wg, acc_g)
+            if GATED:
+                acc_g = tl.dot(a, wg, acc_g)
             acc_u = tl.dot(a, wu, acc_u)
         x_ptrs += BLOCK_K * sx_h
-        g_ptrs += BLOCK_K * sw_h
+        if GATED:
+            g_ptrs += BLOCK_K * sw_h
         u_ptrs += BLOCK_K * sw_h
     if HAS_DELTA:   # LoRA: the pair's gate / up update, a [T*k, 2I] row in x.dtype
-        d_ptrs = delta_ptr + pair[:, None].to(tl.int64) * (2 * I) + offs_n[None, :]
-        d_ok = live[:, None] & n_ok[None, :]
-        acc_g += tl.load(d_ptrs, mask=d_ok, other=0.0).to(tl.float32)
-        acc_u += tl.load(d_ptrs + I, mask=d_ok, other=0.0).to(tl.float32)
-    act = gate_activation(acc_g, ACT) * acc_u    # act(gate) * up in fp32
+        if GATED:
+            d_ptrs = delta_ptr + pair[:, None].to(tl.int64) * (2 * I) + offs_n[None, :]
+            d_ok = live[:, None] & n_ok[None, :]
+            acc_g += tl.load(d_ptrs, mask=d_ok, other=0.0).to(tl.float32)
+            acc_u += tl.load(d_ptrs + I, mask=d_ok, other=0.0).to(tl.float32)
+        else:       # non-gated: the up update, a [T*k, I] row
+            d_ptrs = delta_ptr + pair[:, None].to(tl.int64) * I + offs_n[None, :]
+            acc_u += tl.load(d_ptrs, mask=live[:, None] & n_ok[None, :],
+                             other=0.0).to(tl.float32)
+    if GATED:
+        act = gate_activation(acc_g, ACT) * acc_u    # act(gate) * up in fp32
+    else:
+        act = gate_activation(acc_u, ACT)            # act(up) in fp32
     if RNE_BF16:  # interpreter only: its fp32 -> bf16 cast truncates (see rne_bf16)
         act = rne_bf16(act)
     out_ptrs = act_ptr + pair[:, None].to(tl.int64) * I + offs_n[None, :]
@@ -223,7 +242,8 @@ def moe_rows_aligned(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> bo
 class PairLoRA:
     """A fused MoE call's expert adapters as S*E virtual lora_delta slots v = s * E + e.
 
-    a13 [S*E, R13, H], b13 [S*E, 2I, R13], a2 [S*E, R2, I], b2 [S*E, H, R2] (views of the
+    a13 [S*E, R13, H], b13 [S*E, 2I, R13] (non-gated: [S*E, I, R13]), a2 [S*E, R2, I],
+    b2 [S*E, H, R2] (views of the
     [S, E, ...] stacks, or copies where S and E do not merge into one stride); slots int64
     [T*k]: pair p = t * k + j's v_p = token_slots[t] * E + topk_ids[t, j], or -1;
     scaling fp32 [S*E] (scaling[s] repeated E times); grouped: lora_delta's SGMV path."""
@@ -238,10 +258,11 @@ class PairLoRA:
 
 def pair_lora(lora: Sequence[torch.Tensor] | None, topk_ids: torch.Tensor
               ) -> PairLoRA | None:
-    """lora = (a13 [S, E, R13, H], b13 [S, E, 2I, R13], a2 [S, E, R2, I], b2 [S, E, H, R2],
-    token_slots int32/int64 [T] in [-1, S), scaling fp32 [S]) (minikernels.ops.MoELoRA's
-    fields, checked there), or None. None when no update can be nonzero (no LoRA, S = 0,
-    or both ranks 0): the kernels then take their base path. No host sync."""
+    """lora = (a13 [S, E, R13, H], b13 [S, E, 2I, R13] (non-gated experts: [S, E, I, R13]),
+    a2 [S, E, R2, I], b2 [S, E, H, R2], token_slots int32/int64 [T] in [-1, S), scaling
+    fp32 [S]) (minikernels.ops.MoELoRA's fields, checked there), or None. None when no
+    update can be nonzero (no LoRA, S = 0, or both ranks 0): the kernels then take their
+    base path. No host sync."""
     if lora is None:
         return None
     from . import lora as triton_lora  # lora.py imports this module (the expert sort)
@@ -260,14 +281,15 @@ def pair_lora(lora: Sequence[torch.Tensor] | None, topk_ids: torch.Tensor
     # S*E + 1 groups fit the alignment kernels; else BGMV (one pair at a time)
     grouped = (slots.shape[0] >= triton_lora.GROUPED_MIN_TOKENS
                and virt + 1 <= LORA_GROUPED_MAX_GROUPS)
-    return PairLoRA(a13.reshape(virt, r13, h), b13.reshape(virt, 2 * inter, r13),
+    return PairLoRA(a13.reshape(virt, r13, h), b13.reshape(virt, b13.shape[2], r13),
                     a2.reshape(virt, r2, inter), b2.reshape(virt, h, r2), slots,
                     scaling.repeat_interleave(num_experts), grouped)
 
 
 def gate_up_delta(x: torch.Tensor, lora: PairLoRA, top_k: int) -> torch.Tensor:
-    """Each pair's LoRA update of its gate / up pre-activations: [T*k, 2I] in x.dtype,
-    row p = scaling[s] * B13[s, e] @ (A13[s, e] @ x[p // k]) rounded (0 where v_p = -1)."""
+    """Each pair's LoRA update of its gate / up pre-activations: [T*k, 2I] in x.dtype
+    (non-gated experts: of up, [T*k, I]), row p = scaling[s] * B13[s, e] @
+    (A13[s, e] @ x[p // k]) rounded (0 where v_p = -1)."""
     from . import lora as triton_lora
 
     return triton_lora.lora_delta(x, lora.a13, lora.b13, lora.slots, lora.scaling,
@@ -361,13 +383,14 @@ def moe_launch(x: torch.Tensor, topk_ids: torch.Tensor, num_experts: int, inter:
 def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
               topk_weights: torch.Tensor, topk_ids: torch.Tensor,
               lora: Sequence[torch.Tensor] | None = None,
-              activation: str = "silu") -> torch.Tensor:
+              activation: str = "silu", gated: bool = True) -> torch.Tensor:
     """See minikernels.ops.fused_moe (inputs checked there; any strides). lora: the six
     tensors of minikernels.ops.MoELoRA, or None; activation: the gate-up epilogue's
-    ``ACT`` (silu / gelu / gelu_tanh)."""
+    ``ACT`` (silu / gelu / gelu_tanh; non-gated also relu2); gated: its ``GATED``
+    (False: w13 [E, I, H], the up rows only)."""
     t, h = x.shape
-    num_experts, two_i, _ = w13.shape
-    inter = two_i // 2
+    num_experts = w13.shape[0]
+    inter = w2.shape[2]
     if t == 0 or h == 0:
         return _alloc.empty((t, h), x.dtype, x.device)
     # one flag for both kernels: x, w13, w2 and the [T*k, I] intermediate's rows
@@ -386,7 +409,7 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
     moe_gate_up_kernel[run.grid(inter, cfg.block_n)](
         x, w13, *run.gate_up_args(), run.has_delta,
         x.stride(0), x.stride(1), w13.stride(0), w13.stride(1), w13.stride(2),
-        RNE_BF16=run.interp_bf16, ACT=activation, **tiles)
+        RNE_BF16=run.interp_bf16, ACT=activation, GATED=gated, **tiles)
     moe_down_kernel[run.grid(h, cfg.block_n)](
         run.act, w2, *run.down_args(topk_weights), run.has_delta,
         w2.stride(0), w2.stride(1), w2.stride(2), topk_weights.stride(0),
@@ -445,11 +468,12 @@ def fused_moe_w8a16(gate_up_kernel, down_kernel, x: torch.Tensor, w13: torch.Ten
                     lora: Sequence[torch.Tensor] | None,
                     config: Callable[[int, bool, bool], MoeW8A16Config],
                     args13: tuple = (), args2: tuple = (),
-                    activation: str = "silu") -> torch.Tensor:
+                    activation: str = "silu", gated: bool = True) -> torch.Tensor:
     """The launcher of moe_int8.py's and moe_fp8.py's kernel pairs (T > 0; any strides):
     ``config(k_dim, aligned, gate_up)`` picks each kernel's tiles, ``args13`` / ``args2``
     are each kernel's scalars between I and HAS_DELTA (fp8: its scale block sizes);
-    ``activation`` the gate-up epilogue's ``ACT``."""
+    ``activation`` the gate-up epilogue's ``ACT``, ``gated`` its ``GATED`` (False: w13
+    [E, I, H], the up rows only)."""
     # one flag for both kernels: x, the weights and the [T*k, I] intermediate's rows
     aligned = moe_rows_aligned(x, w13, w2)
     h, inter = w2.shape[1], w2.shape[2]
@@ -466,7 +490,7 @@ def fused_moe_w8a16(gate_up_kernel, down_kernel, x: torch.Tensor, w13: torch.Ten
     gate_up_kernel[run.grid(inter, cfg13.block_n)](
         x, w13, w13_scale, *run.gate_up_args(), *args13, run.has_delta,
         x.stride(0), x.stride(1), *w13.stride(), *w13_scale.stride(),
-        RNE_BF16=run.interp_bf16, ACT=activation, **tiles(cfg13))
+        RNE_BF16=run.interp_bf16, ACT=activation, GATED=gated, **tiles(cfg13))
     down_kernel[run.grid(h, cfg2.block_n)](
         run.act, w2, w2_scale, *run.down_args(topk_weights), *args2, run.has_delta,
         *w2.stride(), *w2_scale.stride(), topk_weights.stride(0), topk_weights.stride(1),
@@ -489,10 +513,11 @@ def register_w8a16_moe(prefix: str, gate_up_fn, down_fn, w_type: str,
       unaligned every stride a runtime value, byte loads, K masked.
     A K that the widest tile does not divide gives a smaller BLOCK_K of the same kind:
     fewer registers. The aligned fp16 / bf16 specs get a LoRA (HAS_DELTA) twin; each
-    gate-up spec one per ACT of ``gate_up_activations`` (silu's names unchanged).
+    gate-up spec one per (ACT, GATED) of ``gate_up_variants`` (gated silu's names
+    unchanged).
     ``ints``: the i32 scalars; ``scale_strides``: the scale tensor's stride names."""
     def one(dt: str, kind: str, cfg: MoeW8A16Config, gate_up: bool, lora: bool,
-            act: str = "silu") -> None:
+            act: str = "silu", gated: bool = True) -> None:
         aligned = kind != "unaligned"
         const = {"BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "BLOCK_K": cfg.block_k,
                  "EVEN_K": cfg.even_k, "ALIGNED": aligned, "DOT_F32": dt == "fp32",
@@ -504,6 +529,7 @@ def register_w8a16_moe(prefix: str, gate_up_fn, down_fn, w_type: str,
             div = ("x_ptr", "act_ptr", "sx_t")
             const["RNE_BF16"] = False                                 # interpreter only
             const["ACT"] = act
+            const["GATED"] = gated
         else:
             fn, name = down_fn, f"{prefix}_down"
             unit = {"sw_k": 1} if aligned else {}
@@ -517,7 +543,7 @@ def register_w8a16_moe(prefix: str, gate_up_fn, down_fn, w_type: str,
         div += ("w_ptr", "s_ptr", "delta_ptr", "sorted_ids_ptr", "sw_e", "sw_n")
         register(KernelSpec(
             name=f"{name}[{dt},BM={cfg.block_m},{kind}" + (",lora" if lora else "")
-            + _act_tag(act) + "]",
+            + _act_tag(act, gated) + "]",
             fn=fn, signature=_in_order(fn, sig), constexprs={**const, **unit},
             num_warps=cfg.num_warps, num_stages=cfg.num_stages, tensor_core=dt != "fp32",
             wgmma_expected=cfg.block_m >= 64, divisible_by_16=div if aligned else ()))
@@ -531,12 +557,13 @@ def register_w8a16_moe(prefix: str, gate_up_fn, down_fn, w_type: str,
                 for gate_up in (True, False):
                     cfg = config(avg * 64, tdt, k, kind != "unaligned", gate_up)
                     assert cfg.even_k == (kind == "aligned")
-                    # gate-up: one spec per registered ACT; down has no activation
-                    acts = gate_up_activations(dt, cfg.block_m) if gate_up else ("silu",)
-                    for act in acts:
-                        one(dt, kind, cfg, gate_up, lora=False, act=act)
+                    # gate-up: one spec per registered (ACT, GATED); down has neither
+                    variants = gate_up_variants(dt, cfg.block_m) if gate_up else \
+                        (("silu", True),)
+                    for act, gated in variants:
+                        one(dt, kind, cfg, gate_up, lora=False, act=act, gated=gated)
                         if kind == "aligned" and dt != "fp32":    # + LoRA (HAS_DELTA)
-                            one(dt, kind, cfg, gate_up, lora=True, act=act)
+                            one(dt, kind, cfg, gate_up, lora=True, act=act, gated=gated)
 
 
 # --------------------------------------------------------------------------- registry
@@ -557,8 +584,22 @@ def gate_up_activations(dt: str, block_m: int) -> tuple[str, ...]:
     return ("silu", "gelu_tanh", "gelu") if block_m >= 64 else ("silu", "gelu_tanh")
 
 
-def _act_tag(act: str) -> str:
-    """A spec name's suffix for its ACT: none for silu (the names before ACT existed)."""
+def gate_up_variants(dt: str, block_m: int) -> tuple[tuple[str, bool], ...]:
+    """The (ACT, GATED) pairs registered for a gate-up spec of x dtype ``dt`` and
+    BLOCK_M: gated experts with every ACT of ``gate_up_activations``; non-gated ones
+    (GATED False: one accumulator, w13 the up rows only) with relu2 (Nemotron 3's
+    squared-ReLU experts) for every fp16 / bf16 tile. Non-gated silu / gelu / gelu_tanh
+    and fp32 x dispatch at the same tiles (fewer registers than the gated ones): compiled
+    once for sm_80 / sm_90a without spills, not in every test run."""
+    gated = tuple((act, True) for act in gate_up_activations(dt, block_m))
+    return gated + ((("relu2", False),) if dt != "fp32" else ())
+
+
+def _act_tag(act: str, gated: bool = True) -> str:
+    """A spec name's suffix for its ACT and GATED: none for gated silu (the names before
+    ACT existed), ",<act>" for other gated ones, ",nongated,<act>" for non-gated ones."""
+    if not gated:
+        return f",nongated,{act}"
     return "" if act == "silu" else f",{act}"
 
 
@@ -593,7 +634,7 @@ for _dt, _tdt in (("fp16", torch.float16), ("bf16", torch.bfloat16),
                     "block_expert_ptr": "*i32", **_INTS,
                     "sx_t": "i64", "sx_h": "i64", "sw_e": "i64", "sw_n": "i64",
                     "sw_h": "i64", **{c: "constexpr" for c in (*_const, *_unit[0])}}
-            _sig["RNE_BF16"] = _sig["ACT"] = "constexpr"          # RNE: interpreter only
+            _sig["RNE_BF16"] = _sig["ACT"] = _sig["GATED"] = "constexpr"   # RNE: interp.
             _sig_down = {"act_ptr": f"*{_dt}", "w2_ptr": f"*{_dt}", "tw_ptr": "*fp32",
                          "out_ptr": "*fp32", "delta_ptr": f"*{_dt}",
                          "sorted_ids_ptr": "*i32", "block_expert_ptr": "*i32", **_INTS,
@@ -602,12 +643,13 @@ for _dt, _tdt in (("fp16", torch.float16), ("bf16", torch.bfloat16),
             # the LoRA variants (HAS_DELTA) of the common aligned tiles
             for _lora in (False, True) if _aligned and _even and _dt != "fp32" else (False,):
                 _ltag = _tag + (",lora" if _lora else "")
-                for _act in gate_up_activations(_dt, _cfg.block_m):
-                    register(KernelSpec(name=f"moe_gate_up[{_ltag}{_act_tag(_act)}]",
+                for _act, _gated in gate_up_variants(_dt, _cfg.block_m):
+                    register(KernelSpec(name=f"moe_gate_up[{_ltag}{_act_tag(_act, _gated)}]",
                                         fn=moe_gate_up_kernel,
                                         signature=_in_order(moe_gate_up_kernel, _sig),
                                         constexprs={**_const, **_unit[0], "RNE_BF16": False,
-                                                    "HAS_DELTA": _lora, "ACT": _act},
+                                                    "HAS_DELTA": _lora, "ACT": _act,
+                                                    "GATED": _gated},
                                         **_opts))
                 register(KernelSpec(name=f"moe_down[{_ltag}]", fn=moe_down_kernel,
                                     signature=_in_order(moe_down_kernel, _sig_down),

@@ -60,7 +60,8 @@ def moe_fp8_gate_up_kernel(x_ptr, w_ptr, s_ptr, act_ptr, delta_ptr, sorted_ids_p
                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                            BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
                            ALIGNED: tl.constexpr, DOT_F32: tl.constexpr,
-                           RNE_BF16: tl.constexpr = False, ACT: tl.constexpr = "silu"):
+                           RNE_BF16: tl.constexpr = False, ACT: tl.constexpr = "silu",
+                           GATED: tl.constexpr = True):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     e = tl.load(block_expert_ptr + pid_m).to(tl.int64)
@@ -75,44 +76,63 @@ def moe_fp8_gate_up_kernel(x_ptr, w_ptr, s_ptr, act_ptr, delta_ptr, sorted_ids_p
     offs_k = tl.arange(0, BLOCK_K)
     x_ptrs = x_ptr + tok[:, None] * sx_t + offs_k[None, :] * sx_h               # [BM, BK]
     w_base = w_ptr + e * sw_e + offs_k[None, :].to(tl.int64) * sw_k
-    g_ptrs = w_base + n_l[:, None].to(tl.int64) * sw_n                          # [BN, BK]
-    u_ptrs = w_base + (I + n_l)[:, None].to(tl.int64) * sw_n
+    if GATED:
+        g_ptrs = w_base + n_l[:, None].to(tl.int64) * sw_n                      # [BN, BK]
+        u_ptrs = w_base + (I + n_l)[:, None].to(tl.int64) * sw_n
+    else:           # non-gated experts: the I up rows only, rows n
+        u_ptrs = w_base + n_l[:, None].to(tl.int64) * sw_n
     s_base = s_ptr + e * ss_e
-    sg_ptrs = s_base + (n_l // block_n).to(tl.int64) * ss_n                     # [BN]
-    su_ptrs = s_base + ((I + n_l) // block_n).to(tl.int64) * ss_n
-    acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if GATED:
+        sg_ptrs = s_base + (n_l // block_n).to(tl.int64) * ss_n                 # [BN]
+        su_ptrs = s_base + ((I + n_l) // block_n).to(tl.int64) * ss_n
+        acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    else:
+        su_ptrs = s_base + (n_l // block_n).to(tl.int64) * ss_n
     acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, H, BLOCK_K):
         if ALIGNED:  # 16-byte aligned rows, unit inner strides (the launcher checked)
             x_ptrs = tl.multiple_of(x_ptrs, [1, 16])
-            g_ptrs = tl.multiple_of(g_ptrs, [1, 16])
+            if GATED:
+                g_ptrs = tl.multiple_of(g_ptrs, [1, 16])
             u_ptrs = tl.multiple_of(u_ptrs, [1, 16])
         if EVEN_K:   # H % BLOCK_K == 0: no mask at all, the loads vectorize
             a = tl.load(x_ptrs)
-            wg = tl.load(g_ptrs)
+            if GATED:
+                wg = tl.load(g_ptrs)
             wu = tl.load(u_ptrs)
         else:
             k_ok = ((k0 + offs_k) < H)[None, :]
             a = tl.load(x_ptrs, mask=k_ok, other=0.0)
-            wg = tl.load(g_ptrs, mask=k_ok, other=0)
+            if GATED:
+                wg = tl.load(g_ptrs, mask=k_ok, other=0)
             wu = tl.load(u_ptrs, mask=k_ok, other=0)
-        wg = _e4m3_as_fp16(wg).to(a.dtype)                             # W / 256, exact
+        if GATED:
+            wg = _e4m3_as_fp16(wg).to(a.dtype)                         # W / 256, exact
         wu = _e4m3_as_fp16(wu).to(a.dtype)
         kb = (k0 // block_k) * ss_k          # the tile's scale block (never straddled)
-        sg = tl.load(sg_ptrs + kb) * 256.0
+        if GATED:
+            sg = tl.load(sg_ptrs + kb) * 256.0
         su = tl.load(su_ptrs + kb) * 256.0
         zero = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        acc_g += _dot(a, tl.trans(wg), zero, DOT_F32) * sg[None, :]
+        if GATED:
+            acc_g += _dot(a, tl.trans(wg), zero, DOT_F32) * sg[None, :]
         acc_u += _dot(a, tl.trans(wu), zero, DOT_F32) * su[None, :]
         x_ptrs += BLOCK_K * sx_h
-        g_ptrs += BLOCK_K * sw_k
+        if GATED:
+            g_ptrs += BLOCK_K * sw_k
         u_ptrs += BLOCK_K * sw_k
     if HAS_DELTA:   # LoRA: the pair's gate / up update, a [T*k, 2I] row in x.dtype
         pair_l = tl.minimum(pair, n_pairs - 1).to(tl.int64)       # clamped, as the loads
-        d_ptrs = delta_ptr + pair_l[:, None] * (2 * I) + n_l[None, :]
-        acc_g += tl.load(d_ptrs).to(tl.float32)
-        acc_u += tl.load(d_ptrs + I).to(tl.float32)
-    act = gate_activation(acc_g, ACT) * acc_u    # act(gate) * up in fp32
+        if GATED:
+            d_ptrs = delta_ptr + pair_l[:, None] * (2 * I) + n_l[None, :]
+            acc_g += tl.load(d_ptrs).to(tl.float32)
+            acc_u += tl.load(d_ptrs + I).to(tl.float32)
+        else:       # non-gated: the up update, a [T*k, I] row
+            acc_u += tl.load(delta_ptr + pair_l[:, None] * I + n_l[None, :]).to(tl.float32)
+    if GATED:
+        act = gate_activation(acc_g, ACT) * acc_u    # act(gate) * up in fp32
+    else:
+        act = gate_activation(acc_u, ACT)            # act(up) in fp32
     if RNE_BF16:  # interpreter only: its fp32 -> bf16 cast truncates; the GPU rounds
         act = rne_bf16(act)
     out_ptrs = act_ptr + pair[:, None].to(tl.int64) * I + offs_n[None, :]
@@ -176,19 +196,20 @@ def fused_moe_fp8(x: torch.Tensor, w13: torch.Tensor, w13_scale: torch.Tensor,
                   w2: torch.Tensor, w2_scale: torch.Tensor, topk_weights: torch.Tensor,
                   topk_ids: torch.Tensor, block_size: list[int],
                   lora: Sequence[torch.Tensor] | None = None,
-                  activation: str = "silu") -> torch.Tensor:
+                  activation: str = "silu", gated: bool = True) -> torch.Tensor:
     """See minikernels.ops.fused_moe_fp8 (inputs checked there; any strides). w13 / w2 are
     the fp8 weights' bytes (uint8) or the float8_e4m3fn tensors themselves. lora: the six
     tensors of minikernels.ops.MoELoRA, or None; activation: the gate-up epilogue's
-    ``ACT`` (silu / gelu / gelu_tanh)."""
+    ``ACT`` (silu / gelu / gelu_tanh; non-gated also relu2); gated: its ``GATED``
+    (False: w13 [E, I, H], the up rows only)."""
     t, h = x.shape
     if t == 0:
         return _alloc.empty((t, h), x.dtype, x.device)
-    two_i, inter = w13.shape[1], w2.shape[2]
+    n13, inter = w13.shape[1], w2.shape[2]          # n13: 2I gated, I non-gated
     w13, w2 = w13.view(torch.uint8), w2.view(torch.uint8)     # the bits; converted in-kernel
     # a block past the matrix edge partitions like one of the matrix's size (fits in i32)
     bn, bk = int(block_size[0]), int(block_size[1])
-    bn13, bk13, bn2, bk2 = min(bn, two_i), min(bk, h), min(bn, h), min(bk, inter)
+    bn13, bk13, bn2, bk2 = min(bn, n13), min(bk, h), min(bn, h), min(bk, inter)
     n_pairs, num_experts = t * topk_ids.shape[1], w13.shape[0]
 
     def config(k_dim: int, aligned: bool, gate_up: bool) -> MoeFp8Config:
@@ -197,7 +218,8 @@ def fused_moe_fp8(x: torch.Tensor, w13: torch.Tensor, w13_scale: torch.Tensor,
 
     return fused_moe_w8a16(moe_fp8_gate_up_kernel, moe_fp8_down_kernel, x, w13, w13_scale,
                            w2, w2_scale, topk_weights, topk_ids, lora, config,
-                           args13=(bn13, bk13), args2=(bn2, bk2), activation=activation)
+                           args13=(bn13, bk13), args2=(bn2, bk2), activation=activation,
+                           gated=gated)
 
 
 # --------------------------------------------------------------------------- registry

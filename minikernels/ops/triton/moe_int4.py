@@ -40,8 +40,7 @@ from .. import _alloc
 from .activation import gate_activation
 from .int4_matmul import _unpack_nibbles
 from .interpreter_rounding import rne_bf16
-from .moe import (_act_tag, _in_order, gate_up_activations, moe_config, moe_launch,
-                  pair_lora)
+from .moe import _act_tag, _in_order, gate_up_variants, moe_config, moe_launch, pair_lora
 from .registry import KernelSpec, register
 
 BLOCK_K = 32
@@ -121,7 +120,7 @@ def moe_int4_gate_up_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, act_ptr, delta_ptr, sor
                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                             BLOCK_K: tl.constexpr, GROUPED: tl.constexpr,
                             DOT_F32: tl.constexpr, RNE_BF16: tl.constexpr = False,
-                            ACT: tl.constexpr = "silu"):
+                            ACT: tl.constexpr = "silu", GATED: tl.constexpr = True):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     e = tl.load(block_expert_ptr + pid_m).to(tl.int64)
@@ -134,37 +133,53 @@ def moe_int4_gate_up_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, act_ptr, delta_ptr, sor
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < I
     g_rows = offs_n.to(tl.int64)                     # gate rows n, up rows I + n
-    u_rows = g_rows + I
+    if GATED:
+        u_rows = g_rows + I
+    else:           # non-gated experts: the I up rows only, rows n
+        u_rows = g_rows
     offs_k = tl.arange(0, BLOCK_K)
     x_ptrs = x_ptr + tok[:, None] * sx_t + offs_k[None, :]                     # [BM, BK]
     qw = qw_ptr + e * sq_e
     sp = s_ptr + e * ss_e
     zp = z_ptr + e * sz_e
-    acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if GATED:
+        acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, H, BLOCK_K):
         if GROUPED:
             a = tl.load(x_ptrs, mask=live[:, None], other=0.0)
         else:
             a = tl.load(x_ptrs, mask=live[:, None] & ((k0 + offs_k) < H)[None, :], other=0.0)
-        wg = _dequant_rows(qw, sp, zp, g_rows, n_ok, k0, H, group, sq_n, ss_n, sz_n,
-                           BLOCK_N, BLOCK_K, GROUPED, RNE_BF16)                 # [BN, BK]
+        if GATED:
+            wg = _dequant_rows(qw, sp, zp, g_rows, n_ok, k0, H, group, sq_n, ss_n, sz_n,
+                               BLOCK_N, BLOCK_K, GROUPED, RNE_BF16)             # [BN, BK]
         wu = _dequant_rows(qw, sp, zp, u_rows, n_ok, k0, H, group, sq_n, ss_n, sz_n,
                            BLOCK_N, BLOCK_K, GROUPED, RNE_BF16)
         if DOT_F32:   # the interpreter's bf16 tl.dot is wrong: same values in fp32
             a32 = a.to(tl.float32)
-            acc_g = tl.dot(a32, tl.trans(wg.to(tl.float32)), acc_g, input_precision="ieee")
+            if GATED:
+                acc_g = tl.dot(a32, tl.trans(wg.to(tl.float32)), acc_g,
+                               input_precision="ieee")
             acc_u = tl.dot(a32, tl.trans(wu.to(tl.float32)), acc_u, input_precision="ieee")
         else:
-            acc_g = tl.dot(a, tl.trans(wg), acc_g)
+            if GATED:
+                acc_g = tl.dot(a, tl.trans(wg), acc_g)
             acc_u = tl.dot(a, tl.trans(wu), acc_u)
         x_ptrs += BLOCK_K
     if HAS_DELTA:   # LoRA: the pair's gate / up update, a [T*k, 2I] row in x.dtype
-        d_ptrs = delta_ptr + pair[:, None].to(tl.int64) * (2 * I) + offs_n[None, :]
-        d_ok = live[:, None] & n_ok[None, :]
-        acc_g += tl.load(d_ptrs, mask=d_ok, other=0.0).to(tl.float32)
-        acc_u += tl.load(d_ptrs + I, mask=d_ok, other=0.0).to(tl.float32)
-    act = gate_activation(acc_g, ACT) * acc_u    # act(gate) * up in fp32
+        if GATED:
+            d_ptrs = delta_ptr + pair[:, None].to(tl.int64) * (2 * I) + offs_n[None, :]
+            d_ok = live[:, None] & n_ok[None, :]
+            acc_g += tl.load(d_ptrs, mask=d_ok, other=0.0).to(tl.float32)
+            acc_u += tl.load(d_ptrs + I, mask=d_ok, other=0.0).to(tl.float32)
+        else:       # non-gated: the up update, a [T*k, I] row
+            d_ptrs = delta_ptr + pair[:, None].to(tl.int64) * I + offs_n[None, :]
+            acc_u += tl.load(d_ptrs, mask=live[:, None] & n_ok[None, :],
+                             other=0.0).to(tl.float32)
+    if GATED:
+        act = gate_activation(acc_g, ACT) * acc_u    # act(gate) * up in fp32
+    else:
+        act = gate_activation(acc_u, ACT)            # act(up) in fp32
     if RNE_BF16:
         act = rne_bf16(act)
     out_ptrs = act_ptr + pair[:, None].to(tl.int64) * I + offs_n[None, :]
@@ -235,13 +250,14 @@ def fused_moe_int4(x: torch.Tensor, w13_qweight: torch.Tensor, w13_scales: torch
                    w2_scales: torch.Tensor, w2_zeros: torch.Tensor,
                    topk_weights: torch.Tensor, topk_ids: torch.Tensor,
                    group_size: int, lora: Sequence[torch.Tensor] | None = None,
-                   activation: str = "silu") -> torch.Tensor:
+                   activation: str = "silu", gated: bool = True) -> torch.Tensor:
     """See minikernels.ops.fused_moe_int4 (inputs checked there; any outer strides).
     lora: the six tensors of minikernels.ops.MoELoRA, or None; activation: the gate-up
-    epilogue's ``ACT`` (silu / gelu / gelu_tanh)."""
+    epilogue's ``ACT`` (silu / gelu / gelu_tanh; non-gated also relu2); gated: its
+    ``GATED`` (False: w13 [E, I, H/8], the up rows only)."""
     t, h = x.shape
-    num_experts, two_i, _ = w13_qweight.shape
-    inter = two_i // 2
+    num_experts = w13_qweight.shape[0]
+    inter = w2_qweight.shape[2] * 8
     if t == 0:
         return _alloc.empty((t, h), x.dtype, x.device)
     x, w13_qweight, w2_qweight = (_unit_inner(v) for v in (x, w13_qweight, w2_qweight))
@@ -262,7 +278,7 @@ def fused_moe_int4(x: torch.Tensor, w13_qweight: torch.Tensor, w13_scales: torch
         x, w13_qweight, w13_scales, w13_zeros, *run.gate_up_args(), group_h, run.has_delta,
         x.stride(0), w13_qweight.stride(0), w13_qweight.stride(1), w13_scales.stride(0),
         w13_scales.stride(1), w13_zeros.stride(0), w13_zeros.stride(1), ACT=activation,
-        **consts)
+        GATED=gated, **consts)
     moe_int4_down_kernel[run.grid(h, cfg.block_n)](
         run.act, w2_qweight, w2_scales, w2_zeros, *run.down_args(topk_weights), group_i,
         run.has_delta, w2_qweight.stride(0), w2_qweight.stride(1), w2_scales.stride(0),
@@ -274,8 +290,8 @@ def fused_moe_int4(x: torch.Tensor, w13_qweight: torch.Tensor, w13_scales: torch
 # --------------------------------------------------------------------------- registry
 # Every dispatched combination: fp16 / bf16 x BLOCK_M 16 / 32 / 64 (moe_config's choices)
 # x GROUPED (one scale per row and K tile, no K mask) or not (per-element scales, K
-# masked); gate-up once per ACT of moe.py's ``gate_up_activations``. Inner strides are 1
-# (the launcher guarantees it; not kernel arguments).
+# masked); gate-up once per (ACT, GATED) of moe.py's ``gate_up_variants``. Inner strides
+# are 1 (the launcher guarantees it; not kernel arguments).
 
 _INTS = {"n_pairs": "i32", "top_k": "i32", "H": "i32", "I": "i32", "group": "i32",
          "HAS_DELTA": "constexpr"}
@@ -290,7 +306,7 @@ for _dt in ("fp16", "bf16"):
             _const = {"BLOCK_M": _cfg.block_m, "BLOCK_N": _cfg.block_n,
                       "BLOCK_K": _cfg.block_k, "GROUPED": _grouped, "DOT_F32": False,
                       "RNE_BF16": False}
-            _sig_act = {"ACT": "constexpr"}                   # the gate-up kernel's only
+            _sig_act = {"ACT": "constexpr", "GATED": "constexpr"}   # gate-up's only
             _w = {"qw_ptr": "*i32", "s_ptr": f"*{_dt}", "z_ptr": f"*{_dt}"}
             _sig = {"x_ptr": f"*{_dt}", **_w, "act_ptr": f"*{_dt}",
                     "delta_ptr": f"*{_dt}", "sorted_ids_ptr": "*i32",
@@ -306,12 +322,13 @@ for _dt in ("fp16", "bf16"):
                 _lcfg = moe_int4_config(_avg * 64, 64, 128, 128, lora=True) if _lora else _cfg
                 _opts = {"num_warps": _lcfg.num_warps, "num_stages": _lcfg.num_stages,
                          "tensor_core": True, "wgmma_expected": _cfg.block_m >= 64}
-                for _act in gate_up_activations(_dt, _cfg.block_m):
-                    register(KernelSpec(name=f"moe_int4_gate_up[{_ltag}{_act_tag(_act)}]",
-                                        fn=moe_int4_gate_up_kernel,
-                                        signature=_in_order(moe_int4_gate_up_kernel, _sig),
-                                        constexprs={**_const, "HAS_DELTA": _lora, "ACT": _act},
-                                        **_opts))
+                for _act, _gated in gate_up_variants(_dt, _cfg.block_m):
+                    register(KernelSpec(
+                        name=f"moe_int4_gate_up[{_ltag}{_act_tag(_act, _gated)}]",
+                        fn=moe_int4_gate_up_kernel,
+                        signature=_in_order(moe_int4_gate_up_kernel, _sig),
+                        constexprs={**_const, "HAS_DELTA": _lora, "ACT": _act, "GATED": _gated},
+                        **_opts))
                 register(KernelSpec(name=f"moe_int4_down[{_ltag}]", fn=moe_int4_down_kernel,
                                     signature=_in_order(moe_int4_down_kernel, _sig_down),
                                     constexprs={**_const, "HAS_DELTA": _lora}, **_opts))
