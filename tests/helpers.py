@@ -51,11 +51,14 @@ MOE_ACTIVATIONS = ("silu", "gelu", "gelu_tanh")
 def gate_act_by_hand(gate: torch.Tensor, activation: str) -> torch.Tensor:
     """The fused MoE ops' gate activations written out (fp64 in, fp64 out): silu
     g sigmoid(g); gelu g (1 + erf(g / sqrt 2)) / 2; gelu_tanh
-    g (1 + tanh(sqrt(2 / pi) (g + 0.044715 g^3))) / 2."""
+    g (1 + tanh(sqrt(2 / pi) (g + 0.044715 g^3))) / 2; relu2 (non-gated experts only)
+    max(g, 0)^2."""
     if activation == "silu":
         return gate * torch.sigmoid(gate)
     if activation == "gelu":
         return 0.5 * gate * (1.0 + torch.erf(gate / 2.0 ** 0.5))
+    if activation == "relu2":
+        return torch.where(gate > 0, gate, torch.zeros_like(gate)) ** 2
     assert activation == "gelu_tanh", activation
     return 0.5 * gate * (1.0 + torch.tanh((2.0 / torch.pi) ** 0.5
                                           * (gate + 0.044715 * gate ** 3)))
@@ -63,19 +66,24 @@ def gate_act_by_hand(gate: torch.Tensor, activation: str) -> torch.Tensor:
 
 def moe_by_hand(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
                 topk_weights: torch.Tensor, topk_ids: torch.Tensor,
-                activation: str = "silu") -> torch.Tensor:
+                activation: str = "silu", gated: bool = True) -> torch.Tensor:
     """fused_moe's independent formula: one (token, slot) at a time in fp64 on the given
     (dense or dequantized) experts w13 [E, 2I, H], w2 [E, H, I]; the activated intermediate
     act(gate) * up (``gate_act_by_hand``) rounded to x.dtype as the op's contract says.
-    Returns [T, H] fp64 on the CPU."""
+    gated=False (non-gated experts): w13 [E, I, H] holds the up rows, the intermediate is
+    act(up). Returns [T, H] fp64 on the CPU."""
     inter = w2.shape[2]
     xd, w13d, w2d, twd = (v.double().cpu() for v in (x, w13, w2, topk_weights))
     out = torch.zeros(x.shape[0], x.shape[1], dtype=torch.float64)
     for t, row in enumerate(topk_ids.cpu().tolist()):
         for j, e in enumerate(row):
-            gate = w13d[e, :inter] @ xd[t]
-            up = w13d[e, inter:] @ xd[t]
-            act = (gate_act_by_hand(gate, activation) * up).to(x.dtype).double()
+            if gated:
+                gate = w13d[e, :inter] @ xd[t]
+                up = w13d[e, inter:] @ xd[t]
+                act = gate_act_by_hand(gate, activation) * up
+            else:
+                act = gate_act_by_hand(w13d[e] @ xd[t], activation)
+            act = act.to(x.dtype).double()
             out[t] += twd[t, j] * (w2d[e] @ act)
     return out
 

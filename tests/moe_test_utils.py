@@ -13,7 +13,8 @@ def assert_w8a16_dispatch_registered(prefix: str, config: Callable,
     ``config(n_pairs, dtype, *case, gate_up)`` picks for a kernel ``{prefix}_gate_up`` /
     ``{prefix}_down`` has an AOT spec, at a BLOCK_K no smaller than the dispatched one;
     each case ends with its ``aligned`` flag. The gate-up kernel's too with ACT
-    gelu_tanh for fp16 / bf16 x (moe.py's ``gate_up_activations``)."""
+    gelu_tanh for fp16 / bf16 x (moe.py's ``gate_up_activations``), and non-gated
+    (GATED False) with relu2 (``gate_up_variants``)."""
     from minikernels.ops.triton.registry import all_kernels
 
     registered = {}
@@ -23,7 +24,7 @@ def assert_w8a16_dispatch_registered(prefix: str, config: Callable,
             key = (s.fn.__name__, c["BLOCK_M"], c["BLOCK_N"], c["EVEN_K"], c["ALIGNED"],
                    s.num_warps, s.num_stages,
                    s.signature["x_ptr" if "x_ptr" in s.signature else "act_ptr"],
-                   c.get("ACT", "silu"))
+                   c.get("ACT", "silu"), c.get("GATED", True))
             registered[key] = max(registered.get(key, 0), c["BLOCK_K"])
     for dt, tdt in (("*fp16", torch.float16), ("*bf16", torch.bfloat16),
                     ("*fp32", torch.float32)):
@@ -32,8 +33,9 @@ def assert_w8a16_dispatch_registered(prefix: str, config: Callable,
                 for gate_up in (True, False):
                     cfg = config(n_pairs, tdt, *case, gate_up)
                     fn = f"{prefix}_gate_up_kernel" if gate_up else f"{prefix}_down_kernel"
-                    acts = ("silu", "gelu_tanh") if gate_up and dt != "*fp32" else ("silu",)
-                    for act in acts:
+                    acts = ((("silu", True), ("gelu_tanh", True), ("relu2", False))
+                            if gate_up and dt != "*fp32" else (("silu", True),))
+                    for act, gated in acts:
                         key = (fn, cfg.block_m, cfg.block_n, cfg.even_k, case[-1],
-                               cfg.num_warps, cfg.num_stages, dt, act)
+                               cfg.num_warps, cfg.num_stages, dt, act, gated)
                         assert key in registered and registered[key] >= cfg.block_k, key

@@ -6,7 +6,8 @@ the scale block, block sizes (128, 128), (32, 32), (16, 48) and per channel, fp1
 (and fp32 x), both backends, every tensor argument a strided view, poisoned scratch
 buffers, the kernels' tile dispatch and its AOT specs, opcheck, torch.compile and bad
 input; ``activation`` gelu / gelu_tanh (silu: the default) on aligned and masked tiles,
-told apart in fp32, and its errors."""
+told apart in fp32, and its errors; non-gated experts (``gated=False``: w13 [E, I, H],
+relu2 and silu) likewise."""
 from __future__ import annotations
 
 import pytest
@@ -36,10 +37,11 @@ def _fp8(e, n, k, block, g):
     return b.view(torch.float8_e4m3fn), s
 
 
-def _inputs(t, h, inter, e, k, block, dtype, device, seed=0, ids_dtype=torch.int64):
+def _inputs(t, h, inter, e, k, block, dtype, device, seed=0, ids_dtype=torch.int64,
+            gated=True):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(t, h, generator=g).to(dtype)
-    w13, s13 = _fp8(e, 2 * inter, h, block, g)
+    w13, s13 = _fp8(e, (2 if gated else 1) * inter, h, block, g)
     w2, s2 = _fp8(e, h, inter, block, g)
     tw = torch.rand(t, k, generator=g) + 0.1            # never 1: a dropped weight shows
     ids = torch.randint(0, e, (t, k), generator=g, dtype=ids_dtype)
@@ -64,11 +66,11 @@ def _dequant_by_hand(w, s, block):
     return _decode_e4m3(w) * sd[:, torch.arange(n) // bn][:, :, torch.arange(k) // bk]
 
 
-def _by_hand(x, w13, s13, w2, s2, tw, ids, block, activation="silu"):
+def _by_hand(x, w13, s13, w2, s2, tw, ids, block, activation="silu", gated=True):
     """Per (token, slot) in fp64 on the hand-dequantized experts; the activated
     intermediate rounded to x.dtype as the contract says."""
     w13d, w2d = _dequant_by_hand(w13, s13, block), _dequant_by_hand(w2, s2, block)
-    return moe_by_hand(x, w13d, w2d, tw, ids, activation)
+    return moe_by_hand(x, w13d, w2d, tw, ids, activation, gated)
 
 
 def _rel_err(got, exact):
@@ -380,3 +382,64 @@ def test_gpu_decode_shape_and_cuda_graph(dtype, block):
         graph.replay()
         torch.cuda.synchronize()
         assert_close(yg, mk.ops.fused_moe_fp8(*args, block), scale=2.0)
+
+
+NONGATED = ["relu2", "silu"]
+
+
+@pytest.mark.parametrize("activation", NONGATED)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_nongated_matches_reference_and_formula(dtype, activation, device):
+    """gated=False (w13 [E, I, H] and w13_scale [E, ceil(I / bn), ceil(H / bk)], the up
+    rows only; act(up)) on aligned rows with K a multiple of the K tile, on a ragged K
+    with row blocks that do not divide I (masked), and with one row block past I: the
+    gate-up launch gets GATED False and the ACT; the result matches the reference and
+    the fp64 formula on the hand-decoded experts (relu2: max(u, 0)^2)."""
+    from minikernels.ops.triton import moe_fp8
+
+    cases = [(8, 64, 32, 3, 2, (32, 32)), (5, 72, 40, 3, 3, (16, 48)),
+             (4, 64, 32, 2, 2, (128, 128))]
+    for i, (t, h, inter, e, k, block) in enumerate(cases):
+        args = _inputs(t, h, inter, e, k, block, dtype, device, 60 + i, gated=False)
+        assert args[1].shape == (e, inter, h)
+        with mk.use_backend("triton"), \
+                spy_launches(moe_fp8, "moe_fp8_gate_up_kernel", "GATED") as gated, \
+                spy_launches(moe_fp8, "moe_fp8_gate_up_kernel", "ACT") as acts:
+            y = mk.ops.fused_moe_fp8(*args, block, activation=activation, gated=False)
+        assert (gated, acts) == ([False], [activation])
+        want = reference.fused_moe_fp8(*args, block, activation=activation, gated=False)
+        assert y.shape == (t, h) and y.dtype == dtype
+        assert_close(y, want, scale=2.0)
+        exact = _by_hand(*args, block, activation, gated=False)
+        assert _rel_err(want, exact) <= FORMULA_TOL[dtype]
+        assert _rel_err(y, exact) <= FORMULA_TOL[dtype]
+        if activation == "relu2":           # far from the SiLU result: ACT took effect
+            assert _rel_err(y, _by_hand(*args, block, "silu", gated=False)) > \
+                2 * FORMULA_TOL[dtype]
+
+
+def test_nongated_edges_opcheck_and_errors(device):
+    """Non-gated fp8 experts: no tokens; the custom op (opcheck); relu2 with gated
+    experts and a w13 of gated experts' 2I rows with gated=False are refused by name."""
+    block = (32, 32)
+    x, w13, s13, w2, s2, tw, ids = _inputs(5, 64, 32, 3, 2, block, torch.float16, device,
+                                           63, gated=False)
+    op_args = (x, w13.view(torch.uint8), s13, w2.view(torch.uint8), s2, tw, ids, list(block))
+    with mk.use_backend("triton"):
+        torch.library.opcheck(torch.ops.minikernels.fused_moe_fp8, op_args,
+                              {"activation": "relu2", "gated": False})
+        y = mk.ops.fused_moe_fp8(x[:0], w13, s13, w2, s2, tw[:0], ids[:0], block,
+                                 activation="relu2", gated=False)
+    assert y.shape == (0, 64)
+    _, w13g, s13g, _, _, _, _ = _inputs(5, 64, 32, 3, 2, block, torch.float16, device, 63)
+    with pytest.raises(ValueError, match=r"activation 'relu2' .*pass gated=False"):
+        mk.ops.fused_moe_fp8(x, w13g, s13g, w2, s2, tw, ids, block, activation="relu2")
+    with mk.use_backend("triton"), pytest.raises(ValueError, match=r"pass gated=False"):
+        torch.ops.minikernels.fused_moe_fp8(x, w13g.view(torch.uint8), s13g, *op_args[3:],
+                                            activation="relu2")
+    with pytest.raises(ValueError, match=r"w13 must have I = 32 rows per expert with "
+                                         r"gated=False"):
+        mk.ops.fused_moe_fp8(x, w13g, s13g, w2, s2, tw, ids, block, gated=False)
+    with pytest.raises(ValueError, match=r"w13_scale must have shape .* = \[3, 1, 2\]"):
+        mk.ops.fused_moe_fp8(x, w13, s13g, w2, s2, tw, ids, block, activation="relu2",
+                             gated=False)

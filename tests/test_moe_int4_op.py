@@ -5,7 +5,8 @@ k > E so an expert repeats in a row), group sizes 8 / 16 / 32 / 64 / 128 and per
 (-1), with H and I multiples of 32 (one scale per K tile) or not (per-word scales, masked
 K), fp16 / bf16, both backends, every tensor argument a strided view, scales of the other
 half dtype, poisoned scratch buffers, opcheck, torch.compile and bad input; ``activation``
-gelu / gelu_tanh (silu: the default) on grouped and ungrouped shapes, and its errors."""
+gelu / gelu_tanh (silu: the default) on grouped and ungrouped shapes, and its errors;
+non-gated experts (``gated=False``: w13 [E, I, H/8], relu2 and silu) likewise."""
 from __future__ import annotations
 
 import pytest
@@ -37,11 +38,11 @@ def _int4(e, n, k, group, dtype, g, zero_frac=False):
 
 
 def _inputs(t, h, inter, e, k, group, dtype, device, seed=0, ids_dtype=torch.int64,
-            scale_dtype=None, zero_frac=False):
+            scale_dtype=None, zero_frac=False, gated=True):
     g = torch.Generator().manual_seed(seed)
     sdt = scale_dtype or dtype
     x = torch.randn(t, h, generator=g).to(dtype)
-    w13 = _int4(e, 2 * inter, h, group, sdt, g, zero_frac)
+    w13 = _int4(e, (2 if gated else 1) * inter, h, group, sdt, g, zero_frac)
     w2 = _int4(e, h, inter, group, sdt, g, zero_frac)
     tw = torch.rand(t, k, generator=g) + 0.1            # never 1: a dropped weight shows
     ids = torch.randint(0, e, (t, k), generator=g, dtype=ids_dtype)
@@ -65,12 +66,13 @@ def _dequant_by_hand(qw, s, z, group, dtype):
     return ((q - zd) * sd).to(dtype).double()
 
 
-def _by_hand(x, w13q, w13s, w13z, w2q, w2s, w2z, tw, ids, group, activation="silu"):
+def _by_hand(x, w13q, w13s, w13z, w2q, w2s, w2z, tw, ids, group, activation="silu",
+             gated=True):
     """Per (token, slot) in fp64 on the hand-dequantized experts; the activated
     intermediate rounded to x.dtype as the contract says."""
     w13 = _dequant_by_hand(w13q, w13s, w13z, group, x.dtype)
     w2 = _dequant_by_hand(w2q, w2s, w2z, group, x.dtype)
-    return moe_by_hand(x, w13, w2, tw, ids, activation)
+    return moe_by_hand(x, w13, w2, tw, ids, activation, gated)
 
 
 def _rel_err(got, exact):
@@ -242,20 +244,22 @@ def test_activation_opcheck_and_errors(device):
 def test_every_dispatched_config_is_registered():
     """Each (BLOCK_M, BLOCK_N, BLOCK_K, GROUPED, stages) the launcher can pick has an AOT
     spec (compiled without spills by tests/test_aot_compile.py); the gate-up kernel's
-    with ACT silu and gelu_tanh."""
+    with ACT silu and gelu_tanh, and non-gated (GATED False) with relu2."""
     from minikernels.ops.triton import moe_int4
     from minikernels.ops.triton.registry import all_kernels
 
     registered = {(s.fn.__name__, s.constexprs["BLOCK_M"], s.constexprs["BLOCK_N"],
                    s.constexprs["BLOCK_K"], s.constexprs["GROUPED"], s.num_warps,
                    s.num_stages, s.signature["x_ptr" if "x_ptr" in s.signature
-                                              else "act_ptr"], s.constexprs.get("ACT", "silu"))
+                                              else "act_ptr"],
+                   (s.constexprs.get("ACT", "silu"), s.constexprs.get("GATED", True)))
                   for s in all_kernels() if s.fn.__name__.startswith("moe_int4")}
     for n_pairs in (1, 100, 1000, 5000, 64 * 20, 64 * 40, 64 * 100):
         for gh, gi in ((32, 32), (128, 64), (40, 24), (8, 8), (1024, 768)):
             cfg = moe_int4.moe_int4_config(n_pairs, 64, gh, gi)
             for fn in ("moe_int4_gate_up_kernel", "moe_int4_down_kernel"):
-                acts = ("silu", "gelu_tanh") if "gate_up" in fn else ("silu",)
+                acts = ((("silu", True), ("gelu_tanh", True), ("relu2", False))
+                        if "gate_up" in fn else (("silu", True),))
                 for dt, act in ((d, a) for d in ("*fp16", "*bf16") for a in acts):
                     key = (fn, cfg.block_m, cfg.block_n, cfg.block_k, cfg.grouped,
                            cfg.num_warps, cfg.num_stages, dt, act)
@@ -367,3 +371,62 @@ def test_gpu_decode_shape_and_cuda_graph(dtype, group):
         graph.replay()
         torch.cuda.synchronize()
         assert_close(yg, mk.ops.fused_moe_int4(*args, group), scale=2.0)
+
+
+NONGATED = ["relu2", "silu"]
+
+
+@pytest.mark.parametrize("activation", NONGATED)
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+def test_nongated_matches_reference_and_formula(dtype, activation, device):
+    """gated=False (w13_qweight [E, I, H/8] and its scales / zeros [E, I, H/G], the up
+    rows only; act(up)) with one scale per K tile (GROUPED) and per-channel scales whose
+    K is not a multiple of 32 (per-word scales, masked K): the gate-up launch gets
+    GATED False and the ACT; the result matches the reference and the fp64 formula on
+    the hand-dequantized experts (relu2: max(u, 0)^2)."""
+    from minikernels.ops.triton import moe_int4
+
+    for i, (t, h, inter, e, k, group) in enumerate([(8, 64, 64, 3, 2, 32),
+                                                      (5, 40, 24, 3, 3, -1)]):
+        args = _inputs(t, h, inter, e, k, group, dtype, device, 60 + i, gated=False)
+        assert args[1].shape == (e, inter, h // 8)
+        with mk.use_backend("triton"), \
+                spy_launches(moe_int4, "moe_int4_gate_up_kernel", "GATED") as gated, \
+                spy_launches(moe_int4, "moe_int4_gate_up_kernel", "ACT") as acts:
+            y = mk.ops.fused_moe_int4(*args, group, activation=activation, gated=False)
+        assert (gated, acts) == ([False], [activation])
+        want = reference.fused_moe_int4(*args, group, activation=activation, gated=False)
+        assert y.shape == (t, h) and y.dtype == dtype
+        assert_close(y, want, scale=2.0)
+        exact = _by_hand(*args, group, activation, gated=False)
+        assert _rel_err(want, exact) <= FORMULA_TOL[dtype]
+        assert _rel_err(y, exact) <= FORMULA_TOL[dtype]
+        if activation == "relu2":           # far from the SiLU result: ACT took effect
+            assert _rel_err(y, _by_hand(*args, group, "silu", gated=False)) > \
+                2 * FORMULA_TOL[dtype]
+
+
+def test_nongated_edges_opcheck_and_errors(device):
+    """Non-gated int4 experts: no tokens; the custom op (opcheck); relu2 with gated
+    experts and a w13_qweight of gated experts' 2I rows with gated=False are refused by
+    name."""
+    args = _inputs(5, 64, 32, 3, 2, 32, torch.float16, device, 62, gated=False)
+    with mk.use_backend("triton"):
+        torch.library.opcheck(torch.ops.minikernels.fused_moe_int4, (*args, 32),
+                              {"activation": "relu2", "gated": False})
+        empty = (args[0][:0], *args[1:7], args[7][:0], args[8][:0], 32)
+        y = mk.ops.fused_moe_int4(*empty, activation="relu2", gated=False)
+    assert y.shape == (0, 64)
+    gated_args = _inputs(5, 64, 32, 3, 2, 32, torch.float16, device, 62)
+    with pytest.raises(ValueError, match=r"activation 'relu2' .*pass gated=False"):
+        mk.ops.fused_moe_int4(*gated_args, 32, activation="relu2")
+    with mk.use_backend("triton"), pytest.raises(ValueError, match=r"pass gated=False"):
+        torch.ops.minikernels.fused_moe_int4(*gated_args, 32, activation="relu2")
+    with pytest.raises(ValueError, match=r"w13_qweight must have I = 32 rows per expert "
+                                         r"with gated=False"):
+        mk.ops.fused_moe_int4(*gated_args, 32, activation="relu2", gated=False)
+    x, w13q, w13s, w13z = args[:4]
+    with pytest.raises(ValueError, match=r"w13_scales must have shape \[E = 3, 32, K / G"):
+        mk.ops.fused_moe_int4(x, w13q, gated_args[2], *args[3:], 32, gated=False)
+    with pytest.raises(ValueError, match=r"w13_qweight must have shape \[E, I, H / 8 = 8\]"):
+        mk.ops.fused_moe_int4(x, w13q[:, :, :4], *args[2:], 32, gated=False)

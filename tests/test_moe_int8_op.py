@@ -5,8 +5,9 @@ tokens, one token, odd H / I, odd expert / token counts, k > E so an expert repe
 row), fp16 / bf16 / fp32 x, both backends, every tensor argument a strided view, poisoned
 scratch buffers, the kernels' tile dispatch and its AOT specs, opcheck, torch.compile and
 bad input; ``activation`` gelu / gelu_tanh (silu: the default) on aligned and masked
-tiles, told apart in fp32, and its errors. LoRA on the int8 experts:
-tests/test_moe_lora_op.py."""
+tiles, told apart in fp32, and its errors; non-gated experts (``gated=False``: w13
+[E, I, H], relu2 and silu) likewise, their row scales per up row. LoRA on the int8
+experts: tests/test_moe_lora_op.py."""
 from __future__ import annotations
 
 import pytest
@@ -34,23 +35,23 @@ def _int8(e, n, k, g):
     return q, s
 
 
-def _inputs(t, h, inter, e, k, dtype, device, seed=0, ids_dtype=torch.int64):
+def _inputs(t, h, inter, e, k, dtype, device, seed=0, ids_dtype=torch.int64, gated=True):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(t, h, generator=g).to(dtype)
-    w13, s13 = _int8(e, 2 * inter, h, g)
+    w13, s13 = _int8(e, (2 if gated else 1) * inter, h, g)
     w2, s2 = _int8(e, h, inter, g)
     tw = torch.rand(t, k, generator=g) + 0.1            # never 1: a dropped weight shows
     ids = torch.randint(0, e, (t, k), generator=g, dtype=ids_dtype)
     return [v.to(device) for v in (x, w13, s13, w2, s2, tw, ids)]
 
 
-def _by_hand(x, w13, s13, w2, s2, tw, ids, activation="silu"):
+def _by_hand(x, w13, s13, w2, s2, tw, ids, activation="silu", gated=True):
     """Per (token, slot) in fp64 on experts dequantized here, W[e, n, k] = q[e, n, k] *
     s[e, n] in fp64 (never rounded); the activated intermediate rounded to x.dtype as
     the contract says."""
     w13d = w13.cpu().double() * s13.cpu().double()[:, :, None]
     w2d = w2.cpu().double() * s2.cpu().double()[:, :, None]
-    return moe_by_hand(x, w13d, w2d, tw, ids, activation)
+    return moe_by_hand(x, w13d, w2d, tw, ids, activation, gated)
 
 
 def _rel_err(got, exact):
@@ -344,3 +345,69 @@ def test_gpu_decode_and_prefill_shapes_and_cuda_graph(dtype):
         graph.replay()
         torch.cuda.synchronize()
         assert_close(yg, mk.ops.fused_moe_int8(*args), scale=2.0)
+
+
+NONGATED = ["relu2", "silu"]
+
+
+@pytest.mark.parametrize("activation", NONGATED)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_nongated_matches_reference_and_formula(dtype, activation, device):
+    """gated=False (w13 [E, I, H] int8 and w13_scale [E, I], the up rows only; act(up))
+    on aligned rows with K a multiple of the K tile (EVEN_K) and on odd sizes (unaligned
+    rows, masked; k = 3 of 3 experts): the gate-up launch gets GATED False and the ACT;
+    the result matches the reference and the fp64 formula (relu2: max(u, 0)^2)."""
+    from minikernels.ops.triton import moe_int8
+
+    for i, (t, h, inter, e, k) in enumerate([(8, 64, 32, 3, 2), (5, 37, 19, 3, 3)]):
+        args = _inputs(t, h, inter, e, k, dtype, device, 60 + i, gated=False)
+        assert args[1].shape == (e, inter, h) and args[2].shape == (e, inter)
+        with mk.use_backend("triton"), \
+                spy_launches(moe_int8, "moe_int8_gate_up_kernel", "GATED") as gated, \
+                spy_launches(moe_int8, "moe_int8_gate_up_kernel", "ACT") as acts:
+            y = mk.ops.fused_moe_int8(*args, activation=activation, gated=False)
+        assert (gated, acts) == ([False], [activation])
+        want = reference.fused_moe_int8(*args, activation=activation, gated=False)
+        assert y.shape == (t, h) and y.dtype == dtype
+        assert_close(y, want, scale=2.0)
+        exact = _by_hand(*args, activation, gated=False)
+        assert _rel_err(want, exact) <= FORMULA_TOL[dtype]
+        assert _rel_err(y, exact) <= FORMULA_TOL[dtype]
+        if activation == "relu2":           # far from the SiLU result: ACT took effect
+            assert _rel_err(y, _by_hand(*args, "silu", gated=False)) > 2 * FORMULA_TOL[dtype]
+
+
+def test_nongated_row_scales_edges_opcheck_and_errors(device):
+    """Non-gated int8 experts: w13_scale scales up row n (a zero scale on up row n of
+    every expert equals a zero row n of w13); no tokens; the custom op (opcheck);
+    relu2 with gated experts and a w13 of gated experts' 2I rows with gated=False are
+    refused by name."""
+    x, w13, s13, w2, s2, tw, ids = _inputs(6, 48, 24, 2, 2, torch.float16, device, 64,
+                                           gated=False)
+    s13z, w13z = s13.clone(), w13.clone()
+    s13z[:, 3], w13z[:, 3] = 0.0, 0
+    with mk.use_backend("triton"):
+        y = mk.ops.fused_moe_int8(x, w13, s13z, w2, s2, tw, ids, activation="relu2",
+                                  gated=False)
+        y0 = mk.ops.fused_moe_int8(x, w13z, s13, w2, s2, tw, ids, activation="relu2",
+                                   gated=False)
+        torch.library.opcheck(torch.ops.minikernels.fused_moe_int8,
+                              (x, w13, s13, w2, s2, tw, ids),
+                              {"activation": "relu2", "gated": False})
+        empty = mk.ops.fused_moe_int8(x[:0], w13, s13, w2, s2, tw[:0], ids[:0],
+                                      activation="relu2", gated=False)
+    torch.testing.assert_close(y, y0, rtol=0, atol=0)
+    assert_close(y, reference.fused_moe_int8(x, w13, s13z, w2, s2, tw, ids,
+                                             activation="relu2", gated=False), scale=2.0)
+    assert empty.shape == (0, 48)
+    _, w13g, s13g, _, _, _, _ = _inputs(6, 48, 24, 2, 2, torch.float16, device, 64)
+    with pytest.raises(ValueError, match=r"activation 'relu2' .*pass gated=False"):
+        mk.ops.fused_moe_int8(x, w13g, s13g, w2, s2, tw, ids, activation="relu2")
+    with mk.use_backend("triton"), pytest.raises(ValueError, match=r"pass gated=False"):
+        torch.ops.minikernels.fused_moe_int8(x, w13g, s13g, w2, s2, tw, ids,
+                                             activation="relu2")
+    with pytest.raises(ValueError, match=r"w13 must have I = 24 rows per expert with "
+                                         r"gated=False"):
+        mk.ops.fused_moe_int8(x, w13g, s13g, w2, s2, tw, ids, gated=False)
+    with pytest.raises(ValueError, match=r"w13_scale must have shape \[E = 2, 24\]"):
+        mk.ops.fused_moe_int8(x, w13, s13g, w2, s2, tw, ids, gated=False)

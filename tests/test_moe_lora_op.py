@@ -8,7 +8,8 @@ mixed / all adapted, every dtype, poisoned scratch buffers (conftest), every LoR
 a strided view, lora=None and all-(-1) slots bit-identical to the op without LoRA, the
 BGMV fallback for many (slot, expert) groups, opcheck with the LoRA arguments, and bad
 input naming the argument; the four ops with ``activation`` gelu / gelu_tanh and LoRA (the
-updates go in before the activation)."""
+updates go in before the activation); the four ops with non-gated experts (``gated=False``,
+relu2: lora_b13 [S, E, I, R13] covers the up rows only) and LoRA."""
 from __future__ import annotations
 
 import pytest
@@ -36,13 +37,15 @@ def _routing(t, h, e, k, dtype, g):
     return x, tw, ids
 
 
-def _lora(t, h, inter, e, s, r, dtype, g, slots="mixed", slots_dtype=torch.int64, r2=None):
+def _lora(t, h, inter, e, s, r, dtype, g, slots="mixed", slots_dtype=torch.int64, r2=None,
+          gated=True):
     """Random adapters (gate / up rank r, down rank r2, default r) whose updates are O(1)
     next to the base MLP's (so a dropped or misplaced update shows); slots: "mixed" in
-    [-1, S), "none" all -1, "all" in [0, S)."""
+    [-1, S), "none" all -1, "all" in [0, S). gated=False: b13 [S, E, I, r] (up only)."""
     r2 = r if r2 is None else r2
+    n13 = (2 if gated else 1) * inter
     a13 = (torch.randn(s, e, r, h, generator=g) / h ** 0.5).to(dtype)
-    b13 = (torch.randn(s, e, 2 * inter, r, generator=g) / max(r, 1) ** 0.5).to(dtype)
+    b13 = (torch.randn(s, e, n13, r, generator=g) / max(r, 1) ** 0.5).to(dtype)
     a2 = (torch.randn(s, e, r2, inter, generator=g) / inter ** 0.5).to(dtype)
     b2 = (torch.randn(s, e, h, r2, generator=g) / max(r2, 1) ** 0.5).to(dtype)
     low = {"mixed": -1, "none": -1, "all": 0}[slots]
@@ -79,10 +82,11 @@ def _int8(e, n, k, g):
 
 # ---------------------------------------------------------------- the independent formula
 
-def _by_hand(x, w13, w2, tw, ids, lora, activation="silu"):
+def _by_hand(x, w13, w2, tw, ids, lora, activation="silu", gated=True):
     """One (token, slot) pair at a time in fp64 on dense (or dequantized) experts
     w13 [E, 2I, H], w2 [E, H, I]: the contract of MoELoRA, each LoRA update and the
     activated intermediate act(gate) * up (helpers.gate_act_by_hand) rounded to x.dtype.
+    gated=False: w13 [E, I, H] and b13 the up rows, the intermediate act(up).
     Returns [T, H] fp64 on the CPU."""
     inter = w2.shape[2]
     dt = x.dtype
@@ -97,8 +101,11 @@ def _by_hand(x, w13, w2, tw, ids, lora, activation="silu"):
                 sc = float(scaling[s])
                 d13 = sc * (b13[s, e].double() @ (a13[s, e].double() @ xd[t]))
                 gate_up = gate_up + d13.to(dt).double()
-            gate, up = gate_up[:inter], gate_up[inter:]
-            act = (gate_act_by_hand(gate, activation) * up).to(dt).double()
+            if gated:
+                gate, up = gate_up[:inter], gate_up[inter:]
+                act = (gate_act_by_hand(gate, activation) * up).to(dt).double()
+            else:
+                act = gate_act_by_hand(gate_up, activation).to(dt).double()
             y = w2d[e] @ act
             if s >= 0:
                 d2 = sc * (b2[s, e].double() @ (a2[s, e].double() @ act))
@@ -122,12 +129,12 @@ def _check(got, want, exact, dtype):
 # --------------------------------------------------------------------- dense experts
 
 def _dense(t, h, inter, e, k, s, r, dtype, device, seed, slots="mixed",
-           slots_dtype=torch.int64, r2=None):
+           slots_dtype=torch.int64, r2=None, gated=True):
     g = torch.Generator().manual_seed(seed)
     x, tw, ids = _routing(t, h, e, k, dtype, g)
-    w13 = (torch.randn(e, 2 * inter, h, generator=g) / h ** 0.5).to(dtype)
+    w13 = (torch.randn(e, (2 if gated else 1) * inter, h, generator=g) / h ** 0.5).to(dtype)
     w2 = (torch.randn(e, h, inter, generator=g) / inter ** 0.5).to(dtype)
-    lora = _lora(t, h, inter, e, s, r, dtype, g, slots, slots_dtype, r2)
+    lora = _lora(t, h, inter, e, s, r, dtype, g, slots, slots_dtype, r2, gated)
     return (x.to(device), w13.to(device), w2.to(device), tw.to(device), ids.to(device),
             MoELoRA(*(v.to(device) for v in lora)))
 
@@ -155,12 +162,12 @@ def test_dense_matches_reference_and_formula(t, k, e, s, r, r2, h, inter, dtype,
 # ---------------------------------------------------------------------- int4 experts
 
 def _int4_case(t, h, inter, e, k, s, r, group, dtype, device, seed, slots="mixed",
-               r2=None):
+               r2=None, gated=True):
     g = torch.Generator().manual_seed(seed)
     x, tw, ids = _routing(t, h, e, k, dtype, g)
-    w13 = _int4(e, 2 * inter, h, group, dtype, g)
+    w13 = _int4(e, (2 if gated else 1) * inter, h, group, dtype, g)
     w2 = _int4(e, h, inter, group, dtype, g)
-    lora = _lora(t, h, inter, e, s, r, dtype, g, slots, r2=r2)
+    lora = _lora(t, h, inter, e, s, r, dtype, g, slots, r2=r2, gated=gated)
     return ([v.to(device) for v in (x, *w13, *w2, tw, ids)],
             MoELoRA(*(v.to(device) for v in lora)))
 
@@ -194,22 +201,22 @@ def test_int4_matches_reference_and_formula(t, k, e, s, r, shape, dtype, slots, 
 # ----------------------------------------------------------------------- fp8 experts
 
 def _w8a16_case(experts, t, h, inter, e, k, s, r, dtype, device, seed, slots="mixed",
-                r2=None):
+                r2=None, gated=True):
     """x, w13, s13, w2, s2, tw, ids with one-byte experts (weight, scale) =
     experts(N, K, g), and a LoRA on them."""
     g = torch.Generator().manual_seed(seed)
     x, tw, ids = _routing(t, h, e, k, dtype, g)
-    w13, s13 = experts(2 * inter, h, g)
+    w13, s13 = experts((2 if gated else 1) * inter, h, g)
     w2, s2 = experts(h, inter, g)
-    lora = _lora(t, h, inter, e, s, r, dtype, g, slots, r2=r2)
+    lora = _lora(t, h, inter, e, s, r, dtype, g, slots, r2=r2, gated=gated)
     return ([v.to(device) for v in (x, w13, s13, w2, s2, tw, ids)],
             MoELoRA(*(v.to(device) for v in lora)))
 
 
 def _fp8_case(t, h, inter, e, k, s, r, block, dtype, device, seed, slots="mixed",
-              r2=None):
+              r2=None, gated=True):
     return _w8a16_case(lambda n, kk, g: _fp8(e, n, kk, block, g), t, h, inter, e, k, s, r,
-                       dtype, device, seed, slots, r2)
+                       dtype, device, seed, slots, r2, gated)
 
 
 @settings(max_examples=25, deadline=None)
@@ -234,9 +241,10 @@ def test_fp8_matches_reference_and_formula(t, k, e, s, r, h, inter, block, dtype
 
 # ----------------------------------------------------------------------- int8 experts
 
-def _int8_case(t, h, inter, e, k, s, r, dtype, device, seed, slots="mixed", r2=None):
+def _int8_case(t, h, inter, e, k, s, r, dtype, device, seed, slots="mixed", r2=None,
+               gated=True):
     return _w8a16_case(lambda n, kk, g: _int8(e, n, kk, g), t, h, inter, e, k, s, r,
-                       dtype, device, seed, slots, r2)
+                       dtype, device, seed, slots, r2, gated)
 
 
 @settings(max_examples=25, deadline=None)
@@ -260,28 +268,29 @@ def test_int8_matches_reference_and_formula(t, k, e, s, r, h, inter, dtype, slot
 
 # --------------------------------------------------------- no adapter = the base op
 
-def _four_ops(device, t=12, dtype=torch.float16, slots="none", seed=1, activation="silu"):
+def _four_ops(device, t=12, dtype=torch.float16, slots="none", seed=1, activation="silu",
+              gated=True):
     """({op: (call(lora) -> out, w13, w2)} for each op on one shared routing, with the
-    given activation; w13 / w2 the op's experts dense or dequantized (reference helpers)),
-    the lora, and (x, topk_weights, topk_ids)."""
+    given activation and gated; w13 / w2 the op's experts dense or dequantized
+    (reference helpers)), the lora, and (x, topk_weights, topk_ids)."""
     h, inter, e, k, s, r = 32, 16, 3, 2, 2, 4
-    xd, w13, w2, tw, ids, lora = _dense(t, h, inter, e, k, s, r, dtype, device, seed, slots)
-    a4, _ = _int4_case(t, h, inter, e, k, s, r, 16, dtype, device, seed)
-    a8, _ = _fp8_case(t, h, inter, e, k, s, r, (16, 16), dtype, device, seed)
-    ai8, _ = _int8_case(t, h, inter, e, k, s, r, dtype, device, seed)
+    xd, w13, w2, tw, ids, lora = _dense(t, h, inter, e, k, s, r, dtype, device, seed, slots,
+                                        gated=gated)
+    a4, _ = _int4_case(t, h, inter, e, k, s, r, 16, dtype, device, seed, gated=gated)
+    a8, _ = _fp8_case(t, h, inter, e, k, s, r, (16, 16), dtype, device, seed, gated=gated)
+    ai8, _ = _int8_case(t, h, inter, e, k, s, r, dtype, device, seed, gated=gated)
     a4[0], a4[-2], a4[-1] = xd, tw, ids
     a8[0], a8[-2], a8[-1] = xd, tw, ids
     ai8[0], ai8[-2], ai8[-1] = xd, tw, ids
-    act = activation
+    kw = {"activation": activation} if gated else {"activation": activation, "gated": False}
     ops = {
-        "dense": (lambda lo: mk.ops.fused_moe(xd, w13, w2, tw, ids, lora=lo, activation=act),
-                  w13, w2),
-        "int4": (lambda lo: mk.ops.fused_moe_int4(*a4, 16, lora=lo, activation=act),
+        "dense": (lambda lo: mk.ops.fused_moe(xd, w13, w2, tw, ids, lora=lo, **kw), w13, w2),
+        "int4": (lambda lo: mk.ops.fused_moe_int4(*a4, 16, lora=lo, **kw),
                  *_int4_dense(a4, 16)),
-        "fp8": (lambda lo: mk.ops.fused_moe_fp8(*a8, (16, 16), lora=lo, activation=act),
+        "fp8": (lambda lo: mk.ops.fused_moe_fp8(*a8, (16, 16), lora=lo, **kw),
                 reference.dequantize_fp8_experts(a8[1], a8[2], (16, 16)),
                 reference.dequantize_fp8_experts(a8[3], a8[4], (16, 16))),
-        "int8": (lambda lo: mk.ops.fused_moe_int8(*ai8, lora=lo, activation=act),
+        "int8": (lambda lo: mk.ops.fused_moe_int8(*ai8, lora=lo, **kw),
                  reference.dequantize_int8_experts(ai8[1], ai8[2]),
                  reference.dequantize_int8_experts(ai8[3], ai8[4]))}
     return ops, lora, (xd, tw, ids)
@@ -349,6 +358,51 @@ def test_activation_with_lora(t, activation, device):
         assert torch.equal(got[base_rows], base[base_rows]), name
         silu = _by_hand(x, w13, w2, tw, ids, lora)
         assert _rel_err(got, silu) > 2 * FORMULA_TOL[torch.float16], name
+
+
+@pytest.mark.parametrize("activation", ["relu2", "silu"])
+@pytest.mark.parametrize("t", [5, 40])          # BGMV (< 32 pairs) and SGMV LoRA paths
+def test_nongated_with_lora(t, activation, device):
+    """Each op (dense / int4 / fp8 / int8 experts) with non-gated experts (gated=False,
+    relu2 and silu) and mixed slots: lora_b13 [S, E, I, R13] updates the up rows before
+    the activation, against the reference and the fp64 formula; slot -1 rows are the
+    op without LoRA bit for bit, and all slots -1 is the op without LoRA."""
+    ops, lora, (x, tw, ids) = _four_ops(device, t=t, slots="mixed", seed=7,
+                                        activation=activation, gated=False)
+    assert lora.b13.shape[2] == 16                             # I rows, not 2I
+    base_rows = lora.token_slots == -1
+    assert base_rows.any() and (~base_rows).any()
+    unused = lora._replace(token_slots=torch.full_like(lora.token_slots, -1))
+    for name, (call, w13, w2) in ops.items():
+        assert w13.shape[1] == 16, name
+        with mk.use_backend("reference"):
+            want = call(lora)
+        with mk.use_backend("triton"):
+            got, base, none = call(lora), call(None), call(unused)
+        exact = _by_hand(x, w13, w2, tw, ids, lora, activation, gated=False)
+        _check(got, want, exact, torch.float16)
+        assert torch.equal(got[base_rows], base[base_rows]), name
+        assert torch.equal(none, base), name
+        assert not torch.equal(got[~base_rows], base[~base_rows]), name
+
+
+def test_nongated_lora_opcheck_and_errors(device):
+    """Non-gated experts with LoRA through the custom op (opcheck); a lora_b13 of gated
+    experts' 2I rows with gated=False is refused by name (and an I-row one with gated
+    experts)."""
+    x, w13, w2, tw, ids, lora = _dense(5, 16, 8, 3, 2, 2, 3, torch.float32, device, 2,
+                                       gated=False)
+    with mk.use_backend("triton"):
+        torch.library.opcheck(torch.ops.minikernels.fused_moe, (x, w13, w2, tw, ids, *lora),
+                              {"activation": "relu2", "gated": False})
+    b13_2i = torch.zeros(2, 3, 16, 3, device=device)
+    with pytest.raises(ValueError, match=r"lora_b13 must have shape \[S, E, I, R13\] = "
+                                         r"\[2, 3, 8, 3\] .*gated=False"):
+        mk.ops.fused_moe(x, w13, w2, tw, ids, lora=lora._replace(b13=b13_2i),
+                         activation="relu2", gated=False)
+    xg, w13g, w2g, twg, idsg, lorag = _dense(5, 16, 8, 3, 2, 2, 3, torch.float32, device, 2)
+    with pytest.raises(ValueError, match=r"lora_b13 must have shape \[S, E, 2I, R13\]"):
+        mk.ops.fused_moe(xg, w13g, w2g, twg, idsg, lora=lorag._replace(b13=lora.b13))
 
 
 # ------------------------------------------------------------------- strided views

@@ -4,7 +4,9 @@ tokens, one token, odd sizes that are not multiples of the tiles, one expert, k 
 expert repeats in a row), every dtype, both backends, every tensor argument a strided
 view, poisoned scratch buffers (conftest: an unwritten row turns the output NaN), the
 host-side expert sort, opcheck, torch.compile and bad input; ``activation`` silu (the
-default) / gelu / gelu_tanh on aligned and odd shapes, and its errors."""
+default) / gelu / gelu_tanh on aligned and odd shapes, and its errors; non-gated experts
+(``gated=False``, w13 [E, I, H]: Nemotron 3's relu2, and silu) against the reference and
+the fp64 formula, strided, opcheck / compile, and their errors by name."""
 from __future__ import annotations
 
 import pytest
@@ -22,10 +24,10 @@ FORMULA_TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 GELUS = ["gelu", "gelu_tanh"]
 
 
-def _inputs(t, h, inter, e, k, dtype, device, seed=0, ids_dtype=torch.int64):
+def _inputs(t, h, inter, e, k, dtype, device, seed=0, ids_dtype=torch.int64, gated=True):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(t, h, generator=g).to(dtype)
-    w13 = (torch.randn(e, 2 * inter, h, generator=g) / h ** 0.5).to(dtype)
+    w13 = (torch.randn(e, (2 if gated else 1) * inter, h, generator=g) / h ** 0.5).to(dtype)
     w2 = (torch.randn(e, h, inter, generator=g) / inter ** 0.5).to(dtype)
     tw = torch.rand(t, k, generator=g) + 0.1            # never 1: a dropped weight shows
     ids = torch.randint(0, e, (t, k), generator=g, dtype=ids_dtype)
@@ -303,4 +305,152 @@ def test_gpu_gelu_experts_decode_and_prefill(dtype, activation):
         with mk.use_backend("triton"):
             y = mk.ops.fused_moe(x, w13, w2, tw, ids, activation=activation)
         want = reference.fused_moe(x, w13, w2, tw, ids, activation=activation)
+        assert_close(y, want, scale=2.0)
+
+
+# ------------------------------------------------------------------- non-gated experts
+NONGATED = ["relu2", "silu"]
+
+
+@pytest.mark.parametrize("activation", NONGATED)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_nongated_matches_reference_and_formula(dtype, activation, device):
+    """gated=False (w13 [E, I, H], the up rows only; act(up), Nemotron 3's relu2 and a
+    SiLU one) on an aligned shape (vector loads, EVEN_K) and an odd one (masked,
+    unaligned; k = 3 of 3 experts): the gate-up launch gets GATED False and the ACT; the
+    result matches the reference and the fp64 formula written out (relu2: max(u, 0)^2),
+    and so does the reference."""
+    from minikernels.ops.triton import moe as triton_moe
+
+    for i, (t, h, inter, e, k) in enumerate([(8, 128, 128, 3, 2), (5, 33, 17, 3, 3)]):
+        x, w13, w2, tw, ids = _inputs(t, h, inter, e, k, dtype, device, 60 + i, gated=False)
+        assert w13.shape == (e, inter, h)
+        with mk.use_backend("triton"), \
+                spy_launches(triton_moe, "moe_gate_up_kernel", "GATED") as gated, \
+                spy_launches(triton_moe, "moe_gate_up_kernel", "ACT") as acts:
+            y = mk.ops.fused_moe(x, w13, w2, tw, ids, activation=activation, gated=False)
+        assert (gated, acts) == ([False], [activation])
+        want = reference.fused_moe(x, w13, w2, tw, ids, activation=activation, gated=False)
+        assert y.shape == (t, h) and y.dtype == dtype
+        assert_close(y, want, scale=2.0)
+        exact = _by_hand(x, w13, w2, tw, ids, activation, gated=False)
+        assert _rel_err(want, exact) <= FORMULA_TOL[dtype]
+        assert _rel_err(y, exact) <= FORMULA_TOL[dtype]
+        with mk.use_backend("reference"):
+            torch.testing.assert_close(
+                mk.ops.fused_moe(x, w13, w2, tw, ids, activation=activation, gated=False),
+                want, rtol=0, atol=0)
+
+
+def test_nongated_relu2_is_squared_relu(device):
+    """In fp32 the non-gated relu2 result is within 1e-5 of max(u, 0)^2's formula and far
+    from the non-gated SiLU one and from relu(u) (unsquared); negative up outputs give 0
+    (an expert whose up rows all meet x negatively contributes nothing)."""
+    x, w13, w2, tw, ids = _inputs(9, 40, 24, 3, 2, torch.float32, device, 70, gated=False)
+    with mk.use_backend("triton"):
+        got = mk.ops.fused_moe(x, w13, w2, tw, ids, activation="relu2", gated=False)
+    exact = _by_hand(x, w13, w2, tw, ids, "relu2", gated=False)
+    assert _rel_err(got, exact) <= 1e-5
+    assert _rel_err(got, _by_hand(x, w13, w2, tw, ids, "silu", gated=False)) > 1e-2
+    xd, w13d, w2d = x.double().cpu(), w13.double().cpu(), w2.double().cpu()
+    unsquared = torch.zeros_like(exact)
+    for t, row in enumerate(ids.cpu().tolist()):
+        for j, e in enumerate(row):
+            unsquared[t] += tw[t, j].item() * (w2d[e] @ torch.relu(w13d[e] @ xd[t]))
+    assert _rel_err(got, unsquared) > 1e-2
+    # every up output negative: relu2 gives exactly 0
+    x1 = x.abs()
+    with mk.use_backend("triton"):
+        zero = mk.ops.fused_moe(x1, -w13.abs(), w2, tw, ids, activation="relu2", gated=False)
+    assert bool((zero == 0).all())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_nongated_strided_views_and_edges(backend, device):
+    """Non-gated experts as strided views (x, w13 with a strided H, w2, routing); no
+    tokens; one expert chosen k times (each copy counts); scratch poisoned."""
+    assert _alloc.poison_enabled()
+    t, h, inter, e, k = 6, 40, 24, 3, 2
+    x, w13, w2, tw, ids = _inputs(t, h, inter, e, k, torch.float16, device, 71, gated=False)
+    want = reference.fused_moe(x, w13, w2, tw, ids, activation="relu2", gated=False)
+    xv = torch.randn(9, 2 * h + 3, device=device).half()[2:8, 1:2 * h + 1:2]
+    xv.copy_(x)
+    w13v = torch.randn(e, h, inter, device=device).half().transpose(1, 2)     # H strided
+    w13v.copy_(w13)
+    w2v = torch.randn(e + 1, h + 5, inter + 2, device=device).half()[1:, 2:h + 2, 1:inter + 1]
+    w2v.copy_(w2)
+    idsv = torch.zeros(k, t, dtype=ids.dtype, device=device).t()
+    idsv.copy_(ids)
+    with mk.use_backend(backend):
+        y = mk.ops.fused_moe(xv, w13v, w2v, tw, idsv, activation="relu2", gated=False)
+        empty = mk.ops.fused_moe(x[:0], w13, w2, tw[:0], ids[:0], activation="relu2",
+                                 gated=False)
+        x1, w13b, w2b, tw1, ids1 = _inputs(5, 33, 16, 1, 4, torch.float32, device, 72,
+                                           gated=False)
+        y4 = mk.ops.fused_moe(x1, w13b, w2b, tw1, ids1, activation="relu2", gated=False)
+        y1 = mk.ops.fused_moe(x1, w13b, w2b, tw1.sum(1, keepdim=True), ids1[:, :1],
+                              activation="relu2", gated=False)
+    assert_close(y, want, scale=2.0)
+    assert empty.shape == (0, h)
+    assert_close(y4, y1)
+    assert _rel_err(y4, _by_hand(x1, w13b, w2b, tw1, ids1, "relu2", gated=False)) <= 1e-5
+
+
+def test_nongated_opcheck_compile_and_errors(device):
+    """gated=False through the custom op (opcheck, torch.compile); relu2 with gated
+    experts, a non-bool gated, an unknown activation and a w13 of gated experts' 2I rows
+    are refused by name, at the public op and at the custom op."""
+    x, w13, w2, tw, ids = _inputs(5, 24, 16, 3, 2, torch.float32, device, 73, gated=False)
+    with mk.use_backend("triton"):
+        torch.library.opcheck(torch.ops.minikernels.fused_moe, (x, w13, w2, tw, ids),
+                              {"activation": "relu2", "gated": False})
+
+    def block(x, w13, w2, tw, ids):
+        return mk.ops.fused_moe(x, w13, w2, tw, ids, activation="relu2", gated=False) + x
+
+    torch._dynamo.reset()
+    compiled = torch.compile(block, fullgraph=True, backend="aot_eager")
+    with mk.use_backend("triton"):
+        got = compiled(x, w13, w2, tw, ids)
+    assert_close(got, reference.fused_moe(x, w13, w2, tw, ids, activation="relu2",
+                                          gated=False) + x)
+    _, w13g, _, _, _ = _inputs(5, 24, 16, 3, 2, torch.float32, device, 73)    # [E, 2I, H]
+    relu2_gated = r"activation 'relu2' .*pass gated=False"
+    with pytest.raises(ValueError, match=relu2_gated):
+        mk.ops.fused_moe(x, w13g, w2, tw, ids, activation="relu2")
+    with mk.use_backend("triton"), pytest.raises(ValueError, match=relu2_gated):
+        torch.ops.minikernels.fused_moe(x, w13g, w2, tw, ids, activation="relu2")
+    with pytest.raises(TypeError, match="gated must be a bool"):
+        mk.ops.fused_moe(x, w13, w2, tw, ids, gated=0)
+    allowed = (r"activation must be one of \('silu', 'gelu', 'gelu_tanh', 'relu2'\) with "
+               r"gated=False, got 'relu'")
+    with pytest.raises(ValueError, match=allowed):
+        mk.ops.fused_moe(x, w13, w2, tw, ids, activation="relu", gated=False)
+    with mk.use_backend("triton"), pytest.raises(ValueError, match=allowed):
+        torch.ops.minikernels.fused_moe(x, w13, w2, tw, ids, activation="relu", gated=False)
+    # gate and up rows stacked (2I) with gated=False: w13 is the one named
+    with pytest.raises(ValueError, match=r"w13 must have I = 16 rows per expert with "
+                                         r"gated=False"):
+        mk.ops.fused_moe(x, w13g, w2, tw, ids, activation="relu2", gated=False)
+    for bad, match in [((x, w13[:, :15], w2), r"w2 must have shape \[E = 3, H = 24, I = 15\]"),
+                       ((x, w13[:, :0], w2), r"w13's second dim must be I > 0"),
+                       ((x, w13[:, :, :8], w2), r"w13 must have shape \[E, I, H = 24\]")]:
+        with pytest.raises(ValueError, match=match):
+            mk.ops.fused_moe(*bad, tw, ids, activation="relu2", gated=False)
+    # and gated experts given non-gated w13 [E, I, H] (I = 16 even): w2 is named
+    with pytest.raises(ValueError, match=r"w2 must have shape \[E = 3, H = 24, I = 8\]"):
+        mk.ops.fused_moe(x, w13, w2, tw, ids)
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gpu_nongated_relu2_decode_and_prefill(dtype):
+    """Nemotron 3 Nano's experts on the GPU (H 2688, I 1856, 128 experts, k 6; non-gated
+    relu2): a decode batch (BLOCK_M 16 / 32) and a prefill one (BLOCK_M 64: wgmma on
+    sm_90a) against the reference."""
+    for t in (64, 2048):
+        x, w13, w2, tw, ids = _inputs(t, 2688, 1856, 128, 6, dtype, "cuda", 11, gated=False)
+        with mk.use_backend("triton"):
+            y = mk.ops.fused_moe(x, w13, w2, tw, ids, activation="relu2", gated=False)
+        want = reference.fused_moe(x, w13, w2, tw, ids, activation="relu2", gated=False)
         assert_close(y, want, scale=2.0)

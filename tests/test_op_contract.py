@@ -185,9 +185,26 @@ def test_opcheck_rotary_styles(backend, is_neox_style, device):
 def test_opcheck_moe_activation(name, activation, device):
     # the fused MoE ops' activation argument (the generic sample leaves it at "silu")
     op = getattr(torch.ops.minikernels, name)
-    assert op.default._schema.arguments[-1].name == "activation"
+    assert op.default._schema.arguments[-2].name == "activation"
     with mk.use_backend("triton"):
         torch.library.opcheck(op, _samples(device)[name], {"activation": activation})
+
+
+@pytest.mark.parametrize("activation", ["relu2", "silu"])
+@pytest.mark.parametrize("name", ["fused_moe", "fused_moe_int4", "fused_moe_fp8",
+                                  "fused_moe_int8"])
+def test_opcheck_moe_nongated(name, activation, device):
+    # non-gated experts (gated=False, the ops' last argument): the generic sample's w13
+    # (and its scales / zeros) cut to the I up rows
+    op = getattr(torch.ops.minikernels, name)
+    assert op.default._schema.arguments[-1].name == "gated"
+    args = list(_samples(device)[name])
+    up_rows = {"fused_moe": (1,), "fused_moe_int4": (1, 2, 3), "fused_moe_fp8": (1, 2),
+               "fused_moe_int8": (1, 2)}[name]
+    for i in up_rows:          # (fp8: 2 row blocks of 32 -> 1)
+        args[i] = args[i][:, :args[i].shape[1] // 2].contiguous()
+    with mk.use_backend("triton"):
+        torch.library.opcheck(op, tuple(args), {"activation": activation, "gated": False})
 
 
 def test_torch_compile_fullgraph_over_ops():
