@@ -272,7 +272,8 @@ class FlashConfig:
 # inside the kernel (two [64, 256] accumulators) keeps the same accumulator registers a
 # thread, so it spills alike; recomputing q k^T per half instead costs 1.5x the FLOPs.
 # 32 x 32 tiles over 8 warps hold a 64-register accumulator: 176-244 registers with every
-# feature (fp8 caches included), no spills; sm_80 2 stages (~98 KB smem), sm_90a 3 stages (~162 KB of its 227 KB).
+# feature (fp8 caches included), no spills; sm_80 2 stages (~98 KB smem), sm_90a 3 stages
+# (~162 KB of its 227 KB).
 SM90_CONFIGS = {
     16: FlashConfig(128, 128, 8, 3),
     32: FlashConfig(128, 128, 8, 3),
