@@ -6,7 +6,8 @@ Conventions follow FlashAttention (>= 2.1): varlen [total_tokens, heads, head_di
 cu_seqlens, causal masks aligned bottom-right (also with more queries than keys: rows that
 see no key give 0 and LSE -inf), local attention ``window_left`` / ``window_right``, GQA when
 Hq is a multiple of Hkv, ALiBi (``alibi_slopes`` [Hq] or [B, Hq]), any head dim up to 512
-(FlashAttention's 256, plus Gemma 4's 512-wide full-attention heads), paged caches of any block size 1..256, fp8 (e4m3) paged caches.
+(FlashAttention's 256, plus Gemma 4's 512-wide full-attention heads), paged caches of any
+block size 1..256, fp8 (e4m3) paged caches.
 ``flash_attention_bshd`` is the padded-batch convenience form [B, S, H, D].
 Tests: tests/test_flash_attention*.py. Benchmark: ``python -m bench.bench_attention``.
 """
@@ -331,11 +332,12 @@ def flash_attention_bshd(q: Tensor, k: Tensor, v: Tensor, causal: bool = True,
     """Attention over a padded batch, FlashAttention's ``flash_attn_func`` layout.
 
     q [B, Sq, Hq, D]; k, v [B, Sk, Hkv, D] (same dtype and device, Hq a multiple of Hkv,
-    any strides; D in [1, 512] as in :func:`flash_attention`). Every sequence has Sq queries and Sk keys; causal is aligned bottom-right
-    (with Sq > Sk the first Sq - Sk rows see no key). Returns out [B, Sq, Hq, D] in
-    q.dtype, and with return_lse the natural-log LSE [B, Hq, Sq] fp32. Other arguments
-    (window_left / window_right: FlashAttention's window_size; alibi_slopes [Hq] or
-    [B, Hq]; sinks [Hq]) as in :func:`flash_attention`.
+    any strides; D in [1, 512] as in :func:`flash_attention`). Every sequence has Sq
+    queries and Sk keys; causal is aligned bottom-right (with Sq > Sk the first Sq - Sk
+    rows see no key). Returns out [B, Sq, Hq, D] in q.dtype, and with return_lse the
+    natural-log LSE [B, Hq, Sq] fp32. Other arguments (window_left / window_right:
+    FlashAttention's window_size; alibi_slopes [Hq] or [B, Hq]; sinks [Hq]) as in
+    :func:`flash_attention`.
     """
     check_tensor("q", q, dtypes=FLOAT_DTYPES, ndim=4)
     check_tensor("k", k, dtypes=(q.dtype,), ndim=4, device=q.device)
