@@ -13,7 +13,9 @@ as Gemma 4's), passed to the ops as ``activation=``; Qwen2-MoE's shared expert u
                                              # Granite 4.0-H: added without the gate)
 
 Weights: ``gate.weight`` [E, H]; ``experts.w13`` [E, 2I, H] (each expert's gate_proj rows,
-then its up_proj rows); ``experts.w2`` [E, H, I] (down_proj). With int4 (RTN on load) the
+then its up_proj rows); ``experts.w2`` [E, H, I] (down_proj). Non-gated experts
+(``FusedExperts(gated=False)``: Nemotron 3's squared-ReLU experts, down(act(up(x)))) hold
+``w13`` [E, I, H] (up_proj alone) and run the ops with ``gated=False``. With int4 (RTN on load) the
 experts are int4 too: :class:`FusedExperts` and ``ops.fused_moe_int4``; with fp8 (RTN on
 load, or an fp8 checkpoint) e4m3 with block scales and ``ops.fused_moe_fp8``; with int8
 (RTN on load, or an int8 W8A8 checkpoint) int8 with per-row scales and
@@ -39,6 +41,8 @@ from .parallel import TensorParallel
 
 #: a checkpoint's per-expert projections -> the part of w13 / w2 they fill
 EXPERT_PARTS = ("gate_proj", "up_proj", "down_proj")
+#: those of non-gated experts (FusedExperts(gated=False): w13 holds up_proj alone)
+NONGATED_EXPERT_PARTS = ("up_proj", "down_proj")
 
 
 class FusedExperts(nn.Module):
@@ -68,24 +72,57 @@ class FusedExperts(nn.Module):
 
     ``activation``: the experts' gate activation ("silu", "gelu", "gelu_tanh"), every
     forward's ``activation=``.
+
+    ``gated=False``: non-gated experts (Nemotron 3's: y = down(act(up(x))), activation
+    "relu2" (squared ReLU), or "silu" / "gelu" / "gelu_tanh"); every "2I" above is I,
+    ``w13`` [E, I, H] (and its quantized forms) holding up_proj alone; the parts are
+    ``NONGATED_EXPERT_PARTS`` (up_proj, down_proj; ``parts``), gate_proj is refused by
+    name; the forward passes ``gated=False``. An fp8 row block need not divide I then
+    (one part per matrix).
     """
 
     def __init__(self, num_experts: int, hidden: int, inter: int, dtype: torch.dtype,
                  device: torch.device | str | None, dense: bool = True,
-                 activation: str = "silu") -> None:
+                 activation: str = "silu", gated: bool = True) -> None:
         super().__init__()
+        if not isinstance(gated, bool):
+            raise TypeError(f"gated must be a bool, got {type(gated).__name__}")
+        allowed = ops.reference.MOE_ACTIVATIONS if gated else \
+            ops.reference.MOE_NONGATED_ACTIVATIONS
+        if activation not in allowed:
+            raise ValueError(f"activation must be one of {allowed} for "
+                             f"{'gated' if gated else 'non-gated (gated=False)'} experts, got "
+                             f"{activation!r}")
         self.num_experts, self.hidden, self.inter = num_experts, hidden, inter
         self.activation = activation
+        self.gated = gated
         self.dtype, self.device = dtype, device
         self.group_size: int | None = None           # int4 only
         self.fp8_block: tuple[int, int] | None = None  # fp8 only
         self.int8 = False                               # int8 buffers allocated
         self.w13 = self.w2 = None
         if dense:
-            self.w13 = nn.Parameter(torch.empty(num_experts, 2 * inter, hidden, dtype=dtype,
+            self.w13 = nn.Parameter(torch.empty(num_experts, self.rows13, hidden, dtype=dtype,
                                                 device=device), requires_grad=False)
             self.w2 = nn.Parameter(torch.empty(num_experts, hidden, inter, dtype=dtype,
                                                device=device), requires_grad=False)
+
+    @property
+    def parts(self) -> tuple[str, ...]:
+        """The per-expert projections these experts hold: ``EXPERT_PARTS`` (gate_proj,
+        up_proj, down_proj), or ``NONGATED_EXPERT_PARTS`` (up_proj, down_proj)."""
+        return EXPERT_PARTS if self.gated else NONGATED_EXPERT_PARTS
+
+    @property
+    def rows13(self) -> int:
+        """w13's rows per expert: 2I (gate rows then up rows), I when not gated."""
+        return 2 * self.inter if self.gated else self.inter
+
+    def _check_part(self, name: str) -> None:
+        if name not in self.parts:
+            kind = "gated" if self.gated else "non-gated (gated=False)"
+            raise ValueError(f"{name!r} is not a projection of these {kind} experts "
+                             f"(parts {self.parts})")
 
     @property
     def is_int4(self) -> bool:
@@ -105,14 +142,18 @@ class FusedExperts(nn.Module):
         if self.group_size is not None or self.fp8_block is not None or self.int8:
             raise ValueError("these experts already hold quantized parts")
         e, i, h = self.num_experts, self.inter, self.hidden
-        self.w13 = nn.Parameter(torch.empty(e, 2 * i, h, dtype=self.dtype, device=self.device),
-                                requires_grad=False)
+        self.w13 = nn.Parameter(torch.empty(e, self.rows13, h, dtype=self.dtype,
+                                            device=self.device), requires_grad=False)
         self.w2 = nn.Parameter(torch.empty(e, h, i, dtype=self.dtype, device=self.device),
                                requires_grad=False)
 
     def part(self, expert: int, name: str) -> Tensor:
         """The view of one dense expert's ``gate_proj`` [I, H], ``up_proj`` [I, H] or
-        ``down_proj`` [H, I] weight (I local: this rank's slice under tensor parallel)."""
+        ``down_proj`` [H, I] weight (I local: this rank's slice under tensor parallel;
+        non-gated experts: up_proj is all of w13[expert], no gate_proj)."""
+        self._check_part(name)
+        if not self.gated and name == "up_proj":
+            return self.w13[expert]
         if name == "gate_proj":
             return self.w13[expert, :self.inter]
         if name == "up_proj":
@@ -120,6 +161,8 @@ class FusedExperts(nn.Module):
         return self.w2[expert]
 
     def part_shape(self, name: str) -> tuple[int, int]:
+        """[N, K] of projection ``name`` (one of ``parts``)."""
+        self._check_part(name)
         return (self.hidden, self.inter) if name == "down_proj" else (self.inter, self.hidden)
 
     def quantize_part_(self, expert: int, name: str, tensor: Tensor, group_size: int) -> None:
@@ -192,7 +235,8 @@ class FusedExperts(nn.Module):
                 bn, fbk = (int(b) for b in block_size)
             else:   # one K block per row (per channel): max(H, I) is one block in both
                 bn, fbk = 1, max(self.hidden, self.inter)
-            self._allocate_fp8((bn if self.inter % bn == 0 else 1, fbk))
+            # (gated: gate and up rows stack block by block only when bn divides I)
+            self._allocate_fp8((bn if not self.gated or self.inter % bn == 0 else 1, fbk))
             bn = w.block_size[0]
         fbn, fbk = self.fp8_block
         if bk != fbk and not (bk >= k and fbk >= k):    # the same K blocks
@@ -228,7 +272,7 @@ class FusedExperts(nn.Module):
             raise ValueError(f"shape mismatch: expected {[n, k]}, got {list(w.shape)}")
         if not self.int8:
             e, i, h = self.num_experts, self.inter, self.hidden
-            for prefix, (rows, cols) in (("w13", (2 * i, h)), ("w2", (h, i))):
+            for prefix, (rows, cols) in (("w13", (self.rows13, h)), ("w2", (h, i))):
                 self.register_buffer(f"{prefix}_int8", torch.zeros(
                     e, rows, cols, dtype=torch.int8, device=self.device))
                 self.register_buffer(f"{prefix}_int8_scale", torch.ones(
@@ -241,7 +285,7 @@ class FusedExperts(nn.Module):
     def _allocate_fp8(self, block: tuple[int, int]) -> None:
         e, i, h = self.num_experts, self.inter, self.hidden
         bn, bk = block
-        for prefix, (n, k) in (("w13", (2 * i, h)), ("w2", (h, i))):
+        for prefix, (n, k) in (("w13", (self.rows13, h)), ("w2", (h, i))):
             self.register_buffer(f"{prefix}_fp8", torch.zeros(
                 e, n, k, dtype=torch.float8_e4m3fn, device=self.device))
             self.register_buffer(f"{prefix}_scale", torch.ones(
@@ -251,7 +295,10 @@ class FusedExperts(nn.Module):
     def _rows(self, name: str, block: int = 1) -> tuple[str, slice]:
         """("w13" or "w2", the rows of projection ``name`` in it, counted in blocks of
         ``block`` rows): gate_proj the first I rows of w13, up_proj the next I, down_proj
-        all of w2."""
+        all of w2; non-gated experts: up_proj all of w13."""
+        self._check_part(name)
+        if not self.gated:
+            return ("w2" if name == "down_proj" else "w13"), slice(None)
         i = self.inter // block
         if name == "gate_proj":
             return "w13", slice(0, i)
@@ -268,7 +315,7 @@ class FusedExperts(nn.Module):
         sd = scale_dtype or (self.dtype if self.dtype in (torch.float16, torch.bfloat16)
                              else torch.float16)
         e, i, h = self.num_experts, self.inter, self.hidden
-        for prefix, (n, k) in (("w13", (2 * i, h)), ("w2", (h, i))):
+        for prefix, (n, k) in (("w13", (self.rows13, h)), ("w2", (h, i))):
             groups = 1 if group_size == -1 else k // group_size
             self.register_buffer(f"{prefix}_qweight", torch.zeros(
                 e, n, k // 8, dtype=torch.int32, device=self.device))
@@ -298,20 +345,21 @@ class FusedExperts(nn.Module):
 
     def forward(self, x: Tensor, weights: Tensor, ids: Tensor) -> Tensor:
         """The experts of x [T, H] (``ops.fused_moe`` / ``fused_moe_int4`` /
-        ``fused_moe_fp8`` / ``fused_moe_int8``)."""
+        ``fused_moe_fp8`` / ``fused_moe_int8``, with ``activation`` and ``gated``)."""
         slots = self.__dict__.get("lora")    # LoRA on the experts (minikernels.models.lora)
         lora = slots.op_args() if slots is not None else None
-        act = self.activation
+        act, gated = self.activation, self.gated
         if self.w13 is not None:
-            return ops.fused_moe(x, self.w13, self.w2, weights, ids, lora=lora, activation=act)
+            return ops.fused_moe(x, self.w13, self.w2, weights, ids, lora=lora, activation=act,
+                                 gated=gated)
         if self.int8:
             return ops.fused_moe_int8(x, self.w13_int8, self.w13_int8_scale, self.w2_int8,
                                       self.w2_int8_scale, weights, ids, lora=lora,
-                                      activation=act)
+                                      activation=act, gated=gated)
         if self.fp8_block is not None:
             return ops.fused_moe_fp8(x, self.w13_fp8, self.w13_scale, self.w2_fp8,
                                      self.w2_scale, weights, ids, self.fp8_block, lora=lora,
-                                     activation=act)
+                                     activation=act, gated=gated)
         if self.group_size is None:
             raise RuntimeError("int4 experts were never loaded")
         # fp16 / bf16 activations; an fp32 model rounds them to the scales' dtype
@@ -322,7 +370,7 @@ class FusedExperts(nn.Module):
                                  a2=lora.a2.to(sd), b2=lora.b2.to(sd))
         y = ops.fused_moe_int4(xin, self.w13_qweight, self.w13_scales, self.w13_zeros,
                                self.w2_qweight, self.w2_scales, self.w2_zeros, weights, ids,
-                               self.group_size, lora=lora, activation=act)
+                               self.group_size, lora=lora, activation=act, gated=gated)
         return y.to(x.dtype)
 
 
