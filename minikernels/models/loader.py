@@ -74,7 +74,7 @@ from .hub import resolve_model
 from ..nn.layers import XIELU
 from ..quant.fp8 import fp8_from_checkpoint
 from .linear import FusedLinear, pick_group_size, set_fp8_activations
-from .moe import EXPERT_PARTS, FusedExperts, SparseMoE
+from .moe import FusedExperts, SparseMoE
 from .parallel import (TensorParallel, mlp_intermediate_size, row_parallel_group_size,
                        shard_tensor)
 
@@ -189,10 +189,11 @@ _HEAD_GATE_RE = re.compile(r"^layers\.(\d+)\.self_attn\.(?:g_proj|gate_proj)\.(\
 _MAMBA1_DT_RE = re.compile(r"^layers\.(\d+)\.mamba\.dt_proj\.(\w+)$")
 _MAMBA1_NORM_RE = re.compile(r"^layers\.(\d+)\.mamba\.(dt|b|c)_layernorm\.weight$")
 #: mixture of experts: per-expert projections (the hub's names), transformers 5's stacked
-#: ones, and the router (models/moe.py)
+#: ones (non-gated experts, Nemotron 3's: up_proj [E, I, H]), and the router (models/moe.py)
 _EXPERT_RE = re.compile(r"^layers\.(\d+)\.(mlp|moe)\.experts\.(\d+)\."
                         r"(gate_proj|up_proj|down_proj)\.(\w+)$")
-_STACKED_EXPERTS_RE = re.compile(r"^layers\.(\d+)\.(mlp|moe)\.experts\.(gate_up_proj|down_proj)$")
+_STACKED_EXPERTS_RE = re.compile(r"^layers\.(\d+)\.(mlp|moe)\.experts\."
+                                 r"(gate_up_proj|up_proj|down_proj)$")
 _ROUTER_RE = re.compile(r"^layers\.(\d+)\.(mlp|moe)\.(gate|shared_expert_gate)\.weight$")
 #: Gemma 4's router scales (its experts sit beside the MLP: "moe")
 _ROUTER_SCALE_RE = re.compile(r"^layers\.(\d+)\.moe\.(router_scale|per_expert_scale)$")
@@ -1093,7 +1094,7 @@ def _load_hf(model_dir: str, dtype: str | torch.dtype, device: torch.device,
     for name, mod in modules.items():
         if isinstance(mod, FusedExperts):
             for e in range(mod.num_experts):
-                expected.update((name, e, part) for part in EXPERT_PARTS)
+                expected.update((name, e, part) for part in mod.parts)
             continue
         if isinstance(mod, FusedLinear):
             if name == "lm_head" and (config.tie_word_embeddings or not lm_head):
@@ -1460,9 +1461,13 @@ def check_experts(mod: FusedExperts, expert: int | None, kind: str, tensor: Tens
                   where: str) -> None:
     """CheckpointError unless ``tensor`` is one expert's projection in range and of its
     part's shape, or transformers 5's stacked tensor of every expert ([E, 2I, H] /
-    [E, H, I]); meta tensors are checked too (nothing is read)."""
+    [E, H, I]; non-gated experts' up_proj [E, I, H]); meta tensors are checked too
+    (nothing is read)."""
+    parts = ("gate_proj", "up_proj") if kind == "gate_up_proj" else (kind,)
+    if any(p not in mod.parts for p in parts):
+        raise CheckpointError(f"{where}: these experts hold {' / '.join(mod.parts)} "
+                              f"({'' if mod.gated else 'non-'}gated), not {kind}")
     if expert is None:
-        parts = ("gate_proj", "up_proj") if kind == "gate_up_proj" else ("down_proj",)
         rows = mod.part_shape(parts[0])
         expected = (mod.num_experts, rows[0] * len(parts), rows[1])
     else:
@@ -1483,8 +1488,8 @@ def _load_experts(mod: FusedExperts, mod_name: str, expert: int | None, kind: st
     into the fp8 ones (``fp8``) or the int8 ones (``int8``); the (module, expert, part)
     keys it filled."""
     check_experts(mod, expert, kind, tensor, where)
-    if expert is None:   # stacked: [E, 2I, H] or [E, H, I]
-        parts = ("gate_proj", "up_proj") if kind == "gate_up_proj" else ("down_proj",)
+    if expert is None:   # stacked: [E, 2I, H], [E, H, I] (non-gated up_proj: [E, I, H])
+        parts = ("gate_proj", "up_proj") if kind == "gate_up_proj" else (kind,)
         experts: Any = range(mod.num_experts)
     else:
         parts, experts = (kind,), (expert,)
