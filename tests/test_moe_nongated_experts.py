@@ -179,3 +179,30 @@ def test_checkpoint_writers():
             torch.testing.assert_close(w2[e], deq(down[e]), rtol=1e-3, atol=1e-3, msg=kind)
         with pytest.raises(ValueError, match="'gate_proj' is not a projection"):
             write(ex, 0, "gate_proj", up[0])
+
+
+def test_loader_expert_branch():
+    """The loader's expert branch for non-gated experts: per-expert up_proj / down_proj
+    (the hub's names) and transformers 5's stacked experts.up_proj [E, I, H]
+    (NemotronHExperts) map to the experts module and load into w13 / w2; gate_proj /
+    gate_up_proj, and a stacked up_proj of 2I rows, are CheckpointErrors naming them."""
+    from minikernels.models.loader import CheckpointError, _load_experts, map_name
+
+    assert map_name("layers.3.mlp.experts.up_proj") == ("layers.3.mlp.experts", None,
+                                                        "up_proj")
+    assert map_name("layers.3.mlp.experts.2.up_proj.weight") == ("layers.3.mlp.experts", 2,
+                                                                  "up_proj")
+    up, down = _weights(6, torch.float32)
+    ex = FusedExperts(E, H, I, torch.float32, "cpu", activation="relu2", gated=False)
+    keys = _load_experts(ex, "m", None, "up_proj", up, "w")
+    assert keys == [("m", e, "up_proj") for e in range(E)]
+    for e in range(E):
+        assert _load_experts(ex, "m", e, "down_proj", down[e], "w") == [("m", e, "down_proj")]
+    assert torch.equal(ex.w13, up) and torch.equal(ex.w2, down)
+    for expert, kind, tensor in ((None, "gate_up_proj", torch.zeros(E, 2 * I, H)),
+                                 (0, "gate_proj", up[0])):
+        with pytest.raises(CheckpointError, match=rf"hold up_proj / down_proj \(non-gated\), "
+                                                  rf"not {kind}"):
+            _load_experts(ex, "m", expert, kind, tensor, "w")
+    with pytest.raises(CheckpointError, match=r"shape mismatch: expected \[4, 24, 32\]"):
+        _load_experts(ex, "m", None, "up_proj", torch.zeros(E, 2 * I, H), "w")
