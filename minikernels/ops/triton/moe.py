@@ -11,7 +11,9 @@ BLOCK_M): at most one tile more than the real worst case, T*k tiles when T*k < E
      n-block].T with fp32 accumulation, then stores act(gate) * up rounded to x.dtype
      into act[p, n-block] ([T*k, I], one row per pair); act is the constexpr ``ACT``
      (silu, gelu, gelu_tanh: ops/triton/activation.py's ``gate_activation``, the op's
-     ``activation``).
+     ``activation``). Non-gated experts (the constexpr ``GATED`` False: Nemotron 3's,
+     w13 [E, I, H] the up rows only) load the up tile alone into one accumulator and
+     store act(up) (ACT also relu2: relu(u)^2); the other kernels are unchanged.
   2. ``moe_down_kernel``: program (b, n) computes act[p] @ w2[e, n-block].T in fp32, times
      topk_weights[t, j], into an fp32 buffer [T*k, H] at row p.
   3. out = buffer.view(T, k, H).sum(1) in fp32, rounded once to x.dtype.

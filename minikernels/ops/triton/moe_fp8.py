@@ -12,7 +12,8 @@ Algorithm: the three steps of ops/triton/moe.py (its ``sort_pairs_by_expert`` pu
      run it), and adds dot(x, (W / 256)^T) * 256 * scale[n // bn, k0 // bk] to an fp32
      accumulator: the dequantized weight is never rounded to x.dtype. act(gate) * up
      (the constexpr ``ACT``: silu / gelu / gelu_tanh, as moe.py), rounded to x.dtype,
-     goes to act [T*k, I].
+     goes to act [T*k, I]. ``GATED`` False (non-gated experts, as moe.py): only the up
+     bytes (w13 [E, I, H], scales [E, ceil(I / bn), ...]), act(up) stored.
   2. ``moe_fp8_down_kernel``: act @ W2[e]^T the same way, times topk_weights[t, j] in fp32,
      into an fp32 buffer [T*k, H].
   3. out = buffer.view(T, k, H).sum(1), rounded once to x.dtype.

@@ -8,7 +8,8 @@ T*k (token, slot) pairs into expert-sorted BLOCK_M tiles with moe_align's kernel
      8 nibbles of each word (lowest first) into [BN, BK], dequantizes (q - z) * s in fp32,
      rounds to x.dtype (the reference's W), and runs tl.dot(x, W^T) with fp32
      accumulation; stores act(gate) * up rounded to x.dtype into act [T*k, I] (act: the
-     constexpr ``ACT``, silu / gelu / gelu_tanh, as moe.py).
+     constexpr ``ACT``, silu / gelu / gelu_tanh, as moe.py). ``GATED`` False (non-gated
+     experts, as moe.py): only the up words (w13 [E, I, H/8]), act(up) stored.
   2. ``moe_int4_down_kernel``: act @ W2[e]^T the same way, times topk_weights in fp32, into
      an fp32 buffer [T*k, H].
   3. out = buffer.view(T, k, H).sum(1), rounded once to x.dtype.

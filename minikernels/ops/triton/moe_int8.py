@@ -14,7 +14,8 @@ Algorithm: the three steps of ops/triton/moe.py (its ``sort_pairs_by_expert`` pu
      accumulators once after the K loop: gate = acc_g * scale[n], up = acc_u * scale[I + n]
      (the dequantized weight is never rounded to x.dtype). act(gate) * up (the constexpr
      ``ACT``: silu / gelu / gelu_tanh, as moe.py), rounded to x.dtype, goes to
-     act [T*k, I].
+     act [T*k, I]. ``GATED`` False (non-gated experts, as moe.py): only the up bytes
+     (w13 [E, I, H], scales [E, I]), act(up) stored.
   2. ``moe_int8_down_kernel``: act @ q2[e]^T the same way, times scale2[e, n], times
      topk_weights[t, j] in fp32, into an fp32 buffer [T*k, H].
   3. out = buffer.view(T, k, H).sum(1), rounded once to x.dtype.
