@@ -59,7 +59,7 @@ def hybrid(request, tmp_path_factory):
 #: every family: its state kinds (conv; conv + gated delta; conv + Mamba-2) and cache
 #: entries (states only; Falcon-H1's (k, v) + states; Nemotron-H's MLP blocks' ())
 FAMILIES = ["lfm2", "qwen3_5", "granite4-h", "falcon_h1", "nemotron_h", "olmo_hybrid",
-            "jamba-moe", "mamba", "lfm3", "zamba2"]
+            "jamba-moe", "mamba", "lfm3", "zamba2", "nemotron_h-moe"]
 #: the two recurrent ops whose fresh-start / resume flags matter beyond the conv's
 STATEFUL = ["qwen3_5", "granite4-h", "mamba"]
 
@@ -405,6 +405,9 @@ def test_sequence_classifier_on_a_hybrid_decoder(tmp_path):
     # Nemotron-H: each block's one "mixer" (the Mamba-2 in_proj, attention, the non-gated
     # MLP's up / down; PEFT refuses its Mamba out_proj)
     ("nemotron_h", ["in_proj", "q_proj", "v_proj", "o_proj", "up_proj", "down_proj"]),
+    # Nemotron 3: the same on a model with expert blocks (the experts' LoRA slots sized for
+    # non-gated experts, unused here)
+    ("nemotron_h-moe", ["in_proj", "q_proj", "o_proj"]),
 ])
 def test_lora_adapters_on_hybrid_models(kind, targets, tmp_path):
     """PEFT adapters on the attention, MLP and recurrent mixers' projections: greedy tokens

@@ -30,6 +30,7 @@ HALF_TOL = {torch.float16: 0.02, torch.bfloat16: 0.06}
                                   "lfm2", "qwen3_5", "granite4-h", "falcon_h1", "nemotron_h",
                                   "olmo_hybrid", "jamba-moe", "mamba", "falcon_mamba", "lfm3", "zamba2",
                                   "gemma4", "gemma4-plain", "gemma4-moe", "gemma3n",
+                                  "nemotron_h-moe", "nemotron_h-latent",
                                   "qwen3-moe",
                                   "qwen2-moe", "mixtral", "granitemoe", "olmoe"])
 def test_gpu_forward_paths_match_transformers(hf_dirs, kind, dtype):

@@ -76,7 +76,8 @@ def test_paged_prefill_decode_and_chunked_prefill(hf_dirs, kind):
                                   "qwen3_5_moe", "lfm2_moe", "bamba", "olmo_hybrid", "olmo_hybrid-rope",
                                   "jamba", "jamba-moe", "mamba", "falcon_mamba", "lfm3",
                                   "zamba2", "zamba2-plain", "exaone", "granitemoeshared",
-                                  "gemma4", "gemma4-plain", "gemma4-moe", "gemma3n"])
+                                  "gemma4", "gemma4-plain", "gemma4-moe", "gemma3n",
+                                  "nemotron_h-moe", "nemotron_h-latent"])
 def test_greedy_generation_matches_transformers(hf_dirs, kind):
     hf, path = hf_dirs[kind]
     model = load_model(path, dtype="float32", device="cpu")
@@ -722,7 +723,7 @@ def test_qwen3_5_multimodal_checkpoint_serves_its_hybrid_text_decoder(tmp_path):
 
 def test_nemotron_h_hub_pattern_and_refusals():
     """Nemotron-H's hub spelling (hybrid_override_pattern, mamba_* aliases, attention_head_dim):
-    one layer per block; mixture-of-experts blocks (Nemotron 3) are refused by name."""
+    one layer per block; Nemotron 3's expert blocks; unknown block letters refused."""
     import minikernels as mk
     from minikernels.models.config import UnsupportedModelError
 
@@ -737,8 +738,20 @@ def test_nemotron_h_hub_pattern_and_refusals():
     assert c.layer_mlps == [False, True, False, True] and c.head_dim == 16
     assert (c.mamba_num_groups, c.conv_kernel, c.mamba_dt_limit[0], c.activation) == \
         (2, 3, 0.002, "relu2") and c.nope_layers == [0, 1, 2, 3]
-    with pytest.raises(UnsupportedModelError, match="mixture-of-experts"):
-        mk.models.DecoderConfig.from_hf({**hub, "hybrid_override_pattern": "M-*E"})
+    # Nemotron 3: "E" blocks are expert blocks (an MLP of experts, no mixer)
+    moe = mk.models.DecoderConfig.from_hf({**hub, "hybrid_override_pattern": "M-*E",
+                                           "n_routed_experts": 8, "num_experts_per_tok": 2,
+                                           "moe_intermediate_size": 16, "n_group": 2,
+                                           "topk_group": 1})
+    assert moe.layer_mixers[3] == "none" and moe.layer_mlps[3] and moe.moe_layers == [3]
+    assert (moe.moe_router, moe.moe_gated_experts, moe.moe_num_groups) == \
+        ("group_sigmoid", False, 2)
+    with pytest.raises(ValueError, match="moe_num_groups"):
+        mk.models.DecoderConfig.from_hf({**hub, "hybrid_override_pattern": "M-*E",
+                                         "n_routed_experts": 8, "num_experts_per_tok": 2,
+                                         "moe_intermediate_size": 16, "n_group": 3})
+    with pytest.raises(UnsupportedModelError, match="block types"):
+        mk.models.DecoderConfig.from_hf({**hub, "hybrid_override_pattern": "M-*X"})
 
 
 def test_zamba2_shared_blocks_must_be_equal_copies(tmp_path):

@@ -136,6 +136,22 @@ CASES: dict[str, tuple[str, dict[str, Any]]] = {
             "linear_attention", "mlp", "full_attention", "mlp", "linear_attention"],
         mamba_num_heads=8, mamba_head_dim=16, n_groups=2, ssm_state_size=12,
         conv_kernel=4, layer_norm_epsilon=1e-5, tie_word_embeddings=False)),
+    # Nemotron 3 (Nano): expert blocks beside Mamba-2 / attention blocks: 4 non-gated
+    # squared-ReLU experts (top 2) in 2 groups (the best 1 kept), a correction bias,
+    # scaled weights, a shared expert; and with a latent expert space
+    "nemotron_h-moe": ("NemotronH", dict(
+        head_dim=16, layers_block_type=["linear_attention", "moe", "full_attention", "moe"],
+        mamba_num_heads=8, mamba_head_dim=16, n_groups=2, ssm_state_size=12, conv_kernel=4,
+        n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=24,
+        moe_shared_expert_intermediate_size=32, n_group=2, topk_group=1,
+        routed_scaling_factor=1.5, norm_topk_prob=True, layer_norm_epsilon=1e-5,
+        tie_word_embeddings=False)),
+    "nemotron_h-latent": ("NemotronH", dict(
+        head_dim=16, layers_block_type=["moe", "full_attention", "linear_attention", "moe"],
+        mamba_num_heads=8, mamba_head_dim=16, n_groups=2, ssm_state_size=12,
+        n_routed_experts=6, num_experts_per_tok=3, moe_intermediate_size=20,
+        moe_shared_expert_intermediate_size=24, moe_latent_size=32, n_group=1, topk_group=1,
+        routed_scaling_factor=2.0, norm_topk_prob=False, tie_word_embeddings=False)),
     # Bamba: Mamba-2 layers (2 groups) and an attention layer (half rope), SwiGLU MLPs
     "bamba": ("Bamba", dict(
         num_hidden_layers=3, attn_layer_indices=[1], head_dim=16, mamba_n_heads=8,
@@ -455,7 +471,8 @@ def randomize_(model: torch.nn.Module, seed: int, scale: float = 0.08) -> torch.
             else:
                 p.copy_(torch.randn(p.shape, generator=g) * scale)
         for name, b in model.named_buffers():
-            if name.endswith("expert_bias"):     # LFM2-MoE's router bias (a buffer there)
+            if name.endswith(("expert_bias", "e_score_correction_bias")):   # router biases
+                # (LFM2-MoE's, Nemotron 3's: buffers there)
                 b.copy_(torch.randn(b.shape, generator=g) * 0.3)
             if name.endswith("layer_scalar"):    # Gemma 4's per-layer output scale
                 b.copy_(torch.rand(b.shape, generator=g) + 0.5)

@@ -513,6 +513,16 @@ class DecoderConfig:
     # "gemma4": on the weightless-normed stream times a learned scale / sqrt(H), softmax
     # top-k renormalized, times a learned per-expert scale)
     moe_beside_mlp: bool = False
+    # Nemotron 3 (router "group_sigmoid", DeepSeek-V3's): sigmoid scores of an fp32 router,
+    # plus a learned per-expert bias to choose, the best moe_topk_groups of moe_num_groups
+    # expert groups (a group's score: its top two), top-k within them, weights the scores
+    # (renormalized with norm_topk_prob) times moe_routed_scaling; experts non-gated
+    # (moe_gated_experts False: down(act(up(x)))), optionally in a latent space of
+    # moe_latent_size (projections in and out)
+    moe_num_groups: int = 1
+    moe_topk_groups: int = 1
+    moe_gated_experts: bool = True
+    moe_latent_size: int = 0
     # HF quantization_config (GPTQ/AWQ checkpoints), None for dense checkpoints.
     quantization_config: dict[str, Any] | None = None
     torch_dtype: str | None = None         # the checkpoint's stored dtype, informational
@@ -540,8 +550,8 @@ class DecoderConfig:
                              f"{self.norm_type!r}")
         if self.norm_type == "layer" and self.qk_norm:
             raise UnsupportedModelError("LayerNorm models with q / k norms are not supported")
-        if not self.mlp_gated and self.num_experts:
-            raise UnsupportedModelError("non-gated MLPs with experts are not supported")
+        if not self.mlp_gated and self.num_experts and self.moe_gated_experts:
+            raise UnsupportedModelError("non-gated MLPs with gated experts are not supported")
         if self.position_embedding not in ("rope", "learned", "alibi"):
             raise ValueError(f"config.position_embedding must be 'rope', 'learned' or "
                              f"'alibi', got {self.position_embedding!r}")
@@ -564,13 +574,18 @@ class DecoderConfig:
             if self.moe_intermediate_size <= 0:
                 raise ValueError(f"config.moe_intermediate_size must be > 0, got "
                                  f"{self.moe_intermediate_size}")
-            if self.moe_router not in ("softmax", "sigmoid", "gemma4"):
-                raise ValueError(f"config.moe_router must be 'softmax', 'sigmoid' or "
-                                 f"'gemma4', got {self.moe_router!r}")
+            if self.moe_router not in ("softmax", "sigmoid", "gemma4", "group_sigmoid"):
+                raise ValueError(f"config.moe_router must be 'softmax', 'sigmoid', 'gemma4' "
+                                 f"or 'group_sigmoid', got {self.moe_router!r}")
+            if self.moe_num_groups < 1 or self.num_experts % self.moe_num_groups or \
+                    not 1 <= self.moe_topk_groups <= self.moe_num_groups:
+                raise ValueError(f"config.moe_num_groups ({self.moe_num_groups}) must divide "
+                                 f"num_experts ({self.num_experts}) and moe_topk_groups "
+                                 f"({self.moe_topk_groups}) be in [1, moe_num_groups]")
             if not self.moe_routed_scaling > 0:
                 raise ValueError(f"config.moe_routed_scaling must be > 0, got "
                                  f"{self.moe_routed_scaling!r}")
-            if self.activation not in ("silu", "gelu", "gelu_tanh"):
+            if self.moe_gated_experts and self.activation not in ("silu", "gelu", "gelu_tanh"):
                 raise UnsupportedModelError(f"experts with hidden_act {self.hidden_act!r} "
                                             "are not supported (SiLU- or GELU-gated "
                                             "experts)")
@@ -1456,9 +1471,9 @@ _NEMOTRON_H_BLOCKS = {"linear_attention": "M", "mamba": "M", "M": "M",
 
 def _nemotron_h_config(hf: Mapping[str, Any]) -> dict[str, Any]:
     """Nemotron-H's keys: one decoder layer per block (Mamba-2 or attention without an MLP,
-    or an MLP alone), from layers_block_type or the hub's hybrid_override_pattern
-    ("M-M*-..."); attention without rope; its Mamba-2 fields and eps. Mixture-of-experts
-    blocks (Nemotron 3) are refused by name."""
+    or an MLP alone, or (Nemotron 3) a mixture of experts alone), from layers_block_type or
+    the hub's hybrid_override_pattern ("M-M*E..."); attention without rope; its Mamba-2
+    fields and eps; the experts' router, shared expert and latent size."""
     out = dict(hf)
     kinds = hf.get("layers_block_type") or hf.get("layer_types")
     if kinds is None:
@@ -1471,12 +1486,26 @@ def _nemotron_h_config(hf: Mapping[str, Any]) -> dict[str, Any]:
     if unknown:
         raise UnsupportedModelError(f"Nemotron-H block types {unknown} are not supported")
     blocks = [_NEMOTRON_H_BLOCKS[k] for k in kinds]
-    if "E" in blocks:
-        raise UnsupportedModelError("Nemotron-H mixture-of-experts blocks (Nemotron 3) are "
-                                    "not supported")
     out["num_hidden_layers"] = len(blocks)
-    out["_layer_mixers"] = [{"M": "mamba2", "*": "attention", "-": "none"}[b] for b in blocks]
-    out["_layer_mlps"] = [b == "-" for b in blocks]
+    out["_layer_mixers"] = [{"M": "mamba2", "*": "attention", "-": "none", "E": "none"}[b]
+                            for b in blocks]
+    out["_layer_mlps"] = [b in "-E" for b in blocks]
+    if "E" in blocks:        # Nemotron 3: mixture-of-experts blocks
+        latent = hf.get("moe_latent_size")
+        out["_moe"] = dict(
+            num_experts=int(hf.get("n_routed_experts") or 0),
+            num_experts_per_tok=int(hf.get("num_experts_per_tok") or 0),
+            moe_intermediate_size=int(hf.get("moe_intermediate_size") or 0),
+            shared_expert_intermediate_size=int(
+                hf.get("moe_shared_expert_intermediate_size") or 0)
+            if int(hf.get("n_shared_experts", 1) or 0) else 0,
+            shared_expert_gated=False, norm_topk_prob=bool(hf.get("norm_topk_prob", True)),
+            moe_layers=[i for i, b in enumerate(blocks) if b == "E"],
+            moe_router="group_sigmoid", moe_expert_bias=True,
+            moe_routed_scaling=float(hf.get("routed_scaling_factor", 1.0)),
+            moe_num_groups=int(hf.get("n_group", 1) or 1),
+            moe_topk_groups=int(hf.get("topk_group", 1) or 1), moe_gated_experts=False,
+            moe_latent_size=int(latent) if latent else 0)
     heads, head_dim = int(hf.get("mamba_num_heads", 128)), int(hf.get("mamba_head_dim", 64))
     limit_min = float(hf.get("time_step_min", hf.get("mamba_dt_min", 0.001)))
     out["_mamba"] = dict(

@@ -739,6 +739,13 @@ class ZambaAdapters(nn.Module):
         return self.gate_up_b(self.gate_up_a(x))
 
 
+def _nemotron_moe(config: DecoderConfig, dtype: torch.dtype,
+                  device: torch.device | str | None, dense: bool) -> nn.Module:
+    """Nemotron 3's mixture-of-experts block (models/nemotron_moe.py)."""
+    from .nemotron_moe import NemotronMoE
+    return NemotronMoE(config, dtype, device, dense)
+
+
 class DecoderLayer(nn.Module):
     def __init__(self, config: DecoderConfig, layer: int, rotary: RotaryEmbedding | None,
                  dtype: torch.dtype, device: torch.device | str | None, dense: bool,
@@ -797,7 +804,9 @@ class DecoderLayer(nn.Module):
             self.pre_feedforward_layernorm = norm()
         if c.sandwich_norm or self.post_norm:
             self.post_feedforward_layernorm = norm()
+        nemotron_moe = c.is_moe(layer) and c.moe_router == "group_sigmoid"
         self.mlp = None if not c.has_mlp(layer) else \
+            _nemotron_moe(config, dtype, device, dense) if nemotron_moe else \
             SparseMoE(config, dtype, device, dense, tp) if c.is_moe(layer) else \
             MLP(config, dtype, device, dense, tp, c.layer_intermediate_size(layer))
         # Gemma 4 (26B-A4B): experts beside the MLP, each output normed, both summed

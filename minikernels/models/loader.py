@@ -70,6 +70,7 @@ from .config import (DecoderConfig, UnsupportedModelError, builtin_config,
                      is_classifier_architecture, list_models)
 from .decoder import CausalLM, DecoderLayer, GatedDeltaNet, Mamba2Mixer, MambaMixer
 from .gemma3n import AltUp
+from .nemotron_moe import GroupSigmoidRouter
 from .hub import resolve_model
 from ..nn.layers import XIELU
 from ..quant.fp8 import fp8_from_checkpoint
@@ -195,6 +196,9 @@ _EXPERT_RE = re.compile(r"^layers\.(\d+)\.(mlp|moe)\.experts\.(\d+)\."
 _STACKED_EXPERTS_RE = re.compile(r"^layers\.(\d+)\.(mlp|moe)\.experts\."
                                  r"(gate_up_proj|up_proj|down_proj)$")
 _ROUTER_RE = re.compile(r"^layers\.(\d+)\.(mlp|moe)\.(gate|shared_expert_gate)\.weight$")
+#: Nemotron 3's expert blocks: the router's correction bias, the latent projections
+_NEMOTRON_MOE_RE = re.compile(r"^layers\.(\d+)\.mlp\.(gate|fc1_latent_proj|fc2_latent_proj)\."
+                              r"(e_score_correction_bias|weight|bias)$")
 #: Gemma 4's router scales (its experts sit beside the MLP: "moe")
 _ROUTER_SCALE_RE = re.compile(r"^layers\.(\d+)\.moe\.(router_scale|per_expert_scale)$")
 _EXPERT_BIAS_RE = re.compile(r"^layers\.(\d+)\.mlp\.expert_bias$")      # LFM2-MoE
@@ -343,6 +347,12 @@ def map_name(name: str) -> tuple[str, int | None, str] | None:
     m = _ROUTER_SCALE_RE.match(n)
     if m:
         return f"layers.{m.group(1)}.moe", None, m.group(2)
+    m = _NEMOTRON_MOE_RE.match(n)
+    if m:
+        layer, module, kind = m.groups()
+        if module == "gate":
+            return f"layers.{layer}.mlp.gate", None, kind
+        return f"layers.{layer}.mlp.{module}", 0, kind
     m = _EXPERT_BIAS_RE.match(n)
     if m:
         return f"layers.{m.group(1)}.mlp", None, "expert_bias"
@@ -690,8 +700,9 @@ _NEMOTRON_H_MIXERS = {"mamba2": ".mamba.", "attention": ".self_attn.", "none": "
 
 def _nemotron_h_name(name: str, config: DecoderConfig) -> str:
     """A Nemotron-H tensor under the decoder's names: the block norm is the layer's
-    input_layernorm; its mixer is the layer's mamba, self_attn or (MLP blocks) mlp, whose
-    one up_proj is the non-gated MLP's gate_up_proj part."""
+    input_layernorm; its mixer is the layer's mamba, self_attn or (MLP and expert blocks)
+    mlp, whose one up_proj is the non-gated MLP's gate_up_proj part (the shared expert's
+    too)."""
     name = _renamed(name, _NEMOTRON_H_PREFIXES, ())
     m = _NEMOTRON_H_MIXER_RE.match(name)
     if m is None:
@@ -703,7 +714,12 @@ def _nemotron_h_name(name: str, config: DecoderConfig) -> str:
         return name
     new = _NEMOTRON_H_MIXERS[config.mixer(layer)]
     name = name.replace(".mixer.", new, 1)
-    return name.replace(".mlp.up_proj.", ".mlp.gate_proj.") if new == ".mlp." else name
+    if new != ".mlp.":
+        return name
+    # (Nemotron 3's expert blocks: the shared expert's non-gated up_proj likewise)
+    return name.replace(".mlp.up_proj.", ".mlp.gate_proj.").replace(
+        ".mlp.shared_experts.up_proj.", ".mlp.shared_expert.gate_proj.").replace(
+        ".mlp.shared_experts.", ".mlp.shared_expert.")
 
 
 #: Gemma 4 (26B-A4B): the experts and router beside the MLP, under "moe"
@@ -1116,6 +1132,8 @@ def _load_hf(model_dir: str, dtype: str | torch.dtype, device: torch.device,
             expected.update((name, None, p) for p in ("dt_bias", "A_log", "D"))
         elif isinstance(mod, SparseMoE) and mod.router_scale is not None:     # (Gemma 4)
             expected.update((name, None, p) for p in ("router_scale", "per_expert_scale"))
+        elif isinstance(mod, GroupSigmoidRouter):                            # (Nemotron 3)
+            expected.update((name, None, p) for p in ("weight", "e_score_correction_bias"))
         elif isinstance(mod, AltUp):
             expected.add((name, None, "correct_output_scale"))    # (Gemma 3n)
         elif isinstance(mod, DecoderLayer) and mod.layer_scalar is not None:

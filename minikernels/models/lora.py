@@ -600,14 +600,17 @@ class _ExpertLoRA:
     """One sparse layer's expert slot weights, read by the fused MoE op (``ops.MoELoRA``):
     a13 [S, E, 2R, H] and b13 [S, E, 2I, 2R] (band 0: the gate adapter, or one adapter
     over the stacked gate and up rows; band 1: the up adapter), a2 [S, E, R, I] and b2
-    [S, E, H, R] (down). I is this rank's share under tensor parallel."""
+    [S, E, H, R] (down). I is this rank's share under tensor parallel. Non-gated experts
+    (Nemotron 3): b13 [S, E, I, 2R], the up adapter's rows 0:I (band 1)."""
 
     def __init__(self, experts: Any, slots: _Slots, max_loras: int, rank: int,
                  dtype: torch.dtype, device: torch.device) -> None:
         e, h, i, r = experts.num_experts, experts.hidden, experts.inter, rank
         self.rank, self.inter = r, i
+        self.gated = getattr(experts, "gated", True)
         self.a13 = torch.zeros(max_loras, e, 2 * r, h, dtype=dtype, device=device)
-        self.b13 = torch.zeros(max_loras, e, 2 * i, 2 * r, dtype=dtype, device=device)
+        self.b13 = torch.zeros(max_loras, e, 2 * i if self.gated else i, 2 * r, dtype=dtype,
+                               device=device)
         self.a2 = torch.zeros(max_loras, e, r, i, dtype=dtype, device=device)
         self.b2 = torch.zeros(max_loras, e, h, r, dtype=dtype, device=device)
         self.slots = slots
@@ -621,7 +624,11 @@ class _ExpertLoRA:
             self.b2[slot, :, :, :r].copy_(b)
             return
         band = self.rank if kind == "up" else 0      # a stacked gate_up: both bands
-        rows = {"gate": slice(0, i), "up": slice(i, 2 * i), "gate_up": slice(0, 2 * i)}[kind]
+        if not self.gated and kind != "up":
+            raise LoRAError(f"a {kind!r} adapter on non-gated experts (they have up_proj and "
+                            "down_proj only)")
+        rows = {"gate": slice(0, i), "up": slice(i, 2 * i) if self.gated else slice(0, i),
+                "gate_up": slice(0, 2 * i)}[kind]
         self.a13[slot, :, band:band + r].copy_(a)
         self.b13[slot, :, rows, band:band + r].copy_(b)
 
