@@ -14,7 +14,8 @@ import minikernels as mk
 import minikernels.hf  # noqa: F401  (registers "minikernels")
 from minikernels.hf.experts import experts_forward
 
-KINDS = ["qwen3-moe", "mixtral", "olmoe", "gemma4-moe"]     # (Gemma 4: GELU-tanh experts)
+# (Gemma 4: GELU-tanh experts; Nemotron 3: non-gated squared-ReLU experts)
+KINDS = ["qwen3-moe", "mixtral", "olmoe", "gemma4-moe", "nemotron_h-moe"]
 
 
 @torch.no_grad()
