@@ -144,6 +144,13 @@ def test_gemma4_configs_and_refusals(tmp_path):
                                "attention_k_eq_v": True})
     assert c.layer_head_dims == [16, 16, 24, 24] and c.layer_num_kv_heads == [2, 2, 1, 1]
     assert c.k_eq_v_layers == [2, 3]
+    # keys a config leaves out mean transformers' defaults (PLE of 256, its rope)
+    sparse = {k: v for k, v in cfg.items()
+              if k not in ("hidden_size_per_layer_input", "rope_parameters", "sliding_window")}
+    d = DecoderConfig.from_hf(sparse)
+    assert d.per_layer_input_size == 256 and d.sliding_window == 512
+    assert d.rope_scaling == {"rope_type": "proportional", "partial_rotary_factor": 0.25}
+    assert (d.rope_theta, d.sliding_rope_theta) == (1e6, 1e4)
 
 
 def test_lora_adapters_per_layer_shapes(tmp_path):

@@ -1532,6 +1532,36 @@ def _nemotron_h_config(hf: Mapping[str, Any]) -> dict[str, Any]:
 ATTENTION_FREE_MAX_LEN = 1 << 16
 
 
+#: transformers' Gemma4TextConfig / Gemma3nTextConfig defaults of the keys that change the
+#: math (a config that omits one means the default, as transformers reads it)
+_GEMMA4_DEFAULTS: dict[str, Any] = dict(
+    hidden_size_per_layer_input=256, vocab_size_per_layer_input=262144,
+    num_kv_shared_layers=0, attention_k_eq_v=False, use_double_wide_mlp=False,
+    enable_moe_block=False, sliding_window=512, head_dim=256,
+    hidden_activation="gelu_pytorch_tanh", rms_norm_eps=1e-6, tie_word_embeddings=True,
+    rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                     "full_attention": {"rope_type": "proportional", "rope_theta": 1e6,
+                                        "partial_rotary_factor": 0.25}})
+_GEMMA3N_DEFAULTS: dict[str, Any] = dict(
+    hidden_size_per_layer_input=256, vocab_size_per_layer_input=262144,
+    num_kv_shared_layers=15, laurel_rank=64, altup_num_inputs=4, altup_active_idx=0,
+    altup_correct_scale=True, sliding_window=512, head_dim=256, final_logit_softcapping=30.0,
+    hidden_activation="gelu_pytorch_tanh", rms_norm_eps=1e-6, tie_word_embeddings=True,
+    rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                     "full_attention": {"rope_type": "default", "rope_theta": 1e6}})
+
+
+def _with_defaults(hf: Mapping[str, Any], defaults: Mapping[str, Any]) -> dict[str, Any]:
+    """``hf`` with ``defaults`` for its missing keys (rope: only when neither
+    rope_parameters nor a 4.x rope_theta is given)."""
+    out = dict(hf)
+    for key, value in defaults.items():
+        if key == "rope_parameters" and ("rope_theta" in hf or "rope_scaling" in hf):
+            continue
+        out.setdefault(key, value)
+    return out
+
+
 def _gemma4_config(hf: Mapping[str, Any]) -> dict[str, Any]:
     """Gemma 4's text keys: layer_types (transformers' default: every sixth layer full, the
     last always full), the full layers' own head_dim / kv heads (per_layer_config as
@@ -1541,6 +1571,7 @@ def _gemma4_config(hf: Mapping[str, Any]) -> dict[str, Any]:
     use_double_wide_mlp), per-layer input embeddings (hidden_size_per_layer_input), the
     experts beside every MLP (enable_moe_block: num_experts, top_k_experts,
     moe_intermediate_size)."""
+    hf = _with_defaults(hf, _GEMMA4_DEFAULTS)
     out = dict(hf)
     n = int(hf.get("num_hidden_layers") or 0)
     if hf.get("enable_moe_block"):     # (26B-A4B: experts beside every layer's MLP)
@@ -1616,6 +1647,7 @@ def _gemma3n_config(hf: Mapping[str, Any]) -> dict[str, Any]:
     per-layer MLP widths (intermediate_size a list or a number), K / V sharing
     (num_kv_shared_layers), per-layer inputs, AltUp / LAuReL, the MLP's Gaussian top-k
     sparsity (activation_sparsity_pattern)."""
+    hf = _with_defaults(hf, _GEMMA3N_DEFAULTS)
     out = dict(hf)
     n = int(hf.get("num_hidden_layers") or 0)
     kinds = list(hf.get("layer_types") or
