@@ -215,8 +215,9 @@ def test_what_recurrent_models_refuse(lfm2, tmp_path):
     config = load_model(path, dtype="float32", device="cpu").config
     assert config.is_recurrent and config.layer_mixers == ["short_conv", "attention",
                                                            "short_conv"]
-    with pytest.raises(ValueError, match="tensor_parallel_size 2.*short_conv"):
-        check_config(config, _FakeTP(2))
+    check_config(config, _FakeTP(2))     # sharded by channels (models/parallel_recurrent.py)
+    with pytest.raises(ValueError, match=r"tensor_parallel_size 3 must divide hidden_size"):
+        check_config(config, _FakeTP(3))
 
 
 class _FakeTP:

@@ -54,13 +54,15 @@ class EagerGraphs:
     buffers, largest first (its collectives must meet the other ranks'); "replay" copies
     the step into the static buffers, pads the bucket (slot -1, seq_len 0) and runs it
     eagerly -- what the graph would compute. Every event goes to $MK_TP_GRAPH_LOG/rank{r}.
-    ``lora``: the rank's LoRA slots, read from a static slot buffer as the graphs do."""
+    ``lora``: the rank's LoRA slots, read from a static slot buffer as the graphs do;
+    ``with_state``: recurrent layers' state slots, from a static buffer too."""
 
     def __init__(self, model: torch.nn.Module, kv_caches: list, sizes: list[int],
-                 width: int, vocab: int, lora: object = None) -> None:
+                 width: int, vocab: int, lora: object = None, with_state: bool = False) -> None:
         top = sizes[-1]
         self.model, self.kv_caches, self.sizes, self.width = model, kv_caches, sizes, width
         self.lora = lora
+        self.state_indices = torch.full((top,), -1, dtype=torch.int32) if with_state else None
         self.lora_slots = torch.full((top,), -1, dtype=torch.int32)
         self.input_ids = torch.zeros(top, dtype=torch.int64)
         self.positions = torch.zeros(top, dtype=torch.int64)
@@ -79,7 +81,9 @@ class EagerGraphs:
     def _forward(self, bs: int) -> torch.Tensor:
         meta = AttentionMetadata(positions=self.positions[:bs], slot_mapping=self.slots[:bs],
                                  num_decode=bs, decode_block_table=self.block_table[:bs],
-                                 decode_seq_lens=self.seq_lens[:bs], logits_indices=None)
+                                 decode_seq_lens=self.seq_lens[:bs], logits_indices=None,
+                                 state_indices=None if self.state_indices is None else
+                                 self.state_indices[:bs])
         if self.lora is not None:
             self.lora.set_token_slots(self.lora_slots[:bs])
         return self.model(self.input_ids[:bs], meta, self.kv_caches)
@@ -97,6 +101,9 @@ class EagerGraphs:
         self.seq_lens[:n] = meta.decode_seq_lens
         self.seq_lens[n:bs] = 0
         self.block_table[:n, :w] = meta.decode_block_table
+        if self.state_indices is not None:
+            self.state_indices[:n] = meta.state_indices
+            self.state_indices[n:bs] = -1
         if self.lora is not None:
             self.lora_slots[:bs] = -1
             if inputs.lora_slots is not None:

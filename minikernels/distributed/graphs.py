@@ -3,7 +3,8 @@
 The engine's ModelRunner builds its decode graphs with ``model.decode_graphs_class``; for
 a :class:`~.tensor_parallel.TensorParallelModel` that is :class:`TensorParallelDecodeGraphs`:
 
-capture   rank 0 sends ("graphs", runner_cls, sizes, width, vocab, with_lora), then every
+capture   rank 0 sends ("graphs", runner_cls, sizes, width, vocab, with_lora, layout,
+          with_state), then every
           rank builds ``runner_cls(its shard, its KV caches, sizes, width, vocab)`` (with
           ``lora=`` its own LoRA slots when the engine has adapters) -- by default the
           engine's own single-GPU runner (model_runner._DecodeGraphs). The same class with
@@ -53,17 +54,19 @@ class TensorParallelDecodeGraphs:
 
     def __init__(self, model: TensorParallelModel, kv_caches: list, sizes: list[int],
                  max_blocks_per_seq: int, vocab: int, runner_cls: type | None = None,
-                 lora: Any = None, kv_layout: Any = None) -> None:
+                 lora: Any = None, kv_layout: Any = None, with_state: bool = False) -> None:
         runner_cls = runner_cls or default_runner_class()
         self.model = model
         self.sizes = list(sizes)
         self.width = int(max_blocks_per_seq)
         model.send(("graphs", runner_cls, self.sizes, self.width, int(vocab),
-                    lora is not None, kv_layout))
+                    lora is not None, kv_layout, bool(with_state)))
         # lora: the engine's TensorParallelLoRA; rank 0's runner reads its local slots
         extra = {"lora": lora.local} if lora is not None else {}
         if kv_layout is not None:     # hybrid KV pools: the groups' static buffers
             extra["kv_layout"] = kv_layout
+        if with_state:                # recurrent layers: each row's state slot
+            extra["with_state"] = True
         self.inner = runner_cls(model.model, kv_caches, self.sizes, self.width, int(vocab),
                                 **extra)
 

@@ -16,12 +16,16 @@ through ``dist.broadcast`` on the model's group (gloo on CPU, NCCL on GPU: no ho
 trip).
 
 Commands, in the order rank 0 sends them (every rank executes the same sequence):
-  ("alloc", num_blocks, block_size, dtype)        allocate this rank's KV caches
+  ("alloc", num_blocks, block_size, dtype, layout, num_state_slots)
+                                                  allocate this rank's KV caches (and its
+                                                  recurrent state slots: hybrid models)
+  ("copy_states", src, dst)                       copy recurrent state slots src[i] ->
+                                                  dst[i] (state checkpoints, snapshots)
   ("lora_init", max_loras, max_lora_rank)         LoRA slots on this rank's shard
   ("lora_activate", slot, adapter)                write an adapter's shard into a slot
   ("lora_deactivate", slot)                       zero a slot
   ("forward", spec, ints, use_cache)              one eager step
-  ("graphs", runner_cls, sizes, width, vocab, with_lora)
+  ("graphs", runner_cls, sizes, width, vocab, with_lora, layout, with_state)
                                                   capture decode CUDA graphs (:mod:`.graphs`)
   ("replay", spec, ints, True)                    one decode step through those graphs
   ("load_weights", [(name, shape, dtype), ...])   receive full HF-named tensors (one
@@ -54,7 +58,8 @@ from ..models.parallel import TensorParallel
 logger = logging.getLogger("minikernels")
 
 _META_TENSORS = ("positions", "slot_mapping", "decode_block_table", "decode_seq_lens",
-                 "cu_seqlens_q", "cu_seqlens_k", "prefill_block_table", "logits_indices")
+                 "cu_seqlens_q", "cu_seqlens_k", "prefill_block_table", "logits_indices",
+                 "state_indices", "has_initial_state")
 _META_INTS = ("num_decode", "max_seqlen_q", "max_seqlen_k")
 #: a hybrid KV pool's per-group tensors (AttentionMetadata.group_meta), sent as
 #: "group<g>.<name>"
@@ -194,9 +199,13 @@ def serve_steps(model: torch.nn.Module, tp: TensorParallel, device: torch.device
             return
         kind = cmd[0]
         if kind == "alloc":
-            _, num_blocks, block_size, dtype, layout = cmd
+            _, num_blocks, block_size, dtype, layout, num_state_slots = cmd
             extra = {"layout": layout} if layout is not None else {}
+            if num_state_slots:
+                extra["num_state_slots"] = num_state_slots
             kv_caches = model.allocate_kv_caches(num_blocks, block_size, dtype=dtype, **extra)
+        elif kind == "copy_states":
+            model.copy_state_slots(kv_caches, cmd[1], cmd[2])
         elif kind == "lora_init":
             lora = LoRAManager(model, cmd[1], cmd[2])
         elif kind == "lora_activate":
@@ -204,10 +213,12 @@ def serve_steps(model: torch.nn.Module, tp: TensorParallel, device: torch.device
         elif kind == "lora_deactivate":
             lora.deactivate(cmd[1])
         elif kind == "graphs":
-            _, runner_cls, sizes, width, vocab, with_lora, layout = cmd
+            _, runner_cls, sizes, width, vocab, with_lora, layout, with_state = cmd
             extra = {"lora": lora} if with_lora else {}
             if layout is not None:
                 extra["kv_layout"] = layout
+            if with_state:
+                extra["with_state"] = True
             graphs = runner_cls(model, kv_caches, sizes, width, vocab, **extra)
         elif kind == "load_weights":
             from ..models.weight_update import load_weights
@@ -391,12 +402,30 @@ class TensorParallelModel(torch.nn.Module):
         self.send(("wake", sorted(tags)))
 
     def allocate_kv_caches(self, num_blocks: int, block_size: int,
-                           dtype: torch.dtype | None = None, layout: Any = None) -> list:
-        """Every rank's pool (its own kv heads), with the same (hybrid) layout."""
-        extra = {"layout": layout} if layout is not None else {}
+                           dtype: torch.dtype | None = None, layout: Any = None,
+                           num_state_slots: int = 0) -> list:
+        """Every rank's pool (its own kv heads), with the same (hybrid) layout, and its
+        recurrent state slots (each rank's channels / heads of every state)."""
+        extra: dict[str, Any] = {"layout": layout} if layout is not None else {}
+        if num_state_slots:
+            extra["num_state_slots"] = int(num_state_slots)
         caches = self.model.allocate_kv_caches(num_blocks, block_size, dtype=dtype, **extra)
-        self.send(("alloc", int(num_blocks), int(block_size), dtype, layout))
+        self.send(("alloc", int(num_blocks), int(block_size), dtype, layout,
+                   int(num_state_slots)))
         return caches
+
+    def copy_state_slots(self, kv_caches: list, src: list[int], dst: list[int]) -> None:
+        """Recurrent state slots src[i] -> dst[i] on every rank (in command order, so
+        between the same steps everywhere)."""
+        self.send(("copy_states", list(src), list(dst)))
+        self.model.copy_state_slots(kv_caches, src, dst)
+
+    def state_tensors(self, kv_caches: list) -> list[Tensor]:
+        return self.model.state_tensors(kv_caches)
+
+    def state_bytes_per_slot(self) -> int:
+        """Per rank (each rank's slots hold its own channels / heads of a state)."""
+        return self.model.state_bytes_per_slot()
 
     def kv_cache_shape(self, num_blocks: int, block_size: int) -> tuple[int, int, int, int]:
         return self.model.kv_cache_shape(num_blocks, block_size)

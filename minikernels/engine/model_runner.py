@@ -759,10 +759,7 @@ class ModelRunner:
         restores after a rejection)."""
         if not src:
             return
-        si = torch.tensor(src, dtype=torch.int64, device=self.device)
-        di = torch.tensor(dst, dtype=torch.int64, device=self.device)
-        for t in self.model.state_tensors(self.kv_caches):
-            t.index_copy_(0, di, t.index_select(0, si))
+        self.model.copy_state_slots(self.kv_caches, src, dst)
 
     def release(self) -> None:
         """Sleep: drop the CUDA graphs and free the KV pool's memory (its tensors stay,

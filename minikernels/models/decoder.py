@@ -52,6 +52,7 @@ from .linear import FusedLinear
 from .metadata import AttentionMetadata, RecurrentPart
 from .moe import SparseMoE
 from .parallel import TensorParallel, VocabParallelEmbedding, attention_shard, check_config
+from .parallel_recurrent import Mamba2Shard, mamba2_shard
 
 KVCache = tuple[Tensor, Tensor]
 
@@ -290,6 +291,12 @@ class Attention(nn.Module):
         return q_out.to(q.dtype), k_out.to(k.dtype)
 
 
+def _all_reduce(tp: TensorParallel | None, x: Tensor) -> Tensor:
+    """x summed over the tensor-parallel group (a row-parallel projection's partial
+    outputs), or x as is without one."""
+    return x if tp is None else tp.all_reduce(x)
+
+
 def by_parts(meta: AttentionMetadata, with_state: bool, fn: Callable[[RecurrentPart], Tensor],
              like: Tensor, trailing: tuple[int, ...]) -> Tensor:
     """``fn`` over the step's recurrent launches (decode rows, then prefill chunks: each
@@ -317,19 +324,22 @@ class ShortConv(nn.Module):
     """
 
     def __init__(self, config: DecoderConfig, dtype: torch.dtype,
-                 device: torch.device | str | None, dense: bool) -> None:
+                 device: torch.device | str | None, dense: bool,
+                 tp: TensorParallel | None = None) -> None:
         super().__init__()
         c = config
-        self.hidden_size, self.width = c.hidden_size, c.conv_kernel
-        self.in_proj = FusedLinear(c.hidden_size, 3 * c.hidden_size, bias=c.conv_bias,
+        # tensor parallel: this rank's H / P channels of b, c, u (models/parallel_recurrent.py)
+        self.hidden_size = h = c.hidden_size // (tp.size if tp is not None else 1)
+        self.width = c.conv_kernel
+        self.__dict__["tp"] = tp
+        self.in_proj = FusedLinear(c.hidden_size, 3 * h, bias=c.conv_bias,
                                    dtype=dtype, device=device, dense=dense)
         # the depthwise kernel as transformers stores it, [H, 1, W] (never called: its
         # weight feeds ops.causal_conv1d)
-        self.conv = nn.Conv1d(c.hidden_size, c.hidden_size, c.conv_kernel,
-                              groups=c.hidden_size, bias=c.conv_bias, dtype=dtype,
+        self.conv = nn.Conv1d(h, h, c.conv_kernel, groups=h, bias=c.conv_bias, dtype=dtype,
                               device=device)
         self.conv.requires_grad_(False)
-        self.out_proj = FusedLinear(c.hidden_size, c.hidden_size, bias=c.conv_bias,
+        self.out_proj = FusedLinear(h, c.hidden_size, bias=c.conv_bias,
                                     dtype=dtype, device=device, dense=dense)
 
     def forward(self, x: Tensor, meta: AttentionMetadata,
@@ -345,7 +355,8 @@ class ShortConv(nn.Module):
                                      conv_state=state, state_indices=p.state_indices,
                                      has_initial_state=p.has_initial_state,
                                      max_seqlen=p.max_seqlen)
-        return self.out_proj(c * by_parts(meta, state is not None, conv, bu, (h,)))
+        return _all_reduce(self.tp, self.out_proj(c * by_parts(meta, state is not None,
+                                                               conv, bu, (h,))))
 
     def state_shapes(self) -> list[tuple[tuple[int, ...], torch.dtype | None]]:
         """Per-slot state tensors: (shape without the slot dim, dtype; None = model's)."""
@@ -367,10 +378,15 @@ class GatedDeltaNet(nn.Module):
     """
 
     def __init__(self, config: DecoderConfig, dtype: torch.dtype,
-                 device: torch.device | str | None, dense: bool) -> None:
+                 device: torch.device | str | None, dense: bool,
+                 tp: TensorParallel | None = None) -> None:
         super().__init__()
         c = config
-        self.num_k_heads, self.num_v_heads = c.linear_num_key_heads, c.linear_num_value_heads
+        # tensor parallel: this rank's key and value heads (models/parallel_recurrent.py)
+        p = tp.size if tp is not None else 1
+        self.__dict__["tp"] = tp
+        self.num_k_heads = c.linear_num_key_heads // p
+        self.num_v_heads = c.linear_num_value_heads // p
         self.k_dim, self.v_dim = c.linear_key_head_dim, c.linear_value_head_dim
         self.key_size = self.num_k_heads * self.k_dim
         self.value_size = self.num_v_heads * self.v_dim
@@ -426,7 +442,7 @@ class GatedDeltaNet(nn.Module):
         o = by_parts(meta, cache is not None, mix, x, (hv, self.v_dim))
         y = self.norm(o.reshape(t * hv, self.v_dim)).float() * F.silu(
             z.reshape(t * hv, self.v_dim).float())
-        return self.out_proj(y.to(x.dtype).reshape(t, self.value_size))
+        return _all_reduce(self.tp, self.out_proj(y.to(x.dtype).reshape(t, self.value_size)))
 
     def state_shapes(self) -> list[tuple[tuple[int, ...], torch.dtype | None]]:
         """Per-slot state tensors: the conv's inputs (model dtype), the fp32 state."""
@@ -447,11 +463,20 @@ class Mamba2Mixer(nn.Module):
     """
 
     def __init__(self, config: DecoderConfig, dtype: torch.dtype,
-                 device: torch.device | str | None, dense: bool) -> None:
+                 device: torch.device | str | None, dense: bool,
+                 tp: TensorParallel | None = None) -> None:
         super().__init__()
         c = config
-        self.num_heads, self.head_dim = c.mamba_num_heads, c.mamba_head_dim
-        self.num_groups, self.state_size = c.mamba_num_groups, c.mamba_state_size
+        # tensor parallel: this rank's heads and their B / C groups; a norm group spread
+        # over norm_span ranks has its sum of squares all-reduced
+        shard = mamba2_shard(c, tp.rank, tp.size) if tp is not None else \
+            Mamba2Shard(0, c.mamba_num_heads, 0, c.mamba_num_groups, 1)
+        self.__dict__["tp"] = tp
+        self.shard = shard
+        self.num_heads, self.head_dim = shard.nh, c.mamba_head_dim
+        self.num_groups, self.state_size = shard.ng, c.mamba_state_size
+        self.all_groups = c.mamba_num_groups
+        self.norm_group_size = c.mamba_num_heads * c.mamba_head_dim // c.mamba_num_groups
         self.inner = self.num_heads * self.head_dim
         self.conv_dim = self.inner + 2 * self.num_groups * self.state_size
         self.width = c.conv_kernel
@@ -517,7 +542,7 @@ class Mamba2Mixer(nn.Module):
                                    max_seqlen=p.max_seqlen)
         y = by_parts(meta, cache is not None, mix, x, (h, self.head_dim))
         y = self._gate_and_norm(y.reshape(t, self.inner).float(), z.float()).to(x.dtype)
-        out = self.out_proj(y)
+        out = _all_reduce(self.tp, self.out_proj(y))
         return out if self.residual_multiplier == 1.0 else out * self.residual_multiplier
 
     def _gate_and_norm(self, y: Tensor, z: Tensor) -> Tensor:
@@ -529,7 +554,14 @@ class Mamba2Mixer(nn.Module):
             y = y * F.silu(z)
         t, g = y.shape[0], self.num_groups
         grouped = y.reshape(t, g, self.inner // g)
-        normed = grouped * torch.rsqrt(grouped.square().mean(-1, keepdim=True) + self.eps)
+        if self.shard.norm_span == 1:
+            mean_square = grouped.square().mean(-1, keepdim=True)
+        else:   # the rank holds part of one norm group: the group's sum over its ranks
+            sums = y.new_zeros(t, self.all_groups)
+            sums[:, self.shard.g0] = grouped.square().sum((-2, -1))
+            sums = self.tp.all_reduce(sums)
+            mean_square = (sums[:, self.shard.g0] / self.norm_group_size).view(t, 1, 1)
+        normed = grouped * torch.rsqrt(mean_square + self.eps)
         y = self.norm.weight.float() * normed.reshape(t, self.inner)
         return y * F.silu(z) if self.norm_before_gate else y
 
@@ -554,10 +586,14 @@ class MambaMixer(nn.Module):
     """
 
     def __init__(self, config: DecoderConfig, dtype: torch.dtype,
-                 device: torch.device | str | None, dense: bool) -> None:
+                 device: torch.device | str | None, dense: bool,
+                 tp: TensorParallel | None = None) -> None:
         super().__init__()
         c = config
-        self.inner, self.dt_rank = c.mamba_inner_size, c.mamba_dt_rank
+        # tensor parallel: this rank's inner channels; x_proj row-parallel (all-reduced)
+        self.__dict__["tp"] = tp
+        self.inner = c.mamba_inner_size // (tp.size if tp is not None else 1)
+        self.dt_rank = c.mamba_dt_rank
         self.state_size, self.width = c.mamba_state_size, c.conv_kernel
         inner, n = self.inner, self.state_size
         self.in_proj = FusedLinear(c.hidden_size, 2 * inner, bias=c.mamba_proj_bias,
@@ -598,7 +634,7 @@ class MambaMixer(nn.Module):
                                      has_initial_state=p.has_initial_state,
                                      activation="silu", max_seqlen=p.max_seqlen)
         u = by_parts(meta, with_state, conv, x, (inner,))
-        dt, b, c = self.x_proj(u).split([self.dt_rank, n, n], dim=-1)
+        dt, b, c = _all_reduce(self.tp, self.x_proj(u)).split([self.dt_rank, n, n], dim=-1)
         if self.dt_layernorm is not None:
             dt, b, c = self.dt_layernorm(dt), self.b_layernorm(b), self.c_layernorm(c)
         dt = self.dt_proj(dt)
@@ -614,7 +650,8 @@ class MambaMixer(nn.Module):
                                       state_indices=p.state_indices,
                                       has_initial_state=p.has_initial_state,
                                       max_seqlen=p.max_seqlen)
-        return self.out_proj(by_parts(meta, with_state, scan, x, (inner,)))
+        return _all_reduce(self.tp, self.out_proj(by_parts(meta, with_state, scan, x,
+                                                            (inner,))))
 
     def state_shapes(self) -> list[tuple[tuple[int, ...], torch.dtype | None]]:
         """Per-slot state tensors: the conv's inputs (model dtype), the fp32 SSM state."""
@@ -768,13 +805,13 @@ class DecoderLayer(nn.Module):
         self.self_attn = self.conv = self.linear_attn = self.mamba = None
         kind = c.mixer(layer)
         if kind == "short_conv":
-            self.conv = ShortConv(config, dtype, device, dense)
+            self.conv = ShortConv(config, dtype, device, dense, tp)
         elif kind == "gated_deltanet":
-            self.linear_attn = GatedDeltaNet(config, dtype, device, dense)
+            self.linear_attn = GatedDeltaNet(config, dtype, device, dense, tp)
         elif kind == "mamba2":        # Granite 4.0-H
-            self.mamba = Mamba2Mixer(config, dtype, device, dense)
+            self.mamba = Mamba2Mixer(config, dtype, device, dense, tp)
         elif kind == "mamba":         # Mamba-1: Mamba, FalconMamba, Jamba
-            self.mamba = MambaMixer(config, dtype, device, dense)
+            self.mamba = MambaMixer(config, dtype, device, dense, tp)
         elif kind == "zamba_hybrid":  # Zamba2: a shared block (set by CausalLM), Mamba-2
             self.mamba = Mamba2Mixer(config, dtype, device, dense)
             self.zamba_adapters = ZambaAdapters(config, dtype, device)
@@ -786,7 +823,7 @@ class DecoderLayer(nn.Module):
         else:
             self.self_attn = Attention(config, layer, rotary, dtype, device, dense, tp)
         if kind == "mamba2_attention":     # Falcon-H1: both, in parallel
-            self.mamba = Mamba2Mixer(config, dtype, device, dense)
+            self.mamba = Mamba2Mixer(config, dtype, device, dense, tp)
             self.attn_in, self.attn_out = c.attention_in_multiplier, c.attention_out_multiplier
             self.ssm_out = c.mamba_out_multiplier
         # the layer's recurrent part (None: attention only); its cache entry holds the
@@ -1235,6 +1272,16 @@ class CausalLM(nn.Module):
             if layer.recurrent is not None:
                 out.extend(entry[2 if self.config.has_attention(i) else 0:])
         return out
+
+    def copy_state_slots(self, kv_caches: list, src: list[int], dst: list[int]) -> None:
+        """Copy each recurrent state slot ``src[i]`` to ``dst[i]`` in every state tensor
+        (state checkpoints for prefix caching, speculative rows' snapshots / restores)."""
+        if not src:
+            return
+        si = torch.tensor(src, dtype=torch.int64, device=self.device)
+        di = torch.tensor(dst, dtype=torch.int64, device=self.device)
+        for t in self.state_tensors(kv_caches):
+            t.index_copy_(0, di, t.index_select(0, si))
 
     def state_bytes_per_slot(self) -> int:
         """Bytes of recurrent state one sequence holds over all recurrent layers (0 for a

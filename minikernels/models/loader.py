@@ -60,7 +60,7 @@ import logging
 import math
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -1039,8 +1039,21 @@ def quantize_linears(model: CausalLM, group_size: int = 128, symmetric: bool = F
         if scheme == "int8":
             lin.quantize_int8_()
             continue
+        if not _rtn_quantizable(name, lin, "int4"):
+            continue
         _rtn_group(name, lin.in_features, group_size)  # logs a fallback
         lin.quantize_int4_(group_size, symmetric)
+
+
+def _rtn_quantizable(name: str, lin: FusedLinear, scheme: str | None) -> bool:
+    """Whether RTN int4 can take this linear: its K must fill whole int32 words (8
+    nibbles). Others stay dense, logged (Mamba-1's dt_proj when dt_rank is not a multiple
+    of 8)."""
+    if scheme != "int4" or lin.in_features % 8 == 0:
+        return True
+    logger.info("minikernels: %s has K=%d, not a multiple of 8; left dense", name,
+                lin.in_features)
+    return False
 
 
 def _streams_rtn(name: str, config: DecoderConfig, quantize_lm_head: bool) -> bool:
@@ -1101,7 +1114,8 @@ def _load_hf(model_dir: str, dtype: str | torch.dtype, device: torch.device,
                      dense_lm_head=lm_head and not (rtn and quantize_lm_head), tp=tp)
     modules = dict(model.named_modules())
     stream = {name for name, mod in modules.items() if isinstance(mod, FusedLinear) and rtn
-              and _streams_rtn(name, config, quantize_lm_head)}
+              and _streams_rtn(name, config, quantize_lm_head)
+              and _rtn_quantizable(name, mod, quantization)}
     groups: dict[str, int] = {}
     params = {n: p for n, p in model.named_parameters()}
 
@@ -1395,7 +1409,10 @@ def _load_hf(model_dir: str, dtype: str | torch.dtype, device: torch.device,
                             got[shard] = tensor
                             if len(got) == 3:    # their channels concatenated, in order
                                 _load_conv_parts(param, [got[i] for i in range(3)], where,
-                                                 torch_dtype)
+                                                 torch_dtype, lambda joined: joined
+                                                 if tp is None else shard_tensor(
+                                                     config, tp, mod_name, None, kind,
+                                                     joined))
                                 seen.add((mod_name, None, kind))
                             continue
                         if tuple(tensor.shape) != tuple(param.shape):
@@ -1463,11 +1480,12 @@ def _load_hf(model_dir: str, dtype: str | torch.dtype, device: torch.device,
 
 
 def _load_conv_parts(param: Tensor, parts: list[Tensor], where: str,
-                     dtype: torch.dtype) -> None:
+                     dtype: torch.dtype, cut: Callable[[Tensor], Tensor]) -> None:
     """OLMo Hybrid's conv kernel stored as q / k / v pieces ([channels, 1, W] each): their
     channels concatenated in that order are the Gated DeltaNet's one conv1d weight
-    (transformers joins them so on load, whatever the pieces' sizes)."""
-    joined = torch.cat([_materialized(t) for t in parts])
+    (transformers joins them so on load, whatever the pieces' sizes; tensor parallel
+    ``cut`` then takes this rank's channels of the joined kernel)."""
+    joined = cut(torch.cat([_materialized(t) for t in parts]))
     if tuple(joined.shape) != tuple(param.shape):
         raise CheckpointError(f"{where}: the q / k / v conv pieces join to "
                               f"{list(joined.shape)}, expected {list(param.shape)}")

@@ -41,8 +41,10 @@ layers, only changes how PEFT merges; the factors and the forward are the same.)
 
 Tensor parallel (a model built with ``tp``): each rank's slots hold its shard of every
 adapter, cut like the base weights (models/parallel.py ``shard_tensor``). Column-parallel
-layers (qkv, gate_up) keep A whole and take the rows of B that match the rank's output
-rows (its q / kv heads, its intermediate slice); row-parallel layers (o, down) take the
+layers (qkv, gate_up, the recurrent mixers' in_proj / dt_proj) keep A whole and take the
+rows of B that match the rank's output rows (its q / kv heads, its intermediate slice,
+its mixer heads / channels per section); row-parallel layers (o, down, the mixers'
+out_proj, Mamba-1's x_proj) take the
 columns of A that match the rank's input slice and keep B whole, so each rank adds the
 partial update scaling * B (A_r x_r) to its partial output and the layer's all-reduce sums
 them into the full one. No extra communication per step.
@@ -62,7 +64,7 @@ from torch import Tensor
 from .. import ops
 from .config import DecoderConfig
 from .linear import FusedLinear
-from .parallel import shard_tensor
+from .parallel import parallel_style, shard_tensor
 
 #: HF projection -> (our fused module, part index)
 _TARGETS = {"q_proj": ("self_attn.qkv_proj", 0), "k_proj": ("self_attn.qkv_proj", 1),
@@ -722,9 +724,12 @@ class LoRAManager:
         if self.tp is None or self.tp.size == 1:
             return a, b
         cfg = self.model.config
-        if module.endswith(("qkv_proj", "gate_up_proj")):      # column parallel: B's rows
+        style = parallel_style(cfg, module)
+        if style == "column":                                 # B's rows
             return a, shard_tensor(cfg, self.tp, module, part, "weight", b)
-        return shard_tensor(cfg, self.tp, module, None, "weight", a), b   # row parallel
+        if style == "row":                                    # A's columns
+            return shard_tensor(cfg, self.tp, module, None, "weight", a), b
+        return a, b                                           # replicated
 
     def _shard_experts(self, kind: str, a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
         """This rank's share of the experts' (A [E, r, in], B [E, out, r]): the experts'

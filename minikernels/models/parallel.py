@@ -23,6 +23,10 @@ A :class:`TensorParallel` (rank, world size, process group) given to ``CausalLM(
                    [T, 2] fp32 sum of squares per layer (k's divided by the kv-head
                    replication), so every rank normalizes by the full-width rms
 
+recurrent mixers (hybrid models: Gated DeltaNet, short conv, Mamba-2, Mamba-1)
+                   column-parallel in, row-parallel out, each rank its heads / channels
+                   and its slice of every state: models/parallel_recurrent.py
+
 KV heads: with Hkv >= P each rank holds Hkv/P of them (its KV cache too); with Hkv < P
 (P a multiple of Hkv) each kv head is replicated on P/Hkv ranks, whose q heads all belong
 to it. A row-parallel bias is loaded on rank 0 only (zeros elsewhere), so the all-reduce
@@ -54,6 +58,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from .config import DecoderConfig
+from .parallel_recurrent import check_mixers, mixer_shard
 
 logger = logging.getLogger("minikernels")
 
@@ -110,25 +115,26 @@ def check_config(config: DecoderConfig, tp: TensorParallel) -> None:
     """Refuse shapes this sharding cannot split, naming the numbers."""
     p = tp.size
     if getattr(config, "is_recurrent", False):
-        raise ValueError(f"tensor_parallel_size {p}: {config.architecture}'s recurrent "
-                         f"layers ({sorted(set(config.layer_mixers) - {'attention'})}) are "
-                         "not sharded; run it with tensor_parallel_size=1")
+        check_mixers(config, p)
     if not config.uniform_attention_shapes:
         raise ValueError(f"tensor_parallel_size {p}: {config.architecture}'s layers of "
                          "different KV shapes (or reading another layer's K / V) are not "
                          "sharded; run it with tensor_parallel_size=1")
-    if config.attn_head_gate:
-        raise ValueError(f"tensor_parallel_size {p}: the per-head attention gate "
-                         f"({config.architecture}'s g_proj) is not sharded")
-    if config.num_heads % p:
+    if config.num_experts and config.moe_router == "group_sigmoid":
+        raise ValueError(f"tensor_parallel_size {p}: {config.architecture}'s non-gated "
+                         "experts with the grouped sigmoid router (Nemotron 3) are not "
+                         "sharded; run it with tensor_parallel_size=1")
+    attends = any(config.has_attention(i) for i in range(config.num_layers))
+    if attends and config.num_heads % p:      # (attention-free Mamba: no heads to split)
         raise ValueError(f"tensor_parallel_size {p} must divide num_attention_heads "
                          f"({config.num_heads})")
     kv = config.num_kv_heads
-    if (kv >= p and kv % p) or (kv < p and p % kv):
+    if attends and ((kv >= p and kv % p) or (kv < p and p % kv)):
         raise ValueError(f"tensor_parallel_size {p} and num_key_value_heads ({kv}): one "
                          "must divide the other")
     sizes = []
-    if any(not config.is_moe(i) for i in range(config.num_layers)):   # a dense MLP
+    if any(config.has_mlp(i) and not config.is_moe(i)
+           for i in range(config.num_layers)):   # a dense MLP
         sizes.append(("intermediate_size", config.intermediate_size))
     if config.num_experts:   # each expert's (and the shared expert's) intermediate dim
         sizes += [("moe_intermediate_size", config.moe_intermediate_size),
@@ -299,40 +305,94 @@ def shard_tensor(config: DecoderConfig, tp: TensorParallel, module: str, shard: 
             a = attention_shard(c, tp)
             return t.reshape(-1)[a.kv0:a.kv0 + a.nkv]
         return t
-    if leaf in _COLUMN:
+    cut = mixer_shard(c, tp.rank, tp.size, module, shard, kind)
+    if cut is not None:                  # a recurrent mixer's (parallel_recurrent.py)
+        return _cut(c, tp, module, kind, src, *cut)
+    if leaf in _COLUMN or module.endswith("self_attn.g_proj"):
         if leaf == "qkv_proj":
             a = attention_shard(c, tp)
             first, n = (a.q0, a.nq) if shard == 0 else (a.kv0, a.nkv)
-            start, stop = first * c.head_dim, (first + n) * c.head_dim
+            # (Qwen3.5's q part holds [q | gate] per head: 2 head_dim rows each)
+            per = c.head_dim * (2 if shard == 0 and c.attn_output_gate else 1)
+            start, stop = first * per, (first + n) * per
+        elif leaf == "g_proj":           # LFM3's per-head gate: a row per q head
+            a = attention_shard(c, tp)
+            start, stop = a.q0, a.q0 + a.nq
         else:
             start, stop = _mlp_split(c, tp, module)
-        if kind in _FP8_KINDS:
-            return _fp8_scale_shard(c, module, kind, src, start, stop, along_n=True)
-        if kind not in ("weight", "bias"):
-            return _int4_columns(c, module, kind, src, start, stop)
-        return _rows(src, start, stop)
-    if leaf in _ROW and kind not in ("weight", "bias"):
+        return _column_piece(c, module, kind, src, start, stop)
+    if leaf in _ROW:
         if leaf == "o_proj":
             a = attention_shard(c, tp)
             start, stop = a.q0 * c.head_dim, (a.q0 + a.nq) * c.head_dim
         else:
             start, stop = _mlp_split(c, tp, module)
-        if kind in _FP8_KINDS:
-            return _fp8_scale_shard(c, module, kind, src, start, stop, along_n=False)
-        return _int4_k_slice(c, module, kind, src, start, stop)
+        return _row_piece(c, tp, module, kind, src, start, stop)
     if kind not in ("weight", "bias"):
         raise ValueError(f"{module}: int4 tensor {kind} cannot be sharded")
-    if leaf in _ROW:
-        if kind == "bias":    # added once: rank 0 holds it, the others zeros
-            t = _read(src)
-            return t if tp.rank == 0 else torch.zeros_like(t)
-        if leaf == "o_proj":
-            a = attention_shard(c, tp)
-            start, stop = a.q0 * c.head_dim, (a.q0 + a.nq) * c.head_dim
-        else:
-            start, stop = _mlp_split(c, tp, module)
-        return src[:, start:stop]
     return _read(src)
+
+
+def parallel_style(config: DecoderConfig, module: str) -> str | None:
+    """"column" or "row" for a module's projection under tensor parallel (how LoRA's B
+    rows or A columns are cut), None when it is replicated."""
+    leaf = module.rsplit(".", 1)[-1]
+    cut = mixer_shard(config, 0, 1, module, 0, "weight")
+    if cut is not None:
+        return {"rows": "column", "columns": "row"}.get(cut[0])
+    if leaf in _COLUMN or module.endswith("self_attn.g_proj"):
+        return "column"
+    return "row" if leaf in _ROW else None
+
+
+#: quantized checkpoints' tensors beside (or instead of) a dense ``weight``
+_QUANT_KINDS = ("qweight", "qzeros", "scales", "g_idx", "weight_packed", "weight_g_idx")
+
+
+def _column_piece(config: DecoderConfig, module: str, kind: str, src: Any, start: int,
+                  stop: int) -> Tensor:
+    """Output rows [start, stop) of a column-parallel layer's tensor of ``kind``."""
+    if kind in _FP8_KINDS:
+        return _fp8_scale_shard(config, module, kind, src, start, stop, along_n=True)
+    if kind not in ("weight", "bias"):
+        return _int4_columns(config, module, kind, src, start, stop)
+    return _rows(src, start, stop)
+
+
+def _row_piece(config: DecoderConfig, tp: TensorParallel, module: str, kind: str, src: Any,
+               start: int, stop: int) -> Tensor:
+    """Input columns [start, stop) of a row-parallel layer's tensor of ``kind`` (its bias
+    on rank 0 only: the all-reduce adds it once)."""
+    if kind in _FP8_KINDS:
+        return _fp8_scale_shard(config, module, kind, src, start, stop, along_n=False)
+    if kind not in ("weight", "bias"):
+        return _int4_k_slice(config, module, kind, src, start, stop)
+    if kind == "bias":
+        t = _read(src)
+        return t if tp.rank == 0 else torch.zeros_like(t)
+    return src[:, start:stop]
+
+
+def _cut(config: DecoderConfig, tp: TensorParallel, module: str, kind: str, src: Any,
+         how: str, ranges: list[tuple[int, int]]) -> Tensor:
+    """A recurrent mixer's tensor cut as :func:`mixer_shard` says: rows in several ranges
+    (each section of a fused projection) concatenated, quantized tensors' pieces joined
+    along the axis their rows sit on; one range of columns."""
+    if how == "whole":
+        return _read(src)
+    if how == "bias":
+        return _row_piece(config, tp, module, "bias", src, 0, 0)
+    if how == "columns":
+        (start, stop), = ranges
+        return _row_piece(config, tp, module, kind, src, start, stop)
+    if kind not in _FP8_KINDS and kind not in _QUANT_KINDS:   # dense rows (and parameters)
+        return torch.cat([_read(_rows(src, a, b)) for a, b in ranges])
+    full = _shape(src)
+    pieces = [_column_piece(config, module, kind, src, a, b) for a, b in ranges]
+    differs = [d for d in range(len(full)) if pieces[0].shape[d] != full[d]]
+    if not differs:                      # a tensor every rank keeps whole (g_idx, ...)
+        return pieces[0]
+    return torch.cat(pieces, dim=differs[0])
 
 
 #: an fp8 checkpoint's scale tensors (the fp8 ``weight`` itself shards as a dense one)
