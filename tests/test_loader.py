@@ -261,6 +261,23 @@ def test_int4_bf16_model_and_small_k_group_fallback(hf_dirs):
     assert d.layers[0].mlp.down_proj.is_int4
 
 
+def test_int4_on_load_leaves_a_k_off_the_int32_words_dense(tmp_path):
+    """RTN int4 packs K in int32 words of 8 nibbles: Mamba-1's dt_proj with dt_rank 5 stays
+    dense (logged) while every other linear is int4, and the model runs; quantize_linears
+    (after a dense load) skips it the same way."""
+    from minikernels.models.loader import quantize_linears
+
+    path = save_hf(make_hf_model("mamba"), str(tmp_path / "mamba"))   # time_step_rank 5
+    m = load_model(path, dtype="float32", device="cpu", quantization="int4", group_size=32)
+    mixer = m.layers[0].mamba
+    assert mixer.dt_proj.weight is not None and not mixer.dt_proj.is_int4
+    assert mixer.in_proj.is_int4 and mixer.x_proj.is_int4 and mixer.out_proj.is_int4
+    assert torch.isfinite(_logits(m, _seqs())).all()
+    dense = load_model(path, dtype="float32", device="cpu")
+    quantize_linears(dense, 32)
+    assert not dense.layers[0].mamba.dt_proj.is_int4 and dense.layers[0].mamba.in_proj.is_int4
+
+
 @pytest.mark.parametrize("method,act_order,fmt", [
     ("gptq", False, "gptq"), ("gptq", True, "gptq"), ("gptq", True, "gptq_v2"),
     ("awq", False, None)])

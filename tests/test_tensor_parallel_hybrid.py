@@ -25,16 +25,15 @@ if not torch.distributed.is_available():
 # case -> (test_model_support CASES kind, overrides). Widths chosen so int4 group 32
 # divides every rank's K slice (then TP int4 equals slices of TP=1 int4).
 HYBRID_CASES = {
-    # Qwen3.5: Gated DeltaNet (fused in_proj [qkv | z | b | a], one conv; Hk 2, Hv 4 over
-    # 2 ranks) beside gated attention (q rows [q | gate] per head)
-    "qwen3_5": ("qwen3_5", {"linear_value_head_dim": 16}),
-    # Qwen3.5 MoE: the same mixers, experts and the gated shared expert
+    # Qwen3.5 MoE: Gated DeltaNet (fused in_proj [qkv | z | b | a], one conv; Hk 2, Hv 4
+    # over 2 ranks) beside gated attention (q rows [q | gate] per head), experts and the
+    # gated shared expert
     "qwen3_5_moe": ("qwen3_5_moe", {"linear_value_head_dim": 16, "moe_intermediate_size": 64,
                                     "shared_expert_intermediate_size": 64}),
-    # OLMo Hybrid: six separate projections and three convs, beta scale; full q / k norms
+    # OLMo Hybrid: six separate projections and three conv pieces, beta scale; full q / k
+    # norms
     "olmo_hybrid": ("olmo_hybrid", {"linear_value_head_dim": 16}),
-    # LFM2: the short conv's b / c / u channels; LFM3: per-head sigmoid gates (g_proj)
-    "lfm2": ("lfm2", {"intermediate_size": 128, "block_auto_adjust_ff_dim": False}),
+    # LFM3: the short conv's b / c / u channels, per-head sigmoid gates (g_proj)
     "lfm3": ("lfm3", {}),
     # Mamba-2: 2 groups over 2 ranks (each its group, norms local), Granite 4.0-H's
     # multipliers; one group over 2 ranks (B / C replicated, the gated norm's sum of
@@ -42,20 +41,16 @@ HYBRID_CASES = {
     "granite4-h": ("granite4-h", {"shared_intermediate_size": 128}),
     "granite4-h-moe": ("granite4-h-moe", {"intermediate_size": 64,
                                           "shared_intermediate_size": 64}),
-    # Bamba: in_proj bias rows per section; Nemotron-H: MLP-only blocks between mixers
-    "bamba": ("bamba", {}),
-    "nemotron_h": ("nemotron_h", {"intermediate_size": 128}),
-    # Falcon-H1: Mamba-2 beside attention (two all-reduces summed), muP section scales;
-    # and its gated norm before the gate over one group spanning both ranks
+    # Falcon-H1: Mamba-2 beside attention (two all-reduces summed), muP section scales
     "falcon_h1": ("falcon_h1", {}),
-    "falcon_h1-norm": ("falcon_h1-norm", {}),
     # Mamba-1: x_proj row-parallel (all-reduced before Jamba's dt / B / C norms), dt_proj
-    # column-parallel; Jamba with experts; attention-free Mamba (biases) and FalconMamba
-    "jamba": ("jamba", {}),
+    # column-parallel, in_proj biases; Jamba with experts; attention-free Mamba (dt_rank 5:
+    # its int4 dt_proj stays dense)
     "jamba-moe": ("jamba-moe", {"intermediate_size": 64}),
     "mamba": ("mamba", {}),
-    "falcon_mamba": ("falcon_mamba", {}),
 }
+#: other configs the tests below build from the same models
+EXTRA_CASES = {"qwen3_5": ("qwen3_5", {"linear_value_head_dim": 16}), "jamba": ("jamba", {})}
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +82,7 @@ def test_hybrid_llm_generate_tp2_token_identical(hybrid_dirs, tmp_path, monkeypa
     prompts = [[5, 9, 17, 33, 2, 8, 19, 4, 11, 3, 7, 21, 6], [5, 9, 17, 33, 2, 8, 40, 1],
                [12, 14, 16]]
     params = mk.SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
-    for name in ("qwen3_5", "granite4-h-moe", "jamba"):
+    for name in ("qwen3_5_moe", "granite4-h-moe"):
         kw = dict(dtype="float32", device="cpu", max_num_batched_tokens=8, block_size=4,
                   enable_prefix_caching=True, state_checkpoint_interval=8, max_model_len=64)
         want = [o.outputs[0].token_ids for o in mk.LLM(hybrid_dirs[name], **kw).generate(
@@ -108,14 +103,14 @@ def test_hybrid_llm_generate_tp2_token_identical(hybrid_dirs, tmp_path, monkeypa
         finally:
             llm.llm_engine.model.close()
     logs = [open(os.path.join(tmp_path, f"rank{r}")).read() for r in range(2)]
-    assert logs[0] == logs[1] and logs[0].count("replay") >= 3 * 4
+    assert logs[0] == logs[1] and logs[0].count("replay") >= 2 * 4
 
 
 def _config(case: str) -> DecoderConfig:
     import json
     import tempfile
 
-    kind, over = HYBRID_CASES[case]
+    kind, over = {**HYBRID_CASES, **EXTRA_CASES}[case]
     with tempfile.TemporaryDirectory() as d:
         save_hf(make_hf_model(kind, **over), d)
         with open(os.path.join(d, "config.json")) as f:
@@ -192,7 +187,8 @@ def test_hybrid_lora_tp2_token_identical(kind, targets, tmp_path):
     from minikernels.engine import LoRARequest
     from test_lora import make_adapter
 
-    hf = make_hf_model(*HYBRID_CASES[kind][:1], seed=3, **HYBRID_CASES[kind][1])
+    family, over = EXTRA_CASES[kind]
+    hf = make_hf_model(family, seed=3, **over)
     base = save_hf(hf, str(tmp_path / "base"))
     path = str(tmp_path / "lora")
     make_adapter(hf, path, r=4, alpha=8, targets=targets, seed=1)
