@@ -47,6 +47,10 @@ HYBRID_CASES = {
     # column-parallel, in_proj biases; Jamba with experts; attention-free Mamba (dt_rank 5:
     # its int4 dt_proj stays dense)
     "jamba-moe": ("jamba-moe", {"intermediate_size": 64}),
+    # Nemotron 3: non-gated experts in a latent space (router and latent projections
+    # replicated), a non-gated shared expert: one all-reduce; Mamba-2 blocks
+    "nemotron_h-latent": ("nemotron_h-latent", {"moe_intermediate_size": 64,
+                                                "moe_shared_expert_intermediate_size": 64}),
     "mamba": ("mamba", {}),
 }
 #: other configs the tests below build from the same models

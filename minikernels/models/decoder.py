@@ -777,10 +777,11 @@ class ZambaAdapters(nn.Module):
 
 
 def _nemotron_moe(config: DecoderConfig, dtype: torch.dtype,
-                  device: torch.device | str | None, dense: bool) -> nn.Module:
+                  device: torch.device | str | None, dense: bool,
+                  tp: TensorParallel | None) -> nn.Module:
     """Nemotron 3's mixture-of-experts block (models/nemotron_moe.py)."""
     from .nemotron_moe import NemotronMoE
-    return NemotronMoE(config, dtype, device, dense)
+    return NemotronMoE(config, dtype, device, dense, tp)
 
 
 class DecoderLayer(nn.Module):
@@ -843,7 +844,7 @@ class DecoderLayer(nn.Module):
             self.post_feedforward_layernorm = norm()
         nemotron_moe = c.is_moe(layer) and c.moe_router == "group_sigmoid"
         self.mlp = None if not c.has_mlp(layer) else \
-            _nemotron_moe(config, dtype, device, dense) if nemotron_moe else \
+            _nemotron_moe(config, dtype, device, dense, tp) if nemotron_moe else \
             SparseMoE(config, dtype, device, dense, tp) if c.is_moe(layer) else \
             MLP(config, dtype, device, dense, tp, c.layer_intermediate_size(layer))
         # Gemma 4 (26B-A4B): experts beside the MLP, each output normed, both summed

@@ -1714,7 +1714,7 @@ def _init_dummy_tp(model: CausalLM, tp: TensorParallel, seed: int,
             mod = modules[name]
             if isinstance(full, FusedExperts) and full.w13 is None:
                 g = _expert_group(config, mod, group_size)
-                for kind, shape in (("gate_up_proj", (full.num_experts, 2 * full.inter,
+                for kind, shape in (("gate_up_proj", (full.num_experts, full.rows13,
                                                       full.hidden)),
                                     ("down_proj", (full.num_experts, full.hidden, full.inter))):
                     w = draw(torch.Size(shape), None, False)

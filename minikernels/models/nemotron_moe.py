@@ -11,6 +11,11 @@ per-expert bias (``e_score_correction_bias``); the experts are split into
 their s (renormalized, + 1e-20, with ``norm_topk_prob``) times ``moe_routed_scaling``.
 The experts and the shared expert are non-gated: down(act(up(x))) with the model's
 activation (squared ReLU).
+
+Tensor parallel (``tp``): each rank holds every expert's intermediate slice I/P (as
+models/parallel.py cuts experts) and the shared expert's; the router and the latent
+projections are replicated. fc2_latent_proj maps each rank's partial latent sum (its bias
+on rank 0 only), so the experts' and the shared expert's partials meet in one all-reduce.
 """
 from __future__ import annotations
 
@@ -20,6 +25,7 @@ from torch import Tensor, nn
 from .config import DecoderConfig
 from .linear import FusedLinear
 from .moe import FusedExperts
+from .parallel import TensorParallel
 
 
 class GroupSigmoidRouter(nn.Module):
@@ -62,14 +68,17 @@ class NemotronMoE(nn.Module):
     the non-gated shared expert of one Nemotron 3 block (module docstring)."""
 
     def __init__(self, config: DecoderConfig, dtype: torch.dtype,
-                 device: torch.device | str | None, dense: bool) -> None:
+                 device: torch.device | str | None, dense: bool,
+                 tp: TensorParallel | None = None) -> None:
         super().__init__()
         from .decoder import MLP
 
         c = config
+        p = tp.size if tp is not None else 1
+        self.__dict__["tp"] = tp
         width = c.moe_latent_size or c.hidden_size
         self.gate = GroupSigmoidRouter(c, device)
-        self.experts = FusedExperts(c.num_experts, width, c.moe_intermediate_size, dtype,
+        self.experts = FusedExperts(c.num_experts, width, c.moe_intermediate_size // p, dtype,
                                     device, dense, gated=False, activation=c.activation)
         self.fc1_latent_proj = self.fc2_latent_proj = None
         if c.moe_latent_size:
@@ -77,8 +86,9 @@ class NemotronMoE(nn.Module):
                                                dtype=dtype, device=device, dense=dense)
             self.fc2_latent_proj = FusedLinear(width, c.hidden_size, bias=c.mlp_bias,
                                                dtype=dtype, device=device, dense=dense)
+        # (its local slice, no all-reduce of its own: the block's one sums it)
         self.shared_expert = MLP(c, dtype, device, dense,
-                                 intermediate_size=c.shared_expert_intermediate_size) \
+                                 intermediate_size=c.shared_expert_intermediate_size // p) \
             if c.shared_expert_intermediate_size else None
 
     def forward(self, x: Tensor) -> Tensor:
@@ -87,4 +97,6 @@ class NemotronMoE(nn.Module):
         y = self.experts(h, weights, ids)
         if self.fc2_latent_proj is not None:
             y = self.fc2_latent_proj(y)
-        return y if self.shared_expert is None else y + self.shared_expert(x)
+        if self.shared_expert is not None:
+            y = y + self.shared_expert(x)
+        return y if self.tp is None else self.tp.all_reduce(y)

@@ -120,10 +120,6 @@ def check_config(config: DecoderConfig, tp: TensorParallel) -> None:
         raise ValueError(f"tensor_parallel_size {p}: {config.architecture}'s layers of "
                          "different KV shapes (or reading another layer's K / V) are not "
                          "sharded; run it with tensor_parallel_size=1")
-    if config.num_experts and config.moe_router == "group_sigmoid":
-        raise ValueError(f"tensor_parallel_size {p}: {config.architecture}'s non-gated "
-                         "experts with the grouped sigmoid router (Nemotron 3) are not "
-                         "sharded; run it with tensor_parallel_size=1")
     attends = any(config.has_attention(i) for i in range(config.num_layers))
     if attends and config.num_heads % p:      # (attention-free Mamba: no heads to split)
         raise ValueError(f"tensor_parallel_size {p} must divide num_attention_heads "
@@ -254,6 +250,8 @@ def _expert_shard(config: DecoderConfig, tp: TensorParallel, module: str, shard:
         dim, full = 0, i
     elif one and kind == "down_proj":
         dim, full = 1, i
+    elif not one and kind in ("gate_up_proj", "w13", "up_proj") and not config.moe_gated_experts:
+        dim, full = 1, i                   # non-gated experts (Nemotron 3): up rows only
     elif not one and kind in ("gate_up_proj", "w13"):
         dim, full = 1, 2 * i
     elif not one and kind in ("down_proj", "w2"):
@@ -268,7 +266,7 @@ def _expert_shard(config: DecoderConfig, tp: TensorParallel, module: str, shard:
         return src[s0:s1]
     if dim == 2:
         return src[:, :, s0:s1]
-    if one:
+    if one or not config.moe_gated_experts:
         return src[:, s0:s1]
     return torch.cat([src[:, s0:s1], src[:, i + s0:i + s1]], dim=1)   # gate rows, up rows
 
@@ -296,6 +294,8 @@ def shard_tensor(config: DecoderConfig, tp: TensorParallel, module: str, shard: 
         return _pad_rows(_rows(src, start, stop), per)
     if leaf == "act_fn":                 # Apertus's xIELU scalars: every rank's
         return _read(src)
+    if leaf == "fc2_latent_proj" and kind == "bias":   # (Nemotron 3: maps partial sums)
+        return _row_piece(c, tp, module, kind, src, 0, 0)
     if kind == "sinks":                  # one per q head: this rank's heads
         a = attention_shard(c, tp)
         return _read(src).reshape(-1)[a.q0:a.q0 + a.nq]
@@ -328,9 +328,10 @@ def shard_tensor(config: DecoderConfig, tp: TensorParallel, module: str, shard: 
         else:
             start, stop = _mlp_split(c, tp, module)
         return _row_piece(c, tp, module, kind, src, start, stop)
-    if kind not in ("weight", "bias"):
-        raise ValueError(f"{module}: int4 tensor {kind} cannot be sharded")
-    return _read(src)
+    if kind in _QUANT_KINDS or kind in _FP8_KINDS:
+        raise ValueError(f"{module}: quantized tensor {kind} of a replicated module cannot "
+                         "be sharded")
+    return _read(src)          # replicated (norms, routers and their biases, ...)
 
 
 def parallel_style(config: DecoderConfig, module: str) -> str | None:
