@@ -19,6 +19,10 @@ BLOCK_M): at most one tile more than the real worst case, T*k tiles when T*k < E
   3. out = buffer.view(T, k, H).sum(1) in fp32, rounded once to x.dtype.
 Each tile reads its expert's weight block once for BLOCK_M pairs, so decode batches are
 memory bound on the routed experts' weights; sentinel rows load zeros and store nothing.
+The four MoE kernel pairs (here, moe_int4.py, moe_fp8.py, moe_int8.py) differ only in
+their K loops: the tile setup (``tile_expert``, ``tile_pairs``, ``up_rows``) and the
+epilogues after the K loop (``gate_up_epilogue``: LoRA delta, activation, store;
+``down_epilogue``: LoRA delta, router weight, store) are ops/triton/_moe_common.py's.
 
 LoRA on the experts (optional; ``pair_lora``). The S adapter slots' per-expert matrices
 are S*E virtual lora_delta slots v = s * E + e, and pair p = (t, j) takes v_p =
@@ -41,10 +45,10 @@ import triton
 import triton.language as tl
 
 from .. import _alloc
-from .activation import gate_activation
-from .interpreter_rounding import rne_bf16
+from ._moe_common import down_epilogue, gate_up_epilogue, tile_expert, tile_pairs, up_rows
 from .moe_align import moe_align_block_size as align_pairs
 from .registry import KernelSpec, register
+from .tiling import acc_dot
 
 # the grouped (SGMV) LoRA path sorts pairs into S*E + 1 groups with moe_align's kernels:
 # up to this many (the alignment op's expert limit); more take the per-pair (BGMV) path
@@ -90,14 +94,13 @@ def moe_gate_up_kernel(x_ptr, w13_ptr, act_ptr, delta_ptr, sorted_ids_ptr, block
                        EVEN_K: tl.constexpr, ALIGNED: tl.constexpr, DOT_F32: tl.constexpr,
                        RNE_BF16: tl.constexpr = False, ACT: tl.constexpr = "silu",
                        GATED: tl.constexpr = True):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    e = tl.load(block_expert_ptr + pid_m).to(tl.int64)
+    """act[p, n-block] = act(x[t] @ w13[e, n].T) * (x[t] @ w13[e, I + n].T) for the pairs p
+    of tile pid_m (token t = p // k, expert e): x [T, H] and w13 [E, 2I, H] (non-gated:
+    [E, I, H], act(up) stored) in x.dtype, fp32 accumulators, masked loads."""
+    pid_m, pid_n, e = tile_expert(block_expert_ptr)
     if e < 0:               # past the last real tile (the grid is a static upper bound)
         return
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    pair = tl.load(sorted_ids_ptr + offs_m)
-    live = pair < n_pairs                            # padding rows hold the sentinel
+    pair, live = tile_pairs(sorted_ids_ptr, pid_m, n_pairs, BLOCK_M)
     tok = (pair // top_k).to(tl.int64)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < I
@@ -106,12 +109,9 @@ def moe_gate_up_kernel(x_ptr, w13_ptr, act_ptr, delta_ptr, sorted_ids_ptr, block
     # w13[e] rows n (gate) and I + n (up), read as [BK, BN] tiles (the transposed weight);
     # non-gated experts (GATED False): w13[e] holds the I up rows only, rows n
     w_base = w13_ptr + e * sw_e + offs_k[:, None] * sw_h
-    if GATED:
-        g_ptrs = w_base + offs_n[None, :].to(tl.int64) * sw_n
-        u_ptrs = w_base + (I + offs_n[None, :]).to(tl.int64) * sw_n
-        acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    else:
-        u_ptrs = w_base + offs_n[None, :].to(tl.int64) * sw_n
+    g_ptrs = w_base + offs_n[None, :].to(tl.int64) * sw_n        # read only when GATED
+    u_ptrs = w_base + up_rows(offs_n, I, GATED)[None, :].to(tl.int64) * sw_n
+    acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)     # read only when GATED
     acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, H, BLOCK_K):
         if ALIGNED:  # 16-byte aligned rows, unit inner strides (the launcher checked)
@@ -130,37 +130,17 @@ def moe_gate_up_kernel(x_ptr, w13_ptr, act_ptr, delta_ptr, sorted_ids_ptr, block
             if GATED:
                 wg = tl.load(g_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
             wu = tl.load(u_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-        if DOT_F32:   # fp32 inputs; and the interpreter's bf16 tl.dot (wrong there)
-            a32 = a.to(tl.float32)
-            if GATED:
-                acc_g = tl.dot(a32, wg.to(tl.float32), acc_g, input_precision="ieee")
-            acc_u = tl.dot(a32, wu.to(tl.float32), acc_u, input_precision="ieee")
-        else:
-            if GATED:
-                acc_g = tl.dot(a, wg, acc_g)
-            acc_u = tl.dot(a, wu, acc_u)
+        # DOT_F32: fp32 inputs; and the interpreter's bf16 tl.dot (wrong there)
+        if GATED:
+            acc_g = acc_dot(a, wg, acc_g, DOT_F32)
+        acc_u = acc_dot(a, wu, acc_u, DOT_F32)
         x_ptrs += BLOCK_K * sx_h
         if GATED:
             g_ptrs += BLOCK_K * sw_h
         u_ptrs += BLOCK_K * sw_h
-    if HAS_DELTA:   # LoRA: the pair's gate / up update, a [T*k, 2I] row in x.dtype
-        if GATED:
-            d_ptrs = delta_ptr + pair[:, None].to(tl.int64) * (2 * I) + offs_n[None, :]
-            d_ok = live[:, None] & n_ok[None, :]
-            acc_g += tl.load(d_ptrs, mask=d_ok, other=0.0).to(tl.float32)
-            acc_u += tl.load(d_ptrs + I, mask=d_ok, other=0.0).to(tl.float32)
-        else:       # non-gated: the up update, a [T*k, I] row
-            d_ptrs = delta_ptr + pair[:, None].to(tl.int64) * I + offs_n[None, :]
-            acc_u += tl.load(d_ptrs, mask=live[:, None] & n_ok[None, :],
-                             other=0.0).to(tl.float32)
-    if GATED:
-        act = gate_activation(acc_g, ACT) * acc_u    # act(gate) * up in fp32
-    else:
-        act = gate_activation(acc_u, ACT)            # act(up) in fp32
-    if RNE_BF16:  # interpreter only: its fp32 -> bf16 cast truncates (see rne_bf16)
-        act = rne_bf16(act)
-    out_ptrs = act_ptr + pair[:, None].to(tl.int64) * I + offs_n[None, :]
-    tl.store(out_ptrs, act.to(act_ptr.dtype.element_ty), mask=live[:, None] & n_ok[None, :])
+    gate_up_epilogue(acc_g, acc_u, act_ptr, delta_ptr, pair, live, offs_n, offs_n, n_pairs,
+                     I, HAS_DELTA, CLAMPED=False, ACT=ACT, GATED=GATED,
+                     RNE_BF16=RNE_BF16)
 
 
 @triton.jit
@@ -169,14 +149,12 @@ def moe_down_kernel(act_ptr, w2_ptr, tw_ptr, out_ptr, delta_ptr, sorted_ids_ptr,
                     sw_e, sw_h, sw_i, stw_t, stw_j,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                     EVEN_K: tl.constexpr, ALIGNED: tl.constexpr, DOT_F32: tl.constexpr):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    e = tl.load(block_expert_ptr + pid_m).to(tl.int64)
+    """buf[p, n-block] = (act[p] @ w2[e, n].T) * topk_weights[t, j] for the pairs p = t * k
+    + j of tile pid_m: act [T*k, I] and w2 [E, H, I] in x.dtype, buf fp32 [T*k, H]."""
+    pid_m, pid_n, e = tile_expert(block_expert_ptr)
     if e < 0:
         return
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    pair = tl.load(sorted_ids_ptr + offs_m)
-    live = pair < n_pairs
+    pair, live = tile_pairs(sorted_ids_ptr, pid_m, n_pairs, BLOCK_M)
     pair64 = pair.to(tl.int64)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < H
@@ -195,22 +173,11 @@ def moe_down_kernel(act_ptr, w2_ptr, tw_ptr, out_ptr, delta_ptr, sorted_ids_ptr,
             k_ok = (k0 + offs_k) < I
             a = tl.load(a_ptrs, mask=live[:, None] & k_ok[None, :], other=0.0)
             w = tl.load(w_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-        if DOT_F32:
-            acc = tl.dot(a.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")
-        else:
-            acc = tl.dot(a, w, acc)
+        acc = acc_dot(a, w, acc, DOT_F32)
         a_ptrs += BLOCK_K
         w_ptrs += BLOCK_K * sw_i
-    if HAS_DELTA:   # LoRA: the pair's down update, a [T*k, H] row in x.dtype
-        acc += tl.load(delta_ptr + pair64[:, None] * H + offs_n[None, :],
-                       mask=live[:, None] & n_ok[None, :], other=0.0).to(tl.float32)
-    # the router weight of (token, slot), fp32, applied before the k-sum
-    tok = pair64 // top_k
-    slot = pair64 - tok * top_k
-    wt = tl.load(tw_ptr + tok * stw_t + slot * stw_j, mask=live, other=0.0)
-    acc = acc * wt[:, None]
-    tl.store(out_ptr + pair64[:, None] * H + offs_n[None, :], acc,
-             mask=live[:, None] & n_ok[None, :])
+    down_epilogue(acc, tw_ptr, out_ptr, delta_ptr, pair64, live, offs_n, offs_n, top_k, H,
+                  stw_t, stw_j, HAS_DELTA, CLAMPED=False)
 
 
 def sort_pairs_by_expert(topk_ids: torch.Tensor, num_experts: int, block_m: int

@@ -23,7 +23,8 @@ n % I, up row I + n % I, token of a padding pair = the last one) and masked at t
 LoRA on the experts (optional): moe.py's ``pair_lora`` / ``gate_up_delta`` /
 ``down_delta``; step 1 adds the pair's d13 row to its gate / up accumulators before the
 epilogue, step 2 its d2 row before the router weight (clamped loads as above), behind the
-constexpr ``HAS_DELTA``.
+constexpr ``HAS_DELTA``. Tile setup and epilogues: ops/triton/_moe_common.py (clamped
+loads, ``CLAMPED``); K tiles: tiling.py's ``load_k_tile``.
 """
 from __future__ import annotations
 
@@ -34,10 +35,10 @@ import triton
 import triton.language as tl
 
 from .. import _alloc
-from .activation import gate_activation
-from .fp8_matmul import _dot, _e4m3_as_fp16, block_k_for
-from .interpreter_rounding import rne_bf16
+from ._moe_common import down_epilogue, gate_up_epilogue, tile_expert, tile_pairs, up_rows
+from .fp8_matmul import _e4m3_as_fp16, block_k_for
 from .moe import MoeW8A16Config, fused_moe_w8a16, moe_w8a16_config, register_w8a16_moe
+from .tiling import acc_dot, load_k_tile
 
 MoeFp8Config = MoeW8A16Config
 
@@ -63,32 +64,27 @@ def moe_fp8_gate_up_kernel(x_ptr, w_ptr, s_ptr, act_ptr, delta_ptr, sorted_ids_p
                            ALIGNED: tl.constexpr, DOT_F32: tl.constexpr,
                            RNE_BF16: tl.constexpr = False, ACT: tl.constexpr = "silu",
                            GATED: tl.constexpr = True):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    e = tl.load(block_expert_ptr + pid_m).to(tl.int64)
+    """act[p, n-block] = act(gate) * up for the pairs p of tile pid_m: x [T, H] in x.dtype,
+    w [E, 2I, H] e4m3 bytes (non-gated: [E, I, H], act(up) stored), s fp32 [E, ceil(2I /
+    block_n), ceil(H / block_k)]; per K tile dot(x, (W / 256)^T) * 256 * scale in fp32.
+    Loads clamped (rows n % I, the last pair), the store masked."""
+    pid_m, pid_n, e = tile_expert(block_expert_ptr)
     if e < 0:               # past the last real tile (the grid is a static upper bound)
         return
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    pair = tl.load(sorted_ids_ptr + offs_m)
-    live = pair < n_pairs                            # padding rows hold the sentinel
+    pair, live = tile_pairs(sorted_ids_ptr, pid_m, n_pairs, BLOCK_M)
     tok = (tl.minimum(pair, n_pairs - 1) // top_k).to(tl.int64)   # clamped: loads unmasked
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_l = offs_n % I                                 # gate rows n, up rows I + n (clamped)
+    n_l = offs_n % I                                 # columns clamped for the loads
     offs_k = tl.arange(0, BLOCK_K)
     x_ptrs = x_ptr + tok[:, None] * sx_t + offs_k[None, :] * sx_h               # [BM, BK]
     w_base = w_ptr + e * sw_e + offs_k[None, :].to(tl.int64) * sw_k
-    if GATED:
-        g_ptrs = w_base + n_l[:, None].to(tl.int64) * sw_n                      # [BN, BK]
-        u_ptrs = w_base + (I + n_l)[:, None].to(tl.int64) * sw_n
-    else:           # non-gated experts: the I up rows only, rows n
-        u_ptrs = w_base + n_l[:, None].to(tl.int64) * sw_n
-    s_base = s_ptr + e * ss_e
-    if GATED:
-        sg_ptrs = s_base + (n_l // block_n).to(tl.int64) * ss_n                 # [BN]
-        su_ptrs = s_base + ((I + n_l) // block_n).to(tl.int64) * ss_n
-        acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    else:
-        su_ptrs = s_base + (n_l // block_n).to(tl.int64) * ss_n
+    # gate rows n (read only when GATED), up rows I + n (non-gated: n), as [BN, BK] tiles
+    g_ptrs = w_base + n_l[:, None].to(tl.int64) * sw_n
+    u_ptrs = w_base + up_rows(n_l, I, GATED)[:, None].to(tl.int64) * sw_n
+    s_base = s_ptr + e * ss_e                        # the rows' scale blocks, [BN]
+    sg_ptrs = s_base + (n_l // block_n).to(tl.int64) * ss_n
+    su_ptrs = s_base + (up_rows(n_l, I, GATED) // block_n).to(tl.int64) * ss_n
+    acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)     # read only when GATED
     acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, H, BLOCK_K):
         if ALIGNED:  # 16-byte aligned rows, unit inner strides (the launcher checked)
@@ -96,17 +92,10 @@ def moe_fp8_gate_up_kernel(x_ptr, w_ptr, s_ptr, act_ptr, delta_ptr, sorted_ids_p
             if GATED:
                 g_ptrs = tl.multiple_of(g_ptrs, [1, 16])
             u_ptrs = tl.multiple_of(u_ptrs, [1, 16])
-        if EVEN_K:   # H % BLOCK_K == 0: no mask at all, the loads vectorize
-            a = tl.load(x_ptrs)
-            if GATED:
-                wg = tl.load(g_ptrs)
-            wu = tl.load(u_ptrs)
-        else:
-            k_ok = ((k0 + offs_k) < H)[None, :]
-            a = tl.load(x_ptrs, mask=k_ok, other=0.0)
-            if GATED:
-                wg = tl.load(g_ptrs, mask=k_ok, other=0)
-            wu = tl.load(u_ptrs, mask=k_ok, other=0)
+        a = load_k_tile(x_ptrs, k0, offs_k, H, EVEN_K, 0.0)       # H % BK == 0: no mask
+        if GATED:
+            wg = load_k_tile(g_ptrs, k0, offs_k, H, EVEN_K, 0)
+        wu = load_k_tile(u_ptrs, k0, offs_k, H, EVEN_K, 0)
         if GATED:
             wg = _e4m3_as_fp16(wg).to(a.dtype)                         # W / 256, exact
         wu = _e4m3_as_fp16(wu).to(a.dtype)
@@ -116,29 +105,15 @@ def moe_fp8_gate_up_kernel(x_ptr, w_ptr, s_ptr, act_ptr, delta_ptr, sorted_ids_p
         su = tl.load(su_ptrs + kb) * 256.0
         zero = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         if GATED:
-            acc_g += _dot(a, tl.trans(wg), zero, DOT_F32) * sg[None, :]
-        acc_u += _dot(a, tl.trans(wu), zero, DOT_F32) * su[None, :]
+            acc_g += acc_dot(a, tl.trans(wg), zero, DOT_F32) * sg[None, :]
+        acc_u += acc_dot(a, tl.trans(wu), zero, DOT_F32) * su[None, :]
         x_ptrs += BLOCK_K * sx_h
         if GATED:
             g_ptrs += BLOCK_K * sw_k
         u_ptrs += BLOCK_K * sw_k
-    if HAS_DELTA:   # LoRA: the pair's gate / up update, a [T*k, 2I] row in x.dtype
-        pair_l = tl.minimum(pair, n_pairs - 1).to(tl.int64)       # clamped, as the loads
-        if GATED:
-            d_ptrs = delta_ptr + pair_l[:, None] * (2 * I) + n_l[None, :]
-            acc_g += tl.load(d_ptrs).to(tl.float32)
-            acc_u += tl.load(d_ptrs + I).to(tl.float32)
-        else:       # non-gated: the up update, a [T*k, I] row
-            acc_u += tl.load(delta_ptr + pair_l[:, None] * I + n_l[None, :]).to(tl.float32)
-    if GATED:
-        act = gate_activation(acc_g, ACT) * acc_u    # act(gate) * up in fp32
-    else:
-        act = gate_activation(acc_u, ACT)            # act(up) in fp32
-    if RNE_BF16:  # interpreter only: its fp32 -> bf16 cast truncates; the GPU rounds
-        act = rne_bf16(act)
-    out_ptrs = act_ptr + pair[:, None].to(tl.int64) * I + offs_n[None, :]
-    tl.store(out_ptrs, act.to(act_ptr.dtype.element_ty),
-             mask=live[:, None] & (offs_n < I)[None, :])
+    gate_up_epilogue(acc_g, acc_u, act_ptr, delta_ptr, pair, live, offs_n, n_l, n_pairs, I,
+                     HAS_DELTA, CLAMPED=True, ACT=ACT, GATED=GATED,
+                     RNE_BF16=RNE_BF16)
 
 
 @triton.jit
@@ -148,14 +123,13 @@ def moe_fp8_down_kernel(act_ptr, w_ptr, s_ptr, tw_ptr, out_ptr, delta_ptr, sorte
                         sw_e, sw_n, sw_k, ss_e, ss_n, ss_k, stw_t, stw_j,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                         EVEN_K: tl.constexpr, ALIGNED: tl.constexpr, DOT_F32: tl.constexpr):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    e = tl.load(block_expert_ptr + pid_m).to(tl.int64)
+    """buf[p, n-block] = (act[p] @ W2[e]^T) * topk_weights[t, j] for the pairs p of tile
+    pid_m: act [T*k, I] in x.dtype, w [E, H, I] e4m3 bytes, s fp32 [E, ceil(H / block_n),
+    ceil(I / block_k)], buf fp32 [T*k, H]. Loads clamped, the store masked."""
+    pid_m, pid_n, e = tile_expert(block_expert_ptr)
     if e < 0:
         return
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    pair = tl.load(sorted_ids_ptr + offs_m)
-    live = pair < n_pairs
+    pair, live = tile_pairs(sorted_ids_ptr, pid_m, n_pairs, BLOCK_M)
     pair_l = tl.minimum(pair, n_pairs - 1).to(tl.int64)       # clamped for the loads
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_l = offs_n % H
@@ -169,28 +143,16 @@ def moe_fp8_down_kernel(act_ptr, w_ptr, s_ptr, tw_ptr, out_ptr, delta_ptr, sorte
         if ALIGNED:
             a_ptrs = tl.multiple_of(a_ptrs, [1, 16])
             w_ptrs = tl.multiple_of(w_ptrs, [1, 16])
-        if EVEN_K:   # I % BLOCK_K == 0
-            a = tl.load(a_ptrs)
-            wb = tl.load(w_ptrs)
-        else:
-            k_ok = ((k0 + offs_k) < I)[None, :]
-            a = tl.load(a_ptrs, mask=k_ok, other=0.0)
-            wb = tl.load(w_ptrs, mask=k_ok, other=0)
+        a = load_k_tile(a_ptrs, k0, offs_k, I, EVEN_K, 0.0)       # I % BK == 0: no mask
+        wb = load_k_tile(w_ptrs, k0, offs_k, I, EVEN_K, 0)
         w = _e4m3_as_fp16(wb).to(a.dtype)                              # W / 256, exact
         s = tl.load(s_ptrs + (k0 // block_k) * ss_k) * 256.0
-        acc += _dot(a, tl.trans(w), tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32),
-                    DOT_F32) * s[None, :]
+        acc += acc_dot(a, tl.trans(w), tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32),
+                       DOT_F32) * s[None, :]
         a_ptrs += BLOCK_K
         w_ptrs += BLOCK_K * sw_k
-    if HAS_DELTA:   # LoRA: the pair's down update, a [T*k, H] row in x.dtype (clamped)
-        acc += tl.load(delta_ptr + pair_l[:, None] * H + n_l[None, :]).to(tl.float32)
-    # the router weight of (token, slot), fp32, applied before the k-sum
-    tok = pair_l // top_k
-    slot = pair_l - tok * top_k
-    wt = tl.load(tw_ptr + tok * stw_t + slot * stw_j)
-    acc = acc * wt[:, None]
-    tl.store(out_ptr + pair_l[:, None] * H + offs_n[None, :], acc,
-             mask=live[:, None] & (offs_n < H)[None, :])
+    down_epilogue(acc, tw_ptr, out_ptr, delta_ptr, pair_l, live, offs_n, n_l, top_k, H,
+                  stw_t, stw_j, HAS_DELTA, CLAMPED=True)
 
 
 def fused_moe_fp8(x: torch.Tensor, w13: torch.Tensor, w13_scale: torch.Tensor,

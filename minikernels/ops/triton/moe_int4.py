@@ -26,7 +26,8 @@ LoRA on the experts (optional): moe.py's ``pair_lora`` / ``gate_up_delta`` /
 epilogue, step 2 its d2 row before the router weight, behind the constexpr ``HAS_DELTA``.
 Scales / zeros of the other half type than x are converted to x.dtype on the host first.
 Every tensor's inner dim must be unit-stride (the launcher copies one that is not); all
-outer strides are runtime values.
+outer strides are runtime values. Tile setup and epilogues: ops/triton/_moe_common.py
+(masked loads, as moe.py).
 """
 from __future__ import annotations
 
@@ -38,11 +39,12 @@ import triton
 import triton.language as tl
 
 from .. import _alloc
-from .activation import gate_activation
+from ._moe_common import down_epilogue, gate_up_epilogue, tile_expert, tile_pairs, up_rows
 from .int4_matmul import _unpack_nibbles
 from .interpreter_rounding import rne_bf16
 from .moe import _act_tag, _in_order, gate_up_variants, moe_config, moe_launch, pair_lora
 from .registry import KernelSpec, register
+from .tiling import acc_dot
 
 BLOCK_K = 32
 
@@ -122,29 +124,25 @@ def moe_int4_gate_up_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, act_ptr, delta_ptr, sor
                             BLOCK_K: tl.constexpr, GROUPED: tl.constexpr,
                             DOT_F32: tl.constexpr, RNE_BF16: tl.constexpr = False,
                             ACT: tl.constexpr = "silu", GATED: tl.constexpr = True):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    e = tl.load(block_expert_ptr + pid_m).to(tl.int64)
+    """act[p, n-block] = act(gate) * up for the pairs p of tile pid_m: x [T, H] fp16 /
+    bf16, qw [E, 2I, H/8] int32 packed nibbles (non-gated: [E, I, H/8], act(up) stored),
+    s / z [E, 2I, H/group] in x.dtype; each K tile dequantized by ``_dequant_rows``, fp32
+    accumulators, masked loads."""
+    pid_m, pid_n, e = tile_expert(block_expert_ptr)
     if e < 0:               # past the last real tile (the grid is a static upper bound)
         return
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    pair = tl.load(sorted_ids_ptr + offs_m)
-    live = pair < n_pairs                            # padding rows hold the sentinel
+    pair, live = tile_pairs(sorted_ids_ptr, pid_m, n_pairs, BLOCK_M)
     tok = (pair // top_k).to(tl.int64)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < I
     g_rows = offs_n.to(tl.int64)                     # gate rows n, up rows I + n
-    if GATED:
-        u_rows = g_rows + I
-    else:           # non-gated experts: the I up rows only, rows n
-        u_rows = g_rows
+    u_rows = up_rows(g_rows, I, GATED)               # (non-gated experts: the up rows n)
     offs_k = tl.arange(0, BLOCK_K)
     x_ptrs = x_ptr + tok[:, None] * sx_t + offs_k[None, :]                     # [BM, BK]
     qw = qw_ptr + e * sq_e
     sp = s_ptr + e * ss_e
     zp = z_ptr + e * sz_e
-    if GATED:
-        acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)     # read only when GATED
     acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, H, BLOCK_K):
         if GROUPED:
@@ -156,35 +154,14 @@ def moe_int4_gate_up_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, act_ptr, delta_ptr, sor
                                BLOCK_N, BLOCK_K, GROUPED, RNE_BF16)             # [BN, BK]
         wu = _dequant_rows(qw, sp, zp, u_rows, n_ok, k0, H, group, sq_n, ss_n, sz_n,
                            BLOCK_N, BLOCK_K, GROUPED, RNE_BF16)
-        if DOT_F32:   # the interpreter's bf16 tl.dot is wrong: same values in fp32
-            a32 = a.to(tl.float32)
-            if GATED:
-                acc_g = tl.dot(a32, tl.trans(wg.to(tl.float32)), acc_g,
-                               input_precision="ieee")
-            acc_u = tl.dot(a32, tl.trans(wu.to(tl.float32)), acc_u, input_precision="ieee")
-        else:
-            if GATED:
-                acc_g = tl.dot(a, tl.trans(wg), acc_g)
-            acc_u = tl.dot(a, tl.trans(wu), acc_u)
-        x_ptrs += BLOCK_K
-    if HAS_DELTA:   # LoRA: the pair's gate / up update, a [T*k, 2I] row in x.dtype
+        # DOT_F32: the interpreter's bf16 tl.dot is wrong: same values in fp32
         if GATED:
-            d_ptrs = delta_ptr + pair[:, None].to(tl.int64) * (2 * I) + offs_n[None, :]
-            d_ok = live[:, None] & n_ok[None, :]
-            acc_g += tl.load(d_ptrs, mask=d_ok, other=0.0).to(tl.float32)
-            acc_u += tl.load(d_ptrs + I, mask=d_ok, other=0.0).to(tl.float32)
-        else:       # non-gated: the up update, a [T*k, I] row
-            d_ptrs = delta_ptr + pair[:, None].to(tl.int64) * I + offs_n[None, :]
-            acc_u += tl.load(d_ptrs, mask=live[:, None] & n_ok[None, :],
-                             other=0.0).to(tl.float32)
-    if GATED:
-        act = gate_activation(acc_g, ACT) * acc_u    # act(gate) * up in fp32
-    else:
-        act = gate_activation(acc_u, ACT)            # act(up) in fp32
-    if RNE_BF16:
-        act = rne_bf16(act)
-    out_ptrs = act_ptr + pair[:, None].to(tl.int64) * I + offs_n[None, :]
-    tl.store(out_ptrs, act.to(act_ptr.dtype.element_ty), mask=live[:, None] & n_ok[None, :])
+            acc_g = acc_dot(a, tl.trans(wg), acc_g, DOT_F32)
+        acc_u = acc_dot(a, tl.trans(wu), acc_u, DOT_F32)
+        x_ptrs += BLOCK_K
+    gate_up_epilogue(acc_g, acc_u, act_ptr, delta_ptr, pair, live, offs_n, offs_n, n_pairs,
+                     I, HAS_DELTA, CLAMPED=False, ACT=ACT, GATED=GATED,
+                     RNE_BF16=RNE_BF16)
 
 
 @triton.jit
@@ -195,14 +172,13 @@ def moe_int4_down_kernel(act_ptr, qw_ptr, s_ptr, z_ptr, tw_ptr, out_ptr, delta_p
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                          BLOCK_K: tl.constexpr, GROUPED: tl.constexpr,
                          DOT_F32: tl.constexpr, RNE_BF16: tl.constexpr = False):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    e = tl.load(block_expert_ptr + pid_m).to(tl.int64)
+    """buf[p, n-block] = (act[p] @ W2[e]^T) * topk_weights[t, j] for the pairs p of tile
+    pid_m: act [T*k, I] fp16 / bf16, qw [E, H, I/8] int32, s / z [E, H, I/group], buf fp32
+    [T*k, H]; masked loads."""
+    pid_m, pid_n, e = tile_expert(block_expert_ptr)
     if e < 0:
         return
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    pair = tl.load(sorted_ids_ptr + offs_m)
-    live = pair < n_pairs
+    pair, live = tile_pairs(sorted_ids_ptr, pid_m, n_pairs, BLOCK_M)
     pair64 = pair.to(tl.int64)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < H
@@ -220,22 +196,10 @@ def moe_int4_down_kernel(act_ptr, qw_ptr, s_ptr, z_ptr, tw_ptr, out_ptr, delta_p
             a = tl.load(a_ptrs, mask=live[:, None] & ((k0 + offs_k) < I)[None, :], other=0.0)
         w = _dequant_rows(qw, sp, zp, rows, n_ok, k0, I, group, sq_n, ss_n, sz_n,
                           BLOCK_N, BLOCK_K, GROUPED, RNE_BF16)                  # [BN, BK]
-        if DOT_F32:
-            acc = tl.dot(a.to(tl.float32), tl.trans(w.to(tl.float32)), acc,
-                         input_precision="ieee")
-        else:
-            acc = tl.dot(a, tl.trans(w), acc)
+        acc = acc_dot(a, tl.trans(w), acc, DOT_F32)
         a_ptrs += BLOCK_K
-    if HAS_DELTA:   # LoRA: the pair's down update, a [T*k, H] row in x.dtype
-        acc += tl.load(delta_ptr + pair64[:, None] * H + offs_n[None, :],
-                       mask=live[:, None] & n_ok[None, :], other=0.0).to(tl.float32)
-    # the router weight of (token, slot), fp32, applied before the k-sum
-    tok = pair64 // top_k
-    slot = pair64 - tok * top_k
-    wt = tl.load(tw_ptr + tok * stw_t + slot * stw_j, mask=live, other=0.0)
-    acc = acc * wt[:, None]
-    tl.store(out_ptr + pair64[:, None] * H + offs_n[None, :], acc,
-             mask=live[:, None] & n_ok[None, :])
+    down_epilogue(acc, tw_ptr, out_ptr, delta_ptr, pair64, live, offs_n, offs_n, top_k, H,
+                  stw_t, stw_j, HAS_DELTA, CLAMPED=False)
 
 
 def _unit_inner(t: torch.Tensor) -> torch.Tensor:

@@ -24,6 +24,8 @@ padding pair = the last one) and masked at the store. LoRA on the experts (optio
 moe.py's ``pair_lora`` / ``gate_up_delta`` / ``down_delta``; step 1 adds the pair's d13
 row to its (scaled) gate / up accumulators before the epilogue, step 2 its d2 row before
 the router weight (clamped loads as above), behind the constexpr ``HAS_DELTA``.
+Tile setup and epilogues: ops/triton/_moe_common.py (clamped loads, ``CLAMPED``); K
+tiles: tiling.py's ``load_k_tile``.
 """
 from __future__ import annotations
 
@@ -34,9 +36,9 @@ import triton
 import triton.language as tl
 
 from .. import _alloc
-from .activation import gate_activation
-from .interpreter_rounding import rne_bf16
+from ._moe_common import down_epilogue, gate_up_epilogue, tile_expert, tile_pairs, up_rows
 from .moe import MoeW8A16Config, fused_moe_w8a16, moe_w8a16_config, register_w8a16_moe
+from .tiling import load_k_tile
 
 MoeInt8Config = MoeW8A16Config
 
@@ -71,26 +73,24 @@ def moe_int8_gate_up_kernel(x_ptr, w_ptr, s_ptr, act_ptr, delta_ptr, sorted_ids_
                             ALIGNED: tl.constexpr, DOT_F32: tl.constexpr,
                             RNE_BF16: tl.constexpr = False, ACT: tl.constexpr = "silu",
                             GATED: tl.constexpr = True):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    e = tl.load(block_expert_ptr + pid_m).to(tl.int64)
+    """act[p, n-block] = act(gate) * up for the pairs p of tile pid_m: x [T, H] in x.dtype,
+    w [E, 2I, H] int8 (non-gated: [E, I, H], act(up) stored), s fp32 [E, 2I] row scales
+    applied to the fp32 accumulators after the K loop. Loads clamped (rows n % I, the last
+    pair), the store masked."""
+    pid_m, pid_n, e = tile_expert(block_expert_ptr)
     if e < 0:               # past the last real tile (the grid is a static upper bound)
         return
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    pair = tl.load(sorted_ids_ptr + offs_m)
-    live = pair < n_pairs                            # padding rows hold the sentinel
+    pair, live = tile_pairs(sorted_ids_ptr, pid_m, n_pairs, BLOCK_M)
     tok = (tl.minimum(pair, n_pairs - 1) // top_k).to(tl.int64)   # clamped: loads unmasked
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_l = offs_n % I                                 # gate rows n, up rows I + n (clamped)
+    n_l = offs_n % I                                 # columns clamped for the loads
     offs_k = tl.arange(0, BLOCK_K)
     x_ptrs = x_ptr + tok[:, None] * sx_t + offs_k[None, :] * sx_h               # [BM, BK]
     w_base = w_ptr + e * sw_e + offs_k[None, :].to(tl.int64) * sw_k
-    if GATED:
-        g_ptrs = w_base + n_l[:, None].to(tl.int64) * sw_n                      # [BN, BK]
-        u_ptrs = w_base + (I + n_l)[:, None].to(tl.int64) * sw_n
-        acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    else:           # non-gated experts: the I up rows only, rows n
-        u_ptrs = w_base + n_l[:, None].to(tl.int64) * sw_n
+    # gate rows n (read only when GATED), up rows I + n (non-gated: n), as [BN, BK] tiles
+    g_ptrs = w_base + n_l[:, None].to(tl.int64) * sw_n
+    u_ptrs = w_base + up_rows(n_l, I, GATED)[:, None].to(tl.int64) * sw_n
+    acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)     # read only when GATED
     acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, H, BLOCK_K):
         if ALIGNED:  # 16-byte aligned rows, unit inner strides (the launcher checked)
@@ -98,17 +98,10 @@ def moe_int8_gate_up_kernel(x_ptr, w_ptr, s_ptr, act_ptr, delta_ptr, sorted_ids_
             if GATED:
                 g_ptrs = tl.multiple_of(g_ptrs, [1, 16])
             u_ptrs = tl.multiple_of(u_ptrs, [1, 16])
-        if EVEN_K:   # H % BLOCK_K == 0: no mask at all, the loads vectorize
-            a = tl.load(x_ptrs)
-            if GATED:
-                wg = tl.load(g_ptrs)
-            wu = tl.load(u_ptrs)
-        else:
-            k_ok = ((k0 + offs_k) < H)[None, :]
-            a = tl.load(x_ptrs, mask=k_ok, other=0.0)
-            if GATED:
-                wg = tl.load(g_ptrs, mask=k_ok, other=0)
-            wu = tl.load(u_ptrs, mask=k_ok, other=0)
+        a = load_k_tile(x_ptrs, k0, offs_k, H, EVEN_K, 0.0)       # H % BK == 0: no mask
+        if GATED:
+            wg = load_k_tile(g_ptrs, k0, offs_k, H, EVEN_K, 0)
+        wu = load_k_tile(u_ptrs, k0, offs_k, H, EVEN_K, 0)
         if GATED:
             acc_g = _int8_dot(a, wg, acc_g, DOT_F32)
         acc_u = _int8_dot(a, wu, acc_u, DOT_F32)
@@ -120,26 +113,10 @@ def moe_int8_gate_up_kernel(x_ptr, w_ptr, s_ptr, act_ptr, delta_ptr, sorted_ids_
     s_base = s_ptr + e * ss_e
     if GATED:
         acc_g = acc_g * tl.load(s_base + n_l.to(tl.int64) * ss_n)[None, :]
-        acc_u = acc_u * tl.load(s_base + (I + n_l).to(tl.int64) * ss_n)[None, :]
-    else:
-        acc_u = acc_u * tl.load(s_base + n_l.to(tl.int64) * ss_n)[None, :]
-    if HAS_DELTA:   # LoRA: the pair's gate / up update, a [T*k, 2I] row in x.dtype
-        pair_l = tl.minimum(pair, n_pairs - 1).to(tl.int64)       # clamped, as the loads
-        if GATED:
-            d_ptrs = delta_ptr + pair_l[:, None] * (2 * I) + n_l[None, :]
-            acc_g += tl.load(d_ptrs).to(tl.float32)
-            acc_u += tl.load(d_ptrs + I).to(tl.float32)
-        else:       # non-gated: the up update, a [T*k, I] row
-            acc_u += tl.load(delta_ptr + pair_l[:, None] * I + n_l[None, :]).to(tl.float32)
-    if GATED:
-        act = gate_activation(acc_g, ACT) * acc_u    # act(gate) * up in fp32
-    else:
-        act = gate_activation(acc_u, ACT)            # act(up) in fp32
-    if RNE_BF16:  # interpreter only: its fp32 -> bf16 cast truncates; the GPU rounds
-        act = rne_bf16(act)
-    out_ptrs = act_ptr + pair[:, None].to(tl.int64) * I + offs_n[None, :]
-    tl.store(out_ptrs, act.to(act_ptr.dtype.element_ty),
-             mask=live[:, None] & (offs_n < I)[None, :])
+    acc_u = acc_u * tl.load(s_base + up_rows(n_l, I, GATED).to(tl.int64) * ss_n)[None, :]
+    gate_up_epilogue(acc_g, acc_u, act_ptr, delta_ptr, pair, live, offs_n, n_l, n_pairs, I,
+                     HAS_DELTA, CLAMPED=True, ACT=ACT, GATED=GATED,
+                     RNE_BF16=RNE_BF16)
 
 
 @triton.jit
@@ -149,14 +126,13 @@ def moe_int8_down_kernel(act_ptr, w_ptr, s_ptr, tw_ptr, out_ptr, delta_ptr, sort
                          sw_e, sw_n, sw_k, ss_e, ss_n, stw_t, stw_j,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                          EVEN_K: tl.constexpr, ALIGNED: tl.constexpr, DOT_F32: tl.constexpr):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    e = tl.load(block_expert_ptr + pid_m).to(tl.int64)
+    """buf[p, n-block] = (act[p] @ q2[e]^T) * scale2[e, n] * topk_weights[t, j] for the
+    pairs p of tile pid_m: act [T*k, I] in x.dtype, w [E, H, I] int8, s fp32 [E, H], buf
+    fp32 [T*k, H]. Loads clamped, the store masked."""
+    pid_m, pid_n, e = tile_expert(block_expert_ptr)
     if e < 0:
         return
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    pair = tl.load(sorted_ids_ptr + offs_m)
-    live = pair < n_pairs
+    pair, live = tile_pairs(sorted_ids_ptr, pid_m, n_pairs, BLOCK_M)
     pair_l = tl.minimum(pair, n_pairs - 1).to(tl.int64)       # clamped for the loads
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_l = offs_n % H
@@ -169,26 +145,14 @@ def moe_int8_down_kernel(act_ptr, w_ptr, s_ptr, tw_ptr, out_ptr, delta_ptr, sort
         if ALIGNED:
             a_ptrs = tl.multiple_of(a_ptrs, [1, 16])
             w_ptrs = tl.multiple_of(w_ptrs, [1, 16])
-        if EVEN_K:   # I % BLOCK_K == 0
-            a = tl.load(a_ptrs)
-            wb = tl.load(w_ptrs)
-        else:
-            k_ok = ((k0 + offs_k) < I)[None, :]
-            a = tl.load(a_ptrs, mask=k_ok, other=0.0)
-            wb = tl.load(w_ptrs, mask=k_ok, other=0)
+        a = load_k_tile(a_ptrs, k0, offs_k, I, EVEN_K, 0.0)       # I % BK == 0: no mask
+        wb = load_k_tile(w_ptrs, k0, offs_k, I, EVEN_K, 0)
         acc = _int8_dot(a, wb, acc, DOT_F32)
         a_ptrs += BLOCK_K
         w_ptrs += BLOCK_K * sw_k
     acc = acc * tl.load(s_ptr + e * ss_e + n_l.to(tl.int64) * ss_n)[None, :]   # row scales
-    if HAS_DELTA:   # LoRA: the pair's down update, a [T*k, H] row in x.dtype (clamped)
-        acc += tl.load(delta_ptr + pair_l[:, None] * H + n_l[None, :]).to(tl.float32)
-    # the router weight of (token, slot), fp32, applied before the k-sum
-    tok = pair_l // top_k
-    slot = pair_l - tok * top_k
-    wt = tl.load(tw_ptr + tok * stw_t + slot * stw_j)
-    acc = acc * wt[:, None]
-    tl.store(out_ptr + pair_l[:, None] * H + offs_n[None, :], acc,
-             mask=live[:, None] & (offs_n < H)[None, :])
+    down_epilogue(acc, tw_ptr, out_ptr, delta_ptr, pair_l, live, offs_n, n_l, top_k, H,
+                  stw_t, stw_j, HAS_DELTA, CLAMPED=True)
 
 
 def fused_moe_int8(x: torch.Tensor, w13: torch.Tensor, w13_scale: torch.Tensor,

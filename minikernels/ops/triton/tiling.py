@@ -1,5 +1,10 @@
-"""Tile ordering, dot and epilogue shared by the GEMM kernels (int4 / int8 / fp8 matmul,
-w8a8_block_fp8_matmul)."""
+"""Tile ordering, K-tile loads, dot and epilogue shared by the GEMM kernels (int4 / int8 /
+fp8 matmul, w8a8_block_fp8_matmul) and the fused-MoE kernels' K loops.
+
+Each is a @triton.jit helper inlined into its kernel; constexpr arguments stay constexpr,
+so every specialisation compiles to the code the kernels had when they spelled it out.
+``tl.multiple_of`` hints on loop-carried pointers stay in the kernels: a hint on a
+helper's argument would not reach the caller's value."""
 from __future__ import annotations
 
 import triton
@@ -19,6 +24,28 @@ def grouped_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     first_m = (pid // width) * GROUP_M
     size_m = tl.minimum(grid_m - first_m, GROUP_M)
     return first_m + (pid % width) % size_m, (pid % width) // size_m
+
+
+@triton.jit
+def gemm_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+              BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    """(rm, rn, rm_l, rn_l, rk) of program ``pid``'s [BLOCK_M, BLOCK_N] tile of y [M, N]
+    (``grouped_tile`` order): its rows rm and columns rn, the same clamped into y for the
+    loads (rm % M, rn % N; the store is masked), and rk = 0..BLOCK_K-1."""
+    pid_m, pid_n = grouped_tile(pid, M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    return rm, rn, rm % M, rn % N, tl.arange(0, BLOCK_K)
+
+
+@triton.jit
+def load_k_tile(ptrs, k0, offs_k, K, EVEN_K: tl.constexpr, other):
+    """A [R, BK] tile whose columns k0 + offs_k run along K: unmasked when EVEN_K (K a
+    multiple of BLOCK_K, so the loads vectorize), else columns past K read ``other``."""
+    if EVEN_K:
+        return tl.load(ptrs)
+    else:
+        return tl.load(ptrs, mask=((k0 + offs_k) < K)[None, :], other=other)
 
 
 @triton.jit
