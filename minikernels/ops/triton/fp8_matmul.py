@@ -29,6 +29,9 @@ BLOCK_N outputs and one slice of K (split-K so that N / BLOCK_N x SPLIT fills th
     and SPLIT * M * N * 8 bytes of traffic — tiny beside the weight at M <= 16. The split
     count depends on N, K and the SM count only, not on M.
 fp32 x: the dots run in fp32 ("ieee", FMAs): x is never rounded.
+Shared with int8_matmul.py: tiling.py's ``gemm_tile`` / ``load_k_tile`` / ``acc_dot`` /
+``store_gemm_tile`` (GEMM) and splitk.py's ``decode_tile`` / ``load_decode_vec`` /
+``load_decode_rows`` / ``store_decode_tile`` (decode), and the host-side configs' helpers.
 """
 from __future__ import annotations
 
@@ -37,10 +40,8 @@ import triton
 import triton.language as tl
 
 from . import splitk
-from .splitk import store_decode_tile
-from .tiling import acc_dot, grouped_tile, store_gemm_tile
-
-_dot = acc_dot      # the name moe_fp8 imports from here
+from .splitk import decode_tile, load_decode_rows, load_decode_vec, store_decode_tile
+from .tiling import acc_dot, gemm_tile, load_k_tile, store_gemm_tile
 
 
 @triton.jit
@@ -58,13 +59,8 @@ def fp8_gemm_kernel(x_ptr, w_ptr, s_ptr, bias_ptr, y_ptr, M, N, K,
                     BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, ONE_KBLOCK: tl.constexpr,
                     EVEN_K: tl.constexpr, ALIGNED: tl.constexpr, DOT_F32: tl.constexpr,
                     RNE_BF16: tl.constexpr = False):
-    pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
-
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rm_l = rm % M           # clamp rows / columns for loads; the store is masked
-    rn_l = rn % N
-    rk = tl.arange(0, BLOCK_K)
+    rm, rn, rm_l, rn_l, rk = gemm_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, BLOCK_K,
+                                       GROUP_M)           # rm_l, rn_l: clamped for loads
     x_ptrs = x_ptr + rm_l[:, None].to(tl.int64) * stride_xm + rk[None, :]
     w_ptrs = w_ptr + rn_l[:, None].to(tl.int64) * stride_wn + rk[None, :].to(tl.int64) * stride_wk
     s_ptrs = s_ptr + (rn_l // block_n).to(tl.int64) * stride_sn             # [BN], k-block 0
@@ -73,13 +69,8 @@ def fp8_gemm_kernel(x_ptr, w_ptr, s_ptr, bias_ptr, y_ptr, M, N, K,
         if ALIGNED:     # 16-byte aligned rows, unit K strides (the launcher checked)
             x_ptrs = tl.multiple_of(x_ptrs, [1, 16])
             w_ptrs = tl.multiple_of(w_ptrs, [1, 16])
-        if EVEN_K:
-            x = tl.load(x_ptrs)
-            wb = tl.load(w_ptrs)
-        else:
-            k_ok = (k0 + rk)[None, :] < K
-            x = tl.load(x_ptrs, mask=k_ok, other=0.0)
-            wb = tl.load(w_ptrs, mask=k_ok, other=0)
+        x = load_k_tile(x_ptrs, k0, rk, K, EVEN_K, 0.0)
+        wb = load_k_tile(w_ptrs, k0, rk, K, EVEN_K, 0)
         w = _e4m3_as_fp16(wb).to(x.dtype)                                   # W / 256, exact
         if ONE_KBLOCK:      # one scale per column for all of K: apply it in the epilogue
             acc = acc_dot(x, tl.trans(w), acc, DOT_F32)
@@ -102,29 +93,14 @@ def fp8_gemv_kernel(x_ptr, w_ptr, s_ptr, bias_ptr, y_ptr, ws_ptr, M, N, K,
                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ONE_KBLOCK: tl.constexpr,
                     EVEN_K: tl.constexpr, ALIGNED: tl.constexpr, SPLIT: tl.constexpr,
                     DOT_F32: tl.constexpr, RNE_BF16: tl.constexpr = False):
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rn_l = rn % N
-    rk = tl.arange(0, BLOCK_K)
-    k_begin = pid_k * k_tiles_per_split * BLOCK_K
-    k_end = tl.minimum(K, k_begin + k_tiles_per_split * BLOCK_K)
+    pid_k, rn, rn_l, rk, k_begin, k_end = decode_tile(N, K, k_tiles_per_split, BLOCK_N,
+                                                      BLOCK_K)    # rn_l: clamped for loads
     w_rows = w_ptr + rn_l[:, None].to(tl.int64) * stride_wn                # [BN, 1]
     s_ptrs = s_ptr + (rn_l // block_n).to(tl.int64) * stride_sn             # [BN]
     if BLOCK_M == 1:
         acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
         for k0 in range(k_begin, k_end, BLOCK_K):
-            w_ptrs = w_rows + (k0 + rk)[None, :].to(tl.int64) * stride_wk
-            x_ptrs = x_ptr + k0 + rk
-            if ALIGNED:
-                x_ptrs = tl.multiple_of(x_ptrs, 16)
-                w_ptrs = tl.multiple_of(w_ptrs, [1, 16])
-            if EVEN_K:
-                x = tl.load(x_ptrs).to(tl.float32)
-                wb = tl.load(w_ptrs)
-            else:
-                x = tl.load(x_ptrs, mask=k0 + rk < K, other=0.0).to(tl.float32)
-                wb = tl.load(w_ptrs, mask=(k0 + rk)[None, :] < K, other=0)
+            x, wb = load_decode_vec(x_ptr, w_rows, k0, rk, K, stride_wk, ALIGNED, EVEN_K)
             part = tl.sum(_e4m3_as_fp16(wb).to(tl.float32) * x[None, :], axis=1)
             if ONE_KBLOCK:
                 acc += part
@@ -138,18 +114,8 @@ def fp8_gemv_kernel(x_ptr, w_ptr, s_ptr, bias_ptr, y_ptr, ws_ptr, M, N, K,
         x_ptrs = x_ptr + (rm % M)[:, None].to(tl.int64) * stride_xm + rk[None, :]
         acc2 = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
         for k0 in range(k_begin, k_end, BLOCK_K):
-            w_ptrs = w_rows + (k0 + rk)[None, :].to(tl.int64) * stride_wk
-            xk_ptrs = x_ptrs + k0
-            if ALIGNED:
-                xk_ptrs = tl.multiple_of(xk_ptrs, [1, 16])
-                w_ptrs = tl.multiple_of(w_ptrs, [1, 16])
-            if EVEN_K:
-                x = tl.load(xk_ptrs, mask=rm[:, None] < M, other=0.0)
-                wb = tl.load(w_ptrs)
-            else:
-                k_ok = (k0 + rk)[None, :] < K
-                x = tl.load(xk_ptrs, mask=(rm[:, None] < M) & k_ok, other=0.0)
-                wb = tl.load(w_ptrs, mask=k_ok, other=0)
+            x, wb = load_decode_rows(x_ptrs, w_rows, rm, M, k0, rk, K, stride_wk, ALIGNED,
+                                     EVEN_K)
             w = _e4m3_as_fp16(wb).to(x.dtype)
             if ONE_KBLOCK:
                 acc2 = acc_dot(w, tl.trans(x), acc2, DOT_F32)                  # [BN, BM]
@@ -170,12 +136,7 @@ def fp8_gemv_kernel(x_ptr, w_ptr, s_ptr, bias_ptr, y_ptr, ws_ptr, M, N, K,
 def block_k_for(want: int, bk: int, k: int) -> tuple[int, bool]:
     """(BLOCK_K, ONE_KBLOCK): a power of two <= want that divides bk, so that no K tile
     straddles two scale blocks; any (not wider than K needs) when one block spans K."""
-    if bk >= k:
-        return min(want, max(16, triton.next_power_of_2(k))), True
-    b = want
-    while bk % b:           # bk % 16 == 0 (checked by the op), so this stops at >= 16
-        b //= 2
-    return b, False
+    return splitk.block_k_dividing(want, bk, k)
 
 
 def gemm_config(m: int, n: int, k: int, bk: int, arch: int, fp32: bool,
@@ -214,18 +175,14 @@ def gemv_config(m: int, n: int, k: int, bk: int, sms: int, split_k: int | None,
     """Decode config: BLOCK_N x BLOCK_K weight tiles of about 16 KB (vector loads, 128
     bytes per thread in flight per stage; 2-4 KB when unaligned), split-K so that about 4
     programs per SM stream the weight."""
-    bm = 1 if m == 1 else 16
+    bm = splitk.decode_block_m(m)
     if aligned:
         block_k, one = block_k_for(256 if bm == 1 else 128, bk, k)
         bn = 64 if bm == 16 or block_k >= 256 else 128
     else:
         block_k, one = block_k_for(64 if bm == 1 else 32, bk, k)
         bn = 64
-    k_tiles = triton.cdiv(k, block_k)
-    n_tiles = triton.cdiv(n, bn)
-    split_k, per_split = splitk.split_plan(k_tiles, n_tiles, sms, split_k)
-    return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=block_k, ONE_KBLOCK=one, SPLIT=split_k,
-                k_tiles_per_split=per_split, num_warps=4, num_stages=4)
+    return splitk.decode_config(bm, bn, block_k, n, k, sms, split_k, ONE_KBLOCK=one)
 
 
 # ----------------------------------------------------------------------------- launch

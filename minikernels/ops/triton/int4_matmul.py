@@ -23,8 +23,8 @@ import triton
 import triton.language as tl
 
 from . import splitk
-from .splitk import store_decode_tile
-from .tiling import grouped_tile, store_gemm_tile
+from .splitk import decode_tile, store_decode_tile
+from .tiling import gemm_tile, store_gemm_tile
 
 
 @triton.jit
@@ -85,13 +85,8 @@ def int4_gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, y_ptr, M, N, K, stri
                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
                      SCALE_PER_TILE: tl.constexpr, EVEN_K: tl.constexpr,
                      DOT_F32: tl.constexpr = False):
-    pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
-
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rm_l = rm % M           # clamp rows for loads; stores are masked
-    rn_l = rn % N
-    rk = tl.arange(0, BLOCK_K)
+    rm, rn, rm_l, rn_l, rk = gemm_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, BLOCK_K,
+                                       GROUP_M)           # rm_l, rn_l: clamped for loads
     x_ptrs = x_ptr + rm_l[:, None].to(tl.int64) * stride_xm + rk[None, :]
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
@@ -116,13 +111,8 @@ def int4_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, y_ptr, ws_ptr, M, N,
                      HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      BLOCK_K: tl.constexpr, SCALE_PER_TILE: tl.constexpr,
                      EVEN_K: tl.constexpr, SPLIT: tl.constexpr, DOT_F32: tl.constexpr = False):
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rn_l = rn % N
-    rk = tl.arange(0, BLOCK_K)
-    k_begin = pid_k * k_tiles_per_split * BLOCK_K
-    k_end = tl.minimum(K, k_begin + k_tiles_per_split * BLOCK_K)
+    pid_k, rn, rn_l, rk, k_begin, k_end = decode_tile(N, K, k_tiles_per_split, BLOCK_N,
+                                                      BLOCK_K)    # rn_l: clamped for loads
     if BLOCK_M == 1:
         acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
         for k0 in range(k_begin, k_end, BLOCK_K):
@@ -205,15 +195,9 @@ def gemm_config(m: int, n: int, k: int, group: int, arch: int) -> dict:
 
 
 def gemv_config(m: int, n: int, k: int, group: int, sms: int, split_k: int | None) -> dict:
-    bm = 1 if m == 1 else 16
-    bn = 64 if bm == 1 else 64
-    bk = 256 if bm == 1 else 128
-    bk, per_tile = _block_k(bk, group, k)
-    k_tiles = triton.cdiv(k, bk)
-    n_tiles = triton.cdiv(n, bn)
-    split_k, per_split = splitk.split_plan(k_tiles, n_tiles, sms, split_k)
-    return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SCALE_PER_TILE=per_tile, SPLIT=split_k,
-                k_tiles_per_split=per_split, num_warps=4, num_stages=4)
+    bm = splitk.decode_block_m(m)
+    bk, per_tile = _block_k(256 if bm == 1 else 128, group, k)
+    return splitk.decode_config(bm, 64, bk, n, k, sms, split_k, SCALE_PER_TILE=per_tile)
 
 
 # ----------------------------------------------------------------------------- launch

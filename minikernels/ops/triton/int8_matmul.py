@@ -24,6 +24,7 @@ BLOCK_N outputs and one slice of K (split-K so that N / BLOCK_N x SPLIT fills th
     tile is the MMA's M side (wgmma m64n16 on sm_90a) and the padded M the narrow side.
     SPLIT > 1: each split writes its fp32 partial sums to a workspace [SPLIT, M, N] and
     splitk.reduce_splits adds them in split order (+ bias) and casts: deterministic.
+The tile / K-tile / epilogue helpers are fp8_matmul.py's (tiling.py and splitk.py).
 """
 from __future__ import annotations
 
@@ -33,8 +34,8 @@ import triton.language as tl
 
 from . import splitk
 from .interpreter_rounding import rne_bf16
-from .splitk import store_decode_tile
-from .tiling import acc_dot, grouped_tile, store_gemm_tile
+from .splitk import decode_tile, load_decode_rows, load_decode_vec, store_decode_tile
+from .tiling import acc_dot, gemm_tile, load_k_tile, store_gemm_tile
 
 
 @triton.jit
@@ -47,19 +48,24 @@ def _dequant(qb, s, z, dt: tl.constexpr, RNE_BF16: tl.constexpr):
 
 
 @triton.jit
+def _group_scale_zero(s_ptr, z_ptr, sz_offs, k0, group):
+    """(s, z) in fp32 [BN] of the rows' group holding column k0 (sz_offs: the rows'
+    offsets of group 0 in the [N, K/G] scales / zeros; a K tile never straddles groups)."""
+    g = k0 // group
+    s = tl.load(s_ptr + sz_offs + g).to(tl.float32)
+    z = tl.load(z_ptr + sz_offs + g).to(tl.float32)
+    return s, z
+
+
+@triton.jit
 def int8_gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, y_ptr, M, N, K, stride_xm,
                      stride_wn, stride_wk, group, num_groups,
                      HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, EVEN_K: tl.constexpr,
                      ALIGNED: tl.constexpr, DOT_F32: tl.constexpr,
                      RNE_BF16: tl.constexpr = False):
-    pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
-
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rm_l = rm % M           # clamp rows / columns for loads; the store is masked
-    rn_l = rn % N
-    rk = tl.arange(0, BLOCK_K)
+    rm, rn, rm_l, rn_l, rk = gemm_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, BLOCK_K,
+                                       GROUP_M)           # rm_l, rn_l: clamped for loads
     x_ptrs = x_ptr + rm_l[:, None].to(tl.int64) * stride_xm + rk[None, :]
     w_ptrs = qw_ptr + rn_l[:, None].to(tl.int64) * stride_wn + rk[None, :].to(tl.int64) * stride_wk
     sz_offs = rn_l.to(tl.int64) * num_groups                                # [BN], group 0
@@ -68,16 +74,9 @@ def int8_gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, y_ptr, M, N, K, stri
         if ALIGNED:     # 16-byte aligned rows, unit K strides (the launcher checked)
             x_ptrs = tl.multiple_of(x_ptrs, [1, 16])
             w_ptrs = tl.multiple_of(w_ptrs, [1, 16])
-        if EVEN_K:
-            x = tl.load(x_ptrs)
-            qb = tl.load(w_ptrs)
-        else:
-            k_ok = (k0 + rk)[None, :] < K
-            x = tl.load(x_ptrs, mask=k_ok, other=0.0)
-            qb = tl.load(w_ptrs, mask=k_ok, other=0)
-        g = k0 // group
-        s = tl.load(s_ptr + sz_offs + g).to(tl.float32)
-        z = tl.load(z_ptr + sz_offs + g).to(tl.float32)
+        x = load_k_tile(x_ptrs, k0, rk, K, EVEN_K, 0.0)
+        qb = load_k_tile(w_ptrs, k0, rk, K, EVEN_K, 0)
+        s, z = _group_scale_zero(s_ptr, z_ptr, sz_offs, k0, group)
         w = _dequant(qb, s, z, x_ptr.dtype.element_ty, RNE_BF16)
         acc = acc_dot(x, tl.trans(w), acc, DOT_F32)
         x_ptrs += BLOCK_K
@@ -91,32 +90,15 @@ def int8_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, y_ptr, ws_ptr, M, N,
                      HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, ALIGNED: tl.constexpr,
                      SPLIT: tl.constexpr, DOT_F32: tl.constexpr, RNE_BF16: tl.constexpr = False):
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rn_l = rn % N
-    rk = tl.arange(0, BLOCK_K)
-    k_begin = pid_k * k_tiles_per_split * BLOCK_K
-    k_end = tl.minimum(K, k_begin + k_tiles_per_split * BLOCK_K)
+    pid_k, rn, rn_l, rk, k_begin, k_end = decode_tile(N, K, k_tiles_per_split, BLOCK_N,
+                                                      BLOCK_K)    # rn_l: clamped for loads
     w_rows = qw_ptr + rn_l[:, None].to(tl.int64) * stride_wn               # [BN, 1]
     sz_offs = rn_l.to(tl.int64) * num_groups                                # [BN], group 0
     if BLOCK_M == 1:
         acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
         for k0 in range(k_begin, k_end, BLOCK_K):
-            w_ptrs = w_rows + (k0 + rk)[None, :].to(tl.int64) * stride_wk
-            x_ptrs = x_ptr + k0 + rk
-            if ALIGNED:
-                x_ptrs = tl.multiple_of(x_ptrs, 16)
-                w_ptrs = tl.multiple_of(w_ptrs, [1, 16])
-            if EVEN_K:
-                x = tl.load(x_ptrs).to(tl.float32)
-                qb = tl.load(w_ptrs)
-            else:
-                x = tl.load(x_ptrs, mask=k0 + rk < K, other=0.0).to(tl.float32)
-                qb = tl.load(w_ptrs, mask=(k0 + rk)[None, :] < K, other=0)
-            g = k0 // group
-            s = tl.load(s_ptr + sz_offs + g).to(tl.float32)
-            z = tl.load(z_ptr + sz_offs + g).to(tl.float32)
+            x, qb = load_decode_vec(x_ptr, w_rows, k0, rk, K, stride_wk, ALIGNED, EVEN_K)
+            s, z = _group_scale_zero(s_ptr, z_ptr, sz_offs, k0, group)
             # sum_k (q - z) s x = s * (sum_k q x - z sum_k x): one scale and zero per tile
             qx = tl.sum(qb.to(tl.float32) * x[None, :], axis=1)
             acc += s * (qx - z * tl.sum(x, axis=0))
@@ -126,21 +108,9 @@ def int8_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, y_ptr, ws_ptr, M, N,
         x_ptrs = x_ptr + (rm % M)[:, None].to(tl.int64) * stride_xm + rk[None, :]
         acc2 = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
         for k0 in range(k_begin, k_end, BLOCK_K):
-            w_ptrs = w_rows + (k0 + rk)[None, :].to(tl.int64) * stride_wk
-            xk_ptrs = x_ptrs + k0
-            if ALIGNED:
-                xk_ptrs = tl.multiple_of(xk_ptrs, [1, 16])
-                w_ptrs = tl.multiple_of(w_ptrs, [1, 16])
-            if EVEN_K:
-                x = tl.load(xk_ptrs, mask=rm[:, None] < M, other=0.0)
-                qb = tl.load(w_ptrs)
-            else:
-                k_ok = (k0 + rk)[None, :] < K
-                x = tl.load(xk_ptrs, mask=(rm[:, None] < M) & k_ok, other=0.0)
-                qb = tl.load(w_ptrs, mask=k_ok, other=0)
-            g = k0 // group
-            s = tl.load(s_ptr + sz_offs + g).to(tl.float32)
-            z = tl.load(z_ptr + sz_offs + g).to(tl.float32)
+            x, qb = load_decode_rows(x_ptrs, w_rows, rm, M, k0, rk, K, stride_wk, ALIGNED,
+                                     EVEN_K)
+            s, z = _group_scale_zero(s_ptr, z_ptr, sz_offs, k0, group)
             w = _dequant(qb, s, z, x_ptr.dtype.element_ty, RNE_BF16)
             acc2 = acc_dot(w, tl.trans(x), acc2, DOT_F32)                      # [BN, BM]
         out = acc2
@@ -153,12 +123,7 @@ def int8_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, y_ptr, ws_ptr, M, N,
 def block_k_for(want: int, group: int, k: int) -> int:
     """A power of two <= want (>= 16) dividing the group size, so that no K tile straddles
     two groups; when one group spans K (per channel), any width not wider than K needs."""
-    if group >= k:
-        return min(want, max(16, triton.next_power_of_2(k)))
-    b = want
-    while group % b:        # group % 16 == 0 (checked by the op), so this stops at >= 16
-        b //= 2
-    return b
+    return splitk.block_k_dividing(want, group, k)[0]
 
 
 def gemm_config(m: int, n: int, k: int, group: int, arch: int, aligned: bool = True) -> dict:
@@ -188,18 +153,14 @@ def gemv_config(m: int, n: int, k: int, group: int, sms: int, split_k: int | Non
     """Decode config: BLOCK_N x BLOCK_K weight tiles of 8-16 KB (16-byte vector loads when
     aligned; 2-4 KB of byte loads when not), split-K so that about 4 programs per SM
     stream the weight."""
-    bm = 1 if m == 1 else 16
+    bm = splitk.decode_block_m(m)
     if aligned:
         block_k = block_k_for(256 if bm == 1 else 128, group, k)
         bn = 64 if bm == 16 or block_k >= 256 else 128
     else:
         block_k = block_k_for(64 if bm == 1 else 32, group, k)
         bn = 64
-    k_tiles = triton.cdiv(k, block_k)
-    n_tiles = triton.cdiv(n, bn)
-    split_k, per_split = splitk.split_plan(k_tiles, n_tiles, sms, split_k)
-    return {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": block_k, "SPLIT": split_k,
-            "k_tiles_per_split": per_split, "num_warps": 4, "num_stages": 4}
+    return splitk.decode_config(bm, bn, block_k, n, k, sms, split_k)
 
 
 # ----------------------------------------------------------------------------- launch

@@ -15,7 +15,10 @@ then :func:`launch_gemm` or :func:`launch_decode` with its tile config ``cfg``: 
 entry but ``k_tiles_per_split`` is a kernel constexpr or launch option, so a launch is
 ``kernel(*tensors, bias_ptr, y_ptr, [ws_ptr,] *ints, [k_tiles_per_split,] HAS_BIAS, EVEN_K,
 **cfg, **constexprs)``. :func:`register_config` registers the AOT spec of such a launch.
-:func:`store_decode_tile` is the decode kernels' shared epilogue.
+:func:`decode_config` builds the decode path's cfg. The decode kernels' shared device
+code: :func:`decode_tile` (a program's columns and slice of K), :func:`load_decode_vec` /
+:func:`load_decode_rows` (one K tile of x and of a one-byte weight, M == 1 / M > 1) and
+:func:`store_decode_tile` (the epilogue).
 """
 from __future__ import annotations
 
@@ -59,6 +62,34 @@ def split_plan(k_tiles: int, n_tiles: int, sms: int,
     split_k = max(1, min(int(split_k), k_tiles))
     per_split = triton.cdiv(k_tiles, split_k)
     return triton.cdiv(k_tiles, per_split), per_split
+
+
+def block_k_dividing(want: int, block: int, k: int) -> tuple[int, bool]:
+    """(BLOCK_K, spans): a power of two <= want that divides ``block`` (a scale block or
+    group along K, a multiple of 16), so that no K tile straddles two of them; when one
+    block spans K (spans True), any width not wider than K needs (at least 16)."""
+    if block >= k:
+        return min(want, max(16, triton.next_power_of_2(k))), True
+    b = want
+    while block % b:        # block % 16 == 0 (checked by the op), so this stops at >= 16
+        b //= 2
+    return b, False
+
+
+def decode_block_m(m: int) -> int:
+    """The decode kernels' BLOCK_M: 1 (CUDA-core FMAs) for M == 1, else 16 (swap-AB MMA)."""
+    return 1 if m == 1 else 16
+
+
+def decode_config(block_m: int, block_n: int, block_k: int, n: int, k: int, sms: int,
+                  split_k: int | None, **constexprs) -> dict:
+    """A decode launch's cfg for BLOCK_N x BLOCK_K weight tiles: the split-K plan
+    (``split_plan``: SPLIT, k_tiles_per_split), 4 warps, 4 stages, and the kernel's own
+    ``constexprs``."""
+    split, per_split = split_plan(triton.cdiv(k, block_k), triton.cdiv(n, block_n), sms,
+                                  split_k)
+    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, **constexprs, SPLIT=split,
+                k_tiles_per_split=per_split, num_warps=4, num_stages=4)
 
 
 def alloc_output(x: torch.Tensor, n: int,
@@ -142,6 +173,62 @@ def register_config(name: str, fn, cfg: dict, args: dict[str, str], constexprs: 
     return register(KernelSpec(name=name, fn=fn, signature={a: sig[a] for a in fn.arg_names},
                                constexprs=const, num_warps=cfg["num_warps"],
                                num_stages=cfg["num_stages"], **spec))
+
+
+@triton.jit
+def decode_tile(N, K, k_tiles_per_split, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """(pid_k, rn, rn_l, rk, k_begin, k_end) of a decode program (grid (N / BLOCK_N,
+    SPLIT)): its split pid_k, its output columns rn and the same clamped into y for the
+    loads (rn % N; the store is masked), rk = 0..BLOCK_K-1, and the slice [k_begin, k_end)
+    of K that its split covers."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rn_l = rn % N
+    rk = tl.arange(0, BLOCK_K)
+    k_begin = pid_k * k_tiles_per_split * BLOCK_K
+    k_end = tl.minimum(K, k_begin + k_tiles_per_split * BLOCK_K)
+    return pid_k, rn, rn_l, rk, k_begin, k_end
+
+
+@triton.jit
+def load_decode_vec(x_ptr, w_rows, k0, rk, K, stride_wk, ALIGNED: tl.constexpr,
+                    EVEN_K: tl.constexpr):
+    """M == 1: (x[k0 + rk] in fp32 [BK], the one-byte weight tile [BN, BK] at w_rows [BN, 1]
+    + (k0 + rk) * stride_wk); columns past K read 0 unless EVEN_K. ALIGNED: x and the
+    weight rows are 16-byte aligned with unit K strides (16-byte vector loads)."""
+    w_ptrs = w_rows + (k0 + rk)[None, :].to(tl.int64) * stride_wk
+    x_ptrs = x_ptr + k0 + rk
+    if ALIGNED:
+        x_ptrs = tl.multiple_of(x_ptrs, 16)
+        w_ptrs = tl.multiple_of(w_ptrs, [1, 16])
+    if EVEN_K:
+        x = tl.load(x_ptrs).to(tl.float32)
+        wb = tl.load(w_ptrs)
+    else:
+        x = tl.load(x_ptrs, mask=k0 + rk < K, other=0.0).to(tl.float32)
+        wb = tl.load(w_ptrs, mask=(k0 + rk)[None, :] < K, other=0)
+    return x, wb
+
+
+@triton.jit
+def load_decode_rows(x_ptrs, w_rows, rm, M, k0, rk, K, stride_wk, ALIGNED: tl.constexpr,
+                     EVEN_K: tl.constexpr):
+    """2 <= M <= 16: (the x tile [BM, BK] at x_ptrs + k0, rows >= M read 0; the one-byte
+    weight tile [BN, BK] as ``load_decode_vec``)."""
+    w_ptrs = w_rows + (k0 + rk)[None, :].to(tl.int64) * stride_wk
+    xk_ptrs = x_ptrs + k0
+    if ALIGNED:
+        xk_ptrs = tl.multiple_of(xk_ptrs, [1, 16])
+        w_ptrs = tl.multiple_of(w_ptrs, [1, 16])
+    if EVEN_K:
+        x = tl.load(xk_ptrs, mask=rm[:, None] < M, other=0.0)
+        wb = tl.load(w_ptrs)
+    else:
+        k_ok = (k0 + rk)[None, :] < K
+        x = tl.load(xk_ptrs, mask=(rm[:, None] < M) & k_ok, other=0.0)
+        wb = tl.load(w_ptrs, mask=k_ok, other=0)
+    return x, wb
 
 
 @triton.jit
