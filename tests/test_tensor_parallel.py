@@ -203,9 +203,11 @@ def test_tp2_logits_equal_tp1(tp_dirs, quant_dirs, tmp_path):
     check_logits(ranks, tp_dirs, QUANT, GROUP)
 
 
-def check_logits(ranks: list[dict], dirs: dict[str, str], quants: tuple, group: int) -> None:
+def check_logits(ranks: list[dict], dirs: dict[str, str], quants: tuple, group: int,
+                 int4_tol: dict[str, float] | None = None) -> None:
     """Every rank's results (``_rank_main``) against TP=1 of the same models: fp32 within
-    1e-4; int4 (RTN, group ``group``) within 3e-3 and 1/5 of what int4 itself changes."""
+    1e-4; int4 (RTN, group ``group``) within 3e-3 (``int4_tol`` per model name) and 1/5 of
+    what int4 itself changes."""
     for name, path in dirs.items():
         refs = {q: _logits(load_model(path, dtype="float32", device="cpu", quantization=q,
                                       group_size=group))
@@ -225,7 +227,8 @@ def check_logits(ranks: list[dict], dirs: dict[str, str], quants: tuple, group: 
                         # returns fp16: a row-parallel layer rounds each rank's partial
                         # sum to fp16 before the all-reduce (TP=1 rounds the whole sum).
                         err = rel_err(got, want)
-                        assert err < min(3e-3, int4_err / 5), (name, q, r, err, int4_err)
+                        tol = (int4_tol or {}).get(name, 3e-3)
+                        assert err < min(tol, int4_err / 5), (name, q, r, err, int4_err)
 
 
 def test_shard_math_without_processes():

@@ -1,5 +1,6 @@
-"""Tensor parallel for hybrid models (models/parallel_recurrent.py), on CPU (gloo): TP=2
-logits equal TP=1 for tiny saved HF models of every sharded recurrent mixer, dense and
+"""Tensor parallel for hybrid models (models/parallel_recurrent.py) and models whose layers
+differ in attention shape (Gemma 4), on CPU (gloo): TP=2 logits equal TP=1 for tiny saved
+HF models of every sharded recurrent mixer and of Gemma 4, dense and
 int4 (RTN on load), cache-less and over a paged schedule whose recurrent states sit in
 shuffled slots (chunked prefill, then decode); greedy LLM.generate token-identical.
 
@@ -52,9 +53,15 @@ HYBRID_CASES = {
     "nemotron_h-latent": ("nemotron_h-latent", {"moe_intermediate_size": 64,
                                                 "moe_shared_expert_intermediate_size": 64}),
     "mamba": ("mamba", {}),
+    # Gemma 4: full layers with their own head dim and one kv head (replicated on both
+    # ranks) and K = V, the last layers reading earlier layers' K / V, double-wide MLPs
+    # there, per-layer inputs (replicated); and the experts beside the MLP
+    "gemma4": ("gemma4", {"intermediate_size": 128}),
+    "gemma4-moe": ("gemma4-moe", {"moe_intermediate_size": 64}),
 }
 #: other configs the tests below build from the same models
-EXTRA_CASES = {"qwen3_5": ("qwen3_5", {"linear_value_head_dim": 16}), "jamba": ("jamba", {})}
+EXTRA_CASES = {"qwen3_5": ("qwen3_5", {"linear_value_head_dim": 16}), "jamba": ("jamba", {}),
+               "gemma3n": ("gemma3n", {})}
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +74,10 @@ def test_hybrid_tp2_logits_equal_tp1(hybrid_dirs, tmp_path):
     mp.spawn(_rank_main, args=(2, _free_port(), hybrid_dirs, str(tmp_path), {}), nprocs=2,
              join=True)
     ranks = [torch.load(os.path.join(tmp_path, f"rank{r}.pt")) for r in range(2)]
-    check_logits(ranks, hybrid_dirs, QUANT, GROUP)
+    # Gemma 4's tiny model is ill-conditioned (int4 itself moves its logits by ~100%:
+    # softcap, per-layer inputs, K = V): the fp16 partial sums' rounding grows to ~1.5%
+    # there (fp32 is exact to 2e-5, so the cut is right), ~1/70 of what int4 itself changes
+    check_logits(ranks, hybrid_dirs, QUANT, GROUP, int4_tol={"gemma4": 0.02})
 
 
 def test_hybrid_llm_generate_tp2_token_identical(hybrid_dirs, tmp_path, monkeypatch):
@@ -75,7 +85,8 @@ def test_hybrid_llm_generate_tp2_token_identical(hybrid_dirs, tmp_path, monkeypa
     channels of every sequence's state; greedy tokens equal TP=1 through chunked prefill,
     prefix caching (state checkpoints copied on every rank) and batched decode, eagerly
     and through the lock-step decode-graph protocol (each row's state slot from a static
-    buffer; test_tensor_parallel_tp4's CPU stand-in for the graphs)."""
+    buffer; test_tensor_parallel_tp4's CPU stand-in for the graphs). Gemma 4 too: its
+    layers' K / V of different shapes in each rank's hybrid pools, shared K / V read."""
     import minikernels as mk
     from minikernels.distributed.graphs import TensorParallelDecodeGraphs
     from minikernels.engine.model_runner import graph_batch_sizes
@@ -86,7 +97,7 @@ def test_hybrid_llm_generate_tp2_token_identical(hybrid_dirs, tmp_path, monkeypa
     prompts = [[5, 9, 17, 33, 2, 8, 19, 4, 11, 3, 7, 21, 6], [5, 9, 17, 33, 2, 8, 40, 1],
                [12, 14, 16]]
     params = mk.SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
-    for name in ("qwen3_5_moe", "granite4-h-moe"):
+    for name in ("qwen3_5_moe", "granite4-h-moe", "gemma4"):
         kw = dict(dtype="float32", device="cpu", max_num_batched_tokens=8, block_size=4,
                   enable_prefix_caching=True, state_checkpoint_interval=8, max_model_len=64)
         want = [o.outputs[0].token_ids for o in mk.LLM(hybrid_dirs[name], **kw).generate(
@@ -97,6 +108,8 @@ def test_hybrid_llm_generate_tp2_token_identical(hybrid_dirs, tmp_path, monkeypa
                 outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params)
                 assert [o.outputs[0].token_ids for o in outs] == want, (name, run)
             assert outs[0].num_cached_tokens >= 8, name
+            if name == "gemma4":     # (its hybrid KV pools' graph buffers: test_hybrid_kv.py)
+                continue
             runner = llm.llm_engine.runner
             runner.graphs = TensorParallelDecodeGraphs(
                 llm.llm_engine.model, runner.kv_caches, graph_batch_sizes(4),
@@ -148,6 +161,9 @@ def test_mamba2_groups_and_refusals_without_processes():
         check_mixers(c, 3)
     with pytest.raises(ValueError, match="zamba_hybrid"):
         check_mixers(dataclasses.replace(c, layer_mixers=["zamba_hybrid"] * c.num_layers), 2)
+    from minikernels.models.parallel import check_config
+    with pytest.raises(ValueError, match="Gemma 3n"):
+        check_config(_config("gemma3n"), TensorParallel(0, 2))
     with pytest.raises(ValueError, match="linear_num_value_heads"):
         check_mixers(dataclasses.replace(_config("qwen3_5"), linear_num_key_heads=4,
                                          linear_num_value_heads=6), 4)

@@ -113,9 +113,9 @@ class Attention(nn.Module):
                  tp: TensorParallel | None = None, in_features: int | None = None) -> None:
         super().__init__()
         c = config
-        shard = attention_shard(c, tp)   # all heads unless tensor-parallel
+        shard = attention_shard(c, tp, layer)   # all heads unless tensor-parallel
         head_dim = c.layer_head_dim(layer)
-        nkv = shard.nkv if c.layer_num_kv_heads is None else c.layer_kv_heads(layer)
+        nkv = shard.nkv
         self.num_heads, self.num_kv_heads, self.head_dim = shard.nq, nkv, head_dim
         self.q_size, self.kv_size = shard.nq * head_dim, nkv * head_dim
         self.__dict__["tp"] = tp
@@ -253,7 +253,7 @@ class Attention(nn.Module):
                 o = self.attn(q, k, v, meta, None)
             else:
                 o = self.attn(q, None, None, meta, kv_cache, write=False)
-            return self.o_proj(o.reshape(t, self.q_size))
+            return _all_reduce(self.tp, self.o_proj(o.reshape(t, self.q_size)))
         raw = qkv[:, self.q_size:].reshape(t, self.num_kv_heads, self.head_dim)
         k = self.k_norm(raw.contiguous())
         v = self.v_norm(raw.contiguous()) if self.v_norm is not None else raw.contiguous()
@@ -268,7 +268,7 @@ class Attention(nn.Module):
         if self.kv_stored and kv_cache is None and self.kv_share is not None:
             self.kv_share[self.layer] = (k, v)
         o = self.attn(q, k, v, meta, kv_cache)
-        return self.o_proj(o.reshape(t, self.q_size))
+        return _all_reduce(self.tp, self.o_proj(o.reshape(t, self.q_size)))   # row-parallel
 
     def _full_qk_norm(self, q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
         """OLMo 2's RMSNorms over all heads of q [T, q_size] and k [T, kv_size]. Under
@@ -1038,7 +1038,7 @@ class CausalLM(nn.Module):
                                                        dtype=dtype, device=device)
             self.embed_tokens_per_layer.weight.requires_grad_(False)
             self.per_layer_model_projection = FusedLinear(c.hidden_size, width, dtype=dtype,
-                                                          device=device)
+                                                          device=device, dense=dense)
             self.per_layer_projection_norm = RMSNorm(c.per_layer_input_size, c.rms_norm_eps,
                                                      dtype=dtype, device=device,
                                                      weight_offset=c.norm_weight_offset)
@@ -1237,8 +1237,12 @@ class CausalLM(nn.Module):
         for i in range(c.num_layers):
             if c.has_attention(i) and c.kv_source(i) is None:
                 s = layout.layer_slot[i]
-                out[s] = max(out.get(s, 0), c.layer_kv_heads(i) * c.layer_head_dim(i))
+                out[s] = max(out.get(s, 0), self._local_kv_heads(i) * c.layer_head_dim(i))
         return out
+
+    def _local_kv_heads(self, layer: int) -> int:
+        """``layer``'s kv heads on this rank (all of them without tensor parallel)."""
+        return attention_shard(self.config, self.tp, layer).nkv
 
     def _shaped_kv_pairs(self, num_blocks: int, block_size: int, dt: torch.dtype,
                          layout: KVCacheLayout) -> dict[int, tuple[Tensor, Tensor]]:
@@ -1256,7 +1260,7 @@ class CausalLM(nn.Module):
         for i in range(c.num_layers):
             if not c.has_attention(i) or c.kv_source(i) is not None:
                 continue
-            kv, d = c.layer_kv_heads(i), c.layer_head_dim(i)
+            kv, d = self._local_kv_heads(i), c.layer_head_dim(i)
             pairs[i] = tuple(b[:, :block_size * kv * d].view(num_blocks, block_size, kv, d)
                              for b in buffers[layout.layer_slot[i]])    # type: ignore[misc]
         for i in range(c.num_layers):

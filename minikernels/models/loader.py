@@ -1356,7 +1356,8 @@ def _load_hf(model_dir: str, dtype: str | torch.dtype, device: torch.device,
                                 g = 0    # (fp8 blocks / int8 channels need no group size)
                             if g is None and tp is not None and \
                                     mod_name.endswith(("o_proj", "down_proj")):
-                                k_full = config.q_size if mod_name.endswith("o_proj") \
+                                k_full = mod.in_features * tp.size \
+                                    if mod_name.endswith("o_proj") \
                                     else mlp_intermediate_size(config, mod_name)[0]
                                 g = groups[mod_name] = row_parallel_group_size(
                                     mod_name, k_full, mod.in_features, group_size)

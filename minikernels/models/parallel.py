@@ -50,6 +50,7 @@ columns; stacked gate_up_proj [E, 2I, H] the gate and up row slices, stacked dow
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -116,18 +117,19 @@ def check_config(config: DecoderConfig, tp: TensorParallel) -> None:
     p = tp.size
     if getattr(config, "is_recurrent", False):
         check_mixers(config, p)
-    if not config.uniform_attention_shapes:
-        raise ValueError(f"tensor_parallel_size {p}: {config.architecture}'s layers of "
-                         "different KV shapes (or reading another layer's K / V) are not "
-                         "sharded; run it with tensor_parallel_size=1")
+    if config.architecture == "gemma3n":
+        raise ValueError(f"tensor_parallel_size {p}: Gemma 3n's layers (AltUp streams, "
+                         "Gaussian top-k over the whole MLP width) are not sharded; run it "
+                         "with tensor_parallel_size=1")
     attends = any(config.has_attention(i) for i in range(config.num_layers))
     if attends and config.num_heads % p:      # (attention-free Mamba: no heads to split)
         raise ValueError(f"tensor_parallel_size {p} must divide num_attention_heads "
                          f"({config.num_heads})")
-    kv = config.num_kv_heads
-    if attends and ((kv >= p and kv % p) or (kv < p and p % kv)):
-        raise ValueError(f"tensor_parallel_size {p} and num_key_value_heads ({kv}): one "
-                         "must divide the other")
+    for kv in sorted({config.layer_kv_heads(i) for i in range(config.num_layers)
+                      if config.has_attention(i)}):   # (Gemma 4: full layers' own)
+        if (kv >= p and kv % p) or (kv < p and p % kv):
+            raise ValueError(f"tensor_parallel_size {p} and num_key_value_heads ({kv}): "
+                             "one must divide the other")
     sizes = []
     if any(config.has_mlp(i) and not config.is_moe(i)
            for i in range(config.num_layers)):   # a dense MLP
@@ -150,15 +152,19 @@ class AttentionShard:
     nkv: int
 
 
-def attention_shard(config: DecoderConfig, tp: TensorParallel | None) -> AttentionShard:
+def attention_shard(config: DecoderConfig, tp: TensorParallel | None,
+                    layer: int | None = None) -> AttentionShard:
+    """This rank's q / kv heads (of ``layer``'s kv heads: Gemma 4's full layers have
+    their own)."""
     c = config
+    kv = c.num_kv_heads if layer is None else c.layer_kv_heads(layer)
     if tp is None or tp.size == 1:
-        return AttentionShard(0, c.num_heads, 0, c.num_kv_heads)
+        return AttentionShard(0, c.num_heads, 0, kv)
     nq = c.num_heads // tp.size
-    if c.num_kv_heads >= tp.size:
-        nkv = c.num_kv_heads // tp.size
+    if kv >= tp.size:
+        nkv = kv // tp.size
         return AttentionShard(tp.rank * nq, nq, tp.rank * nkv, nkv)
-    replicas = tp.size // c.num_kv_heads      # ranks sharing one kv head
+    replicas = tp.size // kv                  # ranks sharing one kv head
     return AttentionShard(tp.rank * nq, nq, tp.rank // replicas, 1)
 
 
@@ -212,10 +218,23 @@ def _pad_rows(t: Tensor, rows: int) -> Tensor:
 
 def mlp_intermediate_size(config: DecoderConfig, module: str) -> tuple[int, str]:
     """(size, config field) of the intermediate dim a gate_up_proj / down_proj module
-    splits: a Qwen2-MoE shared expert's, or the dense MLP's."""
+    splits: a Qwen2-MoE shared expert's, or the dense MLP's (its layer's: Gemma 4's
+    KV-sharing layers have double-wide MLPs)."""
     if ".shared_expert." in module:
         return config.shared_expert_intermediate_size, "shared_expert_intermediate_size"
+    layer = layer_of(module)
+    if layer is not None and config.layer_intermediate_sizes is not None:
+        return config.layer_intermediate_size(layer), f"layer {layer}'s intermediate_size"
     return config.intermediate_size, "intermediate_size"
+
+
+def layer_of(module: str) -> int | None:
+    """The decoder layer a module name ("layers.N. ...") belongs to, if any."""
+    m = _LAYER_RE.match(module)
+    return int(m.group(1)) if m else None
+
+
+_LAYER_RE = re.compile(r"^(?:.*\.)?layers\.(\d+)\.")
 
 
 def _mlp_split(config: DecoderConfig, tp: TensorParallel, module: str) -> tuple[int, int]:
@@ -283,6 +302,8 @@ def shard_tensor(config: DecoderConfig, tp: TensorParallel, module: str, shard: 
     """
     leaf = module.rsplit(".", 1)[-1]
     c = config
+    layer = layer_of(module)
+    head_dim = c.head_dim if layer is None else c.layer_head_dim(layer)
     if leaf == "experts" and c.num_experts:
         return _expert_shard(c, tp, module, shard, kind, src)
     if kind == "weight" and leaf in ("q_norm", "k_norm") and c.qk_norm_full:
@@ -301,8 +322,9 @@ def shard_tensor(config: DecoderConfig, tp: TensorParallel, module: str, shard: 
         return _read(src).reshape(-1)[a.q0:a.q0 + a.nq]
     if kind in ("k_scale", "v_scale"):
         t = _read(src)
-        if t.numel() == c.num_kv_heads and t.numel() > 1:
-            a = attention_shard(c, tp)
+        kv = c.num_kv_heads if layer is None else c.layer_kv_heads(layer)
+        if t.numel() == kv and t.numel() > 1:
+            a = attention_shard(c, tp, layer)
             return t.reshape(-1)[a.kv0:a.kv0 + a.nkv]
         return t
     cut = mixer_shard(c, tp.rank, tp.size, module, shard, kind)
@@ -310,10 +332,10 @@ def shard_tensor(config: DecoderConfig, tp: TensorParallel, module: str, shard: 
         return _cut(c, tp, module, kind, src, *cut)
     if leaf in _COLUMN or module.endswith("self_attn.g_proj"):
         if leaf == "qkv_proj":
-            a = attention_shard(c, tp)
+            a = attention_shard(c, tp, layer)
             first, n = (a.q0, a.nq) if shard == 0 else (a.kv0, a.nkv)
             # (Qwen3.5's q part holds [q | gate] per head: 2 head_dim rows each)
-            per = c.head_dim * (2 if shard == 0 and c.attn_output_gate else 1)
+            per = head_dim * (2 if shard == 0 and c.attn_output_gate else 1)
             start, stop = first * per, (first + n) * per
         elif leaf == "g_proj":           # LFM3's per-head gate: a row per q head
             a = attention_shard(c, tp)
@@ -324,7 +346,7 @@ def shard_tensor(config: DecoderConfig, tp: TensorParallel, module: str, shard: 
     if leaf in _ROW:
         if leaf == "o_proj":
             a = attention_shard(c, tp)
-            start, stop = a.q0 * c.head_dim, (a.q0 + a.nq) * c.head_dim
+            start, stop = a.q0 * head_dim, (a.q0 + a.nq) * head_dim
         else:
             start, stop = _mlp_split(c, tp, module)
         return _row_piece(c, tp, module, kind, src, start, stop)
