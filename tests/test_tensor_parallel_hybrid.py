@@ -123,6 +123,30 @@ def test_hybrid_llm_generate_tp2_token_identical(hybrid_dirs, tmp_path, monkeypa
     assert logs[0] == logs[1] and logs[0].count("replay") >= 2 * 4
 
 
+def test_hybrid_ngram_speculation_tp2_token_identical(hybrid_dirs):
+    """n-gram speculation on a hybrid model under TP=2: each verification snapshots the
+    rows' state slots and a rejection restores them, on every rank (copy_states); greedy
+    tokens equal TP=1 without speculation, and drafts are accepted (and rejected)."""
+    import minikernels as mk
+
+    path = hybrid_dirs["falcon_h1"]        # (drafts both accepted and rejected here)
+    prompts = [([5 + i, 40 + 3 * i, 77, 9 + i] * 6)[:15 + 4 * i] for i in range(3)]
+    params = mk.SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    kw = dict(dtype="float32", device="cpu", block_size=4, max_model_len=64, max_num_seqs=4)
+    want = [o.outputs[0].token_ids for o in mk.LLM(path, **kw).generate(
+        [{"prompt_token_ids": p} for p in prompts], params)]
+    llm = mk.LLM(path, tensor_parallel_size=2, speculative_config={
+        "method": "ngram", "num_speculative_tokens": 3}, **kw)
+    try:
+        got = [o.outputs[0].token_ids for o in llm.generate(
+            [{"prompt_token_ids": p} for p in prompts], params)]
+        st = llm.stats()
+    finally:
+        llm.llm_engine.model.close()
+    assert got == want
+    assert 0 < st["spec_num_accepted_tokens"] < st["spec_num_draft_tokens"]
+
+
 def _config(case: str) -> DecoderConfig:
     import json
     import tempfile
