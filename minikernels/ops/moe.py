@@ -35,6 +35,8 @@ with it). Tests: tests/test_moe_align_op.py.
 """
 from __future__ import annotations
 
+import inspect
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -100,6 +102,31 @@ def _op_lora(*tensors: Tensor | None) -> MoELoRA | None:
             raise ValueError(f"{name} is missing: give all six LoRA tensors "
                              f"({', '.join(_LORA_ARGS)}) or none")
     return MoELoRA(*tensors)
+
+
+def _fused_moe_op(name: str
+                  ) -> Callable[[Callable[..., Tensor]], torch.library.CustomOpDef]:
+    """``torch.library.custom_op("minikernels::<name>")`` for one of the four fused MoE
+    ops, with the fake (meta) kernel they share: out [T, H] like x (contiguous), after the
+    checks the real kernel makes of the op's trailing arguments (the six LoRA tensors all
+    or none, ``activation`` / ``gated``). The decorated function's signature is the op's
+    schema; it must have x first and the six ``lora_*`` arguments, ``activation`` and
+    ``gated``."""
+    def register(fn: Callable[..., Tensor]) -> torch.library.CustomOpDef:
+        op = torch.library.custom_op(f"minikernels::{name}", mutates_args=())(fn)
+        signature = inspect.signature(fn)
+
+        @op.register_fake
+        def _(*args: object, **kwargs: object) -> Tensor:
+            # the dispatcher may leave out trailing arguments at their defaults: bind them
+            bound = signature.bind(*args, **kwargs)
+            bound.apply_defaults()
+            a = bound.arguments
+            _op_lora(*(a[arg] for arg in _LORA_ARGS))
+            _check_activation(a["activation"], a["gated"])
+            return torch.empty_like(a["x"], memory_format=torch.contiguous_format)
+        return op
+    return register
 
 
 def _check_activation(activation: object, gated: object = True) -> str:
@@ -191,7 +218,7 @@ def _check_lora(lora: object, x: Tensor, num_experts: int, inter: int, gated: bo
     return tuple(lora)
 
 
-@torch.library.custom_op("minikernels::fused_moe", mutates_args=())
+@_fused_moe_op("fused_moe")
 def _fused_moe(x: Tensor, w13: Tensor, w2: Tensor, topk_weights: Tensor, topk_ids: Tensor,
                lora_a13: Tensor | None = None, lora_b13: Tensor | None = None,
                lora_a2: Tensor | None = None, lora_b2: Tensor | None = None,
@@ -205,17 +232,6 @@ def _fused_moe(x: Tensor, w13: Tensor, w2: Tensor, topk_weights: Tensor, topk_id
         return triton_moe.fused_moe(x, w13, w2, topk_weights, topk_ids, lora, activation,
                                     gated)
     return reference.fused_moe(x, w13, w2, topk_weights, topk_ids, lora, activation, gated)
-
-
-@_fused_moe.register_fake
-def _(x: Tensor, w13: Tensor, w2: Tensor, topk_weights: Tensor, topk_ids: Tensor,
-      lora_a13: Tensor | None = None, lora_b13: Tensor | None = None,
-      lora_a2: Tensor | None = None, lora_b2: Tensor | None = None,
-      lora_token_slots: Tensor | None = None, lora_scaling: Tensor | None = None,
-      activation: str = "silu", gated: bool = True) -> Tensor:
-    _op_lora(lora_a13, lora_b13, lora_a2, lora_b2, lora_token_slots, lora_scaling)
-    _check_activation(activation, gated)
-    return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
 def fused_moe(x: Tensor, w13: Tensor, w2: Tensor, topk_weights: Tensor,
@@ -252,10 +268,8 @@ def fused_moe(x: Tensor, w13: Tensor, w2: Tensor, topk_weights: Tensor,
     rows only), added to up before the activation.
     """
     _check_activation(activation, gated)
-    check_tensor("x", x, dtypes=FLOAT_DTYPES, ndim=2)
-    check_tensor("w13", w13, dtypes=(x.dtype,), ndim=3, device=x.device)
-    check_tensor("w2", w2, dtypes=(x.dtype,), ndim=3, device=x.device)
-    _check_routing_dtypes(x, topk_weights, topk_ids)
+    _check_input_dtypes(x, FLOAT_DTYPES, ("w13", w13), ("w2", w2), None, topk_weights,
+                        topk_ids)
     e, two_i, h = w13.shape
     if h != x.shape[1]:
         raise ValueError(f"w13 must have shape [E, {'2I' if gated else 'I'}, H = "
@@ -264,15 +278,14 @@ def fused_moe(x: Tensor, w13: Tensor, w2: Tensor, topk_weights: Tensor,
     if tuple(w2.shape) != (e, h, inter):
         raise ValueError(f"w2 must have shape [E = {e}, H = {h}, I = {inter}], got "
                          f"{list(w2.shape)}")
-    _check_routing_shapes(x.shape[0], topk_weights, topk_ids, e)
-    lora_args = _check_lora(lora, x, e, inter, gated)
+    lora_args = _check_routing_and_lora(x, topk_weights, topk_ids, e, inter, gated, lora)
     return torch.ops.minikernels.fused_moe(x, w13, w2, topk_weights, topk_ids, *lora_args,
                                            activation, gated)
 
 
 # ------------------------------------------------------------------------ int4 experts
 
-@torch.library.custom_op("minikernels::fused_moe_int4", mutates_args=())
+@_fused_moe_op("fused_moe_int4")
 def _fused_moe_int4(x: Tensor, w13_qweight: Tensor, w13_scales: Tensor, w13_zeros: Tensor,
                     w2_qweight: Tensor, w2_scales: Tensor, w2_zeros: Tensor,
                     topk_weights: Tensor, topk_ids: Tensor, group_size: int,
@@ -289,19 +302,6 @@ def _fused_moe_int4(x: Tensor, w13_qweight: Tensor, w13_scales: Tensor, w13_zero
         from .triton import moe_int4 as triton_moe_int4
         return triton_moe_int4.fused_moe_int4(*args)
     return reference.fused_moe_int4(*args)
-
-
-@_fused_moe_int4.register_fake
-def _(x: Tensor, w13_qweight: Tensor, w13_scales: Tensor, w13_zeros: Tensor,
-      w2_qweight: Tensor, w2_scales: Tensor, w2_zeros: Tensor, topk_weights: Tensor,
-      topk_ids: Tensor, group_size: int, lora_a13: Tensor | None = None,
-      lora_b13: Tensor | None = None, lora_a2: Tensor | None = None,
-      lora_b2: Tensor | None = None, lora_token_slots: Tensor | None = None,
-      lora_scaling: Tensor | None = None, activation: str = "silu",
-      gated: bool = True) -> Tensor:
-    _op_lora(lora_a13, lora_b13, lora_a2, lora_b2, lora_token_slots, lora_scaling)
-    _check_activation(activation, gated)
-    return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
 def _check_int4_experts(prefix: str, qweight: Tensor, scales: Tensor, zeros: Tensor,
@@ -355,13 +355,11 @@ def fused_moe_int4(x: Tensor, w13_qweight: Tensor, w13_scales: Tensor, w13_zeros
     expert's up_proj rows only.
     """
     _check_activation(activation, gated)
-    check_tensor("x", x, dtypes=HALF_DTYPES, ndim=2)
-    check_tensor("w13_qweight", w13_qweight, dtypes=(torch.int32,), ndim=3, device=x.device)
-    check_tensor("w2_qweight", w2_qweight, dtypes=(torch.int32,), ndim=3, device=x.device)
-    _check_routing_dtypes(x, topk_weights, topk_ids)
+    _check_input_dtypes(x, HALF_DTYPES, ("w13_qweight", w13_qweight),
+                        ("w2_qweight", w2_qweight), torch.int32, topk_weights, topk_ids)
     if not isinstance(group_size, int) or isinstance(group_size, bool):
         raise TypeError(f"group_size must be an int, got {type(group_size).__name__}")
-    t, h = x.shape
+    h = x.shape[1]
     if h == 0 or h % 8:
         raise ValueError(f"x's hidden size H must be a positive multiple of 8 (int4 words "
                          f"hold 8 values), got x shape {list(x.shape)}")
@@ -385,8 +383,7 @@ def fused_moe_int4(x: Tensor, w13_qweight: Tensor, w13_scales: Tensor, w13_zeros
                         group_size, x.device)
     _check_int4_experts("w2", w2_qweight, w2_scales, w2_zeros, (e, h, inter),
                         group_size, x.device)
-    _check_routing_shapes(t, topk_weights, topk_ids, e)
-    lora_args = _check_lora(lora, x, e, inter, gated)
+    lora_args = _check_routing_and_lora(x, topk_weights, topk_ids, e, inter, gated, lora)
     return torch.ops.minikernels.fused_moe_int4(x, w13_qweight, w13_scales, w13_zeros,
                                                 w2_qweight, w2_scales, w2_zeros,
                                                 topk_weights, topk_ids, group_size,
@@ -397,15 +394,13 @@ def fused_moe_int4(x: Tensor, w13_qweight: Tensor, w13_scales: Tensor, w13_zeros
 
 def _check_w8a16_inputs(x: Tensor, w13: Tensor, w2: Tensor, wdtype: torch.dtype,
                         topk_weights: Tensor, topk_ids: Tensor, gated: bool = True
-                        ) -> tuple[int, int, int, int, int]:
+                        ) -> tuple[int, int, int, int]:
     """fused_moe_fp8's / fused_moe_int8's x, one-byte weights (dtype wdtype), routing
-    dtypes and w13's shape; (T, H, E, 2I, I) from x [T, H] and w13 [E, 2I, H]
-    (gated=False: (T, H, E, I, I) from w13 [E, I, H])."""
-    check_tensor("x", x, dtypes=FLOAT_DTYPES, ndim=2)
-    check_tensor("w13", w13, dtypes=(wdtype,), ndim=3, device=x.device)
-    check_tensor("w2", w2, dtypes=(wdtype,), ndim=3, device=x.device)
-    _check_routing_dtypes(x, topk_weights, topk_ids)
-    t, h = x.shape
+    dtypes and w13's shape; (H, E, 2I, I) from x [T, H] and w13 [E, 2I, H]
+    (gated=False: (H, E, I, I) from w13 [E, I, H])."""
+    _check_input_dtypes(x, FLOAT_DTYPES, ("w13", w13), ("w2", w2), wdtype, topk_weights,
+                        topk_ids)
+    h = x.shape[1]
     e, two_i = w13.shape[0], w13.shape[1]
     if h == 0:
         raise ValueError(f"x's hidden size H must be positive, got x shape {list(x.shape)}")
@@ -413,7 +408,7 @@ def _check_w8a16_inputs(x: Tensor, w13: Tensor, w2: Tensor, wdtype: torch.dtype,
     if w13.shape[2] != h:
         raise ValueError(f"w13 must have shape [E, {'2I' if gated else 'I'}, H = {h}] "
                          f"(x's H), got {list(w13.shape)}")
-    return t, h, e, two_i, inter
+    return h, e, two_i, inter
 
 
 def _check_expert_shape(name: str, weight: Tensor, shape: tuple[int, int, int]) -> None:
@@ -426,7 +421,7 @@ def _check_expert_shape(name: str, weight: Tensor, shape: tuple[int, int, int]) 
 
 # The op takes the fp8 weights' bytes (a free uint8 view), as fp8_matmul's op does: torch's
 # schema checks (opcheck) compare inputs with allclose, which float8 lacks on the CPU.
-@torch.library.custom_op("minikernels::fused_moe_fp8", mutates_args=())
+@_fused_moe_op("fused_moe_fp8")
 def _fused_moe_fp8(x: Tensor, w13: Tensor, w13_scale: Tensor, w2: Tensor, w2_scale: Tensor,
                    topk_weights: Tensor, topk_ids: Tensor, block_size: list[int],
                    lora_a13: Tensor | None = None, lora_b13: Tensor | None = None,
@@ -444,18 +439,6 @@ def _fused_moe_fp8(x: Tensor, w13: Tensor, w13_scale: Tensor, w2: Tensor, w2_sca
                                    w2.view(torch.float8_e4m3fn), w2_scale, topk_weights,
                                    topk_ids, (block_size[0], block_size[1]), lora,
                                    activation, gated)
-
-
-@_fused_moe_fp8.register_fake
-def _(x: Tensor, w13: Tensor, w13_scale: Tensor, w2: Tensor, w2_scale: Tensor,
-      topk_weights: Tensor, topk_ids: Tensor, block_size: list[int],
-      lora_a13: Tensor | None = None, lora_b13: Tensor | None = None,
-      lora_a2: Tensor | None = None, lora_b2: Tensor | None = None,
-      lora_token_slots: Tensor | None = None, lora_scaling: Tensor | None = None,
-      activation: str = "silu", gated: bool = True) -> Tensor:
-    _op_lora(lora_a13, lora_b13, lora_a2, lora_b2, lora_token_slots, lora_scaling)
-    _check_activation(activation, gated)
-    return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
 def _check_fp8_experts(name: str, weight: Tensor, scale: Tensor, shape: tuple[int, int, int],
@@ -508,14 +491,13 @@ def fused_moe_fp8(x: Tensor, w13: Tensor, w13_scale: Tensor, w2: Tensor, w2_scal
                w13_scale fp32 [E, ceil(I / bn), ceil(H / bk)].
     """
     _check_activation(activation, gated)
-    t, h, e, two_i, inter = _check_w8a16_inputs(x, w13, w2, torch.float8_e4m3fn,
-                                                 topk_weights, topk_ids, gated)
+    h, e, two_i, inter = _check_w8a16_inputs(x, w13, w2, torch.float8_e4m3fn,
+                                              topk_weights, topk_ids, gated)
     # bk % 16 == 0, or one K block in both matrices (bk >= H and bk >= I)
     bn, bk = check_block_size(block_size, max(h, inter))
     _check_fp8_experts("w13", w13, w13_scale, (e, two_i, h), bn, bk, x.device)
     _check_fp8_experts("w2", w2, w2_scale, (e, h, inter), bn, bk, x.device)
-    _check_routing_shapes(t, topk_weights, topk_ids, e)
-    lora_args = _check_lora(lora, x, e, inter, gated)
+    lora_args = _check_routing_and_lora(x, topk_weights, topk_ids, e, inter, gated, lora)
     return torch.ops.minikernels.fused_moe_fp8(
         x, w13.view(torch.uint8), w13_scale, w2.view(torch.uint8), w2_scale, topk_weights,
         topk_ids, [bn, bk], *lora_args, activation, gated)
@@ -523,7 +505,7 @@ def fused_moe_fp8(x: Tensor, w13: Tensor, w13_scale: Tensor, w2: Tensor, w2_scal
 
 # ------------------------------------------------------------------------ int8 experts
 
-@torch.library.custom_op("minikernels::fused_moe_int8", mutates_args=())
+@_fused_moe_op("fused_moe_int8")
 def _fused_moe_int8(x: Tensor, w13: Tensor, w13_scale: Tensor, w2: Tensor,
                     w2_scale: Tensor, topk_weights: Tensor, topk_ids: Tensor,
                     lora_a13: Tensor | None = None, lora_b13: Tensor | None = None,
@@ -538,18 +520,6 @@ def _fused_moe_int8(x: Tensor, w13: Tensor, w13_scale: Tensor, w2: Tensor,
         from .triton import moe_int8 as triton_moe_int8
         return triton_moe_int8.fused_moe_int8(*args)
     return reference.fused_moe_int8(*args)
-
-
-@_fused_moe_int8.register_fake
-def _(x: Tensor, w13: Tensor, w13_scale: Tensor, w2: Tensor, w2_scale: Tensor,
-      topk_weights: Tensor, topk_ids: Tensor,
-      lora_a13: Tensor | None = None, lora_b13: Tensor | None = None,
-      lora_a2: Tensor | None = None, lora_b2: Tensor | None = None,
-      lora_token_slots: Tensor | None = None, lora_scaling: Tensor | None = None,
-      activation: str = "silu", gated: bool = True) -> Tensor:
-    _op_lora(lora_a13, lora_b13, lora_a2, lora_b2, lora_token_slots, lora_scaling)
-    _check_activation(activation, gated)
-    return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
 def _check_int8_experts(name: str, weight: Tensor, scale: Tensor,
@@ -592,12 +562,11 @@ def fused_moe_int8(x: Tensor, w13: Tensor, w13_scale: Tensor, w2: Tensor, w2_sca
                w13_scale fp32 [E, I].
     """
     _check_activation(activation, gated)
-    t, h, e, two_i, inter = _check_w8a16_inputs(x, w13, w2, torch.int8, topk_weights,
-                                                 topk_ids, gated)
+    h, e, two_i, inter = _check_w8a16_inputs(x, w13, w2, torch.int8, topk_weights,
+                                              topk_ids, gated)
     _check_int8_experts("w13", w13, w13_scale, (e, two_i, h), x.device)
     _check_int8_experts("w2", w2, w2_scale, (e, h, inter), x.device)
-    _check_routing_shapes(t, topk_weights, topk_ids, e)
-    lora_args = _check_lora(lora, x, e, inter, gated)
+    lora_args = _check_routing_and_lora(x, topk_weights, topk_ids, e, inter, gated, lora)
     return torch.ops.minikernels.fused_moe_int8(x, w13, w13_scale, w2, w2_scale,
                                                 topk_weights, topk_ids, *lora_args,
                                                 activation, gated)
@@ -694,11 +663,33 @@ def moe_align_block_size(topk_ids: Tensor, block_size: int, num_experts: int,
         ignore_invalid_experts)
 
 
-def _check_routing_dtypes(x: Tensor, topk_weights: Tensor, topk_ids: Tensor) -> None:
+def _check_input_dtypes(x: Tensor, x_dtypes: tuple[torch.dtype, ...],
+                        w13: tuple[str, Tensor], w2: tuple[str, Tensor],
+                        expert_dtype: torch.dtype | None, topk_weights: Tensor,
+                        topk_ids: Tensor) -> None:
+    """The checks every fused MoE op starts with, before any shape: x 2-D [T, H] in one
+    of ``x_dtypes``; the (op argument name, tensor) expert stacks w13 and w2 3-D in
+    ``expert_dtype`` (None: x's dtype, dense experts) on x's device; the routing tensors
+    2-D on x's device, topk_weights fp32 and topk_ids int32 / int64 (their shapes:
+    :func:`_check_routing_shapes`)."""
+    check_tensor("x", x, dtypes=x_dtypes, ndim=2)
+    wdtype = x.dtype if expert_dtype is None else expert_dtype
+    for name, weight in (w13, w2):
+        check_tensor(name, weight, dtypes=(wdtype,), ndim=3, device=x.device)
     check_tensor("topk_weights", topk_weights, dtypes=(torch.float32,), ndim=2,
                  device=x.device)
     check_tensor("topk_ids", topk_ids, dtypes=(torch.int32, torch.int64), ndim=2,
                  device=x.device)
+
+
+def _check_routing_and_lora(x: Tensor, topk_weights: Tensor, topk_ids: Tensor,
+                            num_experts: int, inter: int, gated: bool,
+                            lora: MoELoRA | None) -> tuple[Tensor | None, ...]:
+    """The checks every fused MoE op ends with, once E and I are known: the routing
+    shapes and ids (:func:`_check_routing_shapes`) and the LoRA adapters
+    (:func:`_check_lora`); returns the op's six LoRA arguments (all None without LoRA)."""
+    _check_routing_shapes(x.shape[0], topk_weights, topk_ids, num_experts)
+    return _check_lora(lora, x, num_experts, inter, gated)
 
 
 def _check_routing_shapes(t: int, topk_weights: Tensor, topk_ids: Tensor,
