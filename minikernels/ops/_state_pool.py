@@ -82,6 +82,22 @@ def check_slots(pool_name: str, pool: Tensor, state_indices: Tensor | None,
     return state_indices, has_initial_state
 
 
+def check_optional_pool(pool_name: str, pool: Tensor | None, dims: dict[str, int],
+                        dtypes: tuple[torch.dtype, ...], state_indices: Tensor | None,
+                        has_initial_state: Tensor | None, n: int, device: torch.device
+                        ) -> tuple[Tensor | None, Tensor | None]:
+    """An op's optional state pool (op argument ``pool_name``) with its slot arguments,
+    for N = ``n`` sequences: None refuses ``state_indices`` / ``has_initial_state``
+    (:func:`refuse_slots_without_pool`); a pool is checked as [S, *dims] in one of
+    ``dtypes`` (:func:`check_pool`) and its slots as :func:`check_slots` does. Returns
+    (state_indices, has_initial_state), contiguous with a pool."""
+    if pool is None:
+        refuse_slots_without_pool(pool_name, state_indices, has_initial_state)
+        return state_indices, has_initial_state
+    check_pool(pool_name, pool, dims, dtypes, device)
+    return check_slots(pool_name, pool, state_indices, has_initial_state, n, device)
+
+
 def check_slot_values(state_indices: Tensor, slots: int, pool_name: str = "state") -> None:
     """Values -1 (padding) or in [0, slots), the non-padding ones distinct (when the
     index checks are active)."""

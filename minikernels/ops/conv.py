@@ -16,8 +16,7 @@ from torch import Tensor
 
 from .. import backend as _backend
 from .._validation import FLOAT_DTYPES, check_tensor
-from ._state_pool import (check_cu_seqlens, check_pool, check_slots,
-                          refuse_slots_without_pool, resolve_max_seqlen)
+from ._state_pool import check_cu_seqlens, check_optional_pool, resolve_max_seqlen
 from . import reference
 
 #: conv widths the kernels support (Mamba 4, Qwen3.5 / Qwen3-Next 4, LFM2 3)
@@ -93,12 +92,9 @@ def causal_conv1d(x: Tensor, weight: Tensor, bias: Tensor | None = None, *,
                                    or activation not in _ACTIVATIONS):
         raise ValueError(f"activation must be None or 'silu' (alias 'swish'), got "
                          f"{activation!r}")
-    if conv_state is None:
-        refuse_slots_without_pool("conv_state", state_indices, has_initial_state)
-    else:
-        check_pool("conv_state", conv_state, {"D": dim, "W - 1": width - 1}, float_like, dev)
-        state_indices, has_initial_state = check_slots(
-            "conv_state", conv_state, state_indices, has_initial_state, n, dev)
+    state_indices, has_initial_state = check_optional_pool(
+        "conv_state", conv_state, {"D": dim, "W - 1": width - 1}, float_like, state_indices,
+        has_initial_state, n, dev)
     # (unknown without index checks: the grid covers every token)
     max_seqlen = resolve_max_seqlen(max_seqlen, cu_seqlens, n, unknown=total)
     return torch.ops.minikernels.causal_conv1d(

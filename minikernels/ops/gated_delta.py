@@ -17,8 +17,7 @@ from torch import Tensor
 from .. import backend as _backend
 from .._validation import FLOAT_DTYPES, check_finite_float, check_tensor
 from . import reference
-from ._state_pool import (check_cu_seqlens, check_pool, check_slots,
-                          refuse_slots_without_pool, resolve_max_seqlen)
+from ._state_pool import check_cu_seqlens, check_optional_pool, resolve_max_seqlen
 
 MAX_HEAD_DIM = 256
 
@@ -98,12 +97,9 @@ def gated_delta_rule(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, *
                              f"{list(t.shape)}")
     cu_seqlens = check_cu_seqlens(cu_seqlens, total, dev)
     n = cu_seqlens.shape[0] - 1
-    if state is None:
-        refuse_slots_without_pool("state", state_indices, has_initial_state)
-    else:
-        check_pool("state", state, {"Hv": hv, "dk": dk, "dv": dv}, (torch.float32,), dev)
-        state_indices, has_initial_state = check_slots(
-            "state", state, state_indices, has_initial_state, n, dev)
+    state_indices, has_initial_state = check_optional_pool(
+        "state", state, {"Hv": hv, "dk": dk, "dv": dv}, (torch.float32,), state_indices,
+        has_initial_state, n, dev)
     scale = dk ** -0.5 if scale is None else check_finite_float("scale", scale)
     if not isinstance(use_qk_l2norm, bool):
         raise TypeError(f"use_qk_l2norm must be a bool, got {type(use_qk_l2norm).__name__}")

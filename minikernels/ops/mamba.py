@@ -19,8 +19,8 @@ from torch import Tensor
 from .. import backend as _backend
 from .._validation import FLOAT_DTYPES, check_tensor
 from . import reference
-from ._state_pool import (check_cu_seqlens, check_pool, check_slots,
-                          refuse_slots_without_pool, resolve_max_seqlen)
+from ._ssm import check_bc, check_optional_vectors
+from ._state_pool import check_cu_seqlens, check_optional_pool, resolve_max_seqlen
 
 #: the largest SSM state size N (the kernels keep a whole row of the state in registers)
 MAX_STATE = 256
@@ -107,34 +107,16 @@ def mamba2_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, *,
     check_tensor("A", A, dtypes=float_like, ndim=1, device=dev)
     if A.shape[0] != h:
         raise ValueError(f"A must have shape [H = {h}], got {list(A.shape)}")
-    check_tensor("B", B, dtypes=(x.dtype,), ndim=3, device=dev)
-    check_tensor("C", C, dtypes=(x.dtype,), ndim=3, device=dev)
-    groups, dstate = B.shape[1], B.shape[2]
-    if B.shape[0] != total:
-        raise ValueError(f"B must have T = {total} rows like x, got shape {list(B.shape)}")
-    if groups == 0 or h % groups != 0:
-        raise ValueError(f"B's groups (G = {groups}) must divide x's heads (H = {h})")
-    if not 1 <= dstate <= MAX_STATE:
-        raise ValueError(f"B's state size N (its dim 2) must be in [1, {MAX_STATE}], got "
-                         f"shape {list(B.shape)}")
-    if C.shape != B.shape:
-        raise ValueError(f"C must have the shape of B {list(B.shape)}, got {list(C.shape)}")
-    for name, t in (("D", D), ("dt_bias", dt_bias)):
-        if t is not None:
-            check_tensor(name, t, dtypes=float_like, ndim=1, device=dev)
-            if t.shape[0] != h:
-                raise ValueError(f"{name} must have shape [H = {h}], got {list(t.shape)}")
+    _, dstate = check_bc(B, C, x, units="heads", dim="H", size=h, max_state=MAX_STATE)
+    check_optional_vectors({"D": D, "dt_bias": dt_bias}, "H", h, float_like, dev)
     if not isinstance(dt_softplus, bool):
         raise TypeError(f"dt_softplus must be a bool, got {type(dt_softplus).__name__}")
     dt_min, dt_max = _check_dt_limit(dt_limit)
     cu_seqlens = check_cu_seqlens(cu_seqlens, total, dev)
     n = cu_seqlens.shape[0] - 1
-    if state is None:
-        refuse_slots_without_pool("state", state_indices, has_initial_state)
-    else:
-        check_pool("state", state, {"H": h, "P": p, "N": dstate}, (torch.float32,), dev)
-        state_indices, has_initial_state = check_slots(
-            "state", state, state_indices, has_initial_state, n, dev)
+    state_indices, has_initial_state = check_optional_pool(
+        "state", state, {"H": h, "P": p, "N": dstate}, (torch.float32,), state_indices,
+        has_initial_state, n, dev)
     # (unknown without index checks: see triton/mamba.py's dispatch)
     max_seqlen = resolve_max_seqlen(max_seqlen, cu_seqlens, n, unknown=-1)
     return torch.ops.minikernels.mamba2_scan(x, dt, A, B, C, cu_seqlens, D, dt_bias,

@@ -18,8 +18,8 @@ from torch import Tensor
 from .. import backend as _backend
 from .._validation import FLOAT_DTYPES, check_tensor
 from . import reference
-from ._state_pool import (check_cu_seqlens, check_pool, check_slots,
-                          refuse_slots_without_pool, resolve_max_seqlen)
+from ._ssm import check_bc, check_optional_vectors
+from ._state_pool import check_cu_seqlens, check_optional_pool, resolve_max_seqlen
 
 #: the largest SSM state size N (the kernel keeps a channel block's whole state in registers)
 MAX_STATE = 256
@@ -89,25 +89,11 @@ def selective_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, *,
     if tuple(dt.shape) != (total, dm):
         raise ValueError(f"dt must have shape [T = {total}, Dm = {dm}], got {list(dt.shape)}")
     check_tensor("A", A, dtypes=float_like, ndim=2, device=dev)
-    check_tensor("B", B, dtypes=(x.dtype,), ndim=3, device=dev)
-    check_tensor("C", C, dtypes=(x.dtype,), ndim=3, device=dev)
-    groups, dstate = B.shape[1], B.shape[2]
-    if B.shape[0] != total:
-        raise ValueError(f"B must have T = {total} rows like x, got shape {list(B.shape)}")
-    if groups == 0 or dm % groups != 0:
-        raise ValueError(f"B's groups (G = {groups}) must divide x's channels (Dm = {dm})")
-    if not 1 <= dstate <= MAX_STATE:
-        raise ValueError(f"B's state size N (its dim 2) must be in [1, {MAX_STATE}], got "
-                         f"shape {list(B.shape)}")
-    if C.shape != B.shape:
-        raise ValueError(f"C must have the shape of B {list(B.shape)}, got {list(C.shape)}")
+    _, dstate = check_bc(B, C, x, units="channels", dim="Dm", size=dm,
+                         max_state=MAX_STATE)
     if tuple(A.shape) != (dm, dstate):
         raise ValueError(f"A must have shape [Dm = {dm}, N = {dstate}], got {list(A.shape)}")
-    for name, t in (("D", D), ("dt_bias", dt_bias)):
-        if t is not None:
-            check_tensor(name, t, dtypes=float_like, ndim=1, device=dev)
-            if t.shape[0] != dm:
-                raise ValueError(f"{name} must have shape [Dm = {dm}], got {list(t.shape)}")
+    check_optional_vectors({"D": D, "dt_bias": dt_bias}, "Dm", dm, float_like, dev)
     if z is not None:
         check_tensor("z", z, dtypes=(x.dtype,), ndim=2, device=dev)
         if tuple(z.shape) != (total, dm):
@@ -117,12 +103,9 @@ def selective_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, *,
         raise TypeError(f"dt_softplus must be a bool, got {type(dt_softplus).__name__}")
     cu_seqlens = check_cu_seqlens(cu_seqlens, total, dev)
     n = cu_seqlens.shape[0] - 1
-    if state is None:
-        refuse_slots_without_pool("state", state_indices, has_initial_state)
-    else:
-        check_pool("state", state, {"Dm": dm, "N": dstate}, (torch.float32,), dev)
-        state_indices, has_initial_state = check_slots(
-            "state", state, state_indices, has_initial_state, n, dev)
+    state_indices, has_initial_state = check_optional_pool(
+        "state", state, {"Dm": dm, "N": dstate}, (torch.float32,), state_indices,
+        has_initial_state, n, dev)
     max_seqlen = resolve_max_seqlen(max_seqlen, cu_seqlens, n, unknown=-1)
     return torch.ops.minikernels.selective_scan(x, dt, A, B, C, cu_seqlens, D, z, dt_bias,
                                                 dt_softplus, state, state_indices,
