@@ -690,6 +690,32 @@ def _initial_states(state: Tensor | None, state_indices: Tensor | None,
     return live, s
 
 
+def _scan_outputs(rows: Tensor, s: Tensor, total: int, valid: Tensor, pos: Tensor,
+                  live: Tensor, state: Tensor | None, state_indices: Tensor | None,
+                  dtype: torch.dtype) -> Tensor:
+    """The state-pool references' epilogue: the per-sequence outputs rows [N, L, *F] fp32
+    (:func:`_padded_rows`' layout) back in token order [total, *F], rows of padding
+    sequences (not ``live``) and positions past a sequence's end left 0, rounded to
+    ``dtype``; each live sequence's final state s [N, ...] written IN PLACE to its slot of
+    ``state`` when a pool is given."""
+    out = torch.zeros(total, *rows.shape[2:], dtype=torch.float32, device=rows.device)
+    keep = valid & live[:, None]
+    out[pos[keep]] = rows[keep]
+    if state is not None:
+        state[state_indices[live].long()] = s[live].to(state.dtype)
+    return out.to(dtype)
+
+
+def _step_sizes(dt: Tensor, dt_bias: Tensor | None, dt_softplus: bool) -> Tensor:
+    """The selective scans' step sizes d = softplus?(dt + dt_bias), fp32, dt's shape."""
+    d = dt.float()
+    if dt_bias is not None:
+        d = d + dt_bias.float()
+    if dt_softplus:
+        d = torch.nn.functional.softplus(d)
+    return d
+
+
 def gated_delta_rule(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor,
                      cu_seqlens: Tensor, state: Tensor | None = None,
                      state_indices: Tensor | None = None,
@@ -735,12 +761,8 @@ def gated_delta_rule(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor,
         delta = bs[:, t, :, None] * (vs[:, t] - kv)
         s = s + ks[:, t, :, :, None] * delta[:, :, None, :]
         outs[:, t] = (s * qs[:, t, :, :, None]).sum(-2)
-    out = torch.zeros(v.shape[0], hv, dv, dtype=torch.float32, device=dev)
-    keep = valid & live[:, None]
-    out[pos[keep]] = outs[keep]
-    if state is not None:
-        state[state_indices[live].long()] = s[live].to(state.dtype)
-    return out.to(v.dtype)
+    return _scan_outputs(outs, s, v.shape[0], valid, pos, live, state, state_indices,
+                         v.dtype)
 
 
 # ------------------------------------------------------ Mamba-2 selective state-space scan (SSD)
@@ -767,12 +789,7 @@ def mamba2_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, cu_seqle
     total, h, p = x.shape
     g, dstate = B.shape[1], B.shape[2]
     dev = x.device
-    d = dt.float()
-    if dt_bias is not None:
-        d = d + dt_bias.float()
-    if dt_softplus:
-        d = torch.nn.functional.softplus(d)
-    d = d.clamp(min=dt_limit[0], max=dt_limit[1])
+    d = _step_sizes(dt, dt_bias, dt_softplus).clamp(min=dt_limit[0], max=dt_limit[1])
     bf = B.float().repeat_interleave(h // g, dim=1)
     cf = C.float().repeat_interleave(h // g, dim=1)
     lmax, valid, pos = _padded_rows(cu_seqlens, dev)                      # [N_seq, L]
@@ -788,12 +805,7 @@ def mamba2_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, cu_seqle
         ys[:, t] = (s * cs[:, t, :, None, :]).sum(-1)
         if D is not None:
             ys[:, t] += D.float()[:, None] * xs[:, t]
-    out = torch.zeros(total, h, p, dtype=torch.float32, device=dev)
-    keep = valid & live[:, None]
-    out[pos[keep]] = ys[keep]
-    if state is not None:
-        state[state_indices[live].long()] = s[live].to(state.dtype)
-    return out.to(x.dtype)
+    return _scan_outputs(ys, s, total, valid, pos, live, state, state_indices, x.dtype)
 
 
 def selective_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, cu_seqlens: Tensor,
@@ -819,11 +831,7 @@ def selective_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, cu_se
     total, dm = x.shape
     g, dstate = B.shape[1], B.shape[2]
     dev = x.device
-    d = dt.float()
-    if dt_bias is not None:
-        d = d + dt_bias.float()
-    if dt_softplus:
-        d = torch.nn.functional.softplus(d)
+    d = _step_sizes(dt, dt_bias, dt_softplus)
     bf = B.float().repeat_interleave(dm // g, dim=1)                       # [T, Dm, N]
     cf = C.float().repeat_interleave(dm // g, dim=1)
     lmax, valid, pos = _padded_rows(cu_seqlens, dev)                      # [N_seq, L]
@@ -840,12 +848,7 @@ def selective_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, cu_se
             ys[:, t] += D.float() * xs[:, t]
     if z is not None:     # gated before the scatter: padding rows stay 0 whatever z holds
         ys = ys * torch.nn.functional.silu(z.float()[pos])
-    out = torch.zeros(total, dm, dtype=torch.float32, device=dev)
-    keep = valid & live[:, None]
-    out[pos[keep]] = ys[keep]
-    if state is not None:
-        state[state_indices[live].long()] = s[live].to(state.dtype)
-    return out.to(x.dtype)
+    return _scan_outputs(ys, s, total, valid, pos, live, state, state_indices, x.dtype)
 
 
 # ----------------------------------------------------------------- structured outputs
