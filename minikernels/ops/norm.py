@@ -76,6 +76,24 @@ def _(x: Tensor, residual: Tensor, weight: Tensor, eps: float,
             torch.empty(x.shape, dtype=x.dtype, device=x.device))
 
 
+def _check_input(x: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
+    """x [..., H] fp16 / bf16 / fp32 (any strides) and weight [H] (any float dtype) on x's
+    device; returns them with x's last dim and weight made contiguous."""
+    check_tensor("x", x, dtypes=FLOAT_DTYPES, min_ndim=1)
+    check_tensor("weight", weight, dtypes=FLOAT_DTYPES, ndim=1, device=x.device)
+    check_shape("weight", weight, [x.shape[-1]])
+    return last_dim_contiguous(x), weight.contiguous()
+
+
+def _check_residual(x: Tensor, residual: Tensor) -> Tensor:
+    """The residual of the fused-add forms: x's shape, dtype and device (any strides);
+    returns it with its last dim made contiguous."""
+    check_tensor("residual", residual, device=x.device)
+    check_same_dtype(("x", "residual"), (x, residual))
+    check_shape("residual", residual, list(x.shape))
+    return last_dim_contiguous(residual)
+
+
 def rms_norm(x: Tensor, weight: Tensor, eps: float = 1e-6, residual: Tensor | None = None,
              weight_offset: float = 0.0) -> Tensor | tuple[Tensor, Tensor]:
     """RMSNorm over the last dim, optionally after adding a residual.
@@ -86,19 +104,12 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float = 1e-6, residual: Tensor | No
     y = x / sqrt(mean(x^2) + eps) * (weight + weight_offset), fp32 math, one rounding:
     weight_offset 0.0 is Llama's RMSNorm, 1.0 Gemma's (see :func:`gemma_rms_norm`).
     """
-    check_tensor("x", x, dtypes=FLOAT_DTYPES, min_ndim=1)
-    check_tensor("weight", weight, dtypes=FLOAT_DTYPES, ndim=1, device=x.device)
-    check_shape("weight", weight, [x.shape[-1]])
-    x = last_dim_contiguous(x)
-    weight = weight.contiguous()
+    x, weight = _check_input(x, weight)
     eps = check_positive_float("eps", eps)
     weight_offset = check_finite_float("weight_offset", weight_offset)
     if residual is None:
         return torch.ops.minikernels.rms_norm(x, weight, eps, weight_offset)
-    check_tensor("residual", residual, device=x.device)
-    check_same_dtype(("x", "residual"), (x, residual))
-    check_shape("residual", residual, list(x.shape))
-    residual = last_dim_contiguous(residual)
+    residual = _check_residual(x, residual)
     return torch.ops.minikernels.fused_add_rms_norm(x, residual, weight, eps, weight_offset)
 
 
@@ -152,20 +163,13 @@ def layer_norm(x: Tensor, weight: Tensor, bias: Tensor | None = None, eps: float
     y = (x - mean) / sqrt(var + eps) * weight + bias with the biased variance, fp32
     math, one rounding.
     """
-    check_tensor("x", x, dtypes=FLOAT_DTYPES, min_ndim=1)
-    check_tensor("weight", weight, dtypes=FLOAT_DTYPES, ndim=1, device=x.device)
-    check_shape("weight", weight, [x.shape[-1]])
+    x, weight = _check_input(x, weight)
     if bias is not None:
         check_tensor("bias", bias, dtypes=FLOAT_DTYPES, ndim=1, device=x.device)
         check_shape("bias", bias, [x.shape[-1]])
         bias = bias.contiguous()
-    x = last_dim_contiguous(x)
-    weight = weight.contiguous()
     eps = check_positive_float("eps", eps)
     if residual is None:
         return torch.ops.minikernels.layer_norm(x, weight, bias, eps)
-    check_tensor("residual", residual, device=x.device)
-    check_same_dtype(("x", "residual"), (x, residual))
-    check_shape("residual", residual, list(x.shape))
-    residual = last_dim_contiguous(residual)
+    residual = _check_residual(x, residual)
     return torch.ops.minikernels.fused_add_layer_norm(x, residual, weight, bias, eps)
