@@ -52,6 +52,15 @@ def kernel_rows(x: Tensor, k: int) -> Tensor:
     return x2
 
 
+def check_bias(bias: Tensor | None, n: int, dtypes: tuple[torch.dtype, ...],
+               device: torch.device) -> None:
+    """A weight-only matmul's optional bias (fp8 here, int4 and int8 too): None, or [N]
+    (any strides) in one of ``dtypes`` (repeats dropped) on ``device``."""
+    if bias is not None:
+        check_tensor("bias", bias, dtypes=tuple(dict.fromkeys(dtypes)), ndim=1, device=device)
+        check_shape("bias", bias, [n])
+
+
 def check_block_size(block_size: object, k: int) -> tuple[int, int]:
     """(bn, bk) from a pair of positive ints with bk % 16 == 0 or bk >= K."""
     if not isinstance(block_size, (tuple, list)) or len(block_size) != 2 or not all(
@@ -98,10 +107,7 @@ def fp8_matmul(x: Tensor, weight: Tensor, weight_scale: Tensor,
     n, k, bn, bk = check_fp8_weight(weight, weight_scale, block_size, device=x.device)
     if x.shape[-1] != k:
         raise ValueError(f"x last dim ({x.shape[-1]}) must equal K = weight.shape[1] ({k})")
-    if bias is not None:
-        check_tensor("bias", bias, dtypes=tuple(dict.fromkeys((x.dtype, torch.float32))),
-                     ndim=1, device=x.device)
-        check_shape("bias", bias, [n])
+    check_bias(bias, n, (x.dtype, torch.float32), x.device)
     y = torch.ops.minikernels.fp8_matmul(kernel_rows(x, k), weight.view(torch.uint8),
                                          weight_scale, [bn, bk], bias)
     return y.view(*x.shape[:-1], n)

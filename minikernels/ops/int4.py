@@ -14,6 +14,7 @@ from torch import Tensor
 from .. import backend as _backend
 from .._validation import HALF_DTYPES, check_shape, check_tensor, last_dim_contiguous
 from . import _alloc, reference
+from .fp8 import check_bias
 
 CUDA_MAX_M = 16     # the CUDA decode kernel handles M <= 16 (two n8 MMA tiles)
 
@@ -110,10 +111,7 @@ def int4_matmul(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, group
         raise ValueError(f"qweight rows N ({n}) must be a multiple of 8")
     if x.shape[-1] != k:
         raise ValueError(f"x last dim ({x.shape[-1]}) must equal K = 8 * qweight.shape[1] ({k})")
-    if bias is not None:
-        check_tensor("bias", bias, dtypes=(x.dtype, scales.dtype, torch.float32), ndim=1,
-                     device=x.device)
-        check_shape("bias", bias, [n])
+    check_bias(bias, n, (x.dtype, scales.dtype, torch.float32), x.device)
     x = last_dim_contiguous(x)
     x2 = x.reshape(-1, k)
     if x2.shape[0] > 1 and x2.stride(0) < k:    # e.g. expanded rows: give the kernels real rows

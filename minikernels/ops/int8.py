@@ -16,9 +16,9 @@ import torch
 from torch import Tensor
 
 from .. import backend as _backend
-from .._validation import HALF_DTYPES, check_shape, check_tensor
+from .._validation import HALF_DTYPES, check_tensor
 from . import reference
-from .fp8 import kernel_rows
+from .fp8 import check_bias, kernel_rows
 from .int4 import check_group_scales
 
 
@@ -66,11 +66,7 @@ def int8_matmul(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, group
     n, k, _ = check_int8_weight(qweight, scales, zeros, group_size, device=x.device)
     if x.shape[-1] != k:
         raise ValueError(f"x last dim ({x.shape[-1]}) must equal K = qweight.shape[1] ({k})")
-    if bias is not None:
-        check_tensor("bias", bias, dtypes=tuple(dict.fromkeys((x.dtype, scales.dtype,
-                                                               torch.float32))),
-                     ndim=1, device=x.device)
-        check_shape("bias", bias, [n])
+    check_bias(bias, n, (x.dtype, scales.dtype, torch.float32), x.device)
     y = torch.ops.minikernels.int8_matmul(kernel_rows(x, k), qweight, scales.contiguous(),
                                           zeros.contiguous(), group_size, bias)
     return y.view(*x.shape[:-1], n)
