@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from .. import ops
 from ..quant.fp8 import Fp8Weight, quantize_fp8
+from ._quantized import bias_dtype, copy_buffers
 
 
 class Fp8Linear(nn.Module):
@@ -47,15 +48,9 @@ class Fp8Linear(nn.Module):
         """Wrap an :class:`~minikernels.quant.fp8.Fp8Weight` (quantize_fp8, or a
         checkpoint's via ``fp8_from_checkpoint``)."""
         n, k = weight.shape
-        dtype = bias.dtype if bias is not None and bias.is_floating_point() else torch.bfloat16
-        mod = cls(k, n, bias=bias is not None, block_size=weight.block_size, dtype=dtype,
-                  device=weight.weight.device)
-        with torch.no_grad():
-            mod.weight.copy_(weight.weight)
-            mod.weight_scale.copy_(weight.scale)
-            if bias is not None:
-                mod.bias.copy_(bias.detach())
-        return mod
+        mod = cls(k, n, bias=bias is not None, block_size=weight.block_size,
+                  dtype=bias_dtype(bias), device=weight.weight.device)
+        return copy_buffers(mod, weight=weight.weight, weight_scale=weight.scale, bias=bias)
 
     @classmethod
     @torch.no_grad()

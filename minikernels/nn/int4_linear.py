@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from .. import ops
 from ..quant import Int4Weight, quantize_int4
+from ._quantized import copy_buffers
 
 
 class Int4Linear(nn.Module):
@@ -55,15 +56,8 @@ class Int4Linear(nn.Module):
         mod = cls(k, n, bias=bias is not None, group_size=weight.group_size,
                   dtype=weight.scales.dtype, device=weight.qweight.device,
                   act_order=weight.perm is not None)
-        with torch.no_grad():
-            mod.qweight.copy_(weight.qweight)
-            mod.scales.copy_(weight.scales)
-            mod.zeros.copy_(weight.zeros)
-            if bias is not None:
-                mod.bias.copy_(bias.detach())
-            if weight.perm is not None:
-                mod.perm.copy_(weight.perm)
-        return mod
+        return copy_buffers(mod, qweight=weight.qweight, scales=weight.scales,
+                            zeros=weight.zeros, bias=bias, perm=weight.perm)
 
     @classmethod
     @torch.no_grad()

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from .. import ops
 from ..quant.int8 import Int8Weight, quantize_int8
+from ._quantized import bias_dtype, copy_buffers
 
 
 class Int8Linear(nn.Module):
@@ -40,14 +41,10 @@ class Int8Linear(nn.Module):
         """Wrap an :class:`~minikernels.quant.int8.Int8Weight` (quantize_int8, or a
         checkpoint's via ``int8_from_checkpoint``)."""
         n, k = weight.shape
-        dtype = bias.dtype if bias is not None and bias.is_floating_point() else torch.bfloat16
-        mod = cls(k, n, bias=bias is not None, dtype=dtype, device=weight.weight.device)
-        with torch.no_grad():
-            mod.weight.copy_(weight.weight)
-            mod.weight_scale.copy_(weight.scale.reshape(n, 1))
-            if bias is not None:
-                mod.bias.copy_(bias.detach())
-        return mod
+        mod = cls(k, n, bias=bias is not None, dtype=bias_dtype(bias),
+                  device=weight.weight.device)
+        return copy_buffers(mod, weight=weight.weight, weight_scale=weight.scale.reshape(n, 1),
+                            bias=bias)
 
     @classmethod
     @torch.no_grad()
