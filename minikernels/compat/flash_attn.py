@@ -108,6 +108,17 @@ def _varlen_probs(q: Tensor, k: Tensor, v: Tensor, cu_q: Tensor, cu_k: Tensor, m
     return probs
 
 
+def _unpack(name: str, packed: Tensor, layout: str) -> tuple[Tensor, ...]:
+    """A packed argument (qkv / kv) split into its tensors (views): ``layout`` is its
+    documented shape, e.g. "[B, S, 3, H, D]", the stacking dim third from last with its
+    size written out; checked: a float dtype, the layout's rank and the stacking size."""
+    dims = layout.strip("[]").split(", ")
+    check_tensor(name, packed, dtypes=FLOAT_DTYPES, ndim=len(dims))
+    if packed.shape[-3] != int(dims[-3]):
+        raise ValueError(f"{name} must have shape {layout}, got {list(packed.shape)}")
+    return packed.unbind(-3)
+
+
 def _scale(softmax_scale: float | None, head_dim: int) -> float:
     return head_dim ** -0.5 if softmax_scale is None else softmax_scale
 
@@ -154,10 +165,7 @@ def flash_attn_qkvpacked_func(qkv: Tensor, dropout_p: float = 0.0,
                               return_attn_probs: bool = False
                               ) -> Tensor | tuple[Tensor, Tensor, Tensor]:
     """:func:`flash_attn_func` with qkv [B, S, 3, H, D] (q, k, v stacked on dim 2)."""
-    check_tensor("qkv", qkv, dtypes=FLOAT_DTYPES, ndim=5)
-    if qkv.shape[2] != 3:
-        raise ValueError(f"qkv must have shape [B, S, 3, H, D], got {list(qkv.shape)}")
-    q, k, v = qkv.unbind(2)
+    q, k, v = _unpack("qkv", qkv, "[B, S, 3, H, D]")
     return flash_attn_func(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap,
                            alibi_slopes, deterministic, return_attn_probs)
 
@@ -169,10 +177,7 @@ def flash_attn_kvpacked_func(q: Tensor, kv: Tensor, dropout_p: float = 0.0,
                              return_attn_probs: bool = False
                              ) -> Tensor | tuple[Tensor, Tensor, Tensor]:
     """:func:`flash_attn_func` with kv [B, Sk, 2, Hk, D] (k, v stacked on dim 2)."""
-    check_tensor("kv", kv, dtypes=FLOAT_DTYPES, ndim=5)
-    if kv.shape[2] != 2:
-        raise ValueError(f"kv must have shape [B, Sk, 2, Hk, D], got {list(kv.shape)}")
-    k, v = kv.unbind(2)
+    k, v = _unpack("kv", kv, "[B, Sk, 2, Hk, D]")
     return flash_attn_func(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap,
                            alibi_slopes, deterministic, return_attn_probs)
 
@@ -271,10 +276,7 @@ def flash_attn_varlen_qkvpacked_func(qkv: Tensor, cu_seqlens: Tensor, max_seqlen
                                      return_attn_probs: bool = False
                                      ) -> Tensor | tuple[Tensor, Tensor, Tensor]:
     """:func:`flash_attn_varlen_func` with qkv [total, 3, H, D] and one cu_seqlens."""
-    check_tensor("qkv", qkv, dtypes=FLOAT_DTYPES, ndim=4)
-    if qkv.shape[1] != 3:
-        raise ValueError(f"qkv must have shape [total, 3, H, D], got {list(qkv.shape)}")
-    q, k, v = qkv.unbind(1)
+    q, k, v = _unpack("qkv", qkv, "[total, 3, H, D]")
     return flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen,
                                   dropout_p, softmax_scale, causal, window_size, softcap,
                                   alibi_slopes, deterministic, return_attn_probs)
@@ -290,10 +292,7 @@ def flash_attn_varlen_kvpacked_func(q: Tensor, kv: Tensor, cu_seqlens_q: Tensor,
                                     return_attn_probs: bool = False
                                     ) -> Tensor | tuple[Tensor, Tensor, Tensor]:
     """:func:`flash_attn_varlen_func` with kv [total_k, 2, Hk, D]."""
-    check_tensor("kv", kv, dtypes=FLOAT_DTYPES, ndim=4)
-    if kv.shape[1] != 2:
-        raise ValueError(f"kv must have shape [total_k, 2, Hk, D], got {list(kv.shape)}")
-    k, v = kv.unbind(1)
+    k, v = _unpack("kv", kv, "[total_k, 2, Hk, D]")
     return flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                                   max_seqlen_k, dropout_p, softmax_scale, causal, window_size,
                                   softcap, alibi_slopes, deterministic, return_attn_probs)
