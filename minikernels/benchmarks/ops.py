@@ -624,21 +624,32 @@ def torch_conv_prefill(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     return out.transpose(1, 2).reshape(-1, d)
 
 
+def _transformers_fns(modules: tuple[str, ...], names: tuple[str, str],
+                      peer: str) -> tuple[Callable, Callable] | None:
+    """The functions ``names`` of the first of ``modules`` (under transformers.models)
+    that has them, unwrapped from the hub-kernel decorators so an installed kernel package
+    (fla, mamba_ssm) never stands in for them; None, said once as "peer transformers
+    <peer> skipped: ...", where transformers lacks them."""
+    import inspect
+
+    for mod in modules:
+        try:
+            m = __import__(f"transformers.models.{mod}", fromlist=["_"])
+            first, second = (inspect.unwrap(getattr(m, name)) for name in names)
+            return first, second
+        except Exception as exc:  # noqa: BLE001
+            err = exc
+    print(f"peer transformers {peer} skipped: {type(err).__name__}: {err}")
+    return None
+
+
 def hf_gated_delta_fns() -> tuple[Callable, Callable] | None:
     """transformers' torch_recurrent_gated_delta_rule and torch_chunk_gated_delta_rule
     (Qwen3.5's, else Qwen3-Next's), unwrapped from the hub-kernel decorators so an installed
     fla never stands in for them; None (said once) where transformers lacks them."""
-    import inspect
-
-    for mod in ("qwen3_5.modeling_qwen3_5", "qwen3_next.modeling_qwen3_next"):
-        try:
-            m = __import__(f"transformers.models.{mod}", fromlist=["_"])
-            return (inspect.unwrap(m.torch_recurrent_gated_delta_rule),
-                    inspect.unwrap(m.torch_chunk_gated_delta_rule))
-        except Exception as exc:  # noqa: BLE001
-            err = exc
-    print(f"peer transformers gated delta rule skipped: {type(err).__name__}: {err}")
-    return None
+    return _transformers_fns(("qwen3_5.modeling_qwen3_5", "qwen3_next.modeling_qwen3_next"),
+                             ("torch_recurrent_gated_delta_rule",
+                              "torch_chunk_gated_delta_rule"), "gated delta rule")
 
 
 def hf_gated_delta(fn: Callable, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -658,15 +669,8 @@ def hf_mamba2_fns() -> tuple[Callable, Callable] | None:
     """transformers' granitemoehybrid mamba2_selective_state_update and mamba2_chunk_scan,
     unwrapped from the hub-kernel decorators so an installed mamba_ssm never stands in for
     them; None (said once) where transformers lacks them."""
-    import inspect
-
-    try:
-        from transformers.models.granitemoehybrid import modeling_granitemoehybrid as m
-        return (inspect.unwrap(m.mamba2_selective_state_update),
-                inspect.unwrap(m.mamba2_chunk_scan))
-    except Exception as exc:  # noqa: BLE001
-        print(f"peer transformers mamba2 skipped: {type(exc).__name__}: {exc}")
-        return None
+    return _transformers_fns(("granitemoehybrid.modeling_granitemoehybrid",),
+                             ("mamba2_selective_state_update", "mamba2_chunk_scan"), "mamba2")
 
 
 def hf_mamba2(fn: Callable, x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor,
@@ -697,15 +701,8 @@ def hf_mamba1_fns() -> tuple[Callable, Callable] | None:
     """transformers' mamba mamba_selective_state_update and mamba_selective_scan (Mamba-1),
     unwrapped from the hub-kernel decorators so an installed mamba_ssm never stands in for
     them; None (said once) where transformers lacks them."""
-    import inspect
-
-    try:
-        from transformers.models.mamba import modeling_mamba as m
-        return (inspect.unwrap(m.mamba_selective_state_update),
-                inspect.unwrap(m.mamba_selective_scan))
-    except Exception as exc:  # noqa: BLE001
-        print(f"peer transformers mamba skipped: {type(exc).__name__}: {exc}")
-        return None
+    return _transformers_fns(("mamba.modeling_mamba",),
+                             ("mamba_selective_state_update", "mamba_selective_scan"), "mamba")
 
 
 def hf_mamba1(fn: Callable, x: torch.Tensor, z: torch.Tensor, dt: torch.Tensor,
