@@ -81,7 +81,8 @@ class _Clock:
 
 
 def run_once(batch: int, fraction: float, constraint: str, steps: int,
-             tokenizer: Any, gpu_ms: float = 0.0) -> dict[str, Any]:
+             tokenizer: Any, gpu_ms: float = 0.0, backend: str = "xgrammar"
+             ) -> dict[str, Any]:
     """One engine run: ``batch`` requests, the first ``fraction`` constrained; returns the
     engine thread's CPU ms (and wall ms) per decode round in the steady window, and where
     the structured-output part of it goes."""
@@ -89,7 +90,7 @@ def run_once(batch: int, fraction: float, constraint: str, steps: int,
 
     prompt_len, max_tokens = 16, steps + 8
     llm = _build(block_size=64, max_len=prompt_len + max_tokens + 64, tokenizer=tokenizer,
-                 gpu_ms=gpu_ms)
+                 gpu_ms=gpu_ms, structured_backend=backend)
     eng = llm.llm_engine
     stub = eng.model
     shared_forward = stub.forward
@@ -154,6 +155,9 @@ def main(argv: list[str] | None = None, out_dir: str | Path | None = None) -> di
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out-dir", default=None)
+    parser.add_argument("--backend", default="xgrammar", choices=("xgrammar", "outlines"),
+                        help="structured-outputs backend (outlines: regular constraints "
+                             "as token automata, a table look-up per row)")
     parser.add_argument("--gpu-ms", type=float, default=0.0,
                         help="simulate a device step of this many ms (GIL free): read "
                              "wall_ms, the host work hidden behind it no longer counts")
@@ -167,14 +171,15 @@ def main(argv: list[str] | None = None, out_dir: str | Path | None = None) -> di
     torch.set_num_threads(1)
     tokenizer = BenchTokenizer()
     for constraint in CONSTRAINTS:   # warm-up: first-call costs (allocator, kernels, xgrammar)
-        run_once(min(batch, 16), 0.5, constraint, 6, tokenizer, args.gpu_ms)
+        run_once(min(batch, 16), 0.5, constraint, 6, tokenizer, args.gpu_ms, args.backend)
     rows: list[dict[str, Any]] = []
     for constraint in CONSTRAINTS:
         for rep in range(repeats):
             base: dict[str, Any] = {}
             for fraction in (0.0, 0.5, 1.0):
                 t0 = time.perf_counter()
-                r = run_once(batch, fraction, constraint, steps, tokenizer, args.gpu_ms)
+                r = run_once(batch, fraction, constraint, steps, tokenizer, args.gpu_ms,
+                             args.backend)
                 if fraction == 0.0:
                     base = r
                 ov = {}
@@ -215,7 +220,7 @@ def main(argv: list[str] | None = None, out_dir: str | Path | None = None) -> di
                     out["overhead_host_ms_max"] = max(ov) if ov else None
             summary.append(out)
     meta = dict(device=device_name("cpu"), batch=batch, steps=steps, repeats=repeats,
-                gpu_ms=args.gpu_ms,
+                gpu_ms=args.gpu_ms, backend=args.backend,
                 smoke=args.smoke, target="overhead <= 10% of a step's host time with every "
                 "row constrained (issue 17)", runs=rows, torch_threads=1,
                 timing="engine-thread CPU time (and wall time) per decode round (a token "
@@ -227,6 +232,8 @@ def main(argv: list[str] | None = None, out_dir: str | Path | None = None) -> di
                "wall_ms_min", "wall_ms_max", "overhead_wall_ms", "fill_ms", "mask_op_ms",
                "finish_ms"]
     name = "structured" if not args.gpu_ms else f"structured_gpu{args.gpu_ms:g}ms"
+    if args.backend != "xgrammar":
+        name += f"_{args.backend}"
     return write_results(name, summary, meta, columns=columns,
                          title="Structured outputs: host cost per decode step",
                          plot=lambda p: _plot(summary, p), out_dir=out_dir or args.out_dir)

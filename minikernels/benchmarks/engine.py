@@ -159,12 +159,14 @@ def make_requests(workload: str, seed: int = 0, scale: float = 1.0,
 
 
 def _build(block_size: int, gpu_ms: float = 0.0, async_scheduling: bool = True,
-           max_len: int = 4096, tokenizer: Any = None, num_blocks: int | None = None) -> LLM:
+           max_len: int = 4096, tokenizer: Any = None, num_blocks: int | None = None,
+           structured_backend: str = "xgrammar") -> LLM:
     model = StubModel(gpu_ms=gpu_ms, max_positions=max_len)
     blocks = num_blocks or (256 * -(-max_len // block_size) + 64)
     return LLM(model, block_size=block_size, num_kv_blocks=blocks, max_num_seqs=256,
                max_num_batched_tokens=8192, max_model_len=max_len, device="cpu",
-               tokenizer=tokenizer, async_scheduling=async_scheduling)
+               tokenizer=tokenizer, async_scheduling=async_scheduling,
+               structured_outputs_config={"backend": structured_backend})
 
 
 class PhaseTimer:

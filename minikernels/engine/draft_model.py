@@ -319,7 +319,7 @@ class DraftSampler(Proposer):
                 probs_out[:, j, :self.common_vocab].index_copy_(0, dst, probs)
         for a, n in followed.items():
             if n:
-                grammars[a].matcher.rollback(n)
+                grammars[a].rollback(n)
         host = toks.tolist()
         return [row[:r.k] for r, row in zip(rows, host)], probs_out
 

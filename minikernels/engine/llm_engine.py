@@ -137,6 +137,8 @@ class LaunchedStep:
     # recurrent models: each speculative row's state snapshot slot (its state before the
     # step), restored when a draft is rejected
     spec_snapshots: list[int] | None = None
+    # structured outputs: the rows this step masked (their automata are matched in bulk)
+    grammar_rows: Any = None
 
     def result(self) -> SamplerOutput:
         """Wait for the device, then the sampled tokens (and logprobs) as lists."""
@@ -210,8 +212,10 @@ class LLMEngine:
                  max_cpu_loras: int | None = None,
                  disable_hybrid_kv_cache_manager: bool = False,
                  state_checkpoint_interval: int | None = None,
-                 state_checkpoint_slots: int | None = None) -> None:
+                 state_checkpoint_slots: int | None = None,
+                 structured_outputs_config: dict[str, Any] | None = None) -> None:
         _check_int("block_size", block_size, 1)
+        self._structured_backend = _structured_backend(structured_outputs_config)
         if revision is not None and not isinstance(revision, str):
             raise TypeError(f"revision must be a str or None, got {type(revision).__name__}")
         if isinstance(model, str):
@@ -819,6 +823,7 @@ class LLMEngine:
         spec_seqs = spec_dev = None
         snapshots = None
         ends = None
+        grammar_rows = None
         try:
             if self._ckpt is not None:
                 ends = self._restore_checkpoints(batch)
@@ -856,11 +861,8 @@ class LLMEngine:
                 # leaves the scheduler after this batch counts as computed)
                 self.scheduler.advance(batch)
                 self._early_updated = self._finish(self._take_in_flight())
-            grammar_rows = [r for r, s in enumerate(seqs) if s.grammar is not None
-                            and s.grammar.active and s.status is not SequenceStatus.FINISHED]
-            if grammar_rows:   # structured outputs: disallowed tokens -> -inf
-                self.structured.mask_logits(logits, grammar_rows,
-                                            [seqs[r].grammar for r in grammar_rows])
+            if self.structured is not None:   # structured outputs: disallowed -> -inf
+                grammar_rows = self.structured.mask_step(logits, seqs)
             sample = self.sampler.sample(logits, seqs, self._eos_list) if seqs else None
         except BaseException:
             # schedule() offered this step's full blocks to the prefix cache before the
@@ -896,7 +898,8 @@ class LLMEngine:
         needs = bool(spec_seqs) or (self.proposer is not None and self._spec_on()) or \
             needs_host_tokens([s.params for s in seqs])
         return LaunchedStep(batch, seqs, sample, host, runner.completion_event(), needs,
-                            plp, plp_host, spec_seqs, spec_host, spec_snapshots=snapshots)
+                            plp, plp_host, spec_seqs, spec_host, spec_snapshots=snapshots,
+                            grammar_rows=grammar_rows)
 
     def _finish(self, step: LaunchedStep) -> list[Request]:
         """Read back a launched step's tokens; append them, check stops, free finished
@@ -913,6 +916,10 @@ class LLMEngine:
         tokens, logprobs = out.token_ids, out.logprobs
         eos = self.eos_token_ids
         n_new = 0
+        # structured outputs: the automaton rows advance together; {row: 1 done, 2 refused}
+        bulk = step.grammar_rows.bulk if step.grammar_rows is not None else None
+        bulk_done = self.structured.accept_step(step.grammar_rows, tokens) \
+            if bulk is not None else None
         for j, seq in enumerate(step.seqs):
             seq.num_pending -= 1
             if seq.status is SequenceStatus.FINISHED:
@@ -933,7 +940,13 @@ class LLMEngine:
                 delta = det.step(token)
                 if delta:
                     seq.unsent_text += delta
-            grammar_done = seq.grammar is not None and self._advance_grammar(seq, token)
+            if seq.grammar is None:
+                grammar_done = False
+            elif bulk is not None and bulk[j]:
+                grammar_done = bulk_done is not None and j in bulk_done and \
+                    self._bulk_grammar_done(seq, token, bulk_done[j])
+            else:
+                grammar_done = self._advance_grammar(seq, token)
             # Fast path: no stop strings / ids, no min_tokens -> EOS and length only.
             if not p.simple_stop or (token in eos and not p.ignore_eos) or \
                     len(seq.token_ids) >= seq.max_total_tokens:
@@ -1087,6 +1100,8 @@ class LLMEngine:
         sequence toward it."""
         if not seq.grammar.active:
             seq.grammar.wait(seq.token_ids, seq.num_prompt_tokens)
+            if seq.grammar.active:          # it starts: the next steps' rows change
+                self.structured.epoch += 1
             return False
         if not seq.grammar.accept(token):
             logger.warning("structured outputs: the grammar refused sampled token %d of "
@@ -1094,6 +1109,15 @@ class LLMEngine:
             return True
         # only a stop token can end a grammar (the matcher's stop ids are the engine's EOS)
         return token in self.eos_token_ids and seq.grammar.terminated
+
+    def _bulk_grammar_done(self, seq: Sequence, token: int, code: int) -> bool:
+        """A row the automata matched in bulk needs attention: code 1 - it accepted a
+        stop token (the constraint is over); 2 - it refused the token (never expected:
+        the mask forbids it), so the request finishes."""
+        if code == 2:
+            logger.warning("structured outputs: the grammar refused sampled token %d of "
+                           "request %s; finishing it", token, seq.request.request_id)
+        return True
 
     def _finish_constrained(self, seq: Sequence) -> None:
         """The constraint is complete and nothing may follow (e.g. under ignore_eos)."""
@@ -1109,7 +1133,8 @@ class LLMEngine:
                 raise ValueError("structured_outputs needs the model's tokenizer (this "
                                  "engine was built with tokenizer=None)")
             self.structured = StructuredOutputManager(self.tokenizer, self.vocab_size,
-                                                      self._eos_list)
+                                                      self._eos_list,
+                                                      backend=self._structured_backend)
             if self.proposer is not None:     # a model drafter masks constrained rows too
                 self.proposer.structured = self.structured
         return self.structured
@@ -1375,6 +1400,29 @@ def _from_prompt_dict(prompt: dict[str, Any]) -> str | list[int]:
     raise ValueError("a prompt dict needs 'prompt' (text) or 'prompt_token_ids'")
 
 
+def _structured_backend(config: dict[str, Any] | None) -> str:
+    """The structured-outputs backend of vLLM's ``structured_outputs_config``
+    ({"backend": "xgrammar" | "outlines"}; default xgrammar)."""
+    from .structured_outputs import BACKENDS
+
+    if config is None:
+        return "xgrammar"
+    if not isinstance(config, dict):
+        raise TypeError("structured_outputs_config must be a dict, got "
+                        f"{type(config).__name__}")
+    unknown = sorted(set(config) - {"backend"})
+    if unknown:
+        raise ValueError(f"structured_outputs_config: unknown keys {unknown} (known: "
+                         "['backend'])")
+    backend = config.get("backend", "xgrammar")
+    if backend == "auto":
+        backend = "xgrammar"
+    if backend not in BACKENDS:
+        raise ValueError(f"structured_outputs_config.backend must be one of "
+                         f"{('auto',) + BACKENDS}, got {backend!r}")
+    return backend
+
+
 class LLM:
     """Offline batched generation (vLLM-style).
 
@@ -1442,7 +1490,8 @@ class LLM:
                  max_cpu_loras: int | None = None,
                  disable_hybrid_kv_cache_manager: bool = False,
                  state_checkpoint_interval: int | None = None,
-                 state_checkpoint_slots: int | None = None) -> None:
+                 state_checkpoint_slots: int | None = None,
+                 structured_outputs_config: dict[str, Any] | None = None) -> None:
         self.llm_engine = LLMEngine(
             model, dtype=dtype, quantization=quantization, block_size=block_size,
             num_kv_blocks=num_kv_blocks, gpu_memory_utilization=gpu_memory_utilization,
@@ -1456,7 +1505,8 @@ class LLM:
             max_loras=max_loras, max_lora_rank=max_lora_rank, max_cpu_loras=max_cpu_loras,
             disable_hybrid_kv_cache_manager=disable_hybrid_kv_cache_manager,
             state_checkpoint_interval=state_checkpoint_interval,
-            state_checkpoint_slots=state_checkpoint_slots)
+            state_checkpoint_slots=state_checkpoint_slots,
+            structured_outputs_config=structured_outputs_config)
         self._counter = itertools.count()
 
     @property

@@ -10,12 +10,20 @@ fills its row of a packed int32 bitmask (1 bit per token, 1 = allowed) that
 accepts the token. A sequence whose grammar is complete and allows nothing more (only a
 stop token) is finished by the engine.
 
+Backends (``backend``, vLLM's ``structured_outputs_config={"backend": ...}``): "xgrammar"
+(the default) matches every kind; "outlines" compiles the regular kinds (regex, choice,
+JSON schemas without recursion) into token-level automata (engine/structured_fsm.py):
+a step is then a table look-up per row and one gather of mask rows on the device, not a
+matcher call per row; json_object, EBNF grammars and schemas it cannot express go to
+xgrammar.
+
 Layouts: bitmask int32 [rows, ceil(vocab_size / 32)] (xgrammar's), vocab_size the model's
 (the lm_head may be wider than the tokenizer: extra ids are never allowed).
 """
 from __future__ import annotations
 
 import json
+import logging
 import threading
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -23,6 +31,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+import numpy as np
+
+from .structured_fsm import FsmBank, FsmGrammar, FsmIndex, fsm_regex
+
+logger = logging.getLogger("minikernels")
+BACKENDS = ("xgrammar", "outlines")
 
 #: JSON-string control characters (U+0000..U+001F) must be escaped; grammar engines may
 #: let them through as raw bytes inside strings, which strict JSON parsers reject. Tokens
@@ -117,18 +132,31 @@ def _choice_regex(choices: Sequence[str]) -> str:
 class CompiledConstraint:
     """A compiled grammar plus what the matcher needs to start."""
 
-    grammar: Any                     # xgrammar.CompiledGrammar
+    grammar: Any                     # xgrammar.CompiledGrammar (None for an automaton)
     mask_control_chars: bool         # JSON: never emit raw control characters
+    fsm: FsmIndex | None = None      # the outlines backend's automaton
 
 
 class StructuredOutputManager:
     """Compiles constraints off the engine thread (cached) and builds matchers.
 
     tokenizer: the engine's tokenizer (an HF tokenizer wrapper with ``.tokenizer``, or the
-    built-in byte tokenizer); vocab_size: the model's logits width; eos_token_ids: stop ids.
+    built-in byte tokenizer); vocab_size: the model's logits width; eos_token_ids: stop ids;
+    backend: "xgrammar" or "outlines" (module docstring).
     """
 
-    def __init__(self, tokenizer: Any, vocab_size: int, eos_token_ids: Sequence[int]) -> None:
+    def __init__(self, tokenizer: Any, vocab_size: int, eos_token_ids: Sequence[int],
+                 backend: str = "xgrammar") -> None:
+        if backend not in BACKENDS:
+            raise ValueError(f"structured outputs backend must be one of {BACKENDS}, got "
+                             f"{backend!r}")
+        if backend == "outlines":
+            try:
+                import outlines_core  # noqa: F401
+            except ImportError as exc:
+                raise ImportError("the outlines structured-outputs backend needs "
+                                  "outlines-core: pip install outlines-core") from exc
+        self.backend = backend
         try:
             import xgrammar as xgr
         except ImportError as exc:  # pragma: no cover - a declared dependency
@@ -147,6 +175,13 @@ class StructuredOutputManager:
         self._packed_rows: dict[str, torch.Tensor] = {}
         self._host: torch.Tensor | None = None     # persistent host bitmask (mask_logits)
         self._copy_done: Any = None                # CUDA event: its last copy to the device
+        # the outlines backend: every automaton and every FSM grammar's state
+        self.bank = FsmBank(self.words, self.vocab_size)
+        # mask_step's cache: the last step's rows, valid while the batch's sequences and
+        # ``epoch`` (bumped when a grammar starts) are unchanged
+        self.epoch = 0
+        self._step_key: tuple[int, list] | None = None
+        self._step_rows: GrammarRows | None = None
 
     # ---------------------------------------------------------------- compilation
     def submit(self, params: StructuredOutputsParams) -> Future[CompiledConstraint]:
@@ -166,6 +201,14 @@ class StructuredOutputManager:
     def _compile(self, params: StructuredOutputsParams) -> CompiledConstraint:
         c, kind = self.compiler, params.kind
         compact = params.disable_any_whitespace
+        if self.backend == "outlines" and kind in ("regex", "choice", "json"):
+            try:
+                index = FsmIndex(fsm_regex(kind, params), self.info.decoded_vocab,
+                                 self._stop_ids(), self.vocab_size)
+                return CompiledConstraint(None, False, fsm=index)
+            except ValueError as exc:    # not regular for outlines-core: xgrammar matches it
+                logger.info("structured outputs: outlines cannot compile this %s (%s); "
+                            "using xgrammar", kind, exc)
         try:
             if kind == "json":
                 schema = params.json if isinstance(params.json, str) else json.dumps(params.json)
@@ -190,7 +233,11 @@ class StructuredOutputManager:
 
     # ------------------------------------------------------------------- matching
     def new_matcher(self, compiled: CompiledConstraint,
-                    start_after: Sequence[int] | None = None) -> "SequenceGrammar":
+                    start_after: Sequence[int] | None = None
+                    ) -> "SequenceGrammar | FsmGrammar":
+        if compiled.fsm is not None:
+            return self.bank.new_grammar(compiled.fsm,
+                                         list(start_after) if start_after else None)
         matcher = self._xgr.GrammarMatcher(compiled.grammar)
         grammar = SequenceGrammar(matcher, compiled.mask_control_chars)
         if start_after:
@@ -217,6 +264,14 @@ class StructuredOutputManager:
         """The matchers' next-token rows (at distinct ``rows``) of the host ``bitmask``,
         control characters removed from JSON rows. No advanced indexing: a list index
         goes through a parallel gather whose threads cost milliseconds on busy cores."""
+        if any(isinstance(g, FsmGrammar) for g in grammars):
+            for r, g in zip(rows, grammars):          # automata: their states' table rows
+                if isinstance(g, FsmGrammar):
+                    bitmask[r] = torch.from_numpy(self.bank.table[g.row])
+            pairs = [(r, g) for r, g in zip(rows, grammars) if not isinstance(g, FsmGrammar)]
+            if not pairs:
+                return
+            rows, grammars = [r for r, _ in pairs], [g for _, g in pairs]
         if len(grammars) == 1:
             grammars[0].matcher.fill_next_token_bitmask(bitmask, rows[0])
         else:   # xgrammar fills rows on its own threads (the GIL released)
@@ -249,8 +304,7 @@ class StructuredOutputManager:
             if grammar.terminated:
                 break         # nothing may follow: row m stays all-allowed, never used
             self._fill([grammar], bits, [m])
-        if m:
-            grammar.matcher.rollback(m)
+        grammar.rollback(m)
         return m, bits[:m + 1]
 
     def mask_rows(self, logits: torch.Tensor, masks: dict[int, torch.Tensor]) -> None:
@@ -287,20 +341,28 @@ class StructuredOutputManager:
         lo, hi = min(rows), max(rows) + 1
         dev = logits.device
         cuda = dev.type == "cuda"
-        host = self._host_bitmask(logits.shape[0], cuda)
-        self._fill(grammars, host, rows)
-        span, bits = logits[lo:hi], host[lo:hi]
+        span = logits[lo:hi]
         index = None
         if hi - lo != len(rows):           # scattered rows: the kernel skips the others
             index = torch.tensor(rows, dtype=torch.int32)
             if lo:
                 index -= lo
+        host = self._host_bitmask(logits.shape[0], cuda)
+        self._fill(grammars, host, rows)
+        bits = host[lo:hi]
         if cuda:                           # async copies from page-locked memory
             bits = bits.to(dev, non_blocking=True)
             if index is not None:
                 index = index.pin_memory().to(dev, non_blocking=True)
             self._copy_done = torch.cuda.Event()
             self._copy_done.record()
+        self._apply(logits, span, bits, index)
+
+    def _apply(self, logits: torch.Tensor, span: torch.Tensor, bits: torch.Tensor,
+               index: torch.Tensor | None) -> None:
+        """``bits`` [rows of span, words] onto ``span`` (rows ``index`` of it, or all)."""
+        from ..ops import apply_token_bitmask
+
         with torch.inference_mode():   # logits come from an inference-mode forward
             apply_token_bitmask(span, bits, index,
                                 vocab_size=min(self.vocab_size, logits.shape[1]))
@@ -310,6 +372,60 @@ class StructuredOutputManager:
                     pad.fill_(float("-inf"))
                 else:
                     pad.index_fill_(0, index.long(), float("-inf"))
+
+    # ------------------------------------------------------------- one engine step
+    def mask_step(self, logits: torch.Tensor, seqs: Sequence[Any]) -> "GrammarRows | None":
+        """Mask the step's constrained rows (row r: ``seqs[r]``'s grammar, active, its
+        sequence running) in place; returns them for :meth:`accept_step` (None: none).
+
+        The rows are found once per batch of automata: while the step's sequences
+        (compared by identity, at C speed) and :attr:`epoch` are those of the last step,
+        the last step's rows are reused. Automaton (outlines) rows cost no Python per row: their
+        states are gathered from the bank, their mask rows from its table on the device.
+        xgrammar rows fill the host bitmask as in :meth:`mask_logits`."""
+        key = self._step_key
+        if key is not None and key[0] == self.epoch and key[1] == seqs and (
+                self._step_rows is None or not self._step_rows.xgr_rows):
+            # (a finished sequence's row may stay until the batch changes: masking or
+            # matching its automaton is harmless, its token is dropped; xgrammar rows are
+            # found again every step, a terminated matcher must not fill a mask)
+            rows = self._step_rows
+        else:
+            rows = GrammarRows.of(seqs)
+            self._step_key, self._step_rows = (self.epoch, list(seqs)), rows
+        if rows is None:
+            return None
+        if rows.xgr_rows:
+            self.mask_logits(logits, rows.rows, rows.grammars)   # (its automata too)
+            return rows
+        dev = logits.device
+        cuda = dev.type == "cuda"
+        states = torch.from_numpy(self.bank.state[rows.fsm_slots])
+        bits = self.bank.device_table(dev).index_select(
+            0, states.pin_memory().to(dev, non_blocking=True) if cuda else states)
+        index = rows.index
+        if index is not None:              # scattered rows: in place among the span's
+            index = rows.device_index(dev)
+            full = bits.new_full((rows.hi - rows.lo, self.words), -1)
+            full.index_copy_(0, index.long(), bits)
+            bits = full
+        self._apply(logits, logits[rows.lo:rows.hi], bits, index)
+        return rows
+
+    def accept_step(self, rows: "GrammarRows | None", tokens: Sequence[int]
+                    ) -> dict[int, int] | None:
+        """Advance the step's automaton rows by their sampled ``tokens`` (all rows of the
+        step, in order) at once; returns {row: 1 (accepted a stop token) | 2 (refused)}
+        for the rows that need the engine's attention, None when none does. xgrammar rows
+        are left to the engine's per-row accept."""
+        if rows is None or not rows.fsm_rows.size:
+            return None
+        toks = np.asarray(tokens, dtype=np.int64)[rows.fsm_rows]
+        result = self.bank.accept(rows.fsm_slots, toks)
+        hit = np.flatnonzero(result)
+        if not hit.size:
+            return None
+        return {int(rows.fsm_rows[i]): int(result[i]) for i in hit}
 
     def _host_bitmask(self, rows: int, pinned: bool) -> torch.Tensor:
         """The persistent host bitmask's first ``rows`` rows (grown on demand; page-locked
@@ -347,6 +463,58 @@ class StructuredOutputManager:
         return [t for t in self.info.stop_token_ids if t < self.vocab_size]
 
 
+@dataclass(eq=False)
+class GrammarRows:
+    """A step's constrained rows (see StructuredOutputManager.mask_step).
+
+    rows: the logits rows of active grammars of running sequences (ascending), grammars
+    theirs; lo / hi: their span; index: int32 rows - lo when they are scattered in it;
+    fsm_rows / fsm_slots: the automaton rows and their bank slots (int64 arrays); bulk[r]:
+    row r's grammar is an automaton matched in bulk (accept_step); xgr_rows: the others.
+    """
+
+    rows: list[int]
+    grammars: list[Any]
+    lo: int
+    hi: int
+    index: torch.Tensor | None
+    fsm_rows: np.ndarray
+    fsm_slots: np.ndarray
+    bulk: list[bool]
+    xgr_rows: list[int]
+    _device_index: torch.Tensor | None = None
+
+    @classmethod
+    def of(cls, seqs: Sequence[Any]) -> "GrammarRows | None":
+        from .sequence import SequenceStatus
+
+        finished = SequenceStatus.FINISHED
+        rows = [r for r, s in enumerate(seqs) if s.grammar is not None
+                and s.grammar.active and s.status is not finished]
+        if not rows:
+            return None
+        grammars = [seqs[r].grammar for r in rows]
+        lo, hi = rows[0], rows[-1] + 1
+        index = None
+        if hi - lo != len(rows):
+            index = torch.tensor(rows, dtype=torch.int32) - lo
+        fsm = [(r, g.slot) for r, g in zip(rows, grammars) if type(g) is FsmGrammar]
+        bulk = [False] * len(seqs)
+        for r, _ in fsm:
+            bulk[r] = True
+        return cls(rows, grammars, lo, hi, index,
+                   np.array([r for r, _ in fsm], dtype=np.int64),
+                   np.array([slot for _, slot in fsm], dtype=np.int64), bulk,
+                   [r for r in rows if not bulk[r]])
+
+    def device_index(self, dev: torch.device) -> torch.Tensor:
+        """``index`` on the logits' device (copied once per batch)."""
+        t = self._device_index
+        if t is None or t.device != dev:
+            t = self._device_index = self.index.to(dev)
+        return t
+
+
 @dataclass
 class SequenceGrammar:
     """One sequence's matcher state (lives on the Sequence, so it survives preemption)."""
@@ -382,6 +550,11 @@ class SequenceGrammar:
         if native is not None:
             return bool(native(int(token), False))
         return bool(self.matcher.accept_token(int(token)))
+
+    def rollback(self, n: int) -> None:
+        """Undo the last ``n`` accepted tokens."""
+        if n:
+            self.matcher.rollback(n)
 
     @property
     def terminated(self) -> bool:

@@ -152,6 +152,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                           '\'{"method": "ngram", "num_speculative_tokens": 4}\'; methods '
                           'ngram, draft_model, eagle, eagle3 '
                           '(docs/engine.md, "Speculative decoding")')
+    eng.add_argument("--structured-outputs-config", type=_json_dict, default=None,
+                     help='structured outputs, as JSON (vLLM\'s flag): '
+                          '\'{"backend": "outlines"}\' matches regexes, choices and JSON '
+                          'schemas as token automata (needs outlines-core); default '
+                          'xgrammar (docs/engine.md, "Structured outputs")')
     eng.add_argument("--generation-config", default="auto",
                      help="default sampling of requests that leave a field unset: auto = "
                           "the checkpoint's generation_config.json (temperature, top_p, "
@@ -226,6 +231,8 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         kwargs["max_model_len"] = args.max_model_len
     if getattr(args, "speculative_config", None) is not None:
         kwargs["speculative_config"] = args.speculative_config
+    if getattr(args, "structured_outputs_config", None) is not None:
+        kwargs["structured_outputs_config"] = args.structured_outputs_config
     if getattr(args, "generation_config", "auto") != "auto":
         kwargs["generation_config"] = args.generation_config
     if getattr(args, "tensor_parallel_size", 1) != 1:
