@@ -21,6 +21,11 @@ math (which a GPU does) small. With ``--gpu-ms`` the stub's device step takes th
 without holding the GIL: ``wall_ms`` then shows what the overlap hides (a constrained
 step is read back inside the next launch, after its forward is launched).
 
+``--backend outlines``: the same with regular constraints as token automata (docs/engine.md,
+"The outlines backend": +37..+57% JSON, +49..+53% regex with every row constrained, against
+xgrammar's +140..+157% and +585..+759% in the same half hour; the target is not met by
+either).
+
 Findings (docs/engine.md, "Structured outputs", has the table): at batch 256 the target
 (<= 10% of a step's host time with every row constrained) is not met on the engine
 thread: xgrammar's serial per-row work (accept ~2 us JSON / ~4.5 us regex, fill ~1.1 us
