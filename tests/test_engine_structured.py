@@ -54,13 +54,20 @@ def test_json_schema_batched_with_free_requests(llm):
 
 
 def test_same_outputs_with_overlap_preemption_and_chunking(llm):
+    check_same_outputs(llm, _llm)
+
+
+def check_same_outputs(llm: LLM, make_llm) -> None:
+    """JSON / regex / choice outputs of ``llm`` equal engines made by ``make_llm(**kw)``
+    with overlap off, a pool small enough to preempt, and chunked prefill; regexes and
+    choices valid."""
     prompts = ["a" * 20, "b" * 30, "c"]
     params = [_constrained(), _constrained(regex=r"[a-z]{3,8}@[a-z]{2,5}\.(com|org)"),
               _constrained(choice=["alpha", "beta", "gamma"])]
     base = _texts(llm.generate(prompts, params, use_tqdm=False))
     for kw in (dict(async_scheduling=False), dict(num_kv_blocks=10, enable_prefix_caching=False),
                dict(max_num_batched_tokens=16, max_num_seqs=2)):
-        other = _llm(**kw)
+        other = make_llm(**kw)
         assert _texts(other.generate(prompts, params, use_tqdm=False)) == base, kw
         other.llm_engine.check_no_leaks()
     assert all(re.fullmatch(r"[a-z]{3,8}@[a-z]{2,5}\.(com|org)", t) for t in base[1])
@@ -73,13 +80,18 @@ def test_random_schemas(llm):
     @settings(max_examples=5, deadline=None, suppress_health_check=list(HealthCheck))
     @given(schema=schemas())
     def check(schema):
-        out = llm.generate(["json please"], _constrained(max_tokens=300, json=schema),
-                           use_tqdm=False)[0]
-        for c in out.outputs:
-            if c.finish_reason == "stop":
-                jsonschema.validate(json.loads(c.text), schema)
+        check_schema_outputs(llm, schema)
 
     check()
+
+
+def check_schema_outputs(llm: LLM, schema: dict) -> None:
+    """Every finished output of a request constrained by ``schema`` validates."""
+    out = llm.generate(["json please"], _constrained(max_tokens=300, json=schema),
+                       use_tqdm=False)[0]
+    for c in out.outputs:
+        if c.finish_reason == "stop":
+            jsonschema.validate(json.loads(c.text), schema)
 
 
 def test_grammar_and_ignore_eos(llm):

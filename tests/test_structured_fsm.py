@@ -18,6 +18,7 @@ import jsonschema
 import numpy as np
 import pytest
 import torch
+from test_engine_structured import SCHEMA, _constrained, check_schema_outputs
 
 from minikernels.engine import LLM, SamplingParams
 from minikernels.engine.structured_fsm import FsmBank, FsmIndex, fsm_regex
@@ -25,10 +26,6 @@ from minikernels.engine.structured_outputs import StructuredOutputsParams
 
 oc = pytest.importorskip("outlines_core")
 
-SCHEMA = {"type": "object", "properties": {
-    "name": {"type": "string", "maxLength": 6}, "n": {"type": "integer"},
-    "tags": {"type": "array", "items": {"enum": ["a", "b"]}, "maxItems": 2}},
-    "required": ["name", "n"], "additionalProperties": False}
 EMAIL = r"[a-z]{3,8}@[a-z]{2,5}\.(com|org)"
 
 # a byte vocabulary plus multi-byte tokens (one a partial UTF-8 character), stop id 300
@@ -108,15 +105,6 @@ def _llm(**kw) -> LLM:
                structured_outputs_config={"backend": "outlines"}, **kw)
 
 
-def _constrained(max_tokens=120, **so):
-    return SamplingParams(temperature=1.0, seed=7, n=2, max_tokens=max_tokens,
-                          structured_outputs=so or {"json": SCHEMA})
-
-
-def _texts(outs):
-    return [[c.text for c in o.outputs] for o in outs]
-
-
 @pytest.fixture(scope="module")
 def llm() -> LLM:
     return _llm()
@@ -161,16 +149,9 @@ def test_json_regex_choice_batched_with_free_and_xgrammar_rows(llm):
 
 
 def test_same_outputs_with_overlap_preemption_and_chunking(llm):
-    prompts = ["a" * 20, "b" * 30, "c"]
-    params = [_constrained(), _constrained(regex=EMAIL),
-              _constrained(choice=["alpha", "beta", "gamma"])]
-    base = _texts(llm.generate(prompts, params, use_tqdm=False))
-    for kw in (dict(async_scheduling=False), dict(num_kv_blocks=10, enable_prefix_caching=False),
-               dict(max_num_batched_tokens=16, max_num_seqs=2)):
-        other = _llm(**kw)
-        assert _texts(other.generate(prompts, params, use_tqdm=False)) == base, kw
-        other.llm_engine.check_no_leaks()
-    assert all(re.fullmatch(EMAIL, t) for t in base[1])
+    from test_engine_structured import check_same_outputs
+
+    check_same_outputs(llm, _llm)
 
 
 def test_random_schemas(llm):
@@ -187,11 +168,7 @@ def test_random_schemas(llm):
         compiled = llm.llm_engine._structured_manager().compile(
             StructuredOutputsParams(json=schema))
         kinds.append(compiled.fsm is not None)
-        out = llm.generate(["json please"], _constrained(max_tokens=300, json=schema),
-                           use_tqdm=False)[0]
-        for c in out.outputs:
-            if c.finish_reason == "stop":
-                jsonschema.validate(json.loads(c.text), schema)
+        check_schema_outputs(llm, schema)
     check()
     assert any(kinds), "no random schema ran as an automaton"
 
