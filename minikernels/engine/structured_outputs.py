@@ -265,9 +265,11 @@ class StructuredOutputManager:
         control characters removed from JSON rows. No advanced indexing: a list index
         goes through a parallel gather whose threads cost milliseconds on busy cores."""
         if any(isinstance(g, FsmGrammar) for g in grammars):
-            for r, g in zip(rows, grammars):          # automata: their states' table rows
-                if isinstance(g, FsmGrammar):
-                    bitmask[r] = torch.from_numpy(self.bank.table[g.row])
+            # automata: their states' table rows, copied in one numpy assignment
+            fsm = [(r, g.slot) for r, g in zip(rows, grammars) if isinstance(g, FsmGrammar)]
+            states = self.bank.state[np.array([slot for _, slot in fsm], dtype=np.int64)]
+            bitmask.numpy()[np.array([r for r, _ in fsm], dtype=np.int64)] = \
+                self.bank.table[states]
             pairs = [(r, g) for r, g in zip(rows, grammars) if not isinstance(g, FsmGrammar)]
             if not pairs:
                 return
