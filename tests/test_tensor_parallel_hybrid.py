@@ -53,6 +53,10 @@ HYBRID_CASES = {
     "nemotron_h-latent": ("nemotron_h-latent", {"moe_intermediate_size": 64,
                                                 "moe_shared_expert_intermediate_size": 64}),
     "mamba": ("mamba", {}),
+    # Zamba2: Mamba-2 layers and hybrid layers calling two shared blocks in turn (their
+    # attention over [stream, embeddings] and MLP sharded, each caller's adapters' B rows
+    # cut alike, its linear replicated)
+    "zamba2": ("zamba2", {"intermediate_size": 128}),
     # Gemma 4: full layers with their own head dim and one kv head (replicated on both
     # ranks) and K = V, the last layers reading earlier layers' K / V, double-wide MLPs
     # there, per-layer inputs (replicated); and the experts beside the MLP

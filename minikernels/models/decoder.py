@@ -727,15 +727,16 @@ class ZambaSharedBlock(nn.Module):
     (:class:`ZambaAdapters`) and its own KV cache."""
 
     def __init__(self, config: DecoderConfig, rotary: RotaryEmbedding | None,
-                 dtype: torch.dtype, device: torch.device | str | None, dense: bool) -> None:
+                 dtype: torch.dtype, device: torch.device | str | None, dense: bool,
+                 tp: TensorParallel | None = None) -> None:
         super().__init__()
         c = config
         wide = 2 * c.hidden_size
         self.input_layernorm = RMSNorm(wide, c.rms_norm_eps, dtype=dtype, device=device)
-        self.self_attn = Attention(c, 0, rotary, dtype, device, dense, in_features=wide)
+        self.self_attn = Attention(c, 0, rotary, dtype, device, dense, tp, in_features=wide)
         self.pre_ff_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps, dtype=dtype,
                                         device=device)
-        self.mlp = MLP(c, dtype, device, dense)
+        self.mlp = MLP(c, dtype, device, dense, tp)
 
     def forward(self, stream: Tensor, embeds: Tensor, meta: AttentionMetadata,
                 kv_cache: KVCache | None, adapters: "ZambaAdapters") -> Tensor:
@@ -748,21 +749,25 @@ class ZambaSharedBlock(nn.Module):
 class ZambaAdapters(nn.Module):
     """A Zamba2 hybrid layer's own low-rank adapters on its shared block: x -> B (A x) on
     the MLP's gate_up (always) and on q / k / v (``zamba_attention_adapters``); A's of q /
-    k / v fused in one [3 r, 2 H] projection."""
+    k / v fused in one [3 r, 2 H] projection. Tensor parallel: the A's replicated, the B's
+    rows cut like the block's q / k / v and gate_up rows (this rank's heads and slice)."""
 
     def __init__(self, config: DecoderConfig, dtype: torch.dtype,
-                 device: torch.device | str | None) -> None:
+                 device: torch.device | str | None, tp: TensorParallel | None = None
+                 ) -> None:
         super().__init__()
         c, r = config, config.zamba_adapter_rank
         self.rank = r
+        shard = attention_shard(c, tp)
+        inter = c.intermediate_size // (tp.size if tp is not None else 1)
         self.qkv_a = self.q_b = self.k_b = self.v_b = None
         if c.zamba_attention_adapters:
             self.qkv_a = FusedLinear(2 * c.hidden_size, [r, r, r], dtype=dtype, device=device)
-            self.q_b = FusedLinear(r, c.q_size, dtype=dtype, device=device)
-            self.k_b = FusedLinear(r, c.kv_size, dtype=dtype, device=device)
-            self.v_b = FusedLinear(r, c.kv_size, dtype=dtype, device=device)
+            self.q_b = FusedLinear(r, shard.nq * c.head_dim, dtype=dtype, device=device)
+            self.k_b = FusedLinear(r, shard.nkv * c.head_dim, dtype=dtype, device=device)
+            self.v_b = FusedLinear(r, shard.nkv * c.head_dim, dtype=dtype, device=device)
         self.gate_up_a = FusedLinear(c.hidden_size, r, dtype=dtype, device=device)
-        self.gate_up_b = FusedLinear(r, 2 * c.intermediate_size, dtype=dtype, device=device)
+        self.gate_up_b = FusedLinear(r, 2 * inter, dtype=dtype, device=device)
 
     def qkv(self, x: Tensor) -> Tensor | None:
         """[T, 2 H] -> the q / k / v deltas [T, q + 2 kv], or None without them."""
@@ -814,8 +819,8 @@ class DecoderLayer(nn.Module):
         elif kind == "mamba":         # Mamba-1: Mamba, FalconMamba, Jamba
             self.mamba = MambaMixer(config, dtype, device, dense, tp)
         elif kind == "zamba_hybrid":  # Zamba2: a shared block (set by CausalLM), Mamba-2
-            self.mamba = Mamba2Mixer(config, dtype, device, dense)
-            self.zamba_adapters = ZambaAdapters(config, dtype, device)
+            self.mamba = Mamba2Mixer(config, dtype, device, dense, tp)
+            self.zamba_adapters = ZambaAdapters(config, dtype, device, tp)
             self.linear = FusedLinear(c.hidden_size, c.hidden_size, dtype=dtype, device=device,
                                       dense=dense)
             self.__dict__["shared_block"] = None
@@ -1048,7 +1053,8 @@ class CausalLM(nn.Module):
         if c.zamba_shared_blocks:
             self.shared_blocks = nn.ModuleList(
                 ZambaSharedBlock(c, None if c.nope_layers is not None else self.rotary,
-                                 dtype, device, dense) for _ in range(c.zamba_shared_blocks))
+                                 dtype, device, dense, tp)
+                for _ in range(c.zamba_shared_blocks))
             hybrid = [layer for layer in self.layers if layer.zamba]
             for j, layer in enumerate(hybrid):
                 layer.__dict__["shared_block"] = self.shared_blocks[j % c.zamba_shared_blocks]

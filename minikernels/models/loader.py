@@ -1113,8 +1113,10 @@ def _load_hf(model_dir: str, dtype: str | torch.dtype, device: torch.device,
                      dense=ckpt_quant is None and not rtn,
                      dense_lm_head=lm_head and not (rtn and quantize_lm_head), tp=tp)
     modules = dict(model.named_modules())
+    # (a linear built with a dense weight - Zamba2's low-rank adapters - loads dense and
+    # is quantized with the rest after loading)
     stream = {name for name, mod in modules.items() if isinstance(mod, FusedLinear) and rtn
-              and _streams_rtn(name, config, quantize_lm_head)
+              and mod.weight is None and _streams_rtn(name, config, quantize_lm_head)
               and _rtn_quantizable(name, mod, quantization)}
     groups: dict[str, int] = {}
     params = {n: p for n, p in model.named_parameters()}

@@ -327,7 +327,8 @@ def shard_tensor(config: DecoderConfig, tp: TensorParallel, module: str, shard: 
             a = attention_shard(c, tp, layer)
             return t.reshape(-1)[a.kv0:a.kv0 + a.nkv]
         return t
-    cut = mixer_shard(c, tp.rank, tp.size, module, shard, kind)
+    cut = mixer_shard(c, tp.rank, tp.size, module, shard, kind) or \
+        _zamba_adapter_cut(c, tp, module, kind)
     if cut is not None:                  # a recurrent mixer's (parallel_recurrent.py)
         return _cut(c, tp, module, kind, src, *cut)
     if leaf in _COLUMN or module.endswith("self_attn.g_proj"):
@@ -354,6 +355,25 @@ def shard_tensor(config: DecoderConfig, tp: TensorParallel, module: str, shard: 
         raise ValueError(f"{module}: quantized tensor {kind} of a replicated module cannot "
                          "be sharded")
     return _read(src)          # replicated (norms, routers and their biases, ...)
+
+
+def _zamba_adapter_cut(config: DecoderConfig, tp: TensorParallel, module: str,
+                       kind: str) -> tuple[str, list[tuple[int, int]]] | None:
+    """Zamba2's per-layer adapters on its shared block: the B's rows follow the block's q
+    / k / v heads and gate_up slice (the A's are replicated)."""
+    if ".zamba_adapters." not in module or kind == "bias":
+        return None
+    leaf = module.rsplit(".", 1)[-1]
+    a, d = attention_shard(config, tp), config.head_dim
+    if leaf == "q_b":
+        return "rows", [(a.q0 * d, (a.q0 + a.nq) * d)]
+    if leaf in ("k_b", "v_b"):
+        return "rows", [(a.kv0 * d, (a.kv0 + a.nkv) * d)]
+    if leaf == "gate_up_b":
+        i = config.intermediate_size
+        s0, s1 = tp.split(i, "intermediate_size")
+        return "rows", [(s0, s1), (i + s0, i + s1)]
+    return "whole", []
 
 
 def parallel_style(config: DecoderConfig, module: str) -> str | None:

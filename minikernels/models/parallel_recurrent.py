@@ -12,7 +12,7 @@ all-reduce per layer, like attention's o_proj):
                     q, k, v, z, b, a rows of those heads; conv channels [q | k | v] of
                     them; dt_bias / A_log of the value heads; the per-head norm replicated;
                     out_proj columns of the value heads
-    mamba2          Granite 4.0-H, Bamba, Nemotron-H, Falcon-H1: heads [e0, e1) (P | heads)
+    mamba2          Granite 4.0-H, Bamba, Nemotron-H, Falcon-H1, Zamba2: heads [e0, e1) (P | heads)
                     and their groups of B / C: groups [g0, g1) when P divides the groups,
                     else (P a multiple of the groups) the one group the rank's heads read,
                     replicated on P / G ranks; in_proj rows [z | x | B | C | dt] of those,
@@ -35,10 +35,11 @@ from dataclasses import dataclass
 from .config import DecoderConfig
 
 #: the recurrent mixers this sharding covers (DecoderConfig.layer_mixers)
-SHARDED_MIXERS = ("short_conv", "gated_deltanet", "mamba", "mamba2", "mamba2_attention")
+SHARDED_MIXERS = ("short_conv", "gated_deltanet", "mamba", "mamba2", "mamba2_attention",
+                  "zamba_hybrid")
 #: each mixer's block in a layer (the module names' second part)
 MIXER_BLOCKS = {"conv": ("short_conv",), "linear_attn": ("gated_deltanet",),
-                "mamba": ("mamba", "mamba2", "mamba2_attention")}
+                "mamba": ("mamba", "mamba2", "mamba2_attention", "zamba_hybrid")}
 
 Ranges = list[tuple[int, int]]
 
@@ -103,7 +104,7 @@ def check_mixers(c: DecoderConfig, size: int) -> None:
     if "gated_deltanet" in kinds:
         need(c.linear_num_key_heads, "linear_num_key_heads")
         need(c.linear_num_value_heads, "linear_num_value_heads")
-    if kinds & {"mamba2", "mamba2_attention"}:
+    if kinds & {"mamba2", "mamba2_attention", "zamba_hybrid"}:
         need(c.mamba_num_heads, "mamba_num_heads")
         g = c.mamba_num_groups
         if g % size and size % g:
