@@ -187,8 +187,6 @@ def test_mamba2_groups_and_refusals_without_processes():
         check_mixers(dataclasses.replace(c, mamba_num_heads=6, mamba_num_groups=3), 2)
     with pytest.raises(ValueError, match=r"must divide mamba_num_heads \(8\)"):
         check_mixers(c, 3)
-    with pytest.raises(ValueError, match="zamba_hybrid"):
-        check_mixers(dataclasses.replace(c, layer_mixers=["zamba_hybrid"] * c.num_layers), 2)
     from minikernels.models.parallel import check_config
     with pytest.raises(ValueError, match="Gemma 3n"):
         check_config(_config("gemma3n"), TensorParallel(0, 2))
