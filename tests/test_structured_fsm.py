@@ -99,6 +99,37 @@ def test_bulk_accept_equals_one_at_a_time_and_rolls_back():
     assert not g.terminated and g.row == g.base + indices[1].initial
 
 
+def test_bank_stays_bounded_and_moves_live_states():
+    """Past max_table_bytes the bank keeps only the automata live grammars follow; their
+    states (and rollback) keep working at the new ids; the compile cache is LRU-bounded."""
+    import gc
+
+    vocab = len(VOCAB)
+    one = FsmIndex(r"(ab|12)+", VOCAB, [EOS], vocab)
+    per = one.table.numel() * 4
+    bank = FsmBank((vocab + 31) // 32, vocab, max_table_bytes=3 * per)
+    keep = bank.new_grammar(one, None)
+    assert keep.accept(VOCAB.index(b"ab"))
+    for i in range(6):          # distinct automata, each dropped once its grammar is gone
+        g = bank.new_grammar(FsmIndex(f"(ab|12)+{'x' * (i + 1)}", VOCAB, [EOS], vocab), None)
+        del g
+        gc.collect()
+        assert bank.table.nbytes <= 3 * per + 4 * bank.words * 8
+    assert len(bank.indices) <= 3 and any(i is one for i in bank.indices)
+    assert keep.accept(VOCAB.index(b"12")) and keep.accept(EOS) and keep.terminated
+    keep.rollback(2)
+    assert not keep.terminated and keep.accept(VOCAB.index(b"ab"))
+    from minikernels.engine.structured_outputs import StructuredOutputManager
+    from minikernels.models.tokenizer import ByteTokenizer
+
+    mgr = StructuredOutputManager(ByteTokenizer(), 512, [1], backend="outlines")
+    mgr.max_cached = 2
+    for n in range(4):
+        mgr.compile(StructuredOutputsParams(regex=f"a{{{n + 1}}}"))
+    assert len(mgr._cache) == 2
+    mgr.shutdown()
+
+
 def _llm(**kw) -> LLM:
     kw.setdefault("block_size", 16)
     return LLM("tiny", dtype="float32", device="cpu",

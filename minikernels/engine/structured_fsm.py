@@ -105,9 +105,14 @@ class FsmBank:
 
     Each sequence's grammar holds a slot: ``state[slot]`` (a global id) and
     ``done[slot]`` (it accepted a stop token). Slots are reused once a grammar is gone.
+    When a new automaton would take the table past ``max_table_bytes``, the bank is
+    rebuilt with only the automata live grammars follow (a server seeing many distinct
+    schemas keeps a bounded table; their states are moved to the new ids).
     """
 
-    def __init__(self, words: int, vocab_size: int) -> None:
+    def __init__(self, words: int, vocab_size: int, max_table_bytes: int = 256 << 20
+                 ) -> None:
+        self.max_table_bytes = int(max_table_bytes)
         self.words, self.vocab_size = int(words), int(vocab_size)
         self.table = np.zeros((0, words), dtype=np.int32)
         self.default = np.zeros(0, dtype=np.int64)
@@ -119,12 +124,34 @@ class FsmBank:
         self.state = np.zeros(64, dtype=np.int64)
         self.done = np.zeros(64, dtype=bool)
         self._free = list(range(63, -1, -1))
+        self._slot_index: list[FsmIndex | None] = [None] * 64   # each slot's automaton
         self._device_table: torch.Tensor | None = None
 
     def offset(self, index: FsmIndex) -> int:
         """The automaton's first global row (stacking it first if it is new here)."""
         base = self._offsets.get(id(index))
-        return self.add(index) if base is None else base
+        if base is not None:
+            return base
+        if self.table.nbytes + index.table.numel() * 4 > self.max_table_bytes:
+            self._compact()
+        return self.add(index)
+
+    def _compact(self) -> None:
+        """Rebuild the stacked arrays with only the automata some grammar follows, and
+        move those grammars' states to their new ids."""
+        live = {id(i): i for i in self._slot_index if i is not None}
+        old = dict(self._offsets)
+        slots = [s for s, i in enumerate(self._slot_index) if i is not None]
+        local = {s: int(self.state[s]) - old[id(self._slot_index[s])] for s in slots}
+        self.table = np.zeros((0, self.words), dtype=np.int32)
+        self.default = np.zeros(0, dtype=np.int64)
+        self.exc_keys = np.zeros(0, dtype=np.int64)
+        self.exc_next = np.zeros(0, dtype=np.int64)
+        self.indices, self._offsets = [], {}
+        for index in live.values():
+            self.add(index)
+        for s in slots:
+            self.state[s] = self._offsets[id(self._slot_index[s])] + local[s]
 
     def add(self, index: FsmIndex) -> int:
         """Stack a new automaton's arrays (its ids shifted to global ones); its offset."""
@@ -155,13 +182,19 @@ class FsmBank:
             n = self.state.shape[0]
             self.state = np.concatenate([self.state, np.zeros(n, dtype=np.int64)])
             self.done = np.concatenate([self.done, np.zeros(n, dtype=bool)])
+            self._slot_index += [None] * n
             self._free = list(range(2 * n - 1, n - 1, -1))
         slot = self._free.pop()
         self.state[slot] = base + index.initial
         self.done[slot] = False
-        grammar = FsmGrammar(self, slot, index, base, waiting_for)
-        weakref.finalize(grammar, self._free.append, slot)
+        self._slot_index[slot] = index
+        grammar = FsmGrammar(self, slot, index, waiting_for)
+        weakref.finalize(grammar, self._release, slot)
         return grammar
+
+    def _release(self, slot: int) -> None:
+        self._slot_index[slot] = None
+        self._free.append(slot)
 
     def device_table(self, dev: torch.device) -> torch.Tensor:
         """The stacked table on ``dev`` (copied once per new automaton)."""
@@ -199,10 +232,10 @@ class FsmGrammar:
     bank: FsmBank
     slot: int
     index: FsmIndex
-    base: int                                  # the index's first row in the bank
     waiting_for: list[int] | None = None       # start_after (see SequenceGrammar)
     mask_control_chars: bool = False           # (the regex excludes raw control bytes)
-    _trail: list[tuple[int, bool]] = field(default_factory=list)   # for rollback
+    # earlier (local state, done) pairs, for rollback (local: the bank may move ids)
+    _trail: list[tuple[int, bool]] = field(default_factory=list)
 
     @property
     def active(self) -> bool:
@@ -219,10 +252,15 @@ class FsmGrammar:
         """The global table row of its state."""
         return int(self.bank.state[self.slot])
 
+    @property
+    def base(self) -> int:
+        """Its automaton's first global row in the bank."""
+        return self.bank.offset(self.index)
+
     def accept(self, token: int) -> bool:
         """Advance by one token; False when the constraint refuses it."""
         bank, slot = self.bank, self.slot
-        before = (int(bank.state[slot]), bool(bank.done[slot]))
+        before = (int(bank.state[slot]) - self.base, bool(bank.done[slot]))
         result = bank.accept(np.array([slot], dtype=np.int64),
                              np.array([int(token)], dtype=np.int64))[0]
         if result == 2:
@@ -238,7 +276,7 @@ class FsmGrammar:
         if n:
             state, done = self._trail[-n]
             del self._trail[-n:]
-            self.bank.state[self.slot] = state
+            self.bank.state[self.slot] = self.base + state
             self.bank.done[self.slot] = done
 
     @property

@@ -169,7 +169,10 @@ class StructuredOutputManager:
         self._executor = ThreadPoolExecutor(max_workers=1,
                                             thread_name_prefix="minikernels-grammar")
         self._lock = threading.Lock()
+        # compiled constraints by key, least recently used first (bounded: a server may
+        # see endless distinct schemas; grammars in use keep theirs alive)
         self._cache: dict[tuple[str, str, bool], Future[CompiledConstraint]] = {}
+        self.max_cached = 512
         self._batch = xgr.BatchGrammarMatcher(max_threads="auto")
         self.words = (self.vocab_size + 31) // 32
         self._packed_rows: dict[str, torch.Tensor] = {}
@@ -188,10 +191,12 @@ class StructuredOutputManager:
         """The compiled constraint, compiling it on the worker thread when not cached."""
         key = params.key()
         with self._lock:
-            fut = self._cache.get(key)
+            fut = self._cache.pop(key, None)
             if fut is None or (fut.done() and fut.exception() is not None):
                 fut = self._executor.submit(self._compile, params)
-                self._cache[key] = fut
+            self._cache[key] = fut                 # (most recently used last)
+            while len(self._cache) > self.max_cached:   # least recently used out
+                self._cache.pop(next(iter(self._cache)))
             return fut
 
     def compile(self, params: StructuredOutputsParams) -> CompiledConstraint:
