@@ -7,6 +7,7 @@ every op lives in :mod:`minikernels.ops.reference`.
 from . import reference
 from .activation import gelu_and_mul, gelu_tanh_and_mul, silu_and_mul
 from .bitmask import apply_token_bitmask
+from .fsm import fsm_advance
 from .conv import causal_conv1d
 from .fp8 import fp8_matmul
 from .gated_delta import gated_delta_rule
@@ -36,6 +37,7 @@ from .selective_scan import selective_scan
 __all__ = [
     "MoELoRA",
     "apply_token_bitmask",
+    "fsm_advance",
     "build_rope_cache",
     "causal_conv1d",
     "flash_attention",

@@ -884,6 +884,33 @@ def apply_token_bitmask(logits: Tensor, bitmask: Tensor, indices: Tensor | None 
     logits[rows, :v] = block.masked_fill(~allowed, float("-inf"))
 
 
+
+def fsm_advance(state: Tensor, codes: Tensor, slots: Tensor, rows: Tensor, tokens: Tensor,
+                table: Tensor, default: Tensor, exc_keys: Tensor, exc_next: Tensor,
+                eos: Tensor, vocab_size: int | None = None) -> Tensor:
+    """One step of the token automata of ``slots`` (layouts: minikernels/ops/fsm.py): for
+    each row i, with s = state[slots[i]] and t = tokens[rows[i]], t is allowed when the
+    slot is not done, 0 <= t < vocab_size and bit t of table[s] is set; an allowed stop
+    token (eos[t]) keeps s and marks the slot done (codes = 1); another moves s to the
+    exception listed for (s, t) in the sorted keys ``s << 32 | t``, else to default[s].
+    In place on state / codes; returns int8 [R]: 0 moved, 1 stop, 2 refused."""
+    v = eos.shape[0] if vocab_size is None else vocab_size
+    idx, r = slots.long(), rows.long()
+    s, c, t = state[idx], codes[idx], tokens[r].long()
+    inside = (t >= 0) & (t < v)
+    safe = torch.where(inside, t, torch.zeros_like(t))
+    word = table[s, safe >> 5].long() if table.shape[0] else torch.zeros_like(t)
+    ok = inside & (c == 0) & (((word >> (safe & 31)) & 1) == 1)
+    stop = ok & eos[safe]
+    nxt = default[s] if default.shape[0] else s
+    if exc_keys.numel():
+        key = (s << 32) | safe
+        at = torch.searchsorted(exc_keys, key).clamp(max=exc_keys.shape[0] - 1)
+        nxt = torch.where(exc_keys[at] == key, exc_next[at], nxt)
+    state[idx] = torch.where(ok & ~stop, nxt, s)
+    codes[idx] = torch.where(stop, torch.ones_like(c), c)
+    return torch.where(ok, stop.to(torch.int8), torch.full_like(c, 2))
+
 # --------------------------------------------------------------------------- speculative decoding
 def rejection_sample(draft_token_ids: Tensor, num_draft_tokens: Tensor, target_probs: Tensor,
                      draft_probs: Tensor | None, uniform: Tensor, exp_q: Tensor,
