@@ -68,7 +68,8 @@ stage_build() {
 
 # The kernels, the decoder and the engine on cuda (the `test` stage).
 GPU_TESTS=("${CUDA_TESTS[@]}" tests/test_flash_attention.py tests/test_op_contract.py
-           tests/test_bitmask.py tests/test_rejection_sampler.py tests/test_sampling_mask.py
+           tests/test_bitmask.py tests/test_fsm_advance.py tests/test_rejection_sampler.py
+           tests/test_sampling_mask.py
            tests/test_lora_op.py tests/test_moe_op.py tests/test_moe_int4_op.py
            tests/test_model_gpu.py
            tests/test_model_hf.py tests/test_engine.py

@@ -18,7 +18,7 @@ import jsonschema
 import numpy as np
 import pytest
 import torch
-from test_engine_structured import SCHEMA, _constrained, check_schema_outputs
+from test_engine_structured import SCHEMA, _constrained, _texts, check_schema_outputs
 
 from minikernels.engine import LLM, SamplingParams
 from minikernels.engine.structured_fsm import FsmBank, FsmIndex, fsm_regex
@@ -183,6 +183,39 @@ def test_same_outputs_with_overlap_preemption_and_chunking(llm):
     from test_engine_structured import check_same_outputs
 
     check_same_outputs(llm, _llm)
+
+
+def test_device_resident_automata_equal_host_ones_and_skip_the_early_read_back():
+    """On a GPU without a proposer the automata live on the device (ops.fsm_advance after
+    sampling; forced here on the CPU): outputs equal host-matched automata (same seeds; JSON, regex, choice,
+    ignore_eos, free rows, an xgrammar row mixed in) with overlap on and off, and a step
+    whose constraints are all device automata is not read back early (its tokens are not
+    needed on the host before the next launch)."""
+    prompts = ["a" * 10, "b" * 12, "c", "d" * 7, "e"]
+    params = [_constrained(max_tokens=80), _constrained(max_tokens=60, regex=EMAIL),
+              SamplingParams(temperature=1.0, seed=5, max_tokens=20, ignore_eos=True,
+                             structured_outputs={"choice": ["yes", "no"]}),
+              SamplingParams(temperature=1.0, seed=9, max_tokens=30),
+              _constrained(max_tokens=40, grammar='root ::= "x" [0-9]+ "y"')]
+    runs = {}
+    for device_states in (True, False):
+        for overlap in (True, False):
+            llm = _llm(async_scheduling=overlap)
+            llm.llm_engine._structured_manager().device_states = device_states
+            runs[device_states, overlap] = _texts(llm.generate(prompts, params,
+                                                               use_tqdm=False))
+            llm.llm_engine.check_no_leaks()
+    assert len({json.dumps(v) for v in runs.values()}) == 1, runs
+    eng = _llm().llm_engine
+    eng._structured_manager().device_states = True    # (the engine's choice on a GPU)
+    for i, (p, sp) in enumerate(zip(prompts[:4], params[:4])):
+        eng.add_request(f"r{i}", p, sp)
+    early = []
+    while eng.has_unfinished():
+        eng.step()
+        if eng._in_flight is not None:
+            early.append(eng._in_flight.needs_host_tokens)
+    assert early and not any(early)
 
 
 def test_random_schemas(llm):

@@ -137,8 +137,10 @@ class LaunchedStep:
     # recurrent models: each speculative row's state snapshot slot (its state before the
     # step), restored when a draft is rejected
     spec_snapshots: list[int] | None = None
-    # structured outputs: the rows this step masked (their automata are matched in bulk)
+    # structured outputs: the rows this step masked (their automata are matched in bulk),
+    # and with device-resident automata their codes after this step (a host copy)
     grammar_rows: Any = None
+    grammar_codes: Any = None
 
     def result(self) -> SamplerOutput:
         """Wait for the device, then the sampled tokens (and logprobs) as lists."""
@@ -823,7 +825,7 @@ class LLMEngine:
         spec_seqs = spec_dev = None
         snapshots = None
         ends = None
-        grammar_rows = None
+        grammar_rows = grammar_codes = None
         try:
             if self._ckpt is not None:
                 ends = self._restore_checkpoints(batch)
@@ -864,6 +866,8 @@ class LLMEngine:
             if self.structured is not None:   # structured outputs: disallowed -> -inf
                 grammar_rows = self.structured.mask_step(logits, seqs)
             sample = self.sampler.sample(logits, seqs, self._eos_list) if seqs else None
+            if grammar_rows is not None and sample is not None:   # device automata
+                grammar_codes = self.structured.advance_step(grammar_rows, sample.tokens)
         except BaseException:
             # schedule() offered this step's full blocks to the prefix cache before the
             # forward wrote their K/V; a forward that did not finish (error, Ctrl-C) must
@@ -884,6 +888,8 @@ class LLMEngine:
             plp_host = runner.to_host_async(list(plp_dev))
             for seq, first, count, _ in plp:      # a recompute does not repeat them
                 seq.prompt_lp_next = first + count
+        if grammar_codes is not None:
+            grammar_codes = runner.to_host_async([grammar_codes])[0]
         spec_host = None
         if spec_seqs:
             for seq in spec_seqs:
@@ -895,11 +901,13 @@ class LLMEngine:
         # penalties and grammars need this step's tokens on the host before the next launch;
         # so do drafts (proposed from the tokens on the host), whenever this batch is small
         # enough to draft for
+        # (device-resident automata advance on the device: their rows need no host token)
+        grammar_free = grammar_codes is not None and grammar_rows.host_tokens_free
         needs = bool(spec_seqs) or (self.proposer is not None and self._spec_on()) or \
-            needs_host_tokens([s.params for s in seqs])
+            needs_host_tokens([s.params for s in seqs], grammars=not grammar_free)
         return LaunchedStep(batch, seqs, sample, host, runner.completion_event(), needs,
                             plp, plp_host, spec_seqs, spec_host, spec_snapshots=snapshots,
-                            grammar_rows=grammar_rows)
+                            grammar_rows=grammar_rows, grammar_codes=grammar_codes)
 
     def _finish(self, step: LaunchedStep) -> list[Request]:
         """Read back a launched step's tokens; append them, check stops, free finished
@@ -918,7 +926,8 @@ class LLMEngine:
         n_new = 0
         # structured outputs: the automaton rows advance together; {row: 1 done, 2 refused}
         bulk = step.grammar_rows.bulk if step.grammar_rows is not None else None
-        bulk_done = self.structured.accept_step(step.grammar_rows, tokens) \
+        bulk_done = self.structured.accept_step(step.grammar_rows, tokens,
+                                                step.grammar_codes) \
             if bulk is not None else None
         for j, seq in enumerate(step.seqs):
             seq.num_pending -= 1
@@ -1132,9 +1141,12 @@ class LLMEngine:
             if self.tokenizer is None:
                 raise ValueError("structured_outputs needs the model's tokenizer (this "
                                  "engine was built with tokenizer=None)")
-            self.structured = StructuredOutputManager(self.tokenizer, self.vocab_size,
-                                                      self._eos_list,
-                                                      backend=self._structured_backend)
+            # automata states on a GPU unless a proposer drafts (its drafts follow grammars
+            # one token at a time on the host); on the CPU the host bank measured cheaper
+            self.structured = StructuredOutputManager(
+                self.tokenizer, self.vocab_size, self._eos_list,
+                backend=self._structured_backend,
+                device_states=self.proposer is None and self.device.type == "cuda")
             if self.proposer is not None:     # a model drafter masks constrained rows too
                 self.proposer.structured = self.structured
         return self.structured

@@ -44,10 +44,14 @@ _SAMPLING_KEY = operator.attrgetter("sampling_key")
 _NEEDS_HOST_TOKENS = operator.attrgetter("needs_host_tokens")
 
 
-def needs_host_tokens(params: list["SamplingParams"]) -> bool:
-    """Whether any row's next step needs this step's tokens on the host (penalties,
-    grammars)."""
-    return any(map(_NEEDS_HOST_TOKENS, params))
+def needs_host_tokens(params: list["SamplingParams"], grammars: bool = True) -> bool:
+    """Whether any row's next step needs this step's tokens on the host (penalties, bad
+    words, grammars; ``grammars=False``: the grammars need none - device-resident
+    automata)."""
+    if grammars:
+        return any(map(_NEEDS_HOST_TOKENS, params))
+    return any(p.uses_penalties or p.bad_words is not None
+               for p in distinct_params(params))
 
 
 def distinct_params(params: list["SamplingParams"]) -> list["SamplingParams"]:

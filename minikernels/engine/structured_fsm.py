@@ -126,6 +126,11 @@ class FsmBank:
         self._free = list(range(63, -1, -1))
         self._slot_index: list[FsmIndex | None] = [None] * 64   # each slot's automaton
         self._device_table: torch.Tensor | None = None
+        # device-resident states (device_arrays): the arrays there, the bank's version
+        # they copy, and the slots whose host state is newer (new grammars)
+        self._device: DeviceFsm | None = None
+        self._version = 0
+        self._pending: set[int] = set()
 
     def offset(self, index: FsmIndex) -> int:
         """The automaton's first global row (stacking it first if it is new here)."""
@@ -139,6 +144,7 @@ class FsmBank:
     def _compact(self) -> None:
         """Rebuild the stacked arrays with only the automata some grammar follows, and
         move those grammars' states to their new ids."""
+        self._sync_from_device()
         live = {id(i): i for i in self._slot_index if i is not None}
         old = dict(self._offsets)
         slots = [s for s, i in enumerate(self._slot_index) if i is not None]
@@ -152,6 +158,7 @@ class FsmBank:
             self.add(index)
         for s in slots:
             self.state[s] = self._offsets[id(self._slot_index[s])] + local[s]
+        self._push_to_device()
 
     def add(self, index: FsmIndex) -> int:
         """Stack a new automaton's arrays (its ids shifted to global ones); its offset."""
@@ -174,6 +181,7 @@ class FsmBank:
             self.exc_next = np.concatenate([self.exc_next, nxt])[order]
         self.eos[list(index.eos_ids)] = True
         self._device_table = None
+        self._version += 1
         return base
 
     def new_grammar(self, index: FsmIndex, waiting_for: list[int] | None) -> "FsmGrammar":
@@ -188,6 +196,7 @@ class FsmBank:
         self.state[slot] = base + index.initial
         self.done[slot] = False
         self._slot_index[slot] = index
+        self._pending.add(slot)
         grammar = FsmGrammar(self, slot, index, waiting_for)
         weakref.finalize(grammar, self._release, slot)
         return grammar
@@ -202,6 +211,64 @@ class FsmBank:
         if t is None or t.device != dev:
             t = self._device_table = torch.from_numpy(self.table).to(dev)
         return t
+
+    # ------------------------------------------------------ states on the device
+    def device_arrays(self, dev: torch.device) -> "DeviceFsm":
+        """The bank on ``dev`` for device-resident states (``DeviceFsm``): the automata's
+        arrays (copied again after a new automaton) and every slot's state and code,
+        which then live there (new grammars' initial states are pushed on the way)."""
+        d = self._device
+        if d is None or d.device != dev:
+            d = self._device = DeviceFsm(dev)
+            d.state = torch.from_numpy(self.state.copy()).to(dev)
+            d.codes = torch.from_numpy(self.done.astype(np.int8)).to(dev)
+            self._pending.clear()
+        if d.version != self._version:
+            d.table = self.device_table(dev)
+            d.default = torch.from_numpy(self.default).to(dev)
+            d.exc_keys = torch.from_numpy(self.exc_keys).to(dev)
+            d.exc_next = torch.from_numpy(self.exc_next).to(dev)
+            d.eos = torch.from_numpy(self.eos).to(dev)
+            d.version = self._version
+        if d.state.shape[0] < self.state.shape[0]:        # more slots: grow, keep states
+            grown = self.state.shape[0]
+            d.state = torch.cat([d.state, d.state.new_zeros(grown - d.state.shape[0])])
+            d.codes = torch.cat([d.codes, d.codes.new_zeros(grown - d.codes.shape[0])])
+        if self._pending:                               # new grammars' initial states
+            slots = torch.tensor(sorted(self._pending), dtype=torch.int64)
+            d.state.index_copy_(0, slots.to(dev), torch.from_numpy(
+                self.state[slots.numpy()]).to(dev))
+            d.codes.index_fill_(0, slots.to(dev), 0)
+            self._pending.clear()
+        return d
+
+    def _sync_from_device(self) -> None:
+        """Device-resident states back into the host arrays (a grammar read one token at
+        a time, or a rebuild of the bank)."""
+        d = self._device
+        if d is not None:
+            n = d.state.shape[0]
+            live = np.array([s for s in range(n) if s not in self._pending], dtype=np.int64)
+            if live.size:
+                self.state[live] = d.state.cpu().numpy()[live]
+                self.done[live] = d.codes.cpu().numpy()[live] != 0
+
+    def pull(self, slot: int) -> None:
+        """One slot's device-resident state into the host arrays (no-op without)."""
+        d = self._device
+        if d is not None and slot not in self._pending:
+            self.state[slot] = int(d.state[slot])
+            self.done[slot] = int(d.codes[slot]) != 0
+
+    def push(self, slot: int) -> None:
+        """One slot's host state to the device at its next use (no-op without)."""
+        if self._device is not None:
+            self._pending.add(slot)
+
+    def _push_to_device(self) -> None:
+        """Host states (changed one token at a time) into the device arrays."""
+        if self._device is not None:
+            self._pending.update(range(self._device.state.shape[0]))
 
     def accept(self, slots: np.ndarray, tokens: np.ndarray) -> np.ndarray:
         """Advance the grammars in ``slots`` by ``tokens`` (int64 arrays, one per row);
@@ -221,6 +288,21 @@ class FsmBank:
         self.state[slots] = np.where(move, nxt, state)
         self.done[slots[stop]] = True
         return np.where(ok, stop.astype(np.int8), np.int8(2))
+
+
+@dataclass(eq=False)
+class DeviceFsm:
+    """The bank's arrays on a device (FsmBank.device_arrays; layouts: ops/fsm.py)."""
+
+    device: torch.device
+    version: int = -1
+    table: torch.Tensor | None = None
+    default: torch.Tensor | None = None
+    exc_keys: torch.Tensor | None = None
+    exc_next: torch.Tensor | None = None
+    eos: torch.Tensor | None = None
+    state: torch.Tensor | None = None      # int64 [slots]
+    codes: torch.Tensor | None = None      # int8 [slots]: 1 done
 
 
 @dataclass(eq=False)
@@ -250,6 +332,7 @@ class FsmGrammar:
     @property
     def row(self) -> int:
         """The global table row of its state."""
+        self.bank.pull(self.slot)
         return int(self.bank.state[self.slot])
 
     @property
@@ -260,11 +343,13 @@ class FsmGrammar:
     def accept(self, token: int) -> bool:
         """Advance by one token; False when the constraint refuses it."""
         bank, slot = self.bank, self.slot
+        bank.pull(slot)
         before = (int(bank.state[slot]) - self.base, bool(bank.done[slot]))
         result = bank.accept(np.array([slot], dtype=np.int64),
                              np.array([int(token)], dtype=np.int64))[0]
         if result == 2:
             return False
+        bank.push(slot)
         trail = self._trail
         if len(trail) >= 64:           # rollback only ever spans a speculative window
             del trail[:32]
@@ -278,10 +363,12 @@ class FsmGrammar:
             del self._trail[-n:]
             self.bank.state[self.slot] = self.base + state
             self.bank.done[self.slot] = done
+            self.bank.push(self.slot)
 
     @property
     def terminated(self) -> bool:
         """The constraint accepted a stop token: nothing may follow."""
+        self.bank.pull(self.slot)
         return bool(self.bank.done[self.slot])
 
 

@@ -146,7 +146,7 @@ class StructuredOutputManager:
     """
 
     def __init__(self, tokenizer: Any, vocab_size: int, eos_token_ids: Sequence[int],
-                 backend: str = "xgrammar") -> None:
+                 backend: str = "xgrammar", device_states: bool = False) -> None:
         if backend not in BACKENDS:
             raise ValueError(f"structured outputs backend must be one of {BACKENDS}, got "
                              f"{backend!r}")
@@ -157,6 +157,10 @@ class StructuredOutputManager:
                 raise ImportError("the outlines structured-outputs backend needs "
                                   "outlines-core: pip install outlines-core") from exc
         self.backend = backend
+        # the automata's states live on the logits' device: a step masks and advances
+        # them there (advance_step) and needs no host tokens for them (the engine without
+        # a speculative proposer, whose drafts follow grammars on the host)
+        self.device_states = bool(device_states) and backend == "outlines"
         try:
             import xgrammar as xgr
         except ImportError as exc:  # pragma: no cover - a declared dependency
@@ -402,33 +406,66 @@ class StructuredOutputManager:
             self._step_key, self._step_rows = (self.epoch, list(seqs)), rows
         if rows is None:
             return None
-        if rows.xgr_rows:
+        if rows.xgr_rows and not self.device_states:
             self.mask_logits(logits, rows.rows, rows.grammars)   # (its automata too)
             return rows
+        if rows.xgr_rows:
+            self.mask_logits(logits, rows.xgr_rows, [rows.grammars[i] for i in rows.xgr_pos])
+        if not rows.fsm_rows.size:
+            return rows
         dev = logits.device
-        cuda = dev.type == "cuda"
-        states = torch.from_numpy(self.bank.state[rows.fsm_slots])
-        bits = self.bank.device_table(dev).index_select(
-            0, states.pin_memory().to(dev, non_blocking=True) if cuda else states)
-        index = rows.index
-        if index is not None:              # scattered rows: in place among the span's
-            index = rows.device_index(dev)
-            full = bits.new_full((rows.hi - rows.lo, self.words), -1)
+        slots = rows.device_tensor("fsm_slots", dev)
+        if self.device_states:
+            d = self.bank.device_arrays(dev)
+            bits = d.table.index_select(0, d.state.index_select(0, slots))
+        else:
+            states = torch.from_numpy(self.bank.state[rows.fsm_slots])
+            bits = self.bank.device_table(dev).index_select(
+                0, states.pin_memory().to(dev, non_blocking=True)
+                if dev.type == "cuda" else states)
+        lo, hi = int(rows.fsm_rows[0]), int(rows.fsm_rows[-1]) + 1
+        index = None
+        if hi - lo != rows.fsm_rows.size:    # scattered rows: in place among the span's
+            index = rows.device_tensor("fsm_local", dev)
+            full = bits.new_full((hi - lo, self.words), -1)
             full.index_copy_(0, index.long(), bits)
             bits = full
-        self._apply(logits, logits[rows.lo:rows.hi], bits, index)
+        self._apply(logits, logits[lo:hi], bits, index)
         return rows
 
-    def accept_step(self, rows: "GrammarRows | None", tokens: Sequence[int]
-                    ) -> dict[int, int] | None:
+    def advance_step(self, rows: "GrammarRows | None", tokens: torch.Tensor
+                     ) -> torch.Tensor | None:
+        """Device-resident automata: advance the step's automaton rows by the sampled
+        ``tokens`` (device, one per step row) on the device (``ops.fsm_advance``); returns
+        their int8 codes [rows] (0 moved, 1 done, 2 refused) on the device, None when
+        the step has none."""
+        if rows is None or not rows.fsm_rows.size or not self.device_states:
+            return None
+        dev = tokens.device
+        d = self.bank.device_arrays(dev)
+        # every array is the bank's own (contiguous, dtypes and ranges right): no checks
+        # (host syncs on a GPU) and no dispatcher
+        from ..ops.fsm import fsm_advance_unchecked
+
+        return fsm_advance_unchecked(
+            d.state, d.codes, rows.device_tensor("fsm_slots", dev),
+            rows.device_tensor("fsm_rows", dev), tokens.contiguous(), d.table, d.default,
+            d.exc_keys, d.exc_next, d.eos, self.vocab_size)
+
+    def accept_step(self, rows: "GrammarRows | None", tokens: Sequence[int],
+                    codes: torch.Tensor | None = None) -> dict[int, int] | None:
         """Advance the step's automaton rows by their sampled ``tokens`` (all rows of the
-        step, in order) at once; returns {row: 1 (accepted a stop token) | 2 (refused)}
+        step, in order) at once - or, device-resident, read the ``codes`` advance_step
+        left (on the host now); returns {row: 1 (accepted a stop token) | 2 (refused)}
         for the rows that need the engine's attention, None when none does. xgrammar rows
         are left to the engine's per-row accept."""
         if rows is None or not rows.fsm_rows.size:
             return None
-        toks = np.asarray(tokens, dtype=np.int64)[rows.fsm_rows]
-        result = self.bank.accept(rows.fsm_slots, toks)
+        if codes is not None:
+            result = codes.numpy()
+        else:
+            toks = np.asarray(tokens, dtype=np.int64)[rows.fsm_rows]
+            result = self.bank.accept(rows.fsm_slots, toks)
         hit = np.flatnonzero(result)
         if not hit.size:
             return None
@@ -489,7 +526,10 @@ class GrammarRows:
     fsm_slots: np.ndarray
     bulk: list[bool]
     xgr_rows: list[int]
+    xgr_pos: list[int]            # positions in ``rows`` / ``grammars`` of xgr_rows
+    waiting: bool                 # some grammar of the batch waits for its start_after
     _device_index: torch.Tensor | None = None
+    _on_device: dict[str, Any] | None = None
 
     @classmethod
     def of(cls, seqs: Sequence[Any]) -> "GrammarRows | None":
@@ -500,6 +540,7 @@ class GrammarRows:
                 and s.grammar.active and s.status is not finished]
         if not rows:
             return None
+        waiting = any(s.grammar is not None and not s.grammar.active for s in seqs)
         grammars = [seqs[r].grammar for r in rows]
         lo, hi = rows[0], rows[-1] + 1
         index = None
@@ -509,10 +550,30 @@ class GrammarRows:
         bulk = [False] * len(seqs)
         for r, _ in fsm:
             bulk[r] = True
+        xgr_pos = [i for i, r in enumerate(rows) if not bulk[r]]
         return cls(rows, grammars, lo, hi, index,
                    np.array([r for r, _ in fsm], dtype=np.int64),
                    np.array([slot for _, slot in fsm], dtype=np.int64), bulk,
-                   [r for r in rows if not bulk[r]])
+                   [rows[i] for i in xgr_pos], xgr_pos, waiting)
+
+    @property
+    def host_tokens_free(self) -> bool:
+        """Whether device-resident automata alone constrain the batch: the next step
+        needs none of this step's tokens on the host for them."""
+        return not self.xgr_rows and not self.waiting
+
+    def device_tensor(self, name: str, dev: torch.device) -> torch.Tensor:
+        """fsm_slots / fsm_rows / fsm_local (fsm rows - their first) on ``dev``, int64
+        (copied once per batch)."""
+        cache = self._on_device
+        if cache is None or cache.get("device") != dev:
+            cache = self._on_device = {"device": dev}
+        t = cache.get(name)
+        if t is None:
+            arr = self.fsm_rows - self.fsm_rows[0] if name == "fsm_local" else \
+                getattr(self, name)
+            t = cache[name] = torch.from_numpy(np.ascontiguousarray(arr)).to(dev)
+        return t
 
     def device_index(self, dev: torch.device) -> torch.Tensor:
         """``index`` on the logits' device (copied once per batch)."""
