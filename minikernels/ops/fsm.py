@@ -52,11 +52,7 @@ def fsm_advance_unchecked(state: Tensor, codes: Tensor, slots: Tensor, rows: Ten
 def _fsm_advance(state: Tensor, codes: Tensor, slots: Tensor, rows: Tensor, tokens: Tensor,
                  table: Tensor, default: Tensor, exc_keys: Tensor, exc_next: Tensor,
                  eos: Tensor, vocab_size: int) -> Tensor:
-    if _backend.resolve("fsm_advance", state.device) == "triton":
-        from .triton import fsm as triton_fsm
-        return triton_fsm.fsm_advance(state, codes, slots, rows, tokens, table, default,
-                                      exc_keys, exc_next, eos.view(torch.uint8), vocab_size)
-    return reference.fsm_advance(state, codes, slots, rows, tokens, table, default,
+    return fsm_advance_unchecked(state, codes, slots, rows, tokens, table, default,
                                  exc_keys, exc_next, eos, vocab_size)
 
 
