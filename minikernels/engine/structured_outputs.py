@@ -371,12 +371,18 @@ class StructuredOutputManager:
 
     def _apply(self, logits: torch.Tensor, span: torch.Tensor, bits: torch.Tensor,
                index: torch.Tensor | None) -> None:
-        """``bits`` [rows of span, words] onto ``span`` (rows ``index`` of it, or all)."""
-        from ..ops import apply_token_bitmask
+        """``bits`` [rows of span, words] onto ``span`` (rows ``index`` of it, or all).
+        Every argument is built here (int32 contiguous bits, an in-range contiguous
+        index, logits rows from the sampler), so the op runs without its checks and the
+        dispatcher (ops.bitmask.apply_token_bitmask_unchecked): tens of us per step."""
+        from ..ops.bitmask import apply_token_bitmask_unchecked
 
+        if span.shape[1] > 1 and span.stride(1) != 1:      # (never from the sampler)
+            raise ValueError("structured outputs: logits must be contiguous in the vocab")
         with torch.inference_mode():   # logits come from an inference-mode forward
-            apply_token_bitmask(span, bits, index,
-                                vocab_size=min(self.vocab_size, logits.shape[1]))
+            apply_token_bitmask_unchecked(span, bits.contiguous(),
+                                          None if index is None else index.contiguous(),
+                                          min(self.vocab_size, logits.shape[1]))
             if logits.shape[1] > self.vocab_size:   # a padded lm_head's extra columns
                 pad = span[:, self.vocab_size:]
                 if index is None:
