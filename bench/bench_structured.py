@@ -22,9 +22,8 @@ without holding the GIL: ``wall_ms`` then shows what the overlap hides (a constr
 step is read back inside the next launch, after its forward is launched).
 
 ``--backend outlines``: the same with regular constraints as token automata (docs/engine.md,
-"The outlines backend": +37..+57% JSON, +49..+53% regex with every row constrained, against
-xgrammar's +140..+157% and +585..+759% in the same half hour; the target is not met by
-either).
+"The outlines backend": +21..+28% JSON, +37..+43% regex with every row constrained, against
+xgrammar's +115..+127% and +520..+581% run right after; the target is not met by either).
 
 Findings (docs/engine.md, "Structured outputs", has the table): at batch 256 the target
 (<= 10% of a step's host time with every row constrained) is not met on the engine
