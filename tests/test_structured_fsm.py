@@ -302,6 +302,15 @@ def test_errors():
     assert torch.equal(index.table[index.initial], want)
 
 
+def test_a_missing_outlines_core_fails_at_start_up(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "outlines_core", None)     # (an import then fails)
+    with pytest.raises(ImportError, match="needs outlines-core"):
+        LLM("tiny", dtype="float32", device="cpu",
+            structured_outputs_config={"backend": "outlines"})
+
+
 def test_serve_flag_reaches_the_engine():
     import argparse
 

@@ -1432,6 +1432,13 @@ def _structured_backend(config: dict[str, Any] | None) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"structured_outputs_config.backend must be one of "
                          f"{('auto',) + BACKENDS}, got {backend!r}")
+    if backend == "outlines":      # fail at start-up, not at the first constrained request
+        try:
+            import outlines_core  # noqa: F401
+        except ImportError as exc:
+            raise ImportError("structured_outputs_config.backend 'outlines' needs "
+                              "outlines-core: pip install outlines-core (or the "
+                              "'structured' extra)") from exc
     return backend
 
 
