@@ -258,3 +258,36 @@ def test_hybrid_lora_tp2_token_identical(kind, targets, tmp_path):
         assert greedy(llm) == want
     finally:
         llm.llm_engine.model.close()
+
+
+def test_hybrid_weight_sync_and_sleep_tp2(tmp_path):
+    """RL loops on a hybrid model under TP=2: after sleep / wake_up (every rank's state
+    pool emptied and refilled) and after load_weights of other weights (each rank copies
+    its rows / columns of every mixer tensor), greedy tokens equal TP=1 with the same
+    weights."""
+    import minikernels as mk
+
+    family, over = EXTRA_CASES["qwen3_5"]
+    path = save_hf(make_hf_model(family, **over), str(tmp_path / "m"))
+    new = make_hf_model(family, seed=7, **over).state_dict()
+    prompts = [{"prompt_token_ids": p} for p in ([5, 9, 17, 33, 2, 8, 19, 4], [12, 14, 16])]
+    params = mk.SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+    kw = dict(dtype="float32", device="cpu", block_size=4, max_model_len=64)
+
+    def greedy(llm: mk.LLM) -> list[list[int]]:
+        return [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
+
+    one = mk.LLM(path, **kw)
+    want = greedy(one)
+    one.load_weights(new.items())
+    want_new = greedy(one)
+    assert want_new != want
+    llm = mk.LLM(path, tensor_parallel_size=2, **kw)
+    try:
+        llm.sleep(1)
+        llm.wake_up()
+        assert greedy(llm) == want
+        llm.load_weights(new.items())
+        assert greedy(llm) == want_new
+    finally:
+        llm.llm_engine.model.close()
