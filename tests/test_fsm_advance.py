@@ -150,3 +150,103 @@ def test_opcheck(backend, device):
             bank["exc_keys"], bank["exc_next"], bank["eos"], 70)
     with mk.use_backend(backend):
         torch.library.opcheck(torch.ops.minikernels.fsm_advance, args)
+
+
+# ---------------------------------------------------------------- fsm_mask_logits
+def _mask_loop(logits, state, slots, rows, table, vocab):
+    """Independent spec: one row and one token at a time."""
+    out = logits.clone()
+    v = min(vocab, logits.shape[1], 32 * table.shape[1])
+    for slot, row in zip(slots.tolist(), rows.tolist()):
+        s = int(state[slot])
+        for t in range(logits.shape[1]):
+            if t >= v or not (int(table[s, t // 32]) >> (t % 32)) & 1:
+                out[row, t] = float("-inf")
+    return out
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@given(data=st.data())
+def test_mask_logits_matches_loop(backend, device, data):
+    g = torch.Generator().manual_seed(data.draw(st.integers(0, 2**16)))
+    n = data.draw(st.integers(1, 30))
+    table_vocab = data.draw(st.sampled_from([1, 31, 32, 33, 100, 700]))
+    table = _bank(n, table_vocab, 0, g)["table"]
+    cols = data.draw(st.sampled_from([1, table_vocab, table_vocab + 5, 4097, 4200]))
+    vocab = data.draw(st.sampled_from([None, max(cols - 3, 0), cols, cols + 7]))
+    n_slots = data.draw(st.integers(1, 10))
+    batch = data.draw(st.integers(1, 9))
+    r = data.draw(st.integers(0, min(batch, n_slots)))
+    state = torch.randint(0, n, (n_slots,), generator=g)
+    slots = torch.randperm(n_slots, generator=g)[:r]
+    rows = torch.randperm(batch, generator=g)[:r]
+    dtype = data.draw(st.sampled_from([torch.float32, torch.float16, torch.bfloat16]))
+    logits = torch.randn(batch, cols, generator=g).to(dtype)
+    want = _mask_loop(logits, state, slots, rows, table, cols if vocab is None else vocab)
+    idx = data.draw(st.sampled_from([torch.int32, torch.int64]))
+    slots, rows = slots.to(idx), rows.to(idx)
+    if data.draw(st.booleans()):   # every tensor a view with strides of its own
+        big = torch.randn(batch, cols + 9, generator=g).to(dtype)
+        big[:, 3:3 + cols] = logits
+        logits = big[:, 3:3 + cols]
+        state = torch.stack([state, state], 1)[:, 0]
+        slots = torch.stack([slots, slots], 1)[:, 0]
+        rows = torch.stack([rows, rows], 1)[:, 0]
+        table = torch.cat([table, table], 1)[:, :table.shape[1]]
+    logits, state, slots, rows, table = (t.to(device) for t in (logits, state, slots, rows,
+                                                                 table))
+    ref = logits.clone()
+    reference.fsm_mask_logits(ref, state, slots, rows, table,
+                              cols if vocab is None else vocab)
+    assert torch.equal(ref.cpu(), want)
+    with mk.use_backend(backend):
+        mk.ops.fsm_mask_logits(logits, state, slots, rows, table, vocab_size=vocab)
+    assert torch.equal(logits.cpu(), want)
+    if data.draw(st.booleans()) and r:   # the same as the bitmask op on gathered rows
+        again = want.to(device).clone()
+        bits = table[state[slots.long()]]
+        mk.ops.apply_token_bitmask(again, torch.full((batch, table.shape[1]), -1,
+                                                     dtype=torch.int32, device=device)
+                                   .index_copy(0, rows.long(), bits), rows)
+        assert torch.equal(again.cpu(), want)
+
+
+def test_mask_logits_errors(device):
+    g = torch.Generator().manual_seed(0)
+    table = _bank(4, 40, 0, g)["table"].to(device)
+    logits = torch.randn(3, 40, device=device)
+    state = torch.tensor([0, 3, 1], device=device)
+    slots = torch.tensor([0, 2], device=device)
+    rows = torch.tensor([1, 0], device=device)
+    f = mk.ops.fsm_mask_logits
+    with pytest.raises(TypeError, match="logits must have dtype"):
+        f(logits.long(), state, slots, rows, table)
+    with pytest.raises(ValueError, match="logits must be contiguous in its last dim"):
+        f(torch.randn(40, 3, device=device).t(), state, slots, rows, table)
+    with pytest.raises(TypeError, match="state must have dtype"):
+        f(logits, state.int(), slots, rows, table)
+    with pytest.raises(ValueError, match="rows must match"):
+        f(logits, state, slots, rows[:1], table)
+    with pytest.raises(ValueError, match="slots values must be in"):
+        f(logits, state, torch.tensor([0, 3], device=device), rows, table)
+    with pytest.raises(ValueError, match="rows values must be in"):
+        f(logits, state, slots, torch.tensor([0, 3], device=device), table)
+    with pytest.raises(ValueError, match="rows must be distinct"):
+        f(logits, state, slots, torch.tensor([1, 1], device=device), table)
+    with pytest.raises(ValueError, match=r"state\[slots\] values must be in"):
+        f(logits, torch.tensor([0, 0, 9], device=device), slots, rows, table)
+    with pytest.raises(ValueError, match="vocab_size must be"):
+        f(logits, state, slots, rows, table, vocab_size=-1)
+    with pytest.raises(TypeError, match="table must have dtype"):
+        f(logits, state, slots, rows, table.long())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_mask_logits_opcheck(backend, device):
+    g = torch.Generator().manual_seed(2)
+    table = _bank(6, 70, 0, g)["table"].to(device)
+    args = (torch.randn(3, 75, device=device), torch.tensor([1, 4, 0], device=device),
+            torch.tensor([2, 0], device=device), torch.tensor([0, 2], device=device), table,
+            70)
+    with mk.use_backend(backend):
+        torch.library.opcheck(torch.ops.minikernels.fsm_mask_logits, args)

@@ -925,10 +925,13 @@ class LLMEngine:
         eos = self.eos_token_ids
         n_new = 0
         # structured outputs: the automaton rows advance together; {row: 1 done, 2 refused}
-        bulk = step.grammar_rows.bulk if step.grammar_rows is not None else None
-        bulk_done = self.structured.accept_step(step.grammar_rows, tokens,
-                                                step.grammar_codes) \
+        rows = step.grammar_rows
+        bulk = rows.bulk if rows is not None else None
+        # (the host tensor of the tokens: numpy reads it without converting the list)
+        bulk_done = self.structured.accept_step(
+            rows, tokens if step.host[0] is None else step.host[0], step.grammar_codes) \
             if bulk is not None else None
+        dense = rows is not None and rows.fsm_dense     # every row an automaton row
         for j, seq in enumerate(step.seqs):
             seq.num_pending -= 1
             if seq.status is SequenceStatus.FINISHED:
@@ -951,7 +954,7 @@ class LLMEngine:
                     seq.unsent_text += delta
             if seq.grammar is None:
                 grammar_done = False
-            elif bulk is not None and bulk[j]:
+            elif dense or bulk is not None and bulk[j]:
                 grammar_done = bulk_done is not None and j in bulk_done and \
                     self._bulk_grammar_done(seq, token, bulk_done[j])
             else:

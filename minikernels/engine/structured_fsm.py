@@ -13,8 +13,9 @@ constraint:
                                       state's tokens lead to one state (a string's inside
                                       stays inside), the rest are listed
 
-so a step costs a few Python operations per constrained row (accept) plus one gather of
-table rows on the device (the mask), instead of a grammar engine's per-row matching. The
+so a step costs a few numpy operations for the whole batch (accept) plus one kernel that
+masks the logits straight from the table rows of the rows' states (``ops.fsm_mask_logits``),
+instead of a grammar engine's per-row matching. The
 price is paid at compile time (off the engine thread): seconds for a large vocabulary,
 and memory S x V / 8 bytes for the table; constraints that are not regular (EBNF
 grammars, ``json_object``, recursive schemas) stay with xgrammar.

@@ -34,6 +34,8 @@ import torch
 
 import numpy as np
 
+from ..ops.bitmask import apply_token_bitmask_unchecked
+from ..ops.fsm import fsm_advance_unchecked, fsm_mask_logits_unchecked
 from .structured_fsm import FsmBank, FsmGrammar, FsmIndex, fsm_regex
 
 logger = logging.getLogger("minikernels")
@@ -375,8 +377,6 @@ class StructuredOutputManager:
         Every argument is built here (int32 contiguous bits, an in-range contiguous
         index, logits rows from the sampler), so the op runs without its checks and the
         dispatcher (ops.bitmask.apply_token_bitmask_unchecked): tens of us per step."""
-        from ..ops.bitmask import apply_token_bitmask_unchecked
-
         if span.shape[1] > 1 and span.stride(1) != 1:      # (never from the sampler)
             raise ValueError("structured outputs: logits must be contiguous in the vocab")
         with torch.inference_mode():   # logits come from an inference-mode forward
@@ -397,9 +397,10 @@ class StructuredOutputManager:
 
         The rows are found once per batch of automata: while the step's sequences
         (compared by identity, at C speed) and :attr:`epoch` are those of the last step,
-        the last step's rows are reused. Automaton (outlines) rows cost no Python per row: their
-        states are gathered from the bank, their mask rows from its table on the device.
-        xgrammar rows fill the host bitmask as in :meth:`mask_logits`."""
+        the last step's rows are reused. Automaton (outlines) rows cost no Python per
+        row: one ``ops.fsm_mask_logits`` launch masks them all from the bank's table,
+        read through each row's state (on the device when the states live there). xgrammar
+        rows fill the host bitmask as in :meth:`mask_logits`."""
         key = self._step_key
         if key is not None and key[0] == self.epoch and key[1] == seqs and (
                 self._step_rows is None or not self._step_rows.xgr_rows):
@@ -420,23 +421,25 @@ class StructuredOutputManager:
         if not rows.fsm_rows.size:
             return rows
         dev = logits.device
-        slots = rows.device_tensor("fsm_slots", dev)
-        if self.device_states:
+        table = None
+        if self.device_states:                 # the states live on the device
             d = self.bank.device_arrays(dev)
-            bits = d.table.index_select(0, d.state.index_select(0, slots))
-        else:
-            states = torch.from_numpy(self.bank.state[rows.fsm_slots])
-            bits = self.bank.device_table(dev).index_select(
-                0, states.pin_memory().to(dev, non_blocking=True)
-                if dev.type == "cuda" else states)
-        lo, hi = int(rows.fsm_rows[0]), int(rows.fsm_rows[-1]) + 1
-        index = None
-        if hi - lo != rows.fsm_rows.size:    # scattered rows: in place among the span's
-            index = rows.device_tensor("fsm_local", dev)
-            full = bits.new_full((hi - lo, self.words), -1)
-            full.index_copy_(0, index.long(), bits)
-            bits = full
-        self._apply(logits, logits[lo:hi], bits, index)
+            state, slots, table = d.state, rows.device_tensor("fsm_slots", dev), d.table
+        elif dev.type == "cuda":               # this step's host states, copied over
+            state = torch.from_numpy(self.bank.state[rows.fsm_slots]).pin_memory().to(
+                dev, non_blocking=True)
+            slots = rows.device_tensor("fsm_order", dev)
+        else:                                  # the host arrays themselves (no copy)
+            state, slots = torch.from_numpy(self.bank.state), rows.device_tensor(
+                "fsm_slots", dev)
+        if table is None:
+            table = self.bank.device_table(dev)
+        # one launch: each row's table row, read through its state, masks its logits
+        # (and a padded lm_head's columns); no per-row bitmask is gathered
+        with torch.inference_mode():          # logits come from an inference-mode forward
+            fsm_mask_logits_unchecked(logits, state, slots,
+                                      rows.device_tensor("fsm_rows", dev), table,
+                                      min(self.vocab_size, logits.shape[1]))
         return rows
 
     def advance_step(self, rows: "GrammarRows | None", tokens: torch.Tensor
@@ -451,28 +454,30 @@ class StructuredOutputManager:
         d = self.bank.device_arrays(dev)
         # every array is the bank's own (contiguous, dtypes and ranges right): no checks
         # (host syncs on a GPU) and no dispatcher
-        from ..ops.fsm import fsm_advance_unchecked
-
         return fsm_advance_unchecked(
             d.state, d.codes, rows.device_tensor("fsm_slots", dev),
             rows.device_tensor("fsm_rows", dev), tokens.contiguous(), d.table, d.default,
             d.exc_keys, d.exc_next, d.eos, self.vocab_size)
 
-    def accept_step(self, rows: "GrammarRows | None", tokens: Sequence[int],
+    def accept_step(self, rows: "GrammarRows | None", tokens: Any,
                     codes: torch.Tensor | None = None) -> dict[int, int] | None:
         """Advance the step's automaton rows by their sampled ``tokens`` (all rows of the
-        step, in order) at once - or, device-resident, read the ``codes`` advance_step
-        left (on the host now); returns {row: 1 (accepted a stop token) | 2 (refused)}
-        for the rows that need the engine's attention, None when none does. xgrammar rows
-        are left to the engine's per-row accept."""
+        step, in order: a host tensor, array or list) at once - or, device-resident, read
+        the ``codes`` advance_step left (on the host now); returns {row: 1 (accepted a
+        stop token) | 2 (refused)} for the rows that need the engine's attention, None
+        when none does. xgrammar rows are left to the engine's per-row accept."""
         if rows is None or not rows.fsm_rows.size:
             return None
         if codes is not None:
             result = codes.numpy()
+            hit = np.flatnonzero(result)
         else:
-            toks = np.asarray(tokens, dtype=np.int64)[rows.fsm_rows]
+            toks = tokens.numpy() if isinstance(tokens, torch.Tensor) else \
+                np.asarray(tokens, dtype=np.int64)
+            if not rows.fsm_dense:            # rows 0 .. n-1 of the step: no gather
+                toks = toks[rows.fsm_rows]
             result = self.bank.accept(rows.fsm_slots, toks)
-        hit = np.flatnonzero(result)
+            hit = np.flatnonzero(result)
         if not hit.size:
             return None
         return {int(rows.fsm_rows[i]): int(result[i]) for i in hit}
@@ -534,6 +539,7 @@ class GrammarRows:
     xgr_rows: list[int]
     xgr_pos: list[int]            # positions in ``rows`` / ``grammars`` of xgr_rows
     waiting: bool                 # some grammar of the batch waits for its start_after
+    fsm_dense: bool = False       # fsm_rows is 0 .. len(seqs) - 1 (every row of the step)
     _device_index: torch.Tensor | None = None
     _on_device: dict[str, Any] | None = None
 
@@ -560,7 +566,8 @@ class GrammarRows:
         return cls(rows, grammars, lo, hi, index,
                    np.array([r for r, _ in fsm], dtype=np.int64),
                    np.array([slot for _, slot in fsm], dtype=np.int64), bulk,
-                   [rows[i] for i in xgr_pos], xgr_pos, waiting)
+                   [rows[i] for i in xgr_pos], xgr_pos, waiting,
+                   fsm_dense=len(fsm) == len(seqs))
 
     @property
     def host_tokens_free(self) -> bool:
@@ -569,14 +576,14 @@ class GrammarRows:
         return not self.xgr_rows and not self.waiting
 
     def device_tensor(self, name: str, dev: torch.device) -> torch.Tensor:
-        """fsm_slots / fsm_rows / fsm_local (fsm rows - their first) on ``dev``, int64
-        (copied once per batch)."""
+        """fsm_slots / fsm_rows / fsm_order (0 .. R - 1) on ``dev``, int64 (copied once
+        per batch)."""
         cache = self._on_device
         if cache is None or cache.get("device") != dev:
             cache = self._on_device = {"device": dev}
         t = cache.get(name)
         if t is None:
-            arr = self.fsm_rows - self.fsm_rows[0] if name == "fsm_local" else \
+            arr = np.arange(self.fsm_rows.size) if name == "fsm_order" else \
                 getattr(self, name)
             t = cache[name] = torch.from_numpy(np.ascontiguousarray(arr)).to(dev)
         return t

@@ -7,7 +7,7 @@ every op lives in :mod:`minikernels.ops.reference`.
 from . import reference
 from .activation import gelu_and_mul, gelu_tanh_and_mul, silu_and_mul
 from .bitmask import apply_token_bitmask
-from .fsm import fsm_advance
+from .fsm import fsm_advance, fsm_mask_logits
 from .conv import causal_conv1d
 from .fp8 import fp8_matmul
 from .gated_delta import gated_delta_rule
@@ -38,6 +38,7 @@ __all__ = [
     "MoELoRA",
     "apply_token_bitmask",
     "fsm_advance",
+    "fsm_mask_logits",
     "build_rope_cache",
     "causal_conv1d",
     "flash_attention",

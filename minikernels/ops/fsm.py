@@ -1,4 +1,5 @@
-"""Op family: structured outputs. Op: ``minikernels::fsm_advance`` (state updated in place).
+"""Op family: structured outputs. Ops: ``minikernels::fsm_advance`` (state updated in
+place) and ``minikernels::fsm_mask_logits`` (logits masked in place).
 
 One decode step of many token automata at once (the "outlines" structured-outputs
 backend keeps them on the device: engine/structured_fsm.py): each constrained row's
@@ -19,8 +20,15 @@ rows):
 
 Returns int8 [R]: 0 the token moved the automaton on, 1 it was a stop token (now done),
 2 refused (not allowed, out of range, or the slot was done; nothing changes). Spec:
-:func:`minikernels.ops.reference.fsm_advance`. Backends: reference, triton
-(ops/triton/fsm.py). Tests: tests/test_fsm_advance.py.
+:func:`minikernels.ops.reference.fsm_advance`.
+
+``fsm_mask_logits(logits, state, slots, rows, table, vocab_size)`` masks the logits of
+the same rows before sampling, straight from the automata: logits [B, V] float (rows
+``rows``, distinct) get -inf wherever bit t of ``table[state[slots[i]]]`` is 0, and past
+the vocabulary (a padded lm_head), in one launch - no per-row bitmask is gathered. Spec:
+:func:`minikernels.ops.reference.fsm_mask_logits`.
+
+Backends: reference, triton (ops/triton/fsm.py). Tests: tests/test_fsm_advance.py.
 """
 from __future__ import annotations
 
@@ -28,7 +36,8 @@ import torch
 from torch import Tensor
 
 from .. import backend as _backend
-from .._validation import check_index_range, check_tensor, index_checks_active
+from .._validation import (FLOAT_DTYPES, check_index_range, check_tensor,
+                           index_checks_active)
 from . import reference
 
 _INDEX = (torch.int32, torch.int64)
@@ -111,3 +120,66 @@ def fsm_advance(state: Tensor, codes: Tensor, slots: Tensor, rows: Tensor, token
         table if table.stride(1) == 1 else table.contiguous(), default.contiguous(),
         exc_keys.contiguous(), exc_next.contiguous(), eos.contiguous(), vocab_size)
 
+
+
+# ------------------------------------------------------------------------ fsm_mask_logits
+def fsm_mask_logits_unchecked(logits: Tensor, state: Tensor, slots: Tensor, rows: Tensor,
+                              table: Tensor, vocab_size: int) -> None:
+    """:func:`fsm_mask_logits` on the backend's implementation directly: no checks and no
+    dispatcher. For a caller that built every argument itself (the engine's automata bank
+    and the sampler's logits): unit column strides, contiguous int64 state, contiguous
+    slots / rows in range, vocab_size <= min(V, 32 * W)."""
+    if _backend.resolve("fsm_mask_logits", logits.device) == "triton":
+        from .triton import fsm as triton_fsm
+        triton_fsm.fsm_mask_logits(logits, state, slots, rows, table, vocab_size)
+    else:
+        reference.fsm_mask_logits(logits, state, slots, rows, table, vocab_size)
+
+
+@torch.library.custom_op("minikernels::fsm_mask_logits", mutates_args=("logits",))
+def _fsm_mask_logits(logits: Tensor, state: Tensor, slots: Tensor, rows: Tensor,
+                     table: Tensor, vocab_size: int) -> None:
+    fsm_mask_logits_unchecked(logits, state, slots, rows, table, vocab_size)
+
+
+@_fsm_mask_logits.register_fake
+def _(logits: Tensor, state: Tensor, slots: Tensor, rows: Tensor, table: Tensor,
+      vocab_size: int) -> None:
+    return None
+
+
+def fsm_mask_logits(logits: Tensor, state: Tensor, slots: Tensor, rows: Tensor,
+                    table: Tensor, vocab_size: int | None = None) -> None:
+    """Mask logits rows ``rows`` by their automata's states, in place (module docstring).
+
+    logits [B, V] fp32 / fp16 / bf16 (any row stride, unit column stride; written in
+    place); state int64 [S]; slots, rows int32 / int64 [R] (rows distinct); table int32
+    [N, W]; vocab_size: the tokens the automata know (default V); columns from
+    min(vocab_size, 32 * W) on are masked too. Views are accepted for every argument but
+    logits' columns."""
+    check_tensor("logits", logits, dtypes=FLOAT_DTYPES, ndim=2)
+    dev = logits.device
+    if logits.shape[1] > 1 and logits.stride(1) != 1:
+        raise ValueError("logits must be contiguous in its last dim (it is written in place)")
+    check_tensor("state", state, dtypes=(torch.int64,), ndim=1, device=dev)
+    check_tensor("slots", slots, dtypes=_INDEX, ndim=1, device=dev)
+    check_tensor("rows", rows, dtypes=_INDEX, ndim=1, device=dev)
+    if rows.shape != slots.shape:
+        raise ValueError(f"rows must match slots' shape {list(slots.shape)}, got "
+                         f"{list(rows.shape)}")
+    check_tensor("table", table, dtypes=(torch.int32,), ndim=2, device=dev)
+    if vocab_size is None:
+        vocab_size = logits.shape[1]
+    if not isinstance(vocab_size, int) or isinstance(vocab_size, bool) or vocab_size < 0:
+        raise ValueError(f"vocab_size must be a non-negative int, got {vocab_size!r}")
+    check_index_range("slots", slots, 0, state.shape[0])
+    check_index_range("rows", rows, 0, logits.shape[0])
+    if index_checks_active(rows) and rows.numel() and \
+            torch.unique(rows).numel() != rows.numel():
+        raise ValueError("rows must be distinct (each masks its logits row once)")
+    if index_checks_active(slots) and slots.numel():
+        check_index_range("state[slots]", state[slots.long()], 0, table.shape[0])
+    torch.ops.minikernels.fsm_mask_logits(
+        logits, state.contiguous(), slots.contiguous(), rows.contiguous(),
+        table if table.stride(1) == 1 or table.shape[1] <= 1 else table.contiguous(),
+        min(vocab_size, logits.shape[1], 32 * table.shape[1]))

@@ -911,6 +911,25 @@ def fsm_advance(state: Tensor, codes: Tensor, slots: Tensor, rows: Tensor, token
     codes[idx] = torch.where(stop, torch.ones_like(c), c)
     return torch.where(ok, stop.to(torch.int8), torch.full_like(c, 2))
 
+def fsm_mask_logits(logits: Tensor, state: Tensor, slots: Tensor, rows: Tensor,
+                    table: Tensor, vocab_size: int | None = None) -> None:
+    """In place: for each i, logits row ``rows[i]`` keeps only the tokens allowed in its
+    automaton's state ``s = state[slots[i]]`` (bit t of table[s]; layouts:
+    minikernels/ops/fsm.py): column t becomes -inf where that bit is 0 or t >= v, v =
+    min(vocab_size, 32 * W) (a padded lm_head's columns are never allowed). Other rows
+    are left alone."""
+    v = logits.shape[-1] if vocab_size is None else vocab_size
+    v = min(v, logits.shape[-1], 32 * table.shape[-1])
+    r = rows.long()
+    if r.numel() == 0:
+        return
+    allowed = unpack_token_bitmask(table[state[slots.long()]], v)
+    block = logits[r]
+    block[:, :v] = block[:, :v].masked_fill(~allowed, float("-inf"))
+    block[:, v:] = float("-inf")
+    logits[r] = block
+
+
 # --------------------------------------------------------------------------- speculative decoding
 def rejection_sample(draft_token_ids: Tensor, num_draft_tokens: Tensor, target_probs: Tensor,
                      draft_probs: Tensor | None, uniform: Tensor, exp_q: Tensor,

@@ -1,11 +1,18 @@
-"""One step of many token automata (structured outputs' "outlines" backend) in Triton.
+"""Token automata (structured outputs' "outlines" backend) in Triton: one step of many
+automata (fsm_advance), and the logits mask of their states (fsm_mask_logits).
 
-Algorithm: a 1-D grid over the constrained rows, BLOCK rows per program. Each row reads
+fsm_advance: a 1-D grid over the constrained rows, BLOCK rows per program. Each row reads
 its automaton state (through its grammar's slot), its sampled token and the state's
 packed table word; an allowed token moves the state to the exception listed for (state,
 token) - a binary search over the sorted int64 keys ``state << 32 | token``, ``n_iter``
 halvings - or else to the state's default next state; a stop token keeps the state and
 marks the slot done. Rows never depend on each other (distinct slots).
+
+fsm_mask_logits: a 2-D grid over (constrained row, vocab block), as the bitmask kernel
+(ops/triton/bitmask.py), with one more indirection: each program reads its row's slot,
+the slot's state, and BLOCK // 32 words of that state's table row, expands them to bits
+and stores -inf where a bit is 0 or the column is past the vocabulary; allowed logits are
+never written, and the mask is never materialised per row.
 """
 from __future__ import annotations
 
@@ -16,6 +23,7 @@ import triton.language as tl
 from .registry import KernelSpec, register
 
 BLOCK = 128
+MASK_BLOCK = 4096
 
 
 @triton.jit
@@ -76,6 +84,39 @@ def fsm_advance(state: torch.Tensor, codes: torch.Tensor, slots: torch.Tensor,
     return out
 
 
+@triton.jit
+def fsm_mask_logits_kernel(logits_ptr, state_ptr, slots_ptr, rows_ptr, table_ptr,
+                           n_cols, vocab_size, logits_row_stride, table_row_stride,
+                           BLOCK: tl.constexpr):
+    i = tl.program_id(0)
+    row = tl.load(rows_ptr + i).to(tl.int64)
+    s = tl.load(state_ptr + tl.load(slots_ptr + i).to(tl.int64))
+    start = tl.program_id(1) * BLOCK
+    words = start // 32 + tl.arange(0, BLOCK // 32)
+    packed = tl.load(table_ptr + s * table_row_stride + words,
+                     mask=words * 32 < vocab_size, other=0)
+    bits = (packed[:, None] >> tl.arange(0, 32)[None, :]) & 1          # [BLOCK/32, 32]
+    cols = start + tl.arange(0, BLOCK)
+    blocked = tl.reshape(bits == 0, [BLOCK]) | (cols >= vocab_size)
+    # fp32 -inf, cast by the store to the logits' dtype (see ops/triton/bitmask.py)
+    tl.store(logits_ptr + row * logits_row_stride + cols,
+             tl.full([BLOCK], float("-inf"), tl.float32), mask=blocked & (cols < n_cols))
+
+
+def fsm_mask_logits(logits: torch.Tensor, state: torch.Tensor, slots: torch.Tensor,
+                    rows: torch.Tensor, table: torch.Tensor, vocab_size: int) -> None:
+    """logits [B, V] (unit column stride), state int64 [S] contiguous, slots / rows
+    contiguous int32 or int64 [R], table int32 [N, W] (unit column stride); vocab_size
+    <= 32 * W. In place."""
+    n, cols = rows.shape[0], logits.shape[1]
+    if n == 0 or cols == 0:
+        return
+    grid = (n, triton.cdiv(cols, MASK_BLOCK))
+    fsm_mask_logits_kernel[grid](
+        logits, state, slots, rows, table, cols, vocab_size, logits.stride(0),
+        table.stride(0), BLOCK=MASK_BLOCK, num_warps=4)
+
+
 for _idx in ("i32", "i64"):
     for _tok in ("i32", "i64"):
         register(KernelSpec(
@@ -87,3 +128,13 @@ for _idx in ("i32", "i64"):
                        "n_rows": "i32", "vocab_size": "i32", "table_row_stride": "i64",
                        "n_exc": "i64", "n_iter": "i32", "BLOCK": "constexpr"},
             constexprs={"BLOCK": BLOCK}, num_warps=4, num_stages=1))
+
+for _dt in ("fp32", "fp16", "bf16"):
+    for _idx in ("i32", "i64"):
+        register(KernelSpec(
+            name=f"fsm_mask_logits[{_dt},idx={_idx}]", fn=fsm_mask_logits_kernel,
+            signature={"logits_ptr": f"*{_dt}", "state_ptr": "*i64", "slots_ptr": f"*{_idx}",
+                       "rows_ptr": f"*{_idx}", "table_ptr": "*i32", "n_cols": "i32",
+                       "vocab_size": "i32", "logits_row_stride": "i64",
+                       "table_row_stride": "i64", "BLOCK": "constexpr"},
+            constexprs={"BLOCK": MASK_BLOCK}, num_warps=4, num_stages=1))
