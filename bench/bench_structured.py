@@ -86,7 +86,7 @@ class _Clock:
 
 def run_once(batch: int, fraction: float, constraint: str, steps: int,
              tokenizer: Any, gpu_ms: float = 0.0, backend: str = "xgrammar",
-             device_states: bool = False) -> dict[str, Any]:
+             device_states: bool | None = None, device: str = "cpu") -> dict[str, Any]:
     """One engine run: ``batch`` requests, the first ``fraction`` constrained; returns the
     engine thread's CPU ms (and wall ms) per decode round in the steady window, and where
     the structured-output part of it goes."""
@@ -94,10 +94,11 @@ def run_once(batch: int, fraction: float, constraint: str, steps: int,
 
     prompt_len, max_tokens = 16, steps + 8
     llm = _build(block_size=64, max_len=prompt_len + max_tokens + 64, tokenizer=tokenizer,
-                 gpu_ms=gpu_ms, structured_backend=backend)
+                 gpu_ms=gpu_ms, structured_backend=backend, device=device)
     eng = llm.llm_engine
-    if device_states:   # the automata's states on the "device", as a GPU engine keeps them
-        eng._structured_manager().device_states = True
+    if device_states is not None and backend == "outlines":
+        # True on the CPU: the automata's states on the "device", as a GPU engine keeps them
+        eng._structured_manager().device_states = device_states
     stub = eng.model
     shared_forward = stub.forward
     # the stub hands out rows of a shared logits pool; the mask writes -inf in place, so
@@ -176,7 +177,13 @@ def main(argv: list[str] | None = None, out_dir: str | Path | None = None) -> di
                         help="outlines: keep the automata's states on the device and "
                              "advance them with ops.fsm_advance, as the engine does on a "
                              "GPU (here both device ops' CPU math is the stand-in)")
+    parser.add_argument("--device", default="cpu",
+                        help="where the stub's logits live: cpu, or cuda on a GPU host (the "
+                             "mask and sampling ops are then real launches, nothing is a "
+                             "stand-in; the engine keeps the automata's states there)")
     args = parser.parse_args(argv)
+    if args.device != "cpu" and args.gpu_ms:
+        parser.error("--gpu-ms simulates a device on the CPU; not with --device")
     if args.device_states and args.backend != "outlines":
         parser.error("--device-states needs --backend outlines")
     batch, steps, repeats = ((16, 10, 1) if args.smoke
@@ -189,7 +196,7 @@ def main(argv: list[str] | None = None, out_dir: str | Path | None = None) -> di
     tokenizer = BenchTokenizer()
     for constraint in CONSTRAINTS:   # warm-up: first-call costs (allocator, kernels, xgrammar)
         run_once(min(batch, 16), 0.5, constraint, 6, tokenizer, args.gpu_ms, args.backend,
-                 args.device_states)
+                 args.device_states or None, args.device)
     rows: list[dict[str, Any]] = []
     for constraint in CONSTRAINTS:
         for rep in range(repeats):
@@ -197,7 +204,7 @@ def main(argv: list[str] | None = None, out_dir: str | Path | None = None) -> di
             for fraction in (0.0, 0.5, 1.0):
                 t0 = time.perf_counter()
                 r = run_once(batch, fraction, constraint, steps, tokenizer, args.gpu_ms,
-                             args.backend, args.device_states)
+                             args.backend, args.device_states or None, args.device)
                 if fraction == 0.0:
                     base = r
                 ov = {}
@@ -214,8 +221,9 @@ def main(argv: list[str] | None = None, out_dir: str | Path | None = None) -> di
                       f"{r['host_ms']:.3f} ms/round ({_pct(ov['overhead_host_ms'])}), excl. "
                       f"mask-op stand-in {r['host_ms_excl_stand_in']:.3f} "
                       f"({_pct(ov['overhead_host_ms_excl_stand_in'])}), wall "
-                      f"{r['wall_ms']:.3f} ({_pct(ov['overhead_wall_ms'])}); fill {r['fill_ms']:.3f}, mask op "
-                      f"{r['mask_op_ms']:.3f}, finish {r['finish_ms']:.3f}", flush=True)
+                      f"{r['wall_ms']:.3f} ({_pct(ov['overhead_wall_ms'])}); fill "
+                      f"{r['fill_ms']:.3f}, mask op {r['mask_op_ms']:.3f}, finish "
+                      f"{r['finish_ms']:.3f}", flush=True)
     summary = []
     for constraint in CONSTRAINTS:
         for fraction in (0.0, 0.5, 1.0):
@@ -237,8 +245,9 @@ def main(argv: list[str] | None = None, out_dir: str | Path | None = None) -> di
                     out["overhead_host_ms_min"] = min(ov) if ov else None
                     out["overhead_host_ms_max"] = max(ov) if ov else None
             summary.append(out)
-    meta = dict(device=device_name("cpu"), batch=batch, steps=steps, repeats=repeats,
+    meta = dict(device=device_name(args.device), batch=batch, steps=steps, repeats=repeats,
                 gpu_ms=args.gpu_ms, backend=args.backend, device_states=args.device_states,
+                engine_device=args.device,
                 smoke=args.smoke, target="overhead <= 10% of a step's host time with every "
                 "row constrained (issue 17)", runs=rows, torch_threads=1,
                 timing="engine-thread CPU time (and wall time) per decode round (a token "
@@ -250,6 +259,8 @@ def main(argv: list[str] | None = None, out_dir: str | Path | None = None) -> di
                "wall_ms_min", "wall_ms_max", "overhead_wall_ms", "fill_ms", "mask_op_ms",
                "finish_ms"]
     name = "structured" if not args.gpu_ms else f"structured_gpu{args.gpu_ms:g}ms"
+    if args.device != "cpu":
+        name += f"_{args.device}"
     if args.backend != "xgrammar":
         name += f"_{args.backend}"
     if args.device_states:

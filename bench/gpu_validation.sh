@@ -5,8 +5,8 @@
 #   bash bench/gpu_validation.sh STAGE [STAGE ...]     (from the repo root, on the GPU machine)
 #
 # `all` runs the stages in order of importance, each under its own time cap (seconds, env
-# CAP_<STAGE> overrides): build 90, test 160, bench 100, serve 100, spec 60, sanitize 40
-# (550 s at most; give the device call timeout_s=600). Every stage writes into
+# CAP_<STAGE> overrides): build 90, test 160, bench 100, serve 95, spec 55, host 30,
+# sanitize 30 (560 s at most; give the device call timeout_s=600). Every stage writes into
 # $WORK (default /tmp/gpu_work on the device, ./gpu_out elsewhere), and after each stage
 # the whole of $WORK is packed into $OUT/gpu_results.tar.gz: the device tool returns at
 # most 8 files, and a run cut short still returns what the finished stages wrote.
@@ -29,6 +29,11 @@
 #             120 s): batch-1 / batch-8 ms per output token without speculation, n-gram,
 #             draft model, EAGLE head -> $OUT/results/spec_decode_timing.*; log ->
 #             $OUT/spec_decode_timing.log
+#   host      the engine's host time per step on a GPU host (issues 14 and 17): `minikernels
+#             bench engine --device cuda` (steady decode at batch 256, generate and
+#             streaming paths; the stub's logits on the GPU, so sampling, masks and
+#             read-backs are real launches) and, when xgrammar / outlines-core are
+#             installed there, `bench_structured --device cuda` -> $OUT/results/
 # The benchmarks live in minikernels/benchmarks/; bench/*.py are thin scripts over them.
 #
 # Results: unpack gpu_results.tar.gz (results/ holds the benchmarks' JSON, md and png; the
@@ -173,6 +178,20 @@ stage_spec() {
   [ "$rc" -eq 0 ] || echo "spec decode timing failed or timed out (rc=$rc)"
 }
 
+stage_host() {
+  python -m minikernels bench engine --device cuda --workloads steady \
+    --paths generate,stream --block-sizes "" || echo "bench engine (cuda) failed"
+  # (the structured-output backends are optional packages: skipped where missing)
+  if python -c "import outlines_core" 2>/dev/null; then
+    python -m bench.bench_structured --device cuda --backend outlines --repeats 1 \
+      || echo "bench_structured (outlines, cuda) failed"
+  else echo "bench_structured (outlines): skipped (no outlines-core here)"; fi
+  if python -c "import xgrammar" 2>/dev/null; then
+    python -m bench.bench_structured --device cuda --backend xgrammar --repeats 1 \
+      || echo "bench_structured (xgrammar, cuda) failed"
+  else echo "bench_structured (xgrammar): skipped (no xgrammar here)"; fi
+}
+
 pack() {
   [ -n "$DEVICE_OUT" ] || return 0
   tar czf "$DEVICE_OUT/gpu_results.tar.gz.tmp" -C "$OUT" . \
@@ -181,10 +200,10 @@ pack() {
 
 stage_all() {
   local stage cap rc
-  for stage in build test bench serve spec sanitize; do
+  for stage in build test bench serve spec host sanitize; do
     case "$stage" in
-      build) cap=90 ;; test) cap=160 ;; bench) cap=100 ;; serve) cap=100 ;;
-      spec) cap=60 ;; sanitize) cap=40 ;;
+      build) cap=90 ;; test) cap=160 ;; bench) cap=100 ;; serve) cap=95 ;;
+      spec) cap=55 ;; host) cap=30 ;; sanitize) cap=30 ;;
     esac
     var="CAP_${stage^^}"
     cap="${!var:-$cap}"

@@ -69,15 +69,23 @@ class StubModel(torch.nn.Module):
 
     gpu_ms > 0: each forward also occupies a simulated device for gpu_ms (serially, like
     a CUDA stream); ``completion_event()`` completes when the device is done.
+    device: where the logits live ("cuda": the engine runs its real device path - input
+    copies, sampling kernels, read-backs - around a forward that costs nothing).
     """
 
     def __init__(self, vocab: int = VOCAB, max_positions: int = 8192, max_rows: int = 8192,
-                 gpu_ms: float = 0.0, seed: int = 0) -> None:
+                 gpu_ms: float = 0.0, seed: int = 0, device: str | torch.device = "cpu"
+                 ) -> None:
         super().__init__()
+        self._device = torch.device(device)
+        if self._device.type != "cpu" and gpu_ms > 0:
+            raise ValueError("gpu_ms simulates a device on the CPU; with a real device "
+                             "leave it 0")
         self.config = SimpleNamespace(vocab_size=vocab, max_position_embeddings=max_positions,
                                       eos_token_ids=[vocab - 1])
         g = torch.Generator().manual_seed(seed)
-        self.pool = [torch.randn(max_rows, vocab, generator=g) for _ in range(7)]
+        self.pool = [torch.randn(max_rows, vocab, generator=g).to(self._device)
+                     for _ in range(7)]
         self.calls = 0
         self.gpu_s = gpu_ms / 1e3
         self.device_free_at = 0.0
@@ -86,7 +94,7 @@ class StubModel(torch.nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return torch.device("cpu")
+        return self._device
 
     def kv_bytes_per_token(self, dtype: Any = None) -> int:
         return 64
@@ -160,13 +168,15 @@ def make_requests(workload: str, seed: int = 0, scale: float = 1.0,
 
 def _build(block_size: int, gpu_ms: float = 0.0, async_scheduling: bool = True,
            max_len: int = 4096, tokenizer: Any = None, num_blocks: int | None = None,
-           structured_backend: str = "xgrammar") -> LLM:
-    model = StubModel(gpu_ms=gpu_ms, max_positions=max_len)
+           structured_backend: str = "xgrammar", device: str = "cpu") -> LLM:
+    model = StubModel(gpu_ms=gpu_ms, max_positions=max_len, device=device)
     blocks = num_blocks or (256 * -(-max_len // block_size) + 64)
+    # (no CUDA graphs: the stub's forward launches nothing worth capturing)
     return LLM(model, block_size=block_size, num_kv_blocks=blocks, max_num_seqs=256,
-               max_num_batched_tokens=8192, max_model_len=max_len, device="cpu",
+               max_num_batched_tokens=8192, max_model_len=max_len, device=device,
                tokenizer=tokenizer, async_scheduling=async_scheduling,
-               structured_outputs_config={"backend": structured_backend})
+               structured_outputs_config={"backend": structured_backend},
+               enforce_eager=True)
 
 
 class PhaseTimer:
@@ -192,7 +202,8 @@ class PhaseTimer:
         self._wrap(eng.runner, "forward", "forward")
         self._wrap(eng.sampler, "sample", "sample")
         self._wrap(eng, "_finish", "finish")
-        self._wrap(eng.sampler, "_sample_uniform", "stand_in")
+        if eng.device.type == "cpu":     # on a real device these are its launches
+            self._wrap(eng.sampler, "_sample_uniform", "stand_in")
         step = eng.step
 
         def timed_step() -> Any:
@@ -284,12 +295,12 @@ def _row(workload: str, path: str, llm: LLM, timer: PhaseTimer, extra_cpu_s: flo
 # ---------------------------------------------------------------------------- runs
 def run_generate(workload: str, block_size: int = 16, async_scheduling: bool = True,
                  gpu_ms: float = 0.0, scale: float = 1.0, tokenizer: Any = None,
-                 skip_steps: int = 0) -> dict[str, Any]:
+                 skip_steps: int = 0, device: str = "cpu") -> dict[str, Any]:
     """LLM.generate's loop over a workload. Steps before ``skip_steps`` (and, for steady,
     every step that is not a pure decode) are left out of the statistics."""
     prompts, params = make_requests(workload, scale=scale)
     max_len = max(len(p) + sp.max_tokens for p, sp in zip(prompts, params)) + block_size
-    llm = _build(block_size, gpu_ms, async_scheduling, max_len, tokenizer)
+    llm = _build(block_size, gpu_ms, async_scheduling, max_len, tokenizer, device=device)
     eng = llm.llm_engine
     timer = PhaseTimer(llm)
     for i, (p, sp) in enumerate(zip(prompts, params)):
@@ -308,13 +319,13 @@ def run_generate(workload: str, block_size: int = 16, async_scheduling: bool = T
             k += 1
         wall = time.perf_counter() - t0
     return _row(workload, "generate", llm, timer, 0.0, eng.generation_tokens_total - gen0,
-                wall, gcp, gpu_ms=gpu_ms or None)
+                wall, gcp, gpu_ms=gpu_ms or None, device=device)
 
 
 def run_stream(workload: str, block_size: int = 16, async_scheduling: bool = True,
                gpu_ms: float = 0.0, scale: float = 1.0, tokenizer: Any = None,
                kind: RequestOutputKind = RequestOutputKind.DELTA,
-               loop: str = "auto") -> dict[str, Any]:
+               loop: str = "auto", device: str = "cpu") -> dict[str, Any]:
     """AsyncLLM with one asyncio consumer per request (what a server does). CPU per step
     counts the engine thread and the event loop, over the steady window (from the step
     after the last admission to the first finish)."""
@@ -323,7 +334,7 @@ def run_stream(workload: str, block_size: int = 16, async_scheduling: bool = Tru
     prompts, params = make_requests(workload, scale=scale)
     params = [SamplingParams(**{**_fields(sp), "output_kind": kind}) for sp in params]
     max_len = max(len(p) + sp.max_tokens for p, sp in zip(prompts, params)) + block_size
-    llm = _build(block_size, gpu_ms, async_scheduling, max_len, tokenizer)
+    llm = _build(block_size, gpu_ms, async_scheduling, max_len, tokenizer, device=device)
     eng = llm.llm_engine
     timer = PhaseTimer(llm)
     eng_post = [0.0]          # engine-thread CPU spent posting deltas
@@ -369,7 +380,7 @@ def run_stream(workload: str, block_size: int = 16, async_scheduling: bool = Tru
     with GcPauses(timer) as gcp:
         loop_cpu, toks, wall, _ = run_loop(main())
     row = _row(workload, "stream", llm, timer, loop_cpu, toks, wall, gcp,
-               gpu_ms=gpu_ms or None, output_kind=kind.name, event_loop=loop_name)
+               gpu_ms=gpu_ms or None, output_kind=kind.name, event_loop=loop_name, device=device)
     n = max(1, len(timer.steps))
     row["post_ms"] = 1e3 * eng_post[0] / n
     row["total_cpu_ms_per_step"] = (row["host_ms_median"] or 0.0) + row["post_ms"] + \
@@ -517,10 +528,11 @@ def run(args: argparse.Namespace) -> int:
     for w in [w for w in args.workloads.split(",") if w]:
         if "generate" in paths:
             show(run_generate(w, bs, scale=args.scale, tokenizer=tok,
-                              skip_steps=1 if w == "prefix" else 0))
+                              skip_steps=1 if w == "prefix" else 0, device=args.device))
         if "stream" in paths and w == "steady":
-            show(run_stream(w, bs, scale=args.scale, tokenizer=tok, loop=args.loop))
-    if args.gpu_ms > 0:
+            show(run_stream(w, bs, scale=args.scale, tokenizer=tok, loop=args.loop,
+                            device=args.device))
+    if args.gpu_ms > 0 and args.device == "cpu":
         for on in (True, False):
             r = run_generate("steady", bs, async_scheduling=on, gpu_ms=args.gpu_ms,
                              scale=args.scale, tokenizer=tok)

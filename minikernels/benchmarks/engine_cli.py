@@ -16,6 +16,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--block-sizes", default="16,32,64,128,256",
                    help="block sizes to sweep ('' to skip)")
     p.add_argument("--scale", type=float, default=1.0, help="shrink the workloads (< 1)")
+    p.add_argument("--device", default="cpu",
+                   help="where the stub's logits live: cpu (default; the sampler's math is "
+                        "the stand-in) or cuda (a GPU host: sampling, masks and read-backs "
+                        "are real device launches; --gpu-ms is then skipped)")
     p.add_argument("--loop", choices=("auto", "uvloop", "asyncio"), default="auto",
                    help="event loop of the streaming path: auto = uvloop when installed "
                         "(what `minikernels serve` runs on, as uvicorn picks it), else "
