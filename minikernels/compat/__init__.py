@@ -7,6 +7,8 @@ its calls.
     from minikernels.compat.causal_conv1d import causal_conv1d_fn, causal_conv1d_update
     from minikernels.compat.fla import chunk_gated_delta_rule       # flash-linear-attention
     from minikernels.compat.mamba_ssm import mamba_chunk_scan_combined, selective_state_update
+    from minikernels.compat.auto_gptq import QuantLinear            # AutoGPTQ's GPTQ layer
+    from minikernels.compat.awq import WQLinear_GEMM                # AutoAWQ's GEMM layer
 
 Each module keeps its peer's argument names, defaults, layouts and return shapes, and
 states where it differs (forward only: no dropout, no backward). docs/compat.md has the

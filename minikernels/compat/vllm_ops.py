@@ -87,6 +87,29 @@ Covered (vLLM name -> minikernels op):
                                                         the same (vLLM's Python wrapper in
                                                         mamba/ops/mamba_ssm.py: returns z,
                                                         or delta)
+    gptq_gemm(a, b_q_weight, b_gptq_qzeros, b_gptq_scales, b_g_idx, use_exllama,
+              use_v2_format, bit)                       ops.int4_matmul (bit 4) /
+                                                        ops.int8_matmul (bit 8) on the
+                                                        weight converted per call (below);
+                                                        the older (..., use_exllama, bit)
+                                                        form too
+    gptq_shuffle(q_weight, q_perm, bit)                 plain PyTorch, in place (exllama's
+                                                        row permutation + word shuffle)
+    awq_gemm(input, qweight, scales, qzeros, split_k_iters)   as gptq_gemm (AutoAWQ's GEMM
+                                                        layout; note scales before qzeros)
+    awq_dequantize(qweight, scales, zeros, split_k_iters, thx, thy)  plain PyTorch, exact
+
+GPTQ / AWQ: the checkpoint words are decoded (decode_gptq / decode_awq, the unpacking
+rules of quant/checkpoints.py's from_gptq / from_awq plus exllama's shuffled order; GPTQ
+v1 zeros + 1 as vLLM's kernels apply them; act-order g_idx) into a GroupedWeight, which
+converts to minikernels' int4 / int8 layout (rows sorted by group, act order as a gather
+of the activations' columns) and runs ops.int4_matmul / ops.int8_matmul; fp32
+activations or scales, mixed dtypes and uneven g_idx groups run an exact fp32
+dequantize + matmul instead. The vLLM functions convert on every call (an unpack and
+repack of the K x N weight and a host sync: a compat path; serve such checkpoints through
+quant.from_gptq / from_awq + Int4Linear, converted once). Supersets of vLLM: fp16 / bf16
+/ fp32 (vLLM's CUDA kernels read fp16), any leading dims on the activations, empty b_g_idx
+without exllama (sequential groups), K / N only multiples of what the packing needs.
 
 Legacy caches: vLLM's "x-split" key cache [num_blocks, num_kv_heads, head_size / x,
 block_size, x] (x = 16 // element_size) and value cache [num_blocks, num_kv_heads,
@@ -102,11 +125,11 @@ Not covered (not defined here; calling them is an AttributeError):
         silu_and_mul_per_block_quant, ...), fatrelu_and_mul, swigluoai_and_mul,
         gelu_fast / gelu_new / gelu_quick, moe_sum, grouped_topk, topk_sigmoid: no
         minikernels op computes them (they would be plain PyTorch, not a mapping).
-    gptq_gemm / awq_gemm / awq_dequantize / marlin / machete / fp4 / MLA / all-reduce /
-        CPU ops: other weight formats
-        (GPTQ's K-packed qweight with g_idx and exllama shuffles, AWQ's interleaved
-        nibbles, Marlin tiles) or features minikernels does not have; a repack would not
-        be exact and cheap.
+    gptq_marlin_gemm / marlin / machete / allspark / ggml / fp4 / MLA / all-reduce /
+        CPU ops: other weight formats (Marlin and Machete tiles, GGUF blocks, fp4) or
+        features minikernels does not have; a repack would not be exact and cheap.
+    gptq_gemm / gptq_shuffle with bit 2 or 3: minikernels has no 2- / 3-bit weight op
+        (a ValueError naming bit, also a NotImplementedError).
     Arguments of covered functions with no minikernels equivalent raise a ValueError
         naming them: moe_align_block_size's scatter_idx, topk_softmax's
         e_score_correction_bias / is_padding, paged_attention_v1 / v2's
@@ -152,6 +175,7 @@ import contextlib
 import math
 import re
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -159,6 +183,7 @@ from torch import Tensor
 from .. import ops
 from .._validation import (
     FLOAT_DTYPES,
+    HALF_DTYPES,
     check_index_range,
     check_positive_float,
     check_shape,
@@ -167,12 +192,17 @@ from .._validation import (
 )
 from ..ops.attention import check_kv_scales
 from ..ops.reference import FP8_E4M3_MAX, quantize_kv
+from ..quant.checkpoints import AWQ_ORDER
+from ..quant.int4 import pack_int4
+from ..quant.int8 import INT8_WO_GROUP_MULTIPLE, Int8WoWeight
+from ..quant.packing import pack_bytes, pack_nibbles, unpack_bytes, unpack_nibbles
 
 __all__ = [
-    "causal_conv1d_fn", "causal_conv1d_update",
+    "awq_dequantize", "awq_gemm", "causal_conv1d_fn", "causal_conv1d_update",
     "convert_fp8", "cutlass_scaled_mm", "fused_add_gemma_rms_norm", "fused_add_rms_norm",
     "fused_recurrent_gated_delta_rule",
-    "gelu_and_mul", "gelu_tanh_and_mul", "gemma_rms_norm", "merge_attn_states",
+    "gelu_and_mul", "gelu_tanh_and_mul", "gemma_rms_norm", "gptq_gemm", "gptq_shuffle",
+    "merge_attn_states",
     "moe_align_block_size", "mul_and_silu", "paged_attention_v1", "paged_attention_v2",
     "reshape_and_cache", "reshape_and_cache_flash", "rms_norm", "rotary_embedding",
     "scaled_fp8_quant", "scaled_int8_quant", "selective_scan_fn", "selective_scan_fwd",
@@ -1671,3 +1701,346 @@ def selective_scan_fn(u: Tensor, ssm_states: Tensor, delta: Tensor, A: Tensor, B
                        block_idx_last_scheduled_token, initial_state_idx, cu_chunk_seqlen,
                        last_chunk_indices)
     return delta if z is None else z
+
+
+# --------------------------------------------------------------------- GPTQ / AWQ GEMMs
+#
+# The checkpoint layouts (docs/int4_format.md, minikernels/quant/checkpoints.py), W [K, N]
+# as the math x @ W:
+#   GPTQ  qweight int32 [K * bit / 32, N]: value j of word (r, n) (bits j*bit..) is
+#                 q[r*32/bit + j, n]
+#         qzeros  int32 [groups, N * bit / 32]: value j of word (g, c) = zero[g, c*32/bit + j];
+#                 v1 ("gptq") stores zero - 1 (vLLM's kernels add 1 back), v2 stores zero
+#         scales [groups, N]; g_idx int [K]: the group of each row (act order permutes it)
+#   AWQ   qweight int32 [K, N / 8]: nibble i of word (k, c) = q[k, 8c + AWQ_ORDER[i]]
+#         qzeros  int32 [groups, N / 8] the same order, zero as stored; scales [groups, N]
+#   W[k, n] = (q[k, n] - zero[group(k), n]) * scale[group(k), n]
+
+
+#: Slot i (bits 4i..4i+3) of a 4-bit word that ``gptq_shuffle`` has shuffled holds row
+#: 8r + EXLLAMA_ORDER[i] of its 8-row block (vLLM's ``shuffle_4bit_8``: nibbles
+#: "77775555 33331111 66664444 22220000", the order exllama's half2 dequant reads).
+#: 8-bit words are not shuffled.
+EXLLAMA_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
+QUANT_GEMM_BITS = (4, 8)
+
+
+class UnsupportedBitsError(ValueError, NotImplementedError):
+    """A bit width minikernels has no weight op for. A ValueError (minikernels' convention:
+    it names the argument) and a NotImplementedError (what AutoGPTQ / AutoAWQ raise)."""
+
+
+def _check_bits(name: str, bits: object, allowed: tuple[int, ...] = QUANT_GEMM_BITS) -> int:
+    if not isinstance(bits, int) or isinstance(bits, bool):
+        raise TypeError(f"{name} must be an int, got {type(bits).__name__}")
+    if bits not in allowed:
+        raise UnsupportedBitsError(
+            f"{name}={bits} is not supported: minikernels runs "
+            f"{' and '.join(str(b) for b in allowed)}-bit weights (ops.int4_matmul"
+            f"{', ops.int8_matmul' if 8 in allowed else ''}); 2- and 3-bit GPTQ have no "
+            "minikernels op")
+    return bits
+
+
+def _unpack_rows(words: Tensor, bits: int, order: tuple[int, ...] | None = None) -> Tensor:
+    """int32 [R, N] packed along dim 0 (GPTQ's qweight) -> int32 [R * 32 / bits, N]."""
+    t = words.t()
+    return (unpack_nibbles(t, order) if bits == 4 else unpack_bytes(t)).t()
+
+
+def _pack_rows(q: Tensor, bits: int, order: tuple[int, ...] | None = None) -> Tensor:
+    """Inverse of :func:`_unpack_rows`: int [K, N] -> int32 [K * bits / 32, N]."""
+    t = q.t()
+    return (pack_nibbles(t, order) if bits == 4 else pack_bytes(t)).t()
+
+
+def _unpack_cols(words: Tensor, bits: int, order: tuple[int, ...] | None = None) -> Tensor:
+    """int32 [G, C] packed along dim 1 (qzeros, AWQ's qweight) -> int32 [G, C * 32 / bits]."""
+    return unpack_nibbles(words, order) if bits == 4 else unpack_bytes(words)
+
+
+def _optional_index(name: str, t: object, k: int, device: torch.device) -> Tensor | None:
+    """vLLM's "no g_idx / perm": an empty tensor or one on the meta device (its kernels then
+    get a null pointer); None is accepted too. Otherwise an int32 / int64 [K] tensor."""
+    if t is None:
+        return None
+    check_tensor(name, t)
+    if t.numel() == 0 or t.device.type == "meta":     # any dtype (AutoGPTQ passes a float one)
+        return None
+    check_tensor(name, t, dtypes=_INDEX_DTYPES, ndim=1, device=device)
+    check_shape(name, t, [k])
+    return t.to(torch.int64)
+
+
+def _check_permutation(name: str, perm: Tensor, k: int, what: str) -> None:
+    if index_checks_active(perm) and not torch.equal(
+            torch.sort(perm).values, torch.arange(k, device=perm.device)):
+        raise ValueError(f"{name} must be a permutation of the K = {k} input rows ({what}) "
+                         "or empty")
+
+
+@dataclass(eq=False)
+class GroupedWeight:
+    """A GPTQ / AWQ weight W [K, N] (y = x @ W) decoded from its checkpoint words: the
+    stored integers with their group of each row, ready to run on minikernels' ops.
+
+    q          int32 [K, N], the stored values (0 .. 2^bits - 1) in stored row order.
+    zeros      int32 [groups, N], the zero points as the kernels apply them (GPTQ v1's
+               stored zero - 1 already undone).
+    scales     [groups, N], fp16 / bf16 / fp32 as stored.
+    row_group  int64 [K], the group of each stored row.
+    perm       int64 [K] or None: stored row k multiplies x[..., perm[k]] (exllama's
+               act-order permutation); None = row k multiplies x[..., k].
+    W_stored[k, n] = (q[k, n] - zeros[row_group[k], n]) * scales[row_group[k], n]
+    """
+
+    q: Tensor
+    zeros: Tensor
+    scales: Tensor
+    row_group: Tensor
+    perm: Tensor | None
+    bits: int
+    _canonical: object = field(default=None, repr=False)
+    _tried: bool = field(default=False, repr=False)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(K, N)."""
+        return int(self.q.shape[0]), int(self.q.shape[1])
+
+    def dequantize(self) -> Tensor:
+        """W [K, N] in fp32 in the input's row order (perm undone): exact."""
+        w = (self.q.float() - self.zeros.float()[self.row_group]) \
+            * self.scales.float()[self.row_group]
+        if self.perm is not None:
+            w = torch.empty_like(w).index_copy_(0, self.perm, w)
+        return w
+
+    def canonical(self) -> object:
+        """The same weight in minikernels' layout (an :class:`~minikernels.quant.
+        Int4Weight` or :class:`~minikernels.quant.int8.Int8WoWeight`, N x K, rows sorted
+        by group, ``perm`` for act order), or None where that layout cannot hold it
+        (fp32 scales, groups that are not K / groups contiguous rows after a stable
+        sort, a group size that is not a multiple of 8 (int4) / 16 (int8), K or N not a
+        multiple of 8 for int4). Built once (a pass over the weight), then kept."""
+        if not self._tried:
+            self._canonical = self._build_canonical()
+            self._tried = True
+        return self._canonical
+
+    def _build_canonical(self) -> object:
+        k, n = self.shape
+        groups = int(self.scales.shape[0])
+        if self.scales.dtype not in HALF_DTYPES or groups == 0 or k == 0 or k % groups:
+            return None
+        g = k // groups
+        if (self.bits == 4 and (k % 8 or n % 8)) or \
+                (groups > 1 and g % (8 if self.bits == 4 else INT8_WO_GROUP_MULTIPLE)):
+            return None
+        q, perm = self.q, self.perm
+        expected = torch.arange(k, device=q.device) // g
+        if not torch.equal(self.row_group, expected):
+            order = torch.argsort(self.row_group, stable=True)
+            if not torch.equal(self.row_group[order], expected):
+                return None
+            q = q.index_select(0, order)
+            perm = order if perm is None else perm[order]
+        if perm is not None and torch.equal(perm, torch.arange(k, device=perm.device)):
+            perm = None
+        gs = -1 if groups == 1 else g
+        scales = self.scales.t().contiguous()
+        zeros = self.zeros.t().to(scales.dtype).contiguous()      # <= 256: exact in both
+        if self.bits == 4:
+            return pack_int4(q.t(), scales, zeros, gs, perm)
+        return Int8WoWeight(q.t().to(torch.uint8).contiguous(), scales, zeros, gs, perm)
+
+    def matmul(self, x: Tensor, bias: Tensor | None = None, x_name: str = "a",
+               out_dtype: torch.dtype | None = None) -> Tensor:
+        """x [..., K] (fp16 / bf16 / fp32, any strides) @ W (+ bias [N]) -> [..., N] in
+        ``out_dtype`` (default x.dtype).
+
+        x in fp16 / bf16 with scales of the same dtype and a canonical layout: the
+        minikernels op (``ops.int4_matmul`` / ``ops.int8_matmul``: W dequantized in fp32,
+        fp32 accumulation, one rounding; on a GPU the kernels round W to x's dtype first).
+        Otherwise (fp32 activations, fp32 or other-dtype scales, uneven groups): W
+        dequantized exactly in fp32 and one fp32 matmul, rounded once (plain PyTorch)."""
+        k, n = self.shape
+        check_tensor(x_name, x, dtypes=FLOAT_DTYPES, min_ndim=1, device=self.q.device)
+        if x.shape[-1] != k:
+            raise ValueError(f"{x_name} must have last dim K = {k} (the weight's input "
+                             f"size), got shape {list(x.shape)}")
+        if bias is not None:
+            check_tensor("bias", bias, dtypes=FLOAT_DTYPES, ndim=1, device=x.device)
+            check_shape("bias", bias, [n])
+        out_dtype = out_dtype or x.dtype
+        c = self.canonical() if x.dtype == self.scales.dtype and x.dtype in HALF_DTYPES \
+            else None
+        if c is not None:
+            xp = x if c.perm is None else x.index_select(-1, c.perm)
+            b = bias if bias is None or bias.dtype in (x.dtype, torch.float32) \
+                else bias.float()
+            run = ops.int4_matmul if self.bits == 4 else ops.int8_matmul
+            y = run(xp, c.qweight, c.scales, c.zeros, c.group_size, b)
+            return y if y.dtype == out_dtype else y.to(out_dtype)
+        w = (self.q.float() - self.zeros.float()[self.row_group]) \
+            * self.scales.float()[self.row_group]
+        xf = x.float()
+        if self.perm is not None:
+            xf = xf.index_select(-1, self.perm)
+        y = xf @ w
+        if bias is not None:
+            y = y + bias.float()
+        return y.to(out_dtype)
+
+
+def decode_gptq(qweight: Tensor, qzeros: Tensor, scales: Tensor, g_idx: Tensor | None,
+                use_exllama: bool, use_v2_format: bool, bits: int,
+                names: tuple[str, str, str, str] = ("b_q_weight", "b_gptq_qzeros",
+                                                    "b_gptq_scales", "b_g_idx"),
+                ) -> GroupedWeight:
+    """Decode GPTQ tensors (layout above) as vLLM's ``gptq_gemm`` reads them.
+
+    use_exllama=False: ``g_idx`` [K] is each row's group (None / empty: row k is in group
+    k // (K / groups)). use_exllama=True: the weight went through :func:`gptq_shuffle`
+    (4-bit words shuffled to EXLLAMA_ORDER; rows permuted when it had a q_perm), ``g_idx``
+    is that permutation (None / empty: none) and stored row k is in group k // (K /
+    groups). use_v2_format=False: GPTQ v1, zero = stored zero + 1 (vLLM's kernels and
+    AutoGPTQ add 1); True: zero as stored. Errors name ``names`` (the caller's argument
+    names for qweight, qzeros, scales, g_idx)."""
+    nw, nz, ns, ng = names
+    bits = _check_bits("bit", bits)
+    per = 32 // bits
+    check_tensor(nw, qweight, dtypes=(torch.int32,), ndim=2)
+    dev = qweight.device
+    check_tensor(nz, qzeros, dtypes=(torch.int32,), ndim=2, device=dev)
+    check_tensor(ns, scales, dtypes=FLOAT_DTYPES, ndim=2, device=dev)
+    k, n = qweight.shape[0] * per, qweight.shape[1]
+    groups = qzeros.shape[0]
+    if groups == 0:
+        raise ValueError(f"{nz} must have at least one group row, got shape "
+                         f"{list(qzeros.shape)}")
+    check_shape(ns, scales, [groups, n])
+    if n % per or qzeros.shape[1] != n // per:
+        raise ValueError(f"{nz} must have shape [groups, N * {bits} / 32 = {n / per:g}] "
+                         f"(N = {n} output columns, a multiple of {per}), got "
+                         f"{list(qzeros.shape)}")
+    idx = _optional_index(ng, g_idx, k, dev)
+    perm = None
+    if use_exllama or idx is None:
+        if k % groups:
+            raise ValueError(f"K = {k} rows must be a multiple of the {groups} groups of "
+                             f"{ns} (each group K / groups rows)")
+        row_group = torch.arange(k, device=dev) // (k // groups)
+        if use_exllama and idx is not None:
+            _check_permutation(ng, idx, k, "with use_exllama=True: the q_perm given to "
+                               "gptq_shuffle, argsort(g_idx)")
+            perm = idx
+    else:
+        check_index_range(ng, idx, 0, groups)
+        row_group = idx
+    q = _unpack_rows(qweight, bits, EXLLAMA_ORDER if use_exllama and bits == 4 else None)
+    zeros = _unpack_cols(qzeros, bits) + (0 if use_v2_format else 1)
+    return GroupedWeight(q, zeros, scales, row_group, perm, bits)
+
+
+def decode_awq(qweight: Tensor, scales: Tensor, qzeros: Tensor,
+               names: tuple[str, str, str] = ("qweight", "scales", "qzeros")
+               ) -> GroupedWeight:
+    """Decode AutoAWQ's GEMM tensors (layout above; zero as stored, row k in group
+    k // (K / groups)). Errors name ``names`` (qweight, scales, qzeros)."""
+    nw, ns, nz = names
+    check_tensor(nw, qweight, dtypes=(torch.int32,), ndim=2)
+    dev = qweight.device
+    check_tensor(nz, qzeros, dtypes=(torch.int32,), ndim=2, device=dev)
+    check_tensor(ns, scales, dtypes=FLOAT_DTYPES, ndim=2, device=dev)
+    k, n = qweight.shape[0], qweight.shape[1] * 8
+    groups = scales.shape[0]
+    check_shape(ns, scales, [None, n])
+    if groups == 0 or k % groups:
+        raise ValueError(f"{ns} must have K / group_size rows, a divisor of K = {k} (one "
+                         f"row per group), got shape {list(scales.shape)}")
+    check_shape(nz, qzeros, [groups, n // 8])
+    q = unpack_nibbles(qweight, AWQ_ORDER)
+    zeros = unpack_nibbles(qzeros, AWQ_ORDER)
+    row_group = torch.arange(k, device=dev) // (k // groups)
+    return GroupedWeight(q, zeros, scales, row_group, None, 4)
+
+
+def _gptq_bit_args(use_v2_format: object, bit: object) -> tuple[int, bool]:
+    if bit is None:
+        if isinstance(use_v2_format, int) and not isinstance(use_v2_format, bool):
+            return use_v2_format, False      # vLLM before use_v2_format: (..., use_exllama, bit)
+        raise TypeError("gptq_gemm() needs bit (vLLM's signature: a, b_q_weight, "
+                        "b_gptq_qzeros, b_gptq_scales, b_g_idx, use_exllama, "
+                        "use_v2_format, bit)")
+    return _check_int("bit", bit, 1), _check_bool("use_v2_format", use_v2_format)
+
+
+def gptq_gemm(a: Tensor, b_q_weight: Tensor, b_gptq_qzeros: Tensor, b_gptq_scales: Tensor,
+              b_g_idx: Tensor | None, use_exllama: bool, use_v2_format: bool | int = False,
+              bit: int | None = None) -> Tensor:
+    """vLLM's GPTQ GEMM: a [..., K] @ W -> [..., N] in a's dtype (vLLM: a 2-D fp16
+    [M, K] -> [M, N]).
+
+    b_q_weight int32 [K * bit / 32, N]; b_gptq_qzeros int32 [groups, N * bit / 32];
+    b_gptq_scales [groups, N]; b_g_idx: with use_exllama=False the group of each of the K
+    rows (int32 [K]; empty or None: sequential groups, where vLLM's kernel would read a
+    null pointer), with use_exllama=True the permutation given to :func:`gptq_shuffle`
+    (or empty), b_q_weight then being the shuffled weight; use_v2_format=False is GPTQ
+    v1 (zero = stored + 1); bit 4 or 8 (2 / 3: ValueError naming bit). The older
+    7-argument form ``gptq_gemm(..., use_exllama, bit)`` is accepted too.
+
+    Runs ``ops.int4_matmul`` / ``ops.int8_matmul`` on the weight converted to minikernels'
+    layout on every call (an unpack and repack of the K x N weight, about the cost of
+    reading it a few times; act order adds a gather of a's columns), or an exact fp32
+    dequantize + matmul where that layout does not apply (fp32 a or scales, uneven
+    g_idx groups): see :meth:`GroupedWeight.matmul`."""
+    bit, use_v2_format = _gptq_bit_args(use_v2_format, bit)
+    _check_bool("use_exllama", use_exllama)
+    w = decode_gptq(b_q_weight, b_gptq_qzeros, b_gptq_scales, b_g_idx, use_exllama,
+                    use_v2_format, bit)
+    return w.matmul(a, x_name="a")
+
+
+def gptq_shuffle(q_weight: Tensor, q_perm: Tensor | None, bit: int) -> None:
+    """vLLM's ``gptq_shuffle``: rewrite a GPTQ qweight int32 [K * bit / 32, N] in place
+    into the layout ``gptq_gemm(..., use_exllama=True, ...)`` reads: rows permuted so that
+    stored row k is input row q_perm[k] (exllama's make_sequential; q_perm int32 [K], vLLM
+    passes argsort(g_idx); empty / None: no permutation), then for 4 bits the nibbles of
+    each word reordered to EXLLAMA_ORDER (vLLM's shuffle_4bit_8; 8-bit words keep their
+    order). Any strides (written with ``copy_``); returns None."""
+    bits = _check_bits("bit", bit)
+    check_tensor("q_weight", q_weight, dtypes=(torch.int32,), ndim=2)
+    k = q_weight.shape[0] * (32 // bits)
+    perm = _optional_index("q_perm", q_perm, k, q_weight.device)
+    q = _unpack_rows(q_weight, bits)
+    if perm is not None:
+        _check_permutation("q_perm", perm, k, "argsort(g_idx)")
+        q = q.index_select(0, perm)
+    q_weight.copy_(_pack_rows(q, bits, EXLLAMA_ORDER if bits == 4 else None))
+
+
+def awq_dequantize(qweight: Tensor, scales: Tensor, zeros: Tensor, split_k_iters: int,
+                   thx: int, thy: int) -> Tensor:
+    """vLLM's ``awq_dequantize``: AutoAWQ GEMM tensors (qweight int32 [K, N / 8], scales
+    [groups, N], zeros int32 [groups, N / 8]) -> W [K, N] in scales' dtype,
+    (q - zero) * scale computed exactly and rounded once (what vLLM's half2 kernel gives).
+    split_k_iters, thx, thy (ints >= 0) only shape vLLM's launch and are unused (vLLM's
+    kernel with thx / thy != 0 covers just one thx x thy block: a debugging mode; the
+    whole matrix is always returned here). Plain PyTorch."""
+    for name, value in (("split_k_iters", split_k_iters), ("thx", thx), ("thy", thy)):
+        _check_int(name, value, 0)
+    w = decode_awq(qweight, scales, zeros, names=("qweight", "scales", "zeros"))
+    return w.dequantize().to(scales.dtype)
+
+
+def awq_gemm(input: Tensor, qweight: Tensor, scales: Tensor, qzeros: Tensor,
+             split_k_iters: int) -> Tensor:
+    """vLLM's ``awq_gemm`` (note the order: scales before qzeros): input [..., K] @ W ->
+    [..., N] in input's dtype (vLLM: 2-D; its CUDA kernel fp16, its Triton one also bf16 /
+    fp32). qweight int32 [K, N / 8], scales [groups, N], qzeros int32 [groups, N / 8]
+    (AutoAWQ's GEMM layout); split_k_iters (int >= 1) is vLLM's reduction split and does
+    not change the result beyond rounding order. Converted per call and run like
+    :func:`gptq_gemm`."""
+    _check_int("split_k_iters", split_k_iters, 1)
+    return decode_awq(qweight, scales, qzeros).matmul(input, x_name="input")
