@@ -30,6 +30,14 @@ INT8 weight-only (W8A16): :meth:`set_int4_shard` also takes an
 parts with the same permutation and group size merge into :class:`Int8WoPart` matmuls
 (``ops.int8_matmul``), as int4 parts do.
 
+Mixed parts: a quantized checkpoint may leave some parts of a fused layer dense (e.g. a
+GPTQ Qwen3.5 whose narrow ``in_proj_b`` / ``in_proj_a`` stay dense beside int4
+``in_proj_qkv`` / ``in_proj_z``): :meth:`FusedLinear.set_dense_shard` gives such a part
+its dense rows, which run as a :class:`DensePart` beside the quantized parts (outputs
+concatenated in part order). Weight-only int4 and int8 parts may mix too (GPTQModel's
+per-module ``dynamic`` bits). A layer whose parts all arrive dense becomes a plain dense
+layer.
+
 An int4 weight is anything with ``qweight [N, K/8] int32, scales/zeros [N, K/G],
 group_size`` and optionally ``perm`` (int64 [K]: the stored column j multiplies input
 column perm[j]) — :class:`minikernels.quant.Int4Weight` and plain namespaces alike.
@@ -250,6 +258,28 @@ class Int8WoPart(_WeightOnlyPart):
                             self.perm).dequantize()
 
 
+class DensePart(_WeightRowsPart):
+    """A part of a quantized fused linear that its checkpoint left dense: y = x @ W.T with
+    ``weight`` [N, K] (a buffer in the model dtype; an input of another dtype is cast to
+    it for the matmul and the output cast back)."""
+
+    def __init__(self, weight: Tensor) -> None:
+        super().__init__()
+        self.register_buffer("weight", weight.contiguous())
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dtype == self.weight.dtype:
+            return nn.functional.linear(x, self.weight)
+        return nn.functional.linear(x.to(self.weight.dtype), self.weight).to(x.dtype)
+
+    def dequantize(self) -> Tensor:
+        """W [N, K] fp32."""
+        return self.weight.float()
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, dense"
+
+
 FP8_ACTIVATIONS = ("none", "dynamic")
 
 
@@ -350,9 +380,23 @@ class FusedLinear(nn.Module):
         the parts fuse into one matmul once all have one."""
         self._set_pending(shard, w, w.shape, "int8")
 
+    def set_dense_shard(self, shard: int, weight: Tensor) -> None:
+        """Give part ``shard`` of a layer built without a dense weight (a quantized
+        checkpoint's) the dense rows ``weight`` [n, K] its checkpoint left unquantized.
+        Once every part has arrived, dense parts run as :class:`DensePart` beside the
+        quantized ones; when every part is dense the layer becomes a plain dense one.
+        ValueError when the layer holds a dense weight (use :meth:`load_shard`) or on a
+        shape mismatch."""
+        if self.weight is not None:
+            raise ValueError("this layer holds a dense weight; load it with load_shard")
+        if not isinstance(weight, Tensor) or weight.dim() != 2:
+            raise ValueError(f"weight must be a 2-D tensor [n, K], got "
+                             f"{getattr(weight, 'shape', type(weight).__name__)}")
+        self._set_pending(shard, weight.detach(), tuple(weight.shape), "dense")
+
     def _set_pending(self, shard: int, w: Any, shape: Sequence[int], kind: str) -> None:
-        """Hold part ``shard``'s quantized weight ``w`` (of dequantized ``shape`` [n, K])
-        until every part has one, then merge them (:meth:`_merge_pending`)."""
+        """Hold part ``shard``'s quantized (or dense) weight ``w`` (of dequantized ``shape``
+        [n, K]) until every part has one, then merge them (:meth:`_merge_pending`)."""
         start, stop = self.shard_rows(shard)
         if tuple(shape) != (stop - start, self.in_features):
             raise ValueError(f"shape mismatch: {kind} weight is {list(shape)}, expected "
@@ -362,49 +406,89 @@ class FusedLinear(nn.Module):
         if len(self._pending) == len(self.output_sizes):
             self._merge_pending()
 
+    @staticmethod
+    def _part_kind(w: Any) -> str:
+        """"dense", "int8" (W8A8), "fp8" or "weight_only" (int4 / int8 W8A16) of a pending
+        part."""
+        from ..quant.fp8 import Fp8Weight
+        from ..quant.int8 import Int8Weight
+
+        if isinstance(w, Tensor):
+            return "dense"
+        if isinstance(w, Int8Weight):
+            return "int8"
+        if isinstance(w, Fp8Weight):
+            return "fp8"
+        return "weight_only"
+
     def _merge_pending(self) -> None:
         parts = [self._pending[i] for i in range(len(self.output_sizes))]
         self._pending = {}
-        from ..quant.fp8 import Fp8Weight, merge_fp8
-        from ..quant.int8 import Int8Weight, Int8WoWeight
+        from ..quant.fp8 import merge_fp8
+        from ..quant.int8 import Int8WoWeight
 
-        int8 = [isinstance(w, Int8Weight) for w in parts]
-        if any(int8):
-            if not all(int8):
+        kinds = [self._part_kind(w) for w in parts]
+        if all(k == "dense" for k in kinds):     # every part left dense: a dense layer
+            self.weight = nn.Parameter(torch.cat(parts), requires_grad=False)
+            return
+        quantized = set(kinds) - {"dense"}
+        if len(quantized) > 1:
+            if "int8" in quantized:
                 raise ValueError("a fused linear cannot mix int8 and other quantized parts")
-            self.int8_parts = nn.ModuleList([Int8Part(torch.cat([w.weight for w in parts]),
-                                                      torch.cat([w.scale for w in parts]))])
-            return
-        wo = [isinstance(w, Int8WoWeight) for w in parts]
-        if any(wo) and not all(wo):
-            raise ValueError("a fused linear cannot mix weight-only int8 and other parts")
-        fp8 = [isinstance(w, Fp8Weight) for w in parts]
-        if any(fp8):
-            if not all(fp8):
-                raise ValueError("a fused linear cannot mix fp8 and int4 parts")
-            self.fp8_parts = nn.ModuleList(Fp8Part(w.weight, w.scale, w.block_size)
-                                           for w in merge_fp8(parts))
-            return
+            raise ValueError("a fused linear cannot mix fp8 and int4 parts")
+        kind = quantized.pop()
+        modules: list[nn.Module] = []
+        start = 0
+        while start < len(parts):     # runs of neighbouring parts of one kind
+            stop = start + 1
+            while stop < len(parts) and kinds[stop] == kinds[start]:
+                stop += 1
+            run = parts[start:stop]
+            if kinds[start] == "dense":
+                modules.append(DensePart(torch.cat(run)))
+            elif kind == "int8":
+                modules.append(Int8Part(torch.cat([w.weight for w in run]),
+                                        torch.cat([w.scale for w in run])))
+            elif kind == "fp8":
+                modules.extend(Fp8Part(w.weight, w.scale, w.block_size)
+                               for w in merge_fp8(run))
+            else:
+                modules.extend(self._weight_only_modules(run))
+            start = stop
         self.int4_parts = nn.ModuleList()
         self.int8_wo_parts = nn.ModuleList()
+        if kind == "int8":
+            self.int8_parts = nn.ModuleList(modules)
+        elif kind == "fp8":
+            self.fp8_parts = nn.ModuleList(modules)
+        elif all(isinstance(w, Int8WoWeight) for w, k in zip(parts, kinds) if k != "dense"):
+            self.int8_wo_parts = nn.ModuleList(modules)
+        else:                                   # int4 (and any int8 W8A16 parts beside)
+            self.int4_parts = nn.ModuleList(modules)
+
+    @staticmethod
+    def _weight_only_modules(parts: list[Any]) -> list[nn.Module]:
+        """Int4 / weight-only int8 parts as matmul modules: neighbours with the same kind,
+        permutation, group size and scales dtype merged into one."""
+        from ..quant.int8 import Int8WoWeight
+
         groups: list[list[Any]] = []
-        for w in parts:  # merge neighbours with identical perm and group size
+        for w in parts:
             if groups:
                 prev = groups[-1][-1]
                 pa, pb = _perm_of(prev), _perm_of(w)
                 same_perm = (pa is None and pb is None) or (
                     pa is not None and pb is not None and torch.equal(pa, pb))
                 if same_perm and int(prev.group_size) == int(w.group_size) and \
-                        prev.scales.dtype == w.scales.dtype:
+                        prev.scales.dtype == w.scales.dtype and \
+                        isinstance(prev, Int8WoWeight) == isinstance(w, Int8WoWeight):
                     groups[-1].append(w)
                     continue
             groups.append([w])
-        target, part_cls = (self.int8_wo_parts, Int8WoPart) if all(wo) else \
-            (self.int4_parts, Int4Part)
-        for g in groups:
-            target.append(part_cls(
-                torch.cat([w.qweight for w in g]), torch.cat([w.scales for w in g]),
-                torch.cat([w.zeros for w in g]), int(g[0].group_size), _perm_of(g[0])))
+        return [(Int8WoPart if isinstance(g[0], Int8WoWeight) else Int4Part)(
+                    torch.cat([w.qweight for w in g]), torch.cat([w.scales for w in g]),
+                    torch.cat([w.zeros for w in g]), int(g[0].group_size), _perm_of(g[0]))
+                for g in groups]
 
     @property
     def is_fp8(self) -> bool:

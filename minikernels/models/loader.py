@@ -51,9 +51,19 @@ FP8 checkpoints (quantization_config ``quant_method: "fp8"``, block-wise like
 Qwen/Qwen3-*-FP8 or per-tensor, and compressed-tensors 8-bit float weights: per tensor,
 channel or block) load onto fp8 parts: :mod:`minikernels.quant.fp8` says which tensors.
 Their layers left dense (``lm_head``, ``modules_to_not_convert``) load dense.
+
+Quantized checkpoints (int4, int8, fp8) may leave any linear, or any *part* of a fused one
+(Qwen3.5's ``in_proj_b`` / ``in_proj_a`` beside int4 ``in_proj_qkv`` / ``in_proj_z``),
+dense: each part loads as the checkpoint holds it (``FusedLinear.set_dense_shard``). The
+quantization_config's ``modules_to_not_convert``, GPTQModel ``dynamic`` (``-:`` dense,
+``+:`` per-module bits / group size) and compressed-tensors ``ignore`` / ``targets`` are
+honoured (:func:`minikernels.quant.checkpoints.module_rule`): quantized tensors of a
+module they name dense are refused, and missing tensors are named as the checkpoint
+spells them (:func:`checkpoint_name`).
 """
 from __future__ import annotations
 
+import dataclasses
 import glob
 import json
 import logging
@@ -997,6 +1007,9 @@ def _checkpoint_quant(config: DecoderConfig) -> dict[str, Any] | None:
                                     "(a multiple of 16, or -1)")
     out = {"method": method, "group_size": group, "bits": bits}
     if method == "gptq":
+        from ..quant.checkpoints import _dynamic_rules
+
+        _parse_scheme(_dynamic_rules, qc)     # (malformed per-module overrides: by name)
         fmt = str(qc.get("checkpoint_format", "gptq")).lower()
         if fmt not in ("gptq", "gptq_v2"):
             raise UnsupportedModelError(f"GPTQ checkpoint_format {fmt!r} is not supported "
@@ -1123,6 +1136,7 @@ def _load_hf(model_dir: str, dtype: str | torch.dtype, device: torch.device,
 
     # What must arrive: every dense tensor, every int4 part.
     expected: set[tuple[str, int | None, str]] = set()
+    linear_names: set[str] = set()
     for name, mod in modules.items():
         if isinstance(mod, FusedExperts):
             for e in range(mod.num_experts):
@@ -1131,7 +1145,9 @@ def _load_hf(model_dir: str, dtype: str | torch.dtype, device: torch.device,
         if isinstance(mod, FusedLinear):
             if name == "lm_head" and (config.tie_word_embeddings or not lm_head):
                 continue
+            linear_names.add(name)
             for s in range(len(mod.output_sizes)):
+                # (a part arrives as a dense weight or as quantized tensors: either counts)
                 if mod.weight is not None or name in stream:
                     expected.add((name, s, "weight"))
                 else:
@@ -1163,6 +1179,11 @@ def _load_hf(model_dir: str, dtype: str | torch.dtype, device: torch.device,
                 expected.add((name, None, "bias"))
 
     pending_q: dict[tuple[str, int], dict[str, Tensor]] = {}
+    # where each int4 part's tensors came from: (the config that reads them - a module's
+    # own bits / group size under GPTQModel's dynamic -, the checkpoint module's name)
+    pending_q_from: dict[tuple, tuple[DecoderConfig, str]] = {}
+    part_source: dict[tuple[str, int], tuple[str, str]] = {}   # dense / quantized, where
+    rules = _ModuleRules(config, ckpt_quant)
     pending_fp8: dict[tuple[str, int], dict[str, Tensor]] = {}
     pending_int8: dict[tuple[str, int], dict[str, Tensor]] = {}
     pending_int8_experts: dict[tuple[str, int, str], dict[str, Tensor]] = {}
@@ -1185,21 +1206,32 @@ def _load_hf(model_dir: str, dtype: str | torch.dtype, device: torch.device,
                 if tensor is None or is_non_text_tensor(hf_name):
                     non_text += 1
                     continue
+                # the quantization_config's word on this checkpoint module: left dense
+                # (None: modules_to_not_convert, dynamic "-:", ignore, ...) or its own
+                # bits / group size (GPTQModel's dynamic "+:": a config of its own)
+                stored = hf_name
+                ckpt_module = hf_name.rsplit(".", 1)[0]
+                rule = rules.get(ckpt_module)
+                tcfg = rules.config_for(rule[0])
                 for hf_name, tensor in _unfuse(_family_name(hf_name, config), tensor,
-                                               config):
+                                               tcfg):
                     target = map_name(hf_name)
                     if target is None:
                         if not _IGNORED.search(hf_name):
                             unexpected.append(hf_name)
                         continue
                     mod_name, shard, kind = target
+                    if kind == "weight_shape":    # compressed-tensors' [N, K] record
+                        continue
                     if mod_name == "lm_head" and (config.tie_word_embeddings or not lm_head):
                         continue  # tied: lm_head is the embedding table
                     mod = modules.get(mod_name)
                     if mod is None:
                         unexpected.append(hf_name)
                         continue
-                    where = f"{hf_name} (in {os.path.basename(path)})"
+                    where = f"{hf_name} (in {os.path.basename(path)})" \
+                        if hf_name == stored else \
+                        f"{hf_name} (stored as {stored} in {os.path.basename(path)})"
                     if mod_name.startswith("shared_blocks."):
                         # a shared block stored under several hybrid layers: one copy loads,
                         # the others must equal it (weights that differ are not shared)
@@ -1213,9 +1245,14 @@ def _load_hf(model_dir: str, dtype: str | torch.dtype, device: torch.device,
                                     f"block ({mod_name}); Zamba2's hybrid layers share their "
                                     "blocks in turn, so the copies must be equal")
                             continue
+                    if rules.int4 and rule[0] is None and (kind in _QUANT_TENSORS or
+                                                           ":" in kind):
+                        raise CheckpointError(
+                            f"{where} is quantized, but {rule[1]} says the checkpoint left "
+                            f"{ckpt_module} dense")
                     if tp is not None:   # read only this rank's rows / columns
                         try:
-                            tensor = shard_tensor(config, tp, mod_name, shard, kind, tensor)
+                            tensor = shard_tensor(tcfg, tp, mod_name, shard, kind, tensor)
                         except ValueError as exc:
                             raise CheckpointError(f"{where}: {exc}") from None
                     if kind in ("k_scale", "v_scale"):
@@ -1284,6 +1321,7 @@ def _load_hf(model_dir: str, dtype: str | torch.dtype, device: torch.device,
                         part, tkind = kind.split(":")
                         pending_experts.setdefault((mod_name, shard, part), {})[tkind] = \
                             tensor.to(device)
+                        pending_q_from[(mod_name, shard, part)] = (tcfg, ckpt_module)
                         if tkind in _PRIMARY_INT4:
                             seen.add((mod_name, shard, part))
                         continue
@@ -1305,6 +1343,7 @@ def _load_hf(model_dir: str, dtype: str | torch.dtype, device: torch.device,
                                 kind == "weight" and tensor.dtype == torch.float8_e4m3fn)):
                         if kind in _FP8_ACTIVATION_SCALES:
                             continue    # a static activation scale: activations stay 16-bit
+                        _claim(part_source, mod_name, shard, "quantized", where)
                         got = pending_fp8.setdefault((mod_name, shard), {})
                         got[kind] = tensor.to(device)
                         if "weight" in got and fp8_ckpt["scale"] in got:
@@ -1321,6 +1360,7 @@ def _load_hf(model_dir: str, dtype: str | torch.dtype, device: torch.device,
                                                      tensor.dtype == torch.int8)):
                         if kind == "input_scale":
                             continue    # static activation scale: quantized per token instead
+                        _claim(part_source, mod_name, shard, "quantized", where)
                         got = pending_int8.setdefault((mod_name, shard), {})
                         got[kind] = tensor.to(device)
                         if "weight" in got and "weight_scale" in got:
@@ -1347,7 +1387,9 @@ def _load_hf(model_dir: str, dtype: str | torch.dtype, device: torch.device,
                             if ckpt_quant is None:
                                 raise CheckpointError(f"{where} is a quantized tensor but "
                                                       "config.json has no quantization_config")
+                            _claim(part_source, mod_name, shard, "quantized", where)
                             pending_q.setdefault((mod_name, shard), {})[kind] = tensor.to(device)
+                            pending_q_from[(mod_name, shard)] = (tcfg, ckpt_module)
                             seen.add((mod_name, shard,
                                       "qweight" if kind in _PRIMARY_INT4 else kind))
                             continue
@@ -1380,16 +1422,19 @@ def _load_hf(model_dir: str, dtype: str | torch.dtype, device: torch.device,
                             del dense
                             seen.add((mod_name, shard, kind))
                             continue
-                        if kind == "weight" and mod.weight is None and not mod.int4_parts and \
-                                not mod.fp8_parts and not mod.int8_parts and \
-                                not mod._pending:
-                            # A layer the quantizer left dense (e.g. modules_to_not_convert).
-                            mod.weight = torch.nn.Parameter(torch.empty(
-                                mod.out_features, mod.in_features, dtype=torch_dtype,
-                                device=device), requires_grad=False)
-                            for s in range(len(mod.output_sizes)):
-                                expected.discard((mod_name, s, "qweight"))
-                                expected.add((mod_name, s, "weight"))
+                        if kind == "weight" and mod.weight is None:
+                            # A part the quantizer left dense (modules_to_not_convert, a
+                            # narrow in_proj_b / in_proj_a beside int4 in_proj_qkv / z, or
+                            # a whole layer): its rows run dense beside the quantized parts
+                            # (every part dense: a dense layer).
+                            _claim(part_source, mod_name, shard, "dense", where)
+                            try:
+                                mod.set_dense_shard(shard, tensor.to(device=device,
+                                                                     dtype=torch_dtype))
+                            except (ValueError, IndexError) as exc:
+                                raise CheckpointError(f"{where}: {exc}") from None
+                            seen.add((mod_name, shard, kind))
+                            continue
                         if kind == "bias" and mod.bias is None:
                             # GPTQ exporters save a (zero) bias for every quantized layer.
                             if not bool(tensor.any()):
@@ -1432,19 +1477,31 @@ def _load_hf(model_dir: str, dtype: str | torch.dtype, device: torch.device,
                               f"{sorted(got)}, needs ['weight', {fp8_ckpt['scale']!r}]")
     for (mod_name, shard), got in sorted(pending_fp8.items()):
         need = ["weight (float8_e4m3fn)", fp8_ckpt["scale"]]
-        raise CheckpointError(f"{_hf_name(mod_name, shard, '*')}: fp8 layer incomplete: has "
+        raise CheckpointError(f"{checkpoint_name(mod_name, shard, '*', config)}: fp8 layer "
+                              f"incomplete: has "
                               f"{sorted(got)}, needs {need}")
     for (mod_name, e, part), got in sorted(pending_int8_experts.items()):
         raise CheckpointError(f"model.{mod_name}.{e}.{part}: int8 expert incomplete: has "
                               f"{sorted(got)}, needs ['weight (int8)', 'weight_scale']")
     for (mod_name, shard), got in sorted(pending_int8.items()):
-        raise CheckpointError(f"{_hf_name(mod_name, shard, '*')}: int8 layer incomplete: has "
+        raise CheckpointError(f"{checkpoint_name(mod_name, shard, '*', config)}: int8 layer "
+                              f"incomplete: has "
                               f"{sorted(got)}, needs ['weight (int8)', 'weight_scale']")
+    # a linear's part counts as loaded whether it came dense or quantized
+    for mod_name, shard, kind in list(seen):
+        if mod_name in linear_names and kind in ("weight", "qweight"):
+            seen.update({(mod_name, shard, "weight"), (mod_name, shard, "qweight")})
     missing = sorted(expected - seen, key=str)
     if missing:
-        names = [_hf_name(*m) for m in missing]
+        names = list(dict.fromkeys(_missing_name(config, rules, *m) for m in missing))
         more = f" (and {len(names) - 10} more)" if len(names) > 10 else ""
-        raise CheckpointError(f"{model_dir}: missing tensors: {names[:10]}{more}")
+        hint = ""
+        if any(k == "qweight" for _, _, k in missing) and rules.int4:
+            hint = (" (each quantized linear needs its "
+                    + ("weight_packed / weight_scale" if rules.method == "compressed-tensors"
+                       else "qweight / qzeros / scales")
+                    + ", or a dense .weight where the quantizer left it unquantized)")
+        raise CheckpointError(f"{model_dir}: missing tensors: {names[:10]}{more}{hint}")
     inside = [n for n in unexpected if _inside_a_layer(n, config.num_layers)]
     if inside:      # part of a layer this decoder runs: ignoring it would change the math
         more = f" (and {len(inside) - 10} more)" if len(inside) > 10 else ""
@@ -1460,18 +1517,21 @@ def _load_hf(model_dir: str, dtype: str | torch.dtype, device: torch.device,
                     non_text)
 
     if pending_q:
-        _import_int4(model, modules, pending_q, ckpt_quant, torch_dtype)
+        _import_int4(model, modules, pending_q, {
+            key: (rules.quant_for(cfg), module) for key, (cfg, module) in
+            pending_q_from.items() if key in pending_q}, torch_dtype)
     for (mod_name, e, part), t in sorted(pending_experts.items()):
-        where = f"model.{mod_name}.{e}.{part}"
-        w = _int4_weight(where, t, ckpt_quant, torch_dtype)
-        if ckpt_quant.get("bits", 4) == 8:
+        cfg, where = pending_q_from[(mod_name, e, part)]
+        quant = rules.quant_for(cfg)
+        w = _int4_weight(where, t, quant, torch_dtype)
+        if quant.get("bits", 4) == 8:
             raise CheckpointError(f"{where}: 8-bit weight-only experts (GPTQ / "
                                   "compressed-tensors W8A16) are not supported")
         if w.perm is not None:
             raise CheckpointError(f"{where}: act-order (desc_act) int4 experts are not "
                                   "supported (the fused experts read K in order)")
         try:
-            modules[mod_name].set_int4_part_(e, part, w, int(ckpt_quant["group_size"]))
+            modules[mod_name].set_int4_part_(e, part, w, int(quant["group_size"]))
         except ValueError as exc:
             raise CheckpointError(f"{where}: {exc}") from None
     if quantization in ("int4", "fp8", "int8") or (quantize_lm_head and
@@ -1560,6 +1620,155 @@ def _expert_group(config: DecoderConfig, mod: FusedExperts, group_size: int) -> 
     return pick_group_size(math.gcd(config.hidden_size, mod.inter), group_size)
 
 
+class _ModuleRules:
+    """The quantization_config's word on each checkpoint module of a GPTQ / AWQ /
+    compressed-tensors (pack-quantized) checkpoint (:func:`minikernels.quant.checkpoints.
+    module_rule`, cached by module name): left dense (modules_to_not_convert, GPTQModel's
+    dynamic "-:", compressed-tensors' ignore / untargeted) or quantized, with GPTQModel's
+    per-module bits / group size read through a config of their own. Other checkpoints
+    (dense, fp8, int8 W8A8): every module as the tensors say."""
+
+    def __init__(self, config: DecoderConfig, ckpt_quant: dict[str, Any] | None) -> None:
+        self.config = config
+        self.qc = config.quantization_config or {}
+        self.int4 = ckpt_quant is not None and "fp8" not in ckpt_quant and \
+            "int8" not in ckpt_quant
+        self.method = ckpt_quant["method"] if ckpt_quant else None
+        self._rules: dict[str, tuple[dict[str, Any] | None, str]] = {}
+        self._configs: dict[tuple, DecoderConfig] = {}
+        self._quants: dict[int, dict[str, Any]] = {}
+
+    def get(self, module: str) -> tuple[dict[str, Any] | None, str]:
+        """(None, the config entry that leaves ``module`` dense) or (its overrides, "")."""
+        if not self.int4:
+            return {}, ""
+        rule = self._rules.get(module)
+        if rule is None:
+            from ..quant.checkpoints import module_rule
+
+            rule = self._rules[module] = _parse_scheme(lambda qc: module_rule(qc, module),
+                                                       self.qc)
+        return rule
+
+    def config_for(self, overrides: dict[str, Any] | None) -> DecoderConfig:
+        """The model config, or a copy whose quantization_config carries a module's own
+        ``bits`` / ``group_size`` (GPTQModel's dynamic), which the int4 import and the
+        tensor-parallel cuts then read."""
+        over = {k: v for k, v in (overrides or {}).items() if k in ("bits", "group_size")}
+        if not over or all(self.qc.get(k) == v for k, v in over.items()):
+            return self.config
+        key = tuple(sorted(over.items()))
+        if key not in self._configs:
+            qc = {k: v for k, v in self.qc.items() if k != "dynamic"}
+            qc.update(over)
+            cfg = dataclasses.replace(self.config, quantization_config=qc)
+            _checkpoint_quant(cfg)        # (bits / group size the import supports)
+            self._configs[key] = cfg
+        return self._configs[key]
+
+    def quant_for(self, cfg: DecoderConfig) -> dict[str, Any]:
+        """:func:`_checkpoint_quant` of a config :meth:`config_for` returned."""
+        if id(cfg) not in self._quants:
+            self._quants[id(cfg)] = _checkpoint_quant(cfg) or {}
+        return self._quants[id(cfg)]
+
+
+def _claim(sources: dict[tuple[str, int], tuple[str, str]], module: str, shard: int,
+           how: str, where: str) -> None:
+    """Record that part ``shard`` of linear ``module`` arrives ``how`` ("dense" or
+    "quantized") from tensor ``where``; CheckpointError naming both tensors when the
+    checkpoint holds the part both ways."""
+    prev = sources.setdefault((module, shard), (how, where))
+    if prev[0] != how:
+        raise CheckpointError(f"{where} and {prev[1]} are the same part of {module}, one "
+                              "dense and one quantized: a checkpoint holds each linear "
+                              "either way, not both")
+
+
+def checkpoint_name(module: str, shard: int | None, kind: str,
+                    config: DecoderConfig | None = None) -> str:
+    """The checkpoint tensor name that loads into part ``shard`` / ``kind`` of our
+    ``module`` (the inverse of :func:`map_name` after the family's renames): e.g.
+    ``model.layers.0.linear_attn.in_proj_z.weight`` for (layers.0.linear_attn.in_proj, 1,
+    weight), ``backbone.layers.0.mixer.in_proj.qweight`` for a Mamba's. Without a
+    ``config`` (or where the family's names are not inverted) the decoder's own name."""
+    name = _decoder_name(module, shard, kind, config)
+    if config is None:
+        return name
+    theirs = _family_checkpoint_name(name, config)
+    if theirs == name:
+        return name
+    probe = theirs.rsplit(".", 1)[0] + ".weight"
+    renamed = _family_name(probe, config)
+    target = map_name(renamed)
+    want = map_name(name.rsplit(".", 1)[0] + ".weight")
+    if target == want or _FUSED_RE.match(renamed):   # (or stored fused: both parts there)
+        return theirs
+    return name
+
+
+def _family_checkpoint_name(name: str, config: DecoderConfig) -> str:
+    """The decoder-side name ``name`` under the family's checkpoint names (the inverse of
+    :func:`_family_name` for the families whose renames are tables; others unchanged)."""
+    arch = config.architecture
+    if arch in ("granite_hybrid", "granitemoeshared"):     # the fused shared MLP
+        mlp = ".mlp.shared_expert." if config.num_experts else ".mlp."
+        for part in ("gate_proj", "up_proj"):
+            name = name.replace(f"{mlp}{part}.", ".shared_mlp.input_linear.")
+        return name.replace(f"{mlp}down_proj.", ".shared_mlp.output_linear.")
+    if arch in ("mamba", "falcon_mamba"):
+        tables = (_MAMBA1_PREFIXES, _MAMBA1_PARTS)
+    elif arch in _FAMILY_NAMES:
+        tables = _FAMILY_NAMES[arch]
+    else:
+        return name
+    prefixes, parts = tables
+    for theirs, ours in parts:
+        if ours in name:
+            name = name.replace(ours, theirs)
+    for theirs, ours in prefixes:
+        if name.startswith(ours):
+            return theirs + name[len(ours):]
+    return name
+
+
+def _decoder_name(module: str, shard: int | None, kind: str,
+                  config: DecoderConfig | None) -> str:
+    """The checkpoint name in the decoder's own vocabulary (Llama / Qwen names, before a
+    family's renames) of part ``shard`` / ``kind`` of ``module``."""
+    if config is not None and shard is not None and module.endswith(".linear_attn.in_proj"):
+        parts = _GDN_SPLIT_PARTS if config.gdn_separate_projections else _GDN_IN_PARTS
+        back = {v: k for k, v in parts.items()}
+        if shard in back:
+            return f"model.{module[:-len('in_proj')]}{back[shard]}.{kind}"
+    if config is not None and module.endswith(".mamba") and kind == "dt_bias":
+        layer = re.match(r"^layers\.(\d+)\.", module)
+        if layer and int(layer.group(1)) < config.num_layers and \
+                config.mixer(int(layer.group(1))) == "mamba":    # Mamba-1: dt_proj's bias
+            return f"model.{module}.dt_proj.bias"
+    if kind in ("k_scale", "v_scale") and module.endswith(".self_attn.attn"):
+        return f"model.{module[:-len('.attn')]}.{kind}"
+    return _hf_name(module, shard, kind)
+
+
+def _missing_name(config: DecoderConfig, rules: _ModuleRules, module: str,
+                  shard: int | None, kind: str) -> str:
+    """The checkpoint tensor a missing (module, part, kind) should have come from: a
+    quantized linear part ("qweight") as its quantized tensor (``qweight``, or
+    ``weight_packed``), or as ``weight`` where the quantization_config leaves that module
+    dense (or the checkpoint is fp8 / int8, whose quantized weights are ``weight``)."""
+    if module.endswith(".experts") and shard is not None and rules.int4:
+        base = checkpoint_name(module, shard, kind, config).rsplit(".", 1)[0]  # one expert's
+        kind = "qweight"
+    elif kind != "qweight":
+        return checkpoint_name(module, shard, kind, config)
+    else:
+        base = checkpoint_name(module, shard, "weight", config).rsplit(".", 1)[0]
+    if not rules.int4 or rules.get(base)[0] is None:
+        return f"{base}.weight"
+    return f"{base}.{'weight_packed' if rules.method == 'compressed-tensors' else 'qweight'}"
+
+
 def _hf_name(module: str, shard: int | None, kind: str) -> str:
     if kind == "sinks":
         return f"model.{module[:-len('.attn')]}.sinks"
@@ -1596,7 +1805,8 @@ def _int4_weight(name: str, t: dict[str, Tensor], quant: dict[str, Any],
     need = ("weight_packed", "weight_scale") if ct else ("qweight", "qzeros", "scales")
     missing = [k for k in need if k not in t]
     if missing:
-        raise CheckpointError(f"{name}: missing {missing}")
+        raise CheckpointError(f"missing tensors: {[f'{name}.{k}' for k in missing]} (the "
+                              f"checkpoint has {sorted(t)} of {name})")
     try:
         if ct:
             w = mkq.from_compressed_tensors(t["weight_packed"], t["weight_scale"],
@@ -1613,11 +1823,14 @@ def _int4_weight(name: str, t: dict[str, Tensor], quant: dict[str, Any],
 
 
 def _import_int4(model: CausalLM, modules: dict[str, Any],
-                 pending: dict[tuple[str, int], dict[str, Tensor]], quant: dict[str, Any],
+                 pending: dict[tuple[str, int], dict[str, Tensor]],
+                 sources: dict[tuple[str, int], tuple[dict[str, Any], str]],
                  torch_dtype: torch.dtype) -> None:
-    """Turn GPTQ / AWQ / compressed-tensors tensors into int4 parts of the fused layers."""
+    """Turn GPTQ / AWQ / compressed-tensors tensors into int4 parts of the fused layers.
+    ``sources``: each part's (quantization settings - the module's own under GPTQModel's
+    dynamic -, checkpoint module name)."""
     for (mod_name, shard), t in sorted(pending.items()):
-        name = _hf_name(mod_name, shard, "*")
+        quant, name = sources[(mod_name, shard)]
         w = _int4_weight(name, t, quant, torch_dtype)
         try:
             modules[mod_name].set_int4_shard(shard, w)
@@ -1625,7 +1838,8 @@ def _import_int4(model: CausalLM, modules: dict[str, Any],
             raise CheckpointError(f"{name}: {exc}") from None
     for mod_name, mod in modules.items():
         if isinstance(mod, FusedLinear) and not mod.is_ready:
-            raise CheckpointError(f"{mod_name}: int4 parts incomplete")
+            raise CheckpointError(f"{mod_name}: parts incomplete (a fused linear needs every "
+                                  f"part, dense or quantized)")
 
 
 def _init_dummy(model: CausalLM, seed: int, group_size: int | None = None,

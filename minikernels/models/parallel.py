@@ -33,7 +33,10 @@ to it. A row-parallel bias is loaded on rank 0 only (zeros elsewhere), so the al
 adds it once.
 
 Int4 GPTQ / AWQ checkpoints: column-parallel parts slice their output columns (act-order
-included); row-parallel layers slice K at group boundaries (GPTQ act-order refused there).
+included); row-parallel layers slice K at group boundaries (GPTQ act-order refused there);
+a quantized lm_head (GPTQ ``lm_head: true``) takes its vocab rows, zero-padded like the
+dense one. Parts a quantizer left dense (Qwen3.5's in_proj_b / in_proj_a beside int4
+in_proj_qkv / in_proj_z) are cut as dense tensors, each part by its own rows.
 
 Int4 (RTN on load): column-parallel parts quantize their own rows (exactly the rows of
 the unsharded quantization); row-parallel layers quantize their K slice with the group
@@ -313,6 +316,9 @@ def shard_tensor(config: DecoderConfig, tp: TensorParallel, module: str, shard: 
     if kind in ("weight", "bias") and leaf in ("embed_tokens", "lm_head"):
         start, stop, per = tp.vocab_range(c.vocab_size)
         return _pad_rows(_rows(src, start, stop), per)
+    if leaf == "lm_head" and kind in _QUANT_KINDS + ("weight_scale",) and \
+            _int4_checkpoint(c):          # GPTQ lm_head=True, compressed-tensors' un-ignored
+        return _vocab_int4_rows(c, tp, module, kind, src)
     if leaf == "act_fn":                 # Apertus's xIELU scalars: every rank's
         return _read(src)
     if leaf == "fc2_latent_proj" and kind == "bias":   # (Nemotron 3: maps partial sums)
@@ -523,6 +529,42 @@ def _int4_columns(config: DecoderConfig, module: str, kind: str, src: Any, n0: i
     packed_n = kind == "qzeros" or (kind == "qweight" and method == "awq")
     a, b = (n0 // per, n1 // per) if packed_n else (n0, n1)
     return src[:, a:b]
+
+
+def _int4_checkpoint(config: DecoderConfig) -> bool:
+    """Whether the checkpoint is GPTQ / AWQ / compressed-tensors pack-quantized (not fp8 /
+    int8 W8A8, whose ``weight_scale`` is theirs)."""
+    qc = config.quantization_config or {}
+    method = str(qc.get("quant_method", "")).lower()
+    if method in ("gptq", "awq"):
+        return True
+    return method == "compressed-tensors" and qc.get("format") == "pack-quantized"
+
+
+def _vocab_int4_rows(config: DecoderConfig, tp: TensorParallel, module: str, kind: str,
+                     src: Any) -> Tensor:
+    """This rank's vocab rows [start, stop) of a quantized lm_head's tensor of ``kind``,
+    padded with zero rows (qweight / zeros / scales 0: weight 0, logits cut off after the
+    all-gather) to the rank's padded row count, as the dense vocab-parallel lm_head."""
+    start, stop, per = tp.vocab_range(config.vocab_size)
+    method, _, pack = _quant(config, module)
+    if start % pack or stop % pack or per % pack:
+        raise ValueError(f"{module}: the per-rank vocab rows [{start}, {stop}) (padded to "
+                         f"{per}) are not whole int32 words of {pack} outputs; a quantized "
+                         "lm_head needs vocab_size / tensor_parallel_size to be a multiple "
+                         f"of {pack}")
+    piece = _int4_columns(config, module, kind, src, start, stop)
+    pad = per - (stop - start)
+    if kind in ("g_idx", "weight_g_idx") or pad == 0:
+        return piece
+    if method == "compressed-tensors":          # [N, ...]: output rows first
+        axis, n = 0, pad
+    else:                                         # [.., N] or [.., N / pack]
+        packed_n = kind == "qzeros" or (kind == "qweight" and method == "awq")
+        axis, n = 1, (pad // pack if packed_n else pad)
+    shape = list(piece.shape)
+    shape[axis] = n
+    return torch.cat([piece, piece.new_zeros(shape)], dim=axis)
 
 
 def _int4_k_slice(config: DecoderConfig, module: str, kind: str, src: Any, k0: int,

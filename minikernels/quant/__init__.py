@@ -16,7 +16,8 @@ Format: docs/int4_format.md (canonical layout in minikernels.ops.reference); fp8
 :mod:`minikernels.quant.fp8`; int8: :mod:`minikernels.quant.int8`.
 """
 from .checkpoints import (AWQ_ORDER, compressed_tensors_scheme, from_awq,
-                          from_compressed_tensors, from_gptq, to_awq, to_gptq)
+                          from_compressed_tensors, from_gptq, module_quantization, to_awq,
+                          to_gptq)
 from .fp8 import Fp8Weight, quantize_fp8
 from .int8 import Int8Weight, int8_scheme, quantize_int8
 from .int4 import GROUP_SIZES, Int4Weight, pack_int4, quantize_int4
@@ -24,5 +25,5 @@ from .packing import pack_nibbles, unpack_nibbles
 
 __all__ = ["AWQ_ORDER", "Fp8Weight", "GROUP_SIZES", "Int4Weight", "Int8Weight",
            "compressed_tensors_scheme", "from_awq", "from_compressed_tensors", "from_gptq",
-           "int8_scheme", "pack_int4", "pack_nibbles", "quantize_fp8", "quantize_int4",
+           "int8_scheme", "module_quantization", "pack_int4", "pack_nibbles", "quantize_fp8", "quantize_int4",
            "quantize_int8", "to_awq", "to_gptq", "unpack_nibbles"]

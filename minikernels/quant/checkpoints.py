@@ -23,6 +23,15 @@ compressed-tensors "pack-quantized" (llm-compressor's W4A16; symmetric int4):
     so it is the canonical layout with every zero 8.
 Dequantized: W[n, k] = (q - zero) * scale, as in the canonical format.
 
+Which modules a checkpoint quantized (:func:`module_quantization`): quantizers leave some
+linears dense (routers, narrow projections, ``lm_head``) and say so in the config under
+their own keys - AutoAWQ / transformers ``modules_to_not_convert`` (substrings of the
+module name), GPTQModel ``dynamic`` (regexes matched in order: ``-:`` skips the module,
+``+:`` or none overrides ``bits`` / ``group_size`` / ``desc_act`` / ``sym`` for it),
+compressed-tensors ``ignore`` and the config
+groups' ``targets`` (a name, a ``re:`` regex or the class name ``Linear``), fp8
+``ignored_layers``.
+
 8-bit variants (``bits=8``; weight-only INT8, W8A16 -> :class:`~minikernels.quant.int8.
 Int8WoWeight`, uint8 q [N, K], run by ``ops.int8_matmul``): GPTQ packs 4 values per word
 (qweight [K / 4, N], byte j = q[4r + j, n]; qzeros [K / G, N / 4]; v1 stores zero - 1;
@@ -31,6 +40,7 @@ values + 128 per word along K (weight_packed [N, K / 4]; zero 128).
 """
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import torch
@@ -238,3 +248,101 @@ def to_awq(weight: Int4Weight) -> dict[str, Tensor]:
     return {"qweight": pack_nibbles(q.t().contiguous(), AWQ_ORDER),
             "qzeros": pack_nibbles(zeros.t().contiguous(), AWQ_ORDER),
             "scales": weight.scales.t().contiguous()}
+
+
+#: per-module settings GPTQModel's ``dynamic`` may override
+_DYNAMIC_KEYS = ("bits", "group_size", "desc_act", "sym")
+
+
+def _ct_match(entry: Any, module: str) -> bool:
+    """A compressed-tensors ``ignore`` / ``targets`` entry against a module name: a
+    ``re:`` regex (re.match), the class name ``Linear`` (every linear), or a name (the
+    module itself or a trailing part of its dotted name)."""
+    entry = str(entry)
+    if entry.startswith("re:"):
+        return re.match(entry[3:], module) is not None
+    if entry == "Linear":
+        return True
+    return module == entry or module.endswith("." + entry)
+
+
+def _dynamic_rules(qc: dict[str, Any]) -> list[tuple[str, str, dict[str, Any]]]:
+    """GPTQModel's ``dynamic`` as (sign "+" / "-", regex, overrides), in order; ValueError
+    naming a malformed entry."""
+    dyn = qc.get("dynamic")
+    if dyn is None:
+        return []
+    if not isinstance(dyn, dict):
+        raise ValueError(f"quantization_config.dynamic must be a dict of regex -> "
+                         f"overrides, got {type(dyn).__name__}")
+    rules = []
+    for key, over in dyn.items():
+        sign, pattern = ("-", key[2:]) if key.startswith("-:") else \
+            ("+", key[2:] if key.startswith("+:") else key)
+        if not isinstance(over, dict):
+            raise ValueError(f"quantization_config.dynamic[{key!r}] must be a dict, got "
+                             f"{type(over).__name__}")
+        try:
+            re.compile(pattern)
+        except re.error as exc:
+            raise ValueError(f"quantization_config.dynamic[{key!r}]: bad regex: {exc}") \
+                from None
+        extra = sorted(set(over) - set(_DYNAMIC_KEYS))
+        if sign == "+" and extra:
+            raise ValueError(f"quantization_config.dynamic[{key!r}]: overrides {extra} are "
+                             f"not supported (only {list(_DYNAMIC_KEYS)})")
+        if sign == "+" and "bits" in over and over["bits"] not in (4, 8):
+            raise ValueError(f"quantization_config.dynamic[{key!r}]: bits must be 4 or 8, "
+                             f"got {over['bits']!r}")
+        if sign == "+" and "group_size" in over and (
+                not isinstance(over["group_size"], int) or
+                (over["group_size"] <= 0 and over["group_size"] != -1)):
+            raise ValueError(f"quantization_config.dynamic[{key!r}]: group_size must be a "
+                             f"positive int or -1, got {over['group_size']!r}")
+        rules.append((sign, pattern, over))
+    return rules
+
+
+def module_rule(qc: dict[str, Any] | None, module: str) -> tuple[dict[str, Any] | None, str]:
+    """How ``qc`` (a ``quantization_config``) treats one checkpoint module (its tensors'
+    common prefix, e.g. ``model.layers.0.linear_attn.in_proj_a``).
+
+    Returns (None, reason) when the config leaves the module dense (the reason names the
+    config key and entry), else (overrides, "") with GPTQModel ``dynamic``'s per-module
+    settings ({} for the base ones). ValueError naming a malformed config entry.
+    """
+    if not qc:
+        return None, "no quantization_config"
+    method = str(qc.get("quant_method", "")).lower()
+    for key in ("modules_to_not_convert", "ignored_layers"):
+        entries = qc.get(key) or []
+        if not isinstance(entries, (list, tuple)):
+            raise ValueError(f"quantization_config.{key} must be a list, got "
+                             f"{type(entries).__name__}")
+        for entry in entries:
+            hit = (str(entry) in module) if key == "modules_to_not_convert" else \
+                module == str(entry) or module.endswith("." + str(entry))
+            if hit:
+                return None, f"quantization_config.{key} entry {entry!r}"
+    if method == "gptq":
+        for sign, pattern, over in _dynamic_rules(qc):
+            if re.match(pattern, module):
+                if sign == "-":
+                    return None, f"quantization_config.dynamic entry '-:{pattern}'"
+                return {k: over[k] for k in _DYNAMIC_KEYS if k in over}, ""
+    if method == "compressed-tensors":
+        for entry in qc.get("ignore") or []:
+            if _ct_match(entry, module):
+                return None, f"quantization_config.ignore entry {entry!r}"
+        groups = qc.get("config_groups") or {}
+        targets = [t for g in groups.values() if isinstance(g, dict)
+                   for t in (g.get("targets") or ["Linear"])]
+        if groups and not any(_ct_match(t, module) for t in targets):
+            return None, "no quantization_config.config_groups target matches it"
+    return {}, ""
+
+
+def module_quantization(qc: dict[str, Any] | None, module: str) -> dict[str, Any] | None:
+    """None when ``qc`` leaves checkpoint module ``module`` dense, else its per-module
+    overrides ({} for the config's base settings); see :func:`module_rule`."""
+    return module_rule(qc, module)[0]
