@@ -482,11 +482,12 @@ _ROUTED = {
     "granite4-h": ["causal_conv1d_fn", "causal_conv1d_update", "mamba_chunk_scan_combined",
                    "selective_state_update"],
 }
+_ROUTED["mamba2"] = _ROUTED["granite4-h"]
 _OPS = {"qwen3_5": ("causal_conv1d", "gated_delta_rule"), "lfm2": ("causal_conv1d",),
-        "granite4-h": ("causal_conv1d", "mamba2_scan")}
+        "granite4-h": ("causal_conv1d", "mamba2_scan"), "mamba2": ("causal_conv1d", "mamba2_scan")}
 
 
-@pytest.mark.parametrize("kind", ["qwen3_5", "lfm2", "granite4-h"])
+@pytest.mark.parametrize("kind", ["qwen3_5", "lfm2", "granite4-h", "mamba2"])
 def test_kernelize_routes_recurrent_kernels(kind, monkeypatch) -> None:
     pytest.importorskip("transformers")
     import minikernels.hf as mkhf
@@ -508,7 +509,8 @@ def test_kernelize_routes_recurrent_kernels(kind, monkeypatch) -> None:
     summary = mkhf.kernelize(model, rms_norm=False, mlp=False)
     mixers = {"qwen3_5": ["model.layers.0.linear_attn", "model.layers.2.linear_attn"],
               "lfm2": ["model.layers.0.conv", "model.layers.2.conv"],
-              "granite4-h": ["model.layers.0.mamba"]}[kind]
+              "granite4-h": ["model.layers.0.mamba"],
+              "mamba2": ["backbone.layers.0.mixer", "backbone.layers.1.mixer"]}[kind]
     assert summary.recurrent == {name: _ROUTED[kind] for name in mixers}
     assert "recurrent mixers -> minikernels.compat" in str(summary)
     with torch.no_grad():
@@ -541,6 +543,27 @@ def test_kernelize_default_on_granite_h_keeps_gated_norm() -> None:
     assert "model.layers.0.mamba.norm" not in summary.rms_norm and summary.recurrent
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, ref, rtol=0, atol=1e-4)
+
+
+def test_kernelize_default_on_mamba2_keeps_gated_norm() -> None:
+    """transformers' Mamba2 (attention-free; one group): kernelize's defaults route the
+    block norms and the mixers, not the mixers' gated norms; logits and greedy tokens stay
+    transformers'."""
+    import minikernels.hf as mkhf
+    from test_model_support import make_hf_model
+
+    model = make_hf_model("mamba2-tied")
+    ids = torch.randint(3, 300, (2, 7), generator=_g(13))
+    with torch.no_grad():
+        ref = model(ids).logits
+        ref_tokens = model.generate(ids, max_new_tokens=4, do_sample=False)
+    summary = mkhf.kernelize(model)
+    assert sorted(summary.rms_norm) == ["backbone.layers.0.norm", "backbone.layers.1.norm",
+                                        "backbone.layers.2.norm", "backbone.norm_f"]
+    assert len(summary.recurrent) == 3
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, ref, rtol=0, atol=1e-4)
+        assert torch.equal(model.generate(ids, max_new_tokens=4, do_sample=False), ref_tokens)
 
 
 # Mamba-1 mixers (selective_scan_fn / selective_state_update): tests/test_hf_kernelize_mamba1.py

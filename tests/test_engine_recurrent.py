@@ -1,7 +1,8 @@
 """Hybrid recurrent models in the engine (LFM2: short-conv layers beside attention;
 Qwen3.5: Gated DeltaNet layers beside gated attention; Granite 4.0-H: Mamba-2 layers;
 Falcon-H1: Mamba-2 and attention in parallel in every layer; Nemotron-H: single-role
-Mamba-2 / attention / MLP blocks).
+Mamba-2 / attention / MLP blocks; the attention-free Mamba and Mamba-2; Zamba / Zamba2:
+Mamba-1 / Mamba-2 layers fed by shared attention blocks).
 
 Each running sequence keeps its recurrent state in one slot (its block-table row): greedy
 outputs must equal transformers' through everything that moves a sequence between
@@ -59,7 +60,7 @@ def hybrid(request, tmp_path_factory):
 #: every family: its state kinds (conv; conv + gated delta; conv + Mamba-2) and cache
 #: entries (states only; Falcon-H1's (k, v) + states; Nemotron-H's MLP blocks' ())
 FAMILIES = ["lfm2", "qwen3_5", "granite4-h", "falcon_h1", "nemotron_h", "olmo_hybrid",
-            "jamba-moe", "mamba", "lfm3", "zamba2", "nemotron_h-moe"]
+            "jamba-moe", "mamba", "lfm3", "zamba2", "nemotron_h-moe", "mamba2", "zamba"]
 #: the two recurrent ops whose fresh-start / resume flags matter beyond the conv's
 STATEFUL = ["qwen3_5", "granite4-h", "mamba"]
 
@@ -137,7 +138,7 @@ class EagerDecodeGraphs(_DecodeGraphs):
         return lambda: self._forward(bs)
 
 
-@pytest.mark.parametrize("hybrid", ["falcon_h1", "nemotron_h", "jamba-moe", "zamba2"],
+@pytest.mark.parametrize("hybrid", ["falcon_h1", "nemotron_h", "jamba-moe", "zamba2", "zamba"],
                          indirect=True)
 def test_decode_graph_buffers_carry_the_state_slots(hybrid):
     """Decode steps replayed from the static buffers (bucket 8 for 3 to 6 rows: padding
@@ -272,7 +273,7 @@ def test_weight_sync_and_sleep_reach_the_recurrent_layers(kind, tmp_path):
 
 
 @pytest.mark.parametrize("hybrid", ["qwen3_5", "granite4-h", "falcon_h1", "mamba", "lfm3",
-                                    "zamba2"], indirect=True)
+                                    "zamba2", "mamba2", "zamba"], indirect=True)
 def test_prefix_caching_resumes_from_state_checkpoints(hybrid):
     """Prefix caching on hybrid models: states are checkpointed every 8 tokens (chunks end
     there), and a request sharing a prefix resumes from the longest checkpointed prefix
@@ -403,6 +404,7 @@ def test_sequence_classifier_on_a_hybrid_decoder(tmp_path):
     # never runs there: not a target here)
     ("jamba", ["q_proj", "in_proj", "x_proj", "out_proj", "gate_proj", "down_proj"]),
     ("mamba", ["in_proj", "x_proj"]),      # (PEFT refuses Mamba's out_proj)
+    ("mamba2", ["in_proj"]),               # (and Mamba-2's: its mixer's "mixer" names)
     # Nemotron-H: each block's one "mixer" (the Mamba-2 in_proj, attention, the non-gated
     # MLP's up / down; PEFT refuses its Mamba out_proj)
     ("nemotron_h", ["in_proj", "q_proj", "v_proj", "o_proj", "up_proj", "down_proj"]),

@@ -1,5 +1,5 @@
 """minikernels.hf.kernelize on the newer families' transformers models (Gemma 3n / 4,
-LFM3, Zamba2, Jamba, EXAONE 3, Granite-MoE-shared): the routed norms, MLPs and recurrent
+LFM3, Zamba2, Zamba, Jamba, EXAONE 3, Granite-MoE-shared): the routed norms, MLPs and recurrent
 mixers, and the "minikernels" attention implementation, keep transformers' logits."""
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ from test_model_support import make_hf_model
 
 import minikernels.hf as mkhf
 
-KINDS = ["gemma4", "gemma3n", "lfm3", "zamba2", "jamba-moe", "exaone", "granitemoeshared"]
+KINDS = ["gemma4", "gemma3n", "lfm3", "zamba2", "zamba", "jamba-moe", "exaone",
+         "granitemoeshared"]
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -77,7 +77,8 @@ def test_paged_prefill_decode_and_chunked_prefill(hf_dirs, kind):
                                   "jamba", "jamba-moe", "mamba", "falcon_mamba", "lfm3",
                                   "zamba2", "zamba2-plain", "exaone", "granitemoeshared",
                                   "gemma4", "gemma4-plain", "gemma4-moe", "gemma3n",
-                                  "nemotron_h-moe", "nemotron_h-latent"])
+                                  "nemotron_h-moe", "nemotron_h-latent", "mamba2",
+                                  "mamba2-tied", "zamba"])
 def test_greedy_generation_matches_transformers(hf_dirs, kind):
     hf, path = hf_dirs[kind]
     model = load_model(path, dtype="float32", device="cpu")
@@ -797,3 +798,93 @@ def test_exaone3_hub_config_and_names(hf_dirs, tmp_path):
                                             if k != "rope_theta"}).rope_theta == 5e5
     seqs = [random_tokens(n, 300, 70 + n) for n in (6, 11)]
     assert text_logits_err(model, hf, seqs) <= TOL
+
+
+def test_mamba2_hub_config_attention_free_and_refusals(hf_dirs):
+    """Mamba-2: a Mamba-Codestral-style config.json (norm_before_gate / rms_norm /
+    residual_in_fp32 keys, an infinite time_step_limit) maps onto the Mamba-2 mixer with
+    its norm after the gate; the model allocates no KV cache, only two state tensors per
+    layer; shapes and options it cannot run are refused naming the field."""
+    import minikernels as mk
+    from minikernels.models.config import ATTENTION_FREE_MAX_LEN, UnsupportedModelError
+
+    hub = {"architectures": ["Mamba2ForCausalLM"], "model_type": "mamba2", "hidden_size": 64,
+           "vocab_size": 300, "num_hidden_layers": 3, "num_heads": 4, "head_dim": 32,
+           "expand": 2, "n_groups": 2, "state_size": 16, "conv_kernel": 4, "chunk_size": 256,
+           "norm_before_gate": True, "rms_norm": True, "residual_in_fp32": True,
+           "time_step_limit": [0.0, float("inf")], "use_bias": False, "use_conv_bias": True,
+           "layer_norm_epsilon": 1e-5, "tie_word_embeddings": False, "eos_token_id": 0}
+    c = mk.models.DecoderConfig.from_hf(hub)
+    assert c.architecture == "mamba2" and c.layer_mixers == ["mamba2"] * 3
+    assert not any(c.has_attention(i) or c.has_mlp(i) for i in range(3))
+    assert (c.mamba_num_heads, c.mamba_head_dim, c.mamba_num_groups, c.mamba_state_size,
+            c.conv_kernel, c.conv_bias, c.mamba_proj_bias, c.mamba_dt_limit) == \
+        (4, 32, 2, 16, 4, True, False, (0.0, float("inf")))
+    assert c.mamba_rms_norm and not c.mamba_norm_before_gate and c.rms_norm_eps == 1e-5
+    assert c.max_position_embeddings == ATTENTION_FREE_MAX_LEN and not c.tie_word_embeddings
+    # (by model_type alone, with transformers' defaults)
+    assert mk.models.DecoderConfig.from_hf({k: v for k, v in hub.items()
+                                            if k != "architectures"}).architecture == "mamba2"
+    for bad, match in (({"head_dim": 16}, r"num_heads \(4\) x head_dim \(16\)"),
+                       ({"hidden_act": "gelu"}, "hidden_act"),
+                       ({"rms_norm": False}, "rms_norm"),
+                       ({"time_step_limit": [0.0]}, "time_step_limit")):
+        with pytest.raises((ValueError, UnsupportedModelError), match=match):
+            mk.models.DecoderConfig.from_hf({**hub, **bad})
+
+    hf, path = hf_dirs["mamba2"]
+    model = load_model(path, dtype="float32", device="cpu")
+    assert model.kv_bytes_per_token() == 0
+    caches = model.allocate_kv_caches(4, 8, num_state_slots=3)
+    inner, conv_dim = 8 * 16, 8 * 16 + 2 * 2 * 12
+    assert [[tuple(t.shape) for t in entry] for entry in caches] == \
+        [[(3, conv_dim, 3), (3, 8, 16, 12)]] * 2
+    assert model.state_bytes_per_slot() == 2 * 4 * (conv_dim * 3 + inner * 12)
+
+
+def test_zamba_hub_config_and_refusals(hf_dirs, tmp_path):
+    """Zamba (v1): transformers' default layer pattern when a config.json names none
+    (checked against ZambaConfig's own), its defaults for omitted keys, the shared block's
+    shapes and softmax scale; attention_hidden_size other than 2 H, a non-SiLU Mamba
+    activation and unknown layer kinds refused by name; a checkpoint
+    without a per-head projection names the missing tensor."""
+    import json
+    import shutil
+
+    import transformers
+
+    import minikernels as mk
+    from minikernels.models.config import UnsupportedModelError
+    from minikernels.models.loader import CheckpointError
+
+    hub = {"architectures": ["ZambaForCausalLM"], "hidden_size": 64, "vocab_size": 300,
+           "num_hidden_layers": 12, "intermediate_size": 128, "mamba_dt_rank": "auto",
+           "attn_layer_period": 4, "attn_layer_offset": 2}
+    c = mk.models.DecoderConfig.from_hf(hub)
+    theirs = transformers.ZambaConfig(**{k: v for k, v in hub.items() if k != "architectures"})
+    assert c.layer_mixers == ["zamba_hybrid" if k == "hybrid" else "mamba"
+                              for k in theirs.layers_block_type]
+    assert c.layer_mixers.count("zamba_hybrid") == 3 and c.zamba_mamba == "mamba"
+    assert (c.num_heads, c.num_kv_heads, c.head_dim, c.mamba1_num_heads, c.mamba_inner_size,
+            c.mamba_dt_rank, c.mamba_state_size, c.conv_kernel, c.activation) == \
+        (16, 16, 8, 2, 128, 4, 16, 4, "gelu")
+    assert c.softmax_scale == 0.5 and c.nope_layers == list(range(12))
+    assert c.tie_word_embeddings and c.zamba_adapter_rank == 0 and c.zamba_shared_blocks == 1
+    for bad, match in (({"attention_hidden_size": 96}, "attention_hidden_size"),
+                       ({"hidden_mamba_act": "gelu"}, "hidden_mamba_act"),
+                       ({"layers_block_type": ["mamba"] * 11 + ["moe"]}, "layer types"),
+                       ({"n_mamba_heads": 3}, "mamba1_num_heads")):
+        with pytest.raises((ValueError, UnsupportedModelError), match=match):
+            mk.models.DecoderConfig.from_hf({**hub, **bad})
+
+    _, path = hf_dirs["zamba"]      # (tensor parallel: tests/test_tensor_parallel_hybrid.py)
+    broken = str(tmp_path / "broken")
+    shutil.copytree(path, broken)
+    from safetensors.torch import load_file, save_file
+    tensors = load_file(f"{broken}/model.safetensors")
+    del tensors["model.layers.2.mamba.x_proj_weight"]
+    save_file(tensors, f"{broken}/model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=r"model\.layers\.2\.mamba\.x_proj_weight"):
+        load_model(broken, dtype="float32", device="cpu")
+    with open(f"{path}/config.json") as fh:
+        assert json.load(fh)["layers_block_type"][1] == "hybrid"

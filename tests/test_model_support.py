@@ -248,6 +248,26 @@ CASES: dict[str, tuple[str, dict[str, Any]]] = {
         num_hidden_layers=2, state_size=8, conv_kernel=3, expand=2, time_step_rank=6,
         use_bias=False, use_conv_bias=True, mixer_rms_eps=1e-5, tie_word_embeddings=False,
         pad_token_id=0, bos_token_id=1, eos_token_id=2)),
+    # Mamba-2 (attention-free Mamba-2 layers, no MLPs): 8 heads of 16, two groups of B / C,
+    # biases on the projections, untied; and tied, one group, a conv without bias, width 3
+    # (transformers' scan chunks of 8 / 16: several chunks per prompt)
+    "mamba2": ("Mamba2", dict(
+        num_heads=8, head_dim=16, n_groups=2, state_size=12, conv_kernel=4, expand=2,
+        chunk_size=8, use_bias=True, use_conv_bias=True, layer_norm_epsilon=1e-5,
+        tie_word_embeddings=False, pad_token_id=0)),
+    "mamba2-tied": ("Mamba2", dict(
+        num_hidden_layers=3, num_heads=4, head_dim=32, n_groups=1, state_size=8,
+        conv_kernel=3, expand=2, chunk_size=16, use_bias=False, use_conv_bias=False,
+        layer_norm_epsilon=1e-6, tie_word_embeddings=True, pad_token_id=0)),
+    # Zamba (v1): multi-head Mamba-1 layers (2 heads, each its own x_proj / dt_proj, dt rank
+    # 6), two hybrid layers calling the one shared block (attention over [stream,
+    # embeddings], 4 heads / 2 kv heads of 32, no rope; a GELU-gated MLP) through their own
+    # linear; biases on the Mamba projections
+    "zamba": ("Zamba", dict(
+        num_hidden_layers=5, layers_block_type=["mamba", "hybrid", "mamba", "mamba", "hybrid"],
+        n_mamba_heads=2, mamba_d_state=8, mamba_d_conv=4, mamba_expand=2, mamba_dt_rank=6,
+        mamba_conv_bias=True, mamba_proj_bias=True, hidden_act="gelu",
+        tie_word_embeddings=True, pad_token_id=0)),
     # OLMo Hybrid: Gated DeltaNet layers (separate q / k / v / g / b / a projections,
     # beta in [0, 2]) pre-norm, a post-norm OLMo 3 attention layer (full q / k norms); no
     # rope (the released checkpoints), and with rope

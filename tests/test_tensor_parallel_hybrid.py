@@ -57,6 +57,8 @@ HYBRID_CASES = {
     # attention over [stream, embeddings] and MLP sharded, each caller's adapters' B rows
     # cut alike, its linear replicated)
     "zamba2": ("zamba2", {"intermediate_size": 128}),
+    # Mamba-2 (attention-free): 2 groups over 2 ranks, biases on in_proj / out_proj
+    "mamba2": ("mamba2", {}),
     # Gemma 4: full layers with their own head dim and one kv head (replicated on both
     # ranks) and K = V, the last layers reading earlier layers' K / V, double-wide MLPs
     # there, per-layer inputs (replicated); and the experts beside the MLP
@@ -65,7 +67,7 @@ HYBRID_CASES = {
 }
 #: other configs the tests below build from the same models
 EXTRA_CASES = {"qwen3_5": ("qwen3_5", {"linear_value_head_dim": 16}), "jamba": ("jamba", {}),
-               "gemma3n": ("gemma3n", {})}
+               "gemma3n": ("gemma3n", {}), "zamba": ("zamba", {})}
 
 
 @pytest.fixture(scope="module")
@@ -190,6 +192,8 @@ def test_mamba2_groups_and_refusals_without_processes():
     from minikernels.models.parallel import check_config
     with pytest.raises(ValueError, match="Gemma 3n"):
         check_config(_config("gemma3n"), TensorParallel(0, 2))
+    with pytest.raises(ValueError, match="multi-head Mamba-1"):     # (Zamba)
+        check_config(_config("zamba"), TensorParallel(0, 2))
     with pytest.raises(ValueError, match="linear_num_value_heads"):
         check_mixers(dataclasses.replace(_config("qwen3_5"), linear_num_key_heads=4,
                                          linear_num_value_heads=6), 4)

@@ -171,6 +171,13 @@ SUPPORTED_ARCHITECTURES = {
     # Jamba (AI21): Mamba-1 layers (dt / B / C norms with weights) and attention layers
     # without rope, each with a SwiGLU MLP or, every expert_layer_period layers, experts
     "JambaForCausalLM": "jamba",
+    # Mamba-2 (state-spaces' mamba2-* in transformers' layout, Mamba-Codestral-7B):
+    # attention-free, every layer a norm and a Mamba-2 mixer (the gated norm after the gate)
+    "Mamba2ForCausalLM": "mamba2",
+    # Zamba (v1, Zyphra's Zamba-7B): multi-head Mamba-1 layers; every attn_layer_period
+    # layers one shared transformer block (attention over [stream, embeddings], a gated
+    # MLP, no adapters) feeds the Mamba layer's input through the layer's own linear
+    "ZambaForCausalLM": "zamba",
 }
 #: ``XForSequenceClassification``: the decoder of ``XForCausalLM`` with a ``score`` head
 #: (``mk.Classifier`` reads it; the generative model refuses such a checkpoint).
@@ -209,7 +216,7 @@ _MODEL_TYPES = {"llama": "llama", "mistral": "mistral", "ministral": "ministral"
                 "olmo2": "olmo2", "olmo3": "olmo3", "exaone4": "exaone4",
                 "olmo_hybrid": "olmo_hybrid", "exaone": "exaone",
                 "mamba": "mamba", "falcon_mamba": "falcon_mamba", "jamba": "jamba",
-                "zamba2": "zamba2",
+                "zamba2": "zamba2", "mamba2": "mamba2", "zamba": "zamba",
                 "hunyuan_v1_dense": "hunyuan", "ernie4_5": "ernie4_5",
                 "helium": "helium", "glm": "glm",
                 "glm4": "glm4", "stablelm": "stablelm", "starcoder2": "starcoder2",
@@ -399,6 +406,11 @@ class DecoderConfig:
     mamba_dt_rank: int = 0
     mamba_bcdt_norm: str = ""
     mamba_bcdt_eps: float = 1e-6
+    # Zamba (v1): the Mamba-1 mixer split into this many independent heads of
+    # mamba_inner_size / heads channels, each with its own x_proj / dt_proj (dt rank
+    # mamba_dt_rank per head) and its own B / C; in_proj's rows interleave x and z
+    # ([x_0, z_0, x_1, z_1, ...], the checkpoint's layout). 1 = plain Mamba-1.
+    mamba1_num_heads: int = 1
     # the Mamba-2 gated norm's eps (None = rms_norm_eps; Zamba2: 1e-5)
     mamba_norm_eps: float | None = None
     # Per-layer attention shapes (Gemma 4's full layers: a wider head_dim, fewer kv heads);
@@ -433,9 +445,12 @@ class DecoderConfig:
     # zamba_adapter_rank; on the MLP's gate_up always, on q / k / v with
     # zamba_attention_adapters); a per-layer linear maps the block's output into the Mamba-2
     # layer's input (the residual stream skips it)
+    # Zamba (v1) has the same hybrid layer with a multi-head Mamba-1 mixer (zamba_mamba
+    # "mamba") and no adapters (zamba_adapter_rank 0).
     zamba_shared_blocks: int = 0
     zamba_adapter_rank: int = 0
     zamba_attention_adapters: bool = False
+    zamba_mamba: str = "mamba2"
     # the output y (+ D x) gated by silu(z): normalized per group after the gate (Granite),
     # before it (mamba_norm_before_gate), or not at all (mamba_rms_norm False: Falcon-H1)
     mamba_rms_norm: bool = True
@@ -605,13 +620,21 @@ class DecoderConfig:
                 if not isinstance(self.zamba_shared_blocks, int) or self.zamba_shared_blocks < 1:
                     raise ValueError(f"config.zamba_shared_blocks must be an int >= 1 for "
                                      f"zamba_hybrid layers, got {self.zamba_shared_blocks!r}")
-                if not isinstance(self.zamba_adapter_rank, int) or self.zamba_adapter_rank < 1:
-                    raise ValueError(f"config.zamba_adapter_rank must be an int >= 1, got "
-                                     f"{self.zamba_adapter_rank!r}")
+                if not isinstance(self.zamba_adapter_rank, int) or self.zamba_adapter_rank < 0:
+                    raise ValueError(f"config.zamba_adapter_rank must be an int >= 0 (0: no "
+                                     f"adapters), got {self.zamba_adapter_rank!r}")
+                if self.zamba_attention_adapters and not self.zamba_adapter_rank:
+                    raise ValueError("config.zamba_attention_adapters needs "
+                                     "zamba_adapter_rank >= 1")
+                if self.zamba_mamba not in ("mamba2", "mamba"):
+                    raise ValueError(f"config.zamba_mamba must be 'mamba2' (Zamba2) or 'mamba' "
+                                     f"(Zamba), got {self.zamba_mamba!r}")
                 if self.zamba_attention_adapters and self.num_kv_heads != self.num_heads:
                     raise UnsupportedModelError("Zamba2's q / k / v adapters need as many kv "
                                                 "heads as heads (transformers' shapes)")
-            if {"mamba2", "mamba2_attention", "zamba_hybrid"} & set(self.layer_mixers):
+            # the Mamba flavour of each layer kind (Zamba's hybrid layers: zamba_mamba)
+            kinds = {self.zamba_mamba if m == "zamba_hybrid" else m for m in self.layer_mixers}
+            if {"mamba2", "mamba2_attention"} & kinds:
                 for name in ("mamba_num_heads", "mamba_head_dim", "mamba_num_groups",
                              "mamba_state_size"):
                     value = getattr(self, name)
@@ -621,7 +644,7 @@ class DecoderConfig:
                 if self.mamba_num_heads % self.mamba_num_groups:
                     raise ValueError(f"mamba_num_groups ({self.mamba_num_groups}) must divide "
                                      f"mamba_num_heads ({self.mamba_num_heads})")
-            if "mamba" in self.layer_mixers:
+            if "mamba" in kinds:
                 for name in ("mamba_inner_size", "mamba_dt_rank", "mamba_state_size"):
                     value = getattr(self, name)
                     if not isinstance(value, int) or value <= 0:
@@ -630,10 +653,19 @@ class DecoderConfig:
                 if self.mamba_state_size > 256:
                     raise UnsupportedModelError(f"Mamba state size {self.mamba_state_size} "
                                                 f"is not supported (at most 256)")
+                heads = self.mamba1_num_heads
+                if not isinstance(heads, int) or heads < 1 or self.mamba_inner_size % heads:
+                    raise ValueError(f"config.mamba1_num_heads ({heads!r}) must be an int >= 1 "
+                                     f"dividing the Mamba inner size ({self.mamba_inner_size})")
+                if heads > 1 and self.mamba_bcdt_norm:
+                    raise UnsupportedModelError("multi-head Mamba-1 layers with dt / B / C "
+                                                "norms are not supported")
                 if self.mamba_bcdt_norm not in ("", "plain", "weighted"):
                     raise ValueError(f"config.mamba_bcdt_norm must be '', 'plain' or "
                                      f"'weighted', got {self.mamba_bcdt_norm!r}")
-                if self.activation != "silu":
+                # (Zamba: hidden_act is the shared block's MLP's; its Mamba's activation,
+                # hidden_mamba_act, is checked when its config.json is read)
+                if self.activation != "silu" and "zamba_hybrid" not in self.layer_mixers:
                     raise UnsupportedModelError(f"Mamba layers with hidden_act "
                                                 f"{self.hidden_act!r} are not supported (SiLU)")
             if "gated_deltanet" in self.layer_mixers:
@@ -1821,6 +1853,124 @@ def _zamba2_config(hf: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _mamba2_config(hf: Mapping[str, Any]) -> dict[str, Any]:
+    """Mamba-2's keys (transformers' Mamba2Config): attention-free, every layer one norm
+    and a Mamba-2 mixer (no MLP): num_heads heads of head_dim (their product must be
+    expand x hidden_size), n_groups groups of B / C of state_size, conv_kernel /
+    use_conv_bias, use_bias on in_proj and out_proj, dt clamped to time_step_limit,
+    layer_norm_epsilon for every norm (the mixer's gated norm too).
+
+    The gated norm follows the gate (normalized per group of heads after y * silu(z)), as
+    transformers' Mamba2 and mamba_ssm's Mamba2 (its default) run it; neither reads a
+    config's norm_before_gate (Mamba-Codestral's says true), and neither does this reader.
+    chunk_size is transformers' scan chunking (ops.mamba2_scan chunks its own way);
+    residual_in_fp32 is not applied (the residual stream stays in the model dtype, as for
+    Mamba-1). rms_norm false (no gated norm) and activations other than SiLU are refused.
+    The attention fields are placeholders (one head of 2 dims: no layer attends, and the
+    unused rope table stays small)."""
+    out = dict(hf)
+    n = int(hf.get("num_hidden_layers") or 0)
+    hidden = int(hf.get("hidden_size") or 0)
+    heads, head_dim = int(hf.get("num_heads", 128)), int(hf.get("head_dim", 64))
+    expand = hf.get("expand", 2)
+    inner = int(expand * hidden)
+    if heads * head_dim != inner:
+        raise ValueError(f"config.num_heads ({heads}) x head_dim ({head_dim}) must equal "
+                         f"expand ({expand}) x hidden_size ({hidden}) = {inner}")
+    act = str(hf.get("hidden_act", "silu"))
+    if act not in ("silu", "swish"):
+        raise UnsupportedModelError(f"Mamba-2 with hidden_act {act!r} is not supported (SiLU)")
+    if hf.get("rms_norm", True) is False:
+        raise UnsupportedModelError("Mamba-2 with rms_norm false (no gated RMSNorm) is not "
+                                    "supported")
+    limit = hf.get("time_step_limit") or (0.0, float("inf"))
+    if len(limit) != 2:
+        raise ValueError(f"config.time_step_limit must be [min, max], got {limit!r}")
+    out["_layer_mixers"] = ["mamba2"] * n
+    out["_layer_mlps"] = [False] * n
+    out["intermediate_size"] = inner
+    out["num_attention_heads"] = out["num_key_value_heads"] = 1
+    out["head_dim"] = 2
+    out["hidden_act"] = "silu"
+    bias = bool(hf.get("use_bias", False))
+    out["_mamba"] = dict(
+        mamba_num_heads=heads, mamba_head_dim=head_dim,
+        mamba_num_groups=int(hf.get("n_groups", 8)),
+        mamba_state_size=int(hf.get("state_size", 128)), mamba_proj_bias=bias,
+        mamba_out_bias=bias, mamba_dt_limit=(_json_float(limit[0]), _json_float(limit[1])))
+    out["_conv"] = (int(hf.get("conv_kernel", 4)), bool(hf.get("use_conv_bias", True)))
+    out["rms_norm_eps"] = float(hf.get("layer_norm_epsilon", 1e-5))
+    out.setdefault("tie_word_embeddings", False)
+    out["_nope"] = True
+    out.setdefault("max_position_embeddings", ATTENTION_FREE_MAX_LEN)
+    return out
+
+
+#: Zamba's layer kinds (layers_block_type; "mamba" is the legacy name)
+_ZAMBA_LAYERS = {"mamba": "mamba", "linear_attention": "mamba", "hybrid": "zamba_hybrid"}
+#: transformers' ZambaConfig defaults of the keys that change the math
+_ZAMBA_DEFAULTS: dict[str, Any] = dict(
+    num_attention_heads=16, num_key_value_heads=16, n_mamba_heads=2, hidden_act="gelu",
+    hidden_mamba_act="silu", rms_norm_eps=1e-5, attn_layer_period=6, attn_layer_offset=4,
+    mamba_d_state=16, mamba_d_conv=4, mamba_expand=2, mamba_dt_rank="auto",
+    mamba_conv_bias=True, mamba_proj_bias=False, tie_word_embeddings=True,
+    max_position_embeddings=4096)
+
+
+def _zamba_config(hf: Mapping[str, Any]) -> dict[str, Any]:
+    """Zamba (v1)'s keys (transformers' ZambaConfig, its defaults for what a config
+    omits): each layer a multi-head Mamba-1 layer ("mamba" / "linear_attention") or a
+    hybrid layer ("hybrid"), from layers_block_type or transformers' default pattern
+    (layers 0 and 1 Mamba, layer 2 hybrid, then layer 3 + i hybrid where i %
+    attn_layer_period == attn_layer_offset); the one shared block: attention over
+    cat(stream, embeddings) (attention_hidden_size must be 2 H), heads of
+    attention_head_dim (default 2 H / heads), softmax scale (head_dim / 2) ** -0.5, no
+    rope, a gated MLP of intermediate_size with hidden_act, no biases; the Mamba-1 fields:
+    mamba_expand x H channels in n_mamba_heads heads, each with its own dt rank
+    (mamba_dt_rank, "auto" = ceil(H / 16)), mamba_d_state, mamba_d_conv, mamba_conv_bias,
+    mamba_proj_bias (in_proj and out_proj), hidden_mamba_act SiLU only; rms_norm_eps for
+    every norm."""
+    out = _with_defaults(hf, _ZAMBA_DEFAULTS)
+    n = int(out.get("num_hidden_layers") or 0)
+    hidden = int(out.get("hidden_size") or 0)
+    heads = int(out["num_attention_heads"])
+    kinds = out.get("layers_block_type") or out.get("layer_types")
+    if not kinds:
+        period, offset = int(out["attn_layer_period"]), int(out["attn_layer_offset"])
+        kinds = ["mamba", "mamba", "hybrid"] + [
+            "hybrid" if i % period == offset else "mamba" for i in range(n - 3)]
+    unknown = sorted({str(k) for k in kinds if k not in _ZAMBA_LAYERS})
+    if unknown or len(kinds) != n:
+        raise UnsupportedModelError(f"Zamba layer types {unknown or kinds} are not supported "
+                                    f"(one of {sorted(_ZAMBA_LAYERS)} per layer, "
+                                    f"num_hidden_layers {n})")
+    wide = out.get("attention_hidden_size")
+    if wide is not None and int(wide) != 2 * hidden:
+        raise UnsupportedModelError(f"config.attention_hidden_size {wide} is not supported "
+                                    f"(the shared block reads cat(stream, embeddings): 2 x "
+                                    f"hidden_size = {2 * hidden})")
+    act = str(out["hidden_mamba_act"])
+    if act not in ("silu", "swish"):
+        raise UnsupportedModelError(f"config.hidden_mamba_act {act!r} is not supported "
+                                    "(SiLU)")
+    out["_layer_mixers"] = [_ZAMBA_LAYERS[k] for k in kinds]
+    out["_layer_mlps"] = [False] * n
+    head_dim = int(out.get("attention_head_dim") or (2 * hidden // heads if heads else 0))
+    out["head_dim"] = head_dim
+    out["_attention_scale"] = (head_dim / 2) ** -0.5 if head_dim else None
+    mheads = int(out["n_mamba_heads"])
+    bias = bool(out["mamba_proj_bias"])
+    out["_mamba"] = dict(
+        mamba_inner_size=int(out["mamba_expand"]) * hidden,
+        mamba_dt_rank=_dt_rank(out["mamba_dt_rank"], hidden),
+        mamba_state_size=int(out["mamba_d_state"]), mamba_proj_bias=bias,
+        mamba_out_bias=bias, mamba1_num_heads=mheads)
+    out["_conv"] = (int(out["mamba_d_conv"]), bool(out["mamba_conv_bias"]))
+    out["_fields"] = dict(zamba_shared_blocks=1, zamba_adapter_rank=0, zamba_mamba="mamba")
+    out["_nope"] = True
+    return out
+
+
 def _olmo_hybrid_config(hf: Mapping[str, Any]) -> dict[str, Any]:
     """OLMo Hybrid's keys: each layer's mixer (default: full attention every fourth layer,
     at least the last), the linear heads' defaults (transformers' OlmoHybridConfig), its
@@ -1897,6 +2047,8 @@ _KEY_READERS: dict[str, Any] = {
     "mamba": _mamba1_config, "falcon_mamba": _mamba1_config,
     "jamba": lambda hf, _: _jamba_config(hf),
     "zamba2": lambda hf, _: _zamba2_config(hf),
+    "mamba2": lambda hf, _: _mamba2_config(hf),
+    "zamba": lambda hf, _: _zamba_config(hf),
     "exaone": lambda hf, _: _exaone_config(hf),
     "gemma4": lambda hf, _: _gemma4_config(hf),
     "gemma3n": lambda hf, _: _gemma3n_config(hf)}

@@ -27,7 +27,8 @@ has no norm before attention or the MLP: each output is normalized, then added.
 Hybrid recurrent decoders (``config.layer_mixers``) replace attention in some layers by a
 recurrent token mixer that keeps a fixed-size state per sequence instead of a KV cache:
 :class:`ShortConv` (LFM2), :class:`GatedDeltaNet` (Qwen3.5), :class:`Mamba2Mixer`
-(Granite 4.0-H, Bamba, Nemotron-H; beside attention in every Falcon-H1 layer). A layer's
+(Granite 4.0-H, Bamba, Nemotron-H, Mamba-2, Zamba2; beside attention in every Falcon-H1
+layer), :class:`MambaMixer` (Mamba-1: Mamba, FalconMamba, Jamba, Zamba). A layer's
 ``kv_caches`` entry is then its state tuple (after the (k, v) pair when it also attends),
 each state [num_state_slots, ...], one slot per running sequence
 (``meta.state_indices``; docs/engine.md, "Recurrent state slots").
@@ -572,7 +573,7 @@ class Mamba2Mixer(nn.Module):
 
 
 class MambaMixer(nn.Module):
-    """Mamba-1 (Mamba, FalconMamba, Jamba; a recurrent token mixer):
+    """Mamba-1 (Mamba, FalconMamba, Jamba, Zamba; a recurrent token mixer):
 
         xs, z = in_proj(x).split(inner)                       # [T, inner] each
         xs = silu(causal_conv1d(xs))                          # per sequence
@@ -583,6 +584,14 @@ class MambaMixer(nn.Module):
     Its cache (from :meth:`CausalLM.allocate_kv_caches`) is ``(conv_state, ssm_state)``:
     [slots, inner, W - 1] in the model dtype and [slots, inner, N] fp32. ``dt_bias`` is
     the checkpoint's dt_proj bias, added in fp32 inside the scan (mamba_ssm's delta_bias).
+
+    Zamba's multi-head form (``config.mamba1_num_heads`` = Hm > 1, P = inner / Hm
+    channels per head): in_proj's rows interleave x and z ([x_0, z_0, x_1, z_1, ...], as
+    the checkpoint stores them), and each head has its own projections, held in the
+    checkpoint's shapes: ``x_proj_weight`` [Hm, R + 2N, P] (head h's dt / B / C from its
+    own P channels), ``dt_proj_weight`` [Hm, P, R], ``dt_bias`` [Hm, P] (the checkpoint's
+    dt_proj_bias), ``A_log`` [Hm, P, N], ``D`` [Hm, P]; the scan runs all heads at once,
+    head h's channels reading B / C group h. Not tensor-parallel.
     """
 
     def __init__(self, config: DecoderConfig, dtype: torch.dtype,
@@ -595,21 +604,34 @@ class MambaMixer(nn.Module):
         self.inner = c.mamba_inner_size // (tp.size if tp is not None else 1)
         self.dt_rank = c.mamba_dt_rank
         self.state_size, self.width = c.mamba_state_size, c.conv_kernel
+        self.num_heads = heads = c.mamba1_num_heads
+        if heads > 1 and tp is not None:
+            raise ValueError("multi-head Mamba-1 layers (Zamba) are not tensor-parallel")
         inner, n = self.inner, self.state_size
         self.in_proj = FusedLinear(c.hidden_size, 2 * inner, bias=c.mamba_proj_bias,
                                    dtype=dtype, device=device, dense=dense)
         self.conv1d = nn.Conv1d(inner, inner, self.width, groups=inner, bias=c.conv_bias,
                                 dtype=dtype, device=device)
         self.conv1d.requires_grad_(False)
-        self.x_proj = FusedLinear(inner, self.dt_rank + 2 * n, bias=False, dtype=dtype,
-                                  device=device, dense=dense)
-        self.dt_proj = FusedLinear(self.dt_rank, inner, bias=False, dtype=dtype, device=device,
-                                   dense=dense)
-        self.dt_bias = nn.Parameter(torch.zeros(inner, dtype=dtype, device=device),
-                                    requires_grad=False)
-        self.A_log = nn.Parameter(torch.zeros(inner, n, dtype=dtype, device=device),
-                                  requires_grad=False)
-        self.D = nn.Parameter(torch.ones(inner, dtype=dtype, device=device), requires_grad=False)
+
+        def param(*shape: int, fill: float = 0.0) -> nn.Parameter:
+            return nn.Parameter(torch.full(shape, fill, dtype=dtype, device=device),
+                                requires_grad=False)
+        # per channel: [inner]-shaped as one head, [Hm, P]-shaped per head (Zamba)
+        per_channel = (inner,) if heads == 1 else (heads, inner // heads)
+        self.x_proj = self.dt_proj = None
+        self.x_proj_weight = self.dt_proj_weight = None
+        if heads == 1:
+            self.x_proj = FusedLinear(inner, self.dt_rank + 2 * n, bias=False, dtype=dtype,
+                                      device=device, dense=dense)
+            self.dt_proj = FusedLinear(self.dt_rank, inner, bias=False, dtype=dtype,
+                                       device=device, dense=dense)
+        else:
+            self.x_proj_weight = param(heads, self.dt_rank + 2 * n, inner // heads)
+            self.dt_proj_weight = param(heads, inner // heads, self.dt_rank)
+        self.dt_bias = param(*per_channel)
+        self.A_log = param(*per_channel, n)
+        self.D = param(*per_channel, fill=1.0)
         # FalconMamba: RMS norms without weights; Jamba: with weights (dt_layernorm, ...)
         self.dt_layernorm = self.b_layernorm = self.c_layernorm = None
         if c.mamba_bcdt_norm:
@@ -622,8 +644,12 @@ class MambaMixer(nn.Module):
 
     def forward(self, x: Tensor, meta: AttentionMetadata,
                 cache: tuple[Tensor, Tensor] | None) -> Tensor:
-        inner, n = self.inner, self.state_size
-        xs, z = self.in_proj(x).split(inner, dim=-1)
+        inner, n, heads = self.inner, self.state_size, self.num_heads
+        if heads == 1:
+            xs, z = self.in_proj(x).split(inner, dim=-1)
+        else:               # (Zamba: x and z rows interleaved)
+            pair = self.in_proj(x).view(x.shape[0], inner, 2)
+            xs, z = pair[..., 0].contiguous(), pair[..., 1].contiguous()
         conv_state, state = cache if cache is not None else (None, None)
         with_state = cache is not None
 
@@ -634,24 +660,39 @@ class MambaMixer(nn.Module):
                                      has_initial_state=p.has_initial_state,
                                      activation="silu", max_seqlen=p.max_seqlen)
         u = by_parts(meta, with_state, conv, x, (inner,))
-        dt, b, c = _all_reduce(self.tp, self.x_proj(u)).split([self.dt_rank, n, n], dim=-1)
-        if self.dt_layernorm is not None:
-            dt, b, c = self.dt_layernorm(dt), self.b_layernorm(b), self.c_layernorm(c)
-        dt = self.dt_proj(dt)
-        a_neg = -torch.exp(self.A_log.float())
+        t = u.shape[0]
+        if heads == 1:
+            dt, b, c = _all_reduce(self.tp, self.x_proj(u)).split([self.dt_rank, n, n], dim=-1)
+            if self.dt_layernorm is not None:
+                dt, b, c = self.dt_layernorm(dt), self.b_layernorm(b), self.c_layernorm(c)
+            dt = self.dt_proj(dt)
+            b, c = b.reshape(t, 1, n), c.reshape(t, 1, n)
+        else:
+            dt, b, c = self._head_projections(u)
+        a_neg = -torch.exp(self.A_log.float()).reshape(inner, n)
+        d, dt_bias = self.D.reshape(inner), self.dt_bias.reshape(inner)
 
         def scan(p: RecurrentPart) -> Tensor:
-            m = b[p.tokens].shape[0]
-            return ops.selective_scan(u[p.tokens], dt[p.tokens], a_neg,
-                                      b[p.tokens].reshape(m, 1, n),
-                                      c[p.tokens].reshape(m, 1, n), cu_seqlens=p.cu_seqlens,
-                                      D=self.D, z=z[p.tokens], dt_bias=self.dt_bias,
+            return ops.selective_scan(u[p.tokens], dt[p.tokens], a_neg, b[p.tokens],
+                                      c[p.tokens], cu_seqlens=p.cu_seqlens,
+                                      D=d, z=z[p.tokens], dt_bias=dt_bias,
                                       dt_softplus=True, state=state,
                                       state_indices=p.state_indices,
                                       has_initial_state=p.has_initial_state,
                                       max_seqlen=p.max_seqlen)
         return _all_reduce(self.tp, self.out_proj(by_parts(meta, with_state, scan, x,
                                                             (inner,))))
+
+    def _head_projections(self, u: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Zamba's per-head projections of the conv output u [T, inner] (head h: channels
+        [h P, (h + 1) P)) -> dt [T, inner] (before dt_bias), B and C [T, Hm, N]."""
+        t, heads, n = u.shape[0], self.num_heads, self.state_size
+        uh = u.view(t, heads, self.inner // heads).transpose(0, 1)        # [Hm, T, P]
+        params = torch.bmm(uh, self.x_proj_weight.transpose(1, 2))      # [Hm, T, R + 2N]
+        dt, b, c = params.split([self.dt_rank, n, n], dim=-1)
+        dt = torch.bmm(dt, self.dt_proj_weight.transpose(1, 2))          # [Hm, T, P]
+        return (dt.transpose(0, 1).reshape(t, self.inner),
+                b.transpose(0, 1).contiguous(), c.transpose(0, 1).contiguous())
 
     def state_shapes(self) -> list[tuple[tuple[int, ...], torch.dtype | None]]:
         """Per-slot state tensors: the conv's inputs (model dtype), the fp32 SSM state."""
@@ -718,13 +759,14 @@ class MLP(nn.Module):
 
 
 class ZambaSharedBlock(nn.Module):
-    """One of Zamba2's shared transformer blocks (called by several hybrid layers):
+    """One of Zamba2's shared transformer blocks, or Zamba's one (called by several
+    hybrid layers):
 
         a = self_attn(rms_norm(cat(stream, embeddings)))     # 2 H wide q / k / v input
         out = mlp(rms_norm(a))                               # no residual inside
 
     Each caller brings its own adapters' q / k / v and gate_up deltas
-    (:class:`ZambaAdapters`) and its own KV cache."""
+    (:class:`ZambaAdapters`; Zamba: none) and its own KV cache."""
 
     def __init__(self, config: DecoderConfig, rotary: RotaryEmbedding | None,
                  dtype: torch.dtype, device: torch.device | str | None, dense: bool,
@@ -739,11 +781,13 @@ class ZambaSharedBlock(nn.Module):
         self.mlp = MLP(c, dtype, device, dense, tp)
 
     def forward(self, stream: Tensor, embeds: Tensor, meta: AttentionMetadata,
-                kv_cache: KVCache | None, adapters: "ZambaAdapters") -> Tensor:
+                kv_cache: KVCache | None, adapters: "ZambaAdapters | None") -> Tensor:
+        """stream, embeds [T, H] -> [T, H]; adapters None: Zamba (v1), which has none."""
         x = self.input_layernorm(torch.cat([stream, embeds], dim=-1))
-        a = self.self_attn(x, meta, kv_cache, qkv_extra=adapters.qkv(x))
+        a = self.self_attn(x, meta, kv_cache,
+                           qkv_extra=None if adapters is None else adapters.qkv(x))
         m = self.pre_ff_layernorm(a)
-        return self.mlp(m, gate_up_extra=adapters.gate_up(m))
+        return self.mlp(m, gate_up_extra=None if adapters is None else adapters.gate_up(m))
 
 
 class ZambaAdapters(nn.Module):
@@ -816,11 +860,14 @@ class DecoderLayer(nn.Module):
             self.linear_attn = GatedDeltaNet(config, dtype, device, dense, tp)
         elif kind == "mamba2":        # Granite 4.0-H
             self.mamba = Mamba2Mixer(config, dtype, device, dense, tp)
-        elif kind == "mamba":         # Mamba-1: Mamba, FalconMamba, Jamba
+        elif kind == "mamba":         # Mamba-1: Mamba, FalconMamba, Jamba, Zamba
             self.mamba = MambaMixer(config, dtype, device, dense, tp)
-        elif kind == "zamba_hybrid":  # Zamba2: a shared block (set by CausalLM), Mamba-2
-            self.mamba = Mamba2Mixer(config, dtype, device, dense, tp)
-            self.zamba_adapters = ZambaAdapters(config, dtype, device, tp)
+        elif kind == "zamba_hybrid":  # Zamba2 / Zamba: a shared block (set by CausalLM),
+            # then Mamba-2 / Zamba's multi-head Mamba-1; adapters: Zamba2's only
+            mixer = MambaMixer if c.zamba_mamba == "mamba" else Mamba2Mixer
+            self.mamba = mixer(config, dtype, device, dense, tp)
+            self.zamba_adapters = ZambaAdapters(config, dtype, device, tp) \
+                if c.zamba_adapter_rank else None
             self.linear = FusedLinear(c.hidden_size, c.hidden_size, dtype=dtype, device=device,
                                       dense=dense)
             self.__dict__["shared_block"] = None
@@ -883,8 +930,9 @@ class DecoderLayer(nn.Module):
 
     def _zamba_forward(self, h: Tensor, residual: Tensor | None, meta: AttentionMetadata,
                        cache: tuple | None, embeds: Tensor) -> tuple[Tensor, Tensor]:
-        """Zamba2's hybrid layer: t = linear(shared_block(stream, embeddings)); the Mamba-2
-        mixer reads norm(stream + t) and its output joins the stream (t does not).
+        """Zamba2's (Zamba's) hybrid layer: t = linear(shared_block(stream, embeddings));
+        the Mamba-2 (Mamba-1) mixer reads norm(stream + t) and its output joins the stream
+        (t does not).
         cache: (k_cache, v_cache, conv_state, ssm_state)."""
         s = h if residual is None else h + residual
         t = self.linear(self.shared_block(s, embeds, meta, None if cache is None else

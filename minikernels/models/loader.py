@@ -179,7 +179,8 @@ _GDN_SPLIT_RE = re.compile(r"^layers\.(\d+)\.linear_attn\.(q_proj|k_proj|v_proj|
 #: Granite 4.0-H's Mamba-2 layers: one in_proj ([z | x B C | dt]), out_proj, conv1d, the
 #: gated norm (above), dt_bias / A_log / D
 _MAMBA_PROJ_RE = re.compile(r"^layers\.(\d+)\.mamba\.(in_proj|out_proj|x_proj)\.(\w+)$")
-_MAMBA_PARAM_RE = re.compile(r"^layers\.(\d+)\.mamba\.(dt_bias|A_log|D)$")
+_MAMBA_PARAM_RE = re.compile(r"^layers\.(\d+)\.mamba\.(dt_bias|A_log|D|x_proj_weight|"
+                             r"dt_proj_weight)$")     # (Zamba: per-head x / dt projections)
 #: Mamba-1's dt projection (its bias is the scan's dt_bias) and Jamba's dt / B / C norms
 #: Gemma 3n: the model's AltUp stream projections, and each layer's AltUp and LAuReL
 #: (linears: part 0; norms and the output scale: parameters)
@@ -566,10 +567,13 @@ def _family_name(name: str, config: DecoderConfig) -> str:
             .replace("model.final_layernorm.", "model.norm.")
     if config.architecture in _FAMILY_NAMES:
         return _renamed(name, *_FAMILY_NAMES[config.architecture])
-    if config.architecture == "nemotron_h":
+    if config.architecture in ("nemotron_h", "mamba2"):    # (Mamba-2: the same names)
         return _nemotron_h_name(name, config)
     if config.architecture == "zamba2":
         return _zamba2_name(name, config)
+    if config.architecture == "zamba":      # (Zamba2's names in Zamba's spelling)
+        return _zamba2_name(name.replace(".shared_transf.", ".shared_transformer.").replace(
+            ".mamba.dt_proj_bias", ".mamba.dt_bias"), config)
     if config.architecture == "gemma4" and config.moe_beside_mlp:   # (26B-A4B's experts)
         name = _renamed(name, (), _GEMMA4_MOE_PARTS)
     if config.architecture in ("gemma4", "gemma3n") and config.kv_shared_from is not None:
@@ -1161,7 +1165,9 @@ def _load_hf(model_dir: str, dtype: str | torch.dtype, device: torch.device,
         elif isinstance(mod, GatedDeltaNet):
             expected.update((name, None, p) for p in ("dt_bias", "A_log"))
         elif isinstance(mod, (Mamba2Mixer, MambaMixer)):
-            expected.update((name, None, p) for p in ("dt_bias", "A_log", "D"))
+            expected.update((name, None, p) for p in ("dt_bias", "A_log", "D", "x_proj_weight",
+                                                      "dt_proj_weight")
+                            if isinstance(getattr(mod, p, None), torch.nn.Parameter))
         elif isinstance(mod, SparseMoE) and mod.router_scale is not None:     # (Gemma 4)
             expected.update((name, None, p) for p in ("router_scale", "per_expert_scale"))
         elif isinstance(mod, GroupSigmoidRouter):                            # (Nemotron 3)

@@ -295,7 +295,7 @@ def _parse_tensors(tensors: list[tuple[str, Tensor]], config: DecoderConfig, ran
         m = _RECURRENT_RE.search(key)
         if m is not None:
             layer, block = int(m.group(1)), m.group(2)
-            if block == "mixer" and config.architecture in ("mamba", "falcon_mamba"):
+            if block == "mixer" and config.architecture in ("mamba", "falcon_mamba", "mamba2"):
                 block = "mamba"
             target = f"{block}.{m.group(3)}"
             if block == "mixer" or (target in ("mamba.x_proj", "mamba.dt_proj") and

@@ -12,7 +12,8 @@ all-reduce per layer, like attention's o_proj):
                     q, k, v, z, b, a rows of those heads; conv channels [q | k | v] of
                     them; dt_bias / A_log of the value heads; the per-head norm replicated;
                     out_proj columns of the value heads
-    mamba2          Granite 4.0-H, Bamba, Nemotron-H, Falcon-H1, Zamba2: heads [e0, e1) (P | heads)
+    mamba2          Granite 4.0-H, Bamba, Nemotron-H, Falcon-H1, Zamba2, Mamba-2: heads [e0, e1)
+                    (P | heads)
                     and their groups of B / C: groups [g0, g1) when P divides the groups,
                     else (P a multiple of the groups) the one group the rank's heads read,
                     replicated on P / G ranks; in_proj rows [z | x | B | C | dt] of those,
@@ -22,7 +23,8 @@ all-reduce per layer, like attention's o_proj):
     mamba           Mamba-1 (Mamba, FalconMamba, Jamba): inner channels [i0, i1) of x and
                     z; the conv, dt_bias, A_log rows and D of those; x_proj row-parallel
                     (its [dt | B | C] output all-reduced, then the dt / B / C norms
-                    replicated); dt_proj column-parallel (rows [i0, i1)); out_proj columns
+                    replicated); dt_proj column-parallel (rows [i0, i1)); out_proj columns.
+                    Zamba's multi-head Mamba-1 (per-head x_proj / dt_proj) is refused
 
 :func:`mixer_shard` names a checkpoint tensor's rows (column-parallel) or columns
 (row-parallel) as a list of [start, stop) ranges, which ``parallel.shard_tensor`` cuts and
@@ -98,6 +100,10 @@ def check_mixers(c: DecoderConfig, size: int) -> None:
     if other:
         raise ValueError(f"tensor_parallel_size {size}: {c.architecture}'s "
                          f"{sorted(other)} layers are not sharded; run it with "
+                         "tensor_parallel_size=1")
+    if c.mamba1_num_heads > 1:
+        raise ValueError(f"tensor_parallel_size {size}: {c.architecture}'s multi-head Mamba-1 "
+                         "layers (per-head x_proj / dt_proj) are not sharded; run it with "
                          "tensor_parallel_size=1")
     if "short_conv" in kinds:
         need(c.hidden_size, "hidden_size (LFM2's conv channels)")
