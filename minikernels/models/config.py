@@ -1739,7 +1739,8 @@ def _mamba1_config(hf: Mapping[str, Any], family: str) -> dict[str, Any]:
     mixer (no MLP); intermediate_size (else expand x hidden) the mixer's inner width,
     time_step_rank, state_size, use_bias / use_conv_bias, layer_norm_epsilon; FalconMamba's
     weightless dt / B / C norms of mixer_rms_eps. The attention fields are placeholders
-    (one head of the hidden size; no layer attends)."""
+    (one head of 2 dims, as Mamba-2's: no layer attends, and the unused rope table stays
+    tiny instead of max positions x hidden)."""
     out = dict(hf)
     n = int(hf.get("num_hidden_layers") or 0)
     hidden = int(hf.get("hidden_size") or 0)
@@ -1748,8 +1749,8 @@ def _mamba1_config(hf: Mapping[str, Any], family: str) -> dict[str, Any]:
     out["_layer_mixers"] = ["mamba"] * n
     out["_layer_mlps"] = [False] * n
     out["intermediate_size"] = inner
-    out.setdefault("num_attention_heads", 1)
-    out["num_key_value_heads"] = out["num_attention_heads"]
+    out["num_attention_heads"] = out["num_key_value_heads"] = 1
+    out["head_dim"] = 2
     bias = bool(hf.get("use_bias", False))
     out["_mamba"] = dict(
         mamba_inner_size=inner, mamba_dt_rank=_dt_rank(hf.get("time_step_rank"), hidden),
