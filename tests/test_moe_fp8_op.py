@@ -251,7 +251,7 @@ def test_activation_opcheck_and_errors(device):
     with mk.use_backend("triton"):
         torch.library.opcheck(torch.ops.minikernels.fused_moe_fp8, op_args,
                               {"activation": "gelu_tanh"})
-    allowed = r"activation must be one of \('silu', 'gelu', 'gelu_tanh'\), got "
+    allowed = r"activation must be one of \('silu', 'gelu', 'gelu_tanh', 'swigluoai'\), got "
     for bad in ("relu", "gelu_new", ""):
         with pytest.raises(ValueError, match=allowed + repr(bad)):
             mk.ops.fused_moe_fp8(x, w13, s13, w2, s2, tw, ids, block, activation=bad)

@@ -231,7 +231,7 @@ def test_activation_opcheck_and_errors(device):
     with mk.use_backend("triton"):
         torch.library.opcheck(torch.ops.minikernels.fused_moe_int4, (*args, 32),
                               {"activation": "gelu_tanh"})
-    allowed = r"activation must be one of \('silu', 'gelu', 'gelu_tanh'\), got "
+    allowed = r"activation must be one of \('silu', 'gelu', 'gelu_tanh', 'swigluoai'\), got "
     for bad in ("relu", "gelu_new", ""):
         with pytest.raises(ValueError, match=allowed + repr(bad)):
             mk.ops.fused_moe_int4(*args, 32, activation=bad)

@@ -243,8 +243,8 @@ def test_activation_opcheck_compile_and_errors(device):
     with mk.use_backend("triton"):
         got = compiled(x, w13, w2, tw, ids)
     assert_close(got, reference.fused_moe(x, w13, w2, tw, ids, activation="gelu") + x)
-    allowed = r"activation must be one of \('silu', 'gelu', 'gelu_tanh'\), got "
-    for bad in ("relu", "SiLU", "gelu_pytorch_tanh", "swigluoai", ""):
+    allowed = r"activation must be one of \('silu', 'gelu', 'gelu_tanh', 'swigluoai'\), got "
+    for bad in ("relu", "SiLU", "gelu_pytorch_tanh", "swiglu", ""):
         with pytest.raises(ValueError, match=allowed + repr(bad)):
             mk.ops.fused_moe(x, w13, w2, tw, ids, activation=bad)
         with mk.use_backend("triton"), pytest.raises(ValueError, match=allowed):

@@ -223,6 +223,26 @@ def test_opcheck_moe_nongated(name, activation, device):
         torch.library.opcheck(op, tuple(args), {"activation": activation, "gated": False})
 
 
+@pytest.mark.parametrize("name", ["fused_moe", "fused_moe_int4", "fused_moe_fp8",
+                                  "fused_moe_int8"])
+def test_opcheck_moe_swigluoai_biases(name, device):
+    # GPT-OSS's experts: the optional expert biases (w13_bias [E, 2I], w2_bias [E, H])
+    # and swigluoai's alpha / limit, the schema's arguments before activation / gated
+    op = getattr(torch.ops.minikernels, name)
+    names = [a.name for a in op.default._schema.arguments]
+    assert names[-6:] == ["w13_bias", "w2_bias", "alpha", "limit", "activation", "gated"]
+    args = _samples(device)[name]
+    x, e = args[0], args[1].shape[0]
+    # I from w2 (int4: 8 values per packed word)
+    w2_at, per_word = {"fused_moe": (2, 1), "fused_moe_int4": (4, 8)}.get(name, (3, 1))
+    b13 = torch.randn(e, 2 * args[w2_at].shape[2] * per_word, device=device).to(x.dtype)
+    b2 = torch.randn(e, x.shape[1], device=device).to(x.dtype)
+    with mk.use_backend("triton"):
+        torch.library.opcheck(op, args, {"w13_bias": b13, "w2_bias": b2, "alpha": 1.5,
+                                         "limit": 0.75, "activation": "swigluoai"})
+        torch.library.opcheck(op, args, {"w2_bias": b2})
+
+
 def test_torch_compile_fullgraph_over_ops():
     def block(x, residual, w, q, k, pos, cache):
         y, h = mk.ops.rms_norm(x, w, residual=residual)

@@ -4,9 +4,14 @@ Granite-MoE). Backends: reference (ops/reference.py), triton (ops/triton/moe.py)
 Tests: tests/test_moe_op.py.
 
 All four fused ops take ``activation``: the experts' gate activation, "silu" (SwiGLU:
-Qwen3-MoE, OLMoE, Mixtral, ...; the default), "gelu" (erf) or "gelu_tanh" (Gemma 4's
-GELU-tanh-gated experts), vLLM's ``fused_experts`` names; a constexpr of the gate-up
-kernels' epilogue. And ``gated``: True (the default) for gated experts (w13 holds gate
+Qwen3-MoE, OLMoE, Mixtral, ...; the default), "gelu" (erf), "gelu_tanh" (Gemma 4's
+GELU-tanh-gated experts) or "swigluoai" (GPT-OSS's clamped SwiGLU,
+(clamp(up, -limit, limit) + 1) * g * sigmoid(alpha * g) with g = min(gate, limit); the
+ops' ``alpha`` / ``limit``), vLLM's ``fused_experts`` names; a constexpr of the gate-up
+kernels' epilogue. Optional per-expert biases ``w13_bias`` [E, 2I] / ``w2_bias`` [E, H]
+(GPT-OSS's; vLLM's ``w1_bias`` / ``w2_bias``): added to the gate / up pre-activations and
+to each expert's down output before the router weight (the constexpr ``HAS_BIAS`` of
+each kernel). And ``gated``: True (the default) for gated experts (w13 holds gate
 rows then up rows, act(gate) * up); False for non-gated ones (w13 holds the up rows only,
 act(up): Nemotron 3's squared-ReLU experts, activation "relu2"; vLLM's
 ``is_act_and_mul=False`` with "relu2_no_mul" / "silu_no_mul" / "gelu_no_mul"), the
@@ -46,7 +51,8 @@ from .. import backend as _backend
 from .._validation import FLOAT_DTYPES, HALF_DTYPES, check_index_range, check_tensor
 from . import reference
 from .fp8 import check_block_size
-from .reference import MOE_ACTIVATIONS, MOE_NONGATED_ACTIVATIONS
+from .reference import (MOE_ACTIVATIONS, MOE_NONGATED_ACTIVATIONS, SWIGLUOAI_ALPHA,
+                        SWIGLUOAI_LIMIT)
 
 
 class MoELoRA(NamedTuple):
@@ -109,9 +115,10 @@ def _fused_moe_op(name: str
     """``torch.library.custom_op("minikernels::<name>")`` for one of the four fused MoE
     ops, with the fake (meta) kernel they share: out [T, H] like x (contiguous), after the
     checks the real kernel makes of the op's trailing arguments (the six LoRA tensors all
-    or none, ``activation`` / ``gated``). The decorated function's signature is the op's
-    schema; it must have x first and the six ``lora_*`` arguments, ``activation`` and
-    ``gated``."""
+    or none, ``activation`` / ``gated``, ``alpha`` / ``limit``). The decorated function's
+    signature is the op's schema; it must have x first, the six ``lora_*`` arguments,
+    ``w13_bias`` / ``w2_bias``, ``alpha`` / ``limit``, ``activation`` and ``gated``
+    (the last two last)."""
     def register(fn: Callable[..., Tensor]) -> torch.library.CustomOpDef:
         op = torch.library.custom_op(f"minikernels::{name}", mutates_args=())(fn)
         signature = inspect.signature(fn)
@@ -124,6 +131,7 @@ def _fused_moe_op(name: str
             a = bound.arguments
             _op_lora(*(a[arg] for arg in _LORA_ARGS))
             _check_activation(a["activation"], a["gated"])
+            _check_swiglu(a["alpha"], a["limit"])
             return torch.empty_like(a["x"], memory_format=torch.contiguous_format)
         return op
     return register
@@ -131,8 +139,9 @@ def _fused_moe_op(name: str
 
 def _check_activation(activation: object, gated: object = True) -> str:
     """fused_moe*'s ``activation`` and ``gated``: gated experts take one of
-    MOE_ACTIVATIONS ("silu", "gelu", "gelu_tanh"); non-gated ones (gated=False) one of
-    MOE_NONGATED_ACTIVATIONS (those and "relu2")."""
+    MOE_ACTIVATIONS ("silu", "gelu", "gelu_tanh", "swigluoai"); non-gated ones
+    (gated=False) one of MOE_NONGATED_ACTIVATIONS ("silu", "gelu", "gelu_tanh",
+    "relu2")."""
     if not isinstance(gated, bool):
         raise TypeError(f"gated must be a bool, got {type(gated).__name__}")
     allowed = MOE_ACTIVATIONS if gated else MOE_NONGATED_ACTIVATIONS
@@ -143,10 +152,46 @@ def _check_activation(activation: object, gated: object = True) -> str:
         raise ValueError("activation 'relu2' (squared ReLU: Nemotron 3's experts) is for "
                          "non-gated experts: pass gated=False (w13 [E, I, H], the up_proj "
                          f"rows only); gated experts (gated=True) take one of {allowed}")
+    if not gated and activation == "swigluoai":
+        raise ValueError("activation 'swigluoai' (GPT-OSS's clamped SwiGLU) gates the up "
+                         "projection: it is for gated experts (gated=True, w13 [E, 2I, H]); "
+                         f"non-gated experts (gated=False) take one of {allowed}")
     if activation not in allowed:
         raise ValueError(f"activation must be one of {allowed}"
                          f"{'' if gated else ' with gated=False'}, got {activation!r}")
     return activation
+
+
+def _check_swiglu(alpha: object, limit: object) -> tuple[float, float]:
+    """fused_moe*'s ``alpha`` / ``limit`` (swigluoai's; read by that activation only):
+    finite numbers, limit > 0."""
+    import math
+
+    for name, v in (("alpha", alpha), ("limit", limit)):
+        if not isinstance(v, (int, float)) or isinstance(v, bool):
+            raise TypeError(f"{name} must be a float, got {type(v).__name__}")
+        if not math.isfinite(v):
+            raise ValueError(f"{name} must be finite, got {v!r}")
+    if limit <= 0:
+        raise ValueError(f"limit must be > 0 (swigluoai clamps up to [-limit, limit]), got "
+                         f"{limit!r}")
+    return float(alpha), float(limit)
+
+
+def _check_biases(x: Tensor, w13_bias: Tensor | None, w2_bias: Tensor | None,
+                  num_experts: int, rows13: int, gated: bool) -> None:
+    """fused_moe*'s optional expert biases: w13_bias [E, 2I] (gated=False: [E, I]) and
+    w2_bias [E, H], each in x.dtype on x's device, any strides; None = no bias."""
+    h = x.shape[1]
+    for name, b, dims, shape in (
+            ("w13_bias", w13_bias, "[E, 2I]" if gated else "[E, I]", (num_experts, rows13)),
+            ("w2_bias", w2_bias, "[E, H]", (num_experts, h))):
+        if b is None:
+            continue
+        check_tensor(name, b, dtypes=(x.dtype,), ndim=2, device=x.device)
+        if tuple(b.shape) != shape:
+            raise ValueError(f"{name} must have shape {dims} = {list(shape)} (one bias row "
+                             f"per expert), got {list(b.shape)}")
 
 
 def _expert_inter(name: str, w13_shape: tuple[int, ...] | torch.Size, w2_inter: int,
@@ -223,28 +268,48 @@ def _fused_moe(x: Tensor, w13: Tensor, w2: Tensor, topk_weights: Tensor, topk_id
                lora_a13: Tensor | None = None, lora_b13: Tensor | None = None,
                lora_a2: Tensor | None = None, lora_b2: Tensor | None = None,
                lora_token_slots: Tensor | None = None,
-               lora_scaling: Tensor | None = None, activation: str = "silu",
-               gated: bool = True) -> Tensor:
+               lora_scaling: Tensor | None = None,
+               w13_bias: Tensor | None = None, w2_bias: Tensor | None = None,
+               alpha: float = SWIGLUOAI_ALPHA, limit: float = SWIGLUOAI_LIMIT,
+               activation: str = "silu", gated: bool = True) -> Tensor:
     lora = _op_lora(lora_a13, lora_b13, lora_a2, lora_b2, lora_token_slots, lora_scaling)
     _check_activation(activation, gated)
+    alpha, limit = _check_swiglu(alpha, limit)
+    args = (x, w13, w2, topk_weights, topk_ids, lora, activation, gated, w13_bias, w2_bias,
+            alpha, limit)
     if _backend.resolve("fused_moe", x.device) == "triton":
         from .triton import moe as triton_moe
-        return triton_moe.fused_moe(x, w13, w2, topk_weights, topk_ids, lora, activation,
-                                    gated)
-    return reference.fused_moe(x, w13, w2, topk_weights, topk_ids, lora, activation, gated)
+        return triton_moe.fused_moe(*args)
+    return reference.fused_moe(*args)
 
 
 def fused_moe(x: Tensor, w13: Tensor, w2: Tensor, topk_weights: Tensor,
               topk_ids: Tensor, *, lora: MoELoRA | None = None,
-              activation: str = "silu", gated: bool = True) -> Tensor:
+              activation: str = "silu", gated: bool = True,
+              w13_bias: Tensor | None = None, w2_bias: Tensor | None = None,
+              alpha: float = SWIGLUOAI_ALPHA, limit: float = SWIGLUOAI_LIMIT) -> Tensor:
     """A mixture-of-experts MLP with gated experts: out [T, H] in x.dtype,
-    out[t] = sum_j topk_weights[t, j] * w2[e] @ (act(w13[e, :I] @ x[t]) * (w13[e, I:] @ x[t]))
-    with e = topk_ids[t, j].
+    out[t] = sum_j topk_weights[t, j] * (w2[e] @ act(g, u) + w2_bias[e]) with
+    e = topk_ids[t, j], g = w13[e, :I] @ x[t] + w13_bias[e, :I] (the gate) and
+    u = w13[e, I:] @ x[t] + w13_bias[e, I:] (the up projection); act(g, u) = act(g) * u.
 
     activation: act, vLLM's ``fused_experts`` names: "silu" (SwiGLU; the default),
     "gelu" (erf: gelu(g) = g * Phi(g)) or "gelu_tanh" (0.5 g (1 + tanh(sqrt(2/pi)
     (g + 0.044715 g^3))): Gemma 4's experts, ``gelu_pytorch_tanh``); fp32 math as
-    ``gelu_and_mul``. Another value: ValueError.
+    ``gelu_and_mul``. "swigluoai" (GPT-OSS's experts, vLLM's name): act(g, u) =
+    (clamp(u, -limit, limit) + 1) * g' * sigmoid(alpha * g') with g' = min(g, limit)
+    (``reference.moe_swigluoai``). Another value: ValueError.
+
+    alpha, limit: swigluoai's sigmoid gain and clamp (GPT-OSS's ``swiglu_alpha`` /
+    ``swiglu_limit``; defaults 1.702 / 7.0); finite floats, limit > 0; read by
+    "swigluoai" only.
+
+    w13_bias: optional [E, 2I] in x.dtype (gated=False: [E, I]), each expert's gate
+    biases then its up biases, added to the fp32 pre-activations; w2_bias: optional
+    [E, H] in x.dtype, added to each expert's fp32 down output before the router weight
+    multiplies it (vLLM's ``w1_bias`` / ``w2_bias``; GPT-OSS's ``gate_up_proj_bias`` /
+    ``down_proj_bias``, de-interleaved). Any strides. None: no bias (bit for bit the op
+    without it).
 
     gated: True (the default) as above. False: non-gated experts (Nemotron 3's; vLLM's
     ``is_act_and_mul=False``), w13 [E, I, H] holds each expert's up_proj rows only and
@@ -279,8 +344,10 @@ def fused_moe(x: Tensor, w13: Tensor, w2: Tensor, topk_weights: Tensor,
         raise ValueError(f"w2 must have shape [E = {e}, H = {h}, I = {inter}], got "
                          f"{list(w2.shape)}")
     lora_args = _check_routing_and_lora(x, topk_weights, topk_ids, e, inter, gated, lora)
+    _check_biases(x, w13_bias, w2_bias, e, two_i, gated)
+    alpha, limit = _check_swiglu(alpha, limit)
     return torch.ops.minikernels.fused_moe(x, w13, w2, topk_weights, topk_ids, *lora_args,
-                                           activation, gated)
+                                           w13_bias, w2_bias, alpha, limit, activation, gated)
 
 
 # ------------------------------------------------------------------------ int4 experts
@@ -292,12 +359,14 @@ def _fused_moe_int4(x: Tensor, w13_qweight: Tensor, w13_scales: Tensor, w13_zero
                     lora_a13: Tensor | None = None, lora_b13: Tensor | None = None,
                     lora_a2: Tensor | None = None, lora_b2: Tensor | None = None,
                     lora_token_slots: Tensor | None = None,
-                    lora_scaling: Tensor | None = None, activation: str = "silu",
-                    gated: bool = True) -> Tensor:
+                    lora_scaling: Tensor | None = None,
+                    w13_bias: Tensor | None = None, w2_bias: Tensor | None = None,
+                    alpha: float = SWIGLUOAI_ALPHA, limit: float = SWIGLUOAI_LIMIT,
+                    activation: str = "silu", gated: bool = True) -> Tensor:
     lora = _op_lora(lora_a13, lora_b13, lora_a2, lora_b2, lora_token_slots, lora_scaling)
     args = (x, w13_qweight, w13_scales, w13_zeros, w2_qweight, w2_scales, w2_zeros,
             topk_weights, topk_ids, group_size, lora, _check_activation(activation, gated),
-            gated)
+            gated, w13_bias, w2_bias, *_check_swiglu(alpha, limit))
     if _backend.resolve("fused_moe_int4", x.device) == "triton":
         from .triton import moe_int4 as triton_moe_int4
         return triton_moe_int4.fused_moe_int4(*args)
@@ -329,7 +398,9 @@ def fused_moe_int4(x: Tensor, w13_qweight: Tensor, w13_scales: Tensor, w13_zeros
                    w2_qweight: Tensor, w2_scales: Tensor, w2_zeros: Tensor,
                    topk_weights: Tensor, topk_ids: Tensor, group_size: int, *,
                    lora: MoELoRA | None = None, activation: str = "silu",
-                   gated: bool = True) -> Tensor:
+                   gated: bool = True, w13_bias: Tensor | None = None,
+                   w2_bias: Tensor | None = None, alpha: float = SWIGLUOAI_ALPHA,
+                   limit: float = SWIGLUOAI_LIMIT) -> Tensor:
     """:func:`fused_moe` with int4 experts (W4A16): out [T, H] in x.dtype, exactly
     fused_moe on the dequantized experts W = (q - z) * s rounded to x.dtype.
 
@@ -348,8 +419,10 @@ def fused_moe_int4(x: Tensor, w13_qweight: Tensor, w13_scales: Tensor, w13_zeros
     rounded once.
     lora: optional per-token LoRA on the experts, as :func:`fused_moe` (:class:`MoELoRA`,
     dense adapters in x.dtype added to the int4 experts' fp32 results).
-    activation: the experts' gate activation, "silu" / "gelu" / "gelu_tanh", as
-    :func:`fused_moe`.
+    activation: the experts' gate activation, "silu" / "gelu" / "gelu_tanh" /
+    "swigluoai" (with ``alpha`` / ``limit``), as :func:`fused_moe`.
+    w13_bias / w2_bias: optional dense expert biases [E, 2I] / [E, H] in x.dtype, as
+    :func:`fused_moe` (added to the int4 experts' fp32 results).
     gated: False for non-gated experts (as :func:`fused_moe`: act(up), activation also
     "relu2"): w13_qweight [E, I, H/8] and w13_scales / w13_zeros [E, I, H/G] hold each
     expert's up_proj rows only.
@@ -384,10 +457,13 @@ def fused_moe_int4(x: Tensor, w13_qweight: Tensor, w13_scales: Tensor, w13_zeros
     _check_int4_experts("w2", w2_qweight, w2_scales, w2_zeros, (e, h, inter),
                         group_size, x.device)
     lora_args = _check_routing_and_lora(x, topk_weights, topk_ids, e, inter, gated, lora)
+    _check_biases(x, w13_bias, w2_bias, e, two_i, gated)
+    alpha, limit = _check_swiglu(alpha, limit)
     return torch.ops.minikernels.fused_moe_int4(x, w13_qweight, w13_scales, w13_zeros,
                                                 w2_qweight, w2_scales, w2_zeros,
                                                 topk_weights, topk_ids, group_size,
-                                                *lora_args, activation, gated)
+                                                *lora_args, w13_bias, w2_bias, alpha, limit,
+                                                activation, gated)
 
 
 # ------------------------------------------------------------------------- fp8 experts
@@ -427,18 +503,22 @@ def _fused_moe_fp8(x: Tensor, w13: Tensor, w13_scale: Tensor, w2: Tensor, w2_sca
                    lora_a13: Tensor | None = None, lora_b13: Tensor | None = None,
                    lora_a2: Tensor | None = None, lora_b2: Tensor | None = None,
                    lora_token_slots: Tensor | None = None,
-                   lora_scaling: Tensor | None = None, activation: str = "silu",
-                   gated: bool = True) -> Tensor:
+                   lora_scaling: Tensor | None = None,
+                   w13_bias: Tensor | None = None, w2_bias: Tensor | None = None,
+                   alpha: float = SWIGLUOAI_ALPHA, limit: float = SWIGLUOAI_LIMIT,
+                   activation: str = "silu", gated: bool = True) -> Tensor:
     lora = _op_lora(lora_a13, lora_b13, lora_a2, lora_b2, lora_token_slots, lora_scaling)
     _check_activation(activation, gated)
+    extra = (w13_bias, w2_bias, *_check_swiglu(alpha, limit))
     if _backend.resolve("fused_moe_fp8", x.device) == "triton":
         from .triton import moe_fp8 as triton_moe_fp8
         return triton_moe_fp8.fused_moe_fp8(x, w13, w13_scale, w2, w2_scale, topk_weights,
-                                            topk_ids, block_size, lora, activation, gated)
+                                            topk_ids, block_size, lora, activation, gated,
+                                            *extra)
     return reference.fused_moe_fp8(x, w13.view(torch.float8_e4m3fn), w13_scale,
                                    w2.view(torch.float8_e4m3fn), w2_scale, topk_weights,
                                    topk_ids, (block_size[0], block_size[1]), lora,
-                                   activation, gated)
+                                   activation, gated, *extra)
 
 
 def _check_fp8_experts(name: str, weight: Tensor, scale: Tensor, shape: tuple[int, int, int],
@@ -458,7 +538,9 @@ def fused_moe_fp8(x: Tensor, w13: Tensor, w13_scale: Tensor, w2: Tensor, w2_scal
                   topk_weights: Tensor, topk_ids: Tensor,
                   block_size: tuple[int, int] | list[int], *,
                   lora: MoELoRA | None = None, activation: str = "silu",
-                  gated: bool = True) -> Tensor:
+                  gated: bool = True, w13_bias: Tensor | None = None,
+                  w2_bias: Tensor | None = None, alpha: float = SWIGLUOAI_ALPHA,
+                  limit: float = SWIGLUOAI_LIMIT) -> Tensor:
     """:func:`fused_moe` with FP8 (e4m3) experts and block-wise scales (W8A16): out [T, H]
     in x.dtype, exactly fused_moe on the dequantized experts
     W_e[n, k] = float(weight[e, n, k]) * scale[e, n // bn, k // bk] kept in fp32 (NOT
@@ -484,8 +566,10 @@ def fused_moe_fp8(x: Tensor, w13: Tensor, w13_scale: Tensor, w2: Tensor, w2_scal
     lora       optional per-token LoRA on the experts, as :func:`fused_moe`
                (:class:`MoELoRA`, dense adapters in x.dtype added to the fp8 experts' fp32
                results).
-    activation the experts' gate activation, "silu" / "gelu" / "gelu_tanh", as
-               :func:`fused_moe`.
+    activation the experts' gate activation, "silu" / "gelu" / "gelu_tanh" /
+               "swigluoai" (with ``alpha`` / ``limit``), as :func:`fused_moe`.
+    w13_bias / w2_bias  optional dense expert biases [E, 2I] / [E, H] in x.dtype, as
+               :func:`fused_moe` (added to the fp8 experts' fp32 results).
     gated      False for non-gated experts (as :func:`fused_moe`: act(up), activation
                also "relu2"): w13 [E, I, H] holds each expert's up_proj rows only,
                w13_scale fp32 [E, ceil(I / bn), ceil(H / bk)].
@@ -498,9 +582,11 @@ def fused_moe_fp8(x: Tensor, w13: Tensor, w13_scale: Tensor, w2: Tensor, w2_scal
     _check_fp8_experts("w13", w13, w13_scale, (e, two_i, h), bn, bk, x.device)
     _check_fp8_experts("w2", w2, w2_scale, (e, h, inter), bn, bk, x.device)
     lora_args = _check_routing_and_lora(x, topk_weights, topk_ids, e, inter, gated, lora)
+    _check_biases(x, w13_bias, w2_bias, e, two_i, gated)
+    alpha, limit = _check_swiglu(alpha, limit)
     return torch.ops.minikernels.fused_moe_fp8(
         x, w13.view(torch.uint8), w13_scale, w2.view(torch.uint8), w2_scale, topk_weights,
-        topk_ids, [bn, bk], *lora_args, activation, gated)
+        topk_ids, [bn, bk], *lora_args, w13_bias, w2_bias, alpha, limit, activation, gated)
 
 
 # ------------------------------------------------------------------------ int8 experts
@@ -511,11 +597,14 @@ def _fused_moe_int8(x: Tensor, w13: Tensor, w13_scale: Tensor, w2: Tensor,
                     lora_a13: Tensor | None = None, lora_b13: Tensor | None = None,
                     lora_a2: Tensor | None = None, lora_b2: Tensor | None = None,
                     lora_token_slots: Tensor | None = None,
-                    lora_scaling: Tensor | None = None, activation: str = "silu",
-                    gated: bool = True) -> Tensor:
+                    lora_scaling: Tensor | None = None,
+                    w13_bias: Tensor | None = None, w2_bias: Tensor | None = None,
+                    alpha: float = SWIGLUOAI_ALPHA, limit: float = SWIGLUOAI_LIMIT,
+                    activation: str = "silu", gated: bool = True) -> Tensor:
     lora = _op_lora(lora_a13, lora_b13, lora_a2, lora_b2, lora_token_slots, lora_scaling)
     args = (x, w13, w13_scale, w2, w2_scale, topk_weights, topk_ids, lora,
-            _check_activation(activation, gated), gated)
+            _check_activation(activation, gated), gated, w13_bias, w2_bias,
+            *_check_swiglu(alpha, limit))
     if _backend.resolve("fused_moe_int8", x.device) == "triton":
         from .triton import moe_int8 as triton_moe_int8
         return triton_moe_int8.fused_moe_int8(*args)
@@ -536,7 +625,9 @@ def _check_int8_experts(name: str, weight: Tensor, scale: Tensor,
 def fused_moe_int8(x: Tensor, w13: Tensor, w13_scale: Tensor, w2: Tensor, w2_scale: Tensor,
                    topk_weights: Tensor, topk_ids: Tensor, *,
                    lora: MoELoRA | None = None, activation: str = "silu",
-                   gated: bool = True) -> Tensor:
+                   gated: bool = True, w13_bias: Tensor | None = None,
+                   w2_bias: Tensor | None = None, alpha: float = SWIGLUOAI_ALPHA,
+                   limit: float = SWIGLUOAI_LIMIT) -> Tensor:
     """:func:`fused_moe` with INT8 experts and per-output-channel scales (W8A16, vLLM's
     ``fused_experts(..., use_int8_w8a16=True)`` layout): out [T, H] in x.dtype, exactly
     fused_moe on the dequantized experts W_e[n, k] = weight[e, n, k] * scale[e, n] kept
@@ -555,8 +646,10 @@ def fused_moe_int8(x: Tensor, w13: Tensor, w13_scale: Tensor, w2: Tensor, w2_sca
     lora       optional per-token LoRA on the experts, as :func:`fused_moe`
                (:class:`MoELoRA`, dense adapters in x.dtype added to the int8 experts'
                fp32 results).
-    activation the experts' gate activation, "silu" / "gelu" / "gelu_tanh", as
-               :func:`fused_moe`.
+    activation the experts' gate activation, "silu" / "gelu" / "gelu_tanh" /
+               "swigluoai" (with ``alpha`` / ``limit``), as :func:`fused_moe`.
+    w13_bias / w2_bias  optional dense expert biases [E, 2I] / [E, H] in x.dtype, as
+               :func:`fused_moe` (added to the int8 experts' fp32 results).
     gated      False for non-gated experts (as :func:`fused_moe`: act(up), activation
                also "relu2"): w13 [E, I, H] int8 holds each expert's up_proj rows only,
                w13_scale fp32 [E, I].
@@ -567,8 +660,11 @@ def fused_moe_int8(x: Tensor, w13: Tensor, w13_scale: Tensor, w2: Tensor, w2_sca
     _check_int8_experts("w13", w13, w13_scale, (e, two_i, h), x.device)
     _check_int8_experts("w2", w2, w2_scale, (e, h, inter), x.device)
     lora_args = _check_routing_and_lora(x, topk_weights, topk_ids, e, inter, gated, lora)
+    _check_biases(x, w13_bias, w2_bias, e, two_i, gated)
+    alpha, limit = _check_swiglu(alpha, limit)
     return torch.ops.minikernels.fused_moe_int8(x, w13, w13_scale, w2, w2_scale,
                                                 topk_weights, topk_ids, *lora_args,
+                                                w13_bias, w2_bias, alpha, limit,
                                                 activation, gated)
 
 

@@ -1162,21 +1162,41 @@ def lora_delta(x: Tensor, lora_a: Tensor, lora_b: Tensor, token_slots: Tensor,
 
 # ------------------------------------------------------------------------- MoE
 #: the gated activations of the fused MoE ops' experts (vLLM's ``activation`` names):
-#: "silu" (SwiGLU), "gelu" (erf GeGLU), "gelu_tanh" (tanh-approximated GeGLU: Gemma)
-MOE_ACTIVATIONS = ("silu", "gelu", "gelu_tanh")
+#: "silu" (SwiGLU), "gelu" (erf GeGLU), "gelu_tanh" (tanh-approximated GeGLU: Gemma), all
+#: act(gate) * up; and "swigluoai" (GPT-OSS's clamped SwiGLU, ``moe_swigluoai``)
+MOE_ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "swigluoai")
 #: the activations of non-gated experts (``gated=False``: down(act(up(x))); vLLM's
-#: "<act>_no_mul"): the gated ones applied to the up projection alone, and "relu2",
-#: relu(u)^2 (Nemotron 3's squared-ReLU experts, vLLM's "relu2_no_mul")
-MOE_NONGATED_ACTIVATIONS = MOE_ACTIVATIONS + ("relu2",)
+#: "<act>_no_mul"): silu / gelu / gelu_tanh applied to the up projection alone, and
+#: "relu2", relu(u)^2 (Nemotron 3's squared-ReLU experts, vLLM's "relu2_no_mul")
+MOE_NONGATED_ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu2")
+#: swigluoai's defaults: GPT-OSS's ``swiglu_alpha`` / ``swiglu_limit`` (vLLM's too)
+SWIGLUOAI_ALPHA = 1.702
+SWIGLUOAI_LIMIT = 7.0
 
 
-def moe_gated_activation(gate_up: Tensor, activation: str = "silu") -> Tensor:
-    """gate_up [n, 2I] fp32 -> act(gate) * up [n, I] fp32, act = silu, gelu (erf) or
-    gelu_tanh (torch.nn.functional.gelu(approximate="tanh"))."""
+def moe_swigluoai(gate: Tensor, up: Tensor, alpha: float = SWIGLUOAI_ALPHA,
+                  limit: float = SWIGLUOAI_LIMIT) -> Tensor:
+    """GPT-OSS's clamped SwiGLU (vLLM's "swigluoai"), elementwise in the inputs' dtype
+    (fp32 here): g = min(gate, limit), u = clamp(up, -limit, limit),
+    (u + 1) * g * sigmoid(alpha * g)."""
+    g = gate.clamp(max=limit)
+    u = up.clamp(min=-limit, max=limit)
+    return (u + 1.0) * (g * torch.sigmoid(alpha * g))
+
+
+def moe_gated_activation(gate_up: Tensor, activation: str = "silu",
+                         alpha: float = SWIGLUOAI_ALPHA,
+                         limit: float = SWIGLUOAI_LIMIT) -> Tensor:
+    """gate_up [n, 2I] fp32 (gate columns, then up columns) -> [n, I] fp32:
+    act(gate) * up, act = silu, gelu (erf) or gelu_tanh
+    (torch.nn.functional.gelu(approximate="tanh")); or, activation "swigluoai",
+    ``moe_swigluoai(gate, up, alpha, limit)`` (alpha / limit are read by it alone)."""
     inter = gate_up.shape[1] // 2
     gate, up = gate_up[:, :inter], gate_up[:, inter:]
     if activation not in MOE_ACTIVATIONS:
         raise ValueError(f"activation must be one of {MOE_ACTIVATIONS}, got {activation!r}")
+    if activation == "swigluoai":
+        return moe_swigluoai(gate, up, alpha, limit)
     return moe_activation(gate, activation) * up
 
 
@@ -1196,16 +1216,24 @@ def moe_activation(h: Tensor, activation: str) -> Tensor:
 
 def fused_moe(x: Tensor, w13: Tensor, w2: Tensor, topk_weights: Tensor,
               topk_ids: Tensor, lora: Sequence[Tensor] | None = None,
-              activation: str = "silu", gated: bool = True) -> Tensor:
+              activation: str = "silu", gated: bool = True,
+              w13_bias: Tensor | None = None, w2_bias: Tensor | None = None,
+              alpha: float = SWIGLUOAI_ALPHA, limit: float = SWIGLUOAI_LIMIT) -> Tensor:
     """A mixture-of-experts MLP: out [T, H] in x.dtype with
-    out[t] = sum_j topk_weights[t, j] * w2[e] @ act_e(x[t]), e = topk_ids[t, j], and
-    act_e(x) = act(w13[e, :I] @ x) * (w13[e, I:] @ x) rounded to x.dtype (the kernel
-    stores that intermediate), act = silu / gelu / gelu_tanh by ``activation``
-    (``moe_gated_activation``). Everything else in fp32; out rounded once.
+    out[t] = sum_j topk_weights[t, j] * (w2[e] @ act_e(x[t]) + w2_bias[e]),
+    e = topk_ids[t, j], and act_e(x) = act(g) * u rounded to x.dtype (the kernel stores
+    that intermediate), where g = w13[e, :I] @ x + w13_bias[e, :I] and
+    u = w13[e, I:] @ x + w13_bias[e, I:], act = silu / gelu / gelu_tanh by ``activation``
+    (``moe_gated_activation``); activation "swigluoai" (GPT-OSS): act_e(x) =
+    ``moe_swigluoai(g, u, alpha, limit)``. Everything else in fp32; out rounded once.
+
+    w13_bias [E, 2I] / w2_bias [E, H] (x.dtype; each optional, None = no bias; vLLM's
+    ``w1_bias`` / ``w2_bias``): the w13 bias is added to the gate / up pre-activations,
+    the w2 bias to each expert's down output before the router weight multiplies it.
 
     gated=False (non-gated experts: Nemotron 3's): w13 [E, I, H] holds each expert's
-    up_proj rows only and act_e(x) = act(w13[e] @ x) rounded to x.dtype, act = silu /
-    gelu / gelu_tanh / relu2 (relu(u)^2) (``moe_activation``).
+    up_proj rows only (w13_bias [E, I]) and act_e(x) = act(u) rounded to x.dtype, act =
+    silu / gelu / gelu_tanh / relu2 (relu(u)^2) (``moe_activation``).
 
     lora: optional per-token LoRA on the experts, (a13 [S, E, R13, H], b13 [S, E, 2I, R13]
     (non-gated: [S, E, I, R13], the up rows only), a2 [S, E, R2, I], b2 [S, E, H, R2] in
@@ -1221,13 +1249,17 @@ def fused_moe(x: Tensor, w13: Tensor, w2: Tensor, topk_weights: Tensor,
     for e in sorted({int(v) for v in ids.flatten().tolist()}):
         rows, slots = (ids == e).nonzero(as_tuple=True)          # (token, j) pairs
         gate_up = x[rows].float() @ w13[e].float().t()           # [n, 2I] ([n, I])
+        if w13_bias is not None:
+            gate_up += w13_bias[e].float()
         if lora is not None:
             gate_up += _expert_lora(x[rows], lora, e, rows, down=False)
         if gated:
-            act = moe_gated_activation(gate_up, activation).to(x.dtype)
+            act = moe_gated_activation(gate_up, activation, alpha, limit).to(x.dtype)
         else:
             act = moe_activation(gate_up, activation).to(x.dtype)
         y = act.float() @ w2[e].float().t()                      # [n, H]
+        if w2_bias is not None:
+            y += w2_bias[e].float()
         if lora is not None:
             y += _expert_lora(act, lora, e, rows, down=True)
         out.index_add_(0, rows, y * topk_weights[rows, slots].float()[:, None])
@@ -1259,14 +1291,17 @@ def fused_moe_int4(x: Tensor, w13_qweight: Tensor, w13_scales: Tensor, w13_zeros
                    w2_qweight: Tensor, w2_scales: Tensor, w2_zeros: Tensor,
                    topk_weights: Tensor, topk_ids: Tensor, group_size: int,
                    lora: Sequence[Tensor] | None = None, activation: str = "silu",
-                   gated: bool = True) -> Tensor:
+                   gated: bool = True, w13_bias: Tensor | None = None,
+                   w2_bias: Tensor | None = None, alpha: float = SWIGLUOAI_ALPHA,
+                   limit: float = SWIGLUOAI_LIMIT) -> Tensor:
     """fused_moe with int4 experts (W4A16): exactly ``fused_moe`` on the dequantized
     weights in x.dtype (``dequantize_int4_experts``; group_size -1 = one group per row,
-    G = H for w13 and G = I for w2), LoRA on the experts included (dense adapters);
-    gated=False: w13 holds I rows (up_proj only), as ``fused_moe``."""
+    G = H for w13 and G = I for w2), LoRA on the experts and the experts' biases included
+    (dense, x.dtype); gated=False: w13 holds I rows (up_proj only), as ``fused_moe``."""
     w13 = dequantize_int4_experts(w13_qweight, w13_scales, w13_zeros, group_size, x.dtype)
     w2 = dequantize_int4_experts(w2_qweight, w2_scales, w2_zeros, group_size, x.dtype)
-    return fused_moe(x, w13, w2, topk_weights, topk_ids, lora, activation, gated)
+    return fused_moe(x, w13, w2, topk_weights, topk_ids, lora, activation, gated,
+                     w13_bias, w2_bias, alpha, limit)
 
 
 def dequantize_fp8_experts(weight: Tensor, weight_scale: Tensor,
@@ -1283,14 +1318,17 @@ def dequantize_fp8_experts(weight: Tensor, weight_scale: Tensor,
 def fused_moe_fp8(x: Tensor, w13: Tensor, w13_scale: Tensor, w2: Tensor, w2_scale: Tensor,
                   topk_weights: Tensor, topk_ids: Tensor, block_size: tuple[int, int],
                   lora: Sequence[Tensor] | None = None, activation: str = "silu",
-                  gated: bool = True) -> Tensor:
+                  gated: bool = True, w13_bias: Tensor | None = None,
+                  w2_bias: Tensor | None = None, alpha: float = SWIGLUOAI_ALPHA,
+                  limit: float = SWIGLUOAI_LIMIT) -> Tensor:
     """fused_moe with FP8 (e4m3) experts and block scales (W8A16): exactly ``fused_moe`` on
     the dequantized experts kept in fp32 (``dequantize_fp8_experts``, not rounded to
-    x.dtype: the kernels scale fp32 partial sums), LoRA on the experts included (dense
-    adapters in x.dtype). w13 [E, 2I, H] (gated=False: [E, I, H]), w2 [E, H, I]."""
+    x.dtype: the kernels scale fp32 partial sums), LoRA on the experts and the experts'
+    biases included (dense, x.dtype). w13 [E, 2I, H] (gated=False: [E, I, H]), w2
+    [E, H, I]."""
     return fused_moe(x, dequantize_fp8_experts(w13, w13_scale, block_size),
                      dequantize_fp8_experts(w2, w2_scale, block_size), topk_weights, topk_ids,
-                     lora, activation, gated)
+                     lora, activation, gated, w13_bias, w2_bias, alpha, limit)
 
 
 def dequantize_int8_experts(weight: Tensor, weight_scale: Tensor) -> Tensor:
@@ -1302,18 +1340,21 @@ def dequantize_int8_experts(weight: Tensor, weight_scale: Tensor) -> Tensor:
 def fused_moe_int8(x: Tensor, w13: Tensor, w13_scale: Tensor, w2: Tensor, w2_scale: Tensor,
                    topk_weights: Tensor, topk_ids: Tensor,
                    lora: Sequence[Tensor] | None = None, activation: str = "silu",
-                   gated: bool = True) -> Tensor:
+                   gated: bool = True, w13_bias: Tensor | None = None,
+                   w2_bias: Tensor | None = None, alpha: float = SWIGLUOAI_ALPHA,
+                   limit: float = SWIGLUOAI_LIMIT) -> Tensor:
     """fused_moe with INT8 experts and per-row scales (W8A16, vLLM's ``use_int8_w8a16``):
     exactly ``fused_moe`` on the dequantized experts kept in fp32
     (``dequantize_int8_experts``, not rounded to x.dtype: the kernels scale the fp32
-    accumulators), LoRA on the experts included (dense adapters in x.dtype). w13 int8
+    accumulators), LoRA on the experts and the experts' biases included (dense, x.dtype).
+    w13 int8
     [E, 2I, H] with w13_scale [E, 2I] (gated=False: [E, I, H] and [E, I]); w2 int8
     [E, H, I] with w2_scale [E, H]. Rounding points: the activated intermediate
     act(gate) * up (non-gated: act(up)) to x.dtype; the router weight, the k-sum in fp32;
     out rounded once."""
     return fused_moe(x, dequantize_int8_experts(w13, w13_scale),
                      dequantize_int8_experts(w2, w2_scale), topk_weights, topk_ids, lora,
-                     activation, gated)
+                     activation, gated, w13_bias, w2_bias, alpha, limit)
 
 
 def moe_align_length(n: int, num_experts: int, block_size: int, pad_sorted_ids: bool) -> int:

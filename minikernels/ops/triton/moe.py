@@ -17,6 +17,10 @@ BLOCK_M): at most one tile more than the real worst case, T*k tiles when T*k < E
   2. ``moe_down_kernel``: program (b, n) computes act[p] @ w2[e, n-block].T in fp32, times
      topk_weights[t, j], into an fp32 buffer [T*k, H] at row p.
   3. out = buffer.view(T, k, H).sum(1) in fp32, rounded once to x.dtype.
+Expert biases (GPT-OSS; optional, each kernel's constexpr ``HAS_BIAS``): step 1 adds
+w13_bias[e]'s gate / up entries to its fp32 accumulators before the activation, step 2
+w2_bias[e] before the router weight; ``ACT`` "swigluoai" (GPT-OSS's clamped SwiGLU) reads
+the runtime scalars alpha / limit (_moe_common.py's ``swigluoai``).
 Each tile reads its expert's weight block once for BLOCK_M pairs, so decode batches are
 memory bound on the routed experts' weights; sentinel rows load zeros and store nothing.
 The four MoE kernel pairs (here, moe_int4.py, moe_fp8.py, moe_int8.py) differ only in
@@ -89,14 +93,15 @@ def moe_config(n_pairs: int, num_experts: int, dtype: torch.dtype,
 @triton.jit
 def moe_gate_up_kernel(x_ptr, w13_ptr, act_ptr, delta_ptr, sorted_ids_ptr, block_expert_ptr,
                        n_pairs, top_k, H, I, HAS_DELTA: tl.constexpr,
-                       sx_t, sx_h, sw_e, sw_n, sw_h,
+                       sx_t, sx_h, sw_e, sw_n, sw_h, bias_ptr, sb_e, sb_n, alpha, limit,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                        EVEN_K: tl.constexpr, ALIGNED: tl.constexpr, DOT_F32: tl.constexpr,
                        RNE_BF16: tl.constexpr = False, ACT: tl.constexpr = "silu",
-                       GATED: tl.constexpr = True):
+                       GATED: tl.constexpr = True, HAS_BIAS: tl.constexpr = False):
     """act[p, n-block] = act(x[t] @ w13[e, n].T) * (x[t] @ w13[e, I + n].T) for the pairs p
     of tile pid_m (token t = p // k, expert e): x [T, H] and w13 [E, 2I, H] (non-gated:
-    [E, I, H], act(up) stored) in x.dtype, fp32 accumulators, masked loads."""
+    [E, I, H], act(up) stored) in x.dtype, fp32 accumulators, masked loads; HAS_BIAS:
+    + w13_bias[e] (bias_ptr [E, 2I], strides sb_e / sb_n) before the activation."""
     pid_m, pid_n, e = tile_expert(block_expert_ptr)
     if e < 0:               # past the last real tile (the grid is a static upper bound)
         return
@@ -140,17 +145,20 @@ def moe_gate_up_kernel(x_ptr, w13_ptr, act_ptr, delta_ptr, sorted_ids_ptr, block
         u_ptrs += BLOCK_K * sw_h
     gate_up_epilogue(acc_g, acc_u, act_ptr, delta_ptr, pair, live, offs_n, offs_n, n_pairs,
                      I, HAS_DELTA, CLAMPED=False, ACT=ACT, GATED=GATED,
-                     RNE_BF16=RNE_BF16)
+                     RNE_BF16=RNE_BF16, bias_ptr=bias_ptr, e=e, sb_e=sb_e, sb_n=sb_n,
+                     alpha=alpha, limit=limit, HAS_BIAS=HAS_BIAS)
 
 
 @triton.jit
 def moe_down_kernel(act_ptr, w2_ptr, tw_ptr, out_ptr, delta_ptr, sorted_ids_ptr,
                     block_expert_ptr, n_pairs, top_k, H, I, HAS_DELTA: tl.constexpr,
-                    sw_e, sw_h, sw_i, stw_t, stw_j,
+                    sw_e, sw_h, sw_i, stw_t, stw_j, bias_ptr, sb_e, sb_n,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                    EVEN_K: tl.constexpr, ALIGNED: tl.constexpr, DOT_F32: tl.constexpr):
-    """buf[p, n-block] = (act[p] @ w2[e, n].T) * topk_weights[t, j] for the pairs p = t * k
-    + j of tile pid_m: act [T*k, I] and w2 [E, H, I] in x.dtype, buf fp32 [T*k, H]."""
+                    EVEN_K: tl.constexpr, ALIGNED: tl.constexpr, DOT_F32: tl.constexpr,
+                    HAS_BIAS: tl.constexpr = False):
+    """buf[p, n-block] = (act[p] @ w2[e, n].T (+ w2_bias[e, n] with HAS_BIAS: bias_ptr
+    [E, H], strides sb_e / sb_n)) * topk_weights[t, j] for the pairs p = t * k + j of tile
+    pid_m: act [T*k, I] and w2 [E, H, I] in x.dtype, buf fp32 [T*k, H]."""
     pid_m, pid_n, e = tile_expert(block_expert_ptr)
     if e < 0:
         return
@@ -177,7 +185,8 @@ def moe_down_kernel(act_ptr, w2_ptr, tw_ptr, out_ptr, delta_ptr, sorted_ids_ptr,
         a_ptrs += BLOCK_K
         w_ptrs += BLOCK_K * sw_i
     down_epilogue(acc, tw_ptr, out_ptr, delta_ptr, pair64, live, offs_n, offs_n, top_k, H,
-                  stw_t, stw_j, HAS_DELTA, CLAMPED=False)
+                  stw_t, stw_j, HAS_DELTA, CLAMPED=False, bias_ptr=bias_ptr, e=e,
+                  sb_e=sb_e, sb_n=sb_n, HAS_BIAS=HAS_BIAS)
 
 
 def sort_pairs_by_expert(topk_ids: torch.Tensor, num_experts: int, block_m: int
@@ -282,7 +291,8 @@ class MoeLaunch:
     ``gate_up_args`` / ``down_args`` are the kernels' common arguments after their
     weight pointers (act, delta, sorted_ids, block_expert, n_pairs, top_k, H, I and, for
     down, topk_weights and buf first); each computes its LoRA delta when called, so call
-    them in launch order."""
+    them in launch order. ``gate_up_bias`` / ``down_bias``: the kernels' bias arguments
+    (keywords: bias_ptr, sb_e, sb_n, HAS_BIAS; gate-up also alpha, limit)."""
     x: torch.Tensor
     top_k: int
     inter: int
@@ -291,6 +301,26 @@ class MoeLaunch:
     plora: PairLoRA | None
     act: torch.Tensor
     buf: torch.Tensor
+    w13_bias: torch.Tensor | None = None
+    w2_bias: torch.Tensor | None = None
+    alpha: float = 1.702
+    limit: float = 7.0
+
+    def _bias(self, bias: torch.Tensor | None) -> dict:
+        # without a bias the pointer is x itself, never read (HAS_BIAS off)
+        if bias is None:
+            return {"bias_ptr": self.x, "sb_e": 0, "sb_n": 0, "HAS_BIAS": False}
+        return {"bias_ptr": bias, "sb_e": bias.stride(0), "sb_n": bias.stride(1),
+                "HAS_BIAS": True}
+
+    def gate_up_bias(self) -> dict:
+        """The gate-up kernel's keywords: w13_bias [E, 2I] (pointer, strides, HAS_BIAS)
+        and swigluoai's alpha / limit."""
+        return {**self._bias(self.w13_bias), "alpha": self.alpha, "limit": self.limit}
+
+    def down_bias(self) -> dict:
+        """The down kernel's keywords: w2_bias [E, H] (pointer, strides, HAS_BIAS)."""
+        return self._bias(self.w2_bias)
 
     @property
     def n_pairs(self) -> int:
@@ -338,25 +368,32 @@ class MoeLaunch:
 
 
 def moe_launch(x: torch.Tensor, topk_ids: torch.Tensor, num_experts: int, inter: int,
-               block_m: int, plora: PairLoRA | None) -> MoeLaunch:
+               block_m: int, plora: PairLoRA | None, w13_bias: torch.Tensor | None = None,
+               w2_bias: torch.Tensor | None = None, alpha: float = 1.702,
+               limit: float = 7.0) -> MoeLaunch:
     """Sort the T*k pairs into BLOCK_M tiles (no host sync) and allocate the scratch
-    buffers of a fused MoE call (T > 0)."""
+    buffers of a fused MoE call (T > 0); the experts' biases and swigluoai's alpha /
+    limit ride along for the kernels."""
     top_k = topk_ids.shape[1]
     n_pairs = x.shape[0] * top_k
     sorted_ids, block_expert = sort_pairs_by_expert(topk_ids, num_experts, block_m)
     return MoeLaunch(x, top_k, inter, sorted_ids, block_expert, plora,
                      _alloc.empty((n_pairs, inter), x.dtype, x.device),
-                     _alloc.empty((n_pairs, x.shape[1]), torch.float32, x.device))
+                     _alloc.empty((n_pairs, x.shape[1]), torch.float32, x.device),
+                     w13_bias, w2_bias, float(alpha), float(limit))
 
 
 def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
               topk_weights: torch.Tensor, topk_ids: torch.Tensor,
               lora: Sequence[torch.Tensor] | None = None,
-              activation: str = "silu", gated: bool = True) -> torch.Tensor:
+              activation: str = "silu", gated: bool = True,
+              w13_bias: torch.Tensor | None = None, w2_bias: torch.Tensor | None = None,
+              alpha: float = 1.702, limit: float = 7.0) -> torch.Tensor:
     """See minikernels.ops.fused_moe (inputs checked there; any strides). lora: the six
     tensors of minikernels.ops.MoELoRA, or None; activation: the gate-up epilogue's
-    ``ACT`` (silu / gelu / gelu_tanh; non-gated also relu2); gated: its ``GATED``
-    (False: w13 [E, I, H], the up rows only)."""
+    ``ACT`` (silu / gelu / gelu_tanh / swigluoai; non-gated also relu2); gated: its
+    ``GATED`` (False: w13 [E, I, H], the up rows only); w13_bias [E, 2I] / w2_bias [E, H]
+    or None: the kernels' ``HAS_BIAS``; alpha / limit: swigluoai's."""
     t, h = x.shape
     num_experts = w13.shape[0]
     inter = w2.shape[2]
@@ -371,18 +408,20 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
     even_k = h % cfg.block_k == 0 and inter % cfg.block_k == 0
     if not even_k:
         cfg = moe_config(n_pairs, num_experts, x.dtype, aligned, even_k=False)
-    run = moe_launch(x, topk_ids, num_experts, inter, cfg.block_m, pair_lora(lora, topk_ids))
+    run = moe_launch(x, topk_ids, num_experts, inter, cfg.block_m, pair_lora(lora, topk_ids),
+                     w13_bias, w2_bias, alpha, limit)
     tiles = {"BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "BLOCK_K": cfg.block_k,
              "EVEN_K": even_k, "ALIGNED": aligned, "DOT_F32": run.dot_f32,
              "num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
     moe_gate_up_kernel[run.grid(inter, cfg.block_n)](
         x, w13, *run.gate_up_args(), run.has_delta,
         x.stride(0), x.stride(1), w13.stride(0), w13.stride(1), w13.stride(2),
-        RNE_BF16=run.interp_bf16, ACT=activation, GATED=gated, **tiles)
+        RNE_BF16=run.interp_bf16, ACT=activation, GATED=gated, **run.gate_up_bias(),
+        **tiles)
     moe_down_kernel[run.grid(h, cfg.block_n)](
         run.act, w2, *run.down_args(topk_weights), run.has_delta,
         w2.stride(0), w2.stride(1), w2.stride(2), topk_weights.stride(0),
-        topk_weights.stride(1), **tiles)
+        topk_weights.stride(1), **run.down_bias(), **tiles)
     return run.result()
 
 
@@ -437,19 +476,23 @@ def fused_moe_w8a16(gate_up_kernel, down_kernel, x: torch.Tensor, w13: torch.Ten
                     lora: Sequence[torch.Tensor] | None,
                     config: Callable[[int, bool, bool], MoeW8A16Config],
                     args13: tuple = (), args2: tuple = (),
-                    activation: str = "silu", gated: bool = True) -> torch.Tensor:
+                    activation: str = "silu", gated: bool = True,
+                    w13_bias: torch.Tensor | None = None,
+                    w2_bias: torch.Tensor | None = None, alpha: float = 1.702,
+                    limit: float = 7.0) -> torch.Tensor:
     """The launcher of moe_int8.py's and moe_fp8.py's kernel pairs (T > 0; any strides):
     ``config(k_dim, aligned, gate_up)`` picks each kernel's tiles, ``args13`` / ``args2``
     are each kernel's scalars between I and HAS_DELTA (fp8: its scale block sizes);
     ``activation`` the gate-up epilogue's ``ACT``, ``gated`` its ``GATED`` (False: w13
-    [E, I, H], the up rows only)."""
+    [E, I, H], the up rows only); the experts' biases (``HAS_BIAS``) and swigluoai's
+    alpha / limit as :func:`fused_moe`."""
     # one flag for both kernels: x, the weights and the [T*k, I] intermediate's rows
     aligned = moe_rows_aligned(x, w13, w2)
     h, inter = w2.shape[1], w2.shape[2]
     cfg13 = config(h, aligned, True)
     cfg2 = config(inter, aligned, False)
     run = moe_launch(x, topk_ids, w13.shape[0], inter, cfg13.block_m,
-                     pair_lora(lora, topk_ids))
+                     pair_lora(lora, topk_ids), w13_bias, w2_bias, alpha, limit)
 
     def tiles(cfg: MoeW8A16Config) -> dict:
         return {"BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "BLOCK_K": cfg.block_k,
@@ -459,11 +502,12 @@ def fused_moe_w8a16(gate_up_kernel, down_kernel, x: torch.Tensor, w13: torch.Ten
     gate_up_kernel[run.grid(inter, cfg13.block_n)](
         x, w13, w13_scale, *run.gate_up_args(), *args13, run.has_delta,
         x.stride(0), x.stride(1), *w13.stride(), *w13_scale.stride(),
-        RNE_BF16=run.interp_bf16, ACT=activation, GATED=gated, **tiles(cfg13))
+        RNE_BF16=run.interp_bf16, ACT=activation, GATED=gated, **run.gate_up_bias(),
+        **tiles(cfg13))
     down_kernel[run.grid(h, cfg2.block_n)](
         run.act, w2, w2_scale, *run.down_args(topk_weights), *args2, run.has_delta,
         *w2.stride(), *w2_scale.stride(), topk_weights.stride(0), topk_weights.stride(1),
-        **tiles(cfg2))
+        **run.down_bias(), **tiles(cfg2))
     return run.result()
 
 
@@ -481,16 +525,17 @@ def register_w8a16_moe(prefix: str, gate_up_fn, down_fn, w_type: str,
       ragged_k  aligned rows, K not a multiple of 16 (a padded view): BLOCK_K 16, masked;
       unaligned every stride a runtime value, byte loads, K masked.
     A K that the widest tile does not divide gives a smaller BLOCK_K of the same kind:
-    fewer registers. The aligned fp16 / bf16 specs get a LoRA (HAS_DELTA) twin; each
-    gate-up spec one per (ACT, GATED) of ``gate_up_variants`` (gated silu's names
-    unchanged).
+    fewer registers. The aligned fp16 / bf16 specs get a LoRA (HAS_DELTA) twin and an
+    expert-bias one (HAS_BIAS; gate-up with swigluoai: ``bias_variants``); each gate-up
+    spec one per (ACT, GATED) of ``gate_up_variants`` (gated silu's names unchanged).
     ``ints``: the i32 scalars; ``scale_strides``: the scale tensor's stride names."""
     def one(dt: str, kind: str, cfg: MoeW8A16Config, gate_up: bool, lora: bool,
-            act: str = "silu", gated: bool = True) -> None:
+            act: str = "silu", gated: bool = True, bias: bool = False) -> None:
         aligned = kind != "unaligned"
         const = {"BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "BLOCK_K": cfg.block_k,
                  "EVEN_K": cfg.even_k, "ALIGNED": aligned, "DOT_F32": dt == "fp32",
                  "HAS_DELTA": lora}
+        const["HAS_BIAS"] = bias
         if gate_up:
             fn, name = gate_up_fn, f"{prefix}_gate_up"
             unit = {"sx_h": 1, "sw_k": 1} if aligned else {}
@@ -505,6 +550,7 @@ def register_w8a16_moe(prefix: str, gate_up_fn, down_fn, w_type: str,
             sig = {"act_ptr": f"*{dt}", "tw_ptr": "*fp32", "out_ptr": "*fp32",
                    "stw_t": "i64", "stw_j": "i64"}
             div = ("act_ptr", "out_ptr")
+        sig.update(_bias_sig(dt, gate_up))
         sig.update({"w_ptr": w_type, "s_ptr": "*fp32", "delta_ptr": f"*{dt}",
                     "sorted_ids_ptr": "*i32", "block_expert_ptr": "*i32", **ints,
                     **{n: "i64" for n in ("sw_e", "sw_n", "sw_k", *scale_strides)},
@@ -512,7 +558,7 @@ def register_w8a16_moe(prefix: str, gate_up_fn, down_fn, w_type: str,
         div += ("w_ptr", "s_ptr", "delta_ptr", "sorted_ids_ptr", "sw_e", "sw_n")
         register(KernelSpec(
             name=f"{name}[{dt},BM={cfg.block_m},{kind}" + (",lora" if lora else "")
-            + _act_tag(act, gated) + "]",
+            + _act_tag(act, gated) + (",bias" if bias else "") + "]",
             fn=fn, signature=_in_order(fn, sig), constexprs={**const, **unit},
             num_warps=cfg.num_warps, num_stages=cfg.num_stages, tensor_core=dt != "fp32",
             wgmma_expected=cfg.block_m >= 64, divisible_by_16=div if aligned else ()))
@@ -533,6 +579,12 @@ def register_w8a16_moe(prefix: str, gate_up_fn, down_fn, w_type: str,
                         one(dt, kind, cfg, gate_up, lora=False, act=act, gated=gated)
                         if kind == "aligned" and dt != "fp32":    # + LoRA (HAS_DELTA)
                             one(dt, kind, cfg, gate_up, lora=True, act=act, gated=gated)
+                    if kind == "aligned":    # + expert biases (HAS_BIAS: GPT-OSS's)
+                        for act, gated, _ in (bias_variants(dt) if gate_up else
+                                              (("silu", True, True),) if bias_variants(dt)
+                                              else ()):
+                            one(dt, kind, cfg, gate_up, lora=False, act=act, gated=gated,
+                                bias=True)
 
 
 # --------------------------------------------------------------------------- registry
@@ -562,6 +614,25 @@ def gate_up_variants(dt: str, block_m: int) -> tuple[tuple[str, bool], ...]:
     once for sm_80 / sm_90a without spills, not in every test run."""
     gated = tuple((act, True) for act in gate_up_activations(dt, block_m))
     return gated + ((("relu2", False),) if dt != "fp32" else ())
+
+
+def bias_variants(dt: str) -> tuple[tuple[str, bool, bool], ...]:
+    """The (ACT, GATED, HAS_BIAS) gate-up variants with expert biases registered for the
+    aligned tiles of x dtype ``dt`` (each down spec of those tiles gets a HAS_BIAS twin):
+    GPT-OSS's experts, swigluoai with biases, for fp16 / bf16. Other combinations (a bias
+    with another activation, fp32 x, unaligned rows, LoRA with biases) dispatch at the same
+    tiles and compile when first used; their epilogue adds one bias row load per
+    accumulator."""
+    return (("swigluoai", True, True),) if dt != "fp32" else ()
+
+
+def _bias_sig(dt: str, gate_up: bool) -> dict[str, str]:
+    """The bias arguments of a fused MoE kernel's AOT signature (x dtype ``dt``): the
+    bias pointer, its two strides, HAS_BIAS; gate-up also swigluoai's fp32 alpha / limit."""
+    sig = {"bias_ptr": f"*{dt}", "sb_e": "i64", "sb_n": "i64"}
+    if gate_up:
+        sig.update(alpha="fp32", limit="fp32")
+    return {**sig, "HAS_BIAS": "constexpr"}
 
 
 def _act_tag(act: str, gated: bool = True) -> str:
@@ -602,25 +673,35 @@ for _dt, _tdt in (("fp16", torch.float16), ("bf16", torch.bfloat16),
                     "delta_ptr": f"*{_dt}", "sorted_ids_ptr": "*i32",
                     "block_expert_ptr": "*i32", **_INTS,
                     "sx_t": "i64", "sx_h": "i64", "sw_e": "i64", "sw_n": "i64",
-                    "sw_h": "i64", **{c: "constexpr" for c in (*_const, *_unit[0])}}
+                    "sw_h": "i64", **_bias_sig(_dt, gate_up=True),
+                    **{c: "constexpr" for c in (*_const, *_unit[0])}}
             _sig["RNE_BF16"] = _sig["ACT"] = _sig["GATED"] = "constexpr"   # RNE: interp.
             _sig_down = {"act_ptr": f"*{_dt}", "w2_ptr": f"*{_dt}", "tw_ptr": "*fp32",
                          "out_ptr": "*fp32", "delta_ptr": f"*{_dt}",
                          "sorted_ids_ptr": "*i32", "block_expert_ptr": "*i32", **_INTS,
                          "sw_e": "i64", "sw_h": "i64", "sw_i": "i64", "stw_t": "i64",
-                         "stw_j": "i64", **{c: "constexpr" for c in (*_const, *_unit[1])}}
+                         "stw_j": "i64", **_bias_sig(_dt, gate_up=False),
+                         **{c: "constexpr" for c in (*_const, *_unit[1])}}
             # the LoRA variants (HAS_DELTA) of the common aligned tiles
             for _lora in (False, True) if _aligned and _even and _dt != "fp32" else (False,):
                 _ltag = _tag + (",lora" if _lora else "")
-                for _act, _gated in gate_up_variants(_dt, _cfg.block_m):
-                    register(KernelSpec(name=f"moe_gate_up[{_ltag}{_act_tag(_act, _gated)}]",
+                for _act, _gated, _bias in (*((a, g, False) for a, g in
+                                              gate_up_variants(_dt, _cfg.block_m)),
+                                            *(bias_variants(_dt) if _aligned and not _lora
+                                              else ())):
+                    register(KernelSpec(name=f"moe_gate_up[{_ltag}{_act_tag(_act, _gated)}"
+                                        + (",bias]" if _bias else "]"),
                                         fn=moe_gate_up_kernel,
                                         signature=_in_order(moe_gate_up_kernel, _sig),
                                         constexprs={**_const, **_unit[0], "RNE_BF16": False,
                                                     "HAS_DELTA": _lora, "ACT": _act,
-                                                    "GATED": _gated},
+                                                    "GATED": _gated, "HAS_BIAS": _bias},
                                         **_opts))
-                register(KernelSpec(name=f"moe_down[{_ltag}]", fn=moe_down_kernel,
-                                    signature=_in_order(moe_down_kernel, _sig_down),
-                                    constexprs={**_const, **_unit[1], "HAS_DELTA": _lora},
-                                    **_opts))
+                for _bias in (False, True) if bias_variants(_dt) and _aligned and not _lora \
+                        else (False,):
+                    register(KernelSpec(name=f"moe_down[{_ltag}" + (",bias]" if _bias else "]"),
+                                        fn=moe_down_kernel,
+                                        signature=_in_order(moe_down_kernel, _sig_down),
+                                        constexprs={**_const, **_unit[1], "HAS_DELTA": _lora,
+                                                    "HAS_BIAS": _bias},
+                                        **_opts))

@@ -59,11 +59,12 @@ def moe_fp8_gate_up_kernel(x_ptr, w_ptr, s_ptr, act_ptr, delta_ptr, sorted_ids_p
                            block_expert_ptr, n_pairs, top_k, H, I, block_n, block_k,
                            HAS_DELTA: tl.constexpr,
                            sx_t, sx_h, sw_e, sw_n, sw_k, ss_e, ss_n, ss_k,
+                           bias_ptr, sb_e, sb_n, alpha, limit,
                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                            BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
                            ALIGNED: tl.constexpr, DOT_F32: tl.constexpr,
                            RNE_BF16: tl.constexpr = False, ACT: tl.constexpr = "silu",
-                           GATED: tl.constexpr = True):
+                           GATED: tl.constexpr = True, HAS_BIAS: tl.constexpr = False):
     """act[p, n-block] = act(gate) * up for the pairs p of tile pid_m: x [T, H] in x.dtype,
     w [E, 2I, H] e4m3 bytes (non-gated: [E, I, H], act(up) stored), s fp32 [E, ceil(2I /
     block_n), ceil(H / block_k)]; per K tile dot(x, (W / 256)^T) * 256 * scale in fp32.
@@ -113,7 +114,8 @@ def moe_fp8_gate_up_kernel(x_ptr, w_ptr, s_ptr, act_ptr, delta_ptr, sorted_ids_p
         u_ptrs += BLOCK_K * sw_k
     gate_up_epilogue(acc_g, acc_u, act_ptr, delta_ptr, pair, live, offs_n, n_l, n_pairs, I,
                      HAS_DELTA, CLAMPED=True, ACT=ACT, GATED=GATED,
-                     RNE_BF16=RNE_BF16)
+                     RNE_BF16=RNE_BF16, bias_ptr=bias_ptr, e=e, sb_e=sb_e, sb_n=sb_n,
+                     alpha=alpha, limit=limit, HAS_BIAS=HAS_BIAS)
 
 
 @triton.jit
@@ -121,8 +123,10 @@ def moe_fp8_down_kernel(act_ptr, w_ptr, s_ptr, tw_ptr, out_ptr, delta_ptr, sorte
                         block_expert_ptr, n_pairs, top_k, H, I, block_n, block_k,
                         HAS_DELTA: tl.constexpr,
                         sw_e, sw_n, sw_k, ss_e, ss_n, ss_k, stw_t, stw_j,
+                        bias_ptr, sb_e, sb_n,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                        EVEN_K: tl.constexpr, ALIGNED: tl.constexpr, DOT_F32: tl.constexpr):
+                        EVEN_K: tl.constexpr, ALIGNED: tl.constexpr, DOT_F32: tl.constexpr,
+                        HAS_BIAS: tl.constexpr = False):
     """buf[p, n-block] = (act[p] @ W2[e]^T) * topk_weights[t, j] for the pairs p of tile
     pid_m: act [T*k, I] in x.dtype, w [E, H, I] e4m3 bytes, s fp32 [E, ceil(H / block_n),
     ceil(I / block_k)], buf fp32 [T*k, H]. Loads clamped, the store masked."""
@@ -152,19 +156,23 @@ def moe_fp8_down_kernel(act_ptr, w_ptr, s_ptr, tw_ptr, out_ptr, delta_ptr, sorte
         a_ptrs += BLOCK_K
         w_ptrs += BLOCK_K * sw_k
     down_epilogue(acc, tw_ptr, out_ptr, delta_ptr, pair_l, live, offs_n, n_l, top_k, H,
-                  stw_t, stw_j, HAS_DELTA, CLAMPED=True)
+                  stw_t, stw_j, HAS_DELTA, CLAMPED=True, bias_ptr=bias_ptr, e=e,
+                  sb_e=sb_e, sb_n=sb_n, HAS_BIAS=HAS_BIAS)
 
 
 def fused_moe_fp8(x: torch.Tensor, w13: torch.Tensor, w13_scale: torch.Tensor,
                   w2: torch.Tensor, w2_scale: torch.Tensor, topk_weights: torch.Tensor,
                   topk_ids: torch.Tensor, block_size: list[int],
                   lora: Sequence[torch.Tensor] | None = None,
-                  activation: str = "silu", gated: bool = True) -> torch.Tensor:
+                  activation: str = "silu", gated: bool = True,
+                  w13_bias: torch.Tensor | None = None, w2_bias: torch.Tensor | None = None,
+                  alpha: float = 1.702, limit: float = 7.0) -> torch.Tensor:
     """See minikernels.ops.fused_moe_fp8 (inputs checked there; any strides). w13 / w2 are
     the fp8 weights' bytes (uint8) or the float8_e4m3fn tensors themselves. lora: the six
     tensors of minikernels.ops.MoELoRA, or None; activation: the gate-up epilogue's
-    ``ACT`` (silu / gelu / gelu_tanh; non-gated also relu2); gated: its ``GATED``
-    (False: w13 [E, I, H], the up rows only)."""
+    ``ACT`` (silu / gelu / gelu_tanh / swigluoai; non-gated also relu2); gated: its
+    ``GATED`` (False: w13 [E, I, H], the up rows only); w13_bias / w2_bias (x.dtype,
+    or None): ``HAS_BIAS``, added after the block scales; alpha / limit: swigluoai's."""
     t, h = x.shape
     if t == 0:
         return _alloc.empty((t, h), x.dtype, x.device)
@@ -182,7 +190,8 @@ def fused_moe_fp8(x: torch.Tensor, w13: torch.Tensor, w13_scale: torch.Tensor,
     return fused_moe_w8a16(moe_fp8_gate_up_kernel, moe_fp8_down_kernel, x, w13, w13_scale,
                            w2, w2_scale, topk_weights, topk_ids, lora, config,
                            args13=(bn13, bk13), args2=(bn2, bk2), activation=activation,
-                           gated=gated)
+                           gated=gated, w13_bias=w13_bias, w2_bias=w2_bias, alpha=alpha,
+                           limit=limit)
 
 
 # --------------------------------------------------------------------------- registry

@@ -42,7 +42,8 @@ from .. import _alloc
 from ._moe_common import down_epilogue, gate_up_epilogue, tile_expert, tile_pairs, up_rows
 from .int4_matmul import _unpack_nibbles
 from .interpreter_rounding import rne_bf16
-from .moe import _act_tag, _in_order, gate_up_variants, moe_config, moe_launch, pair_lora
+from .moe import (_act_tag, _bias_sig, _in_order, bias_variants, gate_up_variants, moe_config,
+                  moe_launch, pair_lora)
 from .registry import KernelSpec, register
 from .tiling import acc_dot
 
@@ -120,10 +121,12 @@ def moe_int4_gate_up_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, act_ptr, delta_ptr, sor
                             block_expert_ptr, n_pairs, top_k, H, I, group,
                             HAS_DELTA: tl.constexpr,
                             sx_t, sq_e, sq_n, ss_e, ss_n, sz_e, sz_n,
+                            bias_ptr, sb_e, sb_n, alpha, limit,
                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                             BLOCK_K: tl.constexpr, GROUPED: tl.constexpr,
                             DOT_F32: tl.constexpr, RNE_BF16: tl.constexpr = False,
-                            ACT: tl.constexpr = "silu", GATED: tl.constexpr = True):
+                            ACT: tl.constexpr = "silu", GATED: tl.constexpr = True,
+                            HAS_BIAS: tl.constexpr = False):
     """act[p, n-block] = act(gate) * up for the pairs p of tile pid_m: x [T, H] fp16 /
     bf16, qw [E, 2I, H/8] int32 packed nibbles (non-gated: [E, I, H/8], act(up) stored),
     s / z [E, 2I, H/group] in x.dtype; each K tile dequantized by ``_dequant_rows``, fp32
@@ -161,7 +164,8 @@ def moe_int4_gate_up_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, act_ptr, delta_ptr, sor
         x_ptrs += BLOCK_K
     gate_up_epilogue(acc_g, acc_u, act_ptr, delta_ptr, pair, live, offs_n, offs_n, n_pairs,
                      I, HAS_DELTA, CLAMPED=False, ACT=ACT, GATED=GATED,
-                     RNE_BF16=RNE_BF16)
+                     RNE_BF16=RNE_BF16, bias_ptr=bias_ptr, e=e, sb_e=sb_e, sb_n=sb_n,
+                     alpha=alpha, limit=limit, HAS_BIAS=HAS_BIAS)
 
 
 @triton.jit
@@ -169,9 +173,11 @@ def moe_int4_down_kernel(act_ptr, qw_ptr, s_ptr, z_ptr, tw_ptr, out_ptr, delta_p
                          sorted_ids_ptr, block_expert_ptr, n_pairs, top_k, H, I, group,
                          HAS_DELTA: tl.constexpr,
                          sq_e, sq_n, ss_e, ss_n, sz_e, sz_n, stw_t, stw_j,
+                         bias_ptr, sb_e, sb_n,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                          BLOCK_K: tl.constexpr, GROUPED: tl.constexpr,
-                         DOT_F32: tl.constexpr, RNE_BF16: tl.constexpr = False):
+                         DOT_F32: tl.constexpr, RNE_BF16: tl.constexpr = False,
+                         HAS_BIAS: tl.constexpr = False):
     """buf[p, n-block] = (act[p] @ W2[e]^T) * topk_weights[t, j] for the pairs p of tile
     pid_m: act [T*k, I] fp16 / bf16, qw [E, H, I/8] int32, s / z [E, H, I/group], buf fp32
     [T*k, H]; masked loads."""
@@ -199,7 +205,8 @@ def moe_int4_down_kernel(act_ptr, qw_ptr, s_ptr, z_ptr, tw_ptr, out_ptr, delta_p
         acc = acc_dot(a, tl.trans(w), acc, DOT_F32)
         a_ptrs += BLOCK_K
     down_epilogue(acc, tw_ptr, out_ptr, delta_ptr, pair64, live, offs_n, offs_n, top_k, H,
-                  stw_t, stw_j, HAS_DELTA, CLAMPED=False)
+                  stw_t, stw_j, HAS_DELTA, CLAMPED=False, bias_ptr=bias_ptr, e=e,
+                  sb_e=sb_e, sb_n=sb_n, HAS_BIAS=HAS_BIAS)
 
 
 def _unit_inner(t: torch.Tensor) -> torch.Tensor:
@@ -215,11 +222,15 @@ def fused_moe_int4(x: torch.Tensor, w13_qweight: torch.Tensor, w13_scales: torch
                    w2_scales: torch.Tensor, w2_zeros: torch.Tensor,
                    topk_weights: torch.Tensor, topk_ids: torch.Tensor,
                    group_size: int, lora: Sequence[torch.Tensor] | None = None,
-                   activation: str = "silu", gated: bool = True) -> torch.Tensor:
+                   activation: str = "silu", gated: bool = True,
+                   w13_bias: torch.Tensor | None = None,
+                   w2_bias: torch.Tensor | None = None, alpha: float = 1.702,
+                   limit: float = 7.0) -> torch.Tensor:
     """See minikernels.ops.fused_moe_int4 (inputs checked there; any outer strides).
     lora: the six tensors of minikernels.ops.MoELoRA, or None; activation: the gate-up
-    epilogue's ``ACT`` (silu / gelu / gelu_tanh; non-gated also relu2); gated: its
-    ``GATED`` (False: w13 [E, I, H/8], the up rows only)."""
+    epilogue's ``ACT`` (silu / gelu / gelu_tanh / swigluoai; non-gated also relu2);
+    gated: its ``GATED`` (False: w13 [E, I, H/8], the up rows only); w13_bias / w2_bias
+    (x.dtype, or None): ``HAS_BIAS``; alpha / limit: swigluoai's."""
     t, h = x.shape
     num_experts = w13_qweight.shape[0]
     inter = w2_qweight.shape[2] * 8
@@ -233,7 +244,8 @@ def fused_moe_int4(x: torch.Tensor, w13_qweight: torch.Tensor, w13_scales: torch
     plora = pair_lora(lora, topk_ids)
     cfg = moe_int4_config(t * topk_ids.shape[1], num_experts, group_h, group_i,
                           lora=plora is not None)
-    run = moe_launch(x, topk_ids, num_experts, inter, cfg.block_m, plora)
+    run = moe_launch(x, topk_ids, num_experts, inter, cfg.block_m, plora, w13_bias, w2_bias,
+                     alpha, limit)
     # bf16 under the interpreter: its tl.dot multiplies raw bits and its bf16 cast
     # truncates, so both are worked around (x is fp16 / bf16); never set on a GPU
     consts = {"BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "BLOCK_K": cfg.block_k,
@@ -243,12 +255,12 @@ def fused_moe_int4(x: torch.Tensor, w13_qweight: torch.Tensor, w13_scales: torch
         x, w13_qweight, w13_scales, w13_zeros, *run.gate_up_args(), group_h, run.has_delta,
         x.stride(0), w13_qweight.stride(0), w13_qweight.stride(1), w13_scales.stride(0),
         w13_scales.stride(1), w13_zeros.stride(0), w13_zeros.stride(1), ACT=activation,
-        GATED=gated, **consts)
+        GATED=gated, **run.gate_up_bias(), **consts)
     moe_int4_down_kernel[run.grid(h, cfg.block_n)](
         run.act, w2_qweight, w2_scales, w2_zeros, *run.down_args(topk_weights), group_i,
         run.has_delta, w2_qweight.stride(0), w2_qweight.stride(1), w2_scales.stride(0),
         w2_scales.stride(1), w2_zeros.stride(0), w2_zeros.stride(1),
-        topk_weights.stride(0), topk_weights.stride(1), **consts)
+        topk_weights.stride(0), topk_weights.stride(1), **run.down_bias(), **consts)
     return run.result()
 
 
@@ -276,24 +288,33 @@ for _dt in ("fp16", "bf16"):
             _sig = {"x_ptr": f"*{_dt}", **_w, "act_ptr": f"*{_dt}",
                     "delta_ptr": f"*{_dt}", "sorted_ids_ptr": "*i32",
                     "block_expert_ptr": "*i32", **_INTS,
-                    "sx_t": "i64", **_STRIDES, **{c: "constexpr" for c in _const}, **_sig_act}
+                    "sx_t": "i64", **_STRIDES, **_bias_sig(_dt, gate_up=True),
+                    **{c: "constexpr" for c in _const}, **_sig_act}
             _sig_down = {"act_ptr": f"*{_dt}", **_w, "tw_ptr": "*fp32", "out_ptr": "*fp32",
                          "delta_ptr": f"*{_dt}", "sorted_ids_ptr": "*i32",
                          "block_expert_ptr": "*i32", **_INTS,
                          **_STRIDES, "stw_t": "i64", "stw_j": "i64",
-                         **{c: "constexpr" for c in _const}}
+                         **_bias_sig(_dt, gate_up=False), **{c: "constexpr" for c in _const}}
             for _lora in (False, True) if _grouped else (False,):   # + LoRA (HAS_DELTA)
                 _ltag = _tag + (",lora" if _lora else "")
                 _lcfg = moe_int4_config(_avg * 64, 64, 128, 128, lora=True) if _lora else _cfg
                 _opts = {"num_warps": _lcfg.num_warps, "num_stages": _lcfg.num_stages,
                          "tensor_core": True, "wgmma_expected": _cfg.block_m >= 64}
-                for _act, _gated in gate_up_variants(_dt, _cfg.block_m):
+                # + expert biases (HAS_BIAS: GPT-OSS's swigluoai experts), grouped tiles
+                _biased = bias_variants(_dt) if _grouped and not _lora else ()
+                for _act, _gated, _bias in (*((a, g, False) for a, g in
+                                              gate_up_variants(_dt, _cfg.block_m)), *_biased):
                     register(KernelSpec(
-                        name=f"moe_int4_gate_up[{_ltag}{_act_tag(_act, _gated)}]",
+                        name=f"moe_int4_gate_up[{_ltag}{_act_tag(_act, _gated)}"
+                        + (",bias]" if _bias else "]"),
                         fn=moe_int4_gate_up_kernel,
                         signature=_in_order(moe_int4_gate_up_kernel, _sig),
-                        constexprs={**_const, "HAS_DELTA": _lora, "ACT": _act, "GATED": _gated},
+                        constexprs={**_const, "HAS_DELTA": _lora, "ACT": _act, "GATED": _gated,
+                                    "HAS_BIAS": _bias},
                         **_opts))
-                register(KernelSpec(name=f"moe_int4_down[{_ltag}]", fn=moe_int4_down_kernel,
-                                    signature=_in_order(moe_int4_down_kernel, _sig_down),
-                                    constexprs={**_const, "HAS_DELTA": _lora}, **_opts))
+                for _bias in (False, True) if _biased else (False,):
+                    register(KernelSpec(name=f"moe_int4_down[{_ltag}"
+                                        + (",bias]" if _bias else "]"), fn=moe_int4_down_kernel,
+                                        signature=_in_order(moe_int4_down_kernel, _sig_down),
+                                        constexprs={**_const, "HAS_DELTA": _lora,
+                                                    "HAS_BIAS": _bias}, **_opts))

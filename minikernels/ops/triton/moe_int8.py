@@ -68,11 +68,12 @@ def moe_int8_gate_up_kernel(x_ptr, w_ptr, s_ptr, act_ptr, delta_ptr, sorted_ids_
                             block_expert_ptr, n_pairs, top_k, H, I,
                             HAS_DELTA: tl.constexpr,
                             sx_t, sx_h, sw_e, sw_n, sw_k, ss_e, ss_n,
+                            bias_ptr, sb_e, sb_n, alpha, limit,
                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                             BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
                             ALIGNED: tl.constexpr, DOT_F32: tl.constexpr,
                             RNE_BF16: tl.constexpr = False, ACT: tl.constexpr = "silu",
-                            GATED: tl.constexpr = True):
+                            GATED: tl.constexpr = True, HAS_BIAS: tl.constexpr = False):
     """act[p, n-block] = act(gate) * up for the pairs p of tile pid_m: x [T, H] in x.dtype,
     w [E, 2I, H] int8 (non-gated: [E, I, H], act(up) stored), s fp32 [E, 2I] row scales
     applied to the fp32 accumulators after the K loop. Loads clamped (rows n % I, the last
@@ -116,16 +117,19 @@ def moe_int8_gate_up_kernel(x_ptr, w_ptr, s_ptr, act_ptr, delta_ptr, sorted_ids_
     acc_u = acc_u * tl.load(s_base + up_rows(n_l, I, GATED).to(tl.int64) * ss_n)[None, :]
     gate_up_epilogue(acc_g, acc_u, act_ptr, delta_ptr, pair, live, offs_n, n_l, n_pairs, I,
                      HAS_DELTA, CLAMPED=True, ACT=ACT, GATED=GATED,
-                     RNE_BF16=RNE_BF16)
+                     RNE_BF16=RNE_BF16, bias_ptr=bias_ptr, e=e, sb_e=sb_e, sb_n=sb_n,
+                     alpha=alpha, limit=limit, HAS_BIAS=HAS_BIAS)
 
 
 @triton.jit
 def moe_int8_down_kernel(act_ptr, w_ptr, s_ptr, tw_ptr, out_ptr, delta_ptr, sorted_ids_ptr,
                          block_expert_ptr, n_pairs, top_k, H, I,
                          HAS_DELTA: tl.constexpr,
-                         sw_e, sw_n, sw_k, ss_e, ss_n, stw_t, stw_j,
+                         sw_e, sw_n, sw_k, ss_e, ss_n, stw_t, stw_j, bias_ptr, sb_e,
+                         sb_n,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                         EVEN_K: tl.constexpr, ALIGNED: tl.constexpr, DOT_F32: tl.constexpr):
+                         EVEN_K: tl.constexpr, ALIGNED: tl.constexpr, DOT_F32: tl.constexpr,
+                         HAS_BIAS: tl.constexpr = False):
     """buf[p, n-block] = (act[p] @ q2[e]^T) * scale2[e, n] * topk_weights[t, j] for the
     pairs p of tile pid_m: act [T*k, I] in x.dtype, w [E, H, I] int8, s fp32 [E, H], buf
     fp32 [T*k, H]. Loads clamped, the store masked."""
@@ -152,18 +156,24 @@ def moe_int8_down_kernel(act_ptr, w_ptr, s_ptr, tw_ptr, out_ptr, delta_ptr, sort
         w_ptrs += BLOCK_K * sw_k
     acc = acc * tl.load(s_ptr + e * ss_e + n_l.to(tl.int64) * ss_n)[None, :]   # row scales
     down_epilogue(acc, tw_ptr, out_ptr, delta_ptr, pair_l, live, offs_n, n_l, top_k, H,
-                  stw_t, stw_j, HAS_DELTA, CLAMPED=True)
+                  stw_t, stw_j, HAS_DELTA, CLAMPED=True, bias_ptr=bias_ptr, e=e,
+                  sb_e=sb_e, sb_n=sb_n, HAS_BIAS=HAS_BIAS)
 
 
 def fused_moe_int8(x: torch.Tensor, w13: torch.Tensor, w13_scale: torch.Tensor,
                    w2: torch.Tensor, w2_scale: torch.Tensor, topk_weights: torch.Tensor,
                    topk_ids: torch.Tensor,
                    lora: Sequence[torch.Tensor] | None = None,
-                   activation: str = "silu", gated: bool = True) -> torch.Tensor:
+                   activation: str = "silu", gated: bool = True,
+                   w13_bias: torch.Tensor | None = None,
+                   w2_bias: torch.Tensor | None = None, alpha: float = 1.702,
+                   limit: float = 7.0) -> torch.Tensor:
     """See minikernels.ops.fused_moe_int8 (inputs checked there; any strides). lora: the
     six tensors of minikernels.ops.MoELoRA, or None; activation: the gate-up epilogue's
-    ``ACT`` (silu / gelu / gelu_tanh; non-gated also relu2); gated: its ``GATED``
-    (False: w13 [E, I, H] and w13_scale [E, I], the up rows only)."""
+    ``ACT`` (silu / gelu / gelu_tanh / swigluoai; non-gated also relu2); gated: its
+    ``GATED`` (False: w13 [E, I, H] and w13_scale [E, I], the up rows only); w13_bias /
+    w2_bias (x.dtype, or None): ``HAS_BIAS``, added after the row scales; alpha / limit:
+    swigluoai's."""
     t, h = x.shape
     if t == 0:
         return _alloc.empty((t, h), x.dtype, x.device)
@@ -174,7 +184,8 @@ def fused_moe_int8(x: torch.Tensor, w13: torch.Tensor, w13_scale: torch.Tensor,
 
     return fused_moe_w8a16(moe_int8_gate_up_kernel, moe_int8_down_kernel, x, w13, w13_scale,
                            w2, w2_scale, topk_weights, topk_ids, lora, config,
-                           activation=activation, gated=gated)
+                           activation=activation, gated=gated, w13_bias=w13_bias,
+                           w2_bias=w2_bias, alpha=alpha, limit=limit)
 
 
 # --------------------------------------------------------------------------- registry
