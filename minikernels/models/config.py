@@ -178,6 +178,10 @@ SUPPORTED_ARCHITECTURES = {
     # layers one shared transformer block (attention over [stream, embeddings], a gated
     # MLP, no adapters) feeds the Mamba layer's input through the layer's own linear
     "ZambaForCausalLM": "zamba",
+    # GPT-OSS (openai/gpt-oss-20b / 120b): attention with q / k / v / o biases, a learned
+    # sink per head, sliding / full layers, YaRN; every MLP a mixture of experts with a
+    # biased router (softmax over the top-k logits) and biased clamped-SwiGLU experts
+    "GptOssForCausalLM": "gpt_oss",
 }
 #: ``XForSequenceClassification``: the decoder of ``XForCausalLM`` with a ``score`` head
 #: (``mk.Classifier`` reads it; the generative model refuses such a checkpoint).
@@ -232,13 +236,13 @@ _MODEL_TYPES = {"llama": "llama", "mistral": "mistral", "ministral": "ministral"
                 "qwen3_5_text": "qwen3_5", "qwen3_5": "qwen3_5",
                 "qwen3_5_moe_text": "qwen3_5_moe", "qwen3_5_moe": "qwen3_5_moe", "falcon_h1": "falcon_h1",
                 "bamba": "bamba",
-                "nemotron_h": "nemotron_h"}
+                "nemotron_h": "nemotron_h", "gpt_oss": "gpt_oss"}
 #: the families with learned absolute position embeddings (no rope)
 _LEARNED_POSITIONS = ("gpt2", "opt", "gpt_bigcode", "gpt_neo")
 _GEMMA = ("gemma", "gemma2", "gemma3", "vaultgemma", "gemma4", "gemma3n")
 #: the mixture-of-experts families (models/moe.py)
 _MOE = ("qwen3_moe", "qwen2_moe", "mixtral", "granitemoe", "granitemoeshared", "olmoe",
-        "qwen3_5_moe", "lfm2_moe")
+        "qwen3_5_moe", "lfm2_moe", "gpt_oss")
 #: LFM2's hybrid decoders (short conv + attention), dense and MoE
 _LFM2 = ("lfm2", "lfm2_moe", "lfm3")
 #: Qwen3.5's hybrid decoders (Gated DeltaNet + gated attention), dense and MoE
@@ -538,6 +542,15 @@ class DecoderConfig:
     moe_topk_groups: int = 1
     moe_gated_experts: bool = True
     moe_latent_size: int = 0
+    # GPT-OSS: the router linear has a bias (moe_router_bias); each expert has biases on
+    # its gate / up rows and its down output (moe_expert_biases); the experts' activation
+    # differs from hidden_act (moe_activation: "swigluoai", the clamped SwiGLU with
+    # swiglu_alpha / swiglu_limit; "" = the config's activation)
+    moe_router_bias: bool = False
+    moe_expert_biases: bool = False
+    moe_activation: str = ""
+    swiglu_alpha: float = 1.702
+    swiglu_limit: float = 7.0
     # HF quantization_config (GPTQ/AWQ checkpoints), None for dense checkpoints.
     quantization_config: dict[str, Any] | None = None
     torch_dtype: str | None = None         # the checkpoint's stored dtype, informational
@@ -600,10 +613,24 @@ class DecoderConfig:
             if not self.moe_routed_scaling > 0:
                 raise ValueError(f"config.moe_routed_scaling must be > 0, got "
                                  f"{self.moe_routed_scaling!r}")
-            if self.moe_gated_experts and self.activation not in ("silu", "gelu", "gelu_tanh"):
+            if self.moe_activation not in ("", "silu", "gelu", "gelu_tanh", "swigluoai"):
+                raise UnsupportedModelError(f"config.moe_activation {self.moe_activation!r} "
+                                            "is not supported ('silu', 'gelu', 'gelu_tanh', "
+                                            "'swigluoai', or '' for the MLP's)")
+            if self.moe_gated_experts and self.expert_activation not in (
+                    "silu", "gelu", "gelu_tanh", "swigluoai"):
                 raise UnsupportedModelError(f"experts with hidden_act {self.hidden_act!r} "
                                             "are not supported (SiLU- or GELU-gated "
                                             "experts)")
+            if self.expert_activation == "swigluoai" and not self.moe_gated_experts:
+                raise UnsupportedModelError("swigluoai experts must be gated")
+            for name in ("swiglu_alpha", "swiglu_limit"):
+                value = getattr(self, name)
+                if isinstance(value, bool) or not isinstance(value, (int, float)) or \
+                        not math.isfinite(value):
+                    raise ValueError(f"config.{name} must be a finite number, got {value!r}")
+            if self.swiglu_limit <= 0:
+                raise ValueError(f"config.swiglu_limit must be > 0, got {self.swiglu_limit!r}")
         if self.layer_mixers is not None:
             if len(self.layer_mixers) != self.num_layers:
                 raise ValueError(f"config.layer_mixers must name one mixer per layer "
@@ -721,6 +748,12 @@ class DecoderConfig:
         """The MLP's activation: "silu", "gelu" (erf), "gelu_tanh" or (non-gated MLPs
         only) "relu"."""
         return GATED_ACTIVATIONS[self.hidden_act]
+
+    @property
+    def expert_activation(self) -> str:
+        """The experts' activation: ``moe_activation`` (GPT-OSS: "swigluoai"), else the
+        MLP's (:attr:`activation`)."""
+        return self.moe_activation or self.activation
 
     @property
     def rotary_dim(self) -> int:
@@ -949,7 +982,7 @@ class DecoderConfig:
             norm_bias=layer_norm and not cohere and not mpt and family != "olmo",
             norm_affine=family not in ("olmo", "nanochat"),
             rope_reversed=nanochat,
-            attention_sinks=family == "granite_swa",
+            attention_sinks=family in ("granite_swa", "gpt_oss"),
             embed_norm=bloom or nanochat,
             clip_qkv=_positive_or_none(hf.get("clip_qkv")) if family == "olmo" else None,
             parallel_residual=cohere or family in ("phi", "gptj") or (
@@ -2052,7 +2085,50 @@ _KEY_READERS: dict[str, Any] = {
     "zamba": lambda hf, _: _zamba_config(hf),
     "exaone": lambda hf, _: _exaone_config(hf),
     "gemma4": lambda hf, _: _gemma4_config(hf),
-    "gemma3n": lambda hf, _: _gemma3n_config(hf)}
+    "gemma3n": lambda hf, _: _gemma3n_config(hf),
+    "gpt_oss": lambda hf, _: _gpt_oss_config(hf)}
+
+#: transformers' GptOssConfig rope when a config.json names none (YaRN, factor 32 over a
+#: 4096-token pretraining context, the correction range not truncated)
+_GPT_OSS_ROPE = {"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0,
+                 "truncate": False, "original_max_position_embeddings": 4096}
+_GPT_OSS_LAYER_TYPES = ("sliding_attention", "full_attention")
+
+
+def _gpt_oss_config(hf: Mapping[str, Any]) -> dict[str, Any]:
+    """GPT-OSS's config.json with transformers' GptOssConfig defaults filled in for what it
+    omits: q / k / v / o biases (``attention_bias`` true), rms_norm_eps 1e-5, a window of
+    128 on the sliding layers, ``layer_types`` alternating sliding (even layers) and full,
+    rope base 150000 with YaRN (``_GPT_OSS_ROPE``). Refused by field name: layer types
+    other than sliding_attention / full_attention, a layer_types list of the wrong
+    length, a config without experts (num_local_experts)."""
+    out = dict(hf)
+    if out.get("attention_bias") is None:
+        out["attention_bias"] = True
+    if out.get("rms_norm_eps") is None:
+        out["rms_norm_eps"] = 1e-5
+    if "sliding_window" not in out:
+        out["sliding_window"] = 128
+    layers = int(out.get("num_hidden_layers") or 0)
+    types = out.get("layer_types")
+    if not types:
+        types = [_GPT_OSS_LAYER_TYPES[i % 2] for i in range(layers)]
+    if not isinstance(types, list) or len(types) != layers:
+        raise ValueError(f"config.json: layer_types must list one type per layer "
+                         f"(num_hidden_layers = {layers}), got {types!r}")
+    other = sorted({str(t) for t in types} - set(_GPT_OSS_LAYER_TYPES))
+    if other:
+        raise UnsupportedModelError(f"GPT-OSS layer_types {other} are not supported "
+                                    f"(supported: {list(_GPT_OSS_LAYER_TYPES)})")
+    out["layer_types"] = list(types)
+    if not out.get("rope_parameters") and not out.get("rope_scaling"):
+        out["rope_parameters"] = {**_GPT_OSS_ROPE,
+                                  "rope_theta": float(out.get("rope_theta") or 150000.0)}
+    experts = out.get("num_local_experts") or out.get("num_experts")
+    if not isinstance(experts, int) or isinstance(experts, bool) or experts < 1:
+        raise ValueError(f"config.json: GPT-OSS needs num_local_experts (a positive int: "
+                         f"every MLP is a mixture of experts), got {experts!r}")
+    return out
 
 
 def _attention_scale(hf: Mapping[str, Any], family: str) -> float | None:
@@ -2114,7 +2190,7 @@ def _rope_from_hf(hf: Mapping[str, Any], family: str
     elif family == "olmo3":   # its rope_scaling is the full-attention layers' only
         local_theta = float(hf.get("rope_theta", 10000.0))
     default_theta = 1e6 if family in ("gemma3",) + _LFM2 else \
-        5e5 if family == "exaone" else 10000.0
+        5e5 if family == "exaone" else 150000.0 if family == "gpt_oss" else 10000.0
     if isinstance(params, Mapping) and params:
         rope_theta = float(params.get("rope_theta", hf.get("rope_theta", default_theta)))
         scaling = {k: v for k, v in params.items() if k != "rope_theta"}
@@ -2191,6 +2267,15 @@ def _moe_from_hf(hf: Mapping[str, Any], family: str, num_layers: int) -> dict[st
     experts = int(hf.get("num_experts") or hf.get("num_local_experts") or 0)
     layers = list(range(num_layers))
     size = int(hf.get("intermediate_size", 0))
+    if family == "gpt_oss":        # every layer; softmax over the top-k logits (= the
+        # top-k of the softmax renormalized); biased router and experts, clamped SwiGLU
+        experts = int(hf.get("num_local_experts") or hf.get("num_experts"))
+        k = hf.get("num_experts_per_tok") or hf.get("experts_per_token") or 4
+        return dict(num_experts=experts, num_experts_per_tok=int(k),
+                    moe_intermediate_size=size, norm_topk_prob=True, moe_layers=None,
+                    moe_router_bias=True, moe_expert_biases=True, moe_activation="swigluoai",
+                    swiglu_alpha=_json_float(hf.get("swiglu_alpha", 1.702)),
+                    swiglu_limit=_json_float(hf.get("swiglu_limit", 7.0)))
     if family == "lfm2_moe":       # the first num_dense_layers layers are dense
         layers = layers[int(hf.get("num_dense_layers", 2)):]
         return dict(num_experts=experts,
@@ -2270,6 +2355,21 @@ BUILTIN_CONFIGS: dict[str, dict[str, Any]] = {
                         qk_norm=True, hidden_act="gelu_pytorch_tanh", norm_weight_offset=1.0,
                         embed_scale=8.0, sandwich_norm=True, attention_scale=16 ** -0.5,
                         sliding_rope_theta=1e4),
+    # GPT-OSS's layer: a sliding layer (window 8) then a full one, q / k / v / o biases, a
+    # sink per head, YaRN (factor 32), 8 biased swigluoai experts (top 2) with a biased
+    # router in every layer.
+    "tiny-gpt-oss": dict(architecture="gpt_oss", vocab_size=512, hidden_size=64,
+                         intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
+                         head_dim=16, max_position_embeddings=2048, rope_theta=150000.0,
+                         rope_scaling={"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0,
+                                       "beta_slow": 1.0, "truncate": False,
+                                       "original_max_position_embeddings": 64},
+                         rms_norm_eps=1e-5, tie_word_embeddings=False, eos_token_ids=[257],
+                         bos_token_id=256, sliding_window=8, sliding_window_layers=[0],
+                         qkv_bias=True, o_bias=True, attention_sinks=True, num_experts=8,
+                         num_experts_per_tok=2, moe_intermediate_size=64, norm_topk_prob=True,
+                         moe_router_bias=True, moe_expert_biases=True,
+                         moe_activation="swigluoai"),
     "qwen2.5-0.5b": dict(architecture="qwen2", vocab_size=151936, hidden_size=896,
                          intermediate_size=4864, num_layers=24, num_heads=14, num_kv_heads=2,
                          head_dim=64, max_position_embeddings=32768, rope_theta=1e6,

@@ -80,6 +80,7 @@ from .config import (DecoderConfig, UnsupportedModelError, builtin_config,
                      is_classifier_architecture, list_models)
 from .decoder import CausalLM, DecoderLayer, GatedDeltaNet, Mamba2Mixer, MambaMixer
 from .gemma3n import AltUp
+from .gpt_oss import Mxfp4Experts, convert_dense
 from .nemotron_moe import GroupSigmoidRouter
 from .hub import resolve_model
 from ..nn.layers import XIELU
@@ -205,8 +206,10 @@ _MAMBA1_NORM_RE = re.compile(r"^layers\.(\d+)\.mamba\.(dt|b|c)_layernorm\.weight
 _EXPERT_RE = re.compile(r"^layers\.(\d+)\.(mlp|moe)\.experts\.(\d+)\."
                         r"(gate_proj|up_proj|down_proj)\.(\w+)$")
 _STACKED_EXPERTS_RE = re.compile(r"^layers\.(\d+)\.(mlp|moe)\.experts\."
-                                 r"(gate_up_proj|up_proj|down_proj)$")
-_ROUTER_RE = re.compile(r"^layers\.(\d+)\.(mlp|moe)\.(gate|shared_expert_gate)\.weight$")
+                                 r"(gate_up_proj|up_proj|down_proj|w13_bias|w2_bias)$")
+#: (the router's bias: GPT-OSS's)
+_ROUTER_RE = re.compile(r"^layers\.(\d+)\.(mlp|moe)\.(gate|shared_expert_gate)\."
+                        r"(weight|bias)$")
 #: Nemotron 3's expert blocks: the router's correction bias, the latent projections
 _NEMOTRON_MOE_RE = re.compile(r"^layers\.(\d+)\.mlp\.(gate|fc1_latent_proj|fc2_latent_proj)\."
                               r"(e_score_correction_bias|weight|bias)$")
@@ -354,7 +357,7 @@ def map_name(name: str) -> tuple[str, int | None, str] | None:
         return f"layers.{m.group(1)}.{m.group(2)}.experts", None, m.group(3)
     m = _ROUTER_RE.match(n)
     if m:
-        return f"layers.{m.group(1)}.{m.group(2)}.{m.group(3)}", None, "weight"
+        return f"layers.{m.group(1)}.{m.group(2)}.{m.group(3)}", None, m.group(4)
     m = _ROUTER_SCALE_RE.match(n)
     if m:
         return f"layers.{m.group(1)}.moe", None, m.group(2)
@@ -398,7 +401,12 @@ def _unfuse(name: str, tensor: Any, config: DecoderConfig) -> Iterator[tuple[str
     weight or bias (Phi-3's checkpoints) becomes its q / k / v (gate / up) row blocks under
     the parts' names; anything else passes through. Safetensors slices (tensor-parallel
     loading) read only each part's rows. Per-head fused q / k / v (GPT-NeoX, GPT-BigCode)
-    is reordered first, and GPT-2's Conv1D weights ([in, out]) are transposed."""
+    is reordered first, and GPT-2's Conv1D weights ([in, out]) are transposed. GPT-OSS's
+    stacked experts ([E, in, out], gate / up interleaved) and their biases take the
+    decoder's layouts (models/gpt_oss.py ``convert_dense``)."""
+    if config.architecture == "gpt_oss" and ".mlp.experts." in name:
+        yield from convert_dense(name, tensor)
+        return
     if config.architecture == "gpt2" and _CONV1D_RE.search(name):
         tensor = _materialized(tensor).t().contiguous()
     m = _FUSED_RE.match(name)
@@ -554,6 +562,8 @@ def _family_name(name: str, config: DecoderConfig) -> str:
         for pattern, repl in _MOE_NAMES:
             name = pattern.sub(repl, name)
         return name
+    if config.architecture == "gpt_oss":     # its router under Qwen3-MoE's name
+        return name.replace(".mlp.router.", ".mlp.gate.")
     if config.architecture in ("granite_hybrid", "granitemoeshared"):   # the fused shared MLP (the
         mlp = ".mlp.shared_expert." if config.num_experts else ".mlp."   # experts' beside)
         return name.replace(".shared_mlp.input_linear.", f"{mlp}gate_up_proj.").replace(
@@ -983,6 +993,18 @@ def _checkpoint_quant(config: DecoderConfig) -> dict[str, Any] | None:
     if not qc:
         return None
     method = str(qc.get("quant_method", "")).lower()
+    if config.architecture == "gpt_oss":
+        # the official releases: MXFP4 experts, dequantized on load (a dense model)
+        if method == "mxfp4":
+            _mxfp4_config(qc)
+            return None
+        raise UnsupportedModelError(f"GPT-OSS checkpoints quantized with quant_method "
+                                    f"{method!r} are not supported (supported: mxfp4, the "
+                                    "official releases, or dense bf16 ones)")
+    if method == "mxfp4":
+        arch = config.hf_architecture or config.architecture
+        raise UnsupportedModelError(f"quantization_config.quant_method 'mxfp4' is supported "
+                                    f"for GPT-OSS only, not {arch}")
     from ..quant import compressed_tensors_scheme
     from ..quant.fp8 import fp8_scheme
     from ..quant.int8 import int8_scheme
@@ -1026,6 +1048,33 @@ def _checkpoint_quant(config: DecoderConfig) -> dict[str, Any] | None:
         if not qc.get("zero_point", True):
             raise UnsupportedModelError("AWQ without zero_point is not supported")
     return out
+
+
+def _mxfp4_config(qc: dict[str, Any]) -> None:
+    """Check a GPT-OSS mxfp4 quantization_config: only the experts are MXFP4 (their
+    ``*_blocks`` / ``*_scales``); ``modules_to_not_convert`` lists what is stored dense
+    (informational: dense tensors load as dense whatever it says)."""
+    skip = qc.get("modules_to_not_convert")
+    if skip is not None and not (isinstance(skip, list) and
+                                 all(isinstance(m, str) for m in skip)):
+        raise UnsupportedModelError(f"quantization_config.modules_to_not_convert must be a "
+                                    f"list of module names, got {skip!r}")
+
+
+def _iter_checkpoint(path: str, lazy: bool, mxfp4: Mxfp4Experts | None,
+                     bar: Any) -> Iterator[tuple[str, Any]]:
+    """The tensors of one checkpoint file (``_iter_file``), the progress bar advanced per
+    stored tensor; with ``mxfp4`` (a GPT-OSS MXFP4 checkpoint) each expert's blocks /
+    scales pair comes out as its dense tensor once both are read."""
+    for name, tensor in _iter_file(path, lazy=lazy):
+        bar.update(1)
+        if mxfp4 is None or tensor is None:
+            yield name, tensor
+            continue
+        try:
+            yield from mxfp4.add(name, tensor)
+        except ValueError as exc:
+            raise CheckpointError(f"{exc} (in {os.path.basename(path)})") from None
 
 
 _pick_group_size = pick_group_size  # the name this module used before
@@ -1132,6 +1181,10 @@ def _load_hf(model_dir: str, dtype: str | torch.dtype, device: torch.device,
     modules = dict(model.named_modules())
     # (a linear built with a dense weight - Zamba2's low-rank adapters - loads dense and
     # is quantized with the rest after loading)
+    mxfp4 = None
+    if config.architecture == "gpt_oss" and str((config.quantization_config or {}).get(
+            "quant_method", "")).lower() == "mxfp4":
+        mxfp4 = Mxfp4Experts(torch_dtype, device)
     stream = {name for name, mod in modules.items() if isinstance(mod, FusedLinear) and rtn
               and mod.weight is None and _streams_rtn(name, config, quantize_lm_head)
               and _rtn_quantizable(name, mod, quantization)}
@@ -1145,6 +1198,8 @@ def _load_hf(model_dir: str, dtype: str | torch.dtype, device: torch.device,
         if isinstance(mod, FusedExperts):
             for e in range(mod.num_experts):
                 expected.update((name, e, part) for part in mod.parts)
+            if mod.w13_bias is not None:                       # (GPT-OSS)
+                expected.update((name, None, b) for b in ("w13_bias", "w2_bias"))
             continue
         if isinstance(mod, FusedLinear):
             if name == "lm_head" and (config.tie_word_embeddings or not lm_head):
@@ -1207,8 +1262,7 @@ def _load_hf(model_dir: str, dtype: str | torch.dtype, device: torch.device,
                unit="tensor", disable=os.environ.get("MINIKERNELS_NO_PROGRESS") == "1")
     try:
         for path in files:
-            for hf_name, tensor in _iter_file(path, lazy=tp is not None):
-                bar.update(1)
+            for hf_name, tensor in _iter_checkpoint(path, tp is not None, mxfp4, bar):
                 if tensor is None or is_non_text_tensor(hf_name):
                     non_text += 1
                     continue
@@ -1478,6 +1532,11 @@ def _load_hf(model_dir: str, dtype: str | torch.dtype, device: torch.device,
     finally:
         bar.close()
 
+    if mxfp4 is not None:
+        try:
+            mxfp4.check_complete()
+        except ValueError as exc:
+            raise CheckpointError(f"{model_dir}: {exc}") from None
     for (mod_name, e, part), got in sorted(pending_fp8_experts.items()):
         raise CheckpointError(f"model.{mod_name}.{e}.{part}: fp8 expert incomplete: has "
                               f"{sorted(got)}, needs ['weight', {fp8_ckpt['scale']!r}]")
@@ -1562,12 +1621,24 @@ def _load_conv_parts(param: Tensor, parts: list[Tensor], where: str,
         param.copy_(joined.to(device=param.device, dtype=dtype))
 
 
+#: the experts' biases (GPT-OSS: w13_bias [E, 2I] gate then up, w2_bias [E, H])
+EXPERT_BIASES = ("w13_bias", "w2_bias")
+
+
 def check_experts(mod: FusedExperts, expert: int | None, kind: str, tensor: Tensor,
                   where: str) -> None:
     """CheckpointError unless ``tensor`` is one expert's projection in range and of its
     part's shape, or transformers 5's stacked tensor of every expert ([E, 2I, H] /
     [E, H, I]; non-gated experts' up_proj [E, I, H]); meta tensors are checked too
     (nothing is read)."""
+    if kind in EXPERT_BIASES:                 # GPT-OSS's [E, 2I] / [E, H]
+        bias = getattr(mod, kind)
+        if bias is None:
+            raise CheckpointError(f"{where}: these experts have no biases")
+        if expert is not None or tuple(tensor.shape) != tuple(bias.shape):
+            raise CheckpointError(f"{where}: shape mismatch: expected {list(bias.shape)}, "
+                                  f"got {list(tensor.shape)}")
+        return
     parts = ("gate_proj", "up_proj") if kind == "gate_up_proj" else (kind,)
     if any(p not in mod.parts for p in parts):
         raise CheckpointError(f"{where}: these experts hold {' / '.join(mod.parts)} "
@@ -1593,6 +1664,11 @@ def _load_experts(mod: FusedExperts, mod_name: str, expert: int | None, kind: st
     into the fp8 ones (``fp8``) or the int8 ones (``int8``); the (module, expert, part)
     keys it filled."""
     check_experts(mod, expert, kind, tensor, where)
+    if kind in EXPERT_BIASES:     # (dense whatever the experts are)
+        bias = getattr(mod, kind)
+        with torch.no_grad():
+            bias.copy_(tensor.to(device=bias.device, dtype=bias.dtype))
+        return [(mod_name, None, kind)]
     if expert is None:   # stacked: [E, 2I, H], [E, H, I] (non-gated up_proj: [E, I, H])
         parts = ("gate_proj", "up_proj") if kind == "gate_up_proj" else (kind,)
         experts: Any = range(mod.num_experts)
@@ -1722,6 +1798,8 @@ def _family_checkpoint_name(name: str, config: DecoderConfig) -> str:
         for part in ("gate_proj", "up_proj"):
             name = name.replace(f"{mlp}{part}.", ".shared_mlp.input_linear.")
         return name.replace(f"{mlp}down_proj.", ".shared_mlp.output_linear.")
+    if arch == "gpt_oss":                                  # its router
+        return name.replace(".mlp.gate.", ".mlp.router.")
     if arch in ("mamba", "falcon_mamba"):
         tables = (_MAMBA1_PREFIXES, _MAMBA1_PARTS)
     elif arch in _FAMILY_NAMES:
@@ -1742,6 +1820,12 @@ def _decoder_name(module: str, shard: int | None, kind: str,
                   config: DecoderConfig | None) -> str:
     """The checkpoint name in the decoder's own vocabulary (Llama / Qwen names, before a
     family's renames) of part ``shard`` / ``kind`` of ``module``."""
+    if config is not None and config.architecture == "gpt_oss" and \
+            module.endswith(".mlp.experts") and kind in ("gate_proj", "up_proj", "down_proj"):
+        # (GPT-OSS stores every expert stacked: gate_up_proj, or its MXFP4 blocks / scales)
+        proj = "down_proj" if kind == "down_proj" else "gate_up_proj"
+        mx = str((config.quantization_config or {}).get("quant_method", "")) == "mxfp4"
+        return f"model.{module}.{proj}" + ("_blocks" if mx else "")
     if config is not None and shard is not None and module.endswith(".linear_attn.in_proj"):
         parts = _GDN_SPLIT_PARTS if config.gdn_separate_projections else _GDN_IN_PARTS
         back = {v: k for k, v in parts.items()}
@@ -1776,6 +1860,9 @@ def _missing_name(config: DecoderConfig, rules: _ModuleRules, module: str,
 
 
 def _hf_name(module: str, shard: int | None, kind: str) -> str:
+    if module.endswith(".mlp.experts") and kind in EXPERT_BIASES:   # (GPT-OSS)
+        return f"model.{module}." + ("gate_up_proj_bias" if kind == "w13_bias" else
+                                     "down_proj_bias")
     if kind == "sinks":
         return f"model.{module[:-len('.attn')]}.sinks"
     if module.endswith(".mlp.act_fn"):

@@ -12,6 +12,16 @@ as Gemma 4's), passed to the ops as ``activation=``; Qwen2-MoE's shared expert u
     [y += sigmoid(x @ Wsg.T) * shared(x)]    # Qwen2-MoE's shared expert (a dense MLP;
                                              # Granite 4.0-H: added without the gate)
 
+GPT-OSS (``moe_router_bias``, ``moe_expert_biases``, ``moe_activation`` "swigluoai"): the
+router linear has a bias (``gate.bias`` [E]) and softmax-renormalizes its top-k (the
+softmax of the k chosen logits, as transformers' GptOssTopKRouter); the experts have
+biases ``experts.w13_bias`` [E, 2I] (gate, then up: de-interleaved from the checkpoint's
+``gate_up_proj_bias``) and ``experts.w2_bias`` [E, H], and the clamped SwiGLU with the
+config's ``swiglu_alpha`` / ``swiglu_limit`` (the ops' ``activation="swigluoai"``,
+``alpha``, ``limit``). Under tensor parallel each rank holds its I/P rows of the w13 bias
+(its gate slice, then its up slice) and rank 0 alone the w2 bias (zeros elsewhere): the
+ops add it before the router weight, so the all-reduce adds it once per chosen expert.
+
 Weights: ``gate.weight`` [E, H]; ``experts.w13`` [E, 2I, H] (each expert's gate_proj rows,
 then its up_proj rows); ``experts.w2`` [E, H, I] (down_proj). Non-gated experts
 (``FusedExperts(gated=False)``: Nemotron 3's squared-ReLU experts, down(act(up(x)))) hold
@@ -70,8 +80,12 @@ class FusedExperts(nn.Module):
     [E, H, I] with ``w2_int8_scale`` [E, H], one scale per output row (see
     :mod:`minikernels.quant.int8`); the forward is ``ops.fused_moe_int8`` (W8A16).
 
-    ``activation``: the experts' gate activation ("silu", "gelu", "gelu_tanh"), every
-    forward's ``activation=``.
+    ``activation``: the experts' gate activation ("silu", "gelu", "gelu_tanh", or GPT-OSS's
+    "swigluoai" with ``swiglu_alpha`` / ``swiglu_limit``), every forward's ``activation=``.
+
+    ``bias=True`` (GPT-OSS): the Parameters ``w13_bias`` [E, 2I] (each expert's gate_proj
+    biases, then its up_proj biases; I local) and ``w2_bias`` [E, H] in the model dtype,
+    dense whatever the weights are, passed to the ops as ``w13_bias`` / ``w2_bias``.
 
     ``gated=False``: non-gated experts (Nemotron 3's: y = down(act(up(x))), activation
     "relu2" (squared ReLU), or "silu" / "gelu" / "gelu_tanh"); every "2I" above is I,
@@ -83,7 +97,8 @@ class FusedExperts(nn.Module):
 
     def __init__(self, num_experts: int, hidden: int, inter: int, dtype: torch.dtype,
                  device: torch.device | str | None, dense: bool = True,
-                 activation: str = "silu", gated: bool = True) -> None:
+                 activation: str = "silu", gated: bool = True, bias: bool = False,
+                 swiglu_alpha: float = 1.702, swiglu_limit: float = 7.0) -> None:
         super().__init__()
         if not isinstance(gated, bool):
             raise TypeError(f"gated must be a bool, got {type(gated).__name__}")
@@ -100,7 +115,14 @@ class FusedExperts(nn.Module):
         self.group_size: int | None = None           # int4 only
         self.fp8_block: tuple[int, int] | None = None  # fp8 only
         self.int8 = False                               # int8 buffers allocated
+        self.swiglu_alpha, self.swiglu_limit = float(swiglu_alpha), float(swiglu_limit)
         self.w13 = self.w2 = None
+        self.w13_bias = self.w2_bias = None
+        if bias:
+            self.w13_bias = nn.Parameter(torch.zeros(num_experts, self.rows13, dtype=dtype,
+                                                     device=device), requires_grad=False)
+            self.w2_bias = nn.Parameter(torch.zeros(num_experts, hidden, dtype=dtype,
+                                                    device=device), requires_grad=False)
         if dense:
             self.w13 = nn.Parameter(torch.empty(num_experts, self.rows13, hidden, dtype=dtype,
                                                 device=device), requires_grad=False)
@@ -348,18 +370,18 @@ class FusedExperts(nn.Module):
         ``fused_moe_fp8`` / ``fused_moe_int8``, with ``activation`` and ``gated``)."""
         slots = self.__dict__.get("lora")    # LoRA on the experts (minikernels.models.lora)
         lora = slots.op_args() if slots is not None else None
-        act, gated = self.activation, self.gated
+        kw = {"activation": self.activation, "gated": self.gated, "w13_bias": self.w13_bias,
+              "w2_bias": self.w2_bias, "alpha": self.swiglu_alpha,
+              "limit": self.swiglu_limit}
         if self.w13 is not None:
-            return ops.fused_moe(x, self.w13, self.w2, weights, ids, lora=lora, activation=act,
-                                 gated=gated)
+            return ops.fused_moe(x, self.w13, self.w2, weights, ids, lora=lora, **kw)
         if self.int8:
             return ops.fused_moe_int8(x, self.w13_int8, self.w13_int8_scale, self.w2_int8,
-                                      self.w2_int8_scale, weights, ids, lora=lora,
-                                      activation=act, gated=gated)
+                                      self.w2_int8_scale, weights, ids, lora=lora, **kw)
         if self.fp8_block is not None:
             return ops.fused_moe_fp8(x, self.w13_fp8, self.w13_scale, self.w2_fp8,
                                      self.w2_scale, weights, ids, self.fp8_block, lora=lora,
-                                     activation=act, gated=gated)
+                                     **kw)
         if self.group_size is None:
             raise RuntimeError("int4 experts were never loaded")
         # fp16 / bf16 activations; an fp32 model rounds them to the scales' dtype
@@ -368,9 +390,11 @@ class FusedExperts(nn.Module):
         if lora is not None and xin.dtype != x.dtype:
             lora = lora._replace(a13=lora.a13.to(sd), b13=lora.b13.to(sd),
                                  a2=lora.a2.to(sd), b2=lora.b2.to(sd))
+        if xin.dtype != x.dtype and self.w13_bias is not None:   # (biases in xin's dtype)
+            kw.update(w13_bias=self.w13_bias.to(sd), w2_bias=self.w2_bias.to(sd))
         y = ops.fused_moe_int4(xin, self.w13_qweight, self.w13_scales, self.w13_zeros,
                                self.w2_qweight, self.w2_scales, self.w2_zeros, weights, ids,
-                               self.group_size, lora=lora, activation=act, gated=gated)
+                               self.group_size, lora=lora, **kw)
         return y.to(x.dtype)
 
 
@@ -411,9 +435,10 @@ class SparseMoE(nn.Module):
         self.top_k = c.num_experts_per_tok
         self.norm_topk_prob = bool(c.norm_topk_prob)
         self.residual_multiplier = c.residual_multiplier   # Granite-MoE
-        self.gate = nn.Linear(c.hidden_size, c.num_experts, bias=False, dtype=dtype,
-                              device=device)
-        self.gate.weight.requires_grad_(False)
+        # (GPT-OSS: a router bias)
+        self.gate = nn.Linear(c.hidden_size, c.num_experts, bias=c.moe_router_bias,
+                              dtype=dtype, device=device)
+        self.gate.requires_grad_(False)
         # LFM2-MoE: sigmoid scores, chosen with a learned per-expert bias, scaled
         self.router = c.moe_router
         self.routed_scaling = float(c.moe_routed_scaling)
@@ -432,7 +457,9 @@ class SparseMoE(nn.Module):
                                                             device=device),
                                                  requires_grad=False)
         self.experts = FusedExperts(c.num_experts, c.hidden_size, c.moe_intermediate_size // p,
-                                    dtype, device, dense, activation=c.activation)
+                                    dtype, device, dense, activation=c.expert_activation,
+                                    bias=c.moe_expert_biases, swiglu_alpha=c.swiglu_alpha,
+                                    swiglu_limit=c.swiglu_limit)
         self.shared_expert = self.shared_expert_gate = None
         if c.shared_expert_intermediate_size:
             self.shared_expert = SharedExpert(c.hidden_size,

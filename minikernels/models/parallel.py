@@ -12,7 +12,9 @@ A :class:`TensorParallel` (rank, world size, process group) given to ``CausalLM(
     experts        (MoE layers) every rank holds every expert, and of each only the
                    intermediate slice [r*I/P, (r+1)*I/P) (I = moe_intermediate_size):
                    w13 [E, 2I/P, H] (those gate rows, then those up rows), w2 [E, H, I/P]
-                   (those columns); router ``gate`` and ``shared_expert_gate`` replicated;
+                   (those columns); GPT-OSS's expert biases: w13_bias [E, 2I/P] (those
+                   gate, then up entries), w2_bias [E, H] on rank 0 only (zeros
+                   elsewhere: the ops add it before the all-reduce); router ``gate`` and ``shared_expert_gate`` replicated;
                    the shared expert's gate_up_proj / down_proj split like the dense MLP's
                    (over shared_expert_intermediate_size); one all-reduce of experts +
                    shared expert
@@ -267,6 +269,17 @@ def _expert_shard(config: DecoderConfig, tp: TensorParallel, module: str, shard:
         if proj == "down_proj":     # row parallel: K = I cut at group boundaries
             return _int4_k_slice(config, module, tkind, src, s0, s1)
         return _int4_columns(config, module, tkind, src, s0, s1)   # gate / up rows
+    if not one and kind in ("w13_bias", "w2_bias"):   # GPT-OSS's expert biases
+        t = _read(src)
+        if kind == "w2_bias":     # [E, H], added before the all-reduce: on rank 0 only
+            return t if tp.rank == 0 else torch.zeros_like(t)
+        rows = 2 * i if config.moe_gated_experts else i
+        if t.dim() != 2 or t.shape[1] != rows:
+            raise ValueError(f"{module}: w13_bias of shape {list(t.shape)} should have "
+                             f"{rows} along dim 1 (moe_intermediate_size {i})")
+        if not config.moe_gated_experts:
+            return t[:, s0:s1]
+        return torch.cat([t[:, s0:s1], t[:, i + s0:i + s1]], dim=1)   # gate, then up
     # kind -> the dim that holds the intermediate (and its full length there)
     if one and kind in ("gate_proj", "up_proj"):
         dim, full = 0, i
