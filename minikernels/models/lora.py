@@ -324,6 +324,9 @@ def _parse_tensors(tensors: list[tuple[str, Tensor]], config: DecoderConfig, ran
         m = _STACKED_RE.search(key)
         if m is not None:
             layer = int(m.group(1))
+            if config.architecture == "gpt_oss":
+                raise LoRAError(f"{path}: {key!r}: LoRA on GPT-OSS's stacked experts (x @ W "
+                                "layout, gate / up interleaved) is not supported")
             _check_expert_layer(config, layer, key, path)
             stacked.setdefault((layer, m.group(2)), {})[m.group(3)] = tensor
             names[(layer, m.group(2))] = key.split(".experts.")[0] + ".experts"
