@@ -27,6 +27,9 @@ GQA attention, neox rotary and a gated MLP. Differences are flags:
     Granite         embedding_multiplier, residual_multiplier (on each sublayer's output
                     before the residual add), attention_scale (attention_multiplier),
                     logits_scaling (logits divided by it)
+    GPT-OSS         attention_sinks, sliding / full layer_types, YaRN; every MLP a mixture
+                    of experts with moe_router_bias, moe_expert_biases and moe_activation
+                    "swigluoai" (swiglu_alpha / swiglu_limit)
 """
 from __future__ import annotations
 

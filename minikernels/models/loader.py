@@ -52,6 +52,12 @@ Qwen/Qwen3-*-FP8 or per-tensor, and compressed-tensors 8-bit float weights: per 
 channel or block) load onto fp8 parts: :mod:`minikernels.quant.fp8` says which tensors.
 Their layers left dense (``lm_head``, ``modules_to_not_convert``) load dense.
 
+GPT-OSS MXFP4 checkpoints (``quant_method: "mxfp4"``, the official openai/gpt-oss
+releases): the experts' ``*_blocks`` / ``*_scales`` are paired as they stream in and
+dequantized to the model dtype (:mod:`.gpt_oss`), then load as a dense GPT-OSS
+checkpoint's stacked experts; every other tensor is dense. mxfp4 on another family, and
+GPT-OSS with another quant_method, are refused by name.
+
 Quantized checkpoints (int4, int8, fp8) may leave any linear, or any *part* of a fused one
 (Qwen3.5's ``in_proj_b`` / ``in_proj_a`` beside int4 ``in_proj_qkv`` / ``in_proj_z``),
 dense: each part loads as the checkpoint holds it (``FusedLinear.set_dense_shard``). The
