@@ -17,6 +17,16 @@ DTYPES = [torch.float16, torch.bfloat16, torch.float32]
 HALF_DTYPES = [torch.float16, torch.bfloat16]
 
 
+def examples(n: int) -> int:
+    """``max_examples`` for a property test that sets its own count (an interpreter-bound
+    kernel test, where each case costs seconds): n, or the loaded hypothesis profile's
+    count when that is larger, so a bug hunt (HYPOTHESIS_PROFILE=hunt, 300) covers these
+    tests too."""
+    from hypothesis import settings
+
+    return max(n, settings.default.max_examples)
+
+
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, scale: float = 1.0,
                  **overrides: float) -> None:
     """Compare with the tolerance of ``expected``'s dtype (times ``scale``); NaN fails."""

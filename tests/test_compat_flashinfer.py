@@ -16,7 +16,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import assert_close
+from helpers import examples, assert_close
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -115,7 +115,7 @@ def workspace(device):
 # ------------------------------------------------------------------------- attention
 
 
-@settings(max_examples=20)
+@settings(max_examples=examples(20))
 @given(data=st.data())
 def test_batch_decode_wrapper(device, data):
     """Page sizes 1 / 3 / 16, lengths 0..40 (last page partly full), GQA / MQA, NHD / HND,
@@ -146,7 +146,7 @@ def test_batch_decode_wrapper(device, data):
     assert_close(w.run(q, cache), out)                 # return_lse=False: the same output
 
 
-@settings(max_examples=20)
+@settings(max_examples=examples(20))
 @given(data=st.data())
 def test_batch_prefill_paged_wrapper(device, data):
     hq, hkv, d = data.draw(st.sampled_from(HEADS))
@@ -239,7 +239,7 @@ def test_head_dim_512_wrappers(device, backend):
                torch.cat([r[1] for r in prefs]), torch.bfloat16)
 
 
-@settings(max_examples=20)
+@settings(max_examples=examples(20))
 @given(data=st.data())
 def test_batch_prefill_ragged_wrapper(device, data):
     hq, hkv, d = data.draw(st.sampled_from(HEADS))

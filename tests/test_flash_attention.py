@@ -19,7 +19,7 @@ from unittest import mock
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import assert_close, spy_launches
+from helpers import examples, assert_close, spy_launches
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -151,7 +151,7 @@ def alibi_slopes(kind, batch, hq, device, seed=0):
     return torch.rand(batch, hq + 3, generator=g).to(device)[:, 1:hq + 1]
 
 
-@settings(max_examples=24)
+@settings(max_examples=examples(24))
 @given(case=varlen_case())
 def test_random_varlen_matches_reference(device, case):
     c = case

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import requires_cuda
-from helpers import assert_close
+from helpers import examples, assert_close
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from matmul_test_utils import strided
@@ -121,7 +121,7 @@ def test_every_finite_byte_through_the_kernel(device, dtype, path):
     assert torch.equal(y, want)
 
 
-@settings(max_examples=60)
+@settings(max_examples=examples(40))
 @given(m=st.sampled_from([0, 1, 2, 3, 7, 16, 17, 33, 70]), n=st.integers(1, 70),
        k=st.integers(1, 200), kind=st.sampled_from(["128x128", "64x32", "channel", "tensor",
                                                      "16x48", "odd_n", "wide"]),
@@ -148,7 +148,7 @@ def test_fp8_matmul_random(device, m, n, k, kind, rnd, dtype, bias, sx, sw, ss, 
         check_fp64(y2.reshape(y.shape), x, w, s, block, b)
 
 
-@settings(max_examples=30)
+@settings(max_examples=examples(30))
 @given(m=st.integers(1, 16), n=st.integers(1, 150), kt=st.integers(1, 12),
        kind=st.sampled_from(["128x128", "64x32", "channel", "16x48"]),
        dtype=st.sampled_from(DTYPES), bias=st.booleans(),

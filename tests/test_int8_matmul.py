@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import requires_cuda
-from helpers import spy_launches
+from helpers import examples, spy_launches
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from matmul_test_utils import strided
@@ -123,7 +123,7 @@ def test_int8_matmul_random(device, m, n, g, groups, kpc, dtype, bias, zeros, sx
         check_fp64(y2.reshape(y.shape), x, q, s, z, g, b)
 
 
-@settings(max_examples=20)
+@settings(max_examples=examples(20))
 @given(m=st.integers(1, 16), n=st.integers(1, 150), g=st.sampled_from([32, 64, 128, -1]),
        kt=st.integers(1, 6), dtype=st.sampled_from(HALF), bias=st.booleans(),
        split=st.sampled_from([None, 1, 2, 3, 5]))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import examples
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -97,7 +98,7 @@ def vllm_azp_formula(x: torch.Tensor):
     return q, scales, azps
 
 
-@settings(max_examples=30)
+@settings(max_examples=examples(30))
 @given(rows=st.sampled_from([0, 1, 2, 5, 17, 40]), k=st.integers(1, 300),
        dtype=st.sampled_from(IN_DTYPES), symmetric=st.booleans(),
        view=st.sampled_from(VIEWS), seed=st.integers(0, 2**16))
@@ -279,7 +280,7 @@ def check_mm(c: torch.Tensor, ref: torch.Tensor, exact: torch.Tensor, mag: torch
         f"worst ratio {(err / bound).max():.3g}"
 
 
-@settings(max_examples=30)
+@settings(max_examples=examples(30))
 @given(m=st.sampled_from([0, 1, 2, 5, 16, 17, 33, 70]), n=st.integers(1, 150),
        k=st.integers(1, 300), out_dtype=st.sampled_from(OUT_DTYPES),
        per_token=st.booleans(), per_channel=st.booleans(), has_bias=st.booleans(),

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import DTYPES, assert_close
+from helpers import examples, DTYPES, assert_close
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -36,7 +36,7 @@ def _by_hand(x, a, b, slots, scaling):
     return out
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=examples(25), deadline=None)
 @given(t=st.sampled_from([0, 1, 5, 17]), k=st.sampled_from([1, 8, 130]),
        n=st.sampled_from([1, 45, 130]), s=st.sampled_from([1, 3]),
        r=st.sampled_from([1, 8, 33]), dtype=st.sampled_from(DTYPES),
@@ -95,7 +95,7 @@ def test_int32_slots_and_errors(device):
 
 # ---------------------------------------------------------------- the grouped (SGMV) path
 
-@settings(max_examples=20, deadline=None)
+@settings(max_examples=examples(10), deadline=None)
 @given(t=st.sampled_from([1, 7, 40, 97]), k=st.sampled_from([1, 70, 130]),
        n=st.sampled_from([1, 45, 130]), s=st.sampled_from([1, 2, 5]),
        r=st.sampled_from([1, 8, 16, 33]), dtype=st.sampled_from(DTYPES),

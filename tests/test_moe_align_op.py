@@ -10,6 +10,7 @@ from unittest import mock
 
 import pytest
 import torch
+from helpers import examples
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -122,7 +123,7 @@ def _cases(draw, max_t: int = 300, max_e: int = 300):
             "view": draw(st.sampled_from(["contiguous", "columns", "transposed", "rows"]))}
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=examples(60), deadline=None)
 @given(case=_cases())
 def test_reference_matches_by_hand(case):
     view = case.pop("view")
@@ -134,7 +135,7 @@ def test_reference_matches_by_hand(case):
 
 
 @pytest.mark.parametrize("path", PATHS)
-@settings(max_examples=14, deadline=None)
+@settings(max_examples=examples(8), deadline=None)
 @given(case=_cases())
 def test_triton_matches_reference(path, device, case):
     assert _alloc.poison_enabled()            # outputs start poisoned: all must be written

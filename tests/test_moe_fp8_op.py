@@ -13,7 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import requires_cuda
-from helpers import (DTYPES, HALF_DTYPES, MOE_ACTIVATIONS, assert_close, moe_by_hand,
+from helpers import (examples, DTYPES, HALF_DTYPES, MOE_ACTIVATIONS, assert_close, moe_by_hand,
                      spy_launches)
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -89,7 +89,7 @@ def _shapes(draw):
     return h, inter, block
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=examples(20), deadline=None)
 @given(t=st.sampled_from([0, 1, 5, 17]), shape=_shapes(), e=st.sampled_from([1, 3, 5, 8]),
        k=st.integers(1, 4), dtype=st.sampled_from(HALF_DTYPES),
        backend=st.sampled_from(BACKENDS), ids_dtype=st.sampled_from([torch.int32, torch.int64]),

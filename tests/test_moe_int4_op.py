@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import requires_cuda
-from helpers import HALF_DTYPES, assert_close, moe_by_hand, spy_launches
+from helpers import examples, HALF_DTYPES, assert_close, moe_by_hand, spy_launches
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
@@ -92,7 +92,7 @@ def _shapes(draw):
     return h, inter, group
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=examples(30), deadline=None)
 @given(t=st.sampled_from([0, 1, 5, 17]), shape=_shapes(), e=st.integers(1, 8),
        k=st.integers(1, 4), dtype=st.sampled_from(HALF_DTYPES),
        backend=st.sampled_from(BACKENDS), ids_dtype=st.sampled_from([torch.int32, torch.int64]),

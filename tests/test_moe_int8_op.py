@@ -13,7 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import requires_cuda
-from helpers import (DTYPES, HALF_DTYPES, MOE_ACTIVATIONS, assert_close, moe_by_hand,
+from helpers import (examples, DTYPES, HALF_DTYPES, MOE_ACTIVATIONS, assert_close, moe_by_hand,
                      spy_launches)
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -58,7 +58,7 @@ def _rel_err(got, exact):
     return float((got.double().cpu() - exact).abs().max() / exact.abs().max().clamp_min(1e-3))
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=examples(24), deadline=None)
 @given(t=st.sampled_from([0, 1, 5, 17]), h=st.sampled_from([37, 48, 80, 136]),
        inter=st.sampled_from([16, 19, 40, 56]), e=st.sampled_from([1, 3, 5, 8]),
        k=st.integers(1, 4), dtype=st.sampled_from(DTYPES),

@@ -15,7 +15,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import requires_cuda
-from helpers import DTYPES, HALF_DTYPES, assert_close, gate_act_by_hand
+from helpers import examples, DTYPES, HALF_DTYPES, assert_close, gate_act_by_hand
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -139,7 +139,7 @@ def _dense(t, h, inter, e, k, s, r, dtype, device, seed, slots="mixed",
             MoELoRA(*(v.to(device) for v in lora)))
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=examples(16), deadline=None)
 @given(t=st.integers(0, 40), k=st.integers(1, 4), e=st.integers(1, 6),
        s=st.integers(1, 3), r=st.sampled_from([1, 3, 8, 16]),
        r2=st.sampled_from([1, 3, 8, 16]), h=st.sampled_from([33, 64]),
@@ -179,7 +179,7 @@ def _int4_dense(args, group):
             reference.dequantize_int4_experts(q2, s2, z2, group, x.dtype))
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=examples(12), deadline=None)
 @given(t=st.integers(0, 40), k=st.integers(1, 4), e=st.integers(1, 6),
        s=st.integers(1, 3), r=st.sampled_from([1, 5, 16]),
        shape=st.sampled_from([(32, 16, 16), (40, 24, 8), (64, 32, -1), (64, 32, 32)]),
@@ -219,7 +219,7 @@ def _fp8_case(t, h, inter, e, k, s, r, block, dtype, device, seed, slots="mixed"
                        dtype, device, seed, slots, r2, gated)
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=examples(12), deadline=None)
 @given(t=st.integers(0, 40), k=st.integers(1, 4), e=st.integers(1, 6),
        s=st.integers(1, 3), r=st.sampled_from([1, 7, 16]),
        h=st.sampled_from([33, 64]), inter=st.sampled_from([17, 32]),
@@ -247,7 +247,7 @@ def _int8_case(t, h, inter, e, k, s, r, dtype, device, seed, slots="mixed", r2=N
                        dtype, device, seed, slots, r2, gated)
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=examples(12), deadline=None)
 @given(t=st.integers(0, 40), k=st.integers(1, 4), e=st.integers(1, 6),
        s=st.integers(1, 3), r=st.sampled_from([1, 7, 16]),
        h=st.sampled_from([33, 64]), inter=st.sampled_from([17, 32]),

@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import requires_cuda
-from helpers import DTYPES, MOE_ACTIVATIONS, assert_close, moe_by_hand, spy_launches
+from helpers import examples, DTYPES, MOE_ACTIVATIONS, assert_close, moe_by_hand, spy_launches
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -43,7 +43,7 @@ def _rel_err(got, exact):
     return float((got.double().cpu() - exact).abs().max() / exact.abs().max().clamp_min(1e-2))
 
 
-@settings(max_examples=30, deadline=None)
+@settings(max_examples=examples(30), deadline=None)
 @given(t=st.sampled_from([0, 1, 5, 17, 64]), h=st.sampled_from([1, 33, 64, 130]),
        inter=st.sampled_from([1, 16, 33, 128]), e=st.sampled_from([1, 3, 8]),
        k=st.sampled_from([1, 2, 4]), dtype=st.sampled_from(DTYPES),
@@ -179,7 +179,7 @@ def test_edge_cases(backend, device):
     assert _rel_err(y, _by_hand(x, w13, w2, tw, ids)) <= 1e-5
 
 
-@settings(max_examples=30, deadline=None)
+@settings(max_examples=examples(30), deadline=None)
 @given(t=st.integers(0, 40), k=st.integers(1, 4), e=st.integers(1, 9),
        block_m=st.sampled_from([1, 4, 16]), seed=st.integers(0, 10 ** 6))
 def test_sort_pairs_by_expert(t, k, e, block_m, seed):

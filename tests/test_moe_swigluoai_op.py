@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import DTYPES, assert_close, spy_launches
+from helpers import examples, DTYPES, assert_close, spy_launches
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_strided_views import view_of
@@ -72,7 +72,7 @@ def _rel_err(got, exact):
     return float((got.double().cpu() - exact).abs().max() / exact.abs().max().clamp_min(1e-2))
 
 
-@settings(max_examples=16, deadline=None)
+@settings(max_examples=examples(16), deadline=None)
 @given(t=st.sampled_from([0, 1, 5, 17]), h=st.sampled_from([1, 33, 64]),
        inter=st.sampled_from([1, 16, 33]), e=st.sampled_from([1, 3, 8]),
        k=st.sampled_from([1, 2, 4]), dtype=st.sampled_from(DTYPES),
