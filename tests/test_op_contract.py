@@ -110,6 +110,16 @@ def _samples(device: str):
                            torch.rand(4, 64, device=device) / 800,
                            torch.rand(3, 2, device=device),
                            torch.tensor([[1, 3], [0, 0], [2, 1]], device=device)),
+        "fused_moe_mxfp4": (xh, torch.randint(0, 256, (4, 64, 2, 16), dtype=torch.uint8,
+                                              device=device),
+                            torch.randint(119, 124, (4, 64, 2), dtype=torch.uint8,
+                                          device=device),
+                            torch.randint(0, 256, (4, 64, 1, 16), dtype=torch.uint8,
+                                          device=device),
+                            torch.randint(119, 124, (4, 64, 1), dtype=torch.uint8,
+                                          device=device),
+                            torch.rand(3, 2, device=device),
+                            torch.tensor([[1, 3], [0, 0], [2, 1]], device=device)),
         "moe_align_block_size": (torch.tensor([[1, 3], [0, 0], [2, 1]], device=device), 4,
                                  4, torch.tensor([1, -1, 0, 2], dtype=torch.int32,
                                                  device=device), True, False),
@@ -197,7 +207,7 @@ def test_opcheck_rotary_styles(backend, is_neox_style, device):
 
 @pytest.mark.parametrize("activation", ["gelu", "gelu_tanh"])
 @pytest.mark.parametrize("name", ["fused_moe", "fused_moe_int4", "fused_moe_fp8",
-                                  "fused_moe_int8"])
+                                  "fused_moe_int8", "fused_moe_mxfp4"])
 def test_opcheck_moe_activation(name, activation, device):
     # the fused MoE ops' activation argument (the generic sample leaves it at "silu")
     op = getattr(torch.ops.minikernels, name)
@@ -208,7 +218,7 @@ def test_opcheck_moe_activation(name, activation, device):
 
 @pytest.mark.parametrize("activation", ["relu2", "silu"])
 @pytest.mark.parametrize("name", ["fused_moe", "fused_moe_int4", "fused_moe_fp8",
-                                  "fused_moe_int8"])
+                                  "fused_moe_int8", "fused_moe_mxfp4"])
 def test_opcheck_moe_nongated(name, activation, device):
     # non-gated experts (gated=False, the ops' last argument): the generic sample's w13
     # (and its scales / zeros) cut to the I up rows
@@ -216,7 +226,7 @@ def test_opcheck_moe_nongated(name, activation, device):
     assert op.default._schema.arguments[-1].name == "gated"
     args = list(_samples(device)[name])
     up_rows = {"fused_moe": (1,), "fused_moe_int4": (1, 2, 3), "fused_moe_fp8": (1, 2),
-               "fused_moe_int8": (1, 2)}[name]
+               "fused_moe_int8": (1, 2), "fused_moe_mxfp4": (1, 2)}[name]
     for i in up_rows:          # (fp8: 2 row blocks of 32 -> 1)
         args[i] = args[i][:, :args[i].shape[1] // 2].contiguous()
     with mk.use_backend("triton"):
@@ -224,7 +234,7 @@ def test_opcheck_moe_nongated(name, activation, device):
 
 
 @pytest.mark.parametrize("name", ["fused_moe", "fused_moe_int4", "fused_moe_fp8",
-                                  "fused_moe_int8"])
+                                  "fused_moe_int8", "fused_moe_mxfp4"])
 def test_opcheck_moe_swigluoai_biases(name, device):
     # GPT-OSS's experts: the optional expert biases (w13_bias [E, 2I], w2_bias [E, H])
     # and swigluoai's alpha / limit, the schema's arguments before activation / gated
@@ -233,8 +243,9 @@ def test_opcheck_moe_swigluoai_biases(name, device):
     assert names[-6:] == ["w13_bias", "w2_bias", "alpha", "limit", "activation", "gated"]
     args = _samples(device)[name]
     x, e = args[0], args[1].shape[0]
-    # I from w2 (int4: 8 values per packed word)
-    w2_at, per_word = {"fused_moe": (2, 1), "fused_moe_int4": (4, 8)}.get(name, (3, 1))
+    # I from w2 (int4: 8 values per packed word; mxfp4: 32 per block)
+    w2_at, per_word = {"fused_moe": (2, 1), "fused_moe_int4": (4, 8),
+                       "fused_moe_mxfp4": (3, 32)}.get(name, (3, 1))
     b13 = torch.randn(e, 2 * args[w2_at].shape[2] * per_word, device=device).to(x.dtype)
     b2 = torch.randn(e, x.shape[1], device=device).to(x.dtype)
     with mk.use_backend("triton"):

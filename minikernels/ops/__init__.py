@@ -25,6 +25,7 @@ from .moe import (
     fused_moe_fp8,
     fused_moe_int4,
     fused_moe_int8,
+    fused_moe_mxfp4,
     moe_align_block_size,
 )
 from .norm import gemma_rms_norm, layer_norm, rms_norm
@@ -47,6 +48,7 @@ __all__ = [
     "fused_moe_fp8",
     "fused_moe_int4",
     "fused_moe_int8",
+    "fused_moe_mxfp4",
     "fused_topk",
     "gated_delta_rule",
     "gelu_and_mul",

@@ -21,6 +21,10 @@ Op: ``minikernels::fused_moe_int4``: the same with int4 experts (W4A16, the cano
 int4 layout of docs/int4_format.md per expert). Backends: reference, triton
 (ops/triton/moe_int4.py). Tests: tests/test_moe_int4_op.py.
 
+Op: ``minikernels::fused_moe_mxfp4``: the same with MXFP4 experts (W4A16: FP4 e2m1 codes
+in 32-value blocks with one E8M0 scale each, GPT-OSS's checkpoint format). Backends:
+reference, triton (ops/triton/moe_mxfp4.py). Tests: tests/test_moe_mxfp4_op.py.
+
 Op: ``minikernels::fused_moe_fp8``: the same with FP8 (e4m3) experts and block-wise
 scales (W8A16, fp8_matmul's weight layout per expert). Backends: reference, triton
 (ops/triton/moe_fp8.py). Tests: tests/test_moe_fp8_op.py.
@@ -464,6 +468,113 @@ def fused_moe_int4(x: Tensor, w13_qweight: Tensor, w13_scales: Tensor, w13_zeros
                                                 topk_weights, topk_ids, group_size,
                                                 *lora_args, w13_bias, w2_bias, alpha, limit,
                                                 activation, gated)
+
+
+# ----------------------------------------------------------------------- MXFP4 experts
+
+@_fused_moe_op("fused_moe_mxfp4")
+def _fused_moe_mxfp4(x: Tensor, w13_blocks: Tensor, w13_scales: Tensor, w2_blocks: Tensor,
+                     w2_scales: Tensor, topk_weights: Tensor, topk_ids: Tensor,
+                     lora_a13: Tensor | None = None, lora_b13: Tensor | None = None,
+                     lora_a2: Tensor | None = None, lora_b2: Tensor | None = None,
+                     lora_token_slots: Tensor | None = None,
+                     lora_scaling: Tensor | None = None,
+                     w13_bias: Tensor | None = None, w2_bias: Tensor | None = None,
+                     alpha: float = SWIGLUOAI_ALPHA, limit: float = SWIGLUOAI_LIMIT,
+                     activation: str = "silu", gated: bool = True) -> Tensor:
+    lora = _op_lora(lora_a13, lora_b13, lora_a2, lora_b2, lora_token_slots, lora_scaling)
+    args = (x, w13_blocks, w13_scales, w2_blocks, w2_scales, topk_weights, topk_ids, lora,
+            _check_activation(activation, gated), gated, w13_bias, w2_bias,
+            *_check_swiglu(alpha, limit))
+    if _backend.resolve("fused_moe_mxfp4", x.device) == "triton":
+        from .triton import moe_mxfp4 as triton_moe_mxfp4
+        return triton_moe_mxfp4.fused_moe_mxfp4(*args)
+    return reference.fused_moe_mxfp4(*args)
+
+
+def _check_mxfp4_experts(prefix: str, blocks: Tensor, scales: Tensor,
+                         shape: tuple[int, int, int], device: torch.device) -> None:
+    """blocks uint8 [E, N, K/32, 16] (dtype / device checked by the caller), scales uint8
+    [E, N, K/32]."""
+    e, n, k = shape
+    if tuple(blocks.shape) != (e, n, k // 32, 16):
+        raise ValueError(f"{prefix}_blocks must have shape [E = {e}, {n}, {k} / 32 = "
+                         f"{k // 32}, 16] (32 FP4 codes per 16-byte block along K), got "
+                         f"{list(blocks.shape)}")
+    check_tensor(f"{prefix}_scales", scales, dtypes=(torch.uint8,), ndim=3, device=device)
+    if tuple(scales.shape) != (e, n, k // 32):
+        raise ValueError(f"{prefix}_scales must have shape [E = {e}, {n}, {k} / 32 = "
+                         f"{k // 32}] (one E8M0 byte per block), got {list(scales.shape)}")
+
+
+def fused_moe_mxfp4(x: Tensor, w13_blocks: Tensor, w13_scales: Tensor, w2_blocks: Tensor,
+                    w2_scales: Tensor, topk_weights: Tensor, topk_ids: Tensor, *,
+                    lora: MoELoRA | None = None, activation: str = "silu",
+                    gated: bool = True, w13_bias: Tensor | None = None,
+                    w2_bias: Tensor | None = None, alpha: float = SWIGLUOAI_ALPHA,
+                    limit: float = SWIGLUOAI_LIMIT) -> Tensor:
+    """:func:`fused_moe` with MXFP4 experts (W4A16, OCP MX FP4, the GPT-OSS checkpoints'
+    ``*_blocks`` / ``*_scales``): out [T, H] in x.dtype, exactly fused_moe on the
+    dequantized experts W[e, n, 32g + i] = FP4_E2M1[code] * 2 ** (scales[e, n, g] - 127)
+    rounded to x.dtype (exact for bf16 / fp32 short of their range's ends, for fp16
+    while |W| lies in [2^-24, 65504]; the kernels decode and scale each weight tile in
+    registers), i.e. ``reference.fused_moe_mxfp4``.
+
+    x          [T, H] fp16 / bf16 / fp32 (fp32: exact fp32 dots, slower tiles).
+    w13_blocks uint8 [E, 2I, H/32, 16]: each expert's gate_proj rows, then its up_proj
+               rows (NOT GPT-OSS's stored interleaving gate, up, gate, up, ...: permute
+               the rows first, e.g. models/gpt_oss.py's ``deinterleave`` on dim 1, no
+               dequantization); per row, H/32 blocks of 16 bytes, each byte two FP4 e2m1
+               codes (the even element in the low nibble, the odd one in the high
+               nibble; a code: sign bit 3, exponent bits 2..1, mantissa bit 0, values
+               0, 0.5, 1, 1.5, 2, 3, 4, 6). w13_scales uint8 [E, 2I, H/32]: one E8M0
+               scale byte per block, 2 ** (s - 127) (255, E8M0's NaN, is not a valid
+               scale).
+    w2_blocks  uint8 [E, H, I/32, 16] (down_proj), w2_scales uint8 [E, H, I/32].
+    H and I    positive multiples of 32 (one block); I from w2_blocks.
+    topk_weights [T, k] fp32; topk_ids [T, k] int32/int64 in [0, E) (repeats count):
+               fused_moe's routing contract.
+    Every tensor may be a view with its own strides (blocks whose last dim is strided
+    are copied); T = 0 gives [0, H]. fp32 accumulation; the activated [I] intermediate
+    is rounded to x.dtype; the router weight and the k-sum are fp32; out rounded once.
+    lora       optional per-token LoRA on the experts, as :func:`fused_moe`
+               (:class:`MoELoRA`, dense adapters in x.dtype added to the fp32 results).
+    activation the experts' gate activation, "silu" / "gelu" / "gelu_tanh" /
+               "swigluoai" (GPT-OSS's, with ``alpha`` / ``limit``), as :func:`fused_moe`.
+    w13_bias / w2_bias  optional dense expert biases [E, 2I] / [E, H] in x.dtype, as
+               :func:`fused_moe` (gate biases then up biases, de-interleaved like w13).
+    gated      False for non-gated experts (as :func:`fused_moe`: act(up), activation
+               also "relu2"): w13_blocks [E, I, H/32, 16] / w13_scales [E, I, H/32] hold
+               each expert's up_proj rows only.
+    """
+    _check_activation(activation, gated)
+    check_tensor("x", x, dtypes=FLOAT_DTYPES, ndim=2)
+    for name, blocks in (("w13_blocks", w13_blocks), ("w2_blocks", w2_blocks)):
+        check_tensor(name, blocks, dtypes=(torch.uint8,), ndim=4, device=x.device)
+    check_tensor("topk_weights", topk_weights, dtypes=(torch.float32,), ndim=2,
+                 device=x.device)
+    check_tensor("topk_ids", topk_ids, dtypes=(torch.int32, torch.int64), ndim=2,
+                 device=x.device)
+    h = x.shape[1]
+    if h == 0 or h % 32:
+        raise ValueError(f"x's hidden size H must be a positive multiple of 32 (one MXFP4 "
+                         f"block), got x shape {list(x.shape)}")
+    e, two_i = w13_blocks.shape[0], w13_blocks.shape[1]
+    inter = _expert_inter("w13_blocks", w13_blocks.shape, w2_blocks.shape[2] * 32, gated,
+                          list(w13_blocks.shape))
+    if inter % 32:
+        raise ValueError(f"the intermediate size I must be a multiple of 32 (one MXFP4 "
+                         f"block), got w13_blocks shape {list(w13_blocks.shape)} "
+                         f"(I = {inter})")
+    _check_mxfp4_experts("w13", w13_blocks, w13_scales, (e, two_i, h), x.device)
+    _check_mxfp4_experts("w2", w2_blocks, w2_scales, (e, h, inter), x.device)
+    lora_args = _check_routing_and_lora(x, topk_weights, topk_ids, e, inter, gated, lora)
+    _check_biases(x, w13_bias, w2_bias, e, two_i, gated)
+    alpha, limit = _check_swiglu(alpha, limit)
+    return torch.ops.minikernels.fused_moe_mxfp4(x, w13_blocks, w13_scales, w2_blocks,
+                                                 w2_scales, topk_weights, topk_ids,
+                                                 *lora_args, w13_bias, w2_bias, alpha,
+                                                 limit, activation, gated)
 
 
 # ------------------------------------------------------------------------- fp8 experts

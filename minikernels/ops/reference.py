@@ -1357,6 +1357,44 @@ def fused_moe_int8(x: Tensor, w13: Tensor, w13_scale: Tensor, w2: Tensor, w2_sca
                      activation, gated, w13_bias, w2_bias, alpha, limit)
 
 
+#: the 16 FP4 (e2m1) values by 4-bit code (bit 3 the sign; OCP MX's table)
+FP4_E2M1 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0,
+            -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
+
+
+def dequantize_mxfp4_experts(blocks: Tensor, scales: Tensor) -> Tensor:
+    """Stacked MXFP4 experts (GPT-OSS's checkpoint format) blocks uint8 [E, N, K/32, 16]
+    (32 FP4 e2m1 codes per block, two per byte: element 2b in byte b's low nibble, 2b + 1
+    in its high nibble), scales uint8 [E, N, K/32] (E8M0: 2 ** (s - 127)) -> W [E, N, K]
+    fp32: W[e, n, 32g + i] = FP4_E2M1[code] * 2 ** (scales[e, n, g] - 127), exact in fp32
+    (bf16 too, short of its range's ends: transformers' ``convert_moe_packed_tensors``
+    gives the same values)."""
+    e, n, g, _ = blocks.shape
+    lut = torch.tensor(FP4_E2M1, dtype=torch.float32, device=blocks.device)
+    codes = torch.stack([blocks & 0x0F, blocks >> 4], dim=-1).long()   # [E, N, G, 16, 2]
+    values = lut[codes].reshape(e, n, g, 32)
+    exps = scales.to(torch.int32) - 127
+    return torch.ldexp(values, exps.unsqueeze(-1).float()).reshape(e, n, g * 32)
+
+
+def fused_moe_mxfp4(x: Tensor, w13_blocks: Tensor, w13_scales: Tensor, w2_blocks: Tensor,
+                    w2_scales: Tensor, topk_weights: Tensor, topk_ids: Tensor,
+                    lora: Sequence[Tensor] | None = None, activation: str = "silu",
+                    gated: bool = True, w13_bias: Tensor | None = None,
+                    w2_bias: Tensor | None = None, alpha: float = SWIGLUOAI_ALPHA,
+                    limit: float = SWIGLUOAI_LIMIT) -> Tensor:
+    """fused_moe with MXFP4 experts (W4A16): exactly ``fused_moe`` on the dequantized
+    experts rounded to x.dtype (``dequantize_mxfp4_experts``, then one cast: exact for
+    bf16 / fp32 short of their range's ends, and for fp16 while |W| is in [2^-24, 65504]),
+    LoRA on the experts and the experts' biases included (dense, x.dtype). w13 [E, 2I, H/32, 16] / [E, 2I, H/32]
+    (gate rows then up rows; gated=False: [E, I, ...], up rows only), w2
+    [E, H, I/32, 16] / [E, H, I/32]."""
+    return fused_moe(x, dequantize_mxfp4_experts(w13_blocks, w13_scales).to(x.dtype),
+                     dequantize_mxfp4_experts(w2_blocks, w2_scales).to(x.dtype),
+                     topk_weights, topk_ids,
+                     lora, activation, gated, w13_bias, w2_bias, alpha, limit)
+
+
 def moe_align_length(n: int, num_experts: int, block_size: int, pad_sorted_ids: bool) -> int:
     """Length of moe_align_block_size's sorted_token_ids for n pairs (vLLM's bound):
     n + E * (block_size - 1), rounded up to a multiple of block_size when pad_sorted_ids,
