@@ -9,9 +9,10 @@ blocks, greedy generation (the plain loop and ``LLM.generate`` with its hybrid K
 chunked prefill, prefix caching) equal transformers'; the config reader (transformers'
 defaults for what a hub config.json omits; refusals by field); MXFP4 checkpoints (the
 official format) built from exactly representable weights load to the same model as the
-dense checkpoint, and the dequantization equals transformers' own; RTN int4 experts on
-load (biases and swigluoai through fused_moe_int4); ``load_weights`` with transformers'
-names; tensor parallel (TP=2 over gloo: sharded expert biases, sinks, the MXFP4
+dense checkpoint: kept native MXFP4 by default (uint8 blocks, ops.fused_moe_mxfp4), or
+dequantized / RTN-quantized when asked, and the dequantization equals transformers' own;
+RTN int4 experts on load (biases and swigluoai through fused_moe_int4); ``load_weights``
+with transformers' names; tensor parallel (TP=2 over gloo: sharded expert biases, sinks, the MXFP4
 checkpoint) equal to TP=1; the built-in ``tiny-gpt-oss``."""
 from __future__ import annotations
 
@@ -209,23 +210,98 @@ def mxfp4_dirs(tmp_path_factory) -> tuple[torch.nn.Module, str, str]:
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_mxfp4_checkpoint_equals_the_dense_one(mxfp4_dirs, dtype):
-    """MXFP4 experts dequantize on load to exactly the dense checkpoint's experts (fp32
-    and bf16: every value exact), so the models' logits are equal; against transformers
-    in fp32."""
+def test_mxfp4_checkpoint_keeps_native_experts(mxfp4_dirs, dtype):
+    """By default an MXFP4 checkpoint's experts stay MXFP4 (uint8 blocks / scales, 4.25
+    bits per weight, ops.fused_moe_mxfp4): dequantized they are exactly the dense
+    checkpoint's experts, and the logits match the dense model's (and transformers' in
+    fp32); one MoE block through the Triton kernel (interpreter) matches the reference."""
     hf, mx, dense_dir = mxfp4_dirs
     a = load_model(mx, dtype=dtype, device="cpu")
     b = load_model(dense_dir, dtype=dtype, device="cpu")
+    assert a.quantization == "mxfp4"
     for la, lb in zip(a.layers, b.layers):
-        assert torch.equal(la.mlp.experts.w13, lb.mlp.experts.w13)
-        assert torch.equal(la.mlp.experts.w2, lb.mlp.experts.w2)
+        ex = la.mlp.experts
+        assert ex.is_mxfp4 and ex.w13 is None and not ex.is_int4
+        assert ex.w13_blocks.dtype == ex.w2_blocks.dtype == torch.uint8
+        assert ex.w13_block_scales.dtype == torch.uint8
+        e, i, h = ex.num_experts, ex.inter, ex.hidden
+        assert ex.w13_blocks.shape == (e, 2 * i, h // 32, 16)
+        assert ex.w2_blocks.shape == (e, h, i // 32, 16)
+        nbytes = sum(getattr(ex, n).numel() for n in ("w13_blocks", "w13_block_scales",
+                                                      "w2_blocks", "w2_block_scales"))
+        assert nbytes * 8 / (3 * e * i * h) == 4.25
+        assert not any(p.dtype.is_floating_point and p.dim() == 3 for p in ex.parameters())
+        w13, w2 = ex.dequantized()
+        assert torch.equal(w13, lb.mlp.experts.w13.float())
+        assert torch.equal(w2, lb.mlp.experts.w2.float())
     seqs = _seqs([9, 5], seed=6)
     ids = torch.tensor([t for s in seqs for t in s])
     meta = AttentionMetadata.for_prompts([len(s) for s in seqs])
-    got = a(ids, meta)
-    assert torch.equal(got, b(ids, meta))
+    got, want = a(ids, meta), b(ids, meta)
+    assert rel_err(got, want) <= (TOL if dtype == "float32" else 2e-2)
     if dtype == "float32":
         assert rel_err(got, torch.cat([hf_logits(hf, s) for s in seqs])) <= TOL
+    moe = a.layers[1].mlp
+    x = torch.randn(7, 64, generator=torch.Generator().manual_seed(2)).to(moe.gate.weight.dtype)
+    with mk.use_backend("triton"):
+        y = moe(x)
+    assert rel_err(y, moe(x)) <= (1e-5 if dtype == "float32" else 1e-2)
+
+
+def test_mxfp4_checkpoint_dequantized_when_asked(mxfp4_dirs):
+    """quantization="dense" dequantizes the MXFP4 experts on load (the former default):
+    exactly the dense checkpoint's experts and logits; "int4" RTN-quantizes the
+    dequantized experts (fused_moe_int4). "mxfp4" / "dense" on another checkpoint are
+    refused by name."""
+    hf, mx, dense_dir = mxfp4_dirs
+    a = load_model(mx, dtype="float32", device="cpu", quantization="dense")
+    b = load_model(dense_dir, dtype="float32", device="cpu")
+    for la, lb in zip(a.layers, b.layers):
+        assert not la.mlp.experts.is_mxfp4
+        assert torch.equal(la.mlp.experts.w13, lb.mlp.experts.w13)
+        assert torch.equal(la.mlp.experts.w2, lb.mlp.experts.w2)
+    seqs = _seqs([6], seed=7)
+    ids = torch.tensor(seqs[0])
+    meta = AttentionMetadata.for_prompts([6])
+    assert torch.equal(a(ids, meta), b(ids, meta))
+    q = load_model(mx, dtype="float32", device="cpu", quantization="int4", group_size=32)
+    for lq, lb in zip(q.layers, b.layers):
+        ex = lq.mlp.experts
+        assert ex.w13 is None and not ex.is_mxfp4 and ex.group_size == 32
+        assert rel_err(ex.dequantized()[0], lb.mlp.experts.w13) <= 0.1
+    assert torch.isfinite(q(ids, meta)).all()
+    for quant in ("mxfp4", "dense"):
+        with pytest.raises(CheckpointError, match=f"quantization='{quant}' is for GPT-OSS "
+                                                  "MXFP4 checkpoints"):
+            load_model(dense_dir, dtype="float32", device="cpu", quantization=quant)
+
+
+def test_mxfp4_tensor_parallel_slices():
+    """shard_mxfp4: each rank's de-interleaved gate and up rows of w13 and its whole
+    blocks of w2's columns, equal to slicing the dequantized experts; an I / P that is
+    not a multiple of 32 is refused."""
+    from minikernels.models.gpt_oss import Mxfp4Stack, mxfp4_native, shard_mxfp4
+    from minikernels.ops.reference import dequantize_mxfp4_experts as deq
+
+    g = torch.Generator().manual_seed(4)
+    e, h, i = 2, 64, 128
+    w13 = Mxfp4Stack(*_mxfp4(2 * i, h, e, g)[:2])
+    w2 = Mxfp4Stack(*_mxfp4(h, i, e, g)[:2])
+    full13 = deq(*mxfp4_native("gate_up_proj", w13))
+    full2 = deq(*w2)
+    stored13 = deq(*w13)
+    assert torch.equal(full13[:, :i], stored13[:, 0::2])          # gate rows first
+    for p in (2, 4):
+        for r in range(p):
+            lo, hi = r * i // p, (r + 1) * i // p
+            s13 = shard_mxfp4("gate_up_proj", mxfp4_native("gate_up_proj", w13), r, p)
+            assert torch.equal(deq(*s13), torch.cat([full13[:, lo:hi],
+                                                     full13[:, i + lo:i + hi]], 1))
+            assert torch.equal(deq(*shard_mxfp4("down_proj", w2, r, p)), full2[:, :, lo:hi])
+    with pytest.raises(ValueError, match="multiple of 32"):
+        shard_mxfp4("down_proj", w2, 0, 8)
+    with pytest.raises(ValueError, match="multiple of 32"):
+        shard_mxfp4("gate_up_proj", mxfp4_native("gate_up_proj", w13), 0, 3)
 
 
 def test_mxfp4_dequantize_equals_transformers():

@@ -25,18 +25,28 @@ releases; :class:`Mxfp4Experts`): the expert weights are stored as
 (proj gate_up_proj: N = 2I interleaved rows, K = H; down_proj: N = H, K = I). Each
 32-value block along K is 16 bytes of packed FP4 (e2m1) codes, the even element k = 2b in
 byte b's low nibble and the odd one k = 2b + 1 in its high nibble, and one shared E8M0
-scale byte s: value = FP4_E2M1[code] * 2 ** (s - 127). They are dequantized on load to
-the model dtype (what transformers does without its Triton kernels), one expert at a time
-in vectorised torch, into the dense tensors above (then converted like them). Everything
-else in such a checkpoint (attention, router, embeddings, lm_head: the config's
-``modules_to_not_convert``) is stored dense. No MXFP4 kernel runs: the experts take the
-model dtype's memory (or RTN int4 / fp8 / int8 on load).
+scale byte s: value = FP4_E2M1[code] * 2 ** (s - 127). Everything else in such a
+checkpoint (attention, router, embeddings, lm_head: the config's
+``modules_to_not_convert``) is stored dense.
+
+By default (``load_model(quantization=None)`` or ``"mxfp4"``) the experts stay MXFP4
+(:class:`Mxfp4Experts` with ``native=True``): the blocks / scales bytes are kept as
+stored, only w13's rows permuted from the interleaved gate / up order to gate rows then
+up rows (:func:`mxfp4_native`; no dequantization), and each layer runs
+``ops.fused_moe_mxfp4`` (models/moe.py ``FusedExperts.set_mxfp4_``): ~4.25 bits per
+expert weight (12.8 GB of gpt-oss-20b's experts instead of 42 GB in bf16). Under tensor
+parallel each rank keeps its I/P rows of every w13 (gate and up) and its I/P columns
+(I/P/32 blocks) of every w2 (:func:`shard_mxfp4`; I/P must be a multiple of 32).
+``quantization="dense"`` dequantizes them on load to the model dtype instead (what
+transformers does without its Triton kernels), one expert at a time in vectorised torch,
+into the dense tensors above (then converted like them); ``quantization="int4"`` /
+``"fp8"`` / ``"int8"`` dequantize and RTN-quantize them the same way.
 """
 from __future__ import annotations
 
 import re
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -48,6 +58,61 @@ FP4_E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0,
 MXFP4_SCALE_BIAS = 127
 #: values per MXFP4 block (one scale each): 16 bytes of two codes
 MXFP4_BLOCK = 32
+
+def mxfp4_checkpoint(config: Any) -> bool:
+    """Whether ``config`` (a DecoderConfig) is a GPT-OSS MXFP4 checkpoint's (the official
+    releases: quantization_config quant_method "mxfp4"): its experts are built empty and
+    filled by the loader (native MXFP4, or dense / RTN from their dequantization)."""
+    qc = getattr(config, "quantization_config", None) or {}
+    return getattr(config, "architecture", None) == "gpt_oss" and \
+        str(qc.get("quant_method", "")).lower() == "mxfp4"
+
+
+class Mxfp4Stack(NamedTuple):
+    """One stored MXFP4 expert stack, blocks uint8 [E, N, K/32, 16] and scales uint8
+    [E, N, K/32], as the checkpoint holds it (gate_up_proj's rows interleaved)."""
+    blocks: Tensor
+    scales: Tensor
+
+
+def mxfp4_native(proj: str, stack: Mxfp4Stack) -> Mxfp4Stack:
+    """A stored stack in ``ops.fused_moe_mxfp4``'s layout: gate_up_proj's rows
+    de-interleaved (gate rows, then up rows; the uint8 rows permuted, nothing decoded),
+    down_proj as it is. Checks the 4-D / 3-D shapes and the dtypes."""
+    blocks, scales = stack
+    if blocks.dtype != torch.uint8 or scales.dtype != torch.uint8:
+        raise ValueError(f"MXFP4 blocks and scales must be uint8, got {blocks.dtype} and "
+                         f"{scales.dtype}")
+    if blocks.dim() != 4 or blocks.shape[-1] != MXFP4_BLOCK // 2 or scales.dim() != 3 or \
+            tuple(blocks.shape[:-1]) != tuple(scales.shape):
+        raise ValueError(f"MXFP4 experts must be blocks [E, N, K/32, 16] and scales "
+                         f"[E, N, K/32], got {list(blocks.shape)} and {list(scales.shape)}")
+    if proj == "gate_up_proj":
+        return Mxfp4Stack(deinterleave(blocks, 1), deinterleave(scales, 1))
+    return Mxfp4Stack(blocks, scales)
+
+
+def shard_mxfp4(proj: str, stack: Mxfp4Stack, rank: int, size: int) -> Mxfp4Stack:
+    """Tensor-parallel rank ``rank``'s slice of a native stack (:func:`mxfp4_native`'s
+    layout): gate_up_proj [E, 2I, ...] -> its I/P gate rows then its I/P up rows;
+    down_proj [E, H, I/32, 16] -> its I/P columns, (I/P)/32 whole blocks. ValueError
+    unless I/P is a multiple of 32 (a block must not straddle ranks)."""
+    blocks, scales = stack
+    inter = blocks.shape[1] // 2 if proj == "gate_up_proj" else blocks.shape[2] * MXFP4_BLOCK
+    if inter % size or (inter // size) % MXFP4_BLOCK:
+        raise ValueError(f"MXFP4 experts under tensor parallel need I / tp_size to be a "
+                         f"multiple of {MXFP4_BLOCK} (whole blocks per rank): I = {inter}, "
+                         f"tp_size = {size}")
+    local = inter // size
+    if proj == "gate_up_proj":
+        rows = torch.cat([torch.arange(rank * local, (rank + 1) * local),
+                          torch.arange(inter + rank * local, inter + (rank + 1) * local)])
+        rows = rows.to(blocks.device)
+        return Mxfp4Stack(blocks.index_select(1, rows), scales.index_select(1, rows))
+    nb = local // MXFP4_BLOCK
+    return Mxfp4Stack(blocks[:, :, rank * nb:(rank + 1) * nb].contiguous(),
+                      scales[:, :, rank * nb:(rank + 1) * nb].contiguous())
+
 
 #: a GPT-OSS expert tensor, dense (transformers' names) or MXFP4 (blocks / scales)
 _EXPERTS_RE = re.compile(r"^(.*\.mlp\.experts\.)(gate_up_proj|down_proj)"
@@ -146,17 +211,20 @@ def mxfp4_expert_weight(blocks: Tensor, scales: Tensor, dtype: torch.dtype) -> T
 
 class Mxfp4Experts:
     """Pairs an MXFP4 checkpoint's ``<proj>_blocks`` / ``<proj>_scales`` as the loader
-    streams tensors (in any order, across shards) and hands back the dense tensor once
-    both are read. ``device``: where to dequantize (the model's)."""
+    streams tensors (in any order, across shards) and hands back, once both are read,
+    the dense tensor (``native=False``) or the pair itself as an :class:`Mxfp4Stack`
+    (``native=True``: as stored, the loader keeps it MXFP4). ``device``: where to
+    dequantize / keep them (the model's)."""
 
-    def __init__(self, dtype: torch.dtype, device: torch.device | str) -> None:
-        self.dtype, self.device = dtype, device
+    def __init__(self, dtype: torch.dtype, device: torch.device | str,
+                 native: bool = False) -> None:
+        self.dtype, self.device, self.native = dtype, device, native
         self.pending: dict[str, dict[str, Tensor]] = {}
 
-    def add(self, name: str, tensor: Any) -> list[tuple[str, Tensor]]:
+    def add(self, name: str, tensor: Any) -> list[tuple[str, Any]]:
         """(name, tensor) -> what the loader reads in its place: nothing yet (half of an
-        MXFP4 pair), the dense ``...experts.<proj>`` [E, K, N] (the pair complete), or
-        the tensor itself (anything else)."""
+        MXFP4 pair), the dense ``...experts.<proj>`` [E, K, N] or (native) its
+        :class:`Mxfp4Stack` (the pair complete), or the tensor itself (anything else)."""
         m = _EXPERTS_RE.match(name)
         if m is None or m.group(3) not in ("_blocks", "_scales"):
             return [(name, tensor)]
@@ -168,6 +236,8 @@ class Mxfp4Experts:
         if len(got) < 2:
             return []
         del self.pending[base]
+        if self.native:
+            return [(base, Mxfp4Stack(got["blocks"], got["scales"]))]
         try:
             dense = mxfp4_expert_weight(got["blocks"], got["scales"], self.dtype)
         except ValueError as exc:

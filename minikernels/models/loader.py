@@ -22,6 +22,8 @@ Quantization:
                           peak is the int4 model plus one dense tensor (built-in names:
                           one random dense layer at a time).
     "gptq" / "awq"        insist that the checkpoint is in that format.
+    "mxfp4" / "dense"     GPT-OSS MXFP4 checkpoints only: keep the experts MXFP4 (the
+                          default for them), or dequantize them to the model dtype.
     quantization="fp8"    block-wise RTN fp8 (e4m3, one fp32 scale per 128 x 128 block) of
                           every linear layer on load, streaming as int4 does; the matmuls
                           run W8A16 (``ops.fp8_matmul``). An fp8 checkpoint loads as is.
@@ -53,10 +55,14 @@ channel or block) load onto fp8 parts: :mod:`minikernels.quant.fp8` says which t
 Their layers left dense (``lm_head``, ``modules_to_not_convert``) load dense.
 
 GPT-OSS MXFP4 checkpoints (``quant_method: "mxfp4"``, the official openai/gpt-oss
-releases): the experts' ``*_blocks`` / ``*_scales`` are paired as they stream in and
-dequantized to the model dtype (:mod:`.gpt_oss`), then load as a dense GPT-OSS
-checkpoint's stacked experts; every other tensor is dense. mxfp4 on another family, and
-GPT-OSS with another quant_method, are refused by name.
+releases): the experts' ``*_blocks`` / ``*_scales`` are paired as they stream in and, by
+default (quantization=None or "mxfp4"), kept MXFP4 (w13's rows de-interleaved, under
+tensor parallel each rank's I/P slice; ``ops.fused_moe_mxfp4``, ~4.25 bits per weight);
+with quantization="dense" dequantized to the model dtype (:mod:`.gpt_oss`) and loaded as
+a dense GPT-OSS checkpoint's stacked experts, with "int4" / "fp8" / "int8" dequantized
+and RTN-quantized. Every other tensor is dense. mxfp4 on another family, and GPT-OSS
+with another quant_method, are refused by name; so are quantization="mxfp4" / "dense"
+for any other checkpoint.
 
 Quantized checkpoints (int4, int8, fp8) may leave any linear, or any *part* of a fused one
 (Qwen3.5's ``in_proj_b`` / ``in_proj_a`` beside int4 ``in_proj_qkv`` / ``in_proj_z``),
@@ -86,7 +92,8 @@ from .config import (DecoderConfig, UnsupportedModelError, builtin_config,
                      is_classifier_architecture, list_models)
 from .decoder import CausalLM, DecoderLayer, GatedDeltaNet, Mamba2Mixer, MambaMixer
 from .gemma3n import AltUp
-from .gpt_oss import Mxfp4Experts, convert_dense
+from .gpt_oss import (Mxfp4Experts, Mxfp4Stack, convert_dense, mxfp4_checkpoint, mxfp4_native,
+                      shard_mxfp4)
 from .nemotron_moe import GroupSigmoidRouter
 from .hub import resolve_model
 from ..nn.layers import XIELU
@@ -103,7 +110,7 @@ _DTYPES = {
     "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
     "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
 }
-QUANTIZATIONS = (None, "int4", "gptq", "awq", "fp8", "fp8_w8a8", "int8")
+QUANTIZATIONS = (None, "int4", "gptq", "awq", "fp8", "fp8_w8a8", "int8", "mxfp4", "dense")
 #: an int8 W8A8 checkpoint's tensors of a linear besides its int8 ``weight``
 _INT8_SCALES = ("weight_scale", "input_scale")
 #: the fp8 checkpoint tensors of a linear besides its fp8 ``weight``
@@ -1179,6 +1186,11 @@ def _load_hf(model_dir: str, dtype: str | torch.dtype, device: torch.device,
         found = ckpt_quant["method"] if ckpt_quant else "a dense checkpoint"
         raise CheckpointError(f"quantization={quantization!r} but {model_dir} is {found}")
 
+    mx_ckpt = mxfp4_checkpoint(config)
+    if quantization in ("mxfp4", "dense") and not mx_ckpt:
+        raise CheckpointError(f"quantization={quantization!r} is for GPT-OSS MXFP4 "
+                              f"checkpoints (keep their experts MXFP4, or dequantize them), "
+                              f"but {model_dir} is not one")
     # RTN on load streams: no dense weight is allocated for the linears it quantizes.
     rtn = quantization in ("int4", "fp8", "int8") and ckpt_quant is None
     model = CausalLM(config, dtype=torch_dtype, device=device,
@@ -1188,9 +1200,9 @@ def _load_hf(model_dir: str, dtype: str | torch.dtype, device: torch.device,
     # (a linear built with a dense weight - Zamba2's low-rank adapters - loads dense and
     # is quantized with the rest after loading)
     mxfp4 = None
-    if config.architecture == "gpt_oss" and str((config.quantization_config or {}).get(
-            "quant_method", "")).lower() == "mxfp4":
-        mxfp4 = Mxfp4Experts(torch_dtype, device)
+    if mx_ckpt:   # native MXFP4 experts unless asked to dequantize (dense or RTN)
+        mxfp4 = Mxfp4Experts(torch_dtype, device,
+                             native=quantization in (None, "mxfp4"))
     stream = {name for name, mod in modules.items() if isinstance(mod, FusedLinear) and rtn
               and mod.weight is None and _streams_rtn(name, config, quantize_lm_head)
               and _rtn_quantizable(name, mod, quantization)}
@@ -1271,6 +1283,15 @@ def _load_hf(model_dir: str, dtype: str | torch.dtype, device: torch.device,
             for hf_name, tensor in _iter_checkpoint(path, tp is not None, mxfp4, bar):
                 if tensor is None or is_non_text_tensor(hf_name):
                     non_text += 1
+                    continue
+                if isinstance(tensor, Mxfp4Stack):   # native MXFP4 experts (GPT-OSS)
+                    got_mx = _load_mxfp4_experts(modules, hf_name, tensor, tp,
+                                                 f"{hf_name}_blocks / _scales (in "
+                                                 f"{os.path.basename(path)})")
+                    if got_mx is None:
+                        unexpected.append(hf_name + "_blocks")
+                    else:
+                        seen.update(got_mx)
                     continue
                 # the quantization_config's word on this checkpoint module: left dense
                 # (None: modules_to_not_convert, dynamic "-:", ignore, ...) or its own
@@ -1392,7 +1413,15 @@ def _load_hf(model_dir: str, dtype: str | torch.dtype, device: torch.device,
                             seen.add((mod_name, shard, part))
                         continue
                     if isinstance(mod, FusedExperts):
-                        if ckpt_quant is not None and mod.is_int4:   # left dense
+                        if mxfp4 is not None and mxfp4.native and \
+                                kind not in EXPERT_BIASES:
+                            raise CheckpointError(
+                                f"{where}: a dense expert weight in an MXFP4 checkpoint "
+                                "whose experts load MXFP4 (load it with "
+                                "quantization='dense' to dequantize the MXFP4 ones)")
+                        # left dense, or an MXFP4 checkpoint's experts asked dense
+                        if mod.is_int4 and (ckpt_quant is not None or
+                                            (mx_ckpt and quantization == "dense")):
                             try:
                                 mod.make_dense_()
                             except ValueError as exc:
@@ -1695,6 +1724,32 @@ def _load_experts(mod: FusedExperts, mod_name: str, expert: int | None, kind: st
                 else:
                     mod.quantize_part_(e, p, piece.to(mod.dtype), group)
     return [(mod_name, e, p) for e in experts for p in parts]
+
+
+_MXFP4_EXPERTS_RE = re.compile(r"^(?:model\.)?(.*\.mlp\.experts)\.(gate_up_proj|down_proj)$")
+
+
+def _load_mxfp4_experts(modules: dict[str, torch.nn.Module], name: str, stack: Mxfp4Stack,
+                        tp: TensorParallel | None, where: str
+                        ) -> list[tuple[str, int, str]] | None:
+    """A GPT-OSS MXFP4 stack (``...mlp.experts.gate_up_proj`` / ``down_proj`` blocks and
+    scales) kept MXFP4 in its FusedExperts: w13's rows de-interleaved, this rank's slice
+    under tensor parallel (models/gpt_oss.py ``shard_mxfp4``); the (module, expert, part)
+    keys it filled, None when no experts module takes it."""
+    m = _MXFP4_EXPERTS_RE.match(name)
+    mod = modules.get(m.group(1)) if m is not None else None
+    if not isinstance(mod, FusedExperts):
+        return None
+    proj = m.group(2)
+    try:
+        stack = mxfp4_native(proj, stack)
+        if tp is not None and tp.size > 1:
+            stack = shard_mxfp4(proj, stack, tp.rank, tp.size)
+        mod.set_mxfp4_("w13" if proj == "gate_up_proj" else "w2", *stack)
+    except ValueError as exc:
+        raise CheckpointError(f"{where}: {exc}") from None
+    parts = ("gate_proj", "up_proj") if proj == "gate_up_proj" else ("down_proj",)
+    return [(m.group(1), e, p) for e in range(mod.num_experts) for p in parts]
 
 
 def _expert_group(config: DecoderConfig, mod: FusedExperts, group_size: int) -> int:
@@ -2081,8 +2136,10 @@ def load_model(model: str, dtype: str | torch.dtype = "bfloat16",
     device:       default cuda when available, else cpu.
     quantization: None | 'int4' (RTN on load) | 'gptq' | 'awq' | 'fp8' (block-wise RTN on
                   load, or an fp8 checkpoint) | 'fp8_w8a8' (the same, run W8A8) |
-                  'int8' (per-channel RTN int8 on load, or an int8 checkpoint; W8A8); see
-                  module docstring.
+                  'int8' (per-channel RTN int8 on load, or an int8 checkpoint; W8A8) |
+                  'mxfp4' / 'dense' (GPT-OSS MXFP4 checkpoints: native MXFP4 experts,
+                  the default for them, or dequantized to the model dtype); see module
+                  docstring.
     allow_pickle: accept pickle ``*.bin`` weights (only from trusted sources).
     group_size, quantize_lm_head: RTN settings for quantization='int4'.
     tensor_parallel: build and read only this rank's shard (minikernels.models.parallel;
@@ -2107,9 +2164,10 @@ def load_model(model: str, dtype: str | torch.dtype = "bfloat16",
         m = _load_hf(model, dtype, dev, quantization, allow_pickle, group_size,
                      quantize_lm_head, tensor_parallel, lm_head)
     elif model.lower() in list_models():
-        if quantization in ("gptq", "awq"):
+        if quantization in ("gptq", "awq", "mxfp4", "dense"):
             raise ValueError(f"built-in model {model!r} has dummy dense weights; "
-                             "use quantization='int4' to quantize them")
+                             f"quantization={quantization!r} is for checkpoints of that "
+                             "format (use quantization='int4' to quantize them)")
         config = builtin_config(model)
         rtn = quantization in ("int4", "fp8", "int8")
         scheme = quantization if rtn else "int4"

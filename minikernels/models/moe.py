@@ -29,7 +29,9 @@ then its up_proj rows); ``experts.w2`` [E, H, I] (down_proj). Non-gated experts
 experts are int4 too: :class:`FusedExperts` and ``ops.fused_moe_int4``; with fp8 (RTN on
 load, or an fp8 checkpoint) e4m3 with block scales and ``ops.fused_moe_fp8``; with int8
 (RTN on load, or an int8 W8A8 checkpoint) int8 with per-row scales and
-``ops.fused_moe_int8`` (W8A16: the experts' activations stay in the model dtype).
+``ops.fused_moe_int8`` (W8A16: the experts' activations stay in the model dtype); a GPT-OSS
+MXFP4 checkpoint's experts stay MXFP4 (uint8 FP4 blocks and E8M0 scales as stored,
+``FusedExperts.set_mxfp4_``, ``ops.fused_moe_mxfp4``).
 
 Tensor parallel (``tp``, size P; Megatron-style as the dense MLP, see
 :mod:`minikernels.models.parallel`): every rank holds every expert, but only the
@@ -46,6 +48,7 @@ from torch import Tensor, nn
 
 from .. import ops
 from .config import DecoderConfig
+from .gpt_oss import mxfp4_checkpoint
 from .linear import FusedLinear
 from .parallel import TensorParallel
 
@@ -79,6 +82,13 @@ class FusedExperts(nn.Module):
     ``w13_int8`` int8 [E, 2I, H] with ``w13_int8_scale`` fp32 [E, 2I] and ``w2_int8``
     [E, H, I] with ``w2_int8_scale`` [E, H], one scale per output row (see
     :mod:`minikernels.quant.int8`); the forward is ``ops.fused_moe_int8`` (W8A16).
+
+    MXFP4 (``dense=False``, then :meth:`set_mxfp4_`: a GPT-OSS MXFP4 checkpoint's experts
+    kept as stored, ~4.25 bits per weight): ``w13_blocks`` uint8 [E, 2I, H/32, 16] (gate
+    rows then up rows: de-interleaved on load) with ``w13_block_scales`` uint8
+    [E, 2I, H/32] and ``w2_blocks`` [E, H, I/32, 16] with ``w2_block_scales``
+    [E, H, I/32] (FP4 e2m1 codes, E8M0 scales; ops.fused_moe_mxfp4's layout); the forward
+    is ``ops.fused_moe_mxfp4``. H and the local I must be multiples of 32.
 
     ``activation``: the experts' gate activation ("silu", "gelu", "gelu_tanh", or GPT-OSS's
     "swigluoai" with ``swiglu_alpha`` / ``swiglu_limit``), every forward's ``activation=``.
@@ -115,6 +125,7 @@ class FusedExperts(nn.Module):
         self.group_size: int | None = None           # int4 only
         self.fp8_block: tuple[int, int] | None = None  # fp8 only
         self.int8 = False                               # int8 buffers allocated
+        self.mxfp4 = False                              # MXFP4 buffers allocated
         self.swiglu_alpha, self.swiglu_limit = float(swiglu_alpha), float(swiglu_limit)
         self.w13 = self.w2 = None
         self.w13_bias = self.w2_bias = None
@@ -148,7 +159,8 @@ class FusedExperts(nn.Module):
 
     @property
     def is_int4(self) -> bool:
-        return self.w13 is None and self.fp8_block is None and not self.int8
+        return self.w13 is None and self.fp8_block is None and not self.int8 and \
+            not self.mxfp4
 
     @property
     def is_int8(self) -> bool:
@@ -158,10 +170,46 @@ class FusedExperts(nn.Module):
     def is_fp8(self) -> bool:
         return self.fp8_block is not None
 
+    @property
+    def is_mxfp4(self) -> bool:
+        return self.mxfp4
+
+    def set_mxfp4_(self, name: str, blocks: Tensor, scales: Tensor) -> None:
+        """Keep one stacked MXFP4 matrix as it is (no dequantization): ``name`` "w13"
+        (blocks uint8 [E, 2I, H/32, 16], gate rows then up rows of this rank's I; scales
+        uint8 [E, 2I, H/32]) or "w2" ([E, H, I/32, 16], [E, H, I/32]). The first call
+        allocates both matrices' buffers (zeros; a matrix never set stays zero)."""
+        if self.w13 is not None or self.group_size is not None or self.fp8_block is not None \
+                or self.int8:
+            raise ValueError("these experts hold dense, int4, fp8 or int8 weights")
+        e, i, h = self.num_experts, self.inter, self.hidden
+        if h % 32 or i % 32:
+            raise ValueError(f"MXFP4 experts need H and I multiples of 32 (one block), got "
+                             f"H = {h}, I = {i} (this rank's)")
+        shapes = {"w13": (e, self.rows13, h // 32), "w2": (e, h, i // 32)}
+        if name not in shapes:
+            raise ValueError(f"name must be 'w13' or 'w2', got {name!r}")
+        want = shapes[name]
+        if blocks.dtype != torch.uint8 or scales.dtype != torch.uint8 or \
+                tuple(blocks.shape) != (*want, 16) or tuple(scales.shape) != want:
+            raise ValueError(f"{name}: expected MXFP4 blocks uint8 {[*want, 16]} and scales "
+                             f"uint8 {list(want)}, got {blocks.dtype} "
+                             f"{list(blocks.shape)} and {scales.dtype} {list(scales.shape)}")
+        if not self.mxfp4:
+            for prefix, shape in shapes.items():
+                self.register_buffer(f"{prefix}_blocks", torch.zeros(
+                    *shape, 16, dtype=torch.uint8, device=self.device))
+                self.register_buffer(f"{prefix}_block_scales", torch.zeros(
+                    *shape, dtype=torch.uint8, device=self.device))
+            self.mxfp4 = True
+        getattr(self, f"{name}_blocks").copy_(blocks)
+        getattr(self, f"{name}_block_scales").copy_(scales)
+
     def make_dense_(self) -> None:
         """Allocate dense w13 / w2 in an int4-built module that has no int4 part yet (an
         int4 checkpoint whose experts were left dense, as modules_to_not_convert)."""
-        if self.group_size is not None or self.fp8_block is not None or self.int8:
+        if self.group_size is not None or self.fp8_block is not None or self.int8 or \
+                self.mxfp4:
             raise ValueError("these experts already hold quantized parts")
         e, i, h = self.num_experts, self.inter, self.hidden
         self.w13 = nn.Parameter(torch.empty(e, self.rows13, h, dtype=self.dtype,
@@ -246,8 +294,8 @@ class FusedExperts(nn.Module):
         (:class:`minikernels.quant.fp8.Fp8Weight` [part_shape(name)]). The first call fixes
         the block size of all: ``block_size`` (the checkpoint's or RTN's (bn, bk)), or None
         for per-channel / per-tensor scales (see the class docstring)."""
-        if self.w13 is not None or self.group_size is not None or self.int8:
-            raise ValueError("these experts hold dense, int4 or int8 weights")
+        if self.w13 is not None or self.group_size is not None or self.int8 or self.mxfp4:
+            raise ValueError("these experts hold dense, int4, int8 or MXFP4 weights")
         n, k = self.part_shape(name)
         if tuple(w.shape) != (n, k):
             raise ValueError(f"shape mismatch: expected {[n, k]}, got {list(w.shape)}")
@@ -287,8 +335,9 @@ class FusedExperts(nn.Module):
     def set_int8_part_(self, expert: int, name: str, w: object) -> None:
         """Write one expert's projection as an int8 weight
         (:class:`minikernels.quant.Int8Weight` [part_shape(name)], one scale per row)."""
-        if self.w13 is not None or self.group_size is not None or self.fp8_block is not None:
-            raise ValueError("these experts hold dense, int4 or fp8 weights")
+        if self.w13 is not None or self.group_size is not None or \
+                self.fp8_block is not None or self.mxfp4:
+            raise ValueError("these experts hold dense, int4, fp8 or MXFP4 weights")
         n, k = self.part_shape(name)
         if tuple(w.shape) != (n, k):
             raise ValueError(f"shape mismatch: expected {[n, k]}, got {list(w.shape)}")
@@ -348,7 +397,12 @@ class FusedExperts(nn.Module):
         self.group_size = group_size
 
     def dequantized(self) -> tuple[Tensor, Tensor]:
-        """(w13, w2) fp32: the dense weights, or the int4 / fp8 / int8 ones dequantized."""
+        """(w13, w2) fp32: the dense weights, or the int4 / fp8 / int8 / MXFP4 ones
+        dequantized."""
+        if self.mxfp4:
+            deqmx = ops.reference.dequantize_mxfp4_experts
+            return tuple(deqmx(getattr(self, f"{p}_blocks"), getattr(self, f"{p}_block_scales"))
+                         for p in ("w13", "w2"))
         if self.int8:
             return tuple(getattr(self, f"{p}_int8").float() *
                          getattr(self, f"{p}_int8_scale")[:, :, None] for p in ("w13", "w2"))
@@ -367,7 +421,8 @@ class FusedExperts(nn.Module):
 
     def forward(self, x: Tensor, weights: Tensor, ids: Tensor) -> Tensor:
         """The experts of x [T, H] (``ops.fused_moe`` / ``fused_moe_int4`` /
-        ``fused_moe_fp8`` / ``fused_moe_int8``, with ``activation`` and ``gated``)."""
+        ``fused_moe_fp8`` / ``fused_moe_int8`` / ``fused_moe_mxfp4``, with ``activation``
+        and ``gated``)."""
         slots = self.__dict__.get("lora")    # LoRA on the experts (minikernels.models.lora)
         lora = slots.op_args() if slots is not None else None
         kw = {"activation": self.activation, "gated": self.gated, "w13_bias": self.w13_bias,
@@ -375,6 +430,10 @@ class FusedExperts(nn.Module):
               "limit": self.swiglu_limit}
         if self.w13 is not None:
             return ops.fused_moe(x, self.w13, self.w2, weights, ids, lora=lora, **kw)
+        if self.mxfp4:
+            return ops.fused_moe_mxfp4(x, self.w13_blocks, self.w13_block_scales,
+                                       self.w2_blocks, self.w2_block_scales, weights, ids,
+                                       lora=lora, **kw)
         if self.int8:
             return ops.fused_moe_int8(x, self.w13_int8, self.w13_int8_scale, self.w2_int8,
                                       self.w2_int8_scale, weights, ids, lora=lora, **kw)
@@ -456,8 +515,11 @@ class SparseMoE(nn.Module):
             self.per_expert_scale = nn.Parameter(torch.ones(c.num_experts, dtype=dtype,
                                                             device=device),
                                                  requires_grad=False)
+        # (a GPT-OSS MXFP4 checkpoint: nothing allocated until the loader sets the experts
+        # - native MXFP4 by default, or dense / RTN-quantized from their dequantization)
         self.experts = FusedExperts(c.num_experts, c.hidden_size, c.moe_intermediate_size // p,
-                                    dtype, device, dense, activation=c.expert_activation,
+                                    dtype, device, dense and not mxfp4_checkpoint(c),
+                                    activation=c.expert_activation,
                                     bias=c.moe_expert_biases, swiglu_alpha=c.swiglu_alpha,
                                     swiglu_limit=c.swiglu_limit)
         self.shared_expert = self.shared_expert_gate = None
