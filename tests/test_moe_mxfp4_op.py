@@ -178,6 +178,10 @@ def test_every_argument_as_a_strided_view(dtype, device):
             buf = torch.zeros(v.shape[0] + 1, 2 * v.shape[1] + 3, *v.shape[2:],
                               dtype=v.dtype, device=device)
             out = buf[1:, 1:2 * v.shape[1] + 1:2]
+        elif kind == "words":    # blocks padded in every dim, 4-byte aligned: the kernels
+            buf = torch.zeros(v.shape[0] + 2, v.shape[1] + 2, v.shape[2] + 1, 20,
+                              dtype=v.dtype, device=device)   # read them as int32 in place
+            out = buf[1:-1, 2:, 1:, :16]
         elif kind == "pad":      # padded in every dim, unit inner stride
             buf = torch.zeros(*(s + 2 for s in v.shape), dtype=v.dtype, device=device)
             out = buf[(slice(1, -1), slice(2, None), *(slice(0, s) for s in v.shape[2:]))]
@@ -188,13 +192,15 @@ def test_every_argument_as_a_strided_view(dtype, device):
         return out
 
     x, w13b, w13s, w2b, w2s, tw, ids = args
-    views = [view_of(x, "trans"), view_of(w13b, "pad"), view_of(w13s, "trans"),
+    views = [view_of(x, "trans"), view_of(w13b, "words"), view_of(w13s, "trans"),
              view_of(w2b, "trans"), view_of(w2s, "pad"), view_of(tw, "cols"),
              view_of(ids, "trans")]
     bviews = [view_of(b13, "cols"), view_of(b2, "trans")]
     xr = torch.zeros(t, 2 * h, dtype=dtype, device=device)[:, h:]       # row-strided x
     xr.copy_(x)
     assert not any(v.is_contiguous() for v in (*views, *bviews, xr))
+    from minikernels.ops.triton.moe_mxfp4 import _as_words
+    assert _as_words(views[1]).data_ptr() == views[1].data_ptr()     # no copy: strides
     with mk.use_backend("triton"):
         kw = {"activation": "swigluoai", "w13_bias": bviews[0], "w2_bias": bviews[1]}
         y = mk.ops.fused_moe_mxfp4(*views, **kw)
