@@ -3,7 +3,7 @@ top-k experts' gated MLPs, weighted and summed: the MLP of Qwen3-MoE, OLMoE, Mix
 Granite-MoE). Backends: reference (ops/reference.py), triton (ops/triton/moe.py).
 Tests: tests/test_moe_op.py.
 
-All four fused ops take ``activation``: the experts' gate activation, "silu" (SwiGLU:
+All five fused ops take ``activation``: the experts' gate activation, "silu" (SwiGLU:
 Qwen3-MoE, OLMoE, Mixtral, ...; the default), "gelu" (erf), "gelu_tanh" (Gemma 4's
 GELU-tanh-gated experts) or "swigluoai" (GPT-OSS's clamped SwiGLU,
 (clamp(up, -limit, limit) + 1) * g * sigmoid(alpha * g) with g = min(gate, limit); the
@@ -33,13 +33,13 @@ Op: ``minikernels::fused_moe_int8``: the same with INT8 experts and one fp32 sca
 output row (W8A16, vLLM's ``use_int8_w8a16`` layout). Backends: reference, triton
 (ops/triton/moe_int8.py). Tests: tests/test_moe_int8_op.py.
 
-The four fused ops take optional per-token LoRA adapters on the experts (``MoELoRA``:
+The five fused ops take optional per-token LoRA adapters on the experts (``MoELoRA``:
 PEFT adapters trained with expert targets on Qwen3-MoE / OLMoE / Mixtral), applied
 inside the MoE computation. Tests: tests/test_moe_lora_op.py.
 
 Op: ``minikernels::moe_align_block_size``: vLLM's MoE alignment step (the (token, slot)
 pairs grouped by expert into block_size tiles, the layout of the fused MoE kernels).
-Backends: reference, triton (ops/triton/moe_align.py; the four fused MoE Triton paths sort
+Backends: reference, triton (ops/triton/moe_align.py; the five fused MoE Triton paths sort
 with it). Tests: tests/test_moe_align_op.py.
 """
 from __future__ import annotations
@@ -60,8 +60,8 @@ from .reference import (MOE_ACTIVATIONS, MOE_NONGATED_ACTIVATIONS, SWIGLUOAI_ALP
 
 
 class MoELoRA(NamedTuple):
-    """Per-token LoRA adapters on the experts of a fused MoE op (all four: dense, int4,
-    fp8, int8 experts), S adapter slots; ranks R13 (gate / up) and R2 (down), each adapter
+    """Per-token LoRA adapters on the experts of a fused MoE op (all five: dense, int4,
+    fp8, int8, MXFP4 experts), S adapter slots; ranks R13 (gate / up) and R2 (down), each adapter
     zero-padded to its slot's rank:
 
     a13         [S, E, R13, H]   x.dtype  lora_A of each expert's gate_proj and up_proj,
@@ -116,7 +116,7 @@ def _op_lora(*tensors: Tensor | None) -> MoELoRA | None:
 
 def _fused_moe_op(name: str
                   ) -> Callable[[Callable[..., Tensor]], torch.library.CustomOpDef]:
-    """``torch.library.custom_op("minikernels::<name>")`` for one of the four fused MoE
+    """``torch.library.custom_op("minikernels::<name>")`` for one of the five fused MoE
     ops, with the fake (meta) kernel they share: out [T, H] like x (contiguous), after the
     checks the real kernel makes of the op's trailing arguments (the six LoRA tensors all
     or none, ``activation`` / ``gated``, ``alpha`` / ``limit``). The decorated function's
@@ -534,8 +534,9 @@ def fused_moe_mxfp4(x: Tensor, w13_blocks: Tensor, w13_scales: Tensor, w2_blocks
     H and I    positive multiples of 32 (one block); I from w2_blocks.
     topk_weights [T, k] fp32; topk_ids [T, k] int32/int64 in [0, E) (repeats count):
                fused_moe's routing contract.
-    Every tensor may be a view with its own strides (blocks whose last dim is strided
-    are copied); T = 0 gives [0, H]. fp32 accumulation; the activated [I] intermediate
+    Every tensor may be a view with its own strides (the kernels read each block's 16
+    bytes as 4 int32 words in place; blocks whose bytes are not contiguous and 4-byte
+    aligned are copied first); T = 0 gives [0, H]. fp32 accumulation; the activated [I] intermediate
     is rounded to x.dtype; the router weight and the k-sum are fp32; out rounded once.
     lora       optional per-token LoRA on the experts, as :func:`fused_moe`
                (:class:`MoELoRA`, dense adapters in x.dtype added to the fp32 results).
