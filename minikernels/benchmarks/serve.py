@@ -205,7 +205,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     e.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32", "auto"],
                    help=_by_device("dtype"))
     e.add_argument("--quantization", default=None,
-                   choices=["int4", "gptq", "awq", "fp8", "fp8_w8a8", "int8"],
+                   choices=["int4", "gptq", "awq", "fp8", "fp8_w8a8", "int8", "mxfp4", "dense"],
                    help="int4 / fp8: RTN-quantize at load (fp8_w8a8: fp8 run W8A8); gptq / "
                         "awq: an int4 checkpoint (default: none)")
     e.add_argument("--device", default=None, help="cuda or cpu (default: cuda if present)")

@@ -35,7 +35,8 @@ _COMMON_KEYS = ("method", "num_speculative_tokens", "disable_by_batch_size")
 _METHOD_KEYS = {"ngram": ("prompt_lookup_min", "prompt_lookup_max"),
                 "draft_model": ("model", "quantization", "revision"),
                 "eagle": ("model", "revision"), "eagle3": ("model", "revision")}
-_QUANTIZATIONS = ("auto", None, "int4", "gptq", "awq", "fp8", "fp8_w8a8", "int8")  # + loader's
+_QUANTIZATIONS = ("auto", None, "int4", "gptq", "awq", "fp8", "fp8_w8a8", "int8", "mxfp4",
+                  "dense")  # + loader's
 
 
 @dataclass(frozen=True)

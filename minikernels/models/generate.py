@@ -221,7 +221,7 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
                         help="weights and activations; auto = the checkpoint's")
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda if present)")
     parser.add_argument("--quantization", default=None,
-                        choices=["int4", "gptq", "awq", "fp8", "fp8_w8a8", "int8"],
+                        choices=["int4", "gptq", "awq", "fp8", "fp8_w8a8", "int8", "mxfp4", "dense"],
                         help="int4 / fp8: RTN-quantize the weights at load; gptq / awq: an "
                              "int4 checkpoint (default: none, or the checkpoint's own)")
     parser.add_argument("--chat", action="store_true",

@@ -115,12 +115,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     eng.add_argument("--dtype", default="bfloat16",
                      choices=["bfloat16", "float16", "float32", "auto"])
     eng.add_argument("--quantization", default=None,
-                     choices=["int4", "gptq", "awq", "fp8", "fp8_w8a8", "int8"],
+                     choices=["int4", "gptq", "awq", "fp8", "fp8_w8a8", "int8", "mxfp4", "dense"],
                      help="int4: RTN-quantize the weights at load; gptq / awq: load an "
                           "int4 checkpoint; fp8: block-wise fp8 weights (RTN at load, or "
                           "an fp8 checkpoint as is), W8A16; fp8_w8a8: the same run W8A8; "
                           "int8: INT8 W8A8 (per-channel RTN at load, or a compressed-tensors "
-                          "int8 checkpoint as is)")
+                          "int8 checkpoint as is); mxfp4 / dense: a GPT-OSS MXFP4 "
+                          "checkpoint's experts kept MXFP4 (its default) or dequantized")
     eng.add_argument("--device", default=None, help="cuda / cpu (default: cuda if present)")
     eng.add_argument("--max-model-len", type=int, default=None)
     eng.add_argument("--block-size", type=int, default=64,
