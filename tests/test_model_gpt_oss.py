@@ -322,6 +322,22 @@ def test_mxfp4_dequantize_equals_transformers():
     assert one[:3].tolist() == [1.0, 2.0, 0.0]     # low nibble first, times 2 ** (128 - 127)
 
 
+def test_load_weights_on_native_mxfp4_experts(mxfp4_dirs):
+    """RL weight sync into a model with native MXFP4 experts: the dense tensors load, a
+    dense expert tensor is refused by name before anything is copied."""
+    from minikernels.models.weight_update import load_weights
+
+    hf, mx, _ = mxfp4_dirs
+    model = load_model(mx, dtype="float32", device="cpu")
+    state = hf.state_dict()
+    before = model.layers[0].mlp.experts.w13_blocks.clone()
+    with pytest.raises(ValueError, match=r"layers\.0\.mlp\.experts\.gate_up_proj.*mxfp4"):
+        load_weights(model, state)
+    assert torch.equal(model.layers[0].mlp.experts.w13_blocks, before)
+    dense = {k: v for k, v in state.items() if ".experts." not in k}
+    assert load_weights(model, dense) == len(dense)
+
+
 def test_mxfp4_and_config_refusals(mxfp4_dirs, tmp_path):
     """An MXFP4 blocks tensor without its scales; mxfp4 on another family; GPT-OSS with
     another quant_method; config fields this decoder cannot serve - each named."""

@@ -131,7 +131,8 @@ def _load_one(model: CausalLM, modules: dict[str, Any], params: dict[str, Tensor
     try:
         if isinstance(mod, FusedExperts):
             if mod.w13 is None:
-                raise ValueError("the experts are quantized (int4 / fp8 / int8)")
+                raise ValueError("the experts are quantized (int4 / fp8 / int8 / mxfp4): "
+                                 "load_weights updates dense experts only")
             if copy:
                 _load_experts(mod, mod_name, shard, kind, tensor, name)
             else:
