@@ -617,8 +617,8 @@ def test_int4_on_load_errors_name_the_tensor(hf_dirs, tmp_path):
 @pytest.mark.parametrize(("name", "params"), [
     # the published parameter counts (tied embeddings counted once)
     ("gpt2", 124_439_808), ("opt-125m", 125_239_296), ("pythia-160m", 162_322_944),
-    ("bloom-560m", 559_214_592)])
-def test_builtin_older_families_have_their_published_sizes(name, params):
+    ("bloom-560m", 559_214_592), ("gpt-oss-20b", 20_914_757_184)])
+def test_builtins_from_published_configs_have_their_published_sizes(name, params):
     """The built-ins read from published config.json files build models with exactly the
     published parameter counts (every bias, norm and position table present; on meta)."""
     from minikernels.models.config import builtin_config

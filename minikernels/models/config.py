@@ -2455,6 +2455,22 @@ _PUBLISHED_CONFIGS: dict[str, dict[str, Any]] = {
     "bloom-560m": dict(architectures=["BloomForCausalLM"], hidden_size=1024, n_head=16,
                        n_layer=24, vocab_size=250880, layer_norm_epsilon=1e-5,
                        bos_token_id=1, eos_token_id=2),
+    # GPT-OSS 20B: 24 layers alternating a 128-token sliding window and full attention,
+    # 32 biased swigluoai experts (top 4), sinks, YaRN. 20.9B parameters (3.6B active);
+    # a built-in's experts are dense (bf16: ~42 GB), a checkpoint's stay MXFP4.
+    "gpt-oss-20b": dict(architectures=["GptOssForCausalLM"], hidden_size=2880,
+                        intermediate_size=2880, num_hidden_layers=24, num_attention_heads=64,
+                        num_key_value_heads=8, head_dim=64, num_local_experts=32,
+                        num_experts_per_tok=4, vocab_size=201088, rms_norm_eps=1e-5,
+                        rope_theta=150000, rope_scaling={
+                            "rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0,
+                            "beta_slow": 1.0, "truncate": False,
+                            "original_max_position_embeddings": 4096},
+                        sliding_window=128,
+                        layer_types=["sliding_attention", "full_attention"] * 12,
+                        max_position_embeddings=131072, tie_word_embeddings=False,
+                        attention_bias=True, swiglu_limit=7.0, eos_token_id=200002,
+                        pad_token_id=199999),
 }
 BUILTIN_CONFIGS.update({name: DecoderConfig.from_hf(hf).to_dict()
                         for name, hf in _PUBLISHED_CONFIGS.items()})
