@@ -8,7 +8,12 @@
 from __future__ import annotations
 
 import os
+import shutil
+import signal
+import subprocess
 import sys
+import tempfile
+import time
 
 import pytest
 
@@ -20,6 +25,10 @@ HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+# Tensor-parallel workers (the library's launches and tests' spawn_ranks) fork from one
+# forkserver that imported torch and minikernels once, instead of importing them afresh
+# in each spawned process (~4 s a worker here); the default, spawn, is tested explicitly.
+os.environ.setdefault("MK_WORKER_MULTIPROC_METHOD", "forkserver")
 
 
 def _patch_old_interpreter_index() -> None:
@@ -86,50 +95,114 @@ def _poison_outputs_and_check_state():
 
 
 # ---------------------------------------------------------------- AOT compile, overlapped
-# tests/test_aot_compile.py compiles every Triton kernel family for sm_80 / sm_90a: a
-# pairwise covering subset of the registered configurations by default (~810 compiles of
-# ~1950, aot.covering_subset), every configuration with MK_AOT_ALL=1. Most other tests
-# keep one core busy, so the compile runs in a background process from the end of
-# collection on, at a lower priority, and the AOT tests are moved to the end of the run,
-# where they read its results (their fixture waits for it).
-AOT_ALL = os.environ.get("MK_AOT_ALL", "0") not in ("", "0")
+# tests/test_aot_compile.py compiles every Triton kernel family for sm_80 / sm_90a. Which
+# of the registered configurations (MK_AOT): "values" (default: every configuration value
+# compiled at least once, ~390 builds, aot.covering_subset strength 1), "pairs" (every
+# pair of values, ~850) or "all" (~2080; also MK_AOT_ALL=1). The compile runs once, in a
+# background process (niced) started when collection ends, so it overlaps the other
+# tests; the AOT tests are moved to the end of the run, where they read its results
+# (their fixture waits for it). Under pytest-xdist (-n N) the controller starts it, once,
+# when the first worker has collected, and every worker reads the same result files.
+AOT_SUBSET = os.environ.get("MK_AOT") or (
+    "all" if os.environ.get("MK_AOT_ALL", "0") not in ("", "0") else "values")
+if AOT_SUBSET not in ("values", "pairs", "all"):
+    raise pytest.UsageError(f"MK_AOT must be values, pairs or all, got {AOT_SUBSET!r}")
 AOT_TEST_FILE = "test_aot_compile.py"
+AOT_COMPILE_TEST = AOT_TEST_FILE + "::test_compiles_without_spills"
+
+
+def _is_xdist_worker(config: pytest.Config) -> bool:
+    return hasattr(config, "workerinput")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if _is_xdist_worker(config):
+        # Two workers share two cores: one intra-op thread each keeps them off each other.
+        torch.set_num_threads(1)
 
 
 def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config,
                                   items: list) -> None:
     aot = [it for it in items if it.fspath.basename == AOT_TEST_FILE]
-    if not aot or os.environ.get("MK_AOT_INLINE"):
+    if not aot:
         return
     items[:] = [it for it in items if it.fspath.basename != AOT_TEST_FILE] + aot
+    if os.environ.get("MK_AOT_INLINE") or _is_xdist_worker(config):
+        return
     if any("aot_results" in getattr(it, "fixturenames", ()) for it in aot):
-        config._mk_aot = start_aot_compile()
+        config._mk_aot_dir = tempfile.mkdtemp(prefix="mk-aot-")
+        config._mk_aot = start_aot_compile(config._mk_aot_dir)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_configure_node(node) -> None:
+    """xdist controller: every worker learns where the one AOT compile writes."""
+    config = node.config
+    if not hasattr(config, "_mk_aot_dir"):
+        config._mk_aot_dir = tempfile.mkdtemp(prefix="mk-aot-")
+    node.workerinput["mk_aot_dir"] = config._mk_aot_dir
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_node_collection_finished(node, ids: list) -> None:
+    """xdist controller: start the compile once a worker has collected the AOT tests."""
+    config = node.config
+    if getattr(config, "_mk_aot", None) is None and not os.environ.get("MK_AOT_INLINE") \
+            and any(AOT_COMPILE_TEST in i for i in ids):
+        config._mk_aot = start_aot_compile(config._mk_aot_dir)
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
-    """A run that ended early leaves no compile behind."""
+    """A run that ended early leaves no compile behind; the result files go too."""
     started = getattr(config, "_mk_aot", None)
-    if started is not None and started[0].poll() is None:
-        started[0].kill()
+    if started is not None and started.poll() is None:
+        os.killpg(started.pid, signal.SIGKILL)
+    out_dir = getattr(config, "_mk_aot_dir", None)
+    if out_dir is not None:
+        shutil.rmtree(out_dir, ignore_errors=True)
 
 
-def start_aot_compile() -> tuple:
-    """Start ``python -m minikernels.ops.triton.aot --json OUT [--covering]`` in the
-    background (niced, TRITON_INTERPRET unset) -> (process, output path, log path)."""
-    import subprocess
-    import tempfile
+def aot_paths(out_dir: str) -> tuple[str, str, str]:
+    """(results JSON, log, exit-status file) of the AOT compile writing into out_dir."""
+    return tuple(os.path.join(out_dir, n) for n in ("aot.json", "aot.log", "aot.rc"))
 
-    out_dir = tempfile.mkdtemp(prefix="mk-aot-")
-    out, log = os.path.join(out_dir, "aot.json"), os.path.join(out_dir, "aot.log")
+
+def start_aot_compile(out_dir: str) -> subprocess.Popen:
+    """Start ``python -m minikernels.ops.triton.aot --json OUT [--covering N]`` in the
+    background (niced, TRITON_INTERPRET unset, its own process group); when it ends, its
+    exit status is written to the ``aot.rc`` file (aot_paths), which readers wait for."""
+    out, log, rc = aot_paths(out_dir)
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     cmd = [sys.executable, "-m", "minikernels.ops.triton.aot", "--json", out]
-    if not AOT_ALL:
-        cmd.append("--covering")
-    with open(log, "w") as f:
-        proc = subprocess.Popen(cmd, env=env, stdout=f, stderr=subprocess.STDOUT,
-                                preexec_fn=(lambda: os.nice(10)) if hasattr(os, "nice")
-                                else None)
-    return proc, out, log
+    if AOT_SUBSET != "all":
+        cmd += ["--covering", "1" if AOT_SUBSET == "values" else "2"]
+    script = '"$@" > "$MK_AOT_LOG" 2>&1; echo $? > "$MK_AOT_RC.tmp"; mv "$MK_AOT_RC.tmp" "$MK_AOT_RC"'
+    env.update(MK_AOT_LOG=log, MK_AOT_RC=rc)
+    return subprocess.Popen(["sh", "-c", script, "sh", *cmd], env=env, start_new_session=True,
+                            preexec_fn=(lambda: os.nice(10)) if hasattr(os, "nice") else None)
+
+
+def wait_for_aot_compile(config: pytest.Config, timeout_s: float = 1800) -> str:
+    """Wait for the background AOT compile (starting it here when nothing did: a run of
+    the AOT tests alone with MK_AOT_INLINE=1) -> the results JSON's path. Fails the
+    calling test when the compile failed or ran past timeout_s."""
+    if _is_xdist_worker(config) and not os.environ.get("MK_AOT_INLINE"):
+        out_dir = config.workerinput["mk_aot_dir"]
+    else:
+        if getattr(config, "_mk_aot", None) is None:
+            config._mk_aot_dir = tempfile.mkdtemp(prefix="mk-aot-")
+            config._mk_aot = start_aot_compile(config._mk_aot_dir)
+        out_dir = config._mk_aot_dir
+    out, log, rc = aot_paths(out_dir)
+    deadline = time.monotonic() + timeout_s
+    while not os.path.exists(rc):
+        if time.monotonic() > deadline:
+            pytest.fail(f"AOT compile run did not finish in {timeout_s:.0f} s")
+        time.sleep(1.0)
+    if not os.path.exists(out):
+        with open(log) as f:
+            pytest.fail(f"AOT compile run failed:\n{f.read()[-6000:]}")
+    return out
 
 
 def kernel_backends() -> list:

@@ -118,3 +118,26 @@ def bench_serve_llm_kwargs(argv: list[str]) -> dict[str, Any]:
     with mock.patch.object(llm_engine, "LLM", fake_llm), pytest.raises(Stop):
         main(["bench", "serve", *argv])
     return seen
+
+
+def _rank_with_environment(rank: int, target: Any, environ: dict, *args: Any) -> None:
+    from minikernels.distributed.launch import run_with_environment
+
+    run_with_environment(target, environ, rank, *args)
+
+
+def spawn_ranks(target: Any, args: tuple, nprocs: int) -> None:
+    """``torch.multiprocessing.spawn(target, args, nprocs)`` through the library's worker
+    start method (MK_WORKER_MULTIPROC_METHOD; conftest.py picks the forkserver, which
+    imports torch and minikernels once for the whole run): each rank runs
+    ``target(rank, *args)`` with this process's current environment; join, and raise
+    when a rank failed."""
+    import os
+
+    import torch.multiprocessing as mp
+
+    from minikernels.distributed.launch import worker_context
+
+    method = worker_context().get_start_method()
+    mp.start_processes(_rank_with_environment, args=(target, dict(os.environ), *args),
+                       nprocs=nprocs, join=True, start_method=method)

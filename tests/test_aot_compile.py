@@ -7,28 +7,29 @@ session sets), through ``python -m minikernels.ops.triton.aot``: started by conf
 when collection ends, in the background (it overlaps the other tests), and read here,
 at the end of the run.
 
-Which configurations: a pairwise covering subset of each kernel family's registered specs
-(``aot.covering_subset``: every configuration value, and every pair of values that occur
-together, is compiled in some spec; ~40% of the builds), or every spec with MK_AOT_ALL=1
-(about 15 CPU minutes; run it after changing a kernel's tiles or the registry, and
-before a GPU run: ``MK_AOT_ALL=1 pytest tests/test_aot_compile.py``).
+Which configurations (MK_AOT, conftest.py): by default a covering subset of each kernel
+family's registered specs that compiles every configuration value at least once (each
+dtype, tile size, flag and its absence, arch: ``aot.covering_subset`` strength 1, ~20% of
+the builds); ``MK_AOT=pairs`` compiles every pair of values that occur together (~40%),
+``MK_AOT=all`` (or ``MK_AOT_ALL=1``) every spec, about 45 CPU minutes: run it after
+changing a kernel's tiles or the registry, and before a GPU run:
+``MK_AOT=all pytest tests/test_aot_compile.py``.
 """
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 
 import pytest
 
 pytest.importorskip("triton")
 
-from conftest import AOT_ALL  # noqa: E402
+from conftest import AOT_SUBSET  # noqa: E402
 from minikernels.ops.triton.aot import covering_subset, family_elements  # noqa: E402
 from minikernels.ops.triton.registry import KernelSpec, all_kernels  # noqa: E402
 
 ALL_SPECS = all_kernels()
-SPECS = ALL_SPECS if AOT_ALL else covering_subset(ALL_SPECS)
+SPECS = ALL_SPECS if AOT_SUBSET == "all" else \
+    covering_subset(ALL_SPECS, 1 if AOT_SUBSET == "values" else 2)
 NAMES = [s.name for s in SPECS]
 CASES = [(s.name, arch) for s in SPECS for arch in ("sm_80", "sm_90a")
          if {"sm_80": 80, "sm_90a": 90}[arch] in s.archs]
@@ -36,23 +37,10 @@ CASES = [(s.name, arch) for s in SPECS for arch in ("sm_80", "sm_90a")
 
 @pytest.fixture(scope="session")
 def aot_results(request) -> dict[tuple[str, str], dict]:
-    """Every spec's compile result. conftest.py started the compile in the background
-    when collection ended (so it overlaps the other tests); without it (MK_AOT_INLINE=1)
-    it runs here."""
-    started = getattr(request.config, "_mk_aot", None)
-    if started is None:
-        from conftest import start_aot_compile
-        started = start_aot_compile()
-    proc, out, log = started
-    try:
-        proc.wait(timeout=1800)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        pytest.fail("AOT compile run did not finish in 30 minutes")
-    if not os.path.exists(out):
-        with open(log) as f:
-            pytest.fail(f"AOT compile run failed:\n{f.read()[-6000:]}")
-    with open(out) as f:
+    """Every spec's compile result, from the background compile conftest.py started when
+    collection ended (it overlaps the other tests; conftest.wait_for_aot_compile)."""
+    from conftest import wait_for_aot_compile
+    with open(wait_for_aot_compile(request.config)) as f:
         return {(r["name"], r["arch"]): r for r in json.load(f)}
 
 
@@ -62,21 +50,40 @@ def test_registry_is_populated():
     assert families == {s.name.split("[")[0] for s in ALL_SPECS}, "a kernel family is not compiled"
 
 
-def test_covering_subset_covers_every_value_and_pair():
-    """In every family, each configuration value and each pair of values that occur
-    together in a registered spec occur together in a compiled one, and each kernel
+@pytest.mark.parametrize("strength", [1, 2])
+def test_covering_subset_covers_every_value_and_pair(strength: int):
+    """In every family, each configuration value (and with strength 2 each pair of values
+    that occur together in a registered spec) occurs in a compiled spec, and each kernel
     function is compiled."""
-    chosen = {s.name for s in covering_subset(ALL_SPECS)}
+    chosen = {s.name for s in covering_subset(ALL_SPECS, strength)}
     assert len(chosen) < len(ALL_SPECS)
     assert {s.fn for s in ALL_SPECS if s.name in chosen} == {s.fn for s in ALL_SPECS}
     families: dict = {}
     for s in ALL_SPECS:
         families.setdefault((s.name.split("[")[0], s.fn), []).append(s)
     for (family, _), members in families.items():
-        covers = family_elements(members)
+        covers = family_elements(members, strength)
+        if strength == 2:
+            assert all(any(len(e) == 2 for e in c) for c in covers if len(c) > 1)
         want = set().union(*covers)
         got = set().union(*(c for s, c in zip(members, covers) if s.name in chosen))
         assert want <= got, f"{family}: {sorted(want - got)[:5]} not compiled"
+
+
+@pytest.mark.parametrize(("name", "arch"), CASES, ids=[f"{n}-{a}" for n, a in CASES])
+def test_compiles_without_spills(aot_results, name: str, arch: str):
+    r = aot_results[(name, arch)]
+    assert "error" not in r, r["error"]
+    assert r["ptx_target"], f"PTX not built for {arch}"
+    usage = r.get("usage")
+    if usage is not None:
+        assert usage.get("STACK", 0) == 0 and usage.get("LOCAL", 0) == 0, \
+            f"{name} spills registers on {arch}: {usage}"
+    if r["tensor_core"]:
+        if arch == "sm_90a" and r["wgmma_expected"]:
+            assert r["wgmma"], f"{name}: no wgmma in sm_90a PTX"
+        if arch == "sm_80":
+            assert r["mma_sync"], f"{name}: no mma.sync in sm_80 PTX"
 
 
 def test_covering_subset_on_a_known_family():
@@ -98,3 +105,13 @@ def test_covering_subset_on_a_known_family():
         assert sum(f"BM={m}" in n for n in names) == 2
     assert chosen == [s for s in specs + [other] if s in chosen], "registry order is kept"
     assert [s.name for s in covering_subset(specs)] == names[:-1], "deterministic"
+    # strength 1: three specs hold every value (each tile once; both dtypes, the flag
+    # and its absence among them)
+    values = [s.name for s in covering_subset(specs, 1)]
+    assert len(values) == 3 and all(sum(f"BM={m}" in n for n in values) == 1
+                                    for m in (16, 32, 64))
+    for part in ("fp16", "bf16"):
+        assert any(part in n for n in values)
+    assert any("lora" in n for n in values) and any("lora" not in n for n in values)
+    with pytest.raises(ValueError, match="strength"):
+        covering_subset(specs, 3)

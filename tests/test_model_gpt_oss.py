@@ -445,14 +445,14 @@ def test_tensor_parallel_tp2_equals_tp1(dense, mxfp4_dirs, tmp_path):
     its heads' sinks, its I/P slice of every expert and of the w13 bias, the w2 bias on
     rank 0; dense and RTN int4 (group 32 divides each rank's I = 32), and the MXFP4
     checkpoint read by slices; logits equal TP=1 (cache-less and paged)."""
-    import torch.multiprocessing as mp
+    from helpers import spawn_ranks
     from test_tensor_parallel import _free_port, _logits, _rank_main, check_logits
 
     _, path = dense
     _, mx, _ = mxfp4_dirs
     dirs, qdirs = {"gpt_oss": path}, {"gpt_oss-mxfp4": mx}
-    mp.spawn(_rank_main, args=(2, _free_port(), dirs, str(tmp_path), qdirs, (None, "int4"),
-                               32), nprocs=2, join=True)
+    spawn_ranks(_rank_main, (2, _free_port(), dirs, str(tmp_path), qdirs, (None, "int4"), 32),
+                2)
     ranks = [torch.load(os.path.join(tmp_path, f"rank{r}.pt")) for r in range(2)]
     ref = _logits(load_model(mx, dtype="float32", device="cpu"))
     for res in ranks:

@@ -19,7 +19,7 @@ import os
 
 import pytest
 import torch
-import torch.multiprocessing as mp
+from helpers import spawn_ranks
 from quantized_checkpoints import quantize_checkpoint
 from safetensors.torch import load_file, save_file
 from test_model_support import make_hf_model, rel_err, save_hf
@@ -134,8 +134,7 @@ def test_quantized_hybrid_equals_dequantized_dense(qdirs, case):
 
 def test_quantized_hybrid_tp2_equals_tp1(qdirs, tmp_path):
     dirs = {name: q for name, (q, _) in qdirs.items()}
-    mp.spawn(_rank_main, args=(2, _free_port(), {}, str(tmp_path), dirs), nprocs=2,
-             join=True)
+    spawn_ranks(_rank_main, (2, _free_port(), {}, str(tmp_path), dirs), 2)
     ranks = [torch.load(os.path.join(tmp_path, f"rank{r}.pt")) for r in range(2)]
     for name, path in dirs.items():
         ref = _logits(_load(path))

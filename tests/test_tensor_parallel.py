@@ -10,7 +10,7 @@ import os
 
 import pytest
 import torch
-import torch.multiprocessing as mp
+from helpers import spawn_ranks
 from test_model_support import make_hf_model, random_tokens, rel_err, run_schedule, save_hf
 
 from minikernels.models import AttentionMetadata, load_model
@@ -191,8 +191,7 @@ CKPT_TOL = {"int8": 1e-2}
 
 
 def test_tp2_logits_equal_tp1(tp_dirs, quant_dirs, tmp_path):
-    mp.spawn(_rank_main, args=(2, _free_port(), tp_dirs, str(tmp_path), quant_dirs), nprocs=2,
-             join=True)
+    spawn_ranks(_rank_main, (2, _free_port(), tp_dirs, str(tmp_path), quant_dirs), 2)
     ranks = [torch.load(os.path.join(tmp_path, f"rank{r}.pt")) for r in range(2)]
     for name, path in quant_dirs.items():
         ref = _logits(load_model(path, dtype="float32", device="cpu"))
@@ -255,11 +254,15 @@ def test_shard_math_without_processes():
                    tensor_parallel=TensorParallel(0, 3))
 
 
-def test_llm_generate_tp2_token_identical(tp_dirs):
+def test_llm_generate_tp2_token_identical(tp_dirs, monkeypatch):
     """LLM(tensor_parallel_size=2): the scheduler here (rank 0), one spawned worker; greedy
-    tokens equal TP=1 through chunked prefill, prefix caching and batched decode."""
+    tokens equal TP=1 through chunked prefill, prefix caching and batched decode. The
+    worker starts with "spawn", the library's default (the suite's other launches fork
+    from a forkserver: conftest.py)."""
     import minikernels as mk
     from minikernels.distributed import TensorParallelModel
+
+    monkeypatch.setenv("MK_WORKER_MULTIPROC_METHOD", "spawn")
 
     path = tp_dirs["qwen2-tied-kv1"]
     prompts = [random_tokens(n, 300, 10 + n) for n in (5, 23, 12)]
@@ -279,6 +282,18 @@ def test_llm_generate_tp2_token_identical(tp_dirs):
     assert not torch.distributed.is_initialized()
     with pytest.raises(RuntimeError, match="stopped"):
         model(torch.zeros(1, dtype=torch.int64), AttentionMetadata.for_prompts([1]))
+
+
+def test_worker_start_method_is_checked(monkeypatch):
+    from minikernels.distributed.launch import worker_context, worker_start_method
+
+    monkeypatch.delenv("MK_WORKER_MULTIPROC_METHOD", raising=False)
+    assert worker_start_method() == "spawn"
+    monkeypatch.setenv("MK_WORKER_MULTIPROC_METHOD", "forkserver")
+    assert worker_context().get_start_method() == "forkserver"
+    monkeypatch.setenv("MK_WORKER_MULTIPROC_METHOD", "fork")
+    with pytest.raises(ValueError, match="MK_WORKER_MULTIPROC_METHOD.*'fork'"):
+        worker_context()
 
 
 def test_speculative_decoding_tp2_token_identical(tp_dirs):
@@ -368,7 +383,7 @@ def test_serve_flag_reaches_the_engine_kwargs():
 def test_bench_serve_flag_reaches_the_llm():
     """``bench serve --tensor-parallel-size 2`` builds its LLM with it (a real TP=2 bench
     run on CPU works too but takes ~20 s: see docs/parallel.md)."""
-    from helpers import bench_serve_llm_kwargs
+    from helpers import bench_serve_llm_kwargs, spawn_ranks
 
     seen = bench_serve_llm_kwargs(["--model", "tiny", "-tp", "2", "--no-save"])
     assert seen["tensor_parallel_size"] == 2 and seen["model"] == "tiny"

@@ -11,7 +11,7 @@ import os
 
 import pytest
 import torch
-import torch.multiprocessing as mp
+from helpers import spawn_ranks
 from test_model_support import make_hf_model, save_hf
 from test_tensor_parallel import GROUP, QUANT, _free_port, _rank_main, check_logits
 
@@ -77,8 +77,7 @@ def hybrid_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
 
 
 def test_hybrid_tp2_logits_equal_tp1(hybrid_dirs, tmp_path):
-    mp.spawn(_rank_main, args=(2, _free_port(), hybrid_dirs, str(tmp_path), {}), nprocs=2,
-             join=True)
+    spawn_ranks(_rank_main, (2, _free_port(), hybrid_dirs, str(tmp_path), {}), 2)
     ranks = [torch.load(os.path.join(tmp_path, f"rank{r}.pt")) for r in range(2)]
     # Gemma 4's tiny model is ill-conditioned (int4 itself moves its logits by ~100%:
     # softcap, per-layer inputs, K = V): the fp16 partial sums' rounding grows to ~1.5%

@@ -13,7 +13,7 @@ import os
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from helpers import spawn_ranks
 from test_model_support import make_hf_model, random_tokens, save_hf
 from test_tensor_parallel import _rank_main, check_logits
 
@@ -42,8 +42,8 @@ def tp4_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
 def test_tp4_logits_equal_tp1(tp4_dirs, tmp_path):
     from minikernels.distributed import free_port
 
-    mp.spawn(_rank_main, args=(4, free_port(), tp4_dirs, str(tmp_path), {}, (None, "int4"),
-                               GROUP4), nprocs=4, join=True)
+    spawn_ranks(_rank_main, (4, free_port(), tp4_dirs, str(tmp_path), {}, (None, "int4"),
+                             GROUP4), 4)
     ranks = [torch.load(os.path.join(tmp_path, f"rank{r}.pt")) for r in range(4)]
     check_logits(ranks, tp4_dirs, (None, "int4"), GROUP4)
 

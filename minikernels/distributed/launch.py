@@ -1,5 +1,11 @@
 """Start tensor-parallel workers on this machine (torch.multiprocessing, spawn).
 
+Workers start with ``spawn`` by default. ``MK_WORKER_MULTIPROC_METHOD=forkserver`` (as
+vLLM's VLLM_WORKER_MULTIPROC_METHOD) forks them from a server process that imported torch
+and minikernels once, so every launch after the first skips that import (~2-4 s a worker
+on a CPU; the test suite uses it). Either way a worker runs with the launching process's
+environment as it was at the launch (:func:`worker_context`, :func:`run_with_environment`).
+
 One launch holds ``dp`` tensor-parallel groups of ``tp`` ranks each (``dp = 1``: plain
 tensor parallel; ``dp > 1``: data parallel x tensor parallel in one server). This process
 is global rank 0 and rank 0 of *every* group (it runs each replica's engine); the workers
@@ -51,6 +57,41 @@ def init_process_group(rank: int, world_size: int, port: int, device_type: str,
     dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=world_size, timeout=timedelta(seconds=timeout_s))
     return TensorParallel(rank, world_size, None)
+
+
+#: Worker start methods (MK_WORKER_MULTIPROC_METHOD); "spawn" is the default.
+WORKER_START_METHODS = ("spawn", "forkserver")
+#: What a forkserver imports once, before it forks any worker.
+FORKSERVER_PRELOAD = ["torch", "minikernels.distributed.launch", "minikernels.models.loader"]
+
+
+def worker_start_method() -> str:
+    """MK_WORKER_MULTIPROC_METHOD: "spawn" (default) or "forkserver"."""
+    method = os.environ.get("MK_WORKER_MULTIPROC_METHOD", "") or "spawn"
+    if method not in WORKER_START_METHODS:
+        raise ValueError(f"MK_WORKER_MULTIPROC_METHOD must be one of "
+                         f"{', '.join(WORKER_START_METHODS)}, got {method!r}")
+    return method
+
+
+def worker_context() -> Any:
+    """The multiprocessing context workers start from (:func:`worker_start_method`); a
+    forkserver preloads FORKSERVER_PRELOAD. Start workers through
+    :func:`run_with_environment` so that a forked one sees the current environment (the
+    server's is the one it had when it started)."""
+    method = worker_start_method()
+    ctx = mp.get_context(method)
+    if method == "forkserver":
+        ctx.set_forkserver_preload(FORKSERVER_PRELOAD)
+    return ctx
+
+
+def run_with_environment(target: Any, environ: dict[str, str], *args: Any) -> Any:
+    """Process entry: replace os.environ with ``environ`` (the launcher's, taken at the
+    launch), then ``target(*args)``."""
+    os.environ.clear()
+    os.environ.update(environ)
+    return target(*args)
 
 
 def rank_device(device_type: str, index: int) -> torch.device:
@@ -196,15 +237,17 @@ def launch_tensor_parallel_groups(model: str, tensor_parallel_size: int,
     load_kwargs = dict(load_kwargs, model=model)
     layout = Layout(n, m)
     port = free_port()
-    ctx = mp.get_context("spawn")
+    ctx = worker_context()
     queues = [[ctx.Queue() for _ in range(n - 1)] for _ in range(m)]
     procs: list[list[Any]] = [[] for _ in range(m)]
     launch = _Launch(queues, procs)
     for i in range(m):
         for r in range(1, n):
             g = layout.global_rank(i, r)
-            p = ctx.Process(target=_worker_main, daemon=True, name=f"minikernels-tp{g}",
-                            args=(g, layout, port, dev.type, load_kwargs, queues[i][r - 1]))
+            p = ctx.Process(target=run_with_environment, daemon=True,
+                            name=f"minikernels-tp{g}",
+                            args=(_worker_main, dict(os.environ), g, layout, port, dev.type,
+                                  load_kwargs, queues[i][r - 1]))
             p.start()
             procs[i].append(p)
     try:

@@ -1,16 +1,18 @@
 """Compile every registered Triton kernel ahead of time for sm_80 and sm_90a, no GPU needed.
 
-    python -m minikernels.ops.triton.aot [--json out.json] [--filter NAME] [--covering]
+    python -m minikernels.ops.triton.aot [--json out.json] [--filter NAME] [--covering [1|2]]
 
 Per spec and arch it reports: compile error (if any), whether the PTX targets the right
 arch, whether it contains wgmma / mma.sync, and REG/STACK/LOCAL/SHARED from
 ``cuobjdump -res-usage`` on the cubin (STACK or LOCAL > 0 means register spills).
 Must run with TRITON_INTERPRET unset (the interpreter replaces @triton.jit functions).
 
-By default every registered spec is compiled (~1100 specs, ~2000 builds: about 15 CPU
-minutes). ``--covering`` compiles :func:`covering_subset` instead, a pairwise covering
-array of each kernel family's configurations (about 40% of the builds); the CPU test suite
-uses it, and ``MK_AOT_ALL=1`` makes the suite compile everything.
+By default every registered spec is compiled (~1130 specs, ~2080 builds: about 45 CPU
+minutes at ~1.3 s a build). ``--covering`` compiles :func:`covering_subset` instead: a
+pairwise covering array of each kernel family's configurations (``--covering 2``: ~850
+builds), or one that compiles every configuration value at least once (``--covering 1``:
+~390 builds). The CPU test suite compiles the value covering by default; ``MK_AOT=pairs``
+or ``MK_AOT=all`` (``MK_AOT_ALL=1``) make it compile more.
 """
 from __future__ import annotations
 
@@ -59,23 +61,27 @@ def spec_tags(spec: Any) -> frozenset[str]:
     return frozenset(items | {f"@{ARCHS[a]}" for a in spec.archs})
 
 
-def family_elements(family: list[Any]) -> list[set[tuple[str, ...]]]:
+def family_elements(family: list[Any], strength: int = 2) -> list[set[tuple[str, ...]]]:
     """What each spec of one kernel family covers: its tags (:func:`spec_tags`), "!flag"
     for each flag (a tag without "=") that other specs of the family carry and it lacks, so
-    the plain variant counts as a value too, and every pair of these."""
+    the plain variant counts as a value too, and (strength 2) every pair of these."""
+    if strength not in (1, 2):
+        raise ValueError(f"strength must be 1 (values) or 2 (pairs), got {strength}")
     tags = [spec_tags(spec) for spec in family]
     common = frozenset.intersection(*tags) if tags else frozenset()
     flags = {t for t in frozenset().union(*tags) - common if "=" not in t and t[0] != "@"}
     out = []
     for own in tags:
         values = sorted(own | {f"!{f}" for f in flags - own})
-        out.append({(v,) for v in values} | {(a, b) for k, a in enumerate(values)
-                                             for b in values[k + 1:]})
+        pairs = {(a, b) for k, a in enumerate(values) for b in values[k + 1:]} \
+            if strength == 2 else set()
+        out.append({(v,) for v in values} | pairs)
     return out
 
 
-def covering_subset(specs: list[Any]) -> list[Any]:
-    """A pairwise covering subset of ``specs``, in registry order.
+def covering_subset(specs: list[Any], strength: int = 2) -> list[Any]:
+    """A covering subset of ``specs``, in registry order: pairwise (strength 2) or of
+    every value (strength 1).
 
     Specs are grouped into families (the name before "[" and the @triton.jit function).
     Within a family, every configuration value (:func:`family_elements`: tags and absent
@@ -86,14 +92,17 @@ def covering_subset(specs: list[Any]) -> list[Any]:
     tile), which this keeps; what it drops is the full product (three-way interactions),
     which the full run (no ``--covering``) checks. Greedy set cover: repeatedly take the
     spec that covers the most uncovered values and pairs (ties: the earlier registered).
-    Deterministic: the same registry gives the same subset.
+    Deterministic: the same registry gives the same subset. Strength 1 only asks that
+    every value (each dtype, tile size, flag and its absence, arch) is compiled in some
+    spec: about half the builds of strength 2, for a quick check.
     """
     families: dict[tuple[str, Any], list[int]] = {}
     for i, spec in enumerate(specs):
         families.setdefault((spec.name.split("[")[0], spec.fn), []).append(i)
     chosen: list[int] = []
     for members in families.values():
-        covers = dict(zip(members, family_elements([specs[i] for i in members])))
+        covers = dict(zip(members, family_elements([specs[i] for i in members],
+                                                    strength)))
         uncovered = set().union(*covers.values())
         picked = [members[0]] if not uncovered else []  # a family without tags: its one spec
         while uncovered:
@@ -147,15 +156,17 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", help="write the results here")
     parser.add_argument("--filter", help="only specs whose name contains this")
-    parser.add_argument("--covering", action="store_true",
-                        help="compile a pairwise covering subset (covering_subset), not all")
+    parser.add_argument("--covering", type=int, nargs="?", const=2, choices=(1, 2),
+                        help="compile a covering subset (covering_subset), not all: of "
+                             "every pair of configuration values (2, the default) or of "
+                             "every value (1)")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         print("unset TRITON_INTERPRET to compile kernels ahead of time", file=sys.stderr)
         return 2
     from .registry import all_kernels
 
-    specs = covering_subset(all_kernels()) if args.covering else all_kernels()
+    specs = covering_subset(all_kernels(), args.covering) if args.covering else all_kernels()
     names = [s.name for s in specs if not args.filter or args.filter in s.name]
     results = compile_all(names)
     if args.json:
