@@ -28,7 +28,10 @@ os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 # Tensor-parallel workers (the library's launches and tests' spawn_ranks) fork from one
 # forkserver that imported torch and minikernels once, instead of importing them afresh
 # in each spawned process (~4 s a worker here); the default, spawn, is tested explicitly.
-os.environ.setdefault("MK_WORKER_MULTIPROC_METHOD", "forkserver")
+# CPU only: on a GPU machine the workers keep spawn (a process that may have touched the
+# CUDA driver is not forked from).
+if not HAS_CUDA:
+    os.environ.setdefault("MK_WORKER_MULTIPROC_METHOD", "forkserver")
 
 
 def _patch_old_interpreter_index() -> None:
