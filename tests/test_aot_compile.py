@@ -24,7 +24,8 @@ import pytest
 pytest.importorskip("triton")
 
 from conftest import AOT_SUBSET  # noqa: E402
-from minikernels.ops.triton.aot import covering_subset, family_elements  # noqa: E402
+from minikernels.ops.triton.aot import (  # noqa: E402
+    HOT_PATH_SPECS, covering_subset, family_elements)
 from minikernels.ops.triton.registry import KernelSpec, all_kernels  # noqa: E402
 
 ALL_SPECS = all_kernels()
@@ -68,6 +69,20 @@ def test_covering_subset_covers_every_value_and_pair(strength: int):
         want = set().union(*covers)
         got = set().union(*(c for s, c in zip(members, covers) if s.name in chosen))
         assert want <= got, f"{family}: {sorted(want - got)[:5]} not compiled"
+
+
+@pytest.mark.parametrize("strength", [1, 2])
+def test_hot_path_specs_are_always_compiled(strength: int):
+    """The configurations the GPU run times (aot.HOT_PATH_SPECS) exist and every covering
+    subset compiles them on both archs; tensor-core ones must show wgmma on sm_90a."""
+    by_name = {s.name: s for s in ALL_SPECS}
+    assert set(HOT_PATH_SPECS) <= set(by_name), set(HOT_PATH_SPECS) - set(by_name)
+    chosen = {s.name for s in covering_subset(ALL_SPECS, strength)}
+    assert set(HOT_PATH_SPECS) <= chosen
+    for name in HOT_PATH_SPECS:
+        assert by_name[name].archs == (80, 90), name
+    flash = by_name["flash_attn[bf16,d128,m128n64w8s3,causal]"]
+    assert flash.tensor_core and flash.wgmma_expected
 
 
 @pytest.mark.parametrize(("name", "arch"), CASES, ids=[f"{n}-{a}" for n, a in CASES])
