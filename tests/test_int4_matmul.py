@@ -1,8 +1,6 @@
 """int4_matmul: every kernel vs dequantize-then-matmul on random shapes, errors, opcheck."""
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 from conftest import HAS_CUDA, kernel_backends, requires_cuda
