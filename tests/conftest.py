@@ -86,6 +86,7 @@ def _patch_language_once_per_launch(interpreter) -> None:
     interpreter time). Here a helper call inside a launch that already patched the
     helper's language modules is skipped; every other call runs upstream's code."""
     import inspect
+    import threading
 
     import triton.language as tl
 
@@ -94,7 +95,9 @@ def _patch_language_once_per_launch(interpreter) -> None:
     executor = getattr(interpreter, "GridExecutor", None)
     if upstream is None or scope_type is None or executor is None:
         return
-    launches: list = []  # per launch in progress: the language modules it has patched
+    local = threading.local()  # .launches: per launch in progress in this thread, the
+    # language modules it has patched (per thread, so overlapping launches in two threads
+    # behave as upstream's do)
     modules_of: dict = {}  # jit function -> the language modules its globals hold
 
     def lang_modules(fn) -> frozenset:
@@ -107,6 +110,7 @@ def _patch_language_once_per_launch(interpreter) -> None:
 
     def patch_lang(fn):
         langs = lang_modules(fn)
+        launches = getattr(local, "launches", None)
         if launches and langs <= launches[-1]:
             return scope_type()  # this launch patched them already: nothing to record
         scope = upstream(fn)
@@ -117,6 +121,9 @@ def _patch_language_once_per_launch(interpreter) -> None:
     launch = executor.__call__
 
     def launch_and_track(self, *args, **kwargs):
+        launches = getattr(local, "launches", None)
+        if launches is None:
+            launches = local.launches = []
         launches.append(frozenset())
         try:
             return launch(self, *args, **kwargs)
