@@ -17,7 +17,9 @@
 #             the .so to $OUT/ext/ so a later call can carry it back in (carry: minikernels/_C*.so)
 #   test      the kernels on cuda (every op, every backend vs the reference, strided views,
 #             fp8 KV), the decoder vs transformers and the engine on cuda (graphs on / off,
-#             int4, speculative verification graphs); log -> pytest_cuda.log
+#             int4, speculative verification graphs); log -> pytest_cuda.log, JUnit ->
+#             pytest_cuda.xml; GPU_TEST_WORKERS xdist processes (default 8: the first run
+#             of each kernel is a JIT compile on one core), GPU_TEST_TIMEOUT s per test
 #   testall   the whole suite on cuda (server tests skipped when fastapi/uvicorn/openai are
 #             missing on the machine); log -> pytest_cuda_all.log
 #   sanitize  compute-sanitizer memcheck and racecheck over the CUDA C++ kernels' tests
@@ -54,6 +56,11 @@ CUDA_TESTS=(tests/test_int4_matmul.py tests/test_kv_cache.py tests/test_paged_de
             tests/test_norm_activation_rotary.py tests/test_fp8_kv_cache.py
             tests/test_strided_views.py)
 
+# A stage's cap sends SIGINT to its whole process group: pytest and the benchmarks then
+# write what they have, so the log writers in their pipelines must outlive the signal
+# (`tee -i`; tail with SIGINT ignored) or the summary is lost.
+last_lines() { (trap '' INT; exec tail -n "$1"); }
+
 server_ignores() {
   python - <<'EOF'
 import importlib.util as u
@@ -66,7 +73,8 @@ EOF
 stage_build() {
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
   python -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)" | tee -a "$OUT/gpu.txt"
-  MINIKERNELS_BUILD_CUDA=1 python setup.py build_ext --inplace -j 16 2>&1 | tail -20 | tee "$OUT/build.log"
+  MINIKERNELS_BUILD_CUDA=1 python setup.py build_ext --inplace -j 16 2>&1 | tee -i "$OUT/build.log" \
+    | last_lines 20
   if [ -n "$DEVICE_OUT" ]; then mkdir -p "$DEVICE_OUT/ext" && cp minikernels/_C*.so "$DEVICE_OUT/ext/"; fi
   python -c "import minikernels._C as c; print('extension ok:', [n for n in dir(c) if not n.startswith('_')])"
 }
@@ -95,15 +103,39 @@ GPU_TESTS=("${CUDA_TESTS[@]}" tests/test_flash_attention.py tests/test_op_contra
            tests/test_mamba2_scan_chunked.py tests/test_compat_recurrent.py
            tests/test_selective_scan.py tests/test_compat_selective_scan.py)
 
+# The first run of a kernel specialization on the GPU is a Triton JIT compile (LLVM +
+# ptxas, ~1-2 CPU-s, one core): the test stage is compile-bound, not GPU-bound. The image
+# has pytest-xdist and pytest-timeout, so files are spread over GPU_TEST_WORKERS processes
+# (default 8 of the 16 cores; 0 = one process), each on the one GPU (the GPU tests size
+# their KV pools with num_kv_blocks, so processes do not compete for memory), and a test
+# stuck in a GPU sync past GPU_TEST_TIMEOUT seconds ends its worker (xdist starts another)
+# instead of the stage. Results also go to a JUnit file, which pytest writes when the
+# stage's cap interrupts it too.
+pytest_parallel_args() {
+  python - <<'EOF'
+import importlib.util as u, os
+args = []
+workers = int(os.environ.get("GPU_TEST_WORKERS", "8"))
+if workers > 0 and u.find_spec("xdist") is not None:
+    args += [f"-n {workers}", "--dist loadfile"]
+if u.find_spec("pytest_timeout") is not None:
+    args += [f"--timeout {os.environ.get('GPU_TEST_TIMEOUT', '100')}", "--timeout-method thread"]
+print(" ".join(args))
+EOF
+}
+
 stage_test() {
-  python -m pytest -q -p no:cacheprovider -rfE "${GPU_TESTS[@]}" 2>&1 \
-    | tee "$OUT/pytest_cuda.log" | tail -40
+  # shellcheck disable=SC2046
+  python -m pytest -q -p no:cacheprovider -rfE $(pytest_parallel_args) \
+    --junitxml="$OUT/pytest_cuda.xml" "${GPU_TESTS[@]}" 2>&1 \
+    | tee -i "$OUT/pytest_cuda.log" | last_lines 40
 }
 
 stage_testall() {
   # shellcheck disable=SC2046
-  python -m pytest -q -p no:cacheprovider -rfE $(server_ignores) 2>&1 \
-    | tee "$OUT/pytest_cuda_all.log" | tail -40
+  python -m pytest -q -p no:cacheprovider -rfE $(pytest_parallel_args) \
+    --junitxml="$OUT/pytest_cuda_all.xml" $(server_ignores) 2>&1 \
+    | tee -i "$OUT/pytest_cuda_all.log" | last_lines 40
 }
 
 stage_sanitize() {
@@ -173,7 +205,7 @@ stage_spec() {
   # qwen2.5-0.5b-shaped target, 2-layer hidden-512 draft (same vocabulary), scripted
   # acceptance; results are written after each method, so a cut run keeps its rows.
   timeout 120 python bench/bench_spec_decode.py --timing --device cuda \
-    --result-dir "$OUT/results" 2>&1 | tee "$OUT/spec_decode_timing.log" | tail -25
+    --result-dir "$OUT/results" 2>&1 | tee -i "$OUT/spec_decode_timing.log" | last_lines 25
   local rc=${PIPESTATUS[0]}
   [ "$rc" -eq 0 ] || echo "spec decode timing failed or timed out (rc=$rc)"
 }

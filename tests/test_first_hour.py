@@ -4,6 +4,7 @@ help and flag names."""
 from __future__ import annotations
 
 import fnmatch
+import importlib.util
 import os
 import shutil
 import subprocess
@@ -329,6 +330,39 @@ def test_gpu_validation_commands_still_parse():
         code, out, err = _run_main_in_process(shlex.split(cmd)[1:] + ["--help"])
         assert code in (0, None), (cmd, err[-2000:])
         assert "usage:" in out, cmd
+
+
+def test_gpu_validation_test_stage_lists_real_files_and_parallel_args():
+    """The test stage's files exist (pytest given a missing one runs nothing: exit 4), and
+    its pytest arguments spread the files over GPU_TEST_WORKERS xdist processes with a
+    per-test timeout where the plugins are installed (the image has both), none with
+    GPU_TEST_WORKERS=0."""
+    import re
+
+    script = open(os.path.join(ROOT, "bench", "gpu_validation.sh")).read()
+    code = "\n".join(line.split("#")[0] for line in script.splitlines())
+    for name in ("CUDA_TESTS", "GPU_TESTS"):
+        body = re.search(r"^" + name + r"=\((.*?)\)", code, re.S | re.M)
+        assert body is not None, name
+        files = [w for w in body.group(1).split() if w.startswith("tests/")]
+        assert files, name
+        missing = [f for f in files if not os.path.exists(os.path.join(ROOT, f))]
+        assert not missing, (name, missing)
+    helper = re.search(r"pytest_parallel_args\(\) \{\n  python - <<'EOF'\n(.*?)\nEOF\n",
+                       script, re.S)
+    assert helper is not None, "pytest_parallel_args' python heredoc"
+
+    def args(**env: str) -> list[str]:
+        out = subprocess.run([sys.executable, "-c", helper.group(1)], capture_output=True,
+                             text=True, env={**os.environ, **env}, check=True).stdout
+        return out.split()
+
+    have_xdist = importlib.util.find_spec("xdist") is not None
+    have_timeout = importlib.util.find_spec("pytest_timeout") is not None
+    got = args(GPU_TEST_WORKERS="3", GPU_TEST_TIMEOUT="77")
+    assert (["-n", "3", "--dist", "loadfile"] == got[:4]) == have_xdist, got
+    assert ("77" in got and "thread" in got) == have_timeout, got
+    assert "-n" not in args(GPU_TEST_WORKERS="0")
 
 
 def _run_main_in_process(argv: list[str]) -> tuple:
