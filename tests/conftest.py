@@ -182,6 +182,41 @@ def _skip_dead_overflow_sanitizer(interpreter) -> None:
 
 _speed_up_interpreter()
 
+
+def _dot_out_dtype_as_in_triton_3_6() -> None:
+    """Kernels are held to triton 3.6's ``tl.dot`` (the H200 image's triton): there
+    ``out_dtype`` defaults to fp32 and an accumulator of another type (int32 for int8
+    inputs, fp16) must be named by ``out_dtype``, or the kernel fails to compile; 3.9
+    takes the accumulator's type. Under the interpreter the tests call a ``tl.dot``
+    with 3.6's default, so a kernel leaning on 3.9's leniency fails here, not on the
+    GPU. Interpreter only (compiled code, and the AOT compile, use triton's own)."""
+    if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+        return
+    import functools
+    import inspect
+
+    import triton.language as tl
+    from triton.language import core
+
+    dot = core.dot
+    if getattr(dot, "_mk_fp32_default", False) or \
+            inspect.signature(dot).parameters["out_dtype"].default is not None:
+        return                                   # patched, or already 3.6's default
+
+    @functools.wraps(dot)
+    def dot_fp32_default(input, other, acc=None, input_precision=None, allow_tf32=None,
+                         max_num_imprecise_acc=None, out_dtype=None, _semantic=None):
+        if out_dtype is None:
+            out_dtype = core.float32
+        return dot(input, other, acc, input_precision, allow_tf32, max_num_imprecise_acc,
+                   out_dtype, _semantic=_semantic)
+
+    dot_fp32_default._mk_fp32_default = True
+    core.dot = tl.dot = dot_fp32_default
+
+
+_dot_out_dtype_as_in_triton_3_6()
+
 from hypothesis import HealthCheck, settings  # noqa: E402
 
 settings.register_profile(

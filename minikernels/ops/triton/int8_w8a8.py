@@ -202,7 +202,9 @@ def scaled_mm_kernel(
             k_ok = kt * BLOCK_K + rk < K
             a = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0)
             b = tl.load(b_ptrs, mask=k_ok[:, None], other=0.0)
-        acc = tl.dot(a, b, acc)         # int8: exact int32 accumulation; fp8: fp32
+        # int8: exact int32 accumulation; fp8: fp32. out_dtype names the accumulator's
+        # type: triton 3.6 (the H200 image) defaults it to fp32 and refuses an int32 acc
+        acc = tl.dot(a, b, acc, out_dtype=acc.dtype)
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += BLOCK_K * stride_bk
     if SPLIT == 1:
