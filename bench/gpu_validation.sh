@@ -38,6 +38,9 @@
 #             installed there, `bench_structured --device cuda` -> $OUT/results/
 # The benchmarks live in minikernels/benchmarks/; bench/*.py are thin scripts over them.
 #
+# Wheels: `bash bench/fetch_gpu_wheels.sh` here first and carry [".whl"] (13 MB): the
+# server tests (testall) and `host`'s structured-output rows need them.
+#
 # Results: unpack gpu_results.tar.gz (results/ holds the benchmarks' JSON, md and png; the
 # logs sit beside it) and commit results/* under bench/results/h200/.
 set -uo pipefail
@@ -50,6 +53,18 @@ OUT="$WORK"
 mkdir -p "$OUT/results"
 export PYTHONUNBUFFERED=1 MINIKERNELS_BENCH_OUT="$OUT/results"
 export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0a}"
+# Wheels the image lacks (server, openai client, xgrammar, outlines-core, jsonschema):
+# bench/fetch_gpu_wheels.sh downloads them into .whl before the device call, which
+# carries [".whl"]. On the device they go to /tmp/site once per run (every stage sees
+# them); without them the server tests and the structured-output benchmarks are skipped.
+if [ -n "$DEVICE_OUT" ] && compgen -G ".whl/*.whl" > /dev/null; then
+  if [ ! -e /tmp/site/.mk_wheels ]; then
+    python -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+      --target /tmp/site .whl/*.whl && touch /tmp/site/.mk_wheels \
+      || echo "wheels: install failed (server tests and structured-output benchmarks skip)"
+  fi
+  export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+fi
 
 # The CUDA kernels' tests (cuda backend params and GPU-only checks).
 CUDA_TESTS=(tests/test_int4_matmul.py tests/test_kv_cache.py tests/test_paged_decode.py

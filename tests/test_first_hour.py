@@ -318,7 +318,7 @@ def test_gpu_validation_commands_still_parse():
     commands = []
     for line in re.sub(r"\\\n\s*", " ", script).splitlines():
         line = line.strip()
-        if line.startswith("python ") and "||" in line:
+        if line.startswith("python ") and "||" in line and "-m pip " not in line:
             commands.append(line.split("||")[0].replace('"$OUT', '"/tmp/out').strip())
     assert len(commands) >= 7, commands
     joined = " ".join(commands)
@@ -363,6 +363,52 @@ def test_gpu_validation_test_stage_lists_real_files_and_parallel_args():
     assert (["-n", "3", "--dist", "loadfile"] == got[:4]) == have_xdist, got
     assert ("77" in got and "thread" in got) == have_timeout, got
     assert "-n" not in args(GPU_TEST_WORKERS="0")
+
+
+def test_gpu_wheels_are_closed_under_their_requirements():
+    """bench/fetch_gpu_wheels.sh pins every package the H200 image lacks for the server,
+    the openai client and the structured-output backends: each pinned package's own
+    requirements (markers for the image's python 3.12 on linux, no extras) are pinned
+    too or in the image (IMAGE_HAS). Checked from the metadata of the versions installed
+    here, for the pins that match them (CI may install newer ones)."""
+    import importlib.metadata as md
+    import re
+
+    from packaging.requirements import Requirement
+
+    script = open(os.path.join(ROOT, "bench", "fetch_gpu_wheels.sh")).read()
+    code = "\n".join(line.split("#")[0] for line in script.splitlines())
+
+    def array(name: str) -> list[str]:
+        body = re.search(r"^" + name + r"=\((.*?)\)", code, re.S | re.M)
+        assert body is not None, name
+        return body.group(1).split()
+
+    def norm(name: str) -> str:
+        return re.sub(r"[-_.]+", "-", name).lower()
+
+    pins = dict(w.split("==") for w in array("WHEELS"))
+    assert all(pins.values()), pins
+    known = {norm(n) for n in pins} | {norm(n) for n in array("IMAGE_HAS")}
+    for needed in ("fastapi", "uvicorn", "openai", "xgrammar", "outlines-core", "jsonschema"):
+        assert needed in known, needed
+    env = {"python_version": "3.12", "python_full_version": "3.12.3", "sys_platform": "linux",
+           "platform_system": "Linux", "platform_machine": "x86_64", "os_name": "posix",
+           "implementation_name": "cpython", "platform_python_implementation": "CPython",
+           "extra": ""}
+    checked = 0
+    for name, version in pins.items():
+        try:
+            dist = md.distribution(name)
+        except md.PackageNotFoundError:
+            continue
+        if dist.version != version:
+            continue
+        checked += 1
+        for req in map(Requirement, dist.requires or []):
+            if req.marker is None or req.marker.evaluate(env):
+                assert norm(req.name) in known, f"{name}=={version} needs {req.name}"
+    assert checked or not importlib.util.find_spec("fastapi"), "no pin matches this machine"
 
 
 def _run_main_in_process(argv: list[str]) -> tuple:
