@@ -88,10 +88,22 @@ EOF
 stage_build() {
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
   python -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)" | tee -a "$OUT/gpu.txt"
-  MINIKERNELS_BUILD_CUDA=1 python setup.py build_ext --inplace -j 16 2>&1 | tee -i "$OUT/build.log" \
-    | last_lines 20
+  # pyproject.toml's PEP 639 license fields need setuptools >= 77; an older setuptools
+  # refuses the whole file ("invalid pyproject.toml config: project.license"). The
+  # image's version is not on record: with an older one, build from a copy of the tree
+  # whose license fields are the older table form (the metadata plays no part in it).
+  local src=.
+  if ! python -c "import setuptools, sys; sys.exit(int(setuptools.__version__.split('.')[0]) < 77)"; then
+    src=/tmp/mk_build_src
+    echo "setuptools $(python -c 'import setuptools; print(setuptools.__version__)') < 77: building from $src" | tee -a "$OUT/gpu.txt"
+    rm -rf "$src" && mkdir -p "$src" && cp -r setup.py pyproject.toml MANIFEST.in README.md LICENSE csrc minikernels "$src"/
+    sed -i -e 's/^license = "\(.*\)"$/license = {text = "\1"}/' -e '/^license-files = /d' "$src/pyproject.toml"
+  fi
+  (cd "$src" && MINIKERNELS_BUILD_CUDA=1 python setup.py build_ext --inplace -j 16) 2>&1 \
+    | tee -i "$OUT/build.log" | last_lines 20
+  [ "$src" = . ] || cp "$src"/minikernels/_C*.so minikernels/
   if [ -n "$DEVICE_OUT" ]; then mkdir -p "$DEVICE_OUT/ext" && cp minikernels/_C*.so "$DEVICE_OUT/ext/"; fi
-  python -c "import minikernels._C as c; print('extension ok:', [n for n in dir(c) if not n.startswith('_')])"
+  python -c "import torch, minikernels._C as c; print('extension ok:', [n for n in dir(c) if not n.startswith('_')])"
 }
 
 # The kernels, the decoder and the engine on cuda (the `test` stage).
