@@ -2,6 +2,9 @@
 Skipped without CUDA."""
 from __future__ import annotations
 
+import json
+import re
+
 import pytest
 import torch
 from test_model_support import hf_dirs, hf_logits, random_tokens, rel_err, run_schedule
@@ -369,3 +372,65 @@ def test_hybrid_recurrent_engine_on_cuda(hf_dirs, kind):
         want = lp[len(p) - 1:-1].gather(1, torch.tensor(c.token_ids)[:, None])[:, 0]
         got = torch.tensor([d[t].logprob for t, d in zip(c.token_ids, c.logprobs)])
         assert (got - want).abs().max() <= 0.05
+
+
+def structured_runs(device: str) -> dict:
+    """Constrained requests (JSON schema, regex, choice, an EBNF grammar) beside a free one,
+    through the engine on ``device``: the outlines backend with its automata's states on
+    the device and on the host, and xgrammar, each with overlap on and off. Checks every
+    finished output against its constraint and returns the texts per run."""
+    jsonschema = pytest.importorskip("jsonschema")
+    pytest.importorskip("xgrammar")
+    pytest.importorskip("outlines_core")
+    from test_engine_structured import SCHEMA, _constrained, _texts
+
+    from minikernels import LLM, SamplingParams
+
+    email, grammar = r"[a-z]{3,8}@[a-z]{2,5}\.(com|org)", 'root ::= "x" [0-9]+ "y"'
+    prompts = ["a" * 10, "b" * 12, "c", "d" * 7, "e"]
+    params = [_constrained(max_tokens=80), _constrained(max_tokens=60, regex=email),
+              SamplingParams(temperature=1.0, seed=5, max_tokens=20, ignore_eos=True,
+                             structured_outputs={"choice": ["yes", "no"]}),
+              SamplingParams(temperature=1.0, seed=9, max_tokens=30),
+              _constrained(max_tokens=40, grammar=grammar)]
+    runs, stopped = {}, 0
+    for backend, states in (("outlines", True), ("outlines", False), ("xgrammar", None)):
+        for overlap in (True, False):
+            llm = LLM("tiny", dtype="float32", device=device, block_size=16,
+                      num_kv_blocks=256, max_num_seqs=8, async_scheduling=overlap,
+                      structured_outputs_config={"backend": backend})
+            manager = llm.llm_engine._structured_manager()
+            if backend == "outlines":
+                # the engine's own choice: states on a GPU (no proposer), host on the CPU
+                assert manager.device_states == (device == "cuda")
+                manager.device_states = states
+            outs = llm.generate(prompts, params, use_tqdm=False)
+            llm.llm_engine.check_no_leaks()
+            runs[backend, states, overlap] = _texts(outs)
+            for out, p in zip(outs, params):
+                so = p.structured_outputs
+                for c in out.outputs:
+                    if so is None or c.finish_reason != "stop":
+                        continue
+                    stopped += 1
+                    if so.kind == "json":
+                        jsonschema.validate(json.loads(c.text), SCHEMA)
+                    elif so.kind == "regex":
+                        assert re.fullmatch(email, c.text), c.text
+                    elif so.kind == "choice":
+                        assert c.text in ("yes", "no"), c.text
+                    else:
+                        assert re.fullmatch(r"x[0-9]+y", c.text), c.text
+    assert stopped, "no constrained request finished"
+    return runs
+
+
+def test_gpu_structured_outputs_valid_and_device_automata_equal_host():
+    """Structured outputs with the engine on cuda (decode graphs, the mask and fsm_advance
+    kernels, states on the device, the read-back one step behind): every finished output
+    obeys its constraint, and the outlines backend's outputs are the same with its states
+    on the device or the host, overlap on or off (xgrammar's likewise among its runs)."""
+    runs = structured_runs("cuda")
+    for backend in ("outlines", "xgrammar"):
+        texts = {json.dumps(v) for k, v in runs.items() if k[0] == backend}
+        assert len(texts) == 1, (backend, runs)
