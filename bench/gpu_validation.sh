@@ -5,7 +5,7 @@
 #   bash bench/gpu_validation.sh STAGE [STAGE ...]     (from the repo root, on the GPU machine)
 #
 # `all` runs the stages in order of importance, each under its own time cap (seconds, env
-# CAP_<STAGE> overrides): build 90, test 160, bench 100, serve 95, spec 55, host 30,
+# CAP_<STAGE> overrides): build 75, test 160, bench 100, serve 95, spec 55, host 45,
 # sanitize 30 (560 s at most; give the device call timeout_s=600). Every stage writes into
 # $WORK (default /tmp/gpu_work on the device, ./gpu_out elsewhere), and after each stage
 # the whole of $WORK is packed into $OUT/gpu_results.tar.gz: the device tool returns at
@@ -261,8 +261,8 @@ stage_all() {
   local stage cap rc
   for stage in build test bench serve spec host sanitize; do
     case "$stage" in
-      build) cap=90 ;; test) cap=160 ;; bench) cap=100 ;; serve) cap=95 ;;
-      spec) cap=55 ;; host) cap=30 ;; sanitize) cap=30 ;;
+      build) cap=75 ;; test) cap=160 ;; bench) cap=100 ;; serve) cap=95 ;;
+      spec) cap=55 ;; host) cap=45 ;; sanitize) cap=30 ;;
     esac
     var="CAP_${stage^^}"
     cap="${!var:-$cap}"
