@@ -365,6 +365,42 @@ def test_gpu_validation_test_stage_lists_real_files_and_parallel_args():
     assert "-n" not in args(GPU_TEST_WORKERS="0")
 
 
+def test_gpu_stage_engines_have_fixed_kv_pools():
+    """The test stage runs its files in several processes on one GPU, so an engine that
+    may land on cuda (device not "cpu") in those files sizes its KV pool with
+    num_kv_blocks: a pool sized by gpu_memory_utilization (0.9 of the card) would take
+    the other processes' memory."""
+    import ast
+    import re
+
+    script = open(os.path.join(ROOT, "bench", "gpu_validation.sh")).read()
+    code = "\n".join(line.split("#")[0] for line in script.splitlines())
+    files = set()
+    for name in ("CUDA_TESTS", "GPU_TESTS"):
+        body = re.search(r"^" + name + r"=\((.*?)\)", code, re.S | re.M)
+        files |= {w for w in body.group(1).split() if w.startswith("tests/")}
+    unsized = []
+    for path in sorted(files):
+        tree = ast.parse(open(os.path.join(ROOT, path)).read())
+        for node in ast.walk(tree):
+            if not isinstance(node, ast.Call):
+                continue
+            fn = node.func
+            name = getattr(fn, "id", None) or getattr(fn, "attr", None)
+            if name not in ("LLM", "AsyncLLM", "LLMEngine"):
+                continue
+            if any(isinstance(a, ast.Constant) and not isinstance(a.value, str)
+                   for a in node.args):
+                continue                       # LLM(42): a bad-input test
+            kws = {k.arg: k.value for k in node.keywords}
+            device = kws.get("device")
+            if isinstance(device, ast.Constant) and device.value == "cpu":
+                continue
+            if "num_kv_blocks" not in kws:
+                unsized.append(f"{path}:{node.lineno}")
+    assert not unsized, unsized
+
+
 def test_gpu_wheels_are_closed_under_their_requirements():
     """bench/fetch_gpu_wheels.sh pins every package the H200 image lacks for the server,
     the openai client and the structured-output backends: each pinned package's own

@@ -337,7 +337,9 @@ def test_gpu_hybrid_kv_pools_token_identical():
 def test_hybrid_recurrent_engine_on_cuda(hf_dirs, kind):
     """LFM2 / Qwen3.5 in the engine on cuda: decode-graph replays (state slots in static
     buffers, padding rows -1) give the eager run's tokens, chunked prefill too, and every
-    token's logprob is transformers' (fp32 on the CPU) within half-kernel tolerance."""
+    token's logprob is transformers' (fp32 on the CPU) within half-kernel tolerance.
+    (Fixed KV pools, as in every GPU test: the test stage runs several processes on one
+    GPU, and a pool sized by gpu_memory_utilization would take the others' memory.)"""
     from minikernels import LLM, SamplingParams
 
     hf, path = hf_dirs[kind]
@@ -347,7 +349,7 @@ def test_hybrid_recurrent_engine_on_cuda(hf_dirs, kind):
     for name, kw in (("eager", {"enforce_eager": True}), ("graphs", {}),
                      ("chunked", {"max_num_batched_tokens": 16})):
         llm = LLM(path, dtype="float32", device="cuda", tokenizer=None, block_size=16,
-                  max_num_seqs=8, **kw)
+                  num_kv_blocks=256, max_num_seqs=8, **kw)
         if name == "graphs":
             assert llm.llm_engine.runner.graphs is not None
         runs[name] = [o.outputs[0] for o in llm.generate(prompts, sp, use_tqdm=False)]
@@ -360,7 +362,7 @@ def test_hybrid_recurrent_engine_on_cuda(hf_dirs, kind):
     toks = []
     for spec in (None, {"method": "ngram", "num_speculative_tokens": 3}):
         llm = LLM(path, dtype="float32", device="cuda", tokenizer=None, block_size=16,
-                  max_num_seqs=8, speculative_config=spec)
+                  num_kv_blocks=256, max_num_seqs=8, speculative_config=spec)
         toks.append([o.outputs[0].token_ids for o in llm.generate(rep, greedy,
                                                                   use_tqdm=False)])
         llm.llm_engine.check_no_leaks()
