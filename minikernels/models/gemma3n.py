@@ -22,6 +22,7 @@ their projections rescaled to the embeddings' RMS) and folds them back at the en
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -97,13 +98,23 @@ class Laurel(nn.Module):
         return x + self.post_laurel_norm(self.linear_right(self.linear_left(x)))
 
 
+@functools.lru_cache(maxsize=None)
+def _normal_quantile(sparsity: float, dtype: torch.dtype) -> float:
+    """Phi^-1(sparsity) computed in fp32 and rounded to ``dtype``, as transformers does,
+    as a Python float (exact in fp64): host math, done once per (sparsity, dtype)."""
+    q = torch.distributions.Normal(0.0, 1.0).icdf(torch.tensor(sparsity, dtype=torch.float32))
+    return float(q.to(dtype))
+
+
 def gaussian_topk(gate: Tensor, sparsity: float) -> Tensor:
     """Gemma 3n's activation sparsity: relu(gate - (mean + std * Phi^-1(sparsity))) per
-    row (population std; the quantile rounded to gate's dtype, as transformers does)."""
-    cut = torch.distributions.Normal(0.0, 1.0).icdf(torch.tensor(sparsity)).to(gate.dtype)
+    row (population std; the quantile rounded to gate's dtype, as transformers does).
+    The quantile is a Python scalar: no host tensor is copied to the device, so the
+    forward can be captured in a CUDA graph."""
+    cut = _normal_quantile(float(sparsity), gate.dtype)
     mean = gate.mean(-1, keepdim=True)
     std = gate.std(-1, keepdim=True, unbiased=False)
-    return F.relu(gate - (mean + std * cut.to(gate.device)))
+    return F.relu(gate - (mean + std * cut))
 
 
 class SparseGateMLP(nn.Module):
@@ -121,6 +132,8 @@ class SparseGateMLP(nn.Module):
         self.down_proj = FusedLinear(inter, c.hidden_size, dtype=dtype, device=device,
                                      dense=dense)
         self.sparsity = 0.0 if c.activation_sparsity is None else c.activation_sparsity[layer]
+        if self.sparsity > 0.0:     # the quantile for the weights' dtype, before any capture
+            _normal_quantile(float(self.sparsity), dtype)
         self.approximate = "tanh" if c.activation == "gelu_tanh" else "none"
 
     def forward(self, x: Tensor) -> Tensor:

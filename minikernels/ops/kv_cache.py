@@ -21,8 +21,10 @@ Backends:
                             (csrc/paged_attention.cu, fp16/bf16, GQA group <= 8,
                             D in {64, 128, 256}; opt in with use_backend("cuda"); other
                             inputs, e.g. D = 512, run on Triton even then).
-                            fp32 on a GPU runs the reference (fp32 is for CPU model
-                            tests); on CPU the Triton interpreter runs fp32 too.
+                            fp32 runs on Triton too, with exact fp32 dots (ieee; FMA
+                            units, one pipeline stage): an fp32 engine on a GPU
+                            captures its decode steps in CUDA graphs, which the
+                            reference's host loop over seq_lens could not be.
 
 Split-KV: a sequence's tokens are cut into splits processed by separate programs and
 merged by their LSE. ``num_splits=0`` picks the count from the SM count, batch, kv heads
@@ -156,8 +158,6 @@ def _paged_decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_t
     which = _backend.resolve(
         "paged_decode_attention", q.device,
         cuda_ok=lambda: _cuda_decode_ok(q, k_cache, v_cache, alibi_slopes), prefer_cuda=False)
-    if which != "reference" and q.is_cuda and q.dtype not in HALF_DTYPES:
-        which = "reference"  # GPU kernels: fp16/bf16 q (fp32 runs through the reference)
     if which == "cuda" and (alibi_slopes is not None or not _rows_aligned(k_cache, v_cache)):
         which = "triton"     # the CUDA kernel: no ALiBi, 16-byte vector loads (aligned rows)
     if which == "reference":

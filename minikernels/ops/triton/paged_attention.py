@@ -228,15 +228,24 @@ def _group_pad(group: int) -> int:
 
 
 def _num_warps(head_dim: int, group_pad: int, fp8_kv: bool = False,
-               aligned: bool = True) -> int:
+               aligned: bool = True, fp32: bool = False) -> int:
     # fp8 tiles convert to 16-bit in registers, and unaligned rows load element by element
-    # through registers: at D >= 128 four warps spill (sm_80 / sm_90a, 3 stages)
+    # through registers: at D >= 128 four warps spill (sm_80 / sm_90a, 3 stages); fp32
+    # tiles are twice the registers of 16-bit ones
+    if fp32:
+        return 16 if _d_pad(head_dim) * group_pad >= 128 * 16 else 8
     if (fp8_kv or not aligned) and _d_pad(head_dim) * group_pad >= 128 * 16:
         return 8
     return 8 if head_dim * group_pad >= 256 * 32 else 4
 
 
 NUM_STAGES = 3  # cp.async pipeline depth over KV tiles (~55 KB smem at D=128)
+
+
+def _num_stages(fp32: bool) -> int:
+    """Pipeline depth: fp32 K / V tiles (exact dots on FMA units, for fp32 model tests
+    and checks) take one stage: three would need ~200 KB of shared memory at D=128."""
+    return 1 if fp32 else NUM_STAGES
 
 
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -264,7 +273,8 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     lse_out = _alloc.empty((bsz, hq), torch.float32, q.device)
     if bsz == 0 or hq == 0:
         return out, lse_out
-    prec = "ieee" if q.dtype == torch.float32 else "tf32"
+    fp32 = q.dtype == torch.float32
+    prec = "ieee" if fp32 else "tf32"
     if use_split:
         opart = _alloc.empty((bsz, hq, grid_splits, d), torch.float32, q.device)
         lse = _alloc.empty((bsz, hq, grid_splits), torch.float32, q.device)
@@ -285,7 +295,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         BLOCK_N=bn, SOFTCAP=softcap > 0, SPLIT=use_split, DOT_PRECISION=prec,
         DOT_F32=not q.is_cuda and q.dtype == torch.bfloat16, KV_SCALE=kv_scale,
         SCALE_PER_HEAD=kv_scale and k_scale.numel() > 1, ALIGNED=aligned, HAS_ALIBI=has_alibi,
-        num_warps=_num_warps(d, gp, kv_scale, aligned), num_stages=NUM_STAGES)
+        num_warps=_num_warps(d, gp, kv_scale, aligned, fp32), num_stages=_num_stages(fp32))
     if use_split:
         paged_merge_kernel[(bsz, hq)](
             opart, lse, seq_lens, out, lse_out, window_left, num_splits, split_size,
@@ -312,16 +322,19 @@ def _decode_signature(dt: str, cache_dt: str) -> dict[str, str]:
 
 
 def _register() -> None:
-    # fp32 runs on GPUs through the reference (kv_cache.py); the interpreter runs it here.
-    # (q dtype, cache dtype, archs): fp8 caches are built for sm_90a only.
+    # (q dtype, cache dtype, archs): fp8 caches are built for sm_90a only; fp32 (exact
+    # dots, one stage: what an fp32 engine's decode graphs run) on both archs.
     combos = [("fp16", "fp16", (80, 90)), ("bf16", "bf16", (80, 90)),
-              ("bf16", "fp8e4nv", (90,)), ("fp16", "fp8e4nv", (90,))]
+              ("bf16", "fp8e4nv", (90,)), ("fp16", "fp8e4nv", (90,)),
+              ("fp32", "fp32", (80, 90))]
     shapes = ((4, 128, 16), (8, 128, 16), (1, 64, 16), (4, 256, 16), (7, 128, 32),
               (16, 128, 16), (4, 128, 24), (4, 111, 16), (4, 250, 16),  # 111, 250: unaligned
               (4, 512, 16), (8, 512, 16), (4, 300, 16))  # Gemma 4's full layers; 300 unaligned
+    fp32_shapes = ((4, 128, 16), (8, 128, 16), (1, 64, 16), (4, 256, 16), (4, 111, 16),
+                   (4, 512, 16))
     for dt, cdt, archs in combos:
-        fp8 = cdt != dt
-        for group, d, bs in shapes:
+        fp8, fp32 = cdt != dt, dt == "fp32"
+        for group, d, bs in (fp32_shapes if fp32 else shapes):
             for split, softcap, alibi in ((False, False, False), (True, False, False),
                                       (False, True, False), (True, True, False),
                                       (False, False, True), (True, False, True)):
@@ -341,15 +354,16 @@ def _register() -> None:
                     constexprs={"GROUP": group, "GROUP_PAD": gp, "HEAD_DIM": d,
                                 "D_PAD": _d_pad(d), "BLOCK_SIZE": bs,
                                 "BLOCK_N": block_n(d), "SOFTCAP": softcap,
-                                "SPLIT": split, "DOT_PRECISION": "tf32",
+                                "SPLIT": split,
+                                "DOT_PRECISION": "ieee" if fp32 else "tf32",
                                 "DOT_F32": False, "KV_SCALE": fp8,
                                 "SCALE_PER_HEAD": fp8 and group == 4,
                                 "ALIGNED": d % 8 == 0, "HAS_ALIBI": alibi},
-                    num_warps=_num_warps(d, gp, fp8, d % 8 == 0), num_stages=NUM_STAGES,
-                    tensor_core=True, archs=archs,
+                    num_warps=_num_warps(d, gp, fp8, d % 8 == 0, fp32),
+                    num_stages=_num_stages(fp32), tensor_core=not fp32, archs=archs,
                     # M = GROUP_PAD = 16 rows: Triton may pick mma.sync over wgmma.
                     wgmma_expected=False))
-    for dt in ("fp16", "bf16"):
+    for dt in ("fp16", "bf16", "fp32"):
         for d in (64, 128, 256, 512):
             register(KernelSpec(
                 name=f"paged_merge[{dt},D={d}]", fn=paged_merge_kernel,
