@@ -181,7 +181,8 @@ class Attention(nn.Module):
                                    softmax_scale=c.softmax_scale,
                                    window_left=c.window_left(layer),
                                    softcap=c.attn_logit_softcapping or 0.0,
-                                   alibi_slopes=slopes, sinks=c.attention_sinks)
+                                   alibi_slopes=slopes, sinks=c.attention_sinks,
+                                   device=device)
 
     def forward(self, x: Tensor, meta: AttentionMetadata, kv_cache: KVCache | None,
                 qkv_extra: Tensor | None = None) -> Tensor:

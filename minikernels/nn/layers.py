@@ -213,7 +213,7 @@ class PagedAttention(nn.Module):
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int,
                  softmax_scale: float | None = None, window_left: int = -1,
                  softcap: float = 0.0, alibi_slopes: Tensor | None = None,
-                 sinks: bool = False) -> None:
+                 sinks: bool = False, device: torch.device | str | None = None) -> None:
         super().__init__()
         if num_heads % num_kv_heads:
             raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads "
@@ -226,16 +226,18 @@ class PagedAttention(nn.Module):
         self.softcap = float(softcap)
         # fp8 KV-cache scales per kv head (stored value * scale ~= K/V); not in state_dict
         # unless a checkpoint carries them (the loader fills them from *.k_scale / *.v_scale)
-        self.register_buffer("k_scale", torch.ones(num_kv_heads, dtype=torch.float32),
-                             persistent=False)
-        self.register_buffer("v_scale", torch.ones(num_kv_heads, dtype=torch.float32),
-                             persistent=False)
+        # (on the layer's device: the kernels take them, and sinks, beside q)
+        self.register_buffer("k_scale", torch.ones(num_kv_heads, dtype=torch.float32,
+                                                   device=device), persistent=False)
+        self.register_buffer("v_scale", torch.ones(num_kv_heads, dtype=torch.float32,
+                                                   device=device), persistent=False)
         if alibi_slopes is not None and list(alibi_slopes.shape) != [num_heads]:
             raise ValueError(f"alibi_slopes must have shape [{num_heads}], got "
                              f"{list(alibi_slopes.shape)}")
         self.alibi_slopes: Tensor | None
         self.register_buffer("alibi_slopes", None if alibi_slopes is None else
-                             alibi_slopes.to(torch.float32), persistent=False)
+                             alibi_slopes.to(device=device or alibi_slopes.device,
+                                             dtype=torch.float32), persistent=False)
         device = self.k_scale.device
         self.sinks = nn.Parameter(torch.zeros(num_heads, dtype=torch.float32, device=device),
                                   requires_grad=False) if sinks else None

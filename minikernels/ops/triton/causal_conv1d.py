@@ -177,26 +177,36 @@ def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
 
 
 for _dt in ("fp16", "bf16"):
+    _sig = {"x_ptr": f"*{_dt}", "w_ptr": f"*{_dt}", "b_ptr": f"*{_dt}", "cu_ptr": "*i32",
+            "state_ptr": f"*{_dt}", "idx_ptr": "*i32", "init_ptr": "*i1", "out_ptr": f"*{_dt}",
+            "dim": "i32", "stride_xt": "i32", "stride_xd": "i32", "stride_wd": "i32",
+            "stride_wk": "i32", "stride_b": "i32", "stride_ss": "i32", "stride_sd": "i32",
+            "stride_sc": "i32", "W": "constexpr", "HAS_BIAS": "constexpr",
+            "HAS_STATE": "constexpr", "HAS_INIT_FLAGS": "constexpr", "SILU": "constexpr",
+            "BLOCK_T": "constexpr", "BLOCK_D": "constexpr", "BLOCK_S": "constexpr",
+            "LONG_OFFSETS": "constexpr", "RNE_BF16": "constexpr"}
     for _w in (3, 4):
         for _state in (False, True):
             for _max_seqlen in (1, 8, 4096):
                 _bt, _bd, _warps = launch_config(_max_seqlen)
                 register(KernelSpec(
                     name=f"causal_conv1d[{_dt},W={_w},state={_state},T={_bt},D={_bd}]",
-                    fn=causal_conv1d_kernel,
-                    signature={"x_ptr": f"*{_dt}", "w_ptr": f"*{_dt}", "b_ptr": f"*{_dt}",
-                               "cu_ptr": "*i32", "state_ptr": f"*{_dt}", "idx_ptr": "*i32",
-                               "init_ptr": "*i1", "out_ptr": f"*{_dt}", "dim": "i32",
-                               "stride_xt": "i32", "stride_xd": "i32", "stride_wd": "i32",
-                               "stride_wk": "i32", "stride_b": "i32", "stride_ss": "i32",
-                               "stride_sd": "i32", "stride_sc": "i32",
-                               "W": "constexpr", "HAS_BIAS": "constexpr",
-                               "HAS_STATE": "constexpr", "HAS_INIT_FLAGS": "constexpr",
-                               "SILU": "constexpr", "BLOCK_T": "constexpr",
-                               "BLOCK_D": "constexpr", "BLOCK_S": "constexpr",
-                               "LONG_OFFSETS": "constexpr", "RNE_BF16": "constexpr"},
+                    fn=causal_conv1d_kernel, signature=_sig,
                     constexprs={"W": _w, "HAS_BIAS": True, "HAS_STATE": _state,
                                 "HAS_INIT_FLAGS": _state, "SILU": True, "BLOCK_T": _bt,
                                 "BLOCK_D": _bd, "BLOCK_S": triton.next_power_of_2(_w - 1),
                                 "LONG_OFFSETS": False, "RNE_BF16": False},
                     num_warps=_warps, num_stages=1))
+    # the decode steps the engine launches: a state pool without has_initial_state flags
+    _bt, _bd, _warps = launch_config(1)
+    for _bias in (False, True):
+        for _silu in (False, True):
+            register(KernelSpec(
+                name=f"causal_conv1d[{_dt},W=4,state=True,T={_bt},D={_bd},init=False,"
+                     f"bias={_bias},silu={_silu}]",
+                fn=causal_conv1d_kernel, signature=_sig,
+                constexprs={"W": 4, "HAS_BIAS": _bias, "HAS_STATE": True,
+                            "HAS_INIT_FLAGS": False, "SILU": _silu, "BLOCK_T": _bt,
+                            "BLOCK_D": _bd, "BLOCK_S": triton.next_power_of_2(4 - 1),
+                            "LONG_OFFSETS": False, "RNE_BF16": False},
+                num_warps=_warps, num_stages=1))

@@ -266,3 +266,8 @@ for _dt in ("fp16", "bf16", "fp32"):
                 splitk.register_config(f"fp8_matmul_gemv[{_dt},M={_m},{_blk}{_tag}]",
                                        fp8_gemv_kernel, _cfg, _args, {"HAS_BIAS": True, **_const},
                                        tensor_core=_tc and _m > 1, wgmma_expected=True)
+                if _aligned and _tc:   # the bias-free decode GEMVs the engine launches
+                    splitk.register_config(f"fp8_matmul_gemv[{_dt},M={_m},{_blk},bias=False]",
+                                           fp8_gemv_kernel, _cfg, _args,
+                                           {"HAS_BIAS": False, **_const},
+                                           tensor_core=_m > 1, wgmma_expected=True)

@@ -191,3 +191,9 @@ for _dt in ("bf16", "fp16"):
                  f"state={int(_state)}]",
             fn=gated_delta_rule_kernel, signature=_sig, constexprs=_const,
             num_warps=_cfg["num_warps"], num_stages=1))
+        if _d == 128 and _l2 and _state:   # the decode steps the engine launches: no init flags
+            register(KernelSpec(
+                name=f"gated_delta_rule[{_dt},dk=dv={_d},g={_gdt},l2norm=1,state=1,init=0]",
+                fn=gated_delta_rule_kernel, signature=_sig,
+                constexprs={**_const, "HAS_INIT_FLAGS": False},
+                num_warps=_cfg["num_warps"], num_stages=1))

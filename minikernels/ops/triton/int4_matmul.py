@@ -253,3 +253,9 @@ for _dt in ("fp16", "bf16"):
                                    gemv_config(_m, 4096, 4096, _g, 132, None), _args,
                                    {"HAS_BIAS": True, "EVEN_K": True, "DOT_F32": False},
                                    tensor_core=_m > 1, wgmma_expected=True)
+            if _g == 128:   # the bias-free decode GEMVs the engine launches
+                splitk.register_config(f"int4_gemv[{_dt},M={_m},g={_g},bias=False]",
+                                       int4_gemv_kernel,
+                                       gemv_config(_m, 4096, 4096, _g, 132, None), _args,
+                                       {"HAS_BIAS": False, "EVEN_K": True, "DOT_F32": False},
+                                       tensor_core=_m > 1, wgmma_expected=True)

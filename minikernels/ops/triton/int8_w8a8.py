@@ -333,19 +333,22 @@ _IN = {"int8": "*i8", "fp8": "*fp8e4nv"}
 _MM_INTS = {"M": "i32", "N": "i32", "K": "i32", "k_tiles_per_split": "i32",
             "stride_am": "i64", "stride_bn": "i64", "stride_bias": "i64"}
 
-# (input, output, M, K a multiple of BLOCK_K, has bias)
-_MM_CASES = ([("int8", out, m, True, False) for out in ("bf16", "fp16", "fp32")
+# (input, output, M, K a multiple of BLOCK_K, has bias, per-token scale_a)
+_MM_CASES = ([("int8", out, m, True, False, True) for out in ("bf16", "fp16", "fp32")
               for m in (16, 64, 4096)]
-             + [("int8", "bf16", 16, False, True), ("int8", "bf16", 4096, False, True),
-                ("fp8", "bf16", 16, True, False), ("fp8", "bf16", 4096, True, False),
-                ("fp8", "fp16", 4096, False, True)])
-for _in, _out, _m, _even, _bias in _MM_CASES:
+             + [("int8", "bf16", 16, False, True, True), ("int8", "bf16", 4096, False, True, True),
+                ("fp8", "bf16", 16, True, False, True), ("fp8", "bf16", 4096, True, False, True),
+                ("fp8", "fp16", 4096, False, True, True)]
+             # the bias-free decode steps the engine launches (per-tensor scale_a: static)
+             + [("int8", out, 16, even, False, tok) for out in ("bf16", "fp16")
+                for even, tok in ((False, False), (True, False), (False, True))])
+for _in, _out, _m, _even, _bias, _tok in _MM_CASES:
     for _arch in ((80, 90) if _in == "int8" else (90,)):
         _cfg = mm_config(_m, 4096, 4096, _arch, 132)
         _const = {"stride_ak": 1, "stride_bk": 1, "stride_sa": 1, "stride_sb": 1,
                   "BLOCK_M": _cfg["BLOCK_M"], "BLOCK_N": _cfg["BLOCK_N"],
                   "BLOCK_K": _cfg["BLOCK_K"], "GROUP_M": _cfg["GROUP_M"], "EVEN_K": _even,
-                  "INT8": _in == "int8", "PER_TOKEN": True, "PER_CHANNEL": True,
+                  "INT8": _in == "int8", "PER_TOKEN": _tok, "PER_CHANNEL": True,
                   "HAS_BIAS": _bias, "SPLIT": _cfg["SPLIT"], "RNE_BF16": False}
         _sig = {"a_ptr": _IN[_in], "b_ptr": _IN[_in], "sa_ptr": "*fp32", "sb_ptr": "*fp32",
                 "bias_ptr": _OUT[_out], "c_ptr": _OUT[_out],
@@ -355,7 +358,7 @@ for _in, _out, _m, _even, _bias in _MM_CASES:
                 "stride_am", "stride_bn")
         register(KernelSpec(
             name=f"scaled_mm[{_in},{_out},M={_m}{'' if _even else ',k_tail'}"
-                 f"{',bias' if _bias else ''},sm{_arch}]",
+                 f"{',bias' if _bias else ''}{'' if _tok else ',per_tensor'},sm{_arch}]",
             fn=scaled_mm_kernel,
             signature={a: _sig[a] for a in scaled_mm_kernel.arg_names},
             constexprs=_const, num_warps=_cfg["num_warps"], num_stages=_cfg["num_stages"],

@@ -198,3 +198,8 @@ for _dt in ("bf16", "fp16"):
             name=f"mamba2_scan[{_dt},P=64,N=128,G={_groups},dt={_dtdt},state=1]",
             fn=mamba2_scan_kernel, signature=_sig, constexprs=_const,
             num_warps=_cfg["num_warps"], num_stages=1))
+        # the decode steps the engine launches: a state pool without has_initial_state flags
+        register(KernelSpec(
+            name=f"mamba2_scan[{_dt},P=64,N=128,G={_groups},dt={_dtdt},state=1,init=0]",
+            fn=mamba2_scan_kernel, signature=_sig, constexprs={**_const, "HAS_INIT_FLAGS": False},
+            num_warps=_cfg["num_warps"], num_stages=1))

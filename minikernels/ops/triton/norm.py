@@ -240,16 +240,19 @@ def fused_add_layer_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.
 
 for _dt in ("fp16", "bf16"):
     for _res in (False, True):
-        for _n, _single in ((2048, True), (4096, True), (16384, False)):
+        # bias False: the bias-free LayerNorms the engine launches
+        for _n, _single, _bias in ((2048, True, True), (4096, True, True),
+                                   (16384, False, True), (4096, True, False)):
             _block = _n if _single else 4096
             register(KernelSpec(
-                name=f"layer_norm[{_dt},H={_n},residual={_res}]", fn=layer_norm_kernel,
+                name=f"layer_norm[{_dt},H={_n},residual={_res}{'' if _bias else ',bias=False'}]",
+                fn=layer_norm_kernel,
                 signature={"x_ptr": f"*{_dt}", "res_ptr": f"*{_dt}", "w_ptr": f"*{_dt}",
                            "b_ptr": f"*{_dt}", "y_ptr": f"*{_dt}", "res_out_ptr": f"*{_dt}",
                            "n_cols": "i32", "x_row_stride": "i64", "res_row_stride": "i64",
                            "eps": "fp32", "HAS_RESIDUAL": "constexpr", "HAS_BIAS": "constexpr",
                            "BLOCK": "constexpr", "SINGLE_PASS": "constexpr",
                            "RNE_BF16": "constexpr"},
-                constexprs={"HAS_RESIDUAL": _res, "HAS_BIAS": True, "BLOCK": _block,
+                constexprs={"HAS_RESIDUAL": _res, "HAS_BIAS": _bias, "BLOCK": _block,
                             "SINGLE_PASS": _single, "RNE_BF16": False},
                 num_warps=max(1, min(16, _block // 256)), num_stages=1))

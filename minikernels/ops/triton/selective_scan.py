@@ -267,3 +267,10 @@ for _dt, _dm, _n, _cpg, _seqs, _len in (
               f"{_seqs}x{_len},BLOCK_D={_cfg['BLOCK_D']}]"),
         fn=selective_scan_kernel, signature=_sig, constexprs=_const,
         num_warps=int(_cfg["num_warps"]), num_stages=1))
+    if _len == 1:   # the decode steps the engine launches: no has_initial_state flags
+        register(KernelSpec(
+            name=(f"selective_scan[{_dt},Dm={_dm},N={_n},G=1,{_seqs}x{_len},"
+                  f"BLOCK_D={_cfg['BLOCK_D']},init=False]"),
+            fn=selective_scan_kernel, signature=_sig,
+            constexprs={**_const, "HAS_INIT_FLAGS": False},
+            num_warps=int(_cfg["num_warps"]), num_stages=1))

@@ -1,0 +1,278 @@
+"""The CUDA paths, dry-run on the CPU: engines built on a fake H200 (tests/fake_cuda.py).
+
+Every model family of test_model_support (bf16; fp32 for a sample) and the engine's
+variants (int4 / fp8 / int8 weights, MoE, fp8 KV cache, LoRA, n-gram / draft-model /
+EAGLE speculation) is built with ``LLM(..., device="cuda")`` on fake CUDA tensors: the
+loader, the KV pool and the capture of every CUDA graph (decode, verification, EAGLE
+head) run the real code down to the Triton launches, which are recorded. Checked:
+
+- no host synchronisation inside a capture (a ``.tolist()`` of seq_lens, a host tensor
+  copied in, a boolean mask, ...): on a GPU these fail the capture or freeze a value
+  into every replay;
+- every parameter and buffer of the model is on the GPU;
+- every Triton launch of a capture (kernel and its flag constexprs, the switches that
+  change the compiled code) is among the configurations compiled ahead of time for
+  sm_80 / sm_90a (registry; tests/test_aot_compile.py), so the GPU runs only kernels the
+  suite has compiled (no spills, wgmma where expected).
+
+The harness itself is checked first: each kind of host sync is caught, named with its
+line, and the ops' real bodies run (their CUDA routing and launches, not fake kernels).
+Values are not computed here (fake tensors carry none): the kernel tests check results.
+"""
+from __future__ import annotations
+
+import inspect
+import logging
+import pathlib
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from fake_cuda import HostSync, Launch, fake_h200  # noqa: E402
+from test_model_support import CASES, make_hf_model, save_hf  # noqa: E402
+
+from minikernels import ops  # noqa: E402
+from minikernels.engine import LLM  # noqa: E402
+from minikernels.nn import PagedAttention  # noqa: E402
+from minikernels.ops.triton.registry import all_kernels  # noqa: E402
+
+GRAPH_SIZES = [1, 2, 4, 8, 16]
+#: fp32 engines on a GPU (the model tests' dtype) for a sample of the families: dense,
+#: MoE, sliding windows + softcaps, recurrent (Mamba 2, Gated DeltaNet, short conv)
+FP32_CASES = ("llama", "qwen3", "gemma2-window-softcap", "gemma3", "qwen3-moe", "mamba2",
+              "qwen3_5", "lfm2")
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory) -> dict[str, str]:
+    """kind -> a saved tiny transformers checkpoint, made on first use."""
+    root = tmp_path_factory.mktemp("dry_run")
+
+    class Dirs(dict):
+        def __missing__(self, kind: str) -> str:
+            path = str(root / kind)
+            save_hf(make_hf_model(kind), path)
+            self[kind] = path
+            return path
+    return Dirs()
+
+
+class _Warnings(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+def build_on_fake_h200(path: str, dtype: str = "bfloat16", **kw) -> tuple[LLM, list[Launch]]:
+    """LLM(path) on a fake H200 with graphs for batch 1..16 -> (llm, Triton launches).
+    The engine falls back to eager steps (with a warning) when a capture raises: here
+    that fails the build."""
+    warnings, log = _Warnings(), logging.getLogger("minikernels")
+    log.addHandler(warnings)
+    try:
+        with fake_h200() as gpu:
+            llm = LLM(path, dtype=dtype, device="cuda", tokenizer=None, num_kv_blocks=64,
+                      block_size=16, max_num_seqs=16, **kw)
+    finally:
+        log.removeHandler(warnings)
+    failed = [m for m in warnings.messages if "not captured" in m]
+    assert not failed, failed
+    return llm, gpu.launches
+
+
+# ------------------------------------------------------------------ AOT coverage
+def _constexpr_defaults(fn) -> dict:
+    params = inspect.signature(getattr(fn, "fn", fn)).parameters
+    return {k: p.default for k, p in params.items()
+            if "constexpr" in str(p.annotation) and p.default is not inspect.Parameter.empty}
+
+
+def _flags(constexprs: dict, fn) -> tuple:
+    """The switches of a configuration: its bool / str constexprs (defaults filled in)."""
+    full = _constexpr_defaults(fn) | constexprs
+    return tuple(sorted((k, v) for k, v in full.items() if isinstance(v, (bool, str))))
+
+
+_AOT: dict[str, tuple[object, set[tuple]]] = {}
+
+
+def aot_flag_sets() -> dict[str, tuple[object, set[tuple]]]:
+    """kernel name -> (its jit function, the flag combinations compiled ahead of time)."""
+    if not _AOT:
+        for spec in all_kernels():
+            name = getattr(spec.fn, "fn", spec.fn).__name__
+            fn, flags = _AOT.setdefault(name, (spec.fn, set()))
+            flags.add(_flags(spec.constexprs, spec.fn))
+    return _AOT
+
+
+def assert_compiled_ahead(launches: list[Launch]) -> None:
+    """Each launch's kernel and flag combination is a registered AOT configuration."""
+    aot = aot_flag_sets()
+    missing = set()
+    for launch in launches:
+        if launch.kernel not in aot:
+            missing.add((launch.kernel, "no AOT spec at all"))
+            continue
+        fn, compiled = aot[launch.kernel]
+        flags = _flags(launch.constexprs, fn)
+        if flags not in compiled:
+            missing.add((launch.kernel, flags))
+    assert not missing, "launched on the GPU path but never compiled ahead of time: " + \
+        "; ".join(f"{k} {dict(f) if isinstance(f, tuple) else f}" for k, f in sorted(
+            missing, key=str))
+
+
+def check_engine(llm: LLM, launches: list[Launch]) -> None:
+    runner = llm.llm_engine.runner
+    assert runner.graphs is not None and runner.graphs.sizes == GRAPH_SIZES
+    model = runner.model
+    off = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if not t.is_cuda]
+    assert not off, f"not on the GPU: {off[:5]}"
+    assert launches, "the captures launched no Triton kernel"
+    assert_compiled_ahead(launches)
+
+
+# ------------------------------------------------------------------ the harness
+SYNCS = {
+    "item": lambda x: x.sum().item(),
+    "tolist": lambda x: x.tolist(),
+    "bool": lambda x: bool((x > 0).any()),
+    "int": lambda x: int(x[0, 0]),
+    "cpu": lambda x: x.cpu(),
+    "to-host": lambda x: x.to("cpu"),
+    "host-to-device": lambda x: torch.ones(3).to(x.device),
+    "copy_-from-host": lambda x: x[0].copy_(torch.zeros(x.shape[1])),
+    "torch.tensor": lambda x: torch.tensor([1, 2], device=x.device),
+    "nonzero": lambda x: x.nonzero(),
+    "where": lambda x: torch.where(x > 0),
+    "mask-index": lambda x: x[x > 0],
+    "mask-assign": lambda x: x.__setitem__(x > 0, 0.0),
+    "unique": lambda x: torch.unique(x),
+    "synchronize": lambda x: torch.cuda.synchronize(),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(SYNCS))
+def test_each_host_sync_inside_a_capture_is_caught(kind):
+    with fake_h200() as gpu:
+        x = torch.randn(4, 6, device="cuda")
+        with gpu.capturing(), pytest.raises(HostSync, match="test_cuda_dry_run.py"):
+            SYNCS[kind](x)
+        with gpu.capturing():      # device work alone is fine
+            y = (x * 2).softmax(-1)[:, 1:3]
+            y[0] = 1.0
+            x.index_fill_(0, torch.zeros(1, dtype=torch.long, device=x.device), 0.0)
+        assert y.is_cuda and y.shape == (4, 2)
+
+
+def test_ops_run_their_cuda_path():
+    """Custom ops run their bodies (routing, launch parameters), not fake kernels: a
+    bf16 RMSNorm launches the Triton kernel on bf16 pointers; the reference backend
+    launches nothing."""
+    import minikernels as mk
+
+    with fake_h200() as gpu:
+        x = torch.randn(8, 64, device="cuda", dtype=torch.bfloat16)
+        w = torch.ones(64, device="cuda", dtype=torch.bfloat16)
+        with gpu.capturing():
+            y = ops.rms_norm(x, w, 1e-6)
+        assert y.is_cuda and y.dtype == torch.bfloat16 and y.shape == x.shape
+        assert [launch.kernel for launch in gpu.launches] == ["rms_norm_kernel"]
+        assert gpu.launches[0].pointers["x_ptr"] == torch.bfloat16
+        assert gpu.launches[0].constexprs["RNE_BF16"] is False   # compiled, not interpreted
+        with mk.use_backend("reference"):
+            ops.rms_norm(x, w, 1e-6)
+        assert len(gpu.launches) == 1
+
+
+def test_fp32_paged_decode_runs_triton_inside_a_capture():
+    """fp32 decode on a GPU used to route to the reference, whose seq_lens.tolist()
+    breaks the capture of every fp32 engine's decode graphs: now the Triton kernel, with
+    exact dots and one pipeline stage (the AOT-compiled fp32 configuration)."""
+    with fake_h200() as gpu:
+        q = torch.randn(4, 8, 128, device="cuda")
+        cache = torch.zeros(32, 16, 2, 128, device="cuda")
+        table = torch.zeros(4, 8, dtype=torch.int32, device="cuda")
+        lens = torch.full((4,), 100, dtype=torch.int32, device="cuda")
+        with gpu.capturing():
+            out = ops.paged_decode_attention(q, cache, cache, table, lens, softmax_scale=0.1)
+        assert out.is_cuda and out.shape == q.shape and out.dtype == torch.float32
+        decode = [x for x in gpu.launches if x.kernel == "paged_decode_kernel"]
+        assert decode and all(x.constexprs["DOT_PRECISION"] == "ieee" and x.num_stages == 1
+                              for x in decode)
+        assert_compiled_ahead(gpu.launches)
+
+
+def test_attention_buffers_are_made_on_the_layer_device():
+    """k_scale / v_scale (fp8 KV), sinks and ALiBi slopes live where the layer does: they
+    were made on the CPU whatever the device (sinks followed k_scale), so fp8-KV engines
+    and Granite SWA / GPT-OSS would fail their device checks on a GPU."""
+    with fake_h200():
+        attn = PagedAttention(8, 2, 64, sinks=True, alibi_slopes=torch.ones(8),
+                              device="cuda")
+        for name in ("k_scale", "v_scale", "sinks", "alibi_slopes"):
+            assert getattr(attn, name).is_cuda, name
+    cpu = PagedAttention(8, 2, 64, sinks=True)
+    assert cpu.k_scale.device.type == cpu.sinks.device.type == "cpu"
+
+
+# ------------------------------------------------------------------ engines
+@pytest.mark.parametrize("kind,dtype", [(k, "bfloat16") for k in CASES] +
+                         [(k, "float32") for k in FP32_CASES])
+def test_engine_captures_its_graphs_on_a_gpu(checkpoints, kind, dtype):
+    llm, launches = build_on_fake_h200(checkpoints[kind], dtype)
+    check_engine(llm, launches)
+
+
+def _eagle_checkpoints(root: pathlib.Path) -> tuple[str, str]:
+    from test_eagle import _bigram_target, _save_oracle_head
+
+    target = _bigram_target(root / "bigram", seed=20)
+    _save_oracle_head(root / "head", target, 0.03, 22)
+    return str(root / "bigram"), str(root / "head")
+
+
+VARIANTS = {
+    "int4": ("llama", dict(quantization="int4")),
+    "fp8": ("llama", dict(quantization="fp8")),
+    "int8": ("llama", dict(quantization="int8")),
+    "moe-int4": ("qwen3-moe", dict(quantization="int4")),
+    "moe-fp8": ("qwen3-moe", dict(quantization="fp8")),
+    "gated-delta-int4": ("qwen3_5", dict(quantization="int4")),
+    "fp8-kv": ("llama", dict(kv_cache_dtype="fp8")),
+    "fp8-kv-sliding-softcap": ("gemma2-window-softcap", dict(kv_cache_dtype="fp8")),
+    "fp8-kv-sinks": ("granite_swa", dict(kv_cache_dtype="fp8")),
+    "lora": ("llama", dict(enable_lora=True, max_lora_rank=8)),
+    "ngram": ("llama", dict(speculative_config={"method": "ngram",
+                                                "num_speculative_tokens": 3})),
+}
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_engine_variants_capture_on_a_gpu(checkpoints, variant):
+    kind, kw = VARIANTS[variant]
+    llm, launches = build_on_fake_h200(checkpoints[kind], **kw)
+    check_engine(llm, launches)
+    if "speculative_config" in kw:
+        assert llm.llm_engine.runner.verify_graphs.sizes == GRAPH_SIZES
+        assert "flash_attn_fwd_kernel" in {x.kernel for x in launches}
+
+
+def test_draft_model_and_eagle_graphs_capture_on_a_gpu(checkpoints, tmp_path):
+    llm, launches = build_on_fake_h200(checkpoints["llama"], speculative_config={
+        "method": "draft_model", "model": checkpoints["qwen3"], "num_speculative_tokens": 2})
+    check_engine(llm, launches)
+    draft = llm.llm_engine.proposer.runner
+    assert draft.graphs.sizes == GRAPH_SIZES and draft.verify_graphs is not None
+    target, head = _eagle_checkpoints(tmp_path)
+    llm, launches = build_on_fake_h200(target, speculative_config={
+        "method": "eagle", "model": head, "num_speculative_tokens": 3})
+    check_engine(llm, launches)
+    proposer = llm.llm_engine.proposer
+    assert proposer.graphs.sizes == GRAPH_SIZES and proposer.catch_up_graphs is not None
