@@ -276,3 +276,29 @@ def test_draft_model_and_eagle_graphs_capture_on_a_gpu(checkpoints, tmp_path):
     check_engine(llm, launches)
     proposer = llm.llm_engine.proposer
     assert proposer.graphs.sizes == GRAPH_SIZES and proposer.catch_up_graphs is not None
+
+
+#: built-in models at their real shapes (dummy weights, fake tensors: no memory): the
+#: GPU run's serving benchmark (qwen2.5-0.5b int4, batch buckets up to 256: split-KV and
+#: split-K plans of real sizes) and one model each for softcaps at D 256 (Gemma 2),
+#: W8A8 split-K reduces (int8), sinks + MXFP4 experts (GPT-OSS)
+REAL_SHAPES = {
+    "qwen2.5-0.5b-int4": ("qwen2.5-0.5b", 256, dict(quantization="int4")),
+    "gemma-2-2b": ("gemma-2-2b", 16, {}),
+    "llama-3.2-1b-int8": ("llama-3.2-1b", 16, dict(quantization="int8")),
+    "gpt-oss-20b": ("gpt-oss-20b", 16, {}),
+}
+
+
+@pytest.mark.parametrize("name", sorted(REAL_SHAPES))
+def test_real_shapes_capture_on_a_gpu(name):
+    model, seqs, kw = REAL_SHAPES[name]
+    with fake_h200() as gpu:
+        llm = LLM(model, dtype="bfloat16", device="cuda", tokenizer=None, num_kv_blocks=4096,
+                  block_size=16, max_num_seqs=seqs, **kw)
+    runner = llm.llm_engine.runner
+    assert runner.graphs.sizes[-1] == seqs
+    off = [n for n, t in [*runner.model.named_parameters(), *runner.model.named_buffers()]
+           if not t.is_cuda]
+    assert not off, off[:5]
+    assert_compiled_ahead(gpu.launches)

@@ -365,14 +365,19 @@ for _in, _out, _m, _even, _bias, _tok in _MM_CASES:
             tensor_core=True, wgmma_expected=_cfg["BLOCK_M"] >= 64, archs=(_arch,),
             divisible_by_16=_div))
 
-for _acc, _out in (("int8", "bf16"), ("int8", "fp16"), ("fp8", "bf16")):
-    _const = {"stride_sa": 1, "stride_sb": 1, "PER_TOKEN": True, "PER_CHANNEL": True,
-              "HAS_BIAS": True, "SPLIT": 4, "BLOCK": _REDUCE_BLOCK, "RNE_BF16": False}
+# (accumulator, output, bias, per-token scale_a): the last two are the bias-free decode
+# steps of W8A8 models (split-K at M <= 16), per-token and static per-tensor activations
+for _acc, _out, _bias, _tok in (("int8", "bf16", True, True), ("int8", "fp16", True, True),
+                                ("fp8", "bf16", True, True), ("int8", "bf16", False, True),
+                                ("int8", "bf16", False, False)):
+    _const = {"stride_sa": 1, "stride_sb": 1, "PER_TOKEN": _tok, "PER_CHANNEL": True,
+              "HAS_BIAS": _bias, "SPLIT": 4, "BLOCK": _REDUCE_BLOCK, "RNE_BF16": False}
     _sig = {"ws_ptr": "*i32" if _acc == "int8" else "*fp32", "sa_ptr": "*fp32",
             "sb_ptr": "*fp32", "bias_ptr": _OUT[_out], "c_ptr": _OUT[_out], "M": "i32",
             "N": "i32", "stride_bias": "i64", **{c: "constexpr" for c in _const}}
     register(KernelSpec(
-        name=f"scaled_mm_reduce[{_acc},{_out}]", fn=scaled_mm_reduce_kernel,
+        name=f"scaled_mm_reduce[{_acc},{_out}{',bias' if _bias else ''}"
+             f"{'' if _tok else ',per_tensor'}]", fn=scaled_mm_reduce_kernel,
         signature={a: _sig[a] for a in scaled_mm_reduce_kernel.arg_names},
         constexprs=_const, num_warps=4, num_stages=1,
         divisible_by_16=("ws_ptr", "c_ptr", "N")))

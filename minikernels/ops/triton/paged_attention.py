@@ -338,7 +338,9 @@ def _register() -> None:
             for split, softcap, alibi in ((False, False, False), (True, False, False),
                                       (False, True, False), (True, True, False),
                                       (False, False, True), (True, False, True)):
-                if softcap and (split or d not in (128, 512) or group != 4):
+                # softcaps (Gemma 2: D 256, its 2 q heads per kv head padded to the same
+                # 16-row tile as 4) at D 128 / 256 / 512, with and without split-KV
+                if softcap and (d not in (128, 256, 512) or group != 4):
                     continue
                 if alibi and (fp8 or d not in (128, 512) or group != 4 or bs != 16):
                     continue
