@@ -45,6 +45,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import _disable_current_modes
 
 CUDA0 = torch.device("cuda", 0)
+_GENERATOR = torch.Generator     # (the block replaces torch.Generator by a factory)
 aten = torch.ops.aten
 _PKG = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep + "minikernels"
 _TORCH = os.path.dirname(os.path.abspath(torch.__file__))
@@ -184,17 +185,30 @@ class _CudaCalls(TorchFunctionMode):
 
     def __init__(self) -> None:
         super().__init__()
-        self.capturing = False
+        self.capturing = False      # a graph capture: no sync, no upload
+        self.streaming = False      # the overlap path: no sync; non_blocking uploads allowed
 
-    def _sync(self, what: str) -> None:
-        raise HostSync(f"{what} inside a CUDA graph capture, at {_where()}")
+    @property
+    def watching(self) -> bool:
+        return self.capturing or self.streaming
+
+    def _sync(self, what: str, upload: bool = False, non_blocking: bool = False) -> None:
+        """Report ``what``; an upload (host -> device copy) is allowed on the overlap path
+        when it is non_blocking (it waits for no device work)."""
+        if upload and non_blocking and not self.capturing:
+            return
+        where = "inside a CUDA graph capture" if self.capturing else \
+            "on the overlap path (the host would wait for the GPU)"
+        raise HostSync(f"{what} {where}, at {_where()}")
 
     def __torch_function__(self, func: Callable, types: Any, args: tuple = (),
                            kwargs: dict | None = None) -> Any:
         kwargs = {k: _cuda0(v) for k, v in (kwargs or {}).items()}
         args = tuple(_cuda0(a) for a in args)
-        if self.capturing:
+        if self.watching:
             self._check(func, args, kwargs)
+        if isinstance(kwargs.get("generator"), _GENERATOR):
+            kwargs.pop("generator")      # random draws on fake tensors: nothing to draw
         body = _custom_op_body(func)
         if body is not None:
             with self:       # a minikernels op's Python body runs under this mode too
@@ -222,14 +236,14 @@ class _CudaCalls(TorchFunctionMode):
                 aten.fill_.Scalar(view, value)
             return None
         if func in _FROM_HOST_DATA and torch.device(kwargs.get("device") or "cpu").type == "cuda":
-            if self.capturing:
-                self._sync(f"{func.__name__}(host data) copied to the device")
+            if self.watching:
+                self._sync(f"{func.__name__}(host data) copied to the device", upload=True)
             cpu = func(*args, **{k: v for k, v in kwargs.items() if k != "device"})
             return _on(aten.empty.memory_format([0], device=CUDA0), cpu)
         try:
             out = func(*args, **kwargs)
         except (DataDependentOutputException, DynamicOutputShapeException) as e:
-            if self.capturing:
+            if self.watching:
                 self._sync(f"{getattr(func, '__name__', func)} (output depends on values: "
                            f"{type(e).__name__})")
             raise
@@ -271,10 +285,14 @@ class _CudaCalls(TorchFunctionMode):
                     dev = a.device
             dev = CUDA0 if func is torch.Tensor.cuda else dev
             if dev is not None and torch.device(dev).type != args[0].device.type:
-                self._sync(f"copy {args[0].device.type} -> {torch.device(dev).type}")
+                self._sync(f"copy {args[0].device.type} -> {torch.device(dev).type}",
+                           upload=torch.device(dev).type == "cuda",
+                           non_blocking=bool(kwargs.get("non_blocking")))
         if func is torch.Tensor.copy_ and isinstance(args[1], torch.Tensor) and \
                 args[1].device.type != args[0].device.type:
-            self._sync(f"copy_ {args[1].device.type} -> {args[0].device.type}")
+            self._sync(f"copy_ {args[1].device.type} -> {args[0].device.type}",
+                       upload=args[0].is_cuda, non_blocking=bool(
+                           kwargs.get("non_blocking", args[2] if len(args) > 2 else False)))
         if func is torch.Tensor.__getitem__ or func is torch.Tensor.__setitem__:
             idx = args[1] if isinstance(args[1], tuple) else (args[1],)
             if any(isinstance(i, torch.Tensor) and i.dtype == torch.bool and i.ndim > 0
@@ -299,6 +317,18 @@ class FakeH200:
             yield
         finally:
             self.calls.capturing = was
+
+    @contextlib.contextmanager
+    def overlapping(self) -> Iterator[None]:
+        """Host work that must not wait for the GPU (async scheduling: the host prepares
+        step N + 1 while step N runs): host syncs raise :class:`HostSync`, as in a
+        capture, except uploads with ``non_blocking=True``."""
+        was = self.calls.streaming
+        self.calls.streaming = True
+        try:
+            yield
+        finally:
+            self.calls.streaming = was
 
     def kernels(self) -> set[str]:
         return {launch.kernel for launch in self.launches}
@@ -329,7 +359,7 @@ def _patches(state: FakeH200) -> dict[tuple[Any, str], Any]:
     import minikernels.engine.model_runner as model_runner
     import minikernels.models.loader as loader
 
-    real_generator, iter_file = torch.Generator, loader._iter_file
+    iter_file = loader._iter_file
 
     class Stream:
         cuda_stream = 0
@@ -338,7 +368,7 @@ def _patches(state: FakeH200) -> dict[tuple[Any, str], Any]:
             pass
 
     def generator(device: Any = "cpu") -> torch.Generator:
-        return real_generator()          # nothing is sampled on fake tensors
+        return _GENERATOR()          # nothing is sampled on fake tensors
 
     def fake_iter_file(path: str, lazy: bool = False) -> Iterator[tuple[str, Any]]:
         with _disable_current_modes(), torch._C.DisableTorchFunction():
@@ -356,9 +386,8 @@ def _patches(state: FakeH200) -> dict[tuple[Any, str], Any]:
         return (lambda: out), pool
 
     def synchronize(device: Any = None) -> None:
-        if state.calls.capturing:
-            raise HostSync(f"torch.cuda.synchronize inside a CUDA graph capture, at "
-                           f"{_where()}")
+        if state.calls.watching:
+            state.calls._sync("torch.cuda.synchronize")
 
     launch = _record_launch(state)
     cuda = torch.cuda

@@ -1,29 +1,32 @@
 """The CUDA paths, dry-run on the CPU: engines built on a fake H200 (tests/fake_cuda.py).
 
-Every model family of test_model_support (bf16; fp32 for a sample) and the engine's
-variants (int4 / fp8 / int8 weights, MoE, fp8 KV cache, LoRA, n-gram / draft-model /
-EAGLE speculation) is built with ``LLM(..., device="cuda")`` on fake CUDA tensors: the
-loader, the KV pool and the capture of every CUDA graph (decode, verification, EAGLE
-head) run the real code down to the Triton launches, which are recorded. Checked:
+Every model family of test_model_support (bf16; fp32 for a sample) is built with
+``LLM(..., device="cuda")`` on fake CUDA tensors: the loader, the KV pool and the capture
+of the decode CUDA graphs run the real code down to the Triton launches, which are
+recorded; then a prefill, a mixed and a decode step run eagerly through the model.
+Checked:
 
 - no host synchronisation inside a capture (a ``.tolist()`` of seq_lens, a host tensor
   copied in, a boolean mask, ...): on a GPU these fail the capture or freeze a value
   into every replay;
+- no host synchronisation in an eager step's forward either (index checks off, as the
+  engine runs it): with async scheduling the host prepares the next step meanwhile;
 - every parameter and buffer of the model is on the GPU;
-- every Triton launch of a capture (kernel and its flag constexprs, the switches that
-  change the compiled code) is among the configurations compiled ahead of time for
-  sm_80 / sm_90a (registry; tests/test_aot_compile.py), so the GPU runs only kernels the
-  suite has compiled (no spills, wgmma where expected).
+- every Triton launch (kernel and its flag constexprs, the switches that change the
+  compiled code) is among the configurations compiled ahead of time for sm_80 / sm_90a
+  (registry; tests/test_aot_compile.py), so the GPU runs only kernels the suite has
+  compiled (no spills, wgmma where expected).
 
 The harness itself is checked first: each kind of host sync is caught, named with its
 line, and the ops' real bodies run (their CUDA routing and launches, not fake kernels).
-Values are not computed here (fake tensors carry none): the kernel tests check results.
+The engine's variants (quantized, MoE, fp8 KV, LoRA, speculation), real-sized built-in
+models and the sampler: tests/test_cuda_dry_run_variants.py. Values are not computed
+here (fake tensors carry none): the kernel tests check results.
 """
 from __future__ import annotations
 
 import inspect
 import logging
-import pathlib
 
 import pytest
 import torch
@@ -31,10 +34,11 @@ import torch
 pytest.importorskip("triton")
 
 from fake_cuda import HostSync, Launch, fake_h200  # noqa: E402
-from test_model_support import CASES, make_hf_model, save_hf  # noqa: E402
+from test_model_support import CASES, make_hf_model, run_schedule, save_hf  # noqa: E402
 
 from minikernels import ops  # noqa: E402
 from minikernels.engine import LLM  # noqa: E402
+from minikernels.engine.model_runner import index_checks_off  # noqa: E402
 from minikernels.nn import PagedAttention  # noqa: E402
 from minikernels.ops.triton.registry import all_kernels  # noqa: E402
 
@@ -171,6 +175,22 @@ def test_each_host_sync_inside_a_capture_is_caught(kind):
         assert y.is_cuda and y.shape == (4, 2)
 
 
+def test_overlap_mode_allows_only_non_blocking_uploads():
+    """overlapping() (async scheduling's host work): as a capture, but a non_blocking
+    upload waits for no device work and is allowed; a blocking one syncs the stream."""
+    with fake_h200() as gpu:
+        x = torch.zeros(4, device="cuda")
+        with gpu.overlapping():
+            x.copy_(torch.ones(4), non_blocking=True)
+            y = torch.arange(4).to(x.device, non_blocking=True)
+            for sync in (lambda: torch.ones(4).to(x.device), lambda: x.copy_(torch.ones(4)),
+                         lambda: torch.tensor([1.0], device=x.device), lambda: x.tolist(),
+                         lambda: x.to("cpu", non_blocking=True), lambda: x[x > 0]):
+                with pytest.raises(HostSync, match="overlap path"):
+                    sync()
+        assert y.is_cuda and not torch.cuda.is_current_stream_capturing()
+
+
 def test_ops_run_their_cuda_path():
     """Custom ops run their bodies (routing, launch parameters), not fake kernels: a
     bf16 RMSNorm launches the Triton kernel on bf16 pointers; the reference backend
@@ -223,82 +243,32 @@ def test_attention_buffers_are_made_on_the_layer_device():
 
 
 # ------------------------------------------------------------------ engines
+def run_eager_steps(model) -> list[Launch]:
+    """A prefill step (two chunks), a mixed step (a decode row and a chunk over its cached
+    prefix) and a decode step through the model on a fake H200, each forward as the
+    engine runs an eager step (index checks off) under ``overlapping()``: with async
+    scheduling the host prepares the next step meanwhile, so a forward that waited for
+    the GPU would serialise them. -> the Triton launches."""
+    with fake_h200() as gpu:
+        forward = model.forward
+
+        def eager_step(*args, **kwargs):
+            with index_checks_off(), gpu.overlapping():
+                return forward(*args, **kwargs)
+        model.forward = eager_step
+        try:
+            run_schedule(model, [list(range(3, 17)), list(range(5, 26))],
+                         [[("p", 0, 5), ("p", 1, 9)], [("d", 0), ("p", 1, 11)],
+                          [("d", 0), ("d", 1)]])
+        finally:
+            del model.forward
+    return gpu.launches
+
+
 @pytest.mark.parametrize("kind,dtype", [(k, "bfloat16") for k in CASES] +
                          [(k, "float32") for k in FP32_CASES])
-def test_engine_captures_its_graphs_on_a_gpu(checkpoints, kind, dtype):
+def test_engine_runs_on_a_gpu(checkpoints, kind, dtype):
+    """The engine's CUDA graphs capture; its eager steps never wait for the GPU."""
     llm, launches = build_on_fake_h200(checkpoints[kind], dtype)
     check_engine(llm, launches)
-
-
-def _eagle_checkpoints(root: pathlib.Path) -> tuple[str, str]:
-    from test_eagle import _bigram_target, _save_oracle_head
-
-    target = _bigram_target(root / "bigram", seed=20)
-    _save_oracle_head(root / "head", target, 0.03, 22)
-    return str(root / "bigram"), str(root / "head")
-
-
-VARIANTS = {
-    "int4": ("llama", dict(quantization="int4")),
-    "fp8": ("llama", dict(quantization="fp8")),
-    "int8": ("llama", dict(quantization="int8")),
-    "moe-int4": ("qwen3-moe", dict(quantization="int4")),
-    "moe-fp8": ("qwen3-moe", dict(quantization="fp8")),
-    "gated-delta-int4": ("qwen3_5", dict(quantization="int4")),
-    "fp8-kv": ("llama", dict(kv_cache_dtype="fp8")),
-    "fp8-kv-sliding-softcap": ("gemma2-window-softcap", dict(kv_cache_dtype="fp8")),
-    "fp8-kv-sinks": ("granite_swa", dict(kv_cache_dtype="fp8")),
-    "lora": ("llama", dict(enable_lora=True, max_lora_rank=8)),
-    "ngram": ("llama", dict(speculative_config={"method": "ngram",
-                                                "num_speculative_tokens": 3})),
-}
-
-
-@pytest.mark.parametrize("variant", sorted(VARIANTS))
-def test_engine_variants_capture_on_a_gpu(checkpoints, variant):
-    kind, kw = VARIANTS[variant]
-    llm, launches = build_on_fake_h200(checkpoints[kind], **kw)
-    check_engine(llm, launches)
-    if "speculative_config" in kw:
-        assert llm.llm_engine.runner.verify_graphs.sizes == GRAPH_SIZES
-        assert "flash_attn_fwd_kernel" in {x.kernel for x in launches}
-
-
-def test_draft_model_and_eagle_graphs_capture_on_a_gpu(checkpoints, tmp_path):
-    llm, launches = build_on_fake_h200(checkpoints["llama"], speculative_config={
-        "method": "draft_model", "model": checkpoints["qwen3"], "num_speculative_tokens": 2})
-    check_engine(llm, launches)
-    draft = llm.llm_engine.proposer.runner
-    assert draft.graphs.sizes == GRAPH_SIZES and draft.verify_graphs is not None
-    target, head = _eagle_checkpoints(tmp_path)
-    llm, launches = build_on_fake_h200(target, speculative_config={
-        "method": "eagle", "model": head, "num_speculative_tokens": 3})
-    check_engine(llm, launches)
-    proposer = llm.llm_engine.proposer
-    assert proposer.graphs.sizes == GRAPH_SIZES and proposer.catch_up_graphs is not None
-
-
-#: built-in models at their real shapes (dummy weights, fake tensors: no memory): the
-#: GPU run's serving benchmark (qwen2.5-0.5b int4, batch buckets up to 256: split-KV and
-#: split-K plans of real sizes) and one model each for softcaps at D 256 (Gemma 2),
-#: W8A8 split-K reduces (int8), sinks + MXFP4 experts (GPT-OSS)
-REAL_SHAPES = {
-    "qwen2.5-0.5b-int4": ("qwen2.5-0.5b", 256, dict(quantization="int4")),
-    "gemma-2-2b": ("gemma-2-2b", 16, {}),
-    "llama-3.2-1b-int8": ("llama-3.2-1b", 16, dict(quantization="int8")),
-    "gpt-oss-20b": ("gpt-oss-20b", 16, {}),
-}
-
-
-@pytest.mark.parametrize("name", sorted(REAL_SHAPES))
-def test_real_shapes_capture_on_a_gpu(name):
-    model, seqs, kw = REAL_SHAPES[name]
-    with fake_h200() as gpu:
-        llm = LLM(model, dtype="bfloat16", device="cuda", tokenizer=None, num_kv_blocks=4096,
-                  block_size=16, max_num_seqs=seqs, **kw)
-    runner = llm.llm_engine.runner
-    assert runner.graphs.sizes[-1] == seqs
-    off = [n for n, t in [*runner.model.named_parameters(), *runner.model.named_buffers()]
-           if not t.is_cuda]
-    assert not off, off[:5]
-    assert_compiled_ahead(gpu.launches)
+    assert_compiled_ahead(run_eager_steps(llm.llm_engine.runner.model))

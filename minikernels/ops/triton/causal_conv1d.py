@@ -197,16 +197,20 @@ for _dt in ("fp16", "bf16"):
                                 "BLOCK_D": _bd, "BLOCK_S": triton.next_power_of_2(_w - 1),
                                 "LONG_OFFSETS": False, "RNE_BF16": False},
                     num_warps=_warps, num_stages=1))
-    # the decode steps the engine launches: a state pool without has_initial_state flags
-    _bt, _bd, _warps = launch_config(1)
+    # the steps the engine launches with every bias / SiLU choice: decode (a state pool
+    # without has_initial_state flags) and prefill chunks (with them)
     for _bias in (False, True):
         for _silu in (False, True):
-            register(KernelSpec(
-                name=f"causal_conv1d[{_dt},W=4,state=True,T={_bt},D={_bd},init=False,"
-                     f"bias={_bias},silu={_silu}]",
-                fn=causal_conv1d_kernel, signature=_sig,
-                constexprs={"W": 4, "HAS_BIAS": _bias, "HAS_STATE": True,
-                            "HAS_INIT_FLAGS": False, "SILU": _silu, "BLOCK_T": _bt,
-                            "BLOCK_D": _bd, "BLOCK_S": triton.next_power_of_2(4 - 1),
-                            "LONG_OFFSETS": False, "RNE_BF16": False},
-                num_warps=_warps, num_stages=1))
+            for _init, _max_seqlen in ((False, 1), (True, 4096)):
+                if _init and _bias and _silu:
+                    continue                      # the loop above builds it
+                _bt, _bd, _warps = launch_config(_max_seqlen)
+                register(KernelSpec(
+                    name=f"causal_conv1d[{_dt},W=4,state=True,T={_bt},D={_bd},init={_init},"
+                         f"bias={_bias},silu={_silu}]",
+                    fn=causal_conv1d_kernel, signature=_sig,
+                    constexprs={"W": 4, "HAS_BIAS": _bias, "HAS_STATE": True,
+                                "HAS_INIT_FLAGS": _init, "SILU": _silu, "BLOCK_T": _bt,
+                                "BLOCK_D": _bd, "BLOCK_S": triton.next_power_of_2(4 - 1),
+                                "LONG_OFFSETS": False, "RNE_BF16": False},
+                    num_warps=_warps, num_stages=1))

@@ -298,8 +298,10 @@ UNALIGNED_CONFIGS = {
     256: FlashConfig(16, 16, 4, 2),
     512: FlashConfig(16, 16, 8, 2),
 }
-#: fp32 q / k / v (exact dots on FMA units; GPU fp32 is for tests) at BLOCK_D 512: the
-#: 32 x 32 / 4-warp tile of narrower dims spills there; 16 x 16 over 8 warps, 1 stage does not.
+#: fp32 q / k / v (exact dots on FMA units; GPU fp32 is for tests): 32 x 32 tiles over 8
+#: warps up to BLOCK_D 64, 16 x 16 over 8 warps and 1 stage above (AOT, sm_80 / sm_90a: no
+#: spills; 32 x 32 / 4 warps spilled from BLOCK_D 64 on sm_90a, 64 x 32 / 4 warps at 64).
+FP32_NARROW_CONFIG = FlashConfig(32, 32, 8, 2)
 FP32_WIDE_CONFIG = FlashConfig(16, 16, 8, 1)
 INTERPRETER_CONFIG = FlashConfig(16, 16, 1, 1)  # CPU interpreter: small tiles, many programs
 
@@ -339,7 +341,7 @@ def pick_config(head_dim: int, dtype: torch.dtype, device: torch.device,
     cfg = (SM90_CONFIGS if major >= 9 else SM80_CONFIGS)[bd]
     elem = torch.finfo(dtype).bits // 8
     if dtype == torch.float32:  # exact fp32 dots run on FMA units: small tiles
-        cfg = FlashConfig(64 if bd <= 64 else 32, 32, 4, 2) if bd <= 256 else FP32_WIDE_CONFIG
+        cfg = FP32_NARROW_CONFIG if bd <= 64 else FP32_WIDE_CONFIG
     if not aligned and bd in UNALIGNED_CONFIGS:
         cfg = UNALIGNED_CONFIGS[bd]
     smem = torch.cuda.get_device_properties(device).shared_memory_per_block_optin
@@ -480,11 +482,12 @@ def _register(dt: str, head_dim: int, cfg: FlashConfig, *, causal: bool = True,
         constexprs={"HEAD_DIM": head_dim, "BLOCK_D": block_d(head_dim),
                     "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "RIGHT_BOUND": causal,
                     "HAS_WINDOW": window, "HAS_SOFTCAP": softcap, "PAGED": bool(page_size),
-                    "PAGE_SIZE": page_size or 1, "DOT_PRECISION": "tf32", "UPCAST": False,
+                    "PAGE_SIZE": page_size or 1,
+                    "DOT_PRECISION": "ieee" if dt == "fp32" else "tf32", "UPCAST": False,
                     "KV_SCALE": fp8_kv, "SCALE_PER_HEAD": fp8_kv,
                     "ALIGNED": head_dim % 8 == 0, "HAS_ALIBI": alibi},
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages, tensor_core=True, archs=archs,
-        wgmma_expected=cfg.block_m >= 64))   # wgmma tiles have 64 rows
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, tensor_core=dt != "fp32",
+        archs=archs, wgmma_expected=cfg.block_m >= 64))   # wgmma tiles have 64 rows
 
 
 for _table in (SM90_CONFIGS, SM80_CONFIGS):
@@ -506,6 +509,20 @@ for _table in (SM90_CONFIGS, SM80_CONFIGS):
     _register("bf16", 128, _table[128], alibi=True)
 _register("fp16", 64, SM90_CONFIGS[64], causal=False, window=True, softcap=True, page_size=16,
           alibi=True)
+# prefill chunks over a paged prefix with ALiBi (BLOOM / MPT) and with a softcap but no
+# window (Gemma 2's global layers, D 256)
+for _table in (SM90_CONFIGS, SM80_CONFIGS):
+    _register("bf16", 128, _table[128], page_size=16, alibi=True)
+    _register("bf16", 256, _table[256], page_size=16, softcap=True)
+# fp32 (exact dots on FMA units: what fp32 engines, the GPU model tests', run): prefill
+# chunks over a paged prefix, pick_config's fp32 tiles, each window / softcap choice
+_register("fp32", 64, FP32_NARROW_CONFIG, page_size=16)
+_register("fp32", 64, FP32_NARROW_CONFIG, window=True, softcap=True, page_size=16)
+for _window in (False, True):
+    for _softcap in (False, True):
+        _register("fp32", 128, FP32_WIDE_CONFIG, window=_window, softcap=_softcap,
+                  page_size=16)
+_register("fp32", 256, FP32_WIDE_CONFIG, window=True, softcap=True, page_size=16)
 # fp8 KV cache: prefill over an fp8 paged prefix (sm_90a: e4m3 converts natively there)
 _register("bf16", 128, SM90_CONFIGS[128], page_size=16, fp8_kv=True, archs=(90,))
 _register("bf16", 64, SM90_CONFIGS[64], page_size=16, fp8_kv=True, archs=(90,))

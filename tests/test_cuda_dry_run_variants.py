@@ -1,0 +1,136 @@
+"""The CUDA paths of the engine's variants, dry-run on the CPU (tests/fake_cuda.py; the
+checks and the model families: tests/test_cuda_dry_run.py): quantized weights, MoE, fp8
+KV, LoRA, the speculative proposers' graphs, built-in models at their real shapes (the GPU
+run's serving engine among them), and the sampler on the overlap path."""
+from __future__ import annotations
+
+import pathlib
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from fake_cuda import HostSync, fake_h200  # noqa: E402
+from test_cuda_dry_run import (GRAPH_SIZES, assert_compiled_ahead,  # noqa: E402,F401
+                               build_on_fake_h200, check_engine, checkpoints)
+from test_sampler import seq_for  # noqa: E402
+
+from minikernels.engine import LLM, SamplingParams  # noqa: E402
+from minikernels.engine.sampler import Sampler, needs_host_tokens  # noqa: E402
+
+
+def _eagle_checkpoints(root: pathlib.Path) -> tuple[str, str]:
+    from test_eagle import _bigram_target, _save_oracle_head
+
+    target = _bigram_target(root / "bigram", seed=20)
+    _save_oracle_head(root / "head", target, 0.03, 22)
+    return str(root / "bigram"), str(root / "head")
+
+
+VARIANTS = {
+    "int4": ("llama", dict(quantization="int4")),
+    "fp8": ("llama", dict(quantization="fp8")),
+    "int8": ("llama", dict(quantization="int8")),
+    "moe-int4": ("qwen3-moe", dict(quantization="int4")),
+    "moe-fp8": ("qwen3-moe", dict(quantization="fp8")),
+    "gated-delta-int4": ("qwen3_5", dict(quantization="int4")),
+    "fp8-kv": ("llama", dict(kv_cache_dtype="fp8")),
+    "fp8-kv-sliding-softcap": ("gemma2-window-softcap", dict(kv_cache_dtype="fp8")),
+    "fp8-kv-sinks": ("granite_swa", dict(kv_cache_dtype="fp8")),
+    "lora": ("llama", dict(enable_lora=True, max_lora_rank=8)),
+    "ngram": ("llama", dict(speculative_config={"method": "ngram",
+                                                "num_speculative_tokens": 3})),
+}
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_engine_variants_capture_on_a_gpu(checkpoints, variant):
+    kind, kw = VARIANTS[variant]
+    llm, launches = build_on_fake_h200(checkpoints[kind], **kw)
+    check_engine(llm, launches)
+    if "speculative_config" in kw:
+        assert llm.llm_engine.runner.verify_graphs.sizes == GRAPH_SIZES
+        assert "flash_attn_fwd_kernel" in {x.kernel for x in launches}
+
+
+def test_draft_model_and_eagle_graphs_capture_on_a_gpu(checkpoints, tmp_path):
+    llm, launches = build_on_fake_h200(checkpoints["llama"], speculative_config={
+        "method": "draft_model", "model": checkpoints["qwen3"], "num_speculative_tokens": 2})
+    check_engine(llm, launches)
+    draft = llm.llm_engine.proposer.runner
+    assert draft.graphs.sizes == GRAPH_SIZES and draft.verify_graphs is not None
+    target, head = _eagle_checkpoints(tmp_path)
+    llm, launches = build_on_fake_h200(target, speculative_config={
+        "method": "eagle", "model": head, "num_speculative_tokens": 3})
+    check_engine(llm, launches)
+    proposer = llm.llm_engine.proposer
+    assert proposer.graphs.sizes == GRAPH_SIZES and proposer.catch_up_graphs is not None
+
+
+#: built-in models at their real shapes (dummy weights, fake tensors: no memory): the
+#: GPU run's serving benchmark (qwen2.5-0.5b int4, batch buckets up to 256: split-KV and
+#: split-K plans of real sizes) and one model each for softcaps at D 256 (Gemma 2),
+#: W8A8 split-K reduces (int8), sinks + MXFP4 experts (GPT-OSS)
+REAL_SHAPES = {
+    "qwen2.5-0.5b-int4": ("qwen2.5-0.5b", 256, dict(quantization="int4")),
+    "gemma-2-2b": ("gemma-2-2b", 16, {}),
+    "llama-3.2-1b-int8": ("llama-3.2-1b", 16, dict(quantization="int8")),
+    "gpt-oss-20b": ("gpt-oss-20b", 16, {}),
+}
+
+
+@pytest.mark.parametrize("name", sorted(REAL_SHAPES))
+def test_real_shapes_capture_on_a_gpu(name):
+    model, seqs, kw = REAL_SHAPES[name]
+    with fake_h200() as gpu:
+        llm = LLM(model, dtype="bfloat16", device="cuda", tokenizer=None, num_kv_blocks=4096,
+                  block_size=16, max_num_seqs=seqs, **kw)
+    runner = llm.llm_engine.runner
+    assert runner.graphs.sizes[-1] == seqs
+    off = [n for n, t in [*runner.model.named_parameters(), *runner.model.named_buffers()]
+           if not t.is_cuda]
+    assert not off, off[:5]
+    assert_compiled_ahead(gpu.launches)
+
+
+#: batches whose tokens stay on the device between steps (async scheduling): the sampler
+#: may upload small per-row tensors (non_blocking) but must not wait for the GPU
+OVERLAP_BATCHES = {
+    "greedy": [SamplingParams(temperature=0)] * 4,
+    "top-k-top-p": [SamplingParams(temperature=0.7, top_k=20, top_p=0.9)] * 4,
+    "seeded": [SamplingParams(temperature=0.7, seed=3)] * 4,
+    "mixed": [SamplingParams(temperature=0), SamplingParams(temperature=0.5, top_p=0.8),
+              SamplingParams(temperature=1.0, min_p=0.1), SamplingParams(temperature=0.9,
+                                                                         top_k=5)],
+    "logprobs": [SamplingParams(temperature=0.7, logprobs=3)] * 4,
+    "min-tokens": [SamplingParams(temperature=0.7, min_tokens=5)] * 4,
+    "logit-bias": [SamplingParams(temperature=0.7, logit_bias={5: 2.0})] * 4,
+}
+
+
+@pytest.mark.parametrize("batch", sorted(OVERLAP_BATCHES))
+def test_sampler_does_not_wait_for_the_gpu(batch):
+    params = OVERLAP_BATCHES[batch]
+    assert not needs_host_tokens(params)
+    with fake_h200() as gpu:
+        sampler = Sampler(151936, device="cuda")
+        seqs = [seq_for(p, output=(4, 5), sampler=sampler, index=i)
+                for i, p in enumerate(params)]
+        logits = torch.randn(4, 151936, device="cuda")
+        with gpu.overlapping():
+            out = sampler.sample(logits, seqs, eos_token_ids=[2])
+    assert out.tokens.is_cuda and out.tokens.shape == (4,)
+    assert_compiled_ahead(gpu.launches)
+
+
+def test_a_penalty_batch_waits_and_says_so():
+    """Penalties read every row's output tokens on the host (needs_host_tokens): their
+    upload is a blocking one, which the overlap check reports."""
+    params = [SamplingParams(temperature=0.7, repetition_penalty=1.2)] * 4
+    assert needs_host_tokens(params)
+    with fake_h200() as gpu:
+        sampler = Sampler(1000, device="cuda")
+        seqs = [seq_for(p, output=(4, 5)) for p in params]
+        with gpu.overlapping(), pytest.raises(HostSync, match="penalty_state"):
+            sampler.sample(torch.randn(4, 1000, device="cuda"), seqs)
