@@ -309,26 +309,23 @@ class FakeH200:
     launches: list[Launch] = field(default_factory=list)
 
     @contextlib.contextmanager
-    def capturing(self) -> Iterator[None]:
-        """A (fake) CUDA graph capture: host synchronisations raise :class:`HostSync`."""
-        was = self.calls.capturing
-        self.calls.capturing = True
+    def _watch(self, flag: str) -> Iterator[None]:
+        was = getattr(self.calls, flag)
+        setattr(self.calls, flag, True)
         try:
             yield
         finally:
-            self.calls.capturing = was
+            setattr(self.calls, flag, was)
 
-    @contextlib.contextmanager
-    def overlapping(self) -> Iterator[None]:
+    def capturing(self) -> contextlib.AbstractContextManager:
+        """A (fake) CUDA graph capture: host synchronisations raise :class:`HostSync`."""
+        return self._watch("capturing")
+
+    def overlapping(self) -> contextlib.AbstractContextManager:
         """Host work that must not wait for the GPU (async scheduling: the host prepares
         step N + 1 while step N runs): host syncs raise :class:`HostSync`, as in a
         capture, except uploads with ``non_blocking=True``."""
-        was = self.calls.streaming
-        self.calls.streaming = True
-        try:
-            yield
-        finally:
-            self.calls.streaming = was
+        return self._watch("streaming")
 
     def kernels(self) -> set[str]:
         return {launch.kernel for launch in self.launches}

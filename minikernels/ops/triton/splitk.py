@@ -276,20 +276,15 @@ def reduce_splits(ws: torch.Tensor, bias: torch.Tensor | None, y: torch.Tensor,
         BLOCK=_REDUCE_BLOCK, RNE_BF16=rne_bf16, num_warps=4)
 
 
+# (bias False: the bias-free decode GEMVs' split-K sums the engine launches)
 for _dt in ("fp16", "bf16", "fp32"):
-    register(KernelSpec(
-        name=f"splitk_reduce[{_dt}]", fn=splitk_reduce_kernel,
-        signature={"ws_ptr": "*fp32", "bias_ptr": f"*{_dt}", "y_ptr": f"*{_dt}", "MN": "i32",
-                   "N": "i32", "HAS_BIAS": "constexpr", "SPLIT": "constexpr",
-                   "BLOCK": "constexpr", "RNE_BF16": "constexpr"},
-        constexprs={"HAS_BIAS": True, "SPLIT": 4, "BLOCK": _REDUCE_BLOCK, "RNE_BF16": False},
-        num_warps=4, num_stages=1))
-# the bias-free decode GEMVs' split-K sums the engine launches
-for _dt in ("fp16", "bf16", "fp32"):
-    register(KernelSpec(
-        name=f"splitk_reduce[{_dt},bias=False]", fn=splitk_reduce_kernel,
-        signature={"ws_ptr": "*fp32", "bias_ptr": f"*{_dt}", "y_ptr": f"*{_dt}", "MN": "i32",
-                   "N": "i32", "HAS_BIAS": "constexpr", "SPLIT": "constexpr",
-                   "BLOCK": "constexpr", "RNE_BF16": "constexpr"},
-        constexprs={"HAS_BIAS": False, "SPLIT": 4, "BLOCK": _REDUCE_BLOCK, "RNE_BF16": False},
-        num_warps=4, num_stages=1))
+    for _bias in (True, False):
+        register(KernelSpec(
+            name=f"splitk_reduce[{_dt}{'' if _bias else ',bias=False'}]",
+            fn=splitk_reduce_kernel,
+            signature={"ws_ptr": "*fp32", "bias_ptr": f"*{_dt}", "y_ptr": f"*{_dt}",
+                       "MN": "i32", "N": "i32", "HAS_BIAS": "constexpr", "SPLIT": "constexpr",
+                       "BLOCK": "constexpr", "RNE_BF16": "constexpr"},
+            constexprs={"HAS_BIAS": _bias, "SPLIT": 4, "BLOCK": _REDUCE_BLOCK,
+                        "RNE_BF16": False},
+            num_warps=4, num_stages=1))
