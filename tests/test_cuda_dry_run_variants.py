@@ -69,14 +69,15 @@ def test_draft_model_and_eagle_graphs_capture_on_a_gpu(checkpoints, tmp_path):
 
 
 #: built-in models at their real shapes (dummy weights, fake tensors: no memory): the
-#: GPU run's serving benchmark (qwen2.5-0.5b int4, batch buckets up to 256: split-KV and
-#: split-K plans of real sizes) and one model each for softcaps at D 256 (Gemma 2),
-#: W8A8 split-K reduces (int8), sinks + MXFP4 experts (GPT-OSS)
+#: GPU run's serving engine (qwen2.5-0.5b int4; buckets to 64: its split-KV / split-K
+#: plans at real sizes, both decode GEMV tiles and the GEMM) and one model each for
+#: softcaps at D 256 (Gemma 2), W8A8 split-K reduces (int8), sinks + MXFP4 experts
+#: (GPT-OSS); (model, max_num_seqs, LLM options)
 REAL_SHAPES = {
-    "qwen2.5-0.5b-int4": ("qwen2.5-0.5b", 256, dict(quantization="int4")),
-    "gemma-2-2b": ("gemma-2-2b", 16, {}),
-    "llama-3.2-1b-int8": ("llama-3.2-1b", 16, dict(quantization="int8")),
-    "gpt-oss-20b": ("gpt-oss-20b", 16, {}),
+    "qwen2.5-0.5b-int4": ("qwen2.5-0.5b", 64, dict(quantization="int4")),
+    "gemma-2-2b": ("gemma-2-2b", 4, {}),
+    "llama-3.2-1b-int8": ("llama-3.2-1b", 4, dict(quantization="int8")),
+    "gpt-oss-20b": ("gpt-oss-20b", 4, {}),
 }
 
 
