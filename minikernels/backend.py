@@ -4,8 +4,9 @@ Backends:
     ``reference``  plain PyTorch, fp32 math (minikernels.ops.reference): the spec and the CPU path.
     ``triton``     Triton kernels (CUDA tensors; CPU tensors only under TRITON_INTERPRET=1).
     ``cuda``       hand-written CUDA C++ in the compiled extension ``minikernels._C``.
-    ``auto``       per device and shape: CPU -> reference; CUDA -> the op's own policy
-                   (e.g. int4 decode M<=16 -> cuda, larger M -> triton).
+    ``auto``       per device and shape: CPU -> reference; CUDA -> Triton, or the op's own
+                   policy (e.g. int4 decode M<=16 -> cuda) once a GPU run has validated
+                   that op's CUDA kernel (``CUDA_VALIDATED``).
 
 Override with ``minikernels.use_backend(name)`` (a context manager, thread-local) or the
 ``MINIKERNELS_BACKEND`` environment variable. Asking for ``cuda`` where the extension is
@@ -29,6 +30,13 @@ BACKENDS = ("auto", "reference", "triton", "cuda")
 _local = threading.local()
 _logged: set[str] = set()
 _cuda_ext: ModuleType | None | bool = False  # False = not looked up yet
+
+# Ops whose CUDA C++ kernel a GPU run has checked against the reference (its results
+# committed under bench/results/<gpu>/, the run named in bench/NOTES.md). ``auto`` follows
+# an op's prefer-CUDA policy only for these; every other CUDA kernel is opt-in
+# (``use_backend("cuda")``) and ``auto`` keeps the Triton kernels, which are compiled ahead
+# of time for sm_80 / sm_90a and proven under the interpreter. No GPU run yet: empty.
+CUDA_VALIDATED: frozenset[str] = frozenset()
 
 
 def _log_once(key: str, message: str) -> None:
@@ -96,7 +104,8 @@ def resolve(op: str, device: torch.device, *, cuda_ok: bool | Callable[[], bool]
     """Pick the backend that runs ``op`` on ``device`` now.
 
     cuda_ok:     this call can run on the op's CUDA kernel (shape/dtype supported).
-    prefer_cuda: 'auto' should pick that CUDA kernel over Triton for this call.
+    prefer_cuda: 'auto' should pick that CUDA kernel over Triton for this call (honoured
+                 only for ops in ``CUDA_VALIDATED``).
     Returns one of 'reference', 'triton', 'cuda'.
     """
     want = current_backend()
@@ -114,8 +123,10 @@ def resolve(op: str, device: torch.device, *, cuda_ok: bool | Callable[[], bool]
     if not triton_available():
         _log_once("no-triton", "minikernels: triton is not installed; using reference ops")
         return "reference"
+    if want == "triton" or (want == "auto" and op not in CUDA_VALIDATED):
+        return "triton"
     ok = cuda_ok() if callable(cuda_ok) else cuda_ok
-    if want == "triton" or (want == "auto" and not ok):
+    if want == "auto" and not ok:
         return "triton"
     if want == "cuda" and not ok:
         _log_once(f"cuda-unsupported:{op}",

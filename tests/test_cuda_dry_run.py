@@ -272,3 +272,34 @@ def test_engine_runs_on_a_gpu(checkpoints, kind, dtype):
     llm, launches = build_on_fake_h200(checkpoints[kind], dtype)
     check_engine(llm, launches)
     assert_compiled_ahead(run_eager_steps(llm.llm_engine.runner.model))
+
+
+class _UnvalidatedExtension:
+    """Stands in for a built minikernels._C whose kernels no GPU run has validated: any
+    kernel looked up on it is recorded (hasattr checks included)."""
+
+    def __init__(self) -> None:
+        self.used: list[str] = []
+
+    def __getattr__(self, name: str):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        self.used.append(name)
+        raise AssertionError(f"auto called the unvalidated CUDA kernel {name}")
+
+
+def test_auto_keeps_unvalidated_cuda_kernels_out_of_an_engine(checkpoints, monkeypatch):
+    """With the extension built but none of its kernels in backend.CUDA_VALIDATED, an int4
+    engine on a GPU (its decode GEMVs, RMSNorms, KV writes and paged decode: the ops with
+    CUDA C++ kernels) runs only Triton under auto, graphs and eager steps alike."""
+    from minikernels import backend
+
+    ext = _UnvalidatedExtension()
+    monkeypatch.setattr(backend, "_cuda_ext", ext)
+    monkeypatch.setattr(backend, "CUDA_VALIDATED", frozenset())
+    llm, launches = build_on_fake_h200(checkpoints["llama"], quantization="int4")
+    launches += run_eager_steps(llm.llm_engine.runner.model)
+    kernels = {x.kernel for x in launches}
+    assert {"rms_norm_kernel", "paged_decode_kernel"} <= kernels, kernels
+    assert any("int4" in k for k in kernels), kernels
+    assert ext.used == []

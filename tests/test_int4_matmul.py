@@ -151,7 +151,8 @@ def test_opcheck():
 
 
 def test_dispatch_policy():
-    """auto on CUDA: M <= 16 -> cuda kernel when built, larger M -> Triton."""
+    """The CUDA kernel takes M <= 16 with K % 32 == 0 (auto picks it there once a GPU run has
+    validated it: backend.CUDA_VALIDATED), larger M -> Triton."""
     x, qw, s, z, _ = make_case(4, 16, 64, 32, torch.float16, "cpu")
     assert int4_op._cuda_ok(x, qw, s, 32)
     assert not int4_op._cuda_ok(torch.randn(17, 64).half(), qw, s, 32)

@@ -339,14 +339,38 @@ def test_missing_extension_falls_back_to_triton_with_one_log_line(monkeypatch, c
         assert mk_backend.resolve("rms_norm", dev, cuda_ok=True, prefer_cuda=True) == "triton"
 
 
-def test_auto_prefers_cuda_kernel_when_extension_present(monkeypatch):
+def test_auto_prefers_cuda_kernel_only_once_validated(monkeypatch):
+    """auto follows an op's prefer-CUDA policy only for ops a GPU run validated
+    (backend.CUDA_VALIDATED); an unvalidated CUDA kernel runs only when asked for."""
     monkeypatch.setattr(mk_backend, "_cuda_ext", object())
     monkeypatch.setattr(mk_backend, "triton_available", lambda: True)
     dev = torch.device("cuda")
+    monkeypatch.setattr(mk_backend, "CUDA_VALIDATED", frozenset())
+    with mk.use_backend("auto"):
+        assert mk_backend.resolve("int4_matmul", dev, cuda_ok=True, prefer_cuda=True) == "triton"
+    with mk.use_backend("cuda"):
+        assert mk_backend.resolve("int4_matmul", dev, cuda_ok=True, prefer_cuda=False) == "cuda"
+    monkeypatch.setattr(mk_backend, "CUDA_VALIDATED", frozenset({"int4_matmul"}))
     with mk.use_backend("auto"):
         assert mk_backend.resolve("int4_matmul", dev, cuda_ok=True, prefer_cuda=True) == "cuda"
         assert mk_backend.resolve("int4_matmul", dev, cuda_ok=True, prefer_cuda=False) == "triton"
         assert mk_backend.resolve("int4_matmul", dev, cuda_ok=False) == "triton"
+        assert mk_backend.resolve("rms_norm", dev, cuda_ok=True, prefer_cuda=True) == "triton"
+
+
+def test_validated_cuda_ops_have_committed_gpu_results():
+    """An op enters CUDA_VALIDATED only with a GPU run's results committed: the CUDA test
+    log of that run under bench/results/<gpu>/ must show no failure."""
+    import pathlib
+
+    if not mk_backend.CUDA_VALIDATED:
+        return
+    results = pathlib.Path(__file__).resolve().parents[1] / "bench" / "results"
+    logs = sorted(results.glob("*/pytest_cuda.log"))
+    assert logs, "CUDA_VALIDATED is not empty but no GPU run's pytest_cuda.log is committed"
+    for log in logs:
+        tail = log.read_text().splitlines()[-5:]
+        assert not any(" failed" in line for line in tail), (log, tail)
 
 
 # ---------------------------------------------------------------------------- bad input

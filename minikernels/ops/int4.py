@@ -4,7 +4,9 @@ Weight layout: see :mod:`minikernels.ops.reference` (qweight int32 [N, K/8] pack
 lowest nibble first; scales/zeros [N, K/G] fp16/bf16); docs/int4_format.md.
 Backends: reference; triton (minikernels/ops/triton/int4_matmul.py: tensor-core GEMM for
 M > 16, split-K GEMV for M <= 16); cuda (csrc/int4_gemv.cu: decode kernel for M <= 16).
-auto on CUDA: M <= CUDA_MAX_M -> cuda when the extension is built, else Triton.
+auto on CUDA: Triton; once a GPU run has validated the CUDA kernel (backend.CUDA_VALIDATED),
+M <= CUDA_MAX_M -> cuda when the extension is built. Until then cuda is opt-in
+(use_backend("cuda")).
 """
 from __future__ import annotations
 

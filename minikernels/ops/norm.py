@@ -3,7 +3,7 @@
 Ops: ``minikernels::rms_norm`` and ``minikernels::fused_add_rms_norm``, each with a
 ``weight_offset`` (0: Llama's ``x_normed * w``; 1: Gemma's ``x_normed * (1 + w)``).
 Backends: reference, triton, cuda (csrc/rms_norm.cu, offset 0 only; auto prefers it on
-CUDA). ``minikernels::layer_norm`` and ``minikernels::fused_add_layer_norm`` (StableLM,
+CUDA once a GPU run has validated it, backend.CUDA_VALIDATED; until then opt-in). ``minikernels::layer_norm`` and ``minikernels::fused_add_layer_norm`` (StableLM,
 StarCoder 2, ...; bias optional): reference, triton.
 """
 from __future__ import annotations
