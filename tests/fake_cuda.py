@@ -203,6 +203,8 @@ class _CudaCalls(TorchFunctionMode):
 
     def __torch_function__(self, func: Callable, types: Any, args: tuple = (),
                            kwargs: dict | None = None) -> Any:
+        if func is torch.device:             # torch.device("cuda", 0) as written
+            return func(*args, **(kwargs or {}))
         kwargs = {k: _cuda0(v) for k, v in (kwargs or {}).items()}
         args = tuple(_cuda0(a) for a in args)
         if self.watching:
