@@ -70,6 +70,17 @@ class Launch:
     pointers: dict[str, torch.dtype]
     num_warps: int | None
     num_stages: int | None
+    module: str = ""
+    #: every argument by name: a tensor as its dtype, scalars and constexprs as passed
+    args: dict[str, Any] = field(default_factory=dict)
+
+    def record(self) -> dict[str, Any]:
+        """As JSON for ``aot.compile_launch`` (which compiles it exactly, for a GPU)."""
+        args = {k: str(v) if isinstance(v, torch.dtype) else v for k, v in self.args.items()}
+        return {"name": f"{self.kernel}{sorted(self.constexprs.items())}", "module": self.module,
+                "kernel": self.kernel, "args": args, "constexprs": sorted(self.constexprs),
+                "num_warps": self.num_warps,
+                "num_stages": self.num_stages}
 
 
 def _where() -> str:
@@ -346,7 +357,10 @@ def _record_launch(state: FakeH200) -> Callable:
             constexprs={k: v for k, v in bound.items()
                         if k in params and "constexpr" in str(params[k].annotation)},
             pointers={k: v.dtype for k, v in bound.items() if isinstance(v, torch.Tensor)},
-            num_warps=kwargs.get("num_warps"), num_stages=kwargs.get("num_stages")))
+            num_warps=kwargs.get("num_warps"), num_stages=kwargs.get("num_stages"),
+            module=self.fn.__module__,
+            args={k: v.dtype if isinstance(v, torch.Tensor) else v
+                  for k, v in bound.items() if k in params}))
     return run
 
 

@@ -1,7 +1,9 @@
 """Every Triton kernel compiles ahead of time for sm_80 and sm_90a, no GPU needed.
 
-Fails on a compile error, on register spills (cuobjdump reports STACK/LOCAL bytes), and,
-for tensor-core kernels, when the sm_90a PTX lacks wgmma (sm_80 must show mma.sync).
+Fails on a compile error, on register spills (cuobjdump reports STACK/LOCAL bytes), on
+more shared memory than a block of that arch may use (Triton would raise OutOfResources at
+the first launch on the GPU), and, for tensor-core kernels, when the sm_90a PTX lacks
+wgmma (sm_80 must show mma.sync).
 Compilation runs once, in a subprocess without TRITON_INTERPRET (which the CPU test
 session sets), through ``python -m minikernels.ops.triton.aot``: started by conftest.py
 when collection ends, in the background (it overlaps the other tests), and read here,
@@ -25,7 +27,7 @@ pytest.importorskip("triton")
 
 from conftest import AOT_SUBSET  # noqa: E402
 from minikernels.ops.triton.aot import (  # noqa: E402
-    HOT_PATH_SPECS, covering_subset, family_elements)
+    HOT_PATH_SPECS, SMEM_LIMIT, covering_subset, family_elements)
 from minikernels.ops.triton.registry import KernelSpec, all_kernels  # noqa: E402
 
 ALL_SPECS = all_kernels()
@@ -94,6 +96,9 @@ def test_compiles_without_spills(aot_results, name: str, arch: str):
     if usage is not None:
         assert usage.get("STACK", 0) == 0 and usage.get("LOCAL", 0) == 0, \
             f"{name} spills registers on {arch}: {usage}"
+    assert r["shared"] <= SMEM_LIMIT[arch], \
+        f"{name} needs {r['shared']} bytes of shared memory on {arch} (at most " \
+        f"{SMEM_LIMIT[arch]}): OutOfResources at its first launch"
     if r["tensor_core"]:
         if arch == "sm_90a" and r["wgmma_expected"]:
             assert r["wgmma"], f"{name}: no wgmma in sm_90a PTX"

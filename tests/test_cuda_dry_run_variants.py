@@ -11,6 +11,7 @@ import torch
 
 pytest.importorskip("triton")
 
+from conftest import AOT_SUBSET  # noqa: E402
 from fake_cuda import HostSync, fake_h200  # noqa: E402
 from test_cuda_dry_run import (GRAPH_SIZES, assert_compiled_ahead,  # noqa: E402,F401
                                build_on_fake_h200, check_engine, checkpoints)
@@ -93,6 +94,50 @@ def test_real_shapes_capture_on_a_gpu(name):
            if not t.is_cuda]
     assert not off, off[:5]
     assert_compiled_ahead(gpu.launches)
+
+
+#: the engines whose every launch ``MK_AOT=all`` compiles exactly (the GPU run's serving
+#: engines, int4 and bf16, buckets to 256, then the other real-shape models): (model,
+#: max_num_seqs, LLM options)
+EXACT_ENGINES = [("qwen2.5-0.5b", 256, dict(quantization="int4")), ("qwen2.5-0.5b", 256, {}),
+                 *REAL_SHAPES.values()]
+
+
+@pytest.mark.skipif(AOT_SUBSET != "all", reason="compiles every launch of five engines "
+                    "(~2 CPU-minutes): with MK_AOT=all, before a GPU run")
+def test_real_engines_launch_kernels_that_compile(tmp_path):
+    """Every kernel the real-shape engines launch (their decode-graph captures, then a
+    prefill, a mixed and a decode step: the exact tiles, dtypes and integer
+    specializations, not the registry's representative ones) compiles for sm_90a and
+    sm_80 as its first launch on that GPU would (``aot --launches``: Triton's own warmup
+    against a stand-in driver), with no register spills and within the arch's shared
+    memory per block (else Triton raises OutOfResources at that launch)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from test_cuda_dry_run import run_eager_steps
+
+    records = []
+    for model, seqs, kw in EXACT_ENGINES:
+        with fake_h200() as gpu:
+            llm = LLM(model, dtype="bfloat16", device="cuda", tokenizer=None,
+                      num_kv_blocks=4096, block_size=16, max_num_seqs=seqs, **kw)
+        launches = gpu.launches + run_eager_steps(llm.llm_engine.runner.model)
+        records += [launch.record() for launch in launches]
+    path, out = tmp_path / "launches.json", tmp_path / "compiled.json"
+    path.write_text(json.dumps(records, default=str))
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    res = subprocess.run([sys.executable, "-m", "minikernels.ops.triton.aot", "--launches",
+                          str(path), "--arch", "90", "--arch", "80", "--json", str(out)],
+                         env=env, capture_output=True, text=True)
+    bad = [ln for ln in res.stdout.splitlines() if not ln.startswith("ok")]
+    assert res.returncode == 0 and out.exists(), "\n".join(bad)[-6000:] or res.stderr[-3000:]
+    compiled = json.loads(out.read_text())
+    assert len({r["name"] for r in compiled}) >= 20 and all(
+        r["wgmma"] for r in compiled if r["arch"] == "sm_90a" and
+        r["name"].startswith(("int4_gemm_kernel", "flash_attn_fwd_kernel")))
 
 
 #: batches whose tokens stay on the device between steps (async scheduling): the sampler
