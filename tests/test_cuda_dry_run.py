@@ -33,6 +33,7 @@ import torch
 
 pytest.importorskip("triton")
 
+from conftest import AOT_SUBSET  # noqa: E402
 from fake_cuda import HostSync, Launch, fake_h200  # noqa: E402
 from test_model_support import CASES, make_hf_model, run_schedule, save_hf  # noqa: E402
 
@@ -130,6 +131,30 @@ def assert_compiled_ahead(launches: list[Launch]) -> None:
     assert not missing, "launched on the GPU path but never compiled ahead of time: " + \
         "; ".join(f"{k} {dict(f) if isinstance(f, tuple) else f}" for k, f in sorted(
             missing, key=str))
+
+
+def compile_exactly(records: list[dict], tmp_path, archs: tuple[int, ...] = (90,)
+                    ) -> list[dict]:
+    """Compile recorded launches (``Launch.record()``) exactly, as their first launch on
+    a GPU of each arch would (``python -m minikernels.ops.triton.aot --launches``, in a
+    process without the Triton interpreter); fails on any compile error, register spill
+    or shared memory over the arch's limit. -> the compile results."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    path, out = tmp_path / "launches.json", tmp_path / "compiled.json"
+    path.write_text(json.dumps(records, default=str))
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    cmd = [sys.executable, "-m", "minikernels.ops.triton.aot", "--launches", str(path),
+           "--json", str(out)]
+    for arch in archs:
+        cmd += ["--arch", str(arch)]
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    bad = [ln for ln in res.stdout.splitlines() if not ln.startswith("ok")]
+    assert res.returncode == 0 and out.exists(), "\n".join(bad)[-6000:] or res.stderr[-3000:]
+    return json.loads(out.read_text())
 
 
 def check_engine(llm: LLM, launches: list[Launch]) -> None:
@@ -303,3 +328,20 @@ def test_auto_keeps_unvalidated_cuda_kernels_out_of_an_engine(checkpoints, monke
     assert {"rms_norm_kernel", "paged_decode_kernel"} <= kernels, kernels
     assert any("int4" in k for k in kernels), kernels
     assert ext.used == []
+
+
+@pytest.mark.skipif(AOT_SUBSET != "all", reason="compiles ~190 distinct launches (~7 "
+                    "CPU-minutes): with MK_AOT=all, before a GPU run")
+def test_model_families_launch_kernels_that_compile(checkpoints, tmp_path):
+    """Every distinct kernel launch of every family's engine (graph captures and eager
+    steps; the GPU's model tests run these tiny shapes: head dims of 8-32, odd widths)
+    compiles for sm_90a exactly as its first launch on the H200 would, with no register
+    spills and within its shared memory per block."""
+    records = []
+    for kind, dtype in [(k, "bfloat16") for k in CASES] + [(k, "float32")
+                                                           for k in FP32_CASES]:
+        llm, launches = build_on_fake_h200(checkpoints[kind], dtype)
+        launches += run_eager_steps(llm.llm_engine.runner.model)
+        records += [launch.record() for launch in launches]
+    compiled = compile_exactly(records, tmp_path)
+    assert len(compiled) >= 150

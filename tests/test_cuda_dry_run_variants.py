@@ -112,12 +112,7 @@ def test_real_engines_launch_kernels_that_compile(tmp_path):
     sm_80 as its first launch on that GPU would (``aot --launches``: Triton's own warmup
     against a stand-in driver), with no register spills and within the arch's shared
     memory per block (else Triton raises OutOfResources at that launch)."""
-    import json
-    import os
-    import subprocess
-    import sys
-
-    from test_cuda_dry_run import run_eager_steps
+    from test_cuda_dry_run import compile_exactly, run_eager_steps
 
     records = []
     for model, seqs, kw in EXACT_ENGINES:
@@ -126,15 +121,7 @@ def test_real_engines_launch_kernels_that_compile(tmp_path):
                       num_kv_blocks=4096, block_size=16, max_num_seqs=seqs, **kw)
         launches = gpu.launches + run_eager_steps(llm.llm_engine.runner.model)
         records += [launch.record() for launch in launches]
-    path, out = tmp_path / "launches.json", tmp_path / "compiled.json"
-    path.write_text(json.dumps(records, default=str))
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    res = subprocess.run([sys.executable, "-m", "minikernels.ops.triton.aot", "--launches",
-                          str(path), "--arch", "90", "--arch", "80", "--json", str(out)],
-                         env=env, capture_output=True, text=True)
-    bad = [ln for ln in res.stdout.splitlines() if not ln.startswith("ok")]
-    assert res.returncode == 0 and out.exists(), "\n".join(bad)[-6000:] or res.stderr[-3000:]
-    compiled = json.loads(out.read_text())
+    compiled = compile_exactly(records, tmp_path, archs=(90, 80))
     assert len({r["name"] for r in compiled}) >= 20 and all(
         r["wgmma"] for r in compiled if r["arch"] == "sm_90a" and
         r["name"].startswith(("int4_gemm_kernel", "flash_attn_fwd_kernel")))

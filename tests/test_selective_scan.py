@@ -340,6 +340,9 @@ def test_triton_launch_config():
                                                       "SAME_GROUP": True, "PREFETCH": True,
                                                       "num_warps": 8}
     assert launch_config(4096, 16, 4096, 1, 4096)["BLOCK_D"] == 16
+    # prefetching launches take at least 4 warps (2 spilled on sm_90a for a small tile)
+    assert launch_config(128, 12, 128, 2, 8)["num_warps"] == 4
+    assert launch_config(128, 12, 128, 2, 1)["num_warps"] == 1
     assert not launch_config(4096, 16, 4096, 256, 1)["PREFETCH"]
 
 

@@ -173,7 +173,7 @@ def launch_config(dm: int, n: int, channels_per_group: int, n_seq: int = MIN_PRO
     row. PREFETCH: the longest sequence has 2+ tokens. Warps: one per 256 tile values (8
     state values and 8 of A per thread) for decode; one per 128 with PREFETCH (its
     prefetched inputs take registers, and shorter per-thread chains shorten each serial
-    step); at most 8."""
+    step), at least 4; at most 8."""
     block_n = triton.next_power_of_2(n)
     block_d = min(triton.next_power_of_2(dm), max(1, MAX_TILE // block_n))
     while block_d > 16 and n_seq * triton.cdiv(dm, block_d) < MIN_PROGRAMS:
@@ -181,8 +181,11 @@ def launch_config(dm: int, n: int, channels_per_group: int, n_seq: int = MIN_PRO
     same = channels_per_group == dm or channels_per_group % block_d == 0
     prefetch = longest >= 2
     per_warp = 128 if prefetch else 256
+    # (prefetching tiles of <= 512 values get 4 warps: at 2, ptxas spills on sm_90a for
+    # some shapes - [16 x 16] with N = 12 and strides of 12 - where 1 or 4 warps do not)
+    least = 4 if prefetch else 1
     return {"BLOCK_D": block_d, "BLOCK_N": block_n, "SAME_GROUP": same, "PREFETCH": prefetch,
-            "num_warps": max(1, min(8, block_d * block_n // per_warp))}
+            "num_warps": max(least, min(8, block_d * block_n // per_warp))}
 
 
 def selective_scan(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
