@@ -15,7 +15,10 @@ Checked:
 - every Triton launch (kernel and its flag constexprs, the switches that change the
   compiled code) is among the configurations compiled ahead of time for sm_80 / sm_90a
   (registry; tests/test_aot_compile.py), so the GPU runs only kernels the suite has
-  compiled (no spills, wgmma where expected).
+  compiled (no spills, wgmma where expected);
+- with ``MK_AOT=all`` (before a GPU run): every distinct launch, with its exact tiles,
+  dtypes and integer specializations, compiles for sm_90a as its first launch on the GPU
+  would (``aot --launches``), without spills and within the shared memory per block.
 
 The harness itself is checked first: each kind of host sync is caught, named with its
 line, and the ops' real bodies run (their CUDA routing and launches, not fake kernels).
