@@ -17,6 +17,7 @@ from test_cuda_dry_run import (GRAPH_SIZES, assert_compiled_ahead,  # noqa: E402
                                build_on_fake_h200, check_engine, checkpoints)
 from test_sampler import seq_for  # noqa: E402
 
+from minikernels import ops  # noqa: E402
 from minikernels.engine import LLM, SamplingParams  # noqa: E402
 from minikernels.engine.sampler import Sampler, needs_host_tokens  # noqa: E402
 
@@ -53,6 +54,31 @@ def test_engine_variants_capture_on_a_gpu(checkpoints, variant):
     if "speculative_config" in kw:
         assert llm.llm_engine.runner.verify_graphs.sizes == GRAPH_SIZES
         assert "flash_attn_fwd_kernel" in {x.kernel for x in launches}
+
+
+def test_fp8_kv_cache_is_refused_before_ada(checkpoints, monkeypatch):
+    """Triton compiles no e4m3 (fp8e4nv) loads or stores for sm_80 ("type fp8e4nv not
+    supported in this architecture", found compiling the fp8-KV engine's launches for
+    sm_80): on an A100 an fp8 KV cache is refused up front, naming the argument, and the
+    ops refuse fp8 caches there too; an H100 / H200 (9.0) and Ada (8.9) take them."""
+    from minikernels.ops import attention
+
+    monkeypatch.setattr(attention, "_capability", lambda index: (8, 0))
+    with pytest.raises(ValueError, match=r"kv_cache_dtype='fp8'.*capability 8\.9.*8\.0"):
+        build_on_fake_h200(checkpoints["llama"], kv_cache_dtype="fp8")
+    with fake_h200():
+        q = torch.randn(2, 4, 64, device="cuda", dtype=torch.bfloat16)
+        cache = torch.zeros(8, 16, 2, 64, device="cuda", dtype=torch.float8_e4m3fn)
+        table = torch.zeros(2, 2, dtype=torch.int32, device="cuda")
+        lens = torch.ones(2, dtype=torch.int32, device="cuda")
+        with pytest.raises(ValueError, match="k_cache: an fp8"):
+            ops.paged_decode_attention(q, cache, cache, table, lens, k_scale=1.0, v_scale=1.0)
+        with pytest.raises(ValueError, match="k_cache: an fp8"):
+            ops.write_kv_cache(q[:, :2], q[:, :2], cache, cache,
+                               torch.zeros(2, dtype=torch.int64, device="cuda"), 1.0, 1.0)
+    monkeypatch.setattr(attention, "_capability", lambda index: (8, 9))
+    llm, _ = build_on_fake_h200(checkpoints["llama"], kv_cache_dtype="fp8")
+    assert llm.llm_engine.runner.kv_cache_dtype == torch.float8_e4m3fn
 
 
 def test_draft_model_and_eagle_graphs_capture_on_a_gpu(checkpoints, tmp_path):
@@ -103,13 +129,14 @@ EXACT_ENGINES = [("qwen2.5-0.5b", 256, dict(quantization="int4")), ("qwen2.5-0.5
                  *REAL_SHAPES.values()]
 
 
-@pytest.mark.skipif(AOT_SUBSET != "all", reason="compiles every launch of five engines "
-                    "(~2 CPU-minutes): with MK_AOT=all, before a GPU run")
-def test_real_engines_launch_kernels_that_compile(tmp_path):
-    """Every kernel the real-shape engines launch (their decode-graph captures, then a
+@pytest.mark.skipif(AOT_SUBSET != "all", reason="compiles every launch of 17 engines "
+                    "(~5 CPU-minutes): with MK_AOT=all, before a GPU run")
+def test_real_engines_launch_kernels_that_compile(checkpoints, tmp_path):
+    """Every kernel the real-shape engines and the variants (quantized, MoE, fp8 KV, LoRA,
+    n-gram) launch (their decode-graph captures, then a
     prefill, a mixed and a decode step: the exact tiles, dtypes and integer
-    specializations, not the registry's representative ones) compiles for sm_90a and
-    sm_80 as its first launch on that GPU would (``aot --launches``: Triton's own warmup
+    specializations, not the registry's representative ones) compiles for sm_90a as its
+    first launch on the H200 would (``aot --launches``: Triton's own warmup
     against a stand-in driver), with no register spills and within the arch's shared
     memory per block (else Triton raises OutOfResources at that launch)."""
     from test_cuda_dry_run import compile_exactly, run_eager_steps
@@ -121,7 +148,12 @@ def test_real_engines_launch_kernels_that_compile(tmp_path):
                       num_kv_blocks=4096, block_size=16, max_num_seqs=seqs, **kw)
         launches = gpu.launches + run_eager_steps(llm.llm_engine.runner.model)
         records += [launch.record() for launch in launches]
-    compiled = compile_exactly(records, tmp_path, archs=(90, 80))
+    for kind, kw in VARIANTS.values():      # and the tiny variants the GPU's tests run
+        llm, launches = build_on_fake_h200(checkpoints[kind], **kw)
+        launches += run_eager_steps(llm.llm_engine.runner.model)
+        records += [launch.record() for launch in launches]
+    # sm_90a only: the tiles were picked for the fake H200 (an A100 picks its own)
+    compiled = compile_exactly(records, tmp_path, archs=(90,))
     assert len({r["name"] for r in compiled}) >= 20 and all(
         r["wgmma"] for r in compiled if r["arch"] == "sm_90a" and
         r["name"].startswith(("int4_gemm_kernel", "flash_attn_fwd_kernel")))

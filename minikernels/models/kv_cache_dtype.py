@@ -2,7 +2,8 @@
 
 "auto": the model's dtype. "fp8" / "fp8_e4m3": torch.float8_e4m3fn, stored as
 fp8(clamp(x / scale, +-448)) with each attention layer's float32 k_scale / v_scale
-(minikernels.ops.kv_cache has the convention). Imports no torch until a name is resolved:
+(minikernels.ops.kv_cache has the convention); on the CPU, or on GPUs of compute
+capability 8.9+ (Ada, Hopper: Triton has no e4m3 for sm_80, so an A100 refuses it). Imports no torch until a name is resolved:
 CLIs list the names in --help.
 """
 from __future__ import annotations
