@@ -8,7 +8,8 @@ strides but no data, even in a CPU-only torch build. Inside :func:`fake_h200`:
   every host-side decision follow the CUDA path exactly as on a GPU; Triton launches are
   recorded (:class:`Launch`: kernel, constexprs, warps, stages, pointer dtypes) instead
   of run;
-- torch.cuda's device queries answer as an H200 (sm_90, 132 SMs, 141 GB);
+- torch.cuda's device queries answer as an H200 (sm_90, 132 SMs, 141 GB), or as an A100
+  with ``fake_gpu(A100)``;
   ``torch.Generator(device="cuda")`` gives a CPU generator (nothing is sampled here);
 - the Python bindings that take a CUDA device guard (``copy_``, indexing, ...), which a
   CPU build cannot construct, go to their aten ops; ``"cuda"`` means ``"cuda:0"``;
@@ -54,6 +55,11 @@ _TORCH = os.path.dirname(os.path.abspath(torch.__file__))
 H200 = types.SimpleNamespace(name="NVIDIA H200 (fake)", major=9, minor=0,
                              multi_processor_count=132, total_memory=141 * 10**9,
                              shared_memory_per_block_optin=232448, L2_cache_size=60 << 20,
+                             warp_size=32, regs_per_multiprocessor=65536)
+#: an A100 80GB's (sm_80: no fp8, 163 KiB of shared memory per block): ``fake_gpu(A100)``
+A100 = types.SimpleNamespace(name="NVIDIA A100-SXM4-80GB (fake)", major=8, minor=0,
+                             multi_processor_count=108, total_memory=80 * 10**9,
+                             shared_memory_per_block_optin=166912, L2_cache_size=40 << 20,
                              warp_size=32, regs_per_multiprocessor=65536)
 
 
@@ -320,6 +326,7 @@ class FakeH200:
     mode: FakeTensorMode
     calls: _CudaCalls
     launches: list[Launch] = field(default_factory=list)
+    props: Any = field(default_factory=lambda: H200)   # what torch.cuda's queries answer
 
     @contextlib.contextmanager
     def _watch(self, flag: str) -> Iterator[None]:
@@ -404,17 +411,18 @@ def _patches(state: FakeH200) -> dict[tuple[Any, str], Any]:
 
     launch = _record_launch(state)
     cuda = torch.cuda
+    gpu = state.props
     return {
         (cuda, "is_available"): lambda: True, (cuda, "device_count"): lambda: 1,
         (cuda, "current_device"): lambda: 0, (cuda, "set_device"): lambda d: None,
-        (cuda, "get_device_capability"): lambda d=None: (H200.major, H200.minor),
-        (cuda, "get_device_properties"): lambda d=None: H200,
-        (cuda, "get_device_name"): lambda d=None: H200.name,
+        (cuda, "get_device_capability"): lambda d=None: (gpu.major, gpu.minor),
+        (cuda, "get_device_properties"): lambda d=None: gpu,
+        (cuda, "get_device_name"): lambda d=None: gpu.name,
         (cuda, "current_stream"): lambda d=None: Stream(),
         (cuda, "is_current_stream_capturing"): lambda: state.calls.capturing,
         (cuda, "synchronize"): synchronize, (cuda, "empty_cache"): lambda: None,
         (cuda, "device"): lambda d=None: contextlib.nullcontext(),     # one fake GPU
-        (cuda, "mem_get_info"): lambda d=None: (H200.total_memory, H200.total_memory),
+        (cuda, "mem_get_info"): lambda d=None: (gpu.total_memory, gpu.total_memory),
         (cuda, "memory_allocated"): lambda d=None: 0,
         (cuda, "max_memory_allocated"): lambda d=None: 0,
         (cuda, "reset_peak_memory_stats"): lambda d=None: None,
@@ -443,17 +451,38 @@ def _real_op_bodies() -> Iterator[None]:
             op._abstract_fn = fn
 
 
+def _clear_device_caches() -> None:
+    """minikernels caches what it asks torch.cuda about a device (capability, SM count):
+    forget it when the fake device comes and goes."""
+    from minikernels.ops import attention, fp8_w8a8, kv_cache
+    from minikernels.ops.triton import fp8_w8a8 as triton_fp8_w8a8
+    from minikernels.ops.triton import splitk
+
+    for cached in (attention._capability, fp8_w8a8._capability, kv_cache._sm_count,
+                   triton_fp8_w8a8._arch, splitk.arch_and_sms):
+        cached.cache_clear()
+
+
 @contextlib.contextmanager
-def fake_h200() -> Iterator[FakeH200]:
-    """Run a block as if on an H200 (see the module docstring)."""
-    state = FakeH200(mode=FakeTensorMode(allow_non_fake_inputs=True), calls=_CudaCalls())
+def fake_gpu(props: Any = H200) -> Iterator[FakeH200]:
+    """Run a block as if on the GPU ``props`` describes (H200 or A100; see the module
+    docstring)."""
+    state = FakeH200(mode=FakeTensorMode(allow_non_fake_inputs=True), calls=_CudaCalls(),
+                     props=props)
     patches = _patches(state)
     saved = {key: getattr(*key) for key in patches}
     try:
         for (obj, name), value in patches.items():
             setattr(obj, name, value)
+        _clear_device_caches()
         with state.mode, state.calls, _real_op_bodies():
             yield state
     finally:
         for (obj, name), value in saved.items():
             setattr(obj, name, value)
+        _clear_device_caches()
+
+
+def fake_h200() -> contextlib.AbstractContextManager[FakeH200]:
+    """Run a block as if on an H200 (see the module docstring)."""
+    return fake_gpu(H200)

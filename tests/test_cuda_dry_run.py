@@ -37,7 +37,7 @@ import torch
 pytest.importorskip("triton")
 
 from conftest import AOT_SUBSET  # noqa: E402
-from fake_cuda import HostSync, Launch, fake_h200  # noqa: E402
+from fake_cuda import H200, HostSync, Launch, fake_gpu, fake_h200  # noqa: E402
 from test_model_support import CASES, make_hf_model, run_schedule, save_hf  # noqa: E402
 
 from minikernels import ops  # noqa: E402
@@ -76,14 +76,15 @@ class _Warnings(logging.Handler):
         self.messages.append(record.getMessage())
 
 
-def build_on_fake_h200(path: str, dtype: str = "bfloat16", **kw) -> tuple[LLM, list[Launch]]:
-    """LLM(path) on a fake H200 with graphs for batch 1..16 -> (llm, Triton launches).
-    The engine falls back to eager steps (with a warning) when a capture raises: here
-    that fails the build."""
+def build_on_fake_h200(path: str, dtype: str = "bfloat16", gpu_props: object = H200,
+                       **kw) -> tuple[LLM, list[Launch]]:
+    """LLM(path) on a fake H200 (or the GPU ``gpu_props`` describes: A100) with graphs for
+    batch 1..16 -> (llm, Triton launches). The engine falls back to eager steps (with a
+    warning) when a capture raises: here that fails the build."""
     warnings, log = _Warnings(), logging.getLogger("minikernels")
     log.addHandler(warnings)
     try:
-        with fake_h200() as gpu:
+        with fake_gpu(gpu_props) as gpu:
             llm = LLM(path, dtype=dtype, device="cuda", tokenizer=None, num_kv_blocks=64,
                       block_size=16, max_num_seqs=16, **kw)
     finally:
@@ -106,22 +107,27 @@ def _flags(constexprs: dict, fn) -> tuple:
     return tuple(sorted((k, v) for k, v in full.items() if isinstance(v, (bool, str))))
 
 
-_AOT: dict[str, tuple[object, set[tuple]]] = {}
+_AOT: dict[int, dict[str, tuple[object, set[tuple]]]] = {}
 
 
-def aot_flag_sets() -> dict[str, tuple[object, set[tuple]]]:
-    """kernel name -> (its jit function, the flag combinations compiled ahead of time)."""
-    if not _AOT:
+def aot_flag_sets(arch: int = 90) -> dict[str, tuple[object, set[tuple]]]:
+    """kernel name -> (its jit function, the flag combinations compiled ahead of time for
+    ``arch``: 90 = sm_90a, 80 = sm_80)."""
+    if arch not in _AOT:
+        table = _AOT[arch] = {}
         for spec in all_kernels():
+            if arch not in spec.archs:
+                continue
             name = getattr(spec.fn, "fn", spec.fn).__name__
-            fn, flags = _AOT.setdefault(name, (spec.fn, set()))
+            fn, flags = table.setdefault(name, (spec.fn, set()))
             flags.add(_flags(spec.constexprs, spec.fn))
-    return _AOT
+    return _AOT[arch]
 
 
-def assert_compiled_ahead(launches: list[Launch]) -> None:
-    """Each launch's kernel and flag combination is a registered AOT configuration."""
-    aot = aot_flag_sets()
+def assert_compiled_ahead(launches: list[Launch], arch: int = 90) -> None:
+    """Each launch's kernel and flag combination is a registered AOT configuration of
+    ``arch`` (the fake GPU's: 90 for the H200, 80 for the A100)."""
+    aot = aot_flag_sets(arch)
     missing = set()
     for launch in launches:
         if launch.kernel not in aot:
@@ -160,14 +166,14 @@ def compile_exactly(records: list[dict], tmp_path, archs: tuple[int, ...] = (90,
     return json.loads(out.read_text())
 
 
-def check_engine(llm: LLM, launches: list[Launch]) -> None:
+def check_engine(llm: LLM, launches: list[Launch], arch: int = 90) -> None:
     runner = llm.llm_engine.runner
     assert runner.graphs is not None and runner.graphs.sizes == GRAPH_SIZES
     model = runner.model
     off = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if not t.is_cuda]
     assert not off, f"not on the GPU: {off[:5]}"
     assert launches, "the captures launched no Triton kernel"
-    assert_compiled_ahead(launches)
+    assert_compiled_ahead(launches, arch)
 
 
 # ------------------------------------------------------------------ the harness
@@ -271,13 +277,13 @@ def test_attention_buffers_are_made_on_the_layer_device():
 
 
 # ------------------------------------------------------------------ engines
-def run_eager_steps(model) -> list[Launch]:
+def run_eager_steps(model, gpu_props: object = H200) -> list[Launch]:
     """A prefill step (two chunks), a mixed step (a decode row and a chunk over its cached
     prefix) and a decode step through the model on a fake H200, each forward as the
     engine runs an eager step (index checks off) under ``overlapping()``: with async
     scheduling the host prepares the next step meanwhile, so a forward that waited for
     the GPU would serialise them. -> the Triton launches."""
-    with fake_h200() as gpu:
+    with fake_gpu(gpu_props) as gpu:
         forward = model.forward
 
         def eager_step(*args, **kwargs):

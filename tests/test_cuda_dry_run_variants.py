@@ -12,7 +12,7 @@ import torch
 pytest.importorskip("triton")
 
 from conftest import AOT_SUBSET  # noqa: E402
-from fake_cuda import HostSync, fake_h200  # noqa: E402
+from fake_cuda import A100, HostSync, fake_gpu, fake_h200  # noqa: E402
 from test_cuda_dry_run import (GRAPH_SIZES, assert_compiled_ahead,  # noqa: E402,F401
                                build_on_fake_h200, check_engine, checkpoints)
 from test_sampler import seq_for  # noqa: E402
@@ -56,17 +56,70 @@ def test_engine_variants_capture_on_a_gpu(checkpoints, variant):
         assert "flash_attn_fwd_kernel" in {x.kernel for x in launches}
 
 
-def test_fp8_kv_cache_is_refused_before_ada(checkpoints, monkeypatch):
+#: engines on a fake A100 (sm_80: no fp8 hardware, 108 SMs, 163 KiB of shared memory per
+#: block; the kernels pick their sm_80 tiles and split counts): (family, dtype, options)
+A100_CASES = {
+    "llama": ("llama", "bfloat16", {}),
+    "llama-fp16": ("llama", "float16", {}),
+    "llama-fp32": ("llama", "float32", {}),
+    "int4": ("llama", "bfloat16", dict(quantization="int4")),
+    "fp8-weights": ("llama", "bfloat16", dict(quantization="fp8")),
+    "fp8-w8a8": ("llama", "bfloat16", dict(quantization="fp8_w8a8")),  # reference path
+    "int8": ("llama", "bfloat16", dict(quantization="int8")),
+    "moe-fp8": ("qwen3-moe", "bfloat16", dict(quantization="fp8")),
+    "moe-int4": ("qwen3-moe", "bfloat16", dict(quantization="int4")),
+    "gemma2-window-softcap": ("gemma2-window-softcap", "bfloat16", {}),
+    "mamba2": ("mamba2", "bfloat16", {}),
+    "gated-delta": ("qwen3_5", "bfloat16", {}),
+    "lora": ("llama", "bfloat16", dict(enable_lora=True, max_lora_rank=8)),
+}
+
+
+@pytest.mark.parametrize("case", sorted(A100_CASES))
+def test_engine_runs_on_an_a100(checkpoints, case):
+    """The same checks on a fake A100: graphs capture sync-free, eager steps never wait,
+    and every launch is a configuration compiled ahead of time *for sm_80* (the fp8 weight
+    kernels decode bytes in software there; W8A8 fp8 takes its reference path)."""
+    from test_cuda_dry_run import run_eager_steps
+
+    kind, dtype, kw = A100_CASES[case]
+    llm, launches = build_on_fake_h200(checkpoints[kind], dtype, gpu_props=A100, **kw)
+    check_engine(llm, launches, arch=80)
+    assert_compiled_ahead(run_eager_steps(llm.llm_engine.runner.model, A100), arch=80)
+
+
+@pytest.mark.skipif(AOT_SUBSET != "all", reason="compiles every launch of the A100 "
+                    "engines (~3 CPU-minutes): with MK_AOT=all")
+def test_a100_engines_launch_kernels_that_compile(checkpoints, tmp_path):
+    """Every distinct launch of the engines on a fake A100 (A100_CASES and the serving
+    engine qwen2.5-0.5b int4, buckets to 64), tiles as an A100 picks them, compiles for
+    sm_80 as its first launch there would: no spills, shared memory within 163 KiB."""
+    from test_cuda_dry_run import compile_exactly, run_eager_steps
+
+    records = []
+    for kind, dtype, kw in A100_CASES.values():
+        llm, launches = build_on_fake_h200(checkpoints[kind], dtype, gpu_props=A100, **kw)
+        launches += run_eager_steps(llm.llm_engine.runner.model, A100)
+        records += [launch.record() for launch in launches]
+    with fake_gpu(A100) as gpu:
+        llm = LLM("qwen2.5-0.5b", dtype="bfloat16", device="cuda", tokenizer=None,
+                  num_kv_blocks=4096, block_size=16, max_num_seqs=64, quantization="int4")
+    records += [launch.record() for launch in gpu.launches +
+                run_eager_steps(llm.llm_engine.runner.model, A100)]
+    compiled = compile_exactly(records, tmp_path, archs=(80,))
+    assert len(compiled) >= 40
+
+
+def test_fp8_kv_cache_is_refused_before_ada(checkpoints):
     """Triton compiles no e4m3 (fp8e4nv) loads or stores for sm_80 ("type fp8e4nv not
     supported in this architecture", found compiling the fp8-KV engine's launches for
     sm_80): on an A100 an fp8 KV cache is refused up front, naming the argument, and the
-    ops refuse fp8 caches there too; an H100 / H200 (9.0) and Ada (8.9) take them."""
-    from minikernels.ops import attention
+    ops refuse fp8 caches there too; Ada (8.9) and Hopper take them."""
+    import types
 
-    monkeypatch.setattr(attention, "_capability", lambda index: (8, 0))
     with pytest.raises(ValueError, match=r"kv_cache_dtype='fp8'.*capability 8\.9.*8\.0"):
-        build_on_fake_h200(checkpoints["llama"], kv_cache_dtype="fp8")
-    with fake_h200():
+        build_on_fake_h200(checkpoints["llama"], kv_cache_dtype="fp8", gpu_props=A100)
+    with fake_gpu(A100):
         q = torch.randn(2, 4, 64, device="cuda", dtype=torch.bfloat16)
         cache = torch.zeros(8, 16, 2, 64, device="cuda", dtype=torch.float8_e4m3fn)
         table = torch.zeros(2, 2, dtype=torch.int32, device="cuda")
@@ -76,8 +129,8 @@ def test_fp8_kv_cache_is_refused_before_ada(checkpoints, monkeypatch):
         with pytest.raises(ValueError, match="k_cache: an fp8"):
             ops.write_kv_cache(q[:, :2], q[:, :2], cache, cache,
                                torch.zeros(2, dtype=torch.int64, device="cuda"), 1.0, 1.0)
-    monkeypatch.setattr(attention, "_capability", lambda index: (8, 9))
-    llm, _ = build_on_fake_h200(checkpoints["llama"], kv_cache_dtype="fp8")
+    ada = types.SimpleNamespace(**{**vars(A100), "name": "L40S (fake)", "minor": 9})
+    llm, _ = build_on_fake_h200(checkpoints["llama"], kv_cache_dtype="fp8", gpu_props=ada)
     assert llm.llm_engine.runner.kv_cache_dtype == torch.float8_e4m3fn
 
 
