@@ -43,12 +43,11 @@ from minikernels.models.parallel import TensorParallel  # noqa: E402
 
 #: a sample of the tensor-parallel cases: KV heads split and replicated (tied head), a
 #: vocab that does not split evenly with Gemma 2's softcap on the gathered logits, ALiBi
-#: slopes per rank, a vocab-parallel lm_head bias, experts (one all-reduce), and hybrids
-#: (Gated DeltaNet, Mamba-2 with one group over two ranks, Mamba-1 with experts, Gemma 4)
+#: slopes per rank, experts (one all-reduce), and hybrids (Gated DeltaNet, Mamba-2 with
+#: one group over two ranks and experts, Gemma 4)
 CASES = {name: TP_CASES[name] for name in
-         ("llama", "qwen2-tied-kv1", "gemma2-softcap", "bloom", "phi2", "qwen3-moe")}
-CASES |= {name: HYBRID_CASES[name] for name in
-          ("qwen3_5_moe", "granite4-h-moe", "jamba-moe", "gemma4")}
+         ("llama", "qwen2-tied-kv1", "gemma2-softcap", "bloom", "qwen3-moe")}
+CASES |= {name: HYBRID_CASES[name] for name in ("qwen3_5_moe", "granite4-h-moe", "gemma4")}
 CASES["llama-int4"] = TP_CASES["llama"]
 
 

@@ -60,14 +60,12 @@ def test_engine_variants_capture_on_a_gpu(checkpoints, variant):
 #: block; the kernels pick their sm_80 tiles and split counts): (family, dtype, options)
 A100_CASES = {
     "llama": ("llama", "bfloat16", {}),
-    "llama-fp16": ("llama", "float16", {}),
     "llama-fp32": ("llama", "float32", {}),
     "int4": ("llama", "bfloat16", dict(quantization="int4")),
     "fp8-weights": ("llama", "bfloat16", dict(quantization="fp8")),
     "fp8-w8a8": ("llama", "bfloat16", dict(quantization="fp8_w8a8")),  # reference path
     "int8": ("llama", "bfloat16", dict(quantization="int8")),
     "moe-fp8": ("qwen3-moe", "bfloat16", dict(quantization="fp8")),
-    "moe-int4": ("qwen3-moe", "bfloat16", dict(quantization="int4")),
     "gemma2-window-softcap": ("gemma2-window-softcap", "bfloat16", {}),
     "mamba2": ("mamba2", "bfloat16", {}),
     "gated-delta": ("qwen3_5", "bfloat16", {}),
