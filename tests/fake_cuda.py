@@ -454,11 +454,11 @@ def _real_op_bodies() -> Iterator[None]:
 def _clear_device_caches() -> None:
     """minikernels caches what it asks torch.cuda about a device (capability, SM count):
     forget it when the fake device comes and goes."""
-    from minikernels.ops import attention, fp8_w8a8, kv_cache
+    from minikernels.ops import fp8_w8a8, kv_cache
     from minikernels.ops.triton import fp8_w8a8 as triton_fp8_w8a8
     from minikernels.ops.triton import splitk
 
-    for cached in (attention._capability, fp8_w8a8._capability, kv_cache._sm_count,
+    for cached in (fp8_w8a8._capability, kv_cache._sm_count,
                    triton_fp8_w8a8._arch, splitk.arch_and_sms):
         cached.cache_clear()
 

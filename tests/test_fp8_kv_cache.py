@@ -7,6 +7,8 @@ the same bytes and attend to the same dequantized values.
 """
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 from conftest import kernel_backends
@@ -16,9 +18,20 @@ from hypothesis import strategies as st
 
 import minikernels as mk
 from minikernels.ops import reference
+from minikernels.ops.triton import e4m3
 
 FP8 = torch.float8_e4m3fn
-BACKENDS = ["reference", *kernel_backends()]
+#: "triton-bytes": the Triton kernels reading and writing the cache as bytes, converting
+#: e4m3 in software, as they do on GPUs without e4m3 conversions (A100, sm_80)
+KERNELS = [*kernel_backends(), "triton-bytes"]
+BACKENDS = ["reference", *KERNELS]
+
+
+@contextlib.contextmanager
+def _use(backend: str):
+    with mk.use_backend(backend.removesuffix("-bytes")), \
+            e4m3.emulated_e4m3(True if backend.endswith("-bytes") else None):
+        yield
 
 
 def _scales(hkv: int, per_head: bool, g: torch.Generator, device) -> tuple:
@@ -32,7 +45,7 @@ def _bytes(t: torch.Tensor) -> torch.Tensor:
     return t.view(torch.uint8)
 
 
-@pytest.mark.parametrize("backend", kernel_backends())
+@pytest.mark.parametrize("backend", KERNELS)
 @given(data=st.data())
 def test_write_quantizes_like_reference(backend, device, data):
     dtype = data.draw(st.sampled_from([torch.float16, torch.bfloat16, torch.float32]))
@@ -60,7 +73,7 @@ def test_write_quantizes_like_reference(backend, device, data):
         slots[1] = -1
     kc_ref, vc_ref = kc.clone(), vc.clone()
     reference.write_kv_cache(k, v, kc_ref, vc_ref, slots, ks, vs)
-    with mk.use_backend(backend):
+    with _use(backend):
         mk.ops.write_kv_cache(k, v, kc, vc, slots, k_scale=ks, v_scale=vs)
     assert torch.equal(_bytes(kc), _bytes(kc_ref)) and torch.equal(_bytes(vc), _bytes(vc_ref))
 
@@ -77,7 +90,7 @@ def test_write_rounding_and_saturation(backend, device):
     kc = torch.zeros(1, 1, 1, d, dtype=FP8, device=device)
     vc = torch.zeros_like(kc)
     one = torch.ones(1, device=device)
-    with mk.use_backend(backend):
+    with _use(backend):
         mk.ops.write_kv_cache(x, -x, kc, vc, torch.zeros(1, dtype=torch.int32, device=device),
                               k_scale=one, v_scale=one)
     want = x.clamp(-448, 448).to(FP8).view(1, 1, 1, d)
@@ -126,7 +139,7 @@ def test_decode_matches_reference(backend, device, data):
               num_splits=data.draw(st.sampled_from([0, 1, 3])))
     q, kc, vc, bt, sl, ks, vs, *_ = _fp8_case(lens, hq, hkv, d, block_size, per_head, device,
                                               seed=data.draw(st.integers(0, 999)))
-    with mk.use_backend(backend):
+    with _use(backend):
         out, lse = mk.ops.paged_decode_attention(q, kc, vc, bt, sl, return_lse=True,
                                                  k_scale=ks, v_scale=vs, **kw)
     ref_out, ref_lse = reference.paged_decode_attention(
@@ -144,7 +157,7 @@ def test_prefill_over_fp8_prefix_matches_reference(backend, device, per_head):
     qp = torch.randn(sum(lens_q), 8, 64, generator=g).bfloat16().to(device)
     cu_q = torch.tensor([0, 5, 14, 15], dtype=torch.int32, device=device)
     cu_k = torch.tensor([0, 40, 49, 119], dtype=torch.int32, device=device)
-    with mk.use_backend(backend):
+    with _use(backend):
         out, lse = mk.ops.flash_attention(qp, kc, vc, cu_q, cu_k, 9, 70, block_table=bt,
                                           return_lse=True, k_scale=ks, v_scale=vs,
                                           window_left=30, softcap=20.0)
@@ -166,10 +179,10 @@ def test_wide_head_dim_write_decode_prefill(backend, device):
     new_k, new_v = k16[:1, :10].reshape(10, hkv, d), v16[:1, :10].reshape(10, hkv, d)
     kc_ref, vc_ref = kc.clone(), vc.clone()
     reference.write_kv_cache(new_k, new_v, kc_ref, vc_ref, slots, ks, vs)
-    with mk.use_backend(backend):
+    with _use(backend):
         mk.ops.write_kv_cache(new_k, new_v, kc, vc, slots, k_scale=ks, v_scale=vs)
     assert torch.equal(_bytes(kc), _bytes(kc_ref)) and torch.equal(_bytes(vc), _bytes(vc_ref))
-    with mk.use_backend(backend):
+    with _use(backend):
         out, lse = mk.ops.paged_decode_attention(q, kc, vc, bt, sl, return_lse=True,
                                                  k_scale=ks, v_scale=vs, num_splits=2)
     ref_out, ref_lse = reference.paged_decode_attention(q, kc, vc, bt, sl, None, -1, 0.0,
@@ -180,7 +193,7 @@ def test_wide_head_dim_write_decode_prefill(backend, device):
     qp = qp.to(device)
     cu_q = torch.tensor([0, 5, 9], dtype=torch.int32, device=device)
     cu_k = torch.tensor([0, 33, 40], dtype=torch.int32, device=device)
-    with mk.use_backend(backend):
+    with _use(backend):
         pre, pre_lse = mk.ops.flash_attention(qp, kc, vc, cu_q, cu_k, 5, 33, block_table=bt,
                                               return_lse=True, k_scale=ks, v_scale=vs)
     ref_pre, ref_pre_lse = reference.flash_attention(qp, kc, vc, cu_q, cu_k, 5, 33, True,
@@ -189,7 +202,7 @@ def test_wide_head_dim_write_decode_prefill(backend, device):
     torch.testing.assert_close(pre_lse, ref_pre_lse, atol=2e-3, rtol=1e-3)
 
 
-@pytest.mark.parametrize("backend", kernel_backends())
+@pytest.mark.parametrize("backend", KERNELS)
 @pytest.mark.parametrize("per_head_k", [False, True])
 def test_mixed_per_head_and_per_tensor_scales(backend, device, per_head_k):
     """A per-head k_scale with a per-tensor v_scale (or the reverse): each cache uses its
@@ -205,7 +218,7 @@ def test_mixed_per_head_and_per_tensor_scales(backend, device, per_head_k):
     k_new, v_new = k16[0, :3].float(), v16[0, :3].float()
     slots = torch.tensor([5, 6, 7], device=device)
     kw_, vw_ = kc.clone(), vc.clone()
-    with mk.use_backend(backend):
+    with _use(backend):
         mk.ops.write_kv_cache(k_new, v_new, kw_, vw_, slots, k_scale=ks, v_scale=vs)
         out = mk.ops.paged_decode_attention(q, kc, vc, bt, sl, k_scale=ks, v_scale=vs)
         cu = torch.tensor([0, 2, 3], dtype=torch.int32, device=device)
@@ -230,7 +243,7 @@ def test_fp8_attention_stays_close_to_bf16(backend, device):
     ks.fill_(float(k16.float().abs().amax()) / 448)   # calibrated scales: no saturation
     vs.fill_(float(v16.float().abs().amax()) / 448)
     kc, vc = reference.quantize_kv(k16, ks, FP8), reference.quantize_kv(v16, vs, FP8)
-    with mk.use_backend(backend):
+    with _use(backend):
         out8 = mk.ops.paged_decode_attention(q, kc, vc, bt, sl, k_scale=ks, v_scale=vs)
     out16 = reference.paged_decode_attention(q, k16, v16, bt, sl)[0]
     err = (out8.float() - out16.float()).norm() / out16.float().norm()

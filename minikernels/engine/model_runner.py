@@ -29,7 +29,6 @@ from torch import Tensor
 
 from .. import _validation
 from ..models.kv_cache_dtype import resolve_kv_cache_dtype
-from ..ops.attention import check_fp8_kv_device
 from ..models.kv_layout import KVCacheLayout
 from ..models.metadata import AttentionMetadata
 from .block_manager import hybrid_blocks_needed
@@ -681,8 +680,6 @@ class ModelRunner:
         self.device = torch.device(model.device)
         self.block_size = block_size
         self.kv_cache_dtype = resolve_kv_cache_dtype(kv_cache_dtype)
-        if self.kv_cache_dtype is not None:
-            check_fp8_kv_device(f"kv_cache_dtype={kv_cache_dtype!r}", self.device)
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.extra_kv_bytes_per_token = int(extra_kv_bytes_per_token)

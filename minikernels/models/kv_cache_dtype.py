@@ -2,9 +2,10 @@
 
 "auto": the model's dtype. "fp8" / "fp8_e4m3": torch.float8_e4m3fn, stored as
 fp8(clamp(x / scale, +-448)) with each attention layer's float32 k_scale / v_scale
-(minikernels.ops.kv_cache has the convention); on the CPU, or on GPUs of compute
-capability 8.9+ (Ada, Hopper: Triton has no e4m3 for sm_80, so an A100 refuses it). Imports no torch until a name is resolved:
-CLIs list the names in --help.
+(minikernels.ops.kv_cache has the convention). GPUs of capability 8.9+ (Ada, Hopper)
+convert e4m3 natively; on older ones (A100) the kernels read and write the cache as bytes
+and convert in software (minikernels.ops.triton.e4m3). Imports no torch until a name is
+resolved: CLIs list the names in --help.
 """
 from __future__ import annotations
 

@@ -13,7 +13,6 @@ Tests: tests/test_flash_attention*.py. Benchmark: ``python -m bench.bench_attent
 """
 from __future__ import annotations
 
-import functools
 
 import math
 
@@ -34,29 +33,6 @@ MAX_HEAD_DIM = 512
 MAX_BLOCK_SIZE = 256
 #: KV-cache dtypes stored with a float32 scale (vLLM's convention: stored * scale ~= value).
 FP8_KV_DTYPES = (torch.float8_e4m3fn,)
-#: the least CUDA capability whose Triton kernels read and write e4m3 (fp8e4nv): Ada /
-#: Hopper. On an A100 (8.0) Triton refuses to compile the fp8-cache kernels.
-FP8_KV_MIN_CAPABILITY = (8, 9)
-
-
-@functools.lru_cache(maxsize=None)
-def _capability(index: int) -> tuple[int, int]:
-    return tuple(torch.cuda.get_device_capability(index))
-
-
-def check_fp8_kv_device(name: str, device: torch.device) -> None:
-    """An fp8 (e4m3) KV cache on ``device`` is supported: the CPU (reference / the Triton
-    interpreter) or a GPU of capability >= FP8_KV_MIN_CAPABILITY. Else a ValueError naming
-    ``name``. A cached host query: no device sync, safe inside a graph capture."""
-    if device.type != "cuda":
-        return
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    cap = _capability(index)
-    if cap < FP8_KV_MIN_CAPABILITY:
-        need = ".".join(map(str, FP8_KV_MIN_CAPABILITY))
-        raise ValueError(f"{name}: an fp8 (e4m3) KV cache needs a GPU of compute capability "
-                         f"{need} or newer (Ada, Hopper); cuda:{index} is {cap[0]}.{cap[1]}. "
-                         f"Use a 16-bit cache (kv_cache_dtype='auto')")
 
 
 @torch.library.custom_op("minikernels::flash_attention", mutates_args=())
@@ -138,8 +114,6 @@ def check_kv_scales(cache_names: tuple[str, str], k_cache: Tensor, k_scale: obje
     decide per-head scaling once for the pair).
     """
     fp8 = k_cache.dtype in FP8_KV_DTYPES
-    if fp8:
-        check_fp8_kv_device(cache_names[0], k_cache.device)
     if not fp8:
         for name, s in (("k_scale", k_scale), ("v_scale", v_scale)):
             if s is not None:

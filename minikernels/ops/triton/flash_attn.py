@@ -19,6 +19,8 @@ GQA: q head h reads kv head h // (Hq // Hkv). Paged mode: key j of sequence b li
 cache block block_table[b, j // PAGE_SIZE], slot j % PAGE_SIZE (gathered per key row, so any
 page size works with any BLOCK_N). FP8 paged caches (KV_SCALE): tiles convert exactly to q's
 dtype; the kv head's k_scale folds into the score scale, its v_scale multiplies acc / l.
+Without e4m3 hardware (sm_80) the cache comes as bytes (uint8 views), decoded in software
+to value / 256 (e4m3.py), the 256 folded into both scales.
 Grid (Hq, B, query tiles), heavy (late) query tiles first.
 """
 from __future__ import annotations
@@ -31,6 +33,8 @@ import triton
 import triton.language as tl
 
 from .. import _alloc
+from . import e4m3
+from .e4m3 import byte_scale, fp8_tile_to
 from .registry import KernelSpec, register
 
 LOG2E = 1.4426950408889634
@@ -88,7 +92,7 @@ def _attn_tiles(acc, l_i, m_i, q, k_base, v_base, bt_row, start, end, seqlen_k, 
         else:
             k = tl.load(k_ptrs, mask=d_ok, other=0.0)
         if KV_SCALE or UPCAST:  # fp8 -> q's dtype is exact; interpreter: fp32
-            k = k.to(q.dtype)
+            k = fp8_tile_to(k, q.dtype)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
         if HAS_SOFTCAP:
             # softcap * tanh(scale * s / softcap), with tanh(x) = 1 - 2 / (exp(2x) + 1)
@@ -117,7 +121,7 @@ def _attn_tiles(acc, l_i, m_i, q, k_base, v_base, bt_row, start, end, seqlen_k, 
         else:
             v = tl.load(v_ptrs, mask=d_ok, other=0.0)
         if KV_SCALE or UPCAST:
-            v = v.to(q.dtype)
+            v = fp8_tile_to(v, q.dtype)
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
         m_i = m_new
     return acc, l_i, m_i
@@ -206,6 +210,8 @@ def flash_attn_fwd_kernel(
         else:
             k_scale = tl.load(ks_ptr)
             v_scale = tl.load(vs_ptr)
+        k_scale = k_scale * byte_scale(k_ptr)   # a cache read as bytes holds value / 256
+        v_scale = v_scale * byte_scale(v_ptr)
         qk_scale = qk_scale * k_scale
         cap_in = cap_in * k_scale
 
@@ -290,6 +296,13 @@ SM80_CONFIGS = {
     256: FlashConfig(64, 32, 8, 2),
     512: FlashConfig(32, 32, 8, 2),
 }
+# fp8 paged caches read as bytes (GPUs without e4m3 conversions: sm_80; e4m3.py): the
+# in-register decode of each K / V tile costs registers. The d128 tile above spills with it
+# (m128n64 w8: 255 registers + spills, 840 B of stack at 2 stages; 64 x 64 over 4 warps
+# spills 8 B with a softcap); 128 x 32 keeps 173 registers (AOT, sm_80).
+E4M3_BYTES_CONFIGS = {
+    128: FlashConfig(128, 32, 8, 3),
+}
 # Rows that are not 16-byte aligned (a head dim that is not a multiple of 8, or an unaligned
 # paged cache) load element by element through registers: wide head dims need small tiles
 # to stay free of spills (both archs; at BLOCK_D 512 four warps spill 96 B on sm_80).
@@ -328,9 +341,9 @@ def _env_config() -> FlashConfig | None:
 
 
 def pick_config(head_dim: int, dtype: torch.dtype, device: torch.device,
-                aligned: bool = True) -> FlashConfig:
+                aligned: bool = True, kv_bytes: bool = False) -> FlashConfig:
     """The tile config for this head dim / dtype on this device (aligned: every row the
-    kernel reads starts 16-byte aligned)."""
+    kernel reads starts 16-byte aligned; kv_bytes: an fp8 cache read as bytes)."""
     if device.type != "cuda":
         return INTERPRETER_CONFIG
     override = _env_config()
@@ -342,6 +355,8 @@ def pick_config(head_dim: int, dtype: torch.dtype, device: torch.device,
     elem = torch.finfo(dtype).bits // 8
     if dtype == torch.float32:  # exact fp32 dots run on FMA units: small tiles
         cfg = FP32_NARROW_CONFIG if bd <= 64 else FP32_WIDE_CONFIG
+    if kv_bytes and bd in E4M3_BYTES_CONFIGS:
+        cfg = E4M3_BYTES_CONFIGS[bd]
     if not aligned and bd in UNALIGNED_CONFIGS:
         cfg = UNALIGNED_CONFIGS[bd]
     smem = torch.cuda.get_device_properties(device).shared_memory_per_block_optin
@@ -394,13 +409,14 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlen
     if total_q == 0 or batch <= 0 or hq == 0 or max_seqlen_q <= 0:
         return out, lse
     paged = block_table is not None
+    k, v = e4m3.kernel_view(k), e4m3.kernel_view(v)   # fp8 caches without e4m3 hardware
     # Varlen q / k / v are copied when that makes their rows 16-byte aligned; a paged cache
     # (the whole pool) never is: an unaligned one runs without the vector hints.
     q = _aligned(q)
     if not paged:
         k, v = _aligned(k), _aligned(v)
     aligned = all(_rows_aligned(t) for t in (q, k, v, out))
-    cfg = config or pick_config(d, q.dtype, q.device, aligned)
+    cfg = config or pick_config(d, q.dtype, q.device, aligned, kv_bytes=k.dtype == torch.uint8)
     cu_q = cu_seqlens_q.contiguous()
     cu_k = cu_seqlens_k.contiguous()
     if paged:
@@ -466,19 +482,25 @@ def _register(dt: str, head_dim: int, cfg: FlashConfig, *, causal: bool = True,
               window: bool = False, softcap: bool = False, page_size: int = 0,
               fp8_kv: bool = False, alibi: bool = False,
               archs: tuple[int, ...] = (80, 90)) -> None:
-    """causal: a right bound (causal, or window_right >= 0); fp8_kv: fp8 paged caches."""
-    key = (dt, head_dim, cfg, causal, window, softcap, page_size, fp8_kv, alibi)
+    """causal: a right bound (causal, or window_right >= 0); fp8_kv: fp8 paged caches,
+    e4m3 on sm_90a, read as bytes (converted in software, e4m3.py) on sm_80."""
+    if fp8_kv and archs not in ((80,), (90,)):
+        raise ValueError(f"fp8 KV specs are per arch (80: bytes, 90: e4m3), got {archs}")
+    kv_dt = ("u8" if archs == (80,) else "fp8e4nv") if fp8_kv else dt
+    key = (dt, head_dim, cfg, causal, window, softcap, page_size, kv_dt, alibi)
     if key in _registered:  # sm_80 and sm_90 tables share some entries
         return
     _registered.add(key)
     flags = "".join(f",{f}" for f, on in (("causal", causal), ("window", window),
-                                           ("softcap", softcap), ("kv=fp8", fp8_kv),
+                                           ("softcap", softcap),
+                                           (f"kv={'fp8' if kv_dt != 'u8' else 'e4m3-bytes'}",
+                                            fp8_kv),
                                            ("alibi", alibi)) if on)
     paged = f",paged{page_size}" if page_size else ""
     register(KernelSpec(
         name=(f"flash_attn[{dt},d{head_dim},m{cfg.block_m}n{cfg.block_n}"
               f"w{cfg.num_warps}s{cfg.num_stages}{flags}{paged}]"),
-        fn=flash_attn_fwd_kernel, signature=_signature(dt, "fp8e4nv" if fp8_kv else dt),
+        fn=flash_attn_fwd_kernel, signature=_signature(dt, kv_dt),
         constexprs={"HEAD_DIM": head_dim, "BLOCK_D": block_d(head_dim),
                     "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "RIGHT_BOUND": causal,
                     "HAS_WINDOW": window, "HAS_SOFTCAP": softcap, "PAGED": bool(page_size),
@@ -523,11 +545,13 @@ for _window in (False, True):
         _register("fp32", 128, FP32_WIDE_CONFIG, window=_window, softcap=_softcap,
                   page_size=16)
 _register("fp32", 256, FP32_WIDE_CONFIG, window=True, softcap=True, page_size=16)
-# fp8 KV cache: prefill over an fp8 paged prefix (sm_90a: e4m3 converts natively there)
-_register("bf16", 128, SM90_CONFIGS[128], page_size=16, fp8_kv=True, archs=(90,))
-_register("bf16", 64, SM90_CONFIGS[64], page_size=16, fp8_kv=True, archs=(90,))
-_register("fp16", 128, SM90_CONFIGS[128], window=True, softcap=True, page_size=16,
-          fp8_kv=True, archs=(90,))
+# fp8 KV cache: prefill over an fp8 paged prefix (sm_90a: e4m3 converts natively there;
+# sm_80: the cache's bytes, converted in software)
+for _arch, _table in ((90, SM90_CONFIGS), (80, {**SM80_CONFIGS, **E4M3_BYTES_CONFIGS})):
+    _register("bf16", 128, _table[128], page_size=16, fp8_kv=True, archs=(_arch,))
+    _register("bf16", 64, _table[64], page_size=16, fp8_kv=True, archs=(_arch,))
+    _register("fp16", 128, _table[128], window=True, softcap=True, page_size=16,
+              fp8_kv=True, archs=(_arch,))
 # D in (256, 512] (Gemma 4's full-attention layers): each arch's own table entry, built for
 # that arch only (sm_90a's 3-stage tile would leave sm_80 under 1 KB of shared memory)
 for _arch, _table in ((90, SM90_CONFIGS), (80, SM80_CONFIGS)):
@@ -539,9 +563,9 @@ for _arch, _table in ((90, SM90_CONFIGS), (80, SM80_CONFIGS)):
     _register("fp16", 512, _cfg, window=True, softcap=True, page_size=16, archs=(_arch,))
     _register("bf16", 512, _cfg, alibi=True, archs=(_arch,))
     _register("bf16", 264, _cfg, window=True, archs=(_arch,))      # BLOCK_D 512, masked d
-_register("bf16", 512, SM90_CONFIGS[512], page_size=16, fp8_kv=True, archs=(90,))
-_register("fp16", 512, SM90_CONFIGS[512], window=True, softcap=True, page_size=16,
-          fp8_kv=True, archs=(90,))
+    _register("bf16", 512, _cfg, page_size=16, fp8_kv=True, archs=(_arch,))
+    _register("fp16", 512, _cfg, window=True, softcap=True, page_size=16, fp8_kv=True,
+              archs=(_arch,))
 _register("bf16", 300, UNALIGNED_CONFIGS[512])                     # not a multiple of 8
 _register("fp16", 300, UNALIGNED_CONFIGS[512], window=True, softcap=True, page_size=16,
           alibi=True)

@@ -40,16 +40,9 @@ import triton
 import triton.language as tl
 
 from . import splitk
+from .e4m3 import e4m3_bytes_as_fp16
 from .splitk import decode_tile, load_decode_rows, load_decode_vec, store_decode_tile
 from .tiling import acc_dot, gemm_tile, load_k_tile, store_gemm_tile
-
-
-@triton.jit
-def _e4m3_as_fp16(b):
-    """uint8 bytes (float8_e4m3fn bit patterns) -> fp16 holding exactly value / 256."""
-    b = b.to(tl.int32)
-    bits = ((b & 0x80) << 8) | ((b & 0x7F) << 7)
-    return bits.to(tl.uint16).to(tl.float16, bitcast=True)
 
 
 @triton.jit
@@ -71,7 +64,7 @@ def fp8_gemm_kernel(x_ptr, w_ptr, s_ptr, bias_ptr, y_ptr, M, N, K,
             w_ptrs = tl.multiple_of(w_ptrs, [1, 16])
         x = load_k_tile(x_ptrs, k0, rk, K, EVEN_K, 0.0)
         wb = load_k_tile(w_ptrs, k0, rk, K, EVEN_K, 0)
-        w = _e4m3_as_fp16(wb).to(x.dtype)                                   # W / 256, exact
+        w = e4m3_bytes_as_fp16(wb).to(x.dtype)                                   # W / 256, exact
         if ONE_KBLOCK:      # one scale per column for all of K: apply it in the epilogue
             acc = acc_dot(x, tl.trans(w), acc, DOT_F32)
         else:
@@ -101,7 +94,7 @@ def fp8_gemv_kernel(x_ptr, w_ptr, s_ptr, bias_ptr, y_ptr, ws_ptr, M, N, K,
         acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
         for k0 in range(k_begin, k_end, BLOCK_K):
             x, wb = load_decode_vec(x_ptr, w_rows, k0, rk, K, stride_wk, ALIGNED, EVEN_K)
-            part = tl.sum(_e4m3_as_fp16(wb).to(tl.float32) * x[None, :], axis=1)
+            part = tl.sum(e4m3_bytes_as_fp16(wb).to(tl.float32) * x[None, :], axis=1)
             if ONE_KBLOCK:
                 acc += part
             else:
@@ -116,7 +109,7 @@ def fp8_gemv_kernel(x_ptr, w_ptr, s_ptr, bias_ptr, y_ptr, ws_ptr, M, N, K,
         for k0 in range(k_begin, k_end, BLOCK_K):
             x, wb = load_decode_rows(x_ptrs, w_rows, rm, M, k0, rk, K, stride_wk, ALIGNED,
                                      EVEN_K)
-            w = _e4m3_as_fp16(wb).to(x.dtype)
+            w = e4m3_bytes_as_fp16(wb).to(x.dtype)
             if ONE_KBLOCK:
                 acc2 = acc_dot(w, tl.trans(x), acc2, DOT_F32)                  # [BN, BM]
             else:

@@ -6,7 +6,8 @@ Algorithm: a grid over (token, kv-head block). Each program loads the token's sl
 Every tensor has its own strides (a vLLM-style [num_blocks, 2, block, Hkv, D] cache split
 into k and v views works), and block_size may be any size. Same-dtype caches get a plain
 copy; fp8 caches (QUANT) get fp8(clamp(x / scale, +-448)) with a per-tensor or per-head
-float32 scale, rounded to nearest even.
+float32 scale, rounded to nearest even. Without e4m3 hardware (sm_80) an fp8 cache comes as
+bytes (a uint8 view) and the rounding is done in integer ops (e4m3.py).
 """
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import e4m3
+from .e4m3 import e4m3_bytes_from
 from .registry import KernelSpec, register
 
 FP8_MAX = tl.constexpr(448.0)  # largest finite e4m3 value
@@ -70,7 +73,10 @@ def write_kv_cache_kernel(k_ptr, v_ptr, kc_ptr, vc_ptr, slot_ptr, ks_ptr, vs_ptr
         # an IEEE division (div_rn), as the reference's: the fp8 rounding sees the same value
         k = tl.clamp(tl.math.div_rn(k.to(tl.float32), ks), -FP8_MAX, FP8_MAX)
         v = tl.clamp(tl.math.div_rn(v.to(tl.float32), vs), -FP8_MAX, FP8_MAX)
-        if EXACT_ROUND:
+        if kc_ptr.dtype.element_ty == tl.uint8:  # no e4m3 hardware: the cache as bytes
+            k = e4m3_bytes_from(k)
+            v = e4m3_bytes_from(v)
+        elif EXACT_ROUND:
             k = _round_fp8_e4m3(k)
             v = _round_fp8_e4m3(v)
     tl.store(kc + heads[:, None] * kc_head_stride + d[None, :],
@@ -95,6 +101,7 @@ def write_kv_cache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
     if t == 0:
         return
     quant = k_scale is not None
+    k_cache, v_cache = e4m3.kernel_view(k_cache), e4m3.kernel_view(v_cache)  # sm_80: bytes
     block_h, block_d = _blocks(hkv, d)
     grid = (t, triton.cdiv(hkv, block_h))
     write_kv_cache_kernel[grid](
@@ -113,9 +120,11 @@ def _register() -> None:
         "k_tok_stride", "k_head_stride", "v_tok_stride", "v_head_stride", "kc_blk_stride",
         "kc_tok_stride", "kc_head_stride", "vc_blk_stride", "vc_tok_stride", "vc_head_stride")}
     consts = ("BLOCK_H", "BLOCK_D", "QUANT", "SCALE_PER_HEAD", "EXACT_ROUND")
-    # (input dtype, cache dtype, archs): fp8 caches are built for sm_90a only
+    # (input dtype, cache dtype, archs): fp8 caches as e4m3 on sm_90a, as bytes (encoded
+    # in software, e4m3.py) on sm_80
     combos = [(dt, dt, (80, 90)) for dt in ("fp16", "bf16", "fp32")]
     combos += [(dt, "fp8e4nv", (90,)) for dt in ("fp16", "bf16")]
+    combos += [(dt, "u8", (80,)) for dt in ("fp16", "bf16")]
     for dt, cdt, archs in combos:
         quant = cdt != dt
         for idx in ("i32", "i64"):

@@ -8,7 +8,7 @@ Algorithm: the three steps of ops/triton/moe.py (its ``sort_pairs_by_expert`` pu
 (token, slot) pairs into expert-sorted BLOCK_M tiles with moe_align's kernels, no sync).
   1. ``moe_fp8_gate_up_kernel``: program (b, n) gathers the x rows of tile b's pairs and,
      per K tile, loads expert e's gate and up bytes as [BN, BK], turns them into W / 256
-     exactly (fp8_matmul's ``_e4m3_as_fp16``, no fp8 hardware: sm_80 and the interpreter
+     exactly (e4m3.py's ``e4m3_bytes_as_fp16``, no fp8 hardware: sm_80 and the interpreter
      run it), and adds dot(x, (W / 256)^T) * 256 * scale[n // bn, k0 // bk] to an fp32
      accumulator: the dequantized weight is never rounded to x.dtype. act(gate) * up
      (the constexpr ``ACT``: silu / gelu / gelu_tanh, as moe.py), rounded to x.dtype,
@@ -36,7 +36,8 @@ import triton.language as tl
 
 from .. import _alloc
 from ._moe_common import down_epilogue, gate_up_epilogue, tile_expert, tile_pairs, up_rows
-from .fp8_matmul import _e4m3_as_fp16, block_k_for
+from .e4m3 import e4m3_bytes_as_fp16
+from .fp8_matmul import block_k_for
 from .moe import MoeW8A16Config, fused_moe_w8a16, moe_w8a16_config, register_w8a16_moe
 from .tiling import acc_dot, load_k_tile
 
@@ -98,8 +99,8 @@ def moe_fp8_gate_up_kernel(x_ptr, w_ptr, s_ptr, act_ptr, delta_ptr, sorted_ids_p
             wg = load_k_tile(g_ptrs, k0, offs_k, H, EVEN_K, 0)
         wu = load_k_tile(u_ptrs, k0, offs_k, H, EVEN_K, 0)
         if GATED:
-            wg = _e4m3_as_fp16(wg).to(a.dtype)                         # W / 256, exact
-        wu = _e4m3_as_fp16(wu).to(a.dtype)
+            wg = e4m3_bytes_as_fp16(wg).to(a.dtype)                         # W / 256, exact
+        wu = e4m3_bytes_as_fp16(wu).to(a.dtype)
         kb = (k0 // block_k) * ss_k          # the tile's scale block (never straddled)
         if GATED:
             sg = tl.load(sg_ptrs + kb) * 256.0
@@ -149,7 +150,7 @@ def moe_fp8_down_kernel(act_ptr, w_ptr, s_ptr, tw_ptr, out_ptr, delta_ptr, sorte
             w_ptrs = tl.multiple_of(w_ptrs, [1, 16])
         a = load_k_tile(a_ptrs, k0, offs_k, I, EVEN_K, 0.0)       # I % BK == 0: no mask
         wb = load_k_tile(w_ptrs, k0, offs_k, I, EVEN_K, 0)
-        w = _e4m3_as_fp16(wb).to(a.dtype)                              # W / 256, exact
+        w = e4m3_bytes_as_fp16(wb).to(a.dtype)                              # W / 256, exact
         s = tl.load(s_ptrs + (k0 // block_k) * ss_k) * 256.0
         acc += acc_dot(a, tl.trans(w), tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32),
                        DOT_F32) * s[None, :]

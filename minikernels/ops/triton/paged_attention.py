@@ -17,6 +17,8 @@ Algorithm (flash-decoding over a paged cache, GQA-aware):
 FP8 caches (float8_e4m3fn, KV_SCALE): tiles are converted to q's dtype (exact: every e4m3
 value is an fp16 / bf16 value); the kv head's k_scale folds into the score scale and its
 v_scale multiplies acc / l, so the result is attention over k * k_scale, v * v_scale.
+Without e4m3 hardware (sm_80) the caches come as bytes (uint8 views), decoded in software
+to value / 256 (e4m3.py), the 256 folded into both scales.
 K and V have their own strides; block_size is any size (page = t // block_size).
 
 Split ranges depend only on the sequence's own length (see _split_plan), never on the
@@ -31,6 +33,8 @@ import triton
 import triton.language as tl
 
 from .. import _alloc
+from . import e4m3
+from .e4m3 import byte_scale, fp8_tile_to
 from .registry import KernelSpec, register
 
 LOG2E = 1.4426950408889634
@@ -97,6 +101,8 @@ def paged_decode_kernel(
         else:
             qk_scale = scale * tl.load(ks_ptr)
             v_scale = tl.load(vs_ptr)
+        qk_scale = qk_scale * byte_scale(k_ptr)   # a cache read as bytes holds value / 256
+        v_scale = v_scale * byte_scale(v_ptr)
 
     if HAS_ALIBI:  # each q head's slope (slopes [Hq], or [B, Hq] with stride_al), log2 domain
         alibi = tl.load(al_ptr + b.to(tl.int64) * stride_al + heads, mask=row_mask,
@@ -126,7 +132,7 @@ def paged_decode_kernel(
             v_ptrs = tl.multiple_of(v_ptrs, [1, 16])
         k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
         if KV_SCALE:
-            k = k.to(q_ptr.dtype.element_ty)
+            k = fp8_tile_to(k, q_ptr.dtype.element_ty)
         if DOT_F32:  # interpreter only: its bf16 tl.dot is wrong; same values in fp32
             s = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee")
         else:
@@ -144,7 +150,7 @@ def paged_decode_kernel(
         l_i = l_i * alpha + tl.sum(p, axis=1)
         v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
         if KV_SCALE:
-            v = v.to(q_ptr.dtype.element_ty)
+            v = fp8_tile_to(v, q_ptr.dtype.element_ty)
         if DOT_F32:
             pv = tl.dot(p.to(v.dtype).to(tl.float32), v.to(tl.float32), input_precision="ieee")
         else:
@@ -281,6 +287,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     else:
         opart = lse = lse_out  # unused
     kv_scale = k_scale is not None
+    k_cache, v_cache = e4m3.kernel_view(k_cache), e4m3.kernel_view(v_cache)  # sm_80: bytes
     aligned = rows_aligned(k_cache) and rows_aligned(v_cache)
     has_alibi = alibi_slopes is not None
     paged_decode_kernel[(bsz, hkv, grid_splits)](
@@ -322,10 +329,12 @@ def _decode_signature(dt: str, cache_dt: str) -> dict[str, str]:
 
 
 def _register() -> None:
-    # (q dtype, cache dtype, archs): fp8 caches are built for sm_90a only; fp32 (exact
-    # dots, one stage: what an fp32 engine's decode graphs run) on both archs.
+    # (q dtype, cache dtype, archs): fp8 caches as e4m3 on sm_90a, as bytes (converted in
+    # software, e4m3.py) on sm_80; fp32 (exact dots, one stage: what an fp32 engine's
+    # decode graphs run) on both archs.
     combos = [("fp16", "fp16", (80, 90)), ("bf16", "bf16", (80, 90)),
               ("bf16", "fp8e4nv", (90,)), ("fp16", "fp8e4nv", (90,)),
+              ("bf16", "u8", (80,)), ("fp16", "u8", (80,)),
               ("fp32", "fp32", (80, 90))]
     shapes = ((4, 128, 16), (8, 128, 16), (1, 64, 16), (4, 256, 16), (7, 128, 32),
               (16, 128, 16), (4, 128, 24), (4, 111, 16), (4, 250, 16),  # 111, 250: unaligned

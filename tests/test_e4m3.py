@@ -1,0 +1,90 @@
+"""The software e4m3 conversions (minikernels/ops/triton/e4m3.py) against torch's
+float8_e4m3fn: every byte decodes to its value / 256 (NaN to NaN); every fp32 value in
+range encodes to the byte torch rounds it to (nearest even), including ties, the
+subnormal range, the subnormal -> normal carry, +-0 and +-448."""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from minikernels.ops.triton import e4m3
+
+
+@triton.jit
+def _decode_kernel(b_ptr, out_ptr, n, DTYPE: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    b = tl.load(b_ptr + offs, mask=offs < n, other=0)
+    tl.store(out_ptr + offs, e4m3.e4m3_bytes_to(b, DTYPE), mask=offs < n)
+
+
+@triton.jit
+def _encode_kernel(x_ptr, out_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    x = tl.load(x_ptr + offs, mask=offs < n, other=0.0)
+    tl.store(out_ptr + offs, e4m3.e4m3_bytes_from(x), mask=offs < n)
+
+
+def _decode(b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    out = torch.full(b.shape, 7.0, dtype=dtype, device=b.device)
+    tl_dtype = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16,
+                torch.float32: tl.float32}[dtype]
+    _decode_kernel[(triton.cdiv(b.numel(), 256),)](b, out, b.numel(), DTYPE=tl_dtype,
+                                                    BLOCK=256)
+    return out
+
+
+def _encode(x: torch.Tensor) -> torch.Tensor:
+    out = torch.full(x.shape, 0x55, dtype=torch.uint8, device=x.device)
+    _encode_kernel[(triton.cdiv(x.numel(), 1024),)](x, out, x.numel(), BLOCK=1024)
+    return out
+
+
+def test_every_byte_decodes_to_its_value_over_256(device):
+    b = torch.arange(256, dtype=torch.uint8, device=device)
+    want = b.view(torch.float8_e4m3fn).float() / e4m3.BYTE_SCALE
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        got = _decode(b, dtype).float()
+        nan = want.isnan()
+        assert nan.sum() == 2 and got[nan].isnan().all(), dtype
+        torch.testing.assert_close(got[~nan], want[~nan], rtol=0, atol=0)
+        assert (torch.signbit(got[~nan]) == torch.signbit(want[~nan])).all()  # -0 kept
+
+
+def test_encode_rounds_as_torch_does(device):
+    finite = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
+    finite = finite[~finite.isnan()].unique()
+    mids = (finite[1:] + finite[:-1]) / 2                    # exact ties (fp32 has room)
+    nudged = torch.cat([mids.nextafter(finite[1:]), mids.nextafter(finite[:-1])])
+    gen = torch.Generator().manual_seed(0)
+    rand = (torch.rand(20000, generator=gen) * 2 - 1) * 448
+    tiny = (torch.rand(20000, generator=gen) * 2 - 1) * 2.0 ** -5   # subnormal range
+    spread = torch.randn(20000, generator=gen) * torch.exp2(torch.randint(-12, 9, (20000,),
+                                                                         generator=gen))
+    x = torch.cat([finite, mids, nudged, rand, tiny, spread.clamp(-448, 448),
+                   torch.tensor([0.0, -0.0, 448.0, -448.0, 2.0 ** -10, -(2.0 ** -10),
+                                 1e-30, 2.0 ** -6 - 2.0 ** -30])])
+    x = torch.cat([x, -x]).contiguous()
+    got = _encode(x.to(device)).cpu()
+    want = x.to(torch.float8_e4m3fn).view(torch.uint8)
+    bad = (got != want).nonzero().flatten()
+    assert bad.numel() == 0, [(x[i].item(), got[i].item(), want[i].item()) for i in bad[:8]]
+
+
+def test_nan_encodes_to_the_nan_byte(device):
+    x = torch.tensor([float("nan"), -float("nan"), 1.0], device=device)
+    got = _encode(x).cpu()
+    assert got[0] & 0x7F == 0x7F and got[1] & 0x7F == 0x7F and got[2] == 0x38
+
+
+def test_only_fp8_caches_on_old_gpus_or_forced_take_bytes():
+    cache = torch.zeros(2, 3, dtype=torch.float8_e4m3fn)
+    assert not e4m3.kv_cache_as_bytes(cache)                  # the CPU: native (interpreter)
+    assert not e4m3.kv_cache_as_bytes(torch.zeros(2, dtype=torch.bfloat16))
+    with e4m3.emulated_e4m3():
+        assert e4m3.kv_cache_as_bytes(cache)
+        view = e4m3.kernel_view(cache[:, 1:])
+        assert view.dtype == torch.uint8 and view.stride() == (3, 1)
+        assert view.data_ptr() == cache[:, 1:].data_ptr()
+        assert not e4m3.kv_cache_as_bytes(torch.zeros(2, dtype=torch.float16))
+    assert e4m3.kernel_view(cache) is cache
