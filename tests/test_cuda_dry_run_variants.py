@@ -91,8 +91,8 @@ def test_engine_runs_on_an_a100(checkpoints, case):
 @pytest.mark.skipif(AOT_SUBSET != "all", reason="compiles every launch of the A100 "
                     "engines (~3 CPU-minutes): with MK_AOT=all")
 def test_a100_engines_launch_kernels_that_compile(checkpoints, tmp_path):
-    """Every distinct launch of the engines on a fake A100 (A100_CASES and the serving
-    engine qwen2.5-0.5b int4, buckets to 64), tiles as an A100 picks them, compiles for
+    """Every distinct launch of the engines on a fake A100 (A100_CASES, the serving
+    engine qwen2.5-0.5b int4, buckets to 64, and qwen3-0.6b over an fp8 cache), tiles as an A100 picks them, compiles for
     sm_80 as its first launch there would: no spills, shared memory within 163 KiB."""
     from test_cuda_dry_run import compile_exactly, run_eager_steps
 
@@ -104,6 +104,11 @@ def test_a100_engines_launch_kernels_that_compile(checkpoints, tmp_path):
     with fake_gpu(A100) as gpu:
         llm = LLM("qwen2.5-0.5b", dtype="bfloat16", device="cuda", tokenizer=None,
                   num_kv_blocks=4096, block_size=16, max_num_seqs=64, quantization="int4")
+    records += [launch.record() for launch in gpu.launches +
+                run_eager_steps(llm.llm_engine.runner.model, A100)]
+    with fake_gpu(A100) as gpu:   # head dim 128 over an fp8 cache read as bytes
+        llm = LLM("qwen3-0.6b", dtype="bfloat16", device="cuda", tokenizer=None,
+                  num_kv_blocks=1024, block_size=16, max_num_seqs=16, kv_cache_dtype="fp8")
     records += [launch.record() for launch in gpu.launches +
                 run_eager_steps(llm.llm_engine.runner.model, A100)]
     compiled = compile_exactly(records, tmp_path, archs=(80,))
@@ -128,15 +133,22 @@ def test_fp8_kv_cache_reads_bytes_before_ada(checkpoints):
                     "KV_SCALE", launch.constexprs.get("QUANT"))}
 
     with fake_gpu(A100) as gpu, index_checks_off():   # (value checks read the device)
-        q = torch.randn(2, 4, 64, device="cuda", dtype=torch.bfloat16)
-        cache = torch.zeros(8, 16, 2, 64, device="cuda", dtype=torch.float8_e4m3fn)
+        q = torch.randn(2, 4, 128, device="cuda", dtype=torch.bfloat16)
+        cache = torch.zeros(8, 16, 2, 128, device="cuda", dtype=torch.float8_e4m3fn)
         table = torch.zeros(2, 2, dtype=torch.int32, device="cuda")
         lens = torch.ones(2, dtype=torch.int32, device="cuda")
-        one = torch.ones(1, device="cuda")
+        one = torch.ones(2, device="cuda")                   # per kv head, as the engine's
         ops.write_kv_cache(q[:, :2], q[:, :2], cache, cache,
                            torch.zeros(2, dtype=torch.int64, device="cuda"), one, one)
         ops.paged_decode_attention(q, cache, cache, table, lens, k_scale=one, v_scale=one)
+        cu = torch.tensor([0, 1, 2], dtype=torch.int32, device="cuda")
+        ops.flash_attention(q, cache, cache, cu, cu, 1, 1, block_table=table, k_scale=one,
+                            v_scale=one)
     assert cache_dtypes(gpu.launches) == {"torch.uint8"}
+    assert_compiled_ahead(gpu.launches, arch=80)
+    prefill, = [x for x in gpu.launches if x.kernel == "flash_attn_fwd_kernel"]
+    assert (prefill.constexprs["BLOCK_M"], prefill.constexprs["BLOCK_N"]) == (128, 32)
+    assert prefill.num_warps == 8   # the d128 tile that does not spill with the decode
     ada = types.SimpleNamespace(**{**vars(A100), "name": "L40S (fake)", "minor": 9})
     llm, launches = build_on_fake_h200(checkpoints["llama"], kv_cache_dtype="fp8",
                                        gpu_props=ada)

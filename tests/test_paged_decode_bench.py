@@ -12,7 +12,8 @@ def test_bench_smoke(tmp_path):
     timed = [r for r in data["rows"] if r.get("us") is not None]
     impls = {r["impl"] for r in timed}
     assert {"minikernels_triton", "minikernels_triton_invariant", "gather_sdpa",
-            "sdpa_contiguous", "minikernels_triton_fp8kv", "reference_fp8kv"} <= impls
+            "sdpa_contiguous", "minikernels_triton_fp8kv", "minikernels_triton_bytes_fp8kv",
+            "reference_fp8kv"} <= impls
     fp8 = [r for r in timed if r["impl"].endswith("_fp8kv")]
     assert fp8 and all(r["kv_dtype"] == "fp8_e4m3" for r in fp8)
     for r in timed:

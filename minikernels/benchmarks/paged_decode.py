@@ -12,7 +12,8 @@ paged kernel does), SDPA over already-contiguous KV (the upper reference: no pag
 and flex_attention (compiled) over the whole page pool with a block mask built from the
 block table, where it runs. Beside them, ours over an fp8 (e4m3) KV cache quantized from the
 same K/V with per-head scales (``*_fp8kv`` rows: half the bytes; checked against SDPA over
-the dequantized cache). Minimum bytes = the K and V pages read once (+ q, out); every
+the dequantized cache; ``minikernels_triton_bytes_fp8kv``: the cache read as bytes and
+decoded in software, the A100's path, here on whatever GPU runs it). Minimum bytes = the K and V pages read once (+ q, out); every
 time is reported as GB/s and as a fraction of the copy bandwidth measured in the same run
 (L2 flushed before each call). Our output is checked against SDPA on the same inputs.
 Results: bench/results/<device>/paged_decode.{json,md,png}.
@@ -37,6 +38,7 @@ if "--smoke" in sys.argv and os.environ.get("CUDA_VISIBLE_DEVICES", None) != "":
 
 import torch
 
+from ..ops.triton import e4m3
 from .plumbing import ceilings, device_name, time_fn, write_results
 
 BATCHES = (1, 8, 64, 256)
@@ -142,9 +144,9 @@ def bench_shape(batch: int, ctx: int, *, hq: int, hkv: int, d: int, block: int,
 
     fp8 = quantize_caches(inp)
 
-    def ours_fp8(backend: str) -> Callable[[], torch.Tensor]:
+    def ours_fp8(backend: str, as_bytes: bool | None = None) -> Callable[[], torch.Tensor]:
         def fn() -> torch.Tensor:
-            with mk.use_backend(backend):
+            with mk.use_backend(backend), e4m3.emulated_e4m3(as_bytes):
                 return mk.ops.paged_decode_attention(
                     inp["q"], fp8["k_cache"], fp8["v_cache"], inp["block_table"],
                     inp["seq_lens"], k_scale=fp8["k_scale"], v_scale=fp8["v_scale"])
@@ -153,6 +155,8 @@ def bench_shape(batch: int, ctx: int, *, hq: int, hkv: int, d: int, block: int,
     impls["minikernels_triton"] = ours("triton")
     impls["minikernels_triton_invariant"] = ours("triton", split_size=512)
     impls["minikernels_triton_fp8kv"] = ours_fp8("triton")
+    # the A100's path (the cache as bytes, e4m3 decoded in software) wherever this runs
+    impls["minikernels_triton_bytes_fp8kv"] = ours_fp8("triton", as_bytes=True)
     if device == "cuda":
         from minikernels import backend as _backend
         if _backend.cuda_extension() is not None and \
