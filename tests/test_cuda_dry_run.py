@@ -354,3 +354,22 @@ def test_model_families_launch_kernels_that_compile(checkpoints, tmp_path):
         records += [launch.record() for launch in launches]
     compiled = compile_exactly(records, tmp_path)
     assert len(compiled) >= 150
+
+
+@pytest.mark.skipif(AOT_SUBSET != "all", reason="compiles ~150 distinct launches (~3 "
+                    "CPU-minutes): with MK_AOT=all, before a GPU run")
+def test_model_families_on_an_a100(checkpoints, tmp_path):
+    """The same on a fake A100: every family's engine (bf16) captures sync-free, launches
+    only sm_80 AOT configurations, and its exact launches (tiles and split counts as an
+    A100 picks them) compile for sm_80 with no spills, within 163 KiB of shared memory."""
+    from fake_cuda import A100
+
+    records = []
+    for kind in CASES:
+        llm, launches = build_on_fake_h200(checkpoints[kind], "bfloat16", gpu_props=A100)
+        check_engine(llm, launches, arch=80)
+        eager = run_eager_steps(llm.llm_engine.runner.model, A100)
+        assert_compiled_ahead(eager, arch=80)
+        records += [launch.record() for launch in launches + eager]
+    compiled = compile_exactly(records, tmp_path, archs=(80,))
+    assert len(compiled) >= 140       # 149 distinct launches (2026-12-03)
