@@ -118,7 +118,7 @@ def test_a100_engines_launch_kernels_that_compile(checkpoints, tmp_path):
 def test_fp8_kv_cache_reads_bytes_before_ada(checkpoints):
     """Triton compiles no e4m3 (fp8e4nv) loads or stores for sm_80 ("type fp8e4nv not
     supported in this architecture"): on an A100 the fp8 KV cache's kernels take its bytes
-    (uint8 views) and convert in software (ops/triton/e4m3.py); Ada (8.9) and Hopper keep
+    (uint8 views) and convert in software (ops/triton/fp8_bits.py); Ada (8.9) and Hopper keep
     the native e4m3 tiles. The A100_CASES "fp8-kv" engine checks that every such launch
     is an sm_80 spec."""
     import types

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 import minikernels as mk
 from minikernels.ops import reference
-from minikernels.ops.triton import e4m3
+from minikernels.ops.triton import fp8_bits
 
 FP8 = torch.float8_e4m3fn
 #: "triton-bytes": the Triton kernels reading and writing the cache as bytes, converting
@@ -30,7 +30,7 @@ BACKENDS = ["reference", *KERNELS]
 @contextlib.contextmanager
 def _use(backend: str):
     with mk.use_backend(backend.removesuffix("-bytes")), \
-            e4m3.emulated_e4m3(True if backend.endswith("-bytes") else None):
+            fp8_bits.emulated_e4m3(True if backend.endswith("-bytes") else None):
         yield
 
 

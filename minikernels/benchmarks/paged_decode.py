@@ -38,7 +38,7 @@ if "--smoke" in sys.argv and os.environ.get("CUDA_VISIBLE_DEVICES", None) != "":
 
 import torch
 
-from ..ops.triton import e4m3
+from ..ops.triton import fp8_bits
 from .plumbing import ceilings, device_name, time_fn, write_results
 
 BATCHES = (1, 8, 64, 256)
@@ -146,7 +146,7 @@ def bench_shape(batch: int, ctx: int, *, hq: int, hkv: int, d: int, block: int,
 
     def ours_fp8(backend: str, as_bytes: bool | None = None) -> Callable[[], torch.Tensor]:
         def fn() -> torch.Tensor:
-            with mk.use_backend(backend), e4m3.emulated_e4m3(as_bytes):
+            with mk.use_backend(backend), fp8_bits.emulated_e4m3(as_bytes):
                 return mk.ops.paged_decode_attention(
                     inp["q"], fp8["k_cache"], fp8["v_cache"], inp["block_table"],
                     inp["seq_lens"], k_scale=fp8["k_scale"], v_scale=fp8["v_scale"])

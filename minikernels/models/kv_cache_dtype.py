@@ -4,7 +4,7 @@
 fp8(clamp(x / scale, +-448)) with each attention layer's float32 k_scale / v_scale
 (minikernels.ops.kv_cache has the convention). GPUs of capability 8.9+ (Ada, Hopper)
 convert e4m3 natively; on older ones (A100) the kernels read and write the cache as bytes
-and convert in software (minikernels.ops.triton.e4m3). Imports no torch until a name is
+and convert in software (minikernels.ops.triton.fp8_bits). Imports no torch until a name is
 resolved: CLIs list the names in --help.
 """
 from __future__ import annotations

@@ -20,7 +20,7 @@ cache block block_table[b, j // PAGE_SIZE], slot j % PAGE_SIZE (gathered per key
 page size works with any BLOCK_N). FP8 paged caches (KV_SCALE): tiles convert exactly to q's
 dtype; the kv head's k_scale folds into the score scale, its v_scale multiplies acc / l.
 Without e4m3 hardware (sm_80) the cache comes as bytes (uint8 views), decoded in software
-to value / 256 (e4m3.py), the 256 folded into both scales.
+to value / 256 (fp8_bits.py), the 256 folded into both scales.
 Grid (Hq, B, query tiles), heavy (late) query tiles first.
 """
 from __future__ import annotations
@@ -33,8 +33,8 @@ import triton
 import triton.language as tl
 
 from .. import _alloc
-from . import e4m3
-from .e4m3 import byte_scale, fp8_tile_to
+from . import fp8_bits
+from .fp8_bits import byte_scale, fp8_tile_to
 from .registry import KernelSpec, register
 
 LOG2E = 1.4426950408889634
@@ -296,7 +296,7 @@ SM80_CONFIGS = {
     256: FlashConfig(64, 32, 8, 2),
     512: FlashConfig(32, 32, 8, 2),
 }
-# fp8 paged caches read as bytes (GPUs without e4m3 conversions: sm_80; e4m3.py): the
+# fp8 paged caches read as bytes (GPUs without e4m3 conversions: sm_80; fp8_bits.py): the
 # in-register decode of each K / V tile costs registers. The d128 tile above spills with it
 # (m128n64 w8: 255 registers + spills, 840 B of stack at 2 stages; 64 x 64 over 4 warps
 # spills 8 B with a softcap); 128 x 32 keeps 173 registers (AOT, sm_80).
@@ -409,7 +409,7 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlen
     if total_q == 0 or batch <= 0 or hq == 0 or max_seqlen_q <= 0:
         return out, lse
     paged = block_table is not None
-    k, v = e4m3.kernel_view(k), e4m3.kernel_view(v)   # fp8 caches without e4m3 hardware
+    k, v = fp8_bits.kernel_view(k), fp8_bits.kernel_view(v)   # sm_80: fp8 caches as bytes
     # Varlen q / k / v are copied when that makes their rows 16-byte aligned; a paged cache
     # (the whole pool) never is: an unaligned one runs without the vector hints.
     q = _aligned(q)
@@ -483,7 +483,7 @@ def _register(dt: str, head_dim: int, cfg: FlashConfig, *, causal: bool = True,
               fp8_kv: bool = False, alibi: bool = False,
               archs: tuple[int, ...] = (80, 90)) -> None:
     """causal: a right bound (causal, or window_right >= 0); fp8_kv: fp8 paged caches,
-    e4m3 on sm_90a, read as bytes (converted in software, e4m3.py) on sm_80."""
+    e4m3 on sm_90a, read as bytes (converted in software, fp8_bits.py) on sm_80."""
     if fp8_kv and archs not in ((80,), (90,)):
         raise ValueError(f"fp8 KV specs are per arch (80: bytes, 90: e4m3), got {archs}")
     kv_dt = ("u8" if archs == (80,) else "fp8e4nv") if fp8_kv else dt

@@ -40,7 +40,7 @@ import triton
 import triton.language as tl
 
 from . import splitk
-from .e4m3 import e4m3_bytes_as_fp16
+from .fp8_bits import e4m3_bytes_as_fp16
 from .splitk import decode_tile, load_decode_rows, load_decode_vec, store_decode_tile
 from .tiling import acc_dot, gemm_tile, load_k_tile, store_gemm_tile
 

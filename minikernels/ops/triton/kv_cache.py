@@ -7,7 +7,7 @@ Every tensor has its own strides (a vLLM-style [num_blocks, 2, block, Hkv, D] ca
 into k and v views works), and block_size may be any size. Same-dtype caches get a plain
 copy; fp8 caches (QUANT) get fp8(clamp(x / scale, +-448)) with a per-tensor or per-head
 float32 scale, rounded to nearest even. Without e4m3 hardware (sm_80) an fp8 cache comes as
-bytes (a uint8 view) and the rounding is done in integer ops (e4m3.py).
+bytes (a uint8 view) and the rounding is done in integer ops (fp8_bits.py).
 """
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
-from . import e4m3
-from .e4m3 import e4m3_bytes_from
+from . import fp8_bits
+from .fp8_bits import e4m3_bytes_from
 from .registry import KernelSpec, register
 
 FP8_MAX = tl.constexpr(448.0)  # largest finite e4m3 value
@@ -101,7 +101,8 @@ def write_kv_cache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
     if t == 0:
         return
     quant = k_scale is not None
-    k_cache, v_cache = e4m3.kernel_view(k_cache), e4m3.kernel_view(v_cache)  # sm_80: bytes
+    # sm_80: fp8 caches as bytes
+    k_cache, v_cache = fp8_bits.kernel_view(k_cache), fp8_bits.kernel_view(v_cache)
     block_h, block_d = _blocks(hkv, d)
     grid = (t, triton.cdiv(hkv, block_h))
     write_kv_cache_kernel[grid](
@@ -121,7 +122,7 @@ def _register() -> None:
         "kc_tok_stride", "kc_head_stride", "vc_blk_stride", "vc_tok_stride", "vc_head_stride")}
     consts = ("BLOCK_H", "BLOCK_D", "QUANT", "SCALE_PER_HEAD", "EXACT_ROUND")
     # (input dtype, cache dtype, archs): fp8 caches as e4m3 on sm_90a, as bytes (encoded
-    # in software, e4m3.py) on sm_80
+    # in software, fp8_bits.py) on sm_80
     combos = [(dt, dt, (80, 90)) for dt in ("fp16", "bf16", "fp32")]
     combos += [(dt, "fp8e4nv", (90,)) for dt in ("fp16", "bf16")]
     combos += [(dt, "u8", (80,)) for dt in ("fp16", "bf16")]

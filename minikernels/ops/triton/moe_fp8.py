@@ -8,7 +8,7 @@ Algorithm: the three steps of ops/triton/moe.py (its ``sort_pairs_by_expert`` pu
 (token, slot) pairs into expert-sorted BLOCK_M tiles with moe_align's kernels, no sync).
   1. ``moe_fp8_gate_up_kernel``: program (b, n) gathers the x rows of tile b's pairs and,
      per K tile, loads expert e's gate and up bytes as [BN, BK], turns them into W / 256
-     exactly (e4m3.py's ``e4m3_bytes_as_fp16``, no fp8 hardware: sm_80 and the interpreter
+     exactly (fp8_bits.py's ``e4m3_bytes_as_fp16``, no fp8 hardware: sm_80 and the interpreter
      run it), and adds dot(x, (W / 256)^T) * 256 * scale[n // bn, k0 // bk] to an fp32
      accumulator: the dequantized weight is never rounded to x.dtype. act(gate) * up
      (the constexpr ``ACT``: silu / gelu / gelu_tanh, as moe.py), rounded to x.dtype,
@@ -36,7 +36,7 @@ import triton.language as tl
 
 from .. import _alloc
 from ._moe_common import down_epilogue, gate_up_epilogue, tile_expert, tile_pairs, up_rows
-from .e4m3 import e4m3_bytes_as_fp16
+from .fp8_bits import e4m3_bytes_as_fp16
 from .fp8_matmul import block_k_for
 from .moe import MoeW8A16Config, fused_moe_w8a16, moe_w8a16_config, register_w8a16_moe
 from .tiling import acc_dot, load_k_tile

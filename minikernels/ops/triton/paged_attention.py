@@ -18,7 +18,7 @@ FP8 caches (float8_e4m3fn, KV_SCALE): tiles are converted to q's dtype (exact: e
 value is an fp16 / bf16 value); the kv head's k_scale folds into the score scale and its
 v_scale multiplies acc / l, so the result is attention over k * k_scale, v * v_scale.
 Without e4m3 hardware (sm_80) the caches come as bytes (uint8 views), decoded in software
-to value / 256 (e4m3.py), the 256 folded into both scales.
+to value / 256 (fp8_bits.py), the 256 folded into both scales.
 K and V have their own strides; block_size is any size (page = t // block_size).
 
 Split ranges depend only on the sequence's own length (see _split_plan), never on the
@@ -33,8 +33,8 @@ import triton
 import triton.language as tl
 
 from .. import _alloc
-from . import e4m3
-from .e4m3 import byte_scale, fp8_tile_to
+from . import fp8_bits
+from .fp8_bits import byte_scale, fp8_tile_to
 from .registry import KernelSpec, register
 
 LOG2E = 1.4426950408889634
@@ -287,7 +287,8 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     else:
         opart = lse = lse_out  # unused
     kv_scale = k_scale is not None
-    k_cache, v_cache = e4m3.kernel_view(k_cache), e4m3.kernel_view(v_cache)  # sm_80: bytes
+    # sm_80: fp8 caches as bytes
+    k_cache, v_cache = fp8_bits.kernel_view(k_cache), fp8_bits.kernel_view(v_cache)
     aligned = rows_aligned(k_cache) and rows_aligned(v_cache)
     has_alibi = alibi_slopes is not None
     paged_decode_kernel[(bsz, hkv, grid_splits)](
@@ -330,7 +331,7 @@ def _decode_signature(dt: str, cache_dt: str) -> dict[str, str]:
 
 def _register() -> None:
     # (q dtype, cache dtype, archs): fp8 caches as e4m3 on sm_90a, as bytes (converted in
-    # software, e4m3.py) on sm_80; fp32 (exact dots, one stage: what an fp32 engine's
+    # software, fp8_bits.py) on sm_80; fp32 (exact dots, one stage: what an fp32 engine's
     # decode graphs run) on both archs.
     combos = [("fp16", "fp16", (80, 90)), ("bf16", "bf16", (80, 90)),
               ("bf16", "fp8e4nv", (90,)), ("fp16", "fp8e4nv", (90,)),

@@ -1,4 +1,4 @@
-"""The software e4m3 conversions (minikernels/ops/triton/e4m3.py) against torch's
+"""The software e4m3 conversions (minikernels/ops/triton/fp8_bits.py) against torch's
 float8_e4m3fn: every byte decodes to its value / 256 (NaN to NaN); every fp32 value in
 range encodes to the byte torch rounds it to (nearest even), including ties, the
 subnormal range, the subnormal -> normal carry, +-0 and +-448."""
@@ -8,21 +8,21 @@ import torch
 import triton
 import triton.language as tl
 
-from minikernels.ops.triton import e4m3
+from minikernels.ops.triton import fp8_bits
 
 
 @triton.jit
 def _decode_kernel(b_ptr, out_ptr, n, DTYPE: tl.constexpr, BLOCK: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     b = tl.load(b_ptr + offs, mask=offs < n, other=0)
-    tl.store(out_ptr + offs, e4m3.e4m3_bytes_to(b, DTYPE), mask=offs < n)
+    tl.store(out_ptr + offs, fp8_bits.e4m3_bytes_to(b, DTYPE), mask=offs < n)
 
 
 @triton.jit
 def _encode_kernel(x_ptr, out_ptr, n, BLOCK: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     x = tl.load(x_ptr + offs, mask=offs < n, other=0.0)
-    tl.store(out_ptr + offs, e4m3.e4m3_bytes_from(x), mask=offs < n)
+    tl.store(out_ptr + offs, fp8_bits.e4m3_bytes_from(x), mask=offs < n)
 
 
 def _decode(b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -42,7 +42,7 @@ def _encode(x: torch.Tensor) -> torch.Tensor:
 
 def test_every_byte_decodes_to_its_value_over_256(device):
     b = torch.arange(256, dtype=torch.uint8, device=device)
-    want = b.view(torch.float8_e4m3fn).float() / e4m3.BYTE_SCALE
+    want = b.view(torch.float8_e4m3fn).float() / fp8_bits.BYTE_SCALE
     for dtype in (torch.float16, torch.bfloat16, torch.float32):
         got = _decode(b, dtype).float()
         nan = want.isnan()
@@ -79,12 +79,12 @@ def test_nan_encodes_to_the_nan_byte(device):
 
 def test_only_fp8_caches_on_old_gpus_or_forced_take_bytes():
     cache = torch.zeros(2, 3, dtype=torch.float8_e4m3fn)
-    assert not e4m3.kv_cache_as_bytes(cache)                  # the CPU: native (interpreter)
-    assert not e4m3.kv_cache_as_bytes(torch.zeros(2, dtype=torch.bfloat16))
-    with e4m3.emulated_e4m3():
-        assert e4m3.kv_cache_as_bytes(cache)
-        view = e4m3.kernel_view(cache[:, 1:])
+    assert not fp8_bits.kv_cache_as_bytes(cache)                  # the CPU: native (interpreter)
+    assert not fp8_bits.kv_cache_as_bytes(torch.zeros(2, dtype=torch.bfloat16))
+    with fp8_bits.emulated_e4m3():
+        assert fp8_bits.kv_cache_as_bytes(cache)
+        view = fp8_bits.kernel_view(cache[:, 1:])
         assert view.dtype == torch.uint8 and view.stride() == (3, 1)
         assert view.data_ptr() == cache[:, 1:].data_ptr()
-        assert not e4m3.kv_cache_as_bytes(torch.zeros(2, dtype=torch.float16))
-    assert e4m3.kernel_view(cache) is cache
+        assert not fp8_bits.kv_cache_as_bytes(torch.zeros(2, dtype=torch.float16))
+    assert fp8_bits.kernel_view(cache) is cache
