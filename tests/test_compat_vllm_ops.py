@@ -207,7 +207,7 @@ def _caches(nb: int, bs: int, h: int, d: int, dtype: torch.dtype, hnd: bool):
     return (k.permute(0, 2, 1, 3), v.permute(0, 2, 1, 3)) if hnd else (k, v)
 
 
-@given(kv_dtype=st.sampled_from(["auto", "fp8", "fp8_e4m3"]), hnd=st.booleans(),
+@given(kv_dtype=st.sampled_from(["auto", "fp8", "fp8_e4m3", "fp8_e5m2"]), hnd=st.booleans(),
        per_head=st.booleans(), uint8=st.booleans(), pad_rows=st.sampled_from([0, 2]),
        dtype=dtypes, bs=st.sampled_from([1, 4]), seed=st.integers(0, 2**31))
 def test_reshape_and_cache_flash(kv_dtype, hnd, per_head, uint8, pad_rows, dtype, bs, seed):
@@ -218,7 +218,8 @@ def test_reshape_and_cache_flash(kv_dtype, hnd, per_head, uint8, pad_rows, dtype
     slots = torch.randperm(nb * bs, generator=g)[:n]
     slots[1] = -1                                     # a skipped (padding) token
     fp8 = kv_dtype != "auto"
-    cache_dtype = (torch.uint8 if uint8 else FP8) if fp8 else dtype
+    fmt = torch.float8_e5m2 if kv_dtype == "fp8_e5m2" else FP8
+    cache_dtype = (torch.uint8 if uint8 else fmt) if fp8 else dtype
     key_cache, value_cache = _caches(nb, bs, h, d, cache_dtype, hnd)
     k_scale = (key.float().abs().amax(dim=(0, 2)) / 64 if per_head
                else key.float().abs().amax() / 64).reshape(-1)
@@ -226,7 +227,7 @@ def test_reshape_and_cache_flash(kv_dtype, hnd, per_head, uint8, pad_rows, dtype
     ops.reshape_and_cache_flash(key, value, key_cache, value_cache, slots.long(), kv_dtype,
                                 k_scale, v_scale)
     for src, cache, scale in ((key, key_cache, k_scale), (value, value_cache, v_scale)):
-        got = cache.view(FP8).float() if fp8 else cache
+        got = cache.view(fmt).float() if fp8 else cache
         want = torch.zeros(got.shape, dtype=got.dtype)
         for t, slot in enumerate(slots.tolist()):
             if slot < 0:
@@ -234,7 +235,7 @@ def test_reshape_and_cache_flash(kv_dtype, hnd, per_head, uint8, pad_rows, dtype
             row = src[t].float()
             if fp8:
                 s = scale.reshape(-1, 1)
-                row = (row / s).clamp(-448, 448).to(FP8).float()
+                row = _fp8_round(row, s, fmt).float()
             want[slot // bs, slot % bs] = row.to(want.dtype)
         assert torch.equal(got, want)
 
@@ -259,16 +260,18 @@ def test_reshape_and_cache_flash_mixed_scale_counts(device, backend):
             assert torch.equal(got, want)
 
 
-def test_convert_fp8_round_trip():
+@pytest.mark.parametrize("kv_dtype,fmt", [("fp8", FP8), ("fp8_e5m2", torch.float8_e5m2)])
+def test_convert_fp8_round_trip(kv_dtype, fmt):
     g = _gen(2)
-    x = torch.randn(3, 4, 8, generator=g).to(torch.bfloat16)
+    x = torch.randn(3, 4, 8, generator=g).to(torch.bfloat16) * 1000    # e4m3 saturates
     q = torch.empty(3, 4, 8, dtype=torch.uint8)
-    ops.convert_fp8(q, x, 0.05)
-    want = (x.float() / 0.05).clamp(-448, 448).to(FP8)
-    assert torch.equal(q.view(FP8).float(), want.float())
+    ops.convert_fp8(q, x, 0.05, kv_dtype)
+    want = _fp8_round(x, torch.tensor(0.05), fmt)
+    assert torch.equal(q.view(fmt).float(), want.float())
     back = torch.empty(3, 4, 8, dtype=torch.float32)
-    ops.convert_fp8(back, q, 0.05)
+    ops.convert_fp8(back, q, 0.05, kv_dtype)
     assert torch.equal(back, want.float() * 0.05)
+    assert back.isfinite().all()
 
 
 # ------------------------------------------------------ legacy paged caches (x-split)
@@ -301,8 +304,9 @@ def _legacy_buffers(nb: int, h: int, d: int, bs: int, dtype: torch.dtype, stride
     return kbuf[..., lo:lo + x], vbuf[..., lo:lo + bs], kbuf, vbuf
 
 
-def _fp8_round(t: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    return (t.float() / scale).clamp(-448, 448).to(FP8)
+def _fp8_round(t: torch.Tensor, scale: torch.Tensor, fmt: torch.dtype = FP8) -> torch.Tensor:
+    top = torch.finfo(fmt).max
+    return (t.float() / scale).clamp(-top, top).to(fmt)
 
 
 @given(kv_dtype=st.sampled_from(["auto", "fp8", "fp8_e4m3"]), uint8=st.booleans(),
@@ -438,7 +442,7 @@ def test_paged_attention_legacy_layout(version, dtype, bs, heads, d_mult, alibi,
 
 
 @pytest.mark.parametrize("backend", ["reference", "triton"])
-@pytest.mark.parametrize("kv_dtype", ["auto", "fp8"])
+@pytest.mark.parametrize("kv_dtype", ["auto", "fp8", "fp8_e5m2"])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_reshape_and_cache_then_paged_attention_round_trip(device, backend, kv_dtype, dtype):
     """Prefill writes every token with reshape_and_cache; a decode step over the cache
@@ -446,7 +450,8 @@ def test_reshape_and_cache_then_paged_attention_round_trip(device, backend, kv_d
     the reference and on the Triton decode kernel (the interpreter on a CPU)."""
     g = _gen(7)
     bs, hq, hkv, nb = 8, 4, 2, 12
-    fp8 = kv_dtype == "fp8"
+    fp8 = kv_dtype != "auto"
+    fmt = torch.float8_e5m2 if kv_dtype == "fp8_e5m2" else FP8
     cache_dtype = torch.uint8 if fp8 else dtype
     d = 2 * _x_of(cache_dtype)
     lens = [1, 11, 21]
@@ -472,8 +477,8 @@ def test_reshape_and_cache_then_paged_attention_round_trip(device, backend, kv_d
                                torch.tensor(lens, dtype=torch.int32, device=device), bs,
                                max(lens), on[7], kv_dtype, *on[4:6])
     if fp8:
-        key = _fp8_round(key, k_scale).float() * k_scale
-        value = _fp8_round(value, v_scale).float() * v_scale
+        key = _fp8_round(key, k_scale, fmt).float() * k_scale
+        value = _fp8_round(value, v_scale, fmt).float() * v_scale
     want, start = [], 0
     for i, n in enumerate(lens):
         k = key[start:start + n].double().repeat_interleave(hq // hkv, 1)
@@ -753,7 +758,7 @@ def _legacy_write(**change):
     (lambda: ops.rotary_embedding(torch.tensor([9]), _x(1, 8), None, 4, _x(8, 4), True),
      "positions"),
     (lambda: ops.reshape_and_cache_flash(_x(2, 1, 4), _x(2, 1, 4), _x(3, 2, 1, 4),
-                                         _x(3, 2, 1, 4), torch.tensor([0, 1]), "fp8_e5m2",
+                                         _x(3, 2, 1, 4), torch.tensor([0, 1]), "fp8_inc",
                                          _x(1), _x(1)), "kv_cache_dtype"),
     (lambda: ops.reshape_and_cache_flash(_x(2, 1, 4), _x(2, 1, 4), _x(3, 2, 1, 4),
                                          _x(3, 2, 1, 4), torch.tensor([0, 1]), "fp8",

@@ -71,6 +71,7 @@ A100_CASES = {
     "gated-delta": ("qwen3_5", "bfloat16", {}),
     "lora": ("llama", "bfloat16", dict(enable_lora=True, max_lora_rank=8)),
     "fp8-kv": ("llama", "bfloat16", dict(kv_cache_dtype="fp8")),   # e4m3 as bytes
+    "fp8-e5m2-kv": ("llama", "bfloat16", dict(kv_cache_dtype="fp8_e5m2")),   # natively
 }
 
 

@@ -1,5 +1,6 @@
-"""The engine with an fp8 (e4m3) KV cache: LLM(kv_cache_dtype="fp8") holds twice the tokens
-of bf16 in the same memory, generates, frees every block, and refuses unknown dtypes."""
+"""The engine with an fp8 KV cache: LLM(kv_cache_dtype="fp8") (e4m3; "fp8_e5m2": e5m2) holds
+twice the tokens of bf16 in the same memory, generates, frees every block, and refuses
+unknown dtypes."""
 from __future__ import annotations
 
 import pytest
@@ -14,14 +15,16 @@ def _llm(model: str, **kw) -> LLM:
     return LLM(model, device="cpu", tokenizer=None, **kw)
 
 
-def test_fp8_pool_holds_twice_the_tokens(monkeypatch):
+@pytest.mark.parametrize("name,dtype", [("fp8", torch.float8_e4m3fn),
+                                        ("fp8_e5m2", torch.float8_e5m2)])
+def test_fp8_pool_holds_twice_the_tokens(monkeypatch, name, dtype):
     monkeypatch.setattr(model_runner, "CPU_KV_POOL_BYTES", 4 << 20)   # same memory for both
     bf16 = _llm("tiny", dtype="bfloat16", block_size=16)
-    fp8 = _llm("tiny", dtype="bfloat16", block_size=16, kv_cache_dtype="fp8")
+    fp8 = _llm("tiny", dtype="bfloat16", block_size=16, kv_cache_dtype=name)
     n16, n8 = bf16.llm_engine.runner.num_blocks, fp8.llm_engine.runner.num_blocks
     assert n8 == 2 * n16
     k_cache, v_cache = fp8.llm_engine.runner.kv_caches[0]
-    assert k_cache.dtype == v_cache.dtype == torch.float8_e4m3fn
+    assert k_cache.dtype == v_cache.dtype == dtype
     pool = lambda llm: sum(c.numel() * c.element_size()   # noqa: E731
                            for pair in llm.llm_engine.runner.kv_caches for c in pair)
     assert pool(fp8) == pool(bf16)
@@ -34,23 +37,27 @@ def test_fp8_pool_holds_twice_the_tokens(monkeypatch):
     fp8.llm_engine.check_no_leaks()
 
 
-def test_fp8_greedy_mostly_matches_transformers(tmp_path):
+@pytest.mark.parametrize("name", ["fp8_e4m3", "fp8_e5m2"])
+def test_fp8_greedy_mostly_matches_transformers(tmp_path, name):
     """Quantization noise may flip a near-tie argmax; most tokens still match."""
     hf = _make_hf("llama")
     hf.save_pretrained(str(tmp_path))
     prompts = prompts_of([1, 7, 9, 30, 45], seed=1)
     expected = [hf_greedy(hf, p, GREEDY.max_tokens) for p in prompts]
-    for overlap in (True, False):
-        llm = _llm(str(tmp_path), dtype="float32", block_size=8, kv_cache_dtype="fp8_e4m3",
+    for overlap in (True, False) if name == "fp8_e4m3" else (True,):
+        llm = _llm(str(tmp_path), dtype="float32", block_size=8, kv_cache_dtype=name,
                    async_scheduling=overlap)
         got = [o.outputs[0].token_ids for o in llm.generate(prompts, GREEDY, use_tqdm=False)]
         first = sum(g[0] == e[0] for g, e in zip(got, expected))
         same = sum(a == b for g, e in zip(got, expected) for a, b in zip(g, e))
-        assert first >= 4 and same >= 0.6 * sum(map(len, expected)), (first, same)
+        # e5m2 keeps 2 mantissa bits (e4m3: 3): near-ties of this random model flip more
+        # often, and every token after a flip counts as a miss (23 of 50 match here)
+        share = 0.6 if name == "fp8_e4m3" else 0.4
+        assert first >= 4 and same >= share * sum(map(len, expected)), (first, same)
         llm.llm_engine.check_no_leaks()
 
 
-@pytest.mark.parametrize("bad", ["fp8_e5m2", "int8", "", 8])
+@pytest.mark.parametrize("bad", ["fp8_inc", "int8", "", 8])
 def test_bad_kv_cache_dtype(bad):
     with pytest.raises(ValueError, match="kv_cache_dtype must be one of"):
         _llm("tiny", dtype="float32", kv_cache_dtype=bad)

@@ -1,9 +1,11 @@
-"""The software e4m3 conversions (minikernels/ops/triton/fp8_bits.py) against torch's
-float8_e4m3fn: every byte decodes to its value / 256 (NaN to NaN); every fp32 value in
-range encodes to the byte torch rounds it to (nearest even), including ties, the
-subnormal range, the subnormal -> normal carry, +-0 and +-448."""
+"""The software fp8 conversions (minikernels/ops/triton/fp8_bits.py) against torch's
+float8_e4m3fn / float8_e5m2: every e4m3 byte decodes to its value / 256 (NaN to NaN);
+every fp32 value in range encodes to the byte torch rounds it to (nearest even),
+including ties, values just past them, the subnormal range, the subnormal -> normal
+carry, +-0 and the largest finite value (448 / 57344)."""
 from __future__ import annotations
 
+import pytest
 import torch
 import triton
 import triton.language as tl
@@ -19,10 +21,14 @@ def _decode_kernel(b_ptr, out_ptr, n, DTYPE: tl.constexpr, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _encode_kernel(x_ptr, out_ptr, n, BLOCK: tl.constexpr):
+def _encode_kernel(x_ptr, out_ptr, n, E5M2: tl.constexpr, BLOCK: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     x = tl.load(x_ptr + offs, mask=offs < n, other=0.0)
-    tl.store(out_ptr + offs, fp8_bits.e4m3_bytes_from(x), mask=offs < n)
+    if E5M2:
+        b = fp8_bits.e5m2_bytes_from(x)
+    else:
+        b = fp8_bits.e4m3_bytes_from(x)
+    tl.store(out_ptr + offs, b, mask=offs < n)
 
 
 def _decode(b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -34,9 +40,10 @@ def _decode(b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return out
 
 
-def _encode(x: torch.Tensor) -> torch.Tensor:
+def _encode(x: torch.Tensor, fmt: torch.dtype = torch.float8_e4m3fn) -> torch.Tensor:
     out = torch.full(x.shape, 0x55, dtype=torch.uint8, device=x.device)
-    _encode_kernel[(triton.cdiv(x.numel(), 1024),)](x, out, x.numel(), BLOCK=1024)
+    _encode_kernel[(triton.cdiv(x.numel(), 1024),)](x, out, x.numel(),
+                                                     E5M2=fmt == torch.float8_e5m2, BLOCK=1024)
     return out
 
 
@@ -51,30 +58,33 @@ def test_every_byte_decodes_to_its_value_over_256(device):
         assert (torch.signbit(got[~nan]) == torch.signbit(want[~nan])).all()  # -0 kept
 
 
-def test_encode_rounds_as_torch_does(device):
-    finite = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
-    finite = finite[~finite.isnan()].unique()
+@pytest.mark.parametrize("fmt", [torch.float8_e4m3fn, torch.float8_e5m2])
+def test_encode_rounds_as_torch_does(device, fmt):
+    top = torch.finfo(fmt).max
+    finite = torch.arange(256, dtype=torch.uint8).view(fmt).float()
+    finite = finite[finite.isfinite()].unique()
     mids = (finite[1:] + finite[:-1]) / 2                    # exact ties (fp32 has room)
     nudged = torch.cat([mids.nextafter(finite[1:]), mids.nextafter(finite[:-1])])
     gen = torch.Generator().manual_seed(0)
-    rand = (torch.rand(20000, generator=gen) * 2 - 1) * 448
-    tiny = (torch.rand(20000, generator=gen) * 2 - 1) * 2.0 ** -5   # subnormal range
-    spread = torch.randn(20000, generator=gen) * torch.exp2(torch.randint(-12, 9, (20000,),
-                                                                         generator=gen))
-    x = torch.cat([finite, mids, nudged, rand, tiny, spread.clamp(-448, 448),
-                   torch.tensor([0.0, -0.0, 448.0, -448.0, 2.0 ** -10, -(2.0 ** -10),
-                                 1e-30, 2.0 ** -6 - 2.0 ** -30])])
+    rand = (torch.rand(20000, generator=gen) * 2 - 1) * top
+    low = float(finite[finite > 0].min()) * 8                # around the subnormal range
+    tiny = (torch.rand(20000, generator=gen) * 2 - 1) * low
+    spread = torch.randn(20000, generator=gen) * torch.exp2(
+        torch.randint(-20 if fmt == torch.float8_e5m2 else -12, 16, (20000,), generator=gen))
+    x = torch.cat([finite, mids, nudged, rand, tiny, spread.clamp(-top, top),
+                   torch.tensor([0.0, -0.0, top, -top, 1e-30, low / 8 * 0.49])])
     x = torch.cat([x, -x]).contiguous()
-    got = _encode(x.to(device)).cpu()
-    want = x.to(torch.float8_e4m3fn).view(torch.uint8)
+    got = _encode(x.to(device), fmt).cpu()
+    want = x.to(fmt).view(torch.uint8)
     bad = (got != want).nonzero().flatten()
     assert bad.numel() == 0, [(x[i].item(), got[i].item(), want[i].item()) for i in bad[:8]]
 
 
 def test_nan_encodes_to_the_nan_byte(device):
     x = torch.tensor([float("nan"), -float("nan"), 1.0], device=device)
-    got = _encode(x).cpu()
-    assert got[0] & 0x7F == 0x7F and got[1] & 0x7F == 0x7F and got[2] == 0x38
+    for fmt, one in ((torch.float8_e4m3fn, 0x38), (torch.float8_e5m2, 0x3C)):
+        got = _encode(x, fmt).cpu()
+        assert got[:2].view(fmt).float().isnan().all() and got[2] == one
 
 
 def test_only_fp8_caches_on_old_gpus_or_forced_take_bytes():

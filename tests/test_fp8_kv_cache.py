@@ -1,4 +1,5 @@
-"""FP8 (e4m3) KV cache: quantizing write, dequantizing paged decode and paged prefill.
+"""FP8 (e4m3, and e5m2) KV cache: quantizing write, dequantizing paged decode and paged
+prefill.
 
 vLLM's convention: the cache holds fp8(clamp(x / scale, +-448)) (round to nearest even,
 saturating) with a float32 scale per tensor or per kv head, and attention reads
@@ -22,15 +23,21 @@ from minikernels.ops.triton import fp8_bits
 
 FP8 = torch.float8_e4m3fn
 #: "triton-bytes": the Triton kernels reading and writing the cache as bytes, converting
-#: e4m3 in software, as they do on GPUs without e4m3 conversions (A100, sm_80)
-KERNELS = [*kernel_backends(), "triton-bytes"]
-BACKENDS = ["reference", *KERNELS]
+#: e4m3 in software, as they do on GPUs without e4m3 conversions (A100, sm_80);
+#: ":e5m2": the same backend over float8_e5m2 caches (vLLM's "fp8_e5m2")
+KERNELS = [*kernel_backends(), "triton-bytes", "triton:e5m2"]   # (e5m2 has no CUDA kernel)
+BACKENDS = ["reference", "reference:e5m2", *KERNELS]
+
+
+def _fmt(backend: str) -> torch.dtype:
+    return torch.float8_e5m2 if backend.endswith(":e5m2") else FP8
 
 
 @contextlib.contextmanager
 def _use(backend: str):
-    with mk.use_backend(backend.removesuffix("-bytes")), \
-            fp8_bits.emulated_e4m3(True if backend.endswith("-bytes") else None):
+    name = backend.removesuffix(":e5m2")
+    with mk.use_backend(name.removesuffix("-bytes")), \
+            fp8_bits.emulated_e4m3(True if name.endswith("-bytes") else None):
         yield
 
 
@@ -63,10 +70,10 @@ def test_write_quantizes_like_reference(backend, device, data):
     k = (torch.randn(t, hkv, d, generator=g) * 8).to(dtype).to(device)
     v = (torch.randn(t, hkv, d, generator=g) * 30).to(dtype).to(device)
     if fused:   # vLLM's [NB, 2, BS, Hkv, D] cache split into k and v views
-        kv = torch.zeros(nb, 2, block_size, hkv, d, dtype=FP8, device=device)
+        kv = torch.zeros(nb, 2, block_size, hkv, d, dtype=_fmt(backend), device=device)
         kc, vc = kv[:, 0], kv[:, 1]
     else:
-        kc = torch.zeros(nb, block_size, hkv, d, dtype=FP8, device=device)
+        kc = torch.zeros(nb, block_size, hkv, d, dtype=_fmt(backend), device=device)
         vc = torch.zeros_like(kc)
     slots = torch.randperm(nb * block_size, generator=g)[:t].to(device)
     if t > 2:
@@ -81,29 +88,39 @@ def test_write_quantizes_like_reference(backend, device, data):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_write_rounding_and_saturation(backend, device):
     """Round to nearest even (also where rounding carries into the next binade), saturate
-    to +-448 * scale, keep subnormals and signed zeros."""
+    to +-max * scale (448 e4m3, 57344 e5m2), keep subnormals and signed zeros."""
+    fmt = _fmt(backend)
+    top = torch.finfo(fmt).max
     vals = torch.tensor([31.6, -31.6, 126.3, 447.0, 448.0, 465.0, 1e6, -1e6, 0.0, -0.0,
-                         0.0019, 3 * 2.0 ** -10, 1.0625, 1.1875, 19.0, 17.0], dtype=torch.float32)
+                         0.0019, 3 * 2.0 ** -10, 1.0625, 1.1875, 19.0, 17.0, 1.125 + 2**-20,
+                         6e4, 2.0 ** -17, 3 * 2.0 ** -17], dtype=torch.float32)
     d = len(vals)
     x = vals.view(1, 1, d)
     x = x.to(device)
-    kc = torch.zeros(1, 1, 1, d, dtype=FP8, device=device)
+    kc = torch.zeros(1, 1, 1, d, dtype=fmt, device=device)
     vc = torch.zeros_like(kc)
     one = torch.ones(1, device=device)
     with _use(backend):
         mk.ops.write_kv_cache(x, -x, kc, vc, torch.zeros(1, dtype=torch.int32, device=device),
                               k_scale=one, v_scale=one)
-    want = x.clamp(-448, 448).to(FP8).view(1, 1, 1, d)
+    want = x.clamp(-top, top).to(fmt).view(1, 1, 1, d)
     assert torch.equal(_bytes(kc), _bytes(want))
     got = kc.float().flatten()
-    assert got[0] == 32.0 and got[1] == -32.0 and got[2] == 128.0   # carries
-    assert got[5] == 448.0 and got[6] == 448.0 and got[7] == -448.0   # saturation
-    assert got[12] == 1.0 and got[13] == 1.25 and got[14] == 20.0 and got[15] == 16.0  # ties
-    assert got[10] == 2.0 ** -9 and got[11] == 2.0 ** -8 and torch.signbit(got[9])  # subnormals
+    assert got[6] == top and got[7] == -top and torch.signbit(got[9])     # saturation, -0
+    if fmt == FP8:
+        assert got[0] == 32.0 and got[1] == -32.0 and got[2] == 128.0   # carries
+        assert got[5] == 448.0                                          # saturation
+        assert got[12] == 1.0 and got[13] == 1.25 and got[14] == 20.0 and got[15] == 16.0
+        assert got[10] == 2.0 ** -9 and got[11] == 2.0 ** -8            # subnormals
+    else:   # e5m2: 2 mantissa bits, subnormal step 2^-16
+        assert got[0] == 32.0 and got[2] == 128.0 and got[5] == 448.0 and got[17] == 57344.0
+        assert got[16] == 1.25                  # just past a tie: rounds up (one rounding)
+        assert got[12] == 1.0 and got[14] == 20.0 and got[15] == 16.0   # ties to even
+        assert got[18] == 0.0 and got[19] == 2.0 ** -15                 # subnormal ties
     assert torch.equal(vc.float(), -kc.float())
 
 
-def _fp8_case(lens, hq, hkv, d, block_size, per_head, device, seed=0):
+def _fp8_case(lens, hq, hkv, d, block_size, per_head, device, seed=0, fmt=FP8):
     """bf16 q; fp8 caches written through the reference quantizer, their scales, and the
     bf16 caches they were quantized from."""
     g = torch.Generator().manual_seed(seed)
@@ -118,8 +135,8 @@ def _fp8_case(lens, hq, hkv, d, block_size, per_head, device, seed=0):
     ks, vs = _scales(hkv, per_head, g, "cpu")
     k16 = (torch.randn(nb, block_size, hkv, d, generator=g) * 3).bfloat16()
     v16 = torch.randn(nb, block_size, hkv, d, generator=g).bfloat16()
-    kc = reference.quantize_kv(k16, ks, FP8)
-    vc = reference.quantize_kv(v16, vs, FP8)
+    kc = reference.quantize_kv(k16, ks, fmt)
+    vc = reference.quantize_kv(v16, vs, fmt)
     q = torch.randn(len(lens), hq, d, generator=g).bfloat16()
     sl = torch.tensor(lens, dtype=torch.int32)
     mv = lambda *ts: [t.to(device) for t in ts]  # noqa: E731
@@ -138,7 +155,8 @@ def test_decode_matches_reference(backend, device, data):
               softcap=data.draw(st.sampled_from([0.0, 10.0])),
               num_splits=data.draw(st.sampled_from([0, 1, 3])))
     q, kc, vc, bt, sl, ks, vs, *_ = _fp8_case(lens, hq, hkv, d, block_size, per_head, device,
-                                              seed=data.draw(st.integers(0, 999)))
+                                              seed=data.draw(st.integers(0, 999)),
+                                              fmt=_fmt(backend))
     with _use(backend):
         out, lse = mk.ops.paged_decode_attention(q, kc, vc, bt, sl, return_lse=True,
                                                  k_scale=ks, v_scale=vs, **kw)
@@ -152,7 +170,8 @@ def test_decode_matches_reference(backend, device, data):
 @pytest.mark.parametrize("per_head", [False, True])
 def test_prefill_over_fp8_prefix_matches_reference(backend, device, per_head):
     lens_k, lens_q = [40, 9, 70], [5, 9, 1]
-    q, kc, vc, bt, _, ks, vs, *_ = _fp8_case(lens_k, 8, 2, 64, 16, per_head, device, seed=3)
+    q, kc, vc, bt, _, ks, vs, *_ = _fp8_case(lens_k, 8, 2, 64, 16, per_head, device, seed=3,
+                                             fmt=_fmt(backend))
     g = torch.Generator().manual_seed(1)
     qp = torch.randn(sum(lens_q), 8, 64, generator=g).bfloat16().to(device)
     cu_q = torch.tensor([0, 5, 14, 15], dtype=torch.int32, device=device)
@@ -174,7 +193,7 @@ def test_wide_head_dim_write_decode_prefill(backend, device):
     like the reference, per-head scales."""
     d, hkv, hq = 512, 2, 8
     q, kc, vc, bt, sl, ks, vs, k16, v16 = _fp8_case([33, 7], hq, hkv, d, 16, True, device,
-                                                    seed=5)
+                                                    seed=5, fmt=_fmt(backend))
     slots = torch.arange(0, 10, dtype=torch.int32, device=device) * 3
     new_k, new_v = k16[:1, :10].reshape(10, hkv, d), v16[:1, :10].reshape(10, hkv, d)
     kc_ref, vc_ref = kc.clone(), vc.clone()
@@ -209,12 +228,13 @@ def test_mixed_per_head_and_per_tensor_scales(backend, device, per_head_k):
     own scales in the write, decode and prefill kernels (they share one per-head flag,
     so the boundary expands the per-tensor one)."""
     q, kc, vc, bt, sl, ks, vs, k16, v16 = _fp8_case([40, 9], 4, 2, 64, 16, True, device,
-                                                    seed=5)
+                                                    seed=5, fmt=_fmt(backend))
     if per_head_k:
         vs = vs[:1].clone()
     else:
         ks = ks[:1].clone()
-    kc, vc = reference.quantize_kv(k16, ks, FP8), reference.quantize_kv(v16, vs, FP8)
+    fmt = _fmt(backend)
+    kc, vc = reference.quantize_kv(k16, ks, fmt), reference.quantize_kv(v16, vs, fmt)
     k_new, v_new = k16[0, :3].float(), v16[0, :3].float()
     slots = torch.tensor([5, 6, 7], device=device)
     kw_, vw_ = kc.clone(), vc.clone()
@@ -239,15 +259,19 @@ def test_mixed_per_head_and_per_tensor_scales(backend, device, per_head_k):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_fp8_attention_stays_close_to_bf16(backend, device):
     """Quantization error only: decode over the fp8 cache vs over the bf16 cache it came from."""
-    q, kc, vc, bt, sl, ks, vs, k16, v16 = _fp8_case([300, 64], 8, 2, 128, 16, True, device)
-    ks.fill_(float(k16.float().abs().amax()) / 448)   # calibrated scales: no saturation
-    vs.fill_(float(v16.float().abs().amax()) / 448)
-    kc, vc = reference.quantize_kv(k16, ks, FP8), reference.quantize_kv(v16, vs, FP8)
+    fmt = _fmt(backend)
+    q, kc, vc, bt, sl, ks, vs, k16, v16 = _fp8_case([300, 64], 8, 2, 128, 16, True, device,
+                                                    fmt=fmt)
+    top = torch.finfo(fmt).max                          # calibrated scales: no saturation
+    ks.fill_(float(k16.float().abs().amax()) / top)
+    vs.fill_(float(v16.float().abs().amax()) / top)
+    kc, vc = reference.quantize_kv(k16, ks, fmt), reference.quantize_kv(v16, vs, fmt)
     with _use(backend):
         out8 = mk.ops.paged_decode_attention(q, kc, vc, bt, sl, k_scale=ks, v_scale=vs)
     out16 = reference.paged_decode_attention(q, k16, v16, bt, sl)[0]
     err = (out8.float() - out16.float()).norm() / out16.float().norm()
-    assert err < 0.06, f"relative error {err:.3f}"
+    # e4m3 keeps 3 mantissa bits, e5m2 2 (twice the rounding step)
+    assert err < (0.06 if fmt == FP8 else 0.12), f"relative error {err:.3f}"
 
 
 # opcheck's test_schema compares inputs with allclose, which torch lacks for fp8 on the CPU

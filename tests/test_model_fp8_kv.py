@@ -1,4 +1,4 @@
-"""The decoder over an fp8 (e4m3) KV cache: logits stay close to the full-precision cache's,
+"""The decoder over an fp8 (e4m3, or e5m2) KV cache: logits stay close to the full-precision cache's,
 and fp8 KV-cache scales load from a checkpoint (vLLM's ``self_attn.k_scale`` names).
 
 ``python tests/test_model_fp8_kv.py`` prints the logit-error table of docs/models.md.
@@ -25,8 +25,9 @@ def _seqs(vocab: int) -> list[list[int]]:
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("kind", ["llama", "qwen2-window"])
-def test_fp8_cache_logits_close_to_full_precision(hf_dirs, kind, dtype):  # noqa: F811
+@pytest.mark.parametrize("kind,fmt", [("llama", FP8), ("qwen2-window", FP8),
+                                      ("llama", torch.float8_e5m2)])
+def test_fp8_cache_logits_close_to_full_precision(hf_dirs, kind, fmt, dtype):  # noqa: F811
     """Same schedule (prefill chunks reading an fp8 prefix, decode steps) with the cache in
     the model's dtype and in fp8 with unit scales: max |logit diff| / max |logit| small."""
     hf, path = hf_dirs[kind]
@@ -34,11 +35,13 @@ def test_fp8_cache_logits_close_to_full_precision(hf_dirs, kind, dtype):  # noqa
     seqs = _seqs(hf.config.vocab_size)
     full = torch.stack([r for *_, r in run_schedule(model, seqs, PLAN, block_size=8)])
     fp8 = torch.stack([r for *_, r in run_schedule(model, seqs, PLAN, block_size=8,
-                                                    kv_dtype=FP8)])
+                                                    kv_dtype=fmt)])
     err = rel_err(fp8, full)
-    assert 0 < err < 0.08, err   # measured 0.03-0.065 on these models (docs/models.md)
+    # measured 0.03-0.065 (e4m3) on these models (docs/models.md); e5m2 has one mantissa
+    # bit less, so about twice the rounding error
+    assert 0 < err < (0.08 if fmt == FP8 else 0.16), err
     agree = (fp8.argmax(-1) == full.argmax(-1)).float().mean()
-    assert agree >= 0.9
+    assert agree >= (0.9 if fmt == FP8 else 0.8)
 
 
 def test_kv_scales_load_from_checkpoint(hf_dirs, tmp_path):  # noqa: F811
@@ -80,10 +83,12 @@ def _measure() -> None:
         for dtype in (torch.float32, torch.bfloat16):
             model = load_model(path, dtype=dtype, device="cpu")
             full = torch.stack([r for *_, r in run_schedule(model, seqs, PLAN, 8)])
-            fp8 = torch.stack([r for *_, r in run_schedule(model, seqs, PLAN, 8,
-                                                            kv_dtype=FP8)])
-            top1 = float((fp8.argmax(-1) == full.argmax(-1)).float().mean())
-            cells.append(f"{dtype}: rel {rel_err(fp8, full):.3f}, top-1 {top1:.0%}")
+            for fmt in (FP8, torch.float8_e5m2):
+                fp8 = torch.stack([r for *_, r in run_schedule(model, seqs, PLAN, 8,
+                                                                kv_dtype=fmt)])
+                top1 = float((fp8.argmax(-1) == full.argmax(-1)).float().mean())
+                cells.append(f"{dtype} {str(fmt)[11:]}: rel {rel_err(fp8, full):.3f}, "
+                             f"top-1 {top1:.0%}")
             fulls.append(full)
         cells.append(f"bf16 model vs fp32: rel {rel_err(fulls[1], fulls[0]):.3f}")
         print(kind, "|", " | ".join(cells), flush=True)

@@ -15,7 +15,7 @@ Names, argument names, defaults, layouts and return shapes are FlashInfer's. Cov
   ``(k_cache, v_cache)`` tuple, FlashInfer's CSR page table (``indptr`` / ``indices`` /
   ``last_page_len``), GQA / MQA, ``causal`` (bottom-right), ``window_left``,
   ``logits_soft_cap`` (``cap * tanh(sm_scale * qk / cap)``), ``sm_scale``, ``q_scale`` /
-  ``k_scale`` / ``v_scale``, fp8 (e4m3) paged caches, ``return_lse``, ``out`` / ``lse``
+  ``k_scale`` / ``v_scale``, fp8 (e4m3 / e5m2) paged caches, ``return_lse``, ``out`` / ``lse``
   buffers, the wrappers' ``run(sinks=)`` (GPT-OSS's attention sinks: one more logit per
   q head, in the units of the scaled scores; the returned lse includes it);
 - ``append_paged_kv_cache``, ``get_batch_indices_positions``, ``get_seq_lens``;
@@ -125,7 +125,7 @@ _MAX_BLOCK = 256
 _POS_ENCODING_MODES = ("NONE", "ROPE_LLAMA", "ALIBI")
 _KV_LAYOUTS = ("NHD", "HND")
 _INT_DTYPES = (torch.int32, torch.int64)
-_FP8_KV = (torch.float8_e4m3fn,)
+_FP8_KV = (torch.float8_e4m3fn, torch.float8_e5m2)
 
 
 # ----------------------------------------------------------------------------- arguments
@@ -406,8 +406,8 @@ def _plan_dtypes(q_data_type: object, kv_data_type: object, o_data_type: object,
         raise ValueError(f"q_data_type must be float16, bfloat16 or float32, got {q_dt}")
     kv_dt = q_dt if kv_data_type is None else _dtype("kv_data_type", kv_data_type)
     if kv_dt not in (q_dt, *_FP8_KV):
-        raise ValueError(f"kv_data_type must be q_data_type ({q_dt}) or float8_e4m3fn, got "
-                         f"{kv_dt}")
+        raise ValueError(f"kv_data_type must be q_data_type ({q_dt}), float8_e4m3fn or "
+                         f"float8_e5m2, got {kv_dt}")
     o_dt = q_dt if o_data_type is None else _dtype("o_data_type", o_data_type)
     if o_dt not in FLOAT_DTYPES:
         raise ValueError(f"o_data_type must be float16, bfloat16 or float32, got {o_dt}")
@@ -581,7 +581,7 @@ class BatchDecodeWithPagedKVCacheWrapper(_Wrapper):
     paged_kv_cache: [num_pages, 2, page_size, Hkv, D] (NHD) / [num_pages, 2, Hkv,
     page_size, D] (HND), or a tuple of [num_pages, page_size, Hkv, D] / [num_pages, Hkv,
     page_size, D] (each with its own strides, last dim contiguous), of ``kv_data_type`` (q's
-    dtype or float8_e4m3fn). Returns out [batch_size, num_qo_heads, head_dim] in
+    dtype, float8_e4m3fn or float8_e5m2). Returns out [batch_size, num_qo_heads, head_dim] in
     ``o_data_type``, and with return_lse the base-2 LSE [batch_size, num_qo_heads] fp32.
     Runs :func:`minikernels.ops.paged_decode_attention`.
     """
@@ -940,7 +940,7 @@ def append_paged_kv_cache(append_key: Tensor, append_value: Tensor, batch_indice
     ``kv_indices[kv_indptr[b] + pos // page_size]``, slot ``pos % page_size``. The page
     table (kv_indptr, kv_indices, kv_last_page_len) already includes the appended tokens.
     paged_kv_cache as in :class:`BatchDecodeWithPagedKVCacheWrapper` (the cache's dtype, or
-    float8_e4m3fn: values are cast with saturation at +-448). Runs
+    float8_e4m3fn / float8_e5m2: values are cast with saturation at +-448 / +-57344). Runs
     :func:`minikernels.ops.write_kv_cache`.
     """
     kv_layout = _check_kv_layout(kv_layout)

@@ -213,8 +213,12 @@ __all__ = [
 FP8 = torch.float8_e4m3fn
 #: vLLM's per-token fp8 scale floor: 1 / (448 * 512)
 FP8_MIN_SCALE = 1.0 / (FP8_E4M3_MAX * 512.0)
-#: kv_cache_dtype strings of an e4m3 cache (vLLM stores it as uint8 or float8_e4m3fn)
-FP8_KV_CACHE_DTYPES = ("fp8", "fp8_e4m3")
+#: kv_cache_dtype strings of an fp8 cache -> its format (vLLM stores it as uint8 or as
+#: that float8 dtype; "fp8" is e4m3 on CUDA)
+FP8_KV_FORMATS = {"fp8": torch.float8_e4m3fn, "fp8_e4m3": torch.float8_e4m3fn,
+                  "fp8_e5m2": torch.float8_e5m2}
+FP8_KV_CACHE_DTYPES = tuple(FP8_KV_FORMATS)
+_FP8_LIKE = (torch.uint8, torch.float8_e4m3fn, torch.float8_e5m2)
 _INDEX_DTYPES = (torch.int32, torch.int64)
 _BLOCK = 128            # cutlass_scaled_mm's block-scaled fp8 form: 128 x 128 blocks
 
@@ -428,14 +432,16 @@ def _kv_cache_dtype(kv_cache_dtype: object, dtype: torch.dtype, k_scale: object,
     """vLLM's kv_cache_dtype string -> (allowed cache dtypes, k_scale, v_scale).
 
     "auto": caches of ``dtype``, scales dropped (vLLM passes 1.0 tensors it does not read).
-    "fp8" / "fp8_e4m3": uint8 (vLLM's storage) or float8_e4m3fn caches; the scales pass on
-    (a per-tensor one next to a per-head one expanded per head)."""
+    "fp8" / "fp8_e4m3" / "fp8_e5m2": uint8 (vLLM's storage) or caches of that float8 format
+    (the last allowed dtype: uint8 caches are read as it); the scales pass on (a per-tensor
+    one next to a per-head one expanded per head)."""
     if kv_cache_dtype == "auto":
         return (dtype,), None, None
-    if kv_cache_dtype in FP8_KV_CACHE_DTYPES:
-        return (torch.uint8, FP8), *_same_scale_count(k_scale, v_scale, heads)
-    raise ValueError(f"kv_cache_dtype must be 'auto', 'fp8' or 'fp8_e4m3' (minikernels' "
-                     f"fp8 KV cache is e4m3), got {kv_cache_dtype!r}")
+    if kv_cache_dtype in FP8_KV_FORMATS:
+        return ((torch.uint8, FP8_KV_FORMATS[kv_cache_dtype]),
+                *_same_scale_count(k_scale, v_scale, heads))
+    raise ValueError(f"kv_cache_dtype must be 'auto', 'fp8', 'fp8_e4m3' or 'fp8_e5m2', got "
+                     f"{kv_cache_dtype!r}")
 
 
 def _kv_write_args(key: Tensor, value: Tensor, slot_mapping: Tensor, kv_cache_dtype: str,
@@ -467,9 +473,9 @@ def reshape_and_cache_flash(key: Tensor, value: Tensor, key_cache: Tensor,
     contiguous: NHD, or an HND cache permuted to this shape); slot_mapping int64 / int32
     [num_actual_tokens], slot = block * block_size + offset, -1 = skip.
     kv_cache_dtype "auto": caches of key's dtype, k_scale / v_scale unused. "fp8" /
-    "fp8_e4m3": caches uint8 (vLLM's storage) or float8_e4m3fn holding
-    fp8(clamp(x / scale, +-448)); k_scale, v_scale float32 with 1 (per tensor) or
-    num_kv_heads (per head) elements.
+    "fp8_e4m3" ("fp8_e5m2"): caches uint8 (vLLM's storage) or float8_e4m3fn (float8_e5m2)
+    holding fp8(clamp(x / scale, +-448 (57344))); k_scale, v_scale float32 with 1 (per
+    tensor) or num_kv_heads (per head) elements.
     """
     n, cache_dtypes, k_scale, v_scale = _kv_write_args(key, value, slot_mapping,
                                                        kv_cache_dtype, k_scale, v_scale)
@@ -477,7 +483,7 @@ def reshape_and_cache_flash(key: Tensor, value: Tensor, key_cache: Tensor,
     for name, c in (("key_cache", key_cache), ("value_cache", value_cache)):
         check_tensor(name, c, dtypes=cache_dtypes, ndim=4, device=key.device)
         check_shape(name, c, [None, None, key.shape[1], key.shape[2]])
-        caches.append(c.view(FP8) if c.dtype == torch.uint8 else c)
+        caches.append(c.view(cache_dtypes[-1]) if c.dtype == torch.uint8 else c)
     ops.write_kv_cache(key[:n], value[:n], caches[0], caches[1], slot_mapping, k_scale,
                        v_scale)
 
@@ -505,9 +511,9 @@ def _legacy_caches(key_cache: Tensor, value_cache: Tensor, dtypes: tuple[torch.d
 
 
 def _as_bytes(cache: Tensor) -> Tensor:
-    """An fp8 cache (uint8 or float8_e4m3fn) as a uint8 view of the caller's memory (rows
+    """An fp8 cache (uint8 or a float8 format) as a uint8 view of the caller's memory (rows
     move as bytes); other caches as they are."""
-    return cache.view(torch.uint8) if cache.dtype in (torch.uint8, FP8) else cache
+    return cache.view(torch.uint8) if cache.dtype in _FP8_LIKE else cache
 
 
 def reshape_and_cache(key: Tensor, value: Tensor, key_cache: Tensor, value_cache: Tensor,
@@ -523,10 +529,10 @@ def reshape_and_cache(key: Tensor, value: Tensor, key_cache: Tensor, value_cache
     token's head h lands at [block, h, d // x, offset, d % x]; value_cache [num_blocks,
     num_kv_heads, head_size, block_size]: at [block, h, d, offset] (x = key_cache's last
     dim, 16 // element_size in vLLM; any strides). kv_cache_dtype "auto": caches of key's
-    dtype, k_scale / v_scale unused. "fp8" / "fp8_e4m3": caches uint8 (vLLM's storage) or
-    float8_e4m3fn holding fp8(clamp(x / scale, +-448)), round to nearest even, as
-    :func:`reshape_and_cache_flash`; k_scale, v_scale float32 with 1 (per tensor) or
-    num_kv_heads (per head) elements. interleaved_v (vLLM's ROCm interleaved value-cache
+    dtype, k_scale / v_scale unused. "fp8" / "fp8_e4m3" / "fp8_e5m2": caches uint8 (vLLM's
+    storage) or of that float8 format, holding fp8(clamp(x / scale, +-max)), round to
+    nearest even, as :func:`reshape_and_cache_flash`; k_scale, v_scale float32 with 1 (per
+    tensor) or num_kv_heads (per head) elements. interleaved_v (vLLM's ROCm interleaved value-cache
     layout) must be False. Duplicate slots: one of the rows wins (vLLM: unspecified too).
     The -1 slots are dropped with a boolean mask (a host sync; not CUDA-graph capturable).
     """
@@ -542,7 +548,7 @@ def reshape_and_cache(key: Tensor, value: Tensor, key_cache: Tensor, value_cache
     if k_scale is not None:
         # a [num_blocks, block_size, H, D] view of the value cache: check_kv_scales reads the
         # dtype, device and head count (dim 2)
-        flash_view = value_cache.view(FP8).permute(0, 3, 1, 2)
+        flash_view = value_cache.view(cache_dtypes[-1]).permute(0, 3, 1, 2)
         k_scale, v_scale = check_kv_scales(("key_cache", "value_cache"), flash_view,
                                            k_scale, v_scale)
     keep = slot_mapping >= 0
@@ -552,31 +558,34 @@ def reshape_and_cache(key: Tensor, value: Tensor, key_cache: Tensor, value_cache
     for src, scale in ((key, k_scale), (value, v_scale)):
         r = src[:n][keep]                                          # [m, H, D]
         rows.append(r.to(key_cache.dtype) if scale is None else
-                    quantize_kv(r, scale, FP8).view(torch.uint8))
+                    quantize_kv(r, scale, cache_dtypes[-1]).view(torch.uint8))
     _as_bytes(key_cache)[blocks, :, :, offsets, :] = rows[0].unflatten(-1, (head_size // x, x))
     _as_bytes(value_cache)[blocks, :, :, offsets] = rows[1]
 
 
 def convert_fp8(output: Tensor, input: Tensor, scale: float = 1.0,
                 kv_dtype: str = "fp8") -> None:
-    """Convert between an fp8 (e4m3) KV cache and floats, writing output (plain PyTorch).
+    """Convert between an fp8 KV cache and floats, writing output (plain PyTorch).
 
-    fp8 -> float: input uint8 / float8_e4m3fn, output fp16/bf16/fp32: output = input * scale.
-    float -> fp8: input fp16/bf16/fp32, output uint8 / float8_e4m3fn:
-    output = fp8(clamp(input / scale, +-448)). Same shapes, any strides; scale > 0."""
-    if kv_dtype not in FP8_KV_CACHE_DTYPES:
-        raise ValueError(f"kv_dtype must be 'fp8' or 'fp8_e4m3', got {kv_dtype!r}")
+    kv_dtype "fp8" / "fp8_e4m3" (e4m3) or "fp8_e5m2" (e5m2). fp8 -> float: input uint8 /
+    the float8 format, output fp16/bf16/fp32: output = input * scale. float -> fp8: input
+    fp16/bf16/fp32, output uint8 / the float8 format: output = fp8(clamp(input / scale,
+    +-max)) (max 448 / 57344). Same shapes, any strides; scale > 0."""
+    if kv_dtype not in FP8_KV_FORMATS:
+        raise ValueError(f"kv_dtype must be 'fp8', 'fp8_e4m3' or 'fp8_e5m2', got "
+                         f"{kv_dtype!r}")
     scale = check_positive_float("scale", scale)
-    fp8_like = (torch.uint8, FP8)
+    fmt = FP8_KV_FORMATS[kv_dtype]
+    fp8_like = (torch.uint8, fmt)
     check_tensor("input", input, dtypes=(*fp8_like, *FLOAT_DTYPES))
     out_dtypes = FLOAT_DTYPES if input.dtype in fp8_like else fp8_like
     check_tensor("output", output, dtypes=out_dtypes, device=input.device)
     check_shape("output", output, list(input.shape))
     if input.dtype in fp8_like:
-        output.copy_(input.view(FP8).float() * scale)
+        output.copy_(input.view(fmt).float() * scale)
     else:
-        q = (input.float() / scale).clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(FP8)
-        output.view(FP8).copy_(q)
+        top = torch.finfo(fmt).max
+        output.view(fmt).copy_((input.float() / scale).clamp(-top, top).to(fmt))
 
 
 # ------------------------------------------------------------ legacy paged attention
@@ -600,14 +609,14 @@ def _check_blocksparse(tp_rank: int, blocksparse_local_blocks: int,
 
 
 def _legacy_to_paged(key_cache: Tensor, value_cache: Tensor, block_tables: Tensor,
-                     used: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+                     used: Tensor, fp8: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
     """Legacy caches -> (k_cache, v_cache [n, block_size, H, D] contiguous copies, their
     block table int32 [B, max_blocks]).
 
     Copies the B * max_blocks blocks block_tables names (entries past a sequence's length,
     ``used`` False, read block 0 instead: they may be anything) with a new table 0 .. n - 1,
-    or the whole cache and the table as is when that is fewer blocks. fp8 caches come back
-    as float8_e4m3fn."""
+    or the whole cache and the table as is when that is fewer blocks. fp8 caches (uint8 or
+    float8) come back as the float8 format ``fp8``."""
     num_blocks, heads, _, block_size, _ = key_cache.shape
     head_size = value_cache.shape[2]
     batch, width = block_tables.shape
@@ -620,8 +629,8 @@ def _legacy_to_paged(key_cache: Tensor, value_cache: Tensor, block_tables: Tenso
                              device=block_tables.device).view(batch, width)
     k = k.permute(0, 3, 1, 2, 4).reshape(-1, block_size, heads, head_size)
     v = v.permute(0, 3, 1, 2).contiguous()
-    if key_cache.dtype in (torch.uint8, FP8):
-        k, v = k.view(FP8), v.view(FP8)
+    if key_cache.dtype in _FP8_LIKE:
+        k, v = k.view(fp8), v.view(fp8)
     return k, v, table
 
 
@@ -665,7 +674,8 @@ def _legacy_paged_attention(out: Tensor, query: Tensor, key_cache: Tensor, value
     if index_checks_active(block_tables) and bool(used.any()):
         check_index_range("block_tables (the entries seq_lens uses)", block_tables[used], 0,
                           key_cache.shape[0])
-    k, v, table = _legacy_to_paged(key_cache, value_cache, block_tables, used)
+    k, v, table = _legacy_to_paged(key_cache, value_cache, block_tables, used,
+                                   cache_dtypes[-1])
     out.copy_(ops.paged_decode_attention(query, k, v, table, seq_lens, scale,
                                          k_scale=k_scale, v_scale=v_scale,
                                          alibi_slopes=alibi_slopes))

@@ -1470,9 +1470,9 @@ class LLM:
         tokenizer: "auto" (load the model's), None, or an object with encode/decode.
         async_scheduling: overlap the host's work for step N+1 with the device's step N
             (None = on; outputs are the same either way, see docs/engine.md).
-        kv_cache_dtype: "auto" (the model's dtype) or "fp8" / "fp8_e4m3": an e4m3 KV
+        kv_cache_dtype: "auto" (the model's dtype), "fp8" / "fp8_e4m3": an e4m3 KV
             cache (twice the tokens of bf16 in the same memory; docs/models.md states the
-            measured logit error).
+            measured logit error), or "fp8_e5m2" (coarser, wider range).
         tensor_parallel_size: shard the model over this many processes / GPUs
             (torch.distributed; docs/parallel.md). The scheduler stays here, in rank 0.
         speculative_config: None, or {"method": "ngram", "num_speculative_tokens": k,

@@ -643,8 +643,9 @@ class ModelRunner:
             for the CUDA-graph buckets).
         max_model_len: longest sequence; None = min(model max positions, pool tokens).
         enforce_eager: never capture CUDA graphs.
-        kv_cache_dtype: "auto" (the model's dtype) or "fp8" / "fp8_e4m3" (e4m3 with the
-            attention layers' k_scale / v_scale: half the bytes of bf16 per token).
+        kv_cache_dtype: "auto" (the model's dtype), "fp8" / "fp8_e4m3" (e4m3 with the
+            attention layers' k_scale / v_scale: half the bytes of bf16 per token) or
+            "fp8_e5m2" (e5m2, the same scales).
         extra_kv_bytes_per_token: KV bytes per token of another pool sized with this one
             (a speculative draft model's, engine/draft_model.py): automatic sizing divides
             the budget by (this model's + these) bytes, so both pools get ``num_blocks``

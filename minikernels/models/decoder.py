@@ -1225,9 +1225,10 @@ class CausalLM(nn.Module):
                            layout: KVCacheLayout | None = None,
                            num_state_slots: int = 0) -> list:
         """Zeroed (k_cache, v_cache) per layer on the model's device, in the model's dtype
-        or ``dtype`` (torch.float8_e4m3fn: an fp8 cache, dequantized with each attention
-        layer's k_scale / v_scale). With a hybrid ``layout`` (models/kv_layout.py) layers
-        of different KV groups share pairs: ``layout.num_slots`` pairs in all.
+        or ``dtype`` (torch.float8_e4m3fn / float8_e5m2: an fp8 cache, dequantized with
+        each attention layer's k_scale / v_scale). With a hybrid ``layout``
+        (models/kv_layout.py) layers of different KV groups share pairs:
+        ``layout.num_slots`` pairs in all.
 
         A recurrent layer (``config.is_recurrent``: LFM2's short conv, Qwen3.5's Gated
         DeltaNet) gets its state tensors instead of a pair (``(conv_state,)``,
@@ -1240,7 +1241,7 @@ class CausalLM(nn.Module):
         dt = dtype or self.dtype
         if dt != self.dtype and dt not in FP8_KV_DTYPES:
             raise ValueError(f"KV cache dtype must be the model's ({self.dtype}) or "
-                             f"float8_e4m3fn, got {dt}")
+                             f"float8_e4m3fn / float8_e5m2, got {dt}")
         c = self.config
         if c.is_recurrent and (not isinstance(num_state_slots, int) or num_state_slots < 1):
             raise ValueError(f"num_state_slots must be an int >= 1 for a recurrent model "

@@ -231,7 +231,8 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
                         help="accept pickle *.bin weights (trusted sources only)")
     parser.add_argument("--block-size", type=int, default=16, help="KV cache block size")
     parser.add_argument("--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPE_NAMES,
-                        help="auto = the model's dtype; fp8 = e4m3 (half the bytes)")
+                        help="auto = the model's dtype; fp8 = e4m3 (half the bytes); "
+                             "fp8_e5m2 = e5m2")
     return parser
 
 

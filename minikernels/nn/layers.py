@@ -200,7 +200,7 @@ class PagedAttention(nn.Module):
       meta.num_decode tokens attend through paged_decode_attention and the prefill chunks
       after them through flash_attention with meta.prefill_block_table (bottom-right
       causal, so a chunk sees its cached prefix).
-    - FP8 caches (float8_e4m3fn): K/V are stored as fp8(x / scale) with this layer's
+    - FP8 caches (float8_e4m3fn, float8_e5m2): K/V are stored as fp8(x / scale) with this layer's
       float32 buffers ``k_scale`` / ``v_scale`` [Hkv] (1.0 unless a checkpoint provides
       them; vLLM's convention) and dequantized inside the attention kernels.
     - ``alibi_slopes`` float32 [Hq] (BLOOM): every kernel adds -slope * (query position -

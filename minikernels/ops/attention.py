@@ -7,7 +7,7 @@ cu_seqlens, causal masks aligned bottom-right (also with more queries than keys:
 see no key give 0 and LSE -inf), local attention ``window_left`` / ``window_right``, GQA when
 Hq is a multiple of Hkv, ALiBi (``alibi_slopes`` [Hq] or [B, Hq]), any head dim up to 512
 (FlashAttention's 256, plus Gemma 4's 512-wide full-attention heads), paged caches of any
-block size 1..256, fp8 (e4m3) paged caches.
+block size 1..256, fp8 (e4m3 / e5m2) paged caches.
 ``flash_attention_bshd`` is the padded-batch convenience form [B, S, H, D].
 Tests: tests/test_flash_attention*.py. Benchmark: ``python -m bench.bench_attention``.
 """
@@ -32,7 +32,7 @@ from . import reference
 MAX_HEAD_DIM = 512
 MAX_BLOCK_SIZE = 256
 #: KV-cache dtypes stored with a float32 scale (vLLM's convention: stored * scale ~= value).
-FP8_KV_DTYPES = (torch.float8_e4m3fn,)
+FP8_KV_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 
 
 @torch.library.custom_op("minikernels::flash_attention", mutates_args=())
@@ -85,8 +85,8 @@ def check_cu_seqlens(name: str, cu: Tensor, device: torch.device) -> None:
 
 def check_paged_cache(names: tuple[str, str], k_cache: Tensor, v_cache: Tensor,
                       dtype: torch.dtype, device: torch.device, head_dim: int) -> None:
-    """k_cache, v_cache [num_blocks, block_size, Hkv, D] of ``dtype`` or fp8 (e4m3), each
-    with its own strides (last dim contiguous), block_size any size in [1, 256]."""
+    """k_cache, v_cache [num_blocks, block_size, Hkv, D] of ``dtype`` or fp8 (e4m3 / e5m2),
+    each with its own strides (last dim contiguous), block_size any size in [1, 256]."""
     for name, c in zip(names, (k_cache, v_cache)):
         check_tensor(name, c, dtypes=(dtype, *FP8_KV_DTYPES), ndim=4, device=device)
         check_last_dim_contiguous(name, c)
@@ -237,8 +237,8 @@ def flash_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_se
     with ``block_table`` int32 [B, max_blocks] paged caches [num_blocks, block_size, Hkv, D]
     (block_size 1..256, each cache with its own strides, last dim contiguous) where sequence
     b's keys are its first cu_seqlens_k[b+1] - cu_seqlens_k[b] cached tokens. Paged caches
-    may be float8_e4m3fn with float32 ``k_scale`` / ``v_scale`` (1 or Hkv elements; the
-    keys are k_cache * k_scale). cu_seqlens_q/k int32 [B + 1]. D is any head dim in
+    may be float8_e4m3fn / float8_e5m2 with float32 ``k_scale`` / ``v_scale`` (1 or Hkv
+    elements; the keys are k_cache * k_scale). cu_seqlens_q/k int32 [B + 1]. D is any head dim in
     [1, 512]: FlashAttention's [1, 256] and up to Gemma 4's 512 (a D that is not a multiple
     of 8 runs without vectorized loads; D > 256 runs on 32-row tiles, see
     ops/triton/flash_attn.py).

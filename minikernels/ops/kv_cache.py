@@ -7,10 +7,12 @@ strides (last dim contiguous: e.g. the k and v views of vLLM's [num_blocks, 2, b
 Hkv, D]); slot = block * block_size + offset (vLLM's slot_mapping), slot -1 skips a token
 (padding rows of a captured CUDA graph).
 
-FP8 KV cache: caches of dtype float8_e4m3fn with float32 ``k_scale`` / ``v_scale`` (1
-element per tensor, or Hkv per kv head), vLLM's convention: stored * scale ~= original.
-write_kv_cache stores fp8(clamp(x / scale, +-448)) (round to nearest even, saturating); the
-attention kernels dequantize on the fly. Half the bytes of bf16: twice the tokens.
+FP8 KV cache: caches of dtype float8_e4m3fn (or float8_e5m2: vLLM's "fp8_e5m2", less
+precise, wider range) with float32 ``k_scale`` / ``v_scale`` (1 element per tensor, or Hkv
+per kv head), vLLM's convention: stored * scale ~= original. write_kv_cache stores
+fp8(clamp(x / scale, +-max)) (max 448 / 57344; round to nearest even, saturating); the
+attention kernels dequantize on the fly. Half the bytes of bf16: twice the tokens. The
+CUDA C++ kernels take e4m3 only (e5m2 runs on Triton).
 
 Backends:
     write_kv_cache          reference; triton (ops/triton/kv_cache.py); cuda
@@ -116,8 +118,9 @@ def _write_kv_cache(k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor,
                     slot_mapping: Tensor, k_scale: Tensor | None = None,
                     v_scale: Tensor | None = None) -> None:
     # Triton is auto's choice until a GPU run validates the CUDA kernel (opt in: "cuda").
-    which = _backend.resolve("write_kv_cache", k.device,
-                             cuda_ok=lambda: _ext_has("write_kv_cache"), prefer_cuda=False)
+    which = _backend.resolve("write_kv_cache", k.device, prefer_cuda=False,
+                             cuda_ok=lambda: k_cache.dtype != torch.float8_e5m2 and
+                             _ext_has("write_kv_cache"))     # the kernel's fp8 is e4m3
     if which != "reference":
         slot_mapping = slot_mapping.contiguous()  # the kernels index slot_ptr + token
     if which == "cuda":
@@ -141,8 +144,10 @@ def _cuda_decode_ok(q: Tensor, k_cache: Tensor, v_cache: Tensor,
                     alibi_slopes: Tensor | None) -> bool:
     """The CUDA C++ decode kernel takes this call: fp16 / bf16, D in {64, 128, 256} (so
     Gemma 4's D = 512, and every D in (256, 512], run on Triton), GQA group <= 8, no ALiBi,
-    16-byte aligned cache rows, and the extension was built with it."""
+    a 16-bit or e4m3 cache, 16-byte aligned cache rows, and the extension was built with
+    it."""
     return (q.dtype in HALF_DTYPES and q.shape[2] in _CUDA_HEAD_DIMS and alibi_slopes is None
+            and k_cache.dtype != torch.float8_e5m2        # the kernel's fp8 is e4m3
             and q.shape[1] // k_cache.shape[2] <= _CUDA_MAX_GROUP
             and _rows_aligned(k_cache, v_cache)
             and _ext_has("paged_decode_attention"))
@@ -221,8 +226,8 @@ def write_kv_cache(k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor,
     k, v [T, Hkv, D] (any strides, any D >= 1; the attention ops read D <= 512); k_cache,
     v_cache [num_blocks, block_size, Hkv, D]
     (block_size 1..256, each with its own strides, last dim contiguous) of k's dtype, or
-    float8_e4m3fn with float32 k_scale / v_scale (1 or Hkv elements): the caches then hold
-    fp8(clamp(k / k_scale, +-448)). slot_mapping int32/int64 [T] with
+    float8_e4m3fn / float8_e5m2 with float32 k_scale / v_scale (1 or Hkv elements): the
+    caches then hold fp8(clamp(k / k_scale, +-max)) (max 448 / 57344). slot_mapping int32/int64 [T] with
     slot = block * block_size + offset, -1 = skip.
     """
     check_tensor("k", k, dtypes=FLOAT_DTYPES, ndim=3)
@@ -254,8 +259,8 @@ def paged_decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_ta
 
     q [B, Hq, D] (D any head dim in [1, 512]: up to Gemma 4's 512); k_cache, v_cache
     [num_blocks, block_size, Hkv, D] (block_size 1..256,
-    each with its own strides, last dim contiguous) of q's dtype, or float8_e4m3fn with
-    float32 k_scale / v_scale (1 or Hkv elements; keys are k_cache * k_scale);
+    each with its own strides, last dim contiguous) of q's dtype, or float8_e4m3fn /
+    float8_e5m2 with float32 k_scale / v_scale (1 or Hkv elements; keys are k_cache * k_scale);
     block_table int32 [B, max_blocks]; seq_lens int32 [B] (cached tokens, the new one
     included). num_splits: 0 = heuristic split-KV, > 0 = that many KV splits per sequence.
     split_size (keyword): > 0 = fixed tokens per split (rounded up to the kernel tile,

@@ -593,9 +593,11 @@ FP8_E4M3_MAX = 448.0
 
 
 def quantize_kv(x: Tensor, scale: Tensor, dtype: torch.dtype) -> Tensor:
-    """Rows [..., Hkv, D] -> fp8 ``dtype``: round-to-nearest-even of x / scale, saturated."""
+    """Rows [..., Hkv, D] -> fp8 ``dtype`` (float8_e4m3fn or float8_e5m2): round-to-nearest-
+    even of x / scale, saturated at the format's largest finite value (448 / 57344)."""
     q = x.float() / scale.float().reshape(-1, 1)
-    return q.clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(dtype)
+    top = torch.finfo(dtype).max
+    return q.clamp(-top, top).to(dtype)
 
 
 def write_kv_cache(k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor,

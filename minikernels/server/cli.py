@@ -128,7 +128,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      help="KV block size in tokens, 1..256 (default 64: docs/engine.md)")
     eng.add_argument("--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPE_NAMES,
                      help="auto = the model's dtype; fp8 = e4m3 KV cache (twice the tokens "
-                          "of bf16; logit error in docs/models.md)")
+                          "of bf16; logit error in docs/models.md); fp8_e5m2 = e5m2")
     eng.add_argument("--disable-hybrid-kv-cache-manager", action="store_true",
                      help="one block table for all layers, even for models that interleave "
                           "sliding-window and full attention (Gemma 2 / 3), whose sliding "

@@ -478,23 +478,25 @@ def _signature(dt: str, kv_dt: str) -> dict[str, str]:
 _registered: set[tuple] = set()
 
 
+#: fp8 paged-cache kinds -> (the cache pointer's dtype, the spec name's flag)
+_FP8_KV = {"e4m3": ("fp8e4nv", "kv=fp8"), "e4m3-bytes": ("u8", "kv=e4m3-bytes"),
+           "e5m2": ("fp8e5", "kv=e5m2")}
+
+
 def _register(dt: str, head_dim: int, cfg: FlashConfig, *, causal: bool = True,
               window: bool = False, softcap: bool = False, page_size: int = 0,
-              fp8_kv: bool = False, alibi: bool = False,
+              fp8_kv: str | None = None, alibi: bool = False,
               archs: tuple[int, ...] = (80, 90)) -> None:
-    """causal: a right bound (causal, or window_right >= 0); fp8_kv: fp8 paged caches,
-    e4m3 on sm_90a, read as bytes (converted in software, fp8_bits.py) on sm_80."""
-    if fp8_kv and archs not in ((80,), (90,)):
-        raise ValueError(f"fp8 KV specs are per arch (80: bytes, 90: e4m3), got {archs}")
-    kv_dt = ("u8" if archs == (80,) else "fp8e4nv") if fp8_kv else dt
+    """causal: a right bound (causal, or window_right >= 0); fp8_kv: fp8 paged caches, one
+    of _FP8_KV: "e4m3" natively (sm_90a), "e4m3-bytes" as bytes converted in software
+    (sm_80, fp8_bits.py), "e5m2" natively (both)."""
+    kv_dt, kv_flag = _FP8_KV[fp8_kv] if fp8_kv else (dt, "")
     key = (dt, head_dim, cfg, causal, window, softcap, page_size, kv_dt, alibi)
     if key in _registered:  # sm_80 and sm_90 tables share some entries
         return
     _registered.add(key)
     flags = "".join(f",{f}" for f, on in (("causal", causal), ("window", window),
-                                           ("softcap", softcap),
-                                           (f"kv={'fp8' if kv_dt != 'u8' else 'e4m3-bytes'}",
-                                            fp8_kv),
+                                           ("softcap", softcap), (kv_flag, bool(fp8_kv)),
                                            ("alibi", alibi)) if on)
     paged = f",paged{page_size}" if page_size else ""
     register(KernelSpec(
@@ -506,7 +508,7 @@ def _register(dt: str, head_dim: int, cfg: FlashConfig, *, causal: bool = True,
                     "HAS_WINDOW": window, "HAS_SOFTCAP": softcap, "PAGED": bool(page_size),
                     "PAGE_SIZE": page_size or 1,
                     "DOT_PRECISION": "ieee" if dt == "fp32" else "tf32", "UPCAST": False,
-                    "KV_SCALE": fp8_kv, "SCALE_PER_HEAD": fp8_kv,
+                    "KV_SCALE": bool(fp8_kv), "SCALE_PER_HEAD": bool(fp8_kv),
                     "ALIGNED": head_dim % 8 == 0, "HAS_ALIBI": alibi},
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, tensor_core=dt != "fp32",
         archs=archs, wgmma_expected=cfg.block_m >= 64))   # wgmma tiles have 64 rows
@@ -547,11 +549,13 @@ for _window in (False, True):
 _register("fp32", 256, FP32_WIDE_CONFIG, window=True, softcap=True, page_size=16)
 # fp8 KV cache: prefill over an fp8 paged prefix (sm_90a: e4m3 converts natively there;
 # sm_80: the cache's bytes, converted in software)
-for _arch, _table in ((90, SM90_CONFIGS), (80, {**SM80_CONFIGS, **E4M3_BYTES_CONFIGS})):
-    _register("bf16", 128, _table[128], page_size=16, fp8_kv=True, archs=(_arch,))
-    _register("bf16", 64, _table[64], page_size=16, fp8_kv=True, archs=(_arch,))
+for _arch, _table, _kv in ((90, SM90_CONFIGS, "e4m3"),
+                           (80, {**SM80_CONFIGS, **E4M3_BYTES_CONFIGS}, "e4m3-bytes"),
+                           (90, SM90_CONFIGS, "e5m2"), (80, SM80_CONFIGS, "e5m2")):
+    _register("bf16", 128, _table[128], page_size=16, fp8_kv=_kv, archs=(_arch,))
+    _register("bf16", 64, _table[64], page_size=16, fp8_kv=_kv, archs=(_arch,))
     _register("fp16", 128, _table[128], window=True, softcap=True, page_size=16,
-              fp8_kv=True, archs=(_arch,))
+              fp8_kv=_kv, archs=(_arch,))
 # D in (256, 512] (Gemma 4's full-attention layers): each arch's own table entry, built for
 # that arch only (sm_90a's 3-stage tile would leave sm_80 under 1 KB of shared memory)
 for _arch, _table in ((90, SM90_CONFIGS), (80, SM80_CONFIGS)):
@@ -563,8 +567,9 @@ for _arch, _table in ((90, SM90_CONFIGS), (80, SM80_CONFIGS)):
     _register("fp16", 512, _cfg, window=True, softcap=True, page_size=16, archs=(_arch,))
     _register("bf16", 512, _cfg, alibi=True, archs=(_arch,))
     _register("bf16", 264, _cfg, window=True, archs=(_arch,))      # BLOCK_D 512, masked d
-    _register("bf16", 512, _cfg, page_size=16, fp8_kv=True, archs=(_arch,))
-    _register("fp16", 512, _cfg, window=True, softcap=True, page_size=16, fp8_kv=True,
+    _kv = "e4m3" if _arch == 90 else "e4m3-bytes"
+    _register("bf16", 512, _cfg, page_size=16, fp8_kv=_kv, archs=(_arch,))
+    _register("fp16", 512, _cfg, window=True, softcap=True, page_size=16, fp8_kv=_kv,
               archs=(_arch,))
 _register("bf16", 300, UNALIGNED_CONFIGS[512])                     # not a multiple of 8
 _register("fp16", 300, UNALIGNED_CONFIGS[512], window=True, softcap=True, page_size=16,

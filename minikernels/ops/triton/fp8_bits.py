@@ -1,4 +1,5 @@
-"""float8_e4m3fn in software: e4m3 bytes <-> 16-bit / fp32 values with integer and fp32 ops.
+"""float8 in software: e4m3 bytes <-> 16-bit / fp32 values, fp32 -> e5m2 bytes, with
+integer and fp32 ops.
 
 Triton compiles e4m3 (fp8e4nv) conversions only for capability 8.9+ (Ada, Hopper). The
 fp8 weight kernels always read e4m3 weights as bytes; fp8 KV caches are read and written
@@ -17,6 +18,12 @@ bits by adding 0x7FFFF plus the kept part's lowest bit before the shift (a carry
 into the exponent, as it must). Subnormal results (|x| < 2^-6, multiples of 2^-9):
 |x| * 512 rounded to an integer by the fp32 adder (+ 2^23 - 2^23), 8 landing on the
 smallest normal byte 0x08. The sign bit is copied (-0 stays -0); NaN becomes 0x7F.
+float8_e5m2 (fp8 KV caches of kv_cache_dtype "fp8_e5m2") is encoded the same way (bias
+15, 2 mantissa bits, subnormal step 2^-16) on every GPU: below sm_89 Triton's own fp32 ->
+e5m2 goes through fp16 rounded toward zero (PTX cvt.rz.f16x2.f32, seen in the sm_80
+build), so a value just past a halfway point can round the wrong way; the write is
+memory-bound, so the few integer ops cost nothing that shows. e5m2 is read natively (it
+is the top byte of an fp16: exact everywhere).
 """
 from __future__ import annotations
 
@@ -78,19 +85,36 @@ def byte_scale(cache_ptr):
 
 
 @triton.jit
-def e4m3_bytes_from(x):
-    """fp32 x with |x| <= 448 (or NaN) -> the uint8 bits of float8_e4m3fn(x), rounded to
-    nearest even (see the module doc)."""
+def _fp8_bits_from(x, MANT: tl.constexpr, BIAS: tl.constexpr, MIN_NORMAL: tl.constexpr,
+                   SUB_STEPS: tl.constexpr):
+    """fp32 x (|x| <= the format's max, or NaN) -> the uint8 bits of the fp8 format with
+    MANT mantissa bits and exponent bias BIAS, rounded to nearest even (module doc);
+    MIN_NORMAL = 2^(1 - BIAS), SUB_STEPS = 1 / (its subnormal step) = 2^(BIAS + MANT - 1)."""
+    SHIFT: tl.constexpr = 23 - MANT
     ax = tl.abs(x)
     bits = ax.to(tl.int32, bitcast=True)
-    lsb = (bits >> 20) & 1
-    normal = ((bits + 0x7FFFF + lsb) >> 20) - (120 << 3)
-    small = tl.where(ax < 0.015625, ax, 0.0)             # NaN -> 0 here, no invalid cast
-    sub = ((small * 512.0 + 8388608.0) - 8388608.0).to(tl.int32)
-    mag = tl.where(ax >= 0.015625, normal, sub)
+    lsb = (bits >> SHIFT) & 1
+    normal = ((bits + ((1 << (SHIFT - 1)) - 1) + lsb) >> SHIFT) - ((127 - BIAS) << MANT)
+    small = tl.where(ax < MIN_NORMAL, ax, 0.0)           # NaN -> 0 here, no invalid cast
+    sub = ((small * SUB_STEPS + 8388608.0) - 8388608.0).to(tl.int32)
+    mag = tl.where(ax >= MIN_NORMAL, normal, sub)
     mag = tl.where(ax != ax, 0x7F, mag)
     sign = (x.to(tl.int32, bitcast=True) >> 24) & 0x80
     return (mag | sign).to(tl.uint8)
+
+
+@triton.jit
+def e4m3_bytes_from(x):
+    """fp32 x with |x| <= 448 (or NaN) -> the uint8 bits of float8_e4m3fn(x), rounded to
+    nearest even (see the module doc)."""
+    return _fp8_bits_from(x, 3, 7, 0.015625, 512.0)
+
+
+@triton.jit
+def e5m2_bytes_from(x):
+    """fp32 x with |x| <= 57344 (or NaN) -> the uint8 bits of float8_e5m2(x), rounded to
+    nearest even in one step (see the module doc)."""
+    return _fp8_bits_from(x, 2, 15, 0.00006103515625, 65536.0)
 
 
 def kv_cache_as_bytes(cache: torch.Tensor) -> bool:

@@ -5,9 +5,10 @@ Algorithm: a grid over (token, kv-head block). Each program loads the token's sl
 [BLOCK_H, D] tile of k and of v into cache block slot // block_size, row slot % block_size.
 Every tensor has its own strides (a vLLM-style [num_blocks, 2, block, Hkv, D] cache split
 into k and v views works), and block_size may be any size. Same-dtype caches get a plain
-copy; fp8 caches (QUANT) get fp8(clamp(x / scale, +-448)) with a per-tensor or per-head
-float32 scale, rounded to nearest even. Without e4m3 hardware (sm_80) an fp8 cache comes as
-bytes (a uint8 view) and the rounding is done in integer ops (fp8_bits.py).
+copy; fp8 caches (QUANT) get fp8(clamp(x / scale, +-max)) with a per-tensor or per-head
+float32 scale, rounded to nearest even (max: 448 for e4m3, 57344 for e5m2). Without e4m3
+hardware (sm_80) an e4m3 cache comes as bytes (a uint8 view) and the rounding is done in
+integer ops (fp8_bits.py); e5m2 is encoded that way on every GPU.
 """
 from __future__ import annotations
 
@@ -16,10 +17,11 @@ import triton
 import triton.language as tl
 
 from . import fp8_bits
-from .fp8_bits import e4m3_bytes_from
+from .fp8_bits import e4m3_bytes_from, e5m2_bytes_from
 from .registry import KernelSpec, register
 
 FP8_MAX = tl.constexpr(448.0)  # largest finite e4m3 value
+E5M2_MAX = tl.constexpr(57344.0)  # largest finite e5m2 value
 
 
 @triton.jit
@@ -71,12 +73,18 @@ def write_kv_cache_kernel(k_ptr, v_ptr, kc_ptr, vc_ptr, slot_ptr, ks_ptr, vs_ptr
             ks = tl.load(ks_ptr)
             vs = tl.load(vs_ptr)
         # an IEEE division (div_rn), as the reference's: the fp8 rounding sees the same value
-        k = tl.clamp(tl.math.div_rn(k.to(tl.float32), ks), -FP8_MAX, FP8_MAX)
-        v = tl.clamp(tl.math.div_rn(v.to(tl.float32), vs), -FP8_MAX, FP8_MAX)
+        k = tl.math.div_rn(k.to(tl.float32), ks)
+        v = tl.math.div_rn(v.to(tl.float32), vs)
+        if kc_ptr.dtype.element_ty == tl.float8e5:   # e5m2: encoded in software everywhere
+            k = e5m2_bytes_from(tl.clamp(k, -E5M2_MAX, E5M2_MAX)).to(tl.float8e5, bitcast=True)
+            v = e5m2_bytes_from(tl.clamp(v, -E5M2_MAX, E5M2_MAX)).to(tl.float8e5, bitcast=True)
+        else:
+            k = tl.clamp(k, -FP8_MAX, FP8_MAX)
+            v = tl.clamp(v, -FP8_MAX, FP8_MAX)
         if kc_ptr.dtype.element_ty == tl.uint8:  # no e4m3 hardware: the cache as bytes
             k = e4m3_bytes_from(k)
             v = e4m3_bytes_from(v)
-        elif EXACT_ROUND:
+        elif EXACT_ROUND and kc_ptr.dtype.element_ty == tl.float8e4nv:
             k = _round_fp8_e4m3(k)
             v = _round_fp8_e4m3(v)
     tl.store(kc + heads[:, None] * kc_head_stride + d[None, :],
@@ -122,10 +130,11 @@ def _register() -> None:
         "kc_tok_stride", "kc_head_stride", "vc_blk_stride", "vc_tok_stride", "vc_head_stride")}
     consts = ("BLOCK_H", "BLOCK_D", "QUANT", "SCALE_PER_HEAD", "EXACT_ROUND")
     # (input dtype, cache dtype, archs): fp8 caches as e4m3 on sm_90a, as bytes (encoded
-    # in software, fp8_bits.py) on sm_80
+    # in software, fp8_bits.py) on sm_80; e5m2 (encoded in software) on both
     combos = [(dt, dt, (80, 90)) for dt in ("fp16", "bf16", "fp32")]
     combos += [(dt, "fp8e4nv", (90,)) for dt in ("fp16", "bf16")]
     combos += [(dt, "u8", (80,)) for dt in ("fp16", "bf16")]
+    combos += [(dt, "fp8e5", (80, 90)) for dt in ("fp16", "bf16")]    # e5m2, both archs
     for dt, cdt, archs in combos:
         quant = cdt != dt
         for idx in ("i32", "i64"):

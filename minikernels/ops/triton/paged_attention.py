@@ -331,11 +331,12 @@ def _decode_signature(dt: str, cache_dt: str) -> dict[str, str]:
 
 def _register() -> None:
     # (q dtype, cache dtype, archs): fp8 caches as e4m3 on sm_90a, as bytes (converted in
-    # software, fp8_bits.py) on sm_80; fp32 (exact dots, one stage: what an fp32 engine's
+    # software, fp8_bits.py) on sm_80, e5m2 natively on both; fp32 (exact dots, one stage: what an fp32 engine's
     # decode graphs run) on both archs.
     combos = [("fp16", "fp16", (80, 90)), ("bf16", "bf16", (80, 90)),
               ("bf16", "fp8e4nv", (90,)), ("fp16", "fp8e4nv", (90,)),
               ("bf16", "u8", (80,)), ("fp16", "u8", (80,)),
+              ("bf16", "fp8e5", (80, 90)), ("fp16", "fp8e5", (80, 90)),
               ("fp32", "fp32", (80, 90))]
     shapes = ((4, 128, 16), (8, 128, 16), (1, 64, 16), (4, 256, 16), (7, 128, 32),
               (16, 128, 16), (4, 128, 24), (4, 111, 16), (4, 250, 16),  # 111, 250: unaligned
@@ -357,6 +358,8 @@ def _register() -> None:
                 if fp8 and (bs == 24 or group in (7, 16) or d % 8
                             or (softcap and dt == "fp16")):
                     continue
+                if cdt == "fp8e5" and (d not in (64, 128) or group == 1):
+                    continue     # e5m2 converts like e4m3 does natively: a sample
                 gp = _group_pad(group)
                 kv = f"{dt}" if not fp8 else f"{dt},kv={cdt}"
                 register(KernelSpec(
