@@ -37,6 +37,14 @@ Covered (vLLM name -> minikernels op):
     paged_attention_v2(out, exp_sum, max_logits, tmp_out, query, ... as v1)  the same;
                                                         only out is written
     convert_fp8(output, input, scale=1.0, kv_dtype="fp8")  plain PyTorch (fp8 KV rows)
+    swap_blocks(src, dst, [block_size_in_bytes,] block_mapping), copy_blocks(key_caches,
+        value_caches, block_mapping), copy_blocks_mla(kv_caches, block_mapping),
+        concat_and_cache_mla(kv_c, k_pe, kv_cache, slot_mapping, kv_cache_dtype, scale),
+        cp_gather_cache(src_cache, dst, block_table, cu_seq_lens, batch_size,
+        seq_starts=None), gather_and_maybe_dequant_cache(src_cache, dst, block_table,
+        cu_seq_lens, token_to_seq, num_tokens, kv_cache_dtype, scale, seq_starts=None)
+                                                        plain PyTorch block / row copies
+                                                        (compat/vllm_cache_ops.py)
     merge_attn_states(output, prefix_output, prefix_lse, suffix_output, suffix_lse,
                       output_lse=None, prefill_tokens_with_context=None,
                       output_scale=None)                ops.merge_attn_states
@@ -125,8 +133,8 @@ Not covered (not defined here; calling them is an AttributeError):
         silu_and_mul_per_block_quant, ...), fatrelu_and_mul, swigluoai_and_mul,
         gelu_fast / gelu_new / gelu_quick, moe_sum, grouped_topk, topk_sigmoid: no
         minikernels op computes them (they would be plain PyTorch, not a mapping).
-    gptq_marlin_gemm / marlin / machete / allspark / ggml / fp4 / MLA / all-reduce /
-        CPU ops: other weight formats (Marlin and Machete tiles, GGUF blocks, fp4) or
+    gptq_marlin_gemm / marlin / machete / allspark / ggml / fp4 / MLA attention /
+        fp8_ds_mla caches / all-reduce / CPU ops: other weight formats (Marlin and Machete tiles, GGUF blocks, fp4) or
         features minikernels does not have; a repack would not be exact and cheap.
     gptq_gemm / gptq_shuffle with bit 2 or 3: minikernels has no 2- / 3-bit weight op
         (a ValueError naming bit, also a NotImplementedError).
@@ -196,27 +204,33 @@ from ..quant.checkpoints import AWQ_ORDER
 from ..quant.int4 import pack_int4
 from ..quant.int8 import INT8_WO_GROUP_MULTIPLE, Int8WoWeight
 from ..quant.packing import pack_bytes, pack_nibbles, unpack_bytes, unpack_nibbles
+from .vllm_cache_ops import (
+    FP8_KV_FORMATS,
+    concat_and_cache_mla,
+    copy_blocks,
+    copy_blocks_mla,
+    cp_gather_cache,
+    gather_and_maybe_dequant_cache,
+    swap_blocks,
+)
 
 __all__ = [
     "awq_dequantize", "awq_gemm", "causal_conv1d_fn", "causal_conv1d_update",
-    "convert_fp8", "cutlass_scaled_mm", "fused_add_gemma_rms_norm", "fused_add_rms_norm",
-    "fused_recurrent_gated_delta_rule",
+    "concat_and_cache_mla", "convert_fp8", "copy_blocks", "copy_blocks_mla",
+    "cp_gather_cache", "cutlass_scaled_mm", "fused_add_gemma_rms_norm", "fused_add_rms_norm",
+    "fused_recurrent_gated_delta_rule", "gather_and_maybe_dequant_cache",
     "gelu_and_mul", "gelu_tanh_and_mul", "gemma_rms_norm", "gptq_gemm", "gptq_shuffle",
     "merge_attn_states",
     "moe_align_block_size", "mul_and_silu", "paged_attention_v1", "paged_attention_v2",
     "reshape_and_cache", "reshape_and_cache_flash", "rms_norm", "rotary_embedding",
     "scaled_fp8_quant", "scaled_int8_quant", "selective_scan_fn", "selective_scan_fwd",
-    "selective_state_update", "silu_and_mul",
+    "selective_state_update", "silu_and_mul", "swap_blocks",
     "topk_softmax",
 ]
 
 FP8 = torch.float8_e4m3fn
 #: vLLM's per-token fp8 scale floor: 1 / (448 * 512)
 FP8_MIN_SCALE = 1.0 / (FP8_E4M3_MAX * 512.0)
-#: kv_cache_dtype strings of an fp8 cache -> its format (vLLM stores it as uint8 or as
-#: that float8 dtype; "fp8" is e4m3 on CUDA)
-FP8_KV_FORMATS = {"fp8": torch.float8_e4m3fn, "fp8_e4m3": torch.float8_e4m3fn,
-                  "fp8_e5m2": torch.float8_e5m2}
 FP8_KV_CACHE_DTYPES = tuple(FP8_KV_FORMATS)
 _FP8_LIKE = (torch.uint8, torch.float8_e4m3fn, torch.float8_e5m2)
 _INDEX_DTYPES = (torch.int32, torch.int64)
