@@ -278,7 +278,7 @@ def test_kv_cache_dtype_names_resolve():
     from minikernels.models.kv_cache_dtype import KV_CACHE_DTYPE_NAMES, resolve_kv_cache_dtype
 
     assert [resolve_kv_cache_dtype(n) for n in KV_CACHE_DTYPE_NAMES] == [
-        None, torch.float8_e4m3fn, torch.float8_e4m3fn]
+        None, torch.float8_e4m3fn, torch.float8_e4m3fn, torch.float8_e5m2]
 
 
 def test_flag_names_match_across_commands():
