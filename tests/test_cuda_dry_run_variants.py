@@ -119,7 +119,7 @@ def test_a100_engines_launch_kernels_that_compile(checkpoints, tmp_path):
 def test_fp8_kv_cache_reads_bytes_before_ada(checkpoints):
     """Triton compiles no e4m3 (fp8e4nv) loads or stores for sm_80 ("type fp8e4nv not
     supported in this architecture"): on an A100 the fp8 KV cache's kernels take its bytes
-    (uint8 views) and convert in software (ops/triton/fp8_bits.py); Ada (8.9) and Hopper keep
+    (int8 views) and convert in software (ops/triton/fp8_bits.py); Ada (8.9) and Hopper keep
     the native e4m3 tiles. The A100_CASES "fp8-kv" engine checks that every such launch
     is an sm_80 spec."""
     import types
@@ -145,7 +145,7 @@ def test_fp8_kv_cache_reads_bytes_before_ada(checkpoints):
         cu = torch.tensor([0, 1, 2], dtype=torch.int32, device="cuda")
         ops.flash_attention(q, cache, cache, cu, cu, 1, 1, block_table=table, k_scale=one,
                             v_scale=one)
-    assert cache_dtypes(gpu.launches) == {"torch.uint8"}
+    assert cache_dtypes(gpu.launches) == {"torch.int8"}
     assert_compiled_ahead(gpu.launches, arch=80)
     prefill, = [x for x in gpu.launches if x.kernel == "flash_attn_fwd_kernel"]
     assert (prefill.constexprs["BLOCK_M"], prefill.constexprs["BLOCK_N"]) == (128, 32)

@@ -47,11 +47,12 @@ def _encode(x: torch.Tensor, fmt: torch.dtype = torch.float8_e4m3fn) -> torch.Te
     return out
 
 
-def test_every_byte_decodes_to_its_value_over_256(device):
+@pytest.mark.parametrize("byte_dtype", [torch.uint8, torch.int8])   # weights / KV caches
+def test_every_byte_decodes_to_its_value_over_256(device, byte_dtype):
     b = torch.arange(256, dtype=torch.uint8, device=device)
     want = b.view(torch.float8_e4m3fn).float() / fp8_bits.BYTE_SCALE
     for dtype in (torch.float16, torch.bfloat16, torch.float32):
-        got = _decode(b, dtype).float()
+        got = _decode(b.view(byte_dtype), dtype).float()
         nan = want.isnan()
         assert nan.sum() == 2 and got[nan].isnan().all(), dtype
         torch.testing.assert_close(got[~nan], want[~nan], rtol=0, atol=0)
@@ -94,7 +95,7 @@ def test_only_fp8_caches_on_old_gpus_or_forced_take_bytes():
     with fp8_bits.emulated_e4m3():
         assert fp8_bits.kv_cache_as_bytes(cache)
         view = fp8_bits.kernel_view(cache[:, 1:])
-        assert view.dtype == torch.uint8 and view.stride() == (3, 1)
+        assert view.dtype == torch.int8 and view.stride() == (3, 1)
         assert view.data_ptr() == cache[:, 1:].data_ptr()
         assert not fp8_bits.kv_cache_as_bytes(torch.zeros(2, dtype=torch.float16))
     assert fp8_bits.kernel_view(cache) is cache

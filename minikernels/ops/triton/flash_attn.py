@@ -19,7 +19,7 @@ GQA: q head h reads kv head h // (Hq // Hkv). Paged mode: key j of sequence b li
 cache block block_table[b, j // PAGE_SIZE], slot j % PAGE_SIZE (gathered per key row, so any
 page size works with any BLOCK_N). FP8 paged caches (KV_SCALE): tiles convert exactly to q's
 dtype; the kv head's k_scale folds into the score scale, its v_scale multiplies acc / l.
-Without e4m3 hardware (sm_80) the cache comes as bytes (uint8 views), decoded in software
+Without e4m3 hardware (sm_80) the cache comes as bytes (int8 views), decoded in software
 to value / 256 (fp8_bits.py), the 256 folded into both scales.
 Grid (Hq, B, query tiles), heavy (late) query tiles first.
 """
@@ -416,7 +416,7 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlen
     if not paged:
         k, v = _aligned(k), _aligned(v)
     aligned = all(_rows_aligned(t) for t in (q, k, v, out))
-    cfg = config or pick_config(d, q.dtype, q.device, aligned, kv_bytes=k.dtype == torch.uint8)
+    cfg = config or pick_config(d, q.dtype, q.device, aligned, kv_bytes=k.dtype == torch.int8)
     cu_q = cu_seqlens_q.contiguous()
     cu_k = cu_seqlens_k.contiguous()
     if paged:
@@ -479,7 +479,7 @@ _registered: set[tuple] = set()
 
 
 #: fp8 paged-cache kinds -> (the cache pointer's dtype, the spec name's flag)
-_FP8_KV = {"e4m3": ("fp8e4nv", "kv=fp8"), "e4m3-bytes": ("u8", "kv=e4m3-bytes"),
+_FP8_KV = {"e4m3": ("fp8e4nv", "kv=fp8"), "e4m3-bytes": ("i8", "kv=e4m3-bytes"),
            "e5m2": ("fp8e5", "kv=e5m2")}
 
 

@@ -2,15 +2,23 @@
 integer and fp32 ops.
 
 Triton compiles e4m3 (fp8e4nv) conversions only for capability 8.9+ (Ada, Hopper). The
-fp8 weight kernels always read e4m3 weights as bytes; fp8 KV caches are read and written
-as bytes (uint8 views of the float8_e4m3fn cache) where the GPU has no e4m3 conversions
-(A100, sm_80) and natively elsewhere (``kv_cache_as_bytes`` decides per cache).
+fp8 weight kernels always read e4m3 weights as bytes (uint8); fp8 KV caches are read and
+written as bytes (int8 views of the float8_e4m3fn cache: the loads sign-extend, which the
+decode uses) where the GPU has no e4m3 conversions (A100, sm_80) and natively elsewhere
+(``kv_cache_as_bytes`` decides per cache).
 
 Decode (byte b = s eeee mmm): the fp16 bits s 0eeee mmm0000000, i.e. ((b & 0x80) << 8) |
 ((b & 0x7F) << 7), are exactly value / 256 for every finite byte, normal or subnormal (the
 exponent bias drops from 15 to 7; e4m3's subnormal steps of 2^-9 land on fp16 normals
 and subnormals), and that fp16 converts exactly to bf16 / fp32. Kernels fold the 256
-into a scale they apply anyway. The NaN bytes (0x7F, 0xFF) decode to NaN.
+into a scale they apply anyway. From a sign-extended byte (int8) the same bits are two
+operations, (b << 7) & 0xBF80: the sign copies land in bits 15 and 14 and the mask keeps
+bit 15 (the KV kernels' decode, memory-bound at decode batch sizes, where an A100's
+integer rate is the budget). The NaN bytes (0x7F, 0xFF) are the only ones that decode
+to |x| = 480 / 256 > 448 / 256: one half-precision compare makes them NaN. (sm_80 SASS
+of the bf16 paged-decode kernel: 1704 instructions with the first, shift-and-mask form
+and an integer NaN test, 1544 with the sign-extension, 1392 with the fp16 compare,
+against 1360 for a native e5m2 cache.)
 
 Encode (fp32 x, already clamped to +-448): round to nearest even on the fp32 bits. Normal
 results (|x| >= 2^-6): rebias the exponent (127 -> 7) and round the 23-bit mantissa to 3
@@ -54,12 +62,17 @@ def e4m3_bytes_as_fp16(b):
 
 @triton.jit
 def e4m3_bytes_to(b, dtype: tl.constexpr):
-    """uint8 e4m3fn bytes -> ``dtype`` (fp16 / bf16 / fp32) holding exactly value / 256;
-    the NaN bytes (0x7F, 0xFF) give NaN, as float8_e4m3fn's."""
-    b = b.to(tl.int32)
-    nan = ((b & 0x7F) + 1) >> 7                  # 1 for 0x7F / 0xFF, else 0
-    bits = ((b & 0x80) << 8) | ((b & 0x7F) << 7) | (nan * 0x7C00)   # NaN: exponent all ones
-    return bits.to(tl.uint16).to(tl.float16, bitcast=True).to(dtype)
+    """e4m3fn bytes (int8: sign-extending, 2 ops; or uint8) -> ``dtype`` (fp16 / bf16 /
+    fp32) holding exactly value / 256; the NaN bytes (0x7F, 0xFF) give NaN, as
+    float8_e4m3fn's."""
+    if b.dtype == tl.int8:
+        bits = (b.to(tl.int32) << 7) & 0xBF80
+    else:
+        bi = b.to(tl.int32)
+        bits = ((bi & 0x80) << 8) | ((bi & 0x7F) << 7)
+    x = bits.to(tl.uint16).to(tl.float16, bitcast=True)
+    x = tl.where(tl.abs(x) > 1.75, float("nan"), x)      # NaN bytes: +-480 / 256 = 1.875
+    return x.to(dtype)
 
 
 @triton.jit
@@ -67,7 +80,7 @@ def fp8_tile_to(x, dtype: tl.constexpr):
     """A tile of an fp8 KV cache -> ``dtype``: float8_e4m3fn converts natively (value);
     bytes decode in software to value / BYTE_SCALE (the kernel folds ``byte_scale`` of
     the cache pointer into the scales it applies anyway)."""
-    if x.dtype == tl.uint8:
+    if x.dtype == tl.int8:
         y = e4m3_bytes_to(x, dtype)
     else:
         y = x.to(dtype)
@@ -76,8 +89,8 @@ def fp8_tile_to(x, dtype: tl.constexpr):
 
 @triton.jit
 def byte_scale(cache_ptr):
-    """BYTE_SCALE for a cache read as bytes (uint8 pointer), else 1.0."""
-    if cache_ptr.dtype.element_ty == tl.uint8:
+    """BYTE_SCALE for a cache read as bytes (int8 pointer), else 1.0."""
+    if cache_ptr.dtype.element_ty == tl.int8:
         s = 256.0
     else:
         s = 1.0
@@ -129,9 +142,9 @@ def kv_cache_as_bytes(cache: torch.Tensor) -> bool:
 
 
 def kernel_view(cache: torch.Tensor) -> torch.Tensor:
-    """The tensor a kernel takes for ``cache``: its uint8 view (same shape and strides)
+    """The tensor a kernel takes for ``cache``: its int8 view (same shape and strides)
     when ``kv_cache_as_bytes``, else the cache itself."""
-    return cache.view(torch.uint8) if kv_cache_as_bytes(cache) else cache
+    return cache.view(torch.int8) if kv_cache_as_bytes(cache) else cache
 
 
 @contextlib.contextmanager

@@ -7,7 +7,7 @@ Every tensor has its own strides (a vLLM-style [num_blocks, 2, block, Hkv, D] ca
 into k and v views works), and block_size may be any size. Same-dtype caches get a plain
 copy; fp8 caches (QUANT) get fp8(clamp(x / scale, +-max)) with a per-tensor or per-head
 float32 scale, rounded to nearest even (max: 448 for e4m3, 57344 for e5m2). Without e4m3
-hardware (sm_80) an e4m3 cache comes as bytes (a uint8 view) and the rounding is done in
+hardware (sm_80) an e4m3 cache comes as bytes (an int8 view) and the rounding is done in
 integer ops (fp8_bits.py); e5m2 is encoded that way on every GPU.
 """
 from __future__ import annotations
@@ -81,9 +81,9 @@ def write_kv_cache_kernel(k_ptr, v_ptr, kc_ptr, vc_ptr, slot_ptr, ks_ptr, vs_ptr
         else:
             k = tl.clamp(k, -FP8_MAX, FP8_MAX)
             v = tl.clamp(v, -FP8_MAX, FP8_MAX)
-        if kc_ptr.dtype.element_ty == tl.uint8:  # no e4m3 hardware: the cache as bytes
-            k = e4m3_bytes_from(k)
-            v = e4m3_bytes_from(v)
+        if kc_ptr.dtype.element_ty == tl.int8:  # no e4m3 hardware: the cache as bytes
+            k = e4m3_bytes_from(k).to(tl.int8, bitcast=True)
+            v = e4m3_bytes_from(v).to(tl.int8, bitcast=True)
         elif EXACT_ROUND and kc_ptr.dtype.element_ty == tl.float8e4nv:
             k = _round_fp8_e4m3(k)
             v = _round_fp8_e4m3(v)
@@ -133,7 +133,7 @@ def _register() -> None:
     # in software, fp8_bits.py) on sm_80; e5m2 (encoded in software) on both
     combos = [(dt, dt, (80, 90)) for dt in ("fp16", "bf16", "fp32")]
     combos += [(dt, "fp8e4nv", (90,)) for dt in ("fp16", "bf16")]
-    combos += [(dt, "u8", (80,)) for dt in ("fp16", "bf16")]
+    combos += [(dt, "i8", (80,)) for dt in ("fp16", "bf16")]
     combos += [(dt, "fp8e5", (80, 90)) for dt in ("fp16", "bf16")]    # e5m2, both archs
     for dt, cdt, archs in combos:
         quant = cdt != dt

@@ -17,7 +17,7 @@ Algorithm (flash-decoding over a paged cache, GQA-aware):
 FP8 caches (float8_e4m3fn, KV_SCALE): tiles are converted to q's dtype (exact: every e4m3
 value is an fp16 / bf16 value); the kv head's k_scale folds into the score scale and its
 v_scale multiplies acc / l, so the result is attention over k * k_scale, v * v_scale.
-Without e4m3 hardware (sm_80) the caches come as bytes (uint8 views), decoded in software
+Without e4m3 hardware (sm_80) the caches come as bytes (int8 views), decoded in software
 to value / 256 (fp8_bits.py), the 256 folded into both scales.
 K and V have their own strides; block_size is any size (page = t // block_size).
 
@@ -335,7 +335,7 @@ def _register() -> None:
     # decode graphs run) on both archs.
     combos = [("fp16", "fp16", (80, 90)), ("bf16", "bf16", (80, 90)),
               ("bf16", "fp8e4nv", (90,)), ("fp16", "fp8e4nv", (90,)),
-              ("bf16", "u8", (80,)), ("fp16", "u8", (80,)),
+              ("bf16", "i8", (80,)), ("fp16", "i8", (80,)),
               ("bf16", "fp8e5", (80, 90)), ("fp16", "fp8e5", (80, 90)),
               ("fp32", "fp32", (80, 90))]
     shapes = ((4, 128, 16), (8, 128, 16), (1, 64, 16), (4, 256, 16), (7, 128, 32),
