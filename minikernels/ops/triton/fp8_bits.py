@@ -2,8 +2,8 @@
 integer and fp32 ops.
 
 Triton compiles e4m3 (fp8e4nv) conversions only for capability 8.9+ (Ada, Hopper). The
-fp8 weight kernels always read e4m3 weights as bytes (uint8); fp8 KV caches are read and
-written as bytes (int8 views of the float8_e4m3fn cache: the loads sign-extend, which the
+fp8 weight kernels always read e4m3 weights as bytes (int8 views); fp8 KV caches are read
+and written as bytes (int8 views of the float8_e4m3fn cache: the loads sign-extend, which the
 decode uses) where the GPU has no e4m3 conversions (A100, sm_80) and natively elsewhere
 (``kv_cache_as_bytes`` decides per cache).
 
@@ -54,9 +54,13 @@ _forced: bool | None = None
 
 @triton.jit
 def e4m3_bytes_as_fp16(b):
-    """uint8 e4m3fn bytes -> fp16 holding exactly value / 256 (NaN bytes: 480 / 256)."""
-    b = b.to(tl.int32)
-    bits = ((b & 0x80) << 8) | ((b & 0x7F) << 7)
+    """e4m3fn bytes (int8: sign-extending, 2 ops; or uint8) -> fp16 holding exactly
+    value / 256 (NaN bytes: +-480 / 256)."""
+    if b.dtype == tl.int8:
+        bits = (b.to(tl.int32) << 7) & 0xBF80
+    else:
+        bi = b.to(tl.int32)
+        bits = ((bi & 0x80) << 8) | ((bi & 0x7F) << 7)
     return bits.to(tl.uint16).to(tl.float16, bitcast=True)
 
 
@@ -65,12 +69,7 @@ def e4m3_bytes_to(b, dtype: tl.constexpr):
     """e4m3fn bytes (int8: sign-extending, 2 ops; or uint8) -> ``dtype`` (fp16 / bf16 /
     fp32) holding exactly value / 256; the NaN bytes (0x7F, 0xFF) give NaN, as
     float8_e4m3fn's."""
-    if b.dtype == tl.int8:
-        bits = (b.to(tl.int32) << 7) & 0xBF80
-    else:
-        bi = b.to(tl.int32)
-        bits = ((bi & 0x80) << 8) | ((bi & 0x7F) << 7)
-    x = bits.to(tl.uint16).to(tl.float16, bitcast=True)
+    x = e4m3_bytes_as_fp16(b)
     x = tl.where(tl.abs(x) > 1.75, float("nan"), x)      # NaN bytes: +-480 / 256 = 1.875
     return x.to(dtype)
 

@@ -1,14 +1,15 @@
 """fp8 (e4m3) weight-only matmul (W8A16) with block-wise scales, in Triton.
 
-Weight (see minikernels.ops.reference): weight float8_e4m3fn [N, K] (read as uint8),
+Weight (see minikernels.ops.reference): weight float8_e4m3fn [N, K] (read as int8 bytes),
 weight_scale fp32 [ceil(N / bn), ceil(K / bk)], W[n, k] = weight[n, k] * scale[n // bn, k // bk].
 y = x @ W^T (+ bias), x fp16 / bf16 / fp32, fp32 accumulation, one final rounding.
 
 fp8 -> 16 bits without fp8 hardware (runs on sm_80 and under the interpreter): a byte
 b = s eeee mmm becomes the fp16 bits s 0eeee mmm0000000, i.e. ((b & 0x80) << 8) |
-((b & 0x7F) << 7). The exponent bias drops from 15 to 7 (the 0 on top), so that fp16 is
-exactly W / 256 for every finite e4m3 byte, normal or subnormal; it converts exactly to
-bf16 / fp32 as well. The 256 is folded into the scale.
+((b & 0x7F) << 7), or (b << 7) & 0xBF80 from the sign-extended byte the kernels load
+(int8 views; fp8_bits.py). The exponent bias drops from 15 to 7 (the 0 on top), so that
+fp16 is exactly W / 256 for every finite e4m3 byte, normal or subnormal; it converts
+exactly to bf16 / fp32 as well. The 256 is folded into the scale.
 
 K tiles never straddle two scale blocks: BLOCK_K divides bk (bk % 16 == 0), or one block
 covers all of K (bk >= K, ONE_KBLOCK: the scale is applied once, in the epilogue).
@@ -196,7 +197,7 @@ def fp8_matmul(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor
     y, done = splitk.alloc_output(x, n, bias)
     if done:
         return y
-    w8 = weight.view(torch.uint8)           # the bits; converted in the kernel
+    w8 = weight.view(torch.int8)            # the bits (sign-extending loads: fp8_bits.py)
     if bias is not None:
         bias = bias.contiguous()
     arch, sms = splitk.arch_and_sms(splitk.device_index(x))
@@ -225,7 +226,7 @@ def fp8_matmul(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor
 # let the tile loads vectorize. Unaligned configs (odd K, padded rows, a transposed
 # weight) compile with every stride a runtime value and byte loads.
 
-_ARGS = {"w_ptr": "*u8", "s_ptr": "*fp32", "M": "i32", "N": "i32", "K": "i32",
+_ARGS = {"w_ptr": "*i8", "s_ptr": "*fp32", "M": "i32", "N": "i32", "K": "i32",
          "stride_xm": "i64", "stride_wn": "i64", "stride_wk": "i64", "stride_sn": "i64",
          "stride_sk": "i64", "block_n": "i32", "block_k": "i32", "ws_ptr": "*fp32",
          "k_tiles_per_split": "i32"}
