@@ -3,9 +3,10 @@ integer and fp32 ops.
 
 Triton compiles e4m3 (fp8e4nv) conversions only for capability 8.9+ (Ada, Hopper). The
 fp8 weight kernels always read e4m3 weights as bytes (fp8_matmul through int8 views,
-fused_moe_fp8 uint8); fp8 KV caches are read and written as bytes (int8 views of the float8_e4m3fn cache: the loads sign-extend, which the
-decode uses) where the GPU has no e4m3 conversions (A100, sm_80) and natively elsewhere
-(``kv_cache_as_bytes`` decides per cache).
+fused_moe_fp8 uint8); fp8 KV caches are read and written as bytes (int8 views of the
+float8_e4m3fn cache: the loads sign-extend, which the decode uses) where the GPU has no
+e4m3 conversions (A100, sm_80) and natively elsewhere (``kv_cache_as_bytes`` decides per
+cache).
 
 Decode (byte b = s eeee mmm): the fp16 bits s 0eeee mmm0000000, i.e. ((b & 0x80) << 8) |
 ((b & 0x7F) << 7), are exactly value / 256 for every finite byte, normal or subnormal (the
