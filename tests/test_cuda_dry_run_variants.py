@@ -63,7 +63,7 @@ A100_CASES = {
     "llama-fp32": ("llama", "float32", {}),
     "int4": ("llama", "bfloat16", dict(quantization="int4")),
     "fp8-weights": ("llama", "bfloat16", dict(quantization="fp8")),
-    "fp8-w8a8": ("llama", "bfloat16", dict(quantization="fp8_w8a8")),  # reference path
+    "fp8-w8a8": ("llama", "bfloat16", dict(quantization="fp8_w8a8")),  # runs W8A16
     "int8": ("llama", "bfloat16", dict(quantization="int8")),
     "moe-fp8": ("qwen3-moe", "bfloat16", dict(quantization="fp8")),
     "gemma2-window-softcap": ("gemma2-window-softcap", "bfloat16", {}),
@@ -114,6 +114,28 @@ def test_a100_engines_launch_kernels_that_compile(checkpoints, tmp_path):
                 run_eager_steps(llm.llm_engine.runner.model, A100)]
     compiled = compile_exactly(records, tmp_path, archs=(80,))
     assert len(compiled) >= 40
+
+
+def test_fp8_w8a8_runs_w8a16_without_fp8_tensor_cores(checkpoints, caplog):
+    """quantization="fp8_w8a8" on an A100 (no fp8 tensor cores: the W8A8 ops' reference
+    path there) loads the same fp8 weights and runs them W8A16 (fp8_matmul), with a
+    warning, as vLLM runs FP8 checkpoints on such GPUs; on the H200 it runs W8A8."""
+    from minikernels.models.linear import Fp8Part
+
+    def modes(llm):
+        model = llm.llm_engine.runner.model
+        return model.quantization, {p.activations for p in model.modules()
+                                    if isinstance(p, Fp8Part)}
+
+    with caplog.at_level("WARNING", logger="minikernels"):
+        llm, launches = build_on_fake_h200(checkpoints["llama"], quantization="fp8_w8a8",
+                                           gpu_props=A100)
+    assert modes(llm) == ("fp8", {"none"}) and "run W8A16" in caplog.text
+    kernels = {x.kernel for x in launches}
+    assert "fp8_gemv_kernel" in kernels and not kernels & {
+        "w8a8_block_fp8_matmul_kernel", "per_token_group_quant_fp8_kernel"}, kernels
+    llm, _ = build_on_fake_h200(checkpoints["llama"], quantization="fp8_w8a8")
+    assert modes(llm) == ("fp8_w8a8", {"dynamic"})
 
 
 def test_fp8_kv_cache_reads_bytes_before_ada(checkpoints):

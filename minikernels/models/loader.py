@@ -33,7 +33,8 @@ Quantization:
                           activations quantized per token and 128-wide K group
                           (``ops.per_token_group_quant_fp8`` + ``ops.w8a8_block_fp8_matmul``;
                           fp8 tensor cores on sm_89+). Opt-in until a GPU run has measured
-                          it against W8A16; the experts stay W8A16.
+                          it against W8A16; the experts stay W8A16. On a GPU without fp8
+                          tensor cores (A100) it runs W8A16 instead, with a warning.
     quantization="int8"   INT8 W8A8 (SmoothQuant-style, without smoothing): per-channel
                           symmetric RTN int8 of every linear layer on load, streaming as
                           int4 does, activations quantized per token at run time
@@ -97,6 +98,7 @@ from .gpt_oss import (Mxfp4Experts, Mxfp4Stack, convert_dense, mxfp4_checkpoint,
 from .nemotron_moe import GroupSigmoidRouter
 from .hub import resolve_model
 from ..nn.layers import XIELU
+from ..ops.fp8_w8a8 import fp8_tensor_cores
 from ..quant.fp8 import fp8_from_checkpoint
 from .linear import FusedLinear, pick_group_size, set_fp8_activations
 from .moe import FusedExperts, SparseMoE
@@ -2135,7 +2137,8 @@ def load_model(model: str, dtype: str | torch.dtype = "bfloat16",
     dtype:        'bfloat16' | 'float16' | 'float32' | 'auto' (the checkpoint's) or a dtype.
     device:       default cuda when available, else cpu.
     quantization: None | 'int4' (RTN on load) | 'gptq' | 'awq' | 'fp8' (block-wise RTN on
-                  load, or an fp8 checkpoint) | 'fp8_w8a8' (the same, run W8A8) |
+                  load, or an fp8 checkpoint) | 'fp8_w8a8' (the same, run W8A8; W8A16
+                  on GPUs without fp8 tensor cores, with a warning) |
                   'int8' (per-channel RTN int8 on load, or an int8 checkpoint; W8A8) |
                   'mxfp4' / 'dense' (GPT-OSS MXFP4 checkpoints: native MXFP4 experts,
                   the default for them, or dequantized to the model dtype); see module
@@ -2192,5 +2195,13 @@ def load_model(model: str, dtype: str | torch.dtype = "bfloat16",
     m.quantization = asked if asked else (
         m.config.quantization_config or {}).get("quant_method")
     if asked == "fp8_w8a8":
-        set_fp8_activations(m, "dynamic")
+        if dev.type == "cuda" and not fp8_tensor_cores(dev):
+            # no fp8 tensor cores (A100): W8A8 would take the ops' slow reference path;
+            # run the same fp8 weights W8A16, as vLLM runs FP8 checkpoints on such GPUs
+            logger.warning("minikernels: quantization='fp8_w8a8' needs fp8 tensor cores "
+                           "(compute capability 8.9+); %s has none, so its fp8 weights run "
+                           "W8A16 (activations stay 16-bit) instead", dev)
+            m.quantization = "fp8"
+        else:
+            set_fp8_activations(m, "dynamic")
     return m
