@@ -63,7 +63,6 @@ A100_CASES = {
     "llama-fp32": ("llama", "float32", {}),
     "int4": ("llama", "bfloat16", dict(quantization="int4")),
     "fp8-weights": ("llama", "bfloat16", dict(quantization="fp8")),
-    "fp8-w8a8": ("llama", "bfloat16", dict(quantization="fp8_w8a8")),  # runs W8A16
     "int8": ("llama", "bfloat16", dict(quantization="int8")),
     "moe-fp8": ("qwen3-moe", "bfloat16", dict(quantization="fp8")),
     "gemma2-window-softcap": ("gemma2-window-softcap", "bfloat16", {}),
