@@ -78,8 +78,7 @@ A100_CASES = {
 def test_engine_runs_on_an_a100(checkpoints, case):
     """The same checks on a fake A100: graphs capture sync-free, eager steps never wait,
     and every launch is a configuration compiled ahead of time *for sm_80* (the fp8 weight
-    kernels and fp8 KV caches convert e4m3 bytes in software there; W8A8 fp8 takes its
-    reference path)."""
+    kernels and fp8 KV caches convert e4m3 bytes in software there)."""
     from test_cuda_dry_run import run_eager_steps
 
     kind, dtype, kw = A100_CASES[case]
