@@ -39,6 +39,9 @@ def _samples(device: str):
         "fused_add_layer_norm": (x, torch.randn_like(x), w, None, 1e-5),
         "silu_and_mul": (x,),
         "gelu_and_mul": (x, "tanh"),
+        "fatrelu_and_mul": (x, 0.25),
+        "swigluoai_and_mul": (x, 1.702, 7.0),
+        "gelu_variant": (x, "gelu_new"),
         "rotary_embedding": (q, k, pos, cache),
         "int4_matmul": (xh, qw, sc, zr, 32, None),
         "int8_matmul": (xh, torch.randint(0, 256, (13, 64), dtype=torch.uint8, device=device),
@@ -417,6 +420,21 @@ def test_gelu_and_mul_bad_inputs():
         mk.ops.gelu_tanh_and_mul(torch.ones(2, 8, dtype=torch.int64))
     with pytest.raises(ValueError, match="approximate must be one of"):
         mk.ops.gelu_and_mul(torch.randn(2, 8), approximate="erf")
+
+
+def test_activation_variants_bad_inputs():
+    with pytest.raises(ValueError, match="even"):
+        mk.ops.fatrelu_and_mul(torch.randn(2, 7))
+    with pytest.raises(ValueError, match="threshold must be a finite"):
+        mk.ops.fatrelu_and_mul(torch.randn(2, 8), float("nan"))
+    with pytest.raises(ValueError, match="limit must be > 0"):
+        mk.ops.swigluoai_and_mul(torch.randn(2, 8), limit=0.0)
+    with pytest.raises(ValueError, match="alpha must be a finite"):
+        mk.ops.swigluoai_and_mul(torch.randn(2, 8), alpha="1")
+    with pytest.raises(ValueError, match="kind must be one of"):
+        mk.ops.gelu_variant(torch.randn(2, 8), "gelu_slow")
+    with pytest.raises(TypeError, match="x must have dtype"):
+        mk.ops.gelu_quick(torch.ones(2, 8, dtype=torch.int64))
 
 
 @pytest.mark.parametrize("backend", ["reference", "triton"])

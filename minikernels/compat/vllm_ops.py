@@ -19,6 +19,10 @@ Covered (vLLM name -> minikernels op):
     gemma_rms_norm(out, input, weight, epsilon)         ops.gemma_rms_norm     (torch.ops._C)
     fused_add_gemma_rms_norm(input, residual, weight, epsilon)                 (torch.ops._C)
     silu_and_mul / mul_and_silu / gelu_and_mul / gelu_tanh_and_mul(out, input) (torch.ops._C)
+    fatrelu_and_mul(out, input, threshold=0.0), swigluoai_and_mul(out, input, alpha=1.702,
+        limit=7.0) (interleaved gate / up), gelu_fast / gelu_new / gelu_quick(out, input)
+                                                        ops.fatrelu_and_mul /
+                                                        swigluoai_and_mul / gelu_variant
     rotary_embedding(positions, query, key, head_size, cos_sin_cache, is_neox,
                      rope_dim_offset=0, inverse=False)  ops.rotary_embedding
     reshape_and_cache_flash(key, value, key_cache, value_cache, slot_mapping,
@@ -130,12 +134,12 @@ every call (a legacy / test path, not a serving one).
 Not covered (not defined here; calling them is an AttributeError):
     cutlass_scaled_mm_azp, the fused norm/activation + quant ops
         (rms_norm_dynamic_per_token_quant, rms_norm_static_fp8_quant,
-        silu_and_mul_per_block_quant, ...), fatrelu_and_mul, swigluoai_and_mul,
-        gelu_fast / gelu_new / gelu_quick, moe_sum, grouped_topk, topk_sigmoid: no
+        silu_and_mul_per_block_quant, ...), moe_sum, grouped_topk, topk_sigmoid: no
         minikernels op computes them (they would be plain PyTorch, not a mapping).
     gptq_marlin_gemm / marlin / machete / allspark / ggml / fp4 / MLA attention /
-        fp8_ds_mla caches / all-reduce / CPU ops: other weight formats (Marlin and Machete tiles, GGUF blocks, fp4) or
-        features minikernels does not have; a repack would not be exact and cheap.
+        fp8_ds_mla caches / all-reduce / CPU ops: other weight formats (Marlin and
+        Machete tiles, GGUF blocks, fp4) or features minikernels does not have; a repack
+        would not be exact and cheap.
     gptq_gemm / gptq_shuffle with bit 2 or 3: minikernels has no 2- / 3-bit weight op
         (a ValueError naming bit, also a NotImplementedError).
     Arguments of covered functions with no minikernels equivalent raise a ValueError
@@ -217,14 +221,15 @@ from .vllm_cache_ops import (
 __all__ = [
     "awq_dequantize", "awq_gemm", "causal_conv1d_fn", "causal_conv1d_update",
     "concat_and_cache_mla", "convert_fp8", "copy_blocks", "copy_blocks_mla",
-    "cp_gather_cache", "cutlass_scaled_mm", "fused_add_gemma_rms_norm", "fused_add_rms_norm",
+    "cp_gather_cache", "cutlass_scaled_mm", "fatrelu_and_mul", "fused_add_gemma_rms_norm",
+    "fused_add_rms_norm", "gelu_fast", "gelu_new", "gelu_quick",
     "fused_recurrent_gated_delta_rule", "gather_and_maybe_dequant_cache",
     "gelu_and_mul", "gelu_tanh_and_mul", "gemma_rms_norm", "gptq_gemm", "gptq_shuffle",
     "merge_attn_states",
     "moe_align_block_size", "mul_and_silu", "paged_attention_v1", "paged_attention_v2",
     "reshape_and_cache", "reshape_and_cache_flash", "rms_norm", "rotary_embedding",
     "scaled_fp8_quant", "scaled_int8_quant", "selective_scan_fn", "selective_scan_fwd",
-    "selective_state_update", "silu_and_mul", "swap_blocks",
+    "selective_state_update", "silu_and_mul", "swap_blocks", "swigluoai_and_mul",
     "topk_softmax",
 ]
 
@@ -364,6 +369,43 @@ def gelu_tanh_and_mul(out: Tensor, input: Tensor) -> None:
     """out = gelu_tanh(input[..., :d]) * input[..., d:] (``torch.ops._C.gelu_tanh_and_mul``)."""
     _gated(out, input)
     out.copy_(ops.gelu_and_mul(input, "tanh"))
+
+
+def fatrelu_and_mul(out: Tensor, input: Tensor, threshold: float = 0.0) -> None:
+    """out = fatrelu(input[..., :d]) * input[..., d:], fatrelu(g) = g if g > threshold
+    else 0 (``torch.ops._C.fatrelu_and_mul``)."""
+    _gated(out, input)
+    out.copy_(ops.fatrelu_and_mul(input, threshold))
+
+
+def swigluoai_and_mul(out: Tensor, input: Tensor, alpha: float = 1.702,
+                      limit: float = 7.0) -> None:
+    """GPT-OSS's clamped SwiGLU over INTERLEAVED gate / up columns (gate = input[..., 0::2],
+    up = input[..., 1::2]; ``torch.ops._C.swigluoai_and_mul``): out [..., d] =
+    (clamp(up, -limit, limit) + 1) * g * sigmoid(alpha * g), g = min(gate, limit)."""
+    _gated(out, input)
+    out.copy_(ops.swigluoai_and_mul(input, alpha, limit))
+
+
+def _pointwise(name: str, out: Tensor, input: Tensor) -> None:
+    check_tensor("input", input, dtypes=FLOAT_DTYPES)
+    _check_out("out", out, input)
+    out.copy_(ops.gelu_variant(input, name))
+
+
+def gelu_fast(out: Tensor, input: Tensor) -> None:
+    """out = 0.5 x (1 + tanh(0.7978845608 x (1 + 0.044715 x^2))) (``torch.ops._C.gelu_fast``)."""
+    _pointwise("gelu_fast", out, input)
+
+
+def gelu_new(out: Tensor, input: Tensor) -> None:
+    """out = 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))) (``torch.ops._C.gelu_new``)."""
+    _pointwise("gelu_new", out, input)
+
+
+def gelu_quick(out: Tensor, input: Tensor) -> None:
+    """out = x sigmoid(1.702 x) (``torch.ops._C.gelu_quick``)."""
+    _pointwise("gelu_quick", out, input)
 
 
 # ----------------------------------------------------------------------------- rotary

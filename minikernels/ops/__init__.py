@@ -5,7 +5,17 @@ implementation (torch.compile, CUDA graphs and opcheck work). The plain-PyTorch 
 every op lives in :mod:`minikernels.ops.reference`.
 """
 from . import reference
-from .activation import gelu_and_mul, gelu_tanh_and_mul, silu_and_mul
+from .activation import (
+    fatrelu_and_mul,
+    gelu_and_mul,
+    gelu_fast,
+    gelu_new,
+    gelu_quick,
+    gelu_tanh_and_mul,
+    gelu_variant,
+    silu_and_mul,
+    swigluoai_and_mul,
+)
 from .bitmask import apply_token_bitmask
 from .fsm import fsm_advance, fsm_mask_logits
 from .conv import causal_conv1d
@@ -38,12 +48,13 @@ from .selective_scan import selective_scan
 __all__ = [
     "MoELoRA",
     "apply_token_bitmask",
-    "fsm_advance",
-    "fsm_mask_logits",
     "build_rope_cache",
     "causal_conv1d",
+    "fatrelu_and_mul",
     "flash_attention",
     "fp8_matmul",
+    "fsm_advance",
+    "fsm_mask_logits",
     "fused_moe",
     "fused_moe_fp8",
     "fused_moe_int4",
@@ -52,7 +63,11 @@ __all__ = [
     "fused_topk",
     "gated_delta_rule",
     "gelu_and_mul",
+    "gelu_fast",
+    "gelu_new",
+    "gelu_quick",
     "gelu_tanh_and_mul",
+    "gelu_variant",
     "gemma_rms_norm",
     "int4_matmul",
     "int8_matmul",
@@ -71,6 +86,7 @@ __all__ = [
     "scaled_mm",
     "selective_scan",
     "silu_and_mul",
+    "swigluoai_and_mul",
     "top_k_top_p_mask_logits",
     "topk_softmax",
     "w8a8_block_fp8_matmul",

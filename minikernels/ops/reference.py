@@ -94,6 +94,41 @@ def gelu_and_mul(x: Tensor, approximate: str = "none") -> Tensor:
     return (gate * xf[..., d:]).to(x.dtype)
 
 
+def fatrelu_and_mul(x: Tensor, threshold: float) -> Tensor:
+    """x [..., 2I] -> fatrelu(x[..., :I]) * x[..., I:]  ([..., I]), fatrelu(g) = g where
+    g > threshold, else 0 (ProSparse / MiniCPM-S; vLLM's ``fatrelu_and_mul``)."""
+    d = x.shape[-1] // 2
+    xf = x.float()
+    gate = xf[..., :d]
+    return (torch.where(gate > threshold, gate, 0.0) * xf[..., d:]).to(x.dtype)
+
+
+def swigluoai_and_mul(x: Tensor, alpha: float, limit: float) -> Tensor:
+    """x [..., 2I] with gate and up INTERLEAVED (gate = x[..., 0::2], up = x[..., 1::2]:
+    GPT-OSS's layout, vLLM's ``swigluoai_and_mul``) -> moe_swigluoai(gate, up) [..., I]."""
+    xf = x.float()
+    return moe_swigluoai(xf[..., 0::2], xf[..., 1::2], alpha, limit).to(x.dtype)
+
+
+#: the pointwise GELU variants (vLLM's ``gelu_fast`` / ``gelu_new`` / ``gelu_quick``)
+GELU_VARIANTS = ("gelu_fast", "gelu_new", "gelu_quick")
+
+
+def gelu_variant(x: Tensor, kind: str) -> Tensor:
+    """Elementwise, fp32 math, out in x.dtype. "gelu_new": 0.5 x (1 + tanh(sqrt(2/pi)
+    (x + 0.044715 x^3))) (GPT-2's); "gelu_fast": the same function written
+    0.5 x (1 + tanh(0.7978845608 x (1 + 0.044715 x^2))); "gelu_quick": x sigmoid(1.702 x)
+    (CLIP's)."""
+    xf = x.float()
+    if kind == "gelu_quick":
+        y = xf * torch.sigmoid(1.702 * xf)
+    elif kind == "gelu_fast":
+        y = 0.5 * xf * (1.0 + torch.tanh(0.7978845608 * xf * (1.0 + 0.044715 * xf * xf)))
+    else:
+        y = 0.5 * xf * (1.0 + torch.tanh(0.7978845608028654 * (xf + 0.044715 * xf ** 3)))
+    return y.to(x.dtype)
+
+
 # ---------------------------------------------------------------------------- rotary
 
 
