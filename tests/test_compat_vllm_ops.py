@@ -706,6 +706,30 @@ def test_topk_softmax_fills_buffers(renormalize, ids_dtype, dtype):
     _untouched_margins(w_buf, weights)
 
 
+@pytest.mark.parametrize("renormalize", [False, True])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_topk_sigmoid_fills_buffers(renormalize, with_bias):
+    """vLLM's topk_sigmoid: choose on sigmoid(logits) + e_score_correction_bias, weights
+    the unbiased scores (renormalize: over their sum), written into strided buffers."""
+    g = _gen(6)
+    t, e, k = 5, 9, 3
+    logits = _randn(g, t, e, dtype=torch.float32, strided=True)
+    bias = _randn(g, e) * 0.5 if with_bias else None
+    weights, w_buf = _out_view((t, k), torch.float32, strided=True)
+    ids = torch.empty(t, k, dtype=torch.int64)
+    tei = torch.empty(t, k, dtype=torch.int32)
+    ops.topk_sigmoid(weights, ids, tei, logits, renormalize, bias)
+    s = torch.sigmoid(logits.double())
+    choice = s + bias.double() if with_bias else s
+    top = choice.topk(k, -1).indices
+    want = s.gather(1, top)
+    want = want / want.sum(-1, keepdim=True) if renormalize else want
+    assert torch.equal(ids, top)
+    torch.testing.assert_close(weights.double(), want, atol=1e-6, rtol=1e-5)
+    assert tei.tolist() == [[j * t + i for j in range(k)] for i in range(t)]
+    _untouched_margins(w_buf, weights)
+
+
 # -------------------------------------------------------------------------- errors
 
 

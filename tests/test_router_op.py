@@ -262,3 +262,90 @@ def test_opcheck(backend, device):
         torch.library.opcheck(torch.ops.minikernels.topk_softmax, (x, 3, True, torch.int32))
         torch.library.opcheck(torch.ops.minikernels.topk_softmax,
                               (x.float().t().contiguous().t(), 2, False, torch.int64))
+
+
+# ------------------------------------------------------------------ the sigmoid router
+
+def sigmoid_loop(logits: torch.Tensor, topk: int, renormalize: bool, bias, eps: float):
+    """Independent spec: k rounds of "the largest choice, lowest id first" in Python, the
+    choice float64 sigmoid + bias (or the logit), weights the float64 sigmoid."""
+    ids, weights = [], []
+    b = bias.double().tolist() if bias is not None else None
+    for row in logits.double().tolist():
+        s = torch.sigmoid(torch.tensor(row, dtype=torch.float64)).tolist()
+        choice = row if b is None else [si + bi for si, bi in zip(s, b)]
+        left = list(range(len(row)))
+        chosen = []
+        for _ in range(topk):
+            best = max(left, key=lambda i: (choice[i], -i))
+            chosen.append(best)
+            left.remove(best)
+        w = [s[i] for i in chosen]
+        if renormalize:
+            w = [v / (sum(w) + eps) for v in w]
+        ids.append(chosen)
+        weights.append(w)
+    return ids, weights
+
+
+@given(data=st.data())
+def test_sigmoid_router_matches_reference_and_a_loop(device, data):
+    g = torch.Generator().manual_seed(data.draw(st.integers(0, 2**16)))
+    t = data.draw(st.sampled_from([0, 1, 3, 17, 64]))
+    e = data.draw(st.sampled_from([1, 7, 32, 64, 100, 256]))
+    k = data.draw(st.integers(1, min(e, 8)))
+    dtype = data.draw(st.sampled_from([torch.float32, torch.float16, torch.bfloat16]))
+    renorm = data.draw(st.booleans())
+    eps = data.draw(st.sampled_from([0.0, 1e-6]))
+    bias_dtype = data.draw(st.sampled_from([None, torch.float32, torch.bfloat16]))
+    layout = data.draw(st.sampled_from(LAYOUTS))
+    x = laid_out((torch.randn(t, e, generator=g) * 3).to(dtype).to(device), layout)
+    bias = None if bias_dtype is None else \
+        (torch.randn(e, generator=g) * 0.5).to(bias_dtype).to(device)
+    with mk.use_backend("triton"):
+        w, ids = mk.ops.topk_sigmoid(x, k, renorm, bias, eps)
+    check_routes(w, ids, t, k)
+    want_w, want_ids = reference.topk_sigmoid(x, k, renorm, bias, eps)
+    assert torch.equal(ids, want_ids)          # random logits: no near-ties
+    torch.testing.assert_close(w, want_w, **WEIGHT_TOL)
+    loop_ids, loop_w = sigmoid_loop(x.cpu(), k, renorm, None if bias is None else bias.cpu(),
+                                    eps)
+    assert ids.tolist() == loop_ids
+    torch.testing.assert_close(w.cpu().double(), torch.tensor(loop_w, dtype=torch.float64
+                                                              ).reshape(t, k), **WEIGHT_TOL)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_sigmoid_router_bias_only_chooses_ties_and_bad_rows(backend, device):
+    """The bias picks experts whose sigmoid is lower, but their weights stay unbiased;
+    equal logits go to the lower expert id; a NaN / +inf row routes to 0..k-1 at 0."""
+    x = torch.tensor([[2.0, 1.0, 0.0, -1.0],            # bias flips the order
+                      [0.5, 0.5, 0.5, 0.5],             # ties
+                      [NAN, 1.0, 2.0, 3.0],
+                      [0.0, POS_INF, 1.0, 2.0],
+                      [NEG_INF, NEG_INF, 1.0, NEG_INF]], device=device)
+    bias = torch.tensor([0.0, 0.0, 0.0, 2.0], device=device)
+    with mk.use_backend(backend):
+        w, ids = mk.ops.topk_sigmoid(x, 2, False, bias)
+        w0, ids0 = mk.ops.topk_sigmoid(x[1:2], 3, True)
+    assert ids.tolist() == [[3, 0], [3, 0], [0, 1], [0, 1], [3, 2]]
+    s = torch.sigmoid(torch.tensor([-1.0, 2.0]))
+    torch.testing.assert_close(w[0].cpu(), s, **WEIGHT_TOL)        # unbiased weights
+    assert (w[2:4] == 0).all() and w[4, 1] > 0.7
+    assert ids0.tolist() == [[0, 1, 2]]
+    torch.testing.assert_close(w0.cpu(), torch.full((1, 3), 1 / 3), **WEIGHT_TOL)
+
+
+def test_sigmoid_router_errors_and_opcheck(device):
+    x = torch.randn(3, 8, device=device)
+    with pytest.raises(ValueError, match="correction_bias must have one value per expert"):
+        mk.ops.topk_sigmoid(x, 2, correction_bias=torch.zeros(7, device=device))
+    with pytest.raises(ValueError, match="renorm_eps must be a finite number >= 0"):
+        mk.ops.topk_sigmoid(x, 2, True, renorm_eps=-1.0)
+    with pytest.raises(ValueError, match="topk must be in"):
+        mk.ops.topk_sigmoid(x, 9)
+    for backend in ("reference", "triton"):
+        with mk.use_backend(backend):
+            torch.library.opcheck(torch.ops.minikernels.topk_sigmoid,
+                                  (x, 3, True, torch.randn(8, device=device), 1e-6,
+                                   torch.int32))

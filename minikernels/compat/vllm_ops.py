@@ -64,6 +64,8 @@ Covered (vLLM name -> minikernels op):
                                                         ops.moe_align_block_size
     topk_softmax(topk_weights, topk_ids, token_expert_indices, gating_output,
                  renormalize=False)                     ops.topk_softmax
+    topk_sigmoid(topk_weights, topk_ids, token_expert_indices, gating_output,
+                 renormalize=False, e_score_correction_bias=None)  ops.topk_sigmoid
     causal_conv1d_fn(x, weight, bias, conv_states, query_start_loc, cache_indices=None,
                      has_initial_state=None, activation="silu", pad_slot_id=-1)
                                                         ops.causal_conv1d (vLLM's
@@ -134,7 +136,7 @@ every call (a legacy / test path, not a serving one).
 Not covered (not defined here; calling them is an AttributeError):
     cutlass_scaled_mm_azp, the fused norm/activation + quant ops
         (rms_norm_dynamic_per_token_quant, rms_norm_static_fp8_quant,
-        silu_and_mul_per_block_quant, ...), moe_sum, grouped_topk, topk_sigmoid: no
+        silu_and_mul_per_block_quant, ...), moe_sum, grouped_topk: no
         minikernels op computes them (they would be plain PyTorch, not a mapping).
     gptq_marlin_gemm / marlin / machete / allspark / ggml / fp4 / MLA attention /
         fp8_ds_mla caches / all-reduce / CPU ops: other weight formats (Marlin and
@@ -230,7 +232,7 @@ __all__ = [
     "reshape_and_cache", "reshape_and_cache_flash", "rms_norm", "rotary_embedding",
     "scaled_fp8_quant", "scaled_int8_quant", "selective_scan_fn", "selective_scan_fwd",
     "selective_state_update", "silu_and_mul", "swap_blocks", "swigluoai_and_mul",
-    "topk_softmax",
+    "topk_sigmoid", "topk_softmax",
 ]
 
 FP8 = torch.float8_e4m3fn
@@ -1053,6 +1055,34 @@ def moe_align_block_size(topk_ids: Tensor, num_experts: int, block_size: int,
     num_tokens_post_pad[:1].copy_(post)
 
 
+def _router_buffers(topk_weights: Tensor, topk_ids: Tensor, token_expert_indices: Tensor,
+                    gating_output: Tensor) -> int:
+    """Check vLLM's router out buffers against gating_output [T, E]; returns k."""
+    check_tensor("gating_output", gating_output, dtypes=FLOAT_DTYPES, ndim=2)
+    check_tensor("topk_weights", topk_weights, dtypes=FLOAT_DTYPES, ndim=2,
+                 device=gating_output.device)
+    t, e = gating_output.shape
+    k = topk_weights.shape[1]
+    check_shape("topk_weights", topk_weights, [t, k])
+    if not 1 <= k <= e:
+        raise ValueError(f"topk_weights must have 1 .. {e} columns (k <= num_experts = "
+                         f"gating_output's columns), got {list(topk_weights.shape)}")
+    check_tensor("topk_ids", topk_ids, dtypes=_INDEX_DTYPES, device=gating_output.device)
+    check_shape("topk_ids", topk_ids, [t, k])
+    _check_out("token_expert_indices", token_expert_indices, topk_ids, [t, k], torch.int32)
+    return k
+
+
+def _write_routes(topk_weights: Tensor, topk_ids: Tensor, token_expert_indices: Tensor,
+                  weights: Tensor, ids: Tensor) -> None:
+    t, k = weights.shape
+    topk_weights.copy_(weights)
+    topk_ids.copy_(ids)
+    slot = torch.arange(k, dtype=torch.int32, device=weights.device)
+    token = torch.arange(t, dtype=torch.int32, device=weights.device)
+    token_expert_indices.copy_(slot[None, :] * t + token[:, None])
+
+
 def topk_softmax(topk_weights: Tensor, topk_ids: Tensor, token_expert_indices: Tensor,
                  gating_output: Tensor, renormalize: bool = False,
                  e_score_correction_bias: Tensor | None = None,
@@ -1066,26 +1096,25 @@ def topk_softmax(topk_weights: Tensor, topk_ids: Tensor, token_expert_indices: T
     j * T + t. See :func:`minikernels.ops.topk_softmax`.
     """
     _unsupported("e_score_correction_bias", e_score_correction_bias,
-                 "minikernels' router has no score-correction bias")
+                 "minikernels' softmax router has no score-correction bias (topk_sigmoid "
+                 "has)")
     _unsupported("is_padding", is_padding, "no padding mask in minikernels' router")
-    check_tensor("gating_output", gating_output, dtypes=FLOAT_DTYPES, ndim=2)
-    check_tensor("topk_weights", topk_weights, dtypes=FLOAT_DTYPES, ndim=2,
-                 device=gating_output.device)
-    t, e = gating_output.shape
-    k = topk_weights.shape[1]
-    check_shape("topk_weights", topk_weights, [t, k])
-    if not 1 <= k <= e:
-        raise ValueError(f"topk_weights must have 1 .. {e} columns (k <= num_experts = "
-                         f"gating_output's columns), got {list(topk_weights.shape)}")
-    check_tensor("topk_ids", topk_ids, dtypes=_INDEX_DTYPES, device=gating_output.device)
-    check_shape("topk_ids", topk_ids, [t, k])
-    _check_out("token_expert_indices", token_expert_indices, topk_ids, [t, k], torch.int32)
+    k = _router_buffers(topk_weights, topk_ids, token_expert_indices, gating_output)
     weights, ids = ops.topk_softmax(gating_output, k, renormalize, topk_ids.dtype)
-    topk_weights.copy_(weights)
-    topk_ids.copy_(ids)
-    slot = torch.arange(k, dtype=torch.int32, device=gating_output.device)
-    token = torch.arange(t, dtype=torch.int32, device=gating_output.device)
-    token_expert_indices.copy_(slot[None, :] * t + token[:, None])
+    _write_routes(topk_weights, topk_ids, token_expert_indices, weights, ids)
+
+
+def topk_sigmoid(topk_weights: Tensor, topk_ids: Tensor, token_expert_indices: Tensor,
+                 gating_output: Tensor, renormalize: bool = False,
+                 e_score_correction_bias: Tensor | None = None) -> None:
+    """Sigmoid top-k routing, writing vLLM's out buffers (as :func:`topk_softmax`): the
+    experts of the largest sigmoid(logit) (+ e_score_correction_bias [E], which only
+    chooses), weights their sigmoid scores (renormalize: divided by their sum). See
+    :func:`minikernels.ops.topk_sigmoid`."""
+    k = _router_buffers(topk_weights, topk_ids, token_expert_indices, gating_output)
+    weights, ids = ops.topk_sigmoid(gating_output, k, renormalize, e_score_correction_bias,
+                                    indices_type=topk_ids.dtype)
+    _write_routes(topk_weights, topk_ids, token_expert_indices, weights, ids)
 
 
 # ------------------------------------------------------- causal conv1d (Mamba / GDN)

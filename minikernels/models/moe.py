@@ -544,19 +544,15 @@ class SparseMoE(nn.Module):
         return weights.to(x.dtype).float(), ids
 
     def _route_sigmoid(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """LFM2-MoE's router (transformers' Lfm2MoeTopKRouter): s = sigmoid(logits); the
-        top-k experts of s (+ expert_bias: it only chooses); weights s of those,
-        renormalized (sum + 1e-6) when norm_topk_prob, times routed_scaling; fp32 math,
-        weights rounded through the model dtype."""
-        scores = torch.sigmoid(self.gate(x).float())
-        choice = scores if self.expert_bias is None else scores + self.expert_bias.float()
-        ids = torch.topk(choice, self.top_k, dim=-1).indices
-        weights = scores.gather(1, ids)
-        if self.norm_topk_prob:
-            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-6)
+        """LFM2-MoE's router (transformers' Lfm2MoeTopKRouter), ``ops.topk_sigmoid``: s =
+        sigmoid(logits); the top-k experts of s (+ expert_bias: it only chooses); weights
+        s of those, renormalized (sum + 1e-6) when norm_topk_prob, times routed_scaling;
+        fp32 math, weights rounded through the model dtype."""
+        weights, ids = ops.topk_sigmoid(self.gate(x), self.top_k, self.norm_topk_prob,
+                                        self.expert_bias, renorm_eps=1e-6)
         if self.routed_scaling != 1.0:
             weights = weights * self.routed_scaling
-        return weights.to(x.dtype).float(), ids.to(torch.int32)
+        return weights.to(x.dtype).float(), ids
 
     def _route_gemma4(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Gemma 4's router (transformers' Gemma4TextRouter): softmax (fp32) of

@@ -41,7 +41,7 @@ from .moe import (
 from .norm import gemma_rms_norm, layer_norm, rms_norm
 from .rejection_sampler import rejection_sample
 from .rotary import build_rope_cache, rotary_embedding
-from .router import fused_topk, topk_softmax
+from .router import fused_topk, topk_sigmoid, topk_softmax
 from .sampling import top_k_top_p_mask_logits
 from .selective_scan import selective_scan
 
@@ -88,6 +88,7 @@ __all__ = [
     "silu_and_mul",
     "swigluoai_and_mul",
     "top_k_top_p_mask_logits",
+    "topk_sigmoid",
     "topk_softmax",
     "w8a8_block_fp8_matmul",
     "write_kv_cache",

@@ -1085,6 +1085,34 @@ def top_k_top_p_mask_logits(logits: Tensor, top_k: Tensor | None, top_p: Tensor 
 
 
 # ------------------------------------------------------------------- MoE router
+def topk_sigmoid(gating_output: Tensor, topk: int, renormalize: bool,
+                 correction_bias: Tensor | None = None, renorm_eps: float = 0.0,
+                 indices_dtype: torch.dtype = torch.int32) -> tuple[Tensor, Tensor]:
+    """The sigmoid top-k MoE router (vLLM's ``topk_sigmoid``; LFM2-MoE, DeepSeek-V3-style
+    scoring without the groups).
+
+    gating_output [T, E] fp16/bf16/fp32 router logits; correction_bias [E] or None.
+        s      = sigmoid(logits in fp32)
+        choice = s + correction_bias (fp32), or the logits themselves without a bias (the
+                 same order as s, and exact)
+        ids    = the topk largest choices, descending; ties: the lower expert id first
+        w      = s[ids] (the bias only chooses);  renormalize: w / (sum(w) + renorm_eps)
+    A row with a NaN or +inf logit routes to experts 0..topk-1 with weight 0 (as
+    :func:`topk_softmax`). Returns (weights fp32 [T, topk], ids [T, topk] indices_dtype)."""
+    x = gating_output.float()
+    bad = (torch.isnan(x) | (x == math.inf)).any(dim=1)
+    x = x.masked_fill(bad[:, None], 0.0)
+    scores = torch.sigmoid(x)
+    choice = x if correction_bias is None else scores + correction_bias.float()[None, :]
+    choice = choice.masked_fill(bad[:, None], 0.0)
+    ids = torch.sort(choice, dim=1, descending=True, stable=True).indices[:, :topk]
+    weights = scores.gather(1, ids).masked_fill(bad[:, None], 0.0)
+    if renormalize:
+        total = weights.sum(dim=1, keepdim=True) + renorm_eps
+        weights = torch.where(total > 0, weights / total, weights)
+    return weights, ids.to(indices_dtype)
+
+
 def topk_softmax(gating_output: Tensor, topk: int, renormalize: bool,
                  indices_dtype: torch.dtype = torch.int32) -> tuple[Tensor, Tensor]:
     """The softmax top-k MoE router (vLLM's ``topk_softmax`` / ``fused_topk``).

@@ -1,4 +1,4 @@
-"""Op family: MoE routing. Op: ``minikernels::topk_softmax``.
+"""Op family: MoE routing. Ops: ``minikernels::topk_softmax``, ``minikernels::topk_sigmoid``.
 
 The softmax top-k router of Mixtral / Qwen2-MoE / Qwen3-MoE / OLMoE / Granite-MoE, fused
 (vLLM's ``topk_softmax`` kernel behind ``fused_topk``): each token's router logits ->
@@ -7,6 +7,11 @@ expert id -> optionally their weights renormalized to sum 1. The output is what
 :func:`minikernels.ops.fused_moe` takes: ``topk_weights`` fp32 [T, k], ``topk_ids`` int32
 (or int64) [T, k]. Spec: ``reference.topk_softmax``. Backends: reference, triton
 (ops/triton/router.py). Tests: tests/test_router_op.py.
+
+The sigmoid router (LFM2-MoE; vLLM's ``topk_sigmoid``, DeepSeek-V3's scoring without
+expert groups): sigmoid scores, chosen with an optional per-expert correction bias that
+only chooses, the weights the unbiased scores, optionally renormalized (+ an eps).
+Spec: ``reference.topk_sigmoid``.
 """
 from __future__ import annotations
 
@@ -39,6 +44,31 @@ def _topk_softmax(gating_output: Tensor, topk: int, renormalize: bool,
 @_topk_softmax.register_fake
 def _(gating_output: Tensor, topk: int, renormalize: bool,
       indices_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    shape = (gating_output.shape[0], topk)
+    return (torch.empty(shape, dtype=torch.float32, device=gating_output.device),
+            torch.empty(shape, dtype=indices_dtype, device=gating_output.device))
+
+
+@torch.library.custom_op("minikernels::topk_sigmoid", mutates_args=())
+def _topk_sigmoid(gating_output: Tensor, topk: int, renormalize: bool,
+                  correction_bias: Tensor | None, renorm_eps: float,
+                  indices_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    if _backend.resolve("topk_sigmoid", gating_output.device) == "triton":
+        from .triton import router as triton_router
+        shape = (gating_output.shape[0], topk)
+        weights = _alloc.empty(shape, torch.float32, gating_output.device)
+        ids = _alloc.empty(shape, indices_dtype, gating_output.device)
+        triton_router.topk_sigmoid(weights, ids, gating_output, renormalize, correction_bias,
+                                   renorm_eps)
+        return weights, ids
+    weights, ids = reference.topk_sigmoid(gating_output, topk, renormalize, correction_bias,
+                                          renorm_eps, indices_dtype)
+    return weights.contiguous(), ids.contiguous()
+
+
+@_topk_sigmoid.register_fake
+def _(gating_output: Tensor, topk: int, renormalize: bool, correction_bias: Tensor | None,
+      renorm_eps: float, indices_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     shape = (gating_output.shape[0], topk)
     return (torch.empty(shape, dtype=torch.float32, device=gating_output.device),
             torch.empty(shape, dtype=indices_dtype, device=gating_output.device))
@@ -84,6 +114,40 @@ def topk_softmax(gating_output: Tensor, topk: int, renormalize: bool = False,
     """
     ids_dtype = _check(gating_output, topk, renormalize, indices_type)
     return torch.ops.minikernels.topk_softmax(gating_output, topk, renormalize, ids_dtype)
+
+
+def topk_sigmoid(gating_output: Tensor, topk: int, renormalize: bool = False,
+                 correction_bias: Tensor | None = None, renorm_eps: float = 0.0,
+                 indices_type: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
+    """Route each token to the ``topk`` experts of the largest sigmoid scores.
+
+    gating_output [T, E] fp16/bf16/fp32 router logits (any strides; 1 <= E <= 4096);
+    correction_bias: None or [E] (any float dtype, on the logits' device): added to the
+    scores to choose the experts only (LFM2-MoE's ``expert_bias``, DeepSeek-V3's
+    ``e_score_correction_bias``); renormalize: divide the k weights by their sum plus
+    ``renorm_eps`` (>= 0; LFM2-MoE uses 1e-6); indices_type as :func:`topk_softmax`.
+
+    Returns (topk_weights fp32 [T, topk], topk_ids [T, topk]), contiguous: the chosen
+    experts' sigmoid scores (unbiased), largest choice first, ties to the lower expert id.
+    Without a bias the choice is made on the logits (exact); with one, on fp32 s + bias,
+    where a kernel's sigmoid may differ from torch's by an ulp (a near-tie may then go
+    either way). A row with a NaN or +inf logit gets experts 0..topk-1 with weight 0.
+    See :func:`minikernels.ops.reference.topk_sigmoid`.
+    """
+    ids_dtype = _check(gating_output, topk, renormalize, indices_type)
+    if correction_bias is not None:
+        check_tensor("correction_bias", correction_bias, dtypes=FLOAT_DTYPES, ndim=1,
+                     device=gating_output.device)
+        if correction_bias.shape[0] != gating_output.shape[1]:
+            raise ValueError(f"correction_bias must have one value per expert "
+                             f"({gating_output.shape[1]}), got shape "
+                             f"{list(correction_bias.shape)}")
+        correction_bias = correction_bias.contiguous()
+    if not isinstance(renorm_eps, (int, float)) or isinstance(renorm_eps, bool) or \
+            not 0 <= renorm_eps < float("inf"):
+        raise ValueError(f"renorm_eps must be a finite number >= 0, got {renorm_eps!r}")
+    return torch.ops.minikernels.topk_sigmoid(gating_output, topk, renormalize,
+                                              correction_bias, float(renorm_eps), ids_dtype)
 
 
 def fused_topk(hidden_states: Tensor, gating_output: Tensor, topk: int, renormalize: bool,

@@ -1,4 +1,4 @@
-"""The MoE router (softmax + top-k + optional renormalization) in Triton.
+"""The MoE routers (softmax or sigmoid + top-k + optional renormalization) in Triton.
 
 Algorithm: one program per BLOCK_T rows, each row's E logits in registers as one
 [BLOCK_T, BLOCK_E] tile (BLOCK_E = next power of two >= E; the padding lanes never win).
@@ -31,6 +31,29 @@ _NO_KEY = tl.constexpr(-(2 ** 63))   # a lane already chosen, or padding: never 
 
 
 @triton.jit
+def _sort_keys(v, lanes, lane_ok, BLOCK_E: tl.constexpr):
+    """fp32 [BLOCK_T, BLOCK_E] -> int64 keys: float order in the high word (negative floats'
+    magnitude bits flipped), BLOCK_E - 1 - lane in the low word (ties: lowest lane first);
+    padding lanes never win."""
+    bits = v.to(tl.int32, bitcast=True)
+    ordered = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+    key = (ordered.to(tl.int64) << 32) | (BLOCK_E - 1 - lanes).to(tl.int64)[None, :]
+    return tl.where(lane_ok[None, :], key, _NO_KEY)
+
+
+@triton.jit
+def _pop_best(key, BLOCK_E: tl.constexpr):
+    """One argmax round: (keys with the winner removed, its lane [BLOCK_T] int32, its
+    value [BLOCK_T] fp32)."""
+    best = tl.max(key, axis=1)
+    key = tl.where(key == best[:, None], _NO_KEY, key)
+    expert = (BLOCK_E - 1) - (best & (BLOCK_E - 1)).to(tl.int32)
+    high = (best >> 32).to(tl.int32)
+    value = tl.where(high < 0, high ^ 0x7FFFFFFF, high).to(tl.float32, bitcast=True)
+    return key, expert, value
+
+
+@triton.jit
 def topk_softmax_kernel(logits_ptr, weights_ptr, ids_ptr, num_tokens, num_experts, topk,
                         stride_t, stride_e, RENORMALIZE: tl.constexpr, BLOCK_T: tl.constexpr,
                         BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -54,20 +77,13 @@ def topk_softmax_kernel(logits_ptr, weights_ptr, ids_ptr, num_tokens, num_expert
     inv_s = 1.0 / tl.sum(tl.where(lane_ok[None, :], tl.exp(x - m[:, None]), 0.0), axis=1)
 
     # 2. sort keys: float order in the high word, lowest lane first in the low word
-    bits = x.to(tl.int32, bitcast=True)
-    ordered = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
-    key = (ordered.to(tl.int64) << 32) | (BLOCK_E - 1 - lanes).to(tl.int64)[None, :]
-    key = tl.where(lane_ok[None, :], key, _NO_KEY)
+    key = _sort_keys(x, lanes, lane_ok, BLOCK_E)
 
     # 3. topk rounds of argmax
     w_acc = tl.zeros([BLOCK_T, BLOCK_K], dtype=tl.float32)
     id_acc = tl.zeros([BLOCK_T, BLOCK_K], dtype=tl.int32)
     for j in range(topk):
-        best = tl.max(key, axis=1)
-        key = tl.where(key == best[:, None], _NO_KEY, key)
-        expert = (BLOCK_E - 1) - (best & (BLOCK_E - 1)).to(tl.int32)
-        high = (best >> 32).to(tl.int32)
-        logit = tl.where(high < 0, high ^ 0x7FFFFFFF, high).to(tl.float32, bitcast=True)
+        key, expert, logit = _pop_best(key, BLOCK_E)
         w = tl.where(bad, 0.0, tl.exp(logit - m) * inv_s)
         here = kcols[None, :] == j
         w_acc = tl.where(here, w[:, None], w_acc)
@@ -76,6 +92,54 @@ def topk_softmax_kernel(logits_ptr, weights_ptr, ids_ptr, num_tokens, num_expert
     # 4. renormalize, store (ids cast to the output's int32 / int64 by the store)
     if RENORMALIZE:
         total = tl.sum(w_acc, axis=1)                     # 0 only in non-finite rows
+        w_acc = w_acc * (1.0 / tl.where(total > 0, total, 1.0))[:, None]
+    out = rows64[:, None] * topk + kcols[None, :]
+    out_ok = row_ok[:, None] & (kcols[None, :] < topk)
+    tl.store(weights_ptr + out, w_acc, mask=out_ok)
+    tl.store(ids_ptr + out, id_acc, mask=out_ok)
+
+
+@triton.jit
+def topk_sigmoid_kernel(logits_ptr, bias_ptr, weights_ptr, ids_ptr, num_tokens, num_experts,
+                        topk, stride_t, stride_e, renorm_eps, RENORMALIZE: tl.constexpr,
+                        HAS_BIAS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr,
+                        BLOCK_K: tl.constexpr):
+    """The sigmoid router: s = sigmoid(x); the experts are chosen on x (monotone: exact)
+    or, with a correction bias, on s + bias, each weight the chosen expert's s (read back
+    from the row, the bias only chooses); renormalize: w / (sum w + renorm_eps). A row with
+    a NaN or +inf logit: experts 0..k-1, weight 0 (as topk_softmax_kernel)."""
+    rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    lanes = tl.arange(0, BLOCK_E)
+    kcols = tl.arange(0, BLOCK_K)
+    row_ok = rows < num_tokens
+    lane_ok = lanes < num_experts
+    rows64 = rows.to(tl.int64)
+    x = tl.load(logits_ptr + rows64[:, None] * stride_t + lanes.to(tl.int64)[None, :] * stride_e,
+                mask=row_ok[:, None] & lane_ok[None, :], other=float("-inf")).to(tl.float32)
+    nan_or_inf = (x != x) | (x == float("inf"))         # noqa: PLR0124 (x != x: NaN)
+    bad = tl.max(nan_or_inf.to(tl.int32), axis=1) > 0
+    x = tl.where(bad[:, None] | (x == 0.0), 0.0, x)     # equal keys in bad rows; -0 -> +0
+    s = 1.0 / (1.0 + tl.exp(-x))
+    if HAS_BIAS:
+        b = tl.load(bias_ptr + lanes, mask=lane_ok, other=0.0).to(tl.float32)
+        choice = tl.where(bad[:, None], 0.0, s + b[None, :])
+    else:
+        choice = x
+    key = _sort_keys(choice, lanes, lane_ok, BLOCK_E)
+    w_acc = tl.zeros([BLOCK_T, BLOCK_K], dtype=tl.float32)
+    id_acc = tl.zeros([BLOCK_T, BLOCK_K], dtype=tl.int32)
+    for j in range(topk):
+        key, expert, value = _pop_best(key, BLOCK_E)
+        if HAS_BIAS:      # the chosen lane's unbiased score
+            w = tl.sum(tl.where(lanes[None, :] == expert[:, None], s, 0.0), axis=1)
+        else:
+            w = 1.0 / (1.0 + tl.exp(-value))
+        w = tl.where(bad, 0.0, w)
+        here = kcols[None, :] == j
+        w_acc = tl.where(here, w[:, None], w_acc)
+        id_acc = tl.where(here, expert[:, None], id_acc)
+    if RENORMALIZE:
+        total = tl.sum(w_acc, axis=1) + renorm_eps
         w_acc = w_acc * (1.0 / tl.where(total > 0, total, 1.0))[:, None]
     out = rows64[:, None] * topk + kcols[None, :]
     out_ok = row_ok[:, None] & (kcols[None, :] < topk)
@@ -112,6 +176,25 @@ def topk_softmax(weights: torch.Tensor, ids: torch.Tensor, gating_output: torch.
         num_warps=cfg["num_warps"])
 
 
+def topk_sigmoid(weights: torch.Tensor, ids: torch.Tensor, gating_output: torch.Tensor,
+                 renormalize: bool, correction_bias: torch.Tensor | None,
+                 renorm_eps: float) -> None:
+    """gating_output [T, E] fp16/bf16/fp32 (any strides), correction_bias [E] contiguous or
+    None -> weights fp32 [T, k] and ids int32/int64 [T, k], contiguous, written in place."""
+    num_tokens, num_experts = gating_output.shape
+    if num_tokens == 0:
+        return
+    cfg = launch_config(num_experts, weights.shape[1])
+    grid = (triton.cdiv(num_tokens, cfg["BLOCK_T"]),)
+    has_bias = correction_bias is not None
+    topk_sigmoid_kernel[grid](
+        gating_output, correction_bias if has_bias else weights, weights, ids, num_tokens,
+        num_experts, weights.shape[1], gating_output.stride(0), gating_output.stride(1),
+        float(renorm_eps), RENORMALIZE=renormalize, HAS_BIAS=has_bias,
+        BLOCK_T=cfg["BLOCK_T"], BLOCK_E=cfg["BLOCK_E"], BLOCK_K=cfg["BLOCK_K"],
+        num_warps=cfg["num_warps"])
+
+
 # Mixtral (E 8, k 2), Qwen2-MoE (60 -> 64, k 4) / OLMoE (64, k 8), Qwen3-MoE (128, k 8),
 # DeepSeek-V3-sized (256, k 8), Qwen3-Next-sized (512, k 10 -> 16), the largest (4096, k 8)
 _SHAPES = ((8, 2), (64, 4), (128, 8), (256, 8), (512, 16), (MAX_EXPERTS, 8))
@@ -135,3 +218,24 @@ for _dt in ("fp32", "fp16", "bf16"):
                             "BLOCK_E": _cfg["BLOCK_E"], "BLOCK_K": _cfg["BLOCK_K"],
                             **({"stride_e": 1} if _unit else {})},
                 num_warps=_cfg["num_warps"], num_stages=1))
+
+# the sigmoid router: LFM2-MoE (E 32, k 4, bf16 bias), DeepSeek-V3-sized (256, k 8, fp32
+# bias), both renormalized; without a bias or renormalization (128, k 8)
+for _dt in ("fp32", "fp16", "bf16"):
+    for _e, _k, _bias in ((32, 4, "bf16"), (256, 8, "fp32"), (128, 8, None)):
+        _cfg = launch_config(_e, _k)
+        register(KernelSpec(
+            name=f"router_topk_sigmoid[{_dt},E={_cfg['BLOCK_E']},k={_cfg['BLOCK_K']},"
+                 f"bias={_bias},renorm={int(_bias is not None)}]",
+            fn=topk_sigmoid_kernel,
+            signature={"logits_ptr": f"*{_dt}", "bias_ptr": f"*{_bias or 'fp32'}",
+                       "weights_ptr": "*fp32", "ids_ptr": "*i32", "num_tokens": "i32",
+                       "num_experts": "i32", "topk": "i32", "stride_t": "i64",
+                       "stride_e": "constexpr", "renorm_eps": "fp32",
+                       "RENORMALIZE": "constexpr", "HAS_BIAS": "constexpr",
+                       "BLOCK_T": "constexpr", "BLOCK_E": "constexpr", "BLOCK_K": "constexpr"},
+            constexprs={"stride_e": 1, "RENORMALIZE": _bias is not None,
+                        "HAS_BIAS": _bias is not None,
+                        "BLOCK_T": _cfg["BLOCK_T"], "BLOCK_E": _cfg["BLOCK_E"],
+                        "BLOCK_K": _cfg["BLOCK_K"]},
+            num_warps=_cfg["num_warps"], num_stages=1))
