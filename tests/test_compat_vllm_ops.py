@@ -730,6 +730,31 @@ def test_topk_sigmoid_fills_buffers(renormalize, with_bias):
     _untouched_margins(w_buf, weights)
 
 
+def test_grouped_topk_sigmoid():
+    """vLLM's grouped_topk with sigmoid scoring and a correction bias: the experts come
+    from the topk_group best groups (two best biased scores each), weights unbiased,
+    renormalized, scaled; softmax scoring is refused by name."""
+    g = _gen(8)
+    t, e, k, groups, keep = 6, 16, 3, 4, 2
+    logits = _randn(g, t, e)
+    bias = _randn(g, e) * 0.2
+    w, ids = ops.grouped_topk(torch.zeros(t, 8), logits, k, True, groups, keep, "sigmoid",
+                              2.5, bias)
+    s = torch.sigmoid(logits.double())
+    choice = s + bias.double()
+    gs = choice.view(t, groups, -1).topk(2, -1).values.sum(-1)
+    mask = torch.zeros(t, groups, dtype=torch.bool).scatter_(1, gs.topk(keep, -1).indices,
+                                                             True)
+    choice = choice.masked_fill(~mask.repeat_interleave(e // groups, 1), float("-inf"))
+    want_ids = choice.topk(k, -1).indices
+    want = s.gather(1, want_ids)
+    want = want / want.sum(-1, keepdim=True) * 2.5
+    assert torch.equal(ids.long(), want_ids)
+    torch.testing.assert_close(w.double(), want, atol=1e-6, rtol=1e-5)
+    with pytest.raises(ValueError, match="scoring_func must be 'sigmoid'"):
+        ops.grouped_topk(torch.zeros(t, 8), logits, k, True, groups, keep)
+
+
 # -------------------------------------------------------------------------- errors
 
 

@@ -136,7 +136,7 @@ def _samples(device: str):
         "topk_softmax": (torch.randn(5, 12, device=device).to(torch.bfloat16), 3, True,
                          torch.int32),
         "topk_sigmoid": (torch.randn(5, 12, device=device).to(torch.bfloat16), 3, True,
-                         torch.randn(12, device=device), 1e-6, torch.int32),
+                         torch.randn(12, device=device), 1e-6, 4, 2, torch.int32),
         "w8a8_block_fp8_matmul": ((torch.randn(3, 96, device=device) * 8).to(
                                       torch.float8_e4m3fn),
                                   (torch.randn(40, 96, device=device) * 8).to(

@@ -347,5 +347,66 @@ def test_sigmoid_router_errors_and_opcheck(device):
     for backend in ("reference", "triton"):
         with mk.use_backend(backend):
             torch.library.opcheck(torch.ops.minikernels.topk_sigmoid,
-                                  (x, 3, True, torch.randn(8, device=device), 1e-6,
+                                  (x, 3, True, torch.randn(8, device=device), 1e-6, 4, 2,
                                    torch.int32))
+
+
+def nemotron_formula(logits, bias, topk, groups, topk_groups, renorm, eps):
+    """Group-limited sigmoid routing as transformers' NemotronH / DeepSeek-V3 routers write
+    it (torch.topk throughout; random inputs have no ties)."""
+    scores = torch.sigmoid(logits.double())
+    choice = scores + bias.double()
+    t, e = choice.shape
+    per = choice.view(t, groups, e // groups)
+    group_scores = per.topk(min(2, e // groups), dim=-1).values.sum(-1)
+    keep = torch.zeros_like(group_scores, dtype=torch.bool)
+    keep.scatter_(1, group_scores.topk(topk_groups, dim=-1).indices, True)
+    choice = choice.masked_fill(~keep.repeat_interleave(e // groups, dim=1), float("-inf"))
+    ids = choice.topk(topk, dim=-1).indices
+    weights = scores.gather(1, ids)
+    if renorm:
+        weights = weights / (weights.sum(dim=-1, keepdim=True) + eps)
+    return weights, ids
+
+
+@given(data=st.data())
+def test_grouped_sigmoid_router(device, data):
+    """Group-limited routing (num_groups / topk_groups): kernel == reference, and with a
+    bias both == the NemotronH / DeepSeek-V3 formula; without a bias a group's score is
+    its best expert (vLLM's grouped_topk)."""
+    g = torch.Generator().manual_seed(data.draw(st.integers(0, 2**16)))
+    groups, topk_groups, per_group = data.draw(st.sampled_from(
+        [(2, 1, 2), (4, 2, 16), (8, 4, 32), (8, 3, 5), (3, 1, 1)]))
+    e = groups * per_group
+    k = data.draw(st.integers(1, min(8, topk_groups * per_group)))
+    t = data.draw(st.sampled_from([1, 5, 33]))
+    renorm = data.draw(st.booleans())
+    use_bias = data.draw(st.booleans())
+    x = (torch.randn(t, e, generator=g) * 2).to(device)
+    bias = (torch.randn(e, generator=g) * 0.3).to(device) if use_bias else None
+    with mk.use_backend("triton"):
+        w, ids = mk.ops.topk_sigmoid(x, k, renorm, bias, 1e-20, num_groups=groups,
+                                     topk_groups=topk_groups)
+    check_routes(w, ids, t, k)
+    want_w, want_ids = reference.topk_sigmoid(x, k, renorm, bias, 1e-20, groups, topk_groups)
+    assert torch.equal(ids, want_ids)
+    torch.testing.assert_close(w, want_w, **WEIGHT_TOL)
+    if use_bias:
+        f_w, f_ids = nemotron_formula(x.cpu(), bias.cpu(), k, groups, topk_groups, renorm,
+                                      1e-20)
+        assert torch.equal(ids.cpu().long(), f_ids)
+        torch.testing.assert_close(w.cpu().double(), f_w, **WEIGHT_TOL)
+    else:   # the chosen experts all sit in the topk_groups groups of the best maxima
+        best = x.cpu().view(t, groups, per_group).amax(-1).topk(topk_groups, -1).indices
+        assert all(set((ids.cpu()[r] // per_group).tolist()) <= set(best[r].tolist())
+                   for r in range(t))
+
+
+def test_grouped_routing_errors(device):
+    x = torch.randn(2, 12, device=device)
+    with pytest.raises(ValueError, match="num_groups must be an int in"):
+        mk.ops.topk_sigmoid(x, 2, num_groups=5)
+    with pytest.raises(ValueError, match="topk_groups must be an int in"):
+        mk.ops.topk_sigmoid(x, 2, num_groups=4, topk_groups=5)
+    with pytest.raises(ValueError, match="topk .7. must be at most topk_groups"):
+        mk.ops.topk_sigmoid(x, 7, num_groups=4, topk_groups=2)

@@ -66,6 +66,9 @@ Covered (vLLM name -> minikernels op):
                  renormalize=False)                     ops.topk_softmax
     topk_sigmoid(topk_weights, topk_ids, token_expert_indices, gating_output,
                  renormalize=False, e_score_correction_bias=None)  ops.topk_sigmoid
+    grouped_topk(hidden_states, gating_output, topk, renormalize, num_expert_group=0,
+                 topk_group=0, scoring_func="softmax", routed_scaling_factor=1.0,
+                 e_score_correction_bias=None)          ops.topk_sigmoid (sigmoid scoring)
     causal_conv1d_fn(x, weight, bias, conv_states, query_start_loc, cache_indices=None,
                      has_initial_state=None, activation="silu", pad_slot_id=-1)
                                                         ops.causal_conv1d (vLLM's
@@ -136,7 +139,7 @@ every call (a legacy / test path, not a serving one).
 Not covered (not defined here; calling them is an AttributeError):
     cutlass_scaled_mm_azp, the fused norm/activation + quant ops
         (rms_norm_dynamic_per_token_quant, rms_norm_static_fp8_quant,
-        silu_and_mul_per_block_quant, ...), moe_sum, grouped_topk: no
+        silu_and_mul_per_block_quant, ...), moe_sum: no
         minikernels op computes them (they would be plain PyTorch, not a mapping).
     gptq_marlin_gemm / marlin / machete / allspark / ggml / fp4 / MLA attention /
         fp8_ds_mla caches / all-reduce / CPU ops: other weight formats (Marlin and
@@ -232,7 +235,7 @@ __all__ = [
     "reshape_and_cache", "reshape_and_cache_flash", "rms_norm", "rotary_embedding",
     "scaled_fp8_quant", "scaled_int8_quant", "selective_scan_fn", "selective_scan_fwd",
     "selective_state_update", "silu_and_mul", "swap_blocks", "swigluoai_and_mul",
-    "topk_sigmoid", "topk_softmax",
+    "grouped_topk", "topk_sigmoid", "topk_softmax",
 ]
 
 FP8 = torch.float8_e4m3fn
@@ -1115,6 +1118,36 @@ def topk_sigmoid(topk_weights: Tensor, topk_ids: Tensor, token_expert_indices: T
     weights, ids = ops.topk_sigmoid(gating_output, k, renormalize, e_score_correction_bias,
                                     indices_type=topk_ids.dtype)
     _write_routes(topk_weights, topk_ids, token_expert_indices, weights, ids)
+
+
+def grouped_topk(hidden_states: Tensor, gating_output: Tensor, topk: int, renormalize: bool,
+                 num_expert_group: int = 0, topk_group: int = 0,
+                 scoring_func: str = "softmax", routed_scaling_factor: float = 1.0,
+                 e_score_correction_bias: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """vLLM's group-limited routing (DeepSeek-V3, Nemotron 3) -> (topk_weights fp32 [T, k],
+    topk_ids int32 [T, k]): sigmoid scores (+ e_score_correction_bias, which only
+    chooses), the experts in num_expert_group groups of which the topk_group best stay
+    choosable (a group's score: its two best biased scores, or its best without a bias),
+    the top-k of those, weights the unbiased scores (renormalize: over their sum), times
+    routed_scaling_factor. ``ops.topk_sigmoid``; scoring_func "sigmoid" only (minikernels'
+    grouped router has no softmax scoring: a ValueError naming it)."""
+    if scoring_func != "sigmoid":
+        raise ValueError(f"scoring_func must be 'sigmoid' (minikernels' grouped router; "
+                         f"softmax group routing is not supported), got {scoring_func!r}")
+    check_tensor("hidden_states", hidden_states, min_ndim=1)
+    check_tensor("gating_output", gating_output, dtypes=FLOAT_DTYPES, ndim=2)
+    if hidden_states.shape[0] != gating_output.shape[0]:
+        raise ValueError(f"hidden_states has {hidden_states.shape[0]} tokens but "
+                         f"gating_output has {gating_output.shape[0]} rows")
+    groups = _check_int("num_expert_group", num_expert_group, 0) or 1
+    limit = _check_int("topk_group", topk_group, 0) or groups
+    scale = float(routed_scaling_factor)
+    if not math.isfinite(scale) or scale <= 0:
+        raise ValueError(f"routed_scaling_factor must be finite and > 0, got "
+                         f"{routed_scaling_factor!r}")
+    weights, ids = ops.topk_sigmoid(gating_output, topk, renormalize, e_score_correction_bias,
+                                    num_groups=groups, topk_groups=limit)
+    return (weights * scale if scale != 1.0 else weights), ids
 
 
 # ------------------------------------------------------- causal conv1d (Mamba / GDN)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from .. import ops
 from .config import DecoderConfig
 from .linear import FusedLinear
 from .moe import FusedExperts
@@ -45,22 +46,15 @@ class GroupSigmoidRouter(nn.Module):
             torch.zeros(c.num_experts, dtype=torch.float32, device=device), requires_grad=False)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """x [T, H] -> (weights fp32 [T, k], expert ids int32 [T, k])."""
-        scores = torch.sigmoid(x.float() @ self.weight.t())
-        choice = scores + self.e_score_correction_bias
-        t, e = choice.shape
-        if self.topk_groups < self.groups:
-            per_group = choice.view(t, self.groups, e // self.groups)
-            group_scores = per_group.topk(min(2, e // self.groups), dim=-1).values.sum(-1)
-            keep = torch.zeros_like(group_scores, dtype=torch.bool)
-            keep.scatter_(1, group_scores.topk(self.topk_groups, dim=-1).indices, True)
-            choice = choice.masked_fill(~keep.repeat_interleave(e // self.groups, dim=1),
-                                        float("-inf"))
-        ids = choice.topk(self.top_k, dim=-1).indices
-        weights = scores.gather(1, ids)
-        if self.norm_topk_prob:
-            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
-        return weights * self.scaling, ids.to(torch.int32)
+        """x [T, H] -> (weights fp32 [T, k], expert ids int32 [T, k]): ``ops.topk_sigmoid``
+        (one kernel): sigmoid scores chosen with the correction bias within the best
+        ``topk_groups`` of ``groups`` groups (a group's score: its two best biased scores),
+        renormalized (+ 1e-20) when norm_topk_prob, times the routed scaling."""
+        weights, ids = ops.topk_sigmoid(x.float() @ self.weight.t(), self.top_k,
+                                        self.norm_topk_prob, self.e_score_correction_bias,
+                                        renorm_eps=1e-20, num_groups=self.groups,
+                                        topk_groups=self.topk_groups)
+        return weights * self.scaling, ids
 
 
 class NemotronMoE(nn.Module):

@@ -1087,6 +1087,7 @@ def top_k_top_p_mask_logits(logits: Tensor, top_k: Tensor | None, top_p: Tensor 
 # ------------------------------------------------------------------- MoE router
 def topk_sigmoid(gating_output: Tensor, topk: int, renormalize: bool,
                  correction_bias: Tensor | None = None, renorm_eps: float = 0.0,
+                 num_groups: int = 1, topk_groups: int = 1,
                  indices_dtype: torch.dtype = torch.int32) -> tuple[Tensor, Tensor]:
     """The sigmoid top-k MoE router (vLLM's ``topk_sigmoid``; LFM2-MoE, DeepSeek-V3-style
     scoring without the groups).
@@ -1095,6 +1096,11 @@ def topk_sigmoid(gating_output: Tensor, topk: int, renormalize: bool,
         s      = sigmoid(logits in fp32)
         choice = s + correction_bias (fp32), or the logits themselves without a bias (the
                  same order as s, and exact)
+        groups (topk_groups < num_groups; DeepSeek-V3 / Nemotron 3, vLLM's grouped_topk):
+                 the E experts in num_groups equal groups; a group's score is the sum of
+                 its two largest choices with a bias (its one when it has one expert), its
+                 largest without; only the topk_groups best groups (ties: the lower
+                 group) stay choosable
         ids    = the topk largest choices, descending; ties: the lower expert id first
         w      = s[ids] (the bias only chooses);  renormalize: w / (sum(w) + renorm_eps)
     A row with a NaN or +inf logit routes to experts 0..topk-1 with weight 0 (as
@@ -1105,6 +1111,16 @@ def topk_sigmoid(gating_output: Tensor, topk: int, renormalize: bool,
     scores = torch.sigmoid(x)
     choice = x if correction_bias is None else scores + correction_bias.float()[None, :]
     choice = choice.masked_fill(bad[:, None], 0.0)
+    if topk_groups < num_groups:
+        t, e = choice.shape
+        per = choice.view(t, num_groups, e // num_groups)
+        group_scores = per.topk(min(2, per.shape[2]), dim=-1).values.sum(-1) \
+            if correction_bias is not None else per.amax(dim=-1)
+        best = torch.sort(group_scores, dim=1, descending=True, stable=True).indices
+        keep = torch.zeros_like(group_scores, dtype=torch.bool)
+        keep.scatter_(1, best[:, :topk_groups], True)
+        choice = choice.masked_fill(~keep.repeat_interleave(e // num_groups, dim=1),
+                                    -math.inf)
     ids = torch.sort(choice, dim=1, descending=True, stable=True).indices[:, :topk]
     weights = scores.gather(1, ids).masked_fill(bad[:, None], 0.0)
     if renormalize:

@@ -24,6 +24,8 @@ from . import _alloc, reference
 
 #: the most experts a row may have (the Triton kernel holds a row in registers)
 MAX_EXPERTS = 4096
+#: the most expert groups of group-limited routing (a loop per group in the kernel)
+MAX_GROUPS = 64
 _INDEX_DTYPES = (torch.int32, torch.int64)
 
 
@@ -51,24 +53,25 @@ def _(gating_output: Tensor, topk: int, renormalize: bool,
 
 @torch.library.custom_op("minikernels::topk_sigmoid", mutates_args=())
 def _topk_sigmoid(gating_output: Tensor, topk: int, renormalize: bool,
-                  correction_bias: Tensor | None, renorm_eps: float,
-                  indices_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+                  correction_bias: Tensor | None, renorm_eps: float, num_groups: int,
+                  topk_groups: int, indices_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     if _backend.resolve("topk_sigmoid", gating_output.device) == "triton":
         from .triton import router as triton_router
         shape = (gating_output.shape[0], topk)
         weights = _alloc.empty(shape, torch.float32, gating_output.device)
         ids = _alloc.empty(shape, indices_dtype, gating_output.device)
         triton_router.topk_sigmoid(weights, ids, gating_output, renormalize, correction_bias,
-                                   renorm_eps)
+                                   renorm_eps, num_groups, topk_groups)
         return weights, ids
     weights, ids = reference.topk_sigmoid(gating_output, topk, renormalize, correction_bias,
-                                          renorm_eps, indices_dtype)
+                                          renorm_eps, num_groups, topk_groups, indices_dtype)
     return weights.contiguous(), ids.contiguous()
 
 
 @_topk_sigmoid.register_fake
 def _(gating_output: Tensor, topk: int, renormalize: bool, correction_bias: Tensor | None,
-      renorm_eps: float, indices_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+      renorm_eps: float, num_groups: int, topk_groups: int,
+      indices_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     shape = (gating_output.shape[0], topk)
     return (torch.empty(shape, dtype=torch.float32, device=gating_output.device),
             torch.empty(shape, dtype=indices_dtype, device=gating_output.device))
@@ -118,14 +121,19 @@ def topk_softmax(gating_output: Tensor, topk: int, renormalize: bool = False,
 
 def topk_sigmoid(gating_output: Tensor, topk: int, renormalize: bool = False,
                  correction_bias: Tensor | None = None, renorm_eps: float = 0.0,
-                 indices_type: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
+                 indices_type: torch.dtype | None = None, num_groups: int = 1,
+                 topk_groups: int | None = None) -> tuple[Tensor, Tensor]:
     """Route each token to the ``topk`` experts of the largest sigmoid scores.
 
     gating_output [T, E] fp16/bf16/fp32 router logits (any strides; 1 <= E <= 4096);
     correction_bias: None or [E] (any float dtype, on the logits' device): added to the
     scores to choose the experts only (LFM2-MoE's ``expert_bias``, DeepSeek-V3's
     ``e_score_correction_bias``); renormalize: divide the k weights by their sum plus
-    ``renorm_eps`` (>= 0; LFM2-MoE uses 1e-6); indices_type as :func:`topk_softmax`.
+    ``renorm_eps`` (>= 0; LFM2-MoE uses 1e-6); indices_type as :func:`topk_softmax`;
+    num_groups / topk_groups: group-limited routing (DeepSeek-V3, Nemotron 3; vLLM's
+    grouped_topk with sigmoid scoring): the experts in num_groups equal groups, only the
+    topk_groups best groups choosable (a group's score: the sum of its two best choices
+    with a bias, its best without); topk_groups None = num_groups (no limit).
 
     Returns (topk_weights fp32 [T, topk], topk_ids [T, topk]), contiguous: the chosen
     experts' sigmoid scores (unbiased), largest choice first, ties to the lower expert id.
@@ -146,8 +154,22 @@ def topk_sigmoid(gating_output: Tensor, topk: int, renormalize: bool = False,
     if not isinstance(renorm_eps, (int, float)) or isinstance(renorm_eps, bool) or \
             not 0 <= renorm_eps < float("inf"):
         raise ValueError(f"renorm_eps must be a finite number >= 0, got {renorm_eps!r}")
+    experts = gating_output.shape[1]
+    if not isinstance(num_groups, int) or isinstance(num_groups, bool) or \
+            not 1 <= num_groups <= MAX_GROUPS or experts % num_groups:
+        raise ValueError(f"num_groups must be an int in [1, {MAX_GROUPS}] dividing the "
+                         f"{experts} experts, got {num_groups!r}")
+    topk_groups = num_groups if topk_groups is None else topk_groups
+    if not isinstance(topk_groups, int) or isinstance(topk_groups, bool) or \
+            not 1 <= topk_groups <= num_groups:
+        raise ValueError(f"topk_groups must be an int in [1, num_groups = {num_groups}], "
+                         f"got {topk_groups!r}")
+    if topk > topk_groups * (experts // num_groups):
+        raise ValueError(f"topk ({topk}) must be at most topk_groups x experts per group "
+                         f"({topk_groups} x {experts // num_groups})")
     return torch.ops.minikernels.topk_sigmoid(gating_output, topk, renormalize,
-                                              correction_bias, float(renorm_eps), ids_dtype)
+                                              correction_bias, float(renorm_eps), num_groups,
+                                              topk_groups, ids_dtype)
 
 
 def fused_topk(hidden_states: Tensor, gating_output: Tensor, topk: int, renormalize: bool,

@@ -100,14 +100,49 @@ def topk_softmax_kernel(logits_ptr, weights_ptr, ids_ptr, num_tokens, num_expert
 
 
 @triton.jit
+def _group_mask(choice, lanes, lane_ok, num_experts, num_groups, topk_groups,
+                HAS_BIAS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr,
+                G_PAD: tl.constexpr):
+    """Group-limited routing (DeepSeek-V3 / Nemotron 3): the E lanes form num_groups equal
+    groups; a group's score is the sum of its two largest choices with a bias (its only
+    one when a group has one lane), its largest without; the topk_groups best groups
+    (ties: the lower group) keep their lanes, the others' choices become -inf."""
+    gsize = num_experts // num_groups
+    grp = lanes // gsize
+    gcols = tl.arange(0, G_PAD)
+    gscore = tl.full([BLOCK_T, G_PAD], float("-inf"), tl.float32)
+    for g in range(num_groups):
+        v = tl.where(((grp == g) & lane_ok)[None, :], choice, float("-inf"))
+        m1 = tl.max(v, axis=1)
+        sc = m1
+        if HAS_BIAS:      # + the second largest (one occurrence of the max removed)
+            first = tl.min(tl.where(v == m1[:, None], lanes[None, :], BLOCK_E), axis=1)
+            m2 = tl.max(tl.where(lanes[None, :] == first[:, None], float("-inf"), v), axis=1)
+            sc = tl.where(m2 > float("-inf"), m1 + m2, m1)
+        gscore = tl.where(gcols[None, :] == g, sc[:, None], gscore)
+    gkey = _sort_keys(gscore, gcols, gcols < num_groups, G_PAD)
+    keep = tl.zeros([BLOCK_T, G_PAD], dtype=tl.int32)
+    for _ in range(topk_groups):
+        gkey, gbest, _unused = _pop_best(gkey, G_PAD)
+        keep = tl.where(gcols[None, :] == gbest[:, None], 1, keep)
+    lane_keep = tl.zeros([BLOCK_T, BLOCK_E], dtype=tl.int32)
+    for g in range(num_groups):
+        kept = tl.max(tl.where(gcols[None, :] == g, keep, 0), axis=1)       # [BLOCK_T]
+        lane_keep = tl.where((grp == g)[None, :], kept[:, None], lane_keep)
+    return tl.where(lane_keep > 0, choice, float("-inf"))
+
+
+@triton.jit
 def topk_sigmoid_kernel(logits_ptr, bias_ptr, weights_ptr, ids_ptr, num_tokens, num_experts,
-                        topk, stride_t, stride_e, renorm_eps, RENORMALIZE: tl.constexpr,
-                        HAS_BIAS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr,
-                        BLOCK_K: tl.constexpr):
+                        topk, stride_t, stride_e, renorm_eps, num_groups, topk_groups,
+                        RENORMALIZE: tl.constexpr, HAS_BIAS: tl.constexpr,
+                        GROUPED: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr,
+                        BLOCK_K: tl.constexpr, G_PAD: tl.constexpr):
     """The sigmoid router: s = sigmoid(x); the experts are chosen on x (monotone: exact)
-    or, with a correction bias, on s + bias, each weight the chosen expert's s (read back
-    from the row, the bias only chooses); renormalize: w / (sum w + renorm_eps). A row with
-    a NaN or +inf logit: experts 0..k-1, weight 0 (as topk_softmax_kernel)."""
+    or, with a correction bias, on s + bias (GROUPED: within the best groups, _group_mask),
+    each weight the chosen expert's s (read back from the row, the bias only chooses);
+    renormalize: w / (sum w + renorm_eps). A row with a NaN or +inf logit: experts 0..k-1,
+    weight 0 (as topk_softmax_kernel)."""
     rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     lanes = tl.arange(0, BLOCK_E)
     kcols = tl.arange(0, BLOCK_K)
@@ -125,6 +160,9 @@ def topk_sigmoid_kernel(logits_ptr, bias_ptr, weights_ptr, ids_ptr, num_tokens, 
         choice = tl.where(bad[:, None], 0.0, s + b[None, :])
     else:
         choice = x
+    if GROUPED:
+        choice = _group_mask(choice, lanes, lane_ok, num_experts, num_groups, topk_groups,
+                             HAS_BIAS, BLOCK_T, BLOCK_E, G_PAD)
     key = _sort_keys(choice, lanes, lane_ok, BLOCK_E)
     w_acc = tl.zeros([BLOCK_T, BLOCK_K], dtype=tl.float32)
     id_acc = tl.zeros([BLOCK_T, BLOCK_K], dtype=tl.int32)
@@ -159,6 +197,18 @@ def launch_config(num_experts: int, topk: int) -> dict[str, int]:
             "num_warps": warps}
 
 
+def sigmoid_launch_config(num_experts: int, topk: int) -> dict[str, int]:
+    """The sigmoid router's tiles: half topk_softmax's, 4 logits a thread (up to 8 rows of
+    1024 logits; one warp per 128 logits). At 8 a thread (topk_softmax's tiles) ptxas
+    gave the bias / group variants an 8-byte stack frame on sm_80 and sm_90a (E 128 and
+    256); at 4 none has one."""
+    block_e = triton.next_power_of_2(num_experts)
+    block_t = max(1, min(8, 1024 // block_e))
+    warps = max(1, min(8, block_t * block_e // 128))
+    return {"BLOCK_E": block_e, "BLOCK_T": block_t, "BLOCK_K": triton.next_power_of_2(topk),
+            "num_warps": warps}
+
+
 def topk_softmax(weights: torch.Tensor, ids: torch.Tensor, gating_output: torch.Tensor,
                  renormalize: bool) -> None:
     """gating_output [T, E] fp16/bf16/fp32 (any strides, E <= MAX_EXPERTS) -> weights fp32
@@ -178,21 +228,23 @@ def topk_softmax(weights: torch.Tensor, ids: torch.Tensor, gating_output: torch.
 
 def topk_sigmoid(weights: torch.Tensor, ids: torch.Tensor, gating_output: torch.Tensor,
                  renormalize: bool, correction_bias: torch.Tensor | None,
-                 renorm_eps: float) -> None:
+                 renorm_eps: float, num_groups: int = 1, topk_groups: int = 1) -> None:
     """gating_output [T, E] fp16/bf16/fp32 (any strides), correction_bias [E] contiguous or
-    None -> weights fp32 [T, k] and ids int32/int64 [T, k], contiguous, written in place."""
+    None, num_groups dividing E (grouped when topk_groups < num_groups) -> weights fp32
+    [T, k] and ids int32/int64 [T, k], contiguous, written in place."""
     num_tokens, num_experts = gating_output.shape
     if num_tokens == 0:
         return
-    cfg = launch_config(num_experts, weights.shape[1])
+    cfg = sigmoid_launch_config(num_experts, weights.shape[1])
     grid = (triton.cdiv(num_tokens, cfg["BLOCK_T"]),)
     has_bias = correction_bias is not None
     topk_sigmoid_kernel[grid](
         gating_output, correction_bias if has_bias else weights, weights, ids, num_tokens,
         num_experts, weights.shape[1], gating_output.stride(0), gating_output.stride(1),
-        float(renorm_eps), RENORMALIZE=renormalize, HAS_BIAS=has_bias,
-        BLOCK_T=cfg["BLOCK_T"], BLOCK_E=cfg["BLOCK_E"], BLOCK_K=cfg["BLOCK_K"],
-        num_warps=cfg["num_warps"])
+        float(renorm_eps), num_groups, topk_groups, RENORMALIZE=renormalize,
+        HAS_BIAS=has_bias, GROUPED=topk_groups < num_groups, BLOCK_T=cfg["BLOCK_T"],
+        BLOCK_E=cfg["BLOCK_E"], BLOCK_K=cfg["BLOCK_K"],
+        G_PAD=triton.next_power_of_2(num_groups), num_warps=cfg["num_warps"])
 
 
 # Mixtral (E 8, k 2), Qwen2-MoE (60 -> 64, k 4) / OLMoE (64, k 8), Qwen3-MoE (128, k 8),
@@ -219,23 +271,32 @@ for _dt in ("fp32", "fp16", "bf16"):
                             **({"stride_e": 1} if _unit else {})},
                 num_warps=_cfg["num_warps"], num_stages=1))
 
-# the sigmoid router: LFM2-MoE (E 32, k 4, bf16 bias), DeepSeek-V3-sized (256, k 8, fp32
-# bias), both renormalized; without a bias or renormalization (128, k 8)
+# the sigmoid router, each (bias, renormalize) pair: LFM2-MoE (E 32, k 4, bf16 bias,
+# renormalized), DeepSeek-V3-sized (256, k 8, fp32 bias, renormalized; and grouped: 8
+# groups, the best 4), Nemotron 3 (fp32 bias; 128, k 6 -> 8, not renormalized), no bias
+# (128, k 8; 64, k 4 renormalized, and grouped: 4 groups, the best 2)
 for _dt in ("fp32", "fp16", "bf16"):
-    for _e, _k, _bias in ((32, 4, "bf16"), (256, 8, "fp32"), (128, 8, None)):
-        _cfg = launch_config(_e, _k)
+    for _e, _k, _bias, _renorm, _groups in ((32, 4, "bf16", True, 1), (256, 8, "fp32", True, 1),
+                                            (256, 8, "fp32", True, 8),
+                                            (128, 6, "fp32", False, 1),
+                                            (128, 8, None, False, 1), (64, 4, None, True, 1),
+                                            (64, 4, None, True, 4)):
+        _cfg = sigmoid_launch_config(_e, _k)
+        _g = f",groups={_groups}" if _groups > 1 else ""
         register(KernelSpec(
             name=f"router_topk_sigmoid[{_dt},E={_cfg['BLOCK_E']},k={_cfg['BLOCK_K']},"
-                 f"bias={_bias},renorm={int(_bias is not None)}]",
+                 f"bias={_bias},renorm={int(_renorm)}{_g}]",
             fn=topk_sigmoid_kernel,
             signature={"logits_ptr": f"*{_dt}", "bias_ptr": f"*{_bias or 'fp32'}",
                        "weights_ptr": "*fp32", "ids_ptr": "*i32", "num_tokens": "i32",
                        "num_experts": "i32", "topk": "i32", "stride_t": "i64",
-                       "stride_e": "constexpr", "renorm_eps": "fp32",
-                       "RENORMALIZE": "constexpr", "HAS_BIAS": "constexpr",
-                       "BLOCK_T": "constexpr", "BLOCK_E": "constexpr", "BLOCK_K": "constexpr"},
-            constexprs={"stride_e": 1, "RENORMALIZE": _bias is not None,
-                        "HAS_BIAS": _bias is not None,
-                        "BLOCK_T": _cfg["BLOCK_T"], "BLOCK_E": _cfg["BLOCK_E"],
-                        "BLOCK_K": _cfg["BLOCK_K"]},
+                       "stride_e": "constexpr", "renorm_eps": "fp32", "num_groups": "i32",
+                       "topk_groups": "i32", "RENORMALIZE": "constexpr",
+                       "HAS_BIAS": "constexpr", "GROUPED": "constexpr",
+                       "BLOCK_T": "constexpr", "BLOCK_E": "constexpr", "BLOCK_K": "constexpr",
+                       "G_PAD": "constexpr"},
+            constexprs={"stride_e": 1, "RENORMALIZE": _renorm, "HAS_BIAS": _bias is not None,
+                        "GROUPED": _groups > 1, "BLOCK_T": _cfg["BLOCK_T"],
+                        "BLOCK_E": _cfg["BLOCK_E"], "BLOCK_K": _cfg["BLOCK_K"],
+                        "G_PAD": triton.next_power_of_2(_groups)},
             num_warps=_cfg["num_warps"], num_stages=1))
