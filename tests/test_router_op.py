@@ -44,18 +44,24 @@ def laid_out(x: torch.Tensor, layout: str) -> torch.Tensor:
     return view
 
 
+def greedy_ids(choice: list[float], topk: int) -> list[int]:
+    """k rounds of "the largest choice, lowest id first", in Python."""
+    left = list(range(len(choice)))
+    chosen = []
+    for _ in range(topk):
+        best = max(left, key=lambda i: (choice[i], -i))
+        chosen.append(best)
+        left.remove(best)
+    return chosen
+
+
 def argmax_loop(logits: torch.Tensor, topk: int, renormalize: bool) -> tuple[list, list]:
-    """Independent spec for finite rows: k rounds of "the largest logit, lowest id first"
-    in Python, weights from a float64 softmax."""
+    """Independent spec for finite rows: the greedy choice on the logits, weights from a
+    float64 softmax."""
     ids, weights = [], []
     for row in logits.double().tolist():
         p = torch.softmax(torch.tensor(row, dtype=torch.float64), 0).tolist()
-        left = list(range(len(row)))
-        chosen = []
-        for _ in range(topk):
-            best = max(left, key=lambda i: (row[i], -i))
-            chosen.append(best)
-            left.remove(best)
+        chosen = greedy_ids(row, topk)
         w = [p[i] for i in chosen]
         if renormalize:
             w = [v / sum(w) for v in w]
@@ -274,12 +280,7 @@ def sigmoid_loop(logits: torch.Tensor, topk: int, renormalize: bool, bias, eps: 
     for row in logits.double().tolist():
         s = torch.sigmoid(torch.tensor(row, dtype=torch.float64)).tolist()
         choice = row if b is None else [si + bi for si, bi in zip(s, b)]
-        left = list(range(len(row)))
-        chosen = []
-        for _ in range(topk):
-            best = max(left, key=lambda i: (choice[i], -i))
-            chosen.append(best)
-            left.remove(best)
+        chosen = greedy_ids(choice, topk)
         w = [s[i] for i in chosen]
         if renormalize:
             w = [v / (sum(w) + eps) for v in w]

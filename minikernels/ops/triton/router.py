@@ -31,6 +31,35 @@ _NO_KEY = tl.constexpr(-(2 ** 63))   # a lane already chosen, or padding: never 
 
 
 @triton.jit
+def _load_rows(logits_ptr, num_tokens, num_experts, stride_t, stride_e,
+               BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr):
+    """This program's [BLOCK_T, BLOCK_E] logits in fp32 (padding lanes -inf) -> (rows int64,
+    row_ok, lanes, lane_ok, x, nonfinite: a row with a NaN or +inf logit)."""
+    rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    lanes = tl.arange(0, BLOCK_E)
+    row_ok = rows < num_tokens
+    lane_ok = lanes < num_experts
+    rows64 = rows.to(tl.int64)
+    x = tl.load(logits_ptr + rows64[:, None] * stride_t + lanes.to(tl.int64)[None, :] * stride_e,
+                mask=row_ok[:, None] & lane_ok[None, :], other=float("-inf")).to(tl.float32)
+    nan_or_inf = (x != x) | (x == float("inf"))         # noqa: PLR0124 (x != x: NaN)
+    nonfinite = tl.max(nan_or_inf.to(tl.int32), axis=1) > 0
+    return rows64, row_ok, lanes, lane_ok, x, nonfinite
+
+
+@triton.jit
+def _store_routes(weights_ptr, ids_ptr, rows64, row_ok, topk, w_acc, id_acc,
+                  BLOCK_K: tl.constexpr):
+    """The [BLOCK_T, BLOCK_K] weights and ids into the contiguous [T, topk] outputs (ids
+    cast to the output's int32 / int64 by the store)."""
+    kcols = tl.arange(0, BLOCK_K)
+    out = rows64[:, None] * topk + kcols[None, :]
+    out_ok = row_ok[:, None] & (kcols[None, :] < topk)
+    tl.store(weights_ptr + out, w_acc, mask=out_ok)
+    tl.store(ids_ptr + out, id_acc, mask=out_ok)
+
+
+@triton.jit
 def _sort_keys(v, lanes, lane_ok, BLOCK_E: tl.constexpr):
     """fp32 [BLOCK_T, BLOCK_E] -> int64 keys: float order in the high word (negative floats'
     magnitude bits flipped), BLOCK_E - 1 - lane in the low word (ties: lowest lane first);
@@ -57,18 +86,11 @@ def _pop_best(key, BLOCK_E: tl.constexpr):
 def topk_softmax_kernel(logits_ptr, weights_ptr, ids_ptr, num_tokens, num_experts, topk,
                         stride_t, stride_e, RENORMALIZE: tl.constexpr, BLOCK_T: tl.constexpr,
                         BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr):
-    rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
-    lanes = tl.arange(0, BLOCK_E)
+    rows64, row_ok, lanes, lane_ok, x, nonfinite = _load_rows(
+        logits_ptr, num_tokens, num_experts, stride_t, stride_e, BLOCK_T, BLOCK_E)
     kcols = tl.arange(0, BLOCK_K)
-    row_ok = rows < num_tokens
-    lane_ok = lanes < num_experts
-    rows64 = rows.to(tl.int64)
-    x = tl.load(logits_ptr + rows64[:, None] * stride_t + lanes.to(tl.int64)[None, :] * stride_e,
-                mask=row_ok[:, None] & lane_ok[None, :], other=float("-inf")).to(tl.float32)
 
     # 1. softmax statistics; non-finite rows become all-equal logits with weight 0
-    nan_or_inf = (x != x) | (x == float("inf"))         # noqa: PLR0124 (x != x: NaN)
-    nonfinite = tl.max(nan_or_inf.to(tl.int32), axis=1) > 0
     x = tl.where(nonfinite[:, None], 0.0, x)           # no NaN reaches a max below
     m = tl.max(x, axis=1)
     bad = nonfinite | (m == float("-inf"))
@@ -89,14 +111,11 @@ def topk_softmax_kernel(logits_ptr, weights_ptr, ids_ptr, num_tokens, num_expert
         w_acc = tl.where(here, w[:, None], w_acc)
         id_acc = tl.where(here, expert[:, None], id_acc)
 
-    # 4. renormalize, store (ids cast to the output's int32 / int64 by the store)
+    # 4. renormalize, store
     if RENORMALIZE:
         total = tl.sum(w_acc, axis=1)                     # 0 only in non-finite rows
         w_acc = w_acc * (1.0 / tl.where(total > 0, total, 1.0))[:, None]
-    out = rows64[:, None] * topk + kcols[None, :]
-    out_ok = row_ok[:, None] & (kcols[None, :] < topk)
-    tl.store(weights_ptr + out, w_acc, mask=out_ok)
-    tl.store(ids_ptr + out, id_acc, mask=out_ok)
+    _store_routes(weights_ptr, ids_ptr, rows64, row_ok, topk, w_acc, id_acc, BLOCK_K)
 
 
 @triton.jit
@@ -143,16 +162,9 @@ def topk_sigmoid_kernel(logits_ptr, bias_ptr, weights_ptr, ids_ptr, num_tokens, 
     each weight the chosen expert's s (read back from the row, the bias only chooses);
     renormalize: w / (sum w + renorm_eps). A row with a NaN or +inf logit: experts 0..k-1,
     weight 0 (as topk_softmax_kernel)."""
-    rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
-    lanes = tl.arange(0, BLOCK_E)
+    rows64, row_ok, lanes, lane_ok, x, bad = _load_rows(
+        logits_ptr, num_tokens, num_experts, stride_t, stride_e, BLOCK_T, BLOCK_E)
     kcols = tl.arange(0, BLOCK_K)
-    row_ok = rows < num_tokens
-    lane_ok = lanes < num_experts
-    rows64 = rows.to(tl.int64)
-    x = tl.load(logits_ptr + rows64[:, None] * stride_t + lanes.to(tl.int64)[None, :] * stride_e,
-                mask=row_ok[:, None] & lane_ok[None, :], other=float("-inf")).to(tl.float32)
-    nan_or_inf = (x != x) | (x == float("inf"))         # noqa: PLR0124 (x != x: NaN)
-    bad = tl.max(nan_or_inf.to(tl.int32), axis=1) > 0
     x = tl.where(bad[:, None] | (x == 0.0), 0.0, x)     # equal keys in bad rows; -0 -> +0
     s = 1.0 / (1.0 + tl.exp(-x))
     if HAS_BIAS:
@@ -179,10 +191,7 @@ def topk_sigmoid_kernel(logits_ptr, bias_ptr, weights_ptr, ids_ptr, num_tokens, 
     if RENORMALIZE:
         total = tl.sum(w_acc, axis=1) + renorm_eps
         w_acc = w_acc * (1.0 / tl.where(total > 0, total, 1.0))[:, None]
-    out = rows64[:, None] * topk + kcols[None, :]
-    out_ok = row_ok[:, None] & (kcols[None, :] < topk)
-    tl.store(weights_ptr + out, w_acc, mask=out_ok)
-    tl.store(ids_ptr + out, id_acc, mask=out_ok)
+    _store_routes(weights_ptr, ids_ptr, rows64, row_ok, topk, w_acc, id_acc, BLOCK_K)
 
 
 def launch_config(num_experts: int, topk: int) -> dict[str, int]:
