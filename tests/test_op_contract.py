@@ -35,6 +35,8 @@ def _samples(device: str):
     return {
         "rms_norm": (x, w, 1e-6, 1.0),
         "fused_add_rms_norm": (x, torch.randn_like(x), w, 1e-6, 1.0),
+        "rms_norm_quant": (x, w, torch.randn_like(x), 1e-6, 0.0, torch.int8, None, 16, None,
+                           0.0, False),
         "layer_norm": (x, w, torch.randn(64, device=device), 1e-5),
         "fused_add_layer_norm": (x, torch.randn_like(x), w, None, 1e-5),
         "silu_and_mul": (x,),

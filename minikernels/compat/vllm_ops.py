@@ -59,6 +59,16 @@ Covered (vLLM name -> minikernels op):
                      use_per_token_if_dynamic=False, output=None, group_shape=None)
                                                         plain PyTorch (no minikernels op
                                                         has these scale rules)
+    static_scaled_fp8_quant(out, input, scale, group_shape=None),
+    dynamic_scaled_fp8_quant(out, input, scale), dynamic_per_token_scaled_fp8_quant(out,
+        input, scales, scale_ub=None)                  the same (torch.ops._C forms)
+    rms_norm_static_fp8_quant(out, input, weight, scale, epsilon),
+    fused_add_rms_norm_static_fp8_quant(out, input, residual, weight, scale, epsilon),
+    rms_norm_dynamic_per_token_quant(input, weight, epsilon, quant_dtype, scale_ub=None,
+        residual=None), rms_norm_per_block_quant(input, weight, epsilon, quant_dtype,
+        group_size, scale_ub=None, residual=None, is_scale_transposed=False,
+        tma_alignment=0)                               ops.rms_norm_quant (one fused
+                                                        kernel; int8 / fp8; section below)
     moe_align_block_size(topk_ids, num_experts, block_size, sorted_token_ids,
                          experts_ids, num_tokens_post_pad, expert_map=None)
                                                         ops.moe_align_block_size
@@ -137,10 +147,9 @@ paged_attention_v1 / v2 copy the blocks the block table names into minikernels' 
 every call (a legacy / test path, not a serving one).
 
 Not covered (not defined here; calling them is an AttributeError):
-    cutlass_scaled_mm_azp, the fused norm/activation + quant ops
-        (rms_norm_dynamic_per_token_quant, rms_norm_static_fp8_quant,
-        silu_and_mul_per_block_quant, ...), moe_sum: no
-        minikernels op computes them (they would be plain PyTorch, not a mapping).
+    cutlass_scaled_mm_azp, the fused activation + quant ops (silu_and_mul_quant,
+        silu_and_mul_per_block_quant, ...), moe_sum: no minikernels op computes them
+        (they would be plain PyTorch, not a mapping).
     gptq_marlin_gemm / marlin / machete / allspark / ggml / fp4 / MLA attention /
         fp8_ds_mla caches / all-reduce / CPU ops: other weight formats (Marlin and
         Machete tiles, GGUF blocks, fp4) or features minikernels does not have; a repack
@@ -233,7 +242,10 @@ __all__ = [
     "merge_attn_states",
     "moe_align_block_size", "mul_and_silu", "paged_attention_v1", "paged_attention_v2",
     "reshape_and_cache", "reshape_and_cache_flash", "rms_norm", "rotary_embedding",
-    "scaled_fp8_quant", "scaled_int8_quant", "selective_scan_fn", "selective_scan_fwd",
+    "rms_norm_dynamic_per_token_quant", "rms_norm_per_block_quant",
+    "rms_norm_static_fp8_quant", "fused_add_rms_norm_static_fp8_quant",
+    "static_scaled_fp8_quant", "dynamic_scaled_fp8_quant",
+    "dynamic_per_token_scaled_fp8_quant", "scaled_fp8_quant", "scaled_int8_quant", "selective_scan_fn", "selective_scan_fwd",
     "selective_state_update", "silu_and_mul", "swap_blocks", "swigluoai_and_mul",
     "grouped_topk", "topk_sigmoid", "topk_softmax",
 ]
@@ -1016,6 +1028,148 @@ def scaled_fp8_quant(input: Tensor, scale: Tensor | None = None,
     s = (amax / FP8_E4M3_MAX).reshape(1)
     output[:m].copy_(_fp8_mul(xf, _reciprocal(s)))
     return output, s
+
+
+
+def static_scaled_fp8_quant(out: Tensor, input: Tensor, scale: Tensor,
+                            group_shape: tuple[int, int] | None = None) -> None:
+    """``torch.ops._C.static_scaled_fp8_quant``: out = fp8(clamp(input * (1 / scale)))
+    (:func:`scaled_fp8_quant` with a static scale, written into out)."""
+    check_tensor("scale", scale, dtypes=(torch.float32,))
+    scaled_fp8_quant(input, scale, output=out, group_shape=group_shape)
+
+
+def dynamic_scaled_fp8_quant(out: Tensor, input: Tensor, scale: Tensor) -> None:
+    """``torch.ops._C.dynamic_scaled_fp8_quant``: one scale for the whole tensor
+    (max |input| / 448), written into scale (float32, 1 element), the values into out."""
+    check_tensor("scale", scale, dtypes=(torch.float32,), device=input.device)
+    if scale.numel() != 1:
+        raise ValueError(f"scale must have 1 element, got shape {list(scale.shape)}")
+    _, s = scaled_fp8_quant(input, output=out)
+    scale.copy_(s.reshape(scale.shape))
+
+
+def dynamic_per_token_scaled_fp8_quant(out: Tensor, input: Tensor, scales: Tensor,
+                                       scale_ub: Tensor | None = None) -> None:
+    """``torch.ops._C.dynamic_per_token_scaled_fp8_quant``: one scale per row of input
+    [M, N] into scales (float32, M elements), the values into out."""
+    check_tensor("scales", scales, dtypes=(torch.float32,), device=input.device)
+    m = input.shape[0] if input.dim() else 0
+    if scales.numel() != m:
+        raise ValueError(f"scales must have {m} elements (one per row), got shape "
+                         f"{list(scales.shape)}")
+    _, s = scaled_fp8_quant(input, scale_ub=scale_ub, use_per_token_if_dynamic=True,
+                            output=out)
+    scales.copy_(s.reshape(scales.shape))
+
+
+# ------------------------------------------------------------- fused RMSNorm + quant
+# vLLM's fused kernels: the dynamic ones (rms_norm_dynamic_per_token_quant,
+# rms_norm_per_block_quant) reproduce vLLM's arithmetic (ops.rms_norm_quant with
+# vllm_rounding: the normalized value rounded to the dtype before the weight product, the
+# norm of a residual sum taken in fp32, scales floored at vLLM's minimum); the static fp8
+# ones equal this module's rms_norm / fused_add_rms_norm followed by
+# static_scaled_fp8_quant bit for bit on the CPU (vLLM's test compares exactly those).
+
+_NORM_QUANT_DTYPES = (torch.int8, FP8)
+_INT8_MIN_SCALE = float(torch.finfo(torch.float32).eps)    # vLLM's int8 scale floor
+
+
+def _static_norm_quant_args(out: Tensor, input: Tensor, weight: Tensor, scale: Tensor,
+                            epsilon: float) -> tuple[Tensor, float]:
+    weight, eps = _norm_args(input, weight, epsilon, required=True)
+    _check_out("out", out, input, dtype=FP8)
+    check_tensor("scale", scale, dtypes=(torch.float32,), device=input.device)
+    if scale.numel() != 1:
+        raise ValueError(f"scale must have 1 element (per tensor), got shape "
+                         f"{list(scale.shape)}")
+    return weight, eps
+
+
+def rms_norm_static_fp8_quant(out: Tensor, input: Tensor, weight: Tensor, scale: Tensor,
+                              epsilon: float) -> None:
+    """``torch.ops._C.rms_norm_static_fp8_quant``: out = fp8(clamp(rms_norm(input, weight)
+    * (1 / scale), +-448)). input [..., H] fp16/bf16/fp32 (any strides); weight [H]; scale
+    float32, 1 element; out float8_e4m3fn like input (any strides)."""
+    weight, eps = _static_norm_quant_args(out, input, weight, scale, epsilon)
+    q, _ = ops.rms_norm_quant(input, weight, eps, FP8, scale=scale)
+    out.copy_(q)
+
+
+def fused_add_rms_norm_static_fp8_quant(out: Tensor, input: Tensor, residual: Tensor,
+                                        weight: Tensor, scale: Tensor,
+                                        epsilon: float) -> None:
+    """``torch.ops._C.fused_add_rms_norm_static_fp8_quant``: residual <- input + residual
+    (rounded to the dtype), out = fp8(clamp(rms_norm(residual) * (1 / scale))); input is
+    not written. Layouts as :func:`rms_norm_static_fp8_quant`; residual like input."""
+    weight, eps = _static_norm_quant_args(out, input, weight, scale, epsilon)
+    _check_out("residual", residual, input)
+    q, _, h = ops.rms_norm_quant(input, weight, eps, FP8, residual=residual, scale=scale)
+    residual.copy_(h)
+    out.copy_(q)
+
+
+def _dynamic_norm_quant(input: Tensor, weight: Tensor, epsilon: float,
+                        quant_dtype: torch.dtype, group: int, scale_ub: Tensor | None,
+                        residual: Tensor | None) -> tuple[Tensor, Tensor]:
+    weight, eps = _norm_args(input, weight, epsilon, required=True)
+    if quant_dtype not in _NORM_QUANT_DTYPES:
+        raise TypeError(f"quant_dtype must be torch.int8 or torch.float8_e4m3fn, got "
+                        f"{quant_dtype}")
+    if scale_ub is not None and quant_dtype != FP8:
+        raise ValueError("scale_ub is only supported with quant_dtype float8_e4m3fn "
+                         "(as in vLLM)")
+    if residual is not None:
+        _check_out("residual", residual, input)
+    out = ops.rms_norm_quant(
+        input, weight, eps, quant_dtype, residual=residual, group_size=group,
+        scale_ub=scale_ub, vllm_rounding=True,
+        min_scale=_INT8_MIN_SCALE if quant_dtype == torch.int8 else FP8_MIN_SCALE)
+    if residual is not None:
+        residual.copy_(out[2])
+    return out[0], out[1]
+
+
+def rms_norm_dynamic_per_token_quant(input: Tensor, weight: Tensor, epsilon: float,
+                                     quant_dtype: torch.dtype,
+                                     scale_ub: Tensor | None = None,
+                                     residual: Tensor | None = None
+                                     ) -> tuple[Tensor, Tensor]:
+    """vLLM's ``rms_norm_dynamic_per_token_quant``: (out, scales) with out = the RMSNorm of
+    input (+ residual, which is updated in place to the sum) quantized to quant_dtype
+    (int8 / float8_e4m3fn) with one scale per token, scales float32 [tokens, 1]:
+    s = max(min(max |y|, scale_ub) / qmax, floor) (floor 1 / (448 * 512) for fp8, FLT_EPSILON
+    for int8; scale_ub float32, 1 element, fp8 only). input [..., H] any strides."""
+    q, s = _dynamic_norm_quant(input, weight, epsilon, quant_dtype, 0, scale_ub, residual)
+    return q, s.reshape(-1, 1)
+
+
+def rms_norm_per_block_quant(input: Tensor, weight: Tensor, epsilon: float,
+                             quant_dtype: torch.dtype, group_size: list[int],
+                             scale_ub: Tensor | None = None,
+                             residual: Tensor | None = None,
+                             is_scale_transposed: bool = False,
+                             tma_alignment: int | bool = 0) -> tuple[Tensor, Tensor]:
+    """vLLM's ``rms_norm_per_block_quant``: as :func:`rms_norm_dynamic_per_token_quant`
+    with one scale per token and group_size[1] columns (group_size = [1, g]; g any
+    divisor of H, vLLM's kernel takes 64 / 128). Scales [tokens, H / g] float32:
+    row-major; with is_scale_transposed column-major (scales.t() contiguous), its token
+    stride padded to a multiple of tma_alignment when given (4: vLLM's TMA-aligned
+    layout; True means 4, the older has_tma_aligned_scales flag)."""
+    if not isinstance(group_size, (list, tuple)) or len(group_size) != 2:
+        raise ValueError(f"group_size must be a list of two ints [1, g], got {group_size!r}")
+    g = _check_int("group_size[1]", group_size[1], 1)
+    _check_bool("is_scale_transposed", is_scale_transposed)
+    align = 4 if tma_alignment is True else _check_int("tma_alignment", int(tma_alignment), 0)
+    q, s = _dynamic_norm_quant(input, weight, epsilon, quant_dtype, g, scale_ub, residual)
+    m, groups = s.numel() // max(s.shape[-1], 1), s.shape[-1]
+    s = s.reshape(m, groups)
+    if not is_scale_transposed:
+        return q, s
+    mpad = -(-m // align) * align if align else m
+    out = torch.empty((groups, mpad), dtype=torch.float32, device=s.device)[:, :m].t()
+    out.copy_(s)
+    return q, out
 
 
 # -------------------------------------------------------------------------------- MoE

@@ -39,6 +39,7 @@ from .moe import (
     moe_align_block_size,
 )
 from .norm import gemma_rms_norm, layer_norm, rms_norm
+from .norm_quant import rms_norm_quant
 from .rejection_sampler import rejection_sample
 from .rotary import build_rope_cache, rotary_embedding
 from .router import fused_topk, topk_sigmoid, topk_softmax
@@ -81,6 +82,7 @@ __all__ = [
     "reference",
     "rejection_sample",
     "rms_norm",
+    "rms_norm_quant",
     "rotary_embedding",
     "scaled_int8_quant",
     "scaled_mm",

@@ -54,6 +54,72 @@ def fused_add_rms_norm(x: Tensor, residual: Tensor, weight: Tensor,
     return rms_norm(h, weight, eps, weight_offset), h
 
 
+def rms_norm_quant(x: Tensor, weight: Tensor, residual: Tensor | None, eps: float,
+                   weight_offset: float, quant_dtype: torch.dtype, scale: Tensor | None,
+                   group_size: int, scale_ub: Tensor | None, min_scale: float,
+                   vllm_rounding: bool = False) -> tuple[Tensor, Tensor, Tensor | None]:
+    """RMSNorm (optionally after a residual add) fused with int8 / fp8 quantization.
+
+    x [T, H] fp16/bf16/fp32; weight [H]; residual like x or None. fp32 math:
+        h = x + residual, rounded to x.dtype (the new residual, returned)
+        y = rms_norm(h): h * rsqrt(mean(h^2) + eps) * (weight + weight_offset), rounded
+            to x.dtype once (bit for bit :func:`rms_norm`'s output)
+        vllm_rounding (vLLM's fused-quant CUDA kernels): y = round(round_x(h * rsqrt) *
+            (weight + weight_offset)), the product rounded to promote(x.dtype,
+            weight.dtype); with a dynamic scale the norm reads the unrounded fp32 sum
+            x + residual (vLLM's rms_norm_dynamic_per_token_quant), with a static one the
+            rounded h (vLLM's fused_add_rms_norm_static_fp8_quant).
+    Quantization of y (qmax 127 for int8, 448 for float8_e4m3fn):
+        static (scale: fp32, one element): fp8 q = fp8(clamp(y * (1 / scale))); int8
+            q = clamp(round(y / scale), -128, 127) (round half to even); no scales
+            returned (an empty tensor).
+        dynamic (group_size 0: one scale per row; else per row and group of group_size
+            consecutive columns): a = max |y| over the group (min(a, scale_ub) when
+            given); s = max(a / qmax, min_scale); q = fp8(clamp(y / s, +-448)) or
+            clamp(round(y / s), -128, 127). Scales [T, H / group_size] (or [T, 1]) fp32.
+    A zero scale quantizes to 0. Divisions are IEEE. Returns (q [T, H] quant_dtype,
+    scales, h or None).
+    """
+    t, n = x.shape
+    xf = x.float()
+    h = None
+    if residual is not None:
+        total = xf + residual.float()
+        h = total.to(x.dtype)
+        xf = total if vllm_rounding and scale is None else h.float()
+    inv = torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + eps) if n else xf.new_zeros(t, 1)
+    w = weight.float() + weight_offset
+    if vllm_rounding:
+        y = (xf * inv).to(x.dtype).float() * w
+        y = y.to(torch.promote_types(x.dtype, weight.dtype)).float()
+    else:
+        y = (xf * inv * w).to(x.dtype).float()
+    int8 = quant_dtype == torch.int8
+    qmax = 127.0 if int8 else FP8_E4M3_MAX
+
+    def quantize(v: Tensor) -> Tensor:
+        if int8:
+            return torch.round(v).clamp(-128, 127).to(torch.int8)
+        return v.clamp(-qmax, qmax).to(torch.float8_e4m3fn)
+
+    if scale is not None:
+        s = scale.float().reshape(1, 1)
+        if int8:
+            v = _int8_div(y, s)
+        else:
+            v = y * torch.where(s == 0, torch.zeros_like(s), 1.0 / torch.where(s == 0, 1.0, s))
+        return quantize(v), y.new_empty(0), h
+    g = group_size or n
+    groups = n // g if g else 1
+    yg = y.reshape(t, groups, g if g else 0)
+    amax = yg.abs().amax(dim=-1) if g else y.new_zeros(t, groups)
+    if scale_ub is not None:
+        amax = torch.minimum(amax, scale_ub.float().reshape(()))
+    s = (amax / qmax).clamp_min(min_scale)
+    q = quantize(_int8_div(yg, s[..., None]))
+    return q.reshape(t, n), s, h
+
+
 def layer_norm(x: Tensor, weight: Tensor, bias: Tensor | None, eps: float) -> Tensor:
     """y = (x - mean(x)) / sqrt(var(x) + eps) * weight + bias over the last dim (biased
     variance, as ``nn.LayerNorm``). x [..., H], weight / bias [H] (bias may be None);
