@@ -921,6 +921,27 @@ class DecoderLayer(nn.Module):
         self.layer_scalar = nn.Parameter(torch.ones(1, dtype=dtype, device=device),
                                          requires_grad=False) if c.layer_scalars else None
 
+    def norm_consumers(self) -> list[tuple[RMSNorm, FusedLinear]]:
+        """The (RMSNorm, linear) pairs of this layer where that linear is the only reader
+        of the norm's output, so the norm may hand it a quantized activation: the
+        pre-attention norm and the attention's qkv projection (an attention reading its
+        input nowhere else: no Gemma 4 K / V sharing, no LFM3 head gate), the MLP's norm
+        and a dense MLP's gate / up projection. Post-norm, parallel and Zamba layers have
+        none."""
+        if self.zamba or self.post_norm or self.parallel_residual:
+            return []
+        pairs = []
+        attn = self.self_attn
+        if attn is not None and self.mixer is attn and attn.kv_source is None and \
+                not attn.k_eq_v and attn.g_proj is None:
+            pairs.append((self.input_layernorm, attn.qkv_proj))
+        mlp_norm = self.input_layernorm if self.mixer is None else \
+            self.pre_feedforward_layernorm if self.pre_feedforward_layernorm is not None \
+            else self.post_attention_layernorm
+        if type(self.mlp) is MLP:
+            pairs.append((mlp_norm, self.mlp.gate_up_proj))
+        return [(n, lin) for n, lin in pairs if isinstance(n, RMSNorm)]
+
     def _parallel_mix(self, x: Tensor, meta: AttentionMetadata, cache: tuple | None) -> Tensor:
         """Falcon-H1's token mixer: Mamba-2 and attention on the same normed input, their
         outputs scaled and summed. cache: (k_cache, v_cache, conv_state, ssm_state)."""
@@ -998,6 +1019,23 @@ class DecoderLayer(nn.Module):
         if self.per_layer_input_gate is None and self.layer_scalar is None:
             return y, residual
         return self._stream_tail(y + residual, per_layer_input), None
+
+
+def fuse_norm_quant(model: nn.Module, enabled: bool = True) -> int:
+    """Let each decoder layer's RMSNorm quantize its output for the W8A8 linear that alone
+    reads it (``DecoderLayer.norm_consumers``; ``FusedLinear.input_quantization``): one
+    ``ops.rms_norm_quant`` launch instead of the norm and the linear's own quantizer, with
+    the same values. ``enabled=False`` undoes it. Returns how many norms now quantize.
+    ``load_model`` runs it for int8 and fp8 W8A8 models."""
+    n = 0
+    for layer in getattr(model, "layers", ()):
+        if not isinstance(layer, DecoderLayer):
+            continue
+        for norm, linear in layer.norm_consumers():
+            quant = linear.input_quantization() if enabled else None
+            norm.quantize_for(*((linear, *quant) if quant is not None else (None,)))
+            n += quant is not None
+    return n
 
 
 class CausalLM(nn.Module):

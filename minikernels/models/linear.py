@@ -52,6 +52,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import ops
+from ..nn.layers import QuantizedActivation
 from ..nn.quantize import pick_group_size  # noqa: F401 - also this module's public name
 
 logger = logging.getLogger("minikernels")
@@ -186,9 +187,21 @@ class Fp8Part(_WeightRowsPart):
         bk = min(bk, k)
         return bk % 16 == 0 and k % bk == 0
 
-    def forward(self, x: Tensor) -> Tensor:
+    @property
+    def input_group(self) -> int | None:
+        """The K columns per activation scale when this part runs W8A8, else None."""
         if self.activations == "dynamic" and self.supports_w8a8:
-            bn, bk = self.block_size[0], min(self.block_size[1], self.in_features)
+            return min(self.block_size[1], self.in_features)
+        return None
+
+    def forward(self, x: Tensor | QuantizedActivation) -> Tensor:
+        """x [..., K] in the activation dtype, or already quantized per token and
+        ``input_group`` columns (a :class:`QuantizedActivation` from the norm before)."""
+        bn, bk = self.block_size[0], self.input_group
+        if isinstance(x, QuantizedActivation):
+            return ops.w8a8_block_fp8_matmul(x.q, self.weight, x.scales, self.scale,
+                                             [bn, bk], output_dtype=x.dtype)
+        if bk is not None:
             xq, xs = ops.per_token_group_quant_fp8(x, bk)
             return ops.w8a8_block_fp8_matmul(xq, self.weight, xs, self.scale, [bn, bk],
                                              output_dtype=x.dtype)
@@ -217,10 +230,15 @@ class Int8Part(_WeightRowsPart):
         self.register_buffer("weight", weight.contiguous())
         self.register_buffer("scale", scale.float().reshape(-1).contiguous())
 
-    def forward(self, x: Tensor) -> Tensor:
-        x_q, x_s, _ = ops.scaled_int8_quant(x)
-        y = ops.scaled_mm(x_q.reshape(-1, self.in_features), self.weight.t(), x_s,
-                          self.scale, x.dtype)
+    def forward(self, x: Tensor | QuantizedActivation) -> Tensor:
+        """x [..., K] in the activation dtype, or already quantized per token (a
+        :class:`QuantizedActivation` from the norm before)."""
+        if isinstance(x, QuantizedActivation):
+            x_q, x_s = x.q, x.scales
+        else:
+            x_q, x_s, _ = ops.scaled_int8_quant(x)
+        y = ops.scaled_mm(x_q.reshape(-1, self.in_features), self.weight.t(),
+                          x_s.reshape(-1, 1), self.scale, x.dtype)
         return y.view(*x.shape[:-1], self.out_features)
 
     def dequantize(self) -> Tensor:
@@ -637,8 +655,25 @@ class FusedLinear(nn.Module):
         self.quantize_int8_shard_(None, w)
         return True
 
+    def input_quantization(self) -> tuple[torch.dtype, int | None] | None:
+        """How every part of this linear quantizes its input, when they all agree:
+        (torch.int8, None) for INT8 W8A8 (per token), (float8_e4m3fn, K block) for fp8
+        W8A8; None for dense, weight-only, mixed or incomplete layers. A norm whose output
+        only this linear reads can then quantize it itself (``RMSNorm.quantize_for``)."""
+        if self.weight is not None or self._pending:
+            return None
+        parts = list(self._quantized_parts())
+        if parts and all(isinstance(p, Int8Part) for p in parts):
+            return torch.int8, None
+        groups = {p.input_group if isinstance(p, Fp8Part) else None for p in parts}
+        if len(groups) == 1 and None not in groups:
+            return torch.float8_e4m3fn, groups.pop()
+        return None
+
     # ------------------------------------------------------------------ forward
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor | QuantizedActivation) -> Tensor:
+        """x [..., in_features]; a :class:`QuantizedActivation` only where
+        :meth:`input_quantization` says so (its norm made it)."""
         y = self._base_forward(x)
         lora = self.__dict__.get("lora")     # LoRA slots (minikernels.models.lora)
         return y if lora is None else lora.add(x, y)

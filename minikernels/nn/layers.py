@@ -1,5 +1,5 @@
 """Drop-in nn.Modules over minikernels ops: RMSNorm, LayerNorm, RotaryEmbedding,
-PagedAttention.
+PagedAttention (and QuantizedActivation, what an RMSNorm hands a W8A8 linear).
 
 Each module is a thin shell: its parameters/buffers, and one call into ``minikernels.ops``.
 They are what :mod:`minikernels.models` builds its decoder from, and can be dropped into
@@ -9,13 +9,31 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import ops
+
+
+class QuantizedActivation(NamedTuple):
+    """A normed activation already quantized for the W8A8 linear it feeds (what
+    :class:`RMSNorm` returns once :meth:`RMSNorm.quantize_for` names that linear).
+
+    q [..., K] int8 or float8_e4m3fn; scales fp32 [..., 1] (one per token) or
+    [..., K / group_size] (per token and group); dtype: the activation's own dtype (the
+    linear's output dtype). ``shape`` is q's, so code reading x.shape still works.
+    """
+
+    q: Tensor
+    scales: Tensor
+    dtype: torch.dtype
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.q.shape
 
 
 class RMSNorm(nn.Module):
@@ -43,8 +61,26 @@ class RMSNorm(nn.Module):
         else:
             self.register_buffer("weight", weight, persistent=False)
 
+    def quantize_for(self, consumer: nn.Module | None, quant_dtype: torch.dtype | None = None,
+                     group_size: int | None = None) -> None:
+        """Hand ``consumer`` (the one module that reads this norm's output: a W8A8 linear)
+        the output already quantized: forward then returns a :class:`QuantizedActivation`
+        from one ``ops.rms_norm_quant`` launch (int8 per token, or fp8 per token and
+        ``group_size`` columns), equal to what the linear's own quantizer would make of
+        this norm's output. While the consumer carries LoRA adapters (they read the 16-bit
+        input) the plain output is returned. None undoes it. Kept out of the module tree
+        (no state_dict entry)."""
+        self.__dict__["_quantize_for"] = None if consumer is None else \
+            (consumer, quant_dtype, group_size)
+
     def forward(self, x: Tensor, residual: Tensor | None = None
-                ) -> Tensor | tuple[Tensor, Tensor]:
+                ) -> Tensor | QuantizedActivation | tuple[Tensor | QuantizedActivation, Tensor]:
+        target = self.__dict__.get("_quantize_for")
+        if target is not None and "lora" not in target[0].__dict__:
+            out = ops.rms_norm_quant(x, self.weight, self.eps, target[1], residual=residual,
+                                     group_size=target[2], weight_offset=self.weight_offset)
+            qa = QuantizedActivation(out[0], out[1], x.dtype)
+            return qa if residual is None else (qa, out[2])
         return ops.rms_norm(x, self.weight, self.eps, residual=residual,
                             weight_offset=self.weight_offset)
 

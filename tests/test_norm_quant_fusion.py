@@ -1,0 +1,98 @@
+"""W8A8 models: each decoder layer's RMSNorm quantizes its output for the one linear that
+reads it (ops.rms_norm_quant; models.decoder.fuse_norm_quant). The fused forward equals
+the unfused one bit for bit on the reference backend and within the kernels' rounding on
+the Triton kernels; the linears' own quantizers no longer run for those inputs; layers
+whose norm output has other readers, LoRA and non-W8A8 models stay unfused."""
+from __future__ import annotations
+
+from unittest import mock
+
+import pytest
+import torch
+from test_model_support import rel_err
+
+import minikernels as mk
+from minikernels.models import AttentionMetadata, load_model
+from minikernels.models.decoder import fuse_norm_quant
+from minikernels.models.moe import SparseMoE
+from minikernels.nn.layers import QuantizedActivation
+
+
+def _forward(m, backend="reference"):
+    ids = torch.arange(1, 20)
+    with mk.use_backend(backend):
+        return m(ids, AttentionMetadata.for_prompts([12, 7]), None)
+
+
+def _fused_norms(m):
+    return [n for n in m.modules() if n.__dict__.get("_quantize_for") is not None]
+
+
+@pytest.mark.parametrize("quantization", ["int8", "fp8_w8a8"])
+def test_fused_forward_equals_unfused(quantization):
+    m = load_model("tiny", dtype="bfloat16", device="cpu", quantization=quantization)
+    layers = len(m.layers)
+    assert len(_fused_norms(m)) == 2 * layers       # qkv and gate_up inputs, every layer
+    fused = _forward(m)
+    assert fuse_norm_quant(m, enabled=False) == 0 and not _fused_norms(m)
+    plain = _forward(m)
+    assert torch.equal(fused, plain)
+    assert fuse_norm_quant(m) == 2 * layers
+    with mk.use_backend("triton"):
+        got = _forward(m, "triton")
+    assert rel_err(got.float(), plain.float()) < 2e-2
+
+
+def test_linears_take_the_quantized_activation():
+    """With fusion the qkv / gate_up linears quantize nothing themselves: the int8
+    quantizer runs only for o_proj and down_proj inputs (2 per layer, not 4)."""
+    m = load_model("tiny", dtype="float32", device="cpu", quantization="int8")
+    seen = []
+    real = mk.ops.scaled_int8_quant
+    with mock.patch.object(mk.ops, "scaled_int8_quant",
+                           side_effect=lambda *a, **k: seen.append(1) or real(*a, **k)):
+        _forward(m)
+        assert len(seen) == 2 * len(m.layers)
+        fuse_norm_quant(m, enabled=False)
+        seen.clear()
+        _forward(m)
+        assert len(seen) == 4 * len(m.layers)
+    layer = m.layers[0]
+    qa = layer.input_layernorm(torch.randn(3, m.config.hidden_size))
+    fuse_norm_quant(m)
+    qa = layer.input_layernorm(torch.randn(3, m.config.hidden_size))
+    assert isinstance(qa, QuantizedActivation) and qa.q.dtype == torch.int8
+    assert qa.shape == (3, m.config.hidden_size) and qa.scales.shape == (3, 1)
+
+
+def test_not_fused_where_it_would_change_results():
+    dense = load_model("tiny", dtype="float32", device="cpu")
+    assert not _fused_norms(dense)                  # no W8A8 linear
+    int4 = load_model("tiny", dtype="float32", device="cpu", quantization="int4")
+    assert not _fused_norms(int4)                   # weight-only: reads 16-bit inputs
+    fp8 = load_model("tiny", dtype="float32", device="cpu", quantization="fp8")
+    assert not _fused_norms(fp8)                    # W8A16
+    moe = load_model("tiny-qwen3-moe", dtype="float32", device="cpu", quantization="int8")
+    sparse = [layer for layer in moe.layers if isinstance(layer.mlp, SparseMoE)]
+    assert sparse
+    for layer in sparse:                            # the router also reads the MLP's input
+        assert [lin for _, lin in layer.norm_consumers()] == [layer.self_attn.qkv_proj]
+
+
+def test_lora_reads_the_unquantized_input():
+    """A linear carrying LoRA adapters gets the plain normed input (the adapters read it),
+    so the forward is the unfused one."""
+    m = load_model("tiny", dtype="float32", device="cpu", quantization="int8")
+    want = _forward(m)
+    qkv = m.layers[0].self_attn.qkv_proj
+    norm = m.layers[0].input_layernorm
+    lora = mock.Mock()
+    lora.add.side_effect = lambda x, y: (x, y)[1] if not isinstance(x, QuantizedActivation) \
+        else pytest.fail("LoRA got a quantized input")
+    qkv.__dict__["lora"] = lora
+    try:
+        assert not isinstance(norm(torch.randn(2, m.config.hidden_size)), QuantizedActivation)
+        assert torch.equal(_forward(m), want)
+        assert lora.add.called
+    finally:
+        del qkv.__dict__["lora"]
