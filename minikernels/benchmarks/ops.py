@@ -324,6 +324,55 @@ def int8_w8a8_cases(device: str, dtype: torch.dtype, s: int) -> list[Case]:
         "scaled_int8_quant dynamic", f"{m}x{k}", lambda: ops.scaled_int8_quant(x),
         m * k * (es + 1) + m * 4, 0, ("triton",),
         lambda: ops.reference.scaled_int8_quant(x)))
+    cases += norm_quant_cases(device, dtype, s)
+    return cases
+
+
+def norm_quant_cases(device: str, dtype: torch.dtype, s: int) -> list[Case]:
+    """rms_norm_quant (RMSNorm + residual add + quantization in one pass: what a W8A8
+    model's qkv / gate_up input costs) at 4096 and 64 tokens of a 4096-wide stream, int8
+    per token and fp8 per 128 columns (fp8 where this device has it), beside plain
+    PyTorch and, on a GPU, the unfused minikernels pair it replaces (rms_norm, then
+    scaled_int8_quant / per_token_group_quant_fp8). Bytes: x, residual in; the new
+    residual, q and the scales out."""
+    import torch
+
+    from .. import ops
+    from ..ops.fp8_w8a8 import fp8_tensor_cores
+    es = torch.finfo(dtype).bits // 8
+    h = 4096 // s
+    w = torch.rand(h, device=device, dtype=dtype) + 0.5
+    quants = [(torch.int8, None, "int8/token")]
+    if not device.startswith("cuda") or fp8_tensor_cores(torch.device(device)):
+        quants.append((torch.float8_e4m3fn, 128 // s, f"fp8/{128 // s}"))
+    cases = []
+    for t in (4096 // s, 64):
+        x = torch.randn(t, h, device=device, dtype=dtype)
+        res = torch.randn_like(x)
+        for qd, group, label in quants:
+            def fused(x=x, res=res, qd=qd, group=group):
+                return ops.rms_norm_quant(x, w, 1e-6, qd, residual=res, group_size=group)
+
+            def unfused(x=x, res=res, qd=qd, group=group):
+                y, hsum = ops.rms_norm(x, w, 1e-6, residual=res)
+                if qd == torch.int8:
+                    return ops.scaled_int8_quant(y)
+                return ops.per_token_group_quant_fp8(y, group)
+
+            def torch_peer(x=x, res=res, qd=qd, group=group):
+                hsum = x + res
+                y = torch.nn.functional.rms_norm(hsum, (h,), w, 1e-6).float()
+                g = y.view(y.shape[0], -1, group or h)
+                qmax = 127.0 if qd == torch.int8 else 448.0
+                sc = g.abs().amax(-1, keepdim=True).clamp_min(1e-10) / qmax
+                v = (g / sc).clamp(-qmax, qmax)
+                return (v.round() if qd == torch.int8 else v).to(qd), sc
+
+            cases.append(Case(
+                f"rms_norm_quant {label}+residual", f"{t}x{h}", fused,
+                t * h * (3 * es + 1) + t * (h // (group or h)) * 4, 0, ("triton",),
+                torch_peer, extra_peers=(("rms_norm+quant (unfused)", unfused),)
+                if device.startswith("cuda") else ()))
     return cases
 
 
