@@ -40,6 +40,7 @@ def _samples(device: str):
         "layer_norm": (x, w, torch.randn(64, device=device), 1e-5),
         "fused_add_layer_norm": (x, torch.randn_like(x), w, None, 1e-5),
         "silu_and_mul": (x,),
+        "act_and_mul_quant": (x, "silu", torch.int8, None, 8, None, 0.0, True),
         "gelu_and_mul": (x, "tanh"),
         "fatrelu_and_mul": (x, 0.25),
         "swigluoai_and_mul": (x, 1.702, 7.0),

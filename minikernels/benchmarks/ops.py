@@ -329,12 +329,13 @@ def int8_w8a8_cases(device: str, dtype: torch.dtype, s: int) -> list[Case]:
 
 
 def norm_quant_cases(device: str, dtype: torch.dtype, s: int) -> list[Case]:
-    """rms_norm_quant (RMSNorm + residual add + quantization in one pass: what a W8A8
-    model's qkv / gate_up input costs) at 4096 and 64 tokens of a 4096-wide stream, int8
-    per token and fp8 per 128 columns (fp8 where this device has it), beside plain
-    PyTorch and, on a GPU, the unfused minikernels pair it replaces (rms_norm, then
-    scaled_int8_quant / per_token_group_quant_fp8). Bytes: x, residual in; the new
-    residual, q and the scales out."""
+    """The fused quantizing producers of a W8A8 model's linear inputs, at 4096 and 64
+    tokens, int8 per token and fp8 per 128 columns (fp8 where this device has it),
+    beside plain PyTorch and, on a GPU, the unfused minikernels pair each replaces:
+    rms_norm_quant (RMSNorm + residual add: qkv / gate_up inputs of a 4096-wide stream;
+    bytes x, residual in, the new residual, q, scales out) and act_and_mul_quant
+    (SwiGLU of a 14336-wide MLP: the down_proj input; bytes gate / up in, q, scales
+    out)."""
     import torch
 
     from .. import ops
@@ -372,6 +373,33 @@ def norm_quant_cases(device: str, dtype: torch.dtype, s: int) -> list[Case]:
                 f"rms_norm_quant {label}+residual", f"{t}x{h}", fused,
                 t * h * (3 * es + 1) + t * (h // (group or h)) * 4, 0, ("triton",),
                 torch_peer, extra_peers=(("rms_norm+quant (unfused)", unfused),)
+                if device.startswith("cuda") else ()))
+    inter = 14336 // s
+    for t in (4096 // s, 64):
+        gu = torch.randn(t, 2 * inter, device=device, dtype=dtype)
+        for qd, group, label in quants:
+            def fused_act(gu=gu, qd=qd, group=group):
+                return ops.act_and_mul_quant(gu, qd, "silu", group_size=group)
+
+            def unfused_act(gu=gu, qd=qd, group=group):
+                y = ops.silu_and_mul(gu)
+                if qd == torch.int8:
+                    return ops.scaled_int8_quant(y)
+                return ops.per_token_group_quant_fp8(y, group)
+
+            def torch_act(gu=gu, qd=qd, group=group):
+                y = (torch.nn.functional.silu(gu[:, :inter]) * gu[:, inter:]).float()
+                g = y.view(y.shape[0], -1, group or inter)
+                qmax = 127.0 if qd == torch.int8 else 448.0
+                sc = g.abs().amax(-1, keepdim=True).clamp_min(1e-10) / qmax
+                v = (g / sc).clamp(-qmax, qmax)
+                return (v.round() if qd == torch.int8 else v).to(qd), sc
+
+            cases.append(Case(
+                f"silu_and_mul_quant {label}", f"{t}x{2 * inter}", fused_act,
+                t * inter * (2 * es + 1) + t * (inter // (group or inter)) * 4, 0,
+                ("triton",), torch_act,
+                extra_peers=(("silu_and_mul+quant (unfused)", unfused_act),)
                 if device.startswith("cuda") else ()))
     return cases
 

@@ -69,6 +69,9 @@ Covered (vLLM name -> minikernels op):
         group_size, scale_ub=None, residual=None, is_scale_transposed=False,
         tma_alignment=0)                               ops.rms_norm_quant (one fused
                                                         kernel; int8 / fp8; section below)
+    silu_and_mul_quant(out, input, scale), silu_and_mul_per_block_quant(input,
+        group_size, quant_dtype, scale_ub=None, is_scale_transposed=False)
+                                                        ops.act_and_mul_quant
     moe_align_block_size(topk_ids, num_experts, block_size, sorted_token_ids,
                          experts_ids, num_tokens_post_pad, expert_map=None)
                                                         ops.moe_align_block_size
@@ -147,8 +150,8 @@ paged_attention_v1 / v2 copy the blocks the block table names into minikernels' 
 every call (a legacy / test path, not a serving one).
 
 Not covered (not defined here; calling them is an AttributeError):
-    cutlass_scaled_mm_azp, the fused activation + quant ops (silu_and_mul_quant,
-        silu_and_mul_per_block_quant, ...), moe_sum: no minikernels op computes them
+    cutlass_scaled_mm_azp, moe_sum, the other fused quant ops (persistent_masked_m_
+        silu_mul_quant, silu_and_mul_nvfp4_quant, ...): no minikernels op computes them
         (they would be plain PyTorch, not a mapping).
     gptq_marlin_gemm / marlin / machete / allspark / ggml / fp4 / MLA attention /
         fp8_ds_mla caches / all-reduce / CPU ops: other weight formats (Marlin and
@@ -245,7 +248,8 @@ __all__ = [
     "rms_norm_dynamic_per_token_quant", "rms_norm_per_block_quant",
     "rms_norm_static_fp8_quant", "fused_add_rms_norm_static_fp8_quant",
     "static_scaled_fp8_quant", "dynamic_scaled_fp8_quant",
-    "dynamic_per_token_scaled_fp8_quant", "scaled_fp8_quant", "scaled_int8_quant", "selective_scan_fn", "selective_scan_fwd",
+    "dynamic_per_token_scaled_fp8_quant", "scaled_fp8_quant", "silu_and_mul_quant",
+    "silu_and_mul_per_block_quant", "scaled_int8_quant", "selective_scan_fn", "selective_scan_fwd",
     "selective_state_update", "silu_and_mul", "swap_blocks", "swigluoai_and_mul",
     "grouped_topk", "topk_sigmoid", "topk_softmax",
 ]
@@ -1170,6 +1174,53 @@ def rms_norm_per_block_quant(input: Tensor, weight: Tensor, epsilon: float,
     out = torch.empty((groups, mpad), dtype=torch.float32, device=s.device)[:, :m].t()
     out.copy_(s)
     return q, out
+
+
+
+# ------------------------------------------------------- fused activation + quant
+
+
+def silu_and_mul_quant(out: Tensor, input: Tensor, scale: Tensor) -> None:
+    """``torch.ops._C.silu_and_mul_quant``: out = fp8(clamp(silu_and_mul(input) *
+    (1 / scale), +-448)), input [..., 2d] (gate, then up; any strides), scale float32 of
+    one element, out float8_e4m3fn [..., d] (any strides). The activation is rounded to
+    input's dtype first, so this equals :func:`silu_and_mul` then
+    :func:`static_scaled_fp8_quant`."""
+    check_tensor("input", input, dtypes=FLOAT_DTYPES, min_ndim=1)
+    check_tensor("scale", scale, dtypes=(torch.float32,), device=input.device)
+    if scale.numel() != 1:
+        raise ValueError(f"scale must have 1 element (per tensor), got shape "
+                         f"{list(scale.shape)}")
+    _check_out("out", out, input, [*input.shape[:-1], input.shape[-1] // 2], FP8)
+    q, _ = ops.act_and_mul_quant(input, FP8, "silu", scale=scale)
+    out.copy_(q)
+
+
+def silu_and_mul_per_block_quant(input: Tensor, group_size: int, quant_dtype: torch.dtype,
+                                 scale_ub: Tensor | None = None,
+                                 is_scale_transposed: bool = False
+                                 ) -> tuple[Tensor, Tensor]:
+    """vLLM's ``silu_and_mul_per_block_quant``: (out [T, d], scales [T, d / group_size])
+    for input [T, 2d] (gate, then up): y = silu(gate) * up in fp32 (not rounded to the
+    dtype first), quantized to quant_dtype (int8 / float8_e4m3fn) per token and
+    group_size columns, s = max(min(max |y|, scale_ub) / qmax, 1 / (qmax * 512)); scales
+    row-major, or column-major (scales.t() contiguous) with is_scale_transposed."""
+    check_tensor("input", input, dtypes=FLOAT_DTYPES, ndim=2)
+    g = _check_int("group_size", group_size, 1)
+    _check_bool("is_scale_transposed", is_scale_transposed)
+    if quant_dtype not in _NORM_QUANT_DTYPES:
+        raise TypeError(f"quant_dtype must be torch.int8 or torch.float8_e4m3fn, got "
+                        f"{quant_dtype}")
+    if scale_ub is not None and quant_dtype != FP8:
+        raise ValueError("scale_ub is only supported with quant_dtype float8_e4m3fn "
+                         "(as in vLLM)")
+    qmax = 127.0 if quant_dtype == torch.int8 else FP8_E4M3_MAX
+    q, s = ops.act_and_mul_quant(input, quant_dtype, "silu", group_size=g, scale_ub=scale_ub,
+                                 min_scale=1.0 / (qmax * 512.0), round_to_input=False)
+    s = s.reshape(input.shape[0], -1)
+    if is_scale_transposed:
+        s = torch.empty(s.shape[::-1], dtype=s.dtype, device=s.device).t().copy_(s)
+    return q, s
 
 
 # -------------------------------------------------------------------------------- MoE

@@ -44,8 +44,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import ops
-from ..nn.layers import (XIELU, LayerNorm, PagedAttention, RMSNorm, RotaryEmbedding,
-                         alibi_slopes, mpt_alibi_slopes)
+from ..nn.layers import (XIELU, LayerNorm, PagedAttention, QuantizedActivation, RMSNorm,
+                         RotaryEmbedding, alibi_slopes, mpt_alibi_slopes)
 from ..ops.attention import FP8_KV_DTYPES
 from .config import DecoderConfig
 from .kv_layout import KVCacheLayout
@@ -744,9 +744,16 @@ class MLP(nn.Module):
             gate_up = gate_up + gate_up_extra
         if self.gate_scale is not None:
             gate_up = gate_up * self.gate_scale
+        quant = self.__dict__.get("_quantize_down")
         if not self.gated:
             h = self.act_fn(gate_up) if self.act_fn is not None else \
                 _ACTIVATIONS[self.activation](gate_up)
+        elif quant is not None and "lora" not in self.down_proj.__dict__:
+            # a W8A8 down_proj: the activation quantizes its own output (fuse_w8a8_inputs)
+            act = self.activation if self.activation in ("silu", "gelu_tanh") else "gelu"
+            h = QuantizedActivation(*ops.act_and_mul_quant(gate_up, quant[0], act,
+                                                           group_size=quant[1]),
+                                    gate_up.dtype)
         elif self.activation == "silu":
             h = ops.silu_and_mul(gate_up)
         else:
@@ -1021,12 +1028,14 @@ class DecoderLayer(nn.Module):
         return self._stream_tail(y + residual, per_layer_input), None
 
 
-def fuse_norm_quant(model: nn.Module, enabled: bool = True) -> int:
-    """Let each decoder layer's RMSNorm quantize its output for the W8A8 linear that alone
-    reads it (``DecoderLayer.norm_consumers``; ``FusedLinear.input_quantization``): one
-    ``ops.rms_norm_quant`` launch instead of the norm and the linear's own quantizer, with
-    the same values. ``enabled=False`` undoes it. Returns how many norms now quantize.
-    ``load_model`` runs it for int8 and fp8 W8A8 models."""
+def fuse_w8a8_inputs(model: nn.Module, enabled: bool = True) -> int:
+    """Let what computes a W8A8 linear's input quantize it for that linear
+    (``FusedLinear.input_quantization``), with the same values as the linear's own
+    quantizer: each decoder layer's RMSNorm whose output only that linear reads
+    (``DecoderLayer.norm_consumers``: one ``ops.rms_norm_quant`` launch instead of the
+    norm and the quantizer) and each gated MLP's activation before a W8A8 down_proj (one
+    ``ops.act_and_mul_quant``). ``enabled=False`` undoes it. Returns how many norms and
+    activations now quantize. ``load_model`` runs it (int8 and fp8 W8A8 models)."""
     n = 0
     for layer in getattr(model, "layers", ()):
         if not isinstance(layer, DecoderLayer):
@@ -1034,6 +1043,11 @@ def fuse_norm_quant(model: nn.Module, enabled: bool = True) -> int:
         for norm, linear in layer.norm_consumers():
             quant = linear.input_quantization() if enabled else None
             norm.quantize_for(*((linear, *quant) if quant is not None else (None,)))
+            n += quant is not None
+    for mlp in model.modules():
+        if isinstance(mlp, MLP):
+            quant = mlp.down_proj.input_quantization() if enabled and mlp.gated else None
+            mlp.__dict__["_quantize_down"] = quant
             n += quant is not None
     return n
 

@@ -92,7 +92,7 @@ from torch import Tensor, nn
 from .config import (DecoderConfig, UnsupportedModelError, builtin_config,
                      is_classifier_architecture, list_models)
 from .decoder import (CausalLM, DecoderLayer, GatedDeltaNet, Mamba2Mixer, MambaMixer,
-                      fuse_norm_quant)
+                      fuse_w8a8_inputs)
 from .gemma3n import AltUp
 from .gpt_oss import (Mxfp4Experts, Mxfp4Stack, convert_dense, mxfp4_checkpoint, mxfp4_native,
                       shard_mxfp4)
@@ -2205,5 +2205,5 @@ def load_model(model: str, dtype: str | torch.dtype = "bfloat16",
             m.quantization = "fp8"
         else:
             set_fp8_activations(m, "dynamic")
-    fuse_norm_quant(m)      # W8A8 linears: their norms quantize the activations
+    fuse_w8a8_inputs(m)      # W8A8 linears: their norms quantize the activations
     return m

@@ -5,6 +5,7 @@ implementation (torch.compile, CUDA graphs and opcheck work). The plain-PyTorch 
 every op lives in :mod:`minikernels.ops.reference`.
 """
 from . import reference
+from .act_quant import act_and_mul_quant
 from .activation import (
     fatrelu_and_mul,
     gelu_and_mul,
@@ -48,6 +49,7 @@ from .selective_scan import selective_scan
 
 __all__ = [
     "MoELoRA",
+    "act_and_mul_quant",
     "apply_token_bitmask",
     "build_rope_cache",
     "causal_conv1d",

@@ -160,14 +160,15 @@ def rms_norm_quant(x: Tensor, weight: Tensor, eps: float = 1e-6,
     return q, s, h.view(*lead, n)
 
 
-def _check_group_size(group_size: object, n: int) -> int:
-    """0 (one scale per token) or a divisor of n; a group equal to the row is per token."""
+def _check_group_size(group_size: object, n: int, what: str = "x's last dim") -> int:
+    """0 (one scale per token) or a divisor of n (``what``); a group equal to the row is
+    per token."""
     if group_size is None:
         return 0
     if not isinstance(group_size, int) or isinstance(group_size, bool):
         raise TypeError(f"group_size must be an int or None, got {type(group_size).__name__}")
     if group_size < 0 or (group_size and n % group_size):
-        raise ValueError(f"group_size must be a positive divisor of x's last dim ({n}), "
+        raise ValueError(f"group_size must be a positive divisor of {what} ({n}), "
                          f"got {group_size}")
     if group_size == n:
         return 0

@@ -94,6 +94,20 @@ def rms_norm_quant(x: Tensor, weight: Tensor, residual: Tensor | None, eps: floa
         y = y.to(torch.promote_types(x.dtype, weight.dtype)).float()
     else:
         y = (xf * inv * w).to(x.dtype).float()
+    q, s = quantize_rows(y, quant_dtype, scale, group_size, scale_ub, min_scale)
+    return q, s, h
+
+
+def quantize_rows(y: Tensor, quant_dtype: torch.dtype, scale: Tensor | None,
+                  group_size: int, scale_ub: Tensor | None, min_scale: float
+                  ) -> tuple[Tensor, Tensor]:
+    """The quantization of the fused ops (:func:`rms_norm_quant`, :func:`act_and_mul_quant`):
+    y [T, n] fp32 -> (q [T, n] int8 / float8_e4m3fn, scales). Static (scale, one fp32
+    element): fp8 q = fp8(clamp(y * (1 / scale))), int8 q = clamp(round(y / scale)), scales
+    empty. Dynamic: per row (group_size 0) or per row and group_size columns,
+    a = max |y| (min(a, scale_ub)), s = max(a / qmax, min_scale), q = y / s saturated
+    (int8: rounded half to even); scales [T, groups]. A zero scale quantizes to 0."""
+    t, n = y.shape
     int8 = quant_dtype == torch.int8
     qmax = 127.0 if int8 else FP8_E4M3_MAX
 
@@ -108,7 +122,7 @@ def rms_norm_quant(x: Tensor, weight: Tensor, residual: Tensor | None, eps: floa
             v = _int8_div(y, s)
         else:
             v = y * torch.where(s == 0, torch.zeros_like(s), 1.0 / torch.where(s == 0, 1.0, s))
-        return quantize(v), y.new_empty(0), h
+        return quantize(v), y.new_empty(0)
     g = group_size or n
     groups = n // g if g else 1
     yg = y.reshape(t, groups, g if g else 0)
@@ -116,8 +130,7 @@ def rms_norm_quant(x: Tensor, weight: Tensor, residual: Tensor | None, eps: floa
     if scale_ub is not None:
         amax = torch.minimum(amax, scale_ub.float().reshape(()))
     s = (amax / qmax).clamp_min(min_scale)
-    q = quantize(_int8_div(yg, s[..., None]))
-    return q.reshape(t, n), s, h
+    return quantize(_int8_div(yg, s[..., None])).reshape(t, n), s
 
 
 def layer_norm(x: Tensor, weight: Tensor, bias: Tensor | None, eps: float) -> Tensor:
@@ -174,6 +187,32 @@ def swigluoai_and_mul(x: Tensor, alpha: float, limit: float) -> Tensor:
     GPT-OSS's layout, vLLM's ``swigluoai_and_mul``) -> moe_swigluoai(gate, up) [..., I]."""
     xf = x.float()
     return moe_swigluoai(xf[..., 0::2], xf[..., 1::2], alpha, limit).to(x.dtype)
+
+
+def act_and_mul_quant(x: Tensor, activation: str, quant_dtype: torch.dtype,
+                      scale: Tensor | None, group_size: int, scale_ub: Tensor | None,
+                      min_scale: float, round_to_input: bool = True
+                      ) -> tuple[Tensor, Tensor]:
+    """A gated activation fused with int8 / fp8 quantization of its output.
+
+    x [T, 2I] (gate, then up) fp16/bf16/fp32; activation "silu" / "gelu" / "gelu_tanh".
+    y = act(gate) * up in fp32, rounded to x.dtype when round_to_input (then exactly
+    :func:`silu_and_mul` / :func:`gelu_and_mul`'s output: what the unfused pair quantizes),
+    else quantized from fp32 (vLLM's silu_and_mul_per_block_quant). Quantization:
+    :func:`quantize_rows`. Returns (q [T, I], scales [T, I / group_size] / [T, 1], or
+    empty when static).
+    """
+    if activation == "silu":
+        y = silu_and_mul(x) if round_to_input else \
+            torch.nn.functional.silu(x.float()[..., :x.shape[-1] // 2]) * \
+            x.float()[..., x.shape[-1] // 2:]
+    else:
+        approximate = "tanh" if activation == "gelu_tanh" else "none"
+        d = x.shape[-1] // 2
+        y = gelu_and_mul(x, approximate) if round_to_input else \
+            torch.nn.functional.gelu(x.float()[..., :d], approximate=approximate) * \
+            x.float()[..., d:]
+    return quantize_rows(y.float(), quant_dtype, scale, group_size, scale_ub, min_scale)
 
 
 #: the pointwise GELU variants (vLLM's ``gelu_fast`` / ``gelu_new`` / ``gelu_quick``)

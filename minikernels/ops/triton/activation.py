@@ -17,7 +17,9 @@ import torch
 import triton
 import triton.language as tl
 
+from ... import backend as _backend
 from .. import _alloc
+from .interpreter_rounding import rne_bf16
 from .registry import KernelSpec, register
 
 BLOCK = 1024
@@ -56,7 +58,7 @@ def _tanh_gelu(x, inner):
 
 @triton.jit
 def gated_activation_kernel(x_ptr, y_ptr, inter, x_row_stride, p0, p1, BLOCK: tl.constexpr,
-                            ACT: tl.constexpr):
+                            ACT: tl.constexpr, RNE_BF16: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < inter
@@ -75,12 +77,14 @@ def gated_activation_kernel(x_ptr, y_ptr, inter, x_row_stride, p0, p1, BLOCK: tl
         else:
             act = gate_activation(gate, ACT)
         y = act * up
+    if RNE_BF16:    # interpreter only: round as a GPU's bf16 cast does (interpreter_rounding)
+        y = rne_bf16(y)
     tl.store(y_ptr + row * inter + cols, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def pointwise_activation_kernel(x_ptr, y_ptr, n, x_row_stride, BLOCK: tl.constexpr,
-                                ACT: tl.constexpr):
+                                ACT: tl.constexpr, RNE_BF16: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < n
@@ -91,6 +95,8 @@ def pointwise_activation_kernel(x_ptr, y_ptr, n, x_row_stride, BLOCK: tl.constex
         y = _tanh_gelu(x, 0.7978845608 * x * (1.0 + 0.044715 * x * x))
     else:  # gelu_new
         y = _tanh_gelu(x, 0.7978845608028654 * (x + 0.044715 * x * x * x))
+    if RNE_BF16:
+        y = rne_bf16(y)
     tl.store(y_ptr + row * n + cols, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
@@ -106,7 +112,7 @@ def gated_activation(x: torch.Tensor, act: str, p0: float = 0.0, p1: float = 0.0
     if rows and inter:
         grid = (rows, triton.cdiv(inter, BLOCK))
         gated_activation_kernel[grid](x2, y, inter, x2.stride(0), float(p0), float(p1),
-                                      BLOCK=BLOCK, ACT=act, num_warps=4)
+                                      BLOCK=BLOCK, ACT=act, RNE_BF16=_rne(x), num_warps=4)
     return y
 
 
@@ -118,8 +124,13 @@ def pointwise_activation(x: torch.Tensor, act: str) -> torch.Tensor:
     if x2.shape[0] and n:
         grid = (x2.shape[0], triton.cdiv(n, BLOCK))
         pointwise_activation_kernel[grid](x2, y, n, x2.stride(0), BLOCK=BLOCK, ACT=act,
-                                          num_warps=4)
+                                          RNE_BF16=_rne(x), num_warps=4)
     return y
+
+
+def _rne(x: torch.Tensor) -> bool:
+    """Round bf16 outputs to nearest even in the kernel: under the interpreter only."""
+    return x.dtype == torch.bfloat16 and not x.is_cuda and _backend.interpreter_enabled()
 
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
@@ -136,12 +147,15 @@ for _act in (*ACTIVATIONS, *EXTRA_GATED):
             fn=gated_activation_kernel,
             signature={"x_ptr": f"*{_dt}", "y_ptr": f"*{_dt}", "inter": "i32",
                        "x_row_stride": "i64", "p0": "fp32", "p1": "fp32",
-                       "BLOCK": "constexpr", "ACT": "constexpr"},
-            constexprs={"BLOCK": BLOCK, "ACT": _act}, num_warps=4, num_stages=1))
+                       "BLOCK": "constexpr", "ACT": "constexpr", "RNE_BF16": "constexpr"},
+            constexprs={"BLOCK": BLOCK, "ACT": _act, "RNE_BF16": False}, num_warps=4,
+            num_stages=1))
 for _act in POINTWISE:
     for _dt in ("fp16", "bf16", "fp32"):
         register(KernelSpec(
             name=f"pointwise_activation[{_act},{_dt}]", fn=pointwise_activation_kernel,
             signature={"x_ptr": f"*{_dt}", "y_ptr": f"*{_dt}", "n": "i32",
-                       "x_row_stride": "i64", "BLOCK": "constexpr", "ACT": "constexpr"},
-            constexprs={"BLOCK": BLOCK, "ACT": _act}, num_warps=4, num_stages=1))
+                       "x_row_stride": "i64", "BLOCK": "constexpr", "ACT": "constexpr",
+                       "RNE_BF16": "constexpr"},
+            constexprs={"BLOCK": BLOCK, "ACT": _act, "RNE_BF16": False}, num_warps=4,
+            num_stages=1))
