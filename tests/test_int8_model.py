@@ -100,7 +100,9 @@ def _ct_config(weights: dict[str, Any] | None = None, acts: dict[str, Any] | Non
 def test_int8_scheme_parsing():
     assert int8_scheme(_ct_config()) == {"method": "compressed-tensors",
                                          "strategy": "channel", "activations": "dynamic",
-                                         "group_size": -1}
+                                         "group_size": -1, "activation_symmetric": True}
+    assert int8_scheme(_ct_config(None, {"symmetric": False}))["activation_symmetric"] \
+        is False
     assert int8_scheme(_ct_config({"strategy": "tensor"},
                                   {"dynamic": False, "strategy": "tensor"}))["activations"] \
         == "static"
@@ -110,7 +112,6 @@ def test_int8_scheme_parsing():
             ({"symmetric": False}, None, "asymmetric int8 weights"),
             ({"strategy": "block"}, None, "strategy 'block'"),
             ({"num_bits": 4}, None, "4-bit"),
-            (None, {"symmetric": False}, "asymmetric input_activations"),
             (None, {"num_bits": 16}, "16-bit")):
         with pytest.raises(ValueError, match=match):
             int8_scheme(_ct_config(weights, acts))
@@ -119,7 +120,8 @@ def test_int8_scheme_parsing():
         int8_scheme(qc)
     qc["config_groups"]["group_0"]["input_activations"] = None      # weight-only: W8A16
     assert int8_scheme(qc) == {"method": "compressed-tensors", "strategy": "group",
-                               "activations": None, "group_size": 128}
+                               "activations": None, "group_size": 128,
+                               "activation_symmetric": True}
 
 
 # ----------------------------------------------------------------- Int8Linear
@@ -215,7 +217,7 @@ def test_rtn_int8_on_load_and_builtins(tmp_path):
 
 # ----------------------------------------------------------------- checkpoints
 def write_int8_checkpoint(hf: torch.nn.Module, path: str, style: str,
-                          seed: int = 0) -> dict[str, torch.Tensor]:
+                          seed: int = 0, asymmetric: bool = False) -> dict[str, torch.Tensor]:
     """Save ``hf`` as a compressed-tensors int8 W8A8 checkpoint (known random int8 bytes
     and scales in every decoder linear; ``hf`` gets the dequantized weights). style:
     "channel" (fp32 [N, 1] scales, dynamic per-token activations) or "tensor" (one bf16
@@ -231,13 +233,17 @@ def write_int8_checkpoint(hf: torch.nn.Module, path: str, style: str,
         else:
             scale = (torch.rand(1, generator=g) * 3e-4 + 1e-4).bfloat16()
             tensors[f"{base}.input_scale"] = torch.tensor([0.02])    # unused: per token
+            if asymmetric:
+                tensors[f"{base}.input_zero_point"] = torch.tensor([3], dtype=torch.int8)
         tensors[f"{base}.weight"] = q
         tensors[f"{base}.weight_scale"] = scale
         return q.float() * scale.float().expand(n, 1)
 
+    acts = {} if style == "channel" else {"dynamic": False, "strategy": "tensor"}
+    if asymmetric:
+        acts["symmetric"] = False
     return write_known_checkpoint(hf, path, int8_matrix, _ct_config(
-        {"strategy": style}, None if style == "channel" else
-        {"dynamic": False, "strategy": "tensor"}))
+        {"strategy": style}, acts or None))
 
 
 @pytest.mark.parametrize("style", ["channel", "tensor"])
@@ -266,6 +272,45 @@ def test_int8_checkpoints(tmp_path, style):
     assert rel_err(_logits(load_model(d, dtype="bfloat16", device="cpu", quantization="int8"),
                            seqs).float(), ref) < 0.05
     check_rank1_of_2(d, known)
+
+
+@pytest.mark.parametrize("style", ["channel", "tensor"])
+def test_int8_checkpoint_with_asymmetric_activations(tmp_path, style):
+    """input_activations symmetric: false (llm-compressor's asymmetric W8A8): each token is
+    quantized with its own zero point (scaled_int8_quant(symmetric=False)) and the GEMM
+    subtracts zero point x the weight's row sums in int32 (scaled_mm's azp_adj); a static
+    input_scale / input_zero_point is read past (per token instead). Logits are within
+    activation rounding of transformers on the dequantized model, no worse than the
+    symmetric run, and the norm / activation before such a linear do not quantize for it
+    (rms_norm_quant has no zero point)."""
+    hf = make_hf_model("qwen3", seed=3)
+    d = str(tmp_path / style)
+    write_int8_checkpoint(hf, d, style, asymmetric=True)
+    m = load_model(d, dtype="float32", device="cpu")
+    part = m.layers[1].self_attn.qkv_proj.int8_parts[0]
+    assert part.symmetric is False
+    assert torch.equal(part.azp_adj, part.weight.to(torch.int32).sum(1))
+    assert m.layers[1].self_attn.qkv_proj.input_quantization() is None
+    assert not any(n.__dict__.get("_quantize_for") for n in m.modules())
+    seqs = _seqs()
+    ref = torch.cat([hf_logits(hf, s) for s in seqs])
+    err = rel_err(_logits(m, seqs), ref)
+    assert 0 < err < 0.02, err
+    x = torch.randn(5, part.in_features) + 0.7        # skewed rows: the zero point helps
+    q, s, z = mk.ops.scaled_int8_quant(x, symmetric=False)
+    want = (s * (q.double() - z)) @ part.dequantize().double().t()
+    got = part(x)
+    assert rel_err(got, want.float()) < 1e-5
+    with mk.use_backend("triton"):
+        assert rel_err(part(x), want.float()) < 1e-5
+    exact = (x.double() @ part.dequantize().double().t()).float()
+    assert rel_err(got, exact) <= rel_err(_symmetric(part)(x), exact) * 1.05
+
+
+def _symmetric(part):
+    twin = type(part)(part.weight, part.scale)
+    twin.set_symmetric(True)
+    return twin
 
 
 def test_int8_checkpoint_errors(tmp_path):

@@ -270,11 +270,13 @@ def check_mm(c: torch.Tensor, ref: torch.Tensor, exact: torch.Tensor, mag: torch
     c64 = c.double()
     assert not torch.isnan(c64).any(), "NaN in output (unwritten element or read past a view?)"
     ulp = ULP[out_dtype]
+    # below out_dtype's smallest normal the spacing is fixed (fp16: 2^-24): an absolute term
+    sub = torch.finfo(out_dtype).smallest_normal * ulp
     err = (c64 - ref.double()).abs()
-    assert torch.all(err <= ulp * ref.double().abs() + 2.0**-24 * (mag + 1e-30)), \
+    assert torch.all(err <= ulp * ref.double().abs() + sub + 2.0**-24 * (mag + 1e-30)), \
         f"vs reference: max err {err.max():.3g}"
     terms = 4 if int8 else k + 4                    # fp32 roundings of the epilogue / sum
-    bound = ulp * exact.abs() + terms * 2.0**-24 * mag + 1e-30
+    bound = ulp * exact.abs() + sub + terms * 2.0**-24 * mag + 1e-30
     err = (c64 - exact).abs()
     assert torch.all(err <= bound), f"vs fp64: max err {err.max():.3g}, " \
         f"worst ratio {(err / bound).max():.3g}"
@@ -520,3 +522,95 @@ def test_dispatch_fp8_needs_fp8_tensor_cores(monkeypatch):
                 assert int8_op._which("scaled_mm", dev, torch.int8) == "reference"
     finally:
         fp8_op._capability.cache_clear()
+
+
+# ------------------------------------------------- asymmetric activations (zero points)
+
+@settings(max_examples=examples(20))
+@given(m=st.sampled_from([0, 1, 5, 16, 17, 70]), n=st.integers(1, 100), k=st.integers(1, 300),
+       per_token_azp=st.booleans(), has_bias=st.booleans(), split=st.sampled_from([None, 3]),
+       view=st.sampled_from(VIEWS), seed=st.integers(0, 2**16))
+def test_mm_azp_exact(device, m, n, k, per_token_azp, has_bias, split, view, seed):
+    """acc - azp * azp_adj in int32 (vLLM's cutlass_scaled_mm_azp), per-token zero points
+    or a per-tensor one folded into azp_adj, with and without the decode K split: the same
+    bits as the reference, which is exact (fp64) before its scaling."""
+    from minikernels.ops.triton import int8_w8a8 as tri
+    gen = torch.Generator().manual_seed(seed)
+    a, b, sa, sb, bias = make_mm_case(m, n, k, gen, bias_dtype=torch.bfloat16 if has_bias
+                                      else None)
+    adj = b.to(torch.int32).sum(0, dtype=torch.int32)
+    azp = torch.randint(-128, 128, (m,), generator=gen, dtype=torch.int32)
+    if not per_token_azp:
+        adj, azp = adj * int(azp[0]) if m else adj * 7, None
+    ref = reference.scaled_mm(a, b, sa, sb, torch.bfloat16, bias, adj, azp)
+    a_real = a.to(torch.int64) - (azp.reshape(-1, 1) if azp is not None else 0)
+    if azp is None:   # the per-tensor zero point is in adj: check the formula directly
+        want = (a.double() @ b.double() - adj.double()) * sa.double() * sb.double()
+    else:
+        want = (a_real.double() @ b.double()) * sa.double() * sb.double()
+    if bias is not None:
+        want = want + bias.double()
+    assert torch.allclose(ref.double(), want, rtol=2**-7, atol=1e-6)
+    dev = [strided_view(t.to(device), view) for t in (a, b, sa, sb)]
+    sa_d, sb_d = dev[2].reshape(-1), dev[3].reshape(-1)
+    c = tri.scaled_mm(dev[0], dev[1], sa_d, sb_d, torch.bfloat16,
+                      None if bias is None else bias.to(device), adj.to(device),
+                      None if azp is None else azp.to(device), split_k=split)
+    if device == "cpu":
+        assert torch.equal(c, ref)
+    else:
+        assert torch.allclose(c.cpu().double(), ref.double(), rtol=2**-7, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("m,n,k", [(32, 16, 64), (64, 64, 256), (7, 33, 100)])
+@pytest.mark.parametrize("azp_per_token", [True, False])
+@pytest.mark.parametrize("use_bias", [True, False])
+def test_vllm_cutlass_int8_azp(device, backend, m, n, k, azp_per_token, use_bias):
+    """vLLM's tests/kernels/quantization/test_cutlass_scaled_mm.py::test_cutlass_int8_azp,
+    through the compat layer."""
+    from minikernels.compat import vllm_ops
+    torch.manual_seed(0)
+    out_dtype = torch.bfloat16
+    m_azp = m if azp_per_token else 1
+    scale_a = torch.randn((m_azp, 1), dtype=torch.float32) / 10
+    scale_b = torch.randn((1, n), dtype=torch.float32) / 10
+    aq_i8 = torch.randint(-128, 128, (m, k), dtype=torch.int8)
+    bq_i8 = torch.randint(-128, 128, (n, k), dtype=torch.int8).t()
+    azp_a = torch.rand((m_azp, 1), dtype=torch.float32) * 10 + 1.5
+    azp_aq_i8 = (azp_a / scale_a).to(dtype=torch.int8)
+    a_dq = scale_a * (aq_i8.to(torch.int32) - azp_aq_i8).to(torch.float32)
+    b_dq = scale_b * bq_i8.to(torch.float32)
+    bias = torch.rand((1, n), dtype=out_dtype) * 10 + 2.5 if use_bias else \
+        torch.zeros((1, n), dtype=out_dtype)
+    baseline_dq = (torch.mm(a_dq, b_dq) + bias).to(out_dtype)
+    azp_adj = bq_i8.to(torch.int32).sum(dim=0, keepdim=True, dtype=torch.int32)
+    azp_i32 = azp_aq_i8.to(torch.int32)
+    with mk.use_backend(backend):
+        args = [t.to(device) for t in (aq_i8, bq_i8, scale_a, scale_b)]
+        func_bias = bias[0].to(device) if use_bias else None
+        if azp_per_token:
+            out = vllm_ops.cutlass_scaled_mm_azp(*args, out_dtype, azp_adj.to(device),
+                                                 azp_i32.to(device), func_bias)
+        else:
+            out = vllm_ops.cutlass_scaled_mm_azp(*args, out_dtype,
+                                                 (azp_i32 * azp_adj).to(device), None,
+                                                 func_bias)
+    torch.testing.assert_close(out.cpu(), baseline_dq, rtol=1e-2, atol=1e-3)
+
+
+def test_mm_azp_bad_inputs():
+    a = torch.randint(-128, 128, (3, 8), dtype=torch.int8)
+    b = torch.randint(-128, 128, (8, 5), dtype=torch.int8)
+    s = torch.ones(1)
+    adj = torch.zeros(5, dtype=torch.int32)
+    with pytest.raises(ValueError, match="azp_adj"):
+        mk.ops.scaled_mm(a, b, s, s, torch.bfloat16, None, torch.zeros(4, dtype=torch.int32))
+    with pytest.raises(TypeError, match="azp_adj"):
+        mk.ops.scaled_mm(a, b, s, s, torch.bfloat16, None, adj.float())
+    with pytest.raises(ValueError, match="azp must have numel"):
+        mk.ops.scaled_mm(a, b, s, s, torch.bfloat16, None, adj, torch.zeros(2, dtype=torch.int32))
+    with pytest.raises(ValueError, match="azp needs azp_adj"):
+        mk.ops.scaled_mm(a, b, s, s, torch.bfloat16, None, None, torch.zeros(3, dtype=torch.int32))
+    with pytest.raises(TypeError, match="int8"):
+        mk.ops.scaled_mm(a.float().to(FP8), b.float().to(FP8), s, s, torch.bfloat16, None, adj)

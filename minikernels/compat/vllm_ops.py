@@ -55,6 +55,8 @@ Covered (vLLM name -> minikernels op):
     scaled_int8_quant(input, scale=None, azp=None, symmetric=True)  ops.scaled_int8_quant
     cutlass_scaled_mm(a, b, scale_a, scale_b, out_dtype, bias=None)  ops.scaled_mm; the
                       128 x 128 block-scaled fp8 form: ops.w8a8_block_fp8_matmul
+    cutlass_scaled_mm_azp(a, b, scale_a, scale_b, out_dtype, azp_adj, azp=None, bias=None)
+                                                        ops.scaled_mm(azp_adj=, azp=)
     scaled_fp8_quant(input, scale=None, num_token_padding=None, scale_ub=None,
                      use_per_token_if_dynamic=False, output=None, group_shape=None)
                                                         plain PyTorch (no minikernels op
@@ -150,9 +152,9 @@ paged_attention_v1 / v2 copy the blocks the block table names into minikernels' 
 every call (a legacy / test path, not a serving one).
 
 Not covered (not defined here; calling them is an AttributeError):
-    cutlass_scaled_mm_azp, moe_sum, the other fused quant ops (persistent_masked_m_
-        silu_mul_quant, silu_and_mul_nvfp4_quant, ...): no minikernels op computes them
-        (they would be plain PyTorch, not a mapping).
+    moe_sum, the other fused quant ops (persistent_masked_m_silu_mul_quant,
+        silu_and_mul_nvfp4_quant, ...): no minikernels op computes them (they would be
+        plain PyTorch, not a mapping).
     gptq_marlin_gemm / marlin / machete / allspark / ggml / fp4 / MLA attention /
         fp8_ds_mla caches / all-reduce / CPU ops: other weight formats (Marlin and
         Machete tiles, GGUF blocks, fp4) or features minikernels does not have; a repack
@@ -238,7 +240,8 @@ from .vllm_cache_ops import (
 __all__ = [
     "awq_dequantize", "awq_gemm", "causal_conv1d_fn", "causal_conv1d_update",
     "concat_and_cache_mla", "convert_fp8", "copy_blocks", "copy_blocks_mla",
-    "cp_gather_cache", "cutlass_scaled_mm", "fatrelu_and_mul", "fused_add_gemma_rms_norm",
+    "cp_gather_cache", "cutlass_scaled_mm", "cutlass_scaled_mm_azp", "fatrelu_and_mul",
+    "fused_add_gemma_rms_norm",
     "fused_add_rms_norm", "gelu_fast", "gelu_new", "gelu_quick",
     "fused_recurrent_gated_delta_rule", "gather_and_maybe_dequant_cache",
     "gelu_and_mul", "gelu_tanh_and_mul", "gemma_rms_norm", "gptq_gemm", "gptq_shuffle",
@@ -931,6 +934,19 @@ def cutlass_scaled_mm(a: Tensor, b: Tensor, scale_a: Tensor, scale_b: Tensor,
     if bias is not None:
         out = out + bias.float()
     return out.to(out_dtype).view(*a.shape[:-1], n)
+
+
+def cutlass_scaled_mm_azp(a: Tensor, b: Tensor, scale_a: Tensor, scale_b: Tensor,
+                          out_dtype: torch.dtype, azp_adj: Tensor, azp: Tensor | None = None,
+                          bias: Tensor | None = None) -> Tensor:
+    """vLLM's ``cutlass_scaled_mm_azp``: int8 a holding asymmetric activations (real value
+    scale_a * (a - zero point)) times int8 b [K, N]:
+    out = scale_a * scale_b * (a @ b - azp * azp_adj) (+ bias), the subtraction in int32.
+    azp_adj int32 [N] or [1, N]: b's column sums (times the zero point for a per-tensor
+    one, azp None); azp int32 [M] / [M, 1]: per-token zero points. Scales, bias and
+    out_dtype as :func:`cutlass_scaled_mm` (:func:`minikernels.ops.scaled_mm`)."""
+    check_tensor("a", a, dtypes=(torch.int8,), min_ndim=1)
+    return ops.scaled_mm(a, b, scale_a, scale_b, out_dtype, bias, azp_adj, azp)
 
 
 def _static_fp8_scale(scale: Tensor, m: int, n: int,

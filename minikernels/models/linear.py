@@ -222,23 +222,39 @@ class Int8Part(_WeightRowsPart):
     x [..., K] (fp16 / bf16 / fp32) is quantized per token, symmetric
     (``ops.scaled_int8_quant``: x ~ x_q * x_scale), then
     ``y[m, n] = x_scale[m] * (scale[n] * sum_k x_q[m, k] * weight[n, k])`` with an exact
-    int32 accumulation (``ops.scaled_mm``), in x's dtype.
+    int32 accumulation (``ops.scaled_mm``), in x's dtype. ``symmetric = False``
+    (checkpoints with asymmetric activations): x ~ (x_q - azp) * x_scale with a zero
+    point per token, and the GEMM subtracts azp[m] * sum_k weight[n, k] in int32
+    (``azp_adj``, vLLM's ``cutlass_scaled_mm_azp``).
     """
 
     def __init__(self, weight: Tensor, scale: Tensor) -> None:
         super().__init__()
         self.register_buffer("weight", weight.contiguous())
         self.register_buffer("scale", scale.float().reshape(-1).contiguous())
+        self.register_buffer("azp_adj", None, persistent=False)
+        self.symmetric = True
+
+    def set_symmetric(self, symmetric: bool) -> None:
+        """Quantize the input symmetric (True) or with a zero point per token (False:
+        keeps the weight's row sums, int32 [N], for the GEMM's correction)."""
+        self.symmetric = bool(symmetric)
+        self.azp_adj = None if symmetric else \
+            self.weight.sum(dim=1, dtype=torch.int32).contiguous()
 
     def forward(self, x: Tensor | QuantizedActivation) -> Tensor:
         """x [..., K] in the activation dtype, or already quantized per token (a
-        :class:`QuantizedActivation` from the norm before)."""
+        :class:`QuantizedActivation` from the norm before; symmetric parts only)."""
+        azp = None
         if isinstance(x, QuantizedActivation):
             x_q, x_s = x.q, x.scales
-        else:
+        elif self.symmetric:
             x_q, x_s, _ = ops.scaled_int8_quant(x)
+        else:
+            x_q, x_s, azp = ops.scaled_int8_quant(x, symmetric=False)
         y = ops.scaled_mm(x_q.reshape(-1, self.in_features), self.weight.t(),
-                          x_s.reshape(-1, 1), self.scale, x.dtype)
+                          x_s.reshape(-1, 1), self.scale, x.dtype, None,
+                          self.azp_adj if azp is not None else None, azp)
         return y.view(*x.shape[:-1], self.out_features)
 
     def dequantize(self) -> Tensor:
@@ -312,6 +328,17 @@ def set_fp8_activations(model: nn.Module, activations: str) -> int:
         if isinstance(mod, Fp8Part):
             mod.activations = activations
             n += activations == "dynamic" and mod.supports_w8a8
+    return n
+
+
+def set_int8_activations(model: nn.Module, symmetric: bool) -> int:
+    """Quantize the inputs of every INT8 W8A8 linear part of ``model`` symmetric, or with
+    a zero point per token (``Int8Part.set_symmetric``); returns how many parts."""
+    n = 0
+    for mod in model.modules():
+        if isinstance(mod, Int8Part):
+            mod.set_symmetric(symmetric)
+            n += 1
     return n
 
 
@@ -663,7 +690,7 @@ class FusedLinear(nn.Module):
         if self.weight is not None or self._pending:
             return None
         parts = list(self._quantized_parts())
-        if parts and all(isinstance(p, Int8Part) for p in parts):
+        if parts and all(isinstance(p, Int8Part) and p.symmetric for p in parts):
             return torch.int8, None
         groups = {p.input_group if isinstance(p, Fp8Part) else None for p in parts}
         if len(groups) == 1 and None not in groups:

@@ -101,7 +101,7 @@ from .hub import resolve_model
 from ..nn.layers import XIELU
 from ..ops.fp8_w8a8 import fp8_tensor_cores
 from ..quant.fp8 import fp8_from_checkpoint
-from .linear import FusedLinear, pick_group_size, set_fp8_activations
+from .linear import FusedLinear, pick_group_size, set_fp8_activations, set_int8_activations
 from .moe import FusedExperts, SparseMoE
 from .parallel import (TensorParallel, mlp_intermediate_size, row_parallel_group_size,
                        shard_tensor)
@@ -115,7 +115,7 @@ _DTYPES = {
 }
 QUANTIZATIONS = (None, "int4", "gptq", "awq", "fp8", "fp8_w8a8", "int8", "mxfp4", "dense")
 #: an int8 W8A8 checkpoint's tensors of a linear besides its int8 ``weight``
-_INT8_SCALES = ("weight_scale", "input_scale")
+_INT8_SCALES = ("weight_scale", "input_scale", "input_zero_point")
 #: the fp8 checkpoint tensors of a linear besides its fp8 ``weight``
 _FP8_SCALES = ("weight_scale_inv", "weight_scale")
 #: static activation scales / bounds of fp8 checkpoints: not needed (activations stay 16-bit)
@@ -1456,7 +1456,7 @@ def _load_hf(model_dir: str, dtype: str | torch.dtype, device: torch.device,
                     if isinstance(mod, FusedLinear) and int8_ckpt is not None and (
                             kind in _INT8_SCALES or (kind == "weight" and
                                                      tensor.dtype == torch.int8)):
-                        if kind == "input_scale":
+                        if kind in ("input_scale", "input_zero_point"):
                             continue    # static activation scale: quantized per token instead
                         _claim(part_source, mod_name, shard, "quantized", where)
                         got = pending_int8.setdefault((mod_name, shard), {})
@@ -1642,6 +1642,8 @@ def _load_hf(model_dir: str, dtype: str | torch.dtype, device: torch.device,
         scheme = "fp8" if quantization == "fp8" or fp8_ckpt is not None else \
             "int8" if quantization == "int8" or int8_ckpt is not None else "int4"
         quantize_linears(model, group_size, quantize_lm_head=quantize_lm_head, scheme=scheme)
+    if int8_ckpt is not None and not int8_ckpt.get("activation_symmetric", True):
+        set_int8_activations(model, symmetric=False)     # a zero point per token
     return model
 
 

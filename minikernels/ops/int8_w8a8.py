@@ -129,30 +129,39 @@ def scaled_int8_quant(x: Tensor, scale: Tensor | None = None, azp: Tensor | None
 
 @torch.library.custom_op("minikernels::scaled_mm", mutates_args=())
 def _scaled_mm(a: Tensor, b: Tensor, scale_a: Tensor, scale_b: Tensor,
-               out_dtype: torch.dtype, bias: Tensor | None) -> Tensor:
+               out_dtype: torch.dtype, bias: Tensor | None, azp_adj: Tensor | None = None,
+               azp: Tensor | None = None) -> Tensor:
     if _which("scaled_mm", a.device, a.dtype) == "triton":
         from .triton import int8_w8a8 as tri
-        return tri.scaled_mm(a, b, scale_a, scale_b, out_dtype, bias)
-    return reference.scaled_mm(a, b, scale_a, scale_b, out_dtype, bias).contiguous()
+        return tri.scaled_mm(a, b, scale_a, scale_b, out_dtype, bias, azp_adj, azp)
+    return reference.scaled_mm(a, b, scale_a, scale_b, out_dtype, bias, azp_adj,
+                               azp).contiguous()
 
 
 @_scaled_mm.register_fake
 def _(a: Tensor, b: Tensor, scale_a: Tensor, scale_b: Tensor, out_dtype: torch.dtype,
-      bias: Tensor | None) -> Tensor:
+      bias: Tensor | None, azp_adj: Tensor | None = None,
+      azp: Tensor | None = None) -> Tensor:
     return a.new_empty((a.shape[0], b.shape[1]), dtype=out_dtype)
 
 
 def scaled_mm(a: Tensor, b: Tensor, scale_a: Tensor, scale_b: Tensor,
-              out_dtype: torch.dtype, bias: Tensor | None = None) -> Tensor:
-    """out = scale_a * scale_b * (a @ b) (+ bias) (vLLM's ``cutlass_scaled_mm``).
+              out_dtype: torch.dtype, bias: Tensor | None = None,
+              azp_adj: Tensor | None = None, azp: Tensor | None = None) -> Tensor:
+    """out = scale_a * scale_b * (a @ b) (+ bias) (vLLM's ``cutlass_scaled_mm``), or with
+    azp_adj for asymmetric int8 activations a = q - zero point (vLLM's
+    ``cutlass_scaled_mm_azp``): out = scale_a * scale_b * (a_q @ b - azp * azp_adj).
 
     a [..., K] int8 (quantized activations; float8_e4m3fn also accepted);
     b [K, N] a's dtype: usually ``weight.t()`` of a contiguous weight [N, K] (column-major),
     any strides work; scale_a fp32 with numel 1 (per tensor) or M = a.numel() // K (per
     token, e.g. [M, 1]); scale_b fp32 with numel 1 or N (per output channel, e.g. [1, N],
     [N, 1]); bias [N] in out_dtype or None; out_dtype float16 / bfloat16 / float32.
+    azp_adj: int32 with numel N (sum_k b[k, n], times the per-tensor zero point when
+    azp is None), azp: int32 with numel M (per-token zero points) or None; int8 only.
     Every tensor may be a strided view. In fp32, in this order:
         acc = a @ b   (int8: the exact int32 sum, K <= 131072; fp8: fp32 accumulation)
+        acc -= azp[m] * azp_adj[n]  (azp_adj[n] alone when azp is None; int32, exact)
         out[m, n] = scale_a[m] * (scale_b[n] * float(acc[m, n])) (+ bias[n])
     cast to out_dtype once. Returns [..., N] (contiguous); M = 0 gives an empty out.
     Any M, N, K (no multiple-of-16 requirement). fp8 on CUDA devices below capability
@@ -179,6 +188,24 @@ def scaled_mm(a: Tensor, b: Tensor, scale_a: Tensor, scale_b: Tensor,
         check_tensor("bias", bias, dtypes=(out_dtype,), device=a.device)
         if list(bias.shape) != [n]:
             raise ValueError(f"bias must have shape [{n}], got {list(bias.shape)}")
+    if azp_adj is not None:
+        if a.dtype != torch.int8:
+            raise TypeError("azp_adj / azp (asymmetric activations) need int8 a, got "
+                            f"{a.dtype}")
+        check_tensor("azp_adj", azp_adj, dtypes=(torch.int32,), device=a.device)
+        if azp_adj.numel() != n:
+            raise ValueError(f"azp_adj must have numel N={n} (b's column sums, times the "
+                             f"zero point when azp is None), got shape {list(azp_adj.shape)}")
+        azp_adj = azp_adj.reshape(-1).contiguous()
+        if azp is not None:
+            check_tensor("azp", azp, dtypes=(torch.int32,), device=a.device)
+            if azp.numel() != m:
+                raise ValueError(f"azp must have numel M={m} (one zero point per token), "
+                                 f"got shape {list(azp.shape)}")
+            azp = azp.reshape(-1).contiguous()
+    elif azp is not None:
+        raise ValueError("azp needs azp_adj (b's column sums): pass both, or azp_adj alone "
+                         "for a per-tensor zero point")
     out = torch.ops.minikernels.scaled_mm(a.reshape(m, k), b, scale_a.reshape(-1),
-                                          scale_b.reshape(-1), out_dtype, bias)
+                                          scale_b.reshape(-1), out_dtype, bias, azp_adj, azp)
     return out.view(*a.shape[:-1], n)

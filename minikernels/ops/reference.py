@@ -499,7 +499,8 @@ def scaled_int8_quant(x: Tensor, scale: Tensor | None = None, azp: Tensor | None
 
 
 def scaled_mm(a: Tensor, b: Tensor, scale_a: Tensor, scale_b: Tensor,
-              out_dtype: torch.dtype, bias: Tensor | None = None) -> Tensor:
+              out_dtype: torch.dtype, bias: Tensor | None = None,
+              azp_adj: Tensor | None = None, azp: Tensor | None = None) -> Tensor:
     """out = (a @ b) scaled per token / channel (vLLM's ``cutlass_scaled_mm``).
 
     a [..., K] int8 (or float8_e4m3fn); b [K, N] the same dtype (usually weight.t() of a
@@ -509,13 +510,22 @@ def scaled_mm(a: Tensor, b: Tensor, scale_a: Tensor, scale_b: Tensor,
         acc[m, n] = sum_k a[m, k] * b[k, n]     (int8: the exact integer, as the int32
                                                  tensor-core accumulator holds it;
                                                  fp8: fp32 accumulation in the kernels)
+        acc[m, n] -= azp[m] * azp_adj[n]        (asymmetric int8 activations, vLLM's
+                                                 cutlass_scaled_mm_azp: azp_adj int32 [N],
+                                                 the column sums of b, times a per-tensor
+                                                 zero point when azp is None; azp int32
+                                                 [M] per token)
         out[m, n] = scale_a[m] * (scale_b[n] * float32(acc[m, n])) (+ float32(bias[n]))
     then one cast to out_dtype. Returns [..., N]. Here acc is computed in fp64 (exact for
     int8 while |acc| < 2^53; int8 kernels are exact while K <= 131072, int32's range).
     """
     k = a.shape[-1]
     n = b.shape[1]
-    acc = (a.reshape(math.prod(a.shape[:-1]), k).double() @ b.double()).float()
+    acc = a.reshape(math.prod(a.shape[:-1]), k).double() @ b.double()
+    if azp_adj is not None:
+        adj = azp_adj.double().reshape(1, n)
+        acc = acc - (adj if azp is None else azp.double().reshape(-1, 1) * adj)
+    acc = acc.float()
     sa = scale_a.float().reshape(-1, 1)
     sb = scale_b.float().reshape(1, -1)
     out = sa * (sb * acc)

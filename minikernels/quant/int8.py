@@ -16,12 +16,14 @@ row keeps its own scale.
 Checkpoint format (config.json ``quantization_config``), read by :func:`int8_scheme`:
 compressed-tensors ``format: "int-quantized"`` (llm-compressor's W8A8 / SmoothQuant
 presets, e.g. RedHatAI's ``*-quantized.w8a8``): 8-bit symmetric int ``weights`` with
-strategy ``channel`` (``weight_scale`` [N, 1]) or ``tensor`` (one value), and 8-bit
-symmetric int ``input_activations``. Dynamic per-token activations run as stored; static
-per-tensor ones (an ``input_scale`` per layer) run dynamic per token too, which is never
-less accurate (the stored scale is ignored). Not supported (a ValueError naming it):
-asymmetric weights or activations, weights without activation quantization (W8A16),
-group-wise int8 W8A8 weights.
+strategy ``channel`` (``weight_scale`` [N, 1]) or ``tensor`` (one value), and 8-bit int
+``input_activations``, symmetric or asymmetric (a zero point per token: ``scaled_int8_quant
+(symmetric=False)`` and ``scaled_mm`` with the weight's row sums, vLLM's
+``cutlass_scaled_mm_azp``). Dynamic per-token activations run as stored; static
+per-tensor ones (an ``input_scale``, and ``input_zero_point`` when asymmetric, per layer)
+run dynamic per token too, which is never less accurate (the stored ones are ignored).
+Not supported (a ValueError naming it): asymmetric weights, group-wise int8 W8A8
+weights. Weights without activation quantization load weight-only (W8A16, below).
 
 Weight-only INT8 (W8A16, :class:`Int8WoWeight`, run by :func:`minikernels.ops.int8_matmul`):
 
@@ -163,7 +165,8 @@ def int8_scheme(qc: dict[str, Any]) -> dict[str, Any] | None:
 
     Returns {"method": "compressed-tensors", "strategy": "channel" | "tensor" | "group",
     "activations": "dynamic" | "static" (W8A8) or None (weight-only, W8A16), "group_size":
-    G (group strategy) or -1}. ValueError naming what is not supported.
+    G (group strategy) or -1, "activation_symmetric": False for asymmetric activations
+    (a zero point per token at run time)}. ValueError naming what is not supported.
     """
     if str(qc.get("quant_method", "")).lower() != "compressed-tensors":
         return None
@@ -204,20 +207,19 @@ def int8_scheme(qc: dict[str, Any]) -> dict[str, Any] | None:
         if a.get("type", "int") != "int" or a.get("num_bits") != 8:
             raise ValueError(f"config_groups.{name}: {a.get('num_bits')}-bit {a.get('type')} "
                              "input_activations are not supported (only 8-bit int)")
-        if not a.get("symmetric", True):
-            raise ValueError(f"config_groups.{name}: asymmetric input_activations are not "
-                             "supported")
         dynamic = bool(a.get("dynamic", False))
         if a.get("strategy", "token" if dynamic else "tensor") not in ("token", "tensor"):
             raise ValueError(f"config_groups.{name}: input_activations strategy "
                              f"{a.get('strategy')!r} is not supported (token, tensor)")
-        schemes.add((strategy, "dynamic" if dynamic else "static", -1))
+        schemes.add((strategy, "dynamic" if dynamic else "static", -1,
+                     bool(a.get("symmetric", True))))
+    schemes = {s if len(s) == 4 else (*s, True) for s in schemes}
     if len(schemes) != 1:
         raise ValueError(f"config_groups use several int8 schemes "
                          f"{sorted(map(str, schemes))}")
-    strategy, activations, group = schemes.pop()
+    strategy, activations, group, symmetric = schemes.pop()
     return {"method": "compressed-tensors", "strategy": strategy, "activations": activations,
-            "group_size": group}
+            "group_size": group, "activation_symmetric": symmetric}
 
 
 def int8_wo_from_checkpoint(weight: Tensor, scale: Tensor) -> Int8WoWeight:

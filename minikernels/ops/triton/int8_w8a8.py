@@ -16,6 +16,8 @@ scaled_int8_quant — one program per row of x:
 scaled_mm — per program one [BLOCK_M, BLOCK_N] tile of out (grouped tile order):
     for each K tile of its K range:
         acc += A_tile @ B_tile on tensor cores (int8 x int8 -> exact int32; fp8 -> fp32)
+    asymmetric activations (vLLM's cutlass_scaled_mm_azp): acc -= azp[m] * azp_adj[n]
+        in int32 (azp_adj = the column sums of b; a per-tensor azp comes folded into it)
     epilogue in fp32: out = scale_a[m] * (scale_b[n] * float(acc)) (+ bias[n]), one cast.
     Decode (M <= 16): BLOCK_M 16 and split-K: SPLIT programs per tile each write their
     partial accumulator (int32 for int8: exact, so the split changes no bit) to a
@@ -143,14 +145,21 @@ def scaled_int8_quant_kernel(
 # ------------------------------------------------------------------------- GEMM
 
 @triton.jit
-def _scaled_epilogue(acc, rm, rn, M, N, sa_ptr, sb_ptr, bias_ptr, c_ptr, stride_sa,
-                     stride_sb, stride_bias, PER_TOKEN: tl.constexpr,
+def _scaled_epilogue(acc, rm, rn, M, N, sa_ptr, sb_ptr, bias_ptr, c_ptr, adj_ptr, azp_ptr,
+                     stride_sa, stride_sb, stride_bias, PER_TOKEN: tl.constexpr,
                      PER_CHANNEL: tl.constexpr, HAS_BIAS: tl.constexpr,
-                     RNE_BF16: tl.constexpr):
-    """out[m, n] = sa[m] * (sb[n] * float(acc)) (+ bias[n]) in fp32, cast, masked store.
+                     AZP: tl.constexpr, RNE_BF16: tl.constexpr):
+    """out[m, n] = sa[m] * (sb[n] * float(acc')) (+ bias[n]) in fp32, cast, masked store,
+    acc' = acc minus the activations' zero point term (int32, exact): AZP 1 acc - adj[n]
+    (a per-tensor zero point folded into adj), AZP 2 acc - azp[m] * adj[n] (per token).
     rm / rn: [BM, 1] / [1, BN] row / column indices (any values; masked here)."""
     m_ok = rm < M
     n_ok = rn < N
+    if AZP != 0:
+        adj = tl.load(adj_ptr + rn.to(tl.int64), mask=n_ok, other=0)
+        if AZP == 2:
+            adj = adj * tl.load(azp_ptr + rm.to(tl.int64), mask=m_ok, other=0)
+        acc = acc - adj
     if PER_TOKEN:
         sa = tl.load(sa_ptr + rm.to(tl.int64) * stride_sa, mask=m_ok, other=0.0)
     else:
@@ -171,12 +180,12 @@ def _scaled_epilogue(acc, rm, rn, M, N, sa_ptr, sb_ptr, bias_ptr, c_ptr, stride_
 
 @triton.jit
 def scaled_mm_kernel(
-        a_ptr, b_ptr, sa_ptr, sb_ptr, bias_ptr, c_ptr, ws_ptr, M, N, K, k_tiles_per_split,
-        stride_am, stride_ak, stride_bk, stride_bn, stride_sa, stride_sb, stride_bias,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        a_ptr, b_ptr, sa_ptr, sb_ptr, bias_ptr, c_ptr, ws_ptr, adj_ptr, azp_ptr, M, N, K,
+        k_tiles_per_split, stride_am, stride_ak, stride_bk, stride_bn, stride_sa, stride_sb,
+        stride_bias, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
         GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, INT8: tl.constexpr,
         PER_TOKEN: tl.constexpr, PER_CHANNEL: tl.constexpr, HAS_BIAS: tl.constexpr,
-        SPLIT: tl.constexpr, RNE_BF16: tl.constexpr):
+        AZP: tl.constexpr, SPLIT: tl.constexpr, RNE_BF16: tl.constexpr):
     pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     pid_k = tl.program_id(1)
 
@@ -209,8 +218,8 @@ def scaled_mm_kernel(
         b_ptrs += BLOCK_K * stride_bk
     if SPLIT == 1:
         _scaled_epilogue(acc, rm[:, None], rn[None, :], M, N, sa_ptr, sb_ptr, bias_ptr,
-                         c_ptr, stride_sa, stride_sb, stride_bias, PER_TOKEN, PER_CHANNEL,
-                         HAS_BIAS, RNE_BF16)
+                         c_ptr, adj_ptr, azp_ptr, stride_sa, stride_sb, stride_bias,
+                         PER_TOKEN, PER_CHANNEL, HAS_BIAS, AZP, RNE_BF16)
     else:                               # partial accumulator -> ws[pid_k, m, n]
         ws = ws_ptr + pid_k.to(tl.int64) * M * N + rm[:, None].to(tl.int64) * N + rn[None, :]
         tl.store(ws, acc, mask=(rm[:, None] < M) & (rn[None, :] < N))
@@ -218,9 +227,10 @@ def scaled_mm_kernel(
 
 @triton.jit
 def scaled_mm_reduce_kernel(
-        ws_ptr, sa_ptr, sb_ptr, bias_ptr, c_ptr, M, N, stride_sa, stride_sb, stride_bias,
-        PER_TOKEN: tl.constexpr, PER_CHANNEL: tl.constexpr, HAS_BIAS: tl.constexpr,
-        SPLIT: tl.constexpr, BLOCK: tl.constexpr, RNE_BF16: tl.constexpr):
+        ws_ptr, sa_ptr, sb_ptr, bias_ptr, c_ptr, adj_ptr, azp_ptr, M, N, stride_sa,
+        stride_sb, stride_bias, PER_TOKEN: tl.constexpr, PER_CHANNEL: tl.constexpr,
+        HAS_BIAS: tl.constexpr, AZP: tl.constexpr, SPLIT: tl.constexpr,
+        BLOCK: tl.constexpr, RNE_BF16: tl.constexpr):
     """Split-K: acc = the partials summed in split order 0..SPLIT-1 (int32: exact), then
     scaled_mm's epilogue."""
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
@@ -231,8 +241,9 @@ def scaled_mm_reduce_kernel(
         acc += tl.load(ws_ptr + s * mn + offs, mask=mask, other=0)
     rm = tl.where(mask, offs // N, M)               # out-of-range -> row M (masked)
     rn = offs % N
-    _scaled_epilogue(acc, rm, rn, M, N, sa_ptr, sb_ptr, bias_ptr, c_ptr, stride_sa,
-                     stride_sb, stride_bias, PER_TOKEN, PER_CHANNEL, HAS_BIAS, RNE_BF16)
+    _scaled_epilogue(acc, rm, rn, M, N, sa_ptr, sb_ptr, bias_ptr, c_ptr, adj_ptr, azp_ptr,
+                     stride_sa, stride_sb, stride_bias, PER_TOKEN, PER_CHANNEL, HAS_BIAS,
+                     AZP, RNE_BF16)
 
 
 # ----------------------------------------------------------------------------- configs
@@ -286,9 +297,11 @@ def scaled_int8_quant(x: torch.Tensor, scale: torch.Tensor | None, azp: torch.Te
 
 def scaled_mm(a: torch.Tensor, b: torch.Tensor, scale_a: torch.Tensor, scale_b: torch.Tensor,
               out_dtype: torch.dtype, bias: torch.Tensor | None,
+              azp_adj: torch.Tensor | None = None, azp: torch.Tensor | None = None,
               split_k: int | None = None) -> torch.Tensor:
     """a [M, K], b [K, N] (int8 or fp8 e4m3, any strides), scale_a [1] / [M], scale_b
-    [1] / [N], bias [N] or None (1-D, any stride) -> out [M, N] (contiguous) in out_dtype.
+    [1] / [N], bias [N] or None (1-D, any stride), int8 only: azp_adj int32 [N] and azp
+    int32 [M] or None (both contiguous) -> out [M, N] (contiguous) in out_dtype.
     split_k forces the K split count (tests). Inputs validated by the op."""
     m, k = a.shape
     n = b.shape[1]
@@ -306,18 +319,20 @@ def scaled_mm(a: torch.Tensor, b: torch.Tensor, scale_a: torch.Tensor, scale_b: 
         ws = _alloc.empty((split, m, n), torch.int32 if int8 else torch.float32, a.device)
     bias_arg = bias if has_bias else c
     flags = dict(PER_TOKEN=scale_a.numel() != 1, PER_CHANNEL=scale_b.numel() != 1,
-                 HAS_BIAS=has_bias, RNE_BF16=rne)
+                 HAS_BIAS=has_bias, AZP=0 if azp_adj is None else 1 if azp is None else 2,
+                 RNE_BF16=rne)
+    zp = (azp_adj if azp_adj is not None else scale_a, azp if azp is not None else scale_a)
     strides = (scale_a.stride(0), scale_b.stride(0), bias.stride(0) if has_bias else 0)
     grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]), split)
     scaled_mm_kernel[grid](
-        a, b, scale_a, scale_b, bias_arg, c, ws, m, n, k, cfg["K_TILES_PER_SPLIT"],
+        a, b, scale_a, scale_b, bias_arg, c, ws, *zp, m, n, k, cfg["K_TILES_PER_SPLIT"],
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), *strides,
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
         GROUP_M=cfg["GROUP_M"], EVEN_K=k % cfg["BLOCK_K"] == 0, INT8=int8, SPLIT=split,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **flags)
     if split > 1:
         scaled_mm_reduce_kernel[(triton.cdiv(m * n, _REDUCE_BLOCK),)](
-            ws, scale_a, scale_b, bias_arg, c, m, n, *strides, SPLIT=split,
+            ws, scale_a, scale_b, bias_arg, c, *zp, m, n, *strides, SPLIT=split,
             BLOCK=_REDUCE_BLOCK, num_warps=4, **flags)
     return c
 
@@ -333,32 +348,39 @@ _IN = {"int8": "*i8", "fp8": "*fp8e4nv"}
 _MM_INTS = {"M": "i32", "N": "i32", "K": "i32", "k_tiles_per_split": "i32",
             "stride_am": "i64", "stride_bn": "i64", "stride_bias": "i64"}
 
-# (input, output, M, K a multiple of BLOCK_K, has bias, per-token scale_a)
-_MM_CASES = ([("int8", out, m, True, False, True) for out in ("bf16", "fp16", "fp32")
+# (input, output, M, K a multiple of BLOCK_K, has bias, per-token scale_a, azp mode)
+_MM_CASES = ([("int8", out, m, True, False, True, 0) for out in ("bf16", "fp16", "fp32")
               for m in (16, 64, 4096)]
-             + [("int8", "bf16", 16, False, True, True), ("int8", "bf16", 4096, False, True, True),
-                ("fp8", "bf16", 16, True, False, True), ("fp8", "bf16", 4096, True, False, True),
-                ("fp8", "fp16", 4096, False, True, True)]
+             + [("int8", "bf16", 16, False, True, True, 0),
+                ("int8", "bf16", 4096, False, True, True, 0),
+                ("fp8", "bf16", 16, True, False, True, 0),
+                ("fp8", "bf16", 4096, True, False, True, 0),
+                ("fp8", "fp16", 4096, False, True, True, 0)]
              # the bias-free decode steps the engine launches (per-tensor scale_a: static)
-             + [("int8", out, 16, even, False, tok) for out in ("bf16", "fp16")
-                for even, tok in ((False, False), (True, False), (False, True))])
-for _in, _out, _m, _even, _bias, _tok in _MM_CASES:
+             + [("int8", out, 16, even, False, tok, 0) for out in ("bf16", "fp16")
+                for even, tok in ((False, False), (True, False), (False, True))]
+             # asymmetric activations: per-token zero points (dynamic), per-tensor (static)
+             + [("int8", "bf16", m, True, False, True, 2) for m in (16, 64, 4096)]
+             + [("int8", "bf16", 4096, False, True, False, 1)])
+for _in, _out, _m, _even, _bias, _tok, _azp in _MM_CASES:
     for _arch in ((80, 90) if _in == "int8" else (90,)):
         _cfg = mm_config(_m, 4096, 4096, _arch, 132)
         _const = {"stride_ak": 1, "stride_bk": 1, "stride_sa": 1, "stride_sb": 1,
                   "BLOCK_M": _cfg["BLOCK_M"], "BLOCK_N": _cfg["BLOCK_N"],
                   "BLOCK_K": _cfg["BLOCK_K"], "GROUP_M": _cfg["GROUP_M"], "EVEN_K": _even,
                   "INT8": _in == "int8", "PER_TOKEN": _tok, "PER_CHANNEL": True,
-                  "HAS_BIAS": _bias, "SPLIT": _cfg["SPLIT"], "RNE_BF16": False}
+                  "HAS_BIAS": _bias, "AZP": _azp, "SPLIT": _cfg["SPLIT"], "RNE_BF16": False}
         _sig = {"a_ptr": _IN[_in], "b_ptr": _IN[_in], "sa_ptr": "*fp32", "sb_ptr": "*fp32",
                 "bias_ptr": _OUT[_out], "c_ptr": _OUT[_out],
-                "ws_ptr": "*i32" if _in == "int8" else "*fp32", **_MM_INTS,
-                **{c: "constexpr" for c in _const}}
+                "ws_ptr": "*i32" if _in == "int8" else "*fp32",
+                "adj_ptr": "*i32" if _azp else "*fp32", "azp_ptr": "*i32" if _azp == 2 else
+                "*fp32", **_MM_INTS, **{c: "constexpr" for c in _const}}
         _div = ("a_ptr", "b_ptr", "sa_ptr", "sb_ptr", "bias_ptr", "c_ptr", "ws_ptr", "N", "K",
                 "stride_am", "stride_bn")
         register(KernelSpec(
             name=f"scaled_mm[{_in},{_out},M={_m}{'' if _even else ',k_tail'}"
-                 f"{',bias' if _bias else ''}{'' if _tok else ',per_tensor'},sm{_arch}]",
+                 f"{',bias' if _bias else ''}{'' if _tok else ',per_tensor'}"
+                 f"{('', ',azp', ',azp_token')[_azp]},sm{_arch}]",
             fn=scaled_mm_kernel,
             signature={a: _sig[a] for a in scaled_mm_kernel.arg_names},
             constexprs=_const, num_warps=_cfg["num_warps"], num_stages=_cfg["num_stages"],
@@ -367,17 +389,22 @@ for _in, _out, _m, _even, _bias, _tok in _MM_CASES:
 
 # (accumulator, output, bias, per-token scale_a): the last two are the bias-free decode
 # steps of W8A8 models (split-K at M <= 16), per-token and static per-tensor activations
-for _acc, _out, _bias, _tok in (("int8", "bf16", True, True), ("int8", "fp16", True, True),
-                                ("fp8", "bf16", True, True), ("int8", "bf16", False, True),
-                                ("int8", "bf16", False, False)):
+for _acc, _out, _bias, _tok, _azp in (
+        ("int8", "bf16", True, True, 0), ("int8", "fp16", True, True, 0),
+        ("fp8", "bf16", True, True, 0), ("int8", "bf16", False, True, 0),
+        ("int8", "bf16", False, False, 0), ("int8", "bf16", False, True, 2)):
     _const = {"stride_sa": 1, "stride_sb": 1, "PER_TOKEN": _tok, "PER_CHANNEL": True,
-              "HAS_BIAS": _bias, "SPLIT": 4, "BLOCK": _REDUCE_BLOCK, "RNE_BF16": False}
+              "HAS_BIAS": _bias, "AZP": _azp, "SPLIT": 4, "BLOCK": _REDUCE_BLOCK,
+              "RNE_BF16": False}
     _sig = {"ws_ptr": "*i32" if _acc == "int8" else "*fp32", "sa_ptr": "*fp32",
-            "sb_ptr": "*fp32", "bias_ptr": _OUT[_out], "c_ptr": _OUT[_out], "M": "i32",
-            "N": "i32", "stride_bias": "i64", **{c: "constexpr" for c in _const}}
+            "sb_ptr": "*fp32", "bias_ptr": _OUT[_out], "c_ptr": _OUT[_out],
+            "adj_ptr": "*i32" if _azp else "*fp32", "azp_ptr": "*i32" if _azp == 2 else
+            "*fp32", "M": "i32", "N": "i32", "stride_bias": "i64",
+            **{c: "constexpr" for c in _const}}
     register(KernelSpec(
         name=f"scaled_mm_reduce[{_acc},{_out}{',bias' if _bias else ''}"
-             f"{'' if _tok else ',per_tensor'}]", fn=scaled_mm_reduce_kernel,
+             f"{'' if _tok else ',per_tensor'}{('', ',azp', ',azp_token')[_azp]}]",
+        fn=scaled_mm_reduce_kernel,
         signature={a: _sig[a] for a in scaled_mm_reduce_kernel.arg_names},
         constexprs=_const, num_warps=4, num_stages=1,
         divisible_by_16=("ws_ptr", "c_ptr", "N")))
