@@ -758,6 +758,77 @@ def test_samplers_draw_inside_their_filters(device):
     assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("onehot_target", [False, True])
+@pytest.mark.parametrize("n", [1, 3])
+def test_chain_speculative_sampling_flashinfer_checks(device, onehot_target, n):
+    """FlashInfer's tests/test_sampling.py::test_chain_speculative_sampling checks: a
+    one-hot target reproduces its tokens; otherwise the accepted prefix equals the drafts,
+    -1 follows the drawn token, emitted + 1 == tokens written; counts add into buffers."""
+    gen = torch.Generator().manual_seed(n)
+    b, v = 99, 111
+    draft = torch.rand(b, n, v, generator=gen)
+    draft = (draft / draft.sum(-1, keepdim=True)).to(device)
+    draft_ids = torch.randint(v, (b, n), generator=gen).to(device)
+    if onehot_target:
+        target_ids = torch.randint(v, (b, n + 1), generator=gen).to(device)
+        target_ids[:, :n] = draft_ids
+        target = torch.zeros(b, n + 1, v, device=device)
+        target.scatter_(2, target_ids.unsqueeze(-1), 1)
+    else:
+        target = torch.rand(b, n + 1, v, generator=gen)
+        target = (target / target.sum(-1, keepdim=True)).to(device)
+    for _ in range(3):
+        accepted = torch.zeros(b, dtype=torch.int32, device=device)
+        emitted = torch.zeros(b, dtype=torch.int32, device=device)
+        out, acc, emi = fi.chain_speculative_sampling(draft, draft_ids, target, accepted,
+                                                      emitted)
+        assert acc is accepted and emi is emitted and out.dtype == torch.int32
+        assert out.shape == (b, n + 1)
+        if onehot_target:
+            assert torch.equal(out, target_ids.to(torch.int32))
+            assert (acc == n).all() and (emi == n).all()
+        else:
+            assert ((out >= 0) & (out < v) | (out == -1)).all()
+            for row in range(b):
+                mismatch = (out[row, :-1] != draft_ids[row]).nonzero()[:, 0]
+                if len(mismatch):
+                    assert torch.equal(mismatch, torch.arange(mismatch[0], n, device=device))
+                    assert (out[row, mismatch[0] + 1:] == -1).all()
+        assert torch.equal(emi + 1, (out != -1).sum(1).to(torch.int32))
+        assert ((acc >= emi) & (acc <= n)).all()
+    again, acc2, _ = fi.chain_speculative_sampling(draft, draft_ids, target, accepted)
+    assert torch.equal(acc2, accepted) and (accepted >= acc).all()        # added in place
+    fi.sampling.chain_speculative_sampling(draft, draft_ids, target)       # the namespace
+    with pytest.raises(ValueError, match="target_probs"):
+        fi.chain_speculative_sampling(draft, draft_ids, target[:, :n])
+    with pytest.raises(ValueError, match="draft_token_ids"):
+        fi.chain_speculative_sampling(draft, draft_ids + v, target)
+    with pytest.raises(ValueError, match="maybe_output_accepted_token_num"):
+        fi.chain_speculative_sampling(draft, draft_ids, target, accepted[:3])
+
+
+def test_chain_speculative_sampling_distribution(device):
+    """Every emitted token follows the target distribution: the first token of a row
+    (accepted draft or the drawn one) is distributed as target row 0, and the number of
+    accepted drafts follows the acceptance probabilities sum(min(q, p))."""
+    gen = torch.Generator().manual_seed(5)
+    rows, v = 20000, 6
+    q = torch.rand(2, v, generator=gen) ** 3
+    q /= q.sum(-1, keepdim=True)
+    p = torch.rand(3, v, generator=gen) ** 3
+    p /= p.sum(-1, keepdim=True)
+    ids = torch.multinomial(q, rows, replacement=True, generator=gen).t().contiguous()
+    out, _, emitted = fi.chain_speculative_sampling(
+        q.expand(rows, 2, v).to(device), ids.to(device), p.expand(rows, 3, v).to(device),
+        generator=torch.Generator(device=device).manual_seed(1))
+    first = torch.bincount(out[:, 0].long().cpu(), minlength=v).float() / rows
+    torch.testing.assert_close(first, p[0], atol=0.015, rtol=0)
+    a0, a1 = torch.minimum(q, p[:2]).sum(-1)
+    want = torch.stack([1 - a0, a0 * (1 - a1), a0 * a1])
+    got = torch.bincount(emitted.long().cpu(), minlength=3).float() / rows
+    torch.testing.assert_close(got, want, atol=0.015, rtol=0)
+
+
 # ------------------------------------------------------------------------------ errors
 
 

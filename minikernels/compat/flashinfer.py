@@ -27,7 +27,9 @@ Names, argument names, defaults, layouts and return shapes are FlashInfer's. Cov
   (+ ``_inplace``);
 - sampling: ``top_k_mask_logits``, ``top_k_renorm_probs``, ``top_p_renorm_probs``,
   ``sampling_from_probs`` / ``_from_logits``, ``top_k`` / ``top_p`` / ``min_p`` /
-  ``top_k_top_p_sampling_from_probs``, ``top_k_top_p_sampling_from_logits``;
+  ``top_k_top_p_sampling_from_probs``, ``top_k_top_p_sampling_from_logits``,
+  ``chain_speculative_sampling`` (speculative decoding's verification, on
+  ``ops.rejection_sample``);
 - the submodule namespaces ``decode``, ``prefill``, ``page``, ``cascade``, ``norm``,
   ``activation``, ``rope``, ``sampling`` (``flashinfer.sampling.top_k_mask_logits(...)``
   works; ``from ...flashinfer.sampling import x`` does not: they are attributes).
@@ -105,7 +107,8 @@ __all__ = [
     "apply_llama31_rope", "apply_llama31_rope_inplace", "apply_llama31_rope_pos_ids",
     "apply_llama31_rope_pos_ids_inplace", "apply_rope", "apply_rope_inplace",
     "apply_rope_pos_ids", "apply_rope_pos_ids_inplace", "apply_rope_with_cos_sin_cache",
-    "apply_rope_with_cos_sin_cache_inplace", "cascade", "decode", "fused_add_rmsnorm",
+    "apply_rope_with_cos_sin_cache_inplace", "cascade", "chain_speculative_sampling",
+    "decode", "fused_add_rmsnorm",
     "gelu_and_mul", "gelu_tanh_and_mul", "gemma_fused_add_rmsnorm", "gemma_rmsnorm",
     "get_batch_indices_positions", "get_seq_lens", "layernorm", "merge_state",
     "merge_state_in_place",
@@ -1529,6 +1532,70 @@ def top_k_top_p_sampling_from_logits(logits: Tensor, top_k: int | Tensor,
                                            generator, check_nan)
 
 
+def _count_buffer(name: str, buf: object, rows: int, device: torch.device) -> Tensor | None:
+    if buf is None:
+        return None
+    check_tensor(name, buf, dtypes=(torch.int32, torch.int64), ndim=1, device=device)
+    if buf.shape[0] != rows:
+        raise ValueError(f"{name} must have shape [{rows}], got {list(buf.shape)}")
+    return buf
+
+
+def chain_speculative_sampling(draft_probs: Tensor, draft_token_ids: Tensor,
+                               target_probs: Tensor,
+                               maybe_output_accepted_token_num: Tensor | None = None,
+                               maybe_output_emitted_draft_token_num: Tensor | None = None,
+                               deterministic: bool = True,
+                               generator: torch.Generator | None = None
+                               ) -> tuple[Tensor, Tensor, Tensor]:
+    """Speculative sampling of a chain of drafts (Leviathan et al.), on
+    :func:`minikernels.ops.rejection_sample`: draft j is accepted when
+    ``u_j * q_j(x_j) < p_j(x_j)`` (probability min(1, p / q)); at the first rejection a
+    token is drawn from normalize(max(0, p_j - q_j)); after a whole chain, the bonus
+    token from p_n.
+
+    draft_probs [B, n, V], draft_token_ids [B, n] (int32 / int64), target_probs
+    [B, n + 1, V] (fp32 probabilities; other float dtypes are converted). Returns
+    (output_token_ids int32 [B, n + 1]: the accepted drafts, the drawn token, then -1;
+    accepted_num int32 [B]: how many drafts pass their own acceptance test, each
+    position considered on its own (FlashInfer's alignment metric, not stopping at the
+    first rejection); emitted_num int32 [B]: drafts actually emitted). Given
+    ``maybe_output_*`` buffers ([B], int32 / int64), the counts are added to them in place
+    and they are returned. The uniforms and the exponential race come from ``generator``
+    (FlashInfer's distribution, not its random stream)."""
+    check_tensor("draft_probs", draft_probs, dtypes=FLOAT_DTYPES, ndim=3)
+    dev = draft_probs.device
+    b, n, v = draft_probs.shape
+    check_tensor("draft_token_ids", draft_token_ids, dtypes=_INT_DTYPES, ndim=2, device=dev)
+    check_tensor("target_probs", target_probs, dtypes=FLOAT_DTYPES, ndim=3, device=dev)
+    if tuple(draft_token_ids.shape) != (b, n) or tuple(target_probs.shape) != (b, n + 1, v):
+        raise ValueError(f"draft_token_ids must be [{b}, {n}] and target_probs "
+                         f"[{b}, {n + 1}, {v}] for draft_probs [{b}, {n}, {v}], got "
+                         f"{list(draft_token_ids.shape)} and {list(target_probs.shape)}")
+    check_index_range("draft_token_ids", draft_token_ids, 0, v)
+    accepted_buf = _count_buffer("maybe_output_accepted_token_num",
+                                 maybe_output_accepted_token_num, b, dev)
+    emitted_buf = _count_buffer("maybe_output_emitted_draft_token_num",
+                                maybe_output_emitted_draft_token_num, b, dev)
+    q = draft_probs.float()
+    p = target_probs.float()
+    ids = draft_token_ids.long()
+    uniform = torch.rand((b, n), device=dev, generator=generator)
+    exp_q = torch.empty((b, v), device=dev).exponential_(generator=generator)
+    tokens = ops.rejection_sample(ids, torch.full((b,), n, dtype=torch.int64, device=dev),
+                                  p, q, uniform, exp_q, torch.zeros(b, dtype=torch.bool,
+                                                                   device=dev))
+    emitted = ((tokens != -1).sum(dim=1) - 1).to(torch.int32)
+    q_x = q.gather(2, ids[..., None])[..., 0]
+    p_x = p[:, :n].gather(2, ids[..., None])[..., 0]
+    accepted = (uniform * q_x < p_x).sum(dim=1).to(torch.int32)
+    if accepted_buf is not None:
+        accepted = accepted_buf.add_(accepted.to(accepted_buf.dtype))
+    if emitted_buf is not None:
+        emitted = emitted_buf.add_(emitted.to(emitted_buf.dtype))
+    return tokens.to(torch.int32), accepted, emitted
+
+
 # -------------------------------------------------------------- submodule-style namespaces
 
 decode = SimpleNamespace(
@@ -1558,6 +1625,7 @@ rope = SimpleNamespace(
     apply_rope_with_cos_sin_cache=apply_rope_with_cos_sin_cache,
     apply_rope_with_cos_sin_cache_inplace=apply_rope_with_cos_sin_cache_inplace)
 sampling = SimpleNamespace(
+    chain_speculative_sampling=chain_speculative_sampling,
     top_k_mask_logits=top_k_mask_logits, top_k_renorm_probs=top_k_renorm_probs,
     top_p_renorm_probs=top_p_renorm_probs, top_k_renorm_prob=top_k_renorm_prob,
     top_p_renorm_prob=top_p_renorm_prob, sampling_from_probs=sampling_from_probs,
