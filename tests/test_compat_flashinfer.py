@@ -20,6 +20,7 @@ from helpers import examples, assert_close
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from minikernels import ops as mk_ops
 from minikernels.compat import flashinfer as fi
 
 LOG2E = math.log2(math.e)
@@ -756,6 +757,49 @@ def test_samplers_draw_inside_their_filters(device):
     b = fi.sampling_from_probs(probs.expand(50, 5),
                                generator=torch.Generator(device=device).manual_seed(7))
     assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_rmsnorm_quant(device, dtype):
+    """FlashInfer's tests/test_norm.py::test_norm_quant / test_fused_add_rmsnorm_quant
+    formula: fp8(rmsnorm(x) * w / scale) within one fp8 step; the residual updated;
+    the block form's q, TMA-aligned scales and normed_out."""
+    torch.manual_seed(0)
+    b, h = 5, 256
+    x = torch.randn(b, h, device=device, dtype=dtype)
+    w = torch.randn(h, device=device, dtype=dtype)
+    r = torch.randn(b, h, device=device, dtype=dtype)
+    for scale in (0.5, torch.tensor([0.02], device=device)):
+        s = float(scale)
+        out = torch.empty(b, h, dtype=torch.float8_e4m3fn, device=device)
+        fi.rmsnorm_quant(out, x, w, scale)
+        xf = x.float()
+        ref = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-6) * w.float())
+        want = (ref.to(dtype).float() / s).clamp(-448, 448)
+        assert ((out.float() - want).abs() <= want.abs() / 8 + 2.0**-9).all()
+        res = r.clone()
+        fi.norm.fused_add_rmsnorm_quant(out, x, res, w, scale)
+        summed = (x.float() + r.float()).to(dtype)
+        assert torch.equal(res, summed)
+        hf = summed.float()
+        ref = (hf * torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + 1e-6) * w.float())
+        want = (ref.to(dtype).float() / s).clamp(-448, 448)
+        assert ((out.float() - want).abs() <= want.abs() / 8 + 2.0**-9).all()
+    res = r.clone()
+    normed = torch.empty_like(x)
+    block_scale = torch.full((h // 128, 8), float("nan"), device=device)
+    fi.fused_add_rmsnorm_fp8_block_quant(out, block_scale, normed, x, res, w)
+    assert torch.equal(res, summed)
+    assert_close(normed, ref.to(dtype))
+    q, sc = mk_ops.per_token_group_quant_fp8(normed, 128)
+    assert torch.equal(out.view(torch.uint8), q.view(torch.uint8))
+    assert torch.equal(block_scale.t()[:b], sc)
+    with pytest.raises(ValueError, match="block_scale"):
+        fi.fused_add_rmsnorm_fp8_block_quant(out, block_scale[:, :5], normed, x, res, w)
+    with pytest.raises(TypeError, match="out"):
+        fi.rmsnorm_quant(out.float(), x, w, 1.0)
+    with pytest.raises(ValueError, match="scale"):
+        fi.rmsnorm_quant(out, x, w, torch.ones(2, device=device))
 
 
 @pytest.mark.parametrize("onehot_target", [False, True])

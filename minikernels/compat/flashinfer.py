@@ -22,6 +22,9 @@ Names, argument names, defaults, layouts and return shapes are FlashInfer's. Cov
 - cascade: ``merge_state``, ``merge_state_in_place``, ``merge_states``;
 - ``rmsnorm``, ``fused_add_rmsnorm``, ``gemma_rmsnorm``, ``gemma_fused_add_rmsnorm``,
   ``layernorm``, ``silu_and_mul``, ``gelu_and_mul`` (erf), ``gelu_tanh_and_mul``;
+  ``rmsnorm_quant``, ``fused_add_rmsnorm_quant`` (static fp8) and
+  ``fused_add_rmsnorm_fp8_block_quant`` (1 x 128 blocks, TMA-aligned scales) on
+  ``ops.rms_norm_quant``;
 - RoPE: ``apply_rope`` / ``apply_rope_pos_ids`` / ``apply_llama31_rope`` /
   ``apply_llama31_rope_pos_ids`` (each with ``_inplace``), ``apply_rope_with_cos_sin_cache``
   (+ ``_inplace``);
@@ -108,7 +111,8 @@ __all__ = [
     "apply_llama31_rope_pos_ids_inplace", "apply_rope", "apply_rope_inplace",
     "apply_rope_pos_ids", "apply_rope_pos_ids_inplace", "apply_rope_with_cos_sin_cache",
     "apply_rope_with_cos_sin_cache_inplace", "cascade", "chain_speculative_sampling",
-    "decode", "fused_add_rmsnorm",
+    "decode", "fused_add_rmsnorm", "fused_add_rmsnorm_fp8_block_quant",
+    "fused_add_rmsnorm_quant", "rmsnorm_quant",
     "gelu_and_mul", "gelu_tanh_and_mul", "gemma_fused_add_rmsnorm", "gemma_rmsnorm",
     "get_batch_indices_positions", "get_seq_lens", "layernorm", "merge_state",
     "merge_state_in_place",
@@ -1100,6 +1104,83 @@ def gemma_fused_add_rmsnorm(input: Tensor, residual: Tensor, weight: Tensor,
     _fused_add_norm(input, residual, weight, eps, 1.0)
 
 
+def _static_scale(scale: object, device: torch.device) -> Tensor:
+    """FlashInfer's quantization scale: a float or a 1-element fp32 tensor -> fp32 [1]."""
+    if isinstance(scale, Tensor):
+        check_tensor("scale", scale, dtypes=(torch.float32,), device=device)
+        if scale.numel() != 1:
+            raise ValueError(f"scale must have 1 element, got shape {list(scale.shape)}")
+        return scale.reshape(1)
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise TypeError(f"scale must be a float or a 1-element tensor, got "
+                        f"{type(scale).__name__}")
+    return torch.tensor([float(scale)], dtype=torch.float32, device=device)
+
+
+def _check_fp8_out(name: str, out: object, like: Tensor, shape: list[int]) -> None:
+    check_tensor(name, out, dtypes=(torch.float8_e4m3fn,), device=like.device)
+    check_shape(name, out, shape)  # type: ignore[arg-type]
+
+
+def rmsnorm_quant(out: Tensor, input: Tensor, weight: Tensor, scale: float | Tensor,
+                  eps: float = 1e-6, enable_pdl: bool | None = None) -> None:
+    """RMSNorm + static fp8 quantization into ``out`` (float8_e4m3fn like input):
+    ``out = fp8(clamp(rmsnorm(input) * weight / scale, +-448))`` (the normed value
+    rounded to input's dtype first; ``ops.rms_norm_quant``, one kernel). input [..., H]
+    fp16 / bf16 / fp32, any strides; scale a float or a 1-element fp32 tensor."""
+    _check_norm(input, weight)
+    _check_fp8_out("out", out, input, list(input.shape))
+    q, _ = ops.rms_norm_quant(input, weight, eps, torch.float8_e4m3fn,
+                              scale=_static_scale(scale, input.device))
+    out.copy_(q)
+
+
+def fused_add_rmsnorm_quant(out: Tensor, input: Tensor, residual: Tensor, weight: Tensor,
+                            scale: float | Tensor, eps: float = 1e-6,
+                            enable_pdl: bool | None = None) -> None:
+    """``residual += input`` (in place, rounded to its dtype), then ``out =
+    fp8(clamp(rmsnorm(residual) * weight / scale))``; input is not written. Layouts as
+    :func:`rmsnorm_quant`."""
+    _check_norm(input, weight)
+    check_tensor("residual", residual, dtypes=(input.dtype,), device=input.device)
+    check_shape("residual", residual, list(input.shape))
+    _check_fp8_out("out", out, input, list(input.shape))
+    q, _, h = ops.rms_norm_quant(input, weight, eps, torch.float8_e4m3fn, residual=residual,
+                                 scale=_static_scale(scale, input.device))
+    residual.copy_(h)
+    out.copy_(q)
+
+
+def fused_add_rmsnorm_fp8_block_quant(out: Tensor, block_scale: Tensor, normed_out: Tensor,
+                                      input: Tensor, residual: Tensor, weight: Tensor,
+                                      eps: float = 1e-6,
+                                      enable_pdl: bool | None = None) -> None:
+    """``residual += input``; ``normed_out = rmsnorm(residual) * weight`` (input's dtype);
+    ``out`` (float8_e4m3fn [B, H]) and ``block_scale`` its quantization per token and 128
+    columns, dynamic (``max |normed| / 448`` per block, from the rounded normed values, so
+    out equals re-quantizing normed_out). block_scale: fp32 [H / 128, round_up(B, 4)]
+    (column-major, TMA-aligned: the logical [B, H / 128] scales are
+    ``block_scale.t()[:B]``). input, residual [B, H], H a multiple of 128."""
+    _check_norm(input, weight)
+    check_tensor("input", input, dtypes=FLOAT_DTYPES, ndim=2)
+    b, h = input.shape
+    if h % 128:
+        raise ValueError(f"input's hidden size must be a multiple of 128, got {h}")
+    check_tensor("residual", residual, dtypes=(input.dtype,), device=input.device)
+    check_shape("residual", residual, [b, h])
+    _check_fp8_out("out", out, input, [b, h])
+    check_tensor("normed_out", normed_out, dtypes=(input.dtype,), device=input.device)
+    check_shape("normed_out", normed_out, [b, h])
+    check_tensor("block_scale", block_scale, dtypes=(torch.float32,), device=input.device)
+    check_shape("block_scale", block_scale, [h // 128, -(-b // 4) * 4])
+    q, s, summed = ops.rms_norm_quant(input, weight, eps, torch.float8_e4m3fn,
+                                      residual=residual, group_size=128)
+    normed_out.copy_(ops.rms_norm(summed, weight, eps))
+    residual.copy_(summed)
+    out.copy_(q)
+    block_scale.t()[:b].copy_(s)
+
+
 def layernorm(input: Tensor, gemma: Tensor, beta: Tensor, eps: float = 1e-6) -> Tensor:
     """LayerNorm over the last dim (FlashInfer's argument names: ``gemma`` the scale,
     ``beta`` the shift): ``(input - mean) / sqrt(var + eps) * gemma + beta``, biased
@@ -1613,7 +1694,10 @@ cascade = SimpleNamespace(merge_state=merge_state, merge_state_in_place=merge_st
                           merge_states=merge_states)
 norm = SimpleNamespace(rmsnorm=rmsnorm, fused_add_rmsnorm=fused_add_rmsnorm,
                        gemma_rmsnorm=gemma_rmsnorm,
-                       gemma_fused_add_rmsnorm=gemma_fused_add_rmsnorm, layernorm=layernorm)
+                       gemma_fused_add_rmsnorm=gemma_fused_add_rmsnorm, layernorm=layernorm,
+                       rmsnorm_quant=rmsnorm_quant,
+                       fused_add_rmsnorm_quant=fused_add_rmsnorm_quant,
+                       fused_add_rmsnorm_fp8_block_quant=fused_add_rmsnorm_fp8_block_quant)
 activation = SimpleNamespace(silu_and_mul=silu_and_mul, gelu_tanh_and_mul=gelu_tanh_and_mul,
                              gelu_and_mul=gelu_and_mul)
 rope = SimpleNamespace(
