@@ -11,7 +11,8 @@ import torch
 from helpers import examples
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_rms_norm_quant import assert_same, assert_within_a_step, codes, strided
+from test_rms_norm_quant import (assert_kernel_matches, assert_within_a_step, codes,
+                                 strided)
 
 import minikernels as mk
 from minikernels.compat import vllm_ops
@@ -81,7 +82,7 @@ def test_equals_the_unfused_kernels(device, rows, inter, dtype, quant, act, mode
               scale_ub=None if scale_ub is None else scale_ub.to(device))
     if mode == "static":
         got, want = got[:1], want[:1]
-    assert_same(got, want)
+    assert_kernel_matches(got, want, dtype, static=mode == "static")
     if mode == "token" and not ub and rows and inter:
         assert_dequantizes_near(run("triton", x.to(device), quant, act), x, act, quant, None)
     elif mode == "group" and not ub and rows:
@@ -116,15 +117,17 @@ def test_fused_equals_the_unfused_ops(device, backend):
     """act_and_mul_quant == silu_and_mul then the op a W8A8 down_proj runs, exactly."""
     torch.manual_seed(1)
     x = torch.randn(5, 2 * 256, device=device, dtype=torch.bfloat16)
+    dt = torch.bfloat16
     with mk.use_backend(backend):
         y = mk.ops.silu_and_mul(x)
-        assert_same(mk.ops.act_and_mul_quant(x, torch.int8),
-                    tuple(t.cpu() for t in mk.ops.scaled_int8_quant(y)[:2]))
-        assert_same(mk.ops.act_and_mul_quant(x, FP8, group_size=128),
-                    tuple(t.cpu() for t in mk.ops.per_token_group_quant_fp8(y, 128)))
+        assert_kernel_matches(mk.ops.act_and_mul_quant(x, torch.int8),
+                              tuple(t.cpu() for t in mk.ops.scaled_int8_quant(y)[:2]), dt)
+        assert_kernel_matches(mk.ops.act_and_mul_quant(x, FP8, group_size=128),
+                              tuple(t.cpu() for t in mk.ops.per_token_group_quant_fp8(y, 128)),
+                              dt)
         y = mk.ops.gelu_and_mul(x, "tanh")
-        assert_same(mk.ops.act_and_mul_quant(x, torch.int8, "gelu_tanh"),
-                    tuple(t.cpu() for t in mk.ops.scaled_int8_quant(y)[:2]))
+        assert_kernel_matches(mk.ops.act_and_mul_quant(x, torch.int8, "gelu_tanh"),
+                              tuple(t.cpu() for t in mk.ops.scaled_int8_quant(y)[:2]), dt)
 
 
 def test_shapes_and_zero_rows(device):

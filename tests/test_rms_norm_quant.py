@@ -82,9 +82,25 @@ def assert_within_a_step(got, want, x_dtype) -> None:
     else:
         a, b = q.float(), rq.float()
         assert ((a - b).abs() <= b.abs() / 8 + 2.0**-9).all()
-    assert (codes(q) != codes(rq)).float().mean() <= 0.01
+    assert int((codes(q) != codes(rq)).sum()) <= max(1, 0.01 * q.numel())
     if len(got) == 3:
         assert_same(got[2:], want[2:])
+
+
+def assert_kernel_matches(got, want, x_dtype, static: bool = False) -> None:
+    """The kernel against the reference (or another kernel path): bit for bit under the
+    interpreter, where its rsqrt and sums are numpy's exact ones on these inputs; on a GPU
+    tl.rsqrt is the hardware approximation (~2^-22), which can move a normalized value by
+    one ulp of x's dtype, so within one quantization step there (the residual sum, which
+    has no rsqrt, stays exact)."""
+    if got[0].device.type == "cpu":
+        assert_same(got, want)
+    elif not static:                        # (q, scales[, residual sum])
+        assert_within_a_step(got, want, x_dtype)
+    else:                                   # (q[, residual sum]): rare one-step differences
+        q, rq = codes(got[0].cpu()), codes(want[0])
+        assert int((q != rq).sum()) <= max(1, 0.01 * q.numel())
+        assert_same(got[1:], want[1:])
 
 
 MODES = ["token", "group", "static"]
@@ -117,7 +133,7 @@ def test_matches_reference(device, rows, hidden, dtype, quant, mode, residual,
     if mode == "static":
         assert got[1] is dev["scale"]
         got, want = (got[0], *got[2:]), (want[0], *want[2:])
-    assert_same(got, want)
+    assert_kernel_matches(got, want, dtype, static=mode == "static")
 
 
 @pytest.mark.parametrize("quant", QUANT)
@@ -134,7 +150,9 @@ def test_long_rows_stream(device, quant, mode, hidden):
     want = run("reference", x, w, 1e-5, quant, **kw)
     dev = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in kw.items()}
     got = run("triton", x.to(device), w.to(device), 1e-5, quant, **dev)
-    assert_same(got, want)
+    if mode == "static":
+        got, want = (got[0], got[2]), (want[0], want[2])
+    assert_kernel_matches(got, want, torch.bfloat16, static=mode == "static")
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -160,21 +178,22 @@ def test_fused_equals_unfused(device, backend, dtype):
     x = grid_values((5, 256), dtype, gen).to(device)
     r = grid_values((5, 256), dtype, gen).to(device)
     w = (torch.rand(256, generator=gen) + 0.5).to(dtype).to(device)
+    # (on a GPU the two kernels' fp32 sums may add in different orders: within a step)
     with mk.use_backend(backend):
         y, h = mk.ops.rms_norm(x, w, 1e-6, residual=r)
         q, s, h2 = mk.ops.rms_norm_quant(x, w, 1e-6, torch.int8, residual=r)
-        assert_same((q, s, h2), tuple(t.cpu() for t in mk.ops.scaled_int8_quant(y)[:2]) +
-                    (h.cpu(),))
+        assert_kernel_matches((q, s, h2), tuple(
+            t.cpu() for t in mk.ops.scaled_int8_quant(y)[:2]) + (h.cpu(),), dtype)
         q, s = mk.ops.rms_norm_quant(x, w, 1e-6, FP8, group_size=128)
         want = mk.ops.per_token_group_quant_fp8(mk.ops.rms_norm(x, w, 1e-6), 128)
-        assert_same((q, s), tuple(t.cpu() for t in want))
+        assert_kernel_matches((q, s), tuple(t.cpu() for t in want), dtype)
         q, s = mk.ops.rms_norm_quant(x, w, 1e-6, FP8, group_size=256)   # the whole row
         want = mk.ops.per_token_group_quant_fp8(mk.ops.rms_norm(x, w, 1e-6), 256)
-        assert_same((q, s), tuple(t.cpu() for t in want))
+        assert_kernel_matches((q, s), tuple(t.cpu() for t in want), dtype)
         q, s = mk.ops.rms_norm_quant(x, w, 1e-6, FP8)
         want = vllm_ops.scaled_fp8_quant(mk.ops.rms_norm(x, w, 1e-6),
                                          use_per_token_if_dynamic=True)
-        assert_same((q, s), tuple(t.cpu() for t in want))
+        assert_kernel_matches((q, s), tuple(t.cpu() for t in want), dtype)
 
 
 def test_reference_rounds_like_vllm():
