@@ -86,6 +86,16 @@ def _normed(v, inv, w_ptr, col, mask, stride_w, w_offset, x_dtype: tl.constexpr,
 
 
 @triton.jit
+def _sum_tile(t, CG: tl.constexpr, GP: tl.constexpr):
+    """Sum of a [CG, GP] tile. One slice (CG 1) is summed as a 1-D [GP] vector, the
+    shape and warp count norm.py's rms_norm kernel reduces, so that the two kernels' fp32
+    sums (and so their rstd) can agree on a GPU too; unverified there until a GPU run."""
+    if CG == 1:
+        return tl.sum(tl.reshape(t, [GP]), axis=0)
+    return tl.sum(tl.sum(t, axis=1), axis=0)
+
+
+@triton.jit
 def _dynamic_scale(amax, ub_ptr, min_scale, HAS_UB: tl.constexpr, QMAX: tl.constexpr):
     if HAS_UB:
         amax = tl.minimum(amax, tl.load(ub_ptr))
@@ -135,7 +145,7 @@ def rms_norm_quant_kernel(
         g, col, mask = _tile(0, G, H, CG, GP)
         v = _load_h(x_row, r_row, h_row, col, mask, stride_xh, stride_rh, HAS_RESIDUAL,
                     True, NORM_FP32_SUM, RNE_BF16)
-        inv = tl.rsqrt(tl.sum(tl.sum(v * v, axis=1), axis=0) / H + eps)
+        inv = tl.rsqrt(_sum_tile(v * v, CG, GP) / H + eps)
         y = _normed(v, inv, w_ptr, col, mask, stride_w, w_offset, x_dtype, VLLM_ROUNDING,
                     ROUND_PRODUCT, RNE_BF16)
         if STATIC:
@@ -156,7 +166,7 @@ def rms_norm_quant_kernel(
             v = _load_h(x_row, r_row, h_row, col, mask, stride_xh, stride_rh, HAS_RESIDUAL,
                         True, NORM_FP32_SUM, RNE_BF16)
             acc += v * v
-        inv = tl.rsqrt(tl.sum(tl.sum(acc, axis=1), axis=0) / H + eps)
+        inv = tl.rsqrt(_sum_tile(acc, CG, GP) / H + eps)
         if PER_TOKEN and not STATIC:                      # pass 2: the row's max |y|
             amax = tl.zeros([CG, GP], dtype=tl.float32)
             for c0 in range(0, n_slices, CG):
