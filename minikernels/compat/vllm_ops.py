@@ -74,6 +74,11 @@ Covered (vLLM name -> minikernels op):
     silu_and_mul_quant(out, input, scale), silu_and_mul_per_block_quant(input,
         group_size, quant_dtype, scale_ub=None, is_scale_transposed=False)
                                                         ops.act_and_mul_quant
+    fused_topk(hidden_states, gating_output, topk, renormalize), fused_experts(
+        hidden_states, w1, w2, topk_weights, topk_ids, ...), fused_moe(hidden_states, w1,
+        w2, gating_output, topk, renormalize, ...)   vLLM's fused-MoE Python API
+                                                        (compat/vllm_fused_moe.py):
+                                                        ops.fused_moe / _int8 / _fp8
     moe_align_block_size(topk_ids, num_experts, block_size, sorted_token_ids,
                          experts_ids, num_tokens_post_pad, expert_map=None)
                                                         ops.moe_align_block_size
@@ -227,6 +232,7 @@ from ..quant.checkpoints import AWQ_ORDER
 from ..quant.int4 import pack_int4
 from ..quant.int8 import INT8_WO_GROUP_MULTIPLE, Int8WoWeight
 from ..quant.packing import pack_bytes, pack_nibbles, unpack_bytes, unpack_nibbles
+from .vllm_fused_moe import fused_experts, fused_moe, fused_topk
 from .vllm_cache_ops import (
     FP8_KV_FORMATS,
     concat_and_cache_mla,
@@ -241,7 +247,7 @@ __all__ = [
     "awq_dequantize", "awq_gemm", "causal_conv1d_fn", "causal_conv1d_update",
     "concat_and_cache_mla", "convert_fp8", "copy_blocks", "copy_blocks_mla",
     "cp_gather_cache", "cutlass_scaled_mm", "cutlass_scaled_mm_azp", "fatrelu_and_mul",
-    "fused_add_gemma_rms_norm",
+    "fused_add_gemma_rms_norm", "fused_experts", "fused_moe", "fused_topk",
     "fused_add_rms_norm", "gelu_fast", "gelu_new", "gelu_quick",
     "fused_recurrent_gated_delta_rule", "gather_and_maybe_dequant_cache",
     "gelu_and_mul", "gelu_tanh_and_mul", "gemma_rms_norm", "gptq_gemm", "gptq_shuffle",

@@ -1,0 +1,178 @@
+"""vLLM's fused-MoE Python API (``vllm.model_executor.layers.fused_moe``: ``fused_topk``,
+``fused_experts``, ``fused_moe``) on minikernels' MoE ops, re-exported by
+:mod:`minikernels.compat.vllm_ops`.
+
+vLLM's layouts, which minikernels' ops share: hidden_states [T, K]; w1 [E, 2N, K] (each
+expert's gate rows, then its up rows), w2 [E, K, N]; topk_weights fp32 [T, k], topk_ids
+int32 / int64 [T, k]. Weight formats:
+
+    dense (fp16 / bf16 / fp32 w1, w2)       ops.fused_moe
+    use_int8_w8a16 (int8 w, fp32 scales [E, 2N] / [E, 2N, 1] and [E, K] / [E, K, 1])
+                                             ops.fused_moe_int8
+    use_fp8_w8a8 (float8_e4m3fn w; block_shape [bn, bk] with scales [E, 2N / bn,
+        K / bk], or per-tensor scales [E] / per-channel [E, 2N, 1])
+                                             ops.fused_moe_fp8, run W8A16
+
+Differences, by design: fp8 experts run W8A16 (minikernels' fp8 MoE kernel keeps the
+activations 16-bit), so results differ from vLLM's W8A8 by its activation rounding (they
+are closer to the unquantized product); ``a1_scale`` / ``a2_scale`` (static activation
+scales) are accepted and unused for the same reason. Not covered, a NotImplementedError
+naming the argument: ``use_int8_w8a8`` (no int8 activation path in the MoE kernel),
+``use_int4_w4a16`` (vLLM packs int4 experts two per byte; ``ops.fused_moe_int4`` takes
+GPTQ-style int32 words: load such experts through minikernels' loader),
+``use_mxfp4_w4a4``, zero points (``w1_zp`` / ``w2_zp``).
+
+Routing extras: ``expert_map`` (expert parallelism: global expert -> local index, -1 for
+experts on another rank, whose choices contribute nothing), ``apply_router_weight_on_input``
+(top-1: the router weight scales the input, not the output), ``inplace`` (the result is
+written into hidden_states).
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from .. import ops
+from .._validation import FLOAT_DTYPES, check_tensor
+
+__all__ = ["fused_experts", "fused_moe", "fused_topk"]
+
+FP8 = torch.float8_e4m3fn
+fused_topk = ops.fused_topk
+
+
+def _not_covered(name: str, value: object, why: str) -> None:
+    if value:
+        raise NotImplementedError(f"{name} is not supported by minikernels' fused MoE ({why})")
+
+
+def _route(topk_weights: Tensor, topk_ids: Tensor, expert_map: Tensor | None,
+           global_num_experts: int) -> tuple[Tensor, Tensor]:
+    """(weights, local ids): with an expert_map, choices of experts on another rank
+    (map -1) get weight 0 and a valid id (0), so they add nothing."""
+    if expert_map is None:
+        return topk_weights, topk_ids
+    check_tensor("expert_map", expert_map, dtypes=(torch.int32, torch.int64), ndim=1,
+                 device=topk_ids.device)
+    if global_num_experts not in (-1, expert_map.shape[0]):
+        raise ValueError(f"global_num_experts ({global_num_experts}) must equal "
+                         f"expert_map's length ({expert_map.shape[0]})")
+    local = expert_map.long()[topk_ids.long()]
+    here = local >= 0
+    return (torch.where(here, topk_weights.float(), 0.0),
+            torch.where(here, local, 0).to(topk_ids.dtype))
+
+
+def _fp8_scales(w1_scale: Tensor, w2_scale: Tensor, w1: Tensor, w2: Tensor,
+                block_shape: list[int] | None) -> tuple[Tensor, Tensor, list[int]]:
+    """vLLM's fp8 expert scales -> minikernels' block scales and one block shape:
+    block_shape as given (scales [E, ceil(rows / bn), ceil(cols / bk)]); otherwise
+    per-channel scales [E, rows(, 1)] and per-tensor ones [E] (expanded to every row) as
+    (1, K) blocks."""
+    e = w1.shape[0]
+    for name, t in (("w1_scale", w1_scale), ("w2_scale", w2_scale)):
+        check_tensor(name, t, dtypes=(torch.float32,), device=w1.device)
+    if block_shape is not None:
+        bn, bk = (int(b) for b in block_shape)
+        return (w1_scale.reshape(e, -(-w1.shape[1] // bn), -(-w1.shape[2] // bk)),
+                w2_scale.reshape(e, -(-w2.shape[1] // bn), -(-w2.shape[2] // bk)), [bn, bk])
+
+    def per_channel(name: str, scale: Tensor, rows: int) -> Tensor:
+        if scale.numel() == e:
+            return scale.reshape(e, 1, 1).expand(e, rows, 1)
+        if scale.numel() == e * rows:
+            return scale.reshape(e, rows, 1)
+        raise ValueError(f"{name} must be per tensor ([{e}]), per channel ([{e}, {rows}, 1])"
+                         f" or block-wise (pass block_shape), got {list(scale.shape)}")
+
+    return (per_channel("w1_scale", w1_scale, w1.shape[1]),
+            per_channel("w2_scale", w2_scale, w2.shape[1]),
+            [1, max(w1.shape[2], w2.shape[2])])
+
+
+def fused_experts(hidden_states: Tensor, w1: Tensor, w2: Tensor, topk_weights: Tensor,
+                  topk_ids: Tensor, inplace: bool = False, activation: str = "silu",
+                  apply_router_weight_on_input: bool = False, use_fp8_w8a8: bool = False,
+                  use_int8_w8a8: bool = False, use_int8_w8a16: bool = False,
+                  use_int4_w4a16: bool = False, use_mxfp4_w4a4: bool = False,
+                  per_channel_quant: bool = False, global_num_experts: int = -1,
+                  expert_map: Tensor | None = None, w1_scale: Tensor | None = None,
+                  w2_scale: Tensor | None = None, w1_zp: Tensor | None = None,
+                  w2_zp: Tensor | None = None, a1_scale: Tensor | None = None,
+                  a2_scale: Tensor | None = None, block_shape: list[int] | None = None,
+                  w1_bias: Tensor | None = None, w2_bias: Tensor | None = None) -> Tensor:
+    """out[t] = sum_j topk_weights[t, j] * w2[e] @ act(w1[e] @ x[t]) with e =
+    topk_ids[t, j] (vLLM's ``fused_experts``; module doc for formats and differences).
+    Returns [T, K] in hidden_states' dtype (written into hidden_states with inplace)."""
+    check_tensor("hidden_states", hidden_states, dtypes=FLOAT_DTYPES, ndim=2)
+    _not_covered("use_int8_w8a8", use_int8_w8a8, "int8 activations")
+    _not_covered("use_int4_w4a16", use_int4_w4a16, "vLLM's byte-packed int4 experts")
+    _not_covered("use_mxfp4_w4a4", use_mxfp4_w4a4, "fp4 activations")
+    _not_covered("w1_zp", w1_zp is not None, "zero points")
+    _not_covered("w2_zp", w2_zp is not None, "zero points")
+    x = hidden_states
+    weights, ids = _route(topk_weights, topk_ids, expert_map, global_num_experts)
+    if apply_router_weight_on_input:
+        if weights.shape[1] != 1:
+            raise ValueError("apply_router_weight_on_input needs topk == 1, got topk = "
+                             f"{weights.shape[1]}")
+        x = (x.float() * weights.float()).to(x.dtype)
+        weights = torch.ones_like(weights, dtype=torch.float32)
+    kw = dict(activation=activation, w13_bias=w1_bias, w2_bias=w2_bias)
+    e = w1.shape[0]
+    if use_fp8_w8a8:
+        if w1_scale is None or w2_scale is None:
+            raise ValueError("use_fp8_w8a8 needs w1_scale and w2_scale")
+        if w1.dtype != FP8 or w2.dtype != FP8:
+            raise TypeError(f"use_fp8_w8a8 needs float8_e4m3fn w1 / w2, got {w1.dtype} / "
+                            f"{w2.dtype}")
+        s1, s2, block = _fp8_scales(w1_scale, w2_scale, w1, w2, block_shape)
+        out = ops.fused_moe_fp8(x, w1, s1, w2, s2, weights.float(), ids, block, **kw)
+    elif use_int8_w8a16:
+        if w1_scale is None or w2_scale is None:
+            raise ValueError("use_int8_w8a16 needs w1_scale and w2_scale")
+        out = ops.fused_moe_int8(x, w1, w1_scale.reshape(e, -1).float(), w2,
+                                 w2_scale.reshape(e, -1).float(), weights.float(), ids, **kw)
+    else:
+        out = ops.fused_moe(x, w1, w2, weights.float(), ids, **kw)
+    if inplace:
+        hidden_states.copy_(out)
+        return hidden_states
+    return out
+
+
+def fused_moe(hidden_states: Tensor, w1: Tensor, w2: Tensor, gating_output: Tensor,
+              topk: int, renormalize: bool, inplace: bool = False, activation: str = "silu",
+              use_grouped_topk: bool = False, num_expert_group: int | None = None,
+              topk_group: int | None = None,
+              custom_routing_function: Callable[..., tuple[Tensor, Tensor]] | None = None,
+              scoring_func: str = "softmax", e_score_correction_bias: Tensor | None = None,
+              global_num_experts: int = -1, expert_map: Tensor | None = None,
+              **quant: object) -> Tensor:
+    """Route (softmax top-k: :func:`fused_topk`; ``use_grouped_topk``: vLLM's grouped
+    router, sigmoid scoring; or ``custom_routing_function(hidden_states, gating_output,
+    topk, renormalize)``), then :func:`fused_experts` with the remaining keyword
+    arguments (``use_fp8_w8a8``, ``w1_scale``, ``block_shape``, ...). gating_output
+    [T, E_global]."""
+    if custom_routing_function is not None:
+        weights, ids = custom_routing_function(hidden_states, gating_output, topk,
+                                               renormalize)
+    elif use_grouped_topk:
+        from .vllm_ops import grouped_topk
+        weights, ids = grouped_topk(hidden_states, gating_output, topk, renormalize,
+                                    num_expert_group or 0, topk_group or 0, scoring_func,
+                                    e_score_correction_bias=e_score_correction_bias)
+    elif scoring_func == "sigmoid":
+        weights, ids = ops.topk_sigmoid(gating_output, topk, renormalize,
+                                        e_score_correction_bias)
+    elif scoring_func == "softmax":
+        if e_score_correction_bias is not None:
+            raise ValueError("e_score_correction_bias needs scoring_func='sigmoid'")
+        weights, ids, _ = fused_topk(hidden_states, gating_output, topk, renormalize)
+    else:
+        raise ValueError(f"scoring_func must be 'softmax' or 'sigmoid', got {scoring_func!r}")
+    return fused_experts(hidden_states, w1, w2, weights, ids, inplace=inplace,
+                         activation=activation, global_num_experts=global_num_experts,
+                         expert_map=expert_map, **quant)  # type: ignore[arg-type]
