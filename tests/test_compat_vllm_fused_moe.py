@@ -34,9 +34,18 @@ def torch_moe(a, w1, w2, score, topk, expert_map=None):
 
 
 def _experts(e, n, k, dtype, gen):
-    w1 = (torch.randn(e, 2 * n, k, generator=gen) / 10).to(dtype)
-    w2 = (torch.randn(e, k, n, generator=gen) / 10).to(dtype)
+    """Experts whose outputs are O(1) for O(1) inputs (a test at vLLM's 1/10 scales would
+    compare numbers far below its tolerance)."""
+    w1 = (torch.randn(e, 2 * n, k, generator=gen) / k ** 0.5).to(dtype)
+    w2 = (torch.randn(e, k, n, generator=gen) / n ** 0.5).to(dtype)
     return w1, w2
+
+
+def assert_moe_close(got, want, tol=2e-2):
+    """Within tol of the reference, relative to the output's scale (its largest value)."""
+    got = got.float().cpu()
+    assert got.shape == want.shape and want.abs().max() > 0.1
+    torch.testing.assert_close(got, want, atol=tol * float(want.abs().max()), rtol=tol)
 
 
 @pytest.mark.parametrize("backend", ["reference", "triton"])
@@ -48,9 +57,10 @@ def test_fused_moe_matches_vllm_reference(device, backend, m, ep_size, dtype):
     expert_map=e_map, renormalize=False) against torch_moe, atol 2e-2."""
     gen = torch.Generator().manual_seed(m + ep_size)
     e, n, k, topk = 8, 64, 48, 2
-    a = (torch.randn(m, k, generator=gen) / 10).to(dtype)
+    a = torch.randn(m, k, generator=gen).to(dtype)
     w1, w2 = _experts(e, n, k, dtype, gen)
-    score = torch.randn(m, e, generator=gen).to(dtype)
+    # fp32 router logits: bf16 ones tie now and then, and torch.topk breaks ties its own way
+    score = torch.randn(m, e, generator=gen)
     e_map = None
     if ep_size > 1:
         local = e // ep_size
@@ -66,32 +76,33 @@ def test_fused_moe_matches_vllm_reference(device, backend, m, ep_size, dtype):
                                  expert_map=None if e_map is None else e_map.to(device),
                                  renormalize=False)
     assert got.dtype == dtype and got.shape == (m, k)
-    torch.testing.assert_close(got.float().cpu(), want, atol=2e-2, rtol=0)
+    assert_moe_close(got, want)
 
 
 def test_quantized_experts_match_the_dequantized_reference(device):
     gen = torch.Generator().manual_seed(3)
     e, n, k, topk, m = 4, 64, 128, 2, 9
-    a = (torch.randn(m, k, generator=gen) / 10).to(torch.bfloat16).to(device)
+    a = torch.randn(m, k, generator=gen).to(torch.bfloat16).to(device)
     score = torch.randn(m, e, generator=gen).to(device)
-    # int8 W8A16: per-row scales [E, 2N, 1] / [E, K, 1]
+    # int8 W8A16: per-row scales [E, 2N, 1] / [E, K, 1] (weights ~ 1 / sqrt(K))
     q1 = torch.randint(-127, 128, (e, 2 * n, k), generator=gen, dtype=torch.int8)
     q2 = torch.randint(-127, 128, (e, k, n), generator=gen, dtype=torch.int8)
-    s1, s2 = torch.rand(e, 2 * n, 1, generator=gen) / 500, torch.rand(e, k, 1, generator=gen) / 500
+    s1 = (torch.rand(e, 2 * n, 1, generator=gen) + 0.5) / (73 * k ** 0.5)
+    s2 = (torch.rand(e, k, 1, generator=gen) + 0.5) / (73 * n ** 0.5)
     want = torch_moe(a.float().cpu(), q1.float() * s1, q2.float() * s2, score.cpu(), topk)
     got = vllm_ops.fused_moe(a, q1.to(device), q2.to(device), score, topk, False,
                              use_int8_w8a16=True, w1_scale=s1.to(device), w2_scale=s2.to(device))
-    torch.testing.assert_close(got.float().cpu(), want, atol=2e-2, rtol=2e-2)
-    # fp8: block-wise [64, 64], per channel, per tensor
+    assert_moe_close(got, want)
+    # fp8: block-wise [64, 64], per channel, per tensor (weights ~ 50 * scale)
     f1 = (torch.randn(e, 2 * n, k, generator=gen) * 50).clamp(-448, 448).to(FP8)
     f2 = (torch.randn(e, k, n, generator=gen) * 50).clamp(-448, 448).to(FP8)
+
+    def sc(*shape, fan):
+        return (torch.rand(*shape, generator=gen) + 0.5) / (50 * fan ** 0.5)
     cases = {
-        "block": (torch.rand(e, 2, 2, generator=gen) / 2000,
-                  torch.rand(e, 2, 1, generator=gen) / 2000, [64, 64]),
-        "channel": (torch.rand(e, 2 * n, 1, generator=gen) / 2000,
-                    torch.rand(e, k, 1, generator=gen) / 2000, None),
-        "tensor": (torch.rand(e, generator=gen) / 2000, torch.rand(e, generator=gen) / 2000,
-                   None),
+        "block": (sc(e, 2, 2, fan=k), sc(e, 2, 1, fan=n), [64, 64]),
+        "channel": (sc(e, 2 * n, 1, fan=k), sc(e, k, 1, fan=n), None),
+        "tensor": (sc(e, fan=k), sc(e, fan=n), None),
     }
     for name, (c1, c2, block) in cases.items():
         if block is None:
@@ -104,13 +115,63 @@ def test_quantized_experts_match_the_dequantized_reference(device):
         got = vllm_ops.fused_moe(a, f1.to(device), f2.to(device), score, topk, False,
                                  use_fp8_w8a8=True, w1_scale=c1.to(device),
                                  w2_scale=c2.to(device), block_shape=block)
-        torch.testing.assert_close(got.float().cpu(), want, atol=2e-2, rtol=2e-2, msg=name)
+        assert_moe_close(got, want)
+
+
+def _wn16(w, bits, group, has_zp, gen):
+    """vLLM's test_fused_moe_wn16 packing of one expert matrix w [rows, K] (fp32): RTN per
+    row and group (asymmetric with zero points, else the symmetric 8 / 128 zero), then
+    two 4-bit values a byte (low nibble the even column), zero points packed along rows.
+    Returns (the dequantized w, qweight, scales, qzeros or None)."""
+    rows, k = w.shape
+    top = (1 << bits) - 1
+    g = w.reshape(rows, k // group, group)
+    if has_zp:
+        lo, hi = g.amin(-1, keepdim=True), g.amax(-1, keepdim=True)
+        scale = ((hi - lo) / top).clamp_min(1e-8)
+        zero = torch.round(-lo / scale).clamp(0, top)
+    else:
+        scale = (g.abs().amax(-1, keepdim=True) / (top // 2)).clamp_min(1e-8)
+        zero = torch.full_like(scale, float(top // 2 + 1))
+    q = torch.round(g / scale + zero).clamp(0, top)
+    deq = ((q - zero) * scale).reshape(rows, k)
+    q = q.reshape(rows, k).to(torch.uint8)
+    z = zero[..., 0].to(torch.uint8)
+    if bits == 4:
+        q = q[:, 1::2] * 16 + q[:, ::2]
+        z = z[1::2, :] * 16 + z[::2, :]
+    return deq, q, scale[..., 0], z if has_zp else None
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("has_zp", [False, True])
+def test_fused_moe_wn16(device, bits, has_zp):
+    """vLLM's test_fused_moe_wn16: group-quantized uint8 experts (block_shape [0, G]),
+    with and without zero points, against torch_moe on the dequantized weights."""
+    gen = torch.Generator().manual_seed(bits + has_zp)
+    e, n, k, topk, m, group, dtype = 4, 64, 128, 2, 7, 32, torch.bfloat16
+    a = torch.randn(m, k, generator=gen).to(dtype)
+    score = torch.randn(m, e, generator=gen)
+    w1, w2 = _experts(e, n, k, torch.float32, gen)
+    packs = [[_wn16(w[i], bits, group, has_zp, gen) for i in range(e)] for w in (w1, w2)]
+    deq = [torch.stack([p[0] for p in ps]) for ps in packs]
+    qws = [torch.stack([p[1] for p in ps]).to(device) for ps in packs]
+    scs = [torch.stack([p[2] for p in ps]).to(dtype).to(device) for ps in packs]
+    zps = [torch.stack([p[3] for p in ps]).to(device) if has_zp else None for ps in packs]
+    # vLLM's kernel converts the weights to the activations' dtype: so does the reference
+    want = torch_moe(a.float(), deq[0].to(dtype).float(), deq[1].to(dtype).float(),
+                     score, topk)
+    got = vllm_ops.fused_moe(a.to(device), qws[0], qws[1], score.to(device), topk, False,
+                             use_int4_w4a16=bits == 4, use_int8_w8a16=bits == 8,
+                             w1_scale=scs[0], w2_scale=scs[1], w1_zp=zps[0], w2_zp=zps[1],
+                             block_shape=[0, group])
+    assert_moe_close(got, want)
 
 
 def test_routing_variants_inplace_and_router_weight_on_input(device):
     gen = torch.Generator().manual_seed(5)
     e, n, k, m = 8, 32, 48, 6
-    a = (torch.randn(m, k, generator=gen) / 10).to(device)
+    a = torch.randn(m, k, generator=gen).to(device)
     w1, w2 = (t.to(device) for t in _experts(e, n, k, torch.float32, gen))
     score = torch.randn(m, e, generator=gen).to(device)
     weights, ids, _ = vllm_ops.fused_topk(a, score, 2, True)
@@ -146,9 +207,15 @@ def test_refused_formats_name_the_argument():
     a = torch.randn(2, 16)
     w1, w2 = torch.randn(2, 8, 16), torch.randn(2, 16, 4)
     w, i = torch.rand(2, 1), torch.zeros(2, 1, dtype=torch.int32)
-    for flag in ("use_int8_w8a8", "use_int4_w4a16", "use_mxfp4_w4a4"):
+    for flag in ("use_int8_w8a8", "use_mxfp4_w4a4"):
         with pytest.raises(NotImplementedError, match=flag):
             vllm_ops.fused_experts(a, w1, w2, w, i, **{flag: True})
+    with pytest.raises(TypeError, match="use_int4_w4a16"):
+        vllm_ops.fused_experts(a, w1, w2, w, i, use_int4_w4a16=True)
+    u1, u2 = torch.zeros(2, 8, 8, dtype=torch.uint8), torch.zeros(2, 16, 2, dtype=torch.uint8)
+    with pytest.raises(ValueError, match="block_shape"):
+        vllm_ops.fused_experts(a, u1, u2, w, i, use_int4_w4a16=True,
+                               w1_scale=torch.ones(2, 8, 1), w2_scale=torch.ones(2, 16, 1))
     with pytest.raises(NotImplementedError, match="w1_zp"):
         vllm_ops.fused_experts(a, w1, w2, w, i, w1_zp=torch.zeros(1))
     with pytest.raises(ValueError, match="topk == 1"):

@@ -9,6 +9,14 @@ int32 / int64 [T, k]. Weight formats:
     dense (fp16 / bf16 / fp32 w1, w2)       ops.fused_moe
     use_int8_w8a16 (int8 w, fp32 scales [E, 2N] / [E, 2N, 1] and [E, K] / [E, K, 1])
                                              ops.fused_moe_int8
+    use_int8_w8a16 / use_int4_w4a16 with uint8 w and block_shape [0, G] (vLLM's "wn16"
+        group-quantized experts: w1 [E, 2N, K / pack] with two 4-bit values a byte, the
+        low nibble first; scales [E, 2N, K / G] in the activations' dtype; zero points
+        [E, 2N / pack, K / G] packed along N, or None: 8 / 128)
+                                             dequantized per call to the activations'
+                                             dtype ((q - zero) * scale, as vLLM's kernel
+                                             converts them), then ops.fused_moe: a compat
+                                             path, not a serving one
     use_fp8_w8a8 (float8_e4m3fn w; block_shape [bn, bk] with scales [E, 2N / bn,
         K / bk], or per-tensor scales [E] / per-channel [E, 2N, 1])
                                              ops.fused_moe_fp8, run W8A16
@@ -18,9 +26,7 @@ activations 16-bit), so results differ from vLLM's W8A8 by its activation roundi
 are closer to the unquantized product); ``a1_scale`` / ``a2_scale`` (static activation
 scales) are accepted and unused for the same reason. Not covered, a NotImplementedError
 naming the argument: ``use_int8_w8a8`` (no int8 activation path in the MoE kernel),
-``use_int4_w4a16`` (vLLM packs int4 experts two per byte; ``ops.fused_moe_int4`` takes
-GPTQ-style int32 words: load such experts through minikernels' loader),
-``use_mxfp4_w4a4``, zero points (``w1_zp`` / ``w2_zp``).
+``use_mxfp4_w4a4``, zero points outside the wn16 format.
 
 Routing extras: ``expert_map`` (expert parallelism: global expert -> local index, -1 for
 experts on another rank, whose choices contribute nothing), ``apply_router_weight_on_input``
@@ -92,6 +98,35 @@ def _fp8_scales(w1_scale: Tensor, w2_scale: Tensor, w1: Tensor, w2: Tensor,
             [1, max(w1.shape[2], w2.shape[2])])
 
 
+def _wn16_dense(name: str, qweight: Tensor, scale: Tensor | None, zp: Tensor | None,
+                bits: int, group: int, dtype: torch.dtype) -> Tensor:
+    """vLLM's wn16 expert weights [E, rows, K / pack] -> dense [E, rows, K] in dtype:
+    (q - zero) * scale, each group of ``group`` columns with its scale / zero point."""
+    check_tensor(name, qweight, dtypes=(torch.uint8,), ndim=3)
+    if scale is None:
+        raise ValueError(f"{name}'s scales (w1_scale / w2_scale) are required")
+    e, rows, packed = qweight.shape
+    q = torch.stack((qweight & 0xF, qweight >> 4), dim=-1).reshape(e, rows, 2 * packed) \
+        if bits == 4 else qweight
+    k = q.shape[-1]
+    if zp is None:
+        zero = torch.tensor(8 if bits == 4 else 128, dtype=dtype, device=q.device)
+    else:
+        check_tensor(f"{name} zero points", zp, dtypes=(torch.uint8,), ndim=3,
+                     device=q.device)
+        z = torch.stack((zp & 0xF, zp >> 4), dim=2).reshape(e, -1, zp.shape[-1]) \
+            if bits == 4 else zp
+        if z.shape[1] != rows:
+            raise ValueError(f"{name} zero points must have {rows // (8 // bits)} packed "
+                             f"rows, got {list(zp.shape)}")
+        zero = z.repeat_interleave(group, dim=-1)[..., :k].to(dtype)
+    s = scale.to(dtype).repeat_interleave(group, dim=-1)[..., :k]
+    if s.shape != q.shape:
+        raise ValueError(f"{name}'s scales must be [{e}, {rows}, {-(-k // group)}] for "
+                         f"group_size {group}, got {list(scale.shape)}")
+    return (q.to(dtype) - zero) * s
+
+
 def fused_experts(hidden_states: Tensor, w1: Tensor, w2: Tensor, topk_weights: Tensor,
                   topk_ids: Tensor, inplace: bool = False, activation: str = "silu",
                   apply_router_weight_on_input: bool = False, use_fp8_w8a8: bool = False,
@@ -108,11 +143,22 @@ def fused_experts(hidden_states: Tensor, w1: Tensor, w2: Tensor, topk_weights: T
     Returns [T, K] in hidden_states' dtype (written into hidden_states with inplace)."""
     check_tensor("hidden_states", hidden_states, dtypes=FLOAT_DTYPES, ndim=2)
     _not_covered("use_int8_w8a8", use_int8_w8a8, "int8 activations")
-    _not_covered("use_int4_w4a16", use_int4_w4a16, "vLLM's byte-packed int4 experts")
     _not_covered("use_mxfp4_w4a4", use_mxfp4_w4a4, "fp4 activations")
-    _not_covered("w1_zp", w1_zp is not None, "zero points")
-    _not_covered("w2_zp", w2_zp is not None, "zero points")
     x = hidden_states
+    wn16 = (use_int4_w4a16 or use_int8_w8a16) and w1.dtype == torch.uint8
+    if use_int4_w4a16 and not wn16:
+        raise TypeError(f"use_int4_w4a16 needs uint8 w1 / w2 (two 4-bit values a byte), "
+                        f"got {w1.dtype}")
+    if wn16:
+        if block_shape is None or len(block_shape) != 2 or int(block_shape[1]) <= 0:
+            raise ValueError("vLLM's group-quantized (wn16) experts need block_shape "
+                             f"[0, group_size], got {block_shape!r}")
+        bits, group = (4 if use_int4_w4a16 else 8), int(block_shape[1])
+        w1 = _wn16_dense("w1", w1, w1_scale, w1_zp, bits, group, x.dtype)
+        w2 = _wn16_dense("w2", w2, w2_scale, w2_zp, bits, group, x.dtype)
+        use_int8_w8a16 = False
+    _not_covered("w1_zp", w1_zp is not None and not wn16, "zero points")
+    _not_covered("w2_zp", w2_zp is not None and not wn16, "zero points")
     weights, ids = _route(topk_weights, topk_ids, expert_map, global_num_experts)
     if apply_router_weight_on_input:
         if weights.shape[1] != 1:
