@@ -1284,3 +1284,27 @@ def test_selective_state_update_errors(kwargs, name, exc):
     with pytest.raises(exc) as err:
         ops.selective_state_update(**args)
     assert name in str(err.value)
+
+
+def test_per_token_group_quant_fp8_and_int8():
+    """vLLM's fp8_utils / int8_utils group quantizers: the fp8 one is ops'; the int8 one
+    against vLLM's formula (max(max|x|, eps) / 127, q within 1 of vLLM's truncation)."""
+    torch.manual_seed(0)
+    x = torch.randn(5, 3, 256, dtype=torch.bfloat16) * 4
+    q, s = ops.per_token_group_quant_fp8(x, 64)
+    q2, s2 = mk.ops.per_token_group_quant_fp8(x, 64)
+    assert torch.equal(q.view(torch.uint8), q2.view(torch.uint8)) and torch.equal(s, s2)
+    x[0, 0, :64] = 0                                       # an all-zero group: eps floor
+    q, s = ops.per_token_group_quant_int8(x, 64)
+    assert q.dtype == torch.int8 and q.shape == x.shape and s.shape == (5, 3, 4)
+    g = x.float().reshape(5, 3, 4, 64)
+    want_s = g.abs().amax(-1).clamp_min(1e-10) / 127
+    assert torch.equal(s, want_s)
+    vllm_q = (g / want_s[..., None]).clamp(-128, 127).to(torch.int8).reshape(x.shape)
+    assert (q.int() - vllm_q.int()).abs().max() <= 1
+    assert torch.equal(q, torch.round(g / want_s[..., None]).to(torch.int8).reshape(x.shape))
+    assert (q[0, 0, :64] == 0).all()
+    with pytest.raises(ValueError, match="group_size"):
+        ops.per_token_group_quant_int8(x, 48)
+    with pytest.raises(TypeError, match="dtype"):
+        ops.per_token_group_quant_int8(x, 64, dtype=torch.uint8)

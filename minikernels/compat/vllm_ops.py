@@ -53,6 +53,11 @@ Covered (vLLM name -> minikernels op):
                       output_lse=None, prefill_tokens_with_context=None,
                       output_scale=None)                ops.merge_attn_states
     scaled_int8_quant(input, scale=None, azp=None, symmetric=True)  ops.scaled_int8_quant
+    per_token_group_quant_fp8(x, group_size, eps=1e-10, dtype=None, column_major_scales=
+        False, tma_aligned_scales=False, use_ue8m0=None)   ops.per_token_group_quant_fp8
+    per_token_group_quant_int8(x, group_size, eps=1e-10, dtype=torch.int8)
+                                                        plain PyTorch (rounds; vLLM's
+                                                        kernel truncates)
     cutlass_scaled_mm(a, b, scale_a, scale_b, out_dtype, bias=None)  ops.scaled_mm; the
                       128 x 128 block-scaled fp8 form: ops.w8a8_block_fp8_matmul
     cutlass_scaled_mm_azp(a, b, scale_a, scale_b, out_dtype, azp_adj, azp=None, bias=None)
@@ -253,6 +258,7 @@ __all__ = [
     "gelu_and_mul", "gelu_tanh_and_mul", "gemma_rms_norm", "gptq_gemm", "gptq_shuffle",
     "merge_attn_states",
     "moe_align_block_size", "mul_and_silu", "paged_attention_v1", "paged_attention_v2",
+    "per_token_group_quant_fp8", "per_token_group_quant_int8",
     "reshape_and_cache", "reshape_and_cache_flash", "rms_norm", "rotary_embedding",
     "rms_norm_dynamic_per_token_quant", "rms_norm_per_block_quant",
     "rms_norm_static_fp8_quant", "fused_add_rms_norm_static_fp8_quant",
@@ -889,6 +895,38 @@ def merge_attn_states(output: Tensor, prefix_output: Tensor, prefix_lse: Tensor,
 
 
 # ---------------------------------------------------------------------- int8 / fp8 W8A8
+
+
+def per_token_group_quant_fp8(x: Tensor, group_size: int, eps: float = 1e-10,
+                              dtype: torch.dtype | None = None,
+                              column_major_scales: bool = False,
+                              tma_aligned_scales: bool = False,
+                              use_ue8m0: bool | None = None) -> tuple[Tensor, Tensor]:
+    """vLLM's ``per_token_group_quant_fp8`` (``fp8_utils``): :func:`minikernels.ops.
+    per_token_group_quant_fp8` (the same name, arguments and scale layouts)."""
+    return ops.per_token_group_quant_fp8(x, group_size, eps, dtype, column_major_scales,
+                                         tma_aligned_scales, use_ue8m0)
+
+
+def per_token_group_quant_int8(x: Tensor, group_size: int, eps: float = 1e-10,
+                               dtype: torch.dtype = torch.int8) -> tuple[Tensor, Tensor]:
+    """vLLM's ``per_token_group_quant_int8`` (``int8_utils``): x [..., K] (K % group_size
+    == 0) -> (x_q int8 [..., K], x_s fp32 [..., K / group_size]) with, per group of
+    group_size consecutive elements, x_s = max(max |x|, eps) / 127 and x_q = clamp(x /
+    x_s, -128, 127) rounded to nearest even (vLLM's Triton kernel truncates toward zero:
+    results may differ by 1). Plain PyTorch, fp32 math."""
+    check_tensor("x", x, dtypes=FLOAT_DTYPES, min_ndim=1)
+    if dtype != torch.int8:
+        raise TypeError(f"dtype must be torch.int8, got {dtype}")
+    g = _check_int("group_size", group_size, 1)
+    k = x.shape[-1]
+    if k % g:
+        raise ValueError(f"group_size must divide x's last dim ({k}), got {g}")
+    eps = check_positive_float("eps", eps)
+    groups = x.reshape(-1, k // g, g).float()
+    s = groups.abs().amax(-1).clamp_min(eps) / 127.0
+    q = torch.round(groups / s[..., None]).clamp(-128, 127).to(torch.int8)
+    return q.reshape(x.shape), s.reshape(*x.shape[:-1], k // g)
 
 
 def scaled_int8_quant(input: Tensor, scale: Tensor | None = None,
