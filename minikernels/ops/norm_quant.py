@@ -111,10 +111,13 @@ def rms_norm_quant(x: Tensor, weight: Tensor, eps: float = 1e-6,
         Dynamic scales are max(min(max |y|, scale_ub) / qmax, min_scale) with qmax 127 /
         448; scale_ub (fp32, 1 element) optional; min_scale defaults to the floor of the
         matching unfused op (:func:`default_min_scale`).
-    y is rms_norm(x [+ residual], weight, eps, weight_offset=...) exactly as ops.rms_norm
-    rounds it to x's dtype, so the result equals ``rms_norm`` then ``scaled_int8_quant`` /
-    ``per_token_group_quant_fp8`` bit for bit; vllm_rounding=True reproduces vLLM's fused
-    kernels instead (:func:`minikernels.ops.reference.rms_norm_quant`).
+    y is rms_norm(x [+ residual], weight, eps, weight_offset=...) computed as ops.rms_norm
+    computes it (rounded to x's dtype once), so the result equals ``rms_norm`` then
+    ``scaled_int8_quant`` / ``per_token_group_quant_fp8``: bit for bit on the reference
+    backend; a kernel's fp32 sum of squares may add in another order (or use the GPU's
+    approximate rsqrt), which can move a normalized value by one ulp of x's dtype.
+    vllm_rounding=True reproduces vLLM's fused kernels' arithmetic instead
+    (:func:`minikernels.ops.reference.rms_norm_quant`).
     Returns (q [..., H] quant_dtype, scales) or, with a residual, (q, scales, h) where
     h = x + residual rounded to x's dtype (the next residual). Static scales come back
     as the given tensor.

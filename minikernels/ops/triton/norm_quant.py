@@ -12,7 +12,8 @@ mode: one "group", the whole row, or 4096-column slices of it for long rows):
     store   q = clamp(round_half_even(y / s)) as int8, or fp8(clamp(y / s, +-448)).
 A row whose padded tile fits 8192 elements stays in registers (one pass over memory);
 longer rows stream: pass 1, (per-token: a pass for the row's max), then the quantizing
-pass. Divisions are IEEE (div_rn), so the kernel reproduces the reference bit for bit.
+pass. Divisions are IEEE (div_rn): given the same rstd the kernel's bits are the
+reference's (its fp32 sum of squares may add in another order than torch's).
 fp8 output needs sm_89+ (Triton has no fp32 -> e4m3 on sm_80): those specs are sm_90a
 only, and the op takes the reference path on older GPUs.
 """
