@@ -328,6 +328,18 @@ def int8_w8a8_cases(device: str, dtype: torch.dtype, s: int) -> list[Case]:
     return cases
 
 
+def _torch_group_quant(y: torch.Tensor, qd: torch.dtype, group: int | None
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plain PyTorch's per-token (group None) or per-group quantization of y [T, n]."""
+    import torch
+
+    g = y.float().view(y.shape[0], -1, group or y.shape[1])
+    qmax = 127.0 if qd == torch.int8 else 448.0
+    sc = g.abs().amax(-1, keepdim=True).clamp_min(1e-10) / qmax
+    v = (g / sc).clamp(-qmax, qmax)
+    return (v.round() if qd == torch.int8 else v).to(qd), sc
+
+
 def norm_quant_cases(device: str, dtype: torch.dtype, s: int) -> list[Case]:
     """The fused quantizing producers of a W8A8 model's linear inputs, at 4096 and 64
     tokens, int8 per token and fp8 per 128 columns (fp8 where this device has it),
@@ -361,13 +373,8 @@ def norm_quant_cases(device: str, dtype: torch.dtype, s: int) -> list[Case]:
                 return ops.per_token_group_quant_fp8(y, group)
 
             def torch_peer(x=x, res=res, qd=qd, group=group):
-                hsum = x + res
-                y = torch.nn.functional.rms_norm(hsum, (h,), w, 1e-6).float()
-                g = y.view(y.shape[0], -1, group or h)
-                qmax = 127.0 if qd == torch.int8 else 448.0
-                sc = g.abs().amax(-1, keepdim=True).clamp_min(1e-10) / qmax
-                v = (g / sc).clamp(-qmax, qmax)
-                return (v.round() if qd == torch.int8 else v).to(qd), sc
+                y = torch.nn.functional.rms_norm(x + res, (h,), w, 1e-6)
+                return _torch_group_quant(y, qd, group)
 
             cases.append(Case(
                 f"rms_norm_quant {label}+residual", f"{t}x{h}", fused,
@@ -388,12 +395,8 @@ def norm_quant_cases(device: str, dtype: torch.dtype, s: int) -> list[Case]:
                 return ops.per_token_group_quant_fp8(y, group)
 
             def torch_act(gu=gu, qd=qd, group=group):
-                y = (torch.nn.functional.silu(gu[:, :inter]) * gu[:, inter:]).float()
-                g = y.view(y.shape[0], -1, group or inter)
-                qmax = 127.0 if qd == torch.int8 else 448.0
-                sc = g.abs().amax(-1, keepdim=True).clamp_min(1e-10) / qmax
-                v = (g / sc).clamp(-qmax, qmax)
-                return (v.round() if qd == torch.int8 else v).to(qd), sc
+                y = torch.nn.functional.silu(gu[:, :inter]) * gu[:, inter:]
+                return _torch_group_quant(y, qd, group)
 
             cases.append(Case(
                 f"silu_and_mul_quant {label}", f"{t}x{2 * inter}", fused_act,

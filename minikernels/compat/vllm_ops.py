@@ -1173,16 +1173,21 @@ def fused_add_rms_norm_static_fp8_quant(out: Tensor, input: Tensor, residual: Te
     out.copy_(q)
 
 
-def _dynamic_norm_quant(input: Tensor, weight: Tensor, epsilon: float,
-                        quant_dtype: torch.dtype, group: int, scale_ub: Tensor | None,
-                        residual: Tensor | None) -> tuple[Tensor, Tensor]:
-    weight, eps = _norm_args(input, weight, epsilon, required=True)
+def _check_quant_dtype(quant_dtype: object, scale_ub: Tensor | None) -> None:
+    """int8 or float8_e4m3fn; scale_ub with fp8 only (as vLLM's kernels check)."""
     if quant_dtype not in _NORM_QUANT_DTYPES:
         raise TypeError(f"quant_dtype must be torch.int8 or torch.float8_e4m3fn, got "
                         f"{quant_dtype}")
     if scale_ub is not None and quant_dtype != FP8:
         raise ValueError("scale_ub is only supported with quant_dtype float8_e4m3fn "
                          "(as in vLLM)")
+
+
+def _dynamic_norm_quant(input: Tensor, weight: Tensor, epsilon: float,
+                        quant_dtype: torch.dtype, group: int, scale_ub: Tensor | None,
+                        residual: Tensor | None) -> tuple[Tensor, Tensor]:
+    weight, eps = _norm_args(input, weight, epsilon, required=True)
+    _check_quant_dtype(quant_dtype, scale_ub)
     if residual is not None:
         _check_out("residual", residual, input)
     out = ops.rms_norm_quant(
@@ -1268,12 +1273,7 @@ def silu_and_mul_per_block_quant(input: Tensor, group_size: int, quant_dtype: to
     check_tensor("input", input, dtypes=FLOAT_DTYPES, ndim=2)
     g = _check_int("group_size", group_size, 1)
     _check_bool("is_scale_transposed", is_scale_transposed)
-    if quant_dtype not in _NORM_QUANT_DTYPES:
-        raise TypeError(f"quant_dtype must be torch.int8 or torch.float8_e4m3fn, got "
-                        f"{quant_dtype}")
-    if scale_ub is not None and quant_dtype != FP8:
-        raise ValueError("scale_ub is only supported with quant_dtype float8_e4m3fn "
-                         "(as in vLLM)")
+    _check_quant_dtype(quant_dtype, scale_ub)
     qmax = 127.0 if quant_dtype == torch.int8 else FP8_E4M3_MAX
     q, s = ops.act_and_mul_quant(input, quant_dtype, "silu", group_size=g, scale_ub=scale_ub,
                                  min_scale=1.0 / (qmax * 512.0), round_to_input=False)

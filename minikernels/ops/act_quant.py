@@ -12,43 +12,23 @@ reference path runs (warned once).
 """
 from __future__ import annotations
 
-import logging
 import math
 
 import torch
 from torch import Tensor
 
-from .. import backend as _backend
-from .._validation import FLOAT_DTYPES, check_positive_float, check_tensor
+from .._validation import FLOAT_DTYPES, check_tensor
 from . import reference
-from .fp8_w8a8 import fp8_tensor_cores
-from .norm_quant import (QUANT_DTYPES, _check_group_size, _check_scalar_tensor,
-                         default_min_scale)
-
-logger = logging.getLogger("minikernels")
+from .norm_quant import check_quant_scales, quant_backend
 
 ACTIVATIONS = ("silu", "gelu", "gelu_tanh")
-_warned: set[str] = set()
-
-
-def _which(device: torch.device, quant_dtype: torch.dtype) -> str:
-    which = _backend.resolve("act_and_mul_quant", device)
-    if which == "reference":
-        return "reference"
-    if quant_dtype != torch.int8 and device.type == "cuda" and not fp8_tensor_cores(device):
-        if "fp8" not in _warned:
-            _warned.add("fp8")
-            logger.warning("minikernels: act_and_mul_quant to float8_e4m3fn needs sm_89+; "
-                           "using the reference path on this GPU")
-        return "reference"
-    return "triton"
 
 
 @torch.library.custom_op("minikernels::act_and_mul_quant", mutates_args=())
 def _act_and_mul_quant(x: Tensor, activation: str, quant_dtype: torch.dtype,
                        scale: Tensor | None, group_size: int, scale_ub: Tensor | None,
                        min_scale: float, round_to_input: bool) -> tuple[Tensor, Tensor]:
-    if x.shape[1] and _which(x.device, quant_dtype) == "triton":
+    if x.shape[1] and quant_backend("act_and_mul_quant", x.device, quant_dtype) == "triton":
         from .triton import act_quant
         return act_quant.act_and_mul_quant(x, activation, quant_dtype, scale, group_size,
                                            scale_ub, min_scale, round_to_input)
@@ -89,25 +69,13 @@ def act_and_mul_quant(x: Tensor, quant_dtype: torch.dtype = torch.int8,
         raise ValueError(f"x last dim must be even (gate and up halves), got {x.shape[-1]}")
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
-    if quant_dtype not in QUANT_DTYPES:
-        raise TypeError(f"quant_dtype must be torch.int8 or torch.float8_e4m3fn, got "
-                        f"{quant_dtype}")
     if not isinstance(round_to_input, bool):
         raise TypeError(f"round_to_input must be a bool, got {type(round_to_input).__name__}")
     inter = x.shape[-1] // 2
     lead = x.shape[:-1]
-    static = None
-    if scale is not None:
-        static = _check_scalar_tensor("scale", scale, x.device)
-        if group_size or scale_ub is not None:
-            raise ValueError("group_size and scale_ub are for dynamic scales; a static "
-                             "scale was given")
-    group = _check_group_size(group_size, inter, "the output width I = x's last dim / 2")
-    ub = _check_scalar_tensor("scale_ub", scale_ub, x.device) if scale_ub is not None \
-        else None
-    if min_scale is None:
-        min_scale = default_min_scale(quant_dtype, group_size)
-    min_scale = check_positive_float("min_scale", min_scale, allow_zero=True)
+    static, group, ub, min_scale = check_quant_scales(
+        quant_dtype, scale, group_size, scale_ub, min_scale, inter, x.device,
+        "the output width I = x's last dim / 2")
     q, s = torch.ops.minikernels.act_and_mul_quant(
         x.reshape(math.prod(lead), 2 * inter), activation, quant_dtype, static, group, ub,
         min_scale, round_to_input)

@@ -34,15 +34,17 @@ MAX_GROUP_TILE = 8192                    # a group (padded to a power of two) pe
 _warned: set[str] = set()
 
 
-def _which(device: torch.device, quant_dtype: torch.dtype) -> str:
-    which = _backend.resolve("rms_norm_quant", device)
+def quant_backend(op: str, device: torch.device, quant_dtype: torch.dtype) -> str:
+    """'reference' or 'triton' for a fused quantizing op: fp8 output on a CUDA device
+    without fp8 support (below sm_89) takes the reference path, warned once per op."""
+    which = _backend.resolve(op, device)
     if which == "reference":
         return "reference"
     if quant_dtype != torch.int8 and device.type == "cuda" and not fp8_tensor_cores(device):
-        if "fp8" not in _warned:
-            _warned.add("fp8")
-            logger.warning("minikernels: rms_norm_quant to float8_e4m3fn needs sm_89+; "
-                           "using the reference path on this GPU")
+        if op not in _warned:
+            _warned.add(op)
+            logger.warning("minikernels: %s to float8_e4m3fn needs sm_89+; using the "
+                           "reference path on this GPU", op)
         return "reference"
     return "triton"
 
@@ -52,7 +54,7 @@ def _rms_norm_quant(x: Tensor, weight: Tensor, residual: Tensor | None, eps: flo
                     weight_offset: float, quant_dtype: torch.dtype, scale: Tensor | None,
                     group_size: int, scale_ub: Tensor | None, min_scale: float,
                     vllm_rounding: bool) -> tuple[Tensor, Tensor, Tensor]:
-    if x.shape[1] and _which(x.device, quant_dtype) == "triton":
+    if x.shape[1] and quant_backend("rms_norm_quant", x.device, quant_dtype) == "triton":
         from .triton import norm_quant
         return norm_quant.rms_norm_quant(x, weight, residual, eps, weight_offset,
                                          quant_dtype, scale, group_size, scale_ub,
@@ -128,9 +130,6 @@ def rms_norm_quant(x: Tensor, weight: Tensor, eps: float = 1e-6,
     check_shape("weight", weight, [n])
     eps = check_positive_float("eps", eps)
     weight_offset = check_finite_float("weight_offset", weight_offset)
-    if quant_dtype not in QUANT_DTYPES:
-        raise TypeError(f"quant_dtype must be torch.int8 or torch.float8_e4m3fn, got "
-                        f"{quant_dtype}")
     if not isinstance(vllm_rounding, bool):
         raise TypeError(f"vllm_rounding must be a bool, got {type(vllm_rounding).__name__}")
     lead = x.shape[:-1]
@@ -141,18 +140,8 @@ def rms_norm_quant(x: Tensor, weight: Tensor, eps: float = 1e-6,
         check_tensor("residual", residual, dtypes=(x.dtype,), device=x.device)
         check_shape("residual", residual, list(x.shape))
         r2 = residual.reshape(rows, n)
-    static = None
-    if scale is not None:
-        static = _check_scalar_tensor("scale", scale, x.device)
-        if group_size or scale_ub is not None:
-            raise ValueError("group_size and scale_ub are for dynamic scales; a static "
-                             "scale was given")
-    group = _check_group_size(group_size, n)
-    ub = _check_scalar_tensor("scale_ub", scale_ub, x.device) if scale_ub is not None \
-        else None
-    if min_scale is None:
-        min_scale = default_min_scale(quant_dtype, group_size)
-    min_scale = check_positive_float("min_scale", min_scale, allow_zero=True)
+    static, group, ub, min_scale = check_quant_scales(quant_dtype, scale, group_size,
+                                                      scale_ub, min_scale, n, x.device)
     q, s, h = torch.ops.minikernels.rms_norm_quant(
         x2, weight, r2, eps, weight_offset, quant_dtype, static, group, ub, min_scale,
         vllm_rounding)
@@ -161,6 +150,31 @@ def rms_norm_quant(x: Tensor, weight: Tensor, eps: float = 1e-6,
     if residual is None:
         return q, s
     return q, s, h.view(*lead, n)
+
+
+def check_quant_scales(quant_dtype: torch.dtype, scale: Tensor | None,
+                       group_size: int | None, scale_ub: Tensor | None,
+                       min_scale: float | None, n: int, device: torch.device,
+                       what: str = "x's last dim"
+                       ) -> tuple[Tensor | None, int, Tensor | None, float]:
+    """The fused quantizing ops' scale arguments, checked: (the static scale [1] or None,
+    the group size (0: per token), scale_ub [1] or None, min_scale). n: the width the
+    groups divide (``what`` names it)."""
+    if quant_dtype not in QUANT_DTYPES:
+        raise TypeError(f"quant_dtype must be torch.int8 or torch.float8_e4m3fn, got "
+                        f"{quant_dtype}")
+    static = None
+    if scale is not None:
+        static = _check_scalar_tensor("scale", scale, device)
+        if group_size or scale_ub is not None:
+            raise ValueError("group_size and scale_ub are for dynamic scales; a static "
+                             "scale was given")
+    group = _check_group_size(group_size, n, what)
+    ub = _check_scalar_tensor("scale_ub", scale_ub, device) if scale_ub is not None \
+        else None
+    if min_scale is None:
+        min_scale = default_min_scale(quant_dtype, group_size)
+    return static, group, ub, check_positive_float("min_scale", min_scale, allow_zero=True)
 
 
 def _check_group_size(group_size: object, n: int, what: str = "x's last dim") -> int:

@@ -23,7 +23,8 @@ from ... import backend as _backend
 from .. import _alloc
 from .activation import ACTIVATIONS, gate_activation
 from .int8_w8a8 import _empty_int8
-from .norm_quant import _dynamic_scale, _quantize_store, _round_to, _tile, num_warps_for, tile_plan
+from .norm_quant import (_dynamic_scale, _round_to, _scale_and_store, _tile, num_warps_for,
+                         tile_plan)
 from .registry import KernelSpec, register
 
 
@@ -52,22 +53,14 @@ def act_and_mul_quant_kernel(
     q_row = q_ptr + row * inter
     s_row = s_ptr + row * n_groups
     QMAX: tl.constexpr = 127.0 if INT8 else 448.0
+    s_given = 0.0
     if STATIC:
-        s_static = tl.load(static_ptr)
+        s_given = tl.load(static_ptr)
     if SINGLE_PASS:
         g, col, mask = _tile(0, G, inter, CG, GP)
         y = _act_tile(x_row, col, mask, inter, stride_xi, ACT, ROUND, RNE_BF16)
-        if STATIC:
-            s = s_static
-        elif PER_TOKEN:
-            s = _dynamic_scale(tl.max(tl.max(tl.abs(y), axis=1), axis=0), ub_ptr,
-                               min_scale, HAS_UB, QMAX)
-            tl.store(s_row, s)
-        else:
-            s = _dynamic_scale(tl.max(tl.abs(y), axis=1), ub_ptr, min_scale, HAS_UB, QMAX)
-            tl.store(s_row + tl.reshape(g, [CG]), s, mask=tl.reshape(g, [CG]) < n_groups)
-            s = s[:, None]
-        _quantize_store(y, s, q_row, col, mask, STATIC, INT8, RNE_FP8)
+        _scale_and_store(y, g, col, mask, s_given, s_row, q_row, ub_ptr, min_scale,
+                         n_groups, not STATIC, PER_TOKEN, STATIC, HAS_UB, INT8, CG, RNE_FP8)
     else:
         if PER_TOKEN and not STATIC:                      # pass 1: the row's max |y|
             amax = tl.zeros([CG, GP], dtype=tl.float32)
@@ -75,22 +68,15 @@ def act_and_mul_quant_kernel(
                 g, col, mask = _tile(c0, G, inter, CG, GP)
                 y = _act_tile(x_row, col, mask, inter, stride_xi, ACT, ROUND, RNE_BF16)
                 amax = tl.maximum(amax, tl.abs(y))
-            s_row_scale = _dynamic_scale(tl.max(tl.max(amax, axis=1), axis=0), ub_ptr,
-                                         min_scale, HAS_UB, QMAX)
-            tl.store(s_row, s_row_scale)
+            s_given = _dynamic_scale(tl.max(tl.max(amax, axis=1), axis=0), ub_ptr,
+                                     min_scale, HAS_UB, QMAX)
+            tl.store(s_row, s_given)
         for c0 in range(0, n_slices, CG):                 # quantize
             g, col, mask = _tile(c0, G, inter, CG, GP)
             y = _act_tile(x_row, col, mask, inter, stride_xi, ACT, ROUND, RNE_BF16)
-            if STATIC:
-                s = s_static
-            elif PER_TOKEN:
-                s = s_row_scale
-            else:
-                s = _dynamic_scale(tl.max(tl.abs(y), axis=1), ub_ptr, min_scale, HAS_UB,
-                                   QMAX)
-                tl.store(s_row + tl.reshape(g, [CG]), s, mask=tl.reshape(g, [CG]) < n_groups)
-                s = s[:, None]
-            _quantize_store(y, s, q_row, col, mask, STATIC, INT8, RNE_FP8)
+            _scale_and_store(y, g, col, mask, s_given, s_row, q_row, ub_ptr, min_scale,
+                             n_groups, not STATIC and not PER_TOKEN, PER_TOKEN, STATIC,
+                             HAS_UB, INT8, CG, RNE_FP8)
 
 
 STATIC_SLICE = 1024     # a static scale needs no row max: 1024-column slices, 4 warps

@@ -123,6 +123,28 @@ def _quantize_store(y, s, q_row, col, mask, STATIC: tl.constexpr, INT8: tl.const
 
 
 @triton.jit
+def _scale_and_store(y, g, col, mask, s_given, s_row, q_row, ub_ptr, min_scale, n_groups,
+                     FROM_TILE: tl.constexpr, PER_TOKEN: tl.constexpr, STATIC: tl.constexpr,
+                     HAS_UB: tl.constexpr, INT8: tl.constexpr, CG: tl.constexpr,
+                     RNE_FP8: tl.constexpr):
+    """Quantize the tile y and store it, with the scale s_given (a static one, or a row's
+    computed by an earlier pass) or, FROM_TILE, the tile's own: the row's (PER_TOKEN: the
+    tile is the whole row) or each group's, stored to s_row."""
+    QMAX: tl.constexpr = 127.0 if INT8 else 448.0
+    s = s_given
+    if FROM_TILE:
+        if PER_TOKEN:
+            s = _dynamic_scale(tl.max(tl.max(tl.abs(y), axis=1), axis=0), ub_ptr,
+                               min_scale, HAS_UB, QMAX)
+            tl.store(s_row, s)
+        else:
+            s = _dynamic_scale(tl.max(tl.abs(y), axis=1), ub_ptr, min_scale, HAS_UB, QMAX)
+            tl.store(s_row + tl.reshape(g, [CG]), s, mask=tl.reshape(g, [CG]) < n_groups)
+            s = s[:, None]
+    _quantize_store(y, s, q_row, col, mask, STATIC, INT8, RNE_FP8)
+
+
+@triton.jit
 def rms_norm_quant_kernel(
         x_ptr, r_ptr, w_ptr, q_ptr, s_ptr, h_ptr, static_ptr, ub_ptr,
         H, G, n_slices, n_groups, stride_xm, stride_xh, stride_rm, stride_rh, stride_w,
@@ -140,8 +162,9 @@ def rms_norm_quant_kernel(
     s_row = s_ptr + row * n_groups
     x_dtype: tl.constexpr = x_ptr.dtype.element_ty
     QMAX: tl.constexpr = 127.0 if INT8 else 448.0
+    s_given = 0.0
     if STATIC:
-        s_static = tl.load(static_ptr)
+        s_given = tl.load(static_ptr)
     if SINGLE_PASS:
         g, col, mask = _tile(0, G, H, CG, GP)
         v = _load_h(x_row, r_row, h_row, col, mask, stride_xh, stride_rh, HAS_RESIDUAL,
@@ -149,17 +172,8 @@ def rms_norm_quant_kernel(
         inv = tl.rsqrt(_sum_tile(v * v, CG, GP) / H + eps)
         y = _normed(v, inv, w_ptr, col, mask, stride_w, w_offset, x_dtype, VLLM_ROUNDING,
                     ROUND_PRODUCT, RNE_BF16)
-        if STATIC:
-            s = s_static
-        elif PER_TOKEN:
-            s = _dynamic_scale(tl.max(tl.max(tl.abs(y), axis=1), axis=0), ub_ptr,
-                               min_scale, HAS_UB, QMAX)
-            tl.store(s_row, s)
-        else:
-            s = _dynamic_scale(tl.max(tl.abs(y), axis=1), ub_ptr, min_scale, HAS_UB, QMAX)
-            tl.store(s_row + tl.reshape(g, [CG]), s, mask=tl.reshape(g, [CG]) < n_groups)
-            s = s[:, None]
-        _quantize_store(y, s, q_row, col, mask, STATIC, INT8, RNE_FP8)
+        _scale_and_store(y, g, col, mask, s_given, s_row, q_row, ub_ptr, min_scale,
+                         n_groups, not STATIC, PER_TOKEN, STATIC, HAS_UB, INT8, CG, RNE_FP8)
     else:
         acc = tl.zeros([CG, GP], dtype=tl.float32)
         for c0 in range(0, n_slices, CG):                 # pass 1: sum of squares
@@ -177,25 +191,18 @@ def rms_norm_quant_kernel(
                 y = _normed(v, inv, w_ptr, col, mask, stride_w, w_offset, x_dtype,
                             VLLM_ROUNDING, ROUND_PRODUCT, RNE_BF16)
                 amax = tl.maximum(amax, tl.abs(y))
-            s_row_scale = _dynamic_scale(tl.max(tl.max(amax, axis=1), axis=0), ub_ptr,
-                                         min_scale, HAS_UB, QMAX)
-            tl.store(s_row, s_row_scale)
+            s_given = _dynamic_scale(tl.max(tl.max(amax, axis=1), axis=0), ub_ptr,
+                                     min_scale, HAS_UB, QMAX)
+            tl.store(s_row, s_given)
         for c0 in range(0, n_slices, CG):                 # last pass: quantize
             g, col, mask = _tile(c0, G, H, CG, GP)
             v = _load_h(x_row, r_row, h_row, col, mask, stride_xh, stride_rh, HAS_RESIDUAL,
                         False, NORM_FP32_SUM, RNE_BF16)
             y = _normed(v, inv, w_ptr, col, mask, stride_w, w_offset, x_dtype,
                         VLLM_ROUNDING, ROUND_PRODUCT, RNE_BF16)
-            if STATIC:
-                s = s_static
-            elif PER_TOKEN:
-                s = s_row_scale
-            else:
-                s = _dynamic_scale(tl.max(tl.abs(y), axis=1), ub_ptr, min_scale, HAS_UB,
-                                   QMAX)
-                tl.store(s_row + tl.reshape(g, [CG]), s, mask=tl.reshape(g, [CG]) < n_groups)
-                s = s[:, None]
-            _quantize_store(y, s, q_row, col, mask, STATIC, INT8, RNE_FP8)
+            _scale_and_store(y, g, col, mask, s_given, s_row, q_row, ub_ptr, min_scale,
+                             n_groups, not STATIC and not PER_TOKEN, PER_TOKEN, STATIC,
+                             HAS_UB, INT8, CG, RNE_FP8)
 
 
 def tile_plan(n: int, group_size: int) -> tuple[int, int, int, int, bool]:
