@@ -107,3 +107,29 @@ def test_lora_reads_the_unquantized_input():
         assert lora.add.call_count == 2             # qkv and down_proj of layer 0
     finally:
         del qkv.__dict__["lora"], down.__dict__["lora"]
+
+
+def test_drop_in_rmsnorm_feeds_an_int8_linear(device):
+    """The drop-in modules: RMSNorm.quantize_for(Int8Linear) gives what the linear would
+    have computed from the plain norm (exactly on the reference backend), and undoing it
+    restores the plain output."""
+    from minikernels.nn import Int8Linear, RMSNorm
+
+    torch.manual_seed(0)
+    norm = RMSNorm(64, 1e-6, dtype=torch.bfloat16, device=device)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+    lin = Int8Linear.from_linear(torch.nn.Linear(64, 40).to(torch.bfloat16).to(device))
+    x = torch.randn(2, 5, 64, dtype=torch.bfloat16, device=device)
+    r = torch.randn_like(x)
+    with mk.use_backend("reference"):
+        plain, plain_h = norm(x, r)
+        want = lin(plain)
+        norm.quantize_for(lin, torch.int8)
+        qa, h = norm(x, r)
+        assert isinstance(qa, QuantizedActivation) and qa.q.shape == (2, 5, 64)
+        assert torch.equal(h, plain_h) and torch.equal(lin(qa), want)
+        norm.quantize_for(None)
+        assert torch.equal(norm(x), mk.ops.rms_norm(x, norm.weight, 1e-6))
+    with pytest.raises(ValueError, match="one scale per token"):
+        lin(QuantizedActivation(qa.q, torch.ones(2, 5, 2, device=device), qa.dtype))

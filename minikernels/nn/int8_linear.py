@@ -5,6 +5,10 @@ token at run time (minikernels.ops.scaled_int8_quant + minikernels.ops.scaled_mm
     lin8 = Int8Linear.from_linear(nn.Linear(4096, 4096))
     y = lin8(x)                      # x [..., K] fp16 / bf16 / fp32; y in x's dtype
 
+An RMSNorm whose output only this linear reads can quantize it in the same launch
+(``norm.quantize_for(lin8, torch.int8)``: the norm then returns a
+:class:`~minikernels.nn.layers.QuantizedActivation`, which forward takes as is).
+
 Buffers (all in state_dict, so torch.save / safetensors round-trip with load_state_dict):
 weight int8 [N, K], weight_scale fp32 [N, 1] (W = weight * weight_scale: the layout of
 compressed-tensors int8 W8A8 checkpoints), bias [N] or absent. Any in / out features work.
@@ -17,6 +21,7 @@ from torch import Tensor, nn
 from .. import ops
 from ..quant.int8 import Int8Weight, quantize_int8
 from ._quantized import bias_dtype, copy_buffers
+from .layers import QuantizedActivation
 
 
 class Int8Linear(nn.Module):
@@ -62,11 +67,19 @@ class Int8Linear(nn.Module):
         return self.int8_weight().dequantize()
 
     # ------------------------------------------------------------------ forward
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor | QuantizedActivation) -> Tensor:
+        """x [..., K], or already quantized to int8 per token by the norm before it."""
         if x.shape[-1] != self.in_features:
             raise ValueError(f"x's last dim ({x.shape[-1]}) must equal in_features "
                              f"({self.in_features})")
-        x_q, x_s, _ = ops.scaled_int8_quant(x)
+        if isinstance(x, QuantizedActivation):
+            if x.q.dtype != torch.int8 or x.scales.shape[-1] != 1:
+                raise ValueError("Int8Linear takes int8 activations with one scale per "
+                                 f"token, got {x.q.dtype} with scales "
+                                 f"{list(x.scales.shape)}")
+            x_q, x_s = x.q, x.scales.reshape(-1, 1)
+        else:
+            x_q, x_s, _ = ops.scaled_int8_quant(x)
         bias = self.bias.to(x.dtype) if self.bias is not None else None
         y = ops.scaled_mm(x_q.reshape(-1, self.in_features), self.weight.t(), x_s,
                           self.weight_scale, x.dtype, bias)
