@@ -1125,9 +1125,11 @@ def _check_fp8_out(name: str, out: object, like: Tensor, shape: list[int]) -> No
 def rmsnorm_quant(out: Tensor, input: Tensor, weight: Tensor, scale: float | Tensor,
                   eps: float = 1e-6, enable_pdl: bool | None = None) -> None:
     """RMSNorm + static fp8 quantization into ``out`` (float8_e4m3fn like input):
-    ``out = fp8(clamp(rmsnorm(input) * weight / scale, +-448))`` (the normed value
-    rounded to input's dtype first; ``ops.rms_norm_quant``, one kernel). input [..., H]
-    fp16 / bf16 / fp32, any strides; scale a float or a 1-element fp32 tensor."""
+    ``out = fp8(clamp(rmsnorm(input) * weight * (1 / scale), +-448))``
+    (``ops.rms_norm_quant``, one kernel). The normed value is rounded to input's dtype
+    first, as ``rmsnorm`` returns it; FlashInfer quantizes the fp32 value, so an element
+    near an fp8 rounding boundary may differ by one fp8 step. input [..., H] fp16 / bf16
+    / fp32, any strides; scale a float or a 1-element fp32 tensor."""
     _check_norm(input, weight)
     _check_fp8_out("out", out, input, list(input.shape))
     q, _ = ops.rms_norm_quant(input, weight, eps, torch.float8_e4m3fn,
