@@ -305,6 +305,12 @@ def test_int8_checkpoint_with_asymmetric_activations(tmp_path, style):
         assert rel_err(part(x), want.float()) < 1e-5
     exact = (x.double() @ part.dequantize().double().t()).float()
     assert rel_err(got, exact) <= rel_err(_symmetric(part)(x), exact) * 1.05
+    # tensor parallel: each rank's parts keep the row sums of their own rows / K slice
+    rank = load_model(d, dtype="float32", device="cpu", tensor_parallel=TensorParallel(1, 2))
+    for mod in (rank.layers[1].self_attn.qkv_proj, rank.layers[1].mlp.down_proj):
+        p = mod.int8_parts[0]
+        assert p.symmetric is False
+        assert torch.equal(p.azp_adj, p.weight.to(torch.int32).sum(1))
 
 
 def _symmetric(part):

@@ -457,8 +457,10 @@ def _cut(config: DecoderConfig, tp: TensorParallel, module: str, kind: str, src:
     return torch.cat(pieces, dim=differs[0])
 
 
-#: an fp8 checkpoint's scale tensors (the fp8 ``weight`` itself shards as a dense one)
-_FP8_KINDS = ("weight_scale_inv", "weight_scale", "input_scale", "input_scale_ub")
+#: an fp8 (or int8 W8A8) checkpoint's scale tensors (the ``weight`` itself shards as a
+#: dense one); input_zero_point: asymmetric int8 activations' static zero point
+_FP8_KINDS = ("weight_scale_inv", "weight_scale", "input_scale", "input_scale_ub",
+              "input_zero_point")
 
 
 def _fp8_scale_shard(config: DecoderConfig, module: str, kind: str, src: Any, start: int,
@@ -474,7 +476,7 @@ def _fp8_scale_shard(config: DecoderConfig, module: str, kind: str, src: Any, st
     if int8 is not None:
         # int8: weight_scale [N, 1] per channel (rows with the weight's rows; whole for a
         # row-parallel layer), [N, K / G] per group (weight-only: also this rank's K
-        # groups), or one value; input_scale one value
+        # groups), or one value; input_scale / input_zero_point one value
         t = _read(src)
         if kind != "weight_scale" or t.numel() == 1:
             return t
@@ -494,7 +496,8 @@ def _fp8_scale_shard(config: DecoderConfig, module: str, kind: str, src: Any, st
             return (_int4_columns if along_n else _int4_k_slice)(config, module, kind, src,
                                                                  start, stop)
         raise ValueError(f"{module}: {kind} without an fp8 quantization_config")
-    if kind in ("input_scale", "input_scale_ub") or scheme["strategy"] == "tensor":
+    if kind in ("input_scale", "input_scale_ub", "input_zero_point") or \
+            scheme["strategy"] == "tensor":
         return _read(src)
     if scheme["strategy"] == "channel":
         return _rows(src, start, stop) if along_n else _read(src)
