@@ -1384,7 +1384,7 @@ def _load_hf(model_dir: str, dtype: str | torch.dtype, device: torch.device,
                             raise CheckpointError(f"{where}: stacked int8 experts are not "
                                                   "supported (per-expert tensors are)")
                         part, tkind = kind.split(":") if ":" in kind else (kind, "weight")
-                        if tkind == "input_scale":
+                        if tkind in ("input_scale", "input_zero_point"):
                             continue    # static activation scale: the experts run W8A16
                         if not 0 <= shard < mod.num_experts:
                             raise CheckpointError(f"{where}: expert {shard} out of range "
