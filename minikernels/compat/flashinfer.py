@@ -19,7 +19,13 @@ Names, argument names, defaults, layouts and return shapes are FlashInfer's. Cov
   buffers, the wrappers' ``run(sinks=)`` (GPT-OSS's attention sinks: one more logit per
   q head, in the units of the scaled scores; the returned lse includes it);
 - ``append_paged_kv_cache``, ``get_batch_indices_positions``, ``get_seq_lens``;
-- cascade: ``merge_state``, ``merge_state_in_place``, ``merge_states``;
+- cascade: ``merge_state``, ``merge_state_in_place``, ``merge_states``,
+  ``MultiLevelCascadeAttentionWrapper`` (``plan`` / ``run``, ``begin_forward`` /
+  ``forward``: one paged prefill per level over its own page table into one cache, causal
+  on the last level only, the levels' base-2 states merged as FlashInfer's ``run``), and
+  the deprecated ``BatchDecodeWithSharedPrefixPagedKVCacheWrapper`` /
+  ``BatchPrefillWithSharedPrefixPagedKVCacheWrapper`` (``begin_forward`` / ``forward``:
+  the prefix as its own k / v, merged with the paged suffixes);
 - ``rmsnorm``, ``fused_add_rmsnorm``, ``gemma_rmsnorm``, ``gemma_fused_add_rmsnorm``,
   ``layernorm``, ``silu_and_mul``, ``gelu_and_mul`` (erf), ``gelu_tanh_and_mul``;
   ``rmsnorm_quant``, ``fused_add_rmsnorm_quant`` (static fp8) and
@@ -32,10 +38,14 @@ Names, argument names, defaults, layouts and return shapes are FlashInfer's. Cov
   ``sampling_from_probs`` / ``_from_logits``, ``top_k`` / ``top_p`` / ``min_p`` /
   ``top_k_top_p_sampling_from_probs``, ``top_k_top_p_sampling_from_logits``,
   ``chain_speculative_sampling`` (speculative decoding's verification, on
-  ``ops.rejection_sample``);
+  ``ops.rejection_sample``), ``softmax`` (temperature: a number or one per row; FlashInfer's
+  temperature-0 rule: a uniform row);
+- quantization: ``packbits`` / ``segment_packbits`` (numpy.packbits' bits, per segment
+  with FlashInfer's returned int32 indptr);
 - the submodule namespaces ``decode``, ``prefill``, ``page``, ``cascade``, ``norm``,
-  ``activation``, ``rope``, ``sampling`` (``flashinfer.sampling.top_k_mask_logits(...)``
-  works; ``from ...flashinfer.sampling import x`` does not: they are attributes).
+  ``activation``, ``rope``, ``sampling``, ``quantization``
+  (``flashinfer.sampling.top_k_mask_logits(...)`` works; ``from ...flashinfer.sampling
+  import x`` does not: they are attributes).
 
 LSE: FlashInfer's returned (and ``merge_state``-consumed) log-sum-exp is base 2
 (``log2(sum_j 2^(s_j log2 e))`` = natural LSE * log2(e); its kernels keep the running
@@ -64,7 +74,8 @@ Not covered, each refused by name with a ValueError (never silently ignored):
   query per request in decode (``q_len_per_req``), FlashInfer's extra plan inputs
   (``seq_lens``, ``block_tables``, ``prefix_len_ptr``, ...), per-head fp8 tensor scales
   (``scale_q`` / ``scale_k`` / ``scale_v``), fp8 q, fp8 k / v outside paged caches;
-- MLA, POD, cascade and block-sparse wrappers, quantization, GEMM, MoE and comm APIs.
+- MLA, POD and block-sparse wrappers, quantization other than ``packbits`` /
+  ``segment_packbits``, GEMM, MoE and comm APIs.
 
 Other differences: any ``head_dim`` in [1, 512] (the ops' range; FlashInfer compiles a
 fixed set, 64 / 128 / 256 and, on its fa2 backend, Gemma 4's 512); everything after
@@ -79,8 +90,11 @@ may differ from the planned value; ``q_scale`` / ``k_scale`` / ``v_scale`` are n
 1-element tensor is read on the host); activations take any even last dim (FlashInfer wants
 16-byte rows); ``fused_add_rmsnorm`` normalizes the sum as stored in ``residual``'s dtype;
 the samplers draw with ``torch.multinomial`` and ``generator`` (same distribution, not
-FlashInfer's random stream). The math is minikernels' ops: the reference on the CPU,
-Triton / CUDA on the GPU.
+FlashInfer's random stream); ``BatchPrefillWithSharedPrefixPagedKVCacheWrapper.forward``
+takes q's dtype (FlashInfer's ``begin_forward`` has no dtype argument, plans float16 and
+refuses others) and the shared-prefix decode wrapper's ``data_type`` sets q's and the
+cache's dtype; ``softmax``, ``packbits`` and ``segment_packbits`` are plain PyTorch. The
+math is minikernels' ops: the reference on the CPU, Triton / CUDA on the GPU.
 """
 from __future__ import annotations
 
@@ -105,8 +119,10 @@ from .._validation import (
 )
 
 __all__ = [
-    "BatchDecodeWithPagedKVCacheWrapper", "BatchPrefillWithPagedKVCacheWrapper",
-    "BatchPrefillWithRaggedKVCacheWrapper", "activation", "append_paged_kv_cache",
+    "BatchDecodeWithPagedKVCacheWrapper", "BatchDecodeWithSharedPrefixPagedKVCacheWrapper",
+    "BatchPrefillWithPagedKVCacheWrapper", "BatchPrefillWithRaggedKVCacheWrapper",
+    "BatchPrefillWithSharedPrefixPagedKVCacheWrapper", "MultiLevelCascadeAttentionWrapper",
+    "activation", "append_paged_kv_cache",
     "apply_llama31_rope", "apply_llama31_rope_inplace", "apply_llama31_rope_pos_ids",
     "apply_llama31_rope_pos_ids_inplace", "apply_rope", "apply_rope_inplace",
     "apply_rope_pos_ids", "apply_rope_pos_ids_inplace", "apply_rope_with_cos_sin_cache",
@@ -116,8 +132,9 @@ __all__ = [
     "gelu_and_mul", "gelu_tanh_and_mul", "gemma_fused_add_rmsnorm", "gemma_rmsnorm",
     "get_batch_indices_positions", "get_seq_lens", "layernorm", "merge_state",
     "merge_state_in_place",
-    "merge_states", "min_p_sampling_from_probs", "norm", "page", "prefill", "rmsnorm",
-    "rope", "sampling", "sampling_from_logits", "sampling_from_probs", "silu_and_mul",
+    "merge_states", "min_p_sampling_from_probs", "norm", "packbits", "page", "prefill",
+    "quantization", "rmsnorm", "rope", "sampling", "sampling_from_logits",
+    "sampling_from_probs", "segment_packbits", "silu_and_mul", "softmax",
     "single_decode_with_kv_cache", "single_prefill_with_kv_cache",
     "single_prefill_with_kv_cache_return_lse", "top_k_mask_logits", "top_k_renorm_probs",
     "top_k_sampling_from_probs", "top_k_top_p_sampling_from_logits",
@@ -593,6 +610,9 @@ class BatchDecodeWithPagedKVCacheWrapper(_Wrapper):
     Runs :func:`minikernels.ops.paged_decode_attention`.
     """
 
+    #: The page table's argument names in errors (the shared-prefix wrapper's differ).
+    _arg_names: tuple[str, str, str] = ("indptr", "indices", "last_page_len")
+
     def __init__(self, float_workspace_buffer: Tensor, kv_layout: str = "NHD",
                  use_cuda_graph: bool = False, use_tensor_cores: bool = False,
                  paged_kv_indptr_buffer: Tensor | None = None,
@@ -644,8 +664,8 @@ class BatchDecodeWithPagedKVCacheWrapper(_Wrapper):
             "fixed_split_size", fixed_split_size, 1)
         self._num_splits = 1 if disable_split_kv else 0
         self._heads = (hq, hkv, d)
-        self._table = _PageTable(("indptr", "indices", "last_page_len"), indptr, indices,
-                                 last_page_len, page_size, self.device)
+        self._table = _PageTable(self._arg_names, indptr, indices, last_page_len, page_size,
+                                 self.device)
         self._planned = True
 
     begin_forward = plan
@@ -686,29 +706,48 @@ class BatchDecodeWithPagedKVCacheWrapper(_Wrapper):
                 sm_scale: float | None = None, rope_scale: float | None = None,
                 rope_theta: float | None = None) -> Tensor:
         """FlashInfer's deprecated form: these arguments replace the planned ones."""
+        return self._forward(q, paged_kv_cache, pos_encoding_mode, q_scale, k_scale,
+                             v_scale, window_left, logits_soft_cap, sm_scale,
+                             False)  # type: ignore[return-value]
+
+    def forward_return_lse(self, q: Tensor, paged_kv_cache: Tensor | tuple[Tensor, Tensor],
+                           pos_encoding_mode: str = "NONE", q_scale: float | None = None,
+                           k_scale: float | None = None, v_scale: float | None = None,
+                           window_left: int = -1, logits_soft_cap: float | None = None,
+                           sm_scale: float | None = None, rope_scale: float | None = None,
+                           rope_theta: float | None = None) -> tuple[Tensor, Tensor]:
+        """:meth:`forward` returning (out, base-2 lse) (FlashInfer's deprecated form)."""
+        return self._forward(q, paged_kv_cache, pos_encoding_mode, q_scale, k_scale,
+                             v_scale, window_left, logits_soft_cap, sm_scale,
+                             True)  # type: ignore[return-value]
+
+    def _forward(self, q: Tensor, paged_kv_cache: Tensor | tuple[Tensor, Tensor],
+                 pos_encoding_mode: str, q_scale: float | None, k_scale: float | None,
+                 v_scale: float | None, window_left: int, logits_soft_cap: float | None,
+                 sm_scale: float | None, return_lse: bool) -> Tensor | tuple[Tensor, Tensor]:
         _check_pos_encoding_mode(pos_encoding_mode)
         self._require_plan()
-        self._window_left = _window(window_left)
-        self._soft_cap = _soft_cap(logits_soft_cap)
-        self._sm_scale = None if sm_scale is None else check_positive_float("sm_scale",
-                                                                            sm_scale)
+        wl, cap = _window(window_left), _soft_cap(logits_soft_cap)
+        scale = None if sm_scale is None else check_positive_float("sm_scale", sm_scale)
+        self._window_left, self._soft_cap, self._sm_scale = wl, cap, scale
         return self.run(q, paged_kv_cache, q_scale=q_scale, k_scale=k_scale,
-                        v_scale=v_scale)  # type: ignore[return-value]
+                        v_scale=v_scale, return_lse=return_lse)
 
 class _PrefillPlan:
     """The planned masks and scales of a prefill wrapper."""
 
     def __init__(self, qo_indptr: object, batch: int, device: torch.device, causal: object,
                  pos_encoding_mode: object, window_left: object, logits_soft_cap: object,
-                 sm_scale: object, custom_mask: object, packed_custom_mask: object) -> None:
+                 sm_scale: object, custom_mask: object, packed_custom_mask: object,
+                 qo_name: str = "qo_indptr") -> None:
         _refuse_masks(custom_mask, packed_custom_mask)
         _check_pos_encoding_mode(pos_encoding_mode)
-        check_tensor("qo_indptr", qo_indptr, dtypes=_INT_DTYPES, ndim=1)
+        check_tensor(qo_name, qo_indptr, dtypes=_INT_DTYPES, ndim=1)
         assert isinstance(qo_indptr, Tensor)
-        check_shape("qo_indptr", qo_indptr, [batch + 1])
+        check_shape(qo_name, qo_indptr, [batch + 1])
         q_h = qo_indptr.to("cpu", torch.int64)
         if int(q_h[0]) != 0 or bool((q_h[1:] < q_h[:-1]).any()):
-            raise ValueError("qo_indptr must start at 0 and be non-decreasing")
+            raise ValueError(f"{qo_name} must start at 0 and be non-decreasing")
         self.total_q = int(q_h[-1])
         self.max_q = int((q_h[1:] - q_h[:-1]).max()) if batch else 0
         self.cu_q = qo_indptr.to(device, torch.int32)
@@ -731,6 +770,10 @@ class BatchPrefillWithPagedKVCacheWrapper(_Wrapper):
     [qo_indptr[-1], num_qo_heads] fp32. Cache layouts as the decode wrapper's. Runs
     :func:`minikernels.ops.flash_attention` with a block table.
     """
+
+    #: The plan's argument names in errors (the cascade wrapper's name each level's).
+    _arg_names: tuple[str, str, str, str] = ("qo_indptr", "paged_kv_indptr",
+                                             "paged_kv_indices", "paged_kv_last_page_len")
 
     def __init__(self, float_workspace_buffer: Tensor, kv_layout: str = "NHD",
                  use_cuda_graph: bool = False, qo_indptr_buf: Tensor | None = None,
@@ -765,13 +808,13 @@ class BatchPrefillWithPagedKVCacheWrapper(_Wrapper):
         page_size = _int("page_size", page_size, 1)
         self._q_dt, self._kv_dt, self._o_dt = _plan_dtypes(q_data_type, kv_data_type,
                                                            o_data_type)
-        self._table = _PageTable(("paged_kv_indptr", "paged_kv_indices",
-                                  "paged_kv_last_page_len"), paged_kv_indptr,
+        qo_name, *table_names = self._arg_names
+        self._table = _PageTable(tuple(table_names), paged_kv_indptr,  # type: ignore[arg-type]
                                  paged_kv_indices, paged_kv_last_page_len, page_size,
                                  self.device)
         self._plan = _PrefillPlan(qo_indptr, self._table.batch, self.device, causal,
                                   pos_encoding_mode, window_left, logits_soft_cap, sm_scale,
-                                  custom_mask, packed_custom_mask)
+                                  custom_mask, packed_custom_mask, qo_name)
         self._planned = True
 
     begin_forward = plan
@@ -804,6 +847,43 @@ class BatchPrefillWithPagedKVCacheWrapper(_Wrapper):
                        lse_buf=lse)
 
     run_return_lse = functools.partialmethod(run, return_lse=True)
+
+    def forward(self, q: Tensor, paged_kv_cache: Tensor | tuple[Tensor, Tensor],
+                causal: bool = False, pos_encoding_mode: str = "NONE",
+                use_fp16_qk_reduction: bool = False, k_scale: float | None = None,
+                v_scale: float | None = None, window_left: int = -1,
+                logits_soft_cap: float | None = None, sm_scale: float | None = None,
+                rope_scale: float | None = None, rope_theta: float | None = None) -> Tensor:
+        """FlashInfer's deprecated form: ``causal``, ``window_left``, ``logits_soft_cap``
+        and ``sm_scale`` replace the planned ones."""
+        return self._forward(q, paged_kv_cache, causal, pos_encoding_mode, k_scale, v_scale,
+                             window_left, logits_soft_cap, sm_scale,
+                             False)  # type: ignore[return-value]
+
+    def forward_return_lse(self, q: Tensor, paged_kv_cache: Tensor | tuple[Tensor, Tensor],
+                           causal: bool = False, pos_encoding_mode: str = "NONE",
+                           use_fp16_qk_reduction: bool = False, k_scale: float | None = None,
+                           v_scale: float | None = None, window_left: int = -1,
+                           logits_soft_cap: float | None = None,
+                           sm_scale: float | None = None, rope_scale: float | None = None,
+                           rope_theta: float | None = None) -> tuple[Tensor, Tensor]:
+        """:meth:`forward` returning (out, base-2 lse) (FlashInfer's deprecated form)."""
+        return self._forward(q, paged_kv_cache, causal, pos_encoding_mode, k_scale, v_scale,
+                             window_left, logits_soft_cap, sm_scale,
+                             True)  # type: ignore[return-value]
+
+    def _forward(self, q: Tensor, paged_kv_cache: Tensor | tuple[Tensor, Tensor],
+                 causal: bool, pos_encoding_mode: str, k_scale: float | None,
+                 v_scale: float | None, window_left: int, logits_soft_cap: float | None,
+                 sm_scale: float | None, return_lse: bool) -> Tensor | tuple[Tensor, Tensor]:
+        _check_pos_encoding_mode(pos_encoding_mode)
+        self._require_plan()
+        p = self._plan
+        wl, cap = _window(window_left), _soft_cap(logits_soft_cap)
+        scale = None if sm_scale is None else check_positive_float("sm_scale", sm_scale)
+        p.causal, p.window_left, p.soft_cap, p.sm_scale = bool(causal), wl, cap, scale
+        return self.run(q, paged_kv_cache, k_scale=k_scale, v_scale=v_scale,
+                        return_lse=return_lse)
 
 
 class BatchPrefillWithRaggedKVCacheWrapper(_Wrapper):
@@ -895,6 +975,37 @@ class BatchPrefillWithRaggedKVCacheWrapper(_Wrapper):
                        lse_buf=lse)
 
     run_return_lse = functools.partialmethod(run, return_lse=True)
+
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, causal: bool = False,
+                pos_encoding_mode: str = "NONE", use_fp16_qk_reduction: bool = False,
+                window_left: int = -1, logits_soft_cap: float | None = None,
+                sm_scale: float | None = None, rope_scale: float | None = None,
+                rope_theta: float | None = None) -> Tensor:
+        """FlashInfer's deprecated form: ``causal``, ``window_left``, ``logits_soft_cap``
+        and ``sm_scale`` replace the planned ones."""
+        return self._forward(q, k, v, causal, pos_encoding_mode, window_left,
+                             logits_soft_cap, sm_scale, False)  # type: ignore[return-value]
+
+    def forward_return_lse(self, q: Tensor, k: Tensor, v: Tensor, causal: bool = False,
+                           pos_encoding_mode: str = "NONE",
+                           use_fp16_qk_reduction: bool = False, window_left: int = -1,
+                           logits_soft_cap: float | None = None,
+                           sm_scale: float | None = None, rope_scale: float | None = None,
+                           rope_theta: float | None = None) -> tuple[Tensor, Tensor]:
+        """:meth:`forward` returning (out, base-2 lse) (FlashInfer's deprecated form)."""
+        return self._forward(q, k, v, causal, pos_encoding_mode, window_left,
+                             logits_soft_cap, sm_scale, True)  # type: ignore[return-value]
+
+    def _forward(self, q: Tensor, k: Tensor, v: Tensor, causal: bool, pos_encoding_mode: str,
+                 window_left: int, logits_soft_cap: float | None, sm_scale: float | None,
+                 return_lse: bool) -> Tensor | tuple[Tensor, Tensor]:
+        _check_pos_encoding_mode(pos_encoding_mode)
+        self._require_plan()
+        p = self._plan
+        wl, cap = _window(window_left), _soft_cap(logits_soft_cap)
+        scale = None if sm_scale is None else check_positive_float("sm_scale", sm_scale)
+        p.causal, p.window_left, p.soft_cap, p.sm_scale = bool(causal), wl, cap, scale
+        return self.run(q, k, v, return_lse=return_lse)
 
 
 # ------------------------------------------------------------------------------- pages
@@ -1047,6 +1158,251 @@ def merge_states(v: Tensor, s: Tensor) -> tuple[Tensor, Tensor]:
     w = torch.exp(lse - safe[:, None])                       # 0 for -inf states
     out = (w[..., None] * v.float()).sum(dim=1)
     return out.to(v.dtype), total * LOG2E
+
+
+def _level_list(name: str, value: object, num_levels: int) -> list[object]:
+    """One of the cascade plan's per-level lists (list or tuple, one item per level)."""
+    if not isinstance(value, (list, tuple)):
+        raise TypeError(f"{name} must be a list with one tensor per level, got "
+                        f"{type(value).__name__}")
+    if len(value) != num_levels:
+        raise ValueError(f"{name} must have num_levels = {num_levels} items, got {len(value)}")
+    return list(value)
+
+
+def _check_stride_variant(variant: object) -> None:
+    if variant != "independent":
+        raise ValueError(f"variant must be 'independent' (FlashInfer's only paged-KV-stride "
+                         f"variant), got {variant!r}")
+
+
+class MultiLevelCascadeAttentionWrapper:
+    """FlashInfer's multi-level cascade attention over one paged KV cache.
+
+    Each level is a :class:`BatchPrefillWithPagedKVCacheWrapper` over its own CSR page
+    table into the same cache; level i groups the queries with its own ``qo_indptr``
+    (e.g. level 0: all queries in one group over the shared prefix's pages, the last
+    level: one group per request over its own pages). ``plan(qo_indptr_arr,
+    paged_kv_indptr_arr, paged_kv_indices_arr, paged_kv_last_page_len, num_qo_heads,
+    num_kv_heads, head_dim, page_size, ...)`` takes one tensor per level in each list
+    (every ``qo_indptr_arr[i][-1]`` is the number of queries); ``causal`` applies to the
+    last level only (bottom-right within each of its requests; the other levels see all
+    their keys, as FlashInfer plans them), ``window_left`` / ``logits_soft_cap`` /
+    ``sm_scale`` to every level. ``run(q, paged_kv_cache)``: q [qo_indptr_arr[i][-1],
+    num_qo_heads, head_dim] of ``q_data_type``, the cache in any form the prefill wrapper
+    takes (NHD / HND, one [num_pages, 2, ...] tensor or a (k_cache, v_cache) tuple). Returns
+    out of q's shape and dtype: the last level's attention state merged with each other
+    level's (base-2 LSE, :func:`merge_state`, in FlashInfer's order), i.e. attention over
+    the union of a query's keys on all levels. A query with no key on a level (a request
+    without pages there) takes nothing from it. The ``*_buf_arr`` arguments (FlashInfer's
+    CUDA-graph buffers) are accepted and unused; ``use_cuda_graph=True`` is refused.
+    """
+
+    def __init__(self, num_levels: int, float_workspace_buffer: Tensor,
+                 kv_layout: str = "NHD", use_cuda_graph: bool = False,
+                 qo_indptr_buf_arr: list[Tensor] | None = None,
+                 paged_kv_indptr_buf_arr: list[Tensor] | None = None,
+                 paged_kv_indices_buf_arr: list[Tensor] | None = None,
+                 paged_kv_last_page_len_buf_arr: list[Tensor] | None = None) -> None:
+        self._num_levels = _int("num_levels", num_levels, 1)
+        self._batch_prefill_wrappers = [
+            BatchPrefillWithPagedKVCacheWrapper(float_workspace_buffer, kv_layout,
+                                                use_cuda_graph)
+            for _ in range(self._num_levels)]
+        for i, w in enumerate(self._batch_prefill_wrappers):
+            w._arg_names = (f"qo_indptr_arr[{i}]", f"paged_kv_indptr_arr[{i}]",
+                            f"paged_kv_indices_arr[{i}]", f"paged_kv_last_page_len[{i}]")
+        self._kv_layout = kv_layout
+        self._planned = False
+
+    @property
+    def is_cuda_graph_enabled(self) -> bool:
+        return False
+
+    def reset_workspace_buffer(self, float_workspace_buffer: Tensor,
+                               int_workspace_buffers: list[Tensor]) -> None:
+        """FlashInfer's: one int buffer per level; the buffers are not used."""
+        buffers = _level_list("int_workspace_buffers", int_workspace_buffers,
+                              self._num_levels)
+        for w, buf in zip(self._batch_prefill_wrappers, buffers):
+            w.reset_workspace_buffer(float_workspace_buffer, buf)  # type: ignore[arg-type]
+
+    def plan(self, qo_indptr_arr: list[Tensor], paged_kv_indptr_arr: list[Tensor],
+             paged_kv_indices_arr: list[Tensor], paged_kv_last_page_len: list[Tensor],
+             num_qo_heads: int, num_kv_heads: int, head_dim: int, page_size: int,
+             causal: bool = False, pos_encoding_mode: str = "NONE",
+             use_fp16_qk_reduction: bool = False, sm_scale: float | None = None,
+             window_left: int = -1, logits_soft_cap: float | None = None,
+             rope_scale: float | None = None, rope_theta: float | None = None,
+             q_data_type: str | torch.dtype = "float16",
+             kv_data_type: str | torch.dtype | None = None) -> None:
+        """Plan every level (one host sync each). Errors name the level's list item, e.g.
+        ``paged_kv_indptr_arr[1]``."""
+        self._planned = False
+        n = self._num_levels
+        levels = zip(self._batch_prefill_wrappers,
+                     _level_list("qo_indptr_arr", qo_indptr_arr, n),
+                     _level_list("paged_kv_indptr_arr", paged_kv_indptr_arr, n),
+                     _level_list("paged_kv_indices_arr", paged_kv_indices_arr, n),
+                     _level_list("paged_kv_last_page_len", paged_kv_last_page_len, n))
+        for i, (w, qo, ptr, idx, last) in enumerate(levels):
+            w.plan(qo, ptr, idx, last, num_qo_heads, num_kv_heads,  # type: ignore[arg-type]
+                   head_dim, page_size, causal=bool(causal) if i == n - 1 else False,
+                   pos_encoding_mode=pos_encoding_mode,
+                   use_fp16_qk_reduction=use_fp16_qk_reduction, sm_scale=sm_scale,
+                   window_left=window_left, logits_soft_cap=logits_soft_cap,
+                   rope_scale=rope_scale, rope_theta=rope_theta, q_data_type=q_data_type,
+                   kv_data_type=kv_data_type)
+        totals = [w._plan.total_q for w in self._batch_prefill_wrappers]
+        if len(set(totals)) > 1:
+            raise ValueError(f"qo_indptr_arr[i][-1] (the number of queries) must be the same "
+                             f"on every level, got {totals}")
+        self._planned = True
+
+    begin_forward = plan
+
+    def prewarm_paged_kv_stride_variant(self, variant: str = "independent") -> None:
+        """FlashInfer's (before CUDA-graph capture); nothing to prewarm here."""
+        _check_stride_variant(variant)
+
+    def run(self, q: Tensor, paged_kv_cache: Tensor | tuple[Tensor, Tensor]) -> Tensor:
+        """Cascade attention for the planned levels; see the class docstring."""
+        if not self._planned:
+            raise RuntimeError("MultiLevelCascadeAttentionWrapper.plan() must be called "
+                               "before run()")
+        *upper, last = self._batch_prefill_wrappers
+        out, lse = last.run(q, paged_kv_cache, return_lse=True)
+        for w in upper:
+            out_i, lse_i = w.run(q, paged_kv_cache, return_lse=True)
+            out, lse = merge_state(out, lse, out_i, lse_i)
+        return out
+
+    forward = run
+
+
+def _check_shared_kv(k_shared: object, v_shared: object, kv_layout: str, num_kv_heads: int
+                     ) -> None:
+    """The shared prefix's k / v: [len, Hkv, D] (NHD) or [Hkv, len, D] (HND)."""
+    dim = 1 if kv_layout == "NHD" else 0
+    for name, t in (("k_shared", k_shared), ("v_shared", v_shared)):
+        check_tensor(name, t, ndim=3)
+        assert isinstance(t, Tensor)
+        if t.shape[dim] != num_kv_heads:
+            raise ValueError(f"{name} must have num_kv_heads = {num_kv_heads} heads in dim "
+                             f"{dim} (kv_layout={kv_layout!r}), got shape {list(t.shape)}")
+
+
+class BatchDecodeWithSharedPrefixPagedKVCacheWrapper:
+    """FlashInfer's (deprecated in favour of :class:`MultiLevelCascadeAttentionWrapper`)
+    batch decode over a shared prefix held in its own k / v tensors plus each request's
+    paged unique suffix.
+
+    ``begin_forward(unique_kv_indptr, unique_kv_indices, unique_kv_last_page_len,
+    num_qo_heads, num_kv_heads, head_dim, page_size, data_type="float16")`` plans the
+    suffixes (``data_type``: q's and the cache's dtype). ``forward(q, k_shared, v_shared,
+    unique_kv_cache)``: q [batch_size, num_qo_heads, head_dim]; k_shared / v_shared
+    [shared_len, num_kv_heads, head_dim] (NHD) or [num_kv_heads, shared_len, head_dim]
+    (HND), q's dtype; unique_kv_cache as the decode wrapper's paged cache. Every query
+    attends to the whole prefix and to its request's suffix (default scale 1/sqrt(head_dim),
+    no window or soft cap, as FlashInfer's); the two states are merged with
+    :func:`merge_state`. Returns out [batch_size, num_qo_heads, head_dim] in q's dtype.
+    """
+
+    def __init__(self, float_workspace_buffer: Tensor, kv_layout: str = "NHD") -> None:
+        self._batch_decode_wrapper = BatchDecodeWithPagedKVCacheWrapper(float_workspace_buffer,
+                                                                        kv_layout)
+        self._batch_decode_wrapper._arg_names = ("unique_kv_indptr", "unique_kv_indices",
+                                                 "unique_kv_last_page_len")
+        self._kv_layout = kv_layout
+
+    def reset_workspace_buffer(self, float_workspace_buffer: Tensor,
+                               int_workspace_buffer: Tensor | None = None) -> None:
+        """FlashInfer's; the buffers are not used."""
+        self._batch_decode_wrapper.reset_workspace_buffer(float_workspace_buffer,
+                                                          int_workspace_buffer)
+
+    def begin_forward(self, unique_kv_indptr: Tensor, unique_kv_indices: Tensor,
+                      unique_kv_last_page_len: Tensor, num_qo_heads: int, num_kv_heads: int,
+                      head_dim: int, page_size: int,
+                      data_type: str | torch.dtype = "float16") -> None:
+        """Plan the unique suffixes (one host sync)."""
+        dt = _dtype("data_type", data_type)
+        if dt not in FLOAT_DTYPES:
+            raise ValueError(f"data_type must be float16, bfloat16 or float32, got {dt}")
+        self._batch_decode_wrapper.plan(unique_kv_indptr, unique_kv_indices,
+                                        unique_kv_last_page_len, num_qo_heads, num_kv_heads,
+                                        head_dim, page_size, q_data_type=dt, kv_data_type=dt)
+
+    def forward(self, q: Tensor, k_shared: Tensor, v_shared: Tensor,
+                unique_kv_cache: Tensor | tuple[Tensor, Tensor]) -> Tensor:
+        """Decode attention over the shared prefix and each request's suffix."""
+        w = self._batch_decode_wrapper
+        w._require_plan()
+        _check_shared_kv(k_shared, v_shared, w._kv_layout, w._heads[1])
+        out_u, lse_u = w.forward_return_lse(q, unique_kv_cache)
+        out_s, lse_s = single_prefill_with_kv_cache(
+            q, k_shared, v_shared, causal=False, kv_layout=w._kv_layout,
+            sm_scale=w._sm_scale, return_lse=True)  # type: ignore[misc]
+        return merge_state(out_s, lse_s, out_u, lse_u)[0]
+
+
+class BatchPrefillWithSharedPrefixPagedKVCacheWrapper:
+    """FlashInfer's (deprecated in favour of :class:`MultiLevelCascadeAttentionWrapper`)
+    batch prefill / append over a shared prefix held in its own k / v tensors plus each
+    request's paged unique suffix.
+
+    ``begin_forward(qo_indptr, paged_kv_indptr, paged_kv_indices, paged_kv_last_page_len,
+    num_qo_heads, num_kv_heads, head_dim, page_size)`` plans the suffixes as
+    :class:`BatchPrefillWithPagedKVCacheWrapper`. ``forward(q, k_shared, v_shared,
+    unique_kv_cache, causal=False, use_fp16_qk_reduction=False, sm_scale=None, ...)``: q
+    [qo_indptr[-1], num_qo_heads, head_dim] (fp16 / bf16 / fp32; FlashInfer plans float16
+    and refuses other dtypes, here the dtype is q's); k_shared / v_shared [shared_len,
+    num_kv_heads, head_dim] (NHD) or [num_kv_heads, shared_len, head_dim] (HND) and the
+    unique cache in q's dtype. Every query attends to the whole prefix; ``causal``
+    (bottom-right) applies within its request's suffix. The two states are merged with
+    :func:`merge_state`. Returns out of q's shape and dtype.
+    """
+
+    def __init__(self, float_workspace_buffer: Tensor, kv_layout: str = "NHD") -> None:
+        self._batch_prefill_wrapper = BatchPrefillWithPagedKVCacheWrapper(
+            float_workspace_buffer, kv_layout)
+        self._kv_layout = kv_layout
+
+    def reset_workspace_buffer(self, float_workspace_buffer: Tensor,
+                               int_workspace_buffer: Tensor | None = None) -> None:
+        """FlashInfer's; the buffers are not used."""
+        self._batch_prefill_wrapper.reset_workspace_buffer(float_workspace_buffer,
+                                                           int_workspace_buffer)
+
+    def begin_forward(self, qo_indptr: Tensor, paged_kv_indptr: Tensor,
+                      paged_kv_indices: Tensor, paged_kv_last_page_len: Tensor,
+                      num_qo_heads: int, num_kv_heads: int, head_dim: int,
+                      page_size: int) -> None:
+        """Plan the unique suffixes (one host sync)."""
+        self._batch_prefill_wrapper.plan(qo_indptr, paged_kv_indptr, paged_kv_indices,
+                                         paged_kv_last_page_len, num_qo_heads, num_kv_heads,
+                                         head_dim, page_size)
+
+    def prewarm_paged_kv_stride_variant(self, variant: str = "independent") -> None:
+        """FlashInfer's (before CUDA-graph capture); nothing to prewarm here."""
+        _check_stride_variant(variant)
+
+    def forward(self, q: Tensor, k_shared: Tensor, v_shared: Tensor,
+                unique_kv_cache: Tensor | tuple[Tensor, Tensor], causal: bool = False,
+                use_fp16_qk_reduction: bool = False, sm_scale: float | None = None,
+                rope_scale: float | None = None, rope_theta: float | None = None) -> Tensor:
+        """Prefill attention over the shared prefix and each request's suffix."""
+        w = self._batch_prefill_wrapper
+        w._require_plan()
+        check_tensor("q", q, dtypes=FLOAT_DTYPES, ndim=3)
+        _check_shared_kv(k_shared, v_shared, w._kv_layout, w._heads[1])
+        w._q_dt = w._kv_dt = w._o_dt = q.dtype       # begin_forward has no dtype argument
+        out_u, lse_u = w.forward_return_lse(q, unique_kv_cache, causal=causal,
+                                            sm_scale=sm_scale)
+        out_s, lse_s = single_prefill_with_kv_cache(
+            q, k_shared, v_shared, causal=False, kv_layout=w._kv_layout, sm_scale=sm_scale,
+            return_lse=True)  # type: ignore[misc]
+        return merge_state(out_s, lse_s, out_u, lse_u)[0]
 
 
 # ---------------------------------------------------------------- norms and activations
@@ -1475,6 +1831,37 @@ def _min_p_keep(p: Tensor, min_p: object) -> Tensor:
     return p >= mp * p.amax(dim=1, keepdim=True)
 
 
+def softmax(logits: Tensor, temperature: float | Tensor | None = None,
+            enable_pdl: bool | None = None) -> Tensor:
+    """Temperature softmax: ``softmax(logits * inv_t)`` per row with FlashInfer's
+    ``inv_t = 1 / temperature``, and ``inv_t = 0`` for temperature 0 (its kernel's rule: a
+    uniform row, not greedy). logits [B, V] (fp32 / fp16 / bf16, may hold -inf; a row
+    of only -inf gives NaN, as torch.softmax); temperature None (1), a number, or a float
+    tensor [B] (one per row). Returns fp32 [B, V]. Plain PyTorch, fp32 math;
+    ``enable_pdl`` has no effect."""
+    check_tensor("logits", logits, dtypes=FLOAT_DTYPES, ndim=2)
+    rows = logits.shape[0]
+    if temperature is None:
+        temp = torch.ones((rows, 1), dtype=torch.float32, device=logits.device)
+    elif isinstance(temperature, Tensor):
+        check_tensor("temperature", temperature, dtypes=(*FLOAT_DTYPES, torch.float64),
+                     ndim=1, device=logits.device)
+        check_shape("temperature", temperature, [rows])
+        if index_checks_active(temperature) and bool(torch.isnan(temperature).any()):
+            raise ValueError("temperature must not be NaN")
+        temp = temperature.float()[:, None]
+    elif isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
+        raise TypeError(f"temperature must be None, a number or a tensor [{rows}], got "
+                        f"{type(temperature).__name__}")
+    elif math.isnan(temperature):
+        raise ValueError("temperature must not be NaN")
+    else:
+        temp = torch.full((rows, 1), float(temperature), dtype=torch.float32,
+                          device=logits.device)
+    inv_t = torch.where(temp == 0, torch.zeros_like(temp), 1.0 / temp)
+    return torch.softmax(logits.float() * inv_t, dim=-1)
+
+
 def top_k_mask_logits(logits: Tensor, top_k: int | Tensor) -> Tensor:
     """Set every logit below the row's k-th largest to -inf (ties with it kept; k >=
     vocab keeps all). logits [B, V] (fp32 / fp16 / bf16, may hold -inf), top_k int >= 1 or
@@ -1679,6 +2066,70 @@ def chain_speculative_sampling(draft_probs: Tensor, draft_token_ids: Tensor,
     return tokens.to(torch.int32), accepted, emitted
 
 
+# ------------------------------------------------------------------------ quantization
+
+#: Bit weights of a packed byte's 8 elements: the first element is the most (big) or the
+#: least (little) significant bit, as numpy.packbits.
+_BIT_WEIGHTS = {"big": (128, 64, 32, 16, 8, 4, 2, 1), "little": (1, 2, 4, 8, 16, 32, 64, 128)}
+
+
+def _bit_weights(bitorder: object, device: torch.device) -> Tensor:
+    if bitorder not in _BIT_WEIGHTS:
+        raise ValueError(f"bitorder must be 'big' or 'little', got {bitorder!r}")
+    return torch.tensor(_BIT_WEIGHTS[bitorder], dtype=torch.int32,  # type: ignore[index]
+                        device=device)
+
+
+def packbits(x: Tensor, bitorder: str = "big") -> Tensor:
+    """numpy.packbits of a 1-D tensor: element i (nonzero = 1) is bit i % 8 of byte i // 8
+    (the most significant first with bitorder "big", the least with "little"); the last
+    byte is padded with 0 bits. x [n] of any dtype. Returns uint8 [(n + 7) // 8] on x's
+    device. Plain PyTorch."""
+    check_tensor("x", x, ndim=1)
+    weights = _bit_weights(bitorder, x.device)
+    n = x.shape[0]
+    bits = torch.zeros(-(-n // 8) * 8, dtype=torch.int32, device=x.device)
+    bits[:n] = (x != 0).to(torch.int32)
+    return (bits.view(-1, 8) * weights).sum(dim=1).to(torch.uint8)
+
+
+def segment_packbits(x: Tensor, indptr: Tensor, bitorder: str = "big"
+                     ) -> tuple[Tensor, Tensor]:
+    """:func:`packbits` of each segment ``x[indptr[i]:indptr[i+1]]``, packed back to back.
+
+    x [n] (any dtype, nonzero = 1); indptr int32 / int64 [batch_size + 1], non-decreasing,
+    within [0, n], on x's device. Returns (y uint8 [new_indptr[-1]], new_indptr int32
+    [batch_size + 1]) with new_indptr[0] = 0 and new_indptr[i+1] - new_indptr[i] =
+    (indptr[i+1] - indptr[i] + 7) // 8: y[new_indptr[i]:new_indptr[i+1]] is segment i
+    packed (its own zero padding). Vectorized; one host sync (the output size, as
+    FlashInfer's).
+    """
+    check_tensor("x", x, ndim=1)
+    check_tensor("indptr", indptr, dtypes=_INT_DTYPES, ndim=1, device=x.device)
+    if indptr.numel() < 1:
+        raise ValueError("indptr must have batch_size + 1 >= 1 entries")
+    weights = _bit_weights(bitorder, x.device)
+    ptr = indptr.long()
+    seg = ptr[1:] - ptr[:-1]
+    new_indptr = torch.cat([ptr.new_zeros(1), ((seg + 7) // 8).cumsum(0)])
+    bounds = torch.stack([ptr[0], ptr[-1], new_indptr[-1], seg.min() if seg.numel()
+                          else ptr.new_zeros(())]).tolist()    # the one host sync
+    if bounds[3] < 0:
+        raise ValueError("indptr must be non-decreasing")
+    if bounds[0] < 0 or bounds[1] > x.shape[0]:
+        raise ValueError(f"indptr values must be in [0, len(x) = {x.shape[0]}], got "
+                         f"{bounds[0]}..{bounds[1]}")
+    total = bounds[2]
+    byte = torch.arange(total, device=x.device)
+    b = torch.searchsorted(new_indptr[1:].contiguous(), byte, right=True)
+    bit = (byte - new_indptr[b])[:, None] * 8 + torch.arange(8, device=x.device)  # in seg
+    valid = bit < seg[b][:, None]
+    at = (ptr[b][:, None] + bit).clamp_(max=max(x.shape[0] - 1, 0))
+    bits = (x[at] != 0) & valid if x.numel() else valid
+    y = (bits.to(torch.int32) * weights).sum(dim=1).to(torch.uint8)
+    return y, new_indptr.to(torch.int32)
+
+
 # -------------------------------------------------------------- submodule-style namespaces
 
 decode = SimpleNamespace(
@@ -1692,8 +2143,14 @@ prefill = SimpleNamespace(
 page = SimpleNamespace(append_paged_kv_cache=append_paged_kv_cache,
                        get_batch_indices_positions=get_batch_indices_positions,
                        get_seq_lens=get_seq_lens)
-cascade = SimpleNamespace(merge_state=merge_state, merge_state_in_place=merge_state_in_place,
-                          merge_states=merge_states)
+cascade = SimpleNamespace(
+    merge_state=merge_state, merge_state_in_place=merge_state_in_place,
+    merge_states=merge_states,
+    MultiLevelCascadeAttentionWrapper=MultiLevelCascadeAttentionWrapper,
+    BatchDecodeWithSharedPrefixPagedKVCacheWrapper=(
+        BatchDecodeWithSharedPrefixPagedKVCacheWrapper),
+    BatchPrefillWithSharedPrefixPagedKVCacheWrapper=(
+        BatchPrefillWithSharedPrefixPagedKVCacheWrapper))
 norm = SimpleNamespace(rmsnorm=rmsnorm, fused_add_rmsnorm=fused_add_rmsnorm,
                        gemma_rmsnorm=gemma_rmsnorm,
                        gemma_fused_add_rmsnorm=gemma_fused_add_rmsnorm, layernorm=layernorm,
@@ -1711,7 +2168,7 @@ rope = SimpleNamespace(
     apply_rope_with_cos_sin_cache=apply_rope_with_cos_sin_cache,
     apply_rope_with_cos_sin_cache_inplace=apply_rope_with_cos_sin_cache_inplace)
 sampling = SimpleNamespace(
-    chain_speculative_sampling=chain_speculative_sampling,
+    softmax=softmax, chain_speculative_sampling=chain_speculative_sampling,
     top_k_mask_logits=top_k_mask_logits, top_k_renorm_probs=top_k_renorm_probs,
     top_p_renorm_probs=top_p_renorm_probs, top_k_renorm_prob=top_k_renorm_prob,
     top_p_renorm_prob=top_p_renorm_prob, sampling_from_probs=sampling_from_probs,
@@ -1721,3 +2178,4 @@ sampling = SimpleNamespace(
     min_p_sampling_from_probs=min_p_sampling_from_probs,
     top_k_top_p_sampling_from_probs=top_k_top_p_sampling_from_probs,
     top_k_top_p_sampling_from_logits=top_k_top_p_sampling_from_logits)
+quantization = SimpleNamespace(packbits=packbits, segment_packbits=segment_packbits)
