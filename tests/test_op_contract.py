@@ -46,6 +46,8 @@ def _samples(device: str):
         "swigluoai_and_mul": (x, 1.702, 7.0),
         "gelu_variant": (x, "gelu_new"),
         "rotary_embedding": (q, k, pos, cache),
+        "qk_norm_rope": (q, k, torch.rand(16, device=device), None, pos, cache, 1e-6, True,
+                         1.0),
         "int4_matmul": (xh, qw, sc, zr, 32, None),
         "int8_matmul": (xh, torch.randint(0, 256, (13, 64), dtype=torch.uint8, device=device),
                         (torch.rand(13, 2, device=device) / 100).half(),

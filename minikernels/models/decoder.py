@@ -213,11 +213,16 @@ class Attention(nn.Module):
         if self.v_norm is not None:
             v = self.v_norm(v)
         per_head_norm = self.q_norm is not None and not self.qk_norm_full
-        if per_head_norm and not self.qk_norm_after_rope:
-            q = self.q_norm(q.contiguous())
-            k = self.k_norm(k.contiguous())
-        if self.rotary is not None:     # None: a NoPE layer (SmolLM3)
-            q, k = self.rotary(q, k, meta.positions)
+        if per_head_norm and not self.qk_norm_after_rope and self.rotary is not None:
+            # Qwen3 / Gemma 3: each head's norm and the rotation in one launch
+            q, k = self.rotary.norm_and_rotate(q, k, meta.positions, self.q_norm,
+                                               self.k_norm)
+        else:
+            if per_head_norm and not self.qk_norm_after_rope:
+                q = self.q_norm(q.contiguous())
+                k = self.k_norm(k.contiguous())
+            if self.rotary is not None:     # None: a NoPE layer (SmolLM3)
+                q, k = self.rotary(q, k, meta.positions)
         if per_head_norm and self.qk_norm_after_rope:      # HunYuan
             q = self.q_norm(q)
             k = self.k_norm(k)

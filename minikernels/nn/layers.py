@@ -184,6 +184,17 @@ class RotaryEmbedding(nn.Module):
         return ops.rotary_embedding(q, k, positions, self.cos_sin_cache,
                                     is_neox_style=self.is_neox_style)
 
+    def norm_and_rotate(self, q: Tensor, k: Tensor, positions: Tensor, q_norm: "RMSNorm",
+                        k_norm: "RMSNorm") -> tuple[Tensor, Tensor]:
+        """``forward(q_norm(q), k_norm(k), positions)`` with per-head norms (weights [D]),
+        in one ``ops.qk_norm_rope`` launch (q / k may be strided views, e.g. of a fused
+        qkv projection). Norms with different eps or weight offsets run unfused."""
+        if q_norm.eps != k_norm.eps or q_norm.weight_offset != k_norm.weight_offset:
+            return self(q_norm(q.contiguous()), k_norm(k.contiguous()), positions)
+        return ops.qk_norm_rope(q, k, q_norm.weight, k_norm.weight, positions,
+                                self.cos_sin_cache, q_norm.eps, self.is_neox_style,
+                                q_norm.weight_offset)
+
     def extra_repr(self) -> str:
         return (f"rotary_dim={self.rotary_dim}, max_position={self.max_position}, "
                 f"is_neox_style={self.is_neox_style}")

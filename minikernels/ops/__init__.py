@@ -41,6 +41,7 @@ from .moe import (
 )
 from .norm import gemma_rms_norm, layer_norm, rms_norm
 from .norm_quant import rms_norm_quant
+from .qk_norm_rope import qk_norm_rope
 from .rejection_sampler import rejection_sample
 from .rotary import build_rope_cache, rotary_embedding
 from .router import fused_topk, topk_sigmoid, topk_softmax
@@ -80,6 +81,7 @@ __all__ = [
     "merge_attn_states",
     "moe_align_block_size",
     "paged_decode_attention",
+    "qk_norm_rope",
     "per_token_group_quant_fp8",
     "reference",
     "rejection_sample",

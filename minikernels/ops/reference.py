@@ -272,6 +272,27 @@ def rotary_embedding(q: Tensor, k: Tensor, positions: Tensor, cos_sin_cache: Ten
     return apply(q), apply(k)
 
 
+def qk_norm_rope(q: Tensor, k: Tensor, q_weight: Tensor | None, k_weight: Tensor | None,
+                 positions: Tensor, cos_sin_cache: Tensor, eps: float,
+                 is_neox_style: bool = True, weight_offset: float = 0.0
+                 ) -> tuple[Tensor, Tensor]:
+    """Per-head RMSNorm of q and k, then rotary embedding (Qwen3's / Gemma 3's attention).
+
+    q [..., Hq, D], k [..., Hkv, D] (same dtype), q_weight / k_weight [D] (None: no
+    weight, the offset unused),
+    positions and cos_sin_cache as :func:`rotary_embedding`. Exactly
+    ``rotary_embedding(rms_norm(q, q_weight), rms_norm(k, k_weight))``: each head's
+    normalized value x * rsqrt(mean(x^2) + eps) * (weight + weight_offset) is rounded to
+    q's dtype, then rotated in fp32 and rounded once more.
+    """
+    ones = torch.ones(q.shape[-1], dtype=torch.float32, device=q.device)
+    qn = rms_norm(q, ones, eps) if q_weight is None else rms_norm(q, q_weight, eps,
+                                                                  weight_offset)
+    kn = rms_norm(k, ones, eps) if k_weight is None else rms_norm(k, k_weight, eps,
+                                                                  weight_offset)
+    return rotary_embedding(qn, kn, positions, cos_sin_cache, is_neox_style)
+
+
 # ------------------------------------------------------------------------------ int4
 
 

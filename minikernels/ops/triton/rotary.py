@@ -14,14 +14,16 @@ import torch
 import triton
 import triton.language as tl
 
+from ... import backend as _backend
 from .. import _alloc
+from .interpreter_rounding import rne_bf16
 from .registry import KernelSpec, register
 
 
 @triton.jit
 def _rotate_heads(src, dst, heads, n_heads, src_head_stride, head_dim, cos, sin,
                   HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_TAIL: tl.constexpr,
-                  IS_NEOX: tl.constexpr):
+                  IS_NEOX: tl.constexpr, RNE_BF16: tl.constexpr):
     hmask = heads < n_heads
     offs = tl.arange(0, BLOCK_HALF)
     m = hmask[:, None] & (offs[None, :] < HALF)
@@ -37,6 +39,9 @@ def _rotate_heads(src, dst, heads, n_heads, src_head_stride, head_dim, cos, sin,
     x2 = tl.load(s + i2[None, :], mask=m, other=0.0).to(tl.float32)
     o1 = x1 * cos[None, :] - x2 * sin[None, :]
     o2 = x2 * cos[None, :] + x1 * sin[None, :]
+    if RNE_BF16:     # (interpreter only: its bf16 cast truncates; a GPU's rounds to even)
+        o1 = rne_bf16(o1)
+        o2 = rne_bf16(o2)
     tl.store(d + i1[None, :], o1.to(dst.dtype.element_ty), mask=m)
     tl.store(d + i2[None, :], o2.to(dst.dtype.element_ty), mask=m)
     if BLOCK_TAIL > 0:
@@ -50,7 +55,8 @@ def _rotate_heads(src, dst, heads, n_heads, src_head_stride, head_dim, cos, sin,
 def rotary_kernel(q_ptr, k_ptr, qo_ptr, ko_ptr, pos_ptr, cache_ptr, q_tok_stride,
                   q_head_stride, k_tok_stride, k_head_stride, cache_stride, n_q_heads,
                   n_k_heads, head_dim, HALF: tl.constexpr, BLOCK_HALF: tl.constexpr,
-                  BLOCK_TAIL: tl.constexpr, BLOCK_H: tl.constexpr, IS_NEOX: tl.constexpr):
+                  BLOCK_TAIL: tl.constexpr, BLOCK_H: tl.constexpr, IS_NEOX: tl.constexpr,
+                  RNE_BF16: tl.constexpr):
     tok = tl.program_id(0).to(tl.int64)
     heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     pos = tl.load(pos_ptr + tok).to(tl.int64)
@@ -61,10 +67,10 @@ def rotary_kernel(q_ptr, k_ptr, qo_ptr, ko_ptr, pos_ptr, cache_ptr, q_tok_stride
                   other=0.0).to(tl.float32)
     _rotate_heads(q_ptr + tok * q_tok_stride, qo_ptr + tok * n_q_heads * head_dim, heads,
                   n_q_heads, q_head_stride, head_dim, cos, sin, HALF, BLOCK_HALF, BLOCK_TAIL,
-                  IS_NEOX)
+                  IS_NEOX, RNE_BF16)
     _rotate_heads(k_ptr + tok * k_tok_stride, ko_ptr + tok * n_k_heads * head_dim, heads,
                   n_k_heads, k_head_stride, head_dim, cos, sin, HALF, BLOCK_HALF, BLOCK_TAIL,
-                  IS_NEOX)
+                  IS_NEOX, RNE_BF16)
 
 
 def _tail_block(head_dim: int, half: int) -> int:
@@ -90,7 +96,8 @@ def rotary_embedding(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
         q, k, qo, ko, positions, cos_sin_cache, q.stride(0), q.stride(1), k.stride(0),
         k.stride(1), cos_sin_cache.stride(0), hq, hkv, d, HALF=half,
         BLOCK_HALF=triton.next_power_of_2(half), BLOCK_TAIL=_tail_block(d, half),
-        BLOCK_H=block_h, IS_NEOX=is_neox_style, num_warps=4)
+        BLOCK_H=block_h, IS_NEOX=is_neox_style,
+        RNE_BF16=q.dtype == torch.bfloat16 and _backend.interpreter_enabled(), num_warps=4)
     return qo, ko
 
 
@@ -108,8 +115,8 @@ for _dt in ("fp16", "bf16"):
                            "cache_stride": "i64", "n_q_heads": "i32", "n_k_heads": "i32",
                            "head_dim": "i32", "HALF": "constexpr", "BLOCK_HALF": "constexpr",
                            "BLOCK_TAIL": "constexpr", "BLOCK_H": "constexpr",
-                           "IS_NEOX": "constexpr"},
+                           "IS_NEOX": "constexpr", "RNE_BF16": "constexpr"},
                 constexprs={"HALF": _half, "BLOCK_HALF": _half,
                             "BLOCK_TAIL": _tail_block(_d, _half), "BLOCK_H": 16,
-                            "IS_NEOX": _neox},
+                            "IS_NEOX": _neox, "RNE_BF16": False},
                 num_warps=4, num_stages=1))
