@@ -178,6 +178,65 @@ def test_rotary_embedding_in_place(layout, batched, tokens, head_size, rot, offs
         assert_close(key.reshape(*lead, hk, head_size), k_ref)
 
 
+def _vllm_rms_norm_native(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    """vLLM's RMSNorm.forward_native: x * rsqrt(mean(x^2) + eps) rounded to x's dtype,
+    then times the weight in that dtype."""
+    xf = x.float()
+    y = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+    return y * w
+
+
+def _rope_native(x: torch.Tensor, pos: torch.Tensor, cache: torch.Tensor,
+                 neox: bool) -> torch.Tensor:
+    """x [T, H, D]: the first rot dims rotated in fp32 (vLLM's forward_native)."""
+    rot = cache.shape[1]
+    cos, sin = cache[pos].float().chunk(2, dim=-1)
+    cos, sin = cos[:, None], sin[:, None]
+    xf = x.float()
+    r = xf[..., :rot]
+    if neox:
+        x1, x2 = r[..., :rot // 2], r[..., rot // 2:]
+        out = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+    else:
+        x1, x2 = r[..., 0::2], r[..., 1::2]
+        out = torch.stack([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).flatten(-2)
+    return torch.cat([out, xf[..., rot:]], dim=-1).to(x.dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("neox", [True, False])
+@pytest.mark.parametrize("rotary_ratio", [1.0, 0.5])
+@pytest.mark.parametrize("tokens,heads", [(1, (4, 2)), (9, (8, 1))])
+def test_fused_qk_norm_rope(dtype, neox, rotary_ratio, tokens, heads):
+    """vLLM's test_fused_qk_norm_rope recipe: the fused op in place on qkv (v untouched)
+    equals q_norm / k_norm (forward_native) then rotary (forward_native) within vLLM's
+    tolerances (fp16 2e-3, bf16 1e-2)."""
+    g = _gen(7)
+    hq, hkv = heads
+    d, eps = 64, 1e-6
+    rot = int(d * rotary_ratio)
+    qkv = torch.randn(tokens, (hq + 2 * hkv) * d + 5, generator=g).to(dtype)[:, 2:-3]
+    before = qkv.clone()
+    qw = torch.normal(1.0, 0.1, (d,), generator=g).to(dtype)
+    kw = torch.normal(1.0, 0.1, (d,), generator=g).to(dtype)
+    cache = mk.ops.build_rope_cache(rot, 256).to(dtype)
+    pos = torch.randint(0, 256, (tokens,), generator=g)
+    q = before[:, :hq * d].reshape(tokens, hq, d)
+    k = before[:, hq * d:(hq + hkv) * d].reshape(tokens, hkv, d)
+    want = torch.cat([
+        _rope_native(_vllm_rms_norm_native(q, qw, eps), pos, cache, neox).flatten(1),
+        _rope_native(_vllm_rms_norm_native(k, kw, eps), pos, cache, neox).flatten(1),
+        before[:, (hq + hkv) * d:]], dim=1)
+    ops.fused_qk_norm_rope(qkv, hq, hkv, hkv, d, eps, qw, kw, cache, neox, pos)
+    tol = 2e-3 if dtype == torch.float16 else 1e-2
+    torch.testing.assert_close(qkv, want, atol=tol, rtol=tol)
+    assert torch.equal(qkv[:, (hq + hkv) * d:], before[:, (hq + hkv) * d:])
+    with pytest.raises(ValueError, match="columns"):
+        ops.fused_qk_norm_rope(qkv, hq, hkv, hkv + 1, d, eps, qw, kw, cache, neox, pos)
+    with pytest.raises(ValueError, match="position_ids"):
+        ops.fused_qk_norm_rope(qkv, hq, hkv, hkv, d, eps, qw, kw, cache, neox, pos[:0])
+
+
 def test_rotary_inverse_undoes_forward():
     g = _gen(1)
     positions = torch.tensor([0, 7, 3])

@@ -47,7 +47,7 @@ def _samples(device: str):
         "gelu_variant": (x, "gelu_new"),
         "rotary_embedding": (q, k, pos, cache),
         "qk_norm_rope": (q, k, torch.rand(16, device=device), None, pos, cache, 1e-6, True,
-                         1.0),
+                         1.0, False),
         "int4_matmul": (xh, qw, sc, zr, 32, None),
         "int8_matmul": (xh, torch.randint(0, 256, (13, 64), dtype=torch.uint8, device=device),
                         (torch.rand(13, 2, device=device) / 100).half(),

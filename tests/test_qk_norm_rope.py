@@ -68,9 +68,9 @@ def run(backend, *args, **kw):
        weights=st.sampled_from(["dtype", "fp32", "none", "q_only"]),
        offset=st.sampled_from([0.0, 1.0]), view=st.sampled_from(["plain", "qkv", "heads"]),
        strided_args=st.booleans(), pos_dtype=st.sampled_from([torch.int32, torch.int64]),
-       exact=st.booleans(), seed=st.integers(0, 2**16))
+       exact=st.booleans(), vllm_rounding=st.booleans(), seed=st.integers(0, 2**16))
 def test_matches_reference(device, tokens, hq, hk, dims, dtype, neox, weights, offset, view,
-                           strided_args, pos_dtype, exact, seed):
+                           strided_args, pos_dtype, exact, vllm_rounding, seed):
     gen = torch.Generator().manual_seed(seed)
     d, rot = dims
     if exact:
@@ -83,12 +83,13 @@ def test_matches_reference(device, tokens, hq, hk, dims, dtype, neox, weights, o
     kw = None if weights in ("none", "q_only") else (torch.rand(d, generator=gen) + 0.5).to(wd)
     cache = mk.ops.build_rope_cache(rot, 40, base=100.0)
     pos = torch.randint(0, 40, (tokens,), generator=gen).to(pos_dtype)
-    want = run("reference", q, k, qw, kw, pos, cache, 1e-5, neox, offset)
+    want = run("reference", q, k, qw, kw, pos, cache, 1e-5, neox, offset, vllm_rounding)
     qd, kd = qk_views(q.to(device), k.to(device), view)
     dev = [t.to(device) if t is not None else None for t in (qw, kw, pos)]
     if strided_args:
         dev = [strided_1d(t) for t in dev]
-    got = run("triton", qd, kd, dev[0], dev[1], dev[2], cache.to(device), 1e-5, neox, offset)
+    got = run("triton", qd, kd, dev[0], dev[1], dev[2], cache.to(device), 1e-5, neox, offset,
+              vllm_rounding)
     for g, w in zip(got, want):
         g = g.cpu()
         assert g.dtype == w.dtype and g.shape == w.shape and g.is_contiguous()
@@ -143,8 +144,8 @@ def test_opcheck(device):
     cache = mk.ops.build_rope_cache(16, 8).to(device)
     pos = torch.tensor([0, 3, 7], device=device)
     op = torch.ops.minikernels.qk_norm_rope
-    torch.library.opcheck(op, (q, k, w, w, pos, cache, 1e-6, True, 0.0))
-    torch.library.opcheck(op, (q, k, None, None, pos, cache, 1e-6, False, 1.0))
+    torch.library.opcheck(op, (q, k, w, w, pos, cache, 1e-6, True, 0.0, False))
+    torch.library.opcheck(op, (q, k, None, None, pos, cache, 1e-6, False, 1.0, True))
 
 
 def test_bad_inputs():
@@ -173,6 +174,8 @@ def test_bad_inputs():
         f(q, k, w, w, pos, cache, weight_offset=float("inf"))
     with pytest.raises(TypeError, match="is_neox_style"):
         f(q, k, w, w, pos, cache, is_neox_style=1)
+    with pytest.raises(TypeError, match="vllm_rounding"):
+        f(q, k, w, w, pos, cache, vllm_rounding=None)
     with pytest.raises(TypeError, match="q"):
         f(q.to(torch.int32), k, w, w, pos, cache)
 

@@ -325,6 +325,7 @@ def int8_w8a8_cases(device: str, dtype: torch.dtype, s: int) -> list[Case]:
         m * k * (es + 1) + m * 4, 0, ("triton",),
         lambda: ops.reference.scaled_int8_quant(x)))
     cases += norm_quant_cases(device, dtype, s)
+    cases += qk_norm_rope_cases(device, dtype, s)
     return cases
 
 
@@ -404,6 +405,52 @@ def norm_quant_cases(device: str, dtype: torch.dtype, s: int) -> list[Case]:
                 ("triton",), torch_act,
                 extra_peers=(("silu_and_mul+quant (unfused)", unfused_act),)
                 if device.startswith("cuda") else ()))
+    return cases
+
+
+def qk_norm_rope_cases(device: str, dtype: torch.dtype, s: int) -> list[Case]:
+    """Qwen3-8B's attention prologue (32 q heads, 8 kv heads, head dim 128): per-head q / k
+    RMSNorm then RoPE on the q / k columns of the fused qkv projection, a decode batch
+    (256 tokens) and a prefill (4096 // s tokens). ops.qk_norm_rope beside plain PyTorch
+    and, on a GPU, the unfused minikernels path it replaces in the decoder (contiguous
+    copies, rms_norm twice, rotary_embedding). Bytes: q and k read once, written once."""
+    import torch
+
+    from .. import ops
+    hq, hkv, d = 32, 8, 128
+    es = torch.finfo(dtype).bits // 8
+    qw = torch.rand(d, device=device, dtype=dtype) + 0.5
+    kw = torch.rand(d, device=device, dtype=dtype) + 0.5
+    cache = ops.build_rope_cache(d, 8192, 1e6, device=device)
+    cases = []
+    for t in sorted({256, 4096 // s}):
+        qkv = torch.randn(t, (hq + 2 * hkv) * d, device=device, dtype=dtype)
+        q = qkv[:, :hq * d].view(t, hq, d)
+        k = qkv[:, hq * d:(hq + hkv) * d].view(t, hkv, d)
+        pos = torch.randint(0, 8192, (t,), device=device)
+
+        def fused(q=q, k=k, pos=pos):
+            return ops.qk_norm_rope(q, k, qw, kw, pos, cache, 1e-6)
+
+        def unfused(q=q, k=k, pos=pos):
+            return ops.rotary_embedding(ops.rms_norm(q.contiguous(), qw, 1e-6),
+                                        ops.rms_norm(k.contiguous(), kw, 1e-6), pos, cache)
+
+        def torch_peer(q=q, k=k, pos=pos):
+            cs = cache[pos]
+            cos, sin = cs[:, None, :d // 2], cs[:, None, d // 2:]
+
+            def rope(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+                y = torch.nn.functional.rms_norm(x, (d,), w, 1e-6).float()
+                x1, x2 = y[..., :d // 2], y[..., d // 2:]
+                return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).to(x.dtype)
+            return rope(q, qw), rope(k, kw)
+
+        cases.append(Case(
+            "qk_norm_rope", f"{t}x({hq}+{hkv})x{d}", fused, 2 * t * (hq + hkv) * d * es, 0,
+            ("triton",), torch_peer,
+            extra_peers=(("q/k rms_norm + rotary (unfused)", unfused),)
+            if device.startswith("cuda") else ()))
     return cases
 
 

@@ -25,6 +25,9 @@ Covered (vLLM name -> minikernels op):
                                                         swigluoai_and_mul / gelu_variant
     rotary_embedding(positions, query, key, head_size, cos_sin_cache, is_neox,
                      rope_dim_offset=0, inverse=False)  ops.rotary_embedding
+    fused_qk_norm_rope(qkv, num_heads_q, num_heads_k, num_heads_v, head_dim, eps,
+                       q_weight, k_weight, cos_sin_cache, is_neox, position_ids)
+                                                        ops.qk_norm_rope, in place on qkv
     reshape_and_cache_flash(key, value, key_cache, value_cache, slot_mapping,
                             kv_cache_dtype, k_scale, v_scale)  ops.write_kv_cache
     reshape_and_cache(key, value, key_cache, value_cache, slot_mapping, kv_cache_dtype,
@@ -253,7 +256,7 @@ __all__ = [
     "concat_and_cache_mla", "convert_fp8", "copy_blocks", "copy_blocks_mla",
     "cp_gather_cache", "cutlass_scaled_mm", "cutlass_scaled_mm_azp", "fatrelu_and_mul",
     "fused_add_gemma_rms_norm", "fused_experts", "fused_moe", "fused_topk",
-    "fused_add_rms_norm", "gelu_fast", "gelu_new", "gelu_quick",
+    "fused_add_rms_norm", "fused_qk_norm_rope", "gelu_fast", "gelu_new", "gelu_quick",
     "fused_recurrent_gated_delta_rule", "gather_and_maybe_dequant_cache",
     "gelu_and_mul", "gelu_tanh_and_mul", "gemma_rms_norm", "gptq_gemm", "gptq_shuffle",
     "merge_attn_states",
@@ -504,6 +507,39 @@ def rotary_embedding(positions: Tensor, query: Tensor, key: Tensor | None, head_
     q[..., offset:offset + rot].copy_(qo[..., :rot])
     if k is not None:
         k[..., offset:offset + rot].copy_(ko[..., :rot])
+
+
+def fused_qk_norm_rope(qkv: Tensor, num_heads_q: int, num_heads_k: int, num_heads_v: int,
+                       head_dim: int, eps: float, q_weight: Tensor, k_weight: Tensor,
+                       cos_sin_cache: Tensor, is_neox: bool, position_ids: Tensor) -> None:
+    """Qwen3's per-head q / k RMSNorm, then rotary embedding, in place on a fused qkv
+    projection (vLLM's ``torch.ops._C.fused_qk_norm_rope``).
+
+    qkv [num_tokens, (num_heads_q + num_heads_k + num_heads_v) * head_dim] fp16 / bf16 /
+    fp32 (any row stride): the q heads, then k's, then v's (untouched). q_weight / k_weight
+    [head_dim]; cos_sin_cache [max_position, rot_dim] (rot_dim <= head_dim: partial rotary);
+    position_ids [num_tokens] int64 / int32. The q and k columns are overwritten with
+    :func:`minikernels.ops.qk_norm_rope` of them with vLLM's kernel's arithmetic
+    (``vllm_rounding``: fp32 from the load to the one rounding at the store).
+    """
+    check_tensor("qkv", qkv, dtypes=FLOAT_DTYPES, ndim=2)
+    hq = _check_int("num_heads_q", num_heads_q, 1)
+    hk = _check_int("num_heads_k", num_heads_k, 1)
+    hv = _check_int("num_heads_v", num_heads_v, 0)
+    d = _check_int("head_dim", head_dim, 1)
+    _check_bool("is_neox", is_neox)
+    if qkv.shape[1] != (hq + hk + hv) * d:
+        raise ValueError(f"qkv must have (num_heads_q + num_heads_k + num_heads_v) * head_dim "
+                         f"= {(hq + hk + hv) * d} columns, got {qkv.shape[1]}")
+    check_tensor("position_ids", position_ids, dtypes=_INDEX_DTYPES, ndim=1,
+                 device=qkv.device)
+    check_shape("position_ids", position_ids, [qkv.shape[0]])
+    q = qkv[:, :hq * d].unflatten(1, (hq, d))
+    k = qkv[:, hq * d:(hq + hk) * d].unflatten(1, (hk, d))
+    qo, ko = ops.qk_norm_rope(q, k, q_weight, k_weight, position_ids, cos_sin_cache, eps,
+                              is_neox, vllm_rounding=True)
+    q.copy_(qo)
+    k.copy_(ko)
 
 
 # --------------------------------------------------------------------------- KV cache

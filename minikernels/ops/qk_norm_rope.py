@@ -21,21 +21,22 @@ from . import reference
 @torch.library.custom_op("minikernels::qk_norm_rope", mutates_args=())
 def _qk_norm_rope(q: Tensor, k: Tensor, q_weight: Tensor | None, k_weight: Tensor | None,
                   positions: Tensor, cos_sin_cache: Tensor, eps: float,
-                  is_neox_style: bool = True, weight_offset: float = 0.0
-                  ) -> tuple[Tensor, Tensor]:
+                  is_neox_style: bool = True, weight_offset: float = 0.0,
+                  vllm_rounding: bool = False) -> tuple[Tensor, Tensor]:
     if _backend.resolve("qk_norm_rope", q.device) == "triton":
         from .triton import qk_norm_rope as kernel
         return kernel.qk_norm_rope(q, k, q_weight, k_weight, positions.contiguous(),
-                                   cos_sin_cache, eps, is_neox_style, weight_offset)
+                                   cos_sin_cache, eps, is_neox_style, weight_offset,
+                                   vllm_rounding)
     qo, ko = reference.qk_norm_rope(q, k, q_weight, k_weight, positions, cos_sin_cache, eps,
-                                    is_neox_style, weight_offset)
+                                    is_neox_style, weight_offset, vllm_rounding)
     return qo.contiguous(), ko.contiguous()
 
 
 @_qk_norm_rope.register_fake
 def _(q: Tensor, k: Tensor, q_weight: Tensor | None, k_weight: Tensor | None,
       positions: Tensor, cos_sin_cache: Tensor, eps: float, is_neox_style: bool = True,
-      weight_offset: float = 0.0) -> tuple[Tensor, Tensor]:
+      weight_offset: float = 0.0, vllm_rounding: bool = False) -> tuple[Tensor, Tensor]:
     return (torch.empty(q.shape, dtype=q.dtype, device=q.device),
             torch.empty(k.shape, dtype=k.dtype, device=k.device))
 
@@ -51,8 +52,8 @@ def _check_weight(name: str, w: Tensor | None, head_dim: int, device: torch.devi
 
 def qk_norm_rope(q: Tensor, k: Tensor, q_weight: Tensor | None, k_weight: Tensor | None,
                  positions: Tensor, cos_sin_cache: Tensor, eps: float = 1e-6,
-                 is_neox_style: bool = True, weight_offset: float = 0.0
-                 ) -> tuple[Tensor, Tensor]:
+                 is_neox_style: bool = True, weight_offset: float = 0.0,
+                 vllm_rounding: bool = False) -> tuple[Tensor, Tensor]:
     """RMSNorm over each head of q and k, then rotary embedding; returns new (q, k).
 
     q [..., Hq, D], k [..., Hkv, D]: fp16 / bf16 / fp32, one dtype, any strides (e.g. the
@@ -66,10 +67,13 @@ def qk_norm_rope(q: Tensor, k: Tensor, q_weight: Tensor | None, k_weight: Tensor
     rotate as :func:`minikernels.ops.rotary_embedding` (``is_neox_style`` True: pairs (i,
     rot_dim/2 + i); False: GPT-J's (2i, 2i + 1)) and are rounded once more. The result is
     ``rotary_embedding(rms_norm(q, q_weight), rms_norm(k, k_weight))``
-    (:func:`minikernels.ops.reference.qk_norm_rope`).
+    (:func:`minikernels.ops.reference.qk_norm_rope`). ``vllm_rounding=True`` computes what
+    vLLM's fused_qk_norm_rope kernel does instead: the normalized value is not rounded
+    before the rotation (one rounding in all).
     """
-    if not isinstance(is_neox_style, bool):
-        raise TypeError(f"is_neox_style must be a bool, got {type(is_neox_style).__name__}")
+    for name, flag in (("is_neox_style", is_neox_style), ("vllm_rounding", vllm_rounding)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
     check_tensor("q", q, dtypes=FLOAT_DTYPES, min_ndim=2)
     check_tensor("k", k, dtypes=(q.dtype,), min_ndim=2, device=q.device)
     lead, d = q.shape[:-2], q.shape[-1]
@@ -94,5 +98,5 @@ def qk_norm_rope(q: Tensor, k: Tensor, q_weight: Tensor | None, k_weight: Tensor
     k3 = last_dim_contiguous(k).reshape(-1, *k.shape[-2:])
     qo, ko = torch.ops.minikernels.qk_norm_rope(
         q3, k3, q_weight, k_weight, positions.reshape(-1), cos_sin_cache.contiguous(), eps,
-        is_neox_style, weight_offset)
+        is_neox_style, weight_offset, vllm_rounding)
     return qo.view(q.shape), ko.view(k.shape)

@@ -274,8 +274,8 @@ def rotary_embedding(q: Tensor, k: Tensor, positions: Tensor, cos_sin_cache: Ten
 
 def qk_norm_rope(q: Tensor, k: Tensor, q_weight: Tensor | None, k_weight: Tensor | None,
                  positions: Tensor, cos_sin_cache: Tensor, eps: float,
-                 is_neox_style: bool = True, weight_offset: float = 0.0
-                 ) -> tuple[Tensor, Tensor]:
+                 is_neox_style: bool = True, weight_offset: float = 0.0,
+                 vllm_rounding: bool = False) -> tuple[Tensor, Tensor]:
     """Per-head RMSNorm of q and k, then rotary embedding (Qwen3's / Gemma 3's attention).
 
     q [..., Hq, D], k [..., Hkv, D] (same dtype), q_weight / k_weight [D] (None: no
@@ -283,14 +283,20 @@ def qk_norm_rope(q: Tensor, k: Tensor, q_weight: Tensor | None, k_weight: Tensor
     positions and cos_sin_cache as :func:`rotary_embedding`. Exactly
     ``rotary_embedding(rms_norm(q, q_weight), rms_norm(k, k_weight))``: each head's
     normalized value x * rsqrt(mean(x^2) + eps) * (weight + weight_offset) is rounded to
-    q's dtype, then rotated in fp32 and rounded once more.
+    q's dtype, then rotated in fp32 and rounded once more. ``vllm_rounding`` (vLLM's
+    fused_qk_norm_rope kernel): the normalized value stays in fp32 through the rotation,
+    one rounding at the end.
     """
-    ones = torch.ones(q.shape[-1], dtype=torch.float32, device=q.device)
-    qn = rms_norm(q, ones, eps) if q_weight is None else rms_norm(q, q_weight, eps,
-                                                                  weight_offset)
-    kn = rms_norm(k, ones, eps) if k_weight is None else rms_norm(k, k_weight, eps,
-                                                                  weight_offset)
-    return rotary_embedding(qn, kn, positions, cos_sin_cache, is_neox_style)
+    def norm(x: Tensor, w: Tensor | None) -> Tensor:
+        xf = x.float()
+        y = xf * torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + eps)
+        if w is not None:
+            y = y * (w.float() + weight_offset)
+        return y if vllm_rounding else y.to(x.dtype)
+
+    qo, ko = rotary_embedding(norm(q, q_weight), norm(k, k_weight), positions,
+                              cos_sin_cache, is_neox_style)
+    return qo.to(q.dtype), ko.to(k.dtype)
 
 
 # ------------------------------------------------------------------------------ int4
