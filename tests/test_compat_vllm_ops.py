@@ -1367,3 +1367,57 @@ def test_per_token_group_quant_fp8_and_int8():
         ops.per_token_group_quant_int8(x, 48)
     with pytest.raises(TypeError, match="dtype"):
         ops.per_token_group_quant_int8(x, 64, dtype=torch.uint8)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("strided", [False, True])
+def test_apply_repetition_penalties(dtype, strided):
+    """vLLM's test_apply_repetition_penalties recipe: in place, penalties only where the
+    token is in the prompt or the output; positive logits scaled by 1 / penalty, the rest
+    by the penalty (vLLM's torch formula, written out here)."""
+    g = _gen(11)
+    n, vocab = 5, 67
+    logits = _randn(g, n, vocab, dtype=dtype, strided=strided)
+    prompt = torch.rand(n, vocab, generator=g) < 0.2
+    output = torch.rand(n, vocab, generator=g) < 0.2
+    pen = torch.rand(n, generator=g) * 1.5 + 0.5
+    before = logits.clone()
+    rep = pen[:, None].expand(n, vocab)
+    rep = torch.where(prompt | output, rep, 1.0)
+    want = (before.float() * torch.where(before > 0, 1.0 / rep, rep)).to(dtype)
+    ops.apply_repetition_penalties(logits, prompt, output, pen)
+    assert torch.equal(logits, want)
+    untouched = ~(prompt | output)
+    assert torch.equal(logits[untouched], before[untouched])
+    with pytest.raises(ValueError, match="prompt_mask"):
+        ops.apply_repetition_penalties(logits, prompt[:2], output, pen)
+    with pytest.raises(TypeError, match="output_mask"):
+        ops.apply_repetition_penalties(logits, prompt, output.int(), pen)
+    with pytest.raises(ValueError, match="repetition_penalties"):
+        ops.apply_repetition_penalties(logits, prompt, output, pen[:3])
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_scaled_int8_quant_out_forms(symmetric):
+    """torch.ops._C's static / dynamic_scaled_int8_quant write out (and scales, azp) as
+    scaled_int8_quant returns them."""
+    g = _gen(12)
+    x = _randn(g, 6, 40, dtype=torch.bfloat16, strided=True) * 3
+    out = torch.full((6, 40), 5, dtype=torch.int8)
+    scales = torch.full((6, 1), -1.0)
+    azp = None if symmetric else torch.full((6, 1), 7, dtype=torch.int32)
+    ops.dynamic_scaled_int8_quant(out, x, scales, azp)
+    q, s, z = mk.ops.scaled_int8_quant(x, symmetric=symmetric)
+    assert torch.equal(out, q) and torch.equal(scales, s)
+    if not symmetric:
+        assert torch.equal(azp, z)
+    st_scale = torch.tensor([0.05])
+    st_azp = None if symmetric else torch.tensor([3], dtype=torch.int32)
+    out_t = torch.full((6, 40), 5, dtype=torch.int8).t().contiguous().t()   # strided out
+    ops.static_scaled_int8_quant(out_t, x, st_scale, st_azp)
+    want = mk.ops.scaled_int8_quant(x, st_scale, st_azp, symmetric)[0]
+    assert torch.equal(out_t, want)
+    with pytest.raises(TypeError, match="out"):
+        ops.static_scaled_int8_quant(out.float(), x, st_scale, st_azp)
+    with pytest.raises(ValueError, match="scales"):
+        ops.dynamic_scaled_int8_quant(out, x, scales[:3], azp)

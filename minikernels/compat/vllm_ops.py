@@ -55,7 +55,12 @@ Covered (vLLM name -> minikernels op):
     merge_attn_states(output, prefix_output, prefix_lse, suffix_output, suffix_lse,
                       output_lse=None, prefill_tokens_with_context=None,
                       output_scale=None)                ops.merge_attn_states
-    scaled_int8_quant(input, scale=None, azp=None, symmetric=True)  ops.scaled_int8_quant
+    scaled_int8_quant(input, scale=None, azp=None, symmetric=True)  ops.scaled_int8_quant;
+    static_scaled_int8_quant(out, input, scale, azp=None), dynamic_scaled_int8_quant(out,
+        input, scales, azp=None)                       the same (torch.ops._C forms)
+    apply_repetition_penalties(logits, prompt_mask, output_mask, repetition_penalties)
+                                                        plain PyTorch, in place (vLLM's
+                                                        formula)
     per_token_group_quant_fp8(x, group_size, eps=1e-10, dtype=None, column_major_scales=
         False, tma_aligned_scales=False, use_ue8m0=None)   ops.per_token_group_quant_fp8
     per_token_group_quant_int8(x, group_size, eps=1e-10, dtype=torch.int8)
@@ -252,7 +257,8 @@ from .vllm_cache_ops import (
 )
 
 __all__ = [
-    "awq_dequantize", "awq_gemm", "causal_conv1d_fn", "causal_conv1d_update",
+    "apply_repetition_penalties", "awq_dequantize", "awq_gemm", "causal_conv1d_fn",
+    "causal_conv1d_update",
     "concat_and_cache_mla", "convert_fp8", "copy_blocks", "copy_blocks_mla",
     "cp_gather_cache", "cutlass_scaled_mm", "cutlass_scaled_mm_azp", "fatrelu_and_mul",
     "fused_add_gemma_rms_norm", "fused_experts", "fused_moe", "fused_topk",
@@ -266,7 +272,8 @@ __all__ = [
     "rms_norm_dynamic_per_token_quant", "rms_norm_per_block_quant",
     "rms_norm_static_fp8_quant", "fused_add_rms_norm_static_fp8_quant",
     "static_scaled_fp8_quant", "dynamic_scaled_fp8_quant",
-    "dynamic_per_token_scaled_fp8_quant", "scaled_fp8_quant", "silu_and_mul_quant",
+    "dynamic_per_token_scaled_fp8_quant", "scaled_fp8_quant", "static_scaled_int8_quant",
+    "dynamic_scaled_int8_quant", "silu_and_mul_quant",
     "silu_and_mul_per_block_quant", "scaled_int8_quant", "selective_scan_fn", "selective_scan_fwd",
     "selective_state_update", "silu_and_mul", "swap_blocks", "swigluoai_and_mul",
     "grouped_topk", "topk_sigmoid", "topk_softmax",
@@ -974,6 +981,60 @@ def scaled_int8_quant(input: Tensor, scale: Tensor | None = None,
     :func:`minikernels.ops.scaled_int8_quant` for the exact math."""
     check_tensor("input", input, dtypes=FLOAT_DTYPES, min_ndim=1)
     return ops.scaled_int8_quant(input, scale, azp, symmetric)
+
+
+def static_scaled_int8_quant(out: Tensor, input: Tensor, scale: Tensor,
+                             azp: Tensor | None = None) -> None:
+    """``torch.ops._C.static_scaled_int8_quant``: out (int8, input's shape) =
+    clamp(round(input / scale) (+ azp), -128, 127); scale fp32 numel 1, azp int32 numel 1
+    (asymmetric) or None (:func:`minikernels.ops.scaled_int8_quant`)."""
+    check_tensor("input", input, dtypes=FLOAT_DTYPES, min_ndim=1)
+    _check_out("out", out, input, dtype=torch.int8)
+    q, _, _ = ops.scaled_int8_quant(input, scale, azp, azp is None)
+    out.copy_(q)
+
+
+def dynamic_scaled_int8_quant(out: Tensor, input: Tensor, scales: Tensor,
+                              azp: Tensor | None = None) -> None:
+    """``torch.ops._C.dynamic_scaled_int8_quant``: per-token int8 into out (input's shape),
+    the fp32 scales into scales ([M, 1] or [M]) and, asymmetric, the int32 zero points
+    into azp (same shape; None: symmetric) (:func:`minikernels.ops.scaled_int8_quant`)."""
+    check_tensor("input", input, dtypes=FLOAT_DTYPES, min_ndim=1)
+    _check_out("out", out, input, dtype=torch.int8)
+    m = input.numel() // max(input.shape[-1], 1)
+    check_tensor("scales", scales, dtypes=(torch.float32,), device=input.device)
+    if scales.numel() != m:
+        raise ValueError(f"scales must have one entry per token ({m}), got shape "
+                         f"{list(scales.shape)}")
+    if azp is not None:
+        check_tensor("azp", azp, dtypes=(torch.int32,), device=input.device)
+        if azp.numel() != m:
+            raise ValueError(f"azp must have one entry per token ({m}), got shape "
+                             f"{list(azp.shape)}")
+    q, s, z = ops.scaled_int8_quant(input, None, None, azp is None)
+    out.copy_(q)
+    scales.copy_(s.view(scales.shape))
+    if azp is not None:
+        azp.copy_(z.view(azp.shape))
+
+
+def apply_repetition_penalties(logits: Tensor, prompt_mask: Tensor, output_mask: Tensor,
+                               repetition_penalties: Tensor) -> None:
+    """vLLM's repetition penalty, in place on logits [num_seqs, vocab] (fp16 / bf16 /
+    fp32, any strides): where a token is in the prompt or the output (prompt_mask /
+    output_mask bool [num_seqs, vocab]) a positive logit is multiplied by 1 / penalty and
+    any other by the penalty (repetition_penalties [num_seqs], float). Plain PyTorch, vLLM's
+    own formula (its CUDA kernel divides instead of multiplying by the reciprocal: an ulp)."""
+    check_tensor("logits", logits, dtypes=FLOAT_DTYPES, ndim=2)
+    for name, mask in (("prompt_mask", prompt_mask), ("output_mask", output_mask)):
+        check_tensor(name, mask, dtypes=(torch.bool,), ndim=2, device=logits.device)
+        check_shape(name, mask, list(logits.shape))
+    check_tensor("repetition_penalties", repetition_penalties, dtypes=FLOAT_DTYPES, ndim=1,
+                 device=logits.device)
+    check_shape("repetition_penalties", repetition_penalties, [logits.shape[0]])
+    penalty = repetition_penalties.float()[:, None].expand(logits.shape)
+    penalty = torch.where(prompt_mask | output_mask, penalty, 1.0)
+    logits.mul_(torch.where(logits > 0, 1.0 / penalty, penalty))
 
 
 def cutlass_scaled_mm(a: Tensor, b: Tensor, scale_a: Tensor, scale_b: Tensor,
