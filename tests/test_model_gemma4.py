@@ -214,3 +214,27 @@ def test_triton_kernels_read_the_shaped_and_shared_caches(gemma4):
     for g, w in zip(got, want):
         assert max(abs(a[t].logprob - b[t].logprob)
                    for a, b, t in zip(g.logprobs, w.logprobs, g.token_ids)) <= 1e-4
+
+
+def test_source_layers_fuse_qk_norm_and_rope(gemma4, monkeypatch):
+    """Layers that write their own K / V run q / k norms and RoPE as one qk_norm_rope
+    launch (k's norm on the raw k projection, which is also v's before v_norm); the
+    greedy tokens still equal transformers'."""
+    from minikernels.nn.layers import RotaryEmbedding
+
+    path, prompts, want, _ = gemma4
+    calls = []
+    real = RotaryEmbedding.norm_and_rotate
+
+    def counted(self, *a, **kw):
+        calls.append(1)
+        return real(self, *a, **kw)
+
+    monkeypatch.setattr(RotaryEmbedding, "norm_and_rotate", counted)
+    llm = mk.LLM(path, dtype="float32", device="cpu", tokenizer=None, block_size=4)
+    layers = llm.llm_engine.model.layers
+    writers = sum(1 for layer in layers if layer.self_attn.kv_source is None)
+    assert 0 < writers < len(layers)
+    outs = llm.generate(prompts[:2], PARAMS, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outs] == want[:2]
+    assert calls and len(calls) % writers == 0

@@ -250,9 +250,9 @@ class Attention(nn.Module):
         (the source's cache pair, already written this step, or without a cache the K /
         V the source left in ``kv_share``)."""
         t = x.shape[0]
-        q = self.q_norm(qkv[:, :self.q_size].reshape(t, self.num_heads, self.head_dim)
-                        .contiguous())
+        q_raw = qkv[:, :self.q_size].reshape(t, self.num_heads, self.head_dim)
         if self.kv_source is not None:
+            q = self.q_norm(q_raw.contiguous())
             if self.rotary is not None:     # (rotates q twice over: the op takes a k)
                 q = self.rotary(q, q, meta.positions)[0]
             if kv_cache is None:
@@ -262,10 +262,12 @@ class Attention(nn.Module):
                 o = self.attn(q, None, None, meta, kv_cache, write=False)
             return _all_reduce(self.tp, self.o_proj(o.reshape(t, self.q_size)))
         raw = qkv[:, self.q_size:].reshape(t, self.num_kv_heads, self.head_dim)
-        k = self.k_norm(raw.contiguous())
         v = self.v_norm(raw.contiguous()) if self.v_norm is not None else raw.contiguous()
-        if self.rotary is not None:
-            q, k = self.rotary(q, k, meta.positions)
+        if self.rotary is not None:     # q / k norms and the rotation in one launch
+            q, k = self.rotary.norm_and_rotate(q_raw, raw, meta.positions, self.q_norm,
+                                               self.k_norm)
+        else:
+            q, k = self.q_norm(q_raw.contiguous()), self.k_norm(raw.contiguous())
         return self._attend_and_store(q, k, v, meta, kv_cache, t)
 
     def _attend_and_store(self, q: Tensor, k: Tensor, v: Tensor, meta: AttentionMetadata,
