@@ -1,7 +1,8 @@
 """vLLM's fused-MoE Python API (fused_topk / fused_experts / fused_moe) on minikernels'
 MoE ops: vLLM's tests/kernels/moe/test_moe.py reference (torch_moe) for dense experts
 with and without expert parallelism (expert_map), int8 W8A16 and fp8 (block, per-channel,
-per-tensor) experts against the dequantized reference, top-1 router weight on the input,
+per-tensor) experts against the dequantized reference, int8 W8A8 experts against vLLM's
+test_int8_kernel.py reference (torch_w8a8_per_column_moe), top-1 router weight on the input,
 inplace, custom / grouped / sigmoid routing, and the refused formats."""
 from __future__ import annotations
 
@@ -203,13 +204,110 @@ def test_routing_variants_inplace_and_router_weight_on_input(device):
     assert out is x and torch.equal(x, mk.ops.fused_moe(a, w1, w2, weights, ids))
 
 
+def _per_token_quant_int8(x, half_even=False):
+    """vLLM's per_token_quant_int8 (its test helper's math): scale = max|x| / 127,
+    q = round(x * 127 / max|x|) (half away from zero, libdevice's round); half_even:
+    round(x / scale) half to even (minikernels' scaled_int8_quant)."""
+    xf = x.float()
+    absmax = xf.abs().amax(-1, keepdim=True).clamp_min(1e-10)
+    if half_even:
+        return torch.round(xf / (absmax / 127.0)).clamp(-128, 127), absmax / 127.0
+    v = xf * (127.0 / absmax)
+    return (torch.sign(v) * torch.floor(v.abs() + 0.5)).clamp(-128, 127), absmax / 127.0
+
+
+def torch_w8a8_per_column_moe(a, w1, w2, w1_s, w2_s, score, topk, half_even=False):
+    """vLLM's test_int8_kernel.py reference: per-token int8 activations (again for the
+    intermediate), per-column weight scales, softmax top-k."""
+    b, d = a.shape
+    a_q, a_s = _per_token_quant_int8(a, half_even)
+    a_q = a_q.view(b, -1, d).repeat(1, topk, 1).reshape(-1, d)
+    a_s = a_s.view(b, -1, 1).repeat(1, topk, 1).reshape(-1, 1)
+    out = torch.zeros(b * topk, w2.shape[1], dtype=a.dtype)
+    score = torch.softmax(score, dim=-1, dtype=torch.float32)
+    topk_weight, topk_ids = torch.topk(score, topk)
+    topk_weight, topk_ids = topk_weight.view(-1), topk_ids.view(-1)
+    n = w1.shape[1] // 2
+    for i in range(w1.shape[0]):
+        mask = topk_ids == i
+        if mask.sum():
+            h = (a_s[mask] * (a_q[mask] @ w1[i].float().t()) * w1_s[i].view(1, -1)).to(a.dtype)
+            act = torch.nn.functional.silu(h[:, :n]) * h[:, n:]
+            h_q, h_s = _per_token_quant_int8(act, half_even)
+            out[mask] = (h_s * (h_q @ w2[i].float().t()) * w2_s[i].view(1, -1)).to(a.dtype)
+    return (out.view(b, -1, w2.shape[1]) * topk_weight.view(b, -1, 1).to(out.dtype)).sum(1)
+
+
+@pytest.mark.parametrize("m", [1, 33])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_int8_w8a8_experts_match_vllm_reference(device, m, dtype, backend):
+    """vLLM's test_w8a8_int8_fused_moe: fused_moe(..., use_int8_w8a8=True,
+    per_channel_quant=True) against torch_w8a8_per_column_moe, relative error < 0.05
+    (here 2e-2 of the output's scale: both quantize the same way up to ties)."""
+    gen = torch.Generator().manual_seed(m)
+    e, n, k, topk = 6, 32, 48, 2
+    a = (torch.randn(m, k, generator=gen)).to(dtype)
+    w1 = torch.randint(-127, 128, (e, 2 * n, k), generator=gen).to(torch.int8)
+    w2 = torch.randint(-127, 128, (e, k, n), generator=gen).to(torch.int8)
+    # O(1) outputs: weights of std ~1 / sqrt(fan_in)
+    w1_s = (torch.rand(e, 2 * n, 1, generator=gen) + 0.5) * 2 / (127 * k ** 0.5)
+    w2_s = (torch.rand(e, k, 1, generator=gen) + 0.5) * 2 / (127 * n ** 0.5)
+    score = torch.randn(m, e, generator=gen).to(dtype)
+    want = torch_w8a8_per_column_moe(a, w1, w2, w1_s, w2_s, score, topk)
+    dev = [t.to(device) for t in (a, w1, w2, score, w1_s, w2_s)]
+    with mk.use_backend(backend):
+        got = vllm_ops.fused_moe(dev[0], dev[1], dev[2], dev[3], topk, renormalize=False,
+                                 use_int8_w8a8=True, per_channel_quant=True,
+                                 w1_scale=dev[4], w2_scale=dev[5])
+    assert got.dtype == dtype
+    assert_moe_close(got, want.float())
+    # fp32 activations, the same quantization steps (ties to even, as scaled_int8_quant):
+    # equal up to fp32 rounding (a missed or extra quantization step shows at ~1e-2)
+    a32, score32 = a.float(), score.float()
+    exact = torch_w8a8_per_column_moe(a32, w1, w2, w1_s, w2_s, score32, topk, half_even=True)
+    with mk.use_backend(backend):
+        got32 = vllm_ops.fused_moe(a32.to(device), dev[1], dev[2], score32.to(device), topk,
+                                   False, use_int8_w8a8=True, per_channel_quant=True,
+                                   w1_scale=dev[4], w2_scale=dev[5])
+    assert_moe_close(got32, exact, tol=1e-4)
+    # per-tensor weight scales [E] equal per-channel scales that repeat one value
+    s1, s2 = w1_s[:, :1, 0], w2_s[:, :1, 0]
+    with mk.use_backend(backend):
+        per_tensor = vllm_ops.fused_moe(dev[0], dev[1], dev[2], dev[3], topk, False,
+                                        use_int8_w8a8=True, per_channel_quant=True,
+                                        w1_scale=s1.reshape(e).to(device),
+                                        w2_scale=s2.reshape(e).to(device))
+        expanded = vllm_ops.fused_moe(dev[0], dev[1], dev[2], dev[3], topk, False,
+                                      use_int8_w8a8=True, per_channel_quant=True,
+                                      w1_scale=s1.expand(e, 2 * n).to(device),
+                                      w2_scale=s2.expand(e, k).to(device))
+    assert torch.equal(per_tensor, expanded)
+
+
 def test_refused_formats_name_the_argument():
     a = torch.randn(2, 16)
     w1, w2 = torch.randn(2, 8, 16), torch.randn(2, 16, 4)
     w, i = torch.rand(2, 1), torch.zeros(2, 1, dtype=torch.int32)
-    for flag in ("use_int8_w8a8", "use_mxfp4_w4a4"):
-        with pytest.raises(NotImplementedError, match=flag):
-            vllm_ops.fused_experts(a, w1, w2, w, i, **{flag: True})
+    with pytest.raises(NotImplementedError, match="use_mxfp4_w4a4"):
+        vllm_ops.fused_experts(a, w1, w2, w, i, use_mxfp4_w4a4=True)
+    q1, q2 = w1.to(torch.int8), w2.to(torch.int8)
+    with pytest.raises(ValueError, match="per_channel_quant"):
+        vllm_ops.fused_experts(a, q1, q2, w, i, use_int8_w8a8=True,
+                               w1_scale=torch.ones(2, 8), w2_scale=torch.ones(2, 16))
+    with pytest.raises(NotImplementedError, match="block_shape"):
+        vllm_ops.fused_experts(a, q1, q2, w, i, use_int8_w8a8=True, block_shape=[8, 8],
+                               w1_scale=torch.ones(2, 1, 2), w2_scale=torch.ones(2, 2, 1))
+    with pytest.raises(ValueError, match="w2_scale"):
+        vllm_ops.fused_experts(a, q1, q2, w, i, use_int8_w8a8=True, per_channel_quant=True,
+                               w1_scale=torch.ones(2, 8), w2_scale=torch.ones(2, 7))
+    with pytest.raises(TypeError, match="int8"):
+        vllm_ops.fused_experts(a, w1, w2, w, i, use_int8_w8a8=True, per_channel_quant=True,
+                               w1_scale=torch.ones(2, 8), w2_scale=torch.ones(2, 16))
+    with pytest.raises(NotImplementedError, match="activation"):
+        vllm_ops.fused_experts(a, q1, q2, w, i, use_int8_w8a8=True, per_channel_quant=True,
+                               w1_scale=torch.ones(2, 8), w2_scale=torch.ones(2, 16),
+                               activation="relu2")
     with pytest.raises(TypeError, match="use_int4_w4a16"):
         vllm_ops.fused_experts(a, w1, w2, w, i, use_int4_w4a16=True)
     u1, u2 = torch.zeros(2, 8, 8, dtype=torch.uint8), torch.zeros(2, 16, 2, dtype=torch.uint8)

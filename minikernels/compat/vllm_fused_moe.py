@@ -20,13 +20,27 @@ int32 / int64 [T, k]. Weight formats:
     use_fp8_w8a8 (float8_e4m3fn w; block_shape [bn, bk] with scales [E, 2N / bn,
         K / bk], or per-tensor scales [E] / per-channel [E, 2N, 1])
                                              ops.fused_moe_fp8, run W8A16
+    use_int8_w8a8 with per_channel_quant (int8 w, fp32 per-channel scales [E, 2N(, 1)]
+        and [E, K(, 1)] or per-tensor [E]; activations quantized per token)
+                                             W8A8 as vLLM computes it: x quantized per
+                                             token (ops.scaled_int8_quant), per expert
+                                             ops.scaled_mm (int8 x int8, exact int32
+                                             sums) for gate / up, the activation, the
+                                             intermediate quantized per token again,
+                                             ops.scaled_mm for down; a loop over the
+                                             experts present (one host sync): a compat
+                                             path
 
 Differences, by design: fp8 experts run W8A16 (minikernels' fp8 MoE kernel keeps the
 activations 16-bit), so results differ from vLLM's W8A8 by its activation rounding (they
 are closer to the unquantized product); ``a1_scale`` / ``a2_scale`` (static activation
-scales) are accepted and unused for the same reason. Not covered, a NotImplementedError
-naming the argument: ``use_int8_w8a8`` (no int8 activation path in the MoE kernel),
-``use_mxfp4_w4a4``, zero points outside the wn16 format.
+scales) are accepted and unused for the same reason. int8 W8A8 rounds x / scale half to
+even (vLLM's per-token quantizer rounds half away from zero: a tie moves one step). Not
+covered, a NotImplementedError naming the argument: ``use_int8_w8a8`` with a
+``block_shape`` (block-scaled int8 weights: no minikernels op), static ``a1_scale`` /
+``a2_scale`` with int8 W8A8 (vLLM supports only per-token or block activations there
+too: a ValueError without ``per_channel_quant``), ``use_mxfp4_w4a4``, zero points outside
+the wn16 format.
 
 Routing extras: ``expert_map`` (expert parallelism: global expert -> local index, -1 for
 experts on another rank, whose choices contribute nothing), ``apply_router_weight_on_input``
@@ -127,6 +141,61 @@ def _wn16_dense(name: str, qweight: Tensor, scale: Tensor | None, zp: Tensor | N
     return (q.to(dtype) - zero) * s
 
 
+_GATED_ACTS: dict[str, Callable[[Tensor], Tensor]] = {
+    "silu": ops.silu_and_mul,
+    "gelu": lambda t: ops.gelu_and_mul(t, "none"),
+    "gelu_tanh": lambda t: ops.gelu_and_mul(t, "tanh"),
+}
+
+
+def _per_expert_scales(name: str, scale: Tensor | None, e: int, rows: int) -> Tensor:
+    """int8 W8A8 weight scales: per channel [E, rows] / [E, rows, 1] or per tensor [E]
+    -> fp32 [E, rows]."""
+    if scale is None:
+        raise ValueError(f"use_int8_w8a8 needs {name}")
+    check_tensor(name, scale, dtypes=FLOAT_DTYPES)
+    if scale.numel() == e:
+        return scale.float().reshape(e, 1).expand(e, rows)
+    if scale.numel() != e * rows or scale.shape[0] != e:
+        raise ValueError(f"{name} must be per channel [{e}, {rows}] (or [{e}, {rows}, 1]) or "
+                         f"per tensor [{e}], got {list(scale.shape)}")
+    return scale.float().reshape(e, rows)
+
+
+def _int8_w8a8_experts(x: Tensor, w1: Tensor, w2: Tensor, s1: Tensor, s2: Tensor,
+                       weights: Tensor, ids: Tensor, activation: str,
+                       b1: Tensor | None, b2: Tensor | None) -> Tensor:
+    """vLLM's int8 W8A8 experts: per token, q(x) = scaled_int8_quant(x) (per-token scale),
+    h = act(s_x * s1[e] * (q(x) @ w1[e]^T) + b1[e]) in x's dtype, q(h) per token again,
+    y = s_h * s2[e] * (q(h) @ w2[e]^T) + b2[e] in x's dtype, out = sum_j weight_j * y_j
+    in fp32, rounded once. w1 [E, 2I, H], w2 [E, H, I] int8; s1 [E, 2I], s2 [E, H] fp32."""
+    if w1.dtype != torch.int8 or w2.dtype != torch.int8:
+        raise TypeError(f"use_int8_w8a8 needs int8 w1 / w2, got {w1.dtype} / {w2.dtype}")
+    act = _GATED_ACTS.get(activation)
+    if act is None:
+        raise NotImplementedError(f"activation {activation!r} is not supported with "
+                                  f"use_int8_w8a8 (supported: {', '.join(_GATED_ACTS)})")
+    t, h = x.shape
+    if w1.shape[2] != h or w2.shape[1] != h or w2.shape[2] * 2 != w1.shape[1]:
+        raise ValueError(f"w1 must be [E, 2I, {h}] and w2 [E, {h}, I], got "
+                         f"{list(w1.shape)} and {list(w2.shape)}")
+    k = ids.shape[1]
+    xq, xs, _ = ops.scaled_int8_quant(x)
+    flat_ids = ids.reshape(-1).long()
+    token = torch.arange(t, device=x.device).repeat_interleave(k)
+    out = torch.zeros(t, h, dtype=torch.float32, device=x.device)
+    for e in flat_ids.unique().tolist():      # (one host sync: the experts present)
+        pairs = torch.nonzero(flat_ids == e).squeeze(1)
+        rows = token[pairs]
+        gate_up = ops.scaled_mm(xq[rows], w1[e].t(), xs[rows], s1[e], x.dtype,
+                                None if b1 is None else b1[e].to(x.dtype))
+        hq, hs, _ = ops.scaled_int8_quant(act(gate_up))
+        y = ops.scaled_mm(hq, w2[e].t(), hs, s2[e], x.dtype,
+                          None if b2 is None else b2[e].to(x.dtype))
+        out.index_add_(0, rows, y.float() * weights.reshape(-1)[pairs, None].float())
+    return out.to(x.dtype)
+
+
 def fused_experts(hidden_states: Tensor, w1: Tensor, w2: Tensor, topk_weights: Tensor,
                   topk_ids: Tensor, inplace: bool = False, activation: str = "silu",
                   apply_router_weight_on_input: bool = False, use_fp8_w8a8: bool = False,
@@ -142,7 +211,11 @@ def fused_experts(hidden_states: Tensor, w1: Tensor, w2: Tensor, topk_weights: T
     topk_ids[t, j] (vLLM's ``fused_experts``; module doc for formats and differences).
     Returns [T, K] in hidden_states' dtype (written into hidden_states with inplace)."""
     check_tensor("hidden_states", hidden_states, dtypes=FLOAT_DTYPES, ndim=2)
-    _not_covered("use_int8_w8a8", use_int8_w8a8, "int8 activations")
+    _not_covered("use_int8_w8a8 with block_shape", use_int8_w8a8 and block_shape is not None,
+                 "block-scaled int8 weights")
+    if use_int8_w8a8 and not per_channel_quant:
+        raise ValueError("use_int8_w8a8 needs per_channel_quant=True (per-token activations; "
+                         "vLLM's int8 W8A8 experts support per-token or block quantization)")
     _not_covered("use_mxfp4_w4a4", use_mxfp4_w4a4, "fp4 activations")
     x = hidden_states
     wn16 = (use_int4_w4a16 or use_int8_w8a16) and w1.dtype == torch.uint8
@@ -168,7 +241,12 @@ def fused_experts(hidden_states: Tensor, w1: Tensor, w2: Tensor, topk_weights: T
         weights = torch.ones_like(weights, dtype=torch.float32)
     kw = dict(activation=activation, w13_bias=w1_bias, w2_bias=w2_bias)
     e = w1.shape[0]
-    if use_fp8_w8a8:
+    if use_int8_w8a8:
+        out = _int8_w8a8_experts(x, w1, w2, _per_expert_scales("w1_scale", w1_scale, e,
+                                                               w1.shape[1]),
+                                 _per_expert_scales("w2_scale", w2_scale, e, w2.shape[1]),
+                                 weights, ids, activation, w1_bias, w2_bias)
+    elif use_fp8_w8a8:
         if w1_scale is None or w2_scale is None:
             raise ValueError("use_fp8_w8a8 needs w1_scale and w2_scale")
         if w1.dtype != FP8 or w2.dtype != FP8:

@@ -91,7 +91,8 @@ Covered (vLLM name -> minikernels op):
         hidden_states, w1, w2, topk_weights, topk_ids, ...), fused_moe(hidden_states, w1,
         w2, gating_output, topk, renormalize, ...)   vLLM's fused-MoE Python API
                                                         (compat/vllm_fused_moe.py):
-                                                        ops.fused_moe / _int8 / _fp8
+                                                        ops.fused_moe / _int8 / _fp8;
+                                                        int8 W8A8 on ops.scaled_mm
     moe_align_block_size(topk_ids, num_experts, block_size, sorted_token_ids,
                          experts_ids, num_tokens_post_pad, expert_map=None)
                                                         ops.moe_align_block_size
