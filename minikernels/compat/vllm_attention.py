@@ -108,6 +108,7 @@ from ..ops.attention import FP8_KV_DTYPES, MAX_HEAD_DIM, check_sinks
 from ..ops.reference import FP8_E4M3_MAX
 from .flash_attn import _split_pages, _window
 from .vllm_cache_ops import FP8_KV_FORMATS
+from .vllm_ops import _legacy_caches
 
 __all__ = ["KVQuantMode", "context_attention_fwd", "decode_attention_fwd",
            "unified_attention"]
@@ -492,25 +493,6 @@ def _alibi_sinks(q: Tensor, k: Tensor, v: Tensor, cu_q: Tensor, cu_k: Tensor, ta
 # ------------------------------------------------------------- prefix-prefill (legacy)
 
 
-def _legacy_cache_shape(k_cache: Tensor, v_cache: Tensor, dtypes: tuple[torch.dtype, ...],
-                        heads: int, head_size: int, device: torch.device) -> tuple[int, int]:
-    """vLLM's legacy caches, named k_cache / v_cache: k_cache [num_blocks, num_kv_heads,
-    head_size // x, block_size, x], v_cache [num_blocks, num_kv_heads, head_size,
-    block_size], one dtype of ``dtypes``, any strides -> (block_size, x); x is read from
-    k_cache's last dim (vLLM allocates 16 // element_size)."""
-    check_tensor("k_cache", k_cache, dtypes=dtypes, ndim=5, device=device)
-    check_tensor("v_cache", v_cache, dtypes=(k_cache.dtype,), ndim=4, device=device)
-    check_shape("v_cache", v_cache, [None, heads, head_size, None])
-    num_blocks, _, _, block_size = v_cache.shape
-    x = k_cache.shape[4]
-    if x < 1 or head_size % x:
-        raise ValueError(f"k_cache's last dim x ({x}) must divide head_size ({head_size}): "
-                         f"k_cache is [num_blocks, num_kv_heads, head_size // x, block_size,"
-                         f" x], got {list(k_cache.shape)}")
-    check_shape("k_cache", k_cache, [num_blocks, heads, head_size // x, block_size, x])
-    return block_size, x
-
-
 def _cache_format(kv_cache_dtype: object, q_dtype: torch.dtype
                   ) -> tuple[tuple[torch.dtype, ...], torch.dtype | None]:
     """kv_cache_dtype -> (allowed cache dtypes, fp8 format or None)."""
@@ -585,7 +567,8 @@ def context_attention_fwd(q: Tensor, k: Tensor, v: Tensor, o: Tensor, kv_cache_d
     if hkv == 0 or hq % hkv:
         raise ValueError(f"q's heads ({hq}) must be a multiple of k's kv heads ({hkv})")
     dtypes, fp8 = _cache_format(kv_cache_dtype, q.dtype)
-    block_size, x = _legacy_cache_shape(k_cache, v_cache, dtypes, hkv, d, dev)
+    _, block_size, x = _legacy_caches(k_cache, v_cache, dtypes, hkv, d, dev,
+                                      ("k_cache", "v_cache"))
     if fp8 is not None:
         kc, vc = k_cache.view(fp8), v_cache.view(fp8)
         ks = _scale_tensor("k_scale", k_scale, hkv, dev, per_head=True)

@@ -625,24 +625,28 @@ def reshape_and_cache_flash(key: Tensor, value: Tensor, key_cache: Tensor,
 
 
 def _legacy_caches(key_cache: Tensor, value_cache: Tensor, dtypes: tuple[torch.dtype, ...],
-                   heads: int | None, head_size: int, device: torch.device
+                   heads: int | None, head_size: int, device: torch.device,
+                   names: tuple[str, str] = ("key_cache", "value_cache")
                    ) -> tuple[int, int, int]:
     """vLLM's legacy ("x-split") paged caches -> (num_kv_heads, block_size, x).
 
     key_cache [num_blocks, heads, head_size // x, block_size, x], value_cache [num_blocks,
     heads, head_size, block_size] (heads None: any), of one dtype in ``dtypes``, any
     strides. vLLM allocates x = 16 // element_size (8 for fp16 / bf16, 4 for fp32, 16 for
-    an fp8 cache); any x dividing head_size is read from key_cache's last dim."""
-    check_tensor("key_cache", key_cache, dtypes=dtypes, ndim=5, device=device)
-    check_tensor("value_cache", value_cache, dtypes=(key_cache.dtype,), ndim=4, device=device)
-    check_shape("value_cache", value_cache, [None, heads, head_size, None])
+    an fp8 cache); any x dividing head_size is read from key_cache's last dim. ``names``:
+    the two arguments' names in errors (vLLM's prefix prefill calls them k_cache /
+    v_cache)."""
+    kname, vname = names
+    check_tensor(kname, key_cache, dtypes=dtypes, ndim=5, device=device)
+    check_tensor(vname, value_cache, dtypes=(key_cache.dtype,), ndim=4, device=device)
+    check_shape(vname, value_cache, [None, heads, head_size, None])
     num_blocks, heads, _, block_size = value_cache.shape
     x = key_cache.shape[4]
     if x < 1 or head_size % x:
-        raise ValueError(f"key_cache's last dim x ({x}) must divide head_size ({head_size}): "
-                         f"key_cache is [num_blocks, num_kv_heads, head_size // x, block_size, "
+        raise ValueError(f"{kname}'s last dim x ({x}) must divide head_size ({head_size}): "
+                         f"{kname} is [num_blocks, num_kv_heads, head_size // x, block_size, "
                          f"x], got {list(key_cache.shape)}")
-    check_shape("key_cache", key_cache, [num_blocks, heads, head_size // x, block_size, x])
+    check_shape(kname, key_cache, [num_blocks, heads, head_size // x, block_size, x])
     return heads, block_size, x
 
 
