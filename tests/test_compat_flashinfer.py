@@ -892,10 +892,10 @@ def test_errors_name_the_argument(device):
     one = torch.tensor([1], dtype=torch.int32)
     w = fi.BatchDecodeWithPagedKVCacheWrapper(ws)
     with pytest.raises(ValueError, match="pos_encoding_mode"):
-        w.plan(ptr, idx, one, 2, 2, 8, 4, pos_encoding_mode="ROPE_LLAMA")
+        w.plan(ptr, idx, one, 2, 2, 8, 4, pos_encoding_mode="ROPE")
     with pytest.raises(ValueError, match="pos_encoding_mode"):
         fi.single_decode_with_kv_cache(torch.randn(2, 8), torch.randn(3, 2, 8),
-                                       torch.randn(3, 2, 8), pos_encoding_mode="ALIBI")
+                                       torch.randn(3, 2, 8), pos_encoding_mode="alibi")
     with pytest.raises(ValueError, match="num_qo_heads"):
         w.plan(ptr, idx, one, 3, 2, 8, 4)
     with pytest.raises(ValueError, match="indptr"):

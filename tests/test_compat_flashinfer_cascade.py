@@ -452,7 +452,7 @@ def test_errors_name_the_argument(device):
     with pytest.raises(ValueError, match="qo_indptr_arr"):
         w.plan([qo[0], torch.tensor([0, 1, 3], dtype=i32)], ptr, idx, last, *args)
     with pytest.raises(ValueError, match="pos_encoding_mode"):
-        w.plan(qo, ptr, idx, last, *args, pos_encoding_mode="ROPE_LLAMA")
+        w.plan(qo, ptr, idx, last, *args, pos_encoding_mode="ROPE")
     w.plan(qo, ptr, idx, last, *args, q_data_type=torch.float32)
     cache = torch.randn(3, 2, 2, 2, 8, device=device)
     with pytest.raises(ValueError, match="q_data_type"):
@@ -562,4 +562,4 @@ def test_ragged_prefill_deprecated_forward(device):
                                             logits_soft_cap=5.0, sm_scale=0.2)
     assert torch.equal(got_o, want_o) and torch.equal(got_lse, want_lse)
     with pytest.raises(ValueError, match="pos_encoding_mode"):
-        old.forward(q, k, v, pos_encoding_mode="ROPE_LLAMA")
+        old.forward(q, k, v, pos_encoding_mode="LLAMA")

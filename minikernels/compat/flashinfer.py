@@ -18,6 +18,8 @@ Names, argument names, defaults, layouts and return shapes are FlashInfer's. Cov
   ``k_scale`` / ``v_scale``, fp8 (e4m3 / e5m2) paged caches, ``return_lse``, ``out`` / ``lse``
   buffers, the wrappers' ``run(sinks=)`` (GPT-OSS's attention sinks: one more logit per
   q head, in the units of the scaled scores; the returned lse includes it);
+  ``pos_encoding_mode`` (with ``rope_scale`` / ``rope_theta``) in every function and
+  wrapper that takes it (see "Position encodings" below);
 - ``append_paged_kv_cache``, ``get_batch_indices_positions``, ``get_seq_lens``;
 - cascade: ``merge_state``, ``merge_state_in_place``, ``merge_states``,
   ``MultiLevelCascadeAttentionWrapper`` (``plan`` / ``run``, ``begin_forward`` /
@@ -63,11 +65,35 @@ to back (a contiguous NHD ``(k_cache, v_cache)`` tuple); otherwise attention rea
 contiguous copy and ``append_paged_kv_cache`` (which must write in place) raises a
 ValueError naming ``page_size``.
 
+Position encodings (FlashInfer's ``pos_encoding_mode``, applied inside attention; its
+variants.cuh ``DefaultAttention``, decode.cuh / prefill.cuh and utils.py). In a request
+with qo_len queries and kv_len keys, query row i (0 in decode) sits at kv_len - qo_len + i
+and key j at j (positions count within each request's, or cascade level's, own keys):
+
+- "ALIBI": the score of row i and key j is ``sm_scale * q.k + slope_h * (j - i)`` with
+  ``get_alibi_slopes(num_qo_heads)`` (2^(-8k/n) for the largest power of two n <=
+  heads, then 2^(-4(2k-1)/n)). The ops take those slopes (``alibi_slopes``) with their
+  own bias ``-slope * |position - j|``: on the keys a causal row (or a decode query) sees
+  that is FlashInfer's bias less slope * (position - i), a constant per row, so the
+  output is the same and the returned LSE is moved back to FlashInfer's. Without the
+  causal mask FlashInfer's bias is signed (keys after the query gain), so each query row
+  runs as its own decode over its request's keys (``ops.paged_decode_attention`` with a
+  per-row block table; ragged k / v read as pages of one token).
+- "ROPE_LLAMA" (``rope_scale`` default 1, ``rope_theta`` default 1e4): q and k rotated
+  Llama / neox style, dims (d, d + head_dim / 2), angle position * rope_theta^(-2d /
+  head_dim) / rope_scale (fp32 cos / sin, ``ops.rotary_embedding``). A compat path: every
+  run rotates a copy of q and of the keys attention reads (ragged / single k; for paged
+  caches the planned requests' tokens, gathered out of the cache ragged, fp8 cast to q's
+  dtype, and attended over with ``ops.flash_attention``); the caller's q, k and cache are
+  never written. Decode with ROPE_LLAMA runs as one-query prefill, so ``fixed_split_size``
+  / ``disable_split_kv`` do not apply to it.
+
 Not covered, each refused by name with a ValueError (never silently ignored):
-- ``pos_encoding_mode`` other than "NONE" ("ROPE_LLAMA" rotates keys on the fly inside
-  FlashInfer's kernels, which for a paged cache would mean rotating a copy of the whole
-  cache per call; "ALIBI" adds its bias in FlashInfer's log2 score units). Apply RoPE
-  before attention with ``apply_rope_pos_ids`` / ``apply_rope_with_cos_sin_cache``;
+- "ALIBI" with ``logits_soft_cap`` (FlashInfer caps the biased score, scaled by sm_scale
+  a second time; the ops add the bias after the cap), with ``sinks`` (the ops' sink
+  logit is not moved with the bias), or with ``causal=False`` and ``window_left >= 0``
+  (each row's window would start at a different key of the per-row decode);
+  "ROPE_LLAMA" with an odd head_dim; an unknown ``pos_encoding_mode``;
 - ``custom_mask`` / ``packed_custom_mask`` (minikernels' attention has no mask input);
 - ``use_cuda_graph=True`` (plan() builds new block tables: a captured run would read stale
   ones), ``jit_args``, ``head_dim_vo != head_dim_qk``, more than one
@@ -168,15 +194,51 @@ def _int(name: str, value: object, low: int) -> int:
     return out
 
 
-def _check_pos_encoding_mode(mode: object) -> None:
+def _check_pos_encoding_mode(mode: object) -> str:
     if mode not in _POS_ENCODING_MODES:
         raise ValueError(f"pos_encoding_mode must be one of {_POS_ENCODING_MODES}, got "
                          f"{mode!r}")
-    if mode != "NONE":
-        raise ValueError(
-            f"pos_encoding_mode={mode!r} is not supported by minikernels' FlashInfer "
-            f"compat layer (only 'NONE'): apply RoPE to q and k before attention "
-            f"(apply_rope_pos_ids / apply_rope_with_cos_sin_cache), ALiBi is not available")
+    return mode  # type: ignore[return-value]
+
+
+class _PosEncoding:
+    """FlashInfer's ``pos_encoding_mode`` with its RoPE parameters, checked.
+
+    "NONE"; "ROPE_LLAMA": q and k rotated inside attention, Llama / neox pairs (i, i + D/2)
+    over the whole head at angle position * rope_theta^(-2i / D) / rope_scale (FlashInfer's
+    defaults: rope_scale 1, rope_theta 1e4); "ALIBI": FlashInfer's slopes
+    (:func:`_alibi_slopes`), the score of query row i and key j gets slope * (j - i).
+    FlashInfer applies its soft cap to the ALiBi-biased score scaled by sm_scale once more
+    (``cap * tanh((sm_scale * q.k + bias) * sm_scale / cap)``) where minikernels' ops add
+    the bias to the capped score, so ALIBI with ``logits_soft_cap`` is refused."""
+
+    def __init__(self, mode: object, rope_scale: float | None = None,
+                 rope_theta: float | None = None, soft_cap: float = 0.0) -> None:
+        self.mode = _check_pos_encoding_mode(mode)
+        self.rope = self.mode == "ROPE_LLAMA"
+        self.alibi = self.mode == "ALIBI"
+        self.rope_scale, self.rope_theta = 1.0, 1e4
+        if self.rope and rope_scale is not None:
+            self.rope_scale = check_positive_float("rope_scale", rope_scale)
+        if self.rope and rope_theta is not None:
+            self.rope_theta = check_positive_float("rope_theta", rope_theta)
+        if self.alibi and soft_cap > 0:
+            raise ValueError(
+                "logits_soft_cap is not supported with pos_encoding_mode='ALIBI' by "
+                "minikernels' FlashInfer compat layer: FlashInfer caps the ALiBi-biased "
+                "score (scaled by sm_scale twice), minikernels' attention adds the bias "
+                "after the cap")
+
+
+def _segment_positions(indptr: Tensor, nnz: int) -> tuple[Tensor, Tensor]:
+    """Ragged rows 0..nnz-1 split by indptr [n + 1] (non-decreasing, indptr[-1] = nnz) ->
+    (segment b of each row, its index t - indptr[b] within it), int64 [nnz] each, on
+    indptr's device. Vectorized, no host sync."""
+    ptr = indptr.long()
+    rows = torch.arange(nnz, device=indptr.device)
+    b = torch.searchsorted(ptr[1:].contiguous(), rows, right=True)
+    b = b.clamp_(max=max(indptr.numel() - 2, 0))
+    return b, rows - ptr[b]
 
 
 def _check_kv_layout(kv_layout: object) -> str:
@@ -367,6 +429,8 @@ class _PageTable:
         ptr = indptr.to(device, torch.int64)
         idx = indices.to(device)
         self.indices_used = idx[int(ptr_h[0]):int(ptr_h[-1])]
+        self.total_kv = int(seq_h.sum())
+        self._page_ptr = ptr - ptr[0]          # request b's pages: indices_used[ptr b..b+1]
         cols = torch.arange(max(max_pages, 1), device=device)
         valid = cols < (ptr[1:] - ptr[:-1])[:, None]
         if idx.numel():
@@ -381,8 +445,11 @@ class _PageTable:
         self._n_idx = n_idx
 
     def caches(self, paged_kv_cache: object, kv_layout: str, q: Tensor, num_kv_heads: int,
-               kv_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-        """The run()'s cache as block views [blocks, block_size, Hkv, D], checked."""
+               kv_dtype: torch.dtype, gather: bool = False) -> tuple[Tensor, Tensor]:
+        """The run()'s cache, checked, as block views [blocks, block_size, Hkv, D] (no
+        copy), or with ``gather`` as each request's cached tokens in order: new ragged
+        tensors [total_kv, Hkv, D] in q's dtype (request b at cu_seqlens_k[b] ..
+        cu_seqlens_k[b+1]; fp8 values cast, not scaled), the cache untouched."""
         k, v = _unpack_paged_kv_cache(paged_kv_cache, kv_layout)
         for name, c in (("paged_kv_cache (k)", k), ("paged_kv_cache (v)", v)):
             check_tensor(name, c, dtypes=(q.dtype, *_FP8_KV), device=q.device)
@@ -397,6 +464,11 @@ class _PageTable:
             raise ValueError(f"paged_kv_cache has dtype {k.dtype}/{v.dtype} but plan() was "
                              f"given kv_data_type={kv_dtype}")
         check_index_range(self._n_idx, self.indices_used, 0, k.shape[0])
+        if gather:
+            b, j = _segment_positions(self.cu_seqlens_k, self.total_kv)
+            pages = self.indices_used.long()[self._page_ptr[b] + j // self.page_size]
+            slots = j % self.page_size
+            return k[pages, slots].to(q.dtype), v[pages, slots].to(q.dtype)
         return _as_blocks(k, self.sub, kv_layout, True), _as_blocks(v, self.sub, kv_layout, True)
 
 
@@ -497,11 +569,125 @@ class _Wrapper:
 # --------------------------------------------------------------------------- attention
 
 
+class _Rows:
+    """Where FlashInfer places each query row: its request ``batch``, its ``index`` i among
+    the request's qo_len queries and the request's ``kv_len``; it sits at ``position``
+    kv_len - qo_len + i (the queries are the last tokens of the kv; decode: kv_len - 1).
+    Device int64 tensors [total_q] from cu_seqlens_q / cu_seqlens_k [B + 1], no host sync."""
+
+    def __init__(self, cu_q: Tensor, cu_k: Tensor, total_q: int) -> None:
+        self.batch, self.index = _segment_positions(cu_q, total_q)
+        q_lens = (cu_q[1:] - cu_q[:-1]).long()
+        self.kv_len = (cu_k[1:] - cu_k[:-1]).long()[self.batch]
+        self.position = self.index + self.kv_len - q_lens[self.batch]
+
+
+@functools.lru_cache(maxsize=64)
+def _alibi_slopes(num_heads: int, device: torch.device) -> Tensor:
+    """FlashInfer's ``get_alibi_slopes(num_qo_heads)``, float32 [num_heads]: with n the
+    largest power of two <= num_heads, 2^(-8k/n) for k = 1..n, then 2^(-4(2k-1)/n) for
+    k = 1..num_heads - n (ALiBi's slopes). Cached per device (FlashInfer caches it too)."""
+    n = 2 ** math.floor(math.log2(num_heads))
+    m = torch.pow(2.0 ** (-8.0 / n), torch.arange(1, 1 + n))
+    if n < num_heads:
+        m_hat = torch.pow(2.0 ** (-4.0 / n), torch.arange(1, 1 + 2 * (num_heads - n), 2))
+        m = torch.cat([m, m_hat])
+    return m.float().to(device)
+
+
+def _alibi(pe: _PosEncoding, num_qo_heads: int, sinks: Tensor | None, device: torch.device
+           ) -> Tensor | None:
+    """The ops' ``alibi_slopes`` for pos_encoding_mode (None unless "ALIBI")."""
+    if not pe.alibi:
+        return None
+    if sinks is not None:
+        raise ValueError("sinks are not supported with pos_encoding_mode='ALIBI' by "
+                         "minikernels' FlashInfer compat layer (FlashInfer's bias moves the "
+                         "keys' scores relative to the sink differently from the ops')")
+    return _alibi_slopes(num_qo_heads, device)
+
+
+def _alibi_lse(lse_e: Tensor, slopes: Tensor, reference: Tensor) -> Tensor:
+    """The ops' ALiBi bias is slope * (j - ref) for the visible keys j of a row (ref: the
+    query's position; the last key in decode), FlashInfer's slope * (j - i) (i: the row's
+    index among its request's queries, 0 in decode): the softmax is the same, the natural
+    LSE [rows, H] moves by slope * (ref - i); ``reference`` [rows] = ref - i."""
+    return lse_e + reference.to(lse_e.dtype)[:, None] * slopes[None, :]
+
+
+def _alibi_rows(q: Tensor, k: Tensor, v: Tensor, cu_k: Tensor, max_k: int,
+                block_table: Tensor | None, rows: _Rows, *, scale: float, window_left: int,
+                soft_cap: float, slopes: Tensor, k_scale: Tensor | None,
+                v_scale: Tensor | None) -> tuple[Tensor, Tensor]:
+    """Non-causal ALiBi. FlashInfer's bias slope * (j - i) is signed: keys after the query
+    raise its score, where the ops' bias is -slope * |position - j|. Each query row runs
+    as its own decode (``ops.paged_decode_attention``) over all its request's keys, where
+    the ops' bias is slope * (j - (kv_len - 1)), a per-row constant away from FlashInfer's.
+    Paged k / v: each row takes its request's block-table row; ragged k / v [total_k, Hkv,
+    D] are read as pages of one token (an int32 [total_q, max_kv_len] table). A window
+    would start at a different key in every row, which the decode op cannot take:
+    refused. Returns (out [total_q, Hq, D], natural LSE [total_q, Hq], FlashInfer's)."""
+    if window_left >= 0:
+        raise ValueError("window_left >= 0 is not supported with pos_encoding_mode='ALIBI' "
+                         "and causal=False by minikernels' FlashInfer compat layer (use "
+                         "causal=True or window_left=-1)")
+    if block_table is None:                      # ragged keys as pages of one token
+        cols = torch.arange(max(max_k, 1), device=q.device)
+        block_table = (cu_k[:-1, None].long() + cols).clamp_(max=max(k.shape[0] - 1, 0))
+        block_table = block_table.to(torch.int32)
+        k, v = k.unsqueeze(1), v.unsqueeze(1)
+    out, lse = ops.paged_decode_attention(
+        q, k, v, block_table[rows.batch], rows.kv_len.to(torch.int32), softmax_scale=scale,
+        softcap=soft_cap, return_lse=True, k_scale=k_scale, v_scale=v_scale,
+        alibi_slopes=slopes)
+    return out, _alibi_lse(lse, slopes, rows.kv_len - 1 - rows.index)
+
+
+def _attention(q: Tensor, k: Tensor, v: Tensor, cu_q: Tensor, cu_k: Tensor, max_q: int,
+               max_k: int, pe: _PosEncoding, *, causal: bool, scale: float,
+               window_left: int, soft_cap: float, block_table: Tensor | None = None,
+               k_scale: Tensor | None = None, v_scale: Tensor | None = None,
+               sinks: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Prefill attention (:func:`minikernels.ops.flash_attention`) with FlashInfer's
+    ``pos_encoding_mode``. q [total_q, Hq, D]; k / v ragged [total_k, Hkv, D] (NHD views),
+    or with ``block_table`` paged block views [blocks, block_size, Hkv, D]; request b's
+    queries are the last of its cu_k[b+1] - cu_k[b] keys (bottom-right causal).
+
+    ROPE_LLAMA (ragged k only: paged caches are gathered first, ``_PageTable.caches(...,
+    gather=True)``): copies of q and k are rotated, query row i at kv_len - qo_len + i, key
+    j at j (its index in its request's keys). ALIBI: causal rows see keys j <= position,
+    where the ops' bias slope * (j - position) is FlashInfer's slope * (j - i) moved by a
+    per-row constant (the LSE is moved back); non-causal rows: :func:`_alibi_rows`.
+    Returns (out [total_q, Hq, D] in q.dtype, natural LSE [total_q, Hq] of FlashInfer's
+    scores).
+    """
+    slopes = _alibi(pe, q.shape[1], sinks, q.device)
+    rows = _Rows(cu_q, cu_k, q.shape[0]) if pe.rope or pe.alibi else None
+    if pe.rope:
+        assert rows is not None and block_table is None
+        q = _rope_llama(q, rows.position, pe)
+        k = _rope_llama(k, _segment_positions(cu_k, k.shape[0])[1], pe)
+    if slopes is not None and not causal:
+        assert rows is not None
+        return _alibi_rows(q, k, v, cu_k, max_k, block_table, rows, scale=scale,
+                           window_left=window_left, soft_cap=soft_cap, slopes=slopes,
+                           k_scale=k_scale, v_scale=v_scale)
+    out, lse = ops.flash_attention(
+        q, k, v, cu_q, cu_k, max_q, max_k, causal=causal, softmax_scale=scale,
+        window_left=window_left, softcap=soft_cap, block_table=block_table,
+        return_lse=True, k_scale=k_scale, v_scale=v_scale, alibi_slopes=slopes, sinks=sinks)
+    lse = lse.t()
+    if slopes is not None:
+        assert rows is not None
+        lse = _alibi_lse(lse, slopes, rows.position - rows.index)
+    return out, lse
+
+
 def _single(q3: Tensor, k: Tensor, v: Tensor, kv_layout: str, causal: bool,
-            window_left: object, logits_soft_cap: object, scale: float
+            window_left: object, soft_cap: float, scale: float, pe: _PosEncoding
             ) -> tuple[Tensor, Tensor]:
     """One request: q [L, Hq, D], k / v in kv_layout -> (out [L, Hq, D], natural lse
-    [L, Hq])."""
+    [L, Hq]) (:func:`_attention`)."""
     check_tensor("k", k, dtypes=(q3.dtype,), ndim=3, device=q3.device)
     check_tensor("v", v, dtypes=(q3.dtype,), ndim=3, device=q3.device)
     if v.shape != k.shape:
@@ -513,10 +699,8 @@ def _single(q3: Tensor, k: Tensor, v: Tensor, kv_layout: str, causal: bool,
     lq, lk = q3.shape[0], k.shape[0]
     cu_q = torch.tensor([0, lq], dtype=torch.int32, device=q3.device)
     cu_k = torch.tensor([0, lk], dtype=torch.int32, device=q3.device)
-    out, lse = ops.flash_attention(q3, k, v, cu_q, cu_k, lq, lk, causal=bool(causal),
-                                   softmax_scale=scale, window_left=_window(window_left),
-                                   softcap=_soft_cap(logits_soft_cap), return_lse=True)
-    return out, lse.t()
+    return _attention(q3, k, v, cu_q, cu_k, lq, lk, pe, causal=bool(causal), scale=scale,
+                      window_left=_window(window_left), soft_cap=soft_cap)
 
 
 def single_decode_with_kv_cache(q: Tensor, k: Tensor, v: Tensor, kv_layout: str = "NHD",
@@ -537,16 +721,23 @@ def single_decode_with_kv_cache(q: Tensor, k: Tensor, v: Tensor, kv_layout: str 
     window_left + 1). Scores are ``q.k * sm_scale * q_scale * k_scale`` (default sm_scale
     1/sqrt(head_dim)), soft-capped to ``cap * tanh(s / cap)``; the output is multiplied by
     ``v_scale``. Returns out [num_qo_heads, head_dim] in q.dtype, and with return_lse the
-    base-2 LSE [num_qo_heads] fp32. ``use_tensor_cores`` has no effect; ``rope_scale`` /
-    ``rope_theta`` apply only to pos_encoding_mode, which must be "NONE".
+    base-2 LSE [num_qo_heads] fp32. ``use_tensor_cores`` has no effect.
+
+    ``pos_encoding_mode`` (FlashInfer's, applied inside attention): "ROPE_LLAMA" rotates
+    copies of q (at kv_len - 1) and k (key j at j) with ``rope_scale`` (default 1) and
+    ``rope_theta`` (default 1e4), pairs (i, i + head_dim / 2), the caller's k unchanged;
+    "ALIBI" adds FlashInfer's bias slope_h * j to key j's score (slopes
+    ``get_alibi_slopes(num_qo_heads)``; the LSE is FlashInfer's), not with
+    ``logits_soft_cap``.
     """
-    _check_pos_encoding_mode(pos_encoding_mode)
+    cap = _soft_cap(logits_soft_cap)
+    pe = _PosEncoding(pos_encoding_mode, rope_scale, rope_theta, cap)
     kv_layout = _check_kv_layout(kv_layout)
     check_tensor("q", q, dtypes=FLOAT_DTYPES, ndim=2)
     ks, vs = _number("k_scale", k_scale), _number("v_scale", v_scale)
     scale = _softmax_scale(sm_scale, q.shape[-1], _number("q_scale", q_scale), ks)
-    out, lse = _single(q.unsqueeze(0), k, v, kv_layout, False, window_left, logits_soft_cap,
-                       scale)
+    # the query sits after every key: causal attention is the same (and ALiBi's exact path)
+    out, lse = _single(q.unsqueeze(0), k, v, kv_layout, True, window_left, cap, scale, pe)
     return _finish(out[0], lse[0], return_lse, v_scale=vs)
 
 
@@ -576,16 +767,25 @@ def single_prefill_with_kv_cache(q: Tensor, k: Tensor, v: Tensor,
     :func:`single_decode_with_kv_cache`; ``o_dtype`` casts the output. Returns out
     [qo_len, num_qo_heads, head_dim], and with return_lse the base-2 LSE
     [qo_len, num_qo_heads] fp32. Refused: custom masks, per-head fp8 ``scale_q`` /
-    ``scale_k`` / ``scale_v``, pos_encoding_mode other than "NONE".
+    ``scale_k`` / ``scale_v``.
+
+    ``pos_encoding_mode`` (FlashInfer's, applied inside attention): "ROPE_LLAMA" rotates
+    copies of q (query i at kv_len - qo_len + i) and k (key j at j) with ``rope_scale``
+    (default 1) and ``rope_theta`` (default 1e4), pairs (i, i + head_dim / 2), the
+    caller's k unchanged; "ALIBI" adds FlashInfer's bias slope_h * (j - i) to the score of
+    query i and key j (slopes ``get_alibi_slopes(num_qo_heads)``; signed: with
+    causal=False later keys gain; the LSE is FlashInfer's), not with ``logits_soft_cap``,
+    nor with a window when causal=False.
     """
     _refuse_masks(custom_mask, packed_custom_mask)
     _refuse(scale_q=scale_q, scale_k=scale_k, scale_v=scale_v)
-    _check_pos_encoding_mode(pos_encoding_mode)
+    cap = _soft_cap(logits_soft_cap)
+    pe = _PosEncoding(pos_encoding_mode, rope_scale, rope_theta, cap)
     kv_layout = _check_kv_layout(kv_layout)
     check_tensor("q", q, dtypes=FLOAT_DTYPES, ndim=3)
     ks, vs = _number("k_scale", k_scale), _number("v_scale", v_scale)
     scale = _softmax_scale(sm_scale, q.shape[-1], None, ks)
-    out, lse = _single(q, k, v, kv_layout, causal, window_left, logits_soft_cap, scale)
+    out, lse = _single(q, k, v, kv_layout, causal, window_left, cap, scale, pe)
     o_dt = None if o_dtype is None else _dtype("o_dtype", o_dtype)
     return _finish(out, lse, return_lse, v_scale=vs, o_dtype=o_dt)
 
@@ -608,6 +808,17 @@ class BatchDecodeWithPagedKVCacheWrapper(_Wrapper):
     dtype, float8_e4m3fn or float8_e5m2). Returns out [batch_size, num_qo_heads, head_dim] in
     ``o_data_type``, and with return_lse the base-2 LSE [batch_size, num_qo_heads] fp32.
     Runs :func:`minikernels.ops.paged_decode_attention`.
+
+    ``plan(pos_encoding_mode=...)`` (FlashInfer's, applied inside attention): "ALIBI" adds
+    FlashInfer's bias slope_h * j to key j's score (slopes
+    ``get_alibi_slopes(num_qo_heads)``; the decode op's own bias is slope_h * (j - (kv_len
+    - 1)), so the returned LSE is moved to FlashInfer's); not with ``logits_soft_cap`` or
+    ``sinks``. "ROPE_LLAMA" (``rope_scale`` default 1, ``rope_theta`` default 1e4) rotates
+    q at kv_len - 1 and each key at its index j in its request: a compat path that copies
+    each run the planned requests' tokens out of the cache ([sum kv_len, Hkv, D], fp8
+    cast to q's dtype), rotates the copies and attends over them with
+    :func:`minikernels.ops.flash_attention` (one query per request, so the decode op's
+    ``fixed_split_size`` / ``disable_split_kv`` do not apply); the cache is not written.
     """
 
     #: The page table's argument names in errors (the shared-prefix wrapper's differ).
@@ -647,7 +858,7 @@ class BatchDecodeWithPagedKVCacheWrapper(_Wrapper):
         ``disable_split_kv`` runs one split per request.
         """
         self._planned = False                 # a plan() that raises leaves no stale plan
-        _check_pos_encoding_mode(pos_encoding_mode)
+        pe_mode = _check_pos_encoding_mode(pos_encoding_mode)
         _refuse(block_tables=block_tables, seq_lens=seq_lens)
         if _int("q_len_per_req", q_len_per_req, 1) != 1:
             raise ValueError("q_len_per_req > 1 is not supported: decode takes one query per "
@@ -658,6 +869,7 @@ class BatchDecodeWithPagedKVCacheWrapper(_Wrapper):
                                                            o_data_type, data_type)
         self._window_left = _window(window_left)
         self._soft_cap = _soft_cap(logits_soft_cap)
+        self._pe = _PosEncoding(pe_mode, rope_scale, rope_theta, self._soft_cap)
         self._sm_scale = None if sm_scale is None else check_positive_float("sm_scale",
                                                                             sm_scale)
         self._split_size = 0 if fixed_split_size is None else page_size * _int(
@@ -683,17 +895,28 @@ class BatchDecodeWithPagedKVCacheWrapper(_Wrapper):
             raise ValueError("extra positional arguments (custom JIT kernels) are not "
                              "supported")
         hq, hkv, d = self._heads
-        t = self._table
+        t, pe = self._table, self._pe
         q = _check_q(q, t.batch, hq, d, self._q_dt, self.device)
-        kc, vc = t.caches(paged_kv_cache, self._kv_layout, q, hkv, self._kv_dt)
+        kc, vc = t.caches(paged_kv_cache, self._kv_layout, q, hkv, self._kv_dt,
+                          gather=pe.rope)
         op_ks, op_vs, ks, vs = _fp8_scales(kc, _number("k_scale", k_scale),
                                            _number("v_scale", v_scale))
         scale = _softmax_scale(self._sm_scale, d, _number("q_scale", q_scale), ks)
         wl = self._window_left if window_left is None else _window(window_left)
-        o, lse_e = ops.paged_decode_attention(
-            q, kc, vc, t.block_table, t.seq_lens, softmax_scale=scale, window_left=wl,
-            softcap=self._soft_cap, num_splits=self._num_splits, split_size=self._split_size,
-            return_lse=True, k_scale=op_ks, v_scale=op_vs, sinks=sinks)
+        if pe.rope:         # the gathered tokens, ragged: one query per request, at the end
+            cu_q = torch.arange(t.batch + 1, dtype=torch.int32, device=q.device)
+            o, lse_e = _attention(q, kc, vc, cu_q, t.cu_seqlens_k, 1, t.max_kv_len, pe,
+                                  causal=True, scale=scale, window_left=wl,
+                                  soft_cap=self._soft_cap, sinks=sinks)
+        else:
+            slopes = _alibi(pe, hq, sinks, q.device)
+            o, lse_e = ops.paged_decode_attention(
+                q, kc, vc, t.block_table, t.seq_lens, softmax_scale=scale, window_left=wl,
+                softcap=self._soft_cap, num_splits=self._num_splits,
+                split_size=self._split_size, return_lse=True, k_scale=op_ks, v_scale=op_vs,
+                alibi_slopes=slopes, sinks=sinks)
+            if slopes is not None:                   # FlashInfer's bias: slope * (j - 0)
+                lse_e = _alibi_lse(lse_e, slopes, t.seq_lens - 1)
         return _finish(o, lse_e, return_lse, v_scale=vs, o_dtype=self._o_dt, out_buf=out,
                        lse_buf=lse)
 
@@ -707,8 +930,8 @@ class BatchDecodeWithPagedKVCacheWrapper(_Wrapper):
                 rope_theta: float | None = None) -> Tensor:
         """FlashInfer's deprecated form: these arguments replace the planned ones."""
         return self._forward(q, paged_kv_cache, pos_encoding_mode, q_scale, k_scale,
-                             v_scale, window_left, logits_soft_cap, sm_scale,
-                             False)  # type: ignore[return-value]
+                             v_scale, window_left, logits_soft_cap, sm_scale, rope_scale,
+                             rope_theta, False)  # type: ignore[return-value]
 
     def forward_return_lse(self, q: Tensor, paged_kv_cache: Tensor | tuple[Tensor, Tensor],
                            pos_encoding_mode: str = "NONE", q_scale: float | None = None,
@@ -718,18 +941,20 @@ class BatchDecodeWithPagedKVCacheWrapper(_Wrapper):
                            rope_theta: float | None = None) -> tuple[Tensor, Tensor]:
         """:meth:`forward` returning (out, base-2 lse) (FlashInfer's deprecated form)."""
         return self._forward(q, paged_kv_cache, pos_encoding_mode, q_scale, k_scale,
-                             v_scale, window_left, logits_soft_cap, sm_scale,
-                             True)  # type: ignore[return-value]
+                             v_scale, window_left, logits_soft_cap, sm_scale, rope_scale,
+                             rope_theta, True)  # type: ignore[return-value]
 
     def _forward(self, q: Tensor, paged_kv_cache: Tensor | tuple[Tensor, Tensor],
                  pos_encoding_mode: str, q_scale: float | None, k_scale: float | None,
                  v_scale: float | None, window_left: int, logits_soft_cap: float | None,
-                 sm_scale: float | None, return_lse: bool) -> Tensor | tuple[Tensor, Tensor]:
-        _check_pos_encoding_mode(pos_encoding_mode)
+                 sm_scale: float | None, rope_scale: float | None, rope_theta: float | None,
+                 return_lse: bool) -> Tensor | tuple[Tensor, Tensor]:
+        pe_mode = _check_pos_encoding_mode(pos_encoding_mode)
         self._require_plan()
         wl, cap = _window(window_left), _soft_cap(logits_soft_cap)
+        pe = _PosEncoding(pe_mode, rope_scale, rope_theta, cap)
         scale = None if sm_scale is None else check_positive_float("sm_scale", sm_scale)
-        self._window_left, self._soft_cap, self._sm_scale = wl, cap, scale
+        self._window_left, self._soft_cap, self._sm_scale, self._pe = wl, cap, scale, pe
         return self.run(q, paged_kv_cache, q_scale=q_scale, k_scale=k_scale,
                         v_scale=v_scale, return_lse=return_lse)
 
@@ -739,9 +964,10 @@ class _PrefillPlan:
     def __init__(self, qo_indptr: object, batch: int, device: torch.device, causal: object,
                  pos_encoding_mode: object, window_left: object, logits_soft_cap: object,
                  sm_scale: object, custom_mask: object, packed_custom_mask: object,
-                 qo_name: str = "qo_indptr") -> None:
+                 qo_name: str = "qo_indptr", *, rope_scale: float | None = None,
+                 rope_theta: float | None = None) -> None:
         _refuse_masks(custom_mask, packed_custom_mask)
-        _check_pos_encoding_mode(pos_encoding_mode)
+        pe_mode = _check_pos_encoding_mode(pos_encoding_mode)
         check_tensor(qo_name, qo_indptr, dtypes=_INT_DTYPES, ndim=1)
         assert isinstance(qo_indptr, Tensor)
         check_shape(qo_name, qo_indptr, [batch + 1])
@@ -754,8 +980,20 @@ class _PrefillPlan:
         self.causal = bool(causal)
         self.window_left = _window(window_left)
         self.soft_cap = _soft_cap(logits_soft_cap)
+        self.pe = _PosEncoding(pe_mode, rope_scale, rope_theta, self.soft_cap)
         self.sm_scale = None if sm_scale is None else check_positive_float("sm_scale",
                                                                            sm_scale)
+
+    def replace(self, causal: bool, pos_encoding_mode: str, window_left: int,
+                logits_soft_cap: float | None, sm_scale: float | None,
+                rope_scale: float | None, rope_theta: float | None) -> None:
+        """FlashInfer's deprecated ``forward``: these replace the planned values (all
+        checked before any is set)."""
+        wl, cap = _window(window_left), _soft_cap(logits_soft_cap)
+        pe = _PosEncoding(pos_encoding_mode, rope_scale, rope_theta, cap)
+        scale = None if sm_scale is None else check_positive_float("sm_scale", sm_scale)
+        self.causal, self.window_left, self.soft_cap = bool(causal), wl, cap
+        self.sm_scale, self.pe = scale, pe
 
 
 class BatchPrefillWithPagedKVCacheWrapper(_Wrapper):
@@ -769,6 +1007,18 @@ class BatchPrefillWithPagedKVCacheWrapper(_Wrapper):
     q's shape in ``o_data_type``, and with return_lse the base-2 LSE
     [qo_indptr[-1], num_qo_heads] fp32. Cache layouts as the decode wrapper's. Runs
     :func:`minikernels.ops.flash_attention` with a block table.
+
+    ``plan(pos_encoding_mode=...)`` (FlashInfer's, applied inside attention): "ALIBI" adds
+    FlashInfer's bias slope_h * (j - i) to the score of query row i (its index among its
+    request's queries) and key j (slopes ``get_alibi_slopes(num_qo_heads)``; the returned
+    LSE is FlashInfer's); with causal=False the bias is signed (later keys gain), which the
+    ops' -slope * |position - j| is not: each query row then runs as its own decode
+    (``ops.paged_decode_attention`` over its request's block-table row), and a window is
+    refused there. Not with ``logits_soft_cap`` or ``sinks``. "ROPE_LLAMA" (``rope_scale``
+    default 1, ``rope_theta`` default 1e4) rotates query row i at kv_len - qo_len + i and
+    key j at j: a compat path that copies each run the planned requests' tokens out of
+    the cache ([sum kv_len, Hkv, D], fp8 cast to q's dtype), rotates the copies and
+    attends over them ragged; the cache is not written.
     """
 
     #: The plan's argument names in errors (the cascade wrapper's name each level's).
@@ -814,7 +1064,8 @@ class BatchPrefillWithPagedKVCacheWrapper(_Wrapper):
                                  self.device)
         self._plan = _PrefillPlan(qo_indptr, self._table.batch, self.device, causal,
                                   pos_encoding_mode, window_left, logits_soft_cap, sm_scale,
-                                  custom_mask, packed_custom_mask, qo_name)
+                                  custom_mask, packed_custom_mask, qo_name,
+                                  rope_scale=rope_scale, rope_theta=rope_theta)
         self._planned = True
 
     begin_forward = plan
@@ -833,17 +1084,18 @@ class BatchPrefillWithPagedKVCacheWrapper(_Wrapper):
         hq, hkv, d = self._heads
         t, p = self._table, self._plan
         q = _check_q(q, p.total_q, hq, d, self._q_dt, self.device)
-        kc, vc = t.caches(paged_kv_cache, self._kv_layout, q, hkv, self._kv_dt)
+        kc, vc = t.caches(paged_kv_cache, self._kv_layout, q, hkv, self._kv_dt,
+                          gather=p.pe.rope)
         op_ks, op_vs, ks, vs = _fp8_scales(kc, _number("k_scale", k_scale),
                                            _number("v_scale", v_scale))
         scale = _softmax_scale(p.sm_scale, d, _number("q_scale", q_scale), ks)
         wl = p.window_left if window_left is None else _window(window_left)
-        o, lse_e = ops.flash_attention(
-            q, kc, vc, p.cu_q, t.cu_seqlens_k, p.max_q, t.max_kv_len, causal=p.causal,
-            softmax_scale=scale, window_left=wl, softcap=p.soft_cap,
-            block_table=t.block_table, return_lse=True, k_scale=op_ks, v_scale=op_vs,
+        o, lse_e = _attention(
+            q, kc, vc, p.cu_q, t.cu_seqlens_k, p.max_q, t.max_kv_len, p.pe, causal=p.causal,
+            scale=scale, window_left=wl, soft_cap=p.soft_cap,
+            block_table=None if p.pe.rope else t.block_table, k_scale=op_ks, v_scale=op_vs,
             sinks=sinks)
-        return _finish(o, lse_e.t(), return_lse, v_scale=vs, o_dtype=self._o_dt, out_buf=out,
+        return _finish(o, lse_e, return_lse, v_scale=vs, o_dtype=self._o_dt, out_buf=out,
                        lse_buf=lse)
 
     run_return_lse = functools.partialmethod(run, return_lse=True)
@@ -854,10 +1106,11 @@ class BatchPrefillWithPagedKVCacheWrapper(_Wrapper):
                 v_scale: float | None = None, window_left: int = -1,
                 logits_soft_cap: float | None = None, sm_scale: float | None = None,
                 rope_scale: float | None = None, rope_theta: float | None = None) -> Tensor:
-        """FlashInfer's deprecated form: ``causal``, ``window_left``, ``logits_soft_cap``
-        and ``sm_scale`` replace the planned ones."""
+        """FlashInfer's deprecated form: ``causal``, ``pos_encoding_mode``,
+        ``window_left``, ``logits_soft_cap``, ``sm_scale``, ``rope_scale`` and
+        ``rope_theta`` replace the planned ones."""
         return self._forward(q, paged_kv_cache, causal, pos_encoding_mode, k_scale, v_scale,
-                             window_left, logits_soft_cap, sm_scale,
+                             window_left, logits_soft_cap, sm_scale, rope_scale, rope_theta,
                              False)  # type: ignore[return-value]
 
     def forward_return_lse(self, q: Tensor, paged_kv_cache: Tensor | tuple[Tensor, Tensor],
@@ -869,19 +1122,18 @@ class BatchPrefillWithPagedKVCacheWrapper(_Wrapper):
                            rope_theta: float | None = None) -> tuple[Tensor, Tensor]:
         """:meth:`forward` returning (out, base-2 lse) (FlashInfer's deprecated form)."""
         return self._forward(q, paged_kv_cache, causal, pos_encoding_mode, k_scale, v_scale,
-                             window_left, logits_soft_cap, sm_scale,
+                             window_left, logits_soft_cap, sm_scale, rope_scale, rope_theta,
                              True)  # type: ignore[return-value]
 
     def _forward(self, q: Tensor, paged_kv_cache: Tensor | tuple[Tensor, Tensor],
                  causal: bool, pos_encoding_mode: str, k_scale: float | None,
                  v_scale: float | None, window_left: int, logits_soft_cap: float | None,
-                 sm_scale: float | None, return_lse: bool) -> Tensor | tuple[Tensor, Tensor]:
+                 sm_scale: float | None, rope_scale: float | None, rope_theta: float | None,
+                 return_lse: bool) -> Tensor | tuple[Tensor, Tensor]:
         _check_pos_encoding_mode(pos_encoding_mode)
         self._require_plan()
-        p = self._plan
-        wl, cap = _window(window_left), _soft_cap(logits_soft_cap)
-        scale = None if sm_scale is None else check_positive_float("sm_scale", sm_scale)
-        p.causal, p.window_left, p.soft_cap, p.sm_scale = bool(causal), wl, cap, scale
+        self._plan.replace(causal, pos_encoding_mode, window_left, logits_soft_cap, sm_scale,
+                           rope_scale, rope_theta)
         return self.run(q, paged_kv_cache, k_scale=k_scale, v_scale=v_scale,
                         return_lse=return_lse)
 
@@ -896,6 +1148,12 @@ class BatchPrefillWithRaggedKVCacheWrapper(_Wrapper):
     with a contiguous last dim. Returns out of q's shape in ``o_data_type``, and with
     return_lse the base-2 LSE [qo_indptr[-1], Hq] fp32. Runs
     :func:`minikernels.ops.flash_attention`.
+
+    ``plan(pos_encoding_mode=...)``: "ALIBI" as in
+    :class:`BatchPrefillWithPagedKVCacheWrapper` (causal=False: each query row a decode
+    over its request's keys read as pages of one token, an int32 [qo_indptr[-1],
+    max kv_len] table); "ROPE_LLAMA" rotates copies of q (query row i at kv_len - qo_len
+    + i) and k (key j of a request at j), the caller's k unchanged.
     """
 
     def __init__(self, float_workspace_buffer: Tensor, kv_layout: str = "NHD",
@@ -941,7 +1199,8 @@ class BatchPrefillWithRaggedKVCacheWrapper(_Wrapper):
         self._cu_k = kv_indptr.to(self.device, torch.int32)
         self._plan = _PrefillPlan(qo_indptr, batch, self.device, causal, pos_encoding_mode,
                                   window_left, logits_soft_cap, sm_scale, custom_mask,
-                                  packed_custom_mask)
+                                  packed_custom_mask, rope_scale=rope_scale,
+                                  rope_theta=rope_theta)
         self._planned = True
 
     begin_forward = plan
@@ -967,11 +1226,11 @@ class BatchPrefillWithRaggedKVCacheWrapper(_Wrapper):
         ks, vs = _number("k_scale", k_scale), _number("v_scale", v_scale)
         scale = _softmax_scale(p.sm_scale, d, _number("q_scale", q_scale), ks)
         wl = p.window_left if window_left is None else _window(window_left)
-        o, lse_e = ops.flash_attention(
-            q, _kv_nhd(k, layout), _kv_nhd(v, layout), p.cu_q, self._cu_k,
-            p.max_q, self._max_k, causal=p.causal, softmax_scale=scale, window_left=wl,
-            softcap=p.soft_cap, return_lse=True, sinks=sinks)
-        return _finish(o, lse_e.t(), return_lse, v_scale=vs, o_dtype=self._o_dt, out_buf=out,
+        o, lse_e = _attention(
+            q, _kv_nhd(k, layout), _kv_nhd(v, layout), p.cu_q, self._cu_k, p.max_q,
+            self._max_k, p.pe, causal=p.causal, scale=scale, window_left=wl,
+            soft_cap=p.soft_cap, sinks=sinks)
+        return _finish(o, lse_e, return_lse, v_scale=vs, o_dtype=self._o_dt, out_buf=out,
                        lse_buf=lse)
 
     run_return_lse = functools.partialmethod(run, return_lse=True)
@@ -981,10 +1240,12 @@ class BatchPrefillWithRaggedKVCacheWrapper(_Wrapper):
                 window_left: int = -1, logits_soft_cap: float | None = None,
                 sm_scale: float | None = None, rope_scale: float | None = None,
                 rope_theta: float | None = None) -> Tensor:
-        """FlashInfer's deprecated form: ``causal``, ``window_left``, ``logits_soft_cap``
-        and ``sm_scale`` replace the planned ones."""
+        """FlashInfer's deprecated form: ``causal``, ``pos_encoding_mode``,
+        ``window_left``, ``logits_soft_cap``, ``sm_scale``, ``rope_scale`` and
+        ``rope_theta`` replace the planned ones."""
         return self._forward(q, k, v, causal, pos_encoding_mode, window_left,
-                             logits_soft_cap, sm_scale, False)  # type: ignore[return-value]
+                             logits_soft_cap, sm_scale, rope_scale, rope_theta,
+                             False)  # type: ignore[return-value]
 
     def forward_return_lse(self, q: Tensor, k: Tensor, v: Tensor, causal: bool = False,
                            pos_encoding_mode: str = "NONE",
@@ -994,17 +1255,17 @@ class BatchPrefillWithRaggedKVCacheWrapper(_Wrapper):
                            rope_theta: float | None = None) -> tuple[Tensor, Tensor]:
         """:meth:`forward` returning (out, base-2 lse) (FlashInfer's deprecated form)."""
         return self._forward(q, k, v, causal, pos_encoding_mode, window_left,
-                             logits_soft_cap, sm_scale, True)  # type: ignore[return-value]
+                             logits_soft_cap, sm_scale, rope_scale, rope_theta,
+                             True)  # type: ignore[return-value]
 
     def _forward(self, q: Tensor, k: Tensor, v: Tensor, causal: bool, pos_encoding_mode: str,
                  window_left: int, logits_soft_cap: float | None, sm_scale: float | None,
+                 rope_scale: float | None, rope_theta: float | None,
                  return_lse: bool) -> Tensor | tuple[Tensor, Tensor]:
         _check_pos_encoding_mode(pos_encoding_mode)
         self._require_plan()
-        p = self._plan
-        wl, cap = _window(window_left), _soft_cap(logits_soft_cap)
-        scale = None if sm_scale is None else check_positive_float("sm_scale", sm_scale)
-        p.causal, p.window_left, p.soft_cap, p.sm_scale = bool(causal), wl, cap, scale
+        self._plan.replace(causal, pos_encoding_mode, window_left, logits_soft_cap, sm_scale,
+                           rope_scale, rope_theta)
         return self.run(q, k, v, return_lse=return_lse)
 
 
@@ -1039,11 +1300,9 @@ def get_batch_indices_positions(append_indptr: Tensor, seq_lens: Tensor, nnz: in
         raise ValueError(f"nnz ({nnz}) must equal append_indptr[-1] "
                          f"({int(append_indptr[-1])})")
     ptr = append_indptr.long()
-    tokens = torch.arange(nnz, device=dev)
-    batch_idx = torch.searchsorted(ptr[1:].contiguous(), tokens, right=True)
-    batch_idx = batch_idx.clamp_(max=max(batch - 1, 0))
+    batch_idx, index = _segment_positions(ptr, nnz)
     counts = ptr[1:] - ptr[:-1]
-    positions = tokens - ptr[batch_idx] + seq_lens.to(dev).long()[batch_idx] - counts[batch_idx]
+    positions = index + seq_lens.to(dev).long()[batch_idx] - counts[batch_idx]
     return batch_idx.to(torch.int32), positions.to(torch.int32)
 
 
@@ -1196,6 +1455,10 @@ class MultiLevelCascadeAttentionWrapper:
     the union of a query's keys on all levels. A query with no key on a level (a request
     without pages there) takes nothing from it. The ``*_buf_arr`` arguments (FlashInfer's
     CUDA-graph buffers) are accepted and unused; ``use_cuda_graph=True`` is refused.
+    ``pos_encoding_mode`` / ``rope_scale`` / ``rope_theta`` go to every level, as
+    FlashInfer plans them: RoPE angles and ALiBi distances count within each level's own
+    keys (a level's query row i at that level's kv_len - qo_len + i); with "ALIBI" the
+    non-causal upper levels take the per-row decode path (no ``window_left`` there).
     """
 
     def __init__(self, num_levels: int, float_workspace_buffer: Tensor,
@@ -1621,11 +1884,33 @@ def _rope(q: Tensor, k: Tensor, pos_ids: Tensor, rotary_dim: int | None, interle
     rot = d if rotary_dim is None else _int("rotary_dim", rotary_dim, 2)
     if rot % 2 or rot > d:
         raise ValueError(f"rotary_dim must be even and <= head_dim ({d}), got {rot}")
-    freq = _inv_freq(rot, rope_scale, rope_theta, llama31, q.device)
-    angles = pos_ids.float()[:, None] * freq                 # [nnz, rot / 2]
-    cache = torch.cat([angles.cos(), angles.sin()], dim=-1)  # one row per token
+    cache = _rope_rows(pos_ids, rot, rope_scale, rope_theta, llama31)
     rows = torch.arange(nnz, device=q.device)
     return ops.rotary_embedding(q, k, rows, cache, is_neox_style=not interleave)
+
+
+def _rope_rows(positions: Tensor, rotary_dim: int, rope_scale: float, rope_theta: float,
+               llama31: tuple[float, float, float] | None = None) -> Tensor:
+    """One cos / sin row per position: positions [n] -> fp32 [n, rotary_dim] (cos half,
+    then sin half; ``ops.rotary_embedding``'s cache layout), angles position * freq
+    computed in fp32 as FlashInfer's kernels do (:func:`_inv_freq`)."""
+    freq = _inv_freq(rotary_dim, rope_scale, rope_theta, llama31, positions.device)
+    angles = positions.float()[:, None] * freq               # [n, rotary_dim / 2]
+    return torch.cat([angles.cos(), angles.sin()], dim=-1)
+
+
+def _rope_llama(x: Tensor, positions: Tensor, pe: _PosEncoding) -> Tensor:
+    """FlashInfer's in-attention ROPE_LLAMA on a copy: x [n, H, D] rotated at positions [n]
+    (int, may be negative), pairs (i, i + D/2) over the whole head (neox style), fp32 math,
+    result in x's dtype. Runs ``ops.rotary_embedding``, which rotates a q / k pair sharing
+    positions: x goes as q, a one-head view of it as k (that result is dropped)."""
+    d = x.shape[-1]
+    if d % 2:
+        raise ValueError(f"pos_encoding_mode='ROPE_LLAMA' needs an even head_dim (it rotates "
+                         f"dims i and i + head_dim / 2), got {d}")
+    cache = _rope_rows(positions, d, pe.rope_scale, pe.rope_theta)
+    rows = torch.arange(x.shape[0], device=x.device)
+    return ops.rotary_embedding(x, x[:, :1], rows, cache, is_neox_style=True)[0]
 
 
 def _offsets_to_pos_ids(q: Tensor, indptr: Tensor, offsets: Tensor) -> Tensor:
@@ -1638,11 +1923,8 @@ def _offsets_to_pos_ids(q: Tensor, indptr: Tensor, offsets: Tensor) -> Tensor:
     if index_checks_active(indptr) and int(indptr[-1]) != q.shape[0]:
         raise ValueError(f"indptr[-1] ({int(indptr[-1])}) must equal nnz = q.shape[0] "
                          f"({q.shape[0]})")
-    ptr = indptr.long()
-    tokens = torch.arange(q.shape[0], device=q.device)
-    b = torch.searchsorted(ptr[1:].contiguous(), tokens, right=True)
-    b = b.clamp_(max=max(indptr.numel() - 2, 0))
-    return offsets.long()[b] + tokens - ptr[b]
+    b, index = _segment_positions(indptr, q.shape[0])
+    return offsets.long()[b] + index
 
 
 def _inplace(q: Tensor, k: Tensor, result: tuple[Tensor, Tensor]) -> None:
