@@ -1421,3 +1421,58 @@ def test_scaled_int8_quant_out_forms(symmetric):
         ops.static_scaled_int8_quant(out.float(), x, st_scale, st_azp)
     with pytest.raises(ValueError, match="scales"):
         ops.dynamic_scaled_int8_quant(out, x, scales[:3], azp)
+
+
+@pytest.mark.parametrize("in_dtype", [torch.int8, FP8])
+@pytest.mark.parametrize("per_token,per_channel", [(False, False), (True, True)])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_triton_scaled_mm(in_dtype, per_token, per_channel, with_bias):
+    """vLLM's test_triton_scaled_mm recipe: (scale_a * a) @ (scale_b * b) (+ bias) in fp32,
+    one rounding to out_dtype."""
+    g = _gen(21)
+    m, k, n = 7, 48, 24
+    if in_dtype == torch.int8:
+        a = torch.randint(-127, 128, (m, k), generator=g).to(torch.int8)
+        b = torch.randint(-127, 128, (k, n), generator=g).to(torch.int8)
+    else:
+        a = torch.randn(m, k, generator=g).clamp(-4, 4).to(FP8)
+        b = torch.randn(k, n, generator=g).clamp(-4, 4).to(FP8)
+    sa = torch.rand(m if per_token else 1, 1, generator=g) / 50 + 0.01
+    sb = torch.rand(n if per_channel else 1, 1, generator=g) / 50 + 0.01
+    bias = torch.randn(n, generator=g) if with_bias else None
+    want = (sa * a.float()) @ (sb.view(1, -1) * b.float())
+    if bias is not None:
+        want = want + bias
+    got = ops.triton_scaled_mm(a, b, sa, sb, torch.bfloat16, bias)
+    assert got.dtype == torch.bfloat16 and got.shape == (m, n)
+    torch.testing.assert_close(got.float(), want.to(torch.bfloat16).float(), rtol=1e-2,
+                               atol=1e-2)
+    with pytest.raises(TypeError, match="weight"):
+        ops.triton_scaled_mm(a, b.float(), sa, sb, torch.bfloat16)
+    with pytest.raises(ValueError, match="block_size_m"):
+        ops.triton_scaled_mm(a, b, sa, sb, torch.bfloat16, block_size_m=0)
+
+
+def test_w8a8_block_fp8_matmul_and_per_token_quant_int8():
+    """vLLM's fp8_utils / int8_utils names: test_block_fp8's native block matmul formula;
+    per_token_quant_int8's scales [..., 1] and q within one step of x / scale."""
+    g = _gen(22)
+    m, n, k, bn, bk = 5, 40, 72, 16, 32
+    a = torch.randn(m, k, generator=g).to(FP8)
+    b = torch.randn(n, k, generator=g).to(FP8)
+    kb, nb = -(-k // bk), -(-n // bn)
+    a_s = torch.rand(m, kb, generator=g) / 10 + 0.01
+    b_s = torch.rand(nb, kb, generator=g) / 10 + 0.01
+    want = torch.zeros(m, n)
+    for j in range(kb):
+        ks = slice(j * bk, (j + 1) * bk)
+        part = a[:, ks].float() @ b[:, ks].float().t()
+        want += part * a_s[:, j:j + 1] * b_s[:, j].repeat_interleave(bn)[:n][None, :]
+    for fn in (ops.w8a8_block_fp8_matmul, ops.w8a8_triton_block_scaled_mm):
+        got = fn(a, b, a_s, b_s, [bn, bk], torch.float32)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    x = torch.randn(3, 4, 40, generator=g).bfloat16()
+    q, s = ops.per_token_quant_int8(x)
+    assert q.dtype == torch.int8 and s.shape == (3, 4, 1) and s.dtype == torch.float32
+    assert torch.allclose(s, x.float().abs().amax(-1, keepdim=True) / 127)
+    assert (q.float() - x.float() / s).abs().max() <= 0.5 + 1e-3

@@ -70,6 +70,12 @@ Covered (vLLM name -> minikernels op):
                       128 x 128 block-scaled fp8 form: ops.w8a8_block_fp8_matmul
     cutlass_scaled_mm_azp(a, b, scale_a, scale_b, out_dtype, azp_adj, azp=None, bias=None)
                                                         ops.scaled_mm(azp_adj=, azp=)
+    triton_scaled_mm(input, weight, scale_a, scale_b, out_dtype, bias=None, ...)
+                                                        ops.scaled_mm (compressed-tensors'
+                                                        Triton W8A8 GEMM)
+    w8a8_block_fp8_matmul / w8a8_triton_block_scaled_mm(A, B, As, Bs, block_size,
+        output_dtype=torch.float16)                    ops.w8a8_block_fp8_matmul (fp8_utils)
+    per_token_quant_int8(x)                             ops.scaled_int8_quant (int8_utils)
     scaled_fp8_quant(input, scale=None, num_token_padding=None, scale_ub=None,
                      use_per_token_if_dynamic=False, output=None, group_shape=None)
                                                         plain PyTorch (no minikernels op
@@ -262,6 +268,8 @@ __all__ = [
     "causal_conv1d_update",
     "concat_and_cache_mla", "convert_fp8", "copy_blocks", "copy_blocks_mla",
     "cp_gather_cache", "cutlass_scaled_mm", "cutlass_scaled_mm_azp", "fatrelu_and_mul",
+    "per_token_quant_int8", "triton_scaled_mm", "w8a8_block_fp8_matmul",
+    "w8a8_triton_block_scaled_mm",
     "fused_add_gemma_rms_norm", "fused_experts", "fused_moe", "fused_topk",
     "fused_add_rms_norm", "fused_qk_norm_rope", "gelu_fast", "gelu_new", "gelu_quick",
     "fused_recurrent_gated_delta_rule", "gather_and_maybe_dequant_cache",
@@ -1080,6 +1088,45 @@ def cutlass_scaled_mm(a: Tensor, b: Tensor, scale_a: Tensor, scale_b: Tensor,
     if bias is not None:
         out = out + bias.float()
     return out.to(out_dtype).view(*a.shape[:-1], n)
+
+
+def triton_scaled_mm(input: Tensor, weight: Tensor, scale_a: Tensor, scale_b: Tensor,
+                     out_dtype: torch.dtype, bias: Tensor | None = None,
+                     block_size_m: int = 32, block_size_n: int = 32, block_size_k: int = 32,
+                     use_heuristic: bool = True) -> Tensor:
+    """vLLM's ``triton_scaled_mm`` (compressed-tensors' Triton W8A8 GEMM): input [M, K]
+    int8 or float8_e4m3fn, weight [K, N] of its dtype, scale_a fp32 [M, 1] or one element,
+    scale_b fp32 [N, 1] or one element, bias [N] or None -> [M, N] in out_dtype
+    (:func:`minikernels.ops.scaled_mm`). The block sizes and heuristic only tune vLLM's
+    launch (ints >= 1 are checked, then unused)."""
+    for name, v in (("block_size_m", block_size_m), ("block_size_n", block_size_n),
+                    ("block_size_k", block_size_k)):
+        _check_int(name, v, 1)
+    _check_bool("use_heuristic", use_heuristic)
+    check_tensor("input", input, dtypes=(torch.int8, FP8), ndim=2)
+    check_tensor("weight", weight, dtypes=(input.dtype,), ndim=2, device=input.device)
+    for name, sc in (("scale_a", scale_a), ("scale_b", scale_b)):
+        check_tensor(name, sc, dtypes=FLOAT_DTYPES, device=input.device)
+    if bias is not None:          # (vLLM adds it in the accumulator's precision)
+        check_tensor("bias", bias, dtypes=FLOAT_DTYPES, ndim=1, device=input.device)
+        bias = bias.to(out_dtype)
+    return ops.scaled_mm(input, weight, scale_a.float(), scale_b.float(), out_dtype, bias)
+
+
+#: vLLM's fp8_utils names for the block-scaled fp8 GEMM (A [M, K] fp8 per-token-group
+#: scales, B [N, K] fp8 per-block scales): :func:`minikernels.ops.w8a8_block_fp8_matmul`.
+w8a8_block_fp8_matmul = ops.w8a8_block_fp8_matmul
+w8a8_triton_block_scaled_mm = ops.w8a8_block_fp8_matmul
+
+
+def per_token_quant_int8(x: Tensor) -> tuple[Tensor, Tensor]:
+    """vLLM's int8_utils ``per_token_quant_int8``: x [..., K] -> (int8 like x, fp32
+    scales [..., 1]), scale = max|x| / 127 per row (:func:`minikernels.ops.scaled_int8_quant`;
+    x / scale rounded half to even, where vLLM's Triton kernel rounds x * 127 / max|x| half
+    away from zero: a tie or an ulp apart moves one step)."""
+    check_tensor("x", x, dtypes=FLOAT_DTYPES, min_ndim=1)
+    q, s, _ = ops.scaled_int8_quant(x)
+    return q, s.view(*x.shape[:-1], 1)
 
 
 def cutlass_scaled_mm_azp(a: Tensor, b: Tensor, scale_a: Tensor, scale_b: Tensor,
