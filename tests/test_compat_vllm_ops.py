@@ -1476,3 +1476,30 @@ def test_w8a8_block_fp8_matmul_and_per_token_quant_int8():
     assert q.dtype == torch.int8 and s.shape == (3, 4, 1) and s.dtype == torch.float32
     assert torch.allclose(s, x.float().abs().amax(-1, keepdim=True) / 127)
     assert (q.float() - x.float() / s).abs().max() <= 0.5 + 1e-3
+
+
+@pytest.mark.parametrize("shape", [(5, 40, 72), (1, 16, 32)])
+def test_w8a8_block_int8_matmul(shape):
+    """vLLM's test_block_int8 recipe: the native block matmul formula (per K block: int
+    dot, times the token-group scale and the weight block's scale), fp32 sums."""
+    g = _gen(23)
+    m, n, k = shape
+    bn, bk = 16, 32
+    a = torch.randint(-127, 128, (m, k), generator=g).to(torch.int8)
+    b = torch.randint(-127, 128, (n, k), generator=g).to(torch.int8)
+    kb, nb = -(-k // bk), -(-n // bn)
+    a_s = torch.rand(m, kb, generator=g) / 100 + 1e-3
+    b_s = torch.rand(nb, kb, generator=g) / 100 + 1e-3
+    want = torch.zeros(m, n)
+    for j in range(kb):
+        ks = slice(j * bk, (j + 1) * bk)
+        part = a[:, ks].float() @ b[:, ks].float().t()
+        want += part * a_s[:, j:j + 1] * b_s[:, j].repeat_interleave(bn)[:n][None, :]
+    got = ops.w8a8_block_int8_matmul(a, b, a_s, b_s, [bn, bk], torch.float32)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    half = ops.w8a8_block_int8_matmul(a, b, a_s, b_s, [bn, bk])
+    assert half.dtype == torch.float16
+    with pytest.raises(ValueError, match="Bs"):
+        ops.w8a8_block_int8_matmul(a, b, a_s, torch.ones(nb + 1, kb), [bn, bk])
+    with pytest.raises(TypeError, match="B"):
+        ops.w8a8_block_int8_matmul(a, b.float(), a_s, b_s, [bn, bk])

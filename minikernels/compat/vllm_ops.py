@@ -76,6 +76,9 @@ Covered (vLLM name -> minikernels op):
     w8a8_block_fp8_matmul / w8a8_triton_block_scaled_mm(A, B, As, Bs, block_size,
         output_dtype=torch.float16)                    ops.w8a8_block_fp8_matmul (fp8_utils)
     per_token_quant_int8(x)                             ops.scaled_int8_quant (int8_utils)
+    w8a8_block_int8_matmul(A, B, As, Bs, block_size, output_dtype=torch.float16)
+                                                        ops.scaled_mm per K block, summed in
+                                                        fp32 (int8_utils; a compat path)
     scaled_fp8_quant(input, scale=None, num_token_padding=None, scale_ub=None,
                      use_per_token_if_dynamic=False, output=None, group_shape=None)
                                                         plain PyTorch (no minikernels op
@@ -269,6 +272,7 @@ __all__ = [
     "concat_and_cache_mla", "convert_fp8", "copy_blocks", "copy_blocks_mla",
     "cp_gather_cache", "cutlass_scaled_mm", "cutlass_scaled_mm_azp", "fatrelu_and_mul",
     "per_token_quant_int8", "triton_scaled_mm", "w8a8_block_fp8_matmul",
+    "w8a8_block_int8_matmul",
     "w8a8_triton_block_scaled_mm",
     "fused_add_gemma_rms_norm", "fused_experts", "fused_moe", "fused_topk",
     "fused_add_rms_norm", "fused_qk_norm_rope", "gelu_fast", "gelu_new", "gelu_quick",
@@ -1117,6 +1121,44 @@ def triton_scaled_mm(input: Tensor, weight: Tensor, scale_a: Tensor, scale_b: Te
 #: scales, B [N, K] fp8 per-block scales): :func:`minikernels.ops.w8a8_block_fp8_matmul`.
 w8a8_block_fp8_matmul = ops.w8a8_block_fp8_matmul
 w8a8_triton_block_scaled_mm = ops.w8a8_block_fp8_matmul
+
+
+def w8a8_block_int8_matmul(A: Tensor, B: Tensor, As: Tensor, Bs: Tensor,
+                           block_size: list[int], output_dtype: torch.dtype = torch.float16
+                           ) -> Tensor:
+    """vLLM's int8_utils ``w8a8_block_int8_matmul``: C = A @ B.T with block-wise scales.
+
+    A [..., K] int8 with per-token-group scales As [..., ceil(K / bk)] fp32; B [N, K] int8
+    with per-block scales Bs [ceil(N / bn), ceil(K / bk)] fp32; block_size [bn, bk].
+    C[m, n] = sum_j As[m, j] * Bs[n // bn, j] * (A[m, block j] @ B[n, block j]) in fp32,
+    rounded once to output_dtype. Each K block is one ``ops.scaled_mm`` (exact int32 sums,
+    scales in its epilogue), summed in fp32: a loop over the K blocks (a compat path)."""
+    check_tensor("A", A, dtypes=(torch.int8,), min_ndim=1)
+    check_tensor("B", B, dtypes=(torch.int8,), ndim=2, device=A.device)
+    if not isinstance(block_size, (list, tuple)) or len(block_size) != 2:
+        raise ValueError(f"block_size must be [block_n, block_k], got {block_size!r}")
+    bn, bk = (_check_int("block_size", int(v), 1) for v in block_size)
+    if output_dtype not in FLOAT_DTYPES:
+        raise TypeError(f"output_dtype must be float16, bfloat16 or float32, got "
+                        f"{output_dtype}")
+    n, k = B.shape
+    if A.shape[-1] != k:
+        raise ValueError(f"A's last dim ({A.shape[-1]}) must equal B's K ({k})")
+    kb, nb = -(-k // bk), -(-n // bn)
+    lead = A.shape[:-1]
+    m = math.prod(lead)
+    check_tensor("As", As, dtypes=(torch.float32,), device=A.device)
+    check_shape("As", As, [*lead, kb])
+    check_tensor("Bs", Bs, dtypes=(torch.float32,), ndim=2, device=A.device)
+    check_shape("Bs", Bs, [nb, kb])
+    a2, as2 = A.reshape(m, k), As.reshape(m, kb)
+    col_scales = Bs.repeat_interleave(bn, dim=0)[:n]                  # [N, kb]
+    out = torch.zeros(m, n, dtype=torch.float32, device=A.device)
+    for j in range(kb):
+        cols = slice(j * bk, min((j + 1) * bk, k))
+        out += ops.scaled_mm(a2[:, cols], B[:, cols].t(), as2[:, j].contiguous(),
+                             col_scales[:, j].contiguous(), torch.float32)
+    return out.to(output_dtype).view(*lead, n)
 
 
 def per_token_quant_int8(x: Tensor) -> tuple[Tensor, Tensor]:
