@@ -285,6 +285,69 @@ def test_int8_w8a8_experts_match_vllm_reference(device, m, dtype, backend):
     assert torch.equal(per_tensor, expanded)
 
 
+def _group_quant_int8(x, group):
+    """Per token and group of columns: scale = max|x| / 127, q = round(x / scale) (half to
+    even, as minikernels' quantizers; vLLM's native helper truncates)."""
+    g = x.float().unflatten(-1, (-1, group))
+    s = g.abs().amax(-1, keepdim=True).clamp_min(1e-10) / 127
+    return torch.round(g / s).clamp(-128, 127).flatten(-2), s[..., 0]
+
+
+def _block_matmul(q, w, qs, ws, block):
+    """vLLM's native_w8a8_block_matmul: per K block the int dot times the activation
+    group's scale and the weight block's scale, in fp32."""
+    bn, bk = block
+    n, k = w.shape
+    out = torch.zeros(q.shape[0], n)
+    for j in range(-(-k // bk)):
+        cols = slice(j * bk, (j + 1) * bk)
+        part = q[:, cols].float() @ w[:, cols].float().t()
+        out += part * qs[:, j:j + 1] * ws[:, j].repeat_interleave(bn)[:n][None, :]
+    return out
+
+
+def torch_w8a8_block_int8_moe(a, w1, w2, w1_s, w2_s, score, topk, block):
+    """vLLM's test_block_int8.py reference: activations and the intermediate quantized
+    per token and group of block_k, block-scaled int8 weights, softmax top-k."""
+    b, d = a.shape
+    a = a.view(b, -1, d).repeat(1, topk, 1).reshape(-1, d)
+    out = torch.zeros(b * topk, w2.shape[1], dtype=a.dtype)
+    score = torch.softmax(score, dim=-1, dtype=torch.float32)
+    topk_weight, topk_ids = torch.topk(score, topk)
+    topk_weight, topk_ids = topk_weight.view(-1), topk_ids.view(-1)
+    a_q, a_s = _group_quant_int8(a, block[1])
+    n = w1.shape[1] // 2
+    for i in range(w1.shape[0]):
+        mask = topk_ids == i
+        if mask.sum():
+            h = _block_matmul(a_q[mask], w1[i], a_s[mask], w1_s[i], block).to(a.dtype)
+            act = torch.nn.functional.silu(h[:, :n]) * h[:, n:]
+            h_q, h_s = _group_quant_int8(act, block[1])
+            out[mask] = _block_matmul(h_q, w2[i], h_s, w2_s[i], block).to(a.dtype)
+    return (out.view(b, -1, w2.shape[1]) * topk_weight.view(b, -1, 1).to(out.dtype)).sum(1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int8_w8a8_block_experts_match_vllm_reference(dtype):
+    """vLLM's test_w8a8_block_int8_fused_moe: fused_moe(..., use_int8_w8a8=True,
+    block_shape=[bn, bk]) against torch_w8a8_block_int8_moe (fp32: up to fp32 rounding;
+    bf16: within 2e-2 of the output's scale)."""
+    gen = torch.Generator().manual_seed(5)
+    e, n, k, topk, block = 4, 32, 64, 2, [16, 32]
+    m = 9
+    a = torch.randn(m, k, generator=gen).to(dtype)
+    w1 = torch.randint(-127, 128, (e, 2 * n, k), generator=gen).to(torch.int8)
+    w2 = torch.randint(-127, 128, (e, k, n), generator=gen).to(torch.int8)
+    w1_s = (torch.rand(e, 2 * n // 16, k // 32, generator=gen) + 0.5) * 2 / (127 * k ** 0.5)
+    w2_s = (torch.rand(e, k // 16, n // 32, generator=gen) + 0.5) * 2 / (127 * n ** 0.5)
+    score = torch.randn(m, e, generator=gen).to(dtype)
+    want = torch_w8a8_block_int8_moe(a, w1, w2, w1_s, w2_s, score, topk, block).float()
+    got = vllm_ops.fused_moe(a, w1, w2, score, topk, False, use_int8_w8a8=True,
+                             block_shape=block, w1_scale=w1_s, w2_scale=w2_s)
+    assert got.dtype == dtype
+    assert_moe_close(got, want, tol=1e-4 if dtype == torch.float32 else 2e-2)
+
+
 def test_refused_formats_name_the_argument():
     a = torch.randn(2, 16)
     w1, w2 = torch.randn(2, 8, 16), torch.randn(2, 16, 4)
@@ -295,9 +358,6 @@ def test_refused_formats_name_the_argument():
     with pytest.raises(ValueError, match="per_channel_quant"):
         vllm_ops.fused_experts(a, q1, q2, w, i, use_int8_w8a8=True,
                                w1_scale=torch.ones(2, 8), w2_scale=torch.ones(2, 16))
-    with pytest.raises(NotImplementedError, match="block_shape"):
-        vllm_ops.fused_experts(a, q1, q2, w, i, use_int8_w8a8=True, block_shape=[8, 8],
-                               w1_scale=torch.ones(2, 1, 2), w2_scale=torch.ones(2, 2, 1))
     with pytest.raises(ValueError, match="w2_scale"):
         vllm_ops.fused_experts(a, q1, q2, w, i, use_int8_w8a8=True, per_channel_quant=True,
                                w1_scale=torch.ones(2, 8), w2_scale=torch.ones(2, 7))

@@ -343,23 +343,25 @@ def _kv_nhd(t: Tensor, kv_layout: str) -> Tensor:
     return t.transpose(0, 1) if kv_layout == "HND" else t
 
 
-def _unpack_paged_kv_cache(paged_kv_cache: object, kv_layout: str) -> tuple[Tensor, Tensor]:
-    """FlashInfer's paged cache -> (k, v) views [num_pages, page_size, H, D] (no copy)."""
+def _unpack_paged_kv_cache(paged_kv_cache: object, kv_layout: str,
+                           name: str = "paged_kv_cache") -> tuple[Tensor, Tensor]:
+    """FlashInfer's paged cache -> (k, v) views [num_pages, page_size, H, D] (no copy).
+    ``name``: the argument's name in errors (``BatchAttention.run`` calls it kv_cache)."""
     if isinstance(paged_kv_cache, (tuple, list)):
         if len(paged_kv_cache) != 2:
-            raise ValueError(f"paged_kv_cache as a tuple must be (k_cache, v_cache), got "
+            raise ValueError(f"{name} as a tuple must be (k_cache, v_cache), got "
                              f"{len(paged_kv_cache)} items")
         k, v = paged_kv_cache
-        check_tensor("paged_kv_cache[0] (k_cache)", k, ndim=4)
-        check_tensor("paged_kv_cache[1] (v_cache)", v, ndim=4)
+        check_tensor(f"{name}[0] (k_cache)", k, ndim=4)
+        check_tensor(f"{name}[1] (v_cache)", v, ndim=4)
     elif isinstance(paged_kv_cache, Tensor):
-        check_tensor("paged_kv_cache", paged_kv_cache, ndim=5)
+        check_tensor(name, paged_kv_cache, ndim=5)
         if paged_kv_cache.shape[1] != 2:
-            raise ValueError(f"paged_kv_cache as one tensor must be [num_pages, 2, ...] "
+            raise ValueError(f"{name} as one tensor must be [num_pages, 2, ...] "
                              f"(k, v), got shape {list(paged_kv_cache.shape)}")
         k, v = paged_kv_cache[:, 0], paged_kv_cache[:, 1]
     else:
-        raise TypeError(f"paged_kv_cache must be a tensor or a (k_cache, v_cache) tuple, got "
+        raise TypeError(f"{name} must be a tensor or a (k_cache, v_cache) tuple, got "
                         f"{type(paged_kv_cache).__name__}")
     if kv_layout == "HND":
         k, v = k.transpose(1, 2), v.transpose(1, 2)
@@ -445,13 +447,15 @@ class _PageTable:
         self._n_idx = n_idx
 
     def caches(self, paged_kv_cache: object, kv_layout: str, q: Tensor, num_kv_heads: int,
-               kv_dtype: torch.dtype, gather: bool = False) -> tuple[Tensor, Tensor]:
+               kv_dtype: torch.dtype, gather: bool = False,
+               cache_name: str = "paged_kv_cache") -> tuple[Tensor, Tensor]:
         """The run()'s cache, checked, as block views [blocks, block_size, Hkv, D] (no
         copy), or with ``gather`` as each request's cached tokens in order: new ragged
         tensors [total_kv, Hkv, D] in q's dtype (request b at cu_seqlens_k[b] ..
-        cu_seqlens_k[b+1]; fp8 values cast, not scaled), the cache untouched."""
-        k, v = _unpack_paged_kv_cache(paged_kv_cache, kv_layout)
-        for name, c in (("paged_kv_cache (k)", k), ("paged_kv_cache (v)", v)):
+        cu_seqlens_k[b+1]; fp8 values cast, not scaled), the cache untouched.
+        ``cache_name``: the cache argument's name in errors."""
+        k, v = _unpack_paged_kv_cache(paged_kv_cache, kv_layout, cache_name)
+        for name, c in ((f"{cache_name} (k)", k), (f"{cache_name} (v)", v)):
             check_tensor(name, c, dtypes=(q.dtype, *_FP8_KV), device=q.device)
             check_last_dim_contiguous(name, c)
             want = [k.shape[0], self.page_size, num_kv_heads, q.shape[-1]]
@@ -461,7 +465,7 @@ class _PageTable:
                                  f"NHD terms (as planned, kv_layout={kv_layout!r}), got "
                                  f"{list(c.shape)}")
         if k.dtype != kv_dtype or v.dtype != kv_dtype:
-            raise ValueError(f"paged_kv_cache has dtype {k.dtype}/{v.dtype} but plan() was "
+            raise ValueError(f"{cache_name} has dtype {k.dtype}/{v.dtype} but plan() was "
                              f"given kv_data_type={kv_dtype}")
         check_index_range(self._n_idx, self.indices_used, 0, k.shape[0])
         if gather:
@@ -1024,6 +1028,8 @@ class BatchPrefillWithPagedKVCacheWrapper(_Wrapper):
     #: The plan's argument names in errors (the cascade wrapper's name each level's).
     _arg_names: tuple[str, str, str, str] = ("qo_indptr", "paged_kv_indptr",
                                              "paged_kv_indices", "paged_kv_last_page_len")
+    #: The run()'s cache argument in errors (:class:`BatchAttention` names it kv_cache).
+    _cache_name: str = "paged_kv_cache"
 
     def __init__(self, float_workspace_buffer: Tensor, kv_layout: str = "NHD",
                  use_cuda_graph: bool = False, qo_indptr_buf: Tensor | None = None,
@@ -1085,7 +1091,7 @@ class BatchPrefillWithPagedKVCacheWrapper(_Wrapper):
         t, p = self._table, self._plan
         q = _check_q(q, p.total_q, hq, d, self._q_dt, self.device)
         kc, vc = t.caches(paged_kv_cache, self._kv_layout, q, hkv, self._kv_dt,
-                          gather=p.pe.rope)
+                          gather=p.pe.rope, cache_name=self._cache_name)
         op_ks, op_vs, ks, vs = _fp8_scales(kc, _number("k_scale", k_scale),
                                            _number("v_scale", v_scale))
         scale = _softmax_scale(p.sm_scale, d, _number("q_scale", q_scale), ks)

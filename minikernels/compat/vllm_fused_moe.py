@@ -21,7 +21,10 @@ int32 / int64 [T, k]. Weight formats:
         K / bk], or per-tensor scales [E] / per-channel [E, 2N, 1])
                                              ops.fused_moe_fp8, run W8A16
     use_int8_w8a8 with per_channel_quant (int8 w, fp32 per-channel scales [E, 2N(, 1)]
-        and [E, K(, 1)] or per-tensor [E]; activations quantized per token)
+        and [E, K(, 1)] or per-tensor [E]; activations quantized per token), or with
+        block_shape [bn, bk] (scales [E, 2N / bn, K / bk] and [E, K / bn, N / bk];
+        activations quantized per token and group of bk: vllm_ops'
+        per_token_group_quant_int8 and w8a8_block_int8_matmul)
                                              W8A8 as vLLM computes it: x quantized per
                                              token (ops.scaled_int8_quant), per expert
                                              ops.scaled_mm (int8 x int8, exact int32
@@ -36,11 +39,10 @@ activations 16-bit), so results differ from vLLM's W8A8 by its activation roundi
 are closer to the unquantized product); ``a1_scale`` / ``a2_scale`` (static activation
 scales) are accepted and unused for the same reason. int8 W8A8 rounds x / scale half to
 even (vLLM's per-token quantizer rounds half away from zero: a tie moves one step). Not
-covered, a NotImplementedError naming the argument: ``use_int8_w8a8`` with a
-``block_shape`` (block-scaled int8 weights: no minikernels op), static ``a1_scale`` /
-``a2_scale`` with int8 W8A8 (vLLM supports only per-token or block activations there
-too: a ValueError without ``per_channel_quant``), ``use_mxfp4_w4a4``, zero points outside
-the wn16 format.
+covered: static ``a1_scale`` / ``a2_scale`` with int8 W8A8 (vLLM supports only per-token
+or block activations there too: a ValueError without ``per_channel_quant`` or
+``block_shape``); a NotImplementedError naming the argument: ``use_mxfp4_w4a4``, zero
+points outside the wn16 format.
 
 Routing extras: ``expert_map`` (expert parallelism: global expert -> local index, -1 for
 experts on another rank, whose choices contribute nothing), ``apply_router_weight_on_input``
@@ -164,11 +166,15 @@ def _per_expert_scales(name: str, scale: Tensor | None, e: int, rows: int) -> Te
 
 def _int8_w8a8_experts(x: Tensor, w1: Tensor, w2: Tensor, s1: Tensor, s2: Tensor,
                        weights: Tensor, ids: Tensor, activation: str,
-                       b1: Tensor | None, b2: Tensor | None) -> Tensor:
+                       b1: Tensor | None, b2: Tensor | None,
+                       block: list[int] | None = None) -> Tensor:
     """vLLM's int8 W8A8 experts: per token, q(x) = scaled_int8_quant(x) (per-token scale),
     h = act(s_x * s1[e] * (q(x) @ w1[e]^T) + b1[e]) in x's dtype, q(h) per token again,
     y = s_h * s2[e] * (q(h) @ w2[e]^T) + b2[e] in x's dtype, out = sum_j weight_j * y_j
-    in fp32, rounded once. w1 [E, 2I, H], w2 [E, H, I] int8; s1 [E, 2I], s2 [E, H] fp32."""
+    in fp32, rounded once. w1 [E, 2I, H], w2 [E, H, I] int8; s1 [E, 2I], s2 [E, H] fp32.
+    block [bn, bk] (vLLM's block-quantized int8 experts): x and h quantized per token and
+    group of bk columns (per_token_group_quant_int8), s1 [E, 2I / bn, H / bk] and s2
+    [E, H / bn, I / bk] per weight block (w8a8_block_int8_matmul)."""
     if w1.dtype != torch.int8 or w2.dtype != torch.int8:
         raise TypeError(f"use_int8_w8a8 needs int8 w1 / w2, got {w1.dtype} / {w2.dtype}")
     act = _GATED_ACTS.get(activation)
@@ -180,18 +186,35 @@ def _int8_w8a8_experts(x: Tensor, w1: Tensor, w2: Tensor, s1: Tensor, s2: Tensor
         raise ValueError(f"w1 must be [E, 2I, {h}] and w2 [E, {h}, I], got "
                          f"{list(w1.shape)} and {list(w2.shape)}")
     k = ids.shape[1]
-    xq, xs, _ = ops.scaled_int8_quant(x)
+    if block is not None:
+        from .vllm_ops import per_token_group_quant_int8, w8a8_block_int8_matmul
+
+        def quant(t: Tensor) -> tuple[Tensor, Tensor]:
+            return per_token_group_quant_int8(t, block[1])
+
+        def gemm(q: Tensor, qs: Tensor, w: Tensor, ws: Tensor, bias: Tensor | None
+                 ) -> Tensor:
+            y = w8a8_block_int8_matmul(q, w, qs, ws, list(block), torch.float32)
+            return (y if bias is None else y + bias.float()).to(x.dtype)
+    else:
+        def quant(t: Tensor) -> tuple[Tensor, Tensor]:
+            q, s, _ = ops.scaled_int8_quant(t)
+            return q, s
+
+        def gemm(q: Tensor, qs: Tensor, w: Tensor, ws: Tensor, bias: Tensor | None
+                 ) -> Tensor:
+            return ops.scaled_mm(q, w.t(), qs, ws, x.dtype,
+                                 None if bias is None else bias.to(x.dtype))
+    xq, xs = quant(x)
     flat_ids = ids.reshape(-1).long()
     token = torch.arange(t, device=x.device).repeat_interleave(k)
     out = torch.zeros(t, h, dtype=torch.float32, device=x.device)
     for e in flat_ids.unique().tolist():      # (one host sync: the experts present)
         pairs = torch.nonzero(flat_ids == e).squeeze(1)
         rows = token[pairs]
-        gate_up = ops.scaled_mm(xq[rows], w1[e].t(), xs[rows], s1[e], x.dtype,
-                                None if b1 is None else b1[e].to(x.dtype))
-        hq, hs, _ = ops.scaled_int8_quant(act(gate_up))
-        y = ops.scaled_mm(hq, w2[e].t(), hs, s2[e], x.dtype,
-                          None if b2 is None else b2[e].to(x.dtype))
+        gate_up = gemm(xq[rows], xs[rows], w1[e], s1[e], None if b1 is None else b1[e])
+        hq, hs = quant(act(gate_up))
+        y = gemm(hq, hs, w2[e], s2[e], None if b2 is None else b2[e])
         out.index_add_(0, rows, y.float() * weights.reshape(-1)[pairs, None].float())
     return out.to(x.dtype)
 
@@ -211,11 +234,9 @@ def fused_experts(hidden_states: Tensor, w1: Tensor, w2: Tensor, topk_weights: T
     topk_ids[t, j] (vLLM's ``fused_experts``; module doc for formats and differences).
     Returns [T, K] in hidden_states' dtype (written into hidden_states with inplace)."""
     check_tensor("hidden_states", hidden_states, dtypes=FLOAT_DTYPES, ndim=2)
-    _not_covered("use_int8_w8a8 with block_shape", use_int8_w8a8 and block_shape is not None,
-                 "block-scaled int8 weights")
-    if use_int8_w8a8 and not per_channel_quant:
-        raise ValueError("use_int8_w8a8 needs per_channel_quant=True (per-token activations; "
-                         "vLLM's int8 W8A8 experts support per-token or block quantization)")
+    if use_int8_w8a8 and not per_channel_quant and block_shape is None:
+        raise ValueError("use_int8_w8a8 needs per_channel_quant=True (per-token activations) "
+                         "or a block_shape (vLLM's int8 W8A8 experts support only these)")
     _not_covered("use_mxfp4_w4a4", use_mxfp4_w4a4, "fp4 activations")
     x = hidden_states
     wn16 = (use_int4_w4a16 or use_int8_w8a16) and w1.dtype == torch.uint8
@@ -241,7 +262,12 @@ def fused_experts(hidden_states: Tensor, w1: Tensor, w2: Tensor, topk_weights: T
         weights = torch.ones_like(weights, dtype=torch.float32)
     kw = dict(activation=activation, w13_bias=w1_bias, w2_bias=w2_bias)
     e = w1.shape[0]
-    if use_int8_w8a8:
+    if use_int8_w8a8 and block_shape is not None:
+        if w1_scale is None or w2_scale is None:
+            raise ValueError("use_int8_w8a8 needs w1_scale and w2_scale")
+        out = _int8_w8a8_experts(x, w1, w2, w1_scale.float(), w2_scale.float(), weights, ids,
+                                 activation, w1_bias, w2_bias, list(block_shape))
+    elif use_int8_w8a8:
         out = _int8_w8a8_experts(x, w1, w2, _per_expert_scales("w1_scale", w1_scale, e,
                                                                w1.shape[1]),
                                  _per_expert_scales("w2_scale", w2_scale, e, w2.shape[1]),
