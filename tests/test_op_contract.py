@@ -293,6 +293,22 @@ def test_torch_compile_fullgraph_rotary_gptj_style():
     assert not torch.allclose(compiled(*args)[0], neox[0])
 
 
+def test_torch_compile_fullgraph_qk_norm_rope_on_qkv_views():
+    """The fused q / k norm + RoPE on strided views of a qkv projection compiles in one
+    graph and equals the eager call."""
+    def prologue(qkv, qw, kw, pos, cache):
+        q = qkv[:, :32].view(-1, 2, 16)
+        k = qkv[:, 32:48].view(-1, 1, 16)
+        return mk.ops.qk_norm_rope(q, k, qw, kw, pos, cache, 1e-6, True, 1.0)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(prologue, fullgraph=True, backend="aot_eager")
+    args = (torch.randn(4, 64), torch.rand(16), torch.rand(16), torch.arange(4),
+            mk.ops.build_rope_cache(16, 8))
+    for got, want in zip(compiled(*args), prologue(*args)):
+        torch.testing.assert_close(got, want)
+
+
 # -------------------------------------------------------------------- backend selection
 def test_use_backend_nests_and_restores(monkeypatch):
     monkeypatch.delenv("MINIKERNELS_BACKEND", raising=False)
