@@ -128,7 +128,7 @@ GPU_TESTS=("${CUDA_TESTS[@]}" tests/test_flash_attention.py tests/test_op_contra
            tests/test_compat_flash_attn.py tests/test_compat_flashinfer.py
            tests/test_compat_flashinfer_cascade.py tests/test_compat_vllm_attention.py
            tests/test_compat_vllm_sampling.py tests/test_compat_vllm_rejection_sampler.py
-           tests/test_compat_flashinfer_posenc.py
+           tests/test_compat_flashinfer_posenc.py tests/test_compat_flashinfer_batch_attention.py
            tests/test_compat_vllm_ops.py tests/test_compat_gptq_awq.py
            tests/test_compat_vllm_fused_moe.py
            # hybrid recurrent layers' ops (LFM2 / Qwen3.5; the models are in

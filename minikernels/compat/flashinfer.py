@@ -20,6 +20,12 @@ Names, argument names, defaults, layouts and return shapes are FlashInfer's. Cov
   q head, in the units of the scaled scores; the returned lse includes it);
   ``pos_encoding_mode`` (with ``rope_scale`` / ``rope_theta``) in every function and
   wrapper that takes it (see "Position encodings" below);
+- unified attention: ``BatchAttention`` (FlashInfer's persistent mixed decode / prefill
+  API: ``plan(qo_indptr, kv_indptr, kv_indices, kv_len_arr, ...)`` with per-request kv
+  lengths instead of last-page lengths, ``run(q, kv_cache)`` -> (out, base-2 lse)) and
+  ``BatchAttentionWithAttentionSinkWrapper`` (the paged prefill wrapper with
+  ``run(q, paged_kv_cache, sink, sm_scale)``), both thin layers over
+  ``BatchPrefillWithPagedKVCacheWrapper``;
 - ``append_paged_kv_cache``, ``get_batch_indices_positions``, ``get_seq_lens``;
 - cascade: ``merge_state``, ``merge_state_in_place``, ``merge_states``,
   ``MultiLevelCascadeAttentionWrapper`` (``plan`` / ``run``, ``begin_forward`` /
@@ -44,8 +50,8 @@ Names, argument names, defaults, layouts and return shapes are FlashInfer's. Cov
   temperature-0 rule: a uniform row);
 - quantization: ``packbits`` / ``segment_packbits`` (numpy.packbits' bits, per segment
   with FlashInfer's returned int32 indptr);
-- the submodule namespaces ``decode``, ``prefill``, ``page``, ``cascade``, ``norm``,
-  ``activation``, ``rope``, ``sampling``, ``quantization``
+- the submodule namespaces ``attention``, ``decode``, ``prefill``, ``page``, ``cascade``,
+  ``norm``, ``activation``, ``rope``, ``sampling``, ``quantization``
   (``flashinfer.sampling.top_k_mask_logits(...)`` works; ``from ...flashinfer.sampling
   import x`` does not: they are attributes).
 
@@ -145,10 +151,11 @@ from .._validation import (
 )
 
 __all__ = [
+    "BatchAttention", "BatchAttentionWithAttentionSinkWrapper",
     "BatchDecodeWithPagedKVCacheWrapper", "BatchDecodeWithSharedPrefixPagedKVCacheWrapper",
     "BatchPrefillWithPagedKVCacheWrapper", "BatchPrefillWithRaggedKVCacheWrapper",
     "BatchPrefillWithSharedPrefixPagedKVCacheWrapper", "MultiLevelCascadeAttentionWrapper",
-    "activation", "append_paged_kv_cache",
+    "activation", "append_paged_kv_cache", "attention",
     "apply_llama31_rope", "apply_llama31_rope_inplace", "apply_llama31_rope_pos_ids",
     "apply_llama31_rope_pos_ids_inplace", "apply_rope", "apply_rope_inplace",
     "apply_rope_pos_ids", "apply_rope_pos_ids_inplace", "apply_rope_with_cos_sin_cache",
@@ -1273,6 +1280,248 @@ class BatchPrefillWithRaggedKVCacheWrapper(_Wrapper):
         self._plan.replace(causal, pos_encoding_mode, window_left, logits_soft_cap, sm_scale,
                            rope_scale, rope_theta)
         return self.run(q, k, v, return_lse=return_lse)
+
+
+# ------------------------------------------------------------------ unified attention
+
+
+class BatchAttention:
+    """FlashInfer's unified batch attention (``flashinfer.BatchAttention``, its persistent
+    "holistic" kernel): one ``plan`` / ``run`` for a batch that mixes decode and prefill
+    requests over a paged KV cache.
+
+    ``BatchAttention(kv_layout="NHD", device="cuda")``, then ``plan(qo_indptr, kv_indptr,
+    kv_indices, kv_len_arr, num_qo_heads, num_kv_heads, head_dim_qk, head_dim_vo,
+    page_size, causal=False, sm_scale=None, logits_soft_cap=None,
+    q_data_type=torch.bfloat16, kv_data_type=torch.bfloat16, use_profiler=False)``:
+    request b has the queries ``q[qo_indptr[b]:qo_indptr[b+1]]`` (one for a decode
+    request; the last tokens of its keys: ``causal`` is bottom-right aligned) and
+    ``kv_len_arr[b]`` cached tokens, token j in page ``kv_indices[kv_indptr[b] + j //
+    page_size]`` at slot ``j % page_size``. ``kv_len_arr`` takes the place of the other
+    wrappers' ``last_page_len`` (= kv_len - (ceil(kv_len / page_size) - 1) * page_size);
+    pages listed beyond ceil(kv_len / page_size) are not read (FlashInfer's kernel reads
+    only the tokens below kv_len), fewer pages than that is a ValueError naming
+    ``kv_len_arr``. indptrs / indices / lengths int32 or int64 on any device.
+
+    ``run(q, kv_cache, out=None, lse=None, k_scale=None, v_scale=None,
+    logits_soft_cap=0.0, profiler_buffer=None, kv_cache_sf=None)`` returns ``(out, lse)``:
+    q [qo_indptr[-1], num_qo_heads, head_dim_qk] of ``q_data_type`` (float16 / bfloat16 /
+    float32); kv_cache [num_pages, 2, page_size, Hkv, D] (NHD) / [num_pages, 2, Hkv,
+    page_size, D] (HND), or a ``(k_cache, v_cache)`` tuple of [num_pages, page_size, Hkv,
+    D] / [num_pages, Hkv, page_size, D] (each its own strides, last dim contiguous), of
+    ``kv_data_type`` (q's dtype, float8_e4m3fn or float8_e5m2); out [qo_indptr[-1],
+    num_qo_heads, head_dim_vo] in q's dtype, lse the base-2 log-sum-exp [qo_indptr[-1],
+    num_qo_heads] float32, as FlashInfer's; ``out`` / ``lse`` buffers are written in place
+    and returned. Scores are ``q.k * sm_scale * k_scale`` (sm_scale default
+    1/sqrt(head_dim_qk)), the output is multiplied by ``v_scale`` (fp8 caches: the ops
+    dequantize with them; numbers or 1-element tensors). FlashInfer's kernel takes
+    ``run()``'s ``logits_soft_cap`` (``plan()``'s only builds the capped variant): a cap in
+    ``run`` without one in ``plan`` is FlashInfer's ValueError, and ``run`` without a cap
+    after a capped ``plan`` (a zero cap in FlashInfer's capped kernel) is refused too.
+
+    A thin layer over :class:`BatchPrefillWithPagedKVCacheWrapper` (its page table,
+    layouts, cache forms, GQA / MQA, fp8 caches and checks; ``ops.flash_attention`` with a
+    block table); errors name this API's arguments. Refused by name: ``use_profiler=True``,
+    ``head_dim_vo != head_dim_qk``, ``kv_cache_sf`` (NVFP4 caches); ``profiler_buffer`` is
+    ignored, as FlashInfer ignores it without the profiler. Unlike FlashInfer's (head dims
+    <= 256), any head dim the ops take, [1, 512].
+    """
+
+    def __init__(self, kv_layout: str = "NHD", device: str | torch.device = "cuda") -> None:
+        _check_kv_layout(kv_layout)
+        try:
+            dev = torch.device(device)
+        except (RuntimeError, TypeError):
+            raise ValueError(f"device must be a torch.device or a device name such as "
+                             f"'cuda', 'cuda:0' or 'cpu', got {device!r}") from None
+        #: FlashInfer's attribute; unused (the ops allocate their own scratch).
+        self.float_workspace_buffer = torch.empty(1, dtype=torch.uint8, device=dev)
+        self._prefill = BatchPrefillWithPagedKVCacheWrapper(self.float_workspace_buffer,
+                                                            kv_layout)
+        self._prefill._arg_names = ("qo_indptr", "kv_indptr", "kv_indices", "kv_len_arr")
+        self._prefill._cache_name = "kv_cache"
+        self._kv_layout = kv_layout
+        self.device = self._prefill.device
+        self._planned = False
+        self._soft_cap = 0.0
+
+    def plan(self, qo_indptr: Tensor, kv_indptr: Tensor, kv_indices: Tensor,
+             kv_len_arr: Tensor, num_qo_heads: int, num_kv_heads: int, head_dim_qk: int,
+             head_dim_vo: int, page_size: int, causal: bool = False,
+             sm_scale: float | None = None, logits_soft_cap: float | None = None,
+             q_data_type: str | torch.dtype = torch.bfloat16,
+             kv_data_type: str | torch.dtype = torch.bfloat16,
+             use_profiler: bool = False) -> None:
+        """Turn ``kv_len_arr`` into last-page lengths (one host sync: kv_indptr and
+        kv_len_arr together) and plan the paged prefill over them."""
+        self._planned = False
+        if use_profiler:
+            raise ValueError("use_profiler=True is not supported by minikernels' FlashInfer "
+                             "compat layer (FlashInfer's profiler build of its persistent "
+                             "kernel has no counterpart here)")
+        _int("head_dim_qk", head_dim_qk, 1)
+        page_size = _int("page_size", page_size, 1)
+        check_tensor("kv_indptr", kv_indptr, dtypes=_INT_DTYPES, ndim=1)
+        check_tensor("kv_indices", kv_indices, dtypes=_INT_DTYPES, ndim=1)
+        check_tensor("kv_len_arr", kv_len_arr, dtypes=_INT_DTYPES, ndim=1)
+        if kv_indptr.numel() < 1:
+            raise ValueError("kv_indptr must have batch_size + 1 >= 1 entries")
+        batch = kv_indptr.numel() - 1
+        check_shape("kv_len_arr", kv_len_arr, [batch])
+        host = torch.cat([kv_indptr.long(), kv_len_arr.to(kv_indptr.device).long()]).cpu()
+        ptr_h, len_h = host[:batch + 1], host[batch + 1:]
+        pages_h = ptr_h[1:] - ptr_h[:-1]
+        if bool((pages_h < 0).any()):
+            raise ValueError("kv_indptr must be non-decreasing")
+        if int(ptr_h[0]) < 0 or int(ptr_h[-1]) > kv_indices.numel():
+            raise ValueError(f"kv_indptr values must be in [0, len(kv_indices) = "
+                             f"{kv_indices.numel()}], got {int(ptr_h[0])}..{int(ptr_h[-1])}")
+        if bool((len_h < 0).any()):
+            raise ValueError(f"kv_len_arr values must be >= 0, got {len_h.tolist()}")
+        need_h = (len_h + page_size - 1) // page_size
+        short = (need_h > pages_h).nonzero()
+        if short.numel():
+            b = int(short[0])
+            raise ValueError(f"kv_len_arr[{b}] = {int(len_h[b])} tokens need "
+                             f"{int(need_h[b])} pages of page_size {page_size}, but kv_indptr "
+                             f"gives request {b} {int(pages_h[b])}")
+        last_h = len_h - (need_h - 1).clamp(min=0) * page_size     # 0 for an empty request
+        indptr, indices = ptr_h, kv_indices
+        if bool((need_h != pages_h).any()):       # drop the pages past each kv_len
+            indptr = torch.cat([need_h.new_zeros(1), need_h.cumsum(0)])
+            b_of, j = _segment_positions(indptr, int(indptr[-1]))
+            indices = kv_indices[(ptr_h[b_of] + j).to(kv_indices.device)]
+        self._prefill.plan(qo_indptr, indptr, indices, last_h, num_qo_heads, num_kv_heads,
+                           head_dim_qk, page_size, head_dim_vo=head_dim_vo, causal=causal,
+                           sm_scale=sm_scale, logits_soft_cap=logits_soft_cap,
+                           q_data_type=q_data_type, kv_data_type=kv_data_type)
+        self._soft_cap = self._prefill._plan.soft_cap
+        self._planned = True
+
+    def run(self, q: Tensor, kv_cache: Tensor | tuple[Tensor, Tensor],
+            out: Tensor | None = None, lse: Tensor | None = None,
+            k_scale: float | Tensor | None = None, v_scale: float | Tensor | None = None,
+            logits_soft_cap: float | None = 0.0, profiler_buffer: Tensor | None = None,
+            kv_cache_sf: Tensor | tuple[Tensor, Tensor] | None = None
+            ) -> tuple[Tensor, Tensor]:
+        """Attention for the planned batch: (out, base-2 lse); see the class docstring."""
+        if not self._planned:
+            raise RuntimeError("BatchAttention.plan() must be called before run()")
+        _refuse(kv_cache_sf=kv_cache_sf)
+        cap = _soft_cap(logits_soft_cap)
+        if cap > 0 and self._soft_cap <= 0:
+            raise ValueError(f"logits_soft_cap={cap} in run() but plan() was given none: "
+                             f"pass it to plan() too (FlashInfer builds its kernel with or "
+                             f"without the cap at plan time)")
+        if cap <= 0 < self._soft_cap:
+            raise ValueError(f"logits_soft_cap is 0 in run() but plan() was given "
+                             f"logits_soft_cap={self._soft_cap}: FlashInfer's kernel takes "
+                             f"run()'s value (a zero cap there divides by zero); pass the "
+                             f"cap to run() as well")
+        self._prefill._plan.soft_cap = cap
+        result = self._prefill.run(q, kv_cache, k_scale=k_scale, v_scale=v_scale, out=out,
+                                   lse=lse, return_lse=True)
+        assert isinstance(result, tuple)
+        return result
+
+
+class BatchAttentionWithAttentionSinkWrapper(BatchPrefillWithPagedKVCacheWrapper):
+    """FlashInfer's paged prefill / decode with attention sinks (GPT-OSS): its
+    :class:`BatchPrefillWithPagedKVCacheWrapper` with a sink logit per q head.
+
+    ``__init__`` takes the prefill wrapper's arguments plus FlashInfer's build settings
+    ``pos_encoding_mode``, ``use_fp16_qk_reduction``, ``q_data_type``, ``kv_data_type``,
+    ``head_dim_qk``, ``head_dim_vo`` and ``window_left`` (checked; the ops need no build, so
+    ``plan()``'s values govern, as FlashInfer's run checks q and the cache against
+    them). ``plan`` is the prefill wrapper's. ``run(q, paged_kv_cache, sink, sm_scale, *,
+    ...)``: FlashInfer passes the sink variant's extra inputs positionally: ``sink``
+    float [num_qo_heads] (one more logit per q head in the units of the scaled scores:
+    ``softmax([s_1 .. s_n, sink])`` without a value for the sink; the returned base-2 lse
+    includes it) and ``sm_scale`` (the scale the sink kernel uses; None keeps the
+    planned one). ``sinks=`` (the prefill wrapper's keyword) is taken in place of
+    ``sink``. Other keywords, layouts, returns as the prefill wrapper's.
+
+    Refused by name: ``pos_encoding_mode`` other than "NONE" (at construction or in plan)
+    and ``logits_soft_cap`` in plan (FlashInfer's sink variant has neither),
+    ``backend`` other than "fa2" / "fa3" / "auto", and the prefill wrapper's refusals.
+    """
+
+    def __init__(self, float_workspace_buffer: Tensor, kv_layout: str = "NHD",
+                 use_cuda_graph: bool = False, qo_indptr_buf: Tensor | None = None,
+                 paged_kv_indptr_buf: Tensor | None = None,
+                 paged_kv_indices_buf: Tensor | None = None,
+                 paged_kv_last_page_len_buf: Tensor | None = None,
+                 custom_mask_buf: Tensor | None = None, mask_indptr_buf: Tensor | None = None,
+                 backend: str = "auto", pos_encoding_mode: str = "NONE",
+                 use_fp16_qk_reduction: bool = False,
+                 q_data_type: str | torch.dtype = torch.bfloat16,
+                 kv_data_type: str | torch.dtype = torch.bfloat16, head_dim_qk: int = 128,
+                 head_dim_vo: int = 128, window_left: int = -1) -> None:
+        if backend not in ("fa2", "fa3", "auto"):
+            raise ValueError(f"backend must be 'fa2', 'fa3' or 'auto' (FlashInfer's sink "
+                             f"variants), got {backend!r}")
+        if _check_pos_encoding_mode(pos_encoding_mode) != "NONE":
+            raise ValueError(self._no_pos_encoding(pos_encoding_mode))
+        _plan_dtypes(q_data_type, kv_data_type, None)
+        _plan_heads(1, 1, _int("head_dim_qk", head_dim_qk, 1), head_dim_vo)
+        _window(window_left)
+        super().__init__(float_workspace_buffer, kv_layout, use_cuda_graph, qo_indptr_buf,
+                         paged_kv_indptr_buf, paged_kv_indices_buf,
+                         paged_kv_last_page_len_buf, custom_mask_buf, mask_indptr_buf,
+                         backend)
+
+    @staticmethod
+    def _no_pos_encoding(mode: object) -> str:
+        return (f"pos_encoding_mode={mode!r} is not supported by "
+                f"BatchAttentionWithAttentionSinkWrapper (FlashInfer's sink variant applies "
+                f"no position encoding): use 'NONE'")
+
+    @functools.wraps(BatchPrefillWithPagedKVCacheWrapper.plan)
+    def plan(self, *args: Any, **kwargs: Any) -> None:
+        """The prefill wrapper's ``plan``; refuses ``logits_soft_cap`` > 0 and
+        ``pos_encoding_mode`` other than "NONE" (the sink variant has neither)."""
+        super().plan(*args, **kwargs)
+        if self._plan.pe.mode != "NONE":
+            self._planned = False
+            raise ValueError(self._no_pos_encoding(self._plan.pe.mode))
+        if self._plan.soft_cap > 0:
+            self._planned = False
+            raise ValueError("logits_soft_cap is not supported by "
+                             "BatchAttentionWithAttentionSinkWrapper (FlashInfer's sink "
+                             "variant has no soft cap): leave it None or 0")
+
+    begin_forward = plan
+
+    def run(self, q: Tensor, paged_kv_cache: Tensor | tuple[Tensor, Tensor],
+            sink: Tensor | None = None, sm_scale: float | None = None, *,
+            q_scale: float | None = None, k_scale: float | None = None,
+            v_scale: float | None = None, out: Tensor | None = None,
+            lse: Tensor | None = None, return_lse: bool = False,
+            enable_pdl: bool | None = None, window_left: int | None = None,
+            sinks: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor]:
+        """Prefill / decode with sinks for the planned batch; see the class docstring."""
+        self._require_plan()
+        if sink is not None and sinks is not None:
+            raise ValueError("pass the sinks once: sink (positional, FlashInfer's) or sinks=")
+        name = "sink" if sinks is None else "sinks"
+        sink = sink if sinks is None else sinks
+        if sink is None:
+            raise ValueError("sink is required: run(q, paged_kv_cache, sink, sm_scale) with "
+                             "sink float [num_qo_heads]")
+        check_tensor(name, sink, dtypes=FLOAT_DTYPES, ndim=1, device=self.device)
+        check_shape(name, sink, [self._heads[0]])
+        planned = self._plan.sm_scale
+        if sm_scale is not None:
+            self._plan.sm_scale = check_positive_float("sm_scale", sm_scale)
+        try:
+            return super().run(q, paged_kv_cache, q_scale=q_scale, k_scale=k_scale,
+                               v_scale=v_scale, out=out, lse=lse, return_lse=return_lse,
+                               window_left=window_left, sinks=sink)
+        finally:
+            self._plan.sm_scale = planned
+
+    run_return_lse = functools.partialmethod(run, return_lse=True)
+
 
 
 # ------------------------------------------------------------------------------- pages
@@ -2428,6 +2677,9 @@ prefill = SimpleNamespace(
     single_prefill_with_kv_cache_return_lse=single_prefill_with_kv_cache_return_lse,
     BatchPrefillWithPagedKVCacheWrapper=BatchPrefillWithPagedKVCacheWrapper,
     BatchPrefillWithRaggedKVCacheWrapper=BatchPrefillWithRaggedKVCacheWrapper)
+attention = SimpleNamespace(
+    BatchAttention=BatchAttention,
+    BatchAttentionWithAttentionSinkWrapper=BatchAttentionWithAttentionSinkWrapper)
 page = SimpleNamespace(append_paged_kv_cache=append_paged_kv_cache,
                        get_batch_indices_positions=get_batch_indices_positions,
                        get_seq_lens=get_seq_lens)
