@@ -141,3 +141,23 @@ def spawn_ranks(target: Any, args: tuple, nprocs: int) -> None:
     method = worker_context().get_start_method()
     mp.start_processes(_rank_with_environment, args=(target, dict(os.environ), *args),
                        nprocs=nprocs, join=True, start_method=method)
+
+
+def paged_kv_cache_form(k: torch.Tensor, v: torch.Tensor, layout: str, form: str,
+                        device: str) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """K / V pages [P, page, Hkv, D] as a FlashInfer paged cache: HND transposes pages to
+    [P, Hkv, page, D]; form "tuple" gives (k, v) as strided views into larger zero-filled
+    tensors (their own offsets and strides), anything else one [P, 2, ...] tensor."""
+    if layout == "HND":
+        k, v = k.transpose(1, 2), v.transpose(1, 2)
+    if form == "tuple":
+        big_k = torch.zeros(k.shape[0] + 1, *k.shape[1:-1], k.shape[-1] + 3,
+                            dtype=k.dtype, device=device)
+        big_v = torch.zeros_like(big_k)
+        kc, vc = big_k[1:, ..., 2:2 + k.shape[-1]], big_v[1:, ..., :k.shape[-1]]
+        kc.copy_(k)
+        vc.copy_(v)
+        return kc, vc
+    out = torch.empty(k.shape[0], 2, *k.shape[1:], dtype=k.dtype, device=device)
+    out[:, 0], out[:, 1] = k, v
+    return out

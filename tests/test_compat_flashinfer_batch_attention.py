@@ -25,7 +25,7 @@ import math
 
 import pytest
 import torch
-from helpers import assert_close
+from helpers import assert_close, paged_kv_cache_form
 
 from minikernels.compat import flashinfer as fi
 
@@ -126,19 +126,7 @@ class Batch:
         k, v = self.k_pages, self.v_pages
         if dtype is not None:
             k, v = k.to(dtype), v.to(dtype)
-        if layout == "HND":
-            k, v = k.transpose(1, 2), v.transpose(1, 2)
-        if form == "tuple":
-            big_k = torch.zeros(k.shape[0] + 1, *k.shape[1:-1], k.shape[-1] + 3,
-                                dtype=k.dtype, device=device)
-            big_v = torch.zeros_like(big_k)
-            kc, vc = big_k[1:, ..., 2:2 + k.shape[-1]], big_v[1:, ..., :k.shape[-1]]
-            kc.copy_(k)
-            vc.copy_(v)
-            return kc, vc
-        out = torch.empty(k.shape[0], 2, *k.shape[1:], dtype=k.dtype, device=device)
-        out[:, 0], out[:, 1] = k, v
-        return out
+        return paged_kv_cache_form(k, v, layout, form, device)
 
     def ref(self, **kwargs):
         kwargs.setdefault("scale", 1.0 / math.sqrt(self.d))

@@ -24,7 +24,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from helpers import assert_close
+from helpers import assert_close, paged_kv_cache_form
 
 from minikernels.compat import flashinfer as fi
 
@@ -107,20 +107,7 @@ class Pool:
         return tuple(torch.tensor(x, dtype=idx_dtype, device=device) for x in (ptr, idx, last))
 
     def cache(self, layout, form, device):
-        k, v = self.k, self.v
-        if layout == "HND":
-            k, v = k.transpose(1, 2), v.transpose(1, 2)
-        if form == "tuple":     # views into larger tensors: their own strides and offsets
-            big_k = torch.zeros(k.shape[0] + 1, *k.shape[1:-1], k.shape[-1] + 3,
-                                dtype=k.dtype, device=device)
-            big_v = torch.zeros_like(big_k)
-            kc, vc = big_k[1:, ..., 2:2 + k.shape[-1]], big_v[1:, ..., :k.shape[-1]]
-            kc.copy_(k)
-            vc.copy_(v)
-            return kc, vc
-        out = torch.empty(k.shape[0], 2, *k.shape[1:], dtype=k.dtype, device=device)
-        out[:, 0], out[:, 1] = k, v
-        return out
+        return paged_kv_cache_form(self.k, self.v, layout, form, device)
 
 
 def ws(device):
