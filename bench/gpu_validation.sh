@@ -125,7 +125,8 @@ GPU_TESTS=("${CUDA_TESTS[@]}" tests/test_flash_attention.py tests/test_op_contra
            tests/test_rms_norm_quant.py tests/test_act_and_mul_quant.py
            tests/test_norm_quant_fusion.py tests/test_qk_norm_rope.py
            # peers' APIs over the kernels (newest)
-           tests/test_compat_flash_attn.py tests/test_compat_flashinfer.py
+           tests/test_compat_flash_attn.py tests/test_compat_flash_attn3.py
+           tests/test_compat_flashinfer.py
            tests/test_compat_flashinfer_cascade.py tests/test_compat_vllm_attention.py
            tests/test_compat_vllm_sampling.py tests/test_compat_vllm_rejection_sampler.py
            tests/test_compat_flashinfer_posenc.py tests/test_compat_flashinfer_batch_attention.py

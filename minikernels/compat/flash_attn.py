@@ -201,7 +201,7 @@ def flash_attn_varlen_func(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor
     cu_seqlens_k[b+1] - cu_seqlens_k[b] cached tokens. cu_seqlens_q / _k int32 [B + 1].
     Keyword extras of the vLLM / FlashAttention 3 interfaces: ``seqused_k`` int32 [B]
     (sequence b uses only its first seqused_k[b] keys; with block_table, cu_seqlens_k may
-    be None) and ``out`` (written in place and returned).
+    be None) and vLLM's ``out`` (written in place and returned).
     Returns out [total_q, H, D] in q.dtype; with return_attn_probs also softmax_lse
     [H, total_q] fp32 (natural log) and the probabilities [B, H, max_seqlen_q,
     max_seqlen_k] fp32 (zero padded).
