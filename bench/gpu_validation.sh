@@ -119,7 +119,7 @@ GPU_TESTS=("${CUDA_TESTS[@]}" tests/test_flash_attention.py tests/test_op_contra
            tests/test_fp8_bits.py
            tests/test_router_op.py tests/test_moe_align_op.py tests/test_moe_lora_op.py
            # INT8 (newest): W8A8 ops, the model / engine on them, then weight-only int8
-           tests/test_int8_w8a8.py tests/test_int8_model.py
+           tests/test_int8_w8a8.py tests/test_moe_int8_w8a8_op.py tests/test_int8_model.py
            tests/test_int8_matmul.py tests/test_int8_weight_only.py
            # the fused norm / activation + quantization ops and W8A8 models using them
            tests/test_rms_norm_quant.py tests/test_act_and_mul_quant.py

@@ -364,7 +364,7 @@ def test_refused_formats_name_the_argument():
     with pytest.raises(TypeError, match="int8"):
         vllm_ops.fused_experts(a, w1, w2, w, i, use_int8_w8a8=True, per_channel_quant=True,
                                w1_scale=torch.ones(2, 8), w2_scale=torch.ones(2, 16))
-    with pytest.raises(NotImplementedError, match="activation"):
+    with pytest.raises(ValueError, match="activation"):
         vllm_ops.fused_experts(a, q1, q2, w, i, use_int8_w8a8=True, per_channel_quant=True,
                                w1_scale=torch.ones(2, 8), w2_scale=torch.ones(2, 16),
                                activation="relu2")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 from typing import Any
+from unittest import mock
 
 import pytest
 import torch
@@ -18,6 +19,7 @@ from minikernels.models import AttentionMetadata, load_model
 from minikernels.models.config import UnsupportedModelError
 from minikernels.models.generate import generate_tokens
 from minikernels.models.loader import CheckpointError, quantize_linears
+from minikernels.models.moe import set_int8_expert_activations
 from minikernels.models.parallel import TensorParallel
 from minikernels.nn import Int8Linear
 from minikernels.quant import Int8Weight, int8_scheme, quantize_int8
@@ -358,8 +360,9 @@ def test_int8_checkpoint_errors(tmp_path):
 # ----------------------------------------------------------------- mixture of experts
 def test_int8_moe_rtn_and_engine():
     """quantization='int8' on a mixture of experts: every expert row is the RTN of the
-    dense build's (W8A16 experts, ops.fused_moe_int8), the router stays dense, logits move
-    only by the rounding; the engine's greedy tokens equal the plain loop."""
+    dense build's, run W8A8 like the linears (ops.fused_moe_int8_w8a8; W8A16,
+    ops.fused_moe_int8, when switched off), the router stays dense, logits move only by
+    the rounding; the engine's greedy tokens equal the plain loop."""
     dense = load_model("tiny-qwen3-moe", dtype="float32", device="cpu", seed=3)
     m = load_model("tiny-qwen3-moe", dtype="float32", device="cpu", seed=3,
                    quantization="int8")
@@ -371,8 +374,20 @@ def test_int8_moe_rtn_and_engine():
             assert torch.equal(mine[e], q.float() * s[:, None])
     assert m.layers[0].mlp.gate.weight.dtype == torch.float32
     seqs = _seqs(256)
-    err = rel_err(_logits(m, seqs), _logits(dense, seqs))
+    assert ex.int8_activations
+    calls = []
+    real = mk.ops.fused_moe_int8_w8a8
+    with mock.patch.object(mk.ops, "fused_moe_int8_w8a8",
+                           lambda *a, **k: calls.append(1) or real(*a, **k)):
+        w8a8 = _logits(m, seqs)
+    assert calls
+    err = rel_err(w8a8, _logits(dense, seqs))
     assert 0 < err < 0.05, err
+    assert set_int8_expert_activations(m, False) == 1      # one MoE layer (of two)
+    w8a16 = _logits(m, seqs)
+    assert 0 < rel_err(w8a16, _logits(dense, seqs)) < err   # activations unrounded: closer
+    assert not torch.equal(w8a16, w8a8)
+    set_int8_expert_activations(m, True)
     prompts = [[256] + random_tokens(n, 256, n) for n in (5, 19)]
     ref = generate_tokens(m, prompts, max_new_tokens=6, block_size=8)
     llm = LLM("tiny-qwen3-moe", dtype="float32", device="cpu", num_kv_blocks=64,
@@ -392,7 +407,7 @@ def test_int8_moe_checkpoint(tmp_path):
     known = write_int8_checkpoint(hf, d, "channel")
     m = load_model(d, dtype="float32", device="cpu")
     ex = m.layers[0].mlp.experts                      # (layer 1 is a dense MLP)
-    assert ex.is_int8
+    assert ex.is_int8 and ex.int8_activations         # W8A8, as the checkpoint's linears
     w13, w2 = ex.dequantized()
     assert torch.equal(w13, known["model.layers.0.mlp.experts.gate_up_proj"])
     assert torch.equal(w2, known["model.layers.0.mlp.experts.down_proj"])

@@ -226,6 +226,15 @@ def op_cases(device: str, dtype: torch.dtype, small: bool) -> list[Case]:
                       routed * 3 * hm * im + routed * 4 * (2 * im + hm) + 2 * nm * hm * es,
                       6 * nm * topk * hm * im, ("triton",),
                       lambda: ops.fused_moe(xm, w13, w2, mw, mids)))
+    # the same int8 experts run W8A8 (vLLM's use_int8_w8a8 + per_channel_quant): both
+    # GEMMs on int8 tensor cores; bytes add the two per-token quantizations (x and the
+    # [T*k, I] intermediate read in x.dtype, written as int8)
+    cases.append(Case("fused_moe_int8_w8a8 top8 per-row", f"{nm}tok {hm}x{im} E{ne} k{topk}",
+                      lambda: ops.fused_moe_int8_w8a8(xm, *i13, *i2, mw, mids),
+                      routed * 3 * hm * im + routed * 4 * (2 * im + hm) + 2 * nm * hm * es
+                      + nm * hm * (es + 1) + nm * topk * im * (2 * es + 1),
+                      6 * nm * topk * hm * im, ("triton",),
+                      lambda: ops.fused_moe(xm, w13, w2, mw, mids)))
     cases += w8a8_block_fp8_cases(device, dtype, s)
     cases += int8_w8a8_cases(device, dtype, s)
     cases += recurrent_cases(device, dtype, s)

@@ -21,18 +21,17 @@ int32 / int64 [T, k]. Weight formats:
         K / bk], or per-tensor scales [E] / per-channel [E, 2N, 1])
                                              ops.fused_moe_fp8, run W8A16
     use_int8_w8a8 with per_channel_quant (int8 w, fp32 per-channel scales [E, 2N(, 1)]
-        and [E, K(, 1)] or per-tensor [E]; activations quantized per token), or with
-        block_shape [bn, bk] (scales [E, 2N / bn, K / bk] and [E, K / bn, N / bk];
-        activations quantized per token and group of bk: vllm_ops'
+        and [E, K(, 1)] or per-tensor [E]; activations quantized per token)
+                                             ops.fused_moe_int8_w8a8 (int8 x int8
+                                             tensor-core GEMMs, exact int32 sums; x and
+                                             the intermediate quantized per token; gate /
+                                             up kept in fp32 through the activation,
+                                             where vLLM rounds them to x's dtype first)
+    use_int8_w8a8 with block_shape [bn, bk] (scales [E, 2N / bn, K / bk] and
+        [E, K / bn, N / bk]; activations quantized per token and group of bk: vllm_ops'
         per_token_group_quant_int8 and w8a8_block_int8_matmul)
-                                             W8A8 as vLLM computes it: x quantized per
-                                             token (ops.scaled_int8_quant), per expert
-                                             ops.scaled_mm (int8 x int8, exact int32
-                                             sums) for gate / up, the activation, the
-                                             intermediate quantized per token again,
-                                             ops.scaled_mm for down; a loop over the
-                                             experts present (one host sync): a compat
-                                             path
+                                             W8A8 as vLLM computes it, per expert
+                                             present (one host sync): a compat path
 
 Differences, by design: fp8 experts run W8A16 (minikernels' fp8 MoE kernel keeps the
 activations 16-bit), so results differ from vLLM's W8A8 by its activation rounding (they
@@ -164,47 +163,38 @@ def _per_expert_scales(name: str, scale: Tensor | None, e: int, rows: int) -> Te
     return scale.float().reshape(e, rows)
 
 
-def _int8_w8a8_experts(x: Tensor, w1: Tensor, w2: Tensor, s1: Tensor, s2: Tensor,
-                       weights: Tensor, ids: Tensor, activation: str,
-                       b1: Tensor | None, b2: Tensor | None,
-                       block: list[int] | None = None) -> Tensor:
-    """vLLM's int8 W8A8 experts: per token, q(x) = scaled_int8_quant(x) (per-token scale),
-    h = act(s_x * s1[e] * (q(x) @ w1[e]^T) + b1[e]) in x's dtype, q(h) per token again,
-    y = s_h * s2[e] * (q(h) @ w2[e]^T) + b2[e] in x's dtype, out = sum_j weight_j * y_j
-    in fp32, rounded once. w1 [E, 2I, H], w2 [E, H, I] int8; s1 [E, 2I], s2 [E, H] fp32.
-    block [bn, bk] (vLLM's block-quantized int8 experts): x and h quantized per token and
-    group of bk columns (per_token_group_quant_int8), s1 [E, 2I / bn, H / bk] and s2
-    [E, H / bn, I / bk] per weight block (w8a8_block_int8_matmul)."""
+def _int8_w8a8_block_experts(x: Tensor, w1: Tensor, w2: Tensor, s1: Tensor, s2: Tensor,
+                             weights: Tensor, ids: Tensor, activation: str,
+                             b1: Tensor | None, b2: Tensor | None,
+                             block: list[int]) -> Tensor:
+    """vLLM's block-quantized int8 W8A8 experts: x and h quantized per token and group of
+    bk columns (per_token_group_quant_int8), s1 [E, 2I / bn, H / bk] and s2
+    [E, H / bn, I / bk] per weight block (w8a8_block_int8_matmul), block = [bn, bk]:
+    h = act(gemm(q(x), w1[e]) + b1[e]) in x's dtype, y = gemm(q(h), w2[e]) + b2[e] in
+    x's dtype, out = sum_j weight_j * y_j in fp32, rounded once. w1 [E, 2I, H], w2
+    [E, H, I] int8. A loop over the experts present (one host sync): a compat path."""
+    from .vllm_ops import per_token_group_quant_int8, w8a8_block_int8_matmul
+
     if w1.dtype != torch.int8 or w2.dtype != torch.int8:
         raise TypeError(f"use_int8_w8a8 needs int8 w1 / w2, got {w1.dtype} / {w2.dtype}")
     act = _GATED_ACTS.get(activation)
     if act is None:
         raise NotImplementedError(f"activation {activation!r} is not supported with "
-                                  f"use_int8_w8a8 (supported: {', '.join(_GATED_ACTS)})")
+                                  f"block-quantized use_int8_w8a8 (supported: "
+                                  f"{', '.join(_GATED_ACTS)})")
     t, h = x.shape
     if w1.shape[2] != h or w2.shape[1] != h or w2.shape[2] * 2 != w1.shape[1]:
         raise ValueError(f"w1 must be [E, 2I, {h}] and w2 [E, {h}, I], got "
                          f"{list(w1.shape)} and {list(w2.shape)}")
     k = ids.shape[1]
-    if block is not None:
-        from .vllm_ops import per_token_group_quant_int8, w8a8_block_int8_matmul
 
-        def quant(t: Tensor) -> tuple[Tensor, Tensor]:
-            return per_token_group_quant_int8(t, block[1])
+    def quant(t: Tensor) -> tuple[Tensor, Tensor]:
+        return per_token_group_quant_int8(t, block[1])
 
-        def gemm(q: Tensor, qs: Tensor, w: Tensor, ws: Tensor, bias: Tensor | None
-                 ) -> Tensor:
-            y = w8a8_block_int8_matmul(q, w, qs, ws, list(block), torch.float32)
-            return (y if bias is None else y + bias.float()).to(x.dtype)
-    else:
-        def quant(t: Tensor) -> tuple[Tensor, Tensor]:
-            q, s, _ = ops.scaled_int8_quant(t)
-            return q, s
+    def gemm(q: Tensor, qs: Tensor, w: Tensor, ws: Tensor, bias: Tensor | None) -> Tensor:
+        y = w8a8_block_int8_matmul(q, w, qs, ws, list(block), torch.float32)
+        return (y if bias is None else y + bias.float()).to(x.dtype)
 
-        def gemm(q: Tensor, qs: Tensor, w: Tensor, ws: Tensor, bias: Tensor | None
-                 ) -> Tensor:
-            return ops.scaled_mm(q, w.t(), qs, ws, x.dtype,
-                                 None if bias is None else bias.to(x.dtype))
     xq, xs = quant(x)
     flat_ids = ids.reshape(-1).long()
     token = torch.arange(t, device=x.device).repeat_interleave(k)
@@ -265,13 +255,16 @@ def fused_experts(hidden_states: Tensor, w1: Tensor, w2: Tensor, topk_weights: T
     if use_int8_w8a8 and block_shape is not None:
         if w1_scale is None or w2_scale is None:
             raise ValueError("use_int8_w8a8 needs w1_scale and w2_scale")
-        out = _int8_w8a8_experts(x, w1, w2, w1_scale.float(), w2_scale.float(), weights, ids,
-                                 activation, w1_bias, w2_bias, list(block_shape))
+        out = _int8_w8a8_block_experts(x, w1, w2, w1_scale.float(), w2_scale.float(),
+                                       weights, ids, activation, w1_bias, w2_bias,
+                                       list(block_shape))
     elif use_int8_w8a8:
-        out = _int8_w8a8_experts(x, w1, w2, _per_expert_scales("w1_scale", w1_scale, e,
-                                                               w1.shape[1]),
-                                 _per_expert_scales("w2_scale", w2_scale, e, w2.shape[1]),
-                                 weights, ids, activation, w1_bias, w2_bias)
+        if w1.dtype != torch.int8 or w2.dtype != torch.int8:
+            raise TypeError(f"use_int8_w8a8 needs int8 w1 / w2, got {w1.dtype} / {w2.dtype}")
+        out = ops.fused_moe_int8_w8a8(
+            x, w1, _per_expert_scales("w1_scale", w1_scale, e, w1.shape[1]), w2,
+            _per_expert_scales("w2_scale", w2_scale, e, w2.shape[1]), weights.float(), ids,
+            **kw)
     elif use_fp8_w8a8:
         if w1_scale is None or w2_scale is None:
             raise ValueError("use_fp8_w8a8 needs w1_scale and w2_scale")

@@ -41,7 +41,10 @@ Quantization:
                           (``ops.scaled_int8_quant`` + ``ops.scaled_mm``, exact int32
                           accumulation; int8 tensor cores on sm_80+). A compressed-tensors
                           int8 W8A8 checkpoint loads as is. Mixture-of-experts experts
-                          are int8 too, run W8A16 (``ops.fused_moe_int8``).
+                          are int8 too, run W8A8 the same way
+                          (``ops.fused_moe_int8_w8a8``); W8A16 (``ops.fused_moe_int8``)
+                          for a weight-only int8 checkpoint, asymmetric activations, or
+                          LoRA on the experts.
 
 INT8 checkpoints (compressed-tensors ``format: "int-quantized"``, llm-compressor's W8A8:
 int8 ``weight`` + ``weight_scale`` per channel or tensor; :mod:`minikernels.quant.int8`)
@@ -102,7 +105,7 @@ from ..nn.layers import XIELU
 from ..ops.fp8_w8a8 import fp8_tensor_cores
 from ..quant.fp8 import fp8_from_checkpoint
 from .linear import FusedLinear, pick_group_size, set_fp8_activations, set_int8_activations
-from .moe import FusedExperts, SparseMoE
+from .moe import FusedExperts, SparseMoE, set_int8_expert_activations
 from .parallel import (TensorParallel, mlp_intermediate_size, row_parallel_group_size,
                        shard_tensor)
 
@@ -1644,6 +1647,9 @@ def _load_hf(model_dir: str, dtype: str | torch.dtype, device: torch.device,
         quantize_linears(model, group_size, quantize_lm_head=quantize_lm_head, scheme=scheme)
     if int8_ckpt is not None and not int8_ckpt.get("activation_symmetric", True):
         set_int8_activations(model, symmetric=False)     # a zero point per token
+    elif (quantization == "int8" and int8_ckpt is None) or (
+            int8_ckpt is not None and int8_ckpt["activations"] is not None):
+        set_int8_expert_activations(model)               # int8 experts run W8A8 too
     return model
 
 
@@ -2186,6 +2192,8 @@ def load_model(model: str, dtype: str | torch.dtype = "bfloat16",
             _init_dummy(m, seed, group_size if rtn else None, scheme=scheme)
         if rtn:  # what did not stream: a tied lm_head (quantize_lm_head)
             quantize_linears(m, group_size, quantize_lm_head=quantize_lm_head, scheme=scheme)
+        if scheme == "int8":
+            set_int8_expert_activations(m)               # int8 experts run W8A8 too
     elif os.path.exists(model):
         raise CheckpointError(f"{model} is not a directory (expected a HF model directory)")
     else:

@@ -28,8 +28,10 @@ then its up_proj rows); ``experts.w2`` [E, H, I] (down_proj). Non-gated experts
 ``w13`` [E, I, H] (up_proj alone) and run the ops with ``gated=False``. With int4 (RTN on load) the
 experts are int4 too: :class:`FusedExperts` and ``ops.fused_moe_int4``; with fp8 (RTN on
 load, or an fp8 checkpoint) e4m3 with block scales and ``ops.fused_moe_fp8``; with int8
-(RTN on load, or an int8 W8A8 checkpoint) int8 with per-row scales and
-``ops.fused_moe_int8`` (W8A16: the experts' activations stay in the model dtype); a GPT-OSS
+(RTN on load, or an int8 checkpoint) int8 with per-row scales, run W8A8 by
+``ops.fused_moe_int8_w8a8`` (activations quantized per token, as the model's int8
+linears do; ``FusedExperts.int8_activations``, which the loader sets) or W8A16 by
+``ops.fused_moe_int8`` (a weight-only int8 checkpoint, or asymmetric activations); a GPT-OSS
 MXFP4 checkpoint's experts stay MXFP4 (uint8 FP4 blocks and E8M0 scales as stored,
 ``FusedExperts.set_mxfp4_``, ``ops.fused_moe_mxfp4``).
 
@@ -81,7 +83,11 @@ class FusedExperts(nn.Module):
     INT8 (``dense=False``, then :meth:`quantize_int8_part_` or :meth:`set_int8_part_`):
     ``w13_int8`` int8 [E, 2I, H] with ``w13_int8_scale`` fp32 [E, 2I] and ``w2_int8``
     [E, H, I] with ``w2_int8_scale`` [E, H], one scale per output row (see
-    :mod:`minikernels.quant.int8`); the forward is ``ops.fused_moe_int8`` (W8A16).
+    :mod:`minikernels.quant.int8`); the forward is ``ops.fused_moe_int8_w8a8`` (W8A8:
+    activations quantized per token, int8 tensor cores) when ``int8_activations`` is set
+    (the loader sets it for quantization="int8" and symmetric int8 W8A8 checkpoints),
+    else ``ops.fused_moe_int8`` (W8A16). LoRA on the experts runs W8A16 (the W8A8 op takes
+    no adapters).
 
     MXFP4 (``dense=False``, then :meth:`set_mxfp4_`: a GPT-OSS MXFP4 checkpoint's experts
     kept as stored, ~4.25 bits per weight): ``w13_blocks`` uint8 [E, 2I, H/32, 16] (gate
@@ -125,6 +131,7 @@ class FusedExperts(nn.Module):
         self.group_size: int | None = None           # int4 only
         self.fp8_block: tuple[int, int] | None = None  # fp8 only
         self.int8 = False                               # int8 buffers allocated
+        self.int8_activations = False                   # int8 experts run W8A8
         self.mxfp4 = False                              # MXFP4 buffers allocated
         self.swiglu_alpha, self.swiglu_limit = float(swiglu_alpha), float(swiglu_limit)
         self.w13 = self.w2 = None
@@ -421,8 +428,8 @@ class FusedExperts(nn.Module):
 
     def forward(self, x: Tensor, weights: Tensor, ids: Tensor) -> Tensor:
         """The experts of x [T, H] (``ops.fused_moe`` / ``fused_moe_int4`` /
-        ``fused_moe_fp8`` / ``fused_moe_int8`` / ``fused_moe_mxfp4``, with ``activation``
-        and ``gated``)."""
+        ``fused_moe_fp8`` / ``fused_moe_int8_w8a8`` / ``fused_moe_int8`` /
+        ``fused_moe_mxfp4``, with ``activation`` and ``gated``)."""
         slots = self.__dict__.get("lora")    # LoRA on the experts (minikernels.models.lora)
         lora = slots.op_args() if slots is not None else None
         kw = {"activation": self.activation, "gated": self.gated, "w13_bias": self.w13_bias,
@@ -434,6 +441,10 @@ class FusedExperts(nn.Module):
             return ops.fused_moe_mxfp4(x, self.w13_blocks, self.w13_block_scales,
                                        self.w2_blocks, self.w2_block_scales, weights, ids,
                                        lora=lora, **kw)
+        if self.int8 and self.int8_activations and lora is None:
+            return ops.fused_moe_int8_w8a8(x, self.w13_int8, self.w13_int8_scale,
+                                           self.w2_int8, self.w2_int8_scale, weights, ids,
+                                           **kw)
         if self.int8:
             return ops.fused_moe_int8(x, self.w13_int8, self.w13_int8_scale, self.w2_int8,
                                       self.w2_int8_scale, weights, ids, lora=lora, **kw)
@@ -455,6 +466,19 @@ class FusedExperts(nn.Module):
                                self.w2_qweight, self.w2_scales, self.w2_zeros, weights, ids,
                                self.group_size, lora=lora, **kw)
         return y.to(x.dtype)
+
+
+
+def set_int8_expert_activations(model: nn.Module, on: bool = True) -> int:
+    """Run every int8 :class:`FusedExperts` of ``model`` W8A8 (``on``: activations
+    quantized per token, ``ops.fused_moe_int8_w8a8``) or W8A16 (``ops.fused_moe_int8``);
+    returns how many expert stacks are int8."""
+    n = 0
+    for mod in model.modules():
+        if isinstance(mod, FusedExperts) and mod.is_int8:
+            mod.int8_activations = bool(on)
+            n += 1
+    return n
 
 
 class SharedExpert(nn.Module):

@@ -36,6 +36,7 @@ from .moe import (
     fused_moe_fp8,
     fused_moe_int4,
     fused_moe_int8,
+    fused_moe_int8_w8a8,
     fused_moe_mxfp4,
     moe_align_block_size,
 )
@@ -63,6 +64,7 @@ __all__ = [
     "fused_moe_fp8",
     "fused_moe_int4",
     "fused_moe_int8",
+    "fused_moe_int8_w8a8",
     "fused_moe_mxfp4",
     "fused_topk",
     "gated_delta_rule",

@@ -33,6 +33,11 @@ Op: ``minikernels::fused_moe_int8``: the same with INT8 experts and one fp32 sca
 output row (W8A16, vLLM's ``use_int8_w8a16`` layout). Backends: reference, triton
 (ops/triton/moe_int8.py). Tests: tests/test_moe_int8_op.py.
 
+Op: ``minikernels::fused_moe_int8_w8a8``: the same int8 experts run W8A8 (activations
+quantized per token, int8 x int8 tensor-core GEMMs with exact int32 sums: vLLM's
+``use_int8_w8a8`` with ``per_channel_quant``). Backends: reference, triton
+(ops/triton/moe_int8_w8a8.py). Tests: tests/test_moe_int8_w8a8_op.py.
+
 The five fused ops take optional per-token LoRA adapters on the experts (``MoELoRA``:
 PEFT adapters trained with expert targets on Qwen3-MoE / OLMoE / Mixtral), applied
 inside the MoE computation. Tests: tests/test_moe_lora_op.py.
@@ -778,6 +783,82 @@ def fused_moe_int8(x: Tensor, w13: Tensor, w13_scale: Tensor, w2: Tensor, w2_sca
                                                 topk_weights, topk_ids, *lora_args,
                                                 w13_bias, w2_bias, alpha, limit,
                                                 activation, gated)
+
+
+# ------------------------------------------------------------------ int8 W8A8 experts
+
+@torch.library.custom_op("minikernels::fused_moe_int8_w8a8", mutates_args=())
+def _fused_moe_int8_w8a8(x: Tensor, w13: Tensor, w13_scale: Tensor, w2: Tensor,
+                         w2_scale: Tensor, topk_weights: Tensor, topk_ids: Tensor,
+                         w13_bias: Tensor | None = None, w2_bias: Tensor | None = None,
+                         alpha: float = SWIGLUOAI_ALPHA, limit: float = SWIGLUOAI_LIMIT,
+                         activation: str = "silu", gated: bool = True) -> Tensor:
+    args = (x, w13, w13_scale, w2, w2_scale, topk_weights, topk_ids,
+            _check_activation(activation, gated), gated, w13_bias, w2_bias,
+            *_check_swiglu(alpha, limit))
+    if _backend.resolve("fused_moe_int8_w8a8", x.device) == "triton":
+        from .triton import moe_int8_w8a8 as triton_moe_w8a8
+        return triton_moe_w8a8.fused_moe_int8_w8a8(*args)
+    return reference.fused_moe_int8_w8a8(*args)
+
+
+@_fused_moe_int8_w8a8.register_fake
+def _(x: Tensor, w13: Tensor, w13_scale: Tensor, w2: Tensor, w2_scale: Tensor,
+      topk_weights: Tensor, topk_ids: Tensor, w13_bias: Tensor | None = None,
+      w2_bias: Tensor | None = None, alpha: float = SWIGLUOAI_ALPHA,
+      limit: float = SWIGLUOAI_LIMIT, activation: str = "silu", gated: bool = True
+      ) -> Tensor:
+    _check_activation(activation, gated)
+    _check_swiglu(alpha, limit)
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+def fused_moe_int8_w8a8(x: Tensor, w13: Tensor, w13_scale: Tensor, w2: Tensor,
+                        w2_scale: Tensor, topk_weights: Tensor, topk_ids: Tensor, *,
+                        activation: str = "silu", gated: bool = True,
+                        w13_bias: Tensor | None = None, w2_bias: Tensor | None = None,
+                        alpha: float = SWIGLUOAI_ALPHA,
+                        limit: float = SWIGLUOAI_LIMIT) -> Tensor:
+    """:func:`fused_moe` with INT8 W8A8 experts: int8 weights with one fp32 scale per
+    output row (:func:`fused_moe_int8`'s layout) AND int8 activations quantized per token
+    at run time, multiplied on integer tensor cores with exact int32 sums (vLLM's
+    ``fused_experts(..., use_int8_w8a8=True, per_channel_quant=True)``; the experts of
+    compressed-tensors int8 W8A8 MoE checkpoints). Out [T, H] in x.dtype, exactly
+    ``reference.fused_moe_int8_w8a8``: x quantized per token (``scaled_int8_quant``:
+    s = max|row| / 127, round half to even), gate / up = s_x * (s_w * the integer sum),
+    (+ bias), act(gate) * up rounded to x.dtype, that intermediate quantized per
+    (token, slot) row the same way, down = s_act * (s_w2 * the integer sum) (+ bias),
+    times the router weight, summed over k in fp32 and rounded once.
+
+    x          [T, H] fp16 / bf16 / fp32.
+    w13        [E, 2I, H] int8 (gate rows, then up rows), w13_scale fp32 [E, 2I].
+    w2         [E, H, I] int8 (down_proj), w2_scale fp32 [E, H].
+    topk_weights [T, k] fp32; topk_ids [T, k] int32/int64 in [0, E) (repeats count):
+               fused_moe's routing contract.
+    Every tensor may be a view with its own strides; T = 0 gives [0, H]. Exact while
+    H and I are at most 131072 (int32 sums of int8 products).
+    activation "silu" / "gelu" / "gelu_tanh" / "swigluoai" (with ``alpha`` / ``limit``),
+               as :func:`fused_moe`; gated=False: non-gated experts (w13 [E, I, H], its
+               scales [E, I]; also "relu2").
+    w13_bias / w2_bias  optional dense expert biases [E, 2I] / [E, H] in x.dtype, added to
+               the dequantized fp32 results, as :func:`fused_moe`.
+    Compared with :func:`fused_moe_int8` (W8A16), the activations' rounding to int8 adds
+    an error of about 1 / 254 of each row's largest entry per element; in exchange both
+    GEMMs run on int8 tensor cores (twice the 16-bit rate on sm_80 / sm_90) and read
+    half the activation bytes. No LoRA on these experts (use the W8A16 op).
+    """
+    _check_activation(activation, gated)
+    h, e, two_i, inter = _check_w8a16_inputs(x, w13, w2, torch.int8, topk_weights,
+                                              topk_ids, gated)
+    _check_int8_experts("w13", w13, w13_scale, (e, two_i, h), x.device)
+    _check_int8_experts("w2", w2, w2_scale, (e, h, inter), x.device)
+    _check_routing_shapes(x.shape[0], topk_weights, topk_ids, e)
+    _check_biases(x, w13_bias, w2_bias, e, two_i, gated)
+    alpha, limit = _check_swiglu(alpha, limit)
+    return torch.ops.minikernels.fused_moe_int8_w8a8(x, w13, w13_scale, w2, w2_scale,
+                                                     topk_weights, topk_ids, w13_bias,
+                                                     w2_bias, alpha, limit, activation,
+                                                     gated)
 
 
 # ------------------------------------------------------------------- alignment (sorting)

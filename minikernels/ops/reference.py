@@ -1580,6 +1580,43 @@ def fused_moe_int8(x: Tensor, w13: Tensor, w13_scale: Tensor, w2: Tensor, w2_sca
                      activation, gated, w13_bias, w2_bias, alpha, limit)
 
 
+def fused_moe_int8_w8a8(x: Tensor, w13: Tensor, w13_scale: Tensor, w2: Tensor,
+                        w2_scale: Tensor, topk_weights: Tensor, topk_ids: Tensor,
+                        activation: str = "silu", gated: bool = True,
+                        w13_bias: Tensor | None = None, w2_bias: Tensor | None = None,
+                        alpha: float = SWIGLUOAI_ALPHA,
+                        limit: float = SWIGLUOAI_LIMIT) -> Tensor:
+    """fused_moe with INT8 W8A8 experts (vLLM's ``use_int8_w8a8`` with
+    ``per_channel_quant``): int8 weights with per-row scales, int8 activations with
+    per-token scales, exact integer sums. w13 int8 [E, 2I, H] with w13_scale fp32
+    [E, 2I] (gated=False: [E, I, H] and [E, I]); w2 int8 [E, H, I] with w2_scale [E, H].
+    Per (token t, slot j) with e = topk_ids[t, j], in fp32:
+        x_q, s_x = scaled_int8_quant(x)                         (per token, symmetric)
+        gate_up  = scaled_mm(x_q[t], w13[e]^T, s_x[t], w13_scale[e]) + w13_bias[e]
+                   (s_x * (s_w * float(the exact integer sum)))
+        act      = act(gate) * up (non-gated: act(up)), rounded to x.dtype
+        a_q, s_a = scaled_int8_quant(act)                       (per pair row)
+        y        = scaled_mm(a_q, w2[e]^T, s_a, w2_scale[e]) + w2_bias[e]
+    out[t] = sum_j topk_weights[t, j] * y (fp32), rounded once to x.dtype."""
+    t, h = x.shape
+    out = torch.zeros(t, h, dtype=torch.float32, device=x.device)
+    x_q, s_x, _ = scaled_int8_quant(x)
+    ids = topk_ids.long()
+    for e in sorted({int(v) for v in ids.flatten().tolist()}):
+        rows, slots = (ids == e).nonzero(as_tuple=True)          # (token, j) pairs
+        gate_up = scaled_mm(x_q[rows], w13[e].t(), s_x[rows], w13_scale[e].float(),
+                            torch.float32, None if w13_bias is None else w13_bias[e])
+        if gated:
+            act = moe_gated_activation(gate_up, activation, alpha, limit).to(x.dtype)
+        else:
+            act = moe_activation(gate_up, activation).to(x.dtype)
+        a_q, s_a, _ = scaled_int8_quant(act)
+        y = scaled_mm(a_q, w2[e].t(), s_a, w2_scale[e].float(), torch.float32,
+                      None if w2_bias is None else w2_bias[e])
+        out.index_add_(0, rows, y * topk_weights[rows, slots].float()[:, None])
+    return out.to(x.dtype)
+
+
 #: the 16 FP4 (e2m1) values by 4-bit code (bit 3 the sign; OCP MX's table)
 FP4_E2M1 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0,
             -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
