@@ -116,6 +116,7 @@ GPU_TESTS=("${CUDA_TESTS[@]}" tests/test_flash_attention.py tests/test_op_contra
            # the fp8 weight ops, then the MoE routing ops, last: newest, and a capped
            # stage keeps the rows above
            tests/test_fp8_matmul.py tests/test_fp8_w8a8.py tests/test_moe_fp8_op.py
+           tests/test_moe_fp8_w8a8_op.py
            tests/test_fp8_bits.py
            tests/test_router_op.py tests/test_moe_align_op.py tests/test_moe_lora_op.py
            # INT8 (newest): W8A8 ops, the model / engine on them, then weight-only int8

@@ -116,7 +116,19 @@ def test_quantized_experts_match_the_dequantized_reference(device):
         got = vllm_ops.fused_moe(a, f1.to(device), f2.to(device), score, topk, False,
                                  use_fp8_w8a8=True, w1_scale=c1.to(device),
                                  w2_scale=c2.to(device), block_shape=block)
-        assert_moe_close(got, want)
+        if block is None:           # W8A16: the dequantized product up to bf16 rounding
+            assert_moe_close(got, want)
+            continue
+        # block scales run W8A8 as vLLM does (ops.fused_moe_fp8_w8a8): fp8 activations
+        # add their rounding (~2^-4 of a group's largest entry per element)
+        assert_moe_close(got, want, tol=0.1)
+        tw, ids, _ = vllm_ops.fused_topk(a, score, topk, False)
+        w8a8 = mk.ops.fused_moe_fp8_w8a8(a, f1.to(device), c1.to(device), f2.to(device),
+                                         c2.to(device), tw, ids, block)
+        assert torch.equal(got, w8a8)
+        w8a16 = mk.ops.fused_moe_fp8(a, f1.to(device), c1.to(device), f2.to(device),
+                                     c2.to(device), tw, ids, block)
+        assert not torch.equal(got, w8a16)
 
 
 def _wn16(w, bits, group, has_zp, gen):

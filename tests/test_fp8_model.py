@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 from typing import Any
+from unittest import mock
 
 import pytest
 import torch
@@ -21,7 +22,9 @@ from minikernels.engine import LLM, SamplingParams
 from minikernels.models import AttentionMetadata, load_model
 from minikernels.models.config import UnsupportedModelError
 from minikernels.models.generate import generate_tokens
+import minikernels as mk
 from minikernels.models.loader import CheckpointError, quantize_linears
+from minikernels.models.moe import set_fp8_expert_activations
 from minikernels.models.parallel import TensorParallel
 from minikernels.quant.fp8 import Fp8Weight, fp8_from_checkpoint, fp8_scheme, merge_fp8
 
@@ -403,6 +406,38 @@ def test_fp8_w8a8():
     ref = generate_tokens(w8, prompts, max_new_tokens=6, block_size=8)
     llm = LLM("tiny", dtype="float32", device="cpu", num_kv_blocks=64, block_size=8,
               quantization="fp8_w8a8", seed=4)
+    outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=6, ignore_eos=True),
+                        use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outs] == ref
+
+
+def test_fp8_w8a8_moe_experts():
+    """quantization='fp8_w8a8' on a mixture of experts: the experts (block (1, 128) over
+    H = I = 64: one activation group per row) run W8A8 too (ops.fused_moe_fp8_w8a8),
+    their logits within fp8 activation rounding of the W8A16 experts'; switched off
+    they are exactly the 'fp8' model's; the engine's greedy tokens equal the plain loop."""
+    w16 = load_model("tiny-qwen3-moe", dtype="float32", device="cpu", seed=3,
+                     quantization="fp8")
+    w8 = load_model("tiny-qwen3-moe", dtype="float32", device="cpu", seed=3,
+                    quantization="fp8_w8a8")
+    ex = w8.layers[0].mlp.experts
+    assert ex.is_fp8 and ex.fp8_activations and not w16.layers[0].mlp.experts.fp8_activations
+    seqs = _seqs(256)
+    calls = []
+    real = mk.ops.fused_moe_fp8_w8a8
+    with mock.patch.object(mk.ops, "fused_moe_fp8_w8a8",
+                           lambda *a, **k: calls.append(1) or real(*a, **k)):
+        b = _logits(w8, seqs)
+    assert calls
+    assert set_fp8_expert_activations(w8, False) == 0
+    mid = _logits(w8, seqs)                  # W8A8 linears, W8A16 experts
+    assert set_fp8_expert_activations(w8, True) == 1       # one MoE layer (of two)
+    a = _logits(w16, seqs)
+    assert 0 < rel_err(b, a) < 0.05 and not torch.equal(b, mid)
+    prompts = [[256] + random_tokens(n, 256, n) for n in (5, 19)]
+    ref = generate_tokens(w8, prompts, max_new_tokens=6, block_size=8)
+    llm = LLM("tiny-qwen3-moe", dtype="float32", device="cpu", num_kv_blocks=64,
+              block_size=8, quantization="fp8_w8a8", seed=3)
     outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=6, ignore_eos=True),
                         use_tqdm=False)
     assert [o.outputs[0].token_ids for o in outs] == ref

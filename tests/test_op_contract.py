@@ -118,6 +118,15 @@ def _samples(device: str):
                            torch.rand(4, 64, device=device) / 800,
                            torch.rand(3, 2, device=device),
                            torch.tensor([[1, 3], [0, 0], [2, 1]], device=device)),
+        "fused_moe_fp8_w8a8": (xh, (torch.randn(4, 64, 64, device=device) * 64).to(
+                                   torch.float8_e4m3fn).view(torch.uint8),
+                               torch.rand(4, 2, 2, device=device) / 800,
+                               (torch.randn(4, 64, 32, device=device) * 64).to(
+                                   torch.float8_e4m3fn).view(torch.uint8),
+                               torch.rand(4, 2, 1, device=device) / 800,
+                               torch.rand(3, 2, device=device),
+                               torch.tensor([[1, 3], [0, 0], [2, 1]], device=device),
+                               [32, 32]),
         "fused_moe_int8_w8a8": (xh, torch.randint(-128, 128, (4, 64, 64), dtype=torch.int8,
                                                   device=device),
                                 torch.rand(4, 64, device=device) / 800,
@@ -225,8 +234,8 @@ def test_opcheck_rotary_styles(backend, is_neox_style, device):
 
 @pytest.mark.parametrize("activation", ["gelu", "gelu_tanh"])
 @pytest.mark.parametrize("name", ["fused_moe", "fused_moe_int4", "fused_moe_fp8",
-                                  "fused_moe_int8", "fused_moe_int8_w8a8",
-                                  "fused_moe_mxfp4"])
+                                  "fused_moe_fp8_w8a8", "fused_moe_int8",
+                                  "fused_moe_int8_w8a8", "fused_moe_mxfp4"])
 def test_opcheck_moe_activation(name, activation, device):
     # the fused MoE ops' activation argument (the generic sample leaves it at "silu")
     op = getattr(torch.ops.minikernels, name)
@@ -237,8 +246,8 @@ def test_opcheck_moe_activation(name, activation, device):
 
 @pytest.mark.parametrize("activation", ["relu2", "silu"])
 @pytest.mark.parametrize("name", ["fused_moe", "fused_moe_int4", "fused_moe_fp8",
-                                  "fused_moe_int8", "fused_moe_int8_w8a8",
-                                  "fused_moe_mxfp4"])
+                                  "fused_moe_fp8_w8a8", "fused_moe_int8",
+                                  "fused_moe_int8_w8a8", "fused_moe_mxfp4"])
 def test_opcheck_moe_nongated(name, activation, device):
     # non-gated experts (gated=False, the ops' last argument): the generic sample's w13
     # (and its scales / zeros) cut to the I up rows
@@ -246,7 +255,8 @@ def test_opcheck_moe_nongated(name, activation, device):
     assert op.default._schema.arguments[-1].name == "gated"
     args = list(_samples(device)[name])
     up_rows = {"fused_moe": (1,), "fused_moe_int4": (1, 2, 3), "fused_moe_fp8": (1, 2),
-               "fused_moe_int8": (1, 2), "fused_moe_int8_w8a8": (1, 2),
+               "fused_moe_fp8_w8a8": (1, 2), "fused_moe_int8": (1, 2),
+               "fused_moe_int8_w8a8": (1, 2),
                "fused_moe_mxfp4": (1, 2)}[name]
     for i in up_rows:          # (fp8: 2 row blocks of 32 -> 1)
         args[i] = args[i][:, :args[i].shape[1] // 2].contiguous()
@@ -255,8 +265,8 @@ def test_opcheck_moe_nongated(name, activation, device):
 
 
 @pytest.mark.parametrize("name", ["fused_moe", "fused_moe_int4", "fused_moe_fp8",
-                                  "fused_moe_int8", "fused_moe_int8_w8a8",
-                                  "fused_moe_mxfp4"])
+                                  "fused_moe_fp8_w8a8", "fused_moe_int8",
+                                  "fused_moe_int8_w8a8", "fused_moe_mxfp4"])
 def test_opcheck_moe_swigluoai_biases(name, device):
     # GPT-OSS's experts: the optional expert biases (w13_bias [E, 2I], w2_bias [E, H])
     # and swigluoai's alpha / limit, the schema's arguments before activation / gated

@@ -214,6 +214,17 @@ def op_cases(device: str, dtype: torch.dtype, small: bool) -> list[Case]:
                       routed * 3 * hm * im * (1 + 4 / 128 ** 2) + 2 * nm * hm * es,
                       6 * nm * topk * hm * im, ("triton",),
                       lambda: ops.fused_moe(xm, w13, w2, mw, mids)))
+    # the same fp8 experts run W8A8 (vLLM's use_fp8_w8a8 + block_shape [128, 128]): fp8
+    # tensor-core GEMMs; bytes add the two per-token-group quantizations (x and the
+    # [T*k, I] intermediate read in x.dtype, written as fp8 + scales)
+    if hm % 128 == 0 and im % 128 == 0:
+        cases.append(Case("fused_moe_fp8_w8a8 top8 128x128",
+                          f"{nm}tok {hm}x{im} E{ne} k{topk}",
+                          lambda: ops.fused_moe_fp8_w8a8(xm, *f13, *f2, mw, mids, (128, 128)),
+                          routed * 3 * hm * im * (1 + 4 / 128 ** 2) + 2 * nm * hm * es
+                          + nm * hm * (es + 1) + nm * topk * im * (2 * es + 1),
+                          6 * nm * topk * hm * im, ("triton",),
+                          lambda: ops.fused_moe(xm, w13, w2, mw, mids)))
     # the same MoE with int8 experts (W8A16, one fp32 scale per output row: vLLM's
     # use_int8_w8a16), the same peer; bytes: routed experts' int8 bytes + fp32 row
     # scales + x and out

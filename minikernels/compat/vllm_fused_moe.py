@@ -17,9 +17,13 @@ int32 / int64 [T, k]. Weight formats:
                                              dtype ((q - zero) * scale, as vLLM's kernel
                                              converts them), then ops.fused_moe: a compat
                                              path, not a serving one
-    use_fp8_w8a8 (float8_e4m3fn w; block_shape [bn, bk] with scales [E, 2N / bn,
-        K / bk], or per-tensor scales [E] / per-channel [E, 2N, 1])
-                                             ops.fused_moe_fp8, run W8A16
+    use_fp8_w8a8 with block_shape [bn, bk] (float8_e4m3fn w, scales [E, 2N / bn,
+        K / bk]; bk a multiple of 32 dividing K and N: DeepSeek-V3 / Qwen3-FP8's
+        [128, 128])                          ops.fused_moe_fp8_w8a8: W8A8 as vLLM runs
+                                             it (activations quantized per token and
+                                             group of bk, fp8 tensor-core GEMMs)
+    use_fp8_w8a8 otherwise (per-tensor scales [E] / per-channel [E, 2N, 1], or a bk
+        that does not divide K and N)        ops.fused_moe_fp8, run W8A16
     use_int8_w8a8 with per_channel_quant (int8 w, fp32 per-channel scales [E, 2N(, 1)]
         and [E, K(, 1)] or per-tensor [E]; activations quantized per token)
                                              ops.fused_moe_int8_w8a8 (int8 x int8
@@ -33,10 +37,11 @@ int32 / int64 [T, k]. Weight formats:
                                              W8A8 as vLLM computes it, per expert
                                              present (one host sync): a compat path
 
-Differences, by design: fp8 experts run W8A16 (minikernels' fp8 MoE kernel keeps the
-activations 16-bit), so results differ from vLLM's W8A8 by its activation rounding (they
-are closer to the unquantized product); ``a1_scale`` / ``a2_scale`` (static activation
-scales) are accepted and unused for the same reason. int8 W8A8 rounds x / scale half to
+Differences, by design: fp8 experts with per-tensor or per-channel scales run W8A16
+(the activations stay 16-bit), so results differ from vLLM's W8A8 by its activation
+rounding (they are closer to the unquantized product); ``a1_scale`` / ``a2_scale``
+(static activation scales) are accepted and unused (block fp8 quantizes the activations
+dynamically, as vLLM does). int8 W8A8 rounds x / scale half to
 even (vLLM's per-token quantizer rounds half away from zero: a tie moves one step). Not
 covered: static ``a1_scale`` / ``a2_scale`` with int8 W8A8 (vLLM supports only per-token
 or block activations there too: a ValueError without ``per_channel_quant`` or
@@ -272,7 +277,14 @@ def fused_experts(hidden_states: Tensor, w1: Tensor, w2: Tensor, topk_weights: T
             raise TypeError(f"use_fp8_w8a8 needs float8_e4m3fn w1 / w2, got {w1.dtype} / "
                             f"{w2.dtype}")
         s1, s2, block = _fp8_scales(w1_scale, w2_scale, w1, w2, block_shape)
-        out = ops.fused_moe_fp8(x, w1, s1, w2, s2, weights.float(), ids, block, **kw)
+        h, inter = w1.shape[2], w2.shape[2]
+        if block_shape is not None and block[1] % 32 == 0 and h % block[1] == 0 \
+                and inter % block[1] == 0:
+            # vLLM's block fp8 W8A8: activations quantized per token and group of bk
+            out = ops.fused_moe_fp8_w8a8(x, w1, s1, w2, s2, weights.float(), ids, block,
+                                         **kw)
+        else:
+            out = ops.fused_moe_fp8(x, w1, s1, w2, s2, weights.float(), ids, block, **kw)
     elif use_int8_w8a16:
         if w1_scale is None or w2_scale is None:
             raise ValueError("use_int8_w8a16 needs w1_scale and w2_scale")

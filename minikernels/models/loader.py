@@ -33,7 +33,9 @@ Quantization:
                           activations quantized per token and 128-wide K group
                           (``ops.per_token_group_quant_fp8`` + ``ops.w8a8_block_fp8_matmul``;
                           fp8 tensor cores on sm_89+). Opt-in until a GPU run has measured
-                          it against W8A16; the experts stay W8A16. On a GPU without fp8
+                          it against W8A16. Mixture-of-experts experts with block scales
+                          run W8A8 too (``ops.fused_moe_fp8_w8a8``: bk a multiple of 32
+                          dividing H and I; others stay W8A16). On a GPU without fp8
                           tensor cores (A100) it runs W8A16 instead, with a warning.
     quantization="int8"   INT8 W8A8 (SmoothQuant-style, without smoothing): per-channel
                           symmetric RTN int8 of every linear layer on load, streaming as
@@ -105,7 +107,8 @@ from ..nn.layers import XIELU
 from ..ops.fp8_w8a8 import fp8_tensor_cores
 from ..quant.fp8 import fp8_from_checkpoint
 from .linear import FusedLinear, pick_group_size, set_fp8_activations, set_int8_activations
-from .moe import FusedExperts, SparseMoE, set_int8_expert_activations
+from .moe import (FusedExperts, SparseMoE, set_fp8_expert_activations,
+                  set_int8_expert_activations)
 from .parallel import (TensorParallel, mlp_intermediate_size, row_parallel_group_size,
                        shard_tensor)
 
@@ -2215,5 +2218,6 @@ def load_model(model: str, dtype: str | torch.dtype = "bfloat16",
             m.quantization = "fp8"
         else:
             set_fp8_activations(m, "dynamic")
+            set_fp8_expert_activations(m)          # block-fp8 experts run W8A8 too
     fuse_w8a8_inputs(m)      # W8A8 linears: their norms quantize the activations
     return m

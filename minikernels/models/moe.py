@@ -45,6 +45,8 @@ multiplier) is a partial sum: one all-reduce, then Granite-MoE's residual_multip
 """
 from __future__ import annotations
 
+import logging
+
 import torch
 from torch import Tensor, nn
 
@@ -53,6 +55,8 @@ from .config import DecoderConfig
 from .gpt_oss import mxfp4_checkpoint
 from .linear import FusedLinear
 from .parallel import TensorParallel
+
+logger = logging.getLogger("minikernels")
 
 #: a checkpoint's per-expert projections -> the part of w13 / w2 they fill
 EXPERT_PARTS = ("gate_proj", "up_proj", "down_proj")
@@ -132,6 +136,7 @@ class FusedExperts(nn.Module):
         self.fp8_block: tuple[int, int] | None = None  # fp8 only
         self.int8 = False                               # int8 buffers allocated
         self.int8_activations = False                   # int8 experts run W8A8
+        self.fp8_activations = False                    # fp8 experts run W8A8
         self.mxfp4 = False                              # MXFP4 buffers allocated
         self.swiglu_alpha, self.swiglu_limit = float(swiglu_alpha), float(swiglu_limit)
         self.w13 = self.w2 = None
@@ -448,6 +453,9 @@ class FusedExperts(nn.Module):
         if self.int8:
             return ops.fused_moe_int8(x, self.w13_int8, self.w13_int8_scale, self.w2_int8,
                                       self.w2_int8_scale, weights, ids, lora=lora, **kw)
+        if self.fp8_block is not None and self.fp8_activations and lora is None:
+            return ops.fused_moe_fp8_w8a8(x, self.w13_fp8, self.w13_scale, self.w2_fp8,
+                                          self.w2_scale, weights, ids, self.fp8_block, **kw)
         if self.fp8_block is not None:
             return ops.fused_moe_fp8(x, self.w13_fp8, self.w13_scale, self.w2_fp8,
                                      self.w2_scale, weights, ids, self.fp8_block, lora=lora,
@@ -467,6 +475,28 @@ class FusedExperts(nn.Module):
                                self.group_size, lora=lora, **kw)
         return y.to(x.dtype)
 
+
+
+def set_fp8_expert_activations(model: nn.Module, on: bool = True) -> int:
+    """Run the fp8 :class:`FusedExperts` of ``model`` W8A8 (``on``: activations quantized
+    per token and group of bk, ``ops.fused_moe_fp8_w8a8``) or W8A16
+    (``ops.fused_moe_fp8``). W8A8 needs a bk that is a multiple of 32 dividing H and
+    this rank's I, or covering such a K whole (DeepSeek-V3 / Qwen3-FP8's 128 x 128
+    blocks, RTN's); other fp8 experts stay W8A16, logged. Returns how many expert
+    stacks run W8A8."""
+    n = 0
+    for mod in model.modules():
+        if isinstance(mod, FusedExperts) and mod.fp8_block is not None:
+            bk = mod.fp8_block[1]
+            ok = all(min(bk, k) % 32 == 0 and k % min(bk, k) == 0
+                     for k in (mod.hidden, mod.w2_fp8.shape[2]))
+            if on and not ok:
+                logger.info("minikernels: fp8 experts with block %s (H %d, I %d) run W8A16: "
+                            "W8A8 needs a bk that is a multiple of 32 dividing H and I",
+                            mod.fp8_block, mod.hidden, mod.w2_fp8.shape[2])
+            mod.fp8_activations = bool(on) and ok
+            n += mod.fp8_activations
+    return n
 
 
 def set_int8_expert_activations(model: nn.Module, on: bool = True) -> int:

@@ -33,6 +33,11 @@ Op: ``minikernels::fused_moe_int8``: the same with INT8 experts and one fp32 sca
 output row (W8A16, vLLM's ``use_int8_w8a16`` layout). Backends: reference, triton
 (ops/triton/moe_int8.py). Tests: tests/test_moe_int8_op.py.
 
+Op: ``minikernels::fused_moe_fp8_w8a8``: the fp8 experts run W8A8 (activations
+quantized per token and group of bk columns, fp8 x fp8 tensor-core GEMMs: vLLM's
+``use_fp8_w8a8`` with ``block_shape``). Backends: reference, triton
+(ops/triton/moe_fp8_w8a8.py; sm_89+). Tests: tests/test_moe_fp8_w8a8_op.py.
+
 Op: ``minikernels::fused_moe_int8_w8a8``: the same int8 experts run W8A8 (activations
 quantized per token, int8 x int8 tensor-core GEMMs with exact int32 sums: vLLM's
 ``use_int8_w8a8`` with ``per_channel_quant``). Backends: reference, triton
@@ -783,6 +788,98 @@ def fused_moe_int8(x: Tensor, w13: Tensor, w13_scale: Tensor, w2: Tensor, w2_sca
                                                 topk_weights, topk_ids, *lora_args,
                                                 w13_bias, w2_bias, alpha, limit,
                                                 activation, gated)
+
+
+# ------------------------------------------------------------------- fp8 W8A8 experts
+
+@torch.library.custom_op("minikernels::fused_moe_fp8_w8a8", mutates_args=())
+def _fused_moe_fp8_w8a8(x: Tensor, w13: Tensor, w13_scale: Tensor, w2: Tensor,
+                        w2_scale: Tensor, topk_weights: Tensor, topk_ids: Tensor,
+                        block_size: list[int], w13_bias: Tensor | None = None,
+                        w2_bias: Tensor | None = None, alpha: float = SWIGLUOAI_ALPHA,
+                        limit: float = SWIGLUOAI_LIMIT, activation: str = "silu",
+                        gated: bool = True) -> Tensor:
+    args = (_check_activation(activation, gated), gated, w13_bias, w2_bias,
+            *_check_swiglu(alpha, limit))
+    if _fp8_w8a8_backend(x.device) == "triton":
+        from .triton import moe_fp8_w8a8 as triton_moe_fp8_w8a8
+        return triton_moe_fp8_w8a8.fused_moe_fp8_w8a8(
+            x, w13, w13_scale, w2, w2_scale, topk_weights, topk_ids, block_size, *args)
+    return reference.fused_moe_fp8_w8a8(
+        x, w13.view(torch.float8_e4m3fn), w13_scale, w2.view(torch.float8_e4m3fn),
+        w2_scale, topk_weights, topk_ids, (block_size[0], block_size[1]), *args)
+
+
+@_fused_moe_fp8_w8a8.register_fake
+def _(x: Tensor, w13: Tensor, w13_scale: Tensor, w2: Tensor, w2_scale: Tensor,
+      topk_weights: Tensor, topk_ids: Tensor, block_size: list[int],
+      w13_bias: Tensor | None = None, w2_bias: Tensor | None = None,
+      alpha: float = SWIGLUOAI_ALPHA, limit: float = SWIGLUOAI_LIMIT,
+      activation: str = "silu", gated: bool = True) -> Tensor:
+    _check_activation(activation, gated)
+    _check_swiglu(alpha, limit)
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+def _fp8_w8a8_backend(device: torch.device) -> str:
+    """'triton' or 'reference' for fused_moe_fp8_w8a8: the Triton kernels need fp8
+    tensor cores (sm_89+); older GPUs take the reference path (with a warning, once)."""
+    from .fp8_w8a8 import _which
+
+    return _which("fused_moe_fp8_w8a8", device)
+
+
+def fused_moe_fp8_w8a8(x: Tensor, w13: Tensor, w13_scale: Tensor, w2: Tensor,
+                       w2_scale: Tensor, topk_weights: Tensor, topk_ids: Tensor,
+                       block_size: tuple[int, int] | list[int], *,
+                       activation: str = "silu", gated: bool = True,
+                       w13_bias: Tensor | None = None, w2_bias: Tensor | None = None,
+                       alpha: float = SWIGLUOAI_ALPHA,
+                       limit: float = SWIGLUOAI_LIMIT) -> Tensor:
+    """:func:`fused_moe_fp8` run W8A8: the same fp8 experts with block scales, and fp8
+    activations quantized per token and group of bk columns at run time, both GEMMs on
+    fp8 tensor cores (vLLM's ``fused_experts(..., use_fp8_w8a8=True, block_shape=[bn,
+    bk])``: how vLLM runs DeepSeek-V3 / Qwen3-FP8 MoE checkpoints). Out [T, H] in
+    x.dtype, exactly ``reference.fused_moe_fp8_w8a8``: x quantized per token group
+    (``per_token_group_quant_fp8``: s = max(max|group|, 1e-10) / 448, q = fp8(x / s)),
+    each K group's fp8 x fp8 partial sum times s_x * s_w added in fp32 (+ bias),
+    act(gate) * up rounded to x.dtype, that intermediate quantized per (token, slot)
+    row and group the same way, the down GEMM likewise (+ bias), times the router
+    weight, summed over k in fp32 and rounded once.
+
+    x          [T, H] fp16 / bf16 / fp32.
+    w13        [E, 2I, H] torch.float8_e4m3fn (gate rows, then up rows), w13_scale fp32
+               [E, ceil(2I / bn), H / bk].
+    w2         [E, H, I] torch.float8_e4m3fn, w2_scale fp32 [E, ceil(H / bn), I / bk].
+    block_size (bn, bk): bk a multiple of 32 (fp8 MMA's K step) dividing H and I (the
+               activations' quantization groups); a bk >= K covers that K whole (one
+               group per row), which must then be a multiple of 32. (128, 128) for the
+               hub's checkpoints.
+    topk_weights [T, k] fp32; topk_ids [T, k] int32/int64 in [0, E) (repeats count).
+    Every tensor may be a view with its own strides; T = 0 gives [0, H].
+    activation / gated / w13_bias / w2_bias / alpha / limit: as :func:`fused_moe_fp8`.
+    The fp8 GEMMs need fp8 tensor cores (sm_89+): on older GPUs the op takes the
+    reference path (slow; :func:`fused_moe_fp8` runs the same weights W8A16 there).
+    No LoRA on these experts (use :func:`fused_moe_fp8`).
+    """
+    _check_activation(activation, gated)
+    h, e, two_i, inter = _check_w8a16_inputs(x, w13, w2, torch.float8_e4m3fn,
+                                              topk_weights, topk_ids, gated)
+    bn, bk = check_block_size(block_size, max(h, inter))
+    for k_dim in (h, inter):
+        if min(bk, k_dim) % 32 or k_dim % min(bk, k_dim):
+            raise ValueError(f"block_size bk ({bk}) must be a multiple of 32 that divides H "
+                             f"({h}) and I ({inter}), or cover such a K whole: the "
+                             f"activations are quantized in groups of bk columns; got "
+                             f"block_size {tuple(block_size)}")
+    _check_fp8_experts("w13", w13, w13_scale, (e, two_i, h), bn, bk, x.device)
+    _check_fp8_experts("w2", w2, w2_scale, (e, h, inter), bn, bk, x.device)
+    _check_routing_shapes(x.shape[0], topk_weights, topk_ids, e)
+    _check_biases(x, w13_bias, w2_bias, e, two_i, gated)
+    alpha, limit = _check_swiglu(alpha, limit)
+    return torch.ops.minikernels.fused_moe_fp8_w8a8(
+        x, w13.view(torch.uint8), w13_scale, w2.view(torch.uint8), w2_scale, topk_weights,
+        topk_ids, [bn, bk], w13_bias, w2_bias, alpha, limit, activation, gated)
 
 
 # ------------------------------------------------------------------ int8 W8A8 experts

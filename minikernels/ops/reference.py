@@ -1617,6 +1617,50 @@ def fused_moe_int8_w8a8(x: Tensor, w13: Tensor, w13_scale: Tensor, w2: Tensor,
     return out.to(x.dtype)
 
 
+def fused_moe_fp8_w8a8(x: Tensor, w13: Tensor, w13_scale: Tensor, w2: Tensor,
+                       w2_scale: Tensor, topk_weights: Tensor, topk_ids: Tensor,
+                       block_size: tuple[int, int], activation: str = "silu",
+                       gated: bool = True, w13_bias: Tensor | None = None,
+                       w2_bias: Tensor | None = None, alpha: float = SWIGLUOAI_ALPHA,
+                       limit: float = SWIGLUOAI_LIMIT) -> Tensor:
+    """fused_moe with block-wise FP8 W8A8 experts (vLLM's ``use_fp8_w8a8`` with
+    ``block_shape`` [bn, bk]): fp8 weights with block scales (fused_moe_fp8's layout: w13
+    float8_e4m3fn [E, 2I, H] with w13_scale fp32 [E, ceil(2I / bn), H / bk], w2 [E, H, I]
+    with [E, ceil(H / bn), I / bk]; gated=False: w13 [E, I, H]) and fp8 activations
+    quantized per token and group of bk columns; each matrix's bk, clamped to its K (a
+    block past the edge covers the edge), divides that K.
+    Per (token t, slot j) with e = topk_ids[t, j], in fp32:
+        x_q, s_x = per_token_group_quant_fp8(x, bk)
+        gate_up  = w8a8_block_fp8_matmul(x_q[t], w13[e], s_x[t], w13_scale[e]) + bias
+                   (each K group's partial sum times s_x * s_w, added in fp32)
+        act      = act(gate) * up (non-gated: act(up)), rounded to x.dtype
+        a_q, s_a = per_token_group_quant_fp8(act, bk)
+        y        = w8a8_block_fp8_matmul(a_q, w2[e], s_a, w2_scale[e]) + w2_bias[e]
+    out[t] = sum_j topk_weights[t, j] * y (fp32), rounded once to x.dtype."""
+    t, h = x.shape
+    bn, bk = block_size
+    bk13, bk2 = min(bk, h), min(bk, w2.shape[2])      # a block past the edge: the edge
+    out = torch.zeros(t, h, dtype=torch.float32, device=x.device)
+    x_q, s_x = per_token_group_quant_fp8(x, bk13)
+    ids = topk_ids.long()
+    for e in sorted({int(v) for v in ids.flatten().tolist()}):
+        rows, slots = (ids == e).nonzero(as_tuple=True)          # (token, j) pairs
+        gate_up = w8a8_block_fp8_matmul(x_q[rows], w13[e], s_x[rows], w13_scale[e],
+                                        [bn, bk13], torch.float32)
+        if w13_bias is not None:
+            gate_up = gate_up + w13_bias[e].float()
+        if gated:
+            act = moe_gated_activation(gate_up, activation, alpha, limit).to(x.dtype)
+        else:
+            act = moe_activation(gate_up, activation).to(x.dtype)
+        a_q, s_a = per_token_group_quant_fp8(act, bk2)
+        y = w8a8_block_fp8_matmul(a_q, w2[e], s_a, w2_scale[e], [bn, bk2], torch.float32)
+        if w2_bias is not None:
+            y = y + w2_bias[e].float()
+        out.index_add_(0, rows, y * topk_weights[rows, slots].float()[:, None])
+    return out.to(x.dtype)
+
+
 #: the 16 FP4 (e2m1) values by 4-bit code (bit 3 the sign; OCP MX's table)
 FP4_E2M1 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0,
             -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
