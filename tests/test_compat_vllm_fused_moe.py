@@ -131,6 +131,61 @@ def test_quantized_experts_match_the_dequantized_reference(device):
         assert not torch.equal(got, w8a16)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_fp8_per_channel_w8a8_experts(device, dtype):
+    """use_fp8_w8a8 with per_channel_quant (compressed-tensors FP8-dynamic MoE: per-channel
+    fp8 weights, per-token fp8 activations, vLLM's per-token-quant path): against a torch
+    recipe written here (x and the intermediate quantized per token to e4m3, the fp8
+    products scaled by both scales), and exactly ops.fused_moe_fp8_w8a8 with one block
+    per row; per-tensor weight scales [E] equal per-channel ones that repeat a value;
+    without per_channel_quant (per-tensor activations) the experts run W8A16."""
+    gen = torch.Generator().manual_seed(11)
+    e, n, k, topk, m = 4, 64, 96, 2, 13
+    a = torch.randn(m, k, generator=gen).to(dtype)
+    score = torch.randn(m, e, generator=gen)
+    w1 = (torch.randn(e, 2 * n, k, generator=gen) * 50).clamp(-448, 448).to(FP8)
+    w2 = (torch.randn(e, k, n, generator=gen) * 50).clamp(-448, 448).to(FP8)
+    s1 = (torch.rand(e, 2 * n, 1, generator=gen) + 0.5) / (50 * k ** 0.5)
+    s2 = (torch.rand(e, k, 1, generator=gen) + 0.5) / (50 * n ** 0.5)
+
+    def per_token(v):
+        sc = v.float().abs().amax(-1, keepdim=True).clamp_min(1e-10) / 448.0
+        return (v.float() / sc).clamp(-448, 448).to(FP8).float(), sc
+
+    tw, ids, _ = vllm_ops.fused_topk(a, score, topk, False)
+    want = torch.zeros(m, k)
+    aq, asc = per_token(a)
+    for t in range(m):
+        for j in range(topk):
+            i = int(ids[t, j])
+            h = (asc[t] * (aq[t] @ w1[i].float().t()) * s1[i, :, 0]).float()
+            act = (torch.nn.functional.silu(h[:n]) * h[n:]).to(dtype)
+            hq, hs = per_token(act[None])
+            want[t] += float(tw[t, j]) * (hs[0] * (hq[0] @ w2[i].float().t()) * s2[i, :, 0])
+    dev = [v.to(device) for v in (a, w1, w2, score, s1, s2)]
+    got = vllm_ops.fused_moe(dev[0], dev[1], dev[2], dev[3], topk, False, use_fp8_w8a8=True,
+                             per_channel_quant=True, w1_scale=dev[4], w2_scale=dev[5])
+    assert_moe_close(got, want, tol=1e-2)
+    tw_d, ids_d = tw.to(device), ids.to(device)
+    direct = mk.ops.fused_moe_fp8_w8a8(dev[0], dev[1], dev[4], dev[2], dev[5], tw_d, ids_d,
+                                       (1, k))
+    assert torch.equal(got, direct)
+    per_tensor = vllm_ops.fused_moe(dev[0], dev[1], dev[2], dev[3], topk, False,
+                                    use_fp8_w8a8=True, per_channel_quant=True,
+                                    w1_scale=dev[4][:, :1, 0].reshape(e),
+                                    w2_scale=dev[5][:, :1, 0].reshape(e))
+    expanded = vllm_ops.fused_moe(dev[0], dev[1], dev[2], dev[3], topk, False,
+                                  use_fp8_w8a8=True, per_channel_quant=True,
+                                  w1_scale=dev[4][:, :1].expand(e, 2 * n, 1),
+                                  w2_scale=dev[5][:, :1].expand(e, k, 1))
+    assert torch.equal(per_tensor, expanded)
+    w8a16 = vllm_ops.fused_moe(dev[0], dev[1], dev[2], dev[3], topk, False,
+                               use_fp8_w8a8=True, w1_scale=dev[4], w2_scale=dev[5])
+    assert torch.equal(w8a16, mk.ops.fused_moe_fp8(dev[0], dev[1], dev[4], dev[2], dev[5],
+                                                   tw_d, ids_d, (1, k)))
+    assert not torch.equal(w8a16, got)
+
+
 def _wn16(w, bits, group, has_zp, gen):
     """vLLM's test_fused_moe_wn16 packing of one expert matrix w [rows, K] (fp32): RTN per
     row and group (asymmetric with zero points, else the symmetric 8 / 128 zero), then

@@ -22,8 +22,13 @@ int32 / int64 [T, k]. Weight formats:
         [128, 128])                          ops.fused_moe_fp8_w8a8: W8A8 as vLLM runs
                                              it (activations quantized per token and
                                              group of bk, fp8 tensor-core GEMMs)
-    use_fp8_w8a8 otherwise (per-tensor scales [E] / per-channel [E, 2N, 1], or a bk
-        that does not divide K and N)        ops.fused_moe_fp8, run W8A16
+    use_fp8_w8a8 with per_channel_quant (per-channel weight scales [E, 2N(, 1)] or
+        per-tensor [E]; activations quantized per token; K and N multiples of 32)
+                                             ops.fused_moe_fp8_w8a8 with one block per
+                                             row: W8A8 as vLLM runs compressed-tensors
+                                             "FP8-dynamic" MoE checkpoints
+    use_fp8_w8a8 otherwise (per-tensor activations, or a bk that does not divide K and
+        N)                                   ops.fused_moe_fp8, run W8A16
     use_int8_w8a8 with per_channel_quant (int8 w, fp32 per-channel scales [E, 2N(, 1)]
         and [E, K(, 1)] or per-tensor [E]; activations quantized per token)
                                              ops.fused_moe_int8_w8a8 (int8 x int8
@@ -37,11 +42,12 @@ int32 / int64 [T, k]. Weight formats:
                                              W8A8 as vLLM computes it, per expert
                                              present (one host sync): a compat path
 
-Differences, by design: fp8 experts with per-tensor or per-channel scales run W8A16
-(the activations stay 16-bit), so results differ from vLLM's W8A8 by its activation
-rounding (they are closer to the unquantized product); ``a1_scale`` / ``a2_scale``
-(static activation scales) are accepted and unused (block fp8 quantizes the activations
-dynamically, as vLLM does). int8 W8A8 rounds x / scale half to
+Differences, by design: fp8 experts without block or per-token activation quantization
+(vLLM: one dynamic or static scale for the whole activation tensor) run W8A16 (the
+activations stay 16-bit), so results differ from vLLM's W8A8 by its activation rounding
+(they are closer to the unquantized product); ``a1_scale`` / ``a2_scale`` (static
+activation scales) are accepted and unused. Per-token fp8 activation scales floor a
+row's max |x| at 1e-10 (vLLM: the scale at 1 / (448 * 512)): only near-zero rows differ. int8 W8A8 rounds x / scale half to
 even (vLLM's per-token quantizer rounds half away from zero: a tie moves one step). Not
 covered: static ``a1_scale`` / ``a2_scale`` with int8 W8A8 (vLLM supports only per-token
 or block activations there too: a ValueError without ``per_channel_quant`` or
@@ -281,6 +287,11 @@ def fused_experts(hidden_states: Tensor, w1: Tensor, w2: Tensor, topk_weights: T
         if block_shape is not None and block[1] % 32 == 0 and h % block[1] == 0 \
                 and inter % block[1] == 0:
             # vLLM's block fp8 W8A8: activations quantized per token and group of bk
+            out = ops.fused_moe_fp8_w8a8(x, w1, s1, w2, s2, weights.float(), ids, block,
+                                         **kw)
+        elif block_shape is None and per_channel_quant and h % 32 == 0 and inter % 32 == 0:
+            # per-channel (or per-tensor) weights with per-token fp8 activations: the
+            # block op with one block per row, whose activation group is the whole row
             out = ops.fused_moe_fp8_w8a8(x, w1, s1, w2, s2, weights.float(), ids, block,
                                          **kw)
         else:
