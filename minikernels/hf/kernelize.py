@@ -37,7 +37,10 @@ In place, inference only:
   ``quantize="fp8"``: ``quantize_model(method="fp8")`` (128 x 128 blocks; the fused
   gate_up's blocks equal gate's and up's apart when 128 divides the intermediate size);
   ``quantize="int8"``: ``quantize_model(method="int8")`` (INT8 W8A8, per-channel scales:
-  the fused gate_up's rows equal gate's and up's apart).
+  the fused gate_up's rows equal gate's and up's apart). A mixture-of-experts model's
+  experts (transformers 5's 3-D ``gate_up_proj`` / ``down_proj``) are quantized too
+  (``experts=True``; :func:`minikernels.hf.experts.quantize_experts`) and run on the fused
+  MoE ops (``experts_implementation="minikernels"``).
 """
 from __future__ import annotations
 
@@ -479,7 +482,8 @@ class KernelizeSummary:
     names replaced or patched; ``recurrent``: mixer name -> the package functions
     (``causal_conv1d_fn``, ``chunk_gated_delta_rule``, ...) its forward now calls from
     minikernels.compat; ``skipped``: module name -> why it was left alone;
-    ``quantization``: quantize_model's summary when quantize is set."""
+    ``quantization``: quantize_model's summary when quantize is set; ``experts``: experts
+    module name -> its quantization method, or why it stayed dense."""
 
     rms_norm: list[str] = field(default_factory=list)
     fused_residual: list[str] = field(default_factory=list)
@@ -487,6 +491,7 @@ class KernelizeSummary:
     recurrent: dict[str, list[str]] = field(default_factory=dict)
     skipped: dict[str, str] = field(default_factory=dict)
     quantization: Any = None
+    experts: dict[str, str] = field(default_factory=dict)
 
     def __str__(self) -> str:
         text = (f"kernelize: {len(self.rms_norm)} RMSNorm -> mk.ops.rms_norm, "
@@ -498,6 +503,9 @@ class KernelizeSummary:
                      f"({', '.join(funcs)})")
         if self.quantization is not None:
             text += f"; {self.quantization}"
+        if self.experts:
+            quantized = sum(v in ("int4", "fp8", "int8") for v in self.experts.values())
+            text += f"; {quantized} of {len(self.experts)} experts modules quantized"
         if self.skipped:
             items = [f"{k}: {v}" for k, v in self.skipped.items()]
             text += "; skipped " + "; ".join(items[:6]) + (
@@ -523,7 +531,7 @@ def _set(model: nn.Module, name: str, module: nn.Module) -> None:
 
 def kernelize(model: nn.Module, rms_norm: bool = True, mlp: bool = True,
               quantize: str | None = None, group_size: int = 128,
-              recurrent: bool = True) -> KernelizeSummary:
+              recurrent: bool = True, experts: bool = True) -> KernelizeSummary:
     """Swap ``model``'s RMSNorms, residual adds and SiLU MLPs for minikernels' fused ops, in
     place; route its recurrent mixers' conv / gated delta rule / Mamba-2 scan functions to
     minikernels.compat (``recurrent``; :func:`unroute_recurrent` undoes it); optionally
@@ -534,7 +542,11 @@ def kernelize(model: nn.Module, rms_norm: bool = True, mlp: bool = True,
     require grad. Attention is chosen separately (``attn_implementation="minikernels"``).
     quantize: None, "int4" (RTN, ``minikernels.quantize_model(model, group_size)``) or
     "fp8" (block-wise RTN, ``quantize_model(model, method="fp8")``) or "int8" (per-channel
-    RTN run W8A8, ``quantize_model(model, method="int8")``); lm_head kept dense.
+    RTN run W8A8, ``quantize_model(model, method="int8")``); lm_head kept dense. With
+    ``experts`` (default), a mixture-of-experts model's experts are quantized the same
+    way (:func:`minikernels.hf.experts.quantize_experts`: int8 run W8A8 by
+    ``fused_moe_int8_w8a8``, fp8 by ``fused_moe_fp8``, int4 by ``fused_moe_int4``), and
+    its experts implementation becomes "minikernels".
     """
     if quantize not in (None, "int4", "fp8", "int8"):
         raise ValueError(f"quantize must be None, 'int4', 'fp8' or 'int8', got {quantize!r}")
@@ -573,9 +585,12 @@ def kernelize(model: nn.Module, rms_norm: bool = True, mlp: bool = True,
         _route_recurrent(model, summary)
     if quantize is not None:
         from ..nn import quantize_model
+        from .experts import quantize_experts
 
         quantize_model(model, group_size=group_size, method=quantize)
         summary.quantization = getattr(model, "quantization_summary", None)
+        if experts:
+            summary.experts = quantize_experts(model, quantize, group_size)
     logger.info("%s", summary)
     try:
         model.kernelize_summary = summary
