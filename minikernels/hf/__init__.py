@@ -10,13 +10,14 @@ Importing this module registers the attention (:mod:`minikernels.hf.attention`) 
 transformers' ``AttentionInterface`` and ``AttentionMaskInterface``, and the MoE experts
 (:mod:`minikernels.hf.experts`, ``mk.ops.fused_moe``) with its ``ExpertsInterface``;
 :func:`register` does it again under another name. :func:`kernelize` (:mod:`minikernels.hf.kernelize`) swaps
-norms, residual adds and MLPs for the fused ops, optionally int4. Inference only.
+norms, residual adds and MLPs for the fused ops, optionally quantizing the Linears and
+(:func:`quantize_experts`) the MoE experts to int4 / fp8 / int8. Inference only.
 See docs/hf.md.
 """
 from . import experts
 from .attention import NAME, attention_forward, attention_mask
 from .attention import register as _register_attention
-from .experts import experts_forward
+from .experts import experts_forward, quantize_experts
 from .kernelize import GateUpMLP, KernelizeSummary, RMSNorm, kernelize
 
 
@@ -30,4 +31,4 @@ def register(name: str = NAME) -> None:
 register()
 
 __all__ = ["NAME", "GateUpMLP", "KernelizeSummary", "RMSNorm", "attention_forward",
-           "attention_mask", "experts_forward", "kernelize", "register"]
+           "attention_mask", "experts_forward", "kernelize", "quantize_experts", "register"]
