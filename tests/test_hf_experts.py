@@ -166,7 +166,8 @@ def test_quantize_experts(kind, method):
 def test_kernelize_quantizes_the_experts_too():
     """kernelize(quantize="int8") on a mixture of experts: the Linears become Int8Linear
     and the experts int8 (W8A8 on fused_moe_int8_w8a8), the summary says so; experts=False
-    leaves them dense; bad methods are refused by name; a model whose experts cannot be
+    leaves them dense, and quantize_model records and warns that it did, naming the
+    function that quantizes them; bad methods are refused by name; a model whose experts cannot be
     read by the fused ops keeps them dense, with the reason."""
     import minikernels.hf as mkhf
     from minikernels.hf.experts import quantize_experts
@@ -179,8 +180,13 @@ def test_kernelize_quantizes_the_experts_too():
     assert summary.experts == {"model.layers.0.mlp.experts": "int8"}
     assert "1 of 1 experts modules quantized" in str(summary)
     assert 0 < rel_err(quant(ids).logits, want) < 0.05
+    assert not summary.quantization.kept_dense.get("model.layers.0.mlp.experts")
     kept = copy.deepcopy(model)
-    assert mkhf.kernelize(kept, quantize="int8", experts=False).experts == {}
+    with pytest.warns(UserWarning, match="quantize_experts"):
+        kept_summary = mkhf.kernelize(kept, quantize="int8", experts=False)
+    assert kept_summary.experts == {}
+    assert "quantize_experts" in kept_summary.quantization.kept_dense[
+        "model.layers.0.mlp.experts"]
     assert isinstance(kept.model.layers[0].mlp.experts.down_proj, torch.nn.Parameter)
     with pytest.raises(ValueError, match="method must be one of"):
         quantize_experts(copy.deepcopy(model), "int3")

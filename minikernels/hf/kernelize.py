@@ -587,10 +587,10 @@ def kernelize(model: nn.Module, rms_norm: bool = True, mlp: bool = True,
         from ..nn import quantize_model
         from .experts import quantize_experts
 
+        if experts:       # first, so that quantize_model finds no dense experts left
+            summary.experts = quantize_experts(model, quantize, group_size)
         quantize_model(model, group_size=group_size, method=quantize)
         summary.quantization = getattr(model, "quantization_summary", None)
-        if experts:
-            summary.experts = quantize_experts(model, quantize, group_size)
     logger.info("%s", summary)
     try:
         model.kernelize_summary = summary

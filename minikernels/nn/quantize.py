@@ -190,8 +190,27 @@ def _quantize_model_8bit(model: nn.Module, skip: Sequence[str], method: str, hoo
     return _attach(model, summary)
 
 
+def _note_dense_experts(model: nn.Module, summary: QuantizeSummary) -> None:
+    """transformers' mixture-of-experts modules hold their experts as stacked 3-D
+    Parameters, not Linears: record them as kept dense, with a warning naming the
+    function that quantizes them."""
+    from ..hf.experts import _experts_modules
+
+    names = [name for name, _ in _experts_modules(model)]
+    if not names:
+        return
+    why = ("MoE experts (stacked 3-D weights, not nn.Linear): "
+           "minikernels.hf.quantize_experts(model, method) or "
+           "minikernels.hf.kernelize(model, quantize=method) quantizes them")
+    for name in names:
+        summary.kept_dense[name] = why
+    warnings.warn(f"quantize_model: {len(names)} {why}", UserWarning, stacklevel=3)
+
+
 def _attach(model: nn.Module, summary: QuantizeSummary) -> nn.Module:
-    """Log the summary and set it as ``model.quantization_summary``."""
+    """Note dense MoE experts, log the summary and set it as
+    ``model.quantization_summary``."""
+    _note_dense_experts(model, summary)
     logger.info("%s", summary)
     try:
         model.quantization_summary = summary
