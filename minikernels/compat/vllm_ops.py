@@ -183,10 +183,10 @@ Not covered (not defined here; calling them is an AttributeError):
     moe_sum, the other fused quant ops (persistent_masked_m_silu_mul_quant,
         silu_and_mul_nvfp4_quant, ...): no minikernels op computes them (they would be
         plain PyTorch, not a mapping).
-    gptq_marlin_gemm / marlin / machete / allspark / ggml / fp4 / MLA attention /
-        fp8_ds_mla caches / all-reduce / CPU ops: other weight formats (Marlin and
-        Machete tiles, GGUF blocks, fp4) or features minikernels does not have; a repack
-        would not be exact and cheap.
+    machete / allspark / ggml / fp4 / MLA attention / fp8_ds_mla caches / all-reduce /
+        CPU ops: other weight formats (Machete tiles, GGUF blocks, fp4) or features
+        minikernels does not have. (Marlin's gptq_marlin_gemm and repacks: see
+        minikernels.compat.vllm_marlin, which decodes the Marlin tiles per call.)
     gptq_gemm / gptq_shuffle with bit 2 or 3: minikernels has no 2- / 3-bit weight op
         (a ValueError naming bit, also a NotImplementedError).
     Arguments of covered functions with no minikernels equivalent raise a ValueError
