@@ -196,14 +196,17 @@ def test_tp_rank_expert_slots_are_slices(peft_moe):
         assert torch.equal(got.a2, ref.a2[..., half])
 
 
-@pytest.mark.parametrize("quantization", ["int4", "fp8"])
+@pytest.mark.parametrize("quantization", ["int4", "fp8", "int8"])
 def test_expert_adapters_over_quantized_experts(peft_moe, quantization):
-    """int4 / fp8 experts (RTN on load) take the same expert adapters: the Triton path
-    equals the reference backend's (dequantized experts + the same update), and the
-    adapter moves the logits as much as it does on the dense model."""
+    """int4 / fp8 / int8 experts (RTN on load; int8 runs W8A8) take the same expert
+    adapters: the Triton path equals the reference backend's (quantized experts +
+    the same update), and the adapter moves the logits as much as it does on the dense
+    model."""
     hf, base, path, ref = peft_moe["qwen3-moe"]
     model = load_model(base, dtype="float32", device="cpu", quantization=quantization)
-    assert model.layers[0].mlp.experts.w13 is None            # quantized experts
+    ex = model.layers[0].mlp.experts
+    assert ex.w13 is None            # quantized experts
+    assert ex.int8_activations == (quantization == "int8")
     manager = LoRAManager(model, max_loras=1, max_lora_rank=4)
     manager.activate(0, LoRAAdapter.load(path, model.config))
     seqs = [random_tokens(n, 300, 40 + n) for n in (6, 5)]
@@ -216,7 +219,8 @@ def test_expert_adapters_over_quantized_experts(peft_moe, quantization):
     # layer changes; an adapter not applied would give a relative error of 1)
     peft_shift = _ref_logits(ref, seqs[0]) - _ref_logits(hf, seqs[0])
     base_rows = model(torch.tensor(seqs[0]), AttentionMetadata.for_prompts([6]), None)
-    assert rel_err(got[:6] - base_rows, peft_shift) <= {"fp8": 0.1, "int4": 0.3}[quantization]
+    assert rel_err(got[:6] - base_rows, peft_shift) <= {
+        "fp8": 0.1, "int4": 0.3, "int8": 0.1}[quantization]
 
 
 def test_tp_rank_shared_expert_slots_are_slices(peft_moe):

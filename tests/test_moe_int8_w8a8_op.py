@@ -16,7 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import minikernels as mk
-from minikernels.ops import _alloc, reference
+from minikernels.ops import MoELoRA, _alloc, reference
 
 BACKENDS = ["reference", "triton"]
 FORMULA_TOL = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2, torch.float32: 1e-5}
@@ -49,7 +49,7 @@ def _quantize_row(v):
 
 
 def _by_hand(x, w13, s13, w2, s2, tw, ids, activation="silu", gated=True, b13=None,
-             b2=None):
+             b2=None, lora=None):
     """Per (token, slot) in fp64: x's row quantized, the integer sums in fp64 (exact),
     scaled by the two scales, + bias, the activation, rounded to x.dtype, quantized
     again, the down GEMM likewise, times the router weight."""
@@ -63,6 +63,10 @@ def _by_hand(x, w13, s13, w2, s2, tw, ids, activation="silu", gated=True, b13=No
             gu = sx * s13d[e] * (w13d[e] @ xq)
             if b13 is not None:
                 gu = gu + b13[e].cpu().double()
+            slot = -1 if lora is None else int(lora.token_slots[t])
+            if slot >= 0:        # LoRA on the unquantized x, rounded to x.dtype
+                gu = gu + _lora_delta(lora.a13, lora.b13, lora.scaling, slot, e,
+                                      x[t].cpu().double(), x.dtype)
             if activation == "swigluoai":
                 g_, u_ = gu[:inter].clamp(max=7.0), gu[inter:].clamp(-7.0, 7.0)
                 act = (u_ + 1) * g_ * torch.sigmoid(1.702 * g_)
@@ -74,8 +78,32 @@ def _by_hand(x, w13, s13, w2, s2, tw, ids, activation="silu", gated=True, b13=No
             y = sa * s2d[e] * (w2d[e] @ aq)
             if b2 is not None:
                 y = y + b2[e].cpu().double()
+            if slot >= 0:        # on the intermediate before its quantization
+                y = y + _lora_delta(lora.a2, lora.b2, lora.scaling, slot, e,
+                                    act.to(x.dtype).double(), x.dtype)
             out[t] += float(tw[t, j]) * y
     return out
+
+
+def _lora_delta(a, b, scaling, slot, e, v, dtype):
+    """One LoRA update in fp64, rounded to dtype (MoELoRA's contract)."""
+    d = float(scaling[slot]) * (b[slot, e].cpu().double() @ (a[slot, e].cpu().double() @ v))
+    return d.to(dtype).double()
+
+
+def _adapters(t, h, inter, e, s, r, dtype, device, seed, gated=True, slots="mixed"):
+    """Random LoRA adapters (updates O(1) next to the experts'): slots "mixed" in
+    [-1, S), "none" all -1."""
+    g = torch.Generator().manual_seed(seed)
+    n13 = (2 if gated else 1) * inter
+    a13 = (torch.randn(s, e, r, h, generator=g) / h ** 0.5).to(dtype)
+    b13 = (torch.randn(s, e, n13, r, generator=g) / r ** 0.5).to(dtype)
+    a2 = (torch.randn(s, e, r, inter, generator=g) / inter ** 0.5).to(dtype)
+    b2 = (torch.randn(s, e, h, r, generator=g) / r ** 0.5).to(dtype)
+    slot_ids = torch.randint(-1, s, (t,), generator=g) if slots == "mixed" else \
+        torch.full((t,), -1)
+    return MoELoRA(*(v.to(device) for v in (a13, b13, a2, b2, slot_ids,
+                                            torch.rand(s, generator=g) + 0.5)))
 
 
 def _rel_err(got, exact):
@@ -349,6 +377,40 @@ def test_errors_name_the_argument(device):
                                                                device=device))
     with mk.use_backend("triton"), pytest.raises(ValueError, match="activation must be"):
         torch.ops.minikernels.fused_moe_int8_w8a8(*args, activation="relu")
+
+
+@pytest.mark.parametrize("t", [5, 40])          # BGMV (< 32 pairs) and SGMV LoRA paths
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_lora(t, dtype, device):
+    """Per-token LoRA on the W8A8 experts (MoELoRA, mixed slots): the updates act on the
+    unquantized inputs (d13 from x, d2 from the intermediate before its quantization),
+    added before the activation / the router weight; matches the reference and the fp64
+    formula; all slots -1 is bit-identical to no LoRA, tokens at slot -1 get the base
+    rows exactly; the LoRA launch sets HAS_DELTA; opcheck with the LoRA arguments."""
+    from minikernels.ops.triton import moe_int8_w8a8 as w8a8
+
+    h, inter, e, k = 64, 32, 3, 2
+    args = _inputs(t, h, inter, e, k, dtype, device, 50 + t)
+    lora = _adapters(t, h, inter, e, 2, 4, dtype, device, t)
+    with mk.use_backend("triton"), \
+            spy_launches(w8a8, "moe_w8a8_down_kernel", "HAS_DELTA") as has_delta:
+        y = mk.ops.fused_moe_int8_w8a8(*args, lora=lora)
+        base = mk.ops.fused_moe_int8_w8a8(*args)
+        none = mk.ops.fused_moe_int8_w8a8(*args, lora=lora._replace(
+            token_slots=torch.full_like(lora.token_slots, -1)))
+    assert has_delta == [True, False, True]
+    want = reference.fused_moe_int8_w8a8(*args, lora)
+    assert_close(y, want, scale=2.0)
+    exact = _by_hand(*args, lora=lora)
+    assert _rel_err(want, exact) <= FORMULA_TOL[dtype]
+    assert _rel_err(y, exact) <= FORMULA_TOL[dtype]
+    assert torch.equal(none, base)
+    rows = lora.token_slots == -1
+    assert torch.equal(y[rows], base[rows]) and not torch.equal(y[~rows], base[~rows])
+    if t == 5 and dtype == torch.float16:
+        with mk.use_backend("triton"):
+            torch.library.opcheck(torch.ops.minikernels.fused_moe_int8_w8a8,
+                                  (*args, *lora))
 
 
 @requires_cuda

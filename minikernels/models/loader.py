@@ -45,8 +45,7 @@ Quantization:
                           int8 W8A8 checkpoint loads as is. Mixture-of-experts experts
                           are int8 too, run W8A8 the same way
                           (``ops.fused_moe_int8_w8a8``); W8A16 (``ops.fused_moe_int8``)
-                          for a weight-only int8 checkpoint, asymmetric activations, or
-                          LoRA on the experts.
+                          for a weight-only int8 checkpoint or asymmetric activations.
 
 INT8 checkpoints (compressed-tensors ``format: "int-quantized"``, llm-compressor's W8A8:
 int8 ``weight`` + ``weight_scale`` per channel or tensor; :mod:`minikernels.quant.int8`)

@@ -90,8 +90,7 @@ class FusedExperts(nn.Module):
     :mod:`minikernels.quant.int8`); the forward is ``ops.fused_moe_int8_w8a8`` (W8A8:
     activations quantized per token, int8 tensor cores) when ``int8_activations`` is set
     (the loader sets it for quantization="int8" and symmetric int8 W8A8 checkpoints),
-    else ``ops.fused_moe_int8`` (W8A16). LoRA on the experts runs W8A16 (the W8A8 op takes
-    no adapters).
+    else ``ops.fused_moe_int8`` (W8A16).
 
     MXFP4 (``dense=False``, then :meth:`set_mxfp4_`: a GPT-OSS MXFP4 checkpoint's experts
     kept as stored, ~4.25 bits per weight): ``w13_blocks`` uint8 [E, 2I, H/32, 16] (gate
@@ -446,16 +445,17 @@ class FusedExperts(nn.Module):
             return ops.fused_moe_mxfp4(x, self.w13_blocks, self.w13_block_scales,
                                        self.w2_blocks, self.w2_block_scales, weights, ids,
                                        lora=lora, **kw)
-        if self.int8 and self.int8_activations and lora is None:
+        if self.int8 and self.int8_activations:
             return ops.fused_moe_int8_w8a8(x, self.w13_int8, self.w13_int8_scale,
                                            self.w2_int8, self.w2_int8_scale, weights, ids,
-                                           **kw)
+                                           lora=lora, **kw)
         if self.int8:
             return ops.fused_moe_int8(x, self.w13_int8, self.w13_int8_scale, self.w2_int8,
                                       self.w2_int8_scale, weights, ids, lora=lora, **kw)
-        if self.fp8_block is not None and self.fp8_activations and lora is None:
+        if self.fp8_block is not None and self.fp8_activations:
             return ops.fused_moe_fp8_w8a8(x, self.w13_fp8, self.w13_scale, self.w2_fp8,
-                                          self.w2_scale, weights, ids, self.fp8_block, **kw)
+                                          self.w2_scale, weights, ids, self.fp8_block,
+                                          lora=lora, **kw)
         if self.fp8_block is not None:
             return ops.fused_moe_fp8(x, self.w13_fp8, self.w13_scale, self.w2_fp8,
                                      self.w2_scale, weights, ids, self.fp8_block, lora=lora,

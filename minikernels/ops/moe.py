@@ -3,7 +3,7 @@ top-k experts' gated MLPs, weighted and summed: the MLP of Qwen3-MoE, OLMoE, Mix
 Granite-MoE). Backends: reference (ops/reference.py), triton (ops/triton/moe.py).
 Tests: tests/test_moe_op.py.
 
-All five fused ops take ``activation``: the experts' gate activation, "silu" (SwiGLU:
+All seven fused ops take ``activation``: the experts' gate activation, "silu" (SwiGLU:
 Qwen3-MoE, OLMoE, Mixtral, ...; the default), "gelu" (erf), "gelu_tanh" (Gemma 4's
 GELU-tanh-gated experts) or "swigluoai" (GPT-OSS's clamped SwiGLU,
 (clamp(up, -limit, limit) + 1) * g * sigmoid(alpha * g) with g = min(gate, limit); the
@@ -43,13 +43,13 @@ quantized per token, int8 x int8 tensor-core GEMMs with exact int32 sums: vLLM's
 ``use_int8_w8a8`` with ``per_channel_quant``). Backends: reference, triton
 (ops/triton/moe_int8_w8a8.py). Tests: tests/test_moe_int8_w8a8_op.py.
 
-The five fused ops take optional per-token LoRA adapters on the experts (``MoELoRA``:
+The seven fused ops take optional per-token LoRA adapters on the experts (``MoELoRA``:
 PEFT adapters trained with expert targets on Qwen3-MoE / OLMoE / Mixtral), applied
 inside the MoE computation. Tests: tests/test_moe_lora_op.py.
 
 Op: ``minikernels::moe_align_block_size``: vLLM's MoE alignment step (the (token, slot)
 pairs grouped by expert into block_size tiles, the layout of the fused MoE kernels).
-Backends: reference, triton (ops/triton/moe_align.py; the five fused MoE Triton paths sort
+Backends: reference, triton (ops/triton/moe_align.py; the seven fused MoE Triton paths sort
 with it). Tests: tests/test_moe_align_op.py.
 """
 from __future__ import annotations
@@ -70,8 +70,8 @@ from .reference import (MOE_ACTIVATIONS, MOE_NONGATED_ACTIVATIONS, SWIGLUOAI_ALP
 
 
 class MoELoRA(NamedTuple):
-    """Per-token LoRA adapters on the experts of a fused MoE op (all five: dense, int4,
-    fp8, int8, MXFP4 experts), S adapter slots; ranks R13 (gate / up) and R2 (down), each adapter
+    """Per-token LoRA adapters on the experts of a fused MoE op (all seven: dense, int4,
+    fp8, int8, MXFP4 experts; the 8-bit ones W8A16 or W8A8), S adapter slots; ranks R13 (gate / up) and R2 (down), each adapter
     zero-padded to its slot's rank:
 
     a13         [S, E, R13, H]   x.dtype  lora_A of each expert's gate_proj and up_proj,
@@ -126,7 +126,7 @@ def _op_lora(*tensors: Tensor | None) -> MoELoRA | None:
 
 def _fused_moe_op(name: str
                   ) -> Callable[[Callable[..., Tensor]], torch.library.CustomOpDef]:
-    """``torch.library.custom_op("minikernels::<name>")`` for one of the five fused MoE
+    """``torch.library.custom_op("minikernels::<name>")`` for one of the seven fused MoE
     ops, with the fake (meta) kernel they share: out [T, H] like x (contiguous), after the
     checks the real kernel makes of the op's trailing arguments (the six LoRA tensors all
     or none, ``activation`` / ``gated``, ``alpha`` / ``limit``). The decorated function's
@@ -792,14 +792,19 @@ def fused_moe_int8(x: Tensor, w13: Tensor, w13_scale: Tensor, w2: Tensor, w2_sca
 
 # ------------------------------------------------------------------- fp8 W8A8 experts
 
-@torch.library.custom_op("minikernels::fused_moe_fp8_w8a8", mutates_args=())
+@_fused_moe_op("fused_moe_fp8_w8a8")
 def _fused_moe_fp8_w8a8(x: Tensor, w13: Tensor, w13_scale: Tensor, w2: Tensor,
                         w2_scale: Tensor, topk_weights: Tensor, topk_ids: Tensor,
-                        block_size: list[int], w13_bias: Tensor | None = None,
-                        w2_bias: Tensor | None = None, alpha: float = SWIGLUOAI_ALPHA,
-                        limit: float = SWIGLUOAI_LIMIT, activation: str = "silu",
-                        gated: bool = True) -> Tensor:
-    args = (_check_activation(activation, gated), gated, w13_bias, w2_bias,
+                        block_size: list[int], lora_a13: Tensor | None = None,
+                        lora_b13: Tensor | None = None, lora_a2: Tensor | None = None,
+                        lora_b2: Tensor | None = None,
+                        lora_token_slots: Tensor | None = None,
+                        lora_scaling: Tensor | None = None,
+                        w13_bias: Tensor | None = None, w2_bias: Tensor | None = None,
+                        alpha: float = SWIGLUOAI_ALPHA, limit: float = SWIGLUOAI_LIMIT,
+                        activation: str = "silu", gated: bool = True) -> Tensor:
+    lora = _op_lora(lora_a13, lora_b13, lora_a2, lora_b2, lora_token_slots, lora_scaling)
+    args = (lora, _check_activation(activation, gated), gated, w13_bias, w2_bias,
             *_check_swiglu(alpha, limit))
     if _fp8_w8a8_backend(x.device) == "triton":
         from .triton import moe_fp8_w8a8 as triton_moe_fp8_w8a8
@@ -808,17 +813,6 @@ def _fused_moe_fp8_w8a8(x: Tensor, w13: Tensor, w13_scale: Tensor, w2: Tensor,
     return reference.fused_moe_fp8_w8a8(
         x, w13.view(torch.float8_e4m3fn), w13_scale, w2.view(torch.float8_e4m3fn),
         w2_scale, topk_weights, topk_ids, (block_size[0], block_size[1]), *args)
-
-
-@_fused_moe_fp8_w8a8.register_fake
-def _(x: Tensor, w13: Tensor, w13_scale: Tensor, w2: Tensor, w2_scale: Tensor,
-      topk_weights: Tensor, topk_ids: Tensor, block_size: list[int],
-      w13_bias: Tensor | None = None, w2_bias: Tensor | None = None,
-      alpha: float = SWIGLUOAI_ALPHA, limit: float = SWIGLUOAI_LIMIT,
-      activation: str = "silu", gated: bool = True) -> Tensor:
-    _check_activation(activation, gated)
-    _check_swiglu(alpha, limit)
-    return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
 def _fp8_w8a8_backend(device: torch.device) -> str:
@@ -832,9 +826,9 @@ def _fp8_w8a8_backend(device: torch.device) -> str:
 def fused_moe_fp8_w8a8(x: Tensor, w13: Tensor, w13_scale: Tensor, w2: Tensor,
                        w2_scale: Tensor, topk_weights: Tensor, topk_ids: Tensor,
                        block_size: tuple[int, int] | list[int], *,
-                       activation: str = "silu", gated: bool = True,
-                       w13_bias: Tensor | None = None, w2_bias: Tensor | None = None,
-                       alpha: float = SWIGLUOAI_ALPHA,
+                       lora: MoELoRA | None = None, activation: str = "silu",
+                       gated: bool = True, w13_bias: Tensor | None = None,
+                       w2_bias: Tensor | None = None, alpha: float = SWIGLUOAI_ALPHA,
                        limit: float = SWIGLUOAI_LIMIT) -> Tensor:
     """:func:`fused_moe_fp8` run W8A8: the same fp8 experts with block scales, and fp8
     activations quantized per token and group of bk columns at run time, both GEMMs on
@@ -858,9 +852,12 @@ def fused_moe_fp8_w8a8(x: Tensor, w13: Tensor, w13_scale: Tensor, w2: Tensor,
     topk_weights [T, k] fp32; topk_ids [T, k] int32/int64 in [0, E) (repeats count).
     Every tensor may be a view with its own strides; T = 0 gives [0, H].
     activation / gated / w13_bias / w2_bias / alpha / limit: as :func:`fused_moe_fp8`.
+    lora       optional per-token LoRA on the experts, as :func:`fused_moe` (dense adapters
+               in x.dtype on the unquantized inputs: d13 from x, added to the dequantized
+               gate / up; d2 from the x.dtype intermediate before its quantization,
+               added to the down output before the router weight).
     The fp8 GEMMs need fp8 tensor cores (sm_89+): on older GPUs the op takes the
     reference path (slow; :func:`fused_moe_fp8` runs the same weights W8A16 there).
-    No LoRA on these experts (use :func:`fused_moe_fp8`).
     """
     _check_activation(activation, gated)
     h, e, two_i, inter = _check_w8a16_inputs(x, w13, w2, torch.float8_e4m3fn,
@@ -874,23 +871,28 @@ def fused_moe_fp8_w8a8(x: Tensor, w13: Tensor, w13_scale: Tensor, w2: Tensor,
                              f"block_size {tuple(block_size)}")
     _check_fp8_experts("w13", w13, w13_scale, (e, two_i, h), bn, bk, x.device)
     _check_fp8_experts("w2", w2, w2_scale, (e, h, inter), bn, bk, x.device)
-    _check_routing_shapes(x.shape[0], topk_weights, topk_ids, e)
+    lora_args = _check_routing_and_lora(x, topk_weights, topk_ids, e, inter, gated, lora)
     _check_biases(x, w13_bias, w2_bias, e, two_i, gated)
     alpha, limit = _check_swiglu(alpha, limit)
     return torch.ops.minikernels.fused_moe_fp8_w8a8(
         x, w13.view(torch.uint8), w13_scale, w2.view(torch.uint8), w2_scale, topk_weights,
-        topk_ids, [bn, bk], w13_bias, w2_bias, alpha, limit, activation, gated)
+        topk_ids, [bn, bk], *lora_args, w13_bias, w2_bias, alpha, limit, activation, gated)
 
 
 # ------------------------------------------------------------------ int8 W8A8 experts
 
-@torch.library.custom_op("minikernels::fused_moe_int8_w8a8", mutates_args=())
+@_fused_moe_op("fused_moe_int8_w8a8")
 def _fused_moe_int8_w8a8(x: Tensor, w13: Tensor, w13_scale: Tensor, w2: Tensor,
                          w2_scale: Tensor, topk_weights: Tensor, topk_ids: Tensor,
+                         lora_a13: Tensor | None = None, lora_b13: Tensor | None = None,
+                         lora_a2: Tensor | None = None, lora_b2: Tensor | None = None,
+                         lora_token_slots: Tensor | None = None,
+                         lora_scaling: Tensor | None = None,
                          w13_bias: Tensor | None = None, w2_bias: Tensor | None = None,
                          alpha: float = SWIGLUOAI_ALPHA, limit: float = SWIGLUOAI_LIMIT,
                          activation: str = "silu", gated: bool = True) -> Tensor:
-    args = (x, w13, w13_scale, w2, w2_scale, topk_weights, topk_ids,
+    lora = _op_lora(lora_a13, lora_b13, lora_a2, lora_b2, lora_token_slots, lora_scaling)
+    args = (x, w13, w13_scale, w2, w2_scale, topk_weights, topk_ids, lora,
             _check_activation(activation, gated), gated, w13_bias, w2_bias,
             *_check_swiglu(alpha, limit))
     if _backend.resolve("fused_moe_int8_w8a8", x.device) == "triton":
@@ -899,22 +901,11 @@ def _fused_moe_int8_w8a8(x: Tensor, w13: Tensor, w13_scale: Tensor, w2: Tensor,
     return reference.fused_moe_int8_w8a8(*args)
 
 
-@_fused_moe_int8_w8a8.register_fake
-def _(x: Tensor, w13: Tensor, w13_scale: Tensor, w2: Tensor, w2_scale: Tensor,
-      topk_weights: Tensor, topk_ids: Tensor, w13_bias: Tensor | None = None,
-      w2_bias: Tensor | None = None, alpha: float = SWIGLUOAI_ALPHA,
-      limit: float = SWIGLUOAI_LIMIT, activation: str = "silu", gated: bool = True
-      ) -> Tensor:
-    _check_activation(activation, gated)
-    _check_swiglu(alpha, limit)
-    return torch.empty_like(x, memory_format=torch.contiguous_format)
-
-
 def fused_moe_int8_w8a8(x: Tensor, w13: Tensor, w13_scale: Tensor, w2: Tensor,
                         w2_scale: Tensor, topk_weights: Tensor, topk_ids: Tensor, *,
-                        activation: str = "silu", gated: bool = True,
-                        w13_bias: Tensor | None = None, w2_bias: Tensor | None = None,
-                        alpha: float = SWIGLUOAI_ALPHA,
+                        lora: MoELoRA | None = None, activation: str = "silu",
+                        gated: bool = True, w13_bias: Tensor | None = None,
+                        w2_bias: Tensor | None = None, alpha: float = SWIGLUOAI_ALPHA,
                         limit: float = SWIGLUOAI_LIMIT) -> Tensor:
     """:func:`fused_moe` with INT8 W8A8 experts: int8 weights with one fp32 scale per
     output row (:func:`fused_moe_int8`'s layout) AND int8 activations quantized per token
@@ -939,23 +930,27 @@ def fused_moe_int8_w8a8(x: Tensor, w13: Tensor, w13_scale: Tensor, w2: Tensor,
                scales [E, I]; also "relu2").
     w13_bias / w2_bias  optional dense expert biases [E, 2I] / [E, H] in x.dtype, added to
                the dequantized fp32 results, as :func:`fused_moe`.
+    lora       optional per-token LoRA on the experts, as :func:`fused_moe` (dense adapters
+               in x.dtype on the unquantized inputs: d13 from x, added to the dequantized
+               gate / up; d2 from the x.dtype intermediate before its quantization,
+               added to the down output before the router weight).
     Compared with :func:`fused_moe_int8` (W8A16), the activations' rounding to int8 adds
     an error of about 1 / 254 of each row's largest entry per element; in exchange both
     GEMMs run on int8 tensor cores (twice the 16-bit rate on sm_80 / sm_90) and read
-    half the activation bytes. No LoRA on these experts (use the W8A16 op).
+    half the activation bytes.
     """
     _check_activation(activation, gated)
     h, e, two_i, inter = _check_w8a16_inputs(x, w13, w2, torch.int8, topk_weights,
                                               topk_ids, gated)
     _check_int8_experts("w13", w13, w13_scale, (e, two_i, h), x.device)
     _check_int8_experts("w2", w2, w2_scale, (e, h, inter), x.device)
-    _check_routing_shapes(x.shape[0], topk_weights, topk_ids, e)
+    lora_args = _check_routing_and_lora(x, topk_weights, topk_ids, e, inter, gated, lora)
     _check_biases(x, w13_bias, w2_bias, e, two_i, gated)
     alpha, limit = _check_swiglu(alpha, limit)
     return torch.ops.minikernels.fused_moe_int8_w8a8(x, w13, w13_scale, w2, w2_scale,
-                                                     topk_weights, topk_ids, w13_bias,
-                                                     w2_bias, alpha, limit, activation,
-                                                     gated)
+                                                     topk_weights, topk_ids, *lora_args,
+                                                     w13_bias, w2_bias, alpha, limit,
+                                                     activation, gated)
 
 
 # ------------------------------------------------------------------- alignment (sorting)

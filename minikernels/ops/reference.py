@@ -1582,6 +1582,7 @@ def fused_moe_int8(x: Tensor, w13: Tensor, w13_scale: Tensor, w2: Tensor, w2_sca
 
 def fused_moe_int8_w8a8(x: Tensor, w13: Tensor, w13_scale: Tensor, w2: Tensor,
                         w2_scale: Tensor, topk_weights: Tensor, topk_ids: Tensor,
+                        lora: Sequence[Tensor] | None = None,
                         activation: str = "silu", gated: bool = True,
                         w13_bias: Tensor | None = None, w2_bias: Tensor | None = None,
                         alpha: float = SWIGLUOAI_ALPHA,
@@ -1597,7 +1598,9 @@ def fused_moe_int8_w8a8(x: Tensor, w13: Tensor, w13_scale: Tensor, w2: Tensor,
         act      = act(gate) * up (non-gated: act(up)), rounded to x.dtype
         a_q, s_a = scaled_int8_quant(act)                       (per pair row)
         y        = scaled_mm(a_q, w2[e]^T, s_a, w2_scale[e]) + w2_bias[e]
-    out[t] = sum_j topk_weights[t, j] * y (fp32), rounded once to x.dtype."""
+    out[t] = sum_j topk_weights[t, j] * y (fp32), rounded once to x.dtype.
+    lora: fused_moe's per-token LoRA on the unquantized inputs: gate_up += lora_delta(x[t])
+    (after the bias), y += lora_delta(act) (act before its quantization)."""
     t, h = x.shape
     out = torch.zeros(t, h, dtype=torch.float32, device=x.device)
     x_q, s_x, _ = scaled_int8_quant(x)
@@ -1606,6 +1609,8 @@ def fused_moe_int8_w8a8(x: Tensor, w13: Tensor, w13_scale: Tensor, w2: Tensor,
         rows, slots = (ids == e).nonzero(as_tuple=True)          # (token, j) pairs
         gate_up = scaled_mm(x_q[rows], w13[e].t(), s_x[rows], w13_scale[e].float(),
                             torch.float32, None if w13_bias is None else w13_bias[e])
+        if lora is not None:
+            gate_up += _expert_lora(x[rows], lora, e, rows, down=False)
         if gated:
             act = moe_gated_activation(gate_up, activation, alpha, limit).to(x.dtype)
         else:
@@ -1613,13 +1618,16 @@ def fused_moe_int8_w8a8(x: Tensor, w13: Tensor, w13_scale: Tensor, w2: Tensor,
         a_q, s_a, _ = scaled_int8_quant(act)
         y = scaled_mm(a_q, w2[e].t(), s_a, w2_scale[e].float(), torch.float32,
                       None if w2_bias is None else w2_bias[e])
+        if lora is not None:
+            y += _expert_lora(act, lora, e, rows, down=True)
         out.index_add_(0, rows, y * topk_weights[rows, slots].float()[:, None])
     return out.to(x.dtype)
 
 
 def fused_moe_fp8_w8a8(x: Tensor, w13: Tensor, w13_scale: Tensor, w2: Tensor,
                        w2_scale: Tensor, topk_weights: Tensor, topk_ids: Tensor,
-                       block_size: tuple[int, int], activation: str = "silu",
+                       block_size: tuple[int, int], lora: Sequence[Tensor] | None = None,
+                       activation: str = "silu",
                        gated: bool = True, w13_bias: Tensor | None = None,
                        w2_bias: Tensor | None = None, alpha: float = SWIGLUOAI_ALPHA,
                        limit: float = SWIGLUOAI_LIMIT) -> Tensor:
@@ -1636,7 +1644,9 @@ def fused_moe_fp8_w8a8(x: Tensor, w13: Tensor, w13_scale: Tensor, w2: Tensor,
         act      = act(gate) * up (non-gated: act(up)), rounded to x.dtype
         a_q, s_a = per_token_group_quant_fp8(act, bk)
         y        = w8a8_block_fp8_matmul(a_q, w2[e], s_a, w2_scale[e]) + w2_bias[e]
-    out[t] = sum_j topk_weights[t, j] * y (fp32), rounded once to x.dtype."""
+    out[t] = sum_j topk_weights[t, j] * y (fp32), rounded once to x.dtype.
+    lora: fused_moe's per-token LoRA on the unquantized inputs: gate_up += lora_delta(x[t])
+    (after the bias), y += lora_delta(act) (act before its quantization)."""
     t, h = x.shape
     bn, bk = block_size
     bk13, bk2 = min(bk, h), min(bk, w2.shape[2])      # a block past the edge: the edge
@@ -1649,6 +1659,8 @@ def fused_moe_fp8_w8a8(x: Tensor, w13: Tensor, w13_scale: Tensor, w2: Tensor,
                                         [bn, bk13], torch.float32)
         if w13_bias is not None:
             gate_up = gate_up + w13_bias[e].float()
+        if lora is not None:
+            gate_up += _expert_lora(x[rows], lora, e, rows, down=False)
         if gated:
             act = moe_gated_activation(gate_up, activation, alpha, limit).to(x.dtype)
         else:
@@ -1657,6 +1669,8 @@ def fused_moe_fp8_w8a8(x: Tensor, w13: Tensor, w13_scale: Tensor, w2: Tensor,
         y = w8a8_block_fp8_matmul(a_q, w2[e], s_a, w2_scale[e], [bn, bk2], torch.float32)
         if w2_bias is not None:
             y = y + w2_bias[e].float()
+        if lora is not None:
+            y += _expert_lora(act, lora, e, rows, down=True)
         out.index_add_(0, rows, y * topk_weights[rows, slots].float()[:, None])
     return out.to(x.dtype)
 

@@ -31,6 +31,7 @@ registered for sm_90a only, and the op takes the reference path on older GPUs.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -40,7 +41,8 @@ import triton.language as tl
 from .. import _alloc
 from ._moe_common import down_epilogue, gate_up_epilogue, tile_expert, tile_pairs, up_rows
 from .fp8_w8a8 import per_token_group_quant_fp8
-from .moe import _act_tag, _bias_sig, _in_order, gate_up_variants, moe_config, moe_launch
+from .moe import (_act_tag, _bias_sig, _in_order, gate_up_variants, moe_config, moe_launch,
+                  pair_lora)
 from .registry import KernelSpec, register
 
 FP8 = torch.float8_e4m3fn
@@ -80,14 +82,16 @@ def moe_fp8_w8a8_config(n_pairs: int, num_experts: int, bk: int, aligned: bool,
 
 
 @triton.jit
-def moe_fp8_w8a8_gate_up_kernel(xq_ptr, sx_ptr, w_ptr, s_ptr, act_ptr, sorted_ids_ptr,
+def moe_fp8_w8a8_gate_up_kernel(xq_ptr, sx_ptr, w_ptr, s_ptr, act_ptr, delta_ptr,
+                                sorted_ids_ptr,
                                 block_expert_ptr, n_pairs, top_k, H, I, block_n, block_k,
                                 ssx_t, sw_e, sw_n, sw_k, ss_e, ss_n, ss_k,
                                 bias_ptr, sb_e, sb_n, alpha, limit,
                                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                                 BLOCK_K: tl.constexpr, ALIGNED: tl.constexpr,
                                 RNE_BF16: tl.constexpr = False, ACT: tl.constexpr = "silu",
-                                GATED: tl.constexpr = True, HAS_BIAS: tl.constexpr = False):
+                                GATED: tl.constexpr = True, HAS_BIAS: tl.constexpr = False,
+                                HAS_DELTA: tl.constexpr = False):
     """act[p, n-block] = act(gate) * up for the pairs p of tile pid_m: xq fp8 [T, H]
     (contiguous) with group scales sx fp32 [T, H / block_k] (row stride ssx_t), w fp8
     [E, 2I, H] (non-gated: [E, I, H], act(up) stored) with block scales s fp32
@@ -128,20 +132,22 @@ def moe_fp8_w8a8_gate_up_kernel(xq_ptr, sx_ptr, w_ptr, s_ptr, act_ptr, sorted_id
         if GATED:
             g_ptrs += BLOCK_K * sw_k
         u_ptrs += BLOCK_K * sw_k
-    gate_up_epilogue(acc_g, acc_u, act_ptr, act_ptr, pair, live, offs_n, n_l, n_pairs, I,
-                     HAS_DELTA=False, CLAMPED=True, ACT=ACT, GATED=GATED,
+    gate_up_epilogue(acc_g, acc_u, act_ptr, delta_ptr, pair, live, offs_n, n_l, n_pairs,
+                     I, HAS_DELTA=HAS_DELTA, CLAMPED=True, ACT=ACT, GATED=GATED,
                      RNE_BF16=RNE_BF16, bias_ptr=bias_ptr, e=e, sb_e=sb_e, sb_n=sb_n,
                      alpha=alpha, limit=limit, HAS_BIAS=HAS_BIAS)
 
 
 @triton.jit
-def moe_fp8_w8a8_down_kernel(aq_ptr, sa_ptr, w_ptr, s_ptr, tw_ptr, out_ptr, sorted_ids_ptr,
+def moe_fp8_w8a8_down_kernel(aq_ptr, sa_ptr, w_ptr, s_ptr, tw_ptr, out_ptr, delta_ptr,
+                             sorted_ids_ptr,
                              block_expert_ptr, n_pairs, top_k, H, I, block_n, block_k,
                              ssa_p, sw_e, sw_n, sw_k, ss_e, ss_n, ss_k, stw_t, stw_j,
                              bias_ptr, sb_e, sb_n,
                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                              BLOCK_K: tl.constexpr, ALIGNED: tl.constexpr,
-                             HAS_BIAS: tl.constexpr = False):
+                             HAS_BIAS: tl.constexpr = False,
+                             HAS_DELTA: tl.constexpr = False):
     """buf[p, n-block] = (sum over K tiles of dot(act_q, w2^T) * s_act * s_w) *
     topk_weights[t, j] for the pairs p of tile pid_m: act_q fp8 [T*k, I] (contiguous)
     with group scales sa fp32 [T*k, I / block_k] (row stride ssa_p), w fp8 [E, H, I] with
@@ -170,8 +176,8 @@ def moe_fp8_w8a8_down_kernel(aq_ptr, sa_ptr, w_ptr, s_ptr, tw_ptr, out_ptr, sort
         acc += tl.dot(a, tl.trans(tl.load(w_ptrs))) * scale
         a_ptrs += BLOCK_K
         w_ptrs += BLOCK_K * sw_k
-    down_epilogue(acc, tw_ptr, out_ptr, out_ptr, pair_l, live, offs_n, n_l, top_k, H,
-                  stw_t, stw_j, HAS_DELTA=False, CLAMPED=True, bias_ptr=bias_ptr, e=e,
+    down_epilogue(acc, tw_ptr, out_ptr, delta_ptr, pair_l, live, offs_n, n_l, top_k, H,
+                  stw_t, stw_j, HAS_DELTA=HAS_DELTA, CLAMPED=True, bias_ptr=bias_ptr, e=e,
                   sb_e=sb_e, sb_n=sb_n, HAS_BIAS=HAS_BIAS)
 
 
@@ -190,13 +196,16 @@ def _quantize(v: torch.Tensor, bk: int) -> tuple[torch.Tensor, torch.Tensor]:
 def fused_moe_fp8_w8a8(x: torch.Tensor, w13: torch.Tensor, w13_scale: torch.Tensor,
                        w2: torch.Tensor, w2_scale: torch.Tensor,
                        topk_weights: torch.Tensor, topk_ids: torch.Tensor,
-                       block_size: list[int], activation: str = "silu", gated: bool = True,
+                       block_size: list[int], lora: Sequence[torch.Tensor] | None = None,
+                       activation: str = "silu", gated: bool = True,
                        w13_bias: torch.Tensor | None = None,
                        w2_bias: torch.Tensor | None = None, alpha: float = 1.702,
                        limit: float = 7.0) -> torch.Tensor:
     """See minikernels.ops.fused_moe_fp8_w8a8 (inputs checked there: min(bk, K) a multiple
-    of 32 dividing K, for K = H and I; any strides). w13 / w2: the fp8 weights or their bytes (uint8 views);
-    activation / gated the gate-up epilogue's ``ACT`` / ``GATED``; w13_bias / w2_bias
+    of 32 dividing K, for K = H and I; any strides). w13 / w2: the fp8 weights or their
+    bytes (uint8 views); lora the six tensors of minikernels.ops.MoELoRA, or None
+    (``HAS_DELTA``: moe.py's d13 / d2 rows added before the activation / the router
+    weight); activation / gated the gate-up epilogue's ``ACT`` / ``GATED``; w13_bias / w2_bias
     (x.dtype, or None): ``HAS_BIAS``, added after the scales; alpha / limit:
     swigluoai's."""
     t, h = x.shape
@@ -212,24 +221,26 @@ def fused_moe_fp8_w8a8(x: torch.Tensor, w13: torch.Tensor, w13_scale: torch.Tens
     aligned13, aligned2 = _rows_aligned(w13), _rows_aligned(w2)
     cfg13 = moe_fp8_w8a8_config(n_pairs, num_experts, bk13, aligned13, True)
     cfg2 = moe_fp8_w8a8_config(n_pairs, num_experts, bk2, aligned2, False)
-    run = moe_launch(x, topk_ids, num_experts, inter, cfg13.block_m, None, w13_bias,
-                     w2_bias, alpha, limit)
+    run = moe_launch(x, topk_ids, num_experts, inter, cfg13.block_m,
+                     pair_lora(lora, topk_ids), w13_bias, w2_bias, alpha, limit)
 
     def tiles(cfg: MoeFp8W8A8Config, aligned: bool) -> dict:
         return {"BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "BLOCK_K": cfg.block_k,
-                "ALIGNED": aligned, "num_warps": cfg.num_warps,
+                "ALIGNED": aligned, "HAS_DELTA": run.has_delta, "num_warps": cfg.num_warps,
                 "num_stages": cfg.num_stages}
 
+    # gate_up_args: act, the LoRA d13 rows (from x), sorted_ids, block_expert, n_pairs,
+    # top_k, H, I
     moe_fp8_w8a8_gate_up_kernel[run.grid(inter, cfg13.block_n)](
-        x_q, s_x, w13, w13_scale, run.act, run.sorted_ids, run.block_expert, n_pairs,
-        run.top_k, h, inter, bn13, bk13, s_x.stride(0), *w13.stride(), *w13_scale.stride(),
-        RNE_BF16=run.interp_bf16, ACT=activation, GATED=gated, **run.gate_up_bias(),
-        **tiles(cfg13, aligned13))
+        x_q, s_x, w13, w13_scale, *run.gate_up_args(), bn13, bk13, s_x.stride(0),
+        *w13.stride(), *w13_scale.stride(), RNE_BF16=run.interp_bf16, ACT=activation,
+        GATED=gated, **run.gate_up_bias(), **tiles(cfg13, aligned13))
     act_q, s_act = _quantize(run.act, bk2)
+    # down_args: topk_weights, buf, the LoRA d2 rows (from act, before its quantization),
+    # sorted_ids, block_expert, n_pairs, top_k, H, I
     moe_fp8_w8a8_down_kernel[run.grid(h, cfg2.block_n)](
-        act_q, s_act, w2, w2_scale, topk_weights, run.buf, run.sorted_ids, run.block_expert,
-        n_pairs, run.top_k, h, inter, bn2, bk2, s_act.stride(0), *w2.stride(),
-        *w2_scale.stride(), topk_weights.stride(0), topk_weights.stride(1),
+        act_q, s_act, w2, w2_scale, *run.down_args(topk_weights), bn2, bk2, s_act.stride(0),
+        *w2.stride(), *w2_scale.stride(), topk_weights.stride(0), topk_weights.stride(1),
         **run.down_bias(), **tiles(cfg2, aligned2))
     return run.result()
 
@@ -243,14 +254,15 @@ def fused_moe_fp8_w8a8(x: torch.Tensor, w13: torch.Tensor, w13_scale: torch.Tens
 #   unaligned  every weight stride a runtime value.
 # The fp8 activations are contiguous buffers of the launcher (H, I multiples of 32).
 # Each gate-up spec once per (ACT, GATED) of moe.py's ``gate_up_variants``; the aligned
-# fp16 / bf16 tiles also with expert biases (swigluoai gate-up; down). A bk of 32 / 64
+# fp16 / bf16 tiles also with LoRA (HAS_DELTA) and with expert biases (swigluoai gate-up;
+# down). A bk of 32 / 64
 # gives a smaller BLOCK_K of the same tiles: fewer registers.
 
 def _register(dt: str, kind: str, cfg: MoeFp8W8A8Config, gate_up: bool, act: str = "silu",
-              gated: bool = True, bias: bool = False) -> None:
+              gated: bool = True, bias: bool = False, lora: bool = False) -> None:
     aligned = kind == "aligned"
     const = {"BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "BLOCK_K": cfg.block_k,
-             "ALIGNED": aligned, "HAS_BIAS": bias}
+             "ALIGNED": aligned, "HAS_BIAS": bias, "HAS_DELTA": lora}
     unit = {"sw_k": 1, "ss_k": 1} if aligned else {}
     ints = {"n_pairs": "i32", "top_k": "i32", "H": "i32", "I": "i32", "block_n": "i32",
             "block_k": "i32"}
@@ -266,14 +278,15 @@ def _register(dt: str, kind: str, cfg: MoeFp8W8A8Config, gate_up: bool, act: str
                "out_ptr": "*fp32", "ssa_p": "i64", "stw_t": "i64", "stw_j": "i64"}
         div = ("aq_ptr", "out_ptr", "H", "I")
     sig.update({**_bias_sig(dt, gate_up), "w_ptr": "*fp8e4nv", "s_ptr": "*fp32",
+                "delta_ptr": f"*{dt}",
                 "sorted_ids_ptr": "*i32", "block_expert_ptr": "*i32", **ints, **strides,
                 **{c: "constexpr" for c in (*const, *unit)}})
-    div += ("sorted_ids_ptr", "block_k")
+    div += ("delta_ptr", "sorted_ids_ptr", "block_k")
     if aligned:
         div += ("w_ptr", "sw_e", "sw_n")
     register(KernelSpec(
-        name=f"{name}[{dt},BM={cfg.block_m},{kind}" + _act_tag(act, gated)
-        + (",bias" if bias else "") + "]",
+        name=f"{name}[{dt},BM={cfg.block_m},{kind}" + (",lora" if lora else "")
+        + _act_tag(act, gated) + (",bias" if bias else "") + "]",
         fn=fn, signature=_in_order(fn, sig), constexprs={**const, **unit},
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, tensor_core=True,
         wgmma_expected=cfg.block_m >= 64, archs=(90,), divisible_by_16=div))
@@ -287,6 +300,8 @@ for _dt in ("fp16", "bf16", "fp32"):
                 for _act, _gated in (gate_up_variants(_dt, _cfg.block_m) if _gate_up
                                      else (("silu", True),)):
                     _register(_dt, _kind, _cfg, _gate_up, _act, _gated)
+                    if _kind == "aligned" and _dt != "fp32":        # + LoRA (HAS_DELTA)
+                        _register(_dt, _kind, _cfg, _gate_up, _act, _gated, lora=True)
                 if _kind == "aligned" and _dt != "fp32":   # + expert biases (GPT-OSS-like)
                     _register(_dt, _kind, _cfg, _gate_up, "swigluoai" if _gate_up else "silu",
                               True, bias=True)

@@ -31,6 +31,7 @@ of x_q / act_q are contiguous buffers of this launcher; the weights may be any v
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -40,7 +41,8 @@ import triton.language as tl
 from .. import _alloc
 from ._moe_common import down_epilogue, gate_up_epilogue, tile_expert, tile_pairs, up_rows
 from .int8_w8a8 import scaled_int8_quant
-from .moe import _act_tag, _bias_sig, _in_order, gate_up_variants, moe_config, moe_launch
+from .moe import (_act_tag, _bias_sig, _in_order, gate_up_variants, moe_config, moe_launch,
+                  pair_lora)
 from .registry import KernelSpec, register
 from .tiling import load_k_tile
 
@@ -86,14 +88,16 @@ def _int8_dot(a, wb, acc):
 
 
 @triton.jit
-def moe_w8a8_gate_up_kernel(xq_ptr, sx_ptr, w_ptr, s_ptr, act_ptr, sorted_ids_ptr,
-                            block_expert_ptr, n_pairs, top_k, H, I, sw_e, sw_n, sw_k,
+def moe_w8a8_gate_up_kernel(xq_ptr, sx_ptr, w_ptr, s_ptr, act_ptr, delta_ptr,
+                            sorted_ids_ptr, block_expert_ptr, n_pairs, top_k, H, I, sw_e,
+                            sw_n, sw_k,
                             ss_e, ss_n, bias_ptr, sb_e, sb_n, alpha, limit,
                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                             BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
                             ALIGNED: tl.constexpr, RNE_BF16: tl.constexpr = False,
                             ACT: tl.constexpr = "silu", GATED: tl.constexpr = True,
-                            HAS_BIAS: tl.constexpr = False):
+                            HAS_BIAS: tl.constexpr = False,
+                            HAS_DELTA: tl.constexpr = False):
     """act[p, n-block] = act(gate) * up for the pairs p of tile pid_m: xq int8 [T, H]
     (contiguous) with per-token scales sx fp32 [T], w int8 [E, 2I, H] (non-gated:
     [E, I, H], act(up) stored) with row scales s fp32 [E, 2I]; act [T*k, I] in x.dtype.
@@ -133,19 +137,21 @@ def moe_w8a8_gate_up_kernel(xq_ptr, sx_ptr, w_ptr, s_ptr, act_ptr, sorted_ids_pt
                     * acc_g.to(tl.float32))                    # read only when GATED
     up = s_tok * (tl.load(s_base + up_rows(n_l, I, GATED).to(tl.int64) * ss_n)[None, :]
                   * acc_u.to(tl.float32))
-    gate_up_epilogue(gate, up, act_ptr, act_ptr, pair, live, offs_n, n_l, n_pairs, I,
-                     HAS_DELTA=False, CLAMPED=True, ACT=ACT, GATED=GATED,
+    gate_up_epilogue(gate, up, act_ptr, delta_ptr, pair, live, offs_n, n_l, n_pairs, I,
+                     HAS_DELTA=HAS_DELTA, CLAMPED=True, ACT=ACT, GATED=GATED,
                      RNE_BF16=RNE_BF16, bias_ptr=bias_ptr, e=e, sb_e=sb_e, sb_n=sb_n,
                      alpha=alpha, limit=limit, HAS_BIAS=HAS_BIAS)
 
 
 @triton.jit
-def moe_w8a8_down_kernel(aq_ptr, sa_ptr, w_ptr, s_ptr, tw_ptr, out_ptr, sorted_ids_ptr,
-                         block_expert_ptr, n_pairs, top_k, H, I, sw_e, sw_n, sw_k, ss_e,
+def moe_w8a8_down_kernel(aq_ptr, sa_ptr, w_ptr, s_ptr, tw_ptr, out_ptr, delta_ptr,
+                         sorted_ids_ptr, block_expert_ptr, n_pairs, top_k, H, I, sw_e, sw_n,
+                         sw_k, ss_e,
                          ss_n, stw_t, stw_j, bias_ptr, sb_e, sb_n,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                          EVEN_K: tl.constexpr, ALIGNED: tl.constexpr,
-                         HAS_BIAS: tl.constexpr = False):
+                         HAS_BIAS: tl.constexpr = False,
+                         HAS_DELTA: tl.constexpr = False):
     """buf[p, n-block] = s_act[p] * (s2[e, n] * (act_q[p] @ q2[e]^T)) * topk_weights[t, j]
     for the pairs p of tile pid_m: act_q int8 [T*k, I] (contiguous) with per-pair scales
     sa fp32 [T*k], w int8 [E, H, I] with row scales s fp32 [E, H]; buf fp32 [T*k, H].
@@ -172,8 +178,8 @@ def moe_w8a8_down_kernel(aq_ptr, sa_ptr, w_ptr, s_ptr, tw_ptr, out_ptr, sorted_i
         w_ptrs += BLOCK_K * sw_k
     y = tl.load(sa_ptr + pair_l)[:, None] * (
         tl.load(s_ptr + e * ss_e + n_l.to(tl.int64) * ss_n)[None, :] * acc.to(tl.float32))
-    down_epilogue(y, tw_ptr, out_ptr, out_ptr, pair_l, live, offs_n, n_l, top_k, H,
-                  stw_t, stw_j, HAS_DELTA=False, CLAMPED=True, bias_ptr=bias_ptr, e=e,
+    down_epilogue(y, tw_ptr, out_ptr, delta_ptr, pair_l, live, offs_n, n_l, top_k, H,
+                  stw_t, stw_j, HAS_DELTA=HAS_DELTA, CLAMPED=True, bias_ptr=bias_ptr, e=e,
                   sb_e=sb_e, sb_n=sb_n, HAS_BIAS=HAS_BIAS)
 
 
@@ -186,13 +192,16 @@ def _rows_aligned(t: torch.Tensor) -> bool:
 def fused_moe_int8_w8a8(x: torch.Tensor, w13: torch.Tensor, w13_scale: torch.Tensor,
                         w2: torch.Tensor, w2_scale: torch.Tensor,
                         topk_weights: torch.Tensor, topk_ids: torch.Tensor,
+                        lora: Sequence[torch.Tensor] | None = None,
                         activation: str = "silu", gated: bool = True,
                         w13_bias: torch.Tensor | None = None,
                         w2_bias: torch.Tensor | None = None, alpha: float = 1.702,
                         limit: float = 7.0) -> torch.Tensor:
-    """See minikernels.ops.fused_moe_int8_w8a8 (inputs checked there; any strides):
-    activation / gated the gate-up epilogue's ``ACT`` / ``GATED``; w13_bias / w2_bias
-    (x.dtype, or None): ``HAS_BIAS``, added after the scales; alpha / limit: swigluoai's."""
+    """See minikernels.ops.fused_moe_int8_w8a8 (inputs checked there; any strides): lora
+    the six tensors of minikernels.ops.MoELoRA, or None (``HAS_DELTA``: moe.py's d13 /
+    d2 rows added before the activation / the router weight); activation / gated the
+    gate-up epilogue's ``ACT`` / ``GATED``; w13_bias / w2_bias (x.dtype, or None):
+    ``HAS_BIAS``, added after the scales; alpha / limit: swigluoai's."""
     t, h = x.shape
     if t == 0:
         return _alloc.empty((t, h), x.dtype, x.device)
@@ -205,25 +214,27 @@ def fused_moe_int8_w8a8(x: torch.Tensor, w13: torch.Tensor, w13_scale: torch.Ten
     aligned2 = inter % 16 == 0 and _rows_aligned(w2)
     cfg13 = moe_w8a8_config(n_pairs, num_experts, h, aligned13, True)
     cfg2 = moe_w8a8_config(n_pairs, num_experts, inter, aligned2, False)
-    run = moe_launch(x, topk_ids, num_experts, inter, cfg13.block_m, None, w13_bias,
-                     w2_bias, alpha, limit)
+    run = moe_launch(x, topk_ids, num_experts, inter, cfg13.block_m,
+                     pair_lora(lora, topk_ids), w13_bias, w2_bias, alpha, limit)
 
     def tiles(cfg: MoeW8A8Config, aligned: bool) -> dict:
         return {"BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "BLOCK_K": cfg.block_k,
-                "EVEN_K": cfg.even_k, "ALIGNED": aligned, "num_warps": cfg.num_warps,
-                "num_stages": cfg.num_stages}
+                "EVEN_K": cfg.even_k, "ALIGNED": aligned, "HAS_DELTA": run.has_delta,
+                "num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
 
+    # gate_up_args: act, the LoRA d13 rows (from x), sorted_ids, block_expert, n_pairs,
+    # top_k, H, I
     moe_w8a8_gate_up_kernel[run.grid(inter, cfg13.block_n)](
-        x_q, s_x, w13, w13_scale, run.act, run.sorted_ids, run.block_expert, n_pairs,
-        run.top_k, h, inter, *w13.stride(), *w13_scale.stride(),
+        x_q, s_x, w13, w13_scale, *run.gate_up_args(), *w13.stride(), *w13_scale.stride(),
         RNE_BF16=run.interp_bf16, ACT=activation, GATED=gated, **run.gate_up_bias(),
         **tiles(cfg13, aligned13))
     act_q, s_act, _ = scaled_int8_quant(run.act, None, None, True)     # [T*k, I], [T*k, 1]
+    # down_args: topk_weights, buf, the LoRA d2 rows (from act, before its quantization),
+    # sorted_ids, block_expert, n_pairs, top_k, H, I
     moe_w8a8_down_kernel[run.grid(h, cfg2.block_n)](
-        act_q, s_act, w2, w2_scale, topk_weights, run.buf, run.sorted_ids, run.block_expert,
-        n_pairs, run.top_k, h, inter, *w2.stride(), *w2_scale.stride(),
-        topk_weights.stride(0), topk_weights.stride(1), **run.down_bias(),
-        **tiles(cfg2, aligned2))
+        act_q, s_act, w2, w2_scale, *run.down_args(topk_weights), *w2.stride(),
+        *w2_scale.stride(), topk_weights.stride(0), topk_weights.stride(1),
+        **run.down_bias(), **tiles(cfg2, aligned2))
     return run.result()
 
 
@@ -235,13 +246,14 @@ def fused_moe_int8_w8a8(x: torch.Tensor, w13: torch.Tensor, w13_scale: torch.Ten
 #   ragged_k   aligned rows of a K that 32 does not divide: BLOCK_K 32, masked;
 #   unaligned  every stride a runtime value, byte loads, K masked.
 # Each gate-up spec once per (ACT, GATED) of moe.py's ``gate_up_variants``; the aligned
-# fp16 / bf16 tiles also with expert biases (swigluoai gate-up; down).
+# fp16 / bf16 tiles also with LoRA (HAS_DELTA) and with expert biases (swigluoai gate-up;
+# down).
 
 def _register(dt: str, kind: str, cfg: MoeW8A8Config, gate_up: bool, act: str = "silu",
-              gated: bool = True, bias: bool = False) -> None:
+              gated: bool = True, bias: bool = False, lora: bool = False) -> None:
     aligned = kind != "unaligned"
     const = {"BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "BLOCK_K": cfg.block_k,
-             "EVEN_K": cfg.even_k, "ALIGNED": aligned, "HAS_BIAS": bias}
+             "EVEN_K": cfg.even_k, "ALIGNED": aligned, "HAS_BIAS": bias, "HAS_DELTA": lora}
     unit = {"sw_k": 1} if aligned else {}
     ints = {"n_pairs": "i32", "top_k": "i32", "H": "i32", "I": "i32"}
     strides = {n: "i64" for n in ("sw_e", "sw_n", "sw_k", "ss_e", "ss_n")}
@@ -256,12 +268,13 @@ def _register(dt: str, kind: str, cfg: MoeW8A8Config, gate_up: bool, act: str = 
                "stw_t": "i64", "stw_j": "i64"}
         div = ("aq_ptr", "out_ptr", "I")
     sig.update({**_bias_sig(dt, gate_up), "w_ptr": "*i8", "s_ptr": "*fp32",
+                "delta_ptr": f"*{dt}",
                 "sorted_ids_ptr": "*i32", "block_expert_ptr": "*i32", **ints, **strides,
                 **{c: "constexpr" for c in (*const, *unit)}})
-    div += ("w_ptr", "s_ptr", "sorted_ids_ptr", "sw_e", "sw_n")
+    div += ("w_ptr", "s_ptr", "delta_ptr", "sorted_ids_ptr", "sw_e", "sw_n")
     register(KernelSpec(
-        name=f"{name}[{dt},BM={cfg.block_m},{kind}" + _act_tag(act, gated)
-        + (",bias" if bias else "") + "]",
+        name=f"{name}[{dt},BM={cfg.block_m},{kind}" + (",lora" if lora else "")
+        + _act_tag(act, gated) + (",bias" if bias else "") + "]",
         fn=fn, signature=_in_order(fn, sig), constexprs={**const, **unit},
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, tensor_core=True,
         wgmma_expected=cfg.block_m >= 64, divisible_by_16=div if aligned else ()))
@@ -277,6 +290,8 @@ for _dt in ("fp16", "bf16", "fp32"):
                 for _act, _gated in (gate_up_variants(_dt, _cfg.block_m) if _gate_up
                                      else (("silu", True),)):
                     _register(_dt, _kind, _cfg, _gate_up, _act, _gated)
+                    if _kind == "aligned" and _dt != "fp32":        # + LoRA (HAS_DELTA)
+                        _register(_dt, _kind, _cfg, _gate_up, _act, _gated, lora=True)
                 if _kind == "aligned" and _dt != "fp32":   # + expert biases (GPT-OSS-like)
                     _register(_dt, _kind, _cfg, _gate_up, "swigluoai" if _gate_up else "silu",
                               True, bias=True)
