@@ -133,6 +133,7 @@ GPU_TESTS=("${CUDA_TESTS[@]}" tests/test_flash_attention.py tests/test_op_contra
            tests/test_compat_flashinfer_posenc.py tests/test_compat_flashinfer_batch_attention.py
            tests/test_compat_vllm_ops.py tests/test_compat_gptq_awq.py
            tests/test_compat_vllm_fused_moe.py tests/test_compat_vllm_marlin.py
+           tests/test_compat_flashinfer_moe.py
            # hybrid recurrent layers' ops (LFM2 / Qwen3.5; the models are in
            # test_model_gpu.py above)
            tests/test_causal_conv1d.py tests/test_gated_delta_rule.py

@@ -160,7 +160,7 @@ __all__ = [
     "apply_llama31_rope_pos_ids_inplace", "apply_rope", "apply_rope_inplace",
     "apply_rope_pos_ids", "apply_rope_pos_ids_inplace", "apply_rope_with_cos_sin_cache",
     "apply_rope_with_cos_sin_cache_inplace", "cascade", "chain_speculative_sampling",
-    "decode", "fused_add_rmsnorm", "fused_add_rmsnorm_fp8_block_quant",
+    "decode", "fused_add_rmsnorm", "fused_add_rmsnorm_fp8_block_quant", "fused_moe",
     "fused_add_rmsnorm_quant", "rmsnorm_quant",
     "gelu_and_mul", "gelu_tanh_and_mul", "gemma_fused_add_rmsnorm", "gemma_rmsnorm",
     "get_batch_indices_positions", "get_seq_lens", "layernorm", "merge_state",
@@ -2719,3 +2719,5 @@ sampling = SimpleNamespace(
     top_k_top_p_sampling_from_probs=top_k_top_p_sampling_from_probs,
     top_k_top_p_sampling_from_logits=top_k_top_p_sampling_from_logits)
 quantization = SimpleNamespace(packbits=packbits, segment_packbits=segment_packbits)
+# flashinfer.fused_moe: cutlass_fused_moe and its enums (compat/flashinfer_moe.py)
+from . import flashinfer_moe as fused_moe  # noqa: E402  (after this module's names)
