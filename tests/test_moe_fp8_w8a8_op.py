@@ -15,9 +15,10 @@ from conftest import requires_cuda
 from helpers import DTYPES, assert_close, examples, gate_act_by_hand, spy_launches
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from moe_test_utils import lora_delta_by_hand, random_moe_lora
 
 import minikernels as mk
-from minikernels.ops import MoELoRA, _alloc, reference
+from minikernels.ops import _alloc, reference
 
 BACKENDS = ["reference", "triton"]
 FP8 = torch.float8_e4m3fn
@@ -95,7 +96,7 @@ def _by_hand(x, w13, s13, w2, s2, tw, ids, block, activation="silu", gated=True,
                 gu = gu + b13[e].cpu().double()
             slot = -1 if lora is None else int(lora.token_slots[t])
             if slot >= 0:        # LoRA on the unquantized x, rounded to x.dtype
-                gu = gu + _lora_delta(lora.a13, lora.b13, lora.scaling, slot, e,
+                gu = gu + lora_delta_by_hand(lora.a13, lora.b13, lora.scaling, slot, e,
                                       x[t].cpu().double(), x.dtype)
             if activation == "swigluoai":
                 g_, u_ = gu[:inter].clamp(max=7.0), gu[inter:].clamp(-7.0, 7.0)
@@ -109,31 +110,10 @@ def _by_hand(x, w13, s13, w2, s2, tw, ids, block, activation="silu", gated=True,
             if b2 is not None:
                 y = y + b2[e].cpu().double()
             if slot >= 0:        # on the intermediate before its quantization
-                y = y + _lora_delta(lora.a2, lora.b2, lora.scaling, slot, e,
+                y = y + lora_delta_by_hand(lora.a2, lora.b2, lora.scaling, slot, e,
                                     act.to(x.dtype).double(), x.dtype)
             out[t] += float(tw[t, j]) * y
     return out
-
-
-def _lora_delta(a, b, scaling, slot, e, v, dtype):
-    """One LoRA update in fp64, rounded to dtype (MoELoRA's contract)."""
-    d = float(scaling[slot]) * (b[slot, e].cpu().double() @ (a[slot, e].cpu().double() @ v))
-    return d.to(dtype).double()
-
-
-def _adapters(t, h, inter, e, s, r, dtype, device, seed, gated=True, slots="mixed"):
-    """Random LoRA adapters (updates O(1) next to the experts'): slots "mixed" in
-    [-1, S), "none" all -1."""
-    g = torch.Generator().manual_seed(seed)
-    n13 = (2 if gated else 1) * inter
-    a13 = (torch.randn(s, e, r, h, generator=g) / h ** 0.5).to(dtype)
-    b13 = (torch.randn(s, e, n13, r, generator=g) / r ** 0.5).to(dtype)
-    a2 = (torch.randn(s, e, r, inter, generator=g) / inter ** 0.5).to(dtype)
-    b2 = (torch.randn(s, e, h, r, generator=g) / r ** 0.5).to(dtype)
-    slot_ids = torch.randint(-1, s, (t,), generator=g) if slots == "mixed" else \
-        torch.full((t,), -1)
-    return MoELoRA(*(v.to(device) for v in (a13, b13, a2, b2, slot_ids,
-                                            torch.rand(s, generator=g) + 0.5)))
 
 
 def _rel_err(got, exact):
@@ -439,7 +419,7 @@ def test_lora(t, dtype, device):
 
     h, inter, e, k, block = 64, 32, 3, 2, (32, 32)
     args = _inputs(t, h, inter, e, k, block, dtype, device, 50 + t)
-    lora = _adapters(t, h, inter, e, 2, 4, dtype, device, t)
+    lora = random_moe_lora(t, h, inter, e, 2, 4, dtype, device, t)
     with mk.use_backend("triton"), \
             spy_launches(w8a8, "moe_fp8_w8a8_down_kernel", "HAS_DELTA") as has_delta:
         y = mk.ops.fused_moe_fp8_w8a8(*args, block, lora=lora)

@@ -129,6 +129,7 @@ from torch import Tensor
 from .. import ops
 from .._validation import (FLOAT_DTYPES, HALF_DTYPES, check_finite_float, check_shape,
                            check_tensor)
+from .flashinfer import _int
 
 __all__ = ["ActivationType", "RoutingMethodType", "cutlass_fused_moe",
            "fused_topk_deepseek"]
@@ -187,19 +188,6 @@ _ExpertCall = Callable[[Tensor, Tensor, dict], Tensor]
 
 
 # ----------------------------------------------------------------------------- arguments
-
-
-def _int(name: str, value: object, low: int) -> int:
-    """An int (numpy ints too, not bool) >= low."""
-    try:
-        if isinstance(value, bool):
-            raise TypeError
-        out = operator.index(value)  # type: ignore[arg-type]
-    except TypeError:
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}") from None
-    if out < low:
-        raise ValueError(f"{name} must be >= {low}, got {out}")
-    return out
 
 
 def _rank(size_name: str, size: object, rank_name: str, rank: object) -> tuple[int, int]:

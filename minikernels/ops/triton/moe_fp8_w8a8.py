@@ -41,8 +41,8 @@ import triton.language as tl
 from .. import _alloc
 from ._moe_common import down_epilogue, gate_up_epilogue, tile_expert, tile_pairs, up_rows
 from .fp8_w8a8 import per_token_group_quant_fp8
-from .moe import (_act_tag, _bias_sig, _in_order, gate_up_variants, moe_config, moe_launch,
-                  pair_lora)
+from .moe import (_act_tag, _bias_sig, _in_order, _rows_aligned, gate_up_variants,
+                  moe_config, moe_launch, pair_lora)
 from .registry import KernelSpec, register
 
 FP8 = torch.float8_e4m3fn
@@ -179,12 +179,6 @@ def moe_fp8_w8a8_down_kernel(aq_ptr, sa_ptr, w_ptr, s_ptr, tw_ptr, out_ptr, delt
     down_epilogue(acc, tw_ptr, out_ptr, delta_ptr, pair_l, live, offs_n, n_l, top_k, H,
                   stw_t, stw_j, HAS_DELTA=HAS_DELTA, CLAMPED=True, bias_ptr=bias_ptr, e=e,
                   sb_e=sb_e, sb_n=sb_n, HAS_BIAS=HAS_BIAS)
-
-
-def _rows_aligned(t: torch.Tensor) -> bool:
-    """16-byte aligned one-byte rows with a unit inner stride (vector loads)."""
-    return (t.stride(-1) == 1 and t.data_ptr() % 16 == 0
-            and all(s % 16 == 0 for s in t.stride()[:-1]))
 
 
 def _quantize(v: torch.Tensor, bk: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -41,8 +41,8 @@ import triton.language as tl
 from .. import _alloc
 from ._moe_common import down_epilogue, gate_up_epilogue, tile_expert, tile_pairs, up_rows
 from .int8_w8a8 import scaled_int8_quant
-from .moe import (_act_tag, _bias_sig, _in_order, gate_up_variants, moe_config, moe_launch,
-                  pair_lora)
+from .moe import (_act_tag, _bias_sig, _in_order, _rows_aligned, gate_up_variants,
+                  moe_config, moe_launch, pair_lora)
 from .registry import KernelSpec, register
 from .tiling import load_k_tile
 
@@ -181,12 +181,6 @@ def moe_w8a8_down_kernel(aq_ptr, sa_ptr, w_ptr, s_ptr, tw_ptr, out_ptr, delta_pt
     down_epilogue(y, tw_ptr, out_ptr, delta_ptr, pair_l, live, offs_n, n_l, top_k, H,
                   stw_t, stw_j, HAS_DELTA=HAS_DELTA, CLAMPED=True, bias_ptr=bias_ptr, e=e,
                   sb_e=sb_e, sb_n=sb_n, HAS_BIAS=HAS_BIAS)
-
-
-def _rows_aligned(t: torch.Tensor) -> bool:
-    """16-byte aligned int8 rows with a unit inner stride (vector loads)."""
-    return (t.stride(-1) == 1 and t.data_ptr() % 16 == 0
-            and all(s % 16 == 0 for s in t.stride()[:-1]))
 
 
 def fused_moe_int8_w8a8(x: torch.Tensor, w13: torch.Tensor, w13_scale: torch.Tensor,
