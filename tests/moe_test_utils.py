@@ -21,7 +21,7 @@ def assert_w8a16_dispatch_registered(prefix: str, config: Callable,
 
     registered = {}
     for s in all_kernels():
-        if s.fn.__name__.startswith(prefix):
+        if s.fn.__name__ in (f"{prefix}_gate_up_kernel", f"{prefix}_down_kernel"):
             c = s.constexprs
             key = (s.fn.__name__, c["BLOCK_M"], c["BLOCK_N"], c["EVEN_K"], c["ALIGNED"],
                    s.num_warps, s.num_stages,
